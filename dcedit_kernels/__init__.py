@@ -1,0 +1,9 @@
+"""dcedit_kernels: fused kernels and editors for divide-and-conquer knowledge editing."""
+
+from . import _library, ops, reference
+from ._library import backends
+from .ops import op_backends
+
+__version__ = "0.1.0"
+
+__all__ = ["backends", "op_backends", "ops", "reference", "__version__"]

@@ -1,0 +1,67 @@
+"""Input validation shared by every op: bad input raises ValueError naming the argument.
+
+Checks run before any output is allocated or any tensor is written, so an op that raises leaves
+everything as it was.  Checking offsets reads them on the host (one small copy); that is the
+price of a clear error instead of an out-of-bounds kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int32, torch.int64)
+
+
+def check_tensor(t, name: str, ndim: int | None = None, float_=True) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if float_ and t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def check_shape(t, name: str, shape: tuple) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_same_device(named: dict) -> None:
+    present = {k: v for k, v in named.items() if isinstance(v, torch.Tensor)}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"all tensors must be on one device: {where}")
+
+
+def check_offsets(offsets, name: str, total: int) -> int:
+    """Validate a CSR offsets vector over `total` rows; returns the number of groups G."""
+    if not isinstance(offsets, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(offsets).__name__}")
+    if offsets.dtype not in INT_DTYPES:
+        raise ValueError(f"{name} must be int32 or int64, got {offsets.dtype}")
+    if offsets.dim() != 1 or offsets.numel() < 2:
+        raise ValueError(f"{name} must be 1-D with G+1 >= 2 entries, got shape {tuple(offsets.shape)}")
+    host = offsets.detach().cpu()
+    if int(host[0]) != 0:
+        raise ValueError(f"{name}[0] must be 0, got {int(host[0])}")
+    if int(host[-1]) != total:
+        raise ValueError(f"{name}[-1] must equal the number of rows ({total}), got {int(host[-1])}")
+    if bool((host[1:] < host[:-1]).any()):
+        raise ValueError(f"{name} must be non-decreasing")
+    return offsets.numel() - 1
+
+
+def check_fraction_or_threshold(keep, threshold) -> None:
+    if (keep is None) == (threshold is None):
+        raise ValueError("give exactly one of keep or threshold")
+    if keep is not None and not (0.0 < float(keep) <= 1.0):
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+
+
+def compute_dtype(*tensors) -> torch.dtype:
+    """float64 when any input is float64 (gradcheck), else float32 (fp32 accumulation)."""
+    if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32

@@ -1,0 +1,112 @@
+"""The `dcedit` operator library: schemas, the optional compiled `_C`, and backend discovery.
+
+Schemas live here, in Python, rather than in a C++ ``TORCH_LIBRARY`` block, because the package
+must import and work without the compiled extension (reference path).  The C++ sources only
+register kernels with ``TORCH_LIBRARY_IMPL(dcedit, CPU|CUDA, m)``; the dispatcher accepts a kernel
+registered before its schema, so the import order of `_C` and this module does not matter.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+NAMESPACE = "dcedit"
+
+# One line per op; argument names and order follow SPEC.md.  `float?`/`Tensor?` mirror the
+# SPEC's optional arguments.  fisher_mask returns the kept count as a 0-dim int64 tensor so
+# that no op has to synchronise with the host.
+SCHEMAS = {
+    "grouped_lowrank": (
+        "grouped_lowrank(Tensor h, Tensor offsets, Tensor u, Tensor v, Tensor bias, "
+        "Tensor? scale=None, Tensor? shift=None, Tensor? gain=None) -> Tensor"
+    ),
+    "grouped_outer": (
+        "grouped_outer(Tensor eta, Tensor mu, Tensor offsets, str fusion=\"add\", "
+        "float alpha=1.0) -> Tensor"
+    ),
+    "segmented_fisher": "segmented_fisher(Tensor eta, Tensor mu, Tensor edit_offsets) -> Tensor",
+    "fisher_mask": (
+        "fisher_mask(Tensor delta, Tensor fisher, float? keep=None, float? threshold=None) "
+        "-> (Tensor, Tensor)"
+    ),
+    "apply_shift_": (
+        "apply_shift_(Tensor(a!) weight, Tensor delta, float alpha=1.0, Tensor? fisher=None, "
+        "float? keep=None, float? threshold=None) -> Tensor"
+    ),
+    "lowrank_delta_linear": (
+        "lowrank_delta_linear(Tensor x, Tensor weight, Tensor? bias, Tensor row_group, "
+        "Tensor mu_t, Tensor eta_t, Tensor offsets, Tensor alpha) -> Tensor"
+    ),
+    "noisy_topk_gate": (
+        "noisy_topk_gate(Tensor feats, Tensor w_gate, Tensor w_noise, int k=1, "
+        "Tensor? noise=None) -> (Tensor, Tensor, Tensor)"
+    ),
+    "sort_by_group": "sort_by_group(Tensor group_of_row, int G) -> (Tensor, Tensor, Tensor)",
+    # Backward ops: autograd formulas call these so that they trace under FakeTensor/AOT too.
+    "_grouped_lowrank_backward": (
+        "_grouped_lowrank_backward(Tensor grad, Tensor h, Tensor offsets, Tensor u, Tensor v, "
+        "Tensor bias, Tensor? scale, Tensor? shift, Tensor? gain) -> Tensor[]"
+    ),
+    "_grouped_outer_backward": (
+        "_grouped_outer_backward(Tensor grad, Tensor eta, Tensor mu, Tensor offsets, str fusion, "
+        "float alpha) -> (Tensor, Tensor)"
+    ),
+    "_lowrank_delta_linear_backward": (
+        "_lowrank_delta_linear_backward(Tensor grad, Tensor x, Tensor weight, Tensor row_group, "
+        "Tensor mu_t, Tensor eta_t, Tensor offsets, Tensor alpha) -> (Tensor, Tensor, Tensor, Tensor)"
+    ),
+}
+
+_LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
+for _schema in SCHEMAS.values():
+    _LIB.define(_schema)
+
+
+def _load_compiled():
+    if os.environ.get("DCEDIT_DISABLE_C", "0") == "1":
+        return None
+    try:
+        return importlib.import_module("dcedit_kernels._C")
+    except ImportError:
+        return None
+
+
+_C = _load_compiled()
+
+
+def has_kernel(op: str, key: str) -> bool:
+    """True when a kernel for `dcedit::op` is registered for dispatch key `key` (CPU, CUDA)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", key)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cuda_built() -> bool:
+    """True when `_C` was compiled with the CUDA sources."""
+    return _C is not None and bool(getattr(_C, "WITH_CUDA", False))
+
+
+def backends() -> dict:
+    """Which backends are live in this process.
+
+    ``reference`` is always live; ``cpu_cpp`` needs the compiled `_C`; ``triton`` needs triton and
+    a CUDA device (or ``TRITON_INTERPRET=1``, which runs the kernels on CPU tensors);
+    ``cuda_cpp`` needs `_C` built with the CUDA sources and a CUDA device.
+    """
+    cuda = torch.cuda.is_available()
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return {
+        "reference": True,
+        "cpu_cpp": _C is not None,
+        "triton": _triton_available() and (cuda or interpret),
+        "cuda_cpp": cuda_built() and cuda,
+    }

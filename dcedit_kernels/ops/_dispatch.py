@@ -1,0 +1,60 @@
+"""Kernel registration for the `dcedit` ops: which implementation serves which device.
+
+CPU: the C++ kernel when `_C` registered one (it does so at import with TORCH_LIBRARY_IMPL),
+else the plain PyTorch reference.  CUDA: the CUDA C++ kernel when built, else the Triton
+launcher when triton imports, else the reference (which runs on any device).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+
+from .._library import _LIB, has_kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_module():
+    try:
+        return importlib.import_module("dcedit_kernels.triton_kernels")
+    except ImportError:
+        return None
+
+
+def triton_launcher(name: str | None):
+    mod = _triton_module() if name else None
+    return getattr(mod, name, None) if mod is not None else None
+
+
+# op name -> {"CPU": "cpp"|"reference", "CUDA": "cuda_cpp"|"triton"|"reference"}
+REGISTRY: dict[str, dict[str, str]] = {}
+
+
+def register(op: str, reference_fn, triton_fn=None) -> None:
+    """Register `reference_fn` (and `triton_fn` for CUDA) where no C++ kernel exists."""
+    chosen = {}
+    if has_kernel(op, "CPU"):
+        chosen["CPU"] = "cpp"
+    else:
+        _LIB.impl(op, reference_fn, "CPU")
+        chosen["CPU"] = "reference"
+    if has_kernel(op, "CUDA"):
+        chosen["CUDA"] = "cuda_cpp"
+    elif triton_fn is not None:
+        _LIB.impl(op, triton_fn, "CUDA")
+        chosen["CUDA"] = "triton"
+    else:
+        _LIB.impl(op, reference_fn, "CUDA")
+        chosen["CUDA"] = "reference"
+    REGISTRY[op] = chosen
+
+
+def op_backends() -> dict[str, dict[str, str]]:
+    """Which implementation serves each op on CPU and on CUDA in this process."""
+    return {op: dict(v) for op, v in REGISTRY.items()}
+
+
+def opcall(name: str):
+    return getattr(torch.ops.dcedit, name).default

@@ -1,0 +1,46 @@
+"""dcedit::apply_shift_: add a (Fisher-masked) shift to a weight in place, undoably."""
+
+import torch
+
+from .. import reference
+from .._checks import check_fraction_or_threshold, check_same_device, check_tensor
+from ._dispatch import opcall, register
+from .fisher_mask import check_fisher_mask
+
+register("apply_shift_", reference.apply_shift_)
+
+
+@torch.library.register_fake("dcedit::apply_shift_")
+def _(weight, delta, alpha=1.0, fisher=None, keep=None, threshold=None):
+    return torch.empty_like(weight)
+
+
+def apply_shift_(weight, delta, alpha=1.0, fisher=None, keep=None, threshold=None):
+    """In place ``weight += alpha · (delta ⊙ kept)`` in weight's dtype, fp32 arithmetic.
+
+    kept as in :func:`fisher_mask` (every entry when fisher is None).  Returns the previous
+    values of weight; ``undo_shift_(weight, previous)`` restores it bit for bit.
+    """
+    check_tensor(weight, "weight")
+    check_tensor(delta, "delta")
+    if delta.shape != weight.shape:
+        raise ValueError(f"delta must have the shape of weight {tuple(weight.shape)}, got {tuple(delta.shape)}")
+    if not isinstance(alpha, (int, float)):
+        raise ValueError(f"alpha must be a Python number, got {type(alpha).__name__}")
+    if fisher is not None:
+        check_fisher_mask(delta, fisher, keep, threshold)
+    elif keep is not None or threshold is not None:
+        raise ValueError("keep and threshold need fisher")
+    check_same_device(dict(weight=weight, delta=delta, fisher=fisher))
+    with torch.no_grad():
+        return opcall("apply_shift_")(
+            weight, delta, float(alpha), fisher,
+            None if keep is None else float(keep), None if threshold is None else float(threshold),
+        )
+
+
+def undo_shift_(weight, previous):
+    """Restore a weight from what :func:`apply_shift_` returned."""
+    if previous.shape != weight.shape or previous.dtype != weight.dtype:
+        raise ValueError("previous must be what apply_shift_ returned for this weight")
+    return reference.undo_shift_(weight, previous)

@@ -1,0 +1,78 @@
+"""dcedit::grouped_lowrank: MEND's residual low-rank layer for all N_g editors in one launch."""
+
+import torch
+
+from .. import reference
+from .._checks import check_offsets, check_same_device, check_shape, check_tensor, compute_dtype
+from ._dispatch import opcall, register, triton_launcher
+
+_fwd = triton_launcher("grouped_lowrank")
+_bwd = triton_launcher("grouped_lowrank_backward")
+
+
+def _triton_backward(grad, h, offsets, u, v, bias, scale, shift, gain):
+    grads = _bwd(grad, h, offsets, u, v, bias, scale, shift, gain)
+    return [g for g in grads[:4]] + [g for g in grads[4:] if g is not None]
+
+
+register("grouped_lowrank", reference.grouped_lowrank, _fwd)
+register("_grouped_lowrank_backward", reference.grouped_lowrank_backward, _bwd and _triton_backward)
+
+
+@torch.library.register_fake("dcedit::grouped_lowrank")
+def _(h, offsets, u, v, bias, scale=None, shift=None, gain=None):
+    return h.new_empty(h.shape, dtype=compute_dtype(h, u, v, bias, scale, shift, gain))
+
+
+@torch.library.register_fake("dcedit::_grouped_lowrank_backward")
+def _(grad, h, offsets, u, v, bias, scale, shift, gain):
+    return [torch.empty_like(t) for t in (h, u, v, bias, scale, shift, gain) if t is not None]
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+    ctx.present = [t is not None for t in inputs[5:]]
+
+
+def _backward(ctx, grad):
+    h, offsets, u, v, bias, scale, shift, gain = ctx.saved_tensors
+    grads = iter(opcall("_grouped_lowrank_backward")(grad, h, offsets, u, v, bias, scale, shift, gain))
+    dh, du, dv, db = (next(grads) for _ in range(4))
+    rest = [next(grads) if present else None for present in ctx.present]
+    return (dh, None, du, dv, db, *rest)
+
+
+torch.library.register_autograd("dcedit::grouped_lowrank", _backward, setup_context=_setup_context)
+
+
+def check_grouped_lowrank(h, offsets, u, v, bias, scale=None, shift=None, gain=None):
+    check_tensor(h, "h", 2)
+    T, d = h.shape
+    G = check_offsets(offsets, "offsets", T)
+    check_tensor(u, "u", 3)
+    if u.shape[0] != G or u.shape[1] != d:
+        raise ValueError(f"u must have shape (G={G}, d={d}, r), got {tuple(u.shape)}")
+    r = u.shape[2]
+    check_tensor(v, "v", 3)
+    check_shape(v, "v", (G, r, d))
+    check_tensor(bias, "bias", 2)
+    check_shape(bias, "bias", (G, d))
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is not None:
+            check_tensor(t, name, 2)
+            check_shape(t, name, (G, d))
+    if gain is not None:
+        check_tensor(gain, "gain", 2)
+        check_shape(gain, "gain", (T, d))
+    check_same_device(dict(h=h, offsets=offsets, u=u, v=v, bias=bias, scale=scale, shift=shift, gain=gain))
+
+
+def grouped_lowrank(h, offsets, u, v, bias, scale=None, shift=None, gain=None):
+    """One residual low-rank layer per group, all groups in one call.
+
+    For token t of group g: ``out_t = h_t + clamp((((gain_t ⊙ h_t) v_gᵀ) u_gᵀ + bias_g) ⊙
+    scale_g + shift_g, min=0)``.  h (T, d); offsets int (G+1,); u (G, d, r); v (G, r, d);
+    bias/scale/shift (G, d) (None: 1 and 0); gain (T, d) or None.  Returns fp32 (fp64 for fp64).
+    """
+    check_grouped_lowrank(h, offsets, u, v, bias, scale, shift, gain)
+    return opcall("grouped_lowrank")(h, offsets, u, v, bias, scale, shift, gain)

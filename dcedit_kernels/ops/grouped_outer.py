@@ -1,0 +1,63 @@
+"""dcedit::grouped_outer: per-group rank-T shifts S_g = Σ η μᵀ, fused across groups."""
+
+import torch
+
+from .. import reference
+from .._checks import check_offsets, check_same_device, check_tensor, compute_dtype
+from ..reference.grouped_outer import FUSIONS
+from ._dispatch import opcall, register, triton_launcher
+
+register("grouped_outer", reference.grouped_outer, triton_launcher("grouped_outer"))
+# The backward recomputes one S_g at a time (never G o×i matrices) on every device.
+register("_grouped_outer_backward", reference.grouped_outer_backward)
+
+
+@torch.library.register_fake("dcedit::grouped_outer")
+def _(eta, mu, offsets, fusion="add", alpha=1.0):
+    o, i = eta.shape[1], mu.shape[1]
+    shape = (offsets.shape[0] - 1, o, i) if fusion == "none" else (o, i)
+    return eta.new_empty(shape, dtype=compute_dtype(eta, mu))
+
+
+@torch.library.register_fake("dcedit::_grouped_outer_backward")
+def _(grad, eta, mu, offsets, fusion, alpha):
+    return torch.empty_like(eta), torch.empty_like(mu)
+
+
+def _setup_context(ctx, inputs, output):
+    eta, mu, offsets, fusion, alpha = inputs
+    ctx.save_for_backward(eta, mu, offsets)
+    ctx.fusion, ctx.alpha = fusion, alpha
+
+
+def _backward(ctx, grad):
+    eta, mu, offsets = ctx.saved_tensors
+    d_eta, d_mu = opcall("_grouped_outer_backward")(grad, eta, mu, offsets, ctx.fusion, ctx.alpha)
+    return d_eta, d_mu, None, None, None
+
+
+torch.library.register_autograd("dcedit::grouped_outer", _backward, setup_context=_setup_context)
+
+
+def check_grouped_outer(eta, mu, offsets, fusion="add", alpha=1.0):
+    check_tensor(eta, "eta", 2)
+    check_tensor(mu, "mu", 2)
+    if eta.shape[0] != mu.shape[0]:
+        raise ValueError(f"eta and mu must have the same number of tokens, got {eta.shape[0]} and {mu.shape[0]}")
+    check_offsets(offsets, "offsets", eta.shape[0])
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+    if not isinstance(alpha, (int, float)):
+        raise ValueError(f"alpha must be a Python number, got {type(alpha).__name__}")
+    check_same_device(dict(eta=eta, mu=mu, offsets=offsets))
+
+
+def grouped_outer(eta, mu, offsets, fusion="add", alpha=1.0):
+    """Per-group shifts ``S_g = Σ_{t∈g} η_t μ_tᵀ`` (o × i), fused elementwise, times alpha.
+
+    fusion: "none" (the (G, o, i) stack), "add", "max" (largest |S_g|, first on ties), "sss"
+    (P = Σ max(S_g, 0), N = Σ min(S_g, 0); P where P ≥ −N else N) or "ssm" (sss / G).
+    eta (T, o), mu (T, i), offsets int (G+1,).  Returns fp32 (fp64 for fp64 inputs).
+    """
+    check_grouped_outer(eta, mu, offsets, fusion, alpha)
+    return opcall("grouped_outer")(eta, mu, offsets, fusion, float(alpha))

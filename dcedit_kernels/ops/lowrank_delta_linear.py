@@ -1,0 +1,85 @@
+"""dcedit::lowrank_delta_linear: a linear layer seen through group g's shift, never formed."""
+
+import torch
+
+from .. import reference
+from .._checks import check_offsets, check_same_device, check_tensor, compute_dtype
+from ._dispatch import opcall, register, triton_launcher
+
+register("lowrank_delta_linear", reference.lowrank_delta_linear, triton_launcher("lowrank_delta_linear"))
+register(
+    "_lowrank_delta_linear_backward",
+    reference.lowrank_delta_linear_backward,
+    triton_launcher("lowrank_delta_linear_backward"),
+)
+
+
+def _out_dtype(x, weight, mu_t, eta_t, alpha):
+    return compute_dtype(x, weight, mu_t, eta_t, alpha) if x.dtype == torch.float64 else x.dtype
+
+
+@torch.library.register_fake("dcedit::lowrank_delta_linear")
+def _(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha):
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=_out_dtype(x, weight, mu_t, eta_t, alpha))
+
+
+@torch.library.register_fake("dcedit::_lowrank_delta_linear_backward")
+def _(grad, x, weight, row_group, mu_t, eta_t, offsets, alpha):
+    return torch.empty_like(x), torch.empty_like(mu_t), torch.empty_like(eta_t), torch.empty_like(alpha)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, row_group, mu_t, eta_t, offsets, alpha = inputs
+    ctx.save_for_backward(x, weight, row_group, mu_t, eta_t, offsets, alpha)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, weight, row_group, mu_t, eta_t, offsets, alpha = ctx.saved_tensors
+    dx, dmu, deta, dalpha = opcall("_lowrank_delta_linear_backward")(
+        grad, x, weight, row_group, mu_t, eta_t, offsets, alpha
+    )
+    return dx, None, None, None, dmu, deta, None, dalpha
+
+
+torch.library.register_autograd("dcedit::lowrank_delta_linear", _backward, setup_context=_setup_context)
+
+
+def lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha):
+    """``y_n = x_n Wᵀ + b + alpha_g (x_n mu_tᵍᵀ) eta_tᵍ`` with g = row_group[n] (−1: unedited).
+
+    x (N, i); weight (o, i); bias (o,) or None; row_group int (N,); mu_t (Tm, i), eta_t (Tm, o)
+    grouped by offsets (G+1,); alpha a number or a (G,) tensor.  Differentiable in x, mu_t,
+    eta_t and alpha.  Returns x's dtype (a drop-in for the layer), fp32 arithmetic.
+    """
+    check_tensor(x, "x", 2)
+    check_tensor(weight, "weight", 2)
+    o, i = weight.shape
+    if x.shape[1] != i:
+        raise ValueError(f"x must have {i} features to match weight {tuple(weight.shape)}, got {x.shape[1]}")
+    if bias is not None:
+        check_tensor(bias, "bias", 1)
+        if bias.shape[0] != o:
+            raise ValueError(f"bias must have shape ({o},), got {tuple(bias.shape)}")
+    if not isinstance(row_group, torch.Tensor) or row_group.dtype not in (torch.int32, torch.int64):
+        raise ValueError("row_group must be an int32 or int64 tensor")
+    if row_group.shape != (x.shape[0],):
+        raise ValueError(f"row_group must have shape ({x.shape[0]},), got {tuple(row_group.shape)}")
+    check_tensor(mu_t, "mu_t", 2)
+    check_tensor(eta_t, "eta_t", 2)
+    if mu_t.shape[1] != i or eta_t.shape[1] != o or mu_t.shape[0] != eta_t.shape[0]:
+        raise ValueError(
+            f"mu_t must be (Tm, {i}) and eta_t (Tm, {o}), got {tuple(mu_t.shape)} and {tuple(eta_t.shape)}"
+        )
+    G = check_offsets(offsets, "offsets", mu_t.shape[0])
+    if row_group.numel() and (int(row_group.min()) < -1 or int(row_group.max()) >= G):
+        raise ValueError(f"row_group entries must be in [-1, {G - 1}]")
+    if not isinstance(alpha, torch.Tensor):
+        alpha = torch.full((G,), float(alpha), dtype=compute_dtype(mu_t, eta_t), device=x.device)
+    check_tensor(alpha, "alpha")
+    if alpha.numel() not in (1, G):
+        raise ValueError(f"alpha must be a number or have G={G} entries, got shape {tuple(alpha.shape)}")
+    alpha = alpha.reshape(-1).expand(G).contiguous()  # differentiable: a shared alpha sums its grads
+    check_same_device(dict(x=x, weight=weight, bias=bias, row_group=row_group, mu_t=mu_t, eta_t=eta_t,
+                           offsets=offsets, alpha=alpha))
+    return opcall("lowrank_delta_linear")(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha)

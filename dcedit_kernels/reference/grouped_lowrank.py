@@ -1,0 +1,70 @@
+import torch
+
+from .._checks import compute_dtype
+from .segments import segment_bounds
+
+
+def grouped_lowrank(h, offsets, u, v, bias, scale=None, shift=None, gain=None):
+    """out_t = h_t + clamp((((gain_t ⊙ h_t) v_gᵀ) u_gᵀ + bias_g) ⊙ scale_g + shift_g, min=0)."""
+    acc = compute_dtype(h, u, v, bias, scale, shift, gain)
+    hh = h.to(acc)
+    x = hh if gain is None else hh * gain.to(acc)
+    pieces = []
+    for g, (s, e) in enumerate(segment_bounds(offsets)):
+        if s == e:
+            continue
+        pre = (x[s:e] @ v[g].to(acc).T) @ u[g].to(acc).T + bias[g].to(acc)
+        if scale is not None:
+            pre = pre * scale[g].to(acc)
+        if shift is not None:
+            pre = pre + shift[g].to(acc)
+        pieces.append(hh[s:e] + pre.clamp(min=0))
+    if not pieces:
+        return hh.new_empty((0, h.shape[1])) + 0 * hh.sum()
+    return torch.cat(pieces, 0)
+
+
+def grouped_lowrank_backward(grad, h, offsets, u, v, bias, scale=None, shift=None, gain=None):
+    """Gradients of grouped_lowrank for (h, u, v, bias[, scale][, shift][, gain]).
+
+    dpre = dout ⊙ [pre >= 0] (clamp's gradient at exactly 0 is 1, which MEND relies on: u = 0 at
+    initialisation makes every pre-activation 0).  Returns a list in argument order, omitting
+    the optional arguments that are None; each gradient in its input's dtype.
+    """
+    acc = compute_dtype(h, u, v, bias, scale, shift, gain, grad)
+    hh, dout = h.to(acc), grad.to(acc)
+    x = hh if gain is None else hh * gain.to(acc)
+    dx = torch.zeros_like(hh)
+    du, dv = torch.zeros(u.shape, dtype=acc, device=u.device), torch.zeros(v.shape, dtype=acc, device=v.device)
+    db = torch.zeros(bias.shape, dtype=acc, device=bias.device)
+    ds = None if scale is None else torch.zeros(scale.shape, dtype=acc, device=scale.device)
+    dc = None if shift is None else torch.zeros(shift.shape, dtype=acc, device=shift.device)
+    for g, (s, e) in enumerate(segment_bounds(offsets)):
+        if s == e:
+            continue
+        ug, vg = u[g].to(acc), v[g].to(acc)
+        z = x[s:e] @ vg.T
+        a = z @ ug.T + bias[g].to(acc)
+        pre = a if scale is None else a * scale[g].to(acc)
+        if shift is not None:
+            pre = pre + shift[g].to(acc)
+        dpre = dout[s:e] * (pre >= 0)
+        if dc is not None:
+            dc[g] = dpre.sum(0)
+        if ds is not None:
+            ds[g] = (dpre * a).sum(0)
+        da = dpre if scale is None else dpre * scale[g].to(acc)
+        db[g] = da.sum(0)
+        du[g] = da.T @ z
+        dz = da @ ug
+        dv[g] = dz.T @ x[s:e]
+        dx[s:e] = dz @ vg
+    dh = dout + (dx if gain is None else dx * gain.to(acc))
+    grads = [dh.to(h.dtype), du.to(u.dtype), dv.to(v.dtype), db.to(bias.dtype)]
+    if scale is not None:
+        grads.append(ds.to(scale.dtype))
+    if shift is not None:
+        grads.append(dc.to(shift.dtype))
+    if gain is not None:
+        grads.append((dx * hh).to(gain.dtype))
+    return grads

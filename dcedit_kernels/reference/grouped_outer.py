@@ -1,0 +1,91 @@
+import torch
+
+from .._checks import compute_dtype
+from .segments import segment_bounds
+
+FUSIONS = ("none", "add", "max", "sss", "ssm")
+
+
+def _group_shifts(eta, mu, offsets, acc):
+    """Yield S_g = Σ_{t∈g} η_t μ_tᵀ (o×i), one group at a time."""
+    for s, e in segment_bounds(offsets):
+        yield eta[s:e].to(acc).T @ mu[s:e].to(acc)
+
+
+def grouped_outer(eta, mu, offsets, fusion="add", alpha=1.0):
+    """Per-group shifts fused elementwise (SPEC: none/add/max/sss/ssm), times alpha.
+
+    The oracle: holds the whole (G, o, i) stack, which is exactly what the kernels avoid.
+    """
+    acc = compute_dtype(eta, mu)
+    G = offsets.numel() - 1
+    stack = torch.stack(list(_group_shifts(eta, mu, offsets, acc)), 0)
+    if fusion == "none":
+        out = stack
+    elif fusion == "add":
+        out = stack.sum(0)
+    elif fusion == "max":
+        # argmax returns the first maximal index, which is the SPEC's tie rule.
+        winner = stack.abs().argmax(0, keepdim=True)
+        out = stack.gather(0, winner).squeeze(0)
+    elif fusion in ("sss", "ssm"):
+        pos = stack.clamp(min=0).sum(0)
+        neg = stack.clamp(max=0).sum(0)
+        out = torch.where(pos >= -neg, pos, neg)
+        if fusion == "ssm":
+            out = out / G
+    else:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+    return out * alpha
+
+
+def _selection(fusion, s_g, g, pos, neg, winner):
+    """Where S_g's entries reach the fused output (the gradient mask of group g)."""
+    if fusion == "max":
+        return winner == g
+    take_pos = pos >= -neg
+    return torch.where(take_pos, s_g > 0, s_g < 0)
+
+
+def grouped_outer_backward(grad, eta, mu, offsets, fusion, alpha):
+    """(d_eta, d_mu) of grouped_outer, holding at most three o×i matrices at a time."""
+    acc = compute_dtype(eta, mu, grad)
+    g_out = grad.to(acc) * alpha
+    G = offsets.numel() - 1
+    if fusion == "ssm":
+        g_out = g_out / G
+    bounds = segment_bounds(offsets)
+    if fusion == "add":
+        d_eta = mu.to(acc) @ g_out.T
+        d_mu = eta.to(acc) @ g_out
+        return d_eta.to(eta.dtype), d_mu.to(mu.dtype)
+    d_eta = torch.zeros(eta.shape, dtype=acc, device=eta.device)
+    d_mu = torch.zeros(mu.shape, dtype=acc, device=mu.device)
+    pos = neg = winner = None
+    if fusion == "max":
+        best = None
+        for g, s_g in enumerate(_group_shifts(eta, mu, offsets, acc)):
+            mag = s_g.abs()
+            if best is None:
+                best, winner = mag, torch.zeros(mag.shape, dtype=torch.int64, device=mag.device)
+            else:
+                better = mag > best  # strict: the first group keeps ties
+                best = torch.where(better, mag, best)
+                winner = torch.where(better, torch.full_like(winner, g), winner)
+    elif fusion in ("sss", "ssm"):
+        pos = torch.zeros(eta.shape[1], mu.shape[1], dtype=acc, device=eta.device)
+        neg = torch.zeros_like(pos)
+        for s_g in _group_shifts(eta, mu, offsets, acc):
+            pos += s_g.clamp(min=0)
+            neg += s_g.clamp(max=0)
+    shifts = _group_shifts(eta, mu, offsets, acc) if fusion != "none" else iter(lambda: None, 0)
+    for g, ((s, e), s_g) in enumerate(zip(bounds, shifts)):
+        if s == e:
+            continue
+        if fusion == "none":
+            d_s = g_out[g]
+        else:
+            d_s = g_out * _selection(fusion, s_g, g, pos, neg, winner)
+        d_eta[s:e] = mu[s:e].to(acc) @ d_s.T
+        d_mu[s:e] = eta[s:e].to(acc) @ d_s
+    return d_eta.to(eta.dtype), d_mu.to(mu.dtype)

@@ -1,0 +1,454 @@
+"""Every op through the `dcedit` dispatcher: semantics from SPEC.md, opcheck, gradcheck, errors.
+
+Kernels are checked against the reference in float64 on fresh random inputs; the reference
+itself is checked here against independent per-group formulas written from SPEC.md.
+"""
+
+import math
+
+import pytest
+import torch
+from torch.library import opcheck
+
+from dcedit_kernels import ops, reference
+from helpers import TOL, randn, ragged_offsets, random_counts, rel_err
+
+FUSIONS = ["none", "add", "max", "sss", "ssm"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _outer_inputs(gen, G=5, o=7, i=9, dtype=torch.float64, device="cpu", counts=None):
+    counts = counts if counts is not None else random_counts(G, gen)
+    T = sum(counts)
+    return randn((T, o), gen, dtype, device), randn((T, i), gen, dtype, device), ragged_offsets(counts, device)
+
+
+def _per_group(eta, mu, offsets):
+    b = offsets.tolist()
+    return [eta[s:e].double().T @ mu[s:e].double() for s, e in zip(b[:-1], b[1:])]
+
+
+# ---------------------------------------------------------------- grouped_outer
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_grouped_outer_matches_spec_formula(fusion, gen, device):
+    eta, mu, offsets = _outer_inputs(gen, device=device)
+    S = torch.stack(_per_group(eta, mu, offsets))  # independent oracle from SPEC's words
+    G = S.shape[0]
+    if fusion == "none":
+        want = S
+    elif fusion == "add":
+        want = S.sum(0)
+    elif fusion == "max":
+        want = torch.zeros_like(S[0])
+        best = torch.full_like(S[0], -1.0)
+        for g in range(G):  # first group wins ties: replace only on strictly larger |S_g|
+            better = S[g].abs() > best
+            want, best = torch.where(better, S[g], want), torch.where(better, S[g].abs(), best)
+    else:
+        P, N = S.clamp(min=0).sum(0), S.clamp(max=0).sum(0)
+        want = torch.where(P >= -N, P, N) / (G if fusion == "ssm" else 1)
+    got = ops.grouped_outer(eta, mu, offsets, fusion, alpha=0.75)
+    assert got.dtype == torch.float64
+    assert rel_err(got, 0.75 * want) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_grouped_outer_low_precision(fusion, dtype, gen, device):
+    eta, mu, offsets = _outer_inputs(gen, G=4, o=13, i=6, dtype=dtype, device=device)
+    got = ops.grouped_outer(eta, mu, offsets, fusion)
+    want = reference.grouped_outer(eta.double(), mu.double(), offsets, fusion)
+    assert got.dtype == torch.float32
+    if fusion in ("max", "sss", "ssm"):
+        # Rounded inputs can flip a close selection; compare against the oracle on the same
+        # rounded values (upcast), which is what fp32 accumulation promises.
+        want = reference.grouped_outer(eta.double(), mu.double(), offsets, fusion)
+    assert rel_err(got, want) < 1e-5
+
+
+def test_grouped_outer_max_ties_pick_first_group(device):
+    eta = torch.tensor([[1.0], [-1.0], [1.0]], device=device)
+    mu = torch.tensor([[2.0], [2.0], [-2.0]], device=device)
+    offsets = torch.tensor([0, 1, 1, 2, 3], dtype=torch.int32, device=device)  # S = 2, 0, -2, -2
+    assert ops.grouped_outer(eta, mu, offsets, "max").item() == 2.0
+    offsets = torch.tensor([0, 0, 1, 3], dtype=torch.int32, device=device)  # S = 0, 2, -4
+    assert ops.grouped_outer(eta, mu, offsets, "max").item() == -4.0
+    eta2 = torch.tensor([[-1.0], [1.0]], device=device)
+    mu2 = torch.tensor([[2.0], [2.0]], device=device)
+    offsets2 = torch.tensor([0, 1, 2], dtype=torch.int32, device=device)  # S = -2, 2: tie
+    assert ops.grouped_outer(eta2, mu2, offsets2, "max").item() == -2.0
+
+
+def test_grouped_outer_sss_tie_takes_positive(device):
+    eta = torch.tensor([[1.0], [-1.0]], device=device)
+    mu = torch.tensor([[3.0], [3.0]], device=device)
+    offsets = torch.tensor([0, 1, 2], dtype=torch.int32, device=device)  # P = 3, N = -3
+    assert ops.grouped_outer(eta, mu, offsets, "sss").item() == 3.0
+    assert ops.grouped_outer(eta, mu, offsets, "ssm").item() == 1.5
+
+
+@pytest.mark.parametrize("counts", [[0, 0, 0], [0, 3, 0], [4], [], [2, 0, 5, 0]])
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_grouped_outer_empty_groups(counts, fusion, gen, device):
+    if not counts:
+        counts = [0]
+    eta, mu, offsets = _outer_inputs(gen, o=5, i=3, counts=counts, device=device)
+    got = ops.grouped_outer(eta, mu, offsets, fusion)
+    assert rel_err(got, reference.grouped_outer(eta, mu, offsets, fusion)) < 1e-12 or got.abs().max() == 0
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_grouped_outer_gradcheck(fusion, gen):
+    eta, mu, offsets = _outer_inputs(gen, G=3, o=4, i=3, counts=[2, 0, 3])
+    eta.requires_grad_(), mu.requires_grad_()
+    assert torch.autograd.gradcheck(lambda e, m: ops.grouped_outer(e, m, offsets, fusion, 0.5), (eta, mu))
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_grouped_outer_opcheck(fusion, gen):
+    eta, mu, offsets = _outer_inputs(gen, G=3, o=4, i=5, dtype=torch.float32, counts=[3, 0, 2])
+    opcheck(torch.ops.dcedit.grouped_outer.default, (eta, mu, offsets, fusion, 2.0))
+    opcheck(torch.ops.dcedit.grouped_outer.default,
+            (eta.requires_grad_(), mu.requires_grad_(), offsets, fusion, 2.0))
+
+
+def test_grouped_outer_bad_input_raises(gen):
+    eta, mu, offsets = _outer_inputs(gen, counts=[2, 3])
+    cases = [
+        ((eta, mu, torch.tensor([0, 3, 2, 5], dtype=torch.int32)), "offsets"),  # decreasing
+        ((eta, mu, torch.tensor([0, 2, 4], dtype=torch.int32)), "offsets"),  # last != T
+        ((eta, mu, torch.tensor([1, 2, 5], dtype=torch.int32)), "offsets"),  # first != 0
+        ((eta, mu, offsets.float()), "offsets"),
+        ((eta[:-1], mu, offsets), "tokens"),
+        ((eta[0], mu, offsets), "eta"),
+        ((eta, mu.unsqueeze(0), offsets), "mu"),
+        ((eta.long(), mu, offsets), "eta"),
+    ]
+    for args, word in cases:
+        with pytest.raises(ValueError, match=word):
+            ops.grouped_outer(*args)
+    with pytest.raises(ValueError, match="fusion"):
+        ops.grouped_outer(eta, mu, offsets, "mean")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device"):
+            ops.grouped_outer(eta.cuda(), mu, offsets)
+
+
+# ---------------------------------------------------------------- segmented_fisher
+@pytest.mark.parametrize("dtype", [torch.float64] + DTYPES)
+def test_segmented_fisher(dtype, gen, device):
+    eta, mu, offsets = _outer_inputs(gen, G=6, o=5, i=11, dtype=dtype, device=device)
+    per_edit = _per_group(eta, mu, offsets)
+    want = sum(s.square() for s in per_edit) / len(per_edit)
+    got = ops.segmented_fisher(eta, mu, offsets)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert rel_err(got, want) < (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def test_segmented_fisher_opcheck_and_errors(gen):
+    eta, mu, offsets = _outer_inputs(gen, G=3, o=3, i=4, dtype=torch.float32, counts=[1, 0, 4])
+    opcheck(torch.ops.dcedit.segmented_fisher.default, (eta, mu, offsets))
+    with pytest.raises(ValueError, match="edit_offsets"):
+        ops.segmented_fisher(eta, mu, torch.tensor([0, 4, 2], dtype=torch.int32))
+
+
+# ---------------------------------------------------------------- fisher_mask
+def test_fisher_mask_keep_semantics_and_ties(device):
+    fisher = torch.tensor([5.0, 1.0, 3.0, 3.0, 3.0, 0.0, 2.0], device=device)
+    delta = torch.arange(1.0, 8.0, device=device)
+    out, count = ops.fisher_mask(delta, fisher, keep=0.3)  # k = ceil(2.1) = 3 -> t = 3, ties kept
+    assert count.item() == 4
+    assert out.tolist() == [1.0, 0.0, 3.0, 4.0, 5.0, 0.0, 0.0]
+    out, count = ops.fisher_mask(delta, fisher, threshold=2.0)  # strictly greater
+    assert count.item() == 4 and out.tolist() == [1.0, 0.0, 3.0, 4.0, 5.0, 0.0, 0.0]
+    out, count = ops.fisher_mask(delta, fisher, keep=1.0)
+    assert count.item() == 7 and torch.equal(out, delta)
+
+
+@pytest.mark.parametrize("keep", [0.01, 0.4, 0.7, 1.0])
+def test_fisher_mask_random_matches_count(keep, gen, device):
+    fisher = randn((37, 29), gen, device=device).abs().round(decimals=1)  # many ties
+    delta = randn((37, 29), gen, device=device)
+    out, count = ops.fisher_mask(delta, fisher, keep=keep)
+    k = math.ceil(keep * fisher.numel())
+    t = fisher.flatten().sort(descending=True).values[k - 1]
+    kept = fisher >= t
+    assert count.item() == int(kept.sum()) >= k
+    assert torch.equal(out, delta * kept)
+
+
+def test_fisher_mask_above_2_pow_24(gen):
+    n = 2**24 + 3
+    fisher = torch.rand(n, generator=gen)
+    fisher[:1000] = fisher[1000]  # a block of ties
+    delta = torch.ones(n)
+    out, count = ops.fisher_mask(delta, fisher, keep=0.4)
+    k = math.ceil(0.4 * n)
+    t = torch.topk(fisher, k).values[-1]
+    assert count.item() == int((fisher >= t).sum())
+    assert out.sum().item() == count.item()
+
+
+def test_fisher_mask_gradcheck_and_opcheck(gen):
+    delta = randn((4, 5), gen, torch.float64).requires_grad_()
+    fisher = randn((4, 5), gen, torch.float64).abs()
+    assert torch.autograd.gradcheck(lambda d: ops.fisher_mask(d, fisher, keep=0.5)[0], (delta,))
+    opcheck(torch.ops.dcedit.fisher_mask.default, (delta.detach().float(), fisher.float(), 0.5, None))
+    opcheck(torch.ops.dcedit.fisher_mask.default, (delta.detach().float(), fisher.float(), None, 0.3))
+
+
+def test_fisher_mask_bad_input_raises(gen):
+    d, f = randn((3, 4), gen), randn((3, 4), gen).abs()
+    for kwargs, word in [
+        (dict(), "exactly one"),
+        (dict(keep=0.5, threshold=0.1), "exactly one"),
+        (dict(keep=0.0), "keep"),
+        (dict(keep=1.5), "keep"),
+    ]:
+        with pytest.raises(ValueError, match=word):
+            ops.fisher_mask(d, f, **kwargs)
+    with pytest.raises(ValueError, match="fisher"):
+        ops.fisher_mask(d, f[:2], keep=0.5)
+
+
+# ---------------------------------------------------------------- apply_shift_
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("masked", [False, True])
+def test_apply_shift_and_undo_bit_exact(dtype, masked, gen, device):
+    weight = randn((17, 23), gen, dtype, device)
+    before = weight.clone()
+    delta = randn((17, 23), gen, torch.float32, device)
+    fisher = randn((17, 23), gen, torch.float32, device).abs() if masked else None
+    keep = 0.6 if masked else None
+    previous = ops.apply_shift_(weight, delta, 0.3, fisher, keep)
+    kept = torch.ones_like(delta, dtype=torch.bool) if not masked else ops.fisher_mask(delta, fisher, keep=keep)[0] != 0
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    want = (before.to(acc) + 0.3 * (delta.to(acc) * kept)).to(dtype)
+    assert torch.equal(weight, want)
+    ops.undo_shift_(weight, previous)
+    assert torch.equal(weight.view(torch.uint8) if dtype != torch.float64 else weight, before.view(torch.uint8) if dtype != torch.float64 else before)
+
+
+def test_apply_shift_bad_input_leaves_weight(gen):
+    weight = randn((5, 6), gen)
+    before = weight.clone()
+    for kwargs, word in [
+        (dict(delta=randn((5, 5), gen)), "delta"),
+        (dict(delta=randn((5, 6), gen), fisher=randn((5, 6), gen), keep=2.0), "keep"),
+        (dict(delta=randn((5, 6), gen), fisher=randn((5, 6), gen)), "exactly one"),
+        (dict(delta=randn((5, 6), gen), keep=0.5), "fisher"),
+    ]:
+        with pytest.raises(ValueError, match=word):
+            ops.apply_shift_(weight, **kwargs)
+        assert torch.equal(weight, before)
+
+
+def test_apply_shift_opcheck(gen):
+    weight, delta, fisher = randn((4, 5), gen), randn((4, 5), gen), randn((4, 5), gen).abs()
+    opcheck(torch.ops.dcedit.apply_shift_.default, (weight, delta, 0.5, fisher, 0.5, None))
+    opcheck(torch.ops.dcedit.apply_shift_.default, (weight, delta, 0.5, None, None, None))
+
+
+# ---------------------------------------------------------------- grouped_lowrank
+def _lowrank_inputs(gen, G=3, d=7, r=3, counts=None, dtype=torch.float64, device="cpu", extras=True):
+    counts = counts if counts is not None else random_counts(G, gen, empty_share=0.25)
+    T = sum(counts)
+    t = lambda s: randn(s, gen, dtype, device)  # noqa: E731
+    return dict(
+        h=t((T, d)), offsets=ragged_offsets(counts, device), u=t((G, d, r)), v=t((G, r, d)), bias=t((G, d)),
+        scale=t((G, d)) if extras else None, shift=t((G, d)) if extras else None, gain=t((T, d)) if extras else None,
+    )
+
+
+def _lowrank_formula(a):
+    """SPEC's formula, token by token."""
+    b = a["offsets"].tolist()
+    rows = []
+    for g, (s, e) in enumerate(zip(b[:-1], b[1:])):
+        for t in range(s, e):
+            h = a["h"][t].double()
+            x = h * (a["gain"][t].double() if a["gain"] is not None else 1)
+            pre = (a["u"][g].double() @ (a["v"][g].double() @ x)) + a["bias"][g].double()
+            pre = pre * (a["scale"][g].double() if a["scale"] is not None else 1)
+            pre = pre + (a["shift"][g].double() if a["shift"] is not None else 0)
+            rows.append(h + pre.clamp(min=0))
+    return torch.stack(rows) if rows else torch.zeros(0, a["h"].shape[1], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("extras", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64] + DTYPES)
+def test_grouped_lowrank_matches_formula(extras, dtype, gen, device):
+    a = _lowrank_inputs(gen, dtype=dtype, extras=extras, device=device)
+    got = ops.grouped_lowrank(**a)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert rel_err(got, _lowrank_formula(a)) < (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+@pytest.mark.parametrize("extras", [True, False])
+def test_grouped_lowrank_gradcheck(extras, gen):
+    a = _lowrank_inputs(gen, G=3, d=4, r=2, counts=[2, 0, 3], extras=extras)
+    names = [k for k, v in a.items() if v is not None and k != "offsets"]
+    for k in names:
+        a[k].requires_grad_()
+
+    def f(*xs):
+        kw = dict(a, **dict(zip(names, xs)))
+        return ops.grouped_lowrank(**kw)
+
+    assert torch.autograd.gradcheck(f, tuple(a[k] for k in names))
+
+
+def test_grouped_lowrank_clamp_gradient_at_zero_is_one(gen):
+    """MEND initialises u = 0, so every pre-activation is exactly 0: the gradient must pass."""
+    a = _lowrank_inputs(gen, G=2, d=5, r=3, counts=[3, 2], extras=False)
+    a["u"] = torch.zeros_like(a["u"]).requires_grad_()
+    a["bias"] = torch.zeros_like(a["bias"]).requires_grad_()
+    a["h"].requires_grad_()
+    out = ops.grouped_lowrank(**a)
+    assert torch.equal(out, a["h"].detach())
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    assert torch.equal(a["bias"].grad, torch.stack([grad[:3].sum(0), grad[3:].sum(0)]))
+    assert a["u"].grad.abs().sum() > 0
+
+
+def test_grouped_lowrank_opcheck(gen):
+    a = _lowrank_inputs(gen, G=3, d=5, r=2, counts=[2, 0, 3], dtype=torch.float32)
+    args = tuple(a[k] for k in ("h", "offsets", "u", "v", "bias", "scale", "shift", "gain"))
+    opcheck(torch.ops.dcedit.grouped_lowrank.default, args)
+    grad_args = tuple(x.requires_grad_() if x.is_floating_point() else x for x in args)
+    opcheck(torch.ops.dcedit.grouped_lowrank.default, grad_args)
+    b = _lowrank_inputs(gen, G=2, d=4, r=2, counts=[1, 3], dtype=torch.float32, extras=False)
+    args = tuple(b[k] for k in ("h", "offsets", "u", "v", "bias"))
+    opcheck(torch.ops.dcedit.grouped_lowrank.default, tuple(x.requires_grad_() if x.is_floating_point() else x for x in args))
+
+
+def test_grouped_lowrank_bad_input_raises(gen):
+    a = _lowrank_inputs(gen, G=2, d=4, r=2, counts=[1, 3])
+    for key, bad, word in [
+        ("u", a["u"][:1], "u"),
+        ("v", a["v"].transpose(1, 2), "v"),
+        ("bias", a["bias"][:, :3], "bias"),
+        ("scale", a["scale"][:1], "scale"),
+        ("gain", a["gain"][:2], "gain"),
+        ("offsets", torch.tensor([0, 3, 2], dtype=torch.int32), "offsets"),
+        ("h", a["h"][0], "h"),
+    ]:
+        with pytest.raises(ValueError, match=word):
+            ops.grouped_lowrank(**dict(a, **{key: bad}))
+
+
+# ---------------------------------------------------------------- lowrank_delta_linear
+def _delta_linear_inputs(gen, N=11, i=6, o=5, counts=(3, 0, 4), dtype=torch.float64, device="cpu"):
+    G = len(counts)
+    T = sum(counts)
+    return dict(
+        x=randn((N, i), gen, dtype, device), weight=randn((o, i), gen, dtype, device),
+        bias=randn((o,), gen, dtype, device),
+        row_group=torch.randint(-1, G, (N,), generator=gen).to(device),
+        mu_t=randn((T, i), gen, dtype, device), eta_t=randn((T, o), gen, dtype, device),
+        offsets=ragged_offsets(counts, device), alpha=randn((G,), gen, dtype, device),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64] + DTYPES)
+def test_lowrank_delta_linear_equals_applied_shift(dtype, gen, device):
+    a = _delta_linear_inputs(gen, dtype=dtype, device=device)
+    got = ops.lowrank_delta_linear(**a)
+    assert got.dtype == dtype
+    b = a["offsets"].tolist()
+    want = torch.empty(got.shape, dtype=torch.float64)
+    for n in range(a["x"].shape[0]):
+        W = a["weight"].double()
+        g = int(a["row_group"][n])
+        if g >= 0:
+            s, e = b[g], b[g + 1]
+            W = W + a["alpha"][g].double() * (a["eta_t"][s:e].double().T @ a["mu_t"][s:e].double())
+        want[n] = a["x"][n].double() @ W.T + a["bias"].double()
+    assert rel_err(got, want) < TOL[dtype] * 10
+
+
+def test_lowrank_delta_linear_gradcheck(gen):
+    a = _delta_linear_inputs(gen, N=7, i=4, o=3, counts=(2, 0, 3))
+    names = ["x", "mu_t", "eta_t", "alpha"]
+    for k in names:
+        a[k].requires_grad_()
+    f = lambda *xs: ops.lowrank_delta_linear(**dict(a, **dict(zip(names, xs))))  # noqa: E731
+    assert torch.autograd.gradcheck(f, tuple(a[k] for k in names))
+    # A scalar alpha shared by every group.
+    s = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda al: ops.lowrank_delta_linear(**dict(a, alpha=al)), (s,))
+
+
+def test_lowrank_delta_linear_opcheck(gen):
+    a = _delta_linear_inputs(gen, N=6, i=4, o=3, counts=(2, 3), dtype=torch.float32)
+    args = [a[k] for k in ("x", "weight", "bias", "row_group", "mu_t", "eta_t", "offsets", "alpha")]
+    opcheck(torch.ops.dcedit.lowrank_delta_linear.default, tuple(args))
+    for j in (0, 4, 5, 7):
+        args[j] = args[j].requires_grad_()
+    opcheck(torch.ops.dcedit.lowrank_delta_linear.default, tuple(args))
+
+
+def test_lowrank_delta_linear_bad_input_raises(gen):
+    a = _delta_linear_inputs(gen)
+    for key, bad, word in [
+        ("row_group", torch.full((11,), 3), "row_group"),
+        ("row_group", torch.zeros(10, dtype=torch.int64), "row_group"),
+        ("x", a["x"][:, :5], "x"),
+        ("mu_t", a["mu_t"][:-1], "mu_t"),
+        ("alpha", torch.ones(2, dtype=torch.float64), "alpha"),
+        ("offsets", torch.tensor([0, 2, 1, 7], dtype=torch.int32), "offsets"),
+    ]:
+        with pytest.raises(ValueError, match=word):
+            ops.lowrank_delta_linear(**dict(a, **{key: bad}))
+
+
+# ---------------------------------------------------------------- routing
+def test_sort_by_group(gen, device):
+    groups = torch.randint(0, 5, (23,), generator=gen).to(device)
+    groups[groups == 3] = 1  # group 3 empty
+    perm, inverse, offsets = ops.sort_by_group(groups, 5)
+    sorted_groups = groups[perm]
+    assert bool((sorted_groups[1:] >= sorted_groups[:-1]).all())
+    assert torch.equal(perm[inverse], torch.arange(23, device=device))
+    for g in range(5):  # stable: rows of a group keep their order
+        rows = perm[offsets[g]:offsets[g + 1]]
+        assert torch.equal(rows, (groups == g).nonzero().squeeze(1))
+    assert offsets.dtype == torch.int32 and offsets[3] == offsets[4]
+    opcheck(torch.ops.dcedit.sort_by_group.default, (groups, 5))
+    with pytest.raises(ValueError, match="group_of_row"):
+        ops.sort_by_group(torch.tensor([0, 5]), 5)
+
+
+def test_noisy_topk_gate(gen):
+    E, f, G = 9, 6, 4
+    feats, w_gate, w_noise = randn((E, f), gen), randn((f, G), gen), randn((f, G), gen)
+    gates, chosen, loss = ops.noisy_topk_gate(feats, w_gate, w_noise, k=2, training=False)
+    logits = feats @ w_gate
+    top = logits.topk(2, dim=1)
+    assert torch.equal(chosen, top.indices[:, 0])
+    assert torch.allclose(gates.gather(1, top.indices), torch.softmax(top.values, 1))
+    assert torch.allclose(gates.sum(1), torch.ones(E))
+    assert int((gates > 0).sum()) == 2 * E
+    imp, load = gates.sum(0), (gates > 0).sum(0).float()
+    cv2 = lambda x: x.var() / (x.mean() ** 2 + 1e-10)  # noqa: E731
+    assert torch.allclose(loss, cv2(imp) + cv2(load))
+    # Training: noise changes the logits; the loss is differentiable in both gate weights.
+    w_gate.requires_grad_(), w_noise.requires_grad_()
+    g1 = torch.Generator().manual_seed(1)
+    gates, chosen, loss = ops.noisy_topk_gate(feats, w_gate, w_noise, k=1, training=True, generator=g1)
+    (loss + gates.square().sum()).backward()
+    assert w_gate.grad.abs().sum() > 0 and w_noise.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="k"):
+        ops.noisy_topk_gate(feats, w_gate, w_noise, k=5)
+    with pytest.raises(ValueError, match="w_gate"):
+        ops.noisy_topk_gate(feats, w_gate[:3], w_noise)
+
+
+def test_noisy_topk_gate_opcheck_and_gradcheck(gen):
+    feats, w_gate, w_noise = randn((5, 3), gen, torch.float64), randn((3, 4), gen, torch.float64), randn((3, 4), gen, torch.float64)
+    noise = randn((5, 4), gen, torch.float64)
+    opcheck(torch.ops.dcedit.noisy_topk_gate.default, (feats.float(), w_gate.float(), w_noise.float(), 2, noise.float()))
+    w_gate.requires_grad_(), w_noise.requires_grad_()
+    f = lambda wg, wn: torch.ops.dcedit.noisy_topk_gate(feats, wg, wn, 2, noise)  # noqa: E731
+    assert torch.autograd.gradcheck(lambda wg, wn: (f(wg, wn)[0], f(wg, wn)[2]), (w_gate, w_noise))
