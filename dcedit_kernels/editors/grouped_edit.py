@@ -1,0 +1,52 @@
+"""The output of an editor for one weight: grouped low-rank factors of the shift."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import ops
+
+
+@dataclass
+class GroupedEdit:
+    """Δ_g = Σ_{t∈g} η̃_t μ̃_tᵀ for each group g, fused with `fusion`, applied as W + alpha·Δ.
+
+    mu_t (T, in) and eta_t (T, out) are the transformed factors, contiguous by group
+    (`offsets`, int32 (G+1,)); `fisher` (out, in) and `fisher_keep` mask the fused shift.
+    `edit_group` (E,) is the group each edit was routed to; `aux_loss` the gate's balance loss.
+    """
+
+    mu_t: torch.Tensor
+    eta_t: torch.Tensor
+    offsets: torch.Tensor
+    fusion: str
+    alpha: torch.Tensor
+    edit_group: torch.Tensor
+    aux_loss: torch.Tensor
+    fisher: torch.Tensor | None = None
+    fisher_keep: float | None = None
+
+    @property
+    def n_groups(self) -> int:
+        return self.offsets.numel() - 1
+
+    def dense(self) -> torch.Tensor:
+        """The fused (and Fisher-masked) shift Δ (out × in, fp32), without alpha."""
+        delta = ops.grouped_outer(self.eta_t, self.mu_t, self.offsets, self.fusion)
+        if self.fisher is not None:
+            delta, _ = ops.fisher_mask(delta, self.fisher, keep=self.fisher_keep)
+        return delta
+
+    @torch.no_grad()
+    def apply_(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight += alpha·(Δ ⊙ kept) in place; returns the previous values (for undo)."""
+        delta = ops.grouped_outer(self.eta_t.detach(), self.mu_t.detach(), self.offsets, self.fusion)
+        return ops.apply_shift_(
+            weight, delta, float(self.alpha), self.fisher, self.fisher_keep if self.fisher is not None else None
+        )
+
+    def group_alpha(self) -> torch.Tensor:
+        """alpha per group, for `lowrank_delta_linear` (differentiable)."""
+        return self.alpha.reshape(1).expand(self.n_groups)

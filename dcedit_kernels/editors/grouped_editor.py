@@ -1,0 +1,216 @@
+"""GroupedEditor: N_g MEND-style editors of one weight shape, run together by the fused ops."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..reference.grouped_outer import FUSIONS
+from ..reference.segments import group_ids
+from .grouped_edit import GroupedEdit
+from .parameter_generator import ParameterGenerator
+from .running_norm import RunningNorm
+
+ROUTINGS = ("gate", "random", "single")
+
+
+class GroupedEditor(nn.Module):
+    """MEND's gradient transform, N_g times over, with routing, fusion and an optional ψ.
+
+    Maps each token's gradient factors [μ; η] (in + out features) through `n_layers` residual
+    low-rank layers (rank `rank`, MEND's identity init: u = 0) per editor, with per-weight "modes"
+    (scale/shift embeddings; `n_modes` weights of this shape share the editor, as in MEND).
+
+    routing: "single" (one editor: MEND), "random" (edits split into n_editors random groups:
+    RaEditor), "gate" (noisy top-k gate on the edit features: MoEditor).  fusion combines the
+    group shifts (see `ops.grouped_outer`).  generator: None, "token" or "sentence" (ProEditor's
+    ψ generating per-token or per-edit gains for the low-rank branch input); fisher_keep: keep
+    only that fraction of the shift's entries, by Fisher information (ProEditor).
+
+    `alpha` holds the learned per-weight step α (W ← W + α Δ), initialised to −edit_lr so that an
+    identity editor without normalisation takes a gradient-descent step of size edit_lr.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        n_editors: int = 1,
+        rank: int = 1920,
+        n_layers: int = 2,
+        n_modes: int = 1,
+        routing: str = "gate",
+        fusion: str = "sss",
+        generator: str | None = None,
+        fisher_keep: float | None = None,
+        norm: bool = True,
+        edit_lr: float = 1e-4,
+        feat_dim: int | None = None,
+        top_k: int = 1,
+        generator_hidden: int = 64,
+        seed: int | None = None,
+    ):
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features),
+                            ("n_editors", n_editors), ("rank", rank), ("n_layers", n_layers),
+                            ("n_modes", n_modes), ("top_k", top_k)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+        if routing == "single" and n_editors != 1:
+            raise ValueError("routing='single' needs n_editors=1")
+        if fusion not in FUSIONS or fusion == "none":
+            raise ValueError(f"fusion must be one of add, max, sss, ssm, got {fusion!r}")
+        if fisher_keep is not None and not 0 < fisher_keep <= 1:
+            raise ValueError(f"fisher_keep must be in (0, 1], got {fisher_keep}")
+        if top_k > n_editors:
+            raise ValueError(f"top_k ({top_k}) cannot exceed n_editors ({n_editors})")
+        self.config = dict(
+            in_features=in_features, out_features=out_features, n_editors=n_editors, rank=rank,
+            n_layers=n_layers, n_modes=n_modes, routing=routing, fusion=fusion, generator=generator,
+            fisher_keep=fisher_keep, norm=norm, edit_lr=edit_lr, feat_dim=feat_dim, top_k=top_k,
+            generator_hidden=generator_hidden,
+        )
+        self.in_features, self.out_features = in_features, out_features
+        self.n_editors, self.n_modes, self.routing, self.fusion = n_editors, n_modes, routing, fusion
+        self.fisher_keep, self.top_k = fisher_keep, top_k
+        d = in_features + out_features
+        r = min(rank, d)
+        G = n_editors
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.layers = nn.ModuleList()
+        for _ in range(n_layers):
+            layer = nn.Module()
+            layer.u = nn.Parameter(torch.zeros(G, d, r))  # MEND's "id" init: the layer starts as identity
+            bound = math.sqrt(6.0 / (r + d))  # xavier_uniform on each (r, d) v
+            layer.v = nn.Parameter(torch.empty(G, r, d).uniform_(-bound, bound, generator=gen))
+            layer.bias = nn.Parameter(torch.zeros(G, d))
+            layer.mode_scale = nn.Parameter(torch.ones(G, n_modes, d))
+            layer.mode_shift = nn.Parameter(torch.zeros(G, n_modes, d))
+            self.layers.append(layer)
+        self.alpha = nn.Parameter(torch.full((n_modes,), -float(edit_lr)))
+        self.norm = RunningNorm(in_features, out_features) if norm else None
+        self.psi = ParameterGenerator(d, generator_hidden, generator) if generator else None
+        if routing == "gate":
+            if feat_dim is None:
+                raise ValueError("routing='gate' needs feat_dim (the size of the edit features)")
+            self.w_gate = nn.Parameter(torch.zeros(feat_dim, G))
+            self.w_noise = nn.Parameter(torch.zeros(feat_dim, G))
+        self._route_gen = gen
+
+    # ------------------------------------------------------------------ routing
+    def route(self, n_edits: int, edit_feats=None, device=None):
+        """(group per edit (E,), gate weight per edit (E,) or None, balance loss)."""
+        zero = torch.zeros((), device=device)
+        if self.routing == "single":
+            return torch.zeros(n_edits, dtype=torch.int64, device=device), None, zero
+        if self.routing == "random":
+            perm = torch.randperm(n_edits, generator=self._route_gen).to(device)
+            groups = torch.empty(n_edits, dtype=torch.int64, device=device)
+            groups[perm] = torch.arange(n_edits, device=device) % self.n_editors  # balanced random split
+            return groups, None, zero
+        if edit_feats is None:
+            raise ValueError("edit_feats is required with routing='gate'")
+        if edit_feats.shape != (n_edits, self.w_gate.shape[0]):
+            raise ValueError(f"edit_feats must have shape ({n_edits}, {self.w_gate.shape[0]}), got {tuple(edit_feats.shape)}")
+        gates, chosen, loss = ops.noisy_topk_gate(
+            edit_feats.to(self.w_gate.dtype), self.w_gate, self.w_noise, k=self.top_k, training=self.training,
+        )
+        return chosen, gates.gather(1, chosen.unsqueeze(1)).squeeze(1), loss
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, mu, eta, edit_offsets, mode: int = 0, edit_feats=None) -> GroupedEdit:
+        """The edit of one weight from its gradient factors.
+
+        mu (T, in), eta (T, out), edit_offsets int (E+1,) (one segment per edit), mode: which of
+        the weights sharing this editor; edit_feats (E, feat_dim) for routing='gate'.
+        """
+        if mu.dim() != 2 or mu.shape[1] != self.in_features:
+            raise ValueError(f"mu must have shape (T, {self.in_features}), got {tuple(mu.shape)}")
+        if eta.dim() != 2 or eta.shape != (mu.shape[0], self.out_features):
+            raise ValueError(f"eta must have shape ({mu.shape[0]}, {self.out_features}), got {tuple(eta.shape)}")
+        if not isinstance(mode, int) or not 0 <= mode < self.n_modes:
+            raise ValueError(f"mode must be an int in [0, {self.n_modes}), got {mode!r}")
+        n_edits = ops_check_offsets(edit_offsets, mu.shape[0])
+        device = mu.device
+
+        # MEND skips tokens whose μ or η is all zero (padding, tokens after the last label).
+        nz = (mu != 0).any(1) & (eta != 0).any(1)
+        if not bool(nz.all()):
+            ids = group_ids(edit_offsets, mu.shape[0])
+            counts = torch.zeros(n_edits, dtype=torch.int64, device=device).index_add(0, ids, nz.long())
+            edit_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+            mu, eta = mu[nz], eta[nz]
+        if self.training and self.norm is not None:
+            self.norm.update(mu, eta)
+        mu_in, eta_in = self.norm(mu, eta) if self.norm is not None else (mu.float(), eta.float())
+
+        edit_group, gate_weight, aux_loss = self.route(n_edits, edit_feats, device)
+        token_edit = group_ids(edit_offsets, mu.shape[0])
+        perm, _, offsets = ops.sort_by_group(edit_group[token_edit], self.n_editors)
+        h = torch.cat([mu_in, eta_in], 1)
+        gain = self.psi(h, edit_offsets)[perm] if self.psi is not None else None
+        h = h[perm]
+        for i, layer in enumerate(self.layers):
+            h = ops.grouped_lowrank(
+                h, offsets, layer.u, layer.v, layer.bias,
+                layer.mode_scale[:, mode], layer.mode_shift[:, mode], gain if i == 0 else None,
+            )
+        mu_t, eta_t = h[:, : self.in_features], h[:, self.in_features:]
+        if gate_weight is not None:
+            eta_t = eta_t * gate_weight[token_edit[perm]].unsqueeze(1)
+
+        fisher = None
+        if self.fisher_keep is not None:
+            fisher = ops.segmented_fisher(eta.detach(), mu.detach(), edit_offsets)
+        return GroupedEdit(
+            mu_t=mu_t, eta_t=eta_t, offsets=offsets, fusion=self.fusion, alpha=self.alpha[mode],
+            edit_group=edit_group, aux_loss=aux_loss, fisher=fisher, fisher_keep=self.fisher_keep,
+        )
+
+    def dense(self, mu, eta, edit_offsets, mode: int = 0, edit_feats=None) -> torch.Tensor:
+        """The fused (and masked) shift Δ for these factors."""
+        return self(mu, eta, edit_offsets, mode, edit_feats).dense()
+
+    def apply_(self, weight, mu, eta, edit_offsets, mode: int = 0, edit_feats=None) -> torch.Tensor:
+        """weight += α Δ in place; returns the previous values of weight (see ops.undo_shift_)."""
+        return self(mu, eta, edit_offsets, mode, edit_feats).apply_(weight)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: str) -> None:
+        """Save to safetensors, with the constructor arguments in the metadata."""
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(tensors, path, metadata={"dcedit_config": json.dumps(self.config)})
+
+    @classmethod
+    def load(cls, path: str, map_location="cpu") -> "GroupedEditor":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        if "dcedit_config" not in meta:
+            raise ValueError(f"{path} is not a GroupedEditor checkpoint (no dcedit_config metadata)")
+        editor = cls(**json.loads(meta["dcedit_config"]))
+        editor.load_state_dict(load_file(path, device=str(map_location)))
+        return editor
+
+    @classmethod
+    def from_mend_state_dict(cls, state_dict, inner_params, shapes, prefix="mend."):
+        """Editors of an original MEND checkpoint; see :func:`dcedit_kernels.compat.mend.load`."""
+        from ..compat.mend import load
+
+        return load(state_dict, inner_params, shapes, prefix=prefix)
+
+
+def ops_check_offsets(edit_offsets, total):
+    from .._checks import check_offsets
+
+    return check_offsets(edit_offsets, "edit_offsets", total)

@@ -1,0 +1,30 @@
+"""ProEditor's ψ: a feed-forward net generating per-token or per-edit parameters (`gain`)."""
+
+import torch
+from torch import nn
+
+from ..reference.segments import group_ids
+
+
+class ParameterGenerator(nn.Module):
+    """gain = 1 + W₂ relu(W₁ [μ; η]): W₂ starts at zero so an untrained ProEditor equals MEND."""
+
+    def __init__(self, dim: int, hidden: int, level: str):
+        super().__init__()
+        if level not in ("token", "sentence"):
+            raise ValueError(f"generator must be 'token' or 'sentence', got {level!r}")
+        self.level = level
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, h: torch.Tensor, edit_offsets: torch.Tensor) -> torch.Tensor:
+        if self.level == "sentence":
+            # One parameter vector per edit: the mean of its tokens, broadcast back.
+            E = edit_offsets.numel() - 1
+            ids = group_ids(edit_offsets, h.shape[0])
+            counts = (edit_offsets[1:] - edit_offsets[:-1]).clamp(min=1).to(h.dtype).unsqueeze(1)
+            means = torch.zeros(E, h.shape[1], dtype=h.dtype, device=h.device).index_add(0, ids, h) / counts
+            h = means[ids]
+        return 1 + self.fc2(torch.relu(self.fc1(h)))

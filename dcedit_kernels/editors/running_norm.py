@@ -1,0 +1,45 @@
+"""MEND's running mean/std of the gradient factors, updated a batch at a time.
+
+MEND updates its statistics token by token in a Python loop (Welford); this merges a whole batch
+in one step with Chan et al.'s parallel formula, which gives the same mean and sum of squares.
+Buffer names follow MEND (u = layer input μ, v = output gradient η) so checkpoints map 1:1.
+"""
+
+import torch
+from torch import nn
+
+
+class RunningNorm(nn.Module):
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        for side, dim in (("u", in_features), ("v", out_features)):
+            self.register_buffer(f"{side}_mean", torch.zeros(dim))
+            self.register_buffer(f"{side}_s", torch.zeros(dim))
+            self.register_buffer(f"{side}_std", torch.ones(dim))
+        self.register_buffer("k", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, mu: torch.Tensor, eta: torch.Tensor) -> None:
+        n_b = mu.shape[0]
+        if n_b == 0:
+            return
+        k = float(self.k)
+        total = k + n_b
+        for side, x in (("u", mu), ("v", eta)):
+            x = x.to(torch.float32)
+            mean_b = x.mean(0)
+            m2_b = (x - mean_b).square().sum(0)
+            mean, s = getattr(self, f"{side}_mean"), getattr(self, f"{side}_s")
+            delta = mean_b - mean
+            mean += delta * (n_b / total)
+            s += m2_b + delta.square() * (k * n_b / total)
+            if total >= 2:
+                getattr(self, f"{side}_std").copy_((s / (total - 1)).sqrt())
+        self.k.fill_(total)
+
+    def forward(self, mu: torch.Tensor, eta: torch.Tensor):
+        """Normalised (μ, η); identity until at least two tokens have been seen."""
+        mu, eta = mu.to(torch.float32), eta.to(torch.float32)
+        if float(self.k) < 2:
+            return mu, eta
+        return (mu - self.u_mean) / (self.u_std + 1e-7), (eta - self.v_mean) / (self.v_std + 1e-7)
