@@ -1,7 +1,7 @@
 """The public op wrappers: validate arguments (ValueError naming the argument), then call the
 `dcedit` custom op, which dispatches to the C++, Triton or reference kernel for the device."""
 
-from ._dispatch import op_backends
+from ._dispatch import op_backends, reference_mode
 from .apply_shift import apply_shift_, undo_shift_
 from .fisher_mask import fisher_mask
 from .grouped_lowrank import grouped_lowrank
@@ -21,4 +21,5 @@ __all__ = [
     "sort_by_group",
     "segmented_fisher",
     "op_backends",
+    "reference_mode",
 ]

@@ -7,6 +7,7 @@ launcher when triton imports, else the reference (which runs on any device).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 
@@ -56,5 +57,27 @@ def op_backends() -> dict[str, dict[str, str]]:
     return {op: dict(v) for op, v in REGISTRY.items()}
 
 
+_REFERENCE_MODE = [False]
+
+
+@contextlib.contextmanager
+def reference_mode(enabled: bool = True):
+    """Run the public op wrappers on the plain PyTorch references (the eager baseline).
+
+    Autograd then flows through the references' own torch ops; useful to compare the fused path
+    with eager PyTorch end to end (benchmarks) and to debug a kernel.
+    """
+    previous = _REFERENCE_MODE[0]
+    _REFERENCE_MODE[0] = enabled
+    try:
+        yield
+    finally:
+        _REFERENCE_MODE[0] = previous
+
+
 def opcall(name: str):
+    if _REFERENCE_MODE[0] and not name.startswith("_"):
+        from .. import reference
+
+        return getattr(reference, name)
     return getattr(torch.ops.dcedit, name).default

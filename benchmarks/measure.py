@@ -1,0 +1,119 @@
+"""Timing, peak-memory and roofline helpers for the benchmark suite.
+
+Peak memory: on CUDA, torch.cuda.max_memory_allocated above what was allocated before the call.
+On CPU, the process's resident high-water mark (VmHWM) above its resident size before the call,
+after returning freed heap pages to the OS (malloc_trim) and resetting the mark through
+/proc/self/clear_refs ("5").  Comparisons where one side runs after the other in the same
+process can still flatter the second (memory the allocator kept): cases whose verdict rests on
+memory run each side in a fresh subprocess (see `peak_in_subprocess`).
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+
+import torch
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn, device, warmup=1, min_runs=3, min_seconds=0.3, max_runs=50):
+    """Median wall time of fn() in seconds."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or (time.perf_counter() - start < min_seconds and len(times) < max_runs):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _proc_status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _malloc_trim():
+    """Hand freed heap pages back to the OS so the next call's peak shows in VmHWM."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def peak_extra_bytes(fn, device):
+    """Peak memory fn() needs above what is held before it (bytes)."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return peak
+    _malloc_trim()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return float("nan")
+    base = _proc_status_kb("VmRSS")
+    out = fn()
+    peak = _proc_status_kb("VmHWM") - base
+    del out
+    return peak * 1024
+
+
+def measure_device_ceilings(device):
+    """(copy bandwidth in bytes/s counting read + write, dense fp32/bf16 matmul FLOP/s)."""
+    is_cuda = torch.device(device).type == "cuda"
+    n = (256 if is_cuda else 32) * 2**20 // 4
+    src = torch.empty(n, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device)
+    bw = 2 * n * 4 / t
+    m = 8192 if is_cuda else 1024
+    dtype = torch.bfloat16 if is_cuda else torch.float32
+    a = torch.randn(m, m, device=device, dtype=dtype)
+    b = torch.randn(m, m, device=device, dtype=dtype)
+    t = time_fn(lambda: a @ b, device)
+    return bw, 2 * m**3 / t
+
+
+def describe_device(device):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name()
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def peak_in_subprocess(module: str, func: str, *args) -> float:
+    """Peak extra bytes of `module.func(*args)` (which returns them) run in a fresh Python."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = f"import json, {module} as m; print(json.dumps(m.{func}(*{list(args)!r})))"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], cwd=here, env=env, capture_output=True, text=True, check=True)
+    return float(json.loads(out.stdout.strip().splitlines()[-1]))

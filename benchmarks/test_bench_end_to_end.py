@@ -1,0 +1,111 @@
+"""End to end: one MoEditor edit (editors → fused, masked apply) on three layers with 125 edits,
+fused ops against the same code on the eager references (`ops.reference_mode()`), and the
+memory of one MoEditor (N_g = 8) training step against MEND's.
+
+Captured factors are synthetic (random μ, η with CounterFact-like token counts) so the case
+measures the editing path, not the language model's forward pass.
+"""
+
+import torch
+
+from conftest import ON_GPU
+from dcedit_kernels import MEND, MoEditor, ops
+from measure import peak_extra_bytes, peak_in_subprocess
+from report import compare
+
+IN, OUT, RANK = (1600, 6400, 1920) if ON_GPU else (256, 1024, 64)
+E, PER, N_LAYERS, FEAT = 125, 24, 3, (1600 if ON_GPU else 256)
+DT = torch.bfloat16 if ON_GPU else torch.float32
+
+
+def _factors(gen, device):
+    counts = torch.randint(PER // 2, PER * 3 // 2 + 1, (E,), generator=gen)
+    T = int(counts.sum())
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32).to(device)
+    mu = torch.randn(T, IN, generator=gen).to(DT).to(device)
+    eta = torch.randn(T, OUT, generator=gen).to(DT).to(device) * 1e-3
+    return mu, eta, offsets
+
+
+def _moeditor(device, **kw):
+    torch.manual_seed(0)
+    ed = MoEditor(IN, OUT, n_editors=8, rank=RANK, n_modes=N_LAYERS, feat_dim=FEAT, fisher_keep=0.7, **kw).to(device)
+    with torch.no_grad():
+        for layer in ed.layers:
+            layer.u.normal_(0, 0.01)  # a trained editor is not the identity
+    return ed
+
+
+def test_moeditor_edit_three_layers(benchmark, device, ceilings):
+    gen = torch.Generator().manual_seed(0)
+    editor = _moeditor(device).eval()
+    weights = [torch.randn(OUT, IN, generator=gen).to(DT).to(device) for _ in range(N_LAYERS)]
+    facts = [_factors(gen, device) for _ in range(N_LAYERS)]
+    feats = torch.randn(E, FEAT, generator=gen).to(device)
+
+    @torch.no_grad()
+    def edit():
+        saved = []
+        for mode, (w, (mu, eta, off)) in enumerate(zip(weights, facts)):
+            saved.append(editor(mu, eta, off, mode=mode, edit_feats=feats).apply_(w))
+        for w, prev in zip(weights, saved):  # undo, so every round edits the same weights
+            ops.undo_shift_(w, prev)
+        return saved
+
+    def eager():
+        with ops.reference_mode():
+            return edit()
+
+    T = sum(f[0].shape[0] for f in facts)
+    compare(benchmark, device, ceilings, edit, eager,
+            flops=N_LAYERS * (2.0 * (T // N_LAYERS) * (IN + OUT) * RANK * 4 + 2.0 * (T // N_LAYERS) * IN * OUT * 2),
+            bytes_moved=N_LAYERS * 4.0 * IN * OUT * 4, target_speedup=5.0, rounds=5 if ON_GPU else 2)
+
+
+def _train_step_peak(editor, device, gen):
+    mu, eta, offsets = _factors(gen, device)
+    feats = torch.randn(E, FEAT, generator=gen).to(device)
+    x = torch.randn(4 * E, IN, generator=gen).to(DT).to(device)
+    weight = torch.randn(OUT, IN, generator=gen).to(DT).to(device)
+    rows = torch.arange(4 * E, device=device) % E
+
+    def step():
+        edit = editor(mu, eta, offsets, mode=0, edit_feats=feats if editor.routing == "gate" else None)
+        row_group = edit.edit_group[rows]
+        y = ops.lowrank_delta_linear(x, weight, None, row_group, edit.mu_t, edit.eta_t, edit.offsets, edit.group_alpha())
+        (y.float().square().mean() + edit.aux_loss).backward()
+        editor.zero_grad(set_to_none=True)
+
+    step()  # warm-up allocations (norm statistics, autograd buffers)
+    return peak_extra_bytes(step, device)
+
+
+def train_step_peak(kind: str, device: str) -> float:
+    """Peak extra bytes of one training step of `kind` ("mend" or "moeditor8")."""
+    gen = torch.Generator().manual_seed(1)
+    if kind == "mend":
+        editor = MEND(IN, OUT, rank=RANK).to(device).train()
+    else:
+        editor = MoEditor(IN, OUT, n_editors=8, rank=RANK, feat_dim=FEAT).to(device).train()
+    return _train_step_peak(editor, device, gen)
+
+
+def test_training_memory_moeditor_vs_mend(benchmark, device, ceilings):
+    if ON_GPU:
+        mend_peak, moe_peak = train_step_peak("mend", device), train_step_peak("moeditor8", device)
+    else:  # RSS high-water marks are only honest in a fresh process
+        mend_peak = peak_in_subprocess("test_bench_end_to_end", "train_step_peak", "mend", device)
+        moe_peak = peak_in_subprocess("test_bench_end_to_end", "train_step_peak", "moeditor8", device)
+    param_bytes = {k: sum(p.numel() * 4 for p in m.parameters()) for k, m in (
+        ("mend", MEND(IN, OUT, rank=RANK)), ("moeditor8", MoEditor(IN, OUT, n_editors=8, rank=RANK, feat_dim=FEAT)))}
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    benchmark.extra_info.update({
+        "device": ceilings["device"],
+        "mend_step_peak_MiB": mend_peak / 2**20,
+        "moeditor8_step_peak_MiB": moe_peak / 2**20,
+        "ratio": moe_peak / mend_peak,
+        "mend_params_MiB": param_bytes["mend"] / 2**20,
+        "moeditor8_params_MiB": param_bytes["moeditor8"] / 2**20,
+        "target_ratio": 1.2,
+        "target_met": bool(ON_GPU and moe_peak / mend_peak <= 1.2),
+    })

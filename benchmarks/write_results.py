@@ -1,0 +1,80 @@
+"""Turn a pytest-benchmark JSON file into the table of benchmarks/RESULTS.md.
+
+    python benchmarks/write_results.py bench.json [--out benchmarks/RESULTS.md] [--note TEXT]
+
+Replaces the section for the same device in RESULTS.md (so CPU and GPU tables live side by side).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import re
+
+
+def _fmt(v, nd=2):
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return "n/a" if v != v else f"{v:.{nd}f}"
+    return str(v)
+
+
+def table(data):
+    rows = []
+    header = ("| case | fused ms | eager ms | speedup | target | fused peak MiB | eager peak MiB "
+              "| % roofline | GB/s | TFLOP/s |\n|---|---|---|---|---|---|---|---|---|---|")
+    for b in data["benchmarks"]:
+        x = b["extra_info"]
+        if "fused_ms" not in x:
+            continue
+        target = f"≥{x['target_speedup']:g}× ({'met' if x.get('target_met') else 'not met'})" if "target_speedup" in x else ""
+        rows.append(
+            f"| {b['name'].removeprefix('test_')} | {_fmt(x['fused_ms'])} | {_fmt(x['eager_ms'])} | "
+            f"{_fmt(x['speedup'])}× | {target} | {_fmt(x['fused_peak_MiB'], 1)} | {_fmt(x['eager_peak_MiB'], 1)} | "
+            f"{_fmt(x['pct_of_roofline'], 1)} | {_fmt(x['achieved_GBps'], 1)} | {_fmt(x['achieved_TFLOPs'], 3)} |"
+        )
+    extra = []
+    for b in data["benchmarks"]:
+        x = b["extra_info"]
+        if "moeditor8_step_peak_MiB" in x:
+            extra.append(
+                f"- Training-step peak memory: MEND {_fmt(x['mend_step_peak_MiB'], 1)} MiB, MoEditor (N_g = 8) "
+                f"{_fmt(x['moeditor8_step_peak_MiB'], 1)} MiB, ratio {_fmt(x['ratio'])} (target ≤ 1.2)."
+            )
+    return header + "\n" + "\n".join(rows) + ("\n\n" + "\n".join(extra) if extra else "")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("json_file")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
+    ap.add_argument("--note", default="")
+    args = ap.parse_args()
+    data = json.load(open(args.json_file))
+    info = next((b["extra_info"] for b in data["benchmarks"] if "device" in b["extra_info"]), {})
+    device = info.get("device", data["machine_info"].get("cpu", {}).get("brand_raw", "unknown"))
+    import torch
+
+    try:
+        import triton
+
+        tv = triton.__version__
+    except ImportError:
+        tv = "absent"
+    section = (
+        f"## {device}\n\n"
+        f"Measured {datetime.date.today().isoformat()}, torch {torch.__version__}, triton {tv}. "
+        f"Ceilings measured in the same run: copy {_fmt(info.get('copy_GBps_ceiling', float('nan')), 1)} GB/s, "
+        f"matmul {_fmt(info.get('matmul_TFLOPs_ceiling', float('nan')), 3)} TFLOP/s. {args.note}\n\n"
+        + table(data) + "\n"
+    )
+    text = open(args.out).read() if os.path.exists(args.out) else "# Benchmark results\n\n"
+    pattern = re.compile(rf"^## {re.escape(device)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    open(args.out, "w").write(text)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
