@@ -44,7 +44,7 @@ class GroupedEdit:
         """weight += alpha·(Δ ⊙ kept) in place; returns the previous values (for undo)."""
         delta = ops.grouped_outer(self.eta_t.detach(), self.mu_t.detach(), self.offsets, self.fusion)
         return ops.apply_shift_(
-            weight, delta, float(self.alpha), self.fisher, self.fisher_keep if self.fisher is not None else None
+            weight, delta, float(self.alpha.detach()), self.fisher, self.fisher_keep if self.fisher is not None else None
         )
 
     def group_alpha(self) -> torch.Tensor:

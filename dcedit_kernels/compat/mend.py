@@ -1,0 +1,368 @@
+"""Load the editors of an original MEND checkpoint (Mitchell et al., eric-mitchell/mend).
+
+MEND's layout (``mend.combine=True``, ``mlp_class=IDMLP``, its defaults):
+
+- ``mend.<editor>.mlp.layers.{k}.{u, v, bias}``: the k-th residual low-rank layer over
+  ``[μ; η]`` (d = in + out; u (d, r), v (r, d), bias (d,));
+  ``...mode_scale.weight`` / ``...mode_shift.weight`` (n_modes, d): the per-weight "modes".
+- ``mend.<editor>.{u_mean, v_mean, u_std, v_std, u_s, v_s, k}``: running statistics of μ (u)
+  and η (v), used frozen in eval as ``(x - mean) / (std + 1e-7)``.
+- ``edit_lrs`` (n_inner,): the step of each inner parameter, in ``inner_params`` order.
+
+Shared editors (``mend.shared=True``) are keyed ``str((in, out))``, one per weight shape; the
+mode of a weight is its index among the inner parameters of that shape.  Non-shared editors are
+keyed by the parameter name with "." replaced by "#" and have no modes (scale 1, shift 0).
+
+Each editor becomes a :class:`GroupedEditor` (one editor, ``routing="single"``, ``fusion="add"``),
+whose ``grouped_lowrank`` layers compute exactly MEND's ``LRLinear`` (clamp, not relu; residual)
+and whose ``alpha[mode]`` holds that weight's ``edit_lr``: ``W ← W + edit_lr · Σ η̃ μ̃ᵀ``, as
+MEND's ``edit()`` does in eval mode.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import re
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from .. import ops
+from ..editors.grouped_edit import GroupedEdit
+from ..editors.grouped_editor import GroupedEditor
+
+_LAYER_FIELD = re.compile(r"mlp\.layers\.(\d+)\.(u|v|bias|mode_scale\.weight|mode_shift\.weight)")
+_MODE_FIELDS = ("mode_scale.weight", "mode_shift.weight")
+_NORM_BUFFERS = ("u_mean", "v_mean", "u_std", "v_std", "u_s", "v_s", "k")
+# Extensions torch.save files usually carry; loading them would mean unpickling.
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar", ".bk")
+_CONVERT_HINT = (
+    "convert it once, from a file you trust, with: "
+    "a = torch.load(path, map_location='cpu', weights_only=False); sd = a.get('model', a); "
+    "safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items() "
+    "if isinstance(v, torch.Tensor)}, 'mend.safetensors')"
+)
+
+
+class MendWeightView:
+    """MEND's editor for one inner parameter: its GradientTransform, its mode and its edit_lr.
+
+    ``view(mu, eta, edit_offsets)`` returns the edit (:class:`GroupedEdit`, ops' out×in view,
+    ``alpha`` = this weight's edit_lr) computed in eval mode; ``view.shift(...)`` MEND's
+    ``mean_grads[name]`` in the orientation of the stored weight; ``view.apply_(weight, ...)``
+    adds ``edit_lr · shift`` to the weight in place.  ``conv1d`` says the weight is stored
+    in × out (GPT-2's Conv1D), where MEND's shift is ``Σ μ̃ η̃ᵀ``; ops always see out × in.
+    Views of weights of one shape share one editor (``.editor``), as MEND's shared editors do.
+    """
+
+    def __init__(self, name: str, editor: GroupedEditor, mode: int, conv1d: bool):
+        self.name, self.editor, self.mode, self.conv1d = name, editor, mode, conv1d
+
+    @property
+    def in_features(self) -> int:
+        return self.editor.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.editor.out_features
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """The shape of the stored weight: (out, in), or (in, out) for a Conv1D."""
+        i, o = self.in_features, self.out_features
+        return (i, o) if self.conv1d else (o, i)
+
+    @property
+    def edit_lr(self) -> torch.Tensor:
+        return self.editor.alpha[self.mode]
+
+    def __repr__(self) -> str:
+        return (f"MendWeightView({self.name!r}, in={self.in_features}, out={self.out_features}, "
+                f"mode={self.mode}, conv1d={self.conv1d})")
+
+    def __call__(self, mu, eta, edit_offsets=None) -> GroupedEdit:
+        """The edit of this weight from mu (T, in), eta (T, out); edit_offsets None = one edit.
+
+        MEND flattens every edit's tokens into one sum, so the segments only matter for
+        bookkeeping; the running statistics stay frozen whatever the editor's mode.
+        """
+        for arg, t in (("mu", mu), ("eta", eta)):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
+        if edit_offsets is None:
+            edit_offsets = torch.tensor([0, mu.shape[0]], dtype=torch.int32, device=mu.device)
+        was_training = self.editor.training
+        self.editor.train(False)
+        try:
+            return self.editor(mu, eta, edit_offsets, mode=self.mode)
+        finally:
+            self.editor.train(was_training)
+
+    def shift(self, mu, eta, edit_offsets=None) -> torch.Tensor:
+        """MEND's shift (its ``mean_grads[name]``), without edit_lr, shaped like the weight."""
+        delta = self(mu, eta, edit_offsets).dense()
+        return delta.t() if self.conv1d else delta
+
+    @torch.no_grad()
+    def apply_(self, weight, mu, eta, edit_offsets=None) -> torch.Tensor:
+        """weight += edit_lr · shift in place (MEND's ``p + edit_lrs[idx] * shift``).
+
+        Returns the previous values of weight: ``ops.undo_shift_(weight, previous)`` restores it
+        bit for bit.  Raises ValueError, leaving weight untouched, on a bad argument.
+        """
+        if not isinstance(weight, torch.Tensor):
+            raise ValueError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+        if tuple(weight.shape) != self.weight_shape:
+            layout = "in × out (Conv1D)" if self.conv1d else "out × in (nn.Linear)"
+            raise ValueError(f"weight must have shape {self.weight_shape} ({layout}) for {self.name!r}, "
+                             f"got {tuple(weight.shape)}")
+        edit = self(mu, eta, edit_offsets)  # under no_grad: no graph is kept
+        delta = ops.grouped_outer(edit.eta_t, edit.mu_t, edit.offsets, "add")
+        if self.conv1d:
+            delta = delta.t().contiguous()
+        return ops.apply_shift_(weight, delta, float(edit.alpha))
+
+
+def load(state_dict, inner_params, shapes, prefix: str = "mend.", norm: bool | None = None,
+         conv1d: bool | Iterable[str] = False, device=None, dtype: torch.dtype | None = None,
+         edit_lrs_key: str | None = None) -> dict[str, MendWeightView]:
+    """Editors of an original MEND checkpoint, one view per inner parameter.
+
+    state_dict: ``MEND.state_dict()`` (a dict of tensors; non-tensor entries outside ``prefix``
+    such as ``model_config`` are ignored), the archive MEND's trainer saves (its ``"model"``
+    entry is used), or the path of a safetensors file (never a pickle: a ``.pt`` path raises).
+    inner_params: ``config.model.inner_params``, in MEND's order (it fixes edit_lrs and modes).
+    shapes: ``{name: (in_features, out_features)}`` for every inner parameter.
+    norm: MEND's ``mend.norm``; the checkpoint does not record it, so None means "the running
+    statistics are in the checkpoint" (True for every MEND checkpoint, MEND's default); pass
+    False for a checkpoint trained with ``mend.norm=False``.
+    conv1d: True when every weight is stored in × out (MEND's GPT-2 models), or the names of
+    those that are.  device / dtype: where and in what to keep the editors (default: the
+    checkpoint's device; float64 for a float64 checkpoint, else float32, MEND's compute type).
+    edit_lrs_key: default ``prefix`` with its trailing "mend." replaced by "edit_lrs".
+
+    Returns ``{name: MendWeightView}`` in ``inner_params`` order.  Raises ValueError naming the
+    key for a missing, unexpected or badly shaped entry.
+    """
+    state_dict = _read_state_dict(state_dict)
+    if not isinstance(prefix, str):
+        raise ValueError(f"prefix must be a str, got {type(prefix).__name__}")
+    names = _check_inner_params(inner_params)
+    dims = _check_shapes(shapes, names)
+    conv1d_names = _check_conv1d(conv1d, names)
+    if edit_lrs_key is None:
+        edit_lrs_key = (prefix[: -len("mend.")] if prefix.endswith("mend.") else "") + "edit_lrs"
+    edit_lrs = _edit_lrs(state_dict, edit_lrs_key, len(names))
+    editors = _editor_fields(state_dict, prefix, edit_lrs_key)
+
+    # Which of MEND's two layouts: one editor per shape (shared) or one per parameter.
+    shared_keys = {str(dims[n]): None for n in names}
+    separate_keys = {n.replace(".", "#"): None for n in names}
+    shared = any(k.startswith("(") for k in editors) or not editors
+    expected = shared_keys if shared else separate_keys
+    for key in editors:
+        if key not in expected:
+            raise ValueError(f"unexpected key {prefix}{key}.*: no inner parameter "
+                             f"{'has shape' if shared else 'is named'} {key}")
+    for key in expected:
+        if key not in editors:
+            raise ValueError(f"missing key {prefix}{key}.mlp.layers.0.u (the editor of "
+                             f"{'shape' if shared else 'parameter'} {key})")
+
+    if norm is None:
+        norm = any(b in fields for fields in editors.values() for b in _NORM_BUFFERS)
+    if dtype is None:
+        some_u = next(iter(editors.values())).get("mlp.layers.0.u")
+        dtype = torch.float64 if some_u is not None and some_u.dtype == torch.float64 else torch.float32
+
+    # Weights of one shape in inner_params order: their index there is MEND's mode.
+    users: dict[str, list[str]] = {}
+    for n in names:
+        users.setdefault(str(dims[n]) if shared else n.replace(".", "#"), []).append(n)
+    built: dict[str, GroupedEditor] = {}
+    for key, members in users.items():
+        in_f, out_f = dims[members[0]]
+        editor = _build_editor(prefix + key + ".", editors[key], in_f, out_f,
+                               len(members) if shared else None, norm, dtype)
+        with torch.no_grad():
+            for mode, n in enumerate(members):
+                editor.alpha[mode] = float(edit_lrs[names.index(n)])  # exact: Python floats are doubles
+        built[key] = editor.to(device) if device is not None else editor.to(edit_lrs.device)
+
+    views = {}
+    for n in names:
+        key = str(dims[n]) if shared else n.replace(".", "#")
+        views[n] = MendWeightView(n, built[key], users[key].index(n), n in conv1d_names)
+    return views
+
+
+# ---------------------------------------------------------------------- argument checks
+def _read_state_dict(source) -> Mapping:
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if path.lower().endswith(_PICKLE_SUFFIXES):
+            raise ValueError(f"state_dict: {path!r} looks like a torch.save (pickle) file, which this "
+                             f"loader never unpickles; {_CONVERT_HINT}")
+        if not os.path.isfile(path):
+            raise ValueError(f"state_dict: no file at {path!r}")
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as exc:  # safetensors' own error type differs across versions
+            raise ValueError(f"state_dict: {path!r} is not a safetensors file ({exc}); if it is a MEND "
+                             f"archive saved by torch.save, {_CONVERT_HINT}") from exc
+    if not isinstance(source, Mapping):
+        raise ValueError(f"state_dict must be a mapping of tensors or a safetensors path, "
+                         f"got {type(source).__name__}")
+    if isinstance(source.get("model"), Mapping) and not any(
+            isinstance(v, torch.Tensor) for v in source.values()):
+        return source["model"]  # the archive MEND's trainer saves: {"model": ..., "opt": ...}
+    return source
+
+
+def _check_inner_params(inner_params) -> list[str]:
+    if isinstance(inner_params, str) or not isinstance(inner_params, Iterable):
+        raise ValueError(f"inner_params must be a list of parameter names, got {type(inner_params).__name__}")
+    names = list(inner_params)
+    if not names:
+        raise ValueError("inner_params must name at least one parameter")
+    for n in names:
+        if not isinstance(n, str):
+            raise ValueError(f"inner_params must hold str names, got {n!r}")
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ValueError(f"inner_params names {dup!r} twice")
+    return names
+
+
+def _check_shapes(shapes, names) -> dict[str, tuple[int, int]]:
+    if not isinstance(shapes, Mapping):
+        raise ValueError(f"shapes must be a dict name -> (in_features, out_features), got {type(shapes).__name__}")
+    dims = {}
+    for n in names:
+        if n not in shapes:
+            raise ValueError(f"shapes has no entry for inner parameter {n!r}")
+        try:
+            in_f, out_f = (operator.index(x) for x in shapes[n])
+        except (TypeError, ValueError):
+            raise ValueError(f"shapes[{n!r}] must be (in_features, out_features) ints, got {shapes[n]!r}") from None
+        if in_f < 1 or out_f < 1:
+            raise ValueError(f"shapes[{n!r}] must be positive, got {(in_f, out_f)}")
+        dims[n] = (in_f, out_f)  # plain ints: MEND's shared keys are str(tuple of int)
+    return dims
+
+
+def _check_conv1d(conv1d, names) -> set[str]:
+    if isinstance(conv1d, bool):
+        return set(names) if conv1d else set()
+    if isinstance(conv1d, str) or not isinstance(conv1d, Iterable):
+        raise ValueError(f"conv1d must be a bool or a collection of inner parameter names, got {conv1d!r}")
+    chosen = set(conv1d)
+    unknown = chosen - set(names)
+    if unknown:
+        raise ValueError(f"conv1d names {sorted(unknown)[0]!r}, which is not in inner_params")
+    return chosen
+
+
+def _edit_lrs(state_dict, key, n) -> torch.Tensor:
+    if key not in state_dict:
+        raise ValueError(f"missing key {key} (MEND's per-parameter edit_lrs)")
+    lrs = state_dict[key]
+    if not isinstance(lrs, torch.Tensor) or not lrs.is_floating_point():
+        raise ValueError(f"{key} must be a float tensor, got {type(lrs).__name__}")
+    if lrs.shape != (n,):
+        raise ValueError(f"{key} must have shape ({n},), one per inner parameter, got {tuple(lrs.shape)}")
+    return lrs.detach()
+
+
+def _editor_fields(state_dict, prefix, edit_lrs_key) -> dict[str, dict[str, torch.Tensor]]:
+    """{editor key: {field: tensor}} for every key under prefix."""
+    editors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        if not isinstance(key, str) or not key.startswith(prefix) or key == edit_lrs_key:
+            continue
+        editor_key, _, field = key[len(prefix):].partition(".")
+        if not field:
+            raise ValueError(f"unexpected key {key}: expected {prefix}<editor>.<field>")
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{key} must be a tensor, got {type(value).__name__}")
+        editors.setdefault(editor_key, {})[field] = value.detach()
+    return editors
+
+
+def _build_editor(key_prefix, fields, in_f, out_f, n_modes, norm, dtype) -> GroupedEditor:
+    """A GroupedEditor holding one MEND GradientTransform (n_modes None: not shared, no modes)."""
+    d = in_f + out_f
+    layers: dict[int, dict[str, torch.Tensor]] = {}
+    buffers = {}
+    for field, t in fields.items():
+        if field in _NORM_BUFFERS:
+            buffers[field] = t
+            continue
+        m = _LAYER_FIELD.fullmatch(field)
+        if m is None or (n_modes is None and m[2] in _MODE_FIELDS):
+            raise ValueError(f"unexpected key {key_prefix}{field}: not part of MEND's combined IDMLP "
+                             f"editor (mend.combine=True, mlp_class=IDMLP"
+                             f"{', non-shared editors have no modes' if m is not None else ''})")
+        layers.setdefault(int(m[1]), {})[m[2]] = t
+    n_layers = len(layers)
+    for k in range(n_layers):
+        if k not in layers:
+            raise ValueError(f"missing key {key_prefix}mlp.layers.{k}.u (layers must be numbered 0..{n_layers - 1})")
+
+    first_u = layers[0].get("u")
+    if first_u is None:
+        raise ValueError(f"missing key {key_prefix}mlp.layers.0.u")
+    if first_u.dim() != 2 or first_u.shape[0] != d or not 1 <= first_u.shape[1] <= d:
+        raise ValueError(f"{key_prefix}mlp.layers.0.u must have shape ({d}, r) with 1 <= r <= {d} "
+                         f"(d = in + out = {in_f} + {out_f}), got {tuple(first_u.shape)}")
+    rank = first_u.shape[1]
+    wanted = {"u": (d, rank), "v": (rank, d), "bias": (d,)}
+    if n_modes is not None:
+        wanted.update({f: (n_modes, d) for f in _MODE_FIELDS})
+    for k in range(n_layers):
+        for field, shape in wanted.items():
+            t = layers[k].get(field)
+            key = f"{key_prefix}mlp.layers.{k}.{field}"
+            if t is None:
+                raise ValueError(f"missing key {key}")
+            if tuple(t.shape) != shape or not t.is_floating_point():
+                raise ValueError(f"{key} must be a float tensor of shape {shape}, got {t.dtype} {tuple(t.shape)}")
+
+    if norm:
+        sizes = {"u": in_f, "v": out_f}
+        for b in _NORM_BUFFERS:
+            key = f"{key_prefix}{b}"
+            if b not in buffers:
+                raise ValueError(f"missing key {key} (MEND's running statistics; pass norm=False for a "
+                                 f"checkpoint trained without them)")
+            t = buffers[b]
+            shape = (sizes[b[0]],) if b != "k" else None
+            if (shape is not None and tuple(t.shape) != shape) or (b == "k" and t.numel() != 1):
+                raise ValueError(f"{key} must have shape {shape or (1,)}, got {tuple(t.shape)}")
+            if b != "k" and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{key} is not finite: the editor's statistics were never trained")
+        # RunningNorm is the identity below two tokens; MEND never normalises with so few.
+        count = float(buffers["k"].reshape(()))
+        if not count >= 2:  # also catches NaN: MEND's k before any training
+            raise ValueError(f"{key_prefix}k must be >= 2 (tokens behind the statistics), got {count}")
+
+    editor = GroupedEditor(in_f, out_f, n_editors=1, rank=rank, n_layers=n_layers,
+                           n_modes=n_modes or 1, routing="single", fusion="add", norm=bool(norm),
+                           seed=0)  # seeded: loading must not draw from the global RNG
+    editor = editor.to(dtype)
+    with torch.no_grad():
+        for k, layer in enumerate(editor.layers):
+            layer.u[0].copy_(layers[k]["u"])
+            layer.v[0].copy_(layers[k]["v"])
+            layer.bias[0].copy_(layers[k]["bias"])
+            if n_modes is not None:  # otherwise the constructor's scale 1 / shift 0 stand
+                layer.mode_scale[0].copy_(layers[k]["mode_scale.weight"])
+                layer.mode_shift[0].copy_(layers[k]["mode_shift.weight"])
+        if norm:
+            for b in _NORM_BUFFERS:
+                getattr(editor.norm, b).copy_(buffers[b].reshape(getattr(editor.norm, b).shape))
+    editor.eval()
+    return editor

@@ -1,0 +1,431 @@
+"""dcedit_kernels.compat.mend: an original MEND checkpoint gives MEND's shifts and edits.
+
+The oracle below re-implements MEND's formulas in plain torch, straight from MEND's definition
+(GradientTransform in eval mode + IDMLP of LRLinear layers + the einsum and edit_lrs of
+MEND.edit), independently of GroupedEditor and the ops: fp32 cast, zero-row drop,
+(x - mean)/(std + 1e-7), pre = (u @ (v @ h.T)).T + bias, pre·scale[mode] + shift[mode],
+h ← clamp(pre, 0) + h, shift = einsum("bi,bj->ji") (Linear) or "bi,bj->ij" (GPT-2 Conv1D),
+p_new = p + edit_lrs[idx] · shift.
+"""
+
+import math
+
+import pytest
+import torch
+from helpers import TOL, ragged_offsets, randn, rel_err
+
+from dcedit_kernels import GroupedEdit, GroupedEditor, ops
+from dcedit_kernels.compat import mend as compat_mend
+
+# Inner parameters in MEND's order: two shapes shared by two weights each (modes 0 and 1,
+# interleaved in the list), a square weight, and an odd-sized one.  With rank 12 the (5, 5)
+# and (4, 3) editors get mid = d (MEND's min(rank, d)), the others mid = 12 < d = 16.
+INNER = [
+    "transformer.h.0.mlp.c_fc.weight",
+    "transformer.h.0.mlp.c_proj.weight",
+    "transformer.h.1.attn.c_proj.weight",
+    "transformer.h.1.mlp.c_fc.weight",
+    "transformer.h.1.mlp.c_proj.weight",
+    "transformer.h.2.mlp.odd.weight",
+]
+SHAPES = {  # name -> (in_features, out_features)
+    INNER[0]: (6, 10),
+    INNER[1]: (10, 6),
+    INNER[2]: (5, 5),
+    INNER[3]: (6, 10),
+    INNER[4]: (10, 6),
+    INNER[5]: (4, 3),
+}
+RANK = 12
+
+
+# ------------------------------------------------------------------ a random MEND checkpoint
+def editor_layout(inner, shapes, shared):
+    """{editor key: ((in, out), n_modes or None)} as MEND builds its ModuleDict."""
+    if not shared:
+        return {n.replace(".", "#"): (tuple(shapes[n]), None) for n in inner}
+    members = {}
+    for n in inner:
+        members.setdefault(str(tuple(shapes[n])), []).append(n)
+    return {k: (tuple(shapes[v[0]]), len(v)) for k, v in members.items()}
+
+
+def make_mend_state_dict(gen, inner=INNER, shapes=SHAPES, shared=True, n_hidden=1, dtype=torch.float32,
+                         prefix="mend.", lrs_key="edit_lrs"):
+    """Random weights everywhere MEND has them: non-trivial u, modes, statistics and edit_lrs."""
+    sd = {}
+    for key, ((i, o), n_modes) in editor_layout(inner, shapes, shared).items():
+        d = i + o
+        mid = min(RANK, d)
+        for k in range(n_hidden + 1):
+            base = f"{prefix}{key}.mlp.layers.{k}."
+            sd[base + "u"] = randn((d, mid), gen, dtype) * 0.5
+            sd[base + "v"] = randn((mid, d), gen, dtype) / math.sqrt(d)
+            sd[base + "bias"] = randn((d,), gen, dtype) * 0.3
+            if n_modes is not None:
+                sd[base + "mode_scale.weight"] = 1 + 0.3 * randn((n_modes, d), gen, dtype)
+                sd[base + "mode_shift.weight"] = 0.3 * randn((n_modes, d), gen, dtype)
+        count = 37.0
+        for side, dim in (("u", i), ("v", o)):
+            std = 0.5 + torch.rand(dim, generator=gen, dtype=torch.float64).to(dtype)
+            sd[f"{prefix}{key}.{side}_mean"] = 0.2 * randn((dim,), gen, dtype)
+            sd[f"{prefix}{key}.{side}_std"] = std
+            sd[f"{prefix}{key}.{side}_s"] = std.square() * (count - 1)
+        sd[f"{prefix}{key}.k"] = torch.tensor([count], dtype=dtype)
+    # Both signs and distinct magnitudes, so a wrong name -> edit_lr mapping shows.
+    lrs = (torch.rand(len(inner), generator=gen, dtype=torch.float64) + 0.1) * 1e-2
+    lrs[::2] *= -1
+    sd[lrs_key] = lrs.to(dtype)
+    sd["model_config"] = {"n_embd": 10}  # MEND stores the model's config object: not a tensor
+    return sd
+
+
+# ------------------------------------------------------------------ MEND's formulas (oracle)
+def mend_transform(sd, key, mu, eta, mode, norm=True, prefix="mend."):
+    """MEND's GradientTransform.forward in eval mode (combine=True, IDMLP)."""
+    x = mu.reshape(-1, mu.shape[-1]).to(torch.float32)
+    g = eta.reshape(-1, eta.shape[-1]).to(torch.float32)
+    keep = (x != 0).any(-1) * (g != 0).any(-1)
+    x, g = x[keep], g[keep]
+    if norm:
+        x = (x - sd[f"{prefix}{key}.u_mean"]) / (sd[f"{prefix}{key}.u_std"] + 1e-7)
+        g = (g - sd[f"{prefix}{key}.v_mean"]) / (sd[f"{prefix}{key}.v_std"] + 1e-7)
+    h = torch.cat((x, g), -1)
+    k = 0
+    while f"{prefix}{key}.mlp.layers.{k}.u" in sd:
+        p = f"{prefix}{key}.mlp.layers.{k}."
+        pre = (sd[p + "u"] @ (sd[p + "v"] @ h.T)).T + sd[p + "bias"]
+        if mode is not None:
+            pre = pre * sd[p + "mode_scale.weight"][mode] + sd[p + "mode_shift.weight"][mode]
+        h = pre.clamp(min=0) + h
+        k += 1
+    return h[:, : mu.shape[-1]], h[:, mu.shape[-1]:]
+
+
+def mend_edit(sd, name, weight, mu, eta, shared=True, conv1d=False, norm=True, inner=INNER, shapes=SHAPES,
+              prefix="mend.", lrs_key="edit_lrs"):
+    """(shift, edited weight) exactly as MEND.edit computes them for one inner parameter."""
+    shape = tuple(shapes[name])
+    if shared:
+        key = str(shape)
+        mode = [n for n in inner if tuple(shapes[n]) == shape].index(name)
+    else:
+        key, mode = name.replace(".", "#"), None
+    x_t, g_t = mend_transform(sd, key, mu, eta, mode, norm, prefix)
+    shift = torch.einsum("bi,bj->ij" if conv1d else "bi,bj->ji", x_t, g_t)
+    lr = sd[lrs_key][inner.index(name)]
+    return shift, weight + lr * shift
+
+
+# ------------------------------------------------------------------ gradient factors
+def make_factors(gen, in_f, out_f, dtype, device="cpu"):
+    """mu (T, in), eta (T, out) over ragged edits (one empty, one all-zero) with zero rows."""
+    counts = [3, 0, 4, 2, 5]
+    T = sum(counts)
+    mu = randn((T, in_f), gen, dtype, device)
+    eta = randn((T, out_f), gen, dtype, device)
+    mu[1] = 0  # a padding token: μ = 0
+    eta[4] = 0  # a token after the last label: η = 0
+    eta[7:9] = 0  # the whole fourth edit has zero gradient
+    return mu, eta, ragged_offsets(counts, device)
+
+
+def to_device(sd, device):
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
+
+
+def tensors_only(sd):
+    return {k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def check_edit_matches(view, sd, name, dtype, device, gen, shared, conv1d, norm=True, inner=INNER,
+                       shapes=SHAPES, prefix="mend.", lrs_key="edit_lrs", input_dtype=None):
+    in_f, out_f = shapes[name]
+    mu, eta, offsets = make_factors(gen, in_f, out_f, input_dtype or dtype, device)
+    w_shape = (in_f, out_f) if conv1d else (out_f, in_f)
+    w0 = randn(w_shape, gen, dtype, device)
+    ref_shift, ref_new = mend_edit(sd, name, w0, mu, eta, shared, conv1d, norm, inner, shapes, prefix, lrs_key)
+    tol = TOL[dtype]
+
+    shift = view.shift(mu, eta, offsets).detach()
+    assert shift.shape == w_shape and shift.dtype == dtype
+    assert rel_err(shift, ref_shift) < tol, (name, rel_err(shift, ref_shift))
+
+    edit = view(mu, eta, offsets)
+    assert isinstance(edit, GroupedEdit)
+    ref_out_in = ref_shift.T if conv1d else ref_shift
+    assert rel_err(edit.dense().detach(), ref_out_in) < tol
+    assert float(edit.alpha.detach()) == float(sd[lrs_key][inner.index(name)])
+
+    w = w0.clone()
+    previous = view.apply_(w, mu, eta, offsets)
+    step = (ref_new - w0).abs().max()
+    slack = tol * step + 4 * torch.finfo(dtype).eps * w0.abs().max()
+    assert (w - ref_new).abs().max() <= slack, (name, float((w - ref_new).abs().max()), float(slack))
+    assert rel_err(w - w0, ref_new - w0) < tol * 10
+    ops.undo_shift_(w, previous)
+    assert torch.equal(w, w0)
+
+
+# ------------------------------------------------------------------ agreement with MEND
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "separate"])
+def test_matches_mend(device, gen, dtype, conv1d, shared):
+    sd = to_device(make_mend_state_dict(gen, shared=shared, dtype=dtype), device)
+    views = compat_mend.load(sd, INNER, SHAPES, conv1d=conv1d)
+    assert list(views) == INNER
+    for name in INNER:
+        view = views[name]
+        assert view.editor.layers[0].u.dtype == dtype and view.editor.layers[0].u.device.type == device
+        check_edit_matches(view, sd, name, dtype, device, gen, shared, conv1d)
+    if shared:  # weights of one shape share one editor and differ by mode
+        assert views[INNER[0]].editor is views[INNER[3]].editor
+        assert (views[INNER[0]].mode, views[INNER[3]].mode) == (0, 1)
+        assert views[INNER[1]].editor is views[INNER[4]].editor
+        assert views[INNER[0]].editor is not views[INNER[1]].editor
+    else:
+        assert len({id(v.editor) for v in views.values()}) == len(INNER)
+
+
+@pytest.mark.parametrize("n_hidden", [0, 2])
+def test_layer_count_follows_checkpoint(gen, n_hidden):
+    sd = make_mend_state_dict(gen, n_hidden=n_hidden)
+    views = compat_mend.load(sd, INNER, SHAPES)
+    assert len(views[INNER[0]].editor.layers) == n_hidden + 1
+    for name in (INNER[0], INNER[3], INNER[5]):
+        check_edit_matches(views[name], sd, name, torch.float32, "cpu", gen, True, False)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "separate"])
+def test_without_normalisation(gen, shared):
+    """mend.norm=False: statistics ignored (auto when absent, or by norm=False when present)."""
+    sd = make_mend_state_dict(gen, shared=shared)
+    views = compat_mend.load(sd, INNER, SHAPES, norm=False)
+    assert views[INNER[0]].editor.norm is None
+    for name in INNER:
+        check_edit_matches(views[name], sd, name, torch.float32, "cpu", gen, shared, False, norm=False)
+    bare = {k: v for k, v in sd.items() if not k.endswith(compat_mend._NORM_BUFFERS)}
+    views = compat_mend.load(bare, INNER, SHAPES)  # no statistics in the dict: norm off
+    for name in (INNER[2], INNER[4]):
+        check_edit_matches(views[name], bare, name, torch.float32, "cpu", gen, shared, False, norm=False)
+
+
+def test_half_precision_factors(gen):
+    """MEND casts the captured factors to fp32 first; so does the import."""
+    sd = make_mend_state_dict(gen)
+    views = compat_mend.load(sd, INNER, SHAPES)
+    for name in (INNER[0], INNER[2]):
+        check_edit_matches(views[name], sd, name, torch.float32, "cpu", gen, True, False,
+                           input_dtype=torch.bfloat16)
+
+
+def test_mixed_orientation_by_name(gen):
+    sd = make_mend_state_dict(gen)
+    views = compat_mend.load(sd, INNER, SHAPES, conv1d=[INNER[1], INNER[2]])
+    assert [views[n].conv1d for n in INNER] == [False, True, True, False, False, False]
+    for name in INNER[:3]:
+        check_edit_matches(views[name], sd, name, torch.float32, "cpu", gen, True, views[name].conv1d)
+
+
+def test_all_rows_dropped_gives_no_change(gen):
+    sd = make_mend_state_dict(gen)
+    view = compat_mend.load(sd, INNER, SHAPES)[INNER[0]]
+    mu, eta, offsets = make_factors(gen, 6, 10, torch.float32)
+    eta.zero_()
+    assert torch.equal(view.shift(mu, eta, offsets), torch.zeros(10, 6))
+    w = randn((10, 6), gen)
+    w0 = w.clone()
+    view.apply_(w, mu, eta)  # edit_offsets=None: one edit
+    assert torch.equal(w, w0)
+
+
+def test_statistics_frozen_and_mode_restored(gen):
+    sd = make_mend_state_dict(gen)
+    view = compat_mend.load(sd, INNER, SHAPES)[INNER[0]]
+    assert not view.editor.training
+    before = {k: v.clone() for k, v in view.editor.norm.state_dict().items()}
+    view.editor.train()
+    mu, eta, offsets = make_factors(gen, 6, 10, torch.float32)
+    first = view.shift(mu, eta, offsets)
+    assert view.editor.training
+    after = view.editor.norm.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(view.shift(mu, eta, offsets), first)
+
+
+def test_differentiable_in_editor_weights(gen):
+    """The loaded editors are ordinary parameters: they can be fine-tuned further."""
+    sd = make_mend_state_dict(gen)
+    view = compat_mend.load(sd, INNER, SHAPES)[INNER[3]]
+    mu, eta, offsets = make_factors(gen, 6, 10, torch.float32)
+    (view.edit_lr * view.shift(mu, eta, offsets)).square().sum().backward()
+    grads = [view.editor.layers[0].u.grad, view.editor.layers[1].mode_scale.grad, view.editor.alpha.grad]
+    assert all(g is not None and bool(g.abs().sum() > 0) for g in grads)
+
+
+def test_input_state_dict_unchanged(gen):
+    sd = make_mend_state_dict(gen)
+    copy = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
+    views = compat_mend.load(sd, INNER, SHAPES)
+    with torch.no_grad():
+        views[INNER[0]].editor.layers[0].u.add_(1)
+    assert sd.keys() == copy.keys()
+    assert all(torch.equal(sd[k], copy[k]) for k in sd if isinstance(sd[k], torch.Tensor))
+
+
+# ------------------------------------------------------------------ sources: archive, safetensors
+def test_archive_and_safetensors_sources(gen, tmp_path):
+    from safetensors.torch import save_file
+
+    sd = make_mend_state_dict(gen)
+    mu, eta, offsets = make_factors(gen, 10, 6, torch.float32)
+    expected = compat_mend.load(sd, INNER, SHAPES)[INNER[4]].shift(mu, eta, offsets)
+
+    archive = {"model": sd, "opt": {"state": {}}, "lr_opt": None, "val_stats": {}, "step": 7}
+    assert torch.equal(compat_mend.load(archive, INNER, SHAPES)[INNER[4]].shift(mu, eta, offsets), expected)
+
+    path = tmp_path / "mend.safetensors"
+    save_file(tensors_only(sd), str(path))
+    for source in (path, str(path)):
+        got = compat_mend.load(source, INNER, SHAPES)[INNER[4]].shift(mu, eta, offsets)
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("filename", ["mend.pt", "model.PTH", "pytorch_model.bin", "gpt2.2021-10-14.bk"])
+def test_pickle_paths_refused(tmp_path, filename):
+    path = tmp_path / filename
+    torch.save({"edit_lrs": torch.ones(1)}, path)
+    with pytest.raises(ValueError, match="convert"):
+        compat_mend.load(path, INNER[:1], SHAPES)
+
+
+def test_non_safetensors_file_refused(tmp_path):
+    path = tmp_path / "gpt2.2021-10-14_12-30-00"  # MEND's own archive names carry no extension
+    torch.save({"edit_lrs": torch.ones(1)}, path)
+    with pytest.raises(ValueError, match="(?s)not a safetensors file.*convert"):
+        compat_mend.load(str(path), INNER[:1], SHAPES)
+    with pytest.raises(ValueError, match="no file"):
+        compat_mend.load(tmp_path / "missing.safetensors", INNER[:1], SHAPES)
+
+
+# ------------------------------------------------------------------ GroupedEditor entry point
+def test_from_mend_state_dict_delegates(gen, monkeypatch):
+    calls = []
+    sentinel = object()
+
+    def fake_load(*args, **kwargs):
+        calls.append((args, kwargs))
+        return sentinel
+
+    monkeypatch.setattr(compat_mend, "load", fake_load)
+    sd, shapes = {"edit_lrs": torch.ones(1)}, {"w": (2, 3)}
+    assert GroupedEditor.from_mend_state_dict(sd, ["w"], shapes, prefix="outer.mend.") is sentinel
+    assert len(calls) == 1
+    args, kwargs = calls[0]
+    assert args[0] is sd and args[1] == ["w"] and args[2] is shapes and kwargs == {"prefix": "outer.mend."}
+
+
+def test_from_mend_state_dict_with_prefix(gen):
+    """Real call through GroupedEditor; edit_lrs is found next to the prefixed editors."""
+    sd = make_mend_state_dict(gen, prefix="editor.mend.", lrs_key="editor.edit_lrs")
+    views = GroupedEditor.from_mend_state_dict(sd, INNER, SHAPES, prefix="editor.mend.")
+    for name in (INNER[1], INNER[4]):
+        check_edit_matches(views[name], sd, name, torch.float32, "cpu", gen, True, False,
+                           prefix="editor.mend.", lrs_key="editor.edit_lrs")
+
+
+# ------------------------------------------------------------------ bad checkpoints and arguments
+def _drop(key):
+    def f(sd):
+        del sd[key]
+    return f
+
+
+def _set(key, value):
+    def f(sd):
+        sd[key] = value(sd) if callable(value) else value
+    return f
+
+
+BAD_CHECKPOINTS = [
+    ("missing v", _drop("mend.(6, 10).mlp.layers.1.v"), "mend.(6, 10).mlp.layers.1.v"),
+    ("missing mode", _drop("mend.(5, 5).mlp.layers.0.mode_scale.weight"), "mend.(5, 5).mlp.layers.0.mode_scale.weight"),
+    ("missing editor", lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("mend.(4, 3).")], "mend.(4, 3)"),
+    ("missing layer 0", lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("mend.(5, 5).mlp.layers.0.")],
+     "mend.(5, 5).mlp.layers.0.u"),
+    ("u too wide", _set("mend.(10, 6).mlp.layers.0.u", torch.zeros(16, 17)), "mend.(10, 6).mlp.layers.0.u"),
+    ("u wrong d", _set("mend.(10, 6).mlp.layers.0.u", torch.zeros(15, 12)), "mend.(10, 6).mlp.layers.0.u"),
+    ("v shape", _set("mend.(10, 6).mlp.layers.1.v", torch.zeros(12, 15)), "mend.(10, 6).mlp.layers.1.v"),
+    ("bias shape", _set("mend.(5, 5).mlp.layers.1.bias", torch.zeros(11)), "mend.(5, 5).mlp.layers.1.bias"),
+    ("mode rows", _set("mend.(6, 10).mlp.layers.0.mode_shift.weight", torch.zeros(3, 16)),
+     "mend.(6, 10).mlp.layers.0.mode_shift.weight"),
+    ("unexpected field", _set("mend.(6, 10).mlp.layers.0.extra", torch.zeros(1)), "mend.(6, 10).mlp.layers.0.extra"),
+    ("one-sided layout", _set("mend.(6, 10).mlp1.layers.0.u", torch.zeros(6, 6)), "mend.(6, 10).mlp1.layers.0.u"),
+    ("unknown shape", _set("mend.(3, 3).mlp.layers.0.u", torch.zeros(6, 6)), "mend.(3, 3)"),
+    ("edit_lrs length", _set("edit_lrs", torch.ones(5)), "edit_lrs"),
+    ("edit_lrs missing", _drop("edit_lrs"), "edit_lrs"),
+    ("u_std missing", _drop("mend.(4, 3).u_std"), "mend.(4, 3).u_std"),
+    ("v_mean shape", _set("mend.(4, 3).v_mean", torch.zeros(4)), "mend.(4, 3).v_mean"),
+    ("never trained", _set("mend.(4, 3).u_mean", torch.full((4,), float("nan"))), "mend.(4, 3).u_mean"),
+    ("too few tokens", _set("mend.(4, 3).k", torch.ones(1)), "mend.(4, 3).k"),
+    ("not a tensor", _set("mend.(4, 3).k", 37.0), "mend.(4, 3).k"),
+]
+
+
+@pytest.mark.parametrize("mutate,key", [b[1:] for b in BAD_CHECKPOINTS], ids=[b[0] for b in BAD_CHECKPOINTS])
+def test_bad_checkpoint_names_the_key(gen, mutate, key):
+    sd = make_mend_state_dict(gen)
+    mutate(sd)
+    with pytest.raises(ValueError) as info:
+        compat_mend.load(sd, INNER, SHAPES)
+    assert key in str(info.value)
+
+
+def test_separate_editor_with_modes_refused(gen):
+    sd = make_mend_state_dict(gen, shared=False)
+    key = f"mend.{INNER[0].replace('.', '#')}.mlp.layers.0.mode_scale.weight"
+    sd[key] = torch.ones(1, 16)
+    with pytest.raises(ValueError, match="mode_scale"):
+        compat_mend.load(sd, INNER, SHAPES)
+
+
+@pytest.mark.parametrize("inner,shapes,match", [
+    (INNER[:-1], SHAPES, "edit_lrs"),  # MEND's list must be complete (edit_lrs has one per name)
+    (INNER + [INNER[0]], SHAPES, "twice"),
+    ([], SHAPES, "at least one"),
+    ("transformer.h.0.mlp.c_fc.weight", SHAPES, "inner_params"),
+    (INNER, {n: s for n, s in SHAPES.items() if n != INNER[2]}, INNER[2]),
+    (INNER, {**SHAPES, INNER[2]: (5,)}, INNER[2]),
+    (INNER, {**SHAPES, INNER[2]: (5, 0)}, INNER[2]),
+    (INNER, [("a", (1, 1))], "shapes"),
+])
+def test_bad_arguments(gen, inner, shapes, match):
+    sd = make_mend_state_dict(gen)
+    with pytest.raises(ValueError, match=match):
+        compat_mend.load(sd, inner, shapes)
+
+
+def test_bad_conv1d_and_source(gen):
+    sd = make_mend_state_dict(gen)
+    with pytest.raises(ValueError, match="conv1d"):
+        compat_mend.load(sd, INNER, SHAPES, conv1d=["not.a.weight"])
+    with pytest.raises(ValueError, match="state_dict"):
+        compat_mend.load([1, 2], INNER, SHAPES)
+
+
+def test_apply_checks_weight_and_changes_nothing(gen):
+    sd = make_mend_state_dict(gen)
+    views = compat_mend.load(sd, INNER, SHAPES, conv1d=[INNER[0]])
+    mu, eta, offsets = make_factors(gen, 6, 10, torch.float32)
+    linear_shaped = randn((10, 6), gen)  # a Conv1D weight is stored (in, out) = (6, 10)
+    kept = linear_shaped.clone()
+    with pytest.raises(ValueError, match="weight"):
+        views[INNER[0]].apply_(linear_shaped, mu, eta, offsets)
+    w = randn((10, 6), gen)
+    w0 = w.clone()
+    with pytest.raises(ValueError, match="mu"):
+        views[INNER[3]].apply_(w, mu[:, :5], eta, offsets)
+    with pytest.raises(ValueError, match="edit_offsets"):
+        views[INNER[3]].apply_(w, mu, eta, offsets[:-1])
+    assert torch.equal(linear_shaped, kept) and torch.equal(w, w0)
