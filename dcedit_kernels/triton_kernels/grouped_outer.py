@@ -1,0 +1,135 @@
+"""Per-group shifts ``S_g = Σ_{t∈g} η_t μ_tᵀ`` fused across groups in registers.
+
+One program per (BLOCK_O × BLOCK_I) output tile loops over the groups and, inside, over the
+group's tokens in masked chunks, so S_g's tile lives in registers only; the fusion (add, max,
+sss/ssm) folds it into running tiles and the result is written once.  A fused mode therefore
+never holds G o×i matrices, not even one.  "none" gives each group its own program (third grid
+axis) and writes S_g's tile to out[g].
+
+`segmented_fisher` shares this kernel through MODE_FISHER (Σ_e S_e², then / E): the loop is the
+same, only the fold differs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._checks import check_same_device, check_tensor, compute_dtype
+from .segment_matmul import block_size, mma
+
+MODE_NONE, MODE_ADD, MODE_MAX, MODE_SSS, MODE_SSM, MODE_FISHER = range(6)
+FUSION_MODES = {"none": MODE_NONE, "add": MODE_ADD, "max": MODE_MAX, "sss": MODE_SSS, "ssm": MODE_SSM}
+
+
+@triton.jit
+def _grouped_outer_kernel(
+    eta_ptr, mu_ptr, offsets_ptr, alpha_ptr, out_ptr,
+    O, I, G,
+    stride_eta_t, stride_eta_o, stride_mu_t, stride_mu_i,
+    MODE: tl.constexpr, IS_FP64: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    ACC = out_ptr.dtype.element_ty
+    pid_o = tl.program_id(0)
+    pid_i = tl.program_id(1)
+    ro = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    ri = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    o_ok = ro < O
+    i_ok = ri < I
+    if MODE == 0:  # MODE_NONE: one group per program
+        g_begin = tl.program_id(2)
+        g_end = g_begin + 1
+    else:
+        g_begin = 0
+        g_end = G
+
+    # res: the running fused tile (add: Σ S, max: the winner so far, sss/ssm: P, fisher: Σ S²).
+    res = tl.zeros((BLOCK_O, BLOCK_I), dtype=ACC)
+    neg = tl.zeros((BLOCK_O, BLOCK_I), dtype=ACC)  # sss/ssm: N = Σ min(S, 0)
+    for g in range(g_begin, g_end):
+        start = tl.load(offsets_ptr + g)
+        end = tl.load(offsets_ptr + g + 1)
+        s_g = tl.zeros((BLOCK_O, BLOCK_I), dtype=ACC)
+        for t0 in range(start, end, BLOCK_T):
+            rt = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+            t_ok = rt < end
+            eta_tile = tl.load(eta_ptr + rt[None, :] * stride_eta_t + ro[:, None] * stride_eta_o,
+                               mask=t_ok[None, :] & o_ok[:, None], other=0.0).to(ACC)  # (O, T): ηᵀ
+            mu_tile = tl.load(mu_ptr + rt[:, None] * stride_mu_t + ri[None, :] * stride_mu_i,
+                              mask=t_ok[:, None] & i_ok[None, :], other=0.0).to(ACC)  # (T, I)
+            s_g = mma(s_g, eta_tile, mu_tile, IS_FP64)
+        if MODE == 0:
+            res = s_g
+        elif MODE == 1:
+            res += s_g
+        elif MODE == 2:
+            # Strictly greater replaces: the first group keeps ties.  Starting from 0 is the
+            # same as starting from group 0 (a zero only loses to a nonzero magnitude).
+            res = tl.where(tl.abs(s_g) > tl.abs(res), s_g, res)
+        elif MODE == 3 or MODE == 4:
+            res += tl.maximum(s_g, 0.0)
+            neg += tl.minimum(s_g, 0.0)
+        else:
+            res += s_g * s_g
+
+    if MODE == 3 or MODE == 4:
+        res = tl.where(res >= -neg, res, neg)
+    if MODE == 4 or MODE == 5:
+        res = res / G
+    res = res * tl.load(alpha_ptr).to(ACC)
+    out_base = out_ptr
+    if MODE == 0:
+        out_base = out_ptr + g_begin.to(tl.int64) * O * I
+    tl.store(out_base + ro[:, None].to(tl.int64) * I + ri[None, :], res, mask=o_ok[:, None] & i_ok[None, :])
+
+
+def launch_grouped_outer(eta, mu, offsets, mode: int, alpha=1.0):
+    """Shared launcher of grouped_outer and segmented_fisher (checks shapes, not offset values)."""
+    check_tensor(eta, "eta", 2)
+    check_tensor(mu, "mu", 2)
+    if eta.shape[0] != mu.shape[0]:
+        raise ValueError(f"eta and mu must have the same number of tokens, got {eta.shape[0]} and {mu.shape[0]}")
+    if not isinstance(offsets, torch.Tensor) or offsets.dtype not in (torch.int32, torch.int64):
+        raise ValueError("offsets must be an int32 or int64 tensor")
+    if offsets.dim() != 1 or offsets.shape[0] < 2:
+        raise ValueError(f"offsets must be 1-D with G+1 >= 2 entries, got shape {tuple(offsets.shape)}")
+    check_same_device(dict(eta=eta, mu=mu, offsets=offsets))
+    G = offsets.shape[0] - 1
+    O, I = eta.shape[1], mu.shape[1]
+    acc = compute_dtype(eta, mu)
+    shape = (G, O, I) if mode == MODE_NONE else (O, I)
+    out = torch.empty(shape, dtype=acc, device=eta.device)
+    if O == 0 or I == 0:
+        return out
+    # alpha goes in as a device scalar of the accumulation dtype: a Python float argument would
+    # be passed to the kernel as fp32 and round fp64 results.
+    if isinstance(alpha, torch.Tensor):
+        alpha_t = alpha.detach().to(device=eta.device, dtype=acc).reshape(1)
+    else:
+        alpha_t = torch.full((1,), float(alpha), dtype=acc, device=eta.device)
+    fp64 = acc == torch.float64
+    BO = block_size(eta.device, fp64, 64)
+    BI = block_size(eta.device, fp64, 64)
+    BT = block_size(eta.device, fp64, 32)
+    grid = (triton.cdiv(O, BO), triton.cdiv(I, BI), G if mode == MODE_NONE else 1)
+    _grouped_outer_kernel[grid](
+        eta, mu, offsets, alpha_t, out,
+        O, I, G,
+        eta.stride(0), eta.stride(1), mu.stride(0), mu.stride(1),
+        MODE=mode, IS_FP64=fp64, BLOCK_O=BO, BLOCK_I=BI, BLOCK_T=BT,
+        num_warps=8 if mode != MODE_NONE and not fp64 else 4,
+    )
+    return out
+
+
+def grouped_outer(eta, mu, offsets, fusion="add", alpha=1.0):
+    """SPEC grouped_outer: per-group Σ η μᵀ fused by `fusion` (none/add/max/sss/ssm), × alpha.
+
+    eta (T, o), mu (T, i), offsets int (G+1,).  Returns (o, i), or (G, o, i) for "none", in
+    fp32 (fp64 when an input is fp64).
+    """
+    if fusion not in FUSION_MODES:
+        raise ValueError(f"fusion must be one of {tuple(FUSION_MODES)}, got {fusion!r}")
+    return launch_grouped_outer(eta, mu, offsets, FUSION_MODES[fusion], alpha)

@@ -1,0 +1,203 @@
+"""Token-grouped GEMM: ``Y[t] = X[t] @ W[g(t)]ᵀ`` (or ``X[t] @ W[g(t)]``) for all groups at once.
+
+Tokens are stored contiguously by group (CSR `offsets`), so a tile of BLOCK_M consecutive rows
+touches a short run of groups.  Each program loads the group id of its rows, loops g over the
+groups present in the tile and masks the A rows to group g: every row belongs to exactly one
+group, so Σ_g (A ⊙ mask_g) W_g fills a single accumulator that is written once.  Group ids are
+built on the device (`repeat_interleave`), so nothing here synchronises with the host.
+
+Optional fused prologue (X ⊙ gain) and epilogue (+ bias_g, ⊙ scale_g, + shift_g, clamp(min=0),
++ residual) make `grouped_lowrank` two launches.
+
+Also home of `mma`, the tile multiply-accumulate every kernel of this package uses, and of the
+block-size choice shared by the launchers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._checks import check_same_device, check_tensor, compute_dtype
+from ..reference.segments import group_ids
+
+
+def interpreting() -> bool:
+    """True when triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def block_size(device: torch.device, fp64: bool, gpu: int) -> int:
+    """16 under the interpreter (fewer masked lanes to emulate, and small tests still get ragged
+    tiles) and for fp64 (the broadcast product in `mma` holds BLOCK³ values); `gpu` otherwise."""
+    if interpreting() or device.type != "cuda" or fp64:
+        return 16
+    return gpu
+
+
+@triton.jit
+def mma(acc, a, b, IS_FP64: tl.constexpr):
+    """acc + a @ b for tiles already cast to the accumulation dtype.
+
+    fp64 uses a broadcast product and a sum rather than tl.dot: fp64 tl.dot is not available on
+    every GPU/triton version, and this form is exact fp64 arithmetic everywhere.  fp32 uses
+    input_precision="ieee": the default tf32 keeps 10 mantissa bits and would put a ~1e-3
+    relative error between the GPU result and the fp32 reference.  Half inputs arrive here as
+    fp32 (bf16 tl.dot is silently wrong under the interpreter, and fp32 keeps the gain product
+    of the prologue unrounded).
+    """
+    if IS_FP64:
+        acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        acc += tl.dot(a, b, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _segment_matmul_kernel(
+    x_ptr, w_ptr, gid_ptr, gain_ptr, bias_ptr, scale_ptr, shift_ptr, residual_ptr, y_ptr,
+    T, N, K,
+    stride_xt, stride_xk, stride_wg, stride_wn, stride_wk,
+    HAS_GAIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    IS_FP64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    ACC = y_ptr.dtype.element_ty
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < T
+    col_ok = cols < N
+
+    row_group = tl.load(gid_ptr + rows, mask=row_ok, other=-1)
+    g_first = tl.min(tl.where(row_ok, row_group, 2147483647), axis=0)
+    g_last = tl.max(row_group, axis=0)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    # Per-row epilogue parameters, gathered while looping over the tile's groups.
+    bias_rows = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    scale_rows = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC) + 1.0
+    shift_rows = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for g in range(g_first, g_last + 1):
+        in_g = row_group == g
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            a_mask = in_g[:, None] & k_ok[None, :]
+            a = tl.load(x_ptr + rows[:, None] * stride_xt + ks[None, :] * stride_xk,
+                        mask=a_mask, other=0.0).to(ACC)
+            if HAS_GAIN:
+                a = a * tl.load(gain_ptr + rows[:, None] * K + ks[None, :], mask=a_mask, other=0.0).to(ACC)
+            b = tl.load(w_ptr + g * stride_wg + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(ACC)
+            acc = mma(acc, a, b, IS_FP64)
+        if HAS_BIAS:
+            b_g = tl.load(bias_ptr + g * N + cols, mask=col_ok, other=0.0).to(ACC)
+            bias_rows = tl.where(in_g[:, None], b_g[None, :], bias_rows)
+        if HAS_SCALE:
+            s_g = tl.load(scale_ptr + g * N + cols, mask=col_ok, other=0.0).to(ACC)
+            scale_rows = tl.where(in_g[:, None], s_g[None, :], scale_rows)
+        if HAS_SHIFT:
+            h_g = tl.load(shift_ptr + g * N + cols, mask=col_ok, other=0.0).to(ACC)
+            shift_rows = tl.where(in_g[:, None], h_g[None, :], shift_rows)
+
+    if HAS_BIAS:
+        acc = acc + bias_rows
+    if HAS_SCALE:
+        acc = acc * scale_rows
+    if HAS_SHIFT:
+        acc = acc + shift_rows
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(residual_ptr + rows[:, None] * N + cols[None, :], mask=out_mask, other=0.0).to(ACC)
+    tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc, mask=out_mask)
+
+
+def segment_matmul(x, w, offsets, transpose_w=True, gain=None, bias=None, scale=None, shift=None,
+                   relu=False, residual=None, row_groups=None):
+    """Y[t] = epilogue((X[t] ⊙ gain[t]) @ W[g(t)]ᵀ) for tokens grouped by `offsets`.
+
+    x (T, k); offsets int (G+1,) (values are not checked here: the op layer does, on the host);
+    w (G, n, k) with transpose_w=True, or (G, k, n) with transpose_w=False (Y = X W_g);
+    gain (T, k); bias/scale/shift (G, n); residual (T, n); relu clamps at 0 before the residual.
+    `row_groups` (T,) int may be passed to reuse group ids already built from offsets.
+    Returns (T, n) fp32 (fp64 when any input is fp64).
+    """
+    check_tensor(x, "x", 2)
+    check_tensor(w, "w", 3)
+    T, K = x.shape
+    if not isinstance(offsets, torch.Tensor) or offsets.dtype not in (torch.int32, torch.int64):
+        raise ValueError("offsets must be an int32 or int64 tensor")
+    G = offsets.shape[0] - 1 if offsets.dim() == 1 else -1
+    if G < 1:
+        raise ValueError(f"offsets must be 1-D with G+1 >= 2 entries, got shape {tuple(offsets.shape)}")
+    if w.shape[0] != G:
+        raise ValueError(f"w must have G={G} matrices, got shape {tuple(w.shape)}")
+    N = w.shape[1] if transpose_w else w.shape[2]
+    w_k = w.shape[2] if transpose_w else w.shape[1]
+    if w_k != K:
+        raise ValueError(f"w's inner dimension must match x's {K} features, got shape {tuple(w.shape)}")
+    for name, t, shape in (("gain", gain, (T, K)), ("bias", bias, (G, N)), ("scale", scale, (G, N)),
+                           ("shift", shift, (G, N)), ("residual", residual, (T, N))):
+        if t is not None:
+            check_tensor(t, name, 2)
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    check_same_device(dict(x=x, w=w, offsets=offsets, gain=gain, bias=bias, scale=scale, shift=shift,
+                           residual=residual))
+
+    acc = compute_dtype(x, w, gain, bias, scale, shift, residual)
+    y = torch.empty((T, N), dtype=acc, device=x.device)
+    if T == 0 or N == 0:
+        return y
+    if K == 0:
+        # No product terms: only the epilogue.  Rare enough for a torch expression.
+        gid = group_ids(offsets, T)
+        z = torch.zeros((T, N), dtype=acc, device=x.device)
+        if bias is not None:
+            z = z + bias.to(acc)[gid]
+        if scale is not None:
+            z = z * scale.to(acc)[gid]
+        if shift is not None:
+            z = z + shift.to(acc)[gid]
+        if relu:
+            z = z.clamp(min=0)
+        if residual is not None:
+            z = z + residual.to(acc)
+        return y.copy_(z)
+
+    gid = group_ids(offsets, T) if row_groups is None else row_groups
+    contiguous = [t.contiguous() if t is not None else None for t in (gain, bias, scale, shift, residual)]
+    gain, bias, scale, shift, residual = contiguous
+    if transpose_w:
+        stride_wn, stride_wk = w.stride(1), w.stride(2)
+    else:
+        stride_wk, stride_wn = w.stride(1), w.stride(2)
+    fp64 = acc == torch.float64
+    BM = block_size(x.device, fp64, 64)
+    BN = block_size(x.device, fp64, 64)
+    BK = block_size(x.device, fp64, 32)
+    grid = (triton.cdiv(T, BM), triton.cdiv(N, BN))
+    dummy = y  # never read when the matching HAS_* flag is off
+    _segment_matmul_kernel[grid](
+        x, w, gid,
+        gain if gain is not None else dummy,
+        bias if bias is not None else dummy,
+        scale if scale is not None else dummy,
+        shift if shift is not None else dummy,
+        residual if residual is not None else dummy,
+        y,
+        T, N, K,
+        x.stride(0), x.stride(1), w.stride(0), stride_wn, stride_wk,
+        HAS_GAIN=gain is not None, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None, RELU=bool(relu), HAS_RESIDUAL=residual is not None,
+        IS_FP64=fp64, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+    )
+    return y
