@@ -33,7 +33,8 @@ def _extension():
     )
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     cxx = ["-O3", "-std=c++17", "-fopenmp"]
-    define_macros = [("Py_LIMITED_API", "0x03090000")]
+    # py_limited_api=True makes torch's build define Py_LIMITED_API itself: no define here.
+    define_macros = []
     if _want_cuda():
         sources += rel("csrc/cuda/*.cu")
         define_macros.append(("WITH_CUDA", None))
