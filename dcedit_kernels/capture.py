@@ -1,0 +1,412 @@
+"""Capture the rank-one gradient factors of edited linear layers.
+
+For a layer `y = x Wᵀ + b` applied to tokens t, the weight gradient of any loss is
+`∇W = Σ_t η_t μ_tᵀ` with μ_t = x_t (the layer input) and η_t = ∂loss/∂y_t.  MEND-style editors
+consume the factors (μ, η) instead of ∇W.  This module records them with hooks:
+
+- a forward hook on each edited module keeps its input rows μ for the kept tokens and attaches a
+  tensor hook to its output; the output hook receives ∂loss/∂y during backward and keeps those
+  rows as η.  Hooks sit on activations, never on parameters, so capture works when the weights
+  have `requires_grad=False` (an output that does not require grad is swapped for an identical
+  leaf that does, which is harmless because nothing upstream of it wants a gradient).
+- Factors are laid out as the ops expect (SPEC "Shapes and conventions"): `mu` (T, in), `eta`
+  (T, out), `edit_offsets` int32 (E+1,), one edit per batch row, each edit's tokens contiguous in
+  row-major (position) order.  GPT-2's `Conv1D` stores its weight in×out; its factors are the same
+  (it computes `x W`), and `Factors.gradient()` / `weight_out_in` give the out×in view, so the
+  ops never see the transposed layout.
+
+Token selection (`tokens=`):
+- "all" (MEND): every non-padding token, by the attention mask of the sequence the module runs
+  on: the encoder mask for encoder modules and for cross-attention key/value projections (whose
+  input is the encoder output), the decoder mask (`decoder_attention_mask`, else labels != -100)
+  for the other decoder modules and the LM head of BART/T5.  Right-padded tokens get exactly zero
+  gradient (they are masked as attention keys and carry no label), so "all" reproduces the full
+  `weight.grad`.
+- "target" (MALMEN): only the positions whose output is scored against a label.  In a causal LM
+  (labels shifted inside the model's loss) that is position t with `labels[t+1] != -100`, i.e. the
+  positions that predict the target tokens; in a masked LM or a seq2seq decoder it is position t
+  with `labels[t] != -100`.  Encoder-side sequences carry no labels, so there "target" keeps every
+  non-padding token.  `eta.T @ mu == weight.grad` holds exactly when the loss's gradient reaches
+  the layer only through kept tokens (e.g. the LM head); otherwise the factors are the kept
+  tokens' share of the gradient.
+
+Loss scaling: η is the gradient of whatever the caller backpropagates.  With HF's `outputs.loss`
+(mean NLL over all label tokens of the batch, which is what MEND feeds its editor) every η carries
+the 1/(number of label tokens) factor; nothing here rescales it.
+
+Dtypes: μ and η are stored in the dtype the layer computed in (its output dtype; under autocast
+the input is cast to it, exactly as F.linear does), so a bf16 model gives bf16 factors.
+`Factors.gradient()` accumulates in fp32 (fp64 for fp64 factors).
+
+A module may run once per capture: a second call raises RuntimeError (accumulating calls would
+break the one-segment-per-edit layout; run one forward per capture context).  This also rules out
+activation (gradient) checkpointing, which re-runs the forward during backward.  Several backward
+passes through the same graph (retain_graph) accumulate into η, as they do into `.grad`.
+
+A weight shared with another module (a tied LM head shares the input embedding) gets this
+module's share of the gradient only; its `.grad` also holds the other use's share.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .tokenize import IGNORE_INDEX
+
+TOKEN_MODES = ("all", "target")
+_MASK_KEYS = ("attention_mask", "labels", "decoder_attention_mask")
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional for plain nn.Linear models
+        return None
+    return Conv1D
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    conv1d = _conv1d_type()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def is_editable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The module's weight as out×in: the weight itself for nn.Linear, a transposed view for
+    GPT-2's Conv1D (in×out storage); in-place updates of the view update the parameter."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if is_conv1d(module):
+        return module.weight.t()
+    raise ValueError(f"module must be nn.Linear or transformers Conv1D, got {type(module).__name__}")
+
+
+def resolve_modules(model: nn.Module, module_names: Iterable[str]) -> dict[str, nn.Module]:
+    """Map names to editable submodules; ValueError listing close candidates for unknown names."""
+    if isinstance(module_names, str):
+        module_names = [module_names]
+    names = list(module_names)
+    if not names:
+        raise ValueError("module_names must not be empty")
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"module_names has duplicates: {dup}")
+    modules = dict(model.named_modules())
+    editable = [n for n, m in modules.items() if is_editable(m)]
+    out = {}
+    for name in names:
+        if not isinstance(name, str):
+            raise ValueError(f"module_names must hold str, got {type(name).__name__}")
+        module = modules.get(name)
+        if module is None:
+            close = difflib.get_close_matches(name, editable, n=5, cutoff=0.5)
+            hint = f"; close matches: {close}" if close else f"; editable modules include {editable[:5]}"
+            raise ValueError(f"module_names: no module named {name!r} in the model{hint}")
+        if not is_editable(module):
+            raise ValueError(
+                f"module_names: {name!r} is a {type(module).__name__}; capture supports nn.Linear "
+                "and transformers Conv1D"
+            )
+        out[name] = module
+    return out
+
+
+@dataclass
+class Factors:
+    """Gradient factors of one weight: `eta.T @ mu` is its (out×in) gradient."""
+
+    mu: torch.Tensor  # (T, in)
+    eta: torch.Tensor  # (T, out)
+    edit_offsets: torch.Tensor  # int32 (E+1,)
+
+    @property
+    def num_edits(self) -> int:
+        return self.edit_offsets.numel() - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return self.mu.shape[0]
+
+    def edit(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, eta) rows of edit `e`."""
+        lo, hi = int(self.edit_offsets[e]), int(self.edit_offsets[e + 1])
+        return self.mu[lo:hi], self.eta[lo:hi]
+
+    def gradient(self, per_edit: bool = False) -> torch.Tensor:
+        """Σ_t η_t μ_tᵀ (out×in) in fp32 (fp64 for fp64 factors); (E, out, in) with per_edit."""
+        dtype = torch.float64 if self.mu.dtype == torch.float64 else torch.float32
+        mu, eta = self.mu.to(dtype), self.eta.to(dtype)
+        if not per_edit:
+            return eta.t() @ mu
+        return torch.stack([eta[lo:hi].t() @ mu[lo:hi] for lo, hi in _bounds(self.edit_offsets)])
+
+
+def _bounds(offsets: torch.Tensor) -> list[tuple[int, int]]:
+    host = offsets.tolist()
+    return list(zip(host[:-1], host[1:]))
+
+
+class _Record:
+    """What one module's capture holds between its forward and the backward."""
+
+    def __init__(self, mu: torch.Tensor, index: torch.Tensor, counts: torch.Tensor, out_features: int):
+        self.mu = mu
+        self.index = index  # flat positions of the kept tokens in the output's (rows*L) layout
+        self.counts = counts  # kept tokens per edit
+        self.out_features = out_features
+        self.eta: torch.Tensor | None = None
+
+    def add_grad(self, grad: torch.Tensor) -> None:
+        rows = grad.reshape(-1, grad.shape[-1]).index_select(0, self.index)
+        self.eta = rows if self.eta is None else self.eta + rows
+
+
+class FactorCapture:
+    """Context manager that records `Factors` of the named modules for one forward/backward.
+
+        with capture_factors(model, ["transformer.h.3.mlp.c_fc"], tokens="all") as cap:
+            loss = model(**batch).loss
+            loss.backward()            # or torch.autograd.grad(loss, cap.outputs)
+        f = cap.factors["transformer.h.3.mlp.c_fc"]
+
+    Masks and labels are read from the top-level model call's arguments (`attention_mask`,
+    `labels`, `decoder_attention_mask`); pass `batch=` to supply them when the model is called
+    without them (e.g. a custom loss computed outside the model).  `label_shift` says whether
+    label t is predicted at position t-1 (causal LMs; default: inferred from the model class).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        module_names: Iterable[str],
+        tokens: str = "all",
+        batch: Mapping[str, torch.Tensor] | None = None,
+        label_shift: bool | None = None,
+    ):
+        if tokens not in TOKEN_MODES:
+            raise ValueError(f"tokens must be one of {TOKEN_MODES}, got {tokens!r}")
+        if batch is not None and not isinstance(batch, Mapping):
+            raise ValueError(f"batch must be a mapping of tensors or None, got {type(batch).__name__}")
+        self.model = model
+        self.modules = resolve_modules(model, module_names)
+        self.tokens = tokens
+        self.label_shift = _is_causal_lm(model) if label_shift is None else bool(label_shift)
+        self._override = dict(batch) if batch is not None else {}
+        config = getattr(model, "config", None)
+        self._enc_dec = bool(getattr(config, "is_encoder_decoder", False))
+        self._encoder = model.get_encoder() if self._enc_dec and hasattr(model, "get_encoder") else None
+        self._encoder_ids = {id(m) for m in self._encoder.modules()} if self._encoder is not None else set()
+        self._handles: list = []
+        self._records: dict[str, _Record] = {}
+        self._outputs: dict[str, torch.Tensor] = {}
+        # Masks/labels of the current forward; batch= entries win over the model call's arguments
+        # and also serve models whose top level is never called (their pre-hook never fires).
+        self._call: dict[str, torch.Tensor] = {
+            k: v for k, v in self._override.items() if k in _MASK_KEYS and v is not None
+        }
+        self._encoder_out: torch.Tensor | None = None
+        self._backward_seen = False
+
+    # -- context -------------------------------------------------------------------------------
+    def __enter__(self) -> "FactorCapture":
+        try:
+            self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
+            if self._encoder is not None:
+                self._handles.append(self._encoder.register_forward_hook(self._encoder_hook))
+            for name, module in self.modules.items():
+                self._handles.append(module.register_forward_hook(self._make_hook(name), with_kwargs=True))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._remove()
+        self._outputs.clear()  # release the autograd graph; the records keep mu and eta
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # -- results -------------------------------------------------------------------------------
+    @property
+    def outputs(self) -> list[torch.Tensor]:
+        """The captured modules' outputs, for `torch.autograd.grad(loss, cap.outputs)` (inside
+        the context only: they are dropped on exit so the graph can be freed)."""
+        return list(self._outputs.values())
+
+    @property
+    def factors(self) -> dict[str, Factors]:
+        missing = [n for n in self.modules if n not in self._records]
+        if missing:
+            raise RuntimeError(f"modules {missing} did not run a forward pass inside the capture")
+        if not self._backward_seen:
+            raise RuntimeError(
+                "no backward pass reached the captured modules: call loss.backward() inside the capture"
+            )
+        out = {}
+        for name, rec in self._records.items():
+            # A module whose output did not reach the loss has zero gradient.
+            eta = rec.eta if rec.eta is not None else rec.mu.new_zeros(rec.mu.shape[0], rec.out_features)
+            offsets = torch.zeros(rec.counts.numel() + 1, dtype=torch.int32, device=rec.mu.device)
+            offsets[1:] = rec.counts.cumsum(0)
+            out[name] = Factors(mu=rec.mu, eta=eta, edit_offsets=offsets)
+        return out
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _model_pre_hook(self, module, args, kwargs):
+        try:
+            bound = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            bound = dict(kwargs)
+        extra = bound.get("kwargs")
+        if isinstance(extra, dict):  # forward(**kwargs) signatures
+            bound = {**bound, **extra}
+        for key in _MASK_KEYS:
+            value = self._override.get(key, bound.get(key))
+            if value is not None:
+                self._call[key] = value
+
+    def _encoder_hook(self, module, args, output):
+        hidden = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
+        self._encoder_out = hidden
+
+    def _make_hook(self, name: str) -> Callable:
+        def hook(module, args, kwargs, output):
+            return self._on_forward(name, module, args, kwargs, output)
+
+        return hook
+
+    def _on_forward(self, name, module, args, kwargs, output):
+        if name in self._records:
+            raise RuntimeError(
+                f"module {name!r} ran more than once inside one capture; capture supports one call "
+                "per module (one forward pass per capture context)"
+            )
+        if not torch.is_grad_enabled():
+            raise RuntimeError("capture needs autograd: the forward pass ran under torch.no_grad()/inference_mode")
+        x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+        if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
+            raise RuntimeError(f"module {name!r}: expected tensor input and output")
+        keep = self._keep_mask(name, module, x)  # bool, x.shape[:-1]
+        rows = keep.reshape(keep.shape[0] if keep.dim() > 1 else 1, -1)
+        counts = rows.sum(1)
+        index = rows.reshape(-1).nonzero().squeeze(1)
+        mu = x.detach().reshape(-1, x.shape[-1]).index_select(0, index).to(output.dtype)
+        record = _Record(mu, index, counts, output.shape[-1])
+        self._records[name] = record
+        swapped = None
+        if not output.requires_grad:
+            swapped = output.detach().requires_grad_()
+            output = swapped
+        self._outputs[name] = output
+
+        def grad_hook(grad):
+            self._backward_seen = True
+            record.add_grad(grad.detach())
+
+        output.register_hook(grad_hook)
+        return swapped
+
+    # -- token selection -----------------------------------------------------------------------
+    def _keep_mask(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[:-1]
+        encoder_side = self._enc_dec and (id(module) in self._encoder_ids or x is self._encoder_out)
+        if self._enc_dec and not encoder_side:
+            labels = self._call.get("labels")
+            mask = self._call.get("decoder_attention_mask")
+            if mask is None and labels is not None:
+                mask = labels != IGNORE_INDEX
+            shift = False
+        else:
+            labels = None if encoder_side else self._call.get("labels")
+            mask = self._call.get("attention_mask")
+            shift = self.label_shift
+        keep = torch.ones(shape, dtype=torch.bool, device=x.device) if mask is None else mask.to(x.device).bool()
+        if self.tokens == "target" and not encoder_side:
+            if labels is None:
+                raise ValueError(
+                    f"tokens='target' needs labels: pass labels to the model call or batch= to the capture "
+                    f"(module {name!r})"
+                )
+            scored = labels.to(x.device) != IGNORE_INDEX
+            if shift:  # position t predicts label t+1
+                scored = torch.cat([scored[..., 1:], torch.zeros_like(scored[..., :1])], dim=-1)
+            keep = keep & scored
+        if tuple(keep.shape) != tuple(shape):
+            raise RuntimeError(
+                f"module {name!r} ran on input of shape {tuple(x.shape)}, which does not match the "
+                f"token mask of shape {tuple(keep.shape)}"
+            )
+        return keep
+
+
+def capture_factors(
+    model: nn.Module,
+    module_names: Iterable[str],
+    tokens: str = "all",
+    batch: Mapping[str, torch.Tensor] | None = None,
+    label_shift: bool | None = None,
+) -> FactorCapture:
+    """`FactorCapture` as a function: `with capture_factors(model, names, tokens=...) as cap:`."""
+    return FactorCapture(model, module_names, tokens=tokens, batch=batch, label_shift=label_shift)
+
+
+def compute_factors(
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    module_names: Iterable[str],
+    tokens: str = "all",
+    loss_fn: Callable | None = None,
+    label_shift: bool | None = None,
+    check_finite: bool = True,
+) -> tuple[dict[str, Factors], torch.Tensor]:
+    """One forward + backward of `model(**batch)`; returns (factors by module name, loss).
+
+    The loss is `loss_fn(outputs, batch)` or the model's own `outputs.loss` (mean NLL over label
+    tokens).  Gradients are taken with `torch.autograd.grad` with respect to the captured outputs
+    only, so no parameter's `.grad` changes and weights need not require grad.  With
+    `check_finite`, a non-finite loss or factor raises FloatingPointError naming the module.
+    """
+    if not isinstance(batch, Mapping):
+        raise ValueError(f"batch must be a mapping of tensors, got {type(batch).__name__}")
+    capture = capture_factors(model, module_names, tokens, batch=batch, label_shift=label_shift)
+    with torch.enable_grad(), capture as cap:
+        outputs = model(**batch)
+        loss = loss_fn(outputs, batch) if loss_fn is not None else outputs.loss
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError("the loss must be a scalar tensor (pass labels in batch or a loss_fn)")
+        if check_finite and not bool(torch.isfinite(loss).all()):
+            raise FloatingPointError(f"the loss is not finite ({float(loss.detach())})")
+        if not loss.requires_grad:
+            raise RuntimeError("the loss does not depend on any captured module")
+        torch.autograd.grad(loss, cap.outputs, allow_unused=True)
+        factors = cap.factors
+    if check_finite:
+        for name, f in factors.items():
+            if not (bool(torch.isfinite(f.eta).all()) and bool(torch.isfinite(f.mu).all())):
+                raise FloatingPointError(f"non-finite gradient factors for module {name!r}")
+    return factors, loss.detach()
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    """True when the model's loss predicts label t at position t-1 (HF causal LMs)."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:
+        return False
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    return any(cls.__name__ in causal for cls in type(model).__mro__)  # subclasses count too

@@ -1,0 +1,43 @@
+"""Edit data sets as lists of EditRequest: CounterFact (EasyEdit format) and zsRE (MEND format).
+
+The files are not shipped in the repository.  `data_dir()` is where they are looked for:
+`$DCEDIT_DATA_DIR` when set, else `shared/data` beside the repository checkout.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .counterfact import load_counterfact
+from .zsre import load_zsre
+
+FILES = {
+    "counterfact-train": "counterfact-train.json",
+    "counterfact-val": "counterfact-val.json",
+    "zsre-train": "zsre-train-1k.json",
+}
+
+
+def data_dir() -> Path:
+    env = os.environ.get("DCEDIT_DATA_DIR")
+    if env:
+        return Path(env)
+    repo_root = Path(__file__).resolve().parents[2]
+    return repo_root.parent / "shared" / "data"
+
+
+def data_path(name: str) -> Path:
+    """Path of a known data file by name ("counterfact-train", "counterfact-val", "zsre-train")."""
+    if name not in FILES:
+        raise ValueError(f"name must be one of {sorted(FILES)}, got {name!r}")
+    return data_dir() / FILES[name]
+
+
+def load_dataset(name: str, limit: int | None = None):
+    """EditRequests of a known data file by name."""
+    path = data_path(name)
+    return load_zsre(path, limit=limit) if name.startswith("zsre") else load_counterfact(path, limit=limit)
+
+
+__all__ = ["data_dir", "data_path", "load_counterfact", "load_dataset", "load_zsre", "FILES"]

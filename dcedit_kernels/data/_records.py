@@ -1,0 +1,49 @@
+"""Reading a JSON list of records with errors that name the file, the record index and the field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_records(path, limit: int | None = None) -> tuple[Path, list]:
+    """The records of a JSON file holding a non-empty list of objects (`limit` keeps the first n)."""
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"{path}: the file is empty")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    if not data:
+        raise ValueError(f"{path}: the file holds no records")
+    if limit is not None:
+        data = data[:limit]
+    for i, record in enumerate(data):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: record {i} must be a JSON object, got {type(record).__name__}")
+    return path, data
+
+
+def text_field(path: Path, index: int, record: dict, field: str, required: bool) -> str | None:
+    """`record[field]` as a str: ValueError naming file, record and field when it is missing
+    (and required), not a string, or blank (and required).  An optional blank field is None."""
+    if field not in record or record[field] is None:
+        if required:
+            raise ValueError(f"{path}: record {index} has no field {field!r}")
+        return None
+    value = record[field]
+    if not isinstance(value, str):
+        raise ValueError(f"{path}: record {index} field {field!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        if required:
+            raise ValueError(f"{path}: record {index} field {field!r} is empty")
+        return None
+    return value

@@ -1,0 +1,296 @@
+"""Editing metrics (paper notation, SPEC "Metrics").
+
+Prediction metrics score a target teacher-forced: the model reads `prompt [space] target` and at
+each target position its argmax is compared with the target token (MEND's and EasyEdit's
+accuracy).  A request's accuracy is the share of its target tokens predicted right (or, with
+`exact=True`, 1 only when all are); a metric is the mean over requests.
+- `reliability`: accuracy of the target on the edit prompt itself.
+- `edit_success` (ES): accuracy of the target on the request's `rephrase` (the generalisation
+  the paper reports as ES).
+- `drawdown` (DD): share of unrelated inputs (`locality` prompts, scored on `locality_target`, or
+  on every next token of the prompt when it has no target) whose prediction changed with respect
+  to the unedited model (`reduction="input"`: any scored token changed; `"token"`: the share of
+  changed tokens, averaged over inputs).  Take `locality_predictions` of the unedited model
+  first, then call `drawdown` on the edited one.
+- `lmp` = ES − DD.
+- `neighbourhood_success` (ROME-style NS): accuracy of the `locality_target` (the neighbour's
+  original answer) on the `locality` prompt under the edit.
+For seq2seq models the target is the decoder's labels, special tokens (BOS/EOS) not scored.
+Models are switched to eval mode while scored (their mode is restored) and run without grad.
+
+Gradient metrics over E per-edit gradients g_e (rows of an (E, P) matrix, or given as factors):
+- `gcr`: share of pairs i<j with cos(g_i, g_j) < 0 (a zero gradient conflicts with nothing);
+- `gms`: mean over pairs i<j of 2‖g_i‖‖g_j‖ / (‖g_i‖² + ‖g_j‖²) (1 for a pair of zeros).
+Both only need the E×E Gram matrix, which `factor_gram` computes from the factors without any
+per-edit gradient matrix: <η_aμ_aᵀ, η_bμ_bᵀ>_F = Σ_{s∈a,t∈b} (η_s·η_t)(μ_s·μ_t).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+
+from ._checks import check_offsets, check_tensor
+from .capture import Factors
+from .requests import EditRequest, require_field, validate_requests
+from .tokenize import IGNORE_INDEX, is_seq2seq, tokenize_pairs, tokenize_texts
+
+REDUCTIONS = ("input", "token")
+
+
+# --- prediction metrics ------------------------------------------------------------------------
+
+
+def _model_device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _check_batch_size(batch_size) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+class _EvalMode:
+    """Eval mode and no grad while scoring; the model's previous mode comes back afterwards."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.no_grad = torch.no_grad()
+        self.no_grad.__enter__()
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+        self.no_grad.__exit__(*exc)
+
+
+def _score_batch(model, tokenizer, batch: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(predicted ids, gold ids) at the scored positions of every row."""
+    device = _model_device(model)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    labels = batch["labels"]
+    if is_seq2seq(model):
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if hasattr(model, "prepare_decoder_input_ids_from_labels"):
+            inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
+        else:
+            inputs["labels"] = labels
+        inputs["decoder_attention_mask"] = batch["decoder_attention_mask"]
+        pred = model(**inputs).logits.argmax(-1)
+        gold = labels
+        scored = gold != IGNORE_INDEX
+        special = torch.tensor(sorted(set(tokenizer.all_special_ids)), device=device, dtype=gold.dtype)
+        scored &= ~torch.isin(gold, special)
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        pred = logits[:, :-1].argmax(-1)  # position t predicts token t+1
+        gold = labels[:, 1:]
+        scored = gold != IGNORE_INDEX
+    return [(pred[b][scored[b]].cpu(), gold[b][scored[b]].cpu()) for b in range(gold.shape[0])]
+
+
+def _score(model, tokenizer, prompts, targets, batch_size) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Teacher-forced (pred, gold) per pair; `targets=None` scores every next token of `prompts`."""
+    _check_batch_size(batch_size)
+    out = []
+    with _EvalMode(model):
+        for lo in range(0, len(prompts), batch_size):
+            chunk = prompts[lo : lo + batch_size]
+            if targets is None:
+                if is_seq2seq(model):
+                    raise ValueError(
+                        "scoring plain texts needs a causal LM; give locality_target for seq2seq models"
+                    )
+                batch = tokenize_texts(tokenizer, chunk)
+            else:
+                batch = tokenize_pairs(model, tokenizer, chunk, targets[lo : lo + batch_size])
+            out.extend(_score_batch(model, tokenizer, batch))
+    return out
+
+
+def _accuracies(scored, exact: bool) -> torch.Tensor:
+    acc = []
+    for pred, gold in scored:
+        hits = (pred == gold).double()
+        acc.append(float(hits.min()) if exact else float(hits.mean()))
+    return torch.tensor(acc, dtype=torch.float64)
+
+
+def target_accuracy(model, tokenizer, prompts: Sequence[str], targets: Sequence[str],
+                    batch_size: int = 16, exact: bool = False) -> torch.Tensor:
+    """Per-pair teacher-forced accuracy of `targets` after `prompts`, (N,) float64."""
+    return _accuracies(_score(model, tokenizer, list(prompts), list(targets), batch_size), exact)
+
+
+def reliability(model, tokenizer, requests: Sequence[EditRequest], batch_size: int = 16,
+                exact: bool = False) -> float:
+    """Accuracy of each request's target on its own prompt."""
+    requests = validate_requests(requests)
+    prompts, targets = [r.prompt for r in requests], [r.target for r in requests]
+    return float(target_accuracy(model, tokenizer, prompts, targets, batch_size, exact).mean())
+
+
+def edit_success(model, tokenizer, requests: Sequence[EditRequest], batch_size: int = 16,
+                 exact: bool = False) -> float:
+    """ES: accuracy of each request's target on its rephrase (paraphrase) prompt."""
+    requests = validate_requests(requests)
+    prompts = require_field(requests, "rephrase")
+    return float(target_accuracy(model, tokenizer, prompts, [r.target for r in requests], batch_size, exact).mean())
+
+
+def neighbourhood_success(model, tokenizer, requests: Sequence[EditRequest], batch_size: int = 16,
+                          exact: bool = False) -> float:
+    """NS: accuracy of each request's locality_target (its original answer) on its locality prompt."""
+    requests = validate_requests(requests)
+    prompts = require_field(requests, "locality")
+    targets = require_field(requests, "locality_target")
+    return float(target_accuracy(model, tokenizer, prompts, targets, batch_size, exact).mean())
+
+
+def locality_predictions(model, tokenizer, requests: Sequence[EditRequest],
+                         batch_size: int = 16) -> list[torch.Tensor]:
+    """The model's argmax ids at the scored positions of every request's locality input."""
+    requests = validate_requests(requests)
+    prompts = require_field(requests, "locality")
+    with_target = [i for i, r in enumerate(requests) if r.locality_target is not None]
+    without = [i for i, r in enumerate(requests) if r.locality_target is None]
+    preds: list[torch.Tensor | None] = [None] * len(requests)
+    if with_target:
+        scored = _score(model, tokenizer, [prompts[i] for i in with_target],
+                        [requests[i].locality_target for i in with_target], batch_size)
+        for i, (pred, _) in zip(with_target, scored):
+            preds[i] = pred
+    if without:
+        scored = _score(model, tokenizer, [prompts[i] for i in without], None, batch_size)
+        for i, (pred, _) in zip(without, scored):
+            preds[i] = pred
+    return preds
+
+
+def drawdown(model, tokenizer, requests: Sequence[EditRequest], base_predictions: Sequence[torch.Tensor],
+             batch_size: int = 16, reduction: str = "input") -> float:
+    """DD: share of locality inputs whose prediction differs from `base_predictions` (the
+    unedited model's `locality_predictions` on the same requests)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    requests = validate_requests(requests)
+    base = list(base_predictions)
+    if len(base) != len(requests):
+        raise ValueError(f"base_predictions must have one entry per request ({len(requests)}), got {len(base)}")
+    now = locality_predictions(model, tokenizer, requests, batch_size)
+    changed = []
+    for i, (a, b) in enumerate(zip(now, base)):
+        if not isinstance(b, torch.Tensor) or b.shape != a.shape:
+            raise ValueError(
+                f"base_predictions[{i}] must be a tensor of shape {tuple(a.shape)} "
+                "(the same requests scored with the same tokenizer)"
+            )
+        diff = a != b.to(a.device)
+        changed.append(float(diff.any()) if reduction == "input" else float(diff.double().mean()))
+    return float(sum(changed) / len(changed))
+
+
+def lmp(es: float, dd: float) -> float:
+    """LMP = ES − DD."""
+    return float(es) - float(dd)
+
+
+# --- gradient metrics --------------------------------------------------------------------------
+
+
+def gradient_gram(grads: torch.Tensor) -> torch.Tensor:
+    """E×E Gram matrix of the rows of an (E, P) gradient matrix (fp32, fp64 for fp64 input)."""
+    check_tensor(grads, "grads", ndim=2)
+    g = grads.to(torch.float64 if grads.dtype == torch.float64 else torch.float32)
+    return g @ g.t()
+
+
+def factor_gram(mu: torch.Tensor, eta: torch.Tensor, edit_offsets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """E×E Gram of the per-edit gradients η_eᵀμ_e of one weight, from its factors.
+
+    G[a, b] = Σ_{s∈a, t∈b} (η_s·η_t)(μ_s·μ_t).  Rows of the T×T token kernel are formed `chunk`
+    at a time and summed into their edits, so memory is O(chunk·T + E²) and no o×i matrix is
+    ever built.  fp32 accumulation (fp64 for fp64 factors).
+    """
+    check_tensor(mu, "mu", ndim=2)
+    check_tensor(eta, "eta", ndim=2)
+    if mu.shape[0] != eta.shape[0]:
+        raise ValueError(f"mu and eta must have the same number of rows, got {mu.shape[0]} and {eta.shape[0]}")
+    if mu.device != eta.device or edit_offsets.device != mu.device:
+        raise ValueError("mu, eta and edit_offsets must be on one device")
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    E = check_offsets(edit_offsets, "edit_offsets", mu.shape[0])
+    dtype = torch.float64 if torch.float64 in (mu.dtype, eta.dtype) else torch.float32
+    mu, eta = mu.to(dtype), eta.to(dtype)
+    T = mu.shape[0]
+    counts = torch.diff(edit_offsets.long())
+    edit_of_token = torch.repeat_interleave(torch.arange(E, device=mu.device), counts)
+    gram = torch.zeros(E, E, dtype=dtype, device=mu.device)
+    for lo in range(0, T, chunk):
+        hi = min(T, lo + chunk)
+        kernel = (eta[lo:hi] @ eta.t()) * (mu[lo:hi] @ mu.t())  # (c, T)
+        by_edit = torch.zeros(hi - lo, E, dtype=dtype, device=mu.device).index_add_(1, edit_of_token, kernel)
+        gram.index_add_(0, edit_of_token[lo:hi], by_edit)
+    return gram
+
+
+def factors_gram(factors: Factors | Mapping[str, Factors], chunk: int = 2048) -> torch.Tensor:
+    """Gram of the per-edit gradients over every weight in `factors` (the sum of the weights'
+    Grams: the flattened gradient of several weights is their concatenation)."""
+    if isinstance(factors, Factors):
+        return factor_gram(factors.mu, factors.eta, factors.edit_offsets, chunk)
+    if not isinstance(factors, Mapping) or not factors:
+        raise ValueError("factors must be a Factors or a non-empty mapping of name -> Factors")
+    grams = []
+    for name, f in factors.items():
+        if not isinstance(f, Factors):
+            raise ValueError(f"factors[{name!r}] must be a Factors, got {type(f).__name__}")
+        grams.append(factor_gram(f.mu, f.eta, f.edit_offsets, chunk))
+    if len({g.shape for g in grams}) != 1:
+        shapes = [tuple(g.shape) for g in grams]
+        raise ValueError(f"every weight's factors must hold the same edits, got Gram shapes {shapes}")
+    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grams) else torch.float32
+    return sum(g.to(dtype) for g in grams)
+
+
+def _pair_stats(grads, gram) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if (grads is None) == (gram is None):
+        raise ValueError("give exactly one of grads (E, P) or gram (E, E)")
+    if gram is None:
+        gram = gradient_gram(grads)
+    else:
+        check_tensor(gram, "gram", ndim=2)
+        if gram.shape[0] != gram.shape[1]:
+            raise ValueError(f"gram must be square, got shape {tuple(gram.shape)}")
+    E = gram.shape[0]
+    if E < 2:
+        raise ValueError(f"gradient metrics need at least 2 edits, got {E}")
+    gram = gram.double()
+    sq = gram.diagonal().clamp_min(0)
+    i, j = torch.triu_indices(E, E, offset=1, device=gram.device)
+    return gram[i, j], sq[i], sq[j]
+
+
+def gcr(grads: torch.Tensor | None = None, *, gram: torch.Tensor | None = None) -> float:
+    """Gradient conflict ratio: share of edit pairs whose gradients have negative cosine."""
+    dot, _, _ = _pair_stats(grads, gram)
+    # cos < 0 exactly when the inner product is < 0 (norms are positive; a zero gradient has
+    # inner product 0 with everything and so conflicts with nothing).
+    return float((dot < 0).double().mean())
+
+
+def gms(grads: torch.Tensor | None = None, *, gram: torch.Tensor | None = None) -> float:
+    """Gradient magnitude similarity: mean over pairs of 2‖g_i‖‖g_j‖ / (‖g_i‖² + ‖g_j‖²)."""
+    _, sq_i, sq_j = _pair_stats(grads, gram)
+    denom = sq_i + sq_j
+    ratio = 2 * (sq_i * sq_j).sqrt() / denom.clamp_min(math.ulp(0.0))
+    ratio = torch.where(denom > 0, ratio, torch.ones_like(denom))  # two zero gradients: equal
+    return float(ratio.mean())

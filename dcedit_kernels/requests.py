@@ -1,0 +1,78 @@
+"""One knowledge edit: a prompt whose continuation should become `target`.
+
+The optional fields carry what the evaluation suites need: `rephrase` (a paraphrase of the prompt,
+scored for edit success), `locality` / `locality_target` (an unrelated prompt and its original
+answer, scored for drawdown and neighbourhood success) and `subject` (the entity the edit is
+about, used by ROME-style suites).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+REQUIRED_FIELDS = ("prompt", "target")
+OPTIONAL_FIELDS = ("rephrase", "locality", "locality_target", "subject")
+
+
+@dataclass
+class EditRequest:
+    prompt: str
+    target: str
+    rephrase: str | None = None
+    locality: str | None = None
+    locality_target: str | None = None
+    subject: str | None = None
+
+    def validate(self, where: str = "request") -> "EditRequest":
+        """Raise ValueError naming the field unless every given field is a non-blank string.
+
+        `where` prefixes the message (e.g. "requests[3]") so a caller holding a list can say
+        which request is bad.  Returns self so it chains.
+        """
+        for name in REQUIRED_FIELDS:
+            _check_text(getattr(self, name), f"{where}.{name}", required=True)
+        for name in OPTIONAL_FIELDS:
+            _check_text(getattr(self, name), f"{where}.{name}", required=False)
+        if (self.locality_target is not None) and (self.locality is None):
+            raise ValueError(f"{where}.locality_target is given but {where}.locality is None")
+        return self
+
+
+def validate_requests(requests: Iterable[EditRequest], name: str = "requests") -> list[EditRequest]:
+    """Validate a non-empty sequence of EditRequests; returns them as a list."""
+    if isinstance(requests, EditRequest):
+        raise ValueError(f"{name} must be a sequence of EditRequest, got a single EditRequest")
+    try:
+        items = list(requests)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of EditRequest, got {type(requests).__name__}") from None
+    if not items:
+        raise ValueError(f"{name} must not be empty")
+    for i, request in enumerate(items):
+        if not isinstance(request, EditRequest):
+            raise ValueError(f"{name}[{i}] must be an EditRequest, got {type(request).__name__}")
+        request.validate(f"{name}[{i}]")
+    return items
+
+
+def require_field(requests: list[EditRequest], field: str, name: str = "requests") -> list[str]:
+    """The value of an optional `field` for every request; ValueError naming the first missing one."""
+    values = []
+    for i, request in enumerate(requests):
+        value = getattr(request, field)
+        if value is None:
+            raise ValueError(f"{name}[{i}].{field} is None but this metric needs it")
+        values.append(value)
+    return values
+
+
+def _check_text(value, name: str, required: bool) -> None:
+    if value is None:
+        if required:
+            raise ValueError(f"{name} is required, got None")
+        return
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a str, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")

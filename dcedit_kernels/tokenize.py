@@ -1,0 +1,182 @@
+"""Tokenize (prompt, target) pairs into padded training batches with labels on the target only.
+
+Causal LMs (`tokenize_causal`): one sequence per pair, `prompt + " " + target` (the space is added
+when the prompt does not end in whitespace and the target does not start with it, as EasyEdit and
+MEND do); `labels` is -100 everywhere except at the target's tokens, which the model's own loss
+shifts (HF causal LMs predict `labels[t]` from position t-1).  The text is tokenized as one string
+and the prompt's tokens are located inside it, rather than tokenizing prompt and target apart,
+because SentencePiece-style tokenizers (Llama) tokenize a lone " target" differently from the same
+words after a prompt.  Leading special tokens (BOS) are kept; trailing ones (an EOS some
+tokenizers append) are dropped, since a causal LM must not see an EOS between prompt and target.
+
+Seq2seq LMs (`tokenize_seq2seq`): encoder `input_ids` = the prompt, `labels` = the target with the
+tokenizer's special tokens (T5 appends `</s>`, BART wraps in `<s>…</s>`), padding in labels = -100,
+and `decoder_attention_mask` marking the real label positions (gradient capture needs it).
+
+Both pad on the right and return a dict of LongTensors that `model(**batch)` accepts.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def _check_texts(texts, name: str) -> list[str]:
+    if isinstance(texts, str):
+        raise ValueError(f"{name} must be a sequence of str, got a single str")
+    try:
+        items = list(texts)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of str, got {type(texts).__name__}") from None
+    if not items:
+        raise ValueError(f"{name} must not be empty")
+    for i, text in enumerate(items):
+        if not isinstance(text, str):
+            raise ValueError(f"{name}[{i}] must be a str, got {type(text).__name__}")
+        if not text.strip():
+            raise ValueError(f"{name}[{i}] must be a non-empty string, got {text!r}")
+    return items
+
+
+def _check_pairs(prompts, targets) -> tuple[list[str], list[str]]:
+    prompts = _check_texts(prompts, "prompts")
+    targets = _check_texts(targets, "targets")
+    if len(prompts) != len(targets):
+        raise ValueError(f"prompts and targets must have the same length, got {len(prompts)} and {len(targets)}")
+    return prompts, targets
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id to pad with: the tokenizer's pad token, else its eos, else 0 (padding is masked)."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def join_prompt_target(prompt: str, target: str) -> tuple[str, int]:
+    """The text `prompt [space] target` and the index where the target part (with its space) starts."""
+    sep = "" if (prompt[-1].isspace() or target[0].isspace()) else " "
+    return prompt + sep + target, len(prompt)
+
+
+def _strip_trailing_specials(ids: list[int], special: list[int], offsets: list | None):
+    end = len(ids)
+    while end > 0 and special[end - 1]:
+        end -= 1
+    return ids[:end], special[:end], (offsets[:end] if offsets is not None else None)
+
+
+def _encode(tokenizer, text: str, offsets: bool):
+    enc = tokenizer(
+        text,
+        add_special_tokens=True,
+        return_special_tokens_mask=True,
+        return_offsets_mapping=offsets,
+    )
+    return _strip_trailing_specials(
+        list(enc["input_ids"]), list(enc["special_tokens_mask"]), enc.get("offset_mapping")
+    )
+
+
+def causal_pair_ids(tokenizer, prompt: str, target: str, index: int = 0) -> tuple[list[int], int]:
+    """Token ids of `prompt [space] target` and the number of leading prompt tokens.
+
+    The prompt tokens are the joint text's prefix when it matches the prompt tokenized alone
+    (BPE/byte-level and SentencePiece tokenizers split at the space); otherwise (a token that
+    straddles the boundary) every token that ends after the prompt's last character counts as
+    target, found from the offset mapping.  Raises ValueError when no target token is left.
+    """
+    text, boundary = join_prompt_target(prompt, target)
+    prompt_ids, _, _ = _encode(tokenizer, prompt, offsets=False)
+    full_ids, special, offsets = _encode(tokenizer, text, offsets=True)
+    if full_ids[: len(prompt_ids)] == prompt_ids:
+        n_prompt = len(prompt_ids)
+    else:
+        n_prompt = 0
+        for is_special, (_, end) in zip(special, offsets):
+            if is_special or end <= boundary:
+                n_prompt += 1
+            else:
+                break
+    if n_prompt >= len(full_ids):
+        raise ValueError(f"targets[{index}] ({target!r}) tokenizes to no tokens after prompts[{index}]")
+    return full_ids, n_prompt
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def tokenize_causal(tokenizer, prompts: Sequence[str], targets: Sequence[str], device=None) -> dict:
+    """Batch for a causal LM: `input_ids`, `attention_mask`, `labels` (B, L), right-padded.
+
+    Row b is `prompts[b] [space] targets[b]`; labels hold the target tokens and -100 elsewhere.
+    """
+    prompts, targets = _check_pairs(prompts, targets)
+    ids, labels = [], []
+    for i, (prompt, target) in enumerate(zip(prompts, targets)):
+        row, n_prompt = causal_pair_ids(tokenizer, prompt, target, i)
+        ids.append(row)
+        labels.append([IGNORE_INDEX] * n_prompt + row[n_prompt:])
+    input_ids = _pad(ids, pad_token_id(tokenizer))
+    attention_mask = _pad([[1] * len(r) for r in ids], 0)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": _pad(labels, IGNORE_INDEX)}
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+
+
+def tokenize_texts(tokenizer, texts: Sequence[str], device=None) -> dict:
+    """Batch for a causal LM scored on whole texts: every token but the first is a label."""
+    texts = _check_texts(texts, "texts")
+    ids = []
+    for i, text in enumerate(texts):
+        row, _, _ = _encode(tokenizer, text, offsets=False)
+        if len(row) < 2:
+            raise ValueError(f"texts[{i}] ({text!r}) needs at least 2 tokens to be scored, got {len(row)}")
+        ids.append(row)
+    labels = [[IGNORE_INDEX] + r[1:] for r in ids]
+    batch = {
+        "input_ids": _pad(ids, pad_token_id(tokenizer)),
+        "attention_mask": _pad([[1] * len(r) for r in ids], 0),
+        "labels": _pad(labels, IGNORE_INDEX),
+    }
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+
+
+def tokenize_seq2seq(tokenizer, prompts: Sequence[str], targets: Sequence[str], device=None) -> dict:
+    """Batch for an encoder-decoder LM: `input_ids`, `attention_mask` (encoder, the prompts),
+    `labels` (the targets with the tokenizer's special tokens, -100 at padding) and
+    `decoder_attention_mask` (1 at real label positions).  The model builds its decoder inputs by
+    shifting `labels` right, so decoder position t is real exactly when label t is.
+    """
+    prompts, targets = _check_pairs(prompts, targets)
+    for i, target in enumerate(targets):
+        if not tokenizer(target, add_special_tokens=False)["input_ids"]:
+            raise ValueError(f"targets[{i}] ({target!r}) tokenizes to no tokens")
+    enc = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
+    dec = [list(tokenizer(text_target=t, add_special_tokens=True)["input_ids"]) for t in targets]
+    batch = {
+        "input_ids": _pad(enc, pad_token_id(tokenizer)),
+        "attention_mask": _pad([[1] * len(r) for r in enc], 0),
+        "labels": _pad(dec, IGNORE_INDEX),
+        "decoder_attention_mask": _pad([[1] * len(r) for r in dec], 0),
+    }
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+
+
+def is_seq2seq(model) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def tokenize_pairs(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], device=None) -> dict:
+    """`tokenize_seq2seq` for encoder-decoder models, else `tokenize_causal`."""
+    fn = tokenize_seq2seq if is_seq2seq(model) else tokenize_causal
+    return fn(tokenizer, prompts, targets, device=device)

