@@ -1,0 +1,104 @@
+// dcedit::apply_shift_ on the CPU: weight += alpha·(delta ⊙ kept) in place, in fp32 arithmetic
+// (fp64 for fp64 weights) rounded once to weight's dtype, exactly as
+// dcedit_kernels/reference/apply_shift.py computes it.  Returns the previous weight values: copying
+// them back restores the weight bit for bit, which subtracting the shift cannot do once the sum
+// has been rounded to bf16.  Old and new values are written in the same pass over weight.
+#include "cpu/topk_select.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+namespace dcedit_cpu {
+namespace {
+
+bool is_float(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+
+template <typename scalar_t>
+void shift_in_place(scalar_t* weight, scalar_t* previous, const at::Tensor& delta,
+                    const at::Tensor& fisher, const KeepRule& rule, double alpha) {
+  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  // The reference multiplies an acc_t tensor by the Python float alpha: alpha rounds to acc_t.
+  const acc_t a = static_cast<acc_t>(alpha);
+  const int64_t n = delta.numel();
+  at::parallel_for(0, n, int64_t(1) << 15, [&](int64_t begin, int64_t end) {
+    acc_t d[kMaskBlock], kept[kMaskBlock];
+    for (int64_t j0 = begin; j0 < end; j0 += kMaskBlock) {
+      const int64_t len = std::min(kMaskBlock, end - j0);
+      load_as(delta, j0, len, d);  // delta.to(acc)
+      if (!rule.all) {
+        kept_flags(fisher, rule, j0, len, kept);
+        for (int64_t j = 0; j < len; ++j) d[j] *= kept[j];  // fisher_mask: delta * kept
+      }
+      // alpha·d is rounded to acc_t before the add, as in the reference.  It is a separate loop
+      // through memory on purpose: a fused multiply-add (which compilers may form from one
+      // expression on FMA targets) would skip that rounding and break bit-exactness.
+      for (int64_t j = 0; j < len; ++j) d[j] = a * d[j];
+      scalar_t* w = weight + j0;
+      scalar_t* old = previous + j0;
+      for (int64_t j = 0; j < len; ++j) {
+        const scalar_t before = w[j];
+        old[j] = before;
+        w[j] = static_cast<scalar_t>(static_cast<acc_t>(before) + d[j]);
+      }
+    }
+  });
+}
+
+at::Tensor apply_shift_cpu(const at::Tensor& weight, const at::Tensor& delta, double alpha,
+                           const std::optional<at::Tensor>& fisher, std::optional<double> keep,
+                           std::optional<double> threshold) {
+  // Every check, the allocation of `previous` and the Fisher selection happen before weight is
+  // written, so a failure leaves it as it was.
+  TORCH_CHECK_VALUE(is_float(weight.scalar_type()),
+                    "weight must be float16, bfloat16, float32 or float64, got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(is_float(delta.scalar_type()),
+                    "delta must be float16, bfloat16, float32 or float64, got ", delta.scalar_type());
+  TORCH_CHECK_VALUE(weight.device().is_cpu(), "weight must be a CPU tensor here, got ", weight.device());
+  TORCH_CHECK_VALUE(delta.device() == weight.device(), "delta must be on the same device as weight (",
+                    weight.device(), "), got ", delta.device());
+  TORCH_CHECK_VALUE(delta.sizes() == weight.sizes(), "delta must have the shape of weight ",
+                    weight.sizes(), ", got ", delta.sizes());
+  if (fisher.has_value()) {
+    const at::Tensor& f = *fisher;
+    TORCH_CHECK_VALUE(is_float(f.scalar_type()),
+                      "fisher must be float16, bfloat16, float32 or float64, got ", f.scalar_type());
+    TORCH_CHECK_VALUE(f.device() == weight.device(), "fisher must be on the same device as weight (",
+                      weight.device(), "), got ", f.device());
+    TORCH_CHECK_VALUE(f.sizes() == weight.sizes(), "fisher must have the shape of weight ",
+                      weight.sizes(), ", got ", f.sizes());
+    check_keep_or_threshold(keep, threshold);
+  } else {
+    TORCH_CHECK_VALUE(!keep.has_value() && !threshold.has_value(),
+                      "keep and threshold select entries by Fisher information: pass fisher too, "
+                      "or neither (got fisher=None with ",
+                      keep.has_value() ? "keep" : "threshold", ")");
+  }
+
+  at::Tensor previous = at::empty(weight.sizes(), weight.options());  // contiguous
+  if (weight.numel() == 0) return previous;
+  const at::Tensor delta_c = delta.contiguous();
+  const at::Tensor fisher_c = fisher.has_value() ? fisher->contiguous() : at::Tensor();
+  KeepRule rule;
+  if (fisher.has_value()) {
+    rule = make_keep_rule(fisher_c, keep, threshold);
+  } else {
+    rule.all = true;
+  }
+  // A strided weight (e.g. a transposed view) is shifted in a contiguous copy, then copied back.
+  const bool direct = weight.is_contiguous();
+  at::Tensor work = direct ? weight : weight.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "dcedit_apply_shift", [&] {
+    shift_in_place<scalar_t>(work.mutable_data_ptr<scalar_t>(), previous.mutable_data_ptr<scalar_t>(),
+                             delta_c, fisher_c, rule, alpha);
+  });
+  if (!direct) weight.copy_(work);
+  return previous;
+}
+
+}  // namespace
+}  // namespace dcedit_cpu
+
+TORCH_LIBRARY_IMPL(dcedit, CPU, m) { m.impl("apply_shift_", &dcedit_cpu::apply_shift_cpu); }

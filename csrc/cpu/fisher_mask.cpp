@@ -1,0 +1,80 @@
+// dcedit::fisher_mask on the CPU: (delta ⊙ kept, kept count), kept as in topk_select.h.
+// Output fp32 (fp64 for an fp64 delta, the reference's compute_dtype(delta)); the count is a 0-dim
+// int64 tensor so that callers need not synchronise.
+#include "cpu/topk_select.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+namespace dcedit_cpu {
+namespace {
+
+bool is_float(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+
+template <typename acc_t>
+int64_t mask_delta(const at::Tensor& delta, const at::Tensor& fisher, const KeepRule& rule,
+                   acc_t* out) {
+  const int64_t n = delta.numel();
+  // Fixed blocks (not one per thread) so that the count is summed in the same order on any
+  // number of threads; each block is at least 64 Ki elements of streaming work.
+  constexpr int64_t kBlock = int64_t(1) << 16;
+  const int64_t n_blocks = (n + kBlock - 1) / kBlock;
+  std::vector<int64_t> counts(static_cast<size_t>(n_blocks), 0);
+  at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+    acc_t d[kMaskBlock], kept[kMaskBlock];
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t count = 0;
+      const int64_t end = std::min(n, (b + 1) * kBlock);
+      for (int64_t j0 = b * kBlock; j0 < end; j0 += kMaskBlock) {
+        const int64_t len = std::min(kMaskBlock, end - j0);
+        load_as(delta, j0, len, d);
+        kept_flags(fisher, rule, j0, len, kept);
+        for (int64_t j = 0; j < len; ++j) {
+          out[j0 + j] = d[j] * kept[j];
+          count += kept[j] != acc_t(0);
+        }
+      }
+      counts[b] = count;
+    }
+  });
+  int64_t total = 0;
+  for (int64_t c : counts) total += c;
+  return total;
+}
+
+std::tuple<at::Tensor, at::Tensor> fisher_mask_cpu(const at::Tensor& delta,
+                                                   const at::Tensor& fisher,
+                                                   std::optional<double> keep,
+                                                   std::optional<double> threshold) {
+  // Every check runs before any output exists.
+  TORCH_CHECK_VALUE(is_float(delta.scalar_type()),
+                    "delta must be float16, bfloat16, float32 or float64, got ", delta.scalar_type());
+  TORCH_CHECK_VALUE(is_float(fisher.scalar_type()),
+                    "fisher must be float16, bfloat16, float32 or float64, got ", fisher.scalar_type());
+  TORCH_CHECK_VALUE(delta.device().is_cpu(), "delta must be a CPU tensor here, got ", delta.device());
+  TORCH_CHECK_VALUE(fisher.device() == delta.device(), "fisher must be on the same device as delta (",
+                    delta.device(), "), got ", fisher.device());
+  TORCH_CHECK_VALUE(fisher.sizes() == delta.sizes(), "fisher must have the shape of delta ",
+                    delta.sizes(), ", got ", fisher.sizes());
+  check_keep_or_threshold(keep, threshold);
+
+  const bool fp64 = delta.scalar_type() == at::kDouble;
+  at::Tensor out = at::empty(delta.sizes(), delta.options().dtype(fp64 ? at::kDouble : at::kFloat));
+  at::Tensor count = at::empty({}, delta.options().dtype(at::kLong));
+  const at::Tensor delta_c = delta.contiguous(), fisher_c = fisher.contiguous();
+  const KeepRule rule = make_keep_rule(fisher_c, keep, threshold);
+  *count.mutable_data_ptr<int64_t>() =
+      fp64 ? mask_delta<double>(delta_c, fisher_c, rule, out.mutable_data_ptr<double>())
+           : mask_delta<float>(delta_c, fisher_c, rule, out.mutable_data_ptr<float>());
+  return {out, count};
+}
+
+}  // namespace
+}  // namespace dcedit_cpu
+
+TORCH_LIBRARY_IMPL(dcedit, CPU, m) { m.impl("fisher_mask", &dcedit_cpu::fisher_mask_cpu); }
