@@ -65,3 +65,26 @@ def compute_dtype(*tensors) -> torch.dtype:
     if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tensors):
         return torch.float64
     return torch.float32
+
+
+def check_delta_linear_shapes(x, weight, bias, row_group, mu_t, eta_t) -> None:
+    """Shapes and dtypes of lowrank_delta_linear's tensors (values are checked by the op layer)."""
+    check_tensor(x, "x", 2)
+    check_tensor(weight, "weight", 2)
+    o, i = weight.shape
+    if x.shape[1] != i:
+        raise ValueError(f"x must have {i} features to match weight {tuple(weight.shape)}, got {x.shape[1]}")
+    if bias is not None:
+        check_tensor(bias, "bias", 1)
+        if bias.shape[0] != o:
+            raise ValueError(f"bias must have shape ({o},), got {tuple(bias.shape)}")
+    if not isinstance(row_group, torch.Tensor) or row_group.dtype not in INT_DTYPES:
+        raise ValueError("row_group must be an int32 or int64 tensor")
+    if tuple(row_group.shape) != (x.shape[0],):
+        raise ValueError(f"row_group must have shape ({x.shape[0]},), got {tuple(row_group.shape)}")
+    check_tensor(mu_t, "mu_t", 2)
+    check_tensor(eta_t, "eta_t", 2)
+    if mu_t.shape[1] != i or eta_t.shape[1] != o or mu_t.shape[0] != eta_t.shape[0]:
+        raise ValueError(
+            f"mu_t must be (Tm, {i}) and eta_t (Tm, {o}), got {tuple(mu_t.shape)} and {tuple(eta_t.shape)}"
+        )

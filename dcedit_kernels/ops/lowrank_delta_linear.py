@@ -3,7 +3,7 @@
 import torch
 
 from .. import reference
-from .._checks import check_offsets, check_same_device, check_tensor, compute_dtype
+from .._checks import check_delta_linear_shapes, check_offsets, check_same_device, check_tensor, compute_dtype
 from ._dispatch import opcall, register, triton_launcher
 
 register("lowrank_delta_linear", reference.lowrank_delta_linear, triton_launcher("lowrank_delta_linear"))
@@ -52,25 +52,7 @@ def lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha
     grouped by offsets (G+1,); alpha a number or a (G,) tensor.  Differentiable in x, mu_t,
     eta_t and alpha.  Returns x's dtype (a drop-in for the layer), fp32 arithmetic.
     """
-    check_tensor(x, "x", 2)
-    check_tensor(weight, "weight", 2)
-    o, i = weight.shape
-    if x.shape[1] != i:
-        raise ValueError(f"x must have {i} features to match weight {tuple(weight.shape)}, got {x.shape[1]}")
-    if bias is not None:
-        check_tensor(bias, "bias", 1)
-        if bias.shape[0] != o:
-            raise ValueError(f"bias must have shape ({o},), got {tuple(bias.shape)}")
-    if not isinstance(row_group, torch.Tensor) or row_group.dtype not in (torch.int32, torch.int64):
-        raise ValueError("row_group must be an int32 or int64 tensor")
-    if row_group.shape != (x.shape[0],):
-        raise ValueError(f"row_group must have shape ({x.shape[0]},), got {tuple(row_group.shape)}")
-    check_tensor(mu_t, "mu_t", 2)
-    check_tensor(eta_t, "eta_t", 2)
-    if mu_t.shape[1] != i or eta_t.shape[1] != o or mu_t.shape[0] != eta_t.shape[0]:
-        raise ValueError(
-            f"mu_t must be (Tm, {i}) and eta_t (Tm, {o}), got {tuple(mu_t.shape)} and {tuple(eta_t.shape)}"
-        )
+    check_delta_linear_shapes(x, weight, bias, row_group, mu_t, eta_t)
     G = check_offsets(offsets, "offsets", mu_t.shape[0])
     if row_group.numel() and (int(row_group.min()) < -1 or int(row_group.max()) >= G):
         raise ValueError(f"row_group entries must be in [-1, {G - 1}]")

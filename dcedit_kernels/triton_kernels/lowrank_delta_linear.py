@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import check_same_device, check_tensor, compute_dtype
+from .._checks import check_delta_linear_shapes, check_same_device, check_tensor, compute_dtype
 from ..reference.segments import group_ids
 from .segment_matmul import block_size, mma
 
@@ -119,25 +119,8 @@ def _grouped_bilinear_(out, q, q_index, q_group, k, v, kv_index, kv_offsets, alp
 
 def _check(x, weight, row_group, mu_t, eta_t, offsets, alpha, grad=None, bias=None):
     """Shapes, dtypes and devices (offset values and row_group range: the op layer, on the host)."""
-    check_tensor(x, "x", 2)
-    check_tensor(weight, "weight", 2)
-    o, i = weight.shape
-    if x.shape[1] != i:
-        raise ValueError(f"x must have {i} features to match weight {tuple(weight.shape)}, got {x.shape[1]}")
-    if bias is not None:
-        check_tensor(bias, "bias", 1)
-        if bias.shape[0] != o:
-            raise ValueError(f"bias must have shape ({o},), got {tuple(bias.shape)}")
-    if not isinstance(row_group, torch.Tensor) or row_group.dtype not in (torch.int32, torch.int64):
-        raise ValueError("row_group must be an int32 or int64 tensor")
-    if tuple(row_group.shape) != (x.shape[0],):
-        raise ValueError(f"row_group must have shape ({x.shape[0]},), got {tuple(row_group.shape)}")
-    check_tensor(mu_t, "mu_t", 2)
-    check_tensor(eta_t, "eta_t", 2)
-    if mu_t.shape[1] != i or eta_t.shape[1] != o or mu_t.shape[0] != eta_t.shape[0]:
-        raise ValueError(
-            f"mu_t must be (Tm, {i}) and eta_t (Tm, {o}), got {tuple(mu_t.shape)} and {tuple(eta_t.shape)}"
-        )
+    check_delta_linear_shapes(x, weight, bias, row_group, mu_t, eta_t)
+    o = weight.shape[0]
     if not isinstance(offsets, torch.Tensor) or offsets.dtype not in (torch.int32, torch.int64):
         raise ValueError("offsets must be an int32 or int64 tensor")
     if offsets.dim() != 1 or offsets.shape[0] < 2:
