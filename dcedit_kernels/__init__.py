@@ -7,6 +7,26 @@ from .ops import op_backends
 
 __version__ = "0.1.0"
 
+# The editing pipeline imports transformers; load it on first use so `import dcedit_kernels`
+# stays as light as the ops.
+_LAZY = {
+    "ModelEditor": "model_editor",
+    "EditHandle": "model_editor",
+    "EditRequest": "requests",
+    "TrainConfig": "train",
+    "train_editor": "train",
+    "lowrank_edited": "lowrank_layers",
+    "load_model": "models",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "GroupedEdit",
     "GroupedEditor",
@@ -14,4 +34,11 @@ __all__ = [
     "MoEditor",
     "ProEditor",
     "RaEditor",
+    "ModelEditor",
+    "EditHandle",
+    "EditRequest",
+    "TrainConfig",
+    "train_editor",
+    "lowrank_edited",
+    "load_model",
     "backends", "op_backends", "ops", "reference", "__version__"]

@@ -1,0 +1,143 @@
+"""Evaluate every editor's edited model in ONE forward pass (paper Eq. 18), never forming a shift.
+
+Training N_g editors needs, for each edit e, the model's loss under the shift of the group that
+edit was routed to.  Applying each group's dense o×i shift and running N_g forward passes costs
+N_g passes and N_g·o·i memory per weight; instead, inside `lowrank_edited(...)` the edited modules
+compute
+
+    y_n = x_n Wᵀ + b + α_g (x_n μ̃ᵍᵀ) η̃ᵍ            (ops.lowrank_delta_linear)
+
+for every token row n of a batch row whose group is g (−1: the unedited layer), so one pass over a
+batch that holds every edit's rows evaluates all the edited models at once, and gradients flow
+into μ̃, η̃ and α (the editor outputs) while the model's own weights stay frozen.
+
+Which rows see which shift (`row_edit`, `row_sees_all`):
+- A row with `row_edit[b] = e` sees the shift of the group that edit e was routed to, for each
+  edited weight separately (editors of different shapes route on their own, so e may sit in
+  group 2 of one weight's editor and group 0 of another's).  This is Eq. 18's per-group model.
+- A row with `row_sees_all[b] = True` sees Σ_g α S_g, the "add" fusion of every group's shift
+  (built as one extra group holding all the factors).  That is exactly the shift `apply()` adds
+  when fusion is "add" or there is one editor (MEND, ProEditor without its Fisher mask), and for
+  "sss"/"max"/"ssm" it equals the fused shift on every entry where the groups agree in sign, the
+  closest a low-rank form gets to the fused edit.  The trainer uses it for locality (KL) rows,
+  whose job is to keep the model *as it will be edited* close to the original.
+- Any other row (`row_edit[b] = -1`) sees the unedited layer.
+
+ProEditor's Fisher mask is not low-rank: the training pass sees the unmasked shift (the mask only
+removes entries, and is applied at edit time).
+
+The patched forward flattens (B, ..., in) to rows and repeats each batch row's group over its
+tokens; it works for nn.Linear and GPT-2's Conv1D (weight stored in×out: the op sees the
+transposed view) and for encoder-decoder models (each module expands over its own sequence).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from . import ops
+from .capture import is_conv1d, resolve_modules, weight_out_in
+
+
+def group_factors(edit, row_edit: torch.Tensor, row_sees_all: torch.Tensor | None):
+    """(row_group (B,), mu_t, eta_t, offsets, alpha (G',)) of one weight's edit for these rows.
+
+    `edit` is a GroupedEdit (mu_t, eta_t, offsets, edit_group, group_alpha()).  With rows that
+    see every group, the factors gain one extra group (index G) holding all T tokens again.
+    """
+    device = edit.mu_t.device
+    row_edit = row_edit.to(device)
+    edit_group = edit.edit_group.to(device=device, dtype=torch.int64)
+    row_group = torch.where(row_edit >= 0, edit_group[row_edit.clamp(min=0)], torch.full_like(row_edit, -1))
+    mu_t, eta_t, offsets, alpha = edit.mu_t, edit.eta_t, edit.offsets, edit.group_alpha()
+    if row_sees_all is not None and bool(row_sees_all.any()):
+        G, T = edit.n_groups, mu_t.shape[0]
+        mu_t = torch.cat([mu_t, mu_t])
+        eta_t = torch.cat([eta_t, eta_t])
+        offsets = torch.cat([offsets, offsets.new_full((1,), 2 * T)])
+        alpha = torch.cat([alpha, alpha[:1]])  # the same α: one weight, one step size
+        row_group = torch.where(row_sees_all.to(device), torch.full_like(row_group, G), row_group)
+    return row_group, mu_t, eta_t, offsets, alpha
+
+
+def _check_rows(edits: Mapping, row_edit, row_sees_all):
+    if not isinstance(row_edit, torch.Tensor) or row_edit.dtype not in (torch.int32, torch.int64):
+        raise ValueError("row_edit must be an int32 or int64 tensor")
+    if row_edit.dim() != 1:
+        raise ValueError(f"row_edit must be 1-D (one entry per batch row), got shape {tuple(row_edit.shape)}")
+    if row_sees_all is not None:
+        if not isinstance(row_sees_all, torch.Tensor) or row_sees_all.dtype != torch.bool:
+            raise ValueError("row_sees_all must be a bool tensor or None")
+        if row_sees_all.shape != row_edit.shape:
+            raise ValueError(f"row_sees_all must have shape {tuple(row_edit.shape)}, got {tuple(row_sees_all.shape)}")
+    n_edits = {int(e.edit_group.numel()) for e in edits.values()}
+    if len(n_edits) > 1:
+        raise ValueError(f"edits must all come from the same batch of edits, got edit counts {sorted(n_edits)}")
+    E = n_edits.pop()
+    if row_edit.numel() and (int(row_edit.min()) < -1 or int(row_edit.max()) >= E):
+        raise ValueError(f"row_edit entries must be in [-1, {E - 1}] (there are {E} edits)")
+
+
+def _lowrank_forward(module: nn.Module, name: str, row_group, mu_t, eta_t, offsets, alpha):
+    weight = weight_out_in(module)  # Conv1D: a transposed view, the op sees out×in
+    out_features, in_features = weight.shape
+    n_rows = row_group.numel()
+
+    def forward(x):
+        if x.dim() < 2 or x.shape[0] != n_rows or x.shape[-1] != in_features:
+            raise RuntimeError(
+                f"module {name!r} ran on input of shape {tuple(x.shape)}, expected ({n_rows}, ..., "
+                f"{in_features}): lowrank_edited needs one row_edit entry per batch row"
+            )
+        flat = x.reshape(-1, in_features)
+        per_row = flat.shape[0] // n_rows if n_rows else 0
+        groups = row_group.repeat_interleave(per_row) if per_row != 1 else row_group
+        y = ops.lowrank_delta_linear(flat, weight, module.bias, groups, mu_t, eta_t, offsets, alpha)
+        return y.reshape(*x.shape[:-1], out_features)
+
+    return forward
+
+
+@contextlib.contextmanager
+def lowrank_edited(
+    model: nn.Module,
+    edits: Mapping[str, object],
+    row_edit: torch.Tensor,
+    row_sees_all: torch.Tensor | None = None,
+):
+    """Inside the block, the named modules of `model` compute their edited outputs row by row.
+
+    edits: {module name: GroupedEdit} (the editor outputs, differentiable); row_edit (B,) int:
+    the edit whose group shift batch row b sees, −1 for the unedited layer; row_sees_all (B,)
+    bool or None: rows that see the sum of every group's shift (see the module docstring).  The
+    modules' forwards are restored on exit, also when the block raises.
+    """
+    if not isinstance(edits, Mapping) or not edits:
+        raise ValueError("edits must be a non-empty mapping of module name to GroupedEdit")
+    modules = resolve_modules(model, list(edits))
+    _check_rows(edits, row_edit, row_sees_all)
+    patched: list[tuple[nn.Module, object]] = []
+    try:
+        for name, module in modules.items():
+            edit = edits[name]
+            o, i = weight_out_in(module).shape
+            if edit.mu_t.shape[1] != i or edit.eta_t.shape[1] != o:
+                raise ValueError(
+                    f"edits[{name!r}] has factors for a {edit.eta_t.shape[1]}x{edit.mu_t.shape[1]} weight, "
+                    f"the module's is {o}x{i}" + (" (Conv1D, seen out×in)" if is_conv1d(module) else "")
+                )
+            factors = group_factors(edit, row_edit, row_sees_all)
+            previous = module.__dict__.get("forward")  # an instance-level forward someone set before
+            module.forward = _lowrank_forward(module, name, *factors)
+            patched.append((module, previous))
+        yield
+    finally:
+        for module, previous in reversed(patched):
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous

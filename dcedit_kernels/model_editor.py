@@ -1,0 +1,559 @@
+"""ModelEditor: edit a Hugging Face model in place with a trained editor (or fine-tuning), undoably.
+
+    editor = ModelEditor(model, tokenizer, layers=["model.layers.28.mlp.down_proj", ...],
+                         method="mend", rank=64)
+    handle = editor.apply([EditRequest("The Eiffel Tower is in", "Rome")])
+    ...                                    # the model is edited
+    handle.undo()                          # every weight bit-identical to before
+    with editor.edited(requests): ...      # the same, scoped
+
+Editor methods ("mend", "raeditor", "moeditor", "proeditor"): one forward + backward of the edit
+loss (mean NLL of the target tokens over the batch, the loss MEND feeds its editor) captures the
+gradient factors (μ, η) of every edited weight (`capture.py`); the editors map them to grouped
+low-rank factors (eval mode, no grad) and each weight gets its fused shift in place through
+`GroupedEdit.apply_` (`ops.apply_shift_`), which returns the previous values: undo copies them
+back, so it is exact even in bf16, where subtracting the shift again would not be.
+
+As in MEND, weights of the same (in, out) shape share one editor (a `GroupedEditor` per shape) and
+tell it apart by `mode` = the weight's index among the layers of that shape (in `layers` order).
+MoEditor routes on edit features = the mean of the model's last hidden state over each edit's
+prompt tokens (the encoder's output for seq2seq models), taken from the capture's own forward
+pass, detached.
+
+Baselines ("ft", "ft_kl"): fine-tune only the edited layers' weights on the edits for `ft_steps`
+steps of Adam or SGD (`ft_optimizer`, `ft_lr`); "ft_kl" adds `kl_weight`·KL(p_unedited ‖ p_edited)
+over every token of locality texts (the requests' `locality` [+ `locality_target`], else
+`locality_texts`, else a few generic sentences), as in MEND's baseline.  Undo copies the saved
+weights back.
+
+Atomicity: a request that is invalid or tokenizes to an empty target raises ValueError before
+anything changes; a non-finite loss, gradient factor, editor output or shifted weight raises
+FloatingPointError; any other exception mid-edit (out of memory, a failing kernel, an interrupt)
+is re-raised with a note — in every case after restoring, bit for bit, each weight that had
+already been changed.  Edits must be undone in reverse order (a handle that is not the latest live
+one refuses, since restoring its saved values would also wipe the later edit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .capture import capture_factors, resolve_modules, weight_out_in
+from .editors.presets import MEND, MoEditor, ProEditor, RaEditor
+from .requests import EditRequest, validate_requests
+from .tokenize import IGNORE_INDEX, is_seq2seq, pad_token_id, tokenize_causal, tokenize_seq2seq
+
+EDITOR_METHODS = {"mend": MEND, "raeditor": RaEditor, "moeditor": MoEditor, "proeditor": ProEditor}
+FT_METHODS = ("ft", "ft_kl")
+METHODS = tuple(EDITOR_METHODS) + FT_METHODS
+TOKEN_MODES = ("all", "target")
+FT_DEFAULTS = dict(ft_steps=10, ft_lr=5e-4, ft_optimizer="adam", kl_weight=1.0, locality_texts=None,
+                   ft_stop_loss=1e-2)
+CHECKPOINT_KEY = "dcedit_model_editor"
+
+# Unrelated text for FT+KL when the requests carry no locality prompts: generic statements in the
+# style of the wiki text MEND's baseline uses, so the KL term has something to hold in place.
+GENERIC_LOCALITY_TEXTS = (
+    "The capital of France is Paris, and the city lies on the river Seine.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+    "The quick brown fox jumps over the lazy dog near the old barn.",
+    "In 1969 the first humans walked on the surface of the Moon.",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Handle
+# ---------------------------------------------------------------------------------------------
+class EditHandle:
+    """An applied edit: `undo()` restores the edited weights bit for bit; `stats` says what it cost.
+
+    stats: `latency_s` (whole apply), `capture_s`, `editor_s`, `apply_s` (editor methods) or
+    `ft_s` and `ft_steps_run` (baselines), `n_edits`, `n_tokens` (captured token rows),
+    `peak_memory_bytes` (CUDA's peak allocated during the edit; None on CPU, where PyTorch keeps
+    no per-call peak).
+    """
+
+    def __init__(self, owner: "ModelEditor", saved: list[tuple[torch.Tensor, torch.Tensor]], stats: dict):
+        self._owner = owner
+        self._saved = saved
+        self.stats = stats
+        self.active = True
+
+    def undo(self) -> bool:
+        """Restore the weights; returns False when this edit was already undone."""
+        if not self.active:
+            return False
+        live = self._owner._live
+        if live and live[-1] is not self:
+            raise RuntimeError("undo the later edits first: edits must be undone in reverse order")
+        _restore(self._saved)
+        self.active = False
+        if live and live[-1] is self:
+            live.pop()
+        return True
+
+    def __enter__(self) -> "EditHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.undo()
+
+
+@torch.no_grad()
+def _restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy saved values back, latest first (a weight shifted twice ends at its first value)."""
+    for weight, previous in reversed(saved):
+        weight.copy_(previous)
+
+
+def _note(exc: BaseException, text: str) -> None:
+    if hasattr(exc, "add_note"):  # Python 3.11+
+        exc.add_note(text)
+
+
+def _peak_memory_start(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory(device: torch.device):
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses shared with the trainer
+# ---------------------------------------------------------------------------------------------
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """fp32 for half/bf16/fp32 logits, float64 kept (the float64 tests compare exactly)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def target_nll(logits: torch.Tensor, labels: torch.Tensor, causal: bool, reduction: str = "mean") -> torch.Tensor:
+    """NLL of the label tokens: mean over all label tokens ("mean"), or per row ("row": (B,) sums
+    and counts returned as a pair).  Causal LMs predict label t at position t−1."""
+    if causal:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    picked = upcast(logits[mask])  # only scored positions reach log_softmax (vocabularies are big)
+    nll = torch.nn.functional.cross_entropy(picked, labels[mask], reduction="none")
+    if reduction == "mean":
+        return nll.sum() / mask.sum().clamp(min=1)
+    rows = mask.nonzero()[:, 0]
+    sums = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
+    return sums, mask.sum(1)
+
+
+def masked_kl(base_logp: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over masked positions of KL(p_base ‖ p_edited); `base_logp` holds the base model's
+    log-probabilities at exactly the masked positions (n, V)."""
+    post = torch.log_softmax(upcast(logits[mask]), -1)
+    kl = (base_logp.exp() * (base_logp - post)).sum(-1)
+    return kl.mean() if kl.numel() else logits.new_zeros(())
+
+
+def token_accuracy(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(B,) share of each row's target tokens predicted by argmax (teacher forced)."""
+    if causal:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    hit = (logits.argmax(-1) == labels) & mask
+    return hit.sum(1).float() / mask.sum(1).clamp(min=1).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# ModelEditor
+# ---------------------------------------------------------------------------------------------
+class ModelEditor:
+    """Edits `model` in place at the named `layers` with `method`; see the module docstring.
+
+    layers: module names (nn.Linear or GPT-2 Conv1D); method: "mend", "raeditor", "moeditor",
+    "proeditor", "ft" or "ft_kl"; tokens: "all" (MEND: every non-padding token feeds the editor)
+    or "target" (MALMEN: only the target-predicting positions); editor_kwargs: the GroupedEditor
+    preset's own arguments (`n_editors`, `rank`, `norm`, `fisher_keep`, `edit_lr`, `fusion`,
+    `seed`, ...) or, for the baselines, `ft_steps`, `ft_lr`, `ft_optimizer` ("adam"|"sgd"),
+    `ft_stop_loss` (stop once the edit loss is below it; None: run every step), and for "ft_kl"
+    `kl_weight` and `locality_texts`.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, layers: Sequence[str], method: str = "mend",
+                 tokens: str = "all", **editor_kwargs):
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if tokens not in TOKEN_MODES:
+            raise ValueError(f"tokens must be one of {TOKEN_MODES}, got {tokens!r}")
+        if isinstance(layers, str):
+            raise ValueError("layers must be a list of module names, got a single str")
+        self.model, self.tokenizer, self.method, self.tokens = model, tokenizer, method, tokens
+        self.modules = resolve_modules(model, list(layers))  # ValueError with close candidates
+        self.layers = list(self.modules)
+        self.editor_kwargs = dict(editor_kwargs)
+        self.seq2seq = is_seq2seq(model)
+        self._live: list[EditHandle] = []
+        self.editors = nn.ModuleDict()
+        self.slots: dict[str, tuple[str, int]] = {}  # layer -> (shape key, mode)
+        if method in FT_METHODS:
+            self.ft_options = self._ft_options(editor_kwargs)
+        else:
+            self._build_editors(editor_kwargs)
+
+    # -- construction --------------------------------------------------------------------------
+    @staticmethod
+    def shape_of(module: nn.Module) -> tuple[int, int]:
+        """(in_features, out_features) of an editable module (Conv1D stores in×out)."""
+        out_features, in_features = weight_out_in(module).shape
+        return in_features, out_features
+
+    def _ft_options(self, kwargs: dict) -> dict:
+        unknown = sorted(set(kwargs) - set(FT_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown arguments for method {self.method!r}: {unknown}; "
+                             f"it takes {sorted(FT_DEFAULTS)}")
+        opts = {**FT_DEFAULTS, **kwargs}
+        if not isinstance(opts["ft_steps"], int) or opts["ft_steps"] < 1:
+            raise ValueError(f"ft_steps must be a positive int, got {opts['ft_steps']!r}")
+        if not isinstance(opts["ft_lr"], (int, float)) or not opts["ft_lr"] > 0:
+            raise ValueError(f"ft_lr must be a positive number, got {opts['ft_lr']!r}")
+        if opts["ft_optimizer"] not in ("adam", "sgd"):
+            raise ValueError(f"ft_optimizer must be 'adam' or 'sgd', got {opts['ft_optimizer']!r}")
+        if not isinstance(opts["kl_weight"], (int, float)) or opts["kl_weight"] < 0:
+            raise ValueError(f"kl_weight must be a non-negative number, got {opts['kl_weight']!r}")
+        if opts["ft_stop_loss"] is not None and not isinstance(opts["ft_stop_loss"], (int, float)):
+            raise ValueError(f"ft_stop_loss must be a number or None, got {opts['ft_stop_loss']!r}")
+        texts = opts["locality_texts"]
+        if texts is not None:
+            if isinstance(texts, str) or not all(isinstance(t, str) and t.strip() for t in texts):
+                raise ValueError("locality_texts must be a list of non-empty strings")
+            opts["locality_texts"] = list(texts)
+        if self.method == "ft_kl" and self.seq2seq:
+            raise ValueError("method 'ft_kl' supports causal LMs only (its KL runs over locality texts)")
+        return opts
+
+    def _build_editors(self, kwargs: dict) -> None:
+        if "n_modes" in kwargs:
+            raise ValueError("n_modes is set by ModelEditor (the number of layers sharing a shape)")
+        preset = EDITOR_METHODS[self.method]
+        if self.method == "moeditor":
+            kwargs = {**kwargs, "feat_dim": kwargs.get("feat_dim") or self.hidden_size()}
+        by_shape: dict[tuple[int, int], list[str]] = {}
+        for name, module in self.modules.items():
+            by_shape.setdefault(self.shape_of(module), []).append(name)
+        for (i, o), names in by_shape.items():
+            key = f"{i}x{o}"
+            try:
+                editor = preset(i, o, n_modes=len(names), **kwargs)
+            except TypeError as exc:  # an argument the preset does not take
+                raise ValueError(f"bad editor argument for method {self.method!r}: {exc}") from None
+            self.editors[key] = editor.to(weight_out_in(self.modules[names[0]]).device)
+            for mode, name in enumerate(names):
+                self.slots[name] = (key, mode)
+
+    def hidden_size(self) -> int:
+        config = getattr(self.model, "config", None)
+        for attr in ("hidden_size", "d_model", "n_embd"):
+            value = getattr(config, attr, None)
+            if isinstance(value, int):
+                return value
+        return int(self.model.get_input_embeddings().embedding_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return weight_out_in(self.modules[self.layers[0]]).device
+
+    def parameters(self):
+        """The editors' trainable parameters (empty for the baselines)."""
+        return self.editors.parameters()
+
+    def train(self, mode: bool = True) -> "ModelEditor":
+        self.editors.train(mode)
+        return self
+
+    def eval(self) -> "ModelEditor":
+        return self.train(False)
+
+    # -- tokenization and capture ----------------------------------------------------------------
+    def tokenize(self, prompts: Sequence[str], targets: Sequence[str], name: str = "requests") -> dict:
+        """Edit batch (labels on the target tokens); ValueError naming the request on an empty target."""
+        fn = tokenize_seq2seq if self.seq2seq else tokenize_causal
+        try:
+            return fn(self.tokenizer, list(prompts), list(targets), device=self.device)
+        except ValueError as exc:
+            raise ValueError(f"{name} could not be tokenized ({exc}); the model was not changed") from None
+
+    def capture(self, batch: dict, need_feats: bool | None = None):
+        """({layer: Factors}, edit features (E, hidden) or None, loss): one forward + backward.
+
+        η is the gradient of the mean target NLL over the batch.  Gradients are taken with
+        `torch.autograd.grad` against the edited modules' outputs only: no parameter's `.grad`
+        changes and the weights need not require grad.
+        """
+        if need_feats is None:
+            need_feats = self.needs_feats
+        with torch.enable_grad(), capture_factors(self.model, self.layers, tokens=self.tokens, batch=batch) as cap:
+            out = self.model(**self.model_inputs(batch), output_hidden_states=need_feats)
+            loss = target_nll(out.logits, batch["labels"], causal=not self.seq2seq)
+            if not bool(torch.isfinite(loss)):
+                raise FloatingPointError(f"the edit loss is not finite ({float(loss)}); the model was not changed")
+            torch.autograd.grad(loss, cap.outputs, allow_unused=True)
+            factors = cap.factors
+        for name, f in factors.items():
+            if not (bool(torch.isfinite(f.mu).all()) and bool(torch.isfinite(f.eta).all())):
+                raise FloatingPointError(f"non-finite gradient for layer {name!r}; the model was not changed")
+        feats = self._edit_features(out, batch) if need_feats else None
+        return factors, feats, loss.detach()
+
+    def model_inputs(self, batch: dict) -> dict:
+        """What the forward needs: causal LMs get no labels (the loss is computed here, on the
+        scored positions only, instead of HF's full-vocabulary loss over every position)."""
+        return batch if self.seq2seq else {k: v for k, v in batch.items() if k != "labels"}
+
+    @property
+    def needs_feats(self) -> bool:
+        return any(getattr(e, "routing", None) == "gate" for e in self.editors.values())
+
+    def _edit_features(self, out, batch: dict) -> torch.Tensor:
+        """Mean of the last hidden state over each edit's prompt tokens (fp32, no grad)."""
+        if self.seq2seq:
+            hidden, mask = out.encoder_last_hidden_state, batch["attention_mask"].bool()
+        else:
+            hidden = out.hidden_states[-1]
+            mask = batch["attention_mask"].bool() & (batch["labels"] == IGNORE_INDEX)
+        hidden, mask = hidden.detach().float(), mask.to(hidden.device).unsqueeze(-1).float()
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    def run_editors(self, factors: dict, feats: torch.Tensor | None) -> dict:
+        """{layer: GroupedEdit}, in whatever grad / train mode the caller set."""
+        edits = {}
+        for name in self.layers:
+            key, mode = self.slots[name]
+            editor = self.editors[key]
+            f = factors[name]
+            dev = next(editor.parameters()).device
+            edits[name] = editor(f.mu.to(dev), f.eta.to(dev), f.edit_offsets.to(dev), mode=mode,
+                                 edit_feats=None if feats is None else feats.to(dev))
+        return edits
+
+    # -- apply / undo ----------------------------------------------------------------------------
+    def apply(self, requests: Iterable[EditRequest]) -> EditHandle:
+        """Edit the model in place; returns the handle that undoes it (see the module docstring)."""
+        requests = validate_requests(requests)
+        device = self.device
+        _peak_memory_start(device)
+        start = time.perf_counter()
+        batch = self.tokenize([r.prompt for r in requests], [r.target for r in requests])
+        if self.method in FT_METHODS:
+            saved, stats = self._apply_ft(requests, batch)
+        else:
+            saved, stats = self._apply_editors(batch)
+        stats.update(latency_s=time.perf_counter() - start, n_edits=len(requests),
+                     peak_memory_bytes=_peak_memory(device))
+        handle = EditHandle(self, saved, stats)
+        self._live.append(handle)
+        return handle
+
+    @contextlib.contextmanager
+    def edited(self, requests: Iterable[EditRequest]):
+        """`with editor.edited(requests) as handle:` the model is edited inside the block only."""
+        handle = self.apply(requests)
+        try:
+            yield handle
+        finally:
+            handle.undo()
+
+    def _apply_editors(self, batch: dict):
+        t0 = time.perf_counter()
+        factors, feats, _ = self.capture(batch)
+        t1 = time.perf_counter()
+        training = [e.training for e in self.editors.values()]
+        try:
+            self.editors.eval()  # frozen normalisation statistics, no gate noise
+            with torch.no_grad():
+                edits = self.run_editors(factors, feats)
+        finally:
+            for editor, mode in zip(self.editors.values(), training):
+                editor.train(mode)
+        for name, edit in edits.items():
+            if not all(bool(torch.isfinite(t).all()) for t in (edit.mu_t, edit.eta_t, edit.alpha)):
+                raise FloatingPointError(
+                    f"the editor's shift for layer {name!r} is not finite; the model was not changed")
+        t2 = time.perf_counter()
+        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        try:
+            for name in self.layers:
+                weight = weight_out_in(self.modules[name])
+                previous = edits[name].apply_(weight)
+                saved.append((weight, previous))
+                if not bool(torch.isfinite(weight).all()) and bool(torch.isfinite(previous).all()):
+                    raise FloatingPointError(f"the shifted weight of layer {name!r} is not finite")
+        except BaseException as exc:
+            _restore(saved)
+            _note(exc, f"dcedit: the edit failed after changing {len(saved)} of {len(self.layers)} weights; "
+                       "all of them were restored bit for bit")
+            raise
+        stats = dict(capture_s=t1 - t0, editor_s=t2 - t1, apply_s=time.perf_counter() - t2,
+                     n_tokens=sum(f.num_tokens for f in factors.values()))
+        return saved, stats
+
+    # -- fine-tuning baselines ---------------------------------------------------------------------
+    def _locality_texts(self, requests: list[EditRequest]) -> list[str]:
+        texts = []
+        for r in requests:
+            if r.locality is not None:
+                sep = "" if r.locality_target is None else (" " if not r.locality[-1].isspace() else "")
+                texts.append(r.locality + sep + (r.locality_target or ""))
+        return texts or list(self.ft_options["locality_texts"] or GENERIC_LOCALITY_TEXTS)
+
+    def _locality_batch(self, texts: list[str]) -> dict:
+        rows = [self.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+        return pad_rows(rows, pad_token_id(self.tokenizer), self.device)
+
+    def _apply_ft(self, requests: list[EditRequest], batch: dict):
+        opts = self.ft_options
+        weights = [self.modules[name].weight for name in self.layers]
+        params = list(self.model.parameters())
+        flags = [p.requires_grad for p in params]
+        grads = [p.grad for p in weights]
+        saved = [(w, w.detach().clone()) for w in weights]
+        t0, steps_run = time.perf_counter(), 0
+        try:
+            loc = None
+            if self.method == "ft_kl" and opts["kl_weight"] > 0:
+                loc = self._locality_batch(self._locality_texts(requests))
+                with torch.no_grad():
+                    base = self.model(input_ids=loc["input_ids"], attention_mask=loc["attention_mask"]).logits
+                    loc_mask = loc["attention_mask"].bool()
+                    base_logp = torch.log_softmax(upcast(base[loc_mask]), -1)
+                    del base
+            for p in params:
+                p.requires_grad_(False)
+            for w in weights:
+                w.requires_grad_(True)
+                w.grad = None
+            if opts["ft_optimizer"] == "adam":
+                opt = torch.optim.Adam(weights, lr=opts["ft_lr"])
+            else:
+                opt = torch.optim.SGD(weights, lr=opts["ft_lr"])
+            with torch.enable_grad():
+                for _ in range(opts["ft_steps"]):
+                    opt.zero_grad(set_to_none=True)
+                    logits = self.model(**self.model_inputs(batch)).logits
+                    loss = target_nll(logits, batch["labels"], causal=not self.seq2seq)
+                    if opts["ft_stop_loss"] is not None and float(loss.detach()) < opts["ft_stop_loss"]:
+                        break
+                    if loc is not None:
+                        logits = self.model(input_ids=loc["input_ids"], attention_mask=loc["attention_mask"]).logits
+                        loss = loss + opts["kl_weight"] * masked_kl(base_logp, logits, loc_mask)
+                    if not bool(torch.isfinite(loss)):
+                        raise FloatingPointError(f"the fine-tuning loss is not finite ({float(loss)})")
+                    loss.backward()
+                    for name, w in zip(self.layers, weights):
+                        if not bool(torch.isfinite(w.grad).all()):
+                            raise FloatingPointError(f"non-finite gradient for layer {name!r}")
+                    opt.step()
+                    steps_run += 1
+            for name, w in zip(self.layers, weights):
+                if not bool(torch.isfinite(w).all()):
+                    raise FloatingPointError(f"the fine-tuned weight of layer {name!r} is not finite")
+        except BaseException as exc:
+            _restore(saved)
+            _note(exc, "dcedit: the fine-tuning edit failed; the edited weights were restored bit for bit")
+            raise
+        finally:
+            for p, flag in zip(params, flags):
+                p.requires_grad_(flag)
+            for w, g in zip(weights, grads):
+                w.grad = g
+        return saved, dict(ft_s=time.perf_counter() - t0, ft_steps_run=steps_run,
+                           n_tokens=int(batch["attention_mask"].sum()))
+
+    # -- training --------------------------------------------------------------------------------
+    def fit(self, train_requests, val_requests=None, config=None, **overrides):
+        """Train the editors (see `dcedit_kernels.train.train_editor`); returns its TrainResult."""
+        from .train import TrainConfig, train_editor
+
+        if self.method in FT_METHODS:
+            raise ValueError(f"method {self.method!r} has no editor to train")
+        if config is None:
+            config = TrainConfig(**overrides)
+        elif overrides:
+            config = config.replace(**overrides)
+        return train_editor(self, train_requests, val_requests, config)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def config(self) -> dict:
+        return dict(format=1, method=self.method, layers=self.layers, tokens=self.tokens,
+                    editor_kwargs=self.editor_kwargs,
+                    editors={key: editor.config for key, editor in self.editors.items()})
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"editors.{key}.{k}": v.detach().contiguous().cpu()
+                for key, editor in self.editors.items() for k, v in editor.state_dict().items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load what `state_tensors` gave (ValueError naming a missing or unexpected key)."""
+        expected = set(self.state_tensors())
+        if set(tensors) != expected:
+            missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+            raise ValueError(
+                f"editor checkpoint does not match: missing keys {missing[:5]}, unexpected keys {extra[:5]}")
+        for key, editor in self.editors.items():
+            prefix = f"editors.{key}."
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            for k, v in editor.state_dict().items():
+                if state[k].shape != v.shape:
+                    raise ValueError(f"editor checkpoint key {prefix + k} has shape {tuple(state[k].shape)}, "
+                                     f"expected {tuple(v.shape)}")
+            editor.load_state_dict(state)
+
+    def save(self, path) -> None:
+        """Editors' state to safetensors, with the ModelEditor config as JSON metadata (no pickle)."""
+        from safetensors.torch import save_file
+
+        try:
+            meta = json.dumps(self.config())
+        except TypeError as exc:
+            raise ValueError(f"editor_kwargs must be JSON-serializable to save: {exc}") from None
+        save_file(self.state_tensors(), str(path), metadata={CHECKPOINT_KEY: meta})
+
+    @classmethod
+    def load(cls, path, model: nn.Module, tokenizer) -> "ModelEditor":
+        """A ModelEditor for `model` from what `save` wrote."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if CHECKPOINT_KEY not in meta:
+            raise ValueError(f"{path} is not a ModelEditor checkpoint (no {CHECKPOINT_KEY} metadata)")
+        config = json.loads(meta[CHECKPOINT_KEY])
+        editor = cls(model, tokenizer, config["layers"], method=config["method"], tokens=config["tokens"],
+                     **config["editor_kwargs"])
+        for key, saved in config["editors"].items():
+            if key not in editor.editors or editor.editors[key].config != saved:
+                raise ValueError(f"{path}: editor {key} was saved with {saved}, the model gives a different editor")
+        editor.load_state_tensors(load_file(str(path), device=str(editor.device)))
+        return editor
+
+
+def pad_rows(rows: list[list[int]], pad_id: int, device=None, labels: list[list[int]] | None = None) -> dict:
+    """Right-padded `input_ids` and `attention_mask` (and `labels`, padded with -100)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if labels is not None:
+        lab = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for i, r in enumerate(labels):
+            lab[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        batch["labels"] = lab
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch

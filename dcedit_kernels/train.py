@@ -1,0 +1,464 @@
+"""Train a ModelEditor's editors: loss = cedit·L_edit + cloc·KL + balance_weight·L_balance.
+
+One training batch of E edits costs three model passes, whatever the number of editors N_g:
+1. capture: forward + backward of the edit loss (mean target NLL) on the edit prompts gives the
+   gradient factors (μ, η) of every edited weight (and MoEditor's edit features);
+2. editors (train mode: normalisation statistics update, gate noise on) map them to grouped
+   low-rank factors, differentiably;
+3. one forward pass over [rephrase rows; locality rows] with `lowrank_layers.lowrank_edited`:
+   each edit's rephrase row sees its own group's shift (paper Eq. 18; `edit_rows="all"` makes it
+   see every group's), each locality row sees the sum of every group's shift (what the fused
+   edit applies, see lowrank_layers; `locality_rows="own"` for the paper's per-group form), and
+   backprop reaches the editors through `ops.lowrank_delta_linear` without any o×i matrix;
+   plus a no-grad pass of the unedited model over the locality rows for the KL reference.
+
+L_edit is the mean NLL of the target tokens on each edit's rephrase (its prompt when it has none);
+KL = mean over locality tokens of KL(p_unedited ‖ p_edited) (MEND's direction), the locality text
+being the request's `locality` (+ ` locality_target`), else the prompt of the next edit in the
+batch with its last position left out (that position predicts the other edit's own target, which
+the edit is meant to change).  L_balance is the gate's importance + load loss (MoEditor).
+
+Optimisation (MEND's split): Adam with `lr` on the editor weights, a separate optimiser with
+`lr_lr` on the per-weight steps α; gradient accumulation over `accumulate` batches; gradient-norm
+clipping; a batch with a non-finite gradient is skipped and counted.  Every `val_every` steps the
+editor is validated by applying real (fused, masked) edits to the model and measuring edit success
+on the val requests' rephrases; early stopping after `patience` validations without improvement;
+the best editor is restored at the end.  Checkpoints (safetensors only) go to `checkpoint_dir`:
+`editor.safetensors` (ModelEditor.save), `best.safetensors`, and `trainer.safetensors` (the
+optimisers' state flattened to tensors, the RNG state, and the counters as JSON metadata);
+`resume=True` continues from them.  The batch order is a function of (seed, batch index), so a
+resumed run sees the batches it would have seen.
+
+The model's parameters are frozen during training (requires_grad restored afterwards) and the
+model runs in the mode its owner set (`load_model` gives eval).  Causal LMs only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .lowrank_layers import lowrank_edited
+from .model_editor import ModelEditor, masked_kl, pad_rows, target_nll, token_accuracy, upcast
+from .requests import EditRequest, validate_requests
+from .tokenize import causal_pair_ids, pad_token_id
+
+VIEWS = ("own", "all")
+
+
+@dataclass
+class TrainConfig:
+    """Editor training settings (MEND's defaults where MEND has one)."""
+
+    steps: int = 100  # optimiser steps
+    batch_size: int = 4  # edits per batch
+    accumulate: int = 1  # batches per optimiser step
+    lr: float = 1e-4  # Adam, editor weights (MEND: 1e-6 for long runs)
+    lr_lr: float = 1e-4  # the per-weight edit steps α
+    lr_optimizer: str = "adam"  # "adam" | "sgd" for α
+    cedit: float = 0.1
+    cloc: float = 1.0
+    balance_weight: float = 1e-2  # gate balance loss (MoEditor)
+    grad_clip: float | None = 100.0
+    edit_rows: str = "own"
+    locality_rows: str = "all"
+    val_every: int = 50
+    val_size: int | None = None  # how many val requests to use (None: all)
+    patience: int | None = 5  # validations without improvement before stopping (None: never)
+    min_delta: float = 0.0
+    restore_best: bool = True
+    checkpoint_dir: str | None = None
+    resume: bool = True
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "accumulate", "val_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("lr", "lr_lr"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        for name in ("cedit", "cloc", "balance_weight", "min_delta"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        if self.lr_optimizer not in ("adam", "sgd"):
+            raise ValueError(f"lr_optimizer must be 'adam' or 'sgd', got {self.lr_optimizer!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip!r}")
+        for name in ("edit_rows", "locality_rows"):
+            if getattr(self, name) not in VIEWS:
+                raise ValueError(f"{name} must be one of {VIEWS}, got {getattr(self, name)!r}")
+        for name in ("val_size", "patience"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+
+    def replace(self, **changes) -> "TrainConfig":
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {unknown}")
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimiser steps done in total (including before a resume)
+    history: list = field(default_factory=list)  # per step: loss, edit, kl, balance
+    val_history: list = field(default_factory=list)  # per validation: step, es, es_all, nll
+    best_step: int | None = None
+    best_es: float | None = None
+    stopped_early: bool = False
+    resumed_from: int | None = None
+    skipped_batches: int = 0
+    elapsed_s: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loss of one batch
+# ---------------------------------------------------------------------------------------------
+def _locality_row(requests: list[EditRequest], e: int, tokenizer) -> tuple[list[int], int] | None:
+    """(token ids, number of KL positions) of edit e's locality row, or None (one edit, no locality)."""
+    r = requests[e]
+    if r.locality is not None:
+        text = r.locality
+        if r.locality_target is not None:
+            text = text + ("" if text[-1].isspace() else " ") + r.locality_target
+        ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+        return ids, len(ids)
+    if len(requests) < 2:
+        return None
+    ids = list(tokenizer(requests[(e + 1) % len(requests)].prompt, add_special_tokens=True)["input_ids"])
+    return ids, len(ids) - 1  # the last position predicts the other edit's target: not locality
+
+
+def eval_rows(me: ModelEditor, requests: list[EditRequest], config: TrainConfig) -> dict:
+    """The one-pass batch: E rephrase rows (labels on the target), then the locality rows.
+
+    Returns input_ids, attention_mask, labels (−100 on locality rows), row_edit, row_sees_all,
+    is_edit_row (B,) bool and kl_mask (B, L) bool (the positions the KL is taken at).
+    """
+    tok = me.tokenizer
+    rows, labels, row_edit, sees_all, is_edit, kl_len = [], [], [], [], [], []
+    for e, r in enumerate(requests):
+        ids, n_prompt = causal_pair_ids(tok, r.rephrase or r.prompt, r.target, e)
+        rows.append(ids)
+        labels.append([-100] * n_prompt + ids[n_prompt:])
+        row_edit.append(e), sees_all.append(config.edit_rows == "all"), is_edit.append(True), kl_len.append(0)
+    for e in range(len(requests)):
+        loc = _locality_row(requests, e, tok)
+        if loc is None or loc[1] < 1:
+            continue
+        rows.append(loc[0])
+        labels.append([])
+        row_edit.append(e), sees_all.append(config.locality_rows == "all"), is_edit.append(False)
+        kl_len.append(loc[1])
+    batch = pad_rows(rows, pad_token_id(tok), me.device, labels=labels)
+    width = batch["input_ids"].shape[1]
+    kl_mask = torch.arange(width).unsqueeze(0) < torch.tensor(kl_len).unsqueeze(1)
+    dev = me.device
+    batch.update(row_edit=torch.tensor(row_edit, dtype=torch.int64, device=dev),
+                 row_sees_all=torch.tensor(sees_all, dtype=torch.bool, device=dev),
+                 is_edit_row=torch.tensor(is_edit, dtype=torch.bool, device=dev),
+                 kl_mask=kl_mask.to(dev))
+    return batch
+
+
+def batch_edits(me: ModelEditor, requests: list[EditRequest]) -> dict:
+    """{layer: GroupedEdit} for a batch of edits: capture, then the editors, differentiably (in
+    the mode the editors are in: train mode updates the statistics and draws gate noise)."""
+    edit_batch = me.tokenize([r.prompt for r in requests], [r.target for r in requests])
+    factors, feats, _ = me.capture(edit_batch)
+    with torch.enable_grad():
+        return me.run_editors(factors, feats)
+
+
+def loss_from_edits(me: ModelEditor, requests: list[EditRequest], edits: dict, config: TrainConfig):
+    """(loss, parts): the training loss of these edits, from one edited forward pass."""
+    model = me.model
+    rows = eval_rows(me, requests, config)
+    is_edit, loc_rows = rows["is_edit_row"], ~rows["is_edit_row"]
+    has_loc = bool(loc_rows.any())
+    if has_loc:
+        with torch.no_grad():
+            base = model(input_ids=rows["input_ids"][loc_rows], attention_mask=rows["attention_mask"][loc_rows]).logits
+            base_logp = torch.log_softmax(upcast(base[rows["kl_mask"][loc_rows]]), -1)
+            del base
+    with torch.enable_grad(), lowrank_edited(model, edits, rows["row_edit"], rows["row_sees_all"]):
+        logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
+        l_edit = target_nll(logits[is_edit], rows["labels"][is_edit], causal=True)
+        kl = masked_kl(base_logp, logits[loc_rows], rows["kl_mask"][loc_rows]) if has_loc else logits.new_zeros(())
+        balance = torch.stack([e.aux_loss.to(l_edit.dtype) for e in edits.values()]).mean()
+        loss = config.cedit * l_edit + config.cloc * kl + config.balance_weight * balance
+    parts = {k: float(v.detach()) for k, v in dict(loss=loss, edit=l_edit, kl=kl, balance=balance).items()}
+    return loss, parts
+
+
+def batch_loss(me: ModelEditor, requests: list[EditRequest], config: TrainConfig):
+    """(loss, parts) of one batch of edits, differentiable in the editors' parameters."""
+    if me.seq2seq:
+        raise ValueError("editor training supports causal LMs only")
+    return loss_from_edits(me, requests, batch_edits(me, requests), config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+def evaluate_edits(me: ModelEditor, requests, batch_size: int = 4) -> dict:
+    """Apply the edits (fused path, editors in eval mode) batch by batch, score each edit's
+    rephrase (its prompt when it has none) teacher-forced, undo.  Returns `es` (mean share of
+    target tokens predicted by argmax), `es_all` (share of edits with every token right) and
+    `nll` (mean target NLL per edit)."""
+    requests = validate_requests(requests)
+    acc, nll = [], []
+    for start in range(0, len(requests), batch_size):
+        chunk = requests[start:start + batch_size]
+        rows = me.tokenize([r.rephrase or r.prompt for r in chunk], [r.target for r in chunk])
+        with me.edited(chunk), torch.no_grad():
+            logits = me.model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
+            acc.append(token_accuracy(logits, rows["labels"], causal=True).cpu())
+            sums, counts = target_nll(logits, rows["labels"], causal=True, reduction="row")
+            nll.append((sums / counts.clamp(min=1)).cpu())
+    acc_t, nll_t = torch.cat(acc), torch.cat(nll)
+    return dict(es=float(acc_t.mean()), es_all=float((acc_t == 1).float().mean()), nll=float(nll_t.mean()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+def _flatten_optimizer(opt: torch.optim.Optimizer, prefix: str):
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{prefix}.state.{idx}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(idx), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: dict, meta: dict) -> None:
+    state: dict[int, dict] = {}
+    head = prefix + ".state."
+    for key, v in tensors.items():
+        if key.startswith(head):
+            idx, name = key[len(head):].split(".", 1)
+            state.setdefault(int(idx), {})[name] = v
+    for idx, values in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _save_editor(me: ModelEditor, path: Path, state: dict | None = None) -> None:
+    tensors = state if state is not None else me.state_tensors()
+    _atomic_save(tensors, path, {"dcedit_model_editor": json.dumps(me.config())})
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _frozen(model):
+    """The model's parameters without requires_grad (no .grad ever lands on them), restored after."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+def _batch_indices(n: int, batch_size: int, seed: int, b: int) -> list[int]:
+    """Indices of batch b: epoch-wise random permutations, a pure function of (seed, b)."""
+    bs = min(batch_size, n)
+    per_epoch = max(1, n // bs)
+    epoch, k = divmod(b, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[k * bs:(k + 1) * bs].tolist()
+
+
+def train_editor(me: ModelEditor, train_requests, val_requests=None, config: TrainConfig | None = None) -> TrainResult:
+    """Train `me`'s editors on `train_requests` (see the module docstring); returns a TrainResult."""
+    from tqdm.auto import tqdm
+
+    config = config or TrainConfig()
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if not isinstance(me, ModelEditor):
+        raise ValueError(f"model_editor must be a ModelEditor, got {type(me).__name__}")
+    if not len(me.editors):
+        raise ValueError(f"method {me.method!r} has no editor to train")
+    if me.seq2seq:
+        raise ValueError("editor training supports causal LMs only")
+    train_requests = validate_requests(train_requests, "train_requests")
+    if val_requests is not None:
+        val_requests = validate_requests(val_requests, "val_requests")[: config.val_size]
+
+    alpha_ids = {id(e.alpha) for e in me.editors.values()}
+    alphas = [e.alpha for e in me.editors.values()]
+    weights = [p for p in me.editors.parameters() if id(p) not in alpha_ids]
+    params = weights + alphas
+    opt = torch.optim.Adam(weights, lr=config.lr)
+    lr_opt = (torch.optim.Adam if config.lr_optimizer == "adam" else torch.optim.SGD)(alphas, lr=config.lr_lr)
+
+    ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
+    result = TrainResult(steps=0)
+    best_state, bad_validations, rng_state = None, 0, None
+    if ckpt is not None:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        if config.resume and (ckpt / "trainer.safetensors").is_file():
+            rng_state, best_state, bad_validations = _resume(me, opt, lr_opt, ckpt, result)
+
+    was_training = me.editors.training
+    start = time.perf_counter()
+    bar = tqdm(total=config.steps, initial=result.steps, disable=not config.progress, desc=f"train {me.method}")
+    try:
+        with torch.random.fork_rng(devices=_cuda_devices(me)), _frozen(me.model):
+            if rng_state is not None:
+                cpu_state, cuda_states = rng_state
+                torch.set_rng_state(cpu_state)
+                for index, state in cuda_states.items():
+                    torch.cuda.set_rng_state(state, index)
+            else:
+                torch.manual_seed(config.seed)
+            me.editors.train()
+            while result.steps < config.steps and not result.stopped_early:
+                step_parts = []
+                for p in params:
+                    p.grad = None
+                for a in range(config.accumulate):
+                    b = result.steps * config.accumulate + a
+                    indices = _batch_indices(len(train_requests), config.batch_size, config.seed, b)
+                    batch = [train_requests[i] for i in indices]
+                    loss, parts = batch_loss(me, batch, config)
+                    grads = torch.autograd.grad(loss / config.accumulate, params, allow_unused=True)
+                    if not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+                        result.skipped_batches += 1
+                        continue
+                    for p, g in zip(params, grads):
+                        if g is not None:
+                            p.grad = g if p.grad is None else p.grad + g
+                    step_parts.append(parts)
+                if step_parts:
+                    if config.grad_clip is not None:
+                        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                    opt.step()
+                    lr_opt.step()
+                result.steps += 1
+                logged = ({k: sum(p[k] for p in step_parts) / len(step_parts) for k in step_parts[0]}
+                          if step_parts else {})
+                result.history.append(dict(step=result.steps, **logged))
+                bar.update(1)
+                if logged:
+                    bar.set_postfix(loss=f"{logged['loss']:.4g}", edit=f"{logged['edit']:.3g}", kl=f"{logged['kl']:.3g}")
+                if val_requests is not None and (result.steps % config.val_every == 0 or result.steps == config.steps):
+                    best_state, bad_validations = _validate(me, val_requests, config, result, best_state,
+                                                            bad_validations, ckpt)
+                    bar.set_postfix(es=f"{result.val_history[-1]['es']:.3f}", best=f"{result.best_es:.3f}")
+                    me.editors.train()
+                if ckpt is not None and (result.steps % config.val_every == 0 or result.steps == config.steps
+                                         or result.stopped_early):
+                    _checkpoint(me, opt, lr_opt, ckpt, result, bad_validations)
+    finally:
+        bar.close()
+        me.editors.train(was_training)
+    if config.restore_best and best_state is not None:
+        me.load_state_tensors(best_state)
+    result.elapsed_s += time.perf_counter() - start
+    return result
+
+
+def _cuda_devices(me: ModelEditor) -> list:
+    dev = me.device
+    return [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+
+
+def _validate(me, val_requests, config, result, best_state, bad_validations, ckpt):
+    scores = evaluate_edits(me, val_requests, config.batch_size)
+    result.val_history.append(dict(step=result.steps, **scores))
+    if result.best_es is None or scores["es"] > result.best_es + config.min_delta:
+        result.best_es, result.best_step = scores["es"], result.steps
+        best_state = {k: v.clone() for k, v in me.state_tensors().items()}
+        bad_validations = 0
+        if ckpt is not None:
+            _save_editor(me, ckpt / "best.safetensors", best_state)
+    else:
+        bad_validations += 1
+        if config.patience is not None and bad_validations >= config.patience:
+            result.stopped_early = True
+    return best_state, bad_validations
+
+
+def _checkpoint(me, opt, lr_opt, ckpt: Path, result: TrainResult, bad_validations: int) -> None:
+    _save_editor(me, ckpt / "editor.safetensors")
+    t1, m1 = _flatten_optimizer(opt, "opt")
+    t2, m2 = _flatten_optimizer(lr_opt, "lr_opt")
+    tensors = {**t1, **t2, "rng_state": torch.get_rng_state()}
+    for key, gen in _route_generators(me).items():  # RaEditor's random routing, seeded per editor
+        tensors[f"route_rng.{key}"] = gen.get_state()
+    for index in _cuda_devices(me):  # MoEditor's gate noise is drawn on the editors' device
+        tensors[f"cuda_rng.{index}"] = torch.cuda.get_rng_state(index)
+    counters = dict(steps=result.steps, best_step=result.best_step, best_es=result.best_es,
+                    stopped_early=result.stopped_early, skipped_batches=result.skipped_batches,
+                    bad_validations=bad_validations, elapsed_s=result.elapsed_s,
+                    history=result.history, val_history=result.val_history)
+    meta = {"opt": json.dumps(m1), "lr_opt": json.dumps(m2), "counters": json.dumps(counters),
+            "model_editor": json.dumps(me.config())}
+    _atomic_save(tensors, ckpt / "trainer.safetensors", meta)
+
+
+def _route_generators(me: ModelEditor) -> dict:
+    """The editors' own routing generators (GroupedEditor(seed=...) keeps one for RaEditor)."""
+    return {key: e._route_gen for key, e in me.editors.items() if getattr(e, "_route_gen", None) is not None}
+
+
+def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = ckpt / "trainer.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if not {"opt", "lr_opt", "counters", "model_editor"} <= set(meta):
+        raise ValueError(f"{path} is not a train_editor checkpoint")
+    saved = json.loads(meta["model_editor"])
+    if saved["layers"] != me.layers or saved["method"] != me.method or saved["editors"] != me.config()["editors"]:
+        raise ValueError(f"{path} was written for another editor ({saved['method']} on {saved['layers']})")
+    tensors = load_file(str(path))
+    me.load_state_tensors(load_file(str(ckpt / "editor.safetensors"), device=str(me.device)))
+    _unflatten_optimizer(opt, "opt", tensors, json.loads(meta["opt"]))
+    _unflatten_optimizer(lr_opt, "lr_opt", tensors, json.loads(meta["lr_opt"]))
+    for key, gen in _route_generators(me).items():
+        if f"route_rng.{key}" in tensors:
+            gen.set_state(tensors[f"route_rng.{key}"])
+    cuda_states = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("cuda_rng.")}
+    counters = json.loads(meta["counters"])
+    result.steps = result.resumed_from = counters["steps"]
+    result.best_step, result.best_es = counters["best_step"], counters["best_es"]
+    result.stopped_early, result.skipped_batches = counters["stopped_early"], counters["skipped_batches"]
+    result.elapsed_s, result.history = counters["elapsed_s"], counters["history"]
+    result.val_history = counters["val_history"]
+    best_state = load_file(str(ckpt / "best.safetensors")) if (ckpt / "best.safetensors").is_file() else None
+    return (tensors["rng_state"], cuda_states), best_state, counters["bad_validations"]

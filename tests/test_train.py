@@ -1,0 +1,366 @@
+"""The one-pass N_g-editor training loss (lowrank_layers), the training loop, checkpoints, resume."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dcedit_kernels.capture import is_conv1d, weight_out_in
+from dcedit_kernels.editors import GroupedEdit
+from dcedit_kernels.lowrank_layers import lowrank_edited
+from dcedit_kernels.model_editor import ModelEditor, masked_kl, target_nll
+from dcedit_kernels.models import tiny_model
+from dcedit_kernels.requests import EditRequest
+from dcedit_kernels.train import TrainConfig, batch_edits, eval_rows, evaluate_edits, loss_from_edits, train_editor
+
+from test_model_editor import LAYERS, one_thread, random_requests  # noqa: F401 (one_thread: autouse fixture)
+
+# ---------------------------------------------------------------------------------------------
+# Dense reference: each row's forward with its groups' dense shifts applied to the weights
+# ---------------------------------------------------------------------------------------------
+
+
+def random_grouped_edit(gen, n_in, n_out, n_edits, G, dtype=torch.float64):
+    """A GroupedEdit with ragged (sometimes empty) groups and a random group per edit."""
+    counts = torch.randint(0, 5, (G,), generator=gen)
+    counts[torch.rand(G, generator=gen) < 0.3] = 0
+    T = int(counts.sum())
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
+    mu_t = (torch.randn(T, n_in, generator=gen, dtype=dtype) * 0.3).requires_grad_()
+    eta_t = (torch.randn(T, n_out, generator=gen, dtype=dtype) * 0.3).requires_grad_()
+    alpha = torch.tensor(float(torch.rand(1, generator=gen)) + 0.5, dtype=dtype).requires_grad_()
+    edit_group = torch.randint(0, G, (n_edits,), generator=gen)
+    return GroupedEdit(mu_t=mu_t, eta_t=eta_t, offsets=offsets, fusion="add", alpha=alpha,
+                       edit_group=edit_group, aux_loss=torch.tensor(0.25, dtype=dtype))
+
+
+def dense_shift(edit, group=None):
+    """α S_g (out×in) for one group, or α Σ_g S_g for group=None; differentiable."""
+    b = edit.offsets.tolist()
+    groups = range(len(b) - 1) if group is None else [group]
+    shift = sum((edit.eta_t[b[g]:b[g + 1]].T @ edit.mu_t[b[g]:b[g + 1]] for g in groups),
+                torch.zeros(edit.eta_t.shape[1], edit.mu_t.shape[1], dtype=edit.mu_t.dtype))
+    return edit.alpha * shift
+
+
+def dense_logits(model, modules, edits, input_ids, attention_mask, row_edit, row_sees_all):
+    """Logits row by row, each row's forward run with its own dense per-layer weights."""
+    out = []
+    for b in range(input_ids.shape[0]):
+        weights = {}
+        for name, module in modules.items():
+            edit = edits[name]
+            if bool(row_sees_all[b]):
+                shift = dense_shift(edit)
+            elif int(row_edit[b]) >= 0:
+                shift = dense_shift(edit, int(edit.edit_group[int(row_edit[b])]))
+            else:
+                continue
+            w = module.weight
+            weights[name + ".weight"] = w + (shift.T if is_conv1d(module) else shift)
+        logits = torch.func.functional_call(model, weights, (input_ids[b:b + 1],),
+                                            {"attention_mask": attention_mask[b:b + 1]}).logits
+        out.append(logits)
+    return torch.cat(out)
+
+
+def frozen_double_model(arch, seed):
+    model, tok = tiny_model(arch, seed=seed, dtype=torch.float64)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tok
+
+
+# ---------------------------------------------------------------------------------------------
+# lowrank_edited
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_lowrank_edited_matches_dense_per_row(arch, gen):
+    model, _ = frozen_double_model(arch, int(torch.randint(0, 100, (1,), generator=gen)))
+    modules = {n: m for n, m in model.named_modules() if n in LAYERS[arch]}
+    E, B = 5, 7
+    edits = {}
+    for name, module in modules.items():
+        o, i = weight_out_in(module).shape
+        edits[name] = random_grouped_edit(gen, i, o, E, G=int(torch.randint(1, 5, (1,), generator=gen)))
+    row_edit = torch.randint(-1, E, (B,), generator=gen)
+    row_sees_all = torch.rand(B, generator=gen) < 0.3
+    input_ids = torch.randint(3, 100, (B, 6), generator=gen)
+    mask = torch.ones_like(input_ids)
+    mask[1, 4:] = 0  # a padded row
+    with lowrank_edited(model, edits, row_edit, row_sees_all):
+        got = model(input_ids=input_ids, attention_mask=mask).logits
+    want = dense_logits(model, modules, edits, input_ids, mask, row_edit, row_sees_all)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)
+    # Gradients with respect to every editor output agree too.
+    leaves = [t for e in edits.values() for t in (e.mu_t, e.eta_t, e.alpha)]
+    w = torch.randn(got.shape, generator=gen, dtype=got.dtype)
+    g_got = torch.autograd.grad((got * w).sum(), leaves, allow_unused=True)
+    g_want = torch.autograd.grad((want * w).sum(), leaves, allow_unused=True)
+    for a, b in zip(g_got, g_want):
+        if a is None or b is None:
+            assert (a is None or not bool(a.any())) and (b is None or not bool(b.any()))
+        else:
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-10)
+    # The forwards are restored, also after an exception inside the block.
+    with pytest.raises(KeyError):
+        with lowrank_edited(model, edits, row_edit, row_sees_all):
+            raise KeyError("inside")
+    assert all("forward" not in m.__dict__ for m in modules.values())
+
+
+def test_lowrank_edited_rejects_bad_rows(gen):
+    model, _ = frozen_double_model("gpt2", 0)
+    name = LAYERS["gpt2"][0]
+    o, i = weight_out_in(dict(model.named_modules())[name]).shape
+    edits = {name: random_grouped_edit(gen, i, o, 3, G=2)}
+    with pytest.raises(ValueError, match="row_edit entries"):
+        with lowrank_edited(model, edits, torch.tensor([0, 3])):
+            pass
+    with pytest.raises(ValueError, match="row_sees_all"):
+        with lowrank_edited(model, edits, torch.tensor([0, 1]), torch.tensor([1, 0])):
+            pass
+    with pytest.raises(ValueError, match="close matches"):
+        with lowrank_edited(model, {name + "x": edits[name]}, torch.tensor([0])):
+            pass
+    with pytest.raises(ValueError, match="factors for a"):
+        with lowrank_edited(model, {"transformer.h.1.mlp.c_proj": edits[name]}, torch.tensor([0])):
+            pass
+    with pytest.raises(RuntimeError, match="one row_edit entry per batch row"):
+        with lowrank_edited(model, edits, torch.tensor([0, 1])):
+            model(input_ids=torch.randint(3, 50, (3, 4)))
+    assert "forward" not in dict(model.named_modules())[name].__dict__
+
+
+# ---------------------------------------------------------------------------------------------
+# One pass of the N_g-editor training loss == the sum of separate passes with dense shifts
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("edit_rows,locality_rows", [("own", "all"), ("own", "own"), ("all", "all")])
+def test_one_pass_loss_equals_separate_dense_passes(arch, edit_rows, locality_rows, gen):
+    model, tok = frozen_double_model(arch, int(torch.randint(0, 100, (1,), generator=gen)))
+    me = ModelEditor(model, tok, LAYERS[arch], method="raeditor", n_editors=3, rank=4)
+    E, G = 5, 3
+    requests = random_requests(gen, E)
+    requests[1] = EditRequest(requests[1].prompt, requests[1].target)  # no rephrase, no locality
+    edits = {}
+    for name in me.layers:
+        o, i = weight_out_in(me.modules[name]).shape
+        edits[name] = random_grouped_edit(gen, i, o, E, G)
+    config = TrainConfig(cedit=0.3, cloc=1.7, balance_weight=0.1, edit_rows=edit_rows, locality_rows=locality_rows)
+    loss, parts = loss_from_edits(me, requests, edits, config)
+
+    # Reference: every row in its own forward pass, its groups' dense shifts in the weights.
+    rows = eval_rows(me, requests, config)
+    logits = dense_logits(model, me.modules, edits, rows["input_ids"], rows["attention_mask"],
+                          rows["row_edit"], rows["row_sees_all"])
+    is_edit = rows["is_edit_row"]
+    l_edit = target_nll(logits[is_edit], rows["labels"][is_edit], causal=True)
+    base = model(input_ids=rows["input_ids"][~is_edit], attention_mask=rows["attention_mask"][~is_edit]).logits
+    kl_mask = rows["kl_mask"][~is_edit]
+    kl = masked_kl(torch.log_softmax(base[kl_mask], -1), logits[~is_edit], kl_mask)
+    want = 0.3 * l_edit + 1.7 * kl + 0.1 * 0.25
+    assert int(is_edit.sum()) == E and int((~is_edit).sum()) == E  # edit 1's locality: edit 2's prompt
+    assert abs(parts["kl"] - float(kl.detach())) <= 1e-10 * max(1.0, abs(float(kl.detach())))
+    assert torch.allclose(loss, want, rtol=1e-10, atol=1e-12)
+    leaves = [t for e in edits.values() for t in (e.mu_t, e.eta_t, e.alpha)]
+    for a, b in zip(torch.autograd.grad(loss, leaves, allow_unused=True),
+                    torch.autograd.grad(want, leaves, allow_unused=True)):
+        if a is None or b is None:
+            assert (a is None or not bool(a.any())) and (b is None or not bool(b.any()))
+        else:
+            assert torch.allclose(a, b, rtol=1e-8, atol=1e-11)
+
+
+def test_locality_rows_see_what_apply_adds_for_mend(gen):
+    """With one editor (MEND) the one-pass edited logits equal the model after apply()."""
+    model, tok = tiny_model("llama", seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    me = ModelEditor(model, tok, LAYERS["llama"], method="mend", rank=5, edit_lr=0.3)
+    requests = random_requests(gen, 3)
+    config = TrainConfig()
+    me.eval()
+    with torch.no_grad():
+        edits = batch_edits(me, requests)
+        rows = eval_rows(me, requests, config)
+        with lowrank_edited(model, edits, rows["row_edit"], rows["row_sees_all"]):
+            got = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
+        with me.edited(requests):
+            want = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+def fixed_loss(me, requests, config):
+    """The training loss with the editors in eval mode (no statistics update, no gate noise)."""
+    was = me.editors.training
+    me.eval()
+    with torch.no_grad():
+        loss, _ = loss_from_edits(me, requests, batch_edits(me, requests), config)
+    me.editors.train(was)
+    return float(loss.detach())
+
+
+@pytest.mark.parametrize("arch,method", [("gpt2", "mend"), ("llama", "moeditor"), ("gpt2", "raeditor"),
+                                         ("llama", "proeditor")])
+def test_short_training_run_decreases_the_loss(arch, method, gen):
+    model, tok = tiny_model(arch, seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    kwargs = dict(rank=6, edit_lr=1e-2, seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    if method in ("moeditor", "raeditor"):
+        kwargs["n_editors"] = 2
+    me = ModelEditor(model, tok, LAYERS[arch], method=method, **kwargs)
+    requests = random_requests(gen, 4)
+    # lr 3e-3 over 40 steps: the worst loss ratio over 40 draws per case was 0.50 (lr 1e-2 over 25
+    # steps let one MoEditor draw in 40 diverge).
+    config = TrainConfig(steps=40, batch_size=4, lr=3e-3, lr_lr=3e-3, cedit=1.0, cloc=0.1, progress=False,
+                         seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    flags = {k: p.requires_grad for k, p in model.named_parameters()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    me.train()
+    with torch.no_grad():  # warm the normalisation statistics first: compare like with like
+        batch_edits(me, requests)
+    loss0 = fixed_loss(me, requests, config)
+    result = me.fit(requests, config=config)
+    loss1 = fixed_loss(me, requests, config)
+    assert result.steps == 40 and len(result.history) == 40
+    assert loss1 < 0.8 * loss0, (loss0, loss1)
+    # The model itself is untouched by training: weights, grads and requires_grad flags.
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_validation_early_stopping_and_best_restore(gen):
+    model, tok = tiny_model("gpt2", seed=1)
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, seed=1)
+    requests = random_requests(gen, 6)
+    # lr 0: the editor never changes, so the first validation stays the best and patience runs out.
+    config = TrainConfig(steps=20, batch_size=3, lr=0.0, lr_lr=0.0, val_every=2, patience=2, progress=False)
+    result = me.fit(requests[:4], requests[4:], config)
+    assert result.stopped_early and result.steps == 6
+    assert [v["step"] for v in result.val_history] == [2, 4, 6]
+    assert result.best_step == 2 and result.best_es == result.val_history[0]["es"]
+    for key in ("es", "es_all", "nll"):
+        assert key in result.val_history[0]
+
+
+def test_evaluate_edits_leaves_model_untouched(gen):
+    model, tok = tiny_model("llama", seed=2)
+    me = ModelEditor(model, tok, LAYERS["llama"], method="mend", rank=4, edit_lr=0.2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scores = evaluate_edits(me, random_requests(gen, 5), batch_size=2)
+    assert 0 <= scores["es_all"] <= scores["es"] <= 1 and scores["nll"] > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_evaluate_edits_agrees_with_metrics_edit_success(gen):
+    from dcedit_kernels import metrics
+
+    model, tok = tiny_model("gpt2", seed=3)
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, edit_lr=0.5)
+    reqs = random_requests(gen, 4)
+    ours = evaluate_edits(me, reqs, batch_size=4)
+    with me.edited(reqs):
+        assert ours["es"] == pytest.approx(metrics.edit_success(model, tok, reqs))
+        assert ours["es_all"] == pytest.approx(metrics.edit_success(model, tok, reqs, exact=True))
+
+
+@pytest.mark.parametrize("method", ["moeditor", "raeditor"])
+def test_checkpoint_resume_continues_the_same_run(method, gen, tmp_path):
+    """2 steps + resume to 4 steps == 4 steps straight (same batches, RNG, optimiser state)."""
+    seed = int(torch.randint(0, 100, (1,), generator=gen))
+    requests = random_requests(gen, 6)
+
+    def fresh():
+        model, tok = tiny_model("gpt2", seed=seed)
+        return ModelEditor(model, tok, LAYERS["gpt2"], method=method, n_editors=2, rank=4, seed=seed)
+
+    def config(steps, where):
+        return TrainConfig(steps=steps, batch_size=2, accumulate=2, lr=1e-3, lr_lr=1e-3, val_every=2,
+                           progress=False, checkpoint_dir=str(where), seed=seed)
+
+    straight = fresh()
+    r_straight = train_editor(straight, requests[:4], requests[4:], config(4, tmp_path / "a"))
+    first = fresh()
+    train_editor(first, requests[:4], requests[4:], config(2, tmp_path / "b"))
+    files = sorted(os.listdir(tmp_path / "b"))
+    assert files == ["best.safetensors", "editor.safetensors", "trainer.safetensors"]
+    resumed = fresh()
+    r_resumed = train_editor(resumed, requests[:4], requests[4:], config(4, tmp_path / "b"))
+    assert r_resumed.resumed_from == 2 and r_resumed.steps == 4
+    assert [h["loss"] for h in r_resumed.history] == pytest.approx([h["loss"] for h in r_straight.history], rel=1e-6)
+    a, b = straight.state_tensors(), resumed.state_tensors()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-8), k
+    # The editor checkpoint loads as a ModelEditor; nothing in the directory is a pickle.
+    loaded = ModelEditor.load(tmp_path / "b" / "editor.safetensors", resumed.model, resumed.tokenizer)
+    assert loaded.method == method
+    for f in files:
+        assert Path(tmp_path / "b" / f).read_bytes()[:1] != b"\x80"  # pickle protocol header
+
+
+def test_resume_refuses_another_editor(gen, tmp_path):
+    requests = random_requests(gen, 4)
+    model, tok = tiny_model("gpt2", seed=0)
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4)
+    cfg = TrainConfig(steps=1, batch_size=2, progress=False, checkpoint_dir=str(tmp_path))
+    train_editor(me, requests, None, cfg)
+    other = ModelEditor(model, tok, LAYERS["gpt2"][:2], method="mend", rank=4)
+    with pytest.raises(ValueError, match="another editor"):
+        train_editor(other, requests, None, cfg.replace(steps=2))
+
+
+def test_train_config_and_arguments_are_checked():
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="edit_rows"):
+        TrainConfig(edit_rows="some")
+    with pytest.raises(ValueError, match="lr_optimizer"):
+        TrainConfig(lr_optimizer="lbfgs")
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        TrainConfig().replace(step=3)
+    model, tok = tiny_model("gpt2", seed=0)
+    with pytest.raises(ValueError, match="no editor to train"):
+        ModelEditor(model, tok, LAYERS["gpt2"], method="ft").fit([EditRequest("a b", "c")])
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4)
+    with pytest.raises(ValueError, match="train_requests must not be empty"):
+        me.fit([], config=TrainConfig(progress=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# SmolLM2 on CounterFact (slow)
+# ---------------------------------------------------------------------------------------------
+COUNTERFACT = Path("/work/shared/data")
+
+
+def counterfact(name, n):
+    from dcedit_kernels.data.counterfact import load_counterfact
+
+    return load_counterfact(COUNTERFACT / name, limit=n)
+
+
+@pytest.mark.slow
+def test_mend_training_on_smollm2_raises_heldout_edit_success():
+    if not (COUNTERFACT / "counterfact-train.json").is_file() or not (COUNTERFACT / "counterfact-val.json").is_file():
+        pytest.skip("CounterFact files not found in /work/shared/data")
+    from dcedit_kernels.models import load_model
+
+    try:
+        model, tok = load_model()
+    except (FileNotFoundError, ImportError) as exc:
+        pytest.skip(f"SmolLM2 not available: {exc}")
+    n_layers = model.config.num_hidden_layers
+    layers = [f"model.layers.{n_layers - 2}.mlp.down_proj", f"model.layers.{n_layers - 1}.mlp.down_proj"]
+    me = ModelEditor(model, tok, layers, method="mend", rank=32, seed=0)
+    train = counterfact("counterfact-train.json", 200)
+    heldout = counterfact("counterfact-val.json", 12)
+    before = evaluate_edits(me, heldout, batch_size=4)
+    config = TrainConfig(steps=24, batch_size=4, lr=1e-3, lr_lr=1e-3, progress=False, seed=0)
+    result = me.fit(train, config=config)
+    after = evaluate_edits(me, heldout, batch_size=4)
+    print(f"SmolLM2 MEND: held-out ES {before['es']:.3f} -> {after['es']:.3f}, "
+          f"NLL {before['nll']:.3f} -> {after['nll']:.3f}, {result.steps} steps in {result.elapsed_s:.1f}s")
+    assert after["es"] > before["es"]
+    assert after["nll"] < before["nll"]
