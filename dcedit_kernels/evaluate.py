@@ -1,0 +1,333 @@
+"""Evaluate an editing method: sample N_u edits, apply them as one batch, score, undo; repeat.
+
+    from dcedit_kernels.evaluate import evaluate_method
+    result = evaluate_method(model, tokenizer, editor, requests, n_edits=(25, 75, 125), repeats=3)
+    result["by_n"][25]["es"]          # {"mean": ..., "std": ..., "values": [...]}
+
+One *run* (`measure_edit`) takes a batch of requests and
+1. records the unedited model's predictions on the batch's locality prompts (for DD),
+2. applies the whole batch as one edit (`ModelEditor.apply`), timing it and measuring its peak
+   memory (below),
+3. scores ES (rephrase), reliability (prompt), neighbourhood success and DD with
+   `dcedit_kernels.metrics` (teacher-forced token accuracy), LMP = ES − DD,
+4. undoes the edit (bit-exact), so runs are independent.
+A metric whose field is missing from every request of the batch (no rephrase, no locality) is
+None; when only some requests have it, it is taken over those.
+
+Peak memory of the edit step (`peak_memory_mb`, with `memory_method` saying how it was taken):
+- CUDA: `torch.cuda.max_memory_allocated` during the edit minus what was allocated before, i.e.
+  the extra memory the edit needed at its peak ("cuda_peak_allocated").
+- CPU on Linux: the growth of the process's resident-set high-water mark (VmHWM) over the
+  edit, after resetting the mark through /proc/self/clear_refs ("rss_high_water").  PyTorch keeps
+  no per-call peak for CPU tensors and tracemalloc does not see its allocations; RSS is what the
+  user's machine feels.  It is a lower bound on allocation: memory the allocator already holds
+  from earlier steps is reused without raising RSS.
+- Elsewhere: the growth of `ru_maxrss` (never reset, so 0 unless the edit set a new process
+  peak; "ru_maxrss").
+
+`evaluate_method` repeats runs over fresh samples for each N_u and reports mean ± std (population
+std over the repeats; 0 for one repeat).  Samples are a function of (seed, N_u, repeat) only, so
+every method evaluated with the same seed sees the same edits.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import metrics
+from .requests import EditRequest, validate_requests
+
+PREDICTION_METRICS = ("es", "reliability", "dd", "lmp", "ns")
+COST_METRICS = ("latency_s", "peak_memory_mb")
+ALL_METRICS = PREDICTION_METRICS + COST_METRICS
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory of one step
+# ---------------------------------------------------------------------------------------------
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _malloc_trim() -> None:
+    """Give freed heap memory back to the OS (glibc), so a step that reuses memory an earlier step
+    freed still shows up in RSS: without it the first method measured pays for the heap growth and
+    later ones look cheaper (measured: MEND's 25-edit step read 708 MB after a fresh load)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_rss_high_water() -> bool:
+    """Reset VmHWM to the current RSS (Linux ≥ 4.0: write "5" to clear_refs)."""
+    _malloc_trim()
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _ru_maxrss_kb() -> int | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak // 1024 if sys.platform == "darwin" else peak  # macOS reports bytes
+
+
+class PeakMemory:
+    """`with PeakMemory(device) as m: ...` then `m.peak_mb` (MiB) and `m.method` (see module doc)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.peak_mb: float | None = None
+        self.method: str | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            self.method = "cuda_peak_allocated"
+        elif _reset_rss_high_water() and _status_kb("VmRSS") is not None:
+            self._base = _status_kb("VmRSS")
+            self.method = "rss_high_water"
+        else:
+            self._base = _ru_maxrss_kb()
+            self.method = "ru_maxrss" if self._base is not None else None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.method == "cuda_peak_allocated":
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        elif self.method == "rss_high_water":
+            hwm = _status_kb("VmHWM")
+            self.peak_mb = None if hwm is None else max(hwm - self._base, 0) / 1024
+        elif self.method == "ru_maxrss":
+            now = _ru_maxrss_kb()
+            self.peak_mb = None if now is None else max(now - self._base, 0) / 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# One run
+# ---------------------------------------------------------------------------------------------
+def _model_device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _with(requests: list[EditRequest], *fields: str) -> list[EditRequest]:
+    return [r for r in requests if all(getattr(r, f) is not None for f in fields)]
+
+
+def _unedited_locality(model, tokenizer, requests, batch_size, cache: dict | None):
+    """(requests with a locality prompt, the unedited model's predictions on them).
+
+    `cache` maps (locality, locality_target) to a prediction of the UNEDITED model; it lets every
+    method evaluated on the same samples skip this pass (one of the five scoring passes per run).
+    """
+    local = _with(requests, "locality")
+    if not local:
+        return local, None
+    keys = [(r.locality, r.locality_target) for r in local]
+    if cache is None:
+        return local, metrics.locality_predictions(model, tokenizer, local, batch_size)
+    todo = [r for r, k in zip(local, keys) if k not in cache]
+    if todo:
+        todo_keys = [(r.locality, r.locality_target) for r in todo]
+        for k, pred in zip(todo_keys, metrics.locality_predictions(model, tokenizer, todo, batch_size)):
+            cache[k] = pred
+    return local, [cache[k] for k in keys]
+
+
+def measure_edit(editor, requests: Sequence[EditRequest], batch_size: int = 16, during=None,
+                 base_cache: dict | None = None) -> dict:
+    """Apply `requests` as one batch with `editor` (a ModelEditor), score, undo; one run's metrics.
+
+    Returns es, reliability, dd, lmp, ns (floats in [0, 1], or None, see the module docstring),
+    latency_s (wall time of `apply`), peak_memory_mb and memory_method, n_edits; with `during`
+    (a callable taking the model) also "during": what it returned while the edit was applied
+    (e.g. greedy completions of the edited model).  `base_cache`: a dict shared between calls on
+    the same UNEDITED model, caching its locality predictions (see `_unedited_locality`).
+    """
+    requests = validate_requests(requests)
+    model, tokenizer = editor.model, editor.tokenizer
+    local, base = _unedited_locality(model, tokenizer, requests, batch_size, base_cache)
+    rephrased = _with(requests, "rephrase")
+    neighbours = _with(requests, "locality", "locality_target")
+
+    with PeakMemory(_model_device(model)) as memory:
+        start = time.perf_counter()
+        handle = editor.apply(requests)
+        latency = time.perf_counter() - start
+    try:
+        es = metrics.edit_success(model, tokenizer, rephrased, batch_size) if rephrased else None
+        rel = metrics.reliability(model, tokenizer, requests, batch_size)
+        ns = metrics.neighbourhood_success(model, tokenizer, neighbours, batch_size) if neighbours else None
+        dd = metrics.drawdown(model, tokenizer, local, base, batch_size) if local else None
+        extra = {} if during is None else {"during": during(model)}
+    finally:
+        handle.undo()
+    return dict(
+        **extra,
+        es=es, reliability=rel, dd=dd, lmp=None if es is None or dd is None else metrics.lmp(es, dd), ns=ns,
+        latency_s=latency, peak_memory_mb=memory.peak_mb, memory_method=memory.method, n_edits=len(requests),
+    )
+
+
+def unedited_scores(model, tokenizer, requests: Sequence[EditRequest], batch_size: int = 16) -> dict:
+    """ES, reliability and NS of the unedited model on the requests (the "before" row)."""
+    requests = validate_requests(requests)
+    rephrased = _with(requests, "rephrase")
+    neighbours = _with(requests, "locality", "locality_target")
+    es = metrics.edit_success(model, tokenizer, rephrased, batch_size) if rephrased else None
+    return dict(
+        es=es, reliability=metrics.reliability(model, tokenizer, requests, batch_size), dd=0.0,
+        lmp=es, ns=metrics.neighbourhood_success(model, tokenizer, neighbours, batch_size) if neighbours else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Repeated runs
+# ---------------------------------------------------------------------------------------------
+def sample_indices(n_requests: int, n_edits: int, seed: int, repeat: int) -> list[int]:
+    """The request indices of run `repeat` for N_u = n_edits: a pure function of its arguments."""
+    rng = random.Random(f"dcedit-{seed}-{n_edits}-{repeat}")
+    return sorted(rng.sample(range(n_requests), n_edits))
+
+
+def summarize(values: list) -> dict:
+    """{"mean", "std", "values"} over the non-None values (mean/std None when there are none)."""
+    kept = [float(v) for v in values if v is not None]
+    if not kept:
+        return dict(mean=None, std=None, values=list(values))
+    mean = sum(kept) / len(kept)
+    std = math.sqrt(sum((v - mean) ** 2 for v in kept) / len(kept))
+    return dict(mean=mean, std=std, values=list(values))
+
+
+def _check_n_edits(n_edits, n_requests: int) -> list[int]:
+    if isinstance(n_edits, int) and not isinstance(n_edits, bool):
+        n_edits = (n_edits,)
+    try:
+        items = list(n_edits)
+    except TypeError:
+        raise ValueError(f"n_edits must be an int or a sequence of ints, got {type(n_edits).__name__}") from None
+    if not items:
+        raise ValueError("n_edits must not be empty")
+    for n in items:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n_edits must hold positive ints, got {n!r}")
+        if n > n_requests:
+            raise ValueError(f"n_edits holds {n}, more than the {n_requests} requests available")
+    return items
+
+
+def evaluate_method(
+    model,
+    tokenizer,
+    method,
+    requests: Sequence[EditRequest],
+    n_edits=(25, 75, 125),
+    repeats: int = 3,
+    seed: int = 0,
+    layers: Sequence[str] | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+    base_cache: dict | None = None,
+    **editor_kwargs,
+) -> dict:
+    """Mean ± std of every metric over `repeats` runs of N_u edits, for each N_u in `n_edits`.
+
+    `method`: a ModelEditor (trained or not) over `model`, or a method name ("ft", "ft_kl",
+    "mend", ...) from which one is built with `layers` and `editor_kwargs`.  Returns
+    {"method", "n_requests", "repeats", "seed", "by_n": {N_u: {metric: {"mean", "std",
+    "values"}}, "memory_method": ...}, "runs": [per-run dicts with "n_edits", "repeat",
+    "indices"]}.  `base_cache`: see `measure_edit`; pass one dict to every call that evaluates
+    a method on the same unedited model (the report does), or leave None for a private one.
+    """
+    from tqdm.auto import tqdm
+
+    from .model_editor import ModelEditor
+
+    requests = validate_requests(requests)
+    sizes = _check_n_edits(n_edits, len(requests))
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    if isinstance(method, ModelEditor):
+        if method.model is not model:
+            raise ValueError("method is a ModelEditor of another model than `model`")
+        if layers is not None or editor_kwargs:
+            raise ValueError("layers and editor arguments go to the ModelEditor, not here, when method is one")
+        editor = method
+    elif isinstance(method, str):
+        if layers is None:
+            raise ValueError(f"layers is required to build a ModelEditor for method {method!r}")
+        editor = ModelEditor(model, tokenizer, layers=list(layers), method=method, **editor_kwargs)
+    else:
+        raise ValueError(f"method must be a ModelEditor or a method name, got {type(method).__name__}")
+
+    runs = []
+    base_cache = {} if base_cache is None else base_cache
+    total = len(sizes) * repeats
+    with tqdm(total=total, desc=f"evaluate {editor.method}", disable=not progress) as bar:
+        for n in sizes:
+            for r in range(repeats):
+                idx = sample_indices(len(requests), n, seed, r)
+                run = measure_edit(editor, [requests[i] for i in idx], batch_size, base_cache=base_cache)
+                runs.append(dict(run, repeat=r, indices=idx))
+                bar.update(1)
+    by_n = {}
+    for n in sizes:
+        mine = [run for run in runs if run["n_edits"] == n]
+        by_n[n] = {m: summarize([run[m] for run in mine]) for m in ALL_METRICS}
+        by_n[n]["memory_method"] = mine[0]["memory_method"]
+    return dict(method=editor.method, n_requests=len(requests), repeats=repeats, seed=seed, by_n=by_n, runs=runs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient conflict per layer (paper Table 5)
+# ---------------------------------------------------------------------------------------------
+def gradient_conflict(model, tokenizer, layers: Sequence[str], requests: Sequence[EditRequest]) -> dict:
+    """{layer: {"gcr", "gms"}}: conflict ratio and magnitude similarity of the per-edit gradients
+    of each edited weight for this batch of edits (one forward + backward, from the captured
+    factors through `metrics.factor_gram`; no per-edit gradient matrix is formed)."""
+    from .model_editor import ModelEditor
+
+    requests = validate_requests(requests)
+    if len(requests) < 2:
+        raise ValueError(f"requests must hold at least 2 edits for gradient metrics, got {len(requests)}")
+    # A fine-tuning ModelEditor builds no editor: only its capture is used here.
+    me = ModelEditor(model, tokenizer, layers=list(layers), method="ft")
+    batch = me.tokenize([r.prompt for r in requests], [r.target for r in requests])
+    factors, _, _ = me.capture(batch, need_feats=False)
+    out = {}
+    for name in me.layers:
+        f = factors[name]
+        gram = metrics.factor_gram(f.mu, f.eta, f.edit_offsets)
+        out[name] = dict(gcr=metrics.gcr(gram=gram), gms=metrics.gms(gram=gram))
+    return out

@@ -1,0 +1,331 @@
+"""Paper-style report: every method at N_u ∈ {25, 75, 125}, repeated over edit samples, plus the
+gradient conflict (GCR) and magnitude similarity (GMS) per layer (the paper's Table 5).
+
+    python python/report.py                                   # CounterFact from ../shared/data
+    python python/report.py --data my-val.json --train-data my-train.json --repeats 3 \\
+        --markdown RESULTS.md --out-dir report_out
+
+1. Trains MEND, MoEditor and ProEditor editors on the first edits of --train-data (cached like
+   the demo's, see `dcedit_kernels.cli.trained_editor`); RaEditor, as in the demo, is MoEditor's
+   editors with random routing (`dcedit_kernels.cli.random_routing_twin`).
+2. For each method runs `dcedit_kernels.evaluate.evaluate_method` on --data: for each N_u,
+   --repeats samples of N_u edits (the same samples for every method), each applied as one batch,
+   scored and undone; mean ± std over the samples.
+3. For each N_u, on that N_u's first sample, GCR and GMS of the per-edit gradients of each layer
+   in --gradient-layers (from the captured factors; no per-edit gradient matrix is formed).
+4. Writes a Markdown report (the exact command, the machine, timings, the tables, the plots),
+   `report.json`, `es_dd_by_n.png` and `gcr_gms_by_layer.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from dcedit_kernels.cli import (  # noqa: E402
+    METHOD_NAMES, UserError, cache_dir, load_requests, random_routing_twin, set_threads, trained_editor, write_json,
+)
+
+ALL_METHODS = ("ft", "ft_kl", "mend", "raeditor", "moeditor", "proeditor")
+TRAINED = ("mend", "moeditor", "proeditor")  # RaEditor = MoEditor's editors, random routing
+TABLE_METRICS = (("es", "ES"), ("reliability", "rel"), ("dd", "DD"), ("lmp", "LMP"), ("ns", "NS"),
+                 ("latency_s", "latency s"), ("peak_memory_mb", "peak MB"))
+
+
+def _default_data(name: str) -> str | None:
+    from dcedit_kernels.data import data_path
+
+    path = data_path(name)
+    return str(path) if path.is_file() else None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=None, help="evaluation edits (default: counterfact-val.json of ../shared/data)")
+    p.add_argument("--train-data", default=None, help="editor-training edits (default: counterfact-train.json)")
+    p.add_argument("--n-train", type=int, default=None, help="training edits to use (default: steps × batch size)")
+    p.add_argument("--n-edits", default="25,75,125", help="comma-separated N_u values")
+    p.add_argument("--repeats", type=int, default=2, help="edit samples per N_u")
+    p.add_argument("--methods", default=",".join(ALL_METHODS))
+    p.add_argument("--layers", default="27,28,29", help="blocks whose mlp.down_proj is edited")
+    p.add_argument("--gradient-layers", default="0,5,10,15,20,25,27,28,29",
+                   help="blocks whose mlp.down_proj gets GCR/GMS")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--n-editors", type=int, default=2)
+    p.add_argument("--steps", type=int, default=12, help="editor training steps")
+    p.add_argument("--batch-size", type=int, default=25, help="edits per training step")
+    p.add_argument("--lr", type=float, default=1e-3, help="editor learning rate")
+    p.add_argument("--lr-lr", type=float, default=1e-4, help="learning rate of the edit steps α")
+    p.add_argument("--ft-steps", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--out-dir", default="report_out")
+    p.add_argument("--markdown", default=None, help="Markdown file (default: <out-dir>/report.md)")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        values = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"{name} must be comma-separated ints, got {text!r}") from None
+    if not values:
+        raise UserError(f"{name} is empty")
+    return values
+
+
+def fmt(stat: dict, digits: int = 3) -> str:
+    if stat["mean"] is None:
+        return "–"
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def plot_es_dd(results: dict, sizes: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), dpi=110)
+    for ax, (metric, label) in zip(axes, (("es", "ES (edit success)"), ("dd", "DD (drawdown)"), ("lmp", "LMP = ES − DD"))):
+        for method, result in results.items():
+            means = [result["by_n"][n][metric]["mean"] for n in sizes]
+            stds = [result["by_n"][n][metric]["std"] for n in sizes]
+            ax.errorbar(sizes, means, yerr=stds, marker="o", capsize=3, label=METHOD_NAMES[method])
+        ax.set_xlabel("N_u (edits applied at once)")
+        ax.set_title(label, fontsize=10)
+        ax.set_xticks(sizes)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_gradients(grad: dict, sizes: list[int], layers: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = [int(name.split(".")[2]) for name in layers]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
+    for ax, metric in zip(axes, ("gcr", "gms")):
+        for n in sizes:
+            ax.plot(blocks, [grad[n][name][metric] for name in layers], marker="o", label=f"N_u={n}")
+        ax.set_xlabel("block (mlp.down_proj)")
+        ax.set_title({"gcr": "GCR: share of edit pairs with conflicting gradients",
+                      "gms": "GMS: gradient magnitude similarity"}[metric], fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _train_time(method: str, info: dict) -> str:
+    if not info["cached"]:
+        return f"{METHOD_NAMES[method]} {info['train_s']:.0f} s"
+    earlier = info.get("trained_earlier_s")
+    return f"{METHOD_NAMES[method]} loaded from the cache" + (f" (trained in {earlier:.0f} s by an earlier run)" if earlier else "")
+
+
+def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Path, out_dir: Path) -> str:
+    rel = os.path.relpath(out_dir, md_path.parent)
+    t = report["timings"]
+    lines = [
+        "# Results: every method at N_u ∈ {" + ", ".join(map(str, sizes)) + "} on SmolLM2-135M (CPU)",
+        "",
+        f"Generated by `python/report.py` on {report['date']}.",
+        "",
+        "## What was run",
+        "",
+        "```",
+        report["command"],
+        "```",
+        "",
+        f"- Model: SmolLM2-135M-Instruct (`{Path(report['model']).name}`), fp32, CPU, "
+        f"{report['threads']} thread(s); machine: {report['machine']}.",
+        f"- Edited weights: {', '.join(f'`{l}`' for l in report['layers'])}.",
+        f"- Editors (MEND, MoEditor, ProEditor) trained on the first {report['n_train']} edits of "
+        f"`{Path(report['train_data'] or '-').name}`: {report['train_config']['steps']} steps × "
+        f"{report['train_config']['batch_size']} edits, Adam lr {report['train_config']['lr']} (edit steps α: "
+        f"{report['train_config']['lr_lr']}), rank {report['editor']['rank']}, N_g = {report['editor']['n_editors']} "
+        f"(MoEditor, RaEditor), ProEditor with per-token ψ and Fisher keep 0.7; RaEditor = MoEditor's editors "
+        "with random routing. "
+        + ("Training time: " + ", ".join(_train_time(m, i) for m, i in report["training"].items()) + "."
+           if report["training"] else ""),
+        f"- FT / FT+KL: {report['ft_steps']} Adam steps (lr 5e-4) on the edited weights; FT+KL adds the KL on the "
+        "edits' locality prompts.",
+        f"- Evaluation: `{Path(report['data']).name}` ({report['n_requests']} edits); for each N_u, "
+        f"{report['repeats']} samples of N_u edits (the same samples for every method, seed {report['seed']}), each "
+        "applied as ONE batch, scored, undone. Mean ± std over the samples.",
+        "- Metrics: teacher-forced token accuracy of the new target on the rephrase (ES) and on the prompt "
+        "(rel); DD = share of locality prompts whose argmax prediction changed; LMP = ES − DD; NS = accuracy of the "
+        "locality answer under the edit; latency = wall time of the edit; peak MB = growth of the process's "
+        "resident-set high-water mark during the edit (CPU; see `dcedit_kernels/evaluate.py`).",
+        f"- Wall time: load {t['load_s']:.0f} s, training {t['train_s']:.0f} s, evaluation {t['eval_s']:.0f} s, "
+        f"gradient statistics {t['gradient_s']:.0f} s; total {t['total_s'] / 60:.1f} min.",
+        "",
+        "## ES, DD, LMP per method and N_u",
+        "",
+        "| method | N_u | " + " | ".join(label for _, label in TABLE_METRICS) + " |",
+        "|---|---:|" + "---:|" * len(TABLE_METRICS),
+    ]
+    for method, result in report["methods"].items():
+        for n in sizes:
+            row = result["by_n"][n]
+            cells = [fmt(row[m], 2 if m in ("latency_s",) else (0 if m == "peak_memory_mb" else 3)) for m, _ in TABLE_METRICS]
+            lines.append(f"| {METHOD_NAMES[method]} | {n} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"![ES, DD and LMP per method and N_u]({rel}/es_dd_by_n.png)",
+        "",
+        "## Gradient conflict per layer (paper Table 5)",
+        "",
+        "GCR = share of pairs of edits whose gradients on the layer's weight have negative cosine; GMS = mean "
+        "over pairs of 2‖g_i‖‖g_j‖ / (‖g_i‖² + ‖g_j‖²). Gradients of the edit loss of the unedited model, on the "
+        "first sample of each N_u.",
+        "",
+        "| layer | " + " | ".join(f"GCR N_u={n} | GMS N_u={n}" for n in sizes) + " |",
+        "|---|" + "---:|" * (2 * len(sizes)),
+    ]
+    for name in grad_layers:
+        cells = []
+        for n in sizes:
+            g = report["gradients"][n][name]
+            cells += [f"{g['gcr']:.3f}", f"{g['gms']:.3f}"]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    lines += ["", f"![GCR and GMS per layer]({rel}/gcr_gms_by_layer.png)", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    t_start = time.perf_counter()
+    try:
+        return _run(args, t_start)
+    except UserError as exc:
+        print(f"report: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args, t_start) -> int:
+    from tqdm.auto import tqdm
+
+    from dcedit_kernels.evaluate import evaluate_method, gradient_conflict, sample_indices
+    from dcedit_kernels.model_editor import ModelEditor
+    from dcedit_kernels.models import default_model_path, load_model
+
+    threads = set_threads(args.threads)
+    progress = not args.no_progress
+    sizes = _ints(args.n_edits, "--n-edits")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown:
+        raise UserError(f"--methods: unknown {unknown}; choose from {ALL_METHODS}")
+    data = args.data or _default_data("counterfact-val")
+    train_data = args.train_data or _default_data("counterfact-train")
+    if data is None:
+        raise UserError("--data is required (no counterfact-val.json in ../shared/data)")
+    requests = load_requests(data)
+    if max(sizes) > len(requests):
+        raise UserError(f"--n-edits asks for {max(sizes)} edits but {data} holds {len(requests)}")
+    n_train = args.n_train or args.steps * args.batch_size
+    needs_training = any(m in TRAINED or m == "raeditor" for m in methods)
+    if needs_training and train_data is None:
+        raise UserError("--train-data is required to train the editors")
+    train_requests = load_requests(train_data, n_train) if needs_training else []
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md_path = Path(args.markdown) if args.markdown else out_dir / "report.md"
+
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    model_file = str(default_model_path())
+    model, tokenizer = load_model()
+    load_s = time.perf_counter() - t0
+    layers = [f"model.layers.{i}.mlp.down_proj" for i in _ints(args.layers, "--layers")]
+    grad_layers = [f"model.layers.{i}.mlp.down_proj" for i in _ints(args.gradient_layers, "--gradient-layers")]
+    train_config = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_lr=args.lr_lr, seed=args.seed)
+    train_ids = [f"{r.prompt}\t{r.target}" for r in train_requests]
+
+    def kwargs_of(method):
+        kwargs = dict(rank=args.rank, seed=args.seed)
+        if method in ("raeditor", "moeditor"):
+            kwargs["n_editors"] = args.n_editors
+        return kwargs
+
+    editors, training = {}, {}
+    to_train = [m for m in TRAINED if m in methods or (m == "moeditor" and "raeditor" in methods)]
+    for method in to_train:
+        editors[method], training[method] = trained_editor(
+            model, tokenizer, method, layers, kwargs_of(method), train_config, train_requests, train_ids,
+            model_file, use_cache=not args.no_cache, progress=progress)
+        print(f"{METHOD_NAMES[method]}: " + ("loaded from cache" if training[method]["cached"]
+                                             else f"trained in {training[method]['train_s']:.0f} s"), flush=True)
+    if "raeditor" in methods:
+        editors["raeditor"] = random_routing_twin(editors["moeditor"], **kwargs_of("raeditor"))
+    for method in ("ft", "ft_kl"):
+        if method in methods:
+            editors[method] = ModelEditor(model, tokenizer, layers=layers, method=method, ft_steps=args.ft_steps)
+    train_s = sum(i["train_s"] for i in training.values())
+
+    t0 = time.perf_counter()
+    results, base_cache = {}, {}  # the unedited model's locality predictions, shared by all methods
+    for method in methods:
+        results[method] = evaluate_method(model, tokenizer, editors[method], requests, n_edits=sizes,
+                                          repeats=args.repeats, seed=args.seed, progress=progress,
+                                          base_cache=base_cache)
+        for n in sizes:
+            row = results[method]["by_n"][n]
+            print(f"{METHOD_NAMES[method]:<10} N_u={n:<4} ES {fmt(row['es'])}  DD {fmt(row['dd'])}  "
+                  f"LMP {fmt(row['lmp'])}", flush=True)
+    eval_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    gradients = {}
+    for n in tqdm(sizes, desc="GCR/GMS", disable=not progress):
+        sample = [requests[i] for i in sample_indices(len(requests), n, args.seed, 0)]
+        gradients[n] = gradient_conflict(model, tokenizer, grad_layers, sample)
+    gradient_s = time.perf_counter() - t0
+
+    report = dict(
+        date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        command="python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + args.argv),
+        machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        model=model_file, threads=threads, layers=layers, data=data, train_data=train_data,
+        n_requests=len(requests), n_train=len(train_requests), repeats=args.repeats, seed=args.seed,
+        train_config=train_config, editor=dict(rank=args.rank, n_editors=args.n_editors), ft_steps=args.ft_steps,
+        training=training, methods={m: results[m] for m in methods}, gradients=gradients,
+        cache_dir=str(cache_dir()),
+        timings=dict(load_s=load_s, train_s=train_s, eval_s=eval_s, gradient_s=gradient_s,
+                     total_s=time.perf_counter() - t_start),
+    )
+    write_json(out_dir / "report.json", report)
+    plot_es_dd(results, sizes, out_dir / "es_dd_by_n.png")
+    plot_gradients(gradients, sizes, grad_layers, out_dir / "gcr_gms_by_layer.png")
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(markdown(report, sizes, grad_layers, md_path, out_dir))
+    print(f"wrote {md_path}, {out_dir / 'report.json'} and the plots in {out_dir}; "
+          f"total {report['timings']['total_s'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,341 @@
+"""The demo (`python/edit_demo.py --quick`), the `dcedit` CLI, `evaluate_method` and the default facts."""
+
+import json
+import os
+import random
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dcedit_kernels import cli
+from dcedit_kernels.evaluate import evaluate_method, gradient_conflict, measure_edit, sample_indices, summarize
+from dcedit_kernels.facts import (
+    CANDIDATE_NEIGHBOURS, SMOLLM2_KNOWN_FACTS, SMOLLM2_KNOWN_NEIGHBOURS, candidate_facts, default_facts,
+    default_requests, split_facts,
+)
+from dcedit_kernels.model_editor import ModelEditor
+from dcedit_kernels.models import tiny_model
+from dcedit_kernels.requests import EditRequest
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = ("es", "reliability", "dd", "lmp", "ns", "latency_s", "peak_memory_mb")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, "not a PNG file"
+    assert data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert data.rstrip(b"\x00")[-8:-4] == b"IEND" or b"IEND" in data[-16:]
+    return width, height
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo, end to end on the real SmolLM2 (CI runs this: ~1-2 min)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_quick_demo_writes_results_and_plot(tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    env = dict(os.environ, DCEDIT_CACHE_DIR=str(cache), PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "python" / "edit_demo.py"), "--quick", "--out", str(out), "--no-progress"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("FT+KL", "MEND", "RaEditor", "MoEditor", "ProEditor", "LMP"):
+        assert name in proc.stdout
+
+    result = json.loads((out / "results.json").read_text())
+    assert result["quick"] is True
+    assert list(result["methods"]) == ["ft", "ft_kl", "mend", "raeditor", "moeditor", "proeditor"]
+    for method, row in result["methods"].items():
+        for metric in METRICS:
+            assert metric in row, (method, metric)
+        for metric in ("es", "reliability", "dd", "ns"):
+            assert 0.0 <= row[metric] <= 1.0, (method, metric, row[metric])
+        assert row["lmp"] == pytest.approx(row["es"] - row["dd"])
+        assert row["latency_s"] > 0
+        assert row["n_edits"] == result["n_heldout"]
+    # Every fact was chosen because the unedited model gets it right.
+    assert result["unedited"]["dd"] == 0.0
+    assert result["n_heldout"] == len(result["heldout_facts"]) == 10
+    for c in result["completions"]:
+        assert set(c["after"]) == set(result["methods"])
+        assert c["true_target"] in c["before"]
+    for method in ("mend", "raeditor", "moeditor", "proeditor"):
+        assert Path(result["training"][method]["path"]).is_file()  # cached for the next run
+    width, height = _png_size(out / "es_dd.png")
+    assert width > 200 and height > 200
+
+
+# ---------------------------------------------------------------------------------------------
+# The default facts
+# ---------------------------------------------------------------------------------------------
+def test_default_facts_are_complete_and_counterfactual():
+    facts = default_facts()
+    assert len(facts) >= 125  # 100 training + 25 held-out edits
+    assert len(facts) == len(SMOLLM2_KNOWN_FACTS)  # every recorded id still names a candidate
+    assert set(SMOLLM2_KNOWN_NEIGHBOURS) <= {p for p, _ in CANDIDATE_NEIGHBOURS}
+    assert len({f.id for f in facts}) == len(facts)
+    neighbours = {p for p, _ in CANDIDATE_NEIGHBOURS}
+    subjects = {f.subject for f in candidate_facts()}
+    for f in facts:
+        assert f.new_target != f.true_target
+        assert f.prompt != f.rephrase and f.subject in f.prompt and f.subject in f.rephrase
+        assert f.neighbour_prompt in neighbours
+        assert not any(s in f.neighbour_prompt.split() for s in subjects if " " not in s)
+        request = f.request().validate()
+        assert (request.target, request.locality_target) == (f.new_target, f.neighbour_target)
+    # Neighbours are dealt evenly, so no neighbour dominates a held-out batch.
+    counts = {}
+    for f in facts:
+        counts[f.neighbour_prompt] = counts.get(f.neighbour_prompt, 0) + 1
+    assert max(counts.values()) - min(counts.values()) <= 1
+
+
+def test_split_facts_is_seeded_and_disjoint():
+    facts = default_facts()
+    seed = random.randrange(1000)
+    train, heldout = split_facts(facts, 100, 25, seed=seed)
+    assert len(train) == 100 and len(heldout) == 25
+    assert not {f.id for f in train} & {f.id for f in heldout}
+    assert split_facts(facts, 100, 25, seed=seed) == (train, heldout)
+    # Growing the training set keeps the held-out batch.
+    assert split_facts(facts, 120, 25, seed=seed)[1] == heldout
+    with pytest.raises(ValueError, match="exceeds"):
+        split_facts(facts, len(facts), 1)
+    with pytest.raises(ValueError, match="n_train"):
+        split_facts(facts, -1, 1)
+    assert all(isinstance(r, EditRequest) for r in default_requests(heldout))
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate_method / measure_edit on a tiny model
+# ---------------------------------------------------------------------------------------------
+def _tiny_requests(n, rng):
+    words = ["red", "blue", "green", "stone", "river", "cloud", "iron", "salt"]
+    out = []
+    for i in range(n):
+        a, b = rng.choice(words), rng.choice(words)
+        out.append(EditRequest(f"The {a} {i} is", f"{b}{i % 3}", rephrase=f"Everyone says the {a} {i} is",
+                               locality=f"A {b} thing {i} was", locality_target=rng.choice(words)))
+    return out
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same(model, snapshot):
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snapshot[k]), k
+
+
+@pytest.mark.parametrize("method", ["ft", "mend", "moeditor"])
+def test_evaluate_method_on_tiny_model(method):
+    model, tok = tiny_model("llama", seed=random.randrange(1000))
+    rng = random.Random()
+    requests = _tiny_requests(13, rng)  # odd count: samples of 3 and 5 out of 13
+    layers = ["model.layers.1.mlp.down_proj", "model.layers.0.mlp.up_proj"]
+    kwargs = dict(ft_steps=2) if method == "ft" else dict(rank=4)
+    if method == "moeditor":
+        kwargs["n_editors"] = 3
+    before = _snapshot(model)
+    result = evaluate_method(model, tok, method, requests, n_edits=(3, 5), repeats=2, seed=7,
+                             layers=layers, progress=False, **kwargs)
+    _assert_same(model, before)  # every run was undone
+    assert result["method"] == method and set(result["by_n"]) == {3, 5}
+    for n, row in result["by_n"].items():
+        for metric in METRICS:
+            stat = row[metric]
+            assert len(stat["values"]) == 2
+            assert stat["std"] >= 0
+            assert stat["mean"] == pytest.approx(sum(stat["values"]) / 2)
+        for metric in ("es", "reliability", "dd", "ns"):
+            assert all(0.0 <= v <= 1.0 for v in row[metric]["values"])
+        assert all(v > 0 for v in row["latency_s"]["values"])
+    for run in result["runs"]:
+        assert run["lmp"] == pytest.approx(run["es"] - run["dd"])
+        assert run["indices"] == sample_indices(len(requests), run["n_edits"], 7, run["repeat"])
+
+
+def test_evaluate_method_accepts_a_model_editor_and_checks_arguments():
+    model, tok = tiny_model("gpt2", seed=random.randrange(1000))
+    requests = _tiny_requests(6, random.Random())
+    me = ModelEditor(model, tok, layers=["transformer.h.1.mlp.c_proj"], method="mend", rank=3)
+    result = evaluate_method(model, tok, me, requests, n_edits=4, repeats=1, progress=False)
+    assert result["by_n"][4]["es"]["std"] == 0.0
+    # A shared cache of the unedited model's locality predictions changes no number.
+    cache = {}
+    first = evaluate_method(model, tok, me, requests, n_edits=(2, 4), repeats=2, progress=False, base_cache=cache)
+    # Only the sampled requests' locality prompts are cached (sampling need not cover all six).
+    assert cache and set(cache) <= {(r.locality, r.locality_target) for r in requests if r.locality}
+    again = evaluate_method(model, tok, me, requests, n_edits=(2, 4), repeats=2, progress=False, base_cache=cache)
+    for a, b in zip(first["runs"], again["runs"]):
+        assert all(a[m] == b[m] for m in ("es", "reliability", "dd", "lmp", "ns"))
+    with pytest.raises(ValueError, match="n_edits holds 7"):
+        evaluate_method(model, tok, me, requests, n_edits=(2, 7), progress=False)
+    with pytest.raises(ValueError, match="repeats"):
+        evaluate_method(model, tok, me, requests, n_edits=2, repeats=0, progress=False)
+    with pytest.raises(ValueError, match="layers is required"):
+        evaluate_method(model, tok, "ft", requests, n_edits=2, progress=False)
+    with pytest.raises(ValueError, match="ModelEditor or a method name"):
+        evaluate_method(model, tok, 3, requests, n_edits=2, progress=False)
+
+
+def test_measure_edit_missing_fields_and_during():
+    model, tok = tiny_model("llama", seed=random.randrange(1000))
+    me = ModelEditor(model, tok, layers=["model.layers.1.mlp.down_proj"], method="ft", ft_steps=2)
+    bare = [EditRequest("The sky 1 is", "green"), EditRequest("The sea 2 is", "dry")]
+    before = _snapshot(model)
+    seen = []
+    r = measure_edit(me, bare, during=lambda m: seen.append(not torch.equal(m.model.layers[1].mlp.down_proj.weight,
+                                                                            before["model.layers.1.mlp.down_proj.weight"])) or "ok")
+    assert r["during"] == "ok" and seen == [True]  # the callback ran on the edited model
+    assert r["es"] is None and r["dd"] is None and r["lmp"] is None and r["ns"] is None
+    assert 0.0 <= r["reliability"] <= 1.0
+    _assert_same(model, before)
+
+
+def test_gradient_conflict_and_summarize():
+    model, tok = tiny_model("llama", seed=random.randrange(1000))
+    requests = _tiny_requests(5, random.Random())
+    layers = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj"]
+    out = gradient_conflict(model, tok, layers, requests)
+    assert set(out) == set(layers)
+    for stats in out.values():
+        assert 0.0 <= stats["gcr"] <= 1.0 and 0.0 < stats["gms"] <= 1.0
+    with pytest.raises(ValueError, match="at least 2"):
+        gradient_conflict(model, tok, layers, requests[:1])
+    s = summarize([1.0, None, 3.0])
+    assert s["mean"] == 2.0 and s["std"] == 1.0 and s["values"] == [1.0, None, 3.0]
+    assert summarize([None])["mean"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI: errors a user can fix, and a small successful run of each subcommand
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_llama")
+    model, tok = tiny_model("llama", seed=0)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _counterfact_file(path, n=6, broken=None):
+    records = [dict(case_id=i, prompt=f"The river {i} flows into", target_new=f"sea{i % 2}", subject=f"river {i}",
+                    ground_truth="lake", rephrase_prompt=f"River {i} ends in the", locality_prompt=f"Salt {i} is",
+                    locality_ground_truth="white") for i in range(n)]
+    if broken is not None:
+        index, field, value = broken
+        if value is None:
+            del records[index][field]
+        else:
+            records[index][field] = value
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_cli_missing_model_file(capsys, tmp_path):
+    code = cli.main(["edit", "--model", str(tmp_path / "nothing.gguf"), "--prompt", "a b", "--target", "c"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "dcedit: error: --model" in err and "nothing.gguf" in err and "not found" in err
+    assert cli.main(["edit", "--model", str(tmp_path / "no_folder"), "--prompt", "a b", "--target", "c"]) == 2
+    assert "model folder not found" in capsys.readouterr().err
+
+
+def test_cli_unknown_layer_lists_candidates(capsys, tiny_model_dir):
+    code = cli.main(["edit", "--model", str(tiny_model_dir), "--layers", "model.layers.1.mlp.down_prj",
+                     "--prompt", "The sky is", "--target", "green"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--layers" in err and "model.layers.1.mlp.down_prj" in err
+    assert "model.layers.1.mlp.down_proj" in err  # the close match is listed
+
+
+@pytest.mark.parametrize("broken, message", [
+    ((3, "target_new", None), "record 3 has no field 'target_new'"),
+    ((2, "prompt", 17), "record 2 field 'prompt' must be a string"),
+    ((0, "target_new", "  "), "record 0 field 'target_new' is empty"),
+])
+def test_cli_malformed_data_names_record_and_field(capsys, tmp_path, broken, message):
+    data = _counterfact_file(tmp_path / "cf.json", broken=broken)
+    assert cli.main(["evaluate", "--data", str(data), "--n-edits", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "dcedit: error: --data" in err and message in err
+
+
+def test_cli_empty_or_unknown_data(capsys, tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("")
+    assert cli.main(["edit", "--data", str(empty)]) == 2
+    assert "the file is empty" in capsys.readouterr().err
+    (tmp_path / "list.json").write_text("[]")
+    assert cli.main(["edit", "--data", str(tmp_path / "list.json")]) == 2
+    assert "holds no records" in capsys.readouterr().err
+    (tmp_path / "other.json").write_text(json.dumps([{"question": "q", "answer": "a"}]))
+    assert cli.main(["edit", "--data", str(tmp_path / "other.json")]) == 2
+    assert "cannot tell the format" in capsys.readouterr().err
+    assert cli.main(["edit", "--data", str(tmp_path / "missing.json")]) == 2
+    assert "data file not found" in capsys.readouterr().err
+
+
+def test_cli_detects_zsre_and_counterfact(tmp_path):
+    zsre = tmp_path / "z.json"
+    zsre.write_text(json.dumps([dict(subject="X", src="What is X made of?", pred="wood", rephrase="X is made of?",
+                                     alt="glass", answers=["wood"], loc="nq question: who", loc_ans="me")]))
+    assert cli.detect_format(zsre) == "zsre"
+    assert cli.load_requests(str(zsre))[0].target == "glass"
+    cf = _counterfact_file(tmp_path / "cf.json")
+    assert cli.detect_format(cf) == "counterfact"
+    assert [r.target for r in cli.load_requests(str(cf), 3)] == ["sea0", "sea1", "sea0"]
+
+
+def test_cli_train_edit_evaluate_on_tiny_model(capsys, tmp_path, tiny_model_dir):
+    data = _counterfact_file(tmp_path / "cf.json", n=8)
+    editor = tmp_path / "mend.safetensors"
+    model = str(tiny_model_dir)
+    assert cli.main(["train", "--model", model, "--method", "moeditor", "--n-editors", "2", "--rank", "4",
+                     "--data", str(data), "--steps", "2", "--batch-size", "3", "--out", str(editor)]) == 0
+    assert editor.is_file()
+    out = tmp_path / "edit.json"
+    assert cli.main(["edit", "--model", model, "--editor", str(editor), "--data", str(data), "--n-edits", "3",
+                     "--out", str(out)]) == 0
+    edit = json.loads(out.read_text())
+    assert edit["method"] == "moeditor" and len(edit["edits"]) == 3
+    assert edit["layers"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]  # the defaults
+    assert 0.0 <= edit["scores"]["es"] <= 1.0
+    out = tmp_path / "eval.json"
+    assert cli.main(["evaluate", "--model", model, "--method", "ft_kl", "--layers", "model.layers.1.mlp.up_proj",
+                     "--data", str(data), "--n-edits", "2,4", "--repeats", "2", "--out", str(out)]) == 0
+    ev = json.loads(out.read_text())
+    assert ev["method"] == "ft_kl" and set(ev["by_n"]) == {"2", "4"}
+    assert "N_u=4" in capsys.readouterr().out
+    assert cli.main(["evaluate", "--model", model, "--data", str(data), "--n-edits", "9"]) == 2
+    assert "--n-edits asks for 9" in capsys.readouterr().err
+    assert cli.main(["train", "--model", model, "--method", "ft", "--data", str(data)]) == 2
+    assert "has no editor to train" in capsys.readouterr().err
+    assert cli.main(["edit", "--model", model, "--method", "mend", "--n-editors", "2", "--prompt", "a b",
+                     "--target", "c"]) == 2
+    assert "--n-editors applies to raeditor and moeditor" in capsys.readouterr().err
+
+
+def test_cli_edits_a_seq2seq_model(capsys, tmp_path):
+    model, tok = tiny_model("bart", seed=random.randrange(1000))
+    model.save_pretrained(tmp_path / "bart")
+    tok.save_pretrained(tmp_path / "bart")
+    out = tmp_path / "edit.json"
+    assert cli.main(["edit", "--model", str(tmp_path / "bart"), "--method", "ft", "--prompt", "The sky is",
+                     "--target", "green", "--rephrase", "Look: the sky is", "--out", str(out)]) == 0, capsys.readouterr().err
+    edit = json.loads(out.read_text())
+    assert edit["layers"] == [f"model.decoder.layers.{i}.fc2" for i in (0, 1)]  # decoder MLP outputs
+    assert edit["edits"][0]["before"] is None  # no greedy completions for seq2seq
+    assert 0.0 <= edit["scores"]["reliability"] <= 1.0 and 0.0 <= edit["scores"]["es"] <= 1.0
