@@ -114,8 +114,21 @@ def parse_layers(model, spec: str | None) -> list[str]:
     return names
 
 
+def freeze(model):
+    """Turn off requires_grad on every parameter; returns the model.
+
+    Nothing here needs parameter gradients (capture takes gradients at module outputs, FT turns
+    its own weights on and back off, training freezes the model itself), and with them on, the
+    edit's capture pass records the autograd graph of the WHOLE model instead of only the blocks
+    from the first edited layer up: measured on SmolLM2, a 125-edit MEND edit peaked at 4.5 GB RSS
+    and took 4.9 s with the parameters requiring grad, 1.6 GB and 3.3 s without.
+    """
+    model.requires_grad_(False)
+    return model
+
+
 def load_any_model(name_or_path: str | None, dtype: str = "float32", device: str = "cpu"):
-    """(model, tokenizer) with errors a user can act on."""
+    """(model, tokenizer), parameters frozen (see `freeze`), with errors a user can act on."""
     from .models import load_model
 
     if dtype not in DTYPES:
@@ -126,8 +139,10 @@ def load_any_model(name_or_path: str | None, dtype: str = "float32", device: str
         raise UserError(f"--device {device!r} is not usable here: {exc}") from None
     try:
         if name_or_path is not None and _is_encoder_decoder(name_or_path):
-            return _load_seq2seq(name_or_path, DTYPES[dtype], device)
-        return load_model(name_or_path, dtype=DTYPES[dtype], device=device)
+            model, tokenizer = _load_seq2seq(name_or_path, DTYPES[dtype], device)
+        else:
+            model, tokenizer = load_model(name_or_path, dtype=DTYPES[dtype], device=device)
+        return freeze(model), tokenizer
     except FileNotFoundError as exc:
         raise UserError(f"--model: {exc}") from None
     except OSError as exc:  # from_pretrained: not a folder, not on the hub, no network

@@ -33,7 +33,8 @@ if str(REPO) not in sys.path:  # run from a checkout without installing the pack
 import torch  # noqa: E402
 
 from dcedit_kernels.cli import (  # noqa: E402
-    METHOD_NAMES, cache_dir, greedy_completions, random_routing_twin, set_threads, trained_editor, write_json,
+    METHOD_NAMES, cache_dir, freeze, greedy_completions, random_routing_twin, set_threads, trained_editor,
+    write_json,
 )
 
 METHOD_ORDER = ("ft", "ft_kl", "mend", "raeditor", "moeditor", "proeditor")
@@ -154,6 +155,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     model_file = str(default_model_path())
     model, tokenizer = load_model()
+    freeze(model)  # no parameter gradients needed; see dcedit_kernels.cli.freeze
     load_s = time.perf_counter() - t0
 
     facts = default_facts()

@@ -35,7 +35,8 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from dcedit_kernels.cli import (  # noqa: E402
-    METHOD_NAMES, UserError, cache_dir, load_requests, random_routing_twin, set_threads, trained_editor, write_json,
+    METHOD_NAMES, UserError, cache_dir, freeze, load_requests, random_routing_twin, set_threads, trained_editor,
+    write_json,
 )
 
 ALL_METHODS = ("ft", "ft_kl", "mend", "raeditor", "moeditor", "proeditor")
@@ -259,6 +260,7 @@ def _run(args, t_start) -> int:
     t0 = time.perf_counter()
     model_file = str(default_model_path())
     model, tokenizer = load_model()
+    freeze(model)  # no parameter gradients needed; see dcedit_kernels.cli.freeze
     load_s = time.perf_counter() - t0
     layers = [f"model.layers.{i}.mlp.down_proj" for i in _ints(args.layers, "--layers")]
     grad_layers = [f"model.layers.{i}.mlp.down_proj" for i in _ints(args.gradient_layers, "--gradient-layers")]
