@@ -162,7 +162,8 @@ def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Pa
         f"- Model: SmolLM2-135M-Instruct (`{Path(report['model']).name}`), fp32, CPU, "
         f"{report['threads']} thread(s); machine: {report['machine']}.",
         f"- Edited weights: {', '.join(f'`{l}`' for l in report['layers'])}.",
-        f"- Editors (MEND, MoEditor, ProEditor) trained on the first {report['n_train']} edits of "
+        f"- Editors ({', '.join(METHOD_NAMES[m] for m in report['training']) or 'none'}) trained on the first "
+        f"{report['n_train']} edits of "
         f"`{Path(report['train_data'] or '-').name}`: {report['train_config']['steps']} steps × "
         f"{report['train_config']['batch_size']} edits, Adam lr {report['train_config']['lr']} (edit steps α: "
         f"{report['train_config']['lr_lr']}), rank {report['editor']['rank']}, N_g = {report['editor']['n_editors']} "
@@ -187,6 +188,10 @@ def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Pa
         "| method | N_u | " + " | ".join(label for _, label in TABLE_METRICS) + " |",
         "|---|---:|" + "---:|" * len(TABLE_METRICS),
     ]
+    for n in sizes:
+        row = report["unedited"][n]
+        cells = [fmt(row[m], 3) for m, _ in TABLE_METRICS]
+        lines.append(f"| unedited | {n} | " + " | ".join(cells) + " |")
     for method, result in report["methods"].items():
         for n in sizes:
             row = result["by_n"][n]
@@ -229,7 +234,7 @@ def main(argv=None) -> int:
 def _run(args, t_start) -> int:
     from tqdm.auto import tqdm
 
-    from dcedit_kernels.evaluate import evaluate_method, gradient_conflict, sample_indices
+    from dcedit_kernels.evaluate import evaluate_method, gradient_conflict, sample_indices, summarize, unedited_scores
     from dcedit_kernels.model_editor import ModelEditor
     from dcedit_kernels.models import default_model_path, load_model
 
@@ -298,6 +303,14 @@ def _run(args, t_start) -> int:
             row = results[method]["by_n"][n]
             print(f"{METHOD_NAMES[method]:<10} N_u={n:<4} ES {fmt(row['es'])}  DD {fmt(row['dd'])}  "
                   f"LMP {fmt(row['lmp'])}", flush=True)
+
+    # The unedited model on the same samples: what ES/rel/NS are before any edit.
+    unedited = {}
+    for n in sizes:
+        runs = [unedited_scores(model, tokenizer, [requests[i] for i in sample_indices(len(requests), n, args.seed, r)])
+                for r in range(args.repeats)]
+        unedited[n] = {m: summarize([run[m] for run in runs]) for m in ("es", "reliability", "dd", "lmp", "ns")}
+        unedited[n].update(latency_s=summarize([None]), peak_memory_mb=summarize([None]))
     eval_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -314,7 +327,7 @@ def _run(args, t_start) -> int:
         model=model_file, threads=threads, layers=layers, data=data, train_data=train_data,
         n_requests=len(requests), n_train=len(train_requests), repeats=args.repeats, seed=args.seed,
         train_config=train_config, editor=dict(rank=args.rank, n_editors=args.n_editors), ft_steps=args.ft_steps,
-        training=training, methods={m: results[m] for m in methods}, gradients=gradients,
+        training=training, methods={m: results[m] for m in methods}, unedited=unedited, gradients=gradients,
         cache_dir=str(cache_dir()),
         timings=dict(load_s=load_s, train_s=train_s, eval_s=eval_s, gradient_s=gradient_s,
                      total_s=time.perf_counter() - t_start),

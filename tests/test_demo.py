@@ -339,3 +339,11 @@ def test_cli_edits_a_seq2seq_model(capsys, tmp_path):
     assert edit["layers"] == [f"model.decoder.layers.{i}.fc2" for i in (0, 1)]  # decoder MLP outputs
     assert edit["edits"][0]["before"] is None  # no greedy completions for seq2seq
     assert 0.0 <= edit["scores"]["reliability"] <= 1.0 and 0.0 <= edit["scores"]["es"] <= 1.0
+
+
+@pytest.mark.parametrize("script, command", [("train_editor", "train"), ("edit", "edit"), ("evaluate", "evaluate")])
+def test_cli_scripts_run_their_subcommand(script, command):
+    proc = subprocess.run([sys.executable, str(REPO / "python" / f"{script}.py"), "--help"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"dcedit {command}" in proc.stdout and "--model" in proc.stdout and "--layers" in proc.stdout
