@@ -22,6 +22,26 @@ def check_tensor(t, name: str, ndim: int | None = None, float_=True) -> None:
         raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
+def check_items(items, name: str, item_type: type, item_label: str) -> list:
+    """A non-empty sequence (not a lone item) whose elements are all `item_type`; returns a list.
+
+    Shared by the request and text validators so both say the same thing for the same mistake.
+    """
+    if isinstance(items, item_type):
+        raise ValueError(f"{name} must be a sequence of {item_label}, got a single {item_label}")
+    try:
+        out = list(items)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of {item_label}, got {type(items).__name__}") from None
+    if not out:
+        raise ValueError(f"{name} must not be empty")
+    for i, item in enumerate(out):
+        if not isinstance(item, item_type):
+            article = "an" if item_label[0] in "AEIOUaeiou" else "a"
+            raise ValueError(f"{name}[{i}] must be {article} {item_label}, got {type(item).__name__}")
+    return out
+
+
 def check_shape(t, name: str, shape: tuple) -> None:
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")

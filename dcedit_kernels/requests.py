@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
+from ._checks import check_items
+
 REQUIRED_FIELDS = ("prompt", "target")
 OPTIONAL_FIELDS = ("rephrase", "locality", "locality_target", "subject")
 
@@ -41,17 +43,8 @@ class EditRequest:
 
 def validate_requests(requests: Iterable[EditRequest], name: str = "requests") -> list[EditRequest]:
     """Validate a non-empty sequence of EditRequests; returns them as a list."""
-    if isinstance(requests, EditRequest):
-        raise ValueError(f"{name} must be a sequence of EditRequest, got a single EditRequest")
-    try:
-        items = list(requests)
-    except TypeError:
-        raise ValueError(f"{name} must be a sequence of EditRequest, got {type(requests).__name__}") from None
-    if not items:
-        raise ValueError(f"{name} must not be empty")
+    items = check_items(requests, name, EditRequest, "EditRequest")
     for i, request in enumerate(items):
-        if not isinstance(request, EditRequest):
-            raise ValueError(f"{name}[{i}] must be an EditRequest, got {type(request).__name__}")
         request.validate(f"{name}[{i}]")
     return items
 

@@ -22,21 +22,14 @@ from typing import Sequence
 
 import torch
 
+from ._checks import check_items
+
 IGNORE_INDEX = -100
 
 
 def _check_texts(texts, name: str) -> list[str]:
-    if isinstance(texts, str):
-        raise ValueError(f"{name} must be a sequence of str, got a single str")
-    try:
-        items = list(texts)
-    except TypeError:
-        raise ValueError(f"{name} must be a sequence of str, got {type(texts).__name__}") from None
-    if not items:
-        raise ValueError(f"{name} must not be empty")
+    items = check_items(texts, name, str, "str")
     for i, text in enumerate(items):
-        if not isinstance(text, str):
-            raise ValueError(f"{name}[{i}] must be a str, got {type(text).__name__}")
         if not text.strip():
             raise ValueError(f"{name}[{i}] must be a non-empty string, got {text!r}")
     return items
