@@ -32,7 +32,18 @@ Token selection (`tokens=`):
 
 Loss scaling: η is the gradient of whatever the caller backpropagates.  With HF's `outputs.loss`
 (mean NLL over all label tokens of the batch, which is what MEND feeds its editor) every η carries
-the 1/(number of label tokens) factor; nothing here rescales it.
+the 1/(number of label tokens of the whole batch) factor, so an edit's factors shrink as more edits
+share the batch; nothing here rescales it.  `ModelEditor(loss_reduction="edit")` (its default)
+backpropagates the sum over edits of each edit's own mean target NLL instead, which makes an edit's
+factors independent of the rest of the batch.
+
+Frozen forward: `compute_factors` (and `ModelEditor.capture`) run the forward with every model
+parameter's `requires_grad` temporarily False (`frozen_parameters`; each flag is restored exactly
+afterwards, also when the pass raises).  η is unchanged, since the hooks sit on activations, but
+autograd then records only the part of the graph downstream of the first captured module instead of
+the whole model (measured on SmolLM2, a 125-edit edit peaked at 4.5 GB with the parameters
+requiring grad and 1.6 GB without).  `FactorCapture` itself leaves the flags alone: a caller that
+runs its own `loss.backward()` inside it may want the parameters' `.grad`.
 
 Dtypes: μ and η are stored in the dtype the layer computed in (its output dtype; under autocast
 the input is cast to it, exactly as F.linear does), so a bf16 model gives bf16 factors.
@@ -49,6 +60,7 @@ module's share of the gradient only; its `.grad` also holds the other use's shar
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
 from dataclasses import dataclass
@@ -351,6 +363,22 @@ class FactorCapture:
         return keep
 
 
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module):
+    """Inside the block every parameter of `model` has `requires_grad=False`; each flag comes back
+    exactly as it was on exit, also when the block raises.  A forward run inside records no graph
+    for the parameters (and none for activations that depend only on them)."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
 def capture_factors(
     model: nn.Module,
     module_names: Iterable[str],
@@ -375,13 +403,15 @@ def compute_factors(
 
     The loss is `loss_fn(outputs, batch)` or the model's own `outputs.loss` (mean NLL over label
     tokens).  Gradients are taken with `torch.autograd.grad` with respect to the captured outputs
-    only, so no parameter's `.grad` changes and weights need not require grad.  With
-    `check_finite`, a non-finite loss or factor raises FloatingPointError naming the module.
+    only, so no parameter's `.grad` changes and weights need not require grad; the pass runs with
+    the parameters frozen (`frozen_parameters`, flags restored), so only the graph downstream of the
+    captured modules is kept.  With `check_finite`, a non-finite loss or factor raises
+    FloatingPointError naming the module.
     """
     if not isinstance(batch, Mapping):
         raise ValueError(f"batch must be a mapping of tensors, got {type(batch).__name__}")
     capture = capture_factors(model, module_names, tokens, batch=batch, label_shift=label_shift)
-    with torch.enable_grad(), capture as cap:
+    with torch.enable_grad(), frozen_parameters(model), capture as cap:
         outputs = model(**batch)
         loss = loss_fn(outputs, batch) if loss_fn is not None else outputs.loss
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:

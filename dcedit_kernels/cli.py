@@ -19,6 +19,7 @@ file) print one `dcedit: error: ...` line naming the culprit and return exit sta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -114,21 +115,10 @@ def parse_layers(model, spec: str | None) -> list[str]:
     return names
 
 
-def freeze(model):
-    """Turn off requires_grad on every parameter; returns the model.
-
-    Nothing here needs parameter gradients (capture takes gradients at module outputs, FT turns
-    its own weights on and back off, training freezes the model itself), and with them on, the
-    edit's capture pass records the autograd graph of the WHOLE model instead of only the blocks
-    from the first edited layer up: measured on SmolLM2, a 125-edit MEND edit peaked at 4.5 GB RSS
-    and took 4.9 s with the parameters requiring grad, 1.6 GB and 3.3 s without.
-    """
-    model.requires_grad_(False)
-    return model
-
-
 def load_any_model(name_or_path: str | None, dtype: str = "float32", device: str = "cpu"):
-    """(model, tokenizer), parameters frozen (see `freeze`), with errors a user can act on."""
+    """(model, tokenizer), with errors a user can act on.  The parameters keep their requires_grad:
+    the capture freezes them for its own pass (`capture.frozen_parameters`), FT turns on only the
+    edited weights, training freezes the model, and scoring runs under no_grad."""
     from .models import load_model
 
     if dtype not in DTYPES:
@@ -142,7 +132,7 @@ def load_any_model(name_or_path: str | None, dtype: str = "float32", device: str
             model, tokenizer = _load_seq2seq(name_or_path, DTYPES[dtype], device)
         else:
             model, tokenizer = load_model(name_or_path, dtype=DTYPES[dtype], device=device)
-        return freeze(model), tokenizer
+        return model, tokenizer
     except FileNotFoundError as exc:
         raise UserError(f"--model: {exc}") from None
     except OSError as exc:  # from_pretrained: not a folder, not on the hub, no network
@@ -217,14 +207,29 @@ def greedy_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens:
 def editor_cache_key(method: str, layers: list[str], kwargs: dict, train_config: dict,
                      train_ids: Sequence[str], model_file: str) -> str:
     """A hash of everything that determines a trained editor (package version, method, layers,
-    editor arguments, training settings, the training edits, the model file's name and size)."""
+    editor arguments, training settings, the training edits, the model file's name and size).
+
+    The capture settings (`tokens`, `loss_reduction`) and the training settings enter with their
+    defaults resolved, so that changing a default (as `loss_reduction` went from the batch mean to
+    "edit", and `TrainConfig.fisher_mask` appeared) gives a new key: an editor trained under the old
+    semantics is never reused under the new ones.
+    """
     from . import __version__
+    from .model_editor import DEFAULT_LOSS_REDUCTION
+    from .train import TrainConfig
 
     model_path = Path(model_file)
     model_id = f"{model_path.name}:{model_path.stat().st_size}" if model_path.is_file() else str(model_file)
-    blob = json.dumps(dict(version=__version__, method=method, layers=list(layers), kwargs=kwargs,
-                           train=train_config, edits=list(train_ids), model=model_id), sort_keys=True)
+    capture = dict(tokens=kwargs.get("tokens", "all"),
+                   loss_reduction=kwargs.get("loss_reduction", DEFAULT_LOSS_REDUCTION))
+    train = {k: v for k, v in dataclasses.asdict(TrainConfig(**train_config)).items() if k not in _NO_EFFECT}
+    blob = json.dumps(dict(version=__version__, method=method, layers=list(layers), kwargs=kwargs, capture=capture,
+                           train=train, edits=list(train_ids), model=model_id), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# TrainConfig fields that do not change the trained editor (display, where checkpoints go).
+_NO_EFFECT = ("progress", "checkpoint_dir", "resume")
 
 
 def trained_editor(model, tokenizer, method: str, layers: list[str], kwargs: dict, train_config: dict,
@@ -243,6 +248,7 @@ def trained_editor(model, tokenizer, method: str, layers: list[str], kwargs: dic
     if use_cache and path.is_file():
         try:
             me = ModelEditor.load(path, model, tokenizer)
+            _check_capture_settings(me, kwargs)
         except (ValueError, OSError) as exc:  # a stale or damaged file: retrain
             print(f"ignoring the cached editor {path}: {exc}")
         else:
@@ -270,14 +276,29 @@ def trained_editor(model, tokenizer, method: str, layers: list[str], kwargs: dic
     return me, info
 
 
+def _check_capture_settings(me, kwargs: dict) -> None:
+    """ValueError when a cached editor was saved with other capture settings than asked for."""
+    from .model_editor import DEFAULT_LOSS_REDUCTION
+
+    wanted = dict(tokens=kwargs.get("tokens", "all"),
+                  loss_reduction=kwargs.get("loss_reduction", DEFAULT_LOSS_REDUCTION))
+    saved = dict(tokens=me.tokens, loss_reduction=me.loss_reduction)
+    if saved != wanted:
+        raise ValueError(f"it was trained with {saved}, not {wanted}")
+
+
 def random_routing_twin(moeditor, **kwargs):
     """A RaEditor holding a trained MoEditor's editors, with random groups instead of the gate
-    (the paper's routing ablation, at no training cost): everything but the gate is copied.
-    `kwargs`: the RaEditor's constructor arguments (n_editors, rank, ... as the MoEditor's)."""
+    (the paper's routing ablation, at no training cost): everything but the gate is copied, and the
+    capture settings (tokens, loss_reduction, allow_tied) are the MoEditor's, the scale its editors
+    were trained on.  `kwargs`: the RaEditor's constructor arguments (n_editors, rank, ... as the
+    MoEditor's)."""
     from .model_editor import ModelEditor
 
     if moeditor.method != "moeditor":
         raise ValueError(f"moeditor must be a ModelEditor with method 'moeditor', got {moeditor.method!r}")
+    kwargs = dict(dict(tokens=moeditor.tokens, loss_reduction=moeditor.loss_reduction,
+                       allow_tied=moeditor.allow_tied), **kwargs)
     twin = ModelEditor(moeditor.model, moeditor.tokenizer, layers=moeditor.layers, method="raeditor", **kwargs)
     state = moeditor.state_tensors()
     missing = sorted(set(twin.state_tensors()) - set(state))
@@ -296,6 +317,8 @@ def editor_kwargs(args) -> dict:
         kwargs["n_editors"] = args.n_editors
     if getattr(args, "rank", None) is not None and args.method in EDITOR_METHODS:
         kwargs["rank"] = args.rank
+    if getattr(args, "loss_reduction", None) is not None:
+        kwargs["loss_reduction"] = args.loss_reduction
     return kwargs
 
 
@@ -335,9 +358,14 @@ def _model_editor(args, model, tokenizer):
         if not path.is_file():
             raise UserError(f"--editor: file not found: {path}")
         try:
-            return ModelEditor.load(path, model, tokenizer)
+            me = ModelEditor.load(path, model, tokenizer)
         except ValueError as exc:
             raise UserError(f"--editor: {exc}") from None
+        wanted = getattr(args, "loss_reduction", None)
+        if wanted is not None and wanted != me.loss_reduction:
+            raise UserError(f"--loss-reduction {wanted}: the editor in {path} was trained with "
+                            f"{me.loss_reduction!r} (its statistics and steps are on that scale)")
+        return me
     layers = parse_layers(model, args.layers)
     try:
         return ModelEditor(model, tokenizer, layers=layers, method=args.method, **editor_kwargs(args))
@@ -439,6 +467,9 @@ def _common(p: argparse.ArgumentParser, method_default: str | None) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 on <=2-core machines)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loss-reduction", default=None, choices=("edit", "token"),
+                   help="edit loss whose gradients the editors see: 'edit' (each edit's mean target NLL, summed; "
+                        "the default for new editors) or 'token' (MEND's batch mean); a saved --editor keeps its own")
     p.add_argument("--out", default=None, help="output file")
 
 
@@ -453,10 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-size", type=int, default=None)
     p.add_argument("--val-every", type=int, default=50)
     p.add_argument("--steps", type=int, default=100)
-    # The captured gradients are those of the batch's mean loss, so they shrink as 1/N: train on
-    # batches as large as the edits will be applied in (the demo measured ES 0.92 at 5 edits at once
-    # but 0.27 at 25 for an editor trained on batches of 6).
-    p.add_argument("--batch-size", type=int, default=25, help="edits per step: match the N_u you will edit with")
+    # Under --loss-reduction token (MEND's batch-mean loss) the captured gradients shrink as 1/N, so
+    # batches had to be as large as the edits would be applied in (the demo measured ES 0.92 at 5
+    # edits at once but 0.27 at 25 for an editor trained on batches of 6).  Under "edit" (the
+    # default) an edit's factors do not depend on N; the fused shift still adds N edits' shifts, so
+    # batches near the N_u you will edit with remain the closest match.
+    p.add_argument("--batch-size", type=int, default=25, help="edits per step (near the N_u you will edit with)")
     p.add_argument("--lr", type=float, default=1e-3, help="editor learning rate")
     p.add_argument("--lr-lr", type=float, default=1e-4, help="learning rate of the per-weight edit steps α")
     p.add_argument("--checkpoint-dir", default=None, help="resumable training checkpoints")

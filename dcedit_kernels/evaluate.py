@@ -315,14 +315,18 @@ def evaluate_method(
 def gradient_conflict(model, tokenizer, layers: Sequence[str], requests: Sequence[EditRequest]) -> dict:
     """{layer: {"gcr", "gms"}}: conflict ratio and magnitude similarity of the per-edit gradients
     of each edited weight for this batch of edits (one forward + backward, from the captured
-    factors through `metrics.factor_gram`; no per-edit gradient matrix is formed)."""
+    factors through `metrics.factor_gram`; no per-edit gradient matrix is formed).  Edit i's
+    gradient is that of its own mean target NLL (loss_reduction "edit"): under the batch mean
+    ("token") it would be scaled by its share of the batch's target tokens, which GMS would read as
+    a magnitude difference."""
     from .model_editor import ModelEditor
 
     requests = validate_requests(requests)
     if len(requests) < 2:
         raise ValueError(f"requests must hold at least 2 edits for gradient metrics, got {len(requests)}")
-    # A fine-tuning ModelEditor builds no editor: only its capture is used here.
-    me = ModelEditor(model, tokenizer, layers=list(layers), method="ft")
+    # A fine-tuning ModelEditor builds no editor: only its capture is used here.  Nothing is
+    # edited, so a tied weight is fine to read.
+    me = ModelEditor(model, tokenizer, layers=list(layers), method="ft", loss_reduction="edit", allow_tied=True)
     batch = me.tokenize([r.prompt for r in requests], [r.target for r in requests])
     factors, _, _ = me.capture(batch, need_feats=False)
     out = {}

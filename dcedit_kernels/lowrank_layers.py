@@ -1,4 +1,5 @@
-"""Evaluate every editor's edited model in ONE forward pass (paper Eq. 18), never forming a shift.
+"""Evaluate every editor's edited model in ONE forward pass (paper Eq. 18), forming no shift
+(except for Fisher-masked edits, whose mask is not low-rank: see below).
 
 Training N_g editors needs, for each edit e, the model's loss under the shift of the group that
 edit was routed to.  Applying each group's dense o×i shift and running N_g forward passes costs
@@ -17,14 +18,24 @@ Which rows see which shift (`row_edit`, `row_sees_all`):
   group 2 of one weight's editor and group 0 of another's).  This is Eq. 18's per-group model.
 - A row with `row_sees_all[b] = True` sees Σ_g α S_g, the "add" fusion of every group's shift
   (built as one extra group holding all the factors).  That is exactly the shift `apply()` adds
-  when fusion is "add" or there is one editor (MEND, ProEditor without its Fisher mask), and for
+  when fusion is "add" or there is one editor (MEND; ProEditor with `masked=True`, below), and for
   "sss"/"max"/"ssm" it equals the fused shift on every entry where the groups agree in sign, the
   closest a low-rank form gets to the fused edit.  The trainer uses it for locality (KL) rows,
   whose job is to keep the model *as it will be edited* close to the original.
 - Any other row (`row_edit[b] = -1`) sees the unedited layer.
 
-ProEditor's Fisher mask is not low-rank: the training pass sees the unmasked shift (the mask only
-removes entries, and is applied at edit time).
+Fisher-masked edits (ProEditor, or any editor built with `fisher_keep`): the mask is not low-rank,
+so with `masked=True` (what the trainer does by default, `TrainConfig.fisher_mask`) such a module
+takes a dense path instead: each group's shift S_g = η̃ᵍᵀ μ̃ᵍ (o×i) is formed, multiplied by the
+kept-entry mask of the edit's Fisher information (the same `ops.fisher_mask` selection `apply()`
+uses; the mask is a constant, so gradients reach μ̃, η̃ through the kept entries only), and rows
+compute x Wᵀ + b + α_g x (S_g ⊙ M)ᵀ.  Cost per edited weight and pass: one o×i selection, G (+1
+for the rows that see every group) o×i matrices and their products with the rows, i.e. about as
+much as a second dense linear layer per group: cheap for ProEditor (one group), memory-bound for
+many groups of a big weight.  Rows that see every group get (Σ_g S_g) ⊙ M, exactly what `apply()`
+adds for the "add" fusion (ProEditor's).  With `masked=False` the module sees the unmasked shift
+through `ops.lowrank_delta_linear`.  The dense path runs in plain torch ops (no custom kernel): its
+matmuls are ordinary GEMMs, on CPU and GPU alike.
 
 The patched forward flattens (B, ..., in) to rows and repeats each batch row's group over its
 tokens; it works for nn.Linear and GPT-2's Conv1D (weight stored in×out: the op sees the
@@ -40,7 +51,9 @@ import torch
 from torch import nn
 
 from . import ops
+from ._checks import compute_dtype
 from .capture import is_conv1d, resolve_modules, weight_out_in
+from .reference.segments import segment_bounds
 
 
 def group_factors(edit, row_edit: torch.Tensor, row_sees_all: torch.Tensor | None):
@@ -82,7 +95,34 @@ def _check_rows(edits: Mapping, row_edit, row_sees_all):
         raise ValueError(f"row_edit entries must be in [-1, {E - 1}] (there are {E} edits)")
 
 
-def _lowrank_forward(module: nn.Module, name: str, row_group, mu_t, eta_t, offsets, alpha):
+def kept_mask(edit) -> torch.Tensor:
+    """The 0/1 (out×in) mask of the entries `apply()` keeps for this edit's Fisher information
+    (`ops.fisher_mask` on a tensor of ones: the same selection, ties included)."""
+    ones = torch.ones(edit.fisher.shape, dtype=compute_dtype(edit.mu_t, edit.eta_t), device=edit.fisher.device)
+    mask, _ = ops.fisher_mask(ones, edit.fisher, keep=edit.fisher_keep)
+    return mask
+
+
+def dense_masked_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha, mask):
+    """`lowrank_delta_linear` with every group's shift masked: y_n = x_n Wᵀ + b + α_g x_n (S_g ⊙ M)ᵀ,
+    S_g = Σ_{t∈g} η̃_t μ̃_tᵀ formed densely (o×i), one group at a time.  Differentiable in x, mu_t,
+    eta_t, alpha; fp32 arithmetic (float64 kept), output in x's dtype like the op."""
+    acc = compute_dtype(x, weight, mu_t, eta_t, alpha)
+    xa = x.to(acc)
+    y = xa @ weight.to(acc).T
+    if bias is not None:
+        y = y + bias.to(acc)
+    mask = mask.to(acc)
+    for g, (s, e) in enumerate(segment_bounds(offsets)):
+        rows = (row_group == g).nonzero().squeeze(1)
+        if s == e or rows.numel() == 0:
+            continue
+        shift = (eta_t[s:e].to(acc).T @ mu_t[s:e].to(acc)) * mask  # (o, i): the masked S_g
+        y = y.index_add(0, rows, alpha[g].to(acc) * (xa[rows] @ shift.T))
+    return y.to(x.dtype if x.dtype != torch.float64 else acc)
+
+
+def _lowrank_forward(module: nn.Module, name: str, row_group, mu_t, eta_t, offsets, alpha, mask=None):
     weight = weight_out_in(module)  # Conv1D: a transposed view, the op sees out×in
     out_features, in_features = weight.shape
     n_rows = row_group.numel()
@@ -96,7 +136,10 @@ def _lowrank_forward(module: nn.Module, name: str, row_group, mu_t, eta_t, offse
         flat = x.reshape(-1, in_features)
         per_row = flat.shape[0] // n_rows if n_rows else 0
         groups = row_group.repeat_interleave(per_row) if per_row != 1 else row_group
-        y = ops.lowrank_delta_linear(flat, weight, module.bias, groups, mu_t, eta_t, offsets, alpha)
+        if mask is not None:
+            y = dense_masked_linear(flat, weight, module.bias, groups, mu_t, eta_t, offsets, alpha, mask)
+        else:
+            y = ops.lowrank_delta_linear(flat, weight, module.bias, groups, mu_t, eta_t, offsets, alpha)
         return y.reshape(*x.shape[:-1], out_features)
 
     return forward
@@ -108,18 +151,23 @@ def lowrank_edited(
     edits: Mapping[str, object],
     row_edit: torch.Tensor,
     row_sees_all: torch.Tensor | None = None,
+    masked: bool = False,
 ):
     """Inside the block, the named modules of `model` compute their edited outputs row by row.
 
     edits: {module name: GroupedEdit} (the editor outputs, differentiable); row_edit (B,) int:
     the edit whose group shift batch row b sees, −1 for the unedited layer; row_sees_all (B,)
-    bool or None: rows that see the sum of every group's shift (see the module docstring).  The
-    modules' forwards are restored on exit, also when the block raises.
+    bool or None: rows that see the sum of every group's shift (see the module docstring);
+    masked: edits that carry a Fisher mask (`edit.fisher`) are seen masked, through the dense path
+    (see the module docstring); False: every shift unmasked.  The modules' forwards are restored
+    on exit, also when the block raises.
     """
     if not isinstance(edits, Mapping) or not edits:
         raise ValueError("edits must be a non-empty mapping of module name to GroupedEdit")
     modules = resolve_modules(model, list(edits))
     _check_rows(edits, row_edit, row_sees_all)
+    if not isinstance(masked, bool):
+        raise ValueError(f"masked must be a bool, got {type(masked).__name__}")
     patched: list[tuple[nn.Module, object]] = []
     try:
         for name, module in modules.items():
@@ -131,8 +179,9 @@ def lowrank_edited(
                     f"the module's is {o}x{i}" + (" (Conv1D, seen out×in)" if is_conv1d(module) else "")
                 )
             factors = group_factors(edit, row_edit, row_sees_all)
+            mask = kept_mask(edit) if masked and getattr(edit, "fisher", None) is not None else None
             previous = module.__dict__.get("forward")  # an instance-level forward someone set before
-            module.forward = _lowrank_forward(module, name, *factors)
+            module.forward = _lowrank_forward(module, name, *factors, mask=mask)
             patched.append((module, previous))
         yield
     finally:

@@ -8,11 +8,27 @@
     with editor.edited(requests): ...      # the same, scoped
 
 Editor methods ("mend", "raeditor", "moeditor", "proeditor"): one forward + backward of the edit
-loss (mean NLL of the target tokens over the batch, the loss MEND feeds its editor) captures the
-gradient factors (μ, η) of every edited weight (`capture.py`); the editors map them to grouped
-low-rank factors (eval mode, no grad) and each weight gets its fused shift in place through
-`GroupedEdit.apply_` (`ops.apply_shift_`), which returns the previous values: undo copies them
-back, so it is exact even in bf16, where subtracting the shift again would not be.
+loss (`loss_reduction`, below) captures the gradient factors (μ, η) of every edited weight
+(`capture.py`), with the model's parameters frozen for the pass (their `requires_grad` flags are
+restored afterwards) so that autograd keeps only the graph above the first edited layer; the
+editors map them to grouped low-rank factors (eval mode, no grad) and each weight gets its fused
+shift in place through `GroupedEdit.apply_` (`ops.apply_shift_`), which returns the previous
+values: undo copies them back, so it is exact even in bf16, where subtracting the shift again
+would not be.
+
+The edit loss (`loss_reduction`): "edit" (the default) is the sum over edits of each edit's own mean
+target NLL, so an edit's (μ, η) are the same whether it is applied alone or with 100 others; "token"
+is the mean NLL over all target tokens of the batch, the loss MEND feeds its editor, under which
+every η carries a 1/(target tokens in the whole batch) factor and an edit's shift shrinks as the
+batch grows (an editor trained on batches of 6 reached ES 0.92 applied 5 edits at a time but 0.27
+applied 25 at once).  The setting belongs to the editor (its normalisation statistics and steps α
+are learned on that scale): training uses the same capture, and checkpoints record it.  Checkpoints
+written before the setting existed (format 1, no "loss_reduction") load as "token", the semantics
+they were trained under; so do original MEND editors (`compat.mend.LOSS_REDUCTION`).
+
+Tied weights: a layer whose weight is shared with another module (an LM head tied to the input
+embedding) cannot be edited without changing that module too, so the constructor raises ValueError
+naming both unless `allow_tied=True`.
 
 As in MEND, weights of the same (in, out) shape share one editor (a `GroupedEditor` per shape) and
 tell it apart by `mode` = the weight's index among the layers of that shape (in `layers` order).
@@ -44,7 +60,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from .capture import capture_factors, resolve_modules, weight_out_in
+from .capture import capture_factors, frozen_parameters, resolve_modules, weight_out_in
 from .editors.presets import MEND, MoEditor, ProEditor, RaEditor
 from .requests import EditRequest, validate_requests
 from .tokenize import IGNORE_INDEX, is_seq2seq, pad_token_id, tokenize_causal, tokenize_seq2seq
@@ -53,6 +69,11 @@ EDITOR_METHODS = {"mend": MEND, "raeditor": RaEditor, "moeditor": MoEditor, "pro
 FT_METHODS = ("ft", "ft_kl")
 METHODS = tuple(EDITOR_METHODS) + FT_METHODS
 TOKEN_MODES = ("all", "target")
+LOSS_REDUCTIONS = ("edit", "token")
+DEFAULT_LOSS_REDUCTION = "edit"
+# What a checkpoint without a "loss_reduction" entry (format 1) was trained and applied under.
+LEGACY_LOSS_REDUCTION = "token"
+CHECKPOINT_FORMAT = 2
 FT_DEFAULTS = dict(ft_steps=10, ft_lr=5e-4, ft_optimizer="adam", kl_weight=1.0, locality_texts=None,
                    ft_stop_loss=1e-2)
 CHECKPOINT_KEY = "dcedit_model_editor"
@@ -149,6 +170,20 @@ def target_nll(logits: torch.Tensor, labels: torch.Tensor, causal: bool, reducti
     return sums, mask.sum(1)
 
 
+def edit_loss(logits: torch.Tensor, labels: torch.Tensor, causal: bool, reduction: str = DEFAULT_LOSS_REDUCTION):
+    """The loss the capture backpropagates (see `loss_reduction` in the module docstring).
+
+    "edit": Σ_e (mean NLL of edit e's target tokens), so the gradient reaching edit e's tokens does
+    not depend on the other rows; "token": the mean over every target token of the batch (MEND).
+    """
+    if reduction == "token":
+        return target_nll(logits, labels, causal)
+    if reduction != "edit":
+        raise ValueError(f"reduction must be one of {LOSS_REDUCTIONS}, got {reduction!r}")
+    sums, counts = target_nll(logits, labels, causal, reduction="row")
+    return (sums / counts.clamp(min=1)).sum()
+
+
 def masked_kl(base_logp: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over masked positions of KL(p_base ‖ p_edited); `base_logp` holds the base model's
     log-probabilities at exactly the masked positions (n, V)."""
@@ -174,7 +209,11 @@ class ModelEditor:
 
     layers: module names (nn.Linear or GPT-2 Conv1D); method: "mend", "raeditor", "moeditor",
     "proeditor", "ft" or "ft_kl"; tokens: "all" (MEND: every non-padding token feeds the editor)
-    or "target" (MALMEN: only the target-predicting positions); editor_kwargs: the GroupedEditor
+    or "target" (MALMEN: only the target-predicting positions); loss_reduction: "edit" (each edit's
+    mean target NLL, summed over edits) or "token" (MEND's batch mean), the loss the capture
+    backpropagates (the FT baselines always fine-tune on the batch mean, as MEND's baseline does);
+    allow_tied: edit layers whose weight is shared with another module (ValueError otherwise);
+    editor_kwargs: the GroupedEditor
     preset's own arguments (`n_editors`, `rank`, `norm`, `fisher_keep`, `edit_lr`, `fusion`,
     `seed`, ...) or, for the baselines, `ft_steps`, `ft_lr`, `ft_optimizer` ("adam"|"sgd"),
     `ft_stop_loss` (stop once the edit loss is below it; None: run every step), and for "ft_kl"
@@ -182,18 +221,26 @@ class ModelEditor:
     """
 
     def __init__(self, model: nn.Module, tokenizer, layers: Sequence[str], method: str = "mend",
-                 tokens: str = "all", **editor_kwargs):
+                 tokens: str = "all", loss_reduction: str = DEFAULT_LOSS_REDUCTION, allow_tied: bool = False,
+                 **editor_kwargs):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if tokens not in TOKEN_MODES:
             raise ValueError(f"tokens must be one of {TOKEN_MODES}, got {tokens!r}")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+        if not isinstance(allow_tied, bool):
+            raise ValueError(f"allow_tied must be a bool, got {type(allow_tied).__name__}")
         if isinstance(layers, str):
             raise ValueError("layers must be a list of module names, got a single str")
         self.model, self.tokenizer, self.method, self.tokens = model, tokenizer, method, tokens
+        self.loss_reduction, self.allow_tied = loss_reduction, allow_tied
         self.modules = resolve_modules(model, list(layers))  # ValueError with close candidates
         self.layers = list(self.modules)
+        if not allow_tied:
+            check_untied(model, self.modules)
         self.editor_kwargs = dict(editor_kwargs)
         self.seq2seq = is_seq2seq(model)
         self._live: list[EditHandle] = []
@@ -290,15 +337,19 @@ class ModelEditor:
     def capture(self, batch: dict, need_feats: bool | None = None):
         """({layer: Factors}, edit features (E, hidden) or None, loss): one forward + backward.
 
-        η is the gradient of the mean target NLL over the batch.  Gradients are taken with
-        `torch.autograd.grad` against the edited modules' outputs only: no parameter's `.grad`
-        changes and the weights need not require grad.
+        η is the gradient of the edit loss of `loss_reduction` ("edit": Σ_e of edit e's mean target
+        NLL; "token": the batch's mean target NLL).  Gradients are taken with `torch.autograd.grad`
+        against the edited modules' outputs only: no parameter's `.grad` changes and the weights
+        need not require grad.  The pass runs with every parameter's requires_grad off (restored
+        exactly afterwards, also on an exception), so the forward records only the graph the
+        backward to the edited layers needs, whatever flags the caller's model has.
         """
         if need_feats is None:
             need_feats = self.needs_feats
-        with torch.enable_grad(), capture_factors(self.model, self.layers, tokens=self.tokens, batch=batch) as cap:
+        capture = capture_factors(self.model, self.layers, tokens=self.tokens, batch=batch)
+        with torch.enable_grad(), frozen_parameters(self.model), capture as cap:
             out = self.model(**self.model_inputs(batch), output_hidden_states=need_feats)
-            loss = target_nll(out.logits, batch["labels"], causal=not self.seq2seq)
+            loss = edit_loss(out.logits, batch["labels"], causal=not self.seq2seq, reduction=self.loss_reduction)
             if not bool(torch.isfinite(loss)):
                 raise FloatingPointError(f"the edit loss is not finite ({float(loss)}); the model was not changed")
             torch.autograd.grad(loss, cap.outputs, allow_unused=True)
@@ -488,7 +539,8 @@ class ModelEditor:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def config(self) -> dict:
-        return dict(format=1, method=self.method, layers=self.layers, tokens=self.tokens,
+        return dict(format=CHECKPOINT_FORMAT, method=self.method, layers=self.layers, tokens=self.tokens,
+                    loss_reduction=self.loss_reduction, allow_tied=self.allow_tied,
                     editor_kwargs=self.editor_kwargs,
                     editors={key: editor.config for key, editor in self.editors.items()})
 
@@ -524,7 +576,12 @@ class ModelEditor:
 
     @classmethod
     def load(cls, path, model: nn.Module, tokenizer) -> "ModelEditor":
-        """A ModelEditor for `model` from what `save` wrote."""
+        """A ModelEditor for `model` from what `save` wrote.
+
+        A checkpoint from before `loss_reduction` existed (format 1) loads with "token": its
+        editors were trained on factors of the batch-mean loss, and feeding them per-edit factors
+        would change the scale their statistics and steps α were learned at.
+        """
         from safetensors import safe_open
         from safetensors.torch import load_file
 
@@ -534,12 +591,52 @@ class ModelEditor:
             raise ValueError(f"{path} is not a ModelEditor checkpoint (no {CHECKPOINT_KEY} metadata)")
         config = json.loads(meta[CHECKPOINT_KEY])
         editor = cls(model, tokenizer, config["layers"], method=config["method"], tokens=config["tokens"],
-                     **config["editor_kwargs"])
+                     loss_reduction=config.get("loss_reduction", LEGACY_LOSS_REDUCTION),
+                     allow_tied=config.get("allow_tied", False), **config["editor_kwargs"])
         for key, saved in config["editors"].items():
             if key not in editor.editors or editor.editors[key].config != saved:
                 raise ValueError(f"{path}: editor {key} was saved with {saved}, the model gives a different editor")
         editor.load_state_tensors(load_file(str(path), device=str(editor.device)))
         return editor
+
+
+def _memory_span(t: torch.Tensor):
+    """(device, first byte, one past the last byte) of the memory `t` can touch; None when it has none."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return None
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    start = t.data_ptr()
+    return t.device, start, start + extent * t.element_size()
+
+
+def shared_parameters(model: nn.Module, module: nn.Module) -> list[str]:
+    """Names of the parameters of `model`'s other modules that are `module`'s weight or overlap its
+    memory (an LM head tied to the input embedding, two modules viewing one buffer).  The module's
+    own parameters never count, also when the module is reachable under two names."""
+    weight = module.weight
+    span = _memory_span(weight)
+    out = []
+    for owner_name, owner in model.named_modules(remove_duplicate=False):
+        if owner is module:
+            continue
+        for name, p in owner.named_parameters(recurse=False):
+            other = _memory_span(p)
+            overlap = (span is not None and other is not None and other[0] == span[0]
+                       and other[1] < span[2] and span[1] < other[2])
+            if p is weight or overlap:
+                out.append(f"{owner_name}.{name}" if owner_name else name)
+    return out
+
+
+def check_untied(model: nn.Module, modules: dict) -> None:
+    """ValueError naming the first edited layer whose weight is shared with another parameter: an
+    in-place edit of it would change that module too (and undo would restore both)."""
+    for layer, module in modules.items():
+        shared = shared_parameters(model, module)
+        if shared:
+            raise ValueError(
+                f"layers: {layer!r} shares its weight with {', '.join(shared)} (tied weights); editing it would "
+                "also change that parameter. Pass allow_tied=True to edit it anyway.")
 
 
 def pad_rows(rows: list[list[int]], pad_id: int, device=None, labels: list[list[int]] | None = None) -> dict:

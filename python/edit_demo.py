@@ -8,9 +8,11 @@ What it does, on the embedded SmolLM2-135M-Instruct:
    (`dcedit_kernels.facts`), shuffles them with --seed and splits them into editor-training facts
    and a held-out batch;
 2. trains MEND, MoEditor and ProEditor editors on the training facts with a small budget, or
-   loads them from the cache (`~/.cache/dcedit_kernels/<method>-<hash of the config>.safetensors`;
-   `--no-cache` retrains).  RaEditor is the paper's routing ablation: MoEditor's trained editors
-   with the learned gate replaced by random groups (so it costs no training of its own);
+   loads them from the cache (`~/.cache/dcedit_kernels/<method>-<hash of the config>.safetensors`,
+   the hash covering the capture's loss reduction and every training setting with its defaults,
+   so editors trained under other semantics are retrained; `--no-cache` retrains).  RaEditor is
+   the paper's routing ablation: MoEditor's trained editors with the learned gate replaced by
+   random groups (so it costs no training of its own);
 3. for FT, FT+KL, MEND, RaEditor, MoEditor and ProEditor, applies the whole held-out batch as ONE
    edit, measures ES (paraphrase), reliability (prompt), DD (changed neighbour predictions),
    LMP = ES − DD, neighbourhood success, edit latency and peak memory, and undoes the edit;
@@ -33,8 +35,7 @@ if str(REPO) not in sys.path:  # run from a checkout without installing the pack
 import torch  # noqa: E402
 
 from dcedit_kernels.cli import (  # noqa: E402
-    METHOD_NAMES, cache_dir, freeze, greedy_completions, random_routing_twin, set_threads, trained_editor,
-    write_json,
+    METHOD_NAMES, cache_dir, greedy_completions, random_routing_twin, set_threads, trained_editor, write_json,
 )
 
 METHOD_ORDER = ("ft", "ft_kl", "mend", "raeditor", "moeditor", "proeditor")
@@ -42,10 +43,14 @@ TRAINED = ("mend", "moeditor", "proeditor")
 
 # The two settings.  Layers: MEND edits the MLPs of the last blocks; the output projections
 # (down_proj) share one shape, so one editor serves all of them (MEND's weight sharing).
-# Training batches hold as many edits as the held-out batch, because the captured gradients are
-# those of the batch's mean loss and so shrink as 1/N: an editor trained on batches of 6 reached
-# ES 0.92 when the 25 held-out edits were applied 5 at a time but 0.27 when applied all at once;
-# trained on batches of 25 it reached 0.52 at once (MEND, layers 27-29, lr 1e-3, measured here).
+# Training batches hold as many edits as the held-out batch.  That was needed when the captured
+# gradients were those of the batch's mean loss (loss_reduction "token"), which shrink as 1/N: an
+# editor trained on batches of 6 reached ES 0.92 when the 25 held-out edits were applied 5 at a
+# time but 0.27 when applied all at once; trained on batches of 25 it reached 0.52 at once (MEND,
+# layers 27-29, lr 1e-3, measured here).  The editors now capture each edit's own mean loss
+# ("edit", ModelEditor's default), so an edit's factors do not depend on N; the fused shift still
+# adds N edits' shifts, so training at the N it is applied at remains the closest match.  (Those
+# numbers, and the n_editors choice below, were measured under "token".)
 # lr_lr 1e-4: with 1e-3 the edit steps α jumped in the first steps (edit loss 2.8 -> 15).
 # n_editors 2: with 4, each editor learns from about a quarter of the 20 × 25 training edits; on
 # this held-out batch MoEditor scored LMP 0.40 (DD 0.16) with 4 editors and 0.60 (DD 0) with 2.
@@ -154,8 +159,7 @@ def main(argv=None) -> int:
     print(f"[1/4] loading SmolLM2-135M-Instruct (CPU, fp32, {threads} thread{'s' * (threads > 1)})")
     t0 = time.perf_counter()
     model_file = str(default_model_path())
-    model, tokenizer = load_model()
-    freeze(model)  # no parameter gradients needed; see dcedit_kernels.cli.freeze
+    model, tokenizer = load_model()  # the capture freezes the parameters for its own pass
     load_s = time.perf_counter() - t0
 
     facts = default_facts()

@@ -35,8 +35,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from dcedit_kernels.cli import (  # noqa: E402
-    METHOD_NAMES, UserError, cache_dir, freeze, load_requests, random_routing_twin, set_threads, trained_editor,
-    write_json,
+    METHOD_NAMES, UserError, cache_dir, load_requests, random_routing_twin, set_threads, trained_editor, write_json,
 )
 
 ALL_METHODS = ("ft", "ft_kl", "mend", "raeditor", "moeditor", "proeditor")
@@ -167,8 +166,9 @@ def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Pa
         f"`{Path(report['train_data'] or '-').name}`: {report['train_config']['steps']} steps × "
         f"{report['train_config']['batch_size']} edits, Adam lr {report['train_config']['lr']} (edit steps α: "
         f"{report['train_config']['lr_lr']}), rank {report['editor']['rank']}, N_g = {report['editor']['n_editors']} "
-        f"(MoEditor, RaEditor), ProEditor with per-token ψ and Fisher keep 0.7; RaEditor = MoEditor's editors "
-        "with random routing. "
+        f"(MoEditor, RaEditor), ProEditor with per-token ψ and Fisher keep 0.7 (trained on the masked shift); "
+        "RaEditor = MoEditor's editors with random routing. The editors see the gradients of each edit's own "
+        "mean target NLL (loss_reduction 'edit'), so an edit's factors do not depend on N_u. "
         + ("Training time: " + ", ".join(_train_time(m, i) for m, i in report["training"].items()) + "."
            if report["training"] else ""),
         f"- FT / FT+KL: {report['ft_steps']} Adam steps (lr 5e-4) on the edited weights; FT+KL adds the KL on the "
@@ -204,8 +204,8 @@ def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Pa
         "## Gradient conflict per layer (paper Table 5)",
         "",
         "GCR = share of pairs of edits whose gradients on the layer's weight have negative cosine; GMS = mean "
-        "over pairs of 2‖g_i‖‖g_j‖ / (‖g_i‖² + ‖g_j‖²). Gradients of the edit loss of the unedited model, on the "
-        "first sample of each N_u.",
+        "over pairs of 2‖g_i‖‖g_j‖ / (‖g_i‖² + ‖g_j‖²). g_i = the gradient of edit i's own mean target NLL "
+        "in the unedited model, on the first sample of each N_u.",
         "",
         "| layer | " + " | ".join(f"GCR N_u={n} | GMS N_u={n}" for n in sizes) + " |",
         "|---|" + "---:|" * (2 * len(sizes)),
@@ -264,8 +264,7 @@ def _run(args, t_start) -> int:
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     model_file = str(default_model_path())
-    model, tokenizer = load_model()
-    freeze(model)  # no parameter gradients needed; see dcedit_kernels.cli.freeze
+    model, tokenizer = load_model()  # the capture freezes the parameters for its own pass
     load_s = time.perf_counter() - t0
     layers = [f"model.layers.{i}.mlp.down_proj" for i in _ints(args.layers, "--layers")]
     grad_layers = [f"model.layers.{i}.mlp.down_proj" for i in _ints(args.gradient_layers, "--gradient-layers")]

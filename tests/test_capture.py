@@ -36,6 +36,10 @@ def random_batch(model, tok, arch, gen, n_edits):
     """Edits of different lengths (so rows are padded); BERT gets an MLM batch."""
     prompts = [random_text(gen, 1, 6) for _ in range(n_edits)]
     targets = [random_text(gen, 1, 3) for _ in range(n_edits)]
+    # Random lengths can tie (seen: a t5 batch with no encoder padding); a one-letter edit
+    # beside a six-word one guarantees padding on both the encoder and the decoder side.
+    prompts[0], targets[0] = LETTERS[int(torch.randint(0, 26, (1,), generator=gen))], "a"
+    prompts[-1], targets[-1] = random_text(gen, 6, 6), random_text(gen, 3, 3)
     if arch != "bert":
         return tokenize_pairs(model, tok, prompts, targets)
     enc = tok([p + " " + t for p, t in zip(prompts, targets)], return_tensors="pt", padding=True)
@@ -213,6 +217,68 @@ def test_frozen_weights_and_grad_untouched(arch, gen):
         loss = model(**batch).loss
         torch.autograd.grad(loss, cap.outputs)
     assert torch.equal(cap.factors[names[0]].eta, frozen[names[0]].eta)
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd saves for backward while fn runs (the recorded graph's size)."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0]
+
+
+def test_compute_factors_freezes_parameters_for_its_pass(gen, monkeypatch):
+    """The pass runs with every requires_grad off, each flag comes back (also after an exception),
+    η is what the unfrozen pass gives, and the forward saves less for backward."""
+    model, tok = make_model("llama", torch.float64, gen)
+    batch = random_batch(model, tok, "llama", gen, n_edits=3)
+    names = ["model.layers.1.mlp.down_proj", "lm_head"]
+    params = dict(model.named_parameters())
+    flags = {k: bool(i % 3) for i, k in enumerate(params)}  # a mix the pass must restore exactly
+    for k, p in params.items():
+        p.requires_grad_(flags[k])
+    seen = []
+    hook = model.model.layers[0].register_forward_hook(
+        lambda m, a, o: seen.append([p.requires_grad for p in model.parameters()]))
+    try:
+        factors, _ = compute_factors(model, batch, names)
+    finally:
+        hook.remove()
+    assert seen and not any(seen[0])
+    assert {k: p.requires_grad for k, p in params.items()} == flags
+
+    # The old, unfrozen pass (every parameter requiring grad) gives the same factors, but a bigger graph.
+    model.requires_grad_(True)
+
+    def unfrozen():
+        with capture_factors(model, names) as cap:
+            torch.autograd.grad(model(**batch).loss, cap.outputs)
+        return cap.factors
+
+    reference = unfrozen()
+    for name in names:
+        assert torch.equal(factors[name].mu, reference[name].mu)
+        assert rel_err(factors[name].eta, reference[name].eta) < 1e-12
+    frozen_bytes = saved_bytes(lambda: compute_factors(model, batch, names))
+    unfrozen_bytes = saved_bytes(unfrozen)
+    assert frozen_bytes < unfrozen_bytes, (frozen_bytes, unfrozen_bytes)
+    assert all(p.requires_grad for p in model.parameters())
+
+    # An exception inside the pass restores the flags too.
+    for k, p in params.items():
+        p.requires_grad_(flags[k])
+    hook = model.model.layers[1].register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            compute_factors(model, batch, names)
+    finally:
+        hook.remove()
+    assert {k: p.requires_grad for k, p in params.items()} == flags
 
 
 def test_bf16_model_keeps_its_dtype(gen):

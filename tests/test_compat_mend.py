@@ -429,3 +429,31 @@ def test_apply_checks_weight_and_changes_nothing(gen):
     with pytest.raises(ValueError, match="edit_offsets"):
         views[INNER[3]].apply_(w, mu, eta, offsets[:-1])
     assert torch.equal(linear_shaped, kept) and torch.equal(w, w0)
+
+
+# ------------------------------------------------------------------ which loss feeds the views
+def test_loss_reduction_is_mends_batch_mean(gen):
+    """MEND's edit() backpropagates the batch's mean NLL over label tokens; ModelEditor with
+    compat_mend.LOSS_REDUCTION captures exactly those factors (the model's own mean loss)."""
+    from dcedit_kernels.capture import compute_factors
+    from dcedit_kernels.model_editor import ModelEditor
+    from dcedit_kernels.models import tiny_model
+
+    assert compat_mend.LOSS_REDUCTION == "token"
+    model, tok = tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen)), dtype=torch.float64)
+    layers = ["transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
+    me = ModelEditor(model, tok, layers, method="mend", rank=3, loss_reduction=compat_mend.LOSS_REDUCTION)
+    batch = me.tokenize(["The sky is", "Paris is the capital of", "two plus two"], ["green", "Spain", "is five"])
+    ours, _, _ = me.capture(batch)
+
+    def mend_nll(outputs, batch):  # MEND's losses.masked_log_probs(shift=True)["nll"], in float64
+        pred, targ = outputs.logits[:, :-1], batch["labels"][:, 1:].clone()
+        mask = targ != -100
+        targ[~mask] = 0
+        log_probs = pred.log_softmax(-1).gather(-1, targ.unsqueeze(-1)).squeeze(-1)
+        return -(log_probs * mask).sum() / mask.sum()
+
+    mends, _ = compute_factors(model, batch, layers, loss_fn=mend_nll)
+    for name in layers:
+        assert torch.equal(ours[name].mu, mends[name].mu)
+        assert rel_err(ours[name].eta, mends[name].eta) < 1e-12

@@ -347,3 +347,67 @@ def test_cli_scripts_run_their_subcommand(script, command):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert f"dcedit {command}" in proc.stdout and "--model" in proc.stdout and "--layers" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The editor cache never reuses an editor trained under other capture or training semantics
+# ---------------------------------------------------------------------------------------------
+def test_editor_cache_key_covers_loss_reduction_and_resolved_training_defaults():
+    def key(kwargs=None, train=None):
+        return cli.editor_cache_key("mend", ["a.b"], kwargs or {}, train or {"steps": 2}, ["x"], "no-such-model")
+
+    assert key() == key()
+    assert key(kwargs={"loss_reduction": "token"}) != key()
+    assert key(train={"steps": 2, "fisher_mask": False}) != key()
+    # A default written out explicitly is the same editor (the training settings are resolved) ...
+    assert key(train={"steps": 2, "fisher_mask": True, "cedit": 0.1}) == key()
+    # ... and settings that cannot change it (display, checkpoint folder) do not count.
+    assert key(train={"steps": 2, "progress": False, "checkpoint_dir": "/tmp/x"}) == key()
+
+
+def test_trained_editor_retrains_a_cached_editor_of_the_old_semantics(tmp_path, monkeypatch, capsys):
+    """A file at the cache path holding a batch-mean ("token") editor is not reused for "edit"."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("DCEDIT_CACHE_DIR", str(tmp_path))
+    model, tok = tiny_model("llama", seed=0)
+    layers = ["model.layers.1.mlp.down_proj"]
+    requests = _tiny_requests(4, random.Random(0))
+    train = dict(steps=1, batch_size=2)
+    args = (model, tok, "mend", layers, {"rank": 3}, train, requests, ["a", "b", "c", "d"], "tiny")
+    me, info = cli.trained_editor(*args, progress=False)
+    assert not info["cached"] and me.loss_reduction == "edit"
+    me2, info2 = cli.trained_editor(*args, progress=False)
+    assert info2["cached"] and me2.loss_reduction == "edit"
+    # Rewrite the cached file as a format-1 checkpoint (no loss_reduction: it loads as "token").
+    path = Path(info["path"])
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads(f.metadata()["dcedit_model_editor"])
+    del config["loss_reduction"]
+    save_file(load_file(str(path)), str(path), metadata={"dcedit_model_editor": json.dumps(config)})
+    me3, info3 = cli.trained_editor(*args, progress=False)
+    assert not info3["cached"] and me3.loss_reduction == "edit"
+    assert "ignoring the cached editor" in capsys.readouterr().out
+
+
+def test_random_routing_twin_keeps_the_capture_settings():
+    model, tok = tiny_model("llama", seed=0)
+    mo = ModelEditor(model, tok, ["model.layers.1.mlp.down_proj"], method="moeditor", n_editors=2, rank=3,
+                     loss_reduction="token")
+    twin = cli.random_routing_twin(mo, n_editors=2, rank=3)
+    assert twin.loss_reduction == "token" and twin.tokens == mo.tokens
+
+
+def test_cli_loss_reduction_flag(capsys, tmp_path, tiny_model_dir):
+    data = _counterfact_file(tmp_path / "cf.json", n=4)
+    editor = tmp_path / "token.safetensors"
+    model = str(tiny_model_dir)
+    assert cli.main(["train", "--model", model, "--method", "mend", "--rank", "3", "--data", str(data),
+                     "--steps", "1", "--batch-size", "2", "--loss-reduction", "token", "--out", str(editor)]) == 0
+    loaded = ModelEditor.load(editor, *tiny_model("llama", seed=0))
+    assert loaded.loss_reduction == "token"
+    capsys.readouterr()
+    assert cli.main(["edit", "--model", model, "--editor", str(editor), "--loss-reduction", "edit",
+                     "--prompt", "a b", "--target", "c"]) == 2
+    assert "--loss-reduction edit" in capsys.readouterr().err

@@ -1,12 +1,16 @@
 """ModelEditor: gradient-step equivalence, bit-exact undo, atomic failures, baselines, checkpoints."""
 
+import json
 import math
 
 import pytest
 import torch
+from torch import nn
+
+from helpers import rel_err
 
 from dcedit_kernels import ops
-from dcedit_kernels.capture import weight_out_in
+from dcedit_kernels.capture import capture_factors, weight_out_in
 from dcedit_kernels.editors import GroupedEdit, GroupedEditor
 from dcedit_kernels.model_editor import ModelEditor, target_nll
 from dcedit_kernels.models import tiny_model
@@ -84,6 +88,19 @@ def randomize_editors(me, gen, scale=0.05):
                 editor.psi.fc2.weight.copy_(torch.randn(editor.psi.fc2.weight.shape, generator=gen) * scale)
 
 
+def reference_edit_loss(logits, labels, causal, reduction):
+    """The capture's loss written out independently: "token" = mean over every target token of
+    the batch (MEND), "edit" = Σ over rows of the row's mean target NLL."""
+    if causal:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2).double(), labels, ignore_index=-100,
+                                            reduction="none")
+    scored = (labels != -100).double()
+    if reduction == "token":
+        return nll.sum() / scored.sum()
+    return (nll.sum(1) / scored.sum(1)).sum()
+
+
 def make_editor(arch, method, gen=None, dtype=torch.float32, **kwargs):
     model, tok = tiny_model(arch, seed=int(torch.randint(0, 1000, (1,), generator=gen)) if gen else 0, dtype=dtype)
     if method in EDITOR_METHODS:
@@ -135,21 +152,23 @@ def test_bad_arguments_raise_value_error():
 # ---------------------------------------------------------------------------------------------
 # An identity editor is a gradient step
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("reduction", ["edit", "token"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("method,extra", [("mend", {}), ("raeditor", {"fusion": "add", "n_editors": 2}),
                                           ("moeditor", {"fusion": "add", "n_editors": 2})])
-def test_identity_editor_reproduces_gradient_step(arch, method, extra, gen):
+def test_identity_editor_reproduces_gradient_step(arch, method, extra, reduction, gen):
     edit_lr = 0.37
     # float64 weights so that W_new − W_old is the step itself, not fp32 rounding of W.
-    me = make_editor(arch, method, dtype=torch.float64, norm=False, edit_lr=edit_lr, **extra)
+    me = make_editor(arch, method, dtype=torch.float64, norm=False, edit_lr=edit_lr, loss_reduction=reduction,
+                     **extra)
     for editor in me.editors.values():  # the identity init: u = 0
         assert all(bool((layer.u == 0).all()) for layer in editor.layers)
     model = me.model
     reqs = random_requests(gen, 3)
     batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
     params = [me.modules[n].weight for n in me.layers]
-    loss = target_nll(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                      batch["labels"], causal=True)
+    loss = reference_edit_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                               batch["labels"], causal=True, reduction=reduction)
     grads = torch.autograd.grad(loss, params)
     before = [p.detach().clone() for p in params]
     handle = me.apply(reqs)
@@ -169,18 +188,18 @@ SEQ2SEQ_LAYERS = {
 
 
 @pytest.mark.parametrize("arch", ["bart", "t5"])
-@pytest.mark.parametrize("method", ["mend", "moeditor"])
-def test_seq2seq_identity_step_and_undo(arch, method, gen):
+@pytest.mark.parametrize("method,reduction", [("mend", "edit"), ("mend", "token"), ("moeditor", "edit")])
+def test_seq2seq_identity_step_and_undo(arch, method, reduction, gen):
     """Encoder and decoder layers of BART/T5: the identity editor's shift is a gradient step."""
     edit_lr = 0.21
     # float64 weights: the steps of the encoder layers are tiny next to fp32 rounding of the weight.
     model, tok = tiny_model(arch, seed=int(torch.randint(0, 100, (1,), generator=gen)), dtype=torch.float64)
     me = ModelEditor(model, tok, SEQ2SEQ_LAYERS[arch], method=method, rank=5, norm=False, edit_lr=edit_lr,
-                     **({"fusion": "add", "n_editors": 2} if method == "moeditor" else {}))
+                     loss_reduction=reduction, **({"fusion": "add", "n_editors": 2} if method == "moeditor" else {}))
     reqs = random_requests(gen, 3)
     batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
     params = [me.modules[n].weight for n in me.layers]
-    grads = torch.autograd.grad(target_nll(model(**batch).logits, batch["labels"], causal=False), params)
+    grads = torch.autograd.grad(reference_edit_loss(model(**batch).logits, batch["labels"], False, reduction), params)
     before = snapshot(model)
     with me.edited(reqs):
         for name, p, g in zip(me.layers, params, grads):
@@ -193,7 +212,8 @@ def test_seq2seq_identity_step_and_undo(arch, method, gen):
 def test_target_tokens_mode_on_the_output_layer(arch, gen):
     """tokens="target" (MALMEN): only scored positions reach the LM head, so its step is the full one."""
     model, tok = tiny_model(arch)
-    me = ModelEditor(model, tok, ["lm_head"], method="mend", tokens="target", rank=3, norm=False, edit_lr=0.5)
+    me = ModelEditor(model, tok, ["lm_head"], method="mend", tokens="target", rank=3, norm=False, edit_lr=0.5,
+                     loss_reduction="token")
     reqs = random_requests(gen, 2)
     batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
     factors, _, _ = me.capture(batch)
@@ -525,3 +545,211 @@ def test_load_rejects_foreign_files(tmp_path):
         ModelEditor.load(path, llama, ltok)  # the layer names do not exist there
     with pytest.raises(ValueError, match="missing keys"):
         me.load_state_tensors({})
+
+
+def test_load_of_a_format_1_checkpoint_uses_the_batch_mean(gen, tmp_path):
+    """Checkpoints written before loss_reduction existed were trained on the batch-mean loss."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    me = make_editor("gpt2", "mend", gen)
+    assert me.loss_reduction == "edit" and me.config()["loss_reduction"] == "edit"
+    path = tmp_path / "editor.safetensors"
+    me.save(path)
+    assert ModelEditor.load(path, me.model, me.tokenizer).loss_reduction == "edit"
+    token = ModelEditor(me.model, me.tokenizer, LAYERS["gpt2"], method="mend", rank=7, loss_reduction="token")
+    token.save(tmp_path / "token.safetensors")
+    assert ModelEditor.load(tmp_path / "token.safetensors", me.model, me.tokenizer).loss_reduction == "token"
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads(f.metadata()["dcedit_model_editor"])
+    for key in ("loss_reduction", "allow_tied"):
+        del config[key]
+    config["format"] = 1
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(path)), str(old), metadata={"dcedit_model_editor": json.dumps(config)})
+    loaded = ModelEditor.load(old, me.model, me.tokenizer)
+    assert loaded.loss_reduction == "token" and loaded.allow_tied is False
+
+
+# ---------------------------------------------------------------------------------------------
+# loss_reduction: an edit's factors do not depend on the rest of the batch
+# ---------------------------------------------------------------------------------------------
+REDUCTION_LAYERS = {"gpt2": LAYERS["gpt2"], "llama": LAYERS["llama"], "bart": SEQ2SEQ_LAYERS["bart"]}
+# float64 models, but LlamaRMSNorm computes in float32 (forward and backward), so Llama's η carry
+# fp32 rounding: ~1e-7 relative where two gradients differ by a non-power-of-two factor (measured).
+REDUCTION_TOL = {"gpt2": 1e-10, "llama": 1e-6, "bart": 1e-10}
+
+
+def old_capture(me, batch):
+    """What ModelEditor.capture did before loss_reduction: η of the batch's mean target NLL."""
+    with torch.enable_grad(), capture_factors(me.model, me.layers, tokens=me.tokens, batch=batch) as cap:
+        logits = me.model(**me.model_inputs(batch)).logits
+        torch.autograd.grad(target_nll(logits, batch["labels"], causal=not me.seq2seq), cap.outputs,
+                            allow_unused=True)
+        return cap.factors
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bart"])
+def test_edit_reduction_factors_do_not_depend_on_the_batch(arch, gen):
+    model, tok = tiny_model(arch, seed=int(torch.randint(0, 100, (1,), generator=gen)), dtype=torch.float64)
+    me = ModelEditor(model, tok, REDUCTION_LAYERS[arch], method="mend", rank=3)
+    assert me.loss_reduction == "edit"  # the default
+    reqs = random_requests(gen, 6)
+    batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
+    in_batch, _, _ = me.capture(batch)
+    for e in range(len(reqs)):
+        alone, _, _ = me.capture(me.tokenize([reqs[e].prompt], [reqs[e].target]))
+        for name in me.layers:
+            mu_b, eta_b = in_batch[name].edit(e)
+            mu_a, eta_a = alone[name].edit(0)
+            assert mu_b.shape == mu_a.shape and eta_b.shape == eta_a.shape, (name, e)
+            assert rel_err(mu_b, mu_a) < 1e-12, (name, e)
+            assert rel_err(eta_b, eta_a) < REDUCTION_TOL[arch], (name, e, rel_err(eta_b, eta_a))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bart"])
+def test_token_reduction_is_the_old_batch_mean(arch, gen):
+    """"token" gives exactly the old factors; each edit's η is its "edit" η times its share of the
+    batch's target tokens (the 1/N shrinkage the "edit" reduction removes)."""
+    model, tok = tiny_model(arch, seed=int(torch.randint(0, 100, (1,), generator=gen)), dtype=torch.float64)
+    token = ModelEditor(model, tok, REDUCTION_LAYERS[arch], method="mend", rank=3, loss_reduction="token")
+    edit = ModelEditor(model, tok, REDUCTION_LAYERS[arch], method="mend", rank=3, loss_reduction="edit")
+    reqs = random_requests(gen, 5)
+    batch = token.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
+    got, _, loss = token.capture(batch)
+    want = old_capture(token, batch)
+    per_edit, _, _ = edit.capture(batch)
+    labels = batch["labels"] if arch == "bart" else batch["labels"][:, 1:]
+    counts = (labels != -100).sum(1).double()
+    for name in token.layers:
+        assert torch.equal(got[name].mu, want[name].mu)
+        assert rel_err(got[name].eta, want[name].eta) < 1e-12
+        for e in range(len(reqs)):
+            share = float(counts[e] / counts.sum())
+            assert rel_err(got[name].edit(e)[1], share * per_edit[name].edit(e)[1]) < REDUCTION_TOL[arch], (name, e)
+    with torch.no_grad():
+        logits = model(**token.model_inputs(batch)).logits
+    assert float(loss) == pytest.approx(float(reference_edit_loss(logits, batch["labels"], arch != "bart", "token")),
+                                        rel=1e-12)
+
+
+def test_loss_reduction_is_checked():
+    model, tok = tiny_model("gpt2")
+    with pytest.raises(ValueError, match="loss_reduction must be one of"):
+        ModelEditor(model, tok, LAYERS["gpt2"], method="mend", loss_reduction="mean")
+    with pytest.raises(ValueError, match="allow_tied must be a bool"):
+        ModelEditor(model, tok, LAYERS["gpt2"], method="mend", allow_tied="yes")
+
+
+# ---------------------------------------------------------------------------------------------
+# The capture freezes the model for its own pass
+# ---------------------------------------------------------------------------------------------
+def saved_bytes(fn) -> int:
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0]
+
+
+@pytest.mark.parametrize("reduction", ["edit", "token"])
+def test_capture_freezes_the_model_and_restores_every_flag(reduction, gen):
+    model, tok = tiny_model("llama", seed=int(torch.randint(0, 100, (1,), generator=gen)), dtype=torch.float64)
+    me = ModelEditor(model, tok, ["model.layers.1.mlp.down_proj", "lm_head"], method="mend", rank=3,
+                     loss_reduction=reduction)
+    reqs = random_requests(gen, 4)
+    batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
+    params = dict(model.named_parameters())
+    flags = {k: bool(i % 2) for i, k in enumerate(params)}
+    for k, p in params.items():
+        p.requires_grad_(flags[k])
+    seen = []
+    hook = model.model.layers[0].register_forward_hook(
+        lambda m, a, o: seen.append(any(p.requires_grad for p in model.parameters())))
+    try:
+        factors, _, _ = me.capture(batch)
+    finally:
+        hook.remove()
+    assert seen == [False]
+    assert {k: p.requires_grad for k, p in params.items()} == flags
+
+    # η as before the change (the unfrozen pass of the same loss), with a smaller recorded graph.
+    model.requires_grad_(True)
+
+    def unfrozen():
+        with torch.enable_grad(), capture_factors(model, me.layers, batch=batch) as cap:
+            logits = model(**me.model_inputs(batch)).logits
+            torch.autograd.grad(reference_edit_loss(logits, batch["labels"], True, reduction), cap.outputs)
+        return cap.factors
+
+    reference = unfrozen()
+    for name in me.layers:
+        assert torch.equal(factors[name].mu, reference[name].mu)
+        assert rel_err(factors[name].eta, reference[name].eta) < 1e-12
+    ours, old = saved_bytes(lambda: me.capture(batch)), saved_bytes(unfrozen)
+    model.requires_grad_(False)
+    frozen_by_caller = saved_bytes(lambda: me.capture(batch))
+    assert ours == frozen_by_caller < old, (ours, frozen_by_caller, old)
+
+    # A failing pass restores the flags as well.
+    for k, p in params.items():
+        p.requires_grad_(flags[k])
+    block = model.model.layers[1]
+    hook = block.register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("simulated failure")))
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            me.capture(batch)
+    finally:
+        hook.remove()
+    assert {k: p.requires_grad for k, p in params.items()} == flags
+
+
+def test_ft_still_trains_with_parameters_requiring_grad(gen):
+    """FT needs parameter gradients: the capture's freezing must not reach it."""
+    me = make_editor("llama", "ft", gen, ft_steps=3, ft_lr=1e-2, ft_stop_loss=None)
+    me.model.requires_grad_(True)
+    before = snapshot(me.model)
+    with me.edited(random_requests(gen, 2)) as handle:
+        assert handle.stats["ft_steps_run"] == 3
+        assert set(changed_keys(before, me.model)) == {n + ".weight" for n in me.layers}
+    assert_bit_identical(before, me.model)
+    assert all(p.requires_grad and p.grad is None for p in me.model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Tied weights
+# ---------------------------------------------------------------------------------------------
+def tied(arch):
+    """A tiny model whose LM head shares the input embedding's weight (as HF ties them)."""
+    model, tok = tiny_model(arch, seed=0)
+    model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    return model, tok
+
+
+@pytest.mark.parametrize("arch,embedding", [("llama", "model.embed_tokens.weight"), ("gpt2", "transformer.wte.weight")])
+def test_tied_weight_is_refused_unless_allowed(arch, embedding, gen):
+    model, tok = tied(arch)
+    for method in ("mend", "ft"):
+        with pytest.raises(ValueError, match=rf"'lm_head' shares its weight with {embedding}.*allow_tied=True"):
+            ModelEditor(model, tok, [LAYERS[arch][0], "lm_head"], method=method)
+    ModelEditor(model, tok, LAYERS[arch][:1], method="mend")  # untied layers of a tied model are fine
+    # Another Parameter object over the same memory counts as tied too.
+    model.get_output_embeddings().weight = nn.Parameter(model.get_input_embeddings().weight.data)
+    with pytest.raises(ValueError, match=rf"'lm_head' shares its weight with {embedding}"):
+        ModelEditor(model, tok, ["lm_head"], method="mend")
+
+
+def test_allowed_tied_edit_changes_both_and_undoes(gen, tmp_path):
+    model, tok = tied("llama")
+    me = ModelEditor(model, tok, ["lm_head"], method="mend", rank=3, edit_lr=0.1, allow_tied=True)
+    before = snapshot(model)
+    with me.edited(random_requests(gen, 2)):
+        assert not torch.equal(model.model.embed_tokens.weight, before["model.embed_tokens.weight"])
+        assert model.model.embed_tokens.weight is model.lm_head.weight
+    assert_bit_identical(before, model)
+    me.save(tmp_path / "tied.safetensors")
+    assert ModelEditor.load(tmp_path / "tied.safetensors", model, tok).allow_tied is True

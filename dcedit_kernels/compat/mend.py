@@ -17,6 +17,15 @@ Each editor becomes a :class:`GroupedEditor` (one editor, ``routing="single"``, 
 whose ``grouped_lowrank`` layers compute exactly MEND's ``LRLinear`` (clamp, not relu; residual)
 and whose ``alpha[mode]`` holds that weight's ``edit_lr``: ``W ← W + edit_lr · Σ η̃ μ̃ᵀ``, as
 MEND's ``edit()`` does in eval mode.
+
+Which loss the factors must come from (``LOSS_REDUCTION = "token"``): MEND's ``edit()``
+backpropagates ``masked_log_probs(...)["nll"]``, the mean NLL over every label token of the batch,
+and its editors were trained that way: their running statistics (``u_mean``/``v_std``...) and
+``edit_lrs`` are on the scale of η with its 1/(label tokens in the batch) factor.  Feed the views
+factors of that loss, e.g. ``ModelEditor(..., loss_reduction=LOSS_REDUCTION).capture(batch)`` or
+``capture.compute_factors`` with the model's own ``outputs.loss``, to get MEND's edits; this
+package's default per-edit loss ("edit") would scale each edit's η up by about the number of
+edits in the batch and change what the normalisation and the steps see.
 """
 
 from __future__ import annotations
@@ -31,6 +40,9 @@ import torch
 from .. import ops
 from ..editors.grouped_edit import GroupedEdit
 from ..editors.grouped_editor import GroupedEditor
+
+# The capture loss MEND's editors were trained and applied with (see the module docstring).
+LOSS_REDUCTION = "token"
 
 _LAYER_FIELD = re.compile(r"mlp\.layers\.(\d+)\.(u|v|bias|mode_scale\.weight|mode_shift\.weight)")
 _MODE_FIELDS = ("mode_scale.weight", "mode_shift.weight")
