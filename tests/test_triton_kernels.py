@@ -1,12 +1,16 @@
 """Triton kernels against the float64 reference (dcedit_kernels.reference, torch.autograd on it).
 
-Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py sets it
-before anything imports triton).  Shapes are small and odd (the interpreter emulates every
-program in Python) but span several 16-wide tiles, so tiles straddle groups and are ragged.
-Half-precision inputs are compared with the reference fed the same rounded values in float64,
-so the tolerance is that of the output's dtype.
+Every test takes the `device` fixture: "cpu" runs the kernels on CPU tensors under
+TRITON_INTERPRET=1 (tests/conftest.py sets it before anything imports triton), "cuda" compiles
+them for the GPU (DCEDIT_TEST_CUDA=1 with a CUDA device; the interpreter is then off, so "cpu"
+skips).  CPU shapes are small and odd (the interpreter emulates every program in Python) but
+span several 16-wide tiles, so tiles straddle groups and are ragged.  Half-precision inputs are
+compared with the reference fed the same rounded values in float64, so the tolerance is that of
+the output's dtype.  On CUDA the 16-bit inputs take the tensor-core dot (`launch.native_dot`),
+and further tests run benchmark-sized shapes and every launch config candidate.
 """
 
+import importlib
 import os
 from contextlib import ExitStack
 from unittest import mock
@@ -18,12 +22,22 @@ pytest.importorskip("triton")
 
 from dcedit_kernels import reference  # noqa: E402
 from dcedit_kernels import triton_kernels as tk  # noqa: E402
+from dcedit_kernels.triton_kernels import launch  # noqa: E402
 from helpers import TOL, randn, ragged_offsets, random_counts, rel_err  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
-if not INTERPRET and not torch.cuda.is_available():
-    pytestmark = pytest.mark.skip(reason="triton needs a CUDA device or TRITON_INTERPRET=1")
+CUDA = not INTERPRET and os.environ.get("DCEDIT_TEST_CUDA", "0") == "1" and torch.cuda.is_available()
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs DCEDIT_TEST_CUDA=1 and a CUDA device")
+
+
+@pytest.fixture(params=[
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=cuda_only),
+])
+def device(request):
+    """Overrides conftest's: "cpu" here means the interpreter, which is off in a CUDA run."""
+    return request.param
+
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 FUSIONS = ["none", "add", "max", "sss", "ssm"]
@@ -50,8 +64,8 @@ def close(out, ref, dtype=None):
     assert err < TOL[dtype], f"relative error {err:.3g} >= {TOL[dtype]:.3g} for {dtype}"
 
 
-def offsets_for(counts):
-    return ragged_offsets(counts, DEVICE)
+def offsets_for(counts, device):
+    return ragged_offsets(counts, device)
 
 
 def random_layout(gen, G=5, max_count=11):
@@ -91,44 +105,44 @@ def segment_matmul_ref(x, w, counts, transpose_w, gain, bias, scale, shift, relu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("transpose_w", [True, False])
 @pytest.mark.parametrize("fused", [False, True])
-def test_segment_matmul(gen, dtype, transpose_w, fused):
+def test_segment_matmul(gen, dtype, transpose_w, fused, device):
     counts = random_layout(gen)
     T, G, k, n = sum(counts), len(counts), 13, 29
-    x = randn((T, k), gen, dtype, DEVICE)
-    w = randn((G, n, k) if transpose_w else (G, k, n), gen, dtype, DEVICE)
+    x = randn((T, k), gen, dtype, device)
+    w = randn((G, n, k) if transpose_w else (G, k, n), gen, dtype, device)
     extra = dict(gain=None, bias=None, scale=None, shift=None, relu=False, residual=None)
     if fused:
-        extra = dict(gain=randn((T, k), gen, dtype, DEVICE), bias=randn((G, n), gen, dtype, DEVICE),
-                     scale=randn((G, n), gen, dtype, DEVICE), shift=randn((G, n), gen, dtype, DEVICE),
-                     relu=True, residual=randn((T, n), gen, dtype, DEVICE))
-    y = tk.segment_matmul(x, w, offsets_for(counts), transpose_w=transpose_w, **extra)
+        extra = dict(gain=randn((T, k), gen, dtype, device), bias=randn((G, n), gen, dtype, device),
+                     scale=randn((G, n), gen, dtype, device), shift=randn((G, n), gen, dtype, device),
+                     relu=True, residual=randn((T, n), gen, dtype, device))
+    y = tk.segment_matmul(x, w, offsets_for(counts, device), transpose_w=transpose_w, **extra)
     ref_extra = {key: (val.double() if isinstance(val, torch.Tensor) else val) for key, val in extra.items()}
     ref = segment_matmul_ref(x.double(), w.double(), counts, transpose_w, **ref_extra)
     assert y.dtype == out_dtype(dtype)
     close(y, ref)
 
 
-def test_segment_matmul_strided_inputs(gen):
+def test_segment_matmul_strided_inputs(gen, device):
     counts = [0, 7, 0, 22]
     T, G, k, n = sum(counts), len(counts), 17, 19
-    x = randn((k, T), gen, torch.float32, DEVICE).T  # column-major view
-    w = randn((G, k, n), gen, torch.float32, DEVICE).transpose(1, 2)  # (G, n, k) view, not copied
-    y = tk.segment_matmul(x, w, offsets_for(counts))
+    x = randn((k, T), gen, torch.float32, device).T  # column-major view
+    w = randn((G, k, n), gen, torch.float32, device).transpose(1, 2)  # (G, n, k) view, not copied
+    y = tk.segment_matmul(x, w, offsets_for(counts, device))
     close(y, segment_matmul_ref(x.double(), w.double(), counts, True, None, None, None, None, False, None))
 
 
 # ---------------------------------------------------------------------------- grouped_lowrank
 
 
-def lowrank_inputs(gen, counts, dtype, optional=True, d=13, r=7):
+def lowrank_inputs(gen, counts, dtype, device, optional=True, d=13, r=7):
     T, G = sum(counts), len(counts)
-    h = randn((T, d), gen, dtype, DEVICE)
-    u = randn((G, d, r), gen, dtype, DEVICE)
-    v = randn((G, r, d), gen, dtype, DEVICE)
-    bias = randn((G, d), gen, dtype, DEVICE)
-    scale = randn((G, d), gen, dtype, DEVICE) if optional else None
-    shift = randn((G, d), gen, dtype, DEVICE) if optional else None
-    gain = randn((T, d), gen, dtype, DEVICE) if optional else None
+    h = randn((T, d), gen, dtype, device)
+    u = randn((G, d, r), gen, dtype, device)
+    v = randn((G, r, d), gen, dtype, device)
+    bias = randn((G, d), gen, dtype, device)
+    scale = randn((G, d), gen, dtype, device) if optional else None
+    shift = randn((G, d), gen, dtype, device) if optional else None
+    gain = randn((T, d), gen, dtype, device) if optional else None
     return h, u, v, bias, scale, shift, gain
 
 
@@ -145,10 +159,10 @@ def lowrank_reference_grads(grad_out, offsets, inputs):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("optional", [False, True])
-def test_grouped_lowrank_forward(gen, dtype, optional):
+def test_grouped_lowrank_forward(gen, dtype, optional, device):
     counts = random_layout(gen)
-    offsets = offsets_for(counts)
-    inputs = lowrank_inputs(gen, counts, dtype, optional)
+    offsets = offsets_for(counts, device)
+    inputs = lowrank_inputs(gen, counts, dtype, device, optional)
     out = tk.grouped_lowrank(inputs[0], offsets, *inputs[1:])
     ref = reference.grouped_lowrank(f64(inputs[0])[0], offsets,
                                     *[t.double() if t is not None else None for t in inputs[1:]])
@@ -158,11 +172,11 @@ def test_grouped_lowrank_forward(gen, dtype, optional):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("optional", [False, True])
-def test_grouped_lowrank_backward(gen, dtype, optional):
+def test_grouped_lowrank_backward(gen, dtype, optional, device):
     counts = random_layout(gen)
-    offsets = offsets_for(counts)
-    inputs = lowrank_inputs(gen, counts, dtype, optional)
-    grad_out = randn((sum(counts), inputs[0].shape[1]), gen, dtype, DEVICE)
+    offsets = offsets_for(counts, device)
+    inputs = lowrank_inputs(gen, counts, dtype, device, optional)
+    grad_out = randn((sum(counts), inputs[0].shape[1]), gen, dtype, device)
     grads = tk.grouped_lowrank_backward(grad_out, inputs[0], offsets, *inputs[1:])
     refs = lowrank_reference_grads(grad_out, offsets, inputs)
     names = ("h", "u", "v", "bias", "scale", "shift", "gain")
@@ -175,17 +189,17 @@ def test_grouped_lowrank_backward(gen, dtype, optional):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_grouped_lowrank_clamp_gradient_at_zero(gen, dtype):
+def test_grouped_lowrank_clamp_gradient_at_zero(gen, dtype, device):
     """MEND's initialisation: u = 0, bias = 0, shift = 0, so every pre-activation is exactly 0 and
     the clamp must pass the gradient (torch's clamp gradient at the bound is 1)."""
     counts = [0, 6, 0, 11]
-    offsets = offsets_for(counts)
-    h, u, v, bias, scale, shift, gain = lowrank_inputs(gen, counts, dtype)
+    offsets = offsets_for(counts, device)
+    h, u, v, bias, scale, shift, gain = lowrank_inputs(gen, counts, dtype, device)
     u, bias, shift = torch.zeros_like(u), torch.zeros_like(bias), torch.zeros_like(shift)
     inputs = (h, u, v, bias, scale, shift, gain)
     out = tk.grouped_lowrank(h, offsets, u, v, bias, scale, shift, gain)
     close(out, h.double())  # clamp(0) adds nothing
-    grad_out = randn(h.shape, gen, dtype, DEVICE)
+    grad_out = randn(h.shape, gen, dtype, device)
     grads = tk.grouped_lowrank_backward(grad_out, h, offsets, u, v, bias, scale, shift, gain)
     refs = lowrank_reference_grads(grad_out, offsets, inputs)
     for g, ref in zip(grads, refs):
@@ -193,7 +207,8 @@ def test_grouped_lowrank_clamp_gradient_at_zero(gen, dtype):
     # Explicitly: dshift_g is the group's sum of grad_out (all of it passes at pre = 0) and du is
     # nonzero, which is what lets MEND's u leave zero.
     gid = reference.group_ids(offsets, h.shape[0])
-    d_shift = torch.zeros(len(counts), h.shape[1], dtype=torch.float64).index_add_(0, gid, grad_out.double())
+    d_shift = torch.zeros(len(counts), h.shape[1], dtype=torch.float64, device=device)
+    d_shift.index_add_(0, gid, grad_out.double())
     close(grads[5], d_shift)
     assert grads[1][1].abs().sum() > 0
 
@@ -203,11 +218,11 @@ def test_grouped_lowrank_clamp_gradient_at_zero(gen, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fusion", FUSIONS)
-def test_grouped_outer(gen, dtype, fusion):
+def test_grouped_outer(gen, dtype, fusion, device):
     counts = random_layout(gen, G=4)
-    offsets = offsets_for(counts)
+    offsets = offsets_for(counts, device)
     T, o, i = sum(counts), 29, 13
-    eta, mu = randn((T, o), gen, dtype, DEVICE), randn((T, i), gen, dtype, DEVICE)
+    eta, mu = randn((T, o), gen, dtype, device), randn((T, i), gen, dtype, device)
     alpha = float(torch.rand((), generator=gen)) * 2 - 0.5
     out = tk.grouped_outer(eta, mu, offsets, fusion, alpha)
     ref = reference.grouped_outer(*f64(eta, mu), offsets, fusion, alpha)
@@ -215,24 +230,24 @@ def test_grouped_outer(gen, dtype, fusion):
     close(out, ref)
 
 
-def test_grouped_outer_strided_inputs(gen):
+def test_grouped_outer_strided_inputs(gen, device):
     counts = [5, 0, 12]
-    eta = randn((29, sum(counts)), gen, torch.float64, DEVICE).T
-    mu = randn((sum(counts), 26), gen, torch.float64, DEVICE)[:, ::2]
+    eta = randn((29, sum(counts)), gen, torch.float64, device).T
+    mu = randn((sum(counts), 26), gen, torch.float64, device)[:, ::2]
     for fusion in FUSIONS:
-        close(tk.grouped_outer(eta, mu, offsets_for(counts), fusion, 1.0),
-              reference.grouped_outer(eta, mu, offsets_for(counts), fusion, 1.0))
+        close(tk.grouped_outer(eta, mu, offsets_for(counts, device), fusion, 1.0),
+              reference.grouped_outer(eta, mu, offsets_for(counts, device), fusion, 1.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_grouped_outer_ties(gen, dtype):
+def test_grouped_outer_ties(gen, dtype, device):
     """Group 2 = group 0 negated (exact ties in |S|): max keeps group 0's sign; sss/ssm take P on
     P = −N; group 1 (a copy of group 0) ties too and must not win."""
     c = 7
-    eta0, mu0 = randn((c, 13), gen, dtype, DEVICE), randn((c, 17), gen, dtype, DEVICE)
-    eta = torch.cat([eta0, eta0, -eta0, randn((3, 13), gen, dtype, DEVICE)])
-    mu = torch.cat([mu0, mu0, mu0, randn((3, 17), gen, dtype, DEVICE)])
-    offsets = offsets_for([0, c, c, c, 0])  # empty first and last groups too
+    eta0, mu0 = randn((c, 13), gen, dtype, device), randn((c, 17), gen, dtype, device)
+    eta = torch.cat([eta0, eta0, -eta0, randn((3, 13), gen, dtype, device)])
+    mu = torch.cat([mu0, mu0, mu0, randn((3, 17), gen, dtype, device)])
+    offsets = offsets_for([0, c, c, c, 0], device)  # empty first and last groups too
     s0 = eta0.double().T @ mu0.double()
     out_max = tk.grouped_outer(eta[:3 * c], mu[:3 * c], offsets, "max", 1.0)
     close(out_max, s0)
@@ -241,7 +256,7 @@ def test_grouped_outer_ties(gen, dtype):
         close(tk.grouped_outer(eta[:3 * c], mu[:3 * c], offsets, fusion, 0.5),
               reference.grouped_outer(*f64(eta[:3 * c], mu[:3 * c]), offsets, fusion, 0.5))
     # With only the two opposite groups, P == −N everywhere: sss must return P = |S_0|.
-    pair = offsets_for([c, c])
+    pair = offsets_for([c, c], device)
     both_eta, both_mu = torch.cat([eta0, -eta0]), torch.cat([mu0, mu0])
     close(tk.grouped_outer(both_eta, both_mu, pair, "sss", 1.0), s0.abs())
     close(tk.grouped_outer(both_eta, both_mu, pair, "ssm", 1.0), s0.abs() / 2)
@@ -251,11 +266,11 @@ def test_grouped_outer_ties(gen, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_segmented_fisher(gen, dtype):
+def test_segmented_fisher(gen, dtype, device):
     counts = random_layout(gen, G=6, max_count=7)
-    offsets = offsets_for(counts)
+    offsets = offsets_for(counts, device)
     T, o, i = sum(counts), 13, 31
-    eta, mu = randn((T, o), gen, dtype, DEVICE), randn((T, i), gen, dtype, DEVICE)
+    eta, mu = randn((T, o), gen, dtype, device), randn((T, i), gen, dtype, device)
     out = tk.segmented_fisher(eta, mu, offsets)
     assert out.dtype == out_dtype(dtype)
     close(out, reference.segmented_fisher(*f64(eta, mu), offsets))
@@ -264,16 +279,16 @@ def test_segmented_fisher(gen, dtype):
 # ----------------------------------------------------------------------- lowrank_delta_linear
 
 
-def delta_inputs(gen, counts, dtype, N=23, o=29, i=13, alpha_shape="per_group", bias=True, rows=None):
+def delta_inputs(gen, counts, dtype, device, N=23, o=29, i=13, alpha_shape="per_group", bias=True, rows=None):
     G, T = len(counts), sum(counts)
-    x = randn((N, i), gen, dtype, DEVICE)
-    weight = randn((o, i), gen, dtype, DEVICE)
-    b = randn((o,), gen, dtype, DEVICE) if bias else None
+    x = randn((N, i), gen, dtype, device)
+    weight = randn((o, i), gen, dtype, device)
+    b = randn((o,), gen, dtype, device) if bias else None
     if rows is None:
         rows = torch.randint(-1, G, (N,), generator=gen)  # unsorted, with unedited rows
-    row_group = rows.to(DEVICE)
-    mu_t, eta_t = randn((T, i), gen, dtype, DEVICE), randn((T, o), gen, dtype, DEVICE)
-    alpha = randn((G,) if alpha_shape == "per_group" else (1,), gen, dtype, DEVICE)
+    row_group = rows.to(device)
+    mu_t, eta_t = randn((T, i), gen, dtype, device), randn((T, o), gen, dtype, device)
+    alpha = randn((G,) if alpha_shape == "per_group" else (1,), gen, dtype, device)
     return x, weight, b, row_group, mu_t, eta_t, alpha
 
 
@@ -290,12 +305,12 @@ def delta_reference(x, weight, b, row_group, mu_t, eta_t, offsets, alpha, grad):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("alpha_shape", ["per_group", "shared"])
 @pytest.mark.parametrize("row_dtype", [torch.int64, torch.int32])
-def test_lowrank_delta_linear(gen, dtype, alpha_shape, row_dtype):
+def test_lowrank_delta_linear(gen, dtype, alpha_shape, row_dtype, device):
     counts = random_layout(gen, G=4)
-    offsets = offsets_for(counts)
-    x, weight, b, row_group, mu_t, eta_t, alpha = delta_inputs(gen, counts, dtype, alpha_shape=alpha_shape)
+    offsets = offsets_for(counts, device)
+    x, weight, b, row_group, mu_t, eta_t, alpha = delta_inputs(gen, counts, dtype, device, alpha_shape=alpha_shape)
     row_group = row_group.to(row_dtype)
-    grad = randn((x.shape[0], weight.shape[0]), gen, dtype, DEVICE)
+    grad = randn((x.shape[0], weight.shape[0]), gen, dtype, device)
     y = tk.lowrank_delta_linear(x, weight, b, row_group, mu_t, eta_t, offsets, alpha)
     y_ref, *grad_refs = delta_reference(x, weight, b, row_group, mu_t, eta_t, offsets, alpha, grad)
     assert y.dtype == dtype  # x's dtype: a drop-in for the layer
@@ -306,16 +321,16 @@ def test_lowrank_delta_linear(gen, dtype, alpha_shape, row_dtype):
         close(g, ref)
 
 
-def test_lowrank_delta_linear_unedited_rows_and_no_bias(gen):
+def test_lowrank_delta_linear_unedited_rows_and_no_bias(gen, device):
     """All rows −1: the plain layer, and no gradient reaches the factors."""
     counts = [4, 0, 9]
-    offsets = offsets_for(counts)
+    offsets = offsets_for(counts, device)
     rows = torch.full((17,), -1, dtype=torch.int64)
-    x, weight, _, row_group, mu_t, eta_t, alpha = delta_inputs(gen, counts, torch.float64, N=17, rows=rows,
-                                                              bias=False)
+    x, weight, _, row_group, mu_t, eta_t, alpha = delta_inputs(gen, counts, torch.float64, device, N=17,
+                                                              rows=rows, bias=False)
     y = tk.lowrank_delta_linear(x, weight, None, row_group, mu_t, eta_t, offsets, alpha)
     close(y, x @ weight.T)
-    grad = randn(y.shape, gen, torch.float64, DEVICE)
+    grad = randn(y.shape, gen, torch.float64, device)
     dx, dmu, deta, dalpha = tk.lowrank_delta_linear_backward(grad, x, weight, row_group, mu_t, eta_t,
                                                              offsets, alpha)
     close(dx, grad @ weight)
@@ -327,21 +342,21 @@ def test_lowrank_delta_linear_unedited_rows_and_no_bias(gen):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_group_layouts(gen, layout, dtype):
+def test_group_layouts(gen, layout, dtype, device):
     """Every launcher on T = 0, all-empty, empty first/last/middle and single-group layouts."""
     counts = LAYOUTS[layout]
-    offsets = offsets_for(counts)
+    offsets = offsets_for(counts, device)
     T = sum(counts)
 
-    inputs = lowrank_inputs(gen, counts, dtype)
+    inputs = lowrank_inputs(gen, counts, dtype, device)
     close(tk.grouped_lowrank(inputs[0], offsets, *inputs[1:]),
           reference.grouped_lowrank(f64(inputs[0])[0], offsets, *f64(*inputs[1:])), dtype)
-    grad_out = randn(inputs[0].shape, gen, dtype, DEVICE)
+    grad_out = randn(inputs[0].shape, gen, dtype, device)
     grads = tk.grouped_lowrank_backward(grad_out, inputs[0], offsets, *inputs[1:])
     for g, ref in zip(grads, lowrank_reference_grads(grad_out, offsets, inputs)):
         close(g, ref, dtype)
 
-    eta, mu = randn((T, 19), gen, dtype, DEVICE), randn((T, 11), gen, dtype, DEVICE)
+    eta, mu = randn((T, 19), gen, dtype, device), randn((T, 11), gen, dtype, device)
     for fusion in FUSIONS:
         out = tk.grouped_outer(eta, mu, offsets, fusion, 0.75)
         ref = reference.grouped_outer(*f64(eta, mu), offsets, fusion, 0.75)
@@ -356,8 +371,8 @@ def test_group_layouts(gen, layout, dtype):
         close(fisher, reference.segmented_fisher(*f64(eta, mu), offsets))
 
     for N in (0, 21):
-        x, weight, b, row_group, mu_t, eta_t, alpha = delta_inputs(gen, counts, dtype, N=N)
-        grad = randn((N, weight.shape[0]), gen, dtype, DEVICE)
+        x, weight, b, row_group, mu_t, eta_t, alpha = delta_inputs(gen, counts, dtype, device, N=N)
+        grad = randn((N, weight.shape[0]), gen, dtype, device)
         y = tk.lowrank_delta_linear(x, weight, b, row_group, mu_t, eta_t, offsets, alpha)
         grads = tk.lowrank_delta_linear_backward(grad, x, weight, row_group, mu_t, eta_t, offsets, alpha)
         refs = delta_reference(x, weight, b, row_group, mu_t, eta_t, offsets, alpha, grad)
@@ -372,23 +387,23 @@ def test_group_layouts(gen, layout, dtype):
 # ---------------------------------------------------------------------------- bad input, syncs
 
 
-def test_bad_inputs_raise_value_error_naming_the_argument(gen):
-    offsets = offsets_for([3, 4])
-    eta, mu = randn((7, 5), gen, torch.float32, DEVICE), randn((7, 6), gen, torch.float32, DEVICE)
+def test_bad_inputs_raise_value_error_naming_the_argument(gen, device):
+    offsets = offsets_for([3, 4], device)
+    eta, mu = randn((7, 5), gen, torch.float32, device), randn((7, 6), gen, torch.float32, device)
     with pytest.raises(ValueError, match="fusion"):
         tk.grouped_outer(eta, mu, offsets, "mean", 1.0)
     with pytest.raises(ValueError, match="eta and mu"):
-        tk.grouped_outer(eta, mu[:6], offsets_for([3, 3]), "add", 1.0)
+        tk.grouped_outer(eta, mu[:6], offsets_for([3, 3], device), "add", 1.0)
     with pytest.raises(ValueError, match="offsets"):
         tk.segmented_fisher(eta, mu, offsets.float())
-    h, u, v, bias, scale, shift, gain = lowrank_inputs(gen, [3, 4], torch.float32)
+    h, u, v, bias, scale, shift, gain = lowrank_inputs(gen, [3, 4], torch.float32, device)
     with pytest.raises(ValueError, match="v must"):
         tk.grouped_lowrank(h, offsets, u, v[:, :, :-1], bias)
     with pytest.raises(ValueError, match="gain"):
         tk.grouped_lowrank(h, offsets, u, v, bias, gain=gain[:-1])
     with pytest.raises(ValueError, match="w must"):
         tk.segment_matmul(h, v[:1], offsets)
-    x, weight, b, row_group, mu_t, eta_t, alpha = delta_inputs(gen, [3, 4], torch.float32)
+    x, weight, b, row_group, mu_t, eta_t, alpha = delta_inputs(gen, [3, 4], torch.float32, device)
     with pytest.raises(ValueError, match="row_group"):
         tk.lowrank_delta_linear(x, weight, b, row_group.float(), mu_t, eta_t, offsets, alpha)
     with pytest.raises(ValueError, match="alpha"):
@@ -397,15 +412,15 @@ def test_bad_inputs_raise_value_error_naming_the_argument(gen):
         tk.lowrank_delta_linear_backward(x, x, weight, row_group, mu_t, eta_t, offsets, alpha)
 
 
-def test_launchers_do_not_read_tensors_on_the_host(gen):
+def test_launchers_do_not_read_tensors_on_the_host(gen, device):
     """No .item()/.tolist()/.cpu()/bool()/int() on a tensor inside any launcher: on CUDA each
     would stall the stream.  (Under the interpreter this guards the launchers' Python code.)"""
     counts = [0, 5, 0, 9, 3]
-    offsets = offsets_for(counts)
-    h, u, v, bias, scale, shift, gain = lowrank_inputs(gen, counts, torch.float32)
-    eta, mu = randn((17, 7), gen, torch.float32, DEVICE), randn((17, 9), gen, torch.float32, DEVICE)
-    x, weight, b, row_group, mu_t, eta_t, alpha = delta_inputs(gen, counts, torch.float32)
-    grad_h, grad_y = torch.ones_like(h), torch.ones(x.shape[0], weight.shape[0], device=DEVICE)
+    offsets = offsets_for(counts, device)
+    h, u, v, bias, scale, shift, gain = lowrank_inputs(gen, counts, torch.float32, device)
+    eta, mu = randn((17, 7), gen, torch.float32, device), randn((17, 9), gen, torch.float32, device)
+    x, weight, b, row_group, mu_t, eta_t, alpha = delta_inputs(gen, counts, torch.float32, device)
+    grad_h, grad_y = torch.ones_like(h), torch.ones(x.shape[0], weight.shape[0], device=device)
 
     def host_read(*args, **kwargs):
         raise AssertionError("a launcher read a tensor on the host")
@@ -420,3 +435,244 @@ def test_launchers_do_not_read_tensors_on_the_host(gen):
         tk.grouped_lowrank_backward(grad_h, h, offsets, u, v, bias, scale, shift, gain)
         tk.lowrank_delta_linear(x, weight, b, row_group, mu_t, eta_t, offsets, alpha)
         tk.lowrank_delta_linear_backward(grad_y, x, weight, row_group, mu_t, eta_t, offsets, alpha)
+
+
+# ------------------------------------------------------------------- dot form and launch configs
+
+
+def _module(name):
+    return importlib.import_module(f"dcedit_kernels.triton_kernels.{name}")
+
+
+def test_native_dot_choice(monkeypatch):
+    """Tensor cores for 16-bit operands off the interpreter; the env override; bad values."""
+    f16, bf16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+    monkeypatch.delenv(launch.NATIVE_DOT_ENV, raising=False)
+    assert not launch.native_dot(f32, f32) and not launch.native_dot(f64, bf16)
+    for dt in (f16, bf16):
+        assert launch.native_dot(dt, dt) is (not INTERPRET)
+        assert launch.native_dot(f32, dt) is (not INTERPRET)
+    monkeypatch.setenv(launch.NATIVE_DOT_ENV, "1")
+    assert launch.native_dot(f16, f16) and launch.native_dot(f32, bf16)
+    assert not launch.native_dot(f32) and not launch.native_dot(f64, f16)
+    monkeypatch.setenv(launch.NATIVE_DOT_ENV, "0")
+    assert not launch.native_dot(bf16, bf16)
+    monkeypatch.setenv(launch.NATIVE_DOT_ENV, "yes")
+    with pytest.raises(ValueError, match=launch.NATIVE_DOT_ENV):
+        launch.native_dot(bf16)
+    assert launch.dot_path(False, True, bf16, bf16) == "half"
+    assert launch.dot_path(False, True, f16, bf16) == "tf32x3"
+    assert launch.dot_path(False, True, f32, bf16) == "tf32x3"
+    assert launch.dot_path(False, False, bf16, bf16) == "ieee"
+    assert launch.dot_path(True, False, f64, f64) == "fp64"
+
+
+def test_forced_tiles_checks_its_arguments():
+    with pytest.raises(ValueError, match="kernel"):
+        with launch.forced_tiles("matmul", BLOCK_M=16):
+            pass
+    with pytest.raises(ValueError, match="config"):
+        with launch.forced_tiles("segment_matmul", BLOCK_M=16, BLOCK_N=16):
+            pass
+    cfg = launch.CANDIDATES["segment_matmul"]["half"][0]
+    with launch.forced_tiles("segment_matmul", **cfg):
+        assert launch.segment_matmul_tiles(5, 1, 7, 9, "ieee") == cfg
+    assert launch.segment_matmul_tiles(5, 1, 7, 9, "ieee") != cfg
+
+
+def test_tile_heuristic_fits_every_shape():
+    """Every block is a power of two >= 16 (tl.dot's minimum) whatever the shape."""
+    for T, G, N, K in ((1, 1, 1, 1), (4096, 8, 1920, 8000), (3000, 125, 6400, 1600), (37, 5, 29, 13)):
+        for path in ("half", "tf32x3", "ieee", "fp64"):
+            for tiles in (launch.segment_matmul_tiles(T, G, N, K, path), launch.grouped_outer_tiles(T, G, N, K, path),
+                          launch.grouped_bilinear_tiles(T, G, N, K, path)):
+                blocks = [v for k, v in tiles.items() if k.startswith("BLOCK")]
+                assert all(b >= 16 and b & (b - 1) == 0 for b in blocks), tiles
+                if INTERPRET:  # exactly one config under the interpreter
+                    assert set(blocks) == {16}, tiles
+
+
+def test_native_branch_fp16(gen, device, monkeypatch):
+    """DCEDIT_TRITON_NATIVE_DOT=1 forces the tensor-core branch of `mma` (16-bit tl.dot, tf32x3 for
+    fp32 tiles), under the interpreter too: its fp16 and tf32x3 dots are right (bf16 is not)."""
+    monkeypatch.setenv(launch.NATIVE_DOT_ENV, "1")
+    taken = []
+
+    def spy(name, real):
+        def native_dot(*dtypes):
+            taken.append((name, real(*dtypes)))
+            return taken[-1][1]
+        return native_dot
+
+    for name in ("segment_matmul", "grouped_outer", "lowrank_delta_linear"):
+        monkeypatch.setattr(_module(name), "native_dot", spy(name, _module(name).native_dot))
+    dt = torch.float16
+    counts = [0, 9, 17, 3, 0]
+    offsets = offsets_for(counts, device)
+    T, G = sum(counts), len(counts)
+
+    x, w = randn((T, 21), gen, dt, device), randn((G, 18, 21), gen, dt, device)
+    gain, bias = randn((T, 21), gen, dt, device), randn((G, 18), gen, dt, device)
+    close(tk.segment_matmul(x, w, offsets, gain=gain, bias=bias, relu=True),
+          segment_matmul_ref(x.double(), w.double(), counts, True, gain.double(), bias.double(), None, None, True,
+                             None))
+
+    inputs = lowrank_inputs(gen, counts, dt, device, d=21, r=18)
+    close(tk.grouped_lowrank(inputs[0], offsets, *inputs[1:]),
+          reference.grouped_lowrank(inputs[0].double(), offsets, *f64(*inputs[1:])))
+    grad_out = randn(inputs[0].shape, gen, dt, device)
+    for g, ref in zip(tk.grouped_lowrank_backward(grad_out, inputs[0], offsets, *inputs[1:]),
+                      lowrank_reference_grads(grad_out, offsets, inputs)):
+        close(g, ref)
+
+    eta, mu = randn((T, 29), gen, dt, device), randn((T, 13), gen, dt, device)
+    for fusion in ("none", "sss"):
+        close(tk.grouped_outer(eta, mu, offsets, fusion, 0.5),
+              reference.grouped_outer(*f64(eta, mu), offsets, fusion, 0.5))
+    close(tk.segmented_fisher(eta, mu, offsets), reference.segmented_fisher(*f64(eta, mu), offsets))
+
+    args = delta_inputs(gen, counts, dt, device, N=19, o=29, i=13)
+    grad = randn((19, 29), gen, dt, device)
+    x, weight, b, row_group, mu_t, eta_t, alpha = args
+    y_ref, *grad_refs = delta_reference(x, weight, b, row_group, mu_t, eta_t, offsets, alpha, grad)
+    close(tk.lowrank_delta_linear(x, weight, b, row_group, mu_t, eta_t, offsets, alpha), y_ref)
+    grads = tk.lowrank_delta_linear_backward(grad, x, weight, row_group, mu_t, eta_t, offsets, alpha)
+    for g, ref in zip(grads, grad_refs):
+        close(g, ref)
+    assert {name for name, native in taken if native} == {"segment_matmul", "grouped_outer", "lowrank_delta_linear"}
+
+
+@cuda_only
+def test_ieee_branch_on_cuda_with_bf16(gen, monkeypatch):
+    """DCEDIT_TRITON_NATIVE_DOT=0: bf16 inputs through the exact fp32 dot on the GPU."""
+    monkeypatch.setenv(launch.NATIVE_DOT_ENV, "0")
+    device, dt = "cuda", torch.bfloat16
+    counts = [0, 40, 3, 77, 0]
+    offsets = offsets_for(counts, device)
+    inputs = lowrank_inputs(gen, counts, dt, device, d=70, r=33)
+    close(tk.grouped_lowrank(inputs[0], offsets, *inputs[1:]),
+          reference.grouped_lowrank(inputs[0].double(), offsets, *f64(*inputs[1:])))
+    eta, mu = randn((120, 50), gen, dt, device), randn((120, 45), gen, dt, device)
+    close(tk.grouped_outer(eta, mu, offsets, "sss", 1.0), reference.grouped_outer(*f64(eta, mu), offsets, "sss", 1.0))
+    x, weight, b, row_group, mu_t, eta_t, alpha = delta_inputs(gen, counts, dt, device, N=90, o=70, i=50)
+    y_ref = delta_reference(x, weight, b, row_group, mu_t, eta_t, offsets, alpha, torch.ones(90, 70, device=device))[0]
+    close(tk.lowrank_delta_linear(x, weight, b, row_group, mu_t, eta_t, offsets, alpha), y_ref)
+
+
+@cuda_only
+@pytest.mark.parametrize("kernel", list(launch.CANDIDATES))
+def test_every_config_candidate(gen, kernel):
+    """Each candidate tune.py may pick, forced, on ragged groups (empty ones too) and odd sizes that
+    leave partial tiles in every dimension, through the path it is meant for."""
+    device, dt = "cuda", torch.bfloat16
+    counts = [0, 150, 7, 0, 301, 1, 0]
+    offsets = offsets_for(counts, device)
+    T, G = sum(counts), len(counts)
+    for path, configs in launch.CANDIDATES[kernel].items():
+        for cfg in configs:
+            with launch.forced_tiles(kernel, **cfg):
+                if kernel == "segment_matmul" and path == "half":
+                    x, w = randn((T, 333), gen, dt, device), randn((G, 200, 333), gen, dt, device)
+                    close(tk.segment_matmul(x, w, offsets),
+                          segment_matmul_ref(x.double(), w.double(), counts, True, None, None, None, None, False, None))
+                elif kernel == "segment_matmul":  # tf32x3: fp32 rows against bf16 weights, epilogue
+                    x, w = randn((T, 99), gen, torch.float32, device), randn((G, 333, 99), gen, dt, device)
+                    bias, res = randn((G, 333), gen, dt, device), randn((T, 333), gen, dt, device)
+                    close(tk.segment_matmul(x, w, offsets, bias=bias, scale=bias, relu=True, residual=res),
+                          segment_matmul_ref(x.double(), w.double(), counts, True, None, bias.double(), bias.double(),
+                                             None, True, res.double()))
+                elif kernel == "grouped_outer":
+                    src = torch.float32 if path == "tf32x3" else dt
+                    eta, mu = randn((T, 333), gen, src, device), randn((T, 201), gen, src, device)
+                    for fusion in FUSIONS:
+                        close(launch_outer(eta, mu, offsets, fusion, dt),
+                              reference.grouped_outer(*f64(eta, mu), offsets, fusion, 1.0))
+                else:
+                    x, weight, b, row_group, mu_t, eta_t, alpha = delta_inputs(gen, counts, dt, device, N=300, o=333,
+                                                                               i=201)
+                    grad = randn((300, 333), gen, dt, device)
+                    y_ref, *grad_refs = delta_reference(x, weight, b, row_group, mu_t, eta_t, offsets, alpha, grad)
+                    close(tk.lowrank_delta_linear(x, weight, b, row_group, mu_t, eta_t, offsets, alpha), y_ref)
+                    grads = tk.lowrank_delta_linear_backward(grad, x, weight, row_group, mu_t, eta_t, offsets, alpha)
+                    for g, ref in zip(grads, grad_refs):
+                        close(g, ref)
+
+
+def launch_outer(eta, mu, offsets, fusion, src_dtype):
+    """grouped_outer with `precision_from` (fp32 operands of a 16-bit op take tf32x3)."""
+    go = _module("grouped_outer")
+    return go.launch_grouped_outer(eta, mu, offsets, go.FUSION_MODES[fusion], 1.0, precision_from=(src_dtype,))
+
+
+# ------------------------------------------------------------------ benchmark-sized, CUDA only
+
+LARGE_TOL = 1e-4  # fp32 outputs of bf16 inputs: exact products, fp32 sums over up to 8000 terms
+
+
+def close_large(out, ref):
+    """The output dtype's tolerance for 16-bit outputs, LARGE_TOL for fp32 ones."""
+    if out.dtype in (torch.float16, torch.bfloat16):
+        return close(out, ref)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    err = rel_err(out, ref)
+    assert err < LARGE_TOL, f"relative error {err:.3g} >= {LARGE_TOL:.3g}"
+
+
+def _bench_offsets(T, G, gen):
+    cuts = torch.sort(torch.randint(0, T + 1, (G - 1,), generator=gen)).values
+    cuts[0] = cuts[1]  # one empty group, as the benchmarks have
+    return torch.cat([torch.tensor([0]), cuts, torch.tensor([T])]).tolist()
+
+
+@cuda_only
+@pytest.mark.parametrize("op", ["segment_matmul", "grouped_lowrank", "grouped_outer", "segmented_fisher",
+                                "lowrank_delta_linear"])
+def test_large_shapes_bf16(gen, op):
+    """The benchmark shapes (GPT-2 XL's MLP: i 1600, o 6400; MEND's d 8000) in bf16 against the
+    float64 reference on the same rounded values."""
+    device, dt = "cuda", torch.bfloat16
+    if op in ("segment_matmul", "grouped_lowrank"):
+        T, G, d, r = 4096, 8, 8000, 1920
+        bounds = _bench_offsets(T, G, gen)
+        counts = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        offsets = offsets_for(counts, device)
+        if op == "segment_matmul":
+            x, gain = randn((T, d), gen, dt, device), randn((T, d), gen, dt, device)
+            w = randn((G, r, d), gen, dt, device)
+            close_large(tk.segment_matmul(x, w, offsets, gain=gain),
+                        segment_matmul_ref(x.double(), w.double(), counts, True, gain.double(), None, None, None,
+                                           False, None))
+            return
+        h, u, v, bias, scale, shift, gain = lowrank_inputs(gen, counts, dt, device, d=d, r=r)
+        u, v = (u.float() * 0.01).to(dt), (v.float() * 0.01).to(dt)
+        inputs = (h, u, v, bias, scale, shift, gain)
+        close_large(tk.grouped_lowrank(h, offsets, *inputs[1:]), reference.grouped_lowrank(h.double(), offsets,
+                                                                                            *f64(*inputs[1:])))
+        grad_out = randn(h.shape, gen, dt, device)
+        for g, ref in zip(tk.grouped_lowrank_backward(grad_out, h, offsets, *inputs[1:]),
+                          lowrank_reference_grads(grad_out, offsets, inputs)):
+            close_large(g, ref)
+    elif op == "grouped_outer":
+        T, G, o, i = 4096, 8, 6400, 1600
+        offsets = torch.tensor(_bench_offsets(T, G, gen), dtype=torch.int32, device=device)
+        eta, mu = randn((T, o), gen, dt, device), randn((T, i), gen, dt, device)
+        for fusion in FUSIONS:
+            close_large(tk.grouped_outer(eta, mu, offsets, fusion, 1.0),
+                        reference.grouped_outer(*f64(eta, mu), offsets, fusion, 1.0))
+    elif op == "segmented_fisher":
+        counts = torch.randint(12, 37, (125,), generator=gen).tolist()
+        offsets = offsets_for(counts, device)
+        eta, mu = randn((sum(counts), 6400), gen, dt, device), randn((sum(counts), 1600), gen, dt, device)
+        close_large(tk.segmented_fisher(eta, mu, offsets), reference.segmented_fisher(*f64(eta, mu), offsets))
+    else:
+        N, G, per, o, i = 2048, 8, 512, 6400, 1600
+        counts = [per] * G
+        offsets = offsets_for(counts, device)
+        x, weight, b, row_group, mu_t, eta_t, alpha = delta_inputs(gen, counts, dt, device, N=N, o=o, i=i)
+        alpha = (alpha.float() * 0.05).to(dt)  # the shift term about as large as the dense part
+        grad = randn((N, o), gen, dt, device)
+        y_ref, *grad_refs = delta_reference(x, weight, b, row_group, mu_t, eta_t, offsets, alpha, grad)
+        close_large(tk.lowrank_delta_linear(x, weight, b, row_group, mu_t, eta_t, offsets, alpha), y_ref)
+        grads = tk.lowrank_delta_linear_backward(grad, x, weight, row_group, mu_t, eta_t, offsets, alpha)
+        for g, ref in zip(grads, grad_refs):
+            close_large(g, ref)

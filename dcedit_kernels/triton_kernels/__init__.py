@@ -2,7 +2,9 @@
 
 One small file per kernel, launcher beside it.  Launchers check shapes, dtypes and devices but
 not offset values (that needs a host copy; the op layer in `dcedit_kernels.ops` does it), and
-never synchronise with the host.
+never synchronise with the host.  launch.py decides the dot form (tensor cores for 16-bit
+inputs on a GPU) and the launch configs; `python -m dcedit_kernels.triton_kernels.compile_check`
+compiles every kernel for sm_90 without a GPU and `... .tune` times the config candidates on one.
 """
 
 from .grouped_lowrank import grouped_lowrank, grouped_lowrank_backward

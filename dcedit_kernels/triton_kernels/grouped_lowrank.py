@@ -13,6 +13,10 @@ Backward (a = z u_gᵀ + bias_g, pre = a ⊙ scale + shift, x = gain ⊙ h):
 The four GEMM-shaped terms run in Triton (z and a recomputed by segment_matmul, dz and dx by
 segment_matmul with W untransposed, du and dv by grouped_outer "none"); the elementwise terms
 and the per-group vector sums (index_add over device-side group ids) are plain torch.
+
+Precision: every GEMM gets `precision_from` = the op's input dtypes, so with 16-bit inputs the
+fp32 intermediates (z, da, dz, gain ⊙ h) meet tensor cores as tf32x3 (~fp32 accuracy, see
+`mma`) instead of the IEEE fp32 dot, which runs on the FMA units.
 """
 
 from __future__ import annotations
@@ -59,9 +63,14 @@ def grouped_lowrank(h, offsets, u, v, bias, scale=None, shift=None, gain=None):
     """
     _check(h, offsets, u, v, bias, scale, shift, gain)
     gid = group_ids(offsets, h.shape[0])
-    z = segment_matmul(h, v, offsets, gain=gain, row_groups=gid)
+    src = _dtypes(h, u, v, gain)
+    z = segment_matmul(h, v, offsets, gain=gain, row_groups=gid, precision_from=src)
     return segment_matmul(z, u, offsets, bias=bias, scale=scale, shift=shift, relu=True, residual=h,
-                          row_groups=gid)
+                          row_groups=gid, precision_from=src)
+
+
+def _dtypes(*tensors):
+    return tuple(t.dtype for t in tensors if t is not None)
 
 
 def _group_sum(rows, gid, G):
@@ -85,8 +94,9 @@ def grouped_lowrank_backward(grad_out, h, offsets, u, v, bias, scale=None, shift
     x = hh if gain is None else hh * gain.to(acc)
     dout = grad_out.to(acc)
 
-    z = segment_matmul(x, v, offsets, row_groups=gid)
-    a = segment_matmul(z, u, offsets, bias=bias, row_groups=gid)
+    src = _dtypes(grad_out, h, u, v, gain)
+    z = segment_matmul(x, v, offsets, row_groups=gid, precision_from=src)
+    a = segment_matmul(z, u, offsets, bias=bias, row_groups=gid, precision_from=src)
     pre = a
     if scale is not None:
         pre = pre * scale.to(acc)[gid]
@@ -98,10 +108,10 @@ def grouped_lowrank_backward(grad_out, h, offsets, u, v, bias, scale=None, shift
     d_shift = _group_sum(dpre, gid, G) if shift is not None else None
     d_scale = _group_sum(dpre * a, gid, G) if scale is not None else None
     d_bias = _group_sum(da, gid, G)
-    d_u = launch_grouped_outer(da, z, offsets, MODE_NONE)  # (G, d, r)
-    dz = segment_matmul(da, u, offsets, transpose_w=False, row_groups=gid)  # da u_g
-    d_v = launch_grouped_outer(dz, x, offsets, MODE_NONE)  # (G, r, d)
-    dx = segment_matmul(dz, v, offsets, transpose_w=False, row_groups=gid)  # dz v_g
+    d_u = launch_grouped_outer(da, z, offsets, MODE_NONE, precision_from=src)  # (G, d, r)
+    dz = segment_matmul(da, u, offsets, transpose_w=False, row_groups=gid, precision_from=src)  # da u_g
+    d_v = launch_grouped_outer(dz, x, offsets, MODE_NONE, precision_from=src)  # (G, r, d)
+    dx = segment_matmul(dz, v, offsets, transpose_w=False, row_groups=gid, precision_from=src)  # dz v_g
     if gain is None:
         d_h, d_gain = dout + dx, None
     else:

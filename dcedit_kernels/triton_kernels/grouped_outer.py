@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from .._checks import check_same_device, check_tensor, compute_dtype
-from .segment_matmul import block_size, mma
+from .launch import dot_path, grouped_outer_tiles, native_dot
+from .segment_matmul import mma
 
 MODE_NONE, MODE_ADD, MODE_MAX, MODE_SSS, MODE_SSM, MODE_FISHER = range(6)
 FUSION_MODES = {"none": MODE_NONE, "add": MODE_ADD, "max": MODE_MAX, "sss": MODE_SSS, "ssm": MODE_SSM}
@@ -28,7 +29,7 @@ def _grouped_outer_kernel(
     eta_ptr, mu_ptr, offsets_ptr, alpha_ptr, out_ptr,
     O, I, G,
     stride_eta_t, stride_eta_o, stride_mu_t, stride_mu_i,
-    MODE: tl.constexpr, IS_FP64: tl.constexpr,
+    MODE: tl.constexpr, IS_FP64: tl.constexpr, NATIVE: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     ACC = out_ptr.dtype.element_ty
@@ -56,10 +57,10 @@ def _grouped_outer_kernel(
             rt = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
             t_ok = rt < end
             eta_tile = tl.load(eta_ptr + rt[None, :] * stride_eta_t + ro[:, None] * stride_eta_o,
-                               mask=t_ok[None, :] & o_ok[:, None], other=0.0).to(ACC)  # (O, T): ηᵀ
+                               mask=t_ok[None, :] & o_ok[:, None], other=0.0)  # (O, T): ηᵀ
             mu_tile = tl.load(mu_ptr + rt[:, None] * stride_mu_t + ri[None, :] * stride_mu_i,
-                              mask=t_ok[:, None] & i_ok[None, :], other=0.0).to(ACC)  # (T, I)
-            s_g = mma(s_g, eta_tile, mu_tile, IS_FP64)
+                              mask=t_ok[:, None] & i_ok[None, :], other=0.0)  # (T, I)
+            s_g = mma(s_g, eta_tile, mu_tile, IS_FP64, NATIVE)
         if MODE == 0:
             res = s_g
         elif MODE == 1:
@@ -85,8 +86,11 @@ def _grouped_outer_kernel(
     tl.store(out_base + ro[:, None].to(tl.int64) * I + ri[None, :], res, mask=o_ok[:, None] & i_ok[None, :])
 
 
-def launch_grouped_outer(eta, mu, offsets, mode: int, alpha=1.0):
-    """Shared launcher of grouped_outer and segmented_fisher (checks shapes, not offset values)."""
+def launch_grouped_outer(eta, mu, offsets, mode: int, alpha=1.0, precision_from=()):
+    """Shared launcher of grouped_outer and segmented_fisher (checks shapes, not offset values).
+
+    `precision_from`: as in segment_matmul (dtypes the fp32 operands were computed from).
+    """
     check_tensor(eta, "eta", 2)
     check_tensor(mu, "mu", 2)
     if eta.shape[0] != mu.shape[0]:
@@ -110,16 +114,14 @@ def launch_grouped_outer(eta, mu, offsets, mode: int, alpha=1.0):
     else:
         alpha_t = torch.full((1,), float(alpha), dtype=acc, device=eta.device)
     fp64 = acc == torch.float64
-    BO = block_size(eta.device, fp64, 64)
-    BI = block_size(eta.device, fp64, 64)
-    BT = block_size(eta.device, fp64, 32)
-    grid = (triton.cdiv(O, BO), triton.cdiv(I, BI), G if mode == MODE_NONE else 1)
+    native = not fp64 and native_dot(eta.dtype, mu.dtype, *precision_from)
+    tiles = grouped_outer_tiles(eta.shape[0], G, O, I, dot_path(fp64, native, eta.dtype, mu.dtype))
+    grid = (triton.cdiv(O, tiles["BLOCK_O"]), triton.cdiv(I, tiles["BLOCK_I"]), G if mode == MODE_NONE else 1)
     _grouped_outer_kernel[grid](
         eta, mu, offsets, alpha_t, out,
         O, I, G,
         eta.stride(0), eta.stride(1), mu.stride(0), mu.stride(1),
-        MODE=mode, IS_FP64=fp64, BLOCK_O=BO, BLOCK_I=BI, BLOCK_T=BT,
-        num_warps=8 if mode != MODE_NONE and not fp64 else 4,
+        MODE=mode, IS_FP64=fp64, NATIVE=native, **tiles,
     )
     return out
 

@@ -31,7 +31,8 @@ import triton.language as tl
 
 from .._checks import check_delta_linear_shapes, check_same_device, check_tensor, compute_dtype
 from ..reference.segments import group_ids
-from .segment_matmul import block_size, mma
+from .launch import dot_path, grouped_bilinear_tiles, native_dot
+from .segment_matmul import mma, segment_matmul
 
 
 @triton.jit
@@ -39,12 +40,16 @@ def _grouped_bilinear_kernel(
     q_ptr, q_index_ptr, q_group_ptr, k_ptr, v_ptr, kv_index_ptr, kv_offsets_ptr, alpha_ptr, out_ptr,
     NQ, DK, DV, G,
     HAS_Q_INDEX: tl.constexpr, HAS_KV_INDEX: tl.constexpr, IS_FP64: tl.constexpr,
+    NATIVE_QK: tl.constexpr, NATIVE_PV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[q_index[p]] += alpha_g Σ_{s∈[kv_offsets[g], kv_offsets[g+1])} (Q_p·K_{kv(s)}) V_{kv(s)}.
 
     p runs over query positions sorted by q_group (q_group[p] = g, < 0 for rows left alone);
-    Q (·, DK), K (·, DK), V (·, DV) and out (·, DV) are row-major contiguous.
+    Q (·, DK), K (·, DK), V (·, DV) and out (·, DV) are row-major contiguous.  alpha_g (Q·K)
+    stays fp32: with NATIVE_PV its dot with a 16-bit V tile is tf32x3 (see `mma`; rounding it to
+    V's dtype would cost accuracy, and fp16 could overflow: x·mu over thousands of features is
+    not bounded by 65504).
     """
     ACC = out_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
@@ -80,13 +85,13 @@ def _grouped_bilinear_kernel(
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < DK
                 q = tl.load(q_ptr + q_rows[:, None] * DK + ks[None, :],
-                            mask=in_g[:, None] & k_ok[None, :], other=0.0).to(ACC)
+                            mask=in_g[:, None] & k_ok[None, :], other=0.0)
                 kt = tl.load(k_ptr + kv_rows[None, :] * DK + ks[:, None],
-                             mask=s_ok[None, :] & k_ok[:, None], other=0.0).to(ACC)
-                c = mma(c, q, kt, IS_FP64)
+                             mask=s_ok[None, :] & k_ok[:, None], other=0.0)
+                c = mma(c, q, kt, IS_FP64, NATIVE_QK)
             vals = tl.load(v_ptr + kv_rows[:, None] * DV + cols[None, :],
-                           mask=s_ok[:, None] & col_ok[None, :], other=0.0).to(ACC)
-            acc = mma(acc, c * alpha_g, vals, IS_FP64)
+                           mask=s_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = mma(acc, c * alpha_g, vals, IS_FP64, NATIVE_PV)
 
     out_ptrs = out_ptr + q_rows[:, None] * DV + cols[None, :]
     out_mask = pos_ok[:, None] & col_ok[None, :]
@@ -101,18 +106,17 @@ def _grouped_bilinear_(out, q, q_index, q_group, k, v, kv_index, kv_offsets, alp
     if NQ == 0 or DV == 0:
         return out
     fp64 = out.dtype == torch.float64
-    BM = block_size(out.device, fp64, 32)
-    BN = block_size(out.device, fp64, 64)
-    BT = block_size(out.device, fp64, 32)
-    BK = block_size(out.device, fp64, 32)
-    grid = (triton.cdiv(NQ, BM), triton.cdiv(DV, BN))
+    native_qk = not fp64 and native_dot(q.dtype, k.dtype)
+    native_pv = not fp64 and native_dot(out.dtype, v.dtype)  # alpha_g (Q·K) is in out's dtype
+    tiles = grouped_bilinear_tiles(NQ, G, DK, DV, dot_path(fp64, native_qk or native_pv, q.dtype, k.dtype))
+    grid = (triton.cdiv(NQ, tiles["BLOCK_M"]), triton.cdiv(DV, tiles["BLOCK_N"]))
     _grouped_bilinear_kernel[grid](
         q.contiguous(), q_index if q_index is not None else q_group, q_group,
         k.contiguous(), v.contiguous(), kv_index if kv_index is not None else kv_offsets,
         kv_offsets, alpha, out,
         NQ, DK, DV, G,
         HAS_Q_INDEX=q_index is not None, HAS_KV_INDEX=kv_index is not None, IS_FP64=fp64,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_T=BT, BLOCK_K=BK,
+        NATIVE_QK=native_qk, NATIVE_PV=native_pv, **tiles,
     )
     return out
 
@@ -154,6 +158,24 @@ def _alpha_per_group(alpha, G, acc):
     return alpha.detach().to(acc).reshape(-1).expand(G).contiguous()
 
 
+def _dense(a, weight, transpose, acc, bias=None):
+    """a Wᵀ + bias (transpose) or a W, in `acc`.
+
+    Two 16-bit operands of one dtype go through segment_matmul with one group: tensor cores
+    with an fp32 accumulator and fp32 output, which is the fp32 product of the same values up to
+    summation order (16-bit products are exact in fp32).  Otherwise torch in `acc`, as the
+    reference computes it (a half-precision torch matmul would round y before the shift term).
+    """
+    if acc == torch.float64 or a.dtype != weight.dtype or not native_dot(a.dtype):
+        y = a.to(acc) @ (weight.to(acc).T if transpose else weight.to(acc))
+        return y if bias is None else y.add_(bias.to(acc))
+    rows = a.shape[0]
+    one_group = torch.arange(2, device=a.device, dtype=torch.int64) * rows  # [0, rows], no host copy
+    return segment_matmul(a, weight[None], one_group, transpose_w=transpose,
+                          bias=bias[None] if bias is not None else None,
+                          row_groups=torch.zeros(rows, dtype=torch.int64, device=a.device))
+
+
 def lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha):
     """y_n = x_n Wᵀ + b + alpha_g (x_n mu_tᵍᵀ) eta_tᵍ; rows with row_group −1 see the plain layer.
 
@@ -163,14 +185,10 @@ def lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha
     """
     G = _check(x, weight, row_group, mu_t, eta_t, offsets, alpha, bias=bias)
     acc = compute_dtype(x, weight, mu_t, eta_t, alpha)
-    xa = x.to(acc)
-    # The dense part in the accumulation dtype, as the reference computes it (a half-precision
-    # matmul would round y before the shift term is added).
-    y = xa @ weight.to(acc).T
-    if bias is not None:
-        y += bias.to(acc)
+    y = _dense(x, weight, True, acc, bias)
     perm, sorted_groups, _ = _sort_rows(row_group, G)
-    _grouped_bilinear_(y, xa, perm, sorted_groups, mu_t, eta_t, None, offsets,
+    # The kernel takes the inputs in their own dtypes (it casts tiles as `mma` needs them).
+    _grouped_bilinear_(y, x, perm, sorted_groups, mu_t, eta_t, None, offsets,
                        _alpha_per_group(alpha, G, acc))
     out_dtype = x.dtype if x.dtype != torch.float64 else acc
     return y.to(out_dtype)
@@ -183,24 +201,23 @@ def lowrank_delta_linear_backward(grad, x, weight, row_group, mu_t, eta_t, offse
     """
     G = _check(x, weight, row_group, mu_t, eta_t, offsets, alpha, grad=grad)
     acc = compute_dtype(grad, x, weight, mu_t, eta_t, alpha)
-    ga, xa = grad.to(acc).contiguous(), x.to(acc).contiguous()
-    mu, eta = mu_t.to(acc).contiguous(), eta_t.to(acc).contiguous()
+    grad, x, mu_t, eta_t = grad.contiguous(), x.contiguous(), mu_t.contiguous(), eta_t.contiguous()
     alpha_g = _alpha_per_group(alpha, G, acc)
     ones = torch.ones_like(alpha_g)
     perm, sorted_groups, row_offsets = _sort_rows(row_group, G)
-    token_groups = group_ids(offsets, mu.shape[0])
+    token_groups = group_ids(offsets, mu_t.shape[0])
 
-    dx = ga @ weight.to(acc)
-    _grouped_bilinear_(dx, ga, perm, sorted_groups, eta, mu, None, offsets, alpha_g)
+    dx = _dense(grad, weight, False, acc)
+    _grouped_bilinear_(dx, grad, perm, sorted_groups, eta_t, mu_t, None, offsets, alpha_g)
 
     # deta without alpha first: dalpha_g = Σ_{s∈g} eta_t[s] · deta_unscaled[s].
-    deta = torch.zeros_like(eta)
-    _grouped_bilinear_(deta, mu, None, token_groups, xa, ga, perm, row_offsets, ones)
-    dalpha = torch.zeros(G, dtype=acc, device=x.device).index_add_(0, token_groups, (eta * deta).sum(1))
+    deta = torch.zeros(eta_t.shape, dtype=acc, device=x.device)
+    _grouped_bilinear_(deta, mu_t, None, token_groups, x, grad, perm, row_offsets, ones)
+    dalpha = torch.zeros(G, dtype=acc, device=x.device).index_add_(0, token_groups, (eta_t.to(acc) * deta).sum(1))
     deta *= alpha_g[token_groups][:, None]
 
-    dmu = torch.zeros_like(mu)
-    _grouped_bilinear_(dmu, eta, None, token_groups, ga, xa, perm, row_offsets, alpha_g)
+    dmu = torch.zeros(mu_t.shape, dtype=acc, device=x.device)
+    _grouped_bilinear_(dmu, eta_t, None, token_groups, grad, x, perm, row_offsets, alpha_g)
 
     if alpha.numel() == 1:  # one alpha shared by every group: its gradient is the sum
         dalpha = dalpha.sum()

@@ -9,13 +9,11 @@ built on the device (`repeat_interleave`), so nothing here synchronises with the
 Optional fused prologue (X ⊙ gain) and epilogue (+ bias_g, ⊙ scale_g, + shift_g, clamp(min=0),
 + residual) make `grouped_lowrank` two launches.
 
-Also home of `mma`, the tile multiply-accumulate every kernel of this package uses, and of the
-block-size choice shared by the launchers.
+Also home of `mma`, the tile multiply-accumulate every kernel of this package uses (which dot
+form it takes and the launch configs: launch.py).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -23,36 +21,37 @@ import triton.language as tl
 
 from .._checks import check_same_device, check_tensor, compute_dtype
 from ..reference.segments import group_ids
-
-
-def interpreting() -> bool:
-    """True when triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def block_size(device: torch.device, fp64: bool, gpu: int) -> int:
-    """16 under the interpreter (fewer masked lanes to emulate, and small tests still get ragged
-    tiles) and for fp64 (the broadcast product in `mma` holds BLOCK³ values); `gpu` otherwise."""
-    if interpreting() or device.type != "cuda" or fp64:
-        return 16
-    return gpu
+from .launch import dot_path, native_dot, segment_matmul_tiles
 
 
 @triton.jit
-def mma(acc, a, b, IS_FP64: tl.constexpr):
-    """acc + a @ b for tiles already cast to the accumulation dtype.
+def mma(acc, a, b, IS_FP64: tl.constexpr, NATIVE: tl.constexpr):
+    """acc + a @ b for tiles as loaded (any float dtype); acc is fp32, or fp64 with IS_FP64.
 
-    fp64 uses a broadcast product and a sum rather than tl.dot: fp64 tl.dot is not available on
-    every GPU/triton version, and this form is exact fp64 arithmetic everywhere.  fp32 uses
-    input_precision="ieee": the default tf32 keeps 10 mantissa bits and would put a ~1e-3
-    relative error between the GPU result and the fp32 reference.  Half inputs arrive here as
-    fp32 (bf16 tl.dot is silently wrong under the interpreter, and fp32 keeps the gain product
-    of the prologue unrounded).
+    fp64: a broadcast product and a sum rather than tl.dot: fp64 tl.dot is not available on
+    every GPU/triton version, and this form is exact fp64 arithmetic everywhere.
+    NATIVE (`launch.native_dot`, tensor cores): two 16-bit tiles of one dtype go to tl.dot as
+    they are (products exact in the fp32 accumulator).  Any other pair (an fp32 tile: an fp32
+    intermediate or input) goes as "tf32x3", three TF32 passes that keep ~fp32 accuracy (the
+    operand is split into two TF32 halves: ~2^-22 relative per product): one TF32 pass would
+    round the fp32 side to 10 mantissa bits (up to 2^-11 ≈ 5e-4), which the op tests' 1e-5
+    tolerance for 16-bit inputs rejects, and IEEE fp32 runs on the FMA units.
+    Otherwise both tiles are cast to fp32 with input_precision="ieee" (exact products): the
+    default TF32 would be off by ~1e-3 from the fp32 reference, and bf16 tl.dot is silently
+    wrong under the interpreter.
     """
     if IS_FP64:
-        acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+        acc += tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
+    elif NATIVE:
+        if a.dtype == b.dtype:
+            if a.dtype == tl.float32:
+                acc = tl.dot(a, b, acc, input_precision="tf32x3")
+            else:
+                acc = tl.dot(a, b, acc)
+        else:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
     else:
-        acc += tl.dot(a, b, input_precision="ieee")
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return acc
 
 
@@ -63,7 +62,7 @@ def _segment_matmul_kernel(
     stride_xt, stride_xk, stride_wg, stride_wn, stride_wk,
     HAS_GAIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    IS_FP64: tl.constexpr,
+    IS_FP64: tl.constexpr, NATIVE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     ACC = y_ptr.dtype.element_ty
@@ -79,55 +78,54 @@ def _segment_matmul_kernel(
     g_last = tl.max(row_group, axis=0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    # Per-row epilogue parameters, gathered while looping over the tile's groups.
-    bias_rows = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    scale_rows = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC) + 1.0
-    shift_rows = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for g in range(g_first, g_last + 1):
         in_g = row_group == g
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
             a_mask = in_g[:, None] & k_ok[None, :]
-            a = tl.load(x_ptr + rows[:, None] * stride_xt + ks[None, :] * stride_xk,
-                        mask=a_mask, other=0.0).to(ACC)
+            a = tl.load(x_ptr + rows[:, None] * stride_xt + ks[None, :] * stride_xk, mask=a_mask, other=0.0)
             if HAS_GAIN:
-                a = a * tl.load(gain_ptr + rows[:, None] * K + ks[None, :], mask=a_mask, other=0.0).to(ACC)
+                # gain ⊙ h in the accumulation dtype: exact for 16-bit inputs, and `mma` meets
+                # the fp32 tile with its tf32x3 dot.  Rounding it back to x's 16-bit dtype
+                # for a single native pass would be cheaper but puts up to 2^-8 (bf16; fp16
+                # 2^-11) of relative error on every product, which the SPEC's fp32
+                # accumulation and tests/test_ops.py's 1e-5 tolerance for 16-bit inputs on
+                # CUDA (test_grouped_lowrank_matches_formula with gain) do not allow.
+                gain = tl.load(gain_ptr + rows[:, None] * K + ks[None, :], mask=a_mask, other=0.0)
+                a = a.to(ACC) * gain.to(ACC)
             b = tl.load(w_ptr + g * stride_wg + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
-                        mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(ACC)
-            acc = mma(acc, a, b, IS_FP64)
-        if HAS_BIAS:
-            b_g = tl.load(bias_ptr + g * N + cols, mask=col_ok, other=0.0).to(ACC)
-            bias_rows = tl.where(in_g[:, None], b_g[None, :], bias_rows)
-        if HAS_SCALE:
-            s_g = tl.load(scale_ptr + g * N + cols, mask=col_ok, other=0.0).to(ACC)
-            scale_rows = tl.where(in_g[:, None], s_g[None, :], scale_rows)
-        if HAS_SHIFT:
-            h_g = tl.load(shift_ptr + g * N + cols, mask=col_ok, other=0.0).to(ACC)
-            shift_rows = tl.where(in_g[:, None], h_g[None, :], shift_rows)
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = mma(acc, a, b, IS_FP64, NATIVE)
 
+    # Epilogue parameters gathered per row from its group (rows outside [0, T) stay masked):
+    # no per-group (BLOCK_M × BLOCK_N) tiles carried through the loop, which would cost
+    # registers the dot needs.
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    param = row_group[:, None] * N + cols[None, :]
     if HAS_BIAS:
-        acc = acc + bias_rows
+        acc = acc + tl.load(bias_ptr + param, mask=out_mask, other=0.0).to(ACC)
     if HAS_SCALE:
-        acc = acc * scale_rows
+        acc = acc * tl.load(scale_ptr + param, mask=out_mask, other=1.0).to(ACC)
     if HAS_SHIFT:
-        acc = acc + shift_rows
+        acc = acc + tl.load(shift_ptr + param, mask=out_mask, other=0.0).to(ACC)
     if RELU:
         acc = tl.maximum(acc, 0.0)
-    out_mask = row_ok[:, None] & col_ok[None, :]
     if HAS_RESIDUAL:
         acc += tl.load(residual_ptr + rows[:, None] * N + cols[None, :], mask=out_mask, other=0.0).to(ACC)
     tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc, mask=out_mask)
 
 
 def segment_matmul(x, w, offsets, transpose_w=True, gain=None, bias=None, scale=None, shift=None,
-                   relu=False, residual=None, row_groups=None):
+                   relu=False, residual=None, row_groups=None, precision_from=()):
     """Y[t] = epilogue((X[t] ⊙ gain[t]) @ W[g(t)]ᵀ) for tokens grouped by `offsets`.
 
     x (T, k); offsets int (G+1,) (values are not checked here: the op layer does, on the host);
     w (G, n, k) with transpose_w=True, or (G, k, n) with transpose_w=False (Y = X W_g);
     gain (T, k); bias/scale/shift (G, n); residual (T, n); relu clamps at 0 before the residual.
     `row_groups` (T,) int may be passed to reuse group ids already built from offsets.
+    `precision_from`: dtypes of the op inputs that fp32 operands were computed from; a 16-bit one
+    lets their dot use tensor cores (tf32x3, see `mma`) as `launch.native_dot` allows.
     Returns (T, n) fp32 (fp64 when any input is fp64).
     """
     check_tensor(x, "x", 2)
@@ -181,10 +179,10 @@ def segment_matmul(x, w, offsets, transpose_w=True, gain=None, bias=None, scale=
     else:
         stride_wk, stride_wn = w.stride(1), w.stride(2)
     fp64 = acc == torch.float64
-    BM = block_size(x.device, fp64, 64)
-    BN = block_size(x.device, fp64, 64)
-    BK = block_size(x.device, fp64, 32)
-    grid = (triton.cdiv(T, BM), triton.cdiv(N, BN))
+    native = not fp64 and native_dot(x.dtype, w.dtype, *precision_from)
+    a_dtype = acc if gain is not None else x.dtype  # gain ⊙ x reaches `mma` in fp32
+    tiles = segment_matmul_tiles(T, G, N, K, dot_path(fp64, native, a_dtype, w.dtype))
+    grid = (triton.cdiv(T, tiles["BLOCK_M"]), triton.cdiv(N, tiles["BLOCK_N"]))
     dummy = y  # never read when the matching HAS_* flag is off
     _segment_matmul_kernel[grid](
         x, w, gid,
@@ -198,6 +196,6 @@ def segment_matmul(x, w, offsets, transpose_w=True, gain=None, bias=None, scale=
         x.stride(0), x.stride(1), w.stride(0), stride_wn, stride_wk,
         HAS_GAIN=gain is not None, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
         HAS_SHIFT=shift is not None, RELU=bool(relu), HAS_RESIDUAL=residual is not None,
-        IS_FP64=fp64, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+        IS_FP64=fp64, NATIVE=native, **tiles,
     )
     return y

@@ -1,0 +1,229 @@
+"""Compile every kernel for a CUDA target without a GPU: ``python -m dcedit_kernels.triton_kernels.compile_check``.
+
+Each variant is a kernel with the pointer dtypes, constexprs and launch config its launcher
+would use at the benchmark shapes (benchmarks/test_bench_ops.py) on an H100: bf16 inputs with
+the tensor-core dot on, the tf32x3 mixes, and the IEEE fp32 and fp64 paths.  The compile goes
+through ptxas, so an error a GPU session would meet at its first launch surfaces here.  Prints
+one line per variant with ptxas's registers and stack (spill) bytes.
+
+Must run with TRITON_INTERPRET unset (tests/test_triton_compile.py starts it in a subprocess).
+Exit status: 0 all compiled; 1 a kernel failed to compile; 3 this triton cannot compile for
+the target at all (API or toolchain mismatch, checked on a trivial kernel first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import traceback
+
+import torch
+
+TL_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
+            torch.int32: "i32", torch.int64: "i64"}
+
+
+def _api():
+    """triton.compile, ASTSource, GPUTarget and the backend's attribute parser (None if absent)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend
+
+        parse_attr = CUDABackend.parse_attr
+    except (ImportError, AttributeError):
+        parse_attr = None
+    return triton.compile, ASTSource, GPUTarget, parse_attr
+
+
+def compile_kernel(fn, pointers: dict, ints: dict, constexprs: dict, num_warps: int, num_stages: int,
+                   arch: int = 90):
+    """Compile `fn` for sm_`arch` with `pointers` {arg: torch dtype}, `ints` {arg: value} and
+    `constexprs`, specialised as a launch would be: pointers 16-byte aligned (torch allocations
+    are), an int equal to 1 folded in as a constant, one divisible by 16 declared so.  Without
+    that, ptxas sees no contiguity: no vector loads, no cp.async pipelining, and the register
+    figures would describe some other kernel."""
+    compile_, ASTSource, GPUTarget, parse_attr = _api()
+    signature, attrs, consts = {}, {}, dict(constexprs)
+    for i, name in enumerate(fn.arg_names):
+        if name in pointers:
+            signature[name] = "*" + TL_NAMES[pointers[name]]
+            if parse_attr is not None:
+                attrs[(i,)] = parse_attr("D")
+        elif name in ints and ints[name] == 1:
+            signature[name] = "constexpr"
+            consts[name] = 1
+        elif name in ints:
+            signature[name] = "i32" if -2**31 <= ints[name] < 2**31 else "i64"
+            if ints[name] % 16 == 0 and parse_attr is not None:
+                attrs[(i,)] = parse_attr("D")
+        elif name in constexprs:
+            signature[name] = "constexpr"
+        else:
+            raise ValueError(f"no value for argument {name} of {fn.__name__}")
+    src = ASTSource(fn, signature, constexprs=consts, attrs=attrs)
+    return compile_(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def resource_usage(kernel) -> str:
+    """'regs=n stack=n smem=n': ptxas's registers per thread and stack bytes (spills) from
+    cuobjdump on the cubin, and triton's dynamic shared memory in bytes."""
+    usage = {}
+    cubin = getattr(kernel, "asm", {}).get("cubin")
+    try:
+        import triton.backends.nvidia as nv
+
+        tool = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+    except ImportError:
+        tool = ""
+    tool = tool if os.path.exists(tool) else shutil.which("cuobjdump")
+    if cubin and tool:
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        for word in next((ln for ln in out.splitlines() if "REG:" in ln), "").split():
+            key, _, value = word.partition(":")
+            if key in ("REG", "STACK"):
+                usage["regs" if key == "REG" else "stack"] = value
+    shared = getattr(getattr(kernel, "metadata", None), "shared", None)
+    if shared is not None:
+        usage["smem"] = shared
+    return " ".join(f"{k}={v}" for k, v in usage.items())
+
+
+def _probe():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _add(x_ptr, y_ptr, n, stride, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + i, tl.load(x_ptr + i * stride, mask=i < n) + 1, mask=i < n)
+
+    # Every way compile_kernel declares an argument: aligned pointer, int divisible by 16, int
+    # folded in as 1, constexpr.
+    compile_kernel(_add, dict(x_ptr=torch.float32, y_ptr=torch.float32), dict(n=4096, stride=1), dict(BLOCK=128), 4, 1)
+
+
+def variants():
+    """(name, kernel, pointer dtypes, int args, constexprs, num_warps, num_stages) of every path,
+    at the benchmark shapes with the launch config the launchers' heuristics pick there."""
+    from .grouped_outer import _grouped_outer_kernel
+    from .launch import dot_path, grouped_bilinear_tiles, grouped_outer_tiles, segment_matmul_tiles
+    from .lowrank_delta_linear import _grouped_bilinear_kernel
+    from .segment_matmul import _segment_matmul_kernel
+
+    bf, f32, f64, i32, i64 = torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64
+    out = []
+
+    def add(name, fn, ptrs, ints, consts, tiles):
+        tiles = dict(tiles)
+        warps, stages = tiles.pop("num_warps"), tiles.pop("num_stages")
+        out.append((name, fn, ptrs, ints, {**consts, **tiles}, warps, stages))
+
+    # segment_matmul at grouped_lowrank's shapes (T 4096, G 8, d 8000, r 1920), and the dense
+    # part of lowrank_delta_linear (one group, N 2048, i 1600 -> o 6400).
+    sm_ptrs = ("x_ptr", "w_ptr", "gain_ptr", "bias_ptr", "scale_ptr", "shift_ptr", "residual_ptr")
+    full = dict(HAS_GAIN=True, HAS_BIAS=True, HAS_SCALE=True, HAS_SHIFT=True, RELU=True, HAS_RESIDUAL=True)
+    bare = {key: False for key in full}
+    for name, x_dt, w_dt, fp64, native, T, G, n, k, transpose, flags in (
+        ("bf16 x gain tf32x3 d->r", bf, bf, False, True, 4096, 8, 1920, 8000, True, dict(bare, HAS_GAIN=True)),
+        ("fp32 x bf16 tf32x3 r->d, epilogue", f32, bf, False, True, 4096, 8, 8000, 1920, True, full),
+        ("fp32 tf32x3 untransposed (backward)", f32, f32, False, True, 4096, 8, 8000, 1920, False, bare),
+        ("bf16 native dense", bf, bf, False, True, 2048, 1, 6400, 1600, True, dict(bare, HAS_BIAS=True)),
+        ("bf16 native d->r", bf, bf, False, True, 4096, 8, 1920, 8000, True, bare),
+        ("fp32 IEEE, epilogue", f32, f32, False, False, 4096, 8, 8000, 1920, True, full),
+        ("fp64, epilogue", f64, f64, True, False, 4096, 8, 8000, 1920, True, full),
+    ):
+        ptrs = {p: x_dt for p in sm_ptrs}
+        ptrs.update(w_ptr=w_dt, gid_ptr=i64, y_ptr=f64 if fp64 else f32)
+        strides = dict(stride_wn=k, stride_wk=1) if transpose else dict(stride_wn=1, stride_wk=n)
+        ints = dict(T=T, N=n, K=k, stride_xt=k, stride_xk=1, stride_wg=n * k, **strides)
+        add(f"segment_matmul {name}", _segment_matmul_kernel, ptrs, ints, dict(flags, IS_FP64=fp64, NATIVE=native),
+            segment_matmul_tiles(T, G, n, k, dot_path(fp64, native, f32 if flags["HAS_GAIN"] else x_dt, w_dt)))
+
+    # grouped_outer / segmented_fisher at (T 4096, G 8, o 6400, i 1600) and Fisher's 125 edits.
+    go_ptrs = dict(eta_ptr=bf, mu_ptr=bf, offsets_ptr=i32, alpha_ptr=f32, out_ptr=f32)
+    for mode in range(6):
+        T, G = (3000, 125) if mode == 5 else (4096, 8)
+        add(f"grouped_outer bf16 native mode {mode}", _grouped_outer_kernel, go_ptrs,
+            dict(O=6400, I=1600, G=G, stride_eta_t=6400, stride_eta_o=1, stride_mu_t=1600, stride_mu_i=1),
+            dict(MODE=mode, IS_FP64=False, NATIVE=True), grouped_outer_tiles(T, G, 6400, 1600, "half"))
+    ints = dict(O=8000, I=1920, G=8, stride_eta_t=8000, stride_eta_o=1, stride_mu_t=1920, stride_mu_i=1)
+    add("grouped_outer fp32 tf32x3 mode 0 (backward du)", _grouped_outer_kernel,
+        {**go_ptrs, "eta_ptr": f32, "mu_ptr": f32}, ints,
+        dict(MODE=0, IS_FP64=False, NATIVE=True), grouped_outer_tiles(4096, 8, 8000, 1920, "tf32x3"))
+    add("grouped_outer fp32 IEEE mode 3", _grouped_outer_kernel, {**go_ptrs, "eta_ptr": f32, "mu_ptr": f32}, ints,
+        dict(MODE=3, IS_FP64=False, NATIVE=False), grouped_outer_tiles(4096, 8, 8000, 1920, "ieee"))
+    add("grouped_outer fp64 mode 0", _grouped_outer_kernel,
+        {**go_ptrs, "eta_ptr": f64, "mu_ptr": f64, "alpha_ptr": f64, "out_ptr": f64}, ints,
+        dict(MODE=0, IS_FP64=True, NATIVE=False), grouped_outer_tiles(4096, 8, 8000, 1920, "fp64"))
+
+    # grouped_bilinear: lowrank_delta_linear (N 2048, G 8 x 512 tokens, o 6400, i 1600).
+    bl_ptrs = dict(q_ptr=bf, q_index_ptr=i64, q_group_ptr=i64, k_ptr=bf, v_ptr=bf, kv_index_ptr=i64,
+                   kv_offsets_ptr=i32, alpha_ptr=f32, out_ptr=f32)
+    for name, nq, q_index, kv_index, dk, dv in (("forward", 2048, True, False, 1600, 6400),
+                                                ("backward dx", 2048, True, False, 6400, 1600),
+                                                ("backward deta", 4096, False, True, 1600, 6400),
+                                                ("backward dmu", 4096, False, True, 6400, 1600)):
+        add(f"grouped_bilinear bf16 native {name}", _grouped_bilinear_kernel, bl_ptrs,
+            dict(NQ=nq, DK=dk, DV=dv, G=8),
+            dict(HAS_Q_INDEX=q_index, HAS_KV_INDEX=kv_index, IS_FP64=False, NATIVE_QK=True, NATIVE_PV=True),
+            grouped_bilinear_tiles(nq, 8, dk, dv, "half"))
+    add("grouped_bilinear fp32 Q x bf16 K tf32x3 (backward deta)", _grouped_bilinear_kernel, {**bl_ptrs, "q_ptr": f32},
+        dict(NQ=4096, DK=1600, DV=6400, G=8),
+        dict(HAS_Q_INDEX=False, HAS_KV_INDEX=True, IS_FP64=False, NATIVE_QK=True, NATIVE_PV=True),
+        grouped_bilinear_tiles(4096, 8, 1600, 6400, "tf32x3"))
+    add("grouped_bilinear fp32 Q.K IEEE, bf16 V tf32x3", _grouped_bilinear_kernel,
+        {**bl_ptrs, "q_ptr": f32, "k_ptr": f32}, dict(NQ=4096, DK=1600, DV=6400, G=8),
+        dict(HAS_Q_INDEX=False, HAS_KV_INDEX=True, IS_FP64=False, NATIVE_QK=False, NATIVE_PV=True),
+        grouped_bilinear_tiles(4096, 8, 1600, 6400, "tf32x3"))
+    add("grouped_bilinear fp32 IEEE", _grouped_bilinear_kernel, {**bl_ptrs, "q_ptr": f32, "k_ptr": f32, "v_ptr": f32},
+        dict(NQ=2048, DK=1600, DV=6400, G=8),
+        dict(HAS_Q_INDEX=True, HAS_KV_INDEX=False, IS_FP64=False, NATIVE_QK=False, NATIVE_PV=False),
+        grouped_bilinear_tiles(2048, 8, 1600, 6400, "ieee"))
+    add("grouped_bilinear fp64", _grouped_bilinear_kernel,
+        {**bl_ptrs, "q_ptr": f64, "k_ptr": f64, "v_ptr": f64, "alpha_ptr": f64, "out_ptr": f64},
+        dict(NQ=2048, DK=1600, DV=6400, G=8),
+        dict(HAS_Q_INDEX=True, HAS_KV_INDEX=False, IS_FP64=True, NATIVE_QK=False, NATIVE_PV=False),
+        grouped_bilinear_tiles(2048, 8, 1600, 6400, "fp64"))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 for sm_90")
+    parser.add_argument("--only", default="", help="compile only variants whose name contains this")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("TRITON_INTERPRET=1: kernels are interpreted, nothing to compile", file=sys.stderr)
+        return 3
+    try:
+        _probe()
+    except Exception as exc:  # any failure on a trivial kernel: this triton/toolchain cannot do it
+        print(f"cannot compile for sm_{args.arch} here: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 3
+    failed = 0
+    for name, fn, ptrs, ints, consts, warps, stages in variants():
+        if args.only not in name:
+            continue
+        cfg = " ".join(f"{k}={v}" for k, v in consts.items() if k.startswith("BLOCK"))
+        try:
+            kernel = compile_kernel(fn, ptrs, ints, consts, warps, stages, args.arch)
+        except Exception:
+            failed += 1
+            print(f"FAILED {name} [{cfg} warps={warps} stages={stages}]\n{traceback.format_exc()}", flush=True)
+            continue
+        print(f"ok {name} [{cfg} warps={warps} stages={stages}] {resource_usage(kernel)}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

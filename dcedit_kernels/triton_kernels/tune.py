@@ -1,0 +1,119 @@
+"""Time every launch-config candidate on a GPU: ``python -m dcedit_kernels.triton_kernels.tune``.
+
+For each kernel and dot path of `launch.CANDIDATES`, at the benchmark shapes
+(benchmarks/test_bench_ops.py, bf16 inputs), runs the op with each candidate pinned by
+`launch.forced_tiles` and prints the median time, the rate, and which candidate won.  The first
+candidate is the heuristic's choice: a faster one is the measured reason to change launch.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from . import launch
+from .grouped_outer import MODE_NONE, launch_grouped_outer
+from .lowrank_delta_linear import lowrank_delta_linear
+from .segment_matmul import segment_matmul
+from .segmented_fisher import segmented_fisher
+
+
+def _ragged(T, G, gen):
+    """Offsets of G ragged groups over T tokens (one empty), as the benchmarks build them."""
+    cuts = torch.sort(torch.randint(0, T + 1, (G - 1,), generator=gen)).values
+    cuts[0] = cuts[1]
+    return torch.cat([torch.tensor([0]), cuts, torch.tensor([T])]).to(torch.int32).cuda()
+
+
+def _cases(gen):
+    """(kernel, path, label, flops, fn) at the benchmark shapes."""
+    bf = torch.bfloat16
+
+    def rnd(*shape, dtype=bf, scale=1.0):
+        return (torch.randn(shape, generator=gen) * scale).to(dtype).cuda()
+
+    T, G, d, r = 4096, 8, 8000, 1920
+    off = _ragged(T, G, gen)
+    h, v, u = rnd(T, d), rnd(G, r, d, scale=0.01), rnd(G, d, r, scale=0.01)
+    z, bias = rnd(T, r, dtype=torch.float32), rnd(G, d)
+    da = rnd(T, d, dtype=torch.float32)
+    o, i = 6400, 1600
+    eta, mu = rnd(T, o), rnd(T, i)
+    counts = torch.randint(12, 37, (125,), generator=gen)
+    f_off = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32).cuda()
+    Tf = int(counts.sum())
+    f_eta, f_mu = rnd(Tf, o), rnd(Tf, i)
+    N, per = 2048, 512
+    x, weight, lbias = rnd(N, i), rnd(o, i), rnd(o)
+    row_group = (torch.arange(N) % G).cuda()
+    mu_t, eta_t = rnd(G * per, i), rnd(G * per, o)
+    l_off = (torch.arange(G + 1) * per).to(torch.int32).cuda()
+    alpha = torch.full((G,), 1e-3, device="cuda")
+    return [
+        ("segment_matmul", "half", "grouped_lowrank z = h v_g^T", 2.0 * T * d * r,
+         lambda: segment_matmul(h, v, off)),
+        ("segment_matmul", "tf32x3", "grouped_lowrank z u_g^T + epilogue", 2.0 * T * d * r,
+         lambda: segment_matmul(z, u, off, bias=bias, scale=bias, shift=bias, relu=True, residual=h)),
+        ("grouped_outer", "half", "grouped_outer sss", 2.0 * T * o * i,
+         lambda: launch_grouped_outer(eta, mu, off, 3)),
+        ("grouped_outer", "half", "segmented_fisher (125 edits)", 2.0 * Tf * o * i,
+         lambda: segmented_fisher(f_eta, f_mu, f_off)),
+        ("grouped_outer", "tf32x3", "grouped_lowrank backward du (none)", 2.0 * T * d * r,
+         lambda: launch_grouped_outer(da, z, off, MODE_NONE, precision_from=(bf,))),
+        ("grouped_bilinear", "half", "lowrank_delta_linear forward (whole op)", 2.0 * N * (i * o + per * (i + o)),
+         lambda: lowrank_delta_linear(x, weight, lbias, row_group, mu_t, eta_t, l_off, alpha)),
+    ]
+
+
+def _median_ms(fn, reps: int) -> float:
+    fn()  # compile
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--only", default="", help="cases whose label contains this")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available() or launch.interpreting():
+        print("tune: needs a CUDA device and TRITON_INTERPRET unset", file=sys.stderr)
+        return 3
+    gen = torch.Generator().manual_seed(0)
+    print(f"device: {torch.cuda.get_device_name()}; rates count useful flops only", flush=True)
+    for kernel, path, label, flops, fn in _cases(gen):
+        if args.only not in label:
+            continue
+        results = []
+        for n, cfg in enumerate(launch.CANDIDATES[kernel][path]):
+            name = " ".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in cfg.items())
+            try:
+                with launch.forced_tiles(kernel, **cfg):
+                    ms = _median_ms(fn, args.reps)
+            except Exception as exc:  # a candidate that does not fit this GPU: report, go on
+                print(f"  {label}: [{name}] failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                continue
+            results.append((ms, n, name))
+            print(f"  {label}: [{name}]{' (heuristic)' if n == 0 else ''} {ms:.3f} ms, "
+                  f"{flops / ms / 1e9:.0f} TFLOP/s", flush=True)
+        if results:
+            ms, n, name = min(results)
+            first = [res[0] for res in results if res[1] == 0]
+            versus = "the heuristic's" if n == 0 else f"heuristic {first[0]:.3f} ms" if first else "heuristic failed"
+            print(f"best {kernel}/{path} for {label}: [{name}] {ms:.3f} ms ({versus})", flush=True)
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
