@@ -45,6 +45,10 @@ the whole model (measured on SmolLM2, a 125-edit edit peaked at 4.5 GB with the 
 requiring grad and 1.6 GB without).  `FactorCapture` itself leaves the flags alone: a caller that
 runs its own `loss.backward()` inside it may want the parameters' `.grad`.
 
+Devices: μ and η of a layer live on the device the layer computes on (its output's), so on a
+model split across devices each layer's factors stay beside its weight; masks and labels are moved
+to each module's input device.
+
 Dtypes: μ and η are stored in the dtype the layer computed in (its output dtype; under autocast
 the input is cast to it, exactly as F.linear does), so a bf16 model gives bf16 factors.
 `Factors.gradient()` accumulates in fp32 (fp64 for fp64 factors).
@@ -226,6 +230,7 @@ class FactorCapture:
             k: v for k, v in self._override.items() if k in _MASK_KEYS and v is not None
         }
         self._encoder_out: torch.Tensor | None = None
+        self._encoder_copies: dict[torch.device, torch.Tensor] = {}
         self._backward_seen = False
 
     # -- context -------------------------------------------------------------------------------
@@ -244,6 +249,7 @@ class FactorCapture:
     def __exit__(self, *exc) -> None:
         self._remove()
         self._outputs.clear()  # release the autograd graph; the records keep mu and eta
+        self._encoder_copies = {}
 
     def _remove(self) -> None:
         for handle in self._handles:
@@ -292,6 +298,7 @@ class FactorCapture:
     def _encoder_hook(self, module, args, output):
         hidden = output[0] if isinstance(output, (tuple, list)) else getattr(output, "last_hidden_state", output)
         self._encoder_out = hidden
+        self._encoder_copies = {}
 
     def _make_hook(self, name: str) -> Callable:
         def hook(module, args, kwargs, output):
@@ -310,12 +317,17 @@ class FactorCapture:
         x = args[0] if args else kwargs.get("input", kwargs.get("x"))
         if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
             raise RuntimeError(f"module {name!r}: expected tensor input and output")
-        keep = self._keep_mask(name, module, x)  # bool, x.shape[:-1]
+        keep = self._keep_mask(name, module, x)  # bool, x.shape[:-1], on x's device
         rows = keep.reshape(keep.shape[0] if keep.dim() > 1 else 1, -1)
         counts = rows.sum(1)
         index = rows.reshape(-1).nonzero().squeeze(1)
-        mu = x.detach().reshape(-1, x.shape[-1]).index_select(0, index).to(output.dtype)
-        record = _Record(mu, index, counts, output.shape[-1])
+        mu = x.detach().reshape(-1, x.shape[-1]).index_select(0, index)
+        # Everything kept lives where the layer computes (its output's device): η arrives there, and
+        # a module whose own accelerate hook moves its input inside forward is called with x still
+        # on the previous block's device.  Only the kept rows move; on one device nothing does.
+        device = output.device
+        mu = mu.to(device=device, dtype=output.dtype)
+        record = _Record(mu, index.to(device), counts.to(device), output.shape[-1])
         self._records[name] = record
         swapped = None
         if not output.requires_grad:
@@ -331,9 +343,25 @@ class FactorCapture:
         return swapped
 
     # -- token selection -----------------------------------------------------------------------
+    def _is_encoder_output(self, x: torch.Tensor) -> bool:
+        """Whether a decoder module's input is the encoder's output (cross-attention keys/values).
+
+        On one device it is that very tensor.  On a split model the hooks hand each decoder block
+        its own copy on the block's device, so there the input is compared, by value, with the
+        encoder output moved to that device (one copy per device and forward pass)."""
+        enc = self._encoder_out
+        if enc is None or x is enc:
+            return x is enc
+        if x.device == enc.device or x.shape != enc.shape or x.dtype != enc.dtype:
+            return False
+        copy = self._encoder_copies.get(x.device)
+        if copy is None:
+            copy = self._encoder_copies[x.device] = enc.detach().to(x.device)
+        return bool(torch.equal(x, copy))
+
     def _keep_mask(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
-        encoder_side = self._enc_dec and (id(module) in self._encoder_ids or x is self._encoder_out)
+        encoder_side = self._enc_dec and (id(module) in self._encoder_ids or self._is_encoder_output(x))
         if self._enc_dec and not encoder_side:
             labels = self._call.get("labels")
             mask = self._call.get("decoder_attention_mask")

@@ -196,8 +196,10 @@ def load_requests(path: str | None, limit: int | None = None):
 @torch.no_grad()
 def greedy_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 6) -> list[str]:
     """Greedy continuation of each prompt (one left-padded batch; causal LMs), first line only."""
+    from .devices import input_device
+
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
-    enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}
+    enc = {k: v.to(input_device(model)) for k, v in enc.items()}  # the embedding's device (split models)
     ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -16,7 +16,8 @@ None; when only some requests have it, it is taken over those.
 
 Peak memory of the edit step (`peak_memory_mb`, with `memory_method` saying how it was taken):
 - CUDA: `torch.cuda.max_memory_allocated` during the edit minus what was allocated before, i.e.
-  the extra memory the edit needed at its peak ("cuda_peak_allocated").
+  the extra memory the edit needed at its peak ("cuda_peak_allocated"); for a model split over
+  several GPUs, the sum of that over each GPU it uses.
 - CPU on Linux: the growth of the process's resident-set high-water mark (VmHWM) over the
   edit, after resetting the mark through /proc/self/clear_refs ("rss_high_water").  PyTorch keeps
   no per-call peak for CPU tensors and tracemalloc does not see its allocations; RSS is what the
@@ -42,6 +43,7 @@ from typing import Sequence
 import torch
 
 from . import metrics
+from .devices import cuda_indices, model_devices
 from .requests import EditRequest, validate_requests
 
 PREDICTION_METRICS = ("es", "reliability", "dd", "lmp", "ns")
@@ -98,18 +100,26 @@ def _ru_maxrss_kb() -> int | None:
 
 
 class PeakMemory:
-    """`with PeakMemory(device) as m: ...` then `m.peak_mb` (MiB) and `m.method` (see module doc)."""
+    """`with PeakMemory(device) as m: ...` then `m.peak_mb` (MiB) and `m.method` (see module doc).
+
+    `device` may also be a list of devices (a split model): any CUDA one makes it a CUDA
+    measurement, summed over the CUDA devices."""
 
     def __init__(self, device):
-        self.device = torch.device(device)
+        devices = list(device) if isinstance(device, (list, tuple)) else [device]
+        self.devices = [torch.device(d) for d in devices]
+        self._cuda = cuda_indices(self.devices)
+        self.device = self.devices[0]
         self.peak_mb: float | None = None
         self.method: str | None = None
 
     def __enter__(self) -> "PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
+        if self._cuda:
+            self._base = {}
+            for i in self._cuda:
+                torch.cuda.synchronize(i)
+                torch.cuda.reset_peak_memory_stats(i)
+                self._base[i] = torch.cuda.memory_allocated(i)
             self.method = "cuda_peak_allocated"
         elif _reset_rss_high_water() and _status_kb("VmRSS") is not None:
             self._base = _status_kb("VmRSS")
@@ -121,8 +131,11 @@ class PeakMemory:
 
     def __exit__(self, *exc) -> None:
         if self.method == "cuda_peak_allocated":
-            torch.cuda.synchronize(self.device)
-            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+            extra = 0
+            for i, base in self._base.items():
+                torch.cuda.synchronize(i)
+                extra += torch.cuda.max_memory_allocated(i) - base
+            self.peak_mb = extra / 2**20
         elif self.method == "rss_high_water":
             hwm = _status_kb("VmHWM")
             self.peak_mb = None if hwm is None else max(hwm - self._base, 0) / 1024
@@ -134,10 +147,9 @@ class PeakMemory:
 # ---------------------------------------------------------------------------------------------
 # One run
 # ---------------------------------------------------------------------------------------------
-def _model_device(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+def _model_devices(model) -> list[torch.device]:
+    """Every device holding the model (one, unless it is split), CPU for a model without any."""
+    return model_devices(model) or [torch.device("cpu")]
 
 
 def _with(requests: list[EditRequest], *fields: str) -> list[EditRequest]:
@@ -180,7 +192,7 @@ def measure_edit(editor, requests: Sequence[EditRequest], batch_size: int = 16, 
     rephrased = _with(requests, "rephrase")
     neighbours = _with(requests, "locality", "locality_target")
 
-    with PeakMemory(_model_device(model)) as memory:
+    with PeakMemory(getattr(editor, "devices", None) or _model_devices(model)) as memory:
         start = time.perf_counter()
         handle = editor.apply(requests)
         latency = time.perf_counter() - start

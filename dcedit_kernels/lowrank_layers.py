@@ -37,6 +37,10 @@ adds for the "add" fusion (ProEditor's).  With `masked=False` the module sees th
 through `ops.lowrank_delta_linear`.  The dense path runs in plain torch ops (no custom kernel): its
 matmuls are ordinary GEMMs, on CPU and GPU alike.
 
+Split models: each patched module computes on its own weight's device; the editor outputs (and
+the Fisher mask) are moved there once when the block is entered, and `.to` carries the gradients
+back to the editors' devices.
+
 The patched forward flattens (B, ..., in) to rows and repeats each batch row's group over its
 tokens; it works for nn.Linear and GPT-2's Conv1D (weight stored in×out: the op sees the
 transposed view) and for encoder-decoder models (each module expands over its own sequence).
@@ -56,17 +60,19 @@ from .capture import is_conv1d, resolve_modules, weight_out_in
 from .reference.segments import segment_bounds
 
 
-def group_factors(edit, row_edit: torch.Tensor, row_sees_all: torch.Tensor | None):
+def group_factors(edit, row_edit: torch.Tensor, row_sees_all: torch.Tensor | None, device=None):
     """(row_group (B,), mu_t, eta_t, offsets, alpha (G',)) of one weight's edit for these rows.
 
     `edit` is a GroupedEdit (mu_t, eta_t, offsets, edit_group, group_alpha()).  With rows that
     see every group, the factors gain one extra group (index G) holding all T tokens again.
+    Everything is returned on `device` (default: the edit's): the editor outputs are moved there
+    before the extra group doubles them, and `.to` keeps them differentiable across devices.
     """
-    device = edit.mu_t.device
+    device = edit.mu_t.device if device is None else device
     row_edit = row_edit.to(device)
     edit_group = edit.edit_group.to(device=device, dtype=torch.int64)
     row_group = torch.where(row_edit >= 0, edit_group[row_edit.clamp(min=0)], torch.full_like(row_edit, -1))
-    mu_t, eta_t, offsets, alpha = edit.mu_t, edit.eta_t, edit.offsets, edit.group_alpha()
+    mu_t, eta_t, offsets, alpha = (t.to(device) for t in (edit.mu_t, edit.eta_t, edit.offsets, edit.group_alpha()))
     if row_sees_all is not None and bool(row_sees_all.any()):
         G, T = edit.n_groups, mu_t.shape[0]
         mu_t = torch.cat([mu_t, mu_t])
@@ -95,11 +101,13 @@ def _check_rows(edits: Mapping, row_edit, row_sees_all):
         raise ValueError(f"row_edit entries must be in [-1, {E - 1}] (there are {E} edits)")
 
 
-def kept_mask(edit) -> torch.Tensor:
+def kept_mask(edit, device=None) -> torch.Tensor:
     """The 0/1 (out×in) mask of the entries `apply()` keeps for this edit's Fisher information
-    (`ops.fisher_mask` on a tensor of ones: the same selection, ties included)."""
-    ones = torch.ones(edit.fisher.shape, dtype=compute_dtype(edit.mu_t, edit.eta_t), device=edit.fisher.device)
-    mask, _ = ops.fisher_mask(ones, edit.fisher, keep=edit.fisher_keep)
+    (`ops.fisher_mask` on a tensor of ones: the same selection, ties included), computed on `device`
+    (default: the Fisher matrix's), where the weight is, as `apply()` does."""
+    fisher = edit.fisher if device is None else edit.fisher.to(device)
+    ones = torch.ones(fisher.shape, dtype=compute_dtype(edit.mu_t, edit.eta_t), device=fisher.device)
+    mask, _ = ops.fisher_mask(ones, fisher, keep=edit.fisher_keep)
     return mask
 
 
@@ -133,7 +141,9 @@ def _lowrank_forward(module: nn.Module, name: str, row_group, mu_t, eta_t, offse
                 f"module {name!r} ran on input of shape {tuple(x.shape)}, expected ({n_rows}, ..., "
                 f"{in_features}): lowrank_edited needs one row_edit entry per batch row"
             )
-        flat = x.reshape(-1, in_features)
+        # The layer's own device: a no-op when the caller's hooks already moved x (accelerate's
+        # hook on this very module is bypassed while the forward is patched).
+        flat = x.reshape(-1, in_features).to(weight.device)
         per_row = flat.shape[0] // n_rows if n_rows else 0
         groups = row_group.repeat_interleave(per_row) if per_row != 1 else row_group
         if mask is not None:
@@ -178,8 +188,9 @@ def lowrank_edited(
                     f"edits[{name!r}] has factors for a {edit.eta_t.shape[1]}x{edit.mu_t.shape[1]} weight, "
                     f"the module's is {o}x{i}" + (" (Conv1D, seen out×in)" if is_conv1d(module) else "")
                 )
-            factors = group_factors(edit, row_edit, row_sees_all)
-            mask = kept_mask(edit) if masked and getattr(edit, "fisher", None) is not None else None
+            device = weight_out_in(module).device  # each layer computes on its own device
+            factors = group_factors(edit, row_edit, row_sees_all, device)
+            mask = kept_mask(edit, device) if masked and getattr(edit, "fisher", None) is not None else None
             previous = module.__dict__.get("forward")  # an instance-level forward someone set before
             module.forward = _lowrank_forward(module, name, *factors, mask=mask)
             patched.append((module, previous))

@@ -34,6 +34,7 @@ import torch
 
 from ._checks import check_offsets, check_tensor
 from .capture import Factors
+from .devices import input_device
 from .requests import EditRequest, require_field, validate_requests
 from .tokenize import IGNORE_INDEX, is_seq2seq, tokenize_pairs, tokenize_texts
 
@@ -44,9 +45,8 @@ REDUCTIONS = ("input", "token")
 
 
 def _model_device(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+    """Where the inputs go: the input embedding's device (a split model's first block)."""
+    return input_device(model)
 
 
 def _check_batch_size(batch_size) -> None:
@@ -84,14 +84,14 @@ def _score_batch(model, tokenizer, batch: dict) -> list[tuple[torch.Tensor, torc
             inputs["labels"] = labels
         inputs["decoder_attention_mask"] = batch["decoder_attention_mask"]
         pred = model(**inputs).logits.argmax(-1)
-        gold = labels
+        gold = labels.to(pred.device)  # the LM head's device, when the model is split
         scored = gold != IGNORE_INDEX
-        special = torch.tensor(sorted(set(tokenizer.all_special_ids)), device=device, dtype=gold.dtype)
+        special = torch.tensor(sorted(set(tokenizer.all_special_ids)), device=gold.device, dtype=gold.dtype)
         scored &= ~torch.isin(gold, special)
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         pred = logits[:, :-1].argmax(-1)  # position t predicts token t+1
-        gold = labels[:, 1:]
+        gold = labels[:, 1:].to(pred.device)
         scored = gold != IGNORE_INDEX
     return [(pred[b][scored[b]].cpu(), gold[b][scored[b]].cpu()) for b in range(gold.shape[0])]
 

@@ -48,6 +48,20 @@ FloatingPointError; any other exception mid-edit (out of memory, a failing kerne
 is re-raised with a note — in every case after restoring, bit for bit, each weight that had
 already been changed.  Edits must be undone in reverse order (a handle that is not the latest live
 one refuses, since restoring its saved values would also wipe the later edit).
+
+Models split across devices (`device_map="auto"`, or blocks moved by hand with hooks that move the
+hidden states, as accelerate's do): inputs go to the input embedding's device (`device`); the
+capture keeps each layer's μ, η on that layer's device; the editor of a shape lives on the device
+of the first layer of that shape (`editor_device=` puts every editor on one device instead) and
+gets the factors (and the edit features) moved to it; each weight's fused shift, Fisher mask and
+in-place update run on the weight's own device, from editor outputs moved there once (T rows of
+factors and, for ProEditor, one o×i Fisher matrix); losses are taken on the device of the logits,
+with labels and masks moved there.  Undo, the baselines, training and save/load follow the same
+rules (checkpoints hold CPU tensors and load into each editor where it lives).  With everything on
+one device every move is a no-op.  Edited layers must be resident: accelerate offloads modules
+that `device_map` sends to "cpu"/"disk" while a GPU is in the map (their weights stay on "meta"),
+and the constructor refuses such a layer with ValueError.  `stats["peak_memory_bytes"]` sums the
+per-GPU peaks of every CUDA device in play.
 """
 
 from __future__ import annotations
@@ -61,6 +75,7 @@ import torch
 from torch import nn
 
 from .capture import capture_factors, frozen_parameters, resolve_modules, weight_out_in
+from .devices import as_device, check_resident, cuda_indices, input_device, model_devices, place_editor
 from .editors.presets import MEND, MoEditor, ProEditor, RaEditor
 from .requests import EditRequest, validate_requests
 from .tokenize import IGNORE_INDEX, is_seq2seq, pad_token_id, tokenize_causal, tokenize_seq2seq
@@ -138,13 +153,16 @@ def _note(exc: BaseException, text: str) -> None:
         exc.add_note(text)
 
 
-def _peak_memory_start(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+def _peak_memory_start(devices: list[torch.device]) -> None:
+    for index in cuda_indices(devices):
+        torch.cuda.reset_peak_memory_stats(index)
 
 
-def _peak_memory(device: torch.device):
-    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+def _peak_memory(devices: list[torch.device]):
+    """Sum over the CUDA devices in play of each one's peak (the peak of a single GPU when the model
+    is on one); None when none is CUDA."""
+    indices = cuda_indices(devices)
+    return sum(int(torch.cuda.max_memory_allocated(i)) for i in indices) if indices else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +175,9 @@ def upcast(t: torch.Tensor) -> torch.Tensor:
 
 def target_nll(logits: torch.Tensor, labels: torch.Tensor, causal: bool, reduction: str = "mean") -> torch.Tensor:
     """NLL of the label tokens: mean over all label tokens ("mean"), or per row ("row": (B,) sums
-    and counts returned as a pair).  Causal LMs predict label t at position t−1."""
+    and counts returned as a pair).  Causal LMs predict label t at position t−1.  Labels move to the
+    logits' device (a split model's LM head may sit elsewhere than its inputs; a no-op otherwise)."""
+    labels = labels.to(logits.device)
     if causal:
         logits, labels = logits[:, :-1], labels[:, 1:]
     mask = labels != IGNORE_INDEX
@@ -186,14 +206,17 @@ def edit_loss(logits: torch.Tensor, labels: torch.Tensor, causal: bool, reductio
 
 def masked_kl(base_logp: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over masked positions of KL(p_base ‖ p_edited); `base_logp` holds the base model's
-    log-probabilities at exactly the masked positions (n, V)."""
-    post = torch.log_softmax(upcast(logits[mask]), -1)
+    log-probabilities at exactly the masked positions (n, V).  Computed on the logits' device."""
+    post = torch.log_softmax(upcast(logits[mask.to(logits.device)]), -1)
+    base_logp = base_logp.to(post.device)
     kl = (base_logp.exp() * (base_logp - post)).sum(-1)
     return kl.mean() if kl.numel() else logits.new_zeros(())
 
 
 def token_accuracy(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
-    """(B,) share of each row's target tokens predicted by argmax (teacher forced)."""
+    """(B,) share of each row's target tokens predicted by argmax (teacher forced), on the logits'
+    device."""
+    labels = labels.to(logits.device)
     if causal:
         logits, labels = logits[:, :-1], labels[:, 1:]
     mask = labels != IGNORE_INDEX
@@ -213,6 +236,9 @@ class ModelEditor:
     mean target NLL, summed over edits) or "token" (MEND's batch mean), the loss the capture
     backpropagates (the FT baselines always fine-tune on the batch mean, as MEND's baseline does);
     allow_tied: edit layers whose weight is shared with another module (ValueError otherwise);
+    editor_device: where every editor lives (a device, "cuda:1", or a CUDA index); None (the
+    default) puts the editor of each weight shape on the device of the first layer of that shape
+    (see "Models split across devices" in the module docstring; ignored by the baselines);
     editor_kwargs: the GroupedEditor
     preset's own arguments (`n_editors`, `rank`, `norm`, `fisher_keep`, `edit_lr`, `fusion`,
     `seed`, ...) or, for the baselines, `ft_steps`, `ft_lr`, `ft_optimizer` ("adam"|"sgd"),
@@ -222,7 +248,7 @@ class ModelEditor:
 
     def __init__(self, model: nn.Module, tokenizer, layers: Sequence[str], method: str = "mend",
                  tokens: str = "all", loss_reduction: str = DEFAULT_LOSS_REDUCTION, allow_tied: bool = False,
-                 **editor_kwargs):
+                 editor_device=None, **editor_kwargs):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if method not in METHODS:
@@ -235,10 +261,12 @@ class ModelEditor:
             raise ValueError(f"allow_tied must be a bool, got {type(allow_tied).__name__}")
         if isinstance(layers, str):
             raise ValueError("layers must be a list of module names, got a single str")
+        self.editor_device = as_device(editor_device, "editor_device")
         self.model, self.tokenizer, self.method, self.tokens = model, tokenizer, method, tokens
         self.loss_reduction, self.allow_tied = loss_reduction, allow_tied
         self.modules = resolve_modules(model, list(layers))  # ValueError with close candidates
         self.layers = list(self.modules)
+        check_resident({name: weight_out_in(m) for name, m in self.modules.items()})
         if not allow_tied:
             check_untied(model, self.modules)
         self.editor_kwargs = dict(editor_kwargs)
@@ -298,7 +326,8 @@ class ModelEditor:
                 editor = preset(i, o, n_modes=len(names), **kwargs)
             except TypeError as exc:  # an argument the preset does not take
                 raise ValueError(f"bad editor argument for method {self.method!r}: {exc}") from None
-            self.editors[key] = editor.to(weight_out_in(self.modules[names[0]]).device)
+            layer_devices = (weight_out_in(self.modules[name]).device for name in names)
+            self.editors[key] = editor.to(place_editor(layer_devices, self.editor_device))
             for mode, name in enumerate(names):
                 self.slots[name] = (key, mode)
 
@@ -312,7 +341,16 @@ class ModelEditor:
 
     @property
     def device(self) -> torch.device:
-        return weight_out_in(self.modules[self.layers[0]]).device
+        """Where edit batches go: the device of the model's input embedding (of its first parameter
+        for a model without one); with the whole model on one device, that device."""
+        return input_device(self.model)
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """Every device the model's parameters or the editors live on (peak memory, RNG state)."""
+        found = dict.fromkeys(model_devices(self.model))
+        found.update(dict.fromkeys(p.device for p in self.editors.parameters()))
+        return list(found)
 
     def parameters(self):
         """The editors' trainable parameters (empty for the baselines)."""
@@ -395,8 +433,8 @@ class ModelEditor:
     def apply(self, requests: Iterable[EditRequest]) -> EditHandle:
         """Edit the model in place; returns the handle that undoes it (see the module docstring)."""
         requests = validate_requests(requests)
-        device = self.device
-        _peak_memory_start(device)
+        devices = self.devices
+        _peak_memory_start(devices)
         start = time.perf_counter()
         batch = self.tokenize([r.prompt for r in requests], [r.target for r in requests])
         if self.method in FT_METHODS:
@@ -404,7 +442,7 @@ class ModelEditor:
         else:
             saved, stats = self._apply_editors(batch)
         stats.update(latency_s=time.perf_counter() - start, n_edits=len(requests),
-                     peak_memory_bytes=_peak_memory(device))
+                     peak_memory_bytes=_peak_memory(devices))
         handle = EditHandle(self, saved, stats)
         self._live.append(handle)
         return handle
@@ -479,7 +517,7 @@ class ModelEditor:
                 loc = self._locality_batch(self._locality_texts(requests))
                 with torch.no_grad():
                     base = self.model(input_ids=loc["input_ids"], attention_mask=loc["attention_mask"]).logits
-                    loc_mask = loc["attention_mask"].bool()
+                    loc_mask = loc["attention_mask"].bool().to(base.device)  # the LM head's device
                     base_logp = torch.log_softmax(upcast(base[loc_mask]), -1)
                     del base
             for p in params:
@@ -575,8 +613,9 @@ class ModelEditor:
         save_file(self.state_tensors(), str(path), metadata={CHECKPOINT_KEY: meta})
 
     @classmethod
-    def load(cls, path, model: nn.Module, tokenizer) -> "ModelEditor":
-        """A ModelEditor for `model` from what `save` wrote.
+    def load(cls, path, model: nn.Module, tokenizer, editor_device=None) -> "ModelEditor":
+        """A ModelEditor for `model` from what `save` wrote; its editors are placed as the
+        constructor places them (`editor_device`; the checkpoint records no device).
 
         A checkpoint from before `loss_reduction` existed (format 1) loads with "token": its
         editors were trained on factors of the batch-mean loss, and feeding them per-edit factors
@@ -592,11 +631,13 @@ class ModelEditor:
         config = json.loads(meta[CHECKPOINT_KEY])
         editor = cls(model, tokenizer, config["layers"], method=config["method"], tokens=config["tokens"],
                      loss_reduction=config.get("loss_reduction", LEGACY_LOSS_REDUCTION),
-                     allow_tied=config.get("allow_tied", False), **config["editor_kwargs"])
+                     allow_tied=config.get("allow_tied", False), editor_device=editor_device,
+                     **config["editor_kwargs"])
         for key, saved in config["editors"].items():
             if key not in editor.editors or editor.editors[key].config != saved:
                 raise ValueError(f"{path}: editor {key} was saved with {saved}, the model gives a different editor")
-        editor.load_state_tensors(load_file(str(path), device=str(editor.device)))
+        # Read on the CPU: load_state_dict then copies each tensor once into its editor's device.
+        editor.load_state_tensors(load_file(str(path)))
         return editor
 
 

@@ -46,6 +46,10 @@ optimisers' state flattened to tensors, the RNG state, and the counters as JSON 
 `resume=True` continues from them.  The batch order is a function of (seed, batch index), so a
 resumed run sees the batches it would have seen.
 
+Split models (layers on several devices): each edited layer computes on its own device with the
+editor outputs moved there (lowrank_layers), the losses are gathered on the logits' device, and the
+gradients reach each editor on its own device through those moves.
+
 The model's parameters are frozen during training (`capture.frozen_parameters`: requires_grad
 restored afterwards) and the model runs in the mode its owner set (`load_model` gives eval).
 Causal LMs only.
@@ -63,6 +67,7 @@ from pathlib import Path
 import torch
 
 from .capture import frozen_parameters
+from .devices import cuda_indices
 from .lowrank_layers import lowrank_edited
 from .model_editor import (
     LEGACY_LOSS_REDUCTION, ModelEditor, masked_kl, pad_rows, target_nll, token_accuracy, upcast,
@@ -215,14 +220,18 @@ def loss_from_edits(me: ModelEditor, requests: list[EditRequest], edits: dict, c
     if has_loc:
         with torch.no_grad():
             base = model(input_ids=rows["input_ids"][loc_rows], attention_mask=rows["attention_mask"][loc_rows]).logits
-            base_logp = torch.log_softmax(upcast(base[rows["kl_mask"][loc_rows]]), -1)
+            base_logp = torch.log_softmax(upcast(base[rows["kl_mask"][loc_rows].to(base.device)]), -1)
             del base
     with torch.enable_grad(), lowrank_edited(model, edits, rows["row_edit"], rows["row_sees_all"],
                                              masked=config.fisher_mask):
         logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
-        l_edit = target_nll(logits[is_edit], rows["labels"][is_edit], causal=True)
-        kl = masked_kl(base_logp, logits[loc_rows], rows["kl_mask"][loc_rows]) if has_loc else logits.new_zeros(())
-        balance = torch.stack([e.aux_loss.to(l_edit.dtype) for e in edits.values()]).mean()
+        # The losses are gathered on the logits' device (a split model's LM head may sit elsewhere
+        # than the inputs and the editors); on one device these moves are no-ops.
+        out = logits.device
+        is_edit_out, loc_out = is_edit.to(out), loc_rows.to(out)
+        l_edit = target_nll(logits[is_edit_out], rows["labels"][is_edit], causal=True)
+        kl = masked_kl(base_logp, logits[loc_out], rows["kl_mask"][loc_rows]) if has_loc else logits.new_zeros(())
+        balance = torch.stack([e.aux_loss.to(device=out, dtype=l_edit.dtype) for e in edits.values()]).mean()
         loss = config.cedit * l_edit + config.cloc * kl + config.balance_weight * balance
     parts = {k: float(v.detach()) for k, v in dict(loss=loss, edit=l_edit, kl=kl, balance=balance).items()}
     return loss, parts
@@ -401,8 +410,9 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
 
 
 def _cuda_devices(me: ModelEditor) -> list:
-    dev = me.device
-    return [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    """Indices of every CUDA device the model or the editors use (their RNG states are forked and
+    checkpointed: gate noise is drawn on each editor's device)."""
+    return cuda_indices(me.devices)
 
 
 def _validate(me, val_requests, config, result, best_state, bad_validations, ckpt):
@@ -461,7 +471,7 @@ def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult):
         raise ValueError(f"{path} was trained with loss_reduction={saved_reduction!r}, this ModelEditor uses "
                          f"{me.loss_reduction!r}: the editor's statistics would mix two scales")
     tensors = load_file(str(path))
-    me.load_state_tensors(load_file(str(ckpt / "editor.safetensors"), device=str(me.device)))
+    me.load_state_tensors(load_file(str(ckpt / "editor.safetensors")))  # copied into each editor's device
     _unflatten_optimizer(opt, "opt", tensors, json.loads(meta["opt"]))
     _unflatten_optimizer(lr_opt, "lr_opt", tensors, json.loads(meta["lr_opt"]))
     for key, gen in _route_generators(me).items():

@@ -104,6 +104,11 @@ class MendWeightView:
                 raise ValueError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
         if edit_offsets is None:
             edit_offsets = torch.tensor([0, mu.shape[0]], dtype=torch.int32, device=mu.device)
+        # Factors captured on another device (a split model) go to the editor's; no-ops otherwise.
+        device = self.editor.alpha.device
+        mu, eta = mu.to(device), eta.to(device)
+        if isinstance(edit_offsets, torch.Tensor):  # anything else: the editor's ValueError
+            edit_offsets = edit_offsets.to(device)
         was_training = self.editor.training
         self.editor.train(False)
         try:
@@ -130,7 +135,9 @@ class MendWeightView:
             raise ValueError(f"weight must have shape {self.weight_shape} ({layout}) for {self.name!r}, "
                              f"got {tuple(weight.shape)}")
         edit = self(mu, eta, edit_offsets)  # under no_grad: no graph is kept
-        delta = ops.grouped_outer(edit.eta_t, edit.mu_t, edit.offsets, "add")
+        # The shift is formed where the weight is, from the factors moved there once.
+        device = weight.device
+        delta = ops.grouped_outer(edit.eta_t.to(device), edit.mu_t.to(device), edit.offsets.to(device), "add")
         if self.conv1d:
             delta = delta.t().contiguous()
         return ops.apply_shift_(weight, delta, float(edit.alpha))

@@ -41,10 +41,18 @@ class GroupedEdit:
 
     @torch.no_grad()
     def apply_(self, weight: torch.Tensor) -> torch.Tensor:
-        """weight += alpha·(Δ ⊙ kept) in place; returns the previous values (for undo)."""
-        delta = ops.grouped_outer(self.eta_t.detach(), self.mu_t.detach(), self.offsets, self.fusion)
+        """weight += alpha·(Δ ⊙ kept) in place; returns the previous values (for undo).
+
+        Runs on weight's device: the editor may sit on another one (a model split across devices),
+        so the factors (T rows, far fewer bytes than the o×i shift) and the Fisher matrix are moved
+        there once and the fused shift, the mask and the update are computed beside the weight.
+        On one device the moves are no-ops."""
+        device = weight.device
+        eta_t, mu_t = self.eta_t.detach().to(device), self.mu_t.detach().to(device)
+        delta = ops.grouped_outer(eta_t, mu_t, self.offsets.to(device), self.fusion)
+        fisher = None if self.fisher is None else self.fisher.to(device)
         return ops.apply_shift_(
-            weight, delta, float(self.alpha.detach()), self.fisher, self.fisher_keep if self.fisher is not None else None
+            weight, delta, float(self.alpha.detach()), fisher, self.fisher_keep if fisher is not None else None
         )
 
     def group_alpha(self) -> torch.Tensor:

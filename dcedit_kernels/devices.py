@@ -1,0 +1,109 @@
+"""Where things live when a model is split across devices (accelerate's `device_map`, or blocks
+moved by hand): the placement rules ModelEditor, the trainer and the metrics share.
+
+Everything here only reads devices; nothing copies a tensor.  On a model that sits on one device
+every rule answers that device, so single-device code paths stay as they were.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+META = torch.device("meta")
+
+
+def module_device(module: nn.Module) -> torch.device | None:
+    """The device `module` computes on: the execution device of an accelerate hook when it has one
+    (an offloaded module keeps its weights on "meta" and computes there), else the device of its
+    first parameter or buffer; None for a module with neither."""
+    hook = getattr(module, "_hf_hook", None)
+    execution = getattr(hook, "execution_device", None)
+    if execution is not None:
+        return torch.device(execution if not isinstance(execution, int) else f"cuda:{execution}")
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return None
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs (input_ids, masks, labels) go: the input embedding's device.
+
+    With `device_map` the embedding may sit on another device than the edited layers; accelerate's
+    hooks (or the caller's) move hidden states between blocks, but the ids must start where the
+    embedding is.  Models without `get_input_embeddings` (or whose embedding is on "meta" without a
+    hook) fall back to their first resident parameter's device, then to the CPU."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        embedding = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        embedding = None
+    device = module_device(embedding) if isinstance(embedding, nn.Module) else None
+    if device is None or device == META:
+        device = next((p.device for p in model.parameters() if p.device != META), None)
+    return device or torch.device("cpu")
+
+
+def model_devices(model: nn.Module) -> list[torch.device]:
+    """The distinct devices holding `model`'s parameters and buffers ("meta" left out), in order
+    of first appearance."""
+    seen: dict[torch.device, None] = {}
+    for t in (*model.parameters(), *model.buffers()):
+        if t.device != META:
+            seen.setdefault(t.device, None)
+    return list(seen)
+
+
+def as_device(value, name: str) -> torch.device | None:
+    """`value` (None, a str like "cuda:1", an int CUDA index, or a torch.device) as a torch.device;
+    ValueError naming `name` for anything else and for "meta" (nothing can compute there)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, torch.device)):
+        raise ValueError(f"{name} must be None, a str, an int or a torch.device, got {type(value).__name__}")
+    try:
+        device = torch.device(f"cuda:{value}" if isinstance(value, int) else value)
+    except RuntimeError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    if device == META:
+        raise ValueError(f"{name} must be a device that computes, got 'meta'")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"{name}: {device} is not available here ({torch.cuda.device_count()} CUDA devices)")
+    return device
+
+
+def place_editor(layer_devices: Iterable[torch.device], override: torch.device | None = None) -> torch.device:
+    """Where the editor shared by weights of one shape lives: `override` when given, else the
+    device of the first of those weights (in `layers` order), so that with every layer on one
+    device the editor sits beside them (as before multi-device support) and with a split model
+    the factors of that first layer need no copy."""
+    if override is not None:
+        return override
+    for device in layer_devices:
+        return device
+    raise ValueError("layer_devices must not be empty")
+
+
+def check_resident(weights: dict[str, torch.Tensor]) -> None:
+    """ValueError naming the first edited layer whose weight is on "meta": accelerate offloads a
+    module that `device_map` puts on "cpu" or "disk" while a GPU is in the map, keeping only a
+    placeholder in the model, so an in-place edit of it would change nothing."""
+    for name, weight in weights.items():
+        if weight.device == META:
+            raise ValueError(
+                f"layers: {name!r} has its weight on the 'meta' device (offloaded by accelerate, or not "
+                "loaded): edited layers must be resident on a device; give them GPU or CPU memory in "
+                "device_map/max_memory, or move their blocks there by hand")
+
+
+def cuda_indices(devices: Iterable[torch.device]) -> list[int]:
+    """Sorted distinct CUDA device indices among `devices` ("cuda" alone is the current device)."""
+    out = set()
+    for device in devices:
+        if device.type == "cuda":
+            out.add(device.index if device.index is not None else torch.cuda.current_device())
+    return sorted(out)

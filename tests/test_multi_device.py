@@ -1,0 +1,370 @@
+"""Models split across devices: edit, undo, save/load, baselines and training give what the same
+model gives on one device.
+
+The split tests move blocks of a tiny model by hand and hook each block to move its inputs to its
+own device, as accelerate's `device_map` hooks do: the input embedding on device B, block 0 (and
+the final norm and the LM head) on device A, block 1 on B, so the edited layers of one shape sit
+on two devices, their shared editor on the first one, and the logits on another device than the
+inputs.  With B = "cuda:0" they need a GPU and are skipped without one; with A = B = "cpu" they run
+everywhere and check the harness itself (every move is then a no-op, so results must be exact).
+The device-placement rules (`dcedit_kernels.devices`) are tested on the CPU directly.
+
+Seeds are fixed (not per-run random as in the op tests): CPU and CUDA round differently, and a
+fixed input keeps a near-tie of the gate or the Fisher mask from flipping between runs.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from helpers import rel_err
+
+from dcedit_kernels.capture import weight_out_in
+from dcedit_kernels.devices import as_device, check_resident, cuda_indices, input_device, model_devices, place_editor
+from dcedit_kernels.evaluate import PeakMemory, measure_edit
+from dcedit_kernels.model_editor import ModelEditor
+from dcedit_kernels.models import tiny_model
+from dcedit_kernels.requests import EditRequest
+from dcedit_kernels.train import TrainConfig, batch_loss
+
+HAS_CUDA = torch.cuda.is_available()
+PAIRS = [
+    pytest.param(("cpu", "cpu"), id="cpu-cpu"),
+    pytest.param(("cpu", "cuda:0"), id="cpu-cuda",
+                 marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")),
+]
+LAYERS = {
+    # Two weights of one shape in blocks 0 and 1 (one shared editor across the split), one more shape.
+    "gpt2": ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"],
+    "llama": ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "model.layers.1.mlp.up_proj"],
+    # Cross-attention keys on both devices (their input is the encoder output, moved to block 0's
+    # device by the hooks), a decoder and an encoder layer of one more shape.
+    "bart": ["model.decoder.layers.0.encoder_attn.k_proj", "model.decoder.layers.1.encoder_attn.k_proj",
+             "model.decoder.layers.0.fc1", "model.encoder.layers.1.fc1"],
+}
+
+
+def placement(arch: str, a: str, b: str) -> dict:
+    """Embedding on b, block 0 on a, block 1 on b, final norm and LM head on a."""
+    if arch == "gpt2":
+        return {"transformer.wte": b, "transformer.wpe": b, "transformer.h.0": a, "transformer.h.1": b,
+                "transformer.ln_f": a, "lm_head": a}
+    if arch == "bart":  # the encoder on b; decoder block 0 on a, the rest of the decoder on b
+        return {"model.shared": b, "model.encoder": b, "model.decoder.embed_tokens": b,
+                "model.decoder.embed_positions": b, "model.decoder.layernorm_embedding": b,
+                "model.decoder.layers.0": a, "model.decoder.layers.1": b, "lm_head": a}
+    return {"model.embed_tokens": b, "model.rotary_emb": b, "model.layers.0": a, "model.layers.1": b,
+            "model.norm": a, "lm_head": a}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _move(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_move(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _move(v, device) for k, v in value.items()}
+    return value
+
+
+def split_model(model, where: dict):
+    """Move each named submodule to its device and hook it to move its inputs there (what
+    accelerate's AlignDevicesHook does for each entry of a device_map)."""
+    for name, device in where.items():
+        module = model.get_submodule(name)
+        module.to(device)
+        module.register_forward_pre_hook(
+            lambda m, args, kwargs, device=device: (_move(args, device), _move(kwargs, device)), with_kwargs=True)
+    return model
+
+
+def models(arch, pair):
+    """(the model on the CPU, the same model split over `pair`, tokenizer)."""
+    ref, tok = tiny_model(arch, seed=3)
+    split, _ = tiny_model(arch, seed=3)
+    return ref, split_model(split, placement(arch, *pair)), tok
+
+
+def requests(n=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+
+    def words(k):
+        return " ".join("".join(letters[int(i)] for i in torch.randint(0, 26, (4,), generator=gen)) for _ in range(k))
+
+    return [EditRequest(prompt=words(3), target=words(2), rephrase=words(3), locality=words(2),
+                        locality_target=words(1)) for _ in range(n)]
+
+
+def randomize(me, seed=1, scale=0.05):
+    """Non-trivial editors (the identity init has u = 0), drawn on the CPU, copied to each editor."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in me.editors.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * scale)
+
+
+def twins(arch, pair, method, **kwargs):
+    """ModelEditors with identical editors over the CPU model and the split one."""
+    ref, split, tok = models(arch, pair)
+    kwargs = {"rank": 8, "seed": 0, **kwargs} if method not in ("ft", "ft_kl") else kwargs
+    me_ref = ModelEditor(ref, tok, LAYERS[arch], method=method, **kwargs)
+    me_split = ModelEditor(split, tok, LAYERS[arch], method=method, **kwargs)
+    if len(me_ref.editors):
+        randomize(me_ref)
+        me_split.load_state_tensors(me_ref.state_tensors())
+    return me_ref, me_split
+
+
+def assert_close(a, b, exact, what):
+    a, b = a.detach().cpu(), b.detach().cpu()
+    if exact:
+        assert torch.equal(a, b), f"{what} differs"
+    else:
+        assert rel_err(a, b) < 1e-3, f"{what}: relative error {rel_err(a, b):.3g}"
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_bit_identical(before, model):
+    for k, v in model.state_dict().items():
+        assert before[k].device == v.device, k
+        assert torch.equal(before[k].contiguous().view(torch.uint8), v.detach().contiguous().view(torch.uint8)), k
+
+
+def edited_deltas(me, reqs):
+    before = {n: weight_out_in(me.modules[n]).detach().cpu().clone() for n in me.layers}
+    handle = me.apply(reqs)
+    return handle, {n: weight_out_in(me.modules[n]).detach().cpu() - before[n] for n in me.layers}
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement rules (CPU)
+# ---------------------------------------------------------------------------------------------
+def test_editor_placement_rule():
+    cpu, cuda1 = torch.device("cpu"), torch.device("cuda:1")  # devices need no hardware to exist
+    assert place_editor([cuda1, cpu]) == cuda1  # the first layer of that shape
+    assert place_editor([cpu, cuda1], override=cuda1) == cuda1
+    with pytest.raises(ValueError, match="layer_devices"):
+        place_editor([])
+    assert cuda_indices([cpu, torch.device("cuda:2"), cuda1, torch.device("cuda:2")]) == [1, 2]
+    with PeakMemory([cpu, cpu]) as memory:  # a split model's device list; no CUDA among them
+        pass
+    assert memory.method != "cuda_peak_allocated"
+
+
+def test_as_device_checks_its_argument():
+    assert as_device(None, "editor_device") is None
+    assert as_device("cpu", "editor_device") == torch.device("cpu")
+    assert as_device(torch.device("cpu"), "editor_device") == torch.device("cpu")
+    for bad in ("meta", "cuda:99", "nonsense", 1.5, True):
+        with pytest.raises(ValueError, match="editor_device"):
+            as_device(bad, "editor_device")
+
+
+def test_inputs_go_to_the_input_embedding_device():
+    model, tok = tiny_model("llama")
+    assert input_device(model) == torch.device("cpu") and model_devices(model) == [torch.device("cpu")]
+    me = ModelEditor(model, tok, LAYERS["llama"], method="mend", rank=4)
+    assert me.device == torch.device("cpu")
+    # An accelerate hook's execution device wins over where the weights are (offloaded modules
+    # keep them on "meta"): inputs go there, not to the first edited layer's device.
+    embedding = model.get_input_embeddings()
+    embedding._hf_hook = SimpleNamespace(execution_device=torch.device("cuda:3"))
+    try:
+        assert input_device(model) == torch.device("cuda:3")
+        assert me.device == torch.device("cuda:3")
+        assert all(p.device.type == "cpu" for p in me.editors.parameters())
+    finally:
+        del embedding._hf_hook
+    # An embedding left on "meta" without a hook: the first resident parameter's device.
+    embedding.to("meta")
+    assert input_device(model) == torch.device("cpu")
+    assert input_device(torch.nn.ReLU()) == torch.device("cpu")
+
+
+def test_offloaded_edited_layer_is_refused():
+    model, tok = tiny_model("llama")
+    model.get_submodule("model.layers.0.mlp.down_proj").to("meta")
+    with pytest.raises(ValueError, match=r"layers: 'model.layers.0.mlp.down_proj'.*meta"):
+        ModelEditor(model, tok, LAYERS["llama"], method="mend")
+    with pytest.raises(ValueError, match="'w'"):
+        check_resident({"w": torch.empty(2, 2, device="meta")})
+    ModelEditor(model, tok, LAYERS["llama"][1:], method="ft")  # other layers on meta are fine
+
+
+def test_editor_device_argument(tmp_path):
+    model, tok = tiny_model("gpt2")
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="raeditor", rank=4, editor_device="cpu")
+    assert me.editor_device == torch.device("cpu")
+    assert {p.device for p in me.editors.parameters()} == {torch.device("cpu")}
+    me.save(tmp_path / "e.safetensors")
+    loaded = ModelEditor.load(tmp_path / "e.safetensors", model, tok, editor_device="cpu")
+    assert loaded.editor_device == torch.device("cpu") and "editor_device" not in loaded.config()["editor_kwargs"]
+    for bad in ("meta", "cuda:99", 2.0):
+        with pytest.raises(ValueError, match="editor_device"):
+            ModelEditor(model, tok, LAYERS["gpt2"], method="mend", editor_device=bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Split models: the same results as on one device
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pair", PAIRS)
+@pytest.mark.parametrize("arch,method", [("llama", "mend"), ("gpt2", "moeditor"), ("llama", "proeditor"),
+                                         ("gpt2", "raeditor")])
+def test_split_edit_and_undo_match_one_device(arch, method, pair):
+    exact = pair[0] == pair[1]
+    me_ref, me_split = twins(arch, pair, method)
+    a, b = (torch.device(d) for d in pair)
+    names = LAYERS[arch]
+    # The editor of the shared shape sits with the first layer of that shape (block 0, device a),
+    # the other shape's with its only layer (block 1, device b); inputs go to the embedding (b).
+    key_shared, mode = me_split.slots[names[0]]
+    assert me_split.slots[names[1]] == (key_shared, 1) and mode == 0
+    assert next(me_split.editors[key_shared].parameters()).device == a
+    assert next(me_split.editors[me_split.slots[names[2]][0]].parameters()).device == b
+    assert me_split.device == b
+    # The capture keeps each layer's factors on that layer's device.
+    batch = me_split.tokenize([r.prompt for r in requests()], [r.target for r in requests()])
+    factors, feats, _ = me_split.capture(batch)
+    for name in names:
+        device = weight_out_in(me_split.modules[name]).device
+        assert factors[name].mu.device == factors[name].eta.device == factors[name].edit_offsets.device == device
+
+    before = snapshot(me_split.model)
+    handle_ref, deltas_ref = edited_deltas(me_ref, requests())
+    handle, deltas = edited_deltas(me_split, requests())
+    for name in names:
+        assert deltas[name].abs().sum() > 0, name
+        assert_close(deltas[name], deltas_ref[name], exact, f"{method} shift of {name}")
+    if pair[1].startswith("cuda"):
+        assert handle.stats["peak_memory_bytes"] is not None
+    handle.undo()
+    handle_ref.undo()
+    assert_bit_identical(before, me_split.model)
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_split_seq2seq_capture_and_edit(pair):
+    """Cross-attention inputs on another device than the encoder still count as encoder-side."""
+    exact = pair[0] == pair[1]
+    me_ref, me_split = twins("bart", pair, "mend")
+    reqs = [EditRequest("a b c d e f g h", "x y"), EditRequest("i j", "k l m n o p q r")]
+    got, want = (me.capture(me.tokenize([r.prompt for r in reqs], [r.target for r in reqs]))[0]
+                 for me in (me_split, me_ref))
+    for name in LAYERS["bart"]:
+        assert got[name].mu.device == weight_out_in(me_split.modules[name]).device
+        assert got[name].mu.shape == want[name].mu.shape, name  # the same tokens kept
+        assert_close(got[name].mu, want[name].mu, exact, f"mu of {name}")
+        assert_close(got[name].eta, want[name].eta, exact, f"eta of {name}")
+        assert torch.equal(got[name].edit_offsets.cpu(), want[name].edit_offsets), name
+    before = snapshot(me_split.model)
+    handle_ref, deltas_ref = edited_deltas(me_ref, reqs)
+    handle, deltas = edited_deltas(me_split, reqs)
+    for name in LAYERS["bart"]:
+        assert_close(deltas[name], deltas_ref[name], exact, f"shift of {name}")
+    handle.undo()
+    handle_ref.undo()
+    assert_bit_identical(before, me_split.model)
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_split_save_and_load(pair, tmp_path):
+    exact = pair[0] == pair[1]
+    me_ref, me_split = twins("llama", pair, "proeditor")
+    path = tmp_path / "editor.safetensors"
+    me_split.save(path)
+    _, split2, tok = models("llama", pair)
+    loaded = ModelEditor.load(path, split2, tok)
+    for key, editor in loaded.editors.items():  # placed as the constructor places them
+        assert {p.device for p in editor.parameters()} == {p.device for p in me_split.editors[key].parameters()}
+    for k, v in loaded.state_tensors().items():
+        assert torch.equal(v, me_split.state_tensors()[k]), k
+    handle_ref, deltas_ref = edited_deltas(me_ref, requests())
+    _, deltas = edited_deltas(loaded, requests())
+    for name in LAYERS["llama"]:
+        assert_close(deltas[name], deltas_ref[name], exact, f"shift of {name} after load")
+    handle_ref.undo()
+    on_b = ModelEditor.load(path, split2, tok, editor_device=pair[1])
+    assert {p.device for p in on_b.editors.parameters()} == {torch.device(pair[1])}
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+@pytest.mark.parametrize("method", ["ft", "ft_kl"])
+def test_split_fine_tuning_baselines(method, pair):
+    exact = pair[0] == pair[1]
+    # SGD: the update is linear in the gradient, so rounding differences stay small (Adam's first
+    # step is lr·sign(g), which a tiny gradient's rounding can flip).
+    me_ref, me_split = twins("gpt2", pair, method, ft_steps=3, ft_optimizer="sgd", ft_lr=0.1)
+    before = snapshot(me_split.model)
+    handle_ref, deltas_ref = edited_deltas(me_ref, requests())
+    handle, deltas = edited_deltas(me_split, requests())
+    for name in LAYERS["gpt2"]:
+        assert deltas[name].abs().sum() > 0, name
+        assert_close(deltas[name], deltas_ref[name], exact, f"{method} shift of {name}")
+    handle.undo()
+    handle_ref.undo()
+    assert_bit_identical(before, me_split.model)
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+@pytest.mark.parametrize("arch,method", [("llama", "mend"), ("gpt2", "raeditor"), ("llama", "moeditor"),
+                                         ("gpt2", "proeditor")])
+def test_split_training_step_matches_one_device(arch, method, pair):
+    exact = pair[0] == pair[1]
+    me_ref, me_split = twins(arch, pair, method)
+    config = TrainConfig(progress=False)
+    grads = []
+    for me in (me_ref, me_split):
+        # MoEditor in eval mode: its gate noise would be drawn from two devices' generators.
+        me.train(method != "moeditor")
+        params = list(me.editors.parameters())
+        loss, parts = batch_loss(me, requests(), config)
+        grads.append((loss, torch.autograd.grad(loss, params, allow_unused=True), params))
+    (loss_ref, g_ref, _), (loss, g, params) = grads
+    assert_close(loss, loss_ref, exact, "training loss")
+    assert any(x is not None and x.abs().sum() > 0 for x in g)
+    for i, (x, x_ref, p) in enumerate(zip(g, g_ref, params)):
+        assert (x is None) == (x_ref is None), i
+        if x is not None:
+            assert x.device == p.device, i  # gradients came back across the moves to each editor
+            assert_close(x, x_ref, exact, f"gradient of editor parameter {i}")
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_split_train_editor_loop_and_resume(pair, tmp_path):
+    exact = pair[0] == pair[1]
+    me_ref, me_split = twins("llama", pair, "mend")
+    train, val = requests(6, seed=4), requests(2, seed=5)
+    options = dict(steps=2, batch_size=2, val_every=1, progress=False, lr=1e-3)
+    r_ref = me_ref.fit(train, val, **options)
+    r = me_split.fit(train, val, checkpoint_dir=str(tmp_path), **options)
+    for h, h_ref in zip(r.history, r_ref.history):
+        assert h["loss"] == pytest.approx(h_ref["loss"], rel=0 if exact else 1e-3)
+    for k, v in me_split.state_tensors().items():
+        assert_close(v, me_ref.state_tensors()[k], exact, k)
+    devices = {p.device for p in me_split.editors.parameters()}
+    resumed = me_split.fit(train, val, checkpoint_dir=str(tmp_path), **{**options, "steps": 3})
+    assert resumed.resumed_from == 2 and resumed.steps == 3
+    assert {p.device for p in me_split.editors.parameters()} == devices
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_split_measure_edit_matches_one_device(pair):
+    me_ref, me_split = twins("gpt2", pair, "mend")
+    got, want = measure_edit(me_split, requests()), measure_edit(me_ref, requests())
+    for key in ("es", "reliability", "dd", "ns"):
+        assert got[key] == pytest.approx(want[key]), key
