@@ -33,7 +33,7 @@ Token selection (`tokens=`):
 Loss scaling: η is the gradient of whatever the caller backpropagates.  With HF's `outputs.loss`
 (mean NLL over all label tokens of the batch, which is what MEND feeds its editor) every η carries
 the 1/(number of label tokens of the whole batch) factor, so an edit's factors shrink as more edits
-share the batch; nothing here rescales it.  `ModelEditor(loss_reduction="edit")` (its default)
+share the batch; nothing here rescales it.  `ModelEditor(loss_reduction="edit")` (not its default)
 backpropagates the sum over edits of each edit's own mean target NLL instead, which makes an edit's
 factors independent of the rest of the batch.
 

@@ -212,8 +212,8 @@ def editor_cache_key(method: str, layers: list[str], kwargs: dict, train_config:
     editor arguments, training settings, the training edits, the model file's name and size).
 
     The capture settings (`tokens`, `loss_reduction`) and the training settings enter with their
-    defaults resolved, so that changing a default (as `loss_reduction` went from the batch mean to
-    "edit", and `TrainConfig.fisher_mask` appeared) gives a new key: an editor trained under the old
+    defaults resolved (a default written out is the same editor), so that changing a default (as
+    when `TrainConfig.fisher_mask` appeared) gives a new key: an editor trained under the old
     semantics is never reused under the new ones.
     """
     from . import __version__
@@ -225,7 +225,9 @@ def editor_cache_key(method: str, layers: list[str], kwargs: dict, train_config:
     capture = dict(tokens=kwargs.get("tokens", "all"),
                    loss_reduction=kwargs.get("loss_reduction", DEFAULT_LOSS_REDUCTION))
     train = {k: v for k, v in dataclasses.asdict(TrainConfig(**train_config)).items() if k not in _NO_EFFECT}
-    blob = json.dumps(dict(version=__version__, method=method, layers=list(layers), kwargs=kwargs, capture=capture,
+    editor_kwargs = {k: v for k, v in kwargs.items() if k not in capture}
+    blob = json.dumps(dict(version=__version__, method=method, layers=list(layers), kwargs=editor_kwargs,
+                           capture=capture,
                            train=train, edits=list(train_ids), model=model_id), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -486,11 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-size", type=int, default=None)
     p.add_argument("--val-every", type=int, default=50)
     p.add_argument("--steps", type=int, default=100)
-    # Under --loss-reduction token (MEND's batch-mean loss) the captured gradients shrink as 1/N, so
-    # batches had to be as large as the edits would be applied in (the demo measured ES 0.92 at 5
-    # edits at once but 0.27 at 25 for an editor trained on batches of 6).  Under "edit" (the
-    # default) an edit's factors do not depend on N; the fused shift still adds N edits' shifts, so
-    # batches near the N_u you will edit with remain the closest match.
+    # Under --loss-reduction token (the default, MEND's batch-mean loss) the captured gradients
+    # shrink as 1/N, so batches should be as large as the edits will be applied in (the demo
+    # measured ES 0.92 at 5 edits at once but 0.27 at 25 for an editor trained on batches of 6).
+    # Under "edit" an edit's factors do not depend on N, but the fused shift adds N edits' shifts,
+    # so batches near the N_u you will edit with remain the closest match there too.
     p.add_argument("--batch-size", type=int, default=25, help="edits per step (near the N_u you will edit with)")
     p.add_argument("--lr", type=float, default=1e-3, help="editor learning rate")
     p.add_argument("--lr-lr", type=float, default=1e-4, help="learning rate of the per-weight edit steps α")

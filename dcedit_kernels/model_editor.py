@@ -16,12 +16,14 @@ shift in place through `GroupedEdit.apply_` (`ops.apply_shift_`), which returns 
 values: undo copies them back, so it is exact even in bf16, where subtracting the shift again
 would not be.
 
-The edit loss (`loss_reduction`): "edit" (the default) is the sum over edits of each edit's own mean
-target NLL, so an edit's (μ, η) are the same whether it is applied alone or with 100 others; "token"
-is the mean NLL over all target tokens of the batch, the loss MEND feeds its editor, under which
-every η carries a 1/(target tokens in the whole batch) factor and an edit's shift shrinks as the
-batch grows (an editor trained on batches of 6 reached ES 0.92 applied 5 edits at a time but 0.27
-applied 25 at once).  The setting belongs to the editor (its normalisation statistics and steps α
+The edit loss (`loss_reduction`): "token" (the default) is the mean NLL over all target tokens of
+the batch, the loss MEND feeds its editor, under which every η carries a 1/(target tokens in the
+whole batch) factor and an edit's shift shrinks as the batch grows (an editor trained on batches of
+6 reached ES 0.92 applied 5 edits at a time but 0.27 applied 25 at once); "edit" is the sum over
+edits of each edit's own mean target NLL, so an edit's (μ, η) are the same whether it is applied
+alone or with 100 others.  Measured on CounterFact (RESULTS.md), "edit" raises ES but the fused
+shift then grows with the number of edits and so does drawdown: LMP is lower at every N_u, much
+lower above the training batch size, hence the default.  The setting belongs to the editor (its normalisation statistics and steps α
 are learned on that scale): training uses the same capture, and checkpoints record it.  Checkpoints
 written before the setting existed (format 1, no "loss_reduction") load as "token", the semantics
 they were trained under; so do original MEND editors (`compat.mend.LOSS_REDUCTION`).
@@ -85,7 +87,11 @@ FT_METHODS = ("ft", "ft_kl")
 METHODS = tuple(EDITOR_METHODS) + FT_METHODS
 TOKEN_MODES = ("all", "target")
 LOSS_REDUCTIONS = ("edit", "token")
-DEFAULT_LOSS_REDUCTION = "edit"
+# "token" by measurement (RESULTS.md): on CounterFact with SmolLM2, editors trained on batches of
+# 25 under "edit" reached LMP -0.34/-0.68/-0.78 at N_u = 25/75/125 against -0.32/-0.10/-0.15
+# under "token": "edit" keeps every edit at full strength, so the fused shift grows with N_u and
+# drawdown with it (DD 0.91 at 125).  It is also MEND's and EasyEdit's loss.
+DEFAULT_LOSS_REDUCTION = "token"
 # What a checkpoint without a "loss_reduction" entry (format 1) was trained and applied under.
 LEGACY_LOSS_REDUCTION = "token"
 CHECKPOINT_FORMAT = 2

@@ -68,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=25, help="edits per training step")
     p.add_argument("--lr", type=float, default=1e-3, help="editor learning rate")
     p.add_argument("--lr-lr", type=float, default=1e-4, help="learning rate of the edit steps α")
+    p.add_argument("--loss-reduction", default="token", choices=("token", "edit"),
+                   help="the editors' edit loss: MEND's batch mean (token) or each edit's own mean, summed (edit)")
     p.add_argument("--ft-steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
@@ -167,8 +169,10 @@ def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Pa
         f"{report['train_config']['batch_size']} edits, Adam lr {report['train_config']['lr']} (edit steps α: "
         f"{report['train_config']['lr_lr']}), rank {report['editor']['rank']}, N_g = {report['editor']['n_editors']} "
         f"(MoEditor, RaEditor), ProEditor with per-token ψ and Fisher keep 0.7 (trained on the masked shift); "
-        "RaEditor = MoEditor's editors with random routing. The editors see the gradients of each edit's own "
-        "mean target NLL (loss_reduction 'edit'), so an edit's factors do not depend on N_u. "
+        "RaEditor = MoEditor's editors with random routing. The editors see the gradients of "
+        + ("each edit's own mean target NLL, summed (loss_reduction 'edit'): an edit's factors do not depend on N_u. "
+           if report["editor"].get("loss_reduction") == "edit" else
+           "the batch's mean target NLL (loss_reduction 'token', MEND's), which shrink as 1/N_u. ")
         + ("Training time: " + ", ".join(_train_time(m, i) for m, i in report["training"].items()) + "."
            if report["training"] else ""),
         f"- FT / FT+KL: {report['ft_steps']} Adam steps (lr 5e-4) on the edited weights; FT+KL adds the KL on the "
@@ -272,7 +276,7 @@ def _run(args, t_start) -> int:
     train_ids = [f"{r.prompt}\t{r.target}" for r in train_requests]
 
     def kwargs_of(method):
-        kwargs = dict(rank=args.rank, seed=args.seed)
+        kwargs = dict(rank=args.rank, seed=args.seed, loss_reduction=args.loss_reduction)
         if method in ("raeditor", "moeditor"):
             kwargs["n_editors"] = args.n_editors
         return kwargs
@@ -325,7 +329,7 @@ def _run(args, t_start) -> int:
         machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         model=model_file, threads=threads, layers=layers, data=data, train_data=train_data,
         n_requests=len(requests), n_train=len(train_requests), repeats=args.repeats, seed=args.seed,
-        train_config=train_config, editor=dict(rank=args.rank, n_editors=args.n_editors), ft_steps=args.ft_steps,
+        train_config=train_config, editor=dict(rank=args.rank, n_editors=args.n_editors, loss_reduction=args.loss_reduction), ft_steps=args.ft_steps,
         training=training, methods={m: results[m] for m in methods}, unedited=unedited, gradients=gradients,
         cache_dir=str(cache_dir()),
         timings=dict(load_s=load_s, train_s=train_s, eval_s=eval_s, gradient_s=gradient_s,

@@ -357,7 +357,8 @@ def test_editor_cache_key_covers_loss_reduction_and_resolved_training_defaults()
         return cli.editor_cache_key("mend", ["a.b"], kwargs or {}, train or {"steps": 2}, ["x"], "no-such-model")
 
     assert key() == key()
-    assert key(kwargs={"loss_reduction": "token"}) != key()
+    assert key(kwargs={"loss_reduction": "edit"}) != key()
+    assert key(kwargs={"loss_reduction": "token"}) == key()  # the default, resolved
     assert key(train={"steps": 2, "fisher_mask": False}) != key()
     # A default written out explicitly is the same editor (the training settings are resolved) ...
     assert key(train={"steps": 2, "fisher_mask": True, "cedit": 0.1}) == key()
@@ -375,7 +376,8 @@ def test_trained_editor_retrains_a_cached_editor_of_the_old_semantics(tmp_path, 
     layers = ["model.layers.1.mlp.down_proj"]
     requests = _tiny_requests(4, random.Random(0))
     train = dict(steps=1, batch_size=2)
-    args = (model, tok, "mend", layers, {"rank": 3}, train, requests, ["a", "b", "c", "d"], "tiny")
+    args = (model, tok, "mend", layers, {"rank": 3, "loss_reduction": "edit"}, train, requests, ["a", "b", "c", "d"],
+            "tiny")
     me, info = cli.trained_editor(*args, progress=False)
     assert not info["cached"] and me.loss_reduction == "edit"
     me2, info2 = cli.trained_editor(*args, progress=False)

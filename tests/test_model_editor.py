@@ -552,14 +552,14 @@ def test_load_of_a_format_1_checkpoint_uses_the_batch_mean(gen, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    me = make_editor("gpt2", "mend", gen)
-    assert me.loss_reduction == "edit" and me.config()["loss_reduction"] == "edit"
+    default = make_editor("gpt2", "mend", gen)
+    assert default.loss_reduction == "token" and default.config()["loss_reduction"] == "token"
+    default.save(tmp_path / "token.safetensors")
+    assert ModelEditor.load(tmp_path / "token.safetensors", default.model, default.tokenizer).loss_reduction == "token"
+    me = ModelEditor(default.model, default.tokenizer, LAYERS["gpt2"], method="mend", rank=7, loss_reduction="edit")
     path = tmp_path / "editor.safetensors"
     me.save(path)
     assert ModelEditor.load(path, me.model, me.tokenizer).loss_reduction == "edit"
-    token = ModelEditor(me.model, me.tokenizer, LAYERS["gpt2"], method="mend", rank=7, loss_reduction="token")
-    token.save(tmp_path / "token.safetensors")
-    assert ModelEditor.load(tmp_path / "token.safetensors", me.model, me.tokenizer).loss_reduction == "token"
     with safe_open(str(path), framework="pt") as f:
         config = json.loads(f.metadata()["dcedit_model_editor"])
     for key in ("loss_reduction", "allow_tied"):
@@ -592,8 +592,7 @@ def old_capture(me, batch):
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "bart"])
 def test_edit_reduction_factors_do_not_depend_on_the_batch(arch, gen):
     model, tok = tiny_model(arch, seed=int(torch.randint(0, 100, (1,), generator=gen)), dtype=torch.float64)
-    me = ModelEditor(model, tok, REDUCTION_LAYERS[arch], method="mend", rank=3)
-    assert me.loss_reduction == "edit"  # the default
+    me = ModelEditor(model, tok, REDUCTION_LAYERS[arch], method="mend", rank=3, loss_reduction="edit")
     reqs = random_requests(gen, 6)
     batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
     in_batch, _, _ = me.capture(batch)
