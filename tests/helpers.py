@@ -1,4 +1,4 @@
-"""Input builders shared by the op tests."""
+"""Input builders and measurements shared by the tests."""
 
 import torch
 
@@ -26,3 +26,16 @@ def rel_err(a, b):
 
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd saves for backward while fn runs (the recorded graph's size)."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0]

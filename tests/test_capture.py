@@ -16,7 +16,7 @@ from dcedit_kernels.capture import (
 from dcedit_kernels.models import tiny_model
 from dcedit_kernels.tokenize import IGNORE_INDEX, tokenize_pairs
 
-from helpers import rel_err
+from helpers import rel_err, saved_bytes
 
 ARCHS = ["gpt2", "llama", "bert", "bart", "t5"]
 GRAD_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -217,19 +217,6 @@ def test_frozen_weights_and_grad_untouched(arch, gen):
         loss = model(**batch).loss
         torch.autograd.grad(loss, cap.outputs)
     assert torch.equal(cap.factors[names[0]].eta, frozen[names[0]].eta)
-
-
-def saved_bytes(fn) -> int:
-    """Bytes of the tensors autograd saves for backward while fn runs (the recorded graph's size)."""
-    total = [0]
-
-    def pack(t):
-        total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total[0]
 
 
 def test_compute_factors_freezes_parameters_for_its_pass(gen, monkeypatch):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import rel_err
+from helpers import rel_err, saved_bytes
 
 from dcedit_kernels import ops
 from dcedit_kernels.capture import capture_factors, weight_out_in
@@ -643,18 +643,6 @@ def test_loss_reduction_is_checked():
 # ---------------------------------------------------------------------------------------------
 # The capture freezes the model for its own pass
 # ---------------------------------------------------------------------------------------------
-def saved_bytes(fn) -> int:
-    total = [0]
-
-    def pack(t):
-        total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total[0]
-
-
 @pytest.mark.parametrize("reduction", ["edit", "token"])
 def test_capture_freezes_the_model_and_restores_every_flag(reduction, gen):
     model, tok = tiny_model("llama", seed=int(torch.randint(0, 100, (1,), generator=gen)), dtype=torch.float64)

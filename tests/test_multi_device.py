@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from helpers import rel_err
+from test_model_editor import one_thread  # noqa: F401 (autouse fixture: one intra-op thread)
 
 from dcedit_kernels.capture import weight_out_in
 from dcedit_kernels.devices import as_device, check_resident, cuda_indices, input_device, model_devices, place_editor
@@ -56,16 +57,6 @@ def placement(arch: str, a: str, b: str) -> dict:
                 "model.decoder.layers.0": a, "model.decoder.layers.1": b, "lm_head": a}
     return {"model.embed_tokens": b, "model.rotary_emb": b, "model.layers.0": a, "model.layers.1": b,
             "model.norm": a, "lm_head": a}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _move(value, device):
