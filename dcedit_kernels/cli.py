@@ -217,13 +217,11 @@ def editor_cache_key(method: str, layers: list[str], kwargs: dict, train_config:
     semantics is never reused under the new ones.
     """
     from . import __version__
-    from .model_editor import DEFAULT_LOSS_REDUCTION
     from .train import TrainConfig
 
     model_path = Path(model_file)
     model_id = f"{model_path.name}:{model_path.stat().st_size}" if model_path.is_file() else str(model_file)
-    capture = dict(tokens=kwargs.get("tokens", "all"),
-                   loss_reduction=kwargs.get("loss_reduction", DEFAULT_LOSS_REDUCTION))
+    capture = _capture_settings(kwargs)
     train = {k: v for k, v in dataclasses.asdict(TrainConfig(**train_config)).items() if k not in _NO_EFFECT}
     editor_kwargs = {k: v for k, v in kwargs.items() if k not in capture}
     blob = json.dumps(dict(version=__version__, method=method, layers=list(layers), kwargs=editor_kwargs,
@@ -280,12 +278,16 @@ def trained_editor(model, tokenizer, method: str, layers: list[str], kwargs: dic
     return me, info
 
 
-def _check_capture_settings(me, kwargs: dict) -> None:
-    """ValueError when a cached editor was saved with other capture settings than asked for."""
+def _capture_settings(kwargs: dict) -> dict:
+    """The capture settings ModelEditor(**kwargs) would use, defaults resolved."""
     from .model_editor import DEFAULT_LOSS_REDUCTION
 
-    wanted = dict(tokens=kwargs.get("tokens", "all"),
-                  loss_reduction=kwargs.get("loss_reduction", DEFAULT_LOSS_REDUCTION))
+    return dict(tokens=kwargs.get("tokens", "all"), loss_reduction=kwargs.get("loss_reduction", DEFAULT_LOSS_REDUCTION))
+
+
+def _check_capture_settings(me, kwargs: dict) -> None:
+    """ValueError when a cached editor was saved with other capture settings than asked for."""
+    wanted = _capture_settings(kwargs)
     saved = dict(tokens=me.tokens, loss_reduction=me.loss_reduction)
     if saved != wanted:
         raise ValueError(f"it was trained with {saved}, not {wanted}")
@@ -472,8 +474,8 @@ def _common(p: argparse.ArgumentParser, method_default: str | None) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 on <=2-core machines)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loss-reduction", default=None, choices=("edit", "token"),
-                   help="edit loss whose gradients the editors see: 'edit' (each edit's mean target NLL, summed; "
-                        "the default for new editors) or 'token' (MEND's batch mean); a saved --editor keeps its own")
+                   help="edit loss whose gradients the editors see: 'token' (MEND's batch mean; the default for new "
+                        "editors) or 'edit' (each edit's mean target NLL, summed); a saved --editor keeps its own")
     p.add_argument("--out", default=None, help="output file")
 
 

@@ -44,11 +44,6 @@ REDUCTIONS = ("input", "token")
 # --- prediction metrics ------------------------------------------------------------------------
 
 
-def _model_device(model) -> torch.device:
-    """Where the inputs go: the input embedding's device (a split model's first block)."""
-    return input_device(model)
-
-
 def _check_batch_size(batch_size) -> None:
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -73,7 +68,7 @@ class _EvalMode:
 
 def _score_batch(model, tokenizer, batch: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(predicted ids, gold ids) at the scored positions of every row."""
-    device = _model_device(model)
+    device = input_device(model)  # the embedding's device (a split model's first block)
     batch = {k: v.to(device) for k, v in batch.items()}
     labels = batch["labels"]
     if is_seq2seq(model):

@@ -23,8 +23,9 @@ whole batch) factor and an edit's shift shrinks as the batch grows (an editor tr
 edits of each edit's own mean target NLL, so an edit's (μ, η) are the same whether it is applied
 alone or with 100 others.  Measured on CounterFact (RESULTS.md), "edit" raises ES but the fused
 shift then grows with the number of edits and so does drawdown: LMP is lower at every N_u, much
-lower above the training batch size, hence the default.  The setting belongs to the editor (its normalisation statistics and steps α
-are learned on that scale): training uses the same capture, and checkpoints record it.  Checkpoints
+lower above the training batch size, hence the default.  The setting belongs to the editor (its
+normalisation statistics and steps α are learned on that scale): training uses the same capture,
+and checkpoints record it.  Checkpoints
 written before the setting existed (format 1, no "loss_reduction") load as "token", the semantics
 they were trained under; so do original MEND editors (`compat.mend.LOSS_REDUCTION`).
 

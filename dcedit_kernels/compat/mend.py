@@ -23,9 +23,9 @@ backpropagates ``masked_log_probs(...)["nll"]``, the mean NLL over every label t
 and its editors were trained that way: their running statistics (``u_mean``/``v_std``...) and
 ``edit_lrs`` are on the scale of η with its 1/(label tokens in the batch) factor.  Feed the views
 factors of that loss, e.g. ``ModelEditor(..., loss_reduction=LOSS_REDUCTION).capture(batch)`` or
-``capture.compute_factors`` with the model's own ``outputs.loss``, to get MEND's edits; this
-package's default per-edit loss ("edit") would scale each edit's η up by about the number of
-edits in the batch and change what the normalisation and the steps see.
+``capture.compute_factors`` with the model's own ``outputs.loss``, to get MEND's edits ("token" is also
+ModelEditor's default); the per-edit loss ("edit") would scale each edit's η up by about the
+number of edits in the batch and change what the normalisation and the steps see.
 """
 
 from __future__ import annotations
