@@ -302,6 +302,33 @@ def delta_reference(x, weight, b, row_group, mu_t, eta_t, offsets, alpha, grad):
     return (y.detach(), *grads)
 
 
+def close_dalpha(dalpha, ref, deta_ref, eta_t, offsets, alpha):
+    """dalpha against the conditioning of its sum, not against |dalpha|.
+
+    dalpha_g sums eta_t ⊙ deta_t / alpha_g over the o × |seg_g| entries of its group, which
+    cancel, so its rounding error scales with Σ|terms| (a shared alpha sums every group: 4.9e-5
+    relative error in fp32 at seed 1157190009, |dalpha| 0.17, which `close` rejected).
+    """
+    tol = TOL[dalpha.dtype]
+    dalpha, ref = dalpha.double().cpu(), ref.double().cpu()
+    assert dalpha.shape == ref.shape and torch.isfinite(dalpha).all()
+    G = offsets.shape[0] - 1
+    groups = reference.group_ids(offsets.cpu(), eta_t.shape[0])
+    a = alpha.detach().double().cpu().reshape(-1).expand(G)[groups].abs().clamp_min(1e-30)
+    terms = (eta_t.double().cpu() * deta_ref.double().cpu()).abs().sum(1) / a
+    scale = torch.zeros(G, dtype=torch.float64).index_add_(0, groups, terms)
+    scale = scale.sum() if alpha.numel() == 1 else scale
+    bound = tol * scale.reshape(ref.shape) + 1e-30
+    assert ((dalpha - ref).abs() <= bound).all(), f"dalpha {dalpha} vs {ref}, bound {bound}"
+
+
+def close_delta_grads(grads, refs, eta_t, offsets, alpha, close_fn=None):
+    """(dx, dmu_t, deta_t) by `close_fn` (default `close`), dalpha by `close_dalpha`."""
+    for g, ref in zip(grads[:3], refs[:3]):
+        (close_fn or close)(g, ref)
+    close_dalpha(grads[3], refs[3], refs[2], eta_t, offsets, alpha)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("alpha_shape", ["per_group", "shared"])
 @pytest.mark.parametrize("row_dtype", [torch.int64, torch.int32])
@@ -316,9 +343,9 @@ def test_lowrank_delta_linear(gen, dtype, alpha_shape, row_dtype, device):
     assert y.dtype == dtype  # x's dtype: a drop-in for the layer
     close(y, y_ref)
     grads = tk.lowrank_delta_linear_backward(grad, x, weight, row_group, mu_t, eta_t, offsets, alpha)
-    for t, g, ref in zip((x, mu_t, eta_t, alpha), grads, grad_refs):
+    for t, g in zip((x, mu_t, eta_t, alpha), grads):
         assert g.dtype == t.dtype and g.shape == t.shape
-        close(g, ref)
+    close_delta_grads(grads, grad_refs, eta_t, offsets, alpha)
 
 
 def test_lowrank_delta_linear_unedited_rows_and_no_bias(gen, device):
@@ -335,6 +362,34 @@ def test_lowrank_delta_linear_unedited_rows_and_no_bias(gen, device):
                                                              offsets, alpha)
     close(dx, grad @ weight)
     assert not dmu.any() and not deta.any() and not dalpha.any()
+
+
+def test_lowrank_delta_linear_in_row_chunks(gen, device, monkeypatch):
+    """A scores buffer smaller than the rows: grouped_bilinear runs in chunks of rows (gathered
+    through the row permutation forward and dx, sliced directly for deta and dmu) and gives the
+    same result as one chunk."""
+    counts = [5, 0, 131, 2, 62]
+    offsets = offsets_for(counts, device)
+    args = delta_inputs(gen, counts, torch.float64, device, N=300)
+    grad = randn((300, 29), gen, torch.float64, device)
+    y_ref, *grad_refs = delta_reference(*args[:6], offsets, args[6], grad)
+    # Chunks of 128 rows: 300 rows x 200 kv rows (forward, dx), 200 x 300 (deta, dmu).
+    module = _module("grouped_bilinear")
+    monkeypatch.setattr(module, "SCRATCH_ENTRIES", 128 * 200)
+    launches = []
+
+    class Counted:  # counts the scores launches, one per chunk
+        def __getitem__(self, grid, kernel=module._group_scores_kernel):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(module, "_group_scores_kernel", Counted())
+    close(tk.lowrank_delta_linear(*args[:6], offsets, args[6]), y_ref)
+    assert len(launches) == 3
+    x, weight, _, row_group, mu_t, eta_t, alpha = args
+    close_delta_grads(tk.lowrank_delta_linear_backward(grad, x, weight, row_group, mu_t, eta_t, offsets, alpha),
+                      grad_refs, eta_t, offsets, alpha)
+    assert len(launches) == 3 + 3 + 2 + 2  # forward; dx, deta, dmu
 
 
 # --------------------------------------------------------------------- layouts: empty and T = 0
@@ -376,12 +431,13 @@ def test_group_layouts(gen, layout, dtype, device):
         y = tk.lowrank_delta_linear(x, weight, b, row_group, mu_t, eta_t, offsets, alpha)
         grads = tk.lowrank_delta_linear_backward(grad, x, weight, row_group, mu_t, eta_t, offsets, alpha)
         refs = delta_reference(x, weight, b, row_group, mu_t, eta_t, offsets, alpha, grad)
-        for out, ref in zip((y, *grads), refs):
+        for out, ref in zip((y, *grads[:3]), refs):
             assert out.shape == ref.shape
             if ref.numel() and ref.abs().max() > 0:
                 close(out, ref, dtype)
             else:
                 assert not out.any()
+        close_dalpha(grads[3], refs[4], refs[3], eta_t, offsets, alpha)
 
 
 # ---------------------------------------------------------------------------- bad input, syncs
@@ -445,13 +501,13 @@ def _module(name):
 
 
 def test_native_dot_choice(monkeypatch):
-    """Tensor cores for 16-bit operands off the interpreter; the env override; bad values."""
+    """Tensor cores for 16-bit operands (the interpreter takes the same branches); the env
+    override; bad values."""
     f16, bf16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
     monkeypatch.delenv(launch.NATIVE_DOT_ENV, raising=False)
     assert not launch.native_dot(f32, f32) and not launch.native_dot(f64, bf16)
     for dt in (f16, bf16):
-        assert launch.native_dot(dt, dt) is (not INTERPRET)
-        assert launch.native_dot(f32, dt) is (not INTERPRET)
+        assert launch.native_dot(dt, dt) and launch.native_dot(f32, dt)
     monkeypatch.setenv(launch.NATIVE_DOT_ENV, "1")
     assert launch.native_dot(f16, f16) and launch.native_dot(f32, bf16)
     assert not launch.native_dot(f32) and not launch.native_dot(f64, f16)
@@ -462,7 +518,10 @@ def test_native_dot_choice(monkeypatch):
         launch.native_dot(bf16)
     assert launch.dot_path(False, True, bf16, bf16) == "half"
     assert launch.dot_path(False, True, f16, bf16) == "tf32x3"
-    assert launch.dot_path(False, True, f32, bf16) == "tf32x3"
+    assert launch.dot_path(False, True, f32, bf16) == "bf16x3"
+    assert launch.dot_path(False, True, bf16, f32) == "bf16x3"
+    assert launch.dot_path(False, True, f32, f16) == "tf32x3"
+    assert launch.dot_path(False, True, f32, f32) == "tf32x3"
     assert launch.dot_path(False, False, bf16, bf16) == "ieee"
     assert launch.dot_path(True, False, f64, f64) == "fp64"
 
@@ -483,30 +542,32 @@ def test_forced_tiles_checks_its_arguments():
 def test_tile_heuristic_fits_every_shape():
     """Every block is a power of two >= 16 (tl.dot's minimum) whatever the shape."""
     for T, G, N, K in ((1, 1, 1, 1), (4096, 8, 1920, 8000), (3000, 125, 6400, 1600), (37, 5, 29, 13)):
-        for path in ("half", "tf32x3", "ieee", "fp64"):
+        for path in ("half", "bf16x3", "tf32x3", "ieee", "fp64"):
             for tiles in (launch.segment_matmul_tiles(T, G, N, K, path), launch.grouped_outer_tiles(T, G, N, K, path),
-                          launch.grouped_bilinear_tiles(T, G, N, K, path)):
+                          launch.grouped_bilinear_tiles(T, G, N, K, path),
+                          launch.group_scores_tiles(T, G, N, K, path)):
                 blocks = [v for k, v in tiles.items() if k.startswith("BLOCK")]
                 assert all(b >= 16 and b & (b - 1) == 0 for b in blocks), tiles
                 if INTERPRET:  # exactly one config under the interpreter
                     assert set(blocks) == {16}, tiles
 
 
-def test_native_branch_fp16(gen, device, monkeypatch):
-    """DCEDIT_TRITON_NATIVE_DOT=1 forces the tensor-core branch of `mma` (16-bit tl.dot, tf32x3 for
-    fp32 tiles), under the interpreter too: its fp16 and tf32x3 dots are right (bf16 is not)."""
+@pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
+def test_native_branch(gen, device, dt, monkeypatch):
+    """The tensor-core branches of `mma` for 16-bit inputs: "half" (16-bit tl.dot), "bf16x3"
+    (fp32 tiles against bf16 ones, split in three) and "tf32x3" (other fp32 tiles), on every
+    launcher.  Under the interpreter the 16-bit dots take exact fp32 products (`_dot16`)."""
     monkeypatch.setenv(launch.NATIVE_DOT_ENV, "1")
     taken = []
 
     def spy(name, real):
-        def native_dot(*dtypes):
-            taken.append((name, real(*dtypes)))
+        def dot_path(*args):
+            taken.append((name, real(*args)))
             return taken[-1][1]
-        return native_dot
+        return dot_path
 
-    for name in ("segment_matmul", "grouped_outer", "lowrank_delta_linear"):
-        monkeypatch.setattr(_module(name), "native_dot", spy(name, _module(name).native_dot))
-    dt = torch.float16
+    for name in ("segment_matmul", "grouped_outer", "grouped_bilinear"):
+        monkeypatch.setattr(_module(name), "dot_path", spy(name, _module(name).dot_path))
     counts = [0, 9, 17, 3, 0]
     offsets = offsets_for(counts, device)
     T, G = sum(counts), len(counts)
@@ -537,16 +598,40 @@ def test_native_branch_fp16(gen, device, monkeypatch):
     y_ref, *grad_refs = delta_reference(x, weight, b, row_group, mu_t, eta_t, offsets, alpha, grad)
     close(tk.lowrank_delta_linear(x, weight, b, row_group, mu_t, eta_t, offsets, alpha), y_ref)
     grads = tk.lowrank_delta_linear_backward(grad, x, weight, row_group, mu_t, eta_t, offsets, alpha)
-    for g, ref in zip(grads, grad_refs):
-        close(g, ref)
-    assert {name for name, native in taken if native} == {"segment_matmul", "grouped_outer", "lowrank_delta_linear"}
+    close_delta_grads(grads, grad_refs, eta_t, offsets, alpha)
+    mixed = "bf16x3" if dt == torch.bfloat16 else "tf32x3"
+    for name in ("segment_matmul", "grouped_outer", "grouped_bilinear"):
+        assert {path for kernel, path in taken if kernel == name} <= {"half", "bf16x3", "tf32x3"}, taken
+    assert ("segment_matmul", mixed) in taken and ("grouped_bilinear", mixed) in taken, taken
+    assert ("segment_matmul", "half") in taken and ("grouped_outer", "half") in taken, taken
+    assert ("grouped_bilinear", "half") in taken, taken
 
 
-@cuda_only
-def test_ieee_branch_on_cuda_with_bf16(gen, monkeypatch):
-    """DCEDIT_TRITON_NATIVE_DOT=0: bf16 inputs through the exact fp32 dot on the GPU."""
+def test_bf16x3_keeps_fp32_accuracy(gen, device, monkeypatch):
+    """grouped_bilinear's fp32 scores meet bf16 V through the three-way bf16 split: the fp32
+    result is within fp32's tolerance of float64 (one bf16 rounding of the scores would put
+    ~2^-9 relative error on every product: 1.7e-3 in float64 on such inputs, 170× the
+    tolerance)."""
+    monkeypatch.setenv(launch.NATIVE_DOT_ENV, "1")
+    bf16 = torch.bfloat16
+    counts = [0, 23, 5, 40]
+    offsets = offsets_for(counts, device)
+    nq, dk, dv = 37, 45, 33
+    q, k, v = randn((nq, dk), gen, bf16, device), randn((68, dk), gen, bf16, device), randn((68, dv), gen, bf16, device)
+    q_group = torch.sort(torch.randint(0, 4, (nq,), generator=gen)).values.to(device)
+    alpha = randn((4,), gen, torch.float32, device)
+    out = _module("grouped_bilinear").grouped_bilinear_(torch.zeros((nq, dv), device=device), q, None, q_group, k, v,
+                                                        None, offsets, alpha)
+    b = offsets.tolist()
+    want = torch.stack([alpha[g].double() * (q[p].double() @ k[b[g]:b[g + 1]].double().T) @ v[b[g]:b[g + 1]].double()
+                        for p, g in enumerate(q_group.tolist())])
+    close(out, want)
+
+
+def test_ieee_branch_with_bf16(gen, device, monkeypatch):
+    """DCEDIT_TRITON_NATIVE_DOT=0: bf16 inputs through the exact fp32 dot."""
     monkeypatch.setenv(launch.NATIVE_DOT_ENV, "0")
-    device, dt = "cuda", torch.bfloat16
+    dt = torch.bfloat16
     counts = [0, 40, 3, 77, 0]
     offsets = offsets_for(counts, device)
     inputs = lowrank_inputs(gen, counts, dt, device, d=70, r=33)
@@ -575,7 +660,7 @@ def test_every_config_candidate(gen, kernel):
                     x, w = randn((T, 333), gen, dt, device), randn((G, 200, 333), gen, dt, device)
                     close(tk.segment_matmul(x, w, offsets),
                           segment_matmul_ref(x.double(), w.double(), counts, True, None, None, None, None, False, None))
-                elif kernel == "segment_matmul":  # tf32x3: fp32 rows against bf16 weights, epilogue
+                elif kernel == "segment_matmul":  # bf16x3: fp32 rows against bf16 weights, epilogue
                     x, w = randn((T, 99), gen, torch.float32, device), randn((G, 333, 99), gen, dt, device)
                     bias, res = randn((G, 333), gen, dt, device), randn((T, 333), gen, dt, device)
                     close(tk.segment_matmul(x, w, offsets, bias=bias, scale=bias, relu=True, residual=res),
@@ -594,12 +679,12 @@ def test_every_config_candidate(gen, kernel):
                     y_ref, *grad_refs = delta_reference(x, weight, b, row_group, mu_t, eta_t, offsets, alpha, grad)
                     close(tk.lowrank_delta_linear(x, weight, b, row_group, mu_t, eta_t, offsets, alpha), y_ref)
                     grads = tk.lowrank_delta_linear_backward(grad, x, weight, row_group, mu_t, eta_t, offsets, alpha)
-                    for g, ref in zip(grads, grad_refs):
-                        close(g, ref)
+                    close_delta_grads(grads, grad_refs, eta_t, offsets, alpha)
 
 
 def launch_outer(eta, mu, offsets, fusion, src_dtype):
-    """grouped_outer with `precision_from` (fp32 operands of a 16-bit op take tf32x3)."""
+    """grouped_outer with `precision_from` (fp32 operands of a 16-bit op take tf32x3, or bf16x3
+    against a bf16 one)."""
     go = _module("grouped_outer")
     return go.launch_grouped_outer(eta, mu, offsets, go.FUSION_MODES[fusion], 1.0, precision_from=(src_dtype,))
 
@@ -674,5 +759,4 @@ def test_large_shapes_bf16(gen, op):
         y_ref, *grad_refs = delta_reference(x, weight, b, row_group, mu_t, eta_t, offsets, alpha, grad)
         close_large(tk.lowrank_delta_linear(x, weight, b, row_group, mu_t, eta_t, offsets, alpha), y_ref)
         grads = tk.lowrank_delta_linear_backward(grad, x, weight, row_group, mu_t, eta_t, offsets, alpha)
-        for g, ref in zip(grads, grad_refs):
-            close_large(g, ref)
+        close_delta_grads(grads, grad_refs, eta_t, offsets, alpha, close_large)

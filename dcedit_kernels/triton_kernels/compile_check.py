@@ -2,7 +2,7 @@
 
 Each variant is a kernel with the pointer dtypes, constexprs and launch config its launcher
 would use at the benchmark shapes (benchmarks/test_bench_ops.py) on an H100: bf16 inputs with
-the tensor-core dot on, the tf32x3 mixes, and the IEEE fp32 and fp64 paths.  The compile goes
+the tensor-core dot on, the bf16x3 and tf32x3 mixes, and the IEEE fp32 and fp64 paths.  The compile goes
 through ptxas, so an error a GPU session would meet at its first launch surfaces here.  Prints
 one line per variant with ptxas's registers and stack (spill) bytes.
 
@@ -116,8 +116,8 @@ def variants():
     """(name, kernel, pointer dtypes, int args, constexprs, num_warps, num_stages) of every path,
     at the benchmark shapes with the launch config the launchers' heuristics pick there."""
     from .grouped_outer import _grouped_outer_kernel
-    from .launch import dot_path, grouped_bilinear_tiles, grouped_outer_tiles, segment_matmul_tiles
-    from .lowrank_delta_linear import _grouped_bilinear_kernel
+    from .grouped_bilinear import _group_scores_kernel, _grouped_bilinear_kernel
+    from .launch import dot_path, group_scores_tiles, grouped_bilinear_tiles, grouped_outer_tiles, segment_matmul_tiles
     from .segment_matmul import _segment_matmul_kernel
 
     bf, f32, f64, i32, i64 = torch.bfloat16, torch.float32, torch.float64, torch.int32, torch.int64
@@ -134,9 +134,10 @@ def variants():
     full = dict(HAS_GAIN=True, HAS_BIAS=True, HAS_SCALE=True, HAS_SHIFT=True, RELU=True, HAS_RESIDUAL=True)
     bare = {key: False for key in full}
     for name, x_dt, w_dt, fp64, native, T, G, n, k, transpose, flags in (
-        ("bf16 x gain tf32x3 d->r", bf, bf, False, True, 4096, 8, 1920, 8000, True, dict(bare, HAS_GAIN=True)),
-        ("fp32 x bf16 tf32x3 r->d, epilogue", f32, bf, False, True, 4096, 8, 8000, 1920, True, full),
+        ("bf16 x gain bf16x3 d->r", bf, bf, False, True, 4096, 8, 1920, 8000, True, dict(bare, HAS_GAIN=True)),
+        ("fp32 x bf16 bf16x3 r->d, epilogue", f32, bf, False, True, 4096, 8, 8000, 1920, True, full),
         ("fp32 tf32x3 untransposed (backward)", f32, f32, False, True, 4096, 8, 8000, 1920, False, bare),
+        ("fp32 x bf16 bf16x3 untransposed (backward)", f32, bf, False, True, 4096, 8, 8000, 1920, False, bare),
         ("bf16 native dense", bf, bf, False, True, 2048, 1, 6400, 1600, True, dict(bare, HAS_BIAS=True)),
         ("bf16 native d->r", bf, bf, False, True, 4096, 8, 1920, 8000, True, bare),
         ("fp32 IEEE, epilogue", f32, f32, False, False, 4096, 8, 8000, 1920, True, full),
@@ -160,40 +161,41 @@ def variants():
     add("grouped_outer fp32 tf32x3 mode 0 (backward du)", _grouped_outer_kernel,
         {**go_ptrs, "eta_ptr": f32, "mu_ptr": f32}, ints,
         dict(MODE=0, IS_FP64=False, NATIVE=True), grouped_outer_tiles(4096, 8, 8000, 1920, "tf32x3"))
+    add("grouped_outer fp32 x bf16 bf16x3 mode 0 (backward dv)", _grouped_outer_kernel,
+        {**go_ptrs, "eta_ptr": f32}, ints, dict(MODE=0, IS_FP64=False, NATIVE=True),
+        grouped_outer_tiles(4096, 8, 8000, 1920, "bf16x3"))
     add("grouped_outer fp32 IEEE mode 3", _grouped_outer_kernel, {**go_ptrs, "eta_ptr": f32, "mu_ptr": f32}, ints,
         dict(MODE=3, IS_FP64=False, NATIVE=False), grouped_outer_tiles(4096, 8, 8000, 1920, "ieee"))
     add("grouped_outer fp64 mode 0", _grouped_outer_kernel,
         {**go_ptrs, "eta_ptr": f64, "mu_ptr": f64, "alpha_ptr": f64, "out_ptr": f64}, ints,
         dict(MODE=0, IS_FP64=True, NATIVE=False), grouped_outer_tiles(4096, 8, 8000, 1920, "fp64"))
 
-    # grouped_bilinear: lowrank_delta_linear (N 2048, G 8 x 512 tokens, o 6400, i 1600).
-    bl_ptrs = dict(q_ptr=bf, q_index_ptr=i64, q_group_ptr=i64, k_ptr=bf, v_ptr=bf, kv_index_ptr=i64,
-                   kv_offsets_ptr=i32, alpha_ptr=f32, out_ptr=f32)
-    for name, nq, q_index, kv_index, dk, dv in (("forward", 2048, True, False, 1600, 6400),
-                                                ("backward dx", 2048, True, False, 6400, 1600),
-                                                ("backward deta", 4096, False, True, 1600, 6400),
-                                                ("backward dmu", 4096, False, True, 6400, 1600)):
-        add(f"grouped_bilinear bf16 native {name}", _grouped_bilinear_kernel, bl_ptrs,
-            dict(NQ=nq, DK=dk, DV=dv, G=8),
-            dict(HAS_Q_INDEX=q_index, HAS_KV_INDEX=kv_index, IS_FP64=False, NATIVE_QK=True, NATIVE_PV=True),
-            grouped_bilinear_tiles(nq, 8, dk, dv, "half"))
-    add("grouped_bilinear fp32 Q x bf16 K tf32x3 (backward deta)", _grouped_bilinear_kernel, {**bl_ptrs, "q_ptr": f32},
-        dict(NQ=4096, DK=1600, DV=6400, G=8),
-        dict(HAS_Q_INDEX=False, HAS_KV_INDEX=True, IS_FP64=False, NATIVE_QK=True, NATIVE_PV=True),
-        grouped_bilinear_tiles(4096, 8, 1600, 6400, "tf32x3"))
-    add("grouped_bilinear fp32 Q.K IEEE, bf16 V tf32x3", _grouped_bilinear_kernel,
-        {**bl_ptrs, "q_ptr": f32, "k_ptr": f32}, dict(NQ=4096, DK=1600, DV=6400, G=8),
-        dict(HAS_Q_INDEX=False, HAS_KV_INDEX=True, IS_FP64=False, NATIVE_QK=False, NATIVE_PV=True),
-        grouped_bilinear_tiles(4096, 8, 1600, 6400, "tf32x3"))
-    add("grouped_bilinear fp32 IEEE", _grouped_bilinear_kernel, {**bl_ptrs, "q_ptr": f32, "k_ptr": f32, "v_ptr": f32},
-        dict(NQ=2048, DK=1600, DV=6400, G=8),
-        dict(HAS_Q_INDEX=True, HAS_KV_INDEX=False, IS_FP64=False, NATIVE_QK=False, NATIVE_PV=False),
-        grouped_bilinear_tiles(2048, 8, 1600, 6400, "ieee"))
-    add("grouped_bilinear fp64", _grouped_bilinear_kernel,
-        {**bl_ptrs, "q_ptr": f64, "k_ptr": f64, "v_ptr": f64, "alpha_ptr": f64, "out_ptr": f64},
-        dict(NQ=2048, DK=1600, DV=6400, G=8),
-        dict(HAS_Q_INDEX=True, HAS_KV_INDEX=False, IS_FP64=True, NATIVE_QK=False, NATIVE_PV=False),
-        grouped_bilinear_tiles(2048, 8, 1600, 6400, "fp64"))
+    # grouped_bilinear's two launches at lowrank_delta_linear's shapes (N 2048, G 8 x 512 tokens,
+    # o 6400, i 1600): scores C = alpha_g Q·K (NQ x W) and out += C V.
+    sc_ptrs = dict(q_ptr=bf, q_index_ptr=i64, q_group_ptr=i64, k_ptr=bf, kv_index_ptr=i64, kv_offsets_ptr=i32,
+                   alpha_ptr=f32, c_ptr=f32)
+    ap_ptrs = dict(c_ptr=f32, q_index_ptr=i64, q_group_ptr=i64, v_ptr=bf, kv_index_ptr=i64, kv_offsets_ptr=i32,
+                   out_ptr=f32)
+    for name, nq, w, q_index, kv_index, dk, dv in (("forward", 2048, 4096, True, False, 1600, 6400),
+                                                   ("backward dx", 2048, 4096, True, False, 6400, 1600),
+                                                   ("backward deta", 4096, 2048, False, True, 1600, 6400),
+                                                   ("backward dmu", 4096, 2048, False, True, 6400, 1600)):
+        flags = dict(HAS_Q_INDEX=q_index, HAS_KV_INDEX=kv_index, IS_FP64=False, NATIVE=True)
+        add(f"group_scores bf16 native {name}", _group_scores_kernel, sc_ptrs, dict(NQ=nq, DK=dk, W=w, G=8), flags,
+            group_scores_tiles(nq, 8, w, dk, "half"))
+        add(f"grouped_bilinear fp32 C x bf16 V bf16x3 {name}", _grouped_bilinear_kernel, ap_ptrs,
+            dict(NQ=nq, DV=dv, W=w, G=8), flags, grouped_bilinear_tiles(nq, 8, w, dv, "bf16x3"))
+    ieee = dict(HAS_Q_INDEX=True, HAS_KV_INDEX=False, IS_FP64=False, NATIVE=False)
+    add("group_scores fp32 IEEE", _group_scores_kernel, {**sc_ptrs, "q_ptr": f32, "k_ptr": f32},
+        dict(NQ=2048, DK=1600, W=4096, G=8), ieee, group_scores_tiles(2048, 8, 4096, 1600, "ieee"))
+    add("grouped_bilinear fp32 IEEE", _grouped_bilinear_kernel, {**ap_ptrs, "v_ptr": f32},
+        dict(NQ=2048, DV=6400, W=4096, G=8), ieee, grouped_bilinear_tiles(2048, 8, 4096, 6400, "ieee"))
+    fp64 = dict(ieee, IS_FP64=True)
+    add("group_scores fp64", _group_scores_kernel,
+        {**sc_ptrs, "q_ptr": f64, "k_ptr": f64, "alpha_ptr": f64, "c_ptr": f64}, dict(NQ=2048, DK=1600, W=4096, G=8),
+        fp64, group_scores_tiles(2048, 8, 4096, 1600, "fp64"))
+    add("grouped_bilinear fp64", _grouped_bilinear_kernel, {**ap_ptrs, "c_ptr": f64, "v_ptr": f64, "out_ptr": f64},
+        dict(NQ=2048, DV=6400, W=4096, G=8), fp64, grouped_bilinear_tiles(2048, 8, 4096, 6400, "fp64"))
     return out
 
 

@@ -15,8 +15,9 @@ segment_matmul with W untransposed, du and dv by grouped_outer "none"); the elem
 and the per-group vector sums (index_add over device-side group ids) are plain torch.
 
 Precision: every GEMM gets `precision_from` = the op's input dtypes, so with 16-bit inputs the
-fp32 intermediates (z, da, dz, gain ⊙ h) meet tensor cores as tf32x3 (~fp32 accuracy, see
-`mma`) instead of the IEEE fp32 dot, which runs on the FMA units.
+fp32 intermediates (z, da, dz, gain ⊙ h) meet tensor cores as bf16x3 against bf16 tiles and
+tf32x3 otherwise (~fp32 accuracy, see `mma`) instead of the IEEE fp32 dot, which runs on the
+FMA units.
 """
 
 from __future__ import annotations

@@ -34,22 +34,20 @@ def native_dot(*dtypes: torch.dtype) -> bool:
     """Whether a dot over tensors of `dtypes` uses tensor cores (the NATIVE constexpr of `mma`).
 
     `dtypes`: the operands' tensors and, for fp32 intermediates, the op inputs they were computed
-    from (`precision_from`).  True when one of them is float16/bfloat16, none is float64, and
-    the kernel is compiled for a GPU.  `mma` then gives tl.dot two 16-bit tiles of one dtype as
-    they are and any other pair as tf32x3 (~fp32 accuracy); fp32-only ops keep the IEEE fp32
-    dot and fp64 its broadcast sum.  Off by default under the interpreter, whose bf16 tl.dot is
-    silently wrong (its fp16 and tf32x3 dots are right, checked with triton 3.9; the tests force
-    the branch on with fp16 inputs).  DCEDIT_TRITON_NATIVE_DOT=1 or 0 forces it on or off where
-    a dtype is 16-bit (and raises ValueError for any other value).
+    from (`precision_from`).  True when one of them is float16/bfloat16 and none is float64:
+    `mma` then takes the form `dot_path` names ("half", "bf16x3" or "tf32x3", all ~fp32
+    accurate); fp32-only ops keep the IEEE fp32 dot and fp64 its broadcast sum.  The same
+    choice under the interpreter, so that the CPU tests run the branches a GPU runs (`mma`'s
+    16-bit dots go through exact fp32 there: the interpreter's bf16 tl.dot is wrong).
+    DCEDIT_TRITON_NATIVE_DOT=1 or 0 forces it on or off where a dtype is 16-bit (and raises
+    ValueError for any other value).
     """
     if torch.float64 in dtypes or not any(d in HALF for d in dtypes):
         return False
     flag = os.environ.get(NATIVE_DOT_ENV, "")
     if flag not in ("", "0", "1"):
         raise ValueError(f"{NATIVE_DOT_ENV} must be 0 or 1 (or unset), got {flag!r}")
-    if flag:
-        return flag == "1"
-    return not interpreting()
+    return flag != "0"
 
 
 def _pow2_at_least(n: int, lo: int, hi: int) -> int:
@@ -63,7 +61,8 @@ def _pow2_at_least(n: int, lo: int, hi: int) -> int:
 _TILE_KEYS = {
     "segment_matmul": ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"),
     "grouped_outer": ("BLOCK_O", "BLOCK_I", "BLOCK_T", "num_warps", "num_stages"),
-    "grouped_bilinear": ("BLOCK_M", "BLOCK_N", "BLOCK_T", "BLOCK_K", "num_warps", "num_stages"),
+    "group_scores": ("BLOCK_M", "BLOCK_T", "BLOCK_K", "num_warps", "num_stages"),
+    "grouped_bilinear": ("BLOCK_M", "BLOCK_N", "BLOCK_T", "num_warps", "num_stages"),
 }
 
 _FORCED: dict[str, dict] = {}
@@ -71,8 +70,9 @@ _FORCED: dict[str, dict] = {}
 
 @contextlib.contextmanager
 def forced_tiles(kernel: str, **config):
-    """Pin the launch config of `kernel` ("segment_matmul", "grouped_outer" or
-    "grouped_bilinear") inside the block: the keys its tile function returns, all of them."""
+    """Pin the launch config of `kernel` (a key of `_TILE_KEYS`: "segment_matmul",
+    "grouped_outer", "group_scores" or "grouped_bilinear") inside the block: the keys its tile
+    function returns, all of them."""
     if kernel not in _TILE_KEYS:
         raise ValueError(f"kernel must be one of {tuple(_TILE_KEYS)}, got {kernel!r}")
     missing = set(_TILE_KEYS[kernel]) - set(config)
@@ -96,12 +96,15 @@ def _small(kernel: str) -> dict:
 
 
 def dot_path(fp64: bool, native: bool, a: torch.dtype, b: torch.dtype) -> str:
-    """Which form `mma` takes for tiles of dtypes a and b: "fp64", "ieee", "tf32x3" or "half"."""
+    """Which form `mma` takes for tiles of dtypes a and b: "fp64", "ieee", "half", "bf16x3" (fp32
+    with bf16) or "tf32x3" (any other native pair)."""
     if fp64:
         return "fp64"
     if not native:
         return "ieee"
-    return "half" if a == b and a in HALF else "tf32x3"
+    if a == b and a in HALF:
+        return "half"
+    return "bf16x3" if {a, b} == {torch.float32, torch.bfloat16} else "tf32x3"
 
 
 def _rows_block(rows: int, groups: int) -> int:
@@ -113,29 +116,31 @@ def _rows_block(rows: int, groups: int) -> int:
     return 128 if rows >= 128 * max(groups, 1) else 64
 
 
+def _gemm_tiles(T: int, G: int, N: int, K: int, path: str) -> tuple:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of a row-grouped GEMM on a GPU."""
+    bm = _rows_block(T, G)
+    if path == "half":
+        # sm_90a, T 4096 in 8 groups, d 8000 -> r 1920, bf16: 128×128×64, 8 warps, 3 stages:
+        # 158 registers, no spill, 96 KiB shared; 64×128×64 with 4 warps: 202, no spill.
+        return bm, _pow2_at_least(N, 16, 128), _pow2_at_least(K, 16, 64), 8 if bm == 128 else 4, 3
+    if path in ("tf32x3", "bf16x3"):
+        # fp32 tiles take twice the bytes (BLOCK_K 32) and both keep split operands in
+        # registers; tf32x3: 128×128×32 spills or sits at 253-255 registers; 128×64×32 with 8 warps
+        # fits everything measured: 199 (gain), 191 (untransposed), 240 (full epilogue),
+        # and 64×64×32 with 8 warps: 165-172 (4 warps: up to 254).
+        return bm, _pow2_at_least(N, 16, 64), _pow2_at_least(K, 16, 32), 8, 3
+    # IEEE fp32 runs on the FMA units: the tile only has to fit (64×64×32, 4 warps: 216
+    # registers, no spill, with the full epilogue).
+    return 64, _pow2_at_least(N, 16, 64), _pow2_at_least(K, 16, 32), 4, 2
+
+
 def segment_matmul_tiles(T: int, G: int, N: int, K: int, path: str) -> dict:
     """Y (T×N) = X (T×K) W_gᵀ over G groups; `path` from dot_path."""
     if "segment_matmul" in _FORCED:
         return dict(_FORCED["segment_matmul"])
     if interpreting() or path == "fp64":
         return _small("segment_matmul")
-    bm = _rows_block(T, G)
-    if path == "half":
-        # sm_90a, T 4096 in 8 groups, d 8000 -> r 1920, bf16: 128×128×64, 8 warps, 3 stages:
-        # 158 registers, no spill, 96 KiB shared; 64×128×64 with 4 warps: 202, no spill.
-        return dict(BLOCK_M=bm, BLOCK_N=_pow2_at_least(N, 16, 128), BLOCK_K=_pow2_at_least(K, 16, 64),
-                    num_warps=8 if bm == 128 else 4, num_stages=3)
-    if path == "tf32x3":
-        # fp32 tiles take twice the bytes (BLOCK_K 32) and tf32x3 keeps its split operands in
-        # registers: 128×128×32 spills or sits at 253-255 registers; 128×64×32 with 8 warps
-        # fits everything measured: 199 (gain), 191 (untransposed), 240 (full epilogue),
-        # and 64×64×32 with 8 warps: 165-172 (4 warps: up to 254).
-        return dict(BLOCK_M=bm, BLOCK_N=_pow2_at_least(N, 16, 64), BLOCK_K=_pow2_at_least(K, 16, 32),
-                    num_warps=8, num_stages=3)
-    # IEEE fp32 runs on the FMA units: the tile only has to fit (64×64×32, 4 warps: 216
-    # registers, no spill, with the full epilogue).
-    return dict(BLOCK_M=64, BLOCK_N=_pow2_at_least(N, 16, 64), BLOCK_K=_pow2_at_least(K, 16, 32), num_warps=4,
-                num_stages=2)
+    return _cfg("segment_matmul", *_gemm_tiles(T, G, N, K, path))
 
 
 def grouped_outer_tiles(T: int, G: int, O: int, I: int, path: str) -> dict:
@@ -153,26 +158,29 @@ def grouped_outer_tiles(T: int, G: int, O: int, I: int, path: str) -> dict:
     # 100 registers for "none", 168 add/max, 236 sss/ssm (three tiles: S_g, P, N), 161 Fisher
     # at ×32; 128×256 spills 656 B for sss.  tf32x3 (fp32 da, z) 128×128×32: 198 registers.
     short = T < 64 * max(G, 1)
-    bt = 32 if short or path == "tf32x3" else 64
+    bt = 32 if short or path in ("tf32x3", "bf16x3") else 64
     return dict(BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=bt, num_warps=8, num_stages=3)
 
 
-def grouped_bilinear_tiles(NQ: int, G: int, DK: int, DV: int, path: str) -> dict:
-    """out (NQ×DV) += alpha_g (Q Kᵀ) V over each query row's group; `path` of the Q·K dot (the
-    (Q·K)·V dot is tf32x3 whenever `path` is "half" or "tf32x3": alpha_g Q·K stays fp32)."""
+def group_scores_tiles(NQ: int, G: int, W: int, DK: int, path: str) -> dict:
+    """C (NQ × each group's K rows) = alpha_g Q Kᵀ of grouped_bilinear's first launch: a
+    row-grouped GEMM whose N is a group's length (about W/G of the W K rows); `path` of Q·K."""
+    if "group_scores" in _FORCED:
+        return dict(_FORCED["group_scores"])
+    if interpreting() or path == "fp64":
+        return _small("group_scores")
+    return _cfg("group_scores", *_gemm_tiles(NQ, G, max(W // max(G, 1), 1), DK, path))
+
+
+def grouped_bilinear_tiles(NQ: int, G: int, W: int, DV: int, path: str) -> dict:
+    """out (NQ×DV) += C V over each row's group, grouped_bilinear's second launch: a row-grouped
+    GEMM whose inner dimension is a group's length (about W/G); `path` of the fp32 C with V."""
     if "grouped_bilinear" in _FORCED:
         return dict(_FORCED["grouped_bilinear"])
     if interpreting() or path == "fp64":
         return _small("grouped_bilinear")
-    if path == "ieee":
-        return dict(BLOCK_M=32, BLOCK_N=_pow2_at_least(DV, 16, 64), BLOCK_T=32, BLOCK_K=_pow2_at_least(DK, 16, 32),
-                    num_warps=4, num_stages=2)
-    # Q·K is recomputed for every column tile of V, so the column tile should be wide, but the
-    # tf32x3 (Q·K)·V dot holds split operands: sm_90a, N 2048, i 1600 -> o 6400, bf16:
-    # 64×256×32×64 spills (255 registers + 184 B); 64×128×32×64, 8 warps, 3 stages: 208
-    # registers, no spill, 48 KiB shared (186 for the backward's dmu).
-    return dict(BLOCK_M=64, BLOCK_N=_pow2_at_least(DV, 16, 128), BLOCK_T=32,
-                BLOCK_K=_pow2_at_least(DK, 16, 64 if path == "half" else 32), num_warps=8, num_stages=3)
+    bm, bn, bt, warps, stages = _gemm_tiles(NQ, G, DV, max(W // max(G, 1), 1), path)
+    return _cfg("grouped_bilinear", bm, bn, bt, warps, stages)
 
 
 def _cfg(keys, *values):
@@ -181,22 +189,29 @@ def _cfg(keys, *values):
 
 # Per kernel and dot path: the heuristic's choice at the benchmark shapes first, then the
 # alternatives `tune.py` times against it on a GPU (the CUDA tests run each for correctness).
-# On sm_90a at the benchmark shapes none spills except grouped_bilinear 64×256 (184 B) and
-# 128×128 (88 B), kept so that a timing decides; all fit the 227 KiB of shared memory.
+# ptxas for sm_90a at the benchmark shapes (triton 3.9): bf16x3 needs fewer registers than
+# tf32x3 (segment_matmul 128×64×32 with gain 127 vs 199, grouped_bilinear 169 vs 207), so a
+# 128×128×32 tile fits grouped_bilinear (230, no spill) and segment_matmul without the
+# epilogue (173-204); with the full epilogue it spills 128 B, kept so that a timing decides.
+# All fit the 227 KiB of shared memory.
 CANDIDATES = {
     "segment_matmul": {
         "half": [_cfg("segment_matmul", 128, 128, 64, 8, 3), _cfg("segment_matmul", 64, 128, 64, 4, 3),
                  _cfg("segment_matmul", 128, 128, 64, 8, 4), _cfg("segment_matmul", 128, 256, 64, 8, 3)],
-        "tf32x3": [_cfg("segment_matmul", 128, 64, 32, 8, 3), _cfg("segment_matmul", 64, 64, 32, 8, 3),
-                   _cfg("segment_matmul", 64, 128, 32, 8, 3), _cfg("segment_matmul", 128, 64, 32, 8, 4)],
+        "bf16x3": [_cfg("segment_matmul", 128, 64, 32, 8, 3), _cfg("segment_matmul", 64, 64, 32, 8, 3),
+                   _cfg("segment_matmul", 64, 128, 32, 8, 3), _cfg("segment_matmul", 128, 128, 32, 8, 3)],
     },
     "grouped_outer": {
         "half": [_cfg("grouped_outer", 128, 128, 64, 8, 3), _cfg("grouped_outer", 128, 128, 32, 8, 3),
                  _cfg("grouped_outer", 128, 128, 64, 8, 4), _cfg("grouped_outer", 64, 128, 64, 4, 3)],
         "tf32x3": [_cfg("grouped_outer", 128, 128, 32, 8, 3), _cfg("grouped_outer", 64, 128, 32, 4, 3)],
     },
+    "group_scores": {
+        "half": [_cfg("group_scores", 128, 128, 64, 8, 3), _cfg("group_scores", 64, 128, 64, 4, 3),
+                 _cfg("group_scores", 128, 64, 64, 4, 3), _cfg("group_scores", 128, 128, 64, 8, 4)],
+    },
     "grouped_bilinear": {
-        "half": [_cfg("grouped_bilinear", 64, 128, 32, 64, 8, 3), _cfg("grouped_bilinear", 64, 256, 32, 64, 8, 3),
-                 _cfg("grouped_bilinear", 128, 128, 32, 64, 8, 3), _cfg("grouped_bilinear", 64, 128, 64, 64, 8, 3)],
+        "bf16x3": [_cfg("grouped_bilinear", 128, 64, 32, 8, 3), _cfg("grouped_bilinear", 128, 128, 32, 8, 3),
+                   _cfg("grouped_bilinear", 64, 64, 32, 8, 3), _cfg("grouped_bilinear", 64, 128, 32, 8, 3)],
     },
 }

@@ -21,7 +21,38 @@ import triton.language as tl
 
 from .._checks import check_same_device, check_tensor, compute_dtype
 from ..reference.segments import group_ids
-from .launch import dot_path, native_dot, segment_matmul_tiles
+from .launch import dot_path, interpreting, native_dot, segment_matmul_tiles
+
+
+# Whether kernels run on the interpreter, fixed at import like triton itself (TRITON_INTERPRET
+# must be set before triton is imported): `_dot16` reads it as a compile-time constant.
+_INTERPRET = tl.constexpr(interpreting())
+
+
+@triton.jit
+def _dot16(acc, a, b):
+    """acc + a @ b for two 16-bit tiles of one dtype: tensor cores, exact products, fp32 acc.
+
+    Under the interpreter the same exact products go through an IEEE fp32 dot, because the
+    interpreter's bf16 tl.dot is silently wrong (triton 3.9): the tests then cover every branch
+    of `mma` on the CPU except the tensor-core instruction itself.
+    """
+    if _INTERPRET:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _split_bf16x3(x):
+    """fp32 x = hi + mid + lo, three bf16 tiles, up to 2^-27 |x| (each remainder is exact in fp32
+    and bf16 rounding keeps 8 of its bits; bf16 has fp32's exponent range, so nothing overflows)."""
+    hi = x.to(tl.bfloat16)
+    rest = x - hi.to(tl.float32)
+    mid = rest.to(tl.bfloat16)
+    lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+    return hi, mid, lo
 
 
 @triton.jit
@@ -30,15 +61,21 @@ def mma(acc, a, b, IS_FP64: tl.constexpr, NATIVE: tl.constexpr):
 
     fp64: a broadcast product and a sum rather than tl.dot: fp64 tl.dot is not available on
     every GPU/triton version, and this form is exact fp64 arithmetic everywhere.
-    NATIVE (`launch.native_dot`, tensor cores): two 16-bit tiles of one dtype go to tl.dot as
-    they are (products exact in the fp32 accumulator).  Any other pair (an fp32 tile: an fp32
-    intermediate or input) goes as "tf32x3", three TF32 passes that keep ~fp32 accuracy (the
-    operand is split into two TF32 halves: ~2^-22 relative per product): one TF32 pass would
-    round the fp32 side to 10 mantissa bits (up to 2^-11 ≈ 5e-4), which the op tests' 1e-5
-    tolerance for 16-bit inputs rejects, and IEEE fp32 runs on the FMA units.
+    NATIVE (`launch.native_dot`, tensor cores; `launch.dot_path` names the forms):
+      - "half": two 16-bit tiles of one dtype go to tl.dot as they are (products exact in the
+        fp32 accumulator).
+      - "bf16x3": an fp32 tile (an fp32 intermediate: gain ⊙ h, z, grouped_bilinear's scores)
+        against a bf16 tile is split into three bf16 tiles (`_split_bf16x3`) and takes three
+        bf16 dots: error up to 2^-27 relative per product, finer than tf32x3's ~2^-22, in three
+        bf16 passes where tf32x3 takes three TF32 passes at half the bf16 rate (by the
+        tensor-core rates: 2× faster; not yet timed).  fp16 is not split so: fp16 pieces of an
+        fp32 value can overflow (65504) or lose its small part to fp16's range.
+      - "tf32x3": any other pair (fp32 with fp32 or with fp16, fp16 with bf16): three TF32
+        passes that keep ~fp32 accuracy (~2^-22 relative per product).  One TF32 pass would
+        round the fp32 side to 10 mantissa bits (up to 2^-11 ≈ 5e-4), which the op tests' 1e-5
+        tolerance for 16-bit inputs rejects, and IEEE fp32 runs on the FMA units.
     Otherwise both tiles are cast to fp32 with input_precision="ieee" (exact products): the
-    default TF32 would be off by ~1e-3 from the fp32 reference, and bf16 tl.dot is silently
-    wrong under the interpreter.
+    default TF32 would be off by ~1e-3 from the fp32 reference.
     """
     if IS_FP64:
         acc += tl.sum(a.to(tl.float64)[:, :, None] * b.to(tl.float64)[None, :, :], axis=1)
@@ -47,7 +84,17 @@ def mma(acc, a, b, IS_FP64: tl.constexpr, NATIVE: tl.constexpr):
             if a.dtype == tl.float32:
                 acc = tl.dot(a, b, acc, input_precision="tf32x3")
             else:
-                acc = tl.dot(a, b, acc)
+                acc = _dot16(acc, a, b)
+        elif a.dtype == tl.float32 and b.dtype == tl.bfloat16:
+            hi, mid, lo = _split_bf16x3(a)
+            acc = _dot16(acc, lo, b)
+            acc = _dot16(acc, mid, b)
+            acc = _dot16(acc, hi, b)
+        elif a.dtype == tl.bfloat16 and b.dtype == tl.float32:
+            hi, mid, lo = _split_bf16x3(b)
+            acc = _dot16(acc, a, lo)
+            acc = _dot16(acc, a, mid)
+            acc = _dot16(acc, a, hi)
         else:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
     else:

@@ -54,7 +54,7 @@ def _cases(gen):
     return [
         ("segment_matmul", "half", "grouped_lowrank z = h v_g^T", 2.0 * T * d * r,
          lambda: segment_matmul(h, v, off)),
-        ("segment_matmul", "tf32x3", "grouped_lowrank z u_g^T + epilogue", 2.0 * T * d * r,
+        ("segment_matmul", "bf16x3", "grouped_lowrank z u_g^T + epilogue", 2.0 * T * d * r,
          lambda: segment_matmul(z, u, off, bias=bias, scale=bias, shift=bias, relu=True, residual=h)),
         ("grouped_outer", "half", "grouped_outer sss", 2.0 * T * o * i,
          lambda: launch_grouped_outer(eta, mu, off, 3)),
@@ -62,7 +62,9 @@ def _cases(gen):
          lambda: segmented_fisher(f_eta, f_mu, f_off)),
         ("grouped_outer", "tf32x3", "grouped_lowrank backward du (none)", 2.0 * T * d * r,
          lambda: launch_grouped_outer(da, z, off, MODE_NONE, precision_from=(bf,))),
-        ("grouped_bilinear", "half", "lowrank_delta_linear forward (whole op)", 2.0 * N * (i * o + per * (i + o)),
+        ("group_scores", "half", "lowrank_delta_linear forward (whole op)", 2.0 * N * (i * o + per * (i + o)),
+         lambda: lowrank_delta_linear(x, weight, lbias, row_group, mu_t, eta_t, l_off, alpha)),
+        ("grouped_bilinear", "bf16x3", "lowrank_delta_linear forward (whole op)", 2.0 * N * (i * o + per * (i + o)),
          lambda: lowrank_delta_linear(x, weight, lbias, row_group, mu_t, eta_t, l_off, alpha)),
     ]
 

@@ -1,0 +1,180 @@
+"""Grouped bilinear product, in place: out[q] += alpha_g Σ_{s∈seg_g} (Q_q · K_s) V_s.
+
+The shift term of `lowrank_delta_linear` and every GEMM-shaped term of its backward have this
+form (see there).  Query positions p are sorted by group (q_group[p] = g; < 0 leaves the row
+alone) and gather their rows through q_index; the K/V rows of group g are
+[kv_offsets[g], kv_offsets[g+1]), possibly through kv_index.  Nothing o×i is ever formed.
+
+Two launches:
+    scores   C[p, j] = alpha_g Q_p · K_{kv_start_g + j}        (j < |seg_g|; fp32, fp64 for fp64)
+    apply    out[q_index[p]] += Σ_j C[p, j] V_{kv_start_g + j}
+Why not one kernel that keeps C in registers: a program can own only a tile of V's columns, so
+every column tile recomputed Q·K.  At lowrank_delta_linear's benchmark shape (N 2048 rows,
+i 1600 -> o 6400, 8 groups of 512 tokens, 128-column tiles) that was 50 × 3.4 GFLOP of Q·K for
+13.4 GFLOP of (Q·K)·V in the forward, 12.5 × 13.4 for 3.4 in dx and dmu (DK 6400, DV 1600):
+181 GFLOP per launch against 16.8 now (10.8× fewer; counted, not yet timed on a GPU).
+
+C is (rows × W) with W the number of K/V rows, an upper bound on any group's length known
+without a host sync (rows are processed in chunks that keep C within SCRATCH_ENTRIES); only
+j < |seg_g| is written and read.  At the benchmark shape: 2048 × 4096 fp32 = 32 MiB, against
+41 MiB for one fp32 o×i shift.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import dot_path, group_scores_tiles, grouped_bilinear_tiles, native_dot
+from .segment_matmul import mma
+
+# Largest scores buffer, in entries (128 MiB in fp32): rows are processed in chunks beyond it.
+SCRATCH_ENTRIES = 1 << 25
+
+
+@triton.jit
+def _group_scores_kernel(
+    q_ptr, q_index_ptr, q_group_ptr, k_ptr, kv_index_ptr, kv_offsets_ptr, alpha_ptr, c_ptr,
+    NQ, DK, W, G,
+    HAS_Q_INDEX: tl.constexpr, HAS_KV_INDEX: tl.constexpr, IS_FP64: tl.constexpr, NATIVE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """C[p, j] = alpha_g Q_{q_index[p]} · K_{kv(kv_offsets[g] + j)} for g = q_group[p], j < |seg_g|.
+
+    A program owns BLOCK_M sorted positions × BLOCK_T segment-local columns and loops over the
+    groups present in its rows (each group's rows masked in turn, as in segment_matmul).
+    """
+    ACC = c_ptr.dtype.element_ty
+    pid_m = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pos_ok = pos < NQ
+    j = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    if HAS_Q_INDEX:
+        q_rows = tl.load(q_index_ptr + pos, mask=pos_ok, other=0).to(tl.int64)
+    else:
+        q_rows = pos.to(tl.int64)
+    q_group = tl.load(q_group_ptr + pos, mask=pos_ok, other=-1)
+    g_first = tl.min(tl.where(q_group >= 0, q_group, 2147483647), axis=0)
+    g_last = tl.max(tl.where(q_group < G, q_group, -1), axis=0)
+    for g in range(g_first, g_last + 1):
+        kv_start = tl.load(kv_offsets_ptr + g)
+        kv_end = tl.load(kv_offsets_ptr + g + 1)
+        if kv_start + pid_t * BLOCK_T < kv_end:  # this column tile reaches into group g
+            in_g = q_group == g
+            s = kv_start + j
+            s_ok = s < kv_end
+            if HAS_KV_INDEX:
+                kv_rows = tl.load(kv_index_ptr + s, mask=s_ok, other=0).to(tl.int64)
+            else:
+                kv_rows = s.to(tl.int64)
+            c = tl.zeros((BLOCK_M, BLOCK_T), dtype=ACC)
+            for k0 in range(0, DK, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < DK
+                q = tl.load(q_ptr + q_rows[:, None] * DK + ks[None, :], mask=in_g[:, None] & k_ok[None, :], other=0.0)
+                kt = tl.load(k_ptr + kv_rows[None, :] * DK + ks[:, None], mask=s_ok[None, :] & k_ok[:, None],
+                             other=0.0)
+                c = mma(c, q, kt, IS_FP64, NATIVE)
+            c = c * tl.load(alpha_ptr + g).to(ACC)
+            tl.store(c_ptr + pos[:, None].to(tl.int64) * W + j[None, :], c, mask=in_g[:, None] & s_ok[None, :])
+
+
+@triton.jit
+def _grouped_bilinear_kernel(
+    c_ptr, q_index_ptr, q_group_ptr, v_ptr, kv_index_ptr, kv_offsets_ptr, out_ptr,
+    NQ, DV, W, G,
+    HAS_Q_INDEX: tl.constexpr, HAS_KV_INDEX: tl.constexpr, IS_FP64: tl.constexpr, NATIVE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """out[q_index[p]] += Σ_{j<|seg_g|} C[p, j] V_{kv(kv_offsets[g] + j)} for g = q_group[p].
+
+    A program owns BLOCK_M sorted positions × BLOCK_N columns of V, loops over the groups present
+    in its rows and, inside, over the group's K/V rows in chunks of BLOCK_T.  C stays fp32: its
+    dot with a bf16 V tile is bf16x3, with fp16 tf32x3 (see `mma`; rounding C to V's dtype would
+    cost accuracy, and fp16 could overflow: x·mu over thousands of features is not bounded by
+    65504).
+    """
+    ACC = out_ptr.dtype.element_ty
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pos_ok = pos < NQ
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < DV
+    if HAS_Q_INDEX:
+        q_rows = tl.load(q_index_ptr + pos, mask=pos_ok, other=0).to(tl.int64)
+    else:
+        q_rows = pos.to(tl.int64)
+    q_group = tl.load(q_group_ptr + pos, mask=pos_ok, other=-1)
+    g_first = tl.min(tl.where(q_group >= 0, q_group, 2147483647), axis=0)
+    g_last = tl.max(tl.where(q_group < G, q_group, -1), axis=0)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for g in range(g_first, g_last + 1):
+        in_g = q_group == g
+        kv_start = tl.load(kv_offsets_ptr + g)
+        kv_end = tl.load(kv_offsets_ptr + g + 1)
+        for j0 in range(0, kv_end - kv_start, BLOCK_T):
+            j = j0 + tl.arange(0, BLOCK_T)
+            s = kv_start + j
+            s_ok = s < kv_end
+            if HAS_KV_INDEX:
+                kv_rows = tl.load(kv_index_ptr + s, mask=s_ok, other=0).to(tl.int64)
+            else:
+                kv_rows = s.to(tl.int64)
+            c = tl.load(c_ptr + pos[:, None].to(tl.int64) * W + j[None, :], mask=in_g[:, None] & s_ok[None, :],
+                        other=0.0)
+            vals = tl.load(v_ptr + kv_rows[:, None] * DV + cols[None, :], mask=s_ok[:, None] & col_ok[None, :],
+                           other=0.0)
+            acc = mma(acc, c, vals, IS_FP64, NATIVE)
+
+    out_ptrs = out_ptr + q_rows[:, None] * DV + cols[None, :]
+    out_mask = pos_ok[:, None] & col_ok[None, :]
+    tl.store(out_ptrs, tl.load(out_ptrs, mask=out_mask, other=0.0) + acc, mask=out_mask)
+
+
+def grouped_bilinear_(out, q, q_index, q_group, k, v, kv_index, kv_offsets, alpha):
+    """In place: out[q_index[p]] += alpha[g] Σ_{s∈seg_g} (q_{q_index[p]} · k_s) v_s, g = q_group[p].
+
+    out (rows, DV) fp32/fp64, q (rows, DK); q_index (NQ,) int64 or None (identity); q_group (NQ,)
+    int64 sorted; k (·, DK), v (·, DV) with group g's rows [kv_offsets[g], kv_offsets[g+1]) of
+    kv_index (or of k/v themselves when None); alpha (G,) in out's dtype.  Returns out.
+    """
+    NQ = q_group.shape[0]
+    DK, DV = q.shape[1], v.shape[1]
+    G = kv_offsets.shape[0] - 1
+    W = kv_index.shape[0] if kv_index is not None else k.shape[0]
+    if NQ == 0 or DV == 0 or W == 0:
+        return out
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    acc = out.dtype
+    fp64 = acc == torch.float64
+    native_qk = not fp64 and native_dot(q.dtype, k.dtype)
+    native_pv = not fp64 and native_dot(v.dtype)  # C is in out's dtype
+    score_tiles = group_scores_tiles(NQ, G, W, DK, dot_path(fp64, native_qk, q.dtype, k.dtype))
+    apply_tiles = grouped_bilinear_tiles(NQ, G, W, DV, dot_path(fp64, native_pv, acc, v.dtype))
+    chunk = min(NQ, max(SCRATCH_ENTRIES // W, 128))  # at least 128 rows a launch
+    scores = torch.empty((chunk, W), dtype=acc, device=out.device)
+    kv_idx = kv_index if kv_index is not None else kv_offsets  # never read without HAS_KV_INDEX
+    for p0 in range(0, NQ, chunk):
+        rows = min(chunk, NQ - p0)
+        groups = q_group[p0:p0 + rows]
+        index = q_index[p0:p0 + rows] if q_index is not None else None
+        # Without q_index, query position p is row p of q: the chunk's rows start at p0.
+        q_rows = q if q_index is not None else q[p0:p0 + rows]
+        out_rows = out if q_index is not None else out[p0:p0 + rows]
+        flags = dict(HAS_Q_INDEX=index is not None, HAS_KV_INDEX=kv_index is not None, IS_FP64=fp64)
+        index = index if index is not None else groups  # never read without HAS_Q_INDEX
+        grid = (triton.cdiv(rows, score_tiles["BLOCK_M"]), triton.cdiv(W, score_tiles["BLOCK_T"]))
+        _group_scores_kernel[grid](
+            q_rows, index, groups, k, kv_idx, kv_offsets, alpha, scores,
+            rows, DK, W, G, NATIVE=native_qk, **flags, **score_tiles,
+        )
+        grid = (triton.cdiv(rows, apply_tiles["BLOCK_M"]), triton.cdiv(DV, apply_tiles["BLOCK_N"]))
+        _grouped_bilinear_kernel[grid](
+            scores, index, groups, v, kv_idx, kv_offsets, out_rows,
+            rows, DV, W, G, NATIVE=native_pv, **flags, **apply_tiles,
+        )
+    return out
