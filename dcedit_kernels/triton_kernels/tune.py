@@ -69,6 +69,27 @@ def _cases(gen):
     ]
 
 
+def _dense_choices(gen, reps: int) -> None:
+    """lowrank_delta_linear's dense part x Wᵀ (bf16 in, fp32 out) three ways: the one-group
+    segment_matmul it uses, cuBLAS with an fp32 output (`torch.mm(out_dtype=)`, where this torch
+    has it) and cuBLAS in bf16 (its output rounded to bf16: the rate ceiling, not an option)."""
+    N, o, i = 2048, 6400, 1600
+    x = torch.randn(N, i, generator=gen).to(torch.bfloat16).cuda()
+    w = torch.randn(o, i, generator=gen).to(torch.bfloat16).cuda()
+    one_group = torch.tensor([0, N], dtype=torch.int64, device="cuda")
+    choices = [("segment_matmul, fp32 out", lambda: segment_matmul(x, w[None], one_group)),
+               ("torch.mm out_dtype=fp32", lambda: torch.mm(x, w.T, out_dtype=torch.float32)),
+               ("torch.mm bf16 out", lambda: torch.mm(x, w.T))]
+    for name, fn in choices:
+        try:
+            ms = _median_ms(fn, reps)
+        except Exception as exc:  # out_dtype is missing from older torch builds
+            print(f"  dense x W^T: [{name}] failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            continue
+        print(f"  dense x W^T (2048x1600 -> 6400): [{name}] {ms:.3f} ms, {2.0 * N * o * i / ms / 1e9:.0f} TFLOP/s",
+              flush=True)
+
+
 def _median_ms(fn, reps: int) -> float:
     fn()  # compile
     torch.cuda.synchronize()
@@ -114,6 +135,8 @@ def main(argv=None) -> int:
             versus = "the heuristic's" if n == 0 else f"heuristic {first[0]:.3f} ms" if first else "heuristic failed"
             print(f"best {kernel}/{path} for {label}: [{name}] {ms:.3f} ms ({versus})", flush=True)
         torch.cuda.empty_cache()
+    if args.only in "dense":
+        _dense_choices(gen, args.reps)
     return 0
 
 
