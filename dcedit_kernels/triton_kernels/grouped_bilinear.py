@@ -34,6 +34,32 @@ SCRATCH_ENTRIES = 1 << 25
 
 
 @triton.jit
+def _query_tile(q_index_ptr, q_group_ptr, NQ, G, HAS_Q_INDEX: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Program pid(0)'s sorted positions, their rows of q/out, their groups, and the first and
+    last group in [0, G) among them (rows with group < 0 are left alone)."""
+    pos = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pos_ok = pos < NQ
+    if HAS_Q_INDEX:
+        q_rows = tl.load(q_index_ptr + pos, mask=pos_ok, other=0).to(tl.int64)
+    else:
+        q_rows = pos.to(tl.int64)
+    q_group = tl.load(q_group_ptr + pos, mask=pos_ok, other=-1)
+    g_first = tl.min(tl.where(q_group >= 0, q_group, 2147483647), axis=0)
+    g_last = tl.max(tl.where(q_group < G, q_group, -1), axis=0)
+    return pos, q_rows, q_group, g_first, g_last
+
+
+@triton.jit
+def _kv_rows(kv_index_ptr, s, s_ok, HAS_KV_INDEX: tl.constexpr):
+    """Rows of K/V at segment positions s (through kv_index when given)."""
+    if HAS_KV_INDEX:
+        rows = tl.load(kv_index_ptr + s, mask=s_ok, other=0).to(tl.int64)
+    else:
+        rows = s.to(tl.int64)
+    return rows
+
+
+@triton.jit
 def _group_scores_kernel(
     q_ptr, q_index_ptr, q_group_ptr, k_ptr, kv_index_ptr, kv_offsets_ptr, alpha_ptr, c_ptr,
     NQ, DK, W, G,
@@ -46,18 +72,9 @@ def _group_scores_kernel(
     groups present in its rows (each group's rows masked in turn, as in segment_matmul).
     """
     ACC = c_ptr.dtype.element_ty
-    pid_m = tl.program_id(0)
     pid_t = tl.program_id(1)
-    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pos_ok = pos < NQ
+    pos, q_rows, q_group, g_first, g_last = _query_tile(q_index_ptr, q_group_ptr, NQ, G, HAS_Q_INDEX, BLOCK_M)
     j = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    if HAS_Q_INDEX:
-        q_rows = tl.load(q_index_ptr + pos, mask=pos_ok, other=0).to(tl.int64)
-    else:
-        q_rows = pos.to(tl.int64)
-    q_group = tl.load(q_group_ptr + pos, mask=pos_ok, other=-1)
-    g_first = tl.min(tl.where(q_group >= 0, q_group, 2147483647), axis=0)
-    g_last = tl.max(tl.where(q_group < G, q_group, -1), axis=0)
     for g in range(g_first, g_last + 1):
         kv_start = tl.load(kv_offsets_ptr + g)
         kv_end = tl.load(kv_offsets_ptr + g + 1)
@@ -65,10 +82,7 @@ def _group_scores_kernel(
             in_g = q_group == g
             s = kv_start + j
             s_ok = s < kv_end
-            if HAS_KV_INDEX:
-                kv_rows = tl.load(kv_index_ptr + s, mask=s_ok, other=0).to(tl.int64)
-            else:
-                kv_rows = s.to(tl.int64)
+            kv_rows = _kv_rows(kv_index_ptr, s, s_ok, HAS_KV_INDEX)
             c = tl.zeros((BLOCK_M, BLOCK_T), dtype=ACC)
             for k0 in range(0, DK, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
@@ -97,19 +111,9 @@ def _grouped_bilinear_kernel(
     65504).
     """
     ACC = out_ptr.dtype.element_ty
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pos_ok = pos < NQ
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pos, q_rows, q_group, g_first, g_last = _query_tile(q_index_ptr, q_group_ptr, NQ, G, HAS_Q_INDEX, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < DV
-    if HAS_Q_INDEX:
-        q_rows = tl.load(q_index_ptr + pos, mask=pos_ok, other=0).to(tl.int64)
-    else:
-        q_rows = pos.to(tl.int64)
-    q_group = tl.load(q_group_ptr + pos, mask=pos_ok, other=-1)
-    g_first = tl.min(tl.where(q_group >= 0, q_group, 2147483647), axis=0)
-    g_last = tl.max(tl.where(q_group < G, q_group, -1), axis=0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for g in range(g_first, g_last + 1):
@@ -120,10 +124,7 @@ def _grouped_bilinear_kernel(
             j = j0 + tl.arange(0, BLOCK_T)
             s = kv_start + j
             s_ok = s < kv_end
-            if HAS_KV_INDEX:
-                kv_rows = tl.load(kv_index_ptr + s, mask=s_ok, other=0).to(tl.int64)
-            else:
-                kv_rows = s.to(tl.int64)
+            kv_rows = _kv_rows(kv_index_ptr, s, s_ok, HAS_KV_INDEX)
             c = tl.load(c_ptr + pos[:, None].to(tl.int64) * W + j[None, :], mask=in_g[:, None] & s_ok[None, :],
                         other=0.0)
             vals = tl.load(v_ptr + kv_rows[:, None] * DV + cols[None, :], mask=s_ok[:, None] & col_ok[None, :],
@@ -131,7 +132,7 @@ def _grouped_bilinear_kernel(
             acc = mma(acc, c, vals, IS_FP64, NATIVE)
 
     out_ptrs = out_ptr + q_rows[:, None] * DV + cols[None, :]
-    out_mask = pos_ok[:, None] & col_ok[None, :]
+    out_mask = (pos < NQ)[:, None] & col_ok[None, :]
     tl.store(out_ptrs, tl.load(out_ptrs, mask=out_mask, other=0.0) + acc, mask=out_mask)
 
 
