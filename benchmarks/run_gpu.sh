@@ -42,6 +42,15 @@ step() {
 } > "$OUT/build.log" 2>&1
 tail -n 1 "$OUT/build.log" | tee -a "$SUMMARY"
 
+# torch finds the CUDA toolkit through CUDA_HOME, else from nvcc's folder: where `nvcc` on PATH
+# is a wrapper script (/usr/local/bin/nvcc on the dev machine), torch guesses /usr/local and the
+# link fails with "cannot find -lcudart".  The toolkit's own folder avoids that.
+if [ -z "${CUDA_HOME:-}" ]; then
+    for dir in /usr/local/cuda /usr/local/cuda-13.0; do
+        if [ -x "$dir/bin/nvcc" ]; then export CUDA_HOME=$dir; break; fi
+    done
+fi
+echo "CUDA_HOME=${CUDA_HOME:-unset}" >> "$OUT/build.log"
 step build 200 "$OUT/build.log" env DCEDIT_BUILD_CUDA=1 "$PY" setup.py build_ext --inplace
 timeout 60 "$PY" -c "import dcedit_kernels as d; print(d.backends()); print(d.op_backends())" >> "$SUMMARY" 2>&1
 

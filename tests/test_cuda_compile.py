@@ -409,3 +409,47 @@ def test_setup_builds_cuda_for_the_arch_checked_here():
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("-gencode")
     }
     assert flags == {SM90}, flags
+
+
+_IMPL = re.compile(r'm\.impl\("(\w+)",\s*&([\w:]+)\)')
+
+
+def _split_top_level(params: str) -> list[str]:
+    """Split a C++ parameter list at the commas outside <...>."""
+    parts, depth, start = [], 0, 0
+    for k, ch in enumerate(params):
+        depth += ch == "<"
+        depth -= ch == ">"
+        if ch == "," and depth == 0:
+            parts.append(params[start:k])
+            start = k + 1
+    parts.append(params[start:])
+    return [p for p in (" ".join(part.split()) for part in parts) if p]
+
+
+def _kernel_signatures(folder: Path, pattern: str) -> dict[str, tuple]:
+    """op -> (return type, parameter types without names) of the kernels a folder registers."""
+    found = {}
+    for path in sorted(folder.glob(pattern)):
+        text = path.read_text()
+        for op, func in _IMPL.findall(text):
+            name = func.split("::")[-1]
+            match = re.search(r"^([\w:<>, ]+?)\s+" + name + r"\(([^)]*)\)\s*\{", text, re.M)
+            assert match, f"{path.name}: no definition of {name}"
+            params = tuple(re.sub(r"\s*\b\w+$", "", p) for p in _split_top_level(match.group(2)))
+            found[op] = (" ".join(match.group(1).split()), params)
+    return found
+
+
+def test_cpu_and_cuda_kernels_share_their_cpp_signatures():
+    """An op's CPU and CUDA kernels must have one C++ signature: a `_C` built with both aborts
+    the whole process at import otherwise (c10::Error "Mismatch in kernel C++ signatures",
+    seen with torch 2.11 + CUDA 13 when apply_shift_'s CPU kernel took `const at::Tensor&`
+    weight and the CUDA one `at::Tensor&`).  The CPU wheel here cannot link the CUDA build, so
+    the signatures are compared from the sources."""
+    cpu = _kernel_signatures(ROOT / "csrc" / "cpu", "*.cpp")
+    cuda = _kernel_signatures(CUDA_DIR, "*.cu")
+    both = sorted(set(cpu) & set(cuda))
+    assert both == ["apply_shift_", "fisher_mask"], (sorted(cpu), sorted(cuda))
+    for op in both:
+        assert cpu[op] == cuda[op], f"{op}: CPU {cpu[op]} vs CUDA {cuda[op]}"

@@ -456,6 +456,37 @@ def test_noisy_topk_gate_opcheck_and_gradcheck(gen):
 
 
 # ---------------------------------------------------------------- CUDA wiring, checked on CPU
+def test_triton_launchers_run_on_their_tensors_device(monkeypatch):
+    """A Triton launcher runs with its first CUDA tensor's device current (a model split over GPUs
+    passes tensors on cuda:1 while cuda:0 is current); CPU tensors pass straight through."""
+    import contextlib
+
+    from dcedit_kernels.ops._dispatch import on_tensors_device
+
+    class OnCuda1(torch.Tensor):  # a CPU tensor that reports cuda:1
+        is_cuda = property(lambda self: True)
+        device = property(lambda self: torch.device("cuda", 1))
+
+    current = [None]
+
+    @contextlib.contextmanager
+    def device(d):
+        previous, current[0] = current[0], d
+        try:
+            yield
+        finally:
+            current[0] = previous
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    seen = []
+    launch = on_tensors_device(lambda *args, **kwargs: seen.append(current[0]) or "out")
+    x = torch.zeros(2)
+    assert launch(x, 3, alpha=x) == "out" and seen == [None]
+    assert launch(x, torch.Tensor._make_subclass(OnCuda1, x)) == "out" and seen[-1] == torch.device("cuda", 1)
+    assert launch(x, alpha=torch.Tensor._make_subclass(OnCuda1, x)) == "out" and seen[-1] == torch.device("cuda", 1)
+    assert current[0] is None
+
+
 def test_triton_registrations_take_schema_arguments(gen):
     """CUDA tensors reach the Triton launchers with the ops' schema arguments, in schema order:
     call each registered CUDA function here on CPU tensors (interpreter) and compare with the op."""

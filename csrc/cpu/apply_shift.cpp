@@ -47,7 +47,8 @@ void shift_in_place(scalar_t* weight, scalar_t* previous, const at::Tensor& delt
   });
 }
 
-at::Tensor apply_shift_cpu(const at::Tensor& weight, const at::Tensor& delta, double alpha,
+// `Tensor&` as the CUDA kernel's: a _C with both kernels aborts at import if their C++ signatures differ.
+at::Tensor apply_shift_cpu(at::Tensor& weight, const at::Tensor& delta, double alpha,
                            const std::optional<at::Tensor>& fisher, std::optional<double> keep,
                            std::optional<double> threshold) {
   // Every check, the allocation of `previous` and the Fisher selection happen before weight is

@@ -24,9 +24,31 @@ def _triton_module():
         return None
 
 
+def on_tensors_device(fn):
+    """Run `fn` with the CUDA device of its first CUDA tensor argument made current.
+
+    Triton launches a kernel on the current CUDA device, not on its tensors' device, so a model
+    split over GPUs (tensors on cuda:1 while cuda:0 is current) would launch on the wrong one;
+    the C++ CUDA kernels hold a c10::DeviceGuard for the same reason.
+    """
+    @functools.wraps(fn)
+    def launch(*args, **kwargs):
+        device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.is_cuda),
+                      None)
+        if device is None:
+            return fn(*args, **kwargs)
+        with torch.cuda.device(device):
+            return fn(*args, **kwargs)
+
+    return launch
+
+
 def triton_launcher(name: str | None):
+    """The Triton launcher `name` of dcedit_kernels.triton_kernels, on its tensors' device (None
+    when triton does not import)."""
     mod = _triton_module() if name else None
-    return getattr(mod, name, None) if mod is not None else None
+    fn = getattr(mod, name, None) if mod is not None else None
+    return on_tensors_device(fn) if fn is not None else None
 
 
 # op name -> {"CPU": "cpp"|"reference", "CUDA": "cuda_cpp"|"triton"|"reference"}

@@ -30,6 +30,31 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _squeeze_interpreter_index() -> None:
+    """triton 3.6's interpreter reads a scalar tensor (a loop bound) as int() of a 1-element
+    array, which numpy >= 2.4 refuses; triton 3.9 squeezes it first: do the same where it does not."""
+    try:
+        import inspect
+
+        from triton.runtime import interpreter
+
+        patch = interpreter._patch_lang_tensor
+        if "squeeze" in inspect.getsource(patch):
+            return
+    except (ImportError, AttributeError, OSError, TypeError):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if interpreting():
+    _squeeze_interpreter_index()
+
+
 def native_dot(*dtypes: torch.dtype) -> bool:
     """Whether a dot over tensors of `dtypes` uses tensor cores (the NATIVE constexpr of `mma`).
 
