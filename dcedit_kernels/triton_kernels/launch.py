@@ -10,8 +10,10 @@ pins a config: the CUDA tests run other candidates through it, and `tune.py` tim
 on a GPU so that the choices below can be replaced by measured ones.
 
 Register, spill and shared-memory figures in the comments are ptxas's for sm_90a at the
-benchmark shapes (triton 3.9 here, `python -m dcedit_kernels.triton_kernels.compile_check`,
-no GPU needed).  No timing has been measured on a GPU yet.
+benchmark shapes (triton 3.9 here, `python -m dcedit_kernels.triton_kernels.compile_check`, no
+GPU needed; triton 3.6, the GPU machine's, compiles every variant with the same configs and no
+spill either).  No timing has been measured on a GPU yet: benchmarks/NOTES.md has the floors
+and the predictions to check.
 """
 
 from __future__ import annotations
