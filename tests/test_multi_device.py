@@ -142,6 +142,23 @@ def edited_deltas(me, reqs):
     return handle, {n: weight_out_in(me.modules[n]).detach().cpu() - before[n] for n in me.layers}
 
 
+def assert_split_edit_matches(me_ref, me_split, reqs, exact, what, nonzero=True):
+    """Both twins edit `reqs`: the split model's shifts equal the reference's (and are not all
+    zero with `nonzero`), and undo restores the split model bit for bit.  Returns the split
+    edit's stats."""
+    before = snapshot(me_split.model)
+    handle_ref, deltas_ref = edited_deltas(me_ref, reqs)
+    handle, deltas = edited_deltas(me_split, reqs)
+    for name in me_split.layers:
+        if nonzero:
+            assert deltas[name].abs().sum() > 0, name
+        assert_close(deltas[name], deltas_ref[name], exact, f"{what} of {name}")
+    handle.undo()
+    handle_ref.undo()
+    assert_bit_identical(before, me_split.model)
+    return handle.stats
+
+
 # ---------------------------------------------------------------------------------------------
 # Placement rules (CPU)
 # ---------------------------------------------------------------------------------------------
@@ -235,17 +252,9 @@ def test_split_edit_and_undo_match_one_device(arch, method, pair):
         device = weight_out_in(me_split.modules[name]).device
         assert factors[name].mu.device == factors[name].eta.device == factors[name].edit_offsets.device == device
 
-    before = snapshot(me_split.model)
-    handle_ref, deltas_ref = edited_deltas(me_ref, requests())
-    handle, deltas = edited_deltas(me_split, requests())
-    for name in names:
-        assert deltas[name].abs().sum() > 0, name
-        assert_close(deltas[name], deltas_ref[name], exact, f"{method} shift of {name}")
+    stats = assert_split_edit_matches(me_ref, me_split, requests(), exact, f"{method} shift")
     if pair[1].startswith("cuda"):
-        assert handle.stats["peak_memory_bytes"] is not None
-    handle.undo()
-    handle_ref.undo()
-    assert_bit_identical(before, me_split.model)
+        assert stats["peak_memory_bytes"] is not None
 
 
 @pytest.mark.parametrize("pair", PAIRS)
@@ -262,14 +271,7 @@ def test_split_seq2seq_capture_and_edit(pair):
         assert_close(got[name].mu, want[name].mu, exact, f"mu of {name}")
         assert_close(got[name].eta, want[name].eta, exact, f"eta of {name}")
         assert torch.equal(got[name].edit_offsets.cpu(), want[name].edit_offsets), name
-    before = snapshot(me_split.model)
-    handle_ref, deltas_ref = edited_deltas(me_ref, reqs)
-    handle, deltas = edited_deltas(me_split, reqs)
-    for name in LAYERS["bart"]:
-        assert_close(deltas[name], deltas_ref[name], exact, f"shift of {name}")
-    handle.undo()
-    handle_ref.undo()
-    assert_bit_identical(before, me_split.model)
+    assert_split_edit_matches(me_ref, me_split, reqs, exact, "shift", nonzero=False)
 
 
 @pytest.mark.parametrize("pair", PAIRS)
@@ -300,15 +302,7 @@ def test_split_fine_tuning_baselines(method, pair):
     # SGD: the update is linear in the gradient, so rounding differences stay small (Adam's first
     # step is lr·sign(g), which a tiny gradient's rounding can flip).
     me_ref, me_split = twins("gpt2", pair, method, ft_steps=3, ft_optimizer="sgd", ft_lr=0.1)
-    before = snapshot(me_split.model)
-    handle_ref, deltas_ref = edited_deltas(me_ref, requests())
-    handle, deltas = edited_deltas(me_split, requests())
-    for name in LAYERS["gpt2"]:
-        assert deltas[name].abs().sum() > 0, name
-        assert_close(deltas[name], deltas_ref[name], exact, f"{method} shift of {name}")
-    handle.undo()
-    handle_ref.undo()
-    assert_bit_identical(before, me_split.model)
+    assert_split_edit_matches(me_ref, me_split, requests(), exact, f"{method} shift")
 
 
 @pytest.mark.parametrize("pair", PAIRS)

@@ -159,15 +159,14 @@ def grouped_bilinear_(out, q, q_index, q_group, k, v, kv_index, kv_offsets, alph
     chunk = min(NQ, max(SCRATCH_ENTRIES // W, 128))  # at least 128 rows a launch
     scores = torch.empty((chunk, W), dtype=acc, device=out.device)
     kv_idx = kv_index if kv_index is not None else kv_offsets  # never read without HAS_KV_INDEX
+    flags = dict(HAS_Q_INDEX=q_index is not None, HAS_KV_INDEX=kv_index is not None, IS_FP64=fp64)
     for p0 in range(0, NQ, chunk):
         rows = min(chunk, NQ - p0)
         groups = q_group[p0:p0 + rows]
-        index = q_index[p0:p0 + rows] if q_index is not None else None
-        # Without q_index, query position p is row p of q: the chunk's rows start at p0.
-        q_rows = q if q_index is not None else q[p0:p0 + rows]
-        out_rows = out if q_index is not None else out[p0:p0 + rows]
-        flags = dict(HAS_Q_INDEX=index is not None, HAS_KV_INDEX=kv_index is not None, IS_FP64=fp64)
-        index = index if index is not None else groups  # never read without HAS_Q_INDEX
+        if q_index is not None:  # the chunk's rows are gathered from the whole q and out
+            index, q_rows, out_rows = q_index[p0:p0 + rows], q, out
+        else:  # query position p is row p of q: the chunk's rows start at p0 (index never read)
+            index, q_rows, out_rows = groups, q[p0:p0 + rows], out[p0:p0 + rows]
         grid = (triton.cdiv(rows, score_tiles["BLOCK_M"]), triton.cdiv(W, score_tiles["BLOCK_T"]))
         _group_scores_kernel[grid](
             q_rows, index, groups, k, kv_idx, kv_offsets, alpha, scores,

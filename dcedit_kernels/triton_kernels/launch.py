@@ -116,10 +116,15 @@ def forced_tiles(kernel: str, **config):
             _FORCED[kernel] = previous
 
 
-def _small(kernel: str) -> dict:
-    """16 everywhere: under the interpreter (fewer masked lanes to emulate; small tests still get
-    ragged tiles) and for fp64 on a GPU (the broadcast product in `mma` holds BLOCK³ values)."""
-    return {**{k: 16 for k in _TILE_KEYS[kernel] if k.startswith("BLOCK")}, "num_warps": 4, "num_stages": 1}
+def _fixed(kernel: str, path: str) -> dict | None:
+    """The config `forced_tiles` pins for `kernel`; else 16 everywhere under the interpreter
+    (fewer masked lanes to emulate; small tests still get ragged tiles) and for fp64 on a GPU
+    (the broadcast product in `mma` holds BLOCK³ values); else None (the heuristic decides)."""
+    if kernel in _FORCED:
+        return dict(_FORCED[kernel])
+    if interpreting() or path == "fp64":
+        return {**{k: 16 for k in _TILE_KEYS[kernel] if k.startswith("BLOCK")}, "num_warps": 4, "num_stages": 1}
+    return None
 
 
 def dot_path(fp64: bool, native: bool, a: torch.dtype, b: torch.dtype) -> str:
@@ -163,19 +168,17 @@ def _gemm_tiles(T: int, G: int, N: int, K: int, path: str) -> tuple:
 
 def segment_matmul_tiles(T: int, G: int, N: int, K: int, path: str) -> dict:
     """Y (T×N) = X (T×K) W_gᵀ over G groups; `path` from dot_path."""
-    if "segment_matmul" in _FORCED:
-        return dict(_FORCED["segment_matmul"])
-    if interpreting() or path == "fp64":
-        return _small("segment_matmul")
+    fixed = _fixed("segment_matmul", path)
+    if fixed is not None:
+        return fixed
     return _cfg("segment_matmul", *_gemm_tiles(T, G, N, K, path))
 
 
 def grouped_outer_tiles(T: int, G: int, O: int, I: int, path: str) -> dict:
     """S (O×I) tiles over G groups of T tokens in all; `path` from dot_path."""
-    if "grouped_outer" in _FORCED:
-        return dict(_FORCED["grouped_outer"])
-    if interpreting() or path == "fp64":
-        return _small("grouped_outer")
+    fixed = _fixed("grouped_outer", path)
+    if fixed is not None:
+        return fixed
     bo, bi = _pow2_at_least(O, 16, 128), _pow2_at_least(I, 16, 128)
     if path == "ieee":
         return dict(BLOCK_O=min(bo, 64), BLOCK_I=min(bi, 64), BLOCK_T=32, num_warps=4, num_stages=2)
@@ -192,22 +195,19 @@ def grouped_outer_tiles(T: int, G: int, O: int, I: int, path: str) -> dict:
 def group_scores_tiles(NQ: int, G: int, W: int, DK: int, path: str) -> dict:
     """C (NQ × each group's K rows) = alpha_g Q Kᵀ of grouped_bilinear's first launch: a
     row-grouped GEMM whose N is a group's length (about W/G of the W K rows); `path` of Q·K."""
-    if "group_scores" in _FORCED:
-        return dict(_FORCED["group_scores"])
-    if interpreting() or path == "fp64":
-        return _small("group_scores")
+    fixed = _fixed("group_scores", path)
+    if fixed is not None:
+        return fixed
     return _cfg("group_scores", *_gemm_tiles(NQ, G, max(W // max(G, 1), 1), DK, path))
 
 
 def grouped_bilinear_tiles(NQ: int, G: int, W: int, DV: int, path: str) -> dict:
     """out (NQ×DV) += C V over each row's group, grouped_bilinear's second launch: a row-grouped
     GEMM whose inner dimension is a group's length (about W/G); `path` of the fp32 C with V."""
-    if "grouped_bilinear" in _FORCED:
-        return dict(_FORCED["grouped_bilinear"])
-    if interpreting() or path == "fp64":
-        return _small("grouped_bilinear")
-    bm, bn, bt, warps, stages = _gemm_tiles(NQ, G, DV, max(W // max(G, 1), 1), path)
-    return _cfg("grouped_bilinear", bm, bn, bt, warps, stages)
+    fixed = _fixed("grouped_bilinear", path)
+    if fixed is not None:
+        return fixed
+    return _cfg("grouped_bilinear", *_gemm_tiles(NQ, G, DV, max(W // max(G, 1), 1), path))
 
 
 def _cfg(keys, *values):

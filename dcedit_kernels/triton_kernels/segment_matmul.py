@@ -134,9 +134,9 @@ def _segment_matmul_kernel(
             a = tl.load(x_ptr + rows[:, None] * stride_xt + ks[None, :] * stride_xk, mask=a_mask, other=0.0)
             if HAS_GAIN:
                 # gain ⊙ h in the accumulation dtype: exact for 16-bit inputs, and `mma` meets
-                # the fp32 tile with its tf32x3 dot.  Rounding it back to x's 16-bit dtype
-                # for a single native pass would be cheaper but puts up to 2^-8 (bf16; fp16
-                # 2^-11) of relative error on every product, which the SPEC's fp32
+                # the fp32 tile with bf16x3 (bf16 weights) or tf32x3.  Rounding it back to x's
+                # 16-bit dtype for a single native pass would be cheaper but puts up to 2^-8
+                # (bf16; fp16 2^-11) of relative error on every product, which the SPEC's fp32
                 # accumulation and tests/test_ops.py's 1e-5 tolerance for 16-bit inputs on
                 # CUDA (test_grouped_lowrank_matches_formula with gain) do not allow.
                 gain = tl.load(gain_ptr + rows[:, None] * K + ks[None, :], mask=a_mask, other=0.0)
@@ -172,7 +172,7 @@ def segment_matmul(x, w, offsets, transpose_w=True, gain=None, bias=None, scale=
     gain (T, k); bias/scale/shift (G, n); residual (T, n); relu clamps at 0 before the residual.
     `row_groups` (T,) int may be passed to reuse group ids already built from offsets.
     `precision_from`: dtypes of the op inputs that fp32 operands were computed from; a 16-bit one
-    lets their dot use tensor cores (tf32x3, see `mma`) as `launch.native_dot` allows.
+    lets their dot use tensor cores (bf16x3 or tf32x3, see `mma`) as `launch.native_dot` allows.
     Returns (T, n) fp32 (fp64 when any input is fp64).
     """
     check_tensor(x, "x", 2)
