@@ -44,6 +44,21 @@ def test_grouped_outer_sss(benchmark, device, ceilings, gen):
             lambda: reference.grouped_outer(eta, mu, offsets, "sss"), **compare_args)
 
 
+def test_grouped_outer_sss_backward(benchmark, device, ceilings, gen):
+    """(d_eta, d_mu) of grouped_outer sss (no issue-5 target: MoEditor training runs it per step).
+    Fused: one selection pass plus two masked GEMMs (6·T·o·i FLOPs); eager: the reference, which
+    recomputes every S_g twice in fp32 (8·T·o·i) and holds five o×i matrices."""
+    o, i, T, G = (6400, 1600, 4096, 8) if ON_GPU else (1024, 512, 1024, 8)
+    eta, mu, offsets = rnd((T, o), gen, device), rnd((T, i), gen, device), ragged(T, G, gen, device)
+    grad = rnd((o, i), gen, device, torch.float32)
+    from report import compare
+
+    args = (grad, eta, mu, offsets, "sss", 1.0)
+    compare(benchmark, device, ceilings, lambda: torch.ops.dcedit._grouped_outer_backward(*args),
+            lambda: reference.grouped_outer_backward(*args),
+            flops=6.0 * T * o * i, bytes_moved=2 * T * (o + i) * ESIZE + 8 * o * i, output_bytes=4 * o * i)
+
+
 def test_segmented_fisher(benchmark, device, ceilings, gen):
     o, i, E, per = (6400, 1600, 125, 24) if ON_GPU else (1024, 512, 125, 24)
     counts = torch.randint(per // 2, per * 3 // 2 + 1, (E,), generator=gen)

@@ -216,14 +216,18 @@ def test_grouped_lowrank_clamp_gradient_at_zero(gen, dtype, device):
 # ------------------------------------------------------------------------------ grouped_outer
 
 
+def outer_case(gen, dtype, device):
+    """(offsets, eta, mu, alpha): 4 random groups (one empty), o 29, i 13, alpha in [-0.5, 1.5)."""
+    counts = random_layout(gen, G=4)
+    T, o, i = sum(counts), 29, 13
+    eta, mu = randn((T, o), gen, dtype, device), randn((T, i), gen, dtype, device)
+    return offsets_for(counts, device), eta, mu, float(torch.rand((), generator=gen)) * 2 - 0.5
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_grouped_outer(gen, dtype, fusion, device):
-    counts = random_layout(gen, G=4)
-    offsets = offsets_for(counts, device)
-    T, o, i = sum(counts), 29, 13
-    eta, mu = randn((T, o), gen, dtype, device), randn((T, i), gen, dtype, device)
-    alpha = float(torch.rand((), generator=gen)) * 2 - 0.5
+    offsets, eta, mu, alpha = outer_case(gen, dtype, device)
     out = tk.grouped_outer(eta, mu, offsets, fusion, alpha)
     ref = reference.grouped_outer(*f64(eta, mu), offsets, fusion, alpha)
     assert out.dtype == out_dtype(dtype)
@@ -260,6 +264,58 @@ def test_grouped_outer_ties(gen, dtype, device):
     both_eta, both_mu = torch.cat([eta0, -eta0]), torch.cat([mu0, mu0])
     close(tk.grouped_outer(both_eta, both_mu, pair, "sss", 1.0), s0.abs())
     close(tk.grouped_outer(both_eta, both_mu, pair, "ssm", 1.0), s0.abs() / 2)
+
+
+def outer_backward_ref(grad, eta, mu, offsets, fusion, alpha):
+    """The reference backward on float64 copies of the same (rounded) values."""
+    return reference.grouped_outer_backward(*f64(grad, eta, mu), offsets, fusion, alpha)
+
+
+def outer_grad(gen, G, o, i, fusion, dtype, device):
+    return randn((G, o, i) if fusion == "none" else (o, i), gen, dtype, device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_grouped_outer_backward(gen, dtype, fusion, device):
+    offsets, eta, mu, alpha = outer_case(gen, dtype, device)
+    grad = outer_grad(gen, offsets.numel() - 1, eta.shape[1], mu.shape[1], fusion, out_dtype(dtype), device)
+    d_eta, d_mu = tk.grouped_outer_backward(grad, eta, mu, offsets, fusion, alpha)
+    assert d_eta.dtype == eta.dtype and d_mu.dtype == mu.dtype
+    for out, ref in zip((d_eta, d_mu), outer_backward_ref(grad, eta, mu, offsets, fusion, alpha)):
+        close(out, ref)
+
+
+@pytest.mark.parametrize("fusion", ["max", "sss", "ssm"])
+def test_grouped_outer_backward_past_32_groups(gen, fusion, device):
+    """37 groups need two selection words (bit g % 32 of word g // 32)."""
+    counts = random_counts(37, gen, max_count=3)
+    offsets = offsets_for(counts, device)
+    eta, mu = randn((sum(counts), 17), gen, torch.float32, device), randn((sum(counts), 10), gen, torch.float32, device)
+    go = _module("grouped_outer")
+    sel = go.launch_grouped_outer(eta, mu, offsets, go.FUSION_MODES[fusion], select=True)
+    assert sel.shape == (2, 17, 10) and sel.dtype == torch.int32
+    grad = randn((17, 10), gen, torch.float32, device)
+    for out, ref in zip(tk.grouped_outer_backward(grad, eta, mu, offsets, fusion, 1.3),
+                        outer_backward_ref(grad, eta, mu, offsets, fusion, 1.3)):
+        close(out, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_grouped_outer_backward_ties(gen, dtype, device):
+    """Exact ties in |S|: group 1 copies group 0 and group 2 negates it.  max gives the gradient
+    to group 0 alone (the first of the tied groups); sss/ssm select by sign as the reference."""
+    c = 6
+    eta0, mu0 = randn((c, 11), gen, dtype, device), randn((c, 9), gen, dtype, device)
+    eta, mu = torch.cat([eta0, eta0, -eta0]), torch.cat([mu0, mu0, mu0])
+    offsets = offsets_for([0, c, c, c, 0], device)
+    grad = randn((11, 9), gen, dtype, device)
+    for fusion in ("max", "sss", "ssm"):
+        d_eta, d_mu = tk.grouped_outer_backward(grad, eta, mu, offsets, fusion, 0.5)
+        for out, ref in zip((d_eta, d_mu), outer_backward_ref(grad, eta, mu, offsets, fusion, 0.5)):
+            close(out, ref)
+        if fusion == "max":
+            assert not d_eta[c:].any() and not d_mu[c:].any()  # only the first of the tied groups
 
 
 # --------------------------------------------------------------------------- segmented_fisher
@@ -419,6 +475,12 @@ def test_group_layouts(gen, layout, dtype, device):
             assert not out.any() and out.shape == ref.shape
         else:
             close(out, ref)
+        grad = outer_grad(gen, len(counts), 19, 11, fusion, dtype, device)
+        for g, g_ref, t in zip(tk.grouped_outer_backward(grad, eta, mu, offsets, fusion, 0.75),
+                               outer_backward_ref(grad, eta, mu, offsets, fusion, 0.75), (eta, mu)):
+            assert g.shape == t.shape
+            if T:
+                close(g, g_ref)
     fisher = tk.segmented_fisher(eta, mu, offsets)
     if T == 0:
         assert not fisher.any() and fisher.shape == (19, 11)
@@ -452,6 +514,11 @@ def test_bad_inputs_raise_value_error_naming_the_argument(gen, device):
         tk.grouped_outer(eta, mu[:6], offsets_for([3, 3], device), "add", 1.0)
     with pytest.raises(ValueError, match="offsets"):
         tk.segmented_fisher(eta, mu, offsets.float())
+    with pytest.raises(ValueError, match="grad"):
+        tk.grouped_outer_backward(eta, eta, mu, offsets, "sss", 1.0)
+    with pytest.raises(ValueError, match="select"):
+        tk.segment_matmul(mu, torch.ones((5, 6), device=device).expand(2, 5, 6), offsets,
+                          select=torch.zeros((1, 6, 5), dtype=torch.int32, device=device))
     h, u, v, bias, scale, shift, gain = lowrank_inputs(gen, [3, 4], torch.float32, device)
     with pytest.raises(ValueError, match="v must"):
         tk.grouped_lowrank(h, offsets, u, v[:, :, :-1], bias)
@@ -486,6 +553,8 @@ def test_launchers_do_not_read_tensors_on_the_host(gen, device):
             stack.enter_context(mock.patch.object(torch.Tensor, name, host_read))
         for fusion in FUSIONS:
             tk.grouped_outer(eta, mu, offsets, fusion, 0.5)
+            tk.grouped_outer_backward(torch.ones((len(counts), 7, 9) if fusion == "none" else (7, 9), device=device),
+                                      eta, mu, offsets, fusion, 0.5)
         tk.segmented_fisher(eta, mu, offsets)
         tk.grouped_lowrank(h, offsets, u, v, bias, scale, shift, gain)
         tk.grouped_lowrank_backward(grad_h, h, offsets, u, v, bias, scale, shift, gain)
@@ -544,6 +613,7 @@ def test_tile_heuristic_fits_every_shape():
     for T, G, N, K in ((1, 1, 1, 1), (4096, 8, 1920, 8000), (3000, 125, 6400, 1600), (37, 5, 29, 13)):
         for path in ("half", "bf16x3", "tf32x3", "ieee", "fp64"):
             for tiles in (launch.segment_matmul_tiles(T, G, N, K, path), launch.grouped_outer_tiles(T, G, N, K, path),
+                          launch.grouped_outer_tiles(T, G, N, K, path, select=True),
                           launch.grouped_bilinear_tiles(T, G, N, K, path),
                           launch.group_scores_tiles(T, G, N, K, path)):
                 blocks = [v for k, v in tiles.items() if k.startswith("BLOCK")]
@@ -672,6 +742,13 @@ def test_every_config_candidate(gen, kernel):
                     for fusion in FUSIONS:
                         close(launch_outer(eta, mu, offsets, fusion, dt),
                               reference.grouped_outer(*f64(eta, mu), offsets, fusion, 1.0))
+                elif kernel == "grouped_outer_select":  # through the whole backward
+                    eta, mu = randn((T, 333), gen, dt, device), randn((T, 201), gen, dt, device)
+                    grad = randn((333, 201), gen, torch.float32, device)
+                    for fusion in ("max", "sss", "ssm"):
+                        for out, ref in zip(tk.grouped_outer_backward(grad, eta, mu, offsets, fusion, 0.5),
+                                            outer_backward_ref(grad, eta, mu, offsets, fusion, 0.5)):
+                            close(out, ref)
                 else:
                     x, weight, b, row_group, mu_t, eta_t, alpha = delta_inputs(gen, counts, dt, device, N=300, o=333,
                                                                                i=201)
@@ -744,6 +821,7 @@ def test_large_shapes_bf16(gen, op):
         for fusion in FUSIONS:
             close_large(tk.grouped_outer(eta, mu, offsets, fusion, 1.0),
                         reference.grouped_outer(*f64(eta, mu), offsets, fusion, 1.0))
+        check_large_outer_backward(gen, eta, mu, offsets)
     elif op == "segmented_fisher":
         counts = torch.randint(12, 37, (125,), generator=gen).tolist()
         offsets = offsets_for(counts, device)
@@ -760,3 +838,39 @@ def test_large_shapes_bf16(gen, op):
         close_large(tk.lowrank_delta_linear(x, weight, b, row_group, mu_t, eta_t, offsets, alpha), y_ref)
         grads = tk.lowrank_delta_linear_backward(grad, x, weight, row_group, mu_t, eta_t, offsets, alpha)
         close_delta_grads(grads, grad_refs, eta_t, offsets, alpha, close_large)
+
+
+def check_large_outer_backward(gen, eta, mu, offsets):
+    """grouped_outer's backward at the benchmark shape.  Which S_g entries are selected can
+    legitimately differ from float64 where an entry's deciding value (|S_g| against the best, S_g's
+    sign, P + N) is within fp32 rounding of the cut, and each such entry moves the gradient by a
+    whole g_out entry; so the gradients are checked in float64 against the kernel's own selection,
+    and that selection against float64's away from the cuts."""
+    go = _module("grouped_outer")
+    G, (o, i) = offsets.shape[0] - 1, (eta.shape[1], mu.shape[1])
+    bounds = offsets.tolist()
+    grad = randn((o, i), gen, torch.float32, eta.device)
+    stack = reference.grouped_outer(*f64(eta, mu), offsets, "none", 1.0)  # (G, o, i) float64
+    slack = 1e-5 * stack.abs().amax()
+    for fusion in ("max", "sss"):
+        sel = go.launch_grouped_outer(eta, mu, offsets, go.FUSION_MODES[fusion], select=True)[0]
+        taken = torch.stack([(sel >> g) & 1 for g in range(G)]).bool()
+        if fusion == "max":
+            mag = stack.abs()
+            want = torch.zeros_like(taken).scatter_(0, mag.argmax(0, keepdim=True), True)
+            second = mag.topk(2, dim=0).values
+            clear = (second[0] - second[1]) > slack
+        else:
+            pos, neg = stack.clamp(min=0).sum(0), stack.clamp(max=0).sum(0)
+            want = torch.where(pos >= -neg, stack > 0, stack < 0)
+            clear = ((pos + neg).abs() > slack) & (stack.abs() > slack)
+        clear = clear.expand_as(taken) if clear.dim() == 2 else clear
+        assert torch.equal(taken[clear], want[clear]), fusion
+        d_eta, d_mu = tk.grouped_outer_backward(grad, eta, mu, offsets, fusion, 1.0)
+        g64 = grad.double()
+        for g in range(G):
+            s, e = bounds[g], bounds[g + 1]
+            d_s = g64 * taken[g]
+            close_large(d_eta[s:e], mu[s:e].double() @ d_s.T)
+            close_large(d_mu[s:e], eta[s:e].double() @ d_s)
+

@@ -9,6 +9,7 @@ compiles every kernel for sm_90 without a GPU and `... .tune` times the config c
 
 from .grouped_lowrank import grouped_lowrank, grouped_lowrank_backward
 from .grouped_outer import grouped_outer
+from .grouped_outer_backward import grouped_outer_backward
 from .lowrank_delta_linear import lowrank_delta_linear, lowrank_delta_linear_backward
 from .segment_matmul import segment_matmul
 from .segmented_fisher import segmented_fisher
@@ -17,6 +18,7 @@ __all__ = [
     "grouped_lowrank",
     "grouped_lowrank_backward",
     "grouped_outer",
+    "grouped_outer_backward",
     "lowrank_delta_linear",
     "lowrank_delta_linear_backward",
     "segment_matmul",

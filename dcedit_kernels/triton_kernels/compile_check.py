@@ -131,7 +131,8 @@ def variants():
     # segment_matmul at grouped_lowrank's shapes (T 4096, G 8, d 8000, r 1920), and the dense
     # part of lowrank_delta_linear (one group, N 2048, i 1600 -> o 6400).
     sm_ptrs = ("x_ptr", "w_ptr", "gain_ptr", "bias_ptr", "scale_ptr", "shift_ptr", "residual_ptr")
-    full = dict(HAS_GAIN=True, HAS_BIAS=True, HAS_SCALE=True, HAS_SHIFT=True, RELU=True, HAS_RESIDUAL=True)
+    full = dict(HAS_GAIN=True, HAS_BIAS=True, HAS_SCALE=True, HAS_SHIFT=True, RELU=True, HAS_RESIDUAL=True,
+                HAS_SELECT=False)
     bare = {key: False for key in full}
     for name, x_dt, w_dt, fp64, native, T, G, n, k, transpose, flags in (
         ("bf16 x gain bf16x3 d->r", bf, bf, False, True, 4096, 8, 1920, 8000, True, dict(bare, HAS_GAIN=True)),
@@ -144,31 +145,48 @@ def variants():
         ("fp64, epilogue", f64, f64, True, False, 4096, 8, 8000, 1920, True, full),
     ):
         ptrs = {p: x_dt for p in sm_ptrs}
-        ptrs.update(w_ptr=w_dt, gid_ptr=i64, y_ptr=f64 if fp64 else f32)
+        ptrs.update(w_ptr=w_dt, gid_ptr=i64, sel_ptr=i32, y_ptr=f64 if fp64 else f32)
         strides = dict(stride_wn=k, stride_wk=1) if transpose else dict(stride_wn=1, stride_wk=n)
-        ints = dict(T=T, N=n, K=k, stride_xt=k, stride_xk=1, stride_wg=n * k, **strides)
+        ints = dict(T=T, N=n, K=k, stride_xt=k, stride_xk=1, stride_wg=n * k, stride_sw=0, stride_sn=0, stride_sk=0,
+                    **strides)
         add(f"segment_matmul {name}", _segment_matmul_kernel, ptrs, ints, dict(flags, IS_FP64=fp64, NATIVE=native),
             segment_matmul_tiles(T, G, n, k, dot_path(fp64, native, f32 if flags["HAS_GAIN"] else x_dt, w_dt)))
+    # grouped_outer's backward (T 4096, G 8, o 6400, i 1600): bf16 mu/eta against the shared fp32
+    # gradient, masked by the selection words (w stride 0 over groups).
+    for name, n, k, transpose in (("d_eta = mu dS_g^T", 6400, 1600, True), ("d_mu = eta dS_g", 1600, 6400, False)):
+        strides = (dict(stride_wn=k, stride_wk=1, stride_sn=k, stride_sk=1) if transpose
+                   else dict(stride_wn=1, stride_wk=n, stride_sn=1, stride_sk=n))
+        ints = dict(T=4096, N=n, K=k, stride_xt=k, stride_xk=1, stride_wg=0, stride_sw=n * k, **strides)
+        ptrs = {p: bf for p in sm_ptrs}
+        ptrs.update(w_ptr=f32, gid_ptr=i64, sel_ptr=i32, y_ptr=f32)
+        add(f"segment_matmul bf16 x fp32 bf16x3 select ({name})", _segment_matmul_kernel, ptrs, ints,
+            dict(bare, HAS_SELECT=True, IS_FP64=False, NATIVE=True),
+            segment_matmul_tiles(4096, 8, n, k, dot_path(False, True, bf, f32)))
 
     # grouped_outer / segmented_fisher at (T 4096, G 8, o 6400, i 1600) and Fisher's 125 edits.
-    go_ptrs = dict(eta_ptr=bf, mu_ptr=bf, offsets_ptr=i32, alpha_ptr=f32, out_ptr=f32)
+    go_ptrs = dict(eta_ptr=bf, mu_ptr=bf, offsets_ptr=i32, alpha_ptr=f32, out_ptr=f32, sel_ptr=i32)
+    plain = dict(SELECT=False, IS_FP64=False, NATIVE=True)
     for mode in range(6):
         T, G = (3000, 125) if mode == 5 else (4096, 8)
         add(f"grouped_outer bf16 native mode {mode}", _grouped_outer_kernel, go_ptrs,
             dict(O=6400, I=1600, G=G, stride_eta_t=6400, stride_eta_o=1, stride_mu_t=1600, stride_mu_i=1),
-            dict(MODE=mode, IS_FP64=False, NATIVE=True), grouped_outer_tiles(T, G, 6400, 1600, "half"))
+            dict(plain, MODE=mode), grouped_outer_tiles(T, G, 6400, 1600, "half"))
+    for mode in (2, 3):  # the backward's selection pass: max, sss (ssm compiles as sss)
+        add(f"grouped_outer bf16 native mode {mode} select", _grouped_outer_kernel, go_ptrs,
+            dict(O=6400, I=1600, G=8, stride_eta_t=6400, stride_eta_o=1, stride_mu_t=1600, stride_mu_i=1),
+            dict(plain, MODE=mode, SELECT=True), grouped_outer_tiles(4096, 8, 6400, 1600, "half", select=True))
     ints = dict(O=8000, I=1920, G=8, stride_eta_t=8000, stride_eta_o=1, stride_mu_t=1920, stride_mu_i=1)
     add("grouped_outer fp32 tf32x3 mode 0 (backward du)", _grouped_outer_kernel,
         {**go_ptrs, "eta_ptr": f32, "mu_ptr": f32}, ints,
-        dict(MODE=0, IS_FP64=False, NATIVE=True), grouped_outer_tiles(4096, 8, 8000, 1920, "tf32x3"))
+        dict(plain, MODE=0), grouped_outer_tiles(4096, 8, 8000, 1920, "tf32x3"))
     add("grouped_outer fp32 x bf16 bf16x3 mode 0 (backward dv)", _grouped_outer_kernel,
-        {**go_ptrs, "eta_ptr": f32}, ints, dict(MODE=0, IS_FP64=False, NATIVE=True),
+        {**go_ptrs, "eta_ptr": f32}, ints, dict(plain, MODE=0),
         grouped_outer_tiles(4096, 8, 8000, 1920, "bf16x3"))
     add("grouped_outer fp32 IEEE mode 3", _grouped_outer_kernel, {**go_ptrs, "eta_ptr": f32, "mu_ptr": f32}, ints,
-        dict(MODE=3, IS_FP64=False, NATIVE=False), grouped_outer_tiles(4096, 8, 8000, 1920, "ieee"))
+        dict(plain, MODE=3, NATIVE=False), grouped_outer_tiles(4096, 8, 8000, 1920, "ieee"))
     add("grouped_outer fp64 mode 0", _grouped_outer_kernel,
         {**go_ptrs, "eta_ptr": f64, "mu_ptr": f64, "alpha_ptr": f64, "out_ptr": f64}, ints,
-        dict(MODE=0, IS_FP64=True, NATIVE=False), grouped_outer_tiles(4096, 8, 8000, 1920, "fp64"))
+        dict(plain, MODE=0, IS_FP64=True, NATIVE=False), grouped_outer_tiles(4096, 8, 8000, 1920, "fp64"))
 
     # grouped_bilinear's two launches at lowrank_delta_linear's shapes (N 2048, G 8 x 512 tokens,
     # o 6400, i 1600): scores C = alpha_g Q·K (NQ x W) and out += C V.

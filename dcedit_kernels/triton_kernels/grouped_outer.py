@@ -7,7 +7,9 @@ never holds G o×i matrices, not even one.  "none" gives each group its own prog
 axis) and writes S_g's tile to out[g].
 
 `segmented_fisher` shares this kernel through MODE_FISHER (Σ_e S_e², then / E): the loop is the
-same, only the fold differs.
+same, only the fold differs.  So does the backward of max/sss/ssm (grouped_outer_backward.py):
+with SELECT the kernel writes, instead of the fused tile, which groups' entries reach the output,
+as bits of int32 words (bit g % 32 of word g // 32; third grid axis: the word).
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ FUSION_MODES = {"none": MODE_NONE, "add": MODE_ADD, "max": MODE_MAX, "sss": MODE
 
 @triton.jit
 def _grouped_outer_kernel(
-    eta_ptr, mu_ptr, offsets_ptr, alpha_ptr, out_ptr,
+    eta_ptr, mu_ptr, offsets_ptr, alpha_ptr, out_ptr, sel_ptr,
     O, I, G,
     stride_eta_t, stride_eta_o, stride_mu_t, stride_mu_i,
-    MODE: tl.constexpr, IS_FP64: tl.constexpr, NATIVE: tl.constexpr,
+    MODE: tl.constexpr, SELECT: tl.constexpr, IS_FP64: tl.constexpr, NATIVE: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     ACC = out_ptr.dtype.element_ty
@@ -49,6 +51,12 @@ def _grouped_outer_kernel(
     # res: the running fused tile (add: Σ S, max: the winner so far, sss/ssm: P, fisher: Σ S²).
     res = tl.zeros((BLOCK_O, BLOCK_I), dtype=ACC)
     neg = tl.zeros((BLOCK_O, BLOCK_I), dtype=ACC)  # sss/ssm: N = Σ min(S, 0)
+    # SELECT only (dead code otherwise): this program's word covers groups [lo, lo + 32).
+    lo = tl.program_id(2) * 32
+    one = tl.full((BLOCK_O, BLOCK_I), 1, tl.int32)
+    winner = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.int32)  # max: the group res came from
+    pos_bits = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.int32)  # sss/ssm: groups with S_g > 0
+    neg_bits = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.int32)  # and with S_g < 0
     for g in range(g_begin, g_end):
         start = tl.load(offsets_ptr + g)
         end = tl.load(offsets_ptr + g + 1)
@@ -68,28 +76,51 @@ def _grouped_outer_kernel(
         elif MODE == 2:
             # Strictly greater replaces: the first group keeps ties.  Starting from 0 is the
             # same as starting from group 0 (a zero only loses to a nonzero magnitude).
-            res = tl.where(tl.abs(s_g) > tl.abs(res), s_g, res)
+            better = tl.abs(s_g) > tl.abs(res)
+            res = tl.where(better, s_g, res)
+            if SELECT:
+                winner = tl.where(better, g, winner)
         elif MODE == 3 or MODE == 4:
             res += tl.maximum(s_g, 0.0)
             neg += tl.minimum(s_g, 0.0)
+            if SELECT:
+                bit = tl.where((g >= lo) & (g < lo + 32), one << tl.minimum(tl.maximum(g - lo, 0), 31), 0)
+                pos_bits |= tl.where(s_g > 0, bit, 0)
+                neg_bits |= tl.where(s_g < 0, bit, 0)
         else:
             res += s_g * s_g
 
-    if MODE == 3 or MODE == 4:
-        res = tl.where(res >= -neg, res, neg)
-    if MODE == 4 or MODE == 5:
-        res = res / G
-    res = res * tl.load(alpha_ptr).to(ACC)
-    out_base = out_ptr
-    if MODE == 0:
-        out_base = out_ptr + g_begin.to(tl.int64) * O * I
-    tl.store(out_base + ro[:, None].to(tl.int64) * I + ri[None, :], res, mask=o_ok[:, None] & i_ok[None, :])
+    out_mask = o_ok[:, None] & i_ok[None, :]
+    if SELECT:
+        # The entries of S_g that the fused output took (SPEC: the gradient reaches only those):
+        # max, the winner's; sss/ssm, group g's positive entries where P won, its negative ones
+        # where N won (an entry with S_g = 0 reaches neither).
+        if MODE == 2:
+            shift = tl.minimum(tl.maximum(winner - lo, 0), 31)
+            bits = tl.where((winner >= lo) & (winner < lo + 32), one << shift, 0)
+        else:
+            bits = tl.where(res >= -neg, pos_bits, neg_bits)
+        sel_base = sel_ptr + tl.program_id(2).to(tl.int64) * O * I
+        tl.store(sel_base + ro[:, None].to(tl.int64) * I + ri[None, :], bits, mask=out_mask)
+    else:
+        if MODE == 3 or MODE == 4:
+            res = tl.where(res >= -neg, res, neg)
+        if MODE == 4 or MODE == 5:
+            res = res / G
+        res = res * tl.load(alpha_ptr).to(ACC)
+        out_base = out_ptr
+        if MODE == 0:
+            out_base = out_ptr + g_begin.to(tl.int64) * O * I
+        tl.store(out_base + ro[:, None].to(tl.int64) * I + ri[None, :], res, mask=out_mask)
 
 
-def launch_grouped_outer(eta, mu, offsets, mode: int, alpha=1.0, precision_from=()):
-    """Shared launcher of grouped_outer and segmented_fisher (checks shapes, not offset values).
+def launch_grouped_outer(eta, mu, offsets, mode: int, alpha=1.0, precision_from=(), select=False):
+    """Shared launcher of grouped_outer, segmented_fisher and the selection pass of
+    grouped_outer_backward (checks shapes, not offset values).
 
     `precision_from`: as in segment_matmul (dtypes the fp32 operands were computed from).
+    `select` (MODE_MAX, MODE_SSS or MODE_SSM): return the int32 (ceil(G/32), o, i) selection
+    words instead of the fused output (alpha is then not used).
     """
     check_tensor(eta, "eta", 2)
     check_tensor(mu, "mu", 2)
@@ -103,10 +134,18 @@ def launch_grouped_outer(eta, mu, offsets, mode: int, alpha=1.0, precision_from=
     G = offsets.shape[0] - 1
     O, I = eta.shape[1], mu.shape[1]
     acc = compute_dtype(eta, mu)
-    shape = (G, O, I) if mode == MODE_NONE else (O, I)
-    out = torch.empty(shape, dtype=acc, device=eta.device)
+    if select and mode not in (MODE_MAX, MODE_SSS, MODE_SSM):
+        raise ValueError(f"select needs the max, sss or ssm mode, got mode {mode}")
+    words = triton.cdiv(G, 32)
+    if select:
+        sel = torch.empty((words, O, I), dtype=torch.int32, device=eta.device)
+        out = torch.empty((1,), dtype=acc, device=eta.device)  # never written; gives the kernel its dtype
+    else:
+        out = torch.empty((G, O, I) if mode == MODE_NONE else (O, I), dtype=acc, device=eta.device)
+        sel = out  # never written without SELECT
+    result = sel if select else out
     if O == 0 or I == 0:
-        return out
+        return result
     # alpha goes in as a device scalar of the accumulation dtype: a Python float argument would
     # be passed to the kernel as fp32 and round fp64 results.
     if isinstance(alpha, torch.Tensor):
@@ -115,15 +154,16 @@ def launch_grouped_outer(eta, mu, offsets, mode: int, alpha=1.0, precision_from=
         alpha_t = torch.full((1,), float(alpha), dtype=acc, device=eta.device)
     fp64 = acc == torch.float64
     native = not fp64 and native_dot(eta.dtype, mu.dtype, *precision_from)
-    tiles = grouped_outer_tiles(eta.shape[0], G, O, I, dot_path(fp64, native, eta.dtype, mu.dtype))
-    grid = (triton.cdiv(O, tiles["BLOCK_O"]), triton.cdiv(I, tiles["BLOCK_I"]), G if mode == MODE_NONE else 1)
+    tiles = grouped_outer_tiles(eta.shape[0], G, O, I, dot_path(fp64, native, eta.dtype, mu.dtype), select)
+    grid = (triton.cdiv(O, tiles["BLOCK_O"]), triton.cdiv(I, tiles["BLOCK_I"]),
+            words if select else G if mode == MODE_NONE else 1)
     _grouped_outer_kernel[grid](
-        eta, mu, offsets, alpha_t, out,
+        eta, mu, offsets, alpha_t, out, sel,
         O, I, G,
         eta.stride(0), eta.stride(1), mu.stride(0), mu.stride(1),
-        MODE=mode, IS_FP64=fp64, NATIVE=native, **tiles,
+        MODE=mode, SELECT=bool(select), IS_FP64=fp64, NATIVE=native, **tiles,
     )
-    return out
+    return result
 
 
 def grouped_outer(eta, mu, offsets, fusion="add", alpha=1.0):

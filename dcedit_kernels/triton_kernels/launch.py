@@ -88,6 +88,7 @@ def _pow2_at_least(n: int, lo: int, hi: int) -> int:
 _TILE_KEYS = {
     "segment_matmul": ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"),
     "grouped_outer": ("BLOCK_O", "BLOCK_I", "BLOCK_T", "num_warps", "num_stages"),
+    "grouped_outer_select": ("BLOCK_O", "BLOCK_I", "BLOCK_T", "num_warps", "num_stages"),
     "group_scores": ("BLOCK_M", "BLOCK_T", "BLOCK_K", "num_warps", "num_stages"),
     "grouped_bilinear": ("BLOCK_M", "BLOCK_N", "BLOCK_T", "num_warps", "num_stages"),
 }
@@ -174,9 +175,10 @@ def segment_matmul_tiles(T: int, G: int, N: int, K: int, path: str) -> dict:
     return _cfg("segment_matmul", *_gemm_tiles(T, G, N, K, path))
 
 
-def grouped_outer_tiles(T: int, G: int, O: int, I: int, path: str) -> dict:
-    """S (O×I) tiles over G groups of T tokens in all; `path` from dot_path."""
-    fixed = _fixed("grouped_outer", path)
+def grouped_outer_tiles(T: int, G: int, O: int, I: int, path: str, select: bool = False) -> dict:
+    """S (O×I) tiles over G groups of T tokens in all; `path` from dot_path.  `select`: the
+    backward's selection pass ("grouped_outer_select"), which carries two more int32 tiles."""
+    fixed = _fixed("grouped_outer_select" if select else "grouped_outer", path)
     if fixed is not None:
         return fixed
     bo, bi = _pow2_at_least(O, 16, 128), _pow2_at_least(I, 16, 128)
@@ -189,6 +191,10 @@ def grouped_outer_tiles(T: int, G: int, O: int, I: int, path: str) -> dict:
     # at ×32; 128×256 spills 656 B for sss.  tf32x3 (fp32 da, z) 128×128×32: 198 registers.
     short = T < 64 * max(G, 1)
     bt = 32 if short or path in ("tf32x3", "bf16x3") else 64
+    if select:
+        # Selection: sss carries P, N, S_g and two int32 bit tiles.  128×128×64 spills 416 B
+        # (255 registers), 128×128×32 384 B; 128×64×64 with 8 warps: 236, no spill (max: 126).
+        bi = min(bi, 64)
     return dict(BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=bt, num_warps=8, num_stages=3)
 
 
@@ -232,6 +238,10 @@ CANDIDATES = {
         "half": [_cfg("grouped_outer", 128, 128, 64, 8, 3), _cfg("grouped_outer", 128, 128, 32, 8, 3),
                  _cfg("grouped_outer", 128, 128, 64, 8, 4), _cfg("grouped_outer", 64, 128, 64, 4, 3)],
         "tf32x3": [_cfg("grouped_outer", 128, 128, 32, 8, 3), _cfg("grouped_outer", 64, 128, 32, 4, 3)],
+    },
+    "grouped_outer_select": {
+        "half": [_cfg("grouped_outer_select", 128, 64, 64, 8, 3), _cfg("grouped_outer_select", 64, 128, 64, 8, 3),
+                 _cfg("grouped_outer_select", 128, 64, 32, 8, 3), _cfg("grouped_outer_select", 64, 64, 64, 4, 3)],
     },
     "group_scores": {
         "half": [_cfg("group_scores", 128, 128, 64, 8, 3), _cfg("group_scores", 64, 128, 64, 4, 3),

@@ -7,7 +7,8 @@ group, so Σ_g (A ⊙ mask_g) W_g fills a single accumulator that is written onc
 built on the device (`repeat_interleave`), so nothing here synchronises with the host.
 
 Optional fused prologue (X ⊙ gain) and epilogue (+ bias_g, ⊙ scale_g, + shift_g, clamp(min=0),
-+ residual) make `grouped_lowrank` two launches.
++ residual) make `grouped_lowrank` two launches.  An optional per-group mask on W (`select`, bit g
+of an int32 word per entry) gives grouped_outer's backward its masked GEMMs from one shared W.
 
 Also home of `mma`, the tile multiply-accumulate every kernel of this package uses (which dot
 form it takes and the launch configs: launch.py).
@@ -104,11 +105,11 @@ def mma(acc, a, b, IS_FP64: tl.constexpr, NATIVE: tl.constexpr):
 
 @triton.jit
 def _segment_matmul_kernel(
-    x_ptr, w_ptr, gid_ptr, gain_ptr, bias_ptr, scale_ptr, shift_ptr, residual_ptr, y_ptr,
+    x_ptr, w_ptr, gid_ptr, gain_ptr, bias_ptr, scale_ptr, shift_ptr, residual_ptr, sel_ptr, y_ptr,
     T, N, K,
-    stride_xt, stride_xk, stride_wg, stride_wn, stride_wk,
+    stride_xt, stride_xk, stride_wg, stride_wn, stride_wk, stride_sw, stride_sn, stride_sk,
     HAS_GAIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SELECT: tl.constexpr,
     IS_FP64: tl.constexpr, NATIVE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -143,6 +144,12 @@ def _segment_matmul_kernel(
                 a = a.to(ACC) * gain.to(ACC)
             b = tl.load(w_ptr + g * stride_wg + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if HAS_SELECT:
+                # W_g = W ⊙ bit g of the entry's selection word: the mask is rebuilt per group
+                # from one int32 tile instead of reading a G-deep stack of masked copies.
+                word = tl.load(sel_ptr + (g // 32) * stride_sw + ks[:, None] * stride_sk + cols[None, :] * stride_sn,
+                               mask=k_ok[:, None] & col_ok[None, :], other=0)
+                b = tl.where(((word >> (g % 32)) & 1) != 0, b, 0.0)
             acc = mma(acc, a, b, IS_FP64, NATIVE)
 
     # Epilogue parameters gathered per row from its group (rows outside [0, T) stay masked):
@@ -164,13 +171,15 @@ def _segment_matmul_kernel(
 
 
 def segment_matmul(x, w, offsets, transpose_w=True, gain=None, bias=None, scale=None, shift=None,
-                   relu=False, residual=None, row_groups=None, precision_from=()):
+                   relu=False, residual=None, row_groups=None, precision_from=(), select=None):
     """Y[t] = epilogue((X[t] ⊙ gain[t]) @ W[g(t)]ᵀ) for tokens grouped by `offsets`.
 
     x (T, k); offsets int (G+1,) (values are not checked here: the op layer does, on the host);
     w (G, n, k) with transpose_w=True, or (G, k, n) with transpose_w=False (Y = X W_g);
     gain (T, k); bias/scale/shift (G, n); residual (T, n); relu clamps at 0 before the residual.
     `row_groups` (T,) int may be passed to reuse group ids already built from offsets.
+    `select` int32 (ceil(G/32), n, k) (or (…, k, n) with transpose_w=False, laid out like w[g]):
+    group g uses W_g ⊙ (bit g % 32 of word g // 32); w is then usually one matrix expanded to G.
     `precision_from`: dtypes of the op inputs that fp32 operands were computed from; a 16-bit one
     lets their dot use tensor cores (bf16x3 or tf32x3, see `mma`) as `launch.native_dot` allows.
     Returns (T, n) fp32 (fp64 when any input is fp64).
@@ -195,8 +204,14 @@ def segment_matmul(x, w, offsets, transpose_w=True, gain=None, bias=None, scale=
             check_tensor(t, name, 2)
             if tuple(t.shape) != shape:
                 raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if select is not None:
+        words = (G + 31) // 32
+        if not isinstance(select, torch.Tensor) or select.dtype != torch.int32 or select.dim() != 3:
+            raise ValueError("select must be a 3-D int32 tensor")
+        if select.shape[0] != words or select.shape[1:] != w.shape[1:]:
+            raise ValueError(f"select must have shape {(words, *w.shape[1:])}, got {tuple(select.shape)}")
     check_same_device(dict(x=x, w=w, offsets=offsets, gain=gain, bias=bias, scale=scale, shift=shift,
-                           residual=residual))
+                           residual=residual, select=select))
 
     acc = compute_dtype(x, w, gain, bias, scale, shift, residual)
     y = torch.empty((T, N), dtype=acc, device=x.device)
@@ -225,6 +240,10 @@ def segment_matmul(x, w, offsets, transpose_w=True, gain=None, bias=None, scale=
         stride_wn, stride_wk = w.stride(1), w.stride(2)
     else:
         stride_wk, stride_wn = w.stride(1), w.stride(2)
+    sel_strides = (0, 0, 0)
+    if select is not None:
+        sw, s1, s2 = select.stride()
+        sel_strides = (sw, s1, s2) if transpose_w else (sw, s2, s1)  # (word, n, k)
     fp64 = acc == torch.float64
     native = not fp64 and native_dot(x.dtype, w.dtype, *precision_from)
     a_dtype = acc if gain is not None else x.dtype  # gain ⊙ x reaches `mma` in fp32
@@ -238,11 +257,13 @@ def segment_matmul(x, w, offsets, transpose_w=True, gain=None, bias=None, scale=
         scale if scale is not None else dummy,
         shift if shift is not None else dummy,
         residual if residual is not None else dummy,
+        select if select is not None else gid,
         y,
         T, N, K,
-        x.stride(0), x.stride(1), w.stride(0), stride_wn, stride_wk,
+        x.stride(0), x.stride(1), w.stride(0), stride_wn, stride_wk, *sel_strides,
         HAS_GAIN=gain is not None, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
         HAS_SHIFT=shift is not None, RELU=bool(relu), HAS_RESIDUAL=residual is not None,
+        HAS_SELECT=select is not None,
         IS_FP64=fp64, NATIVE=native, **tiles,
     )
     return y

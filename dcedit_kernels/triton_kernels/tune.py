@@ -58,6 +58,8 @@ def _cases(gen):
          lambda: segment_matmul(z, u, off, bias=bias, scale=bias, shift=bias, relu=True, residual=h)),
         ("grouped_outer", "half", "grouped_outer sss", 2.0 * T * o * i,
          lambda: launch_grouped_outer(eta, mu, off, 3)),
+        ("grouped_outer_select", "half", "grouped_outer sss backward: selection pass", 2.0 * T * o * i,
+         lambda: launch_grouped_outer(eta, mu, off, 3, select=True)),
         ("grouped_outer", "half", "segmented_fisher (125 edits)", 2.0 * Tf * o * i,
          lambda: segmented_fisher(f_eta, f_mu, f_off)),
         ("grouped_outer", "tf32x3", "grouped_lowrank backward du (none)", 2.0 * T * d * r,
