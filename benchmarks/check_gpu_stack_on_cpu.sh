@@ -16,8 +16,13 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
 if [ ! -x "$VENV/bin/python" ]; then
-    PY312=$(command -v python3.12 || ls "$HOME"/.pyenv/versions/3.12*/bin/python 2>/dev/null | head -n 1 || true)
-    "${PY312:-python3}" -m venv "$VENV"
+    # The first Python 3.12 that runs: a pyenv shim named python3.12 exists on PATH even when
+    # that version is not the selected one, and then fails.
+    PY312=python3
+    for candidate in "$(command -v python3.12 || true)" "$HOME"/.pyenv/versions/3.12*/bin/python; do
+        if [ -n "$candidate" ] && "$candidate" -c "" 2>/dev/null; then PY312=$candidate; break; fi
+    done
+    "$PY312" -m venv "$VENV"
 fi
 PIP=("$VENV/bin/python" -m pip install -q --no-cache-dir)
 "${PIP[@]}" torch==2.11.0 triton==3.6.0 transformers==5.17.0 accelerate==1.15.0 "numpy>=2.5,<2.6" \
