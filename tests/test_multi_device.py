@@ -309,8 +309,13 @@ def test_split_fine_tuning_baselines(method, pair):
 @pytest.mark.parametrize("arch,method", [("llama", "mend"), ("gpt2", "raeditor"), ("llama", "moeditor"),
                                          ("gpt2", "proeditor")])
 def test_split_training_step_matches_one_device(arch, method, pair):
-    exact = pair[0] == pair[1]
     me_ref, me_split = twins(arch, pair, method)
+    assert_training_step_matches(me_ref, me_split, method, exact=pair[0] == pair[1])
+
+
+def assert_training_step_matches(me_ref, me_split, method, exact):
+    """One batch_loss and its editor gradients: the split twin's equal the reference's, and the
+    gradients came back to each editor's device."""
     config = TrainConfig(progress=False)
     grads = []
     for me in (me_ref, me_split):
@@ -353,3 +358,54 @@ def test_split_measure_edit_matches_one_device(pair):
     got, want = measure_edit(me_split, requests()), measure_edit(me_ref, requests())
     for key in ("es", "reliability", "dd", "ns"):
         assert got[key] == pytest.approx(want[key]), key
+
+
+# ---------------------------------------------------------------------------------------------
+# accelerate's own hooks (dispatch_model), one on each edited layer of block 1
+# ---------------------------------------------------------------------------------------------
+def accelerate_device_map(model, arch, device):
+    """placement()'s entries on one device, block 1 split into its children (its MLP into each
+    linear layer), so that accelerate hooks the edited layers of block 1 themselves."""
+    where = placement(arch, device, device)
+    block = "transformer.h.1" if arch == "gpt2" else "model.layers.1"
+    del where[block]
+    for name, child in model.get_submodule(block).named_children():
+        parent = f"{block}.{name}"
+        children = [f"{parent}.{n}" for n, _ in child.named_children()] if name == "mlp" else [parent]
+        where.update({c: device for c in children})
+    return where
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda:0", marks=pytest.mark.skipif(
+    not HAS_CUDA, reason="needs a CUDA device"))])
+@pytest.mark.parametrize("arch,method", [("gpt2", "moeditor"), ("llama", "mend"), ("gpt2", "proeditor")])
+def test_accelerate_dispatch_model_hooks(arch, method, device):
+    """A model dispatched by accelerate (`dispatch_model(force_hooks=True)`: an AlignDevicesHook
+    on every device_map entry, edited layers included) edits, undoes and trains as the plain model.
+    (A genuine split needs two GPUs: with a GPU, accelerate reads "cpu" entries as CPU offload,
+    which leaves weights on "meta"; test_accelerate_cpu_offload_is_refused covers that.)"""
+    accelerate = pytest.importorskip("accelerate")
+    ref, tok = tiny_model(arch, seed=3)
+    model, _ = tiny_model(arch, seed=3)
+    model = accelerate.dispatch_model(model, device_map=accelerate_device_map(model, arch, device), force_hooks=True)
+    hooked = LAYERS[arch][1:]  # block 1's edited layers
+    assert all(hasattr(model.get_submodule(name), "_hf_hook") for name in hooked)
+    kwargs = dict(method=method, rank=8, seed=0)
+    me_ref, me = ModelEditor(ref, tok, LAYERS[arch], **kwargs), ModelEditor(model, tok, LAYERS[arch], **kwargs)
+    randomize(me_ref)
+    me.load_state_tensors(me_ref.state_tensors())
+    exact = device == "cpu"
+    assert_split_edit_matches(me_ref, me, requests(), exact, f"{method} shift")
+    assert_training_step_matches(me_ref, me, method, exact)
+    assert all(hasattr(model.get_submodule(name), "_hf_hook") for name in hooked)  # left in place
+
+
+def test_accelerate_cpu_offload_is_refused():
+    """accelerate's CPU offload keeps the weights in its hooks and "meta" tensors in the layers:
+    an edit there could not reach the weights, so ModelEditor refuses it, naming the layer."""
+    accelerate = pytest.importorskip("accelerate")
+    model, tok = tiny_model("llama")
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj.*meta"):
+        ModelEditor(model, tok, LAYERS["llama"], method="mend")
+
