@@ -511,6 +511,10 @@ def test_triton_registrations_take_schema_arguments(gen):
     eta, mu, offsets = _outer_inputs(gen, G=3, o=4, i=5, counts=[3, 0, 2])
     for fusion in FUSIONS:
         assert rel_err(tk.grouped_outer(eta, mu, offsets, fusion, 0.5), ops.grouped_outer(eta, mu, offsets, fusion, 0.5)) < 1e-12
+        grad = torch.randn((3, 4, 5) if fusion == "none" else (4, 5), dtype=torch.float64, generator=gen)
+        got = tk.grouped_outer_backward(grad, eta, mu, offsets, fusion, 0.5)
+        want = torch.ops.dcedit._grouped_outer_backward(grad, eta, mu, offsets, fusion, 0.5)
+        assert all(rel_err(x, y) < 1e-10 for x, y in zip(got, want)), fusion
     assert rel_err(tk.segmented_fisher(eta, mu, offsets), ops.segmented_fisher(eta, mu, offsets)) < 1e-12
 
     d = _delta_linear_inputs(gen, N=7, i=4, o=3, counts=(2, 0, 3))
