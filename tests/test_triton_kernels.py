@@ -698,6 +698,37 @@ def test_bf16x3_keeps_fp32_accuracy(gen, device, monkeypatch):
     close(out, want)
 
 
+def test_bf16_split_trades_accuracy(gen, device, monkeypatch):
+    """DCEDIT_TRITON_BF16_SPLIT: grouped_lowrank's fp32 z against bf16 u in 3 pieces (~fp32),
+    2 (≤ ~2^-16 per product here: the tolerance of fp32 outputs, 1e-5, is about its edge) or 1
+    (z rounded to bf16).  Each setting is a constexpr of its own (a new compile, no stale kernel)."""
+    monkeypatch.setenv(launch.NATIVE_DOT_ENV, "1")
+    counts = [0, 23, 5, 40]
+    offsets = offsets_for(counts, device)
+    inputs = lowrank_inputs(gen, counts, torch.bfloat16, device, d=45, r=33)
+    ref = reference.grouped_lowrank(inputs[0].double(), offsets, *f64(*inputs[1:]))
+    err = {}
+    for pieces in (3, 2, 1):
+        monkeypatch.setenv(launch.BF16_SPLIT_ENV, str(pieces))
+        assert launch.bf16_split() == pieces
+        err[pieces] = rel_err(tk.grouped_lowrank(inputs[0], offsets, *inputs[1:]), ref)
+    assert err[3] < 1e-6 and err[3] < err[2] < 5e-5 and 1e-4 < err[1] < 3e-2, err
+    monkeypatch.setenv(launch.BF16_SPLIT_ENV, "4")
+    with pytest.raises(ValueError, match=launch.BF16_SPLIT_ENV):
+        tk.grouped_lowrank(inputs[0], offsets, *inputs[1:])
+
+
+def test_tune_split_choices_runs(gen, device, monkeypatch):
+    """tune.py's precision table (run on a GPU by benchmarks/run_gpu.sh) at a tiny shape, its timer
+    replaced: one line per setting, and the setting the caller had is restored."""
+    tune = _module("tune")
+    monkeypatch.setattr(tune, "_median_ms", lambda fn, reps: (fn(), 2.0)[1])
+    monkeypatch.setenv(launch.BF16_SPLIT_ENV, "2")
+    lines = tune.split_choices(gen, 1, T=40, G=3, d=24, r=16, device=device)
+    assert len(lines) == 4 and "dense" in lines[0] and "100% of dense" in lines[3], lines
+    assert launch.bf16_split() == 2
+
+
 def test_ieee_branch_with_bf16(gen, device, monkeypatch):
     """DCEDIT_TRITON_NATIVE_DOT=0: bf16 inputs through the exact fp32 dot."""
     monkeypatch.setenv(launch.NATIVE_DOT_ENV, "0")

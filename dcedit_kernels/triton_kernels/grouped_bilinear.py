@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import dot_path, group_scores_tiles, grouped_bilinear_tiles, native_dot
+from .launch import bf16_split, dot_path, group_scores_tiles, grouped_bilinear_tiles, native_dot
 from .segment_matmul import mma
 
 # Largest scores buffer, in entries (128 MiB in fp32): rows are processed in chunks beyond it.
@@ -64,6 +64,7 @@ def _group_scores_kernel(
     q_ptr, q_index_ptr, q_group_ptr, k_ptr, kv_index_ptr, kv_offsets_ptr, alpha_ptr, c_ptr,
     NQ, DK, W, G,
     HAS_Q_INDEX: tl.constexpr, HAS_KV_INDEX: tl.constexpr, IS_FP64: tl.constexpr, NATIVE: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """C[p, j] = alpha_g Q_{q_index[p]} · K_{kv(kv_offsets[g] + j)} for g = q_group[p], j < |seg_g|.
@@ -90,7 +91,7 @@ def _group_scores_kernel(
                 q = tl.load(q_ptr + q_rows[:, None] * DK + ks[None, :], mask=in_g[:, None] & k_ok[None, :], other=0.0)
                 kt = tl.load(k_ptr + kv_rows[None, :] * DK + ks[:, None], mask=s_ok[None, :] & k_ok[:, None],
                              other=0.0)
-                c = mma(c, q, kt, IS_FP64, NATIVE)
+                c = mma(c, q, kt, IS_FP64, NATIVE, SPLIT)
             c = c * tl.load(alpha_ptr + g).to(ACC)
             tl.store(c_ptr + pos[:, None].to(tl.int64) * W + j[None, :], c, mask=in_g[:, None] & s_ok[None, :])
 
@@ -100,6 +101,7 @@ def _grouped_bilinear_kernel(
     c_ptr, q_index_ptr, q_group_ptr, v_ptr, kv_index_ptr, kv_offsets_ptr, out_ptr,
     NQ, DV, W, G,
     HAS_Q_INDEX: tl.constexpr, HAS_KV_INDEX: tl.constexpr, IS_FP64: tl.constexpr, NATIVE: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """out[q_index[p]] += Σ_{j<|seg_g|} C[p, j] V_{kv(kv_offsets[g] + j)} for g = q_group[p].
@@ -129,7 +131,7 @@ def _grouped_bilinear_kernel(
                         other=0.0)
             vals = tl.load(v_ptr + kv_rows[:, None] * DV + cols[None, :], mask=s_ok[:, None] & col_ok[None, :],
                            other=0.0)
-            acc = mma(acc, c, vals, IS_FP64, NATIVE)
+            acc = mma(acc, c, vals, IS_FP64, NATIVE, SPLIT)
 
     out_ptrs = out_ptr + q_rows[:, None] * DV + cols[None, :]
     out_mask = (pos < NQ)[:, None] & col_ok[None, :]
@@ -159,7 +161,8 @@ def grouped_bilinear_(out, q, q_index, q_group, k, v, kv_index, kv_offsets, alph
     chunk = min(NQ, max(SCRATCH_ENTRIES // W, 128))  # at least 128 rows a launch
     scores = torch.empty((chunk, W), dtype=acc, device=out.device)
     kv_idx = kv_index if kv_index is not None else kv_offsets  # never read without HAS_KV_INDEX
-    flags = dict(HAS_Q_INDEX=q_index is not None, HAS_KV_INDEX=kv_index is not None, IS_FP64=fp64)
+    flags = dict(HAS_Q_INDEX=q_index is not None, HAS_KV_INDEX=kv_index is not None, IS_FP64=fp64,
+                 SPLIT=bf16_split())
     for p0 in range(0, NQ, chunk):
         rows = min(chunk, NQ - p0)
         groups = q_group[p0:p0 + rows]

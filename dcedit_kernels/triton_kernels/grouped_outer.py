@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .._checks import check_same_device, check_tensor, compute_dtype
-from .launch import dot_path, grouped_outer_tiles, native_dot
+from .launch import bf16_split, dot_path, grouped_outer_tiles, native_dot
 from .segment_matmul import mma
 
 MODE_NONE, MODE_ADD, MODE_MAX, MODE_SSS, MODE_SSM, MODE_FISHER = range(6)
@@ -31,7 +31,7 @@ def _grouped_outer_kernel(
     eta_ptr, mu_ptr, offsets_ptr, alpha_ptr, out_ptr, sel_ptr,
     O, I, G,
     stride_eta_t, stride_eta_o, stride_mu_t, stride_mu_i,
-    MODE: tl.constexpr, SELECT: tl.constexpr, IS_FP64: tl.constexpr, NATIVE: tl.constexpr,
+    MODE: tl.constexpr, SELECT: tl.constexpr, IS_FP64: tl.constexpr, NATIVE: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     ACC = out_ptr.dtype.element_ty
@@ -68,7 +68,7 @@ def _grouped_outer_kernel(
                                mask=t_ok[None, :] & o_ok[:, None], other=0.0)  # (O, T): ηᵀ
             mu_tile = tl.load(mu_ptr + rt[:, None] * stride_mu_t + ri[None, :] * stride_mu_i,
                               mask=t_ok[:, None] & i_ok[None, :], other=0.0)  # (T, I)
-            s_g = mma(s_g, eta_tile, mu_tile, IS_FP64, NATIVE)
+            s_g = mma(s_g, eta_tile, mu_tile, IS_FP64, NATIVE, SPLIT)
         if MODE == 0:
             res = s_g
         elif MODE == 1:
@@ -161,7 +161,7 @@ def launch_grouped_outer(eta, mu, offsets, mode: int, alpha=1.0, precision_from=
         eta, mu, offsets, alpha_t, out, sel,
         O, I, G,
         eta.stride(0), eta.stride(1), mu.stride(0), mu.stride(1),
-        MODE=mode, SELECT=bool(select), IS_FP64=fp64, NATIVE=native, **tiles,
+        MODE=mode, SELECT=bool(select), IS_FP64=fp64, NATIVE=native, SPLIT=bf16_split(), **tiles,
     )
     return result
 

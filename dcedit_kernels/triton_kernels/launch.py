@@ -25,6 +25,7 @@ import torch
 
 HALF = (torch.float16, torch.bfloat16)
 NATIVE_DOT_ENV = "DCEDIT_TRITON_NATIVE_DOT"
+BF16_SPLIT_ENV = "DCEDIT_TRITON_BF16_SPLIT"
 
 
 def interpreting() -> bool:
@@ -75,6 +76,19 @@ def native_dot(*dtypes: torch.dtype) -> bool:
     if flag not in ("", "0", "1"):
         raise ValueError(f"{NATIVE_DOT_ENV} must be 0 or 1 (or unset), got {flag!r}")
     return flag != "0"
+
+
+def bf16_split() -> int:
+    """How many bf16 pieces `mma` splits an fp32 tile into when it meets a bf16 one (its SPLIT
+    constexpr): 3 (the default, ~fp32 accurate), 2 or 1 (the fp32 tile rounded to bf16), from
+    DCEDIT_TRITON_BF16_SPLIT, read at each launch (ValueError for any other value).  Fewer
+    pieces, fewer tensor-core passes: grouped_lowrank's second GEMM (its fp32 hidden z against
+    bf16 u) does 3, 2 or 1 passes where the first does 1.  A constexpr, so each setting compiles
+    (and caches) its own kernels."""
+    flag = os.environ.get(BF16_SPLIT_ENV, "3")
+    if flag not in ("1", "2", "3"):
+        raise ValueError(f"{BF16_SPLIT_ENV} must be 1, 2 or 3 (or unset), got {flag!r}")
+    return int(flag)
 
 
 def _pow2_at_least(n: int, lo: int, hi: int) -> int:

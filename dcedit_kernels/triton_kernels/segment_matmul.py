@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .._checks import check_same_device, check_tensor, compute_dtype
 from ..reference.segments import group_ids
-from .launch import dot_path, interpreting, native_dot, segment_matmul_tiles
+from .launch import bf16_split, dot_path, interpreting, native_dot, segment_matmul_tiles
 
 
 # Whether kernels run on the interpreter, fixed at import like triton itself (TRITON_INTERPRET
@@ -57,7 +57,7 @@ def _split_bf16x3(x):
 
 
 @triton.jit
-def mma(acc, a, b, IS_FP64: tl.constexpr, NATIVE: tl.constexpr):
+def mma(acc, a, b, IS_FP64: tl.constexpr, NATIVE: tl.constexpr, SPLIT: tl.constexpr):
     """acc + a @ b for tiles as loaded (any float dtype); acc is fp32, or fp64 with IS_FP64.
 
     fp64: a broadcast product and a sum rather than tl.dot: fp64 tl.dot is not available on
@@ -70,7 +70,10 @@ def mma(acc, a, b, IS_FP64: tl.constexpr, NATIVE: tl.constexpr):
         bf16 dots: error up to 2^-27 relative per product, finer than tf32x3's ~2^-22, in three
         bf16 passes where tf32x3 takes three TF32 passes at half the bf16 rate (by the
         tensor-core rates: 2× faster; not yet timed).  fp16 is not split so: fp16 pieces of an
-        fp32 value can overflow (65504) or lose its small part to fp16's range.
+        fp32 value can overflow (65504) or lose its small part to fp16's range.  SPLIT
+        (`launch.bf16_split`, default 3) keeps fewer pieces, trading accuracy for passes:
+        2 (hi + mid: up to ~2^-17 relative per product), 1 (hi: the fp32 tile rounded to bf16,
+        2^-9, as an eager bf16 model rounds its intermediates).
       - "tf32x3": any other pair (fp32 with fp32 or with fp16, fp16 with bf16): three TF32
         passes that keep ~fp32 accuracy (~2^-22 relative per product).  One TF32 pass would
         round the fp32 side to 10 mantissa bits (up to 2^-11 ≈ 5e-4), which the op tests' 1e-5
@@ -87,14 +90,18 @@ def mma(acc, a, b, IS_FP64: tl.constexpr, NATIVE: tl.constexpr):
             else:
                 acc = _dot16(acc, a, b)
         elif a.dtype == tl.float32 and b.dtype == tl.bfloat16:
-            hi, mid, lo = _split_bf16x3(a)
-            acc = _dot16(acc, lo, b)
-            acc = _dot16(acc, mid, b)
+            hi, mid, lo = _split_bf16x3(a)  # pieces SPLIT leaves out are dead code
+            if SPLIT >= 3:
+                acc = _dot16(acc, lo, b)
+            if SPLIT >= 2:
+                acc = _dot16(acc, mid, b)
             acc = _dot16(acc, hi, b)
         elif a.dtype == tl.bfloat16 and b.dtype == tl.float32:
             hi, mid, lo = _split_bf16x3(b)
-            acc = _dot16(acc, a, lo)
-            acc = _dot16(acc, a, mid)
+            if SPLIT >= 3:
+                acc = _dot16(acc, a, lo)
+            if SPLIT >= 2:
+                acc = _dot16(acc, a, mid)
             acc = _dot16(acc, a, hi)
         else:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
@@ -110,7 +117,7 @@ def _segment_matmul_kernel(
     stride_xt, stride_xk, stride_wg, stride_wn, stride_wk, stride_sw, stride_sn, stride_sk,
     HAS_GAIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SELECT: tl.constexpr,
-    IS_FP64: tl.constexpr, NATIVE: tl.constexpr,
+    IS_FP64: tl.constexpr, NATIVE: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     ACC = y_ptr.dtype.element_ty
@@ -150,7 +157,7 @@ def _segment_matmul_kernel(
                 word = tl.load(sel_ptr + (g // 32) * stride_sw + ks[:, None] * stride_sk + cols[None, :] * stride_sn,
                                mask=k_ok[:, None] & col_ok[None, :], other=0)
                 b = tl.where(((word >> (g % 32)) & 1) != 0, b, 0.0)
-            acc = mma(acc, a, b, IS_FP64, NATIVE)
+            acc = mma(acc, a, b, IS_FP64, NATIVE, SPLIT)
 
     # Epilogue parameters gathered per row from its group (rows outside [0, T) stay masked):
     # no per-group (BLOCK_M × BLOCK_N) tiles carried through the loop, which would cost
@@ -264,6 +271,6 @@ def segment_matmul(x, w, offsets, transpose_w=True, gain=None, bias=None, scale=
         HAS_GAIN=gain is not None, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
         HAS_SHIFT=shift is not None, RELU=bool(relu), HAS_RESIDUAL=residual is not None,
         HAS_SELECT=select is not None,
-        IS_FP64=fp64, NATIVE=native, **tiles,
+        IS_FP64=fp64, NATIVE=native, SPLIT=bf16_split(), **tiles,
     )
     return y

@@ -4,11 +4,14 @@ For each kernel and dot path of `launch.CANDIDATES`, at the benchmark shapes
 (benchmarks/test_bench_ops.py, bf16 inputs), runs the op with each candidate pinned by
 `launch.forced_tiles` and prints the median time, the rate, and which candidate won.  The first
 candidate is the heuristic's choice: a faster one is the measured reason to change launch.py.
+First, grouped_lowrank with z in 3, 2 or 1 bf16 pieces against a dense bf16 matmul
+(`split_choices`), and lowrank_delta_linear's dense part three ways (`_dense_choices`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -20,11 +23,11 @@ from .segment_matmul import segment_matmul
 from .segmented_fisher import segmented_fisher
 
 
-def _ragged(T, G, gen):
+def _ragged(T, G, gen, device="cuda"):
     """Offsets of G ragged groups over T tokens (one empty), as the benchmarks build them."""
     cuts = torch.sort(torch.randint(0, T + 1, (G - 1,), generator=gen)).values
     cuts[0] = cuts[1]
-    return torch.cat([torch.tensor([0]), cuts, torch.tensor([T])]).to(torch.int32).cuda()
+    return torch.cat([torch.tensor([0]), cuts, torch.tensor([T])]).to(torch.int32).to(device)
 
 
 def _cases(gen):
@@ -92,6 +95,41 @@ def _dense_choices(gen, reps: int) -> None:
               flush=True)
 
 
+def split_choices(gen, reps: int, T=4096, G=8, d=8000, r=1920, device="cuda") -> list:
+    """grouped_lowrank forward (bf16, benchmark shape) with z split into 3, 2 or 1 bf16 pieces
+    (DCEDIT_TRITON_BF16_SPLIT), against one bf16 torch.mm of the same FLOPs (h @ a d × 2r
+    matrix): issue 5's "60% of dense matmul" reads off the last column.  Returns the printed lines."""
+    from .grouped_lowrank import grouped_lowrank
+
+    bf = torch.bfloat16
+    h = torch.randn(T, d, generator=gen).to(bf).to(device)
+    u = (torch.randn(G, d, r, generator=gen) * 0.01).to(bf).to(device)
+    v = (torch.randn(G, r, d, generator=gen) * 0.01).to(bf).to(device)
+    bias = torch.randn(G, d, generator=gen).to(bf).to(device)
+    off = _ragged(T, G, gen, device)
+    flops = 4.0 * T * d * r
+    dense = torch.randn(d, 2 * r, generator=gen).to(bf).to(device)
+    lines = []
+    dense_ms = _median_ms(lambda: torch.mm(h, dense), reps)
+    lines.append(f"  dense bf16 torch.mm {T}x{d} @ {d}x{2 * r}: {dense_ms:.3f} ms, "
+                 f"{flops / dense_ms / 1e9:.0f} TFLOP/s")
+    print(lines[-1], flush=True)
+    previous = os.environ.get(launch.BF16_SPLIT_ENV)
+    try:
+        for pieces in (3, 2, 1):
+            os.environ[launch.BF16_SPLIT_ENV] = str(pieces)
+            ms = _median_ms(lambda: grouped_lowrank(h, off, u, v, bias), reps)
+            lines.append(f"  grouped_lowrank, z in {pieces} bf16 piece(s): {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s, "
+                         f"{100.0 * dense_ms / ms:.0f}% of dense")
+            print(lines[-1], flush=True)
+    finally:
+        if previous is None:
+            os.environ.pop(launch.BF16_SPLIT_ENV, None)
+        else:
+            os.environ[launch.BF16_SPLIT_ENV] = previous
+    return lines
+
+
 def _median_ms(fn, reps: int) -> float:
     fn()  # compile
     torch.cuda.synchronize()
@@ -116,6 +154,11 @@ def main(argv=None) -> int:
         return 3
     gen = torch.Generator().manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}; rates count useful flops only", flush=True)
+    # The precision/speed choices first (few compiles): the config sweep below may run out of time.
+    if args.only in "split":
+        split_choices(gen, args.reps)
+    if args.only in "dense":
+        _dense_choices(gen, args.reps)
     for kernel, path, label, flops, fn in _cases(gen):
         if args.only not in label:
             continue
@@ -137,8 +180,6 @@ def main(argv=None) -> int:
             versus = "the heuristic's" if n == 0 else f"heuristic {first[0]:.3f} ms" if first else "heuristic failed"
             print(f"best {kernel}/{path} for {label}: [{name}] {ms:.3f} ms ({versus})", flush=True)
         torch.cuda.empty_cache()
-    if args.only in "dense":
-        _dense_choices(gen, args.reps)
     return 0
 
 
