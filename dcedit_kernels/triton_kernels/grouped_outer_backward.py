@@ -40,7 +40,12 @@ def grouped_outer_backward(grad, eta, mu, offsets, fusion, alpha):
     select = None
     if fusion in ("max", "sss", "ssm"):
         select = launch_grouped_outer(eta, mu, offsets, FUSION_MODES[fusion], precision_from=src, select=True)
-    # One weight per group: "none" has its own, the rest share g_out (a stride-0 view, no copy).
+    if fusion == "add":
+        # Every group's dS_g is g_out: all rows as one group, so no row tile repeats its K loop
+        # for each group it straddles.
+        offsets = torch.tensor([0, T], dtype=offsets.dtype, device=offsets.device)
+        G = 1
+    # One weight per group: "none" has its own, max/sss/ssm share g_out (a stride-0 view, no copy).
     w = g_out if fusion == "none" else g_out.expand(G, O, I)
     gid = group_ids(offsets, T)
     d_eta = segment_matmul(mu, w, offsets, transpose_w=True, row_groups=gid, precision_from=src,
