@@ -6,6 +6,7 @@ Captured factors are synthetic (random μ, η with CounterFact-like token counts
 measures the editing path, not the language model's forward pass.
 """
 
+import pytest
 import torch
 
 from conftest import ON_GPU
@@ -36,7 +37,18 @@ def _moeditor(device, **kw):
     return ed
 
 
-def test_moeditor_edit_three_layers(benchmark, device, ceilings):
+@pytest.fixture(params=["highest", "high"] if ON_GPU else ["highest"])
+def precision(request):
+    """torch's float32 matmul precision for the whole case, fused and eager alike.  The editor is
+    fp32 (its default), so its MLP (most of the FLOPs) runs exact fp32 under "highest" (Triton's
+    IEEE dot against cuBLAS's SGEMM) and one TF32 pass under "high" on both sides."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(request.param)
+    yield request.param
+    torch.set_float32_matmul_precision(previous)
+
+
+def test_moeditor_edit_three_layers(benchmark, device, ceilings, precision):
     gen = torch.Generator().manual_seed(0)
     editor = _moeditor(device).eval()
     weights = [torch.randn(OUT, IN, generator=gen).to(DT).to(device) for _ in range(N_LAYERS)]

@@ -585,6 +585,14 @@ def test_native_dot_choice(monkeypatch):
     monkeypatch.setenv(launch.NATIVE_DOT_ENV, "yes")
     with pytest.raises(ValueError, match=launch.NATIVE_DOT_ENV):
         launch.native_dot(bf16)
+    assert launch.dot_split(f32, f32) == 1 and launch.dot_split(f32, bf16) == launch.fp32_split() == 3
+    previous = torch.get_float32_matmul_precision()
+    try:  # fp32-only dots follow torch's float32 matmul precision
+        for setting, native in (("highest", False), ("high", True), ("medium", True)):
+            torch.set_float32_matmul_precision(setting)
+            assert launch.native_dot(f32, f32) is native and not launch.native_dot(f64, f32), setting
+    finally:
+        torch.set_float32_matmul_precision(previous)
     assert launch.dot_path(False, True, bf16, bf16) == "half"
     assert launch.dot_path(False, True, f16, bf16) == "tf32x3"
     assert launch.dot_path(False, True, f32, bf16) == "bf16x3"
@@ -698,8 +706,8 @@ def test_bf16x3_keeps_fp32_accuracy(gen, device, monkeypatch):
     close(out, want)
 
 
-def test_bf16_split_trades_accuracy(gen, device, monkeypatch):
-    """DCEDIT_TRITON_BF16_SPLIT: grouped_lowrank's fp32 z against bf16 u in 3 pieces (~fp32),
+def test_fp32_split_trades_accuracy(gen, device, monkeypatch):
+    """DCEDIT_TRITON_FP32_SPLIT: grouped_lowrank's fp32 z against bf16 u in 3 pieces (~fp32),
     2 (≤ ~2^-16 per product here: the tolerance of fp32 outputs, 1e-5, is about its edge) or 1
     (z rounded to bf16).  Each setting is a constexpr of its own (a new compile, no stale kernel)."""
     monkeypatch.setenv(launch.NATIVE_DOT_ENV, "1")
@@ -709,12 +717,12 @@ def test_bf16_split_trades_accuracy(gen, device, monkeypatch):
     ref = reference.grouped_lowrank(inputs[0].double(), offsets, *f64(*inputs[1:]))
     err = {}
     for pieces in (3, 2, 1):
-        monkeypatch.setenv(launch.BF16_SPLIT_ENV, str(pieces))
-        assert launch.bf16_split() == pieces
+        monkeypatch.setenv(launch.FP32_SPLIT_ENV, str(pieces))
+        assert launch.fp32_split() == pieces
         err[pieces] = rel_err(tk.grouped_lowrank(inputs[0], offsets, *inputs[1:]), ref)
     assert err[3] < 1e-6 and err[3] < err[2] < 5e-5 and 1e-4 < err[1] < 3e-2, err
-    monkeypatch.setenv(launch.BF16_SPLIT_ENV, "4")
-    with pytest.raises(ValueError, match=launch.BF16_SPLIT_ENV):
+    monkeypatch.setenv(launch.FP32_SPLIT_ENV, "4")
+    with pytest.raises(ValueError, match=launch.FP32_SPLIT_ENV):
         tk.grouped_lowrank(inputs[0], offsets, *inputs[1:])
 
 
@@ -723,10 +731,47 @@ def test_tune_split_choices_runs(gen, device, monkeypatch):
     replaced: one line per setting, and the setting the caller had is restored."""
     tune = _module("tune")
     monkeypatch.setattr(tune, "_median_ms", lambda fn, reps: (fn(), 2.0)[1])
-    monkeypatch.setenv(launch.BF16_SPLIT_ENV, "2")
+    monkeypatch.setenv(launch.FP32_SPLIT_ENV, "2")
     lines = tune.split_choices(gen, 1, T=40, G=3, d=24, r=16, device=device)
     assert len(lines) == 4 and "dense" in lines[0] and "100% of dense" in lines[3], lines
-    assert launch.bf16_split() == 2
+    assert launch.fp32_split() == 2
+
+
+@pytest.fixture
+def float32_precision():
+    """Sets torch's float32 matmul precision inside a test and restores it after."""
+    previous = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(previous)
+
+
+def test_fp32_ops_follow_torch_matmul_precision(gen, device, float32_precision, monkeypatch):
+    """fp32 inputs under torch's "high" precision: every launcher takes the native branch with one
+    TF32 pass (SPLIT 1), to TF32's accuracy (2^-11 per product; the interpreter computes it in
+    fp32); under "highest" the IEEE dot."""
+    taken = []
+    real_split = launch.dot_split
+    for name in ("segment_matmul", "grouped_outer", "grouped_bilinear"):
+        module = _module(name)
+        monkeypatch.setattr(module, "dot_split", lambda *d, _n=name: taken.append(_n) or real_split(*d))
+    counts = [0, 9, 17, 3, 0]
+    offsets = offsets_for(counts, device)
+    T = sum(counts)
+    inputs = lowrank_inputs(gen, counts, torch.float32, device, d=21, r=18)
+    eta, mu = randn((T, 29), gen, torch.float32, device), randn((T, 13), gen, torch.float32, device)
+    x, weight, b, row_group, mu_t, eta_t, alpha = delta_inputs(gen, counts, torch.float32, device)
+    refs = (reference.grouped_lowrank(inputs[0].double(), offsets, *f64(*inputs[1:])),
+            reference.grouped_outer(*f64(eta, mu), offsets, "sss", 1.0),
+            delta_reference(x, weight, b, row_group, mu_t, eta_t, offsets, alpha,
+                            torch.ones(x.shape[0], weight.shape[0], device=device))[0])
+    for setting, tol in (("highest", TOL[torch.float32]), ("high", 2e-3)):
+        float32_precision(setting)
+        assert launch.native_dot(torch.float32) is (setting == "high")
+        outs = (tk.grouped_lowrank(inputs[0], offsets, *inputs[1:]), tk.grouped_outer(eta, mu, offsets, "sss", 1.0),
+                tk.lowrank_delta_linear(x, weight, b, row_group, mu_t, eta_t, offsets, alpha))
+        for out, ref in zip(outs, refs):
+            assert rel_err(out, ref) < tol, setting
+    assert {"segment_matmul", "grouped_outer", "grouped_bilinear"} <= set(taken)
 
 
 def test_ieee_branch_with_bf16(gen, device, monkeypatch):

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import bf16_split, dot_path, group_scores_tiles, grouped_bilinear_tiles, native_dot
+from .launch import dot_path, dot_split, group_scores_tiles, grouped_bilinear_tiles, native_dot
 from .segment_matmul import mma
 
 # Largest scores buffer, in entries (128 MiB in fp32): rows are processed in chunks beyond it.
@@ -161,8 +161,7 @@ def grouped_bilinear_(out, q, q_index, q_group, k, v, kv_index, kv_offsets, alph
     chunk = min(NQ, max(SCRATCH_ENTRIES // W, 128))  # at least 128 rows a launch
     scores = torch.empty((chunk, W), dtype=acc, device=out.device)
     kv_idx = kv_index if kv_index is not None else kv_offsets  # never read without HAS_KV_INDEX
-    flags = dict(HAS_Q_INDEX=q_index is not None, HAS_KV_INDEX=kv_index is not None, IS_FP64=fp64,
-                 SPLIT=bf16_split())
+    flags = dict(HAS_Q_INDEX=q_index is not None, HAS_KV_INDEX=kv_index is not None, IS_FP64=fp64)
     for p0 in range(0, NQ, chunk):
         rows = min(chunk, NQ - p0)
         groups = q_group[p0:p0 + rows]
@@ -173,11 +172,11 @@ def grouped_bilinear_(out, q, q_index, q_group, k, v, kv_index, kv_offsets, alph
         grid = (triton.cdiv(rows, score_tiles["BLOCK_M"]), triton.cdiv(W, score_tiles["BLOCK_T"]))
         _group_scores_kernel[grid](
             q_rows, index, groups, k, kv_idx, kv_offsets, alpha, scores,
-            rows, DK, W, G, NATIVE=native_qk, **flags, **score_tiles,
+            rows, DK, W, G, NATIVE=native_qk, SPLIT=dot_split(q.dtype, k.dtype), **flags, **score_tiles,
         )
         grid = (triton.cdiv(rows, apply_tiles["BLOCK_M"]), triton.cdiv(DV, apply_tiles["BLOCK_N"]))
         _grouped_bilinear_kernel[grid](
             scores, index, groups, v, kv_idx, kv_offsets, out_rows,
-            rows, DV, W, G, NATIVE=native_pv, **flags, **apply_tiles,
+            rows, DV, W, G, NATIVE=native_pv, SPLIT=dot_split(v.dtype), **flags, **apply_tiles,
         )
     return out

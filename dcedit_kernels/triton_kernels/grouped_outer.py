@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .._checks import check_same_device, check_tensor, compute_dtype
-from .launch import bf16_split, dot_path, grouped_outer_tiles, native_dot
+from .launch import dot_path, dot_split, grouped_outer_tiles, native_dot
 from .segment_matmul import mma
 
 MODE_NONE, MODE_ADD, MODE_MAX, MODE_SSS, MODE_SSM, MODE_FISHER = range(6)
@@ -161,7 +161,7 @@ def launch_grouped_outer(eta, mu, offsets, mode: int, alpha=1.0, precision_from=
         eta, mu, offsets, alpha_t, out, sel,
         O, I, G,
         eta.stride(0), eta.stride(1), mu.stride(0), mu.stride(1),
-        MODE=mode, SELECT=bool(select), IS_FP64=fp64, NATIVE=native, SPLIT=bf16_split(), **tiles,
+        MODE=mode, SELECT=bool(select), IS_FP64=fp64, NATIVE=native, SPLIT=dot_split(eta.dtype, mu.dtype, *precision_from), **tiles,
     )
     return result
 

@@ -25,7 +25,7 @@ import torch
 
 HALF = (torch.float16, torch.bfloat16)
 NATIVE_DOT_ENV = "DCEDIT_TRITON_NATIVE_DOT"
-BF16_SPLIT_ENV = "DCEDIT_TRITON_BF16_SPLIT"
+FP32_SPLIT_ENV = "DCEDIT_TRITON_FP32_SPLIT"
 
 
 def interpreting() -> bool:
@@ -64,31 +64,52 @@ def native_dot(*dtypes: torch.dtype) -> bool:
     `dtypes`: the operands' tensors and, for fp32 intermediates, the op inputs they were computed
     from (`precision_from`).  True when one of them is float16/bfloat16 and none is float64:
     `mma` then takes the form `dot_path` names ("half", "bf16x3" or "tf32x3", all ~fp32
-    accurate); fp32-only ops keep the IEEE fp32 dot and fp64 its broadcast sum.  The same
+    accurate by default, see `fp32_split`); fp64 keeps its broadcast sum, and fp32-only ops the
+    IEEE fp32 dot unless torch's float32 matmul precision allows TF32 (`fp32_tensor_cores`:
+    one TF32 pass, see `dot_split`).  The same
     choice under the interpreter, so that the CPU tests run the branches a GPU runs (`mma`'s
     16-bit dots go through exact fp32 there: the interpreter's bf16 tl.dot is wrong).
     DCEDIT_TRITON_NATIVE_DOT=1 or 0 forces it on or off where a dtype is 16-bit (and raises
     ValueError for any other value).
     """
-    if torch.float64 in dtypes or not any(d in HALF for d in dtypes):
+    if torch.float64 in dtypes:
         return False
+    if not any(d in HALF for d in dtypes):
+        return fp32_tensor_cores()
     flag = os.environ.get(NATIVE_DOT_ENV, "")
     if flag not in ("", "0", "1"):
         raise ValueError(f"{NATIVE_DOT_ENV} must be 0 or 1 (or unset), got {flag!r}")
     return flag != "0"
 
 
-def bf16_split() -> int:
-    """How many bf16 pieces `mma` splits an fp32 tile into when it meets a bf16 one (its SPLIT
-    constexpr): 3 (the default, ~fp32 accurate), 2 or 1 (the fp32 tile rounded to bf16), from
-    DCEDIT_TRITON_BF16_SPLIT, read at each launch (ValueError for any other value).  Fewer
-    pieces, fewer tensor-core passes: grouped_lowrank's second GEMM (its fp32 hidden z against
-    bf16 u) does 3, 2 or 1 passes where the first does 1.  A constexpr, so each setting compiles
-    (and caches) its own kernels."""
-    flag = os.environ.get(BF16_SPLIT_ENV, "3")
+def fp32_split() -> int:
+    """How many pieces an fp32 tile of a 16-bit op takes on tensor cores (`mma`'s SPLIT
+    constexpr), from DCEDIT_TRITON_FP32_SPLIT, read at each launch (ValueError for any other
+    value): 3 (the default, ~fp32 accurate: bf16x3 against bf16, tf32x3 otherwise), 2 (bf16:
+    hi + mid, ~2^-17 relative per product; TF32 pairs stay tf32x3) or 1 (the fp32 tile rounded
+    to bf16, 2^-9, as an eager bf16 model rounds its intermediates; TF32 pairs one TF32 pass).
+    Fewer pieces, fewer passes: grouped_lowrank's second GEMM (its fp32 hidden z against bf16 u)
+    does 3, 2 or 1 passes where the first does 1.  A constexpr, so each setting compiles (and
+    caches) its own kernels."""
+    flag = os.environ.get(FP32_SPLIT_ENV, "3")
     if flag not in ("1", "2", "3"):
-        raise ValueError(f"{BF16_SPLIT_ENV} must be 1, 2 or 3 (or unset), got {flag!r}")
+        raise ValueError(f"{FP32_SPLIT_ENV} must be 1, 2 or 3 (or unset), got {flag!r}")
     return int(flag)
+
+
+def fp32_tensor_cores() -> bool:
+    """Whether dots of fp32-only ops may use TF32, as torch's own fp32 matmuls may: when
+    `torch.set_float32_matmul_precision` is "high" or "medium" (not the default "highest")."""
+    return torch.get_float32_matmul_precision() != "highest"
+
+
+def dot_split(*dtypes: torch.dtype) -> int:
+    """`mma`'s SPLIT for a dot over `dtypes` (operands and `precision_from`, as `native_dot`
+    takes them): fp32-only dots take one TF32 pass (1) when `fp32_tensor_cores` lets them onto
+    tensor cores, what cuBLAS does under that setting; a dot with a 16-bit source `fp32_split()`."""
+    if not any(d in HALF for d in dtypes):
+        return 1
+    return fp32_split()
 
 
 def _pow2_at_least(n: int, lo: int, hi: int) -> int:

@@ -29,7 +29,7 @@ import torch
 from .._checks import check_delta_linear_shapes, check_same_device, check_tensor, compute_dtype
 from ..reference.segments import group_ids
 from .grouped_bilinear import grouped_bilinear_
-from .launch import native_dot
+from .launch import HALF, native_dot
 from .segment_matmul import segment_matmul
 
 
@@ -78,7 +78,7 @@ def _dense(a, weight, transpose, acc, bias=None):
     summation order (16-bit products are exact in fp32).  Otherwise torch in `acc`, as the
     reference computes it (a half-precision torch matmul would round y before the shift term).
     """
-    if acc == torch.float64 or a.dtype != weight.dtype or not native_dot(a.dtype):
+    if acc == torch.float64 or a.dtype not in HALF or a.dtype != weight.dtype or not native_dot(a.dtype):
         y = a.to(acc) @ (weight.to(acc).T if transpose else weight.to(acc))
         return y if bias is None else y.add_(bias.to(acc))
     rows = a.shape[0]

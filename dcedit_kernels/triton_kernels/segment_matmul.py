@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .._checks import check_same_device, check_tensor, compute_dtype
 from ..reference.segments import group_ids
-from .launch import bf16_split, dot_path, interpreting, native_dot, segment_matmul_tiles
+from .launch import dot_path, dot_split, interpreting, native_dot, segment_matmul_tiles
 
 
 # Whether kernels run on the interpreter, fixed at import like triton itself (TRITON_INTERPRET
@@ -71,11 +71,13 @@ def mma(acc, a, b, IS_FP64: tl.constexpr, NATIVE: tl.constexpr, SPLIT: tl.conste
         bf16 passes where tf32x3 takes three TF32 passes at half the bf16 rate (by the
         tensor-core rates: 2× faster; not yet timed).  fp16 is not split so: fp16 pieces of an
         fp32 value can overflow (65504) or lose its small part to fp16's range.  SPLIT
-        (`launch.bf16_split`, default 3) keeps fewer pieces, trading accuracy for passes:
+        (`launch.dot_split`; 3 by default) keeps fewer pieces, trading accuracy for passes:
         2 (hi + mid: up to ~2^-17 relative per product), 1 (hi: the fp32 tile rounded to bf16,
         2^-9, as an eager bf16 model rounds its intermediates).
       - "tf32x3": any other pair (fp32 with fp32 or with fp16, fp16 with bf16): three TF32
-        passes that keep ~fp32 accuracy (~2^-22 relative per product).  One TF32 pass would
+        passes that keep ~fp32 accuracy (~2^-22 relative per product); one TF32 pass with
+        SPLIT 1 (fp32-only ops under torch's "high"/"medium" float32 matmul precision, as
+        cuBLAS then does, or DCEDIT_TRITON_FP32_SPLIT=1).  One TF32 pass would
         round the fp32 side to 10 mantissa bits (up to 2^-11 ≈ 5e-4), which the op tests' 1e-5
         tolerance for 16-bit inputs rejects, and IEEE fp32 runs on the FMA units.
     Otherwise both tiles are cast to fp32 with input_precision="ieee" (exact products): the
@@ -86,7 +88,10 @@ def mma(acc, a, b, IS_FP64: tl.constexpr, NATIVE: tl.constexpr, SPLIT: tl.conste
     elif NATIVE:
         if a.dtype == b.dtype:
             if a.dtype == tl.float32:
-                acc = tl.dot(a, b, acc, input_precision="tf32x3")
+                if SPLIT >= 2:
+                    acc = tl.dot(a, b, acc, input_precision="tf32x3")
+                else:
+                    acc = tl.dot(a, b, acc, input_precision="tf32")
             else:
                 acc = _dot16(acc, a, b)
         elif a.dtype == tl.float32 and b.dtype == tl.bfloat16:
@@ -103,8 +108,10 @@ def mma(acc, a, b, IS_FP64: tl.constexpr, NATIVE: tl.constexpr, SPLIT: tl.conste
             if SPLIT >= 2:
                 acc = _dot16(acc, a, mid)
             acc = _dot16(acc, a, hi)
-        else:
+        elif SPLIT >= 2:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
+        else:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
     else:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return acc
@@ -271,6 +278,6 @@ def segment_matmul(x, w, offsets, transpose_w=True, gain=None, bias=None, scale=
         HAS_GAIN=gain is not None, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
         HAS_SHIFT=shift is not None, RELU=bool(relu), HAS_RESIDUAL=residual is not None,
         HAS_SELECT=select is not None,
-        IS_FP64=fp64, NATIVE=native, SPLIT=bf16_split(), **tiles,
+        IS_FP64=fp64, NATIVE=native, SPLIT=dot_split(x.dtype, w.dtype, *precision_from), **tiles,
     )
     return y

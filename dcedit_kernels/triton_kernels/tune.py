@@ -97,7 +97,7 @@ def _dense_choices(gen, reps: int) -> None:
 
 def split_choices(gen, reps: int, T=4096, G=8, d=8000, r=1920, device="cuda") -> list:
     """grouped_lowrank forward (bf16, benchmark shape) with z split into 3, 2 or 1 bf16 pieces
-    (DCEDIT_TRITON_BF16_SPLIT), against one bf16 torch.mm of the same FLOPs (h @ a d × 2r
+    (DCEDIT_TRITON_FP32_SPLIT), against one bf16 torch.mm of the same FLOPs (h @ a d × 2r
     matrix): issue 5's "60% of dense matmul" reads off the last column.  Returns the printed lines."""
     from .grouped_lowrank import grouped_lowrank
 
@@ -114,19 +114,19 @@ def split_choices(gen, reps: int, T=4096, G=8, d=8000, r=1920, device="cuda") ->
     lines.append(f"  dense bf16 torch.mm {T}x{d} @ {d}x{2 * r}: {dense_ms:.3f} ms, "
                  f"{flops / dense_ms / 1e9:.0f} TFLOP/s")
     print(lines[-1], flush=True)
-    previous = os.environ.get(launch.BF16_SPLIT_ENV)
+    previous = os.environ.get(launch.FP32_SPLIT_ENV)
     try:
         for pieces in (3, 2, 1):
-            os.environ[launch.BF16_SPLIT_ENV] = str(pieces)
+            os.environ[launch.FP32_SPLIT_ENV] = str(pieces)
             ms = _median_ms(lambda: grouped_lowrank(h, off, u, v, bias), reps)
             lines.append(f"  grouped_lowrank, z in {pieces} bf16 piece(s): {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s, "
                          f"{100.0 * dense_ms / ms:.0f}% of dense")
             print(lines[-1], flush=True)
     finally:
         if previous is None:
-            os.environ.pop(launch.BF16_SPLIT_ENV, None)
+            os.environ.pop(launch.FP32_SPLIT_ENV, None)
         else:
-            os.environ[launch.BF16_SPLIT_ENV] = previous
+            os.environ[launch.FP32_SPLIT_ENV] = previous
     return lines
 
 
