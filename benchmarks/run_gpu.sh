@@ -54,10 +54,10 @@ echo "CUDA_HOME=${CUDA_HOME:-unset}" >> "$OUT/build.log"
 step build 200 "$OUT/build.log" env DCEDIT_BUILD_CUDA=1 "$PY" setup.py build_ext --inplace
 timeout 60 "$PY" -c "import dcedit_kernels as d; print(d.backends()); print(d.op_backends())" >> "$SUMMARY" 2>&1
 
-# Tests, six processes at once (16 cores): Triton compiles each new kernel specialisation on
+# Tests, seven processes at once (16 cores): Triton compiles each new kernel specialisation on
 # the host, one at a time per process (compile_check's 24 took 15 s on the 2-core dev machine;
 # the CUDA tests need many more: dtypes x flags x shapes x configs), so test_triton_kernels.py
-# runs as four shards, their logs joined into tests_triton.log afterwards.
+# runs as five shards, their logs joined into tests_triton.log afterwards.
 # Not run: test_cuda_compile.py and test_triton_compile.py (compile-only checks, redundant on a
 # GPU), "slow" tests (SmolLM2 from a gguf: no gguf package there), the SmolLM2 tokenizer test
 # (gguf too) and test_ops' check of the Triton registrations on CPU tensors (needs the
@@ -68,13 +68,17 @@ PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider -m "not slow")
 OPS="segment_matmul or grouped_lowrank or grouped_outer or segmented_fisher or lowrank_delta_linear"
 step tests_triton_1 220 "$SHARDS/1.log" "${PYTEST[@]}" --durations=10 tests/test_triton_kernels.py \
     -k "segment_matmul or grouped_lowrank" &
+# grouped_outer alone: its backward's tests compile ~30 more specialisations (selection pass and
+# masked GEMMs for every dtype and fusion).
 step tests_triton_2 220 "$SHARDS/2.log" "${PYTEST[@]}" --durations=10 tests/test_triton_kernels.py \
-    -k "grouped_outer or segmented_fisher or lowrank_delta_linear" &
+    -k "grouped_outer" &
 step tests_triton_3 220 "$SHARDS/3.log" "${PYTEST[@]}" --durations=10 tests/test_triton_kernels.py \
+    -k "segmented_fisher or lowrank_delta_linear" &
+step tests_triton_4 220 "$SHARDS/4.log" "${PYTEST[@]}" --durations=10 tests/test_triton_kernels.py \
     -k "not ($OPS) and not every_config_candidate" &
 # grouped_bilinear's two kernels: 8 forced configs, each compiling the forward's and the three
 # backward calls' specialisations.
-step tests_triton_4 220 "$SHARDS/4.log" "${PYTEST[@]}" --durations=10 tests/test_triton_kernels.py \
+step tests_triton_5 220 "$SHARDS/5.log" "${PYTEST[@]}" --durations=10 tests/test_triton_kernels.py \
     -k "every_config_candidate and not ($OPS)" &
 step tests_ops 220 "$OUT/tests_ops.log" "${PYTEST[@]}" tests/test_ops.py tests/test_cpu_kernels.py \
     tests/test_compat_mend.py tests/test_capture.py tests/test_multi_device.py \
@@ -83,7 +87,7 @@ step tests_cpu 220 "$OUT/tests_cpu.log" "${PYTEST[@]}" tests/test_metrics.py tes
     tests/test_data.py tests/test_demo.py tests/test_train.py \
     --deselect tests/test_data.py::test_tokenize_causal_smollm2_tokenizer_matches_joint_text &
 wait
-for i in 1 2 3 4; do echo "=== shard $i"; cat "$SHARDS/$i.log"; done > "$OUT/tests_triton.log" 2>&1
+for i in 1 2 3 4 5; do echo "=== shard $i"; cat "$SHARDS/$i.log"; done > "$OUT/tests_triton.log" 2>&1
 rm -rf "$SHARDS"
 unset DCEDIT_TEST_CUDA
 
