@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One call on the lent GPU machine: build _C with the CUDA sources, run the tests on CUDA, run
-# the benchmarks (RESULTS.md) and time the Triton launch-config candidates; logs land in $OUT
+# One call on the lent GPU machine: build _C with the CUDA sources, run the tests on CUDA, time
+# the precision tables (tune.py --tables), run the benchmarks (RESULTS.md) and time the Triton
+# launch-config candidates (tune.py --sweep); logs land in $OUT
 # (or ./gpu_out).   device tool:  bash benchmarks/run_gpu.sh
 #
 # Every step runs under `timeout`, within BUDGET seconds in all (the device tool stops a command
@@ -91,9 +92,11 @@ for i in 1 2 3 4 5; do echo "=== shard $i"; cat "$SHARDS/$i.log"; done > "$OUT/t
 rm -rf "$SHARDS"
 unset DCEDIT_TEST_CUDA
 
+# The precision tables first (a few compiles): they answer the predicted misses (NOTES.md 4, 5).
+step tune_tables 60 "$OUT/perf.log" "$PY" -m dcedit_kernels.triton_kernels.tune --tables
 step bench 180 "$OUT/perf.log" "$PY" -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
     --benchmark-json="$OUT/bench.json"
 step results 30 "$OUT/perf.log" "$PY" benchmarks/write_results.py "$OUT/bench.json" --out "$OUT/RESULTS.md"
 # Last, with whatever time is left: each launch-config candidate timed (launch.py's choices).
-step tune 120 "$OUT/perf.log" "$PY" -m dcedit_kernels.triton_kernels.tune
+step tune 120 "$OUT/perf.log" "$PY" -m dcedit_kernels.triton_kernels.tune --sweep
 echo "total $SECONDS s" | tee -a "$SUMMARY"

@@ -726,15 +726,19 @@ def test_fp32_split_trades_accuracy(gen, device, monkeypatch):
         tk.grouped_lowrank(inputs[0], offsets, *inputs[1:])
 
 
-def test_tune_split_choices_runs(gen, device, monkeypatch):
-    """tune.py's precision table (run on a GPU by benchmarks/run_gpu.sh) at a tiny shape, its timer
-    replaced: one line per setting, and the setting the caller had is restored."""
+def test_tune_precision_tables_run(gen, device, monkeypatch):
+    """tune.py's precision tables (run on a GPU by benchmarks/run_gpu.sh) at a tiny shape, its
+    timer replaced: one line per setting, and the settings the caller had are restored."""
     tune = _module("tune")
     monkeypatch.setattr(tune, "_median_ms", lambda fn, reps: (fn(), 2.0)[1])
     monkeypatch.setenv(launch.FP32_SPLIT_ENV, "2")
     lines = tune.split_choices(gen, 1, T=40, G=3, d=24, r=16, device=device)
     assert len(lines) == 4 and "dense" in lines[0] and "100% of dense" in lines[3], lines
     assert launch.fp32_split() == 2
+    precision = torch.get_float32_matmul_precision()
+    lines = tune.fp32_choices(gen, 1, T=40, G=3, d=24, r=16, device=device)
+    assert len(lines) == 4 and "(high), reference" in lines[3], lines
+    assert torch.get_float32_matmul_precision() == precision
 
 
 @pytest.fixture

@@ -5,7 +5,9 @@ For each kernel and dot path of `launch.CANDIDATES`, at the benchmark shapes
 `launch.forced_tiles` and prints the median time, the rate, and which candidate won.  The first
 candidate is the heuristic's choice: a faster one is the measured reason to change launch.py.
 First, grouped_lowrank with z in 3, 2 or 1 bf16 pieces against a dense bf16 matmul
-(`split_choices`), and lowrank_delta_linear's dense part three ways (`_dense_choices`).
+(`split_choices`), an fp32 editor's grouped_lowrank on Triton and on cuBLAS under each float32
+matmul precision (`fp32_choices`), and lowrank_delta_linear's dense part three ways
+(`_dense_choices`).
 """
 
 from __future__ import annotations
@@ -130,6 +132,36 @@ def split_choices(gen, reps: int, T=4096, G=8, d=8000, r=1920, device="cuda") ->
     return lines
 
 
+def fp32_choices(gen, reps: int, T=3000, G=8, d=8000, r=1920, device="cuda") -> list:
+    """An fp32 editor's MLP layer (grouped_lowrank, fp32 h/u/v, an editor's shape: ~3000 tokens,
+    d 8000, r 1920) on Triton and on the reference (a cuBLAS GEMM per group), under torch's
+    "highest" and "high" float32 matmul precision: whether Triton's FMA dot (IEEE fp32) or its
+    one-pass TF32 dot beats cuBLAS, which decides where fp32 editors should run.  Returns the
+    printed lines."""
+    from .. import reference
+    from .grouped_lowrank import grouped_lowrank
+
+    h = torch.randn(T, d, generator=gen).to(device)
+    u = (torch.randn(G, d, r, generator=gen) * 0.01).to(device)
+    v = (torch.randn(G, r, d, generator=gen) * 0.01).to(device)
+    bias = torch.randn(G, d, generator=gen).to(device)
+    off = _ragged(T, G, gen, device)
+    flops = 4.0 * T * d * r
+    lines = []
+    previous = torch.get_float32_matmul_precision()
+    try:
+        for setting in ("highest", "high"):
+            torch.set_float32_matmul_precision(setting)
+            for name, fn in (("triton", grouped_lowrank), ("reference", reference.grouped_lowrank)):
+                ms = _median_ms(lambda: fn(h, off, u, v, bias), reps)
+                lines.append(f"  fp32 grouped_lowrank ({setting}), {name}: {ms:.3f} ms, "
+                             f"{flops / ms / 1e9:.0f} TFLOP/s")
+                print(lines[-1], flush=True)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    return lines
+
+
 def _median_ms(fn, reps: int) -> float:
     fn()  # compile
     torch.cuda.synchronize()
@@ -148,6 +180,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--only", default="", help="cases whose label contains this")
+    part = parser.add_mutually_exclusive_group()
+    part.add_argument("--tables", action="store_true", help="only the precision/dense tables")
+    part.add_argument("--sweep", action="store_true", help="only the launch-config sweep")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() or launch.interpreting():
         print("tune: needs a CUDA device and TRITON_INTERPRET unset", file=sys.stderr)
@@ -155,10 +190,15 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}; rates count useful flops only", flush=True)
     # The precision/speed choices first (few compiles): the config sweep below may run out of time.
-    if args.only in "split":
-        split_choices(gen, args.reps)
-    if args.only in "dense":
-        _dense_choices(gen, args.reps)
+    if not args.sweep:
+        if args.only in "split":
+            split_choices(gen, args.reps)
+        if args.only in "fp32":
+            fp32_choices(gen, args.reps)
+        if args.only in "dense":
+            _dense_choices(gen, args.reps)
+    if args.tables:
+        return 0
     for kernel, path, label, flops, fn in _cases(gen):
         if args.only not in label:
             continue
