@@ -62,8 +62,8 @@ def native_dot(*dtypes: torch.dtype) -> bool:
     """Whether a dot over tensors of `dtypes` uses tensor cores (the NATIVE constexpr of `mma`).
 
     `dtypes`: the operands' tensors and, for fp32 intermediates, the op inputs they were computed
-    from (`precision_from`).  True when one of them is float16/bfloat16 and none is float64:
-    `mma` then takes the form `dot_path` names ("half", "bf16x3" or "tf32x3", all ~fp32
+    from (`precision_from`).  True when one of them is float16/bfloat16 and none is float64
+    (for fp32-only dots: when torch's float32 matmul precision allows TF32): `mma` then takes the form `dot_path` names ("half", "bf16x3" or "tf32x3", all ~fp32
     accurate by default, see `fp32_split`); fp64 keeps its broadcast sum, and fp32-only ops the
     IEEE fp32 dot unless torch's float32 matmul precision allows TF32 (`fp32_tensor_cores`:
     one TF32 pass, see `dot_split`).  The same
@@ -134,8 +134,8 @@ _FORCED: dict[str, dict] = {}
 @contextlib.contextmanager
 def forced_tiles(kernel: str, **config):
     """Pin the launch config of `kernel` (a key of `_TILE_KEYS`: "segment_matmul",
-    "grouped_outer", "group_scores" or "grouped_bilinear") inside the block: the keys its tile
-    function returns, all of them."""
+    "grouped_outer", "grouped_outer_select", "group_scores" or "grouped_bilinear") inside the
+    block: the keys its tile function returns, all of them."""
     if kernel not in _TILE_KEYS:
         raise ValueError(f"kernel must be one of {tuple(_TILE_KEYS)}, got {kernel!r}")
     missing = set(_TILE_KEYS[kernel]) - set(config)

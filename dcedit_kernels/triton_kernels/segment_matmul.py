@@ -77,9 +77,9 @@ def mma(acc, a, b, IS_FP64: tl.constexpr, NATIVE: tl.constexpr, SPLIT: tl.conste
       - "tf32x3": any other pair (fp32 with fp32 or with fp16, fp16 with bf16): three TF32
         passes that keep ~fp32 accuracy (~2^-22 relative per product); one TF32 pass with
         SPLIT 1 (fp32-only ops under torch's "high"/"medium" float32 matmul precision, as
-        cuBLAS then does, or DCEDIT_TRITON_FP32_SPLIT=1).  One TF32 pass would
-        round the fp32 side to 10 mantissa bits (up to 2^-11 ≈ 5e-4), which the op tests' 1e-5
-        tolerance for 16-bit inputs rejects, and IEEE fp32 runs on the FMA units.
+        cuBLAS then does, or DCEDIT_TRITON_FP32_SPLIT=1).  Not one pass by default for 16-bit
+        ops: it rounds the fp32 side to 10 mantissa bits (up to 2^-11 ≈ 5e-4), which the op
+        tests' 1e-5 tolerance for 16-bit inputs rejects, and IEEE fp32 runs on the FMA units.
     Otherwise both tiles are cast to fp32 with input_precision="ieee" (exact products): the
     default TF32 would be off by ~1e-3 from the fp32 reference.
     """
