@@ -74,7 +74,10 @@ def test_moeditor_edit_three_layers(benchmark, device, ceilings, precision):
             bytes_moved=N_LAYERS * 4.0 * IN * OUT * 4, target_speedup=5.0, rounds=5 if ON_GPU else 2)
 
 
-def _train_step_peak(editor, device, gen):
+def _train_step_peak(editor, device, gen, grads_held=False):
+    """Peak extra bytes of one loss + backward.  grads_held: the parameter gradients stay
+    allocated (zeroed) between steps, so the peak leaves them out; else they are freed
+    (set_to_none, PyTorch's default) and each step allocates them again."""
     mu, eta, offsets = _factors(gen, device)
     feats = torch.randn(E, FEAT, generator=gen).to(device)
     x = torch.randn(4 * E, IN, generator=gen).to(DT).to(device)
@@ -86,28 +89,38 @@ def _train_step_peak(editor, device, gen):
         row_group = edit.edit_group[rows]
         y = ops.lowrank_delta_linear(x, weight, None, row_group, edit.mu_t, edit.eta_t, edit.offsets, edit.group_alpha())
         (y.float().square().mean() + edit.aux_loss).backward()
-        editor.zero_grad(set_to_none=True)
+        editor.zero_grad(set_to_none=not grads_held)
 
-    step()  # warm-up allocations (norm statistics, autograd buffers)
+    step()  # warm-up allocations (norm statistics, autograd buffers; the held gradients)
     return peak_extra_bytes(step, device)
 
 
-def train_step_peak(kind: str, device: str) -> float:
+def train_step_peak(kind: str, device: str, grads_held: bool = False) -> float:
     """Peak extra bytes of one training step of `kind` ("mend" or "moeditor8")."""
     gen = torch.Generator().manual_seed(1)
     if kind == "mend":
         editor = MEND(IN, OUT, rank=RANK).to(device).train()
     else:
         editor = MoEditor(IN, OUT, n_editors=8, rank=RANK, feat_dim=FEAT).to(device).train()
-    return _train_step_peak(editor, device, gen)
+    return _train_step_peak(editor, device, gen, grads_held)
+
+
+def _peaks(device, grads_held):
+    if ON_GPU:
+        return tuple(train_step_peak(kind, device, grads_held) for kind in ("mend", "moeditor8"))
+    # RSS high-water marks are only honest in a fresh process
+    return tuple(peak_in_subprocess("test_bench_end_to_end", "train_step_peak", kind, device, grads_held)
+                 for kind in ("mend", "moeditor8"))
 
 
 def test_training_memory_moeditor_vs_mend(benchmark, device, ceilings):
-    if ON_GPU:
-        mend_peak, moe_peak = train_step_peak("mend", device), train_step_peak("moeditor8", device)
-    else:  # RSS high-water marks are only honest in a fresh process
-        mend_peak = peak_in_subprocess("test_bench_end_to_end", "train_step_peak", "mend", device)
-        moe_peak = peak_in_subprocess("test_bench_end_to_end", "train_step_peak", "moeditor8", device)
+    """One training step's peak, MoEditor (N_g = 8) over MEND, twice: with the parameter
+    gradients allocated by the step (PyTorch's default; MoEditor has 8× MEND's parameters, so
+    8× its gradients) and with the .grad buffers held between steps (the step then allocates
+    each new gradient only until autograd adds it in, beside the activations and the ops'
+    workspace)."""
+    mend_peak, moe_peak = _peaks(device, grads_held=False)
+    mend_held, moe_held = _peaks(device, grads_held=True)
     param_bytes = {k: sum(p.numel() * 4 for p in m.parameters()) for k, m in (
         ("mend", MEND(IN, OUT, rank=RANK)), ("moeditor8", MoEditor(IN, OUT, n_editors=8, rank=RANK, feat_dim=FEAT)))}
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
@@ -116,6 +129,9 @@ def test_training_memory_moeditor_vs_mend(benchmark, device, ceilings):
         "mend_step_peak_MiB": mend_peak / 2**20,
         "moeditor8_step_peak_MiB": moe_peak / 2**20,
         "ratio": moe_peak / mend_peak,
+        "mend_step_peak_grads_held_MiB": mend_held / 2**20,
+        "moeditor8_step_peak_grads_held_MiB": moe_held / 2**20,
+        "ratio_grads_held": moe_held / mend_held,
         "mend_params_MiB": param_bytes["mend"] / 2**20,
         "moeditor8_params_MiB": param_bytes["moeditor8"] / 2**20,
         "target_ratio": 1.2,

@@ -44,6 +44,15 @@ def table(data):
                 f"- Training-step peak memory: MEND {_fmt(x['mend_step_peak_MiB'], 1)} MiB, MoEditor (N_g = 8) "
                 f"{_fmt(x['moeditor8_step_peak_MiB'], 1)} MiB, ratio {_fmt(x['ratio'])} (GPU target ≤ 1.2; each side measured in a fresh process)."
             )
+            if "ratio_grads_held" in x:
+                extra.append(
+                    f"- The same with the .grad buffers held between steps (each step still allocates every "
+                    f"gradient before accumulating it): "
+                    f"MEND {_fmt(x['mend_step_peak_grads_held_MiB'], 1)} MiB, MoEditor "
+                    f"{_fmt(x['moeditor8_step_peak_grads_held_MiB'], 1)} MiB, ratio {_fmt(x['ratio_grads_held'])}. "
+                    f"Parameters (fp32): MEND {_fmt(x['mend_params_MiB'], 1)} MiB, MoEditor "
+                    f"{_fmt(x['moeditor8_params_MiB'], 1)} MiB."
+                )
     return header + "\n" + "\n".join(rows) + ("\n\n" + "\n".join(extra) if extra else "")
 
 
