@@ -122,6 +122,21 @@ def test_segment_matmul(gen, dtype, transpose_w, fused, device):
     close(y, ref)
 
 
+@pytest.mark.parametrize("transpose_w", [True, False])
+def test_segment_matmul_select(gen, transpose_w, device):
+    """select=: group g multiplies by W ⊙ (bit g % 32 of word g // 32), from one W shared by the
+    groups (a stride-0 expand); 35 groups take two words, and random words set bit 31 too."""
+    counts = random_counts(35, gen, max_count=4)
+    G, T, k, n = len(counts), sum(counts), 13, 19
+    x = randn((T, k), gen, torch.float64, device)
+    shape = (n, k) if transpose_w else (k, n)
+    w = randn(shape, gen, torch.float64, device)
+    words = torch.randint(-2**31, 2**31, (2, *shape), generator=gen, dtype=torch.int64).to(torch.int32).to(device)
+    y = tk.segment_matmul(x, w.expand(G, *shape), offsets_for(counts, device), transpose_w=transpose_w, select=words)
+    masked = torch.stack([w * ((words[g // 32] >> (g % 32)) & 1) for g in range(G)])
+    close(y, segment_matmul_ref(x, masked, counts, transpose_w, None, None, None, None, False, None))
+
+
 def test_segment_matmul_strided_inputs(gen, device):
     counts = [0, 7, 0, 22]
     T, G, k, n = sum(counts), len(counts), 17, 19
