@@ -94,9 +94,17 @@ unset DCEDIT_TEST_CUDA
 
 # The precision tables first (a few compiles): they answer the predicted misses (NOTES.md 4, 5).
 step tune_tables 60 "$OUT/perf.log" "$PY" -m dcedit_kernels.triton_kernels.tune --tables
-step bench 180 "$OUT/perf.log" "$PY" -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
-    --benchmark-json="$OUT/bench.json"
-step results 30 "$OUT/perf.log" "$PY" benchmarks/write_results.py "$OUT/bench.json" --out "$OUT/RESULTS.md"
+# In two parts, each with its own JSON: pytest-benchmark writes the file only at the end, so a
+# part stopped by its limit loses its own results, not the other's.  The results step merges them
+# into bench.json (eight files come back, no more).
+PARTS=$(mktemp -d)
+BENCH=("$PY" -m pytest --benchmark-only -q -p no:cacheprovider)
+step bench_ops 120 "$OUT/perf.log" "${BENCH[@]}" benchmarks/test_bench_ops.py --benchmark-json="$PARTS/ops.json"
+step bench_e2e 120 "$OUT/perf.log" "${BENCH[@]}" benchmarks/test_bench_end_to_end.py \
+    --benchmark-json="$PARTS/e2e.json"
+step results 30 "$OUT/perf.log" "$PY" benchmarks/write_results.py "$PARTS/ops.json" "$PARTS/e2e.json" \
+    --json-out "$OUT/bench.json" --out "$OUT/RESULTS.md"
+rm -rf "$PARTS"
 # Last, with whatever time is left: each launch-config candidate timed (launch.py's choices).
 step tune 120 "$OUT/perf.log" "$PY" -m dcedit_kernels.triton_kernels.tune --sweep
 echo "total $SECONDS s" | tee -a "$SUMMARY"

@@ -1,8 +1,12 @@
-"""Turn a pytest-benchmark JSON file into the table of benchmarks/RESULTS.md.
+"""Turn pytest-benchmark JSON files into the table of benchmarks/RESULTS.md.
 
-    python benchmarks/write_results.py bench.json [--out benchmarks/RESULTS.md] [--note TEXT]
+    python benchmarks/write_results.py bench.json [more.json ...] [--out benchmarks/RESULTS.md]
+                                       [--json-out merged.json] [--note TEXT]
 
-Replaces the section for the same device in RESULTS.md (so CPU and GPU tables live side by side).
+Several files (benchmarks run in parts, so that one part running out of time loses only its own
+results) make one table; `--json-out` writes their merged JSON.  A file that is missing or not
+JSON (a part killed before pytest-benchmark wrote it) is reported and skipped.  Replaces the
+section for the same device in RESULTS.md (so CPU and GPU tables live side by side).
 """
 
 import argparse
@@ -58,11 +62,28 @@ def table(data):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("json_file")
+    ap.add_argument("json_files", nargs="+")
+    ap.add_argument("--json-out", default="")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
     ap.add_argument("--note", default="")
     args = ap.parse_args()
-    data = json.load(open(args.json_file))
+    data = None
+    for path in args.json_files:
+        try:
+            with open(path) as f:
+                part = json.load(f)
+        except (OSError, ValueError) as exc:
+            print(f"skipped {path}: {type(exc).__name__}: {exc}")
+            continue
+        if data is None:
+            data = part
+        else:
+            data["benchmarks"].extend(part["benchmarks"])
+    if data is None:
+        raise SystemExit("no benchmark results to write")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(data, f)
     info = next((b["extra_info"] for b in data["benchmarks"] if "device" in b["extra_info"]), {})
     device = info.get("device", data["machine_info"].get("cpu", {}).get("brand_raw", "unknown"))
     import torch
