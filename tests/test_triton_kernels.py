@@ -584,7 +584,7 @@ def _module(name):
     return importlib.import_module(f"dcedit_kernels.triton_kernels.{name}")
 
 
-def test_native_dot_choice(monkeypatch):
+def test_native_dot_choice(monkeypatch, float32_precision):
     """Tensor cores for 16-bit operands (the interpreter takes the same branches); the env
     override; bad values."""
     f16, bf16, f32, f64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
@@ -601,13 +601,9 @@ def test_native_dot_choice(monkeypatch):
     with pytest.raises(ValueError, match=launch.NATIVE_DOT_ENV):
         launch.native_dot(bf16)
     assert launch.dot_split(f32, f32) == 1 and launch.dot_split(f32, bf16) == launch.fp32_split() == 3
-    previous = torch.get_float32_matmul_precision()
-    try:  # fp32-only dots follow torch's float32 matmul precision
-        for setting, native in (("highest", False), ("high", True), ("medium", True)):
-            torch.set_float32_matmul_precision(setting)
-            assert launch.native_dot(f32, f32) is native and not launch.native_dot(f64, f32), setting
-    finally:
-        torch.set_float32_matmul_precision(previous)
+    for setting, native in (("highest", False), ("high", True), ("medium", True)):  # torch's precision
+        float32_precision(setting)
+        assert launch.native_dot(f32, f32) is native and not launch.native_dot(f64, f32), setting
     assert launch.dot_path(False, True, bf16, bf16) == "half"
     assert launch.dot_path(False, True, f16, bf16) == "tf32x3"
     assert launch.dot_path(False, True, f32, bf16) == "bf16x3"

@@ -151,23 +151,17 @@ def variants():
                     **strides)
         add(f"segment_matmul {name}", _segment_matmul_kernel, ptrs, ints, dict(flags, IS_FP64=fp64, NATIVE=native),
             segment_matmul_tiles(T, G, n, k, dot_path(fp64, native, f32 if flags["HAS_GAIN"] else x_dt, w_dt)))
-    # grouped_lowrank's second GEMM with fewer bf16 pieces of z (DCEDIT_TRITON_FP32_SPLIT).
-    for pieces in (2, 1):
-        ptrs = {p: f32 for p in sm_ptrs}
-        ptrs.update(w_ptr=bf, gid_ptr=i64, sel_ptr=i32, y_ptr=f32)
-        ints = dict(T=4096, N=8000, K=1920, stride_xt=1920, stride_xk=1, stride_wg=8000 * 1920, stride_wn=1920,
-                    stride_wk=1, stride_sw=0, stride_sn=0, stride_sk=0)
-        add(f"segment_matmul fp32 x bf16 split {pieces} r->d, epilogue", _segment_matmul_kernel, ptrs, ints,
-            dict(full, HAS_GAIN=False, IS_FP64=False, NATIVE=True, SPLIT=pieces),
-            segment_matmul_tiles(4096, 8, 8000, 1920, "bf16x3"))
-    # An fp32 editor's MLP under torch's "high" float32 matmul precision: one TF32 pass (SPLIT 1).
-    ptrs = {p: f32 for p in sm_ptrs}
-    ptrs.update(w_ptr=f32, gid_ptr=i64, sel_ptr=i32, y_ptr=f32)
+    # grouped_lowrank's second GEMM with fewer bf16 pieces of z (DCEDIT_TRITON_FP32_SPLIT), and an
+    # fp32 editor's under torch's "high" float32 matmul precision (one TF32 pass, SPLIT 1).
     ints = dict(T=4096, N=8000, K=1920, stride_xt=1920, stride_xk=1, stride_wg=8000 * 1920, stride_wn=1920,
                 stride_wk=1, stride_sw=0, stride_sn=0, stride_sk=0)
-    add("segment_matmul fp32 tf32 (precision 'high') r->d, epilogue", _segment_matmul_kernel, ptrs, ints,
-        dict(full, HAS_GAIN=False, IS_FP64=False, NATIVE=True, SPLIT=1),
-        segment_matmul_tiles(4096, 8, 8000, 1920, "tf32x3"))
+    for name, w_dt, pieces, path in (("fp32 x bf16 split 2", bf, 2, "bf16x3"), ("fp32 x bf16 split 1", bf, 1, "bf16x3"),
+                                     ("fp32 tf32 (precision 'high')", f32, 1, "tf32x3")):
+        ptrs = {p: f32 for p in sm_ptrs}
+        ptrs.update(w_ptr=w_dt, gid_ptr=i64, sel_ptr=i32, y_ptr=f32)
+        add(f"segment_matmul {name} r->d, epilogue", _segment_matmul_kernel, ptrs, ints,
+            dict(full, HAS_GAIN=False, IS_FP64=False, NATIVE=True, SPLIT=pieces),
+            segment_matmul_tiles(4096, 8, 8000, 1920, path))
     # grouped_outer's backward (T 4096, G 8, o 6400, i 1600): bf16 mu/eta against the shared fp32
     # gradient, masked by the selection words (w stride 0 over groups).
     for name, n, k, transpose in (("d_eta = mu dS_g^T", 6400, 1600, True), ("d_mu = eta dS_g", 1600, 6400, False)):

@@ -161,7 +161,8 @@ def launch_grouped_outer(eta, mu, offsets, mode: int, alpha=1.0, precision_from=
         eta, mu, offsets, alpha_t, out, sel,
         O, I, G,
         eta.stride(0), eta.stride(1), mu.stride(0), mu.stride(1),
-        MODE=mode, SELECT=bool(select), IS_FP64=fp64, NATIVE=native, SPLIT=dot_split(eta.dtype, mu.dtype, *precision_from), **tiles,
+        MODE=mode, SELECT=bool(select), IS_FP64=fp64, NATIVE=native,
+        SPLIT=dot_split(eta.dtype, mu.dtype, *precision_from), **tiles,
     )
     return result
 

@@ -12,12 +12,10 @@ mask and dS_g (five, plus an int64 winner map for "max").
 
 from __future__ import annotations
 
-import torch
-
 from .._checks import check_tensor, compute_dtype
 from ..reference.segments import group_ids
 from .grouped_outer import FUSION_MODES, launch_grouped_outer
-from .segment_matmul import segment_matmul
+from .segment_matmul import one_group, segment_matmul
 
 
 def grouped_outer_backward(grad, eta, mu, offsets, fusion, alpha):
@@ -43,11 +41,12 @@ def grouped_outer_backward(grad, eta, mu, offsets, fusion, alpha):
     if fusion == "add":
         # Every group's dS_g is g_out: all rows as one group, so no row tile repeats its K loop
         # for each group it straddles.
-        offsets = torch.tensor([0, T], dtype=offsets.dtype, device=offsets.device)
+        offsets, gid = one_group(T, eta.device)
         G = 1
+    else:
+        gid = group_ids(offsets, T)
     # One weight per group: "none" has its own, max/sss/ssm share g_out (a stride-0 view, no copy).
     w = g_out if fusion == "none" else g_out.expand(G, O, I)
-    gid = group_ids(offsets, T)
     d_eta = segment_matmul(mu, w, offsets, transpose_w=True, row_groups=gid, precision_from=src,
                            select=select)  # μ_t dS_gᵀ
     d_mu = segment_matmul(eta, w, offsets, transpose_w=False, row_groups=gid, precision_from=src,

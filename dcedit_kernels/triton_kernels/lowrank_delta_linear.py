@@ -30,7 +30,7 @@ from .._checks import check_delta_linear_shapes, check_same_device, check_tensor
 from ..reference.segments import group_ids
 from .grouped_bilinear import grouped_bilinear_
 from .launch import HALF, native_dot
-from .segment_matmul import segment_matmul
+from .segment_matmul import one_group, segment_matmul
 
 
 def _check(x, weight, row_group, mu_t, eta_t, offsets, alpha, grad=None, bias=None):
@@ -81,11 +81,9 @@ def _dense(a, weight, transpose, acc, bias=None):
     if acc == torch.float64 or a.dtype not in HALF or a.dtype != weight.dtype or not native_dot(a.dtype):
         y = a.to(acc) @ (weight.to(acc).T if transpose else weight.to(acc))
         return y if bias is None else y.add_(bias.to(acc))
-    rows = a.shape[0]
-    one_group = torch.arange(2, device=a.device, dtype=torch.int64) * rows  # [0, rows], no host copy
-    return segment_matmul(a, weight[None], one_group, transpose_w=transpose,
-                          bias=bias[None] if bias is not None else None,
-                          row_groups=torch.zeros(rows, dtype=torch.int64, device=a.device))
+    offsets, row_groups = one_group(a.shape[0], a.device)
+    return segment_matmul(a, weight[None], offsets, transpose_w=transpose,
+                          bias=bias[None] if bias is not None else None, row_groups=row_groups)
 
 
 def lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha):

@@ -97,20 +97,25 @@ def _dense_choices(gen, reps: int) -> None:
               flush=True)
 
 
+def _lowrank_args(gen, T, G, d, r, dtype, device):
+    """(h, offsets, u, v, bias) of one grouped_lowrank layer, u and v scaled as a trained editor's."""
+    h = torch.randn(T, d, generator=gen).to(dtype).to(device)
+    u = (torch.randn(G, d, r, generator=gen) * 0.01).to(dtype).to(device)
+    v = (torch.randn(G, r, d, generator=gen) * 0.01).to(dtype).to(device)
+    bias = torch.randn(G, d, generator=gen).to(dtype).to(device)
+    return h, _ragged(T, G, gen, device), u, v, bias
+
+
 def split_choices(gen, reps: int, T=4096, G=8, d=8000, r=1920, device="cuda") -> list:
     """grouped_lowrank forward (bf16, benchmark shape) with z split into 3, 2 or 1 bf16 pieces
     (DCEDIT_TRITON_FP32_SPLIT), against one bf16 torch.mm of the same FLOPs (h @ a d × 2r
     matrix): issue 5's "60% of dense matmul" reads off the last column.  Returns the printed lines."""
     from .grouped_lowrank import grouped_lowrank
 
-    bf = torch.bfloat16
-    h = torch.randn(T, d, generator=gen).to(bf).to(device)
-    u = (torch.randn(G, d, r, generator=gen) * 0.01).to(bf).to(device)
-    v = (torch.randn(G, r, d, generator=gen) * 0.01).to(bf).to(device)
-    bias = torch.randn(G, d, generator=gen).to(bf).to(device)
-    off = _ragged(T, G, gen, device)
+    args = _lowrank_args(gen, T, G, d, r, torch.bfloat16, device)
+    h = args[0]
     flops = 4.0 * T * d * r
-    dense = torch.randn(d, 2 * r, generator=gen).to(bf).to(device)
+    dense = torch.randn(d, 2 * r, generator=gen).to(torch.bfloat16).to(device)
     lines = []
     dense_ms = _median_ms(lambda: torch.mm(h, dense), reps)
     lines.append(f"  dense bf16 torch.mm {T}x{d} @ {d}x{2 * r}: {dense_ms:.3f} ms, "
@@ -120,7 +125,7 @@ def split_choices(gen, reps: int, T=4096, G=8, d=8000, r=1920, device="cuda") ->
     try:
         for pieces in (3, 2, 1):
             os.environ[launch.FP32_SPLIT_ENV] = str(pieces)
-            ms = _median_ms(lambda: grouped_lowrank(h, off, u, v, bias), reps)
+            ms = _median_ms(lambda: grouped_lowrank(*args), reps)
             lines.append(f"  grouped_lowrank, z in {pieces} bf16 piece(s): {ms:.3f} ms, {flops / ms / 1e9:.0f} TFLOP/s, "
                          f"{100.0 * dense_ms / ms:.0f}% of dense")
             print(lines[-1], flush=True)
@@ -141,11 +146,7 @@ def fp32_choices(gen, reps: int, T=3000, G=8, d=8000, r=1920, device="cuda") -> 
     from .. import reference
     from .grouped_lowrank import grouped_lowrank
 
-    h = torch.randn(T, d, generator=gen).to(device)
-    u = (torch.randn(G, d, r, generator=gen) * 0.01).to(device)
-    v = (torch.randn(G, r, d, generator=gen) * 0.01).to(device)
-    bias = torch.randn(G, d, generator=gen).to(device)
-    off = _ragged(T, G, gen, device)
+    args = _lowrank_args(gen, T, G, d, r, torch.float32, device)
     flops = 4.0 * T * d * r
     lines = []
     previous = torch.get_float32_matmul_precision()
@@ -153,7 +154,7 @@ def fp32_choices(gen, reps: int, T=3000, G=8, d=8000, r=1920, device="cuda") -> 
         for setting in ("highest", "high"):
             torch.set_float32_matmul_precision(setting)
             for name, fn in (("triton", grouped_lowrank), ("reference", reference.grouped_lowrank)):
-                ms = _median_ms(lambda: fn(h, off, u, v, bias), reps)
+                ms = _median_ms(lambda: fn(*args), reps)
                 lines.append(f"  fp32 grouped_lowrank ({setting}), {name}: {ms:.3f} ms, "
                              f"{flops / ms / 1e9:.0f} TFLOP/s")
                 print(lines[-1], flush=True)
