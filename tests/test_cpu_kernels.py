@@ -173,6 +173,108 @@ def test_grouped_outer_strided_inputs_and_tiny_shapes(gen):
     assert empty.shape == (0, 4)
 
 
+# --------------------------------------------------------------------------- grouped_outer backward
+
+
+def small_integers(shape, gen, dtype):
+    """Values in {-3, ..., 3}: every S_g, P and N is an exact integer in any dtype here, so the
+    selection (winner, sign, ties) must be exactly the float64 reference's."""
+    return torch.randint(-3, 4, shape, generator=gen).to(dtype)
+
+
+def outer_backward_f64(grad, eta, mu, offsets, fusion, alpha):
+    return R.grouped_outer_backward(grad.double(), eta.double(), mu.double(), offsets, fusion, alpha)
+
+
+def outer_grad_shape(fusion, G):
+    return (G, O, I) if fusion == "none" else (O, I)
+
+
+@pytest.mark.parametrize("layout", ["ragged", "one_group", "all_empty", "past_32_groups"])
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize(
+    "eta_dtype,mu_dtype,grad_dtype",
+    [(F64, F64, F64), (F32, F32, F32), (BF16, BF16, F32), (F16, F32, BF16), (F32, F32, F64)],
+)
+def test_grouped_outer_backward_matches_float64_reference(gen, layout, fusion, eta_dtype, mu_dtype,
+                                                          grad_dtype):
+    # 37 groups of 0-4 tokens need two selection words (bit g % 32 of word g // 32).
+    counts = (torch.randint(0, 5, (37,), generator=gen).tolist() if layout == "past_32_groups"
+              else LAYOUTS[layout])
+    offsets = offsets_from_counts(counts, torch.int64 if layout == "ragged" else torch.int32)
+    T, G = sum(counts), len(counts)
+    eta, mu = small_integers((T, O), gen, eta_dtype), small_integers((T, I), gen, mu_dtype)
+    grad = randn(outer_grad_shape(fusion, G), gen, grad_dtype)
+    alpha = 0.37
+    d_eta, d_mu = ops._grouped_outer_backward(grad, eta, mu, offsets, fusion, alpha)
+    assert (d_eta.dtype, d_eta.shape) == (eta_dtype, eta.shape)
+    assert (d_mu.dtype, d_mu.shape) == (mu_dtype, mu.shape)
+    fp64 = F64 in (eta_dtype, mu_dtype, grad_dtype)
+    for out, ref, width in zip((d_eta, d_mu), outer_backward_f64(grad, eta, mu, offsets, fusion, alpha),
+                               (I, O)):
+        # Each entry sums `width` products of |value| <= 3·|grad|·alpha (accumulated in fp64 or
+        # fp32), then rounds to out's dtype.
+        bound = 3 * alpha * grad.double().abs().max() * width
+        atol = bound * (1e-13 if fp64 else 4e-6)
+        rtol = {F64: 1e-13, F32: 2 ** -23, BF16: 2 ** -8, F16: 2 ** -11}[out.dtype]
+        err = (out.double() - ref).abs()
+        assert bool((err <= atol + rtol * ref.abs()).all()), f"max error {err.max()}"
+
+
+@pytest.mark.parametrize("dtype", [F64, F32, BF16])
+def test_grouped_outer_backward_ties_give_the_gradient_to_the_first_group(gen, dtype):
+    """Group 1 copies group 0 and group 2 negates it (exact ties in |S|): max sends the gradient
+    to group 0 alone; sss/ssm select by sign (P on P = −N), as the reference."""
+    c = 70
+    eta0, mu0 = randn((c, O), gen, dtype), randn((c, I), gen, dtype)
+    eta, mu = torch.cat([eta0, eta0, -eta0]), torch.cat([mu0, mu0, mu0])
+    offsets = offsets_from_counts([0, c, c, c, 0])
+    grad = randn((O, I), gen)
+    for fusion in ("max", "sss", "ssm"):
+        d_eta, d_mu = ops._grouped_outer_backward(grad, eta, mu, offsets, fusion, 0.5)
+        for out, ref in zip((d_eta, d_mu), outer_backward_f64(grad, eta, mu, offsets, fusion, 0.5)):
+            # bf16: the fp32 result and the fp64 one may round to neighbouring bf16 values.
+            rtol = 2 ** -7 if dtype == BF16 else 1e-5
+            torch.testing.assert_close(out.double(), ref.to(dtype).double(), rtol=rtol, atol=1e-4)
+        if fusion == "max":
+            assert not d_eta[c:].any() and not d_mu[c:].any()
+
+
+def test_grouped_outer_backward_gaussian_float64_and_strided(gen):
+    """Continuous values (no ties to speak of) through non-contiguous inputs, and empty sides."""
+    counts = [0, 150, 3, 0, 77, 1, 0]
+    offsets = offsets_from_counts(counts)
+    T = sum(counts)
+    eta, mu = randn((O, T), gen, F64).T, randn((I, T), gen, F64).T
+    for fusion in FUSIONS:
+        grad = randn(outer_grad_shape(fusion, len(counts)), gen, F64).transpose(-1, -2).contiguous().transpose(-1, -2)
+        got = ops._grouped_outer_backward(grad, eta, mu, offsets, fusion, -1.5)
+        for out, ref in zip(got, outer_backward_f64(grad, eta, mu, offsets, fusion, -1.5)):
+            torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for o, i in ((0, 5), (4, 0)):
+        e, m = randn((9, o), gen), randn((9, i), gen)
+        d_e, d_m = ops._grouped_outer_backward(randn((o, i), gen), e, m, offsets_from_counts([4, 5]), "sss", 1.0)
+        assert d_e.shape == (9, o) and d_m.shape == (9, i) and not d_m.any()
+
+
+GROUPED_OUTER_BACKWARD_ERRORS = {
+    "grad int": (lambda g, e, m, o: (g.int(), e, m, o, "sss", 1.0), "grad"),
+    "grad shape": (lambda g, e, m, o: (g.T, e, m, o, "sss", 1.0), "grad"),
+    "grad 2-D for none": (lambda g, e, m, o: (g, e, m, o, "none", 1.0), "grad"),
+    "eta 1-D": (lambda g, e, m, o: (g, e[0], m, o, "sss", 1.0), "eta"),
+    "offsets[-1] != T": (lambda g, e, m, o: (g, e, m, torch.tensor([0, 4, 9]), "max", 1.0), "offsets"),
+    "unknown fusion": (lambda g, e, m, o: (g, e, m, o, "mean", 1.0), "fusion"),
+}
+
+
+@pytest.mark.parametrize("case", list(GROUPED_OUTER_BACKWARD_ERRORS))
+def test_grouped_outer_backward_rejects_bad_input(case):
+    make, name = GROUPED_OUTER_BACKWARD_ERRORS[case]
+    eta, mu, offsets = _token_inputs()
+    with pytest.raises(ValueError, match=name):
+        ops._grouped_outer_backward(*make(torch.randn(6, 5), eta, mu, offsets))
+
+
 # --------------------------------------------------------------------------- segmented_fisher
 
 
@@ -323,11 +425,13 @@ def test_results_do_not_depend_on_the_thread_count(gen):
     offsets = offsets_from_counts([100, 0, 200])
     fisher, delta = torch.rand(400, 300, generator=gen), randn((400, 300), gen)
     weight = randn((400, 300), gen, BF16)
+    grad = randn((150, 140), gen)
 
     def run():
         w = weight.clone()
         ops.apply_shift_(w, delta, 0.3, fisher, keep=0.2)
         return (ops.grouped_outer(eta, mu, offsets, "sss", 1.0),
+                *ops._grouped_outer_backward(grad, eta, mu, offsets, "sss", 1.0),
                 ops.segmented_fisher(eta, mu, offsets),
                 *ops.fisher_mask(delta, fisher, keep=0.2), w)
 

@@ -1,6 +1,7 @@
 // dcedit::grouped_outer on the CPU: per-group shifts S_g = Σ_{t∈g} η_t μ_tᵀ fused elementwise
 // (none / add / max / sss / ssm, SPEC.md), times alpha, computed tile by tile over the o×i output
 // so that the fused forms never hold more than a few 64×64 tiles per thread (see outer_tile.h).
+#include "cpu/fusion.h"
 #include "cpu/outer_tile.h"
 
 #include <ATen/Parallel.h>
@@ -8,22 +9,9 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <string_view>
 
 namespace dcedit_cpu {
 namespace {
-
-enum class Fusion { None, Add, Max, SignSumSum, SignSumMean };
-
-Fusion parse_fusion(std::string_view name) {
-  if (name == "none") return Fusion::None;
-  if (name == "add") return Fusion::Add;
-  if (name == "max") return Fusion::Max;
-  if (name == "sss") return Fusion::SignSumSum;
-  if (name == "ssm") return Fusion::SignSumMean;
-  TORCH_CHECK_VALUE(false, "fusion must be one of 'none', 'add', 'max', 'sss', 'ssm', got '",
-                    std::string(name), "'");
-}
 
 // Writes value(r, c) for the no×ni tile at (o0, i0) of a row-major (·, ld) output.
 template <typename acc_t, typename F>

@@ -8,8 +8,8 @@ from ..reference.grouped_outer import FUSIONS
 from ._dispatch import opcall, register, triton_launcher
 
 register("grouped_outer", reference.grouped_outer, triton_launcher("grouped_outer"))
-# Neither backward holds G o×i matrices: the reference recomputes one S_g at a time, the Triton
-# kernels recompute S_g's tiles in registers and keep one selection bit per group and entry.
+# No backward holds G o×i matrices: the reference recomputes one S_g at a time; the C++ (CPU) and
+# Triton (CUDA) kernels recompute S_g's tiles once and keep one selection bit per group and entry.
 register("_grouped_outer_backward", reference.grouped_outer_backward, triton_launcher("grouped_outer_backward"))
 
 

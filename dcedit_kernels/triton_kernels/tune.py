@@ -21,7 +21,7 @@ import torch
 from . import launch
 from .grouped_outer import MODE_NONE, launch_grouped_outer
 from .lowrank_delta_linear import lowrank_delta_linear
-from .segment_matmul import segment_matmul
+from .segment_matmul import one_group, segment_matmul
 from .segmented_fisher import segmented_fisher
 
 
@@ -83,8 +83,8 @@ def _dense_choices(gen, reps: int) -> None:
     N, o, i = 2048, 6400, 1600
     x = torch.randn(N, i, generator=gen).to(torch.bfloat16).cuda()
     w = torch.randn(o, i, generator=gen).to(torch.bfloat16).cuda()
-    one_group = torch.tensor([0, N], dtype=torch.int64, device="cuda")
-    choices = [("segment_matmul, fp32 out", lambda: segment_matmul(x, w[None], one_group)),
+    offsets, row_groups = one_group(N, "cuda")  # as lowrank_delta_linear's _dense calls it
+    choices = [("segment_matmul, fp32 out", lambda: segment_matmul(x, w[None], offsets, row_groups=row_groups)),
                ("torch.mm out_dtype=fp32", lambda: torch.mm(x, w.T, out_dtype=torch.float32)),
                ("torch.mm bf16 out", lambda: torch.mm(x, w.T))]
     for name, fn in choices:
