@@ -4,7 +4,6 @@
 #include "cpu/fusion.h"
 #include "cpu/outer_tile.h"
 
-#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -13,85 +12,67 @@
 namespace dcedit_cpu {
 namespace {
 
-// Writes value(r, c) for the no×ni tile at (o0, i0) of a row-major (·, ld) output.
-template <typename acc_t, typename F>
-inline void write_tile(acc_t* out, int64_t ld, int64_t o0, int64_t i0, int64_t no, int64_t ni,
-                       F value) {
-  for (int64_t r = 0; r < no; ++r) {
-    acc_t* row = out + (o0 + r) * ld + i0;
-    for (int64_t c = 0; c < ni; ++c) row[c] = value(r * kTile + c);
-  }
-}
-
 template <typename acc_t>
 void grouped_outer_tiles(const TokenMatrix<acc_t>& eta, const TokenMatrix<acc_t>& mu,
                          const std::vector<int64_t>& offsets, int64_t o, int64_t i, Fusion fusion,
                          acc_t alpha, acc_t* out) {
   const int64_t G = static_cast<int64_t>(offsets.size()) - 1;
   const int64_t T = offsets.back();
-  const int64_t tiles_i = ceil_div(i, kTile);
-  const int64_t n_tiles = ceil_div(o, kTile) * tiles_i;
-  // One tile per task: a tile is ≥ 64·64·T FMAs, far above the parallel overhead.
-  at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
-    TileWorkspace<acc_t> ws;
-    acc_t* S = ws.s.data();
+  for_each_output_tile<acc_t>(o, i, [&](const OutputTile& tile, TileWorkspace<acc_t>& ws) {
+    const acc_t* S = ws.s.data();
     acc_t* P = ws.p.data();
     acc_t* N = ws.n.data();
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t o0 = (tile / tiles_i) * kTile, i0 = (tile % tiles_i) * kTile;
-      const int64_t no = std::min(kTile, o - o0), ni = std::min(kTile, i - i0);
-      switch (fusion) {
-        case Fusion::None:
-          for (int64_t g = 0; g < G; ++g) {
-            segment_tile(eta, mu, offsets[g], offsets[g + 1], o0, no, i0, ni, ws);
-            write_tile(out + g * o * i, i, o0, i0, no, ni, [&](int64_t j) { return S[j] * alpha; });
-          }
-          break;
-        case Fusion::Add:
-          // Σ_g S_g is the sum over every token: one pass over all T rows, no per-group state.
-          segment_tile(eta, mu, 0, T, o0, no, i0, ni, ws);
-          write_tile(out, i, o0, i0, no, ni, [&](int64_t j) { return S[j] * alpha; });
-          break;
-        case Fusion::Max: {
-          // P holds the winner so far.  Group 0 (even when empty: zeros) seeds it; a later group
-          // replaces it only where strictly larger in magnitude (first group wins ties), or where
-          // it is NaN and the winner is not, as torch's argmax ranks NaN above everything.
-          segment_tile(eta, mu, offsets[0], offsets[1], o0, no, i0, ni, ws);
-          std::copy(ws.s.begin(), ws.s.end(), ws.p.begin());
-          for (int64_t g = 1; g < G; ++g) {
-            if (offsets[g + 1] == offsets[g]) continue;  // zeros never beat anything
-            segment_tile(eta, mu, offsets[g], offsets[g + 1], o0, no, i0, ni, ws);
-            for (int64_t j = 0; j < kTile * kTile; ++j) {
-              const bool better = std::abs(S[j]) > std::abs(P[j]) ||
-                                  (std::isnan(S[j]) && !std::isnan(P[j]));
-              P[j] = better ? S[j] : P[j];
-            }
-          }
-          write_tile(out, i, o0, i0, no, ni, [&](int64_t j) { return P[j] * alpha; });
-          break;
+    switch (fusion) {
+      case Fusion::None:
+        for (int64_t g = 0; g < G; ++g) {
+          segment_tile(eta, mu, offsets[g], offsets[g + 1], tile, ws);
+          write_tile(out + g * o * i, i, tile, [&](int64_t j) { return S[j] * alpha; });
         }
-        case Fusion::SignSumSum:
-        case Fusion::SignSumMean: {
-          std::fill(ws.p.begin(), ws.p.end(), acc_t(0));
-          std::fill(ws.n.begin(), ws.n.end(), acc_t(0));
-          for (int64_t g = 0; g < G; ++g) {
-            if (offsets[g + 1] == offsets[g]) continue;  // adds zeros to P and N
-            segment_tile(eta, mu, offsets[g], offsets[g + 1], o0, no, i0, ni, ws);
-            for (int64_t j = 0; j < kTile * kTile; ++j) {
-              // Written so that NaN propagates into both sums, as torch.clamp does.
-              P[j] += S[j] < acc_t(0) ? acc_t(0) : S[j];
-              N[j] += S[j] > acc_t(0) ? acc_t(0) : S[j];
-            }
+        break;
+      case Fusion::Add:
+        // Σ_g S_g is the sum over every token: one pass over all T rows, no per-group state.
+        segment_tile(eta, mu, 0, T, tile, ws);
+        write_tile(out, i, tile, [&](int64_t j) { return S[j] * alpha; });
+        break;
+      case Fusion::Max: {
+        // P holds the winner so far.  Group 0 (even when empty: zeros) seeds it; a later group
+        // replaces it only where strictly larger in magnitude (first group wins ties), or where
+        // it is NaN and the winner is not, as torch's argmax ranks NaN above everything.
+        segment_tile(eta, mu, offsets[0], offsets[1], tile, ws);
+        std::copy(ws.s.begin(), ws.s.end(), ws.p.begin());
+        for (int64_t g = 1; g < G; ++g) {
+          if (offsets[g + 1] == offsets[g]) continue;  // zeros never beat anything
+          segment_tile(eta, mu, offsets[g], offsets[g + 1], tile, ws);
+          for (int64_t j = 0; j < kTile * kTile; ++j) {
+            const bool better = std::abs(S[j]) > std::abs(P[j]) ||
+                                (std::isnan(S[j]) && !std::isnan(P[j]));
+            P[j] = better ? S[j] : P[j];
           }
-          const acc_t groups = static_cast<acc_t>(G);
-          const bool mean = fusion == Fusion::SignSumMean;
-          write_tile(out, i, o0, i0, no, ni, [&](int64_t j) {
-            acc_t v = P[j] >= -N[j] ? P[j] : N[j];
-            if (mean) v = v / groups;  // same operation order as the reference: (v / G) * alpha
-            return v * alpha;
-          });
-          break;
         }
+        write_tile(out, i, tile, [&](int64_t j) { return P[j] * alpha; });
+        break;
+      }
+      case Fusion::SignSumSum:
+      case Fusion::SignSumMean: {
+        std::fill(ws.p.begin(), ws.p.end(), acc_t(0));
+        std::fill(ws.n.begin(), ws.n.end(), acc_t(0));
+        for (int64_t g = 0; g < G; ++g) {
+          if (offsets[g + 1] == offsets[g]) continue;  // adds zeros to P and N
+          segment_tile(eta, mu, offsets[g], offsets[g + 1], tile, ws);
+          for (int64_t j = 0; j < kTile * kTile; ++j) {
+            // Written so that NaN propagates into both sums, as torch.clamp does.
+            P[j] += S[j] < acc_t(0) ? acc_t(0) : S[j];
+            N[j] += S[j] > acc_t(0) ? acc_t(0) : S[j];
+          }
+        }
+        const acc_t groups = static_cast<acc_t>(G);
+        const bool mean = fusion == Fusion::SignSumMean;
+        write_tile(out, i, tile, [&](int64_t j) {
+          acc_t v = P[j] >= -N[j] ? P[j] : N[j];
+          if (mean) v = v / groups;  // same operation order as the reference: (v / G) * alpha
+          return v * alpha;
+        });
+        break;
       }
     }
   });

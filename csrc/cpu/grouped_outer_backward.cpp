@@ -66,63 +66,49 @@ void selection_tiles(const TokenMatrix<acc_t>& eta, const TokenMatrix<acc_t>& mu
   const int64_t G = static_cast<int64_t>(offsets.size()) - 1;
   const int64_t W = ceil_div(G, kGroupsPerWord);
   const int64_t plane = o * i;
-  const int64_t tiles_i = ceil_div(i, kTile);
-  const int64_t n_tiles = ceil_div(o, kTile) * tiles_i;
-  at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
-    TileWorkspace<acc_t> ws;
+  for_each_output_tile<acc_t>(o, i, [&](const OutputTile& tile, TileWorkspace<acc_t>& ws) {
     const acc_t* S = ws.s.data();
     acc_t* P = ws.p.data();
     acc_t* N = ws.n.data();
-    // Per tile: the winner so far (max), or each group's sign bits (sss/ssm: the winning sign is
-    // known only after the last group, so both are kept and one is chosen at the end).
-    std::vector<int32_t> winner(fusion == Fusion::Max ? kArea : 0);
-    const bool signs = fusion != Fusion::Max;
-    std::vector<uint32_t> pos_bits(signs ? W * kArea : 0), neg_bits(signs ? W * kArea : 0);
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t o0 = (tile / tiles_i) * kTile, i0 = (tile % tiles_i) * kTile;
-      const int64_t no = std::min(kTile, o - o0), ni = std::min(kTile, i - i0);
-      if (fusion == Fusion::Max) {
-        // The reference backward's rule: group 0 (zeros when empty) seeds the winner, a later
-        // group takes over only where strictly larger in magnitude (first group keeps ties).
-        segment_tile(eta, mu, offsets[0], offsets[1], o0, no, i0, ni, ws);
-        for (int64_t j = 0; j < kArea; ++j) P[j] = std::abs(S[j]);
-        std::fill(winner.begin(), winner.end(), 0);
-        for (int64_t g = 1; g < G; ++g) {
-          if (offsets[g + 1] == offsets[g]) continue;  // zeros never beat anything
-          segment_tile(eta, mu, offsets[g], offsets[g + 1], o0, no, i0, ni, ws);
-          track_winner(S, P, winner.data(), static_cast<int32_t>(g));
-        }
-        for (int64_t w = 0; w < W; ++w) {
-          for (int64_t r = 0; r < no; ++r) {
-            uint32_t* row = words + w * plane + (o0 + r) * i + i0;
-            for (int64_t c = 0; c < ni; ++c) {
-              const int64_t g = winner[r * kTile + c];
-              row[c] = g / kGroupsPerWord == w ? uint32_t(1) << (g % kGroupsPerWord) : 0u;
-            }
-          }
-        }
-        continue;
+    if (fusion == Fusion::Max) {
+      // The reference backward's rule: group 0 (zeros when empty) seeds the winner, a later
+      // group takes over only where strictly larger in magnitude (first group keeps ties).
+      ws.index.assign(kArea, 0);
+      segment_tile(eta, mu, offsets[0], offsets[1], tile, ws);
+      for (int64_t j = 0; j < kArea; ++j) P[j] = std::abs(S[j]);
+      for (int64_t g = 1; g < G; ++g) {
+        if (offsets[g + 1] == offsets[g]) continue;  // zeros never beat anything
+        segment_tile(eta, mu, offsets[g], offsets[g + 1], tile, ws);
+        track_winner(S, P, ws.index.data(), static_cast<int32_t>(g));
       }
-      std::fill(ws.p.begin(), ws.p.end(), acc_t(0));
-      std::fill(ws.n.begin(), ws.n.end(), acc_t(0));
-      std::fill(pos_bits.begin(), pos_bits.end(), 0u);
-      std::fill(neg_bits.begin(), neg_bits.end(), 0u);
-      for (int64_t g = 0; g < G; ++g) {
-        if (offsets[g + 1] == offsets[g]) continue;  // S_g = 0: neither sign, adds nothing
-        segment_tile(eta, mu, offsets[g], offsets[g + 1], o0, no, i0, ni, ws);
-        const int64_t w = g / kGroupsPerWord;
-        accumulate_signs(S, P, N, pos_bits.data() + w * kArea, neg_bits.data() + w * kArea,
-                         static_cast<int>(g % kGroupsPerWord));
-      }
+      const int32_t* winner = ws.index.data();
       for (int64_t w = 0; w < W; ++w) {
-        for (int64_t r = 0; r < no; ++r) {
-          uint32_t* row = words + w * plane + (o0 + r) * i + i0;
-          for (int64_t c = 0; c < ni; ++c) {
-            const int64_t j = r * kTile + c;
-            row[c] = P[j] >= -N[j] ? pos_bits[w * kArea + j] : neg_bits[w * kArea + j];
-          }
-        }
+        write_tile(words + w * plane, i, tile, [&](int64_t j) {
+          const int64_t g = winner[j];
+          return g / kGroupsPerWord == w ? uint32_t(1) << (g % kGroupsPerWord) : 0u;
+        });
       }
+      return;
+    }
+    // sss/ssm: the winning sign is known only after the last group, so each group's positive
+    // and negative bits are both kept and one set is chosen per entry at the end.
+    std::fill(ws.p.begin(), ws.p.end(), acc_t(0));
+    std::fill(ws.n.begin(), ws.n.end(), acc_t(0));
+    ws.bits.assign(2 * W * kArea, 0u);
+    uint32_t* pos_bits = ws.bits.data();
+    uint32_t* neg_bits = pos_bits + W * kArea;
+    for (int64_t g = 0; g < G; ++g) {
+      if (offsets[g + 1] == offsets[g]) continue;  // S_g = 0: neither sign, adds nothing
+      segment_tile(eta, mu, offsets[g], offsets[g + 1], tile, ws);
+      const int64_t w = g / kGroupsPerWord;
+      accumulate_signs(S, P, N, pos_bits + w * kArea, neg_bits + w * kArea,
+                       static_cast<int>(g % kGroupsPerWord));
+    }
+    for (int64_t w = 0; w < W; ++w) {
+      const uint32_t* pos = pos_bits + w * kArea;
+      const uint32_t* neg = neg_bits + w * kArea;
+      write_tile(words + w * plane, i, tile,
+                 [&](int64_t j) { return P[j] >= -N[j] ? pos[j] : neg[j]; });
     }
   });
 }

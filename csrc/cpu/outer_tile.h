@@ -15,6 +15,7 @@
 #pragma once
 
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -251,7 +252,8 @@ inline TileGemmFn<double> tile_gemm<double>() {
 #endif
 }
 
-// Per-thread scratch: packed operands and up to three kTile×kTile state tiles (S, P, N).
+// Per-thread scratch: packed operands, up to three kTile×kTile state tiles (S, P, N) and integer
+// state that only grouped_outer's backward sizes (a winner index, selection bits).
 template <typename acc_t>
 struct TileWorkspace {
   std::vector<acc_t> a = std::vector<acc_t>(kChunk * kTile);
@@ -259,7 +261,30 @@ struct TileWorkspace {
   std::vector<acc_t> s = std::vector<acc_t>(kTile * kTile);
   std::vector<acc_t> p = std::vector<acc_t>(kTile * kTile);
   std::vector<acc_t> n = std::vector<acc_t>(kTile * kTile);
+  std::vector<int32_t> index;
+  std::vector<uint32_t> bits;
 };
+
+// One block of an o×i output: rows [o0, o0 + no), columns [i0, i0 + ni), no and ni ≤ kTile.
+struct OutputTile {
+  int64_t o0, no, i0, ni;
+};
+
+// body(tile, ws) for every kTile×kTile tile of an o×i output, tiles spread over the threads, one
+// workspace per thread.  One tile per task: a tile is ≥ 64·64·T FMAs, far above the parallel
+// overhead.
+template <typename acc_t, typename Body>
+void for_each_output_tile(int64_t o, int64_t i, const Body& body) {
+  const int64_t tiles_i = ceil_div(i, kTile);
+  const int64_t n_tiles = ceil_div(o, kTile) * tiles_i;
+  at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
+    TileWorkspace<acc_t> ws;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t o0 = (t / tiles_i) * kTile, i0 = (t % tiles_i) * kTile;
+      body(OutputTile{o0, std::min(kTile, o - o0), i0, std::min(kTile, i - i0)}, ws);
+    }
+  });
+}
 
 // ws.s[0:no, 0:ni] = Σ_{t∈[t0,t1)} eta[t, o0:o0+no]ᵀ ⊗ mu[t, i0:i0+ni] (row stride kTile).
 // An empty segment gives zeros.
@@ -277,6 +302,21 @@ void segment_tile(const TokenMatrix<acc_t>& eta, const TokenMatrix<acc_t>& mu, i
     eta.pack(eta.data, eta.ld, k0, kc, o0, no, ws.a.data());
     mu.pack(mu.data, mu.ld, k0, kc, i0, ni, ws.b.data());
     gemm(ws.a.data(), ws.b.data(), kc, no, ni, ws.s.data(), /*accumulate=*/k0 != t0);
+  }
+}
+
+template <typename acc_t>
+void segment_tile(const TokenMatrix<acc_t>& eta, const TokenMatrix<acc_t>& mu, int64_t t0,
+                  int64_t t1, const OutputTile& tile, TileWorkspace<acc_t>& ws) {
+  segment_tile(eta, mu, t0, t1, tile.o0, tile.no, tile.i0, tile.ni, ws);
+}
+
+// out[o0 + r, i0 + c] = value(r·kTile + c) over the tile, for a row-major (·, ld) output.
+template <typename out_t, typename F>
+inline void write_tile(out_t* out, int64_t ld, const OutputTile& tile, F value) {
+  for (int64_t r = 0; r < tile.no; ++r) {
+    out_t* row = out + (tile.o0 + r) * ld + tile.i0;
+    for (int64_t c = 0; c < tile.ni; ++c) row[c] = value(r * kTile + c);
   }
 }
 

@@ -2,7 +2,6 @@
 // (outer_tile.h) so that only one edit's gradient tile exists at a time, never E o×i matrices.
 #include "cpu/outer_tile.h"
 
-#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -14,27 +13,17 @@ void segmented_fisher_tiles(const TokenMatrix<acc_t>& eta, const TokenMatrix<acc
                             const std::vector<int64_t>& edit_offsets, int64_t o, int64_t i,
                             acc_t* out) {
   const int64_t E = static_cast<int64_t>(edit_offsets.size()) - 1;
-  const int64_t tiles_i = ceil_div(i, kTile);
-  const int64_t n_tiles = ceil_div(o, kTile) * tiles_i;
-  at::parallel_for(0, n_tiles, 1, [&](int64_t begin, int64_t end) {
-    TileWorkspace<acc_t> ws;
+  for_each_output_tile<acc_t>(o, i, [&](const OutputTile& tile, TileWorkspace<acc_t>& ws) {
     const acc_t* S = ws.s.data();
     acc_t* F = ws.p.data();
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t o0 = (tile / tiles_i) * kTile, i0 = (tile % tiles_i) * kTile;
-      const int64_t no = std::min(kTile, o - o0), ni = std::min(kTile, i - i0);
-      std::fill(ws.p.begin(), ws.p.end(), acc_t(0));
-      for (int64_t e = 0; e < E; ++e) {
-        if (edit_offsets[e + 1] == edit_offsets[e]) continue;  // an empty edit adds 0
-        segment_tile(eta, mu, edit_offsets[e], edit_offsets[e + 1], o0, no, i0, ni, ws);
-        for (int64_t j = 0; j < kTile * kTile; ++j) F[j] += S[j] * S[j];
-      }
-      const acc_t edits = static_cast<acc_t>(E);
-      for (int64_t r = 0; r < no; ++r) {
-        acc_t* row = out + (o0 + r) * i + i0;
-        for (int64_t c = 0; c < ni; ++c) row[c] = F[r * kTile + c] / edits;
-      }
+    std::fill(ws.p.begin(), ws.p.end(), acc_t(0));
+    for (int64_t e = 0; e < E; ++e) {
+      if (edit_offsets[e + 1] == edit_offsets[e]) continue;  // an empty edit adds 0
+      segment_tile(eta, mu, edit_offsets[e], edit_offsets[e + 1], tile, ws);
+      for (int64_t j = 0; j < kTile * kTile; ++j) F[j] += S[j] * S[j];
     }
+    const acc_t edits = static_cast<acc_t>(E);
+    write_tile(out, i, tile, [&](int64_t j) { return F[j] / edits; });
   });
 }
 
