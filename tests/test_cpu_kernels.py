@@ -275,6 +275,74 @@ def test_grouped_outer_backward_rejects_bad_input(case):
         ops._grouped_outer_backward(*make(torch.randn(6, 5), eta, mu, offsets))
 
 
+# --------------------------------------------------------------------------- grouped_lowrank
+
+
+def lowrank_inputs(gen, counts, d, r, dtype, optional):
+    """h, offsets, u, v, bias and the optional scale / shift / gain named in `optional`."""
+    T, G = sum(counts), len(counts)
+    tensors = dict(h=randn((T, d), gen, dtype), u=randn((G, d, r), gen, dtype) * 0.3,
+                   v=randn((G, r, d), gen, dtype) * 0.3, bias=randn((G, d), gen, dtype))
+    for name in ("scale", "shift"):
+        tensors[name] = randn((G, d), gen, dtype) if name in optional else None
+    tensors["gain"] = randn((T, d), gen, dtype) if "gain" in optional else None
+    t = tensors
+    return (t["h"], offsets_from_counts(counts, torch.int64), t["u"], t["v"], t["bias"], t["scale"],
+            t["shift"], t["gain"])
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [F64, F32, BF16, F16])
+@pytest.mark.parametrize("optional", [(), ("scale",), ("shift",), ("scale", "shift", "gain")])
+def test_grouped_lowrank_is_bit_identical_to_reference(gen, layout, dtype, optional):
+    """Same torch GEMMs, the epilogue in the reference's order: every bit equal, and within fp32
+    rounding of the float64 reference."""
+    args = lowrank_inputs(gen, LAYOUTS[layout], 70, 13, dtype, optional)
+    out = ops.grouped_lowrank(*args)
+    ref = R.grouped_lowrank(*args)
+    assert out.dtype == (F64 if dtype == F64 else F32) and out.shape == args[0].shape
+    assert_bits_equal(out, ref)
+    ref64 = R.grouped_lowrank(*(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                for a in args))
+    torch.testing.assert_close(out.double(), ref64, rtol=1e-12 if dtype == F64 else 1e-5,
+                               atol=1e-12 if dtype == F64 else 1e-4)
+
+
+def test_grouped_lowrank_mixed_dtypes_strided_h_and_nan(gen):
+    h, offsets, u, v, bias, scale, shift, gain = lowrank_inputs(gen, [4, 0, 9], 70, 13, F32, ("scale",))
+    h_strided = randn((70, 13), gen).T  # (13, 70), not contiguous
+    for args in ((h_strided, offsets, u, v, bias, scale, None, None),
+                 (h.to(BF16), offsets, u, v.double(), bias, scale, None, None)):
+        assert_bits_equal(ops.grouped_lowrank(*args), R.grouped_lowrank(*args))
+    h_nan = h.clone()
+    h_nan[2, 5] = float("nan")
+    out = ops.grouped_lowrank(h_nan, offsets, u, v, bias, scale, None, None)
+    assert_bits_equal(out, R.grouped_lowrank(h_nan, offsets, u, v, bias, scale, None, None))
+    assert out[2].isnan().any()
+
+
+GROUPED_LOWRANK_ERRORS = {
+    "h 1-D": (lambda a: (a[0][0], *a[1:]), "h"),
+    "h int": (lambda a: (a[0].int(), *a[1:]), "h"),
+    "offsets float": (lambda a: (a[0], a[1].float(), *a[2:]), "offsets"),
+    "offsets[-1] != T": (lambda a: (a[0], torch.tensor([0, 4, 12]), *a[2:]), "offsets"),
+    "offsets decreasing": (lambda a: (a[0], torch.tensor([0, 5, 4, 13]), *a[2:]), "offsets"),
+    "u shape": (lambda a: (*a[:2], a[2][:, :, :3], *a[3:]), "u"),
+    "v shape": (lambda a: (*a[:3], a[3][:, :3], *a[4:]), "v"),
+    "bias shape": (lambda a: (*a[:4], a[4][:1], *a[5:]), "bias"),
+    "scale shape": (lambda a: (*a[:5], a[4].T, *a[6:]), "scale"),
+    "gain shape": (lambda a: (*a[:7], a[0][:3]), "gain"),
+}
+
+
+@pytest.mark.parametrize("case", list(GROUPED_LOWRANK_ERRORS))
+def test_grouped_lowrank_rejects_bad_input(gen, case):
+    make, name = GROUPED_LOWRANK_ERRORS[case]
+    args = lowrank_inputs(gen, [4, 9], 7, 5, F32, ("scale", "shift", "gain"))
+    with pytest.raises(ValueError, match=name):
+        ops.grouped_lowrank(*make(args))
+
+
 # --------------------------------------------------------------------------- segmented_fisher
 
 
@@ -426,11 +494,13 @@ def test_results_do_not_depend_on_the_thread_count(gen):
     fisher, delta = torch.rand(400, 300, generator=gen), randn((400, 300), gen)
     weight = randn((400, 300), gen, BF16)
     grad = randn((150, 140), gen)
+    lowrank_args = lowrank_inputs(gen, [100, 0, 200], 150, 20, F32, ("scale", "shift", "gain"))
 
     def run():
         w = weight.clone()
         ops.apply_shift_(w, delta, 0.3, fisher, keep=0.2)
         return (ops.grouped_outer(eta, mu, offsets, "sss", 1.0),
+                ops.grouped_lowrank(*lowrank_args),
                 *ops._grouped_outer_backward(grad, eta, mu, offsets, "sss", 1.0),
                 ops.segmented_fisher(eta, mu, offsets),
                 *ops.fisher_mask(delta, fisher, keep=0.2), w)
