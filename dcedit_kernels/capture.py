@@ -106,30 +106,37 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
     raise ValueError(f"module must be nn.Linear or transformers Conv1D, got {type(module).__name__}")
 
 
-def resolve_modules(model: nn.Module, module_names: Iterable[str]) -> dict[str, nn.Module]:
-    """Map names to editable submodules; ValueError listing close candidates for unknown names."""
+def resolve_modules(model: nn.Module, module_names: Iterable[str], arg: str = "module_names") -> dict[str, nn.Module]:
+    """Map names to editable submodules; ValueError (naming `arg`, the caller's argument) listing
+    close candidates for unknown names."""
     if isinstance(module_names, str):
         module_names = [module_names]
-    names = list(module_names)
+    try:
+        names = list(module_names)
+    except TypeError:
+        raise ValueError(f"{arg} must be a list of module names, got {type(module_names).__name__}") from None
     if not names:
-        raise ValueError("module_names must not be empty")
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"module_names has duplicates: {dup}")
-    modules = dict(model.named_modules())
-    editable = [n for n, m in modules.items() if is_editable(m)]
-    out = {}
+        raise ValueError(f"{arg} must not be empty")
     for name in names:
         if not isinstance(name, str):
-            raise ValueError(f"module_names must hold str, got {type(name).__name__}")
-        module = modules.get(name)
-        if module is None:
+            raise ValueError(f"{arg} must hold str, got {type(name).__name__}")
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"{arg} has duplicates: {dup}")
+    out = {}
+    for name in names:
+        try:
+            # get_submodule finds a module under every name it has (named_modules lists a shared
+            # module once, under its first name).
+            module = model.get_submodule(name)
+        except AttributeError:
+            editable = [n for n, m in model.named_modules() if is_editable(m)]
             close = difflib.get_close_matches(name, editable, n=5, cutoff=0.5)
             hint = f"; close matches: {close}" if close else f"; editable modules include {editable[:5]}"
-            raise ValueError(f"module_names: no module named {name!r} in the model{hint}")
+            raise ValueError(f"{arg}: no module named {name!r} in the model{hint}") from None
         if not is_editable(module):
             raise ValueError(
-                f"module_names: {name!r} is a {type(module).__name__}; capture supports nn.Linear "
+                f"{arg}: {name!r} is a {type(module).__name__}; capture supports nn.Linear "
                 "and transformers Conv1D"
             )
         out[name] = module

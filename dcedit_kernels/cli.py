@@ -109,9 +109,9 @@ def parse_layers(model, spec: str | None) -> list[str]:
     from .capture import resolve_modules
 
     try:
-        resolve_modules(model, names)
+        resolve_modules(model, names, arg="--layers")
     except ValueError as exc:
-        raise UserError(f"--layers: {str(exc).removeprefix('module_names: ')}") from None
+        raise UserError(str(exc)) from None
     return names
 
 

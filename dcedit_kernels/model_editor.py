@@ -49,8 +49,11 @@ Atomicity: a request that is invalid or tokenizes to an empty target raises Valu
 anything changes; a non-finite loss, gradient factor, editor output or shifted weight raises
 FloatingPointError; any other exception mid-edit (out of memory, a failing kernel, an interrupt)
 is re-raised with a note — in every case after restoring, bit for bit, each weight that had
-already been changed.  Edits must be undone in reverse order (a handle that is not the latest live
-one refuses, since restoring its saved values would also wipe the later edit).
+already been changed.  A Ctrl-C (SIGINT, in the main thread) that arrives while a weight is being
+shifted waits until that weight's saved values are recorded, so the restore never misses it.
+Edits must be undone in reverse order, across every ModelEditor of the same model (a handle that
+is not the model's latest live one refuses, since restoring its saved values would also wipe the
+later edit); `edited()` undoes, on exit, the edits applied inside its block too.
 
 Models split across devices (`device_map="auto"`, or blocks moved by hand with hooks that move the
 hidden states, as accelerate's do): inputs go to the input embedding's device (`device`); the
@@ -71,7 +74,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import signal
+import threading
 import time
+import weakref
 from typing import Iterable, Sequence
 
 import torch
@@ -83,6 +90,7 @@ from .editors.presets import MEND, MoEditor, ProEditor, RaEditor
 from .requests import EditRequest, validate_requests
 from .tokenize import IGNORE_INDEX, is_seq2seq, pad_token_id, tokenize_causal, tokenize_seq2seq
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 EDITOR_METHODS = {"mend": MEND, "raeditor": RaEditor, "moeditor": MoEditor, "proeditor": ProEditor}
 FT_METHODS = ("ft", "ft_kl")
 METHODS = tuple(EDITOR_METHODS) + FT_METHODS
@@ -110,6 +118,14 @@ GENERIC_LOCALITY_TEXTS = (
 )
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_finite_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 # ---------------------------------------------------------------------------------------------
 # Handle
 # ---------------------------------------------------------------------------------------------
@@ -122,8 +138,10 @@ class EditHandle:
     no per-call peak).
     """
 
-    def __init__(self, owner: "ModelEditor", saved: list[tuple[torch.Tensor, torch.Tensor]], stats: dict):
-        self._owner = owner
+    def __init__(self, live: list, saved: list[tuple[torch.Tensor, torch.Tensor]], stats: dict):
+        # The model's live-edit list, not the editor or the model: nothing here keeps the model
+        # alive, so its entry in _LIVE_EDITS goes with it.
+        self._live = live
         self._saved = saved
         self.stats = stats
         self.active = True
@@ -132,14 +150,21 @@ class EditHandle:
         """Restore the weights; returns False when this edit was already undone."""
         if not self.active:
             return False
-        live = self._owner._live
+        live = self._live
         if live and live[-1] is not self:
-            raise RuntimeError("undo the later edits first: edits must be undone in reverse order")
+            raise RuntimeError("undo the later edits first: edits of a model (by any of its ModelEditors) "
+                               "must be undone in reverse order")
         _restore(self._saved)
         self.active = False
         if live and live[-1] is self:
             live.pop()
         return True
+
+    def _discard(self) -> None:
+        """Forget a handle whose edit failed (its weights were restored): no longer live."""
+        self.active = False
+        if self in self._live:
+            self._live.remove(self)
 
     def __enter__(self) -> "EditHandle":
         return self
@@ -153,6 +178,29 @@ def _restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Copy saved values back, latest first (a weight shifted twice ends at its first value)."""
     for weight, previous in reversed(saved):
         weight.copy_(previous)
+
+
+# The live (applied, not yet undone) edits of each model, latest last, shared by every ModelEditor
+# of that model: undoing out of order would restore values saved before a later edit.
+_LIVE_EDITS: "weakref.WeakKeyDictionary[nn.Module, list[EditHandle]]" = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """Hold SIGINT back until the block ends (then raise it as usual), so that a weight written in
+    place is always recorded in its saved list before a KeyboardInterrupt can unwind.  A no-op off
+    the main thread, where Python delivers no signals."""
+    if threading.current_thread() is not threading.main_thread() or not callable(signal.getsignal(signal.SIGINT)):
+        yield  # no Python handler to defer to (SIG_DFL / SIG_IGN, or set outside Python)
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending and callable(previous):
+            previous(*pending[0])
 
 
 def _note(exc: BaseException, text: str) -> None:
@@ -268,17 +316,19 @@ class ModelEditor:
             raise ValueError(f"allow_tied must be a bool, got {type(allow_tied).__name__}")
         if isinstance(layers, str):
             raise ValueError("layers must be a list of module names, got a single str")
+        if not callable(tokenizer):
+            raise ValueError(f"tokenizer must be a Hugging Face tokenizer (callable), got {type(tokenizer).__name__}")
         self.editor_device = as_device(editor_device, "editor_device")
         self.model, self.tokenizer, self.method, self.tokens = model, tokenizer, method, tokens
         self.loss_reduction, self.allow_tied = loss_reduction, allow_tied
-        self.modules = resolve_modules(model, list(layers))  # ValueError with close candidates
+        self.modules = resolve_modules(model, layers, arg="layers")  # ValueError with close candidates
         self.layers = list(self.modules)
         check_resident({name: weight_out_in(m) for name, m in self.modules.items()})
         if not allow_tied:
             check_untied(model, self.modules)
         self.editor_kwargs = dict(editor_kwargs)
         self.seq2seq = is_seq2seq(model)
-        self._live: list[EditHandle] = []
+        self._live: list[EditHandle] = _LIVE_EDITS.setdefault(model, [])
         self.editors = nn.ModuleDict()
         self.slots: dict[str, tuple[str, int]] = {}  # layer -> (shape key, mode)
         if method in FT_METHODS:
@@ -299,16 +349,16 @@ class ModelEditor:
             raise ValueError(f"unknown arguments for method {self.method!r}: {unknown}; "
                              f"it takes {sorted(FT_DEFAULTS)}")
         opts = {**FT_DEFAULTS, **kwargs}
-        if not isinstance(opts["ft_steps"], int) or opts["ft_steps"] < 1:
+        if not _is_int(opts["ft_steps"]) or opts["ft_steps"] < 1:
             raise ValueError(f"ft_steps must be a positive int, got {opts['ft_steps']!r}")
-        if not isinstance(opts["ft_lr"], (int, float)) or not opts["ft_lr"] > 0:
-            raise ValueError(f"ft_lr must be a positive number, got {opts['ft_lr']!r}")
+        if not _is_finite_number(opts["ft_lr"]) or not opts["ft_lr"] > 0:
+            raise ValueError(f"ft_lr must be a positive finite number, got {opts['ft_lr']!r}")
         if opts["ft_optimizer"] not in ("adam", "sgd"):
             raise ValueError(f"ft_optimizer must be 'adam' or 'sgd', got {opts['ft_optimizer']!r}")
-        if not isinstance(opts["kl_weight"], (int, float)) or opts["kl_weight"] < 0:
-            raise ValueError(f"kl_weight must be a non-negative number, got {opts['kl_weight']!r}")
-        if opts["ft_stop_loss"] is not None and not isinstance(opts["ft_stop_loss"], (int, float)):
-            raise ValueError(f"ft_stop_loss must be a number or None, got {opts['ft_stop_loss']!r}")
+        if not _is_finite_number(opts["kl_weight"]) or opts["kl_weight"] < 0:
+            raise ValueError(f"kl_weight must be a non-negative finite number, got {opts['kl_weight']!r}")
+        if opts["ft_stop_loss"] is not None and not _is_finite_number(opts["ft_stop_loss"]):
+            raise ValueError(f"ft_stop_loss must be a finite number or None, got {opts['ft_stop_loss']!r}")
         texts = opts["locality_texts"]
         if texts is not None:
             if isinstance(texts, str) or not all(isinstance(t, str) and t.strip() for t in texts):
@@ -323,7 +373,12 @@ class ModelEditor:
             raise ValueError("n_modes is set by ModelEditor (the number of layers sharing a shape)")
         preset = EDITOR_METHODS[self.method]
         if self.method == "moeditor":
-            kwargs = {**kwargs, "feat_dim": kwargs.get("feat_dim") or self.hidden_size()}
+            # The gate reads edit features of the model's hidden size (see the module docstring).
+            feat_dim = kwargs.get("feat_dim")
+            if feat_dim is not None and feat_dim != self.hidden_size():
+                raise ValueError(f"feat_dim must be the model's hidden size ({self.hidden_size()}) or None, "
+                                 f"got {feat_dim!r}")
+            kwargs = {**kwargs, "feat_dim": self.hidden_size()}
         by_shape: dict[tuple[int, int], list[str]] = {}
         for name, module in self.modules.items():
             by_shape.setdefault(self.shape_of(module), []).append(name)
@@ -440,30 +495,47 @@ class ModelEditor:
     def apply(self, requests: Iterable[EditRequest]) -> EditHandle:
         """Edit the model in place; returns the handle that undoes it (see the module docstring)."""
         requests = validate_requests(requests)
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("ModelEditor.apply needs autograd for its capture (or fine-tuning): "
+                               "call it outside torch.inference_mode()")
         devices = self.devices
         _peak_memory_start(devices)
         start = time.perf_counter()
         batch = self.tokenize([r.prompt for r in requests], [r.target for r in requests])
-        if self.method in FT_METHODS:
-            saved, stats = self._apply_ft(requests, batch)
-        else:
-            saved, stats = self._apply_editors(batch)
-        stats.update(latency_s=time.perf_counter() - start, n_edits=len(requests),
-                     peak_memory_bytes=_peak_memory(devices))
-        handle = EditHandle(self, saved, stats)
-        self._live.append(handle)
+        # The handle is live before the first write and its saved list fills as weights change, so
+        # no exception (an interrupt included) can leave a changed weight without a way back.
+        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        handle = EditHandle(self._live, saved, {})
+        try:
+            self._live.append(handle)
+            if self.method in FT_METHODS:
+                stats = self._apply_ft(requests, batch, saved)
+            else:
+                stats = self._apply_editors(batch, saved)
+            stats.update(latency_s=time.perf_counter() - start, n_edits=len(requests),
+                         peak_memory_bytes=_peak_memory(devices))
+            handle.stats = stats
+        except BaseException:
+            _restore(saved)  # the methods restore (and say so) themselves: this covers the rest
+            handle._discard()
+            raise
         return handle
 
     @contextlib.contextmanager
     def edited(self, requests: Iterable[EditRequest]):
-        """`with editor.edited(requests) as handle:` the model is edited inside the block only."""
+        """`with editor.edited(requests) as handle:` the model is edited inside the block only:
+        on exit, edits applied inside the block that are still live are undone too (latest
+        first), then this one."""
         handle = self.apply(requests)
         try:
             yield handle
         finally:
-            handle.undo()
+            if handle.active:
+                while self._live and self._live[-1] is not handle:
+                    self._live[-1].undo()
+                handle.undo()
 
-    def _apply_editors(self, batch: dict):
+    def _apply_editors(self, batch: dict, saved: list):
         t0 = time.perf_counter()
         factors, feats, _ = self.capture(batch)
         t1 = time.perf_counter()
@@ -480,12 +552,12 @@ class ModelEditor:
                 raise FloatingPointError(
                     f"the editor's shift for layer {name!r} is not finite; the model was not changed")
         t2 = time.perf_counter()
-        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
         try:
             for name in self.layers:
                 weight = weight_out_in(self.modules[name])
-                previous = edits[name].apply_(weight)
-                saved.append((weight, previous))
+                with _deferred_interrupt():
+                    saved.append((weight, edits[name].apply_(weight)))
+                previous = saved[-1][1]
                 if not bool(torch.isfinite(weight).all()) and bool(torch.isfinite(previous).all()):
                     raise FloatingPointError(f"the shifted weight of layer {name!r} is not finite")
         except BaseException as exc:
@@ -493,9 +565,8 @@ class ModelEditor:
             _note(exc, f"dcedit: the edit failed after changing {len(saved)} of {len(self.layers)} weights; "
                        "all of them were restored bit for bit")
             raise
-        stats = dict(capture_s=t1 - t0, editor_s=t2 - t1, apply_s=time.perf_counter() - t2,
-                     n_tokens=sum(f.num_tokens for f in factors.values()))
-        return saved, stats
+        return dict(capture_s=t1 - t0, editor_s=t2 - t1, apply_s=time.perf_counter() - t2,
+                    n_tokens=sum(f.num_tokens for f in factors.values()))
 
     # -- fine-tuning baselines ---------------------------------------------------------------------
     def _locality_texts(self, requests: list[EditRequest]) -> list[str]:
@@ -510,13 +581,13 @@ class ModelEditor:
         rows = [self.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
         return pad_rows(rows, pad_token_id(self.tokenizer), self.device)
 
-    def _apply_ft(self, requests: list[EditRequest], batch: dict):
+    def _apply_ft(self, requests: list[EditRequest], batch: dict, saved: list):
         opts = self.ft_options
         weights = [self.modules[name].weight for name in self.layers]
         params = list(self.model.parameters())
         flags = [p.requires_grad for p in params]
         grads = [p.grad for p in weights]
-        saved = [(w, w.detach().clone()) for w in weights]
+        saved.extend((w, w.detach().clone()) for w in weights)  # before any weight changes
         t0, steps_run = time.perf_counter(), 0
         try:
             loc = None
@@ -532,13 +603,18 @@ class ModelEditor:
             for w in weights:
                 w.requires_grad_(True)
                 w.grad = None
+            # 16-bit weights are optimised through fp32 copies (mixed precision): Adam's state in
+            # fp16 underflows (eps = 1e-8 is 0 there) and one step made every weight non-finite.
+            masters = [w.detach().float().requires_grad_(True) if w.dtype in HALF_DTYPES else w for w in weights]
             if opts["ft_optimizer"] == "adam":
-                opt = torch.optim.Adam(weights, lr=opts["ft_lr"])
+                opt = torch.optim.Adam(masters, lr=opts["ft_lr"])
             else:
-                opt = torch.optim.SGD(weights, lr=opts["ft_lr"])
+                opt = torch.optim.SGD(masters, lr=opts["ft_lr"])
             with torch.enable_grad():
                 for _ in range(opts["ft_steps"]):
                     opt.zero_grad(set_to_none=True)
+                    for w in weights:
+                        w.grad = None
                     logits = self.model(**self.model_inputs(batch)).logits
                     loss = target_nll(logits, batch["labels"], causal=not self.seq2seq)
                     if opts["ft_stop_loss"] is not None and float(loss.detach()) < opts["ft_stop_loss"]:
@@ -552,7 +628,14 @@ class ModelEditor:
                     for name, w in zip(self.layers, weights):
                         if not bool(torch.isfinite(w.grad).all()):
                             raise FloatingPointError(f"non-finite gradient for layer {name!r}")
+                    for w, m in zip(weights, masters):
+                        if m is not w:
+                            m.grad = w.grad.float()
                     opt.step()
+                    with torch.no_grad():
+                        for w, m in zip(weights, masters):
+                            if m is not w:
+                                w.copy_(m)
                     steps_run += 1
             for name, w in zip(self.layers, weights):
                 if not bool(torch.isfinite(w).all()):
@@ -566,8 +649,8 @@ class ModelEditor:
                 p.requires_grad_(flag)
             for w, g in zip(weights, grads):
                 w.grad = g
-        return saved, dict(ft_s=time.perf_counter() - t0, ft_steps_run=steps_run,
-                           n_tokens=int(batch["attention_mask"].sum()))
+        return dict(ft_s=time.perf_counter() - t0, ft_steps_run=steps_run,
+                    n_tokens=int(batch["attention_mask"].sum()))
 
     # -- training --------------------------------------------------------------------------------
     def fit(self, train_requests, val_requests=None, config=None, **overrides):
@@ -631,8 +714,11 @@ class ModelEditor:
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as exc:  # safetensors' own error type for a file that is not one
+            raise ValueError(f"path: {path} is not a readable safetensors file ({exc})") from None
         if CHECKPOINT_KEY not in meta:
             raise ValueError(f"{path} is not a ModelEditor checkpoint (no {CHECKPOINT_KEY} metadata)")
         config = json.loads(meta[CHECKPOINT_KEY])

@@ -341,6 +341,10 @@ def test_errors_name_the_problem(gen):
         resolve_modules(model, [])
     with pytest.raises(ValueError, match="duplicates"):
         resolve_modules(model, ["lm_head", "lm_head"])
+    with pytest.raises(ValueError, match="^layers: no module"):
+        resolve_modules(model, ["nope"], arg="layers")
+    model.alias = model.transformer.h[0].mlp  # one module under two names (named_modules lists it once)
+    assert resolve_modules(model, ["alias.c_fc"])["alias.c_fc"] is model.transformer.h[0].mlp.c_fc
     with pytest.raises(ValueError, match="tokens"):
         capture_factors(model, ["lm_head"], tokens="prompt")
     no_labels = {k: v for k, v in batch.items() if k != "labels"}

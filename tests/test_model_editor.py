@@ -147,6 +147,17 @@ def test_bad_arguments_raise_value_error():
         ModelEditor(model, tok, LAYERS["gpt2"], method="ft", ft_optimizer="lbfgs")
     with pytest.raises(ValueError, match="is a LayerNorm"):
         ModelEditor(model, tok, ["transformer.h.0.ln_1"])
+    for layers in (None, [["lm_head"]], []):
+        with pytest.raises(ValueError, match="^layers"):
+            ModelEditor(model, tok, layers)
+    with pytest.raises(ValueError, match="tokenizer"):
+        ModelEditor(model, None, LAYERS["gpt2"])
+    with pytest.raises(ValueError, match="feat_dim"):
+        ModelEditor(model, tok, LAYERS["gpt2"], method="moeditor", feat_dim=5)
+    for bad in (dict(kl_weight=float("nan")), dict(ft_lr=float("inf")), dict(ft_stop_loss=float("nan")),
+                dict(ft_steps=True)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ModelEditor(model, tok, LAYERS["gpt2"], method="ft_kl", **bad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,17 +294,72 @@ def test_fused_apply_matches_dense_shift(gen):
             assert int((dense != 0).sum()) <= math.ceil(0.6 * dense.numel())  # Fisher ties aside
 
 
-def test_undo_out_of_order_refuses(gen):
-    me = make_editor("gpt2", "mend", gen)
-    before = snapshot(me.model)
-    h1 = me.apply(random_requests(gen, 2))
-    mid = snapshot(me.model)
-    h2 = me.apply(random_requests(gen, 2))
+@pytest.mark.parametrize("second", ["same editor", "another editor"])
+def test_undo_out_of_order_refuses(second, gen):
+    """Edits of one model are undone latest first, also across its ModelEditors (a method
+    comparison, or one loaded from a checkpoint): the first handle must wait for the second's,
+    or it would wipe that edit's values."""
+    first = make_editor("gpt2", "mend", gen)
+    other = first if second == "same editor" else ModelEditor(
+        first.model, first.tokenizer, LAYERS["gpt2"][:2], method="ft", ft_steps=2, ft_stop_loss=None)
+    before = snapshot(first.model)
+    h1 = first.apply(random_requests(gen, 2))
+    mid = snapshot(first.model)
+    h2 = other.apply(random_requests(gen, 2))
     with pytest.raises(RuntimeError, match="reverse order"):
         h1.undo()
-    h2.undo()
-    assert_bit_identical(mid, me.model)
-    h1.undo()
+    assert h2.undo()
+    assert_bit_identical(mid, first.model)
+    assert h1.undo()
+    assert_bit_identical(before, first.model)
+
+
+def test_interrupt_right_after_a_weight_is_written_restores_it(gen, monkeypatch):
+    """Ctrl-C landing just after the in-place write of the second weight (before the edit has
+    recorded it) is held back until the weight is recorded, then restores every weight."""
+    import os
+    import signal
+
+    me = make_editor("gpt2", "mend", gen)
+    before = snapshot(me.model)
+    original = GroupedEdit.apply_
+    calls = []
+
+    def interrupted(self, weight):
+        previous = original(self, weight)
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode
+        return previous
+
+    monkeypatch.setattr(GroupedEdit, "apply_", interrupted)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            me.apply(random_requests(gen, 2))
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert len(calls) == 2
+    assert_bit_identical(before, me.model)
+    assert not me._live
+
+
+def test_edited_undoes_edits_made_inside_its_block(gen):
+    me = make_editor("gpt2", "mend", gen)
+    before = snapshot(me.model)
+    with pytest.raises(KeyError, match="from the body"):
+        with me.edited(random_requests(gen, 2)):
+            me.apply(random_requests(gen, 2))  # never undone by the body
+            raise KeyError("from the body")
+    assert_bit_identical(before, me.model)
+    assert not me._live
+
+
+def test_apply_under_inference_mode_is_refused(gen):
+    me = make_editor("gpt2", "mend", gen)
+    before = snapshot(me.model)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        me.apply(random_requests(gen, 1))
     assert_bit_identical(before, me.model)
 
 
@@ -476,6 +542,20 @@ def test_ft_changes_only_edited_layers_and_undoes(arch, method, optimizer, gen):
     assert all(p.grad is None for p in me.model.parameters())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ft_with_adam_trains_16_bit_weights(dtype, gen):
+    """Adam runs on fp32 copies of 16-bit weights (in fp16 its eps underflows and one step made
+    every weight non-finite); the result is rounded back and undo is exact."""
+    me = make_editor("llama", "ft", gen, dtype=dtype, ft_steps=3, ft_lr=1e-2, ft_stop_loss=None)
+    before = snapshot(me.model)
+    handle = me.apply(random_requests(gen, 2))
+    assert set(changed_keys(before, me.model)) == {n + ".weight" for n in me.layers}
+    assert all(bool(torch.isfinite(me.modules[n].weight).all()) for n in me.layers)
+    assert me.modules[me.layers[0]].weight.dtype == dtype
+    handle.undo()
+    assert_bit_identical(before, me.model)
+
+
 def test_ft_kl_keeps_locality_closer_than_ft(gen):
     """With a heavy KL weight the locality texts' predictions move less than under plain FT."""
     reqs = random_requests(gen, 3)
@@ -545,6 +625,10 @@ def test_load_rejects_foreign_files(tmp_path):
         ModelEditor.load(path, llama, ltok)  # the layer names do not exist there
     with pytest.raises(ValueError, match="missing keys"):
         me.load_state_tensors({})
+    pickle = tmp_path / "editor.pt"
+    torch.save({"x": torch.zeros(2)}, str(pickle))
+    with pytest.raises(ValueError, match="safetensors"):
+        ModelEditor.load(pickle, model, tok)
 
 
 def test_load_of_a_format_1_checkpoint_uses_the_batch_mean(gen, tmp_path):

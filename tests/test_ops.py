@@ -404,6 +404,39 @@ def test_lowrank_delta_linear_bad_input_raises(gen):
             ops.lowrank_delta_linear(**dict(a, **{key: bad}))
 
 
+def _raw_op_bad_calls(gen):
+    """(op, args, the argument the ValueError must name): one bad call per op, straight through
+    torch.ops.dcedit (no dcedit_kernels.ops wrapper), whichever kernel serves it here."""
+    f = lambda *shape: randn(shape, gen)  # noqa: E731
+    a = _delta_linear_inputs(gen, dtype=torch.float32)
+    dl = [a[k] for k in ("x", "weight", "bias", "row_group", "mu_t", "eta_t", "offsets", "alpha")]
+    decreasing = torch.tensor([0, 3, 2, 5], dtype=torch.int32)
+    G3 = (f(3, 4, 2), f(3, 2, 4), f(3, 4))
+    return {
+        "grouped_outer": (torch.ops.dcedit.grouped_outer, (f(5, 3), f(5, 4), decreasing, "sss", 1.0), "offsets"),
+        "segmented_fisher": (torch.ops.dcedit.segmented_fisher, (f(5, 3), f(5, 4), torch.tensor([0, 4])), "offsets"),
+        "grouped_lowrank": (torch.ops.dcedit.grouped_lowrank, (f(5, 4), decreasing, *G3), "offsets"),
+        "lowrank_delta_linear row_group": (torch.ops.dcedit.lowrank_delta_linear,
+                                           (*dl[:3], torch.full_like(dl[3], 7), *dl[4:]), "row_group"),
+        "lowrank_delta_linear alpha": (torch.ops.dcedit.lowrank_delta_linear, (*dl[:7], dl[7][:1]), "alpha"),
+        "fisher_mask": (torch.ops.dcedit.fisher_mask, (f(3, 4), f(3, 4), 1.5, None), "keep"),
+        "apply_shift_": (torch.ops.dcedit.apply_shift_, (f(3, 4), f(4, 3), 1.0, None, None, None), "delta"),
+        "noisy_topk_gate k": (torch.ops.dcedit.noisy_topk_gate, (f(5, 3), f(3, 2), f(3, 2), 3, None), "k"),
+        "noisy_topk_gate dtypes": (torch.ops.dcedit.noisy_topk_gate,
+                                   (f(5, 3).double(), f(3, 2), f(3, 2), 1, None), "dtype"),
+        "sort_by_group": (torch.ops.dcedit.sort_by_group, (torch.tensor([0, 5]), 5), "group_of_row"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_raw_op_bad_calls(torch.Generator())))
+def test_raw_ops_check_their_inputs(case, gen):
+    """SPEC: every op raises ValueError naming the argument, also when called as torch.ops.dcedit.*
+    (the C++ kernels check their inputs; the Python-served ones run the wrapper's checks)."""
+    op, args, name = _raw_op_bad_calls(gen)[case]
+    with pytest.raises(ValueError, match=name):
+        op(*args)
+
+
 # ---------------------------------------------------------------- routing
 def test_sort_by_group(gen, device):
     groups = torch.randint(0, 5, (23,), generator=gen).to(device)
@@ -444,6 +477,35 @@ def test_noisy_topk_gate(gen):
         ops.noisy_topk_gate(feats, w_gate, w_noise, k=5)
     with pytest.raises(ValueError, match="w_gate"):
         ops.noisy_topk_gate(feats, w_gate[:3], w_noise)
+
+
+def test_noisy_topk_gate_mixed_dtypes_and_noise_scale(gen):
+    """Inputs of any float dtypes compute in fp32 (SPEC: fp32 outputs); the training noise is
+    ε ⊙ (softplus(f W_noise) + 0.01), Shazeer et al.'s noise_epsilon included."""
+    E, f, G = 7, 5, 3
+    feats, w_gate, w_noise = randn((E, f), gen), randn((f, G), gen), randn((f, G), gen)
+    gates, chosen, _ = ops.noisy_topk_gate(feats.bfloat16(), w_gate, w_noise.half(), k=1, training=False)
+    assert gates.dtype == torch.float32
+    want = (feats.bfloat16().float() @ w_gate).argmax(1)
+    assert torch.equal(chosen, want)
+    eps = torch.randn(E, G, generator=torch.Generator().manual_seed(3))
+    gates, chosen, _ = ops.noisy_topk_gate(feats, w_gate, w_noise, k=1, training=True,
+                                           generator=torch.Generator().manual_seed(3))
+    logits = feats @ w_gate + eps * (torch.nn.functional.softplus(feats @ w_noise) + 0.01)
+    assert torch.equal(chosen, logits.argmax(1))
+
+
+def test_grouped_editor_defaults_follow_the_spec():
+    """SPEC's constructor (no feat_dim): the gate routes on in_features-sized edit features."""
+    from dcedit_kernels import GroupedEditor
+
+    ed = GroupedEditor(6, 4)
+    assert ed.routing == "gate" and ed.w_gate.shape == (6, 1) and ed.config["feat_dim"] == 6
+    for bad in (dict(n_editors=True), dict(edit_lr="x"), dict(edit_lr=float("nan")), dict(fisher_keep="a"),
+                dict(seed="a"), dict(norm="yes")):
+        name = next(iter(bad))
+        with pytest.raises(ValueError, match=name):
+            GroupedEditor(6, 4, **bad)
 
 
 def test_noisy_topk_gate_opcheck_and_gradcheck(gen):

@@ -19,8 +19,8 @@ def RaEditor(in_features, out_features, n_editors=4, **kwargs) -> GroupedEditor:
 def MoEditor(in_features, out_features, n_editors=4, feat_dim=None, **kwargs) -> GroupedEditor:
     """A noisy top-k gate routes each edit to one of n_editors editors; shifts fused."""
     kwargs.setdefault("fusion", "sss")
-    return GroupedEditor(in_features, out_features, n_editors=n_editors, routing="gate",
-                         feat_dim=feat_dim if feat_dim is not None else in_features, **kwargs)
+    return GroupedEditor(in_features, out_features, n_editors=n_editors, routing="gate", feat_dim=feat_dim,
+                         **kwargs)
 
 
 def ProEditor(in_features, out_features, generator="token", fisher_keep=0.7, **kwargs) -> GroupedEditor:

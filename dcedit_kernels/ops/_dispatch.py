@@ -55,8 +55,26 @@ def triton_launcher(name: str | None):
 REGISTRY: dict[str, dict[str, str]] = {}
 
 
-def register(op: str, reference_fn, triton_fn=None) -> None:
-    """Register `reference_fn` (and `triton_fn` for CUDA) where no C++ kernel exists."""
+def checked(fn, check):
+    """`fn` that first runs `check` on the same arguments (the dispatcher passes every schema
+    argument positionally).  The C++ kernels check their own inputs; this gives the Python-served
+    ones (references, Triton launchers) the same ValueError when `torch.ops.dcedit.<op>` is called
+    directly, without the `dcedit_kernels.ops` wrapper (SPEC: every op checks its inputs)."""
+    if fn is None or check is None:
+        return fn
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        check(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return run
+
+
+def register(op: str, reference_fn, triton_fn=None, check=None) -> None:
+    """Register `reference_fn` (and `triton_fn` for CUDA) where no C++ kernel exists, each behind
+    `check` (see `checked`)."""
+    reference_fn, triton_fn = checked(reference_fn, check), checked(triton_fn, check)
     chosen = {}
     if has_kernel(op, "CPU"):
         chosen["CPU"] = "cpp"

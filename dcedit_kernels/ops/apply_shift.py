@@ -7,8 +7,6 @@ from .._checks import check_fraction_or_threshold, check_same_device, check_tens
 from ._dispatch import opcall, register
 from .fisher_mask import check_fisher_mask
 
-register("apply_shift_", reference.apply_shift_)
-
 
 @torch.library.register_fake("dcedit::apply_shift_")
 def _(weight, delta, alpha=1.0, fisher=None, keep=None, threshold=None):
@@ -21,6 +19,15 @@ def apply_shift_(weight, delta, alpha=1.0, fisher=None, keep=None, threshold=Non
     kept as in :func:`fisher_mask` (every entry when fisher is None).  Returns the previous
     values of weight; ``undo_shift_(weight, previous)`` restores it bit for bit.
     """
+    check_apply_shift(weight, delta, alpha, fisher, keep, threshold)
+    with torch.no_grad():
+        return opcall("apply_shift_")(
+            weight, delta, float(alpha), fisher,
+            None if keep is None else float(keep), None if threshold is None else float(threshold),
+        )
+
+
+def check_apply_shift(weight, delta, alpha=1.0, fisher=None, keep=None, threshold=None):
     check_tensor(weight, "weight")
     check_tensor(delta, "delta")
     if delta.shape != weight.shape:
@@ -32,11 +39,9 @@ def apply_shift_(weight, delta, alpha=1.0, fisher=None, keep=None, threshold=Non
     elif keep is not None or threshold is not None:
         raise ValueError("keep and threshold need fisher")
     check_same_device(dict(weight=weight, delta=delta, fisher=fisher))
-    with torch.no_grad():
-        return opcall("apply_shift_")(
-            weight, delta, float(alpha), fisher,
-            None if keep is None else float(keep), None if threshold is None else float(threshold),
-        )
+
+
+register("apply_shift_", reference.apply_shift_, check=check_apply_shift)
 
 
 def undo_shift_(weight, previous):

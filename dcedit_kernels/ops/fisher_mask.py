@@ -6,7 +6,6 @@ from .. import reference
 from .._checks import check_fraction_or_threshold, check_same_device, check_tensor, compute_dtype
 from ._dispatch import opcall, register
 
-register("fisher_mask", reference.fisher_mask)
 
 
 @torch.library.register_fake("dcedit::fisher_mask")
@@ -30,7 +29,7 @@ def _backward(ctx, grad, _grad_count):
 torch.library.register_autograd("dcedit::fisher_mask", _backward, setup_context=_setup_context)
 
 
-def check_fisher_mask(delta, fisher, keep, threshold, delta_name="delta"):
+def check_fisher_mask(delta, fisher, keep=None, threshold=None, delta_name="delta"):
     check_tensor(delta, delta_name)
     check_tensor(fisher, "fisher")
     if fisher.shape != delta.shape:
@@ -39,6 +38,9 @@ def check_fisher_mask(delta, fisher, keep, threshold, delta_name="delta"):
         raise ValueError(f"{delta_name} must not be empty")
     check_fraction_or_threshold(keep, threshold)
     check_same_device({delta_name: delta, "fisher": fisher})
+
+
+register("fisher_mask", reference.fisher_mask, check=check_fisher_mask)
 
 
 def fisher_mask(delta, fisher, keep=None, threshold=None):

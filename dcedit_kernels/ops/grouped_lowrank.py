@@ -15,7 +15,6 @@ def _triton_backward(grad, h, offsets, u, v, bias, scale, shift, gain):
     return [g for g in grads[:4]] + [g for g in grads[4:] if g is not None]
 
 
-register("grouped_lowrank", reference.grouped_lowrank, _fwd)
 register("_grouped_lowrank_backward", reference.grouped_lowrank_backward, _bwd and _triton_backward)
 
 
@@ -65,6 +64,9 @@ def check_grouped_lowrank(h, offsets, u, v, bias, scale=None, shift=None, gain=N
         check_tensor(gain, "gain", 2)
         check_shape(gain, "gain", (T, d))
     check_same_device(dict(h=h, offsets=offsets, u=u, v=v, bias=bias, scale=scale, shift=shift, gain=gain))
+
+
+register("grouped_lowrank", reference.grouped_lowrank, _fwd, check=check_grouped_lowrank)
 
 
 def grouped_lowrank(h, offsets, u, v, bias, scale=None, shift=None, gain=None):

@@ -7,7 +7,6 @@ from .._checks import check_offsets, check_same_device, check_tensor, compute_dt
 from ..reference.grouped_outer import FUSIONS
 from ._dispatch import opcall, register, triton_launcher
 
-register("grouped_outer", reference.grouped_outer, triton_launcher("grouped_outer"))
 # No backward holds G o×i matrices: the reference recomputes one S_g at a time; the C++ (CPU) and
 # Triton (CUDA) kernels recompute S_g's tiles once and keep one selection bit per group and entry.
 register("_grouped_outer_backward", reference.grouped_outer_backward, triton_launcher("grouped_outer_backward"))
@@ -51,6 +50,9 @@ def check_grouped_outer(eta, mu, offsets, fusion="add", alpha=1.0):
     if not isinstance(alpha, (int, float)):
         raise ValueError(f"alpha must be a Python number, got {type(alpha).__name__}")
     check_same_device(dict(eta=eta, mu=mu, offsets=offsets))
+
+
+register("grouped_outer", reference.grouped_outer, triton_launcher("grouped_outer"), check=check_grouped_outer)
 
 
 def grouped_outer(eta, mu, offsets, fusion="add", alpha=1.0):

@@ -6,7 +6,6 @@ from .. import reference
 from .._checks import check_delta_linear_shapes, check_offsets, check_same_device, check_tensor, compute_dtype
 from ._dispatch import opcall, register, triton_launcher
 
-register("lowrank_delta_linear", reference.lowrank_delta_linear, triton_launcher("lowrank_delta_linear"))
 register(
     "_lowrank_delta_linear_backward",
     reference.lowrank_delta_linear_backward,
@@ -52,16 +51,33 @@ def lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha
     grouped by offsets (G+1,); alpha a number or a (G,) tensor.  Differentiable in x, mu_t,
     eta_t and alpha.  Returns x's dtype (a drop-in for the layer), fp32 arithmetic.
     """
+    G = check_lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha)
+    if not isinstance(alpha, torch.Tensor):
+        alpha = torch.full((G,), float(alpha), dtype=compute_dtype(mu_t, eta_t), device=x.device)
+    alpha = alpha.reshape(-1).expand(G).contiguous()  # differentiable: a shared alpha sums its grads
+    return opcall("lowrank_delta_linear")(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha)
+
+
+def check_lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha, raw=False) -> int:
+    """The op's checks (alpha: a number, or a tensor of 1 or G entries; exactly G for the raw
+    `torch.ops.dcedit` op, `raw`); returns G."""
     check_delta_linear_shapes(x, weight, bias, row_group, mu_t, eta_t)
     G = check_offsets(offsets, "offsets", mu_t.shape[0])
     if row_group.numel() and (int(row_group.min()) < -1 or int(row_group.max()) >= G):
         raise ValueError(f"row_group entries must be in [-1, {G - 1}]")
-    if not isinstance(alpha, torch.Tensor):
-        alpha = torch.full((G,), float(alpha), dtype=compute_dtype(mu_t, eta_t), device=x.device)
-    check_tensor(alpha, "alpha")
-    if alpha.numel() not in (1, G):
-        raise ValueError(f"alpha must be a number or have G={G} entries, got shape {tuple(alpha.shape)}")
-    alpha = alpha.reshape(-1).expand(G).contiguous()  # differentiable: a shared alpha sums its grads
+    if isinstance(alpha, torch.Tensor):
+        check_tensor(alpha, "alpha")
+        if alpha.numel() not in ((G,) if raw else (1, G)):
+            what = f"have G={G} entries" if raw else f"be a number or have G={G} entries"
+            raise ValueError(f"alpha must {what}, got shape {tuple(alpha.shape)}")
+    elif raw:
+        raise ValueError(f"alpha must be a tensor of G={G} entries, got {type(alpha).__name__}")
+    elif not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise ValueError(f"alpha must be a number or a tensor, got {type(alpha).__name__}")
     check_same_device(dict(x=x, weight=weight, bias=bias, row_group=row_group, mu_t=mu_t, eta_t=eta_t,
                            offsets=offsets, alpha=alpha))
-    return opcall("lowrank_delta_linear")(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha)
+    return G
+
+
+register("lowrank_delta_linear", reference.lowrank_delta_linear, triton_launcher("lowrank_delta_linear"),
+         check=lambda *a, **kw: check_lowrank_delta_linear(*a, **kw, raw=True))

@@ -3,16 +3,9 @@
 import torch
 
 from .. import reference
-from .._checks import check_tensor
+from .._checks import check_same_device, check_tensor, compute_dtype
 from .._library import _LIB
-from ._dispatch import REGISTRY, opcall
-
-# A composite of differentiable torch ops: autograd flows through the decomposition, so the
-# gate needs no hand-written backward.
-_LIB.impl("noisy_topk_gate", reference.noisy_topk_gate, "CompositeImplicitAutograd")
-_LIB.impl("sort_by_group", reference.sort_by_group, "CompositeExplicitAutograd")
-REGISTRY["noisy_topk_gate"] = {"CPU": "reference", "CUDA": "reference"}
-REGISTRY["sort_by_group"] = {"CPU": "reference", "CUDA": "reference"}
+from ._dispatch import REGISTRY, checked, opcall
 
 
 @torch.library.register_fake("dcedit::sort_by_group")
@@ -25,10 +18,27 @@ def _(group_of_row, G):
 def noisy_topk_gate(feats, w_gate, w_noise, k=1, training=True, generator=None):
     """Noisy top-k gating (Shazeer et al. 2017) of E edits over G editors.
 
-    logits = f W_g + ε ⊙ softplus(f W_noise), ε ~ N(0, 1) only when training; keep the top k,
-    softmax over them.  feats (E, f), w_gate and w_noise (f, G).  Returns (gates (E, G),
-    chosen group per edit (E,) int64 — the top-1 — and the importance + load balancing loss).
+    logits = f W_g + ε ⊙ (softplus(f W_noise) + 0.01), ε ~ N(0, 1) only when training; keep the
+    top k, softmax over them.  The 0.01 is Shazeer et al.'s `noise_epsilon` (their code, not their
+    equation, which SPEC.md quotes): it keeps the noise scale, which the smooth load estimate
+    divides by, away from 0 where softplus underflows.  feats (E, f), w_gate and w_noise (f, G),
+    any float dtypes: computed in fp32 (fp64 if any is fp64).  Returns (gates (E, G) in that
+    dtype, chosen group per edit (E,) int64 — the top-1 — and the importance + load balancing
+    loss).
     """
+    check_noisy_topk_gate(feats, w_gate, w_noise, k)
+    G = w_gate.shape[1]
+    acc = compute_dtype(feats, w_gate, w_noise)
+    feats, w_gate, w_noise = feats.to(acc), w_gate.to(acc), w_noise.to(acc)  # differentiable casts
+    noise = None
+    if training:
+        noise = torch.randn(feats.shape[0], G, generator=generator, device=feats.device, dtype=acc)
+    return opcall("noisy_topk_gate")(feats, w_gate, w_noise, k, noise)
+
+
+def check_noisy_topk_gate(feats, w_gate, w_noise, k=1, noise=None, raw=False):
+    """The gate's checks; `raw` (the `torch.ops.dcedit` op, which the wrapper calls with one
+    dtype and its own noise) also wants one dtype and an (E, G) noise."""
     check_tensor(feats, "feats", 2)
     check_tensor(w_gate, "w_gate", 2)
     check_tensor(w_noise, "w_noise", 2)
@@ -37,16 +47,20 @@ def noisy_topk_gate(feats, w_gate, w_noise, k=1, training=True, generator=None):
             f"w_gate and w_noise must be ({feats.shape[1]}, G), got {tuple(w_gate.shape)} and {tuple(w_noise.shape)}"
         )
     G = w_gate.shape[1]
-    if not isinstance(k, int) or not 1 <= k <= G:
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= G:
         raise ValueError(f"k must be an int in [1, {G}], got {k!r}")
-    noise = None
-    if training:
-        noise = torch.randn(feats.shape[0], G, generator=generator, device=feats.device, dtype=feats.dtype)
-    return opcall("noisy_topk_gate")(feats, w_gate, w_noise, k, noise)
+    check_same_device(dict(feats=feats, w_gate=w_gate, w_noise=w_noise, noise=noise))
+    if raw:
+        if noise is not None:
+            check_tensor(noise, "noise", 2)
+            if noise.shape != (feats.shape[0], G):
+                raise ValueError(f"noise must have shape ({feats.shape[0]}, {G}), got {tuple(noise.shape)}")
+        dtypes = {t.dtype for t in (feats, w_gate, w_noise, noise) if t is not None}
+        if len(dtypes) > 1:
+            raise ValueError(f"feats, w_gate, w_noise and noise must share one dtype, got {sorted(map(str, dtypes))}")
 
 
-def sort_by_group(group_of_row, G):
-    """Stable permutation that makes groups contiguous, its inverse, and int32 offsets (G+1,)."""
+def check_sort_by_group(group_of_row, G):
     if not isinstance(group_of_row, torch.Tensor) or group_of_row.dtype not in (torch.int32, torch.int64):
         raise ValueError("group_of_row must be an int32 or int64 tensor")
     if group_of_row.dim() != 1:
@@ -55,4 +69,18 @@ def sort_by_group(group_of_row, G):
         raise ValueError(f"G must be a positive int, got {G!r}")
     if group_of_row.numel() and (int(group_of_row.min()) < 0 or int(group_of_row.max()) >= G):
         raise ValueError(f"group_of_row entries must be in [0, {G - 1}]")
+
+
+def sort_by_group(group_of_row, G):
+    """Stable permutation that makes groups contiguous, its inverse, and int32 offsets (G+1,)."""
+    check_sort_by_group(group_of_row, G)
     return opcall("sort_by_group")(group_of_row, G)
+
+
+# Composites of torch ops: autograd flows through the decomposition, so the gate needs no
+# hand-written backward.  Behind the same checks as the wrappers (see _dispatch.checked).
+_LIB.impl("noisy_topk_gate", checked(reference.noisy_topk_gate, lambda *a, **kw: check_noisy_topk_gate(*a, **kw, raw=True)),
+          "CompositeImplicitAutograd")
+_LIB.impl("sort_by_group", checked(reference.sort_by_group, check_sort_by_group), "CompositeExplicitAutograd")
+REGISTRY["noisy_topk_gate"] = {"CPU": "reference", "CUDA": "reference"}
+REGISTRY["sort_by_group"] = {"CPU": "reference", "CUDA": "reference"}

@@ -6,20 +6,26 @@ from .. import reference
 from .._checks import check_offsets, check_same_device, check_tensor, compute_dtype
 from ._dispatch import opcall, register, triton_launcher
 
-register("segmented_fisher", reference.segmented_fisher, triton_launcher("segmented_fisher"))
-
 
 @torch.library.register_fake("dcedit::segmented_fisher")
 def _(eta, mu, edit_offsets):
     return eta.new_empty((eta.shape[1], mu.shape[1]), dtype=compute_dtype(eta, mu))
 
 
-def segmented_fisher(eta, mu, edit_offsets):
-    """``F = (1/E) Σ_e (Σ_{t∈e} η_t μ_tᵀ)²`` (o × i); never holds E per-edit gradients."""
+def check_segmented_fisher(eta, mu, edit_offsets):
     check_tensor(eta, "eta", 2)
     check_tensor(mu, "mu", 2)
     if eta.shape[0] != mu.shape[0]:
         raise ValueError(f"eta and mu must have the same number of tokens, got {eta.shape[0]} and {mu.shape[0]}")
     check_offsets(edit_offsets, "edit_offsets", eta.shape[0])
     check_same_device(dict(eta=eta, mu=mu, edit_offsets=edit_offsets))
+
+
+register("segmented_fisher", reference.segmented_fisher, triton_launcher("segmented_fisher"),
+         check=check_segmented_fisher)
+
+
+def segmented_fisher(eta, mu, edit_offsets):
+    """``F = (1/E) Σ_e (Σ_{t∈e} η_t μ_tᵀ)²`` (o × i); never holds E per-edit gradients."""
+    check_segmented_fisher(eta, mu, edit_offsets)
     return opcall("segmented_fisher")(eta, mu, edit_offsets)

@@ -24,7 +24,8 @@ def _prob_in_top_k(clean, noisy, noise_std, top_values, k):
 
 
 def noisy_topk_gate(feats, w_gate, w_noise, k=1, noise=None):
-    """Noisy top-k gate: logits f W_g + ε ⊙ softplus(f W_noise), top-k, softmax over kept.
+    """Noisy top-k gate: logits f W_g + ε ⊙ (softplus(f W_noise) + 0.01), top-k, softmax over kept
+    (0.01: Shazeer et al.'s noise_epsilon, see ops.noisy_topk_gate).
 
     `noise` is ε (E, G), drawn by the caller in training and None in eval.  Returns the (E, G)
     gates, the chosen group per edit (the top-1 expert, int64) and the importance + load
