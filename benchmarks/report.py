@@ -1,19 +1,22 @@
-"""One benchmark case: the fused op timed by pytest-benchmark, the eager reference timed in the
-same run, their ratio, peak memory and the share of the device roofline, in extra_info."""
+"""One benchmark case: the fused op and the eager reference timed in the same run, alternately
+(`measure.time_pair`: the ratio and the reported times), their peak memory and the share of the
+device roofline, in extra_info; pytest-benchmark's own table times the fused op again."""
 
 import math
 
-from measure import peak_extra_bytes, time_fn
+from measure import peak_extra_bytes, time_fn, time_pair
 
 
 def compare(benchmark, device, ceilings, fused, eager, *, flops=0.0, bytes_moved=0.0,
             output_bytes=None, target_speedup=None, rounds=None):
-    eager_s = time_fn(eager, device) if eager is not None else math.nan
+    if eager is not None:
+        fused_s, eager_s = time_pair(fused, eager, device)
+    else:
+        fused_s, eager_s = time_fn(fused, device), math.nan
     fused_peak = peak_extra_bytes(fused, device)
     eager_peak = peak_extra_bytes(eager, device) if eager is not None else math.nan
     on_gpu = device.startswith("cuda")
     benchmark.pedantic(fused, rounds=rounds or (20 if on_gpu else 3), iterations=1, warmup_rounds=1)
-    fused_s = benchmark.stats.stats.median
     floor_s = max(bytes_moved / (ceilings["copy_GBps"] * 1e9), flops / (ceilings["matmul_TFLOPs"] * 1e12))
     info = {
         "device": ceilings["device"],
