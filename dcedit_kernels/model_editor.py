@@ -430,9 +430,20 @@ class ModelEditor:
         """Edit batch (labels on the target tokens); ValueError naming the request on an empty target."""
         fn = tokenize_seq2seq if self.seq2seq else tokenize_causal
         try:
-            return fn(self.tokenizer, list(prompts), list(targets), device=self.device)
+            batch = fn(self.tokenizer, list(prompts), list(targets), device=self.device)
         except ValueError as exc:
             raise ValueError(f"{name} could not be tokenized ({exc}); the model was not changed") from None
+        # Past the model's positions a learned position table fails with a bare IndexError
+        # (GPT-2's n_positions); say which request is too long instead.
+        config = getattr(self.model, "config", None)
+        limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        if isinstance(limit, int) and not self.seq2seq:
+            lengths = batch["attention_mask"].sum(1)
+            if int(lengths.max()) > limit:
+                i = int(lengths.argmax())
+                raise ValueError(f"{name}[{i}] is {int(lengths[i])} tokens (prompt + target), more than the "
+                                 f"model's {limit} positions; the model was not changed")
+        return batch
 
     def capture(self, batch: dict, need_feats: bool | None = None):
         """({layer: Factors}, edit features (E, hidden) or None, loss): one forward + backward.

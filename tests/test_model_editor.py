@@ -355,6 +355,15 @@ def test_edited_undoes_edits_made_inside_its_block(gen):
     assert not me._live
 
 
+def test_a_request_longer_than_the_model_is_refused(gen):
+    me = make_editor("gpt2", "mend", gen)  # tiny GPT-2: 128 learned positions
+    before = snapshot(me.model)
+    long = EditRequest(" ".join(["word"] * 200), "target")
+    with pytest.raises(ValueError, match=r"requests\[1\] is .* more than the model's 128 positions"):
+        me.apply([random_requests(gen, 1)[0], long])
+    assert_bit_identical(before, me.model)
+
+
 def test_apply_under_inference_mode_is_refused(gen):
     me = make_editor("gpt2", "mend", gen)
     before = snapshot(me.model)
