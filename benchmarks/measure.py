@@ -38,8 +38,8 @@ def time_fn(fn, device, warmup=1, min_runs=3, min_seconds=0.3, max_runs=50):
 
 
 def time_pair(fused, eager, device, warmup=1, min_runs=5, min_seconds=0.6, max_runs=50):
-    """Median wall times (fused, eager) in seconds, the two run alternately under one stopping
-    rule, so that both sides see the same machine state (timed one after the other, a side timed
+    """Median wall times (fused, eager) in seconds, the two run alternately (each first in turn)
+    under one stopping rule, so that both sides see the same machine state (timed one after the other, a side timed
     by 3 rounds after a memory measurement read 0.64x where alternating reads 1.29x: CPU,
     grouped_lowrank, 1 ms a call)."""
     for _ in range(warmup):
@@ -48,8 +48,9 @@ def time_pair(fused, eager, device, warmup=1, min_runs=5, min_seconds=0.6, max_r
     sync(device)
     times = ([], [])
     start = time.perf_counter()
+    pairs = ((fused, times[0]), (eager, times[1]))
     while len(times[0]) < min_runs or (time.perf_counter() - start < min_seconds and len(times[0]) < max_runs):
-        for fn, out in ((fused, times[0]), (eager, times[1])):
+        for fn, out in pairs if len(times[0]) % 2 == 0 else pairs[::-1]:  # each side goes first in turn
             t0 = time.perf_counter()
             fn()
             sync(device)

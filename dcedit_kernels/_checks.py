@@ -7,6 +7,8 @@ price of a clear error instead of an out-of-bounds kernel.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -40,6 +42,11 @@ def check_items(items, name: str, item_type: type, item_label: str) -> list:
             article = "an" if item_label[0] in "AEIOUaeiou" else "a"
             raise ValueError(f"{name}[{i}] must be {article} {item_label}, got {type(item).__name__}")
     return out
+
+
+def is_real_number(x) -> bool:
+    """A real scalar that float() takes as the op's number: Python's or NumPy's, not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def check_shape(t, name: str, shape: tuple) -> None:

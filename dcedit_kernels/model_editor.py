@@ -53,7 +53,9 @@ already been changed.  A Ctrl-C (SIGINT, in the main thread) that arrives while 
 shifted waits until that weight's saved values are recorded, so the restore never misses it.
 Edits must be undone in reverse order, across every ModelEditor of the same model (a handle that
 is not the model's latest live one refuses, since restoring its saved values would also wipe the
-later edit); `edited()` undoes, on exit, the edits applied inside its block too.
+later edit); `edited()` undoes, on exit, the edits applied inside its block too.  A live edit holds
+a copy of every weight it changed until `undo()`, or `keep()`, which makes it permanent and frees
+the copy (earlier edits then can no longer be undone), or until the model is freed.
 
 Models split across devices (`device_map="auto"`, or blocks moved by hand with hooks that move the
 hidden states, as accelerate's do): inputs go to the input embedding's device (`device`); the
@@ -79,6 +81,7 @@ import signal
 import threading
 import time
 import weakref
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
@@ -145,13 +148,20 @@ class EditHandle:
         self._saved = saved
         self.stats = stats
         self.active = True
+        self.kept = False
 
     def undo(self) -> bool:
         """Restore the weights; returns False when this edit was already undone."""
         if not self.active:
             return False
+        if self.kept:
+            raise RuntimeError("this edit was kept (handle.keep()): it can no longer be undone")
         live = self._live
         if live and live[-1] is not self:
+            later = live[live.index(self) + 1:] if self in live else live
+            if any(h.kept for h in later):
+                raise RuntimeError("a later edit of this model was kept (handle.keep()): undoing this one "
+                                   "would wipe it, so it can no longer be undone")
             raise RuntimeError("undo the later edits first: edits of a model (by any of its ModelEditors) "
                                "must be undone in reverse order")
         _restore(self._saved)
@@ -159,6 +169,14 @@ class EditHandle:
         if live and live[-1] is self:
             live.pop()
         return True
+
+    def keep(self) -> None:
+        """Make this edit permanent and free what undo needed (a copy of every edited weight, held
+        until undo or keep while the model lives).  Earlier edits of the model can no longer be
+        undone afterwards: restoring their saved values would wipe this one."""
+        if self.active and not self.kept:
+            self.kept = True
+            self._saved = []
 
     def _discard(self) -> None:
         """Forget a handle whose edit failed (its weights were restored): no longer live."""
@@ -175,9 +193,11 @@ class EditHandle:
 
 @torch.no_grad()
 def _restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Copy saved values back, latest first (a weight shifted twice ends at its first value)."""
-    for weight, previous in reversed(saved):
-        weight.copy_(previous)
+    """Copy saved values back, latest first (a weight shifted twice ends at its first value); a
+    Ctrl-C meanwhile waits until every weight is back."""
+    with _deferred_interrupt():
+        for weight, previous in reversed(saved):
+            weight.copy_(previous)
 
 
 # The live (applied, not yet undone) edits of each model, latest last, shared by every ModelEditor
@@ -433,17 +453,20 @@ class ModelEditor:
             batch = fn(self.tokenizer, list(prompts), list(targets), device=self.device)
         except ValueError as exc:
             raise ValueError(f"{name} could not be tokenized ({exc}); the model was not changed") from None
-        # Past the model's positions a learned position table fails with a bare IndexError
-        # (GPT-2's n_positions); say which request is too long instead.
+        return batch
+
+    def _too_long(self, batch: dict, name: str = "requests") -> ValueError | None:
+        """The error to raise when the batch's longest row passes the model's positions (a learned
+        position table, GPT-2's, fails there with a bare IndexError; rotary models do not fail, so
+        this is only consulted after an IndexError)."""
         config = getattr(self.model, "config", None)
         limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-        if isinstance(limit, int) and not self.seq2seq:
-            lengths = batch["attention_mask"].sum(1)
-            if int(lengths.max()) > limit:
-                i = int(lengths.argmax())
-                raise ValueError(f"{name}[{i}] is {int(lengths[i])} tokens (prompt + target), more than the "
-                                 f"model's {limit} positions; the model was not changed")
-        return batch
+        lengths = batch["attention_mask"].sum(1)
+        if not isinstance(limit, int) or not lengths.numel() or int(lengths.max()) <= limit:
+            return None
+        i = int(lengths.argmax())
+        return ValueError(f"{name}[{i}] is {int(lengths[i])} tokens (prompt + target), more than the model's "
+                          f"{limit} positions; the model was not changed")
 
     def capture(self, batch: dict, need_feats: bool | None = None):
         """({layer: Factors}, edit features (E, hidden) or None, loss): one forward + backward.
@@ -526,9 +549,12 @@ class ModelEditor:
             stats.update(latency_s=time.perf_counter() - start, n_edits=len(requests),
                          peak_memory_bytes=_peak_memory(devices))
             handle.stats = stats
-        except BaseException:
+        except BaseException as exc:
             _restore(saved)  # the methods restore (and say so) themselves: this covers the rest
             handle._discard()
+            too_long = self._too_long(batch) if isinstance(exc, IndexError) else None
+            if too_long is not None:
+                raise too_long from exc
             raise
         return handle
 
@@ -722,14 +748,16 @@ class ModelEditor:
         editors were trained on factors of the batch-mean loss, and feeding them per-edit factors
         would change the scale their statistics and steps α were learned at.
         """
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-        except Exception as exc:  # safetensors' own error type for a file that is not one
-            raise ValueError(f"path: {path} is not a readable safetensors file ({exc})") from None
+        except SafetensorError as exc:
+            raise ValueError(f"path: {path} is not a safetensors file ({exc})") from None
         if CHECKPOINT_KEY not in meta:
             raise ValueError(f"{path} is not a ModelEditor checkpoint (no {CHECKPOINT_KEY} metadata)")
         config = json.loads(meta[CHECKPOINT_KEY])

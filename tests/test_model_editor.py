@@ -355,13 +355,36 @@ def test_edited_undoes_edits_made_inside_its_block(gen):
     assert not me._live
 
 
-def test_a_request_longer_than_the_model_is_refused(gen):
+def test_a_request_longer_than_a_learned_position_table_is_a_value_error(gen):
+    """GPT-2's learned positions end at n_positions (a bare IndexError there); rotary Llama runs
+    past max_position_embeddings, so a long request is its to take."""
+    long = EditRequest(" ".join(["word"] * 200), "target")  # > 128 tokens in both tiny models
     me = make_editor("gpt2", "mend", gen)  # tiny GPT-2: 128 learned positions
     before = snapshot(me.model)
-    long = EditRequest(" ".join(["word"] * 200), "target")
     with pytest.raises(ValueError, match=r"requests\[1\] is .* more than the model's 128 positions"):
         me.apply([random_requests(gen, 1)[0], long])
     assert_bit_identical(before, me.model)
+    assert not me._live
+    llama = make_editor("llama", "mend", gen)
+    before = snapshot(llama.model)
+    llama.apply([long]).undo()
+    assert_bit_identical(before, llama.model)
+
+
+def test_keep_frees_the_saved_weights_and_pins_earlier_edits(gen):
+    me = make_editor("gpt2", "mend", gen)
+    h1 = me.apply(random_requests(gen, 2))
+    after1 = snapshot(me.model)
+    h2 = me.apply(random_requests(gen, 2))
+    after2 = snapshot(me.model)
+    h2.keep()
+    assert h2.kept and h2._saved == []
+    with pytest.raises(RuntimeError, match="kept"):
+        h2.undo()
+    with pytest.raises(RuntimeError, match="later edit of this model was kept"):
+        h1.undo()
+    assert_bit_identical(after2, me.model)
+    assert changed_keys(after1, me.model)
 
 
 def test_apply_under_inference_mode_is_refused(gen):
@@ -638,6 +661,8 @@ def test_load_rejects_foreign_files(tmp_path):
     torch.save({"x": torch.zeros(2)}, str(pickle))
     with pytest.raises(ValueError, match="safetensors"):
         ModelEditor.load(pickle, model, tok)
+    with pytest.raises(FileNotFoundError):
+        ModelEditor.load(tmp_path / "missing.safetensors", model, tok)
 
 
 def test_load_of_a_format_1_checkpoint_uses_the_batch_mean(gen, tmp_path):

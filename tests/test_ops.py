@@ -428,6 +428,30 @@ def _raw_op_bad_calls(gen):
     }
 
 
+def test_wrappers_check_once_and_take_numpy_scalars(gen, monkeypatch):
+    """A wrapper's checks are not repeated by the kernel it dispatches to (on CUDA each offsets
+    check is a device sync); a raw call checks once too.  alpha may be a NumPy scalar."""
+    import importlib
+
+    import numpy as np
+
+    module = importlib.import_module("dcedit_kernels.ops.lowrank_delta_linear")  # ops.<name> is the function
+
+    calls = []
+    real = module.check_offsets
+    monkeypatch.setattr(module, "check_offsets", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a = _delta_linear_inputs(gen, dtype=torch.float32)
+    ops.lowrank_delta_linear(**dict(a, alpha=np.float32(0.5)))
+    assert len(calls) == 1
+    raw = [a[k] for k in ("x", "weight", "bias", "row_group", "mu_t", "eta_t", "offsets", "alpha")]
+    torch.ops.dcedit.lowrank_delta_linear(*raw)
+    assert len(calls) == 2
+    eta, mu = randn((5, 3), gen), randn((5, 4), gen)
+    offsets = torch.tensor([0, 2, 5])
+    torch.testing.assert_close(ops.grouped_outer(eta, mu, offsets, "add", np.float64(2.0)),
+                               ops.grouped_outer(eta, mu, offsets, "add", 2.0))
+
+
 @pytest.mark.parametrize("case", list(_raw_op_bad_calls(torch.Generator())))
 def test_raw_ops_check_their_inputs(case, gen):
     """SPEC: every op raises ValueError naming the argument, also when called as torch.ops.dcedit.*

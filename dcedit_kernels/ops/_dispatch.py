@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import threading
 
 import torch
 
@@ -65,10 +66,18 @@ def checked(fn, check):
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        check(*args, **kwargs)
+        # A call from a dcedit_kernels.ops wrapper (opcall) has run these checks already: on CUDA
+        # each offsets check is a device sync, so it is not repeated.
+        if not _PRECHECKED.__dict__.pop("on", False):
+            check(*args, **kwargs)
         return fn(*args, **kwargs)
 
     return run
+
+
+# Set by opcall for the one kernel call it makes, consumed by the first `checked` kernel that
+# runs (a C++ kernel consumes nothing: opcall clears the flag after the call either way).
+_PRECHECKED = threading.local()
 
 
 def register(op: str, reference_fn, triton_fn=None, check=None) -> None:
@@ -116,8 +125,19 @@ def reference_mode(enabled: bool = True):
 
 
 def opcall(name: str):
+    """The op `name` as the wrappers call it, after running its checks themselves: the reference
+    in `reference_mode`, else the dispatcher's op, told not to check again (see `checked`)."""
     if _REFERENCE_MODE[0] and not name.startswith("_"):
         from .. import reference
 
         return getattr(reference, name)
-    return getattr(torch.ops.dcedit, name).default
+    op = getattr(torch.ops.dcedit, name).default
+
+    def call(*args, **kwargs):
+        _PRECHECKED.on = True
+        try:
+            return op(*args, **kwargs)
+        finally:
+            _PRECHECKED.__dict__.pop("on", None)
+
+    return call

@@ -3,7 +3,7 @@
 import torch
 
 from .. import reference
-from .._checks import check_fraction_or_threshold, check_same_device, check_tensor
+from .._checks import check_fraction_or_threshold, check_same_device, check_tensor, is_real_number
 from ._dispatch import opcall, register
 from .fisher_mask import check_fisher_mask
 
@@ -32,8 +32,8 @@ def check_apply_shift(weight, delta, alpha=1.0, fisher=None, keep=None, threshol
     check_tensor(delta, "delta")
     if delta.shape != weight.shape:
         raise ValueError(f"delta must have the shape of weight {tuple(weight.shape)}, got {tuple(delta.shape)}")
-    if not isinstance(alpha, (int, float)):
-        raise ValueError(f"alpha must be a Python number, got {type(alpha).__name__}")
+    if not is_real_number(alpha):
+        raise ValueError(f"alpha must be a real number, got {type(alpha).__name__}")
     if fisher is not None:
         check_fisher_mask(delta, fisher, keep, threshold)
     elif keep is not None or threshold is not None:

@@ -3,7 +3,7 @@
 import torch
 
 from .. import reference
-from .._checks import check_offsets, check_same_device, check_tensor, compute_dtype
+from .._checks import check_offsets, check_same_device, check_tensor, compute_dtype, is_real_number
 from ..reference.grouped_outer import FUSIONS
 from ._dispatch import opcall, register, triton_launcher
 
@@ -47,8 +47,8 @@ def check_grouped_outer(eta, mu, offsets, fusion="add", alpha=1.0):
     check_offsets(offsets, "offsets", eta.shape[0])
     if fusion not in FUSIONS:
         raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
-    if not isinstance(alpha, (int, float)):
-        raise ValueError(f"alpha must be a Python number, got {type(alpha).__name__}")
+    if not is_real_number(alpha):
+        raise ValueError(f"alpha must be a real number, got {type(alpha).__name__}")
     check_same_device(dict(eta=eta, mu=mu, offsets=offsets))
 
 

@@ -3,7 +3,9 @@
 import torch
 
 from .. import reference
-from .._checks import check_delta_linear_shapes, check_offsets, check_same_device, check_tensor, compute_dtype
+from .._checks import (
+    check_delta_linear_shapes, check_offsets, check_same_device, check_tensor, compute_dtype, is_real_number,
+)
 from ._dispatch import opcall, register, triton_launcher
 
 register(
@@ -72,7 +74,7 @@ def check_lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets,
             raise ValueError(f"alpha must {what}, got shape {tuple(alpha.shape)}")
     elif raw:
         raise ValueError(f"alpha must be a tensor of G={G} entries, got {type(alpha).__name__}")
-    elif not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+    elif not is_real_number(alpha):
         raise ValueError(f"alpha must be a number or a tensor, got {type(alpha).__name__}")
     check_same_device(dict(x=x, weight=weight, bias=bias, row_group=row_group, mu_t=mu_t, eta_t=eta_t,
                            offsets=offsets, alpha=alpha))
