@@ -465,7 +465,8 @@ class ModelEditor:
         if not isinstance(limit, int) or not lengths.numel() or int(lengths.max()) <= limit:
             return None
         i = int(lengths.argmax())
-        return ValueError(f"{name}[{i}] is {int(lengths[i])} tokens (prompt + target), more than the model's "
+        what = " (prompt + target)" if name == "requests" else ""
+        return ValueError(f"{name}[{i}] is {int(lengths[i])} tokens{what}, more than the model's "
                           f"{limit} positions; the model was not changed")
 
     def capture(self, batch: dict, need_feats: bool | None = None):
@@ -631,7 +632,13 @@ class ModelEditor:
             if self.method == "ft_kl" and opts["kl_weight"] > 0:
                 loc = self._locality_batch(self._locality_texts(requests))
                 with torch.no_grad():
-                    base = self.model(input_ids=loc["input_ids"], attention_mask=loc["attention_mask"]).logits
+                    try:
+                        base = self.model(input_ids=loc["input_ids"], attention_mask=loc["attention_mask"]).logits
+                    except IndexError as exc:  # past a learned position table, as in apply()
+                        too_long = self._too_long(loc, "locality texts")
+                        if too_long is None:
+                            raise
+                        raise too_long from exc
                     loc_mask = loc["attention_mask"].bool().to(base.device)  # the LM head's device
                     base_logp = torch.log_softmax(upcast(base[loc_mask]), -1)
                     del base

@@ -369,6 +369,11 @@ def test_a_request_longer_than_a_learned_position_table_is_a_value_error(gen):
     before = snapshot(llama.model)
     llama.apply([long]).undo()
     assert_bit_identical(before, llama.model)
+    ft_kl = make_editor("gpt2", "ft_kl", gen, ft_steps=1, locality_texts=["short text", long.prompt])
+    before = snapshot(ft_kl.model)
+    with pytest.raises(ValueError, match=r"locality texts\[1\] is .* 128 positions"):
+        ft_kl.apply(random_requests(gen, 1, locality=False))
+    assert_bit_identical(before, ft_kl.model)
 
 
 def test_keep_frees_the_saved_weights_and_pins_earlier_edits(gen):

@@ -425,6 +425,13 @@ def _raw_op_bad_calls(gen):
         "noisy_topk_gate dtypes": (torch.ops.dcedit.noisy_topk_gate,
                                    (f(5, 3).double(), f(3, 2), f(3, 2), 1, None), "dtype"),
         "sort_by_group": (torch.ops.dcedit.sort_by_group, (torch.tensor([0, 5]), 5), "group_of_row"),
+        # The backward ops, called raw (autograd's calls go through opcall and skip the checks).
+        "_grouped_outer_backward": (torch.ops.dcedit._grouped_outer_backward,
+                                    (f(4, 3), f(5, 3), f(5, 4), torch.tensor([0, 2, 5]), "sss", 1.0), "grad"),
+        "_grouped_lowrank_backward": (torch.ops.dcedit._grouped_lowrank_backward,
+                                      (f(4, 4), f(5, 4), torch.tensor([0, 1, 3, 5]), *G3, None, None, None), "grad"),
+        "_lowrank_delta_linear_backward": (torch.ops.dcedit._lowrank_delta_linear_backward,
+                                           (dl[0], dl[0], dl[1], *dl[3:]), "grad"),
     }
 
 

@@ -15,7 +15,6 @@ def _triton_backward(grad, h, offsets, u, v, bias, scale, shift, gain):
     return [g for g in grads[:4]] + [g for g in grads[4:] if g is not None]
 
 
-register("_grouped_lowrank_backward", reference.grouped_lowrank_backward, _bwd and _triton_backward)
 
 
 @torch.library.register_fake("dcedit::grouped_lowrank")
@@ -66,7 +65,17 @@ def check_grouped_lowrank(h, offsets, u, v, bias, scale=None, shift=None, gain=N
     check_same_device(dict(h=h, offsets=offsets, u=u, v=v, bias=bias, scale=scale, shift=shift, gain=gain))
 
 
+def check_grouped_lowrank_backward(grad, h, offsets, u, v, bias, scale=None, shift=None, gain=None):
+    """The forward's checks plus grad's (raw calls only: autograd's go through opcall)."""
+    check_grouped_lowrank(h, offsets, u, v, bias, scale, shift, gain)
+    check_tensor(grad, "grad")
+    check_shape(grad, "grad", tuple(h.shape))
+    check_same_device(dict(grad=grad, h=h))
+
+
 register("grouped_lowrank", reference.grouped_lowrank, _fwd, check=check_grouped_lowrank)
+register("_grouped_lowrank_backward", reference.grouped_lowrank_backward, _bwd and _triton_backward,
+         check=check_grouped_lowrank_backward)
 
 
 def grouped_lowrank(h, offsets, u, v, bias, scale=None, shift=None, gain=None):

@@ -4,15 +4,11 @@ import torch
 
 from .. import reference
 from .._checks import (
-    check_delta_linear_shapes, check_offsets, check_same_device, check_tensor, compute_dtype, is_real_number,
+    check_delta_linear_shapes, check_offsets, check_same_device, check_shape, check_tensor, compute_dtype,
+    is_real_number,
 )
 from ._dispatch import opcall, register, triton_launcher
 
-register(
-    "_lowrank_delta_linear_backward",
-    reference.lowrank_delta_linear_backward,
-    triton_launcher("lowrank_delta_linear_backward"),
-)
 
 
 def _out_dtype(x, weight, mu_t, eta_t, alpha):
@@ -81,5 +77,15 @@ def check_lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets,
     return G
 
 
+def check_lowrank_delta_linear_backward(grad, x, weight, row_group, mu_t, eta_t, offsets, alpha):
+    """The forward's checks plus grad's (raw calls only: autograd's go through opcall)."""
+    check_lowrank_delta_linear(x, weight, None, row_group, mu_t, eta_t, offsets, alpha, raw=True)
+    check_tensor(grad, "grad")
+    check_shape(grad, "grad", (x.shape[0], weight.shape[0]))
+    check_same_device(dict(grad=grad, x=x))
+
+
 register("lowrank_delta_linear", reference.lowrank_delta_linear, triton_launcher("lowrank_delta_linear"),
          check=lambda *a, **kw: check_lowrank_delta_linear(*a, **kw, raw=True))
+register("_lowrank_delta_linear_backward", reference.lowrank_delta_linear_backward,
+         triton_launcher("lowrank_delta_linear_backward"), check=check_lowrank_delta_linear_backward)
