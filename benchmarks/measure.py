@@ -22,40 +22,32 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_fn(fn, device, warmup=1, min_runs=3, min_seconds=0.3, max_runs=50):
-    """Median wall time of fn() in seconds."""
+def time_fns(fns, device, warmup=1, min_runs=3, min_seconds=0.3, max_runs=50):
+    """Median wall time in seconds of each of `fns`, run in rounds under one stopping rule, each
+    round starting with the next one in turn: several sides timed so see the same machine state
+    (a fused side timed by 3 rounds after a memory measurement read grouped_lowrank at 0.64x of
+    eager on CPU where alternating reads 1.24x)."""
     for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_runs or (time.perf_counter() - start < min_seconds and len(times) < max_runs):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def time_pair(fused, eager, device, warmup=1, min_runs=5, min_seconds=0.6, max_runs=50):
-    """Median wall times (fused, eager) in seconds, the two run alternately (each first in turn)
-    under one stopping rule, so that both sides see the same machine state (timed one after the other, a side timed
-    by 3 rounds after a memory measurement read 0.64x where alternating reads 1.29x: CPU,
-    grouped_lowrank, 1 ms a call)."""
-    for _ in range(warmup):
-        fused()
-        eager()
-    sync(device)
-    times = ([], [])
-    start = time.perf_counter()
-    pairs = ((fused, times[0]), (eager, times[1]))
-    while len(times[0]) < min_runs or (time.perf_counter() - start < min_seconds and len(times[0]) < max_runs):
-        for fn, out in pairs if len(times[0]) % 2 == 0 else pairs[::-1]:  # each side goes first in turn
-            t0 = time.perf_counter()
+        for fn in fns:
             fn()
+    sync(device)
+    times = [[] for _ in fns]
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_runs or (time.perf_counter() - start < min_seconds and rounds < max_runs):
+        for k in range(len(fns)):
+            j = (rounds + k) % len(fns)
+            t0 = time.perf_counter()
+            fns[j]()
             sync(device)
-            out.append(time.perf_counter() - t0)
-    return statistics.median(times[0]), statistics.median(times[1])
+            times[j].append(time.perf_counter() - t0)
+        rounds += 1
+    return [statistics.median(t) for t in times]
+
+
+def time_fn(fn, device, **kwargs):
+    """Median wall time of fn() in seconds (see `time_fns`)."""
+    return time_fns([fn], device, **kwargs)[0]
 
 
 def _proc_status_kb(field):

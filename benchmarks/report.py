@@ -1,16 +1,16 @@
 """One benchmark case: the fused op and the eager reference timed in the same run, alternately
-(`measure.time_pair`: the ratio and the reported times), their peak memory and the share of the
+(`measure.time_fns`: the ratio and the reported times), their peak memory and the share of the
 device roofline, in extra_info; pytest-benchmark's own table times the fused op again."""
 
 import math
 
-from measure import peak_extra_bytes, time_fn, time_pair
+from measure import peak_extra_bytes, time_fn, time_fns
 
 
 def compare(benchmark, device, ceilings, fused, eager, *, flops=0.0, bytes_moved=0.0,
             output_bytes=None, target_speedup=None, rounds=None):
     if eager is not None:
-        fused_s, eager_s = time_pair(fused, eager, device)
+        fused_s, eager_s = time_fns([fused, eager], device, min_runs=5, min_seconds=0.6)
     else:
         fused_s, eager_s = time_fn(fused, device), math.nan
     fused_peak = peak_extra_bytes(fused, device)

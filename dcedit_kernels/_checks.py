@@ -7,11 +7,13 @@ price of a clear error instead of an out-of-bounds kernel.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 INT_DTYPES = (torch.int32, torch.int64)
 
 
@@ -44,6 +46,21 @@ def check_items(items, name: str, item_type: type, item_label: str) -> list:
     return out
 
 
+def is_int(x) -> bool:
+    """A Python int, not a bool (True would pass isinstance(x, int) as 1)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_number(x) -> bool:
+    """A Python int or float, not a bool (settings that configs and checkpoints store as JSON)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def is_finite_number(x) -> bool:
+    """`is_number` and neither inf nor NaN."""
+    return is_number(x) and math.isfinite(x)
+
+
 def is_real_number(x) -> bool:
     """A real scalar that float() takes as the op's number: Python's or NumPy's, not a bool."""
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
@@ -52,6 +69,13 @@ def is_real_number(x) -> bool:
 def check_shape(t, name: str, shape: tuple) -> None:
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_grad(grad, shape: tuple, like, like_name: str) -> None:
+    """A backward op's output gradient: a float tensor of `shape` on the device of `like`."""
+    check_tensor(grad, "grad")
+    check_shape(grad, "grad", shape)
+    check_same_device({"grad": grad, like_name: like})
 
 
 def check_same_device(named: dict) -> None:

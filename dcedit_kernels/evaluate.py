@@ -43,6 +43,7 @@ from typing import Sequence
 import torch
 
 from . import metrics
+from ._checks import is_int
 from .devices import cuda_indices, model_devices
 from .requests import EditRequest, validate_requests
 
@@ -243,7 +244,7 @@ def summarize(values: list) -> dict:
 
 
 def _check_n_edits(n_edits, n_requests: int) -> list[int]:
-    if isinstance(n_edits, int) and not isinstance(n_edits, bool):
+    if is_int(n_edits):
         n_edits = (n_edits,)
     try:
         items = list(n_edits)
@@ -252,7 +253,7 @@ def _check_n_edits(n_edits, n_requests: int) -> list[int]:
     if not items:
         raise ValueError("n_edits must not be empty")
     for n in items:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        if not is_int(n) or n < 1:
             raise ValueError(f"n_edits must hold positive ints, got {n!r}")
         if n > n_requests:
             raise ValueError(f"n_edits holds {n}, more than the {n_requests} requests available")
@@ -288,7 +289,7 @@ def evaluate_method(
 
     requests = validate_requests(requests)
     sizes = _check_n_edits(n_edits, len(requests))
-    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+    if not is_int(repeats) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
     if isinstance(method, ModelEditor):
         if method.model is not model:

@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ._checks import check_offsets, check_tensor
+from ._checks import check_offsets, check_tensor, is_int
 from .capture import Factors
 from .devices import input_device
 from .requests import EditRequest, require_field, validate_requests
@@ -45,7 +45,7 @@ REDUCTIONS = ("input", "token")
 
 
 def _check_batch_size(batch_size) -> None:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 

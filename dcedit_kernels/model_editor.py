@@ -76,7 +76,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import signal
 import threading
 import time
@@ -87,13 +86,13 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from ._checks import HALF_DTYPES, is_finite_number, is_int
 from .capture import capture_factors, frozen_parameters, resolve_modules, weight_out_in
 from .devices import as_device, check_resident, cuda_indices, input_device, model_devices, place_editor
 from .editors.presets import MEND, MoEditor, ProEditor, RaEditor
 from .requests import EditRequest, validate_requests
 from .tokenize import IGNORE_INDEX, is_seq2seq, pad_token_id, tokenize_causal, tokenize_seq2seq
 
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 EDITOR_METHODS = {"mend": MEND, "raeditor": RaEditor, "moeditor": MoEditor, "proeditor": ProEditor}
 FT_METHODS = ("ft", "ft_kl")
 METHODS = tuple(EDITOR_METHODS) + FT_METHODS
@@ -119,14 +118,6 @@ GENERIC_LOCALITY_TEXTS = (
     "The quick brown fox jumps over the lazy dog near the old barn.",
     "In 1969 the first humans walked on the surface of the Moon.",
 )
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_finite_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,15 +360,15 @@ class ModelEditor:
             raise ValueError(f"unknown arguments for method {self.method!r}: {unknown}; "
                              f"it takes {sorted(FT_DEFAULTS)}")
         opts = {**FT_DEFAULTS, **kwargs}
-        if not _is_int(opts["ft_steps"]) or opts["ft_steps"] < 1:
+        if not is_int(opts["ft_steps"]) or opts["ft_steps"] < 1:
             raise ValueError(f"ft_steps must be a positive int, got {opts['ft_steps']!r}")
-        if not _is_finite_number(opts["ft_lr"]) or not opts["ft_lr"] > 0:
+        if not is_finite_number(opts["ft_lr"]) or not opts["ft_lr"] > 0:
             raise ValueError(f"ft_lr must be a positive finite number, got {opts['ft_lr']!r}")
         if opts["ft_optimizer"] not in ("adam", "sgd"):
             raise ValueError(f"ft_optimizer must be 'adam' or 'sgd', got {opts['ft_optimizer']!r}")
-        if not _is_finite_number(opts["kl_weight"]) or opts["kl_weight"] < 0:
+        if not is_finite_number(opts["kl_weight"]) or opts["kl_weight"] < 0:
             raise ValueError(f"kl_weight must be a non-negative finite number, got {opts['kl_weight']!r}")
-        if opts["ft_stop_loss"] is not None and not _is_finite_number(opts["ft_stop_loss"]):
+        if opts["ft_stop_loss"] is not None and not is_finite_number(opts["ft_stop_loss"]):
             raise ValueError(f"ft_stop_loss must be a finite number or None, got {opts['ft_stop_loss']!r}")
         texts = opts["locality_texts"]
         if texts is not None:
@@ -450,24 +441,27 @@ class ModelEditor:
         """Edit batch (labels on the target tokens); ValueError naming the request on an empty target."""
         fn = tokenize_seq2seq if self.seq2seq else tokenize_causal
         try:
-            batch = fn(self.tokenizer, list(prompts), list(targets), device=self.device)
+            return fn(self.tokenizer, list(prompts), list(targets), device=self.device)
         except ValueError as exc:
             raise ValueError(f"{name} could not be tokenized ({exc}); the model was not changed") from None
-        return batch
 
-    def _too_long(self, batch: dict, name: str = "requests") -> ValueError | None:
-        """The error to raise when the batch's longest row passes the model's positions (a learned
-        position table, GPT-2's, fails there with a bare IndexError; rotary models do not fail, so
-        this is only consulted after an IndexError)."""
-        config = getattr(self.model, "config", None)
-        limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-        lengths = batch["attention_mask"].sum(1)
-        if not isinstance(limit, int) or not lengths.numel() or int(lengths.max()) <= limit:
-            return None
-        i = int(lengths.argmax())
-        what = " (prompt + target)" if name == "requests" else ""
-        return ValueError(f"{name}[{i}] is {int(lengths[i])} tokens{what}, more than the model's "
-                          f"{limit} positions; the model was not changed")
+    @contextlib.contextmanager
+    def _length_errors(self, batch: dict, name: str):
+        """An IndexError inside the block, when `batch` has a row past the model's positions,
+        becomes a ValueError naming that row: a learned position table (GPT-2's) fails there with a
+        bare IndexError.  Rotary models run past theirs, so nothing is refused in advance."""
+        try:
+            yield
+        except IndexError as exc:
+            config = getattr(self.model, "config", None)
+            limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+            lengths = batch["attention_mask"].sum(1)
+            if not isinstance(limit, int) or not lengths.numel() or int(lengths.max()) <= limit:
+                raise
+            i = int(lengths.argmax())
+            what = " (prompt + target)" if name == "requests" else ""
+            raise ValueError(f"{name}[{i}] is {int(lengths[i])} tokens{what}, more than the model's "
+                             f"{limit} positions; the model was not changed") from exc
 
     def capture(self, batch: dict, need_feats: bool | None = None):
         """({layer: Factors}, edit features (E, hidden) or None, loss): one forward + backward.
@@ -543,19 +537,17 @@ class ModelEditor:
         handle = EditHandle(self._live, saved, {})
         try:
             self._live.append(handle)
-            if self.method in FT_METHODS:
-                stats = self._apply_ft(requests, batch, saved)
-            else:
-                stats = self._apply_editors(batch, saved)
+            with self._length_errors(batch, "requests"):
+                if self.method in FT_METHODS:
+                    stats = self._apply_ft(requests, batch, saved)
+                else:
+                    stats = self._apply_editors(batch, saved)
             stats.update(latency_s=time.perf_counter() - start, n_edits=len(requests),
                          peak_memory_bytes=_peak_memory(devices))
             handle.stats = stats
-        except BaseException as exc:
+        except BaseException:
             _restore(saved)  # the methods restore (and say so) themselves: this covers the rest
             handle._discard()
-            too_long = self._too_long(batch) if isinstance(exc, IndexError) else None
-            if too_long is not None:
-                raise too_long from exc
             raise
         return handle
 
@@ -632,13 +624,8 @@ class ModelEditor:
             if self.method == "ft_kl" and opts["kl_weight"] > 0:
                 loc = self._locality_batch(self._locality_texts(requests))
                 with torch.no_grad():
-                    try:
+                    with self._length_errors(loc, "locality texts"):
                         base = self.model(input_ids=loc["input_ids"], attention_mask=loc["attention_mask"]).logits
-                    except IndexError as exc:  # past a learned position table, as in apply()
-                        too_long = self._too_long(loc, "locality texts")
-                        if too_long is None:
-                            raise
-                        raise too_long from exc
                     loc_mask = loc["attention_mask"].bool().to(base.device)  # the LM head's device
                     base_logp = torch.log_softmax(upcast(base[loc_mask]), -1)
                     del base

@@ -66,6 +66,7 @@ from pathlib import Path
 
 import torch
 
+from ._checks import is_int
 from .capture import frozen_parameters
 from .devices import cuda_indices
 from .lowrank_layers import lowrank_edited
@@ -108,7 +109,7 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("steps", "batch_size", "accumulate", "val_every"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         for name in ("lr", "lr_lr"):
             value = getattr(self, name)

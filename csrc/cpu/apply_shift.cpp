@@ -3,6 +3,7 @@
 // dcedit_kernels/reference/apply_shift.py computes it.  Returns the previous weight values: copying
 // them back restores the weight bit for bit, which subtracting the shift cannot do once the sum
 // has been rounded to bf16.  Old and new values are written in the same pass over weight.
+#include "cpu/checks.h"
 #include "cpu/topk_select.h"
 
 #include <ATen/Parallel.h>
@@ -11,10 +12,6 @@
 
 namespace dcedit_cpu {
 namespace {
-
-bool is_float(at::ScalarType t) {
-  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
-}
 
 template <typename scalar_t>
 void shift_in_place(scalar_t* weight, scalar_t* previous, const at::Tensor& delta,
@@ -53,9 +50,9 @@ at::Tensor apply_shift_cpu(at::Tensor& weight, const at::Tensor& delta, double a
                            std::optional<double> threshold) {
   // Every check, the allocation of `previous` and the Fisher selection happen before weight is
   // written, so a failure leaves it as it was.
-  TORCH_CHECK_VALUE(is_float(weight.scalar_type()),
+  TORCH_CHECK_VALUE(is_float_dtype(weight.scalar_type()),
                     "weight must be float16, bfloat16, float32 or float64, got ", weight.scalar_type());
-  TORCH_CHECK_VALUE(is_float(delta.scalar_type()),
+  TORCH_CHECK_VALUE(is_float_dtype(delta.scalar_type()),
                     "delta must be float16, bfloat16, float32 or float64, got ", delta.scalar_type());
   TORCH_CHECK_VALUE(weight.device().is_cpu(), "weight must be a CPU tensor here, got ", weight.device());
   TORCH_CHECK_VALUE(delta.device() == weight.device(), "delta must be on the same device as weight (",
@@ -64,7 +61,7 @@ at::Tensor apply_shift_cpu(at::Tensor& weight, const at::Tensor& delta, double a
                     weight.sizes(), ", got ", delta.sizes());
   if (fisher.has_value()) {
     const at::Tensor& f = *fisher;
-    TORCH_CHECK_VALUE(is_float(f.scalar_type()),
+    TORCH_CHECK_VALUE(is_float_dtype(f.scalar_type()),
                       "fisher must be float16, bfloat16, float32 or float64, got ", f.scalar_type());
     TORCH_CHECK_VALUE(f.device() == weight.device(), "fisher must be on the same device as weight (",
                       weight.device(), "), got ", f.device());

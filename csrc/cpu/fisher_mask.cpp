@@ -1,6 +1,7 @@
 // dcedit::fisher_mask on the CPU: (delta ⊙ kept, kept count), kept as in topk_select.h.
 // Output fp32 (fp64 for an fp64 delta, the reference's compute_dtype(delta)); the count is a 0-dim
 // int64 tensor so that callers need not synchronise.
+#include "cpu/checks.h"
 #include "cpu/topk_select.h"
 
 #include <ATen/Parallel.h>
@@ -11,10 +12,6 @@
 
 namespace dcedit_cpu {
 namespace {
-
-bool is_float(at::ScalarType t) {
-  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
-}
 
 template <typename acc_t>
 int64_t mask_delta(const at::Tensor& delta, const at::Tensor& fisher, const KeepRule& rule,
@@ -52,9 +49,9 @@ std::tuple<at::Tensor, at::Tensor> fisher_mask_cpu(const at::Tensor& delta,
                                                    std::optional<double> keep,
                                                    std::optional<double> threshold) {
   // Every check runs before any output exists.
-  TORCH_CHECK_VALUE(is_float(delta.scalar_type()),
+  TORCH_CHECK_VALUE(is_float_dtype(delta.scalar_type()),
                     "delta must be float16, bfloat16, float32 or float64, got ", delta.scalar_type());
-  TORCH_CHECK_VALUE(is_float(fisher.scalar_type()),
+  TORCH_CHECK_VALUE(is_float_dtype(fisher.scalar_type()),
                     "fisher must be float16, bfloat16, float32 or float64, got ", fisher.scalar_type());
   TORCH_CHECK_VALUE(delta.device().is_cpu(), "delta must be a CPU tensor here, got ", delta.device());
   TORCH_CHECK_VALUE(fisher.device() == delta.device(), "fisher must be on the same device as delta (",

@@ -7,6 +7,8 @@
 // of the output, and bias, scale, shift, the clamp and the residual are one pass over those rows,
 // where the reference makes a temporary for each and a final torch.cat (seven passes over T×d
 // instead of one; on the MoEditor edit benchmark's CPU shapes they took more time than the GEMMs).
+#include "cpu/checks.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -20,37 +22,11 @@
 namespace dcedit_cpu {
 namespace {
 
-bool is_float(at::ScalarType t) {
-  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
-}
-
 void check_float(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK_VALUE(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
-  TORCH_CHECK_VALUE(is_float(t.scalar_type()), name,
+  TORCH_CHECK_VALUE(is_float_dtype(t.scalar_type()), name,
                     " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor here, got ", t.device());
-}
-
-// Host copy of CSR offsets over `rows` (validated: 0 first, rows last, non-decreasing).
-std::vector<int64_t> host_offsets(const at::Tensor& offsets, int64_t rows) {
-  const auto dtype = offsets.scalar_type();
-  TORCH_CHECK_VALUE(dtype == at::kInt || dtype == at::kLong, "offsets must be int32 or int64, got ",
-                    dtype);
-  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.numel() >= 2,
-                    "offsets must be 1-D with G+1 >= 2 entries, got shape ", offsets.sizes());
-  TORCH_CHECK_VALUE(offsets.device().is_cpu(), "offsets must be a CPU tensor here, got ",
-                    offsets.device());
-  const at::Tensor o = offsets.to(at::kLong).contiguous();
-  const int64_t* p = o.const_data_ptr<int64_t>();
-  std::vector<int64_t> host(p, p + o.numel());
-  TORCH_CHECK_VALUE(host.front() == 0, "offsets[0] must be 0, got ", host.front());
-  TORCH_CHECK_VALUE(host.back() == rows, "offsets[-1] must equal the number of rows (", rows,
-                    "), got ", host.back());
-  for (size_t j = 1; j < host.size(); ++j) {
-    TORCH_CHECK_VALUE(host[j] >= host[j - 1], "offsets must be non-decreasing, but offsets[", j,
-                      "] = ", host[j], " < offsets[", j - 1, "] = ", host[j - 1]);
-  }
-  return host;
 }
 
 // rows (n × d, contiguous, holding pre = z u_gᵀ) ← h + clamp((pre + b) ⊙ s + c, 0), one pass.
@@ -86,7 +62,7 @@ at::Tensor grouped_lowrank_cpu(const at::Tensor& h, const at::Tensor& offsets, c
   // argument; these guard direct torch.ops calls).
   check_float(h, "h", 2);
   const int64_t T = h.size(0), d = h.size(1);
-  const std::vector<int64_t> off = host_offsets(offsets, T);
+  const std::vector<int64_t> off = read_offsets(offsets, "offsets", T, h.device(), "h");
   const int64_t G = static_cast<int64_t>(off.size()) - 1;
   check_float(u, "u", 3);
   TORCH_CHECK_VALUE(u.size(0) == G && u.size(1) == d, "u must have shape (G=", G, ", d=", d,

@@ -14,6 +14,8 @@
 // 128×128 / 256, 46 for 256×256 / 128: larger tiles halve the packing per FLOP but spill L1.
 #pragma once
 
+#include "cpu/checks.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -32,56 +34,6 @@ constexpr int64_t kTile = 64;    // rows (o) and columns (i) of an output tile
 constexpr int64_t kChunk = 64;  // tokens packed at a time (see above)
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline bool is_float_dtype(at::ScalarType t) {
-  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
-}
-
-// Checks eta (T, o) and mu (T, i) of one edited weight; everything on the CPU.
-inline void check_token_inputs(const at::Tensor& eta, const at::Tensor& mu) {
-  TORCH_CHECK_VALUE(eta.dim() == 2, "eta must be 2-D (T, o), got shape ", eta.sizes());
-  TORCH_CHECK_VALUE(mu.dim() == 2, "mu must be 2-D (T, i), got shape ", mu.sizes());
-  TORCH_CHECK_VALUE(is_float_dtype(eta.scalar_type()),
-                    "eta must be float16, bfloat16, float32 or float64, got ", eta.scalar_type());
-  TORCH_CHECK_VALUE(is_float_dtype(mu.scalar_type()),
-                    "mu must be float16, bfloat16, float32 or float64, got ", mu.scalar_type());
-  TORCH_CHECK_VALUE(eta.device().is_cpu(), "eta must be a CPU tensor here, got ", eta.device());
-  TORCH_CHECK_VALUE(mu.device() == eta.device(), "mu must be on the same device as eta (",
-                    eta.device(), "), got ", mu.device());
-  TORCH_CHECK_VALUE(mu.size(0) == eta.size(0), "mu must have as many rows (tokens) as eta (",
-                    eta.size(0), "), got ", mu.size(0));
-}
-
-// Validates a CSR offsets vector over `rows` tokens and returns it on the host as int64:
-// int32/int64, 1-D with >= 2 entries, offsets[0] = 0, offsets[-1] = rows, non-decreasing.
-inline std::vector<int64_t> read_offsets(const at::Tensor& offsets, const char* name, int64_t rows,
-                                         const at::Device& device) {
-  TORCH_CHECK_VALUE(offsets.device() == device, name, " must be on the same device as eta (",
-                    device, "), got ", offsets.device());
-  const auto dtype = offsets.scalar_type();
-  TORCH_CHECK_VALUE(dtype == at::kInt || dtype == at::kLong, name, " must be int32 or int64, got ",
-                    dtype);
-  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.numel() >= 2, name,
-                    " must be 1-D with G+1 >= 2 entries, got shape ", offsets.sizes());
-  const int64_t n = offsets.numel();
-  const int64_t stride = offsets.stride(0);
-  std::vector<int64_t> host(n);
-  if (dtype == at::kInt) {
-    const int32_t* p = offsets.const_data_ptr<int32_t>();
-    for (int64_t j = 0; j < n; ++j) host[j] = p[j * stride];
-  } else {
-    const int64_t* p = offsets.const_data_ptr<int64_t>();
-    for (int64_t j = 0; j < n; ++j) host[j] = p[j * stride];
-  }
-  TORCH_CHECK_VALUE(host[0] == 0, name, "[0] must be 0, got ", host[0]);
-  TORCH_CHECK_VALUE(host[n - 1] == rows, name, "[-1] must equal the number of rows (", rows,
-                    "), got ", host[n - 1]);
-  for (int64_t j = 1; j < n; ++j) {
-    TORCH_CHECK_VALUE(host[j] >= host[j - 1], name, " must be non-decreasing, but ", name, "[", j,
-                      "] = ", host[j], " < ", name, "[", j - 1, "] = ", host[j - 1]);
-  }
-  return host;
-}
 
 // --- packing: rows [row0, row0+nrows) × cols [col0, col0+ncols) of a row-major (T, ld) input,
 // converted to the accumulation type as they are loaded, into a kTile-wide buffer whose columns

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .._checks import is_int
+
 
 def read_records(path, limit: int | None = None) -> tuple[Path, list]:
     """The records of a JSON file holding a non-empty list of objects (`limit` keeps the first n)."""
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+    if limit is not None and (not is_int(limit) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
     path = Path(path)
     if not path.is_file():

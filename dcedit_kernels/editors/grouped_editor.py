@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from .._checks import is_finite_number, is_int, is_number
 from ..reference.grouped_outer import FUSIONS
 from ..reference.segments import group_ids
 from .grouped_edit import GroupedEdit
@@ -58,7 +59,7 @@ class GroupedEditor(nn.Module):
         for name, value in (("in_features", in_features), ("out_features", out_features),
                             ("n_editors", n_editors), ("rank", rank), ("n_layers", n_layers),
                             ("n_modes", n_modes), ("top_k", top_k)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
@@ -66,13 +67,13 @@ class GroupedEditor(nn.Module):
             raise ValueError("routing='single' needs n_editors=1")
         if fusion not in FUSIONS or fusion == "none":
             raise ValueError(f"fusion must be one of add, max, sss, ssm, got {fusion!r}")
-        if fisher_keep is not None and not (_is_real(fisher_keep) and 0 < fisher_keep <= 1):
+        if fisher_keep is not None and not (is_number(fisher_keep) and 0 < fisher_keep <= 1):
             raise ValueError(f"fisher_keep must be a number in (0, 1] or None, got {fisher_keep!r}")
-        if not (_is_real(edit_lr) and math.isfinite(edit_lr)):
+        if not is_finite_number(edit_lr):
             raise ValueError(f"edit_lr must be a finite number, got {edit_lr!r}")
         if not isinstance(norm, bool):
             raise ValueError(f"norm must be a bool, got {norm!r}")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        if seed is not None and not is_int(seed):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
         if top_k > n_editors:
             raise ValueError(f"top_k ({top_k}) cannot exceed n_editors ({n_editors})")
@@ -216,10 +217,6 @@ class GroupedEditor(nn.Module):
         from ..compat.mend import load
 
         return load(state_dict, inner_params, shapes, prefix=prefix)
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def ops_check_offsets(edit_offsets, total):

@@ -3,7 +3,7 @@
 import torch
 
 from .. import reference
-from .._checks import check_fraction_or_threshold, check_same_device, check_tensor, is_real_number
+from .._checks import check_same_device, check_tensor, is_real_number
 from ._dispatch import opcall, register
 from .fisher_mask import check_fisher_mask
 

@@ -7,7 +7,6 @@ from .._checks import check_fraction_or_threshold, check_same_device, check_tens
 from ._dispatch import opcall, register
 
 
-
 @torch.library.register_fake("dcedit::fisher_mask")
 def _(delta, fisher, keep=None, threshold=None):
     out = delta.new_empty(delta.shape, dtype=compute_dtype(delta))

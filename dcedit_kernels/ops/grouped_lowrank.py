@@ -3,7 +3,7 @@
 import torch
 
 from .. import reference
-from .._checks import check_offsets, check_same_device, check_shape, check_tensor, compute_dtype
+from .._checks import check_grad, check_offsets, check_same_device, check_shape, check_tensor, compute_dtype
 from ._dispatch import opcall, register, triton_launcher
 
 _fwd = triton_launcher("grouped_lowrank")
@@ -13,8 +13,6 @@ _bwd = triton_launcher("grouped_lowrank_backward")
 def _triton_backward(grad, h, offsets, u, v, bias, scale, shift, gain):
     grads = _bwd(grad, h, offsets, u, v, bias, scale, shift, gain)
     return [g for g in grads[:4]] + [g for g in grads[4:] if g is not None]
-
-
 
 
 @torch.library.register_fake("dcedit::grouped_lowrank")
@@ -68,9 +66,7 @@ def check_grouped_lowrank(h, offsets, u, v, bias, scale=None, shift=None, gain=N
 def check_grouped_lowrank_backward(grad, h, offsets, u, v, bias, scale=None, shift=None, gain=None):
     """The forward's checks plus grad's (raw calls only: autograd's go through opcall)."""
     check_grouped_lowrank(h, offsets, u, v, bias, scale, shift, gain)
-    check_tensor(grad, "grad")
-    check_shape(grad, "grad", tuple(h.shape))
-    check_same_device(dict(grad=grad, h=h))
+    check_grad(grad, tuple(h.shape), h, "h")
 
 
 register("grouped_lowrank", reference.grouped_lowrank, _fwd, check=check_grouped_lowrank)

@@ -3,7 +3,7 @@
 import torch
 
 from .. import reference
-from .._checks import check_offsets, check_same_device, check_shape, check_tensor, compute_dtype, is_real_number
+from .._checks import check_grad, check_offsets, check_same_device, check_tensor, compute_dtype, is_real_number
 from ..reference.grouped_outer import FUSIONS
 from ._dispatch import opcall, register, triton_launcher
 
@@ -55,10 +55,8 @@ def check_grouped_outer_backward(grad, eta, mu, offsets, fusion, alpha):
     """The forward's checks plus grad's: a raw call of the backward op gets them too (autograd's
     calls, through opcall, skip them: the forward checked the same tensors)."""
     check_grouped_outer(eta, mu, offsets, fusion, alpha)
-    check_tensor(grad, "grad")
     o, i = eta.shape[1], mu.shape[1]
-    check_shape(grad, "grad", (offsets.shape[0] - 1, o, i) if fusion == "none" else (o, i))
-    check_same_device(dict(grad=grad, eta=eta))
+    check_grad(grad, (offsets.shape[0] - 1, o, i) if fusion == "none" else (o, i), eta, "eta")
 
 
 register("grouped_outer", reference.grouped_outer, triton_launcher("grouped_outer"), check=check_grouped_outer)

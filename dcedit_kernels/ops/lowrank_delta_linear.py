@@ -4,11 +4,10 @@ import torch
 
 from .. import reference
 from .._checks import (
-    check_delta_linear_shapes, check_offsets, check_same_device, check_shape, check_tensor, compute_dtype,
+    check_delta_linear_shapes, check_grad, check_offsets, check_same_device, check_tensor, compute_dtype,
     is_real_number,
 )
 from ._dispatch import opcall, register, triton_launcher
-
 
 
 def _out_dtype(x, weight, mu_t, eta_t, alpha):
@@ -80,9 +79,7 @@ def check_lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets,
 def check_lowrank_delta_linear_backward(grad, x, weight, row_group, mu_t, eta_t, offsets, alpha):
     """The forward's checks plus grad's (raw calls only: autograd's go through opcall)."""
     check_lowrank_delta_linear(x, weight, None, row_group, mu_t, eta_t, offsets, alpha, raw=True)
-    check_tensor(grad, "grad")
-    check_shape(grad, "grad", (x.shape[0], weight.shape[0]))
-    check_same_device(dict(grad=grad, x=x))
+    check_grad(grad, (x.shape[0], weight.shape[0]), x, "x")
 
 
 register("lowrank_delta_linear", reference.lowrank_delta_linear, triton_launcher("lowrank_delta_linear"),

@@ -3,7 +3,7 @@
 import torch
 
 from .. import reference
-from .._checks import check_same_device, check_tensor, compute_dtype
+from .._checks import check_same_device, check_tensor, compute_dtype, is_int
 from .._library import _LIB
 from ._dispatch import REGISTRY, checked, opcall
 
@@ -47,7 +47,7 @@ def check_noisy_topk_gate(feats, w_gate, w_noise, k=1, noise=None, raw=False):
             f"w_gate and w_noise must be ({feats.shape[1]}, G), got {tuple(w_gate.shape)} and {tuple(w_noise.shape)}"
         )
     G = w_gate.shape[1]
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= G:
+    if not is_int(k) or not 1 <= k <= G:
         raise ValueError(f"k must be an int in [1, {G}], got {k!r}")
     check_same_device(dict(feats=feats, w_gate=w_gate, w_noise=w_noise, noise=noise))
     if raw:
@@ -79,7 +79,8 @@ def sort_by_group(group_of_row, G):
 
 # Composites of torch ops: autograd flows through the decomposition, so the gate needs no
 # hand-written backward.  Behind the same checks as the wrappers (see _dispatch.checked).
-_LIB.impl("noisy_topk_gate", checked(reference.noisy_topk_gate, lambda *a, **kw: check_noisy_topk_gate(*a, **kw, raw=True)),
+_LIB.impl("noisy_topk_gate",
+          checked(reference.noisy_topk_gate, lambda *a, **kw: check_noisy_topk_gate(*a, **kw, raw=True)),
           "CompositeImplicitAutograd")
 _LIB.impl("sort_by_group", checked(reference.sort_by_group, check_sort_by_group), "CompositeExplicitAutograd")
 REGISTRY["noisy_topk_gate"] = {"CPU": "reference", "CUDA": "reference"}

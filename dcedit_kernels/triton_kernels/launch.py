@@ -23,7 +23,7 @@ import os
 
 import torch
 
-HALF = (torch.float16, torch.bfloat16)
+from .._checks import HALF_DTYPES as HALF
 NATIVE_DOT_ENV = "DCEDIT_TRITON_NATIVE_DOT"
 FP32_SPLIT_ENV = "DCEDIT_TRITON_FP32_SPLIT"
 
@@ -62,13 +62,13 @@ def native_dot(*dtypes: torch.dtype) -> bool:
     """Whether a dot over tensors of `dtypes` uses tensor cores (the NATIVE constexpr of `mma`).
 
     `dtypes`: the operands' tensors and, for fp32 intermediates, the op inputs they were computed
-    from (`precision_from`).  True when one of them is float16/bfloat16 and none is float64
-    (for fp32-only dots: when torch's float32 matmul precision allows TF32): `mma` then takes the form `dot_path` names ("half", "bf16x3" or "tf32x3", all ~fp32
-    accurate by default, see `fp32_split`); fp64 keeps its broadcast sum, and fp32-only ops the
-    IEEE fp32 dot unless torch's float32 matmul precision allows TF32 (`fp32_tensor_cores`:
-    one TF32 pass, see `dot_split`).  The same
-    choice under the interpreter, so that the CPU tests run the branches a GPU runs (`mma`'s
-    16-bit dots go through exact fp32 there: the interpreter's bf16 tl.dot is wrong).
+    from (`precision_from`).  True when one of them is float16/bfloat16 and none is float64:
+    `mma` then takes the form `dot_path` names ("half", "bf16x3" or "tf32x3", all ~fp32 accurate
+    by default, see `fp32_split`).  fp64 keeps its broadcast sum; fp32-only dots keep the IEEE
+    fp32 dot unless torch's float32 matmul precision allows TF32 (`fp32_tensor_cores`: then one
+    TF32 pass, see `dot_split`).  The same choice under the interpreter, so that the CPU tests
+    run the branches a GPU runs (`mma`'s 16-bit dots go through exact fp32 there: the
+    interpreter's bf16 tl.dot is wrong).
     DCEDIT_TRITON_NATIVE_DOT=1 or 0 forces it on or off where a dtype is 16-bit (and raises
     ValueError for any other value).
     """
