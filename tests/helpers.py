@@ -39,3 +39,22 @@ def saved_bytes(fn) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return total[0]
+
+
+def nan_outer_case(gen, dtype=torch.float32, device="cpu"):
+    """grouped_outer inputs whose shifts hold NaN, and the output's expected NaN mask.
+
+    Groups of 3, 0, 4 and 2 tokens, o=6, i=5.  A NaN in η of a group-2 and a group-3 token makes
+    row 1 of S_2 and S_3 NaN; a NaN in μ of a group-0 token makes column 4 of S_0 NaN.  Every
+    fusion's output is NaN exactly on row 1 and column 4; max takes the first NaN group there
+    (group 0 on column 4, else group 2), so group 3 gets no gradient on row 1.
+    """
+    counts = [3, 0, 4, 2]
+    eta = randn((9, 6), gen, dtype, device)
+    mu = randn((9, 5), gen, dtype, device)
+    eta[4, 1] = eta[7, 1] = float("nan")
+    mu[1, 4] = float("nan")
+    nan_mask = torch.zeros(6, 5, dtype=torch.bool, device=device)
+    nan_mask[1, :] = True
+    nan_mask[:, 4] = True
+    return eta, mu, ragged_offsets(counts, device), nan_mask

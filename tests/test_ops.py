@@ -12,7 +12,7 @@ import torch
 from torch.library import opcheck
 
 from dcedit_kernels import ops, reference
-from helpers import TOL, randn, ragged_offsets, random_counts, rel_err
+from helpers import TOL, nan_outer_case, randn, ragged_offsets, random_counts, rel_err
 
 FUSIONS = ["none", "add", "max", "sss", "ssm"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -86,6 +86,30 @@ def test_grouped_outer_sss_tie_takes_positive(device):
     offsets = torch.tensor([0, 1, 2], dtype=torch.int32, device=device)  # P = 3, N = -3
     assert ops.grouped_outer(eta, mu, offsets, "sss").item() == 3.0
     assert ops.grouped_outer(eta, mu, offsets, "ssm").item() == 1.5
+
+
+@pytest.mark.parametrize("fusion", ["max", "sss", "ssm"])
+def test_grouped_outer_nan_shift_reaches_the_output_and_gradient(fusion, gen, device):
+    """A NaN S_g entry propagates as torch's own ops do (argmax and clamp in the reference), and
+    every backend's backward selects what its forward took: max's first NaN group wins."""
+    eta, mu, offsets, nan_mask = nan_outer_case(gen, device=device)
+    got = ops.grouped_outer(eta, mu, offsets, fusion, alpha=0.5)
+    want = reference.grouped_outer(eta.double(), mu.double(), offsets, fusion, alpha=0.5)
+    assert torch.equal(got.isnan(), nan_mask) and torch.equal(want.isnan(), nan_mask)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, equal_nan=True)
+    # The reference backward against autograd through the reference forward (stack + gather /
+    # clamp), then the op's own backward against the reference backward.
+    grad = randn(tuple(nan_mask.shape), gen, torch.float64, device)
+    e64, m64 = eta.double().requires_grad_(), mu.double().requires_grad_()
+    auto = torch.autograd.grad(reference.grouped_outer(e64, m64, offsets, fusion, 0.5), (e64, m64), grad)
+    ref = reference.grouped_outer_backward(grad, eta.double(), mu.double(), offsets, fusion, 0.5)
+    e32, m32 = eta.clone().requires_grad_(), mu.clone().requires_grad_()
+    mine = torch.autograd.grad(ops.grouped_outer(e32, m32, offsets, fusion, 0.5), (e32, m32), grad.float())
+    for a, r, m in zip(auto, ref, mine):
+        torch.testing.assert_close(r, a, equal_nan=True)
+        torch.testing.assert_close(m.double(), r, rtol=1e-5, atol=1e-5, equal_nan=True)
+    if fusion == "max":  # group 3 (tokens 7, 8) loses row 1 to group 2's earlier NaN
+        assert not mine[0][7:, 1].any()
 
 
 @pytest.mark.parametrize("counts", [[0, 0, 0], [0, 3, 0], [4], [], [2, 0, 5, 0]])

@@ -23,7 +23,7 @@ pytest.importorskip("triton")
 from dcedit_kernels import reference  # noqa: E402
 from dcedit_kernels import triton_kernels as tk  # noqa: E402
 from dcedit_kernels.triton_kernels import launch  # noqa: E402
-from helpers import TOL, randn, ragged_offsets, random_counts, rel_err  # noqa: E402
+from helpers import TOL, nan_outer_case, randn, ragged_offsets, random_counts, rel_err  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 CUDA = not INTERPRET and os.environ.get("DCEDIT_TEST_CUDA", "0") == "1" and torch.cuda.is_available()
@@ -331,6 +331,32 @@ def test_grouped_outer_backward_ties(gen, dtype, device):
             close(out, ref)
         if fusion == "max":
             assert not d_eta[c:].any() and not d_mu[c:].any()  # only the first of the tied groups
+
+
+@pytest.mark.parametrize("fusion", ["max", "sss", "ssm"])
+def test_grouped_outer_nan_shift(gen, fusion, device):
+    """NaN in S_g propagates and max takes the first NaN group, as the reference (torch's argmax
+    and clamp).  Before, max kept a finite entry (`NaN > x` is false) and sss summed with
+    tl.maximum, which is fmax on the GPU and drops NaN (the interpreter's numpy kept it)."""
+    eta, mu, offsets, nan_mask = nan_outer_case(gen, device=device)
+    out = tk.grouped_outer(eta, mu, offsets, fusion, 0.5)
+    assert torch.equal(out.isnan(), nan_mask)
+    torch.testing.assert_close(out.double(), reference.grouped_outer(*f64(eta, mu), offsets, fusion, 0.5),
+                               rtol=1e-5, atol=1e-5, equal_nan=True)
+    grad = randn(tuple(nan_mask.shape), gen, torch.float32, device)
+    for out, ref in zip(tk.grouped_outer_backward(grad, eta, mu, offsets, fusion, 0.5),
+                        outer_backward_ref(grad, eta, mu, offsets, fusion, 0.5)):
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_grouped_lowrank_nan_in_the_hidden_layer_propagates(gen, device):
+    """A NaN pre-activation stays NaN through the clamp, as the reference's clamp(min=0)
+    (tl.maximum would be fmax on the GPU and give 0; the interpreter cannot show that)."""
+    counts = [3, 4]
+    h, u, v, bias, *_ = lowrank_inputs(gen, counts, torch.float32, device, optional=False)
+    bias[1, 2] = float("nan")  # group 1's hidden unit 2
+    out = tk.grouped_lowrank(h, offsets_for(counts, device), u, v, bias, None, None, None)
+    assert out[3:, 2].isnan().all() and not out[:3].isnan().any()
 
 
 # --------------------------------------------------------------------------- segmented_fisher

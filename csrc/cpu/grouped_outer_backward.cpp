@@ -33,14 +33,16 @@ constexpr int64_t kArea = kTile * kTile;
 // into branches, which random signs mispredict half the time (sss and max selection ran 15-20×
 // slower than the forward's tile loop at T=64, G=8; perf showed the scalar loop).
 
-// max: |S| beats the running best only where strictly larger (the first group keeps ties).
+// max: |S| beats the running best only where strictly larger (the first group keeps ties), or
+// where it is NaN and the best is not (the forward's rule: torch's argmax ranks NaN first).
 template <typename acc_t>
 inline void track_winner(const acc_t* __restrict S, acc_t* __restrict best,
                          int32_t* __restrict winner, int32_t g) {
   for (int64_t j = 0; j < kArea; ++j) {
     const acc_t mag = std::abs(S[j]);
-    const int32_t better = -static_cast<int32_t>(mag > best[j]);  // all ones or zero
-    best[j] = mag > best[j] ? mag : best[j];
+    const bool wins = (mag > best[j]) | ((mag != mag) & (best[j] == best[j]));
+    const int32_t better = -static_cast<int32_t>(wins);  // all ones or zero
+    best[j] = wins ? mag : best[j];
     winner[j] = (winner[j] & ~better) | (g & better);
   }
 }
@@ -71,8 +73,8 @@ void selection_tiles(const TokenMatrix<acc_t>& eta, const TokenMatrix<acc_t>& mu
     acc_t* P = ws.p.data();
     acc_t* N = ws.n.data();
     if (fusion == Fusion::Max) {
-      // The reference backward's rule: group 0 (zeros when empty) seeds the winner, a later
-      // group takes over only where strictly larger in magnitude (first group keeps ties).
+      // The forward's rule: group 0 (zeros when empty) seeds the winner, a later group takes
+      // over only where strictly larger in magnitude (first group keeps ties) or NaN first.
       ws.index.assign(kArea, 0);
       segment_tile(eta, mu, offsets[0], offsets[1], tile, ws);
       for (int64_t j = 0; j < kArea; ++j) P[j] = std::abs(S[j]);

@@ -25,7 +25,8 @@ def grouped_outer(eta, mu, offsets, fusion="add", alpha=1.0):
     elif fusion == "add":
         out = stack.sum(0)
     elif fusion == "max":
-        # argmax returns the first maximal index, which is the SPEC's tie rule.
+        # argmax returns the first maximal index, which is the SPEC's tie rule, and ranks NaN
+        # above every number (the first NaN wins): a NaN S_g entry reaches the output.
         winner = stack.abs().argmax(0, keepdim=True)
         out = stack.gather(0, winner).squeeze(0)
     elif fusion in ("sss", "ssm"):
@@ -69,7 +70,8 @@ def grouped_outer_backward(grad, eta, mu, offsets, fusion, alpha):
             if best is None:
                 best, winner = mag, torch.zeros(mag.shape, dtype=torch.int64, device=mag.device)
             else:
-                better = mag > best  # strict: the first group keeps ties
+                # Strict, so the first group keeps ties; NaN beats numbers, as the forward's argmax.
+                better = (mag > best) | (mag.isnan() & ~best.isnan())
                 best = torch.where(better, mag, best)
                 winner = torch.where(better, torch.full_like(winner, g), winner)
     elif fusion in ("sss", "ssm"):

@@ -75,14 +75,18 @@ def _grouped_outer_kernel(
             res += s_g
         elif MODE == 2:
             # Strictly greater replaces: the first group keeps ties.  Starting from 0 is the
-            # same as starting from group 0 (a zero only loses to a nonzero magnitude).
-            better = tl.abs(s_g) > tl.abs(res)
+            # same as starting from group 0 (a zero only loses to a nonzero magnitude or NaN).
+            # NaN beats every number and the first NaN stays, as torch's argmax in the
+            # reference (without the second term a NaN S_g never won: `NaN > x` is false).
+            better = (tl.abs(s_g) > tl.abs(res)) | ((s_g != s_g) & (res == res))
             res = tl.where(better, s_g, res)
             if SELECT:
                 winner = tl.where(better, g, winner)
         elif MODE == 3 or MODE == 4:
-            res += tl.maximum(s_g, 0.0)
-            neg += tl.minimum(s_g, 0.0)
+            # where, not tl.maximum/minimum: those lower to fmax/fmin on the GPU, which drop a
+            # NaN (the interpreter's numpy keeps it); torch.clamp in the reference keeps it.
+            res += tl.where(s_g < 0.0, 0.0, s_g)
+            neg += tl.where(s_g > 0.0, 0.0, s_g)
             if SELECT:
                 bit = tl.where((g >= lo) & (g < lo + 32), one << tl.minimum(tl.maximum(g - lo, 0), 31), 0)
                 pos_bits |= tl.where(s_g > 0, bit, 0)

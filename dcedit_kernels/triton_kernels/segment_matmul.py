@@ -178,7 +178,9 @@ def _segment_matmul_kernel(
     if HAS_SHIFT:
         acc = acc + tl.load(shift_ptr + param, mask=out_mask, other=0.0).to(ACC)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        # where, not tl.maximum: that lowers to fmax on the GPU and turns a NaN into 0, while
+        # the reference's clamp (and the interpreter's numpy) keep it.
+        acc = tl.where(acc < 0.0, 0.0, acc)
     if HAS_RESIDUAL:
         acc += tl.load(residual_ptr + rows[:, None] * N + cols[None, :], mask=out_mask, other=0.0).to(ACC)
     tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc, mask=out_mask)
