@@ -337,7 +337,7 @@ def test_grouped_outer_backward_ties(gen, dtype, device):
 def test_grouped_outer_nan_shift(gen, fusion, device):
     """NaN in S_g propagates and max takes the first NaN group, as the reference (torch's argmax
     and clamp).  Before, max kept a finite entry (`NaN > x` is false) and sss summed with
-    tl.maximum, which is fmax on the GPU and drops NaN (the interpreter's numpy kept it)."""
+    tl.maximum, which drops NaN by default (propagate_nan=NONE)."""
     eta, mu, offsets, nan_mask = nan_outer_case(gen, device=device)
     out = tk.grouped_outer(eta, mu, offsets, fusion, 0.5)
     assert torch.equal(out.isnan(), nan_mask)
@@ -351,7 +351,7 @@ def test_grouped_outer_nan_shift(gen, fusion, device):
 
 def test_grouped_lowrank_nan_in_the_hidden_layer_propagates(gen, device):
     """A NaN pre-activation stays NaN through the clamp, as the reference's clamp(min=0)
-    (tl.maximum would be fmax on the GPU and give 0; the interpreter cannot show that)."""
+    (tl.maximum gave 0: it drops NaN by default)."""
     counts = [3, 4]
     h, u, v, bias, *_ = lowrank_inputs(gen, counts, torch.float32, device, optional=False)
     bias[1, 2] = float("nan")  # group 1's hidden unit 2

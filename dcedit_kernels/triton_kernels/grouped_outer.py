@@ -83,8 +83,8 @@ def _grouped_outer_kernel(
             if SELECT:
                 winner = tl.where(better, g, winner)
         elif MODE == 3 or MODE == 4:
-            # where, not tl.maximum/minimum: those lower to fmax/fmin on the GPU, which drop a
-            # NaN (the interpreter's numpy keeps it); torch.clamp in the reference keeps it.
+            # where, not tl.maximum/minimum: by default (propagate_nan=NONE) those drop a NaN
+            # (seen under the interpreter: maximum(NaN, 0) gave 0); the reference's clamp keeps it.
             res += tl.where(s_g < 0.0, 0.0, s_g)
             neg += tl.where(s_g > 0.0, 0.0, s_g)
             if SELECT:

@@ -178,8 +178,8 @@ def _segment_matmul_kernel(
     if HAS_SHIFT:
         acc = acc + tl.load(shift_ptr + param, mask=out_mask, other=0.0).to(ACC)
     if RELU:
-        # where, not tl.maximum: that lowers to fmax on the GPU and turns a NaN into 0, while
-        # the reference's clamp (and the interpreter's numpy) keep it.
+        # where, not tl.maximum: by default (propagate_nan=NONE) that turns a NaN into 0 (seen
+        # under the interpreter), while the reference's clamp keeps it.
         acc = tl.where(acc < 0.0, 0.0, acc)
     if HAS_RESIDUAL:
         acc += tl.load(residual_ptr + rows[:, None] * N + cols[None, :], mask=out_mask, other=0.0).to(ACC)
