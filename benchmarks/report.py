@@ -25,9 +25,10 @@ def compare(benchmark, device, ceilings, fused, eager, *, flops=0.0, bytes_moved
         "speedup": eager_s / fused_s,
         "fused_peak_MiB": fused_peak / 2**20,
         "eager_peak_MiB": eager_peak / 2**20,
-        "achieved_GBps": bytes_moved / fused_s / 1e9,
-        "achieved_TFLOPs": flops / fused_s / 1e12,
-        "pct_of_roofline": 100.0 * floor_s / fused_s,
+        # A case without a counted floor (a whole pipeline) reports n/a, not 0.
+        "achieved_GBps": bytes_moved / fused_s / 1e9 if bytes_moved else math.nan,
+        "achieved_TFLOPs": flops / fused_s / 1e12 if flops else math.nan,
+        "pct_of_roofline": 100.0 * floor_s / fused_s if floor_s else math.nan,
         "copy_GBps_ceiling": ceilings["copy_GBps"],
         "matmul_TFLOPs_ceiling": ceilings["matmul_TFLOPs"],
     }

@@ -3,7 +3,8 @@ fused ops against the same code on the eager references (`ops.reference_mode()`)
 memory of one MoEditor (N_g = 8) training step against MEND's.
 
 Captured factors are synthetic (random μ, η with CounterFact-like token counts) so the case
-measures the editing path, not the language model's forward pass.
+measures the editing path, not the language model's forward pass.  The last case measures that
+forward and backward itself: the gradient capture of many edits on a random Llama-shaped model.
 """
 
 import pytest
@@ -137,3 +138,74 @@ def test_training_memory_moeditor_vs_mend(benchmark, device, ceilings):
         "target_ratio": 1.2,
         "target_met": bool(ON_GPU and moe_peak / mend_peak <= 1.2),
     })
+
+
+# The capture of many edits: a Llama-shaped model with a real vocabulary, random weights.  The
+# fused side is ModelEditor.capture as shipped (capture_batch_size rows per pass, the LM head on
+# the target-predicting positions only); the eager side is one pass over the whole batch with
+# every position's logits, as MEND's and EasyEdit's code run it.
+CAP_E, CAP_LEN, CAP_TARGET = (1000, 24, 3) if ON_GPU else (192, 20, 3)
+CAP_HIDDEN, CAP_LAYERS, CAP_VOCAB = (1600, 4, 50257) if ON_GPU else (256, 4, 32000)
+
+
+def _capture_case(device):
+    import transformers
+
+    from dcedit_kernels import ModelEditor
+    from dcedit_kernels.models import tiny_tokenizer
+
+    config = transformers.LlamaConfig(
+        vocab_size=CAP_VOCAB, hidden_size=CAP_HIDDEN, intermediate_size=4 * CAP_HIDDEN,
+        num_hidden_layers=CAP_LAYERS, num_attention_heads=CAP_HIDDEN // 64, num_key_value_heads=CAP_HIDDEN // 64,
+        max_position_embeddings=128, tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config).to(DT).to(device).eval()
+    layers = [f"model.layers.{i}.mlp.down_proj" for i in range(CAP_LAYERS - 3, CAP_LAYERS)]
+    me = ModelEditor(model, tiny_tokenizer("llama"), layers, method="mend", rank=8)
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(CAP_LEN - 6, CAP_LEN + 1, (CAP_E,), generator=gen)
+    ids = torch.randint(3, CAP_VOCAB, (CAP_E, CAP_LEN), generator=gen)
+    keep = torch.arange(CAP_LEN).unsqueeze(0) < lengths.unsqueeze(1)
+    target = keep & (torch.arange(CAP_LEN).unsqueeze(0) >= (lengths - CAP_TARGET).unsqueeze(1))
+    batch = {"input_ids": ids.masked_fill(~keep, 0).to(device), "attention_mask": keep.long().to(device),
+             "labels": ids.masked_fill(~target, -100).to(device)}
+    return me, batch
+
+
+def capture_peak(side: str, device: str) -> float:
+    """Peak extra bytes of one capture, "fused" or "eager" (run in a fresh process on the CPU)."""
+    from dcedit_kernels.scored_logits import full_logits
+
+    me, batch = _capture_case(device)
+    if side == "fused":
+        return peak_extra_bytes(lambda: me.capture(batch), device)
+    me.capture_batch_size = None
+    with full_logits():
+        return peak_extra_bytes(lambda: me.capture(batch), device)
+
+
+def test_capture_many_edits(benchmark, device, ceilings):
+    from dcedit_kernels.scored_logits import full_logits
+
+    me, batch = _capture_case(device)
+
+    def fused():
+        return me.capture(batch)
+
+    def eager():
+        size, me.capture_batch_size = me.capture_batch_size, None
+        try:
+            with full_logits():
+                return me.capture(batch)
+        finally:
+            me.capture_batch_size = size
+
+    info = compare(benchmark, device, ceilings, fused, eager, rounds=3 if ON_GPU else 1)
+    if not ON_GPU:  # RSS high-water marks are only honest in a fresh process
+        fused_peak, eager_peak = (peak_in_subprocess("test_bench_end_to_end", "capture_peak", side, device)
+                                  for side in ("fused", "eager"))
+        benchmark.extra_info.update(fused_peak_MiB=fused_peak / 2**20, eager_peak_MiB=eager_peak / 2**20)
+    benchmark.extra_info.update(edits=CAP_E, vocab=CAP_VOCAB, hidden=CAP_HIDDEN,
+                                eager_full_logits_MiB=CAP_E * CAP_LEN * CAP_VOCAB * DT.itemsize / 2**20)
+    return info

@@ -68,7 +68,7 @@ import contextlib
 import difflib
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -163,6 +163,14 @@ class Factors:
         """(mu, eta) rows of edit `e`."""
         lo, hi = int(self.edit_offsets[e]), int(self.edit_offsets[e + 1])
         return self.mu[lo:hi], self.eta[lo:hi]
+
+    @staticmethod
+    def cat(parts: "Sequence[Factors]") -> "Factors":
+        """The factors of consecutive row chunks of one batch as one batch's (edits in order)."""
+        counts = torch.cat([p.edit_offsets[1:] - p.edit_offsets[:-1] for p in parts])
+        offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
+        offsets[1:] = counts.cumsum(0)
+        return Factors(torch.cat([p.mu for p in parts]), torch.cat([p.eta for p in parts]), offsets)
 
     def gradient(self, per_edit: bool = False) -> torch.Tensor:
         """Σ_t η_t μ_tᵀ (out×in) in fp32 (fp64 for fp64 factors); (E, out, in) with per_edit."""

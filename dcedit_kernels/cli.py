@@ -325,6 +325,8 @@ def editor_kwargs(args) -> dict:
         kwargs["rank"] = args.rank
     if getattr(args, "loss_reduction", None) is not None:
         kwargs["loss_reduction"] = args.loss_reduction
+    if getattr(args, "capture_batch_size", None) is not None:
+        kwargs["capture_batch_size"] = args.capture_batch_size
     return kwargs
 
 
@@ -367,6 +369,11 @@ def _model_editor(args, model, tokenizer):
             me = ModelEditor.load(path, model, tokenizer)
         except ValueError as exc:
             raise UserError(f"--editor: {exc}") from None
+        if getattr(args, "capture_batch_size", None) is not None:
+            try:
+                me.capture_batch_size = args.capture_batch_size
+            except ValueError as exc:
+                raise UserError(f"--capture-batch-size: {exc}") from None
         wanted = getattr(args, "loss_reduction", None)
         if wanted is not None and wanted != me.loss_reduction:
             raise UserError(f"--loss-reduction {wanted}: the editor in {path} was trained with "
@@ -476,6 +483,8 @@ def _common(p: argparse.ArgumentParser, method_default: str | None) -> None:
     p.add_argument("--loss-reduction", default=None, choices=("edit", "token"),
                    help="edit loss whose gradients the editors see: 'token' (MEND's batch mean; the default for new "
                         "editors) or 'edit' (each edit's mean target NLL, summed); a saved --editor keeps its own")
+    p.add_argument("--capture-batch-size", type=int, default=None,
+                   help="edits per forward + backward of the gradient capture (default 32): bounds its memory")
     p.add_argument("--out", default=None, help="output file")
 
 

@@ -71,8 +71,9 @@ from .capture import frozen_parameters
 from .devices import cuda_indices
 from .lowrank_layers import lowrank_edited
 from .model_editor import (
-    LEGACY_LOSS_REDUCTION, ModelEditor, masked_kl, pad_rows, target_nll, token_accuracy, upcast,
+    LEGACY_LOSS_REDUCTION, ModelEditor, pad_rows, picked_kl, scored_nll, target_nll, token_accuracy, upcast,
 )
+from .scored_logits import logits_at, scored_positions
 from .requests import EditRequest, validate_requests
 from .tokenize import causal_pair_ids, pad_token_id
 
@@ -218,20 +219,27 @@ def loss_from_edits(me: ModelEditor, requests: list[EditRequest], edits: dict, c
     rows = eval_rows(me, requests, config)
     is_edit, loc_rows = rows["is_edit_row"], ~rows["is_edit_row"]
     has_loc = bool(loc_rows.any())
+    skip = list(me.modules.values())
     if has_loc:
-        with torch.no_grad():
+        loc_mask = rows["kl_mask"][loc_rows]
+        with torch.no_grad(), logits_at(model, loc_mask, skip) as scored:
             base = model(input_ids=rows["input_ids"][loc_rows], attention_mask=rows["attention_mask"][loc_rows]).logits
-            base_logp = torch.log_softmax(upcast(base[rows["kl_mask"][loc_rows].to(base.device)]), -1)
+            base_logp = torch.log_softmax(upcast(scored.pick(base)), -1)
             del base
+    # The LM head computes the logits that a loss reads only: the rephrase rows' target-predicting
+    # positions and the locality rows' KL positions (scored_logits), in row-major order.
+    positions = rows["kl_mask"] & loc_rows.unsqueeze(1)
+    positions[is_edit] = scored_positions(rows["labels"][is_edit], causal=True)
+    row_of = positions.nonzero()[:, 0]
     with torch.enable_grad(), lowrank_edited(model, edits, rows["row_edit"], rows["row_sees_all"],
-                                             masked=config.fisher_mask):
-        logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
+                                             masked=config.fisher_mask), logits_at(model, positions, skip) as scored:
+        picked = scored.pick(model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits)
         # The losses are gathered on the logits' device (a split model's LM head may sit elsewhere
         # than the inputs and the editors); on one device these moves are no-ops.
-        out = logits.device
-        is_edit_out, loc_out = is_edit.to(out), loc_rows.to(out)
-        l_edit = target_nll(logits[is_edit_out], rows["labels"][is_edit], causal=True)
-        kl = masked_kl(base_logp, logits[loc_out], rows["kl_mask"][loc_rows]) if has_loc else logits.new_zeros(())
+        out = picked.device
+        edit_pick = is_edit[row_of].to(out)
+        l_edit = scored_nll(picked[edit_pick], rows["labels"][is_edit], causal=True)
+        kl = picked_kl(base_logp, picked[~edit_pick]) if has_loc else picked.new_zeros(())
         balance = torch.stack([e.aux_loss.to(device=out, dtype=l_edit.dtype) for e in edits.values()]).mean()
         loss = config.cedit * l_edit + config.cloc * kl + config.balance_weight * balance
     parts = {k: float(v.detach()) for k, v in dict(loss=loss, edit=l_edit, kl=kl, balance=balance).items()}

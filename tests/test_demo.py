@@ -413,3 +413,20 @@ def test_cli_loss_reduction_flag(capsys, tmp_path, tiny_model_dir):
     assert cli.main(["edit", "--model", model, "--editor", str(editor), "--loss-reduction", "edit",
                      "--prompt", "a b", "--target", "c"]) == 2
     assert "--loss-reduction edit" in capsys.readouterr().err
+
+
+def test_cli_capture_batch_size_flag(capsys, tmp_path, tiny_model_dir):
+    data = _counterfact_file(tmp_path / "cf.json", n=5)
+    editor = tmp_path / "mend.safetensors"
+    model = str(tiny_model_dir)
+    assert cli.main(["train", "--model", model, "--method", "mend", "--rank", "3", "--data", str(data),
+                     "--steps", "1", "--batch-size", "5", "--capture-batch-size", "2", "--out", str(editor)]) == 0
+    out = tmp_path / "edit.json"
+    assert cli.main(["edit", "--model", model, "--editor", str(editor), "--data", str(data), "--n-edits", "5",
+                     "--capture-batch-size", "2", "--out", str(out)]) == 0
+    assert len(json.loads(out.read_text())["edits"]) == 5
+    capsys.readouterr()
+    for args in (["--editor", str(editor)], ["--method", "ft"]):
+        assert cli.main(["edit", "--model", model, *args, "--capture-batch-size", "0", "--prompt", "a b",
+                         "--target", "c"]) == 2
+        assert "capture_batch_size must be a positive int or None, got 0" in capsys.readouterr().err

@@ -1,0 +1,94 @@
+"""Logits at the scored positions only.
+
+The edit loss reads the logits of the few positions that predict target tokens (two or three per
+edit), while a language model's head computes all B·L·V of them, then autograd keeps them and
+indexing them builds a zero-filled B·L·V gradient.  `logits_at` makes the head see only the hidden
+states at the scored positions, so the logits are (1, n, V) from the start: n·V instead of B·L·V
+in the forward and in the backward (on SmolLM2, 500 CounterFact edits: 7 of the batch's 20
+positions are scored, V = 49152).
+
+It works through a forward pre-hook on `model.get_output_embeddings()`, which gathers the rows of
+the head's input; what a model does to the logits after its head (a bias, soft-capping) is
+elementwise and does not see the difference.  The gather is skipped, and the full logits used,
+where it cannot be done exactly: no output embedding module, a head whose input is not (B, L, ·)
+with the positions' (B, L), or a head that is itself being edited or captured (its hooks expect
+the full sequence), or inside `full_logits()` (the comparison form, for tests and benchmarks).
+`Scored.pick(logits)` returns the (n, V) scored logits either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .tokenize import IGNORE_INDEX
+
+_FULL = threading.local()
+
+
+@contextlib.contextmanager
+def full_logits():
+    """Inside the block (this thread), `logits_at` gathers nothing: the head computes every
+    position's logits, as a plain forward does."""
+    previous = getattr(_FULL, "on", False)
+    _FULL.on = True
+    try:
+        yield
+    finally:
+        _FULL.on = previous
+
+
+def scored_positions(labels: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(B, L) bool: the positions whose logits are scored against a label.  A causal LM predicts
+    label t at position t−1; an encoder-decoder's decoder predicts label t at position t."""
+    if not causal:
+        return labels != IGNORE_INDEX
+    mask = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
+class Scored:
+    """What `logits_at` did: `gathered` is True when the head saw the scored positions only."""
+
+    def __init__(self, positions: torch.Tensor):
+        self.positions = positions
+        self.gathered = False
+
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """(n, V): the logits at the positions, in row-major order, from the model's output."""
+        if self.gathered:
+            return logits.reshape(-1, logits.shape[-1])
+        return logits[self.positions.to(logits.device)]
+
+
+@contextlib.contextmanager
+def logits_at(model: nn.Module, positions: torch.Tensor, skip: Iterable[nn.Module] = (), enabled: bool = True):
+    """Inside the block, the model's head computes logits at `positions` ((B, L) bool) only; yields
+    the `Scored` whose `pick` gives them.  `skip`: modules (edited or captured layers) that must see
+    full sequences: if the head is one of them, nothing is gathered; nor with enabled=False."""
+    scored = Scored(positions)
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) and enabled and not getattr(_FULL, "on", False) else None
+    if not isinstance(head, nn.Module) or any(head is m for m in skip):
+        yield scored
+        return
+
+    def gather(module, args):
+        if not args or not isinstance(args[0], torch.Tensor):
+            return None
+        hidden = args[0]
+        if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(positions.shape):
+            return None
+        scored.gathered = True
+        return (hidden[positions.to(hidden.device)].unsqueeze(0),) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield scored
+    finally:
+        handle.remove()

@@ -1,0 +1,242 @@
+"""Logits at the scored positions only (scored_logits.logits_at) and the row-chunked capture.
+
+Both change what the model computes, not what the editors see: the factors, losses and FT steps
+are compared with the full-logits, one-pass forms in float64, on fresh random requests.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import rel_err
+from test_model_editor import random_requests
+
+from dcedit_kernels import TrainConfig
+from dcedit_kernels.capture import capture_factors
+from dcedit_kernels.model_editor import ModelEditor, edit_loss, target_nll
+from dcedit_kernels.models import tiny_model
+from dcedit_kernels.scored_logits import full_logits, logits_at, scored_positions
+from dcedit_kernels.train import batch_loss
+
+CAUSAL = {"gpt2": ["transformer.h.1.mlp.c_fc", "transformer.h.0.mlp.c_proj"],
+          "llama": ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj"]}
+SEQ2SEQ = {"bart": ["model.encoder.layers.0.fc1", "model.decoder.layers.1.fc2"],
+           "t5": ["encoder.block.0.layer.1.DenseReluDense.wi", "decoder.block.1.layer.2.DenseReluDense.wi"]}
+LAYERS = {**CAUSAL, **SEQ2SEQ}
+# LlamaRMSNorm computes in float32 even in a float64 model, so Llama's η carry fp32 rounding.
+TOL = {"gpt2": 1e-10, "llama": 1e-6, "bart": 1e-10, "t5": 1e-10}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def model_and_batch(arch, gen, n=5):
+    model, tok = tiny_model(arch, seed=int(torch.randint(0, 100, (1,), generator=gen)), dtype=torch.float64)
+    me = ModelEditor(model, tok, LAYERS[arch], method="mend", rank=3, capture_batch_size=None)
+    reqs = random_requests(gen, n)
+    return me, reqs, me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
+
+
+def head_inputs(model):
+    """Record the shapes of what the LM head is called with."""
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    return seen, handle
+
+
+# ------------------------------------------------------------------------------------ logits_at
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bart", "t5"])
+def test_logits_at_gives_the_full_logits_at_the_positions(arch, gen):
+    me, _, batch = model_and_batch(arch, gen)
+    causal = arch in CAUSAL
+    positions = scored_positions(batch["labels"], causal)
+    inputs = me.model_inputs(batch)
+    assert "labels" not in inputs  # seq2seq models get their decoder inputs instead
+    with torch.no_grad():
+        full = me.model(**inputs).logits
+        with logits_at(me.model, positions) as scored:
+            part = me.model(**inputs).logits
+    assert scored.gathered and part.shape == (1, int(positions.sum()), full.shape[-1])
+    assert rel_err(scored.pick(part), full[positions]) < 1e-12
+    # The causal shift: position t is scored when label t+1 is.
+    if causal:
+        assert torch.equal(positions[:, :-1], batch["labels"][:, 1:] != -100) and not positions[:, -1].any()
+
+
+def test_seq2seq_inputs_are_the_models_own_decoder_inputs(gen):
+    """Without labels the model computes no loss of its own; the decoder inputs are those its
+    forward builds from the labels, so the logits are unchanged."""
+    for arch in SEQ2SEQ:
+        me, _, batch = model_and_batch(arch, gen)
+        with torch.no_grad():
+            with_labels = me.model(**batch)
+            mine = me.model(**me.model_inputs(batch))
+        assert with_labels.loss is not None and mine.loss is None
+        # Not bit-equal for BART (~1e-17 apart on some seeds): with labels it also turns its cache off.
+        assert rel_err(mine.logits, with_labels.logits) < 1e-14
+
+
+def test_logits_at_leaves_a_skipped_or_mismatched_head_alone(gen):
+    me, _, batch = model_and_batch("llama", gen)
+    positions = scored_positions(batch["labels"], True)
+    inputs = me.model_inputs(batch)
+    head = me.model.get_output_embeddings()
+    with torch.no_grad():
+        full = me.model(**inputs).logits
+        for kwargs in (dict(skip=[head]), dict(enabled=False)):
+            with logits_at(me.model, positions, **kwargs) as scored:
+                out = me.model(**inputs).logits
+            assert not scored.gathered and out.shape == full.shape
+            assert torch.equal(scored.pick(out), full[positions])
+        with logits_at(me.model, positions[:, :-1]) as scored:  # not the hidden states' (B, L)
+            out = me.model(**inputs).logits
+        assert not scored.gathered and out.shape == full.shape
+    plain = nn.Linear(3, 2)  # no get_output_embeddings: nothing to gather
+    with logits_at(plain, positions) as scored:
+        pass
+    assert not scored.gathered
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bart", "t5"])
+@pytest.mark.parametrize("reduction", ["edit", "token"])
+def test_capture_with_the_gathered_head_gives_the_full_logits_factors(arch, reduction, gen):
+    me, _, batch = model_and_batch(arch, gen)
+    me.loss_reduction = reduction
+    seen, handle = head_inputs(me.model)
+    try:
+        factors, _, loss = me.capture(batch)
+    finally:
+        handle.remove()
+    n = int(scored_positions(batch["labels"], arch in CAUSAL).sum())
+    assert [s[:2] for s in seen] == [(1, n)]  # the head ran once, on the scored positions only
+    with torch.enable_grad(), capture_factors(me.model, me.layers, batch=batch) as cap:
+        logits = me.model(**me.model_inputs(batch)).logits
+        positions = scored_positions(batch["labels"], arch in CAUSAL)
+        want = edit_loss(logits[positions], batch["labels"], arch in CAUSAL, reduction)
+        torch.autograd.grad(want, cap.outputs, allow_unused=True)
+    assert float(loss) == pytest.approx(float(want.detach()), rel=1e-12)
+    for name in me.layers:
+        # Not bit-equal: T5's forward rounds differently with its parameters requiring grad.
+        assert rel_err(factors[name].mu, cap.factors[name].mu) < 1e-12
+        assert rel_err(factors[name].eta, cap.factors[name].eta) < TOL[arch], name
+
+
+def test_an_edited_head_sees_the_whole_sequence(gen):
+    """lm_head among the edited layers: its capture needs every token, so nothing is gathered."""
+    model, tok = tiny_model("gpt2", seed=0, dtype=torch.float64)
+    me = ModelEditor(model, tok, ["lm_head"], method="mend", rank=3)
+    reqs = random_requests(gen, 3)
+    batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
+    seen, handle = head_inputs(model)
+    try:
+        factors, _, _ = me.capture(batch)
+    finally:
+        handle.remove()
+    assert seen == [tuple(batch["input_ids"].shape) + (model.config.n_embd,)]
+    assert factors["lm_head"].num_tokens == int(batch["attention_mask"].sum())
+
+
+# ------------------------------------------------------------------------- row-chunked capture
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bart"])
+@pytest.mark.parametrize("reduction", ["edit", "token"])
+@pytest.mark.parametrize("chunk", [1, 2, 4])
+def test_chunked_capture_gives_the_one_pass_factors(arch, reduction, chunk, gen):
+    me, _, batch = model_and_batch(arch, gen, n=5)
+    me.loss_reduction = reduction
+    whole, _, loss = me.capture(batch)
+    me.capture_batch_size = chunk
+    seen, handle = head_inputs(me.model)
+    try:
+        parts, _, chunked_loss = me.capture(batch)
+    finally:
+        handle.remove()
+    assert len(seen) == -(-5 // chunk)  # one forward per chunk
+    assert float(chunked_loss) == pytest.approx(float(loss), rel=1e-12)
+    for name in me.layers:
+        assert torch.equal(parts[name].edit_offsets, whole[name].edit_offsets)
+        assert rel_err(parts[name].mu, whole[name].mu) < 1e-12
+        assert rel_err(parts[name].eta, whole[name].eta) < TOL[arch], name
+
+
+def test_chunked_capture_keeps_moeditor_features(gen):
+    model, tok = tiny_model("llama", seed=3, dtype=torch.float64)
+    reqs = random_requests(gen, 5)
+    out = {}
+    for chunk in (None, 2):
+        me = ModelEditor(model, tok, CAUSAL["llama"], method="moeditor", n_editors=2, rank=3, capture_batch_size=chunk)
+        batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
+        out[chunk] = me.capture(batch)
+    assert out[None][1].shape == out[2][1].shape == (5, model.config.hidden_size)
+    assert rel_err(out[2][1], out[None][1]) < 1e-12
+
+
+@pytest.mark.parametrize("method", ["ft", "ft_kl"])
+def test_chunked_fine_tuning_takes_the_one_pass_steps(method, gen):
+    model, tok = tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen)), dtype=torch.float64)
+    reqs = random_requests(gen, 5)
+    after = {}
+    for chunk in (None, 2):
+        me = ModelEditor(model, tok, CAUSAL["gpt2"], method=method, ft_steps=3, ft_stop_loss=None,
+                         capture_batch_size=chunk)
+        with me.edited(reqs) as handle:
+            after[chunk] = [me.modules[n].weight.detach().clone() for n in me.layers]
+            assert handle.stats["ft_steps_run"] == 3
+    for a, b in zip(after[None], after[2]):
+        assert rel_err(b, a) < 1e-10
+
+
+def test_capture_batch_size_is_checked():
+    model, tok = tiny_model("gpt2")
+    for bad in (0, -1, 2.0, True, "8"):
+        with pytest.raises(ValueError, match="capture_batch_size must be a positive int or None"):
+            ModelEditor(model, tok, CAUSAL["gpt2"], method="mend", capture_batch_size=bad)
+
+
+# ------------------------------------------------------------------------------- training pass
+def test_training_pass_computes_only_the_logits_its_losses_read(gen):
+    """The edited pass gives the head the rephrase rows' target-predicting positions and the
+    locality rows' KL positions; its losses equal those of the full logits."""
+    model, tok = tiny_model("llama", seed=1, dtype=torch.float64)
+    me = ModelEditor(model, tok, CAUSAL["llama"], method="moeditor", n_editors=2, rank=3)
+    reqs = random_requests(gen, 4)
+    me.eval()  # no gate noise, no running-statistics update: both passes see the same editors
+    config = TrainConfig(steps=1, batch_size=4)
+    seen, handle = head_inputs(model)
+    torch.manual_seed(0)
+    try:
+        loss, parts = batch_loss(me, reqs, config)
+    finally:
+        handle.remove()
+    # capture, the KL reference pass, the edited pass: each on its scored positions only.
+    assert len(seen) == 3 and all(s[0] == 1 for s in seen)
+
+    torch.manual_seed(0)
+    seen.clear()
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        with full_logits():
+            want, want_parts = batch_loss(me, reqs, config)
+    finally:
+        handle.remove()
+    assert len(seen) == 3 and all(s[0] > 1 for s in seen)  # (rows, L, hidden): every position
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-9)
+    for k in ("edit", "kl"):
+        assert parts[k] == pytest.approx(want_parts[k], rel=1e-9, abs=1e-12), k
+
+
+def test_target_nll_is_the_scored_positions_mean(gen):
+    me, _, batch = model_and_batch("gpt2", gen)
+    with torch.no_grad():
+        logits = me.model(**me.model_inputs(batch)).logits
+    labels = batch["labels"]
+    lp = torch.log_softmax(logits[:, :-1], -1)
+    mask = labels[:, 1:] != -100
+    want = -lp.gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)[mask].mean()
+    assert float(target_nll(logits, labels, causal=True)) == pytest.approx(float(want), rel=1e-12)
