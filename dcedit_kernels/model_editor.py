@@ -7,10 +7,13 @@
     handle.undo()                          # every weight bit-identical to before
     with editor.edited(requests): ...      # the same, scoped
 
-Editor methods ("mend", "raeditor", "moeditor", "proeditor"): one forward + backward of the edit
+Editor methods ("mend", "raeditor", "moeditor", "proeditor"): a forward + backward of the edit
 loss (`loss_reduction`, below) captures the gradient factors (μ, η) of every edited weight
 (`capture.py`), with the model's parameters frozen for the pass (their `requires_grad` flags are
-restored afterwards) so that autograd keeps only the graph above the first edited layer; the
+restored afterwards) so that autograd keeps only the graph above the first edited layer, one pass
+per `capture_batch_size` edits (their factors concatenated) and the LM head computing logits at
+the target-predicting positions only (`scored_logits.py`), so that its memory does not grow with
+the number of edits beyond the factors themselves; the
 editors map them to grouped low-rank factors (eval mode, no grad) and each weight gets its fused
 shift in place through `GroupedEdit.apply_` (`ops.apply_shift_`), which returns the previous
 values: undo copies them back, so it is exact even in bf16, where subtracting the shift again
