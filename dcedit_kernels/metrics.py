@@ -36,6 +36,7 @@ from ._checks import check_offsets, check_tensor, is_int
 from .capture import Factors
 from .devices import input_device
 from .requests import EditRequest, require_field, validate_requests
+from .scored_logits import logits_at, scored_positions
 from .tokenize import IGNORE_INDEX, is_seq2seq, tokenize_pairs, tokenize_texts
 
 REDUCTIONS = ("input", "token")
@@ -67,28 +68,31 @@ class _EvalMode:
 
 
 def _score_batch(model, tokenizer, batch: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(predicted ids, gold ids) at the scored positions of every row."""
+    """(predicted ids, gold ids) at the scored positions of every row; the LM head computes the
+    logits of those positions only (`scored_logits.logits_at`)."""
     device = input_device(model)  # the embedding's device (a split model's first block)
     batch = {k: v.to(device) for k, v in batch.items()}
     labels = batch["labels"]
-    if is_seq2seq(model):
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    seq2seq = is_seq2seq(model)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if seq2seq:
         if hasattr(model, "prepare_decoder_input_ids_from_labels"):
             inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
         else:
-            inputs["labels"] = labels
+            inputs["labels"] = labels  # the model then computes its own loss from full logits
         inputs["decoder_attention_mask"] = batch["decoder_attention_mask"]
-        pred = model(**inputs).logits.argmax(-1)
-        gold = labels.to(pred.device)  # the LM head's device, when the model is split
-        scored = gold != IGNORE_INDEX
+    positions = scored_positions(labels, causal=not seq2seq)  # causal: position t predicts token t+1
+    with logits_at(model, positions, enabled="labels" not in inputs) as scored:
+        pred = scored.pick(model(**inputs).logits).argmax(-1)  # (n,), row-major over positions
+    gold = labels if seq2seq else labels[:, 1:]
+    gold = gold[gold != IGNORE_INDEX].to(pred.device)  # the LM head's device, when the model is split
+    rows = positions.nonzero()[:, 0].to(pred.device)
+    if seq2seq:
         special = torch.tensor(sorted(set(tokenizer.all_special_ids)), device=gold.device, dtype=gold.dtype)
-        scored &= ~torch.isin(gold, special)
-    else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        pred = logits[:, :-1].argmax(-1)  # position t predicts token t+1
-        gold = labels[:, 1:].to(pred.device)
-        scored = gold != IGNORE_INDEX
-    return [(pred[b][scored[b]].cpu(), gold[b][scored[b]].cpu()) for b in range(gold.shape[0])]
+        keep = ~torch.isin(gold, special)
+        pred, gold, rows = pred[keep], gold[keep], rows[keep]
+    counts = torch.bincount(rows, minlength=labels.shape[0]).tolist()
+    return list(zip(pred.cpu().split(counts), gold.cpu().split(counts)))
 
 
 def _score(model, tokenizer, prompts, targets, batch_size) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -137,9 +137,10 @@ def test_metrics_restore_mode_and_check_inputs():
         reliability(lm, tok, [])
 
 
-@pytest.mark.parametrize("arch", ["llama", "t5"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bart", "t5"])
 def test_batched_scoring_matches_one_at_a_time(arch, gen):
-    """Padding in a batch changes nothing; the accuracy equals a direct argmax computation."""
+    """Padding in a batch changes nothing; the accuracy equals a direct argmax computation over the
+    full logits (the scoring itself has the LM head compute the scored positions only)."""
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
     model, tok = tiny_model(arch, seed=seed)
     prompts = ["The Eiffel Tower is in", "ab", "Toko Yasuda plays the"]
@@ -152,8 +153,9 @@ def test_batched_scoring_matches_one_at_a_time(arch, gen):
         with torch.no_grad():
             logits = model(**batch).logits[0]
         labels = batch["labels"][0]
-        if arch == "t5":
-            keep = (labels != IGNORE_INDEX) & (labels != tok.eos_token_id)
+        if arch in ("bart", "t5"):
+            special = torch.tensor(sorted(set(tok.all_special_ids)))
+            keep = (labels != IGNORE_INDEX) & ~torch.isin(labels, special)
             pred = logits.argmax(-1)[keep]
         else:
             keep = labels[1:] != IGNORE_INDEX
