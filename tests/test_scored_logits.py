@@ -4,12 +4,14 @@ Both change what the model computes, not what the editors see: the factors, loss
 are compared with the full-logits, one-pass forms in float64, on fresh random requests.
 """
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
 
 from helpers import rel_err
-from test_model_editor import random_requests
+from test_model_editor import one_thread, random_requests  # noqa: F401 (one_thread: autouse)
 
 from dcedit_kernels import TrainConfig
 from dcedit_kernels.capture import capture_factors
@@ -27,16 +29,6 @@ LAYERS = {**CAUSAL, **SEQ2SEQ}
 TOL = {"gpt2": 1e-10, "llama": 1e-6, "bart": 1e-10, "t5": 1e-10}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def model_and_batch(arch, gen, n=5):
     model, tok = tiny_model(arch, seed=int(torch.randint(0, 100, (1,), generator=gen)), dtype=torch.float64)
     me = ModelEditor(model, tok, LAYERS[arch], method="mend", rank=3, capture_batch_size=None)
@@ -44,11 +36,15 @@ def model_and_batch(arch, gen, n=5):
     return me, reqs, me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
 
 
+@contextlib.contextmanager
 def head_inputs(model):
-    """Record the shapes of what the LM head is called with."""
+    """Inside the block, the list of the shapes the LM head is called with."""
     seen = []
     handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
-    return seen, handle
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 # ------------------------------------------------------------------------------------ logits_at
@@ -109,11 +105,8 @@ def test_logits_at_leaves_a_skipped_or_mismatched_head_alone(gen):
 def test_capture_with_the_gathered_head_gives_the_full_logits_factors(arch, reduction, gen):
     me, _, batch = model_and_batch(arch, gen)
     me.loss_reduction = reduction
-    seen, handle = head_inputs(me.model)
-    try:
+    with head_inputs(me.model) as seen:
         factors, _, loss = me.capture(batch)
-    finally:
-        handle.remove()
     n = int(scored_positions(batch["labels"], arch in CAUSAL).sum())
     assert [s[:2] for s in seen] == [(1, n)]  # the head ran once, on the scored positions only
     with torch.enable_grad(), capture_factors(me.model, me.layers, batch=batch) as cap:
@@ -134,11 +127,8 @@ def test_an_edited_head_sees_the_whole_sequence(gen):
     me = ModelEditor(model, tok, ["lm_head"], method="mend", rank=3)
     reqs = random_requests(gen, 3)
     batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
-    seen, handle = head_inputs(model)
-    try:
+    with head_inputs(model) as seen:
         factors, _, _ = me.capture(batch)
-    finally:
-        handle.remove()
     assert seen == [tuple(batch["input_ids"].shape) + (model.config.n_embd,)]
     assert factors["lm_head"].num_tokens == int(batch["attention_mask"].sum())
 
@@ -152,11 +142,8 @@ def test_chunked_capture_gives_the_one_pass_factors(arch, reduction, chunk, gen)
     me.loss_reduction = reduction
     whole, _, loss = me.capture(batch)
     me.capture_batch_size = chunk
-    seen, handle = head_inputs(me.model)
-    try:
+    with head_inputs(me.model) as seen:
         parts, _, chunked_loss = me.capture(batch)
-    finally:
-        handle.remove()
     assert len(seen) == -(-5 // chunk)  # one forward per chunk
     assert float(chunked_loss) == pytest.approx(float(loss), rel=1e-12)
     for name in me.layers:
@@ -208,23 +195,14 @@ def test_training_pass_computes_only_the_logits_its_losses_read(gen):
     reqs = random_requests(gen, 4)
     me.eval()  # no gate noise, no running-statistics update: both passes see the same editors
     config = TrainConfig(steps=1, batch_size=4)
-    seen, handle = head_inputs(model)
     torch.manual_seed(0)
-    try:
+    with head_inputs(model) as seen:
         loss, parts = batch_loss(me, reqs, config)
-    finally:
-        handle.remove()
     # capture, the KL reference pass, the edited pass: each on its scored positions only.
     assert len(seen) == 3 and all(s[0] == 1 for s in seen)
-
     torch.manual_seed(0)
-    seen.clear()
-    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
-    try:
-        with full_logits():
-            want, want_parts = batch_loss(me, reqs, config)
-    finally:
-        handle.remove()
+    with head_inputs(model) as seen, full_logits():
+        want, want_parts = batch_loss(me, reqs, config)
     assert len(seen) == 3 and all(s[0] > 1 for s in seen)  # (rows, L, hidden): every position
     assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-9)
     for k in ("edit", "kl"):
