@@ -296,15 +296,15 @@ def _check_capture_settings(me, kwargs: dict) -> None:
 def random_routing_twin(moeditor, **kwargs):
     """A RaEditor holding a trained MoEditor's editors, with random groups instead of the gate
     (the paper's routing ablation, at no training cost): everything but the gate is copied, and the
-    capture settings (tokens, loss_reduction, allow_tied) are the MoEditor's, the scale its editors
-    were trained on.  `kwargs`: the RaEditor's constructor arguments (n_editors, rank, ... as the
+    capture settings (tokens, loss_reduction, allow_tied: the scale its editors were trained on;
+    and capture_batch_size) are the MoEditor's.  `kwargs`: the RaEditor's constructor arguments (n_editors, rank, ... as the
     MoEditor's)."""
     from .model_editor import ModelEditor
 
     if moeditor.method != "moeditor":
         raise ValueError(f"moeditor must be a ModelEditor with method 'moeditor', got {moeditor.method!r}")
     kwargs = dict(dict(tokens=moeditor.tokens, loss_reduction=moeditor.loss_reduction,
-                       allow_tied=moeditor.allow_tied), **kwargs)
+                       allow_tied=moeditor.allow_tied, capture_batch_size=moeditor.capture_batch_size), **kwargs)
     twin = ModelEditor(moeditor.model, moeditor.tokenizer, layers=moeditor.layers, method="raeditor", **kwargs)
     state = moeditor.state_tensors()
     missing = sorted(set(twin.state_tensors()) - set(state))

@@ -698,6 +698,22 @@ class ModelEditor:
         rows = [self.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
         return pad_rows(rows, pad_token_id(self.tokenizer), self.device)
 
+    def _ft_kl_reference(self, loc: dict) -> list:
+        """[(chunk, its KL positions, the unedited model's log-probabilities there, the chunk's
+        share of all KL positions)] for the locality batch `loc`, `capture_batch_size` rows at a
+        time (every non-padding token is a KL position)."""
+        total = max(int(loc["attention_mask"].sum()), 1)
+        parts = []
+        with torch.no_grad(), self._length_errors(loc, "locality texts"):
+            for chunk in self._row_chunks(loc):
+                mask = chunk["attention_mask"].bool()
+                with logits_at(self.model, mask, skip=self.modules.values()) as scored:
+                    base = self.model(input_ids=chunk["input_ids"], attention_mask=chunk["attention_mask"]).logits
+                    base_logp = torch.log_softmax(upcast(scored.pick(base)), -1)
+                del base
+                parts.append((chunk, mask, base_logp, int(mask.sum()) / total))
+        return parts
+
     def _apply_ft(self, requests: list[EditRequest], batch: dict, saved: list):
         opts = self.ft_options
         weights = [self.modules[name].weight for name in self.layers]
@@ -707,15 +723,9 @@ class ModelEditor:
         saved.extend((w, w.detach().clone()) for w in weights)  # before any weight changes
         t0, steps_run = time.perf_counter(), 0
         try:
-            loc = None
+            kl_parts = []
             if self.method == "ft_kl" and opts["kl_weight"] > 0:
-                loc = self._locality_batch(self._locality_texts(requests))
-                with torch.no_grad():
-                    with self._length_errors(loc, "locality texts"):
-                        base = self.model(input_ids=loc["input_ids"], attention_mask=loc["attention_mask"]).logits
-                    loc_mask = loc["attention_mask"].bool().to(base.device)  # the LM head's device
-                    base_logp = torch.log_softmax(upcast(base[loc_mask]), -1)
-                    del base
+                kl_parts = self._ft_kl_reference(self._locality_batch(self._locality_texts(requests)))
             for p in params:
                 p.requires_grad_(False)
             for w in weights:
@@ -728,6 +738,18 @@ class ModelEditor:
                 opt = torch.optim.Adam(masters, lr=opts["ft_lr"])
             else:
                 opt = torch.optim.SGD(masters, lr=opts["ft_lr"])
+
+            def backward(loss):
+                """Check, backpropagate, and move 16-bit gradients into the fp32 masters (the chunks'
+                gradients then add up in fp32, not in the weight's dtype)."""
+                if not bool(torch.isfinite(loss)):
+                    raise FloatingPointError(f"the fine-tuning loss is not finite ({float(loss.detach())})")
+                loss.backward()
+                for w, m in zip(weights, masters):
+                    if m is not w and w.grad is not None:
+                        m.grad = w.grad.float() if m.grad is None else m.grad.add_(w.grad.float())
+                        w.grad = None
+
             chunks = self._row_chunks(batch)
             n_scored = int(scored_positions(batch["labels"], not self.seq2seq).sum()) if len(chunks) > 1 else None
             with torch.enable_grad():
@@ -735,28 +757,31 @@ class ModelEditor:
                     opt.zero_grad(set_to_none=True)
                     for w in weights:
                         w.grad = None
-                    # The batch-mean edit loss, chunk by chunk: every chunk but the last is
-                    # backpropagated at once (its gradient accumulates), the last one with the KL.
-                    edit_total = 0.0
+                    # The batch-mean edit loss and the KL, chunk by chunk: each chunk's loss is
+                    # backpropagated at once (its gradient accumulates), except the last edit
+                    # chunk's, kept until the stop check has seen the whole edit loss.
+                    edit_total, last = 0.0, None
                     for k, chunk in enumerate(chunks):
                         loss, _ = self._scored_edit_loss(chunk, "token", n_scored)
                         edit_total += float(loss.detach())
                         if k < len(chunks) - 1:
-                            loss.backward()
+                            backward(loss)
+                        else:
+                            last = loss
                     if opts["ft_stop_loss"] is not None and edit_total < opts["ft_stop_loss"]:
                         break
-                    if loc is not None:
-                        logits = self.model(input_ids=loc["input_ids"], attention_mask=loc["attention_mask"]).logits
-                        loss = loss + opts["kl_weight"] * masked_kl(base_logp, logits, loc_mask)
-                    if not bool(torch.isfinite(loss)):
-                        raise FloatingPointError(f"the fine-tuning loss is not finite ({float(loss)})")
-                    loss.backward()
-                    for name, w in zip(self.layers, weights):
-                        if not bool(torch.isfinite(w.grad).all()):
+                    for k, (chunk, mask, base_logp, share) in enumerate(kl_parts):
+                        with logits_at(self.model, mask, skip=self.modules.values()) as scored:
+                            logits = self.model(input_ids=chunk["input_ids"], attention_mask=chunk["attention_mask"]).logits
+                        kl = opts["kl_weight"] * share * picked_kl(base_logp, scored.pick(logits))
+                        if k < len(kl_parts) - 1:
+                            backward(kl)
+                        else:
+                            last = last + kl
+                    backward(last)
+                    for name, m in zip(self.layers, masters):
+                        if not bool(torch.isfinite(m.grad).all()):
                             raise FloatingPointError(f"non-finite gradient for layer {name!r}")
-                    for w, m in zip(weights, masters):
-                        if m is not w:
-                            m.grad = w.grad.float()
                     opt.step()
                     with torch.no_grad():
                         for w, m in zip(weights, masters):

@@ -396,9 +396,9 @@ def test_trained_editor_retrains_a_cached_editor_of_the_old_semantics(tmp_path, 
 def test_random_routing_twin_keeps_the_capture_settings():
     model, tok = tiny_model("llama", seed=0)
     mo = ModelEditor(model, tok, ["model.layers.1.mlp.down_proj"], method="moeditor", n_editors=2, rank=3,
-                     loss_reduction="token")
+                     loss_reduction="token", capture_batch_size=5)
     twin = cli.random_routing_twin(mo, n_editors=2, rank=3)
-    assert twin.loss_reduction == "token" and twin.tokens == mo.tokens
+    assert twin.loss_reduction == "token" and twin.tokens == mo.tokens and twin.capture_batch_size == 5
 
 
 def test_cli_loss_reduction_flag(capsys, tmp_path, tiny_model_dir):

@@ -5,15 +5,16 @@ are compared with the full-logits, one-pass forms in float64, on fresh random re
 """
 
 import contextlib
+import math
 
 import pytest
 import torch
 from torch import nn
 
 from helpers import rel_err
-from test_model_editor import one_thread, random_requests  # noqa: F401 (one_thread: autouse)
+from test_model_editor import assert_bit_identical, one_thread, random_requests, snapshot  # noqa: F401 (one_thread: autouse)
 
-from dcedit_kernels import TrainConfig
+from dcedit_kernels import EditRequest, TrainConfig
 from dcedit_kernels.capture import capture_factors
 from dcedit_kernels.model_editor import ModelEditor, edit_loss, target_nll
 from dcedit_kernels.models import tiny_model
@@ -172,11 +173,35 @@ def test_chunked_fine_tuning_takes_the_one_pass_steps(method, gen):
     for chunk in (None, 2):
         me = ModelEditor(model, tok, CAUSAL["gpt2"], method=method, ft_steps=3, ft_stop_loss=None,
                          capture_batch_size=chunk)
-        with me.edited(reqs) as handle:
+        with head_inputs(model) as seen, me.edited(reqs) as handle:
             after[chunk] = [me.modules[n].weight.detach().clone() for n in me.layers]
             assert handle.stats["ft_steps_run"] == 3
+        # Edit loss (and, for ft_kl, the KL reference and the KL of each step): every pass has
+        # the head on the positions its loss reads, one pass per chunk of rows.
+        # 3 steps; chunk 2: 3 chunks of edits (and of locality texts).
+        passes = {(None, "ft"): 3, (None, "ft_kl"): 1 + 3 * 2, (2, "ft"): 3 * 3, (2, "ft_kl"): 3 + 3 * 6}[chunk, method]
+        assert len(seen) == passes and all(s[0] == 1 for s in seen)
     for a, b in zip(after[None], after[2]):
         assert rel_err(b, a) < 1e-10
+
+
+def test_chunked_fine_tuning_refuses_a_non_finite_loss_in_any_chunk():
+    """An infinite edit loss with a finite gradient (the target's logit masked to −inf after the
+    head) in the first of two chunks: refused as in one pass, the model untouched."""
+    model, tok = tiny_model("gpt2", seed=0, dtype=torch.float64)
+    banned = tok("Q", add_special_tokens=False)["input_ids"][0]
+    hook = model.lm_head.register_forward_hook(lambda m, a, out: out.index_fill(-1, torch.tensor([banned]), -math.inf))
+    reqs = [EditRequest("the capital is", "Q"), EditRequest("a b c", "d"), EditRequest("x y", "z")]
+    before = snapshot(model)
+    try:
+        for chunk in (None, 2):
+            me = ModelEditor(model, tok, CAUSAL["gpt2"], method="ft", ft_steps=2, ft_stop_loss=None,
+                             capture_batch_size=chunk)
+            with pytest.raises(FloatingPointError, match="the fine-tuning loss is not finite"):
+                me.apply(reqs)
+            assert_bit_identical(before, model)
+    finally:
+        hook.remove()
 
 
 def test_capture_batch_size_is_checked():
