@@ -135,7 +135,7 @@ def test_an_edited_head_sees_the_whole_sequence(gen):
 
 
 # ------------------------------------------------------------------------- row-chunked capture
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "bart"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bart", "t5"])
 @pytest.mark.parametrize("reduction", ["edit", "token"])
 @pytest.mark.parametrize("chunk", [1, 2, 4])
 def test_chunked_capture_gives_the_one_pass_factors(arch, reduction, chunk, gen):
