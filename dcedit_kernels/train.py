@@ -73,8 +73,8 @@ from .lowrank_layers import lowrank_edited
 from .model_editor import (
     LEGACY_LOSS_REDUCTION, ModelEditor, pad_rows, picked_kl, scored_nll, target_nll, token_accuracy, upcast,
 )
-from .scored_logits import logits_at, scored_positions
 from .requests import EditRequest, validate_requests
+from .scored_logits import logits_at, scored_positions
 from .tokenize import causal_pair_ids, pad_token_id
 
 VIEWS = ("own", "all")
