@@ -223,7 +223,7 @@ def editor_cache_key(method: str, layers: list[str], kwargs: dict, train_config:
     model_id = f"{model_path.name}:{model_path.stat().st_size}" if model_path.is_file() else str(model_file)
     capture = _capture_settings(kwargs)
     train = {k: v for k, v in dataclasses.asdict(TrainConfig(**train_config)).items() if k not in _NO_EFFECT}
-    editor_kwargs = {k: v for k, v in kwargs.items() if k not in capture}
+    editor_kwargs = {k: v for k, v in kwargs.items() if k not in capture and k not in _RUNTIME}
     blob = json.dumps(dict(version=__version__, method=method, layers=list(layers), kwargs=editor_kwargs,
                            capture=capture,
                            train=train, edits=list(train_ids), model=model_id), sort_keys=True)
@@ -232,6 +232,8 @@ def editor_cache_key(method: str, layers: list[str], kwargs: dict, train_config:
 
 # TrainConfig fields that do not change the trained editor (display, where checkpoints go).
 _NO_EFFECT = ("progress", "checkpoint_dir", "resume")
+# ModelEditor arguments that do not change the trained editor (memory only; not saved with it).
+_RUNTIME = ("capture_batch_size",)
 
 
 def trained_editor(model, tokenizer, method: str, layers: list[str], kwargs: dict, train_config: dict,
@@ -249,7 +251,8 @@ def trained_editor(model, tokenizer, method: str, layers: list[str], kwargs: dic
     info_path = path.with_suffix(".json")  # how the cached editor was trained (for reports)
     if use_cache and path.is_file():
         try:
-            me = ModelEditor.load(path, model, tokenizer)
+            runtime = {k: kwargs[k] for k in _RUNTIME if k in kwargs}
+            me = ModelEditor.load(path, model, tokenizer, **runtime)
             _check_capture_settings(me, kwargs)
         except (ValueError, OSError) as exc:  # a stale or damaged file: retrain
             print(f"ignoring the cached editor {path}: {exc}")

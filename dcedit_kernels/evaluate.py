@@ -327,7 +327,7 @@ def evaluate_method(
 # ---------------------------------------------------------------------------------------------
 def gradient_conflict(model, tokenizer, layers: Sequence[str], requests: Sequence[EditRequest]) -> dict:
     """{layer: {"gcr", "gms"}}: conflict ratio and magnitude similarity of the per-edit gradients
-    of each edited weight for this batch of edits (one forward + backward, from the captured
+    of each edited weight for this batch of edits (the capture's forward + backward, from the captured
     factors through `metrics.factor_gram`; no per-edit gradient matrix is formed).  Edit i's
     gradient is that of its own mean target NLL (loss_reduction "edit"): under the batch mean
     ("token") it would be scaled by its share of the batch's target tokens, which GMS would read as

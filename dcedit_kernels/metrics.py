@@ -37,7 +37,7 @@ from .capture import Factors
 from .devices import input_device
 from .requests import EditRequest, require_field, validate_requests
 from .scored_logits import logits_at, scored_positions
-from .tokenize import IGNORE_INDEX, is_seq2seq, tokenize_pairs, tokenize_texts
+from .tokenize import IGNORE_INDEX, forward_inputs, is_seq2seq, tokenize_pairs, tokenize_texts
 
 REDUCTIONS = ("input", "token")
 
@@ -74,13 +74,7 @@ def _score_batch(model, tokenizer, batch: dict) -> list[tuple[torch.Tensor, torc
     batch = {k: v.to(device) for k, v in batch.items()}
     labels = batch["labels"]
     seq2seq = is_seq2seq(model)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if seq2seq:
-        if hasattr(model, "prepare_decoder_input_ids_from_labels"):
-            inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=labels)
-        else:
-            inputs["labels"] = labels  # the model then computes its own loss from full logits
-        inputs["decoder_attention_mask"] = batch["decoder_attention_mask"]
+    inputs = forward_inputs(model, batch)  # with labels kept, the model's own loss needs full logits
     positions = scored_positions(labels, causal=not seq2seq)  # causal: position t predicts token t+1
     with logits_at(model, positions, enabled="labels" not in inputs) as scored:
         pred = scored.pick(model(**inputs).logits).argmax(-1)  # (n,), row-major over positions

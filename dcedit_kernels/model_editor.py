@@ -12,8 +12,9 @@ loss (`loss_reduction`, below) captures the gradient factors (μ, η) of every e
 (`capture.py`), with the model's parameters frozen for the pass (their `requires_grad` flags are
 restored afterwards) so that autograd keeps only the graph above the first edited layer, one pass
 per `capture_batch_size` edits (their factors concatenated) and the LM head computing logits at
-the target-predicting positions only (`scored_logits.py`), so that its memory does not grow with
-the number of edits beyond the factors themselves; the
+the target-predicting positions only (`scored_logits.py`), so that its memory grows with the
+number of edits only through the factors themselves (held twice for one layer while the chunks'
+factors are joined); the
 editors map them to grouped low-rank factors (eval mode, no grad) and each weight gets its fused
 shift in place through `GroupedEdit.apply_` (`ops.apply_shift_`), which returns the previous
 values: undo copies them back, so it is exact even in bf16, where subtracting the shift again
@@ -95,7 +96,7 @@ from .devices import as_device, check_resident, cuda_indices, input_device, mode
 from .editors.presets import MEND, MoEditor, ProEditor, RaEditor
 from .requests import EditRequest, validate_requests
 from .scored_logits import logits_at, scored_positions
-from .tokenize import IGNORE_INDEX, is_seq2seq, pad_token_id, tokenize_causal, tokenize_seq2seq
+from .tokenize import IGNORE_INDEX, forward_inputs, is_seq2seq, pad_token_id, tokenize_causal, tokenize_seq2seq
 
 EDITOR_METHODS = {"mend": MEND, "raeditor": RaEditor, "moeditor": MoEditor, "proeditor": ProEditor}
 FT_METHODS = ("ft", "ft_kl")
@@ -296,6 +297,16 @@ def masked_kl(base_logp: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor)
     """Mean over masked positions of KL(p_base ‖ p_edited); `base_logp` holds the base model's
     log-probabilities at exactly the masked positions (n, V).  Computed on the logits' device."""
     return picked_kl(base_logp, logits[mask.to(logits.device)])
+
+
+@torch.no_grad()
+def log_probs_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+                 skip=()) -> torch.Tensor:
+    """(n, V) fp32 log-probabilities of the model (as it is now, no grad) at `positions` (B, L)
+    bool, row-major: the KL's reference, the LM head computing those positions only."""
+    with logits_at(model, positions, skip=skip) as scored:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return torch.log_softmax(upcast(scored.pick(logits)), -1)
 
 
 def picked_kl(base_logp: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
@@ -525,11 +536,16 @@ class ModelEditor:
         chunks = self._row_chunks(batch)
         if len(chunks) == 1:
             return self._capture_rows(batch, need_feats, None)
-        n_scored = int(scored_positions(batch["labels"], not self.seq2seq).sum())
-        parts = [self._capture_rows(chunk, need_feats, n_scored) for chunk in chunks]
-        factors = {name: Factors.cat([p[0][name] for p in parts]) for name in self.layers}
+        parts = [self._capture_rows(chunk, need_feats, self._n_scored(batch)) for chunk in chunks]
+        # One layer at a time, each chunk's copy dropped once joined: the peak holds the factors
+        # plus one layer's joined copy, not two copies of everything.
+        factors = {name: Factors.cat([p[0].pop(name) for p in parts]) for name in self.layers}
         feats = torch.cat([p[1] for p in parts]) if need_feats else None
         return factors, feats, sum(p[2] for p in parts)
+
+    def _n_scored(self, batch: dict) -> int:
+        """The batch's number of target tokens (the "token" reduction's N over all its chunks)."""
+        return int(scored_positions(batch["labels"], not self.seq2seq).sum())
 
     def _row_chunks(self, batch: dict) -> list[dict]:
         """`batch` cut into consecutive chunks of at most `capture_batch_size` rows (every entry of
@@ -572,14 +588,7 @@ class ModelEditor:
         encoder-decoder gets the decoder inputs its forward would build from the labels
         (`prepare_decoder_input_ids_from_labels`, BART's and T5's shift right); a model without
         that method keeps its labels."""
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        if not self.seq2seq or "decoder_input_ids" in batch:
-            return inputs
-        prepare = getattr(self.model, "prepare_decoder_input_ids_from_labels", None)
-        if not callable(prepare):
-            return batch
-        inputs["decoder_input_ids"] = prepare(labels=batch["labels"])
-        return inputs
+        return forward_inputs(self.model, batch)
 
     @property
     def needs_feats(self) -> bool:
@@ -704,13 +713,11 @@ class ModelEditor:
         time (every non-padding token is a KL position)."""
         total = max(int(loc["attention_mask"].sum()), 1)
         parts = []
-        with torch.no_grad(), self._length_errors(loc, "locality texts"):
+        with self._length_errors(loc, "locality texts"):
             for chunk in self._row_chunks(loc):
                 mask = chunk["attention_mask"].bool()
-                with logits_at(self.model, mask, skip=self.modules.values()) as scored:
-                    base = self.model(input_ids=chunk["input_ids"], attention_mask=chunk["attention_mask"]).logits
-                    base_logp = torch.log_softmax(upcast(scored.pick(base)), -1)
-                del base
+                base_logp = log_probs_at(self.model, chunk["input_ids"], chunk["attention_mask"], mask,
+                                         skip=self.modules.values())
                 parts.append((chunk, mask, base_logp, int(mask.sum()) / total))
         return parts
 
@@ -751,7 +758,7 @@ class ModelEditor:
                         w.grad = None
 
             chunks = self._row_chunks(batch)
-            n_scored = int(scored_positions(batch["labels"], not self.seq2seq).sum()) if len(chunks) > 1 else None
+            n_scored = self._n_scored(batch) if len(chunks) > 1 else None
             with torch.enable_grad():
                 for _ in range(opts["ft_steps"]):
                     opt.zero_grad(set_to_none=True)

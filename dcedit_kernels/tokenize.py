@@ -169,6 +169,21 @@ def is_seq2seq(model) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
+def forward_inputs(model, batch: dict) -> dict:
+    """What `model`'s forward needs from a tokenized batch, without its labels, so that the model
+    computes no loss of its own over the full logits: an encoder-decoder gets the decoder inputs
+    its forward would build from the labels (`prepare_decoder_input_ids_from_labels`, BART's and
+    T5's shift right); one without that method keeps its labels."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if not is_seq2seq(model) or "decoder_input_ids" in batch:
+        return inputs
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if not callable(prepare):
+        return dict(batch)
+    inputs["decoder_input_ids"] = prepare(labels=batch["labels"])
+    return inputs
+
+
 def tokenize_pairs(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], device=None) -> dict:
     """`tokenize_seq2seq` for encoder-decoder models, else `tokenize_causal`."""
     fn = tokenize_seq2seq if is_seq2seq(model) else tokenize_causal

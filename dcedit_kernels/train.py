@@ -1,6 +1,7 @@
 """Train a ModelEditor's editors: loss = cedit·L_edit + cloc·KL + balance_weight·L_balance.
 
-One training batch of E edits costs three model passes, whatever the number of editors N_g:
+One training batch of E edits costs three model passes (the capture's split in
+`capture_batch_size` rows), whatever the number of editors N_g:
 1. capture: forward + backward of the edit loss on the edit prompts gives the gradient factors
    (μ, η) of every edited weight (and MoEditor's edit features); it is `ModelEditor.capture`, so
    its loss is the ModelEditor's `loss_reduction` ("edit": each edit's mean target NLL, summed;
@@ -71,7 +72,7 @@ from .capture import frozen_parameters
 from .devices import cuda_indices
 from .lowrank_layers import lowrank_edited
 from .model_editor import (
-    LEGACY_LOSS_REDUCTION, ModelEditor, pad_rows, picked_kl, scored_nll, target_nll, token_accuracy, upcast,
+    LEGACY_LOSS_REDUCTION, ModelEditor, log_probs_at, pad_rows, picked_kl, scored_nll, target_nll, token_accuracy,
 )
 from .requests import EditRequest, validate_requests
 from .scored_logits import logits_at, scored_positions
@@ -221,11 +222,8 @@ def loss_from_edits(me: ModelEditor, requests: list[EditRequest], edits: dict, c
     has_loc = bool(loc_rows.any())
     skip = list(me.modules.values())
     if has_loc:
-        loc_mask = rows["kl_mask"][loc_rows]
-        with torch.no_grad(), logits_at(model, loc_mask, skip) as scored:
-            base = model(input_ids=rows["input_ids"][loc_rows], attention_mask=rows["attention_mask"][loc_rows]).logits
-            base_logp = torch.log_softmax(upcast(scored.pick(base)), -1)
-            del base
+        base_logp = log_probs_at(model, rows["input_ids"][loc_rows], rows["attention_mask"][loc_rows],
+                                 rows["kl_mask"][loc_rows], skip)
     # The LM head computes the logits that a loss reads only: the rephrase rows' target-predicting
     # positions and the locality rows' KL positions (scored_logits), in row-major order.
     positions = rows["kl_mask"] & loc_rows.unsqueeze(1)

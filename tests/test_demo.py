@@ -364,6 +364,7 @@ def test_editor_cache_key_covers_loss_reduction_and_resolved_training_defaults()
     assert key(train={"steps": 2, "fisher_mask": True, "cedit": 0.1}) == key()
     # ... and settings that cannot change it (display, checkpoint folder) do not count.
     assert key(train={"steps": 2, "progress": False, "checkpoint_dir": "/tmp/x"}) == key()
+    assert key(kwargs={"capture_batch_size": 4}) == key()  # a memory setting of the capture
 
 
 def test_trained_editor_retrains_a_cached_editor_of_the_old_semantics(tmp_path, monkeypatch, capsys):
@@ -382,6 +383,9 @@ def test_trained_editor_retrains_a_cached_editor_of_the_old_semantics(tmp_path, 
     assert not info["cached"] and me.loss_reduction == "edit"
     me2, info2 = cli.trained_editor(*args, progress=False)
     assert info2["cached"] and me2.loss_reduction == "edit"
+    chunked = (*args[:4], dict(args[4], capture_batch_size=3), *args[5:])
+    me_c, info_c = cli.trained_editor(*chunked, progress=False)  # the same editor, run in chunks of 3
+    assert info_c["cached"] and me_c.capture_batch_size == 3
     # Rewrite the cached file as a format-1 checkpoint (no loss_reduction: it loads as "token").
     path = Path(info["path"])
     with safe_open(str(path), framework="pt") as f:

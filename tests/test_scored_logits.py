@@ -185,6 +185,22 @@ def test_chunked_fine_tuning_takes_the_one_pass_steps(method, gen):
         assert rel_err(b, a) < 1e-10
 
 
+@pytest.mark.parametrize("stop", [1e-9, 100.0])
+def test_chunked_fine_tuning_stops_where_one_pass_does(stop, gen):
+    """ft_stop_loss reads the whole batch's edit loss (all chunks): the same steps either way."""
+    model, tok = tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen)), dtype=torch.float64)
+    reqs = random_requests(gen, 5)
+    runs = {}
+    for chunk in (None, 2):
+        me = ModelEditor(model, tok, CAUSAL["gpt2"], method="ft", ft_steps=3, ft_stop_loss=stop,
+                         capture_batch_size=chunk)
+        with me.edited(reqs) as handle:
+            runs[chunk] = handle.stats["ft_steps_run"], [me.modules[n].weight.detach().clone() for n in me.layers]
+    assert runs[None][0] == runs[2][0] == (3 if stop < 1 else 0)
+    for a, b in zip(runs[None][1], runs[2][1]):
+        assert rel_err(b, a) < 1e-10
+
+
 def test_chunked_fine_tuning_refuses_a_non_finite_loss_in_any_chunk():
     """An infinite edit loss with a finite gradient (the target's logit masked to −inf after the
     head) in the first of two chunks: refused as in one pass, the model untouched."""

@@ -70,8 +70,11 @@ def grouped_outer(eta, mu, offsets, fusion="add", alpha=1.0):
     fusion: "none" (the (G, o, i) stack), "add", "max" (largest |S_g|, first on ties), "sss"
     (P = Σ max(S_g, 0), N = Σ min(S_g, 0); P where P ≥ −N else N) or "ssm" (sss / G).
     eta (T, o), mu (T, i), offsets int (G+1,).  Returns fp32 (fp64 for fp64 inputs).
-    NaN propagates on every backend, as torch's own ops: a NaN S_g entry ranks above every
-    number for max (the first NaN group wins, and gets the gradient) and makes P and N NaN.
+    A NaN from η or μ propagates the same on every backend, as torch's own ops: a NaN S_g entry
+    ranks above every number for max (the first NaN group wins, and gets the gradient) and makes
+    P and N NaN.  Not the same everywhere: a non-finite incoming gradient in the backward, whose
+    Triton GEMMs multiply other groups' rows (loaded as 0) by a group's tile (0·NaN = NaN) and
+    zero unselected entries where the reference multiplies them by 0 (inf·0 = NaN).
     """
     check_grouped_outer(eta, mu, offsets, fusion, alpha)
     return opcall("grouped_outer")(eta, mu, offsets, fusion, float(alpha))
