@@ -536,7 +536,8 @@ class ModelEditor:
         chunks = self._row_chunks(batch)
         if len(chunks) == 1:
             return self._capture_rows(batch, need_feats, None)
-        parts = [self._capture_rows(chunk, need_feats, self._n_scored(batch)) for chunk in chunks]
+        n_scored = self._n_scored(batch)
+        parts = [self._capture_rows(chunk, need_feats, n_scored) for chunk in chunks]
         # One layer at a time, each chunk's copy dropped once joined: the peak holds the factors
         # plus one layer's joined copy, not two copies of everything.
         factors = {name: Factors.cat([p[0].pop(name) for p in parts]) for name in self.layers}
