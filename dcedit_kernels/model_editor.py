@@ -108,7 +108,7 @@ LOSS_REDUCTIONS = ("edit", "token")
 # under "token": "edit" keeps every edit at full strength, so the fused shift grows with N_u and
 # drawdown with it (DD 0.91 at 125).  It is also MEND's and EasyEdit's loss.
 DEFAULT_LOSS_REDUCTION = "token"
-# Rows per forward + backward of the capture (and of FT's edit loss).  SmolLM2-135M, 3 edited
+# Rows per forward + backward of the capture (and of the FT baselines).  SmolLM2-135M, 3 edited
 # down_proj layers, CounterFact prompts of ~20 tokens, CPU: the capture of 500 edits in one pass
 # took 8.2 GB over the model's 1.3 GB (2.2 GB once the LM head computed only the scored positions).
 DEFAULT_CAPTURE_BATCH_SIZE = 32
@@ -343,7 +343,7 @@ class ModelEditor:
     editor_device: where every editor lives (a device, "cuda:1", or a CUDA index); None (the
     default) puts the editor of each weight shape on the device of the first layer of that shape
     (see "Models split across devices" in the module docstring; ignored by the baselines);
-    capture_batch_size: rows per forward + backward of the capture and of FT's edit loss (the
+    capture_batch_size: rows per forward + backward of the capture and of the FT baselines (the
     factors are concatenated, so an edit's factors do not depend on it beyond rounding; None:
     the whole batch in one pass), which bounds their activation memory whatever the number of
     edits;
@@ -392,7 +392,7 @@ class ModelEditor:
 
     @property
     def capture_batch_size(self) -> int | None:
-        """Rows per forward + backward of the capture and of FT's edit loss (None: all at once)."""
+        """Rows per forward + backward of the capture and of the FT baselines (None: all at once)."""
         return self._capture_batch_size
 
     @capture_batch_size.setter
