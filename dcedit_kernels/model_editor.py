@@ -293,12 +293,6 @@ def edit_loss(picked: torch.Tensor, labels: torch.Tensor, causal: bool, reductio
     return (sums / counts.clamp(min=1)).sum()
 
 
-def masked_kl(base_logp: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over masked positions of KL(p_base ‖ p_edited); `base_logp` holds the base model's
-    log-probabilities at exactly the masked positions (n, V).  Computed on the logits' device."""
-    return picked_kl(base_logp, logits[mask.to(logits.device)])
-
-
 @torch.no_grad()
 def log_probs_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
                  skip=()) -> torch.Tensor:
@@ -310,7 +304,9 @@ def log_probs_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
 
 def picked_kl(base_logp: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
-    """`masked_kl` from the edited logits at the masked positions, `picked` (n, V)."""
+    """Mean over n positions of KL(p_base ‖ p_edited) from the edited logits there, `picked`
+    (n, V); `base_logp` holds the base model's log-probabilities at the same positions (n, V).
+    Computed on the logits' device."""
     post = torch.log_softmax(upcast(picked), -1)
     base_logp = base_logp.to(post.device)
     kl = (base_logp.exp() * (base_logp - post)).sum(-1)

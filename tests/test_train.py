@@ -10,7 +10,7 @@ import torch
 from dcedit_kernels.capture import is_conv1d, weight_out_in
 from dcedit_kernels.editors import GroupedEdit
 from dcedit_kernels.lowrank_layers import lowrank_edited
-from dcedit_kernels.model_editor import ModelEditor, masked_kl, target_nll
+from dcedit_kernels.model_editor import ModelEditor, picked_kl, target_nll
 from dcedit_kernels.models import tiny_model
 from dcedit_kernels.requests import EditRequest
 from dcedit_kernels.train import TrainConfig, batch_edits, eval_rows, evaluate_edits, loss_from_edits, train_editor
@@ -189,7 +189,7 @@ def test_one_pass_loss_equals_separate_dense_passes(arch, edit_rows, locality_ro
     l_edit = target_nll(logits[is_edit], rows["labels"][is_edit], causal=True)
     base = model(input_ids=rows["input_ids"][~is_edit], attention_mask=rows["attention_mask"][~is_edit]).logits
     kl_mask = rows["kl_mask"][~is_edit]
-    kl = masked_kl(torch.log_softmax(base[kl_mask], -1), logits[~is_edit], kl_mask)
+    kl = picked_kl(torch.log_softmax(base[kl_mask], -1), logits[~is_edit][kl_mask])
     want = 0.3 * l_edit + 1.7 * kl + 0.1 * 0.25
     assert int(is_edit.sum()) == E and int((~is_edit).sum()) == E  # edit 1's locality: edit 2's prompt
     assert abs(parts["kl"] - float(kl.detach())) <= 1e-10 * max(1.0, abs(float(kl.detach())))
@@ -210,7 +210,7 @@ def reference_loss(me, requests, edits, config, masks):
     l_edit = target_nll(logits[is_edit], rows["labels"][is_edit], causal=True)
     base = model(input_ids=rows["input_ids"][~is_edit], attention_mask=rows["attention_mask"][~is_edit]).logits
     kl_mask = rows["kl_mask"][~is_edit]
-    kl = masked_kl(torch.log_softmax(base[kl_mask], -1), logits[~is_edit], kl_mask)
+    kl = picked_kl(torch.log_softmax(base[kl_mask], -1), logits[~is_edit][kl_mask])
     balance = torch.stack([e.aux_loss for e in edits.values()]).mean()
     return config.cedit * l_edit + config.cloc * kl + config.balance_weight * balance
 
