@@ -50,21 +50,16 @@ at::Tensor apply_shift_cpu(at::Tensor& weight, const at::Tensor& delta, double a
                            std::optional<double> threshold) {
   // Every check, the allocation of `previous` and the Fisher selection happen before weight is
   // written, so a failure leaves it as it was.
-  TORCH_CHECK_VALUE(is_float_dtype(weight.scalar_type()),
-                    "weight must be float16, bfloat16, float32 or float64, got ", weight.scalar_type());
-  TORCH_CHECK_VALUE(is_float_dtype(delta.scalar_type()),
-                    "delta must be float16, bfloat16, float32 or float64, got ", delta.scalar_type());
+  check_float_dtype(weight, "weight");
+  check_float_dtype(delta, "delta");
   TORCH_CHECK_VALUE(weight.device().is_cpu(), "weight must be a CPU tensor here, got ", weight.device());
-  TORCH_CHECK_VALUE(delta.device() == weight.device(), "delta must be on the same device as weight (",
-                    weight.device(), "), got ", delta.device());
+  check_same_device(delta, "delta", weight, "weight");
   TORCH_CHECK_VALUE(delta.sizes() == weight.sizes(), "delta must have the shape of weight ",
                     weight.sizes(), ", got ", delta.sizes());
   if (fisher.has_value()) {
     const at::Tensor& f = *fisher;
-    TORCH_CHECK_VALUE(is_float_dtype(f.scalar_type()),
-                      "fisher must be float16, bfloat16, float32 or float64, got ", f.scalar_type());
-    TORCH_CHECK_VALUE(f.device() == weight.device(), "fisher must be on the same device as weight (",
-                      weight.device(), "), got ", f.device());
+    check_float_dtype(f, "fisher");
+    check_same_device(f, "fisher", weight, "weight");
     TORCH_CHECK_VALUE(f.sizes() == weight.sizes(), "fisher must have the shape of weight ",
                       weight.sizes(), ", got ", f.sizes());
     check_keep_or_threshold(keep, threshold);

@@ -14,17 +14,26 @@ inline bool is_float_dtype(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
 }
 
+inline void check_float_dtype(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(is_float_dtype(t.scalar_type()), name,
+                    " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
+}
+
+// `t` (named `name`) on the device of `ref` (named `ref_name`).
+inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                              const char* ref_name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, " must be on the same device as ", ref_name,
+                    " (", ref.device(), "), got ", t.device());
+}
+
 // Checks eta (T, o) and mu (T, i) of one edited weight; everything on the CPU.
 inline void check_token_inputs(const at::Tensor& eta, const at::Tensor& mu) {
   TORCH_CHECK_VALUE(eta.dim() == 2, "eta must be 2-D (T, o), got shape ", eta.sizes());
   TORCH_CHECK_VALUE(mu.dim() == 2, "mu must be 2-D (T, i), got shape ", mu.sizes());
-  TORCH_CHECK_VALUE(is_float_dtype(eta.scalar_type()),
-                    "eta must be float16, bfloat16, float32 or float64, got ", eta.scalar_type());
-  TORCH_CHECK_VALUE(is_float_dtype(mu.scalar_type()),
-                    "mu must be float16, bfloat16, float32 or float64, got ", mu.scalar_type());
+  check_float_dtype(eta, "eta");
+  check_float_dtype(mu, "mu");
   TORCH_CHECK_VALUE(eta.device().is_cpu(), "eta must be a CPU tensor here, got ", eta.device());
-  TORCH_CHECK_VALUE(mu.device() == eta.device(), "mu must be on the same device as eta (",
-                    eta.device(), "), got ", mu.device());
+  check_same_device(mu, "mu", eta, "eta");
   TORCH_CHECK_VALUE(mu.size(0) == eta.size(0), "mu must have as many rows (tokens) as eta (",
                     eta.size(0), "), got ", mu.size(0));
 }

@@ -49,13 +49,10 @@ std::tuple<at::Tensor, at::Tensor> fisher_mask_cpu(const at::Tensor& delta,
                                                    std::optional<double> keep,
                                                    std::optional<double> threshold) {
   // Every check runs before any output exists.
-  TORCH_CHECK_VALUE(is_float_dtype(delta.scalar_type()),
-                    "delta must be float16, bfloat16, float32 or float64, got ", delta.scalar_type());
-  TORCH_CHECK_VALUE(is_float_dtype(fisher.scalar_type()),
-                    "fisher must be float16, bfloat16, float32 or float64, got ", fisher.scalar_type());
+  check_float_dtype(delta, "delta");
+  check_float_dtype(fisher, "fisher");
   TORCH_CHECK_VALUE(delta.device().is_cpu(), "delta must be a CPU tensor here, got ", delta.device());
-  TORCH_CHECK_VALUE(fisher.device() == delta.device(), "fisher must be on the same device as delta (",
-                    delta.device(), "), got ", fisher.device());
+  check_same_device(fisher, "fisher", delta, "delta");
   TORCH_CHECK_VALUE(fisher.sizes() == delta.sizes(), "fisher must have the shape of delta ",
                     delta.sizes(), ", got ", fisher.sizes());
   check_keep_or_threshold(keep, threshold);

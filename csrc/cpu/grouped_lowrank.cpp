@@ -24,8 +24,7 @@ namespace {
 
 void check_float(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK_VALUE(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
-  TORCH_CHECK_VALUE(is_float_dtype(t.scalar_type()), name,
-                    " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
+  check_float_dtype(t, name);
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor here, got ", t.device());
 }
 

@@ -142,10 +142,8 @@ std::tuple<at::Tensor, at::Tensor> grouped_outer_backward_cpu(
   const Fusion fusion = parse_fusion(std::string_view(fusion_name.data(), fusion_name.size()));
   const int64_t G = offsets.numel() - 1;
   const int64_t o = eta.size(1), i = mu.size(1);
-  TORCH_CHECK_VALUE(is_float_dtype(grad.scalar_type()),
-                    "grad must be float16, bfloat16, float32 or float64, got ", grad.scalar_type());
-  TORCH_CHECK_VALUE(grad.device() == eta.device(), "grad must be on the same device as eta (",
-                    eta.device(), "), got ", grad.device());
+  check_float_dtype(grad, "grad");
+  check_same_device(grad, "grad", eta, "eta");
   const std::vector<int64_t> shape =
       fusion == Fusion::None ? std::vector<int64_t>{G, o, i} : std::vector<int64_t>{o, i};
   TORCH_CHECK_VALUE(grad.sizes() == c10::IntArrayRef(shape), "grad must have shape ",
