@@ -295,11 +295,18 @@ def edit_loss(picked: torch.Tensor, labels: torch.Tensor, causal: bool, reductio
 
 @torch.no_grad()
 def log_probs_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
-                 skip=()) -> torch.Tensor:
-    """(n, V) fp32 log-probabilities of the model (as it is now, no grad) at `positions` (B, L)
-    bool, row-major: the KL's reference, the LM head computing those positions only."""
+                 skip=(), weights: dict | None = None) -> torch.Tensor:
+    """(n, V) fp32 log-probabilities of the model (no grad) at `positions` (B, L) bool, row-major:
+    the KL's reference, the LM head computing those positions only.  `weights`: {parameter name:
+    tensor} used in place of the model's own for this forward (`torch.func.functional_call`, tied
+    parameters following), e.g. the weights before fine-tuning changed them; None: the model as
+    it is now."""
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask)
     with logits_at(model, positions, skip=skip) as scored:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        if weights:
+            logits = torch.func.functional_call(model, weights, args=(), kwargs=inputs).logits
+        else:
+            logits = model(**inputs).logits
         return torch.log_softmax(upcast(scored.pick(logits)), -1)
 
 
@@ -313,15 +320,24 @@ def picked_kl(base_logp: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
     return kl.mean() if kl.numel() else picked.new_zeros(())
 
 
-def token_accuracy(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
-    """(B,) share of each row's target tokens predicted by argmax (teacher forced), on the logits'
-    device."""
-    labels = labels.to(logits.device)
+def scored_accuracy(picked: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(B,) share of each row's target tokens predicted by argmax (teacher forced), from `picked`
+    (n, V), the logits at `scored_positions(labels, causal)` in row-major order (as `scored_nll`'s);
+    on the logits' device."""
+    labels = labels.to(picked.device)
     if causal:
-        logits, labels = logits[:, :-1], labels[:, 1:]
+        labels = labels[:, 1:]
     mask = labels != IGNORE_INDEX
-    hit = (logits.argmax(-1) == labels) & mask
-    return hit.sum(1).float() / mask.sum(1).clamp(min=1).float()
+    hit = (picked.argmax(-1) == labels[mask]).float()
+    rows = mask.nonzero()[:, 0]
+    hits = torch.zeros(labels.shape[0], dtype=hit.dtype, device=hit.device).index_add(0, rows, hit)
+    return hits / mask.sum(1).clamp(min=1).float()
+
+
+def token_accuracy(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
+    """`scored_accuracy` from the full (B, L, V) logits."""
+    labels = labels.to(logits.device)
+    return scored_accuracy(logits[scored_positions(labels, causal)], labels, causal)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -705,18 +721,36 @@ class ModelEditor:
         return pad_rows(rows, pad_token_id(self.tokenizer), self.device)
 
     def _ft_kl_reference(self, loc: dict) -> list:
-        """[(chunk, its KL positions, the unedited model's log-probabilities there, the chunk's
-        share of all KL positions)] for the locality batch `loc`, `capture_batch_size` rows at a
-        time (every non-padding token is a KL position)."""
+        """[(chunk, its KL positions, the unedited model's log-probabilities there or None, the
+        chunk's share of all KL positions)] for the locality batch `loc`, `capture_batch_size` rows
+        at a time (every non-padding token is a KL position).
+
+        A batch of one chunk keeps its reference (n×V fp32).  Chunked batches keep none (None):
+        each step recomputes a chunk's reference from the saved unedited weights just before its
+        KL (`_ft_base_log_probs`), one more no-grad forward per chunk and step, so the memory
+        stays one chunk's as everywhere else in the chunked path; keeping them all would hold
+        n×V fp32 for every locality token (1,000 CounterFact locality prompts on SmolLM2, ~9
+        tokens each at V = 49,152: 1.8 GB)."""
         total = max(int(loc["attention_mask"].sum()), 1)
+        chunks = self._row_chunks(loc)
+        keep = len(chunks) == 1
         parts = []
         with self._length_errors(loc, "locality texts"):
-            for chunk in self._row_chunks(loc):
+            for chunk in chunks:
                 mask = chunk["attention_mask"].bool()
-                base_logp = log_probs_at(self.model, chunk["input_ids"], chunk["attention_mask"], mask,
-                                         skip=self.modules.values())
+                base_logp = self._ft_base_log_probs(chunk, mask) if keep else None
                 parts.append((chunk, mask, base_logp, int(mask.sum()) / total))
         return parts
+
+    def _ft_base_log_probs(self, chunk: dict, mask: torch.Tensor, originals: list | None = None) -> torch.Tensor:
+        """The KL reference of one locality chunk: the model's log-probabilities at `mask`, with
+        the edited layers' weights replaced by `originals` (their values before fine-tuning, in
+        `layers` order) when given."""
+        weights = None
+        if originals is not None:
+            weights = {f"{name}.weight": w for name, w in zip(self.layers, originals)}
+        return log_probs_at(self.model, chunk["input_ids"], chunk["attention_mask"], mask,
+                            skip=self.modules.values(), weights=weights)
 
     def _apply_ft(self, requests: list[EditRequest], batch: dict, saved: list):
         opts = self.ft_options
@@ -727,9 +761,11 @@ class ModelEditor:
         saved.extend((w, w.detach().clone()) for w in weights)  # before any weight changes
         t0, steps_run = time.perf_counter(), 0
         try:
-            kl_parts = []
+            kl_parts, loc = [], None
             if self.method == "ft_kl" and opts["kl_weight"] > 0:
-                kl_parts = self._ft_kl_reference(self._locality_batch(self._locality_texts(requests)))
+                loc = self._locality_batch(self._locality_texts(requests))
+                kl_parts = self._ft_kl_reference(loc)
+            originals = [clone for _, clone in saved[-len(weights):]] if weights else []
             for p in params:
                 p.requires_grad_(False)
             for w in weights:
@@ -775,9 +811,14 @@ class ModelEditor:
                     if opts["ft_stop_loss"] is not None and edit_total < opts["ft_stop_loss"]:
                         break
                     for k, (chunk, mask, base_logp, share) in enumerate(kl_parts):
-                        with logits_at(self.model, mask, skip=self.modules.values()) as scored:
-                            logits = self.model(input_ids=chunk["input_ids"], attention_mask=chunk["attention_mask"]).logits
+                        with self._length_errors(loc, "locality texts"):
+                            if base_logp is None:  # chunked: recomputed, not kept (see _ft_kl_reference)
+                                base_logp = self._ft_base_log_probs(chunk, mask, originals)
+                            with logits_at(self.model, mask, skip=self.modules.values()) as scored:
+                                logits = self.model(input_ids=chunk["input_ids"],
+                                                    attention_mask=chunk["attention_mask"]).logits
                         kl = opts["kl_weight"] * share * picked_kl(base_logp, scored.pick(logits))
+                        del base_logp
                         if k < len(kl_parts) - 1:
                             backward(kl)
                         else:

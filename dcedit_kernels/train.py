@@ -72,7 +72,7 @@ from .capture import frozen_parameters
 from .devices import cuda_indices
 from .lowrank_layers import lowrank_edited
 from .model_editor import (
-    LEGACY_LOSS_REDUCTION, ModelEditor, log_probs_at, pad_rows, picked_kl, scored_nll, target_nll, token_accuracy,
+    LEGACY_LOSS_REDUCTION, ModelEditor, log_probs_at, pad_rows, picked_kl, scored_accuracy, scored_nll,
 )
 from .requests import EditRequest, validate_requests
 from .scored_logits import logits_at, scored_positions
@@ -258,16 +258,21 @@ def evaluate_edits(me: ModelEditor, requests, batch_size: int = 4) -> dict:
     """Apply the edits (fused path, editors in eval mode) batch by batch, score each edit's
     rephrase (its prompt when it has none) teacher-forced, undo.  Returns `es` (mean share of
     target tokens predicted by argmax), `es_all` (share of edits with every token right) and
-    `nll` (mean target NLL per edit)."""
+    `nll` (mean target NLL per edit).  The LM head computes the scored positions' logits only
+    (`scored_logits.logits_at`)."""
     requests = validate_requests(requests)
+    if me.seq2seq:
+        raise ValueError("evaluate_edits supports causal LMs only (as editor training does)")
     acc, nll = [], []
     for start in range(0, len(requests), batch_size):
         chunk = requests[start:start + batch_size]
         rows = me.tokenize([r.rephrase or r.prompt for r in chunk], [r.target for r in chunk])
-        with me.edited(chunk), torch.no_grad():
-            logits = me.model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
-            acc.append(token_accuracy(logits, rows["labels"], causal=True).cpu())
-            sums, counts = target_nll(logits, rows["labels"], causal=True, reduction="row")
+        positions = scored_positions(rows["labels"], causal=True)
+        with me.edited(chunk), torch.no_grad(), logits_at(me.model, positions, skip=me.modules.values()) as scored:
+            out = me.model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"])
+            picked = scored.pick(out.logits)
+            acc.append(scored_accuracy(picked, rows["labels"], causal=True).cpu())
+            sums, counts = scored_nll(picked, rows["labels"], causal=True, reduction="row")
             nll.append((sums / counts.clamp(min=1)).cpu())
     acc_t, nll_t = torch.cat(acc), torch.cat(nll)
     return dict(es=float(acc_t.mean()), es_all=float((acc_t == 1).float().mean()), nll=float(nll_t.mean()))

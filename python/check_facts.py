@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from dcedit_kernels import facts as facts_module  # noqa: E402
 from dcedit_kernels.models import load_model  # noqa: E402
-from dcedit_kernels.tokenize import IGNORE_INDEX, tokenize_causal  # noqa: E402
+from dcedit_kernels.metrics import target_accuracy  # noqa: E402
 
 
 def greedy_continuations(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
@@ -43,20 +43,6 @@ def greedy_continuations(model, tokenizer, prompts: list[str], max_new_tokens: i
     return out
 
 
-def teacher_forced_correct(model, tokenizer, prompts: list[str], targets: list[str], batch_size: int = 32) -> list[bool]:
-    """Whether argmax predicts every target token after its prompt (teacher forcing)."""
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        batch = tokenize_causal(tokenizer, prompts[start : start + batch_size], targets[start : start + batch_size])
-        with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        pred = logits[:, :-1].argmax(-1)
-        labels = batch["labels"][:, 1:]
-        ok = (pred == labels) | (labels == IGNORE_INDEX)
-        out += ok.all(1).tolist()
-    return out
-
-
 def starts_with_answer(continuation: str, answer: str) -> bool:
     text = continuation.lstrip()
     return text.startswith(answer) and not re.match(r"[^\W\d_]", text[len(answer) : len(answer) + 1])
@@ -65,7 +51,8 @@ def starts_with_answer(continuation: str, answer: str) -> bool:
 def check(model, tokenizer, prompts: list[str], answers: list[str]) -> list[bool]:
     n_new = max(len(tokenizer(" " + a)["input_ids"]) for a in answers) + 1
     greedy = greedy_continuations(model, tokenizer, prompts, n_new)
-    forced = teacher_forced_correct(model, tokenizer, prompts, answers)
+    # every target token right under teacher forcing, the LM head computing the scored positions only
+    forced = (target_accuracy(model, tokenizer, prompts, answers, batch_size=32, exact=True) == 1).tolist()
     return [starts_with_answer(g, a) and f for g, a, f in zip(greedy, answers, forced)], greedy
 
 

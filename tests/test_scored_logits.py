@@ -16,10 +16,10 @@ from test_model_editor import assert_bit_identical, one_thread, random_requests,
 
 from dcedit_kernels import EditRequest, TrainConfig
 from dcedit_kernels.capture import capture_factors
-from dcedit_kernels.model_editor import ModelEditor, edit_loss, target_nll
+from dcedit_kernels.model_editor import ModelEditor, edit_loss, scored_accuracy, target_nll
 from dcedit_kernels.models import tiny_model
 from dcedit_kernels.scored_logits import full_logits, logits_at, scored_positions
-from dcedit_kernels.train import batch_loss
+from dcedit_kernels.train import batch_loss, evaluate_edits
 
 CAUSAL = {"gpt2": ["transformer.h.1.mlp.c_fc", "transformer.h.0.mlp.c_proj"],
           "llama": ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj"]}
@@ -178,11 +178,37 @@ def test_chunked_fine_tuning_takes_the_one_pass_steps(method, gen):
             assert handle.stats["ft_steps_run"] == 3
         # Edit loss (and, for ft_kl, the KL reference and the KL of each step): every pass has
         # the head on the positions its loss reads, one pass per chunk of rows.
-        # 3 steps; chunk 2: 3 chunks of edits (and of locality texts).
-        passes = {(None, "ft"): 3, (None, "ft_kl"): 1 + 3 * 2, (2, "ft"): 3 * 3, (2, "ft_kl"): 3 + 3 * 6}[chunk, method]
+        # 3 steps; chunk 2: 3 chunks of edits and of locality texts, whose KL reference each step
+        # recomputes (one more pass per chunk) instead of keeping it.
+        passes = {(None, "ft"): 3, (None, "ft_kl"): 1 + 3 * 2, (2, "ft"): 3 * 3, (2, "ft_kl"): 3 * 9}[chunk, method]
         assert len(seen) == passes and all(s[0] == 1 for s in seen)
     for a, b in zip(after[None], after[2]):
         assert rel_err(b, a) < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_chunked_ft_kl_recomputes_its_reference_from_the_unedited_weights(dtype, gen):
+    """Chunked locality texts keep no n×V reference; each step's recomputed one is the unedited
+    model's (the edited layers' saved weights, the tied GPT-2 head's embedding following), so the
+    steps are those of the kept reference.  bf16: the fp32 masters add the chunks' gradients in
+    another order, so the two agree to bf16 rounding of the steps."""
+    model, tok = tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen)), dtype=dtype)
+    model.lm_head.weight = model.transformer.wte.weight  # tied, as GPT-2's: the head's edit moves the embedding
+    layers = ["transformer.h.1.mlp.c_fc", "lm_head"]
+    reqs = random_requests(gen, 5)
+    before = [model.get_submodule(n).weight.detach().clone() for n in layers]
+    after = {}
+    for chunk in (None, 2):
+        me = ModelEditor(model, tok, layers, method="ft_kl", ft_steps=3, ft_stop_loss=None, ft_lr=1e-2,
+                         capture_batch_size=chunk, allow_tied=True)
+        parts = me._ft_kl_reference(me._locality_batch(me._locality_texts(reqs)))
+        assert [p[2] is None for p in parts] == ([False] if chunk is None else [True] * 3)
+        with me.edited(reqs):
+            after[chunk] = [me.modules[n].weight.detach().clone() for n in layers]
+    for a, b, w0 in zip(after[None], after[2], before):
+        assert not torch.equal(a, w0)  # the steps moved the weights, so the reference matters
+        tol = 1e-10 if dtype == torch.float64 else 2e-2
+        assert rel_err(b - w0, a - w0) < tol
 
 
 @pytest.mark.parametrize("stop", [1e-9, 100.0])
@@ -259,3 +285,40 @@ def test_target_nll_is_the_scored_positions_mean(gen):
     mask = labels[:, 1:] != -100
     want = -lp.gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)[mask].mean()
     assert float(target_nll(logits, labels, causal=True)) == pytest.approx(float(want), rel=1e-12)
+
+
+def test_scored_accuracy_is_the_full_logits_share(gen):
+    """Per row, the share of target tokens whose argmax is right, from the scored positions; a row
+    without targets scores 0 (as the full-logits form did)."""
+    me, _, batch = model_and_batch("llama", gen)
+    labels = batch["labels"].clone()
+    labels[2] = -100  # a row with no target token
+    with torch.no_grad():
+        logits = me.model(**me.model_inputs(batch)).logits
+    pred, gold = logits[:, :-1].argmax(-1), labels[:, 1:]
+    mask = gold != -100
+    want = ((pred == gold) & mask).sum(1).float() / mask.sum(1).clamp(min=1).float()
+    got = scored_accuracy(logits[scored_positions(labels, True)], labels, causal=True)
+    assert got.tolist() == pytest.approx(want.tolist(), abs=0) and got[2] == 0
+
+
+def test_evaluate_edits_computes_only_the_scored_logits(gen):
+    """Its forwards give the head the scored positions only, and its scores equal the full
+    logits' ones."""
+    model, tok = tiny_model("gpt2", seed=4, dtype=torch.float64)
+    me = ModelEditor(model, tok, CAUSAL["gpt2"], method="mend", rank=3, edit_lr=0.5)
+    reqs = random_requests(gen, 5)
+    with head_inputs(model) as seen:
+        got = evaluate_edits(me, reqs, batch_size=3)
+    assert len(seen) == 4 and all(s[0] == 1 for s in seen)  # per batch: the capture, the scoring
+    with head_inputs(model) as seen, full_logits():
+        want = evaluate_edits(me, reqs, batch_size=3)
+    assert all(s[0] > 1 for s in seen)
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_evaluate_edits_refuses_a_seq2seq_model(gen):
+    model, tok = tiny_model("t5", seed=0)
+    me = ModelEditor(model, tok, SEQ2SEQ["t5"], method="mend", rank=3)
+    with pytest.raises(ValueError, match="causal LMs only"):
+        evaluate_edits(me, random_requests(gen, 2))
