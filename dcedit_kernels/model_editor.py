@@ -358,7 +358,10 @@ class ModelEditor:
     capture_batch_size: rows per forward + backward of the capture and of the FT baselines (the
     factors are concatenated, so an edit's factors do not depend on it beyond rounding; None:
     the whole batch in one pass), which bounds their activation memory whatever the number of
-    edits;
+    edits; FT+KL over more locality rows than this recomputes each chunk's KL reference at every
+    step instead of keeping n×V log-probabilities (on SmolLM2, 500 CounterFact edits, 2 steps:
+    peak RSS 1.8 instead of 2.7 GB, 97 instead of 83 s; the same weights bit for bit), so None
+    is also the faster choice when memory allows;
     editor_kwargs: the GroupedEditor
     preset's own arguments (`n_editors`, `rank`, `norm`, `fisher_keep`, `edit_lr`, `fusion`,
     `seed`, ...) or, for the baselines, `ft_steps`, `ft_lr`, `ft_optimizer` ("adam"|"sgd"),
