@@ -8,7 +8,11 @@ consume the factors (μ, η) instead of ∇W.  This module records them with hoo
   tensor hook to its output; the output hook receives ∂loss/∂y during backward and keeps those
   rows as η.  Hooks sit on activations, never on parameters, so capture works when the weights
   have `requires_grad=False` (an output that does not require grad is swapped for an identical
-  leaf that does, which is harmless because nothing upstream of it wants a gradient).
+  leaf that does, which is harmless because nothing upstream of it wants a gradient; the model
+  gets a copy of that leaf, since some add to a layer's output in place, Falcon's MLP among them,
+  and autograd refuses in-place changes to a leaf that requires grad).
+- A module may see its tokens flattened, (rows·L, in) instead of (rows, L, in), as OPT's decoder
+  layers do: the tokens are then taken in row-major order, as `reshape(-1, in)` lays them out.
 - Factors are laid out as the ops expect (SPEC "Shapes and conventions"): `mu` (T, in), `eta`
   (T, out), `edit_offsets` int32 (E+1,), one edit per batch row, each edit's tokens contiguous in
   row-major (position) order.  GPT-2's `Conv1D` stores its weight in×out; its factors are the same
@@ -344,10 +348,10 @@ class FactorCapture:
         mu = mu.to(device=device, dtype=output.dtype)
         record = _Record(mu, index.to(device), counts.to(device), output.shape[-1])
         self._records[name] = record
-        swapped = None
+        passed_on = None
         if not output.requires_grad:
-            swapped = output.detach().requires_grad_()
-            output = swapped
+            output = output.detach().requires_grad_()
+            passed_on = output.clone()  # a non-leaf: the model may change it in place
         self._outputs[name] = output
 
         def grad_hook(grad):
@@ -355,7 +359,7 @@ class FactorCapture:
             record.add_grad(grad.detach())
 
         output.register_hook(grad_hook)
-        return swapped
+        return passed_on
 
     # -- token selection -----------------------------------------------------------------------
     def _is_encoder_output(self, x: torch.Tensor) -> bool:
@@ -398,7 +402,8 @@ class FactorCapture:
             if shift:  # position t predicts label t+1
                 scored = torch.cat([scored[..., 1:], torch.zeros_like(scored[..., :1])], dim=-1)
             keep = keep & scored
-        if tuple(keep.shape) != tuple(shape):
+        flattened = len(shape) == 1 and keep.dim() == 2 and keep.numel() == shape[0]  # (rows·L, in)
+        if tuple(keep.shape) != tuple(shape) and not flattened:
             raise RuntimeError(
                 f"module {name!r} ran on input of shape {tuple(x.shape)}, which does not match the "
                 f"token mask of shape {tuple(keep.shape)}"

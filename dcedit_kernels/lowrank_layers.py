@@ -136,10 +136,14 @@ def _lowrank_forward(module: nn.Module, name: str, row_group, mu_t, eta_t, offse
     n_rows = row_group.numel()
 
     def forward(x):
-        if x.dim() < 2 or x.shape[0] != n_rows or x.shape[-1] != in_features:
+        # (rows, ..., in), or the rows' tokens flattened row-major, (rows·L, in), as OPT's decoder
+        # layers call their MLP.
+        flattened = x.dim() == 2 and n_rows and x.shape[0] % n_rows == 0
+        if x.dim() < 2 or (x.shape[0] != n_rows and not flattened) or x.shape[-1] != in_features:
             raise RuntimeError(
                 f"module {name!r} ran on input of shape {tuple(x.shape)}, expected ({n_rows}, ..., "
-                f"{in_features}): lowrank_edited needs one row_edit entry per batch row"
+                f"{in_features}) or ({n_rows}·L, {in_features}): lowrank_edited needs one row_edit "
+                "entry per batch row"
             )
         # The layer's own device: a no-op when the caller's hooks already moved x (accelerate's
         # hook on this very module is bypassed while the forward is patched).

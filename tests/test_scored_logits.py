@@ -191,7 +191,8 @@ def test_chunked_ft_kl_recomputes_its_reference_from_the_unedited_weights(dtype,
     """Chunked locality texts keep no n×V reference; each step's recomputed one is the unedited
     model's (the edited layers' saved weights, the tied GPT-2 head's embedding following), so the
     steps are those of the kept reference.  bf16: the fp32 masters add the chunks' gradients in
-    another order, so the two agree to bf16 rounding of the steps."""
+    another order, so the two agree to bf16 rounding of the steps (SGD, whose step is linear in
+    the gradient: Adam's step turns the rounding of a near-zero gradient into a full ±lr)."""
     model, tok = tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen)), dtype=dtype)
     model.lm_head.weight = model.transformer.wte.weight  # tied, as GPT-2's: the head's edit moves the embedding
     layers = ["transformer.h.1.mlp.c_fc", "lm_head"]
@@ -199,15 +200,16 @@ def test_chunked_ft_kl_recomputes_its_reference_from_the_unedited_weights(dtype,
     before = [model.get_submodule(n).weight.detach().clone() for n in layers]
     after = {}
     for chunk in (None, 2):
-        me = ModelEditor(model, tok, layers, method="ft_kl", ft_steps=3, ft_stop_loss=None, ft_lr=1e-2,
-                         capture_batch_size=chunk, allow_tied=True)
+        me = ModelEditor(model, tok, layers, method="ft_kl", ft_steps=3, ft_stop_loss=None, ft_optimizer="sgd",
+                         ft_lr=1.0, capture_batch_size=chunk, allow_tied=True)
         parts = me._ft_kl_reference(me._locality_batch(me._locality_texts(reqs)))
         assert [p[2] is None for p in parts] == ([False] if chunk is None else [True] * 3)
         with me.edited(reqs):
             after[chunk] = [me.modules[n].weight.detach().clone() for n in layers]
     for a, b, w0 in zip(after[None], after[2], before):
         assert not torch.equal(a, w0)  # the steps moved the weights, so the reference matters
-        tol = 1e-10 if dtype == torch.float64 else 2e-2
+        # bf16: 0.5-0.9% over 12 runs; with the current weights as the reference, 7-32%.
+        tol = 1e-10 if dtype == torch.float64 else 3e-2
         assert rel_err(b - w0, a - w0) < tol
 
 
