@@ -254,6 +254,8 @@ class FactorCapture:
 
     # -- context -------------------------------------------------------------------------------
     def __enter__(self) -> "FactorCapture":
+        self._no_checkpointing = no_activation_checkpointing(self.model)
+        self._no_checkpointing.__enter__()
         try:
             self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
             if self._encoder is not None:
@@ -262,11 +264,13 @@ class FactorCapture:
                 self._handles.append(module.register_forward_hook(self._make_hook(name), with_kwargs=True))
         except BaseException:
             self._remove()
+            self._no_checkpointing.__exit__(None, None, None)
             raise
         return self
 
     def __exit__(self, *exc) -> None:
         self._remove()
+        self._no_checkpointing.__exit__(None, None, None)
         self._outputs.clear()  # release the autograd graph; the records keep mu and eta
         self._encoder_copies = {}
 
@@ -409,6 +413,27 @@ class FactorCapture:
                 f"token mask of shape {tuple(keep.shape)}"
             )
         return keep
+
+
+@contextlib.contextmanager
+def no_activation_checkpointing(model: nn.Module):
+    """Inside the block, the modules of `model` on which Hugging Face activation (gradient)
+    checkpointing is on (`gradient_checkpointing` True, set by `activation_checkpointing_enable`
+    or `gradient_checkpointing_enable`) run without it; each flag comes back on exit.
+
+    Checkpointing recomputes a block's forward during the backward: a capture hook would see its
+    module run twice, and `lowrank_edited`'s patched forwards are gone by the time the caller's
+    backward runs (the recompute then saves other tensors and torch raises CheckpointError).
+    These passes keep only the graph above the first edited layer (the parameters are frozen),
+    which is what checkpointing would save memory on."""
+    flipped = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    try:
+        for m in flipped:
+            m.gradient_checkpointing = False
+        yield
+    finally:
+        for m in flipped:
+            m.gradient_checkpointing = True
 
 
 @contextlib.contextmanager

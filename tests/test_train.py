@@ -467,3 +467,27 @@ def test_mend_training_on_smollm2_raises_heldout_edit_success():
           f"NLL {before['nll']:.3f} -> {after['nll']:.3f}, {result.steps} steps in {result.elapsed_s:.1f}s")
     assert after["es"] > before["es"]
     assert after["nll"] < before["nll"]
+
+
+def test_activation_checkpointing_is_off_for_the_edit_passes(gen):
+    """A model in train mode with Hugging Face activation checkpointing on (dropout 0 here):
+    training, the capture and the edit give what they give without it, and the flags come back.
+    With it on, the capture's hooks saw blocks run twice and the training backward recomputed
+    blocks after lowrank_edited had restored their forwards (CheckpointError)."""
+    seed = int(torch.randint(0, 100, (1,), generator=gen))
+    reqs = random_requests(gen, 4)
+    config = TrainConfig(steps=2, batch_size=2, progress=False)
+    after = {}
+    for checkpointing in (False, True):
+        model, tok = tiny_model("llama", seed=seed, dtype=torch.float64)
+        if checkpointing:  # transformers 5.2x renamed gradient_checkpointing_enable
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+        model.train()
+        me = ModelEditor(model, tok, LAYERS["llama"], method="moeditor", n_editors=2, rank=3, seed=0)
+        me.fit(reqs, None, config)
+        with me.edited(reqs):
+            after[checkpointing] = [me.modules[n].weight.detach().clone() for n in me.layers]
+        blocks = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+        assert blocks and all(m.gradient_checkpointing is checkpointing for m in blocks)
+    for a, b in zip(after[False], after[True]):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
