@@ -12,7 +12,9 @@ consume the factors (μ, η) instead of ∇W.  This module records them with hoo
   gets a copy of that leaf, since some add to a layer's output in place, Falcon's MLP among them,
   and autograd refuses in-place changes to a leaf that requires grad).
 - A module may see its tokens flattened, (rows·L, in) instead of (rows, L, in), as OPT's decoder
-  layers do: the tokens are then taken in row-major order, as `reshape(-1, in)` lays them out.
+  layers do: the tokens are then taken in row-major order, as `reshape(-1, in)` lays them out (a
+  sequence-first flattening of the same size would be read wrongly; no Hugging Face causal LM
+  in tests/test_architectures.py does that).
 - Factors are laid out as the ops expect (SPEC "Shapes and conventions"): `mu` (T, in), `eta`
   (T, out), `edit_offsets` int32 (E+1,), one edit per batch row, each edit's tokens contiguous in
   row-major (position) order.  GPT-2's `Conv1D` stores its weight in×out; its factors are the same
@@ -417,23 +419,49 @@ class FactorCapture:
 
 @contextlib.contextmanager
 def no_activation_checkpointing(model: nn.Module):
-    """Inside the block, the modules of `model` on which Hugging Face activation (gradient)
-    checkpointing is on (`gradient_checkpointing` True, set by `activation_checkpointing_enable`
-    or `gradient_checkpointing_enable`) run without it; each flag comes back on exit.
+    """Inside the block, `model` runs as if Hugging Face activation (gradient) checkpointing were
+    off, and everything is as before on exit.
 
-    Checkpointing recomputes a block's forward during the backward: a capture hook would see its
-    module run twice, and `lowrank_edited`'s patched forwards are gone by the time the caller's
-    backward runs (the recompute then saves other tensors and torch raises CheckpointError).
-    These passes keep only the graph above the first edited layer (the parameters are frozen),
-    which is what checkpointing would save memory on."""
+    - Modules with `gradient_checkpointing` True (set by `activation_checkpointing_enable` or
+      `gradient_checkpointing_enable`) run without it.  Checkpointing recomputes a block's forward
+      during the backward: a capture hook would see its module run twice, and `lowrank_edited`'s
+      patched forwards are gone by the time the caller's backward runs (the recompute then saves
+      other tensors and torch raises CheckpointError).
+    - The input embeddings' output is detached while their parameters are frozen.  Enabling
+      checkpointing also calls `enable_input_require_grads` (so does PEFT), whose hook makes that
+      output require grad: every block below the first edited layer would then keep its graph
+      (3.8× the capture's saved bytes on the tiny Llama), though no gradient is taken there.
+    """
     flipped = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    handles = []
     try:
         for m in flipped:
             m.gradient_checkpointing = False
+        embeddings = _input_embeddings(model)
+        if embeddings is not None:
+            handles.append(embeddings.register_forward_hook(_detach_if_frozen))
         yield
     finally:
+        for h in handles:
+            h.remove()
         for m in flipped:
             m.gradient_checkpointing = True
+
+
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        embeddings = get() if callable(get) else None
+    except NotImplementedError:  # PreTrainedModel's default for models without one
+        return None
+    return embeddings if isinstance(embeddings, nn.Module) else None
+
+
+def _detach_if_frozen(module, args, output):
+    if isinstance(output, torch.Tensor) and output.requires_grad and not any(
+            p.requires_grad for p in module.parameters()):
+        return output.detach()
+    return None
 
 
 @contextlib.contextmanager

@@ -137,7 +137,9 @@ def _lowrank_forward(module: nn.Module, name: str, row_group, mu_t, eta_t, offse
 
     def forward(x):
         # (rows, ..., in), or the rows' tokens flattened row-major, (rows·L, in), as OPT's decoder
-        # layers call their MLP.
+        # layers call their MLP.  The 2-D form is taken as rows of equal length in batch order:
+        # a model that flattened sequence-first or dropped padding would need its own layout,
+        # and no Hugging Face causal LM tested (tests/test_architectures.py) does either.
         flattened = x.dim() == 2 and n_rows and x.shape[0] % n_rows == 0
         if x.dim() < 2 or (x.shape[0] != n_rows and not flattened) or x.shape[-1] != in_features:
             raise RuntimeError(

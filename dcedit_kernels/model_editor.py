@@ -295,19 +295,31 @@ def edit_loss(picked: torch.Tensor, labels: torch.Tensor, causal: bool, reductio
 
 @torch.no_grad()
 def log_probs_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
-                 skip=(), weights: dict | None = None) -> torch.Tensor:
-    """(n, V) fp32 log-probabilities of the model (no grad) at `positions` (B, L) bool, row-major:
-    the KL's reference, the LM head computing those positions only.  `weights`: {parameter name:
-    tensor} used in place of the model's own for this forward (`torch.func.functional_call`, tied
-    parameters following), e.g. the weights before fine-tuning changed them; None: the model as
-    it is now."""
-    inputs = dict(input_ids=input_ids, attention_mask=attention_mask)
+                 skip=()) -> torch.Tensor:
+    """(n, V) fp32 log-probabilities of the model (as it is now, no grad) at `positions` (B, L)
+    bool, row-major: the KL's reference, the LM head computing those positions only."""
     with logits_at(model, positions, skip=skip) as scored:
-        if weights:
-            logits = torch.func.functional_call(model, weights, args=(), kwargs=inputs).logits
-        else:
-            logits = model(**inputs).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         return torch.log_softmax(upcast(scored.pick(logits)), -1)
+
+
+@contextlib.contextmanager
+def swapped_parameters(model: nn.Module, values: list[tuple[nn.Parameter, torch.Tensor]]):
+    """Inside the block, every module of `model` that holds one of the parameters (as a module
+    may under two names, or two modules may, as a tied LM head and input embedding do) holds a
+    frozen Parameter over the paired tensor's memory instead; the parameters themselves are not
+    touched and come back on exit.  Unlike `torch.func.functional_call`, which swaps by name: it
+    put back a plain tensor, not the Parameter, for a module reachable under two names."""
+    by_id = {id(p): v for p, v in values}
+    held = [(module, attr, p) for module in model.modules() for attr, p in module._parameters.items()
+            if p is not None and id(p) in by_id]
+    try:
+        for module, attr, p in held:
+            module._parameters[attr] = nn.Parameter(by_id[id(p)], requires_grad=False)
+        yield
+    finally:
+        for module, attr, p in held:
+            module._parameters[attr] = p
 
 
 def picked_kl(base_logp: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
@@ -328,7 +340,10 @@ def scored_accuracy(picked: torch.Tensor, labels: torch.Tensor, causal: bool) ->
     if causal:
         labels = labels[:, 1:]
     mask = labels != IGNORE_INDEX
-    hit = (picked.argmax(-1) == labels[mask]).float()
+    gold = labels[mask]
+    if picked.dim() != 2 or picked.shape[0] != gold.shape[0]:
+        raise ValueError(f"picked must be (n, V) with n = {gold.shape[0]} scored positions, got {tuple(picked.shape)}")
+    hit = (picked.argmax(-1) == gold).float()
     rows = mask.nonzero()[:, 0]
     hits = torch.zeros(labels.shape[0], dtype=hit.dtype, device=hit.device).index_add(0, rows, hit)
     return hits / mask.sum(1).clamp(min=1).float()
@@ -360,7 +375,8 @@ class ModelEditor:
     the whole batch in one pass), which bounds their activation memory whatever the number of
     edits; FT+KL over more locality rows than this recomputes each chunk's KL reference at every
     step instead of keeping n×V log-probabilities (on SmolLM2, 500 CounterFact edits, 2 steps:
-    peak RSS 1.8 instead of 2.7 GB, 97 instead of 83 s; the same weights bit for bit), so None
+    peak RSS 1.8 instead of 2.7 GB, 97 instead of 83 s; bit-identical weights, the model in
+    eval mode), so None
     is also the faster choice when memory allows;
     editor_kwargs: the GroupedEditor
     preset's own arguments (`n_editors`, `rank`, `norm`, `fisher_keep`, `edit_lr`, `fusion`,
@@ -733,10 +749,11 @@ class ModelEditor:
         KL (`_ft_base_log_probs`), one more no-grad forward per chunk and step, so the memory
         stays one chunk's as everywhere else in the chunked path; keeping them all would hold
         n×V fp32 for every locality token (1,000 CounterFact locality prompts on SmolLM2, ~9
-        tokens each at V = 49,152: 1.8 GB)."""
+        tokens each at V = 49,152: 1.8 GB).  Also kept when an edited weight shares its memory
+        with another parameter object (`_reference_recomputable`)."""
         total = max(int(loc["attention_mask"].sum()), 1)
         chunks = self._row_chunks(loc)
-        keep = len(chunks) == 1
+        keep = len(chunks) == 1 or not self._reference_recomputable()
         parts = []
         with self._length_errors(loc, "locality texts"):
             for chunk in chunks:
@@ -745,15 +762,21 @@ class ModelEditor:
                 parts.append((chunk, mask, base_logp, int(mask.sum()) / total))
         return parts
 
-    def _ft_base_log_probs(self, chunk: dict, mask: torch.Tensor, originals: list | None = None) -> torch.Tensor:
+    def _reference_recomputable(self) -> bool:
+        """Whether the unedited model can be run from the saved weights (`swapped_parameters`):
+        not when an edited weight overlaps the memory of another parameter object
+        (`shared_parameters`), which would keep reading the edited values."""
+        for module in self.modules.values():
+            if any(self.model.get_parameter(n) is not module.weight for n in shared_parameters(self.model, module)):
+                return False
+        return True
+
+    def _ft_base_log_probs(self, chunk: dict, mask: torch.Tensor, reference=()) -> torch.Tensor:
         """The KL reference of one locality chunk: the model's log-probabilities at `mask`, with
-        the edited layers' weights replaced by `originals` (their values before fine-tuning, in
-        `layers` order) when given."""
-        weights = None
-        if originals is not None:
-            weights = {f"{name}.weight": w for name, w in zip(self.layers, originals)}
-        return log_probs_at(self.model, chunk["input_ids"], chunk["attention_mask"], mask,
-                            skip=self.modules.values(), weights=weights)
+        `reference` ([(edited weight, its value before fine-tuning)]) in place of those weights."""
+        with swapped_parameters(self.model, list(reference)):
+            return log_probs_at(self.model, chunk["input_ids"], chunk["attention_mask"], mask,
+                                skip=self.modules.values())
 
     def _apply_ft(self, requests: list[EditRequest], batch: dict, saved: list):
         opts = self.ft_options
@@ -768,7 +791,7 @@ class ModelEditor:
             if self.method == "ft_kl" and opts["kl_weight"] > 0:
                 loc = self._locality_batch(self._locality_texts(requests))
                 kl_parts = self._ft_kl_reference(loc)
-            originals = [clone for _, clone in saved[-len(weights):]] if weights else []
+            reference = saved[-len(weights):]  # (weight, its saved value): chunks whose reference is recomputed
             for p in params:
                 p.requires_grad_(False)
             for w in weights:
@@ -816,7 +839,7 @@ class ModelEditor:
                     for k, (chunk, mask, base_logp, share) in enumerate(kl_parts):
                         with self._length_errors(loc, "locality texts"):
                             if base_logp is None:  # chunked: recomputed, not kept (see _ft_kl_reference)
-                                base_logp = self._ft_base_log_probs(chunk, mask, originals)
+                                base_logp = self._ft_base_log_probs(chunk, mask, reference)
                             with logits_at(self.model, mask, skip=self.modules.values()) as scored:
                                 logits = self.model(input_ids=chunk["input_ids"],
                                                     attention_mask=chunk["attention_mask"]).logits

@@ -268,6 +268,31 @@ def test_compute_factors_freezes_parameters_for_its_pass(gen, monkeypatch):
     assert {k: p.requires_grad for k, p in params.items()} == flags
 
 
+def test_activation_checkpointing_changes_neither_factors_nor_saved_bytes(gen):
+    """A model in train mode with Hugging Face activation checkpointing on: the capture runs its
+    blocks once (no recompute), gives the factors it gives without checkpointing, and records no
+    more graph (enabling checkpointing hooks the input embeddings to require grad, which made
+    every block below the edited layer keep its graph); the flags and hooks come back."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    runs = {}
+    for checkpointing in (False, True):
+        model, tok = tiny_model("llama", seed=seed, dtype=torch.float64)
+        if checkpointing:  # transformers 5.2x renamed gradient_checkpointing_enable
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+        model.train()
+        batch = random_batch(model, tok, "llama", torch.Generator().manual_seed(seed), n_edits=3)
+        hooks = len(model.get_input_embeddings()._forward_hooks)
+        names = ["model.layers.1.mlp.down_proj"]
+        factors = {}
+        runs[checkpointing] = saved_bytes(lambda: factors.update(compute_factors(model, batch, names)[0])), factors
+        assert len(model.get_input_embeddings()._forward_hooks) == hooks
+        blocks = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+        assert blocks and all(m.gradient_checkpointing is checkpointing for m in blocks)
+    assert runs[True][0] == runs[False][0]
+    for name, f in runs[False][1].items():
+        assert torch.equal(runs[True][1][name].mu, f.mu) and rel_err(runs[True][1][name].eta, f.eta) < 1e-12
+
+
 def test_bf16_model_keeps_its_dtype(gen):
     model, tok = make_model("llama", torch.bfloat16, gen)
     batch = random_batch(model, tok, "llama", gen, n_edits=2)

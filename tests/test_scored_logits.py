@@ -186,16 +186,32 @@ def test_chunked_fine_tuning_takes_the_one_pass_steps(method, gen):
         assert rel_err(b, a) < 1e-10
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_chunked_ft_kl_recomputes_its_reference_from_the_unedited_weights(dtype, gen):
+def _share(model, how):
+    """GPT-2 with its weights shared in `how`'s way; returns the layers to fine-tune."""
+    if how == "tied head":  # the head's edit moves the input embedding
+        model.lm_head.weight = model.transformer.wte.weight
+        return ["transformer.h.1.mlp.c_fc", "lm_head"]
+    if how == "one storage":  # two Parameter objects over one memory
+        model.lm_head.weight = nn.Parameter(model.transformer.wte.weight.data)
+        return ["transformer.h.1.mlp.c_fc", "lm_head"]
+    # one module reachable under two names, fine-tuned under its second
+    model.transformer.h[1].mlp.c_fc = model.transformer.h[0].mlp.c_fc
+    return ["transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
+
+
+@pytest.mark.parametrize("dtype,how", [(torch.float64, "tied head"), (torch.bfloat16, "tied head"),
+                                       (torch.float64, "one storage"), (torch.float64, "two names")])
+def test_chunked_ft_kl_recomputes_its_reference_from_the_unedited_weights(dtype, how, gen):
     """Chunked locality texts keep no n×V reference; each step's recomputed one is the unedited
-    model's (the edited layers' saved weights, the tied GPT-2 head's embedding following), so the
-    steps are those of the kept reference.  bf16: the fp32 masters add the chunks' gradients in
-    another order, so the two agree to bf16 rounding of the steps (SGD, whose step is linear in
-    the gradient: Adam's step turns the rounding of a near-zero gradient into a full ±lr)."""
+    model's (the saved weights put in every module that holds an edited parameter), so the steps
+    are those of the kept reference, and every parameter is its own Parameter again afterwards.
+    Weights sharing memory with another Parameter object keep the reference instead.  bf16: the
+    fp32 masters add the chunks' gradients in another order, so the two agree to bf16 rounding of
+    the steps (SGD, whose step is linear in the gradient: Adam's step turns the rounding of a
+    near-zero gradient into a full ±lr)."""
     model, tok = tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen)), dtype=dtype)
-    model.lm_head.weight = model.transformer.wte.weight  # tied, as GPT-2's: the head's edit moves the embedding
-    layers = ["transformer.h.1.mlp.c_fc", "lm_head"]
+    layers = _share(model, how)
+    params = dict(model.named_parameters(remove_duplicate=False))
     reqs = random_requests(gen, 5)
     before = [model.get_submodule(n).weight.detach().clone() for n in layers]
     after = {}
@@ -203,9 +219,12 @@ def test_chunked_ft_kl_recomputes_its_reference_from_the_unedited_weights(dtype,
         me = ModelEditor(model, tok, layers, method="ft_kl", ft_steps=3, ft_stop_loss=None, ft_optimizer="sgd",
                          ft_lr=1.0, capture_batch_size=chunk, allow_tied=True)
         parts = me._ft_kl_reference(me._locality_batch(me._locality_texts(reqs)))
-        assert [p[2] is None for p in parts] == ([False] if chunk is None else [True] * 3)
+        recomputed = chunk is not None and how != "one storage"
+        assert [p[2] is None for p in parts] == ([True] * 3 if recomputed else [False] * len(parts))
         with me.edited(reqs):
             after[chunk] = [me.modules[n].weight.detach().clone() for n in layers]
+        now = dict(model.named_parameters(remove_duplicate=False))
+        assert now.keys() == params.keys() and all(now[k] is params[k] for k in params)
     for a, b, w0 in zip(after[None], after[2], before):
         assert not torch.equal(a, w0)  # the steps moved the weights, so the reference matters
         # bf16: 0.5-0.9% over 12 runs; with the current weights as the reference, 7-32%.
@@ -302,6 +321,8 @@ def test_scored_accuracy_is_the_full_logits_share(gen):
     want = ((pred == gold) & mask).sum(1).float() / mask.sum(1).clamp(min=1).float()
     got = scored_accuracy(logits[scored_positions(labels, True)], labels, causal=True)
     assert got.tolist() == pytest.approx(want.tolist(), abs=0) and got[2] == 0
+    with pytest.raises(ValueError, match="picked must be"):
+        scored_accuracy(logits[:1, 0], labels, causal=True)  # one row for every scored position
 
 
 def test_evaluate_edits_computes_only_the_scored_logits(gen):
