@@ -3,8 +3,9 @@ fused ops against the same code on the eager references (`ops.reference_mode()`)
 memory of one MoEditor (N_g = 8) training step against MEND's.
 
 Captured factors are synthetic (random μ, η with CounterFact-like token counts) so the case
-measures the editing path, not the language model's forward pass.  The last case measures that
-forward and backward itself: the gradient capture of many edits on a random Llama-shaped model.
+measures the editing path, not the language model's forward pass.  The last two cases measure
+that forward and backward itself on a random Llama-shaped model: the gradient capture of many
+edits, and the FT+KL baseline over many edits.
 """
 
 import pytest
@@ -208,4 +209,61 @@ def test_capture_many_edits(benchmark, device, ceilings):
         benchmark.extra_info.update(fused_peak_MiB=fused_peak / 2**20, eager_peak_MiB=eager_peak / 2**20)
     benchmark.extra_info.update(edits=CAP_E, vocab=CAP_VOCAB, hidden=CAP_HIDDEN,
                                 eager_full_logits_MiB=CAP_E * CAP_LEN * CAP_VOCAB * DT.itemsize / 2**20)
+    return info
+
+
+# FT+KL over many edits on the same model.  The fused side is the shipped path: capture_batch_size
+# rows per pass, logits at the scored positions only, and each locality chunk's KL reference
+# recomputed from the saved weights at every step (one more no-grad forward per chunk and step);
+# the eager side is one pass over all rows with every position's logits and the n×V fp32
+# reference kept, as the baselines of MEND's and EasyEdit's code run.
+FT_E, FT_CHUNK = (256, 32) if ON_GPU else (32, 8)
+
+
+def _ft_kl_case(device):
+    from dcedit_kernels import EditRequest, ModelEditor
+
+    me, _ = _capture_case(device)
+    ft = ModelEditor(me.model, me.tokenizer, me.layers, method="ft_kl", ft_steps=2, ft_stop_loss=None,
+                     capture_batch_size=FT_CHUNK)
+    requests = [EditRequest(f"the item number {i} sits in room", f"{(7 * i) % 97} west",
+                            locality=f"a note on shelf {i} says the door is open") for i in range(FT_E)]
+    return ft, requests
+
+
+def _ft_kl_sides(ft, requests):
+    from dcedit_kernels.scored_logits import full_logits
+
+    def fused():
+        ft.apply(requests).undo()
+
+    def eager():
+        size, ft.capture_batch_size = ft.capture_batch_size, None
+        try:
+            with full_logits():
+                ft.apply(requests).undo()
+        finally:
+            ft.capture_batch_size = size
+
+    return fused, eager
+
+
+def ft_kl_peak(side: str, device: str) -> float:
+    """Peak extra bytes of one FT+KL edit and its undo, "fused" or "eager" (fresh process, CPU)."""
+    fused, eager = _ft_kl_sides(*_ft_kl_case(device))
+    return peak_extra_bytes(fused if side == "fused" else eager, device)
+
+
+def test_ft_kl_many_edits(benchmark, device, ceilings):
+    ft, requests = _ft_kl_case(device)
+    fused, eager = _ft_kl_sides(ft, requests)
+    info = compare(benchmark, device, ceilings, fused, eager, rounds=2 if ON_GPU else 1)
+    if not ON_GPU:  # RSS high-water marks are only honest in a fresh process
+        fused_peak, eager_peak = (peak_in_subprocess("test_bench_end_to_end", "ft_kl_peak", side, device)
+                                  for side in ("fused", "eager"))
+        benchmark.extra_info.update(fused_peak_MiB=fused_peak / 2**20, eager_peak_MiB=eager_peak / 2**20)
+    loc = ft._locality_batch(ft._locality_texts(requests))
+    kl_tokens = int(loc["attention_mask"].sum())
+    benchmark.extra_info.update(edits=FT_E, kl_tokens=kl_tokens, chunk=FT_CHUNK,
+                                eager_reference_MiB=kl_tokens * CAP_VOCAB * 4 / 2**20)
     return info
