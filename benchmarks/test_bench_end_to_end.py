@@ -149,10 +149,10 @@ CAP_E, CAP_LEN, CAP_TARGET = (1000, 24, 3) if ON_GPU else (192, 20, 3)
 CAP_HIDDEN, CAP_LAYERS, CAP_VOCAB = (1600, 4, 50257) if ON_GPU else (256, 4, 32000)
 
 
-def _capture_case(device):
+def _random_llama(device):
+    """(model, tokenizer, its last three down_proj layers): the random Llama both model cases use."""
     import transformers
 
-    from dcedit_kernels import ModelEditor
     from dcedit_kernels.models import tiny_tokenizer
 
     config = transformers.LlamaConfig(
@@ -163,7 +163,13 @@ def _capture_case(device):
         torch.manual_seed(0)
         model = transformers.LlamaForCausalLM(config).to(DT).to(device).eval()
     layers = [f"model.layers.{i}.mlp.down_proj" for i in range(CAP_LAYERS - 3, CAP_LAYERS)]
-    me = ModelEditor(model, tiny_tokenizer("llama"), layers, method="mend", rank=8)
+    return model, tiny_tokenizer("llama"), layers
+
+
+def _capture_case(device):
+    from dcedit_kernels import ModelEditor
+
+    me = ModelEditor(*_random_llama(device), method="mend", rank=8)
     gen = torch.Generator().manual_seed(0)
     lengths = torch.randint(CAP_LEN - 6, CAP_LEN + 1, (CAP_E,), generator=gen)
     ids = torch.randint(3, CAP_VOCAB, (CAP_E, CAP_LEN), generator=gen)
@@ -223,8 +229,7 @@ FT_E, FT_CHUNK = (256, 32) if ON_GPU else (32, 8)
 def _ft_kl_case(device):
     from dcedit_kernels import EditRequest, ModelEditor
 
-    me, _ = _capture_case(device)
-    ft = ModelEditor(me.model, me.tokenizer, me.layers, method="ft_kl", ft_steps=2, ft_stop_loss=None,
+    ft = ModelEditor(*_random_llama(device), method="ft_kl", ft_steps=2, ft_stop_loss=None,
                      capture_batch_size=FT_CHUNK)
     requests = [EditRequest(f"the item number {i} sits in room", f"{(7 * i) % 97} west",
                             locality=f"a note on shelf {i} says the door is open") for i in range(FT_E)]

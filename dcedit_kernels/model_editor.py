@@ -248,21 +248,32 @@ def upcast(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+def _scored_labels(picked: torch.Tensor, labels: torch.Tensor, causal: bool):
+    """(the label tokens `picked`'s rows are scored against, in row-major order; the (B, ·) mask of
+    the label positions), on the logits' device.  Causal LMs predict label t at position t−1."""
+    labels = labels.to(picked.device)
+    if causal:
+        labels = labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    return labels[mask], mask
+
+
+def _row_sums(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) sums of `values`, one per True entry of `mask` (B, ·) in row-major order, by row."""
+    rows = mask.nonzero()[:, 0]
+    return torch.zeros(mask.shape[0], dtype=values.dtype, device=values.device).index_add(0, rows, values)
+
+
 def scored_nll(picked: torch.Tensor, labels: torch.Tensor, causal: bool, reduction: str = "mean"):
     """NLL of the label tokens from `picked` (n, V), the logits at `scored_positions(labels,
     causal)` in row-major order: mean over all label tokens ("mean"), or per row ("row": (B,) sums
     and counts returned as a pair).  Labels move to the logits' device (a split model's LM head
     may sit elsewhere than its inputs; a no-op otherwise)."""
-    labels = labels.to(picked.device)
-    if causal:
-        labels = labels[:, 1:]
-    mask = labels != IGNORE_INDEX
-    nll = torch.nn.functional.cross_entropy(upcast(picked), labels[mask], reduction="none")
+    gold, mask = _scored_labels(picked, labels, causal)
+    nll = torch.nn.functional.cross_entropy(upcast(picked), gold, reduction="none")
     if reduction == "mean":
         return nll.sum() / mask.sum().clamp(min=1)
-    rows = mask.nonzero()[:, 0]
-    sums = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
-    return sums, mask.sum(1)
+    return _row_sums(nll, mask), mask.sum(1)
 
 
 def target_nll(logits: torch.Tensor, labels: torch.Tensor, causal: bool, reduction: str = "mean"):
@@ -336,16 +347,10 @@ def scored_accuracy(picked: torch.Tensor, labels: torch.Tensor, causal: bool) ->
     """(B,) share of each row's target tokens predicted by argmax (teacher forced), from `picked`
     (n, V), the logits at `scored_positions(labels, causal)` in row-major order (as `scored_nll`'s);
     on the logits' device."""
-    labels = labels.to(picked.device)
-    if causal:
-        labels = labels[:, 1:]
-    mask = labels != IGNORE_INDEX
-    gold = labels[mask]
+    gold, mask = _scored_labels(picked, labels, causal)
     if picked.dim() != 2 or picked.shape[0] != gold.shape[0]:
         raise ValueError(f"picked must be (n, V) with n = {gold.shape[0]} scored positions, got {tuple(picked.shape)}")
-    hit = (picked.argmax(-1) == gold).float()
-    rows = mask.nonzero()[:, 0]
-    hits = torch.zeros(labels.shape[0], dtype=hit.dtype, device=hit.device).index_add(0, rows, hit)
+    hits = _row_sums((picked.argmax(-1) == gold).float(), mask)
     return hits / mask.sum(1).clamp(min=1).float()
 
 

@@ -58,3 +58,15 @@ def nan_outer_case(gen, dtype=torch.float32, device="cpu"):
     nan_mask[1, :] = True
     nan_mask[:, 4] = True
     return eta, mu, ragged_offsets(counts, device), nan_mask
+
+
+def enable_checkpointing(model) -> None:
+    """Hugging Face activation checkpointing on (transformers 5.2x renamed
+    gradient_checkpointing_enable to activation_checkpointing_enable)."""
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+
+
+def assert_checkpointing(model, on: bool) -> None:
+    """Every checkpointable block of `model` has its flag `on` (an edit pass left it as it was)."""
+    blocks = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    assert blocks and all(m.gradient_checkpointing is on for m in blocks)

@@ -14,9 +14,7 @@ import transformers
 
 from helpers import rel_err
 from test_model_editor import random_requests
-from test_train import dense_logits, random_grouped_edit
-
-from dcedit_kernels.lowrank_layers import lowrank_edited
+from test_train import lowrank_and_dense_logits
 
 from dcedit_kernels import ModelEditor, TrainConfig, metrics
 from dcedit_kernels.capture import compute_factors
@@ -103,16 +101,5 @@ def test_lowrank_edited_matches_dense_per_row(arch, gen):
     model, _, layers = build(arch, gen)
     for p in model.parameters():
         p.requires_grad_(False)
-    modules = {n: model.get_submodule(n) for n in layers}
-    E, B = 4, 5
-    edits = {n: random_grouped_edit(gen, m.in_features, m.out_features, E, G=int(torch.randint(1, 4, (1,), generator=gen)))
-             for n, m in modules.items()}
-    row_edit = torch.randint(-1, E, (B,), generator=gen)
-    row_sees_all = torch.rand(B, generator=gen) < 0.3
-    input_ids = torch.randint(3, 100, (B, 6), generator=gen)
-    mask = torch.ones_like(input_ids)
-    mask[1, 4:] = 0  # a padded row
-    with lowrank_edited(model, edits, row_edit, row_sees_all):
-        got = model(input_ids=input_ids, attention_mask=mask).logits
-    want = dense_logits(model, modules, edits, input_ids, mask, row_edit, row_sees_all)
+    got, want, _, _ = lowrank_and_dense_logits(model, {n: model.get_submodule(n) for n in layers}, gen, E=4, B=5)
     assert rel_err(got.detach(), want.detach()) < 1e-10

@@ -16,7 +16,7 @@ from dcedit_kernels.capture import (
 from dcedit_kernels.models import tiny_model
 from dcedit_kernels.tokenize import IGNORE_INDEX, tokenize_pairs
 
-from helpers import rel_err, saved_bytes
+from helpers import assert_checkpointing, enable_checkpointing, rel_err, saved_bytes
 
 ARCHS = ["gpt2", "llama", "bert", "bart", "t5"]
 GRAD_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -277,8 +277,8 @@ def test_activation_checkpointing_changes_neither_factors_nor_saved_bytes(gen):
     runs = {}
     for checkpointing in (False, True):
         model, tok = tiny_model("llama", seed=seed, dtype=torch.float64)
-        if checkpointing:  # transformers 5.2x renamed gradient_checkpointing_enable
-            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+        if checkpointing:
+            enable_checkpointing(model)
         model.train()
         batch = random_batch(model, tok, "llama", torch.Generator().manual_seed(seed), n_edits=3)
         hooks = len(model.get_input_embeddings()._forward_hooks)
@@ -286,8 +286,7 @@ def test_activation_checkpointing_changes_neither_factors_nor_saved_bytes(gen):
         factors = {}
         runs[checkpointing] = saved_bytes(lambda: factors.update(compute_factors(model, batch, names)[0])), factors
         assert len(model.get_input_embeddings()._forward_hooks) == hooks
-        blocks = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
-        assert blocks and all(m.gradient_checkpointing is checkpointing for m in blocks)
+        assert_checkpointing(model, checkpointing)
     assert runs[True][0] == runs[False][0]
     for name, f in runs[False][1].items():
         assert torch.equal(runs[True][1][name].mu, f.mu) and rel_err(runs[True][1][name].eta, f.eta) < 1e-12

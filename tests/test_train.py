@@ -15,6 +15,7 @@ from dcedit_kernels.models import tiny_model
 from dcedit_kernels.requests import EditRequest
 from dcedit_kernels.train import TrainConfig, batch_edits, eval_rows, evaluate_edits, loss_from_edits, train_editor
 
+from helpers import assert_checkpointing, enable_checkpointing
 from test_model_editor import LAYERS, one_thread, random_requests  # noqa: F401 (one_thread: autouse fixture)
 
 # ---------------------------------------------------------------------------------------------
@@ -95,6 +96,25 @@ def dense_logits(model, modules, edits, input_ids, attention_mask, row_edit, row
     return torch.cat(out)
 
 
+def lowrank_and_dense_logits(model, modules, gen, E=5, B=7):
+    """(logits under `lowrank_edited`, `dense_logits`, the random edits, (row_edit, row_sees_all))
+    for random edits of `modules` ({name: module} of the frozen `model`) and B random rows of 6
+    tokens, one of them padded."""
+    edits = {}
+    for name, module in modules.items():
+        o, i = weight_out_in(module).shape
+        edits[name] = random_grouped_edit(gen, i, o, E, G=int(torch.randint(1, 5, (1,), generator=gen)))
+    row_edit = torch.randint(-1, E, (B,), generator=gen)
+    row_sees_all = torch.rand(B, generator=gen) < 0.3
+    input_ids = torch.randint(3, 100, (B, 6), generator=gen)
+    mask = torch.ones_like(input_ids)
+    mask[1, 4:] = 0  # a padded row
+    with lowrank_edited(model, edits, row_edit, row_sees_all):
+        got = model(input_ids=input_ids, attention_mask=mask).logits
+    want = dense_logits(model, modules, edits, input_ids, mask, row_edit, row_sees_all)
+    return got, want, edits, (row_edit, row_sees_all)
+
+
 def frozen_double_model(arch, seed):
     model, tok = tiny_model(arch, seed=seed, dtype=torch.float64)
     for p in model.parameters():
@@ -109,19 +129,7 @@ def frozen_double_model(arch, seed):
 def test_lowrank_edited_matches_dense_per_row(arch, gen):
     model, _ = frozen_double_model(arch, int(torch.randint(0, 100, (1,), generator=gen)))
     modules = {n: m for n, m in model.named_modules() if n in LAYERS[arch]}
-    E, B = 5, 7
-    edits = {}
-    for name, module in modules.items():
-        o, i = weight_out_in(module).shape
-        edits[name] = random_grouped_edit(gen, i, o, E, G=int(torch.randint(1, 5, (1,), generator=gen)))
-    row_edit = torch.randint(-1, E, (B,), generator=gen)
-    row_sees_all = torch.rand(B, generator=gen) < 0.3
-    input_ids = torch.randint(3, 100, (B, 6), generator=gen)
-    mask = torch.ones_like(input_ids)
-    mask[1, 4:] = 0  # a padded row
-    with lowrank_edited(model, edits, row_edit, row_sees_all):
-        got = model(input_ids=input_ids, attention_mask=mask).logits
-    want = dense_logits(model, modules, edits, input_ids, mask, row_edit, row_sees_all)
+    got, want, edits, (row_edit, row_sees_all) = lowrank_and_dense_logits(model, modules, gen)
     assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)
     # Gradients with respect to every editor output agree too.
     leaves = [t for e in edits.values() for t in (e.mu_t, e.eta_t, e.alpha)]
@@ -480,14 +488,13 @@ def test_activation_checkpointing_is_off_for_the_edit_passes(gen):
     after = {}
     for checkpointing in (False, True):
         model, tok = tiny_model("llama", seed=seed, dtype=torch.float64)
-        if checkpointing:  # transformers 5.2x renamed gradient_checkpointing_enable
-            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+        if checkpointing:
+            enable_checkpointing(model)
         model.train()
         me = ModelEditor(model, tok, LAYERS["llama"], method="moeditor", n_editors=2, rank=3, seed=0)
         me.fit(reqs, None, config)
         with me.edited(reqs):
             after[checkpointing] = [me.modules[n].weight.detach().clone() for n in me.layers]
-        blocks = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
-        assert blocks and all(m.gradient_checkpointing is checkpointing for m in blocks)
+        assert_checkpointing(model, checkpointing)
     for a, b in zip(after[False], after[True]):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
