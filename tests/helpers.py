@@ -60,10 +60,16 @@ def nan_outer_case(gen, dtype=torch.float32, device="cpu"):
     return eta, mu, ragged_offsets(counts, device), nan_mask
 
 
-def enable_checkpointing(model) -> None:
-    """Hugging Face activation checkpointing on (transformers 5.2x renamed
-    gradient_checkpointing_enable to activation_checkpointing_enable)."""
-    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+def train_mode_llama(seed: int, checkpointing: bool):
+    """(model, tokenizer): the tiny float64 Llama in train mode (dropout 0), with Hugging Face
+    activation checkpointing on or off (transformers 5.2x renamed gradient_checkpointing_enable
+    to activation_checkpointing_enable)."""
+    from dcedit_kernels.models import tiny_model
+
+    model, tok = tiny_model("llama", seed=seed, dtype=torch.float64)
+    if checkpointing:
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    return model.train(), tok
 
 
 def assert_checkpointing(model, on: bool) -> None:

@@ -16,7 +16,7 @@ from dcedit_kernels.capture import (
 from dcedit_kernels.models import tiny_model
 from dcedit_kernels.tokenize import IGNORE_INDEX, tokenize_pairs
 
-from helpers import assert_checkpointing, enable_checkpointing, rel_err, saved_bytes
+from helpers import assert_checkpointing, train_mode_llama, rel_err, saved_bytes
 
 ARCHS = ["gpt2", "llama", "bert", "bart", "t5"]
 GRAD_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -276,10 +276,7 @@ def test_activation_checkpointing_changes_neither_factors_nor_saved_bytes(gen):
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
     runs = {}
     for checkpointing in (False, True):
-        model, tok = tiny_model("llama", seed=seed, dtype=torch.float64)
-        if checkpointing:
-            enable_checkpointing(model)
-        model.train()
+        model, tok = train_mode_llama(seed, checkpointing)
         batch = random_batch(model, tok, "llama", torch.Generator().manual_seed(seed), n_edits=3)
         hooks = len(model.get_input_embeddings()._forward_hooks)
         names = ["model.layers.1.mlp.down_proj"]

@@ -15,7 +15,7 @@ from dcedit_kernels.models import tiny_model
 from dcedit_kernels.requests import EditRequest
 from dcedit_kernels.train import TrainConfig, batch_edits, eval_rows, evaluate_edits, loss_from_edits, train_editor
 
-from helpers import assert_checkpointing, enable_checkpointing
+from helpers import assert_checkpointing, train_mode_llama
 from test_model_editor import LAYERS, one_thread, random_requests  # noqa: F401 (one_thread: autouse fixture)
 
 # ---------------------------------------------------------------------------------------------
@@ -487,10 +487,7 @@ def test_activation_checkpointing_is_off_for_the_edit_passes(gen):
     config = TrainConfig(steps=2, batch_size=2, progress=False)
     after = {}
     for checkpointing in (False, True):
-        model, tok = tiny_model("llama", seed=seed, dtype=torch.float64)
-        if checkpointing:
-            enable_checkpointing(model)
-        model.train()
+        model, tok = train_mode_llama(seed, checkpointing)
         me = ModelEditor(model, tok, LAYERS["llama"], method="moeditor", n_editors=2, rank=3, seed=0)
         me.fit(reqs, None, config)
         with me.edited(reqs):
