@@ -137,6 +137,19 @@ def test_segment_matmul_select(gen, transpose_w, device):
     close(y, segment_matmul_ref(x, masked, counts, transpose_w, None, None, None, None, False, None))
 
 
+@pytest.mark.parametrize("counts", [[17] * 8, [0, 33, 16, 1, 0, 47], [40], [16, 0, 16]])
+def test_segment_matmul_tile_schedule(gen, counts, device):
+    """Each program owns rows of one group (cdiv(n_g, BLOCK_M) tiles per group, BLOCK_M = 16
+    under the interpreter).  Eight groups of 17 rows need 16 tiles, exactly the grid's bound
+    cdiv(T, 16) + G − 1: one program fewer would leave the last tile unwritten."""
+    T, G, k, n = sum(counts), len(counts), 9, 21
+    x = randn((T, k), gen, torch.float64, device)
+    w = randn((G, n, k), gen, torch.float64, device)
+    bias = randn((G, n), gen, torch.float64, device)
+    y = tk.segment_matmul(x, w, offsets_for(counts, device), bias=bias)
+    close(y, segment_matmul_ref(x, w, counts, True, None, bias, None, None, False, None))
+
+
 def test_segment_matmul_strided_inputs(gen, device):
     counts = [0, 7, 0, 22]
     T, G, k, n = sum(counts), len(counts), 17, 19
@@ -487,6 +500,92 @@ def test_lowrank_delta_linear_in_row_chunks(gen, device, monkeypatch):
     close_delta_grads(tk.lowrank_delta_linear_backward(grad, x, weight, row_group, mu_t, eta_t, offsets, alpha),
                       grad_refs, eta_t, offsets, alpha)
     assert len(launches) == 3 + 3 + 2 + 2  # forward; dx, deta, dmu
+
+
+# ------------------------------------------------------- non-finite values stay in their group
+
+# Groups of 3, 0, 5 and 4 rows: under the interpreter (16-row tiles) every row shares one tile, so
+# each kernel's loop over the groups of a tile runs over all of them.
+NONFINITE_COUNTS = [3, 0, 5, 4]
+
+
+def same_nonfinite(out, ref):
+    """Equal within fp32's tolerance, with NaN and ±inf at the same places."""
+    torch.testing.assert_close(out.double().cpu(), ref.double().cpu(), rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("transpose_w", [True, False])
+@pytest.mark.parametrize("fused", [False, True])
+def test_segment_matmul_nonfinite_weight_stays_in_its_group(gen, transpose_w, fused, device):
+    """An inf and a NaN in group 2's weight reach group 2's rows only, as in the reference.  The
+    rows of the other groups, loaded as 0 while group 2's tile is multiplied, used to pick up
+    0·inf = NaN from the shared accumulator."""
+    counts = NONFINITE_COUNTS
+    T, G, k, n = sum(counts), len(counts), 13, 11
+    x = randn((T, k), gen, torch.float32, device)
+    w = randn((G, n, k), gen, torch.float32, device)
+    w[2, 0, 1], w[2, 3, 4] = float("inf"), float("nan")
+    w = w if transpose_w else w.transpose(1, 2).contiguous()
+    extra = dict(gain=None, bias=None, scale=None, shift=None, relu=False, residual=None)
+    if fused:
+        extra = dict(gain=randn((T, k), gen, torch.float32, device), bias=randn((G, n), gen, torch.float32, device),
+                     scale=None, shift=None, relu=False, residual=randn((T, n), gen, torch.float32, device))
+    y = tk.segment_matmul(x, w, offsets_for(counts, device), transpose_w=transpose_w, **extra)
+    ref_extra = {key: (val.double() if isinstance(val, torch.Tensor) else val) for key, val in extra.items()}
+    ref = segment_matmul_ref(x.double(), w.double(), counts, transpose_w, **ref_extra)
+    same_nonfinite(y, ref)
+    assert not ref[:3].isnan().any() and ref[3:8, 3].isnan().all()
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_grouped_outer_backward_nonfinite_gradient(gen, fusion, device):
+    """An inf and a NaN in the incoming gradient give the reference's d_eta, d_mu: unselected
+    entries are multiplied by 0 (inf·0 = NaN, as the reference's `g_out * mask`, where they used
+    to be zeroed), and with "none" group 1's gradient reaches group 1's tokens only."""
+    counts = NONFINITE_COUNTS
+    eta, mu = randn((sum(counts), 7), gen, torch.float32, device), randn((sum(counts), 6), gen, torch.float32, device)
+    offsets = offsets_for(counts, device)
+    grad = outer_grad(gen, len(counts), 7, 6, fusion, torch.float32, device)
+    target = grad[2] if fusion == "none" else grad
+    target[1, 2], target[4, 0] = float("inf"), float("nan")
+    for out, ref in zip(tk.grouped_outer_backward(grad, eta, mu, offsets, fusion, 0.5),
+                        outer_backward_ref(grad, eta, mu, offsets, fusion, 0.5)):
+        same_nonfinite(out, ref)
+        if fusion == "none":
+            assert ref[:3].isfinite().all() and ref[8:].isfinite().all()
+
+
+def test_lowrank_delta_linear_nonfinite_factor_stays_in_its_group(gen, device):
+    """An inf in one of group 2's η rows: the rows of group 2 are non-finite where the
+    reference's are, every other row is finite and equal to it, forward and backward."""
+    counts = NONFINITE_COUNTS
+    offsets = offsets_for(counts, device)
+    rows = torch.tensor([0, 2, 3, 2, -1, 0, 3, 2, 3, 0, 2])
+    x, weight, b, row_group, mu_t, eta_t, alpha = delta_inputs(gen, counts, torch.float32, device, N=11, rows=rows)
+    eta_t[4, 5] = float("inf")  # a group-2 token
+    grad = randn((11, weight.shape[0]), gen, torch.float32, device)
+    y_ref, *grad_refs = delta_reference(x, weight, b, row_group, mu_t, eta_t, offsets, alpha, grad)
+    y = tk.lowrank_delta_linear(x, weight, b, row_group, mu_t, eta_t, offsets, alpha)
+    same_nonfinite(y, y_ref)
+    assert y_ref[rows == 2].isfinite().logical_not().any() and y_ref[rows != 2].isfinite().all()
+    grads = tk.lowrank_delta_linear_backward(grad, x, weight, row_group, mu_t, eta_t, offsets, alpha)
+    for g, ref in zip(grads[:3], grad_refs[:3]):
+        same_nonfinite(g, ref)
+
+
+def test_bf16x3_split_keeps_inf(gen, device, monkeypatch):
+    """An infinite fp32 entry split for the bf16x3 dot stays ±inf: its remainder x − hi is
+    inf − inf = NaN unless the split takes 0 where hi already equals x."""
+    monkeypatch.setenv(launch.NATIVE_DOT_ENV, "1")
+    counts = NONFINITE_COUNTS
+    T, G, k, n = sum(counts), len(counts), 13, 11
+    x, w = randn((T, k), gen, torch.bfloat16, device), randn((G, n, k), gen, torch.bfloat16, device)
+    gain = randn((T, k), gen, torch.bfloat16, device)
+    gain[4, 2] = float("inf")  # group 2: (x ⊙ gain) reaches `mma` as an fp32 tile
+    y = tk.segment_matmul(x, w, offsets_for(counts, device), gain=gain, precision_from=(torch.bfloat16,))
+    ref = segment_matmul_ref(x.double(), w.double(), counts, True, gain.double(), None, None, None, False, None)
+    assert ref[4].isinf().all()
+    torch.testing.assert_close(y.double().cpu(), ref.cpu(), rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
 # --------------------------------------------------------------------- layouts: empty and T = 0

@@ -145,20 +145,20 @@ def variants():
         ("fp64, epilogue", f64, f64, True, False, 4096, 8, 8000, 1920, True, full),
     ):
         ptrs = {p: x_dt for p in sm_ptrs}
-        ptrs.update(w_ptr=w_dt, gid_ptr=i64, sel_ptr=i32, y_ptr=f64 if fp64 else f32)
+        ptrs.update(w_ptr=w_dt, offsets_ptr=i32, sel_ptr=i32, y_ptr=f64 if fp64 else f32)
         strides = dict(stride_wn=k, stride_wk=1) if transpose else dict(stride_wn=1, stride_wk=n)
-        ints = dict(T=T, N=n, K=k, stride_xt=k, stride_xk=1, stride_wg=n * k, stride_sw=0, stride_sn=0, stride_sk=0,
+        ints = dict(G=G, N=n, K=k, stride_xt=k, stride_xk=1, stride_wg=n * k, stride_sw=0, stride_sn=0, stride_sk=0,
                     **strides)
         add(f"segment_matmul {name}", _segment_matmul_kernel, ptrs, ints, dict(flags, IS_FP64=fp64, NATIVE=native),
             segment_matmul_tiles(T, G, n, k, dot_path(fp64, native, f32 if flags["HAS_GAIN"] else x_dt, w_dt)))
     # grouped_lowrank's second GEMM with fewer bf16 pieces of z (DCEDIT_TRITON_FP32_SPLIT), and an
     # fp32 editor's under torch's "high" float32 matmul precision (one TF32 pass, SPLIT 1).
-    ints = dict(T=4096, N=8000, K=1920, stride_xt=1920, stride_xk=1, stride_wg=8000 * 1920, stride_wn=1920,
+    ints = dict(G=8, N=8000, K=1920, stride_xt=1920, stride_xk=1, stride_wg=8000 * 1920, stride_wn=1920,
                 stride_wk=1, stride_sw=0, stride_sn=0, stride_sk=0)
     for name, w_dt, pieces, path in (("fp32 x bf16 split 2", bf, 2, "bf16x3"), ("fp32 x bf16 split 1", bf, 1, "bf16x3"),
                                      ("fp32 tf32 (precision 'high')", f32, 1, "tf32x3")):
         ptrs = {p: f32 for p in sm_ptrs}
-        ptrs.update(w_ptr=w_dt, gid_ptr=i64, sel_ptr=i32, y_ptr=f32)
+        ptrs.update(w_ptr=w_dt, offsets_ptr=i32, sel_ptr=i32, y_ptr=f32)
         add(f"segment_matmul {name} r->d, epilogue", _segment_matmul_kernel, ptrs, ints,
             dict(full, HAS_GAIN=False, IS_FP64=False, NATIVE=True, SPLIT=pieces),
             segment_matmul_tiles(4096, 8, 8000, 1920, path))
@@ -167,9 +167,9 @@ def variants():
     for name, n, k, transpose in (("d_eta = mu dS_g^T", 6400, 1600, True), ("d_mu = eta dS_g", 1600, 6400, False)):
         strides = (dict(stride_wn=k, stride_wk=1, stride_sn=k, stride_sk=1) if transpose
                    else dict(stride_wn=1, stride_wk=n, stride_sn=1, stride_sk=n))
-        ints = dict(T=4096, N=n, K=k, stride_xt=k, stride_xk=1, stride_wg=0, stride_sw=n * k, **strides)
+        ints = dict(G=8, N=n, K=k, stride_xt=k, stride_xk=1, stride_wg=0, stride_sw=n * k, **strides)
         ptrs = {p: bf for p in sm_ptrs}
-        ptrs.update(w_ptr=f32, gid_ptr=i64, sel_ptr=i32, y_ptr=f32)
+        ptrs.update(w_ptr=f32, offsets_ptr=i32, sel_ptr=i32, y_ptr=f32)
         add(f"segment_matmul bf16 x fp32 bf16x3 select ({name})", _segment_matmul_kernel, ptrs, ints,
             dict(bare, HAS_SELECT=True, IS_FP64=False, NATIVE=True),
             segment_matmul_tiles(4096, 8, n, k, dot_path(False, True, bf, f32)))
@@ -201,30 +201,30 @@ def variants():
 
     # grouped_bilinear's two launches at lowrank_delta_linear's shapes (N 2048, G 8 x 512 tokens,
     # o 6400, i 1600): scores C = alpha_g Q·K (NQ x W) and out += C V.
-    sc_ptrs = dict(q_ptr=bf, q_index_ptr=i64, q_group_ptr=i64, k_ptr=bf, kv_index_ptr=i64, kv_offsets_ptr=i32,
+    sc_ptrs = dict(q_ptr=bf, q_index_ptr=i64, q_offsets_ptr=i64, k_ptr=bf, kv_index_ptr=i64, kv_offsets_ptr=i32,
                    alpha_ptr=f32, c_ptr=f32)
-    ap_ptrs = dict(c_ptr=f32, q_index_ptr=i64, q_group_ptr=i64, v_ptr=bf, kv_index_ptr=i64, kv_offsets_ptr=i32,
+    ap_ptrs = dict(c_ptr=f32, q_index_ptr=i64, q_offsets_ptr=i64, v_ptr=bf, kv_index_ptr=i64, kv_offsets_ptr=i32,
                    out_ptr=f32)
     for name, nq, w, q_index, kv_index, dk, dv in (("forward", 2048, 4096, True, False, 1600, 6400),
                                                    ("backward dx", 2048, 4096, True, False, 6400, 1600),
                                                    ("backward deta", 4096, 2048, False, True, 1600, 6400),
                                                    ("backward dmu", 4096, 2048, False, True, 6400, 1600)):
         flags = dict(HAS_Q_INDEX=q_index, HAS_KV_INDEX=kv_index, IS_FP64=False, NATIVE=True)
-        add(f"group_scores bf16 native {name}", _group_scores_kernel, sc_ptrs, dict(NQ=nq, DK=dk, W=w, G=8), flags,
+        add(f"group_scores bf16 native {name}", _group_scores_kernel, sc_ptrs, dict(DK=dk, W=w, G=8), flags,
             group_scores_tiles(nq, 8, w, dk, "half"))
         add(f"grouped_bilinear fp32 C x bf16 V bf16x3 {name}", _grouped_bilinear_kernel, ap_ptrs,
-            dict(NQ=nq, DV=dv, W=w, G=8), flags, grouped_bilinear_tiles(nq, 8, w, dv, "bf16x3"))
+            dict(DV=dv, W=w, G=8), flags, grouped_bilinear_tiles(nq, 8, w, dv, "bf16x3"))
     ieee = dict(HAS_Q_INDEX=True, HAS_KV_INDEX=False, IS_FP64=False, NATIVE=False)
     add("group_scores fp32 IEEE", _group_scores_kernel, {**sc_ptrs, "q_ptr": f32, "k_ptr": f32},
-        dict(NQ=2048, DK=1600, W=4096, G=8), ieee, group_scores_tiles(2048, 8, 4096, 1600, "ieee"))
+        dict(DK=1600, W=4096, G=8), ieee, group_scores_tiles(2048, 8, 4096, 1600, "ieee"))
     add("grouped_bilinear fp32 IEEE", _grouped_bilinear_kernel, {**ap_ptrs, "v_ptr": f32},
-        dict(NQ=2048, DV=6400, W=4096, G=8), ieee, grouped_bilinear_tiles(2048, 8, 4096, 6400, "ieee"))
+        dict(DV=6400, W=4096, G=8), ieee, grouped_bilinear_tiles(2048, 8, 4096, 6400, "ieee"))
     fp64 = dict(ieee, IS_FP64=True)
     add("group_scores fp64", _group_scores_kernel,
-        {**sc_ptrs, "q_ptr": f64, "k_ptr": f64, "alpha_ptr": f64, "c_ptr": f64}, dict(NQ=2048, DK=1600, W=4096, G=8),
+        {**sc_ptrs, "q_ptr": f64, "k_ptr": f64, "alpha_ptr": f64, "c_ptr": f64}, dict(DK=1600, W=4096, G=8),
         fp64, group_scores_tiles(2048, 8, 4096, 1600, "fp64"))
     add("grouped_bilinear fp64", _grouped_bilinear_kernel, {**ap_ptrs, "c_ptr": f64, "v_ptr": f64, "out_ptr": f64},
-        dict(NQ=2048, DV=6400, W=4096, G=8), fp64, grouped_bilinear_tiles(2048, 8, 4096, 6400, "fp64"))
+        dict(DV=6400, W=4096, G=8), fp64, grouped_bilinear_tiles(2048, 8, 4096, 6400, "fp64"))
     return out
 
 

@@ -5,6 +5,11 @@ form (see there).  Query positions p are sorted by group (q_group[p] = g; < 0 le
 alone) and gather their rows through q_index; the K/V rows of group g are
 [kv_offsets[g], kv_offsets[g+1]), possibly through kv_index.  Nothing o×i is ever formed.
 
+Each program owns query positions of ONE group (`segment_matmul._group_tile` over the positions'
+group offsets, found on the device by `searchsorted`): a tile straddling groups would run each
+group's loop over the tile, and in the second launch the other groups' rows, whose C is loaded
+as 0, would pick up 0·inf = NaN from a non-finite V row.
+
 Two launches:
     scores   C[p, j] = alpha_g Q_p · K_{kv_start_g + j}        (j < |seg_g|; fp32, fp64 for fp64)
     apply    out[q_index[p]] += Σ_j C[p, j] V_{kv_start_g + j}
@@ -27,26 +32,24 @@ import triton
 import triton.language as tl
 
 from .launch import dot_path, dot_split, group_scores_tiles, grouped_bilinear_tiles, native_dot
-from .segment_matmul import mma
+from .segment_matmul import _group_tile, mma
 
 # Largest scores buffer, in entries (128 MiB in fp32): rows are processed in chunks beyond it.
 SCRATCH_ENTRIES = 1 << 25
 
 
 @triton.jit
-def _query_tile(q_index_ptr, q_group_ptr, NQ, G, HAS_Q_INDEX: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Program pid(0)'s sorted positions, their rows of q/out, their groups, and the first and
-    last group in [0, G) among them (rows with group < 0 are left alone)."""
-    pos = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    pos_ok = pos < NQ
+def _query_tile(q_index_ptr, q_offsets_ptr, G, HAS_Q_INDEX: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Program pid(0)'s group g (-1 past the last tile), its sorted positions, whether each is
+    in the group, and their rows of q/out."""
+    g, pos0, pos_end = _group_tile(q_offsets_ptr, G, BLOCK_M)
+    pos = pos0 + tl.arange(0, BLOCK_M).to(tl.int64)
+    pos_ok = pos < pos_end
     if HAS_Q_INDEX:
         q_rows = tl.load(q_index_ptr + pos, mask=pos_ok, other=0).to(tl.int64)
     else:
-        q_rows = pos.to(tl.int64)
-    q_group = tl.load(q_group_ptr + pos, mask=pos_ok, other=-1)
-    g_first = tl.min(tl.where(q_group >= 0, q_group, 2147483647), axis=0)
-    g_last = tl.max(tl.where(q_group < G, q_group, -1), axis=0)
-    return pos, q_rows, q_group, g_first, g_last
+        q_rows = pos
+    return g, pos, pos_ok, q_rows
 
 
 @triton.jit
@@ -61,80 +64,75 @@ def _kv_rows(kv_index_ptr, s, s_ok, HAS_KV_INDEX: tl.constexpr):
 
 @triton.jit
 def _group_scores_kernel(
-    q_ptr, q_index_ptr, q_group_ptr, k_ptr, kv_index_ptr, kv_offsets_ptr, alpha_ptr, c_ptr,
-    NQ, DK, W, G,
+    q_ptr, q_index_ptr, q_offsets_ptr, k_ptr, kv_index_ptr, kv_offsets_ptr, alpha_ptr, c_ptr,
+    DK, W, G,
     HAS_Q_INDEX: tl.constexpr, HAS_KV_INDEX: tl.constexpr, IS_FP64: tl.constexpr, NATIVE: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """C[p, j] = alpha_g Q_{q_index[p]} · K_{kv(kv_offsets[g] + j)} for g = q_group[p], j < |seg_g|.
+    """C[p, j] = alpha_g Q_{q_index[p]} · K_{kv(kv_offsets[g] + j)} for p in group g, j < |seg_g|.
 
-    A program owns BLOCK_M sorted positions × BLOCK_T segment-local columns and loops over the
-    groups present in its rows (each group's rows masked in turn, as in segment_matmul).
+    A program owns BLOCK_M sorted positions of one group × BLOCK_T segment-local columns.
     """
     ACC = c_ptr.dtype.element_ty
     pid_t = tl.program_id(1)
-    pos, q_rows, q_group, g_first, g_last = _query_tile(q_index_ptr, q_group_ptr, NQ, G, HAS_Q_INDEX, BLOCK_M)
+    g, pos, pos_ok, q_rows = _query_tile(q_index_ptr, q_offsets_ptr, G, HAS_Q_INDEX, BLOCK_M)
     j = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    for g in range(g_first, g_last + 1):
-        kv_start = tl.load(kv_offsets_ptr + g)
-        kv_end = tl.load(kv_offsets_ptr + g + 1)
-        if kv_start + pid_t * BLOCK_T < kv_end:  # this column tile reaches into group g
-            in_g = q_group == g
-            s = kv_start + j
-            s_ok = s < kv_end
-            kv_rows = _kv_rows(kv_index_ptr, s, s_ok, HAS_KV_INDEX)
-            c = tl.zeros((BLOCK_M, BLOCK_T), dtype=ACC)
-            for k0 in range(0, DK, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < DK
-                q = tl.load(q_ptr + q_rows[:, None] * DK + ks[None, :], mask=in_g[:, None] & k_ok[None, :], other=0.0)
-                kt = tl.load(k_ptr + kv_rows[None, :] * DK + ks[:, None], mask=s_ok[None, :] & k_ok[:, None],
-                             other=0.0)
-                c = mma(c, q, kt, IS_FP64, NATIVE, SPLIT)
-            c = c * tl.load(alpha_ptr + g).to(ACC)
-            tl.store(c_ptr + pos[:, None].to(tl.int64) * W + j[None, :], c, mask=in_g[:, None] & s_ok[None, :])
+    g_safe = tl.maximum(g, 0)  # past the last tile: an empty segment, nothing run or stored
+    kv_start = tl.load(kv_offsets_ptr + g_safe)
+    kv_end = tl.where(g >= 0, tl.load(kv_offsets_ptr + g_safe + 1), kv_start)
+    if kv_start + pid_t * BLOCK_T < kv_end:  # this column tile reaches into group g's segment
+        s = kv_start + j
+        s_ok = s < kv_end
+        kv_rows = _kv_rows(kv_index_ptr, s, s_ok, HAS_KV_INDEX)
+        c = tl.zeros((BLOCK_M, BLOCK_T), dtype=ACC)
+        for k0 in range(0, DK, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < DK
+            q = tl.load(q_ptr + q_rows[:, None] * DK + ks[None, :], mask=pos_ok[:, None] & k_ok[None, :], other=0.0)
+            kt = tl.load(k_ptr + kv_rows[None, :] * DK + ks[:, None], mask=s_ok[None, :] & k_ok[:, None],
+                         other=0.0)
+            c = mma(c, q, kt, IS_FP64, NATIVE, SPLIT)
+        c = c * tl.load(alpha_ptr + g).to(ACC)
+        tl.store(c_ptr + pos[:, None] * W + j[None, :], c, mask=pos_ok[:, None] & s_ok[None, :])
 
 
 @triton.jit
 def _grouped_bilinear_kernel(
-    c_ptr, q_index_ptr, q_group_ptr, v_ptr, kv_index_ptr, kv_offsets_ptr, out_ptr,
-    NQ, DV, W, G,
+    c_ptr, q_index_ptr, q_offsets_ptr, v_ptr, kv_index_ptr, kv_offsets_ptr, out_ptr,
+    DV, W, G,
     HAS_Q_INDEX: tl.constexpr, HAS_KV_INDEX: tl.constexpr, IS_FP64: tl.constexpr, NATIVE: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """out[q_index[p]] += Σ_{j<|seg_g|} C[p, j] V_{kv(kv_offsets[g] + j)} for g = q_group[p].
+    """out[q_index[p]] += Σ_{j<|seg_g|} C[p, j] V_{kv(kv_offsets[g] + j)} for p in group g.
 
-    A program owns BLOCK_M sorted positions × BLOCK_N columns of V, loops over the groups present
-    in its rows and, inside, over the group's K/V rows in chunks of BLOCK_T.  C stays fp32: its
-    dot with a bf16 V tile is bf16x3, with fp16 tf32x3 (see `mma`; rounding C to V's dtype would
-    cost accuracy, and fp16 could overflow: x·mu over thousands of features is not bounded by
-    65504).
+    A program owns BLOCK_M sorted positions of one group × BLOCK_N columns of V and loops over
+    the group's K/V rows in chunks of BLOCK_T.  C stays fp32: its dot with a bf16 V tile is
+    bf16x3, with fp16 tf32x3 (see `mma`; rounding C to V's dtype would cost accuracy, and fp16
+    could overflow: x·mu over thousands of features is not bounded by 65504).
     """
     ACC = out_ptr.dtype.element_ty
-    pos, q_rows, q_group, g_first, g_last = _query_tile(q_index_ptr, q_group_ptr, NQ, G, HAS_Q_INDEX, BLOCK_M)
+    g, pos, pos_ok, q_rows = _query_tile(q_index_ptr, q_offsets_ptr, G, HAS_Q_INDEX, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < DV
+    g_safe = tl.maximum(g, 0)  # past the last tile: an empty segment, no loop, nothing stored
+    kv_start = tl.load(kv_offsets_ptr + g_safe)
+    kv_end = tl.where(g >= 0, tl.load(kv_offsets_ptr + g_safe + 1), kv_start)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for g in range(g_first, g_last + 1):
-        in_g = q_group == g
-        kv_start = tl.load(kv_offsets_ptr + g)
-        kv_end = tl.load(kv_offsets_ptr + g + 1)
-        for j0 in range(0, kv_end - kv_start, BLOCK_T):
-            j = j0 + tl.arange(0, BLOCK_T)
-            s = kv_start + j
-            s_ok = s < kv_end
-            kv_rows = _kv_rows(kv_index_ptr, s, s_ok, HAS_KV_INDEX)
-            c = tl.load(c_ptr + pos[:, None].to(tl.int64) * W + j[None, :], mask=in_g[:, None] & s_ok[None, :],
-                        other=0.0)
-            vals = tl.load(v_ptr + kv_rows[:, None] * DV + cols[None, :], mask=s_ok[:, None] & col_ok[None, :],
-                           other=0.0)
-            acc = mma(acc, c, vals, IS_FP64, NATIVE, SPLIT)
+    for j0 in range(0, kv_end - kv_start, BLOCK_T):
+        j = j0 + tl.arange(0, BLOCK_T)
+        s = kv_start + j
+        s_ok = s < kv_end
+        kv_rows = _kv_rows(kv_index_ptr, s, s_ok, HAS_KV_INDEX)
+        c = tl.load(c_ptr + pos[:, None] * W + j[None, :], mask=pos_ok[:, None] & s_ok[None, :], other=0.0)
+        vals = tl.load(v_ptr + kv_rows[:, None] * DV + cols[None, :], mask=s_ok[:, None] & col_ok[None, :],
+                       other=0.0)
+        acc = mma(acc, c, vals, IS_FP64, NATIVE, SPLIT)
 
     out_ptrs = out_ptr + q_rows[:, None] * DV + cols[None, :]
-    out_mask = (pos < NQ)[:, None] & col_ok[None, :]
+    out_mask = pos_ok[:, None] & col_ok[None, :]
     tl.store(out_ptrs, tl.load(out_ptrs, mask=out_mask, other=0.0) + acc, mask=out_mask)
 
 
@@ -162,21 +160,25 @@ def grouped_bilinear_(out, q, q_index, q_group, k, v, kv_index, kv_offsets, alph
     scores = torch.empty((chunk, W), dtype=acc, device=out.device)
     kv_idx = kv_index if kv_index is not None else kv_offsets  # never read without HAS_KV_INDEX
     flags = dict(HAS_Q_INDEX=q_index is not None, HAS_KV_INDEX=kv_index is not None, IS_FP64=fp64)
+    bounds = torch.arange(G + 1, dtype=q_group.dtype, device=q_group.device)
     for p0 in range(0, NQ, chunk):
         rows = min(chunk, NQ - p0)
-        groups = q_group[p0:p0 + rows]
+        # The chunk's positions of each group, [q_offsets[g], q_offsets[g+1]): rows of group < 0
+        # come before group 0's, those of group ≥ G after G − 1's, and no program owns them.
+        q_offsets = torch.searchsorted(q_group[p0:p0 + rows], bounds)
         if q_index is not None:  # the chunk's rows are gathered from the whole q and out
             index, q_rows, out_rows = q_index[p0:p0 + rows], q, out
         else:  # query position p is row p of q: the chunk's rows start at p0 (index never read)
-            index, q_rows, out_rows = groups, q[p0:p0 + rows], out[p0:p0 + rows]
-        grid = (triton.cdiv(rows, score_tiles["BLOCK_M"]), triton.cdiv(W, score_tiles["BLOCK_T"]))
+            index, q_rows, out_rows = q_offsets, q[p0:p0 + rows], out[p0:p0 + rows]
+        # One group per row tile: at most cdiv(rows, BLOCK_M) + G − 1 tiles (see segment_matmul).
+        grid = (triton.cdiv(rows, score_tiles["BLOCK_M"]) + G - 1, triton.cdiv(W, score_tiles["BLOCK_T"]))
         _group_scores_kernel[grid](
-            q_rows, index, groups, k, kv_idx, kv_offsets, alpha, scores,
-            rows, DK, W, G, NATIVE=native_qk, SPLIT=dot_split(q.dtype, k.dtype), **flags, **score_tiles,
+            q_rows, index, q_offsets, k, kv_idx, kv_offsets, alpha, scores,
+            DK, W, G, NATIVE=native_qk, SPLIT=dot_split(q.dtype, k.dtype), **flags, **score_tiles,
         )
-        grid = (triton.cdiv(rows, apply_tiles["BLOCK_M"]), triton.cdiv(DV, apply_tiles["BLOCK_N"]))
+        grid = (triton.cdiv(rows, apply_tiles["BLOCK_M"]) + G - 1, triton.cdiv(DV, apply_tiles["BLOCK_N"]))
         _grouped_bilinear_kernel[grid](
-            scores, index, groups, v, kv_idx, kv_offsets, out_rows,
-            rows, DV, W, G, NATIVE=native_pv, SPLIT=dot_split(v.dtype), **flags, **apply_tiles,
+            scores, index, q_offsets, v, kv_idx, kv_offsets, out_rows,
+            DV, W, G, NATIVE=native_pv, SPLIT=dot_split(v.dtype), **flags, **apply_tiles,
         )
     return out

@@ -63,11 +63,10 @@ def grouped_lowrank(h, offsets, u, v, bias, scale=None, shift=None, gain=None):
     None; gain (T, d) or None.  Returns (T, d) fp32 (fp64 when an input is fp64).
     """
     _check(h, offsets, u, v, bias, scale, shift, gain)
-    gid = group_ids(offsets, h.shape[0])
     src = _dtypes(h, u, v, gain)
-    z = segment_matmul(h, v, offsets, gain=gain, row_groups=gid, precision_from=src)
+    z = segment_matmul(h, v, offsets, gain=gain, precision_from=src)
     return segment_matmul(z, u, offsets, bias=bias, scale=scale, shift=shift, relu=True, residual=h,
-                          row_groups=gid, precision_from=src)
+                          precision_from=src)
 
 
 def _dtypes(*tensors):
@@ -96,8 +95,8 @@ def grouped_lowrank_backward(grad_out, h, offsets, u, v, bias, scale=None, shift
     dout = grad_out.to(acc)
 
     src = _dtypes(grad_out, h, u, v, gain)
-    z = segment_matmul(x, v, offsets, row_groups=gid, precision_from=src)
-    a = segment_matmul(z, u, offsets, bias=bias, row_groups=gid, precision_from=src)
+    z = segment_matmul(x, v, offsets, precision_from=src)
+    a = segment_matmul(z, u, offsets, bias=bias, precision_from=src)
     pre = a
     if scale is not None:
         pre = pre * scale.to(acc)[gid]
@@ -110,9 +109,9 @@ def grouped_lowrank_backward(grad_out, h, offsets, u, v, bias, scale=None, shift
     d_scale = _group_sum(dpre * a, gid, G) if scale is not None else None
     d_bias = _group_sum(da, gid, G)
     d_u = launch_grouped_outer(da, z, offsets, MODE_NONE, precision_from=src)  # (G, d, r)
-    dz = segment_matmul(da, u, offsets, transpose_w=False, row_groups=gid, precision_from=src)  # da u_g
+    dz = segment_matmul(da, u, offsets, transpose_w=False, precision_from=src)  # da u_g
     d_v = launch_grouped_outer(dz, x, offsets, MODE_NONE, precision_from=src)  # (G, r, d)
-    dx = segment_matmul(dz, v, offsets, transpose_w=False, row_groups=gid, precision_from=src)  # dz v_g
+    dx = segment_matmul(dz, v, offsets, transpose_w=False, precision_from=src)  # dz v_g
     if gain is None:
         d_h, d_gain = dout + dx, None
     else:

@@ -13,7 +13,6 @@ mask and dS_g (five, plus an int64 winner map for "max").
 from __future__ import annotations
 
 from .._checks import check_tensor, compute_dtype
-from ..reference.segments import group_ids
 from .grouped_outer import FUSION_MODES, launch_grouped_outer
 from .segment_matmul import one_group, segment_matmul
 
@@ -39,17 +38,13 @@ def grouped_outer_backward(grad, eta, mu, offsets, fusion, alpha):
     if fusion in ("max", "sss", "ssm"):
         select = launch_grouped_outer(eta, mu, offsets, FUSION_MODES[fusion], precision_from=src, select=True)
     if fusion == "add":
-        # Every group's dS_g is g_out: all rows as one group, so no row tile repeats its K loop
-        # for each group it straddles.
-        offsets, gid = one_group(T, eta.device)
+        # Every group's dS_g is g_out: all rows as one group, so no group ends in a partly
+        # filled row tile of its own.
+        offsets = one_group(T, eta.device)
         G = 1
-    else:
-        gid = group_ids(offsets, T)
     # One weight per group: "none" has its own, max/sss/ssm share g_out (a stride-0 view, no copy).
     w = g_out if fusion == "none" else g_out.expand(G, O, I)
-    d_eta = segment_matmul(mu, w, offsets, transpose_w=True, row_groups=gid, precision_from=src,
-                           select=select)  # μ_t dS_gᵀ
-    d_mu = segment_matmul(eta, w, offsets, transpose_w=False, row_groups=gid, precision_from=src,
-                          select=select)  # η_t dS_g
+    d_eta = segment_matmul(mu, w, offsets, transpose_w=True, precision_from=src, select=select)  # μ_t dS_gᵀ
+    d_mu = segment_matmul(eta, w, offsets, transpose_w=False, precision_from=src, select=select)  # η_t dS_g
     return d_eta.to(eta.dtype), d_mu.to(mu.dtype)
 

@@ -81,9 +81,8 @@ def _dense(a, weight, transpose, acc, bias=None):
     if acc == torch.float64 or a.dtype not in HALF or a.dtype != weight.dtype or not native_dot(a.dtype):
         y = a.to(acc) @ (weight.to(acc).T if transpose else weight.to(acc))
         return y if bias is None else y.add_(bias.to(acc))
-    offsets, row_groups = one_group(a.shape[0], a.device)
-    return segment_matmul(a, weight[None], offsets, transpose_w=transpose,
-                          bias=bias[None] if bias is not None else None, row_groups=row_groups)
+    return segment_matmul(a, weight[None], one_group(a.shape[0], a.device), transpose_w=transpose,
+                          bias=bias[None] if bias is not None else None)
 
 
 def lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha):

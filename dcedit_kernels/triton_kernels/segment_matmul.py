@@ -1,10 +1,14 @@
 """Token-grouped GEMM: ``Y[t] = X[t] @ W[g(t)]ᵀ`` (or ``X[t] @ W[g(t)]``) for all groups at once.
 
-Tokens are stored contiguously by group (CSR `offsets`), so a tile of BLOCK_M consecutive rows
-touches a short run of groups.  Each program loads the group id of its rows, loops g over the
-groups present in the tile and masks the A rows to group g: every row belongs to exactly one
-group, so Σ_g (A ⊙ mask_g) W_g fills a single accumulator that is written once.  Group ids are
-built on the device (`repeat_interleave`), so nothing here synchronises with the host.
+Tokens are stored contiguously by group (CSR `offsets`).  Each program owns BLOCK_M rows of ONE
+group (`_group_tile`: group g has cdiv(n_g, BLOCK_M) row tiles, numbered in group order), so
+its K loop runs once and reads one W_g.  Before, a program owned BLOCK_M consecutive rows,
+looped over the groups present and masked the A rows to each: a tile straddling k groups ran k
+full K loops (Σ_g cdiv(n_g, BLOCK_M) loops now against Σ_g (row tiles g touches) then: never
+more: 125 against 141 for 125 groups of 24 rows at BLOCK_M 128), and the other groups' rows, loaded as 0, picked
+up 0·inf = NaN from a non-finite W_g in the shared accumulator.  The grid covers the most tiles
+any layout can need, cdiv(T, BLOCK_M) + G − 1, so nothing here synchronises with the host; a
+program past the last tile runs no K loop.
 
 Optional fused prologue (X ⊙ gain) and epilogue (+ bias_g, ⊙ scale_g, + shift_g, clamp(min=0),
 + residual) make `grouped_lowrank` two launches.  An optional per-group mask on W (`select`, bit g
@@ -48,9 +52,12 @@ def _dot16(acc, a, b):
 @triton.jit
 def _split_bf16x3(x):
     """fp32 x = hi + mid + lo, three bf16 tiles, up to 2^-27 |x| (each remainder is exact in fp32
-    and bf16 rounding keeps 8 of its bits; bf16 has fp32's exponent range, so nothing overflows)."""
+    and bf16 rounding keeps 8 of its bits; bf16 has fp32's exponent range, so nothing overflows).
+    A remainder is taken as 0 where the piece already equals x: for x = ±inf, x − hi would be
+    inf − inf = NaN and turn the product's ±inf into NaN (for finite x both give the same 0)."""
     hi = x.to(tl.bfloat16)
-    rest = x - hi.to(tl.float32)
+    hi32 = hi.to(tl.float32)
+    rest = tl.where(hi32 == x, 0.0, x - hi32)
     mid = rest.to(tl.bfloat16)
     lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
     return hi, mid, lo
@@ -118,9 +125,31 @@ def mma(acc, a, b, IS_FP64: tl.constexpr, NATIVE: tl.constexpr, SPLIT: tl.conste
 
 
 @triton.jit
+def _group_tile(offsets_ptr, G, BLOCK_M: tl.constexpr):
+    """(g, first row, end row) of program pid(0)'s row tile: group g's tiles follow those of the
+    groups before it.  A scan of G scalar pairs (G is the editor count, a few dozen at most);
+    past the last tile, g = -1 and the row range is empty."""
+    pid = tl.program_id(0)
+    g = pid * 0 - 1
+    row0 = (pid * 0).to(tl.int64)
+    row_end = row0
+    seen = pid * 0
+    for h in range(0, G):
+        start = tl.load(offsets_ptr + h).to(tl.int64)
+        end = tl.load(offsets_ptr + h + 1).to(tl.int64)
+        tiles = ((end - start + BLOCK_M - 1) // BLOCK_M).to(tl.int32)
+        hit = (pid >= seen) & (pid < seen + tiles)
+        g = tl.where(hit, h, g)
+        row0 = tl.where(hit, start + (pid - seen).to(tl.int64) * BLOCK_M, row0)
+        row_end = tl.where(hit, end, row_end)
+        seen += tiles
+    return g, row0, row_end
+
+
+@triton.jit
 def _segment_matmul_kernel(
-    x_ptr, w_ptr, gid_ptr, gain_ptr, bias_ptr, scale_ptr, shift_ptr, residual_ptr, sel_ptr, y_ptr,
-    T, N, K,
+    x_ptr, w_ptr, offsets_ptr, gain_ptr, bias_ptr, scale_ptr, shift_ptr, residual_ptr, sel_ptr, y_ptr,
+    G, N, K,
     stride_xt, stride_xk, stride_wg, stride_wn, stride_wk, stride_sw, stride_sn, stride_sk,
     HAS_GAIN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_SELECT: tl.constexpr,
@@ -128,55 +157,51 @@ def _segment_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     ACC = y_ptr.dtype.element_ty
-    pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    g, row0, row_end = _group_tile(offsets_ptr, G, BLOCK_M)
+    rows = row0 + tl.arange(0, BLOCK_M).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < T
+    row_ok = rows < row_end
     col_ok = cols < N
-
-    row_group = tl.load(gid_ptr + rows, mask=row_ok, other=-1)
-    g_first = tl.min(tl.where(row_ok, row_group, 2147483647), axis=0)
-    g_last = tl.max(row_group, axis=0)
+    k_end = tl.where(g >= 0, K, 0)  # no K loop past the last tile
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for g in range(g_first, g_last + 1):
-        in_g = row_group == g
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            a_mask = in_g[:, None] & k_ok[None, :]
-            a = tl.load(x_ptr + rows[:, None] * stride_xt + ks[None, :] * stride_xk, mask=a_mask, other=0.0)
-            if HAS_GAIN:
-                # gain ⊙ h in the accumulation dtype: exact for 16-bit inputs, and `mma` meets
-                # the fp32 tile with bf16x3 (bf16 weights) or tf32x3.  Rounding it back to x's
-                # 16-bit dtype for a single native pass would be cheaper but puts up to 2^-8
-                # (bf16; fp16 2^-11) of relative error on every product, which the SPEC's fp32
-                # accumulation and tests/test_ops.py's 1e-5 tolerance for 16-bit inputs on
-                # CUDA (test_grouped_lowrank_matches_formula with gain) do not allow.
-                gain = tl.load(gain_ptr + rows[:, None] * K + ks[None, :], mask=a_mask, other=0.0)
-                a = a.to(ACC) * gain.to(ACC)
-            b = tl.load(w_ptr + g * stride_wg + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
-                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            if HAS_SELECT:
-                # W_g = W ⊙ bit g of the entry's selection word: the mask is rebuilt per group
-                # from one int32 tile instead of reading a G-deep stack of masked copies.
-                word = tl.load(sel_ptr + (g // 32) * stride_sw + ks[:, None] * stride_sk + cols[None, :] * stride_sn,
-                               mask=k_ok[:, None] & col_ok[None, :], other=0)
-                b = tl.where(((word >> (g % 32)) & 1) != 0, b, 0.0)
-            acc = mma(acc, a, b, IS_FP64, NATIVE, SPLIT)
+    for k0 in range(0, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a_mask = row_ok[:, None] & k_ok[None, :]
+        a = tl.load(x_ptr + rows[:, None] * stride_xt + ks[None, :] * stride_xk, mask=a_mask, other=0.0)
+        if HAS_GAIN:
+            # gain ⊙ h in the accumulation dtype: exact for 16-bit inputs, and `mma` meets the
+            # fp32 tile with bf16x3 (bf16 weights) or tf32x3.  Rounding it back to x's 16-bit
+            # dtype for a single native pass would be cheaper but puts up to 2^-8 (bf16; fp16
+            # 2^-11) of relative error on every product, which the SPEC's fp32 accumulation and
+            # tests/test_ops.py's 1e-5 tolerance for 16-bit inputs on CUDA
+            # (test_grouped_lowrank_matches_formula with gain) do not allow.
+            gain = tl.load(gain_ptr + rows[:, None] * K + ks[None, :], mask=a_mask, other=0.0)
+            a = a.to(ACC) * gain.to(ACC)
+        b = tl.load(w_ptr + g * stride_wg + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if HAS_SELECT:
+            # W_g = W ⊙ bit g of the entry's selection word: the mask is rebuilt per group from
+            # one int32 tile instead of reading a G-deep stack of masked copies.  A product by
+            # 0/1, not a select, as the reference's `g_out * mask`: an infinite entry outside the
+            # selection gives NaN there too.
+            word = tl.load(sel_ptr + (g // 32) * stride_sw + ks[:, None] * stride_sk + cols[None, :] * stride_sn,
+                           mask=k_ok[:, None] & col_ok[None, :], other=0)
+            b = b * ((word >> (g % 32)) & 1).to(b.dtype)
+        acc = mma(acc, a, b, IS_FP64, NATIVE, SPLIT)
 
-    # Epilogue parameters gathered per row from its group (rows outside [0, T) stay masked):
-    # no per-group (BLOCK_M × BLOCK_N) tiles carried through the loop, which would cost
-    # registers the dot needs.
+    # Epilogue: the group's parameter rows, one (BLOCK_N,) vector each.  A program past the last
+    # tile (g = -1) reads group 0's, in bounds, and stores nothing.
     out_mask = row_ok[:, None] & col_ok[None, :]
-    param = row_group[:, None] * N + cols[None, :]
+    param = tl.maximum(g, 0) * N + cols
     if HAS_BIAS:
-        acc = acc + tl.load(bias_ptr + param, mask=out_mask, other=0.0).to(ACC)
+        acc = acc + tl.load(bias_ptr + param, mask=col_ok, other=0.0).to(ACC)[None, :]
     if HAS_SCALE:
-        acc = acc * tl.load(scale_ptr + param, mask=out_mask, other=1.0).to(ACC)
+        acc = acc * tl.load(scale_ptr + param, mask=col_ok, other=1.0).to(ACC)[None, :]
     if HAS_SHIFT:
-        acc = acc + tl.load(shift_ptr + param, mask=out_mask, other=0.0).to(ACC)
+        acc = acc + tl.load(shift_ptr + param, mask=col_ok, other=0.0).to(ACC)[None, :]
     if RELU:
         # where, not tl.maximum: by default (propagate_nan=NONE) that turns a NaN into 0 (seen
         # under the interpreter), while the reference's clamp keeps it.
@@ -186,21 +211,18 @@ def _segment_matmul_kernel(
     tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc, mask=out_mask)
 
 
-def one_group(rows: int, device) -> tuple:
-    """(offsets [0, rows], row group ids all 0): every row in one group, built on the device
-    (no host-to-device copy)."""
-    offsets = torch.arange(2, device=device, dtype=torch.int64) * rows
-    return offsets, torch.zeros(rows, dtype=torch.int64, device=device)
+def one_group(rows: int, device) -> torch.Tensor:
+    """Offsets [0, rows]: every row in one group, built on the device (no host-to-device copy)."""
+    return torch.arange(2, device=device, dtype=torch.int64) * rows
 
 
 def segment_matmul(x, w, offsets, transpose_w=True, gain=None, bias=None, scale=None, shift=None,
-                   relu=False, residual=None, row_groups=None, precision_from=(), select=None):
+                   relu=False, residual=None, precision_from=(), select=None):
     """Y[t] = epilogue((X[t] ⊙ gain[t]) @ W[g(t)]ᵀ) for tokens grouped by `offsets`.
 
     x (T, k); offsets int (G+1,) (values are not checked here: the op layer does, on the host);
     w (G, n, k) with transpose_w=True, or (G, k, n) with transpose_w=False (Y = X W_g);
     gain (T, k); bias/scale/shift (G, n); residual (T, n); relu clamps at 0 before the residual.
-    `row_groups` (T,) int may be passed to reuse group ids already built from offsets.
     `select` int32 (ceil(G/32), n, k) (or (…, k, n) with transpose_w=False, laid out like w[g]):
     group g uses W_g ⊙ (bit g % 32 of word g // 32); w is then usually one matrix expanded to G.
     `precision_from`: dtypes of the op inputs that fp32 operands were computed from; a 16-bit one
@@ -256,7 +278,6 @@ def segment_matmul(x, w, offsets, transpose_w=True, gain=None, bias=None, scale=
             z = z + residual.to(acc)
         return y.copy_(z)
 
-    gid = group_ids(offsets, T) if row_groups is None else row_groups
     contiguous = [t.contiguous() if t is not None else None for t in (gain, bias, scale, shift, residual)]
     gain, bias, scale, shift, residual = contiguous
     if transpose_w:
@@ -271,18 +292,20 @@ def segment_matmul(x, w, offsets, transpose_w=True, gain=None, bias=None, scale=
     native = not fp64 and native_dot(x.dtype, w.dtype, *precision_from)
     a_dtype = acc if gain is not None else x.dtype  # gain ⊙ x reaches `mma` in fp32
     tiles = segment_matmul_tiles(T, G, N, K, dot_path(fp64, native, a_dtype, w.dtype))
-    grid = (triton.cdiv(T, tiles["BLOCK_M"]), triton.cdiv(N, tiles["BLOCK_N"]))
+    # Σ_g cdiv(n_g, BLOCK_M) < cdiv(T, BLOCK_M) + G: the most row tiles any layout of T rows in
+    # G groups needs, known without reading offsets.
+    grid = (triton.cdiv(T, tiles["BLOCK_M"]) + G - 1, triton.cdiv(N, tiles["BLOCK_N"]))
     dummy = y  # never read when the matching HAS_* flag is off
     _segment_matmul_kernel[grid](
-        x, w, gid,
+        x, w, offsets,
         gain if gain is not None else dummy,
         bias if bias is not None else dummy,
         scale if scale is not None else dummy,
         shift if shift is not None else dummy,
         residual if residual is not None else dummy,
-        select if select is not None else gid,
+        select if select is not None else offsets,
         y,
-        T, N, K,
+        G, N, K,
         x.stride(0), x.stride(1), w.stride(0), stride_wn, stride_wk, *sel_strides,
         HAS_GAIN=gain is not None, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
         HAS_SHIFT=shift is not None, RELU=bool(relu), HAS_RESIDUAL=residual is not None,

@@ -83,8 +83,8 @@ def _dense_choices(gen, reps: int) -> None:
     N, o, i = 2048, 6400, 1600
     x = torch.randn(N, i, generator=gen).to(torch.bfloat16).cuda()
     w = torch.randn(o, i, generator=gen).to(torch.bfloat16).cuda()
-    offsets, row_groups = one_group(N, "cuda")  # as lowrank_delta_linear's _dense calls it
-    choices = [("segment_matmul, fp32 out", lambda: segment_matmul(x, w[None], offsets, row_groups=row_groups)),
+    offsets = one_group(N, "cuda")  # as lowrank_delta_linear's _dense calls it
+    choices = [("segment_matmul, fp32 out", lambda: segment_matmul(x, w[None], offsets)),
                ("torch.mm out_dtype=fp32", lambda: torch.mm(x, w.T, out_dtype=torch.float32)),
                ("torch.mm bf16 out", lambda: torch.mm(x, w.T))]
     for name, fn in choices:
