@@ -112,6 +112,26 @@ def test_grouped_outer_nan_shift_reaches_the_output_and_gradient(fusion, gen, de
         assert not mine[0][7:, 1].any()
 
 
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_grouped_outer_nonfinite_gradient(fusion, gen, device):
+    """An inf and a NaN in the incoming gradient: every backend's backward gives the
+    reference's, which selects (0 off a group's selection, not inf·0 = NaN), and the
+    reference's is autograd's through the reference forward."""
+    eta, mu, offsets = _outer_inputs(gen, G=4, o=6, i=5, dtype=torch.float32, device=device, counts=[3, 0, 4, 2])
+    grad = randn((4, 6, 5) if fusion == "none" else (6, 5), gen, torch.float64, device)
+    target = grad[2] if fusion == "none" else grad
+    target[1, 2], target[4, 0] = float("inf"), float("nan")
+    e64, m64 = eta.double().requires_grad_(), mu.double().requires_grad_()
+    auto = torch.autograd.grad(reference.grouped_outer(e64, m64, offsets, fusion, 0.5), (e64, m64), grad)
+    ref = reference.grouped_outer_backward(grad, eta.double(), mu.double(), offsets, fusion, 0.5)
+    e32, m32 = eta.clone().requires_grad_(), mu.clone().requires_grad_()
+    mine = torch.autograd.grad(ops.grouped_outer(e32, m32, offsets, fusion, 0.5), (e32, m32), grad.float())
+    for a, r, m in zip(auto, ref, mine):
+        torch.testing.assert_close(r, a, equal_nan=True)
+        torch.testing.assert_close(m.double(), r, rtol=1e-5, atol=1e-5, equal_nan=True)
+        assert not r.isfinite().all()
+
+
 @pytest.mark.parametrize("counts", [[0, 0, 0], [0, 3, 0], [4], [], [2, 0, 5, 0]])
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_grouped_outer_empty_groups(counts, fusion, gen, device):

@@ -539,9 +539,9 @@ def test_segment_matmul_nonfinite_weight_stays_in_its_group(gen, transpose_w, fu
 
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_grouped_outer_backward_nonfinite_gradient(gen, fusion, device):
-    """An inf and a NaN in the incoming gradient give the reference's d_eta, d_mu: unselected
-    entries are multiplied by 0 (inf·0 = NaN, as the reference's `g_out * mask`, where they used
-    to be zeroed), and with "none" group 1's gradient reaches group 1's tokens only."""
+    """An inf and a NaN in the incoming gradient give the reference's d_eta, d_mu: entries off
+    a group's selection give it 0, and with "none" group 2's gradient reaches group 2's tokens
+    only (the other groups' rows, loaded as 0 in a shared row tile, used to pick up 0·inf)."""
     counts = NONFINITE_COUNTS
     eta, mu = randn((sum(counts), 7), gen, torch.float32, device), randn((sum(counts), 6), gen, torch.float32, device)
     offsets = offsets_for(counts, device)

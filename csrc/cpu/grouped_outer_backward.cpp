@@ -20,7 +20,9 @@
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <tuple>
+#include <type_traits>
 
 namespace dcedit_cpu {
 namespace {
@@ -115,20 +117,27 @@ void selection_tiles(const TokenMatrix<acc_t>& eta, const TokenMatrix<acc_t>& mu
   });
 }
 
-// dst = g_out where bit g of the words is set, else 0 (one o×i plane).
+// dst = g_out where bit g of the words is set, else +0 (one o×i plane): a select, as autograd
+// through the reference forward (clamp's and gather's backward), so an infinite gradient off the
+// selection gives 0, not inf·0 = NaN.  Branch-free: the value's bits ANDed with all ones or zero
+// (a `bit ? g : 0` compiled to a branch).
 template <typename acc_t>
 void expand_selection(const acc_t* g_out, const uint32_t* words, int64_t plane, int64_t g,
                       acc_t* dst) {
+  using bits_t = std::conditional_t<sizeof(acc_t) == 8, uint64_t, uint32_t>;
+  static_assert(sizeof(bits_t) == sizeof(acc_t), "acc_t is float or double");
   const uint32_t* word = words + (g / kGroupsPerWord) * plane;
   const int shift = static_cast<int>(g % kGroupsPerWord);
   at::parallel_for(0, plane, 1 << 14, [&](int64_t begin, int64_t end) {
     const uint32_t* __restrict wj = word + begin;
     const acc_t* __restrict gj = g_out + begin;
     acc_t* __restrict dj = dst + begin;
-    // A product by 0/1, as the reference's `g_out * mask` (an infinite gradient gives NaN off the
-    // selection there too); a select on the word compiled to a branch.
     for (int64_t j = 0; j < end - begin; ++j) {
-      dj[j] = gj[j] * static_cast<acc_t>(static_cast<int32_t>((wj[j] >> shift) & 1u));
+      const bits_t keep = bits_t(0) - static_cast<bits_t>((wj[j] >> shift) & 1u);
+      bits_t v;
+      std::memcpy(&v, gj + j, sizeof v);
+      v &= keep;
+      std::memcpy(dj + j, &v, sizeof v);
     }
   });
 }

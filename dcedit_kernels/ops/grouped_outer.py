@@ -72,8 +72,8 @@ def grouped_outer(eta, mu, offsets, fusion="add", alpha=1.0):
     eta (T, o), mu (T, i), offsets int (G+1,).  Returns fp32 (fp64 for fp64 inputs).
     A NaN from η or μ propagates the same on every backend, as torch's own ops: a NaN S_g entry
     ranks above every number for max (the first NaN group wins, and gets the gradient) and makes
-    P and N NaN.  A non-finite incoming gradient does too: the backward multiplies it by each
-    group's 0/1 selection, as the reference's `g_out * mask` (inf·0 = NaN off the selection).
+    P and N NaN.  A non-finite incoming gradient reaches the selected entries only: the
+    backward selects (0 elsewhere, as autograd through the reference forward), on every backend.
     """
     check_grouped_outer(eta, mu, offsets, fusion, alpha)
     return opcall("grouped_outer")(eta, mu, offsets, fusion, float(alpha))

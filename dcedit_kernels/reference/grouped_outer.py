@@ -87,7 +87,9 @@ def grouped_outer_backward(grad, eta, mu, offsets, fusion, alpha):
         if fusion == "none":
             d_s = g_out[g]
         else:
-            d_s = g_out * _selection(fusion, s_g, g, pos, neg, winner)
+            # A select, as autograd through the forward (clamp's and gather's backward): an
+            # infinite gradient off the selection gives 0, not inf·0 = NaN.
+            d_s = torch.where(_selection(fusion, s_g, g, pos, neg, winner), g_out, 0.0)
         d_eta[s:e] = mu[s:e].to(acc) @ d_s.T
         d_mu[s:e] = eta[s:e].to(acc) @ d_s
     return d_eta.to(eta.dtype), d_mu.to(mu.dtype)

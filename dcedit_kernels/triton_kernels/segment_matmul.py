@@ -183,13 +183,13 @@ def _segment_matmul_kernel(
         b = tl.load(w_ptr + g * stride_wg + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_SELECT:
-            # W_g = W ⊙ bit g of the entry's selection word: the mask is rebuilt per group from
-            # one int32 tile instead of reading a G-deep stack of masked copies.  A product by
-            # 0/1, not a select, as the reference's `g_out * mask`: an infinite entry outside the
-            # selection gives NaN there too.
+            # W_g = W where bit g of the entry's selection word is set, else 0: the mask is
+            # rebuilt per group from one int32 tile instead of reading a G-deep stack of masked
+            # copies.  A select, as the reference (and autograd through its forward): an
+            # infinite entry off the selection gives 0, not inf·0 = NaN.
             word = tl.load(sel_ptr + (g // 32) * stride_sw + ks[:, None] * stride_sk + cols[None, :] * stride_sn,
                            mask=k_ok[:, None] & col_ok[None, :], other=0)
-            b = b * ((word >> (g % 32)) & 1).to(b.dtype)
+            b = tl.where(((word >> (g % 32)) & 1) != 0, b, 0.0)
         acc = mma(acc, a, b, IS_FP64, NATIVE, SPLIT)
 
     # Epilogue: the group's parameter rows, one (BLOCK_N,) vector each.  A program past the last
