@@ -4,7 +4,7 @@ Every test takes the `device` fixture: "cpu" runs the kernels on CPU tensors und
 TRITON_INTERPRET=1 (tests/conftest.py sets it before anything imports triton), "cuda" compiles
 them for the GPU (DCEDIT_TEST_CUDA=1 with a CUDA device; the interpreter is then off, so "cpu"
 skips).  CPU shapes are small and odd (the interpreter emulates every program in Python) but
-span several 16-wide tiles, so tiles straddle groups and are ragged.  Half-precision inputs are
+span several 16-wide tiles, so groups take several tiles and end in ragged ones.  Half-precision inputs are
 compared with the reference fed the same rounded values in float64, so the tolerance is that of
 the output's dtype.  On CUDA the 16-bit inputs take the tensor-core dot (`launch.native_dot`),
 and further tests run benchmark-sized shapes and every launch config candidate.
@@ -504,8 +504,9 @@ def test_lowrank_delta_linear_in_row_chunks(gen, device, monkeypatch):
 
 # ------------------------------------------------------- non-finite values stay in their group
 
-# Groups of 3, 0, 5 and 4 rows: under the interpreter (16-row tiles) every row shares one tile, so
-# each kernel's loop over the groups of a tile runs over all of them.
+# Groups of 3, 0, 5 and 4 rows: under the interpreter (16-row tiles) all rows would fit one tile,
+# which is how the kernels used to run them (one tile looping over its groups, masking rows) and
+# where a non-finite value leaked into the other groups' rows.
 NONFINITE_COUNTS = [3, 0, 5, 4]
 
 
@@ -573,19 +574,38 @@ def test_lowrank_delta_linear_nonfinite_factor_stays_in_its_group(gen, device):
         same_nonfinite(g, ref)
 
 
-def test_bf16x3_split_keeps_inf(gen, device, monkeypatch):
-    """An infinite fp32 entry split for the bf16x3 dot stays ±inf: its remainder x − hi is
-    inf − inf = NaN unless the split takes 0 where hi already equals x."""
+@pytest.mark.parametrize("where", ["split operand", "bf16 operand", "bf16 first operand"])
+def test_bf16x3_keeps_inf(gen, device, monkeypatch, where):
+    """An infinite entry on either side of a bf16x3 dot gives the reference's ±inf, not NaN.
+    Split operand: its remainder x − hi was inf − inf = NaN.  The bf16 operand: its entries met
+    the mid and lo pieces, often exactly 0 (x ⊙ gain of bf16 inputs fits two bf16 pieces), and
+    0·inf = NaN.  "bf16 first operand" is the mirror branch (bf16 μ against the fp32 gradient in
+    grouped_outer's backward)."""
     monkeypatch.setenv(launch.NATIVE_DOT_ENV, "1")
     counts = NONFINITE_COUNTS
+    offsets = offsets_for(counts, device)
     T, G, k, n = sum(counts), len(counts), 13, 11
-    x, w = randn((T, k), gen, torch.bfloat16, device), randn((G, n, k), gen, torch.bfloat16, device)
-    gain = randn((T, k), gen, torch.bfloat16, device)
-    gain[4, 2] = float("inf")  # group 2: (x ⊙ gain) reaches `mma` as an fp32 tile
-    y = tk.segment_matmul(x, w, offsets_for(counts, device), gain=gain, precision_from=(torch.bfloat16,))
-    ref = segment_matmul_ref(x.double(), w.double(), counts, True, gain.double(), None, None, None, False, None)
-    assert ref[4].isinf().all()
-    torch.testing.assert_close(y.double().cpu(), ref.cpu(), rtol=1e-5, atol=1e-5, equal_nan=True)
+    bf = torch.bfloat16
+    if where == "bf16 first operand":
+        eta, mu = randn((T, 7), gen, bf, device), randn((T, 6), gen, bf, device)
+        mu[4, 2] = float("inf")  # a group-2 token
+        # A gradient exact in bf16 (× 0.5 stays exact): the split's mid and lo pieces are 0.
+        grad = randn((7, 6), gen, bf, device).float()
+        out = tk.grouped_outer_backward(grad, eta, mu, offsets, "sss", 0.5)[0]
+        ref = outer_backward_ref(grad, eta, mu, offsets, "sss", 0.5)[0]
+        assert ref[4].isinf().any()
+    else:
+        x, w = randn((T, k), gen, bf, device), randn((G, n, k), gen, bf, device)
+        gain = randn((T, k), gen, bf, device)
+        if where == "split operand":
+            gain[4, 2] = float("inf")  # group 2: (x ⊙ gain) reaches `mma` as an fp32 tile
+        else:
+            w[2, 3, 5] = float("inf")
+        out = tk.segment_matmul(x, w, offsets, gain=gain, precision_from=(bf,))
+        ref = segment_matmul_ref(x.double(), w.double(), counts, True, gain.double(), None, None, None, False, None)
+        assert ref.isinf().any()
+    tol = TOL[out.dtype] if out.dtype == bf else 1e-5  # grouped_outer's d_mu is μ's dtype
+    torch.testing.assert_close(out.double().cpu(), ref.cpu(), rtol=tol, atol=tol, equal_nan=True)
 
 
 # --------------------------------------------------------------------- layouts: empty and T = 0

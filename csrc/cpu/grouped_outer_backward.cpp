@@ -117,9 +117,9 @@ void selection_tiles(const TokenMatrix<acc_t>& eta, const TokenMatrix<acc_t>& mu
   });
 }
 
-// dst = g_out where bit g of the words is set, else +0 (one o×i plane): a select, as autograd
-// through the reference forward (clamp's and gather's backward), so an infinite gradient off the
-// selection gives 0, not inf·0 = NaN.  Branch-free: the value's bits ANDed with all ones or zero
+// dst = g_out where bit g of the words is set, else +0 (one o×i plane): a select, as the reference
+// (and torch's clamp and gather backwards), so an infinite gradient off the selection gives 0,
+// not inf·0 = NaN.  Branch-free: the value's bits ANDed with all ones or zero
 // (a `bit ? g : 0` compiled to a branch).
 template <typename acc_t>
 void expand_selection(const acc_t* g_out, const uint32_t* words, int64_t plane, int64_t g,

@@ -73,7 +73,7 @@ def grouped_outer(eta, mu, offsets, fusion="add", alpha=1.0):
     A NaN from η or μ propagates the same on every backend, as torch's own ops: a NaN S_g entry
     ranks above every number for max (the first NaN group wins, and gets the gradient) and makes
     P and N NaN.  A non-finite incoming gradient reaches the selected entries only: the
-    backward selects (0 elsewhere, as autograd through the reference forward), on every backend.
+    backward selects (0 elsewhere, as torch's clamp and gather backwards), on every backend.
     """
     check_grouped_outer(eta, mu, offsets, fusion, alpha)
     return opcall("grouped_outer")(eta, mu, offsets, fusion, float(alpha))

@@ -87,8 +87,9 @@ def grouped_outer_backward(grad, eta, mu, offsets, fusion, alpha):
         if fusion == "none":
             d_s = g_out[g]
         else:
-            # A select, as autograd through the forward (clamp's and gather's backward): an
-            # infinite gradient off the selection gives 0, not inf·0 = NaN.
+            # A select, as torch's clamp and gather backwards: an infinite gradient off the
+            # selection gives 0, not inf·0 = NaN.  (Unlike clamp's, the selection is strict: an
+            # S_g entry exactly 0 adds nothing to P or N and gets no gradient.)
             d_s = torch.where(_selection(fusion, s_g, g, pos, neg, winner), g_out, 0.0)
         d_eta[s:e] = mu[s:e].to(acc) @ d_s.T
         d_mu[s:e] = eta[s:e].to(acc) @ d_s

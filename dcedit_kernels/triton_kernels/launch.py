@@ -176,10 +176,11 @@ def dot_path(fp64: bool, native: bool, a: torch.dtype, b: torch.dtype) -> str:
 
 
 def _rows_block(rows: int, groups: int) -> int:
-    """Row tile of the kernels that loop over the groups present in a tile of rows.
+    """Row tile of the row-grouped kernels, whose programs each own rows of one group.
 
-    A tile straddling k groups runs its inner loop k times (masked), so the tile should not be
-    much taller than a group: 128 rows from 128-row groups on, else 64 (the smallest wgmma M).
+    Each group ends in a partly filled tile (cdiv(n_g, BLOCK_M) tiles per group), so the tile
+    should not be much taller than a group: 128 rows from 128-row groups on, else 64 (the
+    smallest wgmma M).
     """
     return 128 if rows >= 128 * max(groups, 1) else 64
 

@@ -52,15 +52,27 @@ def _dot16(acc, a, b):
 @triton.jit
 def _split_bf16x3(x):
     """fp32 x = hi + mid + lo, three bf16 tiles, up to 2^-27 |x| (each remainder is exact in fp32
-    and bf16 rounding keeps 8 of its bits; bf16 has fp32's exponent range, so nothing overflows).
-    A remainder is taken as 0 where the piece already equals x: for x = ±inf, x − hi would be
-    inf − inf = NaN and turn the product's ±inf into NaN (for finite x both give the same 0)."""
+    and bf16 rounding keeps 8 of its bits; bf16 has fp32's exponent range, so nothing overflows
+    below bf16's largest finite value, ~3.39e38: a finite |x| above it rounds to hi = inf on a
+    GPU, and its product turns NaN).  A remainder is taken as 0 where the piece already equals
+    x: for x = ±inf, x − hi would be inf − inf = NaN and turn the product's ±inf into NaN (for
+    finite x both give the same 0)."""
     hi = x.to(tl.bfloat16)
     hi32 = hi.to(tl.float32)
     rest = tl.where(hi32 == x, 0.0, x - hi32)
     mid = rest.to(tl.bfloat16)
     lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
     return hi, mid, lo
+
+
+@triton.jit
+def _finite_or_zero(x):
+    """x with ±inf and NaN replaced by 0 (x − x is 0 exactly for finite x), for the dots of a
+    split's mid and lo pieces: their entries are often exactly 0 and 0·inf = NaN would replace
+    the ±inf that the hi dot already carries (a NaN there stays NaN through the hi dot).  The
+    test runs in fp32: the interpreter's bf16 `inf − inf` gives 0 (triton 3.9)."""
+    xf = x.to(tl.float32)
+    return tl.where(xf - xf == 0.0, x, 0.0)
 
 
 @triton.jit
@@ -103,17 +115,19 @@ def mma(acc, a, b, IS_FP64: tl.constexpr, NATIVE: tl.constexpr, SPLIT: tl.conste
                 acc = _dot16(acc, a, b)
         elif a.dtype == tl.float32 and b.dtype == tl.bfloat16:
             hi, mid, lo = _split_bf16x3(a)  # pieces SPLIT leaves out are dead code
-            if SPLIT >= 3:
-                acc = _dot16(acc, lo, b)
             if SPLIT >= 2:
-                acc = _dot16(acc, mid, b)
+                b_fin = _finite_or_zero(b)
+                if SPLIT >= 3:
+                    acc = _dot16(acc, lo, b_fin)
+                acc = _dot16(acc, mid, b_fin)
             acc = _dot16(acc, hi, b)
         elif a.dtype == tl.bfloat16 and b.dtype == tl.float32:
             hi, mid, lo = _split_bf16x3(b)
-            if SPLIT >= 3:
-                acc = _dot16(acc, a, lo)
             if SPLIT >= 2:
-                acc = _dot16(acc, a, mid)
+                a_fin = _finite_or_zero(a)
+                if SPLIT >= 3:
+                    acc = _dot16(acc, a_fin, lo)
+                acc = _dot16(acc, a_fin, mid)
             acc = _dot16(acc, a, hi)
         elif SPLIT >= 2:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
@@ -180,13 +194,13 @@ def _segment_matmul_kernel(
             # (test_grouped_lowrank_matches_formula with gain) do not allow.
             gain = tl.load(gain_ptr + rows[:, None] * K + ks[None, :], mask=a_mask, other=0.0)
             a = a.to(ACC) * gain.to(ACC)
-        b = tl.load(w_ptr + g * stride_wg + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
+        b = tl.load(w_ptr + g.to(tl.int64) * stride_wg + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_SELECT:
             # W_g = W where bit g of the entry's selection word is set, else 0: the mask is
             # rebuilt per group from one int32 tile instead of reading a G-deep stack of masked
-            # copies.  A select, as the reference (and autograd through its forward): an
-            # infinite entry off the selection gives 0, not inf·0 = NaN.
+            # copies.  A select, as the reference: an infinite entry off the selection gives 0,
+            # not inf·0 = NaN.
             word = tl.load(sel_ptr + (g // 32) * stride_sw + ks[:, None] * stride_sk + cols[None, :] * stride_sn,
                            mask=k_ok[:, None] & col_ok[None, :], other=0)
             b = tl.where(((word >> (g % 32)) & 1) != 0, b, 0.0)
