@@ -88,6 +88,21 @@ def test_grouped_outer_sss_tie_takes_positive(device):
     assert ops.grouped_outer(eta, mu, offsets, "ssm").item() == 1.5
 
 
+def _three_backwards(grad, eta, mu, offsets, fusion, alpha=0.5):
+    """(reference backward, the op's backward) of grouped_outer for float64 `grad`, each checked:
+    the reference against autograd through the reference forward (stack + gather / clamp), the
+    op's (fp32 inputs, every backend) against the reference, NaN where it is NaN."""
+    e64, m64 = eta.double().requires_grad_(), mu.double().requires_grad_()
+    auto = torch.autograd.grad(reference.grouped_outer(e64, m64, offsets, fusion, alpha), (e64, m64), grad)
+    ref = reference.grouped_outer_backward(grad, eta.double(), mu.double(), offsets, fusion, alpha)
+    e32, m32 = eta.clone().requires_grad_(), mu.clone().requires_grad_()
+    mine = torch.autograd.grad(ops.grouped_outer(e32, m32, offsets, fusion, alpha), (e32, m32), grad.float())
+    for a, r, m in zip(auto, ref, mine):
+        torch.testing.assert_close(r, a, equal_nan=True)
+        torch.testing.assert_close(m.double(), r, rtol=1e-5, atol=1e-5, equal_nan=True)
+    return ref, mine
+
+
 @pytest.mark.parametrize("fusion", ["max", "sss", "ssm"])
 def test_grouped_outer_nan_shift_reaches_the_output_and_gradient(fusion, gen, device):
     """A NaN S_g entry propagates as torch's own ops do (argmax and clamp in the reference), and
@@ -97,17 +112,8 @@ def test_grouped_outer_nan_shift_reaches_the_output_and_gradient(fusion, gen, de
     want = reference.grouped_outer(eta.double(), mu.double(), offsets, fusion, alpha=0.5)
     assert torch.equal(got.isnan(), nan_mask) and torch.equal(want.isnan(), nan_mask)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5, equal_nan=True)
-    # The reference backward against autograd through the reference forward (stack + gather /
-    # clamp), then the op's own backward against the reference backward.
     grad = randn(tuple(nan_mask.shape), gen, torch.float64, device)
-    e64, m64 = eta.double().requires_grad_(), mu.double().requires_grad_()
-    auto = torch.autograd.grad(reference.grouped_outer(e64, m64, offsets, fusion, 0.5), (e64, m64), grad)
-    ref = reference.grouped_outer_backward(grad, eta.double(), mu.double(), offsets, fusion, 0.5)
-    e32, m32 = eta.clone().requires_grad_(), mu.clone().requires_grad_()
-    mine = torch.autograd.grad(ops.grouped_outer(e32, m32, offsets, fusion, 0.5), (e32, m32), grad.float())
-    for a, r, m in zip(auto, ref, mine):
-        torch.testing.assert_close(r, a, equal_nan=True)
-        torch.testing.assert_close(m.double(), r, rtol=1e-5, atol=1e-5, equal_nan=True)
+    _, mine = _three_backwards(grad, eta, mu, offsets, fusion)
     if fusion == "max":  # group 3 (tokens 7, 8) loses row 1 to group 2's earlier NaN
         assert not mine[0][7:, 1].any()
 
@@ -121,15 +127,8 @@ def test_grouped_outer_nonfinite_gradient(fusion, gen, device):
     grad = randn((4, 6, 5) if fusion == "none" else (6, 5), gen, torch.float64, device)
     target = grad[2] if fusion == "none" else grad
     target[1, 2], target[4, 0] = float("inf"), float("nan")
-    e64, m64 = eta.double().requires_grad_(), mu.double().requires_grad_()
-    auto = torch.autograd.grad(reference.grouped_outer(e64, m64, offsets, fusion, 0.5), (e64, m64), grad)
-    ref = reference.grouped_outer_backward(grad, eta.double(), mu.double(), offsets, fusion, 0.5)
-    e32, m32 = eta.clone().requires_grad_(), mu.clone().requires_grad_()
-    mine = torch.autograd.grad(ops.grouped_outer(e32, m32, offsets, fusion, 0.5), (e32, m32), grad.float())
-    for a, r, m in zip(auto, ref, mine):
-        torch.testing.assert_close(r, a, equal_nan=True)
-        torch.testing.assert_close(m.double(), r, rtol=1e-5, atol=1e-5, equal_nan=True)
-        assert not r.isfinite().all()
+    ref, _ = _three_backwards(grad, eta, mu, offsets, fusion)
+    assert not any(r.isfinite().all() for r in ref)
 
 
 @pytest.mark.parametrize("counts", [[0, 0, 0], [0, 3, 0], [4], [], [2, 0, 5, 0]])
