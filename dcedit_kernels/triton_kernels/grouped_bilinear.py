@@ -32,16 +32,18 @@ import triton
 import triton.language as tl
 
 from .launch import dot_path, dot_split, group_scores_tiles, grouped_bilinear_tiles, native_dot
-from .segment_matmul import _group_tile, mma
+from .segment_matmul import _group_tile, mma, row_tiles
 
 # Largest scores buffer, in entries (128 MiB in fp32): rows are processed in chunks beyond it.
 SCRATCH_ENTRIES = 1 << 25
 
 
 @triton.jit
-def _query_tile(q_index_ptr, q_offsets_ptr, G, HAS_Q_INDEX: tl.constexpr, BLOCK_M: tl.constexpr):
+def _query_tile(q_index_ptr, q_offsets_ptr, kv_offsets_ptr, G, HAS_Q_INDEX: tl.constexpr,
+                BLOCK_M: tl.constexpr):
     """Program pid(0)'s group g (-1 past the last tile), its sorted positions, whether each is
-    in the group, and their rows of q/out."""
+    in the group, their rows of q/out, and the group's K/V segment [kv_start, kv_end) (empty
+    past the last tile: nothing runs or is stored)."""
     g, pos0, pos_end = _group_tile(q_offsets_ptr, G, BLOCK_M)
     pos = pos0 + tl.arange(0, BLOCK_M).to(tl.int64)
     pos_ok = pos < pos_end
@@ -49,7 +51,10 @@ def _query_tile(q_index_ptr, q_offsets_ptr, G, HAS_Q_INDEX: tl.constexpr, BLOCK_
         q_rows = tl.load(q_index_ptr + pos, mask=pos_ok, other=0).to(tl.int64)
     else:
         q_rows = pos
-    return g, pos, pos_ok, q_rows
+    g_safe = tl.maximum(g, 0)
+    kv_start = tl.load(kv_offsets_ptr + g_safe)
+    kv_end = tl.where(g >= 0, tl.load(kv_offsets_ptr + g_safe + 1), kv_start)
+    return g, pos, pos_ok, q_rows, kv_start, kv_end
 
 
 @triton.jit
@@ -76,11 +81,9 @@ def _group_scores_kernel(
     """
     ACC = c_ptr.dtype.element_ty
     pid_t = tl.program_id(1)
-    g, pos, pos_ok, q_rows = _query_tile(q_index_ptr, q_offsets_ptr, G, HAS_Q_INDEX, BLOCK_M)
+    g, pos, pos_ok, q_rows, kv_start, kv_end = _query_tile(q_index_ptr, q_offsets_ptr, kv_offsets_ptr, G,
+                                                           HAS_Q_INDEX, BLOCK_M)
     j = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    g_safe = tl.maximum(g, 0)  # past the last tile: an empty segment, nothing run or stored
-    kv_start = tl.load(kv_offsets_ptr + g_safe)
-    kv_end = tl.where(g >= 0, tl.load(kv_offsets_ptr + g_safe + 1), kv_start)
     if kv_start + pid_t * BLOCK_T < kv_end:  # this column tile reaches into group g's segment
         s = kv_start + j
         s_ok = s < kv_end
@@ -113,12 +116,10 @@ def _grouped_bilinear_kernel(
     could overflow: x·mu over thousands of features is not bounded by 65504).
     """
     ACC = out_ptr.dtype.element_ty
-    g, pos, pos_ok, q_rows = _query_tile(q_index_ptr, q_offsets_ptr, G, HAS_Q_INDEX, BLOCK_M)
+    _, pos, pos_ok, q_rows, kv_start, kv_end = _query_tile(q_index_ptr, q_offsets_ptr, kv_offsets_ptr, G,
+                                                           HAS_Q_INDEX, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < DV
-    g_safe = tl.maximum(g, 0)  # past the last tile: an empty segment, no loop, nothing stored
-    kv_start = tl.load(kv_offsets_ptr + g_safe)
-    kv_end = tl.where(g >= 0, tl.load(kv_offsets_ptr + g_safe + 1), kv_start)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     for j0 in range(0, kv_end - kv_start, BLOCK_T):
@@ -170,13 +171,12 @@ def grouped_bilinear_(out, q, q_index, q_group, k, v, kv_index, kv_offsets, alph
             index, q_rows, out_rows = q_index[p0:p0 + rows], q, out
         else:  # query position p is row p of q: the chunk's rows start at p0 (index never read)
             index, q_rows, out_rows = q_offsets, q[p0:p0 + rows], out[p0:p0 + rows]
-        # One group per row tile: at most cdiv(rows, BLOCK_M) + G − 1 tiles (see segment_matmul).
-        grid = (triton.cdiv(rows, score_tiles["BLOCK_M"]) + G - 1, triton.cdiv(W, score_tiles["BLOCK_T"]))
+        grid = (row_tiles(rows, G, score_tiles["BLOCK_M"]), triton.cdiv(W, score_tiles["BLOCK_T"]))
         _group_scores_kernel[grid](
             q_rows, index, q_offsets, k, kv_idx, kv_offsets, alpha, scores,
             DK, W, G, NATIVE=native_qk, SPLIT=dot_split(q.dtype, k.dtype), **flags, **score_tiles,
         )
-        grid = (triton.cdiv(rows, apply_tiles["BLOCK_M"]) + G - 1, triton.cdiv(DV, apply_tiles["BLOCK_N"]))
+        grid = (row_tiles(rows, G, apply_tiles["BLOCK_M"]), triton.cdiv(DV, apply_tiles["BLOCK_N"]))
         _grouped_bilinear_kernel[grid](
             scores, index, q_offsets, v, kv_idx, kv_offsets, out_rows,
             DV, W, G, NATIVE=native_pv, SPLIT=dot_split(v.dtype), **flags, **apply_tiles,

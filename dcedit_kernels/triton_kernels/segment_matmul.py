@@ -2,13 +2,11 @@
 
 Tokens are stored contiguously by group (CSR `offsets`).  Each program owns BLOCK_M rows of ONE
 group (`_group_tile`: group g has cdiv(n_g, BLOCK_M) row tiles, numbered in group order), so
-its K loop runs once and reads one W_g.  Before, a program owned BLOCK_M consecutive rows,
-looped over the groups present and masked the A rows to each: a tile straddling k groups ran k
-full K loops (Σ_g cdiv(n_g, BLOCK_M) loops now against Σ_g (row tiles g touches) then: never
-more: 125 against 141 for 125 groups of 24 rows at BLOCK_M 128), and the other groups' rows, loaded as 0, picked
-up 0·inf = NaN from a non-finite W_g in the shared accumulator.  The grid covers the most tiles
-any layout can need, cdiv(T, BLOCK_M) + G − 1, so nothing here synchronises with the host; a
-program past the last tile runs no K loop.
+its K loop runs once and reads one W_g.  A program owning consecutive rows of several groups,
+masked in turn, ran a K loop per group (125 groups of 24 rows at BLOCK_M 128: 141 loops against
+125 now), and its shared accumulator gave the other groups' rows, loaded as 0, 0·inf = NaN
+from a non-finite W_g.  The grid covers the most tiles any layout can need (`row_tiles`), so
+nothing here synchronises with the host; a program past the last tile runs no K loop.
 
 Optional fused prologue (X ⊙ gain) and epilogue (+ bias_g, ⊙ scale_g, + shift_g, clamp(min=0),
 + residual) make `grouped_lowrank` two launches.  An optional per-group mask on W (`select`, bit g
@@ -225,6 +223,13 @@ def _segment_matmul_kernel(
     tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc, mask=out_mask)
 
 
+def row_tiles(rows: int, G: int, block_m: int) -> int:
+    """Programs along rows for `_group_tile`: Σ_g cdiv(n_g, block_m) < cdiv(rows, block_m) + G for
+    any n_g summing to `rows` (each group adds at most one partly filled tile), so this bound
+    needs no read of the offsets."""
+    return triton.cdiv(rows, block_m) + G - 1
+
+
 def one_group(rows: int, device) -> torch.Tensor:
     """Offsets [0, rows]: every row in one group, built on the device (no host-to-device copy)."""
     return torch.arange(2, device=device, dtype=torch.int64) * rows
@@ -306,9 +311,7 @@ def segment_matmul(x, w, offsets, transpose_w=True, gain=None, bias=None, scale=
     native = not fp64 and native_dot(x.dtype, w.dtype, *precision_from)
     a_dtype = acc if gain is not None else x.dtype  # gain ⊙ x reaches `mma` in fp32
     tiles = segment_matmul_tiles(T, G, N, K, dot_path(fp64, native, a_dtype, w.dtype))
-    # Σ_g cdiv(n_g, BLOCK_M) < cdiv(T, BLOCK_M) + G: the most row tiles any layout of T rows in
-    # G groups needs, known without reading offsets.
-    grid = (triton.cdiv(T, tiles["BLOCK_M"]) + G - 1, triton.cdiv(N, tiles["BLOCK_N"]))
+    grid = (row_tiles(T, G, tiles["BLOCK_M"]), triton.cdiv(N, tiles["BLOCK_N"]))
     dummy = y  # never read when the matching HAS_* flag is off
     _segment_matmul_kernel[grid](
         x, w, offsets,
