@@ -18,11 +18,13 @@ from unittest import mock
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+tl = triton.language
 
 from dcedit_kernels import reference  # noqa: E402
 from dcedit_kernels import triton_kernels as tk  # noqa: E402
 from dcedit_kernels.triton_kernels import launch  # noqa: E402
+from dcedit_kernels.triton_kernels.segment_matmul import _split_bf16x3  # noqa: E402
 from helpers import TOL, nan_outer_case, randn, ragged_offsets, random_counts, rel_err  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -606,6 +608,48 @@ def test_bf16x3_keeps_inf(gen, device, monkeypatch, where):
         assert ref.isinf().any()
     tol = TOL[out.dtype] if out.dtype == bf else 1e-5  # grouped_outer's d_mu is μ's dtype
     torch.testing.assert_close(out.double().cpu(), ref.cpu(), rtol=tol, atol=tol, equal_nan=True)
+
+
+@triton.jit
+def _split_kernel(x_ptr, hi_ptr, mid_ptr, lo_ptr, n, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """`_split_bf16x3` of n fp32 values, the three pieces stored apart."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    hi, mid, lo = _split_bf16x3(tl.load(x_ptr + offs, mask=ok), SPLIT)
+    tl.store(hi_ptr + offs, hi, mask=ok)
+    tl.store(mid_ptr + offs, mid, mask=ok)
+    tl.store(lo_ptr + offs, lo, mask=ok)
+
+
+@pytest.mark.parametrize("split", [1, 2, 3])
+def test_bf16x3_split(gen, device, split):
+    """`_split_bf16x3` on fp32 values over fp32's normal range, bf16's largest finite value and
+    values above it, ±inf and ±0.  All three pieces (SPLIT 3): hi + mid + lo is x exactly and a
+    finite x never gives hi = inf.  Fewer pieces keep x to 2^-7 (hi) and 2^-15 (hi + mid), which
+    holds for hi rounded to nearest (a GPU) and truncated: the interpreter truncates every
+    fp32 → bf16 conversion (triton 3.9 `cast_impl`), so on the CPU this checks the split's
+    algebra, and compile_check checks that SPLIT 3's hi truncates in the PTX."""
+    n = 3001
+    # Normal remainders only (|x| ≥ 2^-100): the interpreter converts fp32 subnormals to bf16
+    # wrongly (triton 3.9; 4.7e-38's remainder came back 23% off).
+    exponent = torch.randint(-100, 127, (n,), generator=gen).double()
+    x = (torch.rand(n, generator=gen, dtype=torch.float64) + 1.0) * torch.exp2(exponent)
+    x = torch.where(torch.rand(n, generator=gen) < 0.5, -x, x).float()
+    bf16_max = torch.finfo(torch.bfloat16).max
+    x[:8] = torch.tensor([bf16_max, -bf16_max, 3.3999e38, -3.4028e38, float("inf"), float("-inf"), 0.0, -0.0])
+    x = x.to(device)
+    hi, mid, lo = (torch.empty(n, dtype=torch.bfloat16, device=device) for _ in range(3))
+    _split_kernel[(triton.cdiv(n, 1024),)](x, hi, mid, lo, n, SPLIT=split, BLOCK=1024)
+    x, hi, mid, lo = (t.cpu().double() for t in (x, hi, mid, lo))
+    finite = x.isfinite()
+    assert torch.equal(hi[~finite], x[~finite]) and not (mid[~finite].any() or lo[~finite].any())
+    if split == 3:
+        assert hi[finite].isfinite().all()
+        assert torch.equal((hi + mid + lo)[finite], x[finite])
+    else:
+        kept = hi if split == 1 else hi + mid
+        ok = finite & hi.isfinite()  # round to nearest: above bf16's largest value hi may be inf
+        assert ((kept - x).abs()[ok] <= x.abs()[ok] * 2.0 ** (-7 if split == 1 else -15)).all()
 
 
 # --------------------------------------------------------------------- layouts: empty and T = 0

@@ -4,7 +4,10 @@ Each variant is a kernel with the pointer dtypes, constexprs and launch config i
 would use at the benchmark shapes (benchmarks/test_bench_ops.py) on an H100: bf16 inputs with
 the tensor-core dot on, the bf16x3 and tf32x3 mixes, and the IEEE fp32 and fp64 paths.  The compile goes
 through ptxas, so an error a GPU session would meet at its first launch surfaces here.  Prints
-one line per variant with ptxas's registers and stack (spill) bytes.
+one line per variant with ptxas's registers and stack (spill) bytes.  Also fails a bf16x3
+variant whose PTX lacks the round-toward-zero conversion of the split's hi piece
+(`split_rounding`): the interpreter truncates every fp32 → bf16 conversion, so the CPU tests
+cannot tell it from round to nearest.
 
 Must run with TRITON_INTERPRET unset (tests/test_triton_compile.py starts it in a subprocess).
 Exit status: 0 all compiled; 1 a kernel failed to compile; 3 this triton cannot compile for
@@ -69,6 +72,16 @@ def compile_kernel(fn, pointers: dict, ints: dict, constexprs: dict, num_warps: 
             raise ValueError(f"no value for argument {name} of {fn.__name__}")
     src = ASTSource(fn, signature, constexprs=consts, attrs=attrs)
     return compile_(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def split_rounding(name: str, kernel) -> str:
+    """'' or why a variant's PTX is wrong: a bf16x3 dot (all three pieces) truncates the fp32
+    tile to its hi piece (`segment_matmul._split_bf16x3`, ``cvt.rz.bf16.f32``); rounded to
+    nearest, a finite value above bf16's largest would become inf and its product NaN."""
+    ptx = getattr(kernel, "asm", {}).get("ptx", "")
+    if "bf16x3" in name and ptx and "cvt.rz.bf16.f32" not in ptx:
+        return "bf16x3 split without cvt.rz.bf16.f32 (hi must round toward zero)"
+    return ""
 
 
 def resource_usage(kernel) -> str:
@@ -251,6 +264,11 @@ def main(argv=None) -> int:
         except Exception:
             failed += 1
             print(f"FAILED {name} [{cfg} warps={warps} stages={stages}]\n{traceback.format_exc()}", flush=True)
+            continue
+        wrong = split_rounding(name, kernel)
+        if wrong:
+            failed += 1
+            print(f"FAILED {name} [{cfg} warps={warps} stages={stages}]: {wrong}", flush=True)
             continue
         print(f"ok {name} [{cfg} warps={warps} stages={stages}] {resource_usage(kernel)}", flush=True)
     return 1 if failed else 0

@@ -48,14 +48,23 @@ def _dot16(acc, a, b):
 
 
 @triton.jit
-def _split_bf16x3(x):
-    """fp32 x = hi + mid + lo, three bf16 tiles, up to 2^-27 |x| (each remainder is exact in fp32
-    and bf16 rounding keeps 8 of its bits; bf16 has fp32's exponent range, so nothing overflows
-    below bf16's largest finite value, ~3.39e38: a finite |x| above it rounds to hi = inf on a
-    GPU, and its product turns NaN).  A remainder is taken as 0 where the piece already equals
-    x: for x = ±inf, x − hi would be inf − inf = NaN and turn the product's ±inf into NaN (for
-    finite x both give the same 0)."""
-    hi = x.to(tl.bfloat16)
+def _split_bf16x3(x, SPLIT: tl.constexpr):
+    """fp32 x = hi + mid + lo, three bf16 tiles (each remainder is exact in fp32; bf16 has fp32's
+    exponent range).  With all three pieces (SPLIT 3) hi is x truncated (round toward zero): its
+    remainder holds x's last 16 significant bits, which mid (round to nearest) and lo hold
+    exactly, so the split is exact for every normal x, and a finite x never rounds to hi = inf
+    (round to nearest takes |x| above bf16's largest finite value, ~3.39e38, to inf on a GPU,
+    whose product turns NaN).  With fewer pieces hi is rounded to nearest, the smaller error:
+    2^-9 |x| for hi alone (what an eager bf16 model does to its intermediates, overflow
+    included), ~2^-17 |x| for hi + mid (truncation: ~2^-16).  A remainder is taken as 0 where
+    the piece already equals x: for x = ±inf, x − hi would be inf − inf = NaN and turn the
+    product's ±inf into NaN (for finite x both give the same 0).  Truncating costs nothing
+    measurable in the PTX (sm_90a, triton 3.6): hi takes 16 cvt.rz instead of 16 cvt.rn per
+    thread per tile, with the same registers."""
+    if SPLIT >= 3:
+        hi = x.to(tl.bfloat16, fp_downcast_rounding="rtz")
+    else:
+        hi = x.to(tl.bfloat16)
     hi32 = hi.to(tl.float32)
     rest = tl.where(hi32 == x, 0.0, x - hi32)
     mid = rest.to(tl.bfloat16)
@@ -84,9 +93,10 @@ def mma(acc, a, b, IS_FP64: tl.constexpr, NATIVE: tl.constexpr, SPLIT: tl.conste
         fp32 accumulator).
       - "bf16x3": an fp32 tile (an fp32 intermediate: gain ⊙ h, z, grouped_bilinear's scores)
         against a bf16 tile is split into three bf16 tiles (`_split_bf16x3`) and takes three
-        bf16 dots: error up to 2^-27 relative per product, finer than tf32x3's ~2^-22, in three
-        bf16 passes where tf32x3 takes three TF32 passes at half the bf16 rate (by the
-        tensor-core rates: 2× faster; not yet timed).  fp16 is not split so: fp16 pieces of an
+        bf16 dots: the split is exact (normal fp32) and so are the products, only the fp32
+        accumulation rounds (tf32x3: ~2^-22 per product), in three bf16 passes where tf32x3
+        takes three TF32 passes at half the bf16 rate (by the tensor-core rates: 2× faster; not
+        yet timed).  fp16 is not split so: fp16 pieces of an
         fp32 value can overflow (65504) or lose its small part to fp16's range.  SPLIT
         (`launch.dot_split`; 3 by default) keeps fewer pieces, trading accuracy for passes:
         2 (hi + mid: up to ~2^-17 relative per product), 1 (hi: the fp32 tile rounded to bf16,
@@ -112,7 +122,7 @@ def mma(acc, a, b, IS_FP64: tl.constexpr, NATIVE: tl.constexpr, SPLIT: tl.conste
             else:
                 acc = _dot16(acc, a, b)
         elif a.dtype == tl.float32 and b.dtype == tl.bfloat16:
-            hi, mid, lo = _split_bf16x3(a)  # pieces SPLIT leaves out are dead code
+            hi, mid, lo = _split_bf16x3(a, SPLIT)  # pieces SPLIT leaves out are dead code
             if SPLIT >= 2:
                 b_fin = _finite_or_zero(b)
                 if SPLIT >= 3:
@@ -120,7 +130,7 @@ def mma(acc, a, b, IS_FP64: tl.constexpr, NATIVE: tl.constexpr, SPLIT: tl.conste
                 acc = _dot16(acc, mid, b_fin)
             acc = _dot16(acc, hi, b)
         elif a.dtype == tl.bfloat16 and b.dtype == tl.float32:
-            hi, mid, lo = _split_bf16x3(b)
+            hi, mid, lo = _split_bf16x3(b, SPLIT)
             if SPLIT >= 2:
                 a_fin = _finite_or_zero(a)
                 if SPLIT >= 3:
