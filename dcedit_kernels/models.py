@@ -42,8 +42,10 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torc
     """Load (model, tokenizer) for editing, in eval mode.
 
     `name_or_path`: None for the default SmolLM2 gguf; a `.gguf` file (de-quantized to `dtype` by
-    transformers, which needs the `gguf` package); or anything `from_pretrained` takes (a local
-    folder, or a hub name when a hub is reachable). A missing path raises FileNotFoundError.
+    transformers, which needs the `gguf` package); or a causal LM that `AutoModelForCausalLM.
+    from_pretrained` takes (a local folder, or a hub name when a hub is reachable; seq2seq models
+    are loaded by the caller). A missing `.gguf` file, absolute path or ./-relative path raises
+    FileNotFoundError; any other missing name goes to the hub, whose error (OSError) is raised.
     The tokenizer gets a pad token (its eos) when it has none, since batches are padded.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer

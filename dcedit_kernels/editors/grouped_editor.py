@@ -213,7 +213,9 @@ class GroupedEditor(nn.Module):
 
     @classmethod
     def from_mend_state_dict(cls, state_dict, inner_params, shapes, prefix="mend."):
-        """Editors of an original MEND checkpoint; see :func:`dcedit_kernels.compat.mend.load`."""
+        """{inner parameter: MendWeightView} of an original MEND checkpoint (each the editor of
+        its weight shape with that weight's mode and edit_lr); see
+        :func:`dcedit_kernels.compat.mend.load`."""
         from ..compat.mend import load
 
         return load(state_dict, inner_params, shapes, prefix=prefix)
