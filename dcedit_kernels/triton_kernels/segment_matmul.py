@@ -107,6 +107,10 @@ def mma(acc, a, b, IS_FP64: tl.constexpr, NATIVE: tl.constexpr, SPLIT: tl.conste
         cuBLAS then does, or DCEDIT_TRITON_FP32_SPLIT=1).  Not one pass by default for 16-bit
         ops: it rounds the fp32 side to 10 mantissa bits (up to 2^-11 ≈ 5e-4), which the op
         tests' 1e-5 tolerance for 16-bit inputs rejects, and IEEE fp32 runs on the FMA units.
+        triton splits tf32x3 itself, x − cvt.rna.tf32(x) for both tiles (its TTGIR, 3.6), so an
+        infinite entry (or a finite one that rounds up past fp32's largest) turns the output
+        entries it reaches NaN where the reference has ±inf: still non-finite, in the same
+        entries, and the CPU tests cannot show it (the interpreter does one fp32 dot).
     Otherwise both tiles are cast to fp32 with input_precision="ieee" (exact products): the
     default TF32 would be off by ~1e-3 from the fp32 reference.
     """
