@@ -10,7 +10,9 @@ gradient conflict (GCR) and magnitude similarity (GMS) per layer (the paper's Ta
    editors with random routing (`dcedit_kernels.cli.random_routing_twin`).
 2. For each method runs `dcedit_kernels.evaluate.evaluate_method` on --data: for each N_u,
    --repeats samples of N_u edits (the same samples for every method), each applied as one batch,
-   scored and undone; mean ± std over the samples.
+   scored and undone; mean ± std over the samples.  `--fusions add,ssm` adds rows for RaEditor
+   and MoEditor applied with those fusions (the same trained editors: training's locality rows
+   see the sum of the group shifts whatever the fusion, see `dcedit_kernels.train`).
 3. For each N_u, on that N_u's first sample, GCR and GMS of the per-edit gradients of each layer
    in --gradient-layers (from the captured factors; no per-edit gradient matrix is formed).
 4. Writes a Markdown report (the exact command, the machine, timings, the tables, the plots),
@@ -25,6 +27,7 @@ import platform
 import shlex
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -40,6 +43,8 @@ from dcedit_kernels.cli import (  # noqa: E402
 
 ALL_METHODS = ("ft", "ft_kl", "mend", "raeditor", "moeditor", "proeditor")
 TRAINED = ("mend", "moeditor", "proeditor")  # RaEditor = MoEditor's editors, random routing
+FUSIONS = ("add", "max", "sss", "ssm")
+ROUTED = ("raeditor", "moeditor")  # the methods with N_g editors to fuse
 TABLE_METRICS = (("es", "ES"), ("reliability", "rel"), ("dd", "DD"), ("lmp", "LMP"), ("ns", "NS"),
                  ("latency_s", "latency s"), ("peak_memory_mb", "peak MB"))
 
@@ -70,6 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--lr-lr", type=float, default=1e-4, help="learning rate of the edit steps α")
     p.add_argument("--loss-reduction", default="token", choices=("token", "edit"),
                    help="the editors' edit loss: MEND's batch mean (token) or each edit's own mean, summed (edit)")
+    p.add_argument("--fusions", default="",
+                   help="also apply RaEditor and MoEditor with these fusions (comma-separated from "
+                        f"{','.join(FUSIONS)}): one more row each, the same trained editors")
     p.add_argument("--ft-steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
@@ -90,6 +98,25 @@ def _ints(text: str, name: str) -> list[int]:
     return values
 
 
+def row_name(key: str) -> str:
+    """A results key's table name: "moeditor" → MoEditor, "moeditor:add" → MoEditor (add)."""
+    method, _, fusion = key.partition(":")
+    return METHOD_NAMES[method] + (f" ({fusion})" if fusion else "")
+
+
+@contextmanager
+def applied_fusion(me, fusion: str | None):
+    """`me`'s editors fuse their group shifts by `fusion` inside the block (None: as trained)."""
+    saved = {key: editor.fusion for key, editor in me.editors.items()}
+    try:
+        for editor in me.editors.values():
+            editor.fusion = fusion or editor.fusion
+        yield
+    finally:
+        for key, editor in me.editors.items():
+            editor.fusion = saved[key]
+
+
 def fmt(stat: dict, digits: int = 3) -> str:
     if stat["mean"] is None:
         return "–"
@@ -107,7 +134,7 @@ def plot_es_dd(results: dict, sizes: list[int], path: Path) -> None:
         for method, result in results.items():
             means = [result["by_n"][n][metric]["mean"] for n in sizes]
             stds = [result["by_n"][n][metric]["std"] for n in sizes]
-            ax.errorbar(sizes, means, yerr=stds, marker="o", capsize=3, label=METHOD_NAMES[method])
+            ax.errorbar(sizes, means, yerr=stds, marker="o", capsize=3, label=row_name(method))
         ax.set_xlabel("N_u (edits applied at once)")
         ax.set_title(label, fontsize=10)
         ax.set_xticks(sizes)
@@ -175,6 +202,9 @@ def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Pa
            "the batch's mean target NLL (loss_reduction 'token', MEND's), which shrink as 1/N_u. ")
         + ("Training time: " + ", ".join(_train_time(m, i) for m, i in report["training"].items()) + "."
            if report["training"] else ""),
+        *([f"- Rows \"MoEditor (add)\" and the like: the same trained editors, their group shifts fused by "
+           f"that rule at apply time instead of {report['editor'].get('fusion', 'sss')} (`--fusions`)."]
+          if any(":" in key for key in report["methods"]) else []),
         f"- FT / FT+KL: {report['ft_steps']} Adam steps (lr 5e-4) on the edited weights; FT+KL adds the KL on the "
         "edits' locality prompts.",
         f"- Evaluation: `{Path(report['data']).name}` ({report['n_requests']} edits); for each N_u, "
@@ -200,7 +230,7 @@ def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Pa
         for n in sizes:
             row = result["by_n"][n]
             cells = [fmt(row[m], 2 if m in ("latency_s",) else (0 if m == "peak_memory_mb" else 3)) for m, _ in TABLE_METRICS]
-            lines.append(f"| {METHOD_NAMES[method]} | {n} | " + " | ".join(cells) + " |")
+            lines.append(f"| {row_name(method)} | {n} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"![ES, DD and LMP per method and N_u]({rel}/es_dd_by_n.png)",
@@ -246,6 +276,9 @@ def _run(args, t_start) -> int:
     progress = not args.no_progress
     sizes = _ints(args.n_edits, "--n-edits")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    fusions = [f.strip() for f in args.fusions.split(",") if f.strip()]
+    if set(fusions) - set(FUSIONS):
+        raise UserError(f"--fusions: unknown {sorted(set(fusions) - set(FUSIONS))}; choose from {FUSIONS}")
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         raise UserError(f"--methods: unknown {unknown}; choose from {ALL_METHODS}")
@@ -295,16 +328,21 @@ def _run(args, t_start) -> int:
         if method in methods:
             editors[method] = ModelEditor(model, tokenizer, layers=layers, method=method, ft_steps=args.ft_steps)
     train_s = sum(i["train_s"] for i in training.values())
+    routed = [editors[m] for m in ROUTED if m in editors]
+    trained_fusion = next(iter(routed[0].editors.values())).fusion if routed else None
 
     t0 = time.perf_counter()
     results, base_cache = {}, {}  # the unedited model's locality predictions, shared by all methods
-    for method in methods:
-        results[method] = evaluate_method(model, tokenizer, editors[method], requests, n_edits=sizes,
-                                          repeats=args.repeats, seed=args.seed, progress=progress,
-                                          base_cache=base_cache)
+    runs = [(m, None) for m in methods] + [(m, f) for m in methods if m in ROUTED for f in fusions]
+    for method, fusion in runs:
+        key = method if fusion is None else f"{method}:{fusion}"
+        with applied_fusion(editors[method], fusion):
+            results[key] = evaluate_method(model, tokenizer, editors[method], requests, n_edits=sizes,
+                                           repeats=args.repeats, seed=args.seed, progress=progress,
+                                           base_cache=base_cache)
         for n in sizes:
-            row = results[method]["by_n"][n]
-            print(f"{METHOD_NAMES[method]:<10} N_u={n:<4} ES {fmt(row['es'])}  DD {fmt(row['dd'])}  "
+            row = results[key]["by_n"][n]
+            print(f"{row_name(key):<16} N_u={n:<4} ES {fmt(row['es'])}  DD {fmt(row['dd'])}  "
                   f"LMP {fmt(row['lmp'])}", flush=True)
 
     # The unedited model on the same samples: what ES/rel/NS are before any edit.
@@ -329,8 +367,9 @@ def _run(args, t_start) -> int:
         machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         model=model_file, threads=threads, layers=layers, data=data, train_data=train_data,
         n_requests=len(requests), n_train=len(train_requests), repeats=args.repeats, seed=args.seed,
-        train_config=train_config, editor=dict(rank=args.rank, n_editors=args.n_editors, loss_reduction=args.loss_reduction), ft_steps=args.ft_steps,
-        training=training, methods={m: results[m] for m in methods}, unedited=unedited, gradients=gradients,
+        train_config=train_config, editor=dict(rank=args.rank, n_editors=args.n_editors, loss_reduction=args.loss_reduction,
+                                              fusion=trained_fusion), ft_steps=args.ft_steps,
+        training=training, methods=results, unedited=unedited, gradients=gradients,
         cache_dir=str(cache_dir()),
         timings=dict(load_s=load_s, train_s=train_s, eval_s=eval_s, gradient_s=gradient_s,
                      total_s=time.perf_counter() - t_start),

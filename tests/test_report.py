@@ -1,0 +1,83 @@
+"""python/report.py's rendering and its --fusions rows, on a synthetic report (the real run trains
+editors on CounterFact for minutes: RESULTS.md records those)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from dcedit_kernels.model_editor import ModelEditor
+from dcedit_kernels.models import tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = [2, 5]
+
+
+@pytest.fixture(scope="module")
+def report_module():
+    spec = importlib.util.spec_from_file_location("report_program", REPO / "python" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _stat(mean):
+    return dict(mean=mean, std=0.01, values=[mean - 0.01, mean + 0.01])
+
+
+def _result(es, dd):
+    return dict(by_n={n: dict(es=_stat(es), reliability=_stat(es), dd=_stat(dd), lmp=_stat(es - dd), ns=_stat(0.1),
+                              latency_s=_stat(1.0), peak_memory_mb=_stat(100.0)) for n in SIZES})
+
+
+def _report(methods):
+    layers = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    unedited = {n: dict(es=_stat(0.04), reliability=_stat(0.05), dd=_stat(0.0), lmp=_stat(0.04), ns=_stat(0.1),
+                        latency_s=dict(mean=None, std=None, values=[]),
+                        peak_memory_mb=dict(mean=None, std=None, values=[])) for n in SIZES}
+    return dict(
+        date="2026-11-30 00:00 UTC", command="python python/report.py --fusions add", machine="x", model="m.gguf",
+        threads=1, layers=layers, data="val.json", train_data="train.json", n_requests=10, n_train=4, repeats=2,
+        seed=0, train_config=dict(steps=2, batch_size=2, lr=1e-3, lr_lr=1e-4),
+        editor=dict(rank=4, n_editors=2, loss_reduction="token", fusion="sss"), ft_steps=1,
+        training={"moeditor": dict(cached=False, train_s=1.0)}, methods=methods, unedited=unedited,
+        gradients={n: {name: dict(gcr=0.2, gms=0.9) for name in layers} for n in SIZES},
+        timings=dict(load_s=1.0, train_s=1.0, eval_s=1.0, gradient_s=1.0, total_s=4.0),
+    ), layers
+
+
+def test_fusion_rows_are_rendered(report_module, tmp_path):
+    methods = {"mend": _result(0.2, 0.1), "moeditor": _result(0.15, 0.3), "moeditor:add": _result(0.14, 0.3),
+               "raeditor:ssm": _result(0.1, 0.2)}
+    report, layers = _report(methods)
+    text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
+    for name in ("| MEND | 2 |", "| MoEditor | 5 |", "| MoEditor (add) | 2 |", "| RaEditor (ssm) | 5 |"):
+        assert name in text, name
+    assert "instead of sss (`--fusions`)" in text
+    report_module.plot_es_dd(methods, SIZES, tmp_path / "es_dd.png")
+    report_module.plot_gradients(report["gradients"], SIZES, layers, tmp_path / "gcr.png")
+    assert (tmp_path / "es_dd.png").stat().st_size > 0 and (tmp_path / "gcr.png").stat().st_size > 0
+
+    plain, _ = _report({"mend": _result(0.2, 0.1)})
+    assert "(`--fusions`)" not in report_module.markdown(plain, SIZES, layers, tmp_path / "r.md", tmp_path)
+
+
+def test_applied_fusion_restores(report_module):
+    model, tok = tiny_model("llama")
+    me = ModelEditor(model, tok, ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"],
+                     method="moeditor", n_editors=2, rank=4)
+    editors = list(me.editors.values())
+    assert editors and all(e.fusion == "sss" for e in editors)
+    with report_module.applied_fusion(me, "add"):
+        assert all(e.fusion == "add" for e in editors)
+    with pytest.raises(RuntimeError):
+        with report_module.applied_fusion(me, "max"):
+            raise RuntimeError("an evaluation that fails")
+    assert all(e.fusion == "sss" for e in editors)
+    with report_module.applied_fusion(me, None):
+        assert all(e.fusion == "sss" for e in editors)
+
+
+def test_unknown_fusion_is_refused(report_module, capsys):
+    assert report_module.main(["--fusions", "add,mean"]) == 2
+    assert "--fusions: unknown ['mean']" in capsys.readouterr().err
