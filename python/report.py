@@ -73,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=25, help="edits per training step")
     p.add_argument("--lr", type=float, default=1e-3, help="editor learning rate")
     p.add_argument("--lr-lr", type=float, default=1e-4, help="learning rate of the edit steps α")
+    p.add_argument("--balance-weight", type=float, default=None,
+                   help="weight of MoEditor's gate balance loss in training (default: TrainConfig's, 1e-2)")
     p.add_argument("--loss-reduction", default="token", choices=("token", "edit"),
                    help="the editors' edit loss: MEND's batch mean (token) or each edit's own mean, summed (edit)")
     p.add_argument("--fusions", default="",
@@ -174,6 +176,8 @@ def _train_time(method: str, info: dict) -> str:
 
 
 def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Path, out_dir: Path) -> str:
+    from dcedit_kernels.train import TrainConfig
+
     rel = os.path.relpath(out_dir, md_path.parent)
     t = report["timings"]
     lines = [
@@ -195,7 +199,7 @@ def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Pa
         f"`{Path(report['train_data'] or '-').name}`: {report['train_config']['steps']} steps × "
         f"{report['train_config']['batch_size']} edits, Adam lr {report['train_config']['lr']} (edit steps α: "
         f"{report['train_config']['lr_lr']}), rank {report['editor']['rank']}, N_g = {report['editor']['n_editors']} "
-        f"(MoEditor, RaEditor), ProEditor with per-token ψ and Fisher keep 0.7 (trained on the masked shift); "
+        f"(MoEditor, RaEditor; gate balance weight {report['train_config'].get('balance_weight', TrainConfig.balance_weight)}), ProEditor with per-token ψ and Fisher keep 0.7 (trained on the masked shift); "
         "RaEditor = MoEditor's editors with random routing. The editors see the gradients of "
         + ("each edit's own mean target NLL, summed (loss_reduction 'edit'): an edit's factors do not depend on N_u. "
            if report["editor"].get("loss_reduction") == "edit" else
@@ -306,6 +310,8 @@ def _run(args, t_start) -> int:
     layers = [f"model.layers.{i}.mlp.down_proj" for i in _ints(args.layers, "--layers")]
     grad_layers = [f"model.layers.{i}.mlp.down_proj" for i in _ints(args.gradient_layers, "--gradient-layers")]
     train_config = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_lr=args.lr_lr, seed=args.seed)
+    if args.balance_weight is not None:  # only when given: the editors cached without it keep their keys
+        train_config["balance_weight"] = args.balance_weight
     train_ids = [f"{r.prompt}\t{r.target}" for r in train_requests]
 
     def kwargs_of(method):

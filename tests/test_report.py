@@ -54,6 +54,7 @@ def test_fusion_rows_are_rendered(report_module, tmp_path):
     for name in ("| MEND | 2 |", "| MoEditor | 5 |", "| MoEditor (add) | 2 |", "| RaEditor (ssm) | 5 |"):
         assert name in text, name
     assert "instead of sss (`--fusions`)" in text
+    assert "gate balance weight 0.01" in text
     report_module.plot_es_dd(methods, SIZES, tmp_path / "es_dd.png")
     report_module.plot_gradients(report["gradients"], SIZES, layers, tmp_path / "gcr.png")
     assert (tmp_path / "es_dd.png").stat().st_size > 0 and (tmp_path / "gcr.png").stat().st_size > 0
