@@ -348,3 +348,35 @@ def gradient_conflict(model, tokenizer, layers: Sequence[str], requests: Sequenc
         gram = metrics.factor_gram(f.mu, f.eta, f.edit_offsets)
         out[name] = dict(gcr=metrics.gcr(gram=gram), gms=metrics.gms(gram=gram))
     return out
+
+
+def edit_statistics(editor, requests: Sequence[EditRequest]) -> dict:
+    """What a trained editor makes of one batch of edits, without applying it: {layer:
+    {"edits_per_editor": [edits routed to each of the N_g editors], "shift_norm": ‖α·Δ‖_F of the
+    fused (and Fisher-masked) shift, "weight_norm": ‖W‖_F}}.  The editors run as `apply` runs
+    them (eval mode: frozen normalisation statistics, no gate noise); the model is not changed.
+    Forms each layer's o×i shift once, like the dense apply."""
+    from .model_editor import FT_METHODS
+
+    if editor.method in FT_METHODS:
+        raise ValueError(f"editor must use a trained editor method, got {editor.method!r}")
+    requests = validate_requests(requests)
+    batch = editor.tokenize([r.prompt for r in requests], [r.target for r in requests])
+    factors, feats, _ = editor.capture(batch)
+    training = [e.training for e in editor.editors.values()]
+    try:
+        editor.editors.eval()
+        with torch.no_grad():
+            edits = editor.run_editors(factors, feats)
+            out = {}
+            for name in editor.layers:
+                edit = edits[name]
+                out[name] = dict(
+                    edits_per_editor=torch.bincount(edit.edit_group.cpu(), minlength=edit.n_groups).tolist(),
+                    shift_norm=float(edit.alpha.abs() * edit.dense().norm()),
+                    weight_norm=float(editor.modules[name].weight.float().norm()),
+                )
+    finally:
+        for e, mode in zip(editor.editors.values(), training):
+            e.train(mode)
+    return out

@@ -15,6 +15,8 @@ gradient conflict (GCR) and magnitude similarity (GMS) per layer (the paper's Ta
    see the sum of the group shifts whatever the fusion, see `dcedit_kernels.train`).
 3. For each N_u, on that N_u's first sample, GCR and GMS of the per-edit gradients of each layer
    in --gradient-layers (from the captured factors; no per-edit gradient matrix is formed).
+   `--edit-stats` also records, on each N_u's first sample, how the editors route the edits and
+   each layer's ‖α·Δ‖_F against ‖W‖_F (`dcedit_kernels.evaluate.edit_statistics`).
 4. Writes a Markdown report (the exact command, the machine, timings, the tables, the plots),
    `report.json`, `es_dd_by_n.png` and `gcr_gms_by_layer.png`.
 """
@@ -80,6 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--fusions", default="",
                    help="also apply RaEditor and MoEditor with these fusions (comma-separated from "
                         f"{','.join(FUSIONS)}): one more row each, the same trained editors")
+    p.add_argument("--edit-stats", action="store_true",
+                   help="also record, on each N_u's first sample, how the editors route the edits and the "
+                        "size of each layer's shift (`evaluate.edit_statistics`)")
     p.add_argument("--ft-steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
@@ -255,6 +260,24 @@ def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Pa
             cells += [f"{g['gcr']:.3f}", f"{g['gms']:.3f}"]
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
     lines += ["", f"![GCR and GMS per layer]({rel}/gcr_gms_by_layer.png)", ""]
+    if report.get("edit_statistics"):
+        lines += [
+            "## Routing and shift size (`--edit-stats`)",
+            "",
+            "On each N_u's first sample, as `apply` runs the editors (eval mode, no gate noise; nothing "
+            "applied): the edits routed to each editor, and ‖α·Δ‖_F of each layer's fused shift against the "
+            "weight's own ‖W‖_F.",
+            "",
+            "| method | N_u | layer | edits per editor | ‖α·Δ‖_F | ‖W‖_F |",
+            "|---|---:|---|---|---:|---:|",
+        ]
+        for method, by_n in report["edit_statistics"].items():
+            for n in sizes:
+                for name, st in by_n[n].items():
+                    lines.append(f"| {row_name(method)} | {n} | `{name}` | "
+                                 f"{' / '.join(map(str, st['edits_per_editor']))} | {st['shift_norm']:.3g} | "
+                                 f"{st['weight_norm']:.3g} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -272,7 +295,9 @@ def main(argv=None) -> int:
 def _run(args, t_start) -> int:
     from tqdm.auto import tqdm
 
-    from dcedit_kernels.evaluate import evaluate_method, gradient_conflict, sample_indices, summarize, unedited_scores
+    from dcedit_kernels.evaluate import (
+        edit_statistics, evaluate_method, gradient_conflict, sample_indices, summarize, unedited_scores,
+    )
     from dcedit_kernels.model_editor import ModelEditor
     from dcedit_kernels.models import default_model_path, load_model
 
@@ -360,6 +385,13 @@ def _run(args, t_start) -> int:
         unedited[n].update(latency_s=summarize([None]), peak_memory_mb=summarize([None]))
     eval_s = time.perf_counter() - t0
 
+    stats = {}  # {method: {N_u: {layer: edit_statistics}}}
+    if args.edit_stats:
+        for method in (m for m in methods if m not in ("ft", "ft_kl")):
+            stats[method] = {n: edit_statistics(editors[method], [requests[i] for i in
+                                                                  sample_indices(len(requests), n, args.seed, 0)])
+                             for n in sizes}
+
     t0 = time.perf_counter()
     gradients = {}
     for n in tqdm(sizes, desc="GCR/GMS", disable=not progress):
@@ -376,6 +408,7 @@ def _run(args, t_start) -> int:
         train_config=train_config, editor=dict(rank=args.rank, n_editors=args.n_editors, loss_reduction=args.loss_reduction,
                                               fusion=trained_fusion), ft_steps=args.ft_steps,
         training=training, methods=results, unedited=unedited, gradients=gradients,
+        edit_statistics=stats,
         cache_dir=str(cache_dir()),
         timings=dict(load_s=load_s, train_s=train_s, eval_s=eval_s, gradient_s=gradient_s,
                      total_s=time.perf_counter() - t_start),

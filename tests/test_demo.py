@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from dcedit_kernels import cli
-from dcedit_kernels.evaluate import evaluate_method, gradient_conflict, measure_edit, sample_indices, summarize
+from dcedit_kernels.evaluate import (
+    edit_statistics, evaluate_method, gradient_conflict, measure_edit, sample_indices, summarize,
+)
 from dcedit_kernels.facts import (
     CANDIDATE_NEIGHBOURS, SMOLLM2_KNOWN_FACTS, SMOLLM2_KNOWN_NEIGHBOURS, candidate_facts, default_facts,
     default_requests, split_facts,
@@ -162,6 +164,32 @@ def test_evaluate_method_on_tiny_model(method):
     for run in result["runs"]:
         assert run["lmp"] == pytest.approx(run["es"] - run["dd"])
         assert run["indices"] == sample_indices(len(requests), run["n_edits"], 7, run["repeat"])
+
+
+def test_edit_statistics_leaves_the_model_and_editors_as_they_were():
+    """Routing counts and shift sizes of one batch, with nothing applied: the model is unchanged,
+    the editors keep their train/eval mode, and the shift norm is |α|·‖Δ‖ of the edit `apply`
+    would make (its weight change, measured)."""
+    model, tok = tiny_model("llama", seed=random.randrange(1000))
+    requests = _tiny_requests(7, random.Random())
+    layers = ["model.layers.1.mlp.down_proj", "model.layers.0.mlp.down_proj"]
+    me = ModelEditor(model, tok, layers=layers, method="moeditor", n_editors=3, rank=4)
+    me.train()
+    before = _snapshot(model)
+    stats = edit_statistics(me, requests)
+    _assert_same(model, before)
+    assert all(e.training for e in me.editors.values())
+    assert set(stats) == set(layers)
+    for name, st in stats.items():
+        assert len(st["edits_per_editor"]) == 3 and sum(st["edits_per_editor"]) == 7
+        weight = model.get_submodule(name).weight.detach()
+        assert st["weight_norm"] == pytest.approx(float(weight.norm()))
+        with me.edited(requests):
+            moved = float((model.get_submodule(name).weight.detach() - before[name + ".weight"]).norm())
+        assert st["shift_norm"] == pytest.approx(moved, rel=1e-4, abs=1e-6)
+    assert stats[layers[0]]["edits_per_editor"] == stats[layers[1]]["edits_per_editor"]  # one gate per shape
+    with pytest.raises(ValueError, match="editor must use a trained editor method"):
+        edit_statistics(ModelEditor(model, tok, layers=layers, method="ft"), requests)
 
 
 def test_evaluate_method_accepts_a_model_editor_and_checks_arguments():

@@ -59,6 +59,12 @@ def test_fusion_rows_are_rendered(report_module, tmp_path):
     report_module.plot_gradients(report["gradients"], SIZES, layers, tmp_path / "gcr.png")
     assert (tmp_path / "es_dd.png").stat().st_size > 0 and (tmp_path / "gcr.png").stat().st_size > 0
 
+    report["edit_statistics"] = {"moeditor": {n: {name: dict(edits_per_editor=[n - 1, 1], shift_norm=12.5,
+                                                              weight_norm=190.0) for name in layers}
+                                              for n in SIZES}}
+    text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
+    assert "| MoEditor | 5 | `model.layers.1.mlp.down_proj` | 4 / 1 | 12.5 | 190 |" in text
+
     plain, _ = _report({"mend": _result(0.2, 0.1)})
     assert "(`--fusions`)" not in report_module.markdown(plain, SIZES, layers, tmp_path / "r.md", tmp_path)
 
