@@ -363,20 +363,14 @@ def edit_statistics(editor, requests: Sequence[EditRequest]) -> dict:
     requests = validate_requests(requests)
     batch = editor.tokenize([r.prompt for r in requests], [r.target for r in requests])
     factors, feats, _ = editor.capture(batch)
-    training = [e.training for e in editor.editors.values()]
-    try:
-        editor.editors.eval()
-        with torch.no_grad():
-            edits = editor.run_editors(factors, feats)
-            out = {}
-            for name in editor.layers:
-                edit = edits[name]
-                out[name] = dict(
-                    edits_per_editor=torch.bincount(edit.edit_group.cpu(), minlength=edit.n_groups).tolist(),
-                    shift_norm=float(edit.alpha.abs() * edit.dense().norm()),
-                    weight_norm=float(editor.modules[name].weight.float().norm()),
-                )
-    finally:
-        for e, mode in zip(editor.editors.values(), training):
-            e.train(mode)
+    edits = editor.edits_as_applied(factors, feats)
+    out = {}
+    with torch.no_grad():
+        for name in editor.layers:
+            edit = edits[name]
+            out[name] = dict(
+                edits_per_editor=torch.bincount(edit.edit_group.cpu(), minlength=edit.n_groups).tolist(),
+                shift_norm=float(edit.alpha.abs() * edit.dense().norm()),
+                weight_norm=float(editor.modules[name].weight.float().norm()),
+            )
     return out

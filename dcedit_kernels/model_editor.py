@@ -653,6 +653,18 @@ class ModelEditor:
                                  edit_feats=None if feats is None else feats.to(dev))
         return edits
 
+    def edits_as_applied(self, factors: dict, feats: torch.Tensor | None) -> dict:
+        """{layer: GroupedEdit} as `apply` makes them: the editors in eval mode (frozen
+        normalisation statistics, no gate noise), no grad; their train/eval mode comes back."""
+        training = [e.training for e in self.editors.values()]
+        try:
+            self.editors.eval()
+            with torch.no_grad():
+                return self.run_editors(factors, feats)
+        finally:
+            for editor, mode in zip(self.editors.values(), training):
+                editor.train(mode)
+
     # -- apply / undo ----------------------------------------------------------------------------
     def apply(self, requests: Iterable[EditRequest]) -> EditHandle:
         """Edit the model in place; returns the handle that undoes it (see the module docstring)."""
@@ -702,14 +714,7 @@ class ModelEditor:
         t0 = time.perf_counter()
         factors, feats, _ = self.capture(batch)
         t1 = time.perf_counter()
-        training = [e.training for e in self.editors.values()]
-        try:
-            self.editors.eval()  # frozen normalisation statistics, no gate noise
-            with torch.no_grad():
-                edits = self.run_editors(factors, feats)
-        finally:
-            for editor, mode in zip(self.editors.values(), training):
-                editor.train(mode)
+        edits = self.edits_as_applied(factors, feats)
         for name, edit in edits.items():
             if not all(bool(torch.isfinite(t).all()) for t in (edit.mu_t, edit.eta_t, edit.alpha)):
                 raise FloatingPointError(

@@ -42,10 +42,11 @@ import torch  # noqa: E402
 from dcedit_kernels.cli import (  # noqa: E402
     METHOD_NAMES, UserError, cache_dir, load_requests, random_routing_twin, set_threads, trained_editor, write_json,
 )
+from dcedit_kernels.reference.grouped_outer import FUSIONS as GROUP_FUSIONS  # noqa: E402
 
 ALL_METHODS = ("ft", "ft_kl", "mend", "raeditor", "moeditor", "proeditor")
 TRAINED = ("mend", "moeditor", "proeditor")  # RaEditor = MoEditor's editors, random routing
-FUSIONS = ("add", "max", "sss", "ssm")
+FUSIONS = tuple(f for f in GROUP_FUSIONS if f != "none")  # the rules an edit can apply
 ROUTED = ("raeditor", "moeditor")  # the methods with N_g editors to fuse
 TABLE_METRICS = (("es", "ES"), ("reliability", "rel"), ("dd", "DD"), ("lmp", "LMP"), ("ns", "NS"),
                  ("latency_s", "latency s"), ("peak_memory_mb", "peak MB"))
@@ -298,7 +299,7 @@ def _run(args, t_start) -> int:
     from dcedit_kernels.evaluate import (
         edit_statistics, evaluate_method, gradient_conflict, sample_indices, summarize, unedited_scores,
     )
-    from dcedit_kernels.model_editor import ModelEditor
+    from dcedit_kernels.model_editor import FT_METHODS, ModelEditor
     from dcedit_kernels.models import default_model_path, load_model
 
     threads = set_threads(args.threads)
@@ -306,8 +307,9 @@ def _run(args, t_start) -> int:
     sizes = _ints(args.n_edits, "--n-edits")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     fusions = [f.strip() for f in args.fusions.split(",") if f.strip()]
-    if set(fusions) - set(FUSIONS):
-        raise UserError(f"--fusions: unknown {sorted(set(fusions) - set(FUSIONS))}; choose from {FUSIONS}")
+    unknown = [f for f in fusions if f not in FUSIONS]
+    if unknown:
+        raise UserError(f"--fusions: unknown {unknown}; choose from {FUSIONS}")
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         raise UserError(f"--methods: unknown {unknown}; choose from {ALL_METHODS}")
@@ -387,7 +389,7 @@ def _run(args, t_start) -> int:
 
     stats = {}  # {method: {N_u: {layer: edit_statistics}}}
     if args.edit_stats:
-        for method in (m for m in methods if m not in ("ft", "ft_kl")):
+        for method in (m for m in methods if m not in FT_METHODS):
             stats[method] = {n: edit_statistics(editors[method], [requests[i] for i in
                                                                   sample_indices(len(requests), n, args.seed, 0)])
                              for n in sizes}

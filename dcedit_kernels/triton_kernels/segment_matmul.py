@@ -96,9 +96,9 @@ def mma(acc, a, b, IS_FP64: tl.constexpr, NATIVE: tl.constexpr, SPLIT: tl.conste
         bf16 dots: the split is exact (normal fp32) and so are the products, only the fp32
         accumulation rounds (tf32x3: ~2^-22 per product), in three bf16 passes where tf32x3
         takes three TF32 passes at half the bf16 rate (by the tensor-core rates: 2× faster; not
-        yet timed).  fp16 is not split so: fp16 pieces of an
-        fp32 value can overflow (65504) or lose its small part to fp16's range.  SPLIT
-        (`launch.dot_split`; 3 by default) keeps fewer pieces, trading accuracy for passes:
+        yet timed).  fp16 is not split so: fp16 pieces of an fp32 value can overflow (65504) or
+        lose its small part to fp16's range.  SPLIT (`launch.dot_split`; 3 by default) keeps
+        fewer pieces, trading accuracy for passes:
         2 (hi + mid: up to ~2^-17 relative per product), 1 (hi: the fp32 tile rounded to bf16,
         2^-9, as an eager bf16 model rounds its intermediates).
       - "tf32x3": any other pair (fp32 with fp32 or with fp16, fp16 with bf16): three TF32
