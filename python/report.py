@@ -48,6 +48,7 @@ ALL_METHODS = ("ft", "ft_kl", "mend", "raeditor", "moeditor", "proeditor")
 TRAINED = ("mend", "moeditor", "proeditor")  # RaEditor = MoEditor's editors, random routing
 FUSIONS = tuple(f for f in GROUP_FUSIONS if f != "none")  # the rules an edit can apply
 ROUTED = ("raeditor", "moeditor")  # the methods with N_g editors to fuse
+LOSS_WEIGHTS = ("balance_weight", "cedit", "cloc")  # TrainConfig fields that --balance-weight etc. override
 TABLE_METRICS = (("es", "ES"), ("reliability", "rel"), ("dd", "DD"), ("lmp", "LMP"), ("ns", "NS"),
                  ("latency_s", "latency s"), ("peak_memory_mb", "peak MB"))
 
@@ -78,6 +79,10 @@ def parse_args(argv=None):
     p.add_argument("--lr-lr", type=float, default=1e-4, help="learning rate of the edit steps α")
     p.add_argument("--balance-weight", type=float, default=None,
                    help="weight of MoEditor's gate balance loss in training (default: TrainConfig's, 1e-2)")
+    p.add_argument("--cedit", type=float, default=None,
+                   help="weight of the edit loss in training (default: TrainConfig's, MEND's 0.1)")
+    p.add_argument("--cloc", type=float, default=None,
+                   help="weight of the KL locality loss in training (default: TrainConfig's, MEND's 1.0)")
     p.add_argument("--loss-reduction", default="token", choices=("token", "edit"),
                    help="the editors' edit loss: MEND's batch mean (token) or each edit's own mean, summed (edit)")
     p.add_argument("--fusions", default="",
@@ -174,6 +179,13 @@ def plot_gradients(grad: dict, sizes: list[int], layers: list[str], path: Path) 
     plt.close(fig)
 
 
+def _weight(report: dict, name: str) -> float:
+    """A training loss weight of the report: as given on the command line, else TrainConfig's."""
+    from dcedit_kernels.train import TrainConfig
+
+    return report["train_config"].get(name, getattr(TrainConfig, name))
+
+
 def _train_time(method: str, info: dict) -> str:
     if not info["cached"]:
         return f"{METHOD_NAMES[method]} {info['train_s']:.0f} s"
@@ -205,7 +217,8 @@ def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Pa
         f"`{Path(report['train_data'] or '-').name}`: {report['train_config']['steps']} steps × "
         f"{report['train_config']['batch_size']} edits, Adam lr {report['train_config']['lr']} (edit steps α: "
         f"{report['train_config']['lr_lr']}), rank {report['editor']['rank']}, N_g = {report['editor']['n_editors']} "
-        f"(MoEditor, RaEditor; gate balance weight {report['train_config'].get('balance_weight', TrainConfig.balance_weight)}), ProEditor with per-token ψ and Fisher keep 0.7 (trained on the masked shift); "
+        f"(MoEditor, RaEditor; gate balance weight {_weight(report, 'balance_weight')}), loss weights cedit "
+        f"{_weight(report, 'cedit')} and cloc {_weight(report, 'cloc')}, ProEditor with per-token ψ and Fisher keep 0.7 (trained on the masked shift); "
         "RaEditor = MoEditor's editors with random routing. The editors see the gradients of "
         + ("each edit's own mean target NLL, summed (loss_reduction 'edit'): an edit's factors do not depend on N_u. "
            if report["editor"].get("loss_reduction") == "edit" else
@@ -337,8 +350,9 @@ def _run(args, t_start) -> int:
     layers = [f"model.layers.{i}.mlp.down_proj" for i in _ints(args.layers, "--layers")]
     grad_layers = [f"model.layers.{i}.mlp.down_proj" for i in _ints(args.gradient_layers, "--gradient-layers")]
     train_config = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_lr=args.lr_lr, seed=args.seed)
-    if args.balance_weight is not None:  # only when given: the editors cached without it keep their keys
-        train_config["balance_weight"] = args.balance_weight
+    for name in LOSS_WEIGHTS:  # only when given: the editors cached without them keep their keys
+        if getattr(args, name) is not None:
+            train_config[name] = getattr(args, name)
     train_ids = [f"{r.prompt}\t{r.target}" for r in train_requests]
 
     def kwargs_of(method):
