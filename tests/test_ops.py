@@ -6,6 +6,7 @@ itself is checked here against independent per-group formulas written from SPEC.
 
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -194,6 +195,16 @@ def test_segmented_fisher_opcheck_and_errors(gen):
     opcheck(torch.ops.dcedit.segmented_fisher.default, (eta, mu, offsets))
     with pytest.raises(ValueError, match="edit_offsets"):
         ops.segmented_fisher(eta, mu, torch.tensor([0, 4, 2], dtype=torch.int32))
+
+
+def test_segmented_fisher_is_not_differentiable(gen):
+    """SPEC: not differentiable: the output does not require grad, with no autograd warning."""
+    eta, mu, offsets = _outer_inputs(gen, G=3, o=3, i=4, dtype=torch.float64, counts=[1, 0, 4])
+    eta.requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for got in (ops.segmented_fisher(eta, mu, offsets), torch.ops.dcedit.segmented_fisher(eta, mu, offsets)):
+            assert not got.requires_grad and got.grad_fn is None
 
 
 # ---------------------------------------------------------------- fisher_mask

@@ -4,6 +4,7 @@ import torch
 
 from .. import reference
 from .._checks import check_offsets, check_same_device, check_tensor, compute_dtype
+from .._library import _LIB
 from ._dispatch import opcall, register, triton_launcher
 
 
@@ -23,6 +24,10 @@ def check_segmented_fisher(eta, mu, edit_offsets):
 
 register("segmented_fisher", reference.segmented_fisher, triton_launcher("segmented_fisher"),
          check=check_segmented_fisher)
+# SPEC: not differentiable.  Autograd falls through to the kernel, so the output does not require
+# grad (as torch's own non-differentiable ops) instead of taking torch's deprecated "no autograd
+# kernel" fallback, which marks it requires_grad and warns, then yields no gradient on backward.
+_LIB.impl("segmented_fisher", torch.library.fallthrough_kernel, "Autograd")
 
 
 def segmented_fisher(eta, mu, edit_offsets):
