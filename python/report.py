@@ -83,6 +83,9 @@ def parse_args(argv=None):
                    help="weight of the edit loss in training (default: TrainConfig's, MEND's 0.1)")
     p.add_argument("--cloc", type=float, default=None,
                    help="weight of the KL locality loss in training (default: TrainConfig's, MEND's 1.0)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="MoEditor's gate keeps the top k logits (default: the editor's, 1; at k = 1 the chosen "
+                        "edit's gate weight is 1, so the gate learns from the balance loss only)")
     p.add_argument("--loss-reduction", default="token", choices=("token", "edit"),
                    help="the editors' edit loss: MEND's batch mean (token) or each edit's own mean, summed (edit)")
     p.add_argument("--fusions", default="",
@@ -217,7 +220,7 @@ def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Pa
         f"`{Path(report['train_data'] or '-').name}`: {report['train_config']['steps']} steps × "
         f"{report['train_config']['batch_size']} edits, Adam lr {report['train_config']['lr']} (edit steps α: "
         f"{report['train_config']['lr_lr']}), rank {report['editor']['rank']}, N_g = {report['editor']['n_editors']} "
-        f"(MoEditor, RaEditor; gate balance weight {_weight(report, 'balance_weight')}), loss weights cedit "
+        f"(MoEditor, RaEditor; MoEditor's gate top-{report['editor'].get('top_k', 1)}, balance weight {_weight(report, 'balance_weight')}), loss weights cedit "
         f"{_weight(report, 'cedit')} and cloc {_weight(report, 'cloc')}, ProEditor with per-token ψ and Fisher keep 0.7 (trained on the masked shift); "
         "RaEditor = MoEditor's editors with random routing. The editors see the gradients of "
         + ("each edit's own mean target NLL, summed (loss_reduction 'edit'): an edit's factors do not depend on N_u. "
@@ -359,6 +362,8 @@ def _run(args, t_start) -> int:
         kwargs = dict(rank=args.rank, seed=args.seed, loss_reduction=args.loss_reduction)
         if method in ("raeditor", "moeditor"):
             kwargs["n_editors"] = args.n_editors
+        if method == "moeditor" and args.top_k is not None:  # only when given: cached editors keep their keys
+            kwargs["top_k"] = args.top_k
         return kwargs
 
     editors, training = {}, {}
@@ -421,7 +426,7 @@ def _run(args, t_start) -> int:
         machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         model=model_file, threads=threads, layers=layers, data=data, train_data=train_data,
         n_requests=len(requests), n_train=len(train_requests), repeats=args.repeats, seed=args.seed,
-        train_config=train_config, editor=dict(rank=args.rank, n_editors=args.n_editors, loss_reduction=args.loss_reduction,
+        train_config=train_config, editor=dict(rank=args.rank, n_editors=args.n_editors, top_k=args.top_k or 1, loss_reduction=args.loss_reduction,
                                               fusion=trained_fusion), ft_steps=args.ft_steps,
         training=training, methods=results, unedited=unedited, gradients=gradients,
         edit_statistics=stats,

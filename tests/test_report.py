@@ -54,7 +54,7 @@ def test_fusion_rows_are_rendered(report_module, tmp_path):
     for name in ("| MEND | 2 |", "| MoEditor | 5 |", "| MoEditor (add) | 2 |", "| RaEditor (ssm) | 5 |"):
         assert name in text, name
     assert "instead of sss (`--fusions`)" in text
-    assert "gate balance weight 0.01" in text
+    assert "gate top-1, balance weight 0.01" in text
     assert "loss weights cedit 0.1 and cloc 1.0" in text  # TrainConfig's: not given
 
     report_module.plot_es_dd(methods, SIZES, tmp_path / "es_dd.png")
@@ -65,8 +65,9 @@ def test_fusion_rows_are_rendered(report_module, tmp_path):
 def test_given_loss_weights_are_rendered(report_module, tmp_path):
     report, layers = _report({"mend": _result(0.2, 0.1)})
     report["train_config"].update(cloc=10.0, balance_weight=0.5)
+    report["editor"]["top_k"] = 2
     text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
-    assert "gate balance weight 0.5" in text and "loss weights cedit 0.1 and cloc 10.0" in text
+    assert "gate top-2, balance weight 0.5" in text and "loss weights cedit 0.1 and cloc 10.0" in text
 
     report["edit_statistics"] = {"moeditor": {n: {name: dict(edits_per_editor=[n - 1, 1], shift_norm=12.5,
                                                               weight_norm=190.0) for name in layers}
