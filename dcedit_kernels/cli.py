@@ -372,6 +372,7 @@ def _model_editor(args, model, tokenizer):
             me = ModelEditor.load(path, model, tokenizer)
         except ValueError as exc:
             raise UserError(f"--editor: {exc}") from None
+        _check_editor_flags(args, model, me, path)
         if getattr(args, "capture_batch_size", None) is not None:
             try:
                 me.capture_batch_size = args.capture_batch_size
@@ -382,11 +383,31 @@ def _model_editor(args, model, tokenizer):
             raise UserError(f"--loss-reduction {wanted}: the editor in {path} was trained with "
                             f"{me.loss_reduction!r} (its statistics and steps are on that scale)")
         return me
+    if args.method is None:  # edit / evaluate without --editor: the fine-tuning baseline
+        args.method = "ft"
     layers = parse_layers(model, args.layers)
     try:
         return ModelEditor(model, tokenizer, layers=layers, method=args.method, **editor_kwargs(args))
     except ValueError as exc:
         raise UserError(str(exc)) from None
+
+
+def _check_editor_flags(args, model, me, path) -> None:
+    """UserError when --method, --layers, --rank or --n-editors, given with --editor, differ from
+    what the saved editor holds: they describe the editor, which comes from the checkpoint, so
+    they would otherwise be ignored without a word."""
+    saved = {key: {e.config[key] for e in me.editors.values()} for key in ("rank", "n_editors")}
+    if args.method is not None and args.method != me.method:
+        raise UserError(f"--method {args.method}: the editor in {path} is {me.method!r} "
+                        "(with --editor, drop --method or give the editor's)")
+    if args.layers is not None and parse_layers(model, args.layers) != me.layers:
+        raise UserError(f"--layers: the editor in {path} edits {me.layers} "
+                        "(with --editor, drop --layers or give the editor's)")
+    for flag, key in (("--rank", "rank"), ("--n-editors", "n_editors")):
+        value = getattr(args, key, None)
+        if value is not None and saved[key] != {value}:
+            raise UserError(f"{flag} {value}: the editor in {path} has {key} {sorted(saved[key])} "
+                            f"(with --editor, drop {flag} or give the editor's)")
 
 
 def cmd_train(args) -> dict:
@@ -406,7 +427,11 @@ def cmd_train(args) -> dict:
                              val_size=args.val_size, seed=args.seed)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    result = me.fit(requests, val, config)
+    try:
+        result = me.fit(requests, val, config)
+    except ValueError as exc:  # e.g. --checkpoint-dir holds another run
+        hint = " (here: give another --checkpoint-dir, or empty it)" if args.checkpoint_dir else ""
+        raise UserError(f"{exc}{hint}") from None
     out = Path(args.out or f"{args.method}-editor.safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
     me.save(out)
@@ -475,7 +500,9 @@ def _mean_std(stat: dict) -> str:
 def _common(p: argparse.ArgumentParser, method_default: str | None) -> None:
     p.add_argument("--model", default=None, help="model name or path (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--layers", default=None, help="comma-separated module names to edit (default: the last 3 MLP output projections)")
-    p.add_argument("--method", default=method_default, choices=sorted(METHOD_NAMES), help="editing method")
+    p.add_argument("--method", default=method_default, choices=sorted(METHOD_NAMES),
+                   help=f"editing method (default: {method_default})" if method_default else
+                   "editing method (default: ft, or the method of --editor)")
     p.add_argument("--n-editors", type=int, default=None, help="number of editors N_g (raeditor, moeditor)")
     p.add_argument("--rank", type=int, default=None, help="editor rank")
     p.add_argument("--data", default=None, help="CounterFact or zsRE JSON file (default: the built-in facts)")
@@ -513,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", default=None, help="resumable training checkpoints")
 
     p = sub.add_parser("edit", help="apply edits, show before/after completions and scores, undo")
-    _common(p, "ft")
+    _common(p, None)
     p.add_argument("--editor", default=None, help="a trained editor (from `dcedit train`)")
     p.add_argument("--n-edits", type=int, default=None, help="edit the first N requests of --data (default 5)")
     p.add_argument("--prompt", default=None)
@@ -521,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rephrase", default=None)
 
     p = sub.add_parser("evaluate", help="mean ± std of ES, DD, LMP, ... over repeated samples of N_u edits")
-    _common(p, "ft")
+    _common(p, None)
     p.add_argument("--editor", default=None, help="a trained editor (from `dcedit train`)")
     p.add_argument("--n-edits", default=None, help="comma-separated N_u values (default 25,75,125)")
     p.add_argument("--repeats", type=int, default=3)

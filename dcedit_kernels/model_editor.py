@@ -609,7 +609,7 @@ class ModelEditor:
         with torch.enable_grad(), frozen_parameters(self.model), capture as cap:
             loss, out = self._scored_edit_loss(batch, self.loss_reduction, n_scored, output_hidden_states=need_feats)
             if not bool(torch.isfinite(loss)):
-                raise FloatingPointError(f"the edit loss is not finite ({float(loss)}); the model was not changed")
+                raise FloatingPointError(f"the edit loss is not finite ({float(loss.detach())}); the model was not changed")
             torch.autograd.grad(loss, cap.outputs, allow_unused=True)
             factors = cap.factors
         for name, f in factors.items():

@@ -44,7 +44,9 @@ on the val requests' rephrases; early stopping after `patience` validations with
 the best editor is restored at the end.  Checkpoints (safetensors only) go to `checkpoint_dir`:
 `editor.safetensors` (ModelEditor.save), `best.safetensors`, and `trainer.safetensors` (the
 optimisers' state flattened to tensors, the RNG state, and the counters as JSON metadata);
-`resume=True` continues from them.  The batch order is a function of (seed, batch index), so a
+`resume=True` continues from them (ValueError when the run's TrainConfig, apart from `steps`
+and display/saving fields, or its training or validation requests differ from the run that
+wrote them).  The batch order is a function of (seed, batch index), so a
 resumed run sees the batches it would have seen.
 
 Split models (layers on several devices): each edited layer computes on its own device with the
@@ -358,10 +360,11 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
     result = TrainResult(steps=0)
     best_state, bad_validations, rng_state = None, 0, None
+    run = _run_settings(config, train_requests, val_requests)
     if ckpt is not None:
         ckpt.mkdir(parents=True, exist_ok=True)
         if config.resume and (ckpt / "trainer.safetensors").is_file():
-            rng_state, best_state, bad_validations = _resume(me, opt, lr_opt, ckpt, result)
+            rng_state, best_state, bad_validations = _resume(me, opt, lr_opt, ckpt, result, run)
 
     was_training = me.editors.training
     start = time.perf_counter()
@@ -412,7 +415,7 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                     me.editors.train()
                 if ckpt is not None and (result.steps % config.val_every == 0 or result.steps == config.steps
                                          or result.stopped_early):
-                    _checkpoint(me, opt, lr_opt, ckpt, result, bad_validations)
+                    _checkpoint(me, opt, lr_opt, ckpt, result, bad_validations, run)
     finally:
         bar.close()
         me.editors.train(was_training)
@@ -444,7 +447,26 @@ def _validate(me, val_requests, config, result, best_state, bad_validations, ckp
     return best_state, bad_validations
 
 
-def _checkpoint(me, opt, lr_opt, ckpt: Path, result: TrainResult, bad_validations: int) -> None:
+# TrainConfig fields a resumed run may change: the step budget and how the run is shown or saved.
+_RESUMABLE_CHANGES = ("steps", "progress", "checkpoint_dir", "resume")
+
+
+def _run_settings(config: TrainConfig, train_requests, val_requests) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint: every TrainConfig
+    field but `_RESUMABLE_CHANGES`, and a hash of the training and validation requests."""
+    import hashlib
+
+    def digest(requests):
+        if requests is None:
+            return None
+        blob = json.dumps([dataclasses.asdict(r) for r in requests], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RESUMABLE_CHANGES}
+    return dict(config=settings, train_requests=digest(train_requests), val_requests=digest(val_requests))
+
+
+def _checkpoint(me, opt, lr_opt, ckpt: Path, result: TrainResult, bad_validations: int, run: dict) -> None:
     _save_editor(me, ckpt / "editor.safetensors")
     t1, m1 = _flatten_optimizer(opt, "opt")
     t2, m2 = _flatten_optimizer(lr_opt, "lr_opt")
@@ -458,7 +480,7 @@ def _checkpoint(me, opt, lr_opt, ckpt: Path, result: TrainResult, bad_validation
                     bad_validations=bad_validations, elapsed_s=result.elapsed_s,
                     history=result.history, val_history=result.val_history)
     meta = {"opt": json.dumps(m1), "lr_opt": json.dumps(m2), "counters": json.dumps(counters),
-            "model_editor": json.dumps(me.config())}
+            "model_editor": json.dumps(me.config()), "run": json.dumps(run)}
     _atomic_save(tensors, ckpt / "trainer.safetensors", meta)
 
 
@@ -467,7 +489,22 @@ def _route_generators(me: ModelEditor) -> dict:
     return {key: e._route_gen for key, e in me.editors.items() if getattr(e, "_route_gen", None) is not None}
 
 
-def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult):
+def _check_run(path: Path, saved: dict, run: dict) -> None:
+    """ValueError naming what differs between the run that wrote the checkpoint and this one (the
+    optimisers' saved state would silently bring back the old learning rates, and the batches
+    would be drawn from other requests)."""
+    changed = sorted(k for k in set(saved["config"]) | set(run["config"])
+                     if saved["config"].get(k) != run["config"].get(k))
+    changed += [name for name in ("train_requests", "val_requests") if saved.get(name) != run.get(name)]
+    if changed:
+        detail = ", ".join(f"{k} {saved['config'].get(k)!r} -> {run['config'].get(k)!r}"
+                           if k in run["config"] or k in saved["config"] else f"{k} (different requests)"
+                           for k in changed)
+        raise ValueError(f"{path} was written by a run with other settings ({detail}): resuming would continue "
+                         "that run; use another checkpoint_dir, or resume=False to start over")
+
+
+def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -483,6 +520,8 @@ def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult):
     if saved_reduction != me.loss_reduction:
         raise ValueError(f"{path} was trained with loss_reduction={saved_reduction!r}, this ModelEditor uses "
                          f"{me.loss_reduction!r}: the editor's statistics would mix two scales")
+    if "run" in meta:  # checkpoints written before the settings were recorded are not checked
+        _check_run(path, json.loads(meta["run"]), run)
     tensors = load_file(str(path))
     me.load_state_tensors(load_file(str(ckpt / "editor.safetensors")))  # copied into each editor's device
     _unflatten_optimizer(opt, "opt", tensors, json.loads(meta["opt"]))

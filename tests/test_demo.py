@@ -447,6 +447,31 @@ def test_cli_loss_reduction_flag(capsys, tmp_path, tiny_model_dir):
     assert "--loss-reduction edit" in capsys.readouterr().err
 
 
+def test_cli_editor_flags_must_match_the_saved_editor(capsys, tmp_path, tiny_model_dir):
+    """With --editor, --method/--layers/--rank/--n-editors describe the saved editor: a different
+    value is refused instead of being ignored (the run would edit with another method or layers
+    than the command line says); the editor's own values are accepted."""
+    data = _counterfact_file(tmp_path / "cf.json", n=4)
+    editor = tmp_path / "moe.safetensors"
+    model = str(tiny_model_dir)
+    assert cli.main(["train", "--model", model, "--method", "moeditor", "--n-editors", "2", "--rank", "3",
+                     "--data", str(data), "--steps", "1", "--batch-size", "2", "--out", str(editor)]) == 0
+    base = ["edit", "--model", model, "--editor", str(editor), "--prompt", "a b", "--target", "c"]
+    capsys.readouterr()
+    for extra, message in ((["--method", "proeditor"], "--method proeditor: the editor in"),
+                           (["--layers", "model.layers.1.mlp.up_proj"], "--layers: the editor in"),
+                           (["--rank", "4"], "--rank 4: the editor in"),
+                           (["--n-editors", "3"], "--n-editors 3: the editor in")):
+        assert cli.main(base + extra) == 2, extra
+        assert message in capsys.readouterr().err
+    out = tmp_path / "edit.json"
+    assert cli.main(base + ["--method", "moeditor", "--n-editors", "2", "--rank", "3", "--layers",
+                            "model.layers.0.mlp.down_proj,model.layers.1.mlp.down_proj", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["method"] == "moeditor"
+    assert cli.main(["edit", "--model", model, "--prompt", "a b", "--target", "c", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["method"] == "ft"  # the default without --editor
+
+
 def test_cli_capture_batch_size_flag(capsys, tmp_path, tiny_model_dir):
     data = _counterfact_file(tmp_path / "cf.json", n=5)
     editor = tmp_path / "mend.safetensors"

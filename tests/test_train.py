@@ -421,6 +421,25 @@ def test_resume_refuses_another_editor(gen, tmp_path):
         train_editor(other, requests, None, cfg.replace(steps=2))
 
 
+def test_resume_refuses_other_settings_or_requests(gen, tmp_path):
+    """A resumed run must be the same run: the optimisers' saved state would otherwise bring back
+    the old learning rate without a word, and the batches would come from other requests.  More
+    steps are fine."""
+    requests = random_requests(gen, 6)
+    model, tok = tiny_model("gpt2", seed=0)
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4)
+    cfg = TrainConfig(steps=1, batch_size=2, lr=1e-3, progress=False, checkpoint_dir=str(tmp_path))
+    train_editor(me, requests[:4], None, cfg)
+    with pytest.raises(ValueError, match=r"lr 0\.001 -> 0\.05"):
+        train_editor(me, requests[:4], None, cfg.replace(steps=2, lr=5e-2))
+    with pytest.raises(ValueError, match="train_requests"):
+        train_editor(me, requests[2:], None, cfg.replace(steps=2))
+    with pytest.raises(ValueError, match="val_requests"):
+        train_editor(me, requests[:4], requests[4:], cfg.replace(steps=2))
+    assert train_editor(me, requests[:4], None, cfg.replace(steps=2)).resumed_from == 1
+    assert train_editor(me, requests[2:], None, cfg.replace(steps=1, resume=False)).resumed_from is None
+
+
 def test_train_config_and_arguments_are_checked():
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0)
