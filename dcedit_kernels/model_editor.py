@@ -83,6 +83,7 @@ import json
 import signal
 import threading
 import time
+import warnings
 import weakref
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -420,6 +421,7 @@ class ModelEditor:
         self.seq2seq = is_seq2seq(model)
         self._live: list[EditHandle] = _LIVE_EDITS.setdefault(model, [])
         self.editors = nn.ModuleDict()
+        self._warned_initial = False
         self.slots: dict[str, tuple[str, int]] = {}  # layer -> (shape key, mode)
         if method in FT_METHODS:
             self.ft_options = self._ft_options(editor_kwargs)
@@ -473,6 +475,8 @@ class ModelEditor:
         if "n_modes" in kwargs:
             raise ValueError("n_modes is set by ModelEditor (the number of layers sharing a shape)")
         preset = EDITOR_METHODS[self.method]
+        if "n_editors" in kwargs and self.method not in ("raeditor", "moeditor"):
+            raise ValueError(f"n_editors is for methods 'raeditor' and 'moeditor' only; {self.method!r} has one editor")
         if self.method == "moeditor":
             # The gate reads edit features of the model's hidden size (see the module docstring).
             feat_dim = kwargs.get("feat_dim")
@@ -666,6 +670,11 @@ class ModelEditor:
                 editor.train(mode)
 
     # -- apply / undo ----------------------------------------------------------------------------
+    def editors_at_initialisation(self) -> bool:
+        """Whether every editor is as constructed: all u of the low-rank layers still 0 (MEND's
+        identity init; any training step or a trained checkpoint makes them non-zero)."""
+        return all(not bool(layer.u.detach().any()) for e in self.editors.values() for layer in e.layers)
+
     def apply(self, requests: Iterable[EditRequest]) -> EditHandle:
         """Edit the model in place; returns the handle that undoes it (see the module docstring)."""
         requests = validate_requests(requests)
@@ -675,6 +684,12 @@ class ModelEditor:
         devices = self.devices
         _peak_memory_start(devices)
         start = time.perf_counter()
+        if self.method not in FT_METHODS and not self._warned_initial and self.editors_at_initialisation():
+            self._warned_initial = True  # once per ModelEditor: evaluate_method applies hundreds of times
+            warnings.warn(f"ModelEditor.apply: the {self.method!r} editors are at their initialisation (never "
+                          "trained or loaded): an initial editor takes a gradient step of size edit_lr (1e-4), "
+                          "which rarely changes a prediction. Train them (fit) or load a checkpoint "
+                          "(ModelEditor.load).", UserWarning, stacklevel=2)
         batch = self.tokenize([r.prompt for r in requests], [r.target for r in requests])
         # The handle is live before the first write and its saved list fills as weights change, so
         # no exception (an interrupt included) can leave a changed weight without a way back.
@@ -932,6 +947,8 @@ class ModelEditor:
             meta = json.dumps(self.config())
         except TypeError as exc:
             raise ValueError(f"editor_kwargs must be JSON-serializable to save: {exc}") from None
+        if not Path(path).parent.is_dir():  # safetensors would name its temporary file instead
+            raise FileNotFoundError(f"cannot save to {path}: the folder {Path(path).parent} does not exist")
         save_file(self.state_tensors(), str(path), metadata={CHECKPOINT_KEY: meta})
 
     @classmethod

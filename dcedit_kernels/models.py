@@ -50,8 +50,11 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torc
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .devices import as_device
+
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
+    device = as_device(device, "device") or torch.device("cpu")  # before the load, not after it
     path = default_model_path() if name_or_path is None else Path(name_or_path)
     if path.suffix == ".gguf":
         if not path.is_file():

@@ -107,6 +107,20 @@ def test_counterfact_missing_file_and_bad_limit(tmp_path):
         load_counterfact(write(tmp_path, [CF_RECORD]), limit=0)
 
 
+def test_load_dataset_says_where_it_looked(tmp_path, monkeypatch):
+    """Outside a checkout the data folder is not beside it: the error names DCEDIT_DATA_DIR."""
+    monkeypatch.setenv("DCEDIT_DATA_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="DCEDIT_DATA_DIR"):
+        load_dataset("counterfact-val")
+
+
+def test_load_model_checks_the_device_before_loading():
+    from dcedit_kernels.models import load_model
+
+    with pytest.raises(ValueError, match="device: cuda:99 is not available"):
+        load_model(device="cuda:99")
+
+
 @pytest.mark.parametrize("name, count", [("counterfact-train", 10000), ("counterfact-val", 1919)])
 def test_counterfact_real_files(name, count):
     path = data_path(name)

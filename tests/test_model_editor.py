@@ -2,6 +2,7 @@
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -398,6 +399,37 @@ def test_apply_under_inference_mode_is_refused(gen):
     with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
         me.apply(random_requests(gen, 1))
     assert_bit_identical(before, me.model)
+
+
+def test_untrained_editors_warn_once_and_trained_ones_do_not(gen, tmp_path):
+    """An editor at its initialisation barely edits (a gradient step of edit_lr): apply says so,
+    once per ModelEditor; a trained or loaded one does not, nor do the FT baselines."""
+    me = make_editor("gpt2", "mend")  # no gen: the editors are not randomised
+    assert me.editors_at_initialisation()
+    with pytest.warns(UserWarning, match="at their initialisation"):
+        me.apply(random_requests(gen, 1)).undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        me.apply(random_requests(gen, 1)).undo()  # once only
+        me.fit(random_requests(gen, 4), None, steps=1, batch_size=2, progress=False)
+        assert not me.editors_at_initialisation()
+        me.save(tmp_path / "mend.safetensors")
+        loaded = ModelEditor.load(tmp_path / "mend.safetensors", me.model, me.tokenizer)
+        loaded.apply(random_requests(gen, 1)).undo()
+        make_editor("gpt2", "ft", gen).apply(random_requests(gen, 1)).undo()
+
+
+def test_save_into_a_missing_folder_names_it(gen, tmp_path):
+    me = make_editor("gpt2", "mend", gen)
+    with pytest.raises(FileNotFoundError, match="no_such_folder"):
+        me.save(tmp_path / "no_such_folder" / "mend.safetensors")
+
+
+def test_n_editors_is_refused_for_one_editor_methods(gen):
+    model, tok = tiny_model("gpt2", seed=0)
+    for method in ("mend", "proeditor"):
+        with pytest.raises(ValueError, match="n_editors is for methods 'raeditor' and 'moeditor' only"):
+            ModelEditor(model, tok, LAYERS["gpt2"], method=method, n_editors=2)
 
 
 def test_edit_features_are_prompt_hidden_means(gen):

@@ -37,6 +37,10 @@ def data_path(name: str) -> Path:
 def load_dataset(name: str, limit: int | None = None):
     """EditRequests of a known data file by name."""
     path = data_path(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: set DCEDIT_DATA_DIR to the folder that holds {FILES[name]} "
+                                "(default: shared/data beside the repository checkout), or load the file "
+                                "with load_counterfact / load_zsre")
     return load_zsre(path, limit=limit) if name.startswith("zsre") else load_counterfact(path, limit=limit)
 
 
