@@ -189,6 +189,26 @@ def _weight(report: dict, name: str) -> float:
     return report["train_config"].get(name, getattr(TrainConfig, name))
 
 
+def _editors_line(report: dict) -> str:
+    """The "Editors ..." line's settings, naming only the editors this report ran."""
+    run = {key.split(":")[0] for key in report["methods"]} | set(report["training"])
+    tc, ed = report["train_config"], report["editor"]
+    parts = [f"rank {ed['rank']}"]
+    if run & {"moeditor", "raeditor"}:
+        gate = (f"; MoEditor's gate top-{ed.get('top_k', 1)}, balance weight {_weight(report, 'balance_weight')}"
+                if "moeditor" in run else "")
+        parts.append(f"N_g = {ed['n_editors']} ({', '.join(METHOD_NAMES[m] for m in ROUTED if m in run)}{gate})")
+    parts.append(f"loss weights cedit {_weight(report, 'cedit')} and cloc {_weight(report, 'cloc')}")
+    if "proeditor" in run:
+        parts.append("ProEditor with per-token ψ and Fisher keep 0.7 (trained on the masked shift)")
+    line = (f"- Editors ({', '.join(METHOD_NAMES[m] for m in report['training']) or 'none'}) trained on the first "
+            f"{report['n_train']} edits of `{Path(report['train_data'] or '-').name}`: {tc['steps']} steps × "
+            f"{tc['batch_size']} edits, Adam lr {tc['lr']} (edit steps α: {tc['lr_lr']}), " + ", ".join(parts) + ". ")
+    if "raeditor" in run:
+        line += "RaEditor = MoEditor's editors with random routing. "
+    return line + "The editors see the gradients of "
+
+
 def _train_time(method: str, info: dict) -> str:
     if not info["cached"]:
         return f"{METHOD_NAMES[method]} {info['train_s']:.0f} s"
@@ -215,14 +235,7 @@ def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Pa
         f"- Model: SmolLM2-135M-Instruct (`{Path(report['model']).name}`), fp32, CPU, "
         f"{report['threads']} thread(s); machine: {report['machine']}.",
         f"- Edited weights: {', '.join(f'`{l}`' for l in report['layers'])}.",
-        f"- Editors ({', '.join(METHOD_NAMES[m] for m in report['training']) or 'none'}) trained on the first "
-        f"{report['n_train']} edits of "
-        f"`{Path(report['train_data'] or '-').name}`: {report['train_config']['steps']} steps × "
-        f"{report['train_config']['batch_size']} edits, Adam lr {report['train_config']['lr']} (edit steps α: "
-        f"{report['train_config']['lr_lr']}), rank {report['editor']['rank']}, N_g = {report['editor']['n_editors']} "
-        f"(MoEditor, RaEditor; MoEditor's gate top-{report['editor'].get('top_k', 1)}, balance weight {_weight(report, 'balance_weight')}), loss weights cedit "
-        f"{_weight(report, 'cedit')} and cloc {_weight(report, 'cloc')}, ProEditor with per-token ψ and Fisher keep 0.7 (trained on the masked shift); "
-        "RaEditor = MoEditor's editors with random routing. The editors see the gradients of "
+        _editors_line(report)
         + ("each edit's own mean target NLL, summed (loss_reduction 'edit'): an edit's factors do not depend on N_u. "
            if report["editor"].get("loss_reduction") == "edit" else
            "the batch's mean target NLL (loss_reduction 'token', MEND's), which shrink as 1/N_u. ")

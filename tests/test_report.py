@@ -68,6 +68,9 @@ def test_given_loss_weights_are_rendered(report_module, tmp_path):
     report["editor"]["top_k"] = 2
     text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
     assert "gate top-2, balance weight 0.5" in text and "loss weights cedit 0.1 and cloc 10.0" in text
+    report["training"] = {"mend": dict(cached=False, train_s=1.0)}  # MEND only: no other editor described
+    text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
+    assert "N_g" not in text and "ProEditor" not in text and "RaEditor" not in text
 
     report["edit_statistics"] = {"moeditor": {n: {name: dict(edits_per_editor=[n - 1, 1], shift_norm=12.5,
                                                               weight_norm=190.0) for name in layers}
