@@ -31,7 +31,8 @@ lower above the training batch size, hence the default.  The setting belongs to 
 normalisation statistics and steps α are learned on that scale): training uses the same capture,
 and checkpoints record it.  Checkpoints
 written before the setting existed (format 1, no "loss_reduction") load as "token", the semantics
-they were trained under; so do original MEND editors (`compat.mend.LOSS_REDUCTION`).
+they were trained under; so do original MEND editors (`compat.mend.LOSS_REDUCTION`;
+`ModelEditor.from_mend` builds a ModelEditor from an original MEND checkpoint).
 
 Tied weights: a layer whose weight is shared with another module (an LM head tied to the input
 embedding) cannot be edited without changing that module too, so the constructor raises ValueError
@@ -79,6 +80,7 @@ per-GPU peaks of every CUDA device in play.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import signal
 import threading
@@ -92,7 +94,7 @@ import torch
 from torch import nn
 
 from ._checks import HALF_DTYPES, is_finite_number, is_int
-from .capture import Factors, capture_factors, frozen_parameters, resolve_modules, weight_out_in
+from .capture import Factors, capture_factors, frozen_parameters, is_conv1d, resolve_modules, weight_out_in
 from .devices import as_device, check_resident, cuda_indices, input_device, model_devices, place_editor
 from .editors.presets import MEND, MoEditor, ProEditor, RaEditor
 from .requests import EditRequest, validate_requests
@@ -969,11 +971,19 @@ class ModelEditor:
             raise FileNotFoundError(f"checkpoint not found: {path}")
         try:
             with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
+                meta, keys = f.metadata() or {}, list(f.keys())
         except SafetensorError as exc:
-            raise ValueError(f"path: {path} is not a safetensors file ({exc})") from None
+            from .compat.mend import _CONVERT_HINT, _PICKLE_SUFFIXES
+
+            what = ("its suffix says torch.save (pickle), which this package never unpickles"
+                    if str(path).lower().endswith(_PICKLE_SUFFIXES) else "if it was written by torch.save")
+            raise ValueError(f"path: {path} is not a safetensors file ({exc}); {what}: for an original MEND "
+                             f"checkpoint, {_CONVERT_HINT}, then ModelEditor.from_mend(model, tokenizer, "
+                             f"'mend.safetensors', inner_params)") from None
         if CHECKPOINT_KEY not in meta:
-            raise ValueError(f"{path} is not a ModelEditor checkpoint (no {CHECKPOINT_KEY} metadata)")
+            mend = any(k == "edit_lrs" or k.endswith(".edit_lrs") for k in keys)  # MEND's per-weight steps
+            hint = "; it looks like an original MEND checkpoint: use ModelEditor.from_mend" if mend else ""
+            raise ValueError(f"{path} is not a ModelEditor checkpoint (no {CHECKPOINT_KEY} metadata){hint}")
         config = json.loads(meta[CHECKPOINT_KEY])
         editor = cls(model, tokenizer, config["layers"], method=config["method"], tokens=config["tokens"],
                      loss_reduction=config.get("loss_reduction", LEGACY_LOSS_REDUCTION),
@@ -984,6 +994,77 @@ class ModelEditor:
                 raise ValueError(f"{path}: editor {key} was saved with {saved}, the model gives a different editor")
         # Read on the CPU: load_state_dict then copies each tensor once into its editor's device.
         editor.load_state_tensors(load_file(str(path)))
+        return editor
+
+    @classmethod
+    def from_mend(cls, model: nn.Module, tokenizer, state_dict, inner_params: Sequence[str], prefix: str = "mend.",
+                  norm: bool | None = None, edit_lrs_key: str | None = None, editor_device=None,
+                  capture_batch_size: int | None = DEFAULT_CAPTURE_BATCH_SIZE) -> "ModelEditor":
+        """A "mend" ModelEditor holding the editors of an original MEND checkpoint (Mitchell et
+        al.'s code, or EasyEdit's MEND): `apply` then edits each inner parameter as MEND's
+        `edit()` does, W ← W + edit_lr · shift, from factors of MEND's loss
+        (`compat.mend.LOSS_REDUCTION`, the batch-mean NLL).
+
+        state_dict, prefix, norm, edit_lrs_key: as `compat.mend.load` takes them (a dict of
+        tensors, MEND's trainer archive, or a safetensors path; never a pickle).  inner_params:
+        MEND's `config.model.inner_params`, in its order ("<module>.weight" names of the model);
+        their modules become `layers`, and shapes and Conv1D layouts are read off the model.
+        editor_device, capture_batch_size: the constructor's.  The editors are kept in fp32 (the
+        constructor's type, and MEND's compute type).  `save` writes an ordinary checkpoint for
+        `ModelEditor.load`.
+
+        MEND's shared editors (one per weight shape, mode = the weight's index among the inner
+        parameters of that shape) are ModelEditor's layout exactly; its non-shared editors (one
+        per parameter) fit only when no two inner parameters have one shape (ValueError otherwise).
+        """
+        from .compat import mend as compat_mend
+
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        names = compat_mend._check_inner_params(inner_params)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for name in names:
+            if not name.endswith(".weight") or name not in params:
+                weights = [p for p in params if p.endswith(".weight")]
+                close = difflib.get_close_matches(name, weights, n=3, cutoff=0.5)
+                hint = f"; close matches: {close}" if close else ""
+                raise ValueError(f"inner_params: {name!r} is not the weight of a module of the model (MEND's "
+                                 f"inner_params are '<module>.weight' names){hint}")
+        layers = [name[: -len(".weight")] for name in names]
+        modules = resolve_modules(model, layers, arg="inner_params")  # ValueError for a non-Linear/Conv1D
+        shapes = {name: cls.shape_of(modules[layer]) for name, layer in zip(names, layers)}
+        conv1d = [name for name, layer in zip(names, layers) if is_conv1d(modules[layer])]
+        views = compat_mend.load(state_dict, names, shapes, prefix=prefix, norm=norm, conv1d=conv1d,
+                                 dtype=torch.float32, edit_lrs_key=edit_lrs_key)
+
+        # One editor per weight shape: a non-shared checkpoint with two weights of one shape has two.
+        sources: dict[tuple[int, int], nn.Module] = {}
+        for name in names:
+            source = sources.setdefault(shapes[name], views[name].editor)
+            if source is not views[name].editor:
+                other = next(n for n in names if views[n].editor is source)
+                raise ValueError(
+                    f"inner_params: {other!r} and {name!r} have one shape {shapes[name]} but separate editors "
+                    f"in the checkpoint (MEND's mend.shared=False); a ModelEditor shares one editor per weight "
+                    f"shape, so it cannot hold them: use compat.mend.load's per-weight views instead")
+        # MEND gives every editor the mid width min(rank, in + out) and one depth, so the widest
+        # editor's width as `rank` rebuilds each of them (the constructor takes the same min).
+        rank = max(e.layers[0].u.shape[-1] for e in sources.values())
+        first = next(iter(sources.values()))
+        # seed=0: building draws no global random numbers (every value is overwritten below).
+        editor = cls(model, tokenizer, layers, method="mend", loss_reduction=compat_mend.LOSS_REDUCTION,
+                     editor_device=editor_device, capture_batch_size=capture_batch_size,
+                     rank=rank, n_layers=len(first.layers), norm=first.norm is not None, seed=0)
+        # Both number a shape's weights by their order (MEND in inner_params, ModelEditor in
+        # layers, the same list), so mode k of the one is mode k of the other.
+        for shape, source in sources.items():
+            target, state = editor.editors["{}x{}".format(*shape)], source.state_dict()
+            if {k: v.shape for k, v in state.items()} != {k: v.shape for k, v in target.state_dict().items()}:
+                raise ValueError(
+                    f"the checkpoint's editor of shape {shape} has mid width {source.layers[0].u.shape[-1]} and "
+                    f"{len(source.layers)} layers; MEND builds every editor with min(rank, in + out) = "
+                    f"{target.layers[0].u.shape[-1]} and one depth ({len(first.layers)} layers here)")
+            target.load_state_dict(state)
         return editor
 
 

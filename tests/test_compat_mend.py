@@ -51,12 +51,12 @@ def editor_layout(inner, shapes, shared):
 
 
 def make_mend_state_dict(gen, inner=INNER, shapes=SHAPES, shared=True, n_hidden=1, dtype=torch.float32,
-                         prefix="mend.", lrs_key="edit_lrs"):
+                         prefix="mend.", lrs_key="edit_lrs", rank=RANK):
     """Random weights everywhere MEND has them: non-trivial u, modes, statistics and edit_lrs."""
     sd = {}
     for key, ((i, o), n_modes) in editor_layout(inner, shapes, shared).items():
         d = i + o
-        mid = min(RANK, d)
+        mid = min(rank, d)
         for k in range(n_hidden + 1):
             base = f"{prefix}{key}.mlp.layers.{k}."
             sd[base + "u"] = randn((d, mid), gen, dtype) * 0.5
@@ -457,3 +457,160 @@ def test_loss_reduction_is_mends_batch_mean(gen):
     for name in layers:
         assert torch.equal(ours[name].mu, mends[name].mu)
         assert rel_err(ours[name].eta, mends[name].eta) < 1e-12
+
+
+# ------------------------------------------------------------------ ModelEditor.from_mend
+# Inner parameters of the tiny models, not in model order: two shapes shared by two weights each
+# (modes follow this list) and one weight alone.  MEND_RANK makes the smallest editor's mid width
+# min(rank, d) = d (GPT-2's 20x20: d = 40; Llama's k_proj 24x12: d = 36), the others' the rank.
+TINY_INNER = {
+    "gpt2": ["transformer.h.1.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight",
+             "transformer.h.1.attn.c_proj.weight", "transformer.h.0.mlp.c_fc.weight",
+             "transformer.h.1.mlp.c_proj.weight"],
+    "llama": ["model.layers.1.mlp.down_proj.weight", "model.layers.0.mlp.gate_proj.weight",
+              "model.layers.1.self_attn.k_proj.weight", "model.layers.0.mlp.up_proj.weight",
+              "model.layers.0.mlp.down_proj.weight"],
+}
+MEND_RANK = {"gpt2": 45, "llama": 40}
+TINY_REQUESTS = [("The sky is", "green"), ("Paris is the capital of", "Spain"), ("two plus two", "is five")]
+
+
+def tiny_mend(gen, arch, inner=None, shared=True, dtype=torch.float64):
+    """(model, tokenizer, inner params, their (in, out) shapes, a random MEND checkpoint for them)."""
+    from dcedit_kernels.model_editor import ModelEditor
+    from dcedit_kernels.models import tiny_model
+
+    model, tok = tiny_model(arch, seed=int(torch.randint(0, 100, (1,), generator=gen)), dtype=dtype)
+    inner = inner or TINY_INNER[arch]
+    shapes = {n: ModelEditor.shape_of(model.get_submodule(n[: -len(".weight")])) for n in inner}
+    sd = make_mend_state_dict(gen, inner, shapes, shared=shared, rank=MEND_RANK[arch])
+    return model, tok, inner, shapes, sd
+
+
+def requests():
+    from dcedit_kernels.requests import EditRequest
+
+    return [EditRequest(p, t) for p, t in TINY_REQUESTS]
+
+
+def check_from_mend_edits(me, sd, inner, shapes, shared, conv1d):
+    """me.apply changes each inner parameter exactly as its MendWeightView's apply_ does with the
+    factors me captures (and as MEND's formulas do); every other parameter stays; undo is exact."""
+    model = me.model
+    views = compat_mend.load(sd, inner, shapes, conv1d=conv1d)
+    layers = [n[: -len(".weight")] for n in inner]
+    assert me.method == "mend" and me.loss_reduction == compat_mend.LOSS_REDUCTION == "token"
+    assert me.layers == layers
+    assert [me.slots[layer][1] for layer in layers] == [views[n].mode for n in inner]
+    reqs = requests()
+    factors, _, _ = me.capture(me.tokenize([r.prompt for r in reqs], [r.target for r in reqs]))
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    handle = me.apply(reqs)
+    after = {k: v.detach().clone() for k, v in model.named_parameters()}
+    for name, layer in zip(inner, layers):
+        f = factors[layer]
+        expected = before[name].clone()
+        views[name].apply_(expected, f.mu, f.eta, f.edit_offsets)
+        assert not torch.equal(after[name], before[name]), name
+        assert torch.equal(after[name], expected), (name, float((after[name] - expected).abs().max()))
+        _, mend_new = mend_edit(sd, name, before[name], f.mu, f.eta, shared, conv1d, True, inner, shapes)
+        assert rel_err(after[name] - before[name], mend_new - before[name]) < TOL[torch.float32], name
+    assert all(torch.equal(after[k], before[k]) for k in before if k not in inner)
+    assert handle.undo()
+    assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())
+    return after
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_model_editor_from_mend(gen, tmp_path, arch):
+    from dcedit_kernels.model_editor import ModelEditor
+
+    model, tok, inner, shapes, sd = tiny_mend(gen, arch)
+    rng = torch.get_rng_state()
+    me = ModelEditor.from_mend(model, tok, sd, inner)
+    assert torch.equal(torch.get_rng_state(), rng)  # building the editors draws no global random numbers
+    after = check_from_mend_edits(me, sd, inner, shapes, shared=True, conv1d=arch == "gpt2")
+
+    # save / ModelEditor.load: the same editors, config and edits, bit for bit.
+    path = tmp_path / "mend_editor.safetensors"
+    me.save(path)
+    loaded = ModelEditor.load(path, model, tok)
+    assert loaded.config() == me.config() and loaded.slots == me.slots
+    ours, theirs = me.state_tensors(), loaded.state_tensors()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    with loaded.edited(requests()):
+        assert all(torch.equal(v, after[k]) for k, v in model.named_parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())
+
+
+def test_from_mend_separate_editors(gen, tmp_path):
+    """mend.shared=False maps when every inner parameter has its own shape; else it is refused."""
+    from dcedit_kernels.model_editor import ModelEditor
+
+    inner = ["transformer.h.0.mlp.c_fc.weight", "transformer.h.1.attn.c_proj.weight", "transformer.h.1.mlp.c_proj.weight"]
+    model, tok, inner, shapes, sd = tiny_mend(gen, "gpt2", inner, shared=False)
+    me = ModelEditor.from_mend(model, tok, sd, inner)
+    check_from_mend_edits(me, sd, inner, shapes, shared=False, conv1d=True)
+
+    # h.1 and h.0 c_fc share (20, 37) (so do the c_proj): a ModelEditor has one editor for both.
+    _, _, inner, _, sd = tiny_mend(gen, "gpt2", shared=False)
+    with pytest.raises(ValueError, match=r"(?s)transformer\.h\.1\.mlp\.c_fc\.weight.*transformer\.h\.0\.mlp\."
+                                         r"c_fc\.weight.*shared=False"):
+        ModelEditor.from_mend(model, tok, sd, inner)
+
+
+def test_from_mend_needs_one_rank_and_depth(gen):
+    """MEND builds every editor with one rank and depth: a checkpoint mixing them is refused."""
+    from dcedit_kernels.model_editor import ModelEditor
+
+    model, tok, inner, shapes, sd = tiny_mend(gen, "gpt2")
+    shallow = {k: v for k, v in sd.items() if not k.startswith("mend.(20, 20).mlp.layers.1.")}
+    with pytest.raises(ValueError, match=r"shape \(20, 20\) has mid width 40 and 1 layers"):
+        ModelEditor.from_mend(model, tok, shallow, inner)
+    narrow = dict(sd)
+    for k in range(2):  # mid 30 where MEND's min(45, 40) = 40
+        narrow[f"mend.(20, 20).mlp.layers.{k}.u"] = sd[f"mend.(20, 20).mlp.layers.{k}.u"][:, :30]
+        narrow[f"mend.(20, 20).mlp.layers.{k}.v"] = sd[f"mend.(20, 20).mlp.layers.{k}.v"][:30]
+    with pytest.raises(ValueError, match=r"shape \(20, 20\) has mid width 30.*= 40"):
+        ModelEditor.from_mend(model, tok, narrow, inner)
+
+
+@pytest.mark.parametrize("bad,named,match", [
+    ("transformer.h.0.mlp.c_fcc.weight", "transformer.h.0.mlp.c_fcc.weight", "close matches"),  # a typo
+    ("transformer.h.0.mlp.c_fc.bias", "transformer.h.0.mlp.c_fc.bias", "'<module>.weight'"),  # not a weight
+    ("transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_fc", "'<module>.weight'"),  # a module name
+    ("transformer.wte.weight", "transformer.wte", "Embedding"),  # not a Linear / Conv1D: named by its module
+])
+def test_from_mend_bad_inner_params(gen, bad, named, match):
+    from dcedit_kernels.model_editor import ModelEditor
+
+    model, tok, inner, shapes, sd = tiny_mend(gen, "gpt2")
+    with pytest.raises(ValueError, match=match) as info:
+        ModelEditor.from_mend(model, tok, sd, [bad] + inner[1:])
+    assert str(info.value).startswith(f"inner_params: {named!r}")
+
+
+def test_model_editor_load_points_to_from_mend(gen, tmp_path):
+    """ModelEditor.load of a pickle or of a (converted) MEND checkpoint says what to do instead."""
+    from safetensors.torch import save_file
+
+    from dcedit_kernels.model_editor import ModelEditor
+
+    model, tok, inner, shapes, sd = tiny_mend(gen, "gpt2")
+    for filename in ("mend.pt", "gpt2.2021-10-14_12-30-00"):  # MEND's own archives have no suffix
+        path = tmp_path / filename
+        torch.save({"model": tensors_only(sd)}, path)
+        with pytest.raises(ValueError, match=r"(?s)not a safetensors file.*convert.*ModelEditor\.from_mend"):
+            ModelEditor.load(path, model, tok)
+    with pytest.raises(ValueError, match="pickle"):
+        ModelEditor.load(tmp_path / "mend.pt", model, tok)
+
+    path = tmp_path / "mend.safetensors"  # what the hint's conversion writes
+    save_file(tensors_only(sd), str(path))
+    with pytest.raises(ValueError, match=r"not a ModelEditor checkpoint.*ModelEditor\.from_mend"):
+        ModelEditor.load(path, model, tok)
+    me = ModelEditor.from_mend(model, tok, path, inner)  # the safetensors path is read as compat.mend reads it
+    assert me.state_tensors().keys() == ModelEditor.from_mend(model, tok, sd, inner).state_tensors().keys()
+    with pytest.raises(ValueError, match="convert"):
+        ModelEditor.from_mend(model, tok, tmp_path / "mend.pt", inner)

@@ -16,7 +16,8 @@ keyed by the parameter name with "." replaced by "#" and have no modes (scale 1,
 Each editor becomes a :class:`GroupedEditor` (one editor, ``routing="single"``, ``fusion="add"``),
 whose ``grouped_lowrank`` layers compute exactly MEND's ``LRLinear`` (clamp, not relu; residual)
 and whose ``alpha[mode]`` holds that weight's ``edit_lr``: ``W ← W + edit_lr · Σ η̃ μ̃ᵀ``, as
-MEND's ``edit()`` does in eval mode.
+MEND's ``edit()`` does in eval mode.  ``ModelEditor.from_mend(model, tokenizer, state_dict,
+inner_params)`` puts these editors in a ModelEditor (apply / undo / save / evaluate_method).
 
 Which loss the factors must come from (``LOSS_REDUCTION = "token"``): MEND's ``edit()``
 backpropagates ``masked_log_probs(...)["nll"]``, the mean NLL over every label token of the batch,
