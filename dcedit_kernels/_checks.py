@@ -109,6 +109,8 @@ def check_fraction_or_threshold(keep, threshold) -> None:
         raise ValueError("give exactly one of keep or threshold")
     if keep is not None and not (0.0 < float(keep) <= 1.0):
         raise ValueError(f"keep must be in (0, 1], got {keep}")
+    if threshold is not None and math.isnan(float(threshold)):  # fisher > NaN would drop every entry
+        raise ValueError("threshold must be a number, got nan")
 
 
 def compute_dtype(*tensors) -> torch.dtype:

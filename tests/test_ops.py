@@ -259,9 +259,14 @@ def test_fisher_mask_bad_input_raises(gen):
         (dict(keep=0.5, threshold=0.1), "exactly one"),
         (dict(keep=0.0), "keep"),
         (dict(keep=1.5), "keep"),
+        (dict(threshold=float("nan")), "threshold must be a number"),
     ]:
         with pytest.raises(ValueError, match=word):
             ops.fisher_mask(d, f, **kwargs)
+    w = d.clone()
+    with pytest.raises(ValueError, match="threshold must be a number"):
+        ops.apply_shift_(w, d, fisher=f, threshold=float("nan"))
+    assert torch.equal(w, d)
     with pytest.raises(ValueError, match="fisher"):
         ops.fisher_mask(d, f[:2], keep=0.5)
 
