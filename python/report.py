@@ -217,8 +217,6 @@ def _train_time(method: str, info: dict) -> str:
 
 
 def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Path, out_dir: Path) -> str:
-    from dcedit_kernels.train import TrainConfig
-
     rel = os.path.relpath(out_dir, md_path.parent)
     t = report["timings"]
     lines = [
