@@ -717,15 +717,31 @@ class ModelEditor:
     def edited(self, requests: Iterable[EditRequest]):
         """`with editor.edited(requests) as handle:` the model is edited inside the block only:
         on exit, edits applied inside the block that are still live are undone too (latest
-        first), then this one."""
+        first), then this one.  `handle.keep()` inside the block keeps this edit; keeping a later
+        one makes this one permanent too, and exit then raises RuntimeError saying so.  An
+        exception leaving the block is never replaced by one from the undo (it gets a note)."""
         handle = self.apply(requests)
         try:
             yield handle
-        finally:
-            if handle.active:
-                while self._live and self._live[-1] is not handle:
-                    self._live[-1].undo()
-                handle.undo()
+        except BaseException as exc:
+            try:
+                self._leave_edited(handle)
+            except RuntimeError as undo_exc:
+                _note(exc, f"dcedit: on leaving edited(): {undo_exc}")
+            raise
+        self._leave_edited(handle)
+
+    def _leave_edited(self, handle: EditHandle) -> None:
+        if not handle.active or handle.kept:
+            return
+        live = self._live
+        later = live[live.index(handle) + 1:] if handle in live else []
+        if any(h.kept for h in later):
+            raise RuntimeError("an edit applied inside edited() was kept (handle.keep()), which made the "
+                               "block's own edit permanent: it was not undone")
+        while live and live[-1] is not handle:
+            live[-1].undo()
+        handle.undo()
 
     def _apply_editors(self, batch: dict, saved: list):
         t0 = time.perf_counter()

@@ -356,6 +356,24 @@ def test_edited_undoes_edits_made_inside_its_block(gen):
     assert not me._live
 
 
+def test_edited_with_keep_inside_its_block(gen):
+    """Keeping the block's own edit keeps it; keeping a later one makes the block's edit permanent,
+    which exit says (naming the block); an exception from the body is never replaced by that."""
+    me = make_editor("gpt2", "mend", gen)
+    before = snapshot(me.model)
+    with me.edited(random_requests(gen, 2)) as handle:
+        handle.keep()
+    assert changed_keys(before, me.model) and handle.kept
+    with pytest.raises(RuntimeError, match="inside edited.. was kept"):
+        with me.edited(random_requests(gen, 2)):
+            me.apply(random_requests(gen, 2)).keep()
+    with pytest.raises(KeyError, match="from the body") as info:
+        with me.edited(random_requests(gen, 2)):
+            me.apply(random_requests(gen, 2)).keep()
+            raise KeyError("from the body")
+    assert any("inside edited() was kept" in note for note in getattr(info.value, "__notes__", []))
+
+
 def test_a_request_longer_than_a_learned_position_table_is_a_value_error(gen):
     """GPT-2's learned positions end at n_positions (a bare IndexError there); rotary Llama runs
     past max_position_embeddings, so a long request is its to take."""
