@@ -585,6 +585,30 @@ def test_noisy_topk_gate_mixed_dtypes_and_noise_scale(gen):
     assert torch.equal(chosen, logits.argmax(1))
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_moeditor_gate_gets_the_edits_gradient_only_above_top_1(top_k, gen):
+    """The edit goes to its top-1 editor with η̃ scaled by that editor's gate weight, the softmax
+    over the kept logits: 1 at top_k = 1, so only the balance loss trains the gate there (SPEC's
+    gate, measured on CounterFact in RESULTS.md); at top_k = 2 the edit's own loss reaches it."""
+    from dcedit_kernels import MoEditor
+
+    ed = MoEditor(6, 5, n_editors=3, feat_dim=4, top_k=top_k, rank=4).eval()
+    with torch.no_grad():
+        ed.w_gate.copy_(randn((4, 3), gen))
+        for layer in ed.layers:
+            layer.u.copy_(randn(tuple(layer.u.shape), gen))
+    mu, eta, feats = randn((7, 6), gen), randn((7, 5), gen), randn((2, 4), gen)
+    edit = ed(mu, eta, torch.tensor([0, 3, 7], dtype=torch.int32), edit_feats=feats)
+    dense = edit.dense()
+    (dense * randn(tuple(dense.shape), gen)).sum().backward()
+    gate = ops.noisy_topk_gate(feats, ed.w_gate.detach(), ed.w_noise.detach(), k=top_k, training=False)[0]
+    weight = gate.max(1).values  # the chosen (top-1) editor's gate weight per edit
+    if top_k == 1:
+        assert torch.equal(weight, torch.ones(2)) and not ed.w_gate.grad.any()
+    else:
+        assert bool((weight < 1).all()) and ed.w_gate.grad.abs().max() > 0
+
+
 def test_grouped_editor_defaults_follow_the_spec():
     """SPEC's constructor (no feat_dim): the gate routes on in_features-sized edit features."""
     from dcedit_kernels import GroupedEditor
