@@ -1001,10 +1001,17 @@ class ModelEditor:
             hint = "; it looks like an original MEND checkpoint: use ModelEditor.from_mend" if mend else ""
             raise ValueError(f"{path} is not a ModelEditor checkpoint (no {CHECKPOINT_KEY} metadata){hint}")
         config = json.loads(meta[CHECKPOINT_KEY])
+        kwargs = dict(config["editor_kwargs"])
+        # Editor arguments whose preset default changed since (MoEditor's top_k: 1 before 0.2.0)
+        # come from the saved editors, so an older checkpoint rebuilds the editor it was trained as.
+        for name in _CHANGED_DEFAULTS.get(config["method"], ()):
+            saved = {e.get(name) for e in config["editors"].values()}
+            if name not in kwargs and len(saved) == 1 and None not in saved:
+                kwargs[name] = saved.pop()
         editor = cls(model, tokenizer, config["layers"], method=config["method"], tokens=config["tokens"],
                      loss_reduction=config.get("loss_reduction", LEGACY_LOSS_REDUCTION),
                      allow_tied=config.get("allow_tied", False), editor_device=editor_device,
-                     capture_batch_size=capture_batch_size, **config["editor_kwargs"])
+                     capture_batch_size=capture_batch_size, **kwargs)
         for key, saved in config["editors"].items():
             if key not in editor.editors or editor.editors[key].config != saved:
                 raise ValueError(f"{path}: editor {key} was saved with {saved}, the model gives a different editor")
@@ -1082,6 +1089,11 @@ class ModelEditor:
                     f"{target.layers[0].u.shape[-1]} and one depth ({len(first.layers)} layers here)")
             target.load_state_dict(state)
         return editor
+
+
+# Per method, the editor arguments whose default changed: ModelEditor.load takes them from the
+# saved editors when a checkpoint's editor_kwargs lack them.
+_CHANGED_DEFAULTS = {"moeditor": ("top_k",)}
 
 
 def _memory_span(t: torch.Tensor):

@@ -167,9 +167,10 @@ def test_bad_arguments_raise_value_error():
 @pytest.mark.parametrize("reduction", ["edit", "token"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("method,extra", [("mend", {}), ("raeditor", {"fusion": "add", "n_editors": 2}),
-                                          ("moeditor", {"fusion": "add", "n_editors": 2})])
+                                          ("moeditor", {"fusion": "add", "n_editors": 2, "top_k": 1})])
 def test_identity_editor_reproduces_gradient_step(arch, method, extra, reduction, gen):
     edit_lr = 0.37
+    # MoEditor at top_k=1: its gate weight is 1 (at top_k=2 the initial gate halves each edit).
     # float64 weights so that W_new − W_old is the step itself, not fp32 rounding of W.
     me = make_editor(arch, method, dtype=torch.float64, norm=False, edit_lr=edit_lr, loss_reduction=reduction,
                      **extra)
@@ -207,7 +208,7 @@ def test_seq2seq_identity_step_and_undo(arch, method, reduction, gen):
     # float64 weights: the steps of the encoder layers are tiny next to fp32 rounding of the weight.
     model, tok = tiny_model(arch, seed=int(torch.randint(0, 100, (1,), generator=gen)), dtype=torch.float64)
     me = ModelEditor(model, tok, SEQ2SEQ_LAYERS[arch], method=method, rank=5, norm=False, edit_lr=edit_lr,
-                     loss_reduction=reduction, **({"fusion": "add", "n_editors": 2} if method == "moeditor" else {}))
+                     loss_reduction=reduction, **({"fusion": "add", "n_editors": 2, "top_k": 1} if method == "moeditor" else {}))
     reqs = random_requests(gen, 3)
     batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
     params = [me.modules[n].weight for n in me.layers]
@@ -742,6 +743,33 @@ def test_load_of_a_format_1_checkpoint_uses_the_batch_mean(gen, tmp_path):
     save_file(load_file(str(path)), str(old), metadata={"dcedit_model_editor": json.dumps(config)})
     loaded = ModelEditor.load(old, me.model, me.tokenizer)
     assert loaded.loss_reduction == "token" and loaded.allow_tied is False
+
+
+def test_moeditor_top_k_default_and_checkpoints_from_before_it(gen, tmp_path):
+    """MoEditor's top_k defaults to 2 (1 with one editor) since 0.2.0; a checkpoint saved before,
+    with top_k=1 in its editors but not in its editor_kwargs, loads as the top-1 editor it was."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model, tok = tiny_model("gpt2", seed=0)
+    assert all(e.top_k == 2 for e in ModelEditor(model, tok, LAYERS["gpt2"], method="moeditor", n_editors=3).editors.values())
+    assert all(e.top_k == 1 for e in ModelEditor(model, tok, LAYERS["gpt2"], method="moeditor", n_editors=1).editors.values())
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="moeditor", n_editors=3, rank=4, top_k=1)
+    randomize_editors(me, gen)
+    path = tmp_path / "top1.safetensors"
+    me.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads(f.metadata()["dcedit_model_editor"])
+    del config["editor_kwargs"]["top_k"]  # as 0.1.0 wrote it: top_k was the default
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(path)), str(old), metadata={"dcedit_model_editor": json.dumps(config)})
+    loaded = ModelEditor.load(old, model, tok)
+    assert all(e.top_k == 1 for e in loaded.editors.values())
+    reqs = random_requests(gen, 3)
+    with me.edited(reqs):
+        want = {n: weight_out_in(m).detach().clone() for n, m in me.modules.items()}
+    with loaded.edited(reqs):
+        assert all(torch.equal(weight_out_in(m), want[n]) for n, m in loaded.modules.items())
 
 
 # ---------------------------------------------------------------------------------------------
