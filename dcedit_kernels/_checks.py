@@ -107,6 +107,11 @@ def check_offsets(offsets, name: str, total: int) -> int:
 def check_fraction_or_threshold(keep, threshold) -> None:
     if (keep is None) == (threshold is None):
         raise ValueError("give exactly one of keep or threshold")
+    for name, value in (("keep", keep), ("threshold", threshold)):
+        try:  # a str, a complex, a tensor of several elements: say which argument
+            float(value) if value is not None else None
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{name} must be a real number, got {value!r}") from None
     if keep is not None and not (0.0 < float(keep) <= 1.0):
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     if threshold is not None and math.isnan(float(threshold)):  # fisher > NaN would drop every entry

@@ -412,7 +412,7 @@ def _check_editor_flags(args, model, me, path) -> None:
 
 def cmd_train(args) -> dict:
     from .model_editor import ModelEditor
-    from .train import TrainConfig
+    from .train import ResumeMismatchError, TrainConfig
 
     if args.method not in EDITOR_METHODS:
         raise UserError(f"--method {args.method} has no editor to train; use one of {EDITOR_METHODS}")
@@ -429,9 +429,10 @@ def cmd_train(args) -> dict:
         raise UserError(str(exc)) from None
     try:
         result = me.fit(requests, val, config)
-    except ValueError as exc:  # e.g. --checkpoint-dir holds another run
-        hint = " (here: give another --checkpoint-dir, or empty it)" if args.checkpoint_dir else ""
-        raise UserError(f"{exc}{hint}") from None
+    except ResumeMismatchError as exc:  # --checkpoint-dir holds another run
+        raise UserError(f"{exc} (here: give another --checkpoint-dir, or empty it)") from None
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     out = Path(args.out or f"{args.method}-editor.safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
     me.save(out)

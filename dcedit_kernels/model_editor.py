@@ -689,7 +689,7 @@ class ModelEditor:
         if self.method not in FT_METHODS and not self._warned_initial and self.editors_at_initialisation():
             self._warned_initial = True  # once per ModelEditor: evaluate_method applies hundreds of times
             warnings.warn(f"ModelEditor.apply: the {self.method!r} editors are at their initialisation (never "
-                          "trained or loaded): an initial editor takes at most a gradient step of size edit_lr (1e-4 "
+                          "trained or loaded): an initial editor takes about one gradient step of size edit_lr (1e-4 "
                           "by default; MoEditor's initial top-2 gate halves it), "
                           "which rarely changes a prediction. Train them (fit) or load a checkpoint "
                           "(ModelEditor.load).", UserWarning, stacklevel=2)
@@ -733,15 +733,19 @@ class ModelEditor:
         self._leave_edited(handle)
 
     def _leave_edited(self, handle: EditHandle) -> None:
-        if not handle.active or handle.kept:
+        """Undo the block's later live edits, latest first, down to a kept one; then the block's own
+        edit unless it was kept, or raise when a later kept edit pins it."""
+        if not handle.active:
             return
         live = self._live
-        later = live[live.index(handle) + 1:] if handle in live else []
-        if any(h.kept for h in later):
-            raise RuntimeError("an edit applied inside edited() was kept (handle.keep()), which made the "
-                               "block's own edit permanent: it was not undone")
-        while live and live[-1] is not handle:
+        while live and live[-1] is not handle and not live[-1].kept:
             live[-1].undo()
+        if handle.kept:
+            return
+        if live and live[-1] is not handle:
+            raise RuntimeError("an edit applied inside this edited() block was kept (handle.keep()), which "
+                               "made the block's own edit permanent: it was not undone (the block's live edits "
+                               "after the kept one were)")
         handle.undo()
 
     def _apply_editors(self, batch: dict, saved: list):

@@ -44,9 +44,9 @@ on the val requests' rephrases; early stopping after `patience` validations with
 the best editor is restored at the end.  Checkpoints (safetensors only) go to `checkpoint_dir`:
 `editor.safetensors` (ModelEditor.save), `best.safetensors`, and `trainer.safetensors` (the
 optimisers' state flattened to tensors, the RNG state, and the counters as JSON metadata);
-`resume=True` continues from them (ValueError when the run's TrainConfig, apart from `steps`
-and display/saving fields, or its training or validation requests differ from the run that
-wrote them).  The batch order is a function of (seed, batch index), so a
+`resume=True` continues from them (ResumeMismatchError, a ValueError, when the run's TrainConfig,
+apart from `steps`, the validation and early-stopping fields and display/saving fields, or its
+training or validation requests differ from the run that wrote them).  The batch order is a function of (seed, batch index), so a
 resumed run sees the batches it would have seen.
 
 Split models (layers on several devices): each edited layer computes on its own device with the
@@ -447,8 +447,15 @@ def _validate(me, val_requests, config, result, best_state, bad_validations, ckp
     return best_state, bad_validations
 
 
-# TrainConfig fields a resumed run may change: the step budget and how the run is shown or saved.
-_RESUMABLE_CHANGES = ("steps", "progress", "checkpoint_dir", "resume")
+# TrainConfig fields a resumed run may change: the step budget, when to validate and stop early
+# (a run stopped by patience may go on with another), and how the run is shown or saved.  The
+# others set the optimisers, the batches or the loss, which the checkpoint's state belongs to.
+_RESUMABLE_CHANGES = ("steps", "progress", "checkpoint_dir", "resume", "val_every", "patience", "min_delta",
+                      "restore_best")
+
+
+class ResumeMismatchError(ValueError):
+    """A checkpoint_dir holds a run with other settings or requests than the one resuming it."""
 
 
 def _run_settings(config: TrainConfig, train_requests, val_requests) -> dict:
@@ -493,14 +500,15 @@ def _check_run(path: Path, saved: dict, run: dict) -> None:
     """ValueError naming what differs between the run that wrote the checkpoint and this one (the
     optimisers' saved state would silently bring back the old learning rates, and the batches
     would be drawn from other requests)."""
-    changed = sorted(k for k in set(saved["config"]) | set(run["config"])
-                     if saved["config"].get(k) != run["config"].get(k))
+    # Fields present on both sides only: a field TrainConfig gains later is no reason to refuse an
+    # older run's checkpoint.
+    changed = sorted(k for k in set(saved["config"]) & set(run["config"]) if saved["config"][k] != run["config"][k])
     changed += [name for name in ("train_requests", "val_requests") if saved.get(name) != run.get(name)]
     if changed:
         detail = ", ".join(f"{k} {saved['config'].get(k)!r} -> {run['config'].get(k)!r}"
                            if k in run["config"] or k in saved["config"] else f"{k} (different requests)"
                            for k in changed)
-        raise ValueError(f"{path} was written by a run with other settings ({detail}): resuming would continue "
+        raise ResumeMismatchError(f"{path} was written by a run with other settings ({detail}): resuming would continue "
                          "that run; use another checkpoint_dir, or resume=False to start over")
 
 

@@ -84,8 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--cloc", type=float, default=None,
                    help="weight of the KL locality loss in training (default: TrainConfig's, MEND's 1.0)")
     p.add_argument("--top-k", type=int, default=None,
-                   help="MoEditor's gate keeps the top k logits (default: the editor's, 1; at k = 1 the chosen "
-                        "edit's gate weight is 1, so the gate learns from the balance loss only)")
+                   help="MoEditor's gate keeps the top k logits (default: the preset's, 2, or 1 with one editor; "
+                        "at k = 1 the chosen edit's gate weight is 1, so the gate learns from the balance loss only)")
     p.add_argument("--loss-reduction", default="token", choices=("token", "edit"),
                    help="the editors' edit loss: MEND's batch mean (token) or each edit's own mean, summed (edit)")
     p.add_argument("--fusions", default="",
@@ -180,6 +180,13 @@ def plot_gradients(grad: dict, sizes: list[int], layers: list[str], path: Path) 
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def gate_top_k(editors: dict) -> int | None:
+    """The top_k of the MoEditor among `editors` ({method: ModelEditor}) as it was built, None
+    without one (the preset's default when --top-k is not given)."""
+    me = editors.get("moeditor")
+    return None if me is None else next(iter(me.editors.values())).top_k
 
 
 def _weight(report: dict, name: str) -> float:
@@ -437,7 +444,7 @@ def _run(args, t_start) -> int:
         machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         model=model_file, threads=threads, layers=layers, data=data, train_data=train_data,
         n_requests=len(requests), n_train=len(train_requests), repeats=args.repeats, seed=args.seed,
-        train_config=train_config, editor=dict(rank=args.rank, n_editors=args.n_editors, top_k=args.top_k or 1, loss_reduction=args.loss_reduction,
+        train_config=train_config, editor=dict(rank=args.rank, n_editors=args.n_editors, top_k=gate_top_k(editors), loss_reduction=args.loss_reduction,
                                               fusion=trained_fusion), ft_steps=args.ft_steps,
         training=training, methods=results, unedited=unedited, gradients=gradients,
         edit_statistics=stats,

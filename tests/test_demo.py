@@ -447,6 +447,19 @@ def test_cli_loss_reduction_flag(capsys, tmp_path, tiny_model_dir):
     assert "--loss-reduction edit" in capsys.readouterr().err
 
 
+def test_cli_train_resume_of_another_run_is_one_error_line(capsys, tmp_path, tiny_model_dir):
+    """A --checkpoint-dir written with another learning rate: exit 2 and one line saying so, with
+    the --checkpoint-dir hint (the hint is for this error only)."""
+    data = _counterfact_file(tmp_path / "cf.json", n=4)
+    base = ["train", "--model", str(tiny_model_dir), "--method", "mend", "--rank", "3", "--data", str(data),
+            "--batch-size", "2", "--checkpoint-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "e.safetensors")]
+    assert cli.main(base + ["--steps", "1", "--lr", "1e-3"]) == 0
+    capsys.readouterr()
+    assert cli.main(base + ["--steps", "2", "--lr", "5e-2"]) == 2
+    err = capsys.readouterr().err
+    assert "dcedit: error:" in err and "lr 0.001 -> 0.05" in err and "give another --checkpoint-dir" in err
+
+
 def test_cli_editor_flags_must_match_the_saved_editor(capsys, tmp_path, tiny_model_dir):
     """With --editor, --method/--layers/--rank/--n-editors describe the saved editor: a different
     value is refused instead of being ignored (the run would edit with another method or layers

@@ -358,21 +358,29 @@ def test_edited_undoes_edits_made_inside_its_block(gen):
 
 
 def test_edited_with_keep_inside_its_block(gen):
-    """Keeping the block's own edit keeps it; keeping a later one makes the block's edit permanent,
-    which exit says (naming the block); an exception from the body is never replaced by that."""
+    """Keeping the block's own edit keeps it (later edits in the block are still undone); keeping a
+    later one makes the block's edit permanent, which exit says, after undoing the edits after the
+    kept one; an exception from the body is never replaced by that."""
     me = make_editor("gpt2", "mend", gen)
     before = snapshot(me.model)
     with me.edited(random_requests(gen, 2)) as handle:
         handle.keep()
-    assert changed_keys(before, me.model) and handle.kept
-    with pytest.raises(RuntimeError, match="inside edited.. was kept"):
+        kept = snapshot(me.model)
+        later = me.apply(random_requests(gen, 2))
+    assert changed_keys(before, me.model) and handle.kept and not later.active
+    assert_bit_identical(kept, me.model)
+    with pytest.raises(RuntimeError, match="inside this edited.. block was kept"):
         with me.edited(random_requests(gen, 2)):
             me.apply(random_requests(gen, 2)).keep()
+            pinned = snapshot(me.model)
+            after = me.apply(random_requests(gen, 2))
+    assert not after.active
+    assert_bit_identical(pinned, me.model)
     with pytest.raises(KeyError, match="from the body") as info:
         with me.edited(random_requests(gen, 2)):
             me.apply(random_requests(gen, 2)).keep()
             raise KeyError("from the body")
-    assert any("inside edited() was kept" in note for note in getattr(info.value, "__notes__", []))
+    assert any("inside this edited() block was kept" in note for note in getattr(info.value, "__notes__", []))
 
 
 def test_a_request_longer_than_a_learned_position_table_is_a_value_error(gen):

@@ -260,6 +260,9 @@ def test_fisher_mask_bad_input_raises(gen):
         (dict(keep=0.0), "keep"),
         (dict(keep=1.5), "keep"),
         (dict(threshold=float("nan")), "threshold must be a number"),
+        (dict(threshold="abc"), "threshold must be a real number"),
+        (dict(threshold=1 + 2j), "threshold must be a real number"),
+        (dict(keep=torch.tensor([0.5, 0.5])), "keep must be a real number"),
     ]:
         with pytest.raises(ValueError, match=word):
             ops.fisher_mask(d, f, **kwargs)

@@ -50,27 +50,13 @@ def test_fusion_rows_are_rendered(report_module, tmp_path):
     methods = {"mend": _result(0.2, 0.1), "moeditor": _result(0.15, 0.3), "moeditor:add": _result(0.14, 0.3),
                "raeditor:ssm": _result(0.1, 0.2)}
     report, layers = _report(methods)
+    report["editor"]["top_k"] = 1
     text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
     for name in ("| MEND | 2 |", "| MoEditor | 5 |", "| MoEditor (add) | 2 |", "| RaEditor (ssm) | 5 |"):
         assert name in text, name
     assert "instead of sss (`--fusions`)" in text
     assert "gate top-1, balance weight 0.01" in text
     assert "loss weights cedit 0.1 and cloc 1.0" in text  # TrainConfig's: not given
-
-    report_module.plot_es_dd(methods, SIZES, tmp_path / "es_dd.png")
-    report_module.plot_gradients(report["gradients"], SIZES, layers, tmp_path / "gcr.png")
-    assert (tmp_path / "es_dd.png").stat().st_size > 0 and (tmp_path / "gcr.png").stat().st_size > 0
-
-
-def test_given_loss_weights_are_rendered(report_module, tmp_path):
-    report, layers = _report({"mend": _result(0.2, 0.1)})
-    report["train_config"].update(cloc=10.0, balance_weight=0.5)
-    report["editor"]["top_k"] = 2
-    text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
-    assert "gate top-2, balance weight 0.5" in text and "loss weights cedit 0.1 and cloc 10.0" in text
-    report["training"] = {"mend": dict(cached=False, train_s=1.0)}  # MEND only: no other editor described
-    text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
-    assert "N_g" not in text and "ProEditor" not in text and "RaEditor" not in text
 
     report["edit_statistics"] = {"moeditor": {n: {name: dict(edits_per_editor=[n - 1, 1], shift_norm=12.5,
                                                               weight_norm=190.0) for name in layers}
@@ -80,6 +66,32 @@ def test_given_loss_weights_are_rendered(report_module, tmp_path):
 
     plain, _ = _report({"mend": _result(0.2, 0.1)})
     assert "(`--fusions`)" not in report_module.markdown(plain, SIZES, layers, tmp_path / "r.md", tmp_path)
+
+    report_module.plot_es_dd(methods, SIZES, tmp_path / "es_dd.png")
+    report_module.plot_gradients(report["gradients"], SIZES, layers, tmp_path / "gcr.png")
+    assert (tmp_path / "es_dd.png").stat().st_size > 0 and (tmp_path / "gcr.png").stat().st_size > 0
+
+
+def test_given_loss_weights_are_rendered(report_module, tmp_path):
+    report, layers = _report({"moeditor": _result(0.2, 0.1)})
+    report["train_config"].update(cloc=10.0, balance_weight=0.5)
+    report["editor"]["top_k"] = 2
+    text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
+    assert "gate top-2, balance weight 0.5" in text and "loss weights cedit 0.1 and cloc 10.0" in text
+    report["methods"] = {"mend": _result(0.2, 0.1)}
+    report["training"] = {"mend": dict(cached=False, train_s=1.0)}  # MEND only: no other editor described
+    text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
+    assert "N_g" not in text and "ProEditor" not in text and "RaEditor" not in text
+
+
+def test_the_trained_moeditors_top_k_is_recorded(report_module):
+    """Without --top-k the report records the editor's own top_k (the preset's default), not 1."""
+    model, tok = tiny_model("llama")
+    layers = ["model.layers.0.mlp.down_proj"]
+    for n_editors, kwargs, want in ((2, {}, 2), (2, {"top_k": 1}, 1), (1, {}, 1)):
+        me = ModelEditor(model, tok, layers, method="moeditor", n_editors=n_editors, rank=4, **kwargs)
+        assert report_module.gate_top_k({"moeditor": me}) == want
+    assert report_module.gate_top_k({}) is None
 
 
 def test_applied_fusion_restores(report_module):

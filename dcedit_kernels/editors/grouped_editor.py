@@ -33,7 +33,10 @@ class GroupedEditor(nn.Module):
     only that fraction of the shift's entries, by Fisher information (ProEditor).
 
     `alpha` holds the learned per-weight step α (W ← W + α Δ), initialised to −edit_lr so that an
-    identity editor without normalisation takes a gradient-descent step of size edit_lr.
+    identity editor without normalisation takes a gradient-descent step of size edit_lr with one
+    editor or "add" fusion.  With several editors the fusion reshapes it ("sss" keeps the larger
+    sign sum per entry, so entries can exceed the gradient's), and a gate at top_k = 2 scales
+    each edit by its weight, 1/2 while the logits are equal (MoEditor at initialisation).
     """
 
     def __init__(

@@ -24,8 +24,9 @@ def MoEditor(in_features, out_features, n_editors=4, feat_dim=None, **kwargs) ->
     always 1, so no gradient of the edit or locality loss reaches the gate and only the balance
     loss trains it (Shazeer et al. keep k ≥ 2; Switch gates softmax over all logits for this
     reason).  Measured on SmolLM2 / CounterFact (RESULTS.md, N_g = 2, 150 × 25 training): at 25
-    edits LMP 0.05 ± 0.01 with top-2 against -0.20 ± 0.08 with top-1, and above its random-routing
-    twin (-0.08 ± 0.04) only with top-2.
+    edits LMP 0.05 ± 0.01 with top-2 against -0.20 ± 0.08 with top-1.  With two editors top-2
+    keeps both logits, so the balance loss's load term is constant and only its importance term
+    (the summed soft gate weights) balances the routing.
     """
     kwargs.setdefault("fusion", "sss")
     kwargs.setdefault("top_k", min(2, n_editors) if isinstance(n_editors, int) else 1)
