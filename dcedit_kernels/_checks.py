@@ -108,8 +108,10 @@ def check_fraction_or_threshold(keep, threshold) -> None:
     if (keep is None) == (threshold is None):
         raise ValueError("give exactly one of keep or threshold")
     for name, value in (("keep", keep), ("threshold", threshold)):
+        if value is None:
+            continue
         try:  # a str, a complex, a tensor of several elements: say which argument
-            float(value) if value is not None else None
+            float(value)
         except (TypeError, ValueError, RuntimeError):
             raise ValueError(f"{name} must be a real number, got {value!r}") from None
     if keep is not None and not (0.0 < float(keep) <= 1.0):

@@ -502,14 +502,13 @@ def _check_run(path: Path, saved: dict, run: dict) -> None:
     would be drawn from other requests)."""
     # Fields present on both sides only: a field TrainConfig gains later is no reason to refuse an
     # older run's checkpoint.
-    changed = sorted(k for k in set(saved["config"]) & set(run["config"]) if saved["config"][k] != run["config"][k])
-    changed += [name for name in ("train_requests", "val_requests") if saved.get(name) != run.get(name)]
+    before, now = saved["config"], run["config"]
+    changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in sorted(set(before) & set(now)) if before[k] != now[k]]
+    changed += [f"{name} (different requests)" for name in ("train_requests", "val_requests")
+                if saved.get(name) != run.get(name)]
     if changed:
-        detail = ", ".join(f"{k} {saved['config'].get(k)!r} -> {run['config'].get(k)!r}"
-                           if k in run["config"] or k in saved["config"] else f"{k} (different requests)"
-                           for k in changed)
-        raise ResumeMismatchError(f"{path} was written by a run with other settings ({detail}): resuming would continue "
-                         "that run; use another checkpoint_dir, or resume=False to start over")
+        raise ResumeMismatchError(f"{path} was written by a run with other settings ({', '.join(changed)}): resuming "
+                                  "would continue that run; use another checkpoint_dir, or resume=False to start over")
 
 
 def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict):
