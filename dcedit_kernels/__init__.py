@@ -11,7 +11,7 @@ __version__ = "0.2.0"
 # stays as light as the ops.
 _LAZY = {
     "ModelEditor": "model_editor",
-    "EditHandle": "model_editor",
+    "EditHandle": "edit_handle",
     "EditRequest": "requests",
     "TrainConfig": "train",
     "train_editor": "train",

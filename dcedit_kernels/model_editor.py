@@ -44,11 +44,8 @@ MoEditor routes on edit features = the mean of the model's last hidden state ove
 prompt tokens (the encoder's output for seq2seq models), taken from the capture's own forward
 pass, detached.
 
-Baselines ("ft", "ft_kl"): fine-tune only the edited layers' weights on the edits for `ft_steps`
-steps of Adam or SGD (`ft_optimizer`, `ft_lr`); "ft_kl" adds `kl_weight`·KL(p_unedited ‖ p_edited)
-over every token of locality texts (the requests' `locality` [+ `locality_target`], else
-`locality_texts`, else a few generic sentences), as in MEND's baseline.  Undo copies the saved
-weights back.
+Baselines ("ft", "ft_kl"): MEND's fine-tuning baselines, FT and FT+KL, on the edited layers'
+weights only (`ft_baseline.py`).  Undo copies the saved weights back.
 
 Atomicity: a request that is invalid or tokenizes to an empty target raises ValueError before
 anything changes; a non-finite loss, gradient factor, editor output or shifted weight raises
@@ -82,35 +79,31 @@ from __future__ import annotations
 import contextlib
 import difflib
 import json
-import signal
-import threading
 import time
 import warnings
-import weakref
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from ._checks import HALF_DTYPES, is_finite_number, is_int
-from .capture import Factors, capture_factors, frozen_parameters, is_conv1d, resolve_modules, weight_out_in
+from ._checks import is_int
+from .capture import (
+    TOKEN_MODES, Factors, capture_factors, frozen_parameters, is_conv1d, resolve_modules, weight_out_in,
+)
 from .devices import as_device, check_resident, cuda_indices, input_device, model_devices, place_editor
+from .edit_handle import LIVE_EDITS, EditHandle, add_note, deferred_interrupt, restore
 from .editors.presets import MEND, MoEditor, ProEditor, RaEditor
+from .ft_baseline import FineTuneBaselines
+from .losses import DEFAULT_LOSS_REDUCTION, LOSS_REDUCTIONS, edit_loss
 from .requests import EditRequest, validate_requests
 from .scored_logits import logits_at, scored_positions
-from .tokenize import IGNORE_INDEX, forward_inputs, is_seq2seq, pad_token_id, tokenize_causal, tokenize_seq2seq
+from .tied_weights import check_untied
+from .tokenize import IGNORE_INDEX, forward_inputs, is_seq2seq, tokenize_causal, tokenize_seq2seq
 
 EDITOR_METHODS = {"mend": MEND, "raeditor": RaEditor, "moeditor": MoEditor, "proeditor": ProEditor}
 FT_METHODS = ("ft", "ft_kl")
 METHODS = tuple(EDITOR_METHODS) + FT_METHODS
-TOKEN_MODES = ("all", "target")
-LOSS_REDUCTIONS = ("edit", "token")
-# "token" by measurement (RESULTS.md): on CounterFact with SmolLM2, editors trained on batches of
-# 25 under "edit" reached LMP -0.34/-0.68/-0.78 at N_u = 25/75/125 against -0.32/-0.10/-0.15
-# under "token": "edit" keeps every edit at full strength, so the fused shift grows with N_u and
-# drawdown with it (DD 0.91 at 125).  It is also MEND's and EasyEdit's loss.
-DEFAULT_LOSS_REDUCTION = "token"
 # Rows per forward + backward of the capture (and of the FT baselines).  SmolLM2-135M, 3 edited
 # down_proj layers, CounterFact prompts of ~20 tokens, CPU: the capture of 500 edits in one pass
 # took 8.2 GB over the model's 1.3 GB (2.2 GB once the LM head computed only the scored positions).
@@ -118,117 +111,7 @@ DEFAULT_CAPTURE_BATCH_SIZE = 32
 # What a checkpoint without a "loss_reduction" entry (format 1) was trained and applied under.
 LEGACY_LOSS_REDUCTION = "token"
 CHECKPOINT_FORMAT = 2
-FT_DEFAULTS = dict(ft_steps=10, ft_lr=5e-4, ft_optimizer="adam", kl_weight=1.0, locality_texts=None,
-                   ft_stop_loss=1e-2)
 CHECKPOINT_KEY = "dcedit_model_editor"
-
-# Unrelated text for FT+KL when the requests carry no locality prompts: generic statements in the
-# style of the wiki text MEND's baseline uses, so the KL term has something to hold in place.
-GENERIC_LOCALITY_TEXTS = (
-    "The capital of France is Paris, and the city lies on the river Seine.",
-    "Water boils at one hundred degrees Celsius at sea level.",
-    "The quick brown fox jumps over the lazy dog near the old barn.",
-    "In 1969 the first humans walked on the surface of the Moon.",
-)
-
-
-# ---------------------------------------------------------------------------------------------
-# Handle
-# ---------------------------------------------------------------------------------------------
-class EditHandle:
-    """An applied edit: `undo()` restores the edited weights bit for bit; `stats` says what it cost.
-
-    stats: `latency_s` (whole apply), `capture_s`, `editor_s`, `apply_s` (editor methods) or
-    `ft_s` and `ft_steps_run` (baselines), `n_edits`, `n_tokens` (captured token rows),
-    `peak_memory_bytes` (CUDA's peak allocated during the edit; None on CPU, where PyTorch keeps
-    no per-call peak).
-    """
-
-    def __init__(self, live: list, saved: list[tuple[torch.Tensor, torch.Tensor]], stats: dict):
-        # The model's live-edit list, not the editor or the model: nothing here keeps the model
-        # alive, so its entry in _LIVE_EDITS goes with it.
-        self._live = live
-        self._saved = saved
-        self.stats = stats
-        self.active = True
-        self.kept = False
-
-    def undo(self) -> bool:
-        """Restore the weights; returns False when this edit was already undone."""
-        if not self.active:
-            return False
-        if self.kept:
-            raise RuntimeError("this edit was kept (handle.keep()): it can no longer be undone")
-        live = self._live
-        if live and live[-1] is not self:
-            later = live[live.index(self) + 1:] if self in live else live
-            if any(h.kept for h in later):
-                raise RuntimeError("a later edit of this model was kept (handle.keep()): undoing this one "
-                                   "would wipe it, so it can no longer be undone")
-            raise RuntimeError("undo the later edits first: edits of a model (by any of its ModelEditors) "
-                               "must be undone in reverse order")
-        _restore(self._saved)
-        self.active = False
-        if live and live[-1] is self:
-            live.pop()
-        return True
-
-    def keep(self) -> None:
-        """Make this edit permanent and free what undo needed (a copy of every edited weight, held
-        until undo or keep while the model lives).  Earlier edits of the model can no longer be
-        undone afterwards: restoring their saved values would wipe this one."""
-        if self.active and not self.kept:
-            self.kept = True
-            self._saved = []
-
-    def _discard(self) -> None:
-        """Forget a handle whose edit failed (its weights were restored): no longer live."""
-        self.active = False
-        if self in self._live:
-            self._live.remove(self)
-
-    def __enter__(self) -> "EditHandle":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.undo()
-
-
-@torch.no_grad()
-def _restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Copy saved values back, latest first (a weight shifted twice ends at its first value); a
-    Ctrl-C meanwhile waits until every weight is back."""
-    with _deferred_interrupt():
-        for weight, previous in reversed(saved):
-            weight.copy_(previous)
-
-
-# The live (applied, not yet undone) edits of each model, latest last, shared by every ModelEditor
-# of that model: undoing out of order would restore values saved before a later edit.
-_LIVE_EDITS: "weakref.WeakKeyDictionary[nn.Module, list[EditHandle]]" = weakref.WeakKeyDictionary()
-
-
-@contextlib.contextmanager
-def _deferred_interrupt():
-    """Hold SIGINT back until the block ends (then raise it as usual), so that a weight written in
-    place is always recorded in its saved list before a KeyboardInterrupt can unwind.  A no-op off
-    the main thread, where Python delivers no signals."""
-    if threading.current_thread() is not threading.main_thread() or not callable(signal.getsignal(signal.SIGINT)):
-        yield  # no Python handler to defer to (SIG_DFL / SIG_IGN, or set outside Python)
-        return
-    pending = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append((signum, frame)))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if pending and callable(previous):
-            previous(*pending[0])
-
-
-def _note(exc: BaseException, text: str) -> None:
-    if hasattr(exc, "add_note"):  # Python 3.11+
-        exc.add_note(text)
 
 
 def _peak_memory_start(devices: list[torch.device]) -> None:
@@ -243,130 +126,7 @@ def _peak_memory(devices: list[torch.device]):
     return sum(int(torch.cuda.max_memory_allocated(i)) for i in indices) if indices else None
 
 
-# ---------------------------------------------------------------------------------------------
-# Losses shared with the trainer
-# ---------------------------------------------------------------------------------------------
-def upcast(t: torch.Tensor) -> torch.Tensor:
-    """fp32 for half/bf16/fp32 logits, float64 kept (the float64 tests compare exactly)."""
-    return t if t.dtype == torch.float64 else t.float()
-
-
-def _scored_labels(picked: torch.Tensor, labels: torch.Tensor, causal: bool):
-    """(the label tokens `picked`'s rows are scored against, in row-major order; the (B, ·) mask of
-    the label positions), on the logits' device.  Causal LMs predict label t at position t−1."""
-    labels = labels.to(picked.device)
-    if causal:
-        labels = labels[:, 1:]
-    mask = labels != IGNORE_INDEX
-    return labels[mask], mask
-
-
-def _row_sums(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B,) sums of `values`, one per True entry of `mask` (B, ·) in row-major order, by row."""
-    rows = mask.nonzero()[:, 0]
-    return torch.zeros(mask.shape[0], dtype=values.dtype, device=values.device).index_add(0, rows, values)
-
-
-def scored_nll(picked: torch.Tensor, labels: torch.Tensor, causal: bool, reduction: str = "mean"):
-    """NLL of the label tokens from `picked` (n, V), the logits at `scored_positions(labels,
-    causal)` in row-major order: mean over all label tokens ("mean"), or per row ("row": (B,) sums
-    and counts returned as a pair).  Labels move to the logits' device (a split model's LM head
-    may sit elsewhere than its inputs; a no-op otherwise)."""
-    gold, mask = _scored_labels(picked, labels, causal)
-    nll = torch.nn.functional.cross_entropy(upcast(picked), gold, reduction="none")
-    if reduction == "mean":
-        return nll.sum() / mask.sum().clamp(min=1)
-    return _row_sums(nll, mask), mask.sum(1)
-
-
-def target_nll(logits: torch.Tensor, labels: torch.Tensor, causal: bool, reduction: str = "mean"):
-    """`scored_nll` from the full (B, L, V) logits.  Causal LMs predict label t at position t−1;
-    only the scored positions reach log_softmax (vocabularies are big)."""
-    labels = labels.to(logits.device)
-    return scored_nll(logits[scored_positions(labels, causal)], labels, causal, reduction)
-
-
-def edit_loss(picked: torch.Tensor, labels: torch.Tensor, causal: bool, reduction: str = DEFAULT_LOSS_REDUCTION,
-              n_scored: int | None = None):
-    """The loss the capture backpropagates (see `loss_reduction` in the module docstring), from the
-    scored logits `picked` (as `scored_nll`'s).
-
-    "edit": Σ_e (mean NLL of edit e's target tokens), so the gradient reaching edit e's tokens does
-    not depend on the other rows; "token": the mean over every target token of the batch (MEND).
-    `n_scored`: the whole batch's number of target tokens when these rows are one chunk of it
-    ("token" then gives the chunk's share of the batch mean; the chunks' losses sum to it).
-    """
-    if reduction == "token":
-        if n_scored is None:
-            return scored_nll(picked, labels, causal)
-        sums, _ = scored_nll(picked, labels, causal, reduction="row")
-        return sums.sum() / max(n_scored, 1)
-    if reduction != "edit":
-        raise ValueError(f"reduction must be one of {LOSS_REDUCTIONS}, got {reduction!r}")
-    sums, counts = scored_nll(picked, labels, causal, reduction="row")
-    return (sums / counts.clamp(min=1)).sum()
-
-
-@torch.no_grad()
-def log_probs_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
-                 skip=()) -> torch.Tensor:
-    """(n, V) fp32 log-probabilities of the model (as it is now, no grad) at `positions` (B, L)
-    bool, row-major: the KL's reference, the LM head computing those positions only."""
-    with logits_at(model, positions, skip=skip) as scored:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return torch.log_softmax(upcast(scored.pick(logits)), -1)
-
-
-@contextlib.contextmanager
-def swapped_parameters(model: nn.Module, values: list[tuple[nn.Parameter, torch.Tensor]]):
-    """Inside the block, every module of `model` that holds one of the parameters (as a module
-    may under two names, or two modules may, as a tied LM head and input embedding do) holds a
-    frozen Parameter over the paired tensor's memory instead; the parameters themselves are not
-    touched and come back on exit.  Unlike `torch.func.functional_call`, which swaps by name: it
-    put back a plain tensor, not the Parameter, for a module reachable under two names."""
-    by_id = {id(p): v for p, v in values}
-    held = [(module, attr, p) for module in model.modules() for attr, p in module._parameters.items()
-            if p is not None and id(p) in by_id]
-    try:
-        for module, attr, p in held:
-            module._parameters[attr] = nn.Parameter(by_id[id(p)], requires_grad=False)
-        yield
-    finally:
-        for module, attr, p in held:
-            module._parameters[attr] = p
-
-
-def picked_kl(base_logp: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
-    """Mean over n positions of KL(p_base ‖ p_edited) from the edited logits there, `picked`
-    (n, V); `base_logp` holds the base model's log-probabilities at the same positions (n, V).
-    Computed on the logits' device."""
-    post = torch.log_softmax(upcast(picked), -1)
-    base_logp = base_logp.to(post.device)
-    kl = (base_logp.exp() * (base_logp - post)).sum(-1)
-    return kl.mean() if kl.numel() else picked.new_zeros(())
-
-
-def scored_accuracy(picked: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
-    """(B,) share of each row's target tokens predicted by argmax (teacher forced), from `picked`
-    (n, V), the logits at `scored_positions(labels, causal)` in row-major order (as `scored_nll`'s);
-    on the logits' device."""
-    gold, mask = _scored_labels(picked, labels, causal)
-    if picked.dim() != 2 or picked.shape[0] != gold.shape[0]:
-        raise ValueError(f"picked must be (n, V) with n = {gold.shape[0]} scored positions, got {tuple(picked.shape)}")
-    hits = _row_sums((picked.argmax(-1) == gold).float(), mask)
-    return hits / mask.sum(1).clamp(min=1).float()
-
-
-def token_accuracy(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
-    """`scored_accuracy` from the full (B, L, V) logits."""
-    labels = labels.to(logits.device)
-    return scored_accuracy(logits[scored_positions(labels, causal)], labels, causal)
-
-
-# ---------------------------------------------------------------------------------------------
-# ModelEditor
-# ---------------------------------------------------------------------------------------------
-class ModelEditor:
+class ModelEditor(FineTuneBaselines):
     """Edits `model` in place at the named `layers` with `method`; see the module docstring.
 
     layers: module names (nn.Linear or GPT-2 Conv1D); method: "mend", "raeditor", "moeditor",
@@ -421,7 +181,7 @@ class ModelEditor:
             check_untied(model, self.modules)
         self.editor_kwargs = dict(editor_kwargs)
         self.seq2seq = is_seq2seq(model)
-        self._live: list[EditHandle] = _LIVE_EDITS.setdefault(model, [])
+        self._live: list[EditHandle] = LIVE_EDITS.setdefault(model, [])
         self.editors = nn.ModuleDict()
         self._warned_initial = False
         self.slots: dict[str, tuple[str, int]] = {}  # layer -> (shape key, mode)
@@ -447,31 +207,6 @@ class ModelEditor:
         """(in_features, out_features) of an editable module (Conv1D stores in×out)."""
         out_features, in_features = weight_out_in(module).shape
         return in_features, out_features
-
-    def _ft_options(self, kwargs: dict) -> dict:
-        unknown = sorted(set(kwargs) - set(FT_DEFAULTS))
-        if unknown:
-            raise ValueError(f"unknown arguments for method {self.method!r}: {unknown}; "
-                             f"it takes {sorted(FT_DEFAULTS)}")
-        opts = {**FT_DEFAULTS, **kwargs}
-        if not is_int(opts["ft_steps"]) or opts["ft_steps"] < 1:
-            raise ValueError(f"ft_steps must be a positive int, got {opts['ft_steps']!r}")
-        if not is_finite_number(opts["ft_lr"]) or not opts["ft_lr"] > 0:
-            raise ValueError(f"ft_lr must be a positive finite number, got {opts['ft_lr']!r}")
-        if opts["ft_optimizer"] not in ("adam", "sgd"):
-            raise ValueError(f"ft_optimizer must be 'adam' or 'sgd', got {opts['ft_optimizer']!r}")
-        if not is_finite_number(opts["kl_weight"]) or opts["kl_weight"] < 0:
-            raise ValueError(f"kl_weight must be a non-negative finite number, got {opts['kl_weight']!r}")
-        if opts["ft_stop_loss"] is not None and not is_finite_number(opts["ft_stop_loss"]):
-            raise ValueError(f"ft_stop_loss must be a finite number or None, got {opts['ft_stop_loss']!r}")
-        texts = opts["locality_texts"]
-        if texts is not None:
-            if isinstance(texts, str) or not all(isinstance(t, str) and t.strip() for t in texts):
-                raise ValueError("locality_texts must be a list of non-empty strings")
-            opts["locality_texts"] = list(texts)
-        if self.method == "ft_kl" and self.seq2seq:
-            raise ValueError("method 'ft_kl' supports causal LMs only (its KL runs over locality texts)")
-        return opts
 
     def _build_editors(self, kwargs: dict) -> None:
         if "n_modes" in kwargs:
@@ -709,7 +444,7 @@ class ModelEditor:
                          peak_memory_bytes=_peak_memory(devices))
             handle.stats = stats
         except BaseException:
-            _restore(saved)  # the methods restore (and say so) themselves: this covers the rest
+            restore(saved)  # the methods restore (and say so) themselves: this covers the rest
             handle._discard()
             raise
         return handle
@@ -728,7 +463,7 @@ class ModelEditor:
             try:
                 self._leave_edited(handle)
             except RuntimeError as undo_exc:
-                _note(exc, f"dcedit: on leaving edited(): {undo_exc}")
+                add_note(exc, f"dcedit: on leaving edited(): {undo_exc}")
             raise
         self._leave_edited(handle)
 
@@ -761,166 +496,18 @@ class ModelEditor:
         try:
             for name in self.layers:
                 weight = weight_out_in(self.modules[name])
-                with _deferred_interrupt():
+                with deferred_interrupt():
                     saved.append((weight, edits[name].apply_(weight)))
                 previous = saved[-1][1]
                 if not bool(torch.isfinite(weight).all()) and bool(torch.isfinite(previous).all()):
                     raise FloatingPointError(f"the shifted weight of layer {name!r} is not finite")
         except BaseException as exc:
-            _restore(saved)
-            _note(exc, f"dcedit: the edit failed after changing {len(saved)} of {len(self.layers)} weights; "
-                       "all of them were restored bit for bit")
+            restore(saved)
+            add_note(exc, f"dcedit: the edit failed after changing {len(saved)} of {len(self.layers)} weights; "
+                          "all of them were restored bit for bit")
             raise
         return dict(capture_s=t1 - t0, editor_s=t2 - t1, apply_s=time.perf_counter() - t2,
                     n_tokens=sum(f.num_tokens for f in factors.values()))
-
-    # -- fine-tuning baselines ---------------------------------------------------------------------
-    def _locality_texts(self, requests: list[EditRequest]) -> list[str]:
-        texts = []
-        for r in requests:
-            if r.locality is not None:
-                sep = "" if r.locality_target is None else (" " if not r.locality[-1].isspace() else "")
-                texts.append(r.locality + sep + (r.locality_target or ""))
-        return texts or list(self.ft_options["locality_texts"] or GENERIC_LOCALITY_TEXTS)
-
-    def _locality_batch(self, texts: list[str]) -> dict:
-        rows = [self.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
-        return pad_rows(rows, pad_token_id(self.tokenizer), self.device)
-
-    def _ft_kl_reference(self, loc: dict) -> list:
-        """[(chunk, its KL positions, the unedited model's log-probabilities there or None, the
-        chunk's share of all KL positions)] for the locality batch `loc`, `capture_batch_size` rows
-        at a time (every non-padding token is a KL position).
-
-        A batch of one chunk keeps its reference (n×V fp32).  Chunked batches keep none (None):
-        each step recomputes a chunk's reference from the saved unedited weights just before its
-        KL (`_ft_base_log_probs`), one more no-grad forward per chunk and step, so the memory
-        stays one chunk's as everywhere else in the chunked path; keeping them all would hold
-        n×V fp32 for every locality token (1,000 CounterFact locality prompts on SmolLM2, ~9
-        tokens each at V = 49,152: 1.8 GB).  Also kept when an edited weight shares its memory
-        with another parameter object (`_reference_recomputable`)."""
-        total = max(int(loc["attention_mask"].sum()), 1)
-        chunks = self._row_chunks(loc)
-        keep = len(chunks) == 1 or not self._reference_recomputable()
-        parts = []
-        with self._length_errors(loc, "locality texts"):
-            for chunk in chunks:
-                mask = chunk["attention_mask"].bool()
-                base_logp = self._ft_base_log_probs(chunk, mask) if keep else None
-                parts.append((chunk, mask, base_logp, int(mask.sum()) / total))
-        return parts
-
-    def _reference_recomputable(self) -> bool:
-        """Whether the unedited model can be run from the saved weights (`swapped_parameters`):
-        not when an edited weight overlaps the memory of another parameter object
-        (`shared_parameters`), which would keep reading the edited values."""
-        for module in self.modules.values():
-            if any(self.model.get_parameter(n) is not module.weight for n in shared_parameters(self.model, module)):
-                return False
-        return True
-
-    def _ft_base_log_probs(self, chunk: dict, mask: torch.Tensor, reference=()) -> torch.Tensor:
-        """The KL reference of one locality chunk: the model's log-probabilities at `mask`, with
-        `reference` ([(edited weight, its value before fine-tuning)]) in place of those weights."""
-        with swapped_parameters(self.model, list(reference)):
-            return log_probs_at(self.model, chunk["input_ids"], chunk["attention_mask"], mask,
-                                skip=self.modules.values())
-
-    def _apply_ft(self, requests: list[EditRequest], batch: dict, saved: list):
-        opts = self.ft_options
-        weights = [self.modules[name].weight for name in self.layers]
-        params = list(self.model.parameters())
-        flags = [p.requires_grad for p in params]
-        grads = [p.grad for p in weights]
-        saved.extend((w, w.detach().clone()) for w in weights)  # before any weight changes
-        t0, steps_run = time.perf_counter(), 0
-        try:
-            kl_parts, loc = [], None
-            if self.method == "ft_kl" and opts["kl_weight"] > 0:
-                loc = self._locality_batch(self._locality_texts(requests))
-                kl_parts = self._ft_kl_reference(loc)
-            reference = saved[-len(weights):]  # (weight, its saved value): chunks whose reference is recomputed
-            for p in params:
-                p.requires_grad_(False)
-            for w in weights:
-                w.requires_grad_(True)
-                w.grad = None
-            # 16-bit weights are optimised through fp32 copies (mixed precision): Adam's state in
-            # fp16 underflows (eps = 1e-8 is 0 there) and one step made every weight non-finite.
-            masters = [w.detach().float().requires_grad_(True) if w.dtype in HALF_DTYPES else w for w in weights]
-            if opts["ft_optimizer"] == "adam":
-                opt = torch.optim.Adam(masters, lr=opts["ft_lr"])
-            else:
-                opt = torch.optim.SGD(masters, lr=opts["ft_lr"])
-
-            def backward(loss):
-                """Check, backpropagate, and move 16-bit gradients into the fp32 masters (the chunks'
-                gradients then add up in fp32, not in the weight's dtype)."""
-                if not bool(torch.isfinite(loss)):
-                    raise FloatingPointError(f"the fine-tuning loss is not finite ({float(loss.detach())})")
-                loss.backward()
-                for w, m in zip(weights, masters):
-                    if m is not w and w.grad is not None:
-                        m.grad = w.grad.float() if m.grad is None else m.grad.add_(w.grad.float())
-                        w.grad = None
-
-            chunks = self._row_chunks(batch)
-            n_scored = self._n_scored(batch) if len(chunks) > 1 else None
-            with torch.enable_grad():
-                for _ in range(opts["ft_steps"]):
-                    opt.zero_grad(set_to_none=True)
-                    for w in weights:
-                        w.grad = None
-                    # The batch-mean edit loss and the KL, chunk by chunk: each chunk's loss is
-                    # backpropagated at once (its gradient accumulates), except the last edit
-                    # chunk's, kept until the stop check has seen the whole edit loss.
-                    edit_total, last = 0.0, None
-                    for k, chunk in enumerate(chunks):
-                        loss, _ = self._scored_edit_loss(chunk, "token", n_scored)
-                        edit_total += float(loss.detach())
-                        if k < len(chunks) - 1:
-                            backward(loss)
-                        else:
-                            last = loss
-                    if opts["ft_stop_loss"] is not None and edit_total < opts["ft_stop_loss"]:
-                        break
-                    for k, (chunk, mask, base_logp, share) in enumerate(kl_parts):
-                        with self._length_errors(loc, "locality texts"):
-                            if base_logp is None:  # chunked: recomputed, not kept (see _ft_kl_reference)
-                                base_logp = self._ft_base_log_probs(chunk, mask, reference)
-                            with logits_at(self.model, mask, skip=self.modules.values()) as scored:
-                                logits = self.model(input_ids=chunk["input_ids"],
-                                                    attention_mask=chunk["attention_mask"]).logits
-                        kl = opts["kl_weight"] * share * picked_kl(base_logp, scored.pick(logits))
-                        del base_logp
-                        if k < len(kl_parts) - 1:
-                            backward(kl)
-                        else:
-                            last = last + kl
-                    backward(last)
-                    for name, m in zip(self.layers, masters):
-                        if not bool(torch.isfinite(m.grad).all()):
-                            raise FloatingPointError(f"non-finite gradient for layer {name!r}")
-                    opt.step()
-                    with torch.no_grad():
-                        for w, m in zip(weights, masters):
-                            if m is not w:
-                                w.copy_(m)
-                    steps_run += 1
-            for name, w in zip(self.layers, weights):
-                if not bool(torch.isfinite(w).all()):
-                    raise FloatingPointError(f"the fine-tuned weight of layer {name!r} is not finite")
-        except BaseException as exc:
-            _restore(saved)
-            _note(exc, "dcedit: the fine-tuning edit failed; the edited weights were restored bit for bit")
-            raise
-        finally:
-            for p, flag in zip(params, flags):
-                p.requires_grad_(flag)
-            for w, g in zip(weights, grads):
-                w.grad = g
-        return dict(ft_s=time.perf_counter() - t0, ft_steps_run=steps_run,
-                    n_tokens=int(batch["attention_mask"].sum()))
 
     # -- training --------------------------------------------------------------------------------
     def fit(self, train_requests, val_requests=None, config=None, **overrides):
@@ -1101,57 +688,4 @@ class ModelEditor:
 _CHANGED_DEFAULTS = {"moeditor": ("top_k",)}
 
 
-def _memory_span(t: torch.Tensor):
-    """(device, first byte, one past the last byte) of the memory `t` can touch; None when it has none."""
-    if t.device.type == "meta" or t.numel() == 0:
-        return None
-    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-    start = t.data_ptr()
-    return t.device, start, start + extent * t.element_size()
 
-
-def shared_parameters(model: nn.Module, module: nn.Module) -> list[str]:
-    """Names of the parameters of `model`'s other modules that are `module`'s weight or overlap its
-    memory (an LM head tied to the input embedding, two modules viewing one buffer).  The module's
-    own parameters never count, also when the module is reachable under two names."""
-    weight = module.weight
-    span = _memory_span(weight)
-    out = []
-    for owner_name, owner in model.named_modules(remove_duplicate=False):
-        if owner is module:
-            continue
-        for name, p in owner.named_parameters(recurse=False):
-            other = _memory_span(p)
-            overlap = (span is not None and other is not None and other[0] == span[0]
-                       and other[1] < span[2] and span[1] < other[2])
-            if p is weight or overlap:
-                out.append(f"{owner_name}.{name}" if owner_name else name)
-    return out
-
-
-def check_untied(model: nn.Module, modules: dict) -> None:
-    """ValueError naming the first edited layer whose weight is shared with another parameter: an
-    in-place edit of it would change that module too (and undo would restore both)."""
-    for layer, module in modules.items():
-        shared = shared_parameters(model, module)
-        if shared:
-            raise ValueError(
-                f"layers: {layer!r} shares its weight with {', '.join(shared)} (tied weights); editing it would "
-                "also change that parameter. Pass allow_tied=True to edit it anyway.")
-
-
-def pad_rows(rows: list[list[int]], pad_id: int, device=None, labels: list[list[int]] | None = None) -> dict:
-    """Right-padded `input_ids` and `attention_mask` (and `labels`, padded with -100)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    batch = {"input_ids": ids, "attention_mask": mask}
-    if labels is not None:
-        lab = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        for i, r in enumerate(labels):
-            lab[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        batch["labels"] = lab
-    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch

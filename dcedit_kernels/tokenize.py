@@ -101,12 +101,20 @@ def causal_pair_ids(tokenizer, prompt: str, target: str, index: int = 0) -> tupl
     return full_ids, n_prompt
 
 
-def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
-    width = max(len(r) for r in rows)
+def _pad(rows: list[list[int]], value: int, width: int | None = None) -> torch.Tensor:
+    width = max(len(r) for r in rows) if width is None else width
     out = torch.full((len(rows), width), value, dtype=torch.long)
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
     return out
+
+
+def pad_rows(rows: list[list[int]], pad_id: int, device=None, labels: list[list[int]] | None = None) -> dict:
+    """Right-padded `input_ids` and `attention_mask` (and `labels`, as wide, padded with -100)."""
+    batch = {"input_ids": _pad(rows, pad_id), "attention_mask": _pad([[1] * len(r) for r in rows], 0)}
+    if labels is not None:
+        batch["labels"] = _pad(labels, IGNORE_INDEX, width=batch["input_ids"].shape[1])
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
 
 def tokenize_causal(tokenizer, prompts: Sequence[str], targets: Sequence[str], device=None) -> dict:
@@ -120,10 +128,7 @@ def tokenize_causal(tokenizer, prompts: Sequence[str], targets: Sequence[str], d
         row, n_prompt = causal_pair_ids(tokenizer, prompt, target, i)
         ids.append(row)
         labels.append([IGNORE_INDEX] * n_prompt + row[n_prompt:])
-    input_ids = _pad(ids, pad_token_id(tokenizer))
-    attention_mask = _pad([[1] * len(r) for r in ids], 0)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": _pad(labels, IGNORE_INDEX)}
-    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+    return pad_rows(ids, pad_token_id(tokenizer), device, labels)
 
 
 def tokenize_texts(tokenizer, texts: Sequence[str], device=None) -> dict:
@@ -135,13 +140,7 @@ def tokenize_texts(tokenizer, texts: Sequence[str], device=None) -> dict:
         if len(row) < 2:
             raise ValueError(f"texts[{i}] ({text!r}) needs at least 2 tokens to be scored, got {len(row)}")
         ids.append(row)
-    labels = [[IGNORE_INDEX] + r[1:] for r in ids]
-    batch = {
-        "input_ids": _pad(ids, pad_token_id(tokenizer)),
-        "attention_mask": _pad([[1] * len(r) for r in ids], 0),
-        "labels": _pad(labels, IGNORE_INDEX),
-    }
-    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+    return pad_rows(ids, pad_token_id(tokenizer), device, [[IGNORE_INDEX] + r[1:] for r in ids])
 
 
 def tokenize_seq2seq(tokenizer, prompts: Sequence[str], targets: Sequence[str], device=None) -> dict:

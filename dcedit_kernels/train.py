@@ -73,12 +73,11 @@ from ._checks import is_int
 from .capture import frozen_parameters
 from .devices import cuda_indices
 from .lowrank_layers import lowrank_edited
-from .model_editor import (
-    LEGACY_LOSS_REDUCTION, ModelEditor, log_probs_at, pad_rows, picked_kl, scored_accuracy, scored_nll,
-)
+from .losses import log_probs_at, picked_kl, scored_accuracy, scored_nll
+from .model_editor import LEGACY_LOSS_REDUCTION, ModelEditor
 from .requests import EditRequest, validate_requests
 from .scored_logits import logits_at, scored_positions
-from .tokenize import causal_pair_ids, pad_token_id
+from .tokenize import causal_pair_ids, pad_rows, pad_token_id
 
 VIEWS = ("own", "all")
 

@@ -13,7 +13,8 @@ from helpers import rel_err, saved_bytes
 from dcedit_kernels import ops
 from dcedit_kernels.capture import capture_factors, weight_out_in
 from dcedit_kernels.editors import GroupedEdit, GroupedEditor
-from dcedit_kernels.model_editor import ModelEditor, target_nll
+from dcedit_kernels.losses import target_nll
+from dcedit_kernels.model_editor import ModelEditor
 from dcedit_kernels.models import tiny_model
 from dcedit_kernels.requests import EditRequest
 

@@ -16,7 +16,8 @@ from test_model_editor import assert_bit_identical, one_thread, random_requests,
 
 from dcedit_kernels import EditRequest, TrainConfig
 from dcedit_kernels.capture import capture_factors
-from dcedit_kernels.model_editor import ModelEditor, edit_loss, scored_accuracy, target_nll
+from dcedit_kernels.losses import edit_loss, scored_accuracy, target_nll
+from dcedit_kernels.model_editor import ModelEditor
 from dcedit_kernels.models import tiny_model
 from dcedit_kernels.scored_logits import full_logits, logits_at, scored_positions
 from dcedit_kernels.train import batch_loss, evaluate_edits

@@ -10,7 +10,8 @@ import torch
 from dcedit_kernels.capture import is_conv1d, weight_out_in
 from dcedit_kernels.editors import GroupedEdit
 from dcedit_kernels.lowrank_layers import lowrank_edited
-from dcedit_kernels.model_editor import ModelEditor, picked_kl, target_nll
+from dcedit_kernels.losses import picked_kl, target_nll
+from dcedit_kernels.model_editor import ModelEditor
 from dcedit_kernels.models import tiny_model
 from dcedit_kernels.requests import EditRequest
 from dcedit_kernels.train import TrainConfig, batch_edits, eval_rows, evaluate_edits, loss_from_edits, train_editor

@@ -1,0 +1,113 @@
+"""EditHandle: one applied edit of a model, undone by copying the saved weights back.
+
+Every ModelEditor of a model shares that model's list of live edits (`LIVE_EDITS`), so undo can
+refuse to run out of order: restoring values saved before a later edit would wipe that edit too.
+Writes and restores of weights run under `deferred_interrupt`, so a Ctrl-C never leaves a changed
+weight unrecorded or half restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import weakref
+
+import torch
+from torch import nn
+
+
+class EditHandle:
+    """An applied edit: `undo()` restores the edited weights bit for bit; `stats` says what it cost.
+
+    stats: `latency_s` (whole apply), `capture_s`, `editor_s`, `apply_s` (editor methods) or
+    `ft_s` and `ft_steps_run` (baselines), `n_edits`, `n_tokens` (captured token rows),
+    `peak_memory_bytes` (CUDA's peak allocated during the edit; None on CPU, where PyTorch keeps
+    no per-call peak).
+    """
+
+    def __init__(self, live: list, saved: list[tuple[torch.Tensor, torch.Tensor]], stats: dict):
+        # The model's live-edit list, not the editor or the model: nothing here keeps the model
+        # alive, so its entry in LIVE_EDITS goes with it.
+        self._live = live
+        self._saved = saved
+        self.stats = stats
+        self.active = True
+        self.kept = False
+
+    def undo(self) -> bool:
+        """Restore the weights; returns False when this edit was already undone."""
+        if not self.active:
+            return False
+        if self.kept:
+            raise RuntimeError("this edit was kept (handle.keep()): it can no longer be undone")
+        live = self._live
+        if live and live[-1] is not self:
+            later = live[live.index(self) + 1:] if self in live else live
+            if any(h.kept for h in later):
+                raise RuntimeError("a later edit of this model was kept (handle.keep()): undoing this one "
+                                   "would wipe it, so it can no longer be undone")
+            raise RuntimeError("undo the later edits first: edits of a model (by any of its ModelEditors) "
+                               "must be undone in reverse order")
+        restore(self._saved)
+        self.active = False
+        if live and live[-1] is self:
+            live.pop()
+        return True
+
+    def keep(self) -> None:
+        """Make this edit permanent and free what undo needed (a copy of every edited weight, held
+        until undo or keep while the model lives).  Earlier edits of the model can no longer be
+        undone afterwards: restoring their saved values would wipe this one."""
+        if self.active and not self.kept:
+            self.kept = True
+            self._saved = []
+
+    def _discard(self) -> None:
+        """Forget a handle whose edit failed (its weights were restored): no longer live."""
+        self.active = False
+        if self in self._live:
+            self._live.remove(self)
+
+    def __enter__(self) -> "EditHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.undo()
+
+
+@torch.no_grad()
+def restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy saved values back, latest first (a weight shifted twice ends at its first value); a
+    Ctrl-C meanwhile waits until every weight is back."""
+    with deferred_interrupt():
+        for weight, previous in reversed(saved):
+            weight.copy_(previous)
+
+
+# The live (applied, not yet undone) edits of each model, latest last, shared by every ModelEditor
+# of that model: undoing out of order would restore values saved before a later edit.
+LIVE_EDITS: "weakref.WeakKeyDictionary[nn.Module, list[EditHandle]]" = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Hold SIGINT back until the block ends (then raise it as usual), so that a weight written in
+    place is always recorded in its saved list before a KeyboardInterrupt can unwind.  A no-op off
+    the main thread, where Python delivers no signals."""
+    if threading.current_thread() is not threading.main_thread() or not callable(signal.getsignal(signal.SIGINT)):
+        yield  # no Python handler to defer to (SIG_DFL / SIG_IGN, or set outside Python)
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending and callable(previous):
+            previous(*pending[0])
+
+
+def add_note(exc: BaseException, text: str) -> None:
+    if hasattr(exc, "add_note"):  # Python 3.11+
+        exc.add_note(text)

@@ -1,0 +1,232 @@
+"""The fine-tuning baselines of ModelEditor: "ft" and "ft_kl" (MEND's FT and FT+KL).
+
+Fine-tune only the edited layers' weights on the edits for `ft_steps` steps of Adam or SGD
+(`ft_optimizer`, `ft_lr`), on the batch-mean target NLL; "ft_kl" adds `kl_weight`·KL(p_unedited ‖
+p_edited) over every token of locality texts (the requests' `locality` [+ `locality_target`],
+else `locality_texts`, else a few generic sentences), as in MEND's baseline.  `FineTuneBaselines`
+is a mixin of ModelEditor: it uses the editor's model, layers, tokenizer and its chunked forward
+(`_row_chunks`, `_scored_edit_loss`, `_length_errors`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+from torch import nn
+
+from ._checks import HALF_DTYPES, is_finite_number, is_int
+from .edit_handle import add_note, restore
+from .losses import log_probs_at, picked_kl
+from .requests import EditRequest
+from .scored_logits import logits_at
+from .tied_weights import shared_parameters
+from .tokenize import pad_rows, pad_token_id
+
+FT_DEFAULTS = dict(ft_steps=10, ft_lr=5e-4, ft_optimizer="adam", kl_weight=1.0, locality_texts=None,
+                   ft_stop_loss=1e-2)
+
+# Unrelated text for FT+KL when the requests carry no locality prompts: generic statements in the
+# style of the wiki text MEND's baseline uses, so the KL term has something to hold in place.
+GENERIC_LOCALITY_TEXTS = (
+    "The capital of France is Paris, and the city lies on the river Seine.",
+    "Water boils at one hundred degrees Celsius at sea level.",
+    "The quick brown fox jumps over the lazy dog near the old barn.",
+    "In 1969 the first humans walked on the surface of the Moon.",
+)
+
+
+@contextlib.contextmanager
+def swapped_parameters(model: nn.Module, values: list[tuple[nn.Parameter, torch.Tensor]]):
+    """Inside the block, every module of `model` that holds one of the parameters (as a module
+    may under two names, or two modules may, as a tied LM head and input embedding do) holds a
+    frozen Parameter over the paired tensor's memory instead; the parameters themselves are not
+    touched and come back on exit.  Unlike `torch.func.functional_call`, which swaps by name: it
+    put back a plain tensor, not the Parameter, for a module reachable under two names."""
+    by_id = {id(p): v for p, v in values}
+    held = [(module, attr, p) for module in model.modules() for attr, p in module._parameters.items()
+            if p is not None and id(p) in by_id]
+    try:
+        for module, attr, p in held:
+            module._parameters[attr] = nn.Parameter(by_id[id(p)], requires_grad=False)
+        yield
+    finally:
+        for module, attr, p in held:
+            module._parameters[attr] = p
+
+
+class FineTuneBaselines:
+    """ModelEditor's "ft" and "ft_kl" methods (see the module docstring)."""
+
+    def _ft_options(self, kwargs: dict) -> dict:
+        unknown = sorted(set(kwargs) - set(FT_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown arguments for method {self.method!r}: {unknown}; "
+                             f"it takes {sorted(FT_DEFAULTS)}")
+        opts = {**FT_DEFAULTS, **kwargs}
+        if not is_int(opts["ft_steps"]) or opts["ft_steps"] < 1:
+            raise ValueError(f"ft_steps must be a positive int, got {opts['ft_steps']!r}")
+        if not is_finite_number(opts["ft_lr"]) or not opts["ft_lr"] > 0:
+            raise ValueError(f"ft_lr must be a positive finite number, got {opts['ft_lr']!r}")
+        if opts["ft_optimizer"] not in ("adam", "sgd"):
+            raise ValueError(f"ft_optimizer must be 'adam' or 'sgd', got {opts['ft_optimizer']!r}")
+        if not is_finite_number(opts["kl_weight"]) or opts["kl_weight"] < 0:
+            raise ValueError(f"kl_weight must be a non-negative finite number, got {opts['kl_weight']!r}")
+        if opts["ft_stop_loss"] is not None and not is_finite_number(opts["ft_stop_loss"]):
+            raise ValueError(f"ft_stop_loss must be a finite number or None, got {opts['ft_stop_loss']!r}")
+        texts = opts["locality_texts"]
+        if texts is not None:
+            if isinstance(texts, str) or not all(isinstance(t, str) and t.strip() for t in texts):
+                raise ValueError("locality_texts must be a list of non-empty strings")
+            opts["locality_texts"] = list(texts)
+        if self.method == "ft_kl" and self.seq2seq:
+            raise ValueError("method 'ft_kl' supports causal LMs only (its KL runs over locality texts)")
+        return opts
+
+    def _locality_texts(self, requests: list[EditRequest]) -> list[str]:
+        texts = []
+        for r in requests:
+            if r.locality is not None:
+                sep = "" if r.locality_target is None else (" " if not r.locality[-1].isspace() else "")
+                texts.append(r.locality + sep + (r.locality_target or ""))
+        return texts or list(self.ft_options["locality_texts"] or GENERIC_LOCALITY_TEXTS)
+
+    def _locality_batch(self, texts: list[str]) -> dict:
+        rows = [self.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+        return pad_rows(rows, pad_token_id(self.tokenizer), self.device)
+
+    def _ft_kl_reference(self, loc: dict) -> list:
+        """[(chunk, its KL positions, the unedited model's log-probabilities there or None, the
+        chunk's share of all KL positions)] for the locality batch `loc`, `capture_batch_size` rows
+        at a time (every non-padding token is a KL position).
+
+        A batch of one chunk keeps its reference (n×V fp32).  Chunked batches keep none (None):
+        each step recomputes a chunk's reference from the saved unedited weights just before its
+        KL (`_ft_base_log_probs`), one more no-grad forward per chunk and step, so the memory
+        stays one chunk's as everywhere else in the chunked path; keeping them all would hold
+        n×V fp32 for every locality token (1,000 CounterFact locality prompts on SmolLM2, ~9
+        tokens each at V = 49,152: 1.8 GB).  Also kept when an edited weight shares its memory
+        with another parameter object (`_reference_recomputable`)."""
+        total = max(int(loc["attention_mask"].sum()), 1)
+        chunks = self._row_chunks(loc)
+        keep = len(chunks) == 1 or not self._reference_recomputable()
+        parts = []
+        with self._length_errors(loc, "locality texts"):
+            for chunk in chunks:
+                mask = chunk["attention_mask"].bool()
+                base_logp = self._ft_base_log_probs(chunk, mask) if keep else None
+                parts.append((chunk, mask, base_logp, int(mask.sum()) / total))
+        return parts
+
+    def _reference_recomputable(self) -> bool:
+        """Whether the unedited model can be run from the saved weights (`swapped_parameters`):
+        not when an edited weight overlaps the memory of another parameter object
+        (`shared_parameters`), which would keep reading the edited values."""
+        for module in self.modules.values():
+            if any(self.model.get_parameter(n) is not module.weight for n in shared_parameters(self.model, module)):
+                return False
+        return True
+
+    def _ft_base_log_probs(self, chunk: dict, mask: torch.Tensor, reference=()) -> torch.Tensor:
+        """The KL reference of one locality chunk: the model's log-probabilities at `mask`, with
+        `reference` ([(edited weight, its value before fine-tuning)]) in place of those weights."""
+        with swapped_parameters(self.model, list(reference)):
+            return log_probs_at(self.model, chunk["input_ids"], chunk["attention_mask"], mask,
+                                skip=self.modules.values())
+
+    def _apply_ft(self, requests: list[EditRequest], batch: dict, saved: list):
+        opts = self.ft_options
+        weights = [self.modules[name].weight for name in self.layers]
+        params = list(self.model.parameters())
+        flags = [p.requires_grad for p in params]
+        grads = [p.grad for p in weights]
+        saved.extend((w, w.detach().clone()) for w in weights)  # before any weight changes
+        t0, steps_run = time.perf_counter(), 0
+        try:
+            kl_parts, loc = [], None
+            if self.method == "ft_kl" and opts["kl_weight"] > 0:
+                loc = self._locality_batch(self._locality_texts(requests))
+                kl_parts = self._ft_kl_reference(loc)
+            reference = saved[-len(weights):]  # (weight, its saved value): chunks whose reference is recomputed
+            for p in params:
+                p.requires_grad_(False)
+            for w in weights:
+                w.requires_grad_(True)
+                w.grad = None
+            # 16-bit weights are optimised through fp32 copies (mixed precision): Adam's state in
+            # fp16 underflows (eps = 1e-8 is 0 there) and one step made every weight non-finite.
+            masters = [w.detach().float().requires_grad_(True) if w.dtype in HALF_DTYPES else w for w in weights]
+            if opts["ft_optimizer"] == "adam":
+                opt = torch.optim.Adam(masters, lr=opts["ft_lr"])
+            else:
+                opt = torch.optim.SGD(masters, lr=opts["ft_lr"])
+
+            def backward(loss):
+                """Check, backpropagate, and move 16-bit gradients into the fp32 masters (the chunks'
+                gradients then add up in fp32, not in the weight's dtype)."""
+                if not bool(torch.isfinite(loss)):
+                    raise FloatingPointError(f"the fine-tuning loss is not finite ({float(loss.detach())})")
+                loss.backward()
+                for w, m in zip(weights, masters):
+                    if m is not w and w.grad is not None:
+                        m.grad = w.grad.float() if m.grad is None else m.grad.add_(w.grad.float())
+                        w.grad = None
+
+            chunks = self._row_chunks(batch)
+            n_scored = self._n_scored(batch) if len(chunks) > 1 else None
+            with torch.enable_grad():
+                for _ in range(opts["ft_steps"]):
+                    opt.zero_grad(set_to_none=True)
+                    for w in weights:
+                        w.grad = None
+                    # The batch-mean edit loss and the KL, chunk by chunk: each chunk's loss is
+                    # backpropagated at once (its gradient accumulates), except the last edit
+                    # chunk's, kept until the stop check has seen the whole edit loss.
+                    edit_total, last = 0.0, None
+                    for k, chunk in enumerate(chunks):
+                        loss, _ = self._scored_edit_loss(chunk, "token", n_scored)
+                        edit_total += float(loss.detach())
+                        if k < len(chunks) - 1:
+                            backward(loss)
+                        else:
+                            last = loss
+                    if opts["ft_stop_loss"] is not None and edit_total < opts["ft_stop_loss"]:
+                        break
+                    for k, (chunk, mask, base_logp, share) in enumerate(kl_parts):
+                        with self._length_errors(loc, "locality texts"):
+                            if base_logp is None:  # chunked: recomputed, not kept (see _ft_kl_reference)
+                                base_logp = self._ft_base_log_probs(chunk, mask, reference)
+                            with logits_at(self.model, mask, skip=self.modules.values()) as scored:
+                                logits = self.model(input_ids=chunk["input_ids"],
+                                                    attention_mask=chunk["attention_mask"]).logits
+                        kl = opts["kl_weight"] * share * picked_kl(base_logp, scored.pick(logits))
+                        del base_logp
+                        if k < len(kl_parts) - 1:
+                            backward(kl)
+                        else:
+                            last = last + kl
+                    backward(last)
+                    for name, m in zip(self.layers, masters):
+                        if not bool(torch.isfinite(m.grad).all()):
+                            raise FloatingPointError(f"non-finite gradient for layer {name!r}")
+                    opt.step()
+                    with torch.no_grad():
+                        for w, m in zip(weights, masters):
+                            if m is not w:
+                                w.copy_(m)
+                    steps_run += 1
+            for name, w in zip(self.layers, weights):
+                if not bool(torch.isfinite(w).all()):
+                    raise FloatingPointError(f"the fine-tuned weight of layer {name!r} is not finite")
+        except BaseException as exc:
+            restore(saved)
+            add_note(exc, "dcedit: the fine-tuning edit failed; the edited weights were restored bit for bit")
+            raise
+        finally:
+            for p, flag in zip(params, flags):
+                p.requires_grad_(flag)
+            for w, g in zip(weights, grads):
+                w.grad = g
+        return dict(ft_s=time.perf_counter() - t0, ft_steps_run=steps_run,
+                    n_tokens=int(batch["attention_mask"].sum()))

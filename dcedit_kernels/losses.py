@@ -1,0 +1,120 @@
+"""The losses and accuracies of editing, from the logits at the scored positions.
+
+`picked` is always the (n, V) logits at `scored_logits.scored_positions(labels, causal)` in
+row-major order (the LM head computes only those, see `scored_logits.py`); the `target_*` and
+`token_*` forms take the full (B, L, V) logits instead.  Everything is computed in fp32 (float64
+kept), on the logits' device, with labels and masks moved there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .scored_logits import logits_at, scored_positions
+from .tokenize import IGNORE_INDEX
+
+LOSS_REDUCTIONS = ("edit", "token")
+# "token" by measurement (RESULTS.md): on CounterFact with SmolLM2, editors trained on batches of
+# 25 under "edit" reached LMP -0.34/-0.68/-0.78 at N_u = 25/75/125 against -0.32/-0.10/-0.15
+# under "token": "edit" keeps every edit at full strength, so the fused shift grows with N_u and
+# drawdown with it (DD 0.91 at 125).  It is also MEND's and EasyEdit's loss.
+DEFAULT_LOSS_REDUCTION = "token"
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """fp32 for half/bf16/fp32 logits, float64 kept (the float64 tests compare exactly)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _scored_labels(picked: torch.Tensor, labels: torch.Tensor, causal: bool):
+    """(the label tokens `picked`'s rows are scored against, in row-major order; the (B, ·) mask of
+    the label positions), on the logits' device.  Causal LMs predict label t at position t−1."""
+    labels = labels.to(picked.device)
+    if causal:
+        labels = labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    return labels[mask], mask
+
+
+def _row_sums(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) sums of `values`, one per True entry of `mask` (B, ·) in row-major order, by row."""
+    rows = mask.nonzero()[:, 0]
+    return torch.zeros(mask.shape[0], dtype=values.dtype, device=values.device).index_add(0, rows, values)
+
+
+def scored_nll(picked: torch.Tensor, labels: torch.Tensor, causal: bool, reduction: str = "mean"):
+    """NLL of the label tokens from `picked` (n, V), the logits at `scored_positions(labels,
+    causal)` in row-major order: mean over all label tokens ("mean"), or per row ("row": (B,) sums
+    and counts returned as a pair).  Labels move to the logits' device (a split model's LM head
+    may sit elsewhere than its inputs; a no-op otherwise)."""
+    gold, mask = _scored_labels(picked, labels, causal)
+    nll = torch.nn.functional.cross_entropy(upcast(picked), gold, reduction="none")
+    if reduction == "mean":
+        return nll.sum() / mask.sum().clamp(min=1)
+    return _row_sums(nll, mask), mask.sum(1)
+
+
+def target_nll(logits: torch.Tensor, labels: torch.Tensor, causal: bool, reduction: str = "mean"):
+    """`scored_nll` from the full (B, L, V) logits.  Causal LMs predict label t at position t−1;
+    only the scored positions reach log_softmax (vocabularies are big)."""
+    labels = labels.to(logits.device)
+    return scored_nll(logits[scored_positions(labels, causal)], labels, causal, reduction)
+
+
+def edit_loss(picked: torch.Tensor, labels: torch.Tensor, causal: bool, reduction: str = DEFAULT_LOSS_REDUCTION,
+              n_scored: int | None = None):
+    """The loss the capture backpropagates (see `loss_reduction` in `model_editor`'s docstring), from the
+    scored logits `picked` (as `scored_nll`'s).
+
+    "edit": Σ_e (mean NLL of edit e's target tokens), so the gradient reaching edit e's tokens does
+    not depend on the other rows; "token": the mean over every target token of the batch (MEND).
+    `n_scored`: the whole batch's number of target tokens when these rows are one chunk of it
+    ("token" then gives the chunk's share of the batch mean; the chunks' losses sum to it).
+    """
+    if reduction == "token":
+        if n_scored is None:
+            return scored_nll(picked, labels, causal)
+        sums, _ = scored_nll(picked, labels, causal, reduction="row")
+        return sums.sum() / max(n_scored, 1)
+    if reduction != "edit":
+        raise ValueError(f"reduction must be one of {LOSS_REDUCTIONS}, got {reduction!r}")
+    sums, counts = scored_nll(picked, labels, causal, reduction="row")
+    return (sums / counts.clamp(min=1)).sum()
+
+
+@torch.no_grad()
+def log_probs_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+                 skip=()) -> torch.Tensor:
+    """(n, V) fp32 log-probabilities of the model (as it is now, no grad) at `positions` (B, L)
+    bool, row-major: the KL's reference, the LM head computing those positions only."""
+    with logits_at(model, positions, skip=skip) as scored:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return torch.log_softmax(upcast(scored.pick(logits)), -1)
+
+
+def picked_kl(base_logp: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+    """Mean over n positions of KL(p_base ‖ p_edited) from the edited logits there, `picked`
+    (n, V); `base_logp` holds the base model's log-probabilities at the same positions (n, V).
+    Computed on the logits' device."""
+    post = torch.log_softmax(upcast(picked), -1)
+    base_logp = base_logp.to(post.device)
+    kl = (base_logp.exp() * (base_logp - post)).sum(-1)
+    return kl.mean() if kl.numel() else picked.new_zeros(())
+
+
+def scored_accuracy(picked: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(B,) share of each row's target tokens predicted by argmax (teacher forced), from `picked`
+    (n, V), the logits at `scored_positions(labels, causal)` in row-major order (as `scored_nll`'s);
+    on the logits' device."""
+    gold, mask = _scored_labels(picked, labels, causal)
+    if picked.dim() != 2 or picked.shape[0] != gold.shape[0]:
+        raise ValueError(f"picked must be (n, V) with n = {gold.shape[0]} scored positions, got {tuple(picked.shape)}")
+    hits = _row_sums((picked.argmax(-1) == gold).float(), mask)
+    return hits / mask.sum(1).clamp(min=1).float()
+
+
+def token_accuracy(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
+    """`scored_accuracy` from the full (B, L, V) logits."""
+    labels = labels.to(logits.device)
+    return scored_accuracy(logits[scored_positions(labels, causal)], labels, causal)

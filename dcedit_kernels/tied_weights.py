@@ -1,0 +1,51 @@
+"""Tied weights: which parameters share an edited weight's memory.
+
+An in-place edit of a weight tied to another module (an LM head tied to the input embedding) changes
+that module too, so ModelEditor refuses such layers unless `allow_tied=True`; and the FT+KL
+baseline cannot run the unedited model from saved weights when another parameter object views an
+edited weight's memory.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _memory_span(t: torch.Tensor):
+    """(device, first byte, one past the last byte) of the memory `t` can touch; None when it has none."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return None
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    start = t.data_ptr()
+    return t.device, start, start + extent * t.element_size()
+
+
+def shared_parameters(model: nn.Module, module: nn.Module) -> list[str]:
+    """Names of the parameters of `model`'s other modules that are `module`'s weight or overlap its
+    memory (an LM head tied to the input embedding, two modules viewing one buffer).  The module's
+    own parameters never count, also when the module is reachable under two names."""
+    weight = module.weight
+    span = _memory_span(weight)
+    out = []
+    for owner_name, owner in model.named_modules(remove_duplicate=False):
+        if owner is module:
+            continue
+        for name, p in owner.named_parameters(recurse=False):
+            other = _memory_span(p)
+            overlap = (span is not None and other is not None and other[0] == span[0]
+                       and other[1] < span[2] and span[1] < other[2])
+            if p is weight or overlap:
+                out.append(f"{owner_name}.{name}" if owner_name else name)
+    return out
+
+
+def check_untied(model: nn.Module, modules: dict) -> None:
+    """ValueError naming the first edited layer whose weight is shared with another parameter: an
+    in-place edit of it would change that module too (and undo would restore both)."""
+    for layer, module in modules.items():
+        shared = shared_parameters(model, module)
+        if shared:
+            raise ValueError(
+                f"layers: {layer!r} shares its weight with {', '.join(shared)} (tied weights); editing it would "
+                "also change that parameter. Pass allow_tied=True to edit it anyway.")
