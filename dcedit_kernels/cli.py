@@ -206,6 +206,12 @@ def greedy_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens:
     return [t.split("\n")[0].rstrip() for t in texts]
 
 
+def shown(completion: str) -> str:
+    """A completion as `edit` prints it; an empty one says why (SmolLM2-Instruct ends the text right
+    after zsRE's questions: its first greedy token is <|im_end|>)."""
+    return repr(completion) if completion else "'' (the model ends the line or the text here)"
+
+
 def editor_cache_key(method: str, layers: list[str], kwargs: dict, train_config: dict,
                      train_ids: Sequence[str], model_file: str) -> str:
     """A hash of everything that determines a trained editor (package version, method, layers,
@@ -468,7 +474,7 @@ def cmd_edit(args) -> dict:
         rows.append(dict(prompt=r.prompt, target=r.target,
                          before=before[i] if before else None, after=after[i] if after else None))
         if before:
-            print(f"{r.prompt!r} -> {r.target!r}\n    before: {before[i]!r}\n    after:  {after[i]!r}")
+            print(f"{r.prompt!r} -> {r.target!r}\n    before: {shown(before[i])}\n    after:  {shown(after[i])}")
     print("  ".join(f"{k}={v:.3f}" for k, v in scores.items() if isinstance(v, float)))
     print("(the model is unchanged: the edit was undone after scoring)")
     return dict(method=me.method, layers=me.layers, scores=scores, edits=rows)
@@ -553,6 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--editor", default=None, help="a trained editor (from `dcedit train`)")
     p.add_argument("--n-edits", default=None, help="comma-separated N_u values (default 25,75,125)")
     p.add_argument("--repeats", type=int, default=3)
+    for command in sub.choices.values():
+        command.set_defaults(command_parser=command)  # main() reports unknown flags with its usage
     return parser
 
 
@@ -563,7 +571,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run `dcedit` with `argv` (default: sys.argv[1:]); returns the exit status."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        # Unknown flags are refused by the command's parser, whose usage line lists that command's
+        # flags (the top-level parser would print only "dcedit {train,edit,evaluate} ...").
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exc:  # argparse already printed the usage line
         return int(exc.code or 0)
     start = time.perf_counter()

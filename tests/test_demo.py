@@ -280,6 +280,18 @@ def test_cli_missing_model_file(capsys, tmp_path):
     assert "model folder not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["train", "edit", "evaluate"])
+def test_cli_unknown_flag_shows_the_commands_usage(capsys, command):
+    assert cli.main([command, "--nedits", "5"]) == 2  # a typo of --n-edits
+    err = capsys.readouterr().err
+    assert f"usage: dcedit {command}" in err and "--n-edits" in err  # that command's flags are listed
+    assert f"dcedit {command}: error: unrecognized arguments: --nedits 5" in err
+
+
+def test_cli_says_why_a_completion_is_empty():
+    assert cli.shown(" Paris") == "' Paris'"
+    assert cli.shown("") == "'' (the model ends the line or the text here)"
+
 def test_cli_unknown_layer_lists_candidates(capsys, tiny_model_dir):
     code = cli.main(["edit", "--model", str(tiny_model_dir), "--layers", "model.layers.1.mlp.down_prj",
                      "--prompt", "The sky is", "--target", "green"])
