@@ -346,6 +346,14 @@ def test_grouped_outer_backward_ties(gen, dtype, device):
             close(out, ref)
         if fusion == "max":
             assert not d_eta[c:].any() and not d_mu[c:].any()  # only the first of the tied groups
+    # With only the two opposite groups, P == −N everywhere: the forward takes P, and the backward
+    # must select P's side (the three groups above never make P == −N).
+    pair = offsets_for([c, c], device)
+    both_eta, both_mu = torch.cat([eta0, -eta0]), torch.cat([mu0, mu0])
+    for fusion in ("sss", "ssm"):
+        for out, ref in zip(tk.grouped_outer_backward(grad, both_eta, both_mu, pair, fusion, 0.5),
+                            outer_backward_ref(grad, both_eta, both_mu, pair, fusion, 0.5)):
+            close(out, ref)
 
 
 @pytest.mark.parametrize("fusion", ["max", "sss", "ssm"])
