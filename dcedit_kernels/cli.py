@@ -19,8 +19,6 @@ file) print one `dcedit: error: ...` line naming the culprit and return exit sta
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -68,16 +66,6 @@ def set_threads(threads: int | None) -> int:
         raise UserError(f"--threads must be a positive int, got {threads!r}")
     torch.set_num_threads(threads)
     return threads
-
-
-def cache_dir() -> Path:
-    """Where trained demo editors are cached: $DCEDIT_CACHE_DIR, else $XDG_CACHE_HOME/dcedit_kernels,
-    else ~/.cache/dcedit_kernels."""
-    env = os.environ.get("DCEDIT_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "dcedit_kernels"
 
 
 def editable_layers(model) -> list[str]:
@@ -210,117 +198,6 @@ def shown(completion: str) -> str:
     """A completion as `edit` prints it; an empty one says why (SmolLM2-Instruct ends the text right
     after zsRE's questions: its first greedy token is <|im_end|>)."""
     return repr(completion) if completion else "'' (the model ends the line or the text here)"
-
-
-def editor_cache_key(method: str, layers: list[str], kwargs: dict, train_config: dict,
-                     train_ids: Sequence[str], model_file: str) -> str:
-    """A hash of everything that determines a trained editor (package version, method, layers,
-    editor arguments, training settings, the training edits, the model file's name and size).
-
-    The capture settings (`tokens`, `loss_reduction`) and the training settings enter with their
-    defaults resolved (a default written out is the same editor), so that changing a default (as
-    when `TrainConfig.fisher_mask` appeared) gives a new key: an editor trained under the old
-    semantics is never reused under the new ones.
-    """
-    from . import __version__
-    from .train import TrainConfig
-
-    model_path = Path(model_file)
-    model_id = f"{model_path.name}:{model_path.stat().st_size}" if model_path.is_file() else str(model_file)
-    capture = _capture_settings(kwargs)
-    train = {k: v for k, v in dataclasses.asdict(TrainConfig(**train_config)).items() if k not in _NO_EFFECT}
-    editor_kwargs = {k: v for k, v in kwargs.items() if k not in capture and k not in _RUNTIME}
-    blob = json.dumps(dict(version=__version__, method=method, layers=list(layers), kwargs=editor_kwargs,
-                           capture=capture,
-                           train=train, edits=list(train_ids), model=model_id), sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-# TrainConfig fields that do not change the trained editor (display, where checkpoints go).
-_NO_EFFECT = ("progress", "checkpoint_dir", "resume")
-# ModelEditor arguments that do not change the trained editor (memory only; not saved with it).
-_RUNTIME = ("capture_batch_size",)
-
-
-def trained_editor(model, tokenizer, method: str, layers: list[str], kwargs: dict, train_config: dict,
-                   train_requests, train_ids: Sequence[str], model_file: str, use_cache: bool = True,
-                   progress: bool = True):
-    """(ModelEditor, info): the editor loaded from `cache_dir()` when one was trained with the
-    same settings (see `editor_cache_key`), else trained now (`TrainConfig(**train_config)`) and
-    cached.  `info`: cached, path, train_s (0 when cached), steps, first_loss, last_loss, and for a
-    cached editor trained_earlier_s (the training time of the run that cached it)."""
-    from .model_editor import ModelEditor
-    from .train import TrainConfig
-
-    key = editor_cache_key(method, layers, kwargs, train_config, train_ids, model_file)
-    path = cache_dir() / f"{method}-{key}.safetensors"
-    info_path = path.with_suffix(".json")  # how the cached editor was trained (for reports)
-    if use_cache and path.is_file():
-        try:
-            runtime = {k: kwargs[k] for k in _RUNTIME if k in kwargs}
-            me = ModelEditor.load(path, model, tokenizer, **runtime)
-            _check_capture_settings(me, kwargs)
-        except (ValueError, OSError) as exc:  # a stale or damaged file: retrain
-            print(f"ignoring the cached editor {path}: {exc}")
-        else:
-            try:
-                earlier = json.loads(info_path.read_text())
-            except (OSError, ValueError):
-                earlier = {}
-            return me, dict(earlier, cached=True, path=str(path), train_s=0.0,
-                            trained_earlier_s=earlier.get("train_s"))
-    me = ModelEditor(model, tokenizer, layers=list(layers), method=method, **kwargs)
-    start = time.perf_counter()
-    result = me.fit(train_requests, None, TrainConfig(**{"progress": progress, **train_config}))
-    info = dict(cached=False, path=str(path), train_s=time.perf_counter() - start, steps=result.steps,
-                skipped_batches=result.skipped_batches,
-                first_loss=result.history[0].get("loss") if result.history else None,
-                last_loss=result.history[-1].get("loss") if result.history else None)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        me.save(tmp)
-        os.replace(tmp, path)  # atomic: a concurrent run never reads half a file
-        info_path.write_text(json.dumps(info))
-    except OSError as exc:  # a read-only home: still usable, retrained next time
-        print(f"could not cache the editor at {path}: {exc}")
-    return me, info
-
-
-def _capture_settings(kwargs: dict) -> dict:
-    """The capture settings ModelEditor(**kwargs) would use, defaults resolved."""
-    from .model_editor import DEFAULT_LOSS_REDUCTION
-
-    return dict(tokens=kwargs.get("tokens", "all"), loss_reduction=kwargs.get("loss_reduction", DEFAULT_LOSS_REDUCTION))
-
-
-def _check_capture_settings(me, kwargs: dict) -> None:
-    """ValueError when a cached editor was saved with other capture settings than asked for."""
-    wanted = _capture_settings(kwargs)
-    saved = dict(tokens=me.tokens, loss_reduction=me.loss_reduction)
-    if saved != wanted:
-        raise ValueError(f"it was trained with {saved}, not {wanted}")
-
-
-def random_routing_twin(moeditor, **kwargs):
-    """A RaEditor holding a trained MoEditor's editors, with random groups instead of the gate
-    (the paper's routing ablation, at no training cost): everything but the gate is copied, and the
-    capture settings (tokens, loss_reduction, allow_tied: the scale its editors were trained on;
-    and capture_batch_size) are the MoEditor's.  `kwargs`: the RaEditor's constructor arguments (n_editors, rank, ... as the
-    MoEditor's)."""
-    from .model_editor import ModelEditor
-
-    if moeditor.method != "moeditor":
-        raise ValueError(f"moeditor must be a ModelEditor with method 'moeditor', got {moeditor.method!r}")
-    kwargs = dict(dict(tokens=moeditor.tokens, loss_reduction=moeditor.loss_reduction,
-                       allow_tied=moeditor.allow_tied, capture_batch_size=moeditor.capture_batch_size), **kwargs)
-    twin = ModelEditor(moeditor.model, moeditor.tokenizer, layers=moeditor.layers, method="raeditor", **kwargs)
-    state = moeditor.state_tensors()
-    missing = sorted(set(twin.state_tensors()) - set(state))
-    if missing:
-        raise ValueError(f"the MoEditor has no {missing[:3]}: build the RaEditor with the MoEditor's arguments")
-    twin.load_state_tensors({k: state[k] for k in twin.state_tensors()})
-    return twin
 
 
 def editor_kwargs(args) -> dict:

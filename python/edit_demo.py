@@ -34,9 +34,8 @@ if str(REPO) not in sys.path:  # run from a checkout without installing the pack
 
 import torch  # noqa: E402
 
-from dcedit_kernels.cli import (  # noqa: E402
-    METHOD_NAMES, cache_dir, greedy_completions, random_routing_twin, set_threads, trained_editor, write_json,
-)
+from dcedit_kernels.cli import METHOD_NAMES, greedy_completions, set_threads, write_json  # noqa: E402
+from dcedit_kernels.editor_cache import cache_dir, random_routing_twin, trained_editor  # noqa: E402
 
 METHOD_ORDER = ("ft", "ft_kl", "mend", "raeditor", "moeditor", "proeditor")
 TRAINED = ("mend", "moeditor", "proeditor")

@@ -6,8 +6,8 @@ gradient conflict (GCR) and magnitude similarity (GMS) per layer (the paper's Ta
         --markdown RESULTS.md --out-dir report_out
 
 1. Trains MEND, MoEditor and ProEditor editors on the first edits of --train-data (cached like
-   the demo's, see `dcedit_kernels.cli.trained_editor`); RaEditor, as in the demo, is MoEditor's
-   editors with random routing (`dcedit_kernels.cli.random_routing_twin`).
+   the demo's, see `dcedit_kernels.editor_cache.trained_editor`); RaEditor, as in the demo, is MoEditor's
+   editors with random routing (`dcedit_kernels.editor_cache.random_routing_twin`).
 2. For each method runs `dcedit_kernels.evaluate.evaluate_method` on --data: for each N_u,
    --repeats samples of N_u edits (the same samples for every method), each applied as one batch,
    scored and undone; mean ± std over the samples.  `--fusions add,ssm` adds rows for RaEditor
@@ -39,9 +39,8 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from dcedit_kernels.cli import (  # noqa: E402
-    METHOD_NAMES, UserError, cache_dir, load_requests, random_routing_twin, set_threads, trained_editor, write_json,
-)
+from dcedit_kernels.cli import METHOD_NAMES, UserError, load_requests, set_threads, write_json  # noqa: E402
+from dcedit_kernels.editor_cache import cache_dir, random_routing_twin, trained_editor  # noqa: E402
 from dcedit_kernels.reference.grouped_outer import FUSIONS as GROUP_FUSIONS  # noqa: E402
 
 ALL_METHODS = ("ft", "ft_kl", "mend", "raeditor", "moeditor", "proeditor")

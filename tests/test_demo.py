@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcedit_kernels import cli
+from dcedit_kernels import cli, editor_cache
 from dcedit_kernels.evaluate import (
     edit_statistics, evaluate_method, gradient_conflict, measure_edit, sample_indices, summarize,
 )
@@ -394,7 +394,7 @@ def test_cli_scripts_run_their_subcommand(script, command):
 # ---------------------------------------------------------------------------------------------
 def test_editor_cache_key_covers_loss_reduction_and_resolved_training_defaults():
     def key(kwargs=None, train=None):
-        return cli.editor_cache_key("mend", ["a.b"], kwargs or {}, train or {"steps": 2}, ["x"], "no-such-model")
+        return editor_cache.editor_cache_key("mend", ["a.b"], kwargs or {}, train or {"steps": 2}, ["x"], "no-such-model")
 
     assert key() == key()
     assert key(kwargs={"loss_reduction": "edit"}) != key()
@@ -419,12 +419,12 @@ def test_trained_editor_retrains_a_cached_editor_of_the_old_semantics(tmp_path, 
     train = dict(steps=1, batch_size=2)
     args = (model, tok, "mend", layers, {"rank": 3, "loss_reduction": "edit"}, train, requests, ["a", "b", "c", "d"],
             "tiny")
-    me, info = cli.trained_editor(*args, progress=False)
+    me, info = editor_cache.trained_editor(*args, progress=False)
     assert not info["cached"] and me.loss_reduction == "edit"
-    me2, info2 = cli.trained_editor(*args, progress=False)
+    me2, info2 = editor_cache.trained_editor(*args, progress=False)
     assert info2["cached"] and me2.loss_reduction == "edit"
     chunked = (*args[:4], dict(args[4], capture_batch_size=3), *args[5:])
-    me_c, info_c = cli.trained_editor(*chunked, progress=False)  # the same editor, run in chunks of 3
+    me_c, info_c = editor_cache.trained_editor(*chunked, progress=False)  # the same editor, run in chunks of 3
     assert info_c["cached"] and me_c.capture_batch_size == 3
     # Rewrite the cached file as a format-1 checkpoint (no loss_reduction: it loads as "token").
     path = Path(info["path"])
@@ -432,7 +432,7 @@ def test_trained_editor_retrains_a_cached_editor_of_the_old_semantics(tmp_path, 
         config = json.loads(f.metadata()["dcedit_model_editor"])
     del config["loss_reduction"]
     save_file(load_file(str(path)), str(path), metadata={"dcedit_model_editor": json.dumps(config)})
-    me3, info3 = cli.trained_editor(*args, progress=False)
+    me3, info3 = editor_cache.trained_editor(*args, progress=False)
     assert not info3["cached"] and me3.loss_reduction == "edit"
     assert "ignoring the cached editor" in capsys.readouterr().out
 
@@ -441,7 +441,7 @@ def test_random_routing_twin_keeps_the_capture_settings():
     model, tok = tiny_model("llama", seed=0)
     mo = ModelEditor(model, tok, ["model.layers.1.mlp.down_proj"], method="moeditor", n_editors=2, rank=3,
                      loss_reduction="token", capture_batch_size=5)
-    twin = cli.random_routing_twin(mo, n_editors=2, rank=3)
+    twin = editor_cache.random_routing_twin(mo, n_editors=2, rank=3)
     assert twin.loss_reduction == "token" and twin.tokens == mo.tokens and twin.capture_batch_size == 5
 
 
