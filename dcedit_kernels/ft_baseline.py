@@ -18,7 +18,7 @@ from torch import nn
 
 from ._checks import HALF_DTYPES, is_finite_number, is_int
 from .edit_handle import add_note, restore
-from .losses import log_probs_at, picked_kl
+from .losses import backward_scale, log_probs_at, picked_kl
 from .requests import EditRequest
 from .scored_logits import logits_at
 from .tied_weights import shared_parameters
@@ -162,15 +162,21 @@ class FineTuneBaselines:
             else:
                 opt = torch.optim.SGD(masters, lr=opts["ft_lr"])
 
+            # The edit loss is a batch mean: every loss is backpropagated at the per-token sum's
+            # scale and its gradients divided back, exactly (fp16 flushed them to zero as the batch
+            # grew, see backward_scale; a power of two changes no fp32 or bf16 result).
+            scale = backward_scale(self._n_scored(batch))
+
             def backward(loss):
-                """Check, backpropagate, and move 16-bit gradients into the fp32 masters (the chunks'
-                gradients then add up in fp32, not in the weight's dtype)."""
+                """Check, backpropagate, and move 16-bit gradients into the fp32 masters, unscaled
+                (the chunks' gradients then add up in fp32, not in the weight's dtype)."""
                 if not bool(torch.isfinite(loss)):
                     raise FloatingPointError(f"the fine-tuning loss is not finite ({float(loss.detach())})")
-                loss.backward()
+                (loss * scale).backward()
                 for w, m in zip(weights, masters):
                     if m is not w and w.grad is not None:
-                        m.grad = w.grad.float() if m.grad is None else m.grad.add_(w.grad.float())
+                        grad = w.grad.float() / scale
+                        m.grad = grad if m.grad is None else m.grad.add_(grad)
                         w.grad = None
 
             chunks = self._row_chunks(batch)
@@ -207,7 +213,9 @@ class FineTuneBaselines:
                         else:
                             last = last + kl
                     backward(last)
-                    for name, m in zip(self.layers, masters):
+                    for name, w, m in zip(self.layers, weights, masters):
+                        if m is w:  # a 32/64-bit weight summed its chunks' scaled gradients itself
+                            m.grad.div_(scale)
                         if not bool(torch.isfinite(m.grad).all()):
                             raise FloatingPointError(f"non-finite gradient for layer {name!r}")
                     opt.step()

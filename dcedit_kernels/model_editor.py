@@ -95,7 +95,7 @@ from .devices import as_device, check_resident, cuda_indices, input_device, mode
 from .edit_handle import LIVE_EDITS, EditHandle, add_note, deferred_interrupt, restore
 from .editors.presets import MEND, MoEditor, ProEditor, RaEditor
 from .ft_baseline import FineTuneBaselines
-from .losses import DEFAULT_LOSS_REDUCTION, LOSS_REDUCTIONS, edit_loss
+from .losses import DEFAULT_LOSS_REDUCTION, LOSS_REDUCTIONS, backward_scale, edit_loss, unscale
 from .requests import EditRequest, validate_requests
 from .scored_logits import logits_at, scored_positions
 from .tied_weights import check_untied
@@ -300,12 +300,14 @@ class ModelEditor(FineTuneBaselines):
 
         η is the gradient of the edit loss of `loss_reduction` ("edit": Σ_e of edit e's mean target
         NLL; "token": the batch's mean target NLL, each chunk's rows divided by the whole batch's
-        number of target tokens, so chunking changes η by rounding only).  Gradients are taken with
-        `torch.autograd.grad` against the edited modules' outputs only: no parameter's `.grad`
-        changes and the weights need not require grad.  The pass runs with every parameter's
-        requires_grad off (restored exactly afterwards, also on an exception), so the forward
-        records only the graph the backward to the edited layers needs, whatever flags the
-        caller's model has; the LM head computes logits at the scored positions only
+        number of target tokens, so chunking changes η by rounding only; the backward runs at the
+        per-token sum's scale and η is divided back, exactly, which keeps fp16 gradients from
+        flushing to zero (`losses.backward_scale`): an fp16 layer's η comes back in fp32).
+        Gradients are taken with `torch.autograd.grad` against the edited modules' outputs only:
+        no parameter's `.grad` changes and the weights need not require grad.  The pass runs with
+        every parameter's requires_grad off (restored exactly afterwards, also on an exception), so
+        the forward records only the graph the backward to the edited layers needs, whatever flags
+        the caller's model has; the LM head computes logits at the scored positions only
         (`scored_logits.logits_at`).
         """
         if need_feats is None:
@@ -351,8 +353,13 @@ class ModelEditor(FineTuneBaselines):
             loss, out = self._scored_edit_loss(batch, self.loss_reduction, n_scored, output_hidden_states=need_feats)
             if not bool(torch.isfinite(loss)):
                 raise FloatingPointError(f"the edit loss is not finite ({float(loss.detach())}); the model was not changed")
-            torch.autograd.grad(loss, cap.outputs, allow_unused=True)
-            factors = cap.factors
+            # Under "token" the loss is a batch mean: backpropagate the per-token sum's scale and
+            # divide η back (exact; keeps fp16 gradients from flushing to zero, see backward_scale).
+            scale = 1.0
+            if self.loss_reduction == "token":
+                scale = backward_scale(n_scored if n_scored is not None else self._n_scored(batch))
+            torch.autograd.grad(loss * scale, cap.outputs, allow_unused=True)
+            factors = {name: Factors(f.mu, unscale(f.eta, scale), f.edit_offsets) for name, f in cap.factors.items()}
         for name, f in factors.items():
             if not (bool(torch.isfinite(f.mu).all()) and bool(torch.isfinite(f.eta).all())):
                 raise FloatingPointError(f"non-finite gradient for layer {name!r}; the model was not changed")

@@ -30,7 +30,10 @@ class GroupedEditor(nn.Module):
     RaEditor), "gate" (noisy top-k gate on the edit features: MoEditor).  fusion combines the
     group shifts (see `ops.grouped_outer`).  generator: None, "token" or "sentence" (ProEditor's
     ψ generating per-token or per-edit gains for the low-rank branch input); fisher_keep: keep
-    only that fraction of the shift's entries, by Fisher information (ProEditor).
+    only that fraction of the shift's entries, by Fisher information (ProEditor).  seed: draws the
+    initial v and, under "random" routing, the groups, from a generator of the editor's own that
+    each call advances (so one editor splits the same edits differently call after call, and a
+    loaded editor starts its draws afresh); None: torch's global generator.
 
     `alpha` holds the learned per-weight step α (W ← W + α Δ), initialised to −edit_lr so that an
     identity editor without normalisation takes a gradient-descent step of size edit_lr with one
