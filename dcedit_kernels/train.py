@@ -38,7 +38,9 @@ the edit is meant to change).  L_balance is the gate's importance + load loss (M
 
 Optimisation (MEND's split): Adam with `lr` on the editor weights, a separate optimiser with
 `lr_lr` on the per-weight steps α; gradient accumulation over `accumulate` batches; gradient-norm
-clipping; a batch with a non-finite gradient is skipped and counted.  Every `val_every` steps the
+clipping; a batch with a non-finite gradient is skipped and counted.  The backward runs at the
+scale of the per-token sum of L_edit and the gradients are divided back, exactly
+(`losses.backward_scale`: keeps fp16 gradients from flushing to zero; fp32 and bf16 unchanged).  Every `val_every` steps the
 editor is validated by applying real (fused, masked) edits to the model and measuring edit success
 on the val requests' rephrases; early stopping after `patience` validations without improvement;
 the best editor is restored at the end.  Checkpoints (safetensors only) go to `checkpoint_dir`:
@@ -73,7 +75,7 @@ from ._checks import is_int
 from .capture import frozen_parameters
 from .devices import cuda_indices
 from .lowrank_layers import lowrank_edited
-from .losses import log_probs_at, picked_kl, scored_accuracy, scored_nll
+from .losses import backward_scale, log_probs_at, picked_kl, scored_accuracy, scored_nll
 from .model_editor import LEGACY_LOSS_REDUCTION, ModelEditor
 from .requests import EditRequest, validate_requests
 from .scored_logits import logits_at, scored_positions
@@ -217,7 +219,8 @@ def batch_edits(me: ModelEditor, requests: list[EditRequest]) -> dict:
 
 
 def loss_from_edits(me: ModelEditor, requests: list[EditRequest], edits: dict, config: TrainConfig):
-    """(loss, parts): the training loss of these edits, from one edited forward pass."""
+    """(loss, parts): the training loss of these edits, from one edited forward pass; `parts`
+    holds its terms' values and `edit_tokens`, the number of target tokens L_edit averages over."""
     model = me.model
     rows = eval_rows(me, requests, config)
     is_edit, loc_rows = rows["is_edit_row"], ~rows["is_edit_row"]
@@ -243,6 +246,7 @@ def loss_from_edits(me: ModelEditor, requests: list[EditRequest], edits: dict, c
         balance = torch.stack([e.aux_loss.to(device=out, dtype=l_edit.dtype) for e in edits.values()]).mean()
         loss = config.cedit * l_edit + config.cloc * kl + config.balance_weight * balance
     parts = {k: float(v.detach()) for k, v in dict(loss=loss, edit=l_edit, kl=kl, balance=balance).items()}
+    parts["edit_tokens"] = int(edit_pick.sum())
     return loss, parts
 
 
@@ -387,7 +391,10 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                     indices = _batch_indices(len(train_requests), config.batch_size, config.seed, b)
                     batch = [train_requests[i] for i in indices]
                     loss, parts = batch_loss(me, batch, config)
-                    grads = torch.autograd.grad(loss / config.accumulate, params, allow_unused=True)
+                    # L_edit is a batch mean: backpropagate at the per-token sum's scale, divide back.
+                    scale = backward_scale(parts.pop("edit_tokens"))
+                    grads = torch.autograd.grad(loss / config.accumulate * scale, params, allow_unused=True)
+                    grads = [None if g is None else g / scale for g in grads]
                     if not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
                         result.skipped_batches += 1
                         continue

@@ -17,6 +17,7 @@ from dcedit_kernels.losses import target_nll
 from dcedit_kernels.model_editor import ModelEditor
 from dcedit_kernels.models import tiny_model
 from dcedit_kernels.requests import EditRequest
+from dcedit_kernels.train import TrainConfig
 
 LAYERS = {
     # Conv1D layers of two shapes, one shape shared by two weights (modes), plus a Linear head.
@@ -654,35 +655,43 @@ def test_ft_with_adam_trains_16_bit_weights(dtype, gen):
 
 
 
-def _capture_and_ft(dtype, seed, reqs, layers):
-    """(captured factors, FT-edited weights) of a fresh tiny Llama: the capture and FT both run in
-    row chunks of 16 (the whole batch's target-token count sets their scale)."""
+def _capture_ft_and_training(dtype, seed, reqs, layers):
+    """(captured factors, FT-edited weights, trained editor state) of a fresh tiny Llama: the
+    capture and FT run in row chunks of 16 (the whole batch's target-token count sets their scale),
+    then a MEND editor trains 2 steps."""
     model, tok = tiny_model("llama", seed=seed, dtype=dtype)
     me = ModelEditor(model, tok, layers, method="ft", ft_steps=2, ft_stop_loss=None, capture_batch_size=16)
     factors, _, _ = me.capture(me.tokenize([r.prompt for r in reqs], [r.target for r in reqs]), need_feats=False)
     me.apply(reqs)
-    return factors, {n: me.modules[n].weight.detach().clone() for n in layers}
+    weights = {n: me.modules[n].weight.detach().clone() for n in layers}
+    mend = ModelEditor(model, tok, layers, method="mend", rank=5, seed=seed)
+    mend.fit(reqs, config=TrainConfig(steps=2, batch_size=20, lr=1e-2, progress=False))
+    return factors, weights, mend.state_tensors()
 
 
 def _unscaled_backward(monkeypatch):
-    from dcedit_kernels import ft_baseline, model_editor
+    from dcedit_kernels import ft_baseline, model_editor, train
 
-    for module in (model_editor, ft_baseline):
+    for module in (model_editor, ft_baseline, train):
         monkeypatch.setattr(module, "backward_scale", lambda n_scored: 1.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backward_scale_changes_no_fp32_or_bf16_result(dtype, gen, monkeypatch):
-    """The capture and FT backpropagate the batch-mean loss at a power-of-two scale and divide
-    back: bit for bit the unscaled backward's η and fine-tuned weights outside fp16."""
+    """The capture, FT and editor training backpropagate the batch-mean loss at a power-of-two
+    scale and divide back: bit for bit the unscaled backward's η, fine-tuned weights and trained
+    editors outside fp16."""
     reqs, seed = random_requests(gen, 40), int(torch.randint(0, 1000, (1,), generator=gen))
     layers = LAYERS["llama"][:3]
-    scaled = _capture_and_ft(dtype, seed, reqs, layers)
+    scaled = _capture_ft_and_training(dtype, seed, reqs, layers)
     _unscaled_backward(monkeypatch)
-    unscaled = _capture_and_ft(dtype, seed, reqs, layers)
+    unscaled = _capture_ft_and_training(dtype, seed, reqs, layers)
     for name in layers:
         assert scaled[0][name].eta.dtype == dtype and torch.equal(scaled[0][name].eta, unscaled[0][name].eta), name
         assert torch.equal(scaled[1][name], unscaled[1][name]), name
+    assert scaled[2].keys() == unscaled[2].keys()
+    assert all(torch.equal(scaled[2][k], unscaled[2][k]) for k in scaled[2]), [
+        k for k in scaled[2] if not torch.equal(scaled[2][k], unscaled[2][k])]
 
 
 def test_fp16_capture_keeps_its_gradients_at_many_edits(gen, monkeypatch):
