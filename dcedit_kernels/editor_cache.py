@@ -28,9 +28,11 @@ def cache_dir() -> Path:
 
 
 def editor_cache_key(method: str, layers: list[str], kwargs: dict, train_config: dict,
-                     train_ids: Sequence[str], model_file: str) -> str:
+                     train_ids: Sequence[str], model_file: str, model_dtype: str | None = None) -> str:
     """A hash of everything that determines a trained editor (package version, method, layers,
-    editor arguments, training settings, the training edits, the model file's name and size).
+    editor arguments, training settings, the training edits, the model file's name and size, and
+    the dtype the model was trained in when given: an editor trained on an fp16 model is not the
+    fp32 one's).
 
     The capture settings (`tokens`, `loss_reduction`) and the training settings enter with their
     defaults resolved (a default written out is the same editor), so that changing a default (as
@@ -47,7 +49,8 @@ def editor_cache_key(method: str, layers: list[str], kwargs: dict, train_config:
     editor_kwargs = {k: v for k, v in kwargs.items() if k not in capture and k not in _RUNTIME}
     blob = json.dumps(dict(version=__version__, method=method, layers=list(layers), kwargs=editor_kwargs,
                            capture=capture,
-                           train=train, edits=list(train_ids), model=model_id), sort_keys=True)
+                           train=train, edits=list(train_ids), model=model_id,
+                           **({} if model_dtype is None else dict(model_dtype=model_dtype))), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -67,7 +70,8 @@ def trained_editor(model, tokenizer, method: str, layers: list[str], kwargs: dic
     from .model_editor import ModelEditor
     from .train import TrainConfig
 
-    key = editor_cache_key(method, layers, kwargs, train_config, train_ids, model_file)
+    dtype = str(next(model.parameters()).dtype)
+    key = editor_cache_key(method, layers, kwargs, train_config, train_ids, model_file, dtype)
     path = cache_dir() / f"{method}-{key}.safetensors"
     info_path = path.with_suffix(".json")  # how the cached editor was trained (for reports)
     if use_cache and path.is_file():

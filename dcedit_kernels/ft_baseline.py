@@ -162,60 +162,73 @@ class FineTuneBaselines:
             else:
                 opt = torch.optim.SGD(masters, lr=opts["ft_lr"])
 
-            # The edit loss is a batch mean: every loss is backpropagated at the per-token sum's
-            # scale and its gradients divided back, exactly (fp16 flushed them to zero as the batch
-            # grew, see backward_scale; a power of two changes no fp32 or bf16 result).
-            scale = backward_scale(self._n_scored(batch))
+            # Both losses are means (the edit loss over the batch's target tokens, the KL over the
+            # locality tokens): each is backpropagated at its per-token sum's scale and its
+            # gradients divided back, exactly (in fp16 they flushed to zero as the batch grew, see
+            # backward_scale; a power of two changes no fp32 or bf16 result).
+            scales = (backward_scale(self._n_scored(batch)),
+                      backward_scale(int(loc["attention_mask"].sum())) if loc is not None else 1.0)
 
-            def backward(loss):
-                """Check, backpropagate, and move 16-bit gradients into the fp32 masters, unscaled
-                (the chunks' gradients then add up in fp32, not in the weight's dtype)."""
+            def backward(loss, scale):
+                """Check, backpropagate `loss` × `scale`, and add the gradients, divided back, to
+                the masters' (a 16-bit weight's in fp32: its chunks' gradients add up in fp32)."""
                 if not bool(torch.isfinite(loss)):
                     raise FloatingPointError(f"the fine-tuning loss is not finite ({float(loss.detach())})")
+                held = [m.grad for m in masters]
+                for w in weights:
+                    w.grad = None
                 (loss * scale).backward()
-                for w, m in zip(weights, masters):
-                    if m is not w and w.grad is not None:
-                        grad = w.grad.float() / scale
-                        m.grad = grad if m.grad is None else m.grad.add_(grad)
-                        w.grad = None
+                for w, m, so_far in zip(weights, masters, held):
+                    if w.grad is None:
+                        m.grad = so_far
+                        continue
+                    grad = (w.grad.float() if m is not w else w.grad) / scale
+                    w.grad = None
+                    m.grad = grad if so_far is None else so_far.add_(grad)
 
             chunks = self._row_chunks(batch)
             n_scored = self._n_scored(batch) if len(chunks) > 1 else None
+
+            def step_gradients(scales) -> bool:
+                """One step's gradients in the masters: the batch-mean edit loss, then the KL, chunk
+                by chunk, each chunk's loss backpropagated at once.  False, with the last edit
+                chunk not backpropagated, when the edit loss is below ft_stop_loss."""
+                opt.zero_grad(set_to_none=True)
+                for w in weights:
+                    w.grad = None
+                edit_total, last = 0.0, None
+                for k, chunk in enumerate(chunks):
+                    loss, _ = self._scored_edit_loss(chunk, "token", n_scored)
+                    edit_total += float(loss.detach())
+                    if k < len(chunks) - 1:
+                        backward(loss, scales[0])
+                    else:
+                        last = loss
+                if opts["ft_stop_loss"] is not None and edit_total < opts["ft_stop_loss"]:
+                    return False
+                backward(last, scales[0])
+                for chunk, mask, base_logp, share in kl_parts:
+                    with self._length_errors(loc, "locality texts"):
+                        if base_logp is None:  # chunked: recomputed, not kept (see _ft_kl_reference)
+                            base_logp = self._ft_base_log_probs(chunk, mask, reference)
+                        with logits_at(self.model, mask, skip=self.modules.values()) as scored:
+                            logits = self.model(input_ids=chunk["input_ids"],
+                                                attention_mask=chunk["attention_mask"]).logits
+                    kl = opts["kl_weight"] * share * picked_kl(base_logp, scored.pick(logits))
+                    del base_logp
+                    backward(kl, scales[1])
+                return True
+
             with torch.enable_grad():
                 for _ in range(opts["ft_steps"]):
-                    opt.zero_grad(set_to_none=True)
-                    for w in weights:
-                        w.grad = None
-                    # The batch-mean edit loss and the KL, chunk by chunk: each chunk's loss is
-                    # backpropagated at once (its gradient accumulates), except the last edit
-                    # chunk's, kept until the stop check has seen the whole edit loss.
-                    edit_total, last = 0.0, None
-                    for k, chunk in enumerate(chunks):
-                        loss, _ = self._scored_edit_loss(chunk, "token", n_scored)
-                        edit_total += float(loss.detach())
-                        if k < len(chunks) - 1:
-                            backward(loss)
-                        else:
-                            last = loss
-                    if opts["ft_stop_loss"] is not None and edit_total < opts["ft_stop_loss"]:
+                    if not step_gradients(scales):
                         break
-                    for k, (chunk, mask, base_logp, share) in enumerate(kl_parts):
-                        with self._length_errors(loc, "locality texts"):
-                            if base_logp is None:  # chunked: recomputed, not kept (see _ft_kl_reference)
-                                base_logp = self._ft_base_log_probs(chunk, mask, reference)
-                            with logits_at(self.model, mask, skip=self.modules.values()) as scored:
-                                logits = self.model(input_ids=chunk["input_ids"],
-                                                    attention_mask=chunk["attention_mask"]).logits
-                        kl = opts["kl_weight"] * share * picked_kl(base_logp, scored.pick(logits))
-                        del base_logp
-                        if k < len(kl_parts) - 1:
-                            backward(kl)
-                        else:
-                            last = last + kl
-                    backward(last)
-                    for name, w, m in zip(self.layers, weights, masters):
-                        if m is w:  # a 32/64-bit weight summed its chunks' scaled gradients itself
-                            m.grad.div_(scale)
+                    finite = all(m.grad is None or bool(torch.isfinite(m.grad).all()) for m in masters)
+                    if not finite and scales != (1.0, 1.0):
+                        # A 16-bit weight's gradient sums over every token, so the scaled one can
+                        # overflow where the mean's did not: this step again, unscaled.
+                        step_gradients((1.0, 1.0))
+                    for name, m in zip(self.layers, masters):
                         if not bool(torch.isfinite(m.grad).all()):
                             raise FloatingPointError(f"non-finite gradient for layer {name!r}")
                     opt.step()

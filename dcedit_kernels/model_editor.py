@@ -347,21 +347,24 @@ class ModelEditor(FineTuneBaselines):
             out = self.model(**inputs, output_hidden_states=output_hidden_states)
         return edit_loss(scored.pick(out.logits), batch["labels"], causal, reduction, n_scored), out
 
-    def _capture_rows(self, batch: dict, need_feats: bool, n_scored: int | None):
+    def _capture_rows(self, batch: dict, need_feats: bool, n_scored: int | None, scale: float | None = None):
+        if scale is None:  # "token": the batch mean, backpropagated at the per-token sum's scale
+            scale = 1.0 if self.loss_reduction != "token" else backward_scale(
+                n_scored if n_scored is not None else self._n_scored(batch))
         capture = capture_factors(self.model, self.layers, tokens=self.tokens, batch=batch)
         with torch.enable_grad(), frozen_parameters(self.model), capture as cap:
             loss, out = self._scored_edit_loss(batch, self.loss_reduction, n_scored, output_hidden_states=need_feats)
             if not bool(torch.isfinite(loss)):
                 raise FloatingPointError(f"the edit loss is not finite ({float(loss.detach())}); the model was not changed")
-            # Under "token" the loss is a batch mean: backpropagate the per-token sum's scale and
-            # divide η back (exact; keeps fp16 gradients from flushing to zero, see backward_scale).
-            scale = 1.0
-            if self.loss_reduction == "token":
-                scale = backward_scale(n_scored if n_scored is not None else self._n_scored(batch))
             torch.autograd.grad(loss * scale, cap.outputs, allow_unused=True)
-            factors = {name: Factors(f.mu, unscale(f.eta, scale), f.edit_offsets) for name, f in cap.factors.items()}
+            factors = cap.factors
         for name, f in factors.items():
+            # η divided back, exactly (see losses.backward_scale); an fp16 layer's in fp32.
+            factors[name] = f = Factors(f.mu, unscale(f.eta, scale), f.edit_offsets)
             if not (bool(torch.isfinite(f.mu).all()) and bool(torch.isfinite(f.eta).all())):
+                if scale != 1:  # the scaled backward overflowed (fp16): these rows again, unscaled
+                    del factors, out, capture, cap
+                    return self._capture_rows(batch, need_feats, n_scored, scale=1.0)
                 raise FloatingPointError(f"non-finite gradient for layer {name!r}; the model was not changed")
         feats = self._edit_features(out, batch) if need_feats else None
         del out  # the logits and hidden states

@@ -39,8 +39,10 @@ the edit is meant to change).  L_balance is the gate's importance + load loss (M
 Optimisation (MEND's split): Adam with `lr` on the editor weights, a separate optimiser with
 `lr_lr` on the per-weight steps α; gradient accumulation over `accumulate` batches; gradient-norm
 clipping; a batch with a non-finite gradient is skipped and counted.  The backward runs at the
-scale of the per-token sum of L_edit and the gradients are divided back, exactly
-(`losses.backward_scale`: keeps fp16 gradients from flushing to zero; fp32 and bf16 unchanged).  Every `val_every` steps the
+scale of the per-token sum of L_edit (the KL and balance terms share it) and the gradients are
+divided back, exactly (`losses.backward_scale`: keeps fp16 gradients from flushing to zero; fp32
+and bf16 unchanged).  Only a per-token activation gradient past fp16's range can overflow there
+(the editors' gradients are fp32 sums; the model's weights get none), and that batch is skipped.  Every `val_every` steps the
 editor is validated by applying real (fused, masked) edits to the model and measuring edit success
 on the val requests' rephrases; early stopping after `patience` validations without improvement;
 the best editor is restored at the end.  Checkpoints (safetensors only) go to `checkpoint_dir`:

@@ -405,6 +405,8 @@ def test_editor_cache_key_covers_loss_reduction_and_resolved_training_defaults()
     # ... and settings that cannot change it (display, checkpoint folder) do not count.
     assert key(train={"steps": 2, "progress": False, "checkpoint_dir": "/tmp/x"}) == key()
     assert key(kwargs={"capture_batch_size": 4}) == key()  # a memory setting of the capture
+    fp16 = editor_cache.editor_cache_key("mend", ["a.b"], {}, {"steps": 2}, ["x"], "no-such-model", "torch.float16")
+    assert fp16 != key()  # the model's dtype, when given
 
 
 def test_trained_editor_retrains_a_cached_editor_of_the_old_semantics(tmp_path, monkeypatch, capsys):

@@ -656,11 +656,11 @@ def test_ft_with_adam_trains_16_bit_weights(dtype, gen):
 
 
 def _capture_ft_and_training(dtype, seed, reqs, layers):
-    """(captured factors, FT-edited weights, trained editor state) of a fresh tiny Llama: the
-    capture and FT run in row chunks of 16 (the whole batch's target-token count sets their scale),
-    then a MEND editor trains 2 steps."""
+    """(captured factors, FT+KL-edited weights, trained editor state) of a fresh tiny Llama: the
+    capture and FT+KL run in row chunks of 16 (the whole batch's target-token count sets the edit
+    loss's scale, the locality tokens' the KL's), then a MEND editor trains 2 steps."""
     model, tok = tiny_model("llama", seed=seed, dtype=dtype)
-    me = ModelEditor(model, tok, layers, method="ft", ft_steps=2, ft_stop_loss=None, capture_batch_size=16)
+    me = ModelEditor(model, tok, layers, method="ft_kl", ft_steps=2, ft_stop_loss=None, capture_batch_size=16)
     factors, _, _ = me.capture(me.tokenize([r.prompt for r in reqs], [r.target for r in reqs]), need_feats=False)
     me.apply(reqs)
     weights = {n: me.modules[n].weight.detach().clone() for n in layers}
@@ -669,16 +669,16 @@ def _capture_ft_and_training(dtype, seed, reqs, layers):
     return factors, weights, mend.state_tensors()
 
 
-def _unscaled_backward(monkeypatch):
+def _unscaled_backward(monkeypatch, scale=1.0):
     from dcedit_kernels import ft_baseline, model_editor, train
 
     for module in (model_editor, ft_baseline, train):
-        monkeypatch.setattr(module, "backward_scale", lambda n_scored: 1.0)
+        monkeypatch.setattr(module, "backward_scale", lambda n_scored: scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backward_scale_changes_no_fp32_or_bf16_result(dtype, gen, monkeypatch):
-    """The capture, FT and editor training backpropagate the batch-mean loss at a power-of-two
+    """The capture, FT+KL and editor training backpropagate their mean losses at a power-of-two
     scale and divide back: bit for bit the unscaled backward's η, fine-tuned weights and trained
     editors outside fp16."""
     reqs, seed = random_requests(gen, 40), int(torch.randint(0, 1000, (1,), generator=gen))
@@ -710,10 +710,64 @@ def test_fp16_capture_keeps_its_gradients_at_many_edits(gen, monkeypatch):
     want = gradient(torch.float64).gradient()
     scaled = gradient(torch.float16)
     assert scaled.eta.dtype == torch.float32 and scaled.mu.dtype == torch.float16  # η divided back in fp32
+    model, tok = tiny_model("llama", seed=seed, dtype=torch.float16)
+    per_edit = ModelEditor(model, tok, [layer], method="ft", loss_reduction="edit")  # scale 1: η in fp32 all the same
+    factors, _, _ = per_edit.capture(per_edit.tokenize([reqs[0].prompt], [reqs[0].target]), need_feats=False)
+    assert factors[layer].eta.dtype == torch.float32
     _unscaled_backward(monkeypatch)
     unscaled = gradient(torch.float16)
     err_scaled, err_unscaled = rel_err(scaled.gradient(), want), rel_err(unscaled.gradient(), want)
     assert err_scaled < 1.5e-3 and err_scaled < 0.5 * err_unscaled, (err_scaled, err_unscaled)
+
+
+
+def test_fp16_ft_gradient_keeps_its_precision_at_many_edits(gen, monkeypatch):
+    """FT's first-step gradient (its fp32 master's, as SGD sees it) for 200 edits in fp16 against
+    float64's: the scaled backward keeps it (measured over 6 draws: relative error 4.6-6.5e-4
+    scaled against 1.5-2.2e-3 unscaled)."""
+    reqs, seed = random_requests(gen, 200), int(torch.randint(0, 1000, (1,), generator=gen))
+    layer = "model.layers.0.mlp.down_proj"
+    seen, sgd_step = [], torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda opt, *a, **k: (
+        seen.append(opt.param_groups[0]["params"][0].grad.double().clone()), sgd_step(opt, *a, **k))[1])
+
+    def first_gradient(dtype):
+        model, tok = tiny_model("llama", seed=seed, dtype=dtype)
+        ModelEditor(model, tok, [layer], method="ft", ft_steps=1, ft_optimizer="sgd", ft_lr=1e-3,
+                    ft_stop_loss=None).apply(reqs)
+        return seen.pop()
+
+    want, scaled = first_gradient(torch.float64), first_gradient(torch.float16)
+    _unscaled_backward(monkeypatch)
+    unscaled = first_gradient(torch.float16)
+    err_scaled, err_unscaled = rel_err(scaled, want), rel_err(unscaled, want)
+    assert err_scaled < 1.5e-3 and err_scaled < 0.5 * err_unscaled, (err_scaled, err_unscaled)
+
+def test_fp16_scaled_backward_that_overflows_runs_again_unscaled(gen, monkeypatch):
+    """A scale that overflows fp16 (2^40 here; an FT weight gradient sums over every token, so a
+    real one can) makes the capture and each FT step run again unscaled: the same η and weights
+    as the unscaled backward, not a FloatingPointError."""
+    reqs, seed = random_requests(gen, 6), int(torch.randint(0, 1000, (1,), generator=gen))
+    layers = LAYERS["llama"][:3]
+
+    def run():
+        model, tok = tiny_model("llama", seed=seed, dtype=torch.float16)
+        me = ModelEditor(model, tok, layers, method="ft", ft_steps=2, ft_stop_loss=None, capture_batch_size=4)
+        factors, _, _ = me.capture(me.tokenize([r.prompt for r in reqs], [r.target for r in reqs]), need_feats=False)
+        me.apply(reqs)
+        return factors, [me.modules[n].weight.detach().clone() for n in layers]
+
+    _unscaled_backward(monkeypatch)
+    want = run()
+    _unscaled_backward(monkeypatch, scale=2.0 ** 40)
+    scales, capture_rows = [], ModelEditor._capture_rows
+    monkeypatch.setattr(ModelEditor, "_capture_rows",
+                        lambda self, *args, **kwargs: scales.append(kwargs.get("scale")) or capture_rows(self, *args, **kwargs))
+    got = run()
+    assert scales == [None, 1.0, None, 1.0]  # each of the 2 chunks ran again, unscaled (FT: it raised otherwise)
+    for name, w_got, w_want in zip(layers, got[1], want[1]):
+        assert got[0][name].eta.dtype == torch.float32 and torch.equal(got[0][name].eta, want[0][name].eta), name
+        assert torch.isfinite(w_got).all() and torch.equal(w_got, w_want), name
 
 def test_ft_kl_keeps_locality_closer_than_ft(gen):
     """With a heavy KL weight the locality texts' predictions move less than under plain FT."""
