@@ -448,11 +448,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run `dcedit` with `argv` (default: sys.argv[1:]); returns the exit status."""
     parser = build_parser()
     try:
-        # Unknown flags are refused by the command's parser, whose usage line lists that command's
-        # flags (the top-level parser would print only "dcedit {train,edit,evaluate} ...").
+        # Unknown flags after the command are refused by the command's parser, whose usage line
+        # lists that command's flags (the top-level parser prints only "dcedit {train,edit,evaluate}").
         args, unknown = parser.parse_known_args(argv)
         if unknown:
-            args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+            words = list(sys.argv[1:] if argv is None else argv)
+            before_command = words[:words.index(args.command)]
+            owner = parser if any(u in before_command for u in unknown) else args.command_parser
+            owner.error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exc:  # argparse already printed the usage line
         return int(exc.code or 0)
     start = time.perf_counter()

@@ -286,6 +286,8 @@ def test_cli_unknown_flag_shows_the_commands_usage(capsys, command):
     err = capsys.readouterr().err
     assert f"usage: dcedit {command}" in err and "--n-edits" in err  # that command's flags are listed
     assert f"dcedit {command}: error: unrecognized arguments: --nedits 5" in err
+    assert cli.main(["--bogus", command]) == 2  # before the command: the top-level parser's
+    assert "dcedit: error: unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
 def test_cli_says_why_a_completion_is_empty():
