@@ -41,7 +41,9 @@ Loss scaling: η is the gradient of whatever the caller backpropagates.  With HF
 the 1/(number of label tokens of the whole batch) factor, so an edit's factors shrink as more edits
 share the batch; nothing here rescales it.  `ModelEditor(loss_reduction="edit")` (not its default)
 backpropagates the sum over edits of each edit's own mean target NLL instead, which makes an edit's
-factors independent of the rest of the batch.
+factors independent of the rest of the batch.  `ModelEditor` backpropagates its batch mean at a
+power-of-two scale and divides η back (`losses.backward_scale`), so that fp16 gradients do not
+flush to zero; a caller of this module that backpropagates a mean in fp16 may want to do the same.
 
 Frozen forward: `compute_factors` (and `ModelEditor.capture`) run the forward with every model
 parameter's `requires_grad` temporarily False (`frozen_parameters`; each flag is restored exactly

@@ -25,13 +25,14 @@ DEFAULT_LOSS_REDUCTION = "token"
 def backward_scale(n_scored: int) -> float:
     """The largest power of two ≤ `n_scored`, the number of target tokens a batch-mean loss divides
     by.  Backpropagating loss × this scale makes the activations' gradients those of the per-token
-    sum to within a factor of 2, so they stay inside fp16's range: under the mean, fp16 flushed them
-    to zero as the batch grew.  SmolLM2 in fp16, 125 CounterFact edits, block 28's down_proj (median |η| 5e-7 in fp32;
-    fp16's smallest normal is 6.1e-5): 16.3 % of η zero against fp32's 10.8 % and the layer's
-    gradient 5.8e-2 off fp32's unscaled; 10.8 % and 3.3e-3 scaled (5 edits: 5.5e-3 and 5.3e-3).
-    A backward pass is linear in its incoming gradient, and scaling by a power of two commutes
-    with rounding, so dividing the result by the scale gives, bit for bit, the unscaled gradients
-    wherever those neither underflow nor overflow: fp32, bf16 and fp64 results are unchanged."""
+    sum to within a factor of 2, so they stay inside fp16's range: under the mean, fp16 flushed
+    them to zero as the batch grew.  SmolLM2 in fp16, 125 CounterFact edits, block 28's down_proj
+    (median |η| 5e-7 in fp32; fp16's smallest normal is 6.1e-5): 16.3 % of η zero against fp32's
+    10.8 % and the layer's gradient 5.8e-2 off fp32's unscaled; 10.8 % and 3.3e-3 scaled (5 edits:
+    5.5e-3 and 5.3e-3).  A backward pass is linear in its incoming gradient, and scaling by a power
+    of two commutes with rounding, so dividing the result by the scale gives, bit for bit, the
+    unscaled gradients wherever those neither underflow nor overflow: fp32, bf16 and fp64 results
+    are unchanged."""
     return float(1 << max(int(n_scored).bit_length() - 1, 0))
 
 
