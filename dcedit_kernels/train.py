@@ -36,22 +36,22 @@ being the request's `locality` (+ ` locality_target`), else the prompt of the ne
 batch with its last position left out (that position predicts the other edit's own target, which
 the edit is meant to change).  L_balance is the gate's importance + load loss (MoEditor).
 
-Optimisation (MEND's split): Adam with `lr` on the editor weights, a separate optimiser with
-`lr_lr` on the per-weight steps α; gradient accumulation over `accumulate` batches; gradient-norm
-clipping; a batch with a non-finite gradient is skipped and counted.  The backward runs at the
-scale of the per-token sum of L_edit (the KL and balance terms share it) and the gradients are
-divided back, exactly (`losses.backward_scale`: keeps fp16 gradients from flushing to zero; fp32
-and bf16 unchanged).  Only a per-token activation gradient past fp16's range can overflow there
-(the editors' gradients are fp32 sums; the model's weights get none), and that batch is skipped.  Every `val_every` steps the
-editor is validated by applying real (fused, masked) edits to the model and measuring edit success
-on the val requests' rephrases; early stopping after `patience` validations without improvement;
-the best editor is restored at the end.  Checkpoints (safetensors only) go to `checkpoint_dir`:
-`editor.safetensors` (ModelEditor.save), `best.safetensors`, and `trainer.safetensors` (the
-optimisers' state flattened to tensors, the RNG state, and the counters as JSON metadata);
-`resume=True` continues from them (ResumeMismatchError, a ValueError, when the run's TrainConfig,
-apart from `steps`, the validation and early-stopping fields and display/saving fields, or its
-training or validation requests differ from the run that wrote them).  The batch order is a function of (seed, batch index), so a
-resumed run sees the batches it would have seen.
+Optimisation (MEND's split): Adam with `lr` on the editor weights, a separate optimiser with `lr_lr`
+on the per-weight steps α; gradient accumulation over `accumulate` batches; gradient-norm clipping;
+a batch with a non-finite gradient is skipped and counted.  The backward runs at the scale of the
+per-token sum of L_edit (the KL and balance terms share it) and the gradients are divided back,
+exactly (`losses.backward_scale`: keeps fp16 gradients from flushing to zero; fp32 and bf16
+unchanged).  Only a per-token activation gradient past fp16's range can overflow there (the editors'
+gradients are fp32 sums; the model's weights get none), and that batch is skipped.  Every
+`val_every` steps the editor is validated by applying real (fused, masked) edits to the model and
+measuring edit success on the val requests' rephrases; early stopping after `patience` validations
+without improvement; the best editor is restored at the end.  Checkpoints (safetensors only) go to
+`checkpoint_dir`: `editor.safetensors` (ModelEditor.save), `best.safetensors`, and
+`trainer.safetensors` (the optimisers' state flattened to tensors, the RNG state, and the counters
+as JSON metadata); `resume=True` continues from them (ResumeMismatchError, a ValueError, when the
+run's TrainConfig, apart from `steps`, the validation and early-stopping fields and display/saving
+fields, or its training or validation requests differ from the run that wrote them).  The batch
+order is a function of (seed, batch index), so a resumed run sees the batches it would have seen.
 
 Split models (layers on several devices): each edited layer computes on its own device with the
 editor outputs moved there (lowrank_layers), the losses are gathered on the logits' device, and the

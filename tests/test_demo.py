@@ -294,6 +294,7 @@ def test_cli_says_why_a_completion_is_empty():
     assert cli.shown(" Paris") == "' Paris'"
     assert cli.shown("") == "'' (the model ends the line or the text here)"
 
+
 def test_cli_unknown_layer_lists_candidates(capsys, tiny_model_dir):
     code = cli.main(["edit", "--model", str(tiny_model_dir), "--layers", "model.layers.1.mlp.down_prj",
                      "--prompt", "The sky is", "--target", "green"])

@@ -654,7 +654,6 @@ def test_ft_with_adam_trains_16_bit_weights(dtype, gen):
     assert_bit_identical(before, me.model)
 
 
-
 def _capture_ft_and_training(dtype, seed, reqs, layers):
     """(captured factors, FT+KL-edited weights, trained editor state) of a fresh tiny Llama: the
     capture and FT+KL run in row chunks of 16 (the whole batch's target-token count sets the edit
@@ -674,6 +673,14 @@ def _unscaled_backward(monkeypatch, scale=1.0):
 
     for module in (model_editor, ft_baseline, train):
         monkeypatch.setattr(module, "backward_scale", lambda n_scored: scale)
+
+
+def _fp16_errors(gradient, monkeypatch):
+    """(relative error of `gradient(torch.float16)` against `gradient(torch.float64)` with the scaled
+    backward; the same with it unscaled, which this leaves patched in)."""
+    want, scaled = gradient(torch.float64), gradient(torch.float16)
+    _unscaled_backward(monkeypatch)
+    return rel_err(scaled, want), rel_err(gradient(torch.float16), want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -701,24 +708,23 @@ def test_fp16_capture_keeps_its_gradients_at_many_edits(gen, monkeypatch):
     reqs, seed = random_requests(gen, 200), int(torch.randint(0, 1000, (1,), generator=gen))
     layer = "model.layers.0.mlp.down_proj"
 
+    captured = []
+
     def gradient(dtype):
         model, tok = tiny_model("llama", seed=seed, dtype=dtype)
         me = ModelEditor(model, tok, [layer], method="ft")
         factors, _, _ = me.capture(me.tokenize([r.prompt for r in reqs], [r.target for r in reqs]), need_feats=False)
-        return factors[layer]
+        captured.append(factors[layer])
+        return factors[layer].gradient()
 
-    want = gradient(torch.float64).gradient()
-    scaled = gradient(torch.float16)
-    assert scaled.eta.dtype == torch.float32 and scaled.mu.dtype == torch.float16  # η divided back in fp32
     model, tok = tiny_model("llama", seed=seed, dtype=torch.float16)
     per_edit = ModelEditor(model, tok, [layer], method="ft", loss_reduction="edit")  # scale 1: η in fp32 all the same
     factors, _, _ = per_edit.capture(per_edit.tokenize([reqs[0].prompt], [reqs[0].target]), need_feats=False)
     assert factors[layer].eta.dtype == torch.float32
-    _unscaled_backward(monkeypatch)
-    unscaled = gradient(torch.float16)
-    err_scaled, err_unscaled = rel_err(scaled.gradient(), want), rel_err(unscaled.gradient(), want)
+    err_scaled, err_unscaled = _fp16_errors(gradient, monkeypatch)
+    scaled = captured[1]
+    assert scaled.eta.dtype == torch.float32 and scaled.mu.dtype == torch.float16  # η divided back in fp32
     assert err_scaled < 1.5e-3 and err_scaled < 0.5 * err_unscaled, (err_scaled, err_unscaled)
-
 
 
 def test_fp16_ft_gradient_keeps_its_precision_at_many_edits(gen, monkeypatch):
@@ -737,10 +743,7 @@ def test_fp16_ft_gradient_keeps_its_precision_at_many_edits(gen, monkeypatch):
                     ft_stop_loss=None).apply(reqs)
         return seen.pop()
 
-    want, scaled = first_gradient(torch.float64), first_gradient(torch.float16)
-    _unscaled_backward(monkeypatch)
-    unscaled = first_gradient(torch.float16)
-    err_scaled, err_unscaled = rel_err(scaled, want), rel_err(unscaled, want)
+    err_scaled, err_unscaled = _fp16_errors(first_gradient, monkeypatch)
     assert err_scaled < 1.5e-3 and err_scaled < 0.5 * err_unscaled, (err_scaled, err_unscaled)
 
 
@@ -762,11 +765,9 @@ def test_fp16_training_gradient_keeps_its_precision_at_many_edits(gen, monkeypat
             reqs, config=TrainConfig(steps=1, batch_size=200, progress=False))
         return seen[0]  # the editor weights' optimiser steps first, then the one of the steps α
 
-    want, scaled = first_gradient(torch.float64), first_gradient(torch.float16)
-    _unscaled_backward(monkeypatch)
-    unscaled = first_gradient(torch.float16)
-    err_scaled, err_unscaled = rel_err(scaled, want), rel_err(unscaled, want)
+    err_scaled, err_unscaled = _fp16_errors(first_gradient, monkeypatch)
     assert err_scaled < 2e-3 and err_scaled < 0.2 * err_unscaled, (err_scaled, err_unscaled)
+
 
 def test_fp16_scaled_backward_that_overflows_runs_again_unscaled(gen, monkeypatch):
     """A scale that overflows fp16 (2^40 here; an FT weight gradient sums over every token, so a
@@ -793,6 +794,7 @@ def test_fp16_scaled_backward_that_overflows_runs_again_unscaled(gen, monkeypatc
     for name, w_got, w_want in zip(layers, got[1], want[1]):
         assert got[0][name].eta.dtype == torch.float32 and torch.equal(got[0][name].eta, want[0][name].eta), name
         assert torch.isfinite(w_got).all() and torch.equal(w_got, w_want), name
+
 
 def test_ft_kl_keeps_locality_closer_than_ft(gen):
     """With a heavy KL weight the locality texts' predictions move less than under plain FT."""
