@@ -42,7 +42,8 @@ a batch with a non-finite gradient is skipped and counted.  The backward runs at
 per-token sum of L_edit (the KL and balance terms share it) and the gradients are divided back,
 exactly (`losses.backward_scale`: keeps fp16 gradients from flushing to zero; fp32 and bf16
 unchanged).  Only a per-token activation gradient past fp16's range can overflow there (the editors'
-gradients are fp32 sums; the model's weights get none), and that batch is skipped.  Every
+gradients are fp32 sums; the model's weights get none); that batch then runs again unscaled, from
+the running norms and RNG state its first forward started from.  Every
 `val_every` steps the editor is validated by applying real (fused, masked) edits to the model and
 measuring edit success on the val requests' rephrases; early stopping after `patience` validations
 without improvement; the best editor is restored at the end.  Checkpoints (safetensors only) go to
@@ -392,12 +393,19 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                     b = result.steps * config.accumulate + a
                     indices = _batch_indices(len(train_requests), config.batch_size, config.seed, b)
                     batch = [train_requests[i] for i in indices]
+                    before = _forward_state(me)
                     loss, parts = batch_loss(me, batch, config)
                     # L_edit is a batch mean: backpropagate at the per-token sum's scale, divide back.
                     scale = backward_scale(parts.pop("edit_tokens"))
-                    grads = torch.autograd.grad(loss / config.accumulate * scale, params, allow_unused=True)
-                    grads = [None if g is None else g / scale for g in grads]
-                    if not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
+                    grads = _scaled_grads(loss / config.accumulate, params, scale)
+                    if scale != 1 and not _finite(grads):
+                        # fp16 overflow of the scaled backward: the batch again, unscaled, from the
+                        # running norms and RNG state the first forward started from.
+                        _restore_forward_state(me, before)
+                        loss, parts = batch_loss(me, batch, config)
+                        parts.pop("edit_tokens")
+                        grads = _scaled_grads(loss / config.accumulate, params, 1)
+                    if not _finite(grads):
                         result.skipped_batches += 1
                         continue
                     for p, g in zip(params, grads):
@@ -431,6 +439,35 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
         me.load_state_tensors(best_state)
     result.elapsed_s += time.perf_counter() - start
     return result
+
+
+def _scaled_grads(loss: torch.Tensor, params: list, scale: float) -> list:
+    """Gradients of `loss` for `params` (None where unused), backpropagated at `scale` and divided back."""
+    grads = torch.autograd.grad(loss * scale, params, allow_unused=True)
+    return [None if g is None else g / scale for g in grads]
+
+
+def _finite(grads: list) -> bool:
+    return all(g is None or bool(torch.isfinite(g).all()) for g in grads)
+
+
+def _forward_state(me: ModelEditor) -> tuple:
+    """What a training forward changes besides its graph: the editors' buffers (running norms,
+    updated from each batch's factors) and the RNG states (gate noise), so that a batch can be run
+    again from the same start.  Buffers are vectors of the layers' widths: a copy per batch is small
+    next to the batch's activations."""
+    return ({k: b.clone() for k, b in me.editors.named_buffers()}, torch.get_rng_state(),
+            {i: torch.cuda.get_rng_state(i) for i in _cuda_devices(me)})
+
+
+def _restore_forward_state(me: ModelEditor, state: tuple) -> None:
+    buffers, cpu_rng, cuda_rngs = state
+    with torch.no_grad():
+        for k, b in me.editors.named_buffers():
+            b.copy_(buffers[k])
+    torch.set_rng_state(cpu_rng)
+    for i, rng in cuda_rngs.items():
+        torch.cuda.set_rng_state(rng, i)
 
 
 def _cuda_devices(me: ModelEditor) -> list:

@@ -796,6 +796,34 @@ def test_fp16_scaled_backward_that_overflows_runs_again_unscaled(gen, monkeypatc
         assert torch.isfinite(w_got).all() and torch.equal(w_got, w_want), name
 
 
+def test_fp16_training_batch_that_overflows_runs_again_unscaled(gen, monkeypatch):
+    """A training batch whose scaled backward overflows fp16 runs again unscaled from the running
+    norms and RNG state (MoEditor's gate noise) it started from: the editors trained are those of
+    the unscaled backward, bit for bit, and no batch is skipped."""
+    reqs, seed = random_requests(gen, 12), int(torch.randint(0, 1000, (1,), generator=gen))
+    layers = LAYERS["llama"][:2]
+    batches = []
+
+    def train():
+        model, tok = tiny_model("llama", seed=seed, dtype=torch.float16)
+        me = ModelEditor(model, tok, layers, method="moeditor", n_editors=2, rank=4, seed=1)
+        result = me.fit(reqs, config=TrainConfig(steps=2, batch_size=6, lr=1e-2, progress=False))
+        return me.state_tensors(), result
+
+    _unscaled_backward(monkeypatch)
+    want, want_result = train()
+    _unscaled_backward(monkeypatch, scale=2.0 ** 40)
+    from dcedit_kernels import train as train_module
+
+    batch_loss = train_module.batch_loss
+    monkeypatch.setattr(train_module, "batch_loss", lambda *a, **k: batches.append(1) or batch_loss(*a, **k))
+    got, got_result = train()
+    assert len(batches) == 4  # each of the 2 batches twice: scaled, then unscaled
+    assert got_result.skipped_batches == want_result.skipped_batches == 0
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in got), [k for k in got if not torch.equal(got[k], want[k])]
+
+
 def test_ft_kl_keeps_locality_closer_than_ft(gen):
     """With a heavy KL weight the locality texts' predictions move less than under plain FT."""
     reqs = random_requests(gen, 3)
