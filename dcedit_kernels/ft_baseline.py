@@ -27,14 +27,32 @@ from .tokenize import pad_rows, pad_token_id
 FT_DEFAULTS = dict(ft_steps=10, ft_lr=5e-4, ft_optimizer="adam", kl_weight=1.0, locality_texts=None,
                    ft_stop_loss=1e-2)
 
-# Unrelated text for FT+KL when the requests carry no locality prompts: generic statements in the
-# style of the wiki text MEND's baseline uses, so the KL term has something to hold in place.
+# Unrelated text for FT+KL when neither the requests nor `locality_texts` give any (as in
+# `evaluate.measure_edit`, which holds the scored locality prompts out): everyday sentences in the
+# style of the wiki text MEND's baseline uses, so the KL term has something to hold in place.  They
+# state no fact an edit is likely to target (an earlier list had "The capital of France is Paris",
+# the README's example edit) and paraphrase none of `facts.py`'s neighbour prompts.
 GENERIC_LOCALITY_TEXTS = (
-    "The capital of France is Paris, and the city lies on the river Seine.",
-    "Water boils at one hundred degrees Celsius at sea level.",
+    "Many people enjoy reading a good book on a quiet evening at home.",
     "The quick brown fox jumps over the lazy dog near the old barn.",
     "In 1969 the first humans walked on the surface of the Moon.",
+    "She poured a cup of tea and sat down by the window to watch the rain.",
+    "The train left the station a few minutes late on a rainy morning.",
+    "Regular exercise and enough sleep help people stay healthy.",
+    "The children built a small boat out of paper and floated it on the pond.",
+    "A good recipe lists its ingredients before it explains each step.",
 )
+
+
+def locality_texts(requests) -> list[str]:
+    """The locality prompt (+ its answer) of each request that has one: FT+KL's KL texts, e.g. a
+    training split's for `locality_texts=` (python/report.py)."""
+    texts = []
+    for r in requests:
+        if r.locality is not None:
+            sep = "" if r.locality_target is None else (" " if not r.locality[-1].isspace() else "")
+            texts.append(r.locality + sep + (r.locality_target or ""))
+    return texts
 
 
 @contextlib.contextmanager
@@ -85,11 +103,7 @@ class FineTuneBaselines:
         return opts
 
     def _locality_texts(self, requests: list[EditRequest]) -> list[str]:
-        texts = []
-        for r in requests:
-            if r.locality is not None:
-                sep = "" if r.locality_target is None else (" " if not r.locality[-1].isspace() else "")
-                texts.append(r.locality + sep + (r.locality_target or ""))
+        texts = locality_texts(requests)
         return texts or list(self.ft_options["locality_texts"] or GENERIC_LOCALITY_TEXTS)
 
     def _locality_batch(self, texts: list[str]) -> dict:

@@ -41,6 +41,7 @@ import torch  # noqa: E402
 
 from dcedit_kernels.cli import METHOD_NAMES, UserError, load_requests, set_threads, write_json  # noqa: E402
 from dcedit_kernels.editor_cache import cache_dir, random_routing_twin, trained_editor  # noqa: E402
+from dcedit_kernels.ft_baseline import locality_texts  # noqa: E402
 from dcedit_kernels.reference.grouped_outer import FUSIONS as GROUP_FUSIONS  # noqa: E402
 
 ALL_METHODS = ("ft", "ft_kl", "mend", "raeditor", "moeditor", "proeditor")
@@ -248,8 +249,10 @@ def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Pa
         *([f"- Rows \"MoEditor (add)\" and the like: the same trained editors, their group shifts fused by "
            f"that rule at apply time instead of {report['editor'].get('fusion', 'sss')} (`--fusions`)."]
           if any(":" in key for key in report["methods"]) else []),
-        f"- FT / FT+KL: {report['ft_steps']} Adam steps (lr 5e-4) on the edited weights; FT+KL adds the KL on the "
-        "edits' locality prompts.",
+        f"- FT / FT+KL: {report['ft_steps']} Adam steps (lr 5e-4) on the edited weights; FT+KL adds the KL on "
+        + (f"the locality prompts of the first {report['ft_kl_texts']} training edits" if report.get("ft_kl_texts")
+           else "its generic texts")
+        + ". Every method edits without the evaluated edits' locality prompts, which DD is scored on.",
         f"- Evaluation: `{Path(report['data']).name}` ({report['n_requests']} edits); for each N_u, "
         f"{report['repeats']} samples of N_u edits (the same samples for every method, seed {report['seed']}), each "
         "applied as ONE batch, scored, undone. Mean ± std over the samples.",
@@ -358,6 +361,11 @@ def _run(args, t_start) -> int:
     if needs_training and train_data is None:
         raise UserError("--train-data is required to train the editors")
     train_requests = load_requests(train_data, n_train) if needs_training else []
+    # FT+KL's KL texts: the locality prompts of the first --batch-size training edits (as many as an
+    # editor's training batch holds); the evaluation's own, which DD is scored on, are held out
+    # from every method (`evaluate.without_locality`).  Without --train-data, its generic texts.
+    kl_texts = (locality_texts(load_requests(train_data, args.batch_size))
+                if "ft_kl" in methods and train_data is not None else [])
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md_path = Path(args.markdown) if args.markdown else out_dir / "report.md"
@@ -395,7 +403,8 @@ def _run(args, t_start) -> int:
         editors["raeditor"] = random_routing_twin(editors["moeditor"], **kwargs_of("raeditor"))
     for method in ("ft", "ft_kl"):
         if method in methods:
-            editors[method] = ModelEditor(model, tokenizer, layers=layers, method=method, ft_steps=args.ft_steps)
+            kl = {"locality_texts": kl_texts} if method == "ft_kl" and kl_texts else {}
+            editors[method] = ModelEditor(model, tokenizer, layers=layers, method=method, ft_steps=args.ft_steps, **kl)
     train_s = sum(i["train_s"] for i in training.values())
     routed = [editors[m] for m in ROUTED if m in editors]
     trained_fusion = next(iter(routed[0].editors.values())).fusion if routed else None
@@ -445,6 +454,7 @@ def _run(args, t_start) -> int:
         n_requests=len(requests), n_train=len(train_requests), repeats=args.repeats, seed=args.seed,
         train_config=train_config, editor=dict(rank=args.rank, n_editors=args.n_editors, top_k=gate_top_k(editors), loss_reduction=args.loss_reduction,
                                               fusion=trained_fusion), ft_steps=args.ft_steps,
+        ft_kl_texts=len(kl_texts),
         training=training, methods=results, unedited=unedited, gradients=gradients,
         edit_statistics=stats,
         cache_dir=str(cache_dir()),

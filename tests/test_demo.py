@@ -230,6 +230,27 @@ def test_measure_edit_missing_fields_and_during():
     _assert_same(model, before)
 
 
+def test_measure_edit_holds_the_scored_locality_prompts_out_of_the_edit():
+    """FT+KL would otherwise fit its KL to the prompts DD is scored on: the method gets the requests
+    without locality, FT+KL regularises on its `locality_texts`, and DD and NS are still scored."""
+    model, tok = tiny_model("llama", seed=random.randrange(1000))
+    requests = _tiny_requests(4, random.Random())
+    assert all(r.locality is not None for r in requests)
+    texts = ["Some unrelated text for the KL term.", "Another sentence to hold in place."]
+    me = ModelEditor(model, tok, layers=["model.layers.1.mlp.down_proj"], method="ft_kl", ft_steps=2,
+                     locality_texts=texts)
+    applied, kl_texts, apply, locality = [], [], me.apply, me._locality_texts
+    me.apply = lambda reqs, *a, **k: applied.append(list(reqs)) or apply(reqs, *a, **k)
+    me._locality_texts = lambda reqs: kl_texts.append(locality(reqs)) or kl_texts[-1]
+    before = _snapshot(model)
+    r = measure_edit(me, requests)
+    assert [(q.prompt, q.target, q.rephrase) for q in applied[0]] == [(q.prompt, q.target, q.rephrase) for q in requests]
+    assert all(q.locality is None and q.locality_target is None for q in applied[0])
+    assert kl_texts and all(t == texts for t in kl_texts)
+    assert r["dd"] is not None and r["ns"] is not None
+    _assert_same(model, before)
+
+
 def test_gradient_conflict_and_summarize():
     model, tok = tiny_model("llama", seed=random.randrange(1000))
     requests = _tiny_requests(5, random.Random())
