@@ -165,13 +165,15 @@ def detect_format(path) -> str:
 
 
 def load_requests(path: str | None, limit: int | None = None):
-    """EditRequests from a CounterFact or zsRE file (None: our default facts)."""
+    """EditRequests from a CounterFact or zsRE file (None: our default facts), the first `limit`."""
+    from ._checks import is_int
     from .data import load_counterfact, load_zsre
     from .facts import default_requests
 
+    if limit is not None and (not is_int(limit) or limit < 1):
+        raise UserError(f"--n-edits must be a positive int, got {limit!r}")
     if path is None:
-        requests = default_requests()
-        return requests[:limit] if limit else requests
+        return default_requests()[:limit]
     try:
         fmt = detect_format(path)
         return (load_counterfact if fmt == "counterfact" else load_zsre)(path, limit=limit)
@@ -207,7 +209,9 @@ def editor_kwargs(args) -> dict:
         if args.method not in ("raeditor", "moeditor"):
             raise UserError(f"--n-editors applies to raeditor and moeditor, not {args.method}")
         kwargs["n_editors"] = args.n_editors
-    if getattr(args, "rank", None) is not None and args.method in EDITOR_METHODS:
+    if getattr(args, "rank", None) is not None:
+        if args.method not in EDITOR_METHODS:
+            raise UserError(f"--rank applies to the editor methods {EDITOR_METHODS}, not {args.method}")
         kwargs["rank"] = args.rank
     if getattr(args, "loss_reduction", None) is not None:
         kwargs["loss_reduction"] = args.loss_reduction
@@ -228,6 +232,17 @@ def _json_default(value):
     if isinstance(value, torch.Tensor):
         return value.tolist()
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def positive_int(text: str) -> int:
+    """argparse type of the count flags: argparse names the flag in its error (exit status 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return value
 
 
 def _parse_sizes(text: str) -> list[int]:
@@ -297,8 +312,6 @@ def cmd_train(args) -> dict:
     from .model_editor import ModelEditor
     from .train import ResumeMismatchError, TrainConfig
 
-    if args.method not in EDITOR_METHODS:
-        raise UserError(f"--method {args.method} has no editor to train; use one of {EDITOR_METHODS}")
     requests = load_requests(args.data, args.n_edits)
     val = load_requests(args.val_data, None) if args.val_data else None
     model, tokenizer = load_any_model(args.model, args.dtype, args.device)
@@ -336,6 +349,9 @@ def cmd_edit(args) -> dict:
             raise UserError("--prompt and --target go together")
         if args.data is not None:
             raise UserError("give either --data or --prompt/--target, not both")
+        for flag, text in (("--prompt", args.prompt), ("--target", args.target), ("--rephrase", args.rephrase)):
+            if text is not None and not text.strip():
+                raise UserError(f"{flag} must be a non-empty string, got {text!r}")
         requests = [EditRequest(args.prompt, args.target, rephrase=args.rephrase)]
     else:
         requests = load_requests(args.data, args.n_edits or 5)
@@ -381,23 +397,24 @@ def _mean_std(stat: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # Argument parsing
 # ---------------------------------------------------------------------------------------------
-def _common(p: argparse.ArgumentParser, method_default: str | None) -> None:
+def _common(p: argparse.ArgumentParser, method_default: str | None, methods=tuple(METHOD_NAMES)) -> None:
     p.add_argument("--model", default=None, help="model name or path (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--layers", default=None, help="comma-separated module names to edit (default: the last 3 MLP output projections)")
-    p.add_argument("--method", default=method_default, choices=sorted(METHOD_NAMES),
+    p.add_argument("--method", default=method_default, choices=sorted(methods),
                    help=f"editing method (default: {method_default})" if method_default else
                    "editing method (default: ft, or the method of --editor)")
-    p.add_argument("--n-editors", type=int, default=None, help="number of editors N_g (raeditor, moeditor)")
-    p.add_argument("--rank", type=int, default=None, help="editor rank")
+    p.add_argument("--n-editors", type=positive_int, default=None, help="number of editors N_g (raeditor, moeditor)")
+    p.add_argument("--rank", type=positive_int, default=None, help="editor rank (the editor methods)")
     p.add_argument("--data", default=None, help="CounterFact or zsRE JSON file (default: the built-in facts)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 on <=2-core machines)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: 1 on <=2-core machines)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (editor initialisation, training batches, "
+                   "evaluation samples; default 0)")
     p.add_argument("--loss-reduction", default=None, choices=("edit", "token"),
                    help="edit loss whose gradients the editors see: 'token' (MEND's batch mean; the default for new "
                         "editors) or 'edit' (each edit's mean target NLL, summed); a saved --editor keeps its own")
-    p.add_argument("--capture-batch-size", type=int, default=None,
+    p.add_argument("--capture-batch-size", type=positive_int, default=None,
                    help="edits per forward + backward of the gradient capture (default 32): bounds its memory")
     p.add_argument("--out", default=None, help="output file")
 
@@ -407,18 +424,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train an editor and save it (safetensors)")
-    _common(p, "mend")
-    p.add_argument("--n-edits", type=int, default=None, help="use the first N training edits (default: all)")
+    _common(p, "mend", EDITOR_METHODS)
+    p.add_argument("--n-edits", type=positive_int, default=None, help="use the first N training edits (default: all)")
     p.add_argument("--val-data", default=None, help="validation edits (CounterFact or zsRE file)")
-    p.add_argument("--val-size", type=int, default=None)
-    p.add_argument("--val-every", type=int, default=50)
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--val-size", type=positive_int, default=None,
+                   help="validate on the first N edits of --val-data (default: all)")
+    p.add_argument("--val-every", type=positive_int, default=50,
+                   help="validate (and checkpoint) every N steps (default 50)")
+    p.add_argument("--steps", type=positive_int, default=100, help="optimiser steps (default 100)")
     # Under --loss-reduction token (the default, MEND's batch-mean loss) the captured gradients
     # shrink as 1/N, so batches should be as large as the edits will be applied in (the demo
     # measured ES 0.92 at 5 edits at once but 0.27 at 25 for an editor trained on batches of 6).
     # Under "edit" an edit's factors do not depend on N, but the fused shift adds N edits' shifts,
     # so batches near the N_u you will edit with remain the closest match there too.
-    p.add_argument("--batch-size", type=int, default=25, help="edits per step (near the N_u you will edit with)")
+    p.add_argument("--batch-size", type=positive_int, default=25, help="edits per step (near the N_u you will edit with)")
     p.add_argument("--lr", type=float, default=1e-3, help="editor learning rate")
     p.add_argument("--lr-lr", type=float, default=1e-4, help="learning rate of the per-weight edit steps α")
     p.add_argument("--checkpoint-dir", default=None, help="resumable training checkpoints")
@@ -426,16 +445,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("edit", help="apply edits, show before/after completions and scores, undo")
     _common(p, None)
     p.add_argument("--editor", default=None, help="a trained editor (from `dcedit train`)")
-    p.add_argument("--n-edits", type=int, default=None, help="edit the first N requests of --data (default 5)")
-    p.add_argument("--prompt", default=None)
-    p.add_argument("--target", default=None)
-    p.add_argument("--rephrase", default=None)
+    p.add_argument("--n-edits", type=positive_int, default=None, help="edit the first N requests of --data (default 5)")
+    p.add_argument("--prompt", default=None, help="one edit's prompt, e.g. 'The capital of France is' (with --target)")
+    p.add_argument("--target", default=None, help="the new continuation of --prompt, e.g. 'Rome'")
+    p.add_argument("--rephrase", default=None, help="a paraphrase of --prompt, scored for edit success (optional)")
 
     p = sub.add_parser("evaluate", help="mean ± std of ES, DD, LMP, ... over repeated samples of N_u edits")
     _common(p, None)
     p.add_argument("--editor", default=None, help="a trained editor (from `dcedit train`)")
     p.add_argument("--n-edits", default=None, help="comma-separated N_u values (default 25,75,125)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=positive_int, default=3, help="samples of N_u edits per N_u (default 3)")
     for command in sub.choices.values():
         command.set_defaults(command_parser=command)  # main() reports unknown flags with its usage
     return parser

@@ -615,8 +615,15 @@ class ModelEditor(FineTuneBaselines):
                      allow_tied=config.get("allow_tied", False), editor_device=editor_device,
                      capture_batch_size=capture_batch_size, **kwargs)
         for key, saved in config["editors"].items():
-            if key not in editor.editors or editor.editors[key].config != saved:
-                raise ValueError(f"{path}: editor {key} was saved with {saved}, the model gives a different editor")
+            if key not in editor.editors:
+                here = ", ".join(f"{name} {editor.slots[name][0]}" for name in editor.layers)
+                raise ValueError(f"{path}: it holds an editor of {key} (in x out) weights, but in this model its "
+                                 f"layers are {here}: a checkpoint of another model")
+            now = editor.editors[key].config
+            if now != saved:
+                diff = "; ".join(f"{k}: saved {saved.get(k)!r}, here {now.get(k)!r}"
+                                 for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
+                raise ValueError(f"{path}: editor {key} differs from the one this model gives ({diff})")
         # Read on the CPU: load_state_dict then copies each tensor once into its editor's device.
         editor.load_state_tensors(load_file(str(path)))
         return editor

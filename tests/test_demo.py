@@ -311,6 +311,27 @@ def test_cli_unknown_flag_shows_the_commands_usage(capsys, command):
     assert "dcedit: error: unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["edit", "--n-edits", "0"], "argument --n-edits: must be a positive int, got '0'"),
+    (["train", "--n-edits", "-2"], "argument --n-edits: must be a positive int, got '-2'"),
+    (["evaluate", "--repeats", "0"], "argument --repeats: must be a positive int, got '0'"),
+    (["train", "--steps", "0"], "argument --steps: must be a positive int, got '0'"),
+    (["train", "--rank", "x"], "argument --rank: must be a positive int, got 'x'"),
+    (["train", "--method", "ft"], "argument --method: invalid choice: 'ft'"),
+    (["edit", "--prompt", "A is", "--target", ""], "--target must be a non-empty string, got ''"),
+    (["edit", "--prompt", " ", "--target", "B"], "--prompt must be a non-empty string, got ' '"),
+    (["edit", "--prompt", "A is", "--target", "B", "--rephrase", ""], "--rephrase must be a non-empty string"),
+    (["edit", "--method", "ft", "--rank", "8", "--prompt", "A is", "--target", "B"],
+     "--rank applies to the editor methods"),
+])
+def test_cli_refuses_bad_values_by_flag(capsys, tiny_model_dir, argv, message):
+    """One `error:` line naming the flag and exit status 2, before any model is loaded or edited
+    (a count of 0 used to mean "the default" or "all", an empty target raised a traceback)."""
+    assert cli.main([*argv, "--model", str(tiny_model_dir)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_cli_says_why_a_completion_is_empty():
     assert cli.shown(" Paris") == "' Paris'"
     assert cli.shown("") == "'' (the model ends the line or the text here)"
@@ -385,8 +406,6 @@ def test_cli_train_edit_evaluate_on_tiny_model(capsys, tmp_path, tiny_model_dir)
     assert "N_u=4" in capsys.readouterr().out
     assert cli.main(["evaluate", "--model", model, "--data", str(data), "--n-edits", "9"]) == 2
     assert "--n-edits asks for 9" in capsys.readouterr().err
-    assert cli.main(["train", "--model", model, "--method", "ft", "--data", str(data)]) == 2
-    assert "has no editor to train" in capsys.readouterr().err
     assert cli.main(["edit", "--model", model, "--method", "mend", "--n-editors", "2", "--prompt", "a b",
                      "--target", "c"]) == 2
     assert "--n-editors applies to raeditor and moeditor" in capsys.readouterr().err
@@ -537,4 +556,4 @@ def test_cli_capture_batch_size_flag(capsys, tmp_path, tiny_model_dir):
     for args in (["--editor", str(editor)], ["--method", "ft"]):
         assert cli.main(["edit", "--model", model, *args, "--capture-batch-size", "0", "--prompt", "a b",
                          "--target", "c"]) == 2
-        assert "capture_batch_size must be a positive int or None, got 0" in capsys.readouterr().err
+        assert "argument --capture-batch-size: must be a positive int, got '0'" in capsys.readouterr().err

@@ -901,6 +901,34 @@ def test_load_rejects_foreign_files(tmp_path):
         ModelEditor.load(tmp_path / "missing.safetensors", model, tok)
 
 
+def test_load_says_what_differs(tmp_path):
+    """A checkpoint of a model whose edited layers have other shapes names the layers and their
+    shapes here; one whose editor config differs names the differing fields."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model, tok = tiny_model("llama", seed=0)
+    layer = LAYERS["llama"][0]
+    path = tmp_path / "editor.safetensors"
+    ModelEditor(model, tok, [layer], method="mend", rank=4).save(path)
+    other, otok = tiny_model("llama", seed=0)
+    w = other.get_submodule(layer).weight
+    other.get_submodule(layer.rsplit(".", 1)[0]).down_proj = nn.Linear(w.shape[1] + 3, w.shape[0], bias=False)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"editor of {w.shape[1]}x{w.shape[0]} \(in x out\) weights, but in this "
+                                         rf"model its layers are {layer} {w.shape[1] + 3}x{w.shape[0]}"):
+        ModelEditor.load(path, other, otok)
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items())
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads(f.metadata()["dcedit_model_editor"])
+    key = next(iter(config["editors"]))
+    config["editors"][key]["rank"] = 9
+    changed = tmp_path / "changed.safetensors"
+    save_file(load_file(str(path)), str(changed), metadata={"dcedit_model_editor": json.dumps(config)})
+    with pytest.raises(ValueError, match=rf"editor {key} differs from the one this model gives \(rank: saved 9, here 4\)"):
+        ModelEditor.load(changed, model, tok)
+
+
 def test_load_of_a_format_1_checkpoint_uses_the_batch_mean(gen, tmp_path):
     """Checkpoints written before loss_reduction existed were trained on the batch-mean loss."""
     from safetensors import safe_open

@@ -8,6 +8,8 @@ keyword it passes to ModelEditor, TrainConfig and EditRequest, is checked agains
 """
 
 import ast
+import builtins
+import importlib
 import inspect
 import re
 from pathlib import Path
@@ -58,9 +60,15 @@ def test_model_editor_snippet_matches_the_api():
     code = snippet("ModelEditor(")
     tree = ast.parse(code.replace("...", "pass"))
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module == "dcedit_kernels":
+        if isinstance(node, ast.ImportFrom) and node.module.split(".")[0] == "dcedit_kernels":
+            module = importlib.import_module(node.module)
             for alias in node.names:
-                assert hasattr(dcedit_kernels, alias.name), alias.name
+                assert hasattr(module, alias.name), f"{node.module}.{alias.name}"
+    # Every name the snippet uses is defined in it (or is a builtin).
+    assigned = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    imported = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    assert not used - assigned - imported - set(dir(builtins)), used - assigned - imported
     for name in ("ModelEditor", "TrainConfig", "EditRequest"):
         signature = inspect.signature(getattr(dcedit_kernels, name))
         calls = _calls(tree, name)
