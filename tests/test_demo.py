@@ -557,3 +557,34 @@ def test_cli_capture_batch_size_flag(capsys, tmp_path, tiny_model_dir):
         assert cli.main(["edit", "--model", model, *args, "--capture-batch-size", "0", "--prompt", "a b",
                          "--target", "c"]) == 2
         assert "argument --capture-batch-size: must be a positive int, got '0'" in capsys.readouterr().err
+
+
+def test_gradient_conflict_is_that_of_each_edits_own_mean_nll():
+    """GCR and GMS per layer equal those of the per-edit gradients of each edit's own mean target
+    NLL (float64 autograd oracle, one edit at a time).  The targets have different token counts,
+    so batch-mean gradients (each edit scaled by its share of the batch's target tokens) would give
+    another GMS."""
+    from dcedit_kernels.metrics import gcr, gms
+    from dcedit_kernels.tokenize import tokenize_causal
+
+    model, tok = tiny_model("llama", seed=random.randrange(1000), dtype=torch.float64)
+    requests = [EditRequest("The capital of France is", "Paris"), EditRequest("a b c", "x y z w"),
+                EditRequest("the sky is", "very deep blue indeed"), EditRequest("one two", "q")]
+    layers = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj"]
+    out = gradient_conflict(model, tok, layers, requests)
+    weights = [model.get_submodule(n).weight for n in layers]
+    per_edit = {n: [] for n in layers}
+    counts = []
+    for r in requests:
+        batch = tokenize_causal(tok, [r.prompt], [r.target])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][0, 1:]
+        counts.append(int((labels != -100).sum()))
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], labels, ignore_index=-100)  # mean over the target
+        for n, g in zip(layers, torch.autograd.grad(loss, weights)):
+            per_edit[n].append(g.flatten())
+    assert len(set(counts)) > 1
+    for n in layers:
+        g = torch.stack(per_edit[n])
+        assert out[n]["gcr"] == gcr(g), n
+        assert out[n]["gms"] == pytest.approx(gms(g), rel=1e-8), n

@@ -242,3 +242,50 @@ def test_factor_gram_errors():
         factors_gram({"a": f1, "b": f2})
     with pytest.raises(ValueError, match="mapping"):
         factors_gram({})
+
+
+def test_metrics_leave_an_eval_model_in_eval_mode():
+    """Scoring restores the model's own mode, eval as well as train (a model left in train mode
+    would run with dropout afterwards)."""
+    lm = scripted_model()
+    tok = lm.tok
+    lm.eval()
+    reliability(lm, tok, REQUESTS)
+    base = locality_predictions(lm, tok, REQUESTS)
+    drawdown(lm, tok, REQUESTS, base)
+    assert lm.modes_seen and not any(lm.modes_seen)
+    assert not lm.training
+
+
+class ScriptedEditor:
+    """A stand-in ModelEditor over the PrefixLM: apply teaches it `lessons`, undo forgets them."""
+
+    method = "scripted"
+
+    def __init__(self, lm, lessons):
+        self.model, self.tokenizer, self.lessons = lm, lm.tok, lessons
+
+    def apply(self, requests):
+        lm, saved = self.model, dict(self.model.table)
+        for text, wrong_after in self.lessons:
+            lm.teach(text, wrong_after)
+        return SimpleNamespace(undo=lambda: (lm.table.clear(), lm.table.update(saved)))
+
+
+def test_measure_edit_scores_every_metric_by_hand():
+    """One run of evaluate.measure_edit on the scripted LM: the edit makes request 0's rephrase fully
+    right and changes one of the three tokens of its locality target, so ES = (1 + 2/3)/2, DD = 1/2
+    (an input counts as changed when any scored token is: 1/6 by token), LMP = ES − DD, NS = 2/3;
+    everything is undone afterwards."""
+    from dcedit_kernels.evaluate import measure_edit
+
+    lm = scripted_model()
+    editor = ScriptedEditor(lm, [("uv ab", None), ("hi jk", "hi j")])
+    before = dict(lm.table)
+    run = measure_edit(editor, REQUESTS)
+    assert run["es"] == pytest.approx((1 + 2 / 3) / 2)
+    assert run["reliability"] == pytest.approx((1 + 2 / 3) / 2)
+    assert run["dd"] == pytest.approx(0.5)
+    assert run["lmp"] == pytest.approx((1 + 2 / 3) / 2 - 0.5)
+    assert run["ns"] == pytest.approx(2 / 3)
+    assert run["n_edits"] == 2 and lm.table == before

@@ -1149,3 +1149,168 @@ def test_allowed_tied_edit_changes_both_and_undoes(gen, tmp_path):
     assert_bit_identical(before, model)
     me.save(tmp_path / "tied.safetensors")
     assert ModelEditor.load(tmp_path / "tied.safetensors", model, tok).allow_tied is True
+
+
+def test_weights_sharing_an_editor_are_edited_in_their_own_mode(gen):
+    """gpt2's two c_fc weights share the 20x37 editor as modes 0 and 1 (their order in `layers`):
+    each weight's shift is α[mode]·Δ(mode) of its own factors, not mode 0's (the modes have their
+    own scale/shift embeddings and steps α)."""
+    me = make_editor("gpt2", "mend", gen)
+    editor = me.editors["20x37"]
+    with torch.no_grad():
+        editor.alpha.copy_(torch.tensor([0.3, -0.7]))
+    reqs = random_requests(gen, 3)
+    factors, _, _ = me.capture(me.tokenize([r.prompt for r in reqs], [r.target for r in reqs]))
+    before = snapshot(me.model)
+    names = ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
+    with me.edited(reqs):
+        for mode, name in enumerate(names):
+            assert me.slots[name] == ("20x37", mode)
+            f = factors[name]
+            w = weight_out_in(me.modules[name]).detach()
+            w0 = before[name + ".weight"].t()  # Conv1D stores in×out
+            editor.eval()
+            with torch.no_grad():
+                own, other = (editor(f.mu, f.eta, f.edit_offsets, mode=m) for m in (mode, 1 - mode))
+                want = w0 + float(own.alpha) * own.dense()
+                wrong = w0 + float(other.alpha) * other.dense()
+            assert torch.allclose(w, want, rtol=1e-5, atol=1e-6), name
+            assert not torch.allclose(w, wrong, rtol=1e-5, atol=1e-6), name
+
+
+def test_save_load_keeps_the_capture_settings(gen, tmp_path):
+    """tokens and loss_reduction belong to the editor (its statistics and α were learned on those
+    factors): a checkpoint saved with tokens="target", loss_reduction="edit" loads with them and
+    edits exactly as the saved editor does."""
+    me = make_editor("gpt2", "mend", gen, tokens="target", loss_reduction="edit")
+    path = tmp_path / "editor.safetensors"
+    me.save(path)
+    loaded = ModelEditor.load(path, me.model, me.tokenizer)
+    assert (loaded.tokens, loaded.loss_reduction) == ("target", "edit")
+    reqs = random_requests(gen, 3)
+    with me.edited(reqs):
+        w1 = {n: me.modules[n].weight.detach().clone() for n in me.layers}
+    with loaded.edited(reqs):
+        for n in me.layers:
+            assert torch.equal(loaded.modules[n].weight, w1[n]), n
+
+
+def test_ft_kl_locality_texts_join_the_prompt_and_its_answer(gen):
+    """FT+KL holds the model in place on each request's locality prompt followed, after a space, by
+    its locality_target (as the metrics score it); the requests' own prompts come before the
+    fallback texts."""
+    me = make_editor("gpt2", "ft_kl", gen, locality_texts=["fallback text"])
+    reqs = [EditRequest("a", "b", locality="The capital of France is", locality_target="Paris"),
+            EditRequest("c", "d", locality="Water boils at ", locality_target="100 degrees"),
+            EditRequest("e", "f", locality="Only a prompt"), EditRequest("g", "h")]
+    assert me._locality_texts(reqs) == ["The capital of France is Paris", "Water boils at 100 degrees",
+                                        "Only a prompt"]
+    assert me._locality_texts([EditRequest("g", "h")]) == ["fallback text"]
+
+
+def test_undo_of_a_weight_edited_twice_is_bit_exact(gen):
+    """One module under two names (the LM head registered again as `head_alias`, run once per
+    forward) is edited twice by one apply, once per name: undo restores the saved values latest
+    first, so the weight ends bit for bit at its value before the first shift."""
+    me0 = make_editor("llama", "mend", gen)
+    model = me0.model
+    model.head_alias = model.lm_head
+    me = ModelEditor(model, me0.tokenizer, ["lm_head", "head_alias"], method="mend", rank=7, edit_lr=0.1)
+    randomize_editors(me, gen)
+    before = snapshot(model)
+    w0 = model.lm_head.weight.detach().clone()
+    with me.edited(random_requests(gen, 3)):
+        assert not torch.equal(model.lm_head.weight, w0)
+    assert_bit_identical(before, model)
+
+
+def test_running_norm_statistics_are_those_of_every_row_seen(gen):
+    """In training the editor's statistics merge batch after batch into the mean and the sample
+    standard deviation (MEND's s/(k−1)) of every μ and η row seen so far; in eval they are frozen."""
+    editor = GroupedEditor(5, 3, rank=4, routing="single", fusion="add")
+    editor.train()
+    seen_mu, seen_eta = [], []
+    for n in (3, 1, 6, 2):
+        mu, eta = torch.randn(n, 5, generator=gen) * 2 + 1, torch.randn(n, 3, generator=gen) * 0.5 - 3
+        editor(mu, eta, torch.tensor([0, n], dtype=torch.int32))
+        seen_mu.append(mu), seen_eta.append(eta)
+    mu, eta = torch.cat(seen_mu).double(), torch.cat(seen_eta).double()
+    norm = editor.norm
+    assert int(norm.k) == mu.shape[0]
+    for got, want in ((norm.u_mean, mu.mean(0)), (norm.v_mean, eta.mean(0)),
+                      (norm.u_std, mu.std(0)), (norm.v_std, eta.std(0))):
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6), (got, want)
+    frozen = {k: v.clone() for k, v in norm.state_dict().items()}
+    editor.eval()
+    editor(torch.randn(4, 5, generator=gen), torch.randn(4, 3, generator=gen), torch.tensor([0, 4], dtype=torch.int32))
+    assert all(torch.equal(frozen[k], v) for k, v in norm.state_dict().items())
+
+
+def proeditor_reference(editor, mu, eta, offsets):
+    """ProEditor's shift written out in float64 (one editor, no normalisation): h = [μ; η]; ψ's gain
+    = 1 + fc2(relu(fc1(h̄))), h̄ = h per token or each edit's mean of h; the first residual layer
+    reads gain ⊙ h, the others h; Δ = Σ_t η̃_t μ̃_tᵀ."""
+    d = lambda t: t.detach().double()  # noqa: E731
+    h = torch.cat([mu, eta], 1).double()
+    src = h
+    if editor.psi.level == "sentence":
+        bounds = offsets.tolist()
+        src = torch.cat([h[a:b].mean(0, keepdim=True).expand(b - a, -1) for a, b in zip(bounds[:-1], bounds[1:])])
+    psi = editor.psi
+    gain = 1 + torch.relu(src @ d(psi.fc1.weight).t() + d(psi.fc1.bias)) @ d(psi.fc2.weight).t() + d(psi.fc2.bias)
+    for i, layer in enumerate(editor.layers):
+        x = gain * h if i == 0 else h
+        pre = ((x @ d(layer.v[0]).t()) @ d(layer.u[0]).t() + d(layer.bias[0])) * d(layer.mode_scale[0, 0]) \
+            + d(layer.mode_shift[0, 0])
+        h = h + pre.clamp(min=0)
+    return h[:, mu.shape[1]:].t() @ h[:, :mu.shape[1]]
+
+
+@pytest.mark.parametrize("level", ["token", "sentence"])
+def test_proeditor_generated_gain_scales_the_first_layers_input(level, gen):
+    """ProEditor's ψ (per token, or per edit from the mean of its tokens) multiplies the input of
+    the low-rank branch of the first layer only: the shift matches a float64 reference."""
+    from dcedit_kernels.editors import ProEditor
+
+    editor = ProEditor(6, 4, generator=level, fisher_keep=None, rank=3, n_layers=2, norm=False, seed=1)
+    with torch.no_grad():
+        for layer in editor.layers:
+            layer.u.copy_(torch.randn(layer.u.shape, generator=gen) * 0.5)
+            layer.bias.copy_(torch.randn(layer.bias.shape, generator=gen) * 0.3)
+        editor.psi.fc2.weight.copy_(torch.randn(editor.psi.fc2.weight.shape, generator=gen) * 0.5)
+        editor.psi.fc2.bias.copy_(torch.randn(editor.psi.fc2.bias.shape, generator=gen) * 0.2)
+    editor.eval()
+    counts = [3, 1, 4]
+    offsets = torch.tensor([0, 3, 4, 8], dtype=torch.int32)
+    mu, eta = torch.randn(sum(counts), 6, generator=gen), torch.randn(sum(counts), 4, generator=gen)
+    with torch.no_grad():
+        got = editor.dense(mu, eta, offsets)
+    want = proeditor_reference(editor, mu, eta, offsets)
+    assert rel_err(got, want) < 1e-5
+
+
+def test_proeditor_fisher_is_the_per_edit_empirical_fisher(gen):
+    """The Fisher that masks ProEditor's shift is SPEC's F = (1/E) Σ_e (Σ_{t∈e} η_t μ_tᵀ)² over the
+    edits' own gradients, not the square of the batch gradient."""
+    from dcedit_kernels.editors import ProEditor
+
+    editor = ProEditor(6, 4, fisher_keep=0.5, rank=3, norm=False, seed=1).eval()
+    bounds = [0, 3, 4, 8]
+    mu, eta = torch.randn(8, 6, generator=gen), torch.randn(8, 4, generator=gen)
+    with torch.no_grad():
+        edit = editor(mu, eta, torch.tensor(bounds, dtype=torch.int32))
+    grads = [eta[a:b].double().t() @ mu[a:b].double() for a, b in zip(bounds[:-1], bounds[1:])]
+    want = sum(g.square() for g in grads) / len(grads)
+    assert rel_err(edit.fisher, want) < 1e-5
+    assert rel_err(sum(grads).square(), want) > 1e-2  # the batch gradient's square is another matrix
+
+
+def test_running_norm_is_the_identity_until_two_tokens_are_seen(gen):
+    """With one token seen there is no standard deviation yet: μ and η pass unnormalised (as after
+    none), not centred on that single token."""
+    editor = GroupedEditor(5, 3, rank=4, routing="single", fusion="add").train()
+    editor(torch.randn(1, 5, generator=gen), torch.randn(1, 3, generator=gen), torch.tensor([0, 1], dtype=torch.int32))
+    assert int(editor.norm.k) == 1
+    mu, eta = torch.randn(4, 5, generator=gen), torch.randn(4, 3, generator=gen)
+    got_mu, got_eta = editor.norm(mu, eta)
+    assert torch.equal(got_mu, mu) and torch.equal(got_eta, eta)

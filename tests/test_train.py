@@ -516,3 +516,108 @@ def test_activation_checkpointing_is_off_for_the_edit_passes(gen):
         assert_checkpointing(model, checkpointing)
     for a, b in zip(after[False], after[True]):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_picked_kl_is_kl_of_the_unedited_against_the_edited_distribution(gen):
+    """picked_kl = mean over positions of KL(p_base ‖ p_edited) = Σ_v p_base (log p_base − log
+    p_edited), MEND's direction (float64 oracle: torch's kl_div); the reverse KL is another number,
+    so a swapped direction is caught."""
+    n, V = int(torch.randint(2, 7, (1,), generator=gen)), 13
+    base_logp = torch.log_softmax(torch.randn(n, V, generator=gen, dtype=torch.float64) * 2, -1)
+    edited = torch.randn(n, V, generator=gen, dtype=torch.float64) * 2
+    edited_logp = torch.log_softmax(edited, -1)
+    want = torch.nn.functional.kl_div(edited_logp, base_logp, log_target=True, reduction="batchmean")
+    reverse = torch.nn.functional.kl_div(base_logp, edited_logp, log_target=True, reduction="batchmean")
+    got = picked_kl(base_logp, edited)
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, want, rtol=1e-12, atol=0), (float(got), float(want))
+    assert abs(float(want) - float(reverse)) > 1e-3 * float(want)
+
+
+def test_locality_rows_and_their_kl_positions(gen):
+    """eval_rows' locality rows: a request's `locality` + " " + `locality_target`, every position a
+    KL position; without one, the NEXT edit's prompt with its last position left out (it predicts
+    that edit's target, which the batch is meant to change)."""
+    model, tok = tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=3)
+    requests = random_requests(gen, 3, locality=False)
+    requests[1] = EditRequest(requests[1].prompt, requests[1].target, locality="the answer is",
+                              locality_target="blue sky")
+    rows = eval_rows(me, requests, TrainConfig())
+    loc = ~rows["is_edit_row"]
+    assert rows["row_edit"][loc].tolist() == [0, 1, 2]
+    expected = [(tok(requests[1].prompt)["input_ids"], -1), (tok("the answer is blue sky")["input_ids"], 0),
+                (tok(requests[0].prompt)["input_ids"], -1)]
+    for ids_row, mask_row, (ids, drop) in zip(rows["input_ids"][loc], rows["kl_mask"][loc], expected):
+        n = len(ids)
+        assert ids_row[:n].tolist() == ids
+        assert mask_row.tolist() == [True] * (n + drop) + [False] * (len(mask_row) - n - drop)
+
+
+def test_edit_rows_are_the_target_after_the_rephrase(gen):
+    """L_edit's rows: each edit's target after its rephrase (its prompt when it has none), labels on
+    the target tokens only: the editor is trained to generalise, not to fit the edit prompt."""
+    from dcedit_kernels.tokenize import tokenize_causal
+
+    model, tok = tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=3)
+    requests = random_requests(gen, 3)
+    requests[2] = EditRequest(requests[2].prompt, requests[2].target)  # no rephrase
+    rows = eval_rows(me, requests, TrainConfig())
+    edit = rows["is_edit_row"]
+    want = tokenize_causal(tok, [requests[0].rephrase, requests[1].rephrase, requests[2].prompt],
+                           [r.target for r in requests])
+    n = want["input_ids"].shape[1]
+    assert rows["row_edit"][edit].tolist() == [0, 1, 2]
+    assert torch.equal(rows["input_ids"][edit][:, :n], want["input_ids"])
+    assert torch.equal(rows["labels"][edit][:, :n], want["labels"])
+    assert bool((rows["labels"][edit][:, n:] == -100).all())
+
+
+def test_early_stopping_keeps_the_best_validation_and_restores_it(gen, monkeypatch):
+    """With scripted validation scores: the best ES (not the last, not the worst) is kept, patience
+    counts validations without improvement, and the editor ends as it was at the best one."""
+    import dcedit_kernels.train as train_module
+
+    model, tok = tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, seed=1)
+    requests = random_requests(gen, 6)
+    scores, states = iter([0.2, 0.5, 0.4, 0.45, 0.3, 0.9]), []
+
+    def scripted_evaluate(editor, val_requests, batch_size=4):
+        states.append({k: v.clone() for k, v in editor.state_tensors().items()})
+        return dict(es=next(scores), es_all=0.0, nll=1.0)
+
+    monkeypatch.setattr(train_module, "evaluate_edits", scripted_evaluate)
+    config = TrainConfig(steps=20, batch_size=3, lr=1e-2, lr_lr=1e-2, val_every=1, patience=3, progress=False)
+    result = me.fit(requests[:4], requests[4:], config)
+    assert [v["es"] for v in result.val_history] == [0.2, 0.5, 0.4, 0.45, 0.3]
+    assert result.stopped_early and result.steps == 5
+    assert result.best_step == 2 and result.best_es == 0.5
+    final = me.state_tensors()
+    assert all(torch.equal(final[k], states[1][k]) for k in final)  # the best editor is back
+    assert not all(torch.equal(states[1][k], states[4][k]) for k in final)  # training moved it since
+
+
+def test_accumulated_step_averages_the_batches_gradients(gen):
+    """accumulate=2: one optimiser step on the mean of the two batches' gradients (SGD on α, the
+    editor weights frozen by lr=0; one editor without normalisation: nothing random)."""
+    from dcedit_kernels.train import _batch_indices, batch_loss
+
+    model, tok = tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen)), dtype=torch.float64)
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, norm=False, edit_lr=0.1, seed=1)
+    requests = random_requests(gen, 4)
+    config = TrainConfig(steps=1, batch_size=2, accumulate=2, lr=0.0, lr_lr=0.5, lr_optimizer="sgd", grad_clip=None,
+                         cedit=1.0, progress=False, seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    alphas = [e.alpha for e in me.editors.values()]
+    before = [a.detach().clone() for a in alphas]
+    me.train()
+    grads = []
+    for b in range(2):
+        batch = [requests[i] for i in _batch_indices(len(requests), 2, config.seed, b)]
+        grads.append(torch.autograd.grad(batch_loss(me, batch, config)[0], alphas))
+    me.fit(requests, config=config)
+    for a, a0, g0, g1 in zip(alphas, before, *grads):
+        want = a0 - 0.5 * (g0 + g1) / 2
+        assert not torch.allclose(want, a0)
+        assert torch.allclose(a.detach(), want, rtol=1e-6, atol=1e-12)
