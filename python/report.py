@@ -240,12 +240,13 @@ def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Pa
         f"- Model: SmolLM2-135M-Instruct (`{Path(report['model']).name}`), fp32, CPU, "
         f"{report['threads']} thread(s); machine: {report['machine']}.",
         f"- Edited weights: {', '.join(f'`{l}`' for l in report['layers'])}.",
-        _editors_line(report)
-        + ("each edit's own mean target NLL, summed (loss_reduction 'edit'): an edit's factors do not depend on N_u. "
-           if report["editor"].get("loss_reduction") == "edit" else
-           "the batch's mean target NLL (loss_reduction 'token', MEND's), which shrink as 1/N_u. ")
-        + ("Training time: " + ", ".join(_train_time(m, i) for m, i in report["training"].items()) + "."
-           if report["training"] else ""),
+        *([_editors_line(report)
+           + ("each edit's own mean target NLL, summed (loss_reduction 'edit'): an edit's factors do not depend on "
+              "N_u. " if report["editor"].get("loss_reduction") == "edit" else
+              "the batch's mean target NLL (loss_reduction 'token', MEND's), which shrink as 1/N_u. ")
+           + ("Training time: " + ", ".join(_train_time(m, i) for m, i in report["training"].items()) + "."
+              if report["training"] else "")]
+          if {key.split(":")[0] for key in report["methods"]} & {*TRAINED, *ROUTED} else []),
         *([f"- Rows \"MoEditor (add)\" and the like: the same trained editors, their group shifts fused by "
            f"that rule at apply time instead of {report['editor'].get('fusion', 'sss')} (`--fusions`)."]
           if any(":" in key for key in report["methods"]) else []),
