@@ -164,14 +164,15 @@ def detect_format(path) -> str:
                      "CounterFact (prompt, target_new, ...) or zsRE (src, alt, ...)")
 
 
-def load_requests(path: str | None, limit: int | None = None):
-    """EditRequests from a CounterFact or zsRE file (None: our default facts), the first `limit`."""
+def load_requests(path: str | None, limit: int | None = None, limit_flag: str = "--n-edits"):
+    """EditRequests from a CounterFact or zsRE file (None: our default facts), the first `limit`
+    (`limit_flag`: the flag an error names)."""
     from ._checks import is_int
     from .data import load_counterfact, load_zsre
     from .facts import default_requests
 
     if limit is not None and (not is_int(limit) or limit < 1):
-        raise UserError(f"--n-edits must be a positive int, got {limit!r}")
+        raise UserError(f"{limit_flag} must be a positive int, got {limit!r}")
     if path is None:
         return default_requests()[:limit]
     try:
@@ -213,6 +214,8 @@ def editor_kwargs(args) -> dict:
         if args.method not in EDITOR_METHODS:
             raise UserError(f"--rank applies to the editor methods {EDITOR_METHODS}, not {args.method}")
         kwargs["rank"] = args.rank
+    if args.method in EDITOR_METHODS and getattr(args, "seed", None) is not None:
+        kwargs["seed"] = args.seed  # the editors' initial weights and RaEditor's groups
     if getattr(args, "loss_reduction", None) is not None:
         kwargs["loss_reduction"] = args.loss_reduction
     if getattr(args, "capture_batch_size", None) is not None:
@@ -437,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     # measured ES 0.92 at 5 edits at once but 0.27 at 25 for an editor trained on batches of 6).
     # Under "edit" an edit's factors do not depend on N, but the fused shift adds N edits' shifts,
     # so batches near the N_u you will edit with remain the closest match there too.
-    p.add_argument("--batch-size", type=positive_int, default=25, help="edits per step (near the N_u you will edit with)")
+    p.add_argument("--batch-size", type=positive_int, default=25,
+                   help="edits per step (near the N_u you will edit with)")
     p.add_argument("--lr", type=float, default=1e-3, help="editor learning rate")
     p.add_argument("--lr-lr", type=float, default=1e-4, help="learning rate of the per-weight edit steps α")
     p.add_argument("--checkpoint-dir", default=None, help="resumable training checkpoints")

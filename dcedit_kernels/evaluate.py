@@ -35,7 +35,7 @@ every method evaluated with the same seed sees the same edits.
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import math
 import random
 import sys
@@ -187,7 +187,10 @@ def without_locality(requests: Sequence[EditRequest]) -> list[EditRequest]:
     counts would score it on its training data (SmolLM2, CounterFact val, 10 steps: DD 0.66-0.71 at
     25-125 edits with them, 0.72-0.75 with 25 training edits' locality prompts instead; RESULTS.md).
     It regularises on its `locality_texts` instead."""
-    return [dataclasses.replace(r, locality=None, locality_target=None) for r in requests]
+    held_out = [copy.copy(r) for r in requests]  # a copy keeps any subclass and its own fields
+    for r in held_out:
+        r.locality = r.locality_target = None
+    return held_out
 
 
 def measure_edit(editor, requests: Sequence[EditRequest], batch_size: int = 16, during=None,

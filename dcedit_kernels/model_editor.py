@@ -614,11 +614,14 @@ class ModelEditor(FineTuneBaselines):
                      loss_reduction=config.get("loss_reduction", LEGACY_LOSS_REDUCTION),
                      allow_tied=config.get("allow_tied", False), editor_device=editor_device,
                      capture_batch_size=capture_batch_size, **kwargs)
+        saved_shapes = {key: saved.get("n_modes") for key, saved in config["editors"].items()}
+        if saved_shapes != {key: e.config.get("n_modes") for key, e in editor.editors.items()}:
+            # Shapes (in x out) and how many layers share each: one layer of another shape changes both.
+            held = ", ".join(f"{key} for {n} layer(s)" for key, n in saved_shapes.items())
+            here = ", ".join(f"{name} {editor.slots[name][0]}" for name in editor.layers)
+            raise ValueError(f"{path}: it holds editors of {held} (in x out weights), but in this model its "
+                             f"layers are {here}: a checkpoint of another model")
         for key, saved in config["editors"].items():
-            if key not in editor.editors:
-                here = ", ".join(f"{name} {editor.slots[name][0]}" for name in editor.layers)
-                raise ValueError(f"{path}: it holds an editor of {key} (in x out) weights, but in this model its "
-                                 f"layers are {here}: a checkpoint of another model")
             now = editor.editors[key].config
             if now != saved:
                 diff = "; ".join(f"{k}: saved {saved.get(k)!r}, here {now.get(k)!r}"

@@ -77,6 +77,7 @@ import torch
 from ._checks import is_int
 from .capture import frozen_parameters
 from .devices import cuda_indices
+from .ft_baseline import locality_texts
 from .lowrank_layers import lowrank_edited
 from .losses import backward_scale, log_probs_at, picked_kl, scored_accuracy, scored_nll
 from .model_editor import LEGACY_LOSS_REDUCTION, ModelEditor
@@ -169,10 +170,7 @@ def _locality_row(requests: list[EditRequest], e: int, tokenizer) -> tuple[list[
     """(token ids, number of KL positions) of edit e's locality row, or None (one edit, no locality)."""
     r = requests[e]
     if r.locality is not None:
-        text = r.locality
-        if r.locality_target is not None:
-            text = text + ("" if text[-1].isspace() else " ") + r.locality_target
-        ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+        ids = list(tokenizer(locality_texts([r])[0], add_special_tokens=True)["input_ids"])
         return ids, len(ids)
     if len(requests) < 2:
         return None
@@ -453,21 +451,25 @@ def _finite(grads: list) -> bool:
 
 def _forward_state(me: ModelEditor) -> tuple:
     """What a training forward changes besides its graph: the editors' buffers (running norms,
-    updated from each batch's factors) and the RNG states (gate noise), so that a batch can be run
-    again from the same start.  Buffers are vectors of the layers' widths: a copy per batch is small
-    next to the batch's activations."""
+    updated from each batch's factors), the RNG states (MoEditor's gate noise) and the editors' own
+    routing generators (RaEditor's groups), so that a batch can be run again from the same start.
+    Buffers are vectors of the layers' widths: a copy per batch is small next to the batch's
+    activations."""
     return ({k: b.clone() for k, b in me.editors.named_buffers()}, torch.get_rng_state(),
-            {i: torch.cuda.get_rng_state(i) for i in _cuda_devices(me)})
+            {i: torch.cuda.get_rng_state(i) for i in _cuda_devices(me)},
+            {key: g.get_state() for key, g in _route_generators(me).items()})
 
 
 def _restore_forward_state(me: ModelEditor, state: tuple) -> None:
-    buffers, cpu_rng, cuda_rngs = state
+    buffers, cpu_rng, cuda_rngs, route_rngs = state
     with torch.no_grad():
         for k, b in me.editors.named_buffers():
             b.copy_(buffers[k])
     torch.set_rng_state(cpu_rng)
     for i, rng in cuda_rngs.items():
         torch.cuda.set_rng_state(rng, i)
+    for key, g in _route_generators(me).items():
+        g.set_state(route_rngs[key])
 
 
 def _cuda_devices(me: ModelEditor) -> list:

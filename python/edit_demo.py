@@ -17,7 +17,7 @@ What it does, on the embedded SmolLM2-135M-Instruct:
    edit, measures ES (paraphrase), reliability (prompt), DD (changed neighbour predictions),
    LMP = ES − DD, neighbourhood success, edit latency and peak memory, and undoes the edit (the
    methods edit without the neighbour prompts DD is scored on; the training and held-out facts
-   share those prompts, so FT+KL's KL runs over its generic sentences, not over any facts');
+   share those prompts, so FT+KL's KL runs over its generic sentences, not over any fact's);
 4. prints the table and before/after greedy completions for a few edits, and writes
    `results.json` and `es_dd.png` (ES and DD per method) to --out.
 """

@@ -39,7 +39,8 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from dcedit_kernels.cli import METHOD_NAMES, UserError, load_requests, set_threads, write_json  # noqa: E402
+from dcedit_kernels.cli import (  # noqa: E402
+    METHOD_NAMES, UserError, load_requests, positive_int, set_threads, write_json)
 from dcedit_kernels.editor_cache import cache_dir, random_routing_twin, trained_editor  # noqa: E402
 from dcedit_kernels.ft_baseline import locality_texts  # noqa: E402
 from dcedit_kernels.reference.grouped_outer import FUSIONS as GROUP_FUSIONS  # noqa: E402
@@ -64,17 +65,18 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="evaluation edits (default: counterfact-val.json of ../shared/data)")
     p.add_argument("--train-data", default=None, help="editor-training edits (default: counterfact-train.json)")
-    p.add_argument("--n-train", type=int, default=None, help="training edits to use (default: steps × batch size)")
+    p.add_argument("--n-train", type=positive_int, default=None,
+                   help="training edits to use (default: steps × batch size)")
     p.add_argument("--n-edits", default="25,75,125", help="comma-separated N_u values")
-    p.add_argument("--repeats", type=int, default=2, help="edit samples per N_u")
+    p.add_argument("--repeats", type=positive_int, default=2, help="edit samples per N_u")
     p.add_argument("--methods", default=",".join(ALL_METHODS))
     p.add_argument("--layers", default="27,28,29", help="blocks whose mlp.down_proj is edited")
     p.add_argument("--gradient-layers", default="0,5,10,15,20,25,27,28,29",
                    help="blocks whose mlp.down_proj gets GCR/GMS")
-    p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--n-editors", type=int, default=2)
-    p.add_argument("--steps", type=int, default=12, help="editor training steps")
-    p.add_argument("--batch-size", type=int, default=25, help="edits per training step")
+    p.add_argument("--rank", type=positive_int, default=32)
+    p.add_argument("--n-editors", type=positive_int, default=2)
+    p.add_argument("--steps", type=positive_int, default=12, help="editor training steps")
+    p.add_argument("--batch-size", type=positive_int, default=25, help="edits per training step")
     p.add_argument("--lr", type=float, default=1e-3, help="editor learning rate")
     p.add_argument("--lr-lr", type=float, default=1e-4, help="learning rate of the edit steps α")
     p.add_argument("--balance-weight", type=float, default=None,
@@ -83,7 +85,7 @@ def parse_args(argv=None):
                    help="weight of the edit loss in training (default: TrainConfig's, MEND's 0.1)")
     p.add_argument("--cloc", type=float, default=None,
                    help="weight of the KL locality loss in training (default: TrainConfig's, MEND's 1.0)")
-    p.add_argument("--top-k", type=int, default=None,
+    p.add_argument("--top-k", type=positive_int, default=None,
                    help="MoEditor's gate keeps the top k logits (default: the preset's, 2, or 1 with one editor; "
                         "at k = 1 the chosen edit's gate weight is 1, so the gate learns from the balance loss only)")
     p.add_argument("--loss-reduction", default="token", choices=("token", "edit"),
@@ -94,9 +96,9 @@ def parse_args(argv=None):
     p.add_argument("--edit-stats", action="store_true",
                    help="also record, on each N_u's first sample, how the editors route the edits and the "
                         "size of each layer's shift (`evaluate.edit_statistics`)")
-    p.add_argument("--ft-steps", type=int, default=10)
+    p.add_argument("--ft-steps", type=positive_int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--out-dir", default="report_out")
     p.add_argument("--markdown", default=None, help="Markdown file (default: <out-dir>/report.md)")
@@ -251,7 +253,7 @@ def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Pa
            f"that rule at apply time instead of {report['editor'].get('fusion', 'sss')} (`--fusions`)."]
           if any(":" in key for key in report["methods"]) else []),
         f"- FT / FT+KL: {report['ft_steps']} Adam steps (lr 5e-4) on the edited weights; FT+KL adds the KL on "
-        + (f"the locality prompts of the first {report['ft_kl_texts']} training edits" if report.get("ft_kl_texts")
+        + (f"the locality prompts of the first {report['ft_kl_edits']} training edits" if report.get("ft_kl_edits")
            else "its generic texts")
         + ". Every method edits without the evaluated edits' locality prompts, which DD is scored on.",
         f"- Evaluation: `{Path(report['data']).name}` ({report['n_requests']} edits); for each N_u, "
@@ -365,8 +367,9 @@ def _run(args, t_start) -> int:
     # FT+KL's KL texts: the locality prompts of the first --batch-size training edits (as many as an
     # editor's training batch holds); the evaluation's own, which DD is scored on, are held out
     # from every method (`evaluate.without_locality`).  Without --train-data, its generic texts.
-    kl_texts = (locality_texts(load_requests(train_data, args.batch_size))
+    kl_edits = ((train_requests or load_requests(train_data, args.batch_size))[:args.batch_size]
                 if "ft_kl" in methods and train_data is not None else [])
+    kl_texts = locality_texts(kl_edits)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md_path = Path(args.markdown) if args.markdown else out_dir / "report.md"
@@ -455,7 +458,7 @@ def _run(args, t_start) -> int:
         n_requests=len(requests), n_train=len(train_requests), repeats=args.repeats, seed=args.seed,
         train_config=train_config, editor=dict(rank=args.rank, n_editors=args.n_editors, top_k=gate_top_k(editors), loss_reduction=args.loss_reduction,
                                               fusion=trained_fusion), ft_steps=args.ft_steps,
-        ft_kl_texts=len(kl_texts),
+        ft_kl_edits=len(kl_edits) if kl_texts else 0,
         training=training, methods=results, unedited=unedited, gradients=gradients,
         edit_statistics=stats,
         cache_dir=str(cache_dir()),

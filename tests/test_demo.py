@@ -244,7 +244,8 @@ def test_measure_edit_holds_the_scored_locality_prompts_out_of_the_edit():
     me._locality_texts = lambda reqs: kl_texts.append(locality(reqs)) or kl_texts[-1]
     before = _snapshot(model)
     r = measure_edit(me, requests)
-    assert [(q.prompt, q.target, q.rephrase) for q in applied[0]] == [(q.prompt, q.target, q.rephrase) for q in requests]
+    fields = [(q.prompt, q.target, q.rephrase) for q in requests]
+    assert [(q.prompt, q.target, q.rephrase) for q in applied[0]] == fields
     assert all(q.locality is None and q.locality_target is None for q in applied[0])
     assert kl_texts and all(t == texts for t in kl_texts)
     assert r["dd"] is not None and r["ns"] is not None
@@ -325,8 +326,8 @@ def test_cli_unknown_flag_shows_the_commands_usage(capsys, command):
      "--rank applies to the editor methods"),
 ])
 def test_cli_refuses_bad_values_by_flag(capsys, tiny_model_dir, argv, message):
-    """One `error:` line naming the flag and exit status 2, before any model is loaded or edited
-    (a count of 0 used to mean "the default" or "all", an empty target raised a traceback)."""
+    """One `error:` line naming the flag and exit status 2, with no edit made (a count of 0 used to
+    mean "the default" or "all", an empty target raised a traceback)."""
     assert cli.main([*argv, "--model", str(tiny_model_dir)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err

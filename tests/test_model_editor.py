@@ -796,17 +796,19 @@ def test_fp16_scaled_backward_that_overflows_runs_again_unscaled(gen, monkeypatc
         assert torch.isfinite(w_got).all() and torch.equal(w_got, w_want), name
 
 
-def test_fp16_training_batch_that_overflows_runs_again_unscaled(gen, monkeypatch):
+@pytest.mark.parametrize("method", ["moeditor", "raeditor"])
+def test_fp16_training_batch_that_overflows_runs_again_unscaled(method, gen, monkeypatch):
     """A training batch whose scaled backward overflows fp16 runs again unscaled from the running
-    norms and RNG state (MoEditor's gate noise) it started from: the editors trained are those of
-    the unscaled backward, bit for bit, and no batch is skipped."""
+    norms, RNG state (MoEditor's gate noise) and routing generator (RaEditor's groups) it started
+    from: the editors trained are those of the unscaled backward, bit for bit, and no batch is
+    skipped."""
     reqs, seed = random_requests(gen, 12), int(torch.randint(0, 1000, (1,), generator=gen))
     layers = LAYERS["llama"][:2]
     batches = []
 
     def train():
         model, tok = tiny_model("llama", seed=seed, dtype=torch.float16)
-        me = ModelEditor(model, tok, layers, method="moeditor", n_editors=2, rank=4, seed=1)
+        me = ModelEditor(model, tok, layers, method=method, n_editors=2, rank=4, seed=1)
         result = me.fit(reqs, config=TrainConfig(steps=2, batch_size=6, lr=1e-2, progress=False))
         return me.state_tensors(), result
 
@@ -901,6 +903,23 @@ def test_load_rejects_foreign_files(tmp_path):
         ModelEditor.load(tmp_path / "missing.safetensors", model, tok)
 
 
+@pytest.mark.parametrize("method", ["mend", "raeditor", "moeditor", "proeditor"])
+def test_seed_sets_every_initial_editor_weight(method, gen):
+    """Two editors built with one seed are identical (ProEditor's ψ included: its first layer came
+    from torch's global generator before), another seed gives other weights, and building them
+    leaves the global generator alone."""
+    model, tok = tiny_model("llama", seed=0)
+    seed = int(torch.randint(0, 1000, (1,), generator=gen))
+    state = torch.get_rng_state()
+    a, b, c = (ModelEditor(model, tok, LAYERS["llama"][:3], method=method, rank=4, seed=s).state_tensors()
+               for s in (seed, seed, seed + 1))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    random_init = [k for k in a if not torch.equal(a[k], c[k])]
+    assert random_init and (method != "proeditor" or any("psi.fc1" in k for k in random_init)), random_init
+
+
 def test_load_says_what_differs(tmp_path):
     """A checkpoint of a model whose edited layers have other shapes names the layers and their
     shapes here; one whose editor config differs names the differing fields."""
@@ -915,9 +934,18 @@ def test_load_says_what_differs(tmp_path):
     w = other.get_submodule(layer).weight
     other.get_submodule(layer.rsplit(".", 1)[0]).down_proj = nn.Linear(w.shape[1] + 3, w.shape[0], bias=False)
     before = {k: v.clone() for k, v in other.state_dict().items()}
-    with pytest.raises(ValueError, match=rf"editor of {w.shape[1]}x{w.shape[0]} \(in x out\) weights, but in this "
-                                         rf"model its layers are {layer} {w.shape[1] + 3}x{w.shape[0]}"):
+    with pytest.raises(ValueError, match=rf"editors of {w.shape[1]}x{w.shape[0]} for 1 layer\(s\) \(in x out "
+                                         rf"weights\), but in this model its layers are {layer} "
+                                         rf"{w.shape[1] + 3}x{w.shape[0]}"):
         ModelEditor.load(path, other, otok)
+    # Two layers of one shape saved, one of them another shape here: both layers are named.
+    two = LAYERS["llama"][:2]
+    assert other.get_submodule(two[1]).weight.shape == w.shape
+    ModelEditor(model, tok, two, method="mend", rank=4).save(tmp_path / "two.safetensors")
+    o, i = w.shape
+    with pytest.raises(ValueError, match=rf"{i}x{o} for 2 layer\(s\) .* its layers are {two[0]} {i + 3}x{o}, "
+                                         rf"{two[1]} {i}x{o}"):
+        ModelEditor.load(tmp_path / "two.safetensors", other, otok)
     assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items())
     with safe_open(str(path), framework="pt") as f:
         config = json.loads(f.metadata()["dcedit_model_editor"])
@@ -925,7 +953,8 @@ def test_load_says_what_differs(tmp_path):
     config["editors"][key]["rank"] = 9
     changed = tmp_path / "changed.safetensors"
     save_file(load_file(str(path)), str(changed), metadata={"dcedit_model_editor": json.dumps(config)})
-    with pytest.raises(ValueError, match=rf"editor {key} differs from the one this model gives \(rank: saved 9, here 4\)"):
+    with pytest.raises(ValueError, match=rf"editor {key} differs from the one this model gives "
+                                         r"\(rank: saved 9, here 4\)"):
         ModelEditor.load(changed, model, tok)
 
 

@@ -118,10 +118,10 @@ def test_unknown_fusion_is_refused(report_module, capsys):
 def test_ft_rows_alone_and_ft_kl_texts_are_rendered(report_module, tmp_path):
     """A report of the FT baselines only has no editors line; FT+KL's KL texts are named."""
     report, layers = _report({"ft": _result(0.1, 0.8), "ft_kl": _result(0.1, 0.7)})
-    report["training"], report["ft_kl_texts"] = {}, 25
+    report["training"], report["ft_kl_edits"] = {}, 25
     text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
     assert "- Editors" not in text and "| FT+KL | 5 |" in text
     assert "FT+KL adds the KL on the locality prompts of the first 25 training edits" in text
-    report["ft_kl_texts"] = 0
+    report["ft_kl_edits"] = 0
     assert "FT+KL adds the KL on its generic texts" in report_module.markdown(report, SIZES, layers,
                                                                           tmp_path / "report.md", tmp_path)

@@ -31,9 +31,9 @@ class GroupedEditor(nn.Module):
     group shifts (see `ops.grouped_outer`).  generator: None, "token" or "sentence" (ProEditor's
     ψ generating per-token or per-edit gains for the low-rank branch input); fisher_keep: keep
     only that fraction of the shift's entries, by Fisher information (ProEditor).  seed: draws the
-    initial v and, under "random" routing, the groups, from a generator of the editor's own that
-    each call advances (so one editor splits the same edits differently call after call, and a
-    loaded editor starts its draws afresh); None: torch's global generator.
+    initial v, ψ's first layer and, under "random" routing, the groups, from a generator of the
+    editor's own that each call advances (so one editor splits the same edits differently call
+    after call, and a loaded editor starts its draws afresh); None: torch's global generator.
 
     `alpha` holds the learned per-weight step α (W ← W + α Δ), initialised to −edit_lr so that an
     identity editor without normalisation takes a gradient-descent step of size edit_lr with one
@@ -110,7 +110,7 @@ class GroupedEditor(nn.Module):
             self.layers.append(layer)
         self.alpha = nn.Parameter(torch.full((n_modes,), -float(edit_lr)))
         self.norm = RunningNorm(in_features, out_features) if norm else None
-        self.psi = ParameterGenerator(d, generator_hidden, generator) if generator else None
+        self.psi = ParameterGenerator(d, generator_hidden, generator, gen) if generator else None
         if routing == "gate":
             if feat_dim is None:
                 raise ValueError("routing='gate' needs feat_dim (the size of the edit features)")

@@ -1,5 +1,7 @@
 """ProEditor's ψ: a feed-forward net generating per-token or per-edit parameters (`gain`)."""
 
+import math
+
 import torch
 from torch import nn
 
@@ -9,13 +11,20 @@ from ..reference.segments import group_ids
 class ParameterGenerator(nn.Module):
     """gain = 1 + W₂ relu(W₁ [μ; η]): W₂ starts at zero so an untrained ProEditor equals MEND."""
 
-    def __init__(self, dim: int, hidden: int, level: str):
+    def __init__(self, dim: int, hidden: int, level: str, generator: torch.Generator | None = None):
         super().__init__()
         if level not in ("token", "sentence"):
             raise ValueError(f"generator must be 'token' or 'sentence', got {level!r}")
         self.level = level
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        # With the editor's seed, the layers' default initialisation leaves torch's global generator
+        # alone, and fc1 gets nn.Linear's initialisation drawn from the seed instead.
+        with torch.random.fork_rng(devices=[], enabled=generator is not None):
+            self.fc1 = nn.Linear(dim, hidden)
+            self.fc2 = nn.Linear(hidden, dim)
+        if generator is not None:
+            nn.init.kaiming_uniform_(self.fc1.weight, a=math.sqrt(5), generator=generator)
+            bound = 1 / math.sqrt(dim)
+            nn.init.uniform_(self.fc1.bias, -bound, bound, generator=generator)
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
 
