@@ -872,12 +872,16 @@ def test_save_load_round_trip(method, gen, tmp_path):
     if method == "ft_kl":
         assert loaded.ft_options == me.ft_options
         return
-    reqs = random_requests(gen, 3)
+    assert_same_edit(me, loaded, random_requests(gen, 3))
+
+
+def assert_same_edit(me, loaded, reqs):
+    """`loaded` (a ModelEditor loaded from `me`'s checkpoint) edits `reqs` to the same weights."""
     with me.edited(reqs):
-        w1 = {n: me.modules[n].weight.detach().clone() for n in me.layers}
+        want = {n: me.modules[n].weight.detach().clone() for n in me.layers}
     with loaded.edited(reqs):
         for n in me.layers:
-            assert torch.equal(loaded.modules[n].weight, w1[n]), n
+            assert torch.equal(loaded.modules[n].weight, want[n]), n
 
 
 def test_load_rejects_foreign_files(tmp_path):
@@ -1216,12 +1220,7 @@ def test_save_load_keeps_the_capture_settings(gen, tmp_path):
     me.save(path)
     loaded = ModelEditor.load(path, me.model, me.tokenizer)
     assert (loaded.tokens, loaded.loss_reduction) == ("target", "edit")
-    reqs = random_requests(gen, 3)
-    with me.edited(reqs):
-        w1 = {n: me.modules[n].weight.detach().clone() for n in me.layers}
-    with loaded.edited(reqs):
-        for n in me.layers:
-            assert torch.equal(loaded.modules[n].weight, w1[n]), n
+    assert_same_edit(me, loaded, random_requests(gen, 3))
 
 
 def test_ft_kl_locality_texts_join_the_prompt_and_its_answer(gen):
