@@ -64,11 +64,16 @@ def test_model_editor_snippet_matches_the_api():
             module = importlib.import_module(node.module)
             for alias in node.names:
                 assert hasattr(module, alias.name), f"{node.module}.{alias.name}"
-    # Every name the snippet uses is defined in it (or is a builtin).
-    assigned = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-    imported = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
-    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-    assert not used - assigned - imported - set(dir(builtins)), used - assigned - imported
+    # Every name the snippet uses is a builtin or defined by an earlier statement (or its own, as a
+    # comprehension's variable is).
+    defined = set(dir(builtins))
+    for statement in tree.body:
+        nodes = list(ast.walk(statement))
+        stored = {n.id for n in nodes if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+        stored |= {a.asname or a.name for n in nodes if isinstance(n, ast.ImportFrom) for a in n.names}
+        used = {n.id for n in nodes if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        assert not used - defined - stored, f"line {statement.lineno}: {sorted(used - defined - stored)} not defined yet"
+        defined |= stored
     for name in ("ModelEditor", "TrainConfig", "EditRequest"):
         signature = inspect.signature(getattr(dcedit_kernels, name))
         calls = _calls(tree, name)
