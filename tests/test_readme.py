@@ -72,7 +72,8 @@ def test_model_editor_snippet_matches_the_api():
         stored = {n.id for n in nodes if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
         stored |= {a.asname or a.name for n in nodes if isinstance(n, ast.ImportFrom) for a in n.names}
         used = {n.id for n in nodes if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
-        assert not used - defined - stored, f"line {statement.lineno}: {sorted(used - defined - stored)} not defined yet"
+        missing = sorted(used - defined - stored)
+        assert not missing, f"line {statement.lineno}: {missing} not defined yet"
         defined |= stored
     for name in ("ModelEditor", "TrainConfig", "EditRequest"):
         signature = inspect.signature(getattr(dcedit_kernels, name))
