@@ -164,15 +164,15 @@ def detect_format(path) -> str:
                      "CounterFact (prompt, target_new, ...) or zsRE (src, alt, ...)")
 
 
-def load_requests(path: str | None, limit: int | None = None, limit_flag: str = "--n-edits"):
+def load_requests(path: str | None, limit: int | None = None):
     """EditRequests from a CounterFact or zsRE file (None: our default facts), the first `limit`
-    (`limit_flag`: the flag an error names)."""
+    (the flags that set it are checked by argparse; this guards Python callers)."""
     from ._checks import is_int
     from .data import load_counterfact, load_zsre
     from .facts import default_requests
 
     if limit is not None and (not is_int(limit) or limit < 1):
-        raise UserError(f"{limit_flag} must be a positive int, got {limit!r}")
+        raise UserError(f"limit must be a positive int or None, got {limit!r}")
     if path is None:
         return default_requests()[:limit]
     try:

@@ -43,7 +43,7 @@ per-token sum of L_edit (the KL and balance terms share it) and the gradients ar
 exactly (`losses.backward_scale`: keeps fp16 gradients from flushing to zero; fp32 and bf16
 unchanged).  Only a per-token activation gradient past fp16's range can overflow there (the editors'
 gradients are fp32 sums; the model's weights get none); that batch then runs again unscaled, from
-the running norms and RNG state its first forward started from.  Every
+the running norms, RNG states and routing generators its first forward started from.  Every
 `val_every` steps the editor is validated by applying real (fused, masked) edits to the model and
 measuring edit success on the val requests' rephrases; early stopping after `patience` validations
 without improvement; the best editor is restored at the end.  Checkpoints (safetensors only) go to
@@ -398,7 +398,7 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                     grads = _scaled_grads(loss / config.accumulate, params, scale)
                     if scale != 1 and not _finite(grads):
                         # fp16 overflow of the scaled backward: the batch again, unscaled, from the
-                        # running norms and RNG state the first forward started from.
+                        # state the first forward started from (`_forward_state`).
                         _restore_forward_state(me, before)
                         loss, parts = batch_loss(me, batch, config)
                         parts.pop("edit_tokens")
