@@ -82,7 +82,7 @@ step tests_triton_4 220 "$SHARDS/4.log" "${PYTEST[@]}" --durations=10 tests/test
 step tests_triton_5 220 "$SHARDS/5.log" "${PYTEST[@]}" --durations=10 tests/test_triton_kernels.py \
     -k "every_config_candidate and not ($OPS)" &
 step tests_ops 220 "$OUT/tests_ops.log" "${PYTEST[@]}" tests/test_ops.py tests/test_cpu_kernels.py \
-    tests/test_compat_mend.py tests/test_capture.py tests/test_multi_device.py \
+    tests/test_compat_mend.py tests/test_capture.py tests/test_multi_device.py tests/test_compile.py \
     --deselect tests/test_ops.py::test_triton_registrations_take_schema_arguments &
 step tests_cpu 220 "$OUT/tests_cpu.log" "${PYTEST[@]}" tests/test_metrics.py tests/test_model_editor.py \
     tests/test_data.py tests/test_demo.py tests/test_train.py tests/test_scored_logits.py \

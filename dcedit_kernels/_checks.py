@@ -2,7 +2,8 @@
 
 Checks run before any output is allocated or any tensor is written, so an op that raises leaves
 everything as it was.  Checking offsets reads them on the host (one small copy); that is the
-price of a clear error instead of an out-of-bounds kernel.
+price of a clear error instead of an out-of-bounds kernel.  While torch.compile traces a call the
+value checks are skipped and the kernel runs them when the graph runs (`tracing`).
 """
 
 from __future__ import annotations
@@ -86,14 +87,24 @@ def check_same_device(named: dict) -> None:
         raise ValueError(f"all tensors must be on one device: {where}")
 
 
+def tracing() -> bool:
+    """True while torch.compile traces a call.  A check must not read tensor values then (the
+    trace would have to guard on data, and fullgraph=True fails); the op's kernel runs the whole
+    check when the compiled graph runs (`ops._dispatch.opcall`)."""
+    return torch.compiler.is_compiling()
+
+
 def check_offsets(offsets, name: str, total: int) -> int:
-    """Validate a CSR offsets vector over `total` rows; returns the number of groups G."""
+    """Validate a CSR offsets vector over `total` rows; returns the number of groups G (its
+    values are checked when the call runs, not while torch.compile traces it: `tracing`)."""
     if not isinstance(offsets, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(offsets).__name__}")
     if offsets.dtype not in INT_DTYPES:
         raise ValueError(f"{name} must be int32 or int64, got {offsets.dtype}")
     if offsets.dim() != 1 or offsets.numel() < 2:
         raise ValueError(f"{name} must be 1-D with G+1 >= 2 entries, got shape {tuple(offsets.shape)}")
+    if tracing():
+        return offsets.numel() - 1
     host = offsets.detach().cpu()
     if int(host[0]) != 0:
         raise ValueError(f"{name}[0] must be 0, got {int(host[0])}")

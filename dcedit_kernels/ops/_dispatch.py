@@ -14,6 +14,7 @@ import threading
 
 import torch
 
+from .._checks import tracing
 from .._library import _LIB, has_kernel
 
 
@@ -134,6 +135,8 @@ def opcall(name: str):
     op = getattr(torch.ops.dcedit, name).default
 
     def call(*args, **kwargs):
+        if tracing():  # the trace skipped the value checks: the kernel runs them when the graph runs
+            return op(*args, **kwargs)
         _PRECHECKED.on = True
         try:
             return op(*args, **kwargs)

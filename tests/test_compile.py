@@ -1,0 +1,195 @@
+"""The ops and editors under torch.compile.
+
+Every public op traces whole (`fullgraph=True`): the wrappers' checks read no tensor values while
+dynamo traces (`_checks.tracing`), and the kernel runs the value checks when the compiled graph
+runs.  The ops are opaque in the graph, so under aot_eager the compiled call runs the same
+kernels as the eager one and must agree bit for bit.  Editors compile with graph breaks (the
+skip of all-zero tokens has a data-dependent shape).
+"""
+
+import copy
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from dcedit_kernels import ops
+from dcedit_kernels.editors import MEND, MoEditor, ProEditor, RaEditor
+from helpers import randn, ragged_offsets, random_counts
+
+G, O, I, R = 4, 6, 5, 3
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _inputs(gen, avoid=(), device="cpu"):
+    """Random ragged groups (group 1 always empty) of T rows, T not in `avoid`."""
+    counts = random_counts(G, gen)
+    counts[1] = 0
+    while sum(counts) in avoid:
+        counts[0] += 1
+    T = sum(counts)
+    offsets = ragged_offsets(counts, device)
+    leaf = lambda *shape: randn(shape, gen, device=device).requires_grad_()  # noqa: E731
+    return T, offsets, leaf
+
+
+def _cases(gen, device):
+    """name -> (fn of differentiable tensors, those tensors)."""
+    T, offsets, leaf = _inputs(gen, device=device)
+    eta, mu = leaf(T, O), leaf(T, I)
+    d = O + I
+    fisher = torch.rand(O, I, generator=gen).to(device)
+    row_group = torch.randint(-1, G, (9,), generator=gen).to(device)
+    return {
+        "grouped_outer": (lambda e, m: ops.grouped_outer(e, m, offsets, "sss", 0.5), (eta, mu)),
+        "segmented_fisher": (lambda e, m: ops.segmented_fisher(e, m, offsets), (eta.detach(), mu.detach())),
+        "grouped_lowrank": (lambda h, u, v, b: ops.grouped_lowrank(h, offsets, u, v, b),
+                            (leaf(T, d), leaf(G, d, R), leaf(G, R, d), leaf(G, d))),
+        "fisher_mask": (lambda delta: ops.fisher_mask(delta, fisher, keep=0.4)[0], (leaf(O, I),)),
+        "lowrank_delta_linear": (
+            lambda x, m, e: ops.lowrank_delta_linear(x, fisher, None, row_group, m, e, offsets, 0.3),
+            (leaf(9, I), mu, eta)),
+        "noisy_topk_gate": (lambda f, wg, wn: ops.noisy_topk_gate(f, wg, wn, k=2, training=False)[0],
+                            (leaf(5, 7), leaf(7, G), leaf(7, G))),
+        "sort_by_group": (lambda: ops.sort_by_group(row_group.clamp(min=0), G)[0], ()),
+    }
+
+
+def _run(fn, args):
+    """fn's output and the gradients of a loss on it (None where an input does not reach it)."""
+    out = fn(*args)
+    wrt = [a for a in args if a.requires_grad]
+    if not out.requires_grad:
+        return out, []
+    return out, torch.autograd.grad(out.double().pow(2).sum(), wrt, allow_unused=True)
+
+
+@pytest.mark.parametrize("name", ["grouped_outer", "segmented_fisher", "grouped_lowrank", "fisher_mask",
+                                  "lowrank_delta_linear", "noisy_topk_gate", "sort_by_group"])
+def test_op_compiles_whole_and_matches_eager(name, gen, device):
+    fn, args = _cases(gen, device)[name]
+    want, want_grads = _run(fn, args)
+    got, got_grads = _run(torch.compile(fn, backend="aot_eager", fullgraph=True), args)
+    assert torch.equal(got, want)
+    assert len(got_grads) == len(want_grads)
+    for g, w in zip(got_grads, want_grads):
+        assert (g is None and w is None) or torch.equal(g, w)
+
+
+def test_grouped_outer_under_inductor_with_dynamic_shapes_compiles_once(gen):
+    counter = CompileCounterWithBackend("inductor")
+    fn = torch.compile(lambda e, m, off: ops.grouped_outer(e, m, off, "sss", 0.5), backend=counter,
+                       fullgraph=True, dynamic=True)
+    sizes = [0, 1, O, I]  # 0/1 and sizes equal to another dim are specialised (duck sizing): avoided
+    for _ in range(2):  # a new T and new offsets each time
+        T, offsets, leaf = _inputs(gen, avoid=sizes)
+        sizes.append(T)
+        eta, mu = leaf(T, O), leaf(T, I)
+        want, want_grads = _run(lambda e, m: ops.grouped_outer(e, m, offsets, "sss", 0.5), (eta, mu))
+        got, got_grads = _run(lambda e, m: fn(e, m, offsets), (eta, mu))
+        assert torch.equal(got, want)
+        for g, w in zip(got_grads, want_grads):
+            assert torch.allclose(g, w, rtol=1e-6, atol=0)
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_apply_shift_under_compile_writes_the_callers_weight(backend, gen):
+    weight = randn((O, I), gen)
+    delta, fisher = randn((O, I), gen), torch.rand(O, I, generator=gen)
+    want = weight.clone()
+    want_previous = ops.apply_shift_(want, delta, 0.5, fisher, keep=0.5)
+    before = weight.clone()
+    previous = torch.compile(lambda w: ops.apply_shift_(w, delta, 0.5, fisher, keep=0.5), backend=backend,
+                             fullgraph=True)(weight)
+    assert torch.equal(weight, want)  # in place on the caller's tensor, not on a functional copy
+    assert torch.equal(previous, want_previous)
+    ops.undo_shift_(weight, previous)
+    assert torch.equal(weight, before)
+
+
+def test_bad_offsets_raise_value_error_when_the_compiled_graph_runs(gen):
+    """The trace skipped the value checks; the kernels run them at call time (C++ for
+    grouped_outer on CPU, the Python check in front of lowrank_delta_linear's reference)."""
+    T, offsets, leaf = _inputs(gen)
+    eta, mu, x = leaf(T, O), leaf(T, I), leaf(3, I)
+    outer = torch.compile(lambda off: ops.grouped_outer(eta, mu, off, "add"), backend="aot_eager", fullgraph=True)
+    outer(offsets)
+    bad = offsets.clone()
+    bad[0] = 1
+    with pytest.raises(ValueError, match=r"offsets\[0\] must be 0"):
+        outer(bad)
+    linear = torch.compile(
+        lambda rg: ops.lowrank_delta_linear(x, torch.ones(O, I), None, rg, mu, eta, offsets, 1.0),
+        backend="aot_eager", fullgraph=True)
+    linear(torch.tensor([0, -1, G - 1]))
+    with pytest.raises(ValueError, match="row_group entries"):
+        linear(torch.tensor([0, G, 1]))
+
+
+def _editor_step(editor, mu, eta, offsets, feats):
+    """One training forward + backward and one eval forward: (loss, Δ, grads, buffers)."""
+    torch.manual_seed(5)
+    editor.train()
+    edit = editor(mu, eta, offsets, mode=0, edit_feats=feats)
+    loss = edit.dense().pow(2).sum() + edit.aux_loss
+    loss.backward()
+    editor.eval()
+    delta = editor(mu, eta, offsets, mode=0, edit_feats=feats).dense()
+    return loss.detach(), delta.detach()
+
+
+EDITORS = {
+    "mend": lambda: MEND(I, O, rank=R, seed=1),
+    "raeditor": lambda: RaEditor(I, O, n_editors=3, rank=R, seed=1),
+    "moeditor": lambda: MoEditor(I, O, n_editors=3, feat_dim=O, rank=R, seed=1),
+    "proeditor": lambda: ProEditor(I, O, rank=R, seed=1),
+}
+
+
+def _editor_inputs(gen):
+    counts = random_counts(4, gen)
+    counts[2] = 0
+    counts[0] = max(counts[0], 4)  # a token the editor skips, and others it uses
+    T = sum(counts)
+    mu, eta = randn((T, I), gen), randn((T, O), gen)
+    mu[0] = 0
+    return mu, eta, ragged_offsets(counts), randn((4, O), gen)
+
+
+@pytest.mark.parametrize("method", list(EDITORS))
+def test_editor_compiles_and_trains_as_eager(method, gen):
+    mu, eta, offsets, feats = _editor_inputs(gen)
+    eager = EDITORS[method]()
+    compiled_module = copy.deepcopy(eager)
+    want = _editor_step(eager, mu, eta, offsets, feats)
+    got = _editor_step(torch.compile(compiled_module, backend="aot_eager"), mu, eta, offsets, feats)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    for (name, p), q in zip(eager.named_parameters(), compiled_module.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        assert p.grad is None or torch.equal(p.grad, q.grad), name
+    for (name, b), c in zip(eager.named_buffers(), compiled_module.buffers()):  # running norms
+        assert torch.equal(b, c), name
+
+
+def test_editor_under_inductor_matches_eager_to_rounding(gen):
+    """ProEditor (the most ops: ψ, the gain, the Fisher mask).  Inductor fuses the elementwise
+    work around the ops, so agreement is to fp32 rounding, judged on all gradients at once
+    (some, the biases', are sums that cancel to ~1e-5 of the others)."""
+    mu, eta, offsets, feats = _editor_inputs(gen)
+    eager = EDITORS["proeditor"]()
+    compiled_module = copy.deepcopy(eager)
+    want = _editor_step(eager, mu, eta, offsets, feats)
+    got = _editor_step(torch.compile(compiled_module, backend="inductor"), mu, eta, offsets, feats)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-5, atol=1e-6 * float(w.abs().max()))
+    flat = lambda m: torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])  # noqa: E731
+    g, w = flat(compiled_module), flat(eager)
+    assert w.norm() > 0 and float((g - w).norm()) < 1e-5 * float(w.norm())
