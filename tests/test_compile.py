@@ -17,7 +17,7 @@ from dcedit_kernels import ops
 from dcedit_kernels.editors import MEND, MoEditor, ProEditor, RaEditor
 from helpers import randn, ragged_offsets, random_counts
 
-G, O, I, R = 4, 6, 5, 3
+G, D_OUT, D_IN, R = 4, 6, 5, 3
 
 
 @pytest.fixture(autouse=True)
@@ -35,26 +35,29 @@ def _inputs(gen, avoid=(), device="cpu"):
         counts[0] += 1
     T = sum(counts)
     offsets = ragged_offsets(counts, device)
-    leaf = lambda *shape: randn(shape, gen, device=device).requires_grad_()  # noqa: E731
+
+    def leaf(*shape):
+        return randn(shape, gen, device=device).requires_grad_()
+
     return T, offsets, leaf
 
 
 def _cases(gen, device):
     """name -> (fn of differentiable tensors, those tensors)."""
     T, offsets, leaf = _inputs(gen, device=device)
-    eta, mu = leaf(T, O), leaf(T, I)
-    d = O + I
-    fisher = torch.rand(O, I, generator=gen).to(device)
+    eta, mu = leaf(T, D_OUT), leaf(T, D_IN)
+    d = D_OUT + D_IN
+    fisher = torch.rand(D_OUT, D_IN, generator=gen).to(device)
     row_group = torch.randint(-1, G, (9,), generator=gen).to(device)
     return {
         "grouped_outer": (lambda e, m: ops.grouped_outer(e, m, offsets, "sss", 0.5), (eta, mu)),
         "segmented_fisher": (lambda e, m: ops.segmented_fisher(e, m, offsets), (eta.detach(), mu.detach())),
         "grouped_lowrank": (lambda h, u, v, b: ops.grouped_lowrank(h, offsets, u, v, b),
                             (leaf(T, d), leaf(G, d, R), leaf(G, R, d), leaf(G, d))),
-        "fisher_mask": (lambda delta: ops.fisher_mask(delta, fisher, keep=0.4)[0], (leaf(O, I),)),
+        "fisher_mask": (lambda delta: ops.fisher_mask(delta, fisher, keep=0.4)[0], (leaf(D_OUT, D_IN),)),
         "lowrank_delta_linear": (
             lambda x, m, e: ops.lowrank_delta_linear(x, fisher, None, row_group, m, e, offsets, 0.3),
-            (leaf(9, I), mu, eta)),
+            (leaf(9, D_IN), mu, eta)),
         "noisy_topk_gate": (lambda f, wg, wn: ops.noisy_topk_gate(f, wg, wn, k=2, training=False)[0],
                             (leaf(5, 7), leaf(7, G), leaf(7, G))),
         "sort_by_group": (lambda: ops.sort_by_group(row_group.clamp(min=0), G)[0], ()),
@@ -86,11 +89,11 @@ def test_grouped_outer_under_inductor_with_dynamic_shapes_compiles_once(gen):
     counter = CompileCounterWithBackend("inductor")
     fn = torch.compile(lambda e, m, off: ops.grouped_outer(e, m, off, "sss", 0.5), backend=counter,
                        fullgraph=True, dynamic=True)
-    sizes = [0, 1, O, I]  # 0/1 and sizes equal to another dim are specialised (duck sizing): avoided
+    sizes = [0, 1, D_OUT, D_IN]  # 0/1 and sizes equal to another dim are specialised (duck sizing): avoided
     for _ in range(2):  # a new T and new offsets each time
         T, offsets, leaf = _inputs(gen, avoid=sizes)
         sizes.append(T)
-        eta, mu = leaf(T, O), leaf(T, I)
+        eta, mu = leaf(T, D_OUT), leaf(T, D_IN)
         want, want_grads = _run(lambda e, m: ops.grouped_outer(e, m, offsets, "sss", 0.5), (eta, mu))
         got, got_grads = _run(lambda e, m: fn(e, m, offsets), (eta, mu))
         assert torch.equal(got, want)
@@ -101,8 +104,8 @@ def test_grouped_outer_under_inductor_with_dynamic_shapes_compiles_once(gen):
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_apply_shift_under_compile_writes_the_callers_weight(backend, gen):
-    weight = randn((O, I), gen)
-    delta, fisher = randn((O, I), gen), torch.rand(O, I, generator=gen)
+    weight = randn((D_OUT, D_IN), gen)
+    delta, fisher = randn((D_OUT, D_IN), gen), torch.rand(D_OUT, D_IN, generator=gen)
     want = weight.clone()
     want_previous = ops.apply_shift_(want, delta, 0.5, fisher, keep=0.5)
     before = weight.clone()
@@ -118,7 +121,7 @@ def test_bad_offsets_raise_value_error_when_the_compiled_graph_runs(gen):
     """The trace skipped the value checks; the kernels run them at call time (C++ for
     grouped_outer on CPU, the Python check in front of lowrank_delta_linear's reference)."""
     T, offsets, leaf = _inputs(gen)
-    eta, mu, x = leaf(T, O), leaf(T, I), leaf(3, I)
+    eta, mu, x = leaf(T, D_OUT), leaf(T, D_IN), leaf(3, D_IN)
     outer = torch.compile(lambda off: ops.grouped_outer(eta, mu, off, "add"), backend="aot_eager", fullgraph=True)
     outer(offsets)
     bad = offsets.clone()
@@ -126,7 +129,7 @@ def test_bad_offsets_raise_value_error_when_the_compiled_graph_runs(gen):
     with pytest.raises(ValueError, match=r"offsets\[0\] must be 0"):
         outer(bad)
     linear = torch.compile(
-        lambda rg: ops.lowrank_delta_linear(x, torch.ones(O, I), None, rg, mu, eta, offsets, 1.0),
+        lambda rg: ops.lowrank_delta_linear(x, torch.ones(D_OUT, D_IN), None, rg, mu, eta, offsets, 1.0),
         backend="aot_eager", fullgraph=True)
     linear(torch.tensor([0, -1, G - 1]))
     with pytest.raises(ValueError, match="row_group entries"):
@@ -146,10 +149,10 @@ def _editor_step(editor, mu, eta, offsets, feats):
 
 
 EDITORS = {
-    "mend": lambda: MEND(I, O, rank=R, seed=1),
-    "raeditor": lambda: RaEditor(I, O, n_editors=3, rank=R, seed=1),
-    "moeditor": lambda: MoEditor(I, O, n_editors=3, feat_dim=O, rank=R, seed=1),
-    "proeditor": lambda: ProEditor(I, O, rank=R, seed=1),
+    "mend": lambda: MEND(D_IN, D_OUT, rank=R, seed=1),
+    "raeditor": lambda: RaEditor(D_IN, D_OUT, n_editors=3, rank=R, seed=1),
+    "moeditor": lambda: MoEditor(D_IN, D_OUT, n_editors=3, feat_dim=D_OUT, rank=R, seed=1),
+    "proeditor": lambda: ProEditor(D_IN, D_OUT, rank=R, seed=1),
 }
 
 
@@ -158,9 +161,9 @@ def _editor_inputs(gen):
     counts[2] = 0
     counts[0] = max(counts[0], 4)  # a token the editor skips, and others it uses
     T = sum(counts)
-    mu, eta = randn((T, I), gen), randn((T, O), gen)
+    mu, eta = randn((T, D_IN), gen), randn((T, D_OUT), gen)
     mu[0] = 0
-    return mu, eta, ragged_offsets(counts), randn((4, O), gen)
+    return mu, eta, ragged_offsets(counts), randn((4, D_OUT), gen)
 
 
 @pytest.mark.parametrize("method", list(EDITORS))
@@ -190,6 +193,6 @@ def test_editor_under_inductor_matches_eager_to_rounding(gen):
     got = _editor_step(torch.compile(compiled_module, backend="inductor"), mu, eta, offsets, feats)
     for g, w in zip(got, want):
         assert torch.allclose(g, w, rtol=1e-5, atol=1e-6 * float(w.abs().max()))
-    flat = lambda m: torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])  # noqa: E731
-    g, w = flat(compiled_module), flat(eager)
+    g, w = (torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
+            for m in (compiled_module, eager))
     assert w.norm() > 0 and float((g - w).norm()) < 1e-5 * float(w.norm())
