@@ -1,6 +1,7 @@
 """The source distribution: it carries every build input, builds, and the installed package works
 away from the checkout (the C++ kernels registered, the subpackages importable)."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env():
+    """This process's environment without PYTHONPATH (pytest's `pythonpath` puts the checkout on
+    sys.path, not in the environment; a caller's PYTHONPATH would shadow the copy under test)."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
 def _tracked(*prefixes):
@@ -63,7 +70,22 @@ def test_sdist_builds_and_the_installed_package_runs(sdist, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
 
 
-def _env():
-    import os
-
-    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+def test_the_package_works_without_its_optional_dependencies():
+    """triton (extra "triton"), gguf and accelerate ("models") and matplotlib ("plot") are
+    optional: without them the package imports, the CUDA ops fall back to the references and
+    the CPU ops still run their C++ kernels."""
+    probe = (
+        "import sys\n"
+        "for name in ('triton', 'gguf', 'accelerate', 'matplotlib'):\n"
+        "    sys.modules[name] = None  # import raises ImportError\n"
+        "import torch, dcedit_kernels as d\n"
+        "import dcedit_kernels.cli, dcedit_kernels.evaluate, dcedit_kernels.train, dcedit_kernels.model_editor\n"
+        "from dcedit_kernels import ops\n"
+        "assert not d.backends()['triton']\n"
+        "assert d.op_backends()['grouped_outer'] == {'CPU': 'cpp', 'CUDA': 'reference'}, d.op_backends()\n"
+        "eta, mu = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)\n"
+        "assert torch.allclose(ops.grouped_outer(eta, mu, torch.tensor([0, 5]), 'add'), eta.T @ mu)\n"
+    )
+    env = {**_env(), "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
