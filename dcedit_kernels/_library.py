@@ -64,6 +64,32 @@ _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
 for _schema in SCHEMAS.values():
     _LIB.define(_schema)
 
+AUTOCAST_KEYS = ("AutocastCPU", "AutocastCUDA")
+
+
+def _ignore_autocast(name: str) -> None:
+    """Run `dcedit::name` as if autocast were off, on CPU and CUDA tensors.
+
+    The ops set their own precision from the dtypes they are given (16-bit inputs: fp32
+    accumulation).  Without this, autocast reached the torch matmuls inside a kernel: the C++
+    grouped_lowrank, which writes torch's GEMMs into fp32 buffers, raised; the references of
+    lowrank_delta_linear and noisy_topk_gate ran their matmuls in bf16 (gates returned in bf16).
+    Like `torch.library.register_autocast`, less its input cast.
+    """
+    op = getattr(getattr(torch.ops, NAMESPACE), name).default
+    for key in AUTOCAST_KEYS:
+        excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def run(*args, _excluded=excluded, **kwargs):
+            with torch._C._ExcludeDispatchKeyGuard(_excluded):
+                return op(*args, **kwargs)
+
+        _LIB.impl(name, run, key)
+
+
+for _name in SCHEMAS:
+    _ignore_autocast(_name)
+
 
 def _load_compiled():
     if os.environ.get("DCEDIT_DISABLE_C", "0") == "1":

@@ -2,6 +2,8 @@
 
 import torch
 
+from dcedit_kernels import ops
+
 
 def ragged_offsets(counts, device="cpu"):
     c = torch.tensor([0] + list(counts), dtype=torch.int64)
@@ -76,3 +78,56 @@ def assert_checkpointing(model, on: bool) -> None:
     """Every checkpointable block of `model` has its flag `on` (an edit pass left it as it was)."""
     blocks = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
     assert blocks and all(m.gradient_checkpointing is on for m in blocks)
+
+
+# The public op cases' sizes: G groups, d_out × d_in weights, rank.
+OP_CASE_DIMS = {"G": 4, "d_out": 6, "d_in": 5, "rank": 3}
+
+
+def ragged_leaves(gen, avoid=(), device="cpu", G=OP_CASE_DIMS["G"]):
+    """(T, offsets, leaf): G random ragged groups (group 1 always empty) of T rows, T not in
+    `avoid`; leaf(*shape) draws a fresh random tensor that requires grad."""
+    counts = random_counts(G, gen)
+    counts[1] = 0
+    while sum(counts) in avoid:
+        counts[0] += 1
+    T = sum(counts)
+    offsets = ragged_offsets(counts, device)
+
+    def leaf(*shape):
+        return randn(shape, gen, device=device).requires_grad_()
+
+    return T, offsets, leaf
+
+
+def public_op_cases(gen, device="cpu"):
+    """name -> (fn, its tensor inputs): every public op but apply_shift_ (in place) on small random
+    inputs with ragged groups, one empty."""
+    G, D_OUT, D_IN, R = (OP_CASE_DIMS[k] for k in ("G", "d_out", "d_in", "rank"))
+    T, offsets, leaf = ragged_leaves(gen, device=device)
+    eta, mu = leaf(T, D_OUT), leaf(T, D_IN)
+    d = D_OUT + D_IN
+    fisher = torch.rand(D_OUT, D_IN, generator=gen).to(device)
+    row_group = torch.randint(-1, G, (9,), generator=gen).to(device)
+    return {
+        "grouped_outer": (lambda e, m: ops.grouped_outer(e, m, offsets, "sss", 0.5), (eta, mu)),
+        "segmented_fisher": (lambda e, m: ops.segmented_fisher(e, m, offsets), (eta.detach(), mu.detach())),
+        "grouped_lowrank": (lambda h, u, v, b: ops.grouped_lowrank(h, offsets, u, v, b),
+                            (leaf(T, d), leaf(G, d, R), leaf(G, R, d), leaf(G, d))),
+        "fisher_mask": (lambda delta: ops.fisher_mask(delta, fisher, keep=0.4)[0], (leaf(D_OUT, D_IN),)),
+        "lowrank_delta_linear": (
+            lambda x, m, e: ops.lowrank_delta_linear(x, fisher, None, row_group, m, e, offsets, 0.3),
+            (leaf(9, D_IN), mu, eta)),
+        "noisy_topk_gate": (lambda f, wg, wn: ops.noisy_topk_gate(f, wg, wn, k=2, training=False)[0],
+                            (leaf(5, 7), leaf(7, G), leaf(7, G))),
+        "sort_by_group": (lambda: ops.sort_by_group(row_group.clamp(min=0), G)[0], ()),
+    }
+
+
+def output_and_grads(fn, args):
+    """fn's output and the gradients of a loss on it (None where an input does not reach it)."""
+    out = fn(*args)
+    wrt = [a for a in args if a.requires_grad]
+    if not out.requires_grad:
+        return out, []
+    return out, torch.autograd.grad(out.double().pow(2).sum(), wrt, allow_unused=True)

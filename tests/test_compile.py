@@ -15,9 +15,10 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from dcedit_kernels import ops
 from dcedit_kernels.editors import MEND, MoEditor, ProEditor, RaEditor
-from helpers import randn, ragged_offsets, random_counts
+from helpers import OP_CASE_DIMS, output_and_grads, public_op_cases, ragged_leaves, randn, ragged_offsets, random_counts
 
-G, D_OUT, D_IN, R = 4, 6, 5, 3
+G, D_OUT, D_IN = OP_CASE_DIMS["G"], OP_CASE_DIMS["d_out"], OP_CASE_DIMS["d_in"]
+R = 3
 
 
 @pytest.fixture(autouse=True)
@@ -27,58 +28,12 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _inputs(gen, avoid=(), device="cpu"):
-    """Random ragged groups (group 1 always empty) of T rows, T not in `avoid`."""
-    counts = random_counts(G, gen)
-    counts[1] = 0
-    while sum(counts) in avoid:
-        counts[0] += 1
-    T = sum(counts)
-    offsets = ragged_offsets(counts, device)
-
-    def leaf(*shape):
-        return randn(shape, gen, device=device).requires_grad_()
-
-    return T, offsets, leaf
-
-
-def _cases(gen, device):
-    """name -> (fn of differentiable tensors, those tensors)."""
-    T, offsets, leaf = _inputs(gen, device=device)
-    eta, mu = leaf(T, D_OUT), leaf(T, D_IN)
-    d = D_OUT + D_IN
-    fisher = torch.rand(D_OUT, D_IN, generator=gen).to(device)
-    row_group = torch.randint(-1, G, (9,), generator=gen).to(device)
-    return {
-        "grouped_outer": (lambda e, m: ops.grouped_outer(e, m, offsets, "sss", 0.5), (eta, mu)),
-        "segmented_fisher": (lambda e, m: ops.segmented_fisher(e, m, offsets), (eta.detach(), mu.detach())),
-        "grouped_lowrank": (lambda h, u, v, b: ops.grouped_lowrank(h, offsets, u, v, b),
-                            (leaf(T, d), leaf(G, d, R), leaf(G, R, d), leaf(G, d))),
-        "fisher_mask": (lambda delta: ops.fisher_mask(delta, fisher, keep=0.4)[0], (leaf(D_OUT, D_IN),)),
-        "lowrank_delta_linear": (
-            lambda x, m, e: ops.lowrank_delta_linear(x, fisher, None, row_group, m, e, offsets, 0.3),
-            (leaf(9, D_IN), mu, eta)),
-        "noisy_topk_gate": (lambda f, wg, wn: ops.noisy_topk_gate(f, wg, wn, k=2, training=False)[0],
-                            (leaf(5, 7), leaf(7, G), leaf(7, G))),
-        "sort_by_group": (lambda: ops.sort_by_group(row_group.clamp(min=0), G)[0], ()),
-    }
-
-
-def _run(fn, args):
-    """fn's output and the gradients of a loss on it (None where an input does not reach it)."""
-    out = fn(*args)
-    wrt = [a for a in args if a.requires_grad]
-    if not out.requires_grad:
-        return out, []
-    return out, torch.autograd.grad(out.double().pow(2).sum(), wrt, allow_unused=True)
-
-
 @pytest.mark.parametrize("name", ["grouped_outer", "segmented_fisher", "grouped_lowrank", "fisher_mask",
                                   "lowrank_delta_linear", "noisy_topk_gate", "sort_by_group"])
 def test_op_compiles_whole_and_matches_eager(name, gen, device):
-    fn, args = _cases(gen, device)[name]
-    want, want_grads = _run(fn, args)
-    got, got_grads = _run(torch.compile(fn, backend="aot_eager", fullgraph=True), args)
+    fn, args = public_op_cases(gen, device)[name]
+    want, want_grads = output_and_grads(fn, args)
+    got, got_grads = output_and_grads(torch.compile(fn, backend="aot_eager", fullgraph=True), args)
     assert torch.equal(got, want)
     assert len(got_grads) == len(want_grads)
     for g, w in zip(got_grads, want_grads):
@@ -91,11 +46,11 @@ def test_grouped_outer_under_inductor_with_dynamic_shapes_compiles_once(gen):
                        fullgraph=True, dynamic=True)
     sizes = [0, 1, D_OUT, D_IN]  # 0/1 and sizes equal to another dim are specialised (duck sizing): avoided
     for _ in range(2):  # a new T and new offsets each time
-        T, offsets, leaf = _inputs(gen, avoid=sizes)
+        T, offsets, leaf = ragged_leaves(gen, avoid=sizes)
         sizes.append(T)
         eta, mu = leaf(T, D_OUT), leaf(T, D_IN)
-        want, want_grads = _run(lambda e, m: ops.grouped_outer(e, m, offsets, "sss", 0.5), (eta, mu))
-        got, got_grads = _run(lambda e, m: fn(e, m, offsets), (eta, mu))
+        want, want_grads = output_and_grads(lambda e, m: ops.grouped_outer(e, m, offsets, "sss", 0.5), (eta, mu))
+        got, got_grads = output_and_grads(lambda e, m: fn(e, m, offsets), (eta, mu))
         assert torch.equal(got, want)
         for g, w in zip(got_grads, want_grads):
             assert torch.allclose(g, w, rtol=1e-6, atol=0)
@@ -120,7 +75,7 @@ def test_apply_shift_under_compile_writes_the_callers_weight(backend, gen):
 def test_bad_offsets_raise_value_error_when_the_compiled_graph_runs(gen):
     """The trace skipped the value checks; the kernels run them at call time (C++ for
     grouped_outer on CPU, the Python check in front of lowrank_delta_linear's reference)."""
-    T, offsets, leaf = _inputs(gen)
+    T, offsets, leaf = ragged_leaves(gen)
     eta, mu, x = leaf(T, D_OUT), leaf(T, D_IN), leaf(3, D_IN)
     outer = torch.compile(lambda off: ops.grouped_outer(eta, mu, off, "add"), backend="aot_eager", fullgraph=True)
     outer(offsets)
