@@ -163,7 +163,11 @@ class GroupedEditor(nn.Module):
             mu, eta = mu[nz], eta[nz]
         if self.training and self.norm is not None:
             self.norm.update(mu, eta)
-        mu_in, eta_in = self.norm(mu, eta) if self.norm is not None else (mu.float(), eta.float())
+        if self.norm is not None:
+            mu_in, eta_in = self.norm(mu, eta)
+        else:  # fp32, or float64 for a float64 editor (as the norm)
+            dtype = torch.promote_types(torch.float32, self.alpha.dtype)
+            mu_in, eta_in = mu.to(dtype), eta.to(dtype)
 
         edit_group, gate_weight, aux_loss = self.route(n_edits, edit_feats, device)
         token_edit = group_ids(edit_offsets, mu.shape[0])

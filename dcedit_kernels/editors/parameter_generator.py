@@ -29,6 +29,10 @@ class ParameterGenerator(nn.Module):
         nn.init.zeros_(self.fc2.bias)
 
     def forward(self, h: torch.Tensor, edit_offsets: torch.Tensor) -> torch.Tensor:
+        """gain (T, dim) in h's dtype, computed in ψ's: an editor moved to bf16 or float64 gets
+        h in fp32 from its running norms (and before they have seen two tokens)."""
+        out_dtype = h.dtype
+        h = h.to(self.fc1.weight.dtype)
         if self.level == "sentence":
             # One parameter vector per edit: the mean of its tokens, broadcast back.
             E = edit_offsets.numel() - 1
@@ -36,4 +40,4 @@ class ParameterGenerator(nn.Module):
             counts = (edit_offsets[1:] - edit_offsets[:-1]).clamp(min=1).to(h.dtype).unsqueeze(1)
             means = torch.zeros(E, h.shape[1], dtype=h.dtype, device=h.device).index_add(0, ids, h) / counts
             h = means[ids]
-        return 1 + self.fc2(torch.relu(self.fc1(h)))
+        return (1 + self.fc2(torch.relu(self.fc1(h)))).to(out_dtype)
