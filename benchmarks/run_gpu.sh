@@ -82,10 +82,11 @@ step tests_triton_4 220 "$SHARDS/4.log" "${PYTEST[@]}" --durations=10 tests/test
 step tests_triton_5 220 "$SHARDS/5.log" "${PYTEST[@]}" --durations=10 tests/test_triton_kernels.py \
     -k "every_config_candidate and not ($OPS)" &
 step tests_ops 220 "$OUT/tests_ops.log" "${PYTEST[@]}" tests/test_ops.py tests/test_cpu_kernels.py \
-    tests/test_compat_mend.py tests/test_capture.py tests/test_multi_device.py tests/test_compile.py \
+    tests/test_compat_mend.py tests/test_capture.py tests/test_multi_device.py \
+    tests/test_compile.py tests/test_autocast.py \
     --deselect tests/test_ops.py::test_triton_registrations_take_schema_arguments &
 step tests_cpu 220 "$OUT/tests_cpu.log" "${PYTEST[@]}" tests/test_metrics.py tests/test_model_editor.py \
-    tests/test_data.py tests/test_demo.py tests/test_train.py tests/test_scored_logits.py \
+    tests/test_data.py tests/test_demo.py tests/test_train.py tests/test_scored_logits.py tests/test_editor_dtypes.py \
     --deselect tests/test_data.py::test_tokenize_causal_smollm2_tokenizer_matches_joint_text &
 wait
 for i in 1 2 3 4 5; do echo "=== shard $i"; cat "$SHARDS/$i.log"; done > "$OUT/tests_triton.log" 2>&1
