@@ -60,9 +60,17 @@ SCHEMAS = {
     ),
 }
 
+# The ops whose kernels read offsets or group ids on the host to check them (`_checks`; one small
+# copy and a device sync per call, for a ValueError instead of an out-of-bounds kernel): a sync
+# cannot be captured in a CUDA graph, so they carry torch's cudagraph_unsafe tag, which tells
+# inductor (mode="reduce-overhead") to leave them out of its CUDA graphs.  fisher_mask and
+# apply_shift_ check only shapes and numbers; noisy_topk_gate is a composite of torch ops.
+READS_HOST = ("grouped_lowrank", "grouped_outer", "segmented_fisher", "lowrank_delta_linear", "sort_by_group",
+              "_grouped_lowrank_backward", "_grouped_outer_backward", "_lowrank_delta_linear_backward")
+
 _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
-for _schema in SCHEMAS.values():
-    _LIB.define(_schema)
+for _name, _schema in SCHEMAS.items():
+    _LIB.define(_schema, tags=(torch.Tag.cudagraph_unsafe,) if _name in READS_HOST else ())
 
 AUTOCAST_KEYS = ("AutocastCPU", "AutocastCUDA")
 

@@ -151,3 +151,53 @@ def test_editor_under_inductor_matches_eager_to_rounding(gen):
     g, w = (torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None])
             for m in (compiled_module, eager))
     assert w.norm() > 0 and float((g - w).norm()) < 1e-5 * float(w.norm())
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts reads of a tensor's value into Python (int(t), bool(t), t.item(): a device sync on
+    CUDA) made while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["grouped_outer", "segmented_fisher", "grouped_lowrank", "fisher_mask",
+                                  "lowrank_delta_linear", "sort_by_group", "apply_shift_"])
+def test_the_ops_that_read_the_host_are_tagged_cudagraph_unsafe(name, gen):
+    """Inductor's mode="reduce-overhead" keeps ops with the cudagraph_unsafe tag out of CUDA graphs
+    (a device sync cannot be captured): the tag is on an op, and on its backward, exactly when its
+    call reads a tensor's value on the host."""
+    if name == "apply_shift_":
+        weight = randn((D_OUT, D_IN), gen)
+        fn, args = (lambda: ops.apply_shift_(weight, torch.ones_like(weight), 0.5, torch.rand_like(weight),
+                                             keep=0.5)), ()
+    else:
+        fn, args = public_op_cases(gen)[name]
+    with _HostReads() as reads:
+        fn(*args)
+    op = getattr(torch.ops.dcedit, name).default
+    unsafe = torch.Tag.cudagraph_unsafe in op.tags
+    assert unsafe == (reads.count > 0)
+    backward = getattr(torch.ops.dcedit, f"_{name}_backward", None)
+    if backward is not None:
+        assert (torch.Tag.cudagraph_unsafe in backward.default.tags) == unsafe
+
+
+def test_inductor_sees_a_graph_with_a_host_reading_op_as_not_cudagraphable(gen):
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    fn, args = public_op_cases(gen)["grouped_outer"]
+    torch.compile(fn, backend=keep_graph, fullgraph=True)(*args)
+    node = get_first_incompatible_cudagraph_node(graphs[0])
+    assert node is not None and node.target is torch.ops.dcedit.grouped_outer.default
