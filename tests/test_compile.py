@@ -201,3 +201,21 @@ def test_inductor_sees_a_graph_with_a_host_reading_op_as_not_cudagraphable(gen):
     torch.compile(fn, backend=keep_graph, fullgraph=True)(*args)
     node = get_first_incompatible_cudagraph_node(graphs[0])
     assert node is not None and node.target is torch.ops.dcedit.grouped_outer.default
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_reduce_overhead_mode_runs_the_ops_on_cuda(gen):
+    """inductor's CUDA-graph mode with a host-reading op (grouped_outer, tagged) and a
+    device-only one (fisher_mask): several calls, each equal to eager."""
+    T, offsets, leaf = ragged_leaves(gen, device="cuda")
+    eta, mu = leaf(T, D_OUT), leaf(T, D_IN)
+    fisher = torch.rand(D_OUT, D_IN, generator=gen).cuda()
+
+    def fn(e, m):
+        delta = ops.grouped_outer(e, m, offsets, "sss", 0.5)
+        return ops.fisher_mask(delta, fisher, keep=0.4)[0]
+
+    compiled = torch.compile(fn, mode="reduce-overhead")
+    want = fn(eta, mu)
+    for _ in range(3):
+        assert torch.equal(compiled(eta, mu), want)
