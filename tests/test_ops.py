@@ -329,6 +329,24 @@ def test_apply_shift_bad_input_leaves_weight(gen):
         assert torch.equal(weight, before)
 
 
+@pytest.mark.parametrize("reference_path", [False, True])
+def test_apply_shift_counts_as_an_in_place_write_for_autograd(reference_path, gen, device):
+    """weight's version goes up by one per call on every backend (the C++ kernels write through
+    the data pointer), so a graph that saved the old weight refuses to backpropagate."""
+    linear = torch.nn.Linear(5, 6, bias=False).to(device)
+    x = randn((4, 5), gen, device=device).requires_grad_()
+    out = linear(x).pow(2).sum()  # saves the weight for x's gradient
+    version = linear.weight._version
+    with ops.reference_mode(reference_path):
+        previous = ops.apply_shift_(linear.weight, randn((6, 5), gen, device=device), 0.5)
+    assert linear.weight._version == version + 1
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+    weight = previous.clone()  # the raw op too
+    torch.ops.dcedit.apply_shift_.default(weight, previous, 1.0)
+    assert weight._version == 1
+
+
 @pytest.mark.parametrize("dtype", OPCHECK_DTYPES)
 def test_apply_shift_opcheck(dtype, gen, device):
     weight, delta = randn((4, 5), gen, dtype, device), randn((4, 5), gen, torch.float32, device)

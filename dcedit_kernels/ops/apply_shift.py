@@ -4,6 +4,7 @@ import torch
 
 from .. import reference
 from .._checks import check_same_device, check_tensor, is_real_number
+from .._library import _LIB
 from ._dispatch import opcall, register
 from .fisher_mask import check_fisher_mask
 
@@ -42,6 +43,20 @@ def check_apply_shift(weight, delta, alpha=1.0, fisher=None, keep=None, threshol
 
 
 register("apply_shift_", reference.apply_shift_, check=check_apply_shift)
+
+
+def _bump_version(weight, *args):
+    """The in-place write counts as one for autograd: weight's version goes up, so a graph that
+    saved the old weight refuses to backpropagate through it ("modified by an inplace operation"),
+    as after torch's own in-place ops.  The C++ kernels write through the data pointer, which
+    bumps nothing; this ADInplaceOrView kernel does it for every backend."""
+    with torch._C._AutoDispatchBelowADInplaceOrView():
+        previous = torch.ops.dcedit.apply_shift_.default(weight, *args)
+    torch.autograd.graph.increment_version(weight)
+    return previous
+
+
+_LIB.impl("apply_shift_", _bump_version, "ADInplaceOrView")
 
 
 def undo_shift_(weight, previous):
