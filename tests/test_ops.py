@@ -477,7 +477,7 @@ def test_lowrank_delta_linear_equals_applied_shift(dtype, gen, device):
 
 def test_lowrank_delta_linear_gradcheck(gen, device):
     a = _delta_linear_inputs(gen, N=7, i=4, o=3, counts=(2, 0, 3), device=device)
-    names = ["x", "mu_t", "eta_t", "alpha"]
+    names = ["x", "weight", "bias", "mu_t", "eta_t", "alpha"]
     for k in names:
         a[k].requires_grad_()
     f = lambda *xs: ops.lowrank_delta_linear(**dict(a, **dict(zip(names, xs))))  # noqa: E731
@@ -492,7 +492,7 @@ def test_lowrank_delta_linear_opcheck(dtype, gen, device):
     a = _delta_linear_inputs(gen, N=6, i=4, o=3, counts=(2, 0, 3), dtype=dtype, device=device)
     args = [a[k] for k in ("x", "weight", "bias", "row_group", "mu_t", "eta_t", "offsets", "alpha")]
     opcheck(torch.ops.dcedit.lowrank_delta_linear.default, tuple(args))
-    for j in (0, 4, 5, 7):
+    for j in (0, 1, 2, 4, 5, 7):
         args[j] = args[j].requires_grad_()
     opcheck(torch.ops.dcedit.lowrank_delta_linear.default, tuple(args))
 

@@ -27,7 +27,7 @@ def _(grad, x, weight, row_group, mu_t, eta_t, offsets, alpha):
 def _setup_context(ctx, inputs, output):
     x, weight, bias, row_group, mu_t, eta_t, offsets, alpha = inputs
     ctx.save_for_backward(x, weight, row_group, mu_t, eta_t, offsets, alpha)
-    ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad):
@@ -35,7 +35,15 @@ def _backward(ctx, grad):
     dx, dmu, deta, dalpha = opcall("_lowrank_delta_linear_backward")(
         grad, x, weight, row_group, mu_t, eta_t, offsets, alpha
     )
-    return dx, None, None, None, dmu, deta, None, dalpha
+    # The layer's own weight and bias (an nn.Linear's require grad): the shift does not depend on
+    # them, so theirs are the plain linear layer's gradients, in fp32 (float64 for float64).
+    dweight = dbias = None
+    acc = compute_dtype(grad, x)
+    if ctx.needs_input_grad[1]:
+        dweight = (grad.to(acc).T @ x.to(acc)).to(weight.dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+        dbias = grad.to(acc).sum(0).to(ctx.bias_dtype)
+    return dx, dweight, dbias, None, dmu, deta, None, dalpha
 
 
 torch.library.register_autograd("dcedit::lowrank_delta_linear", _backward, setup_context=_setup_context)
@@ -45,8 +53,8 @@ def lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha
     """``y_n = x_n Wᵀ + b + alpha_g (x_n mu_tᵍᵀ) eta_tᵍ`` with g = row_group[n] (−1: unedited).
 
     x (N, i); weight (o, i); bias (o,) or None; row_group int (N,); mu_t (Tm, i), eta_t (Tm, o)
-    grouped by offsets (G+1,); alpha a number or a (G,) tensor.  Differentiable in x, mu_t,
-    eta_t and alpha.  Returns x's dtype (a drop-in for the layer), fp32 arithmetic.
+    grouped by offsets (G+1,); alpha a number or a (G,) tensor.  Differentiable in x, weight,
+    bias, mu_t, eta_t and alpha.  Returns x's dtype (a drop-in for the layer), fp32 arithmetic.
     """
     G = check_lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha)
     if not isinstance(alpha, torch.Tensor):
