@@ -680,6 +680,42 @@ def test_noisy_topk_gate_opcheck_and_gradcheck(gen, device):
 
 
 # ---------------------------------------------------------------- CUDA wiring, checked on CPU
+def test_reference_mode_is_per_thread(gen):
+    """One thread's reference_mode does not reach another thread's calls, and blocks of two
+    threads that interleave (A enters, B enters, A leaves, B leaves) leave it off."""
+    import threading
+
+    from dcedit_kernels.ops._dispatch import in_reference_mode
+
+    eta, mu = randn((5, 3), gen), randn((5, 4), gen)
+    offsets = torch.tensor([0, 2, 5])
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with ops.reference_mode():
+            a_in.set()
+            b_in.wait()
+        a_out.set()
+
+    def b():
+        a_in.wait()
+        seen["b_before"] = in_reference_mode()  # A is inside its block
+        seen["b_grad_fn"] = type(ops.grouped_outer(eta.requires_grad_(), mu, offsets).grad_fn).__name__
+        with ops.reference_mode():
+            b_in.set()
+            a_out.wait()
+
+    threads = [threading.Thread(target=f) for f in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen["b_before"] is False
+    assert "dcedit" in seen["b_grad_fn"]  # the op's own autograd node, not the reference's torch ops
+    assert in_reference_mode() is False
+
+
 def test_triton_launchers_run_on_their_tensors_device(monkeypatch):
     """A Triton launcher runs with its first CUDA tensor's device current (a model split over GPUs
     passes tensors on cuda:1 while cuda:0 is current); CPU tensors pass straight through."""

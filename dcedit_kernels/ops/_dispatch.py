@@ -107,7 +107,13 @@ def op_backends() -> dict[str, dict[str, str]]:
     return {op: dict(v) for op, v in REGISTRY.items()}
 
 
-_REFERENCE_MODE = [False]
+# Per thread, as torch's own modes (grad mode, autocast): one thread's reference_mode neither
+# reaches another's calls nor, when blocks of two threads interleave, outlives its own block.
+_REFERENCE_MODE = threading.local()
+
+
+def in_reference_mode() -> bool:
+    return getattr(_REFERENCE_MODE, "on", False)
 
 
 @contextlib.contextmanager
@@ -115,20 +121,20 @@ def reference_mode(enabled: bool = True):
     """Run the public op wrappers on the plain PyTorch references (the eager baseline).
 
     Autograd then flows through the references' own torch ops; useful to compare the fused path
-    with eager PyTorch end to end (benchmarks) and to debug a kernel.
+    with eager PyTorch end to end (benchmarks) and to debug a kernel.  Per thread, as grad mode.
     """
-    previous = _REFERENCE_MODE[0]
-    _REFERENCE_MODE[0] = enabled
+    previous = in_reference_mode()
+    _REFERENCE_MODE.on = enabled
     try:
         yield
     finally:
-        _REFERENCE_MODE[0] = previous
+        _REFERENCE_MODE.on = previous
 
 
 def opcall(name: str):
     """The op `name` as the wrappers call it, after running its checks themselves: the reference
     in `reference_mode`, else the dispatcher's op, told not to check again (see `checked`)."""
-    if _REFERENCE_MODE[0] and not name.startswith("_"):
+    if in_reference_mode() and not name.startswith("_"):
         from .. import reference
 
         return getattr(reference, name)
