@@ -33,7 +33,8 @@ class GroupedEditor(nn.Module):
     only that fraction of the shift's entries, by Fisher information (ProEditor).  seed: draws the
     initial v, ψ's first layer and, under "random" routing, the groups, from a generator of the
     editor's own that each call advances (so one editor splits the same edits differently call
-    after call, and a loaded editor starts its draws afresh); None: torch's global generator.
+    after call, and a loaded editor starts its draws afresh from the seed); None: torch's global
+    generator.
 
     `alpha` holds the learned per-weight step α (W ← W + α Δ), initialised to −edit_lr so that an
     identity editor without normalisation takes a gradient-descent step of size edit_lr with one
@@ -117,6 +118,7 @@ class GroupedEditor(nn.Module):
             self.w_gate = nn.Parameter(torch.zeros(feat_dim, G))
             self.w_noise = nn.Parameter(torch.zeros(feat_dim, G))
         self._route_gen = gen
+        self.seed = seed  # saved by `save` beside `config` (which ModelEditor checkpoints compare)
 
     # ------------------------------------------------------------------ routing
     def route(self, n_edits: int, edit_feats=None, device=None):
@@ -206,10 +208,13 @@ class GroupedEditor(nn.Module):
         from safetensors.torch import save_file
 
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, path, metadata={"dcedit_config": json.dumps(self.config)})
+        save_file(tensors, path, metadata={"dcedit_config": json.dumps({**self.config, "seed": self.seed})})
 
     @classmethod
     def load(cls, path: str, map_location="cpu") -> "GroupedEditor":
+        """The editor `save` wrote.  A seeded editor comes back with its seed, and its routing
+        generator starts from it, as a new editor with that seed (the draws made since are not
+        saved)."""
         from safetensors import safe_open
         from safetensors.torch import load_file
 
