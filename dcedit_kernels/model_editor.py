@@ -190,6 +190,19 @@ class ModelEditor(FineTuneBaselines):
         else:
             self._build_editors(editor_kwargs)
 
+    def __deepcopy__(self, memo) -> "ModelEditor":
+        """A copy of the editor with a copy of its model (and of its live edits, undone in order
+        as the original's): the copied model's live-edit list is registered for it, so another
+        ModelEditor of that model shares it (without this, an edit of the copy could be undone
+        out of order and leave the weights changed)."""
+        import copy
+
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        new._live = LIVE_EDITS.setdefault(new.model, new._live)
+        return new
+
     @property
     def capture_batch_size(self) -> int | None:
         """Rows per forward + backward of the capture and of the FT baselines (None: all at once)."""
@@ -407,14 +420,14 @@ class ModelEditor(FineTuneBaselines):
     def edits_as_applied(self, factors: dict, feats: torch.Tensor | None) -> dict:
         """{layer: GroupedEdit} as `apply` makes them: the editors in eval mode (frozen
         normalisation statistics, no gate noise), no grad; their train/eval mode comes back."""
-        training = [e.training for e in self.editors.values()]
+        training = [m.training for m in self.editors.modules()]  # the container's flag too (fit reads it)
         try:
             self.editors.eval()
             with torch.no_grad():
                 return self.run_editors(factors, feats)
         finally:
-            for editor, mode in zip(self.editors.values(), training):
-                editor.train(mode)
+            for module, mode in zip(self.editors.modules(), training):
+                module.training = mode
 
     # -- apply / undo ----------------------------------------------------------------------------
     def editors_at_initialisation(self) -> bool:

@@ -318,6 +318,41 @@ def test_undo_out_of_order_refuses(second, gen):
     assert_bit_identical(before, first.model)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_apply_leaves_every_editor_module_in_its_mode(training, gen):
+    """apply runs the editors in eval mode and gives every module its flag back, the editors'
+    container included (fit reads it: after an apply, fit used to leave the editors in eval)."""
+    me = make_editor("llama", "moeditor", gen)
+    me.editors.train(training)
+    me.editors[next(iter(me.editors))].norm.train(not training)  # a mixed state comes back as it was
+    modes = [m.training for m in me.editors.modules()]
+    me.apply(random_requests(gen, 2)).undo()
+    assert [m.training for m in me.editors.modules()] == modes
+
+
+def test_a_deep_copied_editor_keeps_undo_order_on_its_model_copy(gen):
+    """copy.deepcopy(ModelEditor) copies the model and registers the copy's live edits, so the
+    order is enforced across the copy's editors, and the original's edits stay the original's."""
+    import copy
+
+    original = make_editor("llama", "mend", gen)
+    before = snapshot(original.model)
+    kept = original.apply(random_requests(gen, 2))  # a live edit the copy carries over
+    me = copy.deepcopy(original)
+    assert me.model is not original.model
+    other = ModelEditor(me.model, me.tokenizer, LAYERS["llama"][:2], method="ft", ft_steps=2, ft_stop_loss=None)
+    mid = snapshot(me.model)
+    h1 = me.apply(random_requests(gen, 2))
+    h2 = other.apply(random_requests(gen, 2))
+    with pytest.raises(RuntimeError, match="reverse order"):
+        h1.undo()
+    assert h2.undo() and h1.undo()
+    assert_bit_identical(mid, me.model)
+    assert kept.undo()  # the original's own edit, on the original model
+    assert_bit_identical(before, original.model)
+    assert_bit_identical(mid, me.model)
+
+
 def test_interrupt_right_after_a_weight_is_written_restores_it(gen, monkeypatch):
     """Ctrl-C landing just after the in-place write of the second weight (before the edit has
     recorded it) is held back until the weight is recorded, then restores every weight."""
