@@ -657,6 +657,13 @@ def test_moeditor_gate_gets_the_edits_gradient_only_above_top_1(top_k, gen):
         assert bool((weight < 1).all()) and ed.w_gate.grad.abs().max() > 0
 
 
+def test_editor_repr_shows_its_arguments():
+    text = repr(MoEditor(6, 5, n_editors=3, feat_dim=4, rank=4))
+    for part in ("in_features=6", "out_features=5", "n_editors=3", "rank=4", "routing='gate'", "top_k=", "feat_dim=4",
+                 "RunningNorm(in_features=6, out_features=5, tokens_seen=0)"):
+        assert part in text
+
+
 def test_grouped_editor_defaults_follow_the_spec():
     """SPEC's constructor (no feat_dim): the gate routes on in_features-sized edit features."""
     from dcedit_kernels import GroupedEditor

@@ -120,6 +120,13 @@ class GroupedEditor(nn.Module):
         self._route_gen = gen
         self.seed = seed  # saved by `save` beside `config` (which ModelEditor checkpoints compare)
 
+    def extra_repr(self) -> str:
+        c = self.config
+        shown = ["in_features", "out_features", "n_editors", "rank", "n_layers", "n_modes", "routing", "fusion"]
+        shown += [k for k in ("top_k", "feat_dim") if c["routing"] == "gate"]
+        shown += [k for k in ("generator", "fisher_keep") if c[k] is not None]
+        return ", ".join(f"{k}={c[k]!r}" if isinstance(c[k], str) else f"{k}={c[k]}" for k in shown)
+
     # ------------------------------------------------------------------ routing
     def route(self, n_edits: int, edit_feats=None, device=None):
         """(group per edit (E,), gate weight per edit (E,) or None, balance loss)."""

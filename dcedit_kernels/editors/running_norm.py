@@ -18,6 +18,9 @@ class RunningNorm(nn.Module):
             self.register_buffer(f"{side}_std", torch.ones(dim))
         self.register_buffer("k", torch.zeros(()))
 
+    def extra_repr(self) -> str:
+        return f"in_features={self.u_mean.numel()}, out_features={self.v_mean.numel()}, tokens_seen={int(self.k)}"
+
     @torch.no_grad()
     def update(self, mu: torch.Tensor, eta: torch.Tensor) -> None:
         n_b = mu.shape[0]
