@@ -658,6 +658,8 @@ def test_moeditor_gate_gets_the_edits_gradient_only_above_top_1(top_k, gen):
 
 
 def test_editor_repr_shows_its_arguments():
+    from dcedit_kernels import MoEditor
+
     text = repr(MoEditor(6, 5, n_editors=3, feat_dim=4, rank=4))
     for part in ("in_features=6", "out_features=5", "n_editors=3", "rank=4", "routing='gate'", "top_k=", "feat_dim=4",
                  "RunningNorm(in_features=6, out_features=5, tokens_seen=0)"):
