@@ -1,7 +1,7 @@
-"""Editors moved to another dtype (`editor.to(torch.float64)`, `.to(torch.bfloat16)`): a float64
-editor computes in float64 throughout, before and after its running norms have seen two tokens
-(the norms and ψ returned fp32 there, and ProEditor's ψ raised on the dtype mismatch); a bf16
-editor runs in fp32 arithmetic over its bf16 weights."""
+"""Editors moved to another dtype (`editor.to(torch.float64)`, `.to(torch.bfloat16)`): they run
+(ProEditor's ψ raised on the dtype mismatch), a float64 editor gives float64 results (its factors
+rounded to fp32 first, as MEND's GradientTransform does: `compat.mend` matches float64 MEND
+checkpoints with it), and a bf16 editor runs in fp32 arithmetic over its bf16 weights."""
 
 import copy
 
@@ -44,23 +44,18 @@ def _nontrivial(editor, gen):
 
 @pytest.mark.parametrize("warm", [False, True], ids=["fresh_norms", "warm_norms"])
 @pytest.mark.parametrize("method", list(EDITORS))
-def test_float64_editor_computes_in_float64(method, warm, gen):
+def test_float64_editor_gives_float64_results(method, warm, gen):
     mu, eta, offsets, feats = _inputs(gen)
     ed32 = _nontrivial(EDITORS[method](), gen)
     if warm and ed32.norm is not None:
         ed32.norm.update(randn((9, D_IN), gen), randn((9, D_OUT), gen))
     ed64 = copy.deepcopy(ed32).to(torch.float64).eval()
-    twin = copy.deepcopy(ed64)  # for a second call with RaEditor's routing draw unchanged
     edit = ed64(mu, eta, offsets, mode=0, edit_feats=feats)
     assert edit.mu_t.dtype == edit.eta_t.dtype == torch.float64
     delta = edit.dense()
     assert delta.dtype == torch.float64
     want = ed32.eval().dense(mu.float(), eta.float(), offsets, 0, feats.float())
     assert rel_err(delta, want) < 1e-5  # fp32 against float64 arithmetic, same weights
-    # A change of the inputs far below fp32's resolution reaches the output: no fp32 step between.
-    nudged = twin.dense(mu * (1 + 1e-12), eta, offsets, 0, feats)
-    assert not torch.equal(nudged, delta)
-    assert rel_err(nudged, delta) < 1e-9
 
 
 @pytest.mark.parametrize("method", list(EDITORS))

@@ -172,11 +172,9 @@ class GroupedEditor(nn.Module):
             mu, eta = mu[nz], eta[nz]
         if self.training and self.norm is not None:
             self.norm.update(mu, eta)
-        if self.norm is not None:
-            mu_in, eta_in = self.norm(mu, eta)
-        else:  # fp32, or float64 for a float64 editor (as the norm)
-            dtype = torch.promote_types(torch.float32, self.alpha.dtype)
-            mu_in, eta_in = mu.to(dtype), eta.to(dtype)
+        # The factors are rounded to fp32 first, whatever the editor's dtype, as MEND's
+        # GradientTransform does (`compat.mend` reproduces float64 MEND checkpoints with it).
+        mu_in, eta_in = self.norm(mu, eta) if self.norm is not None else (mu.float(), eta.float())
 
         edit_group, gate_weight, aux_loss = self.route(n_edits, edit_feats, device)
         token_edit = group_ids(edit_offsets, mu.shape[0])

@@ -41,10 +41,9 @@ class RunningNorm(nn.Module):
         self.k.fill_(total)
 
     def forward(self, mu: torch.Tensor, eta: torch.Tensor):
-        """Normalised (μ, η) in fp32 (float64 for a float64 norm, before and after it has seen two
-        tokens); identity until it has."""
-        dtype = torch.promote_types(torch.float32, self.u_mean.dtype)
-        mu, eta = mu.to(dtype), eta.to(dtype)
+        """Normalised (μ, η); identity until at least two tokens have been seen.  μ, η are rounded
+        to fp32 first, as MEND does (then computed in the buffers' dtype if wider)."""
+        mu, eta = mu.to(torch.float32), eta.to(torch.float32)
         if float(self.k) < 2:
             return mu, eta
         return (mu - self.u_mean) / (self.u_std + 1e-7), (eta - self.v_mean) / (self.v_std + 1e-7)
