@@ -312,12 +312,27 @@ def _check_editor_flags(args, model, me, path) -> None:
 
 
 def cmd_train(args) -> dict:
-    from .model_editor import ModelEditor
-    from .train import ResumeMismatchError, TrainConfig
+    """Train editors; under torchrun, data-parallel over its processes (`distributed`): each loads
+    the model on its own device, and rank 0 saves the editor."""
+    from . import distributed
 
     requests = load_requests(args.data, args.n_edits)
     val = load_requests(args.val_data, None) if args.val_data else None
-    model, tokenizer = load_any_model(args.model, args.dtype, args.device)
+    device, joined = distributed.init_from_env(args.device)
+    try:
+        return _train(args, requests, val, device)
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+
+
+def _train(args, requests, val, device) -> dict:
+    from . import distributed
+    from .model_editor import ModelEditor
+    from .train import ResumeMismatchError, TrainConfig
+
+    rank, size = distributed.world()
+    model, tokenizer = load_any_model(args.model, args.dtype, device)
     layers = parse_layers(model, args.layers)
     try:
         me = ModelEditor(model, tokenizer, layers=layers, method=args.method, **editor_kwargs(args))
@@ -333,13 +348,14 @@ def cmd_train(args) -> dict:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     out = Path(args.out or f"{args.method}-editor.safetensors")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    me.save(out)
     summary = dict(editor=str(out), method=args.method, layers=layers, steps=result.steps,
-                   elapsed_s=result.elapsed_s, best_es=result.best_es,
+                   elapsed_s=result.elapsed_s, best_es=result.best_es, processes=size,
                    final_loss=result.history[-1].get("loss") if result.history else None)
-    print(f"saved the trained {METHOD_NAMES[args.method]} editor to {out} "
-          f"({result.steps} steps, {result.elapsed_s:.0f} s)")
+    if rank == 0:  # the processes' editors are equal
+        out.parent.mkdir(parents=True, exist_ok=True)
+        me.save(out)
+        print(f"saved the trained {METHOD_NAMES[args.method]} editor to {out} "
+              f"({result.steps} steps, {result.elapsed_s:.0f} s{f', {size} processes' if size > 1 else ''})")
     return summary
 
 
@@ -426,7 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcedit", description="Divide-and-conquer knowledge editing.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train an editor and save it (safetensors)")
+    p = sub.add_parser("train", help="train an editor and save it (safetensors); under torchrun, data-parallel",
+                       description="Train an editor and save it (safetensors).  Under torchrun (torchrun "
+                       "--nproc_per_node N -m dcedit_kernels.cli train ...) the N processes train it "
+                       "data-parallel: each loads the model on its own GPU (--device cuda) or on the CPU "
+                       "(gloo), and rank 0 saves the editor.")
     _common(p, "mend", EDITOR_METHODS)
     p.add_argument("--n-edits", type=positive_int, default=None, help="use the first N training edits (default: all)")
     p.add_argument("--val-data", default=None, help="validation edits (CounterFact or zsRE file)")

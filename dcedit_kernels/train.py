@@ -58,6 +58,11 @@ Split models (layers on several devices): each edited layer computes on its own 
 editor outputs moved there (lowrank_layers), the losses are gathered on the logits' device, and the
 gradients reach each editor on its own device through those moves.
 
+Data-parallel (a torch.distributed process group of W > 1, e.g. under torchrun): each process
+trains on batches of its own (global batch index b·W + rank); before each optimiser step the
+editors' gradients are averaged and their running norms merged, so the step is the one of one
+process with accumulate·W batches; rank 0 validates and checkpoints (`distributed`).
+
 The model's parameters are frozen during training (`capture.frozen_parameters`: requires_grad
 restored afterwards) and the model runs in the mode its owner set (`load_model` gives eval).
 Causal LMs only.
@@ -74,6 +79,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from ._checks import is_int
 from .capture import frozen_parameters
 from .devices import cuda_indices
@@ -86,6 +92,7 @@ from .scored_logits import logits_at, scored_positions
 from .tokenize import causal_pair_ids, pad_rows, pad_token_id
 
 VIEWS = ("own", "all")
+PART_KEYS = ("loss", "edit", "kl", "balance")  # the terms logged per step (TrainResult.history)
 
 
 @dataclass
@@ -370,9 +377,12 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
         if config.resume and (ckpt / "trainer.safetensors").is_file():
             rng_state, best_state, bad_validations = _resume(me, opt, lr_opt, ckpt, result, run)
 
+    rank, size = distributed.world()
+    norms = [e.norm for e in me.editors.values() if e.norm is not None]
     was_training = me.editors.training
     start = time.perf_counter()
-    bar = tqdm(total=config.steps, initial=result.steps, disable=not config.progress, desc=f"train {me.method}")
+    bar = tqdm(total=config.steps, initial=result.steps, disable=not config.progress or rank != 0,
+               desc=f"train {me.method}")
     try:
         with torch.random.fork_rng(devices=_cuda_devices(me)), frozen_parameters(me.model):
             if rng_state is not None:
@@ -382,13 +392,18 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                     torch.cuda.set_rng_state(state, index)
             else:
                 torch.manual_seed(config.seed)
+            if size > 1:  # one start for every process; each draws its own gate noise
+                distributed.broadcast_state(me.editors)
+                if rank:
+                    torch.manual_seed(_rank_seed(config.seed, result.steps, rank))
             me.editors.train()
             while result.steps < config.steps and not result.stopped_early:
-                step_parts = []
+                step_parts, skipped = [], 0
+                norms_before = [distributed.norm_sums(n) for n in norms] if size > 1 else None
                 for p in params:
                     p.grad = None
                 for a in range(config.accumulate):
-                    b = result.steps * config.accumulate + a
+                    b = (result.steps * config.accumulate + a) * size + rank  # the same batches as W·accumulate
                     indices = _batch_indices(len(train_requests), config.batch_size, config.seed, b)
                     batch = [train_requests[i] for i in indices]
                     before = _forward_state(me)
@@ -404,20 +419,26 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                         parts.pop("edit_tokens")
                         grads = _scaled_grads(loss / config.accumulate, params, 1)
                     if not _finite(grads):
-                        result.skipped_batches += 1
+                        skipped += 1
                         continue
                     for p, g in zip(params, grads):
                         if g is not None:
                             p.grad = g if p.grad is None else p.grad + g
                     step_parts.append(parts)
-                if step_parts:
+                contributed = len(step_parts)
+                sums = {k: sum(p[k] for p in step_parts) for k in PART_KEYS}
+                if size > 1:
+                    contributed, skipped = distributed.average_gradients(params, [contributed, skipped])
+                    distributed.merge_running_norms(norms, norms_before)
+                    sums = distributed.sum_numbers(sums)
+                result.skipped_batches += int(skipped)
+                if contributed:
                     if config.grad_clip is not None:
                         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                     opt.step()
                     lr_opt.step()
                 result.steps += 1
-                logged = ({k: sum(p[k] for p in step_parts) / len(step_parts) for k in step_parts[0]}
-                          if step_parts else {})
+                logged = {k: v / contributed for k, v in sums.items()} if contributed else {}
                 result.history.append(dict(step=result.steps, **logged))
                 bar.update(1)
                 if logged:
@@ -429,7 +450,10 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                     me.editors.train()
                 if ckpt is not None and (result.steps % config.val_every == 0 or result.steps == config.steps
                                          or result.stopped_early):
-                    _checkpoint(me, opt, lr_opt, ckpt, result, bad_validations, run)
+                    if rank == 0:
+                        _checkpoint(me, opt, lr_opt, ckpt, result, bad_validations, run)
+                    if size > 1:  # no process reads a checkpoint (a resume) before it is written
+                        distributed.barrier()
     finally:
         bar.close()
         me.editors.train(was_training)
@@ -437,6 +461,12 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
         me.load_state_tensors(best_state)
     result.elapsed_s += time.perf_counter() - start
     return result
+
+
+def _rank_seed(seed: int, steps: int, rank: int) -> int:
+    """The RNG seed of process `rank` > 0 of a data-parallel run (at start or resume after `steps`):
+    its own gate noise, a function of the run's seed."""
+    return (seed * 1_000_003 + steps) * 1_009 + rank
 
 
 def _scaled_grads(loss: torch.Tensor, params: list, scale: float) -> list:
@@ -479,13 +509,18 @@ def _cuda_devices(me: ModelEditor) -> list:
 
 
 def _validate(me, val_requests, config, result, best_state, bad_validations, ckpt):
-    scores = evaluate_edits(me, val_requests, config.batch_size)
+    """Rank 0 validates (and saves best.safetensors); a data-parallel run's other processes take
+    its scores and keep the same best state (their editors equal rank 0's)."""
+    rank, size = distributed.world()
+    scores = evaluate_edits(me, val_requests, config.batch_size) if rank == 0 else None
+    if size > 1:
+        scores = distributed.broadcast_object(scores)
     result.val_history.append(dict(step=result.steps, **scores))
     if result.best_es is None or scores["es"] > result.best_es + config.min_delta:
         result.best_es, result.best_step = scores["es"], result.steps
         best_state = {k: v.clone() for k, v in me.state_tensors().items()}
         bad_validations = 0
-        if ckpt is not None:
+        if ckpt is not None and rank == 0:
             _save_editor(me, ckpt / "best.safetensors", best_state)
     else:
         bad_validations += 1

@@ -1,0 +1,132 @@
+"""Data-parallel editor training: what `train.train_editor` does when a torch.distributed process
+group of more than one process is initialised (torchrun; NCCL on GPUs, gloo on CPU).
+
+Each process holds a replica of the model and its ModelEditor, runs its own training batches
+(global batch b·W + rank, so W processes see W different batches per step) and, before every
+optimiser step:
+- averages the editors' gradients over the processes (`average_gradients`): the step of W
+  processes with `accumulate` batches each is the step of one process with W·accumulate;
+- merges the editors' running norms (`merge_running_norms`): every process ends the step with
+  the statistics of all the step's tokens (one all-reduce of sums and sums of squares in fp64);
+no collective runs inside a batch, so a process that reruns a batch (the fp16 retry) never
+waits for the others.  Rank 0 validates and writes the checkpoints; the others take its scores.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_from_env(device: str) -> tuple[str, bool]:
+    """Under torchrun (WORLD_SIZE > 1 in the environment), join its process group (NCCL for a CUDA
+    `device`, else gloo): (this process's device, "cuda" becoming cuda:LOCAL_RANK; True, so that the
+    caller destroys the group when done).  Without torchrun, or with the group already up,
+    (`device`, False)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return device, False
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return device, True
+
+
+def _device(tensors) -> torch.device:
+    """Where collectives run: NCCL takes CUDA tensors only, gloo any."""
+    for t in tensors:
+        return t.device
+    return torch.device("cpu")
+
+
+def broadcast_state(module: torch.nn.Module) -> None:
+    """Every parameter and buffer of `module` set to rank 0's (identical replicas to start from)."""
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, src=0)
+
+
+def average_gradients(params: list, counts: list[float]) -> list[float]:
+    """Each param's .grad summed over the processes and divided by their number (a process without
+    one adds zeros; a param that no process has a grad for keeps None, which the optimisers skip,
+    as in one process); `counts` (numbers: contributing and skipped batches) summed and returned."""
+    _, size = world()
+    head = torch.tensor([*counts, *(p.grad is not None for p in params)], dtype=torch.float64,
+                        device=_device(params))
+    dist.all_reduce(head)
+    for p, anyone in zip(params, head[len(counts):].tolist()):
+        if anyone:
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(grad)
+            p.grad = grad.div_(size)
+    return head[:len(counts)].tolist()
+
+
+def sum_numbers(values: dict) -> dict:
+    """{key: value} summed over the processes (every process passes the same keys)."""
+    if not values:
+        return {}
+    keys = sorted(values)
+    totals = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        totals = totals.cuda()
+    dist.all_reduce(totals)
+    return dict(zip(keys, totals.tolist()))
+
+
+def norm_sums(norm) -> list[torch.Tensor]:
+    """A RunningNorm's statistics as sums (token count; per side, Σx and Σx²), in fp64."""
+    k = norm.k.double()
+    out = [k.reshape(1)]
+    for side in ("u", "v"):
+        mean, s = getattr(norm, f"{side}_mean").double(), getattr(norm, f"{side}_s").double()
+        out += [k * mean, s + k * mean.square()]
+    return out
+
+
+def merge_running_norms(norms: list, before: list[list[torch.Tensor]]) -> None:
+    """Every process's norms set to the statistics of all processes' tokens.
+
+    `before` (`norm_sums` of each norm at the step's start, equal on every process): each process
+    added its own batches to it, so the merged sums are Σ_r sums_r − (W − 1)·before; the mean is
+    Σx / k and the sum of squared deviations Σx² − k·mean² (fp64, then stored in the buffers'
+    dtype)."""
+    _, size = world()
+    for norm, start in zip(norms, before):
+        now = norm_sums(norm)
+        flat = torch.cat(now)
+        dist.all_reduce(flat)
+        flat -= (size - 1) * torch.cat(start).to(flat.device)
+        k = flat[0]
+        parts = flat[1:].split([t.numel() for t in now[1:]])
+        with torch.no_grad():
+            norm.k.fill_(float(k))
+            for side, (total, squares) in zip(("u", "v"), (parts[0:2], parts[2:4])):
+                mean = total / k if k > 0 else torch.zeros_like(total)
+                s = (squares - k * mean.square()).clamp(min=0)
+                getattr(norm, f"{side}_mean").copy_(mean)
+                getattr(norm, f"{side}_s").copy_(s)
+                if k >= 2:
+                    getattr(norm, f"{side}_std").copy_((s / (k - 1)).sqrt())
+
+
+def broadcast_object(obj, src: int = 0):
+    """`obj` (picklable) from rank `src` on every process."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    dist.barrier()

@@ -1,0 +1,131 @@
+"""Data-parallel editor training (`dcedit_kernels.distributed`): two processes over gloo on CPU,
+each with its own replica of the tiny Llama and its ModelEditor.
+
+- Two processes with `accumulate` a train the editors as one process with 2·a: the same batches,
+  the averaged gradient (MEND without running norms: identical up to the order of the sums).
+- With running norms, every process ends with the statistics of all the tokens that one process
+  with 2·a would have seen; the processes' editors stay identical, and rank 0's validation,
+  checkpoints and a resume work across them.
+"""
+
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dcedit_kernels.model_editor import ModelEditor
+from dcedit_kernels.models import tiny_model
+from dcedit_kernels.train import TrainConfig, train_editor
+
+LAYERS = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+WORLD = 2
+
+
+def _requests(seed, n):
+    from test_model_editor import random_requests
+
+    return random_requests(torch.Generator().manual_seed(seed), n)
+
+
+def _editor(method, editor_kwargs):
+    model, tok = tiny_model("llama", seed=0)
+    return ModelEditor(model, tok, LAYERS, method=method, rank=5, seed=3, **editor_kwargs)
+
+
+def _train(me, config, val=None):
+    result = train_editor(me, _requests(1, 12), val, config)
+    return result, {k: v.detach().clone() for k, v in me.state_tensors().items()}
+
+
+def _worker(rank, store, out, method, editor_kwargs, config_kwargs, with_val, resume_steps):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        me = _editor(method, editor_kwargs)
+        val = _requests(2, 3) if with_val else None
+        result, state = _train(me, TrainConfig(**config_kwargs), val)
+        if resume_steps:
+            result, state = _train(me, TrainConfig(**dict(config_kwargs, steps=resume_steps)), val)
+        torch.save(state, f"{out}/state{rank}.pt")
+        with open(f"{out}/result{rank}.json", "w") as f:
+            json.dump(dict(history=result.history, val_history=result.val_history, steps=result.steps,
+                           resumed_from=result.resumed_from, skipped=result.skipped_batches), f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(tmp_path, method, editor_kwargs, config_kwargs, with_val=False, resume_steps=None):
+    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path), method, editor_kwargs, config_kwargs, with_val,
+                            resume_steps), nprocs=WORLD, join=True)
+    states = [torch.load(tmp_path / f"state{r}.pt") for r in range(WORLD)]
+    results = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(WORLD)]
+    return states, results
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_two_processes_train_as_one_with_twice_the_accumulation(tmp_path, one_thread):
+    config = dict(steps=3, batch_size=2, accumulate=1, lr=1e-2, lr_lr=1e-2, progress=False)
+    states, results = _run(tmp_path, "mend", dict(norm=False), config)
+    me = _editor("mend", dict(norm=False))
+    single, state = _train(me, TrainConfig(**dict(config, accumulate=2)))
+    initial = _editor("mend", dict(norm=False)).state_tensors()
+    assert any(not torch.equal(want, initial[key]) for key, want in state.items())  # it did train
+    for key, want in state.items():
+        assert torch.equal(states[0][key], states[1][key]), key  # the replicas stay identical
+        assert torch.allclose(states[0][key], want, rtol=1e-4, atol=1e-6), key
+    for got, want in zip(results[0]["history"], single.history):  # the logged losses: all batches'
+        for k in ("loss", "edit", "kl"):
+            assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-6)
+
+
+def test_running_norms_validation_checkpoints_and_resume(tmp_path, one_thread):
+    ckpt = tmp_path / "ckpt"
+    config = dict(steps=2, batch_size=2, accumulate=1, lr=1e-2, progress=False, val_every=1,
+                  checkpoint_dir=str(ckpt), restore_best=False)  # the last state: the norms of every step
+    states, results = _run(tmp_path, "moeditor", dict(n_editors=2), config, with_val=True, resume_steps=3)
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+    assert results[0]["val_history"] == results[1]["val_history"] and len(results[0]["val_history"]) == 3
+    assert results[0]["resumed_from"] == 2 and results[0]["steps"] == 3
+    assert (ckpt / "trainer.safetensors").is_file() and (ckpt / "best.safetensors").is_file()
+    # The norms hold every token of the run: those one process with accumulate=2 would have seen.
+    me = _editor("moeditor", dict(n_editors=2))
+    _, single = _train(me, TrainConfig(**dict(config, steps=3, accumulate=2, checkpoint_dir=None)))
+    norm_keys = [k for k in single if ".norm." in k]
+    assert norm_keys
+    for key in norm_keys:
+        assert torch.allclose(states[0][key], single[key], rtol=1e-4, atol=1e-7), key
+
+
+def test_dcedit_train_under_torchrun(tmp_path):
+    """`torchrun --nproc_per_node 2 -m dcedit_kernels.cli train ...`: two processes over gloo,
+    rank 0 saves the editor, and it loads."""
+    import os
+    import subprocess
+    import sys
+
+    from test_demo import _counterfact_file
+
+    model_dir = tmp_path / "tiny"
+    model, tok = tiny_model("llama", seed=0)
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = _counterfact_file(tmp_path / "cf.json", n=8)
+    out = tmp_path / "mend.safetensors"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "dcedit_kernels.cli", "train", "--model", str(model_dir), "--method", "mend",
+                          "--rank", "3", "--data", str(data), "--steps", "2", "--batch-size", "2", "--out", str(out)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 processes" in run.stdout and run.stdout.count("saved the trained") == 1
+    assert ModelEditor.load(out, model, tok).method == "mend"
