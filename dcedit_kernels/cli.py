@@ -318,6 +318,10 @@ def cmd_train(args) -> dict:
 
     requests = load_requests(args.data, args.n_edits)
     val = load_requests(args.val_data, None) if args.val_data else None
+    try:
+        torch.device(args.device)
+    except RuntimeError as exc:
+        raise UserError(f"--device {args.device!r} is not a device: {exc}") from None
     device, joined = distributed.init_from_env(args.device)
     try:
         return _train(args, requests, val, device)
@@ -338,7 +342,7 @@ def _train(args, requests, val, device) -> dict:
         me = ModelEditor(model, tokenizer, layers=layers, method=args.method, **editor_kwargs(args))
         config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_lr=args.lr_lr,
                              checkpoint_dir=args.checkpoint_dir, val_every=args.val_every,
-                             val_size=args.val_size, seed=args.seed)
+                             val_size=args.val_size, seed=args.seed, data_parallel=size > 1)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     try:
@@ -445,8 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train an editor and save it (safetensors); under torchrun, data-parallel",
                        description="Train an editor and save it (safetensors).  Under torchrun (torchrun "
                        "--nproc_per_node N -m dcedit_kernels.cli train ...) the N processes train it "
-                       "data-parallel: each loads the model on its own GPU (--device cuda) or on the CPU "
-                       "(gloo), and rank 0 saves the editor.")
+                       "data-parallel: each loads the model on its own GPU (--device cuda, NCCL: not yet "
+                       "run on GPUs) or on the CPU (gloo), each step takes N x --batch-size edits, and "
+                       "rank 0 saves the editor.")
     _common(p, "mend", EDITOR_METHODS)
     p.add_argument("--n-edits", type=positive_int, default=None, help="use the first N training edits (default: all)")
     p.add_argument("--val-data", default=None, help="validation edits (CounterFact or zsRE file)")

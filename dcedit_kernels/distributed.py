@@ -1,15 +1,22 @@
-"""Data-parallel editor training: what `train.train_editor` does when a torch.distributed process
-group of more than one process is initialised (torchrun; NCCL on GPUs, gloo on CPU).
+"""Data-parallel editor training: what `train.train_editor` does with
+`TrainConfig(data_parallel=True)` in a torch.distributed process group of W > 1 processes
+(torchrun; NCCL on GPUs, gloo on CPU).  `dcedit train` under torchrun sets it.
 
-Each process holds a replica of the model and its ModelEditor, runs its own training batches
-(global batch b·W + rank, so W processes see W different batches per step) and, before every
-optimiser step:
-- averages the editors' gradients over the processes (`average_gradients`): the step of W
-  processes with `accumulate` batches each is the step of one process with W·accumulate;
-- merges the editors' running norms (`merge_running_norms`): every process ends the step with
-  the statistics of all the step's tokens (one all-reduce of sums and sums of squares in fp64);
-no collective runs inside a batch, so a process that reruns a batch (the fp16 retry) never
-waits for the others.  Rank 0 validates and writes the checkpoints; the others take its scores.
+Each process holds a replica of the model and its ModelEditor, starts from rank 0's editors, runs
+its own training batches (global batch b·W + rank, so W processes see W different batches per
+step) and, before every optimiser step:
+- averages the editors' gradients over the processes (`average_gradients`, one all-reduce per
+  parameter): the gradient of one process with W·accumulate batches;
+- merges the editors' running norms (`merge_running_norms`, one all-reduce per editor of its
+  sums and sums of squares in fp64): every process ends the step with the statistics of all the
+  step's tokens.
+Without running norms a step is the step of one process with W·accumulate batches, to rounding.
+With them (MEND's default) it differs a little: one process normalises a step's later batches
+with the statistics of its earlier ones, each of the W processes with its own batches' only.
+No collective runs inside a batch, so a process that reruns a batch (the fp16 retry) never waits
+for the others.  Rank 0 validates and writes the checkpoints (with every process's RNG states:
+a resume draws what the uninterrupted run would); the others take its scores.  Every process
+must reach the same checkpoint_dir to resume; a resume with another W is refused.
 """
 
 from __future__ import annotations
@@ -73,14 +80,13 @@ def average_gradients(params: list, counts: list[float]) -> list[float]:
     return head[:len(counts)].tolist()
 
 
-def sum_numbers(values: dict) -> dict:
-    """{key: value} summed over the processes (every process passes the same keys)."""
+def sum_numbers(values: dict, device) -> dict:
+    """{key: value} summed over the processes (every process passes the same keys); the all-reduce
+    runs on `device` (the editors': NCCL takes CUDA tensors only)."""
     if not values:
         return {}
     keys = sorted(values)
-    totals = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        totals = totals.cuda()
+    totals = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(totals)
     return dict(zip(keys, totals.tolist()))
 
@@ -119,6 +125,29 @@ def merge_running_norms(norms: list, before: list[list[torch.Tensor]]) -> None:
                 getattr(norm, f"{side}_s").copy_(s)
                 if k >= 2:
                     getattr(norm, f"{side}_std").copy_((s / (k - 1)).sqrt())
+
+
+def all_gather_object(obj) -> list:
+    """Every process's `obj` (picklable), in rank order."""
+    out = [None] * world()[1]
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def agree_on_start(error: BaseException | None, steps: int) -> None:
+    """Raise on every process if one of them failed to set up (`error`: its own is re-raised by the
+    caller) or they would start from different steps (a checkpoint_dir that not every process sees),
+    rather than leave the others waiting in a collective."""
+    outcomes = all_gather_object((None if error is None else f"{type(error).__name__}: {error}", steps))
+    if error is not None:
+        return
+    failed = [f"rank {r}: {message}" for r, (message, _) in enumerate(outcomes) if message]
+    if failed:
+        raise RuntimeError(f"another process could not start training ({'; '.join(failed)})")
+    starts = [s for _, s in outcomes]
+    if len(set(starts)) > 1:
+        raise ValueError(f"the processes would start from different steps {starts}: a resume needs the same "
+                         "checkpoint_dir on every process")
 
 
 def broadcast_object(obj, src: int = 0):

@@ -122,6 +122,7 @@ class TrainConfig:
     resume: bool = True
     seed: int = 0
     progress: bool = True
+    data_parallel: bool = False  # train over the default torch.distributed process group (`distributed`)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "accumulate", "val_every"):
@@ -140,8 +141,9 @@ class TrainConfig:
             raise ValueError(f"lr_optimizer must be 'adam' or 'sgd', got {self.lr_optimizer!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip!r}")
-        if not isinstance(self.fisher_mask, bool):
-            raise ValueError(f"fisher_mask must be a bool, got {self.fisher_mask!r}")
+        for name in ("fisher_mask", "data_parallel"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("edit_rows", "locality_rows"):
             if getattr(self, name) not in VIEWS:
                 raise ValueError(f"{name} must be one of {VIEWS}, got {getattr(self, name)!r}")
@@ -371,13 +373,21 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
     result = TrainResult(steps=0)
     best_state, bad_validations, rng_state = None, 0, None
-    run = _run_settings(config, train_requests, val_requests)
-    if ckpt is not None:
-        ckpt.mkdir(parents=True, exist_ok=True)
-        if config.resume and (ckpt / "trainer.safetensors").is_file():
-            rng_state, best_state, bad_validations = _resume(me, opt, lr_opt, ckpt, result, run)
+    rank, size = distributed.world() if config.data_parallel else (0, 1)
+    run = _run_settings(config, train_requests, val_requests, size)
+    error = None
+    try:
+        if ckpt is not None:
+            ckpt.mkdir(parents=True, exist_ok=True)
+            if config.resume and (ckpt / "trainer.safetensors").is_file():
+                rng_state, best_state, bad_validations = _resume(me, opt, lr_opt, ckpt, result, run, rank)
+    except Exception as exc:  # noqa: BLE001 -- re-raised below, after the other processes hear of it
+        error = exc
+    if size > 1:  # every process starts from the same step, or all of them raise (none waits)
+        distributed.agree_on_start(error, result.steps)
+    if error is not None:
+        raise error
 
-    rank, size = distributed.world()
     norms = [e.norm for e in me.editors.values() if e.norm is not None]
     was_training = me.editors.training
     start = time.perf_counter()
@@ -392,10 +402,12 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                     torch.cuda.set_rng_state(state, index)
             else:
                 torch.manual_seed(config.seed)
-            if size > 1:  # one start for every process; each draws its own gate noise
+            if size > 1:  # one start for every process; each draws its own gate noise and routing
                 distributed.broadcast_state(me.editors)
-                if rank:
+                if rank and rng_state is None:
                     torch.manual_seed(_rank_seed(config.seed, result.steps, rank))
+                    for gen in _route_generators(me).values():
+                        gen.manual_seed(_rank_seed(gen.initial_seed(), result.steps, rank))
             me.editors.train()
             while result.steps < config.steps and not result.stopped_early:
                 step_parts, skipped = [], 0
@@ -430,7 +442,7 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                 if size > 1:
                     contributed, skipped = distributed.average_gradients(params, [contributed, skipped])
                     distributed.merge_running_norms(norms, norms_before)
-                    sums = distributed.sum_numbers(sums)
+                    sums = distributed.sum_numbers(sums, params[0].device)
                 result.skipped_batches += int(skipped)
                 if contributed:
                     if config.grad_clip is not None:
@@ -450,8 +462,10 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                     me.editors.train()
                 if ckpt is not None and (result.steps % config.val_every == 0 or result.steps == config.steps
                                          or result.stopped_early):
+                    # Every process's RNG states, so that a resume draws what an uninterrupted run would.
+                    states = distributed.all_gather_object(_rng_states(me)) if size > 1 else [_rng_states(me)]
                     if rank == 0:
-                        _checkpoint(me, opt, lr_opt, ckpt, result, bad_validations, run)
+                        _checkpoint(me, opt, lr_opt, ckpt, result, bad_validations, run, states)
                     if size > 1:  # no process reads a checkpoint (a resume) before it is written
                         distributed.barrier()
     finally:
@@ -533,16 +547,17 @@ def _validate(me, val_requests, config, result, best_state, bad_validations, ckp
 # (a run stopped by patience may go on with another), and how the run is shown or saved.  The
 # others set the optimisers, the batches or the loss, which the checkpoint's state belongs to.
 _RESUMABLE_CHANGES = ("steps", "progress", "checkpoint_dir", "resume", "val_every", "patience", "min_delta",
-                      "restore_best")
+                      "restore_best", "data_parallel")  # the number of processes is checked on its own
 
 
 class ResumeMismatchError(ValueError):
     """A checkpoint_dir holds a run with other settings or requests than the one resuming it."""
 
 
-def _run_settings(config: TrainConfig, train_requests, val_requests) -> dict:
+def _run_settings(config: TrainConfig, train_requests, val_requests, world_size: int = 1) -> dict:
     """What a resumed run must share with the run that wrote the checkpoint: every TrainConfig
-    field but `_RESUMABLE_CHANGES`, and a hash of the training and validation requests."""
+    field but `_RESUMABLE_CHANGES`, a hash of the training and validation requests, and the
+    number of data-parallel processes (which sets the batches)."""
     import hashlib
 
     def digest(requests):
@@ -552,18 +567,29 @@ def _run_settings(config: TrainConfig, train_requests, val_requests) -> dict:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RESUMABLE_CHANGES}
-    return dict(config=settings, train_requests=digest(train_requests), val_requests=digest(val_requests))
+    return dict(config=settings, train_requests=digest(train_requests), val_requests=digest(val_requests),
+                world_size=world_size)
 
 
-def _checkpoint(me, opt, lr_opt, ckpt: Path, result: TrainResult, bad_validations: int, run: dict) -> None:
+def _rng_states(me: ModelEditor) -> dict:
+    """This process's RNG states as checkpoint tensors: torch's CPU generator, each CUDA device's
+    (MoEditor's gate noise is drawn on the editors' device) and the editors' routing generators
+    (RaEditor's random split, seeded per editor)."""
+    states = {"rng_state": torch.get_rng_state()}
+    states.update({f"route_rng.{key}": gen.get_state() for key, gen in _route_generators(me).items()})
+    states.update({f"cuda_rng.{i}": torch.cuda.get_rng_state(i) for i in _cuda_devices(me)})
+    return states
+
+
+def _checkpoint(me, opt, lr_opt, ckpt: Path, result: TrainResult, bad_validations: int, run: dict,
+                rng_states: list[dict]) -> None:
+    """`rng_states`: each process's `_rng_states` (rank r > 0's saved under "rank{r}.")."""
     _save_editor(me, ckpt / "editor.safetensors")
     t1, m1 = _flatten_optimizer(opt, "opt")
     t2, m2 = _flatten_optimizer(lr_opt, "lr_opt")
-    tensors = {**t1, **t2, "rng_state": torch.get_rng_state()}
-    for key, gen in _route_generators(me).items():  # RaEditor's random routing, seeded per editor
-        tensors[f"route_rng.{key}"] = gen.get_state()
-    for index in _cuda_devices(me):  # MoEditor's gate noise is drawn on the editors' device
-        tensors[f"cuda_rng.{index}"] = torch.cuda.get_rng_state(index)
+    tensors = {**t1, **t2}
+    for rank, states in enumerate(rng_states):
+        tensors.update({(f"rank{rank}." if rank else "") + key: t.cpu() for key, t in states.items()})
     counters = dict(steps=result.steps, best_step=result.best_step, best_es=result.best_es,
                     stopped_early=result.stopped_early, skipped_batches=result.skipped_batches,
                     bad_validations=bad_validations, elapsed_s=result.elapsed_s,
@@ -588,12 +614,16 @@ def _check_run(path: Path, saved: dict, run: dict) -> None:
     changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in sorted(set(before) & set(now)) if before[k] != now[k]]
     changed += [f"{name} (different requests)" for name in ("train_requests", "val_requests")
                 if saved.get(name) != run.get(name)]
+    if saved.get("world_size", 1) != run.get("world_size", 1):  # runs before data-parallel had one process
+        changed.append(f"processes {saved.get('world_size', 1)} -> {run.get('world_size', 1)}")
     if changed:
         raise ResumeMismatchError(f"{path} was written by a run with other settings ({', '.join(changed)}): resuming "
                                   "would continue that run; use another checkpoint_dir, or resume=False to start over")
 
 
-def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict):
+def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: int = 0):
+    """Load the checkpoint; returns (this process's (CPU, {CUDA index: state}) RNG states, or None
+    when the checkpoint has none for `rank`; the best state; the count of bad validations)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -615,10 +645,11 @@ def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict):
     me.load_state_tensors(load_file(str(ckpt / "editor.safetensors")))  # copied into each editor's device
     _unflatten_optimizer(opt, "opt", tensors, json.loads(meta["opt"]))
     _unflatten_optimizer(lr_opt, "lr_opt", tensors, json.loads(meta["lr_opt"]))
+    own = f"rank{rank}." if rank else ""
     for key, gen in _route_generators(me).items():
-        if f"route_rng.{key}" in tensors:
-            gen.set_state(tensors[f"route_rng.{key}"])
-    cuda_states = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("cuda_rng.")}
+        if f"{own}route_rng.{key}" in tensors:
+            gen.set_state(tensors[f"{own}route_rng.{key}"])
+    cuda_states = {int(k.rsplit(".", 1)[1]): v for k, v in tensors.items() if k.startswith(f"{own}cuda_rng.")}
     counters = json.loads(meta["counters"])
     result.steps = result.resumed_from = counters["steps"]
     result.best_step, result.best_es = counters["best_step"], counters["best_es"]
@@ -626,4 +657,5 @@ def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict):
     result.elapsed_s, result.history = counters["elapsed_s"], counters["history"]
     result.val_history = counters["val_history"]
     best_state = load_file(str(ckpt / "best.safetensors")) if (ckpt / "best.safetensors").is_file() else None
-    return (tensors["rng_state"], cuda_states), best_state, counters["bad_validations"]
+    rng_state = (tensors[f"{own}rng_state"], cuda_states) if f"{own}rng_state" in tensors else None
+    return rng_state, best_state, counters["bad_validations"]

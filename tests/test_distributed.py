@@ -1,11 +1,12 @@
 """Data-parallel editor training (`dcedit_kernels.distributed`): two processes over gloo on CPU,
 each with its own replica of the tiny Llama and its ModelEditor.
 
-- Two processes with `accumulate` a train the editors as one process with 2·a: the same batches,
-  the averaged gradient (MEND without running norms: identical up to the order of the sums).
-- With running norms, every process ends with the statistics of all the tokens that one process
-  with 2·a would have seen; the processes' editors stay identical, and rank 0's validation,
-  checkpoints and a resume work across them.
+- Without running norms, two processes with `accumulate` a train the editors as one process with
+  2·a: the same batches, the averaged gradient (identical up to the order of the sums).
+- With running norms the processes' editors stay identical and every process ends each step with
+  the statistics of all the tokens one process with 2·a would have seen; validation, checkpoints
+  and a resume work across them, and the resume is exact.
+- A resume with another number of processes is refused on every process (none waits).
 """
 
 import json
@@ -39,28 +40,39 @@ def _train(me, config, val=None):
     return result, {k: v.detach().clone() for k, v in me.state_tensors().items()}
 
 
-def _worker(rank, store, out, method, editor_kwargs, config_kwargs, with_val, resume_steps):
+def _worker(rank, store, out, method, editor_kwargs, runs, with_val):
+    """Each of `runs` (TrainConfig keyword dicts) in turn on one ModelEditor, data-parallel; the
+    last state and result, or the error, go to files in `out`."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
         me = _editor(method, editor_kwargs)
         val = _requests(2, 3) if with_val else None
-        result, state = _train(me, TrainConfig(**config_kwargs), val)
-        if resume_steps:
-            result, state = _train(me, TrainConfig(**dict(config_kwargs, steps=resume_steps)), val)
+        try:
+            for kwargs in runs:
+                result, state = _train(me, TrainConfig(**dict(kwargs, data_parallel=True)), val)
+        except ValueError as exc:
+            with open(f"{out}/error{rank}.txt", "w") as f:
+                f.write(str(exc))
+            return
         torch.save(state, f"{out}/state{rank}.pt")
         with open(f"{out}/result{rank}.json", "w") as f:
             json.dump(dict(history=result.history, val_history=result.val_history, steps=result.steps,
                            resumed_from=result.resumed_from, skipped=result.skipped_batches), f)
     finally:
+        dist.barrier()  # no process tears the group down while another still talks to it
         dist.destroy_process_group()
 
 
-def _run(tmp_path, method, editor_kwargs, config_kwargs, with_val=False, resume_steps=None):
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path), method, editor_kwargs, config_kwargs, with_val,
-                            resume_steps), nprocs=WORLD, join=True)
-    states = [torch.load(tmp_path / f"state{r}.pt") for r in range(WORLD)]
-    results = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(WORLD)]
+def _run(folder, method, editor_kwargs, runs, with_val=False):
+    folder.mkdir(parents=True, exist_ok=True)
+    mp.spawn(_worker, args=(str(folder / "store"), str(folder), method, editor_kwargs, runs, with_val),
+             nprocs=WORLD, join=True)
+    errors = [folder / f"error{r}.txt" for r in range(WORLD)]
+    if any(e.is_file() for e in errors):
+        return None, [e.read_text() if e.is_file() else None for e in errors]
+    states = [torch.load(folder / f"state{r}.pt") for r in range(WORLD)]
+    results = [json.loads((folder / f"result{r}.json").read_text()) for r in range(WORLD)]
     return states, results
 
 
@@ -74,7 +86,7 @@ def one_thread():
 
 def test_two_processes_train_as_one_with_twice_the_accumulation(tmp_path, one_thread):
     config = dict(steps=3, batch_size=2, accumulate=1, lr=1e-2, lr_lr=1e-2, progress=False)
-    states, results = _run(tmp_path, "mend", dict(norm=False), config)
+    states, results = _run(tmp_path, "mend", dict(norm=False), [config])
     me = _editor("mend", dict(norm=False))
     single, state = _train(me, TrainConfig(**dict(config, accumulate=2)))
     initial = _editor("mend", dict(norm=False)).state_tensors()
@@ -87,23 +99,36 @@ def test_two_processes_train_as_one_with_twice_the_accumulation(tmp_path, one_th
             assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-6)
 
 
-def test_running_norms_validation_checkpoints_and_resume(tmp_path, one_thread):
-    ckpt = tmp_path / "ckpt"
-    config = dict(steps=2, batch_size=2, accumulate=1, lr=1e-2, progress=False, val_every=1,
-                  checkpoint_dir=str(ckpt), restore_best=False)  # the last state: the norms of every step
-    states, results = _run(tmp_path, "moeditor", dict(n_editors=2), config, with_val=True, resume_steps=3)
-    for key in states[0]:
-        assert torch.equal(states[0][key], states[1][key]), key
+def test_running_norms_validation_checkpoints_and_an_exact_resume(tmp_path, one_thread):
+    config = dict(steps=3, batch_size=2, accumulate=1, lr=1e-2, progress=False, val_every=1,
+                  restore_best=False)  # the last state: the norms of every step
+    straight, _ = _run(tmp_path / "straight", "moeditor", dict(n_editors=2),
+                       [dict(config, checkpoint_dir=str(tmp_path / "a"))], with_val=True)
+    ckpt = tmp_path / "b"
+    states, results = _run(tmp_path / "resumed", "moeditor", dict(n_editors=2),
+                           [dict(config, steps=2, checkpoint_dir=str(ckpt)), dict(config, checkpoint_dir=str(ckpt))],
+                           with_val=True)
     assert results[0]["val_history"] == results[1]["val_history"] and len(results[0]["val_history"]) == 3
     assert results[0]["resumed_from"] == 2 and results[0]["steps"] == 3
     assert (ckpt / "trainer.safetensors").is_file() and (ckpt / "best.safetensors").is_file()
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+        assert torch.equal(states[0][key], straight[0][key]), key  # every process's RNG states came back
     # The norms hold every token of the run: those one process with accumulate=2 would have seen.
     me = _editor("moeditor", dict(n_editors=2))
-    _, single = _train(me, TrainConfig(**dict(config, steps=3, accumulate=2, checkpoint_dir=None)))
+    _, single = _train(me, TrainConfig(**dict(config, accumulate=2)))
     norm_keys = [k for k in single if ".norm." in k]
     assert norm_keys
     for key in norm_keys:
         assert torch.allclose(states[0][key], single[key], rtol=1e-4, atol=1e-7), key
+
+
+def test_a_resume_with_another_number_of_processes_is_refused_everywhere(tmp_path, one_thread):
+    ckpt = tmp_path / "ckpt"
+    config = dict(steps=1, batch_size=2, progress=False, checkpoint_dir=str(ckpt))
+    _train(_editor("mend", {}), TrainConfig(**config))  # one process
+    _, errors = _run(tmp_path / "run", "mend", {}, [dict(config, steps=2)])
+    assert all(e is not None and "processes 1 -> 2" in e for e in errors)
 
 
 def test_dcedit_train_under_torchrun(tmp_path):

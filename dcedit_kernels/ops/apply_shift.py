@@ -48,8 +48,10 @@ register("apply_shift_", reference.apply_shift_, check=check_apply_shift)
 def _bump_version(weight, *args):
     """The in-place write counts as one for autograd: weight's version goes up, so a graph that
     saved the old weight refuses to backpropagate through it ("modified by an inplace operation"),
-    as after torch's own in-place ops.  The C++ kernels write through the data pointer, which
-    bumps nothing; this ADInplaceOrView kernel does it for every backend."""
+    as it does after torch's own in-place ops.  The C++ kernels write through the data pointer,
+    which bumps nothing; this ADInplaceOrView kernel does it for every backend (under torch.compile
+    the functionalised write may count twice).  Unlike torch's in-place ops, the raw op does not
+    refuse a leaf that requires grad: the wrapper edits weights under no_grad on purpose."""
     with torch._C._AutoDispatchBelowADInplaceOrView():
         previous = torch.ops.dcedit.apply_shift_.default(weight, *args)
     torch.autograd.graph.increment_version(weight)
