@@ -19,6 +19,20 @@ def _env():
     return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
+# A probe's last lines: a C++-served op gives the plain formula.
+OP_RUNS = (
+    "eta, mu = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)\n"
+    "assert torch.allclose(ops.grouped_outer(eta, mu, torch.tensor([0, 2, 2, 5]), 'add'), eta.T @ mu)\n"
+)
+
+
+def _probe(code: str, cwd, pythonpath) -> None:
+    """Run `code` in a fresh interpreter with only `pythonpath` added to its path."""
+    run = subprocess.run([sys.executable, "-c", code], cwd=cwd, env={**_env(), "PYTHONPATH": str(pythonpath)},
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 def _tracked(*prefixes):
     try:
         out = subprocess.run(["git", "ls-files", *prefixes], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -60,14 +74,8 @@ def test_sdist_builds_and_the_installed_package_runs(sdist, tmp_path):
         f"assert d.__file__.startswith({str(target)!r}), d.__file__\n"
         "assert all(b['CPU'] == 'cpp' for op, b in d.op_backends().items() if op in "
         "('grouped_outer', 'segmented_fisher', 'fisher_mask', 'apply_shift_', 'grouped_lowrank')), d.op_backends()\n"
-        "eta, mu = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)\n"
-        "got = ops.grouped_outer(eta, mu, torch.tensor([0, 2, 2, 5]), 'add')\n"
-        "assert torch.allclose(got, eta.T @ mu)\n"
     )
-    # From an empty folder, with only the installed copy on the path: not the checkout's.
-    env = {**_env(), "PYTHONPATH": str(target)}
-    run = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
+    _probe(probe + OP_RUNS, cwd=tmp_path, pythonpath=target)  # from an empty folder: not the checkout's copy
 
 
 def test_the_package_works_without_its_optional_dependencies():
@@ -83,9 +91,5 @@ def test_the_package_works_without_its_optional_dependencies():
         "from dcedit_kernels import ops\n"
         "assert not d.backends()['triton']\n"
         "assert d.op_backends()['grouped_outer'] == {'CPU': 'cpp', 'CUDA': 'reference'}, d.op_backends()\n"
-        "eta, mu = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)\n"
-        "assert torch.allclose(ops.grouped_outer(eta, mu, torch.tensor([0, 5]), 'add'), eta.T @ mu)\n"
     )
-    env = {**_env(), "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
+    _probe(probe + OP_RUNS, cwd=ROOT, pythonpath=ROOT)
