@@ -66,9 +66,17 @@ def _worker(rank, store, out, method, editor_kwargs, runs, with_val):
 
 def _run(folder, method, editor_kwargs, runs, with_val=False):
     folder.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_worker, args=(str(folder / "store"), str(folder), method, editor_kwargs, runs, with_val),
-             nprocs=WORLD, join=True)
     errors = [folder / f"error{r}.txt" for r in range(WORLD)]
+    try:
+        mp.spawn(_worker, args=(str(folder / "store"), str(folder), method, editor_kwargs, runs, with_val),
+                 nprocs=WORLD, join=True)
+    except mp.ProcessExitedException as exc:
+        # Once in CI (2 loaded cores) a process aborted in gloo's teardown ("terminate called without
+        # an active exception") after the test's work; a process that ends before writing its
+        # outcome still fails here.
+        done = all(errors[r].is_file() or (folder / f"result{r}.json").is_file() for r in range(WORLD))
+        if exc.signal_name != "SIGABRT" or not done:
+            raise
     if any(e.is_file() for e in errors):
         return None, [e.read_text() if e.is_file() else None for e in errors]
     states = [torch.load(folder / f"state{r}.pt") for r in range(WORLD)]
