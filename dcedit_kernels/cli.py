@@ -466,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Under "edit" an edit's factors do not depend on N, but the fused shift adds N edits' shifts,
     # so batches near the N_u you will edit with remain the closest match there too.
     p.add_argument("--batch-size", type=positive_int, default=25,
-                   help="edits per step (near the N_u you will edit with)")
+                   help="edits per step and process (near the N_u you will edit with)")
     p.add_argument("--lr", type=float, default=1e-3, help="editor learning rate")
     p.add_argument("--lr-lr", type=float, default=1e-4, help="learning rate of the per-weight edit steps α")
     p.add_argument("--checkpoint-dir", default=None, help="resumable training checkpoints")

@@ -74,6 +74,7 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -374,6 +375,11 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     result = TrainResult(steps=0)
     best_state, bad_validations, rng_state = None, 0, None
     rank, size = distributed.world() if config.data_parallel else (0, 1)
+    if not config.data_parallel and distributed.world()[1] > 1:
+        warnings.warn(f"train_editor: a process group of {distributed.world()[1]} processes is up but "
+                      "data_parallel=False: this process trains its editors on its own (the others repeat "
+                      "the work, and every process writes checkpoint_dir); TrainConfig(data_parallel=True) "
+                      "trains them data-parallel", stacklevel=2)
     run = _run_settings(config, train_requests, val_requests, size)
     error = None
     try:

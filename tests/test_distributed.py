@@ -162,3 +162,15 @@ def test_dcedit_train_under_torchrun(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 processes" in run.stdout and run.stdout.count("saved the trained") == 1
     assert ModelEditor.load(out, model, tok).method == "mend"
+
+
+def test_training_in_a_process_group_without_data_parallel_warns(monkeypatch):
+    """A torchrun script that forgets TrainConfig(data_parallel=True) trains alone per process:
+    fit says so (every process would repeat the work and write checkpoint_dir)."""
+    import dcedit_kernels.distributed as distributed
+
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
+    with pytest.warns(UserWarning, match="data_parallel=False"):
+        result = train_editor(_editor("mend", {}), _requests(1, 4), None,
+                              TrainConfig(steps=1, batch_size=2, progress=False))
+    assert result.steps == 1
