@@ -374,9 +374,10 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
     result = TrainResult(steps=0)
     best_state, bad_validations, rng_state = None, 0, None
-    rank, size = distributed.world() if config.data_parallel else (0, 1)
-    if not config.data_parallel and distributed.world()[1] > 1:
-        warnings.warn(f"train_editor: a process group of {distributed.world()[1]} processes is up but "
+    group_rank, group_size = distributed.world()
+    rank, size = (group_rank, group_size) if config.data_parallel else (0, 1)
+    if not config.data_parallel and group_size > 1:
+        warnings.warn(f"train_editor: a process group of {group_size} processes is up but "
                       "data_parallel=False: this process trains its editors on its own (the others repeat "
                       "the work, and every process writes checkpoint_dir); TrainConfig(data_parallel=True) "
                       "trains them data-parallel", stacklevel=2)
@@ -463,7 +464,7 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                     bar.set_postfix(loss=f"{logged['loss']:.4g}", edit=f"{logged['edit']:.3g}", kl=f"{logged['kl']:.3g}")
                 if val_requests is not None and (result.steps % config.val_every == 0 or result.steps == config.steps):
                     best_state, bad_validations = _validate(me, val_requests, config, result, best_state,
-                                                            bad_validations, ckpt)
+                                                            bad_validations, ckpt, rank, size)
                     bar.set_postfix(es=f"{result.val_history[-1]['es']:.3f}", best=f"{result.best_es:.3f}")
                     me.editors.train()
                 if ckpt is not None and (result.steps % config.val_every == 0 or result.steps == config.steps
@@ -528,10 +529,10 @@ def _cuda_devices(me: ModelEditor) -> list:
     return cuda_indices(me.devices)
 
 
-def _validate(me, val_requests, config, result, best_state, bad_validations, ckpt):
+def _validate(me, val_requests, config, result, best_state, bad_validations, ckpt, rank=0, size=1):
     """Rank 0 validates (and saves best.safetensors); a data-parallel run's other processes take
-    its scores and keep the same best state (their editors equal rank 0's)."""
-    rank, size = distributed.world()
+    its scores and keep the same best state (their editors equal rank 0's).  `rank`, `size`: the
+    run's (0, 1 unless it is data-parallel)."""
     scores = evaluate_edits(me, val_requests, config.batch_size) if rank == 0 else None
     if size > 1:
         scores = distributed.broadcast_object(scores)

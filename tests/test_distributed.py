@@ -174,3 +174,15 @@ def test_training_in_a_process_group_without_data_parallel_warns(monkeypatch):
         result = train_editor(_editor("mend", {}), _requests(1, 4), None,
                               TrainConfig(steps=1, batch_size=2, progress=False))
     assert result.steps == 1
+
+
+def test_without_data_parallel_each_process_validates_on_its_own(monkeypatch):
+    """Outside data-parallel mode a process of a group (here rank 1 of 2) validates its own
+    editors: it neither waits for rank 0's scores nor skips its validation."""
+    import dcedit_kernels.distributed as distributed
+
+    monkeypatch.setattr(distributed, "world", lambda: (1, 2))
+    with pytest.warns(UserWarning, match="data_parallel=False"):
+        result = train_editor(_editor("mend", {}), _requests(1, 4), _requests(2, 2),
+                              TrainConfig(steps=1, batch_size=2, progress=False, val_every=1))
+    assert len(result.val_history) == 1 and result.best_step == 1
