@@ -403,10 +403,7 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     try:
         with torch.random.fork_rng(devices=_cuda_devices(me)), frozen_parameters(me.model):
             if rng_state is not None:
-                cpu_state, cuda_states = rng_state
-                torch.set_rng_state(cpu_state)
-                for index, state in cuda_states.items():
-                    torch.cuda.set_rng_state(state, index)
+                _set_rng_states(me, rng_state)
             else:
                 torch.manual_seed(config.seed)
             if size > 1:  # one start for every process; each draws its own gate noise and routing
@@ -502,25 +499,18 @@ def _finite(grads: list) -> bool:
 
 def _forward_state(me: ModelEditor) -> tuple:
     """What a training forward changes besides its graph: the editors' buffers (running norms,
-    updated from each batch's factors), the RNG states (MoEditor's gate noise) and the editors' own
-    routing generators (RaEditor's groups), so that a batch can be run again from the same start.
-    Buffers are vectors of the layers' widths: a copy per batch is small next to the batch's
-    activations."""
-    return ({k: b.clone() for k, b in me.editors.named_buffers()}, torch.get_rng_state(),
-            {i: torch.cuda.get_rng_state(i) for i in _cuda_devices(me)},
-            {key: g.get_state() for key, g in _route_generators(me).items()})
+    updated from each batch's factors) and the RNG states (`_rng_states`: MoEditor's gate noise,
+    RaEditor's groups), so that a batch can be run again from the same start.  Buffers are vectors
+    of the layers' widths: a copy per batch is small next to the batch's activations."""
+    return {k: b.clone() for k, b in me.editors.named_buffers()}, _rng_states(me)
 
 
 def _restore_forward_state(me: ModelEditor, state: tuple) -> None:
-    buffers, cpu_rng, cuda_rngs, route_rngs = state
+    buffers, rng_states = state
     with torch.no_grad():
         for k, b in me.editors.named_buffers():
             b.copy_(buffers[k])
-    torch.set_rng_state(cpu_rng)
-    for i, rng in cuda_rngs.items():
-        torch.cuda.set_rng_state(rng, i)
-    for key, g in _route_generators(me).items():
-        g.set_state(route_rngs[key])
+    _set_rng_states(me, rng_states)
 
 
 def _cuda_devices(me: ModelEditor) -> list:
@@ -588,6 +578,21 @@ def _rng_states(me: ModelEditor) -> dict:
     return states
 
 
+RNG_KEYS = ("rng_state", "route_rng.", "cuda_rng.")  # the names (or name prefixes) `_rng_states` uses
+
+
+def _set_rng_states(me: ModelEditor, states: dict) -> None:
+    """Restore what `_rng_states` gave (a checkpoint's, or a batch's start); a routing generator or
+    CUDA device it has no state for is left as it is."""
+    torch.set_rng_state(states["rng_state"])
+    for key, gen in _route_generators(me).items():
+        if f"route_rng.{key}" in states:
+            gen.set_state(states[f"route_rng.{key}"])
+    for name, state in states.items():
+        if name.startswith("cuda_rng."):
+            torch.cuda.set_rng_state(state, int(name.rsplit(".", 1)[1]))
+
+
 def _checkpoint(me, opt, lr_opt, ckpt: Path, result: TrainResult, bad_validations: int, run: dict,
                 rng_states: list[dict]) -> None:
     """`rng_states`: each process's `_rng_states` (rank r > 0's saved under "rank{r}.")."""
@@ -629,7 +634,7 @@ def _check_run(path: Path, saved: dict, run: dict) -> None:
 
 
 def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: int = 0):
-    """Load the checkpoint; returns (this process's (CPU, {CUDA index: state}) RNG states, or None
+    """Load the checkpoint; returns (this process's RNG states as `_rng_states` gives them, or None
     when the checkpoint has none for `rank`; the best state; the count of bad validations)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -653,10 +658,8 @@ def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: i
     _unflatten_optimizer(opt, "opt", tensors, json.loads(meta["opt"]))
     _unflatten_optimizer(lr_opt, "lr_opt", tensors, json.loads(meta["lr_opt"]))
     own = f"rank{rank}." if rank else ""
-    for key, gen in _route_generators(me).items():
-        if f"{own}route_rng.{key}" in tensors:
-            gen.set_state(tensors[f"{own}route_rng.{key}"])
-    cuda_states = {int(k.rsplit(".", 1)[1]): v for k, v in tensors.items() if k.startswith(f"{own}cuda_rng.")}
+    rng_states = {name: v for k, v in tensors.items()
+                  if k.startswith(own) and (name := k[len(own):]).startswith(RNG_KEYS)}
     counters = json.loads(meta["counters"])
     result.steps = result.resumed_from = counters["steps"]
     result.best_step, result.best_es = counters["best_step"], counters["best_es"]
@@ -664,5 +667,4 @@ def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: i
     result.elapsed_s, result.history = counters["elapsed_s"], counters["history"]
     result.val_history = counters["val_history"]
     best_state = load_file(str(ckpt / "best.safetensors")) if (ckpt / "best.safetensors").is_file() else None
-    rng_state = (tensors[f"{own}rng_state"], cuda_states) if f"{own}rng_state" in tensors else None
-    return rng_state, best_state, counters["bad_validations"]
+    return (rng_states if "rng_state" in rng_states else None), best_state, counters["bad_validations"]
