@@ -64,31 +64,21 @@ def broadcast_state(module: torch.nn.Module) -> None:
             dist.broadcast(t.data, src=0)
 
 
-def average_gradients(params: list, counts: list[float]) -> list[float]:
+def average_gradients(params: list, numbers: list[float]) -> list[float]:
     """Each param's .grad summed over the processes and divided by their number (a process without
     one adds zeros; a param that no process has a grad for keeps None, which the optimisers skip,
-    as in one process); `counts` (numbers: contributing and skipped batches) summed and returned."""
+    as in one process); `numbers` (the step's batch counts and logged loss sums: every process
+    passes as many) summed over the processes in the same all-reduce, and returned."""
     _, size = world()
-    head = torch.tensor([*counts, *(p.grad is not None for p in params)], dtype=torch.float64,
+    head = torch.tensor([*numbers, *(p.grad is not None for p in params)], dtype=torch.float64,
                         device=_device(params))
     dist.all_reduce(head)
-    for p, anyone in zip(params, head[len(counts):].tolist()):
+    for p, anyone in zip(params, head[len(numbers):].tolist()):
         if anyone:
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
             dist.all_reduce(grad)
             p.grad = grad.div_(size)
-    return head[:len(counts)].tolist()
-
-
-def sum_numbers(values: dict, device) -> dict:
-    """{key: value} summed over the processes (every process passes the same keys); the all-reduce
-    runs on `device` (the editors': NCCL takes CUDA tensors only)."""
-    if not values:
-        return {}
-    keys = sorted(values)
-    totals = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(totals)
-    return dict(zip(keys, totals.tolist()))
+    return head[:len(numbers)].tolist()
 
 
 def norm_sums(norm) -> list[torch.Tensor]:

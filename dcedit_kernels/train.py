@@ -444,9 +444,10 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                 contributed = len(step_parts)
                 sums = {k: sum(p[k] for p in step_parts) for k in PART_KEYS}
                 if size > 1:
-                    contributed, skipped = distributed.average_gradients(params, [contributed, skipped])
+                    contributed, skipped, *totals = distributed.average_gradients(
+                        params, [contributed, skipped, *(sums[k] for k in PART_KEYS)])
+                    sums = dict(zip(PART_KEYS, totals))
                     distributed.merge_running_norms(norms, norms_before)
-                    sums = distributed.sum_numbers(sums, params[0].device)
                 result.skipped_batches += int(skipped)
                 if contributed:
                     if config.grad_clip is not None:
