@@ -115,6 +115,15 @@ def check_offsets(offsets, name: str, total: int) -> int:
     return offsets.numel() - 1
 
 
+def check_ids(ids: torch.Tensor, name: str, low: int, high: int, note: str = "") -> None:
+    """Every entry of the int tensor `ids` (group or edit indices) in [low, high]: read on the host
+    as offsets are, and not while torch.compile traces (`tracing`)."""
+    if tracing() or not ids.numel():
+        return
+    if int(ids.min()) < low or int(ids.max()) > high:
+        raise ValueError(f"{name} entries must be in [{low}, {high}]{note}")
+
+
 def check_fraction_or_threshold(keep, threshold) -> None:
     if (keep is None) == (threshold is None):
         raise ValueError("give exactly one of keep or threshold")

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from . import ops
-from ._checks import compute_dtype
+from ._checks import check_ids, compute_dtype
 from .capture import is_conv1d, no_activation_checkpointing, resolve_modules, weight_out_in
 from .reference.segments import segment_bounds
 
@@ -97,8 +97,7 @@ def _check_rows(edits: Mapping, row_edit, row_sees_all):
     if len(n_edits) > 1:
         raise ValueError(f"edits must all come from the same batch of edits, got edit counts {sorted(n_edits)}")
     E = n_edits.pop()
-    if row_edit.numel() and (int(row_edit.min()) < -1 or int(row_edit.max()) >= E):
-        raise ValueError(f"row_edit entries must be in [-1, {E - 1}] (there are {E} edits)")
+    check_ids(row_edit, "row_edit", -1, E - 1, f" (there are {E} edits)")
 
 
 def kept_mask(edit, device=None) -> torch.Tensor:

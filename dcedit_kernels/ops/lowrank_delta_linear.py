@@ -4,8 +4,8 @@ import torch
 
 from .. import reference
 from .._checks import (
-    check_delta_linear_shapes, check_grad, check_offsets, check_same_device, check_tensor, compute_dtype,
-    is_real_number, tracing,
+    check_delta_linear_shapes, check_grad, check_ids, check_offsets, check_same_device, check_tensor, compute_dtype,
+    is_real_number,
 )
 from ._dispatch import opcall, register, triton_launcher
 
@@ -68,8 +68,7 @@ def check_lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets,
     `torch.ops.dcedit` op, `raw`); returns G."""
     check_delta_linear_shapes(x, weight, bias, row_group, mu_t, eta_t)
     G = check_offsets(offsets, "offsets", mu_t.shape[0])
-    if not tracing() and row_group.numel() and (int(row_group.min()) < -1 or int(row_group.max()) >= G):
-        raise ValueError(f"row_group entries must be in [-1, {G - 1}]")
+    check_ids(row_group, "row_group", -1, G - 1)
     if isinstance(alpha, torch.Tensor):
         check_tensor(alpha, "alpha")
         if alpha.numel() not in ((G,) if raw else (1, G)):

@@ -3,7 +3,7 @@
 import torch
 
 from .. import reference
-from .._checks import check_same_device, check_tensor, compute_dtype, is_int, tracing
+from .._checks import check_ids, check_same_device, check_tensor, compute_dtype, is_int
 from .._library import _LIB
 from ._dispatch import REGISTRY, checked, opcall
 
@@ -67,8 +67,7 @@ def check_sort_by_group(group_of_row, G):
         raise ValueError(f"group_of_row must be 1-D, got shape {tuple(group_of_row.shape)}")
     if not isinstance(G, int) or G < 1:
         raise ValueError(f"G must be a positive int, got {G!r}")
-    if not tracing() and group_of_row.numel() and (int(group_of_row.min()) < 0 or int(group_of_row.max()) >= G):
-        raise ValueError(f"group_of_row entries must be in [0, {G - 1}]")
+    check_ids(group_of_row, "group_of_row", 0, G - 1)
 
 
 def sort_by_group(group_of_row, G):
