@@ -131,3 +131,46 @@ def output_and_grads(fn, args):
     if not out.requires_grad:
         return out, []
     return out, torch.autograd.grad(out.double().pow(2).sum(), wrt, allow_unused=True)
+
+
+# ---------------------------------------------------------------- small editors
+EDITOR_KINDS = ("mend", "raeditor", "moeditor", "proeditor")
+
+
+def small_editor(method, seed=0, **kwargs):
+    """An editor of `method` on the op cases' widths (in d_in, out d_out, rank 3; RaEditor and
+    MoEditor with 3 editors, MoEditor's gate on d_out-wide edit features)."""
+    from dcedit_kernels.editors import MEND, MoEditor, ProEditor, RaEditor
+
+    d_in, d_out = OP_CASE_DIMS["d_in"], OP_CASE_DIMS["d_out"]
+    preset = {"mend": MEND, "raeditor": RaEditor, "moeditor": MoEditor, "proeditor": ProEditor}[method]
+    own = {"raeditor": dict(n_editors=3), "moeditor": dict(n_editors=3, feat_dim=d_out)}.get(method, {})
+    return preset(d_in, d_out, rank=OP_CASE_DIMS["rank"], seed=seed, **own, **kwargs)
+
+
+def editor_inputs(gen, dtype=torch.float32, device="cpu"):
+    """(mu, eta, edit_offsets, edit features) for `small_editor`: 4 ragged edits, edit 2 empty,
+    edit 0 of at least 4 tokens, the first of them all-zero (a token the editors skip)."""
+    d_in, d_out = OP_CASE_DIMS["d_in"], OP_CASE_DIMS["d_out"]
+    counts = random_counts(4, gen)
+    counts[2] = 0
+    counts[0] = max(counts[0], 4)
+    T = sum(counts)
+    mu, eta = randn((T, d_in), gen, dtype, device), randn((T, d_out), gen, dtype, device)
+    mu[0] = 0
+    return mu, eta, ragged_offsets(counts, device), randn((4, d_out), gen, dtype, device)
+
+
+def randomize_editor(editor, gen, scale=0.05):
+    """A non-trivial editor (the identity init has u = 0): random u, biases, mode scales, gate and
+    ψ output weights."""
+    with torch.no_grad():
+        for layer in editor.layers:
+            layer.u.copy_(torch.randn(layer.u.shape, generator=gen) * scale)
+            layer.bias.copy_(torch.randn(layer.bias.shape, generator=gen) * scale)
+            layer.mode_scale.add_(torch.randn(layer.mode_scale.shape, generator=gen) * scale)
+        if getattr(editor, "w_gate", None) is not None:
+            editor.w_gate.copy_(torch.randn(editor.w_gate.shape, generator=gen))
+        if editor.psi is not None:
+            editor.psi.fc2.weight.copy_(torch.randn(editor.psi.fc2.weight.shape, generator=gen) * scale)
+    return editor

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from dcedit_kernels import ops
-from dcedit_kernels.editors import MoEditor, ProEditor
-from helpers import OP_CASE_DIMS, output_and_grads, public_op_cases, randn, ragged_offsets, random_counts
+from helpers import OP_CASE_DIMS, editor_inputs, output_and_grads, public_op_cases, randn, small_editor
 
 AUTOCAST_DTYPE = {"cpu": torch.bfloat16, "cuda": torch.float16}
 
@@ -46,15 +45,10 @@ def test_apply_shift_ignores_autocast(gen, device):
 def test_editor_trains_under_autocast(editor, gen, device):
     """An editor's forward and backward run under autocast (the raw failure was in the first
     grouped_lowrank); its shift is fp32, as without autocast."""
-    d_out, d_in = OP_CASE_DIMS["d_out"], OP_CASE_DIMS["d_in"]
-    ed = (MoEditor(d_in, d_out, n_editors=3, feat_dim=d_out, rank=3, seed=0) if editor == "moeditor"
-          else ProEditor(d_in, d_out, rank=3, seed=0)).to(device)
-    counts = random_counts(4, gen)
-    counts[0] = max(counts[0], 2)
-    T = sum(counts)
-    mu, eta = randn((T, d_in), gen, device=device), randn((T, d_out), gen, device=device)
+    ed = small_editor(editor).to(device)
+    mu, eta, offsets, feats = editor_inputs(gen, device=device)
     with _autocast(device):
-        edit = ed(mu, eta, ragged_offsets(counts, device), mode=0, edit_feats=randn((4, d_out), gen, device=device))
+        edit = ed(mu, eta, offsets, mode=0, edit_feats=feats)
         delta = edit.dense()
         loss = delta.pow(2).sum() + edit.aux_loss
     loss.backward()

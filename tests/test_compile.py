@@ -14,11 +14,11 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from dcedit_kernels import ops
-from dcedit_kernels.editors import MEND, MoEditor, ProEditor, RaEditor
-from helpers import OP_CASE_DIMS, output_and_grads, public_op_cases, ragged_leaves, randn, ragged_offsets, random_counts
+from helpers import (
+    EDITOR_KINDS, OP_CASE_DIMS, editor_inputs, output_and_grads, public_op_cases, ragged_leaves, randn, small_editor,
+)
 
 G, D_OUT, D_IN = OP_CASE_DIMS["G"], OP_CASE_DIMS["d_out"], OP_CASE_DIMS["d_in"]
-R = 3
 
 
 @pytest.fixture(autouse=True)
@@ -103,28 +103,10 @@ def _editor_step(editor, mu, eta, offsets, feats):
     return loss.detach(), delta.detach()
 
 
-EDITORS = {
-    "mend": lambda: MEND(D_IN, D_OUT, rank=R, seed=1),
-    "raeditor": lambda: RaEditor(D_IN, D_OUT, n_editors=3, rank=R, seed=1),
-    "moeditor": lambda: MoEditor(D_IN, D_OUT, n_editors=3, feat_dim=D_OUT, rank=R, seed=1),
-    "proeditor": lambda: ProEditor(D_IN, D_OUT, rank=R, seed=1),
-}
-
-
-def _editor_inputs(gen):
-    counts = random_counts(4, gen)
-    counts[2] = 0
-    counts[0] = max(counts[0], 4)  # a token the editor skips, and others it uses
-    T = sum(counts)
-    mu, eta = randn((T, D_IN), gen), randn((T, D_OUT), gen)
-    mu[0] = 0
-    return mu, eta, ragged_offsets(counts), randn((4, D_OUT), gen)
-
-
-@pytest.mark.parametrize("method", list(EDITORS))
+@pytest.mark.parametrize("method", EDITOR_KINDS)
 def test_editor_compiles_and_trains_as_eager(method, gen):
-    mu, eta, offsets, feats = _editor_inputs(gen)
-    eager = EDITORS[method]()
+    mu, eta, offsets, feats = editor_inputs(gen)
+    eager = small_editor(method, seed=1)
     compiled_module = copy.deepcopy(eager)
     want = _editor_step(eager, mu, eta, offsets, feats)
     got = _editor_step(torch.compile(compiled_module, backend="aot_eager"), mu, eta, offsets, feats)
@@ -141,8 +123,8 @@ def test_editor_under_inductor_matches_eager_to_rounding(gen):
     """ProEditor (the most ops: ψ, the gain, the Fisher mask).  Inductor fuses the elementwise
     work around the ops, so agreement is to fp32 rounding, judged on all gradients at once
     (some, the biases', are sums that cancel to ~1e-5 of the others)."""
-    mu, eta, offsets, feats = _editor_inputs(gen)
-    eager = EDITORS["proeditor"]()
+    mu, eta, offsets, feats = editor_inputs(gen)
+    eager = small_editor("proeditor", seed=1)
     compiled_module = copy.deepcopy(eager)
     want = _editor_step(eager, mu, eta, offsets, feats)
     got = _editor_step(torch.compile(compiled_module, backend="inductor"), mu, eta, offsets, feats)

@@ -8,45 +8,30 @@ import copy
 import pytest
 import torch
 
-from dcedit_kernels.editors import MEND, MoEditor, ProEditor, RaEditor
-from helpers import randn, ragged_offsets, random_counts, rel_err
+from helpers import OP_CASE_DIMS, editor_inputs, randn, randomize_editor, rel_err, small_editor
 
-D_IN, D_OUT = 5, 6
-EDITORS = {
-    "mend": lambda **kw: MEND(D_IN, D_OUT, rank=3, seed=0, **kw),
-    "mend_no_norm": lambda **kw: MEND(D_IN, D_OUT, rank=3, seed=0, norm=False, **kw),
-    "raeditor": lambda **kw: RaEditor(D_IN, D_OUT, n_editors=3, rank=3, seed=0, **kw),
-    "moeditor": lambda **kw: MoEditor(D_IN, D_OUT, n_editors=3, feat_dim=D_OUT, rank=3, seed=0, **kw),
-    "proeditor": lambda **kw: ProEditor(D_IN, D_OUT, rank=3, seed=0, **kw),
-    "proeditor_sentence": lambda **kw: ProEditor(D_IN, D_OUT, rank=3, seed=0, generator="sentence", **kw),
+D_IN, D_OUT = OP_CASE_DIMS["d_in"], OP_CASE_DIMS["d_out"]
+EDITORS = {  # name -> small_editor's arguments
+    "mend": ("mend", {}),
+    "mend_no_norm": ("mend", dict(norm=False)),
+    "raeditor": ("raeditor", {}),
+    "moeditor": ("moeditor", {}),
+    "proeditor": ("proeditor", {}),
+    "proeditor_sentence": ("proeditor", dict(generator="sentence")),
 }
 
 
-def _inputs(gen):
-    counts = random_counts(4, gen)
-    counts[0] = max(counts[0], 3)
-    T = sum(counts)
-    return (randn((T, D_IN), gen, torch.float64), randn((T, D_OUT), gen, torch.float64), ragged_offsets(counts),
-            randn((4, D_OUT), gen, torch.float64))
-
-
-def _nontrivial(editor, gen):
-    """Random u and ψ output weights: the initial editor is an identity map."""
-    with torch.no_grad():
-        for layer in editor.layers:
-            layer.u.copy_(torch.randn(layer.u.shape, generator=gen) * 0.3)
-        if editor.psi is not None:
-            editor.psi.fc2.weight.copy_(torch.randn(editor.psi.fc2.weight.shape, generator=gen) * 0.3)
-        if getattr(editor, "w_gate", None) is not None:
-            editor.w_gate.copy_(torch.randn(editor.w_gate.shape, generator=gen))
-    return editor
+def _editor(name, gen):
+    """A non-trivial editor (`randomize_editor`: the initial one is an identity map)."""
+    method, kwargs = EDITORS[name]
+    return randomize_editor(small_editor(method, **kwargs), gen, scale=0.3)
 
 
 @pytest.mark.parametrize("warm", [False, True], ids=["fresh_norms", "warm_norms"])
 @pytest.mark.parametrize("method", list(EDITORS))
 def test_float64_editor_gives_float64_results(method, warm, gen):
-    mu, eta, offsets, feats = _inputs(gen)
-    ed32 = _nontrivial(EDITORS[method](), gen)
+    mu, eta, offsets, feats = editor_inputs(gen, torch.float64)
+    ed32 = _editor(method, gen)
     if warm and ed32.norm is not None:
         ed32.norm.update(randn((9, D_IN), gen), randn((9, D_OUT), gen))
     ed64 = copy.deepcopy(ed32).to(torch.float64).eval()
@@ -60,8 +45,8 @@ def test_float64_editor_gives_float64_results(method, warm, gen):
 
 @pytest.mark.parametrize("method", list(EDITORS))
 def test_bf16_editor_runs_in_fp32_arithmetic(method, gen):
-    mu, eta, offsets, feats = _inputs(gen)
-    ed = _nontrivial(EDITORS[method](), gen)
+    mu, eta, offsets, feats = editor_inputs(gen, torch.float64)
+    ed = _editor(method, gen)
     ed16 = copy.deepcopy(ed).to(torch.bfloat16).eval()
     ed16_in_fp32 = copy.deepcopy(ed16).float()  # before either runs: RaEditor's routing draws
     delta = ed16.dense(mu.float(), eta.float(), offsets, 0, feats.float())

@@ -7,16 +7,10 @@ import copy
 import pytest
 import torch
 
-from dcedit_kernels.editors import MEND, GroupedEditor, MoEditor, ProEditor, RaEditor
-from helpers import randn, ragged_offsets
+from dcedit_kernels.editors import GroupedEditor
+from helpers import EDITOR_KINDS, OP_CASE_DIMS, editor_inputs, randn, small_editor
 
-D_IN, D_OUT = 5, 6
-EDITORS = {
-    "mend": lambda seed: MEND(D_IN, D_OUT, rank=3, seed=seed),
-    "raeditor": lambda seed: RaEditor(D_IN, D_OUT, n_editors=3, rank=3, seed=seed),
-    "moeditor": lambda seed: MoEditor(D_IN, D_OUT, n_editors=3, feat_dim=D_OUT, rank=3, seed=seed),
-    "proeditor": lambda seed: ProEditor(D_IN, D_OUT, rank=3, seed=seed),
-}
+D_IN, D_OUT = OP_CASE_DIMS["d_in"], OP_CASE_DIMS["d_out"]
 
 
 def _trained_looking(editor, gen):
@@ -30,9 +24,9 @@ def _trained_looking(editor, gen):
 
 
 @pytest.mark.parametrize("seed", [None, 7])
-@pytest.mark.parametrize("method", list(EDITORS))
+@pytest.mark.parametrize("method", EDITOR_KINDS)
 def test_loaded_editor_equals_the_saved_one(method, seed, gen, tmp_path):
-    editor = _trained_looking(EDITORS[method](seed), gen).eval()
+    editor = _trained_looking(small_editor(method, seed), gen).eval()
     path = tmp_path / "editor.safetensors"
     editor.save(str(path))
     twin = copy.deepcopy(editor)  # the saved editor as it was, for RaEditor's first routing draw
@@ -40,8 +34,7 @@ def test_loaded_editor_equals_the_saved_one(method, seed, gen, tmp_path):
     assert loaded.config == editor.config and loaded.seed == seed
     for (name, a), b in zip(editor.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
-    mu, eta, feats = randn((7, D_IN), gen), randn((7, D_OUT), gen), randn((3, D_OUT), gen)
-    offsets = ragged_offsets([3, 0, 4])
+    mu, eta, offsets, feats = editor_inputs(gen)
     if method == "raeditor" and seed is None:
         torch.manual_seed(0)
         want = twin.dense(mu, eta, offsets, 0, feats)

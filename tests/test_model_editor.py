@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import rel_err, saved_bytes
+from helpers import randomize_editor, rel_err, saved_bytes
 
 from dcedit_kernels import ops
 from dcedit_kernels.capture import capture_factors, weight_out_in
@@ -78,17 +78,9 @@ def changed_keys(before, model):
 
 
 def randomize_editors(me, gen, scale=0.05):
-    """Non-trivial editors: random u (the identity init has u = 0), biases and mode embeddings."""
-    with torch.no_grad():
-        for editor in me.editors.values():
-            for layer in editor.layers:
-                layer.u.copy_(torch.randn(layer.u.shape, generator=gen) * scale)
-                layer.bias.copy_(torch.randn(layer.bias.shape, generator=gen) * scale)
-                layer.mode_scale.add_(torch.randn(layer.mode_scale.shape, generator=gen) * scale)
-            if getattr(editor, "w_gate", None) is not None:
-                editor.w_gate.copy_(torch.randn(editor.w_gate.shape, generator=gen))
-            if editor.psi is not None:
-                editor.psi.fc2.weight.copy_(torch.randn(editor.psi.fc2.weight.shape, generator=gen) * scale)
+    """Non-trivial editors (`helpers.randomize_editor`, each in turn)."""
+    for editor in me.editors.values():
+        randomize_editor(editor, gen, scale)
 
 
 def reference_edit_loss(logits, labels, causal, reduction):
