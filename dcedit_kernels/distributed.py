@@ -17,6 +17,12 @@ No collective runs inside a batch, so a process that reruns a batch (the fp16 re
 for the others.  Rank 0 validates and writes the checkpoints (with every process's RNG states:
 a resume draws what the uninterrupted run would); the others take its scores.  Every process
 must reach the same checkpoint_dir to resume; a resume with another W is refused.
+
+A failure on one process raises on all of them, rather than leaving the others waiting in their
+next collective: a process whose batches raise still joins the step's all-reduce, which counts the
+failures (`average_gradients`), and rank 0 sends its validation scores and checkpoint writes with
+their outcome (`on_rank0`).  The failed process re-raises its own error; the others raise a
+RuntimeError naming its rank and error.
 """
 
 from __future__ import annotations
@@ -64,21 +70,27 @@ def broadcast_state(module: torch.nn.Module) -> None:
             dist.broadcast(t.data, src=0)
 
 
-def average_gradients(params: list, numbers: list[float]) -> list[float]:
+def average_gradients(params: list, numbers: list[float], error: BaseException | None = None) -> list[float]:
     """Each param's .grad summed over the processes and divided by their number (a process without
     one adds zeros; a param that no process has a grad for keeps None, which the optimisers skip,
     as in one process); `numbers` (the step's batch counts and logged loss sums: every process
-    passes as many) summed over the processes in the same all-reduce, and returned."""
+    passes as many) summed over the processes in the same all-reduce, and returned.
+
+    `error`: what this process's step raised, if it did (it still calls this, so that nobody waits):
+    the same all-reduce counts the failures, and if any process failed every process raises
+    (`raise_failures`) before the gradients are reduced."""
     _, size = world()
-    head = torch.tensor([*numbers, *(p.grad is not None for p in params)], dtype=torch.float64,
-                        device=_device(params))
+    head = torch.tensor([error is not None, *numbers, *(p.grad is not None for p in params)],
+                        dtype=torch.float64, device=_device(params))
     dist.all_reduce(head)
-    for p, anyone in zip(params, head[len(numbers):].tolist()):
+    if head[0] > 0:
+        raise_failures(error, "in the same training step")
+    for p, anyone in zip(params, head[1 + len(numbers):].tolist()):
         if anyone:
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
             dist.all_reduce(grad)
             p.grad = grad.div_(size)
-    return head[:len(numbers)].tolist()
+    return head[1:1 + len(numbers)].tolist()
 
 
 def norm_sums(norm) -> list[torch.Tensor]:
@@ -124,11 +136,26 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def _message(error: BaseException | None) -> str | None:
+    return None if error is None else f"{type(error).__name__}: {error}"
+
+
+def raise_failures(error: BaseException | None, where: str) -> None:
+    """Called by every process once they know that one of them failed: the failed processes
+    re-raise their own `error`, the others a RuntimeError naming each failed rank and its error
+    (one all_gather of the messages, on this path only)."""
+    outcomes = all_gather_object(_message(error))
+    if error is not None:
+        raise error
+    failed = [f"rank {r}: {message}" for r, message in enumerate(outcomes) if message]
+    raise RuntimeError(f"another process failed {where} ({'; '.join(failed)})")
+
+
 def agree_on_start(error: BaseException | None, steps: int) -> None:
     """Raise on every process if one of them failed to set up (`error`: its own is re-raised by the
     caller) or they would start from different steps (a checkpoint_dir that not every process sees),
     rather than leave the others waiting in a collective."""
-    outcomes = all_gather_object((None if error is None else f"{type(error).__name__}: {error}", steps))
+    outcomes = all_gather_object((_message(error), steps))
     if error is not None:
         return
     failed = [f"rank {r}: {message}" for r, (message, _) in enumerate(outcomes) if message]
@@ -140,12 +167,28 @@ def agree_on_start(error: BaseException | None, steps: int) -> None:
                          "checkpoint_dir on every process")
 
 
+def on_rank0(fn, what: str):
+    """`fn()` run by rank 0 only, its result on every process (rank 0's validation scores, its
+    checkpoint writes).  The broadcast is also the others' wait for rank 0 to finish (a resume never
+    reads a checkpoint being written).  If `fn` raises, rank 0 re-raises and the others raise a
+    RuntimeError with its message, instead of waiting in their next collective."""
+    rank, _ = world()
+    error = value = None
+    if rank == 0:
+        try:
+            value = fn()
+        except Exception as exc:  # noqa: BLE001 -- re-raised below, after the others hear of it
+            error = exc
+    message, value = broadcast_object((_message(error), value))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"rank 0 failed {what} ({message})")
+    return value
+
+
 def broadcast_object(obj, src: int = 0):
     """`obj` (picklable) from rank `src` on every process."""
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def barrier() -> None:
-    dist.barrier()

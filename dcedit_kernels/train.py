@@ -414,38 +414,21 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                         gen.manual_seed(_rank_seed(gen.initial_seed(), result.steps, rank))
             me.editors.train()
             while result.steps < config.steps and not result.stopped_early:
-                step_parts, skipped = [], 0
                 norms_before = [distributed.norm_sums(n) for n in norms] if size > 1 else None
                 for p in params:
                     p.grad = None
-                for a in range(config.accumulate):
-                    b = (result.steps * config.accumulate + a) * size + rank  # the same batches as W·accumulate
-                    indices = _batch_indices(len(train_requests), config.batch_size, config.seed, b)
-                    batch = [train_requests[i] for i in indices]
-                    before = _forward_state(me)
-                    loss, parts = batch_loss(me, batch, config)
-                    # L_edit is a batch mean: backpropagate at the per-token sum's scale, divide back.
-                    scale = backward_scale(parts.pop("edit_tokens"))
-                    grads = _scaled_grads(loss / config.accumulate, params, scale)
-                    if scale != 1 and not _finite(grads):
-                        # fp16 overflow of the scaled backward: the batch again, unscaled, from the
-                        # state the first forward started from (`_forward_state`).
-                        _restore_forward_state(me, before)
-                        loss, parts = batch_loss(me, batch, config)
-                        parts.pop("edit_tokens")
-                        grads = _scaled_grads(loss / config.accumulate, params, 1)
-                    if not _finite(grads):
-                        skipped += 1
-                        continue
-                    for p, g in zip(params, grads):
-                        if g is not None:
-                            p.grad = g if p.grad is None else p.grad + g
-                    step_parts.append(parts)
+                error = None
+                try:
+                    step_parts, skipped = _accumulate(me, params, train_requests, config, result.steps, rank, size)
+                except Exception as exc:  # noqa: BLE001 -- a data-parallel run raises it on every process below
+                    if size == 1:
+                        raise
+                    error, step_parts, skipped = exc, [], 0
                 contributed = len(step_parts)
                 sums = {k: sum(p[k] for p in step_parts) for k in PART_KEYS}
                 if size > 1:
                     contributed, skipped, *totals = distributed.average_gradients(
-                        params, [contributed, skipped, *(sums[k] for k in PART_KEYS)])
+                        params, [contributed, skipped, *(sums[k] for k in PART_KEYS)], error)
                     sums = dict(zip(PART_KEYS, totals))
                     distributed.merge_running_norms(norms, norms_before)
                 result.skipped_batches += int(skipped)
@@ -462,17 +445,15 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                     bar.set_postfix(loss=f"{logged['loss']:.4g}", edit=f"{logged['edit']:.3g}", kl=f"{logged['kl']:.3g}")
                 if val_requests is not None and (result.steps % config.val_every == 0 or result.steps == config.steps):
                     best_state, bad_validations = _validate(me, val_requests, config, result, best_state,
-                                                            bad_validations, ckpt, rank, size)
+                                                            bad_validations, ckpt, size)
                     bar.set_postfix(es=f"{result.val_history[-1]['es']:.3f}", best=f"{result.best_es:.3f}")
                     me.editors.train()
                 if ckpt is not None and (result.steps % config.val_every == 0 or result.steps == config.steps
                                          or result.stopped_early):
                     # Every process's RNG states, so that a resume draws what an uninterrupted run would.
                     states = distributed.all_gather_object(_rng_states(me)) if size > 1 else [_rng_states(me)]
-                    if rank == 0:
-                        _checkpoint(me, opt, lr_opt, ckpt, result, bad_validations, run, states)
-                    if size > 1:  # no process reads a checkpoint (a resume) before it is written
-                        distributed.barrier()
+                    _on_rank0(lambda: _checkpoint(me, opt, lr_opt, ckpt, result, bad_validations, run, states),
+                              "writing a checkpoint", size)
     finally:
         bar.close()
         me.editors.train(was_training)
@@ -480,6 +461,44 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
         me.load_state_tensors(best_state)
     result.elapsed_s += time.perf_counter() - start
     return result
+
+
+def _accumulate(me: ModelEditor, params: list, train_requests, config: TrainConfig, steps: int, rank: int,
+                size: int) -> tuple[list[dict], int]:
+    """One optimiser step's batches (`config.accumulate` of them; global batch index b·W + rank, so
+    that W processes see the batches of one process with W·accumulate): their gradients added to the
+    params' .grad, (each contributing batch's loss parts, the number of batches skipped as non-finite)."""
+    step_parts, skipped = [], 0
+    for a in range(config.accumulate):
+        b = (steps * config.accumulate + a) * size + rank  # the same batches as W·accumulate
+        indices = _batch_indices(len(train_requests), config.batch_size, config.seed, b)
+        batch = [train_requests[i] for i in indices]
+        before = _forward_state(me)
+        loss, parts = batch_loss(me, batch, config)
+        # L_edit is a batch mean: backpropagate at the per-token sum's scale, divide back.
+        scale = backward_scale(parts.pop("edit_tokens"))
+        grads = _scaled_grads(loss / config.accumulate, params, scale)
+        if scale != 1 and not _finite(grads):
+            # fp16 overflow of the scaled backward: the batch again, unscaled, from the
+            # state the first forward started from (`_forward_state`).
+            _restore_forward_state(me, before)
+            loss, parts = batch_loss(me, batch, config)
+            parts.pop("edit_tokens")
+            grads = _scaled_grads(loss / config.accumulate, params, 1)
+        if not _finite(grads):
+            skipped += 1
+            continue
+        for p, g in zip(params, grads):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
+        step_parts.append(parts)
+    return step_parts, skipped
+
+
+def _on_rank0(fn, what: str, size: int):
+    """`fn()` on rank 0 of a data-parallel run of `size` processes, its result (or its error) on
+    every process (`distributed.on_rank0`); in one process, just `fn()`."""
+    return distributed.on_rank0(fn, what) if size > 1 else fn()
 
 
 def _rank_seed(seed: int, steps: int, rank: int) -> int:
@@ -520,20 +539,18 @@ def _cuda_devices(me: ModelEditor) -> list:
     return cuda_indices(me.devices)
 
 
-def _validate(me, val_requests, config, result, best_state, bad_validations, ckpt, rank=0, size=1):
+def _validate(me, val_requests, config, result, best_state, bad_validations, ckpt, size=1):
     """Rank 0 validates (and saves best.safetensors); a data-parallel run's other processes take
-    its scores and keep the same best state (their editors equal rank 0's).  `rank`, `size`: the
-    run's (0, 1 unless it is data-parallel)."""
-    scores = evaluate_edits(me, val_requests, config.batch_size) if rank == 0 else None
-    if size > 1:
-        scores = distributed.broadcast_object(scores)
+    its scores and keep the same best state (their editors equal rank 0's).  `size`: the run's
+    number of processes (1 unless it is data-parallel)."""
+    scores = _on_rank0(lambda: evaluate_edits(me, val_requests, config.batch_size), "validating", size)
     result.val_history.append(dict(step=result.steps, **scores))
     if result.best_es is None or scores["es"] > result.best_es + config.min_delta:
         result.best_es, result.best_step = scores["es"], result.steps
         best_state = {k: v.clone() for k, v in me.state_tensors().items()}
         bad_validations = 0
-        if ckpt is not None and rank == 0:
-            _save_editor(me, ckpt / "best.safetensors", best_state)
+        if ckpt is not None:
+            _on_rank0(lambda: _save_editor(me, ckpt / "best.safetensors", best_state), "saving the best editor", size)
     else:
         bad_validations += 1
         if config.patience is not None and bad_validations >= config.patience:

@@ -6,10 +6,13 @@ each with its own replica of the tiny Llama and its ModelEditor.
 - With running norms the processes' editors stay identical and every process ends each step with
   the statistics of all the tokens one process with 2·a would have seen; validation, checkpoints
   and a resume work across them, and the resume is exact.
-- A resume with another number of processes is refused on every process (none waits).
+- A resume with another number of processes is refused on every process (none waits), and a
+  failure on one process mid-training (its batch, rank 0's validation or checkpoint) raises on both.
+Each run has a deadline: a process left waiting in a collective fails the test instead of hanging it.
 """
 
 import json
+import time
 
 import pytest
 import torch
@@ -40,20 +43,41 @@ def _train(me, config, val=None):
     return result, {k: v.detach().clone() for k, v in me.state_tensors().items()}
 
 
-def _worker(rank, store, out, method, editor_kwargs, runs, with_val):
+def _inject_failure(fail, rank):
+    """`fail` = (name, rank, n): on that rank, the n-th call of dcedit_kernels.train's `name`
+    raises OSError."""
+    import dcedit_kernels.train as train_module
+
+    name, on_rank, n = fail
+    if rank != on_rank:
+        return
+    original, calls = getattr(train_module, name), []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise OSError(f"injected failure in {name}")
+        return original(*args, **kwargs)
+
+    setattr(train_module, name, failing)
+
+
+def _worker(rank, store, out, method, editor_kwargs, runs, with_val, fail):
     """Each of `runs` (TrainConfig keyword dicts) in turn on one ModelEditor, data-parallel; the
-    last state and result, or the error, go to files in `out`."""
+    last state and result, or the error ("Type: message"), go to files in `out`."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
+        if fail is not None:
+            _inject_failure(fail, rank)
         me = _editor(method, editor_kwargs)
         val = _requests(2, 3) if with_val else None
         try:
             for kwargs in runs:
                 result, state = _train(me, TrainConfig(**dict(kwargs, data_parallel=True)), val)
-        except ValueError as exc:
+        except Exception as exc:  # noqa: BLE001 -- the test reads it
             with open(f"{out}/error{rank}.txt", "w") as f:
-                f.write(str(exc))
+                f.write(f"{type(exc).__name__}: {exc}")
             return
         torch.save(state, f"{out}/state{rank}.pt")
         with open(f"{out}/result{rank}.json", "w") as f:
@@ -64,12 +88,19 @@ def _worker(rank, store, out, method, editor_kwargs, runs, with_val):
         dist.destroy_process_group()
 
 
-def _run(folder, method, editor_kwargs, runs, with_val=False):
+def _run(folder, method, editor_kwargs, runs, with_val=False, fail=None, deadline_s=300):
     folder.mkdir(parents=True, exist_ok=True)
     errors = [folder / f"error{r}.txt" for r in range(WORLD)]
+    context = mp.start_processes(_worker, nprocs=WORLD, join=False, start_method="spawn",
+                                 args=(str(folder / "store"), str(folder), method, editor_kwargs, runs, with_val,
+                                       fail))
+    deadline = time.monotonic() + deadline_s
     try:
-        mp.spawn(_worker, args=(str(folder / "store"), str(folder), method, editor_kwargs, runs, with_val),
-                 nprocs=WORLD, join=True)
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                pytest.fail(f"the processes were still running after {deadline_s} s (one waits for another)")
     except mp.ProcessExitedException as exc:
         # Once in CI (2 loaded cores) a process aborted in gloo's teardown ("terminate called without
         # an active exception") after the test's work; a process that ends before writing its
@@ -137,6 +168,21 @@ def test_a_resume_with_another_number_of_processes_is_refused_everywhere(tmp_pat
     _train(_editor("mend", {}), TrainConfig(**config))  # one process
     _, errors = _run(tmp_path / "run", "mend", {}, [dict(config, steps=2)])
     assert all(e is not None and "processes 1 -> 2" in e for e in errors)
+
+
+@pytest.mark.parametrize("fail, where", [
+    (("batch_loss", 1, 2), "another process failed in the same training step (rank 1: OSError"),
+    (("evaluate_edits", 0, 2), "rank 0 failed validating (OSError"),
+    (("_checkpoint", 0, 2), "rank 0 failed writing a checkpoint (OSError"),
+], ids=["batch", "validation", "checkpoint"])
+def test_a_failure_on_one_process_raises_on_every_process(tmp_path, one_thread, fail, where):
+    """Without the failure counted in the step's all-reduce (or rank 0's outcome broadcast), the
+    other process waits in its next collective: this test then hits `_run`'s deadline."""
+    config = dict(steps=3, batch_size=2, progress=False, val_every=1, checkpoint_dir=str(tmp_path / "ckpt"))
+    _, errors = _run(tmp_path / "run", "mend", {}, [config], with_val=True, fail=fail, deadline_s=120)
+    failed = fail[1]
+    assert errors[failed] == f"OSError: injected failure in {fail[0]}"
+    assert errors[1 - failed].startswith("RuntimeError: ") and where in errors[1 - failed], errors
 
 
 def test_dcedit_train_under_torchrun(tmp_path):
