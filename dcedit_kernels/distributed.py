@@ -14,15 +14,16 @@ Without running norms a step is the step of one process with W·accumulate batch
 With them (MEND's default) it differs a little: one process normalises a step's later batches
 with the statistics of its earlier ones, each of the W processes with its own batches' only.
 No collective runs inside a batch, so a process that reruns a batch (the fp16 retry) never waits
-for the others.  Rank 0 validates and writes the checkpoints (with every process's RNG states:
-a resume draws what the uninterrupted run would); the others take its scores.  Every process
-must reach the same checkpoint_dir to resume; a resume with another W is refused.
+for the others.  Each process scores a share of the validation batches and all get the gathered
+scores (`gather_outcomes`).  Rank 0 writes the checkpoints (with every process's RNG states: a
+resume draws what the uninterrupted run would).  Every process must reach the same checkpoint_dir
+to resume; a resume with another W is refused.
 
 A failure on one process raises on all of them, rather than leaving the others waiting in their
 next collective: a process whose batches raise still joins the step's all-reduce, which counts the
-failures (`average_gradients`), and rank 0 sends its validation scores and checkpoint writes with
-their outcome (`on_rank0`).  The failed process re-raises its own error; the others raise a
-RuntimeError naming its rank and error.
+failures (`average_gradients`), the validation shares are gathered with their outcome
+(`gather_outcomes`), and rank 0 sends the outcome of its checkpoint writes (`on_rank0`).  The
+failed process re-raises its own error; the others raise a RuntimeError naming its rank and error.
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ def average_gradients(params: list, numbers: list[float], error: BaseException |
     `error`: what this process's step raised, if it did (it still calls this, so that nobody waits):
     the same all-reduce counts the failures, and if any process failed every process raises
     (`raise_failures`) before the gradients are reduced."""
+    # One all-reduce per parameter, unbucketed: an editor has few (MEND 11, MoEditor with N_g = 8
+    # 13, ProEditor 15, counted on the tiny Llama; the N_g editors are stacked in one tensor each),
+    # so a flattened bucket would save about a dozen small calls per editor and step.
     _, size = world()
     head = torch.tensor([error is not None, *numbers, *(p.grad is not None for p in params)],
                         dtype=torch.float64, device=_device(params))
@@ -140,27 +144,41 @@ def _message(error: BaseException | None) -> str | None:
     return None if error is None else f"{type(error).__name__}: {error}"
 
 
-def raise_failures(error: BaseException | None, where: str) -> None:
-    """Called by every process once they know that one of them failed: the failed processes
-    re-raise their own `error`, the others a RuntimeError naming each failed rank and its error
-    (one all_gather of the messages, on this path only)."""
-    outcomes = all_gather_object(_message(error))
+def _raise_if_any_failed(error: BaseException | None, messages: list, what: str) -> None:
+    """After every process has shared its outcome (`messages`: each rank's `_message`): a failed
+    process re-raises its own `error`, the others a RuntimeError naming each failed rank and its error."""
     if error is not None:
         raise error
-    failed = [f"rank {r}: {message}" for r, message in enumerate(outcomes) if message]
-    raise RuntimeError(f"another process failed {where} ({'; '.join(failed)})")
+    failed = [f"rank {r}: {message}" for r, message in enumerate(messages) if message]
+    if failed:
+        raise RuntimeError(f"another process failed {what} ({'; '.join(failed)})")
+
+
+def raise_failures(error: BaseException | None, what: str) -> None:
+    """Called by every process once they know that one of them failed (one all_gather of the
+    messages, on this path only)."""
+    _raise_if_any_failed(error, all_gather_object(_message(error)), what)
+
+
+def gather_outcomes(fn, what: str) -> list:
+    """`fn()` on every process, every process's result in rank order (the validation's shares of
+    batches), or the failure of any process raised on every process."""
+    error = value = None
+    try:
+        value = fn()
+    except Exception as exc:  # noqa: BLE001 -- re-raised below, after the others hear of it
+        error = exc
+    outcomes = all_gather_object((_message(error), value))
+    _raise_if_any_failed(error, [message for message, _ in outcomes], what)
+    return [v for _, v in outcomes]
 
 
 def agree_on_start(error: BaseException | None, steps: int) -> None:
-    """Raise on every process if one of them failed to set up (`error`: its own is re-raised by the
-    caller) or they would start from different steps (a checkpoint_dir that not every process sees),
-    rather than leave the others waiting in a collective."""
+    """Raise on every process if one of them failed to set up (`error`) or they would start from
+    different steps (a checkpoint_dir that not every process sees), rather than leave the others
+    waiting in a collective."""
     outcomes = all_gather_object((_message(error), steps))
-    if error is not None:
-        return
-    failed = [f"rank {r}: {message}" for r, (message, _) in enumerate(outcomes) if message]
-    if failed:
-        raise RuntimeError(f"another process could not start training ({'; '.join(failed)})")
+    _raise_if_any_failed(error, [message for message, _ in outcomes], "to start training")
     starts = [s for _, s in outcomes]
     if len(set(starts)) > 1:
         raise ValueError(f"the processes would start from different steps {starts}: a resume needs the same "
@@ -168,9 +186,9 @@ def agree_on_start(error: BaseException | None, steps: int) -> None:
 
 
 def on_rank0(fn, what: str):
-    """`fn()` run by rank 0 only, its result on every process (rank 0's validation scores, its
-    checkpoint writes).  The broadcast is also the others' wait for rank 0 to finish (a resume never
-    reads a checkpoint being written).  If `fn` raises, rank 0 re-raises and the others raise a
+    """`fn()` run by rank 0 only, its result on every process (rank 0's checkpoint writes).  The
+    broadcast is also the others' wait for rank 0 to finish (a resume never reads a checkpoint
+    being written).  If `fn` raises, rank 0 re-raises and the others raise a
     RuntimeError with its message, instead of waiting in their next collective."""
     rank, _ = world()
     error = value = None

@@ -280,19 +280,45 @@ def evaluate_edits(me: ModelEditor, requests, batch_size: int = 4) -> dict:
     requests = validate_requests(requests)
     if me.seq2seq:
         raise ValueError("evaluate_edits supports causal LMs only (as editor training does)")
-    acc, nll = [], []
-    for start in range(0, len(requests), batch_size):
-        chunk = requests[start:start + batch_size]
+    return _edit_summary(_batch_scores(me, requests, batch_size, range(_n_batches(requests, batch_size))))
+
+
+def _n_batches(requests, batch_size: int) -> int:
+    return -(-len(requests) // batch_size)
+
+
+def _batch_scores(me: ModelEditor, requests, batch_size: int, batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(each edit's target-token accuracy, each edit's mean target NLL) of the batches numbered
+    `batches` (batch b: requests[b·batch_size:(b+1)·batch_size]), each applied, scored and undone."""
+    out = []
+    for b in batches:
+        chunk = requests[b * batch_size:(b + 1) * batch_size]
         rows = me.tokenize([r.rephrase or r.prompt for r in chunk], [r.target for r in chunk])
         positions = scored_positions(rows["labels"], causal=True)
         with me.edited(chunk), torch.no_grad(), logits_at(me.model, positions, skip=me.modules.values()) as scored:
-            out = me.model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"])
-            picked = scored.pick(out.logits)
-            acc.append(scored_accuracy(picked, rows["labels"], causal=True).cpu())
+            logits = me.model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
+            picked = scored.pick(logits)
+            acc = scored_accuracy(picked, rows["labels"], causal=True).cpu()
             sums, counts = scored_nll(picked, rows["labels"], causal=True, reduction="row")
-            nll.append((sums / counts.clamp(min=1)).cpu())
-    acc_t, nll_t = torch.cat(acc), torch.cat(nll)
+            out.append((acc, (sums / counts.clamp(min=1)).cpu()))
+    return out
+
+
+def _edit_summary(batch_scores: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    acc_t, nll_t = torch.cat([a for a, _ in batch_scores]), torch.cat([n for _, n in batch_scores])
     return dict(es=float(acc_t.mean()), es_all=float((acc_t == 1).float().mean()), nll=float(nll_t.mean()))
+
+
+def _evaluate_split(me: ModelEditor, requests, batch_size: int, rank: int, size: int) -> dict:
+    """`evaluate_edits` shared by the `size` processes of a data-parallel run (their editors are
+    equal): process r scores batches r, r + W, …; the batches' scores are gathered and put back in
+    order, so every process gets what one process scoring them all would (bit for bit, but for
+    RaEditor's random routing, which each process draws from its own generator)."""
+    requests = validate_requests(requests)
+    n = _n_batches(requests, batch_size)
+    parts = distributed.gather_outcomes(lambda: _batch_scores(me, requests, batch_size, range(rank, n, size)),
+                                        "validating")
+    return _edit_summary([parts[b % size][b // size] for b in range(n)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,7 +471,7 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                     bar.set_postfix(loss=f"{logged['loss']:.4g}", edit=f"{logged['edit']:.3g}", kl=f"{logged['kl']:.3g}")
                 if val_requests is not None and (result.steps % config.val_every == 0 or result.steps == config.steps):
                     best_state, bad_validations = _validate(me, val_requests, config, result, best_state,
-                                                            bad_validations, ckpt, size)
+                                                            bad_validations, ckpt, rank, size)
                     bar.set_postfix(es=f"{result.val_history[-1]['es']:.3f}", best=f"{result.best_es:.3f}")
                     me.editors.train()
                 if ckpt is not None and (result.steps % config.val_every == 0 or result.steps == config.steps
@@ -539,11 +565,12 @@ def _cuda_devices(me: ModelEditor) -> list:
     return cuda_indices(me.devices)
 
 
-def _validate(me, val_requests, config, result, best_state, bad_validations, ckpt, size=1):
-    """Rank 0 validates (and saves best.safetensors); a data-parallel run's other processes take
-    its scores and keep the same best state (their editors equal rank 0's).  `size`: the run's
-    number of processes (1 unless it is data-parallel)."""
-    scores = _on_rank0(lambda: evaluate_edits(me, val_requests, config.batch_size), "validating", size)
+def _validate(me, val_requests, config, result, best_state, bad_validations, ckpt, rank=0, size=1):
+    """Score the editors on `val_requests` (a data-parallel run's processes each score a share,
+    `_evaluate_split`) and keep the best state; rank 0 saves best.safetensors.  `rank`, `size`: the
+    run's (0, 1 unless it is data-parallel)."""
+    scores = (_evaluate_split(me, val_requests, config.batch_size, rank, size) if size > 1
+              else evaluate_edits(me, val_requests, config.batch_size))
     result.val_history.append(dict(step=result.steps, **scores))
     if result.best_es is None or scores["es"] > result.best_es + config.min_delta:
         result.best_es, result.best_step = scores["es"], result.steps

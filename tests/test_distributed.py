@@ -4,10 +4,12 @@ each with its own replica of the tiny Llama and its ModelEditor.
 - Without running norms, two processes with `accumulate` a train the editors as one process with
   2·a: the same batches, the averaged gradient (identical up to the order of the sums).
 - With running norms the processes' editors stay identical and every process ends each step with
-  the statistics of all the tokens one process with 2·a would have seen; validation, checkpoints
-  and a resume work across them, and the resume is exact.
+  the statistics of all the tokens one process with 2·a would have seen; validation (each process
+  scores a share of the batches: the scores are one process's), checkpoints and a resume work
+  across them, and the resume is exact.
 - A resume with another number of processes is refused on every process (none waits), and a
-  failure on one process mid-training (its batch, rank 0's validation or checkpoint) raises on both.
+  failure on one process mid-training (its batch, its validation share, rank 0's checkpoint)
+  raises on both.
 Each run has a deadline: a process left waiting in a collective fails the test instead of hanging it.
 """
 
@@ -21,7 +23,7 @@ import torch.multiprocessing as mp
 
 from dcedit_kernels.model_editor import ModelEditor
 from dcedit_kernels.models import tiny_model
-from dcedit_kernels.train import TrainConfig, train_editor
+from dcedit_kernels.train import TrainConfig, evaluate_edits, train_editor
 
 LAYERS = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
 WORLD = 2
@@ -160,6 +162,9 @@ def test_running_norms_validation_checkpoints_and_an_exact_resume(tmp_path, one_
     assert norm_keys
     for key in norm_keys:
         assert torch.allclose(states[0][key], single[key], rtol=1e-4, atol=1e-7), key
+    # The processes scored a share of the validation batches each: the scores are one process's.
+    me.load_state_tensors(states[0])
+    assert dict(step=3, **evaluate_edits(me, _requests(2, 3), config["batch_size"])) == results[0]["val_history"][-1]
 
 
 def test_a_resume_with_another_number_of_processes_is_refused_everywhere(tmp_path, one_thread):
@@ -172,7 +177,7 @@ def test_a_resume_with_another_number_of_processes_is_refused_everywhere(tmp_pat
 
 @pytest.mark.parametrize("fail, where", [
     (("batch_loss", 1, 2), "another process failed in the same training step (rank 1: OSError"),
-    (("evaluate_edits", 0, 2), "rank 0 failed validating (OSError"),
+    (("_batch_scores", 1, 2), "another process failed validating (rank 1: OSError"),
     (("_checkpoint", 0, 2), "rank 0 failed writing a checkpoint (OSError"),
 ], ids=["batch", "validation", "checkpoint"])
 def test_a_failure_on_one_process_raises_on_every_process(tmp_path, one_thread, fail, where):
