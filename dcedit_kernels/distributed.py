@@ -19,11 +19,16 @@ scores (`gather_outcomes`).  Rank 0 writes the checkpoints (with every process's
 resume draws what the uninterrupted run would).  Every process must reach the same checkpoint_dir
 to resume; a resume with another W is refused.
 
-A failure on one process raises on all of them, rather than leaving the others waiting in their
-next collective: a process whose batches raise still joins the step's all-reduce, which counts the
-failures (`average_gradients`), the validation shares are gathered with their outcome
-(`gather_outcomes`), and rank 0 sends the outcome of its checkpoint writes (`on_rank0`).  The
-failed process re-raises its own error; the others raise a RuntimeError naming its rank and error.
+A failure (an Exception) in a step's work raises on every process, rather than leaving the others
+waiting in their next collective: a process whose batches raise still joins the step's all-reduce,
+which counts the failures (`average_gradients`); the optimiser step is followed by a one-flag
+all-reduce (`settle`); the validation shares and the RNG states a checkpoint holds are gathered
+with their outcome (`gather_outcomes`); rank 0 sends the outcome of its checkpoint writes
+(`on_rank0`).  The failed process re-raises its own error; the others raise a RuntimeError naming
+its rank and error.  Not covered: the few statements between these (setting .grad to None, the
+norms' sums, a best state's copy), a KeyboardInterrupt, and a process killed outright (torchrun
+stops the others).  Before the first step the processes check that they were given the same
+settings (`agree_on_start`): different ones would call different collectives.
 """
 
 from __future__ import annotations
@@ -86,7 +91,7 @@ def average_gradients(params: list, numbers: list[float], error: BaseException |
     _, size = world()
     head = torch.tensor([error is not None, *numbers, *(p.grad is not None for p in params)],
                         dtype=torch.float64, device=_device(params))
-    dist.all_reduce(head)
+    _after(error, lambda: dist.all_reduce(head))
     if head[0] > 0:
         raise_failures(error, "in the same training step")
     for p, anyone in zip(params, head[1 + len(numbers):].tolist()):
@@ -144,6 +149,17 @@ def _message(error: BaseException | None) -> str | None:
     return None if error is None else f"{type(error).__name__}: {error}"
 
 
+def _after(error: BaseException | None, collective):
+    """`collective()`, run by a process that may hold its own `error`: if the collective fails too
+    (a third process died), its error is raised from `error`, so that the first failure is not lost."""
+    try:
+        return collective()
+    except Exception as exc:
+        if error is None:
+            raise
+        raise exc from error
+
+
 def _raise_if_any_failed(error: BaseException | None, messages: list, what: str) -> None:
     """After every process has shared its outcome (`messages`: each rank's `_message`): a failed
     process re-raises its own `error`, the others a RuntimeError naming each failed rank and its error."""
@@ -157,39 +173,55 @@ def _raise_if_any_failed(error: BaseException | None, messages: list, what: str)
 def raise_failures(error: BaseException | None, what: str) -> None:
     """Called by every process once they know that one of them failed (one all_gather of the
     messages, on this path only)."""
-    _raise_if_any_failed(error, all_gather_object(_message(error)), what)
+    _raise_if_any_failed(error, _after(error, lambda: all_gather_object(_message(error))), what)
+
+
+def settle(error: BaseException | None, what: str, device: torch.device) -> None:
+    """Every process says whether it failed (`error`: what it raised since the last collective; one
+    all-reduce of a flag on `device`, where the step's tensors are: NCCL takes CUDA tensors only); if
+    any did, every process raises (`raise_failures`)."""
+    flag = torch.tensor([float(error is not None)], dtype=torch.float64, device=device)
+    _after(error, lambda: dist.all_reduce(flag))
+    if flag.item() > 0:
+        raise_failures(error, what)
 
 
 def gather_outcomes(fn, what: str) -> list:
     """`fn()` on every process, every process's result in rank order (the validation's shares of
-    batches), or the failure of any process raised on every process."""
+    batches, the RNG states a checkpoint holds), or the failure of any process raised on every process."""
     error = value = None
     try:
         value = fn()
     except Exception as exc:  # noqa: BLE001 -- re-raised below, after the others hear of it
         error = exc
-    outcomes = all_gather_object((_message(error), value))
+    outcomes = _after(error, lambda: all_gather_object((_message(error), value)))
     _raise_if_any_failed(error, [message for message, _ in outcomes], what)
     return [v for _, v in outcomes]
 
 
-def agree_on_start(error: BaseException | None, steps: int) -> None:
-    """Raise on every process if one of them failed to set up (`error`) or they would start from
-    different steps (a checkpoint_dir that not every process sees), rather than leave the others
-    waiting in a collective."""
-    outcomes = all_gather_object((_message(error), steps))
-    _raise_if_any_failed(error, [message for message, _ in outcomes], "to start training")
-    starts = [s for _, s in outcomes]
+def agree_on_start(error: BaseException | None, steps: int, plan: dict) -> None:
+    """Raise on every process if one of them failed to set up (`error`), they would start from
+    different steps (a checkpoint_dir that not every process sees), or their `plan`s differ (what
+    sets the sequence of collectives: the TrainConfig, the requests, whether a process validates or
+    checkpoints), rather than leave one waiting in a collective that another never calls."""
+    outcomes = _after(error, lambda: all_gather_object((_message(error), steps, plan)))
+    _raise_if_any_failed(error, [message for message, _, _ in outcomes], "to start training")
+    starts = [s for _, s, _ in outcomes]
     if len(set(starts)) > 1:
         raise ValueError(f"the processes would start from different steps {starts}: a resume needs the same "
                          "checkpoint_dir on every process")
+    differ = sorted({k for _, _, other in outcomes for k in {*plan, *other} if other.get(k) != plan.get(k)})
+    if differ:
+        raise ValueError(f"the processes were given different training settings ({', '.join(differ)}): every "
+                         "process of a data-parallel run needs the same TrainConfig, requests and "
+                         "checkpoint_dir or none")
 
 
 def on_rank0(fn, what: str):
     """`fn()` run by rank 0 only, its result on every process (rank 0's checkpoint writes).  The
     broadcast is also the others' wait for rank 0 to finish (a resume never reads a checkpoint
-    being written).  If `fn` raises, rank 0 re-raises and the others raise a
-    RuntimeError with its message, instead of waiting in their next collective."""
+    being written).  If `fn` raises, rank 0 re-raises and the others raise a RuntimeError with its
+    message, instead of waiting in their next collective."""
     rank, _ = world()
     error = value = None
     if rank == 0:
@@ -197,7 +229,7 @@ def on_rank0(fn, what: str):
             value = fn()
         except Exception as exc:  # noqa: BLE001 -- re-raised below, after the others hear of it
             error = exc
-    message, value = broadcast_object((_message(error), value))
+    message, value = _after(error, lambda: broadcast_object((_message(error), value)))
     if error is not None:
         raise error
     if message is not None:

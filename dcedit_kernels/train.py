@@ -416,8 +416,10 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                 rng_state, best_state, bad_validations = _resume(me, opt, lr_opt, ckpt, result, run, rank)
     except Exception as exc:  # noqa: BLE001 -- re-raised below, after the other processes hear of it
         error = exc
-    if size > 1:  # every process starts from the same step, or all of them raise (none waits)
-        distributed.agree_on_start(error, result.steps)
+    if size > 1:  # every process starts from the same step and plan, or all of them raise (none waits)
+        plan = dict(run, steps=config.steps, val_every=config.val_every, patience=config.patience,
+                    min_delta=config.min_delta, checkpoints=ckpt is not None)
+        distributed.agree_on_start(error, result.steps, plan)
     if error is not None:
         raise error
 
@@ -443,13 +445,8 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                 norms_before = [distributed.norm_sums(n) for n in norms] if size > 1 else None
                 for p in params:
                     p.grad = None
-                error = None
-                try:
-                    step_parts, skipped = _accumulate(me, params, train_requests, config, result.steps, rank, size)
-                except Exception as exc:  # noqa: BLE001 -- a data-parallel run raises it on every process below
-                    if size == 1:
-                        raise
-                    error, step_parts, skipped = exc, [], 0
+                (step_parts, skipped), error = _attempt(
+                    lambda: _accumulate(me, params, train_requests, config, result.steps, rank, size), size, ([], 0))
                 contributed = len(step_parts)
                 sums = {k: sum(p[k] for p in step_parts) for k in PART_KEYS}
                 if size > 1:
@@ -459,10 +456,9 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                     distributed.merge_running_norms(norms, norms_before)
                 result.skipped_batches += int(skipped)
                 if contributed:
-                    if config.grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                    opt.step()
-                    lr_opt.step()
+                    _, error = _attempt(lambda: _optimizer_step(params, opt, lr_opt, config), size)
+                    if size > 1:
+                        distributed.settle(error, "in the optimiser step", params[0].device)
                 result.steps += 1
                 logged = {k: v / contributed for k, v in sums.items()} if contributed else {}
                 result.history.append(dict(step=result.steps, **logged))
@@ -477,7 +473,8 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                 if ckpt is not None and (result.steps % config.val_every == 0 or result.steps == config.steps
                                          or result.stopped_early):
                     # Every process's RNG states, so that a resume draws what an uninterrupted run would.
-                    states = distributed.all_gather_object(_rng_states(me)) if size > 1 else [_rng_states(me)]
+                    states = (distributed.gather_outcomes(lambda: _rng_states(me), "checkpointing") if size > 1
+                              else [_rng_states(me)])
                     _on_rank0(lambda: _checkpoint(me, opt, lr_opt, ckpt, result, bad_validations, run, states),
                               "writing a checkpoint", size)
     finally:
@@ -519,6 +516,24 @@ def _accumulate(me: ModelEditor, params: list, train_requests, config: TrainConf
                 p.grad = g if p.grad is None else p.grad + g
         step_parts.append(parts)
     return step_parts, skipped
+
+
+def _attempt(fn, size: int, failed=None):
+    """(fn(), None).  In a data-parallel run (`size` > 1) an Exception is returned instead, as
+    (`failed`, the exception), for the caller to share with the other processes before it raises."""
+    try:
+        return fn(), None
+    except Exception as exc:  # noqa: BLE001 -- the caller raises it on every process
+        if size == 1:
+            raise
+        return failed, exc
+
+
+def _optimizer_step(params: list, opt, lr_opt, config: TrainConfig) -> None:
+    if config.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+    opt.step()
+    lr_opt.step()
 
 
 def _on_rank0(fn, what: str, size: int):

@@ -7,9 +7,9 @@ each with its own replica of the tiny Llama and its ModelEditor.
   the statistics of all the tokens one process with 2·a would have seen; validation (each process
   scores a share of the batches: the scores are one process's), checkpoints and a resume work
   across them, and the resume is exact.
-- A resume with another number of processes is refused on every process (none waits), and a
-  failure on one process mid-training (its batch, its validation share, rank 0's checkpoint)
-  raises on both.
+- A resume with another number of processes, or processes given different settings, are refused
+  on every process (none waits), and a failure on one process mid-training (its batch, its
+  optimiser step, its validation share, rank 0's best-editor save or checkpoint) raises on both.
 Each run has a deadline: a process left waiting in a collective fails the test instead of hanging it.
 """
 
@@ -64,9 +64,10 @@ def _inject_failure(fail, rank):
     setattr(train_module, name, failing)
 
 
-def _worker(rank, store, out, method, editor_kwargs, runs, with_val, fail):
-    """Each of `runs` (TrainConfig keyword dicts) in turn on one ModelEditor, data-parallel; the
-    last state and result, or the error ("Type: message"), go to files in `out`."""
+def _worker(rank, store, out, method, editor_kwargs, runs, with_val, fail, rank_kwargs):
+    """Each of `runs` (TrainConfig keyword dicts, updated with `rank_kwargs[rank]`) in turn on one
+    ModelEditor, data-parallel; the last state and result, or the error ("Type: message"), go to
+    files in `out`."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
@@ -76,7 +77,8 @@ def _worker(rank, store, out, method, editor_kwargs, runs, with_val, fail):
         val = _requests(2, 3) if with_val else None
         try:
             for kwargs in runs:
-                result, state = _train(me, TrainConfig(**dict(kwargs, data_parallel=True)), val)
+                config = TrainConfig(**dict(kwargs, data_parallel=True, **rank_kwargs.get(rank, {})))
+                result, state = _train(me, config, val)
         except Exception as exc:  # noqa: BLE001 -- the test reads it
             with open(f"{out}/error{rank}.txt", "w") as f:
                 f.write(f"{type(exc).__name__}: {exc}")
@@ -90,18 +92,19 @@ def _worker(rank, store, out, method, editor_kwargs, runs, with_val, fail):
         dist.destroy_process_group()
 
 
-def _run(folder, method, editor_kwargs, runs, with_val=False, fail=None, deadline_s=300):
+def _run(folder, method, editor_kwargs, runs, with_val=False, fail=None, rank_kwargs=None, deadline_s=300):
     folder.mkdir(parents=True, exist_ok=True)
     errors = [folder / f"error{r}.txt" for r in range(WORLD)]
     context = mp.start_processes(_worker, nprocs=WORLD, join=False, start_method="spawn",
                                  args=(str(folder / "store"), str(folder), method, editor_kwargs, runs, with_val,
-                                       fail))
+                                       fail, rank_kwargs or {}))
     deadline = time.monotonic() + deadline_s
     try:
         while not context.join(timeout=1):
             if time.monotonic() > deadline:
                 for process in context.processes:
                     process.kill()
+                    process.join()
                 pytest.fail(f"the processes were still running after {deadline_s} s (one waits for another)")
     except mp.ProcessExitedException as exc:
         # Once in CI (2 loaded cores) a process aborted in gloo's teardown ("terminate called without
@@ -176,10 +179,12 @@ def test_a_resume_with_another_number_of_processes_is_refused_everywhere(tmp_pat
 
 
 @pytest.mark.parametrize("fail, where", [
-    (("batch_loss", 1, 2), "another process failed in the same training step (rank 1: OSError"),
+    (("batch_loss", 0, 2), "another process failed in the same training step (rank 0: OSError"),
+    (("_optimizer_step", 1, 2), "another process failed in the optimiser step (rank 1: OSError"),
     (("_batch_scores", 1, 2), "another process failed validating (rank 1: OSError"),
+    (("_save_editor", 0, 1), "rank 0 failed saving the best editor (OSError"),
     (("_checkpoint", 0, 2), "rank 0 failed writing a checkpoint (OSError"),
-], ids=["batch", "validation", "checkpoint"])
+], ids=["batch", "optimiser", "validation", "best", "checkpoint"])
 def test_a_failure_on_one_process_raises_on_every_process(tmp_path, one_thread, fail, where):
     """Without the failure counted in the step's all-reduce (or rank 0's outcome broadcast), the
     other process waits in its next collective: this test then hits `_run`'s deadline."""
@@ -188,6 +193,16 @@ def test_a_failure_on_one_process_raises_on_every_process(tmp_path, one_thread, 
     failed = fail[1]
     assert errors[failed] == f"OSError: injected failure in {fail[0]}"
     assert errors[1 - failed].startswith("RuntimeError: ") and where in errors[1 - failed], errors
+
+
+def test_processes_given_different_settings_are_refused_everywhere(tmp_path, one_thread):
+    """Processes with different validation schedules would call different collectives (one waits
+    forever): both refuse before the first step."""
+    config = dict(steps=2, batch_size=2, progress=False, val_every=1)
+    _, errors = _run(tmp_path, "mend", {}, [config], with_val=True, rank_kwargs={1: dict(val_every=2)},
+                     deadline_s=120)
+    assert all(e is not None and e.startswith("ValueError: the processes were given different training "
+                                              "settings (val_every)") for e in errors), errors
 
 
 def test_dcedit_train_under_torchrun(tmp_path):
