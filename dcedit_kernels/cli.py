@@ -8,8 +8,9 @@
 Common flags: `--model` (default: the embedded SmolLM2-135M-Instruct; else a Hugging Face causal
 or seq2seq model name or a local folder / .gguf file), `--layers` (module names, comma-separated;
 default: the MLP output projections of the last three blocks), `--method`, `--n-editors`,
-`--data` (a CounterFact (EasyEdit) or zsRE (MEND) JSON file, format detected from its records;
-default: our own facts, `dcedit_kernels.facts`), `--n-edits`, `--device`, `--dtype`, `--out`.
+`--data` (a CounterFact (EasyEdit) or zsRE (MEND) JSON file, format detected from its records, or
+a data set's name such as `counterfact-val`, looked up as `data.load_dataset` does; default: our
+own facts, `dcedit_kernels.facts`), `--n-edits`, `--device`, `--dtype`, `--out`.
 
 Errors a user can fix (a missing model file, an unknown layer name, an empty or malformed data
 file) print one `dcedit: error: ...` line naming the culprit and return exit status 2.
@@ -165,10 +166,11 @@ def detect_format(path) -> str:
 
 
 def load_requests(path: str | None, limit: int | None = None):
-    """EditRequests from a CounterFact or zsRE file (None: our default facts), the first `limit`
-    (the flags that set it are checked by argparse; this guards Python callers)."""
+    """EditRequests from a CounterFact or zsRE file, or a data set's name (`data.FILES`: looked up
+    in DCEDIT_DATA_DIR); None: our default facts.  The first `limit` (the flags that set it are
+    checked by argparse; this guards Python callers)."""
     from ._checks import is_int
-    from .data import load_counterfact, load_zsre
+    from .data import FILES, load_counterfact, load_dataset, load_zsre
     from .facts import default_requests
 
     if limit is not None and (not is_int(limit) or limit < 1):
@@ -176,6 +178,8 @@ def load_requests(path: str | None, limit: int | None = None):
     if path is None:
         return default_requests()[:limit]
     try:
+        if path in FILES and not Path(path).exists():  # a data set's name, as `data.load_dataset` takes
+            return load_dataset(path, limit=limit)
         fmt = detect_format(path)
         return (load_counterfact if fmt == "counterfact" else load_zsre)(path, limit=limit)
     except FileNotFoundError as exc:
@@ -221,6 +225,24 @@ def editor_kwargs(args) -> dict:
     if getattr(args, "capture_batch_size", None) is not None:
         kwargs["capture_batch_size"] = args.capture_batch_size
     return kwargs
+
+
+def train_out(args) -> str:
+    """Where `dcedit train` saves the editor: --out, else <method>-editor.safetensors here."""
+    return args.out or f"{args.method}-editor.safetensors"
+
+
+def check_out(path: str) -> None:
+    """Refuse an --out that cannot be written before any work is done (its folder is created)."""
+    out = Path(path)
+    if out.is_dir():
+        raise UserError(f"--out {path}: is a folder; give a file name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {path}: cannot create its folder ({exc})") from None
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"--out {path}: its folder is not writable")
 
 
 def write_json(path, data) -> None:
@@ -351,12 +373,11 @@ def _train(args, requests, val, device) -> dict:
         raise UserError(f"{exc} (here: give another --checkpoint-dir, or empty it)") from None
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    out = Path(args.out or f"{args.method}-editor.safetensors")
+    out = Path(train_out(args))
     summary = dict(editor=str(out), method=args.method, layers=layers, steps=result.steps,
                    elapsed_s=result.elapsed_s, best_es=result.best_es, processes=size,
                    final_loss=result.history[-1].get("loss") if result.history else None)
-    if rank == 0:  # the processes' editors are equal
-        out.parent.mkdir(parents=True, exist_ok=True)
+    if rank == 0:  # the processes' editors are equal; main() made out's folder (check_out)
         me.save(out)
         print(f"saved the trained {METHOD_NAMES[args.method]} editor to {out} "
               f"({result.steps} steps, {result.elapsed_s:.0f} s{f', {size} processes' if size > 1 else ''})")
@@ -421,25 +442,32 @@ def _mean_std(stat: dict) -> str:
 # Argument parsing
 # ---------------------------------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser, method_default: str | None, methods=tuple(METHOD_NAMES)) -> None:
+    from .data import FILES
+
     p.add_argument("--model", default=None, help="model name or path (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--layers", default=None, help="comma-separated module names to edit (default: the last 3 MLP output projections)")
     p.add_argument("--method", default=method_default, choices=sorted(methods),
                    help=f"editing method (default: {method_default})" if method_default else
                    "editing method (default: ft, or the method of --editor)")
     p.add_argument("--n-editors", type=positive_int, default=None, help="number of editors N_g (raeditor, moeditor)")
-    p.add_argument("--rank", type=positive_int, default=None, help="editor rank (the editor methods)")
-    p.add_argument("--data", default=None, help="CounterFact or zsRE JSON file (default: the built-in facts)")
+    p.add_argument("--rank", type=positive_int, default=None, help="editor rank (the editor methods; default: the method's preset)")
+    p.add_argument("--data", default=None, help="CounterFact or zsRE JSON file, or a data set's name ("
+                   + ", ".join(FILES) + ": in $DCEDIT_DATA_DIR) (default: the built-in facts, "
+                   "dcedit_kernels.facts)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype (default float32)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: 1 on <=2-core machines)")
     p.add_argument("--seed", type=int, default=0, help="random seed (editor initialisation, training batches, "
                    "evaluation samples; default 0)")
     p.add_argument("--loss-reduction", default=None, choices=("edit", "token"),
                    help="edit loss whose gradients the editors see: 'token' (MEND's batch mean; the default for new "
-                        "editors) or 'edit' (each edit's mean target NLL, summed); a saved --editor keeps its own")
+                        "editors) or 'edit' (each edit's mean target NLL, summed)"
+                        + ("" if method_default else "; a saved --editor keeps its own"))
     p.add_argument("--capture-batch-size", type=positive_int, default=None,
                    help="edits per forward + backward of the gradient capture (default 32): bounds its memory")
-    p.add_argument("--out", default=None, help="output file")
+    p.add_argument("--out", default=None, help="output file: the trained editor (train; default "
+                   "<method>-editor.safetensors here) or a JSON record of the run (edit, evaluate); its folder "
+                   "is created, and checked before any work")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -454,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "rank 0 saves the editor.")
     _common(p, "mend", EDITOR_METHODS)
     p.add_argument("--n-edits", type=positive_int, default=None, help="use the first N training edits (default: all)")
-    p.add_argument("--val-data", default=None, help="validation edits (CounterFact or zsRE file)")
+    p.add_argument("--val-data", default=None, help="validation edits (a file or data set name, as --data)")
     p.add_argument("--val-size", type=positive_int, default=None,
                    help="validate on the first N edits of --val-data (default: all)")
     p.add_argument("--val-every", type=positive_int, default=50,
@@ -466,9 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     # Under "edit" an edit's factors do not depend on N, but the fused shift adds N edits' shifts,
     # so batches near the N_u you will edit with remain the closest match there too.
     p.add_argument("--batch-size", type=positive_int, default=25,
-                   help="edits per step and process (near the N_u you will edit with)")
-    p.add_argument("--lr", type=float, default=1e-3, help="editor learning rate")
-    p.add_argument("--lr-lr", type=float, default=1e-4, help="learning rate of the per-weight edit steps α")
+                   help="edits per step and process (near the N_u you will edit with; default 25)")
+    p.add_argument("--lr", type=float, default=1e-3, help="editor learning rate (default 1e-3)")
+    p.add_argument("--lr-lr", type=float, default=1e-4, help="learning rate of the per-weight edit steps α (default 1e-4)")
     p.add_argument("--checkpoint-dir", default=None, help="resumable training checkpoints")
 
     p = sub.add_parser("edit", help="apply edits, show before/after completions and scores, undo")
@@ -508,6 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     start = time.perf_counter()
     try:
+        if args.out is not None or args.command == "train":
+            check_out(train_out(args) if args.command == "train" else args.out)
         set_threads(args.threads)
         result = COMMANDS[args.command](args)
     except UserError as exc:

@@ -374,6 +374,33 @@ def test_cli_empty_or_unknown_data(capsys, tmp_path):
     assert "data file not found" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["train", "--method", "mend"], ["edit", "--method", "ft"]])
+def test_cli_refuses_an_unwritable_out_before_any_work(capsys, tmp_path, monkeypatch, command):
+    """An --out that cannot be written is refused before the model loads (it was found only when
+    the trained editor was saved, with a traceback)."""
+    monkeypatch.setattr(cli, "load_any_model", lambda *a, **k: pytest.fail("the model loaded"))
+    (tmp_path / "a_file").write_text("")
+    for out, message in ((tmp_path / "a_file" / "x.safetensors", "cannot create its folder"),
+                         (tmp_path, "is a folder")):
+        assert cli.main([*command, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"dcedit: error: --out {out}: {message}" in err and "Traceback" not in err
+    out = tmp_path / "new" / "deeper" / "x.json"  # a missing folder is created, as before
+    cli.check_out(str(out))
+    assert out.parent.is_dir()
+
+
+def test_cli_data_takes_a_data_set_name(capsys, tmp_path, monkeypatch):
+    """--data counterfact-val reads $DCEDIT_DATA_DIR's file, as data.load_dataset does."""
+    _counterfact_file(tmp_path / "counterfact-val.json", n=4)
+    monkeypatch.setenv("DCEDIT_DATA_DIR", str(tmp_path))
+    assert [r.target for r in cli.load_requests("counterfact-val", 3)] == ["sea0", "sea1", "sea0"]
+    monkeypatch.setenv("DCEDIT_DATA_DIR", str(tmp_path / "elsewhere"))
+    assert cli.main(["edit", "--method", "ft", "--data", "counterfact-val"]) == 2
+    err = capsys.readouterr().err
+    assert "dcedit: error: --data: " in err and "set DCEDIT_DATA_DIR" in err
+
+
 def test_cli_detects_zsre_and_counterfact(tmp_path):
     zsre = tmp_path / "z.json"
     zsre.write_text(json.dumps([dict(subject="X", src="What is X made of?", pred="wood", rephrase="X is made of?",
