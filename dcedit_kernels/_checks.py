@@ -128,16 +128,18 @@ def check_fraction_or_threshold(keep, threshold) -> None:
     if (keep is None) == (threshold is None):
         raise ValueError("give exactly one of keep or threshold")
     for name, value in (("keep", keep), ("threshold", threshold)):
-        if value is None:
-            continue
-        try:  # a str, a complex, a tensor of several elements: say which argument
-            float(value)
-        except (TypeError, ValueError, RuntimeError):
-            raise ValueError(f"{name} must be a real number, got {value!r}") from None
+        # A number as alpha is (`is_real_number`): float() would take a str ("0.5"), a bool or a
+        # 0-dim tensor (a host sync on CUDA) without a word.
+        if value is not None and not is_real_number(value):
+            raise ValueError(f"{name} must be a real number, got {type(value).__name__}")
     if keep is not None and not (0.0 < float(keep) <= 1.0):
         raise ValueError(f"keep must be in (0, 1], got {keep}")
-    if threshold is not None and math.isnan(float(threshold)):  # fisher > NaN would drop every entry
-        raise ValueError("threshold must be a number, got nan")
+    # fisher > NaN is False everywhere: a NaN threshold would silently drop every entry.  ±inf is
+    # a real request (keep all, keep none), so the requirement is "not NaN", not "finite".  NaN is
+    # the one value unequal to itself: unlike math.isnan, this also traces when torch.compile
+    # makes the float dynamic (a SymFloat), as keep's range check does.
+    if threshold is not None and threshold != threshold:
+        raise ValueError("threshold must not be NaN")
 
 
 def compute_dtype(*tensors) -> torch.dtype:

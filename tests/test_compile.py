@@ -201,3 +201,12 @@ def test_reduce_overhead_mode_runs_the_ops_on_cuda(gen):
     want = fn(eta, mu)
     for _ in range(3):
         assert torch.equal(compiled(eta, mu), want)
+
+
+def test_fisher_mask_threshold_may_change_between_calls(gen):
+    """A threshold that changes between calls becomes a dynamic float (SymFloat) on the second
+    trace: its NaN check must trace too (math.isnan broke the graph, fullgraph=True failed)."""
+    delta, fisher = randn((D_OUT, D_IN), gen), torch.rand(D_OUT, D_IN, generator=gen)
+    fn = torch.compile(lambda d, f, t: ops.fisher_mask(d, f, threshold=t)[0], backend="aot_eager", fullgraph=True)
+    for t in (0.2, 0.5, 0.8):
+        assert torch.equal(fn(delta, fisher, t), ops.fisher_mask(delta, fisher, threshold=t)[0])

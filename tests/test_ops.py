@@ -279,17 +279,34 @@ def test_fisher_mask_bad_input_raises(gen):
         (dict(keep=0.5, threshold=0.1), "exactly one"),
         (dict(keep=0.0), "keep"),
         (dict(keep=1.5), "keep"),
-        (dict(threshold=float("nan")), "threshold must be a number"),
+        (dict(threshold=float("nan")), "threshold must not be NaN"),
         (dict(threshold="abc"), "threshold must be a real number"),
         (dict(threshold=1 + 2j), "threshold must be a real number"),
         (dict(keep=torch.tensor([0.5, 0.5])), "keep must be a real number"),
+        # Refused as grouped_outer's alpha is, not converted with float().
+        (dict(threshold="0.9"), "threshold must be a real number, got str"),
+        (dict(keep="0.5"), "keep must be a real number, got str"),
+        (dict(keep=True), "keep must be a real number, got bool"),
+        (dict(threshold=False), "threshold must be a real number, got bool"),
+        (dict(keep=torch.tensor(0.5)), "keep must be a real number, got Tensor"),
     ]:
         with pytest.raises(ValueError, match=word):
             ops.fisher_mask(d, f, **kwargs)
     w = d.clone()
-    with pytest.raises(ValueError, match="threshold must be a number"):
-        ops.apply_shift_(w, d, fisher=f, threshold=float("nan"))
-    assert torch.equal(w, d)
+    for kwargs, word in [(dict(threshold=float("nan")), "threshold must not be NaN"),
+                         (dict(threshold="0.9"), "threshold must be a real number"),
+                         (dict(keep="0.5"), "keep must be a real number")]:
+        with pytest.raises(ValueError, match=word):
+            ops.apply_shift_(w, d, fisher=f, **kwargs)
+        assert torch.equal(w, d)
+    # Any real number but NaN: NumPy scalars (as alpha), an int, and ±inf (keep all, keep none).
+    import numpy as np
+
+    assert int(ops.fisher_mask(d, f, keep=np.float32(0.5))[1]) == int(ops.fisher_mask(d, f, keep=0.5)[1])
+    assert int(ops.fisher_mask(d, f, keep=1)[1]) == d.numel()
+    assert int(ops.fisher_mask(d, f, threshold=np.float64(0.25))[1]) == int((f > 0.25).sum())
+    assert int(ops.fisher_mask(d, f, threshold=-math.inf)[1]) == d.numel()
+    assert int(ops.fisher_mask(d, f, threshold=math.inf)[1]) == 0
     with pytest.raises(ValueError, match="fisher"):
         ops.fisher_mask(d, f[:2], keep=0.5)
 
@@ -497,6 +514,20 @@ def test_lowrank_delta_linear_opcheck(dtype, gen, device):
     opcheck(torch.ops.dcedit.lowrank_delta_linear.default, tuple(args))
 
 
+def test_lowrank_delta_linear_reference_takes_a_number_alpha(gen):
+    """The reference (oracle and fallback) takes what the op takes: a number alpha, converted as
+    the op converts it, as well as a tensor of G entries."""
+    import numpy as np
+
+    a = _delta_linear_inputs(gen, dtype=torch.float32)
+    G = a["offsets"].numel() - 1
+    want = reference.lowrank_delta_linear(**dict(a, alpha=torch.full((G,), 0.5)))
+    for alpha in (0.5, np.float32(0.5)):
+        got = reference.lowrank_delta_linear(**dict(a, alpha=alpha))
+        assert got.dtype == want.dtype and torch.equal(got, want)
+        torch.testing.assert_close(got, ops.lowrank_delta_linear(**dict(a, alpha=alpha)))
+
+
 def test_lowrank_delta_linear_bad_input_raises(gen):
     a = _delta_linear_inputs(gen)
     for key, bad, word in [
@@ -575,6 +606,39 @@ def test_raw_ops_check_their_inputs(case, gen):
         op(*args)
 
 
+def _public_op_calls(gen):
+    """name -> (op, keyword arguments of a good call): every public op of dcedit_kernels.ops."""
+    f = lambda *shape: randn(shape, gen)  # noqa: E731
+    offsets = torch.tensor([0, 2, 5])
+    weight = f(3, 4)
+    return {
+        "apply_shift_": (ops.apply_shift_, dict(weight=weight.clone(), delta=f(3, 4), fisher=f(3, 4).abs(),
+                                                keep=0.5)),
+        "undo_shift_": (ops.undo_shift_, dict(weight=weight.clone(), previous=weight.clone())),
+        "fisher_mask": (ops.fisher_mask, dict(delta=f(3, 4), fisher=f(3, 4).abs(), keep=0.5)),
+        "grouped_lowrank": (ops.grouped_lowrank, _lowrank_inputs(gen, G=2, d=4, r=2, counts=[2, 3],
+                                                                 dtype=torch.float32)),
+        "grouped_outer": (ops.grouped_outer, dict(eta=f(5, 3), mu=f(5, 4), offsets=offsets)),
+        "lowrank_delta_linear": (ops.lowrank_delta_linear, _delta_linear_inputs(gen, dtype=torch.float32)),
+        "noisy_topk_gate": (ops.noisy_topk_gate, dict(feats=f(5, 3), w_gate=f(3, 2), w_noise=f(3, 2))),
+        "sort_by_group": (ops.sort_by_group, dict(group_of_row=torch.tensor([1, 0, 1]), G=2)),
+        "segmented_fisher": (ops.segmented_fisher, dict(eta=f(5, 3), mu=f(5, 4), edit_offsets=offsets)),
+    }
+
+
+def test_every_public_op_names_a_non_tensor_argument(gen):
+    """A str where a tensor goes: a ValueError that starts with the argument's name (not an
+    AttributeError from .shape), for every tensor argument of every public op."""
+    calls = _public_op_calls(gen)
+    assert set(calls) == set(ops.__all__) - {"op_backends", "reference_mode"}  # a new op needs a row
+    for name, (op, kwargs) in calls.items():
+        op(**kwargs)  # the good call runs
+        for arg, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                with pytest.raises(ValueError, match=rf"^{arg} must be"):
+                    op(**dict(kwargs, **{arg: "x"}))
+
+
 # ---------------------------------------------------------------- routing
 def test_sort_by_group(gen, device):
     groups = torch.randint(0, 5, (23,), generator=gen).to(device)
@@ -590,6 +654,8 @@ def test_sort_by_group(gen, device):
     opcheck(torch.ops.dcedit.sort_by_group.default, (groups, 5))
     with pytest.raises(ValueError, match="group_of_row"):
         ops.sort_by_group(torch.tensor([0, 5]), 5)
+    with pytest.raises(ValueError, match="G must be a positive int, got True"):  # a bool, as k's check
+        ops.sort_by_group(torch.tensor([0, 0]), True)
 
 
 def test_noisy_topk_gate(gen):
@@ -615,6 +681,10 @@ def test_noisy_topk_gate(gen):
         ops.noisy_topk_gate(feats, w_gate, w_noise, k=5)
     with pytest.raises(ValueError, match="w_gate"):
         ops.noisy_topk_gate(feats, w_gate[:3], w_noise)
+    for training in (True, False):  # not torch.randn's TypeError; refused in eval too
+        for bad in (5, "seed"):
+            with pytest.raises(ValueError, match="generator must be a torch.Generator or None"):
+                ops.noisy_topk_gate(feats, w_gate, w_noise, training=training, generator=bad)
 
 
 def test_noisy_topk_gate_mixed_dtypes_and_noise_scale(gen):
@@ -677,6 +747,24 @@ def test_grouped_editor_defaults_follow_the_spec():
         name = next(iter(bad))
         with pytest.raises(ValueError, match=name):
             GroupedEditor(6, 4, **bad)
+
+
+def test_presets_refuse_the_arguments_they_set():
+    """An argument a preset passes itself, given again: a ValueError saying why, not Python's
+    "got multiple values" TypeError."""
+    from dcedit_kernels.editors import MEND, MoEditor, ProEditor, RaEditor
+
+    for make, kwargs, words in [
+        (MEND, dict(n_editors=3), "MEND has one editor; n_editors is for RaEditor and MoEditor"),
+        (ProEditor, dict(n_editors=2), "ProEditor has one editor; n_editors is for RaEditor and MoEditor"),
+        (RaEditor, dict(routing="gate"), "RaEditor routes edits at random"),
+        (MoEditor, dict(routing="random", feat_dim=4), "MoEditor routes edits with a gate"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            make(6, 4, rank=2, **kwargs)
+    # What the presets only default stays open.
+    assert MEND(6, 4, rank=2, fusion="max").fusion == "max"
+    assert RaEditor(6, 4, rank=2, n_editors=3).n_editors == 3
 
 
 def test_noisy_topk_gate_opcheck_and_gradcheck(gen, device):

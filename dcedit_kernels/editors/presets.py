@@ -2,9 +2,19 @@
 
 from .grouped_editor import GroupedEditor
 
+_ONE_EDITOR = "has one editor; n_editors is for RaEditor and MoEditor"
+
+
+def _refuse_fixed(preset: str, kwargs: dict, name: str, why: str) -> None:
+    """A preset passes `name` itself: given again it would reach GroupedEditor twice (Python's
+    TypeError "got multiple values"), so say which preset fixes it and why."""
+    if name in kwargs:
+        raise ValueError(f"{preset} {why}, got {name}={kwargs[name]!r}")
+
 
 def MEND(in_features, out_features, **kwargs) -> GroupedEditor:
     """One editor (Mitchell et al. 2021)."""
+    _refuse_fixed("MEND", kwargs, "n_editors", _ONE_EDITOR)
     kwargs.setdefault("routing", "single")
     kwargs.setdefault("fusion", "add")
     return GroupedEditor(in_features, out_features, n_editors=1, **kwargs)
@@ -12,6 +22,7 @@ def MEND(in_features, out_features, **kwargs) -> GroupedEditor:
 
 def RaEditor(in_features, out_features, n_editors=4, **kwargs) -> GroupedEditor:
     """Edits split into random groups, one editor per group, group shifts fused."""
+    _refuse_fixed("RaEditor", kwargs, "routing", "routes edits at random (MoEditor routes them with a gate)")
     kwargs.setdefault("fusion", "sss")
     return GroupedEditor(in_features, out_features, n_editors=n_editors, routing="random", **kwargs)
 
@@ -28,6 +39,7 @@ def MoEditor(in_features, out_features, n_editors=4, feat_dim=None, **kwargs) ->
     keeps both logits, so the balance loss's load term is constant and only its importance term
     (the summed soft gate weights) balances the routing.
     """
+    _refuse_fixed("MoEditor", kwargs, "routing", "routes edits with a gate (RaEditor routes them at random)")
     kwargs.setdefault("fusion", "sss")
     kwargs.setdefault("top_k", min(2, n_editors) if isinstance(n_editors, int) else 1)
     return GroupedEditor(in_features, out_features, n_editors=n_editors, routing="gate", feat_dim=feat_dim,
@@ -36,6 +48,7 @@ def MoEditor(in_features, out_features, n_editors=4, feat_dim=None, **kwargs) ->
 
 def ProEditor(in_features, out_features, generator="token", fisher_keep=0.7, **kwargs) -> GroupedEditor:
     """One editor with generated per-token (or per-edit) parameters and a Fisher mask."""
+    _refuse_fixed("ProEditor", kwargs, "n_editors", _ONE_EDITOR)
     kwargs.setdefault("routing", "single")
     kwargs.setdefault("fusion", "add")
     return GroupedEditor(in_features, out_features, n_editors=1, generator=generator,

@@ -63,6 +63,9 @@ _LIB.impl("apply_shift_", _bump_version, "ADInplaceOrView")
 
 def undo_shift_(weight, previous):
     """Restore a weight from what :func:`apply_shift_` returned."""
+    # Both named, as apply_shift_'s checks do, before .shape fails on a non-tensor.
+    check_tensor(weight, "weight")
+    check_tensor(previous, "previous")
     if previous.shape != weight.shape or previous.dtype != weight.dtype:
         raise ValueError("previous must be what apply_shift_ returned for this weight")
     return reference.undo_shift_(weight, previous)

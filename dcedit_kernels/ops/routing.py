@@ -19,14 +19,18 @@ def noisy_topk_gate(feats, w_gate, w_noise, k=1, training=True, generator=None):
     """Noisy top-k gating (Shazeer et al. 2017) of E edits over G editors.
 
     logits = f W_g + ε ⊙ (softplus(f W_noise) + 0.01), ε ~ N(0, 1) only when training; keep the
-    top k, softmax over them.  The 0.01 is Shazeer et al.'s `noise_epsilon` (their code, not their
-    equation, which SPEC.md quotes): it keeps the noise scale, which the smooth load estimate
+    top k, softmax over them.  The 0.01 is Shazeer et al.'s `noise_epsilon` (in their code, not in
+    their paper's equation): it keeps the noise scale, which the smooth load estimate
     divides by, away from 0 where softplus underflows.  feats (E, f), w_gate and w_noise (f, G),
     any float dtypes: computed in fp32 (fp64 if any is fp64).  Returns (gates (E, G) in that
     dtype, chosen group per edit (E,) int64 — the top-1 — and the importance + load balancing
     loss).
     """
     check_noisy_topk_gate(feats, w_gate, w_noise, k)
+    # Checked even when not training (then unused): a wrong generator is a mistake either way,
+    # and torch.randn's own TypeError would not name it.
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     G = w_gate.shape[1]
     acc = compute_dtype(feats, w_gate, w_noise)
     feats, w_gate, w_noise = feats.to(acc), w_gate.to(acc), w_noise.to(acc)  # differentiable casts
@@ -65,7 +69,7 @@ def check_sort_by_group(group_of_row, G):
         raise ValueError("group_of_row must be an int32 or int64 tensor")
     if group_of_row.dim() != 1:
         raise ValueError(f"group_of_row must be 1-D, got shape {tuple(group_of_row.shape)}")
-    if not isinstance(G, int) or G < 1:
+    if not is_int(G) or G < 1:  # not a bool, as k and the other int arguments
         raise ValueError(f"G must be a positive int, got {G!r}")
     check_ids(group_of_row, "group_of_row", 0, G - 1)
 
