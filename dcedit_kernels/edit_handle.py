@@ -35,6 +35,12 @@ class EditHandle:
         self.active = True
         self.kept = False
 
+    def __repr__(self) -> str:
+        state = "kept" if self.kept else "live" if self.active else "undone"
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in self.stats.items()
+                 if k in ("n_edits", "n_tokens", "latency_s")}
+        return f"EditHandle({state}, {len(self._saved)} weight copies held, {shown})"
+
     def undo(self) -> bool:
         """Restore the weights; returns False when this edit was already undone."""
         if not self.active:
@@ -51,6 +57,7 @@ class EditHandle:
                                "must be undone in reverse order")
         restore(self._saved)
         self.active = False
+        self._saved = []  # the weight copies: a handle kept after undo (a list of them) holds none
         if live and live[-1] is self:
             live.pop()
         return True

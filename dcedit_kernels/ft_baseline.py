@@ -26,6 +26,7 @@ from .tokenize import pad_rows, pad_token_id
 
 FT_DEFAULTS = dict(ft_steps=10, ft_lr=5e-4, ft_optimizer="adam", kl_weight=1.0, locality_texts=None,
                    ft_stop_loss=1e-2)
+FT_KL_ONLY = ("kl_weight", "locality_texts")  # FT_DEFAULTS that only method "ft_kl" uses
 
 # Unrelated text for FT+KL when neither the requests nor `locality_texts` give any (as in
 # `evaluate.measure_edit`, which holds the scored locality prompts out): everyday sentences in the
@@ -82,6 +83,9 @@ class FineTuneBaselines:
         if unknown:
             raise ValueError(f"unknown arguments for method {self.method!r}: {unknown}; "
                              f"it takes {sorted(FT_DEFAULTS)}")
+        kl_only = sorted(set(kwargs) & set(FT_KL_ONLY))
+        if kl_only and self.method == "ft":  # method "ft" has no KL term: they would be ignored
+            raise ValueError(f"{', '.join(kl_only)}: for method 'ft_kl' only (method 'ft' has no KL term)")
         opts = {**FT_DEFAULTS, **kwargs}
         if not is_int(opts["ft_steps"]) or opts["ft_steps"] < 1:
             raise ValueError(f"ft_steps must be a positive int, got {opts['ft_steps']!r}")

@@ -1,4 +1,4 @@
-"""Editing metrics (paper notation, SPEC "Metrics").
+"""Editing metrics, in the paper's notation (Han, Li, Li and Pan; its metric definitions).
 
 Prediction metrics score a target teacher-forced: the model reads `prompt [space] target` and at
 each target position its argmax is compared with the target token (MEND's and EasyEdit's

@@ -94,7 +94,7 @@ from .capture import (
 from .devices import as_device, check_resident, cuda_indices, input_device, model_devices, place_editor
 from .edit_handle import LIVE_EDITS, EditHandle, add_note, deferred_interrupt, restore
 from .editors.presets import MEND, MoEditor, ProEditor, RaEditor
-from .ft_baseline import FineTuneBaselines
+from .ft_baseline import FT_KL_ONLY, FineTuneBaselines
 from .losses import DEFAULT_LOSS_REDUCTION, LOSS_REDUCTIONS, backward_scale, edit_loss, unscale
 from .requests import EditRequest, validate_requests
 from .scored_logits import logits_at, scored_positions
@@ -190,6 +190,12 @@ class ModelEditor(FineTuneBaselines):
         else:
             self._build_editors(editor_kwargs)
 
+    def __repr__(self) -> str:
+        editors = ", ".join(f"{key}: {type(e).__name__}({e.extra_repr()})" for key, e in self.editors.items())
+        extra = f", editors={{{editors}}}" if editors else f", ft_options={self.ft_options}"
+        return (f"ModelEditor(method={self.method!r}, layers={self.layers}, tokens={self.tokens!r}, "
+                f"loss_reduction={self.loss_reduction!r}, model={type(self.model).__name__}{extra})")
+
     def __deepcopy__(self, memo) -> "ModelEditor":
         """A copy of the editor with a copy of its model (and of its live edits, undone in order
         as the original's): the copied model's live-edit list is registered for it, so another
@@ -249,6 +255,8 @@ class ModelEditor(FineTuneBaselines):
                 self.slots[name] = (key, mode)
 
     def hidden_size(self) -> int:
+        """The model's hidden width (its config's hidden_size, d_model or n_embd, else the input
+        embedding's width): the width of MoEditor's edit features."""
         config = getattr(self.model, "config", None)
         for attr in ("hidden_size", "d_model", "n_embd"):
             value = getattr(config, attr, None)
@@ -274,10 +282,13 @@ class ModelEditor(FineTuneBaselines):
         return self.editors.parameters()
 
     def train(self, mode: bool = True) -> "ModelEditor":
+        """The editors' train mode (running-norm updates, MoEditor's gate noise), as nn.Module.train;
+        `apply` runs them in eval mode whatever this says."""
         self.editors.train(mode)
         return self
 
     def eval(self) -> "ModelEditor":
+        """`train(False)`."""
         return self.train(False)
 
     # -- tokenization and capture ----------------------------------------------------------------
@@ -393,6 +404,8 @@ class ModelEditor(FineTuneBaselines):
 
     @property
     def needs_feats(self) -> bool:
+        """Whether an editor routes by a gate (MoEditor), so that the capture also computes each
+        edit's features (the mean last hidden state over its prompt)."""
         return any(getattr(e, "routing", None) == "gate" for e in self.editors.values())
 
     def _edit_features(self, out, batch: dict) -> torch.Tensor:
@@ -436,7 +449,13 @@ class ModelEditor(FineTuneBaselines):
         return all(not bool(layer.u.detach().any()) for e in self.editors.values() for layer in e.layers)
 
     def apply(self, requests: Iterable[EditRequest]) -> EditHandle:
-        """Edit the model in place; returns the handle that undoes it (see the module docstring)."""
+        """Edit the model in place with every request at once; returns the EditHandle that undoes
+        it (`handle.undo()`, bit for bit) and holds the edit's `stats`.
+
+        ValueError for bad requests (naming the request: an empty target, a non-EditRequest, a row
+        past a learned position table); RuntimeError under torch.inference_mode.  Warns once per
+        ModelEditor while its editors are untrained.  Whatever fails or interrupts the edit, the
+        model is left as it was (see the module docstring)."""
         requests = validate_requests(requests)
         if torch.is_inference_mode_enabled():
             raise RuntimeError("ModelEditor.apply needs autograd for its capture (or fine-tuning): "
@@ -547,12 +566,16 @@ class ModelEditor(FineTuneBaselines):
 
     # -- checkpoints -----------------------------------------------------------------------------
     def config(self) -> dict:
+        """What a checkpoint records to rebuild this ModelEditor (JSON: method, layers, tokens,
+        loss_reduction, allow_tied, the editor arguments and each editor's config)."""
         return dict(format=CHECKPOINT_FORMAT, method=self.method, layers=self.layers, tokens=self.tokens,
                     loss_reduction=self.loss_reduction, allow_tied=self.allow_tied,
                     editor_kwargs=self.editor_kwargs,
                     editors={key: editor.config for key, editor in self.editors.items()})
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every editor's parameters and buffers, detached CPU copies keyed "editors.<shape>.<name>"
+        (what a checkpoint holds; empty for the baselines)."""
         return {f"editors.{key}.{k}": v.detach().contiguous().cpu()
                 for key, editor in self.editors.items() for k, v in editor.state_dict().items()}
 
@@ -617,6 +640,8 @@ class ModelEditor(FineTuneBaselines):
             raise ValueError(f"{path} is not a ModelEditor checkpoint (no {CHECKPOINT_KEY} metadata){hint}")
         config = json.loads(meta[CHECKPOINT_KEY])
         kwargs = dict(config["editor_kwargs"])
+        if config["method"] == "ft":  # accepted and ignored before 0.3.1, refused since
+            kwargs = {k: v for k, v in kwargs.items() if k not in FT_KL_ONLY}
         # Editor arguments whose preset default changed since (MoEditor's top_k: 1 before 0.2.0)
         # come from the saved editors, so an older checkpoint rebuilds the editor it was trained as.
         for name in _CHANGED_DEFAULTS.get(config["method"], ()):

@@ -387,6 +387,11 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     if me.seq2seq:
         raise ValueError("editor training supports causal LMs only")
     train_requests = validate_requests(train_requests, "train_requests")
+    if config.batch_size > len(train_requests):
+        # The batches hold every request then (`_batch_indices`): the editors see a smaller batch
+        # than asked for, which matters under loss_reduction="token" (factors scale as 1/N).
+        warnings.warn(f"train_editor: batch_size {config.batch_size} is larger than the {len(train_requests)} "
+                      f"training requests: every batch is all {len(train_requests)} of them", stacklevel=2)
     if val_requests is not None:
         val_requests = validate_requests(val_requests, "val_requests")[: config.val_size]
 

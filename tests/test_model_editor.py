@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import randomize_editor, rel_err, saved_bytes
+from helpers import OP_CASE_DIMS, editor_inputs, randomize_editor, rel_err, saved_bytes, small_editor
 
 from dcedit_kernels import ops
 from dcedit_kernels.capture import capture_factors, weight_out_in
@@ -153,6 +153,9 @@ def test_bad_arguments_raise_value_error():
                 dict(ft_steps=True)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ModelEditor(model, tok, LAYERS["gpt2"], method="ft_kl", **bad)
+    for kl_only in (dict(kl_weight=3.0), dict(locality_texts=["a text"])):  # "ft" would ignore them
+        with pytest.raises(ValueError, match=f"{next(iter(kl_only))}: for method 'ft_kl' only"):
+            ModelEditor(model, tok, LAYERS["gpt2"], method="ft", **kl_only)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,6 +434,19 @@ def test_a_request_longer_than_a_learned_position_table_is_a_value_error(gen):
     with pytest.raises(ValueError, match=r"locality texts\[1\] is .* 128 positions"):
         ft_kl.apply(random_requests(gen, 1, locality=False))
     assert_bit_identical(before, ft_kl.model)
+
+
+def test_undo_frees_the_weight_copies_and_the_handle_says_what_it_holds(gen):
+    """An undone handle kept around (a list of handles) held a copy of every edited weight until
+    it was dropped."""
+    me = make_editor("gpt2", "mend", gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the untrained-editor warning
+        handle = me.apply(random_requests(gen, 2))
+    assert repr(handle).startswith(f"EditHandle(live, {len(me.layers)} weight copies held, ")
+    handle.undo()
+    assert handle._saved == [] and repr(handle).startswith("EditHandle(undone, 0 weight copies held, ")
+    assert repr(me).startswith("ModelEditor(method='mend', layers=")
 
 
 def test_keep_frees_the_saved_weights_and_pins_earlier_edits(gen):
@@ -880,6 +896,45 @@ def test_ft_stops_early_once_the_edit_is_learned(gen):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
+def test_an_edit_applied_to_the_wrong_weight_names_the_weight(gen):
+    """A transposed (or any other) weight is refused by name, and left unchanged (the message
+    named the shift apply_shift_ was given)."""
+    mu, eta, offsets, _ = editor_inputs(gen)
+    edit = randomize_editor(small_editor("mend"), gen)(mu, eta, offsets)
+    weight = torch.randn(OP_CASE_DIMS["d_out"], OP_CASE_DIMS["d_in"], generator=gen)
+    wrong = weight.t().contiguous()
+    before = wrong.clone()
+    with pytest.raises(ValueError, match=r"weight must be the edited layer's \(out, in\) = \(6, 5\) weight, "
+                                         r"got \(5, 6\)"):
+        edit.apply_(wrong)
+    assert torch.equal(wrong, before)
+    with pytest.raises(ValueError, match="got str"):
+        edit.apply_("weight")
+    edit.apply_(weight)
+
+
+def test_an_ft_checkpoint_saved_with_ft_kl_arguments_still_loads(gen, tmp_path):
+    """Before 0.3.1 method "ft" accepted kl_weight and locality_texts (and ignored them); they are
+    refused now, but a file saved with them loads, without them."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from dcedit_kernels.model_editor import CHECKPOINT_KEY
+
+    me = make_editor("gpt2", "ft", gen, ft_steps=2)
+    path = tmp_path / "ft.safetensors"
+    me.save(path)
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(meta[CHECKPOINT_KEY])
+    config["editor_kwargs"].update(kl_weight=3.0, locality_texts=["a text"])
+    save_file(tensors, str(path), metadata=dict(meta, **{CHECKPOINT_KEY: json.dumps(config)}))
+    loaded = ModelEditor.load(path, me.model, me.tokenizer)
+    assert loaded.method == "ft" and loaded.ft_options == me.ft_options
+
+
 @pytest.mark.parametrize("method", ["mend", "moeditor", "proeditor", "ft_kl"])
 def test_save_load_round_trip(method, gen, tmp_path):
     kwargs = {"seed": 3, "fisher_keep": 0.5} if method == "proeditor" else {}

@@ -356,6 +356,14 @@ def test_validation_early_stopping_and_best_restore(gen):
         assert key in result.val_history[0]
 
 
+def test_a_batch_larger_than_the_training_requests_warns(gen):
+    model, tok = tiny_model("gpt2", seed=1)
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, seed=1)
+    with pytest.warns(UserWarning, match="batch_size 25 is larger than the 3 training requests"):
+        result = me.fit(random_requests(gen, 3), config=TrainConfig(steps=1, batch_size=25, progress=False))
+    assert result.steps == 1
+
+
 def test_evaluate_edits_leaves_model_untouched(gen):
     model, tok = tiny_model("llama", seed=2)
     me = ModelEditor(model, tok, LAYERS["llama"], method="mend", rank=4, edit_lr=0.2)
