@@ -95,6 +95,7 @@ from .devices import as_device, check_resident, cuda_indices, input_device, mode
 from .edit_handle import LIVE_EDITS, EditHandle, add_note, deferred_interrupt, restore
 from .editors.presets import MEND, MoEditor, ProEditor, RaEditor
 from .ft_baseline import FT_KL_ONLY, FineTuneBaselines
+from .safetensors_file import save_safetensors
 from .losses import DEFAULT_LOSS_REDUCTION, LOSS_REDUCTIONS, backward_scale, edit_loss, unscale
 from .requests import EditRequest, validate_requests
 from .scored_logits import logits_at, scored_positions
@@ -597,15 +598,11 @@ class ModelEditor(FineTuneBaselines):
 
     def save(self, path) -> None:
         """Editors' state to safetensors, with the ModelEditor config as JSON metadata (no pickle)."""
-        from safetensors.torch import save_file
-
         try:
             meta = json.dumps(self.config())
         except TypeError as exc:
             raise ValueError(f"editor_kwargs must be JSON-serializable to save: {exc}") from None
-        if not Path(path).parent.is_dir():  # safetensors would name its temporary file instead
-            raise FileNotFoundError(f"cannot save to {path}: the folder {Path(path).parent} does not exist")
-        save_file(self.state_tensors(), str(path), metadata={CHECKPOINT_KEY: meta})
+        save_safetensors(self.state_tensors(), path, metadata={CHECKPOINT_KEY: meta})
 
     @classmethod
     def load(cls, path, model: nn.Module, tokenizer, editor_device=None,

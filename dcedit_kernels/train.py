@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -89,6 +88,7 @@ from .lowrank_layers import lowrank_edited
 from .losses import backward_scale, log_probs_at, picked_kl, scored_accuracy, scored_nll
 from .model_editor import LEGACY_LOSS_REDUCTION, ModelEditor
 from .requests import EditRequest, validate_requests
+from .safetensors_file import save_safetensors
 from .scored_logits import logits_at, scored_positions
 from .tokenize import causal_pair_ids, pad_rows, pad_token_id
 
@@ -348,17 +348,9 @@ def _unflatten_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: dict,
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
 def _save_editor(me: ModelEditor, path: Path, state: dict | None = None) -> None:
     tensors = state if state is not None else me.state_tensors()
-    _atomic_save(tensors, path, {"dcedit_model_editor": json.dumps(me.config())})
+    save_safetensors(tensors, path, {"dcedit_model_editor": json.dumps(me.config())})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -673,7 +665,7 @@ def _checkpoint(me, opt, lr_opt, ckpt: Path, result: TrainResult, bad_validation
                     history=result.history, val_history=result.val_history)
     meta = {"opt": json.dumps(m1), "lr_opt": json.dumps(m2), "counters": json.dumps(counters),
             "model_editor": json.dumps(me.config()), "run": json.dumps(run)}
-    _atomic_save(tensors, ckpt / "trainer.safetensors", meta)
+    save_safetensors(tensors, ckpt / "trainer.safetensors", meta)
 
 
 def _route_generators(me: ModelEditor) -> dict:

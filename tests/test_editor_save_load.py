@@ -44,3 +44,34 @@ def test_loaded_editor_equals_the_saved_one(method, seed, gen, tmp_path):
         want = twin.dense(mu, eta, offsets, 0, feats)
         got = loaded.dense(mu, eta, offsets, 0, feats)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoints_get_the_mode_the_umask_gives(umask, tmp_path):
+    """safetensors 0.8 leaves its temporary file's mode, 0600, on the file it writes: a saved editor
+    was unreadable to the user's group whatever the umask.  Every checkpoint writer goes through
+    `save_safetensors`: the editor's, the ModelEditor's, and the trainer's."""
+    import os
+    import stat
+
+    from dcedit_kernels.model_editor import ModelEditor
+    from dcedit_kernels.models import tiny_model
+    from dcedit_kernels.train import TrainConfig
+    from test_model_editor import random_requests
+
+    old = os.umask(umask)
+    try:
+        small_editor("mend").save(str(tmp_path / "editor.safetensors"))
+        model, tok = tiny_model("llama", seed=0)
+        me = ModelEditor(model, tok, ["model.layers.0.mlp.down_proj"], method="mend", rank=3)
+        me.save(tmp_path / "model_editor.safetensors")
+        me.fit(random_requests(torch.Generator().manual_seed(0), 4),
+               config=TrainConfig(steps=1, batch_size=2, progress=False, checkpoint_dir=str(tmp_path / "ckpt")))
+    finally:
+        os.umask(old)
+    files = [tmp_path / "editor.safetensors", tmp_path / "model_editor.safetensors",
+             *(tmp_path / "ckpt").glob("*.safetensors")]
+    assert len(files) >= 4 and not list(tmp_path.rglob("*.tmp"))
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
+    assert GroupedEditor.load(str(files[0])).config == small_editor("mend").config

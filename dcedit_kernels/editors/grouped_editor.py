@@ -210,10 +210,10 @@ class GroupedEditor(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str) -> None:
         """Save to safetensors, with the constructor arguments in the metadata."""
-        from safetensors.torch import save_file
+        from ..safetensors_file import save_safetensors
 
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, path, metadata={"dcedit_config": json.dumps({**self.config, "seed": self.seed})})
+        save_safetensors(tensors, path, metadata={"dcedit_config": json.dumps({**self.config, "seed": self.seed})})
 
     @classmethod
     def load(cls, path: str, map_location="cpu") -> "GroupedEditor":
