@@ -536,8 +536,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     start = time.perf_counter()
     try:
-        if args.out is not None or args.command == "train":
-            check_out(train_out(args) if args.command == "train" else args.out)
+        if args.command == "train" and os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 saves
+            check_out(train_out(args))
+        elif args.command != "train" and args.out:
+            check_out(args.out)
         set_threads(args.threads)
         result = COMMANDS[args.command](args)
     except UserError as exc:

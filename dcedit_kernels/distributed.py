@@ -210,11 +210,23 @@ def agree_on_start(error: BaseException | None, steps: int, plan: dict) -> None:
     if len(set(starts)) > 1:
         raise ValueError(f"the processes would start from different steps {starts}: a resume needs the same "
                          "checkpoint_dir on every process")
-    differ = sorted({k for _, _, other in outcomes for k in {*plan, *other} if other.get(k) != plan.get(k)})
+    mine = _flat(plan)
+    differ = sorted({k for _, _, other in outcomes for k, v in _flat(other).items() ^ mine.items()})
     if differ:
         raise ValueError(f"the processes were given different training settings ({', '.join(differ)}): every "
                          "process of a data-parallel run needs the same TrainConfig, requests and "
                          "checkpoint_dir or none")
+
+
+def _flat(plan: dict, prefix: str = "") -> dict:
+    """A nested dict's leaves by dotted key (the TrainConfig's fields named one by one)."""
+    out = {}
+    for key, value in plan.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value if not isinstance(value, list) else tuple(value)
+    return out
 
 
 def on_rank0(fn, what: str):

@@ -193,7 +193,10 @@ class ModelEditor(FineTuneBaselines):
 
     def __repr__(self) -> str:
         editors = ", ".join(f"{key}: {type(e).__name__}({e.extra_repr()})" for key, e in self.editors.items())
-        extra = f", editors={{{editors}}}" if editors else f", ft_options={self.ft_options}"
+        if not editors:  # the baselines: their options, locality_texts as a count (it may hold hundreds)
+            texts = self.ft_options["locality_texts"]
+            shown = dict(self.ft_options, locality_texts=texts if texts is None else f"<{len(texts)} texts>")
+        extra = f", editors={{{editors}}}" if editors else f", ft_options={shown}"
         return (f"ModelEditor(method={self.method!r}, layers={self.layers}, tokens={self.tokens!r}, "
                 f"loss_reduction={self.loss_reduction!r}, model={type(self.model).__name__}{extra})")
 

@@ -388,6 +388,13 @@ def test_cli_refuses_an_unwritable_out_before_any_work(capsys, tmp_path, monkeyp
     out = tmp_path / "new" / "deeper" / "x.json"  # a missing folder is created, as before
     cli.check_out(str(out))
     assert out.parent.is_dir()
+    if command[0] == "edit":  # an empty --out is no --out (no JSON record), as before the check
+        with pytest.raises(pytest.fail.Exception, match="the model loaded"):
+            cli.main([*command, "--out", ""])
+    monkeypatch.setenv("RANK", "1")  # under torchrun only rank 0 saves the editor, and checks where
+    if command[0] == "train":
+        with pytest.raises(pytest.fail.Exception, match="the model loaded"):
+            cli.main([*command, "--out", str(tmp_path)])
 
 
 def test_cli_data_takes_a_data_set_name(capsys, tmp_path, monkeypatch):

@@ -199,10 +199,10 @@ def test_processes_given_different_settings_are_refused_everywhere(tmp_path, one
     """Processes with different validation schedules would call different collectives (one waits
     forever): both refuse before the first step."""
     config = dict(steps=2, batch_size=2, progress=False, val_every=1)
-    _, errors = _run(tmp_path, "mend", {}, [config], with_val=True, rank_kwargs={1: dict(val_every=2)},
+    _, errors = _run(tmp_path, "mend", {}, [config], with_val=True, rank_kwargs={1: dict(val_every=2, lr=1e-3)},
                      deadline_s=120)
     assert all(e is not None and e.startswith("ValueError: the processes were given different training "
-                                              "settings (val_every)") for e in errors), errors
+                                              "settings (config.lr, val_every)") for e in errors), errors
 
 
 def test_dcedit_train_under_torchrun(tmp_path):

@@ -75,3 +75,22 @@ def test_checkpoints_get_the_mode_the_umask_gives(umask, tmp_path):
     for f in files:
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
     assert GroupedEditor.load(str(files[0])).config == small_editor("mend").config
+
+
+def test_threads_saving_the_same_path_do_not_collide(tmp_path):
+    """Each write has its own temporary name (one per process id collided between threads: one
+    thread moved the other's file away), and a long file name still fits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dcedit_kernels.safetensors_file import save_safetensors
+
+    path = tmp_path / "same.safetensors"
+    tensors = {"w": torch.arange(6.0).reshape(2, 3)}
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda _: save_safetensors(tensors, path), range(40)))
+    long = tmp_path / ("e" * 240 + ".safetensors")
+    save_safetensors(tensors, long)
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(path)["w"], tensors["w"]) and torch.equal(load_file(long)["w"], tensors["w"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, long.name])
