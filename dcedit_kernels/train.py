@@ -670,7 +670,7 @@ def _checkpoint(me, opt, lr_opt, ckpt: Path, result: TrainResult, bad_validation
 
 def _route_generators(me: ModelEditor) -> dict:
     """The editors' own routing generators (GroupedEditor(seed=...) keeps one for RaEditor)."""
-    return {key: e._route_gen for key, e in me.editors.items() if getattr(e, "_route_gen", None) is not None}
+    return {key: e.route_generator for key, e in me.editors.items() if e.route_generator is not None}
 
 
 def _check_run(path: Path, saved: dict, run: dict) -> None:

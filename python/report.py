@@ -135,6 +135,40 @@ def applied_fusion(me, fusion: str | None):
             editor.fusion = saved[key]
 
 
+def held_out(requests: list, training: list) -> tuple[list, int]:
+    """The evaluation edits that are not training edits (the same prompt and target), and how many
+    were left out."""
+    seen = {(r.prompt, r.target) for r in training}
+    kept = [r for r in requests if (r.prompt, r.target) not in seen]
+    return kept, len(requests) - len(kept)
+
+
+def kl_source_edits(training: list, evaluated: list, n: int) -> tuple[list, int]:
+    """The first `n` training edits whose locality prompt no evaluated edit is scored on (FT+KL
+    would fit its KL to a prompt DD then scores: counterfact-val's edit 805 shares one with the
+    first 25 of counterfact-train), and how many were skipped before them."""
+    scored = {r.locality for r in evaluated if r.locality is not None}
+    picked, skipped = [], 0
+    for r in training:
+        if len(picked) == n:
+            break
+        if r.locality is not None and r.locality in scored:
+            skipped += 1
+        else:
+            picked.append(r)
+    return picked, skipped
+
+
+def routing_states(me) -> dict:
+    """The states of `me`'s routing generators (RaEditor's random groups), by editor key."""
+    return {k: e.route_generator.get_state() for k, e in me.editors.items() if e.route_generator is not None}
+
+
+def set_routing_states(me, states: dict) -> None:
+    for key, state in states.items():
+        me.editors[key].route_generator.set_state(state)
+
+
 def fmt(stat: dict, digits: int = 3) -> str:
     if stat["mean"] is None:
         return "–"
@@ -252,13 +286,18 @@ def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Pa
         *([f"- Rows \"MoEditor (add)\" and the like: the same trained editors, their group shifts fused by "
            f"that rule at apply time instead of {report['editor'].get('fusion', 'sss')} (`--fusions`)."]
           if any(":" in key for key in report["methods"]) else []),
-        f"- FT / FT+KL: {report['ft_steps']} Adam steps (lr 5e-4) on the edited weights; FT+KL adds the KL on "
-        + (f"the locality prompts of the first {report['ft_kl_edits']} training edits" if report.get("ft_kl_edits")
-           else "its generic texts")
-        + ". Every method edits without the evaluated edits' locality prompts, which DD is scored on.",
-        f"- Evaluation: `{Path(report['data']).name}` ({report['n_requests']} edits); for each N_u, "
-        f"{report['repeats']} samples of N_u edits (the same samples for every method, seed {report['seed']}), each "
-        "applied as ONE batch, scored, undone. Mean ± std over the samples.",
+        *([f"- FT / FT+KL: {report['ft_steps']} Adam steps (lr 5e-4) on the edited weights; FT+KL adds the KL on "
+           + (f"the locality prompts of the first {report['ft_kl_edits']} training edits"
+              + (f" whose prompts DD does not score ({report['ft_kl_skipped']} skipped)"
+                 if report.get("ft_kl_skipped") else "") if report.get("ft_kl_edits")
+              else "its generic texts")
+           + ". Every method edits without the evaluated edits' locality prompts, which DD is scored on."]
+          if {key.split(":")[0] for key in report["methods"]} & {"ft", "ft_kl"} else []),
+        f"- Evaluation: `{Path(report['data']).name}` ({report['n_requests']} edits"
+        + (f"; {report['n_held_out']} more, training edits too, left out" if report.get("n_held_out") else "")
+        + f"); for each N_u, {report['repeats']} samples of N_u edits (the same samples for every method, seed "
+        f"{report['seed']}), each applied as ONE batch, scored, undone. Mean ± std over the samples (the "
+        "population std, ddof 0: with 2 samples, half their gap).",
         "- Metrics: teacher-forced token accuracy of the new target on the rephrase (ES) and on the prompt "
         "(rel); DD = share of locality prompts whose argmax prediction changed; LMP = ES − DD; NS = accuracy of the "
         "locality answer under the edit; latency = wall time of the edit; peak MB = growth of the process's "
@@ -357,18 +396,27 @@ def _run(args, t_start) -> int:
     if data is None:
         raise UserError("--data is required (no counterfact-val.json in ../shared/data)")
     requests = load_requests(data)
-    if max(sizes) > len(requests):
-        raise UserError(f"--n-edits asks for {max(sizes)} edits but {data} holds {len(requests)}")
     n_train = args.n_train or args.steps * args.batch_size
     needs_training = any(m in TRAINED or m == "raeditor" for m in methods)
     if needs_training and train_data is None:
         raise UserError("--train-data is required to train the editors")
     train_requests = load_requests(train_data, n_train) if needs_training else []
-    # FT+KL's KL texts: the locality prompts of the first --batch-size training edits (as many as an
-    # editor's training batch holds); the evaluation's own, which DD is scored on, are held out
-    # from every method (`evaluate.without_locality`).  Without --train-data, its generic texts.
-    kl_edits = ((train_requests or load_requests(train_data, args.batch_size))[:args.batch_size]
-                if "ft_kl" in methods and train_data is not None else [])
+    # Evaluation edits that are training edits (--data and --train-data may be one file, as zsRE's
+    # only file is) are left out; with the usual CounterFact split there are none.
+    requests, n_overlap = held_out(requests, train_requests)
+    if n_overlap:
+        print(f"note: {n_overlap} of the {len(requests) + n_overlap} evaluation edits are training edits: "
+              f"evaluating on the other {len(requests)}", flush=True)
+    if max(sizes) > len(requests):
+        raise UserError(f"--n-edits asks for {max(sizes)} edits but {data} holds {len(requests)}"
+                        + (f" besides the {n_overlap} training edits" if n_overlap else ""))
+    # FT+KL's KL texts: the locality prompts of --batch-size training edits (as many as an editor's
+    # training batch holds), the first whose prompt no evaluation edit is scored on; the evaluation's
+    # own, which DD is scored on, are held out from every method (`evaluate.without_locality`).
+    # Without --train-data, its generic texts.
+    kl_edits, kl_skipped = [], 0
+    if "ft_kl" in methods and train_data is not None:
+        kl_edits, kl_skipped = kl_source_edits(train_requests or load_requests(train_data), requests, args.batch_size)
     kl_texts = locality_texts(kl_edits)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -410,6 +458,9 @@ def _run(args, t_start) -> int:
             kl = {"locality_texts": kl_texts} if method == "ft_kl" and kl_texts else {}
             editors[method] = ModelEditor(model, tokenizer, layers=layers, method=method, ft_steps=args.ft_steps, **kl)
     train_s = sum(i["train_s"] for i in training.values())
+    # RaEditor's groups come from its routing generator, which keeps drawing: each row starts it
+    # from the same state, so a --fusions row routes the edits as the method's own row did.
+    routing = {m: routing_states(editors[m]) for m in ROUTED if m in editors}
     routed = [editors[m] for m in ROUTED if m in editors]
     trained_fusion = next(iter(routed[0].editors.values())).fusion if routed else None
 
@@ -418,6 +469,7 @@ def _run(args, t_start) -> int:
     runs = [(m, None) for m in methods] + [(m, f) for m in methods if m in ROUTED for f in fusions]
     for method, fusion in runs:
         key = method if fusion is None else f"{method}:{fusion}"
+        set_routing_states(editors[method], routing.get(method, {}))
         with applied_fusion(editors[method], fusion):
             results[key] = evaluate_method(model, tokenizer, editors[method], requests, n_edits=sizes,
                                            repeats=args.repeats, seed=args.seed, progress=progress,
@@ -439,6 +491,7 @@ def _run(args, t_start) -> int:
     stats = {}  # {method: {N_u: {layer: edit_statistics}}}
     if args.edit_stats:
         for method in (m for m in methods if m not in FT_METHODS):
+            set_routing_states(editors[method], routing.get(method, {}))
             stats[method] = {n: edit_statistics(editors[method], [requests[i] for i in
                                                                   sample_indices(len(requests), n, args.seed, 0)])
                              for n in sizes}
@@ -455,10 +508,10 @@ def _run(args, t_start) -> int:
         command="python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__)] + args.argv),
         machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         model=model_file, threads=threads, layers=layers, data=data, train_data=train_data,
-        n_requests=len(requests), n_train=len(train_requests), repeats=args.repeats, seed=args.seed,
+        n_requests=len(requests), n_held_out=n_overlap, n_train=len(train_requests), repeats=args.repeats, seed=args.seed,
         train_config=train_config, editor=dict(rank=args.rank, n_editors=args.n_editors, top_k=gate_top_k(editors), loss_reduction=args.loss_reduction,
                                               fusion=trained_fusion), ft_steps=args.ft_steps,
-        ft_kl_edits=len(kl_edits) if kl_texts else 0,
+        ft_kl_edits=len(kl_edits) if kl_texts else 0, ft_kl_skipped=kl_skipped,
         training=training, methods=results, unedited=unedited, gradients=gradients,
         edit_statistics=stats,
         cache_dir=str(cache_dir()),

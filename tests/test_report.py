@@ -5,6 +5,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 from dcedit_kernels.model_editor import ModelEditor
 from dcedit_kernels.models import tiny_model
@@ -125,3 +126,44 @@ def test_ft_rows_alone_and_ft_kl_texts_are_rendered(report_module, tmp_path):
     report["ft_kl_edits"] = 0
     assert "FT+KL adds the KL on its generic texts" in report_module.markdown(report, SIZES, layers,
                                                                           tmp_path / "report.md", tmp_path)
+
+
+def test_the_ft_line_only_with_ft_rows_and_the_std_is_named(report_module, tmp_path):
+    report, layers = _report({"mend": _result(0.2, 0.1)})
+    text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
+    assert "FT / FT+KL" not in text  # no FT row: the line described a run that did not happen
+    assert "Mean ± std over the samples (the population std, ddof 0" in text
+    report["ft_kl_edits"], report["ft_kl_skipped"] = 25, 1
+    report["methods"]["ft_kl"] = _result(0.1, 0.7)
+    text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
+    assert "the first 25 training edits whose prompts DD does not score (1 skipped)" in text
+
+
+def test_training_edits_are_not_evaluated_and_scored_prompts_are_not_kl_texts(report_module):
+    """zsRE ships one file, so --data and --train-data can be the same: its training edits are left
+    out of the evaluation; FT+KL's KL edits skip a training edit whose locality prompt is scored."""
+    from dcedit_kernels import EditRequest
+
+    def req(i, loc):
+        return EditRequest(f"prompt {i}", f"target {i}", locality=loc)
+
+    pool = [req(i, f"loc {i}") for i in range(10)]
+    kept, left = report_module.held_out(pool, pool[:4])
+    assert kept == pool[4:] and left == 4
+    training = [req(20, "loc 5"), req(21, "loc 21"), req(22, None), req(23, "loc 6"), req(24, "loc 24")]
+    picked, skipped = report_module.kl_source_edits(training, pool[4:], 3)
+    assert picked == [training[1], training[2], training[4]] and skipped == 2
+
+
+def test_each_row_starts_raeditors_routing_from_the_same_state(report_module):
+    """RaEditor's routing generator keeps drawing; restoring its state makes a second evaluation
+    route the same edits alike (the --fusions rows of one method)."""
+    model, tok = tiny_model("llama")
+    me = ModelEditor(model, tok, ["model.layers.0.mlp.down_proj"], method="raeditor", n_editors=3, rank=4, seed=5)
+    states = report_module.routing_states(me)
+    assert states
+    editor = next(iter(me.editors.values()))
+    first = editor.route(30)[0]
+    assert not torch.equal(editor.route(30)[0], first)  # it keeps drawing
+    report_module.set_routing_states(me, states)
+    assert torch.equal(editor.route(30)[0], first)

@@ -128,6 +128,13 @@ class GroupedEditor(nn.Module):
         return ", ".join(f"{k}={c[k]!r}" if isinstance(c[k], str) else f"{k}={c[k]}" for k in shown)
 
     # ------------------------------------------------------------------ routing
+    @property
+    def route_generator(self) -> torch.Generator | None:
+        """The generator random routing (RaEditor) draws its groups from: seeded with `seed`, None
+        without one (torch's global generator then).  Its state can be saved and set back, so that
+        two evaluations route the same edits alike."""
+        return self._route_gen
+
     def route(self, n_edits: int, edit_feats=None, device=None):
         """(group per edit (E,), gate weight per edit (E,) or None, balance loss)."""
         zero = torch.zeros((), device=device)
