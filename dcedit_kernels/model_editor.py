@@ -563,7 +563,7 @@ class ModelEditor(FineTuneBaselines):
         if self.method in FT_METHODS:
             raise ValueError(f"method {self.method!r} has no editor to train")
         if config is None:
-            config = TrainConfig(**overrides)
+            config = TrainConfig().replace(**overrides)  # ValueError naming an unknown field
         elif overrides:
             config = config.replace(**overrides)
         return train_editor(self, train_requests, val_requests, config)

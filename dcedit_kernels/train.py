@@ -37,7 +37,10 @@ batch with its last position left out (that position predicts the other edit's o
 the edit is meant to change).  L_balance is the gate's importance + load loss (MoEditor).
 
 Optimisation (MEND's split): Adam with `lr` on the editor weights, a separate optimiser with `lr_lr`
-on the per-weight steps α; gradient accumulation over `accumulate` batches; gradient-norm clipping;
+on the per-weight steps α (Adam's first step moves each α by exactly `lr_lr`, whatever its gradient's
+size: from MEND's α = −edit_lr = −1e-4 with lr_lr 1e-4, an α whose gradient points to 0 lands on about
+0 for a step, as a check saw on 2 of SmolLM2's 3 edited layers after one 25-edit step; a smaller
+lr_lr or `lr_optimizer="sgd"` moves it by its gradient instead); gradient accumulation over `accumulate` batches; gradient-norm clipping;
 a batch with a non-finite gradient is skipped and counted.  The backward runs at the scale of the
 per-token sum of L_edit (the KL and balance terms share it) and the gradients are divided back,
 exactly (`losses.backward_scale`: keeps fp16 gradients from flushing to zero; fp32 and bf16

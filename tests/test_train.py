@@ -356,6 +356,15 @@ def test_validation_early_stopping_and_best_restore(gen):
         assert key in result.val_history[0]
 
 
+def test_fit_names_an_unknown_training_setting(gen):
+    """loss_reduction is a ModelEditor argument, not a TrainConfig field: a ValueError naming it,
+    as config.replace gives (it was Python's TypeError from the constructor)."""
+    model, tok = tiny_model("gpt2", seed=1)
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, seed=1)
+    with pytest.raises(ValueError, match=r"unknown TrainConfig fields: \['loss_reduction'\]"):
+        me.fit(random_requests(gen, 3), loss_reduction="edit")
+
+
 def test_a_batch_larger_than_the_training_requests_warns(gen):
     model, tok = tiny_model("gpt2", seed=1)
     me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, seed=1)
