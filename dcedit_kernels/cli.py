@@ -450,7 +450,8 @@ def _common(p: argparse.ArgumentParser, method_default: str | None, methods=tupl
                    help=f"editing method (default: {method_default})" if method_default else
                    "editing method (default: ft, or the method of --editor)")
     p.add_argument("--n-editors", type=positive_int, default=None, help="number of editors N_g (raeditor, moeditor)")
-    p.add_argument("--rank", type=positive_int, default=None, help="editor rank (the editor methods; default: the method's preset)")
+    p.add_argument("--rank", type=positive_int, default=None,
+                   help="editor rank (the editor methods; default: the method's preset)")
     p.add_argument("--data", default=None, help="CounterFact or zsRE JSON file, or a data set's name ("
                    + ", ".join(FILES) + ": in $DCEDIT_DATA_DIR) (default: the built-in facts, "
                    "dcedit_kernels.facts)")
@@ -496,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=25,
                    help="edits per step and process (near the N_u you will edit with; default 25)")
     p.add_argument("--lr", type=float, default=1e-3, help="editor learning rate (default 1e-3)")
-    p.add_argument("--lr-lr", type=float, default=1e-4, help="learning rate of the per-weight edit steps α (default 1e-4)")
+    p.add_argument("--lr-lr", type=float, default=1e-4,
+                   help="learning rate of the per-weight edit steps α (default 1e-4)")
     p.add_argument("--checkpoint-dir", default=None, help="resumable training checkpoints")
 
     p = sub.add_parser("edit", help="apply edits, show before/after completions and scores, undo")

@@ -40,8 +40,9 @@ Optimisation (MEND's split): Adam with `lr` on the editor weights, a separate op
 on the per-weight steps α (Adam's first step moves each α by exactly `lr_lr`, whatever its gradient's
 size: from MEND's α = −edit_lr = −1e-4 with lr_lr 1e-4, an α whose gradient points to 0 lands on about
 0 for a step, as a check saw on 2 of SmolLM2's 3 edited layers after one 25-edit step; a smaller
-lr_lr or `lr_optimizer="sgd"` moves it by its gradient instead); gradient accumulation over `accumulate` batches; gradient-norm clipping;
-a batch with a non-finite gradient is skipped and counted.  The backward runs at the scale of the
+lr_lr or `lr_optimizer="sgd"` moves it by its gradient instead); gradient accumulation over
+`accumulate` batches; gradient-norm clipping; a batch with a non-finite gradient is skipped and
+counted.  The backward runs at the scale of the
 per-token sum of L_edit (the KL and balance terms share it) and the gradients are divided back,
 exactly (`losses.backward_scale`: keeps fp16 gradients from flushing to zero; fp32 and bf16
 unchanged).  Only a per-token activation gradient past fp16's range can overflow there (the editors'
