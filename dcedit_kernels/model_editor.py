@@ -95,9 +95,9 @@ from .devices import as_device, check_resident, cuda_indices, input_device, mode
 from .edit_handle import LIVE_EDITS, EditHandle, add_note, deferred_interrupt, restore
 from .editors.presets import MEND, MoEditor, ProEditor, RaEditor
 from .ft_baseline import FT_KL_ONLY, FineTuneBaselines
-from .safetensors_file import save_safetensors
 from .losses import DEFAULT_LOSS_REDUCTION, LOSS_REDUCTIONS, backward_scale, edit_loss, unscale
 from .requests import EditRequest, validate_requests
+from .safetensors_file import save_safetensors
 from .scored_logits import logits_at, scored_positions
 from .tied_weights import check_untied
 from .tokenize import IGNORE_INDEX, forward_inputs, is_seq2seq, tokenize_causal, tokenize_seq2seq
@@ -405,6 +405,11 @@ class ModelEditor(FineTuneBaselines):
         (`prepare_decoder_input_ids_from_labels`, BART's and T5's shift right); a model without
         that method keeps its labels."""
         return forward_inputs(self.model, batch)
+
+    def route_generators(self) -> dict:
+        """{editor key: its routing generator} for the editors that have one (RaEditor's random
+        groups, seeded per editor): training checkpoints their states, the report restarts them."""
+        return {key: e.route_generator for key, e in self.editors.items() if e.route_generator is not None}
 
     @property
     def needs_feats(self) -> bool:

@@ -90,7 +90,7 @@ from .devices import cuda_indices
 from .ft_baseline import locality_texts
 from .lowrank_layers import lowrank_edited
 from .losses import backward_scale, log_probs_at, picked_kl, scored_accuracy, scored_nll
-from .model_editor import LEGACY_LOSS_REDUCTION, ModelEditor
+from .model_editor import CHECKPOINT_KEY, LEGACY_LOSS_REDUCTION, ModelEditor
 from .requests import EditRequest, validate_requests
 from .safetensors_file import save_safetensors
 from .scored_logits import logits_at, scored_positions
@@ -317,8 +317,8 @@ def _evaluate_split(me: ModelEditor, requests, batch_size: int, rank: int, size:
     """`evaluate_edits` shared by the `size` processes of a data-parallel run (their editors are
     equal): process r scores batches r, r + W, …; the batches' scores are gathered and put back in
     order, so every process gets what one process scoring them all would (bit for bit, but for
-    RaEditor's random routing, which each process draws from its own generator)."""
-    requests = validate_requests(requests)
+    RaEditor's random routing, which each process draws from its own generator).  `requests`:
+    validated, as `train_editor` gives them."""
     n = _n_batches(requests, batch_size)
     parts = distributed.gather_outcomes(lambda: _batch_scores(me, requests, batch_size, range(rank, n, size)),
                                         "validating")
@@ -354,7 +354,7 @@ def _unflatten_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: dict,
 
 def _save_editor(me: ModelEditor, path: Path, state: dict | None = None) -> None:
     tensors = state if state is not None else me.state_tensors()
-    save_safetensors(tensors, path, {"dcedit_model_editor": json.dumps(me.config())})
+    save_safetensors(tensors, path, {CHECKPOINT_KEY: json.dumps(me.config())})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,7 +400,6 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
 
     ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
     result = TrainResult(steps=0)
-    best_state, bad_validations, rng_state = None, 0, None
     group_rank, group_size = distributed.world()
     rank, size = (group_rank, group_size) if config.data_parallel else (0, 1)
     if not config.data_parallel and group_size > 1:
@@ -409,20 +408,21 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                       "the work, and every process writes checkpoint_dir); TrainConfig(data_parallel=True) "
                       "trains them data-parallel", stacklevel=2)
     run = _run_settings(config, train_requests, val_requests, size)
-    error = None
-    try:
+
+    fresh = (None, None, 0)  # (RNG states, best state, bad validations) of a run that starts anew
+
+    def start():
         if ckpt is not None:
             ckpt.mkdir(parents=True, exist_ok=True)
             if config.resume and (ckpt / "trainer.safetensors").is_file():
-                rng_state, best_state, bad_validations = _resume(me, opt, lr_opt, ckpt, result, run, rank)
-    except Exception as exc:  # noqa: BLE001 -- re-raised below, after the other processes hear of it
-        error = exc
+                return _resume(me, opt, lr_opt, ckpt, result, run, rank)
+        return fresh
+
+    (rng_state, best_state, bad_validations), error = _attempt(start, size, fresh)
     if size > 1:  # every process starts from the same step and plan, or all of them raise (none waits)
         plan = dict(run, steps=config.steps, val_every=config.val_every, patience=config.patience,
                     min_delta=config.min_delta, checkpoints=ckpt is not None)
-        distributed.agree_on_start(error, result.steps, plan)
-    if error is not None:
-        raise error
+        distributed.agree_on_start(error, result.steps, plan)  # raises this process's own error too
 
     norms = [e.norm for e in me.editors.values() if e.norm is not None]
     was_training = me.editors.training
@@ -439,7 +439,7 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                 distributed.broadcast_state(me.editors)
                 if rank and rng_state is None:
                     torch.manual_seed(_rank_seed(config.seed, result.steps, rank))
-                    for gen in _route_generators(me).values():
+                    for gen in me.route_generators().values():
                         gen.manual_seed(_rank_seed(gen.initial_seed(), result.steps, rank))
             me.editors.train()
             while result.steps < config.steps and not result.stopped_early:
@@ -634,7 +634,7 @@ def _rng_states(me: ModelEditor) -> dict:
     (MoEditor's gate noise is drawn on the editors' device) and the editors' routing generators
     (RaEditor's random split, seeded per editor)."""
     states = {"rng_state": torch.get_rng_state()}
-    states.update({f"route_rng.{key}": gen.get_state() for key, gen in _route_generators(me).items()})
+    states.update({f"route_rng.{key}": gen.get_state() for key, gen in me.route_generators().items()})
     states.update({f"cuda_rng.{i}": torch.cuda.get_rng_state(i) for i in _cuda_devices(me)})
     return states
 
@@ -646,7 +646,7 @@ def _set_rng_states(me: ModelEditor, states: dict) -> None:
     """Restore what `_rng_states` gave (a checkpoint's, or a batch's start); a routing generator or
     CUDA device it has no state for is left as it is."""
     torch.set_rng_state(states["rng_state"])
-    for key, gen in _route_generators(me).items():
+    for key, gen in me.route_generators().items():
         if f"route_rng.{key}" in states:
             gen.set_state(states[f"route_rng.{key}"])
     for name, state in states.items():
@@ -670,11 +670,6 @@ def _checkpoint(me, opt, lr_opt, ckpt: Path, result: TrainResult, bad_validation
     meta = {"opt": json.dumps(m1), "lr_opt": json.dumps(m2), "counters": json.dumps(counters),
             "model_editor": json.dumps(me.config()), "run": json.dumps(run)}
     save_safetensors(tensors, ckpt / "trainer.safetensors", meta)
-
-
-def _route_generators(me: ModelEditor) -> dict:
-    """The editors' own routing generators (GroupedEditor(seed=...) keeps one for RaEditor)."""
-    return {key: e.route_generator for key, e in me.editors.items() if e.route_generator is not None}
 
 
 def _check_run(path: Path, saved: dict, run: dict) -> None:

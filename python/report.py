@@ -161,12 +161,13 @@ def kl_source_edits(training: list, evaluated: list, n: int) -> tuple[list, int]
 
 def routing_states(me) -> dict:
     """The states of `me`'s routing generators (RaEditor's random groups), by editor key."""
-    return {k: e.route_generator.get_state() for k, e in me.editors.items() if e.route_generator is not None}
+    return {key: gen.get_state() for key, gen in me.route_generators().items()}
 
 
 def set_routing_states(me, states: dict) -> None:
+    generators = me.route_generators()
     for key, state in states.items():
-        me.editors[key].route_generator.set_state(state)
+        generators[key].set_state(state)
 
 
 def fmt(stat: dict, digits: int = 3) -> str:
