@@ -515,6 +515,67 @@ def test_results_do_not_depend_on_the_thread_count(gen):
         assert torch.equal(a, b)
 
 
+def test_strided_offsets(gen):
+    """offsets as a non-contiguous view (stride 2; any (G+1,) tensor may be): every C++ kernel that
+    reads them gives what it gives for the contiguous copy, bit for bit."""
+    counts = [0, 150, 3, 0, 77, 1, 0]
+    offsets = offsets_from_counts(counts, torch.int64)
+    s_offsets = offsets.repeat_interleave(2)[::2]  # its buffer: 0, 0, 0, 0, 150, 150, ...
+    assert torch.equal(s_offsets, offsets) and not s_offsets.is_contiguous()
+    T, G = sum(counts), len(counts)
+    eta, mu = randn((T, O), gen), randn((T, I), gen)
+    for fusion in FUSIONS:
+        assert_bits_equal(ops.grouped_outer(eta, mu, s_offsets, fusion, 0.5),
+                          ops.grouped_outer(eta, mu, offsets, fusion, 0.5))
+        grad = randn(outer_grad_shape(fusion, G), gen)
+        for a, b in zip(ops._grouped_outer_backward(grad, eta, mu, s_offsets, fusion, 0.5),
+                        ops._grouped_outer_backward(grad, eta, mu, offsets, fusion, 0.5)):
+            assert_bits_equal(a, b)
+    assert_bits_equal(ops.segmented_fisher(eta, mu, s_offsets), ops.segmented_fisher(eta, mu, offsets))
+    args = lowrank_inputs(gen, counts, 70, 13, F32, ("scale", "shift", "gain"))
+    assert_bits_equal(ops.grouped_lowrank(args[0], s_offsets, *args[2:]), ops.grouped_lowrank(*args))
+
+
+# --------------------------------------------------------------------------- sizes of 1
+
+
+@pytest.mark.parametrize("dims", [(1, 1), (1, 130), (70, 1)])
+@pytest.mark.parametrize("dtype", [F64, F32, BF16])
+def test_unit_sizes(gen, dims, dtype):
+    """Every C++ kernel with dimensions of 1 (o, i; d, r) and one-token groups, against the
+    float64 reference (grouped_lowrank and the masks bit for bit, as their other tests)."""
+    o, i = dims
+    counts = [1, 0, 1, 2, 0]
+    offsets = offsets_from_counts(counts)
+    T, G = sum(counts), len(counts)
+    eta, mu = randn((T, o), gen, dtype), randn((T, i), gen, dtype)
+    tol = 1e-12 if dtype == F64 else 1e-5
+    for fusion in FUSIONS:
+        out = ops.grouped_outer(eta, mu, offsets, fusion, 0.37)
+        torch.testing.assert_close(out.double(), R.grouped_outer(eta.double(), mu.double(), offsets, fusion, 0.37),
+                                   rtol=tol, atol=tol)
+        grad = randn((G, o, i) if fusion == "none" else (o, i), gen, F32 if dtype != F64 else F64)
+        got = ops._grouped_outer_backward(grad, eta, mu, offsets, fusion, 0.37)
+        for out, ref in zip(got, outer_backward_f64(grad, eta, mu, offsets, fusion, 0.37)):
+            torch.testing.assert_close(out.double(), ref.to(out.dtype).double(),
+                                       rtol=2 ** -7 if dtype == BF16 else tol, atol=tol)
+    torch.testing.assert_close(ops.segmented_fisher(eta, mu, offsets).double(),
+                               R.segmented_fisher(eta.double(), mu.double(), offsets), rtol=tol, atol=tol)
+    args = lowrank_inputs(gen, counts, o, i, dtype, ("scale", "shift", "gain"))
+    assert_bits_equal(ops.grouped_lowrank(*args), R.grouped_lowrank(*args))
+    delta, fisher = randn((o, i), gen, dtype), torch.rand(o, i, generator=gen)
+    for kwargs in (dict(keep=1e-9), dict(keep=1.0), dict(threshold=0.5)):
+        got, count = ops.fisher_mask(delta, fisher, **kwargs)
+        want, want_count = R.fisher_mask(delta, fisher, **kwargs)
+        assert_bits_equal(got, want)
+        assert int(count) == int(want_count)
+    weight = randn((o, i), gen, dtype)
+    expected = weight.clone()
+    ops.apply_shift_(weight, delta, 0.5, fisher, keep=0.5)
+    R.apply_shift_(expected, delta, 0.5, fisher, keep=0.5)
+    assert_bits_equal(weight, expected)
+
+
 # --------------------------------------------------------------------------- bad input
 
 

@@ -10,8 +10,10 @@ the output's dtype.  On CUDA the 16-bit inputs take the tensor-core dot (`launch
 and further tests run benchmark-sized shapes and every launch config candidate.
 """
 
+import collections
 import importlib
 import os
+import warnings
 from contextlib import ExitStack
 from unittest import mock
 
@@ -712,6 +714,291 @@ def test_group_layouts(gen, layout, dtype, device):
             else:
                 assert not out.any()
         close_dalpha(grads[3], refs[4], refs[3], eta_t, offsets, alpha)
+
+
+@pytest.mark.parametrize("dims", [(1, 1), (1, 17), (17, 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_unit_sizes(gen, dims, dtype, device):
+    """Every launcher with dimensions of 1 (o, i, d, r and N) and one-token groups, forward and
+    backward, against the float64 reference: one-wide tiles in every direction."""
+    o, i = dims
+    counts = [1, 0, 1, 2]
+    offsets = offsets_for(counts, device)
+    T, G = sum(counts), len(counts)
+
+    inputs = lowrank_inputs(gen, counts, dtype, device, d=o, r=i)
+    close(tk.grouped_lowrank(inputs[0], offsets, *inputs[1:]),
+          reference.grouped_lowrank(inputs[0].double(), offsets, *f64(*inputs[1:])))
+    grad_out = randn(inputs[0].shape, gen, dtype, device)
+    for g, ref in zip(tk.grouped_lowrank_backward(grad_out, inputs[0], offsets, *inputs[1:]),
+                      lowrank_reference_grads(grad_out, offsets, inputs)):
+        close(g, ref)
+
+    eta, mu = randn((T, o), gen, dtype, device), randn((T, i), gen, dtype, device)
+    for fusion in FUSIONS:
+        close(tk.grouped_outer(eta, mu, offsets, fusion, 0.5),
+              reference.grouped_outer(*f64(eta, mu), offsets, fusion, 0.5))
+        grad = outer_grad(gen, G, o, i, fusion, out_dtype(dtype), device)
+        for out, ref in zip(tk.grouped_outer_backward(grad, eta, mu, offsets, fusion, 0.5),
+                            outer_backward_ref(grad, eta, mu, offsets, fusion, 0.5)):
+            close(out, ref)
+    close(tk.segmented_fisher(eta, mu, offsets), reference.segmented_fisher(*f64(eta, mu), offsets))
+
+    for N in (1, 5):
+        x, weight, b, row_group, mu_t, eta_t, alpha = delta_inputs(gen, counts, dtype, device, N=N, o=o, i=i,
+                                                                   rows=torch.tensor([0, 3, 2, 3, 0][:N]))
+        grad = randn((N, o), gen, dtype, device)
+        y_ref, *grad_refs = delta_reference(x, weight, b, row_group, mu_t, eta_t, offsets, alpha, grad)
+        close(tk.lowrank_delta_linear(x, weight, b, row_group, mu_t, eta_t, offsets, alpha), y_ref)
+        grads = tk.lowrank_delta_linear_backward(grad, x, weight, row_group, mu_t, eta_t, offsets, alpha)
+        close_delta_grads(grads, grad_refs, eta_t, offsets, alpha)
+
+
+@pytest.mark.parametrize("present", [("scale",), ("shift",), ("gain",), ("scale", "shift"), ("scale", "gain"),
+                                     ("shift", "gain")])
+def test_grouped_lowrank_each_subset_of_the_optional_arguments(gen, present, device):
+    """scale, shift and gain given in part (the other tests give all three or none): forward and
+    backward, a gradient exactly for each tensor given."""
+    counts = random_layout(gen)
+    offsets = offsets_for(counts, device)
+    h, u, v, bias, *extras = lowrank_inputs(gen, counts, torch.float64, device)
+    opt = [t if name in present else None for name, t in zip(("scale", "shift", "gain"), extras)]
+    inputs = (h, u, v, bias, *opt)
+    close(tk.grouped_lowrank(h, offsets, u, v, bias, *opt), reference.grouped_lowrank(h, offsets, u, v, bias, *opt))
+    grad_out = randn(h.shape, gen, torch.float64, device)
+    grads = tk.grouped_lowrank_backward(grad_out, h, offsets, u, v, bias, *opt)
+    for t, g, ref in zip(inputs, grads, lowrank_reference_grads(grad_out, offsets, inputs)):
+        assert (g is None) == (t is None)
+        if t is not None:
+            close(g, ref)
+
+
+def test_int64_offsets(gen, device):
+    """int64 offsets (the other tests build int32 ones) through every launcher, forward and
+    backward."""
+    counts = [0, 9, 0, 17, 1]
+    offsets = offsets_for(counts, device).long()
+    T, G = sum(counts), len(counts)
+    inputs = lowrank_inputs(gen, counts, torch.float64, device)
+    close(tk.grouped_lowrank(inputs[0], offsets, *inputs[1:]), reference.grouped_lowrank(inputs[0], offsets,
+                                                                                          *inputs[1:]))
+    grad_out = randn(inputs[0].shape, gen, torch.float64, device)
+    for g, ref in zip(tk.grouped_lowrank_backward(grad_out, inputs[0], offsets, *inputs[1:]),
+                      lowrank_reference_grads(grad_out, offsets, inputs)):
+        close(g, ref)
+    eta, mu = randn((T, 19), gen, torch.float64, device), randn((T, 11), gen, torch.float64, device)
+    for fusion in FUSIONS:
+        close(tk.grouped_outer(eta, mu, offsets, fusion, 0.5), reference.grouped_outer(eta, mu, offsets, fusion, 0.5))
+        grad = outer_grad(gen, G, 19, 11, fusion, torch.float64, device)
+        for out, ref in zip(tk.grouped_outer_backward(grad, eta, mu, offsets, fusion, 0.5),
+                            outer_backward_ref(grad, eta, mu, offsets, fusion, 0.5)):
+            close(out, ref)
+    close(tk.segmented_fisher(eta, mu, offsets), reference.segmented_fisher(eta, mu, offsets))
+    x, weight, b, row_group, mu_t, eta_t, alpha = delta_inputs(gen, counts, torch.float64, device)
+    grad = randn((x.shape[0], weight.shape[0]), gen, torch.float64, device)
+    y_ref, *grad_refs = delta_reference(x, weight, b, row_group, mu_t, eta_t, offsets, alpha, grad)
+    close(tk.lowrank_delta_linear(x, weight, b, row_group, mu_t, eta_t, offsets, alpha), y_ref)
+    close_delta_grads(tk.lowrank_delta_linear_backward(grad, x, weight, row_group, mu_t, eta_t, offsets, alpha),
+                      grad_refs, eta_t, offsets, alpha)
+
+
+@pytest.mark.parametrize("launcher", ["grouped_outer", "grouped_outer_backward", "segmented_fisher", "grouped_lowrank",
+                                      "grouped_lowrank_backward", "lowrank_delta_linear",
+                                      "lowrank_delta_linear_backward"])
+def test_strided_offsets_row_group_and_alpha(gen, launcher, device):
+    """offsets, row_group and alpha given as non-contiguous views (stride 2), as any (G+1,) tensor
+    may be: every launcher gives what the reference gives for the contiguous copies.  Each view
+    sits on a buffer that holds every value twice, so reading it as if contiguous stays in bounds
+    (offsets 0, 0, 9, 9, 26, 27 are then read as 0, 0, 0, 0, 9, 9: wrong groups, not a wild access)."""
+    counts = [0, 9, 0, 17, 1]
+    offsets = offsets_for(counts, device)
+    strided = lambda t: t.repeat_interleave(2)[::2]  # noqa: E731
+    s_offsets = strided(offsets)
+    assert torch.equal(s_offsets, offsets) and not s_offsets.is_contiguous()
+    T, G = sum(counts), len(counts)
+    eta, mu = randn((T, 19), gen, torch.float64, device), randn((T, 11), gen, torch.float64, device)
+    inputs = lowrank_inputs(gen, counts, torch.float64, device)
+    if launcher == "grouped_outer":
+        for fusion in FUSIONS:
+            close(tk.grouped_outer(eta, mu, s_offsets, fusion, 0.5),
+                  reference.grouped_outer(eta, mu, offsets, fusion, 0.5))
+    elif launcher == "grouped_outer_backward":
+        for fusion in ("none", "max", "sss", "ssm"):  # "add" needs no offsets
+            grad = outer_grad(gen, G, 19, 11, fusion, torch.float64, device)
+            for out, ref in zip(tk.grouped_outer_backward(grad, eta, mu, s_offsets, fusion, 0.5),
+                                outer_backward_ref(grad, eta, mu, offsets, fusion, 0.5)):
+                close(out, ref)
+    elif launcher == "segmented_fisher":
+        close(tk.segmented_fisher(eta, mu, s_offsets), reference.segmented_fisher(eta, mu, offsets))
+    elif launcher == "grouped_lowrank":
+        close(tk.grouped_lowrank(inputs[0], s_offsets, *inputs[1:]),
+              reference.grouped_lowrank(inputs[0], offsets, *inputs[1:]))
+    elif launcher == "grouped_lowrank_backward":
+        grad_out = randn(inputs[0].shape, gen, torch.float64, device)
+        for g, ref in zip(tk.grouped_lowrank_backward(grad_out, inputs[0], s_offsets, *inputs[1:]),
+                          lowrank_reference_grads(grad_out, offsets, inputs)):
+            close(g, ref)
+    else:
+        x, weight, b, row_group, mu_t, eta_t, alpha = delta_inputs(gen, counts, torch.float64, device)
+        grad = randn((x.shape[0], weight.shape[0]), gen, torch.float64, device)
+        y_ref, *grad_refs = delta_reference(x, weight, b, row_group, mu_t, eta_t, offsets, alpha, grad)
+        args = (x, weight, b, strided(row_group), mu_t, eta_t, s_offsets, strided(alpha))
+        if launcher == "lowrank_delta_linear":
+            close(tk.lowrank_delta_linear(*args), y_ref)
+        else:
+            close_delta_grads(tk.lowrank_delta_linear_backward(grad, *args[:2], *args[3:]), grad_refs, eta_t, offsets,
+                              alpha)
+
+
+# ------------------------------------- the CUDA registrations, through the dispatcher on CPU
+
+
+def _triton_registrations():
+    """op -> what ops._dispatch registers for CUDA tensors: the Triton launcher behind the op's
+    checks (`checked`), as `register` builds it."""
+    from dcedit_kernels.ops._dispatch import checked, triton_launcher
+
+    gl, go, sf, dl = (importlib.import_module(f"dcedit_kernels.ops.{name}") for name in
+                      ("grouped_lowrank", "grouped_outer", "segmented_fisher", "lowrank_delta_linear"))
+    return {
+        "grouped_lowrank": checked(gl._fwd, gl.check_grouped_lowrank),
+        "_grouped_lowrank_backward": checked(gl._triton_backward, gl.check_grouped_lowrank_backward),
+        "grouped_outer": checked(triton_launcher("grouped_outer"), go.check_grouped_outer),
+        "_grouped_outer_backward": checked(triton_launcher("grouped_outer_backward"), go.check_grouped_outer_backward),
+        "segmented_fisher": checked(triton_launcher("segmented_fisher"), sf.check_segmented_fisher),
+        "lowrank_delta_linear": checked(triton_launcher("lowrank_delta_linear"),
+                                        lambda *a, **kw: dl.check_lowrank_delta_linear(*a, **kw, raw=True)),
+        "_lowrank_delta_linear_backward": checked(triton_launcher("lowrank_delta_linear_backward"),
+                                                  dl.check_lowrank_delta_linear_backward),
+    }
+
+
+@pytest.fixture
+def triton_serves_cpu():
+    """For the test's duration, CPU tensors reach the functions that serve CUDA tensors (Triton
+    under the interpreter), so that opcheck, gradcheck and the raw ops' checks run the Triton path
+    through the dispatcher without a GPU (tests/test_ops.py runs them on the CUDA registrations
+    when there is one).  Yields a Counter of the calls each registration served; the previous CPU
+    kernels (C++ or reference) serve again after it."""
+    if not INTERPRET:
+        pytest.skip("runs the Triton registrations on CPU tensors, which needs TRITON_INTERPRET=1")
+    served = collections.Counter()
+
+    def counted(name, fn):
+        def run(*args, **kwargs):
+            served[name] += 1
+            return fn(*args, **kwargs)
+        return run
+
+    lib = torch.library.Library("dcedit", "IMPL")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Overriding a previously registered kernel"
+            for name, fn in _triton_registrations().items():
+                lib.impl(name, counted(name, fn), "CPU")
+        yield served
+    finally:
+        lib._destroy()
+    for name in _triton_registrations():  # this file's registrations are gone
+        cpu = [line for line in torch._C._dispatch_dump(f"dcedit::{name}").splitlines() if line.startswith("CPU")]
+        assert len(cpu) == 1 and os.path.basename(__file__) not in cpu[0], cpu
+
+
+def _grad_leaves(*tensors):
+    return tuple(t.requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
+# op -> the registrations it runs, forward and backward
+TRITON_SERVED = {
+    "grouped_lowrank": {"grouped_lowrank", "_grouped_lowrank_backward"},
+    "grouped_outer": {"grouped_outer", "_grouped_outer_backward"},
+    "segmented_fisher": {"segmented_fisher"},
+    "lowrank_delta_linear": {"lowrank_delta_linear", "_lowrank_delta_linear_backward"},
+}
+
+
+@pytest.mark.parametrize("op", list(TRITON_SERVED))
+@pytest.mark.parametrize("layout", ["ragged", "no_tokens"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_through_the_triton_registrations(gen, dtype, layout, op, triton_serves_cpu):
+    """torch.library.opcheck (schema, fake kernels, autograd registration, AOT dispatch, which runs
+    the backward ops too) on every op that Triton serves, on ragged groups (empty first and
+    middle, a one-token group, more than one 16-row tile) and on T = 0."""
+    from torch.library import opcheck
+
+    counts = [0, 9, 0, 17, 1] if layout == "ragged" else LAYOUTS["no_tokens"]
+    offsets = offsets_for(counts, "cpu")
+    T, dcedit = sum(counts), torch.ops.dcedit
+    if op == "grouped_lowrank":
+        h, u, v, bias, scale, shift, gain = lowrank_inputs(gen, counts, dtype, "cpu", d=13, r=7)
+        opcheck(dcedit.grouped_lowrank.default, _grad_leaves(h, offsets, u, v, bias, scale, shift, gain))
+        opcheck(dcedit.grouped_lowrank.default, _grad_leaves(h.detach(), offsets, u.detach(), v.detach(),
+                                                             bias.detach()))
+    elif op in ("grouped_outer", "segmented_fisher"):
+        eta, mu = randn((T, 19), gen, dtype), randn((T, 11), gen, dtype)
+        if op == "segmented_fisher":
+            opcheck(dcedit.segmented_fisher.default, (eta, mu, offsets))
+        for fusion in FUSIONS if op == "grouped_outer" else ():
+            opcheck(dcedit.grouped_outer.default, (*_grad_leaves(eta.clone(), mu.clone()), offsets, fusion, 0.75))
+    else:
+        x, weight, b, row_group, mu_t, eta_t, alpha = delta_inputs(gen, counts, dtype, "cpu")
+        opcheck(dcedit.lowrank_delta_linear.default,
+                _grad_leaves(x, weight, b, row_group, mu_t, eta_t, offsets, alpha))
+    assert set(triton_serves_cpu) == TRITON_SERVED[op], triton_serves_cpu  # Triton ran, forward and backward
+
+
+@pytest.mark.parametrize("op", ["grouped_lowrank", "grouped_outer", "lowrank_delta_linear"])
+def test_gradcheck_through_the_triton_registrations(gen, op, triton_serves_cpu):
+    """float64 gradcheck of the public ops with Triton forward and backward kernels (fast mode:
+    the interpreter runs each launch in Python), ragged groups with empty ones."""
+    from dcedit_kernels import ops
+
+    counts = [0, 3, 0, 2, 1]
+    offsets = offsets_for(counts, "cpu")
+    T, G = sum(counts), len(counts)
+    f64_leaf = lambda *shape: randn(shape, gen, torch.float64).requires_grad_()  # noqa: E731
+    check = lambda fn, inputs: torch.autograd.gradcheck(fn, inputs, fast_mode=True)  # noqa: E731
+    if op == "grouped_outer":
+        eta, mu = f64_leaf(T, 4), f64_leaf(T, 3)
+        for fusion in FUSIONS:
+            assert check(lambda e, m: ops.grouped_outer(e, m, offsets, fusion, 0.5), (eta, mu)), fusion
+    elif op == "grouped_lowrank":
+        d, r = 5, 2
+        lowrank = (f64_leaf(T, d), f64_leaf(G, d, r), f64_leaf(G, r, d), f64_leaf(G, d), f64_leaf(G, d),
+                   f64_leaf(G, d), f64_leaf(T, d))
+        assert check(lambda h, u, v, b, s, c, g: ops.grouped_lowrank(h, offsets, u, v, b, s, c, g), lowrank)
+        assert check(lambda h, u, v, b: ops.grouped_lowrank(h, offsets, u, v, b), lowrank[:4])
+    else:
+        x, weight, b, row_group, mu_t, eta_t, alpha = delta_inputs(gen, counts, torch.float64, "cpu", N=7, o=3, i=4)
+        leaves = _grad_leaves(x, weight, b, mu_t, eta_t, alpha)
+        assert check(lambda x, w, b, m, e, a: ops.lowrank_delta_linear(x, w, b, row_group, m, e, offsets, a), leaves)
+    assert set(triton_serves_cpu) == TRITON_SERVED[op], triton_serves_cpu
+
+
+def test_raw_ops_through_the_triton_registrations_check_their_inputs(gen, triton_serves_cpu):
+    """torch.ops.dcedit.* served by Triton: bad input is a ValueError naming the argument (the
+    launchers do not read offsets or group ids on the host; the registration's checks do)."""
+    dcedit = torch.ops.dcedit
+    f = lambda *shape: randn(shape, gen, torch.float32)  # noqa: E731
+    decreasing, good = torch.tensor([0, 3, 2, 5]), torch.tensor([0, 2, 5])
+    low = (f(3, 4, 2), f(3, 2, 4), f(3, 4))
+    x, weight, b, row_group, mu_t, eta_t, alpha = delta_inputs(gen, [3, 0, 4], torch.float32, "cpu")
+    offsets = offsets_for([3, 0, 4], "cpu")
+    cases = [
+        (dcedit.grouped_outer, (f(5, 3), f(5, 4), decreasing, "sss", 1.0), "offsets"),
+        (dcedit._grouped_outer_backward, (f(4, 3), f(5, 3), f(5, 4), good, "sss", 1.0), "grad"),
+        (dcedit.segmented_fisher, (f(5, 3), f(5, 4), torch.tensor([0, 4])), "edit_offsets"),
+        (dcedit.grouped_lowrank, (f(5, 4), decreasing, *low), "offsets"),
+        (dcedit._grouped_lowrank_backward, (f(4, 4), f(5, 4), decreasing, *low, None, None, None), "offsets"),
+        (dcedit.lowrank_delta_linear, (x, weight, b, torch.full_like(row_group, 3), mu_t, eta_t, offsets, alpha),
+         "row_group"),
+        (dcedit.lowrank_delta_linear, (x, weight, b, row_group, mu_t, eta_t, offsets, alpha[:1]), "alpha"),
+        (dcedit._lowrank_delta_linear_backward, (x, x, weight, row_group, mu_t, eta_t, offsets, alpha), "grad"),
+    ]
+    for op, args, name in cases:
+        with pytest.raises(ValueError, match=name):
+            op(*args)
+    assert set(triton_serves_cpu) == set(_triton_registrations())  # each reached its Triton registration
 
 
 # ---------------------------------------------------------------------------- bad input, syncs

@@ -151,6 +151,10 @@ def grouped_bilinear_(out, q, q_index, q_group, k, v, kv_index, kv_offsets, alph
     if NQ == 0 or DV == 0 or W == 0:
         return out
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    # The kernels index these 1-D tensors as contiguous (kv_offsets[g] at kv_offsets_ptr + g, …).
+    q_group, kv_offsets = q_group.contiguous(), kv_offsets.contiguous()
+    q_index = q_index.contiguous() if q_index is not None else None
+    kv_index = kv_index.contiguous() if kv_index is not None else None
     acc = out.dtype
     fp64 = acc == torch.float64
     native_qk = not fp64 and native_dot(q.dtype, k.dtype)

@@ -137,6 +137,7 @@ def launch_grouped_outer(eta, mu, offsets, mode: int, alpha=1.0, precision_from=
     check_same_device(dict(eta=eta, mu=mu, offsets=offsets))
     G = offsets.shape[0] - 1
     O, I = eta.shape[1], mu.shape[1]
+    offsets = offsets.contiguous()  # the kernel reads offsets[g] at offsets_ptr + g
     acc = compute_dtype(eta, mu)
     if select and mode not in (MODE_MAX, MODE_SSS, MODE_SSM):
         raise ValueError(f"select needs the max, sss or ssm mode, got mode {mode}")

@@ -311,8 +311,9 @@ def segment_matmul(x, w, offsets, transpose_w=True, gain=None, bias=None, scale=
             z = z + residual.to(acc)
         return y.copy_(z)
 
-    contiguous = [t.contiguous() if t is not None else None for t in (gain, bias, scale, shift, residual)]
-    gain, bias, scale, shift, residual = contiguous
+    # The kernel reads these (and offsets[g], at offsets_ptr + g) as contiguous.
+    contiguous = [t.contiguous() if t is not None else None for t in (offsets, gain, bias, scale, shift, residual)]
+    offsets, gain, bias, scale, shift, residual = contiguous
     if transpose_w:
         stride_wn, stride_wk = w.stride(1), w.stride(2)
     else:
