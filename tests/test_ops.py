@@ -7,6 +7,7 @@ itself is checked here against independent per-group formulas written from SPEC.
 import math
 import os
 import warnings
+from fractions import Fraction
 
 import pytest
 import torch
@@ -250,6 +251,23 @@ def test_fisher_mask_random_matches_count(keep, gen, device):
     assert torch.equal(out, delta * kept)
 
 
+@pytest.mark.parametrize("keep", [0.07, 0.14, 0.28, 0.29, 0.55, 0.56, 0.57, 0.0700001, 0.3])
+def test_fisher_mask_keeps_ceil_of_the_exact_product(keep, gen, device):
+    """k = ceil(keep·n) as in exact arithmetic: 0.07·100 is 7.000000000000001 in double and keeps
+    7 of 100 distinct values, not 8; a product truly above an integer (0.0700001·100) rounds up.
+    The same count through apply_shift_, on every device's kernel."""
+    n = 100
+    k = math.ceil(Fraction(str(keep)) * n)
+    fisher = torch.randperm(n, generator=gen).float().reshape(10, 10).to(device)  # distinct: no ties
+    delta = randn((10, 10), gen, device=device)
+    out, count = ops.fisher_mask(delta, fisher, keep=keep)
+    assert int(count) == k == reference.keep_count(keep, n)
+    assert torch.equal(out, delta * (fisher >= n - k))
+    weight = torch.zeros(10, 10, device=device)
+    ops.apply_shift_(weight, torch.ones(10, 10, device=device), 1.0, fisher, keep=keep)
+    assert int(weight.sum()) == k
+
+
 def test_fisher_mask_above_2_pow_24(gen, device):
     n = 2**24 + 3
     fisher = torch.rand(n, generator=gen).to(device)
@@ -270,6 +288,26 @@ def test_fisher_mask_gradcheck_and_opcheck(gen, device):
         d, f = delta.detach().to(dtype), fisher.to(dtype)
         opcheck(torch.ops.dcedit.fisher_mask.default, (d, f, 0.5, None))
         opcheck(torch.ops.dcedit.fisher_mask.default, (d, f, None, 0.3))
+
+
+@pytest.mark.parametrize("fisher_dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("delta_dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_fisher_mask_other_dtypes(fisher_dtype, delta_dtype, gen, device):
+    """16-bit and float64 Fisher values (ties at the keep threshold) and deltas, on every device's
+    kernel: the reference's kept set and count exactly, output fp32 (fp64 for a float64 delta);
+    the same mask through apply_shift_."""
+    fisher = (torch.randint(0, 40, (23, 37), generator=gen) * 0.125).to(fisher_dtype).to(device)
+    delta = randn((23, 37), gen, delta_dtype, device)
+    for kwargs in (dict(keep=0.3), dict(threshold=2.5)):
+        out, count = ops.fisher_mask(delta, fisher, **kwargs)
+        want, want_count = reference.fisher_mask(delta.cpu(), fisher.cpu(), **kwargs)
+        assert out.dtype == want.dtype == (torch.float64 if delta_dtype == torch.float64 else torch.float32)
+        assert int(count) == int(want_count) and torch.equal(out.cpu(), want)
+        weight = randn((23, 37), gen, torch.float32, device)
+        expected = weight.cpu().clone()
+        ops.apply_shift_(weight, delta, 0.5, fisher, **kwargs)
+        reference.apply_shift_(expected, delta.cpu(), 0.5, fisher.cpu(), **kwargs)
+        assert torch.equal(weight.cpu(), expected)
 
 
 def test_fisher_mask_bad_input_raises(gen):
@@ -421,6 +459,24 @@ def test_grouped_lowrank_gradcheck(extras, gen, device):
     assert torch.autograd.gradcheck(f, tuple(a[k] for k in names))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_grouped_lowrank_low_precision_gradients(dtype, gen, device):
+    """16-bit inputs through the op's autograd: every gradient in its input's dtype, within that
+    dtype's rounding of float64 autograd through SPEC's formula on the same (rounded) values."""
+    a = _lowrank_inputs(gen, G=4, d=11, r=3, counts=[3, 0, 9, 1], dtype=dtype, device=device)
+    names = [k for k in a if k != "offsets"]
+    leaves = {k: a[k].clone().requires_grad_() for k in names}
+    out = ops.grouped_lowrank(**dict(a, **leaves))
+    grad = randn(tuple(out.shape), gen, torch.float32, device)
+    got = torch.autograd.grad(out, [leaves[k] for k in names], grad)
+    leaves64 = {k: a[k].double().cpu().requires_grad_() for k in names}
+    want = torch.autograd.grad(_lowrank_formula(dict(a, offsets=a["offsets"].cpu(), **leaves64)),
+                               [leaves64[k] for k in names], grad.double().cpu())
+    for k, g, w in zip(names, got, want):
+        assert g.dtype == dtype and g.shape == a[k].shape, k
+        assert rel_err(g, w) < TOL[dtype], k
+
+
 def test_grouped_lowrank_clamp_gradient_at_zero_is_one(gen):
     """MEND initialises u = 0, so every pre-activation is exactly 0: the gradient must pass."""
     a = _lowrank_inputs(gen, G=2, d=5, r=3, counts=[3, 2], extras=False)
@@ -504,6 +560,31 @@ def test_lowrank_delta_linear_gradcheck(gen, device):
     assert torch.autograd.gradcheck(lambda al: ops.lowrank_delta_linear(**dict(a, alpha=al)), (s,))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lowrank_delta_linear_low_precision_gradients(dtype, gen, device):
+    """16-bit inputs through the op's autograd: dx, dmu_t, deta_t, dalpha (and the layer's own
+    dweight, dbias) in their inputs' dtypes, within that dtype's rounding of float64 autograd
+    through the applied shift x (W + alpha_g eta_gᵀ mu_g)ᵀ + b on the same (rounded) values."""
+    a = _delta_linear_inputs(gen, N=13, i=6, o=5, counts=(3, 0, 4, 1), dtype=dtype, device=device)
+    names = ["x", "weight", "bias", "mu_t", "eta_t", "alpha"]
+    leaves = {k: a[k].clone().requires_grad_() for k in names}
+    y = ops.lowrank_delta_linear(**dict(a, **leaves))
+    grad = randn(tuple(y.shape), gen, dtype, device)
+    got = torch.autograd.grad(y, [leaves[k] for k in names], grad)
+    L = {k: a[k].double().cpu().requires_grad_() for k in names}
+    b = a["offsets"].tolist()
+    rows = []
+    for n, g in enumerate(a["row_group"].tolist()):
+        s, e = (b[g], b[g + 1]) if g >= 0 else (0, 0)
+        W = L["weight"] if g < 0 else L["weight"] + L["alpha"][g] * (L["eta_t"][s:e].T @ L["mu_t"][s:e])
+        rows.append(L["x"][n] @ W.T + L["bias"])
+    want = torch.autograd.grad(torch.stack(rows), [L[k] for k in names], grad.double().cpu(), allow_unused=True)
+    for k, g, w in zip(names, got, want):
+        assert g.dtype == dtype and g.shape == a[k].shape, k
+        w = torch.zeros_like(L[k]) if w is None else w
+        assert rel_err(g, w) < TOL[dtype] if w.abs().max() > 0 else not g.any(), k
+
+
 @pytest.mark.parametrize("dtype", OPCHECK_DTYPES)
 def test_lowrank_delta_linear_opcheck(dtype, gen, device):
     a = _delta_linear_inputs(gen, N=6, i=4, o=3, counts=(2, 0, 3), dtype=dtype, device=device)
@@ -540,6 +621,62 @@ def test_lowrank_delta_linear_bad_input_raises(gen):
     ]:
         with pytest.raises(ValueError, match=word):
             ops.lowrank_delta_linear(**dict(a, **{key: bad}))
+
+
+# ---------------------------------------------------------------- no tokens at all
+@pytest.mark.parametrize("counts", [[0, 0, 0], [0]])
+@pytest.mark.parametrize("op", ["grouped_outer", "segmented_fisher", "grouped_lowrank", "lowrank_delta_linear",
+                                "sort_by_group"])
+def test_op_on_no_tokens(op, counts, gen, device):
+    """T = 0, every group empty (SPEC: a group may be empty, offsets[G] = T): the output, the
+    gradients and opcheck, on the kernels that serve this device."""
+    offsets = ragged_offsets(counts, device)
+    G, dcedit = len(counts), torch.ops.dcedit
+    leaf = lambda *shape: randn(shape, gen, torch.float64, device).requires_grad_()  # noqa: E731
+    if op in ("grouped_outer", "segmented_fisher"):
+        eta, mu = leaf(0, 4), leaf(0, 3)
+        if op == "segmented_fisher":
+            fisher = ops.segmented_fisher(eta.detach(), mu.detach(), offsets)
+            assert fisher.shape == (4, 3) and not fisher.any()
+            opcheck(dcedit.segmented_fisher.default, (eta.detach(), mu.detach(), offsets))
+        for fusion in FUSIONS if op == "grouped_outer" else ():
+            out = ops.grouped_outer(eta, mu, offsets, fusion, 0.5)
+            assert out.shape == ((G, 4, 3) if fusion == "none" else (4, 3)) and not out.any(), fusion
+            d_eta, d_mu = torch.autograd.grad(out, (eta, mu), torch.ones_like(out))
+            assert d_eta.shape == (0, 4) and d_mu.shape == (0, 3)
+            opcheck(dcedit.grouped_outer.default, (eta, mu, offsets, fusion, 0.5))
+    elif op == "grouped_lowrank":
+        a = _lowrank_inputs(gen, G=G, d=4, r=2, counts=counts, device=device)
+        names = [k for k in a if k != "offsets"]
+        for k in names:
+            a[k].requires_grad_()
+        out = ops.grouped_lowrank(**a)
+        assert out.shape == (0, 4) and out.dtype == torch.float64
+        grads = torch.autograd.grad(out, [a[k] for k in names], torch.ones_like(out), allow_unused=True)
+        for k, g in zip(names, grads):
+            assert g is None or (g.shape == a[k].shape and not g.any()), k
+        opcheck(dcedit.grouped_lowrank.default, tuple(a[k] for k in ("h", "offsets", "u", "v", "bias", "scale",
+                                                                     "shift", "gain")))
+    elif op == "lowrank_delta_linear":
+        for N in (5, 0):  # rows that see no shift (mu_t, eta_t have no rows), then no rows at all
+            a = _delta_linear_inputs(gen, N=N, counts=counts, device=device)
+            names = ["x", "mu_t", "eta_t", "alpha"]
+            for k in names:
+                a[k].requires_grad_()
+            y = ops.lowrank_delta_linear(**a)
+            assert y.shape == (N, 5)
+            torch.testing.assert_close(y, a["x"] @ a["weight"].T + a["bias"])
+            grad = randn((N, 5), gen, torch.float64, device)
+            dx, dmu, deta, dalpha = torch.autograd.grad(y, [a[k] for k in names], grad)
+            torch.testing.assert_close(dx, grad @ a["weight"])
+            assert dmu.shape == (0, 6) and deta.shape == (0, 5) and dalpha.shape == (G,) and not dalpha.any()
+            opcheck(dcedit.lowrank_delta_linear.default,
+                    tuple(a[k] for k in ("x", "weight", "bias", "row_group", "mu_t", "eta_t", "offsets", "alpha")))
+    else:
+        rows = torch.empty(0, dtype=torch.int64, device=device)
+        perm, inverse, got = ops.sort_by_group(rows, G)
+        assert perm.shape == inverse.shape == (0,) and got.tolist() == [0] * (G + 1)
+        opcheck(dcedit.sort_by_group.default, (rows, G))
 
 
 def _raw_op_bad_calls(gen):
@@ -606,6 +743,19 @@ def test_raw_ops_check_their_inputs(case, gen):
         op(*args)
 
 
+@pytest.mark.parametrize("case", list(_raw_op_bad_calls(torch.Generator())))
+def test_raw_ops_check_their_inputs_on_the_device(case, gen, device):
+    """The raw bad calls above with every tensor on `device`: on CUDA they reach the CUDA C++
+    kernels (fisher_mask, apply_shift_) and the Triton registrations, which the CPU-only test
+    does not."""
+    op, args, name = _raw_op_bad_calls(gen)[case]
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+    before = [a.clone() for a in args if isinstance(a, torch.Tensor)]
+    with pytest.raises(ValueError, match=name):
+        op(*args)
+    assert all(torch.equal(a, b) for a, b in zip((a for a in args if isinstance(a, torch.Tensor)), before))
+
+
 def _public_op_calls(gen):
     """name -> (op, keyword arguments of a good call): every public op of dcedit_kernels.ops."""
     f = lambda *shape: randn(shape, gen)  # noqa: E731
@@ -637,6 +787,49 @@ def test_every_public_op_names_a_non_tensor_argument(gen):
             if isinstance(value, torch.Tensor):
                 with pytest.raises(ValueError, match=rf"^{arg} must be"):
                     op(**dict(kwargs, **{arg: "x"}))
+
+
+def test_bad_values_and_shapes_each_name_their_argument(gen):
+    """The checks that no other test reaches: each a ValueError naming the argument, nothing
+    written."""
+    f = lambda *shape: randn(shape, gen)  # noqa: E731
+    eta, mu, offsets = f(5, 3), f(5, 4), torch.tensor([0, 2, 5])
+    weight = f(3, 4)
+    before = weight.clone()
+    d = _delta_linear_inputs(gen, dtype=torch.float32)
+    for call, words in [
+        (lambda: ops.fisher_mask(f(0, 4), f(0, 4), keep=0.5), "delta must not be empty"),
+        (lambda: ops.grouped_outer(eta, mu, offsets, "add", "2.0"), "alpha must be a real number, got str"),
+        (lambda: ops.grouped_outer(eta, mu, offsets, "add", True), "alpha must be a real number, got bool"),
+        (lambda: ops.apply_shift_(weight, f(3, 4), "0.5"), "alpha must be a real number, got str"),
+        (lambda: ops.apply_shift_(weight, f(3, 4), 1.0, threshold=0.5), "keep and threshold need fisher"),
+        (lambda: ops.undo_shift_(weight, f(4, 3)), "previous must be"),
+        (lambda: ops.undo_shift_(weight, before.double()), "previous must be"),
+        (lambda: ops.lowrank_delta_linear(**dict(d, bias=f(4))), "bias must have shape"),
+        (lambda: ops.lowrank_delta_linear(**dict(d, eta_t=d["eta_t"][:, :4])), "eta_t"),
+        (lambda: ops.lowrank_delta_linear(**dict(d, alpha="x")), "alpha must be a number or a tensor"),
+        (lambda: ops.sort_by_group(torch.zeros(2, 3, dtype=torch.int64), 3), "group_of_row must be 1-D"),
+        (lambda: ops.sort_by_group(torch.zeros(3, dtype=torch.int64), 0), "G must be a positive int"),
+        (lambda: ops.grouped_lowrank(**dict(_lowrank_inputs(gen, G=2, d=4, r=2, counts=[1, 3]), shift=f(2, 3))),
+         "shift must have shape"),
+        (lambda: torch.ops.dcedit.noisy_topk_gate(f(5, 3), f(3, 2), f(3, 2), 1, f(5, 3)), "noise must have shape"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            call()
+        assert torch.equal(weight, before)
+
+
+def test_every_public_op_names_mismatched_devices(gen):
+    """SPEC: mismatched devices are a ValueError, on a machine with one device too: one tensor
+    argument on the meta device (not offsets or group ids, which the checks read on the host)."""
+    host_read = {"offsets", "edit_offsets", "row_group", "group_of_row"}
+    for name, (op, kwargs) in _public_op_calls(gen).items():
+        if name == "undo_shift_":  # checks shapes and dtypes only; copy_ crosses devices
+            continue
+        for arg, value in kwargs.items():
+            if isinstance(value, torch.Tensor) and arg not in host_read:
+                with pytest.raises(ValueError, match=rf"all tensors must be on one device: .*{arg} on meta"):
+                    op(**dict(kwargs, **{arg: value.to("meta")}))
 
 
 # ---------------------------------------------------------------- routing
@@ -774,6 +967,26 @@ def test_noisy_topk_gate_opcheck_and_gradcheck(gen, device):
     w_gate.requires_grad_(), w_noise.requires_grad_()
     f = lambda wg, wn: torch.ops.dcedit.noisy_topk_gate(feats, wg, wn, 2, noise)  # noqa: E731
     assert torch.autograd.gradcheck(lambda wg, wn: (f(wg, wn)[0], f(wg, wn)[2]), (w_gate, w_noise))
+
+
+@pytest.mark.parametrize("E,f,G,k", [(1, 1, 1, 1), (3, 2, 3, 3), (1, 4, 2, 2), (0, 3, 4, 2)])
+def test_noisy_topk_gate_unit_sizes_and_k_equal_to_G(E, f, G, k, gen, device):
+    """One edit, one feature, one editor, k = G (every editor kept, no smooth load) and no edits:
+    the gates are the softmax of the top k logits (eval), rows sum to 1, the loss is finite, and
+    float64 gradcheck in training (noise given)."""
+    feats, w_gate, w_noise = (randn(s, gen, torch.float64, device) for s in ((E, f), (f, G), (f, G)))
+    gates, chosen, loss = ops.noisy_topk_gate(feats, w_gate, w_noise, k=k, training=False)
+    assert gates.shape == (E, G) and chosen.shape == (E,) and torch.isfinite(loss)
+    logits = feats @ w_gate
+    top = logits.topk(k, dim=1)
+    torch.testing.assert_close(gates.gather(1, top.indices), torch.softmax(top.values, 1))
+    torch.testing.assert_close(gates.sum(1), torch.ones(E, dtype=torch.float64, device=device))
+    assert torch.equal(chosen, top.indices[:, 0])
+    if E:
+        noise = randn((E, G), gen, torch.float64, device)
+        w_gate.requires_grad_(), w_noise.requires_grad_()
+        fn = lambda wg, wn: torch.ops.dcedit.noisy_topk_gate(feats, wg, wn, k, noise)  # noqa: E731
+        assert torch.autograd.gradcheck(lambda wg, wn: (fn(wg, wn)[0], fn(wg, wn)[2]), (w_gate, w_noise))
 
 
 # ---------------------------------------------------------------- CUDA wiring, checked on CPU

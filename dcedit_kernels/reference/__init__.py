@@ -5,7 +5,7 @@ for clarity, not memory: the fused modes of `grouped_outer` here do hold G o×i 
 """
 
 from .apply_shift import apply_shift_, undo_shift_
-from .fisher_mask import fisher_mask, fisher_threshold_for_keep
+from .fisher_mask import fisher_mask, fisher_threshold_for_keep, keep_count
 from .grouped_lowrank import grouped_lowrank, grouped_lowrank_backward
 from .grouped_outer import grouped_outer, grouped_outer_backward
 from .lowrank_delta_linear import lowrank_delta_linear, lowrank_delta_linear_backward
@@ -18,6 +18,7 @@ __all__ = [
     "undo_shift_",
     "fisher_mask",
     "fisher_threshold_for_keep",
+    "keep_count",
     "grouped_lowrank",
     "grouped_lowrank_backward",
     "grouped_outer",

@@ -5,12 +5,23 @@ import torch
 from .._checks import compute_dtype
 
 
+# keep·n in floating point can land just above the integer it is in exact arithmetic (0.07·100 =
+# 7.000000000000001, so a plain ceil kept 8 of 100 entries at keep=0.07; also 0.14, 0.28, 0.55 and
+# 0.56 of 100): a product within a relative 1e-12 of an integer counts as that integer.  Exact for
+# n < 10**12 entries (the shrink stays below 1).  The C++ and CUDA kernels compute the same double.
+KEEP_ROUNDING = 1 - 1e-12
+
+
+def keep_count(keep, n):
+    """k = ceil(keep·n) as in exact arithmetic (see KEEP_ROUNDING), clamped to [1, n]; n ≥ 1."""
+    return min(max(math.ceil(keep * n * KEEP_ROUNDING), 1), n)
+
+
 def fisher_threshold_for_keep(fisher, keep):
-    """The k-th largest Fisher value, k = ceil(keep·n).  kthvalue handles n > 2**24."""
+    """The k-th largest Fisher value, k = `keep_count(keep, n)`.  kthvalue handles n > 2**24."""
     flat = fisher.reshape(-1)
     n = flat.numel()
-    k = min(max(math.ceil(keep * n), 1), n)
-    return torch.kthvalue(flat, n - k + 1).values
+    return torch.kthvalue(flat, n - keep_count(keep, n) + 1).values
 
 
 def fisher_mask(delta, fisher, keep=None, threshold=None):
