@@ -272,3 +272,62 @@ def test_ft_kl_many_edits(benchmark, device, ceilings):
     benchmark.extra_info.update(edits=FT_E, kl_tokens=kl_tokens, chunk=FT_CHUNK,
                                 eager_reference_MiB=kl_tokens * CAP_VOCAB * 4 / 2**20)
     return info
+
+
+# One editor-training pass (the edited forward and the KL reference, and the backward into the
+# editor outputs) of 25 edits (the README's batch) on a random model of SmolLM2's shape, rows as
+# about as long as CounterFact's in SmolLM2's tokens (most short, a few near 30; measured on
+# 3 batches of 25 edits: 539-582 tokens in 1,150-1,600 padded slots; here 779 in 1,500):
+# `length_buckets` (passes of rows of similar length; the default on CPU) against one pass padded
+# to the longest row (the default on GPU, where no session has measured buckets yet:
+# benchmarks/NOTES.md).  SmolLM2's shape, not the capture cases' model: on 4 layers and a 32k
+# vocabulary the LM head and the KL over the vocabulary outweigh the padded blocks (measured on
+# CPU: no gain there, 3.24 s against 3.16 s).
+TR_E = 25
+
+
+def _training_pass_case(device):
+    import dataclasses
+
+    import transformers
+
+    from dcedit_kernels import EditRequest, ModelEditor
+    from dcedit_kernels.models import tiny_tokenizer
+    from dcedit_kernels.train import batch_edits
+
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=128,
+                                      tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config).to(DT).to(device).eval()
+    layers = [f"model.layers.{i}.mlp.down_proj" for i in (27, 28, 29)]
+    me = ModelEditor(model, tiny_tokenizer("llama"), layers, method="moeditor", n_editors=4, rank=32)
+    gen = torch.Generator().manual_seed(0)
+
+    def text(lo, hi):  # the tokenizer is character-level: n letters are n tokens; most rows short
+        n = lo + int((hi - lo + 1) * float(torch.rand((), generator=gen)) ** 2)
+        return "".join(chr(97 + int(c)) for c in torch.randint(0, 26, (n,), generator=gen))
+
+    requests = [EditRequest(text(4, 14), text(1, 3), rephrase=text(5, 24), locality=text(3, 24),
+                            locality_target=text(1, 3)) for _ in range(TR_E)]
+    edits = {name: dataclasses.replace(e, mu_t=e.mu_t.detach().requires_grad_(),
+                                       eta_t=e.eta_t.detach().requires_grad_(), alpha=e.alpha.detach().requires_grad_())
+             for name, e in batch_edits(me, requests).items()}
+    return me, requests, edits
+
+
+def test_training_pass_length_buckets(benchmark, device, ceilings):
+    from dcedit_kernels.train import TrainConfig, eval_rows, loss_from_edits
+
+    me, requests, edits = _training_pass_case(device)
+    leaves = [t for e in edits.values() for t in (e.mu_t, e.eta_t, e.alpha)]
+
+    def side(buckets):
+        config = TrainConfig(length_buckets=buckets)
+        return lambda: torch.autograd.grad(loss_from_edits(me, requests, edits, config)[0], leaves)
+
+    info = compare(benchmark, device, ceilings, side(True), side(False), rounds=3 if ON_GPU else 1)
+    mask = eval_rows(me, requests, TrainConfig())["attention_mask"]
+    benchmark.extra_info.update(edits=TR_E, rows=mask.shape[0], tokens=int(mask.sum()), padded_slots=mask.numel())
+    return info

@@ -12,7 +12,8 @@ One training batch of E edits costs three model passes (the capture's split in
 3. one forward pass over [rephrase rows; locality rows] with `lowrank_layers.lowrank_edited`:
    each edit's rephrase row sees its own group's shift (paper Eq. 18; `edit_rows="all"` makes it
    see every group's), each locality row sees the sum of every group's shift (what the fused
-   edit applies, see lowrank_layers; `locality_rows="own"` for the paper's per-group form), and
+   edit applies, see lowrank_layers; `locality_rows="own"` for the paper's per-group form; on a
+   CPU model the rows run as a few passes of rows of similar length, `length_buckets`), and
    backprop reaches the editors through `ops.lowrank_delta_linear` without any o×i matrix
    (except for Fisher-masked editors, ProEditor's, below);
    plus a no-grad pass of the unedited model over the locality rows for the KL reference.
@@ -89,6 +90,7 @@ from .capture import frozen_parameters
 from .devices import cuda_indices
 from .ft_baseline import locality_texts
 from .lowrank_layers import lowrank_edited
+from .length_buckets import plan_passes, run_in_passes
 from .losses import backward_scale, log_probs_at, picked_kl, scored_accuracy, scored_nll
 from .model_editor import CHECKPOINT_KEY, LEGACY_LOSS_REDUCTION, ModelEditor
 from .requests import EditRequest, validate_requests
@@ -128,6 +130,9 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     data_parallel: bool = False  # train over the default torch.distributed process group (`distributed`)
+    # The edited and KL-reference forwards run as passes of rows of similar length instead of one
+    # padded pass (`length_buckets`: the same losses up to rounding); None: on a CPU model only.
+    length_buckets: bool | None = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "accumulate", "val_every"):
@@ -152,6 +157,8 @@ class TrainConfig:
         for name in ("edit_rows", "locality_rows"):
             if getattr(self, name) not in VIEWS:
                 raise ValueError(f"{name} must be one of {VIEWS}, got {getattr(self, name)!r}")
+        if self.length_buckets is not None and not isinstance(self.length_buckets, bool):
+            raise ValueError(f"length_buckets must be a bool or None, got {self.length_buckets!r}")
         for name in ("val_size", "patience"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -234,24 +241,32 @@ def batch_edits(me: ModelEditor, requests: list[EditRequest]) -> dict:
 
 
 def loss_from_edits(me: ModelEditor, requests: list[EditRequest], edits: dict, config: TrainConfig):
-    """(loss, parts): the training loss of these edits, from one edited forward pass; `parts`
-    holds its terms' values and `edit_tokens`, the number of target tokens L_edit averages over."""
+    """(loss, parts): the training loss of these edits, from one edited forward pass (or passes of
+    rows of similar length: `TrainConfig.length_buckets`); `parts` holds its terms' values and
+    `edit_tokens`, the number of target tokens L_edit averages over."""
     model = me.model
     rows = eval_rows(me, requests, config)
     is_edit, loc_rows = rows["is_edit_row"], ~rows["is_edit_row"]
     has_loc = bool(loc_rows.any())
     skip = list(me.modules.values())
     if has_loc:
-        base_logp = log_probs_at(model, rows["input_ids"][loc_rows], rows["attention_mask"][loc_rows],
-                                 rows["kl_mask"][loc_rows], skip)
+        loc = {k: rows[k][loc_rows] for k in ("input_ids", "attention_mask")}
+        base_logp = run_in_passes(loc, rows["kl_mask"][loc_rows], _passes(me, loc, config),
+                                  lambda b, where, _: log_probs_at(model, b["input_ids"], b["attention_mask"], where,
+                                                                   skip))
     # The LM head computes the logits that a loss reads only: the rephrase rows' target-predicting
     # positions and the locality rows' KL positions (scored_logits), in row-major order.
     positions = rows["kl_mask"] & loc_rows.unsqueeze(1)
     positions[is_edit] = scored_positions(rows["labels"][is_edit], causal=True)
     row_of = positions.nonzero()[:, 0]
-    with torch.enable_grad(), lowrank_edited(model, edits, rows["row_edit"], rows["row_sees_all"],
-                                             masked=config.fisher_mask), logits_at(model, positions, skip) as scored:
-        picked = scored.pick(model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits)
+
+    def edited(batch, where, r):
+        with lowrank_edited(model, edits, rows["row_edit"][r], rows["row_sees_all"][r], masked=config.fisher_mask), \
+                logits_at(model, where, skip) as scored:
+            return scored.pick(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
+
+    with torch.enable_grad():
+        picked = run_in_passes(rows, positions, _passes(me, rows, config), edited)
         # The losses are gathered on the logits' device (a split model's LM head may sit elsewhere
         # than the inputs and the editors); on one device these moves are no-ops.
         out = picked.device
@@ -263,6 +278,14 @@ def loss_from_edits(me: ModelEditor, requests: list[EditRequest], edits: dict, c
     parts = {k: float(v.detach()) for k, v in dict(loss=loss, edit=l_edit, kl=kl, balance=balance).items()}
     parts["edit_tokens"] = int(edit_pick.sum())
     return loss, parts
+
+
+def _passes(me: ModelEditor, batch: dict, config: TrainConfig) -> list[list[int]]:
+    """The row indices of each forward pass over `batch`: rows of similar length together when
+    `config.length_buckets` (None: when the model's inputs go to the CPU), else one pass."""
+    lengths = batch["attention_mask"].sum(1).tolist()
+    on = config.length_buckets if config.length_buckets is not None else me.device.type == "cpu"
+    return plan_passes(lengths) if on else [list(range(len(lengths)))]
 
 
 def batch_loss(me: ModelEditor, requests: list[EditRequest], config: TrainConfig):
@@ -604,8 +627,9 @@ def _validate(me, val_requests, config, result, best_state, bad_validations, ckp
 # TrainConfig fields a resumed run may change: the step budget, when to validate and stop early
 # (a run stopped by patience may go on with another), and how the run is shown or saved.  The
 # others set the optimisers, the batches or the loss, which the checkpoint's state belongs to.
+# The number of processes is checked on its own; length_buckets changes results by rounding only.
 _RESUMABLE_CHANGES = ("steps", "progress", "checkpoint_dir", "resume", "val_every", "patience", "min_delta",
-                      "restore_best", "data_parallel")  # the number of processes is checked on its own
+                      "restore_best", "data_parallel", "length_buckets")
 
 
 class ResumeMismatchError(ValueError):

@@ -175,9 +175,26 @@ def test_lowrank_edited_rejects_bad_rows(gen):
 # ---------------------------------------------------------------------------------------------
 # One pass of the N_g-editor training loss == the sum of separate passes with dense shifts
 # ---------------------------------------------------------------------------------------------
+def count_passes(monkeypatch) -> list:
+    """Every pass costs nothing (`length_buckets.PASS_COST` 0: rows of each length in a pass of
+    their own); the returned list gets the number of passes of each `plan_passes` call."""
+    from dcedit_kernels import length_buckets
+
+    counts, plan = [], length_buckets.plan_passes
+    monkeypatch.setattr(length_buckets, "PASS_COST", 0)
+    monkeypatch.setattr("dcedit_kernels.train.plan_passes", lambda lengths: counts.append(len(plan(lengths))) or
+                        plan(lengths))
+    return counts
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-@pytest.mark.parametrize("edit_rows,locality_rows", [("own", "all"), ("own", "own"), ("all", "all")])
-def test_one_pass_loss_equals_separate_dense_passes(arch, edit_rows, locality_rows, gen):
+@pytest.mark.parametrize("edit_rows,locality_rows,length_buckets", [("own", "all", False), ("own", "own", False),
+                                                                    ("all", "all", False), ("own", "all", True),
+                                                                    ("own", "own", True)])
+def test_one_pass_loss_equals_separate_dense_passes(arch, edit_rows, locality_rows, length_buckets, gen, monkeypatch):
+    """float64: the loss of the one edited pass (or of its rows in passes of one length each) and
+    its gradients are those of every row's own forward with its groups' dense shifts."""
+    passes = count_passes(monkeypatch) if length_buckets else []
     model, tok = frozen_double_model(arch, int(torch.randint(0, 100, (1,), generator=gen)))
     me = ModelEditor(model, tok, LAYERS[arch], method="raeditor", n_editors=3, rank=4)
     E, G = 5, 3
@@ -187,8 +204,10 @@ def test_one_pass_loss_equals_separate_dense_passes(arch, edit_rows, locality_ro
     for name in me.layers:
         o, i = weight_out_in(me.modules[name]).shape
         edits[name] = random_grouped_edit(gen, i, o, E, G)
-    config = TrainConfig(cedit=0.3, cloc=1.7, balance_weight=0.1, edit_rows=edit_rows, locality_rows=locality_rows)
+    config = TrainConfig(cedit=0.3, cloc=1.7, balance_weight=0.1, edit_rows=edit_rows, locality_rows=locality_rows,
+                         length_buckets=length_buckets)
     loss, parts = loss_from_edits(me, requests, edits, config)
+    assert len(passes) == (2 if length_buckets else 0) and min(passes, default=2) > 1  # KL reference, edited
 
     # Reference: every row in its own forward pass, its groups' dense shifts in the weights.
     rows = eval_rows(me, requests, config)
@@ -227,9 +246,11 @@ def reference_loss(me, requests, edits, config, masks):
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("G", [1, 3])
 @pytest.mark.parametrize("fisher_mask", [True, False])
-def test_fisher_masked_training_loss_equals_dense_masked_reference(arch, G, fisher_mask, gen):
+def test_fisher_masked_training_loss_equals_dense_masked_reference(arch, G, fisher_mask, gen, monkeypatch):
     """float64: with fisher_mask the one-pass loss (and its gradients in μ̃, η̃, α) is that of the
-    model with each row's shift ⊙ the kept-entry mask in its weights; without, the unmasked one."""
+    model with each row's shift ⊙ the kept-entry mask in its weights; without, the unmasked one.
+    The rows run in passes of one length each (the dense path entered once a pass)."""
+    passes = count_passes(monkeypatch)
     model, tok = frozen_double_model(arch, int(torch.randint(0, 100, (1,), generator=gen)))
     me = ModelEditor(model, tok, LAYERS[arch], method="raeditor", n_editors=3, rank=4)
     E = 4
@@ -245,8 +266,9 @@ def test_fisher_masked_training_loss_equals_dense_masked_reference(arch, G, fish
             edit.fisher_keep = float(torch.rand(1, generator=gen)) * 0.8 + 0.1
             masks[name] = reference_kept(edit.fisher, edit.fisher_keep)
         edits[name] = edit
-    config = TrainConfig(cedit=0.3, cloc=1.7, balance_weight=0.1, fisher_mask=fisher_mask)
+    config = TrainConfig(cedit=0.3, cloc=1.7, balance_weight=0.1, fisher_mask=fisher_mask, length_buckets=True)
     loss, _ = loss_from_edits(me, requests, edits, config)
+    assert len(passes) == 2 and min(passes) > 1
     want = reference_loss(me, requests, edits, config, masks if fisher_mask else None)
     assert torch.allclose(loss, want, rtol=1e-10, atol=1e-12), (float(loss), float(want))
     if fisher_mask:  # the mask matters: the unmasked loss is another number
@@ -468,6 +490,8 @@ def test_train_config_and_arguments_are_checked():
         TrainConfig(lr_optimizer="lbfgs")
     with pytest.raises(ValueError, match="fisher_mask must be a bool"):
         TrainConfig(fisher_mask=1)
+    with pytest.raises(ValueError, match="length_buckets must be a bool or None"):
+        TrainConfig(length_buckets="auto")
     with pytest.raises(ValueError, match="unknown TrainConfig fields"):
         TrainConfig().replace(step=3)
     model, tok = tiny_model("gpt2", seed=0)
@@ -476,6 +500,23 @@ def test_train_config_and_arguments_are_checked():
     me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4)
     with pytest.raises(ValueError, match="train_requests must not be empty"):
         me.fit([], config=TrainConfig(progress=False))
+
+
+def test_length_buckets_default_to_the_cpu_only(gen, monkeypatch):
+    """None (the default) plans passes for a model on the CPU and keeps one pass elsewhere, where
+    more, smaller passes are unmeasured (benchmarks/NOTES.md); True and False are followed."""
+    from dcedit_kernels.train import _passes
+
+    model, tok = tiny_model("llama", seed=0)
+    me = ModelEditor(model, tok, LAYERS["llama"], method="mend", rank=4)
+    batch = {"attention_mask": torch.tensor([[1] * 40, [1] + [0] * 39, [1] + [0] * 39, [1] + [0] * 39])}
+    split, whole = [[1, 2, 3], [0]], [[0, 1, 2, 3]]
+    assert TrainConfig().length_buckets is None
+    assert _passes(me, batch, TrainConfig()) == split
+    assert _passes(me, batch, TrainConfig(length_buckets=False)) == whole
+    monkeypatch.setattr(ModelEditor, "device", property(lambda self: torch.device("cuda", 0)))
+    assert _passes(me, batch, TrainConfig()) == whole
+    assert _passes(me, batch, TrainConfig(length_buckets=True)) == split
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,109 @@
+"""Passes of rows of similar length (length_buckets): the plan and the reordering of its picks."""
+
+import itertools
+
+import pytest
+import torch
+
+from dcedit_kernels import length_buckets
+from dcedit_kernels.length_buckets import plan_passes, run_in_passes
+
+
+def set_partitions(items):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in set_partitions(rest):
+        for k in range(len(part)):
+            yield part[:k] + [[first] + part[k]] + part[k + 1:]
+        yield [[first]] + part
+
+
+def plan_cost(lengths, passes, pass_cost):
+    return sum(len(p) * max(lengths[r] for r in p) + pass_cost for p in passes)
+
+
+@pytest.mark.parametrize("trial", range(6))
+def test_plan_is_the_cheapest_partition(trial, gen):
+    """Every row in exactly one pass, rows ascending in each pass, and no partition of the rows
+    (checked against all of them, up to 7 rows) costs less."""
+    n = int(torch.randint(1, 8, (1,), generator=gen))
+    lengths = torch.randint(1, 30, (n,), generator=gen).tolist()
+    pass_cost = int(torch.randint(0, 40, (1,), generator=gen))
+    passes = plan_passes(lengths, pass_cost)
+    assert sorted(r for p in passes for r in p) == list(range(n))
+    assert all(p == sorted(p) and p for p in passes)
+    best = min(plan_cost(lengths, q, pass_cost) for q in set_partitions(list(range(n))))
+    assert plan_cost(lengths, passes, pass_cost) == best
+
+
+def test_plan_edge_cases():
+    assert plan_passes([]) == []
+    assert plan_passes([5]) == [[0]]
+    assert plan_passes([4, 4, 4], 0) in ([[0, 1, 2]], [[0], [1], [2]], [[0, 1], [2]], [[0], [1, 2]])
+    assert plan_passes([3, 3, 3, 30], 10**6) == [[0, 1, 2, 3]]  # a pass costs more than any padding
+    assert plan_passes([30, 2, 2, 2, 2], 1) == [[1, 2, 3, 4], [0]]
+    # The default pass cost is read at the call, so a test (or a user) can change it.
+    assert length_buckets.PASS_COST > 0
+
+
+def padded_batch(gen, lengths, width):
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, :n] = torch.randint(1, 100, (n,), generator=gen)
+        mask[b, :n] = 1
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("pass_cost", [0, 3, 10**6])
+def test_run_in_passes_gives_the_one_pass_order(pass_cost, gen):
+    """The picks of every pass come back in the row-major order of the one padded pass, each pass
+    seeing its own rows trimmed to its longest one (a pass's picks depend on its rows only)."""
+    lengths = torch.randint(1, 12, (9,), generator=gen).tolist()
+    batch = padded_batch(gen, lengths, max(lengths) + 2)  # wider than any row, as a sub-batch may be
+    positions = batch["attention_mask"].bool() & (torch.rand(batch["input_ids"].shape, generator=gen) < 0.6)
+    table = torch.randn(100, 5, generator=gen, dtype=torch.float64)
+    seen = []
+
+    def run(sub, where, rows):
+        seen.append((rows.tolist(), sub["input_ids"].shape[1]))
+        feats = table[sub["input_ids"]] + torch.arange(sub["input_ids"].shape[1], dtype=torch.float64)[:, None]
+        return feats[where]
+
+    whole = table[batch["input_ids"]] + torch.arange(batch["input_ids"].shape[1], dtype=torch.float64)[:, None]
+    want = whole[positions]
+    passes = plan_passes(lengths, pass_cost)
+    got = run_in_passes(batch, positions, passes, run)
+    assert torch.equal(got, want)
+    assert [rows for rows, _ in seen] == passes
+    if len(passes) > 1:  # each pass trimmed to its longest row (one pass: the batch as it is)
+        assert [w for _, w in seen] == [max(lengths[r] for r in p) for p in passes]
+    else:
+        assert seen == [(list(range(9)), max(lengths) + 2)]
+
+
+def test_one_pass_of_every_row_runs_the_batch_as_it_is(gen):
+    batch = padded_batch(gen, [3, 1, 2], 5)
+    positions = batch["attention_mask"].bool()
+    got = run_in_passes(batch, positions, [[0, 1, 2]], lambda sub, where, rows: (sub, where, rows))
+    assert got[0] is batch and got[1] is positions and got[2].tolist() == [0, 1, 2]
+
+
+def test_gradients_flow_through_the_reordering(gen):
+    lengths = [4, 1, 3, 2]
+    batch = padded_batch(gen, lengths, 4)
+    positions = batch["attention_mask"].bool()
+    weight = torch.randn(100, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    run = lambda sub, where, rows: weight[sub["input_ids"]][where] * torch.arange(1, 4, dtype=torch.float64)  # noqa: E731
+    coef = torch.randn(int(positions.sum()), 3, generator=gen, dtype=torch.float64)
+    got, = torch.autograd.grad((run_in_passes(batch, positions, plan_passes(lengths, 0), run) * coef).sum(), weight)
+    want, = torch.autograd.grad((run(batch, positions, None) * coef).sum(), weight)
+    assert torch.equal(got, want)
+    assert len(plan_passes(lengths, 0)) == 4
+
+
+def test_set_partitions_counts():
+    assert [sum(1 for _ in set_partitions(list(range(n)))) for n in range(6)] == [1, 1, 2, 5, 15, 52]  # Bell numbers
+    assert all(sorted(itertools.chain(*p)) == [0, 1, 2] for p in set_partitions([0, 1, 2]))
