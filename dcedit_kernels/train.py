@@ -89,8 +89,8 @@ from ._checks import is_int
 from .capture import frozen_parameters
 from .devices import cuda_indices
 from .ft_baseline import locality_texts
-from .lowrank_layers import lowrank_edited
 from .length_buckets import plan_passes, run_in_passes
+from .lowrank_layers import lowrank_edited
 from .losses import backward_scale, log_probs_at, picked_kl, scored_accuracy, scored_nll
 from .model_editor import CHECKPOINT_KEY, LEGACY_LOSS_REDUCTION, ModelEditor
 from .requests import EditRequest, validate_requests
@@ -280,12 +280,12 @@ def loss_from_edits(me: ModelEditor, requests: list[EditRequest], edits: dict, c
     return loss, parts
 
 
-def _passes(me: ModelEditor, batch: dict, config: TrainConfig) -> list[list[int]]:
-    """The row indices of each forward pass over `batch`: rows of similar length together when
-    `config.length_buckets` (None: when the model's inputs go to the CPU), else one pass."""
-    lengths = batch["attention_mask"].sum(1).tolist()
+def _passes(me: ModelEditor, batch: dict, config: TrainConfig) -> list[list[int]] | None:
+    """The row indices of each forward pass over `batch`, rows of similar length together, when
+    `config.length_buckets` (None: when the model's inputs go to the CPU); else None: the batch
+    in one pass, as it is."""
     on = config.length_buckets if config.length_buckets is not None else me.device.type == "cpu"
-    return plan_passes(lengths) if on else [list(range(len(lengths)))]
+    return plan_passes(batch["attention_mask"].sum(1).tolist()) if on else None
 
 
 def batch_loss(me: ModelEditor, requests: list[EditRequest], config: TrainConfig):

@@ -38,14 +38,24 @@ def test_plan_is_the_cheapest_partition(trial, gen):
     assert plan_cost(lengths, passes, pass_cost) == best
 
 
-def test_plan_edge_cases():
+def test_plan_edge_cases(monkeypatch):
     assert plan_passes([]) == []
     assert plan_passes([5]) == [[0]]
     assert plan_passes([4, 4, 4], 0) in ([[0, 1, 2]], [[0], [1], [2]], [[0, 1], [2]], [[0], [1, 2]])
     assert plan_passes([3, 3, 3, 30], 10**6) == [[0, 1, 2, 3]]  # a pass costs more than any padding
     assert plan_passes([30, 2, 2, 2, 2], 1) == [[1, 2, 3, 4], [0]]
     # The default pass cost is read at the call, so a test (or a user) can change it.
-    assert length_buckets.PASS_COST > 0
+    assert plan_passes([30, 20, 20, 20, 20]) == [[0, 1, 2, 3, 4]]  # padding 4 × 10 slots < PASS_COST = 64
+    monkeypatch.setattr(length_buckets, "PASS_COST", 1)
+    assert plan_passes([30, 20, 20, 20, 20]) == [[1, 2, 3, 4], [0]]
+
+
+@pytest.mark.parametrize("lengths,pass_cost,word", [([3, 0], 1, "lengths"), ([3, 2.5], 1, "lengths"),
+                                                     ([3, True], 1, "lengths"), ([3, 2], -1, "pass_cost"),
+                                                     ([3, 2], 1.5, "pass_cost")])
+def test_plan_refuses_bad_input(lengths, pass_cost, word):
+    with pytest.raises(ValueError, match=word):
+        plan_passes(lengths, pass_cost)
 
 
 def padded_batch(gen, lengths, width):
@@ -78,17 +88,25 @@ def test_run_in_passes_gives_the_one_pass_order(pass_cost, gen):
     got = run_in_passes(batch, positions, passes, run)
     assert torch.equal(got, want)
     assert [rows for rows, _ in seen] == passes
-    if len(passes) > 1:  # each pass trimmed to its longest row (one pass: the batch as it is)
-        assert [w for _, w in seen] == [max(lengths[r] for r in p) for p in passes]
-    else:
-        assert seen == [(list(range(9)), max(lengths) + 2)]
+    # Each pass trimmed to its longest row, one pass of every row too.
+    assert [w for _, w in seen] == [max(lengths[r] for r in p) for p in passes]
 
 
-def test_one_pass_of_every_row_runs_the_batch_as_it_is(gen):
+def test_no_plan_runs_the_batch_as_it_is(gen):
     batch = padded_batch(gen, [3, 1, 2], 5)
     positions = batch["attention_mask"].bool()
-    got = run_in_passes(batch, positions, [[0, 1, 2]], lambda sub, where, rows: (sub, where, rows))
+    got = run_in_passes(batch, positions, None, lambda sub, where, rows: (sub, where, rows))
     assert got[0] is batch and got[1] is positions and got[2].tolist() == [0, 1, 2]
+
+
+def test_a_position_in_the_trimmed_padding_is_refused(gen):
+    """A pass keeps its rows' columns up to its longest row: a True position past that would be
+    dropped without a word, so it is a ValueError."""
+    batch = padded_batch(gen, [3, 1, 2], 5)
+    positions = batch["attention_mask"].bool()
+    positions[1, 3] = True  # in row 1's padding, past every row
+    with pytest.raises(ValueError, match="positions must be False in the rows' padding"):
+        run_in_passes(batch, positions, [[0, 1, 2]], lambda sub, where, rows: where)
 
 
 def test_gradients_flow_through_the_reordering(gen):
@@ -96,7 +114,9 @@ def test_gradients_flow_through_the_reordering(gen):
     batch = padded_batch(gen, lengths, 4)
     positions = batch["attention_mask"].bool()
     weight = torch.randn(100, 3, generator=gen, dtype=torch.float64, requires_grad=True)
-    run = lambda sub, where, rows: weight[sub["input_ids"]][where] * torch.arange(1, 4, dtype=torch.float64)  # noqa: E731
+    def run(sub, where, rows):
+        return weight[sub["input_ids"]][where] * torch.arange(1, 4, dtype=torch.float64)
+
     coef = torch.randn(int(positions.sum()), 3, generator=gen, dtype=torch.float64)
     got, = torch.autograd.grad((run_in_passes(batch, positions, plan_passes(lengths, 0), run) * coef).sum(), weight)
     want, = torch.autograd.grad((run(batch, positions, None) * coef).sum(), weight)

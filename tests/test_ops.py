@@ -268,6 +268,18 @@ def test_fisher_mask_keeps_ceil_of_the_exact_product(keep, gen, device):
     assert int(weight.sum()) == k
 
 
+def test_keep_count_is_the_exact_ceil_at_large_n(gen):
+    """reference.keep_count against exact rational arithmetic: keeps of 1-6 decimals over n up to a
+    7B model's MLP weight (and k/100 of n = 100·m, whose products are integers)."""
+    cases = [(0.77092, 59_485_337), (0.55, 10**9), (0.4, 4096 * 11008), (0.07, 100 * 45_088_768)]
+    for _ in range(2000):
+        d = int(torch.randint(1, 7, (1,), generator=gen))
+        keep = int(torch.randint(1, 10**d + 1, (1,), generator=gen)) / 10**d
+        cases.append((keep, int(torch.randint(1, 10**9 // 10**max(d - 6, 0), (1,), generator=gen))))
+    for keep, n in cases:
+        assert reference.keep_count(keep, n) == max(math.ceil(Fraction(str(keep)) * n), 1), (keep, n)
+
+
 def test_fisher_mask_above_2_pow_24(gen, device):
     n = 2**24 + 3
     fisher = torch.rand(n, generator=gen).to(device)

@@ -510,13 +510,37 @@ def test_length_buckets_default_to_the_cpu_only(gen, monkeypatch):
     model, tok = tiny_model("llama", seed=0)
     me = ModelEditor(model, tok, LAYERS["llama"], method="mend", rank=4)
     batch = {"attention_mask": torch.tensor([[1] * 40, [1] + [0] * 39, [1] + [0] * 39, [1] + [0] * 39])}
-    split, whole = [[1, 2, 3], [0]], [[0, 1, 2, 3]]
+    split, whole = [[1, 2, 3], [0]], None
     assert TrainConfig().length_buckets is None
     assert _passes(me, batch, TrainConfig()) == split
     assert _passes(me, batch, TrainConfig(length_buckets=False)) == whole
     monkeypatch.setattr(ModelEditor, "device", property(lambda self: torch.device("cuda", 0)))
     assert _passes(me, batch, TrainConfig()) == whole
     assert _passes(me, batch, TrainConfig(length_buckets=True)) == split
+
+
+def test_every_bucketed_pass_is_trimmed_to_its_longest_row(gen, monkeypatch):
+    """With buckets, a pass as wide as the batch would pad short rows for nothing: the KL reference
+    over short locality rows, planned as one pass, runs at their own width, not the rephrases'."""
+    from dcedit_kernels import length_buckets
+
+    monkeypatch.setattr(length_buckets, "PASS_COST", 10**6)  # every kind of row in one pass
+    widths = []
+
+    def spy(batch, positions, passes, run):
+        def run_and_record(sub, where, rows):
+            widths.append((sub["input_ids"].shape[1], int(sub["attention_mask"].sum(1).max())))
+            return run(sub, where, rows)
+        return length_buckets.run_in_passes(batch, positions, passes, run_and_record)
+
+    monkeypatch.setattr("dcedit_kernels.train.run_in_passes", spy)
+    model, tok = tiny_model("llama", seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    me = ModelEditor(model, tok, LAYERS["llama"], method="mend", rank=4)
+    requests = [EditRequest(f"prompt {i}", "target", rephrase="a much longer rephrase of the prompt " * 2,
+                            locality="short", locality_target="x") for i in range(3)]
+    loss_from_edits(me, requests, batch_edits(me, requests), TrainConfig(length_buckets=True))
+    assert len(widths) == 2 and all(width == longest for width, longest in widths)
+    assert widths[0][0] < widths[1][0] / 3  # the KL reference's rows, then every row
 
 
 # ---------------------------------------------------------------------------------------------

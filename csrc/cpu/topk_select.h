@@ -108,10 +108,10 @@ scalar_t kth_largest(const scalar_t* values, int64_t n, int64_t k) {
 }
 
 // k = ceil(keep·n) clamped to [1, n], computed in double like the reference's Python floats,
-// keep·n shrunk by a relative 1e-12 first (reference/fisher_mask.py KEEP_ROUNDING: 0.07·100 is
+// keep·n shrunk by a relative 1e-15 first (reference/fisher_mask.py KEEP_ROUNDING: 0.07·100 is
 // 7.000000000000001 in double, and keeps 7 entries, not 8).
 inline int64_t keep_rank(double keep, int64_t n) {
-  const double k = std::ceil(keep * static_cast<double>(n) * (1.0 - 1e-12));
+  const double k = std::ceil(keep * static_cast<double>(n) * (1.0 - 1e-15));
   return std::min<int64_t>(std::max<int64_t>(static_cast<int64_t>(k), 1), n);
 }
 

@@ -176,9 +176,9 @@ struct RadixSelectState {
 
 // k = ceil(keep·n) clamped to [1, n], computed in double exactly as the Python reference does
 // (reference/fisher_mask.py keep_count: math.ceil(keep * n * KEEP_ROUNDING), the product shrunk
-// by a relative 1e-12 so that 0.07·100 = 7.000000000000001 keeps 7).  Needs n >= 1.
+// by a relative 1e-15 so that 0.07·100 = 7.000000000000001 keeps 7).  Needs n >= 1.
 inline int64_t keep_count(double keep, int64_t n) {
-  const double k = std::ceil(keep * static_cast<double>(n) * (1.0 - 1e-12));
+  const double k = std::ceil(keep * static_cast<double>(n) * (1.0 - 1e-15));
   if (!(k >= 1.0)) return 1;
   if (k >= static_cast<double>(n)) return n;
   return static_cast<int64_t>(k);

@@ -152,7 +152,7 @@ def grouped_bilinear_(out, q, q_index, q_group, k, v, kv_index, kv_offsets, alph
         return out
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     # The kernels index these 1-D tensors as contiguous (kv_offsets[g] at kv_offsets_ptr + g, …).
-    q_group, kv_offsets = q_group.contiguous(), kv_offsets.contiguous()
+    q_group, kv_offsets, alpha = q_group.contiguous(), kv_offsets.contiguous(), alpha.contiguous()
     q_index = q_index.contiguous() if q_index is not None else None
     kv_index = kv_index.contiguous() if kv_index is not None else None
     acc = out.dtype
