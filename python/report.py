@@ -85,6 +85,9 @@ def parse_args(argv=None):
                    help="weight of the edit loss in training (default: TrainConfig's, MEND's 0.1)")
     p.add_argument("--cloc", type=float, default=None,
                    help="weight of the KL locality loss in training (default: TrainConfig's, MEND's 1.0)")
+    p.add_argument("--length-buckets", default="auto", choices=("auto", "on", "off"),
+                   help="train on passes of rows of similar length (TrainConfig.length_buckets; auto: on a CPU "
+                        "model, since 0.4.0); off reproduces the editors of earlier versions' one padded pass")
     p.add_argument("--top-k", type=positive_int, default=None,
                    help="MoEditor's gate keeps the top k logits (default: the preset's, 2, or 1 with one editor; "
                         "at k = 1 the chosen edit's gate weight is 1, so the gate learns from the balance loss only)")
@@ -243,6 +246,8 @@ def _editors_line(report: dict) -> str:
                 if "moeditor" in run else "")
         parts.append(f"N_g = {ed['n_editors']} ({', '.join(METHOD_NAMES[m] for m in ROUTED if m in run)}{gate})")
     parts.append(f"loss weights cedit {_weight(report, 'cedit')} and cloc {_weight(report, 'cloc')}")
+    if tc.get("length_buckets", False) is not False:  # None: auto, on for the CPU model report.py loads
+        parts.append("each batch's rows in passes of similar length (`length_buckets`)")
     if "proeditor" in run:
         parts.append("ProEditor with per-token ψ and Fisher keep 0.7 (trained on the masked shift)")
     line = (f"- Editors ({', '.join(METHOD_NAMES[m] for m in report['training']) or 'none'}) trained on the first "
@@ -434,6 +439,8 @@ def _run(args, t_start) -> int:
     for name in LOSS_WEIGHTS:  # only when given: the editors cached without them keep their keys
         if getattr(args, name) is not None:
             train_config[name] = getattr(args, name)
+    # Recorded always (None: auto, on for this CPU model): a report without it trained in one pass.
+    train_config["length_buckets"] = {"auto": None, "on": True, "off": False}[args.length_buckets]
     train_ids = [f"{r.prompt}\t{r.target}" for r in train_requests]
 
     def kwargs_of(method):

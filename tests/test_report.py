@@ -79,6 +79,11 @@ def test_given_loss_weights_are_rendered(report_module, tmp_path):
     report["editor"]["top_k"] = 2
     text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
     assert "gate top-2, balance weight 0.5" in text and "loss weights cedit 0.1 and cloc 10.0" in text
+    assert "length_buckets" not in text  # a report from before 0.4.0: one padded pass
+    for setting, shown in ((None, True), (True, True), (False, False)):
+        report["train_config"]["length_buckets"] = setting
+        text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
+        assert ("rows in passes of similar length (`length_buckets`)" in text) == shown
     report["methods"] = {"mend": _result(0.2, 0.1)}
     report["training"] = {"mend": dict(cached=False, train_s=1.0)}  # MEND only: no other editor described
     text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
