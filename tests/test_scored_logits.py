@@ -276,23 +276,31 @@ def test_capture_batch_size_is_checked():
 
 
 # ------------------------------------------------------------------------------- training pass
-def test_training_pass_computes_only_the_logits_its_losses_read(gen):
+@pytest.mark.parametrize("length_buckets", [False, True])
+def test_training_pass_computes_only_the_logits_its_losses_read(length_buckets, gen, monkeypatch):
     """The edited pass gives the head the rephrase rows' target-predicting positions and the
-    locality rows' KL positions; its losses equal those of the full logits."""
+    locality rows' KL positions; its losses equal those of the full logits.  With length buckets
+    (a pass per row length here) every pass does."""
+    from dcedit_kernels import length_buckets as buckets
+
+    monkeypatch.setattr(buckets, "PASS_COST", 0)
     model, tok = tiny_model("llama", seed=1, dtype=torch.float64)
     me = ModelEditor(model, tok, CAUSAL["llama"], method="moeditor", n_editors=2, rank=3)
     reqs = random_requests(gen, 4)
     me.eval()  # no gate noise, no running-statistics update: both passes see the same editors
-    config = TrainConfig(steps=1, batch_size=4)
+    config = TrainConfig(steps=1, batch_size=4, length_buckets=length_buckets)
     torch.manual_seed(0)
     with head_inputs(model) as seen:
         loss, parts = batch_loss(me, reqs, config)
-    # capture, the KL reference pass, the edited pass: each on its scored positions only.
-    assert len(seen) == 3 and all(s[0] == 1 for s in seen)
+    # capture, the KL reference pass(es), the edited pass(es): each on its scored positions only.
+    passes, scored = len(seen), sum(s[1] for s in seen)
+    assert (passes > 3 if length_buckets else passes == 3) and all(s[0] == 1 for s in seen)
     torch.manual_seed(0)
     with head_inputs(model) as seen, full_logits():
         want, want_parts = batch_loss(me, reqs, config)
-    assert len(seen) == 3 and all(s[0] > 1 for s in seen)  # (rows, L, hidden): every position
+    # (rows, L, hidden): every position of every row (a pass of one row has rows = 1)
+    assert len(seen) == passes and sum(s[0] * s[1] for s in seen) > scored
+    assert length_buckets or all(s[0] > 1 for s in seen)
     assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-9)
     for k in ("edit", "kl"):
         assert parts[k] == pytest.approx(want_parts[k], rel=1e-9, abs=1e-12), k
