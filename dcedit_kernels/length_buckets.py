@@ -40,6 +40,10 @@ def plan_passes(lengths: Sequence[int], pass_cost: int | None = None) -> list[li
     pass_cost = PASS_COST if pass_cost is None else pass_cost
     if not is_int(pass_cost) or pass_cost < 0:
         raise ValueError(f"pass_cost must be a non-negative int, got {pass_cost!r}")
+    if isinstance(lengths, torch.Tensor):  # e.g. attention_mask.sum(1)
+        lengths = lengths.tolist()
+    if not isinstance(lengths, Sequence):
+        raise ValueError(f"lengths must be a sequence of ints or a 1-D tensor, got {type(lengths).__name__}")
     bad = [n for n in lengths if not is_int(n) or n < 1]
     if bad:
         raise ValueError(f"lengths must be positive ints (a pass of empty rows has nothing to run), got {bad[0]!r}")
@@ -70,6 +74,11 @@ def run_in_passes(batch: dict, positions: torch.Tensor, passes: list[list[int]] 
     ids, mask = batch["input_ids"], batch["attention_mask"]
     if passes is None:
         return run(batch, positions, torch.arange(ids.shape[0], device=ids.device))
+    if tuple(positions.shape) != tuple(ids.shape):
+        raise ValueError(f"positions must have input_ids' shape {tuple(ids.shape)}, got {tuple(positions.shape)}")
+    if any(not p for p in passes) or sorted(r for p in passes for r in p) != list(range(ids.shape[0])):
+        raise ValueError(f"passes must hold each of the batch's {ids.shape[0]} rows exactly once, in non-empty "
+                         f"passes; got {passes}")
     lengths = mask.sum(1)
     picks, keys = [], []
     for p in passes:

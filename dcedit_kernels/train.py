@@ -55,8 +55,9 @@ without improvement; the best editor is restored at the end.  Checkpoints (safet
 `checkpoint_dir`: `editor.safetensors` (ModelEditor.save), `best.safetensors`, and
 `trainer.safetensors` (the optimisers' state flattened to tensors, the RNG state, and the counters
 as JSON metadata); `resume=True` continues from them (ResumeMismatchError, a ValueError, when the
-run's TrainConfig, apart from `steps`, the validation and early-stopping fields and display/saving
-fields, or its training or validation requests differ from the run that wrote them).  The batch
+run's TrainConfig, apart from `steps`, the validation and early-stopping fields, display/saving
+fields, `data_parallel` (the number of processes is checked on its own) and `length_buckets`
+(rounding only), or its training or validation requests differ from the run that wrote them).  The batch
 order is a function of (seed, batch index), so a resumed run sees the batches it would have seen.
 
 Split models (layers on several devices): each edited layer computes on its own device with the

@@ -58,6 +58,21 @@ def test_plan_refuses_bad_input(lengths, pass_cost, word):
         plan_passes(lengths, pass_cost)
 
 
+def test_plan_takes_a_tensor_of_lengths():
+    assert plan_passes(torch.tensor([30, 20, 20]), 1) == plan_passes([30, 20, 20], 1) == [[1, 2], [0]]
+    with pytest.raises(ValueError, match="lengths must be a sequence"):
+        plan_passes(None)
+
+
+@pytest.mark.parametrize("passes", [[[0], [1]], [[0, 1], [1, 2]], [[], [0, 1, 2]], [[0, 1, 3], [2]]])
+def test_run_in_passes_refuses_passes_that_miss_or_repeat_a_row(passes, gen):
+    batch = padded_batch(gen, [3, 1, 2], 3)
+    with pytest.raises(ValueError, match="passes must hold each of the batch's 3 rows exactly once"):
+        run_in_passes(batch, batch["attention_mask"].bool(), passes, lambda sub, where, rows: where)
+    with pytest.raises(ValueError, match="positions must have input_ids' shape"):
+        run_in_passes(batch, batch["attention_mask"].bool()[:2], [[0, 1, 2]], lambda sub, where, rows: where)
+
+
 def padded_batch(gen, lengths, width):
     ids = torch.zeros(len(lengths), width, dtype=torch.long)
     mask = torch.zeros(len(lengths), width, dtype=torch.long)

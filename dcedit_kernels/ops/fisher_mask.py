@@ -46,7 +46,7 @@ def fisher_mask(delta, fisher, keep=None, threshold=None):
     """``(delta ⊙ kept, count kept)``: exactly one of keep (fraction in (0, 1]) or threshold.
 
     keep: k = ceil(keep·n) (as in exact arithmetic: keep=0.07 keeps 7 of 100 entries, see
-    `reference.fisher_mask.keep_count`), t = the k-th largest Fisher value, kept = fisher ≥ t
+    `dcedit_kernels.reference.keep_count`), t = the k-th largest Fisher value, kept = fisher ≥ t
     (every tie at t kept).  threshold: kept = fisher > threshold.  The count is a 0-dim int64 tensor on delta's
     device (no host synchronisation).  Works for any n (no torch.quantile).
     """
