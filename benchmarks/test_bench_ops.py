@@ -4,7 +4,6 @@ Shapes: on a GPU the targets of issue 5 (GPT-2 XL's MLP, in 1600 / out 6400, bf1
 CPU the same structure scaled down so the suite stays within a couple of minutes on 2 cores.
 """
 
-
 import pytest
 import torch
 

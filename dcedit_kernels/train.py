@@ -57,8 +57,9 @@ without improvement; the best editor is restored at the end.  Checkpoints (safet
 as JSON metadata); `resume=True` continues from them (ResumeMismatchError, a ValueError, when the
 run's TrainConfig, apart from `steps`, the validation and early-stopping fields, display/saving
 fields, `data_parallel` (the number of processes is checked on its own) and `length_buckets`
-(rounding only), or its training or validation requests differ from the run that wrote them).  The batch
-order is a function of (seed, batch index), so a resumed run sees the batches it would have seen.
+(rounding only), or its training or validation requests differ from the run that wrote them).
+The batch order is a function of (seed, batch index), so a resumed run sees the batches it would
+have seen.
 
 Split models (layers on several devices): each edited layer computes on its own device with the
 editor outputs moved there (lowrank_layers), the losses are gathered on the logits' device, and the
@@ -251,10 +252,11 @@ def loss_from_edits(me: ModelEditor, requests: list[EditRequest], edits: dict, c
     has_loc = bool(loc_rows.any())
     skip = list(me.modules.values())
     if has_loc:
+        def reference(batch, where, _rows):
+            return log_probs_at(model, batch["input_ids"], batch["attention_mask"], where, skip)
+
         loc = {k: rows[k][loc_rows] for k in ("input_ids", "attention_mask")}
-        base_logp = run_in_passes(loc, rows["kl_mask"][loc_rows], _passes(me, loc, config),
-                                  lambda b, where, _: log_probs_at(model, b["input_ids"], b["attention_mask"], where,
-                                                                   skip))
+        base_logp = run_in_passes(loc, rows["kl_mask"][loc_rows], _passes(me, loc, config), reference)
     # The LM head computes the logits that a loss reads only: the rephrase rows' target-predicting
     # positions and the locality rows' KL positions (scored_logits), in row-major order.
     positions = rows["kl_mask"] & loc_rows.unsqueeze(1)

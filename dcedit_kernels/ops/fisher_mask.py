@@ -47,8 +47,8 @@ def fisher_mask(delta, fisher, keep=None, threshold=None):
 
     keep: k = ceil(keep·n) (as in exact arithmetic: keep=0.07 keeps 7 of 100 entries, see
     `dcedit_kernels.reference.keep_count`), t = the k-th largest Fisher value, kept = fisher ≥ t
-    (every tie at t kept).  threshold: kept = fisher > threshold.  The count is a 0-dim int64 tensor on delta's
-    device (no host synchronisation).  Works for any n (no torch.quantile).
+    (every tie at t kept).  threshold: kept = fisher > threshold.  The count is a 0-dim int64
+    tensor on delta's device (no host synchronisation).  Works for any n (no torch.quantile).
     """
     check_fisher_mask(delta, fisher, keep, threshold)
     return opcall("fisher_mask")(
