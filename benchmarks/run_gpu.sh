@@ -87,7 +87,7 @@ step tests_ops 220 "$OUT/tests_ops.log" "${PYTEST[@]}" tests/test_ops.py tests/t
     --deselect tests/test_ops.py::test_triton_registrations_take_schema_arguments &
 step tests_cpu 220 "$OUT/tests_cpu.log" "${PYTEST[@]}" tests/test_metrics.py tests/test_model_editor.py \
     tests/test_data.py tests/test_demo.py tests/test_train.py tests/test_length_buckets.py tests/test_scored_logits.py \
-    tests/test_editor_dtypes.py \
+    tests/test_editor_dtypes.py tests/test_block_prefix.py \
     --deselect tests/test_data.py::test_tokenize_causal_smollm2_tokenizer_matches_joint_text &
 wait
 for i in 1 2 3 4 5; do echo "=== shard $i"; cat "$SHARDS/$i.log"; done > "$OUT/tests_triton.log" 2>&1
@@ -104,11 +104,11 @@ BENCH=("$PY" -m pytest --benchmark-only -q -p no:cacheprovider)
 step bench_ops 120 "$OUT/perf.log" "${BENCH[@]}" benchmarks/test_bench_ops.py --benchmark-json="$PARTS/ops.json"
 step bench_e2e 120 "$OUT/perf.log" "${BENCH[@]}" benchmarks/test_bench_end_to_end.py \
     -k "not ft_kl and not training_pass" --benchmark-json="$PARTS/e2e.json"
-# FT+KL over many edits (session 8's case) and the bucketed training pass (session 16's) each on
-# its own: their times on the GPU are not known yet.
+# FT+KL over many edits (session 8's case) and the training pass (buckets, session 16's, and the
+# reused prefix, session 17's) each on its own: their times on the GPU are not known yet.
 step bench_ft_kl 60 "$OUT/perf.log" "${BENCH[@]}" benchmarks/test_bench_end_to_end.py -k ft_kl \
     --benchmark-json="$PARTS/ft_kl.json"
-step bench_train 45 "$OUT/perf.log" "${BENCH[@]}" benchmarks/test_bench_end_to_end.py -k training_pass \
+step bench_train 60 "$OUT/perf.log" "${BENCH[@]}" benchmarks/test_bench_end_to_end.py -k training_pass \
     --benchmark-json="$PARTS/train.json"
 step results 30 "$OUT/perf.log" "$PY" benchmarks/write_results.py "$PARTS/ops.json" "$PARTS/e2e.json" \
     "$PARTS/ft_kl.json" "$PARTS/train.json" --json-out "$OUT/bench.json" --out "$OUT/RESULTS.md"

@@ -162,6 +162,7 @@ def _random_llama(device):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = transformers.LlamaForCausalLM(config).to(DT).to(device).eval()
+    model.requires_grad_(False)  # frozen, as the trainer has it (capture.frozen_parameters)
     layers = [f"model.layers.{i}.mlp.down_proj" for i in range(CAP_LAYERS - 3, CAP_LAYERS)]
     return model, tiny_tokenizer("llama"), layers
 
@@ -301,6 +302,7 @@ def _training_pass_case(device):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = transformers.LlamaForCausalLM(config).to(DT).to(device).eval()
+    model.requires_grad_(False)  # frozen, as the trainer has it (capture.frozen_parameters)
     layers = [f"model.layers.{i}.mlp.down_proj" for i in (27, 28, 29)]
     me = ModelEditor(model, tiny_tokenizer("llama"), layers, method="moeditor", n_editors=4, rank=32)
     gen = torch.Generator().manual_seed(0)
@@ -317,17 +319,31 @@ def _training_pass_case(device):
     return me, requests, edits
 
 
-def test_training_pass_length_buckets(benchmark, device, ceilings):
+def _training_pass(benchmark, device, ceilings, fused: dict, eager: dict):
     from dcedit_kernels.train import TrainConfig, eval_rows, loss_from_edits
 
     me, requests, edits = _training_pass_case(device)
     leaves = [t for e in edits.values() for t in (e.mu_t, e.eta_t, e.alpha)]
 
-    def side(buckets):
-        config = TrainConfig(length_buckets=buckets)
+    def side(settings):
+        config = TrainConfig(**settings)
         return lambda: torch.autograd.grad(loss_from_edits(me, requests, edits, config)[0], leaves)
 
-    info = compare(benchmark, device, ceilings, side(True), side(False), rounds=3 if ON_GPU else 1)
+    info = compare(benchmark, device, ceilings, side(fused), side(eager), rounds=3 if ON_GPU else 1)
     mask = eval_rows(me, requests, TrainConfig())["attention_mask"]
     benchmark.extra_info.update(edits=TR_E, rows=mask.shape[0], tokens=int(mask.sum()), padded_slots=mask.numel())
     return info
+
+
+def test_training_pass_length_buckets(benchmark, device, ceilings):
+    # Both sides run every block for every row (reuse_prefix=False), as this case did before 0.5.0.
+    return _training_pass(benchmark, device, ceilings, dict(length_buckets=True, reuse_prefix=False),
+                          dict(length_buckets=False, reuse_prefix=False))
+
+
+# `reuse_prefix` (the edited pass runs the locality rows from block 27, on the KL reference pass's
+# hidden states: block_prefix) against the edited pass through all 30 blocks, both with the
+# device's default passes (buckets on CPU; on a GPU one pass, which reuse splits into the rephrase
+# rows' and the locality rows').
+def test_training_pass_prefix_reuse(benchmark, device, ceilings):
+    return _training_pass(benchmark, device, ceilings, dict(reuse_prefix=True), dict(reuse_prefix=False))

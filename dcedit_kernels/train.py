@@ -16,7 +16,9 @@ One training batch of E edits costs three model passes (the capture's split in
    CPU model the rows run as a few passes of rows of similar length, `length_buckets`), and
    backprop reaches the editors through `ops.lowrank_delta_linear` without any o×i matrix
    (except for Fisher-masked editors, ProEditor's, below);
-   plus a no-grad pass of the unedited model over the locality rows for the KL reference.
+   plus a no-grad pass of the unedited model over the locality rows for the KL reference, whose
+   hidden states below the lowest edited block the edited pass takes over instead of computing
+   them again for those rows (`reuse_prefix`, `block_prefix`).
 
 ProEditor's Fisher mask (`fisher_mask=True`, the default): as we read the paper, its framework
 routes, edits, then refines (masks) the shift, and the training losses are those of the language
@@ -56,8 +58,8 @@ without improvement; the best editor is restored at the end.  Checkpoints (safet
 `trainer.safetensors` (the optimisers' state flattened to tensors, the RNG state, and the counters
 as JSON metadata); `resume=True` continues from them (ResumeMismatchError, a ValueError, when the
 run's TrainConfig, apart from `steps`, the validation and early-stopping fields, display/saving
-fields, `data_parallel` (the number of processes is checked on its own) and `length_buckets`
-(rounding only), or its training or validation requests differ from the run that wrote them).
+fields, `data_parallel` (the number of processes is checked on its own), `length_buckets` and
+`reuse_prefix` (rounding only), or its training or validation requests differ from the run that wrote them).
 The batch order is a function of (seed, batch index), so a resumed run sees the batches it would
 have seen.
 
@@ -77,6 +79,7 @@ Causal LMs only.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -88,6 +91,7 @@ import torch
 
 from . import distributed
 from ._checks import is_int
+from .block_prefix import PrefixReuse
 from .capture import frozen_parameters
 from .devices import cuda_indices
 from .ft_baseline import locality_texts
@@ -135,6 +139,10 @@ class TrainConfig:
     # The edited and KL-reference forwards run as passes of rows of similar length instead of one
     # padded pass (`length_buckets`: the same losses up to rounding); None: on a CPU model only.
     length_buckets: bool | None = None
+    # The edited pass runs the locality rows from the lowest edited block, on what the KL
+    # reference pass computed below it (`block_prefix`: the same losses up to rounding), where the
+    # model's structure allows; False: through every block.
+    reuse_prefix: bool = True
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "accumulate", "val_every"):
@@ -153,7 +161,7 @@ class TrainConfig:
             raise ValueError(f"lr_optimizer must be 'adam' or 'sgd', got {self.lr_optimizer!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip!r}")
-        for name in ("fisher_mask", "data_parallel"):
+        for name in ("fisher_mask", "data_parallel", "reuse_prefix"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("edit_rows", "locality_rows"):
@@ -251,12 +259,20 @@ def loss_from_edits(me: ModelEditor, requests: list[EditRequest], edits: dict, c
     is_edit, loc_rows = rows["is_edit_row"], ~rows["is_edit_row"]
     has_loc = bool(loc_rows.any())
     skip = list(me.modules.values())
+    # The locality rows' lower blocks run once, in the reference pass (`block_prefix`).
+    prefix = PrefixReuse.for_model(model, me.modules) if config.reuse_prefix and has_loc else None
+    loc_index = loc_rows.nonzero()[:, 0].tolist()
     if has_loc:
-        def reference(batch, where, _rows):
-            return log_probs_at(model, batch["input_ids"], batch["attention_mask"], where, skip)
+        def reference(batch, where, r):
+            key = [loc_index[i] for i in r.tolist()]
+            with prefix.record(key, batch["input_ids"].shape) if prefix else contextlib.nullcontext():
+                return log_probs_at(model, batch["input_ids"], batch["attention_mask"], where, skip)
 
         loc = {k: rows[k][loc_rows] for k in ("input_ids", "attention_mask")}
-        base_logp = run_in_passes(loc, rows["kl_mask"][loc_rows], _passes(me, loc, config), reference)
+        loc_passes = _passes(me, loc, config)
+        if prefix is not None and loc_passes is None:  # one pass, trimmed as the edited one's will be
+            loc_passes = [list(range(len(loc_index)))]
+        base_logp = run_in_passes(loc, rows["kl_mask"][loc_rows], loc_passes, reference)
     # The LM head computes the logits that a loss reads only: the rephrase rows' target-predicting
     # positions and the locality rows' KL positions (scored_logits), in row-major order.
     positions = rows["kl_mask"] & loc_rows.unsqueeze(1)
@@ -264,12 +280,23 @@ def loss_from_edits(me: ModelEditor, requests: list[EditRequest], edits: dict, c
     row_of = positions.nonzero()[:, 0]
 
     def edited(batch, where, r):
+        key = tuple(r.tolist())
+        reused = prefix is not None and key in prefix.recorded
+        cache = dict(use_cache=False) if reused else {}  # no KV cache for the blocks that do not run
         with lowrank_edited(model, edits, rows["row_edit"][r], rows["row_sees_all"][r], masked=config.fisher_mask), \
-                logits_at(model, where, skip) as scored:
-            return scored.pick(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
+                logits_at(model, where, skip) as scored, prefix.reuse(key) if reused else contextlib.nullcontext():
+            return scored.pick(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                     **cache).logits)
 
+    if prefix is not None and prefix.recorded:  # the locality rows in the reference's passes
+        edit_index = is_edit.nonzero()[:, 0].tolist()
+        edit_passes = _passes(me, {k: rows[k][is_edit] for k in ("input_ids", "attention_mask")}, config)
+        passes = [[edit_index[i] for i in p] for p in edit_passes or [range(len(edit_index))]]
+        passes += [[loc_index[i] for i in p] for p in loc_passes]
+    else:
+        passes = _passes(me, rows, config)
     with torch.enable_grad():
-        picked = run_in_passes(rows, positions, _passes(me, rows, config), edited)
+        picked = run_in_passes(rows, positions, passes, edited)
         # The losses are gathered on the logits' device (a split model's LM head may sit elsewhere
         # than the inputs and the editors); on one device these moves are no-ops.
         out = picked.device
@@ -630,9 +657,10 @@ def _validate(me, val_requests, config, result, best_state, bad_validations, ckp
 # TrainConfig fields a resumed run may change: the step budget, when to validate and stop early
 # (a run stopped by patience may go on with another), and how the run is shown or saved.  The
 # others set the optimisers, the batches or the loss, which the checkpoint's state belongs to.
-# The number of processes is checked on its own; length_buckets changes results by rounding only.
+# The number of processes is checked on its own; length_buckets and reuse_prefix change results by
+# rounding only.
 _RESUMABLE_CHANGES = ("steps", "progress", "checkpoint_dir", "resume", "val_every", "patience", "min_delta",
-                      "restore_best", "data_parallel", "length_buckets")
+                      "restore_best", "data_parallel", "length_buckets", "reuse_prefix")
 
 
 class ResumeMismatchError(ValueError):

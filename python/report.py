@@ -88,6 +88,10 @@ def parse_args(argv=None):
     p.add_argument("--length-buckets", default="auto", choices=("auto", "on", "off"),
                    help="train on passes of rows of similar length (TrainConfig.length_buckets; auto: on a CPU "
                         "model, since 0.4.0); off reproduces the editors of earlier versions' one padded pass")
+    p.add_argument("--reuse-prefix", default="on", choices=("on", "off"),
+                   help="the edited pass takes the locality rows' hidden states below the lowest edited block from "
+                        "the KL reference pass (TrainConfig.reuse_prefix, since 0.5.0); off reproduces earlier "
+                        "versions' editors")
     p.add_argument("--top-k", type=positive_int, default=None,
                    help="MoEditor's gate keeps the top k logits (default: the preset's, 2, or 1 with one editor; "
                         "at k = 1 the chosen edit's gate weight is 1, so the gate learns from the balance loss only)")
@@ -248,6 +252,8 @@ def _editors_line(report: dict) -> str:
     parts.append(f"loss weights cedit {_weight(report, 'cedit')} and cloc {_weight(report, 'cloc')}")
     if tc.get("length_buckets", False) is not False:  # None: auto, on for the CPU model report.py loads
         parts.append("each batch's rows in passes of similar length (`length_buckets`)")
+    if tc.get("reuse_prefix", False):
+        parts.append("the locality rows' lower blocks run once, in the KL reference pass (`reuse_prefix`)")
     if "proeditor" in run:
         parts.append("ProEditor with per-token ψ and Fisher keep 0.7 (trained on the masked shift)")
     line = (f"- Editors ({', '.join(METHOD_NAMES[m] for m in report['training']) or 'none'}) trained on the first "
@@ -439,8 +445,11 @@ def _run(args, t_start) -> int:
     for name in LOSS_WEIGHTS:  # only when given: the editors cached without them keep their keys
         if getattr(args, name) is not None:
             train_config[name] = getattr(args, name)
-    # Recorded always (None: auto, on for this CPU model): a report without it trained in one pass.
-    train_config["length_buckets"] = {"auto": None, "on": True, "off": False}[args.length_buckets]
+    # Recorded always, "auto" as what it does on the model's device (one cached editor for "auto"
+    # and "on" on a CPU model): a report without it trained in one pass.
+    train_config["length_buckets"] = {"auto": model.device.type == "cpu", "on": True, "off": False}[args.length_buckets]
+    # Recorded always: a report without it ran every block for every row.
+    train_config["reuse_prefix"] = args.reuse_prefix == "on"
     train_ids = [f"{r.prompt}\t{r.target}" for r in train_requests]
 
     def kwargs_of(method):

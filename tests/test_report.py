@@ -84,6 +84,11 @@ def test_given_loss_weights_are_rendered(report_module, tmp_path):
         report["train_config"]["length_buckets"] = setting
         text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
         assert ("rows in passes of similar length (`length_buckets`)" in text) == shown
+    assert "reuse_prefix" not in text  # a report from before 0.5.0: every block for every row
+    for setting in (True, False):
+        report["train_config"]["reuse_prefix"] = setting
+        text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
+        assert ("lower blocks run once, in the KL reference pass (`reuse_prefix`)" in text) == setting
     report["methods"] = {"mend": _result(0.2, 0.1)}
     report["training"] = {"mend": dict(cached=False, train_s=1.0)}  # MEND only: no other editor described
     text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)

@@ -476,8 +476,9 @@ def test_resume_refuses_other_settings_or_requests(gen, tmp_path):
         train_editor(me, requests[2:], None, cfg.replace(steps=2))
     with pytest.raises(ValueError, match="val_requests"):
         train_editor(me, requests[:4], requests[4:], cfg.replace(steps=2))
-    # More steps, and another early-stopping setting: the same run, resumed.
-    assert train_editor(me, requests[:4], None, cfg.replace(steps=2, patience=None)).resumed_from == 1
+    # More steps, another early-stopping setting and other passes (rounding only): the same run, resumed.
+    changed = cfg.replace(steps=2, patience=None, length_buckets=True, reuse_prefix=False)
+    assert train_editor(me, requests[:4], None, changed).resumed_from == 1
     assert train_editor(me, requests[2:], None, cfg.replace(steps=1, resume=False)).resumed_from is None
 
 
