@@ -162,7 +162,6 @@ def _random_llama(device):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = transformers.LlamaForCausalLM(config).to(DT).to(device).eval()
-    model.requires_grad_(False)  # frozen, as the trainer has it (capture.frozen_parameters)
     layers = [f"model.layers.{i}.mlp.down_proj" for i in range(CAP_LAYERS - 3, CAP_LAYERS)]
     return model, tiny_tokenizer("llama"), layers
 

@@ -4,36 +4,55 @@ computed below it.
 Editor training runs each locality row twice: through the unedited model for the KL's reference,
 then through the edited model.  The edited layers sit in the top blocks (MEND and the paper edit
 the last MLPs), and below the lowest edited block k both passes compute the same thing: blocks
-0..k−1 see no edit and nothing in them requires grad.  `PrefixReuse.record` keeps what block k−1
-returned in a reference pass, and `PrefixReuse.reuse` makes blocks 0..k−1 return it, computing
-nothing, in the edited pass over the same rows (the same rows in the same order and width, so the
-same tensors): that pass runs blocks k.. only.
+0..k−1 see no edit.  `PrefixReuse.record` keeps what block k−1 returned in a reference pass, and
+`PrefixReuse.reuse` makes blocks 0..k−1 return it, computing nothing, in the edited pass over the
+same rows (the same rows in the same order and width, so the same tensors): that pass runs blocks
+k.. only.  Both passes run without a KV cache (`use_cache=False` where the model's forward takes
+it): a cache is state shared by the blocks, which skipped blocks would leave unfilled.
 
-It is used only where it gives what the full pass gives:
+A block can only be skipped by replacing its forward (a hook cannot stop it), so what makes this
+safe is checking, not a rule about architectures.  It is used only where:
 - every edited module sits in one nn.ModuleList of blocks (a name `<list>.<index>.…`), the lowest
   at an index k > 0, and none of them is also a module of blocks 0..k−1 (shared weights);
-- the model is in eval mode (dropout would draw other masks in the two passes);
+- every module of the model is in eval mode (dropout would draw other masks) and no parameter of
+  blocks 0..k−1 requires grad (their gradients would lose the locality rows' share);
 - blocks 0..k−1 carry no forward hooks (a hook would run again on the recorded output) but
   Transformers' own output-collecting ones, and no global module hooks are set;
-- in the reference pass, blocks 0..k were each called once and in order, each block j ≥ 1 on the
-  very tensor block j−1 returned (nothing changes the hidden state between blocks), and block
-  k−1's hidden state had the pass's (rows, width).
-Otherwise `record` keeps nothing, and the edited pass runs its rows through every block.
+- in each reference pass the hooks saw blocks 0..k called once each, in order, each block j ≥ 1
+  on the very tensor block j−1 returned, at the pass's (rows, width); no lower block changed a
+  tensor argument in place, nor block k−1's output changed after it was returned; and nothing a
+  lower block returned besides the hidden state, nor any non-tensor object (a dict, a cache) a
+  lower block received, was handed to a block ≥ k (RWKV's recurrent state, Gemma 4's shared K/V);
+- on the model's first recorded pass, the reference pass run again on the recorded output gave the
+  same log-probabilities (`confirm`): what no hook sees, such as a model that reads a lower
+  block's output after the blocks, shows there.  A model that fails is not reused again (a
+  warning says so).
+Otherwise the edited pass runs the rows through every block, as before.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Mapping
+import inspect
+import warnings
+import weakref
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 from torch.nn.modules import module as nn_module
 
-
 # Transformers 5 puts hooks on the blocks that collect hidden states or attentions when a forward
 # asks for them (output_hidden_states=...); the training passes never ask, so they do nothing.
 _INERT_HOOK_MODULES = ("transformers.utils.output_capturing",)
+
+# {model: {k: whether the reference pass reusing blocks 0..k−1 gave the full pass's result}}.
+_VERDICTS: "weakref.WeakKeyDictionary[nn.Module, dict[int, bool]]" = weakref.WeakKeyDictionary()
+
+# How far `confirm`'s two log-probabilities may differ: the same tensors through the same
+# kernels agree bit for bit on CPU; the test model it catches (a head that reads block 0's output
+# too) moved them by 0.64-0.77 (of up to 12).
+_CONFIRM_TOLERANCE = 1e-4
 
 
 def _block_of(model: nn.Module, name: str) -> tuple[str, int] | None:
@@ -53,30 +72,105 @@ def _hidden(output) -> torch.Tensor | None:
     return output if isinstance(output, torch.Tensor) else None
 
 
+def _items(values: Iterable) -> list:
+    """The values, with tuples and lists opened one level (position embeddings come as (cos, sin)),
+    Nones and plain constants left out."""
+    out = []
+    for value in values:
+        for item in (value if isinstance(value, (tuple, list)) else (value,)):
+            if item is not None and not isinstance(item, (bool, int, float, str, torch.dtype, torch.device)):
+                out.append(item)
+    return out
+
+
+def _takes(fn: Callable, name: str) -> bool:
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+class _Chain:
+    """What one reference pass's hooks saw, checked as they fire (so only the last hidden state is
+    held, not every block's)."""
+
+    def __init__(self, k: int):
+        self.k, self.next, self.ok = k, 0, True
+        self.hidden = None  # what the last lower block returned as its hidden state
+        self.output, self.version = None, None  # block k−1's output, its hidden state's _version
+        self.args: list[tuple[torch.Tensor, int]] = []  # the running block's tensor arguments
+        self.handed: list = []  # what must not reach a block ≥ k (see the module docstring)
+        self.reached_k = False
+
+    def before_lower(self, j: int, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        self.ok &= j == self.next and not self.reached_k and isinstance(hidden, torch.Tensor) \
+            and (j == 0 or hidden is self.hidden)
+        if not self.ok:
+            return
+        others = _items([*args[1:], *(v for v in kwargs.values() if v is not hidden)])
+        self.args = [(t, t._version) for t in others if isinstance(t, torch.Tensor)]
+        self.handed += [o for o in others if not isinstance(o, torch.Tensor)]
+
+    def after_lower(self, j: int, output) -> None:
+        hidden = _hidden(output)
+        self.ok &= hidden is not None and all(t._version == v for t, v in self.args)
+        if not self.ok:
+            return
+        self.handed += [o for o in _items(output[1:] if isinstance(output, (tuple, list)) else ())]
+        self.hidden, self.next = hidden, j + 1
+        if j == self.k - 1:
+            self.output, self.version = output, hidden._version
+
+    def before_upper(self, j: int, args: tuple, kwargs: dict) -> None:
+        if not self.ok:
+            return
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if j == self.k:
+            self.ok &= not self.reached_k and self.next == self.k and hidden is self.hidden
+            self.reached_k = True
+        received = _items([*args, *kwargs.values()])
+        self.ok &= not any(r is h for r in received for h in self.handed if r is not hidden)
+
+    def result(self, shape: tuple[int, int]):
+        """Block k−1's output if the pass ran as the module docstring requires, else None."""
+        if not (self.ok and self.reached_k and self.output is not None):
+            return None
+        hidden = _hidden(self.output)
+        if hidden._version != self.version or hidden.dim() < 2 or tuple(hidden.shape[:2]) != shape:
+            return None
+        return self.output
+
+
 class PrefixReuse:
     """The recorded outputs of block k−1, one per reference pass, keyed by the pass's rows."""
 
-    def __init__(self, blocks: list[nn.Module], k: int):
-        self.blocks, self.k = blocks, k
+    def __init__(self, model: nn.Module, blocks: list[nn.Module], k: int):
+        self.model, self.blocks, self.k = model, blocks, k
         self.recorded: dict[tuple[int, ...], object] = {}
+        # What the reference and the reused passes give the model's forward (see the docstring).
+        self.forward_kwargs = {"use_cache": False} if _takes(model.forward, "use_cache") else {}
 
     @classmethod
     def for_model(cls, model: nn.Module, modules: Mapping[str, nn.Module]) -> "PrefixReuse | None":
         """A PrefixReuse for these edited modules ({name: module}), or None where the model's
-        structure or mode rules it out (see the module docstring)."""
-        if model.training or not modules:
+        structure, modes or an earlier `confirm` rule it out (see the module docstring)."""
+        if not modules or any(m.training for m in model.modules()):
             return None
         found = {_block_of(model, name) for name in modules}
         if None in found or len({path for path, _ in found}) != 1:
             return None
         k = min(index for _, index in found)
-        if k == 0:
+        if k == 0 or _VERDICTS.get(model, {}).get(k) is False:
             return None
         blocks = list(model.get_submodule(next(iter(found))[0]))
         lower = {id(m) for block in blocks[:k] for m in block.modules()}
         if any(id(m) in lower for m in modules.values()) or any(id(b) in lower for b in blocks[k:]):
             return None
-        return cls(blocks, k)
+        if any(p.requires_grad for block in blocks[:k] for p in block.parameters()):
+            return None
+        return cls(model, blocks, k)
 
     def _hooked(self) -> bool:
         if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
@@ -88,53 +182,54 @@ class PrefixReuse:
     @contextlib.contextmanager
     def record(self, key: Iterable[int], shape: tuple[int, int]):
         """Inside the block, the model's reference pass over the rows `key` (indices, in the
-        pass's order) of (rows, width) `shape`; on a clean exit, block k−1's output is kept for
-        `reuse(key)` when the pass ran as the module docstring requires."""
+        pass's order) of (rows, width) `shape`, run with `forward_kwargs`; on a clean exit,
+        block k−1's output is kept for `reuse(key)` when the pass ran as the module docstring
+        requires."""
         key = tuple(key)
         self.recorded.pop(key, None)
-        if self._hooked():
+        if self._hooked() or _VERDICTS.get(self.model, {}).get(self.k) is False:  # a failed `confirm`
             yield
             return
-        seen: list[tuple[int, str, object]] = []
+        chain = _Chain(self.k)
         handles = []
-
-        def on_input(j):
-            def hook(_module, args, kwargs):
-                seen.append((j, "in", args[0] if args else kwargs.get("hidden_states")))
-            return hook
-
-        def on_output(j):
-            def hook(_module, _args, output):
-                seen.append((j, "out", output))
-            return hook
-
         try:
-            for j, block in enumerate(self.blocks[:self.k + 1]):
-                handles.append(block.register_forward_pre_hook(on_input(j), with_kwargs=True))
+            for j, block in enumerate(self.blocks):
                 if j < self.k:
-                    handles.append(block.register_forward_hook(on_output(j)))
+                    handles.append(block.register_forward_pre_hook(
+                        lambda _m, args, kwargs, j=j: chain.before_lower(j, args, kwargs), with_kwargs=True))
+                    handles.append(block.register_forward_hook(lambda _m, _args, out, j=j: chain.after_lower(j, out)))
+                else:
+                    handles.append(block.register_forward_pre_hook(
+                        lambda _m, args, kwargs, j=j: chain.before_upper(j, args, kwargs), with_kwargs=True))
             yield
         finally:
             for handle in handles:
                 handle.remove()
-        output = self._chained_output(seen, tuple(shape))
+        output = chain.result(tuple(shape))
         if output is not None:
             self.recorded[key] = output
 
-    def _chained_output(self, seen: list, shape: tuple[int, int]):
-        """Block k−1's output if `seen` is blocks 0..k called once each, in order, each on the
-        hidden state the one before returned, with the pass's (rows, width); else None."""
-        expected = [(j, kind) for j in range(self.k) for kind in ("in", "out")] + [(self.k, "in")]
-        if [(j, kind) for j, kind, _ in seen] != expected:
-            return None
-        for j in range(1, self.k + 1):
-            hidden_in, hidden_out = seen[2 * j][2], _hidden(seen[2 * j - 1][2])
-            if hidden_out is None or hidden_in is not hidden_out:
-                return None
-        hidden = _hidden(seen[2 * self.k - 1][2])
-        if hidden.dim() < 2 or tuple(hidden.shape[:2]) != shape:
-            return None
-        return seen[2 * self.k - 1][2]
+    def confirm(self, key: Iterable[int], run: Callable[[], torch.Tensor], want: torch.Tensor) -> None:
+        """On this model's first recorded pass (for this k): `run()` (the reference pass) again
+        inside `reuse(key)` must give `want`, the pass's own result; if it does not, or raises,
+        nothing is reused for this model from then on, with a warning."""
+        key = tuple(key)
+        verdicts = _VERDICTS.setdefault(self.model, {})
+        if key not in self.recorded or self.k in verdicts:
+            return
+        try:
+            with torch.no_grad(), self.reuse(key):
+                got = run()
+            same = got.shape == want.shape and torch.allclose(got, want, rtol=_CONFIRM_TOLERANCE,
+                                                              atol=_CONFIRM_TOLERANCE)
+            why = "other log-probabilities"
+        except Exception as error:  # any failure of the reused pass means: do not reuse
+            same, why = False, f"{type(error).__name__}: {error}"
+        verdicts[self.k] = same
+        if not same:
+            self.recorded.clear()
+            warnings.warn(f"reuse_prefix: {type(self.model).__name__} gave {why} when blocks 0..{self.k - 1} "
+                          "were skipped; its training runs every block for every row (block_prefix)", stacklevel=2)
 
     @contextlib.contextmanager
     def reuse(self, key: Iterable[int]):

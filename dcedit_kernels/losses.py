@@ -107,11 +107,12 @@ def edit_loss(picked: torch.Tensor, labels: torch.Tensor, causal: bool, reductio
 
 @torch.no_grad()
 def log_probs_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
-                 skip=()) -> torch.Tensor:
+                 skip=(), **forward_kwargs) -> torch.Tensor:
     """(n, V) fp32 log-probabilities of the model (as it is now, no grad) at `positions` (B, L)
-    bool, row-major: the KL's reference, the LM head computing those positions only."""
+    bool, row-major: the KL's reference, the LM head computing those positions only.
+    forward_kwargs: more arguments for the model's forward (e.g. use_cache=False)."""
     with logits_at(model, positions, skip=skip) as scored:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs).logits
         return torch.log_softmax(upcast(scored.pick(logits)), -1)
 
 

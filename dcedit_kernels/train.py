@@ -59,8 +59,8 @@ without improvement; the best editor is restored at the end.  Checkpoints (safet
 as JSON metadata); `resume=True` continues from them (ResumeMismatchError, a ValueError, when the
 run's TrainConfig, apart from `steps`, the validation and early-stopping fields, display/saving
 fields, `data_parallel` (the number of processes is checked on its own), `length_buckets` and
-`reuse_prefix` (rounding only), or its training or validation requests differ from the run that wrote them).
-The batch order is a function of (seed, batch index), so a resumed run sees the batches it would
+`reuse_prefix` (rounding only), or its training or validation requests differ from the run that
+wrote them).  The batch order is a function of (seed, batch index), so a resumed run sees the batches it would
 have seen.
 
 Split models (layers on several devices): each edited layer computes on its own device with the
@@ -265,8 +265,16 @@ def loss_from_edits(me: ModelEditor, requests: list[EditRequest], edits: dict, c
     if has_loc:
         def reference(batch, where, r):
             key = [loc_index[i] for i in r.tolist()]
+
+            def run():
+                return log_probs_at(model, batch["input_ids"], batch["attention_mask"], where, skip,
+                                    **(prefix.forward_kwargs if prefix else {}))
+
             with prefix.record(key, batch["input_ids"].shape) if prefix else contextlib.nullcontext():
-                return log_probs_at(model, batch["input_ids"], batch["attention_mask"], where, skip)
+                logp = run()
+            if prefix is not None:
+                prefix.confirm(key, run, logp)
+            return logp
 
         loc = {k: rows[k][loc_rows] for k in ("input_ids", "attention_mask")}
         loc_passes = _passes(me, loc, config)
@@ -282,11 +290,10 @@ def loss_from_edits(me: ModelEditor, requests: list[EditRequest], edits: dict, c
     def edited(batch, where, r):
         key = tuple(r.tolist())
         reused = prefix is not None and key in prefix.recorded
-        cache = dict(use_cache=False) if reused else {}  # no KV cache for the blocks that do not run
         with lowrank_edited(model, edits, rows["row_edit"][r], rows["row_sees_all"][r], masked=config.fisher_mask), \
                 logits_at(model, where, skip) as scored, prefix.reuse(key) if reused else contextlib.nullcontext():
             return scored.pick(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                     **cache).logits)
+                                     **(prefix.forward_kwargs if reused else {})).logits)
 
     if prefix is not None and prefix.recorded:  # the locality rows in the reference's passes
         edit_index = is_edit.nonzero()[:, 0].tolist()

@@ -3,14 +3,19 @@ hidden states (block_prefix, TrainConfig.reuse_prefix): the same loss and editor
 full pass on every architecture, lower blocks not run, and the full pass wherever reuse would not
 be exact."""
 
+import types
+import warnings
+
 import pytest
 import torch
+import transformers
+from torch import nn
 
 from dcedit_kernels import block_prefix
 from dcedit_kernels.block_prefix import PrefixReuse
 from dcedit_kernels.capture import frozen_parameters
 from dcedit_kernels.model_editor import ModelEditor
-from dcedit_kernels.models import tiny_model
+from dcedit_kernels.models import tiny_model, tiny_tokenizer
 from dcedit_kernels.train import TrainConfig, batch_loss
 
 from test_architectures import ARCHS, build
@@ -20,22 +25,25 @@ UPPER = {"gpt2": "transformer.h.1.mlp.c_proj", "llama": "model.layers.1.mlp.down
 
 
 def model_and_upper_layer(arch, gen):
-    """A float64 2-block model in eval mode and the MLP output layer of its block 1 (k = 1)."""
+    """A float64 2-block model in eval mode, frozen (as training has it), and the MLP output layer
+    of its block 1 (k = 1)."""
     if arch in UPPER:
         model, tok = tiny_model(arch, seed=int(torch.randint(0, 1000, (1,), generator=gen)), dtype=torch.float64)
-        return model.eval(), tok, [UPPER[arch]]
+        return model.eval().requires_grad_(False), tok, [UPPER[arch]]
     model, tok, layers = build(arch, gen)
-    return model, tok, layers[1:]
+    return model.requires_grad_(False), tok, layers[1:]
 
 
 def loss_and_grads(me, reqs, **config):
     """The training loss of one batch and its gradients in the editors' parameters (editors in
-    eval mode: no gate noise), and how many edited passes reused the prefix."""
+    eval mode: no gate noise), and the rows of each edited pass that reused the prefix (not
+    `confirm`'s no-grad pass)."""
     entered = []
     reuse = PrefixReuse.reuse
 
     def counting(self, key):
-        entered.append(tuple(key))
+        if torch.is_grad_enabled():
+            entered.append(tuple(key))
         return reuse(self, key)
 
     params = [p for p in me.parameters() if p.requires_grad]
@@ -78,10 +86,11 @@ def test_reused_prefix_gives_the_full_pass_loss_and_grads(arch, length_buckets, 
 
 
 def test_prefix_reuse_is_not_used_where_it_would_not_be_exact(gen):
-    """Block 0 of the edited modules (k = 0), modules outside one block list, a model in train
-    mode, blocks shared between the prefix and the rest: no PrefixReuse."""
+    """Block 0 of the edited modules (k = 0), modules outside one block list, a model or one
+    module in train mode, a lower block's weight that requires grad, blocks shared between the
+    prefix and the rest: no PrefixReuse."""
     model, tok = tiny_model("llama", seed=0, dtype=torch.float64)
-    model.eval()
+    model.eval().requires_grad_(False)
     modules = lambda *names: {n: model.get_submodule(n) for n in names}  # noqa: E731
     assert PrefixReuse.for_model(model, modules("model.layers.1.mlp.down_proj")).k == 1
     assert PrefixReuse.for_model(model, modules("model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj")) is None
@@ -90,6 +99,14 @@ def test_prefix_reuse_is_not_used_where_it_would_not_be_exact(gen):
     model.train()
     assert PrefixReuse.for_model(model, modules("model.layers.1.mlp.down_proj")) is None
     model.eval()
+    model.model.layers[0].self_attn.train()  # its dropout would draw in the full pass only
+    assert PrefixReuse.for_model(model, modules("model.layers.1.mlp.down_proj")) is None
+    model.eval()
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(True)  # would lose the locality rows' share
+    assert PrefixReuse.for_model(model, modules("model.layers.1.mlp.down_proj")) is None
+    model.requires_grad_(False)
+    model.model.layers[1].mlp.up_proj.weight.requires_grad_(True)  # above the prefix: no matter
+    assert PrefixReuse.for_model(model, modules("model.layers.1.mlp.down_proj")).k == 1
     shared = model.model.layers[1].mlp.down_proj
     model.model.layers[0].mlp.down_proj = shared  # one module in block 0 and block 1
     assert PrefixReuse.for_model(model, modules("model.layers.1.mlp.down_proj")) is None
@@ -128,13 +145,16 @@ def test_record_keeps_nothing_when_the_pass_raises_or_has_another_shape(gen):
     prefix = PrefixReuse.for_model(model, {layers[0]: model.get_submodule(layers[0])})
     ids = torch.randint(3, 20, (2, 5), generator=gen)
     with prefix.record([0, 1], (2, 5)):
-        model(input_ids=ids)
+        model(input_ids=ids, **prefix.forward_kwargs)
     assert _hidden_shape(prefix.recorded[(0, 1)]) == (2, 5)
     with prefix.record([0, 1], (2, 4)):  # not the pass's (rows, width)
-        model(input_ids=ids)
+        model(input_ids=ids, **prefix.forward_kwargs)
+    assert (0, 1) not in prefix.recorded
+    with prefix.record([0, 1], (2, 5)):  # a KV cache, one object handed to every block
+        model(input_ids=ids, use_cache=True)
     assert (0, 1) not in prefix.recorded
     with pytest.raises(RuntimeError, match="stop"), prefix.record([0, 1], (2, 5)):
-        model(input_ids=ids)
+        model(input_ids=ids, **prefix.forward_kwargs)
         raise RuntimeError("stop")
     assert not prefix.recorded
     assert not any(b._forward_hooks or b._forward_pre_hooks for b in model.model.layers)
@@ -149,7 +169,7 @@ def test_reuse_restores_the_blocks_forwards(gen):
     prefix = PrefixReuse.for_model(model, {layers[0]: model.get_submodule(layers[0])})
     ids = torch.randint(3, 20, (2, 5), generator=gen)
     with prefix.record([0, 1], (2, 5)):
-        want = model(input_ids=ids).logits
+        want = model(input_ids=ids, use_cache=False).logits
     own = object()
     model.model.layers[0].__dict__["forward"] = own  # an instance-level forward set before (accelerate's)
     try:
@@ -200,7 +220,126 @@ def test_blocks_moved_by_hooks_fall_back_to_the_full_pass():
 
     me_ref, me_split = twins("llama", ("cpu", "cpu"), "mend")
     upper = ["model.layers.1.mlp.down_proj"]
-    me_ref, me_split = (ModelEditor(me.model, me.tokenizer, upper, method="mend", rank=4, seed=0)
-                        for me in (me_ref, me_split))
+    me_ref, me_split = (ModelEditor(me.model.requires_grad_(False), me.tokenizer, upper, method="mend", rank=4,
+                                    seed=0) for me in (me_ref, me_split))
     assert PrefixReuse.for_model(me_split.model, me_split.modules)._hooked()
     assert_training_step_matches(me_ref, me_split, "mend", exact=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models whose lower blocks reach the upper ones by more than the hidden state
+# ---------------------------------------------------------------------------------------------
+class _MLP(nn.Module):
+    def __init__(self, d, f):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, f), nn.Linear(f, d)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)))
+
+
+class _Block(nn.Module):
+    """Causal mean mixing and an MLP; `inplace` adds its residuals into its input (x += ...), and
+    `value` also returns its value projection and mixes in block 0's when given (value residual)."""
+
+    def __init__(self, d, inplace=False, value=False):
+        super().__init__()
+        self.mix, self.mlp, self.inplace, self.value = nn.Linear(d, d), _MLP(d, 7), inplace, value
+
+    def forward(self, x, mask, v_first=None):
+        v = self.mix(x)
+        mixed = v if v_first is None else 0.5 * (v + v_first)
+        y = torch.tanh(torch.cumsum(mixed, 1) / torch.arange(1, x.shape[1] + 1, dtype=x.dtype).view(1, -1, 1))
+        if self.inplace:
+            x += y
+            x += self.mlp(x)
+        else:
+            x = x + y
+            x = x + self.mlp(x)
+        return (x, v) if self.value else x
+
+
+class _CustomLM(nn.Module):
+    """A causal LM of 3 `_Block`s; `kind`: "plain" (no use_cache argument at all), "inplace",
+    "value" (block 0's value fed to every later block) or "reads_lower" (the head reads block 0's
+    output too, after the blocks: no hook sees it)."""
+
+    def __init__(self, vocab, kind):
+        super().__init__()
+        self.kind = kind
+        self.embed = nn.Embedding(vocab, 12)
+        self.layers = nn.ModuleList(_Block(12, inplace=kind == "inplace", value=kind == "value") for _ in range(3))
+        self.head = nn.Linear(12, vocab, bias=False)
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids, attention_mask, output_hidden_states=False):  # no use_cache
+        h, v_first, first = self.embed(input_ids), None, None
+        for i, layer in enumerate(self.layers):
+            h = layer(h, attention_mask, v_first=v_first)
+            if self.kind == "value":
+                h, v = h
+                v_first = v if i == 0 else v_first
+            first = h if i == 0 else first
+        return types.SimpleNamespace(logits=self.head(h + 0.5 * first if self.kind == "reads_lower" else h))
+
+
+def _exotic(kind, tok):
+    """(model, the edited layer) of a 3-4 block model of this kind, float64, eval, frozen."""
+    if kind == "rwkv":  # each block returns (hidden, state, ...) and the loop hands the state on
+        config = transformers.RwkvConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=3,
+                                         attention_hidden_size=16, intermediate_size=24, context_length=64,
+                                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+        model, layer = transformers.RwkvForCausalLM(config), "rwkv.blocks.2.feed_forward.value"
+    elif kind == "gemma4_shared_kv":  # "store" blocks write K/V into a dict every block receives
+        config = transformers.Gemma4TextConfig(
+            vocab_size=len(tok), hidden_size=24, intermediate_size=37, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, global_head_dim=8, num_hidden_layers=4, num_kv_shared_layers=2,
+            layer_types=["sliding_attention", "full_attention"] * 2, hidden_size_per_layer_input=4,
+            vocab_size_per_layer_input=len(tok), sliding_window=4, pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+        model, layer = transformers.Gemma4ForCausalLM(config), "model.layers.1.mlp.down_proj"
+    else:
+        model, layer = _CustomLM(len(tok), kind), "layers.2.mlp.down"
+    return model.double().eval().requires_grad_(False), layer
+
+
+# Whether the prefix is reused: where nothing reaches the upper blocks but the hidden state (RWKV's
+# state is None without a cache), else the fallback that catches it (None: a record check).
+EXOTIC = {"plain": True, "rwkv": True, "inplace": None, "value": None, "reads_lower": "confirm",
+          "gemma4_shared_kv": None}
+
+
+@pytest.mark.parametrize("kind", sorted(EXOTIC))
+def test_state_passed_besides_the_hidden_state_is_caught(kind, gen):
+    """Reuse gives the full pass's loss and gradients, or falls back: a recurrent state handed from
+    block to block (RWKV), K/V shared through a dict (Gemma 4), a block adding into its input in
+    place, block 0's value fed to later blocks, the head reading block 0's output (caught by
+    `confirm`, with a warning, and not tried again on that model), a forward without use_cache."""
+    if kind == "gemma4_shared_kv" and not hasattr(transformers, "Gemma4TextConfig"):
+        pytest.skip("this transformers has no Gemma 4")
+    tok = tiny_tokenizer("llama")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        model, layer = _exotic(kind, tok)
+    me = ModelEditor(model, tok, [layer], method="mend", rank=3)
+    me.editors.to(torch.float64)
+    me.eval()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # editors that move the model
+        torch.manual_seed(0)
+        for p in me.editors.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    reqs = random_requests(gen, 4)
+    full = loss_and_grads(me, reqs, reuse_prefix=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reused = loss_and_grads(me, reqs, reuse_prefix=True)
+        again = loss_and_grads(me, reqs, reuse_prefix=True)
+    blocks = model.get_submodule(block_prefix._block_of(model, layer)[0])
+    assert not any("forward" in b.__dict__ or b._forward_hooks or b._forward_pre_hooks for b in blocks)
+    confirm_failed = [w for w in caught if "reuse_prefix" in str(w.message)]
+    assert len(confirm_failed) == (EXOTIC[kind] == "confirm")
+    assert bool(reused[2]) == bool(again[2]) == (EXOTIC[kind] is True)
+    assert_same(reused, full)
+    assert_same(again, full)
