@@ -60,8 +60,8 @@ as JSON metadata); `resume=True` continues from them (ResumeMismatchError, a Val
 run's TrainConfig, apart from `steps`, the validation and early-stopping fields, display/saving
 fields, `data_parallel` (the number of processes is checked on its own), `length_buckets` and
 `reuse_prefix` (rounding only), or its training or validation requests differ from the run that
-wrote them).  The batch order is a function of (seed, batch index), so a resumed run sees the batches it would
-have seen.
+wrote them).  The batch order is a function of (seed, batch index), so a resumed run sees the
+batches it would have seen.
 
 Split models (layers on several devices): each edited layer computes on its own device with the
 editor outputs moved there (lowrank_layers), the losses are gathered on the logits' device, and the
@@ -295,11 +295,8 @@ def loss_from_edits(me: ModelEditor, requests: list[EditRequest], edits: dict, c
             return scored.pick(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                      **(prefix.forward_kwargs if reused else {})).logits)
 
-    if prefix is not None and prefix.recorded:  # the locality rows in the reference's passes
-        edit_index = is_edit.nonzero()[:, 0].tolist()
-        edit_passes = _passes(me, {k: rows[k][is_edit] for k in ("input_ids", "attention_mask")}, config)
-        passes = [[edit_index[i] for i in p] for p in edit_passes or [range(len(edit_index))]]
-        passes += [[loc_index[i] for i in p] for p in loc_passes]
+    if prefix is not None and prefix.recorded:
+        passes = _edited_passes(me, rows, config, loc_passes)
     else:
         passes = _passes(me, rows, config)
     with torch.enable_grad():
@@ -323,6 +320,17 @@ def _passes(me: ModelEditor, batch: dict, config: TrainConfig) -> list[list[int]
     in one pass, as it is."""
     on = config.length_buckets if config.length_buckets is not None else me.device.type == "cpu"
     return plan_passes(batch["attention_mask"].sum(1).tolist()) if on else None
+
+
+def _edited_passes(me: ModelEditor, rows: dict, config: TrainConfig, loc_passes: list[list[int]]) -> list[list[int]]:
+    """The edited pass's passes when the locality rows reuse the reference's prefix: the rephrase
+    rows' own (`_passes`, or all in one), then the locality rows in the reference's passes (the
+    same rows in the same order: the recorded outputs fit them), as indices into `rows`."""
+    is_edit = rows["is_edit_row"]
+    edit_index, loc_index = is_edit.nonzero()[:, 0].tolist(), (~is_edit).nonzero()[:, 0].tolist()
+    edit_passes = _passes(me, {k: rows[k][is_edit] for k in ("input_ids", "attention_mask")}, config)
+    passes = [[edit_index[i] for i in p] for p in edit_passes or [range(len(edit_index))]]
+    return passes + [[loc_index[i] for i in p] for p in loc_passes]
 
 
 def batch_loss(me: ModelEditor, requests: list[EditRequest], config: TrainConfig):
