@@ -124,7 +124,7 @@ def load_any_model(name_or_path: str | None, dtype: str = "float32", device: str
         return model, tokenizer
     except FileNotFoundError as exc:
         raise UserError(f"--model: {exc}") from None
-    except OSError as exc:  # from_pretrained: not a folder, not on the hub, no network
+    except (OSError, ValueError) as exc:  # from_pretrained: not a folder, not on the hub, no network, no tokenizer
         raise UserError(f"--model: cannot load {name_or_path!r}: {exc}") from None
 
 
@@ -397,6 +397,8 @@ def cmd_edit(args) -> dict:
             if text is not None and not text.strip():
                 raise UserError(f"{flag} must be a non-empty string, got {text!r}")
         requests = [EditRequest(args.prompt, args.target, rephrase=args.rephrase)]
+    elif args.rephrase is not None:
+        raise UserError("--rephrase goes with --prompt and --target")
     else:
         requests = load_requests(args.data, args.n_edits or 5)
     model, tokenizer = load_any_model(args.model, args.dtype, args.device)

@@ -171,8 +171,13 @@ class TrainConfig:
             raise ValueError(f"length_buckets must be a bool or None, got {self.length_buckets!r}")
         for name in ("val_size", "patience"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (not is_int(value) or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        for name in ("restore_best", "resume", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not is_int(self.seed):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
 
     def replace(self, **changes) -> "TrainConfig":
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
@@ -350,6 +355,8 @@ def evaluate_edits(me: ModelEditor, requests, batch_size: int = 4) -> dict:
     `nll` (mean target NLL per edit).  The LM head computes the scored positions' logits only
     (`scored_logits.logits_at`)."""
     requests = validate_requests(requests)
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if me.seq2seq:
         raise ValueError("evaluate_edits supports causal LMs only (as editor training does)")
     return _edit_summary(_batch_scores(me, requests, batch_size, range(_n_batches(requests, batch_size))))
@@ -487,6 +494,8 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
         return fresh
 
     (rng_state, best_state, bad_validations), error = _attempt(start, size, fresh)
+    if result.stopped_early and (config.patience is None or bad_validations < config.patience):
+        result.stopped_early = False  # a run stopped by patience goes on with another
     if size > 1:  # every process starts from the same step and plan, or all of them raise (none waits)
         plan = dict(run, steps=config.steps, val_every=config.val_every, patience=config.patience,
                     min_delta=config.min_delta, checkpoints=ckpt is not None)

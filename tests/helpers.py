@@ -174,3 +174,18 @@ def randomize_editor(editor, gen, scale=0.05):
         if editor.psi is not None:
             editor.psi.fc2.weight.copy_(torch.randn(editor.psi.fc2.weight.shape, generator=gen) * scale)
     return editor
+
+
+def seed_from(gen) -> int:
+    """A model seed drawn from the test's generator."""
+    return int(torch.randint(0, 1000, (1,), generator=gen))
+
+
+def tiny_mend(arch, gen, **kwargs):
+    """A MEND ModelEditor (rank 4, seed 1) on the tiny model of `arch`, a seed drawn from `gen`."""
+    from dcedit_kernels.model_editor import ModelEditor
+    from dcedit_kernels.models import tiny_model
+    from test_model_editor import LAYERS
+
+    model, tok = tiny_model(arch, seed=seed_from(gen))
+    return ModelEditor(model, tok, LAYERS[arch], method="mend", rank=4, seed=1, **kwargs)

@@ -10,6 +10,8 @@ import torch
 from dcedit_kernels.model_editor import ModelEditor
 from dcedit_kernels.models import tiny_model
 
+from test_demo import _counterfact_file
+
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [2, 5]
 
@@ -177,3 +179,22 @@ def test_each_row_starts_raeditors_routing_from_the_same_state(report_module):
     assert not torch.equal(editor.route(30)[0], first)  # it keeps drawing
     report_module.set_routing_states(me, states)
     assert torch.equal(editor.route(30)[0], first)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--n-edits", "x"], "--n-edits must be comma-separated ints, got 'x'"),
+    (["--n-edits", ","], "--n-edits is empty"),
+    (["--methods", "mend,bogus"], "--methods: unknown ['bogus']"),
+    (["--data", "/nonexistent/val.json"], "data file not found"),
+    (["--methods", "ft", "--n-edits", "25"], "--n-edits asks for 25 edits but"),
+])
+def test_report_refuses_bad_arguments_before_loading_the_model(extra, message, report_module, capsys, tmp_path,
+                                                               monkeypatch):
+    import dcedit_kernels.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    data = _counterfact_file(tmp_path / "cf.json", n=6)
+    argv = ["--data", str(data), "--out-dir", str(tmp_path / "out"), "--no-progress"]
+    assert report_module.main(argv + extra) == 2
+    err = capsys.readouterr().err
+    assert "report: error:" in err and message in err

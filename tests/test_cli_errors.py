@@ -1,0 +1,118 @@
+"""The `dcedit` CLI's errors a user can fix: each one `dcedit: error:` line and exit status 2
+(see also test_demo.py)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dcedit_kernels import cli
+from dcedit_kernels.models import tiny_model
+
+from test_demo import _counterfact_file, tiny_model_dir  # noqa: F401 (tiny_model_dir: a fixture)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+def test_cli_model_folder_without_a_tokenizer_is_one_error_line(capsys, tmp_path):
+    """A --model folder that holds no tokenizer (here an empty folder): AutoTokenizer's ValueError
+    is one error line (it once ended main() in a traceback)."""
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    assert cli.main(["edit", "--model", str(empty), "--method", "ft", "--prompt", "a b", "--target", "c"]) == 2
+    assert "dcedit: error: --model" in capsys.readouterr().err
+
+
+def test_cli_rephrase_without_prompt_is_refused(capsys, tiny_model_dir):
+    """`dcedit edit --rephrase X` without --prompt/--target is refused, as other flags that would
+    be ignored are (it once edited the default facts without a word)."""
+    code = cli.main(["edit", "--model", str(tiny_model_dir), "--method", "ft", "--rephrase", "Look: the sky is"])
+    assert code == 2
+    assert "--rephrase" in capsys.readouterr().err
+
+
+
+def test_cli_helpers_refuse_bad_values_from_python_callers():
+    with pytest.raises(cli.UserError, match="--threads must be a positive int, got 0"):
+        cli.set_threads(0)
+    with pytest.raises(cli.UserError, match="limit must be a positive int or None, got 0"):
+        cli.load_requests(None, 0)
+    with pytest.raises(cli.UserError, match=r"--dtype must be one of .*got 'float8'"):
+        cli.load_any_model(None, dtype="float8")
+    model, _ = tiny_model("llama", seed=0)
+    with pytest.raises(cli.UserError, match="--layers is empty"):
+        cli.parse_layers(model, " , ")
+    with pytest.raises(cli.UserError, match="cannot pick default layers for this model: give --layers"):
+        cli.default_layers(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_device_not_usable_here_is_one_error_line(capsys, tiny_model_dir):
+    assert cli.main(["edit", "--model", str(tiny_model_dir), "--device", "cuda", "--prompt", "a b",
+                     "--target", "c"]) == 2
+    err = capsys.readouterr().err
+    assert "dcedit: error: --device 'cuda' is not usable here" in err and "Traceback" not in err
+
+
+def test_cli_train_device_that_is_not_a_device(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "load_any_model", lambda *a, **k: pytest.fail("the model loaded"))
+    assert cli.main(["train", "--device", "nonsense", "--out", str(tmp_path / "e.safetensors")]) == 2
+    assert "dcedit: error: --device 'nonsense' is not a device" in capsys.readouterr().err
+
+
+def test_write_json_writes_paths_and_tensors_and_refuses_the_rest(tmp_path):
+    out = tmp_path / "sub" / "x.json"
+    cli.write_json(out, dict(path=Path("/a/b"), t=torch.tensor([1.5, 2.0])))
+    assert json.loads(out.read_text()) == dict(path="/a/b", t=[1.5, 2.0])
+    with pytest.raises(TypeError, match="not JSON serializable: object"):
+        cli.write_json(out, dict(x=object()))
+
+
+@pytest.mark.parametrize("sizes", ["x,2", "0", ",", "3,-1"])
+def test_cli_n_edits_list_is_checked_before_the_model_loads(sizes, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load_any_model", lambda *a, **k: pytest.fail("the model loaded"))
+    assert cli.main(["evaluate", "--n-edits", sizes]) == 2
+    assert "dcedit: error: --n-edits must be a comma-separated list of positive ints" in capsys.readouterr().err
+
+
+def test_cli_editor_file_missing_or_not_an_editor(capsys, tmp_path, tiny_model_dir):
+    base = ["edit", "--model", str(tiny_model_dir), "--prompt", "a b", "--target", "c", "--editor"]
+    assert cli.main(base + [str(tmp_path / "none.safetensors")]) == 2
+    assert "dcedit: error: --editor: file not found" in capsys.readouterr().err
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    assert cli.main(base + [str(tmp_path / "junk.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "dcedit: error: --editor: " in err and "is not a safetensors file" in err
+
+
+def test_cli_prompt_and_target_go_together_and_not_with_data(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load_any_model", lambda *a, **k: pytest.fail("the model loaded"))
+    assert cli.main(["edit", "--prompt", "a b"]) == 2
+    assert "--prompt and --target go together" in capsys.readouterr().err
+    assert cli.main(["edit", "--target", "c"]) == 2
+    assert "--prompt and --target go together" in capsys.readouterr().err
+    assert cli.main(["edit", "--prompt", "a b", "--target", "c", "--data", "counterfact-val"]) == 2
+    assert "give either --data or --prompt/--target, not both" in capsys.readouterr().err
+
+
+def test_cli_train_bad_setting_is_one_error_line(capsys, tmp_path, tiny_model_dir):
+    data = _counterfact_file(tmp_path / "cf.json", n=4)
+    assert cli.main(["train", "--model", str(tiny_model_dir), "--method", "mend", "--rank", "3", "--data", str(data),
+                     "--steps", "1", "--lr", "-1", "--out", str(tmp_path / "e.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "dcedit: error: lr must be a non-negative number, got -1.0" in err and "Traceback" not in err
+    assert not (tmp_path / "e.safetensors").exists()
+
+
+def test_cli_train_of_a_seq2seq_model_is_one_error_line(capsys, tmp_path):
+    model, tok = tiny_model("bart", seed=0)
+    model.save_pretrained(tmp_path / "bart")
+    tok.save_pretrained(tmp_path / "bart")
+    data = _counterfact_file(tmp_path / "cf.json", n=4)
+    assert cli.main(["train", "--model", str(tmp_path / "bart"), "--method", "mend", "--rank", "3", "--data", str(data),
+                     "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "e.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "dcedit: error: editor training supports causal LMs only" in err and "Traceback" not in err

@@ -1,0 +1,320 @@
+"""Rarer paths around the editors: ModelEditor and EditHandle, the FT baselines, the editor
+cache, evaluate, metrics, the data loaders and tokenize (each branch a coverage audit found
+untested)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import dcedit_kernels.model_editor as model_editor_module
+from dcedit_kernels import editor_cache, metrics
+from dcedit_kernels import evaluate as evaluate_module
+from dcedit_kernels.capture import Factors
+from dcedit_kernels.model_editor import ModelEditor
+from dcedit_kernels.models import tiny_model
+from dcedit_kernels.requests import EditRequest
+
+from helpers import seed_from
+from test_model_editor import (  # noqa: F401 (one_thread: autouse fixture)
+    LAYERS, assert_bit_identical, make_editor, one_thread, random_requests, snapshot,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# model_editor.py / edit_handle.py
+# ---------------------------------------------------------------------------------------------
+def test_model_must_be_a_module():
+    _, tok = tiny_model("gpt2", seed=0)
+    with pytest.raises(ValueError, match="model must be a torch.nn.Module, got str"):
+        ModelEditor("gpt2", tok, ["lm_head"])
+    with pytest.raises(ValueError, match="model must be a torch.nn.Module, got dict"):
+        ModelEditor.from_mend({}, tok, {}, ["lm_head.weight"])
+
+
+def test_repr_of_a_baseline_shows_its_options_and_counts_its_texts(gen):
+    model, tok = tiny_model("gpt2", seed=seed_from(gen))
+    me = ModelEditor(model, tok, LAYERS["gpt2"][:1], method="ft_kl", locality_texts=["one two", "three four"])
+    text = repr(me)
+    assert "method='ft_kl'" in text and "ft_options=" in text and "'locality_texts': '<2 texts>'" in text
+    assert "'locality_texts': None" in repr(ModelEditor(model, tok, LAYERS["gpt2"][:1], method="ft"))
+
+
+@pytest.mark.parametrize("method", ["mend", "ft"])
+def test_non_finite_edit_loss_leaves_model_untouched(method, gen, monkeypatch):
+    """A non-finite edit loss raises FloatingPointError before anything changes (editor methods:
+    the capture's check; FT: its own, with the weights restored)."""
+    me = make_editor("llama", method, gen)
+    before = snapshot(me.model)
+    flags = {k: p.requires_grad for k, p in me.model.named_parameters()}
+    original = model_editor_module.edit_loss
+    monkeypatch.setattr(model_editor_module, "edit_loss", lambda *a, **k: original(*a, **k) * float("inf"))
+    with pytest.raises(FloatingPointError, match="not finite"):
+        me.apply(random_requests(gen, 2))
+    assert_bit_identical(before, me.model)
+    assert {k: p.requires_grad for k, p in me.model.named_parameters()} == flags
+    assert not me._live
+
+
+def test_an_index_error_unrelated_to_length_is_raised_as_it_is(gen, monkeypatch):
+    """_length_errors turns an IndexError into a ValueError only for a row past the model's
+    positions; any other IndexError is re-raised unchanged (and the model is left as it was)."""
+    me = make_editor("gpt2", "mend", gen)
+    before = snapshot(me.model)
+
+    def failing(self, batch, saved):
+        raise IndexError("index 7 is out of bounds (simulated)")
+
+    monkeypatch.setattr(ModelEditor, "_apply_editors", failing)
+    with pytest.raises(IndexError, match="simulated"):
+        me.apply(random_requests(gen, 2))
+    assert_bit_identical(before, me.model)
+    assert not me._live
+
+
+def test_an_edited_block_whose_edit_was_undone_inside_it(gen):
+    me = make_editor("gpt2", "mend", gen)
+    before = snapshot(me.model)
+    with me.edited(random_requests(gen, 2)) as handle:
+        assert handle.undo() is True
+        assert_bit_identical(before, me.model)
+    assert not handle.active and not me._live  # leaving did nothing more, and raised nothing
+    assert_bit_identical(before, me.model)
+
+
+def test_an_edit_handle_is_a_context_manager(gen):
+    me = make_editor("llama", "mend", gen)
+    before = snapshot(me.model)
+    with me.apply(random_requests(gen, 2)) as handle:
+        assert handle.active and changed_any(before, me.model)
+    assert not handle.active and not me._live
+    assert_bit_identical(before, me.model)
+
+
+def changed_any(before, model):
+    return any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_load_state_tensors_names_a_key_of_the_wrong_shape(gen):
+    me = make_editor("gpt2", "mend", gen)
+    state = me.state_tensors()
+    key = next(k for k, v in state.items() if v.dim() == 2)
+    state[key] = torch.zeros(state[key].shape[0] + 1, state[key].shape[1])
+    with pytest.raises(ValueError, match=f"editor checkpoint key {key} has shape"):
+        me.load_state_tensors(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# ft_baseline.py
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("texts", ["a single string", ["fine text", "  "], ["fine", 3]])
+def test_ft_kl_locality_texts_are_checked(texts, gen):
+    model, tok = tiny_model("gpt2", seed=seed_from(gen))
+    with pytest.raises(ValueError, match="locality_texts must be a list of non-empty strings"):
+        ModelEditor(model, tok, LAYERS["gpt2"][:1], method="ft_kl", locality_texts=texts)
+
+
+def test_ft_kl_refuses_a_seq2seq_model(gen):
+    model, tok = tiny_model("bart", seed=seed_from(gen))
+    with pytest.raises(ValueError, match="method 'ft_kl' supports causal LMs only"):
+        ModelEditor(model, tok, ["model.decoder.layers.0.fc2"], method="ft_kl")
+    ModelEditor(model, tok, ["model.decoder.layers.0.fc2"], method="ft")  # plain FT is fine
+
+
+@pytest.mark.parametrize("method", ["ft", "ft_kl"])
+def test_ft_step_that_makes_a_weight_non_finite_restores(method, gen):
+    """Finite gradients and a finite fp32 master step (SGD, lr 1e10), but the step overflows the
+    fp16 weights it is copied into: FloatingPointError naming the layer, every weight restored bit
+    for bit, flags and .grad as they were."""
+    me = make_editor("llama", method, gen, dtype=torch.float16, ft_optimizer="sgd", ft_lr=1e10, ft_steps=1,
+                     ft_stop_loss=None)
+    before = snapshot(me.model)
+    flags = {k: p.requires_grad for k, p in me.model.named_parameters()}
+    with pytest.raises(FloatingPointError, match="the fine-tuned weight of layer .* is not finite"):
+        me.apply(random_requests(gen, 2))
+    assert_bit_identical(before, me.model)
+    assert {k: p.requires_grad for k, p in me.model.named_parameters()} == flags
+    assert all(p.grad is None for p in me.model.parameters())
+    assert not me._live
+
+
+# ---------------------------------------------------------------------------------------------
+# editor_cache.py
+# ---------------------------------------------------------------------------------------------
+def test_cache_dir_falls_back_to_xdg_then_home(monkeypatch, tmp_path):
+    monkeypatch.delenv("DCEDIT_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert editor_cache.cache_dir() == tmp_path / "xdg" / "dcedit_kernels"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert editor_cache.cache_dir() == Path.home() / ".cache" / "dcedit_kernels"
+    monkeypatch.setenv("DCEDIT_CACHE_DIR", str(tmp_path / "mine"))
+    assert editor_cache.cache_dir() == tmp_path / "mine"
+
+
+def _train_cached(gen_seed, tmp_path, **extra):
+    model, tok = tiny_model("llama", seed=gen_seed)
+    reqs = random_requests(torch.Generator().manual_seed(gen_seed), 2)
+    return editor_cache.trained_editor(model, tok, "mend", ["model.layers.1.mlp.down_proj"], dict(rank=3, seed=1),
+                                       dict(steps=1, batch_size=2), reqs, [r.prompt for r in reqs],
+                                       str(tmp_path / "model.gguf"), progress=False, **extra)
+
+
+def test_trained_editor_still_returns_the_editor_when_the_cache_cannot_be_written(gen, tmp_path, monkeypatch, capsys):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("DCEDIT_CACHE_DIR", str(tmp_path / "a_file" / "cache"))  # mkdir fails under a file
+    me, info = _train_cached(seed_from(gen), tmp_path)
+    assert isinstance(me, ModelEditor) and info["cached"] is False and info["steps"] == 1
+    assert "could not cache the editor" in capsys.readouterr().out
+
+
+def test_a_cached_editor_with_an_unreadable_info_file_still_loads(gen, tmp_path, monkeypatch):
+    monkeypatch.setenv("DCEDIT_CACHE_DIR", str(tmp_path / "cache"))
+    seed = seed_from(gen)
+    trained, info = _train_cached(seed, tmp_path)
+    assert info["cached"] is False
+    Path(info["path"]).with_suffix(".json").write_text("{not json")
+    loaded, info2 = _train_cached(seed, tmp_path)
+    assert info2["cached"] is True and info2["train_s"] == 0.0 and info2["trained_earlier_s"] is None
+    a, b = trained.state_tensors(), loaded.state_tensors()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_random_routing_twin_refusals(gen):
+    model, tok = tiny_model("llama", seed=seed_from(gen))
+    layers = ["model.layers.1.mlp.down_proj"]
+    mend = ModelEditor(model, tok, layers, method="mend", rank=3)
+    with pytest.raises(ValueError, match="method 'moeditor', got 'mend'"):
+        editor_cache.random_routing_twin(mend)
+    mo = ModelEditor(model, tok, layers, method="moeditor", n_editors=2, rank=3, norm=False)
+    with pytest.raises(ValueError, match="the MoEditor has no .*build the RaEditor with the MoEditor's arguments"):
+        editor_cache.random_routing_twin(mo, n_editors=2, rank=3)  # the twin has running norms, the MoEditor none
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate.py
+# ---------------------------------------------------------------------------------------------
+def test_unedited_scores_are_the_metrics_of_the_unedited_model(gen):
+    model, tok = tiny_model("llama", seed=seed_from(gen))
+    reqs = random_requests(gen, 4)
+    before = snapshot(model)
+    scores = evaluate_module.unedited_scores(model, tok, reqs, batch_size=3)
+    assert scores["es"] == metrics.edit_success(model, tok, reqs)
+    assert scores["reliability"] == metrics.reliability(model, tok, reqs)
+    assert scores["ns"] == metrics.neighbourhood_success(model, tok, reqs)
+    assert scores["dd"] == 0.0 and scores["lmp"] == scores["es"]
+    bare = [EditRequest(r.prompt, r.target) for r in reqs]
+    assert evaluate_module.unedited_scores(model, tok, bare) == dict(
+        es=None, reliability=scores["reliability"], dd=0.0, lmp=None, ns=None)
+    assert_bit_identical(before, model)
+
+
+def test_peak_memory_without_clear_refs_uses_ru_maxrss(monkeypatch, tmp_path):
+    """Where /proc/self/clear_refs cannot be written, the measure falls back to ru_maxrss; with no
+    /proc/self/status, _status_kb is None."""
+    monkeypatch.setattr(evaluate_module, "_CLEAR_REFS", tmp_path / "no_dir" / "clear_refs")
+    with evaluate_module.PeakMemory("cpu") as m:
+        torch.ones(1000)
+    assert m.method == "ru_maxrss" and isinstance(m.peak_mb, float) and m.peak_mb >= 0
+    monkeypatch.setattr(evaluate_module, "_STATUS", tmp_path / "no_status")
+    assert evaluate_module._status_kb("VmRSS") is None
+    monkeypatch.setattr(evaluate_module, "_CLEAR_REFS", tmp_path / "clear_refs")  # writable, but no status
+    with evaluate_module.PeakMemory(["cpu"]) as m:
+        pass
+    assert m.method == "ru_maxrss"
+
+
+def test_evaluate_method_checks_its_arguments(gen):
+    me = make_editor("gpt2", "mend", gen)
+    reqs = random_requests(gen, 3)
+    for n_edits, message in ((object(), "n_edits must be an int or a sequence of ints, got object"),
+                             ([], "n_edits must not be empty"), ([2, 0], "n_edits must hold positive ints, got 0"),
+                             ((1, True), "n_edits must hold positive ints, got True")):
+        with pytest.raises(ValueError, match=message):
+            evaluate_module.evaluate_method(me.model, me.tokenizer, me, reqs, n_edits=n_edits, progress=False)
+    other, _ = tiny_model("gpt2", seed=0)
+    with pytest.raises(ValueError, match="ModelEditor of another model"):
+        evaluate_module.evaluate_method(other, me.tokenizer, me, reqs, n_edits=1, progress=False)
+    with pytest.raises(ValueError, match="layers and editor arguments go to the ModelEditor"):
+        evaluate_module.evaluate_method(me.model, me.tokenizer, me, reqs, n_edits=1, layers=["lm_head"], progress=False)
+    with pytest.raises(ValueError, match="layers and editor arguments go to the ModelEditor"):
+        evaluate_module.evaluate_method(me.model, me.tokenizer, me, reqs, n_edits=1, rank=3, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics.py
+# ---------------------------------------------------------------------------------------------
+def test_seq2seq_locality_without_a_target_is_a_value_error(gen):
+    model, tok = tiny_model("bart", seed=seed_from(gen))
+    reqs = [EditRequest("The sky is", "green", locality="A stone is heavy")]
+    with pytest.raises(ValueError, match="scoring plain texts needs a causal LM"):
+        metrics.locality_predictions(model, tok, reqs)
+
+
+def test_drawdown_refuses_base_predictions_of_another_shape(gen):
+    model, tok = tiny_model("llama", seed=seed_from(gen))
+    reqs = random_requests(gen, 2)
+    base = metrics.locality_predictions(model, tok, reqs)
+    assert metrics.drawdown(model, tok, reqs, base) == 0.0
+    bad = [base[0], torch.cat([base[1], base[1]])]
+    with pytest.raises(ValueError, match=r"base_predictions\[1\] must be a tensor of shape"):
+        metrics.drawdown(model, tok, reqs, bad)
+    with pytest.raises(ValueError, match=r"base_predictions\[0\] must be a tensor"):
+        metrics.drawdown(model, tok, reqs, [b.tolist() for b in base])
+
+
+def test_factor_gram_refuses_factors_on_two_devices(gen):
+    mu = torch.randn(3, 4, generator=gen)
+    eta = torch.randn(3, 5, generator=gen)
+    offsets = torch.tensor([0, 1, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match="must be on one device"):
+        metrics.factor_gram(mu, eta.to("meta"), offsets)
+    with pytest.raises(ValueError, match="must be on one device"):
+        metrics.factor_gram(mu, eta, offsets.to("meta"))
+
+
+def test_factors_gram_refuses_an_entry_that_is_not_factors(gen):
+    f = Factors(torch.randn(3, 4, generator=gen), torch.randn(3, 5, generator=gen), torch.tensor([0, 1, 3], dtype=torch.int32))
+    assert metrics.factors_gram({"a": f}).shape == (2, 2)
+    with pytest.raises(ValueError, match=r"factors\['b'\] must be a Factors, got tuple"):
+        metrics.factors_gram({"a": f, "b": (f.mu, f.eta, f.edit_offsets)})
+
+
+# ---------------------------------------------------------------------------------------------
+# data/, tokenize.py
+# ---------------------------------------------------------------------------------------------
+def test_data_path_names_the_known_data_sets():
+    from dcedit_kernels.data import data_path
+
+    with pytest.raises(ValueError, match=r"name must be one of \['counterfact-train', 'counterfact-val', 'zsre-train'\]"):
+        data_path("zsre-val")
+
+
+def test_zsre_skipped_must_be_a_list(tmp_path):
+    from dcedit_kernels.data import load_zsre
+
+    path = tmp_path / "z.json"
+    path.write_text(json.dumps([dict(src="What is X?", alt=" ", answers=["a"]), dict(src="Who is Y?", alt="Z")]))
+    with pytest.raises(ValueError, match="skipped must be a list or None, got set"):
+        load_zsre(path, skipped=set())
+    skipped = []
+    assert [r.target for r in load_zsre(path, skipped=skipped)] == ["Z"] and skipped == [0]
+
+
+def test_pad_token_id_falls_back_to_eos_then_zero():
+    from types import SimpleNamespace
+
+    from dcedit_kernels.tokenize import pad_token_id
+
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=7)) == 7
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None)) == 0
+
+
+def test_forward_inputs_of_a_seq2seq_model_without_prepare_keeps_its_labels():
+    from types import SimpleNamespace
+
+    from dcedit_kernels.tokenize import forward_inputs
+
+    batch = {"input_ids": torch.ones(1, 3, dtype=torch.long), "labels": torch.ones(1, 2, dtype=torch.long)}
+    model = SimpleNamespace(config=SimpleNamespace(is_encoder_decoder=True))
+    assert forward_inputs(model, batch) == batch and forward_inputs(model, batch) is not batch

@@ -1,0 +1,202 @@
+"""Editor training's argument checks and rarer paths (train.py): TrainConfig's fields, resume
+after early stopping, skipped non-finite batches, batches without locality rows."""
+
+import pytest
+import torch
+from torch import nn
+
+import dcedit_kernels.train as train_module
+from dcedit_kernels.model_editor import ModelEditor
+from dcedit_kernels.models import tiny_model
+from dcedit_kernels.requests import EditRequest
+from dcedit_kernels.train import TrainConfig, batch_loss, eval_rows, evaluate_edits, train_editor
+
+from helpers import seed_from, tiny_mend
+from test_model_editor import LAYERS, one_thread, random_requests  # noqa: F401 (one_thread: autouse fixture)
+
+
+def _editor_params(me):
+    return [p.detach().clone() for p in me.editors.parameters()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and resume
+# ---------------------------------------------------------------------------------------------
+def test_resume_of_a_run_stopped_early_goes_on_with_another_patience(gen, tmp_path):
+    """A run stopped by patience goes on when resumed with another patience (_RESUMABLE_CHANGES):
+    `stopped_early` is cleared when the new patience allows more (it once stayed set, and the
+    resumed run stayed at the step it had stopped at)."""
+    me = tiny_mend("gpt2", gen)
+    requests = random_requests(gen, 6)
+    # lr 0: the editor never changes, so the first validation stays the best and patience runs out.
+    config = TrainConfig(steps=20, batch_size=3, lr=0.0, lr_lr=0.0, val_every=2, patience=2, progress=False,
+                         checkpoint_dir=str(tmp_path))
+    first = me.fit(requests[:4], requests[4:], config)
+    assert first.stopped_early and first.steps == 6
+    resumed = me.fit(requests[:4], requests[4:], config.replace(steps=10, patience=None))
+    assert resumed.resumed_from == 6
+    assert resumed.steps == 10 and not resumed.stopped_early, (resumed.steps, resumed.stopped_early)
+
+
+@pytest.mark.parametrize("batch_size", [0, -2])
+def test_evaluate_edits_refuses_a_bad_batch_size_with_a_value_error(batch_size, gen):
+    """A ValueError naming batch_size, as metrics gives for the same argument (0 once raised
+    ZeroDivisionError, -2 a RuntimeError from torch.cat)."""
+    me = tiny_mend("gpt2", gen)
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate_edits(me, random_requests(gen, 3), batch_size=batch_size)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("val_size", True),      # a bool passes isinstance(value, int): validates on 1 request
+    ("patience", True),      # the same: patience 1
+    ("resume", "no"),        # truthy: the run resumes
+    ("restore_best", "no"),  # truthy: the best editor is restored
+    ("progress", "off"),     # truthy: the bar is shown
+    ("seed", 1.5),           # accepted here, RuntimeError from torch.manual_seed inside fit
+])
+def test_train_config_checks_every_field(field, value):
+    """Every field is checked, bools and ints included (these passed once: a bool as an int,
+    a string as a bool, a float seed that failed later inside fit)."""
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
+# ---------------------------------------------------------------------------------------------
+# Reachable paths
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("changes, field", [
+    (dict(lr=-1e-3), "lr"), (dict(lr_lr=float("nan")), "lr_lr"), (dict(cedit=-1.0), "cedit"),
+    (dict(min_delta=-0.1), "min_delta"), (dict(grad_clip=0.0), "grad_clip"), (dict(val_size=0), "val_size"),
+    (dict(patience=-1), "patience"), (dict(locality_rows="mine"), "locality_rows"), (dict(reuse_prefix=None), "reuse_prefix"),
+])
+def test_train_config_refuses_bad_numbers_naming_the_field(changes, field):
+    with pytest.raises(ValueError, match=f"^{field} must"):
+        TrainConfig(**changes)
+
+
+def test_train_editor_checks_its_arguments(gen):
+    me = tiny_mend("gpt2", gen)
+    reqs = random_requests(gen, 2)
+    with pytest.raises(ValueError, match="config must be a TrainConfig, got dict"):
+        train_editor(me, reqs, None, dict(steps=1))
+    with pytest.raises(ValueError, match="me must be a ModelEditor, got Module"):
+        train_editor(nn.Module(), reqs, None, TrainConfig(progress=False))
+    ft = ModelEditor(me.model, me.tokenizer, LAYERS["gpt2"], method="ft")
+    with pytest.raises(ValueError, match="method 'ft' has no editor to train"):
+        train_editor(ft, reqs, None, TrainConfig(progress=False))  # fit() refuses first; this is train_editor's own
+    bart, tok = tiny_model("bart", seed=seed_from(gen))
+    seq2seq = ModelEditor(bart, tok, ["model.decoder.layers.0.fc2"], method="mend", rank=3)
+    with pytest.raises(ValueError, match="causal LMs only"):
+        train_editor(seq2seq, reqs, None, TrainConfig(progress=False))
+    with pytest.raises(ValueError, match="causal LMs only"):
+        batch_loss(seq2seq, reqs, TrainConfig(progress=False))
+    with pytest.raises(ValueError, match="causal LMs only"):
+        evaluate_edits(seq2seq, reqs)
+
+
+def test_one_edit_without_locality_trains_with_no_kl_row(gen):
+    """A batch of one edit without a locality prompt has no locality row (`_locality_row` gives
+    None): one rephrase row, KL 0, and a training step still moves the editor."""
+    me = tiny_mend("gpt2", gen)
+    request = random_requests(gen, 1, locality=False)
+    rows = eval_rows(me, request, TrainConfig())
+    assert rows["input_ids"].shape[0] == 1 and bool(rows["is_edit_row"].all()) and not bool(rows["kl_mask"].any())
+    me.train()
+    loss, parts = batch_loss(me, request, TrainConfig(progress=False))
+    assert parts["kl"] == 0.0 and parts["edit"] > 0 and torch.isfinite(loss)
+    before = _editor_params(me)
+    result = me.fit(request, config=TrainConfig(steps=1, batch_size=1, lr=1e-2, lr_lr=1e-2, progress=False))
+    assert result.history[0]["kl"] == 0.0
+    assert any(not torch.equal(a, b) for a, b in zip(before, me.editors.parameters()))
+
+
+def test_a_one_token_neighbour_prompt_gives_no_locality_row(gen):
+    """Without locality prompts, edit e's locality row is edit e+1's prompt minus its last token;
+    a one-token prompt leaves no KL position, so that row is left out (the other one is kept)."""
+    me = tiny_mend("gpt2", gen)
+    assert len(me.tokenizer("a", add_special_tokens=True)["input_ids"]) == 1  # the tiny GPT-2's char tokens
+    requests = [EditRequest("a", "xyz"), EditRequest("b cde fgh", "ij")]
+    rows = eval_rows(me, requests, TrainConfig())
+    # rows: 2 edit rows, then edit 1's locality row (edit 0's prompt "a" has no KL position left).
+    assert rows["is_edit_row"].tolist() == [True, True, False]
+    assert rows["row_edit"].tolist() == [0, 1, 0]
+    kl_positions = rows["kl_mask"][2].sum()
+    assert int(kl_positions) == len(me.tokenizer("b cde fgh")["input_ids"]) - 1
+
+
+def _poison_batches(monkeypatch, bad):
+    """batch_loss returns a NaN loss for the batches whose first prompt is in `bad`; returns the
+    list of (first prompt, poisoned) per call."""
+    original, calls = train_module.batch_loss, []
+
+    def poisoned(me, requests, config):
+        loss, parts = original(me, requests, config)
+        hit = requests[0].prompt in bad
+        calls.append((requests[0].prompt, hit))
+        return (loss * float("nan") if hit else loss), parts
+
+    monkeypatch.setattr(train_module, "batch_loss", poisoned)
+    return calls
+
+
+def test_a_batch_with_non_finite_gradients_is_skipped_and_counted(gen, monkeypatch):
+    """A batch whose gradients stay non-finite unscaled is skipped and counted; the step goes on
+    with the other batches of its accumulation, and a step with none left moves no parameter."""
+    from dcedit_kernels.train import _batch_indices
+
+    me = tiny_mend("gpt2", gen)
+    requests = random_requests(gen, 4)
+    config = TrainConfig(steps=1, batch_size=2, accumulate=2, lr=1e-2, lr_lr=1e-2, progress=False, seed=seed_from(gen))
+    first = [requests[i] for i in _batch_indices(4, 2, config.seed, 0)]
+    calls = _poison_batches(monkeypatch, {first[0].prompt})
+    before = _editor_params(me)
+    result = me.fit(requests, config=config)
+    assert result.skipped_batches == 1 and result.steps == 1
+    assert [hit for _, hit in calls] == [True, True, False]  # the poisoned batch ran again unscaled, then skipped
+    assert set(result.history[0]) == {"step", "loss", "edit", "kl", "balance"}
+    assert all(torch.isfinite(torch.tensor(result.history[0][k])) for k in ("loss", "edit", "kl"))
+    assert any(not torch.equal(a, b) for a, b in zip(before, me.editors.parameters()))
+    assert all(bool(torch.isfinite(p).all()) for p in me.editors.parameters())
+
+    # Every batch of the step poisoned: no optimiser step, nothing logged but the step number.
+    me2 = tiny_mend("gpt2", gen)
+    _poison_batches(monkeypatch, {r.prompt for r in requests})
+    before = _editor_params(me2)
+    result = me2.fit(requests, config=config)
+    assert result.skipped_batches == 2 and result.history == [{"step": 1}]
+    assert all(torch.equal(a, b) for a, b in zip(before, me2.editors.parameters()))
+
+
+def test_resume_refuses_a_file_that_is_not_a_trainer_checkpoint(gen, tmp_path):
+    from dcedit_kernels.safetensors_file import save_safetensors
+
+    me = tiny_mend("gpt2", gen)
+    save_safetensors({"x": torch.zeros(1)}, tmp_path / "trainer.safetensors", {"something": "else"})
+    with pytest.raises(ValueError, match="is not a train_editor checkpoint"):
+        me.fit(random_requests(gen, 2), config=TrainConfig(steps=1, batch_size=2, progress=False,
+                                                            checkpoint_dir=str(tmp_path)))
+    # resume=False starts over (and overwrites it).
+    result = me.fit(random_requests(gen, 2), config=TrainConfig(steps=1, batch_size=2, progress=False, resume=False,
+                                                                 checkpoint_dir=str(tmp_path)))
+    assert result.resumed_from is None
+
+
+def test_resume_refuses_a_checkpoint_of_another_loss_reduction(gen, tmp_path):
+    seed = seed_from(gen)
+    reqs = random_requests(gen, 4)
+    config = TrainConfig(steps=1, batch_size=2, progress=False, checkpoint_dir=str(tmp_path))
+    model, tok = tiny_model("gpt2", seed=seed)
+    ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, loss_reduction="token").fit(reqs, config=config)
+    other = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, loss_reduction="edit")
+    with pytest.raises(ValueError, match="loss_reduction='token', this ModelEditor uses 'edit'"):
+        other.fit(reqs, config=config.replace(steps=2))
+
+
+def test_fit_with_a_config_and_overrides(gen):
+    me = tiny_mend("gpt2", gen)
+    config = TrainConfig(steps=5, batch_size=2, progress=False)
+    result = me.fit(random_requests(gen, 2), config=config, steps=1)
+    assert result.steps == 1 and config.steps == 5  # the override, on a copy
+    with pytest.raises(ValueError, match=r"unknown TrainConfig fields: \['stepz'\]"):
+        me.fit(random_requests(gen, 2), config=config, stepz=1)
