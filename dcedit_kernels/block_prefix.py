@@ -42,6 +42,8 @@ import torch
 from torch import nn
 from torch.nn.modules import module as nn_module
 
+from .patched_forwards import patched_forwards
+
 # Transformers 5 puts hooks on the blocks that collect hidden states or attentions when a forward
 # asks for them (output_hidden_states=...); the training passes never ask, so they do nothing.
 _INERT_HOOK_MODULES = ("transformers.utils.output_capturing",)
@@ -236,15 +238,7 @@ class PrefixReuse:
         """Inside the block, blocks 0..k−1 return the output `record(key)` kept, computing nothing
         (their instance-level forwards, accelerate's included, are restored on exit)."""
         output = self.recorded[tuple(key)]
-        patched = []
-        try:
+        with patched_forwards() as patch:
             for block in self.blocks[:self.k]:
-                patched.append((block, block.__dict__.get("forward")))
-                block.forward = lambda *args, **kwargs: output
+                patch(block, lambda *args, **kwargs: output)
             yield
-        finally:
-            for block, previous in reversed(patched):
-                if previous is None:
-                    del block.forward
-                else:
-                    block.forward = previous

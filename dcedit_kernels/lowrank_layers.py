@@ -57,6 +57,7 @@ from torch import nn
 from . import ops
 from ._checks import check_ids, compute_dtype
 from .capture import is_conv1d, no_activation_checkpointing, resolve_modules, weight_out_in
+from .patched_forwards import patched_forwards
 from .reference.segments import segment_bounds
 
 
@@ -183,29 +184,19 @@ def lowrank_edited(
     _check_rows(edits, row_edit, row_sees_all)
     if not isinstance(masked, bool):
         raise ValueError(f"masked must be a bool, got {type(masked).__name__}")
-    patched: list[tuple[nn.Module, object]] = []
     # A checkpointed block would recompute its forward in the caller's backward, after the
     # patched forwards are gone: the forward inside the block runs without checkpointing.
-    with no_activation_checkpointing(model):
-        try:
-            for name, module in modules.items():
-                edit = edits[name]
-                o, i = weight_out_in(module).shape
-                if edit.mu_t.shape[1] != i or edit.eta_t.shape[1] != o:
-                    raise ValueError(
-                        f"edits[{name!r}] has factors for a {edit.eta_t.shape[1]}x{edit.mu_t.shape[1]} weight, "
-                        f"the module's is {o}x{i}" + (" (Conv1D, seen out×in)" if is_conv1d(module) else "")
-                    )
-                device = weight_out_in(module).device  # each layer computes on its own device
-                factors = group_factors(edit, row_edit, row_sees_all, device)
-                mask = kept_mask(edit, device) if masked and getattr(edit, "fisher", None) is not None else None
-                previous = module.__dict__.get("forward")  # an instance-level forward someone set before
-                module.forward = _lowrank_forward(module, name, *factors, mask=mask)
-                patched.append((module, previous))
-            yield
-        finally:
-            for module, previous in reversed(patched):
-                if previous is None:
-                    del module.forward
-                else:
-                    module.forward = previous
+    with no_activation_checkpointing(model), patched_forwards() as patch:
+        for name, module in modules.items():
+            edit = edits[name]
+            o, i = weight_out_in(module).shape
+            if edit.mu_t.shape[1] != i or edit.eta_t.shape[1] != o:
+                raise ValueError(
+                    f"edits[{name!r}] has factors for a {edit.eta_t.shape[1]}x{edit.mu_t.shape[1]} weight, "
+                    f"the module's is {o}x{i}" + (" (Conv1D, seen out×in)" if is_conv1d(module) else "")
+                )
+            device = weight_out_in(module).device  # each layer computes on its own device
+            factors = group_factors(edit, row_edit, row_sees_all, device)
+            mask = kept_mask(edit, device) if masked and getattr(edit, "fisher", None) is not None else None
+            patch(module, _lowrank_forward(module, name, *factors, mask=mask))
+        yield

@@ -1,0 +1,30 @@
+"""Replace modules' forwards for the length of a block, and put back exactly what was there."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+from torch import nn
+
+
+@contextlib.contextmanager
+def patched_forwards() -> Iterator[Callable[[nn.Module, Callable], None]]:
+    """Yields `patch(module, forward)`, which sets `forward` as the module's instance-level forward.
+    On exit, also when the block raises, each patched module gets back what it had: an
+    instance-level forward someone set before (accelerate's hooks set one), or none, so that its
+    class's forward serves again.  Hooks registered on the module still run around the patch."""
+    patched: list[tuple[nn.Module, object]] = []
+
+    def patch(module: nn.Module, forward: Callable) -> None:
+        patched.append((module, module.__dict__.get("forward")))
+        module.forward = forward
+
+    try:
+        yield patch
+    finally:
+        for module, previous in reversed(patched):
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
