@@ -7,8 +7,8 @@ the last MLPs), and below the lowest edited block k both passes compute the same
 0..k−1 see no edit.  `PrefixReuse.record` keeps what block k−1 returned in a reference pass, and
 `PrefixReuse.reuse` makes blocks 0..k−1 return it, computing nothing, in the edited pass over the
 same rows (the same rows in the same order and width, so the same tensors): that pass runs blocks
-k.. only.  Both passes run without a KV cache (`use_cache=False` where the model's forward takes
-it): a cache is state shared by the blocks, which skipped blocks would leave unfilled.
+k.. only.  Training's passes run without a KV cache (`no_kv_cache`): a cache is state shared by
+the blocks, which skipped blocks would leave unfilled.
 
 A block can only be skipped by replacing its forward (a hook cannot stop it), so what makes this
 safe is checking, not a rule about architectures.  It is used only where:
@@ -22,20 +22,24 @@ safe is checking, not a rule about architectures.  It is used only where:
   on the very tensor block j−1 returned, at the pass's (rows, width); no lower block changed a
   tensor argument in place, nor block k−1's output changed after it was returned; and nothing a
   lower block returned besides the hidden state, nor any non-tensor object (a dict, a cache) a
-  lower block received, was handed to a block ≥ k (RWKV's recurrent state, Gemma 4's shared K/V);
-- on the model's first recorded pass, the reference pass run again on the recorded output gave the
-  same log-probabilities (`confirm`): what no hook sees, such as a model that reads a lower
-  block's output after the blocks, shows there.  A model that fails is not reused again (a
-  warning says so).
+  lower block received and filled, was handed to a block ≥ k (RWKV's recurrent state, Gemma 4's
+  shared K/V);
+- the recorded hidden state is unchanged when its edited pass comes (`reusable`: a block may
+  return a view of a buffer that a later pass overwrites);
+- on the model's first recorded pass, a full forward over other rows and then the reference pass
+  run again on the recorded output gave the same log-probabilities bit for bit (`confirm`): what
+  no hook sees, such as a model that reads a lower block's output after the blocks or keeps state
+  on its modules, shows there.  A model that fails is not reused again (a warning says so).  On a
+  GPU whose kernels are not run-to-run deterministic this check would fail (not measured).
 Otherwise the edited pass runs the rows through every block, as before.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import warnings
 import weakref
+from collections.abc import Sized
 from typing import Callable, Iterable, Mapping
 
 import torch
@@ -43,6 +47,7 @@ from torch import nn
 from torch.nn.modules import module as nn_module
 
 from .patched_forwards import patched_forwards
+from .tokenize import no_kv_cache
 
 # Transformers 5 puts hooks on the blocks that collect hidden states or attentions when a forward
 # asks for them (output_hidden_states=...); the training passes never ask, so they do nothing.
@@ -50,12 +55,6 @@ _INERT_HOOK_MODULES = ("transformers.utils.output_capturing",)
 
 # {model: {k: whether the reference pass reusing blocks 0..k−1 gave the full pass's result}}.
 _VERDICTS: "weakref.WeakKeyDictionary[nn.Module, dict[int, bool]]" = weakref.WeakKeyDictionary()
-
-# How far `confirm`'s two log-probabilities may differ: the same tensors through the same
-# kernels agree bit for bit on CPU; the test model it catches (a head that reads block 0's output
-# too) moved them by 0.64-0.77 (of up to 12).
-_CONFIRM_TOLERANCE = 1e-4
-
 
 def _block_of(model: nn.Module, name: str) -> tuple[str, int] | None:
     """(the path of the outermost nn.ModuleList on `name`'s path, the index into it), or None."""
@@ -85,14 +84,6 @@ def _items(values: Iterable) -> list:
     return out
 
 
-def _takes(fn: Callable, name: str) -> bool:
-    try:
-        parameters = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in parameters)
-
-
 class _Chain:
     """What one reference pass's hooks saw, checked as they fire (so only the last hidden state is
     held, not every block's)."""
@@ -112,7 +103,8 @@ class _Chain:
         if not self.ok:
             return
         others = _items([*args[1:], *(v for v in kwargs.values() if v is not hidden)])
-        self.args = [(t, t._version) for t in others if isinstance(t, torch.Tensor)]
+        # An inference tensor has no version counter, and cannot be changed outside inference mode.
+        self.args = [(t, t._version) for t in others if isinstance(t, torch.Tensor) and not t.is_inference()]
         self.handed += [o for o in others if not isinstance(o, torch.Tensor)]
 
     def after_lower(self, j: int, output) -> None:
@@ -132,6 +124,9 @@ class _Chain:
         if j == self.k:
             self.ok &= not self.reached_k and self.next == self.k and hidden is self.hidden
             self.reached_k = True
+            # A container the lower blocks received but left empty (Gemma 4 hands every block its
+            # K/V-sharing dict, filled only where K/V are shared) holds nothing they computed.
+            self.handed = [h for h in self.handed if not (isinstance(h, Sized) and len(h) == 0)]
         received = _items([*args, *kwargs.values()])
         self.ok &= not any(r is h for r in received for h in self.handed if r is not hidden)
 
@@ -140,7 +135,7 @@ class _Chain:
         if not (self.ok and self.reached_k and self.output is not None):
             return None
         hidden = _hidden(self.output)
-        if hidden._version != self.version or hidden.dim() < 2 or tuple(hidden.shape[:2]) != shape:
+        if hidden._version != self.version or tuple(hidden.shape[:2]) != shape:
             return None
         return self.output
 
@@ -150,9 +145,8 @@ class PrefixReuse:
 
     def __init__(self, model: nn.Module, blocks: list[nn.Module], k: int):
         self.model, self.blocks, self.k = model, blocks, k
-        self.recorded: dict[tuple[int, ...], object] = {}
-        # What the reference and the reused passes give the model's forward (see the docstring).
-        self.forward_kwargs = {"use_cache": False} if _takes(model.forward, "use_cache") else {}
+        # {rows: (block k−1's output, its hidden state's _version when recorded)}
+        self.recorded: dict[tuple[int, ...], tuple[object, int]] = {}
 
     @classmethod
     def for_model(cls, model: nn.Module, modules: Mapping[str, nn.Module]) -> "PrefixReuse | None":
@@ -184,7 +178,7 @@ class PrefixReuse:
     @contextlib.contextmanager
     def record(self, key: Iterable[int], shape: tuple[int, int]):
         """Inside the block, the model's reference pass over the rows `key` (indices, in the
-        pass's order) of (rows, width) `shape`, run with `forward_kwargs`; on a clean exit,
+        pass's order) of (rows, width) `shape`, run with `no_kv_cache(model)`; on a clean exit,
         block k−1's output is kept for `reuse(key)` when the pass ran as the module docstring
         requires."""
         key = tuple(key)
@@ -209,22 +203,34 @@ class PrefixReuse:
                 handle.remove()
         output = chain.result(tuple(shape))
         if output is not None:
-            self.recorded[key] = output
+            self.recorded[key] = (output, _hidden(output)._version)
 
-    def confirm(self, key: Iterable[int], run: Callable[[], torch.Tensor], want: torch.Tensor) -> None:
-        """On this model's first recorded pass (for this k): `run()` (the reference pass) again
-        inside `reuse(key)` must give `want`, the pass's own result; if it does not, or raises,
-        nothing is reused for this model from then on, with a warning."""
+    def reusable(self, key: Iterable[int]) -> bool:
+        """Whether `reuse(key)` may run: a recorded output whose hidden state nothing changed in
+        place since (a block may return a view of a buffer that the next pass overwrites)."""
+        output, version = self.recorded.get(tuple(key), (None, None))
+        return output is not None and _hidden(output)._version == version
+
+    def confirm(self, key: Iterable[int], run: Callable[[dict], torch.Tensor], batch: dict,
+                want: torch.Tensor) -> None:
+        """On this model's first recorded pass (for this k): after a full forward over other rows
+        (which leaves behind whatever state the model keeps on its modules), `run(batch)` (the
+        reference pass over the pass's `batch`) inside `reuse(key)` must give `want`, its first
+        result, bit for bit (the same tensors through the same kernels); if it does not, or
+        raises, nothing is reused for this model from then on, with a warning."""
         key = tuple(key)
         verdicts = _VERDICTS.setdefault(self.model, {})
-        if key not in self.recorded or self.k in verdicts:
+        if not self.reusable(key) or self.k in verdicts:
             return
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        width = max(1, ids.shape[1] - 1)
         try:
-            with torch.no_grad(), self.reuse(key):
-                got = run()
-            same = got.shape == want.shape and torch.allclose(got, want, rtol=_CONFIRM_TOLERANCE,
-                                                              atol=_CONFIRM_TOLERANCE)
-            why = "other log-probabilities"
+            with torch.no_grad():
+                self.model(input_ids=ids.flip(0)[:, :width], attention_mask=mask.flip(0)[:, :width],
+                           **no_kv_cache(self.model))
+                with self.reuse(key):
+                    got = run(batch)
+            same, why = torch.equal(got, want), "other log-probabilities"
         except Exception as error:  # any failure of the reused pass means: do not reuse
             same, why = False, f"{type(error).__name__}: {error}"
         verdicts[self.k] = same
@@ -237,7 +243,7 @@ class PrefixReuse:
     def reuse(self, key: Iterable[int]):
         """Inside the block, blocks 0..k−1 return the output `record(key)` kept, computing nothing
         (their instance-level forwards, accelerate's included, are restored on exit)."""
-        output = self.recorded[tuple(key)]
+        output, _ = self.recorded[tuple(key)]
         with patched_forwards() as patch:
             for block in self.blocks[:self.k]:
                 patch(block, lambda *args, **kwargs: output)

@@ -18,6 +18,7 @@ Both pad on the right and return a dict of LongTensors that `model(**batch)` acc
 
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
@@ -181,6 +182,20 @@ def forward_inputs(model, batch: dict) -> dict:
         return dict(batch)
     inputs["decoder_input_ids"] = prepare(labels=batch["labels"])
     return inputs
+
+
+def no_kv_cache(model) -> dict:
+    """{"use_cache": False} where the model's forward takes it, by name or, for a model whose config
+    knows the flag, through **kwargs; else {} (a custom forward may pass **kwargs on to blocks that
+    take no such argument).  The capture's and training's forwards need no cache, and a cache is state shared by the
+    blocks (RWKV's, written in place, broke the backward of an edit below its last block)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    named = any(p.name == "use_cache" for p in parameters)
+    knows = getattr(getattr(model, "config", None), "use_cache", None) is not None
+    return {"use_cache": False} if named or (knows and any(p.kind is p.VAR_KEYWORD for p in parameters)) else {}
 
 
 def tokenize_pairs(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], device=None) -> dict:

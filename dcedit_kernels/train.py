@@ -102,7 +102,7 @@ from .model_editor import CHECKPOINT_KEY, LEGACY_LOSS_REDUCTION, ModelEditor
 from .requests import EditRequest, validate_requests
 from .safetensors_file import save_safetensors
 from .scored_logits import logits_at, scored_positions
-from .tokenize import causal_pair_ids, pad_rows, pad_token_id
+from .tokenize import causal_pair_ids, no_kv_cache, pad_rows, pad_token_id
 
 VIEWS = ("own", "all")
 PART_KEYS = ("loss", "edit", "kl", "balance")  # the terms logged per step (TrainResult.history)
@@ -266,25 +266,26 @@ def loss_from_edits(me: ModelEditor, requests: list[EditRequest], edits: dict, c
     skip = list(me.modules.values())
     # The locality rows' lower blocks run once, in the reference pass (`block_prefix`).
     prefix = PrefixReuse.for_model(model, me.modules) if config.reuse_prefix and has_loc else None
-    loc_index = loc_rows.nonzero()[:, 0].tolist()
+    no_cache = no_kv_cache(model)  # training needs none, and RWKV's in-place state breaks the backward
     if has_loc:
         def reference(batch, where, r):
+            def run(batch):
+                return log_probs_at(model, batch["input_ids"], batch["attention_mask"], where, skip, **no_cache)
+
+            if prefix is None:
+                return run(batch)
             key = [loc_index[i] for i in r.tolist()]
-
-            def run():
-                return log_probs_at(model, batch["input_ids"], batch["attention_mask"], where, skip,
-                                    **(prefix.forward_kwargs if prefix else {}))
-
-            with prefix.record(key, batch["input_ids"].shape) if prefix else contextlib.nullcontext():
-                logp = run()
-            if prefix is not None:
-                prefix.confirm(key, run, logp)
+            with prefix.record(key, batch["input_ids"].shape):
+                logp = run(batch)
+            prefix.confirm(key, run, batch, logp)
             return logp
 
         loc = {k: rows[k][loc_rows] for k in ("input_ids", "attention_mask")}
         loc_passes = _passes(me, loc, config)
-        if prefix is not None and loc_passes is None:  # one pass, trimmed as the edited one's will be
-            loc_passes = [list(range(len(loc_index)))]
+        if prefix is not None:
+            loc_index = loc_rows.nonzero()[:, 0].tolist()
+            if loc_passes is None:  # one pass, trimmed as the edited one's will be
+                loc_passes = [list(range(len(loc_index)))]
         base_logp = run_in_passes(loc, rows["kl_mask"][loc_rows], loc_passes, reference)
     # The LM head computes the logits that a loss reads only: the rephrase rows' target-predicting
     # positions and the locality rows' KL positions (scored_logits), in row-major order.
@@ -293,12 +294,12 @@ def loss_from_edits(me: ModelEditor, requests: list[EditRequest], edits: dict, c
     row_of = positions.nonzero()[:, 0]
 
     def edited(batch, where, r):
-        key = tuple(r.tolist())
-        reused = prefix is not None and key in prefix.recorded
+        key = tuple(r.tolist()) if prefix is not None else None
+        reused = prefix is not None and prefix.reusable(key)
         with lowrank_edited(model, edits, rows["row_edit"][r], rows["row_sees_all"][r], masked=config.fisher_mask), \
                 logits_at(model, where, skip) as scored, prefix.reuse(key) if reused else contextlib.nullcontext():
             return scored.pick(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                     **(prefix.forward_kwargs if reused else {})).logits)
+                                     **no_cache).logits)
 
     if prefix is not None and prefix.recorded:
         passes = _edited_passes(me, rows, config, loc_passes)
