@@ -274,7 +274,8 @@ def test_factor_gram_refuses_factors_on_two_devices(gen):
 
 
 def test_factors_gram_refuses_an_entry_that_is_not_factors(gen):
-    f = Factors(torch.randn(3, 4, generator=gen), torch.randn(3, 5, generator=gen), torch.tensor([0, 1, 3], dtype=torch.int32))
+    f = Factors(torch.randn(3, 4, generator=gen), torch.randn(3, 5, generator=gen),
+                torch.tensor([0, 1, 3], dtype=torch.int32))
     assert metrics.factors_gram({"a": f}).shape == (2, 2)
     with pytest.raises(ValueError, match=r"factors\['b'\] must be a Factors, got tuple"):
         metrics.factors_gram({"a": f, "b": (f.mu, f.eta, f.edit_offsets)})
@@ -286,7 +287,8 @@ def test_factors_gram_refuses_an_entry_that_is_not_factors(gen):
 def test_data_path_names_the_known_data_sets():
     from dcedit_kernels.data import data_path
 
-    with pytest.raises(ValueError, match=r"name must be one of \['counterfact-train', 'counterfact-val', 'zsre-train'\]"):
+    known = r"name must be one of \['counterfact-train', 'counterfact-val', 'zsre-train'\]"
+    with pytest.raises(ValueError, match=known):
         data_path("zsre-val")
 
 

@@ -68,7 +68,8 @@ def test_train_config_checks_every_field(field, value):
 @pytest.mark.parametrize("changes, field", [
     (dict(lr=-1e-3), "lr"), (dict(lr_lr=float("nan")), "lr_lr"), (dict(cedit=-1.0), "cedit"),
     (dict(min_delta=-0.1), "min_delta"), (dict(grad_clip=0.0), "grad_clip"), (dict(val_size=0), "val_size"),
-    (dict(patience=-1), "patience"), (dict(locality_rows="mine"), "locality_rows"), (dict(reuse_prefix=None), "reuse_prefix"),
+    (dict(patience=-1), "patience"), (dict(locality_rows="mine"), "locality_rows"),
+    (dict(reuse_prefix=None), "reuse_prefix"),
 ])
 def test_train_config_refuses_bad_numbers_naming_the_field(changes, field):
     with pytest.raises(ValueError, match=f"^{field} must"):
