@@ -56,6 +56,7 @@ _INERT_HOOK_MODULES = ("transformers.utils.output_capturing",)
 # {model: {k: whether the reference pass reusing blocks 0..k−1 gave the full pass's result}}.
 _VERDICTS: "weakref.WeakKeyDictionary[nn.Module, dict[int, bool]]" = weakref.WeakKeyDictionary()
 
+
 def _block_of(model: nn.Module, name: str) -> tuple[str, int] | None:
     """(the path of the outermost nn.ModuleList on `name`'s path, the index into it), or None."""
     parts = name.split(".")
