@@ -316,11 +316,6 @@ def _exotic(kind, tok):
                                          attention_hidden_size=16, intermediate_size=24, context_length=64,
                                          pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
         model, layer = transformers.RwkvForCausalLM(config), "rwkv.blocks.2.feed_forward.value"
-    elif kind == "rwkv_4":  # the edited block not the last: RWKV's in-place state once broke the backward
-        config = transformers.RwkvConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=4,
-                                         attention_hidden_size=16, intermediate_size=24, context_length=64,
-                                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
-        model, layer = transformers.RwkvForCausalLM(config), "rwkv.blocks.2.feed_forward.value"
     elif kind.startswith("gemma4"):  # with shared K/V, "store" blocks write K/V into a dict every block gets
         config = transformers.Gemma4TextConfig(
             vocab_size=len(tok), hidden_size=24, intermediate_size=37, num_attention_heads=4, num_key_value_heads=2,
@@ -336,7 +331,7 @@ def _exotic(kind, tok):
 
 # Whether the prefix is reused (True), or which check rules it out: None, one on the record's
 # hooks; "confirm", the once-per-model rerun, which warns.
-EXOTIC = {"plain": True, "kwargs": True, "inference_arg": True, "rwkv": True, "rwkv_4": True, "gemma4": True,
+EXOTIC = {"plain": True, "kwargs": True, "inference_arg": True, "rwkv": True, "gemma4": True,
           "inplace": None, "value": None, "gemma4_shared_kv": None,
           "stale": "confirm", "buffer": "confirm", "reads_lower": "confirm", "reads_lower_slightly": "confirm"}
 
