@@ -74,6 +74,11 @@ def _hidden(output) -> torch.Tensor | None:
     return output if isinstance(output, torch.Tensor) else None
 
 
+def _hidden_arg(args: tuple, kwargs: dict):
+    """The hidden state a block was called on: its first positional argument or `hidden_states`."""
+    return args[0] if args else kwargs.get("hidden_states")
+
+
 def _items(values: Iterable) -> list:
     """The values, with tuples and lists opened one level (position embeddings come as (cos, sin)),
     Nones and plain constants left out."""
@@ -98,7 +103,7 @@ class _Chain:
         self.reached_k = False
 
     def before_lower(self, j: int, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.get("hidden_states")
+        hidden = _hidden_arg(args, kwargs)
         self.ok &= j == self.next and not self.reached_k and isinstance(hidden, torch.Tensor) \
             and (j == 0 or hidden is self.hidden)
         if not self.ok:
@@ -121,7 +126,7 @@ class _Chain:
     def before_upper(self, j: int, args: tuple, kwargs: dict) -> None:
         if not self.ok:
             return
-        hidden = args[0] if args else kwargs.get("hidden_states")
+        hidden = _hidden_arg(args, kwargs)
         if j == self.k:
             self.ok &= not self.reached_k and self.next == self.k and hidden is self.hidden
             self.reached_k = True

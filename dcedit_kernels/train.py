@@ -161,7 +161,7 @@ class TrainConfig:
             raise ValueError(f"lr_optimizer must be 'adam' or 'sgd', got {self.lr_optimizer!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip!r}")
-        for name in ("fisher_mask", "data_parallel", "reuse_prefix"):
+        for name in ("fisher_mask", "data_parallel", "reuse_prefix", "restore_best", "resume", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         for name in ("edit_rows", "locality_rows"):
@@ -173,9 +173,6 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not is_int(value) or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-        for name in ("restore_best", "resume", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not is_int(self.seed):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
 
@@ -302,7 +299,7 @@ def loss_from_edits(me: ModelEditor, requests: list[EditRequest], edits: dict, c
                                      **no_cache).logits)
 
     if prefix is not None and prefix.recorded:
-        passes = _edited_passes(me, rows, config, loc_passes)
+        passes = _edited_passes(me, rows, config, loc_index, loc_passes)
     else:
         passes = _passes(me, rows, config)
     with torch.enable_grad():
@@ -328,12 +325,14 @@ def _passes(me: ModelEditor, batch: dict, config: TrainConfig) -> list[list[int]
     return plan_passes(batch["attention_mask"].sum(1).tolist()) if on else None
 
 
-def _edited_passes(me: ModelEditor, rows: dict, config: TrainConfig, loc_passes: list[list[int]]) -> list[list[int]]:
+def _edited_passes(me: ModelEditor, rows: dict, config: TrainConfig, loc_index: list[int],
+                   loc_passes: list[list[int]]) -> list[list[int]]:
     """The edited pass's passes when the locality rows reuse the reference's prefix: the rephrase
     rows' own (`_passes`, or all in one), then the locality rows in the reference's passes (the
-    same rows in the same order: the recorded outputs fit them), as indices into `rows`."""
+    same rows in the same order: the recorded outputs fit them), as indices into `rows`
+    (`loc_index`: the locality rows' indices there, in order)."""
     is_edit = rows["is_edit_row"]
-    edit_index, loc_index = is_edit.nonzero()[:, 0].tolist(), (~is_edit).nonzero()[:, 0].tolist()
+    edit_index = is_edit.nonzero()[:, 0].tolist()
     edit_passes = _passes(me, {k: rows[k][is_edit] for k in ("input_ids", "attention_mask")}, config)
     passes = [[edit_index[i] for i in p] for p in edit_passes or [range(len(edit_index))]]
     return passes + [[loc_index[i] for i in p] for p in loc_passes]
