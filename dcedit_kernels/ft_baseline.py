@@ -22,7 +22,7 @@ from .losses import backward_scale, log_probs_at, picked_kl
 from .requests import EditRequest
 from .scored_logits import logits_at
 from .tied_weights import shared_parameters
-from .tokenize import pad_rows, pad_token_id
+from .tokenize import no_kv_cache, pad_rows, pad_token_id
 
 FT_DEFAULTS = dict(ft_steps=10, ft_lr=5e-4, ft_optimizer="adam", kl_weight=1.0, locality_texts=None,
                    ft_stop_loss=1e-2)
@@ -151,7 +151,7 @@ class FineTuneBaselines:
         `reference` ([(edited weight, its value before fine-tuning)]) in place of those weights."""
         with swapped_parameters(self.model, list(reference)):
             return log_probs_at(self.model, chunk["input_ids"], chunk["attention_mask"], mask,
-                                skip=self.modules.values())
+                                skip=self.modules.values(), **no_kv_cache(self.model))
 
     def _apply_ft(self, requests: list[EditRequest], batch: dict, saved: list):
         opts = self.ft_options
@@ -230,8 +230,8 @@ class FineTuneBaselines:
                         if base_logp is None:  # chunked: recomputed, not kept (see _ft_kl_reference)
                             base_logp = self._ft_base_log_probs(chunk, mask, reference)
                         with logits_at(self.model, mask, skip=self.modules.values()) as scored:
-                            logits = self.model(input_ids=chunk["input_ids"],
-                                                attention_mask=chunk["attention_mask"]).logits
+                            logits = self.model(input_ids=chunk["input_ids"], attention_mask=chunk["attention_mask"],
+                                                **no_kv_cache(self.model)).logits
                     kl = opts["kl_weight"] * share * picked_kl(base_logp, scored.pick(logits))
                     del base_logp
                     backward(kl, scales[1])

@@ -100,7 +100,7 @@ from .requests import EditRequest, validate_requests
 from .safetensors_file import save_safetensors
 from .scored_logits import logits_at, scored_positions
 from .tied_weights import check_untied
-from .tokenize import IGNORE_INDEX, forward_inputs, is_seq2seq, tokenize_causal, tokenize_seq2seq
+from .tokenize import IGNORE_INDEX, forward_inputs, is_seq2seq, no_kv_cache, tokenize_causal, tokenize_seq2seq
 
 EDITOR_METHODS = {"mend": MEND, "raeditor": RaEditor, "moeditor": MoEditor, "proeditor": ProEditor}
 FT_METHODS = ("ft", "ft_kl")
@@ -372,7 +372,10 @@ class ModelEditor(FineTuneBaselines):
         gather = "labels" not in inputs  # with labels the model computes its own loss from the full logits
         positions = scored_positions(batch["labels"], causal)
         with logits_at(self.model, positions, skip=self.modules.values(), enabled=gather) as scored:
-            out = self.model(**inputs, output_hidden_states=output_hidden_states)
+            # No KV cache for a causal LM: RWKV writes its state in place, which broke the backward of
+            # an edit below its last block; an encoder-decoder keeps its own (BART rounds otherwise).
+            no_cache = no_kv_cache(self.model) if causal else {}
+            out = self.model(**inputs, output_hidden_states=output_hidden_states, **no_cache)
         return edit_loss(scored.pick(out.logits), batch["labels"], causal, reduction, n_scored), out
 
     def _capture_rows(self, batch: dict, need_feats: bool, n_scored: int | None, scale: float | None = None):
