@@ -146,8 +146,10 @@ def _load_seq2seq(name_or_path, dtype: torch.dtype, device: str):
     (`models.load_model` loads causal LMs only.)"""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
+    from .compat.transformers_versions import dtype_kwarg
+
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
-    model = AutoModelForSeq2SeqLM.from_pretrained(str(name_or_path), dtype=dtype)
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(name_or_path), **dtype_kwarg(dtype))
     return model.to(device).eval(), tokenizer
 
 
@@ -192,11 +194,20 @@ def load_requests(path: str | None, limit: int | None = None):
 def greedy_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 6) -> list[str]:
     """Greedy continuation of each prompt (one left-padded batch; causal LMs), first line only."""
     from .devices import input_device
+    from .positions import position_limit
 
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
     enc = {k: v.to(input_device(model)) for k, v in enc.items()}  # the embedding's device (split models)
-    ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
+    enc = {k: enc[k] for k in ("input_ids", "attention_mask")}  # a tokenizer's token_type_ids: generate refuses them
+    try:
+        ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    except IndexError:  # a learned position table's bare IndexError (`positions`)
+        limit, width = position_limit(model), enc["input_ids"].shape[1]
+        if limit is None or width + max_new_tokens <= limit:
+            raise
+        raise ValueError(f"a prompt is {width} tokens: with {max_new_tokens} generated that is more than the "
+                         f"model's {limit} positions") from None
     texts = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     return [t.split("\n")[0].rstrip() for t in texts]
 
@@ -405,8 +416,12 @@ def cmd_edit(args) -> dict:
     me = _model_editor(args, model, tokenizer)
     prompts = [r.prompt for r in requests]
     causal = not getattr(model.config, "is_encoder_decoder", False)
-    before = greedy_completions(model, tokenizer, prompts) if causal else None
-    scores = measure_edit(me, requests, during=(lambda m: greedy_completions(m, tokenizer, prompts)) if causal else None)
+    try:  # a request the edit, its scoring or the completions refuse: the model is left unchanged
+        before = greedy_completions(model, tokenizer, prompts) if causal else None
+        scores = measure_edit(me, requests, during=(lambda m: greedy_completions(m, tokenizer, prompts)) if causal
+                              else None)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     after = scores.pop("during", None)
     rows = []
     for i, r in enumerate(requests):

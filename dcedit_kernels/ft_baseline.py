@@ -89,8 +89,9 @@ class FineTuneBaselines:
         opts = {**FT_DEFAULTS, **kwargs}
         if not is_int(opts["ft_steps"]) or opts["ft_steps"] < 1:
             raise ValueError(f"ft_steps must be a positive int, got {opts['ft_steps']!r}")
-        if not is_finite_number(opts["ft_lr"]) or not opts["ft_lr"] > 0:
-            raise ValueError(f"ft_lr must be a positive finite number, got {opts['ft_lr']!r}")
+        lr = opts["ft_lr"]  # the optimiser's steps are taken in the fp32 copies
+        if not is_finite_number(lr) or not 0 < lr <= torch.finfo(torch.float32).max:
+            raise ValueError(f"ft_lr must be a positive finite number within float32's range, got {lr!r}")
         if opts["ft_optimizer"] not in ("adam", "sgd"):
             raise ValueError(f"ft_optimizer must be 'adam' or 'sgd', got {opts['ft_optimizer']!r}")
         if not is_finite_number(opts["kl_weight"]) or opts["kl_weight"] < 0:

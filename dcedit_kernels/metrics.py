@@ -35,6 +35,7 @@ import torch
 from ._checks import check_offsets, check_tensor, is_int
 from .capture import Factors
 from .devices import input_device
+from .positions import past_positions
 from .requests import EditRequest, require_field, validate_requests
 from .scored_logits import logits_at, scored_positions
 from .tokenize import IGNORE_INDEX, forward_inputs, is_seq2seq, tokenize_pairs, tokenize_texts
@@ -104,7 +105,16 @@ def _score(model, tokenizer, prompts, targets, batch_size) -> list[tuple[torch.T
                 batch = tokenize_texts(tokenizer, chunk)
             else:
                 batch = tokenize_pairs(model, tokenizer, chunk, targets[lo : lo + batch_size])
-            out.extend(_score_batch(model, tokenizer, batch))
+            try:
+                out.extend(_score_batch(model, tokenizer, batch))
+            except IndexError as exc:  # a learned position table's bare IndexError (`positions`)
+                past = past_positions(model, batch, causal=not is_seq2seq(model))
+                if past is None:
+                    raise
+                i, length, what, limit = past
+                text = chunk[i] if len(chunk[i]) <= 60 else chunk[i][:60] + "…"
+                raise ValueError(f"a text is {length} tokens ({what}), more than the model's {limit} "
+                                 f"positions: {text!r}") from exc
     return out
 
 

@@ -96,6 +96,7 @@ from .edit_handle import LIVE_EDITS, EditHandle, add_note, deferred_interrupt, r
 from .editors.presets import MEND, MoEditor, ProEditor, RaEditor
 from .ft_baseline import FT_KL_ONLY, FineTuneBaselines
 from .losses import DEFAULT_LOSS_REDUCTION, LOSS_REDUCTIONS, backward_scale, edit_loss, unscale
+from .positions import past_positions
 from .requests import EditRequest, validate_requests
 from .safetensors_file import save_safetensors
 from .scored_logits import logits_at, scored_positions
@@ -307,19 +308,16 @@ class ModelEditor(FineTuneBaselines):
     @contextlib.contextmanager
     def _length_errors(self, batch: dict, name: str):
         """An IndexError inside the block, when `batch` has a row past the model's positions,
-        becomes a ValueError naming that row: a learned position table (GPT-2's) fails there with a
-        bare IndexError.  Rotary models run past theirs, so nothing is refused in advance."""
+        becomes a ValueError naming that row (`positions.past_positions`)."""
         try:
             yield
         except IndexError as exc:
-            config = getattr(self.model, "config", None)
-            limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-            lengths = batch["attention_mask"].sum(1)
-            if not isinstance(limit, int) or not lengths.numel() or int(lengths.max()) <= limit:
+            past = past_positions(self.model, batch, causal=not self.seq2seq)
+            if past is None:
                 raise
-            i = int(lengths.argmax())
-            what = " (prompt + target)" if name == "requests" else ""
-            raise ValueError(f"{name}[{i}] is {int(lengths[i])} tokens{what}, more than the model's "
+            i, length, what, limit = past
+            what = f" ({what})" if name == "requests" else ""
+            raise ValueError(f"{name}[{i}] is {length} tokens{what}, more than the model's "
                              f"{limit} positions; the model was not changed") from exc
 
     def capture(self, batch: dict, need_feats: bool | None = None):
@@ -467,7 +465,9 @@ class ModelEditor(FineTuneBaselines):
         ValueError for bad requests (naming the request: an empty target, a non-EditRequest, a row
         past a learned position table); RuntimeError under torch.inference_mode.  Warns once per
         ModelEditor while its editors are untrained.  Whatever fails or interrupts the edit, the
-        model is left as it was (see the module docstring)."""
+        model is left as it was (see the module docstring).  The model runs in the mode it is in:
+        in train mode its dropout is on in the capture and the fine-tuning (`load_model` and
+        `from_pretrained` return models in eval mode)."""
         requests = validate_requests(requests)
         if torch.is_inference_mode_enabled():
             raise RuntimeError("ModelEditor.apply needs autograd for its capture (or fine-tuning): "

@@ -50,6 +50,7 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torc
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .compat.transformers_versions import dtype_kwarg, follow_gguf_bos
     from .devices import as_device
 
     if not isinstance(dtype, torch.dtype):
@@ -64,9 +65,13 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torc
         looks_local = path.is_absolute() or str(name_or_path).startswith(".") or path.exists()
         if looks_local and not path.exists():
             raise FileNotFoundError(f"model folder not found: {path}")
+        if path.is_dir() and not (path / "config.json").is_file():  # transformers' errors differ by version
+            raise FileNotFoundError(f"model folder {path} has no config.json")
         folder, kwargs = str(name_or_path), {}
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    if "gguf_file" in kwargs:
+        follow_gguf_bos(tokenizer, path)
+    model = AutoModelForCausalLM.from_pretrained(folder, **dtype_kwarg(dtype), **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer
@@ -98,38 +103,79 @@ def _byte_level_chars() -> list[str]:
     return chars
 
 
+def fast_tokenizer_v4(arch: str, vocab, merges=()):
+    """transformers 4.x: the tokenizer `tiny_tokenizer` builds on 5.x, as that family's fast class
+    over the same `tokenizers` pipeline (4.x's slow classes read vocabulary files, and its
+    Llama and T5 ones need sentencepiece).  `merges`: Llama's BPE merges (none in the tiny one)."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    if arch in ("gpt2", "bart"):
+        backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        if arch == "gpt2":
+            return transformers.GPT2TokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>",
+                                                  eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+        backend.post_processor = processors.RobertaProcessing(("</s>", vocab["</s>"]), ("<s>", vocab["<s>"]))
+        return transformers.BartTokenizerFast(tokenizer_object=backend)
+    if arch == "llama":
+        backend = Tokenizer(models.BPE(vocab=vocab, merges=list(merges), byte_fallback=True, fuse_unk=True))
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+        backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                             decoders.Strip(" ", 1, 0)])
+        return transformers.LlamaTokenizerFast(tokenizer_object=backend, add_bos_token=True, legacy=True)
+    if arch == "t5":
+        backend = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(
+            replacement="▁", prepend_scheme="always", split=True)])
+        backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+        backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                               special_tokens=[("</s>", 1)])
+        return transformers.T5TokenizerFast(tokenizer_object=backend, extra_ids=0)
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return transformers.BertTokenizerFast(tokenizer_object=backend)
+
+
 def tiny_tokenizer(arch: str):
     """A small character-level tokenizer of `arch`'s real tokenizer class (no files, no network)."""
     import transformers
 
+    v4 = int(transformers.__version__.split(".")[0]) < 5
     if arch == "gpt2":
         vocab = {c: i for i, c in enumerate(_byte_level_chars())}
         vocab["<|endoftext|>"] = len(vocab)
-        tok = transformers.GPT2Tokenizer(vocab=vocab, merges=[])
+        tok = fast_tokenizer_v4(arch, vocab) if v4 else transformers.GPT2Tokenizer(vocab=vocab, merges=[])
         tok.pad_token = tok.eos_token
     elif arch == "llama":
         vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
         vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
         for c in "▁" + _TEXT_CHARS:
             vocab.setdefault(c, len(vocab))
-        tok = transformers.LlamaTokenizer(vocab=vocab, merges=[], add_bos_token=True)
+        tok = (fast_tokenizer_v4(arch, vocab) if v4
+               else transformers.LlamaTokenizer(vocab=vocab, merges=[], add_bos_token=True))
         tok.pad_token = tok.eos_token
     elif arch == "bart":
         vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
         for c in _byte_level_chars():
             vocab.setdefault(c, len(vocab))
         vocab["<mask>"] = len(vocab)
-        tok = transformers.BartTokenizer(vocab=vocab, merges=[])
+        tok = fast_tokenizer_v4(arch, vocab) if v4 else transformers.BartTokenizer(vocab=vocab, merges=[])
     elif arch == "t5":
         pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
         pieces += [(c, -3.0) for c in _TEXT_CHARS]
-        tok = transformers.T5Tokenizer(vocab=pieces, extra_ids=0)
+        tok = fast_tokenizer_v4(arch, pieces) if v4 else transformers.T5Tokenizer(vocab=pieces, extra_ids=0)
     elif arch == "bert":
         vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4}
         for c in string.ascii_lowercase + string.digits + string.punctuation:
             vocab[c] = len(vocab)
             vocab["##" + c] = len(vocab)
-        tok = transformers.BertTokenizer(vocab=vocab)
+        tok = fast_tokenizer_v4(arch, vocab) if v4 else transformers.BertTokenizer(vocab=vocab)
     else:
         raise ValueError(f"arch must be one of {TINY_ARCHS}, got {arch!r}")
     return tok

@@ -82,6 +82,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -90,7 +91,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from ._checks import is_int
+from ._checks import is_finite_number, is_int, is_number
 from .block_prefix import PrefixReuse
 from .capture import frozen_parameters
 from .devices import cuda_indices
@@ -151,15 +152,15 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         for name in ("lr", "lr_lr"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+            if not is_finite_number(value) or not value >= 0:
+                raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
         for name in ("cedit", "cloc", "balance_weight", "min_delta"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+            if not is_finite_number(value) or not value >= 0:
+                raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
         if self.lr_optimizer not in ("adam", "sgd"):
             raise ValueError(f"lr_optimizer must be 'adam' or 'sgd', got {self.lr_optimizer!r}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
+        if self.grad_clip is not None and (not is_number(self.grad_clip) or not self.grad_clip > 0):
             raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip!r}")
         for name in ("fisher_mask", "data_parallel", "reuse_prefix", "restore_best", "resume", "progress"):
             if not isinstance(getattr(self, name), bool):
@@ -175,6 +176,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         if not is_int(self.seed):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, (str, os.PathLike)):
+            raise ValueError(f"checkpoint_dir must be a path or None, got {self.checkpoint_dir!r}")
 
     def replace(self, **changes) -> "TrainConfig":
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
@@ -440,7 +443,7 @@ def _batch_indices(n: int, batch_size: int, seed: int, b: int) -> list[int]:
     bs = min(batch_size, n)
     per_epoch = max(1, n // bs)
     epoch, k = divmod(b, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(torch_seed(seed * 1_000_003 + epoch)))
     return perm[k * bs:(k + 1) * bs].tolist()
 
 
@@ -511,13 +514,13 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
             if rng_state is not None:
                 _set_rng_states(me, rng_state)
             else:
-                torch.manual_seed(config.seed)
+                torch.manual_seed(torch_seed(config.seed))
             if size > 1:  # one start for every process; each draws its own gate noise and routing
                 distributed.broadcast_state(me.editors)
                 if rank and rng_state is None:
-                    torch.manual_seed(_rank_seed(config.seed, result.steps, rank))
+                    torch.manual_seed(torch_seed(_rank_seed(config.seed, result.steps, rank)))
                     for gen in me.route_generators().values():
-                        gen.manual_seed(_rank_seed(gen.initial_seed(), result.steps, rank))
+                        gen.manual_seed(torch_seed(_rank_seed(gen.initial_seed(), result.steps, rank)))
             me.editors.train()
             while result.steps < config.steps and not result.stopped_early:
                 norms_before = [distributed.norm_sums(n) for n in norms] if size > 1 else None
@@ -618,6 +621,12 @@ def _on_rank0(fn, what: str, size: int):
     """`fn()` on rank 0 of a data-parallel run of `size` processes, its result (or its error) on
     every process (`distributed.on_rank0`); in one process, just `fn()`."""
     return distributed.on_rank0(fn, what) if size > 1 else fn()
+
+
+def torch_seed(seed: int) -> int:
+    """`seed` where torch's manual_seed takes it ([-2**63, 2**64)), else reduced modulo 2**64: any
+    int seeds a run, and every seed that worked before gives the same run."""
+    return seed if -2**63 <= seed < 2**64 else seed % 2**64
 
 
 def _rank_seed(seed: int, steps: int, rank: int) -> int:

@@ -14,7 +14,7 @@ from dcedit_kernels.capture import (
     weight_out_in,
 )
 from dcedit_kernels.models import tiny_model
-from dcedit_kernels.tokenize import IGNORE_INDEX, tokenize_pairs
+from dcedit_kernels.tokenize import IGNORE_INDEX, no_kv_cache, tokenize_pairs
 
 from helpers import assert_checkpointing, train_mode_llama, rel_err, saved_bytes
 
@@ -213,8 +213,8 @@ def test_frozen_weights_and_grad_untouched(arch, gen):
         assert rel_err(frozen[name].eta, reference[name].eta) < 1e-12
         assert torch.equal(frozen[name].edit_offsets, reference[name].edit_offsets)
     # the first layer's output needed its own leaf: its input (embeddings) requires no grad
-    with capture_factors(model, [names[0]]) as cap:
-        loss = model(**batch).loss
+    with capture_factors(model, [names[0]]) as cap:  # compute_factors' forward: a causal LM without its KV cache
+        loss = model(**batch, **({} if arch == "bart" else no_kv_cache(model))).loss
         torch.autograd.grad(loss, cap.outputs)
     assert torch.equal(cap.factors[names[0]].eta, frozen[names[0]].eta)
 
@@ -244,7 +244,7 @@ def test_compute_factors_freezes_parameters_for_its_pass(gen, monkeypatch):
 
     def unfrozen():
         with capture_factors(model, names) as cap:
-            torch.autograd.grad(model(**batch).loss, cap.outputs)
+            torch.autograd.grad(model(**batch, **no_kv_cache(model)).loss, cap.outputs)  # as compute_factors
         return cap.factors
 
     reference = unfrozen()

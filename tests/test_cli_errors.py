@@ -103,8 +103,22 @@ def test_cli_train_bad_setting_is_one_error_line(capsys, tmp_path, tiny_model_di
     assert cli.main(["train", "--model", str(tiny_model_dir), "--method", "mend", "--rank", "3", "--data", str(data),
                      "--steps", "1", "--lr", "-1", "--out", str(tmp_path / "e.safetensors")]) == 2
     err = capsys.readouterr().err
-    assert "dcedit: error: lr must be a non-negative number, got -1.0" in err and "Traceback" not in err
+    assert "dcedit: error: lr must be a non-negative finite number, got -1.0" in err and "Traceback" not in err
     assert not (tmp_path / "e.safetensors").exists()
+
+
+def test_cli_edit_past_a_learned_position_table_is_one_error_line(capsys, tmp_path):
+    """A refused edit (prompt + target past GPT-2's 128 positions) and a prompt too long to
+    complete (a bare IndexError inside generate) ended in tracebacks."""
+    model, tok = tiny_model("gpt2", seed=0)
+    model.save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    for prompt, target, message in (("word " * 20, "xy " * 15, "requests[0] is 145 tokens (prompt + target)"),
+                                    ("word " * 200, "c", "a prompt is 1000 tokens: with 6 generated")):
+        assert cli.main(["edit", "--model", str(tmp_path / "gpt2"), "--method", "ft", "--layers",
+                         "transformer.h.0.mlp.c_fc", "--prompt", prompt, "--target", target]) == 2
+        err = capsys.readouterr().err
+        assert f"dcedit: error: {message}" in err and "128 positions" in err and "Traceback" not in err
 
 
 def test_cli_train_of_a_seq2seq_model_is_one_error_line(capsys, tmp_path):

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
+from dcedit_kernels.compat.transformers_versions import follow_gguf_bos
 from dcedit_kernels.data import data_path, load_counterfact, load_dataset, load_zsre
-from dcedit_kernels.models import tiny_tokenizer
+from dcedit_kernels.models import fast_tokenizer_v4, tiny_tokenizer
 from dcedit_kernels.requests import EditRequest, validate_requests
 from dcedit_kernels.tokenize import (
     IGNORE_INDEX,
@@ -220,6 +221,7 @@ def test_tokenize_causal_smollm2_tokenizer_matches_joint_text():
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    follow_gguf_bos(tok, path)  # as load_model: 4.x adds a BOS the file says not to add
     batch = tokenize_causal(tok, ["Toko Yasuda, the", "BBC One, by"], ["piano", "Sega"])
     assert batch["labels"][0][batch["labels"][0] != IGNORE_INDEX].tolist() == tok(" piano")["input_ids"]
     assert batch["labels"][1][batch["labels"][1] != IGNORE_INDEX].tolist() == tok(" Sega")["input_ids"]
@@ -238,7 +240,10 @@ def test_tokenize_boundary_token_straddling_prompt_is_target():
     for c in "▁" + string.ascii_letters:
         vocab.setdefault(c, len(vocab))
     vocab["b▁"] = len(vocab)
-    tok = transformers.LlamaTokenizer(vocab=vocab, merges=[("b", "▁")], add_bos_token=True)
+    if int(transformers.__version__.split(".")[0]) < 5:  # 4.x's LlamaTokenizer reads a sentencepiece file
+        tok = fast_tokenizer_v4("llama", vocab, merges=[("b", "▁")])
+    else:
+        tok = transformers.LlamaTokenizer(vocab=vocab, merges=[("b", "▁")], add_bos_token=True)
     ids, n_prompt = causal_pair_ids(tok, "ab", "x")
     assert tok.convert_ids_to_tokens(ids) == ["<s>", "▁", "a", "b▁", "x"]
     assert n_prompt == 3

@@ -10,15 +10,16 @@ from torch import nn
 
 from helpers import OP_CASE_DIMS, editor_inputs, randomize_editor, rel_err, saved_bytes, small_editor
 
-from dcedit_kernels import ops
+from dcedit_kernels import metrics, ops
 from dcedit_kernels.capture import capture_factors, weight_out_in
 from dcedit_kernels.editors import GroupedEdit, GroupedEditor
+from dcedit_kernels.evaluate import measure_edit
 from dcedit_kernels.losses import target_nll
 from dcedit_kernels.model_editor import ModelEditor
 from dcedit_kernels.models import tiny_model
 from dcedit_kernels.requests import EditRequest
-from dcedit_kernels.train import TrainConfig
 from dcedit_kernels.tokenize import no_kv_cache
+from dcedit_kernels.train import TrainConfig
 
 LAYERS = {
     # Conv1D layers of two shapes, one shape shared by two weights (modes), plus a Linear head.
@@ -104,7 +105,7 @@ def make_editor(arch, method, gen=None, dtype=torch.float32, **kwargs):
         kwargs.setdefault("edit_lr", 0.1)
     if method in ("raeditor", "moeditor"):
         kwargs.setdefault("n_editors", 3)
-    me = ModelEditor(model, tok, LAYERS[arch], method=method, **kwargs)
+    me = ModelEditor(model, tok, (LAYERS | SEQ2SEQ_LAYERS)[arch], method=method, **kwargs)
     if gen is not None and method in EDITOR_METHODS:
         randomize_editors(me, gen)
     return me
@@ -435,6 +436,36 @@ def test_a_request_longer_than_a_learned_position_table_is_a_value_error(gen):
     with pytest.raises(ValueError, match=r"locality texts\[1\] is .* 128 positions"):
         ft_kl.apply(random_requests(gen, 1, locality=False))
     assert_bit_identical(before, ft_kl.model)
+
+
+@pytest.mark.parametrize("method", ["mend", "ft"])
+def test_a_seq2seq_target_past_the_decoders_positions_is_a_value_error(method, gen):
+    """BART's decoder has its own learned positions: a long target failed there with a bare
+    IndexError, since only the encoder's (prompt's) length was looked at."""
+    me = make_editor("bart", method, gen, **({"ft_steps": 1} if method == "ft" else {}))
+    before = snapshot(me.model)
+    long_target = EditRequest("The sky is", " ".join(["word"] * 200))
+    with pytest.raises(ValueError, match=r"requests\[1\] is \d+ tokens \(target\), more than the model's 128"):
+        me.apply([random_requests(gen, 1)[0], long_target])
+    assert_bit_identical(before, me.model)
+    with pytest.raises(ValueError, match=r"requests\[0\] is \d+ tokens \(prompt\), more than the model's 128"):
+        me.apply([EditRequest(long_target.target, "blue")])
+    assert_bit_identical(before, me.model)
+    assert not me._live
+
+
+def test_metrics_of_a_text_past_the_learned_positions_are_a_value_error(gen):
+    """The metrics raised a bare IndexError; so did measure_edit after a successful edit (a long
+    rephrase), which now also leaves the model as it was."""
+    me = make_editor("gpt2", "mend", gen)
+    before = snapshot(me.model)
+    long = " ".join(["word"] * 200)
+    with pytest.raises(ValueError, match=r"a text is \d+ tokens \(prompt \+ target\), more than the model's 128"):
+        metrics.reliability(me.model, me.tokenizer, [EditRequest(long, "end")])
+    with pytest.raises(ValueError, match="more than the model's 128 positions: 'word word"):
+        measure_edit(me, [EditRequest("The sky is", "green", rephrase=long)])
+    assert_bit_identical(before, me.model)
+    assert not me._live
 
 
 def test_undo_frees_the_weight_copies_and_the_handle_says_what_it_holds(gen):
@@ -1196,7 +1227,7 @@ def test_capture_freezes_the_model_and_restores_every_flag(reduction, gen):
 
     def unfrozen():
         with torch.enable_grad(), capture_factors(model, me.layers, batch=batch) as cap:
-            logits = model(**me.model_inputs(batch)).logits
+            logits = model(**me.model_inputs(batch), **no_kv_cache(model)).logits  # the capture's forward
             torch.autograd.grad(reference_edit_loss(logits, batch["labels"], True, reduction), cap.outputs)
         return cap.factors
 

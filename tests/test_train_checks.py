@@ -70,10 +70,23 @@ def test_train_config_checks_every_field(field, value):
     (dict(min_delta=-0.1), "min_delta"), (dict(grad_clip=0.0), "grad_clip"), (dict(val_size=0), "val_size"),
     (dict(patience=-1), "patience"), (dict(locality_rows="mine"), "locality_rows"),
     (dict(reuse_prefix=None), "reuse_prefix"),
+    # inf passed `value >= 0`: one step left every editor weight non-finite; a bool passed as 1
+    (dict(lr=float("inf")), "lr"), (dict(lr_lr=float("inf")), "lr_lr"), (dict(lr=True), "lr"),
+    (dict(cloc=float("inf")), "cloc"), (dict(grad_clip="1"), "grad_clip"), (dict(checkpoint_dir=3), "checkpoint_dir"),
 ])
 def test_train_config_refuses_bad_numbers_naming_the_field(changes, field):
     with pytest.raises(ValueError, match=f"^{field} must"):
         TrainConfig(**changes)
+
+
+def test_any_int_seed_runs_and_the_seeds_torch_takes_are_unchanged(gen):
+    """seed=2**70 raised "Overflow when unpacking long long" inside fit; the derived seeds of the
+    batch order overflowed from about 2**43 on."""
+    assert [train_module.torch_seed(s) for s in (0, -5, 2**63, 2**64 - 1)] == [0, -5, 2**63, 2**64 - 1]
+    assert train_module.torch_seed(2**70 + 3) == 3 and train_module.torch_seed(-2**63 - 1) == 2**63 - 1
+    me = tiny_mend("gpt2", gen)
+    result = me.fit(random_requests(gen, 4), None, TrainConfig(steps=1, batch_size=2, seed=2**70, progress=False))
+    assert result.steps == 1
 
 
 def test_train_editor_checks_its_arguments(gen):

@@ -76,8 +76,8 @@ class GroupedEditor(nn.Module):
             raise ValueError(f"fusion must be one of add, max, sss, ssm, got {fusion!r}")
         if fisher_keep is not None and not (is_number(fisher_keep) and 0 < fisher_keep <= 1):
             raise ValueError(f"fisher_keep must be a number in (0, 1] or None, got {fisher_keep!r}")
-        if not is_finite_number(edit_lr):
-            raise ValueError(f"edit_lr must be a finite number, got {edit_lr!r}")
+        if not is_finite_number(edit_lr) or abs(edit_lr) > torch.finfo(torch.float32).max:  # α is fp32
+            raise ValueError(f"edit_lr must be a finite number within float32's range, got {edit_lr!r}")
         if not isinstance(norm, bool):
             raise ValueError(f"norm must be a bool, got {norm!r}")
         if seed is not None and not is_int(seed):
