@@ -81,7 +81,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .tokenize import IGNORE_INDEX, is_seq2seq, no_kv_cache
+from .tokenize import IGNORE_INDEX, no_kv_cache
 
 TOKEN_MODES = ("all", "target")
 _MASK_KEYS = ("attention_mask", "labels", "decoder_attention_mask")
@@ -515,7 +515,7 @@ def compute_factors(
         raise ValueError(f"batch must be a mapping of tensors, got {type(batch).__name__}")
     capture = capture_factors(model, module_names, tokens, batch=batch, label_shift=label_shift)
     with torch.enable_grad(), frozen_parameters(model), capture as cap:
-        no_cache = {} if is_seq2seq(model) or "use_cache" in batch else no_kv_cache(model)  # as ModelEditor's capture
+        no_cache = {} if "use_cache" in batch else no_kv_cache(model)  # as ModelEditor's capture
         outputs = model(**batch, **no_cache)
         loss = loss_fn(outputs, batch) if loss_fn is not None else outputs.loss
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:

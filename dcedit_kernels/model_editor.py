@@ -371,9 +371,8 @@ class ModelEditor(FineTuneBaselines):
         positions = scored_positions(batch["labels"], causal)
         with logits_at(self.model, positions, skip=self.modules.values(), enabled=gather) as scored:
             # No KV cache for a causal LM: RWKV writes its state in place, which broke the backward of
-            # an edit below its last block; an encoder-decoder keeps its own (BART rounds otherwise).
-            no_cache = no_kv_cache(self.model) if causal else {}
-            out = self.model(**inputs, output_hidden_states=output_hidden_states, **no_cache)
+            # an edit below its last block.
+            out = self.model(**inputs, output_hidden_states=output_hidden_states, **no_kv_cache(self.model))
         return edit_loss(scored.pick(out.logits), batch["labels"], causal, reduction, n_scored), out
 
     def _capture_rows(self, batch: dict, need_feats: bool, n_scored: int | None, scale: float | None = None):

@@ -146,7 +146,9 @@ def tiny_tokenizer(arch: str):
     """A small character-level tokenizer of `arch`'s real tokenizer class (no files, no network)."""
     import transformers
 
-    v4 = int(transformers.__version__.split(".")[0]) < 5
+    from .compat.transformers_versions import VERSION
+
+    v4 = VERSION < (5, 0)
     if arch == "gpt2":
         vocab = {c: i for i, c in enumerate(_byte_level_chars())}
         vocab["<|endoftext|>"] = len(vocab)

@@ -185,11 +185,13 @@ def forward_inputs(model, batch: dict) -> dict:
 
 
 def no_kv_cache(model) -> dict:
-    """{"use_cache": False} where the model's forward takes it, by name or, for a model whose config
+    """For a causal LM, {"use_cache": False} where its forward takes it, by name or, for a model whose config
     knows the flag, through **kwargs; else {} (a custom forward may pass **kwargs on to blocks that
     take no such argument).  The forwards that are backpropagated (the capture, FT, training) need
     no cache, and a cache is state shared by the blocks (RWKV's, written in place, broke the backward
     of an edit below its last block)."""
+    if is_seq2seq(model):  # an encoder-decoder keeps its own cache (BART's logits round otherwise)
+        return {}
     try:
         parameters = inspect.signature(model.forward).parameters.values()
     except (TypeError, ValueError):

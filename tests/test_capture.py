@@ -214,7 +214,7 @@ def test_frozen_weights_and_grad_untouched(arch, gen):
         assert torch.equal(frozen[name].edit_offsets, reference[name].edit_offsets)
     # the first layer's output needed its own leaf: its input (embeddings) requires no grad
     with capture_factors(model, [names[0]]) as cap:  # compute_factors' forward: a causal LM without its KV cache
-        loss = model(**batch, **({} if arch == "bart" else no_kv_cache(model))).loss
+        loss = model(**batch, **no_kv_cache(model)).loss
         torch.autograd.grad(loss, cap.outputs)
     assert torch.equal(cap.factors[names[0]].eta, frozen[names[0]].eta)
 

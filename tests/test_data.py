@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from dcedit_kernels.compat.transformers_versions import follow_gguf_bos
+from dcedit_kernels.compat.transformers_versions import VERSION, follow_gguf_bos
 from dcedit_kernels.data import data_path, load_counterfact, load_dataset, load_zsre
 from dcedit_kernels.models import fast_tokenizer_v4, tiny_tokenizer
 from dcedit_kernels.requests import EditRequest, validate_requests
@@ -240,7 +240,7 @@ def test_tokenize_boundary_token_straddling_prompt_is_target():
     for c in "▁" + string.ascii_letters:
         vocab.setdefault(c, len(vocab))
     vocab["b▁"] = len(vocab)
-    if int(transformers.__version__.split(".")[0]) < 5:  # 4.x's LlamaTokenizer reads a sentencepiece file
+    if VERSION < (5, 0):  # 4.x's LlamaTokenizer reads a sentencepiece file
         tok = fast_tokenizer_v4("llama", vocab, merges=[("b", "▁")])
     else:
         tok = transformers.LlamaTokenizer(vocab=vocab, merges=[("b", "▁")], add_bos_token=True)

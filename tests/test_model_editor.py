@@ -1139,9 +1139,8 @@ REDUCTION_TOL = {"gpt2": 1e-10, "llama": 1e-6, "bart": 1e-10}
 def old_capture(me, batch):
     """What ModelEditor.capture did before loss_reduction: η of the batch's mean target NLL (with
     the capture's forward: a causal LM without its KV cache, which moves GPT-2's logits by rounding)."""
-    no_cache = {} if me.seq2seq else no_kv_cache(me.model)
     with torch.enable_grad(), capture_factors(me.model, me.layers, tokens=me.tokens, batch=batch) as cap:
-        logits = me.model(**me.model_inputs(batch), **no_cache).logits
+        logits = me.model(**me.model_inputs(batch), **no_kv_cache(me.model)).logits
         torch.autograd.grad(target_nll(logits, batch["labels"], causal=not me.seq2seq), cap.outputs,
                             allow_unused=True)
         return cap.factors
