@@ -38,7 +38,7 @@ from .devices import input_device
 from .positions import past_positions
 from .requests import EditRequest, require_field, validate_requests
 from .scored_logits import logits_at, scored_positions
-from .tokenize import IGNORE_INDEX, forward_inputs, is_seq2seq, tokenize_pairs, tokenize_texts
+from .tokenize import IGNORE_INDEX, forward_inputs, is_seq2seq, no_kv_cache, tokenize_pairs, tokenize_texts
 
 REDUCTIONS = ("input", "token")
 
@@ -77,8 +77,10 @@ def _score_batch(model, tokenizer, batch: dict) -> list[tuple[torch.Tensor, torc
     seq2seq = is_seq2seq(model)
     inputs = forward_inputs(model, batch)  # with labels kept, the model's own loss needs full logits
     positions = scored_positions(labels, causal=not seq2seq)  # causal: position t predicts token t+1
+    # No KV cache: a scoring pass never reads one back, and a causal LM's holds every block's keys
+    # and values for the whole batch.
     with logits_at(model, positions, enabled="labels" not in inputs) as scored:
-        pred = scored.pick(model(**inputs).logits).argmax(-1)  # (n,), row-major over positions
+        pred = scored.pick(model(**inputs, **no_kv_cache(model)).logits).argmax(-1)  # (n,), row-major
     gold = labels if seq2seq else labels[:, 1:]
     gold = gold[gold != IGNORE_INDEX].to(pred.device)  # the LM head's device, when the model is split
     rows = positions.nonzero()[:, 0].to(pred.device)

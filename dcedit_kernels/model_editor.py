@@ -40,9 +40,9 @@ naming both unless `allow_tied=True`.
 
 As in MEND, weights of the same (in, out) shape share one editor (a `GroupedEditor` per shape) and
 tell it apart by `mode` = the weight's index among the layers of that shape (in `layers` order).
-MoEditor routes on edit features = the mean of the model's last hidden state over each edit's
-prompt tokens (the encoder's output for seq2seq models), taken from the capture's own forward
-pass, detached.
+MoEditor routes on edit features = the mean of the model's last hidden state (the LM head's input,
+`head_input.py`) over each edit's prompt tokens (the encoder's output for seq2seq models), taken
+from the capture's own forward pass, detached.
 
 Baselines ("ft", "ft_kl"): MEND's fine-tuning baselines, FT and FT+KL, on the edited layers'
 weights only (`ft_baseline.py`).  Undo copies the saved weights back.
@@ -93,6 +93,7 @@ from .capture import (
 )
 from .devices import as_device, check_resident, cuda_indices, input_device, model_devices, place_editor
 from .edit_handle import LIVE_EDITS, EditHandle, add_note, deferred_interrupt, restore
+from .head_input import head_input
 from .editors.presets import MEND, MoEditor, ProEditor, RaEditor
 from .ft_baseline import FT_KL_ONLY, FineTuneBaselines
 from .losses import DEFAULT_LOSS_REDUCTION, LOSS_REDUCTIONS, backward_scale, edit_loss, unscale
@@ -362,18 +363,21 @@ class ModelEditor(FineTuneBaselines):
             return [batch]
         return [{k: v[lo:lo + step] for k, v in batch.items()} for lo in range(0, rows, step)]
 
-    def _scored_edit_loss(self, batch: dict, reduction: str, n_scored: int | None, output_hidden_states: bool = False):
-        """(the edit loss of one forward over `batch` (see `edit_loss`), the model's output), the
-        LM head computing logits at the scored positions only."""
+    def _scored_edit_loss(self, batch: dict, reduction: str, n_scored: int | None, need_feats: bool = False):
+        """(the edit loss of one forward over `batch` (see `edit_loss`), each edit's features (see
+        `_edit_features`) when `need_feats`, else None), the LM head computing logits at the scored
+        positions only."""
         causal = not self.seq2seq
         inputs = self.model_inputs(batch)
         gather = "labels" not in inputs  # with labels the model computes its own loss from the full logits
         positions = scored_positions(batch["labels"], causal)
-        with logits_at(self.model, positions, skip=self.modules.values(), enabled=gather) as scored:
+        with head_input(self.model, positions.shape) as hidden, \
+                logits_at(self.model, positions, skip=self.modules.values(), enabled=gather) as scored:
             # No KV cache for a causal LM: RWKV writes its state in place, which broke the backward of
             # an edit below its last block.
-            out = self.model(**inputs, output_hidden_states=output_hidden_states, **no_kv_cache(self.model))
-        return edit_loss(scored.pick(out.logits), batch["labels"], causal, reduction, n_scored), out
+            out = self.model(**inputs, **no_kv_cache(self.model))
+        feats = self._edit_features(out, hidden.value, batch) if need_feats else None
+        return edit_loss(scored.pick(out.logits), batch["labels"], causal, reduction, n_scored), feats
 
     def _capture_rows(self, batch: dict, need_feats: bool, n_scored: int | None, scale: float | None = None):
         if scale is None:  # "token": the batch mean, backpropagated at the per-token sum's scale
@@ -381,7 +385,7 @@ class ModelEditor(FineTuneBaselines):
                 n_scored if n_scored is not None else self._n_scored(batch))
         capture = capture_factors(self.model, self.layers, tokens=self.tokens, batch=batch)
         with torch.enable_grad(), frozen_parameters(self.model), capture as cap:
-            loss, out = self._scored_edit_loss(batch, self.loss_reduction, n_scored, output_hidden_states=need_feats)
+            loss, feats = self._scored_edit_loss(batch, self.loss_reduction, n_scored, need_feats=need_feats)
             if not bool(torch.isfinite(loss)):
                 raise FloatingPointError(f"the edit loss is not finite ({float(loss.detach())}); the model was not changed")
             torch.autograd.grad(loss * scale, cap.outputs, allow_unused=True)
@@ -391,11 +395,9 @@ class ModelEditor(FineTuneBaselines):
             factors[name] = f = Factors(f.mu, unscale(f.eta, scale), f.edit_offsets)
             if not (bool(torch.isfinite(f.mu).all()) and bool(torch.isfinite(f.eta).all())):
                 if scale != 1:  # the scaled backward overflowed (fp16): these rows again, unscaled
-                    del factors, out, capture, cap
+                    del factors, feats, capture, cap
                     return self._capture_rows(batch, need_feats, n_scored, scale=1.0)
                 raise FloatingPointError(f"non-finite gradient for layer {name!r}; the model was not changed")
-        feats = self._edit_features(out, batch) if need_feats else None
-        del out  # the logits and hidden states
         return factors, feats, loss.detach()
 
     def model_inputs(self, batch: dict) -> dict:
@@ -417,12 +419,18 @@ class ModelEditor(FineTuneBaselines):
         edit's features (the mean last hidden state over its prompt)."""
         return any(getattr(e, "routing", None) == "gate" for e in self.editors.values())
 
-    def _edit_features(self, out, batch: dict) -> torch.Tensor:
-        """Mean of the last hidden state over each edit's prompt tokens (fp32, no grad)."""
+    def _edit_features(self, out, head_in: torch.Tensor | None, batch: dict) -> torch.Tensor:
+        """Mean of the last hidden state over each edit's prompt tokens (fp32, no grad): the
+        encoder's for an encoder-decoder, else the input of the LM head (`head_input`: the normed
+        last hidden state, which the logits are read from)."""
         if self.seq2seq:
             hidden, mask = out.encoder_last_hidden_state, batch["attention_mask"].bool()
         else:
-            hidden = out.hidden_states[-1]
+            if head_in is None:
+                raise ValueError("MoEditor's gate reads each edit's features from the input of the model's LM "
+                                 "head, and this model's get_output_embeddings() was not called on (batch, "
+                                 f"length, hidden) states; {type(self.model).__name__} cannot use a gate")
+            hidden = head_in
             mask = batch["attention_mask"].bool() & (batch["labels"] == IGNORE_INDEX)
         hidden, mask = hidden.detach().float(), mask.to(hidden.device).unsqueeze(-1).float()
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)

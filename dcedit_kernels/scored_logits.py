@@ -25,6 +25,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .head_input import output_head
 from .tokenize import IGNORE_INDEX
 
 _FULL = threading.local()
@@ -72,9 +73,8 @@ def logits_at(model: nn.Module, positions: torch.Tensor, skip: Iterable[nn.Modul
     the `Scored` whose `pick` gives them.  `skip`: modules (edited or captured layers) that must see
     full sequences: if the head is one of them, nothing is gathered; nor with enabled=False."""
     scored = Scored(positions)
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) and enabled and not getattr(_FULL, "on", False) else None
-    if not isinstance(head, nn.Module) or any(head is m for m in skip):
+    head = output_head(model) if enabled and not getattr(_FULL, "on", False) else None
+    if head is None or any(head is m for m in skip):
         yield scored
         return
 

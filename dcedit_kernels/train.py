@@ -378,7 +378,8 @@ def _batch_scores(me: ModelEditor, requests, batch_size: int, batches) -> list[t
         rows = me.tokenize([r.rephrase or r.prompt for r in chunk], [r.target for r in chunk])
         positions = scored_positions(rows["labels"], causal=True)
         with me.edited(chunk), torch.no_grad(), logits_at(me.model, positions, skip=me.modules.values()) as scored:
-            logits = me.model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
+            logits = me.model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
+                              **no_kv_cache(me.model)).logits  # read back by nobody (see metrics._score_batch)
             picked = scored.pick(logits)
             acc = scored_accuracy(picked, rows["labels"], causal=True).cpu()
             sums, counts = scored_nll(picked, rows["labels"], causal=True, reduction="row")
@@ -636,7 +637,11 @@ def _rank_seed(seed: int, steps: int, rank: int) -> int:
 
 
 def _scaled_grads(loss: torch.Tensor, params: list, scale: float) -> list:
-    """Gradients of `loss` for `params` (None where unused), backpropagated at `scale` and divided back."""
+    """Gradients of `loss` for `params` (None where unused), backpropagated at `scale` and divided back.
+    A loss that depends on no param (every factor of the batch zero, so that every token is dropped
+    and ProEditor's masked shift, which skips empty groups, adds nothing) has no graph: all None."""
+    if not loss.requires_grad:
+        return [None] * len(params)
     grads = torch.autograd.grad(loss * scale, params, allow_unused=True)
     return [None if g is None else g / scale for g in grads]
 

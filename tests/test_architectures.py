@@ -43,6 +43,14 @@ ARCHS = {
              dict(n_embd=24, n_head=4, rotary_dim=4, n_inner=37)),
     "bloom": (transformers.BloomConfig, transformers.BloomForCausalLM, "transformer.h.{}.mlp.dense_4h_to_h",
               dict(hidden_size=24, n_head=4)),
+    # Gemma 3n: four AltUp streams from block to block, merged only before the final norm (its
+    # `hidden_states[-1]` is (streams, B, L, H)); per-layer inputs; block 0's MLP keeps only its
+    # top activations (activation sparsity, as the real model's first ten blocks).
+    "gemma3n": (transformers.Gemma3nTextConfig, transformers.Gemma3nForCausalLM, "model.layers.{}.mlp.down_proj",
+                dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                     layer_types=["sliding_attention", "full_attention"], sliding_window=8,
+                     hidden_size_per_layer_input=8, vocab_size_per_layer_input=354, num_kv_shared_layers=0,
+                     laurel_rank=4, activation_sparsity_pattern=[0.95, 0.0])),
     # Recurrent: RWKV hands a state from block to block and its KV cache is written in place.
     "rwkv": (transformers.RwkvConfig, transformers.RwkvForCausalLM, "rwkv.blocks.{}.feed_forward.value",
              dict(hidden_size=24, attention_hidden_size=24, intermediate_size=37, context_length=64)),
@@ -115,3 +123,19 @@ def test_lowrank_edited_matches_dense_per_row(arch, gen):
         p.requires_grad_(False)
     got, want, _, _ = lowrank_and_dense_logits(model, {n: model.get_submodule(n) for n in layers}, gen, E=4, B=5)
     assert rel_err(got.detach(), want.detach()) < 1e-10
+
+
+def test_gemma3n_edit_features_are_its_merged_last_state(gen):
+    """Gemma 3n's `hidden_states[-1]` is its four AltUp streams; the gate's features are the mean,
+    over each prompt, of the merged and normed state its head reads (`last_hidden_state`)."""
+    model, tok, layers = build("gemma3n", gen)
+    me = ModelEditor(model, tok, layers, method="moeditor", n_editors=2, rank=3)
+    reqs = random_requests(gen, 3)
+    batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
+    _, feats, _ = me.capture(batch)
+    with torch.no_grad():
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             **no_kv_cache(model)).last_hidden_state
+    prompt = batch["attention_mask"].bool() & (batch["labels"] == -100)
+    for e in range(len(reqs)):
+        assert rel_err(feats[e], hidden[e][prompt[e]].mean(0)) < 1e-6  # the features are fp32

@@ -22,6 +22,9 @@ from test_architectures import ARCHS, build
 from test_model_editor import one_thread, random_requests  # noqa: F401 (one_thread: autouse fixture)
 
 UPPER = {"gpt2": "transformer.h.1.mlp.c_proj", "llama": "model.layers.1.mlp.down_proj"}
+# Gemma 3n's blocks hand on their AltUp streams, (streams, rows, width, H): the recorded state is not
+# at the pass's (rows, width), so its edited passes run every block (the full pass's loss and grads).
+NOT_REUSED = {"gemma3n"}
 
 
 def model_and_upper_layer(arch, gen):
@@ -80,9 +83,12 @@ def test_reused_prefix_gives_the_full_pass_loss_and_grads(arch, length_buckets, 
         reused = loss_and_grads(me, reqs, reuse_prefix=True, length_buckets=length_buckets)
     finally:
         del block0.forward
-    assert full[2] == [] and reused[2], "the prefix was not reused"
-    # Block 0 runs on each locality row once, in the reference pass, not again in the edited one.
-    assert sum(calls) == full_rows - sum(len(key) for key in reused[2])
+    if arch in NOT_REUSED:
+        assert full[2] == reused[2] == [] and sum(calls) == full_rows
+    else:
+        assert full[2] == [] and reused[2], "the prefix was not reused"
+        # Block 0 runs on each locality row once, in the reference pass, not again in the edited one.
+        assert sum(calls) == full_rows - sum(len(key) for key in reused[2])
     assert_same(reused, full)
 
 

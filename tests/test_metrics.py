@@ -165,6 +165,27 @@ def test_batched_scoring_matches_one_at_a_time(arch, gen):
         assert float(single[i]) == pytest.approx(float(expected))
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_scoring_builds_no_kv_cache(arch):
+    """A scoring pass reads no cache back: none is built (a causal LM's holds every block's keys
+    and values for the whole batch), and the accuracy is the cached forward's."""
+    model, tok = tiny_model(arch, seed=0)
+    caches = []
+    hook = model.register_forward_hook(lambda m, args, out: caches.append(out.past_key_values))
+    try:
+        acc = target_accuracy(model, tok, ["The Eiffel Tower is in", "ab"], ["Rome", "x y z"], batch_size=2)
+    finally:
+        hook.remove()
+    assert caches == [None]
+    for i, (prompt, target) in enumerate([("The Eiffel Tower is in", "Rome"), ("ab", "x y z")]):
+        batch = tokenize_pairs(model, tok, [prompt], [target])
+        with torch.no_grad():
+            logits = model(**batch, use_cache=True).logits[0]
+        keep = batch["labels"][0, 1:] != IGNORE_INDEX
+        expected = (logits[:-1].argmax(-1)[keep] == batch["labels"][0, 1:][keep]).double().mean()
+        assert float(acc[i]) == pytest.approx(float(expected))
+
+
 # --- gradient metrics --------------------------------------------------------------------------
 
 

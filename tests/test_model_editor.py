@@ -549,6 +549,17 @@ def test_edit_features_are_prompt_hidden_means(gen):
         assert torch.allclose(feats[e], hidden[e, :n_prompt].mean(0), atol=1e-6)
 
 
+def test_gate_without_an_output_head_is_refused(gen):
+    """The features are read from the LM head's input: a model whose get_output_embeddings() is
+    None gets a ValueError naming it, and an apply leaves the weights as they were."""
+    me = make_editor("gpt2", "moeditor", gen)
+    me.model.get_output_embeddings = lambda: None
+    before = {k: v.clone() for k, v in me.model.state_dict().items()}
+    with pytest.raises(ValueError, match="get_output_embeddings"):
+        me.apply(random_requests(gen, 2))
+    assert all(torch.equal(before[k], v) for k, v in me.model.state_dict().items())
+
+
 # ---------------------------------------------------------------------------------------------
 # Failed edits leave the model as it was
 # ---------------------------------------------------------------------------------------------

@@ -704,3 +704,24 @@ def test_accumulated_step_averages_the_batches_gradients(gen):
         want = a0 - 0.5 * (g0 + g1) / 2
         assert not torch.allclose(want, a0)
         assert torch.allclose(a.detach(), want, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["mend", "raeditor", "moeditor", "proeditor"])
+def test_training_with_all_zero_factors(method, gen):
+    """Every edited layer's input zero (the tiny Llama's up_proj zeroed): every token of the
+    capture is dropped and the loss depends on no editor parameter (ProEditor's masked shift adds
+    nothing for an empty group).  Training steps on, with nothing to learn but MoEditor's gate,
+    which its balance loss still trains on the edits' features: every other parameter unchanged."""
+    model, tok = tiny_model("llama", seed=int(torch.randint(0, 1000, (1,), generator=gen)))
+    for name, module in model.named_modules():
+        if name.endswith("up_proj"):
+            torch.nn.init.zeros_(module.weight)
+    kwargs = {"n_editors": 2} if method in ("raeditor", "moeditor") else {}
+    me = ModelEditor(model, tok, ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"],
+                     method=method, rank=3, **kwargs)
+    before = {k: v.clone() for k, v in me.editors.named_parameters()}
+    result = me.fit(random_requests(gen, 4), None, TrainConfig(steps=2, batch_size=2, progress=False))
+    assert result.steps == 2 and result.skipped_batches == 0
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+    gate = (".w_gate", ".w_noise")
+    assert all(torch.equal(before[k], v) for k, v in me.editors.named_parameters() if not k.endswith(gate))
