@@ -17,7 +17,7 @@ Which rows see which shift (`row_edit`, `row_sees_all`):
   edited weight separately (editors of different shapes route on their own, so e may sit in
   group 2 of one weight's editor and group 0 of another's).  This is Eq. 18's per-group model.
 - A row with `row_sees_all[b] = True` sees Σ_g α S_g, the "add" fusion of every group's shift
-  (built as one extra group holding all the factors).  That is exactly the shift `apply()` adds
+  (built as one extra group holding all the factors; with one group, group 0 itself).  That is exactly the shift `apply()` adds
   when fusion is "add" or there is one editor (MEND; ProEditor with `masked=True`, below), and for
   "sss"/"max"/"ssm" it equals the fused shift on every entry where the groups agree in sign, the
   closest a low-rank form gets to the fused edit.  The trainer uses it for locality (KL) rows,
@@ -65,7 +65,9 @@ def group_factors(edit, row_edit: torch.Tensor, row_sees_all: torch.Tensor | Non
     """(row_group (B,), mu_t, eta_t, offsets, alpha (G',)) of one weight's edit for these rows.
 
     `edit` is a GroupedEdit (mu_t, eta_t, offsets, edit_group, group_alpha()).  With rows that
-    see every group, the factors gain one extra group (index G) holding all T tokens again.
+    see every group, the factors gain one extra group (index G) holding all T tokens again; with
+    one group (MEND, ProEditor) those rows see group 0 itself, whose shift is that sum: the op runs
+    T tokens instead of 2T, and the masked dense path forms one o×i shift instead of two.
     Everything is returned on `device` (default: the edit's): the editor outputs are moved there
     before the extra group doubles them, and `.to` keeps them differentiable across devices.
     """
@@ -74,7 +76,9 @@ def group_factors(edit, row_edit: torch.Tensor, row_sees_all: torch.Tensor | Non
     edit_group = edit.edit_group.to(device=device, dtype=torch.int64)
     row_group = torch.where(row_edit >= 0, edit_group[row_edit.clamp(min=0)], torch.full_like(row_edit, -1))
     mu_t, eta_t, offsets, alpha = (t.to(device) for t in (edit.mu_t, edit.eta_t, edit.offsets, edit.group_alpha()))
-    if row_sees_all is not None and bool(row_sees_all.any()):
+    if row_sees_all is not None and bool(row_sees_all.any()) and edit.n_groups == 1:
+        row_group = torch.where(row_sees_all.to(device), torch.zeros_like(row_group), row_group)
+    elif row_sees_all is not None and bool(row_sees_all.any()):
         G, T = edit.n_groups, mu_t.shape[0]
         mu_t = torch.cat([mu_t, mu_t])
         eta_t = torch.cat([eta_t, eta_t])

@@ -224,7 +224,9 @@ def test_accelerate_dispatched_model_reuses_the_prefix(arch, gen):
 
 def test_blocks_moved_by_hooks_fall_back_to_the_full_pass():
     """A model split by hand, with hooks on the blocks that move their inputs (test_multi_device's
-    harness): the hooks rule the reuse out, and the loss is the one-device model's."""
+    harness): the hooks rule the reuse out, and the loss and gradients are bit for bit the
+    one-device model's full pass (a reused pass sums the editor gradients of its two passes apart,
+    which rounds otherwise)."""
     from test_multi_device import assert_training_step_matches, twins
 
     me_ref, me_split = twins("llama", ("cpu", "cpu"), "mend")
@@ -232,7 +234,7 @@ def test_blocks_moved_by_hooks_fall_back_to_the_full_pass():
     me_ref, me_split = (ModelEditor(me.model.requires_grad_(False), me.tokenizer, upper, method="mend", rank=4,
                                     seed=0) for me in (me_ref, me_split))
     assert PrefixReuse.for_model(me_split.model, me_split.modules)._hooked()
-    assert_training_step_matches(me_ref, me_split, "mend", exact=True)
+    assert_training_step_matches(me_ref, me_split, "mend", exact=True, ref_config={"reuse_prefix": False})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -313,16 +313,16 @@ def test_split_training_step_matches_one_device(arch, method, pair):
     assert_training_step_matches(me_ref, me_split, method, exact=pair[0] == pair[1])
 
 
-def assert_training_step_matches(me_ref, me_split, method, exact):
+def assert_training_step_matches(me_ref, me_split, method, exact, ref_config=None):
     """One batch_loss and its editor gradients: the split twin's equal the reference's, and the
-    gradients came back to each editor's device."""
-    config = TrainConfig(progress=False)
+    gradients came back to each editor's device.  `ref_config`: TrainConfig options of the
+    reference's pass only."""
     grads = []
-    for me in (me_ref, me_split):
+    for me, options in ((me_ref, ref_config or {}), (me_split, {})):
         # MoEditor in eval mode: its gate noise would be drawn from two devices' generators.
         me.train(method != "moeditor")
         params = list(me.editors.parameters())
-        loss, parts = batch_loss(me, requests(), config)
+        loss, parts = batch_loss(me, requests(), TrainConfig(progress=False, **options))
         grads.append((loss, torch.autograd.grad(loss, params, allow_unused=True), params))
     (loss_ref, g_ref, _), (loss, g, params) = grads
     assert_close(loss, loss_ref, exact, "training loss")
