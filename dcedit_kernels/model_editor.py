@@ -93,7 +93,7 @@ from .capture import (
 )
 from .devices import as_device, check_resident, cuda_indices, input_device, model_devices, place_editor
 from .edit_handle import LIVE_EDITS, EditHandle, add_note, deferred_interrupt, restore
-from .head_input import head_input
+from .head_input import called_head, head_input, head_width
 from .editors.presets import MEND, MoEditor, ProEditor, RaEditor
 from .ft_baseline import FT_KL_ONLY, FineTuneBaselines
 from .losses import DEFAULT_LOSS_REDUCTION, LOSS_REDUCTIONS, backward_scale, edit_loss, unscale
@@ -240,11 +240,11 @@ class ModelEditor(FineTuneBaselines):
         if "n_editors" in kwargs and self.method not in ("raeditor", "moeditor"):
             raise ValueError(f"n_editors is for methods 'raeditor' and 'moeditor' only; {self.method!r} has one editor")
         if self.method == "moeditor":
-            # The gate reads edit features of the model's hidden size (see the module docstring).
+            # The gate reads edit features of the head input's width (see `hidden_size`).
             feat_dim = kwargs.get("feat_dim")
             if feat_dim is not None and feat_dim != self.hidden_size():
-                raise ValueError(f"feat_dim must be the model's hidden size ({self.hidden_size()}) or None, "
-                                 f"got {feat_dim!r}")
+                raise ValueError(f"feat_dim must be the width of the model's last hidden state "
+                                 f"({self.hidden_size()}) or None, got {feat_dim!r}")
             kwargs = {**kwargs, "feat_dim": self.hidden_size()}
         by_shape: dict[tuple[int, int], list[str]] = {}
         for name, module in self.modules.items():
@@ -261,8 +261,12 @@ class ModelEditor(FineTuneBaselines):
                 self.slots[name] = (key, mode)
 
     def hidden_size(self) -> int:
-        """The model's hidden width (its config's hidden_size, d_model or n_embd, else the input
-        embedding's width): the width of MoEditor's edit features."""
+        """The width of MoEditor's edit features: a causal LM's head input width where its head is
+        an nn.Linear (`head_input.head_width`), else the model's hidden width (its config's
+        hidden_size, d_model or n_embd, else the input embedding's width)."""
+        width = None if self.seq2seq else head_width(self.model)
+        if width is not None:
+            return width
         config = getattr(self.model, "config", None)
         for attr in ("hidden_size", "d_model", "n_embd"):
             value = getattr(config, attr, None)
@@ -371,11 +375,13 @@ class ModelEditor(FineTuneBaselines):
         inputs = self.model_inputs(batch)
         gather = "labels" not in inputs  # with labels the model computes its own loss from the full logits
         positions = scored_positions(batch["labels"], causal)
+        # The hidden states only where no head input can be recorded (see head_input.py).
+        hidden_states = {"output_hidden_states": True} if need_feats and causal and called_head(self.model) is None else {}
         with head_input(self.model, positions.shape) as hidden, \
                 logits_at(self.model, positions, skip=self.modules.values(), enabled=gather) as scored:
             # No KV cache for a causal LM: RWKV writes its state in place, which broke the backward of
             # an edit below its last block.
-            out = self.model(**inputs, **no_kv_cache(self.model))
+            out = self.model(**inputs, **hidden_states, **no_kv_cache(self.model))
         feats = self._edit_features(out, hidden.value, batch) if need_feats else None
         return edit_loss(scored.pick(out.logits), batch["labels"], causal, reduction, n_scored), feats
 
@@ -426,7 +432,9 @@ class ModelEditor(FineTuneBaselines):
         if self.seq2seq:
             hidden, mask = out.encoder_last_hidden_state, batch["attention_mask"].bool()
         else:
-            if head_in is None:
+            if head_in is None and getattr(out, "hidden_states", None) is not None:
+                head_in = out.hidden_states[-1]  # a head that is not one called module
+            if head_in is None or head_in.dim() != 3 or tuple(head_in.shape[:2]) != tuple(batch["labels"].shape):
                 raise ValueError("MoEditor's gate reads each edit's features from the input of the model's LM "
                                  "head, and this model's get_output_embeddings() was not called on (batch, "
                                  f"length, hidden) states; {type(self.model).__name__} cannot use a gate")

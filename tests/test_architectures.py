@@ -136,6 +136,54 @@ def test_gemma3n_edit_features_are_its_merged_last_state(gen):
     with torch.no_grad():
         hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              **no_kv_cache(model)).last_hidden_state
+    assert rel_err(feats, prompt_means(hidden, batch)) < 1e-6  # the features are fp32
+
+
+def moeditor_features(model, tok, layer, gen):
+    """(features, batch) of a MoEditor capture over 3 random requests; an apply and undo of them
+    leaves every weight as it was."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    me = ModelEditor(model, tok, [layer], method="moeditor", n_editors=2, rank=3)
+    reqs = random_requests(gen, 3)
+    batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
+    _, feats, _ = me.capture(batch)
+    me.apply(reqs).undo()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    return feats, batch
+
+
+def prompt_means(hidden, batch):
     prompt = batch["attention_mask"].bool() & (batch["labels"] == -100)
-    for e in range(len(reqs)):
-        assert rel_err(feats[e], hidden[e][prompt[e]].mean(0)) < 1e-6  # the features are fp32
+    return torch.stack([hidden[e][prompt[e]].mean(0) for e in range(hidden.shape[0])])
+
+
+def test_features_have_the_head_inputs_width(gen):
+    """OPT-350m projects its last hidden state to a narrower width before the head (`project_out`):
+    the gate's features are of that width (a gate of the config's hidden_size refused them)."""
+    tok = tiny_tokenizer("llama")
+    config = transformers.OPTConfig(vocab_size=len(tok), hidden_size=24, ffn_dim=37, num_attention_heads=4,
+                                    word_embed_proj_dim=16, num_hidden_layers=2, pad_token_id=tok.pad_token_id,
+                                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = transformers.OPTForCausalLM(config).double().eval()
+    feats, batch = moeditor_features(model, tok, "model.decoder.layers.1.fc2", gen)
+    with torch.no_grad():
+        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       output_hidden_states=True, use_cache=False).hidden_states[-1]
+    assert feats.shape == (3, 16)
+    assert rel_err(feats, prompt_means(hidden, batch)) < 1e-6  # fp32 features
+
+
+def test_features_of_a_model_with_a_list_of_heads(gen):
+    """MusicGen's head is a list of per-codebook heads, never called as one module: the features
+    come from `hidden_states[-1]`, as before the head's input was recorded."""
+    tok = tiny_tokenizer("llama")
+    config = transformers.MusicgenDecoderConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=4, ffn_dim=37, num_codebooks=1,
+                                                pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+    model = transformers.MusicgenForCausalLM(config).double().eval()
+    feats, batch = moeditor_features(model, tok, "model.decoder.layers.1.fc2", gen)
+    with torch.no_grad():
+        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       output_hidden_states=True, use_cache=False).hidden_states[-1]
+    assert feats.shape == (3, 32)
+    assert rel_err(feats, prompt_means(hidden, batch)) < 1e-6

@@ -549,14 +549,27 @@ def test_edit_features_are_prompt_hidden_means(gen):
         assert torch.allclose(feats[e], hidden[e, :n_prompt].mean(0), atol=1e-6)
 
 
-def test_gate_without_an_output_head_is_refused(gen):
-    """The features are read from the LM head's input: a model whose get_output_embeddings() is
-    None gets a ValueError naming it, and an apply leaves the weights as they were."""
+def test_features_without_an_output_head(gen):
+    """The features are read from the LM head's input; a model whose get_output_embeddings() is
+    None has them from `hidden_states[-1]` (GPT-2's is the head's input: the same features), and
+    one that returns no hidden states either gets a ValueError, its weights left as they were."""
     me = make_editor("gpt2", "moeditor", gen)
+    reqs = random_requests(gen, 3)
+    batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
+    feats = me.capture(batch)[1]
     me.model.get_output_embeddings = lambda: None
+    assert torch.equal(me.capture(batch)[1], feats)
+    forward = me.model.forward
+
+    def without_hidden_states(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.hidden_states = None
+        return out
+
+    me.model.forward = without_hidden_states
     before = {k: v.clone() for k, v in me.model.state_dict().items()}
     with pytest.raises(ValueError, match="get_output_embeddings"):
-        me.apply(random_requests(gen, 2))
+        me.apply(reqs)
     assert all(torch.equal(before[k], v) for k, v in me.model.state_dict().items())
 
 
