@@ -376,7 +376,8 @@ class ModelEditor(FineTuneBaselines):
         gather = "labels" not in inputs  # with labels the model computes its own loss from the full logits
         positions = scored_positions(batch["labels"], causal)
         # The hidden states only where no head input can be recorded (see head_input.py).
-        hidden_states = {"output_hidden_states": True} if need_feats and causal and called_head(self.model) is None else {}
+        fallback = need_feats and causal and called_head(self.model) is None
+        hidden_states = {"output_hidden_states": True} if fallback else {}
         with head_input(self.model, positions.shape) as hidden, \
                 logits_at(self.model, positions, skip=self.modules.values(), enabled=gather) as scored:
             # No KV cache for a causal LM: RWKV writes its state in place, which broke the backward of
