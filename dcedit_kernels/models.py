@@ -50,7 +50,7 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torc
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .compat.transformers_versions import dtype_kwarg, follow_gguf_bos
+    from .compat.transformers_versions import dtype_kwarg, follow_gguf_bos, gguf_model_kwargs
     from .devices import as_device
 
     if not isinstance(dtype, torch.dtype):
@@ -71,7 +71,8 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torc
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     if "gguf_file" in kwargs:
         follow_gguf_bos(tokenizer, path)
-    model = AutoModelForCausalLM.from_pretrained(folder, **dtype_kwarg(dtype), **kwargs)
+    model_kwargs = gguf_model_kwargs(path) if "gguf_file" in kwargs else {}
+    model = AutoModelForCausalLM.from_pretrained(folder, **dtype_kwarg(dtype), **kwargs, **model_kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer

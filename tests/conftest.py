@@ -23,3 +23,38 @@ def gen():
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"seed={seed}")
     return torch.Generator().manual_seed(seed)
+
+
+def _float64_causal_mask_in_float64():
+    """transformers 4.45 builds GPT-2's (sdpa) and BART's causal masks in
+    `AttentionMaskConverter._make_causal_mask` as `torch.full(shape, finfo(dtype).min)` in the
+    default dtype (float32), cast to `dtype` after; torch 2.13 refuses float64's minimum in float32
+    ("value cannot be converted to type float without overflow"), so every padded forward of a
+    float64 model of those families raised (4.57's GPT-2 and BART no longer call it).  Where that
+    helper raises, it runs with float64 as the default dtype for a float64 mask: the mask
+    transformers means to build, the other dtypes untouched."""
+    try:
+        from transformers.modeling_attn_mask_utils import AttentionMaskConverter
+    except ImportError:  # transformers 5 has no such module
+        return
+    make = AttentionMaskConverter._make_causal_mask
+    try:
+        make((1, 2), torch.float64, torch.device("cpu"))
+        return
+    except RuntimeError:
+        pass
+
+    def in_float64(input_ids_shape, dtype, *args, **kwargs):
+        if dtype != torch.float64:
+            return make(input_ids_shape, dtype, *args, **kwargs)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            return make(input_ids_shape, dtype, *args, **kwargs)
+        finally:
+            torch.set_default_dtype(previous)
+
+    AttentionMaskConverter._make_causal_mask = staticmethod(in_float64)
+
+
+_float64_causal_mask_in_float64()

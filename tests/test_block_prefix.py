@@ -74,8 +74,13 @@ def test_reused_prefix_gives_the_full_pass_loss_and_grads(arch, length_buckets, 
     calls = []  # block 0's batch rows, per call
     block0 = model.get_submodule(block_prefix._block_of(model, layers[0])[0])[0]
     forward = block0.forward  # counted through an instance-level forward (a hook would stop the reuse)
-    block0.forward = lambda *args, **kwargs: (torch.is_grad_enabled() and calls.append(args[0].shape[0])) or forward(
-        *args, **kwargs)  # not `confirm`'s no-grad forwards
+
+    def counted(*args, **kwargs):  # not `confirm`'s no-grad forwards; 4.45's GPT-J passes hidden_states by name
+        if torch.is_grad_enabled():
+            calls.append(block_prefix._hidden_arg(args, kwargs).shape[0])
+        return forward(*args, **kwargs)
+
+    block0.forward = counted
     try:
         full = loss_and_grads(me, reqs, reuse_prefix=False, length_buckets=length_buckets)
         full_rows = sum(calls)

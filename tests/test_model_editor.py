@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import OP_CASE_DIMS, editor_inputs, randomize_editor, rel_err, saved_bytes, small_editor
+from helpers import (OP_CASE_DIMS, editor_inputs, fp32_logits, randomize_editor, rel_err, saved_bytes, skip_fp32_logits,
+                     small_editor)
 
 from dcedit_kernels import metrics, ops
 from dcedit_kernels.capture import capture_factors, weight_out_in
@@ -1191,6 +1192,7 @@ def test_edit_reduction_factors_do_not_depend_on_the_batch(arch, gen):
 def test_token_reduction_is_the_old_batch_mean(arch, gen):
     """"token" gives exactly the old factors; each edit's η is its "edit" η times its share of the
     batch's target tokens (the 1/N shrinkage the "edit" reduction removes)."""
+    skip_fp32_logits(arch)
     model, tok = tiny_model(arch, seed=int(torch.randint(0, 100, (1,), generator=gen)), dtype=torch.float64)
     token = ModelEditor(model, tok, REDUCTION_LAYERS[arch], method="mend", rank=3, loss_reduction="token")
     edit = ModelEditor(model, tok, REDUCTION_LAYERS[arch], method="mend", rank=3, loss_reduction="edit")
@@ -1257,7 +1259,8 @@ def test_capture_freezes_the_model_and_restores_every_flag(reduction, gen):
     reference = unfrozen()
     for name in me.layers:
         assert torch.equal(factors[name].mu, reference[name].mu)
-        assert rel_err(factors[name].eta, reference[name].eta) < 1e-12
+        if not fp32_logits("llama"):  # else both are the gradients of fp32 losses, rounded apart
+            assert rel_err(factors[name].eta, reference[name].eta) < 1e-12
     ours, old = saved_bytes(lambda: me.capture(batch)), saved_bytes(unfrozen)
     model.requires_grad_(False)
     frozen_by_caller = saved_bytes(lambda: me.capture(batch))

@@ -1,11 +1,21 @@
 """What differs between the transformers versions the package supports (4.45 and later).
 
-Measured with transformers 4.57.6 against 5.24 on this package's test suite:
+Measured with transformers 4.57.6 and 4.45.2 against 5.24 on this package's test suite:
 - `from_pretrained` takes the dtype as `dtype` from 4.56 on, as `torch_dtype` before (4.45
   passes an unknown `dtype` on to the config: the model loaded in fp32 whatever was asked);
 - 4.x loads a gguf file's Llama tokenizer as a LlamaTokenizerFast that adds a BOS token whatever
   the file's `tokenizer.ggml.add_bos_token` says (SmolLM2's says False; 5.x follows it), so
-  every prompt started with `<|im_start|>` and the demo's completions changed.
+  every prompt started with `<|im_start|>` and the demo's completions changed;
+- 4.45 reads a gguf file without an `output.weight` tensor (SmolLM2's: its head is the token
+  embedding) as an untied model and leaves `lm_head.weight` at its random initialisation (later
+  versions set `tie_word_embeddings` from the file's tensors).
+
+Left to transformers (seen on 4.45.2 with torch 2.13, not worked around in the package):
+- a float64 GPT-2 (sdpa) or BART on a padded batch raises "value cannot be converted to type
+  float without overflow" in `AttentionMaskConverter._make_causal_mask`, which fills a float32
+  tensor with float64's minimum (the tests patch it: tests/conftest.py; 4.57 no longer calls it);
+- before 4.46, Llama's (and Qwen2's, Gemma 2's, Phi's...) forward returns fp32 logits whatever the
+  model's dtype, so a float64 model's losses are fp32 roundings.
 """
 
 from __future__ import annotations
@@ -39,3 +49,19 @@ def follow_gguf_bos(tokenizer, path: Path) -> None:
     """Turn off the BOS token a 4.x tokenizer adds where the gguf file says not to add one."""
     if gguf_add_bos(path) is False and getattr(tokenizer, "add_bos_token", False):
         tokenizer.add_bos_token = False  # LlamaTokenizerFast rebuilds its post-processor
+
+
+def gguf_ties_head(path: Path) -> bool:
+    """True when the gguf file has no `output.weight` tensor: the LM head is the token embedding
+    (False without `gguf`, as `gguf_add_bos`)."""
+    try:
+        import gguf
+    except ImportError:
+        return False
+    return all(tensor.name != "output.weight" for tensor in gguf.GGUFReader(str(path)).tensors)
+
+
+def gguf_model_kwargs(path: Path) -> dict:
+    """`from_pretrained`'s config overrides for the gguf file in this version: 4.x ties the head
+    where the file has no `output.weight` (5.x reads it so itself)."""
+    return {"tie_word_embeddings": True} if VERSION < (5, 0) and gguf_ties_head(path) else {}
