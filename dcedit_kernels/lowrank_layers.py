@@ -17,8 +17,9 @@ Which rows see which shift (`row_edit`, `row_sees_all`):
   edited weight separately (editors of different shapes route on their own, so e may sit in
   group 2 of one weight's editor and group 0 of another's).  This is Eq. 18's per-group model.
 - A row with `row_sees_all[b] = True` sees Σ_g α S_g, the "add" fusion of every group's shift
-  (built as one extra group holding all the factors; with one group, group 0 itself).  That is exactly the shift `apply()` adds
-  when fusion is "add" or there is one editor (MEND; ProEditor with `masked=True`, below), and for
+  (built as one extra group holding all the factors; with one group, group 0 itself).  That is
+  exactly the shift `apply()` adds when fusion is "add" or there is one editor (MEND; ProEditor
+  with `masked=True`, below), and for
   "sss"/"max"/"ssm" it equals the fused shift on every entry where the groups agree in sign, the
   closest a low-rank form gets to the fused edit.  The trainer uses it for locality (KL) rows,
   whose job is to keep the model *as it will be edited* close to the original.
