@@ -52,12 +52,13 @@ class HeadInput:
 
 
 @contextlib.contextmanager
-def head_input(model: nn.Module, rows_by_length: tuple):
+def head_input(model: nn.Module, rows_by_length: tuple, enabled: bool = True):
     """Inside the block, records the first input of the model's head whose leading dimensions are
-    `rows_by_length` (B, L).  The hook is put before any other pre-hook on the head, so it sees the
-    full sequence even where `scored_logits.logits_at` then gathers the scored positions."""
+    `rows_by_length` (B, L); with enabled=False, nothing (no hook).  The hook is put before any
+    other pre-hook on the head, so it sees the full sequence even where `scored_logits.logits_at`
+    then gathers the scored positions."""
     recorded = HeadInput()
-    head = called_head(model)
+    head = called_head(model) if enabled else None
     if head is None:
         yield recorded
         return

@@ -77,15 +77,14 @@ def group_factors(edit, row_edit: torch.Tensor, row_sees_all: torch.Tensor | Non
     edit_group = edit.edit_group.to(device=device, dtype=torch.int64)
     row_group = torch.where(row_edit >= 0, edit_group[row_edit.clamp(min=0)], torch.full_like(row_edit, -1))
     mu_t, eta_t, offsets, alpha = (t.to(device) for t in (edit.mu_t, edit.eta_t, edit.offsets, edit.group_alpha()))
-    if row_sees_all is not None and bool(row_sees_all.any()) and edit.n_groups == 1:
-        row_group = torch.where(row_sees_all.to(device), torch.zeros_like(row_group), row_group)
-    elif row_sees_all is not None and bool(row_sees_all.any()):
+    if row_sees_all is not None and bool(row_sees_all.any()):
         G, T = edit.n_groups, mu_t.shape[0]
-        mu_t = torch.cat([mu_t, mu_t])
-        eta_t = torch.cat([eta_t, eta_t])
-        offsets = torch.cat([offsets, offsets.new_full((1,), 2 * T)])
-        alpha = torch.cat([alpha, alpha[:1]])  # the same α: one weight, one step size
-        row_group = torch.where(row_sees_all.to(device), torch.full_like(row_group, G), row_group)
+        if G > 1:  # the extra group G; with one group, group 0 is already the sum
+            mu_t = torch.cat([mu_t, mu_t])
+            eta_t = torch.cat([eta_t, eta_t])
+            offsets = torch.cat([offsets, offsets.new_full((1,), 2 * T)])
+            alpha = torch.cat([alpha, alpha[:1]])  # the same α: one weight, one step size
+        row_group = torch.where(row_sees_all.to(device), torch.full_like(row_group, G if G > 1 else 0), row_group)
     return row_group, mu_t, eta_t, offsets, alpha
 
 

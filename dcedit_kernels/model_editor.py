@@ -93,9 +93,9 @@ from .capture import (
 )
 from .devices import as_device, check_resident, cuda_indices, input_device, model_devices, place_editor
 from .edit_handle import LIVE_EDITS, EditHandle, add_note, deferred_interrupt, restore
-from .head_input import called_head, head_input, head_width
 from .editors.presets import MEND, MoEditor, ProEditor, RaEditor
 from .ft_baseline import FT_KL_ONLY, FineTuneBaselines
+from .head_input import called_head, head_input, head_width
 from .losses import DEFAULT_LOSS_REDUCTION, LOSS_REDUCTIONS, backward_scale, edit_loss, unscale
 from .positions import past_positions
 from .requests import EditRequest, validate_requests
@@ -378,7 +378,7 @@ class ModelEditor(FineTuneBaselines):
         # The hidden states only where no head input can be recorded (see head_input.py).
         fallback = need_feats and causal and called_head(self.model) is None
         hidden_states = {"output_hidden_states": True} if fallback else {}
-        with head_input(self.model, positions.shape) as hidden, \
+        with head_input(self.model, positions.shape, enabled=need_feats and causal) as hidden, \
                 logits_at(self.model, positions, skip=self.modules.values(), enabled=gather) as scored:
             # No KV cache for a causal LM: RWKV writes its state in place, which broke the backward of
             # an edit below its last block.

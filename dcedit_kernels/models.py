@@ -69,9 +69,10 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torc
             raise FileNotFoundError(f"model folder {path} has no config.json")
         folder, kwargs = str(name_or_path), {}
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    model_kwargs = {}
     if "gguf_file" in kwargs:
         follow_gguf_bos(tokenizer, path)
-    model_kwargs = gguf_model_kwargs(path) if "gguf_file" in kwargs else {}
+        model_kwargs = gguf_model_kwargs(path)
     model = AutoModelForCausalLM.from_pretrained(folder, **dtype_kwarg(dtype), **kwargs, **model_kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -128,21 +128,6 @@ def test_lowrank_edited_matches_dense_per_row(arch, gen):
     assert rel_err(got.detach(), want.detach()) < 1e-10
 
 
-@pytest.mark.skipif("gemma3n" not in ARCHS, reason="this transformers has no Gemma 3n")
-def test_gemma3n_edit_features_are_its_merged_last_state(gen):
-    """Gemma 3n's `hidden_states[-1]` is its four AltUp streams; the gate's features are the mean,
-    over each prompt, of the merged and normed state its head reads (`last_hidden_state`)."""
-    model, tok, layers = build("gemma3n", gen)
-    me = ModelEditor(model, tok, layers, method="moeditor", n_editors=2, rank=3)
-    reqs = random_requests(gen, 3)
-    batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
-    _, feats, _ = me.capture(batch)
-    with torch.no_grad():
-        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             **no_kv_cache(model)).last_hidden_state
-    assert rel_err(feats, prompt_means(hidden, batch)) < 1e-6  # the features are fp32
-
-
 def moeditor_features(model, tok, layer, gen):
     """(features, batch) of a MoEditor capture over 3 random requests; an apply and undo of them
     leaves every weight as it was."""
@@ -161,6 +146,26 @@ def prompt_means(hidden, batch):
     return torch.stack([hidden[e][prompt[e]].mean(0) for e in range(hidden.shape[0])])
 
 
+def last_hidden_means(model, batch):
+    """The prompt means of the model's `hidden_states[-1]` over `batch` (no cache, no grad)."""
+    with torch.no_grad():
+        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       output_hidden_states=True, use_cache=False).hidden_states[-1]
+    return prompt_means(hidden, batch)
+
+
+@pytest.mark.skipif("gemma3n" not in ARCHS, reason="this transformers has no Gemma 3n")
+def test_gemma3n_edit_features_are_its_merged_last_state(gen):
+    """Gemma 3n's `hidden_states[-1]` is its four AltUp streams; the gate's features are the mean,
+    over each prompt, of the merged and normed state its head reads (`last_hidden_state`)."""
+    model, tok, layers = build("gemma3n", gen)
+    feats, batch = moeditor_features(model, tok, layers[1], gen)
+    with torch.no_grad():
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             **no_kv_cache(model)).last_hidden_state
+    assert rel_err(feats, prompt_means(hidden, batch)) < 1e-6  # the features are fp32
+
+
 def test_features_have_the_head_inputs_width(gen):
     """OPT-350m projects its last hidden state to a narrower width before the head (`project_out`):
     the gate's features are of that width (a gate of the config's hidden_size refused them)."""
@@ -170,11 +175,8 @@ def test_features_have_the_head_inputs_width(gen):
                                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     model = transformers.OPTForCausalLM(config).double().eval()
     feats, batch = moeditor_features(model, tok, "model.decoder.layers.1.fc2", gen)
-    with torch.no_grad():
-        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       output_hidden_states=True, use_cache=False).hidden_states[-1]
     assert feats.shape == (3, 16)
-    assert rel_err(feats, prompt_means(hidden, batch)) < 1e-6  # fp32 features
+    assert rel_err(feats, last_hidden_means(model, batch)) < 1e-6  # fp32 features
 
 
 def test_features_of_a_model_with_a_list_of_heads(gen):
@@ -186,8 +188,5 @@ def test_features_of_a_model_with_a_list_of_heads(gen):
                                                 pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
     model = transformers.MusicgenForCausalLM(config).double().eval()
     feats, batch = moeditor_features(model, tok, "model.decoder.layers.1.fc2", gen)
-    with torch.no_grad():
-        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       output_hidden_states=True, use_cache=False).hidden_states[-1]
     assert feats.shape == (3, 32)
-    assert rel_err(feats, prompt_means(hidden, batch)) < 1e-6
+    assert rel_err(feats, last_hidden_means(model, batch)) < 1e-6

@@ -149,20 +149,26 @@ def test_batched_scoring_matches_one_at_a_time(arch, gen):
     single = target_accuracy(model, tok, prompts, targets, batch_size=1)
     assert torch.allclose(batched, single)
     for i in range(3):
-        batch = tokenize_pairs(model, tok, [prompts[i]], [targets[i]])
-        with torch.no_grad():
-            logits = model(**batch).logits[0]
-        labels = batch["labels"][0]
-        if arch in ("bart", "t5"):
-            special = torch.tensor(sorted(set(tok.all_special_ids)))
-            keep = (labels != IGNORE_INDEX) & ~torch.isin(labels, special)
-            pred = logits.argmax(-1)[keep]
-        else:
-            keep = labels[1:] != IGNORE_INDEX
-            pred = logits[:-1].argmax(-1)[keep]
-            labels = labels[1:]
-        expected = (pred == labels[keep]).double().mean()
-        assert float(single[i]) == pytest.approx(float(expected))
+        expected = argmax_accuracy(model, tok, prompts[i], targets[i], seq2seq=arch in ("bart", "t5"))
+        assert float(single[i]) == pytest.approx(expected)
+
+
+def argmax_accuracy(model, tok, prompt, target, seq2seq, **forward_kwargs):
+    """The target's teacher-forced argmax accuracy from one plain forward over the full logits
+    (a seq2seq model's special tokens not scored)."""
+    batch = tokenize_pairs(model, tok, [prompt], [target])
+    with torch.no_grad():
+        logits = model(**batch, **forward_kwargs).logits[0]
+    labels = batch["labels"][0]
+    if seq2seq:
+        special = torch.tensor(sorted(set(tok.all_special_ids)))
+        keep = (labels != IGNORE_INDEX) & ~torch.isin(labels, special)
+        pred = logits.argmax(-1)[keep]
+    else:
+        keep = labels[1:] != IGNORE_INDEX
+        pred = logits[:-1].argmax(-1)[keep]
+        labels = labels[1:]
+    return float((pred == labels[keep]).double().mean())
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -178,12 +184,7 @@ def test_scoring_builds_no_kv_cache(arch):
         hook.remove()
     assert caches == [None]
     for i, (prompt, target) in enumerate([("The Eiffel Tower is in", "Rome"), ("ab", "x y z")]):
-        batch = tokenize_pairs(model, tok, [prompt], [target])
-        with torch.no_grad():
-            logits = model(**batch, use_cache=True).logits[0]
-        keep = batch["labels"][0, 1:] != IGNORE_INDEX
-        expected = (logits[:-1].argmax(-1)[keep] == batch["labels"][0, 1:][keep]).double().mean()
-        assert float(acc[i]) == pytest.approx(float(expected))
+        assert float(acc[i]) == pytest.approx(argmax_accuracy(model, tok, prompt, target, False, use_cache=True))
 
 
 # --- gradient metrics --------------------------------------------------------------------------

@@ -32,14 +32,21 @@ def dtype_kwarg(dtype) -> dict:
     return {"dtype": dtype} if VERSION >= (4, 56) else {"torch_dtype": dtype}
 
 
-def gguf_add_bos(path: Path) -> bool | None:
-    """The gguf file's `tokenizer.ggml.add_bos_token`, or None when it has none (or `gguf` is
-    not installed: transformers needs it to read the file anyway)."""
+def _gguf_reader(path: Path):
+    """A `gguf.GGUFReader` of the file, or None when `gguf` is not installed (transformers needs
+    it to read the file anyway)."""
     try:
         import gguf
     except ImportError:
         return None
-    field = gguf.GGUFReader(str(path)).fields.get("tokenizer.ggml.add_bos_token")
+    return gguf.GGUFReader(str(path))
+
+
+def gguf_add_bos(path: Path) -> bool | None:
+    """The gguf file's `tokenizer.ggml.add_bos_token`, or None when it has none (or `gguf` is
+    not installed)."""
+    reader = _gguf_reader(path)
+    field = None if reader is None else reader.fields.get("tokenizer.ggml.add_bos_token")
     if field is None or not field.data:
         return None
     return bool(field.parts[field.data[0]][0])
@@ -47,18 +54,15 @@ def gguf_add_bos(path: Path) -> bool | None:
 
 def follow_gguf_bos(tokenizer, path: Path) -> None:
     """Turn off the BOS token a 4.x tokenizer adds where the gguf file says not to add one."""
-    if gguf_add_bos(path) is False and getattr(tokenizer, "add_bos_token", False):
+    if getattr(tokenizer, "add_bos_token", False) and gguf_add_bos(path) is False:  # the file read only then
         tokenizer.add_bos_token = False  # LlamaTokenizerFast rebuilds its post-processor
 
 
 def gguf_ties_head(path: Path) -> bool:
     """True when the gguf file has no `output.weight` tensor: the LM head is the token embedding
     (False without `gguf`, as `gguf_add_bos`)."""
-    try:
-        import gguf
-    except ImportError:
-        return False
-    return all(tensor.name != "output.weight" for tensor in gguf.GGUFReader(str(path)).tensors)
+    reader = _gguf_reader(path)
+    return reader is not None and all(tensor.name != "output.weight" for tensor in reader.tensors)
 
 
 def gguf_model_kwargs(path: Path) -> dict:
