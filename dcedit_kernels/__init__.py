@@ -28,6 +28,11 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__():
+    # The lazy names too, so dir() and tab completion list the pipeline's classes.
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     "GroupedEdit",
     "GroupedEditor",

@@ -93,3 +93,16 @@ def test_the_package_works_without_its_optional_dependencies():
         "assert d.op_backends()['grouped_outer'] == {'CPU': 'cpp', 'CUDA': 'reference'}, d.op_backends()\n"
     )
     _probe(probe + OP_RUNS, cwd=ROOT, pythonpath=ROOT)
+
+
+def test_import_is_light_and_lists_the_lazy_names():
+    """`import dcedit_kernels` loads the ops, not transformers; the pipeline's names load on first
+    use and are listed by dir() all the same."""
+    probe = (
+        "import sys, dcedit_kernels as d\n"
+        "assert 'transformers' not in sys.modules\n"
+        "assert set(d.__all__) <= set(dir(d)), set(d.__all__) - set(dir(d))\n"
+        "assert d.ModelEditor.__name__ == 'ModelEditor'\n"
+        "assert all(getattr(d, name) is not None for name in d.__all__)\n"
+    )
+    _probe(probe, cwd=ROOT, pythonpath=ROOT)
