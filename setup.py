@@ -1,17 +1,41 @@
 """Build `dcedit_kernels._C`: the C++ CPU kernels always, the CUDA sources when possible.
 
-DCEDIT_BUILD_CUDA=auto (default) builds csrc/cuda/*.cu when torch was built with CUDA and nvcc
-is found; 1 forces it (and fails loudly if impossible); 0 skips it.
+DCEDIT_BUILD_CUDA=auto (default) builds csrc/cuda/*.cu when torch was built with CUDA and an nvcc
+of the same major version is found (else it warns and builds the CPU kernels only: the CUDA ops
+then run on Triton and the references); 1 forces it (and fails loudly if impossible); 0 skips it.
+
+CUDA architectures: TORCH_CUDA_ARCH_LIST when set, else the visible GPUs' (torch's own rule),
+else DEFAULT_CUDA_ARCHS.
 """
 
 import glob
 import os
+import re
 import shutil
+import subprocess
+import warnings
 
+import torch
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+# For a build with no GPU visible and no TORCH_CUDA_ARCH_LIST: Turing to Hopper (what nvcc 12 and
+# 13 both compile; A100, A10, L4, T4, H100 ...) plus Hopper's PTX, which newer GPUs compile at load
+# time.  Built for sm_90 only, the CUDA kernels had no image for any other GPU.
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
+
+
+def _nvcc_major() -> int | None:
+    """The major version of the nvcc torch would use (CUDA_HOME's), None when unknown."""
+    nvcc = os.path.join(cpp_extension.CUDA_HOME or "", "bin", "nvcc")
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+)\.", out)
+    return int(found.group(1)) if found else None
 
 
 def _want_cuda() -> bool:
@@ -19,12 +43,30 @@ def _want_cuda() -> bool:
     if choice not in ("auto", "0", "1"):
         raise ValueError(f"DCEDIT_BUILD_CUDA must be auto, 0 or 1, got {choice!r}")
     possible = cpp_extension.CUDA_HOME is not None and shutil.which("nvcc") is not None
-    torch_has_cuda = __import__("torch").version.cuda is not None
+    torch_has_cuda = torch.version.cuda is not None
     if choice == "1":
         if not (possible and torch_has_cuda):
             raise RuntimeError("DCEDIT_BUILD_CUDA=1 but torch has no CUDA or nvcc is missing")
         return True
-    return choice == "auto" and possible and torch_has_cuda
+    if not (choice == "auto" and possible and torch_has_cuda):
+        return False
+    # torch refuses an nvcc of another major version than its own CUDA's (an error that would stop
+    # the whole install): leave the CUDA sources out instead, as when there is no nvcc.
+    nvcc_major, torch_major = _nvcc_major(), int(torch.version.cuda.split(".")[0])
+    if nvcc_major is not None and nvcc_major != torch_major:
+        warnings.warn(f"dcedit_kernels: nvcc is CUDA {nvcc_major}, torch was built with CUDA {torch.version.cuda}: "
+                      "building the CPU kernels only (set CUDA_HOME to a matching toolkit, or DCEDIT_BUILD_CUDA=1 "
+                      "to see torch's error)")
+        return False
+    return True
+
+
+def _cuda_arch_list() -> str | None:
+    """DEFAULT_CUDA_ARCHS where torch would find no architecture (nothing set, no GPU visible),
+    else None: torch's choice."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST") or torch.cuda.device_count() > 0:
+        return None
+    return DEFAULT_CUDA_ARCHS
 
 
 def _extension():
@@ -32,13 +74,18 @@ def _extension():
         os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern))
     )
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std: torch's BuildExtension adds the standard of its own headers (C++17 on torch 2.11,
+    # C++20 on 2.13 and 2.15; torch 2.15's headers do not build as C++17).
+    cxx = ["-O3", "-fopenmp"]
     # py_limited_api=True makes torch's build define Py_LIMITED_API itself: no define here.
     define_macros = []
     if _want_cuda():
         sources += rel("csrc/cuda/*.cu")
         define_macros.append(("WITH_CUDA", None))
-        nvcc = ["-O3", "-std=c++17", "-gencode=arch=compute_90,code=sm_90"]
+        arch_list = _cuda_arch_list()
+        if arch_list is not None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list  # read by torch's build_ext
+        nvcc = ["-O3"]
         return cpp_extension.CUDAExtension(
             "dcedit_kernels._C",
             sources,

@@ -68,9 +68,12 @@ SCHEMAS = {
 READS_HOST = ("grouped_lowrank", "grouped_outer", "segmented_fisher", "lowrank_delta_linear", "sort_by_group",
               "_grouped_lowrank_backward", "_grouped_outer_backward", "_lowrank_delta_linear_backward")
 
+# torch 2.4 and 2.6 have no cudagraph_unsafe tag (their inductor cannot be told): no tag there.
+_CUDAGRAPH_UNSAFE = getattr(torch.Tag, "cudagraph_unsafe", None)
+
 _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
 for _name, _schema in SCHEMAS.items():
-    _LIB.define(_schema, tags=(torch.Tag.cudagraph_unsafe,) if _name in READS_HOST else ())
+    _LIB.define(_schema, tags=(_CUDAGRAPH_UNSAFE,) if _name in READS_HOST and _CUDAGRAPH_UNSAFE else ())
 
 AUTOCAST_KEYS = ("AutocastCPU", "AutocastCUDA")
 

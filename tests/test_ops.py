@@ -222,7 +222,10 @@ def test_segmented_fisher_is_not_differentiable(gen):
     eta.requires_grad_()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for got in (ops.segmented_fisher(eta, mu, offsets), torch.ops.dcedit.segmented_fisher(eta, mu, offsets)):
+        with ops.reference_mode():
+            eager = ops.segmented_fisher(eta, mu, offsets)  # also what serves a backend without a kernel
+        for got in (ops.segmented_fisher(eta, mu, offsets), torch.ops.dcedit.segmented_fisher(eta, mu, offsets),
+                    eager):
             assert not got.requires_grad and got.grad_fn is None
 
 
@@ -1107,3 +1110,61 @@ def test_triton_registrations_take_schema_arguments(gen):
     got = tk.lowrank_delta_linear_backward(*bargs)
     want = torch.ops.dcedit._lowrank_delta_linear_backward(*bargs)
     assert all(rel_err(x, y) < 1e-10 for x, y in zip(got, want))
+
+
+def test_triton_serves_the_gpus_it_supports_and_the_reference_older_ones(monkeypatch):
+    """A T4 (7.5) or V100 (7.0) cannot compile the kernels' bf16 tl.dot: the references serve
+    them.  Checked through `register`'s CUDA registration, with the device faked."""
+    from dcedit_kernels.ops import _dispatch
+
+    registered = {}
+
+    class Lib:
+        def impl(self, op, fn, key):
+            registered[key] = fn
+
+    monkeypatch.setattr(_dispatch, "_LIB", Lib())
+    monkeypatch.setattr(_dispatch, "has_kernel", lambda op, key: False)
+    monkeypatch.setattr(_dispatch, "REGISTRY", {})
+    _dispatch.register("probe", lambda *args: "reference", lambda *args: "triton")
+    assert _dispatch.REGISTRY["probe"] == {"CPU": "reference", "CUDA": "triton"}
+    run = registered["CUDA"]
+    asked = []
+    monkeypatch.setattr(_dispatch, "cuda_device_of", lambda args, kwargs: torch.device("cuda", 1))
+    try:
+        for capability, want in (((7, 0), "reference"), ((7, 5), "reference"), ((8, 0), "triton"),
+                                 ((9, 0), "triton"), ((10, 0), "triton")):
+            _dispatch.triton_runs_on.cache_clear()
+            monkeypatch.setattr(torch.cuda, "get_device_capability",
+                                lambda index, c=capability: asked.append(index) or c)
+            assert run(torch.zeros(1)) == want and run(torch.zeros(1)) == want, capability
+        assert asked == [1] * 5  # once per device
+        monkeypatch.setattr(_dispatch, "cuda_device_of", lambda args, kwargs: None)
+        assert run(torch.zeros(1)) == "triton"  # CPU tensors (the interpreter): nothing asked
+        assert len(asked) == 5
+    finally:
+        _dispatch.triton_runs_on.cache_clear()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_an_older_gpu_runs_the_ops_without_triton(monkeypatch, gen):
+    triton = pytest.importorskip("triton")
+    from dcedit_kernels.ops import _dispatch
+
+    if _dispatch.REGISTRY["grouped_outer"]["CUDA"] != "triton":
+        pytest.skip("the Triton launchers are not registered")
+    assert _dispatch.triton_runs_on(torch.cuda.current_device())  # the GPUs this suite runs on
+    eta, mu, offsets = (t.cuda() for t in _outer_inputs(gen, G=3, o=4, i=5, counts=[3, 0, 2]))
+    _dispatch.triton_runs_on.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 5))
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a Triton kernel was launched")
+
+    monkeypatch.setattr(triton.runtime.jit.JITFunction, "run", no_launch)
+    try:
+        for fusion in FUSIONS:
+            assert rel_err(ops.grouped_outer(eta, mu, offsets, fusion, 0.5),
+                           reference.grouped_outer(eta, mu, offsets, fusion, 0.5)) < 1e-12
+    finally:
+        _dispatch.triton_runs_on.cache_clear()

@@ -106,3 +106,117 @@ def test_import_is_light_and_lists_the_lazy_names():
         "assert all(getattr(d, name) is not None for name in d.__all__)\n"
     )
     _probe(probe, cwd=ROOT, pythonpath=ROOT)
+
+
+@pytest.fixture
+def setup_py(monkeypatch):
+    """setup.py's functions, from a run of it with `setuptools.setup` replaced by a no-op."""
+    import runpy
+
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: None)
+    monkeypatch.setenv("DCEDIT_BUILD_CUDA", "0")  # its own call of _extension(): the CPU one
+    # run_path returns a copy of the module's globals: the functions' own dict, so that a test can
+    # replace what they call.
+    return runpy.run_path(str(ROOT / "setup.py"), run_name="setup_under_test")["_want_cuda"].__globals__
+
+
+@pytest.fixture
+def cuda_toolchain(monkeypatch, setup_py):
+    """A torch built with CUDA 13.0 and an nvcc on PATH, as setup.py sees them."""
+    import torch
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/opt/cuda")
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: "/opt/cuda/bin/nvcc" if name == "nvcc" else None)
+    return setup_py
+
+
+def _switch(want_cuda, choice):
+    """_want_cuda() under DCEDIT_BUILD_CUDA=choice (None: unset), or its exception's name."""
+    os.environ.pop("DCEDIT_BUILD_CUDA", None)
+    if choice is not None:
+        os.environ["DCEDIT_BUILD_CUDA"] = choice
+    try:
+        return want_cuda()
+    except Exception as exc:  # noqa: BLE001 - the name is the result
+        return type(exc).__name__
+
+
+@pytest.mark.parametrize("choice, nvcc_major, want", [
+    (None, 13, True), ("auto", 13, True), ("AUTO", 13, True),
+    ("auto", None, True),  # unknown version: torch's own check decides
+    ("auto", 12, False),   # another major version: CPU kernels only, with a warning
+    ("1", 12, True),       # forced: torch's error, loudly
+    ("0", 13, False), ("2", 13, "ValueError")])
+def test_setup_cuda_switch_with_a_cuda_torch(cuda_toolchain, monkeypatch, choice, nvcc_major, want):
+    monkeypatch.setitem(cuda_toolchain, "_nvcc_major", lambda: nvcc_major)
+    monkeypatch.setenv("DCEDIT_BUILD_CUDA", "0")  # restored after the test
+    if want is not False or choice != "auto":
+        assert _switch(cuda_toolchain["_want_cuda"], choice) == want
+    else:
+        monkeypatch.setenv("DCEDIT_BUILD_CUDA", choice)
+        with pytest.warns(UserWarning, match="nvcc is CUDA 12, torch was built with CUDA 13.0"):
+            assert cuda_toolchain["_want_cuda"]() is False
+
+
+def test_setup_cuda_switch_with_this_torch(setup_py, monkeypatch):
+    import torch
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("DCEDIT_BUILD_CUDA", "0")  # restored after the test
+    nvcc_major = setup_py["_nvcc_major"]()
+    cuda_possible = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+                     and shutil.which("nvcc") is not None
+                     and nvcc_major in (None, int(torch.version.cuda.split(".")[0])))
+    got = {choice: _switch(setup_py["_want_cuda"], choice) for choice in (None, "auto", "0", "1", "yes")}
+    assert got[None] is cuda_possible and got["auto"] is cuda_possible and got["0"] is False, got
+    assert got["yes"] == "ValueError", got
+    if torch.version.cuda is None:  # the CPU wheel here: auto builds without CUDA, 1 refuses
+        assert got["auto"] is False and got["1"] == "RuntimeError", got
+
+
+def test_setup_reads_nvccs_major_version(setup_py, monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.4, V12.4.131'\n")
+    nvcc.chmod(0o755)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    assert setup_py["_nvcc_major"]() == 12
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path / "missing"))
+    assert setup_py["_nvcc_major"]() is None
+
+
+def test_setup_builds_cuda_for_every_common_gpu_when_none_is_visible(cuda_toolchain, monkeypatch):
+    """Was sm_90 only: on an A100, L4 or T4 the CUDA kernels had no image.  Now torch's rule
+    (TORCH_CUDA_ARCH_LIST, else the visible GPUs), else Turing to Hopper plus Hopper's PTX."""
+    import torch
+    from torch.utils import cpp_extension
+
+    arch_list = cuda_toolchain["_cuda_arch_list"]
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert arch_list() == cuda_toolchain["DEFAULT_CUDA_ARCHS"]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", cuda_toolchain["DEFAULT_CUDA_ARCHS"])
+    flags = cpp_extension._get_cuda_arch_flags()  # torch accepts every entry
+    for sm in ("75", "80", "86", "89", "90"):
+        assert f"-gencode=arch=compute_{sm},code=sm_{sm}" in flags
+    assert "-gencode=arch=compute_90,code=compute_90" in flags
+    assert arch_list() is None  # the user's list
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert arch_list() is None  # the visible GPUs'
+
+    # The extension passes no -gencode of its own (which would make torch add none) and sets the list.
+    made = {}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setitem(cuda_toolchain, "_nvcc_major", lambda: 13)
+    monkeypatch.setenv("DCEDIT_BUILD_CUDA", "auto")
+    monkeypatch.setattr(cpp_extension, "CUDAExtension", lambda *args, **kwargs: made.update(kwargs))
+    cuda_toolchain["_extension"]()
+    assert not any("arch" in flag for flag in made["extra_compile_args"]["nvcc"])
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == cuda_toolchain["DEFAULT_CUDA_ARCHS"]

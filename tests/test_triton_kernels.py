@@ -14,6 +14,7 @@ import collections
 import importlib
 import inspect
 import os
+import sys
 import warnings
 from contextlib import ExitStack
 from unittest import mock
@@ -224,7 +225,8 @@ def test_grouped_lowrank_backward(gen, dtype, optional, device):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_grouped_lowrank_clamp_gradient_at_zero(gen, dtype, device):
     """MEND's initialisation: u = 0, bias = 0, shift = 0, so every pre-activation is exactly 0 and
-    the clamp must pass the gradient (torch's clamp gradient at the bound is 1)."""
+    the clamp must pass the gradient (1 at the bound, as the reference's clamp gives it on every
+    torch; torch 2.15's own clamp gives 0 there)."""
     counts = [0, 6, 0, 11]
     offsets = offsets_for(counts, device)
     h, u, v, bias, scale, shift, gain = lowrank_inputs(gen, counts, dtype, device)
@@ -1055,12 +1057,21 @@ def test_launchers_do_not_read_tensors_on_the_host(gen, device):
     x, weight, b, row_group, mu_t, eta_t, alpha = delta_inputs(gen, counts, torch.float32, device)
     grad_h, grad_y = torch.ones_like(h), torch.ones(x.shape[0], weight.shape[0], device=device)
 
-    def host_read(*args, **kwargs):
-        raise AssertionError("a launcher read a tensor on the host")
+    def host_read(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            # triton 3.0-3.2's interpreter copies each tensor argument to the host itself
+            # (`arg.cpu()` in _init_args_hst): the emulation's copy, not the launcher's.
+            if sys._getframe(1).f_globals.get("__name__") == "triton.runtime.interpreter":
+                return original(self, *args, **kwargs)
+            raise AssertionError("a launcher read a tensor on the host")
+
+        return read
 
     with ExitStack() as stack:
         for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__index__", "__float__"):
-            stack.enter_context(mock.patch.object(torch.Tensor, name, host_read))
+            stack.enter_context(mock.patch.object(torch.Tensor, name, host_read(name)))
         for fusion in FUSIONS:
             tk.grouped_outer(eta, mu, offsets, fusion, 0.5)
             tk.grouped_outer_backward(torch.ones((len(counts), 7, 9) if fusion == "none" else (7, 9), device=device),

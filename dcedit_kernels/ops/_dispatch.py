@@ -2,7 +2,8 @@
 
 CPU: the C++ kernel when `_C` registered one (it does so at import with TORCH_LIBRARY_IMPL),
 else the plain PyTorch reference.  CUDA: the CUDA C++ kernel when built, else the Triton
-launcher when triton imports, else the reference (which runs on any device).
+launcher when triton imports (on a GPU Triton supports, see `triton_runs_on`), else the
+reference (which runs on any device).
 """
 
 from __future__ import annotations
@@ -26,6 +27,36 @@ def _triton_module():
         return None
 
 
+def cuda_device_of(args, kwargs) -> torch.device | None:
+    """The device of the first CUDA tensor argument (None when there is none)."""
+    return next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.is_cuda), None)
+
+
+# Triton supports NVIDIA GPUs of compute capability 8.0 and up (its README): the kernels' bf16
+# tl.dot, which also carries the bf16 pieces of fp32 tiles, does not compile below that (a T4 is
+# 7.5, a V100 7.0).  ROCm devices report their gfx version (9.x and up) and pass.
+TRITON_MIN_CAPABILITY = (8, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_runs_on(index: int) -> bool:
+    """Whether the Triton launchers serve CUDA device `index` (else the references do)."""
+    return torch.cuda.get_device_capability(index) >= TRITON_MIN_CAPABILITY
+
+
+def on_supported_gpu(triton_fn, reference_fn):
+    """`triton_fn` on a GPU Triton supports, `reference_fn` on an older one (per call, by the
+    device of the first CUDA tensor argument; the answer is cached per device)."""
+    @functools.wraps(triton_fn)
+    def run(*args, **kwargs):
+        device = cuda_device_of(args, kwargs)
+        if device is not None and not triton_runs_on(device.index):  # a CUDA tensor's device has its index
+            return reference_fn(*args, **kwargs)
+        return triton_fn(*args, **kwargs)
+
+    return run
+
+
 def on_tensors_device(fn):
     """Run `fn` with the CUDA device of its first CUDA tensor argument made current.
 
@@ -35,8 +66,7 @@ def on_tensors_device(fn):
     """
     @functools.wraps(fn)
     def launch(*args, **kwargs):
-        device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.is_cuda),
-                      None)
+        device = cuda_device_of(args, kwargs)
         if device is None:
             return fn(*args, **kwargs)
         with torch.cuda.device(device):
@@ -53,7 +83,8 @@ def triton_launcher(name: str | None):
     return on_tensors_device(fn) if fn is not None else None
 
 
-# op name -> {"CPU": "cpp"|"reference", "CUDA": "cuda_cpp"|"triton"|"reference"}
+# op name -> {"CPU": "cpp"|"reference", "CUDA": "cuda_cpp"|"triton"|"reference"}; "triton" serves
+# GPUs of compute capability 8.0 and up, the reference older ones.
 REGISTRY: dict[str, dict[str, str]] = {}
 
 
@@ -94,7 +125,7 @@ def register(op: str, reference_fn, triton_fn=None, check=None) -> None:
     if has_kernel(op, "CUDA"):
         chosen["CUDA"] = "cuda_cpp"
     elif triton_fn is not None:
-        _LIB.impl(op, triton_fn, "CUDA")
+        _LIB.impl(op, on_supported_gpu(triton_fn, reference_fn), "CUDA")
         chosen["CUDA"] = "triton"
     else:
         _LIB.impl(op, reference_fn, "CUDA")

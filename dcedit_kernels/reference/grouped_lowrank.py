@@ -4,6 +4,13 @@ from .._checks import compute_dtype
 from .segments import segment_bounds
 
 
+def _clamp_min_0(pre):
+    """clamp(pre, min=0), values and NaN included, with the gradient [pre >= 0] on every torch.
+    Autograd through `pre.clamp(min=0)` gives 1 at exactly 0 up to torch 2.13 but 0 on torch 2.15
+    (relu's), and MEND's initialisation (u = 0) puts every pre-activation at exactly 0."""
+    return torch.where(pre >= 0, pre, pre.clamp(min=0))
+
+
 def grouped_lowrank(h, offsets, u, v, bias, scale=None, shift=None, gain=None):
     """out_t = h_t + clamp((((gain_t ⊙ h_t) v_gᵀ) u_gᵀ + bias_g) ⊙ scale_g + shift_g, min=0)."""
     acc = compute_dtype(h, u, v, bias, scale, shift, gain)
@@ -18,7 +25,7 @@ def grouped_lowrank(h, offsets, u, v, bias, scale=None, shift=None, gain=None):
             pre = pre * scale[g].to(acc)
         if shift is not None:
             pre = pre + shift[g].to(acc)
-        pieces.append(hh[s:e] + pre.clamp(min=0))
+        pieces.append(hh[s:e] + _clamp_min_0(pre))
     if not pieces:
         return hh.new_empty((0, h.shape[1])) + 0 * hh.sum()
     return torch.cat(pieces, 0)

@@ -25,8 +25,8 @@ j < |seg_g| is written and read.  At the benchmark shape: 2048 × 4096 fp32 = 32
 41 MiB for one fp32 o×i shift.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` in a module of @triton.jit kernels: triton 3.0's
+# interpreter (torch 2.4) reads the string annotation "tl.constexpr" as no constexpr (tl.arange fails).
 import torch
 import triton
 import triton.language as tl

@@ -5,8 +5,9 @@ Forward, two segment_matmul launches:
     out = h + clamp((z u_gᵀ + bias_g) ⊙ scale_g + shift_g, min=0)   (fused epilogue)
 
 Backward (a = z u_gᵀ + bias_g, pre = a ⊙ scale + shift, x = gain ⊙ h):
-    dpre = dout ⊙ [pre >= 0]   (clamp's gradient at exactly 0 is 1, as torch gives it: at MEND's
-                                initialisation u = 0 and every pre-activation is 0)
+    dpre = dout ⊙ [pre >= 0]   (clamp's gradient at exactly 0 is 1, as torch gave it up to 2.13
+                                (2.15 gives 0): at MEND's initialisation u = 0 and every
+                                pre-activation is 0)
     dshift_g = Σ_{t∈g} dpre_t,  dscale_g = Σ dpre_t ⊙ a_t,  da = dpre ⊙ scale_g,
     dbias_g = Σ da_t,  du_g = Σ da_tᵀ z_t,  dz = da u_g,  dv_g = Σ dz_tᵀ x_t,  dx = dz v_g,
     dh = dout + dx ⊙ gain,  dgain = dx ⊙ h.

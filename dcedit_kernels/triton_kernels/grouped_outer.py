@@ -12,8 +12,8 @@ with SELECT the kernel writes, instead of the fused tile, which groups' entries 
 as bits of int32 words (bit g % 32 of word g // 32; third grid axis: the word).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` in a module of @triton.jit kernels: triton 3.0's
+# interpreter (torch 2.4) reads the string annotation "tl.constexpr" as no constexpr (tl.arange fails).
 import torch
 import triton
 import triton.language as tl

@@ -34,8 +34,9 @@ def interpreting() -> bool:
 
 
 def _squeeze_interpreter_index() -> None:
-    """triton 3.6's interpreter reads a scalar tensor (a loop bound) as int() of a 1-element
-    array, which numpy >= 2.4 refuses; triton 3.9 squeezes it first: do the same where it does not."""
+    """triton 3.6's interpreter (and 3.0-3.2's) reads a scalar tensor (a loop bound) as int() of a
+    1-element array, which numpy >= 2.4 refuses; triton 3.9 squeezes it first: do the same where it
+    does not.  triton 3.0-3.4 patch the class itself, `_patch_lang_tensor(tensor)`, without a scope."""
     try:
         import inspect
 
@@ -47,9 +48,13 @@ def _squeeze_interpreter_index() -> None:
     except (ImportError, AttributeError, OSError, TypeError):
         return
 
-    def patch_lang_tensor(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+    def patch_lang_tensor(tensor, *scope):
+        patch(tensor, *scope)
+        index = lambda self: int(self.handle.data.squeeze())  # noqa: E731
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
 
     interpreter._patch_lang_tensor = patch_lang_tensor
 

@@ -16,8 +16,8 @@ Also home of `mma`, the tile multiply-accumulate every kernel of this package us
 form it takes and the launch configs: launch.py).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` in a module of @triton.jit kernels: triton 3.0's
+# interpreter (torch 2.4) reads the string annotation "tl.constexpr" as no constexpr (tl.arange fails).
 import torch
 import triton
 import triton.language as tl
