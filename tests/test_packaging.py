@@ -134,11 +134,12 @@ def cuda_toolchain(monkeypatch, setup_py):
     return setup_py
 
 
-def _switch(want_cuda, choice):
+def _switch(monkeypatch, want_cuda, choice):
     """_want_cuda() under DCEDIT_BUILD_CUDA=choice (None: unset), or its exception's name."""
-    os.environ.pop("DCEDIT_BUILD_CUDA", None)
-    if choice is not None:
-        os.environ["DCEDIT_BUILD_CUDA"] = choice
+    if choice is None:
+        monkeypatch.delenv("DCEDIT_BUILD_CUDA", raising=False)
+    else:
+        monkeypatch.setenv("DCEDIT_BUILD_CUDA", choice)
     try:
         return want_cuda()
     except Exception as exc:  # noqa: BLE001 - the name is the result
@@ -153,25 +154,22 @@ def _switch(want_cuda, choice):
     ("0", 13, False), ("2", 13, "ValueError")])
 def test_setup_cuda_switch_with_a_cuda_torch(cuda_toolchain, monkeypatch, choice, nvcc_major, want):
     monkeypatch.setitem(cuda_toolchain, "_nvcc_major", lambda: nvcc_major)
-    monkeypatch.setenv("DCEDIT_BUILD_CUDA", "0")  # restored after the test
     if want is not False or choice != "auto":
-        assert _switch(cuda_toolchain["_want_cuda"], choice) == want
+        assert _switch(monkeypatch, cuda_toolchain["_want_cuda"], choice) == want
     else:
-        monkeypatch.setenv("DCEDIT_BUILD_CUDA", choice)
         with pytest.warns(UserWarning, match="nvcc is CUDA 12, torch was built with CUDA 13.0"):
-            assert cuda_toolchain["_want_cuda"]() is False
+            assert _switch(monkeypatch, cuda_toolchain["_want_cuda"], choice) is False
 
 
 def test_setup_cuda_switch_with_this_torch(setup_py, monkeypatch):
     import torch
     from torch.utils import cpp_extension
 
-    monkeypatch.setenv("DCEDIT_BUILD_CUDA", "0")  # restored after the test
     nvcc_major = setup_py["_nvcc_major"]()
     cuda_possible = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
                      and shutil.which("nvcc") is not None
                      and nvcc_major in (None, int(torch.version.cuda.split(".")[0])))
-    got = {choice: _switch(setup_py["_want_cuda"], choice) for choice in (None, "auto", "0", "1", "yes")}
+    got = {choice: _switch(monkeypatch, setup_py["_want_cuda"], choice) for choice in (None, "auto", "0", "1", "yes")}
     assert got[None] is cuda_possible and got["auto"] is cuda_possible and got["0"] is False, got
     assert got["yes"] == "ValueError", got
     if torch.version.cuda is None:  # the CPU wheel here: auto builds without CUDA, 1 refuses
