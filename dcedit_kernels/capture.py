@@ -25,9 +25,11 @@ Token selection (`tokens=`):
 - "all" (MEND): every non-padding token, by the attention mask of the sequence the module runs
   on: the encoder mask for encoder modules and for cross-attention key/value projections (whose
   input is the encoder output), the decoder mask (`decoder_attention_mask`, else labels != -100)
-  for the other decoder modules and the LM head of BART/T5.  Right-padded tokens get exactly zero
-  gradient (they are masked as attention keys and carry no label), so "all" reproduces the full
-  `weight.grad`.
+  for the other decoder modules and the LM head of BART/T5; and every scored position (below),
+  also one the mask calls padding (a left-padded causal row whose first token is a label is
+  predicted from its last padding position).  Other padded tokens get exactly zero gradient
+  (they are masked as attention keys and carry no label), so "all" reproduces the full
+  `weight.grad`, with left or right padding.
 - "target" (MALMEN): only the positions whose output is scored against a label.  In a causal LM
   (labels shifted inside the model's loss) that is position t with `labels[t+1] != -100`, i.e. the
   positions that predict the target tokens; in a masked LM or a seq2seq decoder it is position t
@@ -400,16 +402,19 @@ class FactorCapture:
             mask = self._call.get("attention_mask")
             shift = self.label_shift
         keep = torch.ones(shape, dtype=torch.bool, device=x.device) if mask is None else mask.to(x.device).bool()
-        if self.tokens == "target" and not encoder_side:
-            if labels is None:
-                raise ValueError(
-                    f"tokens='target' needs labels: pass labels to the model call or batch= to the capture "
-                    f"(module {name!r})"
-                )
+        if self.tokens == "target" and not encoder_side and labels is None:
+            raise ValueError(
+                f"tokens='target' needs labels: pass labels to the model call or batch= to the capture "
+                f"(module {name!r})"
+            )
+        # "all" with a mask also keeps every scored position the mask calls padding: in a left-padded
+        # causal row the last padding position predicts the row's first token when that is a label.
+        # (Without a mask "all" keeps every position already.)
+        if labels is not None and not encoder_side and (self.tokens == "target" or mask is not None):
             scored = labels.to(x.device) != IGNORE_INDEX
             if shift:  # position t predicts label t+1
                 scored = torch.cat([scored[..., 1:], torch.zeros_like(scored[..., :1])], dim=-1)
-            keep = keep & scored
+            keep = scored if self.tokens == "target" else keep | scored
         flattened = len(shape) == 1 and keep.dim() == 2 and keep.numel() == shape[0]  # (rows·L, in)
         if tuple(keep.shape) != tuple(shape) and not flattened:
             raise RuntimeError(

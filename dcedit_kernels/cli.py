@@ -288,6 +288,8 @@ def _parse_sizes(text: str) -> list[int]:
         raise UserError(f"--n-edits must be a comma-separated list of positive ints, got {text!r}") from None
     if not sizes or any(n < 1 for n in sizes):
         raise UserError(f"--n-edits must be a comma-separated list of positive ints, got {text!r}")
+    if len(set(sizes)) != len(sizes):
+        raise UserError(f"--n-edits must not repeat a value, got {text!r}")
     return sizes
 
 
@@ -349,6 +351,8 @@ def cmd_train(args) -> dict:
     the model on its own device, and rank 0 saves the editor."""
     from . import distributed
 
+    if args.val_size is not None and not args.val_data:  # it counts --val-data's edits: alone it would be ignored
+        raise UserError("--val-size goes with --val-data")
     requests = load_requests(args.data, args.n_edits)
     val = load_requests(args.val_data, None) if args.val_data else None
     try:
@@ -404,6 +408,8 @@ def cmd_edit(args) -> dict:
             raise UserError("--prompt and --target go together")
         if args.data is not None:
             raise UserError("give either --data or --prompt/--target, not both")
+        if args.n_edits is not None:  # it counts --data's requests: with one --prompt it would be ignored
+            raise UserError("--n-edits goes with --data, not with --prompt/--target")
         for flag, text in (("--prompt", args.prompt), ("--target", args.target), ("--rephrase", args.rephrase)):
             if text is not None and not text.strip():
                 raise UserError(f"{flag} must be a non-empty string, got {text!r}")

@@ -274,6 +274,8 @@ def _check_n_edits(n_edits, n_requests: int) -> list[int]:
             raise ValueError(f"n_edits must hold positive ints, got {n!r}")
         if n > n_requests:
             raise ValueError(f"n_edits holds {n}, more than the {n_requests} requests available")
+    if len(set(items)) != len(items):  # by_n has one entry per N_u: a repeated one would pool its runs twice
+        raise ValueError(f"n_edits must not repeat a value, got {items}")
     return items
 
 

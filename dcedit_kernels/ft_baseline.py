@@ -100,9 +100,13 @@ class FineTuneBaselines:
             raise ValueError(f"ft_stop_loss must be a finite number or None, got {opts['ft_stop_loss']!r}")
         texts = opts["locality_texts"]
         if texts is not None:
-            if isinstance(texts, str) or not all(isinstance(t, str) and t.strip() for t in texts):
+            try:  # listed first: checking a generator's items would consume them
+                texts = None if isinstance(texts, str) else list(texts)
+            except TypeError:
+                texts = None
+            if texts is None or not all(isinstance(t, str) and t.strip() for t in texts):
                 raise ValueError("locality_texts must be a list of non-empty strings")
-            opts["locality_texts"] = list(texts)
+            opts["locality_texts"] = texts
         if self.method == "ft_kl" and self.seq2seq:
             raise ValueError("method 'ft_kl' supports causal LMs only (its KL runs over locality texts)")
         return opts

@@ -131,7 +131,10 @@ def _accuracies(scored, exact: bool) -> torch.Tensor:
 def target_accuracy(model, tokenizer, prompts: Sequence[str], targets: Sequence[str],
                     batch_size: int = 16, exact: bool = False) -> torch.Tensor:
     """Per-pair teacher-forced accuracy of `targets` after `prompts`, (N,) float64."""
-    return _accuracies(_score(model, tokenizer, list(prompts), list(targets), batch_size), exact)
+    prompts, targets = list(prompts), list(targets)
+    if len(prompts) != len(targets):  # checked whole: the batches would drop or misname the extras
+        raise ValueError(f"prompts and targets must have the same length, got {len(prompts)} and {len(targets)}")
+    return _accuracies(_score(model, tokenizer, prompts, targets, batch_size), exact)
 
 
 def reliability(model, tokenizer, requests: Sequence[EditRequest], batch_size: int = 16,

@@ -190,6 +190,8 @@ class ModelEditor(FineTuneBaselines):
         self.slots: dict[str, tuple[str, int]] = {}  # layer -> (shape key, mode)
         if method in FT_METHODS:
             self.ft_options = self._ft_options(editor_kwargs)
+            if "locality_texts" in self.editor_kwargs:  # as listed (a generator is read once), for save
+                self.editor_kwargs["locality_texts"] = self.ft_options["locality_texts"]
         else:
             self._build_editors(editor_kwargs)
 

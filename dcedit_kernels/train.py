@@ -103,7 +103,7 @@ from .model_editor import CHECKPOINT_KEY, LEGACY_LOSS_REDUCTION, ModelEditor
 from .requests import EditRequest, validate_requests
 from .safetensors_file import save_safetensors
 from .scored_logits import logits_at, scored_positions
-from .tokenize import causal_pair_ids, no_kv_cache, pad_rows, pad_token_id
+from .tokenize import _encode, causal_pair_ids, no_kv_cache, pad_rows, pad_token_id
 
 VIEWS = ("own", "all")
 PART_KEYS = ("loss", "edit", "kl", "balance")  # the terms logged per step (TrainResult.history)
@@ -204,13 +204,16 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------
 def _locality_row(requests: list[EditRequest], e: int, tokenizer) -> tuple[list[int], int] | None:
     """(token ids, number of KL positions) of edit e's locality row, or None (one edit, no locality)."""
+    # Tokenized as the edit rows' prompts are (`tokenize._encode`): leading specials (BOS) kept,
+    # trailing ones (an EOS some tokenizers append) dropped, so that the last position of a prompt
+    # row is its last prompt token, the one that predicts that edit's target.
     r = requests[e]
     if r.locality is not None:
-        ids = list(tokenizer(locality_texts([r])[0], add_special_tokens=True)["input_ids"])
+        ids, _, _ = _encode(tokenizer, locality_texts([r])[0], offsets=False)
         return ids, len(ids)
     if len(requests) < 2:
         return None
-    ids = list(tokenizer(requests[(e + 1) % len(requests)].prompt, add_special_tokens=True)["input_ids"])
+    ids, _, _ = _encode(tokenizer, requests[(e + 1) % len(requests)].prompt, offsets=False)
     return ids, len(ids) - 1  # the last position predicts the other edit's target: not locality
 
 
@@ -591,6 +594,9 @@ def _accumulate(me: ModelEditor, params: list, train_requests, config: TrainConf
             parts.pop("edit_tokens")
             grads = _scaled_grads(loss / config.accumulate, params, 1)
         if not _finite(grads):
+            # Skipped whole: its factors (non-finite ones, often) must not stay in the running norms,
+            # where they would make every later batch non-finite too.
+            _restore_buffers(me, before[0])
             skipped += 1
             continue
         for p, g in zip(params, grads):
@@ -658,11 +664,15 @@ def _forward_state(me: ModelEditor) -> tuple:
     return {k: b.clone() for k, b in me.editors.named_buffers()}, _rng_states(me)
 
 
-def _restore_forward_state(me: ModelEditor, state: tuple) -> None:
-    buffers, rng_states = state
+def _restore_buffers(me: ModelEditor, buffers: dict) -> None:
     with torch.no_grad():
         for k, b in me.editors.named_buffers():
             b.copy_(buffers[k])
+
+
+def _restore_forward_state(me: ModelEditor, state: tuple) -> None:
+    buffers, rng_states = state
+    _restore_buffers(me, buffers)
     _set_rng_states(me, rng_states)
 
 

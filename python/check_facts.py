@@ -79,7 +79,11 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    model, tokenizer = load_model(args.model)
+    try:
+        model, tokenizer = load_model(args.model)
+    except (OSError, ValueError) as exc:  # FileNotFoundError included: a bad --model, one line, not a traceback
+        print(f"check_facts: error: --model: {exc}", file=sys.stderr)
+        return 2
     neighbours = facts_module.CANDIDATE_NEIGHBOURS
     n_ok, n_greedy = check(model, tokenizer, [p for p, _ in neighbours], [a for _, a in neighbours])
     known_neighbours = [p for (p, _), ok in zip(neighbours, n_ok) if ok]

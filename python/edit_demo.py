@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:  # run from a checkout without installing the pack
 
 import torch  # noqa: E402
 
-from dcedit_kernels.cli import METHOD_NAMES, greedy_completions, set_threads, write_json  # noqa: E402
+from dcedit_kernels.cli import METHOD_NAMES, greedy_completions, positive_int, set_threads, write_json  # noqa: E402
 from dcedit_kernels.editor_cache import cache_dir, random_routing_twin, trained_editor  # noqa: E402
 
 METHOD_ORDER = ("ft", "ft_kl", "mend", "raeditor", "moeditor", "proeditor")
@@ -72,8 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default="demo_out", help="folder for results.json and es_dd.png (default ./demo_out)")
     p.add_argument("--no-cache", action="store_true", help="retrain the editors even when a cached one exists")
     p.add_argument("--seed", type=int, default=0, help="fact split and training seed")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 on machines with <= 2 cores)")
-    p.add_argument("--steps", type=int, default=None, help="editor training steps (default 20, --quick 6)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads (default: 1 on machines with <= 2 cores)")
+    p.add_argument("--steps", type=positive_int, default=None, help="editor training steps (default 20, --quick 6)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p.parse_args(argv)
 
@@ -145,7 +146,11 @@ def main(argv=None) -> int:
         train_cfg["steps"] = args.steps
     progress = not args.no_progress
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # before any work: a file in the way or an unwritable folder is one error line
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"edit_demo: error: --out {args.out}: cannot create the folder ({exc})", file=sys.stderr)
+        return 2
 
     from tqdm.auto import tqdm
 

@@ -41,6 +41,7 @@ import torch  # noqa: E402
 
 from dcedit_kernels.cli import (  # noqa: E402
     METHOD_NAMES, UserError, load_requests, positive_int, set_threads, write_json)
+from dcedit_kernels.capture import resolve_modules  # noqa: E402
 from dcedit_kernels.editor_cache import cache_dir, random_routing_twin, trained_editor  # noqa: E402
 from dcedit_kernels.ft_baseline import locality_texts  # noqa: E402
 from dcedit_kernels.reference.grouped_outer import FUSIONS as GROUP_FUSIONS  # noqa: E402
@@ -274,6 +275,7 @@ def _train_time(method: str, info: dict) -> str:
 def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Path, out_dir: Path) -> str:
     rel = os.path.relpath(out_dir, md_path.parent)
     t = report["timings"]
+    grad_sizes = [n for n in sizes if n in report["gradients"]]  # N_u = 1 has no pair of edits
     lines = [
         "# Results: every method at N_u ∈ {" + ", ".join(map(str, sizes)) + "} on SmolLM2-135M (CPU)",
         "",
@@ -341,12 +343,12 @@ def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Pa
         "over pairs of 2‖g_i‖‖g_j‖ / (‖g_i‖² + ‖g_j‖²). g_i = the gradient of edit i's own mean target NLL "
         "in the unedited model, on the first sample of each N_u.",
         "",
-        "| layer | " + " | ".join(f"GCR N_u={n} | GMS N_u={n}" for n in sizes) + " |",
-        "|---|" + "---:|" * (2 * len(sizes)),
+        "| layer | " + " | ".join(f"GCR N_u={n} | GMS N_u={n}" for n in grad_sizes) + " |",
+        "|---|" + "---:|" * (2 * len(grad_sizes)),
     ]
     for name in grad_layers:
         cells = []
-        for n in sizes:
+        for n in grad_sizes:
             g = report["gradients"][n][name]
             cells += [f"{g['gcr']:.3f}", f"{g['gms']:.3f}"]
         lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
@@ -395,6 +397,11 @@ def _run(args, t_start) -> int:
     threads = set_threads(args.threads)
     progress = not args.no_progress
     sizes = _ints(args.n_edits, "--n-edits")
+    # Checked before the model loads (evaluate_method refuses them only after the editors trained).
+    if any(n < 1 for n in sizes):
+        raise UserError(f"--n-edits must hold positive ints, got {args.n_edits!r}")
+    if len(set(sizes)) != len(sizes):
+        raise UserError(f"--n-edits must not repeat a value, got {args.n_edits!r}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     fusions = [f.strip() for f in args.fusions.split(",") if f.strip()]
     unknown = [f for f in fusions if f not in FUSIONS]
@@ -430,21 +437,39 @@ def _run(args, t_start) -> int:
     if "ft_kl" in methods and train_data is not None:
         kl_edits, kl_skipped = kl_source_edits(train_requests or load_requests(train_data), requests, args.batch_size)
     kl_texts = locality_texts(kl_edits)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md_path = Path(args.markdown) if args.markdown else out_dir / "report.md"
-
-    torch.manual_seed(args.seed)
-    t0 = time.perf_counter()
-    model_file = str(default_model_path())
-    model, tokenizer = load_model()  # the capture freezes the parameters for its own pass
-    load_s = time.perf_counter() - t0
     layers = [f"model.layers.{i}.mlp.down_proj" for i in _ints(args.layers, "--layers")]
     grad_layers = [f"model.layers.{i}.mlp.down_proj" for i in _ints(args.gradient_layers, "--gradient-layers")]
     train_config = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_lr=args.lr_lr, seed=args.seed)
     for name in LOSS_WEIGHTS:  # only when given: the editors cached without them keep their keys
         if getattr(args, name) is not None:
             train_config[name] = getattr(args, name)
+    if needs_training:  # a bad --lr, --cloc, ... is refused before the model loads, not after
+        from dcedit_kernels.train import TrainConfig
+
+        try:
+            TrainConfig(**train_config)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    out_dir = Path(args.out_dir)
+    md_path = Path(args.markdown) if args.markdown else out_dir / "report.md"
+    for flag, folder in (("--out-dir", out_dir), ("--markdown", md_path.parent)):
+        try:  # before the model loads: a file in the way is one error line, not a traceback
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"{flag}: cannot create the folder {folder} ({exc})") from None
+
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    model_file = str(default_model_path())
+    model, tokenizer = load_model()  # the capture freezes the parameters for its own pass
+    load_s = time.perf_counter() - t0
+    # Every block named exists, checked before any training or evaluation (--gradient-layers is
+    # only used at the end of the run).
+    for flag, names in (("--layers", layers), ("--gradient-layers", grad_layers)):
+        try:
+            resolve_modules(model, names, arg=flag)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
     # Recorded always, "auto" as what it does on the model's device (one cached editor for "auto"
     # and "on" on a CPU model): a report without it trained in one pass.
     train_config["length_buckets"] = {"auto": model.device.type == "cpu", "on": True, "off": False}[args.length_buckets]
@@ -515,7 +540,8 @@ def _run(args, t_start) -> int:
 
     t0 = time.perf_counter()
     gradients = {}
-    for n in tqdm(sizes, desc="GCR/GMS", disable=not progress):
+    grad_sizes = [n for n in sizes if n >= 2]  # GCR and GMS are over pairs of edits: none at N_u = 1
+    for n in tqdm(grad_sizes, desc="GCR/GMS", disable=not progress):
         sample = [requests[i] for i in sample_indices(len(requests), n, args.seed, 0)]
         gradients[n] = gradient_conflict(model, tokenizer, grad_layers, sample)
     gradient_s = time.perf_counter() - t0
@@ -538,7 +564,7 @@ def _run(args, t_start) -> int:
     )
     write_json(out_dir / "report.json", report)
     plot_es_dd(results, sizes, out_dir / "es_dd_by_n.png")
-    plot_gradients(gradients, sizes, grad_layers, out_dir / "gcr_gms_by_layer.png")
+    plot_gradients(gradients, grad_sizes, grad_layers, out_dir / "gcr_gms_by_layer.png")
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(markdown(report, sizes, grad_layers, md_path, out_dir))
     print(f"wrote {md_path}, {out_dir / 'report.json'} and the plots in {out_dir}; "

@@ -172,6 +172,29 @@ def test_target_tokens_exact_for_lm_head(arch, gen):
     assert rel_err(f.gradient(), model.lm_head.weight.grad) < 1e-10
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_left_padded_batch_with_labels_on_every_token(arch, gen):
+    """A left-padding tokenizer and Hugging Face's usual labels (the input ids, -100 at padding):
+    a row's first real token is predicted from its last padding position, which the loss scores.
+    "all" still reproduces every weight.grad, and "target" the LM head's."""
+    model, tok = make_model(arch, torch.float64, gen)
+    tok.padding_side = "left"
+    n = int(torch.randint(2, 5, (1,), generator=gen))
+    texts = [random_text(gen, 1, 2)] + [random_text(gen, 1, 6) for _ in range(n - 2)] + [random_text(gen, 6, 6)]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    assert (enc["attention_mask"][:, 0] == 0).any(), "left padding expected"
+    batch = dict(enc, labels=enc["input_ids"].masked_fill(enc["attention_mask"] == 0, IGNORE_INDEX))
+    names = editable_names(model)
+    modules = dict(model.named_modules())
+    for tokens, checked in (("all", names), ("target", ["lm_head"])):
+        model.zero_grad()
+        with capture_factors(model, names, tokens=tokens) as cap:
+            model(**batch).loss.backward()
+        for name in checked:
+            err = rel_err(cap.factors[name].gradient(), weight_grad_out_in(modules[name]))
+            assert err < 1e-10, f"{arch} {name} tokens={tokens}: rel err {err:.3e}"
+
+
 def test_mu_rows_are_layer_inputs_in_edit_order(gen):
     model, tok = make_model("gpt2", torch.float64, gen)
     batch = random_batch(model, tok, "gpt2", gen, n_edits=3)

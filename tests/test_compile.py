@@ -72,6 +72,29 @@ def test_apply_shift_under_compile_writes_the_callers_weight(backend, gen):
     assert torch.equal(weight, before)
 
 
+def test_transposed_inputs_under_inductor(gen):
+    """Inductor asserts that a custom op's outputs have its fake's strides: apply_shift_'s previous
+    (weight's layout) and grouped_outer's backward (contiguous d_eta, d_mu) for transposed inputs."""
+    T, offsets, _ = ragged_leaves(gen)
+    eta = randn((D_OUT, T), gen).T.requires_grad_()
+    mu = randn((D_IN, T), gen).T.requires_grad_()
+    fn = lambda e, m: ops.grouped_outer(e, m, offsets, "sss", 0.5)  # noqa: E731
+    want, want_grads = output_and_grads(fn, (eta, mu))
+    with torch._inductor.config.patch(force_disable_caches=True):
+        got, got_grads = output_and_grads(torch.compile(fn, backend="inductor", fullgraph=True), (eta, mu))
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+
+    base, delta = randn((D_IN, D_OUT), gen), randn((D_OUT, D_IN), gen)
+    want = base.T.clone()
+    want_previous = ops.apply_shift_(want, delta, 0.5)
+    with torch._inductor.config.patch(force_disable_caches=True):
+        previous = torch.compile(lambda w: ops.apply_shift_(w, delta, 0.5) * 1, backend="inductor",
+                                 fullgraph=True)(base.T)
+    assert torch.equal(base.T, want) and torch.equal(previous, want_previous)
+
+
 def test_bad_offsets_raise_value_error_when_the_compiled_graph_runs(gen):
     """The trace skipped the value checks; the kernels run them at call time (C++ for
     grouped_outer on CPU, the Python check in front of lowrank_delta_linear's reference)."""

@@ -401,8 +401,8 @@ def test_fisher_mask_threshold_is_bit_identical_to_reference(gen, fisher_dtype):
     delta = randn((300, 7), gen, F64)
     # 0.375 is itself a Fisher value (strict >); 0.375 - 1e-4 rounds up to it in fp16 and bf16
     # (then nothing at 0.375 is kept), not in fp32; 1+2^-11+2^-40 rounds through fp32 for
-    # fp16/bf16, as torch does.
-    for threshold in [0.375, 0.375 - 1e-4, 0.1, 1 + 2**-11 + 2**-40, -1.0, 1e6, float("nan")]:
+    # fp16/bf16, as torch does.  (A NaN threshold is refused: FISHER_MASK_ERRORS.)
+    for threshold in [0.375, 0.375 - 1e-4, 0.1, 1 + 2**-11 + 2**-40, -1.0, 1e6]:
         out, count = ops.fisher_mask(delta, fisher, threshold=threshold)
         ref_out, ref_count = R.fisher_mask(delta, fisher, threshold=threshold)
         assert out.dtype == F64  # an fp64 delta stays fp64
@@ -484,6 +484,8 @@ def test_apply_shift_on_a_strided_weight(gen):
     R.apply_shift_(expected, delta, 0.5)
     assert_bits_equal(base.T.contiguous(), expected)  # written through the view
     assert_bits_equal(previous, original)
+    # previous in weight's layout, as the reference's clone and the fake (torch.compile checks it)
+    assert previous.stride() == weight.stride()
     empty = torch.empty(0, 3)
     assert ops.apply_shift_(empty, torch.empty(0, 3), 1.0).shape == (0, 3)
 
@@ -628,6 +630,7 @@ FISHER_MASK_ERRORS = {
     "keep 0": (lambda d, f: ((d, f), {"keep": 0.0}), "keep"),
     "keep > 1": (lambda d, f: ((d, f), {"keep": 1.5}), "keep"),
     "keep nan": (lambda d, f: ((d, f), {"keep": float("nan")}), "keep"),
+    "threshold nan": (lambda d, f: ((d, f), {"threshold": float("nan")}), "threshold"),
 }
 
 
@@ -654,6 +657,7 @@ APPLY_SHIFT_ERRORS = {
     "keep > 1": (lambda w, d, f: ((w, d, 1.0, f), {"keep": 1.01}), "keep"),
     "keep without fisher": (lambda w, d, f: ((w, d, 1.0, None), {"keep": 0.5}), "keep"),
     "threshold without fisher": (lambda w, d, f: ((w, d), {"threshold": 0.5}), "threshold"),
+    "threshold nan": (lambda w, d, f: ((w, d, 1.0, f), {"threshold": float("nan")}), "threshold"),
 }
 
 

@@ -316,6 +316,9 @@ def test_cli_unknown_flag_shows_the_commands_usage(capsys, command):
     (["edit", "--n-edits", "0"], "argument --n-edits: must be a positive int, got '0'"),
     (["train", "--n-edits", "-2"], "argument --n-edits: must be a positive int, got '-2'"),
     (["evaluate", "--repeats", "0"], "argument --repeats: must be a positive int, got '0'"),
+    (["evaluate", "--n-edits", "2,2"], "--n-edits must not repeat a value, got '2,2'"),
+    (["edit", "--prompt", "A is", "--target", "B", "--n-edits", "3"], "--n-edits goes with --data"),
+    (["train", "--val-size", "3"], "--val-size goes with --val-data"),
     (["train", "--steps", "0"], "argument --steps: must be a positive int, got '0'"),
     (["train", "--rank", "x"], "argument --rank: must be a positive int, got 'x'"),
     (["train", "--method", "ft"], "argument --method: invalid choice: 'ft'"),
@@ -331,6 +334,51 @@ def test_cli_refuses_bad_values_by_flag(capsys, tiny_model_dir, argv, message):
     assert cli.main([*argv, "--model", str(tiny_model_dir)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threads", "0"], "argument --threads: must be a positive int, got '0'"),
+    (["--steps", "-5"], "argument --steps: must be a positive int, got '-5'"),
+])
+def test_demo_refuses_bad_counts_by_flag(capsys, argv, message):
+    """The demo's counts are checked by argparse (--threads 0 ended in a UserError traceback, --steps 0
+    in TrainConfig's ValueError after the model had loaded)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("edit_demo_program", REPO / "python" / "edit_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    with pytest.raises(SystemExit) as exit_info:
+        demo.parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_demo_refuses_an_out_that_is_a_file(capsys, tmp_path, monkeypatch):
+    """--out naming a file: one error line and exit status 2 before the model loads (it was a
+    FileExistsError traceback)."""
+    import importlib.util
+
+    import dcedit_kernels.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    spec = importlib.util.spec_from_file_location("edit_demo_program", REPO / "python" / "edit_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    (tmp_path / "a_file").write_text("")
+    assert demo.main(["--quick", "--out", str(tmp_path / "a_file"), "--no-progress"]) == 2
+    assert "edit_demo: error: --out" in capsys.readouterr().err
+
+
+def test_check_facts_names_a_missing_model(capsys, tmp_path):
+    """python/check_facts.py --model <missing folder>: one error line and exit status 2, not a traceback."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_facts_program", REPO / "python" / "check_facts.py")
+    program = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(program)
+    assert program.main(["--model", str(tmp_path / "no_such_model")]) == 2
+    err = capsys.readouterr().err
+    assert "check_facts: error: --model: model folder not found" in err
 
 
 def test_cli_says_why_a_completion_is_empty():

@@ -46,6 +46,22 @@ def test_loaded_editor_equals_the_saved_one(method, seed, gen, tmp_path):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("method", EDITOR_KINDS)
+def test_loaded_editor_keeps_its_dtype(method, dtype, gen, tmp_path):
+    """An editor moved to float64 or bf16 comes back in that dtype, bit for bit (it came back in
+    fp32: float64 weights rounded, so that its shifts differed from the saved editor's)."""
+    editor = _trained_looking(small_editor(method, 7), gen).to(dtype).eval()
+    path = tmp_path / "editor.safetensors"
+    editor.save(str(path))
+    twin = copy.deepcopy(editor)
+    loaded = GroupedEditor.load(str(path)).eval()
+    for (name, a), b in zip(editor.state_dict().items(), loaded.state_dict().values()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    mu, eta, offsets, feats = editor_inputs(gen, torch.float64)
+    assert torch.equal(loaded.dense(mu, eta, offsets, 0, feats), twin.dense(mu, eta, offsets, 0, feats))
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_checkpoints_get_the_mode_the_umask_gives(umask, tmp_path):
     """safetensors 0.8 leaves its temporary file's mode, 0600, on the file it writes: a saved editor

@@ -135,6 +135,20 @@ def test_metrics_restore_mode_and_check_inputs():
         drawdown(lm, tok, REQUESTS, base, reduction="mean")
     with pytest.raises(ValueError, match="empty"):
         reliability(lm, tok, [])
+    # Lengths are checked over the whole lists, not per batch: with batch_size 2, two prompts and
+    # four targets once returned two accuracies (the extra targets dropped without a word), and
+    # four prompts with two targets said "targets must not be empty".
+    for n_prompts, n_targets in ((2, 4), (4, 2)):
+        with pytest.raises(ValueError, match=f"same length, got {n_prompts} and {n_targets}"):
+            target_accuracy(lm, tok, ["xy"] * n_prompts, ["ab"] * n_targets, batch_size=2)
+
+
+def test_evaluate_method_refuses_a_repeated_n_edits():
+    """by_n holds one entry per N_u: a repeated N_u ran its samples twice and pooled both into it."""
+    from dcedit_kernels.evaluate import evaluate_method
+
+    with pytest.raises(ValueError, match=r"n_edits must not repeat a value, got \[1, 2, 1\]"):
+        evaluate_method(None, None, "ft", REQUESTS, n_edits=(1, 2, 1), repeats=1)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "bart", "t5"])

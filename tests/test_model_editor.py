@@ -1416,6 +1416,45 @@ def test_running_norm_statistics_are_those_of_every_row_seen(gen):
     assert all(torch.equal(frozen[k], v) for k, v in norm.state_dict().items())
 
 
+@pytest.mark.parametrize("bad", ["no_feats", "feats_shape", "feats_list", "mu_list", "mu_int"])
+def test_a_training_call_that_raises_leaves_the_running_norms(bad, gen):
+    """A bad argument raises ValueError naming it before the statistics take the batch: the
+    running norms (and their token count) are as before the call."""
+    from dcedit_kernels.editors import MoEditor
+
+    editor = MoEditor(5, 3, n_editors=2, feat_dim=4, rank=3, seed=0).train()
+    editor(torch.randn(6, 5, generator=gen), torch.randn(6, 3, generator=gen),
+           torch.tensor([0, 2, 6], dtype=torch.int32), edit_feats=torch.randn(2, 4, generator=gen))
+    before = {k: v.clone() for k, v in editor.norm.state_dict().items()}
+    mu, eta = torch.randn(4, 5, generator=gen), torch.randn(4, 3, generator=gen)
+    feats = torch.randn(2, 4, generator=gen)
+    name, args = {
+        "no_feats": ("edit_feats", (mu, eta, None)),
+        "feats_shape": ("edit_feats", (mu, eta, feats[:1])),
+        "feats_list": ("edit_feats", (mu, eta, feats.tolist())),
+        "mu_list": ("mu", (mu.tolist(), eta, feats)),
+        "mu_int": ("mu", (mu.long(), eta, feats)),
+    }[bad]
+    with pytest.raises(ValueError, match=name):
+        editor(args[0], args[1], torch.tensor([0, 1, 4], dtype=torch.int32), edit_feats=args[2])
+    assert all(torch.equal(before[k], v) for k, v in editor.norm.state_dict().items())
+
+
+def test_float64_running_norm_statistics_are_float64(gen):
+    """A float64 editor's statistics are summed in float64 (its factors rounded to fp32 first, as
+    forward rounds them): the mean and sample std of every row seen, to float64 rounding."""
+    editor = GroupedEditor(5, 3, rank=4, routing="single", fusion="add").to(torch.float64).train()
+    seen = []
+    for n in (4, 1, 7):
+        mu = (torch.randn(n, 5, generator=gen) * 3 + 50).double()  # a large mean: fp32 sums lose digits
+        eta = torch.randn(n, 3, generator=gen).double()
+        editor(mu, eta, torch.tensor([0, n], dtype=torch.int32))
+        seen.append(mu)
+    mu = torch.cat(seen)
+    assert rel_err(editor.norm.u_mean, mu.mean(0)) < 1e-14
+    assert rel_err(editor.norm.u_std, mu.std(0)) < 1e-12
+
+
 def proeditor_reference(editor, mu, eta, offsets):
     """ProEditor's shift written out in float64 (one editor, no normalisation): h = [μ; η]; ψ's gain
     = 1 + fc2(relu(fc1(h̄))), h̄ = h per token or each edit's mean of h; the first residual layer
@@ -1457,6 +1496,13 @@ def test_proeditor_generated_gain_scales_the_first_layers_input(level, gen):
         got = editor.dense(mu, eta, offsets)
     want = proeditor_reference(editor, mu, eta, offsets)
     assert rel_err(got, want) < 1e-5
+    # In float64 (fp32-representable factors, which the editor rounds to fp32 first) ψ's gain stays
+    # float64 too: the shift is the reference's to float64 rounding.
+    editor64 = editor.to(torch.float64)
+    with torch.no_grad():
+        got64 = editor64.dense(mu.double(), eta.double(), offsets)
+    assert got64.dtype == torch.float64
+    assert rel_err(got64, proeditor_reference(editor64, mu, eta, offsets)) < 1e-13
 
 
 def test_proeditor_fisher_is_the_per_edit_empirical_fisher(gen):
@@ -1484,3 +1530,17 @@ def test_running_norm_is_the_identity_until_two_tokens_are_seen(gen):
     mu, eta = torch.randn(4, 5, generator=gen), torch.randn(4, 3, generator=gen)
     got_mu, got_eta = editor.norm(mu, eta)
     assert torch.equal(got_mu, mu) and torch.equal(got_eta, eta)
+
+
+def test_ft_kl_locality_texts_may_be_any_iterable(gen, tmp_path):
+    """locality_texts from a generator are the texts it yields (checking them must not consume
+    them: the generic fallback was used instead), saved as a list; a non-iterable is a ValueError."""
+    texts = ["Water boils at 100 degrees", "Grass is green"]
+    me = make_editor("gpt2", "ft_kl", gen, locality_texts=(t for t in texts))
+    assert me._locality_texts([EditRequest("g", "h")]) == texts
+    me.save(tmp_path / "ft_kl.safetensors")
+    loaded = ModelEditor.load(tmp_path / "ft_kl.safetensors", me.model, me.tokenizer)
+    assert loaded.ft_options["locality_texts"] == texts
+    for bad in (5, "one text", ["ok", ""]):
+        with pytest.raises(ValueError, match="locality_texts"):
+            ModelEditor(me.model, me.tokenizer, LAYERS["gpt2"], method="ft_kl", locality_texts=bad)

@@ -102,6 +102,26 @@ def test_grouped_outer_sss_tie_backward_follows_the_positive_side(fusion, gen, d
     _three_backwards(grad, eta, mu, offsets, fusion)
 
 
+@pytest.mark.parametrize("fusion", ["sss", "ssm"])
+def test_grouped_outer_sss_exact_zero_shift_gets_no_gradient_in_reference_mode(fusion, gen, device):
+    """A feature that a group never sees (a zero column of its μ, as after a ReLU) makes that
+    column of S_g exactly 0: the ops' backward selects strictly (no gradient there), and autograd
+    through the reference forward, which `ops.reference_mode()` runs, must agree (clamp's gradient
+    at 0 is 1: reference_mode gave d_mu there, the kernels none)."""
+    eta, mu = randn((7, 4), gen, torch.float32, device), randn((7, 5), gen, torch.float32, device)
+    mu[:3, 1] = 0.0  # group 0 (rows 0..2): S_0[:, 1] == 0
+    mu[3:, 4] = 0.0  # group 1 (rows 3..6): S_1[:, 4] == 0
+    offsets = ragged_offsets([3, 4], device)
+    grad = randn((4, 5), gen, torch.float64, device)
+    ref, mine = _three_backwards(grad, eta, mu, offsets, fusion)
+    assert torch.equal(ref[1][:3, 1], torch.zeros(3, dtype=torch.float64, device=device))
+    e64, m64 = eta.double().requires_grad_(), mu.double().requires_grad_()
+    with ops.reference_mode():
+        eager = torch.autograd.grad(ops.grouped_outer(e64, m64, offsets, fusion, 0.5), (e64, m64), grad)
+    for e, m in zip(eager, mine):
+        torch.testing.assert_close(m.double(), e, rtol=1e-5, atol=1e-5)
+
+
 def _three_backwards(grad, eta, mu, offsets, fusion, alpha=0.5):
     """(reference backward, the op's backward) of grouped_outer for float64 `grad`, each checked:
     the reference against autograd through the reference forward (stack + gather / clamp), the
@@ -711,6 +731,11 @@ def _raw_op_bad_calls(gen):
         "lowrank_delta_linear alpha": (torch.ops.dcedit.lowrank_delta_linear, (*dl[:7], dl[7][:1]), "alpha"),
         "fisher_mask": (torch.ops.dcedit.fisher_mask, (f(3, 4), f(3, 4), 1.5, None), "keep"),
         "apply_shift_": (torch.ops.dcedit.apply_shift_, (f(3, 4), f(4, 3), 1.0, None, None, None), "delta"),
+        # fisher > NaN is False everywhere: a NaN threshold would silently keep nothing (the C++
+        # kernels took it without a word while the wrappers refused it).
+        "fisher_mask NaN threshold": (torch.ops.dcedit.fisher_mask, (f(3, 4), f(3, 4), None, math.nan), "threshold"),
+        "apply_shift_ NaN threshold": (torch.ops.dcedit.apply_shift_, (f(3, 4), f(3, 4), 1.0, f(3, 4), None, math.nan),
+                                       "threshold"),
         "noisy_topk_gate k": (torch.ops.dcedit.noisy_topk_gate, (f(5, 3), f(3, 2), f(3, 2), 3, None), "k"),
         "noisy_topk_gate dtypes": (torch.ops.dcedit.noisy_topk_gate,
                                    (f(5, 3).double(), f(3, 2), f(3, 2), 1, None), "dtype"),
@@ -951,7 +976,8 @@ def test_grouped_editor_defaults_follow_the_spec():
     ed = GroupedEditor(6, 4)
     assert ed.routing == "gate" and ed.w_gate.shape == (6, 1) and ed.config["feat_dim"] == 6
     for bad in (dict(n_editors=True), dict(edit_lr="x"), dict(edit_lr=float("nan")), dict(fisher_keep="a"),
-                dict(seed="a"), dict(norm="yes")):
+                dict(seed="a"), dict(norm="yes"), dict(feat_dim=0), dict(feat_dim=2.5),
+                dict(generator_hidden=0, generator="token"), dict(generator_hidden=-1, generator="sentence")):
         name = next(iter(bad))
         with pytest.raises(ValueError, match=name):
             GroupedEditor(6, 4, **bad)

@@ -75,6 +75,17 @@ def test_fusion_rows_are_rendered(report_module, tmp_path):
     assert (tmp_path / "es_dd.png").stat().st_size > 0 and (tmp_path / "gcr.png").stat().st_size > 0
 
 
+def test_gradient_table_leaves_out_n_u_1(report_module, tmp_path):
+    """GCR and GMS are over pairs of edits: at N_u = 1 the report has none (gradient_conflict refuses
+    one edit, which once ended a --n-edits 1 run in a traceback after its whole evaluation)."""
+    report, layers = _report({"mend": _result(0.2, 0.1)})
+    report["unedited"][1] = report["unedited"][2]
+    report["methods"]["mend"]["by_n"][1] = report["methods"]["mend"]["by_n"][2]
+    text = report_module.markdown(report, [1, *SIZES], layers, tmp_path / "report.md", tmp_path)
+    assert "| MEND | 1 |" in text  # evaluated at N_u = 1
+    assert "GCR N_u=1" not in text and "| layer | GCR N_u=2 | GMS N_u=2 | GCR N_u=5 | GMS N_u=5 |" in text
+
+
 def test_given_loss_weights_are_rendered(report_module, tmp_path):
     report, layers = _report({"moeditor": _result(0.2, 0.1)})
     report["train_config"].update(cloc=10.0, balance_weight=0.5)
@@ -187,6 +198,13 @@ def test_each_row_starts_raeditors_routing_from_the_same_state(report_module):
     (["--methods", "mend,bogus"], "--methods: unknown ['bogus']"),
     (["--data", "/nonexistent/val.json"], "data file not found"),
     (["--methods", "ft", "--n-edits", "25"], "--n-edits asks for 25 edits but"),
+    (["--methods", "ft", "--n-edits", "2,0"], "--n-edits must hold positive ints, got '2,0'"),
+    (["--methods", "ft", "--n-edits", "2,3,2"], "--n-edits must not repeat a value"),
+    (["--methods", "mend", "--n-edits", "2", "--train-data", "TRAIN", "--n-train", "1", "--lr", "-1"],
+     "lr must be a non-negative finite number, got -1.0"),
+    (["--methods", "mend", "--n-edits", "2", "--train-data", "TRAIN", "--n-train", "1", "--cloc", "nan"],
+     "cloc must be a non-negative finite number, got nan"),
+    (["--methods", "ft", "--n-edits", "2", "--out-dir", "AFILE"], "--out-dir: cannot create the folder"),
 ])
 def test_report_refuses_bad_arguments_before_loading_the_model(extra, message, report_module, capsys, tmp_path,
                                                                monkeypatch):
@@ -195,6 +213,8 @@ def test_report_refuses_bad_arguments_before_loading_the_model(extra, message, r
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
     data = _counterfact_file(tmp_path / "cf.json", n=6)
     argv = ["--data", str(data), "--out-dir", str(tmp_path / "out"), "--no-progress"]
+    (tmp_path / "a_file").write_text("")
+    extra = [{"TRAIN": str(data), "AFILE": str(tmp_path / "a_file")}.get(word, word) for word in extra]
     assert report_module.main(argv + extra) == 2
     err = capsys.readouterr().err
     assert "report: error:" in err and message in err

@@ -17,7 +17,7 @@ from dcedit_kernels.requests import EditRequest
 from dcedit_kernels.train import TrainConfig, batch_edits, eval_rows, evaluate_edits, loss_from_edits, train_editor
 
 from helpers import assert_checkpointing, skip_fp32_logits, train_mode_llama
-from test_model_editor import LAYERS, one_thread, random_requests  # noqa: F401 (one_thread: autouse fixture)
+from test_model_editor import LAYERS, one_thread, random_requests, words  # noqa: F401 (one_thread: autouse fixture)
 
 # ---------------------------------------------------------------------------------------------
 # Dense reference: each row's forward with its groups' dense shifts applied to the weights
@@ -483,6 +483,32 @@ def test_resume_refuses_other_settings_or_requests(gen, tmp_path):
     assert train_editor(me, requests[2:], None, cfg.replace(steps=1, resume=False)).resumed_from is None
 
 
+def test_locality_rows_leave_out_an_appended_eos(gen):
+    """A tokenizer that appends EOS (Llama's add_eos_token): the KL rows are tokenized as the edit
+    rows' prompts are, without it, so the borrowed prompt's last position, which predicts the other
+    edit's target, stays out of the KL (with the EOS kept, the EOS position was left out instead)."""
+    model, tok = tiny_model("llama", seed=0)
+    tok.add_eos_token = True
+    assert tok("ab cd")["input_ids"][-1] == tok.eos_token_id
+    me = ModelEditor(model, tok, LAYERS["llama"][:1], method="mend", rank=4)
+    requests = random_requests(gen, 3, rephrase=False, locality=False)
+    requests[2] = EditRequest(requests[2].prompt, requests[2].target, locality=words(gen, 2, 4),
+                              locality_target=words(gen, 1, 2))
+    rows = eval_rows(me, requests, TrainConfig())
+    loc = (~rows["is_edit_row"]).nonzero()[:, 0].tolist()
+    assert len(loc) == 3
+    for e, row in enumerate(loc):
+        n = int(rows["attention_mask"][row].sum())
+        ids = rows["input_ids"][row, :n].tolist()
+        assert tok.eos_token_id not in ids and ids[0] == tok.bos_token_id
+        kl = rows["kl_mask"][row].nonzero()[:, 0].tolist()
+        if e < 2:  # the next edit's prompt: every position but the one predicting its target
+            assert ids == tok(requests[e + 1].prompt)["input_ids"][:-1]
+            assert kl == list(range(n - 1))
+        else:  # its own locality text: every position
+            assert kl == list(range(n))
+
+
 def test_train_config_and_arguments_are_checked():
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0)
@@ -726,3 +752,36 @@ def test_training_with_all_zero_factors(method, gen):
     assert all(math.isfinite(h["loss"]) for h in result.history)
     gate = (".w_gate", ".w_noise")
     assert all(torch.equal(before[k], v) for k, v in me.editors.named_parameters() if not k.endswith(gate))
+
+
+def test_a_skipped_batch_leaves_the_running_norms_as_they_were(gen, monkeypatch):
+    """A batch whose gradient is non-finite (here: an inf in its factors, as an fp16 overflow would
+    give) is skipped whole: its update of the running norms is undone.  It stayed, NaN statistics
+    made every later batch non-finite, and the run skipped them all."""
+    import dcedit_kernels.train as train_module
+    from dcedit_kernels.editors import GroupedEditor
+
+    model, tok = tiny_model("llama", seed=int(torch.randint(0, 1000, (1,), generator=gen)))
+    me = ModelEditor(model, tok, ["model.layers.0.mlp.down_proj"], method="mend", rank=3, seed=0)
+    batches, current = [], [None]
+    real_batch_loss, real_forward = train_module.batch_loss, GroupedEditor.forward
+
+    def batch_loss(me_, batch, config):
+        if not batches or batches[-1] is not batch:
+            batches.append(batch)
+        current[0] = len(batches)
+        return real_batch_loss(me_, batch, config)
+
+    def forward(self, mu, eta, *args, **kwargs):
+        if current[0] == 1:  # every pass of the first batch
+            eta = eta.clone()
+            eta[0, 0] = float("inf")
+        return real_forward(self, mu, eta, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "batch_loss", batch_loss)
+    monkeypatch.setattr(GroupedEditor, "forward", forward)
+    result = me.fit(random_requests(gen, 8), None, TrainConfig(steps=3, batch_size=2, progress=False))
+    assert len(batches) == 3 and result.skipped_batches == 1
+    norm = next(iter(me.editors.values())).norm
+    assert all(bool(torch.isfinite(b).all()) for b in norm.buffers())
+    assert 0 < int(norm.k)

@@ -805,6 +805,25 @@ def test_int64_offsets(gen, device):
                       grad_refs, eta_t, offsets, alpha)
 
 
+@pytest.mark.parametrize("offsets_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("fusion", ["none", "add"])
+def test_grouped_outer_token_index_past_int32(gen, offsets_dtype, fusion, device):
+    """A group whose rows end at 2^31 - 1 (the largest int32 offset) or past 2^31: the token chunk's
+    row index is int64 before the add.  Before, t0 + an int32 arange wrapped past 2^31 - 1 and the
+    wrapped (negative) rows passed the `< end` mask: 31 tokens counted for 19.  Rows are stride-0
+    views (nothing allocated); the launcher takes offsets as given, so one group covers the last
+    19 rows without a loop over the others."""
+    o, i = 3, 2
+    ends = [2**31 - 1] + ([2**32 + 5] if offsets_dtype == torch.int64 else [])
+    for T in ends:
+        eta = randn((1, o), gen, torch.float64, device).expand(T, o)
+        mu = randn((1, i), gen, torch.float64, device).expand(T, i)
+        offsets = torch.tensor([T - 19, T], dtype=offsets_dtype, device=device)
+        out = tk.grouped_outer(eta, mu, offsets, fusion, 1.0)
+        ref = 19 * eta[0][:, None] * mu[0][None, :]
+        close(out.reshape(o, i), ref)
+
+
 @pytest.mark.parametrize("launcher", ["grouped_outer", "grouped_outer_backward", "segmented_fisher", "grouped_lowrank",
                                       "grouped_lowrank_backward", "lowrank_delta_linear",
                                       "lowrank_delta_linear_backward"])
@@ -1028,6 +1047,16 @@ def test_bad_inputs_raise_value_error_naming_the_argument(gen, device):
         tk.segmented_fisher(eta, mu, offsets.float())
     with pytest.raises(ValueError, match="grad"):
         tk.grouped_outer_backward(eta, eta, mu, offsets, "sss", 1.0)
+    # The backward's launcher checks what its forward checks: before, "add" and "none" returned a
+    # d_eta of mu's row count (uninitialised rows) and took a 2-D or non-tensor offsets.
+    grad = randn((5, 6), gen, torch.float32, device)
+    for fusion in ("add", "max"):
+        with pytest.raises(ValueError, match="eta and mu"):
+            tk.grouped_outer_backward(grad, eta, torch.cat([mu, mu[:1]]), offsets, fusion, 1.0)
+        with pytest.raises(ValueError, match="offsets"):
+            tk.grouped_outer_backward(grad, eta, mu, offsets[None], fusion, 1.0)
+        with pytest.raises(ValueError, match="offsets"):
+            tk.grouped_outer_backward(grad, eta, mu, [0, 3, 7], fusion, 1.0)
     with pytest.raises(ValueError, match="select"):
         tk.segment_matmul(mu, torch.ones((5, 6), device=device).expand(2, 5, 6), offsets,
                           select=torch.zeros((1, 6, 5), dtype=torch.int32, device=device))

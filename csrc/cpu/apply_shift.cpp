@@ -8,6 +8,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 namespace dcedit_cpu {
@@ -70,7 +71,9 @@ at::Tensor apply_shift_cpu(at::Tensor& weight, const at::Tensor& delta, double a
                       keep.has_value() ? "keep" : "threshold", ")");
   }
 
-  at::Tensor previous = at::empty(weight.sizes(), weight.options());  // contiguous
+  // `previous` has weight's layout, as the reference's weight.clone() and the fake (empty_like):
+  // under torch.compile, inductor asserts that an op's output strides are the fake's.
+  at::Tensor previous = at::empty_like(weight);
   if (weight.numel() == 0) return previous;
   const at::Tensor delta_c = delta.contiguous();
   const at::Tensor fisher_c = fisher.has_value() ? fisher->contiguous() : at::Tensor();
@@ -81,13 +84,18 @@ at::Tensor apply_shift_cpu(at::Tensor& weight, const at::Tensor& delta, double a
     rule.all = true;
   }
   // A strided weight (e.g. a transposed view) is shifted in a contiguous copy, then copied back.
+  // (previous is then contiguous too: empty_like keeps a contiguous layout.)
   const bool direct = weight.is_contiguous();
   at::Tensor work = direct ? weight : weight.contiguous();
+  at::Tensor saved = direct ? previous : at::empty(weight.sizes(), weight.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "dcedit_apply_shift", [&] {
-    shift_in_place<scalar_t>(work.mutable_data_ptr<scalar_t>(), previous.mutable_data_ptr<scalar_t>(),
+    shift_in_place<scalar_t>(work.mutable_data_ptr<scalar_t>(), saved.mutable_data_ptr<scalar_t>(),
                              delta_c, fisher_c, rule, alpha);
   });
-  if (!direct) weight.copy_(work);
+  if (!direct) {
+    weight.copy_(work);
+    previous.copy_(saved);
+  }
   return previous;
 }
 

@@ -123,6 +123,11 @@ inline void check_keep_or_threshold(const std::optional<double>& keep,
   if (keep.has_value()) {
     TORCH_CHECK_VALUE(*keep > 0.0 && *keep <= 1.0, "keep must be in (0, 1], got ", *keep);
   }
+  // fisher > NaN is false everywhere: a NaN threshold would silently keep nothing (the Python
+  // checks refuse it too, _checks.check_fraction_or_threshold); ±inf are real requests.
+  if (threshold.has_value()) {
+    TORCH_CHECK_VALUE(!std::isnan(*threshold), "threshold must not be NaN");
+  }
 }
 
 struct KeepRule {

@@ -8,11 +8,12 @@
 // multiply-add, which would round once and differ in the last bit.  The masked delta is
 // `d * kept` (a multiply, not a select) for the same reason as in fisher_mask.cu.  One pass reads
 // each weight element once and writes both the new value and the saved copy.  With fisher=None
-// every entry is kept and keep/threshold are ignored, as in the reference.
+// every entry is kept (keep/threshold without fisher raise ValueError, as on the CPU).
 #include <optional>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -107,6 +108,13 @@ at::Tensor apply_shift_cuda(at::Tensor& weight, const at::Tensor& delta, double 
     TORCH_CHECK_VALUE(fisher->sizes() == weight.sizes(), "fisher must have shape ",
                       weight.sizes(), " (weight's), got ", fisher->sizes());
     check_keep_or_threshold(keep, threshold);
+  } else {
+    // As the CPU kernel and the Python checks: keep/threshold without fisher is a mistake, not
+    // a request to shift every entry.
+    TORCH_CHECK_VALUE(!keep.has_value() && !threshold.has_value(),
+                      "keep and threshold select entries by Fisher information: pass fisher too, "
+                      "or neither (got fisher=None with ",
+                      keep.has_value() ? "keep" : "threshold", ")");
   }
 
   // c10::DeviceGuard reaches the CUDA guard through torch's registry; c10/cuda/CUDAGuard.h would
@@ -117,10 +125,14 @@ at::Tensor apply_shift_cuda(at::Tensor& weight, const at::Tensor& delta, double 
     return apply_shift_contiguous(weight, delta, alpha, fisher, keep, threshold, stream);
   }
   // A strided weight (a view, a transpose) is shifted through a contiguous copy and written
-  // back, which keeps the kernel flat; the saved values come from the same copy.
+  // back, which keeps the kernel flat; the saved values come from the same copy and are returned
+  // in weight's layout, as the reference's weight.clone() and the fake (empty_like): under
+  // torch.compile inductor asserts that an op's output strides are the fake's.
+  at::Tensor previous = at::empty_like(weight);
   at::Tensor packed = weight.contiguous();
-  at::Tensor previous = apply_shift_contiguous(packed, delta, alpha, fisher, keep, threshold, stream);
+  const at::Tensor saved = apply_shift_contiguous(packed, delta, alpha, fisher, keep, threshold, stream);
   weight.copy_(packed);
+  previous.copy_(saved);
   return previous;
 }
 

@@ -272,6 +272,10 @@ inline void check_keep_or_threshold(const std::optional<double>& keep,
   if (keep.has_value()) {
     TORCH_CHECK_VALUE(*keep > 0.0 && *keep <= 1.0, "keep must be in (0, 1], got ", *keep);
   }
+  // As the CPU kernels and the Python checks: a NaN threshold would silently keep nothing.
+  if (threshold.has_value()) {
+    TORCH_CHECK_VALUE(!std::isnan(*threshold), "threshold must not be NaN");
+  }
 }
 
 // `contiguous` must be a contiguous tensor of a supported float dtype.

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .._checks import is_finite_number, is_int, is_number
+from .._checks import check_tensor, is_finite_number, is_int, is_number
 from ..reference.grouped_outer import FUSIONS
 from ..reference.segments import group_ids
 from .grouped_edit import GroupedEdit
@@ -86,6 +86,10 @@ class GroupedEditor(nn.Module):
             raise ValueError(f"top_k ({top_k}) cannot exceed n_editors ({n_editors})")
         if routing == "gate" and feat_dim is None:
             feat_dim = in_features  # SPEC's constructor has no feat_dim; the MoEditor preset's default
+        for name, value, used in (("feat_dim", feat_dim, routing == "gate"),
+                                  ("generator_hidden", generator_hidden, generator is not None)):
+            if used and (not is_int(value) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.config = dict(
             in_features=in_features, out_features=out_features, n_editors=n_editors, rank=rank,
             n_layers=n_layers, n_modes=n_modes, routing=routing, fusion=fusion, generator=generator,
@@ -147,6 +151,7 @@ class GroupedEditor(nn.Module):
             return groups, None, zero
         if edit_feats is None:
             raise ValueError("edit_feats is required with routing='gate'")
+        check_tensor(edit_feats, "edit_feats")
         if edit_feats.shape != (n_edits, self.w_gate.shape[0]):
             raise ValueError(f"edit_feats must have shape ({n_edits}, {self.w_gate.shape[0]}), got {tuple(edit_feats.shape)}")
         gates, chosen, loss = ops.noisy_topk_gate(
@@ -161,6 +166,8 @@ class GroupedEditor(nn.Module):
         mu (T, in), eta (T, out), edit_offsets int (E+1,) (one segment per edit), mode: which of
         the weights sharing this editor; edit_feats (E, feat_dim) for routing='gate'.
         """
+        check_tensor(mu, "mu")
+        check_tensor(eta, "eta")
         if mu.dim() != 2 or mu.shape[1] != self.in_features:
             raise ValueError(f"mu must have shape (T, {self.in_features}), got {tuple(mu.shape)}")
         if eta.dim() != 2 or eta.shape != (mu.shape[0], self.out_features):
@@ -177,13 +184,15 @@ class GroupedEditor(nn.Module):
             counts = torch.zeros(n_edits, dtype=torch.int64, device=device).index_add(0, ids, nz.long())
             edit_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
             mu, eta = mu[nz], eta[nz]
+        # Routed (edit_feats checked) before the statistics take this batch: a call that raises
+        # leaves the running norms as they were.
+        edit_group, gate_weight, aux_loss = self.route(n_edits, edit_feats, device)
         if self.training and self.norm is not None:
             self.norm.update(mu, eta)
         # The factors are rounded to fp32 first, whatever the editor's dtype, as MEND's
         # GradientTransform does (`compat.mend` reproduces float64 MEND checkpoints with it).
         mu_in, eta_in = self.norm(mu, eta) if self.norm is not None else (mu.float(), eta.float())
 
-        edit_group, gate_weight, aux_loss = self.route(n_edits, edit_feats, device)
         token_edit = group_ids(edit_offsets, mu.shape[0])
         perm, _, offsets = ops.sort_by_group(edit_group[token_edit], self.n_editors)
         h = torch.cat([mu_in, eta_in], 1)
@@ -235,7 +244,12 @@ class GroupedEditor(nn.Module):
         if "dcedit_config" not in meta:
             raise ValueError(f"{path} is not a GroupedEditor checkpoint (no dcedit_config metadata)")
         editor = cls(**json.loads(meta["dcedit_config"]))
-        editor.load_state_dict(load_file(path, device=str(map_location)))
+        state = load_file(path, device=str(map_location))
+        # In the saved editor's dtype (a float64 editor stays exact, a bf16 one bf16) and on
+        # map_location: load_state_dict alone copies into the new editor's fp32 CPU tensors.
+        alpha = state.get("alpha")
+        editor = editor.to(device=map_location, dtype=alpha.dtype if alpha is not None else None)
+        editor.load_state_dict(state)
         return editor
 
     @classmethod

@@ -29,9 +29,10 @@ class ParameterGenerator(nn.Module):
         nn.init.zeros_(self.fc2.bias)
 
     def forward(self, h: torch.Tensor, edit_offsets: torch.Tensor) -> torch.Tensor:
-        """gain (T, dim) in h's dtype, computed in ψ's: an editor moved to bf16 or float64 gets
-        h in fp32 from its running norms (and before they have seen two tokens)."""
-        out_dtype = h.dtype
+        """gain (T, dim) computed in ψ's dtype, returned in the wider of h's and ψ's: an editor
+        moved to bf16 or float64 gets h in fp32 from its running norms (and before they have seen
+        two tokens); a float64 editor keeps its gain in float64, a bf16 one gets it in fp32."""
+        out_dtype = torch.promote_types(h.dtype, self.fc1.weight.dtype)
         h = h.to(self.fc1.weight.dtype)
         if self.level == "sentence":
             # One parameter vector per edit: the mean of its tokens, broadcast back.

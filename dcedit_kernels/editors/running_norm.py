@@ -29,10 +29,11 @@ class RunningNorm(nn.Module):
         k = float(self.k)
         total = k + n_b
         for side, x in (("u", mu), ("v", eta)):
-            x = x.to(torch.float32)
+            mean, s = getattr(self, f"{side}_mean"), getattr(self, f"{side}_s")
+            # Rounded to fp32 as forward does, then summed in the buffers' dtype if wider (float64).
+            x = x.to(torch.float32).to(torch.promote_types(torch.float32, mean.dtype))
             mean_b = x.mean(0)
             m2_b = (x - mean_b).square().sum(0)
-            mean, s = getattr(self, f"{side}_mean"), getattr(self, f"{side}_s")
             delta = mean_b - mean
             mean += delta * (n_b / total)
             s += m2_b + delta.square() * (k * n_b / total)

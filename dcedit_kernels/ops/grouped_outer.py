@@ -20,7 +20,9 @@ def _(eta, mu, offsets, fusion="add", alpha=1.0):
 
 @torch.library.register_fake("dcedit::_grouped_outer_backward")
 def _(grad, eta, mu, offsets, fusion, alpha):
-    return torch.empty_like(eta), torch.empty_like(mu)
+    # Contiguous whatever eta's and mu's layout, as every kernel (C++, Triton, reference) returns
+    # them: inductor asserts that the real outputs have the fake's strides.
+    return eta.new_empty(eta.shape), mu.new_empty(mu.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -30,8 +30,12 @@ def grouped_outer(eta, mu, offsets, fusion="add", alpha=1.0):
         winner = stack.abs().argmax(0, keepdim=True)
         out = stack.gather(0, winner).squeeze(0)
     elif fusion in ("sss", "ssm"):
-        pos = stack.clamp(min=0).sum(0)
-        neg = stack.clamp(max=0).sum(0)
+        # The values of clamp(min=0) / clamp(max=0), NaN included, but autograd selects strictly as
+        # grouped_outer_backward does: clamp's gradient at exactly 0 is 1, which made
+        # `reference_mode` pass gradient to S_g entries that are exactly 0 (a feature a group never
+        # sees), where every kernel's backward gives none.
+        pos = torch.where(stack > 0, stack, stack.detach().clamp(min=0)).sum(0)
+        neg = torch.where(stack < 0, stack, stack.detach().clamp(max=0)).sum(0)
         out = torch.where(pos >= -neg, pos, neg)
         if fusion == "ssm":
             out = out / G

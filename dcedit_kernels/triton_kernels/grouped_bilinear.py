@@ -52,8 +52,10 @@ def _query_tile(q_index_ptr, q_offsets_ptr, kv_offsets_ptr, G, HAS_Q_INDEX: tl.c
     else:
         q_rows = pos
     g_safe = tl.maximum(g, 0)
-    kv_start = tl.load(kv_offsets_ptr + g_safe)
-    kv_end = tl.where(g >= 0, tl.load(kv_offsets_ptr + g_safe + 1), kv_start)
+    # int64, whatever kv_offsets' dtype: kv_start + a column index would wrap past 2^31 - 1 in int32
+    # (grouped_outer's token index did, test_grouped_outer_token_index_past_int32).
+    kv_start = tl.load(kv_offsets_ptr + g_safe).to(tl.int64)
+    kv_end = tl.where(g >= 0, tl.load(kv_offsets_ptr + g_safe + 1).to(tl.int64), kv_start)
     return g, pos, pos_ok, q_rows, kv_start, kv_end
 
 

@@ -62,7 +62,9 @@ def _grouped_outer_kernel(
         end = tl.load(offsets_ptr + g + 1)
         s_g = tl.zeros((BLOCK_O, BLOCK_I), dtype=ACC)
         for t0 in range(start, end, BLOCK_T):
-            rt = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+            # int64 before the add: t0 + an int32 arange wraps past 2^31 - 1 (int32 offsets on
+            # a GPU; the interpreter's loop variable is int32 for either offsets dtype).
+            rt = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
             t_ok = rt < end
             eta_tile = tl.load(eta_ptr + rt[None, :] * stride_eta_t + ro[:, None] * stride_eta_o,
                                mask=t_ok[None, :] & o_ok[:, None], other=0.0)  # (O, T): ηᵀ
@@ -118,14 +120,9 @@ def _grouped_outer_kernel(
         tl.store(out_base + ro[:, None].to(tl.int64) * I + ri[None, :], res, mask=out_mask)
 
 
-def launch_grouped_outer(eta, mu, offsets, mode: int, alpha=1.0, precision_from=(), select=False):
-    """Shared launcher of grouped_outer, segmented_fisher and the selection pass of
-    grouped_outer_backward (checks shapes, not offset values).
-
-    `precision_from`: as in segment_matmul (dtypes the fp32 operands were computed from).
-    `select` (MODE_MAX, MODE_SSS or MODE_SSM): return the int32 (ceil(G/32), o, i) selection
-    words instead of the fused output (alpha is then not used).
-    """
+def check_outer_inputs(eta, mu, offsets, **others) -> None:
+    """The shape, dtype and device checks of grouped_outer's launchers (forward, selection pass,
+    backward); `others` (name=tensor) are checked for the device too."""
     check_tensor(eta, "eta", 2)
     check_tensor(mu, "mu", 2)
     if eta.shape[0] != mu.shape[0]:
@@ -134,7 +131,18 @@ def launch_grouped_outer(eta, mu, offsets, mode: int, alpha=1.0, precision_from=
         raise ValueError("offsets must be an int32 or int64 tensor")
     if offsets.dim() != 1 or offsets.shape[0] < 2:
         raise ValueError(f"offsets must be 1-D with G+1 >= 2 entries, got shape {tuple(offsets.shape)}")
-    check_same_device(dict(eta=eta, mu=mu, offsets=offsets))
+    check_same_device(dict(others, eta=eta, mu=mu, offsets=offsets))
+
+
+def launch_grouped_outer(eta, mu, offsets, mode: int, alpha=1.0, precision_from=(), select=False):
+    """Shared launcher of grouped_outer, segmented_fisher and the selection pass of
+    grouped_outer_backward (checks shapes, not offset values).
+
+    `precision_from`: as in segment_matmul (dtypes the fp32 operands were computed from).
+    `select` (MODE_MAX, MODE_SSS or MODE_SSM): return the int32 (ceil(G/32), o, i) selection
+    words instead of the fused output (alpha is then not used).
+    """
+    check_outer_inputs(eta, mu, offsets)
     G = offsets.shape[0] - 1
     O, I = eta.shape[1], mu.shape[1]
     offsets = offsets.contiguous()  # the kernel reads offsets[g] at offsets_ptr + g
