@@ -23,6 +23,16 @@ prompts pass the same two checks, and only those that pass are dealt out to fact
 The script writes the surviving ids into the GENERATED block at the bottom of this file; rerun it
 with `--write` after changing the candidates.  Result of the check (fp32, CPU): 169 of 356 facts
 and 26 of 60 neighbour prompts.
+
+Neighbours of a train / held-out split.  `default_facts()` deals the known neighbour prompts over
+all facts, so after `split_facts` most held-out facts' neighbour prompts are also training facts'
+locality prompts (with seed 0: 24 of the 25 held-out facts' at 100 / 25, all 10 at 40 / 10), and an
+editor trained with a KL locality loss on them has seen the prompts its DD is scored on.
+`deal_disjoint_neighbours(train, heldout, seed)` re-deals them: a seeded shuffle of the known pool
+is cut in two, the held-out facts get the first min(len(heldout), ceil(len(pool) / 2)) prompts
+round-robin and the training facts the rest (26 prompts: 13 / 13 for 100 training and 25 held-out
+facts, 16 / 10 for 40 and 10), so no held-out neighbour prompt is a training locality prompt.
+`python/edit_demo.py` applies it after `split_facts` with the same --seed.
 """
 
 from __future__ import annotations
@@ -309,15 +319,26 @@ def candidate_facts() -> list[Fact]:
     return _with_neighbours(facts)
 
 
-def _with_neighbours(facts: list[Fact]) -> list[Fact]:
-    """`facts` with neighbours dealt round-robin from the known neighbour prompts, so that each
-    neighbour serves about equally many facts (at most ceil(len(facts) / len(pool)))."""
+def _neighbour_pool() -> list[tuple[str, str]]:
+    """The known neighbour (prompt, answer) pairs in candidate order (all candidates while the
+    known list is empty, i.e. before the check script has been run)."""
     known = set(SMOLLM2_KNOWN_NEIGHBOURS)
-    pool = [n for n in CANDIDATE_NEIGHBOURS if n[0] in known] or list(CANDIDATE_NEIGHBOURS)
+    return [n for n in CANDIDATE_NEIGHBOURS if n[0] in known] or list(CANDIDATE_NEIGHBOURS)
+
+
+def _deal(facts: list[Fact], pool: list[tuple[str, str]]) -> list[Fact]:
+    """`facts` with neighbours dealt round-robin from `pool` (each pool entry serves at most
+    ceil(len(facts) / len(pool)) facts)."""
     return [
         replace(fact, neighbour_prompt=pool[k % len(pool)][0], neighbour_target=pool[k % len(pool)][1])
         for k, fact in enumerate(facts)
     ]
+
+
+def _with_neighbours(facts: list[Fact]) -> list[Fact]:
+    """`facts` with neighbours dealt round-robin from the known neighbour prompts, so that each
+    neighbour serves about equally many facts (at most ceil(len(facts) / len(pool)))."""
+    return _deal(facts, _neighbour_pool())
 
 
 def default_facts() -> list[Fact]:
@@ -349,6 +370,47 @@ def split_facts(facts: list[Fact], n_train: int, n_heldout: int, seed: int = 0) 
     heldout = [facts[i] for i in order[:n_heldout]]
     train = [facts[i] for i in order[n_heldout : n_heldout + n_train]]
     return train, heldout
+
+
+def deal_disjoint_neighbours(
+    train: list[Fact], heldout: list[Fact], seed: int = 0, n_heldout_neighbours: int | None = None
+) -> tuple[list[Fact], list[Fact]]:
+    """(train, heldout) with their neighbours re-dealt from two disjoint parts of the known pool,
+    so that no prompt DD is scored on for `heldout` is a locality prompt of `train` (the editors'
+    KL locality loss trains on those).
+
+    A seeded shuffle (`seed`) of the known neighbour pool is cut in two: its first
+    `n_heldout_neighbours` prompts are dealt round-robin to `heldout`, the rest round-robin to
+    `train`.  The default is min(len(heldout), ceil(len(pool) / 2)): held-out facts get distinct
+    prompts while there are at most half the pool of them, and never more than half the pool, so
+    training keeps at least the other half (26 known prompts: 13 for 25 held-out facts, each
+    serving at most two of them, and 13 for the training facts; 10 and 16 for 10 held-out facts).
+    Facts, their order and every other field are kept; the held-out facts' neighbours depend only
+    on `heldout`, `seed` and the pool (and `n_heldout_neighbours`), never on `train`.
+
+    Raises ValueError (naming the argument) when `train` and `heldout` share a fact id, when
+    `seed` is not an int, or when `n_heldout_neighbours` is not an int that leaves both non-empty
+    sets at least one prompt.
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    shared = {f.id for f in train} & {f.id for f in heldout}
+    if shared:
+        raise ValueError(f"train and heldout share {len(shared)} fact(s), e.g. {sorted(shared)[0]!r}")
+    pool = _neighbour_pool()
+    if n_heldout_neighbours is None:
+        n_heldout_neighbours = min(len(heldout), (len(pool) + 1) // 2)
+    lo = 1 if heldout else 0
+    hi = 0 if not heldout else len(pool) - 1 if train else len(pool)
+    if (not isinstance(n_heldout_neighbours, int) or isinstance(n_heldout_neighbours, bool)
+            or not lo <= n_heldout_neighbours <= hi):
+        raise ValueError(
+            f"n_heldout_neighbours must be an int in [{lo}, {hi}] for {len(train)} training and "
+            f"{len(heldout)} held-out facts and {len(pool)} neighbour prompts, got {n_heldout_neighbours!r}"
+        )
+    order = list(pool)
+    random.Random(seed).shuffle(order)
+    return _deal(train, order[n_heldout_neighbours:]), _deal(heldout, order[:n_heldout_neighbours])
 
 
 # BEGIN GENERATED by python/check_facts.py --write (do not edit by hand)

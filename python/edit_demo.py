@@ -6,7 +6,10 @@
 What it does, on the embedded SmolLM2-135M-Instruct:
 1. takes our own counterfactual facts that the model gets right before editing
    (`dcedit_kernels.facts`), shuffles them with --seed and splits them into editor-training facts
-   and a held-out batch;
+   and a held-out batch, then re-deals the neighbour prompts from two disjoint parts of the 26
+   known ones (`deal_disjoint_neighbours`, seeded by --seed): 13 for the 25 held-out facts (10 for
+   --quick's 10) and the other 13 (16) for the training facts, so no prompt DD is scored on is a
+   locality prompt the editors' KL loss was trained on;
 2. trains MEND, MoEditor and ProEditor editors on the training facts with a small budget, or
    loads them from the cache (`~/.cache/dcedit_kernels/<method>-<hash of the config>.safetensors`,
    the hash covering the capture's loss reduction and every training setting with its defaults,
@@ -16,8 +19,8 @@ What it does, on the embedded SmolLM2-135M-Instruct:
 3. for FT, FT+KL, MEND, RaEditor, MoEditor and ProEditor, applies the whole held-out batch as ONE
    edit, measures ES (paraphrase), reliability (prompt), DD (changed neighbour predictions),
    LMP = ES − DD, neighbourhood success, edit latency and peak memory, and undoes the edit (the
-   methods edit without the neighbour prompts DD is scored on; the training and held-out facts
-   share those prompts, so FT+KL's KL runs over its generic sentences, not over any fact's);
+   methods edit without the neighbour prompts DD is scored on, and FT+KL's KL runs over its
+   generic sentences, not over any fact's);
 4. prints the table and before/after greedy completions for a few edits, and writes
    `results.json` and `es_dd.png` (ES and DD per method) to --out.
 """
@@ -155,7 +158,7 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     from dcedit_kernels.evaluate import measure_edit, unedited_scores
-    from dcedit_kernels.facts import default_facts, default_requests, split_facts
+    from dcedit_kernels.facts import deal_disjoint_neighbours, default_facts, default_requests, split_facts
     from dcedit_kernels.model_editor import ModelEditor
     from dcedit_kernels.models import default_model_path, load_model
 
@@ -167,7 +170,8 @@ def main(argv=None) -> int:
     load_s = time.perf_counter() - t0
 
     facts = default_facts()
-    train_facts, heldout_facts = split_facts(facts, setting["n_train"], setting["n_heldout"], seed=args.seed)
+    train_facts, heldout_facts = deal_disjoint_neighbours(
+        *split_facts(facts, setting["n_train"], setting["n_heldout"], seed=args.seed), seed=args.seed)
     train_requests, heldout = default_requests(train_facts), default_requests(heldout_facts)
     layers = [f"model.layers.{i}.mlp.down_proj" for i in setting["layers"]]
     print(f"      {len(facts)} facts the model knows: {len(train_facts)} to train editors on, "
@@ -175,7 +179,9 @@ def main(argv=None) -> int:
 
     print(f"[2/4] editors: train or load from {cache_dir()}")
     editors, train_info = {}, {}
-    train_ids = [f.id for f in train_facts]
+    # The cache key covers the training edits; the id alone would not tell editors trained with
+    # other locality prompts (those of the shared pool, before deal_disjoint_neighbours) apart.
+    train_ids = [f"{f.id}\t{f.neighbour_prompt}" for f in train_facts]
     for method in TRAINED:
         kwargs = editor_kwargs(method, setting, args.seed)
         editors[method], train_info[method] = trained_editor(
@@ -224,6 +230,8 @@ def main(argv=None) -> int:
         model=model_file, quick=args.quick, seed=args.seed, threads=threads, layers=layers,
         setting={k: v for k, v in setting.items()}, train_config=train_cfg,
         n_facts=len(facts), n_train=len(train_facts), n_heldout=len(heldout_facts),
+        neighbour_pools=dict(train=sorted({f.neighbour_prompt for f in train_facts}),
+                             heldout=sorted({f.neighbour_prompt for f in heldout_facts})),
         heldout_facts=[asdict(f) for f in heldout_facts],
         unedited=unedited, methods={m: results[m] for m in METHOD_ORDER},
         method_names={m: METHOD_NAMES[m] for m in METHOD_ORDER},

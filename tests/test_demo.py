@@ -6,6 +6,7 @@ import random
 import struct
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,8 @@ from dcedit_kernels.evaluate import (
     edit_statistics, evaluate_method, gradient_conflict, measure_edit, sample_indices, summarize,
 )
 from dcedit_kernels.facts import (
-    CANDIDATE_NEIGHBOURS, SMOLLM2_KNOWN_FACTS, SMOLLM2_KNOWN_NEIGHBOURS, candidate_facts, default_facts,
-    default_requests, split_facts,
+    CANDIDATE_NEIGHBOURS, SMOLLM2_KNOWN_FACTS, SMOLLM2_KNOWN_NEIGHBOURS, candidate_facts,
+    deal_disjoint_neighbours, default_facts, default_requests, split_facts,
 )
 from dcedit_kernels.model_editor import ModelEditor
 from dcedit_kernels.models import tiny_model
@@ -66,6 +67,10 @@ def test_quick_demo_writes_results_and_plot(tmp_path):
     # Every fact was chosen because the unedited model gets it right.
     assert result["unedited"]["dd"] == 0.0
     assert result["n_heldout"] == len(result["heldout_facts"]) == 10
+    # DD is scored on neighbour prompts the editors' KL never trained on.
+    pools = result["neighbour_pools"]
+    assert pools["heldout"] and pools["train"] and not set(pools["heldout"]) & set(pools["train"])
+    assert {f["neighbour_prompt"] for f in result["heldout_facts"]} == set(pools["heldout"])
     for c in result["completions"]:
         assert set(c["after"]) == set(result["methods"])
         assert c["true_target"] in c["before"]
@@ -114,6 +119,55 @@ def test_split_facts_is_seeded_and_disjoint():
     with pytest.raises(ValueError, match="n_train"):
         split_facts(facts, -1, 1)
     assert all(isinstance(r, EditRequest) for r in default_requests(heldout))
+
+
+@pytest.mark.parametrize("n_train, n_heldout, n_pool", [(100, 25, 13), (40, 10, 10)])  # full, --quick
+@pytest.mark.parametrize("seed", [0, 1, 7, 123])
+def test_deal_disjoint_neighbours_keeps_heldout_prompts_out_of_training(n_train, n_heldout, n_pool, seed):
+    facts = default_facts()
+    split = split_facts(facts, n_train, n_heldout, seed=seed)
+    train, heldout = deal_disjoint_neighbours(*split, seed=seed)
+    # The same facts in the same order; only the neighbours changed.
+    assert len(train + heldout) == len(split[0] + split[1])
+    for before, after in zip(split[0] + split[1], train + heldout):
+        kept = replace(after, neighbour_prompt=before.neighbour_prompt, neighbour_target=before.neighbour_target)
+        assert kept == before
+    answers = dict(CANDIDATE_NEIGHBOURS)
+    for f in train + heldout:  # every fact has a known neighbour, with its answer
+        assert f.neighbour_prompt in SMOLLM2_KNOWN_NEIGHBOURS
+        assert f.neighbour_target == answers[f.neighbour_prompt]
+        assert f.request().locality == f.neighbour_prompt
+    train_pool, heldout_pool = {f.neighbour_prompt for f in train}, {f.neighbour_prompt for f in heldout}
+    assert not train_pool & heldout_pool
+    assert len(heldout_pool) == n_pool  # held-out facts get distinct prompts, up to half the pool
+    assert train_pool | heldout_pool == set(SMOLLM2_KNOWN_NEIGHBOURS)  # the rest goes to training
+    for group, pool in ((train, train_pool), (heldout, heldout_pool)):  # dealt evenly in each
+        counts = [sum(f.neighbour_prompt == p for f in group) for p in pool]
+        assert max(counts) - min(counts) <= 1
+    # Seeded; the held-out neighbours do not depend on the training facts.
+    assert deal_disjoint_neighbours(*split, seed=seed) == (train, heldout)
+    bigger = split_facts(facts, n_train + 20, n_heldout, seed=seed)
+    assert deal_disjoint_neighbours(*bigger, seed=seed)[1] == heldout
+    assert deal_disjoint_neighbours([], split[1], seed=seed)[1] == heldout
+
+
+def test_deal_disjoint_neighbours_checks_its_arguments():
+    train, heldout = split_facts(default_facts(), 10, 5, seed=0)
+    n_pool = len(SMOLLM2_KNOWN_NEIGHBOURS)
+    with pytest.raises(ValueError, match="train and heldout share"):
+        deal_disjoint_neighbours(train, heldout + train[:1])
+    with pytest.raises(ValueError, match="seed"):
+        deal_disjoint_neighbours(train, heldout, seed="0")
+    for bad in (0, n_pool, -1, 2.0, True):
+        with pytest.raises(ValueError, match="n_heldout_neighbours"):
+            deal_disjoint_neighbours(train, heldout, n_heldout_neighbours=bad)
+    # Explicit sizes, and the edge cases of an empty side.
+    new_train, new_heldout = deal_disjoint_neighbours(train, heldout, n_heldout_neighbours=n_pool - 1)
+    assert len({f.neighbour_prompt for f in new_train}) == 1
+    assert len({f.neighbour_prompt for f in new_heldout}) == 5
+    assert len({f.neighbour_prompt for f in deal_disjoint_neighbours([], heldout, n_heldout_neighbours=n_pool)[1]}) == 5
+    assert len({f.neighbour_prompt for f in deal_disjoint_neighbours(train, [])[0]}) == 10
+    assert deal_disjoint_neighbours([], []) == ([], [])
 
 
 # ---------------------------------------------------------------------------------------------
