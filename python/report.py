@@ -6,8 +6,10 @@ gradient conflict (GCR) and magnitude similarity (GMS) per layer (the paper's Ta
         --markdown RESULTS.md --out-dir report_out
 
 1. Trains MEND, MoEditor and ProEditor editors on the first edits of --train-data (cached like
-   the demo's, see `dcedit_kernels.editor_cache.trained_editor`); RaEditor, as in the demo, is MoEditor's
-   editors with random routing (`dcedit_kernels.editor_cache.random_routing_twin`).
+   the demo's, see `dcedit_kernels.editor_cache.trained_editor`); a training edit whose locality
+   prompt an evaluated edit is scored on is trained without it (`without_scored_locality`), so
+   that DD is never scored on a prompt the editors' KL was fitted to.  RaEditor, as in the demo, is
+   MoEditor's editors with random routing (`dcedit_kernels.editor_cache.random_routing_twin`).
 2. For each method runs `dcedit_kernels.evaluate.evaluate_method` on --data: for each N_u,
    --repeats samples of N_u edits (the same samples for every method), each applied as one batch,
    scored and undone; mean ± std over the samples.  `--fusions add,ssm` adds rows for RaEditor
@@ -167,6 +169,21 @@ def kl_source_edits(training: list, evaluated: list, n: int) -> tuple[list, int]
     return picked, skipped
 
 
+def without_scored_locality(training: list, evaluated: list) -> tuple[list, int]:
+    """The training edits, those whose locality prompt an evaluated edit is scored on handed over
+    without it, and how many: the editors' KL locality loss trains on the training edits' locality
+    prompts, and DD would then be scored partly on prompts the editors were fitted to keep (39 of
+    counterfact-val's 1919 are locality prompts of the first 300 counterfact-train edits).  An edit
+    without one gets another training edit's prompt as its KL row (`train._locality_row`)."""
+    from dcedit_kernels.evaluate import without_locality
+
+    scored = {r.locality for r in evaluated if r.locality is not None}
+    hits = [r.locality is not None and r.locality in scored for r in training]
+    kept = [stripped if hit else r
+            for r, hit, stripped in zip(training, hits, without_locality(training))]
+    return kept, sum(hits)
+
+
 def routing_states(me) -> dict:
     """The states of `me`'s routing generators (RaEditor's random groups), by editor key."""
     return {key: gen.get_state() for key, gen in me.route_generators().items()}
@@ -258,7 +275,10 @@ def _editors_line(report: dict) -> str:
     if "proeditor" in run:
         parts.append("ProEditor with per-token ψ and Fisher keep 0.7 (trained on the masked shift)")
     line = (f"- Editors ({', '.join(METHOD_NAMES[m] for m in report['training']) or 'none'}) trained on the first "
-            f"{report['n_train']} edits of `{Path(report['train_data'] or '-').name}`: {tc['steps']} steps × "
+            f"{report['n_train']} edits of `{Path(report['train_data'] or '-').name}`"
+            + (f" ({report['n_train_unlocalized']} of them without their locality prompt, which DD scores)"
+               if report.get("n_train_unlocalized") else "")
+            + f": {tc['steps']} steps × "
             f"{tc['batch_size']} edits, Adam lr {tc['lr']} (edit steps α: {tc['lr_lr']}), " + ", ".join(parts) + ". ")
     if "raeditor" in run:
         line += "RaEditor = MoEditor's editors with random routing. "
@@ -437,6 +457,7 @@ def _run(args, t_start) -> int:
     if "ft_kl" in methods and train_data is not None:
         kl_edits, kl_skipped = kl_source_edits(train_requests or load_requests(train_data), requests, args.batch_size)
     kl_texts = locality_texts(kl_edits)
+    train_requests, n_train_unlocalized = without_scored_locality(train_requests, requests)
     layers = [f"model.layers.{i}.mlp.down_proj" for i in _ints(args.layers, "--layers")]
     grad_layers = [f"model.layers.{i}.mlp.down_proj" for i in _ints(args.gradient_layers, "--gradient-layers")]
     train_config = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_lr=args.lr_lr, seed=args.seed)
@@ -475,7 +496,9 @@ def _run(args, t_start) -> int:
     train_config["length_buckets"] = {"auto": model.device.type == "cpu", "on": True, "off": False}[args.length_buckets]
     # Recorded always: a report without it ran every block for every row.
     train_config["reuse_prefix"] = args.reuse_prefix == "on"
-    train_ids = [f"{r.prompt}\t{r.target}" for r in train_requests]
+    # The locality prompt enters the key: editors trained with a KL on a prompt DD scores (before
+    # `without_scored_locality`) are not reused.
+    train_ids = [f"{r.prompt}\t{r.target}\t{r.locality}" for r in train_requests]
 
     def kwargs_of(method):
         kwargs = dict(rank=args.rank, seed=args.seed, loss_reduction=args.loss_reduction)
@@ -552,6 +575,7 @@ def _run(args, t_start) -> int:
         machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         model=model_file, threads=threads, layers=layers, data=data, train_data=train_data,
         n_requests=len(requests), n_held_out=n_overlap, n_train=len(train_requests), repeats=args.repeats,
+        n_train_unlocalized=n_train_unlocalized,
         seed=args.seed,
         train_config=train_config, editor=dict(rank=args.rank, n_editors=args.n_editors, top_k=gate_top_k(editors), loss_reduction=args.loss_reduction,
                                               fusion=trained_fusion), ft_steps=args.ft_steps,

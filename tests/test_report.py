@@ -178,6 +178,39 @@ def test_training_edits_are_not_evaluated_and_scored_prompts_are_not_kl_texts(re
     assert picked == [training[1], training[2], training[4]] and skipped == 2
 
 
+def test_training_edits_lose_the_locality_prompts_dd_scores(report_module):
+    """The editors' KL trains on the training edits' locality prompts: one that an evaluated edit
+    is scored on is taken away (the edit keeps its place and its other fields), so that DD never
+    scores a prompt the editors were fitted to keep; the others are the very same requests."""
+    from dcedit_kernels import EditRequest
+
+    def req(i, loc):
+        return EditRequest(f"prompt {i}", f"target {i}", rephrase=f"rephrase {i}", locality=loc,
+                           locality_target=None if loc is None else f"answer {i}")
+
+    evaluated = [req(i, f"loc {i}") for i in range(5)] + [req(5, None)]
+    training = [req(20, "loc 3"), req(21, "loc 21"), req(22, None), req(23, "loc 0"), req(24, "loc 24")]
+    kept, n = report_module.without_scored_locality(training, evaluated)
+    assert n == 2 and len(kept) == len(training)
+    for i in (0, 3):
+        assert kept[i].locality is None and kept[i].locality_target is None
+        assert (kept[i].prompt, kept[i].target, kept[i].rephrase) == (training[i].prompt, training[i].target,
+                                                                      training[i].rephrase)
+        assert training[i].locality is not None  # the caller's requests are not modified
+    assert all(kept[i] is training[i] for i in (1, 2, 4))
+    assert report_module.without_scored_locality(training, []) == (training, 0)
+
+
+def test_the_report_says_how_many_training_edits_lost_their_locality(report_module, tmp_path):
+    report, layers = _report({"mend": _result(0.3, 0.1)})
+    report["n_train_unlocalized"] = 39
+    text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
+    assert "(39 of them without their locality prompt, which DD scores)" in text
+    report["n_train_unlocalized"] = 0
+    assert "without their locality prompt" not in report_module.markdown(report, SIZES, layers,
+                                                                           tmp_path / "report.md", tmp_path)
+
+
 def test_each_row_starts_raeditors_routing_from_the_same_state(report_module):
     """RaEditor's routing generator keeps drawing; restoring its state makes a second evaluation
     route the same edits alike (the --fusions rows of one method)."""
