@@ -81,8 +81,8 @@ class FineTuneBaselines:
     def _ft_options(self, kwargs: dict) -> dict:
         unknown = sorted(set(kwargs) - set(FT_DEFAULTS))
         if unknown:
-            raise ValueError(f"unknown arguments for method {self.method!r}: {unknown}; "
-                             f"it takes {sorted(FT_DEFAULTS)}")
+            takes = sorted(set(FT_DEFAULTS) - (set(FT_KL_ONLY) if self.method == "ft" else set()))
+            raise ValueError(f"unknown arguments for method {self.method!r}: {unknown}; it takes {takes}")
         kl_only = sorted(set(kwargs) & set(FT_KL_ONLY))
         if kl_only and self.method == "ft":  # method "ft" has no KL term: they would be ignored
             raise ValueError(f"{', '.join(kl_only)}: for method 'ft_kl' only (method 'ft' has no KL term)")

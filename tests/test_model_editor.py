@@ -139,8 +139,11 @@ def test_bad_arguments_raise_value_error():
         ModelEditor(model, tok, LAYERS["gpt2"], method="mend", no_such_argument=1)
     with pytest.raises(ValueError, match="n_modes"):
         ModelEditor(model, tok, LAYERS["gpt2"], method="mend", n_modes=2)
-    with pytest.raises(ValueError, match="unknown arguments"):
+    with pytest.raises(ValueError, match="unknown arguments") as refused:
         ModelEditor(model, tok, LAYERS["gpt2"], method="ft", rank=3)
+    assert "kl_weight" not in str(refused.value)  # the arguments it lists are "ft"'s, not FT+KL's
+    with pytest.raises(ValueError, match="unknown arguments.*'kl_weight', 'locality_texts'"):
+        ModelEditor(model, tok, LAYERS["gpt2"], method="ft_kl", rank=3)
     with pytest.raises(ValueError, match="ft_optimizer"):
         ModelEditor(model, tok, LAYERS["gpt2"], method="ft", ft_optimizer="lbfgs")
     with pytest.raises(ValueError, match="is a LayerNorm"):

@@ -983,6 +983,20 @@ def test_grouped_editor_defaults_follow_the_spec():
             GroupedEditor(6, 4, **bad)
 
 
+def test_presets_expose_what_the_readme_tests():
+    """README: the presets return a GroupedEditor, told apart by its routing, n_editors and generator."""
+    from dcedit_kernels import GroupedEditor
+    from dcedit_kernels.editors import MEND, MoEditor, ProEditor, RaEditor
+
+    for make, routing, n_editors, generator in [(MEND, "single", 1, None), (RaEditor, "random", 3, None),
+                                                (MoEditor, "gate", 3, None), (ProEditor, "single", 1, "token")]:
+        ed = make(6, 4, rank=2, **({"n_editors": 3} if n_editors > 1 else {}))
+        assert isinstance(ed, GroupedEditor)
+        assert (ed.routing, ed.n_editors, ed.generator) == (routing, n_editors, generator)
+        assert ed.generator == ed.config["generator"]
+    assert ProEditor(6, 4, rank=2, generator="sentence").generator == "sentence"
+
+
 def test_presets_refuse_the_arguments_they_set():
     """An argument a preset passes itself, given again: a ValueError saying why, not Python's
     "got multiple values" TypeError."""

@@ -98,7 +98,7 @@ class GroupedEditor(nn.Module):
         )
         self.in_features, self.out_features = in_features, out_features
         self.n_editors, self.n_modes, self.routing, self.fusion = n_editors, n_modes, routing, fusion
-        self.fisher_keep, self.top_k = fisher_keep, top_k
+        self.fisher_keep, self.top_k, self.generator = fisher_keep, top_k, generator
         d = in_features + out_features
         r = min(rank, d)
         G = n_editors

@@ -134,7 +134,8 @@ def register(op: str, reference_fn, triton_fn=None, check=None) -> None:
 
 
 def op_backends() -> dict[str, dict[str, str]]:
-    """Which implementation serves each op on CPU and on CUDA in this process."""
+    """Which implementation serves each op on CPU and on CUDA in this process (outside
+    `reference_mode`, where the wrappers call the references whatever this says)."""
     return {op: dict(v) for op, v in REGISTRY.items()}
 
 
