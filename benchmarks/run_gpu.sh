@@ -18,11 +18,13 @@ SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 
 # step NAME MAX_SECONDS LOG COMMAND...: run COMMAND with its output in LOG, for at most
-# MAX_SECONDS and never past the budget; one line per step in summary.txt.
+# MAX_SECONDS and never past the budget less RESERVE seconds (kept for a later step); one line
+# per step in summary.txt.
+RESERVE=0
 step() {
     local name=$1 max=$2 log=$3
     shift 3
-    local left=$((BUDGET - SECONDS))
+    local left=$((BUDGET - RESERVE - SECONDS))
     local limit=$((max < left ? max : left))
     if ((limit < 15)); then
         echo "$name: not run (budget of $BUDGET s spent)" | tee -a "$SUMMARY"
@@ -98,8 +100,11 @@ unset DCEDIT_TEST_CUDA
 step tune_tables 60 "$OUT/perf.log" "$PY" -m dcedit_kernels.triton_kernels.tune --tables
 # In parts, each with its own JSON: pytest-benchmark writes the file only at the end, so a
 # part stopped by its limit loses its own results, not the other's.  The results step merges them
-# into bench.json (eight files come back, no more).
+# into bench.json (eight files come back, no more).  The parts leave the results step its 30 s:
+# a part that ran to the end of the budget would otherwise leave no time to merge the parts that
+# finished, and all their JSON would be deleted unread.
 PARTS=$(mktemp -d)
+RESERVE=30
 BENCH=("$PY" -m pytest --benchmark-only -q -p no:cacheprovider)
 step bench_ops 120 "$OUT/perf.log" "${BENCH[@]}" benchmarks/test_bench_ops.py --benchmark-json="$PARTS/ops.json"
 step bench_e2e 120 "$OUT/perf.log" "${BENCH[@]}" benchmarks/test_bench_end_to_end.py \
@@ -110,6 +115,7 @@ step bench_ft_kl 60 "$OUT/perf.log" "${BENCH[@]}" benchmarks/test_bench_end_to_e
     --benchmark-json="$PARTS/ft_kl.json"
 step bench_train 60 "$OUT/perf.log" "${BENCH[@]}" benchmarks/test_bench_end_to_end.py -k training_pass \
     --benchmark-json="$PARTS/train.json"
+RESERVE=0
 step results 30 "$OUT/perf.log" "$PY" benchmarks/write_results.py "$PARTS/ops.json" "$PARTS/e2e.json" \
     "$PARTS/ft_kl.json" "$PARTS/train.json" --json-out "$OUT/bench.json" --out "$OUT/RESULTS.md"
 rm -rf "$PARTS"
