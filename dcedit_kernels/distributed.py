@@ -214,8 +214,8 @@ def agree_on_start(error: BaseException | None, steps: int, plan: dict) -> None:
     differ = sorted({k for _, _, other in outcomes for k, v in _flat(other).items() ^ mine.items()})
     if differ:
         raise ValueError(f"the processes were given different training settings ({', '.join(differ)}): every "
-                         "process of a data-parallel run needs the same TrainConfig, requests and "
-                         "checkpoint_dir or none")
+                         "process of a data-parallel run needs the same ModelEditor settings, TrainConfig, "
+                         "requests and checkpoint_dir or none")
 
 
 def _flat(plan: dict, prefix: str = "") -> dict:

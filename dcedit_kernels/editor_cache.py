@@ -28,11 +28,14 @@ def cache_dir() -> Path:
 
 
 def editor_cache_key(method: str, layers: list[str], kwargs: dict, train_config: dict,
-                     train_ids: Sequence[str], model_file: str, model_dtype: str | None = None) -> str:
+                     train_ids: Sequence[str], model_file: str, model_dtype: str | None = None,
+                     train_requests=None) -> str:
     """A hash of everything that determines a trained editor (package version, method, layers,
     editor arguments, training settings, the training edits, the model file's name and size, and
     the dtype the model was trained in when given: an editor trained on an fp16 model is not the
-    fp32 one's).
+    fp32 one's; and, when given, the content of the training requests, every field: ids that name
+    only some of them, such as prompt and target, would not tell data with other rephrases or
+    locality prompts apart).
 
     The capture settings (`tokens`, `loss_reduction`) and the training settings enter with their
     defaults resolved (a default written out is the same editor), so that changing a default (as
@@ -50,7 +53,16 @@ def editor_cache_key(method: str, layers: list[str], kwargs: dict, train_config:
     blob = json.dumps(dict(version=__version__, method=method, layers=list(layers), kwargs=editor_kwargs,
                            capture=capture,
                            train=train, edits=list(train_ids), model=model_id,
-                           **({} if model_dtype is None else dict(model_dtype=model_dtype))), sort_keys=True)
+                           **({} if model_dtype is None else dict(model_dtype=model_dtype)),
+                           **({} if train_requests is None else dict(requests=_requests_digest(train_requests)))),
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _requests_digest(requests) -> str:
+    """A hash of every field of the requests (EditRequests), in order."""
+    blob = json.dumps([dataclasses.asdict(r) if dataclasses.is_dataclass(r) else repr(r) for r in requests],
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -71,7 +83,8 @@ def trained_editor(model, tokenizer, method: str, layers: list[str], kwargs: dic
     from .train import TrainConfig
 
     dtype = str(next(model.parameters()).dtype)
-    key = editor_cache_key(method, layers, kwargs, train_config, train_ids, model_file, dtype)
+    key = editor_cache_key(method, layers, kwargs, train_config, train_ids, model_file, dtype,
+                           train_requests=train_requests)
     path = cache_dir() / f"{method}-{key}.safetensors"
     info_path = path.with_suffix(".json")  # how the cached editor was trained (for reports)
     if use_cache and path.is_file():

@@ -505,7 +505,7 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
         result.stopped_early = False  # a run stopped by patience goes on with another
     if size > 1:  # every process starts from the same step and plan, or all of them raise (none waits)
         plan = dict(run, steps=config.steps, val_every=config.val_every, patience=config.patience,
-                    min_delta=config.min_delta, checkpoints=ckpt is not None)
+                    min_delta=config.min_delta, checkpoints=ckpt is not None, editor=_editor_plan(me))
         distributed.agree_on_start(error, result.steps, plan)  # raises this process's own error too
 
     norms = [e.norm for e in me.editors.values() if e.norm is not None]
@@ -569,6 +569,15 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
         me.load_state_tensors(best_state)
     result.elapsed_s += time.perf_counter() - start
     return result
+
+
+def _editor_plan(me: ModelEditor) -> dict:
+    """What the processes of a data-parallel run must share about their ModelEditors: the editors'
+    tensors (names, shapes, dtypes: the broadcasts and all-reduces run over them, and gloo aborts the
+    process on a size mismatch) and what sets the factors they are trained on."""
+    tensors = ";".join(f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in me.editors.state_dict().items())
+    return dict(method=me.method, layers=tuple(me.layers), tokens=str(me.tokens), loss_reduction=me.loss_reduction,
+                tensors=tensors)
 
 
 def _accumulate(me: ModelEditor, params: list, train_requests, config: TrainConfig, steps: int, rank: int,
@@ -742,6 +751,7 @@ def _rng_states(me: ModelEditor) -> dict:
     return states
 
 
+EDITOR_PREFIX = "editor."  # the editors' state in trainer.safetensors (`_checkpoint`)
 RNG_KEYS = ("rng_state", "route_rng.", "cuda_rng.")  # the names (or name prefixes) `_rng_states` uses
 
 
@@ -763,7 +773,10 @@ def _checkpoint(me, opt, lr_opt, ckpt: Path, result: TrainResult, bad_validation
     _save_editor(me, ckpt / "editor.safetensors")
     t1, m1 = _flatten_optimizer(opt, "opt")
     t2, m2 = _flatten_optimizer(lr_opt, "lr_opt")
-    tensors = {**t1, **t2}
+    # The editors' state once more, in the file that holds the optimisers' and the counters (one
+    # atomic write): a write of trainer.safetensors that fails after editor.safetensors was
+    # replaced would otherwise pair this step's editors with the previous step's optimisers.
+    tensors = {**t1, **t2, **{EDITOR_PREFIX + k: v for k, v in me.state_tensors().items()}}
     for rank, states in enumerate(rng_states):
         tensors.update({(f"rank{rank}." if rank else "") + key: t.cpu() for key, t in states.items()})
     counters = dict(steps=result.steps, best_step=result.best_step, best_es=result.best_es,
@@ -813,7 +826,10 @@ def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: i
     if "run" in meta:  # checkpoints written before the settings were recorded are not checked
         _check_run(path, json.loads(meta["run"]), run)
     tensors = load_file(str(path))
-    me.load_state_tensors(load_file(str(ckpt / "editor.safetensors")))  # copied into each editor's device
+    editor = {k[len(EDITOR_PREFIX):]: v for k, v in tensors.items() if k.startswith(EDITOR_PREFIX)}
+    if not editor:  # a checkpoint from before the editors' state was also written in trainer.safetensors
+        editor = load_file(str(ckpt / "editor.safetensors"))
+    me.load_state_tensors(editor)  # copied into each editor's device
     _unflatten_optimizer(opt, "opt", tensors, json.loads(meta["opt"]))
     _unflatten_optimizer(lr_opt, "lr_opt", tensors, json.loads(meta["lr_opt"]))
     own = f"rank{rank}." if rank else ""

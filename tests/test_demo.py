@@ -589,6 +589,25 @@ def test_editor_cache_key_covers_loss_reduction_and_resolved_training_defaults()
     assert fp16 != key()  # the model's dtype, when given
 
 
+def test_editor_cache_key_covers_every_field_of_the_training_requests():
+    """Ids that name only the prompt and target (python/report.py's) would not tell training data
+    with other rephrases or locality prompts apart: the requests' content is in the key."""
+    import dataclasses
+
+    from dcedit_kernels.requests import EditRequest
+
+    reqs = [EditRequest("The capital of France is", " Rome", rephrase="France's capital is", locality="Sky is",
+                        locality_target=" blue")]
+
+    def key(requests):
+        return editor_cache.editor_cache_key("mend", ["a.b"], {}, {"steps": 2}, ["x"], "no-such-model",
+                                             train_requests=requests)
+
+    assert key(reqs) == key([dataclasses.replace(r) for r in reqs])
+    for field in ("rephrase", "locality", "locality_target", "subject"):
+        assert key([dataclasses.replace(reqs[0], **{field: "other text"})]) != key(reqs), field
+
+
 def test_trained_editor_retrains_a_cached_editor_of_the_old_semantics(tmp_path, monkeypatch, capsys):
     """A file at the cache path holding a batch-mean ("token") editor is not reused for "edit"."""
     from safetensors import safe_open

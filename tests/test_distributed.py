@@ -64,7 +64,7 @@ def _inject_failure(fail, rank):
     setattr(train_module, name, failing)
 
 
-def _worker(rank, store, out, method, editor_kwargs, runs, with_val, fail, rank_kwargs):
+def _worker(rank, store, out, method, editor_kwargs, runs, with_val, fail, rank_kwargs, rank_editor_kwargs=None):
     """Each of `runs` (TrainConfig keyword dicts, updated with `rank_kwargs[rank]`) in turn on one
     ModelEditor, data-parallel; the last state and result, or the error ("Type: message"), go to
     files in `out`."""
@@ -73,7 +73,7 @@ def _worker(rank, store, out, method, editor_kwargs, runs, with_val, fail, rank_
         torch.set_num_threads(1)
         if fail is not None:
             _inject_failure(fail, rank)
-        me = _editor(method, editor_kwargs)
+        me = _editor(method, dict(editor_kwargs, **(rank_editor_kwargs or {}).get(rank, {})))
         val = _requests(2, 3) if with_val else None
         try:
             for kwargs in runs:
@@ -92,12 +92,13 @@ def _worker(rank, store, out, method, editor_kwargs, runs, with_val, fail, rank_
         dist.destroy_process_group()
 
 
-def _run(folder, method, editor_kwargs, runs, with_val=False, fail=None, rank_kwargs=None, deadline_s=300):
+def _run(folder, method, editor_kwargs, runs, with_val=False, fail=None, rank_kwargs=None, deadline_s=300,
+         rank_editor_kwargs=None):
     folder.mkdir(parents=True, exist_ok=True)
     errors = [folder / f"error{r}.txt" for r in range(WORLD)]
     context = mp.start_processes(_worker, nprocs=WORLD, join=False, start_method="spawn",
                                  args=(str(folder / "store"), str(folder), method, editor_kwargs, runs, with_val,
-                                       fail, rank_kwargs or {}))
+                                       fail, rank_kwargs or {}, rank_editor_kwargs or {}))
     deadline = time.monotonic() + deadline_s
     try:
         while not context.join(timeout=1):
@@ -203,6 +204,15 @@ def test_processes_given_different_settings_are_refused_everywhere(tmp_path, one
                      deadline_s=120)
     assert all(e is not None and e.startswith("ValueError: the processes were given different training "
                                               "settings (config.lr, val_every)") for e in errors), errors
+
+
+def test_processes_given_different_editors_are_refused_everywhere(tmp_path, one_thread):
+    """Editors without running norms on one process: the broadcast of the editors' start would run over
+    tensors of other sizes (gloo aborts that process); both refuse before the first step."""
+    config = dict(steps=1, batch_size=2, progress=False)
+    _, errors = _run(tmp_path, "mend", {}, [config], rank_editor_kwargs={1: dict(norm=False)}, deadline_s=120)
+    assert all(e is not None and e.startswith("ValueError: the processes were given different training "
+                                              "settings (editor.tensors)") for e in errors), errors
 
 
 def test_dcedit_train_under_torchrun(tmp_path):

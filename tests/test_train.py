@@ -417,6 +417,44 @@ def test_evaluate_edits_agrees_with_metrics_edit_success(gen):
         assert ours["es_all"] == pytest.approx(metrics.edit_success(model, tok, reqs, exact=True))
 
 
+def test_a_checkpoint_whose_trainer_file_failed_to_write_resumes_from_the_previous_step(gen, tmp_path, monkeypatch):
+    """editor.safetensors is replaced before trainer.safetensors: a failed write of the latter (a
+    full disk, a killed process) must not pair this step's editors with the previous step's
+    optimisers and counters; the resume continues from the previous checkpoint as the straight run."""
+    import dcedit_kernels.train as train_module
+
+    seed = int(torch.randint(0, 100, (1,), generator=gen))
+    requests = random_requests(gen, 6)
+
+    def fresh():
+        model, tok = tiny_model("llama", seed=seed)
+        return ModelEditor(model, tok, ["model.layers.1.mlp.down_proj"], method="mend", rank=3, seed=seed)
+
+    config = TrainConfig(steps=3, batch_size=2, lr=1e-2, val_every=1, progress=False, seed=seed,
+                         checkpoint_dir=str(tmp_path / "ckpt"))
+    straight = fresh()
+    train_editor(straight, requests, None, config.replace(checkpoint_dir=None))
+    original, writes = train_module.save_safetensors, []
+
+    def failing(tensors, path, metadata=None):
+        if Path(path).name == "trainer.safetensors":
+            writes.append(path)
+            if len(writes) == 2:
+                raise OSError("injected: disk full")
+        return original(tensors, path, metadata)
+
+    monkeypatch.setattr(train_module, "save_safetensors", failing)
+    with pytest.raises(OSError, match="disk full"):
+        train_editor(fresh(), requests, None, config)
+    monkeypatch.setattr(train_module, "save_safetensors", original)
+    resumed = fresh()
+    result = train_editor(resumed, requests, None, config)
+    assert result.resumed_from == 1 and result.steps == 3
+    a, b = straight.state_tensors(), resumed.state_tensors()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
+
+
 @pytest.mark.parametrize("method", ["moeditor", "raeditor"])
 def test_checkpoint_resume_continues_the_same_run(method, gen, tmp_path):
     """2 steps + resume to 4 steps == 4 steps straight (same batches, RNG, optimiser state)."""
