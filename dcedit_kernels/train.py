@@ -55,8 +55,9 @@ the running norms, RNG states and routing generators its first forward started f
 measuring edit success on the val requests' rephrases; early stopping after `patience` validations
 without improvement; the best editor is restored at the end.  Checkpoints (safetensors only) go to
 `checkpoint_dir`: `editor.safetensors` (ModelEditor.save), `best.safetensors`, and
-`trainer.safetensors` (the optimisers' state flattened to tensors, the RNG state, and the counters
-as JSON metadata); `resume=True` continues from them (ResumeMismatchError, a ValueError, when the
+`trainer.safetensors` (the optimisers' state flattened to tensors, the RNG state, the editors' state
+again, so that one file holds a whole step, and the counters as JSON metadata); `resume=True`
+continues from them (ResumeMismatchError, a ValueError, when the
 run's TrainConfig, apart from `steps`, the validation and early-stopping fields, display/saving
 fields, `data_parallel` (the number of processes is checked on its own), `length_buckets` and
 `reuse_prefix` (rounding only), or its training or validation requests differ from the run that
