@@ -77,6 +77,12 @@ def _encode(tokenizer, text: str, offsets: bool):
     )
 
 
+def text_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` as every row here is tokenized: leading specials (BOS) kept, trailing
+    ones (an EOS some tokenizers append) dropped, so the last id is the text's last token."""
+    return _encode(tokenizer, text, offsets=False)[0]
+
+
 def causal_pair_ids(tokenizer, prompt: str, target: str, index: int = 0) -> tuple[list[int], int]:
     """Token ids of `prompt [space] target` and the number of leading prompt tokens.
 
@@ -86,7 +92,7 @@ def causal_pair_ids(tokenizer, prompt: str, target: str, index: int = 0) -> tupl
     target, found from the offset mapping.  Raises ValueError when no target token is left.
     """
     text, boundary = join_prompt_target(prompt, target)
-    prompt_ids, _, _ = _encode(tokenizer, prompt, offsets=False)
+    prompt_ids = text_ids(tokenizer, prompt)
     full_ids, special, offsets = _encode(tokenizer, text, offsets=True)
     if full_ids[: len(prompt_ids)] == prompt_ids:
         n_prompt = len(prompt_ids)
@@ -137,7 +143,7 @@ def tokenize_texts(tokenizer, texts: Sequence[str], device=None) -> dict:
     texts = _check_texts(texts, "texts")
     ids = []
     for i, text in enumerate(texts):
-        row, _, _ = _encode(tokenizer, text, offsets=False)
+        row = text_ids(tokenizer, text)
         if len(row) < 2:
             raise ValueError(f"texts[{i}] ({text!r}) needs at least 2 tokens to be scored, got {len(row)}")
         ids.append(row)

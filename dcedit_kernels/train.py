@@ -104,7 +104,7 @@ from .model_editor import CHECKPOINT_KEY, LEGACY_LOSS_REDUCTION, ModelEditor
 from .requests import EditRequest, validate_requests
 from .safetensors_file import save_safetensors
 from .scored_logits import logits_at, scored_positions
-from .tokenize import _encode, causal_pair_ids, no_kv_cache, pad_rows, pad_token_id
+from .tokenize import causal_pair_ids, no_kv_cache, pad_rows, pad_token_id, text_ids
 
 VIEWS = ("own", "all")
 PART_KEYS = ("loss", "edit", "kl", "balance")  # the terms logged per step (TrainResult.history)
@@ -205,16 +205,15 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------
 def _locality_row(requests: list[EditRequest], e: int, tokenizer) -> tuple[list[int], int] | None:
     """(token ids, number of KL positions) of edit e's locality row, or None (one edit, no locality)."""
-    # Tokenized as the edit rows' prompts are (`tokenize._encode`): leading specials (BOS) kept,
-    # trailing ones (an EOS some tokenizers append) dropped, so that the last position of a prompt
-    # row is its last prompt token, the one that predicts that edit's target.
+    # Tokenized as the edit rows' prompts are (`tokenize.text_ids`: no appended EOS), so that the
+    # last position of a prompt row is its last prompt token, the one that predicts that edit's target.
     r = requests[e]
     if r.locality is not None:
-        ids, _, _ = _encode(tokenizer, locality_texts([r])[0], offsets=False)
+        ids = text_ids(tokenizer, locality_texts([r])[0])
         return ids, len(ids)
     if len(requests) < 2:
         return None
-    ids, _, _ = _encode(tokenizer, requests[(e + 1) % len(requests)].prompt, offsets=False)
+    ids = text_ids(tokenizer, requests[(e + 1) % len(requests)].prompt)
     return ids, len(ids) - 1  # the last position predicts the other edit's target: not locality
 
 

@@ -179,9 +179,7 @@ def main(argv=None) -> int:
 
     print(f"[2/4] editors: train or load from {cache_dir()}")
     editors, train_info = {}, {}
-    # The cache key covers the training edits; the id alone would not tell editors trained with
-    # other locality prompts (those of the shared pool, before deal_disjoint_neighbours) apart.
-    train_ids = [f"{f.id}\t{f.neighbour_prompt}" for f in train_facts]
+    train_ids = [f.id for f in train_facts]
     for method in TRAINED:
         kwargs = editor_kwargs(method, setting, args.seed)
         editors[method], train_info[method] = trained_editor(

@@ -178,10 +178,8 @@ def without_scored_locality(training: list, evaluated: list) -> tuple[list, int]
     from dcedit_kernels.evaluate import without_locality
 
     scored = {r.locality for r in evaluated if r.locality is not None}
-    hits = [r.locality is not None and r.locality in scored for r in training]
-    kept = [stripped if hit else r
-            for r, hit, stripped in zip(training, hits, without_locality(training))]
-    return kept, sum(hits)
+    kept = [without_locality([r])[0] if r.locality in scored else r for r in training]
+    return kept, sum(k is not r for k, r in zip(kept, training))
 
 
 def routing_states(me) -> dict:
@@ -496,9 +494,7 @@ def _run(args, t_start) -> int:
     train_config["length_buckets"] = {"auto": model.device.type == "cpu", "on": True, "off": False}[args.length_buckets]
     # Recorded always: a report without it ran every block for every row.
     train_config["reuse_prefix"] = args.reuse_prefix == "on"
-    # The locality prompt enters the key: editors trained with a KL on a prompt DD scores (before
-    # `without_scored_locality`) are not reused.
-    train_ids = [f"{r.prompt}\t{r.target}\t{r.locality}" for r in train_requests]
+    train_ids = [f"{r.prompt}\t{r.target}" for r in train_requests]
 
     def kwargs_of(method):
         kwargs = dict(rank=args.rank, seed=args.seed, loss_reduction=args.loss_reduction)
