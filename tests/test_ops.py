@@ -183,7 +183,30 @@ def test_grouped_outer_empty_groups(counts, fusion, gen, device):
 def test_grouped_outer_gradcheck(fusion, gen, device):
     eta, mu, offsets = _outer_inputs(gen, G=3, o=4, i=3, counts=[2, 0, 3], device=device)
     eta.requires_grad_(), mu.requires_grad_()
-    assert torch.autograd.gradcheck(lambda e, m: ops.grouped_outer(e, m, offsets, fusion, 0.5), (eta, mu))
+    f = lambda e, m: ops.grouped_outer(e, m, offsets, fusion, 0.5)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (eta, mu))
+    # Second derivatives (create_graph=True) go through the reference's backward: the kernels'
+    # backwards are not differentiable.
+    assert torch.autograd.gradgradcheck(f, (eta, mu))
+
+
+def test_first_order_backward_keeps_the_kernels(gen, device, monkeypatch):
+    """Only a backward that autograd differentiates again takes the references' backwards."""
+    def refuse(*args):
+        raise AssertionError("the reference backward ran for a first-order backward")
+
+    for name in ("grouped_outer_backward", "grouped_lowrank_backward", "lowrank_delta_linear_backward"):
+        monkeypatch.setattr(reference, name, refuse)
+    eta, mu, offsets = _outer_inputs(gen, G=3, o=4, i=3, counts=[2, 0, 3], device=device)
+    eta.requires_grad_(), mu.requires_grad_()
+    ops.grouped_outer(eta, mu, offsets, "sss").sum().backward()
+    a = _lowrank_inputs(gen, G=3, d=4, r=2, counts=[2, 0, 3], extras=True, device=device)
+    a["h"].requires_grad_()
+    ops.grouped_lowrank(**a).sum().backward()
+    a = _delta_linear_inputs(gen, N=7, i=4, o=3, counts=(2, 0, 3), device=device)
+    a["x"].requires_grad_()
+    ops.lowrank_delta_linear(**a).sum().backward()
+    assert eta.grad is not None
 
 
 @pytest.mark.parametrize("dtype", OPCHECK_DTYPES)
@@ -492,6 +515,7 @@ def test_grouped_lowrank_gradcheck(extras, gen, device):
         return ops.grouped_lowrank(**kw)
 
     assert torch.autograd.gradcheck(f, tuple(a[k] for k in names))
+    assert torch.autograd.gradgradcheck(f, tuple(a[k] for k in names))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -590,6 +614,7 @@ def test_lowrank_delta_linear_gradcheck(gen, device):
         a[k].requires_grad_()
     f = lambda *xs: ops.lowrank_delta_linear(**dict(a, **dict(zip(names, xs))))  # noqa: E731
     assert torch.autograd.gradcheck(f, tuple(a[k] for k in names))
+    assert torch.autograd.gradgradcheck(f, tuple(a[k] for k in names))
     # A scalar alpha shared by every group.
     s = torch.tensor(0.7, dtype=torch.float64, device=device, requires_grad=True)
     assert torch.autograd.gradcheck(lambda al: ops.lowrank_delta_linear(**dict(a, alpha=al)), (s,))

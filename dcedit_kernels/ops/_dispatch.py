@@ -163,6 +163,24 @@ def reference_mode(enabled: bool = True):
         _REFERENCE_MODE.on = previous
 
 
+def backward_op(name: str, *tensors):
+    """The backward of op `name`: its kernel (`_<name>_backward`), or, when autograd is to
+    differentiate the backward itself (create_graph=True, a double backward, gradgradcheck) and
+    one of `tensors` requires grad, the reference's `<name>_backward`.
+
+    The backward kernels have no autograd of their own: differentiated, the C++ ones failed deep
+    inside ("mm(): functions with out=... arguments don't support automatic differentiation") or,
+    for fusion "add", ran under torch's deprecated not-implemented fallback.  The references are
+    plain torch ops, so autograd differentiates them.  A backward runs with grad mode on only
+    under create_graph=True, so ordinary training keeps the kernels.
+    """
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        from .. import reference
+
+        return getattr(reference, f"{name}_backward")
+    return opcall(f"_{name}_backward")
+
+
 def opcall(name: str):
     """The op `name` as the wrappers call it, after running its checks themselves: the reference
     in `reference_mode`, else the dispatcher's op, told not to check again (see `checked`)."""

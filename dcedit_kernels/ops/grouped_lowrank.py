@@ -4,7 +4,7 @@ import torch
 
 from .. import reference
 from .._checks import check_grad, check_offsets, check_same_device, check_shape, check_tensor, compute_dtype
-from ._dispatch import opcall, register, triton_launcher
+from ._dispatch import backward_op, opcall, register, triton_launcher
 
 _fwd = triton_launcher("grouped_lowrank")
 _bwd = triton_launcher("grouped_lowrank_backward")
@@ -32,7 +32,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     h, offsets, u, v, bias, scale, shift, gain = ctx.saved_tensors
-    grads = iter(opcall("_grouped_lowrank_backward")(grad, h, offsets, u, v, bias, scale, shift, gain))
+    kernel = backward_op("grouped_lowrank", grad, h, u, v, bias, scale, shift, gain)
+    grads = iter(kernel(grad, h, offsets, u, v, bias, scale, shift, gain))
     dh, du, dv, db = (next(grads) for _ in range(4))
     rest = [next(grads) if present else None for present in ctx.present]
     return (dh, None, du, dv, db, *rest)

@@ -5,7 +5,7 @@ import torch
 from .. import reference
 from .._checks import check_grad, check_offsets, check_same_device, check_tensor, compute_dtype, is_real_number
 from ..reference.grouped_outer import FUSIONS
-from ._dispatch import opcall, register, triton_launcher
+from ._dispatch import backward_op, opcall, register, triton_launcher
 
 # No backward holds G o×i matrices: the reference recomputes one S_g at a time; the C++ (CPU) and
 # Triton (CUDA) kernels recompute S_g's tiles once and keep one selection bit per group and entry.
@@ -33,7 +33,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     eta, mu, offsets = ctx.saved_tensors
-    d_eta, d_mu = opcall("_grouped_outer_backward")(grad, eta, mu, offsets, ctx.fusion, ctx.alpha)
+    d_eta, d_mu = backward_op("grouped_outer", grad, eta, mu)(grad, eta, mu, offsets, ctx.fusion, ctx.alpha)
     return d_eta, d_mu, None, None, None
 
 

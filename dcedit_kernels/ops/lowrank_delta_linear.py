@@ -7,7 +7,7 @@ from .._checks import (
     check_delta_linear_shapes, check_grad, check_ids, check_offsets, check_same_device, check_tensor, compute_dtype,
     is_real_number,
 )
-from ._dispatch import opcall, register, triton_launcher
+from ._dispatch import backward_op, opcall, register, triton_launcher
 
 
 def _out_dtype(x, weight, mu_t, eta_t, alpha):
@@ -32,7 +32,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, weight, row_group, mu_t, eta_t, offsets, alpha = ctx.saved_tensors
-    dx, dmu, deta, dalpha = opcall("_lowrank_delta_linear_backward")(
+    dx, dmu, deta, dalpha = backward_op("lowrank_delta_linear", grad, x, weight, mu_t, eta_t, alpha)(
         grad, x, weight, row_group, mu_t, eta_t, offsets, alpha
     )
     # The layer's own weight and bias (an nn.Linear's require grad): the shift does not depend on
