@@ -56,7 +56,8 @@ measuring edit success on the val requests' rephrases; early stopping after `pat
 without improvement; the best editor is restored at the end.  Checkpoints (safetensors only) go to
 `checkpoint_dir`: `editor.safetensors` (ModelEditor.save), `best.safetensors`, and
 `trainer.safetensors` (the optimisers' state flattened to tensors, the RNG state, the editors' state
-again, so that one file holds a whole step, and the counters as JSON metadata); `resume=True`
+again and the best state when it is not theirs, so that one file holds a whole step, and the
+counters as JSON metadata); `resume=True`
 continues from them (ResumeMismatchError, a ValueError, when the
 run's TrainConfig, apart from `steps`, the validation and early-stopping fields, display/saving
 fields, `data_parallel` (the number of processes is checked on its own), `length_buckets` and
@@ -560,8 +561,8 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                     # Every process's RNG states, so that a resume draws what an uninterrupted run would.
                     states = (distributed.gather_outcomes(lambda: _rng_states(me), "checkpointing") if size > 1
                               else [_rng_states(me)])
-                    _on_rank0(lambda: _checkpoint(me, opt, lr_opt, ckpt, result, bad_validations, run, states),
-                              "writing a checkpoint", size)
+                    _on_rank0(lambda: _checkpoint(me, opt, lr_opt, ckpt, result, bad_validations, run, states,
+                                                  best_state), "writing a checkpoint", size)
     finally:
         bar.close()
         me.editors.train(was_training)
@@ -752,6 +753,7 @@ def _rng_states(me: ModelEditor) -> dict:
 
 
 EDITOR_PREFIX = "editor."  # the editors' state in trainer.safetensors (`_checkpoint`)
+BEST_PREFIX = "best."  # the best validated state in trainer.safetensors, when it is not the editors' own
 RNG_KEYS = ("rng_state", "route_rng.", "cuda_rng.")  # the names (or name prefixes) `_rng_states` uses
 
 
@@ -768,8 +770,14 @@ def _set_rng_states(me: ModelEditor, states: dict) -> None:
 
 
 def _checkpoint(me, opt, lr_opt, ckpt: Path, result: TrainResult, bad_validations: int, run: dict,
-                rng_states: list[dict]) -> None:
-    """`rng_states`: each process's `_rng_states` (rank r > 0's saved under "rank{r}.")."""
+                rng_states: list[dict], best_state: dict | None = None) -> None:
+    """`rng_states`: each process's `_rng_states` (rank r > 0's saved under "rank{r}.").
+
+    The best state goes in trainer.safetensors too (counters["best"] says where): best.safetensors
+    is written at validation, before the step's checkpoint, so after a failed checkpoint it held a
+    newer best than the counters a resume reads (a resume with no steps left restored step 3's
+    editor as step 1's best).  At a validation that found a new best it is the editors' own state,
+    already in the file; otherwise one more copy of it."""
     _save_editor(me, ckpt / "editor.safetensors")
     t1, m1 = _flatten_optimizer(opt, "opt")
     t2, m2 = _flatten_optimizer(lr_opt, "lr_opt")
@@ -777,11 +785,14 @@ def _checkpoint(me, opt, lr_opt, ckpt: Path, result: TrainResult, bad_validation
     # atomic write): a write of trainer.safetensors that fails after editor.safetensors was
     # replaced would otherwise pair this step's editors with the previous step's optimisers.
     tensors = {**t1, **t2, **{EDITOR_PREFIX + k: v for k, v in me.state_tensors().items()}}
+    best = None if best_state is None else "editor" if result.best_step == result.steps else "trainer"
+    if best == "trainer":
+        tensors.update({BEST_PREFIX + k: v for k, v in best_state.items()})
     for rank, states in enumerate(rng_states):
         tensors.update({(f"rank{rank}." if rank else "") + key: t.cpu() for key, t in states.items()})
     counters = dict(steps=result.steps, best_step=result.best_step, best_es=result.best_es,
                     stopped_early=result.stopped_early, skipped_batches=result.skipped_batches,
-                    bad_validations=bad_validations, elapsed_s=result.elapsed_s,
+                    bad_validations=bad_validations, elapsed_s=result.elapsed_s, best=best,
                     history=result.history, val_history=result.val_history)
     meta = {"opt": json.dumps(m1), "lr_opt": json.dumps(m2), "counters": json.dumps(counters),
             "model_editor": json.dumps(me.config()), "run": json.dumps(run)}
@@ -841,5 +852,10 @@ def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: i
     result.stopped_early, result.skipped_batches = counters["stopped_early"], counters["skipped_batches"]
     result.elapsed_s, result.history = counters["elapsed_s"], counters["history"]
     result.val_history = counters["val_history"]
-    best_state = load_file(str(ckpt / "best.safetensors")) if (ckpt / "best.safetensors").is_file() else None
+    if "best" in counters:
+        where = {"editor": EDITOR_PREFIX, "trainer": BEST_PREFIX}.get(counters["best"])
+        best_state = None if where is None else {k[len(where):]: v for k, v in tensors.items() if k.startswith(where)}
+    else:  # a checkpoint from before the best state was written in trainer.safetensors
+        best_file = ckpt / "best.safetensors"
+        best_state = load_file(str(best_file)) if best_file.is_file() else None
     return (rng_states if "rng_state" in rng_states else None), best_state, counters["bad_validations"]

@@ -455,6 +455,47 @@ def test_a_checkpoint_whose_trainer_file_failed_to_write_resumes_from_the_previo
         assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
 
 
+def test_a_best_editor_written_after_the_last_checkpoint_is_not_resumed(gen, tmp_path, monkeypatch):
+    """best.safetensors is written at validation, before that step's trainer.safetensors: when the
+    latter fails, the resume must take the best editor of the checkpoint it resumes (its counters
+    name that one), not the newer best.safetensors, which no checkpoint's counters describe."""
+    import dcedit_kernels.train as train_module
+
+    seed = int(torch.randint(0, 100, (1,), generator=gen))
+    requests = random_requests(gen, 6)
+    scores, states = iter([0.5, 0.3, 0.9]), []
+
+    def scripted_evaluate(editor, val_requests, batch_size=4):
+        states.append({k: v.clone() for k, v in editor.state_tensors().items()})
+        return dict(es=next(scores), es_all=0.0, nll=1.0)
+
+    def fresh():
+        model, tok = tiny_model("gpt2", seed=seed)
+        return ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=3, seed=seed)
+
+    config = TrainConfig(steps=3, batch_size=2, lr=1e-2, val_every=1, progress=False, seed=seed,
+                         checkpoint_dir=str(tmp_path / "ckpt"))
+    original, writes = train_module.save_safetensors, []
+
+    def failing(tensors, path, metadata=None):
+        if Path(path).name == "trainer.safetensors":
+            writes.append(path)
+            if len(writes) == 3:
+                raise OSError("injected: disk full")
+        return original(tensors, path, metadata)
+
+    monkeypatch.setattr(train_module, "evaluate_edits", scripted_evaluate)
+    monkeypatch.setattr(train_module, "save_safetensors", failing)
+    with pytest.raises(OSError, match="disk full"):
+        train_editor(fresh(), requests[:4], requests[4:], config)
+    monkeypatch.setattr(train_module, "save_safetensors", original)
+    resumed = fresh()
+    result = train_editor(resumed, requests[:4], requests[4:], config.replace(steps=2))  # nothing left to run
+    assert result.resumed_from == 2 and (result.best_step, result.best_es) == (1, 0.5)
+    final = resumed.state_tensors()
+    assert all(torch.equal(final[k], states[0][k]) for k in final)  # the best of step 1, not step 3's
+
+
 @pytest.mark.parametrize("method", ["moeditor", "raeditor"])
 def test_checkpoint_resume_continues_the_same_run(method, gen, tmp_path):
     """2 steps + resume to 4 steps == 4 steps straight (same batches, RNG, optimiser state)."""
