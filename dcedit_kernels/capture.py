@@ -29,7 +29,11 @@ Token selection (`tokens=`):
   also one the mask calls padding (a left-padded causal row whose first token is a label is
   predicted from its last padding position).  Other padded tokens get exactly zero gradient
   (they are masked as attention keys and carry no label), so "all" reproduces the full
-  `weight.grad`, with left or right padding.
+  `weight.grad`, with left or right padding, in every model that masks padded keys.  A model
+  that ignores the attention mask (RWKV) reads left padding as context for every later token:
+  there the padded tokens' rows, which "all" drops, carry gradient too, and the factors are not
+  the full gradient (right padding, which `tokenize` and `ModelEditor` use, is exact: no real
+  token comes after the padding).
 - "target" (MALMEN): only the positions whose output is scored against a label.  In a causal LM
   (labels shifted inside the model's loss) that is position t with `labels[t+1] != -100`, i.e. the
   positions that predict the target tokens; in a masked LM or a seq2seq decoder it is position t

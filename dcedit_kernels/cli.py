@@ -44,7 +44,10 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 # Names of the MLP's output projection in the model families transformers ships (Llama/Mistral/
 # SmolLM2, BART/Marian/OPT, T5, GPT-NeoX/Falcon, BERT): MEND edits these in the last blocks.
-_MLP_OUT = re.compile(r"(mlp\.(down_proj|c_proj|fc_out|dense_4h_to_h)|\bfc2|DenseReluDense\.wo|output\.dense)$")
+# BERT-style blocks name their MLP output `output.dense` and their (cross-)attention output
+# `attention.output.dense` / `crossattention.output.dense`: only the first is an MLP's.
+_MLP_OUT = re.compile(r"(mlp\.(down_proj|c_proj|fc_out|dense_4h_to_h)|\bfc2|DenseReluDense\.wo"
+                      r"|(?<!attention\.)output\.dense)$")
 
 
 class UserError(Exception):

@@ -15,12 +15,25 @@ from torch import nn
 META = torch.device("meta")
 
 
+def _execution_device(hook):
+    """An accelerate hook's execution device, or None.  Hooks added with `append=True` (layerwise
+    casting, a second dispatch) are chained into a SequentialHook, which has none of its own: the
+    first of its hooks that has one."""
+    execution = getattr(hook, "execution_device", None)
+    if execution is None:
+        for inner in getattr(hook, "hooks", None) or ():
+            execution = _execution_device(inner)
+            if execution is not None:
+                break
+    return execution
+
+
 def module_device(module: nn.Module) -> torch.device | None:
     """The device `module` computes on: the execution device of an accelerate hook when it has one
-    (an offloaded module keeps its weights on "meta" and computes there), else the device of its
-    first parameter or buffer; None for a module with neither."""
-    hook = getattr(module, "_hf_hook", None)
-    execution = getattr(hook, "execution_device", None)
+    (an offloaded module keeps its weights on "meta" and computes there; of a SequentialHook, its
+    first hook's that has one), else the device of its first parameter or buffer; None for a
+    module with neither."""
+    execution = _execution_device(getattr(module, "_hf_hook", None))
     if execution is not None:
         return torch.device(execution if not isinstance(execution, int) else f"cuda:{execution}")
     for t in module.parameters():
@@ -60,7 +73,8 @@ def model_devices(model: nn.Module) -> list[torch.device]:
 
 def as_device(value, name: str) -> torch.device | None:
     """`value` (None, a str like "cuda:1", an int CUDA index, or a torch.device) as a torch.device;
-    ValueError naming `name` for anything else and for "meta" (nothing can compute there)."""
+    ValueError naming `name` for anything else, for "meta" (nothing can compute there) and for a
+    CUDA, MPS, XPU or MTIA device this machine does not have."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int, torch.device)):
@@ -71,8 +85,11 @@ def as_device(value, name: str) -> torch.device | None:
         raise ValueError(f"{name}: {exc}") from None
     if device == META:
         raise ValueError(f"{name} must be a device that computes, got 'meta'")
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise ValueError(f"{name}: {device} is not available here ({torch.cuda.device_count()} CUDA devices)")
+    # CUDA, and the other backends torch has a module for (mps, xpu, mtia): present, with that index.
+    backend = getattr(torch, device.type, None) if device.type != "cpu" else None
+    available, count = getattr(backend, "is_available", None), getattr(backend, "device_count", None)
+    if callable(available) and callable(count) and (not available() or (device.index or 0) >= count()):
+        raise ValueError(f"{name}: {device} is not available here ({count()} {device.type.upper()} devices)")
     return device
 
 

@@ -68,8 +68,9 @@ def _requests_digest(requests) -> str:
 
 # TrainConfig fields that do not change the trained editor (display, where checkpoints go).
 _NO_EFFECT = ("progress", "checkpoint_dir", "resume")
-# ModelEditor arguments that do not change the trained editor (memory only; not saved with it).
-_RUNTIME = ("capture_batch_size",)
+# ModelEditor arguments that do not change the trained editor (memory and placement only; not
+# saved with it): `ModelEditor.load` takes them again, so a cached editor gets them as a new one does.
+_RUNTIME = ("capture_batch_size", "editor_device")
 
 
 def trained_editor(model, tokenizer, method: str, layers: list[str], kwargs: dict, train_config: dict,
@@ -92,7 +93,7 @@ def trained_editor(model, tokenizer, method: str, layers: list[str], kwargs: dic
             runtime = {k: kwargs[k] for k in _RUNTIME if k in kwargs}
             me = ModelEditor.load(path, model, tokenizer, **runtime)
             _check_capture_settings(me, kwargs)
-        except (ValueError, OSError) as exc:  # a stale or damaged file: retrain
+        except (ValueError, OSError, KeyError, TypeError) as exc:  # a stale or damaged file: retrain
             print(f"ignoring the cached editor {path}: {exc}")
         else:
             try:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, replace
 
+from ._checks import is_int
 from .requests import EditRequest
 
 
@@ -355,12 +356,16 @@ def default_requests(facts: list[Fact] | None = None) -> list[EditRequest]:
 def split_facts(facts: list[Fact], n_train: int, n_heldout: int, seed: int = 0) -> tuple[list[Fact], list[Fact]]:
     """A seeded shuffle of `facts` cut into `n_train` editor-training and `n_heldout` held-out facts.
 
-    Raises ValueError when there are fewer than n_train + n_heldout facts.  Held-out facts are
-    taken first, so growing `n_train` never changes the held-out set for a given seed.
+    Raises ValueError when there are fewer than n_train + n_heldout facts, or (naming the argument)
+    when `n_train` / `n_heldout` is not a non-negative int or `seed` is not an int (None would seed
+    from the clock, so the split would differ from call to call).  Held-out facts are taken first,
+    so growing `n_train` never changes the held-out set for a given seed.
     """
     for name, value in (("n_train", n_train), ("n_heldout", n_heldout)):
-        if not isinstance(value, int) or value < 0:
+        if not is_int(value) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    if not is_int(seed):
+        raise ValueError(f"seed must be an int, got {seed!r}")
     if n_train + n_heldout > len(facts):
         raise ValueError(
             f"n_train + n_heldout ({n_train} + {n_heldout}) exceeds the {len(facts)} facts available"

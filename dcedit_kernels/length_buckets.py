@@ -79,6 +79,8 @@ def run_in_passes(batch: dict, positions: torch.Tensor, passes: list[list[int]] 
     if any(not p for p in passes) or sorted(r for p in passes for r in p) != list(range(ids.shape[0])):
         raise ValueError(f"passes must hold each of the batch's {ids.shape[0]} rows exactly once, in non-empty "
                          f"passes; got {passes}")
+    if not passes:  # an empty batch: nothing to trim or reorder
+        return run(batch, positions, torch.arange(0, device=ids.device))
     lengths = mask.sum(1)
     picks, keys = [], []
     for p in passes:
@@ -92,6 +94,6 @@ def run_in_passes(batch: dict, positions: torch.Tensor, passes: list[list[int]] 
         at = where.nonzero()
         keys.append(rows.to(at.device)[at[:, 0]] * ids.shape[1] + at[:, 1])
     picked = torch.cat(picks)
-    if len(passes) == 1:  # one pass holds its rows in ascending order: already row-major
+    if len(passes) == 1 and passes[0] == sorted(passes[0]):  # its rows in ascending order: already row-major
         return picked
     return picked[torch.argsort(torch.cat(keys)).to(picked.device)]

@@ -70,6 +70,8 @@ def scored_nll(picked: torch.Tensor, labels: torch.Tensor, causal: bool, reducti
     causal)` in row-major order: mean over all label tokens ("mean"), or per row ("row": (B,) sums
     and counts returned as a pair).  Labels move to the logits' device (a split model's LM head
     may sit elsewhere than its inputs; a no-op otherwise)."""
+    if reduction not in ("mean", "row"):
+        raise ValueError(f"reduction must be 'mean' or 'row', got {reduction!r}")
     gold, mask = _scored_labels(picked, labels, causal)
     nll = torch.nn.functional.cross_entropy(upcast(picked), gold, reduction="none")
     if reduction == "mean":
@@ -120,10 +122,14 @@ def picked_kl(base_logp: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
     """Mean over n positions of KL(p_base ‖ p_edited) from the edited logits there, `picked`
     (n, V); `base_logp` holds the base model's log-probabilities at the same positions (n, V).
     Computed on the logits' device."""
+    if base_logp.shape != picked.shape:
+        raise ValueError(f"base_logp must have picked's shape {tuple(picked.shape)}, got {tuple(base_logp.shape)}")
     post = torch.log_softmax(upcast(picked), -1)
     base_logp = base_logp.to(post.device)
-    kl = (base_logp.exp() * (base_logp - post)).sum(-1)
-    return kl.mean() if kl.numel() else picked.new_zeros(())
+    p = base_logp.exp()
+    # 0 · log 0 = 0: a token the base model gives no probability (a −inf logit) adds nothing, not NaN.
+    kl = torch.where(p > 0, p * (base_logp - post), torch.zeros((), dtype=post.dtype, device=post.device)).sum(-1)
+    return kl.mean() if kl.numel() else post.new_zeros(())
 
 
 def scored_accuracy(picked: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:

@@ -75,7 +75,8 @@ def group_factors(edit, row_edit: torch.Tensor, row_sees_all: torch.Tensor | Non
     device = edit.mu_t.device if device is None else device
     row_edit = row_edit.to(device)
     edit_group = edit.edit_group.to(device=device, dtype=torch.int64)
-    row_group = torch.where(row_edit >= 0, edit_group[row_edit.clamp(min=0)], torch.full_like(row_edit, -1))
+    # Row edit −1 reads the −1 appended last (no edits at all, E = 0, included).
+    row_group = torch.cat([edit_group, edit_group.new_full((1,), -1)])[row_edit.long()]
     mu_t, eta_t, offsets, alpha = (t.to(device) for t in (edit.mu_t, edit.eta_t, edit.offsets, edit.group_alpha()))
     if row_sees_all is not None and bool(row_sees_all.any()):
         G, T = edit.n_groups, mu_t.shape[0]

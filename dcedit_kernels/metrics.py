@@ -28,6 +28,7 @@ per-edit gradient matrix: <η_aμ_aᵀ, η_bμ_bᵀ>_F = Σ_{s∈a,t∈b} (η_s�
 from __future__ import annotations
 
 import math
+import re
 from typing import Mapping, Sequence
 
 import torch
@@ -52,19 +53,23 @@ def _check_batch_size(batch_size) -> None:
 
 
 class _EvalMode:
-    """Eval mode and no grad while scoring; the model's previous mode comes back afterwards."""
+    """Eval mode and no grad while scoring; every submodule's previous mode comes back afterwards
+    (`model.train(was_training)` would also flip the submodules a caller keeps in the other mode,
+    e.g. a frozen block left in eval mode inside a model that trains)."""
 
     def __init__(self, model):
         self.model = model
 
     def __enter__(self):
-        self.was_training = self.model.training
+        self.modes = [(m, m.training) for m in self.model.modules()]
         self.no_grad = torch.no_grad()
         self.no_grad.__enter__()
         self.model.eval()
 
     def __exit__(self, *exc):
-        self.model.train(self.was_training)
+        self.model.train(self.modes[0][1])  # the model's own train() first (a subclass may extend it)
+        for module, training in self.modes:
+            module.training = training
         self.no_grad.__exit__(*exc)
 
 
@@ -92,21 +97,35 @@ def _score_batch(model, tokenizer, batch: dict) -> list[tuple[torch.Tensor, torc
     return list(zip(pred.cpu().split(counts), gold.cpu().split(counts)))
 
 
-def _score(model, tokenizer, prompts, targets, batch_size) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Teacher-forced (pred, gold) per pair; `targets=None` scores every next token of `prompts`."""
+def _renamed(exc: ValueError, lo: int, names) -> ValueError:
+    """The tokenizer's message about item k of a batch starting at `lo`, naming it as the caller
+    does (`names`: the names of the prompts and of the targets) rather than by its place in the batch."""
+    def name(m):
+        return names[1 if m.group(1) == "targets" else 0][lo + int(m.group(2))]
+
+    return ValueError(re.sub(r"\b(texts|prompts|targets)\[(\d+)\]", name, str(exc)))
+
+
+def _score(model, tokenizer, prompts, targets, batch_size, names=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Teacher-forced (pred, gold) per pair; `targets=None` scores every next token of `prompts`.
+    `names`: (names of the prompts, names of the targets) for error messages; by default
+    `prompts[i]` and `targets[i]`, i the place in the whole list."""
     _check_batch_size(batch_size)
+    if names is None:
+        names = ([f"prompts[{i}]" for i in range(len(prompts))], [f"targets[{i}]" for i in range(len(prompts))])
     out = []
     with _EvalMode(model):
         for lo in range(0, len(prompts), batch_size):
             chunk = prompts[lo : lo + batch_size]
-            if targets is None:
-                if is_seq2seq(model):
-                    raise ValueError(
-                        "scoring plain texts needs a causal LM; give locality_target for seq2seq models"
-                    )
-                batch = tokenize_texts(tokenizer, chunk)
-            else:
-                batch = tokenize_pairs(model, tokenizer, chunk, targets[lo : lo + batch_size])
+            if targets is None and is_seq2seq(model):
+                raise ValueError("scoring plain texts needs a causal LM; give locality_target for seq2seq models")
+            try:
+                if targets is None:
+                    batch = tokenize_texts(tokenizer, chunk)
+                else:
+                    batch = tokenize_pairs(model, tokenizer, chunk, targets[lo : lo + batch_size])
+            except ValueError as exc:
+                raise _renamed(exc, lo, names) from exc
             try:
                 out.extend(_score_batch(model, tokenizer, batch))
             except IndexError as exc:  # a learned position table's bare IndexError (`positions`)
@@ -131,10 +150,18 @@ def _accuracies(scored, exact: bool) -> torch.Tensor:
 def target_accuracy(model, tokenizer, prompts: Sequence[str], targets: Sequence[str],
                     batch_size: int = 16, exact: bool = False) -> torch.Tensor:
     """Per-pair teacher-forced accuracy of `targets` after `prompts`, (N,) float64."""
+    return _target_accuracy(model, tokenizer, prompts, targets, batch_size, exact)
+
+
+def _target_accuracy(model, tokenizer, prompts, targets, batch_size, exact, names=None) -> torch.Tensor:
     prompts, targets = list(prompts), list(targets)
     if len(prompts) != len(targets):  # checked whole: the batches would drop or misname the extras
         raise ValueError(f"prompts and targets must have the same length, got {len(prompts)} and {len(targets)}")
-    return _accuracies(_score(model, tokenizer, prompts, targets, batch_size), exact)
+    return _accuracies(_score(model, tokenizer, prompts, targets, batch_size, names), exact)
+
+
+def _request_names(n: int, prompt_field: str, target_field: str) -> tuple[list[str], list[str]]:
+    return [f"requests[{i}].{prompt_field}" for i in range(n)], [f"requests[{i}].{target_field}" for i in range(n)]
 
 
 def reliability(model, tokenizer, requests: Sequence[EditRequest], batch_size: int = 16,
@@ -142,7 +169,8 @@ def reliability(model, tokenizer, requests: Sequence[EditRequest], batch_size: i
     """Accuracy of each request's target on its own prompt."""
     requests = validate_requests(requests)
     prompts, targets = [r.prompt for r in requests], [r.target for r in requests]
-    return float(target_accuracy(model, tokenizer, prompts, targets, batch_size, exact).mean())
+    names = _request_names(len(requests), "prompt", "target")
+    return float(_target_accuracy(model, tokenizer, prompts, targets, batch_size, exact, names).mean())
 
 
 def edit_success(model, tokenizer, requests: Sequence[EditRequest], batch_size: int = 16,
@@ -150,7 +178,9 @@ def edit_success(model, tokenizer, requests: Sequence[EditRequest], batch_size: 
     """ES: accuracy of each request's target on its rephrase (paraphrase) prompt."""
     requests = validate_requests(requests)
     prompts = require_field(requests, "rephrase")
-    return float(target_accuracy(model, tokenizer, prompts, [r.target for r in requests], batch_size, exact).mean())
+    names = _request_names(len(requests), "rephrase", "target")
+    return float(_target_accuracy(model, tokenizer, prompts, [r.target for r in requests], batch_size, exact,
+                                  names).mean())
 
 
 def neighbourhood_success(model, tokenizer, requests: Sequence[EditRequest], batch_size: int = 16,
@@ -159,7 +189,8 @@ def neighbourhood_success(model, tokenizer, requests: Sequence[EditRequest], bat
     requests = validate_requests(requests)
     prompts = require_field(requests, "locality")
     targets = require_field(requests, "locality_target")
-    return float(target_accuracy(model, tokenizer, prompts, targets, batch_size, exact).mean())
+    names = _request_names(len(requests), "locality", "locality_target")
+    return float(_target_accuracy(model, tokenizer, prompts, targets, batch_size, exact, names).mean())
 
 
 def locality_predictions(model, tokenizer, requests: Sequence[EditRequest],
@@ -170,13 +201,17 @@ def locality_predictions(model, tokenizer, requests: Sequence[EditRequest],
     with_target = [i for i, r in enumerate(requests) if r.locality_target is not None]
     without = [i for i, r in enumerate(requests) if r.locality_target is None]
     preds: list[torch.Tensor | None] = [None] * len(requests)
+
+    def names(rows):
+        return [f"requests[{i}].locality" for i in rows], [f"requests[{i}].locality_target" for i in rows]
+
     if with_target:
         scored = _score(model, tokenizer, [prompts[i] for i in with_target],
-                        [requests[i].locality_target for i in with_target], batch_size)
+                        [requests[i].locality_target for i in with_target], batch_size, names(with_target))
         for i, (pred, _) in zip(with_target, scored):
             preds[i] = pred
     if without:
-        scored = _score(model, tokenizer, [prompts[i] for i in without], None, batch_size)
+        scored = _score(model, tokenizer, [prompts[i] for i in without], None, batch_size, names(without))
         for i, (pred, _) in zip(without, scored):
             preds[i] = pred
     return preds
@@ -231,10 +266,11 @@ def factor_gram(mu: torch.Tensor, eta: torch.Tensor, edit_offsets: torch.Tensor,
     check_tensor(eta, "eta", ndim=2)
     if mu.shape[0] != eta.shape[0]:
         raise ValueError(f"mu and eta must have the same number of rows, got {mu.shape[0]} and {eta.shape[0]}")
-    if mu.device != eta.device or edit_offsets.device != mu.device:
-        raise ValueError("mu, eta and edit_offsets must be on one device")
-    if not isinstance(chunk, int) or chunk < 1:
+    if not is_int(chunk) or chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
+    # Devices before the offsets' values (which check_offsets reads), but a list has no .device.
+    if mu.device != eta.device or (isinstance(edit_offsets, torch.Tensor) and edit_offsets.device != mu.device):
+        raise ValueError("mu, eta and edit_offsets must be on one device")
     E = check_offsets(edit_offsets, "edit_offsets", mu.shape[0])
     dtype = torch.float64 if torch.float64 in (mu.dtype, eta.dtype) else torch.float32
     mu, eta = mu.to(dtype), eta.to(dtype)
@@ -269,11 +305,29 @@ def factors_gram(factors: Factors | Mapping[str, Factors], chunk: int = 2048) ->
     return sum(g.to(dtype) for g in grams)
 
 
+def _row_scaled_gram(grads: torch.Tensor) -> torch.Tensor:
+    """`gradient_gram(grads)` in float64, from rows first scaled by a power of two (exact) that
+    brings each row's largest entry into [0.5, 1): the fp32 Gram of unscaled rows underflows for
+    tiny gradients (entries ~1e-23 read as zero, so a pair with cosine -1 did not conflict and GMS
+    was 1 for norms 1 and 2) and overflows for huge ones; cosines and GMS need neither."""
+    dtype = torch.float64 if grads.dtype == torch.float64 else torch.float32
+    g = grads.detach().to(dtype, copy=True)  # one copy, scaled in place
+    peak = g.abs().amax(dim=1) if g.shape[1] else g.new_zeros(g.shape[0])
+    exp = torch.frexp(peak.double()).exponent.long()
+    exp = torch.where(torch.isfinite(peak) & (peak > 0), exp, torch.zeros_like(exp))
+    half = torch.div(-exp, 2, rounding_mode="floor")  # two exact steps, each within fp32's range
+    for e in (half, -exp - half):
+        g.mul_(torch.pow(2.0, e.double()).to(dtype)[:, None])
+    back = torch.pow(2.0, exp.double())
+    return (g @ g.t()).double() * back[:, None] * back[None, :]
+
+
 def _pair_stats(grads, gram) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if (grads is None) == (gram is None):
         raise ValueError("give exactly one of grads (E, P) or gram (E, E)")
     if gram is None:
-        gram = gradient_gram(grads)
+        check_tensor(grads, "grads", ndim=2)
+        gram = _row_scaled_gram(grads)
     else:
         check_tensor(gram, "gram", ndim=2)
         if gram.shape[0] != gram.shape[1]:
@@ -291,7 +345,10 @@ def gcr(grads: torch.Tensor | None = None, *, gram: torch.Tensor | None = None) 
     """Gradient conflict ratio: share of edit pairs whose gradients have negative cosine."""
     dot, _, _ = _pair_stats(grads, gram)
     # cos < 0 exactly when the inner product is < 0 (norms are positive; a zero gradient has
-    # inner product 0 with everything and so conflicts with nothing).
+    # inner product 0 with everything and so conflicts with nothing).  A NaN inner product (a
+    # NaN gradient) makes the ratio NaN rather than a pair that silently does not conflict.
+    if torch.isnan(dot).any():
+        return math.nan
     return float((dot < 0).double().mean())
 
 
@@ -300,5 +357,5 @@ def gms(grads: torch.Tensor | None = None, *, gram: torch.Tensor | None = None) 
     _, sq_i, sq_j = _pair_stats(grads, gram)
     denom = sq_i + sq_j
     ratio = 2 * (sq_i * sq_j).sqrt() / denom.clamp_min(math.ulp(0.0))
-    ratio = torch.where(denom > 0, ratio, torch.ones_like(denom))  # two zero gradients: equal
+    ratio = torch.where(denom == 0, torch.ones_like(denom), ratio)  # two zero gradients: equal (NaN stays NaN)
     return float(ratio.mean())

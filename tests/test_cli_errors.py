@@ -49,6 +49,21 @@ def test_cli_helpers_refuse_bad_values_from_python_callers():
         cli.default_layers(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)))
 
 
+def test_default_layers_are_mlp_outputs_not_attention_outputs():
+    """BERT-style blocks: `layer.N.output.dense` is the MLP's output, `layer.N.attention.output.dense`
+    (and a decoder's `crossattention.output.dense`) the attention's; the defaults are MLP outputs
+    only (the last 3 once held layer 1's attention output)."""
+    model, _ = tiny_model("bert", seed=0)
+    assert cli.default_layers(model) == ["bert.encoder.layer.0.output.dense", "bert.encoder.layer.1.output.dense"]
+    config = model.config.to_dict()
+    config.update(is_decoder=True, add_cross_attention=True)
+    import transformers
+
+    decoder = transformers.BertLMHeadModel(transformers.BertConfig(**config))
+    assert any(n.endswith("crossattention.output.dense") for n, _ in decoder.named_modules())
+    assert cli.default_layers(decoder, n=5) == [f"bert.encoder.layer.{i}.output.dense" for i in (0, 1)]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cli_device_not_usable_here_is_one_error_line(capsys, tiny_model_dir):
     assert cli.main(["edit", "--model", str(tiny_model_dir), "--device", "cuda", "--prompt", "a b",

@@ -406,6 +406,36 @@ def test_bad_arguments(gen, inner, shapes, match):
         compat_mend.load(sd, inner, shapes)
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    ({"dtype": "float32"}, "dtype"),  # a str reached nn.Module.to as a device string
+    ({"dtype": torch.int32}, "dtype"),
+    ({"device": "nope"}, "device"),
+    ({"device": 1.5}, "device"),
+    ({"norm": "yes"}, "norm"),
+    ({"prefix": "mend"}, "prefix"),  # no trailing dot: every editor name came out empty
+    ({"prefix": 3}, "prefix"),
+    ({"edit_lrs_key": ["edit_lrs"]}, "edit_lrs_key"),
+])
+def test_bad_options_name_the_argument(gen, kwargs, match):
+    sd = make_mend_state_dict(gen)
+    with pytest.raises(ValueError, match=match):
+        compat_mend.load(sd, INNER, SHAPES, **kwargs)
+
+
+def test_float64_rows_that_underflow_fp32_are_dropped(gen):
+    """MEND rounds the factors to fp32 before dropping all-zero rows: a float64 row below fp32's
+    smallest subnormal is a zero row there too."""
+    sd = make_mend_state_dict(gen, dtype=torch.float64)
+    views = compat_mend.load(sd, INNER, SHAPES)
+    for name in (INNER[0], INNER[5]):
+        in_f, out_f = SHAPES[name]
+        mu, eta, offsets = make_factors(gen, in_f, out_f, torch.float64)
+        eta[2] = 1e-50
+        mu[5] = -1e-60
+        ref_shift, _ = mend_edit(sd, name, randn((out_f, in_f), gen, torch.float64), mu, eta)
+        assert rel_err(views[name].shift(mu, eta, offsets).detach(), ref_shift) < TOL[torch.float64]
+
+
 def test_bad_conv1d_and_source(gen):
     sd = make_mend_state_dict(gen)
     with pytest.raises(ValueError, match="conv1d"):

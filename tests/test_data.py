@@ -172,6 +172,35 @@ def test_zsre_malformed(tmp_path, records, match):
         load_zsre(write(tmp_path, records), target=target)
 
 
+@pytest.mark.parametrize("bad", [dict(ZSRE_RECORD, alt=5), dict(ZSRE_RECORD, alt=" ")])
+def test_zsre_skipped_is_untouched_when_the_load_raises(tmp_path, bad):
+    """A call that raises (a bad record after a skipped one, or every record skipped) leaves the
+    caller's `skipped` list as it was."""
+    path = write(tmp_path, [dict(ZSRE_RECORD, alt=""), bad])
+    skipped = ["kept"]
+    with pytest.raises(ValueError):
+        load_zsre(path, skipped=skipped)
+    assert skipped == ["kept"]
+    load_zsre(write(tmp_path, [dict(ZSRE_RECORD, alt=""), ZSRE_RECORD]), skipped=skipped)
+    assert skipped == ["kept", 0]
+
+
+def test_records_file_encoding(tmp_path):
+    """A file that is not UTF-8 raises ValueError naming it; a UTF-8 byte-order mark is accepted."""
+    path = tmp_path / "latin1.json"
+    path.write_bytes(json.dumps([dict(CF_RECORD, prompt="Café, the")], ensure_ascii=False).encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.json: not UTF-8"):
+        load_counterfact(path)
+    path = tmp_path / "bom.json"
+    path.write_bytes(json.dumps([dict(CF_RECORD, prompt="Café, the")], ensure_ascii=False).encode("utf-8-sig"))
+    assert load_counterfact(path)[0].prompt == "Café, the"
+
+
+def test_data_path_rejects_a_name_that_is_not_a_str():
+    with pytest.raises(ValueError, match="name must be one of"):
+        data_path(["counterfact-val"])
+
+
 def test_zsre_real_file():
     path = data_path("zsre-train")
     if not path.is_file():

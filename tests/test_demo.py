@@ -118,6 +118,11 @@ def test_split_facts_is_seeded_and_disjoint():
         split_facts(facts, len(facts), 1)
     with pytest.raises(ValueError, match="n_train"):
         split_facts(facts, -1, 1)
+    for bad in (None, "0", 1.0, True):  # None would seed from the clock: a different split each call
+        with pytest.raises(ValueError, match="seed must be an int"):
+            split_facts(facts, 10, 5, seed=bad)
+    with pytest.raises(ValueError, match="n_heldout"):
+        split_facts(facts, 10, True)
     assert all(isinstance(r, EditRequest) for r in default_requests(heldout))
 
 
@@ -635,6 +640,33 @@ def test_trained_editor_retrains_a_cached_editor_of_the_old_semantics(tmp_path, 
     save_file(load_file(str(path)), str(path), metadata={"dcedit_model_editor": json.dumps(config)})
     me3, info3 = editor_cache.trained_editor(*args, progress=False)
     assert not info3["cached"] and me3.loss_reduction == "edit"
+    assert "ignoring the cached editor" in capsys.readouterr().out
+
+
+def test_trained_editor_cached_gets_the_runtime_settings_and_survives_damaged_metadata(tmp_path, monkeypatch,
+                                                                                     capsys):
+    """A cached editor is loaded with the placement asked for (editor_device, like
+    capture_batch_size: not in the key), and a cache file whose metadata lacks a field is
+    retrained, not a KeyError."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("DCEDIT_CACHE_DIR", str(tmp_path))
+    model, tok = tiny_model("llama", seed=0)
+    requests = _tiny_requests(2, random.Random(0))
+    args = (model, tok, "mend", ["model.layers.1.mlp.down_proj"], {"rank": 3, "editor_device": torch.device("cpu")},
+            dict(steps=1, batch_size=2), requests, ["a", "b"], "tiny")
+    me, info = editor_cache.trained_editor(*args, progress=False)
+    assert not info["cached"] and me.editor_device == torch.device("cpu")
+    me2, info2 = editor_cache.trained_editor(*args, progress=False)
+    assert info2["cached"] and me2.editor_device == torch.device("cpu")
+    path = Path(info["path"])
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads(f.metadata()["dcedit_model_editor"])
+    del config["layers"]
+    save_file(load_file(str(path)), str(path), metadata={"dcedit_model_editor": json.dumps(config)})
+    me3, info3 = editor_cache.trained_editor(*args, progress=False)
+    assert not info3["cached"]
     assert "ignoring the cached editor" in capsys.readouterr().out
 
 

@@ -114,6 +114,27 @@ def test_no_plan_runs_the_batch_as_it_is(gen):
     assert got[0] is batch and got[1] is positions and got[2].tolist() == [0, 1, 2]
 
 
+def test_one_pass_in_any_row_order_and_an_empty_batch(gen):
+    """A pass's rows may come in any order: one pass of every row, not ascending, still gives the
+    batch's row-major order.  An empty batch (plan_passes([]) == []) runs as one empty pass."""
+    lengths = torch.randint(1, 6, (5,), generator=gen).tolist()
+    batch = padded_batch(gen, lengths, max(lengths))
+    positions = batch["attention_mask"].bool()
+    table = torch.randn(100, 3, generator=gen, dtype=torch.float64)
+
+    def run(sub, where, rows):
+        return table[sub["input_ids"]][where]
+
+    want = table[batch["input_ids"]][positions]
+    order = torch.randperm(5, generator=gen).tolist()
+    while order == sorted(order):
+        order = torch.randperm(5, generator=gen).tolist()
+    assert torch.equal(run_in_passes(batch, positions, [order], run), want)
+    empty = dict(input_ids=torch.zeros(0, 4, dtype=torch.long), attention_mask=torch.zeros(0, 4, dtype=torch.long))
+    got = run_in_passes(empty, torch.zeros(0, 4, dtype=torch.bool), plan_passes([]), run)
+    assert got.shape == (0, 3)
+
+
 def test_a_position_in_the_trimmed_padding_is_refused(gen):
     """A pass keeps its rows' columns up to its longest row: a True position past that would be
     dropped without a word, so it is a ValueError."""

@@ -1,5 +1,6 @@
 """Metrics on hand-computed cases; the factor Gram matrix against dense per-edit gradients."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -272,6 +273,8 @@ def test_factor_gram_errors():
         factor_gram(torch.ones(3), eta, torch.tensor([0, 3], dtype=torch.int32))
     with pytest.raises(ValueError, match="chunk"):
         factor_gram(mu, eta, torch.tensor([0, 3], dtype=torch.int32), chunk=0)
+    with pytest.raises(ValueError, match="edit_offsets must be a torch.Tensor"):  # was AttributeError
+        factor_gram(mu, eta, [0, 3])
     f1 = Factors(mu, eta, torch.tensor([0, 1, 3], dtype=torch.int32))
     f2 = Factors(mu, eta, torch.tensor([0, 3], dtype=torch.int32))
     with pytest.raises(ValueError, match="same edits"):
@@ -325,3 +328,71 @@ def test_measure_edit_scores_every_metric_by_hand():
     assert run["lmp"] == pytest.approx((1 + 2 / 3) / 2 - 0.5)
     assert run["ns"] == pytest.approx(2 / 3)
     assert run["n_edits"] == 2 and lm.table == before
+
+
+def test_scoring_restores_every_submodules_mode():
+    """A model that trains with a block kept in eval mode (or an eval model with a submodule in
+    train mode) gets each submodule's own mode back, also when scoring raises: restoring only the
+    top-level mode (`model.train(was_training)`) flipped the block with it."""
+    model, tok = tiny_model("gpt2", seed=0)
+    for top, odd in ((True, model.transformer.h[0]), (False, model.transformer.drop)):
+        model.train(top)
+        odd.train(not top)
+        before = {n: m.training for n, m in model.named_modules()}
+        reliability(model, tok, [EditRequest("ab", "cd"), EditRequest("The sky is", "blue")], batch_size=1)
+        assert {n: m.training for n, m in model.named_modules()} == before
+        with pytest.raises(ValueError, match=r"requests\[1\]\.locality"):  # one token: nothing to score
+            locality_predictions(model, tok, [EditRequest("ab", "cd", locality="hello"),
+                                              EditRequest("ab", "cd", locality="z")])
+        assert {n: m.training for n, m in model.named_modules()} == before
+
+
+def test_scoring_errors_name_the_callers_item():
+    """A bad item in a later batch is named by its place in the caller's list (it was named by its
+    place in the batch: `texts[1]` for requests[5] with batch_size 4)."""
+    model, tok = tiny_model("gpt2", seed=0)
+    requests = [EditRequest("ab", "cd", locality="hello there") for _ in range(5)]
+    requests.append(EditRequest("ab", "cd", locality="z"))
+    base = [torch.zeros(0)] * len(requests)
+    for fn in (lambda: locality_predictions(model, tok, requests, batch_size=4),
+               lambda: drawdown(model, tok, requests, base, batch_size=4)):
+        with pytest.raises(ValueError, match=r"^requests\[5\]\.locality \('z'\) needs at least 2 tokens"):
+            fn()
+    with pytest.raises(ValueError, match=r"^prompts\[5\] must be a non-empty string"):
+        target_accuracy(model, tok, ["ab"] * 5 + [" "], ["cd"] * 6, batch_size=4)
+
+
+def gcr_gms_float64(g):
+    g = g.double()
+    conflict, similarity = [], []
+    for i in range(g.shape[0]):
+        for j in range(i + 1, g.shape[0]):
+            a, b = g[i].norm(), g[j].norm()
+            conflict.append(float(g[i] @ g[j] < 0))
+            similarity.append(1.0 if a == b == 0 else float(2 * a * b / (a * a + b * b)))
+    return sum(conflict) / len(conflict), sum(similarity) / len(similarity)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_gcr_gms_match_float64_at_any_scale(dtype, gen):
+    """Per-edit gradients whose rows differ by up to 1e±30 (fp32 and fp64; bf16 shares fp32's
+    exponent range): the fp32 Gram of the raw rows underflowed (a pair with cosine -1 of entries
+    ~1e-23 counted as no conflict, GMS 1 instead of 0.8 for norms 1 and 2) and overflowed."""
+    for _ in range(10):
+        E, P = int(torch.randint(2, 7, (1,), generator=gen)), int(torch.randint(1, 9, (1,), generator=gen))
+        scale = 10.0 ** torch.randint(-30, 31, (E, 1), generator=gen, dtype=torch.float64)
+        g = (randn((E, P), gen, torch.float64) * scale).to(dtype)
+        maybe_zero = int(torch.randint(0, E, (1,), generator=gen))
+        g[maybe_zero] *= float(torch.randint(0, 2, (1,), generator=gen))  # maybe a zero row
+        conflict, similarity = gcr_gms_float64(g)
+        assert gcr(g) == conflict
+        assert gms(g) == pytest.approx(similarity, rel=1e-5)
+    g = torch.tensor([[1e-23, 0.0], [-2e-23, 0.0]], dtype=dtype)
+    assert gcr(g) == 1.0 and gms(g) == pytest.approx(0.8, rel=1e-2 if dtype == torch.bfloat16 else 1e-6)
+
+
+def test_gcr_gms_of_a_nan_gradient_are_nan():
+    """A NaN gradient gave GCR 1/3 and GMS 1.0 (NaN pairs counted as non-conflicting, equal-norm)."""
+    g = torch.tensor([[1.0, 0.0], [float("nan"), 0.0], [-1.0, 0.0]])
+    assert math.isnan(gcr(g)) and math.isnan(gms(g))
+    assert math.isnan(gcr(gram=gradient_gram(g))) and math.isnan(gms(gram=gradient_gram(g)))

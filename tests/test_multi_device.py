@@ -178,7 +178,10 @@ def test_as_device_checks_its_argument():
     assert as_device(None, "editor_device") is None
     assert as_device("cpu", "editor_device") == torch.device("cpu")
     assert as_device(torch.device("cpu"), "editor_device") == torch.device("cpu")
-    for bad in ("meta", "cuda:99", "nonsense", 1.5, True):
+    # Devices of backends this machine lacks are refused here, not deep in a later .to() (an
+    # unbuilt MPS or XPU raised RuntimeError or AssertionError).
+    absent = [d for d in ("mps", "xpu:3") if not getattr(torch, d[:3]).is_available()]
+    for bad in ("meta", "cuda:99", "nonsense", 1.5, True, *absent):
         with pytest.raises(ValueError, match="editor_device"):
             as_device(bad, "editor_device")
 
@@ -196,6 +199,10 @@ def test_inputs_go_to_the_input_embedding_device():
         assert input_device(model) == torch.device("cuda:3")
         assert me.device == torch.device("cuda:3")
         assert all(p.device.type == "cpu" for p in me.editors.parameters())
+        # Hooks added with append=True are chained into a SequentialHook (no execution_device of
+        # its own): the execution device of the hook inside it still wins.
+        embedding._hf_hook = SimpleNamespace(hooks=(SimpleNamespace(), embedding._hf_hook))
+        assert input_device(model) == torch.device("cuda:3")
     finally:
         del embedding._hf_hook
     # An embedding left on "meta" without a hook: the first resident parameter's device.

@@ -318,6 +318,14 @@ def test_target_nll_is_the_scored_positions_mean(gen):
     assert float(target_nll(logits, labels, causal=True)) == pytest.approx(float(want), rel=1e-12)
 
 
+def test_target_nll_refuses_an_unknown_reduction(gen):
+    logits = torch.randn(2, 4, 7, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 7, (2, 4), generator=gen)
+    for reduction in ("sum", "none", "edit"):
+        with pytest.raises(ValueError, match="reduction"):
+            target_nll(logits, labels, causal=True, reduction=reduction)
+
+
 def test_scored_accuracy_is_the_full_logits_share(gen):
     """Per row, the share of target tokens whose argmax is right, from the scored positions; a row
     without targets scores 0 (as the full-logits form did)."""

@@ -1,5 +1,6 @@
 """The one-pass N_g-editor training loss (lowrank_layers), the training loop, checkpoints, resume."""
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -170,6 +171,44 @@ def test_lowrank_edited_rejects_bad_rows(gen):
         with lowrank_edited(model, edits, torch.tensor([0, 1])):
             model(input_ids=torch.randint(3, 50, (3, 4)))
     assert "forward" not in dict(model.named_modules())[name].__dict__
+
+
+def test_lowrank_edited_with_no_edits(gen):
+    """A batch of zero edits (every row_edit −1) runs the unedited layer, and rows that see every
+    group see the sum of the groups' shifts, as with any other number of edits."""
+    model, _ = frozen_double_model("gpt2", int(torch.randint(0, 100, (1,), generator=gen)))
+    modules = {n: m for n, m in model.named_modules() if n in LAYERS["gpt2"]}
+    edits = {}
+    for name, module in modules.items():
+        o, i = weight_out_in(module).shape
+        edit = random_grouped_edit(gen, i, o, 1, G=int(torch.randint(1, 4, (1,), generator=gen)), nonempty=True)
+        edits[name] = dataclasses.replace(edit, edit_group=edit.edit_group[:0])  # no edits, a nonzero shift
+    input_ids = torch.randint(3, 100, (3, 5), generator=gen)
+    mask = torch.ones_like(input_ids)
+    row_edit, row_sees_all = torch.full((3,), -1), torch.tensor([False, True, False])
+    with lowrank_edited(model, edits, row_edit, row_sees_all):
+        got = model(input_ids=input_ids, attention_mask=mask).logits
+    want = dense_logits(model, modules, edits, input_ids, mask, row_edit, row_sees_all)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_picked_kl_matches_float64_reference(gen):
+    """Mean over positions of KL(p_base ‖ p_edited); a token the base model gives probability 0
+    (a −inf logit) adds 0·log 0 = 0, not NaN.  Mismatched shapes are a ValueError."""
+    n, V = 4, 9
+    base = torch.randn(n, V, generator=gen, dtype=torch.float64)
+    base[0, 3] = float("-inf")
+    picked = torch.randn(n, V, generator=gen, dtype=torch.float64, requires_grad=True)
+    base_logp = torch.log_softmax(base, -1)
+    p, post = base_logp.exp(), torch.log_softmax(picked, -1)
+    want = (torch.special.xlogy(p, p) - p * post).sum(-1).mean()
+    got = picked_kl(base_logp, picked)
+    assert torch.isfinite(got) and torch.allclose(got, want, rtol=1e-12, atol=0)
+    g_got, = torch.autograd.grad(got, picked)
+    g_want, = torch.autograd.grad(want, picked)
+    assert torch.allclose(g_got, g_want, rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="base_logp"):
+        picked_kl(base_logp[:1], picked)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from .. import ops
+from ..devices import as_device
 from ..editors.grouped_edit import GroupedEdit
 from ..editors.grouped_editor import GroupedEditor
 
@@ -162,12 +163,22 @@ def load(state_dict, inner_params, shapes, prefix: str = "mend.", norm: bool | N
     checkpoint's device; float64 for a float64 checkpoint, else float32, MEND's compute type).
     edit_lrs_key: default ``prefix`` with its trailing "mend." replaced by "edit_lrs".
 
+    prefix: what the editors' keys start with, ending with "." (MEND's ``"mend."``).
+
     Returns ``{name: MendWeightView}`` in ``inner_params`` order.  Raises ValueError naming the
-    key for a missing, unexpected or badly shaped entry.
+    key for a missing, unexpected or badly shaped entry, and naming the argument for a bad one.
     """
+    if not isinstance(prefix, str) or not prefix.endswith("."):
+        # Keys are <prefix><editor>.<field>: without the trailing dot the editor names come out wrong.
+        raise ValueError(f"prefix must be a str ending with '.' (MEND's 'mend.'), got {prefix!r}")
+    if norm is not None and not isinstance(norm, bool):
+        raise ValueError(f"norm must be None, True or False, got {norm!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be None or a floating torch.dtype, got {dtype!r}")
+    if edit_lrs_key is not None and not isinstance(edit_lrs_key, str):
+        raise ValueError(f"edit_lrs_key must be None or a str, got {type(edit_lrs_key).__name__}")
+    device = as_device(device, "device")
     state_dict = _read_state_dict(state_dict)
-    if not isinstance(prefix, str):
-        raise ValueError(f"prefix must be a str, got {type(prefix).__name__}")
     names = _check_inner_params(inner_params)
     dims = _check_shapes(shapes, names)
     conv1d_names = _check_conv1d(conv1d, names)

@@ -29,7 +29,7 @@ def data_dir() -> Path:
 
 def data_path(name: str) -> Path:
     """Path of a known data file by name ("counterfact-train", "counterfact-val", "zsre-train")."""
-    if name not in FILES:
+    if not isinstance(name, str) or name not in FILES:
         raise ValueError(f"name must be one of {sorted(FILES)}, got {name!r}")
     return data_dir() / FILES[name]
 

@@ -15,7 +15,10 @@ def read_records(path, limit: int | None = None) -> tuple[Path, list]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark some editors write is dropped
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not text.strip():
         raise ValueError(f"{path}: the file is empty")
     try:

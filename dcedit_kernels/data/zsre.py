@@ -27,15 +27,16 @@ def load_zsre(path, limit: int | None = None, target: str = "alt", skip_empty: b
     """EditRequests of a MEND-format zsRE file.
 
     `limit` reads only the first n records.  Records whose prompt or target is blank are skipped
-    with `skip_empty` (their indices appended to `skipped` when a list is given), else they raise;
-    missing fields and wrong types always raise ValueError naming the record and field.
+    with `skip_empty` (their indices appended to `skipped` when a list is given, only when the call
+    returns: a call that raises leaves `skipped` as it was), else they raise; missing fields and
+    wrong types always raise ValueError naming the record and field.
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     if skipped is not None and not isinstance(skipped, list):
         raise ValueError(f"skipped must be a list or None, got {type(skipped).__name__}")
     path, records = read_records(path, limit)
-    requests = []
+    requests, skipped_here = [], []  # `skipped` is extended only once the whole file has loaded
     for i, record in enumerate(records):
         if target == "alt":
             goal = _required(path, i, record, "alt", skip_empty)
@@ -46,8 +47,7 @@ def load_zsre(path, limit: int | None = None, target: str = "alt", skip_empty: b
             goal = _required(path, i, {"answers[0]": answers[0]}, "answers[0]", skip_empty)
         prompt = _required(path, i, record, "src", skip_empty)
         if goal is None or prompt is None:
-            if skipped is not None:
-                skipped.append(i)
+            skipped_here.append(i)
             continue
         locality = _optional(path, i, record, "loc")
         locality_target = _optional(path, i, record, "loc_ans")
@@ -65,6 +65,8 @@ def load_zsre(path, limit: int | None = None, target: str = "alt", skip_empty: b
         )
     if not requests:
         raise ValueError(f"{path}: no record has both a prompt and a target")
+    if skipped is not None:
+        skipped.extend(skipped_here)
     return requests
 
 

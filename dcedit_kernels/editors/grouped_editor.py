@@ -177,8 +177,11 @@ class GroupedEditor(nn.Module):
         n_edits = ops_check_offsets(edit_offsets, mu.shape[0])
         device = mu.device
 
-        # MEND skips tokens whose μ or η is all zero (padding, tokens after the last label).
-        nz = (mu != 0).any(1) & (eta != 0).any(1)
+        # MEND skips tokens whose μ or η is all zero (padding, tokens after the last label), judged
+        # after the fp32 rounding below, as MEND does: a float64 row that underflows fp32 is zero
+        # (16-bit rows are zero exactly when their fp32 values are: no copy for them).
+        r_mu, r_eta = (t.float() if t.dtype == torch.float64 else t for t in (mu, eta))
+        nz = (r_mu != 0).any(1) & (r_eta != 0).any(1)
         if not bool(nz.all()):
             ids = group_ids(edit_offsets, mu.shape[0])
             counts = torch.zeros(n_edits, dtype=torch.int64, device=device).index_add(0, ids, nz.long())
