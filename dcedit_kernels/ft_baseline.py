@@ -160,7 +160,13 @@ class FineTuneBaselines:
 
     def _apply_ft(self, requests: list[EditRequest], batch: dict, saved: list):
         opts = self.ft_options
-        weights = [self.modules[name].weight for name in self.layers]
+        # Each weight once: a module under two names (or two modules holding one Parameter) is one
+        # weight to fine-tune; listed twice, the optimiser stepped it twice per step and its
+        # gradient was divided by the backward's scale twice.
+        named = {}
+        for name in self.layers:
+            named.setdefault(id(self.modules[name].weight), (name, self.modules[name].weight))
+        names, weights = [n for n, _ in named.values()], [w for _, w in named.values()]
         params = list(self.model.parameters())
         flags = [p.requires_grad for p in params]
         grads = [p.grad for p in weights]
@@ -251,7 +257,10 @@ class FineTuneBaselines:
                         # A 16-bit weight's gradient sums over every token, so the scaled one can
                         # overflow where the mean's did not: this step again, unscaled.
                         step_gradients((1.0, 1.0))
-                    for name, m in zip(self.layers, masters):
+                    for name, m in zip(names, masters):
+                        if m.grad is None:
+                            raise RuntimeError(f"layer {name!r} got no gradient from the fine-tuning loss "
+                                               "(it did not run in the model's forward)")
                         if not bool(torch.isfinite(m.grad).all()):
                             raise FloatingPointError(f"non-finite gradient for layer {name!r}")
                     opt.step()
@@ -260,7 +269,7 @@ class FineTuneBaselines:
                             if m is not w:
                                 w.copy_(m)
                     steps_run += 1
-            for name, w in zip(self.layers, weights):
+            for name, w in zip(names, weights):
                 if not bool(torch.isfinite(w).all()):
                     raise FloatingPointError(f"the fine-tuned weight of layer {name!r} is not finite")
         except BaseException as exc:

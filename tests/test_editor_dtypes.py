@@ -53,3 +53,25 @@ def test_bf16_editor_runs_in_fp32_arithmetic(method, gen):
     assert delta.dtype == torch.float32
     want = ed16_in_fp32.dense(mu.float(), eta.float(), offsets, 0, feats.float())
     assert rel_err(delta, want) < 1e-2  # the same bf16 weights, ψ's layers run in bf16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_editor_keeps_its_running_norms_in_fp32(dtype, gen):
+    """The running norms are sums over every token seen: in 16 bits the count stopped growing (bf16's
+    at 4096, so the std drifted) and fp16's sums overflowed to inf, then NaN, past 65504 tokens.  A
+    16-bit editor's statistics stay fp32 and match the float64 mean and std of all its tokens."""
+    ed = small_editor("mend").to(dtype).train()
+    norm = ed.norm
+    assert {b.dtype for b in norm.buffers()} == {torch.float32}
+    assert ed.layers[0].u.dtype == dtype  # the parameters do take the dtype
+    mus, etas = [], []
+    for T in (1, 5000, 3, 70000):  # past bf16's 4096 and fp16's 65504
+        mu, eta = randn((T, D_IN), gen, dtype) * 3 + 1, randn((T, D_OUT), gen, dtype) - 2
+        offsets = torch.tensor([0, T], dtype=torch.int32)
+        ed(mu, eta, offsets)
+        mus.append(mu.double()), etas.append(eta.double())
+    mu, eta = torch.cat(mus), torch.cat(etas)
+    assert int(norm.k) == mu.shape[0]
+    for got, want in ((norm.u_mean, mu.mean(0)), (norm.u_std, mu.std(0)),
+                      (norm.v_mean, eta.mean(0)), (norm.v_std, eta.std(0))):
+        assert rel_err(got, want) < 1e-4

@@ -953,6 +953,100 @@ def test_ft_stops_early_once_the_edit_is_learned(gen):
     handle.undo()
 
 
+def _ft_reference(model, tok, layers, reqs, method, steps, lr, optimizer, kl_weight):
+    """FT / FT+KL written out in float64 on `model` (changed in place): full-vocabulary forwards,
+    the batch-mean target NLL (+ kl_weight · the mean over every locality token of KL(p_base ‖
+    p_edited), the locality prompt and its answer joined by a space), Adam or SGD by hand."""
+    weights = [model.get_submodule(n).weight for n in layers]
+    model.requires_grad_(False)
+    for w in weights:
+        w.requires_grad_(True)
+    batch = ModelEditor(model, tok, layers, method="ft").tokenize([r.prompt for r in reqs], [r.target for r in reqs])
+    rows = [tok(r.locality + " " + r.locality_target, add_special_tokens=True)["input_ids"] for r in reqs]
+    width = max(map(len, rows))
+    loc_ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    loc_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    with torch.no_grad():
+        base = torch.log_softmax(model(input_ids=loc_ids, attention_mask=loc_mask).logits, -1)
+    moments = [[torch.zeros_like(w), torch.zeros_like(w)] for w in weights]
+    for t in range(1, steps + 1):
+        logp = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+        labels = batch["labels"][:, 1:]
+        scored = labels != -100
+        loss = -logp[:, :-1].gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)[scored].mean()
+        if method == "ft_kl":
+            post = torch.log_softmax(model(input_ids=loc_ids, attention_mask=loc_mask).logits, -1)
+            loss = loss + kl_weight * (base.exp() * (base - post)).sum(-1)[loc_mask.bool()].mean()
+        grads = torch.autograd.grad(loss, weights)
+        with torch.no_grad():
+            for w, g, (m, v) in zip(weights, grads, moments):
+                if optimizer == "sgd":
+                    w -= lr * g
+                    continue
+                m.mul_(0.9).add_(0.1 * g)
+                v.mul_(0.999).add_(0.001 * g * g)
+                w -= lr * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)
+    return [w.detach() for w in weights]
+
+
+@pytest.mark.parametrize("method", ["ft", "ft_kl"])
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_ft_matches_a_float64_reference(method, optimizer, gen):
+    """The fine-tuned weights of a float64 model, in row chunks of 2 (FT+KL's references recomputed
+    per chunk), are those of the baseline written out (`_ft_reference`) to float64 rounding."""
+    seed, reqs = int(torch.randint(0, 1000, (1,), generator=gen)), random_requests(gen, 5)
+    layers, lr = LAYERS["llama"][:2] + ["lm_head"], (1e-2 if optimizer == "adam" else 0.3)
+    model, tok = tiny_model("llama", seed=seed, dtype=torch.float64)
+    w0 = [model.get_submodule(n).weight.detach().clone() for n in layers]
+    kl = {"kl_weight": 0.7} if method == "ft_kl" else {}
+    ModelEditor(model, tok, layers, method=method, ft_steps=3, ft_lr=lr, ft_optimizer=optimizer, ft_stop_loss=None,
+                capture_batch_size=2, **kl).apply(reqs)
+    want = _ft_reference(tiny_model("llama", seed=seed, dtype=torch.float64)[0], tok, layers, reqs, method, 3, lr,
+                         optimizer, 0.7)
+    for name, before, w in zip(layers, w0, want):
+        got = model.get_submodule(name).weight.detach()
+        assert rel_err(got - before, w - before) < 1e-12, name
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_ft_trains_a_module_under_two_names_once(optimizer, gen):
+    """One module under two names is one weight to fine-tune: the weights are those of the module
+    named once, bit for bit (listed twice, the optimiser stepped it twice per step and divided its
+    gradient by the backward's scale twice: SGD moved it 1/16 as far, Adam twice as far), and undo
+    is exact."""
+    seed, reqs = int(torch.randint(0, 1000, (1,), generator=gen)), random_requests(gen, 3)
+    kwargs = dict(method="ft", ft_steps=3, ft_lr=1e-2 if optimizer == "adam" else 0.3, ft_optimizer=optimizer,
+                  ft_stop_loss=None)
+    once, tok = tiny_model("llama", seed=seed)
+    ModelEditor(once, tok, ["lm_head"], **kwargs).apply(reqs)
+    model, _ = tiny_model("llama", seed=seed)
+    model.head_alias = model.lm_head
+    before = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's warning about duplicate parameters in the optimiser
+        handle = ModelEditor(model, tok, ["lm_head", "head_alias"], **kwargs).apply(reqs)
+    assert torch.equal(model.lm_head.weight, once.lm_head.weight)
+    handle.undo()
+    assert_bit_identical(before, model)
+
+
+@pytest.mark.parametrize("method", ["ft", "ft_kl"])
+def test_ft_names_a_layer_that_gets_no_gradient(method, gen):
+    """An edited layer that the forward never runs gets no gradient: a RuntimeError naming it (as
+    the editors' capture does; FT raised a TypeError from inside its finiteness check), the model
+    left as it was."""
+    model, tok = tiny_model("llama", seed=int(torch.randint(0, 1000, (1,), generator=gen)))
+    model.unused = nn.Linear(4, 4)
+    before = snapshot(model)
+    flags = {k: p.requires_grad for k, p in model.named_parameters()}
+    me = ModelEditor(model, tok, ["lm_head", "unused"], method=method, ft_steps=2, ft_stop_loss=None)
+    with pytest.raises(RuntimeError, match="'unused' got no gradient"):
+        me.apply(random_requests(gen, 2))
+    assert_bit_identical(before, model)
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters()) and not me._live
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------

@@ -1008,6 +1008,45 @@ def test_grouped_editor_defaults_follow_the_spec():
             GroupedEditor(6, 4, **bad)
 
 
+def test_editor_apply_with_a_wrong_weight_leaves_the_editor_as_it_was(gen):
+    """GroupedEditor.apply_ checks the weight before its forward runs: a wrong one raised only after
+    the running norms had taken the batch (training) and RaEditor's generator had drawn a split."""
+    from dcedit_kernels import MEND, RaEditor
+
+    mu, eta = randn((5, 6), gen), randn((5, 4), gen)
+    offsets = torch.tensor([0, 2, 5], dtype=torch.int32)
+    for ed in (MEND(6, 4, rank=2).train(), RaEditor(6, 4, n_editors=2, rank=2, seed=0).train()):
+        buffers = {k: v.clone() for k, v in ed.state_dict().items()}
+        state = ed.route_generator.get_state() if ed.route_generator is not None else None
+        for bad in (torch.zeros(6, 4), "weight"):
+            with pytest.raises(ValueError, match=r"weight must be the edited layer's \(out, in\) = \(4, 6\)"):
+                ed.apply_(bad, mu, eta, offsets)
+        assert all(torch.equal(v, ed.state_dict()[k]) for k, v in buffers.items())
+        if state is not None:
+            assert torch.equal(state, ed.route_generator.get_state())
+        weight = randn((4, 6), gen)
+        before = weight.clone()
+        ed.apply_(weight, mu, eta, offsets)  # a right weight still takes the edit
+        assert not torch.equal(weight, before)
+
+
+def test_editor_refuses_a_bool_mode_and_a_falsy_generator(gen):
+    """mode=True passed `isinstance(mode, int)` and indexed a new axis of the mode embeddings, so
+    grouped_lowrank raised about "scale" (after the running norms took the batch); generator="" or
+    0 was taken as None, a ProEditor without ψ whose config said otherwise."""
+    from dcedit_kernels import MEND, GroupedEditor
+
+    ed = MEND(6, 4, rank=2, n_modes=2).train()
+    mu, eta = randn((3, 6), gen), randn((3, 4), gen)
+    for bad in (True, False):
+        with pytest.raises(ValueError, match=f"mode must be an int in \\[0, 2\\), got {bad}"):
+            ed(mu, eta, torch.tensor([0, 3], dtype=torch.int32), mode=bad)
+    assert int(ed.norm.k) == 0
+    for bad in ("", 0, "tokens"):
+        with pytest.raises(ValueError, match="generator must be None, 'token' or 'sentence'"):
+            GroupedEditor(6, 4, rank=2, routing="single", generator=bad)
+
+
 def test_presets_expose_what_the_readme_tests():
     """README: the presets return a GroupedEditor, told apart by its routing, n_editors and generator."""
     from dcedit_kernels import GroupedEditor

@@ -47,11 +47,7 @@ class GroupedEdit:
         so the factors (T rows, far fewer bytes than the o×i shift) and the Fisher matrix are moved
         there once and the fused shift, the mask and the update are computed beside the weight.
         On one device the moves are no-ops."""
-        shape = (self.eta_t.shape[1], self.mu_t.shape[1])
-        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != shape:
-            # Checked here, not left to apply_shift_, whose message would name the shift it was given.
-            got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-            raise ValueError(f"weight must be the edited layer's (out, in) = {shape} weight, got {got}")
+        check_weight(weight, (self.eta_t.shape[1], self.mu_t.shape[1]))
         device = weight.device
         eta_t, mu_t = self.eta_t.detach().to(device), self.mu_t.detach().to(device)
         delta = ops.grouped_outer(eta_t, mu_t, self.offsets.to(device), self.fusion)
@@ -63,3 +59,11 @@ class GroupedEdit:
     def group_alpha(self) -> torch.Tensor:
         """alpha per group, for `lowrank_delta_linear` (differentiable)."""
         return self.alpha.reshape(1).expand(self.n_groups)
+
+
+def check_weight(weight, shape: tuple) -> None:
+    """The edited layer's (out, in) weight: checked here, not left to apply_shift_, whose message
+    would name the shift it was given (and by GroupedEditor.apply_ before its forward runs)."""
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != shape:
+        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be the edited layer's (out, in) = {shape} weight, got {got}")

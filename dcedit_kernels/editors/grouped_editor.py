@@ -12,7 +12,7 @@ from .. import ops
 from .._checks import check_tensor, is_finite_number, is_int, is_number
 from ..reference.grouped_outer import FUSIONS
 from ..reference.segments import group_ids
-from .grouped_edit import GroupedEdit
+from .grouped_edit import GroupedEdit, check_weight
 from .parameter_generator import ParameterGenerator
 from .running_norm import RunningNorm
 
@@ -70,6 +70,8 @@ class GroupedEditor(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+        if generator not in (None, "token", "sentence"):  # before any draw; "" is not None
+            raise ValueError(f"generator must be None, 'token' or 'sentence', got {generator!r}")
         if routing == "single" and n_editors != 1:
             raise ValueError("routing='single' needs n_editors=1")
         if fusion not in FUSIONS or fusion == "none":
@@ -115,7 +117,8 @@ class GroupedEditor(nn.Module):
             self.layers.append(layer)
         self.alpha = nn.Parameter(torch.full((n_modes,), -float(edit_lr)))
         self.norm = RunningNorm(in_features, out_features) if norm else None
-        self.psi = ParameterGenerator(d, generator_hidden, generator, gen) if generator else None
+        # `is not None`: a falsy generator ("", 0) is refused by ParameterGenerator, not taken as None.
+        self.psi = ParameterGenerator(d, generator_hidden, generator, gen) if generator is not None else None
         if routing == "gate":
             if feat_dim is None:
                 raise ValueError("routing='gate' needs feat_dim (the size of the edit features)")
@@ -172,7 +175,7 @@ class GroupedEditor(nn.Module):
             raise ValueError(f"mu must have shape (T, {self.in_features}), got {tuple(mu.shape)}")
         if eta.dim() != 2 or eta.shape != (mu.shape[0], self.out_features):
             raise ValueError(f"eta must have shape ({mu.shape[0]}, {self.out_features}), got {tuple(eta.shape)}")
-        if not isinstance(mode, int) or not 0 <= mode < self.n_modes:
+        if not is_int(mode) or not 0 <= mode < self.n_modes:  # not a bool: True would index a new axis
             raise ValueError(f"mode must be an int in [0, {self.n_modes}), got {mode!r}")
         n_edits = ops_check_offsets(edit_offsets, mu.shape[0])
         device = mu.device
@@ -223,7 +226,11 @@ class GroupedEditor(nn.Module):
         return self(mu, eta, edit_offsets, mode, edit_feats).dense()
 
     def apply_(self, weight, mu, eta, edit_offsets, mode: int = 0, edit_feats=None) -> torch.Tensor:
-        """weight += α Δ in place; returns the previous values of weight (see ops.undo_shift_)."""
+        """weight += α Δ in place; returns the previous values of weight (see ops.undo_shift_).
+
+        The weight is checked before the forward runs: a wrong one raises with the running norms
+        and the routing generator as they were."""
+        check_weight(weight, (self.out_features, self.in_features))
         return self(mu, eta, edit_offsets, mode, edit_feats).apply_(weight)
 
     # ------------------------------------------------------------------ checkpoints

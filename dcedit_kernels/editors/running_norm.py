@@ -18,6 +18,18 @@ class RunningNorm(nn.Module):
             self.register_buffer(f"{side}_std", torch.ones(dim))
         self.register_buffer("k", torch.zeros(()))
 
+    def _apply(self, fn, recurse=True):
+        """Moves and casts as any module, except that the statistics stay at least fp32: they are
+        running sums over every token seen, and in 16 bits the count stops growing (bf16's at 4096:
+        4096 + 10 rounds back to 4096) while the sums go on, so the std drifts (bf16) or overflows to
+        inf/NaN past 65504 tokens (fp16).  An editor moved to bf16 or fp16 keeps fp32 statistics
+        (forward computes the normalisation in fp32 anyway)."""
+        super()._apply(fn, recurse)
+        for name, buf in self._buffers.items():
+            if buf is not None and buf.dtype in (torch.float16, torch.bfloat16):
+                self._buffers[name] = buf.float()
+        return self
+
     def extra_repr(self) -> str:
         return f"in_features={self.u_mean.numel()}, out_features={self.v_mean.numel()}, tokens_seen={int(self.k)}"
 
