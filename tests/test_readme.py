@@ -87,3 +87,16 @@ def test_model_editor_snippet_matches_the_api():
                 keywords -= set(inspect.signature(preset).parameters) | set(inspect.signature(GroupedEditor).parameters)
             unknown = keywords - set(signature.parameters)
             assert not unknown, f"{name} has no keyword {unknown}"
+
+
+def test_ops_table_signatures_are_the_wrappers():
+    """The Ops table's signatures are, as it says, the `dcedit_kernels.ops` wrappers' (every
+    argument, in order), and it lists every op SPEC names."""
+    from dcedit_kernels import ops
+
+    rows = re.findall(r"^\| `(\w+)\(([^)]*)\)` \|", README.read_text(), flags=re.M)
+    listed = {name: [a.strip() for a in args.split(",")] for name, args in rows}
+    assert set(listed) == {"grouped_lowrank", "grouped_outer", "segmented_fisher", "fisher_mask", "apply_shift_",
+                           "lowrank_delta_linear", "noisy_topk_gate", "sort_by_group"}
+    for name, args in listed.items():
+        assert args == list(inspect.signature(getattr(ops, name)).parameters), name
