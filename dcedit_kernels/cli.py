@@ -284,6 +284,21 @@ def positive_int(text: str) -> int:
     return value
 
 
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed and torch.Generator.manual_seed take
+
+
+def seed_int(text: str) -> int:
+    """argparse type of --seed: an int torch can seed with (a larger one raised "Overflow when
+    unpacking long long", naming no flag, or a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int, got {text!r}") from None
+    if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"must be an int in [-2**63, 2**64 - 1], got {text!r}")
+    return value
+
+
 def _parse_sizes(text: str) -> list[int]:
     try:
         sizes = [int(s) for s in text.split(",") if s.strip()]
@@ -452,7 +467,10 @@ def cmd_evaluate(args) -> dict:
         raise UserError(f"--n-edits asks for {max(sizes)} edits but --data holds {len(requests)}")
     model, tokenizer = load_any_model(args.model, args.dtype, args.device)
     me = _model_editor(args, model, tokenizer)
-    result = evaluate_method(model, tokenizer, me, requests, n_edits=sizes, repeats=args.repeats, seed=args.seed)
+    try:  # a request the edit or its scoring refuses (as `edit` reports it): the model is left unchanged
+        result = evaluate_method(model, tokenizer, me, requests, n_edits=sizes, repeats=args.repeats, seed=args.seed)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     print(f"{METHOD_NAMES[me.method]} on {len(requests)} requests, {args.repeats} repeats")
     for n, row in result["by_n"].items():
         cells = "  ".join(f"{m}={_mean_std(row[m])}" for m in ("es", "reliability", "dd", "lmp", "latency_s"))
@@ -484,7 +502,7 @@ def _common(p: argparse.ArgumentParser, method_default: str | None, methods=tupl
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype (default float32)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: 1 on <=2-core machines)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (editor initialisation, training batches, "
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed (editor initialisation, training batches, "
                    "evaluation samples; default 0)")
     p.add_argument("--loss-reduction", default=None, choices=("edit", "token"),
                    help="edit loss whose gradients the editors see: 'token' (MEND's batch mean; the default for new "

@@ -39,7 +39,8 @@ if str(REPO) not in sys.path:  # run from a checkout without installing the pack
 
 import torch  # noqa: E402
 
-from dcedit_kernels.cli import METHOD_NAMES, greedy_completions, positive_int, set_threads, write_json  # noqa: E402
+from dcedit_kernels.cli import (  # noqa: E402
+    METHOD_NAMES, greedy_completions, positive_int, seed_int, set_threads, write_json)
 from dcedit_kernels.editor_cache import cache_dir, random_routing_twin, trained_editor  # noqa: E402
 
 METHOD_ORDER = ("ft", "ft_kl", "mend", "raeditor", "moeditor", "proeditor")
@@ -74,11 +75,12 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="reduced run for CI (fewer facts and steps, two layers)")
     p.add_argument("--out", default="demo_out", help="folder for results.json and es_dd.png (default ./demo_out)")
     p.add_argument("--no-cache", action="store_true", help="retrain the editors even when a cached one exists")
-    p.add_argument("--seed", type=int, default=0, help="fact split and training seed")
+    p.add_argument("--seed", type=seed_int, default=0, help="fact split and training seed")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads (default: 1 on machines with <= 2 cores)")
     p.add_argument("--steps", type=positive_int, default=None, help="editor training steps (default 20, --quick 6)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="hide the editing and training progress bars (not the model loader's)")
     return p.parse_args(argv)
 
 

@@ -42,7 +42,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from dcedit_kernels.cli import (  # noqa: E402
-    METHOD_NAMES, UserError, load_requests, positive_int, set_threads, write_json)
+    METHOD_NAMES, UserError, load_requests, positive_int, seed_int, set_threads, write_json)
 from dcedit_kernels.capture import resolve_modules  # noqa: E402
 from dcedit_kernels.editor_cache import cache_dir, random_routing_twin, trained_editor  # noqa: E402
 from dcedit_kernels.ft_baseline import locality_texts  # noqa: E402
@@ -107,7 +107,7 @@ def parse_args(argv=None):
                    help="also record, on each N_u's first sample, how the editors route the edits and the "
                         "size of each layer's shift (`evaluate.edit_statistics`)")
     p.add_argument("--ft-steps", type=positive_int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--out-dir", default="report_out")
@@ -361,10 +361,13 @@ def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Pa
         "over pairs of 2‖g_i‖‖g_j‖ / (‖g_i‖² + ‖g_j‖²). g_i = the gradient of edit i's own mean target NLL "
         "in the unedited model, on the first sample of each N_u.",
         "",
-        "| layer | " + " | ".join(f"GCR N_u={n} | GMS N_u={n}" for n in grad_sizes) + " |",
-        "|---|" + "---:|" * (2 * len(grad_sizes)),
     ]
-    for name in grad_layers:
+    if grad_sizes:
+        lines += ["| layer | " + " | ".join(f"GCR N_u={n} | GMS N_u={n}" for n in grad_sizes) + " |",
+                  "|---|" + "---:|" * (2 * len(grad_sizes))]
+    else:  # a table of no column: GCR and GMS are over pairs of edits
+        lines.append("None: every N_u is 1, and GCR and GMS are over pairs of edits.")
+    for name in grad_layers if grad_sizes else ():
         cells = []
         for n in grad_sizes:
             g = report["gradients"][n][name]
@@ -428,6 +431,13 @@ def _run(args, t_start) -> int:
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
         raise UserError(f"--methods: unknown {unknown}; choose from {ALL_METHODS}")
+    if not methods:  # it once wrote a report of no method, exit status 0
+        raise UserError(f"--methods is empty; choose from {ALL_METHODS}")
+    if fusions and not set(methods) & set(ROUTED):  # its rows are RaEditor's and MoEditor's: ignored otherwise
+        raise UserError(f"--fusions adds rows to {ROUTED} only, and --methods holds neither")
+    if "moeditor" in methods:  # the MoEditor (only it takes --top-k) is built after the model loads
+        if args.top_k is not None and args.top_k > args.n_editors:
+            raise UserError(f"--top-k {args.top_k} cannot exceed --n-editors {args.n_editors}")
     data = args.data or _default_data("counterfact-val")
     train_data = args.train_data or _default_data("counterfact-train")
     if data is None:
@@ -471,6 +481,8 @@ def _run(args, t_start) -> int:
             raise UserError(str(exc)) from None
     out_dir = Path(args.out_dir)
     md_path = Path(args.markdown) if args.markdown else out_dir / "report.md"
+    if md_path.is_dir():  # else written only at the end, after the whole run: a traceback, no report.md
+        raise UserError(f"--markdown {md_path}: is a folder; give a file name")
     for flag, folder in (("--out-dir", out_dir), ("--markdown", md_path.parent)):
         try:  # before the model loads: a file in the way is one error line, not a traceback
             folder.mkdir(parents=True, exist_ok=True)

@@ -145,3 +145,33 @@ def test_cli_train_of_a_seq2seq_model_is_one_error_line(capsys, tmp_path):
                      "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "e.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "dcedit: error: editor training supports causal LMs only" in err and "Traceback" not in err
+
+
+def test_cli_evaluate_past_a_learned_position_table_is_one_error_line(capsys, tmp_path):
+    """`evaluate` reports a request the edit refuses as `edit` does (it ended in a traceback), and
+    writes no --out."""
+    model, tok = tiny_model("gpt2", seed=0)
+    model.save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    data = _counterfact_file(tmp_path / "cf.json", n=4)
+    records = json.loads(data.read_text())
+    for r in records:
+        r["prompt"], r["target_new"] = "word " * 20 + r["prompt"], "xy " * 15
+    data.write_text(json.dumps(records))
+    out = tmp_path / "eval.json"
+    assert cli.main(["evaluate", "--model", str(tmp_path / "gpt2"), "--method", "ft", "--layers",
+                     "transformer.h.0.mlp.c_fc", "--data", str(data), "--n-edits", "2", "--repeats", "1",
+                     "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "dcedit: error: requests[" in err and "128 positions" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "edit", "evaluate"])
+@pytest.mark.parametrize("seed", [str(2**64), str(-(2**63) - 1), "1.5"])
+def test_cli_seed_torch_cannot_take_is_refused_by_flag(capsys, monkeypatch, command, seed):
+    """A --seed past torch's 64 bits was "dcedit: error: Overflow when unpacking long long" (no flag named)."""
+    monkeypatch.setattr(cli, "load_any_model", lambda *a, **k: pytest.fail("the model loaded"))
+    assert cli.main([command, "--seed", seed]) == 2
+    assert "argument --seed: must be an int" in capsys.readouterr().err
+    assert cli.seed_int(str(2**64 - 1)) == 2**64 - 1 and cli.seed_int(str(-(2**63))) == -(2**63)

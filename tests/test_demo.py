@@ -398,6 +398,8 @@ def test_cli_refuses_bad_values_by_flag(capsys, tiny_model_dir, argv, message):
 @pytest.mark.parametrize("argv, message", [
     (["--threads", "0"], "argument --threads: must be a positive int, got '0'"),
     (["--steps", "-5"], "argument --steps: must be a positive int, got '-5'"),
+    # torch.manual_seed's "Overflow when unpacking long long" traceback, after --out was created
+    (["--seed", str(2**64)], "argument --seed: must be an int in [-2**63, 2**64 - 1]"),
 ])
 def test_demo_refuses_bad_counts_by_flag(capsys, argv, message):
     """The demo's counts are checked by argparse (--threads 0 ended in a UserError traceback, --steps 0

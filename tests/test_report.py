@@ -84,6 +84,11 @@ def test_gradient_table_leaves_out_n_u_1(report_module, tmp_path):
     text = report_module.markdown(report, [1, *SIZES], layers, tmp_path / "report.md", tmp_path)
     assert "| MEND | 1 |" in text  # evaluated at N_u = 1
     assert "GCR N_u=1" not in text and "| layer | GCR N_u=2 | GMS N_u=2 | GCR N_u=5 | GMS N_u=5 |" in text
+    # --n-edits 1 alone: no table of no column (it was "| layer |  |" over a one-cell separator)
+    report["gradients"] = {}
+    text = report_module.markdown(report, [1], layers, tmp_path / "report.md", tmp_path)
+    assert "| layer |" not in text and "None: every N_u is 1" in text
+    assert not any(line.startswith("| `model.layers") for line in text.splitlines())
 
 
 def test_given_loss_weights_are_rendered(report_module, tmp_path):
@@ -238,6 +243,12 @@ def test_each_row_starts_raeditors_routing_from_the_same_state(report_module):
     (["--methods", "mend", "--n-edits", "2", "--train-data", "TRAIN", "--n-train", "1", "--cloc", "nan"],
      "cloc must be a non-negative finite number, got nan"),
     (["--methods", "ft", "--n-edits", "2", "--out-dir", "AFILE"], "--out-dir: cannot create the folder"),
+    # Refused at the end of the run (a traceback, no report.md) or after the model loaded and MEND trained:
+    (["--methods", "ft", "--n-edits", "2", "--markdown", "ADIR"], "is a folder; give a file name"),
+    (["--methods", "mend,moeditor", "--n-edits", "2", "--n-editors", "2", "--top-k", "3"],
+     "--top-k 3 cannot exceed --n-editors 2"),
+    (["--methods", ",", "--n-edits", "2"], "--methods is empty"),  # once a report of nothing, exit status 0
+    (["--methods", "ft,mend", "--n-edits", "2", "--fusions", "add"], "--fusions adds rows to"),  # once ignored
 ])
 def test_report_refuses_bad_arguments_before_loading_the_model(extra, message, report_module, capsys, tmp_path,
                                                                monkeypatch):
@@ -247,7 +258,9 @@ def test_report_refuses_bad_arguments_before_loading_the_model(extra, message, r
     data = _counterfact_file(tmp_path / "cf.json", n=6)
     argv = ["--data", str(data), "--out-dir", str(tmp_path / "out"), "--no-progress"]
     (tmp_path / "a_file").write_text("")
-    extra = [{"TRAIN": str(data), "AFILE": str(tmp_path / "a_file")}.get(word, word) for word in extra]
+    (tmp_path / "a_dir").mkdir()
+    extra = [{"TRAIN": str(data), "AFILE": str(tmp_path / "a_file"), "ADIR": str(tmp_path / "a_dir")}.get(word, word)
+             for word in extra]
     assert report_module.main(argv + extra) == 2
     err = capsys.readouterr().err
     assert "report: error:" in err and message in err
