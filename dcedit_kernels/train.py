@@ -44,8 +44,8 @@ on the per-weight steps α (Adam's first step moves each α by exactly `lr_lr`, 
 size: from MEND's α = −edit_lr = −1e-4 with lr_lr 1e-4, an α whose gradient points to 0 lands on about
 0 for a step, as a check saw on 2 of SmolLM2's 3 edited layers after one 25-edit step; a smaller
 lr_lr or `lr_optimizer="sgd"` moves it by its gradient instead); gradient accumulation over
-`accumulate` batches; gradient-norm clipping; a batch with a non-finite gradient is skipped and
-counted.  The backward runs at the scale of the
+`accumulate` batches; gradient-norm clipping; a batch with a non-finite gradient (the editors', or the capture's:
+a non-finite edit loss or gradient factors) is skipped and counted.  The backward runs at the scale of the
 per-token sum of L_edit (the KL and balance terms share it) and the gradients are divided back,
 exactly (`losses.backward_scale`: keeps fp16 gradients from flushing to zero; fp32 and bf16
 unchanged).  Only a per-token activation gradient past fp16's range can overflow there (the editors'
@@ -148,6 +148,13 @@ class TrainConfig:
     reuse_prefix: bool = True
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "TrainConfig":
+        """ValueError naming the first bad field.  Run at construction and again by `train_editor`:
+        the fields stay assignable, and a config changed after it was built (`config.grad_clip = -1`,
+        which clip_grad_norm_ takes and turns every step uphill; `batch_size = 0`, a ZeroDivisionError
+        in the batch order; `edit_rows = "x"`, silently "own") is refused before the run starts."""
         for name in ("steps", "batch_size", "accumulate", "val_every"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
@@ -180,6 +187,7 @@ class TrainConfig:
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, (str, os.PathLike)):
             raise ValueError(f"checkpoint_dir must be a path or None, got {self.checkpoint_dir!r}")
+        return self
 
     def replace(self, **changes) -> "TrainConfig":
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
@@ -459,6 +467,7 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     config = config or TrainConfig()
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+    config.validate()  # its fields may have been assigned since it was built
     if not isinstance(me, ModelEditor):
         raise ValueError(f"me must be a ModelEditor, got {type(me).__name__}")
     if not len(me.editors):
@@ -510,7 +519,8 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
         distributed.agree_on_start(error, result.steps, plan)  # raises this process's own error too
 
     norms = [e.norm for e in me.editors.values() if e.norm is not None]
-    was_training = me.editors.training
+    # Every editor module's own train/eval flag, restored as it was (`edits_as_applied` does the same).
+    was_training = [(m, m.training) for m in me.editors.modules()]
     start = time.perf_counter()
     bar = tqdm(total=config.steps, initial=result.steps, disable=not config.progress or rank != 0,
                desc=f"train {me.method}")
@@ -565,7 +575,8 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                                                   best_state), "writing a checkpoint", size)
     finally:
         bar.close()
-        me.editors.train(was_training)
+        for module, mode in was_training:
+            module.training = mode
     if config.restore_best and best_state is not None:
         me.load_state_tensors(best_state)
     result.elapsed_s += time.perf_counter() - start
@@ -592,7 +603,15 @@ def _accumulate(me: ModelEditor, params: list, train_requests, config: TrainConf
         indices = _batch_indices(len(train_requests), config.batch_size, config.seed, b)
         batch = [train_requests[i] for i in indices]
         before = _forward_state(me)
-        loss, parts = batch_loss(me, batch, config)
+        try:
+            loss, parts = batch_loss(me, batch, config)
+        except FloatingPointError:
+            # The capture found the batch's edit loss or a layer's gradient factors non-finite (an fp16
+            # overflow, a NaN in the model for these inputs; the model is unchanged): the editors'
+            # gradient would be non-finite too, so the batch is skipped, as below, not the run ended.
+            _restore_buffers(me, before[0])
+            skipped += 1
+            continue
         # L_edit is a batch mean: backpropagate at the per-token sum's scale, divide back.
         scale = backward_scale(parts.pop("edit_tokens"))
         grads = _scaled_grads(loss / config.accumulate, params, scale)

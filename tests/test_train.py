@@ -903,3 +903,115 @@ def test_a_skipped_batch_leaves_the_running_norms_as_they_were(gen, monkeypatch)
     norm = next(iter(me.editors.values())).norm
     assert all(bool(torch.isfinite(b).all()) for b in norm.buffers())
     assert 0 < int(norm.k)
+
+
+# ---------------------------------------------------------------------------------------------
+# One whole training step against a float64 reference written from the docstring
+# ---------------------------------------------------------------------------------------------
+def reference_step_loss(me, requests, edits, config):
+    """The training loss of one batch, row by row: each edit's rephrase (its prompt when it has
+    none) + target with its group's dense shift in the weights (every group's with edit_rows="all"),
+    L_edit the mean NLL over all target tokens; KL(p_unedited ‖ p_edited) averaged over the
+    locality tokens (the request's locality + " " + locality_target, else the next edit's prompt
+    without its last position); the editors' balance loss."""
+    from dcedit_kernels.tokenize import causal_pair_ids, text_ids
+
+    def logp(ids, view, edited=True):
+        weights = {}
+        for name, module in (me.modules.items() if edited else ()):
+            edit = edits[name]
+            groups = range(edit.n_groups) if view == "all" else [int(edit.edit_group[view])]
+            mask = reference_kept(edit.fisher.double(), edit.fisher_keep) if (
+                config.fisher_mask and edit.fisher is not None) else 1.0
+            shift = sum(edit.eta_t[b:c].double().T @ edit.mu_t[b:c].double()
+                        for b, c in (edit.offsets.tolist()[g:g + 2] for g in groups))
+            shift = edit.alpha.double() * shift * mask
+            weights[name + ".weight"] = module.weight + (shift.T if is_conv1d(module) else shift)
+        x = torch.tensor([ids])
+        out = (torch.func.functional_call(me.model, weights, (x,)) if edited else me.model(input_ids=x)).logits[0]
+        return torch.log_softmax(out.double(), -1)
+
+    nll = []
+    for e, r in enumerate(requests):
+        ids, n_prompt = causal_pair_ids(me.tokenizer, r.rephrase or r.prompt, r.target)
+        lp = logp(ids, "all" if config.edit_rows == "all" else e)
+        nll += [-lp[t - 1, ids[t]] for t in range(n_prompt, len(ids))]
+    kl = []
+    for e, r in enumerate(requests):
+        if r.locality is not None:
+            ids = text_ids(me.tokenizer, r.locality + ("" if r.locality_target is None else " " + r.locality_target))
+            n = len(ids)
+        elif len(requests) > 1:
+            ids = text_ids(me.tokenizer, requests[(e + 1) % len(requests)].prompt)
+            n = len(ids) - 1
+        else:
+            continue
+        with torch.no_grad():
+            base = logp(ids, None, edited=False)
+        post = logp(ids, "all" if config.locality_rows == "all" else e)
+        kl += [(base[t].exp() * (base[t] - post[t])).sum() for t in range(n)]
+    l_edit = torch.stack(nll).mean()
+    l_kl = torch.stack(kl).mean() if kl else torch.zeros((), dtype=torch.float64)
+    balance = torch.stack([edit.aux_loss.double() for edit in edits.values()]).mean()
+    return config.cedit * l_edit + config.cloc * l_kl + config.balance_weight * balance
+
+
+@pytest.mark.parametrize("arch,method,accumulate,batch_size", [
+    ("gpt2", "mend", 1, 3), ("llama", "raeditor", 2, 2), ("gpt2", "moeditor", 2, 3), ("llama", "proeditor", 2, 2)])
+def test_one_training_step_matches_a_float64_reference(arch, method, accumulate, batch_size, gen, monkeypatch):
+    """float64 model: the editors' gradients of train_editor's first step (what the optimisers are
+    given, batch sizes that do not divide the 5 requests, requests with and without rephrase or
+    locality) and its logged loss are those of `reference_step_loss` averaged over the step's
+    batches, the editors run from the same state (train mode, same RNG).  The editors compute in
+    fp32: gradients agree to fp32 rounding, the loss to float64's."""
+    import copy
+
+    import dcedit_kernels.train as train_module
+    from dcedit_kernels.capture import frozen_parameters
+
+    skip_fp32_logits(arch)
+    seed = int(torch.randint(0, 1000, (1,), generator=gen))
+    model, tok = tiny_model(arch, seed=seed, dtype=torch.float64)
+    kwargs = {"n_editors": 3} if method in ("raeditor", "moeditor") else {}
+    me = ModelEditor(model, tok, LAYERS[arch], method=method, rank=4, edit_lr=0.3, seed=seed, **kwargs)
+    with torch.no_grad():  # a non-identity editor
+        for editor in me.editors.values():
+            for layer in editor.layers:
+                layer.u.copy_(torch.randn(layer.u.shape, generator=gen, dtype=torch.float64).to(layer.u.dtype) * 0.05)
+    requests = random_requests(gen, 5)
+    requests[1] = EditRequest(requests[1].prompt, requests[1].target)  # neither rephrase nor locality
+    requests[2] = EditRequest(requests[2].prompt, requests[2].target, rephrase=requests[2].rephrase)
+    requests[0] = EditRequest(requests[0].prompt, requests[0].target, locality=requests[0].locality)  # no answer
+    config = TrainConfig(steps=1, batch_size=batch_size, accumulate=accumulate, cedit=0.3, cloc=1.7,
+                         balance_weight=0.2, grad_clip=None, progress=False, seed=seed)
+    ref = copy.deepcopy(me)
+    seen = []
+    real_step = train_module._optimizer_step
+
+    def spy(params, opt, lr_opt, config):
+        seen.extend(None if p.grad is None else p.grad.clone() for p in params)
+        real_step(params, opt, lr_opt, config)
+
+    monkeypatch.setattr(train_module, "_optimizer_step", spy)
+    result = me.fit(requests, config=config)
+
+    alpha_ids = {id(e.alpha) for e in ref.editors.values()}
+    params = [p for p in ref.editors.parameters() if id(p) not in alpha_ids] + [e.alpha for e in ref.editors.values()]
+    want = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    losses = []
+    torch.manual_seed(train_module.torch_seed(seed))
+    ref.editors.train()
+    with frozen_parameters(ref.model), torch.enable_grad():
+        for b in range(accumulate):
+            batch = [requests[i] for i in train_module._batch_indices(len(requests), batch_size, seed, b)]
+            loss = reference_step_loss(ref, batch, batch_edits(ref, batch), config)
+            losses.append(float(loss.detach()))
+            for w, g in zip(want, torch.autograd.grad(loss / accumulate, params, allow_unused=True)):
+                if g is not None:
+                    w += g.double()
+    assert len(seen) == len(want)
+    for got, w in zip(seen, want):
+        got = torch.zeros_like(w) if got is None else got.double()
+        assert float((got - w).norm()) <= 1e-5 * float(w.norm()) + 1e-12
+    assert any(float(w.norm()) > 0 for w in want)
+    assert result.history[0]["loss"] == pytest.approx(sum(losses) / accumulate, rel=1e-10)

@@ -214,3 +214,60 @@ def test_fit_with_a_config_and_overrides(gen):
     assert result.steps == 1 and config.steps == 5  # the override, on a copy
     with pytest.raises(ValueError, match=r"unknown TrainConfig fields: \['stepz'\]"):
         me.fit(random_requests(gen, 2), config=config, stepz=1)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("grad_clip", -1.0),    # clip_grad_norm_ takes it and flips every gradient: the run climbed the loss
+    ("batch_size", 0),      # ZeroDivisionError in the batch order
+    ("accumulate", 0),      # steps counted, nothing trained
+    ("edit_rows", "mine"),  # silently "own"
+])
+def test_a_config_changed_after_it_was_built_is_checked_by_train_editor(field, value, gen):
+    """TrainConfig's fields stay assignable: train_editor checks them again before it starts, and
+    a refused run leaves the editors as they were."""
+    me = tiny_mend("gpt2", gen)
+    config = TrainConfig(steps=1, batch_size=2, progress=False)
+    setattr(config, field, value)
+    before = _editor_params(me)
+    with pytest.raises(ValueError, match=f"^{field} must"):
+        me.fit(random_requests(gen, 4), None, config)
+    assert all(torch.equal(a, b) for a, b in zip(before, me.editors.parameters()))
+
+
+def test_a_batch_whose_capture_is_not_finite_is_skipped_and_counted(gen):
+    """One request runs the model into NaN (a NaN embedding row of a token only its prompt holds):
+    the capture of its batch finds a non-finite edit loss, and that batch is skipped and counted as a
+    batch with non-finite gradients is (the capture's FloatingPointError once ended the run); the
+    other batches train, and the model itself is untouched."""
+    me = tiny_mend("gpt2", gen)
+    model, tok = me.model, me.tokenizer
+    requests = random_requests(gen, 4)
+    used = {i for r in requests for t in (r.prompt, r.target, r.rephrase, r.locality, r.locality_target, " ")
+            for i in tok(t)["input_ids"]}
+    bad = next(i for i in range(3, model.config.vocab_size) if i not in used)
+    with torch.no_grad():
+        model.transformer.wte.weight[bad] = float("nan")
+    poisoned = tok.decode([bad]).strip() + " " + requests[0].prompt
+    assert bad in tok(poisoned)["input_ids"]
+    requests[0] = EditRequest(poisoned, requests[0].target, requests[0].rephrase, requests[0].locality,
+                              requests[0].locality_target)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    before = _editor_params(me)
+    result = me.fit(requests, None, TrainConfig(steps=4, batch_size=1, progress=False, seed=seed_from(gen)))
+    assert result.steps == 4 and result.skipped_batches == 1
+    assert sum("loss" not in h for h in result.history) == 1
+    assert all(bool(torch.isfinite(p).all()) for p in me.editors.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, me.editors.parameters()))
+    for k, v in model.state_dict().items():  # bit for bit (the NaN row included)
+        torch.testing.assert_close(v, weights[k], rtol=0, atol=0, equal_nan=True)
+
+
+def test_train_editor_gives_each_editor_module_its_mode_back(gen):
+    """Editors in mixed train/eval modes come back in those modes (fit set every module to the
+    container's flag)."""
+    me = tiny_mend("gpt2", gen)
+    me.editors.eval()
+    next(iter(me.editors.values())).norm.train()
+    modes = {k: m.training for k, m in me.editors.named_modules()}
+    me.fit(random_requests(gen, 4), None, TrainConfig(steps=1, batch_size=2, progress=False))
+    assert {k: m.training for k, m in me.editors.named_modules()} == modes
