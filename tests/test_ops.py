@@ -518,6 +518,39 @@ def test_grouped_lowrank_gradcheck(extras, gen, device):
     assert torch.autograd.gradgradcheck(f, tuple(a[k] for k in names))
 
 
+def test_grouped_lowrank_nonfinite_gradient_off_the_clamp(gen, device):
+    """An inf and a NaN of the incoming gradient where the clamp cut the pre-activation off: as
+    autograd through torch's clamp, they reach dh through the residual only, and every parameter's
+    gradient stays finite (dout ⊙ [pre >= 0] made them NaN on CPU and in the reference)."""
+    a = _lowrank_inputs(gen, G=3, d=5, r=2, counts=[3, 0, 4], extras=True, device=device)
+    a["shift"] = a["shift"].clone()
+    a["shift"][:, 2] = -1e4  # feature 2 is cut off for every token
+    names = [k for k, v in a.items() if v is not None and k != "offsets"]
+    grad = randn(a["h"].shape, gen, torch.float64, device)
+    grad[1, 2], grad[5, 2] = float("inf"), float("nan")
+
+    def grads(fn):
+        xs = [a[k].detach().clone().requires_grad_() for k in names]
+        fn(**dict(a, **dict(zip(names, xs)))).backward(grad)
+        return [x.grad for x in xs]
+
+    def by_clamp(h, offsets, u, v, bias, scale, shift, gain):
+        out = []
+        for g, (s, e) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+            x = h[s:e] * gain[s:e]
+            pre = ((x @ v[g].T) @ u[g].T + bias[g]) * scale[g] + shift[g]
+            out.append(h[s:e] + pre.clamp(min=0))
+        return torch.cat(out)
+
+    want = grads(by_clamp)
+    for name, got, w in zip(names, grads(ops.grouped_lowrank), want):
+        if name != "h":
+            assert w.isfinite().all() and got.isfinite().all(), name
+        assert torch.equal(got.isnan(), w.isnan()) and torch.equal(got.isinf(), w.isinf()), name
+        finite = w.isfinite()
+        assert rel_err(got[finite], w[finite]) < 1e-12, name
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_grouped_lowrank_low_precision_gradients(dtype, gen, device):
     """16-bit inputs through the op's autograd: every gradient in its input's dtype, within that

@@ -248,6 +248,26 @@ def test_grouped_lowrank_clamp_gradient_at_zero(gen, dtype, device):
     assert grads[1][1].abs().sum() > 0
 
 
+def test_grouped_lowrank_backward_nonfinite_gradient_off_the_clamp(gen, device):
+    """An inf and a NaN in grad_out where the clamp cut pre off (pre < 0): torch's clamp backward
+    selects, so they give 0 there and every other gradient stays finite (dh keeps them, through
+    the residual).  dout ⊙ [pre >= 0] turned them into NaN in du, dv, dbias, dscale, dshift, dgain
+    and dh of the group's tokens."""
+    counts = [0, 6, 0, 11]
+    offsets = offsets_for(counts, device)
+    inputs = list(lowrank_inputs(gen, counts, torch.float32, device))
+    inputs[5] = inputs[5].clone()
+    inputs[5][:, 2] = -1e4  # shift: feature 2's pre-activation is negative for every token
+    grad_out = randn(inputs[0].shape, gen, torch.float32, device)
+    grad_out[1, 2], grad_out[9, 2] = float("inf"), float("nan")
+    grads = tk.grouped_lowrank_backward(grad_out, inputs[0], offsets, *inputs[1:])
+    refs = lowrank_reference_grads(grad_out, offsets, inputs)
+    for name, g, ref in zip(("h", "u", "v", "bias", "scale", "shift", "gain"), grads, refs):
+        if name != "h":
+            assert ref.isfinite().all(), name
+        same_nonfinite(g, ref)
+
+
 # ------------------------------------------------------------------------------ grouped_outer
 
 
@@ -1074,6 +1094,16 @@ def test_bad_inputs_raise_value_error_naming_the_argument(gen, device):
         tk.lowrank_delta_linear(x, weight, b, row_group, mu_t, eta_t, offsets, alpha.repeat(2))
     with pytest.raises(ValueError, match="grad"):
         tk.lowrank_delta_linear_backward(x, x, weight, row_group, mu_t, eta_t, offsets, alpha)
+    with pytest.raises(ValueError, match="grad"):
+        tk.lowrank_delta_linear_backward(None, x, weight, row_group, mu_t, eta_t, offsets, alpha)
+    # grad_out on another device than h; alpha neither a number nor a one-entry tensor.
+    with pytest.raises(ValueError, match="grad_out"):
+        tk.grouped_lowrank_backward(h.to("meta"), h, offsets, u, v, bias)
+    for bad in (None, "1.0", torch.ones(2, device=device)):
+        with pytest.raises(ValueError, match="alpha"):
+            tk.grouped_outer(eta, mu, offsets, "add", bad)
+        with pytest.raises(ValueError, match="alpha"):
+            tk.grouped_outer_backward(grad, eta, mu, offsets, "max", bad)
 
 
 def test_launchers_do_not_read_tensors_on_the_host(gen, device):

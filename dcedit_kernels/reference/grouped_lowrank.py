@@ -34,9 +34,11 @@ def grouped_lowrank(h, offsets, u, v, bias, scale=None, shift=None, gain=None):
 def grouped_lowrank_backward(grad, h, offsets, u, v, bias, scale=None, shift=None, gain=None):
     """Gradients of grouped_lowrank for (h, u, v, bias[, scale][, shift][, gain]).
 
-    dpre = dout ⊙ [pre >= 0] (clamp's gradient at exactly 0 is 1, which MEND relies on: u = 0 at
-    initialisation makes every pre-activation 0).  Returns a list in argument order, omitting
-    the optional arguments that are None; each gradient in its input's dtype.
+    dpre = dout where pre >= 0, else 0 (clamp's gradient at exactly 0 is 1, which MEND relies on:
+    u = 0 at initialisation makes every pre-activation 0).  A select, as clamp's backward: an inf
+    or NaN of dout where the clamp cut pre off gives 0 there, not NaN in every gradient of the group.
+    Returns a list in argument order, omitting the optional arguments that are None; each gradient
+    in its input's dtype.
     """
     acc = compute_dtype(h, u, v, bias, scale, shift, gain, grad)
     hh, dout = h.to(acc), grad.to(acc)
@@ -55,7 +57,7 @@ def grouped_lowrank_backward(grad, h, offsets, u, v, bias, scale=None, shift=Non
         pre = a if scale is None else a * scale[g].to(acc)
         if shift is not None:
             pre = pre + shift[g].to(acc)
-        dpre = dout[s:e] * (pre >= 0)
+        dpre = torch.where(pre >= 0, dout[s:e], 0.0)
         if dc is not None:
             dc[g] = dpre.sum(0)
         if ds is not None:

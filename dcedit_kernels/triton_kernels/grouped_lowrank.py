@@ -5,7 +5,7 @@ Forward, two segment_matmul launches:
     out = h + clamp((z u_gᵀ + bias_g) ⊙ scale_g + shift_g, min=0)   (fused epilogue)
 
 Backward (a = z u_gᵀ + bias_g, pre = a ⊙ scale + shift, x = gain ⊙ h):
-    dpre = dout ⊙ [pre >= 0]   (clamp's gradient at exactly 0 is 1, as torch gave it up to 2.13
+    dpre = dout where pre >= 0, else 0   (clamp's gradient at exactly 0 is 1, as torch gave it up to 2.13
                                 (2.15 gives 0): at MEND's initialisation u = 0 and every
                                 pre-activation is 0)
     dshift_g = Σ_{t∈g} dpre_t,  dscale_g = Σ dpre_t ⊙ a_t,  da = dpre ⊙ scale_g,
@@ -88,6 +88,7 @@ def grouped_lowrank_backward(grad_out, h, offsets, u, v, bias, scale=None, shift
     check_tensor(grad_out, "grad_out", 2)
     if grad_out.shape != h.shape:
         raise ValueError(f"grad_out must have shape {tuple(h.shape)}, got {tuple(grad_out.shape)}")
+    check_same_device(dict(grad_out=grad_out, h=h))
     T, G = h.shape[0], offsets.shape[0] - 1
     acc = compute_dtype(grad_out, h, u, v, bias, scale, shift, gain)
     gid = group_ids(offsets, T)
@@ -103,7 +104,9 @@ def grouped_lowrank_backward(grad_out, h, offsets, u, v, bias, scale=None, shift
         pre = pre * scale.to(acc)[gid]
     if shift is not None:
         pre = pre + shift.to(acc)[gid]
-    dpre = dout * (pre >= 0)
+    # A select, as torch's clamp backward: an infinite (or NaN) dout where the clamp cut pre off
+    # gives 0, not inf·0 = NaN in every gradient of the group.
+    dpre = torch.where(pre >= 0, dout, 0.0)
     da = dpre if scale is None else dpre * scale.to(acc)[gid]
 
     d_shift = _group_sum(dpre, gid, G) if shift is not None else None

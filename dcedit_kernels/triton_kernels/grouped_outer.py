@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import check_same_device, check_tensor, compute_dtype
+from .._checks import check_same_device, check_tensor, compute_dtype, is_real_number
 from .launch import dot_path, dot_split, grouped_outer_tiles, native_dot
 from .segment_matmul import mma
 
@@ -134,6 +134,16 @@ def check_outer_inputs(eta, mu, offsets, **others) -> None:
     check_same_device(dict(others, eta=eta, mu=mu, offsets=offsets))
 
 
+def check_alpha(alpha) -> None:
+    """alpha of grouped_outer's launchers: a real number, or a one-entry float tensor (forward)."""
+    if isinstance(alpha, torch.Tensor):
+        check_tensor(alpha, "alpha")
+        if alpha.numel() != 1:
+            raise ValueError(f"alpha must be a number or a one-entry tensor, got shape {tuple(alpha.shape)}")
+    elif not is_real_number(alpha):
+        raise ValueError(f"alpha must be a real number, got {type(alpha).__name__}")
+
+
 def launch_grouped_outer(eta, mu, offsets, mode: int, alpha=1.0, precision_from=(), select=False):
     """Shared launcher of grouped_outer, segmented_fisher and the selection pass of
     grouped_outer_backward (checks shapes, not offset values).
@@ -143,6 +153,7 @@ def launch_grouped_outer(eta, mu, offsets, mode: int, alpha=1.0, precision_from=
     words instead of the fused output (alpha is then not used).
     """
     check_outer_inputs(eta, mu, offsets)
+    check_alpha(alpha)
     G = offsets.shape[0] - 1
     O, I = eta.shape[1], mu.shape[1]
     offsets = offsets.contiguous()  # the kernel reads offsets[g] at offsets_ptr + g

@@ -108,6 +108,7 @@ def lowrank_delta_linear_backward(grad, x, weight, row_group, mu_t, eta_t, offse
 
     Each gradient has its input's dtype and shape (a one-entry alpha gets the summed gradient).
     """
+    check_tensor(grad, "grad", 2)  # required here (_check skips a None grad)
     G = _check(x, weight, row_group, mu_t, eta_t, offsets, alpha, grad=grad)
     acc = compute_dtype(grad, x, weight, mu_t, eta_t, alpha)
     grad, x, mu_t, eta_t = grad.contiguous(), x.contiguous(), mu_t.contiguous(), eta_t.contiguous()
