@@ -490,6 +490,39 @@ def test_apply_shift_on_a_strided_weight(gen):
     assert ops.apply_shift_(empty, torch.empty(0, 3), 1.0).shape == (0, 3)
 
 
+@pytest.mark.parametrize("shared", ["delta", "fisher", "both", "same_tensor"])
+def test_apply_shift_reads_inputs_that_share_weights_memory_before_writing(gen, shared):
+    # weight = buf[:n] and delta (or fisher) = buf[n/2 : n/2 + n]: the threads wrote weight while
+    # another thread still had to read the shared half (1 thread happened to read it first).
+    n = 1 << 18  # several parallel blocks per thread
+    buf = randn((n + n // 2,), gen, F64).abs().float()
+    expected_buf = buf.clone()
+
+    def inputs(b):
+        weight, shifted = b[:n], b[n // 2: n // 2 + n]
+        own = {"delta": randn((n,), gen), "fisher": torch.rand(n, generator=gen)}
+        if shared == "same_tensor":
+            return weight, weight, weight
+        delta = shifted if shared in ("delta", "both") else own["delta"]
+        fisher = shifted if shared in ("fisher", "both") else own["fisher"]
+        return weight, delta, fisher
+
+    state = gen.get_state()
+    weight, delta, fisher = inputs(buf)
+    gen.set_state(state)
+    ref_weight, ref_delta, ref_fisher = inputs(expected_buf)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        previous = ops.apply_shift_(weight, delta, -0.7, fisher, threshold=0.5)
+    finally:
+        torch.set_num_threads(threads)
+    original = expected_buf[:n].clone()
+    R.apply_shift_(ref_weight, ref_delta, -0.7, ref_fisher, threshold=0.5)
+    assert_bits_equal(buf, expected_buf)
+    assert_bits_equal(previous, original)
+
+
 def test_results_do_not_depend_on_the_thread_count(gen):
     eta, mu = randn((300, 150), gen), randn((300, 140), gen)
     offsets = offsets_from_counts([100, 0, 200])
@@ -647,6 +680,7 @@ def test_fisher_mask_rejects_bad_input(case):
 
 APPLY_SHIFT_ERRORS = {
     "weight int": (lambda w, d, f: ((w.int(), d), {}), "weight"),
+    "weight expanded": (lambda w, d, f: ((w[:1].expand(6, 7), d), {}), "weight"),
     "delta int": (lambda w, d, f: ((w, d.int()), {}), "delta"),
     "delta shape": (lambda w, d, f: ((w, d.T), {}), "delta"),
     "fisher shape": (lambda w, d, f: ((w, d, 1.0, f[:, :5]), {"keep": 0.5}), "fisher"),

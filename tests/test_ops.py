@@ -440,6 +440,11 @@ def test_apply_shift_bad_input_leaves_weight(gen):
         with pytest.raises(ValueError, match=word):
             ops.apply_shift_(weight, **kwargs)
         assert torch.equal(weight, before)
+    # An expanded weight (every row the same memory) cannot take a per-element shift.
+    row = weight[:1].clone()
+    with pytest.raises(ValueError, match="weight must not have elements that share memory"):
+        ops.apply_shift_(row.expand(5, 6), randn((5, 6), gen))
+    assert torch.equal(row, before[:1])
 
 
 @pytest.mark.parametrize("reference_path", [False, True])

@@ -6,6 +6,7 @@
 #include "cpu/checks.h"
 #include "cpu/topk_select.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -54,6 +55,11 @@ at::Tensor apply_shift_cpu(at::Tensor& weight, const at::Tensor& delta, double a
   check_float_dtype(weight, "weight");
   check_float_dtype(delta, "delta");
   TORCH_CHECK_VALUE(weight.device().is_cpu(), "weight must be a CPU tensor here, got ", weight.device());
+  // An expand()ed weight cannot take a different value per element (torch's copy_ refused it
+  // only after the shift had been computed, with a RuntimeError).
+  TORCH_CHECK_VALUE(at::has_internal_overlap(weight) != at::MemOverlap::Yes,
+                    "weight must not have elements that share memory (an expanded view), got strides ",
+                    weight.strides(), " for shape ", weight.sizes());
   check_same_device(delta, "delta", weight, "weight");
   TORCH_CHECK_VALUE(delta.sizes() == weight.sizes(), "delta must have the shape of weight ",
                     weight.sizes(), ", got ", delta.sizes());
@@ -75,8 +81,19 @@ at::Tensor apply_shift_cpu(at::Tensor& weight, const at::Tensor& delta, double a
   // under torch.compile, inductor asserts that an op's output strides are the fake's.
   at::Tensor previous = at::empty_like(weight);
   if (weight.numel() == 0) return previous;
-  const at::Tensor delta_c = delta.contiguous();
-  const at::Tensor fisher_c = fisher.has_value() ? fisher->contiguous() : at::Tensor();
+  // The threads write weight block by block while they read delta and fisher: an input that shares
+  // only part of weight's memory (weight = buf[:n], delta = buf[n/2:n/2+n]) would be read after
+  // another thread overwrote it.  Such an input is read from a copy, as the reference reads values
+  // computed before its write.  The same tensor (full overlap) is safe: each element is read
+  // before it is written, by the thread that writes it.  (A strided weight is shifted in a copy.)
+  const auto read_copy = [&](const at::Tensor& t) {
+    const at::Tensor c = t.contiguous();
+    if (!weight.is_contiguous()) return c;
+    const at::MemOverlapStatus overlap = at::get_overlap_status(weight, c);
+    return overlap == at::MemOverlapStatus::No || overlap == at::MemOverlapStatus::Full ? c : c.clone();
+  };
+  const at::Tensor delta_c = read_copy(delta);
+  const at::Tensor fisher_c = fisher.has_value() ? read_copy(*fisher) : at::Tensor();
   KeepRule rule;
   if (fisher.has_value()) {
     rule = make_keep_rule(fisher_c, keep, threshold);

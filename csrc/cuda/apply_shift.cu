@@ -11,6 +11,7 @@
 // every entry is kept (keep/threshold without fisher raise ValueError, as on the CPU).
 #include <optional>
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -36,7 +37,8 @@ __device__ inline double add_rn(double a, double b) { return __dadd_rn(a, b); }
 
 // `weight` is not __restrict__: a caller may pass the same storage as delta or fisher
 // (apply_shift_(w, w)), which is safe here because element i is read before it is written and
-// by the same thread.
+// by the same thread.  An input that shares only part of weight's memory is read from a copy
+// (apply_shift_contiguous): its element i is weight's element j != i, another thread's.
 template <typename weight_t>
 __global__ void __launch_bounds__(kShiftThreads)
     apply_shift_kernel(weight_t* weight, weight_t* __restrict__ previous,
@@ -66,12 +68,18 @@ at::Tensor apply_shift_contiguous(at::Tensor& weight, const at::Tensor& delta, d
   const int64_t n = weight.numel();
   if (n == 0) return previous;
 
-  const at::Tensor delta_c = delta.contiguous();
+  // As the CPU kernel: delta or fisher overlapping only part of weight is read from a copy.
+  const auto read_copy = [&](const at::Tensor& t) {
+    const at::Tensor c = t.contiguous();
+    const at::MemOverlapStatus overlap = at::get_overlap_status(weight, c);
+    return overlap == at::MemOverlapStatus::No || overlap == at::MemOverlapStatus::Full ? c : c.clone();
+  };
+  const at::Tensor delta_c = read_copy(delta);
   const bool masked = fisher.has_value();
   at::Tensor fisher_c;
   KeptSelection selection;
   if (masked) {
-    fisher_c = fisher->contiguous();
+    fisher_c = read_copy(*fisher);
     selection = select_kept(fisher_c, keep, threshold, stream);
   }
   const FloatElements fisher_elements =
@@ -95,6 +103,10 @@ at::Tensor apply_shift_cuda(at::Tensor& weight, const at::Tensor& delta, double 
   // Every check runs before anything is written.
   check_float_tensor(weight, "weight");
   check_float_tensor(delta, "delta");
+  // As the CPU kernel: an expand()ed weight cannot take a different value per element.
+  TORCH_CHECK_VALUE(at::has_internal_overlap(weight) != at::MemOverlap::Yes,
+                    "weight must not have elements that share memory (an expanded view), got strides ",
+                    weight.strides(), " for shape ", weight.sizes());
   TORCH_CHECK_VALUE(delta.device() == weight.device(),
                     "all tensors must be on one device: weight on ", weight.device(),
                     ", delta on ", delta.device());
