@@ -79,8 +79,18 @@ class EditHandle:
     def __enter__(self) -> "EditHandle":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.undo()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Undo on leaving `with handle:` unless the edit was kept inside the block (as `edited()`
+        does); an exception leaving the block is never replaced by one from the undo (it gets a note)."""
+        if self.kept:
+            return
+        if exc is None:
+            self.undo()
+            return
+        try:
+            self.undo()
+        except RuntimeError as undo_exc:
+            add_note(exc, f"dcedit: on leaving the EditHandle's block: {undo_exc}")
 
 
 @torch.no_grad()

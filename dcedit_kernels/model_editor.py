@@ -528,26 +528,27 @@ class ModelEditor(FineTuneBaselines):
         first), then this one.  `handle.keep()` inside the block keeps this edit; keeping a later
         one makes this one permanent too, and exit then raises RuntimeError saying so.  An
         exception leaving the block is never replaced by one from the undo (it gets a note)."""
+        outer = list(self._live)  # the model's live edits from before the block: not undone on exit
         handle = self.apply(requests)
         try:
             yield handle
         except BaseException as exc:
             try:
-                self._leave_edited(handle)
+                self._leave_edited(handle, outer)
             except RuntimeError as undo_exc:
                 add_note(exc, f"dcedit: on leaving edited(): {undo_exc}")
             raise
-        self._leave_edited(handle)
+        self._leave_edited(handle, outer)
 
-    def _leave_edited(self, handle: EditHandle) -> None:
-        """Undo the block's later live edits, latest first, down to a kept one; then the block's own
-        edit unless it was kept, or raise when a later kept edit pins it."""
-        if not handle.active:
-            return
+    def _leave_edited(self, handle: EditHandle, outer: list) -> None:
+        """Undo the block's later live edits, latest first, down to a kept one (or one from before
+        the block: the block's own edit may have been undone inside it); then the block's own edit
+        unless it was kept, or raise when a later kept edit pins it."""
         live = self._live
-        while live and live[-1] is not handle and not live[-1].kept:
+        while (live and live[-1] is not handle and not live[-1].kept
+               and not any(live[-1] is h for h in outer)):
             live[-1].undo()
-        if handle.kept:
+        if not handle.active or handle.kept:
             return
         if live and live[-1] is not handle:
             raise RuntimeError("an edit applied inside this edited() block was kept (handle.keep()), which "
@@ -568,9 +569,13 @@ class ModelEditor(FineTuneBaselines):
         try:
             for name in self.layers:
                 weight = weight_out_in(self.modules[name])
+                param = self.modules[name].weight
                 with deferred_interrupt():
-                    saved.append((weight, edits[name].apply_(weight)))
-                previous = saved[-1][1]
+                    previous = edits[name].apply_(weight)
+                    # Undo writes into the Parameter itself, not into the out×in view of a Conv1D
+                    # weight: `model.to(dtype or device)` after the edit swaps the Parameter's data,
+                    # and a view of the old data would take the restore while the model kept the edit.
+                    saved.append((param, previous if weight is param else previous.t()))
                 if not bool(torch.isfinite(weight).all()) and bool(torch.isfinite(previous).all()):
                     raise FloatingPointError(f"the shifted weight of layer {name!r} is not finite")
         except BaseException as exc:
@@ -606,7 +611,9 @@ class ModelEditor(FineTuneBaselines):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Every editor's parameters and buffers, detached CPU copies keyed "editors.<shape>.<name>"
         (what a checkpoint holds; empty for the baselines)."""
-        return {f"editors.{key}.{k}": v.detach().contiguous().cpu()
+        # Copies also on the CPU (.contiguous().cpu() returned the editor's own tensors there, so
+        # that a state kept aside changed with the editor and loading it back restored nothing).
+        return {f"editors.{key}.{k}": v.detach().to("cpu", copy=True).contiguous()
                 for key, editor in self.editors.items() for k, v in editor.state_dict().items()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -616,13 +623,22 @@ class ModelEditor(FineTuneBaselines):
             missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
             raise ValueError(
                 f"editor checkpoint does not match: missing keys {missing[:5]}, unexpected keys {extra[:5]}")
-        for key, editor in self.editors.items():
+        states = {}
+        for key, editor in self.editors.items():  # every editor checked before any is loaded
             prefix = f"editors.{key}."
-            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            state = states[key] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             for k, v in editor.state_dict().items():
                 if state[k].shape != v.shape:
                     raise ValueError(f"editor checkpoint key {prefix + k} has shape {tuple(state[k].shape)}, "
                                      f"expected {tuple(v.shape)}")
+        for key, editor in self.editors.items():
+            state = states[key]
+            # In the saved editor's dtype, as GroupedEditor.load does (a float64 editor stays exact, a
+            # bf16 one bf16; the running norms keep their own): load_state_dict alone rounded a float64
+            # editor into the new one's fp32 tensors, so that the loaded editor's edits differed.
+            alpha = state.get("alpha")
+            if alpha is not None and alpha.is_floating_point() and alpha.dtype != editor.alpha.dtype:
+                editor.to(dtype=alpha.dtype)
             editor.load_state_dict(state)
 
     def save(self, path) -> None:

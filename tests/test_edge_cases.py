@@ -83,6 +83,23 @@ def test_an_edited_block_whose_edit_was_undone_inside_it(gen):
     assert_bit_identical(before, me.model)
 
 
+def test_an_edited_block_undoes_edits_applied_after_its_own_was_undone(gen):
+    """An edit applied inside edited() after the block's own edit was undone inside it: exit undoes
+    it too ("edits applied inside the block that are still live are undone"), and leaves the
+    edits from before the block alone."""
+    me = make_editor("gpt2", "mend", gen)
+    before = snapshot(me.model)
+    outer = me.apply(random_requests(gen, 2))
+    after_outer = snapshot(me.model)
+    with me.edited(random_requests(gen, 2)) as handle:
+        assert handle.undo() is True
+        inner = me.apply(random_requests(gen, 2))
+    assert not inner.active and outer.active and me._live == [outer]
+    assert_bit_identical(after_outer, me.model)
+    assert outer.undo()
+    assert_bit_identical(before, me.model)
+
+
 def test_an_edit_handle_is_a_context_manager(gen):
     me = make_editor("llama", "mend", gen)
     before = snapshot(me.model)
@@ -90,6 +107,30 @@ def test_an_edit_handle_is_a_context_manager(gen):
         assert handle.active and changed_any(before, me.model)
     assert not handle.active and not me._live
     assert_bit_identical(before, me.model)
+
+
+def test_an_edit_handle_block_that_keeps_its_edit_leaves_it_applied(gen):
+    """keep() inside `with handle:` keeps the edit, as inside `edited()`; leaving raised
+    RuntimeError ("this edit was kept") instead."""
+    me = make_editor("llama", "mend", gen)
+    with me.apply(random_requests(gen, 2)) as handle:
+        handle.keep()
+        kept = snapshot(me.model)
+    assert handle.kept
+    assert_bit_identical(kept, me.model)
+
+
+def test_an_exception_leaving_an_edit_handle_block_is_not_replaced(gen):
+    """An exception leaving `with handle:` while a later edit is live: the undo refuses (out of
+    order) and says so in a note, but the block's own exception propagates, as from `edited()`."""
+    me = make_editor("gpt2", "mend", gen)
+    with pytest.raises(KeyError, match="raised in the block") as raised:
+        with me.apply(random_requests(gen, 2)) as handle:
+            later = me.apply(random_requests(gen, 2))
+            raise KeyError("raised in the block")
+    assert any("undo the later edits first" in note for note in getattr(raised.value, "__notes__", []))
+    assert handle.active and later.active
+    assert later.undo() and handle.undo() and not me._live
 
 
 def changed_any(before, model):

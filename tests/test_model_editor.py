@@ -485,6 +485,22 @@ def test_undo_frees_the_weight_copies_and_the_handle_says_what_it_holds(gen):
     assert repr(me).startswith("ModelEditor(method='mend', layers=")
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_undo_after_the_model_changed_dtype_restores_every_weight(arch, gen):
+    """Undo after `model.to(float64)`: GPT-2's Conv1D weights were saved as out×in views of the
+    old data, so the restore went into a tensor the model no longer held and the edit stayed."""
+    me = make_editor(arch, "mend", gen)
+    before = snapshot(me.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        handle = me.apply(random_requests(gen, 2))
+    me.model.to(torch.float64)
+    assert handle.undo()
+    for k, v in me.model.state_dict().items():
+        assert v.dtype == before[k].dtype or v.dtype == torch.float64, k
+        assert torch.equal(v, before[k].to(v.dtype)), f"{k} differs"
+
+
 def test_keep_frees_the_saved_weights_and_pins_earlier_edits(gen):
     me = make_editor("gpt2", "mend", gen)
     h1 = me.apply(random_requests(gen, 2))
@@ -1109,6 +1125,53 @@ def test_save_load_round_trip(method, gen, tmp_path):
         assert loaded.ft_options == me.ft_options
         return
     assert_same_edit(me, loaded, random_requests(gen, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("method", ["mend", "moeditor", "proeditor"])
+def test_load_keeps_the_saved_editors_dtype(method, dtype, gen, tmp_path):
+    """Editors moved to float64 or bf16 come back in that dtype, bit for bit, and edit as the saved
+    ones do (they came back in fp32: a float64 editor rounded, its edits different)."""
+    me = make_editor("gpt2", method, gen, **({"fisher_keep": 0.5} if method == "proeditor" else {}))
+    me.editors.to(dtype)
+    path = tmp_path / "editor.safetensors"
+    me.save(path)
+    model, tok = tiny_model("gpt2", seed=1)  # another model of that architecture
+    loaded = ModelEditor.load(path, model, tok)
+    a, b = me.state_tensors(), loaded.state_tensors()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert_same_edit(me, ModelEditor.load(path, me.model, me.tokenizer), random_requests(gen, 3))
+
+
+def test_load_state_tensors_that_raise_load_no_editor(gen):
+    """A state whose second editor has a key of the wrong shape: ValueError, and the first editor
+    is left as it was (it was loaded before the second was checked)."""
+    me = make_editor("gpt2", "mend", gen)
+    before = me.state_tensors()
+    keys = list(me.editors)
+    state = {k: v + 1 if v.is_floating_point() else v for k, v in before.items()}
+    bad = next(k for k in state if k.startswith(f"editors.{keys[1]}.") and state[k].dim() == 2)
+    state[bad] = torch.zeros(state[bad].shape[0] + 1, state[bad].shape[1])
+    with pytest.raises(ValueError, match=f"editor checkpoint key {bad} has shape"):
+        me.load_state_tensors(state)
+    after = me.state_tensors()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_state_tensors_are_copies(gen):
+    """A state kept aside does not follow the editor (on the CPU, state_tensors returned the
+    editor's own tensors: a training step changed the kept state too)."""
+    me = make_editor("llama", "proeditor", gen)
+    kept = me.state_tensors()
+    want = {k: v.clone() for k, v in kept.items()}
+    with torch.no_grad():
+        for p in me.editors.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(kept[k], want[k]) for k in kept)
+    me.load_state_tensors(kept)
+    assert all(torch.equal(v, want[k]) for k, v in me.state_tensors().items())
 
 
 def assert_same_edit(me, loaded, reqs):
