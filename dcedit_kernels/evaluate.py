@@ -245,7 +245,17 @@ def unedited_scores(model, tokenizer, requests: Sequence[EditRequest], batch_siz
 # Repeated runs
 # ---------------------------------------------------------------------------------------------
 def sample_indices(n_requests: int, n_edits: int, seed: int, repeat: int) -> list[int]:
-    """The request indices of run `repeat` for N_u = n_edits: a pure function of its arguments."""
+    """The request indices of run `repeat` for N_u = n_edits: a pure function of its arguments.
+
+    ValueError unless every argument is an int (not a bool): the sample is drawn from their text,
+    so seed 1.0 or True would draw another sample than seed 1, and seed "1" the same one."""
+    for name, value in (("n_requests", n_requests), ("n_edits", n_edits), ("seed", seed), ("repeat", repeat)):
+        if not is_int(value):
+            raise ValueError(f"{name} must be an int, got {value!r}")
+    if n_requests < 0 or repeat < 0:
+        raise ValueError(f"n_requests and repeat must be non-negative, got {n_requests} and {repeat}")
+    if not 0 <= n_edits <= n_requests:
+        raise ValueError(f"n_edits must be in [0, n_requests={n_requests}], got {n_edits}")
     rng = random.Random(f"dcedit-{seed}-{n_edits}-{repeat}")
     return sorted(rng.sample(range(n_requests), n_edits))
 
@@ -298,9 +308,10 @@ def evaluate_method(
     `method`: a ModelEditor (trained or not) over `model`, or a method name ("ft", "ft_kl",
     "mend", ...) from which one is built with `layers` and `editor_kwargs`.  Returns
     {"method", "n_requests", "repeats", "seed", "by_n": {N_u: {metric: {"mean", "std",
-    "values"}}, "memory_method": ...}, "runs": [per-run dicts with "n_edits", "repeat",
-    "indices"]}.  `base_cache`: see `measure_edit`; pass one dict to every call that evaluates
-    a method on the same unedited model (the report does), or leave None for a private one.
+    "values"} for each of ALL_METRICS, "memory_method": ...}}, "runs": [per-run dicts of
+    `measure_edit` with "repeat" and "indices" added]}.  `base_cache`: see `measure_edit`; pass
+    one dict to every call that evaluates a method on the same unedited model (the report does),
+    or leave None for a private one.
     """
     from tqdm.auto import tqdm
 
@@ -310,6 +321,8 @@ def evaluate_method(
     sizes = _check_n_edits(n_edits, len(requests))
     if not is_int(repeats) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    if not is_int(seed):  # sample_indices draws from its text: 1.0 or True would be another sample than 1
+        raise ValueError(f"seed must be an int, got {seed!r}")
     if isinstance(method, ModelEditor):
         if method.model is not model:
             raise ValueError("method is a ModelEditor of another model than `model`")
@@ -319,7 +332,10 @@ def evaluate_method(
     elif isinstance(method, str):
         if layers is None:
             raise ValueError(f"layers is required to build a ModelEditor for method {method!r}")
-        editor = ModelEditor(model, tokenizer, layers=list(layers), method=method, **editor_kwargs)
+        # A single name goes through as it is, for ModelEditor's own message (list() would split it
+        # into characters, reported as duplicate layer names).
+        layers = layers if isinstance(layers, str) else list(layers)
+        editor = ModelEditor(model, tokenizer, layers=layers, method=method, **editor_kwargs)
     else:
         raise ValueError(f"method must be a ModelEditor or a method name, got {type(method).__name__}")
 
@@ -344,21 +360,33 @@ def evaluate_method(
 # ---------------------------------------------------------------------------------------------
 # Gradient conflict per layer (paper Table 5)
 # ---------------------------------------------------------------------------------------------
+def _check_autograd(what: str) -> None:
+    """The capture backpropagates: under inference_mode it failed with autograd's bare "element 0
+    of tensors does not require grad" (ModelEditor.apply says why; so do these)."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{what} needs autograd for its capture: call it outside torch.inference_mode()")
+
+
 def gradient_conflict(model, tokenizer, layers: Sequence[str], requests: Sequence[EditRequest]) -> dict:
     """{layer: {"gcr", "gms"}}: conflict ratio and magnitude similarity of the per-edit gradients
     of each edited weight for this batch of edits (the capture's forward + backward, from the captured
     factors through `metrics.factor_gram`; no per-edit gradient matrix is formed).  Edit i's
     gradient is that of its own mean target NLL (loss_reduction "edit"): under the batch mean
     ("token") it would be scaled by its share of the batch's target tokens, which GMS would read as
-    a magnitude difference."""
+    a magnitude difference.  A weight tied to another module's (an LM head sharing the input
+    embedding) is read as this layer's: g_i is the gradient through the layer's own use of it (the
+    factors are captured at its output), not the shared parameter's whole gradient, which also
+    holds the embedding's (tiny tied GPT-2, 8 edits: GCR 0.286 against the parameter's 0.321)."""
     from .model_editor import ModelEditor
 
     requests = validate_requests(requests)
     if len(requests) < 2:
         raise ValueError(f"requests must hold at least 2 edits for gradient metrics, got {len(requests)}")
+    _check_autograd("gradient_conflict")
     # A fine-tuning ModelEditor builds no editor: only its capture is used here.  Nothing is
     # edited, so a tied weight is fine to read.
-    me = ModelEditor(model, tokenizer, layers=list(layers), method="ft", loss_reduction="edit", allow_tied=True)
+    layers = layers if isinstance(layers, str) else list(layers)  # a str: ModelEditor's own ValueError
+    me = ModelEditor(model, tokenizer, layers=layers, method="ft", loss_reduction="edit", allow_tied=True)
     batch = me.tokenize([r.prompt for r in requests], [r.target for r in requests])
     factors, _, _ = me.capture(batch, need_feats=False)
     out = {}
@@ -380,6 +408,7 @@ def edit_statistics(editor, requests: Sequence[EditRequest]) -> dict:
     if editor.method in FT_METHODS:
         raise ValueError(f"editor must use a trained editor method, got {editor.method!r}")
     requests = validate_requests(requests)
+    _check_autograd("edit_statistics")
     batch = editor.tokenize([r.prompt for r in requests], [r.target for r in requests])
     factors, feats, _ = editor.capture(batch)
     edits = editor.edits_as_applied(factors, feats)

@@ -71,7 +71,13 @@ class Scored:
 def logits_at(model: nn.Module, positions: torch.Tensor, skip: Iterable[nn.Module] = (), enabled: bool = True):
     """Inside the block, the model's head computes logits at `positions` ((B, L) bool) only; yields
     the `Scored` whose `pick` gives them.  `skip`: modules (edited or captured layers) that must see
-    full sequences: if the head is one of them, nothing is gathered; nor with enabled=False."""
+    full sequences: if the head is one of them, nothing is gathered; nor with enabled=False.
+    ValueError unless `positions` is a 2-D bool tensor: 0/1 ints would index rows, not mask them
+    (a (B, L) int mask of 40 scored positions picked B·L·L rows)."""
+    if not isinstance(positions, torch.Tensor) or positions.dtype != torch.bool or positions.dim() != 2:
+        what = (f"{positions.dtype} of shape {tuple(positions.shape)}" if isinstance(positions, torch.Tensor)
+                else type(positions).__name__)
+        raise ValueError(f"positions must be a (B, L) bool tensor, got {what}")
     scored = Scored(positions)
     head = output_head(model) if enabled and not getattr(_FULL, "on", False) else None
     if head is None or any(head is m for m in skip):

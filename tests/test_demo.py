@@ -749,6 +749,30 @@ def test_cli_capture_batch_size_flag(capsys, tmp_path, tiny_model_dir):
         assert "argument --capture-batch-size: must be a positive int, got '0'" in capsys.readouterr().err
 
 
+def test_gradient_conflict_of_a_tied_head_is_that_of_the_heads_own_use():
+    """A tied LM head's GCR and GMS are those of the gradient through the head's use of the shared
+    weight (float64 autograd oracle with the embedding path detached), as the docstring says; the
+    parameter's whole gradient also holds the embedding's."""
+    from dcedit_kernels.metrics import gcr, gms
+    from dcedit_kernels.tokenize import tokenize_causal
+
+    model, tok = tiny_model("gpt2", seed=random.randrange(1000), dtype=torch.float64)
+    model.lm_head.weight = model.transformer.wte.weight
+    requests = _tiny_requests(5, random.Random())
+    out = gradient_conflict(model, tok, ["lm_head"], requests)["lm_head"]
+    weight, grads = model.lm_head.weight, []
+    for r in requests:
+        batch = tokenize_causal(tok, [r.prompt], [r.target])
+        hidden = model.transformer(input_ids=batch["input_ids"],
+                                   attention_mask=batch["attention_mask"]).last_hidden_state
+        logits = hidden.detach() @ weight.t()
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], ignore_index=-100)
+        grads.append(torch.autograd.grad(loss, weight)[0].flatten())
+    g = torch.stack(grads)
+    assert out["gcr"] == gcr(g)
+    assert out["gms"] == pytest.approx(gms(g), rel=1e-8)
+
+
 def test_gradient_conflict_is_that_of_each_edits_own_mean_nll():
     """GCR and GMS per layer equal those of the per-edit gradients of each edit's own mean target
     NLL (float64 autograd oracle, one edit at a time).  The targets have different token counts,

@@ -282,6 +282,56 @@ def test_evaluate_method_checks_its_arguments(gen):
         evaluate_module.evaluate_method(me.model, me.tokenizer, me, reqs, n_edits=1, rank=3, progress=False)
 
 
+def test_evaluate_method_refuses_a_seed_or_layers_it_would_misread(gen):
+    """The sample is drawn from the seed's text: seed 1.0 or True drew another sample than seed 1
+    (and "1" the same one) without a word; a single layer name was split into characters and
+    reported as duplicate layers.  Both are ValueErrors naming the argument, before any edit."""
+    me = make_editor("gpt2", "mend", gen)
+    reqs = random_requests(gen, 4)
+    before = snapshot(me.model)
+    for seed in (1.0, True, "1", None):
+        with pytest.raises(ValueError, match="seed must be an int"):
+            evaluate_module.evaluate_method(me.model, me.tokenizer, me, reqs, n_edits=2, seed=seed, progress=False)
+        with pytest.raises(ValueError, match="seed must be an int"):
+            evaluate_module.sample_indices(4, 2, seed, 0)
+    name = "transformer.h.1.mlp.c_proj"
+    with pytest.raises(ValueError, match="layers must be a list of module names, got a single str"):
+        evaluate_module.evaluate_method(me.model, me.tokenizer, "ft", reqs, n_edits=2, layers=name, progress=False)
+    with pytest.raises(ValueError, match="layers must be a list of module names, got a single str"):
+        evaluate_module.gradient_conflict(me.model, me.tokenizer, name, reqs)
+    for args, message in (((4, 5, 0, 0), "n_edits must be in"), ((4, 2, 0, -1), "must be non-negative"),
+                          ((4.0, 2, 0, 0), "n_requests must be an int"), ((4, 2, 0, 1.0), "repeat must be an int")):
+        with pytest.raises(ValueError, match=message):
+            evaluate_module.sample_indices(*args)
+    assert_bit_identical(before, me.model)
+    # Still a pure function of its int arguments, any N_u from 0 to all of them.
+    seed = seed_from(gen)
+    assert evaluate_module.sample_indices(9, 4, seed, 2) == evaluate_module.sample_indices(9, 4, seed, 2)
+    assert evaluate_module.sample_indices(9, 0, seed, 0) == []
+    assert evaluate_module.sample_indices(9, 9, -seed, 0) == list(range(9))
+
+
+def test_gradient_statistics_under_inference_mode_say_why(gen):
+    """gradient_conflict and edit_statistics capture gradients: under inference_mode they failed
+    with autograd's "element 0 of tensors does not require grad"; now a RuntimeError that says
+    why, as ModelEditor.apply's.  Under no_grad they run, with the numbers they give outside it."""
+    me = make_editor("gpt2", "mend", gen)
+    reqs = random_requests(gen, 3)
+    layers = list(me.layers)
+    want_gc = evaluate_module.gradient_conflict(me.model, me.tokenizer, layers, reqs)
+    want_stats = evaluate_module.edit_statistics(me, reqs)
+    before = snapshot(me.model)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="gradient_conflict needs autograd.*outside torch.inference_mode"):
+            evaluate_module.gradient_conflict(me.model, me.tokenizer, layers, reqs)
+        with pytest.raises(RuntimeError, match="edit_statistics needs autograd.*outside torch.inference_mode"):
+            evaluate_module.edit_statistics(me, reqs)
+    with torch.no_grad():
+        assert evaluate_module.gradient_conflict(me.model, me.tokenizer, layers, reqs) == want_gc
+        assert evaluate_module.edit_statistics(me, reqs) == want_stats
+    assert_bit_identical(before, me.model)
+
+
 # ---------------------------------------------------------------------------------------------
 # metrics.py
 # ---------------------------------------------------------------------------------------------

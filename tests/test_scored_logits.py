@@ -102,6 +102,27 @@ def test_logits_at_leaves_a_skipped_or_mismatched_head_alone(gen):
     assert not scored.gathered
 
 
+def test_logits_at_refuses_positions_that_are_not_a_bool_mask(gen):
+    """A 0/1 int mask indexed rows instead of masking them: 40 scored positions of a (3, 39) batch
+    picked 4563 rows, silently.  Every non-(B, L)-bool `positions` is a ValueError naming it, and
+    the head is left without a hook."""
+    me, _, batch = model_and_batch("llama", gen)
+    positions = scored_positions(batch["labels"], True)
+    head = me.model.get_output_embeddings()
+    hooks = dict(head._forward_pre_hooks)
+    for bad in (positions.long(), positions.float(), positions[0], positions.tolist()):
+        with pytest.raises(ValueError, match="positions must be a \\(B, L\\) bool tensor"):
+            with logits_at(me.model, bad):
+                pass
+    assert dict(head._forward_pre_hooks) == hooks
+    inputs = me.model_inputs(batch)
+    with torch.no_grad(), logits_at(me.model, positions) as scored:
+        out = me.model(**inputs).logits
+    with torch.no_grad():
+        full = me.model(**inputs).logits
+    assert scored.gathered and rel_err(scored.pick(out), full[positions]) < 1e-12
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "bart", "t5"])
 @pytest.mark.parametrize("reduction", ["edit", "token"])
 def test_capture_with_the_gathered_head_gives_the_full_logits_factors(arch, reduction, gen):
