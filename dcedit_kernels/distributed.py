@@ -10,7 +10,9 @@ step) and, before every optimiser step:
 - merges the editors' running norms (`merge_running_norms`, one all-reduce per editor of its
   sums and sums of squares in fp64): every process ends the step with the statistics of all the
   step's tokens.
-Without running norms a step is the step of one process with W·accumulate batches, to rounding.
+Without running norms a step is the step of one process with W·accumulate batches, to rounding, for
+editors that draw no random numbers in training (MEND, ProEditor): each process draws its own gate
+noise (MoEditor) and random groups (RaEditor), from generators seeded per rank.
 With them (MEND's default) it differs a little: one process normalises a step's later batches
 with the statistics of its earlier ones, each of the W processes with its own batches' only.
 No collective runs inside a batch, so a process that reruns a batch (the fp16 retry) never waits
@@ -203,7 +205,9 @@ def agree_on_start(error: BaseException | None, steps: int, plan: dict) -> None:
     """Raise on every process if one of them failed to set up (`error`), they would start from
     different steps (a checkpoint_dir that not every process sees), or their `plan`s differ (what
     sets the sequence of collectives: the TrainConfig, the requests, whether a process validates or
-    checkpoints), rather than leave one waiting in a collective that another never calls."""
+    checkpoints; under "resumed", the counters a resume read, which differ when the processes read
+    different checkpoints of one step), rather than leave one waiting in a collective that another
+    never calls."""
     outcomes = _after(error, lambda: all_gather_object((_message(error), steps, plan)))
     _raise_if_any_failed(error, [message for message, _, _ in outcomes], "to start training")
     starts = [s for _, s, _ in outcomes]
@@ -212,6 +216,9 @@ def agree_on_start(error: BaseException | None, steps: int, plan: dict) -> None:
                          "checkpoint_dir on every process")
     mine = _flat(plan)
     differ = sorted({k for _, _, other in outcomes for k, v in _flat(other).items() ^ mine.items()})
+    if any(k.startswith("resumed.") for k in differ):
+        raise ValueError(f"the processes resumed from different checkpoints ({', '.join(differ)}) at step {starts[0]}: "
+                         "a resume needs the same checkpoint_dir on every process")
     if differ:
         raise ValueError(f"the processes were given different training settings ({', '.join(differ)}): every "
                          "process of a data-parallel run needs the same ModelEditor settings, TrainConfig, "

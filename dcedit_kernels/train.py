@@ -72,7 +72,10 @@ gradients reach each editor on its own device through those moves.
 Data-parallel (a torch.distributed process group of W > 1, e.g. under torchrun): each process
 trains on batches of its own (global batch index b·W + rank); before each optimiser step the
 editors' gradients are averaged and their running norms merged, so the step is the one of one
-process with accumulate·W batches; rank 0 validates and checkpoints (`distributed`).
+process with accumulate·W batches, to rounding, for editors without running norms that draw no random
+numbers (each process normalises with its own statistics until the merge, and draws its own gate
+noise and random groups); the processes share the validation batches and rank 0 checkpoints
+(`distributed`).
 
 The model's parameters are frozen during training (`capture.frozen_parameters`: requires_grad
 restored afterwards) and the model runs in the mode its owner set (`load_model` gives eval).
@@ -474,14 +477,27 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
         raise ValueError(f"method {me.method!r} has no editor to train")
     if me.seq2seq:
         raise ValueError("editor training supports causal LMs only")
-    train_requests = validate_requests(train_requests, "train_requests")
-    if config.batch_size > len(train_requests):
+    group_rank, group_size = distributed.world()
+    rank, size = (group_rank, group_size) if config.data_parallel else (0, 1)
+    if not config.data_parallel and group_size > 1:
+        warnings.warn(f"train_editor: a process group of {group_size} processes is up but "
+                      "data_parallel=False: this process trains its editors on its own (the others repeat "
+                      "the work, and every process writes checkpoint_dir); TrainConfig(data_parallel=True) "
+                      "trains them data-parallel", stacklevel=2)
+
+    def checked_requests():
+        train = validate_requests(train_requests, "train_requests")
+        val = None if val_requests is None else validate_requests(val_requests, "val_requests")[: config.val_size]
+        return train, val
+
+    # A data-parallel process given invalid requests (its own data file, say) tells the others in
+    # agree_on_start, rather than raise alone and leave them waiting there.
+    (train_requests, val_requests), error = _attempt(checked_requests, size, (None, None))
+    if train_requests is not None and config.batch_size > len(train_requests):
         # The batches hold every request then (`_batch_indices`): the editors see a smaller batch
         # than asked for, which matters under loss_reduction="token" (factors scale as 1/N).
         warnings.warn(f"train_editor: batch_size {config.batch_size} is larger than the {len(train_requests)} "
                       f"training requests: every batch is all {len(train_requests)} of them", stacklevel=2)
-    if val_requests is not None:
-        val_requests = validate_requests(val_requests, "val_requests")[: config.val_size]
 
     alpha_ids = {id(e.alpha) for e in me.editors.values()}
     alphas = [e.alpha for e in me.editors.values()]
@@ -492,13 +508,6 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
 
     ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
     result = TrainResult(steps=0)
-    group_rank, group_size = distributed.world()
-    rank, size = (group_rank, group_size) if config.data_parallel else (0, 1)
-    if not config.data_parallel and group_size > 1:
-        warnings.warn(f"train_editor: a process group of {group_size} processes is up but "
-                      "data_parallel=False: this process trains its editors on its own (the others repeat "
-                      "the work, and every process writes checkpoint_dir); TrainConfig(data_parallel=True) "
-                      "trains them data-parallel", stacklevel=2)
     run = _run_settings(config, train_requests, val_requests, size)
 
     fresh = (None, None, 0)  # (RNG states, best state, bad validations) of a run that starts anew
@@ -510,12 +519,20 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                 return _resume(me, opt, lr_opt, ckpt, result, run, rank)
         return fresh
 
-    (rng_state, best_state, bad_validations), error = _attempt(start, size, fresh)
+    if error is None:
+        (rng_state, best_state, bad_validations), error = _attempt(start, size, fresh)
+    else:  # raised on every process in agree_on_start
+        rng_state, best_state, bad_validations = fresh
     if result.stopped_early and (config.patience is None or bad_validations < config.patience):
         result.stopped_early = False  # a run stopped by patience goes on with another
     if size > 1:  # every process starts from the same step and plan, or all of them raise (none waits)
         plan = dict(run, steps=config.steps, val_every=config.val_every, patience=config.patience,
-                    min_delta=config.min_delta, checkpoints=ckpt is not None, editor=_editor_plan(me))
+                    min_delta=config.min_delta, checkpoints=ckpt is not None, editor=_editor_plan(me),
+                    # What a resume read besides the step (a stale copy of checkpoint_dir on one node
+                    # may hold the same step): the validation counters set the later collectives.
+                    resumed=dict(best_step=result.best_step, best_es=result.best_es, bad_validations=bad_validations,
+                                 stopped_early=result.stopped_early, skipped_batches=result.skipped_batches,
+                                 validations=len(result.val_history), elapsed_s=result.elapsed_s))
         distributed.agree_on_start(error, result.steps, plan)  # raises this process's own error too
 
     norms = [e.norm for e in me.editors.values() if e.norm is not None]
@@ -571,7 +588,10 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                     # Every process's RNG states, so that a resume draws what an uninterrupted run would.
                     states = (distributed.gather_outcomes(lambda: _rng_states(me), "checkpointing") if size > 1
                               else [_rng_states(me)])
-                    _on_rank0(lambda: _checkpoint(me, opt, lr_opt, ckpt, result, bad_validations, run, states,
+                    # The counters with this run's time so far (result.elapsed_s adds it at the end only):
+                    # a resumed run's elapsed_s counts the time before its checkpoint too.
+                    now = dataclasses.replace(result, elapsed_s=result.elapsed_s + time.perf_counter() - start)
+                    _on_rank0(lambda: _checkpoint(me, opt, lr_opt, ckpt, now, bad_validations, run, states,
                                                   best_state), "writing a checkpoint", size)
     finally:
         bar.close()
@@ -586,10 +606,12 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
 def _editor_plan(me: ModelEditor) -> dict:
     """What the processes of a data-parallel run must share about their ModelEditors: the editors'
     tensors (names, shapes, dtypes: the broadcasts and all-reduces run over them, and gloo aborts the
-    process on a size mismatch) and what sets the factors they are trained on."""
+    process on a size mismatch), what sets the factors they are trained on, and each editor's
+    settings (as a resume compares them: a fusion, top_k or fisher_keep of its own would give a
+    process other losses and validation scores over tensors of the same shapes)."""
     tensors = ";".join(f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in me.editors.state_dict().items())
     return dict(method=me.method, layers=tuple(me.layers), tokens=str(me.tokens), loss_reduction=me.loss_reduction,
-                tensors=tensors)
+                tensors=tensors, editors={key: dict(e.config) for key, e in me.editors.items()})
 
 
 def _accumulate(me: ModelEditor, params: list, train_requests, config: TrainConfig, steps: int, rank: int,

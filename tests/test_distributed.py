@@ -7,9 +7,10 @@ each with its own replica of the tiny Llama and its ModelEditor.
   the statistics of all the tokens one process with 2·a would have seen; validation (each process
   scores a share of the batches: the scores are one process's), checkpoints and a resume work
   across them, and the resume is exact.
-- A resume with another number of processes, or processes given different settings, are refused
-  on every process (none waits), and a failure on one process mid-training (its batch, its
-  optimiser step, its validation share, rank 0's best-editor save or checkpoint) raises on both.
+- A resume with another number of processes or from different checkpoints, or processes given
+  different settings (the editors' own included), are refused on every process (none waits), and a
+  failure on one process (its requests' checks; mid-training: its batch, its optimiser step, its
+  validation share, rank 0's best-editor save or checkpoint) raises on both.
 Each run has a deadline: a process left waiting in a collective fails the test instead of hanging it.
 """
 
@@ -179,13 +180,43 @@ def test_a_resume_with_another_number_of_processes_is_refused_everywhere(tmp_pat
     assert all(e is not None and "processes 1 -> 2" in e for e in errors)
 
 
+
+def test_processes_resuming_from_different_checkpoints_of_one_step_are_refused_everywhere(tmp_path, one_thread):
+    """A stale copy of checkpoint_dir on one process's node, at the same step but with other validation
+    counters: one process would stop early (patience) while the other waits in its next step's
+    all-reduce; both refuse before the first step."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from dcedit_kernels.safetensors_file import save_safetensors
+
+    config = dict(steps=2, batch_size=2, progress=False, val_every=1, checkpoint_dir=str(tmp_path / "a"))
+    states, _ = _run(tmp_path / "first", "mend", {}, [config], with_val=True)
+    assert states is not None
+    stale = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", stale)
+    path = stale / "trainer.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    counters = json.loads(meta["counters"])
+    counters["bad_validations"] += 1
+    save_safetensors(load_file(str(path)), path, dict(meta, counters=json.dumps(counters)))
+    _, errors = _run(tmp_path / "resumed", "mend", {}, [dict(config, steps=4, patience=2)], with_val=True,
+                     rank_kwargs={1: dict(checkpoint_dir=str(stale))}, deadline_s=120)
+    assert all(e is not None and e.startswith("ValueError: the processes resumed from different checkpoints "
+                                              "(resumed.bad_validations) at step 2") for e in errors), errors
+
+
 @pytest.mark.parametrize("fail, where", [
     (("batch_loss", 0, 2), "another process failed in the same training step (rank 0: OSError"),
     (("_optimizer_step", 1, 2), "another process failed in the optimiser step (rank 1: OSError"),
     (("_batch_scores", 1, 2), "another process failed validating (rank 1: OSError"),
     (("_save_editor", 0, 1), "rank 0 failed saving the best editor (OSError"),
     (("_checkpoint", 0, 2), "rank 0 failed writing a checkpoint (OSError"),
-], ids=["batch", "optimiser", "validation", "best", "checkpoint"])
+    (("validate_requests", 1, 1), "another process failed to start training (rank 1: OSError"),
+], ids=["batch", "optimiser", "validation", "best", "checkpoint", "requests"])
 def test_a_failure_on_one_process_raises_on_every_process(tmp_path, one_thread, fail, where):
     """Without the failure counted in the step's all-reduce (or rank 0's outcome broadcast), the
     other process waits in its next collective: this test then hits `_run`'s deadline."""
@@ -212,7 +243,19 @@ def test_processes_given_different_editors_are_refused_everywhere(tmp_path, one_
     config = dict(steps=1, batch_size=2, progress=False)
     _, errors = _run(tmp_path, "mend", {}, [config], rank_editor_kwargs={1: dict(norm=False)}, deadline_s=120)
     assert all(e is not None and e.startswith("ValueError: the processes were given different training "
-                                              "settings (editor.tensors)") for e in errors), errors
+                                              "settings (editor.editors.37x24.norm, editor.tensors)")
+               for e in errors), errors
+
+
+def test_processes_given_editors_of_other_settings_but_equal_tensors_are_refused_everywhere(tmp_path, one_thread):
+    """A fusion of its own on one process: the editors' tensors have the same shapes, so nothing would
+    hang, but that process would validate (and ProEditor's fisher_keep: train) another editor than the
+    others while the gradients are averaged; both refuse before the first step, as a resume does."""
+    config = dict(steps=1, batch_size=2, progress=False)
+    _, errors = _run(tmp_path, "moeditor", dict(n_editors=2), [config], rank_editor_kwargs={1: dict(fusion="max")},
+                     deadline_s=120)
+    assert all(e is not None and e.startswith("ValueError: the processes were given different training "
+                                              "settings (editor.editors.37x24.fusion)") for e in errors), errors
 
 
 def test_dcedit_train_under_torchrun(tmp_path):

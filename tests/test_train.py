@@ -1,6 +1,7 @@
 """The one-pass N_g-editor training loss (lowrank_layers), the training loop, checkpoints, resume."""
 
 import dataclasses
+import json
 import math
 import os
 from pathlib import Path
@@ -578,6 +579,23 @@ def test_resume_refuses_another_editor(gen, tmp_path):
     other = ModelEditor(model, tok, LAYERS["gpt2"][:2], method="mend", rank=4)
     with pytest.raises(ValueError, match="another editor"):
         train_editor(other, requests, None, cfg.replace(steps=2))
+
+
+def test_a_resumed_run_counts_the_time_before_its_checkpoint(gen, tmp_path):
+    """elapsed_s sums every run of a checkpoint_dir: the checkpoint holds the time up to its step
+    (it held the earlier runs' only, 0.0 for a first run, so a resume lost the interrupted run's time)."""
+    from safetensors import safe_open
+
+    requests = random_requests(gen, 4)
+    model, tok = tiny_model("gpt2", seed=0)
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4)
+    cfg = TrainConfig(steps=2, batch_size=2, progress=False, checkpoint_dir=str(tmp_path))
+    first = train_editor(me, requests, None, cfg)
+    with safe_open(str(tmp_path / "trainer.safetensors"), framework="pt") as f:
+        saved = json.loads(f.metadata()["counters"])["elapsed_s"]
+    assert 0 < saved <= first.elapsed_s
+    resumed = train_editor(me, requests, None, cfg.replace(steps=3))
+    assert resumed.resumed_from == 2 and resumed.elapsed_s > saved
 
 
 def test_resume_refuses_other_settings_or_requests(gen, tmp_path):
