@@ -615,11 +615,19 @@ def test_editor_cache_key_covers_every_field_of_the_training_requests():
         assert key([dataclasses.replace(reqs[0], **{field: "other text"})]) != key(reqs), field
 
 
-def test_trained_editor_retrains_a_cached_editor_of_the_old_semantics(tmp_path, monkeypatch, capsys):
-    """A file at the cache path holding a batch-mean ("token") editor is not reused for "edit"."""
+def _drop_cached_config_field(path: Path, field: str) -> None:
+    """Rewrite a cached editor file without `field` in its ModelEditor config (an older or damaged file)."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads(f.metadata()["dcedit_model_editor"])
+    del config[field]
+    save_file(load_file(str(path)), str(path), metadata={"dcedit_model_editor": json.dumps(config)})
+
+
+def test_trained_editor_retrains_a_cached_editor_of_the_old_semantics(tmp_path, monkeypatch, capsys):
+    """A file at the cache path holding a batch-mean ("token") editor is not reused for "edit"."""
     monkeypatch.setenv("DCEDIT_CACHE_DIR", str(tmp_path))
     model, tok = tiny_model("llama", seed=0)
     layers = ["model.layers.1.mlp.down_proj"]
@@ -635,11 +643,7 @@ def test_trained_editor_retrains_a_cached_editor_of_the_old_semantics(tmp_path, 
     me_c, info_c = editor_cache.trained_editor(*chunked, progress=False)  # the same editor, run in chunks of 3
     assert info_c["cached"] and me_c.capture_batch_size == 3
     # Rewrite the cached file as a format-1 checkpoint (no loss_reduction: it loads as "token").
-    path = Path(info["path"])
-    with safe_open(str(path), framework="pt") as f:
-        config = json.loads(f.metadata()["dcedit_model_editor"])
-    del config["loss_reduction"]
-    save_file(load_file(str(path)), str(path), metadata={"dcedit_model_editor": json.dumps(config)})
+    _drop_cached_config_field(Path(info["path"]), "loss_reduction")
     me3, info3 = editor_cache.trained_editor(*args, progress=False)
     assert not info3["cached"] and me3.loss_reduction == "edit"
     assert "ignoring the cached editor" in capsys.readouterr().out
@@ -650,9 +654,6 @@ def test_trained_editor_cached_gets_the_runtime_settings_and_survives_damaged_me
     """A cached editor is loaded with the placement asked for (editor_device, like
     capture_batch_size: not in the key), and a cache file whose metadata lacks a field is
     retrained, not a KeyError."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
     monkeypatch.setenv("DCEDIT_CACHE_DIR", str(tmp_path))
     model, tok = tiny_model("llama", seed=0)
     requests = _tiny_requests(2, random.Random(0))
@@ -662,11 +663,7 @@ def test_trained_editor_cached_gets_the_runtime_settings_and_survives_damaged_me
     assert not info["cached"] and me.editor_device == torch.device("cpu")
     me2, info2 = editor_cache.trained_editor(*args, progress=False)
     assert info2["cached"] and me2.editor_device == torch.device("cpu")
-    path = Path(info["path"])
-    with safe_open(str(path), framework="pt") as f:
-        config = json.loads(f.metadata()["dcedit_model_editor"])
-    del config["layers"]
-    save_file(load_file(str(path)), str(path), metadata={"dcedit_model_editor": json.dumps(config)})
+    _drop_cached_config_field(Path(info["path"]), "layers")
     me3, info3 = editor_cache.trained_editor(*args, progress=False)
     assert not info3["cached"]
     assert "ignoring the cached editor" in capsys.readouterr().out
