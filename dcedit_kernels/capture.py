@@ -491,6 +491,21 @@ def frozen_parameters(model: nn.Module):
             p.requires_grad_(flag)
 
 
+@contextlib.contextmanager
+def modes_restored(module: nn.Module):
+    """On leaving the block (also when it raises), `module` and each of its submodules get back
+    their own train/eval flag: `module.train(mode)` alone would set them all alike (a block a caller
+    keeps in eval mode inside a model that trains).  `module.train` runs first, for a subclass that
+    extends it."""
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        yield
+    finally:
+        module.train(modes[0][1])
+        for m, mode in modes:
+            m.training = mode
+
+
 def capture_factors(
     model: nn.Module,
     module_names: Iterable[str],

@@ -244,6 +244,12 @@ def unedited_scores(model, tokenizer, requests: Sequence[EditRequest], batch_siz
 # ---------------------------------------------------------------------------------------------
 # Repeated runs
 # ---------------------------------------------------------------------------------------------
+def _as_listed(layers):
+    """`layers` as a list for ModelEditor; a single name goes through as it is, for ModelEditor's
+    own message (list() would split it into characters, reported as duplicate layer names)."""
+    return layers if isinstance(layers, str) else list(layers)
+
+
 def sample_indices(n_requests: int, n_edits: int, seed: int, repeat: int) -> list[int]:
     """The request indices of run `repeat` for N_u = n_edits: a pure function of its arguments.
 
@@ -332,10 +338,7 @@ def evaluate_method(
     elif isinstance(method, str):
         if layers is None:
             raise ValueError(f"layers is required to build a ModelEditor for method {method!r}")
-        # A single name goes through as it is, for ModelEditor's own message (list() would split it
-        # into characters, reported as duplicate layer names).
-        layers = layers if isinstance(layers, str) else list(layers)
-        editor = ModelEditor(model, tokenizer, layers=layers, method=method, **editor_kwargs)
+        editor = ModelEditor(model, tokenizer, layers=_as_listed(layers), method=method, **editor_kwargs)
     else:
         raise ValueError(f"method must be a ModelEditor or a method name, got {type(method).__name__}")
 
@@ -385,8 +388,7 @@ def gradient_conflict(model, tokenizer, layers: Sequence[str], requests: Sequenc
     _check_autograd("gradient_conflict")
     # A fine-tuning ModelEditor builds no editor: only its capture is used here.  Nothing is
     # edited, so a tied weight is fine to read.
-    layers = layers if isinstance(layers, str) else list(layers)  # a str: ModelEditor's own ValueError
-    me = ModelEditor(model, tokenizer, layers=layers, method="ft", loss_reduction="edit", allow_tied=True)
+    me = ModelEditor(model, tokenizer, layers=_as_listed(layers), method="ft", loss_reduction="edit", allow_tied=True)
     batch = me.tokenize([r.prompt for r in requests], [r.target for r in requests])
     factors, _, _ = me.capture(batch, need_feats=False)
     out = {}

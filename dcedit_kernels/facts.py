@@ -397,7 +397,7 @@ def deal_disjoint_neighbours(
     `seed` is not an int, or when `n_heldout_neighbours` is not an int that leaves both non-empty
     sets at least one prompt.
     """
-    if not isinstance(seed, int) or isinstance(seed, bool):
+    if not is_int(seed):
         raise ValueError(f"seed must be an int, got {seed!r}")
     shared = {f.id for f in train} & {f.id for f in heldout}
     if shared:
@@ -407,8 +407,7 @@ def deal_disjoint_neighbours(
         n_heldout_neighbours = min(len(heldout), (len(pool) + 1) // 2)
     lo = 1 if heldout else 0
     hi = 0 if not heldout else len(pool) - 1 if train else len(pool)
-    if (not isinstance(n_heldout_neighbours, int) or isinstance(n_heldout_neighbours, bool)
-            or not lo <= n_heldout_neighbours <= hi):
+    if not is_int(n_heldout_neighbours) or not lo <= n_heldout_neighbours <= hi:
         raise ValueError(
             f"n_heldout_neighbours must be an int in [{lo}, {hi}] for {len(train)} training and "
             f"{len(heldout)} held-out facts and {len(pool)} neighbour prompts, got {n_heldout_neighbours!r}"

@@ -27,6 +27,7 @@ per-edit gradient matrix: <η_aμ_aᵀ, η_bμ_bᵀ>_F = Σ_{s∈a,t∈b} (η_s�
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from typing import Mapping, Sequence
@@ -34,7 +35,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ._checks import check_offsets, check_tensor, is_int
-from .capture import Factors
+from .capture import Factors, modes_restored
 from .devices import input_device
 from .positions import past_positions
 from .requests import EditRequest, require_field, validate_requests
@@ -52,25 +53,14 @@ def _check_batch_size(batch_size) -> None:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
-class _EvalMode:
+@contextlib.contextmanager
+def _eval_mode(model):
     """Eval mode and no grad while scoring; every submodule's previous mode comes back afterwards
     (`model.train(was_training)` would also flip the submodules a caller keeps in the other mode,
     e.g. a frozen block left in eval mode inside a model that trains)."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        self.modes = [(m, m.training) for m in self.model.modules()]
-        self.no_grad = torch.no_grad()
-        self.no_grad.__enter__()
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        self.model.train(self.modes[0][1])  # the model's own train() first (a subclass may extend it)
-        for module, training in self.modes:
-            module.training = training
-        self.no_grad.__exit__(*exc)
+    with modes_restored(model), torch.no_grad():
+        model.eval()
+        yield
 
 
 def _score_batch(model, tokenizer, batch: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -114,7 +104,7 @@ def _score(model, tokenizer, prompts, targets, batch_size, names=None) -> list[t
     if names is None:
         names = ([f"prompts[{i}]" for i in range(len(prompts))], [f"targets[{i}]" for i in range(len(prompts))])
     out = []
-    with _EvalMode(model):
+    with _eval_mode(model):
         for lo in range(0, len(prompts), batch_size):
             chunk = prompts[lo : lo + batch_size]
             if targets is None and is_seq2seq(model):
@@ -160,8 +150,9 @@ def _target_accuracy(model, tokenizer, prompts, targets, batch_size, exact, name
     return _accuracies(_score(model, tokenizer, prompts, targets, batch_size, names), exact)
 
 
-def _request_names(n: int, prompt_field: str, target_field: str) -> tuple[list[str], list[str]]:
-    return [f"requests[{i}].{prompt_field}" for i in range(n)], [f"requests[{i}].{target_field}" for i in range(n)]
+def _request_names(rows, prompt_field: str, target_field: str) -> tuple[list[str], list[str]]:
+    """`_score`'s names for the requests at indices `rows` (a range, or a subset's indices)."""
+    return [f"requests[{i}].{prompt_field}" for i in rows], [f"requests[{i}].{target_field}" for i in rows]
 
 
 def reliability(model, tokenizer, requests: Sequence[EditRequest], batch_size: int = 16,
@@ -169,7 +160,7 @@ def reliability(model, tokenizer, requests: Sequence[EditRequest], batch_size: i
     """Accuracy of each request's target on its own prompt."""
     requests = validate_requests(requests)
     prompts, targets = [r.prompt for r in requests], [r.target for r in requests]
-    names = _request_names(len(requests), "prompt", "target")
+    names = _request_names(range(len(requests)), "prompt", "target")
     return float(_target_accuracy(model, tokenizer, prompts, targets, batch_size, exact, names).mean())
 
 
@@ -178,7 +169,7 @@ def edit_success(model, tokenizer, requests: Sequence[EditRequest], batch_size: 
     """ES: accuracy of each request's target on its rephrase (paraphrase) prompt."""
     requests = validate_requests(requests)
     prompts = require_field(requests, "rephrase")
-    names = _request_names(len(requests), "rephrase", "target")
+    names = _request_names(range(len(requests)), "rephrase", "target")
     return float(_target_accuracy(model, tokenizer, prompts, [r.target for r in requests], batch_size, exact,
                                   names).mean())
 
@@ -189,7 +180,7 @@ def neighbourhood_success(model, tokenizer, requests: Sequence[EditRequest], bat
     requests = validate_requests(requests)
     prompts = require_field(requests, "locality")
     targets = require_field(requests, "locality_target")
-    names = _request_names(len(requests), "locality", "locality_target")
+    names = _request_names(range(len(requests)), "locality", "locality_target")
     return float(_target_accuracy(model, tokenizer, prompts, targets, batch_size, exact, names).mean())
 
 
@@ -201,17 +192,15 @@ def locality_predictions(model, tokenizer, requests: Sequence[EditRequest],
     with_target = [i for i, r in enumerate(requests) if r.locality_target is not None]
     without = [i for i, r in enumerate(requests) if r.locality_target is None]
     preds: list[torch.Tensor | None] = [None] * len(requests)
-
-    def names(rows):
-        return [f"requests[{i}].locality" for i in rows], [f"requests[{i}].locality_target" for i in rows]
-
     if with_target:
         scored = _score(model, tokenizer, [prompts[i] for i in with_target],
-                        [requests[i].locality_target for i in with_target], batch_size, names(with_target))
+                        [requests[i].locality_target for i in with_target], batch_size,
+                        _request_names(with_target, "locality", "locality_target"))
         for i, (pred, _) in zip(with_target, scored):
             preds[i] = pred
     if without:
-        scored = _score(model, tokenizer, [prompts[i] for i in without], None, batch_size, names(without))
+        scored = _score(model, tokenizer, [prompts[i] for i in without], None, batch_size,
+                        _request_names(without, "locality", "locality_target"))
         for i, (pred, _) in zip(without, scored):
             preds[i] = pred
     return preds

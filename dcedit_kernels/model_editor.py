@@ -89,7 +89,8 @@ from torch import nn
 
 from ._checks import is_int
 from .capture import (
-    TOKEN_MODES, Factors, capture_factors, frozen_parameters, is_conv1d, resolve_modules, weight_out_in,
+    TOKEN_MODES, Factors, capture_factors, frozen_parameters, is_conv1d, modes_restored, resolve_modules,
+    weight_out_in,
 )
 from .devices import as_device, check_resident, cuda_indices, input_device, model_devices, place_editor
 from .edit_handle import LIVE_EDITS, EditHandle, add_note, deferred_interrupt, restore
@@ -461,14 +462,9 @@ class ModelEditor(FineTuneBaselines):
     def edits_as_applied(self, factors: dict, feats: torch.Tensor | None) -> dict:
         """{layer: GroupedEdit} as `apply` makes them: the editors in eval mode (frozen
         normalisation statistics, no gate noise), no grad; their train/eval mode comes back."""
-        training = [m.training for m in self.editors.modules()]  # the container's flag too (fit reads it)
-        try:
+        with modes_restored(self.editors), torch.no_grad():  # the container's flag too (fit reads it)
             self.editors.eval()
-            with torch.no_grad():
-                return self.run_editors(factors, feats)
-        finally:
-            for module, mode in zip(self.editors.modules(), training):
-                module.training = mode
+            return self.run_editors(factors, feats)
 
     # -- apply / undo ----------------------------------------------------------------------------
     def editors_at_initialisation(self) -> bool:
@@ -632,14 +628,7 @@ class ModelEditor(FineTuneBaselines):
                     raise ValueError(f"editor checkpoint key {prefix + k} has shape {tuple(state[k].shape)}, "
                                      f"expected {tuple(v.shape)}")
         for key, editor in self.editors.items():
-            state = states[key]
-            # In the saved editor's dtype, as GroupedEditor.load does (a float64 editor stays exact, a
-            # bf16 one bf16; the running norms keep their own): load_state_dict alone rounded a float64
-            # editor into the new one's fp32 tensors, so that the loaded editor's edits differed.
-            alpha = state.get("alpha")
-            if alpha is not None and alpha.is_floating_point() and alpha.dtype != editor.alpha.dtype:
-                editor.to(dtype=alpha.dtype)
-            editor.load_state_dict(state)
+            editor.load_saved_state(states[key])  # in the saved editor's dtype, on its own device
 
     def save(self, path) -> None:
         """Editors' state to safetensors, with the ModelEditor config as JSON metadata (no pickle)."""

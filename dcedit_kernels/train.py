@@ -98,7 +98,7 @@ import torch
 from . import distributed
 from ._checks import is_finite_number, is_int, is_number
 from .block_prefix import PrefixReuse
-from .capture import frozen_parameters
+from .capture import frozen_parameters, modes_restored
 from .devices import cuda_indices
 from .ft_baseline import locality_texts
 from .length_buckets import plan_passes, run_in_passes
@@ -536,13 +536,12 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
         distributed.agree_on_start(error, result.steps, plan)  # raises this process's own error too
 
     norms = [e.norm for e in me.editors.values() if e.norm is not None]
-    # Every editor module's own train/eval flag, restored as it was (`edits_as_applied` does the same).
-    was_training = [(m, m.training) for m in me.editors.modules()]
     start = time.perf_counter()
     bar = tqdm(total=config.steps, initial=result.steps, disable=not config.progress or rank != 0,
                desc=f"train {me.method}")
     try:
-        with torch.random.fork_rng(devices=_cuda_devices(me)), frozen_parameters(me.model):
+        with (torch.random.fork_rng(devices=_cuda_devices(me)), frozen_parameters(me.model),
+              modes_restored(me.editors)):  # every editor module gets its own train/eval flag back
             if rng_state is not None:
                 _set_rng_states(me, rng_state)
             else:
@@ -595,8 +594,6 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                                                   best_state), "writing a checkpoint", size)
     finally:
         bar.close()
-        for module, mode in was_training:
-            module.training = mode
     if config.restore_best and best_state is not None:
         me.load_state_tensors(best_state)
     result.elapsed_s += time.perf_counter() - start

@@ -254,13 +254,17 @@ class GroupedEditor(nn.Module):
         if "dcedit_config" not in meta:
             raise ValueError(f"{path} is not a GroupedEditor checkpoint (no dcedit_config metadata)")
         editor = cls(**json.loads(meta["dcedit_config"]))
-        state = load_file(path, device=str(map_location))
-        # In the saved editor's dtype (a float64 editor stays exact, a bf16 one bf16) and on
-        # map_location: load_state_dict alone copies into the new editor's fp32 CPU tensors.
-        alpha = state.get("alpha")
-        editor = editor.to(device=map_location, dtype=alpha.dtype if alpha is not None else None)
-        editor.load_state_dict(state)
+        editor.load_saved_state(load_file(path, device=str(map_location)), map_location)
         return editor
+
+    def load_saved_state(self, state: dict, device=None) -> None:
+        """`load_state_dict(state)` in the saved editor's dtype (its alpha's: a float64 editor stays
+        exact, a bf16 one bf16; the running norms keep their own fp32), on `device` if given:
+        load_state_dict alone copies into this editor's tensors, rounding a float64 editor to fp32."""
+        alpha = state.get("alpha")
+        dtype = alpha.dtype if alpha is not None and alpha.is_floating_point() else None
+        self.to(device=device, dtype=dtype)
+        self.load_state_dict(state)
 
     @classmethod
     def from_mend_state_dict(cls, state_dict, inner_params, shapes, prefix="mend."):
