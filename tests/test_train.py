@@ -457,12 +457,28 @@ def test_evaluate_edits_agrees_with_metrics_edit_success(gen):
         assert ours["es_all"] == pytest.approx(metrics.edit_success(model, tok, reqs, exact=True))
 
 
+def _fail_trainer_write(monkeypatch, n: int):
+    """The n-th write of trainer.safetensors raises OSError("injected: disk full") (a full disk, a
+    killed process); returns the function that puts the real writer back."""
+    import dcedit_kernels.train as train_module
+
+    original, writes = train_module.save_safetensors, []
+
+    def failing(tensors, path, metadata=None):
+        if Path(path).name == "trainer.safetensors":
+            writes.append(path)
+            if len(writes) == n:
+                raise OSError("injected: disk full")
+        return original(tensors, path, metadata)
+
+    monkeypatch.setattr(train_module, "save_safetensors", failing)
+    return lambda: monkeypatch.setattr(train_module, "save_safetensors", original)
+
+
 def test_a_checkpoint_whose_trainer_file_failed_to_write_resumes_from_the_previous_step(gen, tmp_path, monkeypatch):
     """editor.safetensors is replaced before trainer.safetensors: a failed write of the latter (a
     full disk, a killed process) must not pair this step's editors with the previous step's
     optimisers and counters; the resume continues from the previous checkpoint as the straight run."""
-    import dcedit_kernels.train as train_module
-
     seed = int(torch.randint(0, 100, (1,), generator=gen))
     requests = random_requests(gen, 6)
 
@@ -474,19 +490,10 @@ def test_a_checkpoint_whose_trainer_file_failed_to_write_resumes_from_the_previo
                          checkpoint_dir=str(tmp_path / "ckpt"))
     straight = fresh()
     train_editor(straight, requests, None, config.replace(checkpoint_dir=None))
-    original, writes = train_module.save_safetensors, []
-
-    def failing(tensors, path, metadata=None):
-        if Path(path).name == "trainer.safetensors":
-            writes.append(path)
-            if len(writes) == 2:
-                raise OSError("injected: disk full")
-        return original(tensors, path, metadata)
-
-    monkeypatch.setattr(train_module, "save_safetensors", failing)
+    restore = _fail_trainer_write(monkeypatch, 2)
     with pytest.raises(OSError, match="disk full"):
         train_editor(fresh(), requests, None, config)
-    monkeypatch.setattr(train_module, "save_safetensors", original)
+    restore()
     resumed = fresh()
     result = train_editor(resumed, requests, None, config)
     assert result.resumed_from == 1 and result.steps == 3
@@ -515,20 +522,11 @@ def test_a_best_editor_written_after_the_last_checkpoint_is_not_resumed(gen, tmp
 
     config = TrainConfig(steps=3, batch_size=2, lr=1e-2, val_every=1, progress=False, seed=seed,
                          checkpoint_dir=str(tmp_path / "ckpt"))
-    original, writes = train_module.save_safetensors, []
-
-    def failing(tensors, path, metadata=None):
-        if Path(path).name == "trainer.safetensors":
-            writes.append(path)
-            if len(writes) == 3:
-                raise OSError("injected: disk full")
-        return original(tensors, path, metadata)
-
     monkeypatch.setattr(train_module, "evaluate_edits", scripted_evaluate)
-    monkeypatch.setattr(train_module, "save_safetensors", failing)
+    restore = _fail_trainer_write(monkeypatch, 3)
     with pytest.raises(OSError, match="disk full"):
         train_editor(fresh(), requests[:4], requests[4:], config)
-    monkeypatch.setattr(train_module, "save_safetensors", original)
+    restore()
     resumed = fresh()
     result = train_editor(resumed, requests[:4], requests[4:], config.replace(steps=2))  # nothing left to run
     assert result.resumed_from == 2 and (result.best_step, result.best_es) == (1, 0.5)
