@@ -1059,6 +1059,13 @@ def test_editor_apply_with_a_wrong_weight_leaves_the_editor_as_it_was(gen):
         for bad in (torch.zeros(6, 4), "weight"):
             with pytest.raises(ValueError, match=r"weight must be the edited layer's \(out, in\) = \(4, 6\)"):
                 ed.apply_(bad, mu, eta, offsets)
+        # The right shape, but a weight apply_shift_ refuses: an int or bool dtype, an expanded
+        # view (these raised from apply_shift_, after the forward had changed the editor).
+        for bad, match in ((torch.zeros(4, 6, dtype=torch.int64), "weight must be float16"),
+                           (torch.zeros(4, 6, dtype=torch.bool), "weight must be float16"),
+                           (torch.zeros(1, 6).expand(4, 6), "weight must not have elements that share memory")):
+            with pytest.raises(ValueError, match=match):
+                ed.apply_(bad, mu, eta, offsets)
         assert all(torch.equal(v, ed.state_dict()[k]) for k, v in buffers.items())
         if state is not None:
             assert torch.equal(state, ed.route_generator.get_state())

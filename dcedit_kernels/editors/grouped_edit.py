@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
+from ..ops.apply_shift import check_shiftable_weight
 
 
 @dataclass
@@ -63,7 +64,11 @@ class GroupedEdit:
 
 def check_weight(weight, shape: tuple) -> None:
     """The edited layer's (out, in) weight: checked here, not left to apply_shift_, whose message
-    would name the shift it was given (and by GroupedEditor.apply_ before its forward runs)."""
+    would name the shift it was given, and by GroupedEditor.apply_ before its forward runs, with
+    every check apply_shift_ makes of the weight alone (dtype, an expanded view): found only by
+    apply_shift_, they raised after the forward had updated the running norms and drawn the
+    random groups."""
     if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != shape:
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"weight must be the edited layer's (out, in) = {shape} weight, got {got}")
+    check_shiftable_weight(weight)

@@ -28,13 +28,19 @@ def apply_shift_(weight, delta, alpha=1.0, fisher=None, keep=None, threshold=Non
         )
 
 
-def check_apply_shift(weight, delta, alpha=1.0, fisher=None, keep=None, threshold=None):
+def check_shiftable_weight(weight):
+    """The checks of `weight` alone: a float tensor whose elements can each take their shift
+    (also run by `GroupedEditor.apply_` before its forward, see `editors.grouped_edit.check_weight`)."""
     check_tensor(weight, "weight")
     if any(stride == 0 and size > 1 for stride, size in zip(weight.stride(), weight.shape)):
         # An expand()ed weight: its elements share memory, so they cannot each take their shift
         # (torch's in-place write refuses it too, with a RuntimeError).
         raise ValueError(f"weight must not have elements that share memory (an expanded view), got strides "
                          f"{tuple(weight.stride())} for shape {tuple(weight.shape)}")
+
+
+def check_apply_shift(weight, delta, alpha=1.0, fisher=None, keep=None, threshold=None):
+    check_shiftable_weight(weight)
     check_tensor(delta, "delta")
     if delta.shape != weight.shape:
         raise ValueError(f"delta must have the shape of weight {tuple(weight.shape)}, got {tuple(delta.shape)}")
