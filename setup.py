@@ -42,7 +42,11 @@ def _want_cuda() -> bool:
     choice = os.environ.get("DCEDIT_BUILD_CUDA", "auto").lower()
     if choice not in ("auto", "0", "1"):
         raise ValueError(f"DCEDIT_BUILD_CUDA must be auto, 0 or 1, got {choice!r}")
-    possible = cpp_extension.CUDA_HOME is not None and shutil.which("nvcc") is not None
+    # torch's build runs $CUDA_HOME/bin/nvcc, whether or not an nvcc is on PATH (run_gpu.sh sets
+    # CUDA_HOME to the toolkit for a machine whose PATH has none, or only a wrapper script).
+    home = cpp_extension.CUDA_HOME
+    toolkit_nvcc = home is not None and os.access(os.path.join(home, "bin", "nvcc"), os.X_OK)
+    possible = home is not None and (toolkit_nvcc or shutil.which("nvcc") is not None)
     torch_has_cuda = torch.version.cuda is not None
     if choice == "1":
         if not (possible and torch_has_cuda):

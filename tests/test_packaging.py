@@ -176,6 +176,25 @@ def test_setup_cuda_switch_with_this_torch(setup_py, monkeypatch):
         assert got["auto"] is False and got["1"] == "RuntimeError", got
 
 
+def test_setup_builds_cuda_with_the_toolkits_nvcc_off_path(cuda_toolchain, monkeypatch, tmp_path):
+    """CUDA_HOME's bin/nvcc is what torch's build runs: an nvcc missing from PATH (a machine whose
+    PATH has none; run_gpu.sh exports CUDA_HOME for it) neither refuses DCEDIT_BUILD_CUDA=1 nor
+    silently leaves the CUDA sources out under auto."""
+    from torch.utils import cpp_extension
+
+    nvcc = tmp_path / "bin" / "nvcc"
+    nvcc.parent.mkdir()
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.88'\n")
+    nvcc.chmod(0o755)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    for choice in (None, "auto", "1"):
+        assert _switch(monkeypatch, cuda_toolchain["_want_cuda"], choice) is True, choice
+    nvcc.unlink()  # neither on PATH nor in the toolkit: nothing to build with
+    assert _switch(monkeypatch, cuda_toolchain["_want_cuda"], "auto") is False
+    assert _switch(monkeypatch, cuda_toolchain["_want_cuda"], "1") == "RuntimeError"
+
+
 def test_setup_reads_nvccs_major_version(setup_py, monkeypatch, tmp_path):
     from torch.utils import cpp_extension
 
