@@ -669,7 +669,7 @@ class ModelEditor(FineTuneBaselines):
             mend = any(k == "edit_lrs" or k.endswith(".edit_lrs") for k in keys)  # MEND's per-weight steps
             hint = "; it looks like an original MEND checkpoint: use ModelEditor.from_mend" if mend else ""
             raise ValueError(f"{path} is not a ModelEditor checkpoint (no {CHECKPOINT_KEY} metadata){hint}")
-        config = json.loads(meta[CHECKPOINT_KEY])
+        config = _checkpoint_config(path, meta[CHECKPOINT_KEY])
         kwargs = dict(config["editor_kwargs"])
         if config["method"] == "ft":  # accepted and ignored before 0.3.1, refused since
             kwargs = {k: v for k, v in kwargs.items() if k not in FT_KL_ONLY}
@@ -679,10 +679,13 @@ class ModelEditor(FineTuneBaselines):
             saved = {e.get(name) for e in config["editors"].values()}
             if name not in kwargs and len(saved) == 1 and None not in saved:
                 kwargs[name] = saved.pop()
-        editor = cls(model, tokenizer, config["layers"], method=config["method"], tokens=config["tokens"],
-                     loss_reduction=config.get("loss_reduction", LEGACY_LOSS_REDUCTION),
-                     allow_tied=config.get("allow_tied", False), editor_device=editor_device,
-                     capture_batch_size=capture_batch_size, **kwargs)
+        # The initial weights of unseeded editors, all overwritten below, drawn from a fork of
+        # torch's generator: loading left the caller's random stream advanced.
+        with torch.random.fork_rng(devices=[]):
+            editor = cls(model, tokenizer, config["layers"], method=config["method"], tokens=config["tokens"],
+                         loss_reduction=config.get("loss_reduction", LEGACY_LOSS_REDUCTION),
+                         allow_tied=config.get("allow_tied", False), editor_device=editor_device,
+                         capture_batch_size=capture_batch_size, **kwargs)
         saved_shapes = {key: saved.get("n_modes") for key, saved in config["editors"].items()}
         if saved_shapes != {key: e.config.get("n_modes") for key, e in editor.editors.items()}:
             # Shapes (in x out) and how many layers share each: one layer of another shape changes both.
@@ -770,6 +773,33 @@ class ModelEditor(FineTuneBaselines):
                     f"{target.layers[0].u.shape[-1]} and one depth ({len(first.layers)} layers here)")
             target.load_state_dict(state)
         return editor
+
+
+# What every checkpoint's config holds (format 1 on): ModelEditor.load reads them.
+_CONFIG_FIELDS = {"method": str, "layers": list, "tokens": str, "editor_kwargs": dict, "editors": dict}
+
+
+def _checkpoint_config(path, text: str) -> dict:
+    """The ModelEditor config of a checkpoint's metadata; ValueError naming what is wrong with it
+    (not JSON, a field missing or of another type: a KeyError or TypeError before; a format newer
+    than this package reads, which loaded as if it were this one's)."""
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{path}: its {CHECKPOINT_KEY} metadata is not JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: its {CHECKPOINT_KEY} metadata must be a JSON object, got {type(config).__name__}")
+    version = config.get("format", 1)
+    if not is_int(version) or version < 1:
+        raise ValueError(f"{path}: checkpoint format must be a positive int, got {version!r}")
+    if version > CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: checkpoint format {version} was written by a newer dcedit_kernels (this one "
+                         f"reads formats 1 to {CHECKPOINT_FORMAT}): upgrade the package to load it")
+    for name, kind in _CONFIG_FIELDS.items():
+        if not isinstance(config.get(name), kind):
+            got = "nothing" if name not in config else type(config[name]).__name__
+            raise ValueError(f"{path}: its {CHECKPOINT_KEY} metadata needs {name!r} ({kind.__name__}), got {got}")
+    return config
 
 
 # Per method, the editor arguments whose default changed: ModelEditor.load takes them from the

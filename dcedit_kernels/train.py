@@ -733,9 +733,17 @@ def _cuda_devices(me: ModelEditor) -> list:
 def _validate(me, val_requests, config, result, best_state, bad_validations, ckpt, rank=0, size=1):
     """Score the editors on `val_requests` (a data-parallel run's processes each score a share,
     `_evaluate_split`) and keep the best state; rank 0 saves best.safetensors.  `rank`, `size`: the
-    run's (0, 1 unless it is data-parallel)."""
+    run's (0, 1 unless it is data-parallel).
+
+    The RNG states are set back after scoring: the edits it applies draw RaEditor's groups from the
+    routing generators (torch's generator when unseeded) that training draws from, so that how
+    often a run validated changed the editor it trained (val_every 2 and 4 trained two RaEditors),
+    and a run extended past its last step (validated there, as every run is) trained another editor
+    than one run of as many steps."""
+    rng_states = _rng_states(me)
     scores = (_evaluate_split(me, val_requests, config.batch_size, rank, size) if size > 1
               else evaluate_edits(me, val_requests, config.batch_size))
+    _set_rng_states(me, rng_states)
     result.val_history.append(dict(step=result.steps, **scores))
     if result.best_es is None or scores["es"] > result.best_es + config.min_delta:
         result.best_es, result.best_step = scores["es"], result.steps

@@ -110,3 +110,74 @@ def test_threads_saving_the_same_path_do_not_collide(tmp_path):
 
     assert torch.equal(load_file(path)["w"], tensors["w"]) and torch.equal(load_file(long)["w"], tensors["w"])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, long.name])
+
+
+@pytest.mark.parametrize("method", EDITOR_KINDS)
+def test_loading_an_unseeded_editor_leaves_the_global_generator_alone(method, gen, tmp_path):
+    """An unseeded editor draws its initial weights from torch's generator; loading one (every
+    weight overwritten by the file's) drew them too, so that loading advanced the caller's random
+    stream: an unseeded RaEditor then routed other groups after a load than without it."""
+    from dcedit_kernels.model_editor import ModelEditor
+    from dcedit_kernels.models import tiny_model
+
+    editor = _trained_looking(small_editor(method, None), gen)
+    path = tmp_path / "editor.safetensors"
+    editor.save(str(path))
+    model, tok = tiny_model("llama", seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    me = ModelEditor(model, tok, ["model.layers.0.mlp.down_proj"], method=method, rank=3)
+    randomize = {k: torch.randn(v.shape, generator=gen).to(v.dtype) if v.is_floating_point() else v
+                 for k, v in me.state_tensors().items()}
+    me.load_state_tensors(randomize)
+    me.save(tmp_path / "model_editor.safetensors")
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    state = torch.get_rng_state()
+    loaded = GroupedEditor.load(str(path))
+    assert torch.equal(torch.get_rng_state(), state)
+    loaded_me = ModelEditor.load(tmp_path / "model_editor.safetensors", model, tok)
+    assert torch.equal(torch.get_rng_state(), state)
+    for (name, a), b in zip(editor.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    got = loaded_me.state_tensors()
+    assert all(torch.equal(got[k], v) for k, v in randomize.items())
+
+
+def test_load_refuses_a_damaged_or_foreign_file_with_value_error(gen, tmp_path):
+    """A truncated file raised safetensors' SafetensorError, a config argument of a newer version
+    the constructor's TypeError, and a missing or extra tensor load_state_dict's RuntimeError (a
+    folder: OSError "No such device"): ValueError naming the file and what is wrong, as
+    ModelEditor.load's."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    editor = _trained_looking(small_editor("moeditor", 7), gen)
+    path = tmp_path / "editor.safetensors"
+    editor.save(str(path))
+    raw = path.read_bytes()
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    bad = tmp_path / "bad.safetensors"
+    cut = int(torch.randint(1, len(raw) - 1, (1,), generator=gen))
+    bad.write_bytes(raw[:cut])
+    with pytest.raises(ValueError, match="bad.safetensors is not a safetensors file"):
+        GroupedEditor.load(str(bad))
+    config = json.loads(meta["dcedit_config"])
+    save_file(tensors, str(bad), metadata={"dcedit_config": json.dumps(dict(config, later_option=1))})
+    with pytest.raises(ValueError, match=r"does not take \(\['later_option'\]\)"):
+        GroupedEditor.load(str(bad))
+    dropped = next(iter(tensors))
+    save_file({k: v for k, v in tensors.items() if k != dropped}, str(bad), metadata=meta)
+    with pytest.raises(ValueError, match=f"missing keys \\['{dropped}'\\]"):
+        GroupedEditor.load(str(bad))
+    save_file(dict(tensors, extra=torch.zeros(1)), str(bad), metadata=meta)
+    with pytest.raises(ValueError, match=r"unexpected keys \['extra'\]"):
+        GroupedEditor.load(str(bad))
+    save_file(dict(tensors, alpha=torch.zeros(2)), str(bad), metadata=meta)
+    with pytest.raises(ValueError, match="tensor alpha has shape"):
+        GroupedEditor.load(str(bad))
+    with pytest.raises(FileNotFoundError):
+        GroupedEditor.load(str(tmp_path))
+    loaded = GroupedEditor.load(str(path))  # the good file still loads
+    assert all(torch.equal(a, b) for a, b in zip(editor.state_dict().values(), loaded.state_dict().values()))

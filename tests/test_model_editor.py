@@ -1285,6 +1285,40 @@ def test_load_of_a_format_1_checkpoint_uses_the_batch_mean(gen, tmp_path):
     assert loaded.loss_reduction == "token" and loaded.allow_tied is False
 
 
+def test_load_refuses_damaged_or_newer_metadata_with_value_error(gen, tmp_path):
+    """A checkpoint whose config lacks a field raised KeyError ('layers'), one whose config is not
+    an object TypeError or AttributeError, and one of a newer format loaded as if it were this
+    package's: each is a ValueError naming the file and what is wrong."""
+    from safetensors.torch import load_file, save_file
+
+    from dcedit_kernels.model_editor import CHECKPOINT_FORMAT, CHECKPOINT_KEY
+
+    me = make_editor("llama", "mend", gen)
+    path = tmp_path / "editor.safetensors"
+    me.save(path)
+    tensors = load_file(str(path))
+    config = me.config()
+
+    def load_with(meta_text):
+        bad = tmp_path / "bad.safetensors"
+        save_file(tensors, str(bad), metadata={CHECKPOINT_KEY: meta_text})
+        return ModelEditor.load(bad, me.model, me.tokenizer)
+
+    for field in ("method", "layers", "tokens", "editor_kwargs", "editors"):
+        with pytest.raises(ValueError, match=rf"bad\.safetensors: .*needs '{field}'"):
+            load_with(json.dumps({k: v for k, v in config.items() if k != field}))
+    with pytest.raises(ValueError, match="needs 'layers' \\(list\\), got str"):
+        load_with(json.dumps(dict(config, layers="model.layers.0.mlp.down_proj")))
+    for text in ("{not json", "[1, 2]"):
+        with pytest.raises(ValueError, match="metadata"):
+            load_with(text)
+    with pytest.raises(ValueError, match=f"format {CHECKPOINT_FORMAT + 1} was written by a newer dcedit_kernels"):
+        load_with(json.dumps(dict(config, format=CHECKPOINT_FORMAT + 1)))
+    loaded = load_with(json.dumps({k: v for k, v in config.items() if k != "format"}))  # before "format": 1
+    a, b = me.state_tensors(), loaded.state_tensors()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_moeditor_top_k_default_and_checkpoints_from_before_it(gen, tmp_path):
     """MoEditor's top_k defaults to 2 (1 with one editor) since 0.2.0; a checkpoint saved before,
     with top_k=1 in its editors but not in its editor_kwargs, loads as the top-1 editor it was."""

@@ -568,6 +568,34 @@ def test_checkpoint_resume_continues_the_same_run(method, gen, tmp_path):
         assert Path(tmp_path / "b" / f).read_bytes()[:1] != b"\x80"  # pickle protocol header
 
 
+@pytest.mark.parametrize("editor_seed", [None, "drawn"])
+def test_validation_does_not_change_the_trained_raeditor(editor_seed, gen, tmp_path):
+    """The edits applied to validate draw RaEditor's groups from the generator training draws
+    from (its routing generator, torch's when unseeded): validating every 2 steps trained another
+    editor than training without validation, and a run of 3 steps extended to 5 (validated at its
+    last step, 3) another editor than a run of 5."""
+    seed = int(torch.randint(0, 100, (1,), generator=gen))
+    requests = random_requests(gen, 8)
+
+    def trained(steps, val, where=None, **changes):
+        torch.manual_seed(seed)  # the unseeded editor's initial weights
+        model, tok = tiny_model("llama", seed=seed)
+        me = ModelEditor(model, tok, ["model.layers.1.mlp.down_proj"], method="raeditor", n_editors=2, rank=3,
+                         seed=None if editor_seed is None else seed)
+        config = TrainConfig(steps=steps, batch_size=2, lr=1e-2, val_every=2, patience=None, restore_best=False,
+                             progress=False, seed=seed, checkpoint_dir=where, **changes)
+        train_editor(me, requests[:6], requests[6:] if val else None, config)
+        return me.state_tensors()
+
+    def assert_equal(a, b):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+    want = trained(5, val=False)
+    assert_equal(trained(5, val=True), want)
+    trained(3, val=True, where=str(tmp_path))
+    assert_equal(trained(5, val=True, where=str(tmp_path)), want)
+
+
 def test_resume_refuses_another_editor(gen, tmp_path):
     requests = random_requests(gen, 4)
     model, tok = tiny_model("gpt2", seed=0)

@@ -245,16 +245,48 @@ class GroupedEditor(nn.Module):
     def load(cls, path: str, map_location="cpu") -> "GroupedEditor":
         """The editor `save` wrote.  A seeded editor comes back with its seed, and its routing
         generator starts from it, as a new editor with that seed (the draws made since are not
-        saved)."""
-        from safetensors import safe_open
+        saved).  ValueError for a file that is not such a checkpoint: not safetensors, a config
+        this package's constructor does not take (a newer version's), tensors missing, unexpected
+        or of another shape (safetensors', the constructor's TypeError and load_state_dict's
+        RuntimeError before)."""
+        import inspect
+        import os
+
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except SafetensorError as exc:
+            raise ValueError(f"{path} is not a safetensors file ({exc})") from None
         if "dcedit_config" not in meta:
             raise ValueError(f"{path} is not a GroupedEditor checkpoint (no dcedit_config metadata)")
-        editor = cls(**json.loads(meta["dcedit_config"]))
-        editor.load_saved_state(load_file(path, device=str(map_location)), map_location)
+        try:
+            config = json.loads(meta["dcedit_config"])
+        except ValueError as exc:
+            raise ValueError(f"{path}: its dcedit_config metadata is not JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{path}: its dcedit_config metadata must be a JSON object, got {type(config).__name__}")
+        unknown = sorted(set(config) - set(inspect.signature(cls.__init__).parameters) - {"self"})
+        if unknown:
+            raise ValueError(f"{path}: its config has arguments this GroupedEditor does not take ({unknown}): "
+                             "written by a newer dcedit_kernels?")
+        with torch.random.fork_rng(devices=[]):  # an unseeded editor's draws, all overwritten: not the caller's
+            editor = cls(**config)
+        state = load_file(str(path), device=str(map_location))
+        expected = editor.state_dict()
+        if set(state) != set(expected):
+            missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+            raise ValueError(f"{path}: the tensors do not match its config: missing keys {missing[:5]}, "
+                             f"unexpected keys {extra[:5]}")
+        for k, v in expected.items():
+            if state[k].shape != v.shape:
+                raise ValueError(f"{path}: tensor {k} has shape {tuple(state[k].shape)}, its config gives "
+                                 f"{tuple(v.shape)}")
+        editor.load_saved_state(state, map_location)
         return editor
 
     def load_saved_state(self, state: dict, device=None) -> None:
