@@ -35,9 +35,11 @@ every method evaluated with the same seed sees the same edits.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -157,7 +159,29 @@ def _model_devices(model) -> list[torch.device]:
 
 
 def _with(requests: list[EditRequest], *fields: str) -> list[EditRequest]:
-    return [r for r in requests if all(getattr(r, f) is not None for f in fields)]
+    return [requests[i] for i in _indices_with(requests, *fields)]
+
+
+def _indices_with(requests: list[EditRequest], *fields: str) -> list[int]:
+    return [i for i, r in enumerate(requests) if all(getattr(r, f) is not None for f in fields)]
+
+
+@contextlib.contextmanager
+def _named_as(indices: list[int]):
+    """A metric's ValueError about `requests[k]` of a subset (the requests with a rephrase, a
+    locality...) names it `requests[indices[k]]`, its place in the caller's list (it was named by
+    its place in the subset: requests[1] for the caller's requests[2])."""
+    try:
+        yield
+    except ValueError as exc:
+        def name(m):
+            k = int(m.group(1))
+            return f"requests[{indices[k]}]" if k < len(indices) else m.group(0)
+
+        message = re.sub(r"\brequests\[(\d+)\]", name, str(exc))
+        if message == str(exc):
+            raise
+        raise ValueError(message) from exc
 
 
 def _unedited_locality(model, tokenizer, requests, batch_size, cache: dict | None):
@@ -166,16 +190,20 @@ def _unedited_locality(model, tokenizer, requests, batch_size, cache: dict | Non
     `cache` maps (locality, locality_target) to a prediction of the UNEDITED model; it lets every
     method evaluated on the same samples skip this pass (one of the five scoring passes per run).
     """
-    local = _with(requests, "locality")
+    rows = _indices_with(requests, "locality")
+    local = [requests[i] for i in rows]
     if not local:
         return local, None
     keys = [(r.locality, r.locality_target) for r in local]
     if cache is None:
-        return local, metrics.locality_predictions(model, tokenizer, local, batch_size)
-    todo = [r for r, k in zip(local, keys) if k not in cache]
+        with _named_as(rows):
+            return local, metrics.locality_predictions(model, tokenizer, local, batch_size)
+    todo = [i for i, k in zip(rows, keys) if k not in cache]
     if todo:
-        todo_keys = [(r.locality, r.locality_target) for r in todo]
-        for k, pred in zip(todo_keys, metrics.locality_predictions(model, tokenizer, todo, batch_size)):
+        todo_keys = [(requests[i].locality, requests[i].locality_target) for i in todo]
+        with _named_as(todo):
+            preds = metrics.locality_predictions(model, tokenizer, [requests[i] for i in todo], batch_size)
+        for k, pred in zip(todo_keys, preds):
             cache[k] = pred
     return local, [cache[k] for k in keys]
 
@@ -215,10 +243,13 @@ def measure_edit(editor, requests: Sequence[EditRequest], batch_size: int = 16, 
         handle = editor.apply(without_locality(requests))
         latency = time.perf_counter() - start
     try:
-        es = metrics.edit_success(model, tokenizer, rephrased, batch_size) if rephrased else None
+        with _named_as(_indices_with(requests, "rephrase")):
+            es = metrics.edit_success(model, tokenizer, rephrased, batch_size) if rephrased else None
         rel = metrics.reliability(model, tokenizer, requests, batch_size)
-        ns = metrics.neighbourhood_success(model, tokenizer, neighbours, batch_size) if neighbours else None
-        dd = metrics.drawdown(model, tokenizer, local, base, batch_size) if local else None
+        with _named_as(_indices_with(requests, "locality", "locality_target")):
+            ns = metrics.neighbourhood_success(model, tokenizer, neighbours, batch_size) if neighbours else None
+        with _named_as(_indices_with(requests, "locality")):
+            dd = metrics.drawdown(model, tokenizer, local, base, batch_size) if local else None
         extra = {} if during is None else {"during": during(model)}
     finally:
         handle.undo()
@@ -234,11 +265,12 @@ def unedited_scores(model, tokenizer, requests: Sequence[EditRequest], batch_siz
     requests = validate_requests(requests)
     rephrased = _with(requests, "rephrase")
     neighbours = _with(requests, "locality", "locality_target")
-    es = metrics.edit_success(model, tokenizer, rephrased, batch_size) if rephrased else None
-    return dict(
-        es=es, reliability=metrics.reliability(model, tokenizer, requests, batch_size), dd=0.0,
-        lmp=es, ns=metrics.neighbourhood_success(model, tokenizer, neighbours, batch_size) if neighbours else None,
-    )
+    with _named_as(_indices_with(requests, "rephrase")):
+        es = metrics.edit_success(model, tokenizer, rephrased, batch_size) if rephrased else None
+    rel = metrics.reliability(model, tokenizer, requests, batch_size)
+    with _named_as(_indices_with(requests, "locality", "locality_target")):
+        ns = metrics.neighbourhood_success(model, tokenizer, neighbours, batch_size) if neighbours else None
+    return dict(es=es, reliability=rel, dd=0.0, lmp=es, ns=ns)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,7 +381,8 @@ def evaluate_method(
         for n in sizes:
             for r in range(repeats):
                 idx = sample_indices(len(requests), n, seed, r)
-                run = measure_edit(editor, [requests[i] for i in idx], batch_size, base_cache=base_cache)
+                with _named_as(idx):  # an error names the request by its place in `requests`, not in the sample
+                    run = measure_edit(editor, [requests[i] for i in idx], batch_size, base_cache=base_cache)
                 runs.append(dict(run, repeat=r, indices=idx))
                 bar.update(1)
     by_n = {}

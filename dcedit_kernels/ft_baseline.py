@@ -22,7 +22,7 @@ from .losses import backward_scale, log_probs_at, picked_kl
 from .requests import EditRequest
 from .scored_logits import logits_at
 from .tied_weights import shared_parameters
-from .tokenize import no_kv_cache, pad_rows, pad_token_id
+from .tokenize import join_prompt_target, no_kv_cache, pad_rows, pad_token_id
 
 FT_DEFAULTS = dict(ft_steps=10, ft_lr=5e-4, ft_optimizer="adam", kl_weight=1.0, locality_texts=None,
                    ft_stop_loss=1e-2)
@@ -51,8 +51,10 @@ def locality_texts(requests) -> list[str]:
     texts = []
     for r in requests:
         if r.locality is not None:
-            sep = "" if r.locality_target is None else (" " if not r.locality[-1].isspace() else "")
-            texts.append(r.locality + sep + (r.locality_target or ""))
+            # Joined as the metrics score the pair (`join_prompt_target`: no space added before a target
+            # that starts with whitespace; the KL read "is  blue" where NS and DD read "is blue").
+            target = r.locality_target
+            texts.append(r.locality if target is None else join_prompt_target(r.locality, target)[0])
     return texts
 
 

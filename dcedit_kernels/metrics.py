@@ -15,7 +15,9 @@ accuracy).  A request's accuracy is the share of its target tokens predicted rig
 - `lmp` = ES − DD.
 - `neighbourhood_success` (ROME-style NS): accuracy of the `locality_target` (the neighbour's
   original answer) on the `locality` prompt under the edit.
-For seq2seq models the target is the decoder's labels, special tokens (BOS/EOS) not scored.
+For seq2seq models the target is the decoder's labels, special tokens (BOS/EOS) not scored; a
+target with nothing else (the text "<unk>" or "</s>") raises ValueError naming it.  Errors name
+the caller's item (`requests[i].rephrase`, ...), also for a text past a learned position table.
 Models are switched to eval mode while scored (their mode is restored) and run without grad.
 
 Gradient metrics over E per-edit gradients g_e (rows of an (E, P) matrix, or given as factors):
@@ -117,15 +119,33 @@ def _score(model, tokenizer, prompts, targets, batch_size, names=None) -> list[t
             except ValueError as exc:
                 raise _renamed(exc, lo, names) from exc
             try:
-                out.extend(_score_batch(model, tokenizer, batch))
+                scored = _score_batch(model, tokenizer, batch)
             except IndexError as exc:  # a learned position table's bare IndexError (`positions`)
                 past = past_positions(model, batch, causal=not is_seq2seq(model))
                 if past is None:
                     raise
                 i, length, what, limit = past
-                text = chunk[i] if len(chunk[i]) <= 60 else chunk[i][:60] + "…"
-                raise ValueError(f"a text is {length} tokens ({what}), more than the model's {limit} "
+                # Named as the caller's item; a seq2seq target past the decoder's positions is quoted itself
+                # (the prompt was, which fits).
+                j = lo + i
+                if what == "target":
+                    label, text = names[1][j], targets[j]
+                elif targets is not None and what == "prompt + target":
+                    label, text = f"{names[0][j]} + {names[1][j]}", chunk[i]
+                else:
+                    label, text = names[0][j], chunk[i]
+                text = text if len(text) <= 60 else text[:60] + "…"
+                raise ValueError(f"{label}: a text is {length} tokens ({what}), more than the model's {limit} "
                                  f"positions: {text!r}") from exc
+            for i, (_, gold) in enumerate(scored):
+                # A seq2seq target of special-token text only ("<unk>", "</s>") keeps no token once the
+                # special ones are dropped: its accuracy was NaN (the metric's mean with it), exact=True's min() raised.
+                if not gold.numel():
+                    k = 0 if targets is None else 1
+                    text = (prompts if targets is None else targets)[lo + i]
+                    raise ValueError(f"{names[k][lo + i]} ({text!r}) has no token to score (a seq2seq target is "
+                                     "scored without its special tokens, and this one holds nothing else)")
+            out.extend(scored)
     return out
 
 

@@ -163,6 +163,28 @@ def test_ft_kl_refuses_a_seq2seq_model(gen):
     ModelEditor(model, tok, ["model.decoder.layers.0.fc2"], method="ft")  # plain FT is fine
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_ft_kl_locality_texts_are_the_scored_texts(arch, gen):
+    """FT+KL's KL text of a request is its locality prompt and target joined as the metrics score
+    them (`causal_pair_ids`): a target starting with whitespace gets no extra space (the KL read
+    "is  blue", two spaces, where NS and DD read "is blue")."""
+    from dcedit_kernels.ft_baseline import locality_texts
+    from dcedit_kernels.tokenize import causal_pair_ids, text_ids
+
+    _, tok = tiny_model(arch, seed=seed_from(gen))
+    pick = lambda options: options[int(torch.randint(0, len(options), (1,), generator=gen))]  # noqa: E731
+    requests = []
+    for _ in range(6):
+        prompt = pick(["The sky is", "The sky is ", "Paris:\n", "Emoji 😀"])
+        target = pick([" blue", "\nblue", "blue", "  grey", ", said Ana"])
+        requests.append(EditRequest("ab", "cd", locality=prompt, locality_target=target))
+    requests.append(EditRequest("ab", "cd", locality="no target here"))
+    texts = locality_texts(requests)
+    for r, text in zip(requests[:-1], texts):
+        assert text_ids(tok, text) == causal_pair_ids(tok, r.locality, r.locality_target)[0], (r, text)
+    assert texts[-1] == "no target here"
+
+
 @pytest.mark.parametrize("method", ["ft", "ft_kl"])
 def test_ft_step_that_makes_a_weight_non_finite_restores(method, gen):
     """Finite gradients and a finite fp32 master step (SGD, lr 1e10), but the step overflows the
@@ -248,6 +270,41 @@ def test_unedited_scores_are_the_metrics_of_the_unedited_model(gen):
     assert evaluate_module.unedited_scores(model, tok, bare) == dict(
         es=None, reliability=scores["reliability"], dd=0.0, lmp=None, ns=None)
     assert_bit_identical(before, model)
+
+
+@pytest.mark.parametrize("cache", [None, {}])
+def test_evaluate_errors_name_the_request_by_its_place_in_the_callers_list(cache, gen):
+    """ES, NS and DD are scored on the requests that have a rephrase / locality: an error named
+    the bad one by its place among those (requests[1] for the caller's requests[3]).  The edit is
+    undone and the model left as it was."""
+    me = make_editor("gpt2", "ft", gen, ft_steps=1)
+    long = " ".join(["word"] * 200)  # past the tiny GPT-2's 128 positions
+    k = int(torch.randint(1, 4, (1,), generator=gen))
+    plain = [EditRequest("ab", "cd") for _ in range(k)]  # no rephrase, no locality
+    full = EditRequest("ab", "cd", rephrase="ab", locality="hello there", locality_target="cd")
+    before = snapshot(me.model)
+    cases = [(EditRequest("ab", "cd", rephrase=long), r"rephrase \+ requests\[{}\]\.target: a text is"),
+             (EditRequest("ab", "cd", locality="z"), r"locality \('z'\) needs at least 2 tokens"),
+             (EditRequest("ab", "cd", locality="ab", locality_target=long), r"locality \+ requests\[{}\]\.locality_target")]
+    for bad, message in cases:
+        requests = plain + [full] + plain + [bad]
+        i = len(requests) - 1
+        with pytest.raises(ValueError, match=rf"^requests\[{i}\]\." + message.format(i)):
+            evaluate_module.measure_edit(me, requests, batch_size=2, base_cache=cache)
+        if bad.locality is None or bad.locality_target is not None:  # what unedited_scores reads
+            with pytest.raises(ValueError, match=rf"^requests\[{i}\]\." + message.format(i)):
+                evaluate_module.unedited_scores(me.model, me.tokenizer, requests, batch_size=2)
+    assert_bit_identical(before, me.model)
+    assert not me._live
+    # evaluate_method samples the requests: the error names the sampled request by its place in
+    # the caller's list (it was named by its place in the sample).
+    seed = seed_from(gen)
+    requests = [EditRequest("ab", f"c{i}", rephrase=long) for i in range(6)]
+    first = evaluate_module.sample_indices(len(requests), 3, seed, 0)[0]
+    with pytest.raises(ValueError, match=rf"^requests\[{first}\]\.rephrase \+ requests\[{first}\]\.target: a text"):
+        evaluate_module.evaluate_method(me.model, me.tokenizer, me, requests, n_edits=3, repeats=1, seed=seed,
+                                        progress=False)
+    assert_bit_identical(before, me.model)
 
 
 def test_peak_memory_without_clear_refs_uses_ru_maxrss(monkeypatch, tmp_path):

@@ -26,7 +26,7 @@ from dcedit_kernels.models import tiny_model, tiny_tokenizer
 from dcedit_kernels.requests import EditRequest
 from dcedit_kernels.tokenize import IGNORE_INDEX, tokenize_pairs
 
-from helpers import ragged_offsets, randn, rel_err
+from helpers import ragged_offsets, randn, rel_err, seed_from
 
 
 class PrefixLM(nn.Module):
@@ -360,6 +360,24 @@ def test_scoring_errors_name_the_callers_item():
             fn()
     with pytest.raises(ValueError, match=r"^prompts\[5\] must be a non-empty string"):
         target_accuracy(model, tok, ["ab"] * 5 + [" "], ["cd"] * 6, batch_size=4)
+
+
+@pytest.mark.parametrize("arch", ["bart", "t5"])
+def test_a_seq2seq_target_of_special_tokens_only_is_a_value_error(arch, gen):
+    """A seq2seq target is scored without its special tokens; one that holds nothing else ("<unk>",
+    "</s>") had no token left: its accuracy was NaN (and so the metric's mean), exact=True raised
+    RuntimeError from min() of nothing.  Now a ValueError naming the request; the other targets
+    still score as one at a time."""
+    model, tok = tiny_model(arch, seed=seed_from(gen))
+    special = [tok.unk_token, tok.eos_token][int(torch.randint(0, 2, (1,), generator=gen))]
+    requests = [EditRequest("The sky is", "blue")] * 4 + [EditRequest("Say", special)]
+    for exact in (False, True):
+        with pytest.raises(ValueError, match=rf"^requests\[4\]\.target \({special!r}\) has no token to score"):
+            reliability(model, tok, requests, batch_size=3, exact=exact)
+    with pytest.raises(ValueError, match=r"^targets\[1\] .* has no token to score"):
+        target_accuracy(model, tok, ["ab", "cd"], ["x", special])
+    accuracy = target_accuracy(model, tok, ["The sky is"], ["blue"])
+    assert float(accuracy[0]) == pytest.approx(argmax_accuracy(model, tok, "The sky is", "blue", seq2seq=True))
 
 
 def gcr_gms_float64(g):

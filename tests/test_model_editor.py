@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from helpers import (OP_CASE_DIMS, editor_inputs, fp32_logits, randomize_editor, rel_err, saved_bytes, skip_fp32_logits,
-                     small_editor)
+                     seed_from, small_editor)
 
 from dcedit_kernels import metrics, ops
 from dcedit_kernels.capture import capture_factors, weight_out_in
@@ -470,6 +470,26 @@ def test_metrics_of_a_text_past_the_learned_positions_are_a_value_error(gen):
         measure_edit(me, [EditRequest("The sky is", "green", rephrase=long)])
     assert_bit_identical(before, me.model)
     assert not me._live
+
+
+def test_metrics_name_the_request_past_the_learned_positions(gen):
+    """The metrics' error named no request and quoted the prompt also when the seq2seq target was
+    the long part; it names the caller's item (and field) and quotes the text past the limit."""
+    long = " ".join(["word"] * 200)
+    k = int(torch.randint(1, 4, (1,), generator=gen))
+    short = [EditRequest("ok", "fine", rephrase="fine", locality="one two") for _ in range(k)]
+    gpt2, tok = tiny_model("gpt2", seed=seed_from(gen))
+    with pytest.raises(ValueError, match=rf"^requests\[{k}\]\.prompt \+ requests\[{k}\]\.target: a text is \d+ "
+                                         r"tokens \(prompt \+ target\), more than the model's 128 positions: 'The sky"):
+        metrics.reliability(gpt2, tok, short + [EditRequest("The sky is", long)], batch_size=2)
+    with pytest.raises(ValueError, match=rf"^requests\[{k}\]\.locality: a text is .* 128 positions: 'word word"):
+        metrics.locality_predictions(gpt2, tok, short + [EditRequest("ab", "cd", locality=long)], batch_size=2)
+    bart, tok = tiny_model("bart", seed=seed_from(gen))
+    with pytest.raises(ValueError, match=rf"^requests\[{k}\]\.target: a text is \d+ tokens \(target\), more than "
+                                         r"the model's 128 positions: 'word word"):
+        metrics.reliability(bart, tok, short + [EditRequest("The sky is", long)], batch_size=2)
+    with pytest.raises(ValueError, match=rf"^requests\[{k}\]\.rephrase: a text is \d+ tokens \(prompt\)"):
+        metrics.edit_success(bart, tok, short + [EditRequest("ab", "cd", rephrase=long)], batch_size=2)
 
 
 def test_undo_frees_the_weight_copies_and_the_handle_says_what_it_holds(gen):
