@@ -18,8 +18,10 @@ import torch
 
 
 def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+    """Wait for `device`'s queued work (cuda:1's, not the current device's, for "cuda:1")."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def time_fns(fns, device, warmup=1, min_runs=3, min_seconds=0.3, max_runs=50):
@@ -71,14 +73,15 @@ def _malloc_trim():
 def peak_extra_bytes(fn, device):
     """Peak memory fn() needs above what is held before it (bytes)."""
     gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+    device = torch.device(device)
+    if device.type == "cuda":  # the allocator statistics of `device`, not of the current device
+        torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
         out = fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
         del out
         return peak
     _malloc_trim()
@@ -112,10 +115,40 @@ def measure_device_ceilings(device):
 
 def describe_device(device):
     if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name()
+        return torch.cuda.get_device_name(torch.device(device))
     import platform
 
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _tensors(x):
+    """The tensors of a result, in order: a tensor, or lists, tuples, dicts and dataclasses of them."""
+    import dataclasses
+
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, dict):
+        x = list(x.values())
+    elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+        x = [getattr(x, f.name) for f in dataclasses.fields(x)]
+    if isinstance(x, (list, tuple)):
+        return [t for y in x for t in _tensors(y)]
+    return []
+
+
+def disagreement(a, b) -> float:
+    """‖a − b‖ / ‖b‖ over every tensor of two results of the same structure (in float64; None when
+    they hold no tensor).  Raises AssertionError when the structures differ."""
+    ta, tb = _tensors(a), _tensors(b)
+    shapes = [tuple(t.shape) for t in ta], [tuple(t.shape) for t in tb]
+    assert shapes[0] == shapes[1], f"fused and eager results differ in structure: {shapes[0]} against {shapes[1]}"
+    if not ta:
+        return None
+    diff = sum(float((x.double() - y.double()).square().sum()) for x, y in zip(ta, tb))
+    ref = sum(float(y.double().square().sum()) for y in tb)
+    if diff == 0.0:
+        return 0.0
+    return (diff / ref) ** 0.5 if ref > 0 else float("inf")
 
 
 def peak_in_subprocess(module: str, func: str, *args) -> float:

@@ -70,10 +70,22 @@ def test_moeditor_edit_three_layers(benchmark, device, ceilings, precision):
         with ops.reference_mode():
             return edit()
 
+    @torch.no_grad()
+    def shifts():  # what each edit adds (alpha aside): the sides' return values are the undo copies
+        return [editor(mu, eta, off, mode=mode, edit_feats=feats).dense() for mode, (mu, eta, off) in enumerate(facts)]
+
+    def eager_shifts():
+        with ops.reference_mode():
+            return shifts()
+
     T = sum(f[0].shape[0] for f in facts)
+    # Every edited weight reads the whole editor MLP (all 8 editors get edits: 1.97 GB in fp32 at
+    # the GPU shape), besides four o×i fp32 passes.
+    mlp_bytes = sum(p.numel() * p.element_size() for p in editor.layers.parameters())
     compare(benchmark, device, ceilings, edit, eager,
             flops=N_LAYERS * (2.0 * (T // N_LAYERS) * (IN + OUT) * RANK * 4 + 2.0 * (T // N_LAYERS) * IN * OUT * 2),
-            bytes_moved=N_LAYERS * 4.0 * IN * OUT * 4, target_speedup=5.0, rounds=5 if ON_GPU else 2)
+            bytes_moved=N_LAYERS * (4.0 * IN * OUT * 4 + mlp_bytes), target_speedup=5.0, rounds=5 if ON_GPU else 2,
+            check=(shifts, eager_shifts), agree_tol=5e-2 if precision == "high" else 1e-2)
 
 
 def _train_step_peak(editor, device, gen, grads_held=False):
@@ -147,6 +159,9 @@ def test_training_memory_moeditor_vs_mend(benchmark, device, ceilings):
 # every position's logits, as MEND's and EasyEdit's code run it.
 CAP_E, CAP_LEN, CAP_TARGET = (1000, 24, 3) if ON_GPU else (192, 20, 3)
 CAP_HIDDEN, CAP_LAYERS, CAP_VOCAB = (1600, 4, 50257) if ON_GPU else (256, 4, 32000)
+# How far the model cases' fused and eager results may differ (‖fused − eager‖ / ‖eager‖): the
+# sides run passes of different widths, which round differently, the more so on the bf16 model.
+MODEL_TOL = 5e-2 if ON_GPU else 1e-2
 
 
 def _random_llama(device):
@@ -208,7 +223,7 @@ def test_capture_many_edits(benchmark, device, ceilings):
         finally:
             me.capture_batch_size = size
 
-    info = compare(benchmark, device, ceilings, fused, eager, rounds=3 if ON_GPU else 1)
+    info = compare(benchmark, device, ceilings, fused, eager, rounds=3 if ON_GPU else 1, agree_tol=MODEL_TOL)
     if not ON_GPU:  # RSS high-water marks are only honest in a fresh process
         fused_peak, eager_peak = (peak_in_subprocess("test_bench_end_to_end", "capture_peak", side, device)
                                   for side in ("fused", "eager"))
@@ -262,7 +277,8 @@ def ft_kl_peak(side: str, device: str) -> float:
 def test_ft_kl_many_edits(benchmark, device, ceilings):
     ft, requests = _ft_kl_case(device)
     fused, eager = _ft_kl_sides(ft, requests)
-    info = compare(benchmark, device, ceilings, fused, eager, rounds=2 if ON_GPU else 1)
+    # Nothing compared: both sides undo their edit and return nothing.
+    info = compare(benchmark, device, ceilings, fused, eager, rounds=2 if ON_GPU else 1, check=False)
     if not ON_GPU:  # RSS high-water marks are only honest in a fresh process
         fused_peak, eager_peak = (peak_in_subprocess("test_bench_end_to_end", "ft_kl_peak", side, device)
                                   for side in ("fused", "eager"))
@@ -328,7 +344,8 @@ def _training_pass(benchmark, device, ceilings, fused: dict, eager: dict):
         config = TrainConfig(**settings)
         return lambda: torch.autograd.grad(loss_from_edits(me, requests, edits, config)[0], leaves)
 
-    info = compare(benchmark, device, ceilings, side(fused), side(eager), rounds=3 if ON_GPU else 1)
+    info = compare(benchmark, device, ceilings, side(fused), side(eager), rounds=3 if ON_GPU else 1,
+                   agree_tol=MODEL_TOL)
     mask = eval_rows(me, requests, TrainConfig())["attention_mask"]
     benchmark.extra_info.update(edits=TR_E, rows=mask.shape[0], tokens=int(mask.sum()), padded_slots=mask.numel())
     return info

@@ -12,6 +12,7 @@ section for the same device in RESULTS.md (so CPU and GPU tables live side by si
 import argparse
 import datetime
 import json
+import math
 import os
 import re
 
@@ -24,10 +25,15 @@ def _fmt(v, nd=2):
     return str(v)
 
 
+def _rel_err(v):
+    """‖fused − eager‖ / ‖eager‖ (report.compare), n/a where the case compared nothing."""
+    return "n/a" if v != v else f"{v:.1e}"
+
+
 def table(data):
     rows = []
     header = ("| case | fused ms | eager ms | speedup | target | fused peak MiB | eager peak MiB "
-              "| % roofline | GB/s | TFLOP/s |\n|---|---|---|---|---|---|---|---|---|---|")
+              "| % roofline | GB/s | TFLOP/s | fused vs eager |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for b in data["benchmarks"]:
         x = b["extra_info"]
         if "fused_ms" not in x:
@@ -38,7 +44,8 @@ def table(data):
         rows.append(
             f"| {b['name'].removeprefix('test_')} | {_fmt(x['fused_ms'])} | {_fmt(x['eager_ms'])} | "
             f"{_fmt(x['speedup'])}× | {target} | {_fmt(x['fused_peak_MiB'], 1)} | {_fmt(x['eager_peak_MiB'], 1)} | "
-            f"{_fmt(x['pct_of_roofline'], 1)} | {_fmt(x['achieved_GBps'], 1)} | {_fmt(x['achieved_TFLOPs'], 3)} |"
+            f"{_fmt(x['pct_of_roofline'], 1)} | {_fmt(x['achieved_GBps'], 1)} | {_fmt(x['achieved_TFLOPs'], 3)} | "
+            f"{_rel_err(x.get('fused_vs_eager_rel_err', math.nan))} |"
         )
     extra = []
     for b in data["benchmarks"]:
@@ -106,7 +113,9 @@ def main():
         + table(data) + "\n"
     )
     text = open(args.out).read() if os.path.exists(args.out) else "# Benchmark results\n\n"
-    pattern = re.compile(rf"^## {re.escape(device)}\n.*?(?=^## |\Z)", re.S | re.M)
+    # The device's section, also under a heading that goes on after a comma ("## CPU (x86_64,
+    # 2 threads), idle machine"): matching the bare name only appended a second table.
+    pattern = re.compile(rf"^## {re.escape(device)}(?:,[^\n]*)?\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     open(args.out, "w").write(text)
     print(section)
