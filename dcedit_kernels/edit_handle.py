@@ -26,7 +26,8 @@ class EditHandle:
     no per-call peak).
     """
 
-    def __init__(self, live: list, saved: list[tuple[torch.Tensor, torch.Tensor]], stats: dict):
+    def __init__(self, live: list, saved: list[tuple[torch.Tensor, torch.Tensor]], stats: dict,
+                 model: nn.Module | None = None):
         # The model's live-edit list, not the editor or the model: nothing here keeps the model
         # alive, so its entry in LIVE_EDITS goes with it.
         self._live = live
@@ -34,6 +35,33 @@ class EditHandle:
         self.stats = stats
         self.active = True
         self.kept = False
+        self._release = None
+        if model is not None:
+            self._watch(model)
+
+    def _watch(self, model: nn.Module) -> None:
+        """Free the saved weights (and the edited Parameters they name) when `model` is freed: a
+        handle kept after its model was dropped (a list of handles) held both until it went too.
+        The edit then counts as undone (nothing is left to restore)."""
+        self._unwatch()
+        self._release = weakref.finalize(model, _model_freed, weakref.ref(self), self._saved)
+        self._release.atexit = False
+
+    def __deepcopy__(self, memo) -> "EditHandle":
+        """A copy without the original's model watch (`ModelEditor.__deepcopy__` watches the copied
+        model for the copied live edits)."""
+        import copy
+
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k != "_release"}, memo))
+        new._release = None
+        return new
+
+    def _unwatch(self) -> None:
+        if self._release is not None:
+            self._release.detach()  # no finalizer left per undone edit on a model that lives on
+            self._release = None
 
     def __repr__(self) -> str:
         state = "kept" if self.kept else "live" if self.active else "undone"
@@ -42,7 +70,8 @@ class EditHandle:
         return f"EditHandle({state}, {len(self._saved)} weight copies held, {shown})"
 
     def undo(self) -> bool:
-        """Restore the weights; returns False when this edit was already undone."""
+        """Restore the weights; returns False when this edit was already undone (or its model was
+        freed)."""
         if not self.active:
             return False
         if self.kept:
@@ -58,6 +87,7 @@ class EditHandle:
         restore(self._saved)
         self.active = False
         self._saved = []  # the weight copies: a handle kept after undo (a list of them) holds none
+        self._unwatch()
         if live and live[-1] is self:
             live.pop()
         return True
@@ -69,10 +99,12 @@ class EditHandle:
         if self.active and not self.kept:
             self.kept = True
             self._saved = []
+            self._unwatch()
 
     def _discard(self) -> None:
         """Forget a handle whose edit failed (its weights were restored): no longer live."""
         self.active = False
+        self._unwatch()
         if self in self._live:
             self._live.remove(self)
 
@@ -91,6 +123,15 @@ class EditHandle:
             self.undo()
         except RuntimeError as undo_exc:
             add_note(exc, f"dcedit: on leaving the EditHandle's block: {undo_exc}")
+
+
+def _model_freed(handle_ref, saved: list) -> None:
+    """The model of a live edit was freed: drop the saved weights, and the edit is no longer live."""
+    saved.clear()
+    handle = handle_ref()
+    if handle is not None:
+        handle.active = False
+        handle._release = None
 
 
 @torch.no_grad()

@@ -216,6 +216,9 @@ class ModelEditor(FineTuneBaselines):
         memo[id(self)] = new
         new.__dict__.update(copy.deepcopy(self.__dict__, memo))
         new._live = LIVE_EDITS.setdefault(new.model, new._live)
+        for handle in new._live:  # the copies' saved weights go with the copied model
+            if handle.active and not handle.kept:
+                handle._watch(new.model)
         return new
 
     @property
@@ -500,7 +503,7 @@ class ModelEditor(FineTuneBaselines):
         # The handle is live before the first write and its saved list fills as weights change, so
         # no exception (an interrupt included) can leave a changed weight without a way back.
         saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-        handle = EditHandle(self._live, saved, {})
+        handle = EditHandle(self._live, saved, {}, model=self.model)
         try:
             self._live.append(handle)
             with self._length_errors(batch, "requests"):

@@ -505,6 +505,34 @@ def test_undo_frees_the_weight_copies_and_the_handle_says_what_it_holds(gen):
     assert repr(me).startswith("ModelEditor(method='mend', layers=")
 
 
+def test_a_handle_kept_after_its_model_is_freed_holds_no_weights(gen):
+    """A live edit's handle kept after the model and its ModelEditor were dropped (a list of
+    handles) held the edited Parameters and a copy of each until the handle went too; the copies
+    go with the model, and undo/keep leave no finalizer behind per edit on a model that lives on."""
+    import gc
+    import weakref
+
+    me = make_editor("gpt2", "mend", gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the untrained-editor warning
+        for _ in range(3):  # undone and kept handles drop their watch of the model
+            me.apply(random_requests(gen, 2)).undo()
+        finalizers = len(weakref.finalize._registry)
+        me.apply(random_requests(gen, 2)).undo()
+        me.apply(random_requests(gen, 2)).keep()
+        assert len(weakref.finalize._registry) == finalizers
+        handle = me.apply(random_requests(gen, 2))
+    held = [weakref.ref(t) for pair in handle._saved for t in pair]
+    assert len(held) == 2 * len(me.layers)
+    model = weakref.ref(me.model)
+    del me
+    gc.collect()
+    assert model() is None
+    assert all(ref() is None for ref in held), "the handle kept the edited weights alive"
+    assert not handle.active and handle._saved == [] and handle.undo() is False
+    assert repr(handle).startswith("EditHandle(undone, 0 weight copies held, ")
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_undo_after_the_model_changed_dtype_restores_every_weight(arch, gen):
     """Undo after `model.to(float64)`: GPT-2's Conv1D weights were saved as out×in views of the
