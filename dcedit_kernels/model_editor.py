@@ -71,7 +71,9 @@ rules (checkpoints hold CPU tensors and load into each editor where it lives).  
 one device every move is a no-op.  Edited layers must be resident: accelerate offloads modules
 that `device_map` sends to "cpu"/"disk" while a GPU is in the map (their weights stay on "meta"),
 and the constructor refuses such a layer with ValueError.  `stats["peak_memory_bytes"]` sums the
-per-GPU peaks of every CUDA device in play.
+per-GPU peaks of every CUDA device in play; to measure them, `apply` resets those devices' peak
+statistics (`torch.cuda.reset_peak_memory_stats`), so a caller's own `max_memory_allocated`
+reading spans from the last edit on.
 """
 
 from __future__ import annotations
