@@ -591,6 +591,8 @@ def test_editor_cache_key_covers_loss_reduction_and_resolved_training_defaults()
     assert key(train={"steps": 2, "fisher_mask": True, "cedit": 0.1}) == key()
     # ... and settings that cannot change it (display, checkpoint folder) do not count.
     assert key(train={"steps": 2, "progress": False, "checkpoint_dir": "/tmp/x"}) == key()
+    # nor do the validation settings: trained_editor trains without val requests
+    assert key(train={"steps": 2, "val_every": 7, "val_size": 3, "patience": None, "restore_best": False}) == key()
     assert key(kwargs={"capture_batch_size": 4}) == key()  # a memory setting of the capture
     fp16 = editor_cache.editor_cache_key("mend", ["a.b"], {}, {"steps": 2}, ["x"], "no-such-model", "torch.float16")
     assert fp16 != key()  # the model's dtype, when given
