@@ -15,8 +15,9 @@ accuracy).  A request's accuracy is the share of its target tokens predicted rig
 - `lmp` = ES − DD.
 - `neighbourhood_success` (ROME-style NS): accuracy of the `locality_target` (the neighbour's
   original answer) on the `locality` prompt under the edit.
-For seq2seq models the target is the decoder's labels, special tokens (BOS/EOS) not scored; a
-target with nothing else (the text "<unk>" or "</s>") raises ValueError naming it.  Errors name
+For seq2seq models the target is the decoder's labels without the special tokens (the
+tokenizer's `all_special_ids`: BOS, EOS, pad and unk, so a character T5 cannot spell is not
+scored); a target with nothing else (the text "<unk>" or "</s>") raises ValueError naming it.  Errors name
 the caller's item (`requests[i].rephrase`, ...), also for a text past a learned position table.
 Models are switched to eval mode while scored (their mode is restored) and run without grad.
 
