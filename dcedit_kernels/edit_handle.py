@@ -21,7 +21,9 @@ class EditHandle:
     """An applied edit: `undo()` restores the edited weights bit for bit; `stats` says what it cost.
 
     stats: `latency_s` (whole apply), `capture_s`, `editor_s`, `apply_s` (editor methods) or
-    `ft_s` and `ft_steps_run` (baselines), `n_edits`, `n_tokens` (captured token rows),
+    `ft_s` and `ft_steps_run` (baselines), `changed_fraction` (editor methods: {layer: share of
+    the weight's entries the edit changed}; in bf16/fp16 a shift entry below half the weight's
+    resolution rounds away and leaves its entry unchanged), `n_edits`, `n_tokens` (captured token rows),
     `peak_memory_bytes` (CUDA's peak allocated during the edit; None on CPU, where PyTorch keeps
     no per-call peak).
     """

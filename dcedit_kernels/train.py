@@ -96,7 +96,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from ._checks import is_finite_number, is_int, is_number
+from ._checks import HALF_DTYPES, is_finite_number, is_int, is_number
 from .block_prefix import PrefixReuse
 from .capture import frozen_parameters, modes_restored
 from .devices import cuda_indices
@@ -477,6 +477,7 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
         raise ValueError(f"method {me.method!r} has no editor to train")
     if me.seq2seq:
         raise ValueError("editor training supports causal LMs only")
+    check_trainable_dtypes(me)
     group_rank, group_size = distributed.world()
     rank, size = (group_rank, group_size) if config.data_parallel else (0, 1)
     if not config.data_parallel and group_size > 1:
@@ -652,6 +653,21 @@ def _accumulate(me: ModelEditor, params: list, train_requests, config: TrainConf
                 p.grad = g if p.grad is None else p.grad + g
         step_parts.append(parts)
     return step_parts, skipped
+
+
+def check_trainable_dtypes(me: ModelEditor) -> None:
+    """ValueError naming the first 16-bit editor parameter: the optimisers step the editors' own
+    parameters, and in fp16 Adam's state underflows (its eps, 1e-8, is 0 there: one step of a
+    MEND editor moved to fp16 made every weight of its low-rank layers NaN, with no batch skipped),
+    while in bf16 steps of lr 1e-4 are below the resolution of most weights (three steps changed
+    1.2 % of v and none of mode_scale).  16-bit editors are trained in fp32 and moved after."""
+    for name, p in me.editors.named_parameters():
+        if p.dtype in HALF_DTYPES:
+            dtype = str(p.dtype).replace("torch.", "")
+            raise ValueError(
+                f"the editors must be float32 or float64 to train, got {name!r} in {dtype}: "
+                "Adam's steps on 16-bit weights underflow (fp16: NaN weights) or round away (bf16). Train them in "
+                "float32 (me.editors.float()) and move the trained editors after (me.editors.to(torch.bfloat16))")
 
 
 def _attempt(fn, size: int, failed=None):

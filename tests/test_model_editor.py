@@ -591,6 +591,44 @@ def test_untrained_editors_warn_once_and_trained_ones_do_not(gen, tmp_path):
         make_editor("gpt2", "ft", gen).apply(random_requests(gen, 1)).undo()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_shift_lost_to_rounding_is_counted_and_16_bit_weights_warn_once(arch, dtype, gen):
+    """The edited weight stores W + αΔ rounded to its dtype: in bf16/fp16 a shift entry below half
+    the weight's resolution leaves its entry as it was.  stats["changed_fraction"] is each layer's
+    share of changed entries, that of the fp32 sum rounded (recomputed here from the editors' own
+    outputs), and apply warned nowhere when a tiny step (edit_lr 1e-7) rounded the whole shift away
+    in a 16-bit model; it now warns, once per ModelEditor.  An fp32 model, or a shift far above the
+    resolution, does not warn."""
+    me = make_editor(arch, "mend", gen, dtype=dtype, edit_lr=1e-7)
+    reqs = random_requests(gen, int(torch.randint(1, 4, (1,), generator=gen)))
+    factors, feats, _ = me.capture(me.tokenize([r.prompt for r in reqs], [r.target for r in reqs]))
+    edits = me.edits_as_applied(factors, feats)
+    before = {n: weight_out_in(me.modules[n]).detach().clone() for n in me.layers}
+    half = dtype in (torch.bfloat16, torch.float16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle = me.apply(reqs)
+    lost = [w for w in caught if "lost to rounding" in str(w.message)]
+    assert len(lost) == (1 if half else 0), [str(w.message) for w in caught]
+    for name in me.layers:
+        edit = edits[name]
+        with torch.no_grad():
+            summed = before[name].to(torch.float32) + float(edit.alpha) * edit.dense()
+        want = float((summed.to(dtype) != before[name]).double().mean())
+        assert handle.stats["changed_fraction"][name] == want, name
+        if half:
+            assert want < 0.5 and repr(name) in str(lost[0].message), (name, want)
+    handle.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        me.apply(reqs).undo()  # once per ModelEditor
+        big = make_editor(arch, "mend", gen, dtype=dtype)  # edit_lr 0.1: far above the resolution
+        handle = big.apply(reqs)
+        assert all(f > 0.5 for f in handle.stats["changed_fraction"].values()), handle.stats["changed_fraction"]
+        handle.undo()
+
+
 def test_save_into_a_missing_folder_names_it(gen, tmp_path):
     me = make_editor("gpt2", "mend", gen)
     with pytest.raises(FileNotFoundError, match="no_such_folder"):

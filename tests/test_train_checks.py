@@ -109,6 +109,30 @@ def test_train_editor_checks_its_arguments(gen):
         evaluate_edits(seq2seq, reqs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_train_editor_refuses_16_bit_editors(dtype, gen):
+    """Editors moved to fp16 trained to NaN: Adam's state underflows there (eps 1e-8 is 0), and one
+    step made every weight of the low-rank layers non-finite with no batch skipped; in bf16 the
+    steps (lr 1e-4) rounded away on most weights.  train_editor refuses them with a ValueError
+    naming a parameter, before anything changes; the same editors in fp32 train to finite weights."""
+    me = tiny_mend("llama", gen)
+    me.editors.to(dtype)
+    reqs = random_requests(gen, 4)
+    before = _editor_params(me)
+    norms = [b.detach().clone() for b in me.editors.buffers()]
+    name = str(dtype).replace("torch.", "")
+    with pytest.raises(ValueError, match=rf"float32 or float64 to train, got '\d+x\d+\.alpha' in {name}:"):
+        me.fit(reqs, None, steps=1, batch_size=2, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, _editor_params(me)))
+    assert all(torch.equal(a, b) for a, b in zip(norms, me.editors.buffers()))
+    me.editors.float()
+    result = me.fit(reqs, None, steps=2, batch_size=2, progress=False)
+    assert result.steps == 2 and result.skipped_batches == 0
+    assert all(bool(torch.isfinite(p).all()) for p in me.editors.parameters())
+    me.editors.to(dtype)  # moved after training, as the message says: it edits
+    me.apply(reqs[:2]).undo()
+
+
 def test_one_edit_without_locality_trains_with_no_kl_row(gen):
     """A batch of one edit without a locality prompt has no locality row (`_locality_row` gives
     None): one rephrase row, KL 0, and a training step still moves the editor."""

@@ -18,7 +18,9 @@ def apply_shift_(weight, delta, alpha=1.0, fisher=None, keep=None, threshold=Non
     """In place ``weight += alpha · (delta ⊙ kept)`` in weight's dtype, fp32 arithmetic.
 
     kept as in :func:`fisher_mask` (every entry when fisher is None).  Returns the previous
-    values of weight; ``undo_shift_(weight, previous)`` restores it bit for bit.
+    values of weight; ``undo_shift_(weight, previous)`` restores it bit for bit.  The sum is
+    rounded to weight's dtype: in bf16/fp16 a shift entry below half the weight's resolution
+    (bf16: |W|·2⁻⁹ to |W|·2⁻⁸) leaves its entry unchanged.
     """
     check_apply_shift(weight, delta, alpha, fisher, keep, threshold)
     with torch.no_grad():
