@@ -16,7 +16,8 @@ One *run* (`measure_edit`) takes a batch of requests and
 A metric whose field is missing from every request of the batch (no rephrase, no locality) is
 None; when only some requests have it, it is taken over those.
 
-Peak memory of the edit step (`peak_memory_mb`, with `memory_method` saying how it was taken):
+Peak memory of the edit step (`peak_memory_mb`, in MiB, 2**20 bytes, whatever its name; the
+reports' "peak MB" columns before 0.5.6 were MiB too; `memory_method` says how it was taken):
 - CUDA: `torch.cuda.max_memory_allocated` during the edit minus what was allocated before, i.e.
   the extra memory the edit needed at its peak ("cuda_peak_allocated"); for a model split over
   several GPUs, the sum of that over each GPU it uses.

@@ -54,7 +54,7 @@ FUSIONS = tuple(f for f in GROUP_FUSIONS if f != "none")  # the rules an edit ca
 ROUTED = ("raeditor", "moeditor")  # the methods with N_g editors to fuse
 LOSS_WEIGHTS = ("balance_weight", "cedit", "cloc")  # TrainConfig fields that --balance-weight etc. override
 TABLE_METRICS = (("es", "ES"), ("reliability", "rel"), ("dd", "DD"), ("lmp", "LMP"), ("ns", "NS"),
-                 ("latency_s", "latency s"), ("peak_memory_mb", "peak MB"))
+                 ("latency_s", "latency s"), ("peak_memory_mb", "peak MiB"))
 
 
 def _default_data(name: str) -> str | None:
@@ -332,7 +332,7 @@ def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Pa
         "population std, ddof 0: with 2 samples, half their gap).",
         "- Metrics: teacher-forced token accuracy of the new target on the rephrase (ES) and on the prompt "
         "(rel); DD = share of locality prompts whose argmax prediction changed; LMP = ES − DD; NS = accuracy of the "
-        "locality answer under the edit; latency = wall time of the edit; peak MB = growth of the process's "
+        "locality answer under the edit; latency = wall time of the edit; peak MiB = growth of the process's "
         "resident-set high-water mark during the edit (CPU; see `dcedit_kernels/evaluate.py`).",
         f"- Wall time: load {t['load_s']:.0f} s, training {t['train_s']:.0f} s, evaluation {t['eval_s']:.0f} s, "
         f"gradient statistics {t['gradient_s']:.0f} s; total {t['total_s'] / 60:.1f} min.",
