@@ -1295,6 +1295,45 @@ def test_triton_serves_the_gpus_it_supports_and_the_reference_older_ones(monkeyp
         _dispatch.triton_runs_on.cache_clear()
 
 
+def test_a_failed_deferred_triton_import_falls_back_to_the_reference(monkeypatch):
+    """triton is imported on the first CUDA call, not with the package: when that import fails
+    (a broken install), the CUDA registrations serve the references, after one warning."""
+    from dcedit_kernels.ops import _dispatch
+
+    registered = {}
+
+    class Lib:
+        def impl(self, op, fn, key):
+            registered[key] = fn
+
+    def broken():
+        attempts.append(1)
+        raise ImportError("libtriton.so: cannot open shared object file")
+
+    attempts = []
+    monkeypatch.setattr(_dispatch, "_LIB", Lib())
+    monkeypatch.setattr(_dispatch, "has_kernel", lambda op, key: False)
+    monkeypatch.setattr(_dispatch, "REGISTRY", {})
+    monkeypatch.setattr(_dispatch, "_import_triton_kernels", broken)
+    monkeypatch.setattr(_dispatch, "triton_installed", lambda: True)
+    _dispatch._triton_module.cache_clear()
+    try:
+        launcher = _dispatch.triton_launcher("grouped_outer")
+        _dispatch.register("probe", lambda *args: "reference", launcher)
+        assert _dispatch.REGISTRY["probe"] == {"CPU": "reference", "CUDA": "triton"}  # decided before the import
+        assert attempts == []  # registering imports nothing
+        with pytest.warns(RuntimeWarning, match="reference kernels serve CUDA"):
+            assert registered["CUDA"](torch.zeros(1)) == "reference"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # one warning, one import attempt: the answer is kept
+            assert registered["CUDA"](torch.zeros(1)) == "reference"
+        assert attempts == [1]
+        with pytest.raises(ImportError, match="did not import"):  # called directly, it says why it cannot run
+            launcher(torch.zeros(1))
+    finally:
+        _dispatch._triton_module.cache_clear()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_an_older_gpu_runs_the_ops_without_triton(monkeypatch, gen):
     triton = pytest.importorskip("triton")

@@ -108,6 +108,23 @@ def test_import_is_light_and_lists_the_lazy_names():
     _probe(probe, cwd=ROOT, pythonpath=ROOT)
 
 
+def test_import_and_cpu_calls_leave_triton_unimported():
+    """triton serves only CUDA tensors: importing the package, its CLI and the editing pipeline and
+    running ops on CPU tensors (forward and backward) must not import it (see ops._dispatch)."""
+    probe = (
+        "import sys, torch, dcedit_kernels as d, dcedit_kernels.cli, dcedit_kernels.model_editor\n"
+        "from dcedit_kernels import ops\n"
+        "assert d.op_backends()['grouped_outer']['CUDA'] == 'triton', d.op_backends()  # registered all the same\n"
+        "x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)\n"
+        "out = ops.lowrank_delta_linear(x, torch.randn(2, 3, dtype=torch.float64), None, torch.tensor([0, 0, 1, 1]),\n"
+        "                               torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 2, dtype=torch.float64),\n"
+        "                               torch.tensor([0, 1, 2]), 0.5)\n"
+        "out.sum().backward()\n"
+    )
+    check = "assert 'triton' not in sys.modules and 'dcedit_kernels.triton_kernels' not in sys.modules\n"
+    _probe(probe + OP_RUNS + check, cwd=ROOT, pythonpath=ROOT)
+
+
 @pytest.fixture
 def setup_py(monkeypatch):
     """setup.py's functions, from a run of it with `setuptools.setup` replaced by a no-op."""

@@ -2,8 +2,8 @@
 
 CPU: the C++ kernel when `_C` registered one (it does so at import with TORCH_LIBRARY_IMPL),
 else the plain PyTorch reference.  CUDA: the CUDA C++ kernel when built, else the Triton
-launcher when triton imports (on a GPU Triton supports, see `triton_runs_on`), else the
-reference (which runs on any device).
+launcher when triton is installed (on a GPU Triton supports, see `triton_runs_on`; imported on
+the first call that needs it, see `triton_launcher`), else the reference (which runs on any device).
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.util
 import threading
+import warnings
 
 import torch
 
@@ -19,11 +21,30 @@ from .._checks import tracing
 from .._library import _LIB, has_kernel
 
 
+def triton_installed() -> bool:
+    """Whether triton can be found, without importing it."""
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # ValueError: a module in sys.modules without a __spec__
+        return False
+
+
+def _import_triton_kernels():
+    return importlib.import_module("dcedit_kernels.triton_kernels")
+
+
+# Imported on the first call of a Triton launcher, not at `import dcedit_kernels`: triton serves
+# only CUDA tensors, yet importing it at registration was most of the package's own import time
+# (python -X importtime, medians of 7 runs on a loaded 2-core CPU machine: dcedit_kernels.ops took
+# 0.54 s, triton 0.40 s of it; deferred, 0.06 s; torch itself ~2.8-3.0 s either way).
 @functools.lru_cache(maxsize=None)
 def _triton_module():
+    """dcedit_kernels.triton_kernels, imported once; None (after one warning) when the import fails."""
     try:
-        return importlib.import_module("dcedit_kernels.triton_kernels")
-    except ImportError:
+        return _import_triton_kernels()
+    except ImportError as e:  # found by triton_installed, yet broken: the references serve CUDA
+        warnings.warn(f"triton did not import ({e}); the reference kernels serve CUDA tensors instead",
+                      RuntimeWarning, stacklevel=2)
         return None
 
 
@@ -46,11 +67,14 @@ def triton_runs_on(index: int) -> bool:
 
 def on_supported_gpu(triton_fn, reference_fn):
     """`triton_fn` on a GPU Triton supports, `reference_fn` on an older one (per call, by the
-    device of the first CUDA tensor argument; the answer is cached per device)."""
+    device of the first CUDA tensor argument; the answer is cached per device) or when the
+    deferred import of the Triton kernels failed (see `_triton_module`)."""
     @functools.wraps(triton_fn)
     def run(*args, **kwargs):
         device = cuda_device_of(args, kwargs)
         if device is not None and not triton_runs_on(device.index):  # a CUDA tensor's device has its index
+            return reference_fn(*args, **kwargs)
+        if _triton_module() is None:
             return reference_fn(*args, **kwargs)
         return triton_fn(*args, **kwargs)
 
@@ -77,10 +101,18 @@ def on_tensors_device(fn):
 
 def triton_launcher(name: str | None):
     """The Triton launcher `name` of dcedit_kernels.triton_kernels, on its tensors' device (None
-    when triton does not import)."""
-    mod = _triton_module() if name else None
-    fn = getattr(mod, name, None) if mod is not None else None
-    return on_tensors_device(fn) if fn is not None else None
+    when triton is not installed).  Its first call imports the Triton kernels (see `_triton_module`)."""
+    if not name or not triton_installed():
+        return None
+
+    def launch(*args, **kwargs):
+        mod = _triton_module()
+        if mod is None:
+            raise ImportError(f"the Triton launcher {name!r} needs dcedit_kernels.triton_kernels, which did not import")
+        return getattr(mod, name)(*args, **kwargs)
+
+    launch.__name__ = launch.__qualname__ = name
+    return on_tensors_device(launch)
 
 
 # op name -> {"CPU": "cpp"|"reference", "CUDA": "cuda_cpp"|"triton"|"reference"}; "triton" serves
