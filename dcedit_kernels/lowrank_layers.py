@@ -19,10 +19,12 @@ Which rows see which shift (`row_edit`, `row_sees_all`):
 - A row with `row_sees_all[b] = True` sees Σ_g α S_g, the "add" fusion of every group's shift
   (built as one extra group holding all the factors; with one group, group 0 itself).  That is
   exactly the shift `apply()` adds when fusion is "add" or there is one editor (MEND; ProEditor
-  with `masked=True`, below), and for
-  "sss"/"max"/"ssm" it equals the fused shift on every entry where the groups agree in sign, the
-  closest a low-rank form gets to the fused edit.  The trainer uses it for locality (KL) rows,
-  whose job is to keep the model *as it will be edited* close to the original.
+  with `masked=True`, below).  For "sss" it equals the fused shift on every entry where the
+  groups agree in sign (there P or N is the whole sum) and differs where they do not; "max" and
+  "ssm" differ from it even where the groups agree: "max" keeps the one group of largest |S_g|
+  there, and "ssm" is sss's shift divided by G, so an "ssm" editor's rows that see every group
+  get up to G times the shift `apply()` adds.  The trainer uses it for locality (KL) rows, whose
+  job is to keep the model *as it will be edited* close to the original.
 - Any other row (`row_edit[b] = -1`) sees the unedited layer.
 
 Fisher-masked edits (ProEditor, or any editor built with `fisher_keep`): the mask is not low-rank,

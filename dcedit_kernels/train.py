@@ -11,8 +11,10 @@ One training batch of E edits costs three model passes (the capture's split in
    low-rank factors, differentiably;
 3. one forward pass over [rephrase rows; locality rows] with `lowrank_layers.lowrank_edited`:
    each edit's rephrase row sees its own group's shift (paper Eq. 18; `edit_rows="all"` makes it
-   see every group's), each locality row sees the sum of every group's shift (what the fused
-   edit applies, see lowrank_layers; `locality_rows="own"` for the paper's per-group form; on a
+   see every group's), each locality row sees the sum of every group's shift (the "add" fusion:
+   what `apply()` adds for one editor or fusion "add", for "sss" on the entries where the groups
+   agree in sign only, and not what "max" or "ssm" add, see lowrank_layers;
+   `locality_rows="own"` for the paper's per-group form; on a
    CPU model the rows run as a few passes of rows of similar length, `length_buckets`), and
    backprop reaches the editors through `ops.lowrank_delta_linear` without any o×i matrix
    (except for Fisher-masked editors, ProEditor's, below);

@@ -363,6 +363,52 @@ def test_locality_rows_see_what_apply_adds_for_mend(gen):
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("method,fusion", [("raeditor", "add"), ("moeditor", "add"), ("raeditor", "sss"),
+                                           ("moeditor", "ssm"), ("raeditor", "max")])
+def test_rows_that_see_every_group_get_the_add_fusion(method, fusion, gen):
+    """float64, 3 editors: rows that see every group (the locality rows) get Σ_g α S_g, the model
+    after apply() for fusion "add"; for "sss" the same shift on the entries where the groups agree
+    in sign, and for "max" and "ssm" another one there (lowrank_layers' docstring)."""
+    model, tok = tiny_model("llama", seed=int(torch.randint(0, 100, (1,), generator=gen)), dtype=torch.float64)
+    me = ModelEditor(model, tok, LAYERS["llama"], method=method, n_editors=3, fusion=fusion, rank=5, edit_lr=0.3,
+                     seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    me.editors.double()
+    with torch.no_grad():  # non-identity editors (and a gate that routes edits apart)
+        for editor in me.editors.values():
+            for layer in editor.layers:
+                layer.u.copy_(torch.randn(layer.u.shape, generator=gen, dtype=layer.u.dtype) * 0.05)
+            if method == "moeditor":
+                editor.w_gate.copy_(torch.randn(editor.w_gate.shape, generator=gen, dtype=editor.w_gate.dtype))
+    requests = random_requests(gen, 6)
+    rows = eval_rows(me, requests, TrainConfig())
+    inputs = dict(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"])
+    me.eval()
+    routing = {k: g.get_state() for k, g in me.route_generators().items()}
+    with torch.no_grad():
+        edits = batch_edits(me, requests)
+        if fusion == "add":
+            with lowrank_edited(model, edits, rows["row_edit"], torch.ones_like(rows["row_sees_all"])):
+                got = model(**inputs).logits
+            for k, g in me.route_generators().items():  # apply() draws RaEditor's groups again: the same ones
+                g.set_state(routing[k])
+            with me.edited(requests):
+                want = model(**inputs).logits
+            real = inputs["attention_mask"].bool()
+            assert torch.allclose(got[real], want[real], rtol=1e-10, atol=1e-10)
+            return
+    for edit in edits.values():
+        b = edit.offsets.tolist()
+        S = torch.stack([edit.eta_t[b[g]:b[g + 1]].T @ edit.mu_t[b[g]:b[g + 1]] for g in range(len(b) - 1)])
+        agree = (S > 0).all(0) | (S < 0).all(0)
+        seen, fused = dense_shift(edit).detach(), edit.alpha.detach() * edit.dense()
+        if fusion == "sss":
+            assert torch.allclose(seen[agree], fused[agree], rtol=1e-10, atol=1e-12)
+        elif bool(agree.any()):
+            assert not torch.allclose(seen[agree], fused[agree], rtol=1e-3)
+            if fusion == "ssm":
+                assert torch.allclose(seen[agree], 3 * fused[agree], rtol=1e-10, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------
