@@ -16,6 +16,7 @@ import torch
 
 import dcedit_kernels._library as library
 from dcedit_kernels import reference as R
+from helpers import rel_err
 
 pytestmark = pytest.mark.skipif(
     library._C is None,
@@ -523,31 +524,67 @@ def test_apply_shift_reads_inputs_that_share_weights_memory_before_writing(gen, 
     assert_bits_equal(previous, original)
 
 
-def test_results_do_not_depend_on_the_thread_count(gen):
+def test_tiled_results_do_not_depend_on_the_thread_count(gen):
+    """The kernels that own their loops (grouped_outer's and segmented_fisher's tiles, fisher_mask's
+    and apply_shift_'s fixed blocks and radix select) give the same bits on 1 and 3 threads, on
+    shapes over several tiles and token chunks and a Fisher array of several select blocks."""
     eta, mu = randn((300, 150), gen), randn((300, 140), gen)
     offsets = offsets_from_counts([100, 0, 200])
-    fisher, delta = torch.rand(400, 300, generator=gen), randn((400, 300), gen)
-    weight = randn((400, 300), gen, BF16)
-    grad = randn((150, 140), gen)
-    lowrank_args = lowrank_inputs(gen, [100, 0, 200], 150, 20, F32, ("scale", "shift", "gain"))
+    n = (1 << 18) + 3  # several radix-select blocks on 3 threads (n >> 16 per block)
+    fisher, delta = torch.rand(n, generator=gen), randn((n,), gen)
+    fisher[::5] = fisher[1]  # ties at the threshold
+    weight = randn((n,), gen, BF16)
 
     def run():
         w = weight.clone()
-        ops.apply_shift_(w, delta, 0.3, fisher, keep=0.2)
-        return (ops.grouped_outer(eta, mu, offsets, "sss", 1.0),
-                ops.grouped_lowrank(*lowrank_args),
-                *ops._grouped_outer_backward(grad, eta, mu, offsets, "sss", 1.0),
+        previous = ops.apply_shift_(w, delta, 0.3, fisher, keep=0.2)
+        return (*(ops.grouped_outer(eta, mu, offsets, f, 1.0) for f in FUSIONS),
                 ops.segmented_fisher(eta, mu, offsets),
-                *ops.fisher_mask(delta, fisher, keep=0.2), w)
+                *ops.fisher_mask(delta, fisher, keep=0.2), w, previous)
 
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         serial = run()
+        torch.set_num_threads(3)
+        parallel = run()
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(serial, run()):
-        assert torch.equal(a, b)
+    for a, b in zip(serial, parallel):
+        if a.is_floating_point():
+            assert_bits_equal(a, b)
+        else:  # fisher_mask's count
+            assert torch.equal(a, b)
+
+
+def test_gemm_backed_results_follow_torch_on_any_thread_count(gen):
+    """grouped_lowrank and grouped_outer's backward run torch's GEMMs (MKL here), whose last bits
+    can change with the thread count at real layer widths (README, "Thread counts"): on each
+    count they agree with the float64 reference to rounding, and grouped_lowrank stays bit-identical
+    to the reference run on that count."""
+    counts, o, i = [8, 0, 32], 96, 200
+    eta, mu = randn((40, o), gen), randn((40, i), gen)
+    offsets = offsets_from_counts(counts)
+    grad = randn((o, i), gen)
+    args = lowrank_inputs(gen, counts, o + i, 16, F32, ("scale", "shift", "gain"))
+    wide = [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in args]
+    ref = R.grouped_lowrank(*wide)
+    # "add" and "none": no selection, whose ties fp32 and float64 could break differently.
+    grads = {"add": grad, "none": randn((len(counts), o, i), gen)}
+    ref_back = {f: R.grouped_outer_backward(g.double(), eta.double(), mu.double(), offsets, f, 1.0)
+                for f, g in grads.items()}
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            out = ops.grouped_lowrank(*args)
+            assert_bits_equal(out, R.grouped_lowrank(*args))
+            assert rel_err(out, ref) < 1e-6
+            for f, g in grads.items():
+                for got, want in zip(ops._grouped_outer_backward(g, eta, mu, offsets, f, 1.0), ref_back[f]):
+                    assert rel_err(got, want) < 1e-6
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_strided_offsets(gen):
