@@ -34,7 +34,8 @@ class GroupedEditor(nn.Module):
     initial v, ψ's first layer and, under "random" routing, the groups, from a generator of the
     editor's own that each call advances (so one editor splits the same edits differently call
     after call, and a loaded editor starts its draws afresh from the seed); None: torch's global
-    generator.
+    generator.  The random groups are drawn over the edits' positions in the batch, so the same
+    edits in another order are split otherwise (a fresh seeded RaEditor: a 33 % different shift).
 
     `alpha` holds the learned per-weight step α (W ← W + α Δ), initialised to −edit_lr so that an
     identity editor without normalisation takes a gradient-descent step of size edit_lr with one
