@@ -1,5 +1,6 @@
 """Evaluate every editor's edited model in ONE forward pass (paper Eq. 18), forming no shift
-(except for Fisher-masked edits, whose mask is not low-rank: see below).
+(except for Fisher-masked edits, whose mask is not low-rank, and rows that see the fused shift
+`apply()` adds, which is not low-rank for "sss", "max" or "ssm": see below).
 
 Training N_g editors needs, for each edit e, the model's loss under the shift of the group that
 edit was routed to.  Applying each group's dense o×i shift and running N_g forward passes costs
@@ -23,8 +24,19 @@ Which rows see which shift (`row_edit`, `row_sees_all`):
   groups agree in sign (there P or N is the whole sum) and differs where they do not; "max" and
   "ssm" differ from it even where the groups agree: "max" keeps the one group of largest |S_g|
   there, and "ssm" is sss's shift divided by G, so an "ssm" editor's rows that see every group
-  get up to G times the shift `apply()` adds.  The trainer uses it for locality (KL) rows, whose
-  job is to keep the model *as it will be edited* close to the original.
+  get up to G times the shift `apply()` adds.  The trainer uses it for locality (KL) rows by
+  default (`TrainConfig.locality_rows="all"`), whose job is to keep the model *as it will be
+  edited* close to the original.
+- A row with `row_sees_fused[b] = True` sees exactly the shift `apply()` adds, whatever the fusion:
+  α Δ, Δ the fused shift `GroupedEdit.dense` forms (`ops.grouped_outer` with the editor's fusion,
+  then, for a Fisher-masked edit with `masked=True`, `ops.fisher_mask`: what `apply_` writes), and
+  computes x Wᵀ + b + x (α Δ)ᵀ.  Gradients reach μ̃, η̃ through the fusion's backward (the
+  selected terms only: sss's larger side, max's winning group) and the mask's (kept entries), and
+  α.  Cost per edited weight and pass that holds such rows: one o×i fused shift (and its
+  gradient), and one more dense product with those rows, as for the Fisher-masked dense path
+  below.  For one group or fusion "add" it is the shift `row_sees_all` gives, up to rounding;
+  for "sss", "max" and "ssm" it is the one the edited model will have, which `row_sees_all` is not.
+  The trainer uses it for locality rows with `TrainConfig.locality_rows="fused"`.
 - Any other row (`row_edit[b] = -1`) sees the unedited layer.
 
 Fisher-masked edits (ProEditor, or any editor built with `fisher_keep`): the mask is not low-rank,
@@ -91,16 +103,20 @@ def group_factors(edit, row_edit: torch.Tensor, row_sees_all: torch.Tensor | Non
     return row_group, mu_t, eta_t, offsets, alpha
 
 
-def _check_rows(edits: Mapping, row_edit, row_sees_all):
+def _check_rows(edits: Mapping, row_edit, row_sees_all, row_sees_fused=None):
     if not isinstance(row_edit, torch.Tensor) or row_edit.dtype not in (torch.int32, torch.int64):
         raise ValueError("row_edit must be an int32 or int64 tensor")
     if row_edit.dim() != 1:
         raise ValueError(f"row_edit must be 1-D (one entry per batch row), got shape {tuple(row_edit.shape)}")
-    if row_sees_all is not None:
-        if not isinstance(row_sees_all, torch.Tensor) or row_sees_all.dtype != torch.bool:
-            raise ValueError("row_sees_all must be a bool tensor or None")
-        if row_sees_all.shape != row_edit.shape:
-            raise ValueError(f"row_sees_all must have shape {tuple(row_edit.shape)}, got {tuple(row_sees_all.shape)}")
+    for name, flags in (("row_sees_all", row_sees_all), ("row_sees_fused", row_sees_fused)):
+        if flags is not None:
+            if not isinstance(flags, torch.Tensor) or flags.dtype != torch.bool:
+                raise ValueError(f"{name} must be a bool tensor or None")
+            if flags.shape != row_edit.shape:
+                raise ValueError(f"{name} must have shape {tuple(row_edit.shape)}, got {tuple(flags.shape)}")
+    if row_sees_all is not None and row_sees_fused is not None and bool((row_sees_all & row_sees_fused.to(
+            row_sees_all.device)).any()):
+        raise ValueError("a row cannot see both every group's sum (row_sees_all) and the fused shift (row_sees_fused)")
     n_edits = {int(e.edit_group.numel()) for e in edits.values()}
     if len(n_edits) > 1:
         raise ValueError(f"edits must all come from the same batch of edits, got edit counts {sorted(n_edits)}")
@@ -137,7 +153,22 @@ def dense_masked_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha,
     return y.to(x.dtype if x.dtype != torch.float64 else acc)
 
 
-def _lowrank_forward(module: nn.Module, name: str, row_group, mu_t, eta_t, offsets, alpha, mask=None):
+def fused_linear(x, weight, bias, delta, alpha):
+    """y = x Wᵀ + b + α x Δᵀ for rows that see the fused shift Δ (out×in, formed by
+    `GroupedEdit.dense`): the layer `apply()` leaves, W + αΔ, without writing it.  Differentiable in
+    x, Δ and α; fp32 arithmetic (float64 kept), output in x's dtype like the op."""
+    acc = compute_dtype(x, weight, delta, alpha)
+    xa = x.to(acc)
+    y = xa @ weight.to(acc).T
+    if bias is not None:
+        y = y + bias.to(acc)
+    y = y + alpha.to(acc) * (xa @ delta.to(acc).T)
+    return y.to(x.dtype)
+
+
+def _lowrank_forward(module: nn.Module, name: str, row_group, mu_t, eta_t, offsets, alpha, mask=None, fused=None):
+    """The patched forward; fused: None, or (row_sees_fused (B,), Δ, α) of the rows that see the
+    fused shift (`fused_linear`), the other rows taking the per-group path."""
     weight = weight_out_in(module)  # Conv1D: a transposed view, the op sees out×in
     out_features, in_features = weight.shape
     n_rows = row_group.numel()
@@ -159,10 +190,22 @@ def _lowrank_forward(module: nn.Module, name: str, row_group, mu_t, eta_t, offse
         flat = x.reshape(-1, in_features).to(weight.device)
         per_row = flat.shape[0] // n_rows if n_rows else 0
         groups = row_group.repeat_interleave(per_row) if per_row != 1 else row_group
-        if mask is not None:
-            y = dense_masked_linear(flat, weight, module.bias, groups, mu_t, eta_t, offsets, alpha, mask)
-        else:
-            y = ops.lowrank_delta_linear(flat, weight, module.bias, groups, mu_t, eta_t, offsets, alpha)
+
+        def per_group(x, groups):
+            if mask is not None:
+                return dense_masked_linear(x, weight, module.bias, groups, mu_t, eta_t, offsets, alpha, mask)
+            return ops.lowrank_delta_linear(x, weight, module.bias, groups, mu_t, eta_t, offsets, alpha)
+
+        if fused is None:
+            y = per_group(flat, groups)
+        else:  # the rows that see the fused shift, then the others, each put back in its place
+            sees, delta, fused_alpha = fused
+            sees = sees.repeat_interleave(per_row) if per_row != 1 else sees
+            rows, others = sees.nonzero().squeeze(1), (~sees).nonzero().squeeze(1)
+            y_fused = fused_linear(flat[rows], weight, module.bias, delta, fused_alpha)
+            y = y_fused.new_zeros(flat.shape[0], out_features).index_copy(0, rows, y_fused)
+            if others.numel():
+                y = y.index_copy(0, others, per_group(flat[others], groups[others]))
         return y.reshape(*x.shape[:-1], out_features)
 
     return forward
@@ -175,6 +218,7 @@ def lowrank_edited(
     row_edit: torch.Tensor,
     row_sees_all: torch.Tensor | None = None,
     masked: bool = False,
+    row_sees_fused: torch.Tensor | None = None,
 ):
     """Inside the block, the named modules of `model` compute their edited outputs row by row.
 
@@ -182,13 +226,15 @@ def lowrank_edited(
     the edit whose group shift batch row b sees, −1 for the unedited layer; row_sees_all (B,)
     bool or None: rows that see the sum of every group's shift (see the module docstring);
     masked: edits that carry a Fisher mask (`edit.fisher`) are seen masked, through the dense path
-    (see the module docstring); False: every shift unmasked.  The modules' forwards are restored
-    on exit, also when the block raises.
+    (see the module docstring); False: every shift unmasked; row_sees_fused (B,) bool or None:
+    rows that see the fused shift `apply()` adds (masked as `masked` says; not rows of
+    row_sees_all).  The modules' forwards are restored on exit, also when the block raises.
     """
     if not isinstance(edits, Mapping) or not edits:
         raise ValueError("edits must be a non-empty mapping of module name to GroupedEdit")
     modules = resolve_modules(model, list(edits))
-    _check_rows(edits, row_edit, row_sees_all)
+    _check_rows(edits, row_edit, row_sees_all, row_sees_fused)
+    any_fused = row_sees_fused is not None and bool(row_sees_fused.any())
     if not isinstance(masked, bool):
         raise ValueError(f"masked must be a bool, got {type(masked).__name__}")
     # A checkpointed block would recompute its forward in the caller's backward, after the
@@ -205,5 +251,8 @@ def lowrank_edited(
             device = weight_out_in(module).device  # each layer computes on its own device
             factors = group_factors(edit, row_edit, row_sees_all, device)
             mask = kept_mask(edit, device) if masked and getattr(edit, "fisher", None) is not None else None
-            patch(module, _lowrank_forward(module, name, *factors, mask=mask))
+            # One o×i fused shift per weight and block entered, built as apply() builds it.
+            fused = (row_sees_fused.to(device), edit.dense(device, masked=masked), edit.alpha.to(device)) \
+                if any_fused else None
+            patch(module, _lowrank_forward(module, name, *factors, mask=mask, fused=fused))
         yield

@@ -14,10 +14,14 @@ One training batch of E edits costs three model passes (the capture's split in
    see every group's), each locality row sees the sum of every group's shift (the "add" fusion:
    what `apply()` adds for one editor or fusion "add", for "sss" on the entries where the groups
    agree in sign only, and not what "max" or "ssm" add, see lowrank_layers;
-   `locality_rows="own"` for the paper's per-group form; on a
+   `locality_rows="own"` for the paper's per-group form; `locality_rows="fused"` for exactly the
+   shift `apply()` adds, whatever the fusion and mask, at the cost of one dense o×i fused shift per
+   edited weight and pass, as the Fisher-masked path below: it makes the KL term measure the
+   drawdown of the model as it will be edited for "sss", "max" and "ssm" editors, and gives "all"'s
+   losses up to rounding for one editor or fusion "add"; on a
    CPU model the rows run as a few passes of rows of similar length, `length_buckets`), and
    backprop reaches the editors through `ops.lowrank_delta_linear` without any o×i matrix
-   (except for Fisher-masked editors, ProEditor's, below);
+   (except for Fisher-masked editors, ProEditor's, below, and `locality_rows="fused"`);
    plus a no-grad pass of the unedited model over the locality rows for the KL reference, whose
    hidden states below the lowest edited block the edited pass takes over instead of computing
    them again for those rows (`reuse_prefix`, `block_prefix`).
@@ -112,7 +116,8 @@ from .safetensors_file import save_safetensors
 from .scored_logits import logits_at, scored_positions
 from .tokenize import causal_pair_ids, no_kv_cache, pad_rows, pad_token_id, text_ids
 
-VIEWS = ("own", "all")
+VIEWS = ("own", "all")  # what a row sees: its edit's group's shift, or every group's (their sum)
+LOCALITY_VIEWS = VIEWS + ("fused",)  # or the fused shift apply() adds (locality rows only)
 PART_KEYS = ("loss", "edit", "kl", "balance")  # the terms logged per step (TrainResult.history)
 
 
@@ -131,8 +136,8 @@ class TrainConfig:
     cloc: float = 1.0
     balance_weight: float = 1e-2  # gate balance loss (MoEditor)
     grad_clip: float | None = 100.0
-    edit_rows: str = "own"
-    locality_rows: str = "all"
+    edit_rows: str = "own"  # "own" | "all"
+    locality_rows: str = "all"  # "own" | "all" | "fused" (the shift apply() adds: module docstring)
     fisher_mask: bool = True  # Fisher-masked editors (ProEditor) are trained on the masked shift
     val_every: int = 50
     val_size: int | None = None  # how many val requests to use (None: all)
@@ -179,9 +184,9 @@ class TrainConfig:
         for name in ("fisher_mask", "data_parallel", "reuse_prefix", "restore_best", "resume", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        for name in ("edit_rows", "locality_rows"):
-            if getattr(self, name) not in VIEWS:
-                raise ValueError(f"{name} must be one of {VIEWS}, got {getattr(self, name)!r}")
+        for name, allowed in (("edit_rows", VIEWS), ("locality_rows", LOCALITY_VIEWS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.length_buckets is not None and not isinstance(self.length_buckets, bool):
             raise ValueError(f"length_buckets must be a bool or None, got {self.length_buckets!r}")
         for name in ("val_size", "patience"):
@@ -235,7 +240,8 @@ def eval_rows(me: ModelEditor, requests: list[EditRequest], config: TrainConfig)
     """The one-pass batch: E rephrase rows (labels on the target), then the locality rows.
 
     Returns input_ids, attention_mask, labels (−100 on locality rows), row_edit, row_sees_all,
-    is_edit_row (B,) bool and kl_mask (B, L) bool (the positions the KL is taken at).
+    row_sees_fused (`lowrank_edited`'s), is_edit_row (B,) bool and kl_mask (B, L) bool (the
+    positions the KL is taken at).
     """
     tok = me.tokenizer
     rows, labels, row_edit, sees_all, is_edit, kl_len = [], [], [], [], [], []
@@ -244,6 +250,7 @@ def eval_rows(me: ModelEditor, requests: list[EditRequest], config: TrainConfig)
         rows.append(ids)
         labels.append([-100] * n_prompt + ids[n_prompt:])
         row_edit.append(e), sees_all.append(config.edit_rows == "all"), is_edit.append(True), kl_len.append(0)
+    n_edit_rows = len(rows)
     for e in range(len(requests)):
         loc = _locality_row(requests, e, tok)
         if loc is None or loc[1] < 1:
@@ -258,6 +265,8 @@ def eval_rows(me: ModelEditor, requests: list[EditRequest], config: TrainConfig)
     dev = me.device
     batch.update(row_edit=torch.tensor(row_edit, dtype=torch.int64, device=dev),
                  row_sees_all=torch.tensor(sees_all, dtype=torch.bool, device=dev),
+                 row_sees_fused=torch.tensor([False] * n_edit_rows + [config.locality_rows == "fused"]
+                                             * (len(rows) - n_edit_rows), dtype=torch.bool, device=dev),
                  is_edit_row=torch.tensor(is_edit, dtype=torch.bool, device=dev),
                  kl_mask=kl_mask.to(dev))
     return batch
@@ -313,7 +322,8 @@ def loss_from_edits(me: ModelEditor, requests: list[EditRequest], edits: dict, c
     def edited(batch, where, r):
         key = tuple(r.tolist()) if prefix is not None else None
         reused = prefix is not None and prefix.reusable(key)
-        with lowrank_edited(model, edits, rows["row_edit"][r], rows["row_sees_all"][r], masked=config.fisher_mask), \
+        with lowrank_edited(model, edits, rows["row_edit"][r], rows["row_sees_all"][r], masked=config.fisher_mask,
+                            row_sees_fused=rows["row_sees_fused"][r]), \
                 logits_at(model, where, skip) as scored, prefix.reuse(key) if reused else contextlib.nullcontext():
             return scored.pick(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                      **no_cache).logits)

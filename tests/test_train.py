@@ -15,6 +15,7 @@ from dcedit_kernels.lowrank_layers import lowrank_edited
 from dcedit_kernels.losses import picked_kl, target_nll
 from dcedit_kernels.model_editor import ModelEditor
 from dcedit_kernels.models import tiny_model
+from dcedit_kernels.reference import grouped_outer as reference_grouped_outer
 from dcedit_kernels.requests import EditRequest
 from dcedit_kernels.train import TrainConfig, batch_edits, eval_rows, evaluate_edits, loss_from_edits, train_editor
 
@@ -69,6 +70,13 @@ def dense_shift(edit, group=None, mask=None):
     return edit.alpha * (shift if mask is None else shift * mask)
 
 
+def fused_dense_shift(edit, mask=None):
+    """α Δ (out×in): every group's shift fused with `edit.fusion` by the plain-torch oracle
+    (`reference.grouped_outer`, autograd through it), times `mask` when given: what apply() adds."""
+    shift = reference_grouped_outer(edit.eta_t, edit.mu_t, edit.offsets, edit.fusion)
+    return edit.alpha * (shift if mask is None else shift * mask)
+
+
 def reference_kept(fisher, keep):
     """The SPEC's Fisher selection in plain torch: k = ceil(keep·n), kept = fisher ≥ the k-th largest."""
     k = math.ceil(keep * fisher.numel())
@@ -76,16 +84,19 @@ def reference_kept(fisher, keep):
     return (fisher >= threshold).to(torch.float64)
 
 
-def dense_logits(model, modules, edits, input_ids, attention_mask, row_edit, row_sees_all, masks=None):
+def dense_logits(model, modules, edits, input_ids, attention_mask, row_edit, row_sees_all, masks=None,
+                 row_sees_fused=None):
     """Logits row by row, each row's forward run with its own dense per-layer weights (each shift
-    times masks[name] when given)."""
+    times masks[name] when given; rows of row_sees_fused: the fused shift, `fused_dense_shift`)."""
     out = []
     for b in range(input_ids.shape[0]):
         weights = {}
         for name, module in modules.items():
             edit = edits[name]
             mask = None if masks is None else masks.get(name)
-            if bool(row_sees_all[b]):
+            if row_sees_fused is not None and bool(row_sees_fused[b]):
+                shift = fused_dense_shift(edit, mask)
+            elif bool(row_sees_all[b]):
                 shift = dense_shift(edit, mask=mask)
             elif int(row_edit[b]) >= 0:
                 shift = dense_shift(edit, int(edit.edit_group[int(row_edit[b])]), mask)
@@ -151,6 +162,48 @@ def test_lowrank_edited_matches_dense_per_row(arch, gen):
     assert all("forward" not in m.__dict__ for m in modules.values())
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("fusion", ["add", "sss", "max", "ssm"])
+def test_lowrank_edited_rows_that_see_the_fused_shift(arch, fusion, gen):
+    """float64: rows of row_sees_fused get α Δ, every group's shift fused as apply() fuses it
+    (Fisher-masked for the weight that has a mask, masked=True), beside rows that see their own
+    group, the sum of every group and the unedited layer, in one pass; logits and gradients in
+    μ̃, η̃, α are those of each row's own forward with its dense shift in the weights."""
+    model, _ = frozen_double_model(arch, int(torch.randint(0, 100, (1,), generator=gen)))
+    modules = {n: m for n, m in model.named_modules() if n in LAYERS[arch]}
+    E, B = 5, 8
+    edits, masks = {}, {}
+    for k, (name, module) in enumerate(modules.items()):
+        o, i = weight_out_in(module).shape
+        edit = random_grouped_edit(gen, i, o, E, G=int(torch.randint(2, 5, (1,), generator=gen)), nonempty=True)
+        edit.fusion = fusion
+        if k == 0:
+            edit.fisher = torch.rand(o, i, generator=gen, dtype=torch.float64)
+            edit.fisher_keep = float(torch.rand(1, generator=gen)) * 0.8 + 0.1
+            masks[name] = reference_kept(edit.fisher, edit.fisher_keep)
+        edits[name] = edit
+    row_edit = torch.randint(-1, E, (B,), generator=gen)
+    kind = torch.randperm(B, generator=gen) % 4  # 0: own group (or unedited), 1: all groups, 2-3: fused
+    row_sees_all, row_sees_fused = kind == 1, kind >= 2
+    input_ids = torch.randint(3, 100, (B, 6), generator=gen)
+    mask = torch.ones_like(input_ids)
+    mask[1, 4:] = 0  # a padded row
+    with lowrank_edited(model, edits, row_edit, row_sees_all, masked=True, row_sees_fused=row_sees_fused):
+        got = model(input_ids=input_ids, attention_mask=mask).logits
+    want = dense_logits(model, modules, edits, input_ids, mask, row_edit, row_sees_all, masks, row_sees_fused)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)
+    w = torch.randn(got.shape, generator=gen, dtype=got.dtype)
+    assert_same_editor_grads((got * w).sum(), (want * w).sum(), edits)
+    # The fused rows' shift is apply()'s: the layer after GroupedEdit.apply_ gives their logits.
+    rows = row_sees_fused.nonzero()[:, 0]
+    with torch.no_grad():
+        previous = {name: edits[name].apply_(weight_out_in(m)) for name, m in modules.items()}
+        applied = model(input_ids=input_ids[rows], attention_mask=mask[rows]).logits
+        for name, m in modules.items():
+            weight_out_in(m).copy_(previous[name])
+    assert torch.allclose(got[rows].detach(), applied, rtol=1e-10, atol=1e-10)
+
+
 def test_lowrank_edited_rejects_bad_rows(gen):
     model, _ = frozen_double_model("gpt2", 0)
     name = LAYERS["gpt2"][0]
@@ -161,6 +214,13 @@ def test_lowrank_edited_rejects_bad_rows(gen):
             pass
     with pytest.raises(ValueError, match="row_sees_all"):
         with lowrank_edited(model, edits, torch.tensor([0, 1]), torch.tensor([1, 0])):
+            pass
+    with pytest.raises(ValueError, match="row_sees_fused must be a bool"):
+        with lowrank_edited(model, edits, torch.tensor([0, 1]), row_sees_fused=torch.tensor([1, 0])):
+            pass
+    with pytest.raises(ValueError, match="cannot see both"):
+        with lowrank_edited(model, edits, torch.tensor([0, 1]), torch.tensor([True, False]),
+                            row_sees_fused=torch.tensor([True, True])):
             pass
     with pytest.raises(ValueError, match="close matches"):
         with lowrank_edited(model, {name + "x": edits[name]}, torch.tensor([0])):
@@ -407,6 +467,96 @@ def test_rows_that_see_every_group_get_the_add_fusion(method, fusion, gen):
             assert not torch.allclose(seen[agree], fused[agree], rtol=1e-3)
             if fusion == "ssm":
                 assert torch.allclose(seen[agree], 3 * fused[agree], rtol=1e-10, atol=1e-12)
+
+
+def non_identity_editors(me, gen, method):
+    """float64 editors with random u (and, for MoEditor, a random gate that routes edits apart)."""
+    me.editors.double()
+    with torch.no_grad():
+        for editor in me.editors.values():
+            for layer in editor.layers:
+                layer.u.copy_(torch.randn(layer.u.shape, generator=gen, dtype=layer.u.dtype) * 0.05)
+            if method == "moeditor":
+                editor.w_gate.copy_(torch.randn(editor.w_gate.shape, generator=gen, dtype=editor.w_gate.dtype))
+
+
+@pytest.mark.parametrize("method", ["raeditor", "moeditor"])
+@pytest.mark.parametrize("fusion", ["sss", "max", "ssm", "add"])
+def test_fused_locality_rows_see_what_apply_adds(method, fusion, gen):
+    """float64, 3 editors: with locality_rows="fused" the locality rows of the training pass give
+    the logits of the model after apply(), whatever the fusion, and the editors' u, v and α get
+    finite, nonzero gradients through them (the fusion's backward)."""
+    model, tok = tiny_model("llama", seed=int(torch.randint(0, 100, (1,), generator=gen)), dtype=torch.float64)
+    me = ModelEditor(model, tok, LAYERS["llama"], method=method, n_editors=3, fusion=fusion, rank=5, edit_lr=0.3,
+                     seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    non_identity_editors(me, gen, method)
+    requests = random_requests(gen, 6)
+    rows = eval_rows(me, requests, TrainConfig(locality_rows="fused"))
+    loc = ~rows["is_edit_row"]
+    assert torch.equal(rows["row_sees_fused"], loc) and not bool(rows["row_sees_all"].any())
+    inputs = dict(input_ids=rows["input_ids"][loc], attention_mask=rows["attention_mask"][loc])
+    me.eval()
+    routing = {k: g.get_state() for k, g in me.route_generators().items()}
+    edits = batch_edits(me, requests)  # differentiable
+    with lowrank_edited(model, edits, rows["row_edit"][loc], rows["row_sees_all"][loc], masked=True,
+                        row_sees_fused=rows["row_sees_fused"][loc]):
+        got = model(**inputs).logits
+    w = torch.randn(got.shape, generator=gen, dtype=got.dtype)  # before apply() writes the weights
+    for editor in me.editors.values():
+        leaves = [t for layer in editor.layers for t in (layer.u, layer.v)] + [editor.alpha]
+        grads = torch.autograd.grad((got * w).sum(), leaves, retain_graph=True)
+        for t, g in zip(leaves, grads):
+            assert bool(torch.isfinite(g).all()) and bool(g.any()), t.shape
+    got = got.detach()
+    for k, g in me.route_generators().items():  # apply() draws RaEditor's groups again: the same ones
+        g.set_state(routing[k])
+    with torch.no_grad(), me.edited(requests):
+        want = model(**inputs).logits
+    real = inputs["attention_mask"].bool()
+    assert torch.allclose(got[real], want[real], rtol=1e-10, atol=1e-10), float((got[real] - want[real]).abs().max())
+    if fusion == "ssm":  # not what the rows that see every group's sum get (G times the shift)
+        with torch.no_grad(), lowrank_edited(model, edits, rows["row_edit"][loc], torch.ones_like(real[:, 0])):
+            summed = model(**inputs).logits
+        assert float((summed[real] - want[real]).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("method,fusion", [("mend", None), ("proeditor", None), ("raeditor", "add"),
+                                           ("moeditor", "add")])
+def test_fused_locality_rows_equal_all_for_one_group_or_add(method, fusion, gen):
+    """float64: where the sum of every group's shift is what apply() adds (one editor: MEND, and
+    ProEditor with its Fisher mask; fusion "add"), locality_rows="fused" gives the losses and
+    gradients of "all" up to rounding."""
+    model, tok = tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen)), dtype=torch.float64)
+    kwargs = dict(rank=4, edit_lr=0.3, seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    if fusion is not None:
+        kwargs.update(n_editors=3, fusion=fusion)
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method=method, **kwargs)
+    non_identity_editors(me, gen, method)
+    requests = random_requests(gen, 5)
+    me.eval()
+    edits = batch_edits(me, requests)
+    assert (method == "proeditor") == all(e.fisher is not None for e in edits.values())
+    config = TrainConfig(cedit=0.3, cloc=1.7, balance_weight=0.1, fisher_mask=True)
+    loss_all, parts_all = loss_from_edits(me, requests, edits, config)
+    loss_fused, parts_fused = loss_from_edits(me, requests, edits, config.replace(locality_rows="fused"))
+    assert parts_all["kl"] > 0
+    assert parts_fused["kl"] == pytest.approx(parts_all["kl"], rel=1e-10, abs=1e-14)
+    assert torch.allclose(loss_fused, loss_all, rtol=1e-10, atol=1e-14)
+    assert_same_editor_grads(loss_fused, loss_all, edits)
+
+
+def test_a_moeditor_ssm_trains_with_fused_locality_rows(gen):
+    """A 2-step fit with locality_rows="fused" (MoEditor, fusion "ssm"): finite losses, the editors moved."""
+    model, tok = tiny_model("llama", seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    me = ModelEditor(model, tok, LAYERS["llama"], method="moeditor", n_editors=3, fusion="ssm", rank=4,
+                     edit_lr=1e-2, seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    before = {k: v.clone() for k, v in me.editors.state_dict().items()}
+    config = TrainConfig(steps=2, batch_size=3, lr=1e-3, lr_lr=1e-3, locality_rows="fused", progress=False)
+    result = me.fit(random_requests(gen, 4), config=config)
+    assert result.steps == 2 and result.skipped_batches == 0
+    assert all(math.isfinite(h[k]) for h in result.history for k in ("loss", "edit", "kl", "balance"))
+    assert result.history[0]["kl"] >= 0
+    assert any(not torch.equal(before[k], v) for k, v in me.editors.state_dict().items())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -722,6 +872,9 @@ def test_train_config_and_arguments_are_checked():
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="edit_rows"):
         TrainConfig(edit_rows="some")
+    with pytest.raises(ValueError, match=r"locality_rows must be one of \('own', 'all', 'fused'\)"):
+        TrainConfig(locality_rows="applied")
+    assert TrainConfig().locality_rows == "all" and TrainConfig(locality_rows="fused").validate()
     with pytest.raises(ValueError, match="lr_optimizer"):
         TrainConfig(lr_optimizer="lbfgs")
     with pytest.raises(ValueError, match="fisher_mask must be a bool"):
@@ -1003,18 +1156,22 @@ def reference_step_loss(me, requests, edits, config):
     none) + target with its group's dense shift in the weights (every group's with edit_rows="all"),
     L_edit the mean NLL over all target tokens; KL(p_unedited ‖ p_edited) averaged over the
     locality tokens (the request's locality + " " + locality_target, else the next edit's prompt
-    without its last position); the editors' balance loss."""
+    without its last position; seen as the edit rows are, or, with locality_rows="fused", with the
+    fused shift apply() adds); the editors' balance loss."""
     from dcedit_kernels.tokenize import causal_pair_ids, text_ids
 
     def logp(ids, view, edited=True):
         weights = {}
         for name, module in (me.modules.items() if edited else ()):
             edit = edits[name]
-            groups = range(edit.n_groups) if view == "all" else [int(edit.edit_group[view])]
             mask = reference_kept(edit.fisher.double(), edit.fisher_keep) if (
                 config.fisher_mask and edit.fisher is not None) else 1.0
-            shift = sum(edit.eta_t[b:c].double().T @ edit.mu_t[b:c].double()
-                        for b, c in (edit.offsets.tolist()[g:g + 2] for g in groups))
+            if view == "fused":
+                shift = reference_grouped_outer(edit.eta_t.double(), edit.mu_t.double(), edit.offsets, edit.fusion)
+            else:
+                groups = range(edit.n_groups) if view == "all" else [int(edit.edit_group[view])]
+                shift = sum(edit.eta_t[b:c].double().T @ edit.mu_t[b:c].double()
+                            for b, c in (edit.offsets.tolist()[g:g + 2] for g in groups))
             shift = edit.alpha.double() * shift * mask
             weights[name + ".weight"] = module.weight + (shift.T if is_conv1d(module) else shift)
         x = torch.tensor([ids])
@@ -1038,7 +1195,7 @@ def reference_step_loss(me, requests, edits, config):
             continue
         with torch.no_grad():
             base = logp(ids, None, edited=False)
-        post = logp(ids, "all" if config.locality_rows == "all" else e)
+        post = logp(ids, e if config.locality_rows == "own" else config.locality_rows)
         kl += [(base[t].exp() * (base[t] - post[t])).sum() for t in range(n)]
     l_edit = torch.stack(nll).mean()
     l_kl = torch.stack(kl).mean() if kl else torch.zeros((), dtype=torch.float64)
@@ -1046,9 +1203,11 @@ def reference_step_loss(me, requests, edits, config):
     return config.cedit * l_edit + config.cloc * l_kl + config.balance_weight * balance
 
 
-@pytest.mark.parametrize("arch,method,accumulate,batch_size", [
-    ("gpt2", "mend", 1, 3), ("llama", "raeditor", 2, 2), ("gpt2", "moeditor", 2, 3), ("llama", "proeditor", 2, 2)])
-def test_one_training_step_matches_a_float64_reference(arch, method, accumulate, batch_size, gen, monkeypatch):
+@pytest.mark.parametrize("arch,method,accumulate,batch_size,extra", [
+    ("gpt2", "mend", 1, 3, {}), ("llama", "raeditor", 2, 2, {}), ("gpt2", "moeditor", 2, 3, {}),
+    ("llama", "proeditor", 2, 2, {}), ("gpt2", "moeditor", 2, 3, dict(locality_rows="fused", fusion="ssm")),
+    ("llama", "raeditor", 1, 3, dict(locality_rows="fused", fusion="max"))])
+def test_one_training_step_matches_a_float64_reference(arch, method, accumulate, batch_size, extra, gen, monkeypatch):
     """float64 model: the editors' gradients of train_editor's first step (what the optimisers are
     given, batch sizes that do not divide the 5 requests, requests with and without rephrase or
     locality) and its logged loss are those of `reference_step_loss` averaged over the step's
@@ -1063,7 +1222,14 @@ def test_one_training_step_matches_a_float64_reference(arch, method, accumulate,
     seed = int(torch.randint(0, 1000, (1,), generator=gen))
     model, tok = tiny_model(arch, seed=seed, dtype=torch.float64)
     kwargs = {"n_editors": 3} if method in ("raeditor", "moeditor") else {}
+    if "fusion" in extra:
+        kwargs["fusion"] = extra["fusion"]
     me = ModelEditor(model, tok, LAYERS[arch], method=method, rank=4, edit_lr=0.3, seed=seed, **kwargs)
+    if extra.get("locality_rows") == "fused":
+        # The fused shift is formed (as apply() forms it) in the factors' dtype, fp32 for fp32
+        # editors, where the low-rank path computes in the model's: float64 editors, so that the
+        # reference's float64 fusion is the same number.
+        me.editors.double()
     with torch.no_grad():  # a non-identity editor
         for editor in me.editors.values():
             for layer in editor.layers:
@@ -1073,7 +1239,8 @@ def test_one_training_step_matches_a_float64_reference(arch, method, accumulate,
     requests[2] = EditRequest(requests[2].prompt, requests[2].target, rephrase=requests[2].rephrase)
     requests[0] = EditRequest(requests[0].prompt, requests[0].target, locality=requests[0].locality)  # no answer
     config = TrainConfig(steps=1, batch_size=batch_size, accumulate=accumulate, cedit=0.3, cloc=1.7,
-                         balance_weight=0.2, grad_clip=None, progress=False, seed=seed)
+                         balance_weight=0.2, grad_clip=None, progress=False, seed=seed,
+                         locality_rows=extra.get("locality_rows", "all"))
     ref = copy.deepcopy(me)
     seen = []
     real_step = train_module._optimizer_step

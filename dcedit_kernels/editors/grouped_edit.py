@@ -33,11 +33,16 @@ class GroupedEdit:
     def n_groups(self) -> int:
         return self.offsets.numel() - 1
 
-    def dense(self) -> torch.Tensor:
-        """The fused (and Fisher-masked) shift Δ (out × in, fp32), without alpha."""
-        delta = ops.grouped_outer(self.eta_t, self.mu_t, self.offsets, self.fusion)
-        if self.fisher is not None:
-            delta, _ = ops.fisher_mask(delta, self.fisher, keep=self.fisher_keep)
+    def dense(self, device=None, masked: bool = True) -> torch.Tensor:
+        """The fused (and Fisher-masked) shift Δ (out × in, fp32; fp64 for fp64 factors), without
+        alpha: the shift `apply_` adds (times alpha).  Differentiable in mu_t and eta_t (the fusion's
+        and the mask's backwards reach the selected and kept entries only).  Computed on `device`
+        (default: the factors'), the factors and the Fisher matrix moved there (`.to` keeps the
+        gradients); masked=False: without the Fisher mask (`apply_` masks inside `apply_shift_`)."""
+        device = self.mu_t.device if device is None else device
+        delta = ops.grouped_outer(self.eta_t.to(device), self.mu_t.to(device), self.offsets.to(device), self.fusion)
+        if masked and self.fisher is not None:
+            delta, _ = ops.fisher_mask(delta, self.fisher.to(device), keep=self.fisher_keep)
         return delta
 
     @torch.no_grad()
@@ -50,8 +55,7 @@ class GroupedEdit:
         On one device the moves are no-ops."""
         check_weight(weight, (self.eta_t.shape[1], self.mu_t.shape[1]))
         device = weight.device
-        eta_t, mu_t = self.eta_t.detach().to(device), self.mu_t.detach().to(device)
-        delta = ops.grouped_outer(eta_t, mu_t, self.offsets.to(device), self.fusion)
+        delta = self.dense(device, masked=False)  # no grad here: the mask is apply_shift_'s
         fisher = None if self.fisher is None else self.fisher.to(device)
         return ops.apply_shift_(
             weight, delta, float(self.alpha.detach()), fisher, self.fisher_keep if fisher is not None else None
