@@ -396,7 +396,7 @@ def _train(args, requests, val, device) -> dict:
     try:
         me = ModelEditor(model, tokenizer, layers=layers, method=args.method, **editor_kwargs(args))
         config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_lr=args.lr_lr,
-                             checkpoint_dir=args.checkpoint_dir, val_every=args.val_every,
+                             locality_rows=args.locality_rows, checkpoint_dir=args.checkpoint_dir, val_every=args.val_every,
                              val_size=args.val_size, seed=args.seed, data_parallel=size > 1)
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -543,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="editor learning rate (default 1e-3)")
     p.add_argument("--lr-lr", type=float, default=1e-4,
                    help="learning rate of the per-weight edit steps α (default 1e-4)")
+    p.add_argument("--locality-rows", choices=("all", "own", "fused"), default="all",
+                   help="what the KL rows see in training: every editor's summed shift (default), their own "
+                        "group's, or the fused shift apply() adds (exact for sss/max/ssm; one o×i matrix per layer)")
     p.add_argument("--checkpoint-dir", default=None, help="resumable training checkpoints")
 
     p = sub.add_parser("edit", help="apply edits, show before/after completions and scores, undo")

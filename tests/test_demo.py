@@ -533,7 +533,8 @@ def test_cli_train_edit_evaluate_on_tiny_model(capsys, tmp_path, tiny_model_dir)
     editor = tmp_path / "mend.safetensors"
     model = str(tiny_model_dir)
     assert cli.main(["train", "--model", model, "--method", "moeditor", "--n-editors", "2", "--rank", "4",
-                     "--data", str(data), "--steps", "2", "--batch-size", "3", "--out", str(editor)]) == 0
+                     "--data", str(data), "--steps", "2", "--batch-size", "3", "--locality-rows", "fused",
+                     "--out", str(editor)]) == 0
     assert editor.is_file()
     out = tmp_path / "edit.json"
     assert cli.main(["edit", "--model", model, "--editor", str(editor), "--data", str(data), "--n-edits", "3",
