@@ -1328,6 +1328,8 @@ def test_a_failed_deferred_triton_import_falls_back_to_the_reference(monkeypatch
             warnings.simplefilter("error")  # one warning, one import attempt: the answer is kept
             assert registered["CUDA"](torch.zeros(1)) == "reference"
         assert attempts == [1]
+        # op_backends says which implementation serves the op now: the reference, not "triton"
+        assert _dispatch.op_backends()["probe"] == {"CPU": "reference", "CUDA": "reference"}
         with pytest.raises(ImportError, match="did not import"):  # called directly, it says why it cannot run
             launcher(torch.zeros(1))
     finally:

@@ -167,8 +167,12 @@ def register(op: str, reference_fn, triton_fn=None, check=None) -> None:
 
 def op_backends() -> dict[str, dict[str, str]]:
     """Which implementation serves each op on CPU and on CUDA in this process (outside
-    `reference_mode`, where the wrappers call the references whatever this says)."""
-    return {op: dict(v) for op, v in REGISTRY.items()}
+    `reference_mode`, where the wrappers call the references whatever this says).  "triton" is
+    what is registered while triton is not yet imported (the first CUDA call imports it); once
+    that import failed, those ops say "reference", which then serves them (`on_supported_gpu`)."""
+    failed = _triton_module.cache_info().currsize > 0 and _triton_module() is None  # no import tried here
+    return {op: {key: "reference" if failed and name == "triton" else name for key, name in v.items()}
+            for op, v in REGISTRY.items()}
 
 
 # Per thread, as torch's own modes (grad mode, autocast): one thread's reference_mode neither
