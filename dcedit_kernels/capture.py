@@ -186,6 +186,19 @@ class Factors:
         offsets[1:] = counts.cumsum(0)
         return Factors(torch.cat([p.mu for p in parts]), torch.cat([p.eta for p in parts]), offsets)
 
+    def take_edits(self, edits: torch.Tensor) -> "Factors":
+        """The factors of edits `edits` (indices into this batch's edits), in that order."""
+        offsets = self.edit_offsets.long()
+        index = edits.to(offsets.device).long()
+        starts, counts = offsets[:-1][index], (offsets[1:] - offsets[:-1])[index]
+        new = torch.zeros(index.numel() + 1, dtype=torch.int32, device=offsets.device)
+        new[1:] = counts.cumsum(0)
+        total = int(new[-1])
+        rows = torch.repeat_interleave(starts - new[:-1].long(), counts, output_size=total)
+        rows = (rows + torch.arange(total, device=rows.device)).to(self.mu.device)
+        return Factors(self.mu.index_select(0, rows), self.eta.index_select(0, rows),
+                       new.to(self.edit_offsets.device))
+
     def gradient(self, per_edit: bool = False) -> torch.Tensor:
         """Σ_t η_t μ_tᵀ (out×in) in fp32 (fp64 for fp64 factors); (E, out, in) with per_edit."""
         dtype = torch.float64 if self.mu.dtype == torch.float64 else torch.float32

@@ -189,7 +189,8 @@ def _unedited_locality(model, tokenizer, requests, batch_size, cache: dict | Non
     """(requests with a locality prompt, the unedited model's predictions on them).
 
     `cache` maps (locality, locality_target) to a prediction of the UNEDITED model; it lets every
-    method evaluated on the same samples skip this pass (one of the five scoring passes per run).
+    method evaluated on the same samples skip this pass (one of the four scoring passes per run; five
+    when a locality prompt lacks its target, since NS and DD then score apart).
     """
     rows = _indices_with(requests, "locality")
     local = [requests[i] for i in rows]
@@ -247,10 +248,18 @@ def measure_edit(editor, requests: Sequence[EditRequest], batch_size: int = 16, 
         with _named_as(_indices_with(requests, "rephrase")):
             es = metrics.edit_success(model, tokenizer, rephrased, batch_size) if rephrased else None
         rel = metrics.reliability(model, tokenizer, requests, batch_size)
-        with _named_as(_indices_with(requests, "locality", "locality_target")):
-            ns = metrics.neighbourhood_success(model, tokenizer, neighbours, batch_size) if neighbours else None
-        with _named_as(_indices_with(requests, "locality")):
-            dd = metrics.drawdown(model, tokenizer, local, base, batch_size) if local else None
+        if local and len(neighbours) == len(local):
+            # Every locality prompt has its target: NS and DD score the same pairs in the same batches,
+            # so one pass gives both (the same values).  SmolLM2, 25 CounterFact edits, batch_size 16:
+            # 8 scoring forwards instead of 10 (3 passes on the edited model instead of 4), each of 5
+            # alternating pairs faster (new/old 0.32-0.89, median 0.68, on a contended 2-core CPU).
+            with _named_as(_indices_with(requests, "locality")):
+                ns, dd = metrics._neighbourhood_success_and_drawdown(model, tokenizer, local, base, batch_size)
+        else:
+            with _named_as(_indices_with(requests, "locality", "locality_target")):
+                ns = metrics.neighbourhood_success(model, tokenizer, neighbours, batch_size) if neighbours else None
+            with _named_as(_indices_with(requests, "locality")):
+                dd = metrics.drawdown(model, tokenizer, local, base, batch_size) if local else None
         extra = {} if during is None else {"during": during(model)}
     finally:
         handle.undo()

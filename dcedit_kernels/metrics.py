@@ -198,11 +198,35 @@ def edit_success(model, tokenizer, requests: Sequence[EditRequest], batch_size: 
 def neighbourhood_success(model, tokenizer, requests: Sequence[EditRequest], batch_size: int = 16,
                           exact: bool = False) -> float:
     """NS: accuracy of each request's locality_target (its original answer) on its locality prompt."""
+    return float(_accuracies(_neighbourhood_scores(model, tokenizer, requests, batch_size), exact).mean())
+
+
+def _neighbourhood_scores(model, tokenizer, requests, batch_size) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(pred, gold) of each request's locality_target on its locality prompt: NS's scores, and, when every
+    request has a locality_target, the predictions `locality_predictions` gives (the same pairs in the
+    same batches)."""
     requests = validate_requests(requests)
     prompts = require_field(requests, "locality")
     targets = require_field(requests, "locality_target")
     names = _request_names(range(len(requests)), "locality", "locality_target")
-    return float(_target_accuracy(model, tokenizer, prompts, targets, batch_size, exact, names).mean())
+    prompts, targets = list(prompts), list(targets)
+    return _score(model, tokenizer, prompts, targets, batch_size, names)
+
+
+def _neighbourhood_success_and_drawdown(model, tokenizer, requests: Sequence[EditRequest],
+                                        base_predictions: Sequence[torch.Tensor], batch_size: int = 16,
+                                        exact: bool = False, reduction: str = "input") -> tuple[float, float]:
+    """(`neighbourhood_success`, `drawdown`) of requests that all have a locality_target, from one scoring
+    pass: both score the locality_target on the locality prompt, so the predictions are the same."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    requests = validate_requests(requests)
+    base = list(base_predictions)
+    if len(base) != len(requests):
+        raise ValueError(f"base_predictions must have one entry per request ({len(requests)}), got {len(base)}")
+    scored = _neighbourhood_scores(model, tokenizer, requests, batch_size)
+    ns = float(_accuracies(scored, exact).mean())
+    return ns, _changed_share([pred for pred, _ in scored], base, reduction)
 
 
 def locality_predictions(model, tokenizer, requests: Sequence[EditRequest],
@@ -237,7 +261,11 @@ def drawdown(model, tokenizer, requests: Sequence[EditRequest], base_predictions
     base = list(base_predictions)
     if len(base) != len(requests):
         raise ValueError(f"base_predictions must have one entry per request ({len(requests)}), got {len(base)}")
-    now = locality_predictions(model, tokenizer, requests, batch_size)
+    return _changed_share(locality_predictions(model, tokenizer, requests, batch_size), base, reduction)
+
+
+def _changed_share(now: list[torch.Tensor], base: list, reduction: str) -> float:
+    """`drawdown` from the edited model's locality predictions `now`."""
     changed = []
     for i, (a, b) in enumerate(zip(now, base)):
         if not isinstance(b, torch.Tensor) or b.shape != a.shape:

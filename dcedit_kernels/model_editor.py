@@ -352,16 +352,55 @@ class ModelEditor(FineTuneBaselines):
         """
         if need_feats is None:
             need_feats = self.needs_feats
-        chunks = self._row_chunks(batch)
+        chunks, order = self._capture_chunks(batch)
         if len(chunks) == 1:
             return self._capture_rows(batch, need_feats, None)
         n_scored = self._n_scored(batch)
         parts = [self._capture_rows(chunk, need_feats, n_scored) for chunk in chunks]
-        # One layer at a time, each chunk's copy dropped once joined: the peak holds the factors
-        # plus one layer's joined copy, not two copies of everything.
-        factors = {name: Factors.cat([p[0].pop(name) for p in parts]) for name in self.layers}
+        # One layer at a time, each chunk's copy dropped once joined (and the joined copy once put
+        # back in row order): the peak holds the factors plus one layer's joined copy, not two
+        # copies of everything.
+        back = None if order is None else torch.argsort(order)
+        factors = {}
+        for name in self.layers:
+            joined = Factors.cat([p[0].pop(name) for p in parts])
+            factors[name] = joined if back is None else joined.take_edits(back)
+            del joined
         feats = torch.cat([p[1] for p in parts]) if need_feats else None
+        if feats is not None and back is not None:
+            feats = feats[back.to(feats.device)]
         return factors, feats, sum(p[2] for p in parts)
+
+    def _capture_chunks(self, batch: dict) -> tuple[list[dict], torch.Tensor | None]:
+        """(chunks, order): for a causal LM cut into more than one chunk, the rows sorted by length
+        (`order`: the batch's row of each sorted row) and each chunk trimmed of the trailing columns
+        that are padding in all its rows, so a chunk of short rows runs on short rows only; else
+        `_row_chunks` (order None).  A real token attends to the positions before it only, so the
+        trimmed columns change no kept token's output (rounding aside: the matmuls see other
+        shapes).  Measured on SmolLM2 (fp32, CPU, layers 27-29, 125 CounterFact edits in chunks of 32): the
+        chunks held 1,875 token slots for 1,159 real tokens in row order, 1,299 sorted (-31 %); the capture
+        is ~95 % of apply, and apply took 2.3-2.5 s instead of 2.7-3.2 s (MoEditor, the three least
+        contended of 7 alternating pairs), the same shifts."""
+        chunks = self._row_chunks(batch)
+        mask, labels = batch.get("attention_mask"), batch.get("labels")
+        if (len(chunks) == 1 or self.seq2seq or mask is None or labels is None or mask.dim() != 2
+                or labels.shape != mask.shape):
+            return chunks, None
+        rows, width = mask.shape
+        used = (mask != 0) | (labels != IGNORE_INDEX)
+        # The length of a row: up to its last real (or labelled) column, whatever side it is padded on.
+        last = torch.where(used, torch.arange(1, width + 1, device=used.device), 0).amax(1)
+        order = torch.argsort(last, stable=True)
+        step = self.capture_batch_size or rows
+        out = []
+        for lo in range(0, rows, step):
+            index = order[lo:lo + step]
+            keep = max(int(last[index].max()), 1)
+            out.append({k: (v[index.to(v.device)][:, :keep]
+                            if v.dim() >= 2 and tuple(v.shape[:2]) == (rows, width)
+                            else v[index.to(v.device)])
+                        for k, v in batch.items()})
+        return out, order
 
     def _n_scored(self, batch: dict) -> int:
         """The batch's number of target tokens (the "token" reduction's N over all its chunks)."""

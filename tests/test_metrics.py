@@ -414,3 +414,43 @@ def test_gcr_gms_of_a_nan_gradient_are_nan():
     g = torch.tensor([[1.0, 0.0], [float("nan"), 0.0], [-1.0, 0.0]])
     assert math.isnan(gcr(g)) and math.isnan(gms(g))
     assert math.isnan(gcr(gram=gradient_gram(g))) and math.isnan(gms(gram=gradient_gram(g)))
+
+
+def test_measure_edit_scores_ns_and_dd_of_the_edited_model_in_one_pass(gen):
+    """With a locality_target on every request, NS and DD score the same pairs on the edited model:
+    measure_edit runs them as one pass and gives the values of the two metrics called apart."""
+    from test_model_editor import random_requests
+
+    from dcedit_kernels.evaluate import measure_edit
+
+    model, tok = tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    reqs = random_requests(gen, 6)
+    base = locality_predictions(model, tok, reqs, batch_size=4)
+    weight = model.transformer.h[0].mlp.c_fc.weight
+    noise = torch.randn(weight.shape, generator=gen)
+
+    class NoiseEditor:
+        method = "noise"
+
+        def __init__(self):
+            self.model, self.tokenizer = model, tok
+
+        def apply(self, requests):
+            saved = weight.detach().clone()
+            with torch.no_grad():
+                weight.add_(noise)
+            return SimpleNamespace(undo=lambda: weight.data.copy_(saved))
+
+    def apart(m):
+        return dict(ns=neighbourhood_success(m, tok, reqs, 4), dd=drawdown(m, tok, reqs, base, 4))
+
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        run = measure_edit(NoiseEditor(), reqs, batch_size=4)
+    finally:
+        hook.remove()
+    assert len(calls) == 4 * 2  # unedited locality, ES, reliability, NS + DD: 2 batches of 4 each
+    again = measure_edit(NoiseEditor(), reqs, batch_size=4, during=apart)
+    assert (run["ns"], run["dd"]) == (again["ns"], again["dd"]) == (again["during"]["ns"], again["during"]["dd"])
+    assert 0 < run["dd"]  # the edit changed some locality prediction

@@ -176,6 +176,36 @@ def test_chunked_capture_gives_the_one_pass_factors(arch, reduction, chunk, gen)
         assert rel_err(parts[name].eta, whole[name].eta) < TOL[arch], name
 
 
+@pytest.mark.parametrize("reduction", ["edit", "token"])
+def test_chunked_capture_sorts_rows_by_length_and_trims_padding(reduction, gen):
+    """Rows of very different lengths: the chunks run on rows sorted by length, each trimmed to its
+    longest row, and the factors and features come back in the batch's row order."""
+    model, tok = tiny_model("llama", seed=int(torch.randint(0, 100, (1,), generator=gen)), dtype=torch.float64)
+    reqs = random_requests(gen, 7)
+    long = torch.randperm(7, generator=gen)[:2].tolist()
+    for i in long:  # two long rows somewhere in the batch
+        reqs[i] = EditRequest(reqs[i].prompt + " " + " ".join([reqs[i].prompt] * 4), reqs[i].target)
+    me = ModelEditor(model, tok, CAUSAL["llama"], method="moeditor", n_editors=2, rank=3, capture_batch_size=None,
+                     loss_reduction=reduction)
+    batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
+    whole, whole_feats, loss = me.capture(batch)
+    me.capture_batch_size = 3
+    seen = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        parts, feats, chunked_loss = me.capture(batch)
+    finally:
+        handle.remove()
+    lengths = sorted(batch["attention_mask"].sum(1).tolist())
+    assert seen == [(min(3, 7 - lo), max(lengths[lo:lo + 3])) for lo in (0, 3, 6)]  # each chunk trimmed
+    assert float(chunked_loss) == pytest.approx(float(loss), rel=1e-12)
+    assert rel_err(feats, whole_feats) < 1e-12
+    for name in me.layers:
+        assert torch.equal(parts[name].edit_offsets, whole[name].edit_offsets)
+        assert rel_err(parts[name].mu, whole[name].mu) < 1e-12
+        assert rel_err(parts[name].eta, whole[name].eta) < TOL["llama"], name
+
+
 def test_chunked_capture_keeps_moeditor_features(gen):
     model, tok = tiny_model("llama", seed=3, dtype=torch.float64)
     reqs = random_requests(gen, 5)
