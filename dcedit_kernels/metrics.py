@@ -218,12 +218,7 @@ def _neighbourhood_success_and_drawdown(model, tokenizer, requests: Sequence[Edi
                                         exact: bool = False, reduction: str = "input") -> tuple[float, float]:
     """(`neighbourhood_success`, `drawdown`) of requests that all have a locality_target, from one scoring
     pass: both score the locality_target on the locality prompt, so the predictions are the same."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    requests = validate_requests(requests)
-    base = list(base_predictions)
-    if len(base) != len(requests):
-        raise ValueError(f"base_predictions must have one entry per request ({len(requests)}), got {len(base)}")
+    requests, base = _drawdown_inputs(requests, base_predictions, reduction)
     scored = _neighbourhood_scores(model, tokenizer, requests, batch_size)
     ns = float(_accuracies(scored, exact).mean())
     return ns, _changed_share([pred for pred, _ in scored], base, reduction)
@@ -255,13 +250,19 @@ def drawdown(model, tokenizer, requests: Sequence[EditRequest], base_predictions
              batch_size: int = 16, reduction: str = "input") -> float:
     """DD: share of locality inputs whose prediction differs from `base_predictions` (the
     unedited model's `locality_predictions` on the same requests)."""
+    requests, base = _drawdown_inputs(requests, base_predictions, reduction)
+    return _changed_share(locality_predictions(model, tokenizer, requests, batch_size), base, reduction)
+
+
+def _drawdown_inputs(requests, base_predictions, reduction: str) -> tuple[list, list]:
+    """drawdown's checked (requests, base predictions as a list)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     requests = validate_requests(requests)
     base = list(base_predictions)
     if len(base) != len(requests):
         raise ValueError(f"base_predictions must have one entry per request ({len(requests)}), got {len(base)}")
-    return _changed_share(locality_predictions(model, tokenizer, requests, batch_size), base, reduction)
+    return requests, base
 
 
 def _changed_share(now: list[torch.Tensor], base: list, reduction: str) -> float:
