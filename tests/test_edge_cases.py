@@ -285,7 +285,8 @@ def test_evaluate_errors_name_the_request_by_its_place_in_the_callers_list(cache
     before = snapshot(me.model)
     cases = [(EditRequest("ab", "cd", rephrase=long), r"rephrase \+ requests\[{}\]\.target: a text is"),
              (EditRequest("ab", "cd", locality="z"), r"locality \('z'\) needs at least 2 tokens"),
-             (EditRequest("ab", "cd", locality="ab", locality_target=long), r"locality \+ requests\[{}\]\.locality_target")]
+             (EditRequest("ab", "cd", locality="ab", locality_target=long),
+              r"locality \+ requests\[{}\]\.locality_target")]
     for bad, message in cases:
         requests = plain + [full] + plain + [bad]
         i = len(requests) - 1

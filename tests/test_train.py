@@ -784,7 +784,8 @@ def test_validation_does_not_change_the_trained_raeditor(editor_seed, gen, tmp_p
         return me.state_tensors()
 
     def assert_equal(a, b):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+        differ = [k for k in a if k not in b or not torch.equal(a[k], b[k])]
+        assert a.keys() == b.keys() and not differ, differ
 
     want = trained(5, val=False)
     assert_equal(trained(5, val=True), want)
