@@ -118,7 +118,8 @@ def test_import_and_cpu_calls_leave_triton_unimported():
         "f64 = dict(dtype=torch.float64)\n"
         "x = torch.randn(4, 3, requires_grad=True, **f64)\n"
         "out = ops.lowrank_delta_linear(x, torch.randn(2, 3, **f64), None, torch.tensor([0, 0, 1, 1]),\n"
-        "                               torch.randn(2, 3, **f64), torch.randn(2, 2, **f64), torch.tensor([0, 1, 2]), 0.5)\n"
+        "                               torch.randn(2, 3, **f64), torch.randn(2, 2, **f64),\n"
+        "                               torch.tensor([0, 1, 2]), 0.5)\n"
         "out.sum().backward()\n"
     )
     check = "assert 'triton' not in sys.modules and 'dcedit_kernels.triton_kernels' not in sys.modules\n"
