@@ -102,7 +102,7 @@ from .head_input import called_head, head_input, head_width
 from .losses import DEFAULT_LOSS_REDUCTION, LOSS_REDUCTIONS, backward_scale, edit_loss, unscale
 from .positions import past_positions
 from .requests import EditRequest, validate_requests
-from .safetensors_file import save_safetensors
+from .safetensors_file import check_state, json_metadata, save_safetensors
 from .scored_logits import logits_at, scored_positions
 from .tied_weights import check_untied
 from .tokenize import IGNORE_INDEX, forward_inputs, is_seq2seq, no_kv_cache, tokenize_causal, tokenize_seq2seq
@@ -642,7 +642,7 @@ class ModelEditor(FineTuneBaselines):
         0.13): an untrained MEND (edit_lr 1e-4, 2 edits) changed 0.04-0.1 % of their entries, a
         trained one (8 CounterFact edits) 97, 92 and 32 %.  The shift covers the rows of η̃ and the
         columns of μ̃ that are not all zero (times the keep share of a Fisher-masked edit)."""
-        if getattr(self, "_warned_rounding", False):
+        if self._warned_rounding:
             return
         lost = []
         for name, fraction in changed.items():
@@ -697,21 +697,14 @@ class ModelEditor(FineTuneBaselines):
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Load what `state_tensors` gave (ValueError naming a missing or unexpected key)."""
-        expected = set(self.state_tensors())
-        if set(tensors) != expected:
-            missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-            raise ValueError(
-                f"editor checkpoint does not match: missing keys {missing[:5]}, unexpected keys {extra[:5]}")
-        states = {}
-        for key, editor in self.editors.items():  # every editor checked before any is loaded
-            prefix = f"editors.{key}."
-            state = states[key] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            for k, v in editor.state_dict().items():
-                if state[k].shape != v.shape:
-                    raise ValueError(f"editor checkpoint key {prefix + k} has shape {tuple(state[k].shape)}, "
-                                     f"expected {tuple(v.shape)}")
+        # Every editor checked before any is loaded (the keys of state_tensors, without its copies).
+        expected = {f"editors.{key}.{k}": v for key, editor in self.editors.items()
+                    for k, v in editor.state_dict().items()}
+        check_state(tensors, expected, "editor checkpoint does not match", lambda k: f"editor checkpoint key {k}")
         for key, editor in self.editors.items():
-            editor.load_saved_state(states[key])  # in the saved editor's dtype, on its own device
+            prefix = f"editors.{key}."
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            editor.load_saved_state(state)  # in the saved editor's dtype, on its own device
 
     def save(self, path) -> None:
         """Editors' state to safetensors, with the ModelEditor config as JSON metadata (no pickle)."""
@@ -866,12 +859,7 @@ def _checkpoint_config(path, text: str) -> dict:
     """The ModelEditor config of a checkpoint's metadata; ValueError naming what is wrong with it
     (not JSON, a field missing or of another type: a KeyError or TypeError before; a format newer
     than this package reads, which loaded as if it were this one's)."""
-    try:
-        config = json.loads(text)
-    except ValueError as exc:
-        raise ValueError(f"{path}: its {CHECKPOINT_KEY} metadata is not JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: its {CHECKPOINT_KEY} metadata must be a JSON object, got {type(config).__name__}")
+    config = json_metadata(path, CHECKPOINT_KEY, text)
     version = config.get("format", 1)
     if not is_int(version) or version < 1:
         raise ValueError(f"{path}: checkpoint format must be a positive int, got {version!r}")

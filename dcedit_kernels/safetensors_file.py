@@ -1,8 +1,10 @@
 """Writing a safetensors file, as every checkpoint here does (`ModelEditor.save`,
-`GroupedEditor.save`, the trainer's checkpoints)."""
+`GroupedEditor.save`, the trainer's checkpoints), and the checks both editor loads make of one they
+read (`ModelEditor.load`, `GroupedEditor.load`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import uuid
@@ -30,3 +32,26 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def json_metadata(path, key: str, text: str) -> dict:
+    """A checkpoint's JSON metadata entry `key` (its `text`) as a dict; ValueError naming the file
+    when it is not JSON or not a JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{path}: its {key} metadata is not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: its {key} metadata must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def check_state(state: dict, expected: dict, mismatch: str, name) -> None:
+    """ValueError unless `state` holds exactly `expected`'s keys, each of its shape: `mismatch` leads
+    the message about keys, `name(key)` names a tensor of another shape."""
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise ValueError(f"{mismatch}: missing keys {missing[:5]}, unexpected keys {extra[:5]}")
+    for k, v in expected.items():
+        if state[k].shape != v.shape:
+            raise ValueError(f"{name(k)} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")

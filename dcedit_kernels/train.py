@@ -250,7 +250,6 @@ def eval_rows(me: ModelEditor, requests: list[EditRequest], config: TrainConfig)
         rows.append(ids)
         labels.append([-100] * n_prompt + ids[n_prompt:])
         row_edit.append(e), sees_all.append(config.edit_rows == "all"), is_edit.append(True), kl_len.append(0)
-    n_edit_rows = len(rows)
     for e in range(len(requests)):
         loc = _locality_row(requests, e, tok)
         if loc is None or loc[1] < 1:
@@ -265,8 +264,8 @@ def eval_rows(me: ModelEditor, requests: list[EditRequest], config: TrainConfig)
     dev = me.device
     batch.update(row_edit=torch.tensor(row_edit, dtype=torch.int64, device=dev),
                  row_sees_all=torch.tensor(sees_all, dtype=torch.bool, device=dev),
-                 row_sees_fused=torch.tensor([False] * n_edit_rows + [config.locality_rows == "fused"]
-                                             * (len(rows) - n_edit_rows), dtype=torch.bool, device=dev),
+                 row_sees_fused=torch.tensor([not e and config.locality_rows == "fused" for e in is_edit],
+                                             dtype=torch.bool, device=dev),
                  is_edit_row=torch.tensor(is_edit, dtype=torch.bool, device=dev),
                  kl_mask=kl_mask.to(dev))
     return batch

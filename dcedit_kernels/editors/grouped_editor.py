@@ -12,6 +12,7 @@ from .. import ops
 from .._checks import check_tensor, is_finite_number, is_int, is_number
 from ..reference.grouped_outer import FUSIONS
 from ..reference.segments import group_ids
+from ..safetensors_file import check_state, json_metadata
 from .grouped_edit import GroupedEdit, check_weight
 from .parameter_generator import ParameterGenerator
 from .running_norm import RunningNorm
@@ -265,12 +266,7 @@ class GroupedEditor(nn.Module):
             raise ValueError(f"{path} is not a safetensors file ({exc})") from None
         if "dcedit_config" not in meta:
             raise ValueError(f"{path} is not a GroupedEditor checkpoint (no dcedit_config metadata)")
-        try:
-            config = json.loads(meta["dcedit_config"])
-        except ValueError as exc:
-            raise ValueError(f"{path}: its dcedit_config metadata is not JSON ({exc})") from None
-        if not isinstance(config, dict):
-            raise ValueError(f"{path}: its dcedit_config metadata must be a JSON object, got {type(config).__name__}")
+        config = json_metadata(path, "dcedit_config", meta["dcedit_config"])
         unknown = sorted(set(config) - set(inspect.signature(cls.__init__).parameters) - {"self"})
         if unknown:
             raise ValueError(f"{path}: its config has arguments this GroupedEditor does not take ({unknown}): "
@@ -278,15 +274,8 @@ class GroupedEditor(nn.Module):
         with torch.random.fork_rng(devices=[]):  # an unseeded editor's draws, all overwritten: not the caller's
             editor = cls(**config)
         state = load_file(str(path), device=str(map_location))
-        expected = editor.state_dict()
-        if set(state) != set(expected):
-            missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-            raise ValueError(f"{path}: the tensors do not match its config: missing keys {missing[:5]}, "
-                             f"unexpected keys {extra[:5]}")
-        for k, v in expected.items():
-            if state[k].shape != v.shape:
-                raise ValueError(f"{path}: tensor {k} has shape {tuple(state[k].shape)}, its config gives "
-                                 f"{tuple(v.shape)}")
+        check_state(state, editor.state_dict(), f"{path}: the tensors do not match its config",
+                    lambda k: f"{path}: tensor {k}")
         editor.load_saved_state(state, map_location)
         return editor
 
