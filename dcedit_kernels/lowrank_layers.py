@@ -29,7 +29,8 @@ Which rows see which shift (`row_edit`, `row_sees_all`):
   edited* close to the original.
 - A row with `row_sees_fused[b] = True` sees exactly the shift `apply()` adds, whatever the fusion:
   α Δ, Δ the fused shift `GroupedEdit.dense` forms (`ops.grouped_outer` with the editor's fusion,
-  then, for a Fisher-masked edit with `masked=True`, `ops.fisher_mask`: what `apply_` writes), and
+  then, for a Fisher-masked edit with `masked=True`, times the kept-entry mask of the per-group path
+  below, the same `ops.fisher_mask` selection `apply_` makes), and
   computes x Wᵀ + b + x (α Δ)ᵀ.  Gradients reach μ̃, η̃ through the fusion's backward (the
   selected terms only: sss's larger side, max's winning group) and the mask's (kept entries), and
   α.  Cost per edited weight and pass that holds such rows: one o×i fused shift (and its
@@ -251,8 +252,11 @@ def lowrank_edited(
             device = weight_out_in(module).device  # each layer computes on its own device
             factors = group_factors(edit, row_edit, row_sees_all, device)
             mask = kept_mask(edit, device) if masked and getattr(edit, "fisher", None) is not None else None
-            # One o×i fused shift per weight and block entered, built as apply() builds it.
-            fused = (row_sees_fused.to(device), edit.dense(device, masked=masked), edit.alpha.to(device)) \
-                if any_fused else None
+            fused = None
+            if any_fused:  # one o×i fused shift per weight and block entered, built as apply() builds it
+                delta = edit.dense(device, masked=False)
+                if mask is not None:  # the Fisher selection made once, above, for both paths
+                    delta = delta * mask.to(delta.dtype)
+                fused = (row_sees_fused.to(device), delta, edit.alpha.to(device))
             patch(module, _lowrank_forward(module, name, *factors, mask=mask, fused=fused))
         yield
