@@ -616,13 +616,14 @@ class ModelEditor(FineTuneBaselines):
                 weight = weight_out_in(self.modules[name])
                 param = self.modules[name].weight
                 with deferred_interrupt():
-                    previous = edits[name].apply_(weight)
+                    try:  # a non-finite shift or sum raises with this weight as it was
+                        previous = edits[name].apply_(weight)
+                    except FloatingPointError as exc:
+                        raise FloatingPointError(f"layer {name!r}: {exc}") from exc
                     # Undo writes into the Parameter itself, not into the out×in view of a Conv1D
                     # weight: `model.to(dtype or device)` after the edit swaps the Parameter's data,
                     # and a view of the old data would take the restore while the model kept the edit.
                     saved.append((param, previous if weight is param else previous.t()))
-                if not bool(torch.isfinite(weight).all()) and bool(torch.isfinite(previous).all()):
-                    raise FloatingPointError(f"the shifted weight of layer {name!r} is not finite")
                 changed[name] = float((weight != previous).sum()) / max(weight.numel(), 1)
         except BaseException as exc:
             restore(saved)

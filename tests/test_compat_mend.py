@@ -461,6 +461,20 @@ def test_apply_checks_weight_and_changes_nothing(gen):
     assert torch.equal(linear_shaped, kept) and torch.equal(w, w0)
 
 
+def test_apply_with_a_non_finite_gradient_changes_nothing(gen):
+    """MendWeightView.apply_ wrote NaN into the whole weight when one η row was NaN (SPEC: a
+    failed edit leaves the model as it was)."""
+    sd = make_mend_state_dict(gen)
+    views = compat_mend.load(sd, INNER, SHAPES, conv1d=[INNER[0]])
+    mu, eta, offsets = make_factors(gen, 6, 10, torch.float32)
+    eta[0, 0] = float("inf")
+    w = randn((10, 6), gen)
+    w0 = w.clone()
+    with pytest.raises(FloatingPointError, match="not finite"):
+        views[INNER[3]].apply_(w, mu, eta, offsets)
+    assert torch.equal(w, w0)
+
+
 # ------------------------------------------------------------------ which loss feeds the views
 def test_loss_reduction_is_mends_batch_mean(gen):
     """MEND's edit() backpropagates the batch's mean NLL over label tokens; ModelEditor with

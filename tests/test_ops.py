@@ -1075,6 +1075,34 @@ def test_editor_apply_with_a_wrong_weight_leaves_the_editor_as_it_was(gen):
         assert not torch.equal(weight, before)
 
 
+def test_editor_apply_that_is_not_finite_leaves_the_weight_as_it_was(gen):
+    """SPEC: a failed edit (NaN gradient) leaves the model as it was.  GroupedEditor.apply_ wrote
+    NaN into every entry of the weight when one η row was NaN, and kept an fp16 sum that
+    overflowed to inf; both now raise FloatingPointError with the weight bit-identical."""
+    from dcedit_kernels import MEND
+
+    mu, eta = randn((5, 6), gen), randn((5, 4), gen)
+    offsets = torch.tensor([0, 2, 5], dtype=torch.int32)
+    ed = MEND(6, 4, rank=2, norm=False)
+    with torch.no_grad():
+        ed.alpha.fill_(1.0)
+    weight = randn((4, 6), gen)
+    before = weight.clone()
+    bad = eta.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match="shift is not finite; the weight was not changed"):
+        ed.apply_(weight, mu, bad, offsets)
+    assert torch.equal(weight, before)
+    # Finite in fp32, not in fp16: 60000 + a shift of ~1e4 is past fp16's 65504.
+    half = torch.full((4, 6), 60000.0, dtype=torch.float16)
+    kept = half.clone()
+    with pytest.raises(FloatingPointError, match="shifted weight is not finite in torch.float16"):
+        ed.apply_(half, mu * 100, eta * 100, offsets)
+    assert torch.equal(half, kept)
+    ed.apply_(weight, mu, eta, offsets)  # finite factors still edit
+    assert not torch.equal(weight, before)
+
+
 def test_editor_refuses_a_bool_mode_and_a_falsy_generator(gen):
     """mode=True passed `isinstance(mode, int)` and indexed a new axis of the mode embeddings, so
     grouped_lowrank raised about "scale" (after the running norms took the batch); generator="" or
@@ -1295,9 +1323,12 @@ def test_triton_serves_the_gpus_it_supports_and_the_reference_older_ones(monkeyp
         _dispatch.triton_runs_on.cache_clear()
 
 
-def test_a_failed_deferred_triton_import_falls_back_to_the_reference(monkeypatch):
+@pytest.mark.parametrize("error", [ImportError("libtriton.so: cannot open shared object file"),
+                                   AttributeError("module 'torch._C' has no attribute '_cuda_getCurrentRawStream'")])
+def test_a_failed_deferred_triton_import_falls_back_to_the_reference(monkeypatch, error):
     """triton is imported on the first CUDA call, not with the package: when that import fails
-    (a broken install), the CUDA registrations serve the references, after one warning."""
+    (a broken install, or a triton built for another torch), the CUDA registrations serve the
+    references, after one warning."""
     from dcedit_kernels.ops import _dispatch
 
     registered = {}
@@ -1308,7 +1339,7 @@ def test_a_failed_deferred_triton_import_falls_back_to_the_reference(monkeypatch
 
     def broken():
         attempts.append(1)
-        raise ImportError("libtriton.so: cannot open shared object file")
+        raise error
 
     attempts = []
     monkeypatch.setattr(_dispatch, "_LIB", Lib())
@@ -1322,7 +1353,7 @@ def test_a_failed_deferred_triton_import_falls_back_to_the_reference(monkeypatch
         _dispatch.register("probe", lambda *args: "reference", launcher)
         assert _dispatch.REGISTRY["probe"] == {"CPU": "reference", "CUDA": "triton"}  # decided before the import
         assert attempts == []  # registering imports nothing
-        with pytest.warns(RuntimeWarning, match="reference kernels serve CUDA"):
+        with pytest.warns(RuntimeWarning, match=f"{type(error).__name__}: .*reference kernels serve CUDA"):
             assert registered["CUDA"](torch.zeros(1)) == "reference"
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # one warning, one import attempt: the answer is kept

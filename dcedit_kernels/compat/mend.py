@@ -40,7 +40,7 @@ import torch
 
 from .. import ops
 from ..devices import as_device
-from ..editors.grouped_edit import GroupedEdit
+from ..editors.grouped_edit import GroupedEdit, apply_finite_shift_
 from ..editors.grouped_editor import GroupedEditor
 
 # The capture loss MEND's editors were trained and applied with (see the module docstring).
@@ -128,7 +128,8 @@ class MendWeightView:
         """weight += edit_lr · shift in place (MEND's ``p + edit_lrs[idx] * shift``).
 
         Returns the previous values of weight: ``ops.undo_shift_(weight, previous)`` restores it
-        bit for bit.  Raises ValueError, leaving weight untouched, on a bad argument.
+        bit for bit.  Raises ValueError on a bad argument and FloatingPointError on a non-finite
+        shift or sum, leaving weight untouched.
         """
         if not isinstance(weight, torch.Tensor):
             raise ValueError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
@@ -142,7 +143,7 @@ class MendWeightView:
         delta = ops.grouped_outer(edit.eta_t.to(device), edit.mu_t.to(device), edit.offsets.to(device), "add")
         if self.conv1d:
             delta = delta.t().contiguous()
-        return ops.apply_shift_(weight, delta, float(edit.alpha))
+        return apply_finite_shift_(weight, delta, float(edit.alpha))
 
 
 def load(state_dict, inner_params, shapes, prefix: str = "mend.", norm: bool | None = None,

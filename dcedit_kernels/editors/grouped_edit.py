@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,18 +53,33 @@ class GroupedEdit:
         Runs on weight's device: the editor may sit on another one (a model split across devices),
         so the factors (T rows, far fewer bytes than the o×i shift) and the Fisher matrix are moved
         there once and the fused shift, the mask and the update are computed beside the weight.
-        On one device the moves are no-ops."""
+        On one device the moves are no-ops.  A non-finite shift, or a sum that overflows the
+        weight's dtype, raises FloatingPointError with the weight as it was."""
         check_weight(weight, (self.eta_t.shape[1], self.mu_t.shape[1]))
         device = weight.device
         delta = self.dense(device, masked=False)  # no grad here: the mask is apply_shift_'s
         fisher = None if self.fisher is None else self.fisher.to(device)
-        return ops.apply_shift_(
-            weight, delta, float(self.alpha.detach()), fisher, self.fisher_keep if fisher is not None else None
-        )
+        return apply_finite_shift_(weight, delta, float(self.alpha.detach()), fisher,
+                                   self.fisher_keep if fisher is not None else None)
 
     def group_alpha(self) -> torch.Tensor:
         """alpha per group, for `lowrank_delta_linear` (differentiable)."""
         return self.alpha.reshape(1).expand(self.n_groups)
+
+
+def apply_finite_shift_(weight, delta, alpha: float, fisher=None, keep=None) -> torch.Tensor:
+    """`ops.apply_shift_` for an edit (SPEC: a failed edit leaves the model as it was): a
+    non-finite shift or alpha raises FloatingPointError before the weight is written, and a sum
+    that is not finite in the weight's dtype (an overflow) is undone before it raises.  A weight
+    that held inf or NaN before is left to the caller."""
+    if not math.isfinite(alpha) or not bool(torch.isfinite(delta).all()):
+        raise FloatingPointError("the editor's shift is not finite; the weight was not changed")
+    previous = ops.apply_shift_(weight, delta, alpha, fisher, keep)
+    if not bool(torch.isfinite(weight).all()) and bool(torch.isfinite(previous).all()):
+        ops.undo_shift_(weight, previous)
+        raise FloatingPointError(f"the shifted weight is not finite in {weight.dtype} (an overflow); "
+                                 "the weight was restored")
+    return previous
 
 
 def check_weight(weight, shape: tuple) -> None:

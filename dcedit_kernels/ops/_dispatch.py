@@ -42,8 +42,11 @@ def _triton_module():
     """dcedit_kernels.triton_kernels, imported once; None (after one warning) when the import fails."""
     try:
         return _import_triton_kernels()
-    except ImportError as e:  # found by triton_installed, yet broken: the references serve CUDA
-        warnings.warn(f"triton did not import ({e}); the reference kernels serve CUDA tensors instead",
+    # Found by triton_installed, yet broken: the references serve CUDA.  Not only ImportError: a
+    # triton built for another torch or Python can fail its import with AttributeError or RuntimeError.
+    except Exception as e:  # noqa: BLE001
+        warnings.warn(f"triton did not import ({type(e).__name__}: {e}); the reference kernels serve CUDA "
+                      "tensors instead",
                       RuntimeWarning, stacklevel=2)
         return None
 
