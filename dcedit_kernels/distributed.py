@@ -7,9 +7,9 @@ its own training batches (global batch b·W + rank, so W processes see W differe
 step) and, before every optimiser step:
 - averages the editors' gradients over the processes (`average_gradients`, one all-reduce per
   parameter): the gradient of one process with W·accumulate batches;
-- merges the editors' running norms (`merge_running_norms`, one all-reduce per editor of its
-  sums and sums of squares in fp64): every process ends the step with the statistics of all the
-  step's tokens.
+- merges the editors' running norms (the factors', and MoEditor's gate features'; `merge_running_norms`,
+  one all-reduce per norm of its sums and sums of squares in fp64): every process ends the step
+  with the statistics of all the step's tokens (and edits).
 Without running norms a step is the step of one process with W·accumulate batches, to rounding, for
 editors that draw no random numbers in training (MEND, ProEditor): each process draws its own gate
 noise (MoEditor) and random groups (RaEditor), from generators seeded per rank.
@@ -105,11 +105,12 @@ def average_gradients(params: list, numbers: list[float], error: BaseException |
 
 
 def norm_sums(norm) -> list[torch.Tensor]:
-    """A RunningNorm's statistics as sums (token count; per side, Σx and Σx²), in fp64."""
+    """A RunningNorm's (or FeatureNorm's) statistics as sums (token count; per side, Σx and Σx²),
+    in fp64."""
     k = norm.k.double()
     out = [k.reshape(1)]
-    for side in ("u", "v"):
-        mean, s = getattr(norm, f"{side}_mean").double(), getattr(norm, f"{side}_s").double()
+    for mean_name, s_name, _ in norm.STATS:
+        mean, s = getattr(norm, mean_name).double(), getattr(norm, s_name).double()
         out += [k * mean, s + k * mean.square()]
     return out
 
@@ -131,13 +132,14 @@ def merge_running_norms(norms: list, before: list[list[torch.Tensor]]) -> None:
         parts = flat[1:].split([t.numel() for t in now[1:]])
         with torch.no_grad():
             norm.k.fill_(float(k))
-            for side, (total, squares) in zip(("u", "v"), (parts[0:2], parts[2:4])):
+            for i, (mean_name, s_name, std_name) in enumerate(norm.STATS):
+                total, squares = parts[2 * i], parts[2 * i + 1]
                 mean = total / k if k > 0 else torch.zeros_like(total)
                 s = (squares - k * mean.square()).clamp(min=0)
-                getattr(norm, f"{side}_mean").copy_(mean)
-                getattr(norm, f"{side}_s").copy_(s)
+                getattr(norm, mean_name).copy_(mean)
+                getattr(norm, s_name).copy_(s)
                 if k >= 2:
-                    getattr(norm, f"{side}_std").copy_((s / (k - 1)).sqrt())
+                    getattr(norm, std_name).copy_((s / (k - 1)).sqrt())
 
 
 def all_gather_object(obj) -> list:

@@ -37,10 +37,10 @@ def editor_cache_key(method: str, layers: list[str], kwargs: dict, train_config:
     only some of them, such as prompt and target, would not tell data with other rephrases or
     locality prompts apart).
 
-    The capture settings (`tokens`, `loss_reduction`) and the training settings enter with their
-    defaults resolved (a default written out is the same editor), so that changing a default (as
-    when `TrainConfig.fisher_mask` appeared) gives a new key: an editor trained under the old
-    semantics is never reused under the new ones.
+    The capture settings (`tokens`, `loss_reduction`), MoEditor's `gate_norm` and the training
+    settings enter with their defaults resolved (a default written out is the same editor), so
+    that changing a default (as when `TrainConfig.fisher_mask` appeared) gives a new key: an
+    editor trained under the old semantics is never reused under the new ones.
     """
     from . import __version__
     from .train import TrainConfig
@@ -50,6 +50,8 @@ def editor_cache_key(method: str, layers: list[str], kwargs: dict, train_config:
     capture = _capture_settings(kwargs)
     train = {k: v for k, v in dataclasses.asdict(TrainConfig(**train_config)).items() if k not in _NO_EFFECT}
     editor_kwargs = {k: v for k, v in kwargs.items() if k not in capture and k not in _RUNTIME}
+    if method == "moeditor":  # resolved, as the settings above: a MoEditor cached before gate_norm read raw features
+        editor_kwargs.setdefault("gate_norm", _gate_norm_default())
     blob = json.dumps(dict(version=__version__, method=method, layers=list(layers), kwargs=editor_kwargs,
                            capture=capture,
                            train=train, edits=list(train_ids), model=model_id,
@@ -57,6 +59,14 @@ def editor_cache_key(method: str, layers: list[str], kwargs: dict, train_config:
                            **({} if train_requests is None else dict(requests=_requests_digest(train_requests)))),
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _gate_norm_default() -> bool:
+    import inspect
+
+    from .editors import GroupedEditor
+
+    return inspect.signature(GroupedEditor.__init__).parameters["gate_norm"].default
 
 
 def _requests_digest(requests) -> str:

@@ -11,8 +11,9 @@ computed by the same code as before.
 
 The result is the one pass's up to rounding: the matmuls see other shapes (SmolLM2 fp32, MEND,
 rank 32, 3 training steps of 25 edits: losses up to 1.8e-7 apart, editor weights up to 1.3e-5;
-benchmarks/NOTES.md).  Each pass enters `lowrank_edited` anew, so a Fisher-masked editor's
-dense o×i shift (ProEditor's) is formed, and kept for the backward, once a pass.
+benchmarks/NOTES.md).  Each pass enters `lowrank_edited` anew; the trainer hands every pass of
+a step the same `shared` dict, so a Fisher-masked editor's dense o×i shift (ProEditor's), its mask
+and a fused shift are formed once a step and reused by the other passes.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ._checks import is_int
 # on SmolLM2 (fp32, 2 CPU threads, MEND, rank 32, layers 27-29, 3 steps of 25 CounterFact edits):
 # 10.65-10.93 s in one pass, 7.74-7.81 s at 32, 7.85-7.86 s at 64, 8.24-8.96 s at 128.  64 is
 # within 2 % of 32 with fewer passes (2-3 a pass kind here, against 3-4), which keeps down the
-# per-pass costs this measurement does not see (a dense masked shift per pass, launches on a GPU).
+# per-pass costs this measurement does not see (the masked dense products, launches on a GPU).
 PASS_COST = 64
 
 

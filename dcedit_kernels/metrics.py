@@ -106,6 +106,23 @@ def _score(model, tokenizer, prompts, targets, batch_size, names=None) -> list[t
     _check_batch_size(batch_size)
     if names is None:
         names = ([f"prompts[{i}]" for i in range(len(prompts))], [f"targets[{i}]" for i in range(len(prompts))])
+    # Rows of similar length batched together (by characters, a proxy for tokens; stable), so that a
+    # batch pads to a length near its rows' own instead of to one long row's (CounterFact, 400 edits,
+    # batches of 16, SmolLM2's tokenizer: the rephrase rows' 5,077 tokens took 10,336 padded slots in
+    # the given order, 5,376 sorted; prompts 5,648 -> 3,984, locality 5,904 -> 3,936).  A row's
+    # scores change by rounding only (a causal row's real tokens never see its right padding); the
+    # results come back in the given order.
+    if len(prompts) > batch_size:
+        def size(text):  # anything else is refused, with its name, when its batch is tokenized
+            return len(text) if isinstance(text, str) else 0
+
+        sizes = [size(p) + (0 if targets is None else size(targets[i])) for i, p in enumerate(prompts)]
+        order = sorted(range(len(prompts)), key=sizes.__getitem__)
+        prompts = [prompts[i] for i in order]
+        targets = None if targets is None else [targets[i] for i in order]
+        names = ([names[0][i] for i in order], [names[1][i] for i in order])
+    else:
+        order = None
     out = []
     with _eval_mode(model):
         for lo in range(0, len(prompts), batch_size):
@@ -147,7 +164,12 @@ def _score(model, tokenizer, prompts, targets, batch_size, names=None) -> list[t
                     raise ValueError(f"{names[k][lo + i]} ({text!r}) has no token to score (a seq2seq target is "
                                      "scored without its special tokens, and this one holds nothing else)")
             out.extend(scored)
-    return out
+    if order is None:
+        return out
+    back = [0] * len(order)
+    for k, i in enumerate(order):
+        back[i] = k
+    return [out[k] for k in back]
 
 
 def _accuracies(scored, exact: bool) -> torch.Tensor:

@@ -16,9 +16,9 @@ One training batch of E edits costs three model passes (the capture's split in
    agree in sign only, and not what "max" or "ssm" add, see lowrank_layers;
    `locality_rows="own"` for the paper's per-group form; `locality_rows="fused"` for exactly the
    shift `apply()` adds, whatever the fusion and mask, at the cost of one dense o×i fused shift per
-   edited weight and pass, as the Fisher-masked path below: it makes the KL term measure the
-   drawdown of the model as it will be edited for "sss", "max" and "ssm" editors, and gives "all"'s
-   losses up to rounding for one editor or fusion "add"; on a
+   edited weight and step (shared by the step's passes), as the Fisher-masked path below: it
+   makes the KL term measure the drawdown of the model as it will be edited for "sss", "max" and
+   "ssm" editors, and gives "all"'s losses up to rounding for one editor or fusion "add"; on a
    CPU model the rows run as a few passes of rows of similar length, `length_buckets`), and
    backprop reaches the editors through `ops.lowrank_delta_linear` without any o×i matrix
    (except for Fisher-masked editors, ProEditor's, below, and `locality_rows="fused"`);
@@ -318,11 +318,16 @@ def loss_from_edits(me: ModelEditor, requests: list[EditRequest], edits: dict, c
     positions[is_edit] = scored_positions(rows["labels"][is_edit], causal=True)
     row_of = positions.nonzero()[:, 0]
 
+    # The passes' one backward runs after all of them: the o×i masks and shifts that depend on the
+    # edits only (Fisher-masked editors, locality_rows="fused") are formed once for every pass
+    # (`lowrank_edited`'s `shared`), and dropped with this call's graph.
+    shared = {}
+
     def edited(batch, where, r):
         key = tuple(r.tolist()) if prefix is not None else None
         reused = prefix is not None and prefix.reusable(key)
         with lowrank_edited(model, edits, rows["row_edit"][r], rows["row_sees_all"][r], masked=config.fisher_mask,
-                            row_sees_fused=rows["row_sees_fused"][r]), \
+                            row_sees_fused=rows["row_sees_fused"][r], shared=shared), \
                 logits_at(model, where, skip) as scored, prefix.reuse(key) if reused else contextlib.nullcontext():
             return scored.pick(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                      **no_cache).logits)
@@ -337,12 +342,21 @@ def loss_from_edits(me: ModelEditor, requests: list[EditRequest], edits: dict, c
         # than the inputs and the editors); on one device these moves are no-ops.
         out = picked.device
         edit_pick = is_edit[row_of].to(out)
-        l_edit = scored_nll(picked[edit_pick], rows["labels"][is_edit], causal=True)
-        kl = picked_kl(base_logp, picked[~edit_pick]) if has_loc else picked.new_zeros(())
+        # eval_rows puts the rephrase rows first, so their positions lead the row-major order: the
+        # two parts are a split of `picked` (views; its backward is one cat), where boolean picks
+        # copied the (n, V) logits twice and scattered each gradient back into zeros (CPU, 1 thread,
+        # 330 × 49152 fp32, forward + backward: 156-196 ms against 68-72 ms; the same values).
+        n_edit = int(edit_pick.sum())
+        if bool(edit_pick[:n_edit].all()):
+            edit_logits, loc_logits = picked.split([n_edit, picked.shape[0] - n_edit])
+        else:
+            edit_logits, loc_logits = picked[edit_pick], picked[~edit_pick]
+        l_edit = scored_nll(edit_logits, rows["labels"][is_edit], causal=True)
+        kl = picked_kl(base_logp, loc_logits) if has_loc else picked.new_zeros(())
         balance = torch.stack([e.aux_loss.to(device=out, dtype=l_edit.dtype) for e in edits.values()]).mean()
         loss = config.cedit * l_edit + config.cloc * kl + config.balance_weight * balance
     parts = {k: float(v.detach()) for k, v in dict(loss=loss, edit=l_edit, kl=kl, balance=balance).items()}
-    parts["edit_tokens"] = int(edit_pick.sum())
+    parts["edit_tokens"] = n_edit
     return loss, parts
 
 
@@ -547,7 +561,9 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                                  validations=len(result.val_history), elapsed_s=result.elapsed_s))
         distributed.agree_on_start(error, result.steps, plan)  # raises this process's own error too
 
-    norms = [e.norm for e in me.editors.values() if e.norm is not None]
+    # Running statistics merged across a data-parallel run's processes after every step: MEND's
+    # factor norms and MoEditor's gate feature norms.
+    norms = [n for e in me.editors.values() for n in (e.norm, getattr(e, "gate_norm", None)) if n is not None]
     start = time.perf_counter()
     bar = tqdm(total=config.steps, initial=result.steps, disable=not config.progress or rank != 0,
                desc=f"train {me.method}")

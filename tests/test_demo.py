@@ -599,6 +599,17 @@ def test_editor_cache_key_covers_loss_reduction_and_resolved_training_defaults()
     assert fp16 != key()  # the model's dtype, when given
 
 
+def test_editor_cache_key_resolves_moeditors_gate_norm():
+    """A MoEditor cached before gate_norm existed read raw features: with the default resolved in
+    the key, it is retrained, not loaded (as the gate_norm=False editor it was) under the new default."""
+    def key(method, kwargs):
+        return editor_cache.editor_cache_key(method, ["a.b"], kwargs, {"steps": 2}, ["x"], "no-such-model")
+
+    assert key("moeditor", {}) == key("moeditor", {"gate_norm": True})
+    assert key("moeditor", {"gate_norm": False}) != key("moeditor", {})
+    assert key("mend", {}) == editor_cache.editor_cache_key("mend", ["a.b"], {}, {"steps": 2}, ["x"], "no-such-model")
+
+
 def test_editor_cache_key_covers_every_field_of_the_training_requests():
     """Ids that name only the prompt and target (python/report.py's) would not tell training data
     with other rephrases or locality prompts apart: the requests' content is in the key."""

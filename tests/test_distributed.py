@@ -160,11 +160,12 @@ def test_running_norms_validation_checkpoints_and_an_exact_resume(tmp_path, one_
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
         assert torch.equal(states[0][key], straight[0][key]), key  # every process's RNG states came back
-    # The norms hold every token of the run: those one process with accumulate=2 would have seen.
+    # The norms hold every token (and the gate's, every edit) of the run: those one process with
+    # accumulate=2 would have seen.
     me = _editor("moeditor", dict(n_editors=2))
     _, single = _train(me, TrainConfig(**dict(config, accumulate=2)))
-    norm_keys = [k for k in single if ".norm." in k]
-    assert norm_keys
+    norm_keys = [k for k in single if ".norm." in k or ".gate_norm." in k]  # MoEditor's gate statistics too
+    assert any(".gate_norm." in k for k in norm_keys)
     for key in norm_keys:
         assert torch.allclose(states[0][key], single[key], rtol=1e-4, atol=1e-7), key
     # The processes scored a share of the validation batches each: the scores are one process's.

@@ -168,6 +168,35 @@ def test_batched_scoring_matches_one_at_a_time(arch, gen):
         assert float(single[i]) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_scoring_batches_rows_of_similar_length(arch, gen):
+    """More rows than a batch: the batches take the rows sorted by length (fewer padding slots) and
+    the scores come back in the caller's order, each what scoring its row alone gives."""
+    from dcedit_kernels.metrics import _score
+
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    model, tok = tiny_model(arch, seed=seed, dtype=torch.float64)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    n = 9
+    lengths = torch.randint(1, 12, (n,), generator=gen).tolist()
+    prompts = [" ".join(words[(i + k) % len(words)] for k in range(m)) for i, m in enumerate(lengths)]
+    targets = [words[i % len(words)] for i in range(n)]
+    widths = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, a, o: widths.append(tuple(a[0].shape)))
+    try:
+        batched = _score(model, tok, prompts, targets, batch_size=3)
+    finally:
+        hook.remove()
+    single = _score(model, tok, prompts, targets, batch_size=1)
+    for (p, g), (p1, g1) in zip(batched, single):
+        assert torch.equal(g, g1) and torch.equal(p, p1)
+    order = sorted(range(n), key=lambda i: len(prompts[i]) + len(targets[i]))
+    ids = [len(tokenize_pairs(model, tok, [prompts[i]], [targets[i]])["input_ids"][0]) for i in order]
+    if arch == "llama":  # the encoder of a seq2seq model is called first, on the prompts alone
+        assert [w[0] for w in widths] == [3, 3, 3]
+        assert [w[1] for w in widths] == [max(ids[lo:lo + 3]) for lo in (0, 3, 6)]
+
+
 def argmax_accuracy(model, tok, prompt, target, seq2seq, **forward_kwargs):
     """The target's teacher-forced argmax accuracy from one plain forward over the full logits
     (a seq2seq model's special tokens not scored)."""

@@ -1705,7 +1705,8 @@ def test_a_training_call_that_raises_leaves_the_running_norms(bad, gen):
     editor = MoEditor(5, 3, n_editors=2, feat_dim=4, rank=3, seed=0).train()
     editor(torch.randn(6, 5, generator=gen), torch.randn(6, 3, generator=gen),
            torch.tensor([0, 2, 6], dtype=torch.int32), edit_feats=torch.randn(2, 4, generator=gen))
-    before = {k: v.clone() for k, v in editor.norm.state_dict().items()}
+    before = {k: v.clone() for k, v in editor.named_buffers()}  # the gate's statistics too
+    assert any(k.startswith("gate_norm.") for k in before)
     mu, eta = torch.randn(4, 5, generator=gen), torch.randn(4, 3, generator=gen)
     feats = torch.randn(2, 4, generator=gen)
     name, args = {
@@ -1717,7 +1718,7 @@ def test_a_training_call_that_raises_leaves_the_running_norms(bad, gen):
     }[bad]
     with pytest.raises(ValueError, match=name):
         editor(args[0], args[1], torch.tensor([0, 1, 4], dtype=torch.int32), edit_feats=args[2])
-    assert all(torch.equal(before[k], v) for k, v in editor.norm.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in editor.named_buffers())
 
 
 def test_float64_running_norm_statistics_are_float64(gen):
@@ -1733,6 +1734,131 @@ def test_float64_running_norm_statistics_are_float64(gen):
     mu = torch.cat(seen)
     assert rel_err(editor.norm.u_mean, mu.mean(0)) < 1e-14
     assert rel_err(editor.norm.u_std, mu.std(0)) < 1e-12
+
+
+def _balance_trained_gate(gate_norm, offset, gen, n_editors=2, steps=60, n_edits=32):
+    """A MoEditor whose gate is trained on the balance loss alone, on edit features that share a
+    large common part (as an LM's mean last hidden states do); its eval routing of new edits."""
+    from dcedit_kernels.editors import MoEditor
+
+    f = offset.numel()
+    editor = MoEditor(5, 3, n_editors=n_editors, rank=2, feat_dim=f, gate_norm=gate_norm, seed=0).train()
+    opt = torch.optim.Adam([editor.w_gate, editor.w_noise], lr=1e-2)
+    seen = []
+    for _ in range(steps):
+        feats = offset + torch.randn(n_edits, f, generator=gen)
+        seen.append(feats)
+        _, _, loss = editor.route(n_edits, feats)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    editor.eval()
+    with torch.no_grad():
+        groups, _, _ = editor.route(n_edits, offset + torch.randn(n_edits, f, generator=gen))
+    return editor, torch.bincount(groups, minlength=n_editors).tolist(), torch.cat(seen)
+
+
+def test_moeditor_gate_norm_spreads_edits_whose_features_share_a_large_offset():
+    """With raw features the gate's logits f W_g are dominated by the common part mean(f) W_g, the
+    same for every edit: the balance loss is met by the training noise, and in eval (no noise) every
+    edit goes to one editor.  Standardised features (gate_norm, the default) split them.  The
+    statistics are the float64 mean / sample std of every feature row seen in training, frozen in
+    eval."""
+    gen = torch.Generator().manual_seed(2)
+    offset = torch.randn(8, generator=gen) * 100
+    _, raw, _ = _balance_trained_gate(False, offset, torch.Generator().manual_seed(102))
+    editor, normed, seen = _balance_trained_gate(True, offset, torch.Generator().manual_seed(102))
+    assert sorted(raw) == [0, 32]
+    assert min(normed) >= 8, normed
+    norm = editor.gate_norm
+    assert int(norm.k) == seen.shape[0]
+    assert rel_err(norm.mean, seen.double().mean(0)) < 1e-5
+    assert rel_err(norm.std, seen.double().std(0)) < 1e-4
+    feats = torch.randn(3, 8, generator=gen).double() + offset
+    assert rel_err(norm(feats), (feats - seen.double().mean(0)) / seen.double().std(0)) < 1e-4
+
+
+def test_moeditor_gate_norm_is_a_bool_and_only_gate_editors_have_it():
+    from dcedit_kernels.editors import MEND, MoEditor, RaEditor
+
+    assert MoEditor(5, 3, n_editors=2, feat_dim=4, rank=2).gate_norm is not None
+    assert MoEditor(5, 3, n_editors=2, feat_dim=4, rank=2).config["gate_norm"] is True
+    assert "gate_norm=True" in repr(MoEditor(5, 3, n_editors=2, feat_dim=4, rank=2))
+    off = MoEditor(5, 3, n_editors=2, feat_dim=4, rank=2, gate_norm=False)
+    assert off.gate_norm is None and not any("gate_norm" in k for k in off.state_dict())
+    for editor in (MEND(5, 3, rank=2), RaEditor(5, 3, n_editors=2, rank=2)):
+        assert editor.gate_norm is None and "gate_norm" not in editor.config
+    with pytest.raises(ValueError, match="gate_norm"):
+        MoEditor(5, 3, n_editors=2, feat_dim=4, rank=2, gate_norm=1)
+
+
+def test_moeditor_gate_norm_round_trips_and_checkpoints_from_before_it_load_as_trained(gen, tmp_path):
+    """A ModelEditor checkpoint keeps the gate's statistics; one saved before gate_norm existed (no
+    gate_norm in its editors' configs nor in its editor_kwargs, no gate_norm tensors) loads as the
+    raw-feature gate it was trained as, and edits as it did."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model, tok = tiny_model("gpt2", seed=0)
+    reqs = random_requests(gen, 4)
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="moeditor", n_editors=3, rank=4)
+    randomize_editors(me, gen)
+    for editor in me.editors.values():
+        editor.train()
+        editor.gate_norm.update(torch.randn(6, editor.gate_norm.mean.numel(), generator=gen) * 3 + 10)
+        editor.eval()
+    path = tmp_path / "new.safetensors"
+    me.save(path)
+    loaded = ModelEditor.load(path, model, tok)
+    state = me.state_tensors()
+    assert any(".gate_norm." in k for k in state)
+    assert all(torch.equal(v, loaded.state_tensors()[k]) for k, v in state.items())
+    with me.edited(reqs):
+        want = {n: weight_out_in(m).detach().clone() for n, m in me.modules.items()}
+    with loaded.edited(reqs):
+        assert all(torch.equal(weight_out_in(m), want[n]) for n, m in loaded.modules.items())
+
+    old_me = ModelEditor(model, tok, LAYERS["gpt2"], method="moeditor", n_editors=3, rank=4, gate_norm=False)
+    randomize_editors(old_me, gen)
+    old_me.save(tmp_path / "off.safetensors")
+    with safe_open(str(tmp_path / "off.safetensors"), framework="pt") as f:
+        config = json.loads(f.metadata()["dcedit_model_editor"])
+    del config["editor_kwargs"]["gate_norm"]  # as 0.5.6 wrote it
+    for saved in config["editors"].values():
+        del saved["gate_norm"]
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(tmp_path / "off.safetensors")), str(old),
+              metadata={"dcedit_model_editor": json.dumps(config)})
+    loaded = ModelEditor.load(old, model, tok)
+    assert all(e.gate_norm is None and e.config["gate_norm"] is False for e in loaded.editors.values())
+    with old_me.edited(reqs):
+        want = {n: weight_out_in(m).detach().clone() for n, m in old_me.modules.items()}
+    with loaded.edited(reqs):
+        assert all(torch.equal(weight_out_in(m), want[n]) for n, m in loaded.modules.items())
+
+
+def test_grouped_editor_checkpoint_from_before_gate_norm_loads_without_it(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from dcedit_kernels.editors import MoEditor
+
+    editor = MoEditor(5, 3, n_editors=2, feat_dim=4, rank=2, seed=1, gate_norm=False)
+    editor.save(str(tmp_path / "e.safetensors"))
+    with safe_open(str(tmp_path / "e.safetensors"), framework="pt") as f:
+        config = json.loads(f.metadata()["dcedit_config"])
+    del config["gate_norm"]
+    save_file(load_file(str(tmp_path / "e.safetensors")), str(tmp_path / "old.safetensors"),
+              metadata={"dcedit_config": json.dumps(config)})
+    loaded = GroupedEditor.load(str(tmp_path / "old.safetensors"))
+    assert loaded.gate_norm is None and loaded.config == editor.config
+    on = MoEditor(5, 3, n_editors=2, feat_dim=4, rank=2, seed=1)
+    on.train()(torch.randn(5, 5), torch.randn(5, 3), torch.tensor([0, 2, 5], dtype=torch.int32),
+               edit_feats=torch.randn(2, 4) + 7)
+    on.save(str(tmp_path / "on.safetensors"))
+    back = GroupedEditor.load(str(tmp_path / "on.safetensors"))
+    assert back.config == on.config and int(back.gate_norm.k) == 2
+    assert all(torch.equal(a, b) for a, b in zip(on.state_dict().values(), back.state_dict().values()))
 
 
 def proeditor_reference(editor, mu, eta, offsets):

@@ -707,6 +707,45 @@ def test_lowrank_delta_linear_reference_takes_a_number_alpha(gen):
         torch.testing.assert_close(got, ops.lowrank_delta_linear(**dict(a, alpha=alpha)))
 
 
+@pytest.mark.parametrize("factors", [torch.float16, torch.bfloat16, torch.float32])
+def test_lowrank_delta_linear_number_alpha_in_float64_for_a_float64_layer(gen, factors, device):
+    """A float64 x and weight with 16-bit or fp32 factors compute in float64 (SPEC), a number alpha
+    included: it was rounded to compute_dtype(mu_t, eta_t), fp32, an error of ~1e-8 relative."""
+    a = _delta_linear_inputs(gen, dtype=torch.float64, device=device)
+    a["mu_t"], a["eta_t"] = a["mu_t"].to(factors), a["eta_t"].to(factors)
+    alpha = 0.1  # not an fp32 number
+    got = ops.lowrank_delta_linear(**dict(a, alpha=alpha))
+    want = reference.lowrank_delta_linear(**dict(a, mu_t=a["mu_t"].double(), eta_t=a["eta_t"].double(),
+                                                 alpha=torch.full((3,), alpha, dtype=torch.float64, device=device)))
+    assert got.dtype == torch.float64
+    assert rel_err(got, want) < TOL[torch.float64]
+    assert rel_err(reference.lowrank_delta_linear(**dict(a, alpha=alpha)), want) < TOL[torch.float64]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lowrank_delta_linear_shared_half_alpha_gradient_rounds_once(gen, dtype, device):
+    """A one-entry 16-bit alpha shared by G groups: its gradient is the fp32 sum over the groups,
+    rounded once to alpha's dtype.  Expanded to G 16-bit entries first, each group's share was
+    rounded to bf16 and the shares summed after: errors of several ulps (4.656 for 4.587 in bf16)."""
+    counts = (5, 0, 7, 4, 6, 3, 8, 2)
+    worst = 0.0
+    for _ in range(8):
+        a = _delta_linear_inputs(gen, N=24, i=9, o=7, counts=counts, dtype=torch.float64, device=device)
+        a["alpha"] = randn((1,), gen, dtype, device)
+        a["mu_t"], a["eta_t"] = a["mu_t"].to(dtype), a["eta_t"].to(dtype)
+        grad = randn((24, 7), gen, torch.float64, device)
+        alpha = a["alpha"].clone().requires_grad_()
+        (got,) = torch.autograd.grad(ops.lowrank_delta_linear(**dict(a, alpha=alpha)), alpha, grad)
+        alpha64 = a["alpha"].double().requires_grad_()
+        (want,) = torch.autograd.grad(reference.lowrank_delta_linear(**dict(a, alpha=alpha64)), alpha64, grad)
+        assert got.dtype == dtype
+        # one rounding to the 16-bit dtype: at most half an ulp of the exact value
+        mantissa = 7 if dtype == torch.bfloat16 else 10
+        ulp = 2.0 ** (math.floor(math.log2(abs(float(want)))) - mantissa)
+        worst = max(worst, abs(float(got) - float(want)) / ulp)
+    assert worst <= 0.5 + 1e-6, f"{worst:.2f} ulps"
+
+
 def test_lowrank_delta_linear_bad_input_raises(gen):
     a = _delta_linear_inputs(gen)
     for key, bad, word in [

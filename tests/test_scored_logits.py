@@ -206,6 +206,53 @@ def test_chunked_capture_sorts_rows_by_length_and_trims_padding(reduction, gen):
         assert rel_err(parts[name].eta, whole[name].eta) < TOL["llama"], name
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("tokens", ["all", "target"])
+def test_chunked_capture_fills_its_buffers_as_the_join_would(arch, tokens, monkeypatch, gen):
+    """A causal LM's chunks are copied into one buffer per factor as they run (`_capture_into`):
+    bit for bit what joining the chunks afterwards gives (`Factors.cat` + `take_edits`), features
+    and loss included; a chunk whose token counts differ from the ones predicted falls back to
+    the join, with the same result."""
+    model, tok = tiny_model(arch, seed=int(torch.randint(0, 100, (1,), generator=gen)), dtype=torch.float64)
+    reqs = random_requests(gen, 7)
+    reqs[3] = EditRequest(reqs[3].prompt + " " + " ".join([reqs[3].prompt] * 3), reqs[3].target)  # a long row
+    me = ModelEditor(model, tok, CAUSAL[arch], method="moeditor", n_editors=2, rank=3, capture_batch_size=3,
+                     tokens=tokens)
+    batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
+    filled = me.capture(batch)
+    calls = []
+    real = ModelEditor._capture_into
+    monkeypatch.setattr(ModelEditor, "_capture_into", lambda *a: calls.append(real(*a)) or calls[-1])
+    me.capture(batch)
+    assert calls and calls[0] is not None  # the counts were predicted right: no fallback
+    monkeypatch.setattr(ModelEditor, "_kept_per_row", lambda self, b: None)
+    joined = me.capture(batch)
+    monkeypatch.setattr(ModelEditor, "_kept_per_row", lambda self, b: torch.ones(b["input_ids"].shape[0],
+                                                                                  dtype=torch.int64))
+    fallback = me.capture(batch)
+    for got in (filled, fallback):
+        assert torch.equal(got[1], joined[1]) and torch.equal(got[2], joined[2])
+        for name in me.layers:
+            for field in ("mu", "eta", "edit_offsets"):
+                a, b = getattr(got[0][name], field), getattr(joined[0][name], field)
+                assert a.dtype == b.dtype and torch.equal(a, b), (name, field)
+
+
+def test_run_editors_consume_takes_each_layers_factors(gen):
+    """consume=True (what apply uses) gives the edits consume=False gives and empties the dict."""
+    model, tok = tiny_model("llama", seed=5, dtype=torch.float64)
+    reqs = random_requests(gen, 4)
+    me = ModelEditor(model, tok, CAUSAL["llama"], method="proeditor", rank=3)
+    factors, feats, _ = me.capture(me.tokenize([r.prompt for r in reqs], [r.target for r in reqs]))
+    kept = me.edits_as_applied(dict(factors), feats)
+    taken = dict(factors)
+    consumed = me.edits_as_applied(taken, feats, consume=True)
+    assert taken == {} and len(factors) == len(me.layers)
+    for name in me.layers:
+        for field in ("mu_t", "eta_t", "fisher"):
+            assert torch.equal(getattr(consumed[name], field), getattr(kept[name], field)), (name, field)
+
+
 def test_chunked_capture_keeps_moeditor_features(gen):
     model, tok = tiny_model("llama", seed=3, dtype=torch.float64)
     reqs = random_requests(gen, 5)

@@ -1273,3 +1273,48 @@ def test_one_training_step_matches_a_float64_reference(arch, method, accumulate,
         assert float((got - w).norm()) <= 1e-5 * float(w.norm()) + 1e-12
     assert any(float(w.norm()) > 0 for w in want)
     assert result.history[0]["loss"] == pytest.approx(sum(losses) / accumulate, rel=1e-10)
+
+
+@pytest.mark.parametrize("locality_rows", ["all", "fused"])
+def test_passes_of_one_step_share_the_masked_and_fused_shifts(locality_rows, gen, monkeypatch):
+    """float64: the passes of one step form each weight's Fisher mask, masked shifts and fused shift
+    once (`lowrank_edited`'s `shared`), and give the loss and editor gradients of passes that each
+    form their own."""
+    from dcedit_kernels import lowrank_layers
+
+    passes = count_passes(monkeypatch)
+    model, tok = frozen_double_model("llama", int(torch.randint(0, 100, (1,), generator=gen)))
+    me = ModelEditor(model, tok, LAYERS["llama"], method="raeditor", n_editors=3, rank=4)
+    E, G = 4, 3
+    requests = random_requests(gen, E)
+    edits = {}
+    for name in me.layers:
+        o, i = weight_out_in(me.modules[name]).shape
+        edit = random_grouped_edit(gen, i, o, E, G, nonempty=True)
+        edit.fisher = torch.rand(o, i, generator=gen, dtype=torch.float64)
+        edit.fisher_keep = float(torch.rand(1, generator=gen)) * 0.8 + 0.1
+        edits[name] = edit
+    config = TrainConfig(cedit=0.3, cloc=1.7, balance_weight=0.1, locality_rows=locality_rows, length_buckets=True)
+    calls = dict(mask=0, dense=0)
+    kept_mask, dense = lowrank_layers.kept_mask, GroupedEdit.dense
+
+    def counted(key, fn):
+        def run(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(lowrank_layers, "kept_mask", counted("mask", kept_mask))
+    monkeypatch.setattr(GroupedEdit, "dense", counted("dense", dense))
+    loss, _ = loss_from_edits(me, requests, edits, config)
+    assert len(passes) == 2 and passes[1] > 1  # the edited rows run in several passes
+    assert calls["mask"] == len(me.layers)
+    assert calls["dense"] == (len(me.layers) if locality_rows == "fused" else 0)
+    # Each pass forming its own (what lowrank_edited does without `shared`).
+    original = lowrank_layers.lowrank_edited
+    monkeypatch.setattr("dcedit_kernels.train.lowrank_edited",
+                        lambda *args, shared=None, **kwargs: original(*args, **kwargs))
+    want, _ = loss_from_edits(me, requests, edits, config)
+    assert calls["mask"] > 2 * len(me.layers)  # once a pass
+    assert torch.allclose(loss, want, rtol=1e-12, atol=1e-14), (float(loss), float(want))
+    assert_same_editor_grads(loss, want, edits)

@@ -796,6 +796,24 @@ def test_grouped_lowrank_each_subset_of_the_optional_arguments(gen, present, dev
             close(g, ref)
 
 
+@pytest.mark.parametrize("wide", ["u", "bias", "scale", "shift"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_lowrank_one_float64_argument_computes_in_float64(gen, wide, dtype, device):
+    """SPEC: float64 inputs are computed in float64 throughout.  With only u, bias, scale or
+    shift in float64 (h, v and gain not), the first GEMM z = (gain ⊙ h) v_gᵀ stayed in fp32:
+    an fp64 output with ~1e-7 relative error (the C++ kernel and the reference compute z in fp64)."""
+    counts = random_layout(gen)
+    offsets = offsets_for(counts, device)
+    inputs = dict(zip(("h", "u", "v", "bias", "scale", "shift", "gain"),
+                      lowrank_inputs(gen, counts, dtype, device, d=33, r=17)))
+    inputs[wide] = inputs[wide].double()
+    args = list(inputs.values())
+    out = tk.grouped_lowrank(args[0], offsets, *args[1:])
+    ref = reference.grouped_lowrank(args[0].double(), offsets, *[t.double() for t in args[1:]])
+    assert out.dtype == torch.float64
+    close(out, ref)
+
+
 def test_int64_offsets(gen, device):
     """int64 offsets (the other tests build int32 ones) through every launcher, forward and
     backward."""

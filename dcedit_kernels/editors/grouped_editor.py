@@ -15,7 +15,7 @@ from ..reference.segments import group_ids
 from ..safetensors_file import check_state, json_metadata
 from .grouped_edit import GroupedEdit, check_weight
 from .parameter_generator import ParameterGenerator
-from .running_norm import RunningNorm
+from .running_norm import FeatureNorm, RunningNorm
 
 ROUTINGS = ("gate", "random", "single")
 
@@ -43,6 +43,14 @@ class GroupedEditor(nn.Module):
     editor or "add" fusion.  With several editors the fusion reshapes it ("sss" keeps the larger
     sign sum per entry, so entries can exceed the gradient's), and a gate at top_k = 2 scales
     each edit by its weight, 1/2 while the logits are equal (MoEditor at initialisation).
+
+    gate_norm (routing="gate" only; ignored otherwise): the gate reads the edit features
+    standardised by their running mean/std (`gate_norm`, a FeatureNorm: updated in training,
+    frozen in eval, saved in the state dict), as `norm` standardises the factors.  Without it the
+    features' common part (a trained LM's last hidden states share a few huge dimensions) makes
+    f W_g nearly the same for every edit: the balance loss is met by the training noise, and in
+    eval, without noise, every edit goes to one editor.  A checkpoint from before this option
+    loads with gate_norm=False, as it was trained.
     """
 
     def __init__(
@@ -63,6 +71,7 @@ class GroupedEditor(nn.Module):
         top_k: int = 1,
         generator_hidden: int = 64,
         seed: int | None = None,
+        gate_norm: bool = True,
     ):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features),
@@ -82,8 +91,9 @@ class GroupedEditor(nn.Module):
             raise ValueError(f"fisher_keep must be a number in (0, 1] or None, got {fisher_keep!r}")
         if not is_finite_number(edit_lr) or abs(edit_lr) > torch.finfo(torch.float32).max:  # α is fp32
             raise ValueError(f"edit_lr must be a finite number within float32's range, got {edit_lr!r}")
-        if not isinstance(norm, bool):
-            raise ValueError(f"norm must be a bool, got {norm!r}")
+        for name, value in (("norm", norm), ("gate_norm", gate_norm)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be a bool, got {value!r}")
         if seed is not None and not is_int(seed):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
         if top_k > n_editors:
@@ -100,6 +110,8 @@ class GroupedEditor(nn.Module):
             fisher_keep=fisher_keep, norm=norm, edit_lr=edit_lr, feat_dim=feat_dim, top_k=top_k,
             generator_hidden=generator_hidden,
         )
+        if routing == "gate":  # only gate editors record it: the configs of the others are unchanged
+            self.config["gate_norm"] = gate_norm
         self.in_features, self.out_features = in_features, out_features
         self.n_editors, self.n_modes, self.routing, self.fusion = n_editors, n_modes, routing, fusion
         self.fisher_keep, self.top_k, self.generator = fisher_keep, top_k, generator
@@ -126,13 +138,14 @@ class GroupedEditor(nn.Module):
                 raise ValueError("routing='gate' needs feat_dim (the size of the edit features)")
             self.w_gate = nn.Parameter(torch.zeros(feat_dim, G))
             self.w_noise = nn.Parameter(torch.zeros(feat_dim, G))
+        self.gate_norm = FeatureNorm(feat_dim) if routing == "gate" and gate_norm else None
         self._route_gen = gen
         self.seed = seed  # saved by `save` beside `config` (which ModelEditor checkpoints compare)
 
     def extra_repr(self) -> str:
         c = self.config
         shown = ["in_features", "out_features", "n_editors", "rank", "n_layers", "n_modes", "routing", "fusion"]
-        shown += [k for k in ("top_k", "feat_dim") if c["routing"] == "gate"]
+        shown += [k for k in ("top_k", "feat_dim", "gate_norm") if c["routing"] == "gate"]
         shown += [k for k in ("generator", "fisher_keep") if c[k] is not None]
         return ", ".join(f"{k}={c[k]!r}" if isinstance(c[k], str) else f"{k}={c[k]}" for k in shown)
 
@@ -145,7 +158,9 @@ class GroupedEditor(nn.Module):
         return self._route_gen
 
     def route(self, n_edits: int, edit_feats=None, device=None):
-        """(group per edit (E,), gate weight per edit (E,) or None, balance loss)."""
+        """(group per edit (E,), gate weight per edit (E,) or None, balance loss).  The gate reads
+        `edit_feats` standardised by `gate_norm` (when the editor has one), which takes them into
+        its statistics first in training mode."""
         zero = torch.zeros((), device=device)
         if self.routing == "single":
             return torch.zeros(n_edits, dtype=torch.int64, device=device), None, zero
@@ -159,8 +174,13 @@ class GroupedEditor(nn.Module):
         check_tensor(edit_feats, "edit_feats")
         if edit_feats.shape != (n_edits, self.w_gate.shape[0]):
             raise ValueError(f"edit_feats must have shape ({n_edits}, {self.w_gate.shape[0]}), got {tuple(edit_feats.shape)}")
+        feats = edit_feats
+        if self.gate_norm is not None:
+            if self.training:
+                self.gate_norm.update(edit_feats)
+            feats = self.gate_norm(edit_feats)
         gates, chosen, loss = ops.noisy_topk_gate(
-            edit_feats.to(self.w_gate.dtype), self.w_gate, self.w_noise, k=self.top_k, training=self.training,
+            feats.to(self.w_gate.dtype), self.w_gate, self.w_noise, k=self.top_k, training=self.training,
         )
         return chosen, gates.gather(1, chosen.unsqueeze(1)).squeeze(1), loss
 
@@ -204,8 +224,13 @@ class GroupedEditor(nn.Module):
         token_edit = group_ids(edit_offsets, mu.shape[0])
         perm, _, offsets = ops.sort_by_group(edit_group[token_edit], self.n_editors)
         h = torch.cat([mu_in, eta_in], 1)
-        gain = self.psi(h, edit_offsets)[perm] if self.psi is not None else None
-        h = h[perm]
+        del mu_in, eta_in  # h holds them: one (T, in + out) copy fewer while the layers run
+        # One editor: sort_by_group is stable, so perm is the identity and h needs no permuted copy.
+        permute = self.n_editors > 1
+        gain = self.psi(h, edit_offsets) if self.psi is not None else None
+        if permute:
+            gain = gain[perm] if gain is not None else None
+            h = h[perm]
         for i, layer in enumerate(self.layers):
             h = ops.grouped_lowrank(
                 h, offsets, layer.u, layer.v, layer.bias,
@@ -271,6 +296,7 @@ class GroupedEditor(nn.Module):
         if unknown:
             raise ValueError(f"{path}: its config has arguments this GroupedEditor does not take ({unknown}): "
                              "written by a newer dcedit_kernels?")
+        config = with_absent_defaults(config)
         with torch.random.fork_rng(devices=[]):  # an unseeded editor's draws, all overwritten: not the caller's
             editor = cls(**config)
         state = load_file(str(path), device=str(map_location))
@@ -296,6 +322,18 @@ class GroupedEditor(nn.Module):
         from ..compat.mend import load
 
         return load(state_dict, inner_params, shapes, prefix=prefix)
+
+
+# Editor arguments newer than some checkpoints, and the value a config without them was trained
+# with (before gate_norm existed the gate read the raw features), for gate-routed editors.
+ABSENT_GATE_ARGUMENTS = {"gate_norm": False}
+
+
+def with_absent_defaults(config: dict) -> dict:
+    """A saved editor config with the arguments it predates set to what it was trained with."""
+    if isinstance(config, dict) and config.get("routing") == "gate":
+        return {**ABSENT_GATE_ARGUMENTS, **config}
+    return config
 
 
 def ops_check_offsets(edit_offsets, total):

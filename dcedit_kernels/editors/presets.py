@@ -38,6 +38,12 @@ def MoEditor(in_features, out_features, n_editors=4, feat_dim=None, **kwargs) ->
     edits LMP 0.05 ± 0.01 with top-2 against -0.20 ± 0.08 with top-1.  With two editors top-2
     keeps both logits, so the balance loss's load term is constant and only its importance term
     (the summed soft gate weights) balances the routing.
+
+    gate_norm (default True): the gate reads the edit features standardised by their running
+    mean/std (see GroupedEditor).  On the demo's setting (SmolLM2, 20 × 25 training, 25 held-out
+    edits, seeds 0-2) the raw-feature gate sent 0/25, 6/19 and 4/21 of the edits to its two
+    editors, the standardised one 14/11, 13/12 and 11/14, for LMP 0.36, 0.63, 0.61 against 0.32,
+    0.69, 0.54: balanced routing, no LMP gain.
     """
     _refuse_fixed("MoEditor", kwargs, "routing", "routes edits with a gate (RaEditor routes them at random)")
     kwargs.setdefault("fusion", "sss")

@@ -10,6 +10,10 @@ from torch import nn
 
 
 class RunningNorm(nn.Module):
+    # (mean, sum of squared deviations, std) buffer names per normalised side, with the token
+    # count `k`: what `distributed.merge_running_norms` merges across processes.
+    STATS = (("u_mean", "u_s", "u_std"), ("v_mean", "v_s", "v_std"))
+
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         for side, dim in (("u", in_features), ("v", out_features)):
@@ -35,13 +39,15 @@ class RunningNorm(nn.Module):
 
     @torch.no_grad()
     def update(self, mu: torch.Tensor, eta: torch.Tensor) -> None:
-        n_b = mu.shape[0]
+        self._merge(((self.u_mean, self.u_s, self.u_std, mu), (self.v_mean, self.v_s, self.v_std, eta)), mu.shape[0])
+
+    def _merge(self, sides, n_b: int) -> None:
+        """Chan et al.'s batch merge of (mean, s, std, rows) for each side; then k += n_b."""
         if n_b == 0:
             return
         k = float(self.k)
         total = k + n_b
-        for side, x in (("u", mu), ("v", eta)):
-            mean, s = getattr(self, f"{side}_mean"), getattr(self, f"{side}_s")
+        for mean, s, std, x in sides:
             # Rounded to fp32 as forward does, then summed in the buffers' dtype if wider (float64).
             x = x.to(torch.float32).to(torch.promote_types(torch.float32, mean.dtype))
             mean_b = x.mean(0)
@@ -50,7 +56,7 @@ class RunningNorm(nn.Module):
             mean += delta * (n_b / total)
             s += m2_b + delta.square() * (k * n_b / total)
             if total >= 2:
-                getattr(self, f"{side}_std").copy_((s / (total - 1)).sqrt())
+                std.copy_((s / (total - 1)).sqrt())
         self.k.fill_(total)
 
     def forward(self, mu: torch.Tensor, eta: torch.Tensor):
@@ -60,3 +66,39 @@ class RunningNorm(nn.Module):
         if float(self.k) < 2:
             return mu, eta
         return (mu - self.u_mean) / (self.u_std + 1e-7), (eta - self.v_mean) / (self.v_std + 1e-7)
+
+
+class FeatureNorm(RunningNorm):
+    """A running mean/std of one kind of row (MoEditor's edit features, one row per edit),
+    updated as RunningNorm (in training, a batch at a time), frozen in eval, saved in the state
+    dict (`mean`, `s`, `std`, `k`).
+
+    MoEditor's gate reads the mean of the LM head's input over each edit's prompt: in a trained LM
+    those features share a large common part (a few dimensions of huge magnitude), so the gate's
+    logits f W_g were nearly the same for every edit and, without the training noise, every edit
+    went to one editor (RESULTS.md).  Standardised features (f - mean) / std make the logits
+    depend on what tells the edits apart."""
+
+    STATS = (("mean", "s", "std"),)
+
+    def __init__(self, features: int):
+        nn.Module.__init__(self)
+        self.register_buffer("mean", torch.zeros(features))
+        self.register_buffer("s", torch.zeros(features))
+        self.register_buffer("std", torch.ones(features))
+        self.register_buffer("k", torch.zeros(()))
+
+    def extra_repr(self) -> str:
+        return f"features={self.mean.numel()}, rows_seen={int(self.k)}"
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        self._merge(((self.mean, self.s, self.std, x),), x.shape[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x standardised (in fp32, or the buffers' dtype if wider); x as fp32 until at least two
+        rows have been seen."""
+        x = x.to(torch.promote_types(torch.float32, self.mean.dtype))
+        if float(self.k) < 2:
+            return x
+        return (x - self.mean) / (self.std + 1e-7)

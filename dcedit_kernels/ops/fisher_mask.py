@@ -47,7 +47,9 @@ def fisher_mask(delta, fisher, keep=None, threshold=None):
 
     keep: k = ceil(keep·n) (as in exact arithmetic: keep=0.07 keeps 7 of 100 entries, see
     `dcedit_kernels.reference.keep_count`), t = the k-th largest Fisher value, kept = fisher ≥ t
-    (every tie at t kept).  threshold: kept = fisher > threshold.  The count is a 0-dim int64
+    (every tie at t kept).  threshold: kept = fisher > threshold, compared as torch compares a
+    tensor with a Python number: the threshold rounded to fisher's dtype first (a bf16 fisher
+    entry 1.421875 is not kept at threshold 1.418, which rounds to it).  The count is a 0-dim int64
     tensor on delta's device (no host synchronisation).  Works for any n (no torch.quantile).
     """
     check_fisher_mask(delta, fisher, keep, threshold)

@@ -4,8 +4,8 @@ import torch
 
 from .. import reference
 from .._checks import (
-    check_delta_linear_shapes, check_grad, check_ids, check_offsets, check_same_device, check_tensor, compute_dtype,
-    is_real_number,
+    HALF_DTYPES, check_delta_linear_shapes, check_grad, check_ids, check_offsets, check_same_device, check_tensor,
+    compute_dtype, is_real_number,
 )
 from ._dispatch import backward_op, opcall, register, triton_launcher
 
@@ -58,8 +58,16 @@ def lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha
     """
     G = check_lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha)
     if not isinstance(alpha, torch.Tensor):
-        alpha = torch.full((G,), float(alpha), dtype=compute_dtype(mu_t, eta_t), device=x.device)
-    alpha = alpha.reshape(-1).expand(G).contiguous()  # differentiable: a shared alpha sums its grads
+        # In the op's arithmetic dtype: float64 when x or weight is (SPEC), not only mu_t/eta_t (a
+        # float64 layer with fp16 factors rounded a number alpha to fp32, ~1e-8 relative).
+        alpha = torch.full((G,), float(alpha), dtype=compute_dtype(x, weight, mu_t, eta_t), device=x.device)
+    alpha = alpha.reshape(-1)
+    if alpha.numel() == 1 and G != 1 and alpha.dtype in HALF_DTYPES:
+        # The G per-group gradients of a shared alpha are summed by autograd in the expanded
+        # tensor's dtype: in fp32, then rounded once to alpha's dtype (expanded in bf16, each
+        # group's share was rounded before the sum, errors of several ulps).
+        alpha = alpha.float()
+    alpha = alpha.expand(G).contiguous()  # differentiable: a shared alpha sums its grads
     return opcall("lowrank_delta_linear")(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha)
 
 

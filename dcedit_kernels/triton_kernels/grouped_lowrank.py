@@ -65,7 +65,11 @@ def grouped_lowrank(h, offsets, u, v, bias, scale=None, shift=None, gain=None):
     """
     _check(h, offsets, u, v, bias, scale, shift, gain)
     src = _dtypes(h, u, v, gain)
-    z = segment_matmul(h, v, offsets, gain=gain, precision_from=src)
+    # SPEC: float64 anywhere means float64 throughout.  segment_matmul accumulates in the dtype of
+    # its own operands, so a float64 u, bias, scale or shift (h, v and gain not) would leave the
+    # first GEMM, z = (gain ⊙ h) v_gᵀ, in fp32: h goes in as float64 then.
+    x = h.to(torch.float64) if compute_dtype(h, u, v, bias, scale, shift, gain) == torch.float64 else h
+    z = segment_matmul(x, v, offsets, gain=gain, precision_from=src)
     return segment_matmul(z, u, offsets, bias=bias, scale=scale, shift=shift, relu=True, residual=h,
                           precision_from=src)
 
