@@ -59,7 +59,8 @@ TRAINED = ("mend", "moeditor", "proeditor")
 # this held-out batch MoEditor scored LMP 0.40 (DD 0.16) with 4 editors and 0.60 (DD 0) with 2.
 # That choice was made after seeing both, on the same held-out batch: read it as a tuned setting.
 # (Those two figures predate the top-2 gate and the disjoint neighbour pools; with both, the demo's
-# MoEditor with 2 editors scores LMP 0.36, DD 0.24: a rerun on 2026-12-01.)
+# MoEditor with 2 editors scored LMP 0.36, DD 0.24, and with the standardised gate features of 0.5.7
+# LMP 0.32, DD 0.32: reruns on 2026-12-01, RESULTS.md.)
 FULL = dict(
     n_train=100, n_heldout=25, layers=[27, 28, 29], rank=32, n_editors=2,
     train=dict(steps=20, batch_size=25, lr=1e-3, lr_lr=1e-4),
