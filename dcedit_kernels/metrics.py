@@ -112,18 +112,39 @@ def _score(model, tokenizer, prompts, targets, batch_size, names=None) -> list[t
     # the given order, 5,376 sorted; prompts 5,648 -> 3,984, locality 5,904 -> 3,936).  A row's
     # scores change by rounding only (a causal row's real tokens never see its right padding); the
     # results come back in the given order.
-    if len(prompts) > batch_size:
-        def size(text):  # anything else is refused, with its name, when its batch is tokenized
-            return len(text) if isinstance(text, str) else 0
+    if len(prompts) <= batch_size:
+        return _score_rows(model, tokenizer, prompts, targets, batch_size, names)
 
-        sizes = [size(p) + (0 if targets is None else size(targets[i])) for i, p in enumerate(prompts)]
-        order = sorted(range(len(prompts)), key=sizes.__getitem__)
-        prompts = [prompts[i] for i in order]
-        targets = None if targets is None else [targets[i] for i in order]
-        names = ([names[0][i] for i in order], [names[1][i] for i in order])
-    else:
-        order = None
-    out = []
+    def size(text):  # anything else is refused, with its name, when its batch is tokenized
+        return len(text) if isinstance(text, str) else 0
+
+    sizes = [size(p) + (0 if targets is None else size(targets[i])) for i, p in enumerate(prompts)]
+    order = sorted(range(len(prompts)), key=sizes.__getitem__)
+    out, failed = [], None
+    try:
+        _score_rows(model, tokenizer, [prompts[i] for i in order],
+                    None if targets is None else [targets[i] for i in order], batch_size,
+                    ([names[0][i] for i in order], [names[1][i] for i in order]), out)
+    except ValueError as exc:
+        failed = exc
+    if failed is not None:
+        # The error names the first bad row in the caller's order, as the unsorted batches did: that
+        # row is at or before the last row of the sorted batch that failed (rows order[len(out):...]),
+        # so the given order's batches up to that row raise it (their first failing batch's error).
+        last = max(order[len(out):len(out) + batch_size])
+        _score_rows(model, tokenizer, list(prompts[:last + 1]),
+                    None if targets is None else list(targets[:last + 1]), batch_size, names)
+        raise failed
+    back = [0] * len(order)
+    for k, i in enumerate(order):
+        back[i] = k
+    return [out[k] for k in back]
+
+
+def _score_rows(model, tokenizer, prompts, targets, batch_size, names, out=None) -> list:
+    """`_score` of the rows in the given order, batch by batch; each batch's results appended to
+    `out` (a new list by default) once the whole batch has passed its checks."""
+    out = [] if out is None else out
     with _eval_mode(model):
         for lo in range(0, len(prompts), batch_size):
             chunk = prompts[lo : lo + batch_size]
@@ -164,12 +185,7 @@ def _score(model, tokenizer, prompts, targets, batch_size, names=None) -> list[t
                     raise ValueError(f"{names[k][lo + i]} ({text!r}) has no token to score (a seq2seq target is "
                                      "scored without its special tokens, and this one holds nothing else)")
             out.extend(scored)
-    if order is None:
-        return out
-    back = [0] * len(order)
-    for k, i in enumerate(order):
-        back[i] = k
-    return [out[k] for k in back]
+    return out
 
 
 def _accuracies(scored, exact: bool) -> torch.Tensor:

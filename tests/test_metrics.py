@@ -197,6 +197,26 @@ def test_scoring_batches_rows_of_similar_length(arch, gen):
         assert [w[1] for w in widths] == [max(ids[lo:lo + 3]) for lo in (0, 3, 6)]
 
 
+def test_sorted_scoring_names_the_first_bad_row_in_the_callers_order(gen):
+    """Rows are batched by length, but with several bad rows the error names the first in the
+    caller's order, as the batches in the given order did (not the first of the sorted batches)."""
+    from dcedit_kernels.metrics import _score
+
+    model, tok = tiny_model("gpt2", seed=seed_from(gen))
+    n_pos = model.config.n_positions
+    prompts = ["the cat", "word " * (n_pos + 40), "a dog", "x y", "word " * (n_pos + 5), "z", "p"]
+    targets = ["sat", "b", "ran", "q", "c", "w", "r"]
+    texts = ["hello world there", "z", "a b c", "d e f", "", "g h i"]
+    for batch_size in (1, 2, 3):
+        with pytest.raises(ValueError, match=r"^prompts\[1\] \+ targets\[1\]: a text is"):
+            _score(model, tok, prompts, targets, batch_size=batch_size)
+        with pytest.raises(ValueError, match=r"^prompts\[1\] \('z'\) needs at least 2 tokens"):
+            _score(model, tok, texts, None, batch_size=batch_size)
+    # One bad row: its own error, whatever batch it sorts into.
+    with pytest.raises(ValueError, match=r"^prompts\[3\] must be a non-empty string"):
+        _score(model, tok, texts[:1] + texts[2:], None, batch_size=2)
+
+
 def argmax_accuracy(model, tok, prompt, target, seq2seq, **forward_kwargs):
     """The target's teacher-forced argmax accuracy from one plain forward over the full logits
     (a seq2seq model's special tokens not scored)."""

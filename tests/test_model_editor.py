@@ -1792,6 +1792,23 @@ def test_moeditor_gate_norm_is_a_bool_and_only_gate_editors_have_it():
         MoEditor(5, 3, n_editors=2, feat_dim=4, rank=2, gate_norm=1)
 
 
+@pytest.mark.parametrize("gate_norm", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_moeditor_gate_features_on_another_device_raise_value_error(gate_norm, training, gen):
+    """Edit features on another device than the editor (meta here, for a GPU): the ValueError
+    naming the tensors' devices, with or without gate_norm (the norm raised a bare RuntimeError),
+    and the statistics unchanged."""
+    from dcedit_kernels.editors import MoEditor
+
+    editor = MoEditor(5, 3, n_editors=2, feat_dim=4, rank=2, seed=0, gate_norm=gate_norm).train(training)
+    mu, eta = torch.randn(6, 5, generator=gen), torch.randn(6, 3, generator=gen)
+    offsets = torch.tensor([0, 2, 4, 6], dtype=torch.int32)
+    before = {k: v.clone() for k, v in editor.state_dict().items()}
+    with pytest.raises(ValueError, match="one device: feats on meta, w_gate on cpu"):
+        editor(mu, eta, offsets, edit_feats=torch.ones(3, 4, device="meta"))
+    assert all(torch.equal(v, before[k]) for k, v in editor.state_dict().items())
+
+
 def test_moeditor_gate_norm_round_trips_and_checkpoints_from_before_it_load_as_trained(gen, tmp_path):
     """A ModelEditor checkpoint keeps the gate's statistics; one saved before gate_norm existed (no
     gate_norm in its editors' configs nor in its editor_kwargs, no gate_norm tensors) loads as the

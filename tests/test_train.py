@@ -764,6 +764,46 @@ def test_checkpoint_resume_continues_the_same_run(method, gen, tmp_path):
         assert Path(tmp_path / "b" / f).read_bytes()[:1] != b"\x80"  # pickle protocol header
 
 
+def test_a_moeditor_run_from_before_gate_norm_resumes_with_gate_norm_off(gen, tmp_path):
+    """A 0.5.6 training checkpoint (no gate_norm in its editors' configs) resumes as the run it
+    was (gate_norm=False), as ModelEditor.load reads such a checkpoint; resuming it with the
+    standardised gate is refused naming gate_norm (it refused both, as "another editor")."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    seed = int(torch.randint(0, 100, (1,), generator=gen))
+    requests = random_requests(gen, 6)
+
+    def fresh(**kwargs):
+        model, tok = tiny_model("gpt2", seed=seed)
+        return ModelEditor(model, tok, LAYERS["gpt2"], method="moeditor", n_editors=2, rank=4, seed=seed, **kwargs)
+
+    def config(steps, where):
+        return TrainConfig(steps=steps, batch_size=2, lr=1e-3, lr_lr=1e-3, progress=False, checkpoint_dir=str(where),
+                           seed=seed)
+
+    straight = fresh(gate_norm=False)
+    r_straight = train_editor(straight, requests[:4], None, config(2, tmp_path / "a"))
+    train_editor(fresh(gate_norm=False), requests[:4], None, config(1, tmp_path / "b"))
+    path = tmp_path / "b" / "trainer.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    saved = json.loads(meta["model_editor"])
+    del saved["editor_kwargs"]["gate_norm"]  # as 0.5.6 wrote it
+    for editor in saved["editors"].values():
+        del editor["gate_norm"]
+    save_file(load_file(str(path)), str(path), metadata={**meta, "model_editor": json.dumps(saved)})
+    with pytest.raises(ValueError, match="gate_norm: saved False, here True"):
+        train_editor(fresh(), requests[:4], None, config(2, tmp_path / "b"))
+    resumed = fresh(gate_norm=False)
+    result = train_editor(resumed, requests[:4], None, config(2, tmp_path / "b"))
+    assert result.resumed_from == 1 and result.steps == 2
+    assert [h["loss"] for h in result.history] == pytest.approx([h["loss"] for h in r_straight.history], rel=1e-6)
+    a, b = straight.state_tensors(), resumed.state_tensors()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-6, atol=1e-8), k
+
+
 @pytest.mark.parametrize("editor_seed", [None, "drawn"])
 def test_validation_does_not_change_the_trained_raeditor(editor_seed, gen, tmp_path):
     """The edits applied to validate draw RaEditor's groups from the generator training draws

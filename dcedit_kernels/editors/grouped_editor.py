@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .._checks import check_tensor, is_finite_number, is_int, is_number
+from .._checks import check_same_device, check_tensor, is_finite_number, is_int, is_number
 from ..reference.grouped_outer import FUSIONS
 from ..reference.segments import group_ids
 from ..safetensors_file import check_state, json_metadata
@@ -176,6 +176,9 @@ class GroupedEditor(nn.Module):
             raise ValueError(f"edit_feats must have shape ({n_edits}, {self.w_gate.shape[0]}), got {tuple(edit_feats.shape)}")
         feats = edit_feats
         if self.gate_norm is not None:
+            # Checked as noisy_topk_gate checks it, before the statistics read (or take) the features:
+            # features on another device than the editor raised a bare RuntimeError from the norm.
+            check_same_device(dict(feats=edit_feats, w_gate=self.w_gate, w_noise=self.w_noise))
             if self.training:
                 self.gate_norm.update(edit_feats)
             feats = self.gate_norm(edit_feats)
