@@ -105,7 +105,10 @@ def test_train_edit_and_undo(arch, gen):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     editors = [ModelEditor(model, tok, layers, method="moeditor", n_editors=2, rank=3, capture_batch_size=2),
                ModelEditor(model, tok, layers, method="ft_kl", ft_steps=2, ft_lr=1e-2, capture_batch_size=2)]
-    result = editors[0].fit(reqs[:4], None, TrainConfig(steps=1, batch_size=2, progress=False))
+    # lr_lr below edit_lr: Adam's first step moves each α by exactly lr_lr, so at the default (1e-4,
+    # = -α's start) an α whose gradient points to 0 lands on 0, and a seed where every α did so
+    # (gemma2, seed 2165535070) made an edit that changed nothing (README, "α starts at -edit_lr").
+    result = editors[0].fit(reqs[:4], None, TrainConfig(steps=1, batch_size=2, lr_lr=3e-5, progress=False))
     assert result.steps == 1
     for me in editors:
         handle = me.apply(reqs)
