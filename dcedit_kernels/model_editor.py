@@ -97,7 +97,7 @@ from .capture import (
 )
 from .devices import as_device, check_resident, cuda_indices, input_device, model_devices, place_editor
 from .edit_handle import LIVE_EDITS, EditHandle, add_note, deferred_interrupt, restore
-from .editors.grouped_editor import with_absent_defaults
+from .editors.grouped_editor import config_differences, with_absent_defaults
 from .editors.presets import MEND, MoEditor, ProEditor, RaEditor
 from .ft_baseline import FT_KL_ONLY, FineTuneBaselines
 from .head_input import called_head, head_input, head_width
@@ -859,9 +859,8 @@ class ModelEditor(FineTuneBaselines):
         for key, saved in config["editors"].items():
             now = editor.editors[key].config
             if now != saved:
-                diff = "; ".join(f"{k}: saved {saved.get(k)!r}, here {now.get(k)!r}"
-                                 for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
-                raise ValueError(f"{path}: editor {key} differs from the one this model gives ({diff})")
+                raise ValueError(f"{path}: editor {key} differs from the one this model gives "
+                                 f"({config_differences(saved, now)})")
         # Read on the CPU: load_state_dict then copies each tensor once into its editor's device.
         editor.load_state_tensors(load_file(str(path)))
         return editor

@@ -106,7 +106,7 @@ from ._checks import HALF_DTYPES, is_finite_number, is_int, is_number
 from .block_prefix import PrefixReuse
 from .capture import frozen_parameters, modes_restored
 from .devices import cuda_indices
-from .editors.grouped_editor import with_absent_defaults
+from .editors.grouped_editor import config_differences, with_absent_defaults
 from .ft_baseline import locality_texts
 from .length_buckets import plan_passes, run_in_passes
 from .lowrank_layers import lowrank_edited
@@ -923,15 +923,14 @@ def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: i
     # Editor arguments newer than the checkpoint (MoEditor's gate_norm) take the value it was
     # trained with, as ModelEditor.load takes them: a 0.5.6 MoEditor's run resumes with gate_norm=False.
     saved_editors = {key: with_absent_defaults(e) for key, e in saved["editors"].items()}
-    if saved["layers"] != me.layers or saved["method"] != me.method or saved_editors != me.config()["editors"]:
-        now = me.config()["editors"]
-        diff = "; ".join(f"editor {key} {k}: saved {saved_editors[key].get(k)!r}, here {now[key].get(k)!r}"
-                         for key in sorted(set(saved_editors) & set(now)) if isinstance(saved_editors[key], dict)
-                         for k in sorted(set(saved_editors[key]) | set(now[key]))
-                         if saved_editors[key].get(k) != now[key].get(k))
+    now = me.config()["editors"]
+    if saved["layers"] != me.layers or saved["method"] != me.method or saved_editors != now:
+        diff = "; ".join(f"editor {key} {config_differences(saved_editors[key], now[key])}"
+                         for key in sorted(set(saved_editors) & set(now))
+                         if isinstance(saved_editors[key], dict) and saved_editors[key] != now[key])
+        same_layers = saved["layers"] == me.layers and saved["method"] == me.method
         raise ValueError(f"{path} was written for another editor ({saved['method']} on {saved['layers']})"
-                         + (f" ({diff})" if diff and saved["layers"] == me.layers and saved["method"] == me.method
-                            else ""))
+                         + (f" ({diff})" if diff and same_layers else ""))
     saved_reduction = saved.get("loss_reduction", LEGACY_LOSS_REDUCTION)
     if saved_reduction != me.loss_reduction:
         raise ValueError(f"{path} was trained with loss_reduction={saved_reduction!r}, this ModelEditor uses "

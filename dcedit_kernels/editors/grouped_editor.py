@@ -339,6 +339,12 @@ def with_absent_defaults(config: dict) -> dict:
     return config
 
 
+def config_differences(saved: dict, now: dict) -> str:
+    """"name: saved x, here y" for each argument where a saved editor config and this one differ."""
+    return "; ".join(f"{k}: saved {saved.get(k)!r}, here {now.get(k)!r}"
+                     for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
+
+
 def ops_check_offsets(edit_offsets, total):
     from .._checks import check_offsets
 
