@@ -358,9 +358,8 @@ class ModelEditor(FineTuneBaselines):
         if len(chunks) == 1:
             return self._capture_rows(batch, need_feats, None)
         n_scored = self._n_scored(batch)
-        kept = self._kept_per_row(batch)
-        if kept is not None:
-            joined = self._capture_into(chunks, order, kept, need_feats, n_scored)
+        if order is not None:  # a causal LM's sorted chunks: their token counts are known beforehand
+            joined = self._capture_into(chunks, order, self._kept_per_row(batch), need_feats, n_scored)
             if joined is not None:
                 return joined
         parts = [self._capture_rows(chunk, need_feats, n_scored) for chunk in chunks]
@@ -378,20 +377,18 @@ class ModelEditor(FineTuneBaselines):
             feats = feats[back.to(feats.device)]
         return factors, feats, sum(p[2] for p in parts)
 
-    def _kept_per_row(self, batch: dict) -> torch.Tensor | None:
-        """(rows,) int64 on the CPU: how many tokens the capture keeps of each row, where that can
-        be read off the batch (a causal LM with a 2-D attention mask and labels of its shape, as
-        `FactorCapture._keep_mask` chooses them: the scored positions, and with tokens="all" also
-        the unmasked ones), else None."""
-        mask, labels = batch.get("attention_mask"), batch.get("labels")
-        if self.seq2seq or mask is None or labels is None or mask.dim() != 2 or labels.shape != mask.shape:
-            return None
+    def _kept_per_row(self, batch: dict) -> torch.Tensor:
+        """(rows,) int64 on the CPU: how many tokens the capture keeps of each row of a batch that
+        `_capture_chunks` sorted (a causal LM's, with a 2-D attention mask and labels of its shape),
+        as `FactorCapture._keep_mask` chooses them: the scored positions, and with tokens="all" also
+        the unmasked ones."""
+        mask, labels = batch["attention_mask"], batch["labels"]
         keep = scored_positions(labels, causal=True)  # position t predicts label t+1
         if self.tokens != "target":
             keep = keep | (mask.to(keep.device) != 0)
         return keep.sum(1).cpu()
 
-    def _capture_into(self, chunks: list[dict], order: torch.Tensor | None, kept: torch.Tensor,
+    def _capture_into(self, chunks: list[dict], order: torch.Tensor, kept: torch.Tensor,
                       need_feats: bool, n_scored: int):
         """`capture` of several chunks whose token counts are known before they run (`kept`):
         each chunk's factors are copied, as soon as it has run, to their rows in one (T, ·) buffer
@@ -407,7 +404,7 @@ class ModelEditor(FineTuneBaselines):
         architectures of tests/test_architectures.py, which all take this path)."""
         rows = kept.numel()
         step = self.capture_batch_size or rows
-        row_of = order.cpu() if order is not None else torch.arange(rows)  # batch row of each chunk row
+        row_of = order.cpu()  # the batch row of each chunk row
         starts = torch.zeros(rows + 1, dtype=torch.int64)
         starts[1:] = kept.cumsum(0)
         total = int(starts[-1])
@@ -442,8 +439,7 @@ class ModelEditor(FineTuneBaselines):
         joined_feats = None
         if need_feats:
             joined_feats = torch.cat(feats)
-            if order is not None:
-                joined_feats = joined_feats[torch.argsort(order).to(joined_feats.device)]
+            joined_feats = joined_feats[torch.argsort(order).to(joined_feats.device)]
         return out, joined_feats, loss
 
     def _capture_chunks(self, batch: dict) -> tuple[list[dict], torch.Tensor | None]:

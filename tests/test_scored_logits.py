@@ -225,8 +225,9 @@ def test_chunked_capture_fills_its_buffers_as_the_join_would(arch, tokens, monke
     monkeypatch.setattr(ModelEditor, "_capture_into", lambda *a: calls.append(real(*a)) or calls[-1])
     me.capture(batch)
     assert calls and calls[0] is not None  # the counts were predicted right: no fallback
-    monkeypatch.setattr(ModelEditor, "_kept_per_row", lambda self, b: None)
+    monkeypatch.setattr(ModelEditor, "_capture_into", lambda *a: None)  # the chunks joined afterwards
     joined = me.capture(batch)
+    monkeypatch.setattr(ModelEditor, "_capture_into", real)
     monkeypatch.setattr(ModelEditor, "_kept_per_row", lambda self, b: torch.ones(b["input_ids"].shape[0],
                                                                                   dtype=torch.int64))
     fallback = me.capture(batch)
