@@ -9,17 +9,19 @@ import torch
 from torch import nn
 
 
-class RunningNorm(nn.Module):
-    # (mean, sum of squared deviations, std) buffer names per normalised side, with the token
-    # count `k`: what `distributed.merge_running_norms` merges across processes.
-    STATS = (("u_mean", "u_s", "u_std"), ("v_mean", "v_s", "v_std"))
+class RunningStatistics(nn.Module):
+    """Running mean, sum of squared deviations and std of the columns of one or more kinds of row
+    (`STATS`: their buffer names, one triple per kind, with the row count `k`: what
+    `distributed.merge_running_norms` merges across processes), merged a batch at a time."""
 
-    def __init__(self, in_features: int, out_features: int):
+    STATS: tuple = ()
+
+    def __init__(self, *widths: int):
         super().__init__()
-        for side, dim in (("u", in_features), ("v", out_features)):
-            self.register_buffer(f"{side}_mean", torch.zeros(dim))
-            self.register_buffer(f"{side}_s", torch.zeros(dim))
-            self.register_buffer(f"{side}_std", torch.ones(dim))
+        for (mean, s, std), dim in zip(self.STATS, widths):
+            self.register_buffer(mean, torch.zeros(dim))
+            self.register_buffer(s, torch.zeros(dim))
+            self.register_buffer(std, torch.ones(dim))
         self.register_buffer("k", torch.zeros(()))
 
     def _apply(self, fn, recurse=True):
@@ -34,20 +36,17 @@ class RunningNorm(nn.Module):
                 self._buffers[name] = buf.float()
         return self
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.u_mean.numel()}, out_features={self.v_mean.numel()}, tokens_seen={int(self.k)}"
-
     @torch.no_grad()
-    def update(self, mu: torch.Tensor, eta: torch.Tensor) -> None:
-        self._merge(((self.u_mean, self.u_s, self.u_std, mu), (self.v_mean, self.v_s, self.v_std, eta)), mu.shape[0])
-
-    def _merge(self, sides, n_b: int) -> None:
-        """Chan et al.'s batch merge of (mean, s, std, rows) for each side; then k += n_b."""
+    def _merge(self, *rows: torch.Tensor) -> None:
+        """Chan et al.'s batch merge of each kind's rows (as many of each) into its statistics;
+        then k += the batch's row count."""
+        n_b = rows[0].shape[0]
         if n_b == 0:
             return
         k = float(self.k)
         total = k + n_b
-        for mean, s, std, x in sides:
+        for (mean_name, s_name, std_name), x in zip(self.STATS, rows):
+            mean, s = getattr(self, mean_name), getattr(self, s_name)
             # Rounded to fp32 as forward does, then summed in the buffers' dtype if wider (float64).
             x = x.to(torch.float32).to(torch.promote_types(torch.float32, mean.dtype))
             mean_b = x.mean(0)
@@ -56,8 +55,21 @@ class RunningNorm(nn.Module):
             mean += delta * (n_b / total)
             s += m2_b + delta.square() * (k * n_b / total)
             if total >= 2:
-                std.copy_((s / (total - 1)).sqrt())
+                getattr(self, std_name).copy_((s / (total - 1)).sqrt())
         self.k.fill_(total)
+
+
+class RunningNorm(RunningStatistics):
+    STATS = (("u_mean", "u_s", "u_std"), ("v_mean", "v_s", "v_std"))
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.u_mean.numel()}, out_features={self.v_mean.numel()}, tokens_seen={int(self.k)}"
+
+    def update(self, mu: torch.Tensor, eta: torch.Tensor) -> None:
+        self._merge(mu, eta)
 
     def forward(self, mu: torch.Tensor, eta: torch.Tensor):
         """Normalised (μ, η); identity until at least two tokens have been seen.  μ, η are rounded
@@ -68,9 +80,9 @@ class RunningNorm(nn.Module):
         return (mu - self.u_mean) / (self.u_std + 1e-7), (eta - self.v_mean) / (self.v_std + 1e-7)
 
 
-class FeatureNorm(RunningNorm):
+class FeatureNorm(RunningStatistics):
     """A running mean/std of one kind of row (MoEditor's edit features, one row per edit),
-    updated as RunningNorm (in training, a batch at a time), frozen in eval, saved in the state
+    updated as RunningNorm's (in training, a batch at a time), frozen in eval, saved in the state
     dict (`mean`, `s`, `std`, `k`).
 
     MoEditor's gate reads the mean of the LM head's input over each edit's prompt: in a trained LM
@@ -82,18 +94,13 @@ class FeatureNorm(RunningNorm):
     STATS = (("mean", "s", "std"),)
 
     def __init__(self, features: int):
-        nn.Module.__init__(self)
-        self.register_buffer("mean", torch.zeros(features))
-        self.register_buffer("s", torch.zeros(features))
-        self.register_buffer("std", torch.ones(features))
-        self.register_buffer("k", torch.zeros(()))
+        super().__init__(features)
 
     def extra_repr(self) -> str:
         return f"features={self.mean.numel()}, rows_seen={int(self.k)}"
 
-    @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
-        self._merge(((self.mean, self.s, self.std, x),), x.shape[0])
+        self._merge(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x standardised (in fp32, or the buffers' dtype if wider); x as fp32 until at least two
