@@ -273,20 +273,20 @@ def lowrank_edited(
             device = weight_out_in(module).device  # each layer computes on its own device
             factors = group_factors(edit, row_edit, row_sees_all, device)
             # What depends on the edit alone, per weight: formed once per `shared` (else per block).
-            kept = {} if shared is None else shared.setdefault((name, id(edit), str(device)), {})
+            formed = {} if shared is None else shared.setdefault((name, id(edit), str(device)), {})
             mask = None
             if masked and getattr(edit, "fisher", None) is not None:
-                if "mask" not in kept:
-                    kept["mask"] = kept_mask(edit, device)
-                mask = kept["mask"]
+                if "mask" not in formed:
+                    formed["mask"] = kept_mask(edit, device)
+                mask = formed["mask"]
             fused = None
             if any_fused:  # one o×i fused shift per weight (and `shared` or block), built as apply() builds it
-                if "fused" not in kept:
+                if "fused" not in formed:
                     delta = edit.dense(device, masked=False)
                     if mask is not None:  # the Fisher selection made once, above, for both paths
                         delta = delta * mask.to(delta.dtype)
-                    kept["fused"] = delta
-                fused = (row_sees_fused.to(device), kept["fused"], edit.alpha.to(device))
-            shifts = kept.setdefault("shifts", {}) if shared is not None else None
+                    formed["fused"] = delta
+                fused = (row_sees_fused.to(device), formed["fused"], edit.alpha.to(device))
+            shifts = formed.setdefault("shifts", {}) if shared is not None else None
             patch(module, _lowrank_forward(module, name, *factors, mask=mask, fused=fused, shifts=shifts))
         yield
