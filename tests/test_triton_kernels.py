@@ -862,6 +862,92 @@ def test_grouped_outer_token_index_past_int32(gen, offsets_dtype, fusion, device
         close(out.reshape(o, i), ref)
 
 
+def _views_past_int32(device, dtype, *views):
+    """Views (values, shape, strides, storage offset) written into one buffer that spans past 2^31
+    entries.  On the CPU torch.empty commits no memory, so only the pages the views address are
+    touched; a GPU allocates the whole buffer.  Skips where the allocation is refused."""
+    span = max(off + sum((n - 1) * st for n, st in zip(shape, strides)) + 1 for _, shape, strides, off in views)
+    try:
+        buf = torch.empty(span, dtype=dtype, device=device)
+    except (RuntimeError, MemoryError) as exc:
+        pytest.skip(f"cannot reserve {span} entries of {dtype}: {exc}")
+    out = []
+    for values, shape, strides, off in views:
+        view = buf.as_strided(shape, strides, off)
+        view.copy_(values)
+        out.append(view)
+    return out
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_grouped_outer_feature_stride_past_int32(gen, fusion, device):
+    """Column-major eta and mu (stride(1) = S, as an (o, T) gradient's .t() is) whose feature
+    offsets pass 2^31 - 1: S = 2^30 + 1 puts feature 2 at 2^31 + 2, as o 28672 × T 75k tokens
+    would.  The kernels multiplied the feature index by that stride in int32 (grouped_outer's η
+    and μ tiles, also the backward's selection pass; segment_matmul's x in the backward GEMMs):
+    the offset wrapped to 8 GiB before the tensor, a segfault under the interpreter (an illegal
+    address on a GPU).  fp16 values, so the buffer spans 4 GiB."""
+    S, o, i = 2**30 + 1, 3, 3
+    counts = [3, 0, 4]
+    T, G = sum(counts), len(counts)
+    offsets = offsets_for(counts, device)
+    eta_v, mu_v = randn((T, o), gen, torch.float16, device), randn((T, i), gen, torch.float16, device)
+    eta, mu = _views_past_int32(device, torch.float16, (eta_v, (T, o), (1, S), 0), (mu_v, (T, i), (1, S), T))
+    close(tk.grouped_outer(eta, mu, offsets, fusion, 0.5),
+          reference.grouped_outer(*f64(eta_v, mu_v), offsets, fusion, 0.5))
+    grad = outer_grad(gen, G, o, i, fusion, torch.float32, device)
+    for out, ref in zip(tk.grouped_outer_backward(grad, eta, mu, offsets, fusion, 0.5),
+                        outer_backward_ref(grad, eta_v, mu_v, offsets, fusion, 0.5)):
+        close(out, ref)
+
+
+def test_segment_matmul_select_word_past_int32(gen, device):
+    """grouped_outer's max/sss/ssm backward reads group g's selection bit from word g // 32 at
+    (g // 32) · o·i: in int32 that passes 2^31 - 1 from word 10 on at o·i = 28672 · 8192 (321+
+    groups).  Here 65 groups and a word stride of 2^30 + 1, so group 64 reads word 2 at
+    2^31 + 2: the int32 offset wrapped (segfault under the interpreter).  int32 words, so the
+    buffer spans 8 GiB (untouched on the CPU)."""
+    SW, G, T, N, K = 2**30 + 1, 65, 4, 3, 2
+    words = torch.randint(-2**31, 2**31 - 1, (3, N, K), generator=gen, dtype=torch.int32).to(device)
+    (select,) = _views_past_int32(device, torch.int32, (words, (3, N, K), (SW, K, 1), 0))
+    w1 = randn((N, K), gen, torch.float32, device)
+    x = randn((T, K), gen, torch.float32, device)
+    offsets = torch.tensor([0] * G + [T], device=device)  # every token in group 64
+    y = tk.segment_matmul(x, w1.expand(G, N, K), offsets, select=select)
+    kept = ((words[2] >> (64 % 32)) & 1).bool()
+    close(y, x.double() @ torch.where(kept, w1, 0.0).double().t())
+
+
+def test_grouped_outer_none_launches_groups_within_grid_limit(gen, device):
+    """"none" gives each group a program along the grid's third axis, which CUDA caps at 65535: more
+    groups failed to launch ("invalid argument") on a GPU (the interpreter has no such limit).  The
+    launcher now runs groups in chunks of GRID_YZ_MAX, lowered to 2 here so that five groups take
+    three launches: the forward and grouped_lowrank's backward (du, dv: "none" stacks)."""
+    go = importlib.import_module("dcedit_kernels.triton_kernels.grouped_outer")
+    counts = [4, 0, 6, 1, 5]
+    offsets = offsets_for(counts, device)
+    eta, mu = randn((sum(counts), 5), gen, torch.float32, device), randn((sum(counts), 7), gen, torch.float32, device)
+    inputs = lowrank_inputs(gen, counts, torch.float32, device)
+    grad_out = randn(inputs[0].shape, gen, torch.float32, device)
+    with mock.patch.object(go, "GRID_YZ_MAX", 2):
+        out = tk.grouped_outer(eta, mu, offsets, "none", 0.5)
+        grads = tk.grouped_lowrank_backward(grad_out, inputs[0], offsets, *inputs[1:])
+    close(out, reference.grouped_outer(*f64(eta, mu), offsets, "none", 0.5))
+    for g, ref in zip(grads, lowrank_reference_grads(grad_out, offsets, inputs)):
+        close(g, ref)
+
+
+@cuda_only
+def test_grouped_outer_none_past_grid_limit(gen):
+    """65537 groups of one token each under "none": two launches at CUDA's real grid limit (the
+    CPU test above lowers it), each group's S_g the outer product of its token's rows."""
+    G, o, i = 65537, 16, 17
+    eta, mu = randn((G, o), gen, torch.float32, "cuda"), randn((G, i), gen, torch.float32, "cuda")
+    offsets = torch.arange(G + 1, dtype=torch.int32, device="cuda")
+    out = tk.grouped_outer(eta, mu, offsets, "none", 1.0)
+    close(out, eta.double()[:, :, None] * mu.double()[:, None, :])
+
+
 @pytest.mark.parametrize("launcher", ["grouped_outer", "grouped_outer_backward", "segmented_fisher", "grouped_lowrank",
                                       "grouped_lowrank_backward", "lowrank_delta_linear",
                                       "lowrank_delta_linear_backward"])
@@ -1513,6 +1599,42 @@ def test_large_shapes_bf16(gen, op):
         close_large(tk.lowrank_delta_linear(x, weight, b, row_group, mu_t, eta_t, offsets, alpha), y_ref)
         grads = tk.lowrank_delta_linear_backward(grad, x, weight, row_group, mu_t, eta_t, offsets, alpha)
         close_delta_grads(grads, grad_refs, eta_t, offsets, alpha, close_large)
+
+
+def check_weight_sized_outer(gen, device, o, i, T, G):
+    """grouped_outer "none" and "add" (forward and backward) in bf16 against torch's fp32 matmuls
+    of the same values (exact products, fp32 sums as the kernel's), compared on the device."""
+    def err(a, b):
+        a, b = a.double(), b.double()
+        return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+    dt = torch.bfloat16
+    bounds = _bench_offsets(T, G, gen)
+    offsets = torch.tensor(bounds, dtype=torch.int32, device=device)
+    eta, mu = randn((T, o), gen, dt, device), randn((T, i), gen, dt, device)
+    out = tk.grouped_outer(eta, mu, offsets, "none", 1.0)
+    assert out.shape == (G, o, i)
+    for g, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        assert err(out[g], eta[a:b].float().T @ mu[a:b].float()) < LARGE_TOL, g
+    del out
+    assert err(tk.grouped_outer(eta, mu, offsets, "add", 1.0), eta.float().T @ mu.float()) < LARGE_TOL
+    grad = randn((o, i), gen, torch.float32, device)
+    d_eta, d_mu = tk.grouped_outer_backward(grad, eta, mu, offsets, "add", 1.0)
+    assert err(d_eta, mu.float() @ grad.T) < TOL[dt] and err(d_mu, eta.float() @ grad) < TOL[dt]
+
+
+@cuda_only
+def test_weight_sized_outer_70b_bf16(gen):
+    """A 70B model's largest weight (o 28672 × i 8192 = 235M entries) with 12 groups of 2048 tokens
+    in all: the "none" stack's last groups start past 2^31 entries (11 · 235M), the backward's
+    GEMMs read a 235M-entry gradient.  The CPU tests reach int32 limits only through strided
+    views; this runs the offsets at the sizes the package is meant for (~35 GB of GPU memory)."""
+    check_weight_sized_outer(gen, "cuda", o=28672, i=8192, T=2048, G=12)
+
+
+def test_weight_sized_outer_small(gen, device):
+    """check_weight_sized_outer itself, at a size the interpreter runs."""
+    check_weight_sized_outer(gen, device, o=37, i=21, T=40, G=4)
 
 
 def check_large_outer_backward(gen, eta, mu, offsets):

@@ -23,6 +23,9 @@ from .launch import dot_path, dot_split, grouped_outer_tiles, native_dot
 from .segment_matmul import mma
 
 MODE_NONE, MODE_ADD, MODE_MAX, MODE_SSS, MODE_SSM, MODE_FISHER = range(6)
+# CUDA's limit on a grid's second and third axes: "none" (one group per program along the third)
+# launches at most this many groups at a time.
+GRID_YZ_MAX = 65535
 FUSION_MODES = {"none": MODE_NONE, "add": MODE_ADD, "max": MODE_MAX, "sss": MODE_SSS, "ssm": MODE_SSM}
 
 
@@ -41,6 +44,11 @@ def _grouped_outer_kernel(
     ri = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     o_ok = ro < O
     i_ok = ri < I
+    # Feature offsets in int64: a column-major eta or mu (stride(1) = T) puts ro · T past 2^31 - 1
+    # at real sizes (o 28672 × T 75k tokens), and an int32 product wraps to a wild address.
+    # Contiguous inputs pass stride 1 (folded in as a constant): only a sign extension.
+    eta_cols = ro.to(tl.int64) * stride_eta_o
+    mu_cols = ri.to(tl.int64) * stride_mu_i
     if MODE == 0:  # MODE_NONE: one group per program
         g_begin = tl.program_id(2)
         g_end = g_begin + 1
@@ -66,9 +74,9 @@ def _grouped_outer_kernel(
             # a GPU; the interpreter's loop variable is int32 for either offsets dtype).
             rt = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
             t_ok = rt < end
-            eta_tile = tl.load(eta_ptr + rt[None, :] * stride_eta_t + ro[:, None] * stride_eta_o,
+            eta_tile = tl.load(eta_ptr + rt[None, :] * stride_eta_t + eta_cols[:, None],
                                mask=t_ok[None, :] & o_ok[:, None], other=0.0)  # (O, T): ηᵀ
-            mu_tile = tl.load(mu_ptr + rt[:, None] * stride_mu_t + ri[None, :] * stride_mu_i,
+            mu_tile = tl.load(mu_ptr + rt[:, None] * stride_mu_t + mu_cols[None, :],
                               mask=t_ok[:, None] & i_ok[None, :], other=0.0)  # (T, I)
             s_g = mma(s_g, eta_tile, mu_tile, IS_FP64, NATIVE, SPLIT)
         if MODE == 0:
@@ -161,6 +169,8 @@ def launch_grouped_outer(eta, mu, offsets, mode: int, alpha=1.0, precision_from=
     if select and mode not in (MODE_MAX, MODE_SSS, MODE_SSM):
         raise ValueError(f"select needs the max, sss or ssm mode, got mode {mode}")
     words = triton.cdiv(G, 32)
+    if select and words > GRID_YZ_MAX:  # one program per word along the grid's third axis
+        raise ValueError(f"offsets must have at most {32 * GRID_YZ_MAX} groups for this fusion's backward, got {G}")
     if select:
         sel = torch.empty((words, O, I), dtype=torch.int32, device=eta.device)
         out = torch.empty((1,), dtype=acc, device=eta.device)  # never written; gives the kernel its dtype
@@ -179,15 +189,19 @@ def launch_grouped_outer(eta, mu, offsets, mode: int, alpha=1.0, precision_from=
     fp64 = acc == torch.float64
     native = not fp64 and native_dot(eta.dtype, mu.dtype, *precision_from)
     tiles = grouped_outer_tiles(eta.shape[0], G, O, I, dot_path(fp64, native, eta.dtype, mu.dtype), select)
-    grid = (triton.cdiv(O, tiles["BLOCK_O"]), triton.cdiv(I, tiles["BLOCK_I"]),
-            words if select else G if mode == MODE_NONE else 1)
-    _grouped_outer_kernel[grid](
-        eta, mu, offsets, alpha_t, out, sel,
-        O, I, G,
-        eta.stride(0), eta.stride(1), mu.stride(0), mu.stride(1),
-        MODE=mode, SELECT=bool(select), IS_FP64=fp64, NATIVE=native,
-        SPLIT=dot_split(eta.dtype, mu.dtype, *precision_from), **tiles,
-    )
+    grid_oi = (triton.cdiv(O, tiles["BLOCK_O"]), triton.cdiv(I, tiles["BLOCK_I"]))
+    # "none": groups [g0, g0 + n) per launch (offsets and out from g0), within the grid's limit.
+    per_group = mode == MODE_NONE  # select needs max, sss or ssm
+    chunks = [(g0, min(GRID_YZ_MAX, G - g0)) for g0 in range(0, G, GRID_YZ_MAX)] if per_group else [(0, G)]
+    for g0, n in chunks:
+        part = out[g0:g0 + n] if per_group else out
+        _grouped_outer_kernel[(*grid_oi, words if select else n if per_group else 1)](
+            eta, mu, offsets[g0:g0 + n + 1], alpha_t, part, sel if select else part,
+            O, I, n,
+            eta.stride(0), eta.stride(1), mu.stride(0), mu.stride(1),
+            MODE=mode, SELECT=bool(select), IS_FP64=fp64, NATIVE=native,
+            SPLIT=dot_split(eta.dtype, mu.dtype, *precision_from), **tiles,
+        )
     return result
 
 

@@ -196,7 +196,9 @@ def _segment_matmul_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         a_mask = row_ok[:, None] & k_ok[None, :]
-        a = tl.load(x_ptr + rows[:, None] * stride_xt + ks[None, :] * stride_xk, mask=a_mask, other=0.0)
+        # int64: a column-major x (stride_xk = T) puts ks · T past 2^31 - 1 at real sizes.
+        a = tl.load(x_ptr + rows[:, None] * stride_xt + ks[None, :].to(tl.int64) * stride_xk, mask=a_mask,
+                    other=0.0)
         if HAS_GAIN:
             # gain ⊙ h in the accumulation dtype: exact for 16-bit inputs, and `mma` meets the
             # fp32 tile with bf16x3 (bf16 weights) or tf32x3.  Rounding it back to x's 16-bit
@@ -213,7 +215,9 @@ def _segment_matmul_kernel(
             # rebuilt per group from one int32 tile instead of reading a G-deep stack of masked
             # copies.  A select, as the reference: an infinite entry off the selection gives 0,
             # not inf·0 = NaN.
-            word = tl.load(sel_ptr + (g // 32) * stride_sw + ks[:, None] * stride_sk + cols[None, :] * stride_sn,
+            # The word's offset in int64: word · o·i passes 2^31 - 1 from word 10 on at o·i = 28672·8192.
+            word = tl.load(sel_ptr + (g // 32).to(tl.int64) * stride_sw + ks[:, None] * stride_sk
+                           + cols[None, :] * stride_sn,
                            mask=k_ok[:, None] & col_ok[None, :], other=0)
             b = tl.where(((word >> (g % 32)) & 1) != 0, b, 0.0)
         acc = mma(acc, a, b, IS_FP64, NATIVE, SPLIT)
