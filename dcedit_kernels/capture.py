@@ -356,7 +356,9 @@ class FactorCapture:
         if name in self._records:
             raise RuntimeError(
                 f"module {name!r} ran more than once inside one capture; capture supports one call "
-                "per module (one forward pass per capture context)"
+                "per module (one forward pass per capture context): a module the model calls twice per "
+                "forward (one module shared between two places, as ALBERT's layers are) cannot be edited "
+                "by the editor methods; the fine-tuning baselines (method 'ft' or 'ft_kl') can edit it"
             )
         if not torch.is_grad_enabled():
             raise RuntimeError("capture needs autograd: the forward pass ran under torch.no_grad()/inference_mode")

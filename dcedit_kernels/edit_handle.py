@@ -38,6 +38,7 @@ class EditHandle:
         self.active = True
         self.kept = False
         self._release = None
+        self._model = None  # a weakref to the edited model (see `_check_weights_in_model`)
         if model is not None:
             self._watch(model)
 
@@ -46,6 +47,7 @@ class EditHandle:
         handle kept after its model was dropped (a list of handles) held both until it went too.
         The edit then counts as undone (nothing is left to restore)."""
         self._unwatch()
+        self._model = weakref.ref(model)
         self._release = weakref.finalize(model, _model_freed, weakref.ref(self), self._saved)
         self._release.atexit = False
 
@@ -56,8 +58,9 @@ class EditHandle:
 
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        new.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k != "_release"}, memo))
-        new._release = None
+        new.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items()
+                                           if k not in ("_release", "_model")}, memo))
+        new._release = new._model = None
         return new
 
     def _unwatch(self) -> None:
@@ -86,6 +89,7 @@ class EditHandle:
                                    "would wipe it, so it can no longer be undone")
             raise RuntimeError("undo the later edits first: edits of a model (by any of its ModelEditors) "
                                "must be undone in reverse order")
+        self._check_weights_in_model()
         restore(self._saved)
         self.active = False
         self._saved = []  # the weight copies: a handle kept after undo (a list of them) holds none
@@ -93,6 +97,26 @@ class EditHandle:
         if live and live[-1] is self:
             live.pop()
         return True
+
+    def _check_weights_in_model(self) -> None:
+        """RuntimeError, before anything is restored, when a weight this edit changed is no longer
+        a parameter of its model: accelerate's cpu_offload / disk_offload / dispatch_model after the
+        edit replace an offloaded module's weight by a "meta" one and keep its values in a hook
+        (a copy, on disk or on another device), and assigning a new Parameter does the same, so
+        copying the saved values into the old Parameter would not reach the model (undo returned
+        True and the offloaded model kept the edit)."""
+        model = self._model() if self._model is not None else None
+        if model is None:
+            return
+        held = {id(p) for _, p in model.named_parameters(remove_duplicate=False)}
+        gone = [w for w, _ in self._saved if id(w) not in held]
+        if gone:
+            shapes = ", ".join(str(tuple(w.shape)) for w in gone)
+            raise RuntimeError(
+                f"{len(gone)} of the {len(self._saved)} weights this edit changed ({shapes}) are no longer "
+                "parameters of the model (offloaded by accelerate after the edit, which keeps their values "
+                "in its hooks and a 'meta' tensor in the module, or replaced): restoring them would not reach "
+                "the model, so nothing was restored; undo before offloading the model")
 
     def keep(self) -> None:
         """Make this edit permanent and free what undo needed (a copy of every edited weight, held
@@ -148,6 +172,17 @@ def restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
 # The live (applied, not yet undone) edits of each model, latest last, shared by every ModelEditor
 # of that model: undoing out of order would restore values saved before a later edit.
 LIVE_EDITS: "weakref.WeakKeyDictionary[nn.Module, list[EditHandle]]" = weakref.WeakKeyDictionary()
+
+
+def weights_owner(model: nn.Module) -> nn.Module:
+    """The module that holds `model`'s weights, which keys its live edits (and whose freeing ends
+    them): `torch.compile(model)` (an OptimizedModule) holds the model it compiled as `_orig_mod`,
+    so ModelEditors of the compiled model and of the model itself share one list of live edits
+    (keyed by each wrapper, they had two: an edit made through one could be undone before a later
+    edit made through the other, and both undone left the model edited)."""
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
+    return model
 
 
 @contextlib.contextmanager

@@ -54,10 +54,11 @@ FloatingPointError; any other exception mid-edit (out of memory, a failing kerne
 is re-raised with a note — in every case after restoring, bit for bit, each weight that had
 already been changed.  A Ctrl-C (SIGINT, in the main thread) that arrives while a weight is being
 shifted waits until that weight's saved values are recorded, so the restore never misses it.
-Edits must be undone in reverse order, across every ModelEditor of the same model (a handle that
-is not the model's latest live one refuses, since restoring its saved values would also wipe the
-later edit); `edited()` undoes, on exit, the edits applied inside its block too.  A live edit holds
-a copy of every weight it changed until `undo()`, or `keep()`, which makes it permanent and frees
+Edits must be undone in reverse order, across every ModelEditor of the same model
+(`torch.compile(model)` counts as the model; a handle that is not the model's latest live one
+refuses, since restoring its saved values would also wipe the later edit); `edited()` undoes, on
+exit, the edits applied inside its block too.  A live edit holds a copy of every weight it changed
+until `undo()`, or `keep()`, which makes it permanent and frees
 the copy (earlier edits then can no longer be undone), or until the model is freed.
 
 Models split across devices (`device_map="auto"`, or blocks moved by hand with hooks that move the
@@ -71,10 +72,13 @@ with labels and masks moved there.  Undo, the baselines, training and save/load 
 rules (checkpoints hold CPU tensors and load into each editor where it lives).  With everything on
 one device every move is a no-op.  Edited layers must be resident: accelerate offloads modules
 that `device_map` sends to "cpu"/"disk" while a GPU is in the map (their weights stay on "meta"),
-and the constructor refuses such a layer with ValueError.  `stats["peak_memory_bytes"]` sums the
-per-GPU peaks of every CUDA device in play; to measure them, `apply` resets those devices' peak
-statistics (`torch.cuda.reset_peak_memory_stats`), so a caller's own `max_memory_allocated`
-reading spans from the last edit on.
+and the constructor refuses such a layer with ValueError (so does `apply`, for a layer offloaded
+since, by `cpu_offload`/`disk_offload`/`dispatch_model` of the built model; `undo` refuses with
+RuntimeError, restoring nothing, once an edited weight was offloaded after the edit: its values
+then live in accelerate's hook, out of the restore's reach, so undo before offloading).
+`stats["peak_memory_bytes"]` sums the per-GPU peaks of every CUDA device in play; to measure
+them, `apply` resets those devices' peak statistics (`torch.cuda.reset_peak_memory_stats`), so a
+caller's own `max_memory_allocated` reading spans from the last edit on.
 """
 
 from __future__ import annotations
@@ -96,7 +100,7 @@ from .capture import (
     weight_out_in,
 )
 from .devices import as_device, check_resident, cuda_indices, input_device, model_devices, place_editor
-from .edit_handle import LIVE_EDITS, EditHandle, add_note, deferred_interrupt, restore
+from .edit_handle import LIVE_EDITS, EditHandle, add_note, deferred_interrupt, restore, weights_owner
 from .editors.grouped_editor import config_differences, with_absent_defaults
 from .editors.presets import MEND, MoEditor, ProEditor, RaEditor
 from .ft_baseline import FT_KL_ONLY, FineTuneBaselines
@@ -189,7 +193,7 @@ class ModelEditor(FineTuneBaselines):
             check_untied(model, self.modules)
         self.editor_kwargs = dict(editor_kwargs)
         self.seq2seq = is_seq2seq(model)
-        self._live: list[EditHandle] = LIVE_EDITS.setdefault(model, [])
+        self._live: list[EditHandle] = LIVE_EDITS.setdefault(weights_owner(model), [])
         self.editors = nn.ModuleDict()
         self._warned_initial = False
         self._warned_rounding = False  # see _warn_rounded_away
@@ -220,10 +224,10 @@ class ModelEditor(FineTuneBaselines):
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         new.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        new._live = LIVE_EDITS.setdefault(new.model, new._live)
+        new._live = LIVE_EDITS.setdefault(weights_owner(new.model), new._live)
         for handle in new._live:  # the copies' saved weights go with the copied model
             if handle.active and not handle.kept:
-                handle._watch(new.model)
+                handle._watch(weights_owner(new.model))
         return new
 
     @property
@@ -608,6 +612,10 @@ class ModelEditor(FineTuneBaselines):
         if torch.is_inference_mode_enabled():
             raise RuntimeError("ModelEditor.apply needs autograd for its capture (or fine-tuning): "
                                "call it outside torch.inference_mode()")
+        # Offloaded since the constructor checked (accelerate's cpu_offload/disk_offload of the model
+        # after the ModelEditor was built): the shift went to a "meta" tensor and failed with
+        # NotImplementedError, and FT said the layer got no gradient.
+        check_resident({name: weight_out_in(m) for name, m in self.modules.items()})
         devices = self.devices
         _peak_memory_start(devices)
         start = time.perf_counter()
@@ -622,7 +630,7 @@ class ModelEditor(FineTuneBaselines):
         # The handle is live before the first write and its saved list fills as weights change, so
         # no exception (an interrupt included) can leave a changed weight without a way back.
         saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-        handle = EditHandle(self._live, saved, {}, model=self.model)
+        handle = EditHandle(self._live, saved, {}, model=weights_owner(self.model))
         try:
             self._live.append(handle)
             with self._length_errors(batch, "requests"):

@@ -319,6 +319,56 @@ def test_undo_out_of_order_refuses(second, gen):
     assert_bit_identical(before, first.model)
 
 
+def test_editors_of_a_compiled_model_and_of_the_model_share_its_live_edits(gen):
+    """torch.compile(model) wraps the model (an OptimizedModule): a ModelEditor of the wrapper and
+    one of the model kept two lists of live edits, so the first edit could be undone before the
+    second (both undone left the model edited), and freeing the wrapper dropped the saved weights
+    of its editors' live edits while the model kept the edits."""
+    import gc
+
+    me = make_editor("gpt2", "mend", gen)
+    compiled = torch.compile(me.model, backend="eager")
+    through = ModelEditor(compiled, me.tokenizer, LAYERS["gpt2"][:2], method="ft", ft_steps=2, ft_stop_loss=None)
+    before = snapshot(me.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        h1 = through.apply(random_requests(gen, 2))
+        mid = snapshot(me.model)
+        h2 = me.apply(random_requests(gen, 2))
+    with pytest.raises(RuntimeError, match="reverse order"):
+        h1.undo()
+    assert h2.undo()
+    assert_bit_identical(mid, me.model)
+    assert h1.undo()
+    assert_bit_identical(before, me.model)
+    handle = through.apply(random_requests(gen, 2))
+    del through, compiled
+    gc.collect()
+    assert handle.active and handle.undo()
+    assert_bit_identical(before, me.model)
+
+
+def test_a_module_called_twice_per_forward_is_refused_by_the_editors_and_ft_edits_it(gen):
+    """One MLP shared by both Llama blocks (ALBERT-style): the editors' capture needs one call per
+    module, so apply raises RuntimeError saying so (and what can edit it) with the model unchanged;
+    FT edits the shared weight once and undo restores it."""
+    me = make_editor("llama", "mend", gen)
+    model, tok = me.model, me.tokenizer
+    model.model.layers[1].mlp = model.model.layers[0].mlp
+    layer = ["model.layers.0.mlp.down_proj"]
+    mend = ModelEditor(model, tok, layer, method="mend", rank=3)
+    before = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with pytest.raises(RuntimeError, match="ran more than once.*'ft' or 'ft_kl'"):
+            mend.apply(random_requests(gen, 2))
+    assert_bit_identical(before, model)
+    handle = ModelEditor(model, tok, layer, method="ft", ft_steps=2, ft_stop_loss=None).apply(random_requests(gen, 2))
+    assert changed_keys(before, model) == [f"model.layers.{i}.mlp.down_proj.weight" for i in (0, 1)]  # one weight
+    handle.undo()
+    assert_bit_identical(before, model)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_apply_leaves_every_editor_module_in_its_mode(training, gen):
     """apply runs the editors in eval mode and gives every module its flag back, the editors'

@@ -416,3 +416,76 @@ def test_accelerate_cpu_offload_is_refused():
     with pytest.raises(ValueError, match=r"model.layers.0.mlp.down_proj.*meta"):
         ModelEditor(model, tok, LAYERS["llama"], method="mend")
 
+
+
+@pytest.mark.parametrize("method", ["mend", "ft"])
+def test_a_layer_offloaded_after_the_editor_was_built_is_refused_at_apply(method):
+    """accelerate's cpu_offload of a block after the ModelEditor was built leaves its weights on
+    "meta": apply raised NotImplementedError ("Cannot copy out of meta tensor") from the shift of
+    that layer, and FT said the layer "got no gradient (it did not run in the model's forward)"."""
+    accelerate = pytest.importorskip("accelerate")
+    model, tok = tiny_model("llama", seed=3)
+    kwargs = dict(rank=4, seed=0) if method == "mend" else dict(ft_steps=1)
+    me = ModelEditor(model, tok, LAYERS["llama"], method=method, **kwargs)
+    accelerate.cpu_offload(model.model.layers[1], execution_device=torch.device("cpu"))
+    before = {k: v for k, v in snapshot(model).items() if v.device.type != "meta"}
+    with pytest.raises(ValueError, match=r"layers: 'model.layers.1.mlp.down_proj'.*meta"):
+        me.apply(requests())
+    assert me._live == []
+    for k, v in before.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_undo_after_the_model_was_offloaded_refuses_and_restores_nothing(tmp_path):
+    """An edit undone after `dispatch_model` sent an edited block to disk: undo copied the saved
+    values into the Parameters the model no longer held (the disk copy kept the edit), returned
+    True and restored the resident layers only.  It now refuses before restoring anything."""
+    accelerate = pytest.importorskip("accelerate")
+    model, tok = tiny_model("llama", seed=3)
+    me = ModelEditor(model, tok, LAYERS["llama"], method="mend", rank=4, seed=0)
+    randomize(me, scale=0.5)
+    handle = me.apply(requests())
+    edited = snapshot(model)
+    where = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "disk",
+             "model.layers.1": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    model = accelerate.dispatch_model(model, device_map=where, offload_dir=str(tmp_path), main_device="cpu")
+    assert model.model.layers[0].mlp.down_proj.weight.device.type == "meta"
+    with pytest.raises(RuntimeError, match=r"1 of the 3 weights this edit changed .* no longer parameters"):
+        handle.undo()
+    assert handle.active and me._live == [handle]
+    for k, v in model.state_dict().items():
+        if v.device.type != "meta":
+            assert torch.equal(v, edited[k]), k
+
+
+def test_edit_of_a_model_with_disk_offloaded_blocks_matches_the_plain_model(tmp_path):
+    """`from_pretrained(device_map=..., offload_folder=...)` with block 0 on disk (its weights on
+    "meta", loaded by accelerate's hook at each forward) and block 1 in memory: block 1's layers
+    edit as in the plain model (the capture runs through the offloaded block), undo is bit exact,
+    and block 0's layers are refused."""
+    pytest.importorskip("accelerate")
+    import transformers
+
+    ref, tok = tiny_model("llama", seed=3)
+    ref.save_pretrained(tmp_path / "model")
+    where = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "disk",
+             "model.layers.1": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "model", device_map=where, offload_folder=str(tmp_path / "offload"), dtype=torch.float32)
+    assert model.model.layers[0].mlp.down_proj.weight.device.type == "meta"
+    with pytest.raises(ValueError, match=r"layers: 'model.layers.0.mlp.down_proj'.*meta"):
+        ModelEditor(model, tok, LAYERS["llama"], method="mend")
+    layers = LAYERS["llama"][1:] + ["lm_head"]
+    me_ref = ModelEditor(ref, tok, layers, method="mend", rank=8, seed=0)
+    me = ModelEditor(model, tok, layers, method="mend", rank=8, seed=0)
+    randomize(me_ref)
+    me.load_state_tensors(me_ref.state_tensors())
+    before = {k: v for k, v in snapshot(model).items() if v.device.type != "meta"}
+    _, deltas_ref = edited_deltas(me_ref, requests())
+    handle, deltas = edited_deltas(me, requests())
+    for name in layers:
+        assert deltas[name].abs().sum() > 0, name
+        assert torch.equal(deltas[name], deltas_ref[name]), name
+    handle.undo()
+    for k, v in before.items():
+        assert torch.equal(model.state_dict()[k].view(torch.uint8), v.view(torch.uint8)), k
