@@ -517,15 +517,30 @@ def test_cli_data_takes_a_data_set_name(capsys, tmp_path, monkeypatch):
     assert "dcedit: error: --data: " in err and "set DCEDIT_DATA_DIR" in err
 
 
-def test_cli_detects_zsre_and_counterfact(tmp_path):
+def test_cli_detects_zsre_and_counterfact(capsys, tmp_path):
     zsre = tmp_path / "z.json"
     zsre.write_text(json.dumps([dict(subject="X", src="What is X made of?", pred="wood", rephrase="X is made of?",
                                      alt="glass", answers=["wood"], loc="nq question: who", loc_ans="me")]))
     assert cli.detect_format(zsre) == "zsre"
     assert cli.load_requests(str(zsre))[0].target == "glass"
+    assert "left out" not in capsys.readouterr().err
     cf = _counterfact_file(tmp_path / "cf.json")
     assert cli.detect_format(cf) == "counterfact"
     assert [r.target for r in cli.load_requests(str(cf), 3)] == ["sea0", "sea1", "sea0"]
+
+
+def test_cli_says_which_zsre_records_it_left_out(capsys, tmp_path, monkeypatch):
+    """zsRE records with a blank target (two of the 1,000 in shared/data) are skipped by
+    load_zsre; the CLI names them on stderr, by file and by data set name alike."""
+    record = dict(subject="X", src="What is X made of?", pred="wood", rephrase="X is made of?", alt="glass",
+                  answers=["wood"], loc="nq question: who", loc_ans="me")
+    zsre = tmp_path / "zsre-train-1k.json"
+    zsre.write_text(json.dumps([record, dict(record, alt=""), record, dict(record, src=" ")]))
+    monkeypatch.setenv("DCEDIT_DATA_DIR", str(tmp_path))
+    for path in (str(zsre), "zsre-train"):
+        assert [r.target for r in cli.load_requests(path)] == ["glass", "glass"]
+        assert f"note: {zsre}: 2 record(s) with a blank prompt or target left out (record 1, 3)" \
+            in capsys.readouterr().err
 
 
 def test_cli_train_edit_evaluate_on_tiny_model(capsys, tmp_path, tiny_model_dir):
