@@ -247,6 +247,8 @@ def editor_kwargs(args) -> dict:
         kwargs["loss_reduction"] = args.loss_reduction
     if getattr(args, "capture_batch_size", None) is not None:
         kwargs["capture_batch_size"] = args.capture_batch_size
+    if getattr(args, "rescale_batch_size", None) is not None:
+        kwargs["rescale_batch_size"] = args.rescale_batch_size
     return kwargs
 
 
@@ -336,11 +338,13 @@ def _model_editor(args, model, tokenizer):
         except ValueError as exc:
             raise UserError(f"--editor: {exc}") from None
         _check_editor_flags(args, model, me, path)
-        if getattr(args, "capture_batch_size", None) is not None:
-            try:
-                me.capture_batch_size = args.capture_batch_size
-            except ValueError as exc:
-                raise UserError(f"--capture-batch-size: {exc}") from None
+        for flag, key in (("--capture-batch-size", "capture_batch_size"),
+                          ("--rescale-batch-size", "rescale_batch_size")):
+            if getattr(args, key, None) is not None:
+                try:
+                    setattr(me, key, getattr(args, key))
+                except ValueError as exc:
+                    raise UserError(f"{flag}: {exc}") from None
         wanted = getattr(args, "loss_reduction", None)
         if wanted is not None and wanted != me.loss_reduction:
             raise UserError(f"--loss-reduction {wanted}: the editor in {path} was trained with "
@@ -570,6 +574,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--editor", default=None, help="a trained editor (from `dcedit train`)")
     p.add_argument("--n-edits", default=None, help="comma-separated N_u values (default 25,75,125)")
     p.add_argument("--repeats", type=positive_int, default=3, help="samples of N_u edits per N_u (default 3)")
+    for applying in (sub.choices["edit"], sub.choices["evaluate"]):
+        applying.add_argument("--rescale-batch-size", type=positive_int, default=None,
+                              help="the editors' training batch size R: N edits are applied with η × N/R and "
+                                   "α × R/N (ModelEditor(rescale_batch_size=R); opt-in, for N far above R)")
     for command in sub.choices.values():
         command.set_defaults(command_parser=command)  # main() reports unknown flags with its usage
     return parser

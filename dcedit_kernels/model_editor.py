@@ -158,6 +158,8 @@ class ModelEditor(FineTuneBaselines):
     peak RSS 1.8 instead of 2.7 GB, 97 instead of 83 s; bit-identical weights, the model in
     eval mode), so None
     is also the faster choice when memory allows;
+    rescale_batch_size: None (the default) or the batch size the editors were trained on, an
+    opt-in remedy for applying many more edits than that at once (see the property);
     editor_kwargs: the GroupedEditor
     preset's own arguments (`n_editors`, `rank`, `norm`, `fisher_keep`, `edit_lr`, `fusion`,
     `seed`, ...) or, for the baselines, `ft_steps`, `ft_lr`, `ft_optimizer` ("adam"|"sgd"),
@@ -167,7 +169,8 @@ class ModelEditor(FineTuneBaselines):
 
     def __init__(self, model: nn.Module, tokenizer, layers: Sequence[str], method: str = "mend",
                  tokens: str = "all", loss_reduction: str = DEFAULT_LOSS_REDUCTION, allow_tied: bool = False,
-                 editor_device=None, capture_batch_size: int | None = DEFAULT_CAPTURE_BATCH_SIZE, **editor_kwargs):
+                 editor_device=None, capture_batch_size: int | None = DEFAULT_CAPTURE_BATCH_SIZE,
+                 rescale_batch_size: int | None = None, **editor_kwargs):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if method not in METHODS:
@@ -186,6 +189,7 @@ class ModelEditor(FineTuneBaselines):
         self.model, self.tokenizer, self.method, self.tokens = model, tokenizer, method, tokens
         self.loss_reduction, self.allow_tied = loss_reduction, allow_tied
         self.capture_batch_size = capture_batch_size
+        self.rescale_batch_size = rescale_batch_size  # ValueError unless an editor method under "token"
         self.modules = resolve_modules(model, layers, arg="layers")  # ValueError with close candidates
         self.layers = list(self.modules)
         check_resident({name: weight_out_in(m) for name, m in self.modules.items()})
@@ -240,6 +244,30 @@ class ModelEditor(FineTuneBaselines):
         if value is not None and (not is_int(value) or value < 1):
             raise ValueError(f"capture_batch_size must be a positive int or None, got {value!r}")
         self._capture_batch_size = value
+
+    @property
+    def rescale_batch_size(self) -> int | None:
+        """Opt-in (None, the default: off).  The batch size (edits) the editors were trained on:
+        an apply of N edits then runs them on η × N/rescale_batch_size and steps with α ×
+        rescale_batch_size/N.  Under loss_reduction="token" every η carries a 1/(target tokens of
+        the batch) factor, so above the training batch size the editors' frozen normalisation sees
+        η far below its training scale and η̃ = (η − mean)/std is mostly the running mean's offset,
+        the same for every token: the shift turns into one edit-independent direction (SmolLM2,
+        zsRE, MEND trained on 25-edit batches, 125 edits: DD 0.96, ES 0.12).  Rescaled, each token's
+        η̃ is at its training scale and the shift is the mean, not the sum, of N/rescale_batch_size
+        training-size shifts (there: DD 0.42, ES 0.31; RESULTS.md).  At N =
+        rescale_batch_size nothing changes.  Applies to `apply` and `edits_as_applied` (hence
+        `evaluate.edit_statistics`), not to training; a runtime setting, not saved."""
+        return self._rescale_batch_size
+
+    @rescale_batch_size.setter
+    def rescale_batch_size(self, value: int | None) -> None:
+        if value is not None and (not is_int(value) or value < 1):
+            raise ValueError(f"rescale_batch_size must be a positive int or None, got {value!r}")
+        if value is not None and (self.method in FT_METHODS or self.loss_reduction != "token"):
+            raise ValueError("rescale_batch_size is for the editor methods under loss_reduction='token', "
+                             f"got method={self.method!r}, loss_reduction={self.loss_reduction!r}")
+        self._rescale_batch_size = value
 
     # -- construction --------------------------------------------------------------------------
     @staticmethod
@@ -567,27 +595,42 @@ class ModelEditor(FineTuneBaselines):
         hidden, mask = hidden.detach().float(), mask.to(hidden.device).unsqueeze(-1).float()
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
 
-    def run_editors(self, factors: dict, feats: torch.Tensor | None, consume: bool = False) -> dict:
+    def run_editors(self, factors: dict, feats: torch.Tensor | None, consume: bool = False,
+                    eta_scale: float = 1.0) -> dict:
         """{layer: GroupedEdit}, in whatever grad / train mode the caller set.  consume=True takes
         each layer's factors out of `factors` (and drops them) once its editor has run, so that
-        layers already edited do not keep their factors while the next one's editor runs."""
+        layers already edited do not keep their factors while the next one's editor runs.
+        eta_scale: the editors read η × eta_scale (a copy, one layer at a time; `factors` unchanged)."""
         edits = {}
         for name in self.layers:
             key, mode = self.slots[name]
             editor = self.editors[key]
             f = factors.pop(name) if consume else factors[name]
             dev = next(editor.parameters()).device
-            edits[name] = editor(f.mu.to(dev), f.eta.to(dev), f.edit_offsets.to(dev), mode=mode,
+            eta = f.eta.to(dev)
+            if eta_scale != 1:
+                eta = eta * eta_scale
+            edits[name] = editor(f.mu.to(dev), eta, f.edit_offsets.to(dev), mode=mode,
                                  edit_feats=None if feats is None else feats.to(dev))
+            del eta
         return edits
 
     def edits_as_applied(self, factors: dict, feats: torch.Tensor | None, consume: bool = False) -> dict:
         """{layer: GroupedEdit} as `apply` makes them: the editors in eval mode (frozen
         normalisation statistics, no gate noise), no grad; their train/eval mode comes back.
-        consume: as `run_editors`'."""
+        consume: as `run_editors`'.  With `rescale_batch_size` set, the editors read η ×
+        N/rescale_batch_size and each edit's alpha is divided by that factor (N: the edits in
+        `factors`)."""
+        scale = 1.0
+        if self.rescale_batch_size is not None and factors:
+            scale = next(iter(factors.values())).num_edits / self.rescale_batch_size
         with modes_restored(self.editors), torch.no_grad():  # the container's flag too (fit reads it)
             self.editors.eval()
-            return self.run_editors(factors, feats, consume=consume)
+            edits = self.run_editors(factors, feats, consume=consume, eta_scale=scale)
+        if scale != 1:
+            for edit in edits.values():
+                edit.alpha = edit.alpha / scale
+        return edits
 
     # -- apply / undo ----------------------------------------------------------------------------
     def editors_at_initialisation(self) -> bool:
@@ -805,10 +848,12 @@ class ModelEditor(FineTuneBaselines):
 
     @classmethod
     def load(cls, path, model: nn.Module, tokenizer, editor_device=None,
-             capture_batch_size: int | None = DEFAULT_CAPTURE_BATCH_SIZE) -> "ModelEditor":
+             capture_batch_size: int | None = DEFAULT_CAPTURE_BATCH_SIZE,
+             rescale_batch_size: int | None = None) -> "ModelEditor":
         """A ModelEditor for `model` from what `save` wrote; its editors are placed as the
         constructor places them (`editor_device`; the checkpoint records no device), and
-        `capture_batch_size` is the constructor's (a runtime setting, not saved).
+        `capture_batch_size` and `rescale_batch_size` are the constructor's (runtime settings,
+        not saved).
 
         A checkpoint from before `loss_reduction` existed (format 1) loads with "token": its
         editors were trained on factors of the batch-mean loss, and feeding them per-edit factors
@@ -852,7 +897,7 @@ class ModelEditor(FineTuneBaselines):
             editor = cls(model, tokenizer, config["layers"], method=config["method"], tokens=config["tokens"],
                          loss_reduction=config.get("loss_reduction", LEGACY_LOSS_REDUCTION),
                          allow_tied=config.get("allow_tied", False), editor_device=editor_device,
-                         capture_batch_size=capture_batch_size, **kwargs)
+                         capture_batch_size=capture_batch_size, rescale_batch_size=rescale_batch_size, **kwargs)
         saved_shapes = {key: saved.get("n_modes") for key, saved in config["editors"].items()}
         if saved_shapes != {key: e.config.get("n_modes") for key, e in editor.editors.items()}:
             # Shapes (in x out) and how many layers share each: one layer of another shape changes both.

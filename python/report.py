@@ -100,6 +100,9 @@ def parse_args(argv=None):
                         "at k = 1 the chosen edit's gate weight is 1, so the gate learns from the balance loss only)")
     p.add_argument("--loss-reduction", default="token", choices=("token", "edit"),
                    help="the editors' edit loss: MEND's batch mean (token) or each edit's own mean, summed (edit)")
+    p.add_argument("--rescale-batch-size", type=positive_int, default=None,
+                   help="apply the trained editors with ModelEditor(rescale_batch_size=R): N_u edits with η × N_u/R "
+                        "and α × R/N_u (opt-in; R is naturally --batch-size)")
     p.add_argument("--fusions", default="",
                    help="also apply RaEditor and MoEditor with these fusions (comma-separated from "
                         f"{','.join(FUSIONS)}): one more row each, the same trained editors")
@@ -280,6 +283,10 @@ def _editors_line(report: dict) -> str:
             f"{tc['batch_size']} edits, Adam lr {tc['lr']} (edit steps α: {tc['lr_lr']}), " + ", ".join(parts) + ". ")
     if "raeditor" in run:
         line += "RaEditor = MoEditor's editors with random routing. "
+    if ed.get("rescale_batch_size") is not None:
+        size = ed["rescale_batch_size"]
+        line += (f"Applied with `rescale_batch_size` {size}: an edit of N_u edits runs the editors on "
+                 f"η × N_u/{size} and steps with α × {size}/N_u. ")
     return line + "The editors see the gradients of "
 
 
@@ -438,6 +445,8 @@ def _run(args, t_start) -> int:
     if "moeditor" in methods:  # the MoEditor (only it takes --top-k) is built after the model loads
         if args.top_k is not None and args.top_k > args.n_editors:
             raise UserError(f"--top-k {args.top_k} cannot exceed --n-editors {args.n_editors}")
+    if args.rescale_batch_size is not None and args.loss_reduction != "token":
+        raise UserError("--rescale-batch-size undoes the 1/N_u scale of --loss-reduction token, not edit")
     data = args.data or _default_data("counterfact-val")
     train_data = args.train_data or _default_data("counterfact-train")
     if data is None:
@@ -526,6 +535,12 @@ def _run(args, t_start) -> int:
                                              else f"trained in {training[method]['train_s']:.0f} s"), flush=True)
     if "raeditor" in methods:
         editors["raeditor"] = random_routing_twin(editors["moeditor"], **kwargs_of("raeditor"))
+    if args.rescale_batch_size is not None:  # a runtime setting: the cached editors are the same
+        for method in editors:
+            try:
+                editors[method].rescale_batch_size = args.rescale_batch_size
+            except ValueError as exc:
+                raise UserError(f"--rescale-batch-size: {exc}") from None
     for method in ("ft", "ft_kl"):
         if method in methods:
             kl = {"locality_texts": kl_texts} if method == "ft_kl" and kl_texts else {}
@@ -586,7 +601,8 @@ def _run(args, t_start) -> int:
         n_train_unlocalized=n_train_unlocalized,
         seed=args.seed,
         train_config=train_config, editor=dict(rank=args.rank, n_editors=args.n_editors, top_k=gate_top_k(editors), loss_reduction=args.loss_reduction,
-                                              fusion=trained_fusion), ft_steps=args.ft_steps,
+                                              fusion=trained_fusion, rescale_batch_size=args.rescale_batch_size),
+        ft_steps=args.ft_steps,
         ft_kl_edits=len(kl_edits) if kl_texts else 0, ft_kl_skipped=kl_skipped,
         training=training, methods=results, unedited=unedited, gradients=gradients,
         edit_statistics=stats,

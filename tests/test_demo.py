@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -773,6 +774,37 @@ def test_cli_capture_batch_size_flag(capsys, tmp_path, tiny_model_dir):
         assert cli.main(["edit", "--model", model, *args, "--capture-batch-size", "0", "--prompt", "a b",
                          "--target", "c"]) == 2
         assert "argument --capture-batch-size: must be a positive int, got '0'" in capsys.readouterr().err
+
+
+def test_cli_rescale_batch_size_flag(capsys, tmp_path, tiny_model_dir):
+    """edit/evaluate --rescale-batch-size sets ModelEditor.rescale_batch_size on a saved editor and
+    on a new one; FT and an 'edit'-reduction editor refuse it in one line; train has no such flag."""
+    data = _counterfact_file(tmp_path / "cf.json", n=5)
+    editor = tmp_path / "mend.safetensors"
+    model = str(tiny_model_dir)
+    assert cli.main(["train", "--model", model, "--method", "mend", "--rank", "3", "--data", str(data),
+                     "--steps", "1", "--batch-size", "5", "--out", str(editor)]) == 0
+    seen = []
+    real = ModelEditor.apply
+
+    def apply(self, requests):
+        seen.append(self.rescale_batch_size)
+        return real(self, requests)
+
+    with mock.patch.object(ModelEditor, "apply", apply):
+        for args in (["--editor", str(editor)], ["--method", "mend", "--rank", "3"]):
+            assert cli.main(["edit", "--model", model, *args, "--data", str(data), "--n-edits", "5",
+                             "--rescale-batch-size", "2"]) == 0
+        assert cli.main(["evaluate", "--model", model, "--editor", str(editor), "--data", str(data), "--n-edits", "4",
+                         "--repeats", "1", "--rescale-batch-size", "2"]) == 0
+    assert seen and set(seen) == {2}
+    capsys.readouterr()
+    for args in (["--method", "ft"], ["--method", "mend", "--loss-reduction", "edit"]):
+        assert cli.main(["edit", "--model", model, *args, "--rescale-batch-size", "2", "--prompt", "a b",
+                         "--target", "c"]) == 2
+        assert "rescale_batch_size is for the editor methods" in capsys.readouterr().err
+    assert cli.main(["train", "--model", model, "--rescale-batch-size", "2"]) == 2
+    assert "unrecognized arguments: --rescale-batch-size 2" in capsys.readouterr().err
 
 
 def test_gradient_conflict_of_a_tied_head_is_that_of_the_heads_own_use():

@@ -2007,3 +2007,93 @@ def test_ft_kl_locality_texts_may_be_any_iterable(gen, tmp_path):
     for bad in (5, "one text", ["ok", ""]):
         with pytest.raises(ValueError, match="locality_texts"):
             ModelEditor(me.model, me.tokenizer, LAYERS["gpt2"], method="ft_kl", locality_texts=bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# rescale_batch_size (opt-in): η at the training batch's scale, α divided back
+# ---------------------------------------------------------------------------------------------
+def give_norm_statistics(me, gen):
+    """Frozen running statistics as a trained editor has (k > 2, non-zero means): the
+    normalisation is then affine but not linear, so the scale of η changes the editor's output."""
+    with torch.no_grad():
+        for editor in me.editors.values():
+            n = editor.norm
+            n.k.fill_(100.0)
+            for mean, std in ((n.u_mean, n.u_std), (n.v_mean, n.v_std)):
+                std.copy_(torch.rand(std.shape, generator=gen) * 0.02 + 0.01)
+                mean.copy_(torch.randn(mean.shape, generator=gen) * 0.02)
+
+
+@pytest.mark.parametrize("method", ["mend", "moeditor", "proeditor"])
+def test_rescale_batch_size_runs_the_editors_at_the_training_scale(method, gen):
+    """With rescale_batch_size = R, an apply of N edits writes W + (α R/N)·Δ(μ, η N/R), computed here
+    from the capture and the editors directly (float64 weights); at N = R it is bit for bit the
+    default apply, and at N ≠ R, with trained (non-linear) normalisation, another edit."""
+    extra = dict(fisher_keep=0.6) if method == "proeditor" else {}
+    me = make_editor("llama", method, gen, dtype=torch.float64, **extra)
+    give_norm_statistics(me, gen)
+    reqs = random_requests(gen, 6)
+    before = snapshot(me.model)
+    with me.edited(reqs):
+        plain = {n: me.modules[n].weight.detach().clone() for n in me.layers}
+    me.rescale_batch_size = 6
+    with me.edited(reqs):
+        for n in me.layers:
+            assert torch.equal(me.modules[n].weight, plain[n]), n
+    me.rescale_batch_size = 2  # N/R = 3
+    batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
+    factors, feats, _ = me.capture(batch)
+    me.eval()
+    want = {}
+    with torch.no_grad():
+        for n in me.layers:
+            key, mode = me.slots[n]
+            f = factors[n]
+            edit = me.editors[key](f.mu, f.eta * 3, f.edit_offsets, mode=mode, edit_feats=feats)
+            want[n] = before[n + ".weight"].double() + float(edit.alpha) / 3 * edit.dense().double()
+    with me.edited(reqs) as handle:
+        for n in me.layers:
+            w = me.modules[n].weight.detach().double()
+            step, want_step = w - before[n + ".weight"].double(), want[n] - before[n + ".weight"].double()
+            assert rel_err(step, want_step) < 1e-5, n
+            assert rel_err(step, plain[n].double() - before[n + ".weight"].double()) > 1e-3, n
+        assert handle.stats["n_edits"] == 6
+    assert_bit_identical(before, me.model)
+
+
+def test_rescale_batch_size_is_no_change_for_an_identity_editor_without_normalisation(gen):
+    """The identity editor without normalisation is linear in η: η × N/R and α × R/N cancel, and
+    the rescaled apply is still the gradient step of the batch-mean loss (float64 reference)."""
+    me = make_editor("llama", "mend", dtype=torch.float64, norm=False, edit_lr=0.37, rescale_batch_size=1)
+    reqs = random_requests(gen, 3)
+    batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
+    params = [me.modules[n].weight for n in me.layers]
+    loss = reference_edit_loss(me.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                               batch["labels"], causal=True, reduction="token")
+    grads = torch.autograd.grad(loss, params)
+    before = [p.detach().clone() for p in params]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # untrained editors
+        handle = me.apply(reqs)
+    for name, p, p0, g in zip(me.layers, params, before, grads):
+        assert rel_err((p.detach() - p0).double(), -0.37 * g.double()) < 1e-4, name
+    handle.undo()
+
+
+def test_rescale_batch_size_is_validated_and_is_a_load_setting(gen, tmp_path):
+    model, tok = tiny_model("gpt2")
+    for bad in (0, -1, 2.5, True, "25"):
+        with pytest.raises(ValueError, match="rescale_batch_size must be a positive int or None"):
+            ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rescale_batch_size=bad)
+    for kwargs in (dict(method="mend", loss_reduction="edit"), dict(method="ft"), dict(method="ft_kl")):
+        with pytest.raises(ValueError, match="rescale_batch_size is for the editor methods"):
+            ModelEditor(model, tok, LAYERS["gpt2"], rescale_batch_size=4, **kwargs)
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=3)
+    assert me.rescale_batch_size is None  # the default: off
+    with pytest.raises(ValueError, match="rescale_batch_size"):
+        me.rescale_batch_size = 0
+    assert me.rescale_batch_size is None  # a refused value leaves the setting as it was
+    path = tmp_path / "mend.safetensors"
+    me.save(path)
+    assert ModelEditor.load(path, model, tok).rescale_batch_size is None  # not saved
+    assert ModelEditor.load(path, model, tok, rescale_batch_size=25).rescale_batch_size == 25

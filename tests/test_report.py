@@ -113,6 +113,16 @@ def test_given_loss_weights_are_rendered(report_module, tmp_path):
     assert "N_g" not in text and "ProEditor" not in text and "RaEditor" not in text
 
 
+def test_rescale_batch_size_is_rendered(report_module, tmp_path):
+    report, layers = _report({"mend": _result(0.2, 0.1)})
+    text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
+    assert "rescale_batch_size" not in text  # off, and reports from before the option
+    report["editor"]["rescale_batch_size"] = 25
+    text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
+    assert ("Applied with `rescale_batch_size` 25: an edit of N_u edits runs the editors on η × N_u/25 and steps "
+            "with α × 25/N_u.") in text
+
+
 def test_the_trained_moeditors_top_k_is_recorded(report_module):
     """Without --top-k the report records the editor's own top_k (the preset's default), not 1."""
     model, tok = tiny_model("llama")
@@ -249,6 +259,7 @@ def test_each_row_starts_raeditors_routing_from_the_same_state(report_module):
      "--top-k 3 cannot exceed --n-editors 2"),
     (["--methods", ",", "--n-edits", "2"], "--methods is empty"),  # once a report of nothing, exit status 0
     (["--methods", "ft,mend", "--n-edits", "2", "--fusions", "add"], "--fusions adds rows to"),  # once ignored
+    (["--n-edits", "2", "--loss-reduction", "edit", "--rescale-batch-size", "2"], "--rescale-batch-size undoes"),
 ])
 def test_report_refuses_bad_arguments_before_loading_the_model(extra, message, report_module, capsys, tmp_path,
                                                                monkeypatch):
