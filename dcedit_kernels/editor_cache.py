@@ -83,7 +83,7 @@ def _requests_digest(requests) -> str:
 _NO_EFFECT = ("progress", "checkpoint_dir", "resume", "val_every", "val_size", "patience", "restore_best")
 # ModelEditor arguments that do not change the trained editor (memory and placement only; not
 # saved with it): `ModelEditor.load` takes them again, so a cached editor gets them as a new one does.
-_RUNTIME = ("capture_batch_size", "editor_device")
+_RUNTIME = ("capture_batch_size", "editor_device", "rescale_batch_size")
 
 
 def trained_editor(model, tokenizer, method: str, layers: list[str], kwargs: dict, train_config: dict,
@@ -152,14 +152,15 @@ def random_routing_twin(moeditor, **kwargs):
     """A RaEditor holding a trained MoEditor's editors, with random groups instead of the gate
     (the paper's routing ablation, at no training cost): everything but the gate is copied, and the
     capture settings (tokens, loss_reduction, allow_tied: the scale its editors were trained on;
-    and capture_batch_size) are the MoEditor's.  `kwargs`: the RaEditor's constructor arguments (n_editors, rank, ... as the
-    MoEditor's)."""
+    and capture_batch_size, rescale_batch_size) are the MoEditor's.  `kwargs`: the RaEditor's
+    constructor arguments (n_editors, rank, ... as the MoEditor's)."""
     from .model_editor import ModelEditor
 
     if moeditor.method != "moeditor":
         raise ValueError(f"moeditor must be a ModelEditor with method 'moeditor', got {moeditor.method!r}")
     kwargs = dict(dict(tokens=moeditor.tokens, loss_reduction=moeditor.loss_reduction,
-                       allow_tied=moeditor.allow_tied, capture_batch_size=moeditor.capture_batch_size), **kwargs)
+                       allow_tied=moeditor.allow_tied, capture_batch_size=moeditor.capture_batch_size,
+                       rescale_batch_size=moeditor.rescale_batch_size), **kwargs)
     twin = ModelEditor(moeditor.model, moeditor.tokenizer, layers=moeditor.layers, method="raeditor", **kwargs)
     state = moeditor.state_tensors()
     missing = sorted(set(twin.state_tensors()) - set(state))

@@ -611,6 +611,7 @@ def test_editor_cache_key_covers_loss_reduction_and_resolved_training_defaults()
     # nor do the validation settings: trained_editor trains without val requests
     assert key(train={"steps": 2, "val_every": 7, "val_size": 3, "patience": None, "restore_best": False}) == key()
     assert key(kwargs={"capture_batch_size": 4}) == key()  # a memory setting of the capture
+    assert key(kwargs={"rescale_batch_size": 25}) == key()  # an apply-time setting
     fp16 = editor_cache.editor_cache_key("mend", ["a.b"], {}, {"steps": 2}, ["x"], "no-such-model", "torch.float16")
     assert fp16 != key()  # the model's dtype, when given
 
@@ -702,9 +703,10 @@ def test_trained_editor_cached_gets_the_runtime_settings_and_survives_damaged_me
 def test_random_routing_twin_keeps_the_capture_settings():
     model, tok = tiny_model("llama", seed=0)
     mo = ModelEditor(model, tok, ["model.layers.1.mlp.down_proj"], method="moeditor", n_editors=2, rank=3,
-                     loss_reduction="token", capture_batch_size=5)
+                     loss_reduction="token", capture_batch_size=5, rescale_batch_size=4)
     twin = editor_cache.random_routing_twin(mo, n_editors=2, rank=3)
     assert twin.loss_reduction == "token" and twin.tokens == mo.tokens and twin.capture_batch_size == 5
+    assert twin.rescale_batch_size == 4
 
 
 def test_cli_loss_reduction_flag(capsys, tmp_path, tiny_model_dir):
