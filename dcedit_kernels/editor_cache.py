@@ -43,6 +43,7 @@ def editor_cache_key(method: str, layers: list[str], kwargs: dict, train_config:
     editor trained under the old semantics is never reused under the new ones.
     """
     from . import __version__
+    from .editors.grouped_editor import GATE_NORM_DEFAULT
     from .train import TrainConfig
 
     model_path = Path(model_file)
@@ -51,7 +52,7 @@ def editor_cache_key(method: str, layers: list[str], kwargs: dict, train_config:
     train = {k: v for k, v in dataclasses.asdict(TrainConfig(**train_config)).items() if k not in _NO_EFFECT}
     editor_kwargs = {k: v for k, v in kwargs.items() if k not in capture and k not in _RUNTIME}
     if method == "moeditor":  # resolved, as the settings above: a MoEditor cached before gate_norm read raw features
-        editor_kwargs.setdefault("gate_norm", _gate_norm_default())
+        editor_kwargs.setdefault("gate_norm", GATE_NORM_DEFAULT)
     blob = json.dumps(dict(version=__version__, method=method, layers=list(layers), kwargs=editor_kwargs,
                            capture=capture,
                            train=train, edits=list(train_ids), model=model_id,
@@ -59,14 +60,6 @@ def editor_cache_key(method: str, layers: list[str], kwargs: dict, train_config:
                            **({} if train_requests is None else dict(requests=_requests_digest(train_requests)))),
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _gate_norm_default() -> bool:
-    import inspect
-
-    from .editors import GroupedEditor
-
-    return inspect.signature(GroupedEditor.__init__).parameters["gate_norm"].default
 
 
 def _requests_digest(requests) -> str:

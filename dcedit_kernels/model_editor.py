@@ -192,7 +192,7 @@ class ModelEditor(FineTuneBaselines):
         self.rescale_batch_size = rescale_batch_size  # ValueError unless an editor method under "token"
         self.modules = resolve_modules(model, layers, arg="layers")  # ValueError with close candidates
         self.layers = list(self.modules)
-        check_resident({name: weight_out_in(m) for name, m in self.modules.items()})
+        self._check_resident()
         if not allow_tied:
             check_untied(model, self.modules)
         self.editor_kwargs = dict(editor_kwargs)
@@ -270,6 +270,10 @@ class ModelEditor(FineTuneBaselines):
         self._rescale_batch_size = value
 
     # -- construction --------------------------------------------------------------------------
+    def _check_resident(self) -> None:
+        """ValueError naming an edited layer whose weight is not resident (accelerate's "meta")."""
+        check_resident({name: weight_out_in(m) for name, m in self.modules.items()})
+
     @staticmethod
     def shape_of(module: nn.Module) -> tuple[int, int]:
         """(in_features, out_features) of an editable module (Conv1D stores in×out)."""
@@ -658,7 +662,7 @@ class ModelEditor(FineTuneBaselines):
         # Offloaded since the constructor checked (accelerate's cpu_offload/disk_offload of the model
         # after the ModelEditor was built): the shift went to a "meta" tensor and failed with
         # NotImplementedError, and FT said the layer got no gradient.
-        check_resident({name: weight_out_in(m) for name, m in self.modules.items()})
+        self._check_resident()
         devices = self.devices
         _peak_memory_start(devices)
         start = time.perf_counter()

@@ -523,6 +523,8 @@ def _run(args, t_start) -> int:
             kwargs["n_editors"] = args.n_editors
         if method == "moeditor" and args.top_k is not None:  # only when given: cached editors keep their keys
             kwargs["top_k"] = args.top_k
+        if args.rescale_batch_size is not None:  # a runtime setting: not in the cache key
+            kwargs["rescale_batch_size"] = args.rescale_batch_size
         return kwargs
 
     editors, training = {}, {}
@@ -535,12 +537,6 @@ def _run(args, t_start) -> int:
                                              else f"trained in {training[method]['train_s']:.0f} s"), flush=True)
     if "raeditor" in methods:
         editors["raeditor"] = random_routing_twin(editors["moeditor"], **kwargs_of("raeditor"))
-    if args.rescale_batch_size is not None:  # a runtime setting: the cached editors are the same
-        for method in editors:
-            try:
-                editors[method].rescale_batch_size = args.rescale_batch_size
-            except ValueError as exc:
-                raise UserError(f"--rescale-batch-size: {exc}") from None
     for method in ("ft", "ft_kl"):
         if method in methods:
             kl = {"locality_texts": kl_texts} if method == "ft_kl" and kl_texts else {}

@@ -18,6 +18,8 @@ from .parameter_generator import ParameterGenerator
 from .running_norm import FeatureNorm, RunningNorm
 
 ROUTINGS = ("gate", "random", "single")
+# gate_norm's default (editor_cache resolves it into the cache key of a MoEditor that leaves it out).
+GATE_NORM_DEFAULT = True
 
 
 class GroupedEditor(nn.Module):
@@ -71,7 +73,7 @@ class GroupedEditor(nn.Module):
         top_k: int = 1,
         generator_hidden: int = 64,
         seed: int | None = None,
-        gate_norm: bool = True,
+        gate_norm: bool = GATE_NORM_DEFAULT,
     ):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features),
