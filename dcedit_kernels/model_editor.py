@@ -9,13 +9,7 @@
 
 Editor methods ("mend", "raeditor", "moeditor", "proeditor"): a forward + backward of the edit
 loss (`loss_reduction`, below) captures the gradient factors (μ, η) of every edited weight
-(`capture.py`), with the model's parameters frozen for the pass (their `requires_grad` flags are
-restored afterwards) so that autograd keeps only the graph above the first edited layer, one pass
-per `capture_batch_size` edits (their factors concatenated) and the LM head computing logits at
-the target-predicting positions only (`scored_logits.py`), so that its memory grows with the
-number of edits only through the factors themselves (a causal LM's chunks are copied into the
-joined factors as they run, `_capture_into`; otherwise they are held twice for one layer while the
-chunks' factors are joined); the
+(`capture.py`; the pass itself, one per `capture_batch_size` edits: `edit_capture.py`); the
 editors map them to grouped low-rank factors (eval mode, no grad) and each weight gets its fused
 shift in place through `GroupedEdit.apply_` (`ops.apply_shift_`), which returns the previous
 values: undo copies them back, so it is exact even in bf16, where subtracting the shift again
@@ -30,10 +24,8 @@ alone or with 100 others.  Measured on CounterFact (RESULTS.md), "edit" raises E
 shift then grows with the number of edits and so does drawdown: LMP is lower at every N_u, much
 lower above the training batch size, hence the default.  The setting belongs to the editor (its
 normalisation statistics and steps α are learned on that scale): training uses the same capture,
-and checkpoints record it.  Checkpoints
-written before the setting existed (format 1, no "loss_reduction") load as "token", the semantics
-they were trained under; so do original MEND editors (`compat.mend.LOSS_REDUCTION`;
-`ModelEditor.from_mend` builds a ModelEditor from an original MEND checkpoint).
+and checkpoints record it (those written before it existed load as "token", and so do original
+MEND editors: `editor_checkpoint.py`).
 
 Tied weights: a layer whose weight is shared with another module (an LM head tied to the input
 embedding) cannot be edited without changing that module too, so the constructor raises ValueError
@@ -84,46 +76,35 @@ caller's own `max_memory_allocated` reading spans from the last edit on.
 from __future__ import annotations
 
 import contextlib
-import difflib
-import json
 import time
 import warnings
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
 from ._checks import HALF_DTYPES, is_int
-from .capture import (
-    TOKEN_MODES, Factors, capture_factors, frozen_parameters, is_conv1d, modes_restored, resolve_modules,
-    weight_out_in,
-)
+from .capture import TOKEN_MODES, modes_restored, resolve_modules, weight_out_in
 from .devices import as_device, check_resident, cuda_indices, input_device, model_devices, place_editor
+from .edit_capture import DEFAULT_CAPTURE_BATCH_SIZE, EditCapture
 from .edit_handle import LIVE_EDITS, EditHandle, add_note, deferred_interrupt, restore, weights_owner
-from .editors.grouped_editor import config_differences, with_absent_defaults
+from .editor_checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, LEGACY_LOSS_REDUCTION, EditorCheckpoints
 from .editors.presets import MEND, MoEditor, ProEditor, RaEditor
-from .ft_baseline import FT_KL_ONLY, FineTuneBaselines
-from .head_input import called_head, head_input, head_width
-from .losses import DEFAULT_LOSS_REDUCTION, LOSS_REDUCTIONS, backward_scale, edit_loss, unscale
-from .positions import past_positions
+from .ft_baseline import FineTuneBaselines
+from .head_input import head_width
+from .losses import DEFAULT_LOSS_REDUCTION, LOSS_REDUCTIONS
 from .requests import EditRequest, validate_requests
-from .safetensors_file import check_state, json_metadata, save_safetensors
-from .scored_logits import logits_at, scored_positions
 from .tied_weights import check_untied
-from .tokenize import IGNORE_INDEX, forward_inputs, is_seq2seq, no_kv_cache, tokenize_causal, tokenize_seq2seq
+from .tokenize import is_seq2seq
+
+# What other modules import from here: the capture's and the checkpoints' constants live beside
+# their code (edit_capture.py, editor_checkpoint.py) and are re-exported.
+__all__ = ["ModelEditor", "EDITOR_METHODS", "FT_METHODS", "METHODS", "DEFAULT_CAPTURE_BATCH_SIZE",
+           "DEFAULT_LOSS_REDUCTION", "LEGACY_LOSS_REDUCTION", "CHECKPOINT_FORMAT", "CHECKPOINT_KEY"]
 
 EDITOR_METHODS = {"mend": MEND, "raeditor": RaEditor, "moeditor": MoEditor, "proeditor": ProEditor}
 FT_METHODS = ("ft", "ft_kl")
 METHODS = tuple(EDITOR_METHODS) + FT_METHODS
-# Rows per forward + backward of the capture (and of the FT baselines).  SmolLM2-135M, 3 edited
-# down_proj layers, CounterFact prompts of ~20 tokens, CPU: the capture of 500 edits in one pass
-# took 8.2 GB over the model's 1.3 GB (2.2 GB once the LM head computed only the scored positions).
-DEFAULT_CAPTURE_BATCH_SIZE = 32
-# What a checkpoint without a "loss_reduction" entry (format 1) was trained and applied under.
-LEGACY_LOSS_REDUCTION = "token"
-CHECKPOINT_FORMAT = 2
-CHECKPOINT_KEY = "dcedit_model_editor"
 
 
 def _peak_memory_start(devices: list[torch.device]) -> None:
@@ -138,7 +119,7 @@ def _peak_memory(devices: list[torch.device]):
     return sum(int(torch.cuda.max_memory_allocated(i)) for i in indices) if indices else None
 
 
-class ModelEditor(FineTuneBaselines):
+class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
     """Edits `model` in place at the named `layers` with `method`; see the module docstring.
 
     layers: module names (nn.Linear or GPT-2 Conv1D); method: "mend", "raeditor", "moeditor",
@@ -348,257 +329,12 @@ class ModelEditor(FineTuneBaselines):
         """`train(False)`."""
         return self.train(False)
 
-    # -- tokenization and capture ----------------------------------------------------------------
-    def tokenize(self, prompts: Sequence[str], targets: Sequence[str], name: str = "requests") -> dict:
-        """Edit batch (labels on the target tokens); ValueError naming the request on an empty target."""
-        fn = tokenize_seq2seq if self.seq2seq else tokenize_causal
-        try:
-            return fn(self.tokenizer, list(prompts), list(targets), device=self.device)
-        except ValueError as exc:
-            raise ValueError(f"{name} could not be tokenized ({exc}); the model was not changed") from None
-
-    @contextlib.contextmanager
-    def _length_errors(self, batch: dict, name: str):
-        """An IndexError inside the block, when `batch` has a row past the model's positions,
-        becomes a ValueError naming that row (`positions.past_positions`)."""
-        try:
-            yield
-        except IndexError as exc:
-            past = past_positions(self.model, batch, causal=not self.seq2seq)
-            if past is None:
-                raise
-            i, length, what, limit = past
-            what = f" ({what})" if name == "requests" else ""
-            raise ValueError(f"{name}[{i}] is {length} tokens{what}, more than the model's "
-                             f"{limit} positions; the model was not changed") from exc
-
-    def capture(self, batch: dict, need_feats: bool | None = None):
-        """({layer: Factors}, edit features (E, hidden) or None, loss): one forward + backward per
-        `capture_batch_size` rows, their factors and features concatenated in row order.
-
-        η is the gradient of the edit loss of `loss_reduction` ("edit": Σ_e of edit e's mean target
-        NLL; "token": the batch's mean target NLL, each chunk's rows divided by the whole batch's
-        number of target tokens, so chunking changes η by rounding only; the backward runs at the
-        per-token sum's scale and η is divided back, exactly, which keeps fp16 gradients from
-        flushing to zero (`losses.backward_scale`): an fp16 layer's η comes back in fp32).
-        Gradients are taken with `torch.autograd.grad` against the edited modules' outputs only:
-        no parameter's `.grad` changes and the weights need not require grad.  The pass runs with
-        every parameter's requires_grad off (restored exactly afterwards, also on an exception), so
-        the forward records only the graph the backward to the edited layers needs, whatever flags
-        the caller's model has; the LM head computes logits at the scored positions only
-        (`scored_logits.logits_at`).
-        """
-        if need_feats is None:
-            need_feats = self.needs_feats
-        chunks, order = self._capture_chunks(batch)
-        if len(chunks) == 1:
-            return self._capture_rows(batch, need_feats, None)
-        n_scored = self._n_scored(batch)
-        if order is not None:  # a causal LM's sorted chunks: their token counts are known beforehand
-            joined = self._capture_into(chunks, order, self._kept_per_row(batch), need_feats, n_scored)
-            if joined is not None:
-                return joined
-        parts = [self._capture_rows(chunk, need_feats, n_scored) for chunk in chunks]
-        # One layer at a time, each chunk's copy dropped once joined (and the joined copy once put
-        # back in row order): the peak holds the factors plus one layer's joined copy, not two
-        # copies of everything.
-        back = None if order is None else torch.argsort(order)
-        factors = {}
-        for name in self.layers:
-            joined = Factors.cat([p[0].pop(name) for p in parts])
-            factors[name] = joined if back is None else joined.take_edits(back)
-            del joined
-        feats = torch.cat([p[1] for p in parts]) if need_feats else None
-        if feats is not None and back is not None:
-            feats = feats[back.to(feats.device)]
-        return factors, feats, sum(p[2] for p in parts)
-
-    def _kept_per_row(self, batch: dict) -> torch.Tensor:
-        """(rows,) int64 on the CPU: how many tokens the capture keeps of each row of a batch that
-        `_capture_chunks` sorted (a causal LM's, with a 2-D attention mask and labels of its shape),
-        as `FactorCapture._keep_mask` chooses them: the scored positions, and with tokens="all" also
-        the unmasked ones."""
-        mask, labels = batch["attention_mask"], batch["labels"]
-        keep = scored_positions(labels, causal=True)  # position t predicts label t+1
-        if self.tokens != "target":
-            keep = keep | (mask.to(keep.device) != 0)
-        return keep.sum(1).cpu()
-
-    def _capture_into(self, chunks: list[dict], order: torch.Tensor, kept: torch.Tensor,
-                      need_feats: bool, n_scored: int):
-        """`capture` of several chunks whose token counts are known before they run (`kept`):
-        each chunk's factors are copied, as soon as it has run, to their rows in one (T, ·) buffer
-        per factor of each layer (allocated at the first chunk), in the batch's row order, and
-        dropped.  The same values as joining the chunks' factors afterwards (`Factors.cat`, then
-        `take_edits`), without their two joined copies of a layer, and without keeping every
-        chunk's small factor tensors on the heap between the chunks' activations, which glibc
-        then could not give back (SmolLM2, 3 down_proj layers, CounterFact edits in chunks of 32,
-        the capture's peak RSS over the model's: 400 edits 261-270 -> 176-186 MiB for 92 MiB of
-        factors, 1,000 edits 605 -> 332 MiB for 228 MiB).  None when a
-        chunk keeps other counts than `kept` says, or its factors do not fit one buffer: the caller
-        then runs every chunk again and joins their factors afterwards (not seen on the 13
-        architectures of tests/test_architectures.py, which all take this path)."""
-        rows = kept.numel()
-        step = self.capture_batch_size or rows
-        row_of = order.cpu()  # the batch row of each chunk row
-        starts = torch.zeros(rows + 1, dtype=torch.int64)
-        starts[1:] = kept.cumsum(0)
-        total = int(starts[-1])
-        buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        feats, loss = [], 0
-        for k, chunk in enumerate(chunks):
-            index = row_of[k * step:(k + 1) * step]
-            factors, chunk_feats, chunk_loss = self._capture_rows(chunk, need_feats, n_scored)
-            for name in self.layers:
-                f = factors.pop(name)
-                counts = (f.edit_offsets[1:] - f.edit_offsets[:-1]).long().cpu()
-                if not torch.equal(counts, kept[index]):
-                    return None
-                if name not in buffers:
-                    buffers[name] = (f.mu.new_empty((total, f.mu.shape[1])), f.eta.new_empty((total, f.eta.shape[1])))
-                mu, eta = buffers[name]
-                if any(a.dtype != b.dtype or a.device != b.device or a.shape[1:] != b.shape[1:]
-                       for a, b in ((mu, f.mu), (eta, f.eta))):
-                    return None
-                # Row j of edit e goes to starts[e] + j.
-                dest = torch.repeat_interleave(starts[index] - f.edit_offsets[:-1].long().cpu(), counts,
-                                               output_size=f.num_tokens) + torch.arange(f.num_tokens)
-                dest = dest.to(mu.device)
-                mu.index_copy_(0, dest, f.mu)
-                eta.index_copy_(0, dest, f.eta)
-                del f
-            del factors
-            feats.append(chunk_feats)
-            loss = loss + chunk_loss
-        offsets = starts.to(torch.int32)
-        out = {name: Factors(mu, eta, offsets.to(mu.device)) for name, (mu, eta) in buffers.items()}
-        joined_feats = None
-        if need_feats:
-            joined_feats = torch.cat(feats)
-            joined_feats = joined_feats[torch.argsort(order).to(joined_feats.device)]
-        return out, joined_feats, loss
-
-    def _capture_chunks(self, batch: dict) -> tuple[list[dict], torch.Tensor | None]:
-        """(chunks, order): for a causal LM cut into more than one chunk, the rows sorted by length
-        (`order`: the batch's row of each sorted row) and each chunk trimmed of the trailing columns
-        that are padding in all its rows, so a chunk of short rows runs on short rows only; else
-        `_row_chunks` (order None).  A real token attends to the positions before it only, so the
-        trimmed columns change no kept token's output (rounding aside: the matmuls see other
-        shapes).  Measured on SmolLM2 (fp32, CPU, layers 27-29, 125 CounterFact edits in chunks of 32): the
-        chunks held 1,875 token slots for 1,159 real tokens in row order, 1,299 sorted (-31 %); the capture
-        is ~95 % of apply, and apply took 2.3-2.5 s instead of 2.7-3.2 s (MoEditor, the three least
-        contended of 7 alternating pairs), the same shifts."""
-        chunks = self._row_chunks(batch)
-        mask, labels = batch.get("attention_mask"), batch.get("labels")
-        if (len(chunks) == 1 or self.seq2seq or mask is None or labels is None or mask.dim() != 2
-                or labels.shape != mask.shape):
-            return chunks, None
-        rows, width = mask.shape
-        used = (mask != 0) | (labels != IGNORE_INDEX)
-        # The length of a row: up to its last real (or labelled) column, whatever side it is padded on.
-        last = torch.where(used, torch.arange(1, width + 1, device=used.device), 0).amax(1)
-        order = torch.argsort(last, stable=True)
-        step = self.capture_batch_size or rows
-        out = []
-        for lo in range(0, rows, step):
-            index = order[lo:lo + step]
-            keep = max(int(last[index].max()), 1)
-            out.append({k: (v[index.to(v.device)][:, :keep]
-                            if v.dim() >= 2 and tuple(v.shape[:2]) == (rows, width)
-                            else v[index.to(v.device)])
-                        for k, v in batch.items()})
-        return out, order
-
-    def _n_scored(self, batch: dict) -> int:
-        """The batch's number of target tokens (the "token" reduction's N over all its chunks)."""
-        return int(scored_positions(batch["labels"], not self.seq2seq).sum())
-
-    def _row_chunks(self, batch: dict) -> list[dict]:
-        """`batch` cut into consecutive chunks of at most `capture_batch_size` rows (every entry of
-        the batch is per row); [batch] itself when it fits."""
-        rows = batch["input_ids"].shape[0]
-        step = self.capture_batch_size or rows
-        if rows <= step:
-            return [batch]
-        return [{k: v[lo:lo + step] for k, v in batch.items()} for lo in range(0, rows, step)]
-
-    def _scored_edit_loss(self, batch: dict, reduction: str, n_scored: int | None, need_feats: bool = False):
-        """(the edit loss of one forward over `batch` (see `edit_loss`), each edit's features (see
-        `_edit_features`) when `need_feats`, else None), the LM head computing logits at the scored
-        positions only."""
-        causal = not self.seq2seq
-        inputs = self.model_inputs(batch)
-        gather = "labels" not in inputs  # with labels the model computes its own loss from the full logits
-        positions = scored_positions(batch["labels"], causal)
-        # The hidden states only where no head input can be recorded (see head_input.py).
-        fallback = need_feats and causal and called_head(self.model) is None
-        hidden_states = {"output_hidden_states": True} if fallback else {}
-        with head_input(self.model, positions.shape, enabled=need_feats and causal) as hidden, \
-                logits_at(self.model, positions, skip=self.modules.values(), enabled=gather) as scored:
-            # No KV cache for a causal LM: RWKV writes its state in place, which broke the backward of
-            # an edit below its last block.
-            out = self.model(**inputs, **hidden_states, **no_kv_cache(self.model))
-        feats = self._edit_features(out, hidden.value, batch) if need_feats else None
-        return edit_loss(scored.pick(out.logits), batch["labels"], causal, reduction, n_scored), feats
-
-    def _capture_rows(self, batch: dict, need_feats: bool, n_scored: int | None, scale: float | None = None):
-        if scale is None:  # "token": the batch mean, backpropagated at the per-token sum's scale
-            scale = 1.0 if self.loss_reduction != "token" else backward_scale(
-                n_scored if n_scored is not None else self._n_scored(batch))
-        capture = capture_factors(self.model, self.layers, tokens=self.tokens, batch=batch)
-        with torch.enable_grad(), frozen_parameters(self.model), capture as cap:
-            loss, feats = self._scored_edit_loss(batch, self.loss_reduction, n_scored, need_feats=need_feats)
-            if not bool(torch.isfinite(loss)):
-                raise FloatingPointError(f"the edit loss is not finite ({float(loss.detach())}); the model was not changed")
-            torch.autograd.grad(loss * scale, cap.outputs, allow_unused=True)
-            factors = cap.factors
-        for name, f in factors.items():
-            # η divided back, exactly (see losses.backward_scale); an fp16 layer's in fp32.
-            factors[name] = f = Factors(f.mu, unscale(f.eta, scale), f.edit_offsets)
-            if not (bool(torch.isfinite(f.mu).all()) and bool(torch.isfinite(f.eta).all())):
-                if scale != 1:  # the scaled backward overflowed (fp16): these rows again, unscaled
-                    del factors, feats, capture, cap
-                    return self._capture_rows(batch, need_feats, n_scored, scale=1.0)
-                raise FloatingPointError(f"non-finite gradient for layer {name!r}; the model was not changed")
-        return factors, feats, loss.detach()
-
-    def model_inputs(self, batch: dict) -> dict:
-        """What the forward needs, without labels: the loss is computed here, on the scored
-        positions only, instead of HF's full-vocabulary loss over every position.  An
-        encoder-decoder gets the decoder inputs its forward would build from the labels
-        (`prepare_decoder_input_ids_from_labels`, BART's and T5's shift right); a model without
-        that method keeps its labels."""
-        return forward_inputs(self.model, batch)
-
     def route_generators(self) -> dict:
         """{editor key: its routing generator} for the editors that have one (RaEditor's random
         groups, seeded per editor): training checkpoints their states, the report restarts them."""
         return {key: e.route_generator for key, e in self.editors.items() if e.route_generator is not None}
 
-    @property
-    def needs_feats(self) -> bool:
-        """Whether an editor routes by a gate (MoEditor), so that the capture also computes each
-        edit's features (the mean last hidden state over its prompt)."""
-        return any(getattr(e, "routing", None) == "gate" for e in self.editors.values())
-
-    def _edit_features(self, out, head_in: torch.Tensor | None, batch: dict) -> torch.Tensor:
-        """Mean of the last hidden state over each edit's prompt tokens (fp32, no grad): the
-        encoder's for an encoder-decoder, else the input of the LM head (`head_input`: the normed
-        last hidden state, which the logits are read from)."""
-        if self.seq2seq:
-            hidden, mask = out.encoder_last_hidden_state, batch["attention_mask"].bool()
-        else:
-            if head_in is None and getattr(out, "hidden_states", None) is not None:
-                head_in = out.hidden_states[-1]  # a head that is not one called module
-            if head_in is None or head_in.dim() != 3 or tuple(head_in.shape[:2]) != tuple(batch["labels"].shape):
-                raise ValueError("MoEditor's gate reads each edit's features from the input of the model's LM "
-                                 "head, and this model's get_output_embeddings() was not called on (batch, "
-                                 f"length, hidden) states; {type(self.model).__name__} cannot use a gate")
-            hidden = head_in
-            mask = batch["attention_mask"].bool() & (batch["labels"] == IGNORE_INDEX)
-        hidden, mask = hidden.detach().float(), mask.to(hidden.device).unsqueeze(-1).float()
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-
+    # -- running the editors ---------------------------------------------------------------------
     def run_editors(self, factors: dict, feats: torch.Tensor | None, consume: bool = False,
                     eta_scale: float = 1.0) -> dict:
         """{layer: GroupedEdit}, in whatever grad / train mode the caller set.  consume=True takes
@@ -813,208 +549,3 @@ class ModelEditor(FineTuneBaselines):
         elif overrides:
             config = config.replace(**overrides)
         return train_editor(self, train_requests, val_requests, config)
-
-    # -- checkpoints -----------------------------------------------------------------------------
-    def config(self) -> dict:
-        """What a checkpoint records to rebuild this ModelEditor (JSON: method, layers, tokens,
-        loss_reduction, allow_tied, the editor arguments and each editor's config)."""
-        return dict(format=CHECKPOINT_FORMAT, method=self.method, layers=self.layers, tokens=self.tokens,
-                    loss_reduction=self.loss_reduction, allow_tied=self.allow_tied,
-                    editor_kwargs=self.editor_kwargs,
-                    editors={key: editor.config for key, editor in self.editors.items()})
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Every editor's parameters and buffers, detached CPU copies keyed "editors.<shape>.<name>"
-        (what a checkpoint holds; empty for the baselines)."""
-        # Copies also on the CPU (.contiguous().cpu() returned the editor's own tensors there, so
-        # that a state kept aside changed with the editor and loading it back restored nothing).
-        return {f"editors.{key}.{k}": v.detach().to("cpu", copy=True).contiguous()
-                for key, editor in self.editors.items() for k, v in editor.state_dict().items()}
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Load what `state_tensors` gave (ValueError naming a missing or unexpected key)."""
-        # Every editor checked before any is loaded (the keys of state_tensors, without its copies).
-        expected = {f"editors.{key}.{k}": v for key, editor in self.editors.items()
-                    for k, v in editor.state_dict().items()}
-        check_state(tensors, expected, "editor checkpoint does not match", lambda k: f"editor checkpoint key {k}")
-        for key, editor in self.editors.items():
-            prefix = f"editors.{key}."
-            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            editor.load_saved_state(state)  # in the saved editor's dtype, on its own device
-
-    def save(self, path) -> None:
-        """Editors' state to safetensors, with the ModelEditor config as JSON metadata (no pickle)."""
-        try:
-            meta = json.dumps(self.config())
-        except TypeError as exc:
-            raise ValueError(f"editor_kwargs must be JSON-serializable to save: {exc}") from None
-        save_safetensors(self.state_tensors(), path, metadata={CHECKPOINT_KEY: meta})
-
-    @classmethod
-    def load(cls, path, model: nn.Module, tokenizer, editor_device=None,
-             capture_batch_size: int | None = DEFAULT_CAPTURE_BATCH_SIZE,
-             rescale_batch_size: int | None = None) -> "ModelEditor":
-        """A ModelEditor for `model` from what `save` wrote; its editors are placed as the
-        constructor places them (`editor_device`; the checkpoint records no device), and
-        `capture_batch_size` and `rescale_batch_size` are the constructor's (runtime settings,
-        not saved).
-
-        A checkpoint from before `loss_reduction` existed (format 1) loads with "token": its
-        editors were trained on factors of the batch-mean loss, and feeding them per-edit factors
-        would change the scale their statistics and steps α were learned at.
-        """
-        from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
-
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta, keys = f.metadata() or {}, list(f.keys())
-        except SafetensorError as exc:
-            from .compat.mend import _CONVERT_HINT, _PICKLE_SUFFIXES
-
-            what = ("its suffix says torch.save (pickle), which this package never unpickles"
-                    if str(path).lower().endswith(_PICKLE_SUFFIXES) else "if it was written by torch.save")
-            raise ValueError(f"path: {path} is not a safetensors file ({exc}); {what}: for an original MEND "
-                             f"checkpoint, {_CONVERT_HINT}, then ModelEditor.from_mend(model, tokenizer, "
-                             f"'mend.safetensors', inner_params)") from None
-        if CHECKPOINT_KEY not in meta:
-            mend = any(k == "edit_lrs" or k.endswith(".edit_lrs") for k in keys)  # MEND's per-weight steps
-            hint = "; it looks like an original MEND checkpoint: use ModelEditor.from_mend" if mend else ""
-            raise ValueError(f"{path} is not a ModelEditor checkpoint (no {CHECKPOINT_KEY} metadata){hint}")
-        config = _checkpoint_config(path, meta[CHECKPOINT_KEY])
-        # Editor arguments newer than the checkpoint (gate_norm) take the value it was trained with.
-        config["editors"] = {key: with_absent_defaults(saved) for key, saved in config["editors"].items()}
-        kwargs = dict(config["editor_kwargs"])
-        if config["method"] == "ft":  # accepted and ignored before 0.3.1, refused since
-            kwargs = {k: v for k, v in kwargs.items() if k not in FT_KL_ONLY}
-        # Editor arguments whose preset default changed since (MoEditor's top_k: 1 before 0.2.0)
-        # come from the saved editors, so an older checkpoint rebuilds the editor it was trained as.
-        for name in _CHANGED_DEFAULTS.get(config["method"], ()):
-            saved = {e.get(name) for e in config["editors"].values()}
-            if name not in kwargs and len(saved) == 1 and None not in saved:
-                kwargs[name] = saved.pop()
-        # The initial weights of unseeded editors, all overwritten below, drawn from a fork of
-        # torch's generator: loading left the caller's random stream advanced.
-        with torch.random.fork_rng(devices=[]):
-            editor = cls(model, tokenizer, config["layers"], method=config["method"], tokens=config["tokens"],
-                         loss_reduction=config.get("loss_reduction", LEGACY_LOSS_REDUCTION),
-                         allow_tied=config.get("allow_tied", False), editor_device=editor_device,
-                         capture_batch_size=capture_batch_size, rescale_batch_size=rescale_batch_size, **kwargs)
-        saved_shapes = {key: saved.get("n_modes") for key, saved in config["editors"].items()}
-        if saved_shapes != {key: e.config.get("n_modes") for key, e in editor.editors.items()}:
-            # Shapes (in x out) and how many layers share each: one layer of another shape changes both.
-            held = ", ".join(f"{key} for {n} layer(s)" for key, n in saved_shapes.items())
-            here = ", ".join(f"{name} {editor.slots[name][0]}" for name in editor.layers)
-            raise ValueError(f"{path}: it holds editors of {held} (in x out weights), but in this model its "
-                             f"layers are {here}: a checkpoint of another model")
-        for key, saved in config["editors"].items():
-            now = editor.editors[key].config
-            if now != saved:
-                raise ValueError(f"{path}: editor {key} differs from the one this model gives "
-                                 f"({config_differences(saved, now)})")
-        # Read on the CPU: load_state_dict then copies each tensor once into its editor's device.
-        editor.load_state_tensors(load_file(str(path)))
-        return editor
-
-    @classmethod
-    def from_mend(cls, model: nn.Module, tokenizer, state_dict, inner_params: Sequence[str], prefix: str = "mend.",
-                  norm: bool | None = None, edit_lrs_key: str | None = None, editor_device=None,
-                  capture_batch_size: int | None = DEFAULT_CAPTURE_BATCH_SIZE) -> "ModelEditor":
-        """A "mend" ModelEditor holding the editors of an original MEND checkpoint (Mitchell et
-        al.'s code, or EasyEdit's MEND): `apply` then edits each inner parameter as MEND's
-        `edit()` does, W ← W + edit_lr · shift, from factors of MEND's loss
-        (`compat.mend.LOSS_REDUCTION`, the batch-mean NLL).
-
-        state_dict, prefix, norm, edit_lrs_key: as `compat.mend.load` takes them (a dict of
-        tensors, MEND's trainer archive, or a safetensors path; never a pickle).  inner_params:
-        MEND's `config.model.inner_params`, in its order ("<module>.weight" names of the model);
-        their modules become `layers`, and shapes and Conv1D layouts are read off the model.
-        editor_device, capture_batch_size: the constructor's.  The editors are kept in fp32 (the
-        constructor's type, and MEND's compute type).  `save` writes an ordinary checkpoint for
-        `ModelEditor.load`.
-
-        MEND's shared editors (one per weight shape, mode = the weight's index among the inner
-        parameters of that shape) are ModelEditor's layout exactly; its non-shared editors (one
-        per parameter) fit only when no two inner parameters have one shape (ValueError otherwise).
-        """
-        from .compat import mend as compat_mend
-
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        names = compat_mend._check_inner_params(inner_params)
-        params = dict(model.named_parameters(remove_duplicate=False))
-        for name in names:
-            if not name.endswith(".weight") or name not in params:
-                weights = [p for p in params if p.endswith(".weight")]
-                close = difflib.get_close_matches(name, weights, n=3, cutoff=0.5)
-                hint = f"; close matches: {close}" if close else ""
-                raise ValueError(f"inner_params: {name!r} is not the weight of a module of the model (MEND's "
-                                 f"inner_params are '<module>.weight' names){hint}")
-        layers = [name[: -len(".weight")] for name in names]
-        modules = resolve_modules(model, layers, arg="inner_params")  # ValueError for a non-Linear/Conv1D
-        shapes = {name: cls.shape_of(modules[layer]) for name, layer in zip(names, layers)}
-        conv1d = [name for name, layer in zip(names, layers) if is_conv1d(modules[layer])]
-        views = compat_mend.load(state_dict, names, shapes, prefix=prefix, norm=norm, conv1d=conv1d,
-                                 dtype=torch.float32, edit_lrs_key=edit_lrs_key)
-
-        # One editor per weight shape: a non-shared checkpoint with two weights of one shape has two.
-        sources: dict[tuple[int, int], nn.Module] = {}
-        for name in names:
-            source = sources.setdefault(shapes[name], views[name].editor)
-            if source is not views[name].editor:
-                other = next(n for n in names if views[n].editor is source)
-                raise ValueError(
-                    f"inner_params: {other!r} and {name!r} have one shape {shapes[name]} but separate editors "
-                    f"in the checkpoint (MEND's mend.shared=False); a ModelEditor shares one editor per weight "
-                    f"shape, so it cannot hold them: use compat.mend.load's per-weight views instead")
-        # MEND gives every editor the mid width min(rank, in + out) and one depth, so the widest
-        # editor's width as `rank` rebuilds each of them (the constructor takes the same min).
-        rank = max(e.layers[0].u.shape[-1] for e in sources.values())
-        first = next(iter(sources.values()))
-        # seed=0: building draws no global random numbers (every value is overwritten below).
-        editor = cls(model, tokenizer, layers, method="mend", loss_reduction=compat_mend.LOSS_REDUCTION,
-                     editor_device=editor_device, capture_batch_size=capture_batch_size,
-                     rank=rank, n_layers=len(first.layers), norm=first.norm is not None, seed=0)
-        # Both number a shape's weights by their order (MEND in inner_params, ModelEditor in
-        # layers, the same list), so mode k of the one is mode k of the other.
-        for shape, source in sources.items():
-            target, state = editor.editors["{}x{}".format(*shape)], source.state_dict()
-            if {k: v.shape for k, v in state.items()} != {k: v.shape for k, v in target.state_dict().items()}:
-                raise ValueError(
-                    f"the checkpoint's editor of shape {shape} has mid width {source.layers[0].u.shape[-1]} and "
-                    f"{len(source.layers)} layers; MEND builds every editor with min(rank, in + out) = "
-                    f"{target.layers[0].u.shape[-1]} and one depth ({len(first.layers)} layers here)")
-            target.load_state_dict(state)
-        return editor
-
-
-# What every checkpoint's config holds (format 1 on): ModelEditor.load reads them.
-_CONFIG_FIELDS = {"method": str, "layers": list, "tokens": str, "editor_kwargs": dict, "editors": dict}
-
-
-def _checkpoint_config(path, text: str) -> dict:
-    """The ModelEditor config of a checkpoint's metadata; ValueError naming what is wrong with it
-    (not JSON, a field missing or of another type: a KeyError or TypeError before; a format newer
-    than this package reads, which loaded as if it were this one's)."""
-    config = json_metadata(path, CHECKPOINT_KEY, text)
-    version = config.get("format", 1)
-    if not is_int(version) or version < 1:
-        raise ValueError(f"{path}: checkpoint format must be a positive int, got {version!r}")
-    if version > CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: checkpoint format {version} was written by a newer dcedit_kernels (this one "
-                         f"reads formats 1 to {CHECKPOINT_FORMAT}): upgrade the package to load it")
-    for name, kind in _CONFIG_FIELDS.items():
-        if not isinstance(config.get(name), kind):
-            got = "nothing" if name not in config else type(config[name]).__name__
-            raise ValueError(f"{path}: its {CHECKPOINT_KEY} metadata needs {name!r} ({kind.__name__}), got {got}")
-    return config
-
-
-# Per method, the editor arguments whose default changed: ModelEditor.load takes them from the
-# saved editors when a checkpoint's editor_kwargs lack them.
-_CHANGED_DEFAULTS = {"moeditor": ("top_k", "gate_norm")}
-
-
-

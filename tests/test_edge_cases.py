@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import dcedit_kernels.model_editor as model_editor_module
+import dcedit_kernels.edit_capture as edit_capture_module
 from dcedit_kernels import editor_cache, metrics
 from dcedit_kernels import evaluate as evaluate_module
 from dcedit_kernels.capture import Factors
@@ -23,7 +23,7 @@ from test_model_editor import (  # noqa: F401 (one_thread: autouse fixture)
 
 
 # ---------------------------------------------------------------------------------------------
-# model_editor.py / edit_handle.py
+# model_editor.py / edit_capture.py / editor_checkpoint.py / edit_handle.py
 # ---------------------------------------------------------------------------------------------
 def test_model_must_be_a_module():
     _, tok = tiny_model("gpt2", seed=0)
@@ -48,8 +48,8 @@ def test_non_finite_edit_loss_leaves_model_untouched(method, gen, monkeypatch):
     me = make_editor("llama", method, gen)
     before = snapshot(me.model)
     flags = {k: p.requires_grad for k, p in me.model.named_parameters()}
-    original = model_editor_module.edit_loss
-    monkeypatch.setattr(model_editor_module, "edit_loss", lambda *a, **k: original(*a, **k) * float("inf"))
+    original = edit_capture_module.edit_loss  # the capture's forward, which FT runs too (_scored_edit_loss)
+    monkeypatch.setattr(edit_capture_module, "edit_loss", lambda *a, **k: original(*a, **k) * float("inf"))
     with pytest.raises(FloatingPointError, match="not finite"):
         me.apply(random_requests(gen, 2))
     assert_bit_identical(before, me.model)

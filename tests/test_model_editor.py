@@ -914,9 +914,9 @@ def _capture_ft_and_training(dtype, seed, reqs, layers):
 
 
 def _unscaled_backward(monkeypatch, scale=1.0):
-    from dcedit_kernels import ft_baseline, model_editor, train
+    from dcedit_kernels import edit_capture, ft_baseline, train
 
-    for module in (model_editor, ft_baseline, train):
+    for module in (edit_capture, ft_baseline, train):
         monkeypatch.setattr(module, "backward_scale", lambda n_scored: scale)
 
 

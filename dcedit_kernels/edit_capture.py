@@ -1,0 +1,287 @@
+"""The gradient capture of ModelEditor: the edit batch, the forward + backward of its edit loss,
+and the factors (μ, η) and edit features that pass yields.
+
+A forward + backward of the edit loss (`loss_reduction`, see `model_editor`) captures the gradient
+factors (μ, η) of every edited weight (`capture.py`), with the model's parameters frozen for the
+pass (their `requires_grad` flags are restored afterwards) so that autograd keeps only the graph
+above the first edited layer, one pass per `capture_batch_size` edits (their factors concatenated)
+and the LM head computing logits at the target-predicting positions only (`scored_logits.py`), so
+that its memory grows with the number of edits only through the factors themselves (a causal LM's
+chunks are copied into the joined factors as they run, `_capture_into`; otherwise they are held
+twice for one layer while the chunks' factors are joined).  MoEditor's edit features (the mean
+last hidden state over each edit's prompt, `_edit_features`) come from the same forward.
+
+`EditCapture` is a mixin of ModelEditor, kept apart from its construction, apply and checkpoints:
+it uses the editor's model, tokenizer, layers, modules, tokens, loss_reduction, seq2seq,
+capture_batch_size, device and editors; the FT baselines (`ft_baseline.py`) run their chunked
+forward through it too (`_row_chunks`, `_scored_edit_loss`, `_length_errors`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+
+from .capture import Factors, capture_factors, frozen_parameters
+from .head_input import called_head, head_input
+from .losses import backward_scale, edit_loss, unscale
+from .positions import past_positions
+from .scored_logits import logits_at, scored_positions
+from .tokenize import IGNORE_INDEX, forward_inputs, no_kv_cache, tokenize_causal, tokenize_seq2seq
+
+# Rows per forward + backward of the capture (and of the FT baselines).  SmolLM2-135M, 3 edited
+# down_proj layers, CounterFact prompts of ~20 tokens, CPU: the capture of 500 edits in one pass
+# took 8.2 GB over the model's 1.3 GB (2.2 GB once the LM head computed only the scored positions).
+DEFAULT_CAPTURE_BATCH_SIZE = 32
+
+
+class EditCapture:
+    """Tokenization and gradient capture of ModelEditor (a mixin; see the module docstring)."""
+
+    # -- tokenization and capture ----------------------------------------------------------------
+    def tokenize(self, prompts: Sequence[str], targets: Sequence[str], name: str = "requests") -> dict:
+        """Edit batch (labels on the target tokens); ValueError naming the request on an empty target."""
+        fn = tokenize_seq2seq if self.seq2seq else tokenize_causal
+        try:
+            return fn(self.tokenizer, list(prompts), list(targets), device=self.device)
+        except ValueError as exc:
+            raise ValueError(f"{name} could not be tokenized ({exc}); the model was not changed") from None
+
+    @contextlib.contextmanager
+    def _length_errors(self, batch: dict, name: str):
+        """An IndexError inside the block, when `batch` has a row past the model's positions,
+        becomes a ValueError naming that row (`positions.past_positions`)."""
+        try:
+            yield
+        except IndexError as exc:
+            past = past_positions(self.model, batch, causal=not self.seq2seq)
+            if past is None:
+                raise
+            i, length, what, limit = past
+            what = f" ({what})" if name == "requests" else ""
+            raise ValueError(f"{name}[{i}] is {length} tokens{what}, more than the model's "
+                             f"{limit} positions; the model was not changed") from exc
+
+    def capture(self, batch: dict, need_feats: bool | None = None):
+        """({layer: Factors}, edit features (E, hidden) or None, loss): one forward + backward per
+        `capture_batch_size` rows, their factors and features concatenated in row order.
+
+        η is the gradient of the edit loss of `loss_reduction` ("edit": Σ_e of edit e's mean target
+        NLL; "token": the batch's mean target NLL, each chunk's rows divided by the whole batch's
+        number of target tokens, so chunking changes η by rounding only; the backward runs at the
+        per-token sum's scale and η is divided back, exactly, which keeps fp16 gradients from
+        flushing to zero (`losses.backward_scale`): an fp16 layer's η comes back in fp32).
+        Gradients are taken with `torch.autograd.grad` against the edited modules' outputs only:
+        no parameter's `.grad` changes and the weights need not require grad.  The pass runs with
+        every parameter's requires_grad off (restored exactly afterwards, also on an exception), so
+        the forward records only the graph the backward to the edited layers needs, whatever flags
+        the caller's model has; the LM head computes logits at the scored positions only
+        (`scored_logits.logits_at`).
+        """
+        if need_feats is None:
+            need_feats = self.needs_feats
+        chunks, order = self._capture_chunks(batch)
+        if len(chunks) == 1:
+            return self._capture_rows(batch, need_feats, None)
+        n_scored = self._n_scored(batch)
+        if order is not None:  # a causal LM's sorted chunks: their token counts are known beforehand
+            joined = self._capture_into(chunks, order, self._kept_per_row(batch), need_feats, n_scored)
+            if joined is not None:
+                return joined
+        parts = [self._capture_rows(chunk, need_feats, n_scored) for chunk in chunks]
+        # One layer at a time, each chunk's copy dropped once joined (and the joined copy once put
+        # back in row order): the peak holds the factors plus one layer's joined copy, not two
+        # copies of everything.
+        back = None if order is None else torch.argsort(order)
+        factors = {}
+        for name in self.layers:
+            joined = Factors.cat([p[0].pop(name) for p in parts])
+            factors[name] = joined if back is None else joined.take_edits(back)
+            del joined
+        feats = torch.cat([p[1] for p in parts]) if need_feats else None
+        if feats is not None and back is not None:
+            feats = feats[back.to(feats.device)]
+        return factors, feats, sum(p[2] for p in parts)
+
+    def _kept_per_row(self, batch: dict) -> torch.Tensor:
+        """(rows,) int64 on the CPU: how many tokens the capture keeps of each row of a batch that
+        `_capture_chunks` sorted (a causal LM's, with a 2-D attention mask and labels of its shape),
+        as `FactorCapture._keep_mask` chooses them: the scored positions, and with tokens="all" also
+        the unmasked ones."""
+        mask, labels = batch["attention_mask"], batch["labels"]
+        keep = scored_positions(labels, causal=True)  # position t predicts label t+1
+        if self.tokens != "target":
+            keep = keep | (mask.to(keep.device) != 0)
+        return keep.sum(1).cpu()
+
+    def _capture_into(self, chunks: list[dict], order: torch.Tensor, kept: torch.Tensor,
+                      need_feats: bool, n_scored: int):
+        """`capture` of several chunks whose token counts are known before they run (`kept`):
+        each chunk's factors are copied, as soon as it has run, to their rows in one (T, ·) buffer
+        per factor of each layer (allocated at the first chunk), in the batch's row order, and
+        dropped.  The same values as joining the chunks' factors afterwards (`Factors.cat`, then
+        `take_edits`), without their two joined copies of a layer, and without keeping every
+        chunk's small factor tensors on the heap between the chunks' activations, which glibc
+        then could not give back (SmolLM2, 3 down_proj layers, CounterFact edits in chunks of 32,
+        the capture's peak RSS over the model's: 400 edits 261-270 -> 176-186 MiB for 92 MiB of
+        factors, 1,000 edits 605 -> 332 MiB for 228 MiB).  None when a
+        chunk keeps other counts than `kept` says, or its factors do not fit one buffer: the caller
+        then runs every chunk again and joins their factors afterwards (not seen on the 13
+        architectures of tests/test_architectures.py, which all take this path)."""
+        rows = kept.numel()
+        step = self.capture_batch_size or rows
+        row_of = order.cpu()  # the batch row of each chunk row
+        starts = torch.zeros(rows + 1, dtype=torch.int64)
+        starts[1:] = kept.cumsum(0)
+        total = int(starts[-1])
+        buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        feats, loss = [], 0
+        for k, chunk in enumerate(chunks):
+            index = row_of[k * step:(k + 1) * step]
+            factors, chunk_feats, chunk_loss = self._capture_rows(chunk, need_feats, n_scored)
+            for name in self.layers:
+                f = factors.pop(name)
+                counts = (f.edit_offsets[1:] - f.edit_offsets[:-1]).long().cpu()
+                if not torch.equal(counts, kept[index]):
+                    return None
+                if name not in buffers:
+                    buffers[name] = (f.mu.new_empty((total, f.mu.shape[1])), f.eta.new_empty((total, f.eta.shape[1])))
+                mu, eta = buffers[name]
+                if any(a.dtype != b.dtype or a.device != b.device or a.shape[1:] != b.shape[1:]
+                       for a, b in ((mu, f.mu), (eta, f.eta))):
+                    return None
+                # Row j of edit e goes to starts[e] + j.
+                dest = torch.repeat_interleave(starts[index] - f.edit_offsets[:-1].long().cpu(), counts,
+                                               output_size=f.num_tokens) + torch.arange(f.num_tokens)
+                dest = dest.to(mu.device)
+                mu.index_copy_(0, dest, f.mu)
+                eta.index_copy_(0, dest, f.eta)
+                del f
+            del factors
+            feats.append(chunk_feats)
+            loss = loss + chunk_loss
+        offsets = starts.to(torch.int32)
+        out = {name: Factors(mu, eta, offsets.to(mu.device)) for name, (mu, eta) in buffers.items()}
+        joined_feats = None
+        if need_feats:
+            joined_feats = torch.cat(feats)
+            joined_feats = joined_feats[torch.argsort(order).to(joined_feats.device)]
+        return out, joined_feats, loss
+
+    def _capture_chunks(self, batch: dict) -> tuple[list[dict], torch.Tensor | None]:
+        """(chunks, order): for a causal LM cut into more than one chunk, the rows sorted by length
+        (`order`: the batch's row of each sorted row) and each chunk trimmed of the trailing columns
+        that are padding in all its rows, so a chunk of short rows runs on short rows only; else
+        `_row_chunks` (order None).  A real token attends to the positions before it only, so the
+        trimmed columns change no kept token's output (rounding aside: the matmuls see other
+        shapes).  Measured on SmolLM2 (fp32, CPU, layers 27-29, 125 CounterFact edits in chunks of 32): the
+        chunks held 1,875 token slots for 1,159 real tokens in row order, 1,299 sorted (-31 %); the capture
+        is ~95 % of apply, and apply took 2.3-2.5 s instead of 2.7-3.2 s (MoEditor, the three least
+        contended of 7 alternating pairs), the same shifts."""
+        chunks = self._row_chunks(batch)
+        mask, labels = batch.get("attention_mask"), batch.get("labels")
+        if (len(chunks) == 1 or self.seq2seq or mask is None or labels is None or mask.dim() != 2
+                or labels.shape != mask.shape):
+            return chunks, None
+        rows, width = mask.shape
+        used = (mask != 0) | (labels != IGNORE_INDEX)
+        # The length of a row: up to its last real (or labelled) column, whatever side it is padded on.
+        last = torch.where(used, torch.arange(1, width + 1, device=used.device), 0).amax(1)
+        order = torch.argsort(last, stable=True)
+        step = self.capture_batch_size or rows
+        out = []
+        for lo in range(0, rows, step):
+            index = order[lo:lo + step]
+            keep = max(int(last[index].max()), 1)
+            out.append({k: (v[index.to(v.device)][:, :keep]
+                            if v.dim() >= 2 and tuple(v.shape[:2]) == (rows, width)
+                            else v[index.to(v.device)])
+                        for k, v in batch.items()})
+        return out, order
+
+    def _n_scored(self, batch: dict) -> int:
+        """The batch's number of target tokens (the "token" reduction's N over all its chunks)."""
+        return int(scored_positions(batch["labels"], not self.seq2seq).sum())
+
+    def _row_chunks(self, batch: dict) -> list[dict]:
+        """`batch` cut into consecutive chunks of at most `capture_batch_size` rows (every entry of
+        the batch is per row); [batch] itself when it fits."""
+        rows = batch["input_ids"].shape[0]
+        step = self.capture_batch_size or rows
+        if rows <= step:
+            return [batch]
+        return [{k: v[lo:lo + step] for k, v in batch.items()} for lo in range(0, rows, step)]
+
+    def _scored_edit_loss(self, batch: dict, reduction: str, n_scored: int | None, need_feats: bool = False):
+        """(the edit loss of one forward over `batch` (see `edit_loss`), each edit's features (see
+        `_edit_features`) when `need_feats`, else None), the LM head computing logits at the scored
+        positions only."""
+        causal = not self.seq2seq
+        inputs = self.model_inputs(batch)
+        gather = "labels" not in inputs  # with labels the model computes its own loss from the full logits
+        positions = scored_positions(batch["labels"], causal)
+        # The hidden states only where no head input can be recorded (see head_input.py).
+        fallback = need_feats and causal and called_head(self.model) is None
+        hidden_states = {"output_hidden_states": True} if fallback else {}
+        with head_input(self.model, positions.shape, enabled=need_feats and causal) as hidden, \
+                logits_at(self.model, positions, skip=self.modules.values(), enabled=gather) as scored:
+            # No KV cache for a causal LM: RWKV writes its state in place, which broke the backward of
+            # an edit below its last block.
+            out = self.model(**inputs, **hidden_states, **no_kv_cache(self.model))
+        feats = self._edit_features(out, hidden.value, batch) if need_feats else None
+        return edit_loss(scored.pick(out.logits), batch["labels"], causal, reduction, n_scored), feats
+
+    def _capture_rows(self, batch: dict, need_feats: bool, n_scored: int | None, scale: float | None = None):
+        if scale is None:  # "token": the batch mean, backpropagated at the per-token sum's scale
+            scale = 1.0 if self.loss_reduction != "token" else backward_scale(
+                n_scored if n_scored is not None else self._n_scored(batch))
+        capture = capture_factors(self.model, self.layers, tokens=self.tokens, batch=batch)
+        with torch.enable_grad(), frozen_parameters(self.model), capture as cap:
+            loss, feats = self._scored_edit_loss(batch, self.loss_reduction, n_scored, need_feats=need_feats)
+            if not bool(torch.isfinite(loss)):
+                raise FloatingPointError(f"the edit loss is not finite ({float(loss.detach())}); the model was not changed")
+            torch.autograd.grad(loss * scale, cap.outputs, allow_unused=True)
+            factors = cap.factors
+        for name, f in factors.items():
+            # η divided back, exactly (see losses.backward_scale); an fp16 layer's in fp32.
+            factors[name] = f = Factors(f.mu, unscale(f.eta, scale), f.edit_offsets)
+            if not (bool(torch.isfinite(f.mu).all()) and bool(torch.isfinite(f.eta).all())):
+                if scale != 1:  # the scaled backward overflowed (fp16): these rows again, unscaled
+                    del factors, feats, capture, cap
+                    return self._capture_rows(batch, need_feats, n_scored, scale=1.0)
+                raise FloatingPointError(f"non-finite gradient for layer {name!r}; the model was not changed")
+        return factors, feats, loss.detach()
+
+    def model_inputs(self, batch: dict) -> dict:
+        """What the forward needs, without labels: the loss is computed here, on the scored
+        positions only, instead of HF's full-vocabulary loss over every position.  An
+        encoder-decoder gets the decoder inputs its forward would build from the labels
+        (`prepare_decoder_input_ids_from_labels`, BART's and T5's shift right); a model without
+        that method keeps its labels."""
+        return forward_inputs(self.model, batch)
+
+    @property
+    def needs_feats(self) -> bool:
+        """Whether an editor routes by a gate (MoEditor), so that the capture also computes each
+        edit's features (the mean last hidden state over its prompt)."""
+        return any(getattr(e, "routing", None) == "gate" for e in self.editors.values())
+
+    def _edit_features(self, out, head_in: torch.Tensor | None, batch: dict) -> torch.Tensor:
+        """Mean of the last hidden state over each edit's prompt tokens (fp32, no grad): the
+        encoder's for an encoder-decoder, else the input of the LM head (`head_input`: the normed
+        last hidden state, which the logits are read from)."""
+        if self.seq2seq:
+            hidden, mask = out.encoder_last_hidden_state, batch["attention_mask"].bool()
+        else:
+            if head_in is None and getattr(out, "hidden_states", None) is not None:
+                head_in = out.hidden_states[-1]  # a head that is not one called module
+            if head_in is None or head_in.dim() != 3 or tuple(head_in.shape[:2]) != tuple(batch["labels"].shape):
+                raise ValueError("MoEditor's gate reads each edit's features from the input of the model's LM "
+                                 "head, and this model's get_output_embeddings() was not called on (batch, "
+                                 f"length, hidden) states; {type(self.model).__name__} cannot use a gate")
+            hidden = head_in
+            mask = batch["attention_mask"].bool() & (batch["labels"] == IGNORE_INDEX)
+        hidden, mask = hidden.detach().float(), mask.to(hidden.device).unsqueeze(-1).float()
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)

@@ -1,0 +1,245 @@
+"""ModelEditor's checkpoints: `save` / `load` (safetensors, the config as JSON metadata, no
+pickle), the editors' state tensors, and `from_mend` for an original MEND checkpoint.
+
+The edit loss (`loss_reduction`) belongs to the editor, so checkpoints record it.  Checkpoints
+written before the setting existed (format 1, no "loss_reduction") load as "token", the semantics
+they were trained under; so do original MEND editors (`compat.mend.LOSS_REDUCTION`;
+`ModelEditor.from_mend` builds a ModelEditor from an original MEND checkpoint).  Checkpoints hold
+CPU tensors and load into each editor where it lives (see "Models split across devices" in
+`model_editor`).
+
+`EditorCheckpoints` is a mixin of ModelEditor, kept apart from its construction, capture and
+apply: it reads the editor's settings and editors, and builds ModelEditors through the class it is
+mixed into (`cls(...)`, `cls.shape_of`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch import nn
+
+from ._checks import is_int
+from .capture import is_conv1d, resolve_modules
+from .edit_capture import DEFAULT_CAPTURE_BATCH_SIZE
+from .editors.grouped_editor import config_differences, with_absent_defaults
+from .ft_baseline import FT_KL_ONLY
+from .safetensors_file import check_state, json_metadata, save_safetensors
+
+if TYPE_CHECKING:
+    from .model_editor import ModelEditor
+
+# What a checkpoint without a "loss_reduction" entry (format 1) was trained and applied under.
+LEGACY_LOSS_REDUCTION = "token"
+CHECKPOINT_FORMAT = 2
+CHECKPOINT_KEY = "dcedit_model_editor"
+
+
+class EditorCheckpoints:
+    """Checkpoints of ModelEditor (a mixin; see the module docstring)."""
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def config(self) -> dict:
+        """What a checkpoint records to rebuild this ModelEditor (JSON: method, layers, tokens,
+        loss_reduction, allow_tied, the editor arguments and each editor's config)."""
+        return dict(format=CHECKPOINT_FORMAT, method=self.method, layers=self.layers, tokens=self.tokens,
+                    loss_reduction=self.loss_reduction, allow_tied=self.allow_tied,
+                    editor_kwargs=self.editor_kwargs,
+                    editors={key: editor.config for key, editor in self.editors.items()})
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every editor's parameters and buffers, detached CPU copies keyed "editors.<shape>.<name>"
+        (what a checkpoint holds; empty for the baselines)."""
+        # Copies also on the CPU (.contiguous().cpu() returned the editor's own tensors there, so
+        # that a state kept aside changed with the editor and loading it back restored nothing).
+        return {f"editors.{key}.{k}": v.detach().to("cpu", copy=True).contiguous()
+                for key, editor in self.editors.items() for k, v in editor.state_dict().items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load what `state_tensors` gave (ValueError naming a missing or unexpected key)."""
+        # Every editor checked before any is loaded (the keys of state_tensors, without its copies).
+        expected = {f"editors.{key}.{k}": v for key, editor in self.editors.items()
+                    for k, v in editor.state_dict().items()}
+        check_state(tensors, expected, "editor checkpoint does not match", lambda k: f"editor checkpoint key {k}")
+        for key, editor in self.editors.items():
+            prefix = f"editors.{key}."
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            editor.load_saved_state(state)  # in the saved editor's dtype, on its own device
+
+    def save(self, path) -> None:
+        """Editors' state to safetensors, with the ModelEditor config as JSON metadata (no pickle)."""
+        try:
+            meta = json.dumps(self.config())
+        except TypeError as exc:
+            raise ValueError(f"editor_kwargs must be JSON-serializable to save: {exc}") from None
+        save_safetensors(self.state_tensors(), path, metadata={CHECKPOINT_KEY: meta})
+
+    @classmethod
+    def load(cls, path, model: nn.Module, tokenizer, editor_device=None,
+             capture_batch_size: int | None = DEFAULT_CAPTURE_BATCH_SIZE,
+             rescale_batch_size: int | None = None) -> "ModelEditor":
+        """A ModelEditor for `model` from what `save` wrote; its editors are placed as the
+        constructor places them (`editor_device`; the checkpoint records no device), and
+        `capture_batch_size` and `rescale_batch_size` are the constructor's (runtime settings,
+        not saved).
+
+        A checkpoint from before `loss_reduction` existed (format 1) loads with "token": its
+        editors were trained on factors of the batch-mean loss, and feeding them per-edit factors
+        would change the scale their statistics and steps α were learned at.
+        """
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta, keys = f.metadata() or {}, list(f.keys())
+        except SafetensorError as exc:
+            from .compat.mend import _CONVERT_HINT, _PICKLE_SUFFIXES
+
+            what = ("its suffix says torch.save (pickle), which this package never unpickles"
+                    if str(path).lower().endswith(_PICKLE_SUFFIXES) else "if it was written by torch.save")
+            raise ValueError(f"path: {path} is not a safetensors file ({exc}); {what}: for an original MEND "
+                             f"checkpoint, {_CONVERT_HINT}, then ModelEditor.from_mend(model, tokenizer, "
+                             f"'mend.safetensors', inner_params)") from None
+        if CHECKPOINT_KEY not in meta:
+            mend = any(k == "edit_lrs" or k.endswith(".edit_lrs") for k in keys)  # MEND's per-weight steps
+            hint = "; it looks like an original MEND checkpoint: use ModelEditor.from_mend" if mend else ""
+            raise ValueError(f"{path} is not a ModelEditor checkpoint (no {CHECKPOINT_KEY} metadata){hint}")
+        config = _checkpoint_config(path, meta[CHECKPOINT_KEY])
+        # Editor arguments newer than the checkpoint (gate_norm) take the value it was trained with.
+        config["editors"] = {key: with_absent_defaults(saved) for key, saved in config["editors"].items()}
+        kwargs = dict(config["editor_kwargs"])
+        if config["method"] == "ft":  # accepted and ignored before 0.3.1, refused since
+            kwargs = {k: v for k, v in kwargs.items() if k not in FT_KL_ONLY}
+        # Editor arguments whose preset default changed since (MoEditor's top_k: 1 before 0.2.0)
+        # come from the saved editors, so an older checkpoint rebuilds the editor it was trained as.
+        for name in _CHANGED_DEFAULTS.get(config["method"], ()):
+            saved = {e.get(name) for e in config["editors"].values()}
+            if name not in kwargs and len(saved) == 1 and None not in saved:
+                kwargs[name] = saved.pop()
+        # The initial weights of unseeded editors, all overwritten below, drawn from a fork of
+        # torch's generator: loading left the caller's random stream advanced.
+        with torch.random.fork_rng(devices=[]):
+            editor = cls(model, tokenizer, config["layers"], method=config["method"], tokens=config["tokens"],
+                         loss_reduction=config.get("loss_reduction", LEGACY_LOSS_REDUCTION),
+                         allow_tied=config.get("allow_tied", False), editor_device=editor_device,
+                         capture_batch_size=capture_batch_size, rescale_batch_size=rescale_batch_size, **kwargs)
+        saved_shapes = {key: saved.get("n_modes") for key, saved in config["editors"].items()}
+        if saved_shapes != {key: e.config.get("n_modes") for key, e in editor.editors.items()}:
+            # Shapes (in x out) and how many layers share each: one layer of another shape changes both.
+            held = ", ".join(f"{key} for {n} layer(s)" for key, n in saved_shapes.items())
+            here = ", ".join(f"{name} {editor.slots[name][0]}" for name in editor.layers)
+            raise ValueError(f"{path}: it holds editors of {held} (in x out weights), but in this model its "
+                             f"layers are {here}: a checkpoint of another model")
+        for key, saved in config["editors"].items():
+            now = editor.editors[key].config
+            if now != saved:
+                raise ValueError(f"{path}: editor {key} differs from the one this model gives "
+                                 f"({config_differences(saved, now)})")
+        # Read on the CPU: load_state_dict then copies each tensor once into its editor's device.
+        editor.load_state_tensors(load_file(str(path)))
+        return editor
+
+    @classmethod
+    def from_mend(cls, model: nn.Module, tokenizer, state_dict, inner_params: Sequence[str], prefix: str = "mend.",
+                  norm: bool | None = None, edit_lrs_key: str | None = None, editor_device=None,
+                  capture_batch_size: int | None = DEFAULT_CAPTURE_BATCH_SIZE) -> "ModelEditor":
+        """A "mend" ModelEditor holding the editors of an original MEND checkpoint (Mitchell et
+        al.'s code, or EasyEdit's MEND): `apply` then edits each inner parameter as MEND's
+        `edit()` does, W ← W + edit_lr · shift, from factors of MEND's loss
+        (`compat.mend.LOSS_REDUCTION`, the batch-mean NLL).
+
+        state_dict, prefix, norm, edit_lrs_key: as `compat.mend.load` takes them (a dict of
+        tensors, MEND's trainer archive, or a safetensors path; never a pickle).  inner_params:
+        MEND's `config.model.inner_params`, in its order ("<module>.weight" names of the model);
+        their modules become `layers`, and shapes and Conv1D layouts are read off the model.
+        editor_device, capture_batch_size: the constructor's.  The editors are kept in fp32 (the
+        constructor's type, and MEND's compute type).  `save` writes an ordinary checkpoint for
+        `ModelEditor.load`.
+
+        MEND's shared editors (one per weight shape, mode = the weight's index among the inner
+        parameters of that shape) are ModelEditor's layout exactly; its non-shared editors (one
+        per parameter) fit only when no two inner parameters have one shape (ValueError otherwise).
+        """
+        from .compat import mend as compat_mend
+
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        names = compat_mend._check_inner_params(inner_params)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for name in names:
+            if not name.endswith(".weight") or name not in params:
+                weights = [p for p in params if p.endswith(".weight")]
+                close = difflib.get_close_matches(name, weights, n=3, cutoff=0.5)
+                hint = f"; close matches: {close}" if close else ""
+                raise ValueError(f"inner_params: {name!r} is not the weight of a module of the model (MEND's "
+                                 f"inner_params are '<module>.weight' names){hint}")
+        layers = [name[: -len(".weight")] for name in names]
+        modules = resolve_modules(model, layers, arg="inner_params")  # ValueError for a non-Linear/Conv1D
+        shapes = {name: cls.shape_of(modules[layer]) for name, layer in zip(names, layers)}
+        conv1d = [name for name, layer in zip(names, layers) if is_conv1d(modules[layer])]
+        views = compat_mend.load(state_dict, names, shapes, prefix=prefix, norm=norm, conv1d=conv1d,
+                                 dtype=torch.float32, edit_lrs_key=edit_lrs_key)
+
+        # One editor per weight shape: a non-shared checkpoint with two weights of one shape has two.
+        sources: dict[tuple[int, int], nn.Module] = {}
+        for name in names:
+            source = sources.setdefault(shapes[name], views[name].editor)
+            if source is not views[name].editor:
+                other = next(n for n in names if views[n].editor is source)
+                raise ValueError(
+                    f"inner_params: {other!r} and {name!r} have one shape {shapes[name]} but separate editors "
+                    f"in the checkpoint (MEND's mend.shared=False); a ModelEditor shares one editor per weight "
+                    f"shape, so it cannot hold them: use compat.mend.load's per-weight views instead")
+        # MEND gives every editor the mid width min(rank, in + out) and one depth, so the widest
+        # editor's width as `rank` rebuilds each of them (the constructor takes the same min).
+        rank = max(e.layers[0].u.shape[-1] for e in sources.values())
+        first = next(iter(sources.values()))
+        # seed=0: building draws no global random numbers (every value is overwritten below).
+        editor = cls(model, tokenizer, layers, method="mend", loss_reduction=compat_mend.LOSS_REDUCTION,
+                     editor_device=editor_device, capture_batch_size=capture_batch_size,
+                     rank=rank, n_layers=len(first.layers), norm=first.norm is not None, seed=0)
+        # Both number a shape's weights by their order (MEND in inner_params, ModelEditor in
+        # layers, the same list), so mode k of the one is mode k of the other.
+        for shape, source in sources.items():
+            target, state = editor.editors["{}x{}".format(*shape)], source.state_dict()
+            if {k: v.shape for k, v in state.items()} != {k: v.shape for k, v in target.state_dict().items()}:
+                raise ValueError(
+                    f"the checkpoint's editor of shape {shape} has mid width {source.layers[0].u.shape[-1]} and "
+                    f"{len(source.layers)} layers; MEND builds every editor with min(rank, in + out) = "
+                    f"{target.layers[0].u.shape[-1]} and one depth ({len(first.layers)} layers here)")
+            target.load_state_dict(state)
+        return editor
+
+
+# What every checkpoint's config holds (format 1 on): ModelEditor.load reads them.
+_CONFIG_FIELDS = {"method": str, "layers": list, "tokens": str, "editor_kwargs": dict, "editors": dict}
+
+
+def _checkpoint_config(path, text: str) -> dict:
+    """The ModelEditor config of a checkpoint's metadata; ValueError naming what is wrong with it
+    (not JSON, a field missing or of another type: a KeyError or TypeError before; a format newer
+    than this package reads, which loaded as if it were this one's)."""
+    config = json_metadata(path, CHECKPOINT_KEY, text)
+    version = config.get("format", 1)
+    if not is_int(version) or version < 1:
+        raise ValueError(f"{path}: checkpoint format must be a positive int, got {version!r}")
+    if version > CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: checkpoint format {version} was written by a newer dcedit_kernels (this one "
+                         f"reads formats 1 to {CHECKPOINT_FORMAT}): upgrade the package to load it")
+    for name, kind in _CONFIG_FIELDS.items():
+        if not isinstance(config.get(name), kind):
+            got = "nothing" if name not in config else type(config[name]).__name__
+            raise ValueError(f"{path}: its {CHECKPOINT_KEY} metadata needs {name!r} ({kind.__name__}), got {got}")
+    return config
+
+
+# Per method, the editor arguments whose default changed: ModelEditor.load takes them from the
+# saved editors when a checkpoint's editor_kwargs lack them.
+_CHANGED_DEFAULTS = {"moeditor": ("top_k", "gate_norm")}
