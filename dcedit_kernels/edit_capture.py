@@ -128,8 +128,8 @@ class EditCapture:
         the capture's peak RSS over the model's: 400 edits 261-270 -> 176-186 MiB for 92 MiB of
         factors, 1,000 edits 605 -> 332 MiB for 228 MiB).  None when a
         chunk keeps other counts than `kept` says, or its factors do not fit one buffer: the caller
-        then runs every chunk again and joins their factors afterwards (not seen on the 13
-        architectures of tests/test_architectures.py, which all take this path)."""
+        then runs every chunk again and joins their factors afterwards (not seen on any architecture
+        of tests/test_architectures.py, which all take this path)."""
         rows = kept.numel()
         step = self.capture_batch_size or rows
         row_of = order.cpu()  # the batch row of each chunk row

@@ -23,7 +23,8 @@ class EditHandle:
     stats: `latency_s` (whole apply), `capture_s`, `editor_s`, `apply_s` (editor methods) or
     `ft_s` and `ft_steps_run` (baselines), `changed_fraction` (editor methods: {layer: share of
     the weight's entries the edit changed}; in bf16/fp16 a shift entry below half the weight's
-    resolution rounds away and leaves its entry unchanged), `n_edits`, `n_tokens` (captured token rows),
+    resolution rounds away and leaves its entry unchanged), `n_edits`, `n_tokens` (editor methods:
+    the captured token rows, summed over the edited layers; baselines: the batch's unmasked tokens),
     `peak_memory_bytes` (CUDA's peak allocated during the edit; None on CPU, where PyTorch keeps
     no per-call peak).
     """

@@ -238,7 +238,8 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         η̃ is at its training scale and the shift is the mean, not the sum, of N/rescale_batch_size
         training-size shifts (there: DD 0.42, ES 0.31; RESULTS.md).  At N =
         rescale_batch_size nothing changes.  Applies to `apply` and `edits_as_applied` (hence
-        `evaluate.edit_statistics`), not to training; a runtime setting, not saved."""
+        `evaluate.edit_statistics`, and `fit`'s validation, which applies the val edits in batches
+        of `TrainConfig.batch_size`), not to the training loss; a runtime setting, not saved."""
         return self._rescale_batch_size
 
     @rescale_batch_size.setter

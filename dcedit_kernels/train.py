@@ -1,49 +1,8 @@
 """Train a ModelEditor's editors: loss = cedit·L_edit + cloc·KL + balance_weight·L_balance.
 
-One training batch of E edits costs three model passes (the capture's split in
-`capture_batch_size` rows), whatever the number of editors N_g:
-1. capture: forward + backward of the edit loss on the edit prompts gives the gradient factors
-   (μ, η) of every edited weight (and MoEditor's edit features); it is `ModelEditor.capture`, so
-   its loss is the ModelEditor's `loss_reduction` ("edit": each edit's mean target NLL, summed;
-   "token": MEND's batch mean), the same one `apply()` uses: an editor's normalisation statistics
-   and steps α are learned on the scale of the factors it will be given at edit time;
-2. editors (train mode: normalisation statistics update, gate noise on) map them to grouped
-   low-rank factors, differentiably;
-3. one forward pass over [rephrase rows; locality rows] with `lowrank_layers.lowrank_edited`:
-   each edit's rephrase row sees its own group's shift (paper Eq. 18; `edit_rows="all"` makes it
-   see every group's), each locality row sees the sum of every group's shift (the "add" fusion:
-   what `apply()` adds for one editor or fusion "add", for "sss" on the entries where the groups
-   agree in sign only, and not what "max" or "ssm" add, see lowrank_layers;
-   `locality_rows="own"` for the paper's per-group form; `locality_rows="fused"` for exactly the
-   shift `apply()` adds, whatever the fusion and mask, at the cost of one dense o×i fused shift per
-   edited weight and step (shared by the step's passes), as the Fisher-masked path below: it
-   makes the KL term measure the drawdown of the model as it will be edited for "sss", "max" and
-   "ssm" editors, and gives "all"'s losses up to rounding for one editor or fusion "add"; on a
-   CPU model the rows run as a few passes of rows of similar length, `length_buckets`), and
-   backprop reaches the editors through `ops.lowrank_delta_linear` without any o×i matrix
-   (except for Fisher-masked editors, ProEditor's, below, and `locality_rows="fused"`);
-   plus a no-grad pass of the unedited model over the locality rows for the KL reference, whose
-   hidden states below the lowest edited block the edited pass takes over instead of computing
-   them again for those rows (`reuse_prefix`, `block_prefix`).
-
-ProEditor's Fisher mask (`fisher_mask=True`, the default): as we read the paper, its framework
-routes, edits, then refines (masks) the shift, and the training losses are those of the language
-model after that refining stage, so the losses are taken on the masked shift.  The mask is not
-low-rank, so editors built with `fisher_keep` take the dense path of `lowrank_layers` (each
-group's o×i shift formed and masked; gradients flow through the kept entries only, the mask itself
-being a constant of the captured gradients).  For ProEditor (one group) that costs about one extra
-dense linear layer per edited weight in the forward and the backward, plus one o×i selection per
-step: measured on SmolLM2 (ProEditor, rank 32, 3 down_proj layers, 25 edits, CPU, 1 thread), a
-training step took 4.73-4.77 s masked against 4.68-4.73 s unmasked.  `fisher_mask=False` trains
-on the unmasked shift (the mask then only acts at edit time, as this package did before).
-
-L_edit is the mean NLL of the target tokens on each edit's rephrase (its prompt when it has none),
-over all the batch's rephrase target tokens (the training objective; the capture's
-`loss_reduction` only sets the scale of the factors fed to the editors);
-KL = mean over locality tokens of KL(p_unedited ‖ p_edited) (MEND's direction), the locality text
-being the request's `locality` (+ ` locality_target`), else the prompt of the next edit in the
-batch with its last position left out (that position predicts the other edit's own target, which
-the edit is meant to change).  L_balance is the gate's importance + load loss (MoEditor).
+The loss of one batch, and the model passes it costs: `train_loss`; validation's scoring:
+`train_validation`; checkpoints and resume: `train_checkpoint`; the settings: `train_config`.
+This module holds the loop, and re-exports their names (`dcedit_kernels.train.TrainConfig`, …).
 
 Optimisation (MEND's split): Adam with `lr` on the editor weights, a separate optimiser with `lr_lr`
 on the per-weight steps α (Adam's first step moves each α by exactly `lr_lr`, whatever its gradient's
@@ -59,21 +18,10 @@ gradients are fp32 sums; the model's weights get none); that batch then runs aga
 the running norms, RNG states and routing generators its first forward started from.  Every
 `val_every` steps the editor is validated by applying real (fused, masked) edits to the model and
 measuring edit success on the val requests' rephrases; early stopping after `patience` validations
-without improvement; the best editor is restored at the end.  Checkpoints (safetensors only) go to
-`checkpoint_dir`: `editor.safetensors` (ModelEditor.save), `best.safetensors`, and
-`trainer.safetensors` (the optimisers' state flattened to tensors, the RNG state, the editors' state
-again and the best state when it is not theirs, so that one file holds a whole step, and the
-counters as JSON metadata); `resume=True`
-continues from them (ResumeMismatchError, a ValueError, when the
-run's TrainConfig, apart from `steps`, the validation and early-stopping fields, display/saving
-fields, `data_parallel` (the number of processes is checked on its own), `length_buckets` and
-`reuse_prefix` (rounding only), or its training or validation requests differ from the run that
-wrote them).  The batch order is a function of (seed, batch index), so a resumed run sees the
-batches it would have seen.
-
-Split models (layers on several devices): each edited layer computes on its own device with the
-editor outputs moved there (lowrank_layers), the losses are gathered on the logits' device, and the
-gradients reach each editor on its own device through those moves.
+without improvement; the best editor is restored at the end.
+Checkpoints (safetensors only) go to `checkpoint_dir` and `resume=True` continues from them
+(`train_checkpoint`).  The batch order is a function of (seed, batch index), so a resumed run sees
+the batches it would have seen.
 
 Data-parallel (a torch.distributed process group of W > 1, e.g. under torchrun): each process
 trains on batches of its own (global batch index b·W + rank); before each optimiser step the
@@ -90,396 +38,35 @@ Causal LMs only.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
-import os
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import distributed
-from ._checks import HALF_DTYPES, is_finite_number, is_int, is_number
-from .block_prefix import PrefixReuse
+from ._checks import HALF_DTYPES
 from .capture import frozen_parameters, modes_restored
-from .devices import cuda_indices
-from .editors.grouped_editor import config_differences, with_absent_defaults
-from .ft_baseline import locality_texts
-from .length_buckets import plan_passes, run_in_passes
-from .lowrank_layers import lowrank_edited
-from .losses import backward_scale, log_probs_at, picked_kl, scored_accuracy, scored_nll
-from .model_editor import CHECKPOINT_KEY, LEGACY_LOSS_REDUCTION, ModelEditor
-from .requests import EditRequest, validate_requests
-from .safetensors_file import save_safetensors
-from .scored_logits import logits_at, scored_positions
-from .tokenize import causal_pair_ids, no_kv_cache, pad_rows, pad_token_id, text_ids
+from .losses import backward_scale
+from .model_editor import ModelEditor
+from .requests import validate_requests
+from .train_checkpoint import (BEST_PREFIX, EDITOR_PREFIX, RNG_KEYS, ResumeMismatchError, _checkpoint, _cuda_devices,
+                               _resume, _rng_states, _run_settings, _save_editor, _set_rng_states)
+from .train_config import LOCALITY_VIEWS, PART_KEYS, VIEWS, TrainConfig, TrainResult
+from .train_loss import _passes, batch_edits, batch_loss, eval_rows, loss_from_edits
+from .train_validation import _evaluate_split, evaluate_edits
 
-VIEWS = ("own", "all")  # what a row sees: its edit's group's shift, or every group's (their sum)
-LOCALITY_VIEWS = VIEWS + ("fused",)  # or the fused shift apply() adds (locality rows only)
-PART_KEYS = ("loss", "edit", "kl", "balance")  # the terms logged per step (TrainResult.history)
-
-
-@dataclass
-class TrainConfig:
-    """Editor training settings: MEND's loss weights (cedit, cloc), gradient clip and lr_lr; the
-    other defaults suit short runs (MEND's lr is 1e-6)."""
-
-    steps: int = 100  # optimiser steps
-    batch_size: int = 4  # edits per batch
-    accumulate: int = 1  # batches per optimiser step
-    lr: float = 1e-4  # Adam, editor weights (MEND: 1e-6 for long runs)
-    lr_lr: float = 1e-4  # the per-weight edit steps α
-    lr_optimizer: str = "adam"  # "adam" | "sgd" for α
-    cedit: float = 0.1
-    cloc: float = 1.0
-    balance_weight: float = 1e-2  # gate balance loss (MoEditor)
-    grad_clip: float | None = 100.0
-    edit_rows: str = "own"  # "own" | "all"
-    locality_rows: str = "all"  # "own" | "all" | "fused" (the shift apply() adds: module docstring)
-    fisher_mask: bool = True  # Fisher-masked editors (ProEditor) are trained on the masked shift
-    val_every: int = 50
-    val_size: int | None = None  # how many val requests to use (None: all)
-    patience: int | None = 5  # validations without improvement before stopping (None: never)
-    min_delta: float = 0.0
-    restore_best: bool = True
-    checkpoint_dir: str | None = None
-    resume: bool = True
-    seed: int = 0
-    progress: bool = True
-    data_parallel: bool = False  # train over the default torch.distributed process group (`distributed`)
-    # The edited and KL-reference forwards run as passes of rows of similar length instead of one
-    # padded pass (`length_buckets`: the same losses up to rounding); None: on a CPU model only.
-    length_buckets: bool | None = None
-    # The edited pass runs the locality rows from the lowest edited block, on what the KL
-    # reference pass computed below it (`block_prefix`: the same losses up to rounding), where the
-    # model's structure allows; False: through every block.
-    reuse_prefix: bool = True
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> "TrainConfig":
-        """ValueError naming the first bad field.  Run at construction and again by `train_editor`:
-        the fields stay assignable, and a config changed after it was built (`config.grad_clip = -1`,
-        which clip_grad_norm_ takes and turns every step uphill; `batch_size = 0`, a ZeroDivisionError
-        in the batch order; `edit_rows = "x"`, silently "own") is refused before the run starts."""
-        for name in ("steps", "batch_size", "accumulate", "val_every"):
-            value = getattr(self, name)
-            if not is_int(value) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("lr", "lr_lr"):
-            value = getattr(self, name)
-            if not is_finite_number(value) or not value >= 0:
-                raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
-        for name in ("cedit", "cloc", "balance_weight", "min_delta"):
-            value = getattr(self, name)
-            if not is_finite_number(value) or not value >= 0:
-                raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
-        if self.lr_optimizer not in ("adam", "sgd"):
-            raise ValueError(f"lr_optimizer must be 'adam' or 'sgd', got {self.lr_optimizer!r}")
-        if self.grad_clip is not None and (not is_number(self.grad_clip) or not self.grad_clip > 0):
-            raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip!r}")
-        for name in ("fisher_mask", "data_parallel", "reuse_prefix", "restore_best", "resume", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        for name, allowed in (("edit_rows", VIEWS), ("locality_rows", LOCALITY_VIEWS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.length_buckets is not None and not isinstance(self.length_buckets, bool):
-            raise ValueError(f"length_buckets must be a bool or None, got {self.length_buckets!r}")
-        for name in ("val_size", "patience"):
-            value = getattr(self, name)
-            if value is not None and (not is_int(value) or value < 1):
-                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-        if not is_int(self.seed):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
-        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, (str, os.PathLike)):
-            raise ValueError(f"checkpoint_dir must be a path or None, got {self.checkpoint_dir!r}")
-        return self
-
-    def replace(self, **changes) -> "TrainConfig":
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields: {unknown}")
-        return dataclasses.replace(self, **changes)
+# What `dcedit_kernels.train` exports: the split-out modules' public names too (they were defined
+# here, and callers import them from here), and `_passes` (tests import it from here).  Their other
+# private names are imported only where the loop calls them, so that a test patching
+# `dcedit_kernels.train.<name>` patches what the loop calls; the loss's and validation's own
+# helpers are patched in their own modules.
+__all__ = ["BEST_PREFIX", "EDITOR_PREFIX", "LOCALITY_VIEWS", "PART_KEYS", "RNG_KEYS", "VIEWS", "ResumeMismatchError",
+           "TrainConfig", "TrainResult", "batch_edits", "batch_loss", "check_trainable_dtypes", "eval_rows",
+           "evaluate_edits", "loss_from_edits", "torch_seed", "train_editor", "_passes"]
 
 
-@dataclass
-class TrainResult:
-    steps: int  # optimiser steps done in total (including before a resume)
-    history: list = field(default_factory=list)  # per step: loss, edit, kl, balance
-    val_history: list = field(default_factory=list)  # per validation: step, es, es_all, nll
-    best_step: int | None = None
-    best_es: float | None = None
-    stopped_early: bool = False
-    resumed_from: int | None = None
-    skipped_batches: int = 0
-    elapsed_s: float = 0.0
-
-
-# ---------------------------------------------------------------------------------------------
-# The training loss of one batch
-# ---------------------------------------------------------------------------------------------
-def _locality_row(requests: list[EditRequest], e: int, tokenizer) -> tuple[list[int], int] | None:
-    """(token ids, number of KL positions) of edit e's locality row, or None (one edit, no locality)."""
-    # Tokenized as the edit rows' prompts are (`tokenize.text_ids`: no appended EOS), so that the
-    # last position of a prompt row is its last prompt token, the one that predicts that edit's target.
-    r = requests[e]
-    if r.locality is not None:
-        ids = text_ids(tokenizer, locality_texts([r])[0])
-        return ids, len(ids)
-    if len(requests) < 2:
-        return None
-    ids = text_ids(tokenizer, requests[(e + 1) % len(requests)].prompt)
-    return ids, len(ids) - 1  # the last position predicts the other edit's target: not locality
-
-
-def eval_rows(me: ModelEditor, requests: list[EditRequest], config: TrainConfig) -> dict:
-    """The one-pass batch: E rephrase rows (labels on the target), then the locality rows.
-
-    Returns input_ids, attention_mask, labels (−100 on locality rows), row_edit, row_sees_all,
-    row_sees_fused (`lowrank_edited`'s), is_edit_row (B,) bool and kl_mask (B, L) bool (the
-    positions the KL is taken at).
-    """
-    tok = me.tokenizer
-    rows, labels, row_edit, sees_all, is_edit, kl_len = [], [], [], [], [], []
-    for e, r in enumerate(requests):
-        ids, n_prompt = causal_pair_ids(tok, r.rephrase or r.prompt, r.target, e)
-        rows.append(ids)
-        labels.append([-100] * n_prompt + ids[n_prompt:])
-        row_edit.append(e), sees_all.append(config.edit_rows == "all"), is_edit.append(True), kl_len.append(0)
-    for e in range(len(requests)):
-        loc = _locality_row(requests, e, tok)
-        if loc is None or loc[1] < 1:
-            continue
-        rows.append(loc[0])
-        labels.append([])
-        row_edit.append(e), sees_all.append(config.locality_rows == "all"), is_edit.append(False)
-        kl_len.append(loc[1])
-    batch = pad_rows(rows, pad_token_id(tok), me.device, labels=labels)
-    width = batch["input_ids"].shape[1]
-    kl_mask = torch.arange(width).unsqueeze(0) < torch.tensor(kl_len).unsqueeze(1)
-    dev = me.device
-    batch.update(row_edit=torch.tensor(row_edit, dtype=torch.int64, device=dev),
-                 row_sees_all=torch.tensor(sees_all, dtype=torch.bool, device=dev),
-                 row_sees_fused=torch.tensor([not e and config.locality_rows == "fused" for e in is_edit],
-                                             dtype=torch.bool, device=dev),
-                 is_edit_row=torch.tensor(is_edit, dtype=torch.bool, device=dev),
-                 kl_mask=kl_mask.to(dev))
-    return batch
-
-
-def batch_edits(me: ModelEditor, requests: list[EditRequest]) -> dict:
-    """{layer: GroupedEdit} for a batch of edits: capture, then the editors, differentiably (in
-    the mode the editors are in: train mode updates the statistics and draws gate noise)."""
-    edit_batch = me.tokenize([r.prompt for r in requests], [r.target for r in requests])
-    factors, feats, _ = me.capture(edit_batch)
-    with torch.enable_grad():
-        return me.run_editors(factors, feats)
-
-
-def loss_from_edits(me: ModelEditor, requests: list[EditRequest], edits: dict, config: TrainConfig):
-    """(loss, parts): the training loss of these edits, from one edited forward pass (or passes of
-    rows of similar length: `TrainConfig.length_buckets`); `parts` holds its terms' values and
-    `edit_tokens`, the number of target tokens L_edit averages over."""
-    model = me.model
-    rows = eval_rows(me, requests, config)
-    is_edit, loc_rows = rows["is_edit_row"], ~rows["is_edit_row"]
-    has_loc = bool(loc_rows.any())
-    skip = list(me.modules.values())
-    # The locality rows' lower blocks run once, in the reference pass (`block_prefix`).
-    prefix = PrefixReuse.for_model(model, me.modules) if config.reuse_prefix and has_loc else None
-    no_cache = no_kv_cache(model)  # training needs none, and RWKV's in-place state breaks the backward
-    if has_loc:
-        def reference(batch, where, r):
-            def run(batch):
-                return log_probs_at(model, batch["input_ids"], batch["attention_mask"], where, skip, **no_cache)
-
-            if prefix is None:
-                return run(batch)
-            key = [loc_index[i] for i in r.tolist()]
-            with prefix.record(key, batch["input_ids"].shape):
-                logp = run(batch)
-            prefix.confirm(key, run, batch, logp)
-            return logp
-
-        loc = {k: rows[k][loc_rows] for k in ("input_ids", "attention_mask")}
-        loc_passes = _passes(me, loc, config)
-        if prefix is not None:
-            loc_index = loc_rows.nonzero()[:, 0].tolist()
-            if loc_passes is None:  # one pass, trimmed as the edited one's will be
-                loc_passes = [list(range(len(loc_index)))]
-        base_logp = run_in_passes(loc, rows["kl_mask"][loc_rows], loc_passes, reference)
-    # The LM head computes the logits that a loss reads only: the rephrase rows' target-predicting
-    # positions and the locality rows' KL positions (scored_logits), in row-major order.
-    positions = rows["kl_mask"] & loc_rows.unsqueeze(1)
-    positions[is_edit] = scored_positions(rows["labels"][is_edit], causal=True)
-    row_of = positions.nonzero()[:, 0]
-
-    # The passes' one backward runs after all of them: the o×i masks and shifts that depend on the
-    # edits only (Fisher-masked editors, locality_rows="fused") are formed once for every pass
-    # (`lowrank_edited`'s `shared`), and dropped with this call's graph.
-    shared = {}
-
-    def edited(batch, where, r):
-        key = tuple(r.tolist()) if prefix is not None else None
-        reused = prefix is not None and prefix.reusable(key)
-        with lowrank_edited(model, edits, rows["row_edit"][r], rows["row_sees_all"][r], masked=config.fisher_mask,
-                            row_sees_fused=rows["row_sees_fused"][r], shared=shared), \
-                logits_at(model, where, skip) as scored, prefix.reuse(key) if reused else contextlib.nullcontext():
-            return scored.pick(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                     **no_cache).logits)
-
-    if prefix is not None and prefix.recorded:
-        passes = _edited_passes(me, rows, config, loc_index, loc_passes)
-    else:
-        passes = _passes(me, rows, config)
-    with torch.enable_grad():
-        picked = run_in_passes(rows, positions, passes, edited)
-        # The losses are gathered on the logits' device (a split model's LM head may sit elsewhere
-        # than the inputs and the editors); on one device these moves are no-ops.
-        out = picked.device
-        edit_pick = is_edit[row_of].to(out)
-        # eval_rows puts the rephrase rows first, so their positions lead the row-major order: the
-        # two parts are a split of `picked` (views; its backward is one cat), where boolean picks
-        # copied the (n, V) logits twice and scattered each gradient back into zeros (CPU, 1 thread,
-        # 330 × 49152 fp32, forward + backward: 156-196 ms against 68-72 ms; the same values).
-        n_edit = int(edit_pick.sum())
-        if bool(edit_pick[:n_edit].all()):
-            edit_logits, loc_logits = picked.split([n_edit, picked.shape[0] - n_edit])
-        else:
-            edit_logits, loc_logits = picked[edit_pick], picked[~edit_pick]
-        l_edit = scored_nll(edit_logits, rows["labels"][is_edit], causal=True)
-        kl = picked_kl(base_logp, loc_logits) if has_loc else picked.new_zeros(())
-        balance = torch.stack([e.aux_loss.to(device=out, dtype=l_edit.dtype) for e in edits.values()]).mean()
-        loss = config.cedit * l_edit + config.cloc * kl + config.balance_weight * balance
-    parts = {k: float(v.detach()) for k, v in dict(loss=loss, edit=l_edit, kl=kl, balance=balance).items()}
-    parts["edit_tokens"] = n_edit
-    return loss, parts
-
-
-def _passes(me: ModelEditor, batch: dict, config: TrainConfig) -> list[list[int]] | None:
-    """The row indices of each forward pass over `batch`, rows of similar length together, when
-    `config.length_buckets` (None: when the model's inputs go to the CPU); else None: the batch
-    in one pass, as it is."""
-    on = config.length_buckets if config.length_buckets is not None else me.device.type == "cpu"
-    return plan_passes(batch["attention_mask"].sum(1).tolist()) if on else None
-
-
-def _edited_passes(me: ModelEditor, rows: dict, config: TrainConfig, loc_index: list[int],
-                   loc_passes: list[list[int]]) -> list[list[int]]:
-    """The edited pass's passes when the locality rows reuse the reference's prefix: the rephrase
-    rows' own (`_passes`, or all in one), then the locality rows in the reference's passes (the
-    same rows in the same order: the recorded outputs fit them), as indices into `rows`
-    (`loc_index`: the locality rows' indices there, in order)."""
-    is_edit = rows["is_edit_row"]
-    edit_index = is_edit.nonzero()[:, 0].tolist()
-    edit_passes = _passes(me, {k: rows[k][is_edit] for k in ("input_ids", "attention_mask")}, config)
-    passes = [[edit_index[i] for i in p] for p in edit_passes or [range(len(edit_index))]]
-    return passes + [[loc_index[i] for i in p] for p in loc_passes]
-
-
-def batch_loss(me: ModelEditor, requests: list[EditRequest], config: TrainConfig):
-    """(loss, parts) of one batch of edits, differentiable in the editors' parameters."""
-    if me.seq2seq:
-        raise ValueError("editor training supports causal LMs only")
-    return loss_from_edits(me, requests, batch_edits(me, requests), config)
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation
-# ---------------------------------------------------------------------------------------------
-def evaluate_edits(me: ModelEditor, requests, batch_size: int = 4) -> dict:
-    """Apply the edits (fused path, editors in eval mode) batch by batch, score each edit's
-    rephrase (its prompt when it has none) teacher-forced, undo.  Returns `es` (mean share of
-    target tokens predicted by argmax), `es_all` (share of edits with every token right) and
-    `nll` (mean target NLL per edit).  The LM head computes the scored positions' logits only
-    (`scored_logits.logits_at`)."""
-    requests = validate_requests(requests)
-    if not is_int(batch_size) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if me.seq2seq:
-        raise ValueError("evaluate_edits supports causal LMs only (as editor training does)")
-    return _edit_summary(_batch_scores(me, requests, batch_size, range(_n_batches(requests, batch_size))))
-
-
-def _n_batches(requests, batch_size: int) -> int:
-    return -(-len(requests) // batch_size)
-
-
-def _batch_scores(me: ModelEditor, requests, batch_size: int, batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(each edit's target-token accuracy, each edit's mean target NLL) of the batches numbered
-    `batches` (batch b: requests[b·batch_size:(b+1)·batch_size]), each applied, scored and undone."""
-    out = []
-    for b in batches:
-        chunk = requests[b * batch_size:(b + 1) * batch_size]
-        rows = me.tokenize([r.rephrase or r.prompt for r in chunk], [r.target for r in chunk])
-        positions = scored_positions(rows["labels"], causal=True)
-        with me.edited(chunk), torch.no_grad(), logits_at(me.model, positions, skip=me.modules.values()) as scored:
-            logits = me.model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
-                              **no_kv_cache(me.model)).logits  # read back by nobody (see metrics._score_batch)
-            picked = scored.pick(logits)
-            acc = scored_accuracy(picked, rows["labels"], causal=True).cpu()
-            sums, counts = scored_nll(picked, rows["labels"], causal=True, reduction="row")
-            out.append((acc, (sums / counts.clamp(min=1)).cpu()))
-    return out
-
-
-def _edit_summary(batch_scores: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
-    acc_t, nll_t = torch.cat([a for a, _ in batch_scores]), torch.cat([n for _, n in batch_scores])
-    return dict(es=float(acc_t.mean()), es_all=float((acc_t == 1).float().mean()), nll=float(nll_t.mean()))
-
-
-def _evaluate_split(me: ModelEditor, requests, batch_size: int, rank: int, size: int) -> dict:
-    """`evaluate_edits` shared by the `size` processes of a data-parallel run (their editors are
-    equal): process r scores batches r, r + W, …; the batches' scores are gathered and put back in
-    order, so every process gets what one process scoring them all would (bit for bit, but for
-    RaEditor's random routing, which each process draws from its own generator).  `requests`:
-    validated, as `train_editor` gives them."""
-    n = _n_batches(requests, batch_size)
-    parts = distributed.gather_outcomes(lambda: _batch_scores(me, requests, batch_size, range(rank, n, size)),
-                                        "validating")
-    return _edit_summary([parts[b % size][b // size] for b in range(n)])
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
-def _flatten_optimizer(opt: torch.optim.Optimizer, prefix: str):
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for idx, state in sd["state"].items():
-        for k, v in state.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"{prefix}.state.{idx}.{k}"] = v.detach().contiguous().cpu()
-            else:
-                scalars.setdefault(str(idx), {})[k] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: dict, meta: dict) -> None:
-    state: dict[int, dict] = {}
-    head = prefix + ".state."
-    for key, v in tensors.items():
-        if key.startswith(head):
-            idx, name = key[len(head):].split(".", 1)
-            state.setdefault(int(idx), {})[name] = v
-    for idx, values in meta["scalars"].items():
-        state.setdefault(int(idx), {}).update(values)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def _save_editor(me: ModelEditor, path: Path, state: dict | None = None) -> None:
-    tensors = state if state is not None else me.state_tensors()
-    save_safetensors(tensors, path, {CHECKPOINT_KEY: json.dumps(me.config())})
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop
-# ---------------------------------------------------------------------------------------------
 def _batch_indices(n: int, batch_size: int, seed: int, b: int) -> list[int]:
     """Indices of batch b: epoch-wise random permutations, a pure function of (seed, b)."""
     bs = min(batch_size, n)
@@ -770,11 +357,6 @@ def _restore_forward_state(me: ModelEditor, state: tuple) -> None:
     _set_rng_states(me, rng_states)
 
 
-def _cuda_devices(me: ModelEditor) -> list:
-    """Indices of every CUDA device the model or the editors use (their RNG states are forked and
-    checkpointed: gate noise is drawn on each editor's device)."""
-    return cuda_indices(me.devices)
-
 
 def _validate(me, val_requests, config, result, best_state, bad_validations, ckpt, rank=0, size=1):
     """Score the editors on `val_requests` (a data-parallel run's processes each score a share,
@@ -802,161 +384,3 @@ def _validate(me, val_requests, config, result, best_state, bad_validations, ckp
         if config.patience is not None and bad_validations >= config.patience:
             result.stopped_early = True
     return best_state, bad_validations
-
-
-# TrainConfig fields a resumed run may change: the step budget, when to validate and stop early
-# (a run stopped by patience may go on with another), and how the run is shown or saved.  The
-# others set the optimisers, the batches or the loss, which the checkpoint's state belongs to.
-# The number of processes is checked on its own; length_buckets and reuse_prefix change results by
-# rounding only.
-_RESUMABLE_CHANGES = ("steps", "progress", "checkpoint_dir", "resume", "val_every", "patience", "min_delta",
-                      "restore_best", "data_parallel", "length_buckets", "reuse_prefix")
-
-
-class ResumeMismatchError(ValueError):
-    """A checkpoint_dir holds a run with other settings or requests than the one resuming it."""
-
-
-def _run_settings(config: TrainConfig, train_requests, val_requests, world_size: int = 1) -> dict:
-    """What a resumed run must share with the run that wrote the checkpoint: every TrainConfig
-    field but `_RESUMABLE_CHANGES`, a hash of the training and validation requests, and the
-    number of data-parallel processes (which sets the batches)."""
-    import hashlib
-
-    def digest(requests):
-        if requests is None:
-            return None
-        blob = json.dumps([dataclasses.asdict(r) for r in requests], sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RESUMABLE_CHANGES}
-    return dict(config=settings, train_requests=digest(train_requests), val_requests=digest(val_requests),
-                world_size=world_size)
-
-
-def _rng_states(me: ModelEditor) -> dict:
-    """This process's RNG states as checkpoint tensors: torch's CPU generator, each CUDA device's
-    (MoEditor's gate noise is drawn on the editors' device) and the editors' routing generators
-    (RaEditor's random split, seeded per editor)."""
-    states = {"rng_state": torch.get_rng_state()}
-    states.update({f"route_rng.{key}": gen.get_state() for key, gen in me.route_generators().items()})
-    states.update({f"cuda_rng.{i}": torch.cuda.get_rng_state(i) for i in _cuda_devices(me)})
-    return states
-
-
-EDITOR_PREFIX = "editor."  # the editors' state in trainer.safetensors (`_checkpoint`)
-BEST_PREFIX = "best."  # the best validated state in trainer.safetensors, when it is not the editors' own
-RNG_KEYS = ("rng_state", "route_rng.", "cuda_rng.")  # the names (or name prefixes) `_rng_states` uses
-
-
-def _set_rng_states(me: ModelEditor, states: dict) -> None:
-    """Restore what `_rng_states` gave (a checkpoint's, or a batch's start); a routing generator or
-    CUDA device it has no state for is left as it is."""
-    torch.set_rng_state(states["rng_state"])
-    for key, gen in me.route_generators().items():
-        if f"route_rng.{key}" in states:
-            gen.set_state(states[f"route_rng.{key}"])
-    for name, state in states.items():
-        if name.startswith("cuda_rng."):
-            torch.cuda.set_rng_state(state, int(name.rsplit(".", 1)[1]))
-
-
-def _checkpoint(me, opt, lr_opt, ckpt: Path, result: TrainResult, bad_validations: int, run: dict,
-                rng_states: list[dict], best_state: dict | None = None) -> None:
-    """`rng_states`: each process's `_rng_states` (rank r > 0's saved under "rank{r}.").
-
-    The best state goes in trainer.safetensors too (counters["best"] says where): best.safetensors
-    is written at validation, before the step's checkpoint, so after a failed checkpoint it held a
-    newer best than the counters a resume reads (a resume with no steps left restored step 3's
-    editor as step 1's best).  At a validation that found a new best it is the editors' own state,
-    already in the file; otherwise one more copy of it."""
-    _save_editor(me, ckpt / "editor.safetensors")
-    t1, m1 = _flatten_optimizer(opt, "opt")
-    t2, m2 = _flatten_optimizer(lr_opt, "lr_opt")
-    # The editors' state once more, in the file that holds the optimisers' and the counters (one
-    # atomic write): a write of trainer.safetensors that fails after editor.safetensors was
-    # replaced would otherwise pair this step's editors with the previous step's optimisers.
-    tensors = {**t1, **t2, **{EDITOR_PREFIX + k: v for k, v in me.state_tensors().items()}}
-    best = None if best_state is None else "editor" if result.best_step == result.steps else "trainer"
-    if best == "trainer":
-        tensors.update({BEST_PREFIX + k: v for k, v in best_state.items()})
-    for rank, states in enumerate(rng_states):
-        tensors.update({(f"rank{rank}." if rank else "") + key: t.cpu() for key, t in states.items()})
-    counters = dict(steps=result.steps, best_step=result.best_step, best_es=result.best_es,
-                    stopped_early=result.stopped_early, skipped_batches=result.skipped_batches,
-                    bad_validations=bad_validations, elapsed_s=result.elapsed_s, best=best,
-                    history=result.history, val_history=result.val_history)
-    meta = {"opt": json.dumps(m1), "lr_opt": json.dumps(m2), "counters": json.dumps(counters),
-            "model_editor": json.dumps(me.config()), "run": json.dumps(run)}
-    save_safetensors(tensors, ckpt / "trainer.safetensors", meta)
-
-
-def _check_run(path: Path, saved: dict, run: dict) -> None:
-    """ValueError naming what differs between the run that wrote the checkpoint and this one (the
-    optimisers' saved state would silently bring back the old learning rates, and the batches
-    would be drawn from other requests)."""
-    # Fields present on both sides only: a field TrainConfig gains later is no reason to refuse an
-    # older run's checkpoint.
-    before, now = saved["config"], run["config"]
-    changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in sorted(set(before) & set(now)) if before[k] != now[k]]
-    changed += [f"{name} (different requests)" for name in ("train_requests", "val_requests")
-                if saved.get(name) != run.get(name)]
-    if saved.get("world_size", 1) != run.get("world_size", 1):  # runs before data-parallel had one process
-        changed.append(f"processes {saved.get('world_size', 1)} -> {run.get('world_size', 1)}")
-    if changed:
-        raise ResumeMismatchError(f"{path} was written by a run with other settings ({', '.join(changed)}): resuming "
-                                  "would continue that run; use another checkpoint_dir, or resume=False to start over")
-
-
-def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: int = 0):
-    """Load the checkpoint; returns (this process's RNG states as `_rng_states` gives them, or None
-    when the checkpoint has none for `rank`; the best state; the count of bad validations)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = ckpt / "trainer.safetensors"
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if not {"opt", "lr_opt", "counters", "model_editor"} <= set(meta):
-        raise ValueError(f"{path} is not a train_editor checkpoint")
-    saved = json.loads(meta["model_editor"])
-    # Editor arguments newer than the checkpoint (MoEditor's gate_norm) take the value it was
-    # trained with, as ModelEditor.load takes them: a 0.5.6 MoEditor's run resumes with gate_norm=False.
-    saved_editors = {key: with_absent_defaults(e) for key, e in saved["editors"].items()}
-    now = me.config()["editors"]
-    if saved["layers"] != me.layers or saved["method"] != me.method or saved_editors != now:
-        diff = "; ".join(f"editor {key} {config_differences(saved_editors[key], now[key])}"
-                         for key in sorted(set(saved_editors) & set(now))
-                         if isinstance(saved_editors[key], dict) and saved_editors[key] != now[key])
-        same_layers = saved["layers"] == me.layers and saved["method"] == me.method
-        raise ValueError(f"{path} was written for another editor ({saved['method']} on {saved['layers']})"
-                         + (f" ({diff})" if diff and same_layers else ""))
-    saved_reduction = saved.get("loss_reduction", LEGACY_LOSS_REDUCTION)
-    if saved_reduction != me.loss_reduction:
-        raise ValueError(f"{path} was trained with loss_reduction={saved_reduction!r}, this ModelEditor uses "
-                         f"{me.loss_reduction!r}: the editor's statistics would mix two scales")
-    if "run" in meta:  # checkpoints written before the settings were recorded are not checked
-        _check_run(path, json.loads(meta["run"]), run)
-    tensors = load_file(str(path))
-    editor = {k[len(EDITOR_PREFIX):]: v for k, v in tensors.items() if k.startswith(EDITOR_PREFIX)}
-    if not editor:  # a checkpoint from before the editors' state was also written in trainer.safetensors
-        editor = load_file(str(ckpt / "editor.safetensors"))
-    me.load_state_tensors(editor)  # copied into each editor's device
-    _unflatten_optimizer(opt, "opt", tensors, json.loads(meta["opt"]))
-    _unflatten_optimizer(lr_opt, "lr_opt", tensors, json.loads(meta["lr_opt"]))
-    own = f"rank{rank}." if rank else ""
-    rng_states = {name: v for k, v in tensors.items()
-                  if k.startswith(own) and (name := k[len(own):]).startswith(RNG_KEYS)}
-    counters = json.loads(meta["counters"])
-    result.steps = result.resumed_from = counters["steps"]
-    result.best_step, result.best_es = counters["best_step"], counters["best_es"]
-    result.stopped_early, result.skipped_batches = counters["stopped_early"], counters["skipped_batches"]
-    result.elapsed_s, result.history = counters["elapsed_s"], counters["history"]
-    result.val_history = counters["val_history"]
-    if "best" in counters:
-        where = {"editor": EDITOR_PREFIX, "trainer": BEST_PREFIX}.get(counters["best"])
-        best_state = None if where is None else {k[len(where):]: v for k, v in tensors.items() if k.startswith(where)}
-    else:  # a checkpoint from before the best state was written in trainer.safetensors
-        best_file = ckpt / "best.safetensors"
-        best_state = load_file(str(best_file)) if best_file.is_file() else None
-    return (rng_states if "rng_state" in rng_states else None), best_state, counters["bad_validations"]

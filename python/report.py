@@ -177,7 +177,7 @@ def without_scored_locality(training: list, evaluated: list) -> tuple[list, int]
     without it, and how many: the editors' KL locality loss trains on the training edits' locality
     prompts, and DD would then be scored partly on prompts the editors were fitted to keep (39 of
     counterfact-val's 1919 are locality prompts of the first 300 counterfact-train edits).  An edit
-    without one gets another training edit's prompt as its KL row (`train._locality_row`)."""
+    without one gets another training edit's prompt as its KL row (`train_loss._locality_row`)."""
     from dcedit_kernels.evaluate import without_locality
 
     scored = {r.locality for r in evaluated if r.locality is not None}

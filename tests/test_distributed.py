@@ -47,14 +47,18 @@ def _train(me, config, val=None):
 
 
 def _inject_failure(fail, rank):
-    """`fail` = (name, rank, n): on that rank, the n-th call of dcedit_kernels.train's `name`
-    raises OSError."""
-    import dcedit_kernels.train as train_module
+    """`fail` = (name, rank, n): on that rank, the n-th call of editor training's `name` raises
+    OSError.  It is patched in dcedit_kernels.train and in each module train is split into that
+    holds it (`_save_editor`: the loop's validation and train_checkpoint's `_checkpoint` call it),
+    the calls counted together."""
+    from dcedit_kernels import train, train_checkpoint, train_config, train_loss, train_validation
 
     name, on_rank, n = fail
     if rank != on_rank:
         return
-    original, calls = getattr(train_module, name), []
+    modules = [m for m in (train, train_config, train_loss, train_validation, train_checkpoint) if hasattr(m, name)]
+    original, calls = getattr(modules[0], name), []
+    assert all(getattr(m, name) is original for m in modules), name
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -62,7 +66,8 @@ def _inject_failure(fail, rank):
             raise OSError(f"injected failure in {name}")
         return original(*args, **kwargs)
 
-    setattr(train_module, name, failing)
+    for module in modules:
+        setattr(module, name, failing)
 
 
 def _worker(rank, store, out, method, editor_kwargs, runs, with_val, fail, rank_kwargs, rank_editor_kwargs=None):

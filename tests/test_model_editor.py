@@ -267,6 +267,25 @@ def test_apply_then_undo_is_bit_exact(arch, method, dtype, gen):
     assert_bit_identical(before, me.model)
 
 
+@pytest.mark.parametrize("method", ["mend", "ft"])
+def test_stats_n_tokens_is_what_the_handle_docstring_says(method, gen):
+    """EditHandle.stats["n_tokens"]: an editor method's captured token rows summed over the edited
+    layers (not one layer's), a baseline's unmasked tokens of the edit batch."""
+    me = make_editor("llama", method, gen, **({"ft_steps": 1} if method == "ft" else {}))
+    assert len(me.layers) > 1
+    reqs = random_requests(gen, 3)
+    batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # untrained editors
+        with me.edited(reqs) as handle:
+            pass
+    if method == "ft":
+        assert handle.stats["n_tokens"] == int(batch["attention_mask"].sum())
+    else:
+        factors, _, _ = me.capture(batch)
+        assert handle.stats["n_tokens"] == sum(f.num_tokens for f in factors.values())
+
+
 @pytest.mark.parametrize("frozen", [True, False])
 def test_apply_needs_no_weight_grads_and_leaves_none(frozen, gen):
     me = make_editor("llama", "moeditor", gen)
@@ -2097,3 +2116,20 @@ def test_rescale_batch_size_is_validated_and_is_a_load_setting(gen, tmp_path):
     me.save(path)
     assert ModelEditor.load(path, model, tok).rescale_batch_size is None  # not saved
     assert ModelEditor.load(path, model, tok, rescale_batch_size=25).rescale_batch_size == 25
+
+
+def test_rescale_batch_size_applies_to_fits_validation_not_to_the_training_loss(gen):
+    """As its docstring says: `fit`'s training batches run the editors on η as captured, while its
+    validation applies the val edits (batches of TrainConfig.batch_size) with η × N/R."""
+    me = make_editor("llama", "mend", gen, rescale_batch_size=1)
+    reqs = random_requests(gen, 3)
+    seen = []
+    run_editors = me.run_editors
+
+    def spy(factors, feats, consume=False, eta_scale=1.0):
+        seen.append((me.editors.training, eta_scale))
+        return run_editors(factors, feats, consume=consume, eta_scale=eta_scale)
+
+    me.run_editors = spy
+    me.fit(reqs, reqs, TrainConfig(steps=1, batch_size=3, progress=False))
+    assert seen == [(True, 1.0), (False, 3.0)]  # the training batch, then the validation batch

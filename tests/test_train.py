@@ -282,7 +282,7 @@ def count_passes(monkeypatch) -> list:
 
     counts, plan = [], length_buckets.plan_passes
     monkeypatch.setattr(length_buckets, "PASS_COST", 0)
-    monkeypatch.setattr("dcedit_kernels.train.plan_passes", lambda lengths: counts.append(len(plan(lengths))) or
+    monkeypatch.setattr("dcedit_kernels.train_loss.plan_passes", lambda lengths: counts.append(len(plan(lengths))) or
                         plan(lengths))
     return counts
 
@@ -656,9 +656,9 @@ def test_evaluate_edits_agrees_with_metrics_edit_success(gen):
 def _fail_trainer_write(monkeypatch, n: int):
     """The n-th write of trainer.safetensors raises OSError("injected: disk full") (a full disk, a
     killed process); returns the function that puts the real writer back."""
-    import dcedit_kernels.train as train_module
+    import dcedit_kernels.train_checkpoint as checkpoint_module
 
-    original, writes = train_module.save_safetensors, []
+    original, writes = checkpoint_module.save_safetensors, []
 
     def failing(tensors, path, metadata=None):
         if Path(path).name == "trainer.safetensors":
@@ -667,8 +667,8 @@ def _fail_trainer_write(monkeypatch, n: int):
                 raise OSError("injected: disk full")
         return original(tensors, path, metadata)
 
-    monkeypatch.setattr(train_module, "save_safetensors", failing)
-    return lambda: monkeypatch.setattr(train_module, "save_safetensors", original)
+    monkeypatch.setattr(checkpoint_module, "save_safetensors", failing)
+    return lambda: monkeypatch.setattr(checkpoint_module, "save_safetensors", original)
 
 
 def test_a_checkpoint_whose_trainer_file_failed_to_write_resumes_from_the_previous_step(gen, tmp_path, monkeypatch):
@@ -882,6 +882,19 @@ def test_resume_refuses_other_settings_or_requests(gen, tmp_path):
     assert train_editor(me, requests[2:], None, cfg.replace(steps=1, resume=False)).resumed_from is None
 
 
+def test_resume_takes_another_val_every_but_not_another_val_size(gen, tmp_path):
+    """As the module docstring says: `val_every` may change on resume, `val_size` may not, even
+    when it selects the same validation requests (None and 2 of 2)."""
+    requests = random_requests(gen, 4)
+    model, tok = tiny_model("gpt2", seed=0)
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4)
+    cfg = TrainConfig(steps=1, batch_size=2, progress=False, checkpoint_dir=str(tmp_path))
+    train_editor(me, requests[:2], requests[2:], cfg)
+    with pytest.raises(ValueError, match=r"val_size None -> 2"):
+        train_editor(me, requests[:2], requests[2:], cfg.replace(steps=2, val_size=2))
+    assert train_editor(me, requests[:2], requests[2:], cfg.replace(steps=2, val_every=7)).resumed_from == 1
+
+
 def test_locality_rows_leave_out_an_appended_eos(gen):
     """A tokenizer that appends EOS (Llama's add_eos_token): the KL rows are tokenized as the edit
     rows' prompts are, without it, so the borrowed prompt's last position, which predicts the other
@@ -963,7 +976,7 @@ def test_every_bucketed_pass_is_trimmed_to_its_longest_row(gen, monkeypatch):
             return run(sub, where, rows)
         return length_buckets.run_in_passes(batch, positions, passes, run_and_record)
 
-    monkeypatch.setattr("dcedit_kernels.train.run_in_passes", spy)
+    monkeypatch.setattr("dcedit_kernels.train_loss.run_in_passes", spy)
     model, tok = tiny_model("llama", seed=int(torch.randint(0, 100, (1,), generator=gen)))
     me = ModelEditor(model, tok, LAYERS["llama"], method="mend", rank=4)
     requests = [EditRequest(f"prompt {i}", "target", rephrase="a much longer rephrase of the prompt " * 2,
@@ -1352,7 +1365,7 @@ def test_passes_of_one_step_share_the_masked_and_fused_shifts(locality_rows, gen
     assert calls["dense"] == (len(me.layers) if locality_rows == "fused" else 0)
     # Each pass forming its own (what lowrank_edited does without `shared`).
     original = lowrank_layers.lowrank_edited
-    monkeypatch.setattr("dcedit_kernels.train.lowrank_edited",
+    monkeypatch.setattr("dcedit_kernels.train_loss.lowrank_edited",
                         lambda *args, shared=None, **kwargs: original(*args, **kwargs))
     want, _ = loss_from_edits(me, requests, edits, config)
     assert calls["mask"] > 2 * len(me.layers)  # once a pass

@@ -1,0 +1,223 @@
+"""Editor training's checkpoints and resume.
+
+Checkpoints (safetensors only) go to `checkpoint_dir`: `editor.safetensors` (ModelEditor.save),
+`best.safetensors`, and `trainer.safetensors` (the optimisers' state flattened to tensors, the RNG
+state, the editors' state again and the best state when it is not theirs, so that one file holds a
+whole step, and the counters as JSON metadata); `resume=True` continues from them
+(ResumeMismatchError, a ValueError, when the run's TrainConfig, apart from `steps`, `val_every`
+(not `val_size`), the early-stopping fields, display/saving fields, `data_parallel` (the number of
+processes is checked on its own), `length_buckets` and `reuse_prefix` (rounding only), or its
+training or validation requests differ from the run that wrote them).
+
+Separate from the loop (`train`, which calls `_checkpoint` and `_resume`): what a checkpoint holds
+and how a resume checks and restores it.  The RNG-state helpers live here because they make the
+checkpoint's tensors; the loop also uses them to run a batch again from the same start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from .devices import cuda_indices
+from .editors.grouped_editor import config_differences, with_absent_defaults
+from .model_editor import CHECKPOINT_KEY, LEGACY_LOSS_REDUCTION, ModelEditor
+from .safetensors_file import save_safetensors
+from .train_config import TrainConfig, TrainResult
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer, prefix: str):
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{prefix}.state.{idx}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(idx), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: dict, meta: dict) -> None:
+    state: dict[int, dict] = {}
+    head = prefix + ".state."
+    for key, v in tensors.items():
+        if key.startswith(head):
+            idx, name = key[len(head):].split(".", 1)
+            state.setdefault(int(idx), {})[name] = v
+    for idx, values in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _save_editor(me: ModelEditor, path: Path, state: dict | None = None) -> None:
+    tensors = state if state is not None else me.state_tensors()
+    save_safetensors(tensors, path, {CHECKPOINT_KEY: json.dumps(me.config())})
+
+
+
+def _cuda_devices(me: ModelEditor) -> list:
+    """Indices of every CUDA device the model or the editors use (their RNG states are forked and
+    checkpointed: gate noise is drawn on each editor's device)."""
+    return cuda_indices(me.devices)
+
+
+# TrainConfig fields a resumed run may change: the step budget, when to validate and stop early
+# (a run stopped by patience may go on with another), and how the run is shown or saved.  The
+# others set the optimisers, the batches or the loss, which the checkpoint's state belongs to.
+# The number of processes is checked on its own; length_buckets and reuse_prefix change results by
+# rounding only.
+_RESUMABLE_CHANGES = ("steps", "progress", "checkpoint_dir", "resume", "val_every", "patience", "min_delta",
+                      "restore_best", "data_parallel", "length_buckets", "reuse_prefix")
+
+
+class ResumeMismatchError(ValueError):
+    """A checkpoint_dir holds a run with other settings or requests than the one resuming it."""
+
+
+def _run_settings(config: TrainConfig, train_requests, val_requests, world_size: int = 1) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint: every TrainConfig
+    field but `_RESUMABLE_CHANGES`, a hash of the training and validation requests, and the
+    number of data-parallel processes (which sets the batches)."""
+    import hashlib
+
+    def digest(requests):
+        if requests is None:
+            return None
+        blob = json.dumps([dataclasses.asdict(r) for r in requests], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in _RESUMABLE_CHANGES}
+    return dict(config=settings, train_requests=digest(train_requests), val_requests=digest(val_requests),
+                world_size=world_size)
+
+
+def _rng_states(me: ModelEditor) -> dict:
+    """This process's RNG states as checkpoint tensors: torch's CPU generator, each CUDA device's
+    (MoEditor's gate noise is drawn on the editors' device) and the editors' routing generators
+    (RaEditor's random split, seeded per editor)."""
+    states = {"rng_state": torch.get_rng_state()}
+    states.update({f"route_rng.{key}": gen.get_state() for key, gen in me.route_generators().items()})
+    states.update({f"cuda_rng.{i}": torch.cuda.get_rng_state(i) for i in _cuda_devices(me)})
+    return states
+
+
+EDITOR_PREFIX = "editor."  # the editors' state in trainer.safetensors (`_checkpoint`)
+BEST_PREFIX = "best."  # the best validated state in trainer.safetensors, when it is not the editors' own
+RNG_KEYS = ("rng_state", "route_rng.", "cuda_rng.")  # the names (or name prefixes) `_rng_states` uses
+
+
+def _set_rng_states(me: ModelEditor, states: dict) -> None:
+    """Restore what `_rng_states` gave (a checkpoint's, or a batch's start); a routing generator or
+    CUDA device it has no state for is left as it is."""
+    torch.set_rng_state(states["rng_state"])
+    for key, gen in me.route_generators().items():
+        if f"route_rng.{key}" in states:
+            gen.set_state(states[f"route_rng.{key}"])
+    for name, state in states.items():
+        if name.startswith("cuda_rng."):
+            torch.cuda.set_rng_state(state, int(name.rsplit(".", 1)[1]))
+
+
+def _checkpoint(me, opt, lr_opt, ckpt: Path, result: TrainResult, bad_validations: int, run: dict,
+                rng_states: list[dict], best_state: dict | None = None) -> None:
+    """`rng_states`: each process's `_rng_states` (rank r > 0's saved under "rank{r}.").
+
+    The best state goes in trainer.safetensors too (counters["best"] says where): best.safetensors
+    is written at validation, before the step's checkpoint, so after a failed checkpoint it held a
+    newer best than the counters a resume reads (a resume with no steps left restored step 3's
+    editor as step 1's best).  At a validation that found a new best it is the editors' own state,
+    already in the file; otherwise one more copy of it."""
+    _save_editor(me, ckpt / "editor.safetensors")
+    t1, m1 = _flatten_optimizer(opt, "opt")
+    t2, m2 = _flatten_optimizer(lr_opt, "lr_opt")
+    # The editors' state once more, in the file that holds the optimisers' and the counters (one
+    # atomic write): a write of trainer.safetensors that fails after editor.safetensors was
+    # replaced would otherwise pair this step's editors with the previous step's optimisers.
+    tensors = {**t1, **t2, **{EDITOR_PREFIX + k: v for k, v in me.state_tensors().items()}}
+    best = None if best_state is None else "editor" if result.best_step == result.steps else "trainer"
+    if best == "trainer":
+        tensors.update({BEST_PREFIX + k: v for k, v in best_state.items()})
+    for rank, states in enumerate(rng_states):
+        tensors.update({(f"rank{rank}." if rank else "") + key: t.cpu() for key, t in states.items()})
+    counters = dict(steps=result.steps, best_step=result.best_step, best_es=result.best_es,
+                    stopped_early=result.stopped_early, skipped_batches=result.skipped_batches,
+                    bad_validations=bad_validations, elapsed_s=result.elapsed_s, best=best,
+                    history=result.history, val_history=result.val_history)
+    meta = {"opt": json.dumps(m1), "lr_opt": json.dumps(m2), "counters": json.dumps(counters),
+            "model_editor": json.dumps(me.config()), "run": json.dumps(run)}
+    save_safetensors(tensors, ckpt / "trainer.safetensors", meta)
+
+
+def _check_run(path: Path, saved: dict, run: dict) -> None:
+    """ValueError naming what differs between the run that wrote the checkpoint and this one (the
+    optimisers' saved state would silently bring back the old learning rates, and the batches
+    would be drawn from other requests)."""
+    # Fields present on both sides only: a field TrainConfig gains later is no reason to refuse an
+    # older run's checkpoint.
+    before, now = saved["config"], run["config"]
+    changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in sorted(set(before) & set(now)) if before[k] != now[k]]
+    changed += [f"{name} (different requests)" for name in ("train_requests", "val_requests")
+                if saved.get(name) != run.get(name)]
+    if saved.get("world_size", 1) != run.get("world_size", 1):  # runs before data-parallel had one process
+        changed.append(f"processes {saved.get('world_size', 1)} -> {run.get('world_size', 1)}")
+    if changed:
+        raise ResumeMismatchError(f"{path} was written by a run with other settings ({', '.join(changed)}): resuming "
+                                  "would continue that run; use another checkpoint_dir, or resume=False to start over")
+
+
+def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: int = 0):
+    """Load the checkpoint; returns (this process's RNG states as `_rng_states` gives them, or None
+    when the checkpoint has none for `rank`; the best state; the count of bad validations)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = ckpt / "trainer.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if not {"opt", "lr_opt", "counters", "model_editor"} <= set(meta):
+        raise ValueError(f"{path} is not a train_editor checkpoint")
+    saved = json.loads(meta["model_editor"])
+    # Editor arguments newer than the checkpoint (MoEditor's gate_norm) take the value it was
+    # trained with, as ModelEditor.load takes them: a 0.5.6 MoEditor's run resumes with gate_norm=False.
+    saved_editors = {key: with_absent_defaults(e) for key, e in saved["editors"].items()}
+    now = me.config()["editors"]
+    if saved["layers"] != me.layers or saved["method"] != me.method or saved_editors != now:
+        diff = "; ".join(f"editor {key} {config_differences(saved_editors[key], now[key])}"
+                         for key in sorted(set(saved_editors) & set(now))
+                         if isinstance(saved_editors[key], dict) and saved_editors[key] != now[key])
+        same_layers = saved["layers"] == me.layers and saved["method"] == me.method
+        raise ValueError(f"{path} was written for another editor ({saved['method']} on {saved['layers']})"
+                         + (f" ({diff})" if diff and same_layers else ""))
+    saved_reduction = saved.get("loss_reduction", LEGACY_LOSS_REDUCTION)
+    if saved_reduction != me.loss_reduction:
+        raise ValueError(f"{path} was trained with loss_reduction={saved_reduction!r}, this ModelEditor uses "
+                         f"{me.loss_reduction!r}: the editor's statistics would mix two scales")
+    if "run" in meta:  # checkpoints written before the settings were recorded are not checked
+        _check_run(path, json.loads(meta["run"]), run)
+    tensors = load_file(str(path))
+    editor = {k[len(EDITOR_PREFIX):]: v for k, v in tensors.items() if k.startswith(EDITOR_PREFIX)}
+    if not editor:  # a checkpoint from before the editors' state was also written in trainer.safetensors
+        editor = load_file(str(ckpt / "editor.safetensors"))
+    me.load_state_tensors(editor)  # copied into each editor's device
+    _unflatten_optimizer(opt, "opt", tensors, json.loads(meta["opt"]))
+    _unflatten_optimizer(lr_opt, "lr_opt", tensors, json.loads(meta["lr_opt"]))
+    own = f"rank{rank}." if rank else ""
+    rng_states = {name: v for k, v in tensors.items()
+                  if k.startswith(own) and (name := k[len(own):]).startswith(RNG_KEYS)}
+    counters = json.loads(meta["counters"])
+    result.steps = result.resumed_from = counters["steps"]
+    result.best_step, result.best_es = counters["best_step"], counters["best_es"]
+    result.stopped_early, result.skipped_batches = counters["stopped_early"], counters["skipped_batches"]
+    result.elapsed_s, result.history = counters["elapsed_s"], counters["history"]
+    result.val_history = counters["val_history"]
+    if "best" in counters:
+        where = {"editor": EDITOR_PREFIX, "trainer": BEST_PREFIX}.get(counters["best"])
+        best_state = None if where is None else {k[len(where):]: v for k, v in tensors.items() if k.startswith(where)}
+    else:  # a checkpoint from before the best state was written in trainer.safetensors
+        best_file = ckpt / "best.safetensors"
+        best_state = load_file(str(best_file)) if best_file.is_file() else None
+    return (rng_states if "rng_state" in rng_states else None), best_state, counters["bad_validations"]

@@ -1,0 +1,115 @@
+"""Editor training's settings and outcome: `TrainConfig` (its fields validated) and `TrainResult`.
+
+Separate from the loop (`train`) so that the loss (`train_loss`) and the checkpoints
+(`train_checkpoint`), which both read a TrainConfig, need not import the loop, which imports them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from ._checks import is_finite_number, is_int, is_number
+
+VIEWS = ("own", "all")  # what a row sees: its edit's group's shift, or every group's (their sum)
+LOCALITY_VIEWS = VIEWS + ("fused",)  # or the fused shift apply() adds (locality rows only)
+PART_KEYS = ("loss", "edit", "kl", "balance")  # the terms logged per step (TrainResult.history)
+
+
+@dataclass
+class TrainConfig:
+    """Editor training settings: MEND's loss weights (cedit, cloc), gradient clip and lr_lr; the
+    other defaults suit short runs (MEND's lr is 1e-6)."""
+
+    steps: int = 100  # optimiser steps
+    batch_size: int = 4  # edits per batch
+    accumulate: int = 1  # batches per optimiser step
+    lr: float = 1e-4  # Adam, editor weights (MEND: 1e-6 for long runs)
+    lr_lr: float = 1e-4  # the per-weight edit steps α
+    lr_optimizer: str = "adam"  # "adam" | "sgd" for α
+    cedit: float = 0.1
+    cloc: float = 1.0
+    balance_weight: float = 1e-2  # gate balance loss (MoEditor)
+    grad_clip: float | None = 100.0
+    edit_rows: str = "own"  # "own" | "all"
+    locality_rows: str = "all"  # "own" | "all" | "fused" (the shift apply() adds: train_loss's docstring)
+    fisher_mask: bool = True  # Fisher-masked editors (ProEditor) are trained on the masked shift
+    val_every: int = 50
+    val_size: int | None = None  # how many val requests to use (None: all)
+    patience: int | None = 5  # validations without improvement before stopping (None: never)
+    min_delta: float = 0.0
+    restore_best: bool = True
+    checkpoint_dir: str | None = None
+    resume: bool = True
+    seed: int = 0
+    progress: bool = True
+    data_parallel: bool = False  # train over the default torch.distributed process group (`distributed`)
+    # The edited and KL-reference forwards run as passes of rows of similar length instead of one
+    # padded pass (`length_buckets`: the same losses up to rounding); None: on a CPU model only.
+    length_buckets: bool | None = None
+    # The edited pass runs the locality rows from the lowest edited block, on what the KL
+    # reference pass computed below it (`block_prefix`: the same losses up to rounding), where the
+    # model's structure allows; False: through every block.
+    reuse_prefix: bool = True
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "TrainConfig":
+        """ValueError naming the first bad field.  Run at construction and again by `train_editor`:
+        the fields stay assignable, and a config changed after it was built (`config.grad_clip = -1`,
+        which clip_grad_norm_ takes and turns every step uphill; `batch_size = 0`, a ZeroDivisionError
+        in the batch order; `edit_rows = "x"`, silently "own") is refused before the run starts."""
+        for name in ("steps", "batch_size", "accumulate", "val_every"):
+            value = getattr(self, name)
+            if not is_int(value) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("lr", "lr_lr"):
+            value = getattr(self, name)
+            if not is_finite_number(value) or not value >= 0:
+                raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+        for name in ("cedit", "cloc", "balance_weight", "min_delta"):
+            value = getattr(self, name)
+            if not is_finite_number(value) or not value >= 0:
+                raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+        if self.lr_optimizer not in ("adam", "sgd"):
+            raise ValueError(f"lr_optimizer must be 'adam' or 'sgd', got {self.lr_optimizer!r}")
+        if self.grad_clip is not None and (not is_number(self.grad_clip) or not self.grad_clip > 0):
+            raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip!r}")
+        for name in ("fisher_mask", "data_parallel", "reuse_prefix", "restore_best", "resume", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        for name, allowed in (("edit_rows", VIEWS), ("locality_rows", LOCALITY_VIEWS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.length_buckets is not None and not isinstance(self.length_buckets, bool):
+            raise ValueError(f"length_buckets must be a bool or None, got {self.length_buckets!r}")
+        for name in ("val_size", "patience"):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if not is_int(self.seed):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, (str, os.PathLike)):
+            raise ValueError(f"checkpoint_dir must be a path or None, got {self.checkpoint_dir!r}")
+        return self
+
+    def replace(self, **changes) -> "TrainConfig":
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {unknown}")
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class TrainResult:
+    steps: int  # optimiser steps done in total (including before a resume)
+    history: list = field(default_factory=list)  # per step: loss, edit, kl, balance
+    val_history: list = field(default_factory=list)  # per validation: step, es, es_all, nll
+    best_step: int | None = None
+    best_es: float | None = None
+    stopped_early: bool = False
+    resumed_from: int | None = None
+    skipped_batches: int = 0
+    elapsed_s: float = 0.0
