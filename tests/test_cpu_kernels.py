@@ -322,6 +322,24 @@ def test_grouped_lowrank_mixed_dtypes_strided_h_and_nan(gen):
     assert out[2].isnan().any()
 
 
+@pytest.mark.parametrize("dtype", [F64, F32, BF16])
+def test_grouped_lowrank_signed_zeros_at_initialisation(gen, dtype):
+    """MEND's initialisation (u = 0, bias = 0) makes every pre-activation exactly 0, and a negative
+    scale turns it into -0, which the clamp keeps (torch's clamp and the reference give -0): an h
+    entry of -0 then stays -0 in the output.  Random inputs never produce an exact zero, so the
+    bit-identity tests above cannot tell a clamp that turns -0 into +0."""
+    counts = [0, 5, 1, 0, 70, 3]
+    h, offsets, u, v, bias, scale, _, _ = lowrank_inputs(gen, counts, 70, 13, dtype, ("scale",))
+    u, bias = torch.zeros_like(u), torch.zeros_like(bias)
+    scale = -(scale.abs() + 0.5)
+    h[:, ::2] = -0.0
+    out = ops.grouped_lowrank(h, offsets, u, v, bias, scale, None, None)
+    ref = R.grouped_lowrank(h, offsets, u, v, bias, scale, None, None)
+    assert torch.equal(out, h.to(out.dtype))
+    assert bool(torch.signbit(ref[:, ::2]).all())
+    assert_bits_equal(out, ref)
+
+
 GROUPED_LOWRANK_ERRORS = {
     "h 1-D": (lambda a: (a[0][0], *a[1:]), "h"),
     "h int": (lambda a: (a[0].int(), *a[1:]), "h"),

@@ -1,7 +1,9 @@
 """Every op through the `dcedit` dispatcher: semantics from SPEC.md, opcheck, gradcheck, errors.
 
-Kernels are checked against the reference in float64 on fresh random inputs; the reference
-itself is checked here against independent per-group formulas written from SPEC.md.
+Kernels are checked against the reference in float64 on fresh random inputs.  The independent
+per-group formulas written from SPEC.md check whichever backend serves an op here: on CPU with the
+C++ extension that is the C++ kernel (test_cpu_kernels compares it with the reference bit for bit,
+which is what catches a wrong reference there); with DCEDIT_DISABLE_C=1, the reference itself.
 """
 
 import math
@@ -705,6 +707,28 @@ def test_lowrank_delta_linear_reference_takes_a_number_alpha(gen):
         got = reference.lowrank_delta_linear(**dict(a, alpha=alpha))
         assert got.dtype == want.dtype and torch.equal(got, want)
         torch.testing.assert_close(got, ops.lowrank_delta_linear(**dict(a, alpha=alpha)))
+
+
+def test_lowrank_delta_linear_reference_backward_takes_a_one_entry_alpha(gen):
+    """The reference backward, like its forward, takes an alpha of one entry shared by every
+    group; its gradient is then the sum of the per-group ones.  The op expands alpha to G entries
+    before it calls the backward, so only a direct call (the oracle's) reaches that branch."""
+    counts = (3, 0, 2, 4)
+    a = _delta_linear_inputs(gen, N=9, i=5, o=4, counts=counts)
+    a["row_group"] = torch.tensor([0, 2, -1, 3, 0, 3, 2, 1, 0])  # several groups, an empty one, -1
+    G = len(counts)
+    grad = randn((9, 4), gen, torch.float64)
+    args = [a[k] for k in ("x", "weight", "row_group", "mu_t", "eta_t", "offsets")]
+    one = randn((1,), gen, torch.float64)
+    shared = reference.lowrank_delta_linear_backward(grad, *args, one)
+    per_group = reference.lowrank_delta_linear_backward(grad, *args, one.expand(G).contiguous())
+    for s, p in zip(shared[:3], per_group[:3]):
+        torch.testing.assert_close(s, p)
+    assert shared[3].shape == one.shape
+    torch.testing.assert_close(shared[3], per_group[3].sum().reshape(1))
+    alpha = one.clone().requires_grad_()
+    (want,) = torch.autograd.grad(reference.lowrank_delta_linear(**dict(a, alpha=alpha)), alpha, grad)
+    torch.testing.assert_close(shared[3], want)
 
 
 @pytest.mark.parametrize("factors", [torch.float16, torch.bfloat16, torch.float32])

@@ -381,6 +381,26 @@ def test_grouped_outer_backward_ties(gen, dtype, device):
             close(out, ref)
 
 
+@pytest.mark.parametrize("fusion", ["sss", "ssm"])
+def test_grouped_outer_backward_exact_zero_shift_gets_no_gradient(gen, fusion, device):
+    """A feature that a group never sees (a zero column of its μ, as after a ReLU) makes that
+    column of S_g exactly 0: it reaches neither P nor N, so the selection words must leave its
+    bit clear on both sides (S_g > 0 where P wins, S_g < 0 where N wins) and that column of the
+    group's d_mu is exactly 0, as in the reference.  Gaussian inputs never give an exact 0."""
+    counts = [0, 7, 5, 9, 0]
+    offsets = offsets_for(counts, device)
+    T = sum(counts)
+    eta, mu = randn((T, 13), gen, torch.float32, device), randn((T, 17), gen, torch.float32, device)
+    mu[7:12, ::3] = 0.0  # group 2 (rows 7..11): S_2[:, ::3] == 0 exactly
+    grad = randn((13, 17), gen, torch.float32, device)
+    d_eta, d_mu = tk.grouped_outer_backward(grad, eta, mu, offsets, fusion, 0.7)
+    ref = outer_backward_ref(grad, eta, mu, offsets, fusion, 0.7)
+    assert not ref[1][7:12, ::3].any()
+    assert not d_mu[7:12, ::3].any(), "an exactly-zero S_g entry got gradient"
+    for out, r in zip((d_eta, d_mu), ref):
+        close(out, r)
+
+
 @pytest.mark.parametrize("fusion", ["max", "sss", "ssm"])
 def test_grouped_outer_nan_shift(gen, fusion, device):
     """NaN in S_g propagates and max takes the first NaN group, as the reference (torch's argmax
