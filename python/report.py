@@ -282,7 +282,8 @@ def _editors_line(report: dict) -> str:
             + f": {tc['steps']} steps × "
             f"{tc['batch_size']} edits, Adam lr {tc['lr']} (edit steps α: {tc['lr_lr']}), " + ", ".join(parts) + ". ")
     if "raeditor" in run:
-        line += "RaEditor = MoEditor's editors with random routing. "
+        line += ("RaEditor = MoEditor's editors with random routing, each edit at weight 1 where MoEditor "
+                 "scales it by its gate weight (not a scale-matched ablation: RESULTS.md). ")
     if ed.get("rescale_batch_size") is not None:
         size = ed["rescale_batch_size"]
         line += (f"Applied with `rescale_batch_size` {size}: an edit of N_u edits runs the editors on "
