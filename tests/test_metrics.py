@@ -503,3 +503,22 @@ def test_measure_edit_scores_ns_and_dd_of_the_edited_model_in_one_pass(gen):
     again = measure_edit(NoiseEditor(), reqs, batch_size=4, during=apart)
     assert (run["ns"], run["dd"]) == (again["ns"], again["dd"]) == (again["during"]["ns"], again["during"]["dd"])
     assert 0 < run["dd"]  # the edit changed some locality prediction
+
+
+def test_prediction_metrics_average_over_requests_not_tokens():
+    """Each request counts once whatever its target's length (SPEC: the mean over requests of each
+    request's accuracy): a 7-token target all right and a 2-token one half right give (1 + 1/2)/2,
+    not the 8/9 of the pooled tokens."""
+    lm = PrefixLM(tiny_tokenizer("gpt2"))
+    requests = [EditRequest("xy", "abcdef", rephrase="uv", locality="hi", locality_target="jklmno"),
+                EditRequest("pq", "c", rephrase="mn", locality="rs", locality_target="t")]
+    for prompt, request_field, target_field in (("xy", "prompt", "target"), ("uv", "rephrase", "target"),
+                                                ("hi", "locality", "locality_target")):
+        lm.teach(f"{prompt} " + getattr(requests[0], target_field))
+        second = getattr(requests[1], request_field)
+        lm.teach(f"{second} " + getattr(requests[1], target_field), wrong_after=f"{second} ")
+    want = (1 + 1 / 2) / 2
+    assert reliability(lm, lm.tok, requests) == pytest.approx(want)
+    assert edit_success(lm, lm.tok, requests) == pytest.approx(want)
+    assert neighbourhood_success(lm, lm.tok, requests) == pytest.approx(want)
+    assert reliability(lm, lm.tok, requests, exact=True) == pytest.approx(1 / 2)

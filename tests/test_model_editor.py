@@ -2133,3 +2133,109 @@ def test_rescale_batch_size_applies_to_fits_validation_not_to_the_training_loss(
     me.run_editors = spy
     me.fit(reqs, reqs, TrainConfig(steps=1, batch_size=3, progress=False))
     assert seen == [(True, 1.0), (False, 3.0)]  # the training batch, then the validation batch
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_moeditor_shift_matches_a_float64_reference(top_k, gen):
+    """A MoEditor's shift written out in float64 (eval: no noise, no normalisation): each edit goes
+    to its top-1 editor g(e) = argmax f_e W_g; its tokens' [μ; η] pass through that editor's
+    residual low-rank layers and η̃ is scaled by the edit's gate weight, the softmax over its top-k
+    logits at g(e); with "add" fusion Δ = Σ_t w_e(t) η̃_t μ̃_tᵀ.  The edits are routed to editors out
+    of their batch order, so each token must get its own edit's weight after the sort by group."""
+    from dcedit_kernels.editors import MoEditor
+
+    G = f = 3
+    editor = MoEditor(6, 5, n_editors=G, feat_dim=f, top_k=top_k, fusion="add", rank=3, norm=False,
+                      gate_norm=False, seed=1)
+    randomize_editor(editor, gen, scale=0.5)
+    route = torch.tensor([2, 0, 1, 0, 2])  # not in batch order: the sort by group permutes the tokens
+    with torch.no_grad():
+        editor.w_gate.copy_(torch.eye(G) + 0.1 * torch.randn(G, G, generator=gen))
+    editor.eval()
+    bounds = [0, 2, 5, 6, 9, 11]
+    offsets = torch.tensor(bounds, dtype=torch.int32)
+    E, T = len(bounds) - 1, bounds[-1]
+    mu, eta = torch.randn(T, 6, generator=gen), torch.randn(T, 5, generator=gen)
+    feats = 3 * nn.functional.one_hot(route, G).float() + 0.3 * torch.randn(E, f, generator=gen)
+    with torch.no_grad():
+        edit = editor(mu, eta, offsets, edit_feats=feats)
+        got = edit.dense()
+    d = lambda t: t.detach().double()  # noqa: E731
+    logits = feats.double() @ d(editor.w_gate)
+    top = logits.topk(top_k, dim=1)
+    group = top.indices[:, 0]
+    weight = torch.softmax(top.values, 1)[:, 0]
+    assert torch.equal(group, route) and torch.equal(edit.edit_group, group)
+    assert top_k == 1 or len(set(weight.tolist())) == E  # the edits' weights tell them apart
+    want = torch.zeros(5, 6, dtype=torch.float64)
+    for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        g = int(group[e])
+        h = torch.cat([mu[a:b], eta[a:b]], 1).double()
+        for layer in editor.layers:
+            pre = ((h @ d(layer.v[g]).t()) @ d(layer.u[g]).t() + d(layer.bias[g])) * d(layer.mode_scale[g, 0]) \
+                + d(layer.mode_shift[g, 0])
+            h = h + pre.clamp(min=0)
+        want += (weight[e] * h[:, 6:]).t() @ h[:, :6]
+    assert rel_err(got, want) < 1e-5
+
+
+def test_raeditor_splits_the_edits_into_balanced_random_groups(gen):
+    """RaEditor's random routing uses every one of its n_editors: E edits split into groups of
+    ⌊E/N_g⌋ or ⌈E/N_g⌉ edits, drawn afresh call after call."""
+    from dcedit_kernels.editors import RaEditor
+
+    for G in (2, 3, 4):
+        editor = RaEditor(5, 3, n_editors=G, rank=2, seed=int(torch.randint(0, 1000, (1,), generator=gen)))
+        for E in (G, 7, 12):
+            groups, weight, loss = editor.route(E)
+            counts = torch.bincount(groups, minlength=G)
+            assert counts.numel() == G and weight is None and float(loss) == 0
+            assert sorted(counts.tolist()) == sorted([E // G + (g < E % G) for g in range(G)]), (G, E, counts)
+
+
+def test_proeditor_fisher_reads_the_captured_factors_not_the_transformed_ones(gen):
+    """The Fisher mask is the empirical Fisher of the edits' own gradients Σ_{t∈e} η_t μ_tᵀ (the
+    captured factors), not of the editor's transformed η̃, μ̃: with a trained (non-identity) editor
+    and running norms the two differ; the mask keeps the entries with the highest of the former."""
+    from dcedit_kernels.editors import ProEditor
+
+    editor = ProEditor(6, 4, fisher_keep=0.5, rank=3, seed=1)
+    randomize_editor(editor, gen, scale=0.5)
+    bounds = [0, 3, 4, 8]
+    offsets = torch.tensor(bounds, dtype=torch.int32)
+    editor.train()(torch.randn(8, 6, generator=gen) * 2 + 1, torch.randn(8, 4, generator=gen) - 1, offsets)
+    editor.eval()
+    mu, eta = torch.randn(8, 6, generator=gen), torch.randn(8, 4, generator=gen)
+    with torch.no_grad():
+        edit = editor(mu, eta, offsets)
+    grads = [eta[a:b].double().t() @ mu[a:b].double() for a, b in zip(bounds[:-1], bounds[1:])]
+    want = sum(g.square() for g in grads) / len(grads)
+    assert rel_err(edit.fisher, want) < 1e-5
+    shifted = [edit.eta_t[a:b].double().t() @ edit.mu_t[a:b].double() for a, b in zip(bounds[:-1], bounds[1:])]
+    assert rel_err(sum(g.square() for g in shifted) / len(shifted), want) > 1e-2  # another matrix
+
+
+def test_proeditor_dense_and_apply_keep_the_highest_fisher_entries(gen):
+    """ProEditor's shift keeps the ⌈keep·n⌉ entries of highest Fisher information, zero elsewhere,
+    in `dense()` and in what `apply_` adds (α·Δ⊙mask), against a float64 reference."""
+    from dcedit_kernels.editors import ProEditor
+
+    keep = 0.3
+    editor = randomize_editor(ProEditor(6, 4, fisher_keep=keep, rank=3, norm=False, seed=1), gen, scale=0.5).eval()
+    bounds = [0, 3, 4, 8]
+    mu, eta = torch.randn(8, 6, generator=gen), torch.randn(8, 4, generator=gen)
+    with torch.no_grad():
+        edit = editor(mu, eta, torch.tensor(bounds, dtype=torch.int32))
+        got = edit.dense()
+        weight = torch.randn(4, 6, generator=gen)
+        w0 = weight.clone()
+        edit.apply_(weight)
+    full = edit.eta_t.double().t() @ edit.mu_t.double()
+    fisher = sum((eta[a:b].double().t() @ mu[a:b].double()).square() for a, b in zip(bounds[:-1], bounds[1:])) / 3
+    k = math.ceil(keep * fisher.numel())
+    mask = torch.zeros(fisher.numel(), dtype=torch.bool)
+    mask[fisher.flatten().topk(k).indices] = True
+    want = full * mask.view_as(full)
+    assert int((got != 0).sum()) == k
+    assert rel_err(got, want) < 1e-5
+    assert rel_err(weight - w0, float(editor.alpha.detach()[0]) * want) < 1e-4
