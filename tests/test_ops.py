@@ -1109,6 +1109,22 @@ def test_grouped_editor_defaults_follow_the_spec():
             GroupedEditor(6, 4, **bad)
 
 
+@pytest.mark.parametrize("preset, want", [
+    ("MEND", dict(n_editors=1, routing="single", fusion="add", generator=None, fisher_keep=None)),
+    ("RaEditor", dict(n_editors=4, routing="random", fusion="sss", generator=None, fisher_keep=None)),
+    ("MoEditor", dict(n_editors=4, routing="gate", fusion="sss", top_k=2, generator=None, fisher_keep=None)),
+    ("ProEditor", dict(n_editors=1, routing="single", fusion="add", generator="token", fisher_keep=0.7)),
+])
+def test_presets_defaults(preset, want):
+    """What each preset's docstring and the README say it builds (RaEditor's and MoEditor's shifts
+    fused by sign-split "sss", ProEditor's per-token generator and Fisher keep 0.7); a changed
+    default fusion passed every other test of the presets."""
+    import dcedit_kernels
+
+    config = getattr(dcedit_kernels, preset)(6, 4, rank=2).config
+    assert {k: config[k] for k in want} == want
+
+
 def test_editor_apply_with_a_wrong_weight_leaves_the_editor_as_it_was(gen):
     """GroupedEditor.apply_ checks the weight before its forward runs: a wrong one raised only after
     the running norms had taken the batch (training) and RaEditor's generator had drawn a split."""
