@@ -15,7 +15,7 @@ from dcedit_kernels import metrics, ops
 from dcedit_kernels.capture import capture_factors, weight_out_in
 from dcedit_kernels.editors import GroupedEdit, GroupedEditor
 from dcedit_kernels.evaluate import measure_edit
-from dcedit_kernels.losses import target_nll
+from dcedit_kernels.losses import backward_scale, target_nll, unscale
 from dcedit_kernels.model_editor import ModelEditor
 from dcedit_kernels.models import tiny_model
 from dcedit_kernels.requests import EditRequest
@@ -989,6 +989,23 @@ def test_fp16_capture_keeps_its_gradients_at_many_edits(gen, monkeypatch):
     scaled = captured[1]
     assert scaled.eta.dtype == torch.float32 and scaled.mu.dtype == torch.float16  # η divided back in fp32
     assert err_scaled < 1.5e-3 and err_scaled < 0.5 * err_unscaled, (err_scaled, err_unscaled)
+
+
+def test_unscale_divides_an_fp16_gradient_in_fp32(gen):
+    """`unscale` gives an fp16 η back as a new fp32 tensor divided in fp32, exactly (the scale is a
+    power of two), the fp16 tensor left as it was: divided in fp16, what the scaled backward kept
+    above fp16's normals would fall back to subnormals.  Other dtypes are divided in place."""
+    scale = backward_scale(1000)
+    assert scale == 512 and backward_scale(1) == 1 and backward_scale(8) == 8
+    grad = (torch.randn(256, generator=gen) * 1e-2).half()
+    before = grad.clone()
+    out = unscale(grad, scale)
+    assert out.dtype == torch.float32 and torch.equal(grad, before)
+    assert torch.equal(out, before.float() / scale)
+    assert (out.abs() < 6.1e-5).any()  # below fp16's smallest normal: the fp32 division matters
+    g32 = torch.randn(8, generator=gen)
+    want = g32 / scale
+    assert unscale(g32, scale) is g32 and torch.equal(g32, want)
 
 
 def test_fp16_ft_gradient_keeps_its_precision_at_many_edits(gen, monkeypatch):

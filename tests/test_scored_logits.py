@@ -16,6 +16,7 @@ from test_model_editor import assert_bit_identical, one_thread, random_requests,
 
 from dcedit_kernels import EditRequest, TrainConfig
 from dcedit_kernels.capture import capture_factors
+from dcedit_kernels.head_input import head_input
 from dcedit_kernels.losses import edit_loss, scored_accuracy, target_nll
 from dcedit_kernels.model_editor import ModelEditor
 from dcedit_kernels.models import tiny_model
@@ -100,6 +101,21 @@ def test_logits_at_leaves_a_skipped_or_mismatched_head_alone(gen):
     with logits_at(plain, positions) as scored:
         pass
     assert not scored.gathered
+
+
+def test_head_input_records_the_full_sequence_under_an_earlier_gather(gen):
+    """`head_input` puts its hook before every other pre-hook on the head: entered inside
+    `logits_at` (whose gather is then registered first), it still records the (B, L, H) state the
+    head would see without the gather."""
+    me, _, batch = model_and_batch("llama", gen)
+    positions = scored_positions(batch["labels"], True)
+    inputs = me.model_inputs(batch)
+    with torch.no_grad():
+        want = me.model(**inputs, output_hidden_states=True).hidden_states[-1]
+        with logits_at(me.model, positions) as scored, head_input(me.model, positions.shape) as hidden:
+            me.model(**inputs)
+    assert scored.gathered
+    assert hidden.value is not None and torch.equal(hidden.value, want)
 
 
 def test_logits_at_refuses_positions_that_are_not_a_bool_mask(gen):
@@ -204,6 +220,31 @@ def test_chunked_capture_sorts_rows_by_length_and_trims_padding(reduction, gen):
         assert torch.equal(parts[name].edit_offsets, whole[name].edit_offsets)
         assert rel_err(parts[name].mu, whole[name].mu) < 1e-12
         assert rel_err(parts[name].eta, whole[name].eta) < TOL["llama"], name
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_chunked_capture_of_a_left_padded_batch_gives_the_one_pass_factors(arch, gen):
+    """A batch padded on the left (a caller's own; `tokenize` pads on the right): each row's length
+    is up to its last real column, so the chunks trim no real token, and the factors, features and
+    loss are the one pass's (the rows sorted by their real-token count and trimmed to it would lose
+    the ends of the longer rows' chunk-mates)."""
+    model, tok = tiny_model(arch, seed=int(torch.randint(0, 100, (1,), generator=gen)), dtype=torch.float64)
+    reqs = random_requests(gen, 5)
+    reqs[1] = EditRequest(" ".join([reqs[1].prompt] * 3), reqs[1].target)  # a long row: the others pad
+    me = ModelEditor(model, tok, CAUSAL[arch], method="moeditor", n_editors=2, rank=3, capture_batch_size=None)
+    right = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
+    pad = (right["attention_mask"] == 0).sum(1).tolist()
+    batch = {k: torch.stack([row.roll(n) for row, n in zip(v, pad)]) for k, v in right.items()}
+    assert (batch["attention_mask"][:, 0] == 0).any() and (batch["attention_mask"][:, -1] == 1).all()
+    whole, whole_feats, loss = me.capture(batch)
+    me.capture_batch_size = 2
+    parts, feats, chunked_loss = me.capture(batch)
+    assert float(chunked_loss) == pytest.approx(float(loss), rel=1e-12)
+    assert rel_err(feats, whole_feats) < 1e-12
+    for name in me.layers:
+        assert torch.equal(parts[name].edit_offsets, whole[name].edit_offsets), name
+        assert rel_err(parts[name].mu, whole[name].mu) < 1e-12, name
+        assert rel_err(parts[name].eta, whole[name].eta) < TOL[arch], name
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
