@@ -1321,9 +1321,13 @@ def test_one_training_step_matches_a_float64_reference(arch, method, accumulate,
                 if g is not None:
                     w += g.double()
     assert len(seen) == len(want)
-    for got, w in zip(seen, want):
+    # An α's gradient is one fp32 sum over the o×i entries of (∂L/∂W)·Δ, whose cancellation can
+    # magnify fp32 rounding: ProEditor's, over 80 draws, median 5.8e-8 relative, 1 draw 3.2e-5
+    # (seed 2686354776 of a CI run: 2.2e-5); the other gradients stayed below 5e-7.
+    rtols = [1e-5] * (len(want) - len(alpha_ids)) + [3e-4] * len(alpha_ids)
+    for got, w, rtol in zip(seen, want, rtols):
         got = torch.zeros_like(w) if got is None else got.double()
-        assert float((got - w).norm()) <= 1e-5 * float(w.norm()) + 1e-12
+        assert float((got - w).norm()) <= rtol * float(w.norm()) + 1e-12
     assert any(float(w.norm()) > 0 for w in want)
     assert result.history[0]["loss"] == pytest.approx(sum(losses) / accumulate, rel=1e-10)
 
