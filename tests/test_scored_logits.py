@@ -173,6 +173,21 @@ def test_an_edited_head_sees_the_whole_sequence(gen):
 
 
 # ------------------------------------------------------------------------- row-chunked capture
+def assert_one_pass_capture(me, arch, chunked, one_pass):
+    """A chunked capture's (factors, edit features, loss) against the one pass's: the loss to
+    float64's rounding, the same offsets, μ to rounding, η to the architecture's TOL; features
+    compared where the one pass's are given."""
+    parts, feats, chunked_loss = chunked
+    whole, whole_feats, loss = one_pass
+    assert float(chunked_loss) == pytest.approx(float(loss), rel=1e-12)
+    if whole_feats is not None:
+        assert rel_err(feats, whole_feats) < 1e-12
+    for name in me.layers:
+        assert torch.equal(parts[name].edit_offsets, whole[name].edit_offsets), name
+        assert rel_err(parts[name].mu, whole[name].mu) < 1e-12, name
+        assert rel_err(parts[name].eta, whole[name].eta) < TOL[arch], name
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "bart", "t5"])
 @pytest.mark.parametrize("reduction", ["edit", "token"])
 @pytest.mark.parametrize("chunk", [1, 2, 4])
@@ -185,11 +200,7 @@ def test_chunked_capture_gives_the_one_pass_factors(arch, reduction, chunk, gen)
     with head_inputs(me.model) as seen:
         parts, _, chunked_loss = me.capture(batch)
     assert len(seen) == -(-5 // chunk)  # one forward per chunk
-    assert float(chunked_loss) == pytest.approx(float(loss), rel=1e-12)
-    for name in me.layers:
-        assert torch.equal(parts[name].edit_offsets, whole[name].edit_offsets)
-        assert rel_err(parts[name].mu, whole[name].mu) < 1e-12
-        assert rel_err(parts[name].eta, whole[name].eta) < TOL[arch], name
+    assert_one_pass_capture(me, arch, (parts, None, chunked_loss), (whole, None, loss))
 
 
 @pytest.mark.parametrize("reduction", ["edit", "token"])
@@ -204,22 +215,17 @@ def test_chunked_capture_sorts_rows_by_length_and_trims_padding(reduction, gen):
     me = ModelEditor(model, tok, CAUSAL["llama"], method="moeditor", n_editors=2, rank=3, capture_batch_size=None,
                      loss_reduction=reduction)
     batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
-    whole, whole_feats, loss = me.capture(batch)
+    one_pass = me.capture(batch)
     me.capture_batch_size = 3
     seen = []
     handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
     try:
-        parts, feats, chunked_loss = me.capture(batch)
+        chunked = me.capture(batch)
     finally:
         handle.remove()
     lengths = sorted(batch["attention_mask"].sum(1).tolist())
     assert seen == [(min(3, 7 - lo), max(lengths[lo:lo + 3])) for lo in (0, 3, 6)]  # each chunk trimmed
-    assert float(chunked_loss) == pytest.approx(float(loss), rel=1e-12)
-    assert rel_err(feats, whole_feats) < 1e-12
-    for name in me.layers:
-        assert torch.equal(parts[name].edit_offsets, whole[name].edit_offsets)
-        assert rel_err(parts[name].mu, whole[name].mu) < 1e-12
-        assert rel_err(parts[name].eta, whole[name].eta) < TOL["llama"], name
+    assert_one_pass_capture(me, "llama", chunked, one_pass)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -236,15 +242,9 @@ def test_chunked_capture_of_a_left_padded_batch_gives_the_one_pass_factors(arch,
     pad = (right["attention_mask"] == 0).sum(1).tolist()
     batch = {k: torch.stack([row.roll(n) for row, n in zip(v, pad)]) for k, v in right.items()}
     assert (batch["attention_mask"][:, 0] == 0).any() and (batch["attention_mask"][:, -1] == 1).all()
-    whole, whole_feats, loss = me.capture(batch)
+    one_pass = me.capture(batch)
     me.capture_batch_size = 2
-    parts, feats, chunked_loss = me.capture(batch)
-    assert float(chunked_loss) == pytest.approx(float(loss), rel=1e-12)
-    assert rel_err(feats, whole_feats) < 1e-12
-    for name in me.layers:
-        assert torch.equal(parts[name].edit_offsets, whole[name].edit_offsets), name
-        assert rel_err(parts[name].mu, whole[name].mu) < 1e-12, name
-        assert rel_err(parts[name].eta, whole[name].eta) < TOL[arch], name
+    assert_one_pass_capture(me, arch, me.capture(batch), one_pass)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
