@@ -184,9 +184,10 @@ def load_requests(path: str | None, limit: int | None = None):
         return default_requests()[:limit]
     try:
         if path in FILES and not Path(path).exists():  # a data set's name, as `data.load_dataset` takes
-            if not data_path(path).is_file():
+            found = data_path(path)
+            if not found.is_file():
                 return load_dataset(path, limit=limit)  # raises, saying where it looked
-            path = str(data_path(path))
+            path = str(found)
         if detect_format(path) == "counterfact":
             return load_counterfact(path, limit=limit)
         skipped: list[int] = []
