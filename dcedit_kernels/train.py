@@ -51,20 +51,19 @@ from .capture import frozen_parameters, modes_restored
 from .losses import backward_scale
 from .model_editor import ModelEditor
 from .requests import validate_requests
-from .train_checkpoint import (BEST_PREFIX, EDITOR_PREFIX, RNG_KEYS, ResumeMismatchError, _checkpoint, _cuda_devices,
-                               _resume, _rng_states, _run_settings, _save_editor, _set_rng_states)
-from .train_config import LOCALITY_VIEWS, PART_KEYS, VIEWS, TrainConfig, TrainResult
+from .train_checkpoint import (ResumeMismatchError, _checkpoint, _cuda_devices, _resume, _rng_states, _run_settings,
+                               _save_editor, _set_rng_states)
+from .train_config import PART_KEYS, TrainConfig, TrainResult
 from .train_loss import _passes, batch_edits, batch_loss, eval_rows, loss_from_edits
 from .train_validation import _evaluate_split, evaluate_edits
 
-# What `dcedit_kernels.train` exports: the split-out modules' public names too (they were defined
-# here, and callers import them from here), and `_passes` (tests import it from here).  Their other
-# private names are imported only where the loop calls them, so that a test patching
-# `dcedit_kernels.train.<name>` patches what the loop calls; the loss's and validation's own
-# helpers are patched in their own modules.
-__all__ = ["BEST_PREFIX", "EDITOR_PREFIX", "LOCALITY_VIEWS", "PART_KEYS", "RNG_KEYS", "VIEWS", "ResumeMismatchError",
-           "TrainConfig", "TrainResult", "batch_edits", "batch_loss", "check_trainable_dtypes", "eval_rows",
-           "evaluate_edits", "loss_from_edits", "torch_seed", "train_editor", "_passes"]
+# What `dcedit_kernels.train` exports: the split-out modules' names that callers import from here
+# (they were defined here), and `_passes` (tests import it from here).  Every other name is
+# imported only where the loop calls it, so that a test patching `dcedit_kernels.train.<name>`
+# patches what the loop calls; the loss's, validation's and checkpoints' own helpers and constants
+# are patched and imported in their own modules.
+__all__ = ["ResumeMismatchError", "TrainConfig", "TrainResult", "batch_edits", "batch_loss", "check_trainable_dtypes",
+           "eval_rows", "evaluate_edits", "loss_from_edits", "torch_seed", "train_editor", "_passes"]
 
 
 def _batch_indices(n: int, batch_size: int, seed: int, b: int) -> list[int]:
