@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from .devices import cuda_indices
+from .editor_checkpoint import CHECKPOINT_KEY, LEGACY_LOSS_REDUCTION
 from .editors.grouped_editor import config_differences, with_absent_defaults
-from .model_editor import CHECKPOINT_KEY, LEGACY_LOSS_REDUCTION, ModelEditor
+from .model_editor import ModelEditor
 from .safetensors_file import save_safetensors
 from .train_config import TrainConfig, TrainResult
 
