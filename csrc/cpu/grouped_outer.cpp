@@ -12,6 +12,34 @@
 namespace dcedit_cpu {
 namespace {
 
+// The per-entry folds, compiled per ISA (outer_tile.h: DCEDIT_ISA_CLONES).
+
+// max: P keeps the winner so far; S replaces it only where strictly larger in magnitude, or where
+// S is NaN and P is not, as torch's argmax ranks NaN above everything.
+template <typename acc_t>
+DCEDIT_ALWAYS_INLINE void max_fold(acc_t* __restrict P, const acc_t* __restrict S) {
+  for (int64_t j = 0; j < kTile * kTile; ++j) {
+    // Bitwise, not short-circuit, so that the loop vectorises.
+    const bool better = (std::abs(S[j]) > std::abs(P[j])) | ((S[j] != S[j]) & (P[j] == P[j]));
+    P[j] = better ? S[j] : P[j];
+  }
+}
+DCEDIT_ISA_CLONES void max_fold_tile(float* P, const float* S) { max_fold(P, S); }
+DCEDIT_ISA_CLONES void max_fold_tile(double* P, const double* S) { max_fold(P, S); }
+
+// sss/ssm: P and N sum the positive and negative parts, written so that NaN propagates into both
+// sums, as torch.clamp does.
+template <typename acc_t>
+DCEDIT_ALWAYS_INLINE void sign_fold(acc_t* __restrict P, acc_t* __restrict N,
+                                    const acc_t* __restrict S) {
+  for (int64_t j = 0; j < kTile * kTile; ++j) {
+    P[j] += S[j] < acc_t(0) ? acc_t(0) : S[j];
+    N[j] += S[j] > acc_t(0) ? acc_t(0) : S[j];
+  }
+}
+DCEDIT_ISA_CLONES void sign_fold_tile(float* P, float* N, const float* S) { sign_fold(P, N, S); }
+DCEDIT_ISA_CLONES void sign_fold_tile(double* P, double* N, const double* S) { sign_fold(P, N, S); }
+
 template <typename acc_t>
 void grouped_outer_tiles(const TokenMatrix<acc_t>& eta, const TokenMatrix<acc_t>& mu,
                          const std::vector<int64_t>& offsets, int64_t o, int64_t i, Fusion fusion,
@@ -35,19 +63,13 @@ void grouped_outer_tiles(const TokenMatrix<acc_t>& eta, const TokenMatrix<acc_t>
         write_tile(out, i, tile, [&](int64_t j) { return S[j] * alpha; });
         break;
       case Fusion::Max: {
-        // P holds the winner so far.  Group 0 (even when empty: zeros) seeds it; a later group
-        // replaces it only where strictly larger in magnitude (first group wins ties), or where
-        // it is NaN and the winner is not, as torch's argmax ranks NaN above everything.
+        // Group 0 (zeros when empty) seeds the winner; max_fold keeps the first group on ties.
         segment_tile(eta, mu, offsets[0], offsets[1], tile, ws);
         std::copy(ws.s.begin(), ws.s.end(), ws.p.begin());
         for (int64_t g = 1; g < G; ++g) {
           if (offsets[g + 1] == offsets[g]) continue;  // zeros never beat anything
           segment_tile(eta, mu, offsets[g], offsets[g + 1], tile, ws);
-          for (int64_t j = 0; j < kTile * kTile; ++j) {
-            const bool better = std::abs(S[j]) > std::abs(P[j]) ||
-                                (std::isnan(S[j]) && !std::isnan(P[j]));
-            P[j] = better ? S[j] : P[j];
-          }
+          max_fold_tile(P, S);
         }
         write_tile(out, i, tile, [&](int64_t j) { return P[j] * alpha; });
         break;
@@ -59,11 +81,7 @@ void grouped_outer_tiles(const TokenMatrix<acc_t>& eta, const TokenMatrix<acc_t>
         for (int64_t g = 0; g < G; ++g) {
           if (offsets[g + 1] == offsets[g]) continue;  // adds zeros to P and N
           segment_tile(eta, mu, offsets[g], offsets[g + 1], tile, ws);
-          for (int64_t j = 0; j < kTile * kTile; ++j) {
-            // Written so that NaN propagates into both sums, as torch.clamp does.
-            P[j] += S[j] < acc_t(0) ? acc_t(0) : S[j];
-            N[j] += S[j] > acc_t(0) ? acc_t(0) : S[j];
-          }
+          sign_fold_tile(P, N, S);
         }
         const acc_t groups = static_cast<acc_t>(G);
         const bool mean = fusion == Fusion::SignSumMean;

@@ -38,8 +38,8 @@ constexpr int64_t kArea = kTile * kTile;
 // max: |S| beats the running best only where strictly larger (the first group keeps ties), or
 // where it is NaN and the best is not (the forward's rule: torch's argmax ranks NaN first).
 template <typename acc_t>
-inline void track_winner(const acc_t* __restrict S, acc_t* __restrict best,
-                         int32_t* __restrict winner, int32_t g) {
+DCEDIT_ALWAYS_INLINE void track_winner(const acc_t* __restrict S, acc_t* __restrict best,
+                                       int32_t* __restrict winner, int32_t g) {
   for (int64_t j = 0; j < kArea; ++j) {
     const acc_t mag = std::abs(S[j]);
     const bool wins = (mag > best[j]) | ((mag != mag) & (best[j] == best[j]));
@@ -51,15 +51,32 @@ inline void track_winner(const acc_t* __restrict S, acc_t* __restrict best,
 
 // sss/ssm: the forward's sums P, N (same order, so the same winning sign) and S's sign bits.
 template <typename acc_t>
-inline void accumulate_signs(const acc_t* __restrict S, acc_t* __restrict P, acc_t* __restrict N,
-                             uint32_t* __restrict pos_bits, uint32_t* __restrict neg_bits,
-                             int shift) {
+DCEDIT_ALWAYS_INLINE void accumulate_signs(const acc_t* __restrict S, acc_t* __restrict P,
+                                           acc_t* __restrict N, uint32_t* __restrict pos_bits,
+                                           uint32_t* __restrict neg_bits, int shift) {
   for (int64_t j = 0; j < kArea; ++j) {
     P[j] += S[j] < acc_t(0) ? acc_t(0) : S[j];
     N[j] += S[j] > acc_t(0) ? acc_t(0) : S[j];
     pos_bits[j] |= static_cast<uint32_t>(S[j] > acc_t(0)) << shift;
     neg_bits[j] |= static_cast<uint32_t>(S[j] < acc_t(0)) << shift;
   }
+}
+
+// The two folds compiled per ISA (outer_tile.h: DCEDIT_ISA_CLONES).
+DCEDIT_ISA_CLONES void track_winner_tile(const float* S, float* best, int32_t* winner, int32_t g) {
+  track_winner(S, best, winner, g);
+}
+DCEDIT_ISA_CLONES void track_winner_tile(const double* S, double* best, int32_t* winner,
+                                         int32_t g) {
+  track_winner(S, best, winner, g);
+}
+DCEDIT_ISA_CLONES void accumulate_signs_tile(const float* S, float* P, float* N, uint32_t* pos_bits,
+                                             uint32_t* neg_bits, int shift) {
+  accumulate_signs(S, P, N, pos_bits, neg_bits, shift);
+}
+DCEDIT_ISA_CLONES void accumulate_signs_tile(const double* S, double* P, double* N,
+                                             uint32_t* pos_bits, uint32_t* neg_bits, int shift) {
+  accumulate_signs(S, P, N, pos_bits, neg_bits, shift);
 }
 
 // words (W, o, i) int32: bit g%32 of words[g/32] says whether S_g's entry reached the output.
@@ -83,7 +100,7 @@ void selection_tiles(const TokenMatrix<acc_t>& eta, const TokenMatrix<acc_t>& mu
       for (int64_t g = 1; g < G; ++g) {
         if (offsets[g + 1] == offsets[g]) continue;  // zeros never beat anything
         segment_tile(eta, mu, offsets[g], offsets[g + 1], tile, ws);
-        track_winner(S, P, ws.index.data(), static_cast<int32_t>(g));
+        track_winner_tile(S, P, ws.index.data(), static_cast<int32_t>(g));
       }
       const int32_t* winner = ws.index.data();
       for (int64_t w = 0; w < W; ++w) {
@@ -105,8 +122,8 @@ void selection_tiles(const TokenMatrix<acc_t>& eta, const TokenMatrix<acc_t>& mu
       if (offsets[g + 1] == offsets[g]) continue;  // S_g = 0: neither sign, adds nothing
       segment_tile(eta, mu, offsets[g], offsets[g + 1], tile, ws);
       const int64_t w = g / kGroupsPerWord;
-      accumulate_signs(S, P, N, pos_bits + w * kArea, neg_bits + w * kArea,
-                       static_cast<int>(g % kGroupsPerWord));
+      accumulate_signs_tile(S, P, N, pos_bits + w * kArea, neg_bits + w * kArea,
+                            static_cast<int>(g % kGroupsPerWord));
     }
     for (int64_t w = 0; w < W; ++w) {
       const uint32_t* pos = pos_bits + w * kArea;

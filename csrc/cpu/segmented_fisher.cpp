@@ -8,6 +8,14 @@
 namespace dcedit_cpu {
 namespace {
 
+// F += S² over one kTile×kTile tile, compiled per ISA (outer_tile.h: DCEDIT_ISA_CLONES).
+template <typename acc_t>
+DCEDIT_ALWAYS_INLINE void square_add(acc_t* __restrict F, const acc_t* __restrict S) {
+  for (int64_t j = 0; j < kTile * kTile; ++j) F[j] += S[j] * S[j];
+}
+DCEDIT_ISA_CLONES void square_add_tile(float* F, const float* S) { square_add(F, S); }
+DCEDIT_ISA_CLONES void square_add_tile(double* F, const double* S) { square_add(F, S); }
+
 template <typename acc_t>
 void segmented_fisher_tiles(const TokenMatrix<acc_t>& eta, const TokenMatrix<acc_t>& mu,
                             const std::vector<int64_t>& edit_offsets, int64_t o, int64_t i,
@@ -20,7 +28,7 @@ void segmented_fisher_tiles(const TokenMatrix<acc_t>& eta, const TokenMatrix<acc
     for (int64_t e = 0; e < E; ++e) {
       if (edit_offsets[e + 1] == edit_offsets[e]) continue;  // an empty edit adds 0
       segment_tile(eta, mu, edit_offsets[e], edit_offsets[e + 1], tile, ws);
-      for (int64_t j = 0; j < kTile * kTile; ++j) F[j] += S[j] * S[j];
+      square_add_tile(F, S);
     }
     const acc_t edits = static_cast<acc_t>(E);
     write_tile(out, i, tile, [&](int64_t j) { return F[j] / edits; });
