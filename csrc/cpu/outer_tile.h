@@ -43,7 +43,10 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // grouped_outer sss at T=1024, G=8 13.1 → 10.5 ms, its backward 35.8 → 32.5 ms; one torch matmul
 // of the same FLOPs takes 21 and 7 ms.  Packing each operand once for the whole op instead of per
 // tile and chunk gained another 15 % on segmented_fisher (31.1 ms) but held T × min(o, i) more
-// memory: not taken.
+// memory: not taken.  On AVX-512 GCC contracts F += S·S into one fused multiply-add (AVX-512F has
+// it; the avx2 clone does not), so F's last bit can differ between CPUs, as S already does: the
+// tile GEMM uses FMA on AVX2 and AVX-512 and not on the SSE2 default.  The sign and max folds have
+// no products, and the converting copy is exact.
 #if defined(__GNUC__) || defined(__clang__)
 #define DCEDIT_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
