@@ -46,7 +46,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // memory: not taken.  On AVX-512 GCC contracts F += S·S into one fused multiply-add (AVX-512F has
 // it; the avx2 clone does not), so F's last bit can differ between CPUs, as S already does: the
 // tile GEMM uses FMA on AVX2 and AVX-512 and not on the SSE2 default.  The sign and max folds have
-// no products, and the converting copy is exact.
+// no products, and a conversion rounds the same on every ISA.
 #if defined(__GNUC__) || defined(__clang__)
 #define DCEDIT_ALWAYS_INLINE inline __attribute__((always_inline))
 #else
