@@ -64,7 +64,7 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // --- packing: rows [row0, row0+nrows) × cols [col0, col0+ncols) of a row-major (T, ld) input,
 // converted to the accumulation type as they are loaded, into a kTile-wide buffer whose columns
 // past ncols are zero (so the micro-kernel never needs an edge case).  Compiled per ISA
-// (DCEDIT_ISA_CLONES below), one copy per (accumulation, input) dtype pair.
+// (DCEDIT_ISA_CLONES), one copy per (accumulation, input) dtype pair.
 
 template <typename acc_t, typename in_t>
 DCEDIT_ALWAYS_INLINE void pack_rows_impl(const void* base, int64_t ld, int64_t row0, int64_t nrows,
