@@ -79,7 +79,8 @@ def fp32_tolerance(eta, mu, in_fp64):
 @pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize(
     "eta_dtype,mu_dtype",
-    [(F64, F64), (F32, F32), (F16, F16), (BF16, BF16), (BF16, F32), (F16, F64)],
+    # every (accumulation, input) pair the packing converts: fp64 accumulation takes each dtype
+    [(F64, F64), (F32, F32), (F16, F16), (BF16, BF16), (BF16, F32), (F16, F64), (F32, F64), (F64, BF16)],
 )
 def test_grouped_outer_matches_float64_reference(gen, layout, fusion, eta_dtype, mu_dtype):
     counts = LAYOUTS[layout]
