@@ -53,9 +53,10 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 #define DCEDIT_ALWAYS_INLINE inline
 #endif
 // The clones are resolved through an ifunc, which only glibc's loader provides: elsewhere (macOS,
-// Windows, musl, other architectures) the loops are compiled once, for the build's target.
-#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(_M_X64)) && \
-    defined(__GLIBC__)
+// Windows, musl, other architectures) the loops are compiled once, for the build's target.  GCC
+// has target_clones since 6, Clang since 14.
+#if (defined(__clang__) ? __clang_major__ >= 14 : defined(__GNUC__)) && \
+    (defined(__x86_64__) || defined(_M_X64)) && defined(__GLIBC__)
 #define DCEDIT_ISA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define DCEDIT_ISA_CLONES
