@@ -14,27 +14,23 @@ namespace {
 
 // The per-entry folds, compiled per ISA (outer_tile.h: DCEDIT_ISA_CLONES).
 
-// max: P keeps the winner so far; S replaces it only where strictly larger in magnitude, or where
-// S is NaN and P is not, as torch's argmax ranks NaN above everything.
+// max: P keeps the winner so far; S replaces it where its magnitude beats P's (fusion.h).
 template <typename acc_t>
 DCEDIT_ALWAYS_INLINE void max_fold(acc_t* __restrict P, const acc_t* __restrict S) {
   for (int64_t j = 0; j < kTile * kTile; ++j) {
-    // Bitwise, not short-circuit, so that the loop vectorises.
-    const bool better = (std::abs(S[j]) > std::abs(P[j])) | ((S[j] != S[j]) & (P[j] == P[j]));
-    P[j] = better ? S[j] : P[j];
+    P[j] = beats(std::abs(S[j]), std::abs(P[j])) ? S[j] : P[j];
   }
 }
 DCEDIT_ISA_CLONES void max_fold_tile(float* P, const float* S) { max_fold(P, S); }
 DCEDIT_ISA_CLONES void max_fold_tile(double* P, const double* S) { max_fold(P, S); }
 
-// sss/ssm: P and N sum the positive and negative parts, written so that NaN propagates into both
-// sums, as torch.clamp does.
+// sss/ssm: P and N sum the positive and negative parts (fusion.h).
 template <typename acc_t>
 DCEDIT_ALWAYS_INLINE void sign_fold(acc_t* __restrict P, acc_t* __restrict N,
                                     const acc_t* __restrict S) {
   for (int64_t j = 0; j < kTile * kTile; ++j) {
-    P[j] += S[j] < acc_t(0) ? acc_t(0) : S[j];
-    N[j] += S[j] > acc_t(0) ? acc_t(0) : S[j];
+    P[j] += positive_part(S[j]);
+    N[j] += negative_part(S[j]);
   }
 }
 DCEDIT_ISA_CLONES void sign_fold_tile(float* P, float* N, const float* S) { sign_fold(P, N, S); }
@@ -86,7 +82,7 @@ void grouped_outer_tiles(const TokenMatrix<acc_t>& eta, const TokenMatrix<acc_t>
         const acc_t groups = static_cast<acc_t>(G);
         const bool mean = fusion == Fusion::SignSumMean;
         write_tile(out, i, tile, [&](int64_t j) {
-          acc_t v = P[j] >= -N[j] ? P[j] : N[j];
+          acc_t v = positive_wins(P[j], N[j]) ? P[j] : N[j];
           if (mean) v = v / groups;  // same operation order as the reference: (v / G) * alpha
           return v * alpha;
         });

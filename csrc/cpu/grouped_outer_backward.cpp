@@ -35,14 +35,14 @@ constexpr int64_t kArea = kTile * kTile;
 // into branches, which random signs mispredict half the time (sss and max selection ran 15-20×
 // slower than the forward's tile loop at T=64, G=8; perf showed the scalar loop).
 
-// max: |S| beats the running best only where strictly larger (the first group keeps ties), or
-// where it is NaN and the best is not (the forward's rule: torch's argmax ranks NaN first).
+// max: group g takes the entries where |S| beats the running best magnitude (the forward's rule,
+// fusion.h).
 template <typename acc_t>
 DCEDIT_ALWAYS_INLINE void track_winner(const acc_t* __restrict S, acc_t* __restrict best,
                                        int32_t* __restrict winner, int32_t g) {
   for (int64_t j = 0; j < kArea; ++j) {
     const acc_t mag = std::abs(S[j]);
-    const bool wins = (mag > best[j]) | ((mag != mag) & (best[j] == best[j]));
+    const bool wins = beats(mag, best[j]);
     const int32_t better = -static_cast<int32_t>(wins);  // all ones or zero
     best[j] = wins ? mag : best[j];
     winner[j] = (winner[j] & ~better) | (g & better);
@@ -55,8 +55,8 @@ DCEDIT_ALWAYS_INLINE void accumulate_signs(const acc_t* __restrict S, acc_t* __r
                                            acc_t* __restrict N, uint32_t* __restrict pos_bits,
                                            uint32_t* __restrict neg_bits, int shift) {
   for (int64_t j = 0; j < kArea; ++j) {
-    P[j] += S[j] < acc_t(0) ? acc_t(0) : S[j];
-    N[j] += S[j] > acc_t(0) ? acc_t(0) : S[j];
+    P[j] += positive_part(S[j]);
+    N[j] += negative_part(S[j]);
     pos_bits[j] |= static_cast<uint32_t>(S[j] > acc_t(0)) << shift;
     neg_bits[j] |= static_cast<uint32_t>(S[j] < acc_t(0)) << shift;
   }
@@ -129,7 +129,7 @@ void selection_tiles(const TokenMatrix<acc_t>& eta, const TokenMatrix<acc_t>& mu
       const uint32_t* pos = pos_bits + w * kArea;
       const uint32_t* neg = neg_bits + w * kArea;
       write_tile(words + w * plane, i, tile,
-                 [&](int64_t j) { return P[j] >= -N[j] ? pos[j] : neg[j]; });
+                 [&](int64_t j) { return positive_wins(P[j], N[j]) ? pos[j] : neg[j]; });
     }
   });
 }

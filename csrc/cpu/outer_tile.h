@@ -124,7 +124,9 @@ TokenMatrix<acc_t> token_matrix(const at::Tensor& contiguous_2d) {
 // kTile, with NR = NV vectors of VB bytes.  GCC/Clang vector extensions pin the accumulators to
 // registers: with plain loops GCC 12 vectorised the fp64 copy across k with permutes instead
 // (measured 1-2 GFLOP/s).  The ISA-specific copies below are the same source compiled for
-// AVX-512 / AVX2 (the build has no -march, so the default copy is SSE2 only).
+// AVX-512 / AVX2 (the build has no -march, so the default copy is SSE2 only), each with its own
+// register block (MR, NV, VB), so they are dispatched by hand (tile_gemm) rather than through
+// DCEDIT_ISA_CLONES, which compiles one source unchanged per ISA.
 
 #if defined(__GNUC__) || defined(__clang__)
 template <typename T, int MR, int NV, int VB>
