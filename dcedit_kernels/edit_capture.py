@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from ._checks import all_finite
 from .capture import Factors, capture_factors, frozen_parameters
 from .head_input import called_head, head_input
 from .losses import backward_scale, edit_loss, unscale
@@ -247,7 +248,7 @@ class EditCapture:
         for name, f in factors.items():
             # η divided back, exactly (see losses.backward_scale); an fp16 layer's in fp32.
             factors[name] = f = Factors(f.mu, unscale(f.eta, scale), f.edit_offsets)
-            if not (bool(torch.isfinite(f.mu).all()) and bool(torch.isfinite(f.eta).all())):
+            if not (all_finite(f.mu) and all_finite(f.eta)):
                 if scale != 1:  # the scaled backward overflowed (fp16): these rows again, unscaled
                     del factors, feats, capture, cap
                     return self._capture_rows(batch, need_feats, n_scored, scale=1.0)

@@ -16,7 +16,7 @@ import time
 import torch
 from torch import nn
 
-from ._checks import HALF_DTYPES, is_finite_number, is_int
+from ._checks import HALF_DTYPES, all_finite, is_finite_number, is_int
 from .edit_handle import add_note, restore
 from .losses import backward_scale, log_probs_at, picked_kl
 from .requests import EditRequest
@@ -254,7 +254,7 @@ class FineTuneBaselines:
                 for _ in range(opts["ft_steps"]):
                     if not step_gradients(scales):
                         break
-                    finite = all(m.grad is None or bool(torch.isfinite(m.grad).all()) for m in masters)
+                    finite = all(m.grad is None or all_finite(m.grad) for m in masters)
                     if not finite and scales != (1.0, 1.0):
                         # A 16-bit weight's gradient sums over every token, so the scaled one can
                         # overflow where the mean's did not: this step again, unscaled.
@@ -263,7 +263,7 @@ class FineTuneBaselines:
                         if m.grad is None:
                             raise RuntimeError(f"layer {name!r} got no gradient from the fine-tuning loss "
                                                "(it did not run in the model's forward)")
-                        if not bool(torch.isfinite(m.grad).all()):
+                        if not all_finite(m.grad):
                             raise FloatingPointError(f"non-finite gradient for layer {name!r}")
                     opt.step()
                     with torch.no_grad():
@@ -272,7 +272,7 @@ class FineTuneBaselines:
                                 w.copy_(m)
                     steps_run += 1
             for name, w in zip(names, weights):
-                if not bool(torch.isfinite(w).all()):
+                if not all_finite(w):
                     raise FloatingPointError(f"the fine-tuned weight of layer {name!r} is not finite")
         except BaseException as exc:
             restore(saved)

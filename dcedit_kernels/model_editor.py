@@ -83,7 +83,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from ._checks import HALF_DTYPES, is_int
+from ._checks import HALF_DTYPES, all_finite, is_int
 from .capture import TOKEN_MODES, modes_restored, resolve_modules, weight_out_in
 from .devices import as_device, check_resident, cuda_indices, input_device, model_devices, place_editor
 from .edit_capture import DEFAULT_CAPTURE_BATCH_SIZE, EditCapture
@@ -478,7 +478,7 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         edits = self.edits_as_applied(factors, feats, consume=True)
         del factors
         for name, edit in edits.items():
-            if not all(bool(torch.isfinite(t).all()) for t in (edit.mu_t, edit.eta_t, edit.alpha)):
+            if not all(all_finite(t) for t in (edit.mu_t, edit.eta_t, edit.alpha)):
                 raise FloatingPointError(
                     f"the editor's shift for layer {name!r} is not finite; the model was not changed")
         t2 = time.perf_counter()

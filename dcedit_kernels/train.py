@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from ._checks import HALF_DTYPES
+from ._checks import HALF_DTYPES, all_finite
 from .capture import frozen_parameters, modes_restored
 from .losses import backward_scale
 from .model_editor import ModelEditor
@@ -333,7 +333,7 @@ def _scaled_grads(loss: torch.Tensor, params: list, scale: float) -> list:
 
 
 def _finite(grads: list) -> bool:
-    return all(g is None or bool(torch.isfinite(g).all()) for g in grads)
+    return all(g is None or all_finite(g) for g in grads)
 
 
 def _forward_state(me: ModelEditor) -> tuple:

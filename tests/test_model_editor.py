@@ -1812,6 +1812,51 @@ def test_float64_running_norm_statistics_are_float64(gen):
     assert rel_err(editor.norm.u_std, mu.std(0)) < 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("seen", [0, 1, 9])
+@pytest.mark.parametrize("norm_dtype", [torch.float32, torch.float64])
+def test_running_norm_joint_is_the_concatenated_normalisation_of_the_gathered_rows(dtype, seen, norm_dtype, gen):
+    """`RunningNorm.joint(mu, eta, rows)`, the editor's input in group order, is `torch.cat(norm(mu,
+    eta), 1)[rows]` entry for entry: before two tokens were seen (the identity, in fp32), and after,
+    in the statistics' dtype; rows in any order, repeated, or none."""
+    from dcedit_kernels.editors.running_norm import RunningNorm
+
+    norm = RunningNorm(5, 3).to(norm_dtype)
+    if seen:
+        norm.update(torch.randn(seen, 5, generator=gen) * 3 + 1, torch.randn(seen, 3, generator=gen) - 2)
+    T = 7
+    mu = (torch.randn(T, 5, generator=gen) * 2).to(dtype)
+    eta = torch.randn(T, 3, generator=gen).to(dtype)
+    for rows in (None, torch.randperm(T, generator=gen), torch.tensor([6, 0, 0, 3]), torch.zeros(0, dtype=torch.int64)):
+        want = torch.cat(norm(mu, eta), 1)
+        want = want if rows is None else want[rows]
+        got = norm.joint(mu, eta, rows)
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    assert norm.joint(mu[:0], eta[:0]).shape == (0, 8)
+
+
+def test_all_finite_is_isfinite_all(gen):
+    """`_checks.all_finite` (one aminmax, no temporaries) answers as `torch.isfinite(t).all()`
+    for every dtype and shape the package checks: NaN and ±inf anywhere, empty, 0-d, strided,
+    16-bit, integer and complex tensors."""
+    from dcedit_kernels._checks import all_finite
+
+    base = torch.randn(6, 9, generator=gen)
+    cases = [base, base.t(), base[:, ::2], base[:0], torch.tensor(2.5), torch.arange(5), torch.zeros(3, dtype=torch.bool),
+             torch.randn(4, generator=gen, dtype=torch.complex64)]
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for at in ((0, 0), (5, 8), (2, 3)):
+            t = base.clone()
+            t[at] = bad
+            cases += [t, t.t(), t.bfloat16(), t.half(), t.double()]
+        cases.append(torch.tensor(bad))
+    c = torch.randn(4, generator=gen, dtype=torch.complex64)
+    c[1] = complex(0, float("inf"))
+    cases.append(c)
+    for t in cases:
+        assert all_finite(t) == bool(torch.isfinite(t).all()), t
+
+
 def _balance_trained_gate(gate_norm, offset, gen, n_editors=2, steps=60, n_edits=32):
     """A MoEditor whose gate is trained on the balance loss alone, on edit features that share a
     large common part (as an LM's mean last hidden states do); its eval routing of new edits."""

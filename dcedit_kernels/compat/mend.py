@@ -39,6 +39,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from .. import ops
+from .._checks import all_finite
 from ..devices import as_device
 from ..editors.grouped_edit import GroupedEdit, apply_finite_shift_
 from ..editors.grouped_editor import GroupedEditor
@@ -374,7 +375,7 @@ def _build_editor(key_prefix, fields, in_f, out_f, n_modes, norm, dtype) -> Grou
             shape = (sizes[b[0]],) if b != "k" else None
             if (shape is not None and tuple(t.shape) != shape) or (b == "k" and t.numel() != 1):
                 raise ValueError(f"{key} must have shape {shape or (1,)}, got {tuple(t.shape)}")
-            if b != "k" and not bool(torch.isfinite(t).all()):
+            if b != "k" and not all_finite(t):
                 raise ValueError(f"{key} is not finite: the editor's statistics were never trained")
         # RunningNorm is the identity below two tokens; MEND never normalises with so few.
         count = float(buffers["k"].reshape(()))

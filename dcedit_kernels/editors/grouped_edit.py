@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
+from .._checks import all_finite
 from ..ops.apply_shift import check_shiftable_weight
 
 
@@ -72,10 +73,10 @@ def apply_finite_shift_(weight, delta, alpha: float, fisher=None, keep=None) -> 
     non-finite shift or alpha raises FloatingPointError before the weight is written, and a sum
     that is not finite in the weight's dtype (an overflow) is undone before it raises.  A weight
     that held inf or NaN before is left to the caller."""
-    if not math.isfinite(alpha) or not bool(torch.isfinite(delta).all()):
+    if not math.isfinite(alpha) or not all_finite(delta):
         raise FloatingPointError("the editor's shift is not finite; the weight was not changed")
     previous = ops.apply_shift_(weight, delta, alpha, fisher, keep)
-    if not bool(torch.isfinite(weight).all()) and bool(torch.isfinite(previous).all()):
+    if not all_finite(weight) and all_finite(previous):
         ops.undo_shift_(weight, previous)
         raise FloatingPointError(f"the shifted weight is not finite in {weight.dtype} (an overflow); "
                                  "the weight was restored")

@@ -15,7 +15,7 @@ from ..reference.segments import group_ids
 from ..safetensors_file import check_state, json_metadata
 from .grouped_edit import GroupedEdit, check_weight
 from .parameter_generator import ParameterGenerator
-from .running_norm import FeatureNorm, RunningNorm
+from .running_norm import FeatureNorm, RunningNorm, joint_rows
 
 ROUTINGS = ("gate", "random", "single")
 # gate_norm's default (editor_cache resolves it into the cache key of a MoEditor that leaves it out).
@@ -211,7 +211,7 @@ class GroupedEditor(nn.Module):
         # after the fp32 rounding below, as MEND does: a float64 row that underflows fp32 is zero
         # (16-bit rows are zero exactly when their fp32 values are: no copy for them).
         r_mu, r_eta = (t.float() if t.dtype == torch.float64 else t for t in (mu, eta))
-        nz = (r_mu != 0).any(1) & (r_eta != 0).any(1)
+        nz = (r_mu.abs().amax(1) != 0) & (r_eta.abs().amax(1) != 0)  # a NaN row counts: NaN != 0
         if not bool(nz.all()):
             ids = group_ids(edit_offsets, mu.shape[0])
             counts = torch.zeros(n_edits, dtype=torch.int64, device=device).index_add(0, ids, nz.long())
@@ -222,20 +222,19 @@ class GroupedEditor(nn.Module):
         edit_group, gate_weight, aux_loss = self.route(n_edits, edit_feats, device)
         if self.training and self.norm is not None:
             self.norm.update(mu, eta)
-        # The factors are rounded to fp32 first, whatever the editor's dtype, as MEND's
-        # GradientTransform does (`compat.mend` reproduces float64 MEND checkpoints with it).
-        mu_in, eta_in = self.norm(mu, eta) if self.norm is not None else (mu.float(), eta.float())
-
         token_edit = group_ids(edit_offsets, mu.shape[0])
         perm, _, offsets = ops.sort_by_group(edit_group[token_edit], self.n_editors)
-        h = torch.cat([mu_in, eta_in], 1)
-        del mu_in, eta_in  # h holds them: one (T, in + out) copy fewer while the layers run
         # One editor: sort_by_group is stable, so perm is the identity and h needs no permuted copy.
         permute = self.n_editors > 1
+        # h = [μ; η], normalised, in group order.  The factors are rounded to fp32 first, whatever
+        # the editor's dtype, as MEND's GradientTransform does (`compat.mend` reproduces float64
+        # MEND checkpoints with it).  ψ reads the edits' tokens in their own order: with it, h is
+        # permuted after.
+        rows = perm if permute and self.psi is None else None
+        h = self.norm.joint(mu, eta, rows) if self.norm is not None else joint_rows(mu, eta, rows)
         gain = self.psi(h, edit_offsets) if self.psi is not None else None
-        if permute:
-            gain = gain[perm] if gain is not None else None
-            h = h[perm]
+        if gain is not None and permute:
+            gain, h = gain.index_select(0, perm), h.index_select(0, perm)
         for i, layer in enumerate(self.layers):
             h = ops.grouped_lowrank(
                 h, offsets, layer.u, layer.v, layer.bias,

@@ -5,6 +5,8 @@ in one step with Chan et al.'s parallel formula, which gives the same mean and s
 Buffer names follow MEND (u = layer input μ, v = output gradient η) so checkpoints map 1:1.
 """
 
+from __future__ import annotations
+
 import torch
 from torch import nn
 
@@ -78,6 +80,27 @@ class RunningNorm(RunningStatistics):
         if float(self.k) < 2:
             return mu, eta
         return (mu - self.u_mean) / (self.u_std + 1e-7), (eta - self.v_mean) / (self.v_std + 1e-7)
+
+    def joint(self, mu: torch.Tensor, eta: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`torch.cat(self(mu, eta), 1)[rows]` (rows: an index; None: all), entry for entry, in the
+        one tensor it returns: see `joint_rows`; normalised there in place."""
+        h = joint_rows(mu, eta, rows)
+        if float(self.k) < 2:
+            return h
+        mean = torch.cat([self.u_mean, self.v_mean])
+        std = torch.cat([self.u_std, self.v_std]) + 1e-7
+        return h.to(mean.dtype).sub_(mean).div_(std)  # the same sub, then div, as forward
+
+
+def joint_rows(mu: torch.Tensor, eta: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """`torch.cat([mu, eta], 1)[rows]` rounded to fp32, as a new tensor the caller may write in
+    place.  The editor's input [μ; η] in its group order: the concatenation, the gather and the
+    normalisation were four (T, in + out) allocations and passes before (sub, div, cat, then the
+    gather with advanced indexing, 3× slower than index_select on CPU), two now."""
+    h = torch.cat([mu, eta], 1)
+    if rows is not None:
+        h = h.index_select(0, rows)
+    return h if h.dtype == torch.float32 else h.to(torch.float32)
 
 
 class FeatureNorm(RunningStatistics):
