@@ -1816,9 +1816,11 @@ def test_float64_running_norm_statistics_are_float64(gen):
 @pytest.mark.parametrize("seen", [0, 1, 9])
 @pytest.mark.parametrize("norm_dtype", [torch.float32, torch.float64])
 def test_running_norm_joint_is_the_concatenated_normalisation_of_the_gathered_rows(dtype, seen, norm_dtype, gen):
-    """`RunningNorm.joint(mu, eta, rows)`, the editor's input in group order, is `torch.cat(norm(mu,
-    eta), 1)[rows]` entry for entry: before two tokens were seen (the identity, in fp32), and after,
-    in the statistics' dtype; rows in any order, repeated, or none."""
+    """`RunningNorm.joint(mu, eta, rows)`, the editor's input in group order, is each side rounded
+    to fp32 and normalised on its own, out of place, (x − mean) / (std + 1e-7), concatenated, then
+    gathered, entry for entry: before two tokens were seen (the identity, in fp32), and after, in
+    the statistics' dtype; rows in any order, repeated, or none.  `norm(mu, eta)` gives its two
+    sides."""
     from dcedit_kernels.editors.running_norm import RunningNorm
 
     norm = RunningNorm(5, 3).to(norm_dtype)
@@ -1827,11 +1829,16 @@ def test_running_norm_joint_is_the_concatenated_normalisation_of_the_gathered_ro
     T = 7
     mu = (torch.randn(T, 5, generator=gen) * 2).to(dtype)
     eta = torch.randn(T, 3, generator=gen).to(dtype)
+    sides = (mu.to(torch.float32), eta.to(torch.float32))
+    if seen >= 2:
+        sides = ((sides[0] - norm.u_mean) / (norm.u_std + 1e-7), (sides[1] - norm.v_mean) / (norm.v_std + 1e-7))
     for rows in (None, torch.randperm(T, generator=gen), torch.tensor([6, 0, 0, 3]), torch.zeros(0, dtype=torch.int64)):
-        want = torch.cat(norm(mu, eta), 1)
+        want = torch.cat(sides, 1)
         want = want if rows is None else want[rows]
         got = norm.joint(mu, eta, rows)
         assert got.dtype == want.dtype and torch.equal(got, want)
+    got_mu, got_eta = norm(mu, eta)
+    assert torch.equal(got_mu, sides[0]) and torch.equal(got_eta, sides[1])
     assert norm.joint(mu[:0], eta[:0]).shape == (0, 8)
 
 

@@ -74,22 +74,21 @@ class RunningNorm(RunningStatistics):
         self._merge(mu, eta)
 
     def forward(self, mu: torch.Tensor, eta: torch.Tensor):
-        """Normalised (μ, η); identity until at least two tokens have been seen.  μ, η are rounded
-        to fp32 first, as MEND does (then computed in the buffers' dtype if wider)."""
-        mu, eta = mu.to(torch.float32), eta.to(torch.float32)
-        if float(self.k) < 2:
-            return mu, eta
-        return (mu - self.u_mean) / (self.u_std + 1e-7), (eta - self.v_mean) / (self.v_std + 1e-7)
+        """Normalised (μ, η), as views of `joint(mu, eta)`."""
+        h = self.joint(mu, eta)
+        return h[:, : mu.shape[1]], h[:, mu.shape[1]:]
 
     def joint(self, mu: torch.Tensor, eta: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """`torch.cat(self(mu, eta), 1)[rows]` (rows: an index; None: all), entry for entry, in the
-        one tensor it returns: see `joint_rows`; normalised there in place."""
+        """[(μ − u_mean) / (u_std + 1e-7); (η − v_mean) / (v_std + 1e-7)], rows gathered by `rows`
+        (an index; None: all), in the one tensor it returns (see `joint_rows`; normalised there in
+        place); the identity until at least two tokens have been seen.  μ, η are rounded to fp32
+        first, as MEND does (then computed in the buffers' dtype if wider)."""
         h = joint_rows(mu, eta, rows)
         if float(self.k) < 2:
             return h
         mean = torch.cat([self.u_mean, self.v_mean])
         std = torch.cat([self.u_std, self.v_std]) + 1e-7
-        return h.to(mean.dtype).sub_(mean).div_(std)  # the same sub, then div, as forward
+        return h.to(mean.dtype).sub_(mean).div_(std)
 
 
 def joint_rows(mu: torch.Tensor, eta: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
