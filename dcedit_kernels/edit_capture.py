@@ -51,9 +51,10 @@ class EditCapture:
             raise ValueError(f"{name} could not be tokenized ({exc}); the model was not changed") from None
 
     @contextlib.contextmanager
-    def _length_errors(self, batch: dict, name: str):
+    def _length_errors(self, batch: dict, name: str, row_names: Sequence[str] | None = None):
         """An IndexError inside the block, when `batch` has a row past the model's positions,
-        becomes a ValueError naming that row (`positions.past_positions`)."""
+        becomes a ValueError naming that row (`positions.past_positions`): `{name}[i]`, or
+        `row_names[i]` when given (the caller's name of row i, e.g. "requests[3].locality")."""
         try:
             yield
         except IndexError as exc:
@@ -62,7 +63,8 @@ class EditCapture:
                 raise
             i, length, what, limit = past
             what = f" ({what})" if name == "requests" else ""
-            raise ValueError(f"{name}[{i}] is {length} tokens{what}, more than the model's "
+            row = row_names[i] if row_names is not None and i < len(row_names) else f"{name}[{i}]"
+            raise ValueError(f"{row} is {length} tokens{what}, more than the model's "
                              f"{limit} positions; the model was not changed") from exc
 
     def capture(self, batch: dict, need_feats: bool | None = None):

@@ -117,11 +117,19 @@ class FineTuneBaselines:
         texts = locality_texts(requests)
         return texts or list(self.ft_options["locality_texts"] or GENERIC_LOCALITY_TEXTS)
 
+    def _locality_names(self, requests: list[EditRequest]) -> list[str] | None:
+        """The caller's name of each of `_locality_texts`' texts when they are the requests'
+        locality prompts ("requests[i].locality", i its place among all the requests: the texts
+        list only the requests that have one); None when they are `locality_texts` (or the generic
+        sentences), which errors name by their own index ("locality texts[k]")."""
+        rows = [i for i, r in enumerate(requests) if r.locality is not None]
+        return [f"requests[{i}].locality" for i in rows] if rows else None
+
     def _locality_batch(self, texts: list[str]) -> dict:
         rows = [self.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
         return pad_rows(rows, pad_token_id(self.tokenizer), self.device)
 
-    def _ft_kl_reference(self, loc: dict) -> list:
+    def _ft_kl_reference(self, loc: dict, names: list[str] | None = None) -> list:
         """[(chunk, its KL positions, the unedited model's log-probabilities there or None, the
         chunk's share of all KL positions)] for the locality batch `loc`, `capture_batch_size` rows
         at a time (every non-padding token is a KL position).
@@ -137,7 +145,7 @@ class FineTuneBaselines:
         chunks = self._row_chunks(loc)
         keep = len(chunks) == 1 or not self._reference_recomputable()
         parts = []
-        with self._length_errors(loc, "locality texts"):
+        with self._length_errors(loc, "locality texts", names):
             for chunk in chunks:
                 mask = chunk["attention_mask"].bool()
                 base_logp = self._ft_base_log_probs(chunk, mask) if keep else None
@@ -175,10 +183,11 @@ class FineTuneBaselines:
         saved.extend((w, w.detach().clone()) for w in weights)  # before any weight changes
         t0, steps_run = time.perf_counter(), 0
         try:
-            kl_parts, loc = [], None
+            kl_parts, loc, loc_names = [], None, None
             if self.method == "ft_kl" and opts["kl_weight"] > 0:
                 loc = self._locality_batch(self._locality_texts(requests))
-                kl_parts = self._ft_kl_reference(loc)
+                loc_names = self._locality_names(requests)
+                kl_parts = self._ft_kl_reference(loc, loc_names)
             reference = saved[-len(weights):]  # (weight, its saved value): chunks whose reference is recomputed
             for p in params:
                 p.requires_grad_(False)
@@ -239,7 +248,7 @@ class FineTuneBaselines:
                     return False
                 backward(last, scales[0])
                 for chunk, mask, base_logp, share in kl_parts:
-                    with self._length_errors(loc, "locality texts"):
+                    with self._length_errors(loc, "locality texts", loc_names):
                         if base_logp is None:  # chunked: recomputed, not kept (see _ft_kl_reference)
                             base_logp = self._ft_base_log_probs(chunk, mask, reference)
                         with logits_at(self.model, mask, skip=self.modules.values()) as scored:

@@ -266,6 +266,9 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         if "n_modes" in kwargs:
             raise ValueError("n_modes is set by ModelEditor (the number of layers sharing a shape)")
         preset = EDITOR_METHODS[self.method]
+        if "routing" in kwargs:  # a gate on another method's editor got no edit features of its width
+            raise ValueError(f"routing is set by method ({self.method!r}); for a gate use method='moeditor', "
+                             f"for random groups method='raeditor', got routing={kwargs['routing']!r}")
         if "n_editors" in kwargs and self.method not in ("raeditor", "moeditor"):
             raise ValueError(f"n_editors is for methods 'raeditor' and 'moeditor' only; {self.method!r} has one editor")
         if self.method == "moeditor":
@@ -426,8 +429,10 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
                          peak_memory_bytes=_peak_memory(devices))
             handle.stats = stats
         except BaseException:
-            restore(saved)  # the methods restore (and say so) themselves: this covers the rest
-            handle._discard()
+            try:
+                restore(saved)  # the methods restore (and say so) themselves: this covers the rest
+            finally:  # a Ctrl-C held back during the restore raises at its end: the handle goes all the same
+                handle._discard()
             raise
         return handle
 

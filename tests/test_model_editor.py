@@ -443,6 +443,45 @@ def test_interrupt_right_after_a_weight_is_written_restores_it(gen, monkeypatch)
     assert not me._live
 
 
+def test_interrupt_during_the_rollback_still_drops_the_failed_edit(gen, monkeypatch):
+    """A second Ctrl-C while apply() restores the weights of a failed edit (held back by
+    deferred_interrupt, raised when the restore ends) used to skip dropping the failed edit's
+    handle: it stayed the model's latest live edit, so the earlier edit could not be undone."""
+    import os
+    import signal
+
+    from dcedit_kernels import model_editor
+
+    me = make_editor("gpt2", "mend", gen)
+    before = snapshot(me.model)
+    first = me.apply(random_requests(gen, 2))
+    original_apply, original_restore = GroupedEdit.apply_, model_editor.restore
+    calls = []
+
+    def fails_on_the_second_weight(self, weight):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("injected")
+        return original_apply(self, weight)
+
+    def restore_then_ctrl_c(saved):
+        with model_editor.deferred_interrupt():
+            original_restore(saved)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(GroupedEdit, "apply_", fails_on_the_second_weight)
+    monkeypatch.setattr(model_editor, "restore", restore_then_ctrl_c)
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            me.apply(random_requests(gen, 2))
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert len(calls) == 2 and me._live == [first]
+    assert first.undo()
+    assert_bit_identical(before, me.model)
+
+
 def test_edited_undoes_edits_made_inside_its_block(gen):
     me = make_editor("gpt2", "mend", gen)
     before = snapshot(me.model)
@@ -498,6 +537,14 @@ def test_a_request_longer_than_a_learned_position_table_is_a_value_error(gen):
     before = snapshot(ft_kl.model)
     with pytest.raises(ValueError, match=r"locality texts\[1\] is .* 128 positions"):
         ft_kl.apply(random_requests(gen, 1, locality=False))
+    assert_bit_identical(before, ft_kl.model)
+    # A request's own locality prompt is named as the caller wrote it: its place among all the
+    # requests (only those with one are KL texts), not among the KL texts.
+    short, long_loc = random_requests(gen, 2)
+    short = EditRequest(short.prompt, short.target)
+    long_loc = EditRequest(long_loc.prompt, long_loc.target, locality=long.prompt, locality_target="x")
+    with pytest.raises(ValueError, match=r"requests\[1\]\.locality is .* 128 positions"):
+        ft_kl.apply([short, long_loc])
     assert_bit_identical(before, ft_kl.model)
 
 
@@ -699,6 +746,15 @@ def test_n_editors_is_refused_for_one_editor_methods(gen):
     for method in ("mend", "proeditor"):
         with pytest.raises(ValueError, match="n_editors is for methods 'raeditor' and 'moeditor' only"):
             ModelEditor(model, tok, LAYERS["gpt2"], method=method, n_editors=2)
+
+
+def test_routing_is_set_by_the_method(gen):
+    """A gate on MEND or ProEditor got edit features of the layer's width, not the hidden width it
+    reads, and every apply() failed; the method chooses the routing."""
+    model, tok = tiny_model("gpt2", seed=0)
+    for method in EDITOR_METHODS:
+        with pytest.raises(ValueError, match=f"routing is set by method \\({method!r}\\)"):
+            ModelEditor(model, tok, LAYERS["gpt2"], method=method, routing="gate")
 
 
 def test_edit_features_are_prompt_hidden_means(gen):
