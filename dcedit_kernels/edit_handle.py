@@ -122,11 +122,16 @@ class EditHandle:
     def keep(self) -> None:
         """Make this edit permanent and free what undo needed (a copy of every edited weight, held
         until undo or keep while the model lives).  Earlier edits of the model can no longer be
-        undone afterwards: restoring their saved values would wipe this one."""
+        undone afterwards: restoring their saved values would wipe this one, so their copies are
+        freed too (they were held, unusable, until each earlier handle's own keep())."""
         if self.active and not self.kept:
             self.kept = True
             self._saved = []
             self._unwatch()
+            earlier = self._live[:self._live.index(self)] if self in self._live else []
+            for handle in earlier:
+                handle._saved = []
+                handle._unwatch()
 
     def _discard(self) -> None:
         """Forget a handle whose edit failed (its weights were restored): no longer live."""

@@ -659,16 +659,25 @@ def test_keep_frees_the_saved_weights_and_pins_earlier_edits(gen):
     me = make_editor("gpt2", "mend", gen)
     h1 = me.apply(random_requests(gen, 2))
     after1 = snapshot(me.model)
+    other = ModelEditor(me.model, me.tokenizer, LAYERS["gpt2"], method="ft", ft_steps=1)
+    h_other = other.apply(random_requests(gen, 2))  # another ModelEditor's edit of the same model
     h2 = me.apply(random_requests(gen, 2))
     after2 = snapshot(me.model)
+    assert h1._saved and h_other._saved
     h2.keep()
     assert h2.kept and h2._saved == []
+    # The earlier edits can never be undone now: their weight copies go too, not at their own keep().
+    assert h1._saved == [] and h_other._saved == [] and not h1.kept
     with pytest.raises(RuntimeError, match="kept"):
         h2.undo()
-    with pytest.raises(RuntimeError, match="later edit of this model was kept"):
-        h1.undo()
+    for earlier in (h1, h_other):
+        with pytest.raises(RuntimeError, match="later edit of this model was kept"):
+            earlier.undo()
     assert_bit_identical(after2, me.model)
     assert changed_keys(after1, me.model)
+    h3 = me.apply(random_requests(gen, 2))  # a later edit keeps its copies and undoes
+    assert h3._saved and h3.undo()
+    assert_bit_identical(after2, me.model)
 
 
 def test_apply_under_inference_mode_is_refused(gen):
