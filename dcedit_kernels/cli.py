@@ -118,7 +118,8 @@ def load_any_model(name_or_path: str | None, dtype: str = "float32", device: str
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as exc:
-        raise UserError(f"--device {device!r} is not usable here: {exc}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--device {device!r} is not usable here: {first}") from None  # one line: a dispatcher error has 50
     try:
         if name_or_path is not None and _is_encoder_decoder(name_or_path):
             model, tokenizer = _load_seq2seq(name_or_path, DTYPES[dtype], device)
@@ -127,7 +128,8 @@ def load_any_model(name_or_path: str | None, dtype: str = "float32", device: str
         return model, tokenizer
     except FileNotFoundError as exc:
         raise UserError(f"--model: {exc}") from None
-    except (OSError, ValueError) as exc:  # from_pretrained: not a folder, not on the hub, no network, no tokenizer
+    except (OSError, ValueError, TypeError) as exc:  # from_pretrained: not a folder, not on the hub, no network,
+        # no tokenizer; TypeError: a config.json (or a file given as the model) that is JSON but not an object
         raise UserError(f"--model: cannot load {name_or_path!r}: {exc}") from None
 
 
@@ -170,10 +172,10 @@ def detect_format(path) -> str:
                      "CounterFact (prompt, target_new, ...) or zsRE (src, alt, ...)")
 
 
-def load_requests(path: str | None, limit: int | None = None):
+def load_requests(path: str | None, limit: int | None = None, flag: str = "--data"):
     """EditRequests from a CounterFact or zsRE file, or a data set's name (`data.FILES`: looked up
     in DCEDIT_DATA_DIR); None: our default facts.  The first `limit` (the flags that set it are
-    checked by argparse; this guards Python callers)."""
+    checked by argparse; this guards Python callers).  `flag` names the option in errors."""
     from ._checks import is_int
     from .data import FILES, data_path, load_counterfact, load_dataset, load_zsre
     from .facts import default_requests
@@ -191,16 +193,27 @@ def load_requests(path: str | None, limit: int | None = None):
         if detect_format(path) == "counterfact":
             return load_counterfact(path, limit=limit)
         skipped: list[int] = []
-        requests = load_zsre(path, limit=limit, skipped=skipped)
+        # `limit` counts requests (load_zsre's, records): --n-edits 535 of MEND's file gave 534
+        requests = load_zsre(path, skipped=skipped)
+        if limit is not None and len(requests) > limit:
+            gone = set(skipped)
+            kept = [i for i in range(len(requests) + len(skipped)) if i not in gone]
+            requests, skipped = requests[:limit], [i for i in skipped if i < kept[limit - 1]]
         if skipped:  # the counts a report prints would not add up without it (998 of zsRE's 1,000)
             shown = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
             print(f"note: {path}: {len(skipped)} record(s) with a blank prompt or target left out "
                   f"(record {shown})", file=sys.stderr, flush=True)
         return requests
     except FileNotFoundError as exc:
-        raise UserError(f"--data: {exc}") from None
+        raise UserError(f"{flag}: {exc}") from None
     except ValueError as exc:
-        raise UserError(f"--data: {exc}") from None
+        raise UserError(f"{flag}: {exc}") from None
+
+
+def check_count(requests: list, n: int | None, flag: str = "--n-edits", data: str = "--data") -> None:
+    """UserError when `n` edits were asked for and the data holds fewer (rather than using fewer silently)."""
+    if n is not None and len(requests) < n:
+        raise UserError(f"{flag} asks for {n} edits but {data} holds {len(requests)}")
 
 
 @torch.no_grad()
@@ -261,7 +274,11 @@ def train_out(args) -> str:
 def check_out(path: str) -> None:
     """Refuse an --out that cannot be written before any work is done (its folder is created)."""
     out = Path(path)
-    if out.is_dir():
+    try:
+        is_dir = out.is_dir()
+    except OSError as exc:  # a name too long, ...: pathlib raises for all but "missing"
+        raise UserError(f"--out {path}: {exc.strerror or exc}") from None
+    if is_dir:
         raise UserError(f"--out {path}: is a folder; give a file name")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -269,6 +286,14 @@ def check_out(path: str) -> None:
         raise UserError(f"--out {path}: cannot create its folder ({exc})") from None
     if not os.access(out.parent, os.W_OK):
         raise UserError(f"--out {path}: its folder is not writable")
+    existed = out.exists()
+    try:  # os.access passes for root, and says nothing of the file itself: open it as the write will
+        with open(out, "ab"):
+            pass
+        if not existed:
+            out.unlink()
+    except OSError as exc:
+        raise UserError(f"--out {path}: cannot be written ({exc.strerror or exc})") from None
 
 
 def write_json(path, data) -> None:
@@ -385,8 +410,11 @@ def cmd_train(args) -> dict:
 
     if args.val_size is not None and not args.val_data:  # it counts --val-data's edits: alone it would be ignored
         raise UserError("--val-size goes with --val-data")
+    if args.checkpoint_dir is not None and Path(args.checkpoint_dir).exists() and not Path(args.checkpoint_dir).is_dir():
+        raise UserError(f"--checkpoint-dir {args.checkpoint_dir}: is a file; give a folder")
     requests = load_requests(args.data, args.n_edits)
-    val = load_requests(args.val_data, None) if args.val_data else None
+    check_count(requests, args.n_edits)
+    val = load_requests(args.val_data, None, flag="--val-data") if args.val_data else None
     try:
         torch.device(args.device)
     except RuntimeError as exc:
@@ -450,6 +478,7 @@ def cmd_edit(args) -> dict:
         raise UserError("--rephrase goes with --prompt and --target")
     else:
         requests = load_requests(args.data, args.n_edits or 5)
+        check_count(requests, args.n_edits)
     model, tokenizer = load_any_model(args.model, args.dtype, args.device)
     me = _model_editor(args, model, tokenizer)
     prompts = [r.prompt for r in requests]
@@ -609,12 +638,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_out(args.out)
         set_threads(args.threads)
         result = COMMANDS[args.command](args)
+        if args.out and args.command != "train":
+            write_json(args.out, dict(result, elapsed_s=time.perf_counter() - start))
+            print(f"wrote {args.out}")
     except UserError as exc:
         print(f"dcedit: error: {exc}", file=sys.stderr)
         return 2
-    if args.out and args.command != "train":
-        write_json(args.out, dict(result, elapsed_s=time.perf_counter() - start))
-        print(f"wrote {args.out}")
+    except OSError as exc:  # a path the checks above let through (its str names the file): one line, not a traceback
+        print(f"dcedit: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

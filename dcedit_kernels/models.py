@@ -65,6 +65,8 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torc
         looks_local = path.is_absolute() or str(name_or_path).startswith(".") or path.exists()
         if looks_local and not path.exists():
             raise FileNotFoundError(f"model folder not found: {path}")
+        if path.is_file():  # transformers would read the file as a config.json
+            raise ValueError(f"{path} is a file: give a model folder, a .gguf file or a hub name")
         if path.is_dir() and not (path / "config.json").is_file():  # transformers' errors differ by version
             raise FileNotFoundError(f"model folder {path} has no config.json")
         folder, kwargs = str(name_or_path), {}

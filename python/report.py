@@ -443,7 +443,7 @@ def _run(args, t_start) -> int:
         raise UserError(f"--methods is empty; choose from {ALL_METHODS}")
     if fusions and not set(methods) & set(ROUTED):  # its rows are RaEditor's and MoEditor's: ignored otherwise
         raise UserError(f"--fusions adds rows to {ROUTED} only, and --methods holds neither")
-    if "moeditor" in methods:  # the MoEditor (only it takes --top-k) is built after the model loads
+    if {"moeditor", "raeditor"} & set(methods):  # the MoEditor (only it takes --top-k; RaEditor is its twin) is built after the model loads
         if args.top_k is not None and args.top_k > args.n_editors:
             raise UserError(f"--top-k {args.top_k} cannot exceed --n-editors {args.n_editors}")
     if args.rescale_batch_size is not None and args.loss_reduction != "token":
@@ -457,7 +457,7 @@ def _run(args, t_start) -> int:
     needs_training = any(m in TRAINED or m == "raeditor" for m in methods)
     if needs_training and train_data is None:
         raise UserError("--train-data is required to train the editors")
-    train_requests = load_requests(train_data, n_train) if needs_training else []
+    train_requests = load_requests(train_data, n_train, flag="--train-data") if needs_training else []
     # Evaluation edits that are training edits (--data and --train-data may be one file, as zsRE's
     # only file is) are left out; with the usual CounterFact split there are none.
     requests, n_overlap = held_out(requests, train_requests)
@@ -473,7 +473,8 @@ def _run(args, t_start) -> int:
     # Without --train-data, its generic texts.
     kl_edits, kl_skipped = [], 0
     if "ft_kl" in methods and train_data is not None:
-        kl_edits, kl_skipped = kl_source_edits(train_requests or load_requests(train_data), requests, args.batch_size)
+        kl_edits, kl_skipped = kl_source_edits(train_requests or load_requests(train_data, flag="--train-data"), requests,
+                                                 args.batch_size)
     kl_texts = locality_texts(kl_edits)
     train_requests, n_train_unlocalized = without_scored_locality(train_requests, requests)
     layers = [f"model.layers.{i}.mlp.down_proj" for i in _ints(args.layers, "--layers")]

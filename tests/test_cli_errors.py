@@ -72,6 +72,15 @@ def test_cli_device_not_usable_here_is_one_error_line(capsys, tiny_model_dir):
     assert "dcedit: error: --device 'cuda' is not usable here" in err and "Traceback" not in err
 
 
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a machine without MPS")
+def test_cli_device_error_is_its_first_line_only(capsys, tiny_model_dir):
+    """torch's error for a backend it was not built with lists every dispatch key (55 lines)."""
+    assert cli.main(["edit", "--model", str(tiny_model_dir), "--device", "mps", "--prompt", "a b",
+                     "--target", "c"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dcedit: error: --device 'mps' is not usable here") and err.count("\n") == 1, err
+
+
 def test_cli_train_device_that_is_not_a_device(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "load_any_model", lambda *a, **k: pytest.fail("the model loaded"))
     assert cli.main(["train", "--device", "nonsense", "--out", str(tmp_path / "e.safetensors")]) == 2
@@ -175,3 +184,108 @@ def test_cli_seed_torch_cannot_take_is_refused_by_flag(capsys, monkeypatch, comm
     assert cli.main([command, "--seed", seed]) == 2
     assert "argument --seed: must be an int" in capsys.readouterr().err
     assert cli.seed_int(str(2**64 - 1)) == 2**64 - 1 and cli.seed_int(str(-(2**63))) == -(2**63)
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by an audit of the CLI (session 29): each once a traceback, a wrong flag or fewer edits
+# ---------------------------------------------------------------------------------------------
+def _no_model(monkeypatch):
+    monkeypatch.setattr(cli, "load_any_model", lambda *a, **k: pytest.fail("the model loaded"))
+
+
+def test_cli_model_that_is_a_data_file_or_has_a_list_config(capsys, tmp_path):
+    """A JSON file given as --model was read as a config.json (TypeError, a traceback); so was a
+    folder whose config.json holds a list."""
+    data = _counterfact_file(tmp_path / "cf.json")
+    folder = tmp_path / "list_config"
+    folder.mkdir()
+    (folder / "config.json").write_text("[1, 2]")
+    for model, message in ((data, "is a file: give a model folder, a .gguf file or a hub name"),
+                           (folder, "must be a mapping")):
+        assert cli.main(["edit", "--model", str(model), "--method", "ft", "--prompt", "a b", "--target", "c"]) == 2
+        err = capsys.readouterr().err
+        assert "dcedit: error: --model: cannot load" in err and message in err and "Traceback" not in err
+
+
+def test_cli_checkpoint_dir_that_is_a_file(capsys, tmp_path, monkeypatch):
+    _no_model(monkeypatch)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert cli.main(["train", "--checkpoint-dir", str(a_file), "--out", str(tmp_path / "e.safetensors")]) == 2
+    assert f"dcedit: error: --checkpoint-dir {a_file}: is a file; give a folder" in capsys.readouterr().err
+
+
+def test_cli_paths_the_os_refuses_are_one_error_line(capsys, tmp_path, monkeypatch, tiny_model_dir):
+    """A name past the file system's limit (ENAMETOOLONG: pathlib raises, where a missing file
+    returns False) and an --out the OS refuses although its folder passes os.access (root): one line,
+    exit 2 (--out and --data before any work)."""
+    long = str(tmp_path / ("a" * 300))
+    edit = ["edit", "--method", "ft", "--prompt", "a b", "--target", "c"]
+    runs = [edit + ["--out", long + ".json"], ["edit", "--method", "ft", "--data", long + ".json"]]
+    if Path("/proc/self").is_dir():
+        runs.append(edit + ["--out", "/proc/dcedit_no_such_entry.json"])
+    with monkeypatch.context() as patched:
+        patched.setattr(cli, "load_any_model", lambda *a, **k: pytest.fail("the model loaded"))
+        for argv in runs:
+            code = cli.main(argv)
+            err = capsys.readouterr().err
+            assert code == 2 and "dcedit: error:" in err and "Traceback" not in err, (argv[-1][-40:], err)
+    if len(runs) == 3:
+        assert "--out /proc/dcedit_no_such_entry.json: cannot be written" in err
+    code = cli.main(["edit", "--model", str(tiny_model_dir), "--editor", long + ".safetensors",
+                     "--prompt", "a b", "--target", "c"])
+    err = capsys.readouterr().err
+    assert code == 2 and "dcedit: error:" in err and "File name too long" in err, err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[" * 100_000 + "]" * 100_000, "cannot read its JSON"),  # RecursionError
+    ("[" + "9" * 5000 + "]", "cannot read its JSON"),  # past sys.get_int_max_str_digits()
+], ids=["deep", "long_int"])
+def test_cli_data_json_python_cannot_read_is_one_error_line(text, message, capsys, tmp_path, monkeypatch):
+    _no_model(monkeypatch)
+    path = tmp_path / "odd.json"
+    path.write_text(text)
+    assert cli.main(["edit", "--method", "ft", "--data", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"dcedit: error: --data: {path}: {message}" in err and "Traceback" not in err
+
+
+def test_cli_data_that_is_a_folder_says_so(capsys, tmp_path, monkeypatch):
+    _no_model(monkeypatch)
+    assert cli.main(["edit", "--method", "ft", "--data", str(tmp_path)]) == 2
+    assert f"--data: {tmp_path} is a folder: give a JSON file" in capsys.readouterr().err
+
+
+def test_cli_val_data_errors_name_val_data(capsys, tmp_path, monkeypatch):
+    _no_model(monkeypatch)
+    data = _counterfact_file(tmp_path / "cf.json")
+    (tmp_path / "empty.json").write_text("")
+    assert cli.main(["train", "--data", str(data), "--val-data", str(tmp_path / "empty.json"),
+                     "--out", str(tmp_path / "e.safetensors")]) == 2
+    assert "dcedit: error: --val-data: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["edit", "train"])
+def test_cli_n_edits_past_the_data_is_refused(command, capsys, tmp_path, monkeypatch):
+    """`edit --n-edits 100` on a file of 6 edited 6 without a word (evaluate refused)."""
+    _no_model(monkeypatch)
+    data = _counterfact_file(tmp_path / "cf.json", n=6)
+    out = tmp_path / ("e.safetensors" if command == "train" else "e.json")
+    assert cli.main([command, "--method", "mend" if command == "train" else "ft", "--data", str(data),
+                     "--n-edits", "100", "--out", str(out)]) == 2
+    assert "dcedit: error: --n-edits asks for 100 edits but --data holds 6" in capsys.readouterr().err
+
+
+def test_cli_zsre_limit_counts_requests_not_records(tmp_path, capsys):
+    """A blank record among the first N gave N - 1 edits for --n-edits N; the note lists only the
+    blank records among those read."""
+    records = [dict(src=f"Question {i}?", alt="" if i in (1, 4) else f"answer {i}", rephrase=f"Q {i}?",
+                    loc=f"nq question: q{i}", loc_ans=f"a{i}", subject=f"s{i}") for i in range(8)]
+    path = tmp_path / "zsre.json"
+    path.write_text(json.dumps(records))
+    got = cli.load_requests(str(path), 3)
+    assert [r.prompt for r in got] == ["Question 0?", "Question 2?", "Question 3?"]
+    assert "1 record(s) with a blank prompt or target left out (record 1)" in capsys.readouterr().err
+    assert len(cli.load_requests(str(path), 6)) == 6 and len(cli.load_requests(str(path))) == 6
+    assert "(record 1, 4)" in capsys.readouterr().err

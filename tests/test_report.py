@@ -257,6 +257,10 @@ def test_each_row_starts_raeditors_routing_from_the_same_state(report_module):
     (["--methods", "ft", "--n-edits", "2", "--markdown", "ADIR"], "is a folder; give a file name"),
     (["--methods", "mend,moeditor", "--n-edits", "2", "--n-editors", "2", "--top-k", "3"],
      "--top-k 3 cannot exceed --n-editors 2"),
+    # RaEditor's rows come from a MoEditor twin, built after the model loads (once a traceback then):
+    (["--methods", "raeditor", "--n-edits", "2", "--n-editors", "2", "--top-k", "3", "--train-data", "TRAIN"],
+     "--top-k 3 cannot exceed --n-editors 2"),
+    (["--methods", "mend", "--n-edits", "2", "--train-data", "EMPTY"], "--train-data: "),  # once "--data: "
     (["--methods", ",", "--n-edits", "2"], "--methods is empty"),  # once a report of nothing, exit status 0
     (["--methods", "ft,mend", "--n-edits", "2", "--fusions", "add"], "--fusions adds rows to"),  # once ignored
     (["--n-edits", "2", "--loss-reduction", "edit", "--rescale-batch-size", "2"], "--rescale-batch-size undoes"),
@@ -270,8 +274,9 @@ def test_report_refuses_bad_arguments_before_loading_the_model(extra, message, r
     argv = ["--data", str(data), "--out-dir", str(tmp_path / "out"), "--no-progress"]
     (tmp_path / "a_file").write_text("")
     (tmp_path / "a_dir").mkdir()
-    extra = [{"TRAIN": str(data), "AFILE": str(tmp_path / "a_file"), "ADIR": str(tmp_path / "a_dir")}.get(word, word)
-             for word in extra]
+    (tmp_path / "empty.json").write_text("")
+    extra = [{"TRAIN": str(data), "AFILE": str(tmp_path / "a_file"), "ADIR": str(tmp_path / "a_dir"),
+              "EMPTY": str(tmp_path / "empty.json")}.get(word, word) for word in extra]
     assert report_module.main(argv + extra) == 2
     err = capsys.readouterr().err
     assert "report: error:" in err and message in err

@@ -13,6 +13,8 @@ def read_records(path, limit: int | None = None) -> tuple[Path, list]:
     if limit is not None and (not is_int(limit) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: give a JSON file")
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     try:
@@ -25,6 +27,8 @@ def read_records(path, limit: int | None = None) -> tuple[Path, list]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except (ValueError, RecursionError) as e:  # an int past sys.get_int_max_str_digits(); nesting past the recursion limit
+        raise ValueError(f"{path}: cannot read its JSON ({e})") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     if not data:
