@@ -415,6 +415,8 @@ def cmd_train(args) -> dict:
     requests = load_requests(args.data, args.n_edits)
     check_count(requests, args.n_edits)
     val = load_requests(args.val_data, None, flag="--val-data") if args.val_data else None
+    if val is not None:
+        check_count(val, args.val_size, "--val-size", "--val-data")
     try:
         torch.device(args.device)
     except RuntimeError as exc:

@@ -280,7 +280,8 @@ def _editors_line(report: dict) -> str:
             + (f" ({report['n_train_unlocalized']} of them without their locality prompt, which DD scores)"
                if report.get("n_train_unlocalized") else "")
             + f": {tc['steps']} steps × "
-            f"{tc['batch_size']} edits, Adam lr {tc['lr']} (edit steps α: {tc['lr_lr']}), " + ", ".join(parts) + ". ")
+            # training caps a batch at the training edits (train_editor warns): say what it ran
+            f"{min(tc['batch_size'], report['n_train'] or tc['batch_size'])} edits, Adam lr {tc['lr']} (edit steps α: {tc['lr_lr']}), " + ", ".join(parts) + ". ")
     if "raeditor" in run:
         line += ("RaEditor = MoEditor's editors with random routing, each edit at weight 1 where MoEditor "
                  "scales it by its gate weight (not a scale-matched ablation: RESULTS.md). ")

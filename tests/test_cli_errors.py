@@ -264,6 +264,9 @@ def test_cli_val_data_errors_name_val_data(capsys, tmp_path, monkeypatch):
     assert cli.main(["train", "--data", str(data), "--val-data", str(tmp_path / "empty.json"),
                      "--out", str(tmp_path / "e.safetensors")]) == 2
     assert "dcedit: error: --val-data: " in capsys.readouterr().err
+    assert cli.main(["train", "--data", str(data), "--val-data", str(data), "--val-size", "7",
+                     "--out", str(tmp_path / "e.safetensors")]) == 2  # once 6 used without a word
+    assert "dcedit: error: --val-size asks for 7 edits but --val-data holds 6" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["edit", "train"])

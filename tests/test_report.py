@@ -107,6 +107,10 @@ def test_given_loss_weights_are_rendered(report_module, tmp_path):
         report["train_config"]["reuse_prefix"] = setting
         text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
         assert ("lower blocks run once, in the KL reference pass (`reuse_prefix`)" in text) == setting
+    assert ": 2 steps × 2 edits, Adam" in text
+    report["train_config"]["batch_size"] = 25  # more than the 4 training edits: every batch is all 4
+    text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
+    assert ": 2 steps × 4 edits, Adam" in text  # once "× 25"
     report["methods"] = {"mend": _result(0.2, 0.1)}
     report["training"] = {"mend": dict(cached=False, train_s=1.0)}  # MEND only: no other editor described
     text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
