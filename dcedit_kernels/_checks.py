@@ -76,8 +76,16 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def is_real_number(x) -> bool:
-    """A real scalar that float() takes as the op's number: Python's or NumPy's, not a bool."""
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+    """A real scalar that float() takes as the op's number: Python's or NumPy's, not a bool, and
+    not a Python int beyond float's range (float() raises OverflowError for 10**400)."""
+    if not isinstance(x, numbers.Real) or isinstance(x, bool):
+        return False
+    if isinstance(x, int):  # only ints can overflow float(); a SymFloat is not read here
+        try:
+            float(x)
+        except OverflowError:
+            return False
+    return True
 
 
 def check_shape(t, name: str, shape: tuple) -> None:
@@ -116,7 +124,9 @@ def check_offsets(offsets, name: str, total: int) -> int:
         raise ValueError(f"{name} must be int32 or int64, got {offsets.dtype}")
     if offsets.dim() != 1 or offsets.numel() < 2:
         raise ValueError(f"{name} must be 1-D with G+1 >= 2 entries, got shape {tuple(offsets.shape)}")
-    if tracing():
+    # A meta tensor has no values to read (the device check that follows names it when the other
+    # tensors are elsewhere; an all-meta call computes shapes only, as the fake kernels do).
+    if tracing() or offsets.is_meta:
         return offsets.numel() - 1
     host = offsets.detach().cpu()
     if int(host[0]) != 0:
@@ -131,7 +141,7 @@ def check_offsets(offsets, name: str, total: int) -> int:
 def check_ids(ids: torch.Tensor, name: str, low: int, high: int, note: str = "") -> None:
     """Every entry of the int tensor `ids` (group or edit indices) in [low, high]: read on the host
     as offsets are, and not while torch.compile traces (`tracing`)."""
-    if tracing() or not ids.numel():
+    if tracing() or not ids.numel() or ids.is_meta:  # meta: no values (see check_offsets)
         return
     if int(ids.min()) < low or int(ids.max()) > high:
         raise ValueError(f"{name} entries must be in [{low}, {high}]{note}")

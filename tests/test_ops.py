@@ -955,6 +955,84 @@ def test_every_public_op_names_a_non_tensor_argument(gen):
                     op(**dict(kwargs, **{arg: "x"}))
 
 
+@pytest.mark.parametrize("fusion", ["add", "max", "sss", "ssm"])
+def test_the_fallback_grouped_outer_folds_one_group_at_a_time(fusion, gen, monkeypatch):
+    """Where no compiled kernel serves (no _C; a GPU Triton does not support) the op ran the
+    oracle, which stacks all G shifts (G = 64, o = i = 512: 202 MiB of peak RSS for a 1 MiB
+    output); the fallback folds them one at a time, with the oracle's values: ties to the first
+    group, the first NaN, P where P ≥ −N, empty groups."""
+    from dcedit_kernels.reference.grouped_outer import grouped_outer_streaming
+
+    for counts, kind in (([2, 0, 3, 1], "int"), ([0, 4, 0], "int"), (random_counts(33, gen, empty_share=0.3), "int"),
+                         ([3, 2, 2], "nan"), ([1, 5], "rand"), ([0], "rand")):
+        T = sum(counts)
+        if kind == "rand":
+            eta, mu = randn((T, 5), gen, torch.float64), randn((T, 7), gen, torch.float64)
+        else:  # small integers: exact sums and many exact |S_g| ties
+            eta = torch.randint(-2, 3, (T, 5), generator=gen).double()
+            mu = torch.randint(-2, 3, (T, 7), generator=gen).double()
+        if kind == "nan":
+            eta[1, 2] = float("nan")
+        offsets = ragged_offsets(counts, "cpu")
+        want = reference.grouped_outer(eta, mu, offsets, fusion, 0.5)
+        with monkeypatch.context() as patched:
+            patched.setattr(torch, "stack", lambda *a, **k: pytest.fail("stacked the group shifts"))
+            got = grouped_outer_streaming(eta, mu, offsets, fusion, 0.5)
+        torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-12, atol=1e-12)
+
+
+def test_an_int_past_floats_range_is_a_value_error(gen):
+    """float(10**400) raises OverflowError: the number checks refuse such an int by name, and
+    apply_shift_ writes nothing."""
+    calls = _public_op_calls(gen)
+    cases = [("grouped_outer", "alpha"), ("apply_shift_", "alpha"), ("lowrank_delta_linear", "alpha"),
+             ("fisher_mask", "keep"), ("fisher_mask", "threshold")]
+    for name, arg in cases:
+        op, kwargs = calls[name]
+        kwargs = dict(kwargs, **{arg: 10 ** 400})
+        if arg == "threshold":
+            del kwargs["keep"]
+        before = kwargs.get("weight", torch.empty(0)).clone()
+        with pytest.raises(ValueError, match=f"^{arg} must be"):
+            op(**kwargs)
+        assert torch.equal(kwargs.get("weight", torch.empty(0)), before)
+
+
+@pytest.mark.parametrize("op", ["grouped_lowrank", "lowrank_delta_linear", "fisher_mask"])
+def test_fake_kernels_give_the_real_strides_for_transposed_inputs(op, gen, device):
+    """Inductor asserts that a custom op's real outputs have its fake's strides: the backward fakes
+    copied a transposed input's layout (empty_like) where every kernel returns contiguous gradients,
+    and the reference fisher_mask kept a transposed delta's layout (both crashed torch.compile)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def transposed(t):
+        return t.T.contiguous().T if isinstance(t, torch.Tensor) and t.dim() == 2 else t
+
+    if op == "grouped_lowrank":
+        a = _lowrank_inputs(gen, G=2, d=5, r=3, counts=[2, 4], dtype=torch.float32, device=device)
+        out = ops.grouped_lowrank(**a)
+        args = [transposed(out), transposed(a["h"]), a["offsets"], a["u"], a["v"], a["bias"],
+                a["scale"], a["shift"], transposed(a["gain"])]
+        fn = torch.ops.dcedit._grouped_lowrank_backward
+    elif op == "lowrank_delta_linear":
+        a = _delta_linear_inputs(gen, dtype=torch.float32, device=device)
+        out = ops.lowrank_delta_linear(**a)
+        args = [transposed(out), transposed(a["x"]), transposed(a["weight"]), a["row_group"], transposed(a["mu_t"]),
+                transposed(a["eta_t"]), a["offsets"], a["alpha"]]
+        fn = torch.ops.dcedit._lowrank_delta_linear_backward
+    else:
+        delta = randn((5, 4), gen, torch.float32, device)
+        args = [transposed(delta.T.contiguous()), randn((5, 4), gen, torch.float32, device).abs().T, 0.5, None]
+        fn = torch.ops.dcedit.fisher_mask
+    assert any(isinstance(t, torch.Tensor) and t.dim() == 2 and not t.is_contiguous() for t in args)
+    real = fn(*args)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = fn(*[mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args])
+    for r, f in zip(real, fake):
+        if r.numel() > 1:
+            assert r.shape == f.shape and r.stride() == f.stride(), (r.shape, r.stride(), f.stride())
+
+
 def test_bad_values_and_shapes_each_name_their_argument(gen):
     """The checks that no other test reaches: each a ValueError naming the argument, nothing
     written."""
@@ -987,13 +1065,14 @@ def test_bad_values_and_shapes_each_name_their_argument(gen):
 
 def test_every_public_op_names_mismatched_devices(gen):
     """SPEC: mismatched devices are a ValueError, on a machine with one device too: one tensor
-    argument on the meta device (not offsets or group ids, which the checks read on the host)."""
-    host_read = {"offsets", "edit_offsets", "row_group", "group_of_row"}
+    argument on the meta device, offsets and group ids included (their values are read on the host
+    after the device check; reading a meta tensor's raised NotImplementedError before it)."""
+    only_tensor = {"group_of_row"}  # sort_by_group's one tensor: on meta there is nothing to mismatch
     for name, (op, kwargs) in _public_op_calls(gen).items():
         if name == "undo_shift_":  # checks shapes and dtypes only; copy_ crosses devices
             continue
         for arg, value in kwargs.items():
-            if isinstance(value, torch.Tensor) and arg not in host_read:
+            if isinstance(value, torch.Tensor) and arg not in only_tensor:
                 with pytest.raises(ValueError, match=rf"all tensors must be on one device: .*{arg} on meta"):
                     op(**dict(kwargs, **{arg: value.to("meta")}))
 

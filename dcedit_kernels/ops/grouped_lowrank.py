@@ -22,7 +22,9 @@ def _(h, offsets, u, v, bias, scale=None, shift=None, gain=None):
 
 @torch.library.register_fake("dcedit::_grouped_lowrank_backward")
 def _(grad, h, offsets, u, v, bias, scale, shift, gain):
-    return [torch.empty_like(t) for t in (h, u, v, bias, scale, shift, gain) if t is not None]
+    # Contiguous whatever the inputs' layout, as every kernel returns them (not empty_like, which
+    # keeps a transposed h's strides): inductor asserts that the real outputs have the fake's strides.
+    return [t.new_empty(t.shape) for t in (h, u, v, bias, scale, shift, gain) if t is not None]
 
 
 def _setup_context(ctx, inputs, output):

@@ -4,7 +4,7 @@ import torch
 
 from .. import reference
 from .._checks import check_grad, check_offsets, check_same_device, check_tensor, compute_dtype, is_real_number
-from ..reference.grouped_outer import FUSIONS
+from ..reference.grouped_outer import FUSIONS, grouped_outer_streaming
 from ._dispatch import backward_op, opcall, register, triton_launcher
 
 # No backward holds G o×i matrices: the reference recomputes one S_g at a time; the C++ (CPU) and
@@ -61,7 +61,8 @@ def check_grouped_outer_backward(grad, eta, mu, offsets, fusion, alpha):
     check_grad(grad, (offsets.shape[0] - 1, o, i) if fusion == "none" else (o, i), eta, "eta")
 
 
-register("grouped_outer", reference.grouped_outer, triton_launcher("grouped_outer"), check=check_grouped_outer)
+# Not the oracle reference.grouped_outer, which stacks all G shifts: the streaming form folds one at a time.
+register("grouped_outer", grouped_outer_streaming, triton_launcher("grouped_outer"), check=check_grouped_outer)
 register("_grouped_outer_backward", reference.grouped_outer_backward, triton_launcher("grouped_outer_backward"),
          check=check_grouped_outer_backward)
 

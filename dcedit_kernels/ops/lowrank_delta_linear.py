@@ -21,7 +21,8 @@ def _(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha):
 
 @torch.library.register_fake("dcedit::_lowrank_delta_linear_backward")
 def _(grad, x, weight, row_group, mu_t, eta_t, offsets, alpha):
-    return torch.empty_like(x), torch.empty_like(mu_t), torch.empty_like(eta_t), torch.empty_like(alpha)
+    # Contiguous whatever the inputs' layout, as every kernel returns them (see grouped_outer's).
+    return x.new_empty(x.shape), mu_t.new_empty(mu_t.shape), eta_t.new_empty(eta_t.shape), alpha.new_empty(alpha.shape)
 
 
 def _setup_context(ctx, inputs, output):

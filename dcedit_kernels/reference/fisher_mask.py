@@ -33,5 +33,6 @@ def fisher_mask(delta, fisher, keep=None, threshold=None):
         kept = fisher >= fisher_threshold_for_keep(fisher, keep)
     else:
         kept = fisher > threshold
-    out = delta.to(compute_dtype(delta)) * kept
+    # Contiguous, as the C++ kernels and the fake return it (a transposed delta kept its layout).
+    out = (delta.to(compute_dtype(delta)) * kept).contiguous()
     return out, kept.sum()

@@ -69,11 +69,12 @@ def grouped_lowrank_backward(grad, h, offsets, u, v, bias, scale=None, shift=Non
         dv[g] = dz.T @ x[s:e]
         dx[s:e] = dz @ vg
     dh = dout + (dx if gain is None else dx * gain.to(acc))
-    grads = [dh.to(h.dtype), du.to(u.dtype), dv.to(v.dtype), db.to(bias.dtype)]
+    # Contiguous, as the fake kernel says (dout, dx and hh keep grad's and h's layouts).
+    grads = [dh.to(h.dtype).contiguous(), du.to(u.dtype), dv.to(v.dtype), db.to(bias.dtype)]
     if scale is not None:
         grads.append(ds.to(scale.dtype))
     if shift is not None:
         grads.append(dc.to(shift.dtype))
     if gain is not None:
-        grads.append((dx * hh).to(gain.dtype))
+        grads.append((dx * hh).to(gain.dtype).contiguous())
     return grads

@@ -123,9 +123,9 @@ def grouped_lowrank_backward(grad_out, h, offsets, u, v, bias, scale=None, shift
     if gain is None:
         d_h, d_gain = dout + dx, None
     else:
-        d_h, d_gain = dout + dx * gain.to(acc), (dx * hh).to(gain.dtype)
+        d_h, d_gain = dout + dx * gain.to(acc), (dx * hh).to(gain.dtype).contiguous()
     return (
-        d_h.to(h.dtype),
+        d_h.to(h.dtype).contiguous(),  # contiguous, as the fake kernel says, whatever grad's layout
         d_u.to(u.dtype),
         d_v.to(v.dtype),
         d_bias.to(bias.dtype),
