@@ -5,7 +5,7 @@ from ._library import backends
 from .editors import MEND, GroupedEdit, GroupedEditor, MoEditor, ProEditor, RaEditor
 from .ops import op_backends
 
-__version__ = "0.5.7"
+__version__ = "0.5.8"
 
 # The editing pipeline imports transformers; load it on first use so `import dcedit_kernels`
 # stays as light as the ops.

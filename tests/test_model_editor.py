@@ -2339,6 +2339,12 @@ def test_raeditor_splits_the_edits_into_balanced_random_groups(gen):
             counts = torch.bincount(groups, minlength=G)
             assert counts.numel() == G and weight is None and float(loss) == 0
             assert sorted(counts.tolist()) == sorted([E // G + (g < E % G) for g in range(G)]), (G, E, counts)
+    # Which editors get the larger groups is random too: `arange % N_g` alone gave them to the
+    # lowest-numbered editors, a single edit always to editor 0, and E < N_g edits to editors < E only.
+    editor = RaEditor(5, 3, n_editors=4, rank=2, seed=int(torch.randint(0, 1000, (1,), generator=gen)))
+    assert {int(editor.route(1)[0][0]) for _ in range(200)} == {0, 1, 2, 3}
+    layouts = {tuple(torch.bincount(editor.route(6)[0], minlength=4).tolist()) for _ in range(200)}
+    assert layouts == {(2, 2, 1, 1), (2, 1, 2, 1), (2, 1, 1, 2), (1, 2, 2, 1), (1, 2, 1, 2), (1, 1, 2, 2)}
 
 
 def test_proeditor_dense_and_apply_keep_the_highest_fisher_entries(gen):

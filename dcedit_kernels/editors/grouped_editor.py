@@ -32,13 +32,17 @@ class GroupedEditor(nn.Module):
     routing: "single" (one editor: MEND), "random" (edits split into n_editors random groups:
     RaEditor), "gate" (noisy top-k gate on the edit features: MoEditor).  fusion combines the
     group shifts (see `ops.grouped_outer`).  generator: None, "token" or "sentence" (ProEditor's
-    ψ generating per-token or per-edit gains for the low-rank branch input); fisher_keep: keep
+    ψ generating per-token or per-edit gains for the low-rank branch input of the first layer, ψ
+    reading the normalised [μ; η]; "sentence": each edit's mean over its non-zero tokens); fisher_keep: keep
     only that fraction of the shift's entries, by Fisher information (ProEditor).  seed: draws the
     initial v, ψ's first layer and, under "random" routing, the groups, from a generator of the
     editor's own that each call advances (so one editor splits the same edits differently call
     after call, and a loaded editor starts its draws afresh from the seed); None: torch's global
     generator.  The random groups are drawn over the edits' positions in the batch, so the same
     edits in another order are split otherwise (a fresh seeded RaEditor: a 33 % different shift).
+    The input [μ; η] is rounded to fp32 whatever the editor's dtype, as MEND's GradientTransform
+    does (`compat.mend` reproduces float64 MEND checkpoints with it): a float64 editor computes in
+    float64 from there.
 
     `alpha` holds the learned per-weight step α (W ← W + α Δ), initialised to −edit_lr so that an
     identity editor without normalisation takes a gradient-descent step of size edit_lr with one
@@ -168,8 +172,11 @@ class GroupedEditor(nn.Module):
             return torch.zeros(n_edits, dtype=torch.int64, device=device), None, zero
         if self.routing == "random":
             perm = torch.randperm(n_edits, generator=self._route_gen).to(device)
+            # Which editors get the ⌈E/N_g⌉-edit groups is drawn too: `arange % N_g` alone always
+            # gave them to the lowest-numbered editors (and, for E < N_g, no edit to editors ≥ E).
+            labels = torch.randperm(self.n_editors, generator=self._route_gen).to(device)
             groups = torch.empty(n_edits, dtype=torch.int64, device=device)
-            groups[perm] = torch.arange(n_edits, device=device) % self.n_editors  # balanced random split
+            groups[perm] = labels[torch.arange(n_edits, device=device) % self.n_editors]  # balanced random split
             return groups, None, zero
         if edit_feats is None:
             raise ValueError("edit_feats is required with routing='gate'")
