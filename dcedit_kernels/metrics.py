@@ -340,7 +340,11 @@ def factor_gram(mu: torch.Tensor, eta: torch.Tensor, edit_offsets: torch.Tensor,
 
     G[a, b] = Σ_{s∈a, t∈b} (η_s·η_t)(μ_s·μ_t).  Rows of the T×T token kernel are formed `chunk`
     at a time and summed into their edits, so memory is O(chunk·T + E²) and no o×i matrix is
-    ever built.  fp32 accumulation (fp64 for fp64 factors).
+    ever built.  fp32 products (fp64 for fp64 factors) of rows first scaled by powers of two
+    (exact) that bring each token's largest |μ| and |η| entry into [0.5, 1), combined and summed
+    in float64 (a float64 Gram): the fp32 kernel of unscaled factors underflowed to 0 for tiny
+    per-edit gradients (entries ~1e-24: cosine −1 read as no conflict, GMS 1 for norms 1 and 2)
+    and overflowed for huge ones, as `_row_scaled_gram` avoids for gradient rows.
     """
     check_tensor(mu, "mu", ndim=2)
     check_tensor(eta, "eta", ndim=2)
@@ -353,17 +357,36 @@ def factor_gram(mu: torch.Tensor, eta: torch.Tensor, edit_offsets: torch.Tensor,
         raise ValueError("mu, eta and edit_offsets must be on one device")
     E = check_offsets(edit_offsets, "edit_offsets", mu.shape[0])
     dtype = torch.float64 if torch.float64 in (mu.dtype, eta.dtype) else torch.float32
-    mu, eta = mu.to(dtype), eta.to(dtype)
+    mu, mu_exp = _pow2_scaled_rows(mu.to(dtype))
+    eta, eta_exp = _pow2_scaled_rows(eta.to(dtype))
+    # token t's rows were multiplied by 2^-(its exponents): its kernel entries come back times
+    # 2^(e_s + e_t), applied in float64, in two factors so that neither leaves float64's range.
+    tok_exp = (mu_exp + eta_exp).double()
     T = mu.shape[0]
     counts = torch.diff(edit_offsets.long())
     edit_of_token = torch.repeat_interleave(torch.arange(E, device=mu.device), counts)
-    gram = torch.zeros(E, E, dtype=dtype, device=mu.device)
+    gram = torch.zeros(E, E, dtype=torch.float64, device=mu.device)
+    back = torch.pow(2.0, tok_exp)
     for lo in range(0, T, chunk):
         hi = min(T, lo + chunk)
-        kernel = (eta[lo:hi] @ eta.t()) * (mu[lo:hi] @ mu.t())  # (c, T)
-        by_edit = torch.zeros(hi - lo, E, dtype=dtype, device=mu.device).index_add_(1, edit_of_token, kernel)
+        kernel = ((eta[lo:hi] @ eta.t()) * (mu[lo:hi] @ mu.t())).double()  # (c, T)
+        kernel = kernel * back[lo:hi, None] * back[None, :]
+        by_edit = torch.zeros(hi - lo, E, dtype=torch.float64, device=mu.device).index_add_(1, edit_of_token, kernel)
         gram.index_add_(0, edit_of_token[lo:hi], by_edit)
     return gram
+
+
+def _pow2_scaled_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x with each row times a power of two that brings its largest |entry| into [0.5, 1), the
+    exponents e with x = scaled · 2^e per row); zero and non-finite rows are left as they are (e = 0)."""
+    peak = x.abs().amax(dim=1) if x.shape[1] else x.new_zeros(x.shape[0])
+    exp = torch.frexp(peak.double()).exponent.long()
+    exp = torch.where(torch.isfinite(peak) & (peak > 0), exp, torch.zeros_like(exp))
+    x = x.clone()
+    half = torch.div(-exp, 2, rounding_mode="floor")  # two exact steps, each within x's dtype's range
+    for e in (half, -exp - half):
+        x.mul_(torch.pow(2.0, e.double()).to(x.dtype)[:, None])
+    return x, exp
 
 
 def factors_gram(factors: Factors | Mapping[str, Factors], chunk: int = 2048) -> torch.Tensor:
@@ -391,13 +414,7 @@ def _row_scaled_gram(grads: torch.Tensor) -> torch.Tensor:
     tiny gradients (entries ~1e-23 read as zero, so a pair with cosine -1 did not conflict and GMS
     was 1 for norms 1 and 2) and overflows for huge ones; cosines and GMS need neither."""
     dtype = torch.float64 if grads.dtype == torch.float64 else torch.float32
-    g = grads.detach().to(dtype, copy=True)  # one copy, scaled in place
-    peak = g.abs().amax(dim=1) if g.shape[1] else g.new_zeros(g.shape[0])
-    exp = torch.frexp(peak.double()).exponent.long()
-    exp = torch.where(torch.isfinite(peak) & (peak > 0), exp, torch.zeros_like(exp))
-    half = torch.div(-exp, 2, rounding_mode="floor")  # two exact steps, each within fp32's range
-    for e in (half, -exp - half):
-        g.mul_(torch.pow(2.0, e.double()).to(dtype)[:, None])
+    g, exp = _pow2_scaled_rows(grads.detach().to(dtype))
     back = torch.pow(2.0, exp.double())
     return (g @ g.t()).double() * back[:, None] * back[None, :]
 

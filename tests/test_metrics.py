@@ -292,7 +292,7 @@ def test_factor_gram_equals_dense(dtype, gen):
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     for chunk in (1, 3, 4096):
         gram = factor_gram(mu, eta, offsets, chunk=chunk)
-        assert gram.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert gram.dtype == torch.float64  # fp32 factors too: a float64 Gram (no under/overflow)
         assert rel_err(gram, expected) < tol, chunk
     gram = factor_gram(mu, eta, offsets, chunk=3)
     assert gcr(gram=gram) == gcr(dense)
@@ -310,6 +310,17 @@ def test_factors_gram_sums_weights_and_matches_captured_grads(gen):
     dense = torch.cat([factors[n].gradient(per_edit=True).flatten(1) for n in names], dim=1)
     assert rel_err(factors_gram(factors), dense @ dense.t()) < 1e-10
     assert rel_err(factors_gram(factors[names[0]]), gradient_gram(factors[names[0]].gradient(per_edit=True).flatten(1))) < 1e-10
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e-20, 1e20])
+def test_factor_gram_tiny_and_huge_fp32_factors(scale):
+    # Two one-token edits with opposite gradients, norms 1 and 2 (times scale²): the unscaled fp32
+    # kernel underflowed to 0 (GCR 0, GMS 1) or overflowed to inf (GMS NaN).
+    mu = torch.tensor([[1.0, 0.0], [1.0, 0.0]]) * scale
+    eta = torch.tensor([[1.0], [-2.0]]) * scale
+    gram = factor_gram(mu, eta, torch.tensor([0, 1, 2], dtype=torch.int32))
+    assert gcr(gram=gram) == 1.0
+    assert gms(gram=gram) == pytest.approx(0.8, rel=1e-6)
 
 
 def test_factor_gram_errors():
