@@ -1,5 +1,6 @@
 """ModelEditor: gradient-step equivalence, bit-exact undo, atomic failures, baselines, checkpoints."""
 
+import contextlib
 import json
 import math
 import warnings
@@ -413,6 +414,20 @@ def test_a_deep_copied_editor_keeps_undo_order_on_its_model_copy(gen):
     assert_bit_identical(mid, me.model)
 
 
+@contextlib.contextmanager
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt (whatever handler the test runner set), and the block must
+    end with one."""
+    import signal
+
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
 def test_interrupt_right_after_a_weight_is_written_restores_it(gen, monkeypatch):
     """Ctrl-C landing just after the in-place write of the second weight (before the edit has
     recorded it) is held back until the weight is recorded, then restores every weight."""
@@ -432,12 +447,8 @@ def test_interrupt_right_after_a_weight_is_written_restores_it(gen, monkeypatch)
         return previous
 
     monkeypatch.setattr(GroupedEdit, "apply_", interrupted)
-    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            me.apply(random_requests(gen, 2))
-    finally:
-        signal.signal(signal.SIGINT, handler)
+    with ctrl_c_raises():
+        me.apply(random_requests(gen, 2))
     assert len(calls) == 2
     assert_bit_identical(before, me.model)
     assert not me._live
@@ -471,12 +482,8 @@ def test_interrupt_during_the_rollback_still_drops_the_failed_edit(gen, monkeypa
 
     monkeypatch.setattr(GroupedEdit, "apply_", fails_on_the_second_weight)
     monkeypatch.setattr(model_editor, "restore", restore_then_ctrl_c)
-    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            me.apply(random_requests(gen, 2))
-    finally:
-        signal.signal(signal.SIGINT, handler)
+    with ctrl_c_raises():
+        me.apply(random_requests(gen, 2))
     assert len(calls) == 2 and me._live == [first]
     assert first.undo()
     assert_bit_identical(before, me.model)
