@@ -237,6 +237,10 @@ def _checkpoint_config(path, text: str) -> dict:
         if not isinstance(config.get(name), kind):
             got = "nothing" if name not in config else type(config[name]).__name__
             raise ValueError(f"{path}: its {CHECKPOINT_KEY} metadata needs {name!r} ({kind.__name__}), got {got}")
+    for key, saved in config["editors"].items():  # each editor's config is read with .get below
+        if not isinstance(saved, dict):
+            raise ValueError(f"{path}: its {CHECKPOINT_KEY} metadata needs 'editors' of JSON objects, got "
+                             f"{type(saved).__name__} for {key!r}")
     return config
 
 

@@ -56,8 +56,10 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torc
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
     device = as_device(device, "device") or torch.device("cpu")  # before the load, not after it
-    path = default_model_path() if name_or_path is None else Path(name_or_path)
-    if path.suffix == ".gguf":
+    path = default_model_path() if name_or_path is None else Path(name_or_path).expanduser()
+    if name_or_path is not None and str(name_or_path).startswith("~"):  # "~/model": a local path, not a hub name
+        name_or_path = path
+    if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
         folder, kwargs = str(path.parent), {"gguf_file": path.name}

@@ -13,7 +13,8 @@ from pathlib import Path
 
 def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
     """`safetensors.torch.save_file` to `path`, with the mode any file this process creates gets
-    (0o666 less the umask, as torch.save's): safetensors 0.8 writes through a private temporary
+    (0o666 less the umask, as torch.save's), or, saved over an existing file, that file's mode (as
+    torch.save's): safetensors 0.8 writes through a private temporary
     file and leaves its mode, 0600, so a checkpoint was unreadable to the user's group.  Written
     beside `path` under a name of its own (threads and processes saving the same path do not
     share it) and moved over it, so a failed or interrupted write leaves the previous file."""
@@ -24,9 +25,15 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
         raise FileNotFoundError(f"cannot save to {path}: the folder {path.parent} does not exist")
     tmp = path.with_name(f".{path.name[:64]}.{uuid.uuid4().hex}.tmp")  # short: a long name still fits
     try:
-        # Created as any new file is (the kernel applies the umask), to read the mode it gets.
+        # Created as any new file is (the kernel applies the umask), to read the mode it gets; a
+        # file saved over keeps its own mode, as torch.save's does (a 0600 checkpoint stays private).
         os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-        mode = stat.S_IMODE(os.stat(tmp).st_mode)
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode) if path.is_file() else None
+        except OSError:
+            mode = None
+        if mode is None:
+            mode = stat.S_IMODE(os.stat(tmp).st_mode)
         save_file(tensors, str(tmp), metadata=metadata)
         os.chmod(tmp, mode)
         os.replace(tmp, path)

@@ -173,12 +173,16 @@ def _check_run(path: Path, saved: dict, run: dict) -> None:
 def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: int = 0):
     """Load the checkpoint; returns (this process's RNG states as `_rng_states` gives them, or None
     when the checkpoint has none for `rank`; the best state; the count of bad validations)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = ckpt / "trainer.safetensors"
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as exc:  # truncated or overwritten: name the file, as ModelEditor.load does
+        raise ValueError(f"{path} is not a train_editor checkpoint (not a readable safetensors file: {exc}); "
+                         "use another checkpoint_dir, or resume=False to start over") from None
     if not {"opt", "lr_opt", "counters", "model_editor"} <= set(meta):
         raise ValueError(f"{path} is not a train_editor checkpoint")
     saved = json.loads(meta["model_editor"])
@@ -193,6 +197,9 @@ def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: i
         same_layers = saved["layers"] == me.layers and saved["method"] == me.method
         raise ValueError(f"{path} was written for another editor ({saved['method']} on {saved['layers']})"
                          + (f" ({diff})" if diff and same_layers else ""))
+    if saved.get("tokens", me.tokens) != me.tokens:  # which tokens' gradient factors the editors are fed
+        raise ValueError(f"{path} was trained with tokens={saved['tokens']!r}, this ModelEditor uses {me.tokens!r}: "
+                         "the editors would be fed other gradient factors than the run that wrote it")
     saved_reduction = saved.get("loss_reduction", LEGACY_LOSS_REDUCTION)
     if saved_reduction != me.loss_reduction:
         raise ValueError(f"{path} was trained with loss_reduction={saved_reduction!r}, this ModelEditor uses "

@@ -91,7 +91,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         if not is_int(self.seed):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
-        if self.checkpoint_dir is not None and not isinstance(self.checkpoint_dir, (str, os.PathLike)):
+        if self.checkpoint_dir is not None and (not isinstance(self.checkpoint_dir, (str, os.PathLike))
+                                                or not isinstance(os.fspath(self.checkpoint_dir), str)
+                                                or not os.fspath(self.checkpoint_dir)):
+            # "" is Path("."): the checkpoints would go to, and be resumed from, the current directory.
             raise ValueError(f"checkpoint_dir must be a path or None, got {self.checkpoint_dir!r}")
         return self
 

@@ -475,7 +475,7 @@ def test_tiny_models_are_seeded_without_touching_global_rng():
         tiny_model("mamba")
 
 
-def test_load_model_errors(tmp_path):
+def test_load_model_errors(tmp_path, monkeypatch):
     from dcedit_kernels.models import default_model_path, load_model
 
     with pytest.raises(FileNotFoundError, match="not found"):
@@ -484,6 +484,17 @@ def test_load_model_errors(tmp_path):
         load_model(tmp_path / "no-such-folder")
     with pytest.raises(ValueError, match="dtype"):
         load_model(tmp_path / "missing.gguf", dtype="float32")
+    # A .GGUF file is a gguf (it was "a file: give a model folder"); "~/..." is local (it went to the hub).
+    with pytest.raises(FileNotFoundError, match="model file not found"):
+        load_model(tmp_path / "missing.GGUF")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"model folder not found: {tmp_path}/no-such-folder"):
+        load_model("~/no-such-folder")
+    model, tok = tiny_model("llama", seed=0)
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    loaded, _ = load_model("~/tiny")
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
     try:
         path = default_model_path()
     except FileNotFoundError:

@@ -91,6 +91,10 @@ def test_checkpoints_get_the_mode_the_umask_gives(umask, tmp_path):
     for f in files:
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
     assert GroupedEditor.load(str(files[0])).config == small_editor("mend").config
+    # Saved over, a file keeps its own mode, as torch.save's does (a private 0600 checkpoint became 0644).
+    os.chmod(files[0], 0o600)
+    small_editor("mend").save(str(files[0]))
+    assert stat.S_IMODE(files[0].stat().st_mode) == 0o600
 
 
 def test_threads_saving_the_same_path_do_not_collide(tmp_path):
@@ -173,6 +177,10 @@ def test_load_refuses_a_damaged_or_foreign_file_with_value_error(gen, tmp_path):
         GroupedEditor.load(str(bad))
     save_file(dict(tensors, extra=torch.zeros(1)), str(bad), metadata=meta)
     with pytest.raises(ValueError, match=r"unexpected keys \['extra'\]"):
+        GroupedEditor.load(str(bad))
+    save_file(tensors, str(bad), metadata={"dcedit_config": json.dumps({k: v for k, v in config.items()
+                                                                         if k != "in_features"})})
+    with pytest.raises(ValueError, match=r"lacks the arguments \['in_features'\]"):  # once a TypeError
         GroupedEditor.load(str(bad))
     save_file(dict(tensors, alpha=torch.zeros(2)), str(bad), metadata=meta)
     with pytest.raises(ValueError, match="tensor alpha has shape"):

@@ -1543,6 +1543,8 @@ def test_load_refuses_damaged_or_newer_metadata_with_value_error(gen, tmp_path):
             load_with(json.dumps({k: v for k, v in config.items() if k != field}))
     with pytest.raises(ValueError, match="needs 'layers' \\(list\\), got str"):
         load_with(json.dumps(dict(config, layers="model.layers.0.mlp.down_proj")))
+    with pytest.raises(ValueError, match="needs 'editors' of JSON objects, got NoneType"):  # once AttributeError
+        load_with(json.dumps(dict(config, editors={k: None for k in config["editors"]})))
     for text in ("{not json", "[1, 2]"):
         with pytest.raises(ValueError, match="metadata"):
             load_with(text)

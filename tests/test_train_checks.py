@@ -74,6 +74,7 @@ def test_train_config_checks_every_field(field, value):
     # inf passed `value >= 0`: one step left every editor weight non-finite; a bool passed as 1
     (dict(lr=float("inf")), "lr"), (dict(lr_lr=float("inf")), "lr_lr"), (dict(lr=True), "lr"),
     (dict(cloc=float("inf")), "cloc"), (dict(grad_clip="1"), "grad_clip"), (dict(checkpoint_dir=3), "checkpoint_dir"),
+    (dict(checkpoint_dir=""), "checkpoint_dir"),  # Path("") is the current directory
 ])
 def test_train_config_refuses_bad_numbers_naming_the_field(changes, field):
     with pytest.raises(ValueError, match=f"^{field} must"):
@@ -215,13 +216,19 @@ def test_resume_refuses_a_file_that_is_not_a_trainer_checkpoint(gen, tmp_path):
     with pytest.raises(ValueError, match="is not a train_editor checkpoint"):
         me.fit(random_requests(gen, 2), config=TrainConfig(steps=1, batch_size=2, progress=False,
                                                             checkpoint_dir=str(tmp_path)))
+    for size in (0, 5, 40):  # truncated: a raw SafetensorError, naming no file, before
+        with open(tmp_path / "trainer.safetensors", "r+b") as f:
+            f.truncate(size)
+        with pytest.raises(ValueError, match=r"trainer.safetensors is not a train_editor checkpoint \(not a readable"):
+            me.fit(random_requests(gen, 2), config=TrainConfig(steps=1, batch_size=2, progress=False,
+                                                                checkpoint_dir=str(tmp_path)))
     # resume=False starts over (and overwrites it).
     result = me.fit(random_requests(gen, 2), config=TrainConfig(steps=1, batch_size=2, progress=False, resume=False,
                                                                  checkpoint_dir=str(tmp_path)))
     assert result.resumed_from is None
 
 
-def test_resume_refuses_a_checkpoint_of_another_loss_reduction(gen, tmp_path):
+def test_resume_refuses_a_checkpoint_of_another_loss_reduction_or_tokens(gen, tmp_path):
     seed = seed_from(gen)
     reqs = random_requests(gen, 4)
     config = TrainConfig(steps=1, batch_size=2, progress=False, checkpoint_dir=str(tmp_path))
@@ -229,6 +236,10 @@ def test_resume_refuses_a_checkpoint_of_another_loss_reduction(gen, tmp_path):
     ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, loss_reduction="token").fit(reqs, config=config)
     other = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, loss_reduction="edit")
     with pytest.raises(ValueError, match="loss_reduction='token', this ModelEditor uses 'edit'"):
+        other.fit(reqs, config=config.replace(steps=2))
+    # tokens: which tokens' factors the editors see (a resume once went on with the other setting)
+    other = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, loss_reduction="token", tokens="target")
+    with pytest.raises(ValueError, match="tokens='all', this ModelEditor uses 'target'"):
         other.fit(reqs, config=config.replace(steps=2))
 
 

@@ -1,6 +1,8 @@
 """Load the editors of an original MEND checkpoint (Mitchell et al., eric-mitchell/mend).
 
-MEND's layout (``mend.combine=True``, ``mlp_class=IDMLP``, its defaults):
+MEND's layout (``mend.combine=True``, ``mlp_class=IDMLP``, ``mend.init=id``, its defaults; a
+checkpoint trained with another ``init`` has the same keys but layers without the residual, which
+the state dict does not tell apart: it would load as residual, so convert only ``init=id`` ones):
 
 - ``mend.<editor>.mlp.layers.{k}.{u, v, bias}``: the k-th residual low-rank layer over
   ``[μ; η]`` (d = in + out; u (d, r), v (r, d), bias (d,));

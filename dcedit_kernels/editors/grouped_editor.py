@@ -303,10 +303,15 @@ class GroupedEditor(nn.Module):
         if "dcedit_config" not in meta:
             raise ValueError(f"{path} is not a GroupedEditor checkpoint (no dcedit_config metadata)")
         config = json_metadata(path, "dcedit_config", meta["dcedit_config"])
-        unknown = sorted(set(config) - set(inspect.signature(cls.__init__).parameters) - {"self"})
+        params = inspect.signature(cls.__init__).parameters
+        unknown = sorted(set(config) - set(params) - {"self"})
         if unknown:
             raise ValueError(f"{path}: its config has arguments this GroupedEditor does not take ({unknown}): "
                              "written by a newer dcedit_kernels?")
+        missing = sorted(n for n, p in params.items() if n != "self" and p.default is inspect.Parameter.empty
+                         and n not in config)
+        if missing:
+            raise ValueError(f"{path}: its config lacks the arguments {missing} this GroupedEditor needs")
         config = with_absent_defaults(config)
         with torch.random.fork_rng(devices=[]):  # an unseeded editor's draws, all overwritten: not the caller's
             editor = cls(**config)
