@@ -31,11 +31,16 @@ step() {
         return 0
     fi
     local t0=$SECONDS
+    local before
+    before=$(stat -c %s "$log" 2>/dev/null || echo 0)
     timeout -k 10 "$limit" "$@" >> "$log" 2>&1
     local rc=$?
     local note=""
     ((rc == 124 || rc == 137)) && note=" TIMED OUT"
-    echo "$name: rc=$rc in $((SECONDS - t0)) s (limit $limit s)$note; $(tail -n 1 "$log")" | tee -a "$SUMMARY"
+    # The step's own last line (a shared log's last line may be an earlier step's).
+    local last
+    last=$(tail -c +$((before + 1)) "$log" 2>/dev/null | tail -n 1)
+    echo "$name: rc=$rc in $((SECONDS - t0)) s (limit $limit s)$note; $last" | tee -a "$SUMMARY"
     return 0
 }
 
@@ -56,6 +61,8 @@ fi
 echo "CUDA_HOME=${CUDA_HOME:-unset}" >> "$OUT/build.log"
 step build 200 "$OUT/build.log" env DCEDIT_BUILD_CUDA=1 "$PY" setup.py build_ext --inplace
 timeout 60 "$PY" -c "import dcedit_kernels as d; print(d.backends()); print(d.op_backends())" >> "$SUMMARY" 2>&1
+CUDA_BACKENDS=$(timeout 60 "$PY" -c "import dcedit_kernels as d
+print(', '.join(f'{op} {v[\"CUDA\"]}' for op, v in d.op_backends().items()))" 2>&1 | tail -n 1)
 
 # Tests, seven processes at once (16 cores): Triton compiles each new kernel specialisation on
 # the host, one at a time per process (compile_check's 24 took 15 s on the 2-core dev machine;
@@ -66,8 +73,16 @@ timeout 60 "$PY" -c "import dcedit_kernels as d; print(d.backends()); print(d.op
 # (gguf too) and test_ops' check of the Triton registrations on CPU tensors (needs the
 # interpreter, which DCEDIT_TEST_CUDA=1 turns off; CPU CI runs it).
 export DCEDIT_TEST_CUDA=1
+# Seven pytest processes on 16 cores: torch's default of one thread per core each would
+# oversubscribe the host side (CPU references, Triton compiles) eightfold.
+export OMP_NUM_THREADS=2
+# The step caps add up to far more than BUDGET: the tests stop early enough to leave
+# TESTS_LEAVE seconds for bench_ops and bench_e2e (120 s each) and their merges.
+RESERVE=${TESTS_LEAVE:-270}
 SHARDS=$(mktemp -d)
-PYTEST=("$PY" -m pytest -q -rs -p no:cacheprovider -m "not slow")
+# Short tracebacks: after a CUDA error every later test of that process fails, and 1,100 long
+# ones could pass the device tool's per-file limit, so that the log would not come back at all.
+PYTEST=("$PY" -m pytest -q -rs --tb=short -p no:cacheprovider -m "not slow")
 OPS="segment_matmul or grouped_lowrank or grouped_outer or segmented_fisher or lowrank_delta_linear"
 step tests_triton_1 220 "$SHARDS/1.log" "${PYTEST[@]}" --durations=10 tests/test_triton_kernels.py \
     -k "segment_matmul or grouped_lowrank" &
@@ -94,31 +109,38 @@ step tests_cpu 220 "$OUT/tests_cpu.log" "${PYTEST[@]}" tests/test_metrics.py tes
 wait
 for i in 1 2 3 4 5; do echo "=== shard $i"; cat "$SHARDS/$i.log"; done > "$OUT/tests_triton.log" 2>&1
 rm -rf "$SHARDS"
-unset DCEDIT_TEST_CUDA
+unset DCEDIT_TEST_CUDA OMP_NUM_THREADS
 
-# The precision tables first (a few compiles): they answer the predicted misses (NOTES.md 4, 5).
-step tune_tables 60 "$OUT/perf.log" "$PY" -m dcedit_kernels.triton_kernels.tune --tables
 # In parts, each with its own JSON: pytest-benchmark writes the file only at the end, so a
-# part stopped by its limit loses its own results, not the other's.  The results step merges them
-# into bench.json (eight files come back, no more).  The parts leave the results step its 30 s:
-# a part that ran to the end of the budget would otherwise leave no time to merge the parts that
-# finished, and all their JSON would be deleted unread.
+# part stopped by its limit loses its own results, not the other's.  After each part the JSON
+# written so far is merged into $OUT/bench.json and $OUT/RESULTS.md (eight files come back, no
+# more), so that a run stopped from outside (the device tool's limit) keeps the parts that
+# finished.  The parts leave the merge its 30 s.
 PARTS=$(mktemp -d)
 RESERVE=30
+NOTE="CUDA backends: $CUDA_BACKENDS"
+merge() {
+    local RESERVE=0
+    step results 30 "$OUT/perf.log" "$PY" benchmarks/write_results.py "$PARTS"/*.json \
+        --json-out "$OUT/bench.json" --out "$OUT/RESULTS.md" --note "$NOTE"
+}
 BENCH=("$PY" -m pytest --benchmark-only -q -p no:cacheprovider)
 step bench_ops 120 "$OUT/perf.log" "${BENCH[@]}" benchmarks/test_bench_ops.py --benchmark-json="$PARTS/ops.json"
+merge
 step bench_e2e 120 "$OUT/perf.log" "${BENCH[@]}" benchmarks/test_bench_end_to_end.py \
     -k "not ft_kl and not training_pass" --benchmark-json="$PARTS/e2e.json"
+merge
+# The precision tables (a few compiles): they answer the predicted misses (NOTES.md 4, 5).
+step tune_tables 60 "$OUT/perf.log" "$PY" -m dcedit_kernels.triton_kernels.tune --tables
 # FT+KL over many edits (session 8's case) and the training pass (buckets, session 16's, and the
 # reused prefix, session 17's) each on its own: their times on the GPU are not known yet.
 step bench_ft_kl 60 "$OUT/perf.log" "${BENCH[@]}" benchmarks/test_bench_end_to_end.py -k ft_kl \
     --benchmark-json="$PARTS/ft_kl.json"
 step bench_train 60 "$OUT/perf.log" "${BENCH[@]}" benchmarks/test_bench_end_to_end.py -k training_pass \
     --benchmark-json="$PARTS/train.json"
-RESERVE=0
-step results 30 "$OUT/perf.log" "$PY" benchmarks/write_results.py "$PARTS/ops.json" "$PARTS/e2e.json" \
-    "$PARTS/ft_kl.json" "$PARTS/train.json" --json-out "$OUT/bench.json" --out "$OUT/RESULTS.md"
+merge
 rm -rf "$PARTS"
+RESERVE=0
 # Last, with whatever time is left: each launch-config candidate timed (launch.py's choices).
 step tune 120 "$OUT/perf.log" "$PY" -m dcedit_kernels.triton_kernels.tune --sweep
 echo "total $SECONDS s" | tee -a "$SUMMARY"
