@@ -135,14 +135,17 @@ def load_any_model(name_or_path: str | None, dtype: str = "float32", device: str
 
 def _is_encoder_decoder(name_or_path) -> bool:
     """Whether a (non-gguf) model's config says encoder-decoder; False when it has no readable
-    config (then `load_model` reports what is wrong)."""
-    if str(name_or_path).endswith(".gguf"):
+    config, or is a file (then `load_model` reports what is wrong: transformers 5.17 read a JSON
+    data file as the config and failed on its list, 5.24 left it to load_model)."""
+    if str(name_or_path).lower().endswith(".gguf"):
         return False
     from transformers import AutoConfig
 
     try:
+        if Path(name_or_path).expanduser().is_file():
+            return False
         return bool(getattr(AutoConfig.from_pretrained(str(name_or_path)), "is_encoder_decoder", False))
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return False
 
 
