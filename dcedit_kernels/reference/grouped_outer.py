@@ -48,7 +48,7 @@ def grouped_outer_streaming(eta, mu, offsets, fusion="add", alpha=1.0):
     """`grouped_outer` folding one S_g at a time into running sums (add; P and N) or a running
     winner (max): the op's kernel where no compiled one serves (no `_C`; a GPU Triton does not
     support), as the SPEC keeps the fused forms from holding G o×i matrices (G = 64, o = i = 512:
-    the oracle's peak RSS grew 202 MiB for a 1 MiB result, this one 4.3 MiB).  The oracle's rules:
+    the oracle's peak RSS grew 202 MiB for a 1 MiB result, this one 2.6 MiB).  The oracle's rules:
     the first group keeps |S| ties, the first NaN wins, P where P ≥ −N.  No autograd: the op's
     backward is `grouped_outer_backward`."""
     if fusion not in FUSIONS:
