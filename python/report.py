@@ -444,7 +444,7 @@ def _run(args, t_start) -> int:
         raise UserError(f"--methods is empty; choose from {ALL_METHODS}")
     if fusions and not set(methods) & set(ROUTED):  # its rows are RaEditor's and MoEditor's: ignored otherwise
         raise UserError(f"--fusions adds rows to {ROUTED} only, and --methods holds neither")
-    if {"moeditor", "raeditor"} & set(methods):  # the MoEditor (only it takes --top-k; RaEditor is its twin) is built after the model loads
+    if set(methods) & set(ROUTED):  # the MoEditor (only it takes --top-k; RaEditor is its twin) is built after the model loads
         if args.top_k is not None and args.top_k > args.n_editors:
             raise UserError(f"--top-k {args.top_k} cannot exceed --n-editors {args.n_editors}")
     if args.rescale_batch_size is not None and args.loss_reduction != "token":

@@ -12,6 +12,12 @@ def _group_shifts(eta, mu, offsets, acc):
         yield eta[s:e].to(acc).T @ mu[s:e].to(acc)
 
 
+def _beats(mag, best):
+    """Where |S_g| takes the running max from an earlier group: strictly larger (the first group
+    keeps ties), or NaN over a number (the first NaN wins), as the oracle's argmax ranks them."""
+    return (mag > best) | (mag.isnan() & ~best.isnan())
+
+
 def grouped_outer(eta, mu, offsets, fusion="add", alpha=1.0):
     """Per-group shifts fused elementwise (SPEC: none/add/max/sss/ssm), times alpha.
 
@@ -65,7 +71,7 @@ def grouped_outer_streaming(eta, mu, offsets, fusion="add", alpha=1.0):
             if out is None:
                 out, best = s_g, mag
             else:
-                better = (mag > best) | (mag.isnan() & ~best.isnan())
+                better = _beats(mag, best)
                 out, best = torch.where(better, s_g, out), torch.where(better, mag, best)
         else:
             pos = s_g.clamp(min=0) if pos is None else pos.add_(s_g.clamp(min=0))
@@ -107,8 +113,7 @@ def grouped_outer_backward(grad, eta, mu, offsets, fusion, alpha):
             if best is None:
                 best, winner = mag, torch.zeros(mag.shape, dtype=torch.int64, device=mag.device)
             else:
-                # Strict, so the first group keeps ties; NaN beats numbers, as the forward's argmax.
-                better = (mag > best) | (mag.isnan() & ~best.isnan())
+                better = _beats(mag, best)
                 best = torch.where(better, mag, best)
                 winner = torch.where(better, torch.full_like(winner, g), winner)
     elif fusion in ("sss", "ssm"):
