@@ -649,7 +649,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"dcedit: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # a path the checks above let through (its str names the file): one line, not a traceback
+    except OSError as exc:
+        # A path the checks above let through (a name too long, a folder that refuses a file):
+        # its str names the file, so one line says it all.  An OSError that names no file (a
+        # socket, a device, a library's own) keeps its traceback: that is where it came from.
+        if exc.filename is None:
+            raise
         print(f"dcedit: error: {exc}", file=sys.stderr)
         return 2
     return 0

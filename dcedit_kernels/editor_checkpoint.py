@@ -65,10 +65,14 @@ class EditorCheckpoints:
         expected = {f"editors.{key}.{k}": v for key, editor in self.editors.items()
                     for k, v in editor.state_dict().items()}
         check_state(tensors, expected, "editor checkpoint does not match", lambda k: f"editor checkpoint key {k}")
+        states = {}
         for key, editor in self.editors.items():
             prefix = f"editors.{key}."
-            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            editor.load_saved_state(state)  # in the saved editor's dtype, on its own device
+            states[key] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            # Checked for every editor before any loads: a bad second editor left the first loaded.
+            editor.check_saved_state(states[key], lambda k, p=prefix: f"editor checkpoint key {p}{k}")
+        for key, editor in self.editors.items():
+            editor.load_saved_state(states[key])  # in the saved editor's dtype, on its own device
 
     def save(self, path) -> None:
         """Editors' state to safetensors, with the ModelEditor config as JSON metadata (no pickle)."""

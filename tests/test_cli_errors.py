@@ -292,3 +292,18 @@ def test_cli_zsre_limit_counts_requests_not_records(tmp_path, capsys):
     assert "1 record(s) with a blank prompt or target left out (record 1)" in capsys.readouterr().err
     assert len(cli.load_requests(str(path), 6)) == 6 and len(cli.load_requests(str(path))) == 6
     assert "(record 1, 4)" in capsys.readouterr().err
+
+
+def test_cli_os_error_naming_no_file_keeps_its_traceback(capsys, monkeypatch):
+    """Only an OSError about a path becomes one error line: one that names no file (from deep in a
+    run: a socket, a device) propagates, so its traceback says where it came from."""
+    def fail(args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setitem(cli.COMMANDS, "edit", fail)
+    with pytest.raises(OSError, match="No space left"):
+        cli.main(["edit", "--method", "ft", "--prompt", "a b", "--target", "c"])
+    def fail_on_a_file(args):
+        raise OSError(28, "No space left on device", "/somewhere/editor.safetensors")
+    monkeypatch.setitem(cli.COMMANDS, "edit", fail_on_a_file)
+    assert cli.main(["edit", "--method", "ft", "--prompt", "a b", "--target", "c"]) == 2
+    assert "dcedit: error: [Errno 28] No space left on device: '/somewhere/editor.safetensors'" in capsys.readouterr().err

@@ -185,6 +185,12 @@ def test_load_refuses_a_damaged_or_foreign_file_with_value_error(gen, tmp_path):
     save_file(dict(tensors, alpha=torch.zeros(2)), str(bad), metadata=meta)
     with pytest.raises(ValueError, match="tensor alpha has shape"):
         GroupedEditor.load(str(bad))
+    save_file(dict(tensors, alpha=tensors["alpha"].half()), str(bad), metadata=meta)
+    with pytest.raises(ValueError, match=r"tensor \S+ is torch.float32 but alpha is torch.float16"):
+        GroupedEditor.load(str(bad))  # it loaded as an fp16 editor
+    save_file(dict(tensors, w_gate=tensors["w_gate"].to(torch.int32)), str(bad), metadata=meta)
+    with pytest.raises(ValueError, match="tensor w_gate is torch.int32: an editor's tensors are floating-point"):
+        GroupedEditor.load(str(bad))
     with pytest.raises(FileNotFoundError):
         GroupedEditor.load(str(tmp_path))
     loaded = GroupedEditor.load(str(path))  # the good file still loads

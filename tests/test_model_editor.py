@@ -1394,6 +1394,30 @@ def test_load_state_tensors_that_raise_load_no_editor(gen):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize("damage", ["int_tensor", "fp16_alpha"])
+def test_load_state_tensors_refuse_dtypes_save_never_writes(damage, gen):
+    """A second editor's int tensor (load_state_dict cast it silently) or fp16 alpha beside fp32
+    weights (the editor took alpha's dtype: it became fp16): ValueError naming the key, and no
+    editor changed (the first one was loaded before the second was checked)."""
+    me = make_editor("gpt2", "mend", gen)
+    before = me.state_tensors()
+    keys = list(me.editors)
+    state = {k: v + 1 for k, v in before.items()}
+    prefix = f"editors.{keys[1]}."
+    if damage == "int_tensor":
+        bad = next(k for k in state if k.startswith(prefix) and state[k].dim() == 2)
+        state[bad] = state[bad].to(torch.int64)
+        match = f"editor checkpoint key {bad} is torch.int64"
+    else:
+        bad = prefix + "alpha"
+        state[bad] = state[bad].half()
+        match = f"editor checkpoint key {prefix}\\S+ is torch.float32 but alpha is torch.float16"
+    with pytest.raises(ValueError, match=match):
+        me.load_state_tensors(state)
+    after = me.state_tensors()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+
+
 def test_state_tensors_are_copies(gen):
     """A state kept aside does not follow the editor (on the CPU, state_tensors returned the
     editor's own tensors: a training step changed the kept state too)."""

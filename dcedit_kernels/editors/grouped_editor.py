@@ -318,13 +318,29 @@ class GroupedEditor(nn.Module):
         state = load_file(str(path), device=str(map_location))
         check_state(state, editor.state_dict(), f"{path}: the tensors do not match its config",
                     lambda k: f"{path}: tensor {k}")
+        editor.check_saved_state(state, lambda k: f"{path}: tensor {k}")
         editor.load_saved_state(state, map_location)
         return editor
+
+    def check_saved_state(self, state: dict, name=lambda key: key) -> None:
+        """ValueError (`name(key)` names the tensor) for a state `save` cannot have written: a tensor
+        that is not floating-point (load_state_dict cast an int one silently), or parameters of
+        several dtypes (`load_saved_state` takes alpha's, so an fp16 alpha alone made an fp32 editor
+        fp16).  Keys and shapes are `check_state`'s."""
+        for key, value in state.items():
+            if not value.is_floating_point():
+                raise ValueError(f"{name(key)} is {value.dtype}: an editor's tensors are floating-point")
+        alpha = state.get("alpha")
+        for key, _ in self.named_parameters():
+            if alpha is not None and key in state and state[key].dtype != alpha.dtype:
+                raise ValueError(f"{name(key)} is {state[key].dtype} but alpha is {alpha.dtype}: an editor's "
+                                 "parameters share one dtype")
 
     def load_saved_state(self, state: dict, device=None) -> None:
         """`load_state_dict(state)` in the saved editor's dtype (its alpha's: a float64 editor stays
         exact, a bf16 one bf16; the running norms keep their own fp32), on `device` if given:
-        load_state_dict alone copies into this editor's tensors, rounding a float64 editor to fp32."""
+        load_state_dict alone copies into this editor's tensors, rounding a float64 editor to fp32.
+        The caller checks `state` first (`check_saved_state`)."""
         alpha = state.get("alpha")
         dtype = alpha.dtype if alpha is not None and alpha.is_floating_point() else None
         self.to(device=device, dtype=dtype)
