@@ -209,6 +209,10 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                                                   best_state), "writing a checkpoint", size)
     finally:
         bar.close()
+        # The last step's gradients are of no use after training and hold one more copy of the
+        # editors (Adam's moments go with the optimisers): a trained editor carries no .grad.
+        for p in params:
+            p.grad = None
     if config.restore_best and best_state is not None:
         me.load_state_tensors(best_state)
     result.elapsed_s += time.perf_counter() - start

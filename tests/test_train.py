@@ -599,6 +599,8 @@ def test_short_training_run_decreases_the_loss(arch, method, gen):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert {k: p.requires_grad for k, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
+    # Nor do the editors keep the last step's gradients (one more copy of their weights).
+    assert all(p.grad is None for p in me.editors.parameters())
 
 
 def test_validation_early_stopping_and_best_restore(gen):
