@@ -50,7 +50,7 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torc
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .compat.transformers_versions import dtype_kwarg, follow_gguf_bos, gguf_model_kwargs
+    from .compat.transformers_versions import dtype_kwarg, follow_gguf_bos, gguf_model_kwargs, gguf_parsed_once
     from .devices import as_device
 
     if not isinstance(dtype, torch.dtype):
@@ -72,12 +72,14 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torc
         if path.is_dir() and not (path / "config.json").is_file():  # transformers' errors differ by version
             raise FileNotFoundError(f"model folder {path} has no config.json")
         folder, kwargs = str(name_or_path), {}
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    model_kwargs = {}
-    if "gguf_file" in kwargs:
-        follow_gguf_bos(tokenizer, path)
-        model_kwargs = gguf_model_kwargs(path)
-    model = AutoModelForCausalLM.from_pretrained(folder, **dtype_kwarg(dtype), **kwargs, **model_kwargs)
+    # A gguf file is parsed once, not three times (see gguf_parsed_once: 17.9 s -> 6.1 s for SmolLM2).
+    with gguf_parsed_once() if "gguf_file" in kwargs else contextlib.nullcontext():
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        model_kwargs = {}
+        if "gguf_file" in kwargs:
+            follow_gguf_bos(tokenizer, path)
+            model_kwargs = gguf_model_kwargs(path)
+        model = AutoModelForCausalLM.from_pretrained(folder, **dtype_kwarg(dtype), **kwargs, **model_kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device).eval(), tokenizer
