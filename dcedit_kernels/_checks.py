@@ -47,6 +47,17 @@ def check_items(items, name: str, item_type: type, item_label: str) -> list:
     return out
 
 
+def lone_surrogate(text: str) -> str | None:
+    """Where `text` is not valid Unicode, e.g. "'\\ud83c' at index 6", else None.  JSON's "\\ud83c"
+    escape (half an emoji pair, as a truncated string keeps it) loads as such a str, which the
+    tokenizers refuse with a TypeError that names no text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"{text[e.start]!r} at index {e.start}"
+    return None
+
+
 def is_int(x) -> bool:
     """A Python int, not a bool (True would pass isinstance(x, int) as 1)."""
     return isinstance(x, int) and not isinstance(x, bool)

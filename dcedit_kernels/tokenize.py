@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from ._checks import check_items
+from ._checks import check_items, lone_surrogate
 
 IGNORE_INDEX = -100
 
@@ -33,6 +33,9 @@ def _check_texts(texts, name: str) -> list[str]:
     for i, text in enumerate(items):
         if not text.strip():
             raise ValueError(f"{name}[{i}] must be a non-empty string, got {text!r}")
+        bad = lone_surrogate(text)  # the tokenizer would raise a TypeError naming no text
+        if bad:
+            raise ValueError(f"{name}[{i}] is not valid Unicode (a lone surrogate {bad})")
     return items
 
 

@@ -356,3 +356,20 @@ def test_tokenize_fallback_keeps_a_token_ending_at_the_prompts_end_in_the_prompt
     })
     ids, n_prompt = causal_pair_ids(tok, "ab", "x")
     assert ids == [11, 12, 13] and n_prompt == 2
+
+
+def test_a_lone_surrogate_is_a_value_error_naming_the_field(tmp_path):
+    """JSON's "\\ud83c" (half an emoji's surrogate pair, as a truncated string keeps it) loads as a
+    str that is not valid Unicode; the tokenizer refused it later with a TypeError naming no text."""
+    path = write(tmp_path, '[{"prompt": "Toko Yasuda plays the", "target_new": "piano \\ud83c"}]')
+    with pytest.raises(ValueError, match=r"record 0 field 'target_new' is not valid Unicode .*index 6"):
+        load_counterfact(path)
+    path = write(tmp_path, [{**ZSRE_RECORD, "loc": "nq question: \ud800"}], name="zsre.json")
+    with pytest.raises(ValueError, match=r"record 0 field 'loc' is not valid Unicode"):
+        load_zsre(path)
+    with pytest.raises(ValueError, match=r"requests\[0\]\.rephrase is not valid Unicode"):
+        validate_requests([EditRequest("a", "b", rephrase="c \udfff")])
+    with pytest.raises(ValueError, match=r"targets\[1\] is not valid Unicode"):
+        tokenize_causal(tiny_tokenizer("gpt2"), ["a", "b"], ["c", "d\ud83c"])
+    with pytest.raises(ValueError, match=r"texts\[0\] is not valid Unicode"):
+        tokenize_texts(tiny_tokenizer("gpt2"), ["\ud83c ab"])

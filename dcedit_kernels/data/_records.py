@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .._checks import is_int
+from .._checks import is_int, lone_surrogate
 
 
 def read_records(path, limit: int | None = None) -> tuple[Path, list]:
@@ -51,6 +51,9 @@ def text_field(path: Path, index: int, record: dict, field: str, required: bool)
     value = record[field]
     if not isinstance(value, str):
         raise ValueError(f"{path}: record {index} field {field!r} must be a string, got {type(value).__name__}")
+    bad = lone_surrogate(value)  # json.loads takes "\ud83c"; the tokenizer would raise a TypeError
+    if bad:
+        raise ValueError(f"{path}: record {index} field {field!r} is not valid Unicode (a lone surrogate {bad})")
     if not value.strip():
         if required:
             raise ValueError(f"{path}: record {index} field {field!r} is empty")
