@@ -115,6 +115,20 @@ def test_load_dataset_says_where_it_looked(tmp_path, monkeypatch):
         load_dataset("counterfact-val")
 
 
+def test_a_home_relative_data_dir_or_file_is_expanded(tmp_path, monkeypatch):
+    """DCEDIT_DATA_DIR="~/data" (from an env file, or quoted in a shell: nothing expands it there)
+    and a "~/..." file were looked up as a folder literally named "~"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "data").mkdir()
+    write(tmp_path / "data", [CF_RECORD], name="counterfact-val.json")
+    monkeypatch.setenv("DCEDIT_DATA_DIR", "~/data")
+    assert data_path("counterfact-val") == tmp_path / "data" / "counterfact-val.json"
+    assert load_dataset("counterfact-val")[0].target == "piano"
+    assert load_counterfact("~/data/counterfact-val.json")[0].target == "piano"
+    write(tmp_path, [ZSRE_RECORD], name="zsre.json")
+    assert load_zsre("~/zsre.json")[0].target == "unmanned aircraft"
+
+
 def test_load_model_checks_the_device_before_loading():
     from dcedit_kernels.models import load_model
 

@@ -1,7 +1,7 @@
 """Edit data sets as lists of EditRequest: CounterFact (EasyEdit format) and zsRE (MEND format).
 
 The files are not shipped in the repository.  `data_dir()` is where they are looked for:
-`$DCEDIT_DATA_DIR` when set, else `shared/data` beside the repository checkout.
+`$DCEDIT_DATA_DIR` when set ("~" expanded), else `shared/data` beside the repository checkout.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ FILES = {
 def data_dir() -> Path:
     env = os.environ.get("DCEDIT_DATA_DIR")
     if env:
-        return Path(env)
+        return Path(env).expanduser()  # "~/data" from an env file or quoted in a shell is not expanded there
     repo_root = Path(__file__).resolve().parents[2]
     return repo_root.parent / "shared" / "data"
 
