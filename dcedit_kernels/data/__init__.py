@@ -35,7 +35,8 @@ def data_path(name: str) -> Path:
 
 
 def load_dataset(name: str, limit: int | None = None):
-    """EditRequests of a known data file by name."""
+    """EditRequests of a known data file by name.  `limit` counts records, as the loaders' does: for
+    zsRE, whose blank-target records are skipped, that can be fewer requests (see `load_zsre`)."""
     path = data_path(name)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: set DCEDIT_DATA_DIR to the folder that holds {FILES[name]} "

@@ -26,10 +26,12 @@ def load_zsre(path, limit: int | None = None, target: str = "alt", skip_empty: b
               skipped: list | None = None) -> list[EditRequest]:
     """EditRequests of a MEND-format zsRE file.
 
-    `limit` reads only the first n records.  Records whose prompt or target is blank are skipped
-    with `skip_empty` (their indices appended to `skipped` when a list is given, only when the call
-    returns: a call that raises leaves `skipped` as it was), else they raise; missing fields and
-    wrong types always raise ValueError naming the record and field.
+    `limit` reads only the first n records, so fewer than n requests come back when some of them
+    are skipped (MEND's 1k file: limit=535 gives 534; the CLI's --n-edits counts requests).
+    Records whose prompt or target is blank are skipped with `skip_empty` (their indices appended
+    to `skipped` when a list is given, only when the call returns: a call that raises leaves
+    `skipped` as it was), else they raise; missing fields and wrong types always raise ValueError
+    naming the record and field.
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
