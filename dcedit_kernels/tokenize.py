@@ -69,12 +69,11 @@ def _strip_trailing_specials(ids: list[int], special: list[int], offsets: list |
 
 
 def _encode(tokenizer, text: str, offsets: bool):
-    enc = tokenizer(
-        text,
-        add_special_tokens=True,
-        return_special_tokens_mask=True,
-        return_offsets_mapping=offsets,
-    )
+    kwargs = dict(add_special_tokens=True, return_special_tokens_mask=True)
+    try:
+        enc = tokenizer(text, **kwargs, return_offsets_mapping=offsets)
+    except NotImplementedError:  # 4.x's Python ("slow") tokenizers refuse offsets; 5.x's give none
+        enc = tokenizer(text, **kwargs)
     return _strip_trailing_specials(
         list(enc["input_ids"]), list(enc["special_tokens_mask"]), enc.get("offset_mapping")
     )
@@ -92,13 +91,19 @@ def causal_pair_ids(tokenizer, prompt: str, target: str, index: int = 0) -> tupl
     The prompt tokens are the joint text's prefix when it matches the prompt tokenized alone
     (BPE/byte-level and SentencePiece tokenizers split at the space); otherwise (a token that
     straddles the boundary) every token that ends after the prompt's last character counts as
-    target, found from the offset mapping.  Raises ValueError when no target token is left.
+    target, found from the offset mapping.  A tokenizer without offsets (a Python "slow" one) counts
+    the tokens the joint text shares with the prompt alone, from the start, as prompt.  Raises
+    ValueError when no target token is left.
     """
     text, boundary = join_prompt_target(prompt, target)
     prompt_ids = text_ids(tokenizer, prompt)
     full_ids, special, offsets = _encode(tokenizer, text, offsets=True)
     if full_ids[: len(prompt_ids)] == prompt_ids:
         n_prompt = len(prompt_ids)
+    elif offsets is None:  # iterating None raised TypeError (a SentencePiece prompt ending in a space)
+        n_prompt = 0
+        while n_prompt < len(prompt_ids) and full_ids[n_prompt] == prompt_ids[n_prompt]:
+            n_prompt += 1
     else:
         n_prompt = 0
         for is_special, (_, end) in zip(special, offsets):

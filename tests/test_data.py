@@ -1,6 +1,7 @@
 """Data loaders (CounterFact / zsRE) and the EditRequest / tokenization contracts."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -387,3 +388,56 @@ def test_a_lone_surrogate_is_a_value_error_naming_the_field(tmp_path):
         tokenize_causal(tiny_tokenizer("gpt2"), ["a", "b"], ["c", "d\ud83c"])
     with pytest.raises(ValueError, match=r"texts\[0\] is not valid Unicode"):
         tokenize_texts(tiny_tokenizer("gpt2"), ["\ud83c ab"])
+
+
+class SlowTokenizer(ScriptedTokenizer):
+    """As transformers 4.x's Python ("slow") tokenizers: NotImplementedError for offsets."""
+
+    def __call__(self, text, return_offsets_mapping=False, **kwargs):
+        if return_offsets_mapping:
+            raise NotImplementedError("return_offset_mapping is not available when using Python tokenizers.")
+        return super().__call__(text, **kwargs)
+
+
+def test_tokenize_causal_takes_a_tokenizer_without_offsets():
+    """A Python ("slow") tokenizer gives no offsets: 4.x's raised NotImplementedError on every pair,
+    5.x's give none and the fallback raised TypeError ('NoneType' object is not iterable) where
+    the prompt alone is not a prefix (a SentencePiece prompt ending in a space: '▁is', '▁' against
+    '▁is', '▁Paris').  The tokens shared with the prompt alone, from the start, are the prompt."""
+    tok = SlowTokenizer({
+        "is": [(5, None)], "is x": [(5, None), (6, None)],                      # the prompt is a prefix
+        "is ": [(5, None), (7, None)], "is Paris": [(5, None), (8, None)],      # it is not
+    })
+    assert causal_pair_ids(tok, "is", "x") == ([5, 6], 1)
+    assert causal_pair_ids(tok, "is ", "Paris") == ([5, 8], 1)
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "PythonBackend"):
+        return
+
+    class CharTokenizer(transformers.PythonBackend):  # 5.x's Python tokenizer: characters, "b " merged
+        def __init__(self, **kwargs):
+            self.vocab = {"<pad>": 0, "</s>": 1, "b ": 2}
+            self.vocab.update({c: 3 + i for i, c in enumerate(" abcxyz")})
+            super().__init__(pad_token="<pad>", eos_token="</s>", **kwargs)
+
+        @property
+        def vocab_size(self):
+            return len(self.vocab)
+
+        def get_vocab(self):
+            return dict(self.vocab)
+
+        def _tokenize(self, text):
+            return re.findall(r"b |.", text)
+
+        def _convert_token_to_id(self, token):
+            return self.vocab[token]
+
+        def _convert_id_to_token(self, index):
+            return {v: k for k, v in self.vocab.items()}[index]
+
+    tok = CharTokenizer()
+    ids, n_prompt = causal_pair_ids(tok, "ab", "xy")  # "a", "b ", "x", "y": "b " straddles
+    assert ids == [tok.vocab[c] for c in ("a", "b ", "x", "y")] and n_prompt == 1
+    batch = tokenize_causal(tok, ["ab", "ca"], ["xy", "z"])
+    assert batch["labels"][0].tolist() == [IGNORE_INDEX] + ids[1:]
