@@ -1385,6 +1385,32 @@ def test_native_branch(gen, device, dt, monkeypatch):
     assert ("grouped_bilinear", "half") in taken, taken
 
 
+@pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
+def test_lowrank_delta_linear_fp32_factors_of_a_16bit_layer_take_tensor_cores(gen, device, dt, monkeypatch,
+                                                                              float32_precision):
+    """lowrank_delta_linear as training runs it: a 16-bit layer (x, weight) with the editor's fp32
+    factors (grouped_lowrank returns fp32 mu_t, eta_t).  The scores C are fp32 and so is V in the
+    forward (eta_t) and in dx (mu_t): those dots took the IEEE fp32 dot on the FMA units (an
+    fp32-only op's form under torch's default "highest") though the op's inputs are 16-bit.  Every
+    launch now takes tensor cores at ~fp32 accuracy (bf16x3 or tf32x3, as grouped_lowrank's fp32
+    intermediates do), and the results stay within tolerance of float64."""
+    monkeypatch.delenv(launch.NATIVE_DOT_ENV, raising=False)
+    float32_precision("highest")
+    taken = []
+    module = _module("grouped_bilinear")
+    real = module.dot_path
+    monkeypatch.setattr(module, "dot_path", lambda *args: taken.append(real(*args)) or taken[-1])
+    counts = [0, 9, 17, 3, 0]
+    offsets = offsets_for(counts, device)
+    x, weight, b, row_group, mu_t, eta_t, alpha = delta_inputs(gen, counts, dt, device, N=19, o=29, i=13)
+    mu_t, eta_t, alpha = mu_t.float(), eta_t.float(), alpha.float()
+    grad = randn((19, 29), gen, dt, device)
+    y_ref, *grad_refs = delta_reference(x, weight, b, row_group, mu_t, eta_t, offsets, alpha, grad)
+    close(tk.lowrank_delta_linear(x, weight, b, row_group, mu_t, eta_t, offsets, alpha), y_ref)
+    grads = tk.lowrank_delta_linear_backward(grad, x, weight, row_group, mu_t, eta_t, offsets, alpha)
+    close_delta_grads(grads, grad_refs, eta_t, offsets, alpha)
+    assert len(taken) == 8 and "ieee" not in taken, taken  # 2 launches each: forward, dx, deta, dmu
+
 def test_bf16x3_keeps_fp32_accuracy(gen, device, monkeypatch):
     """grouped_bilinear's fp32 scores meet bf16 V through the three-way bf16 split: the fp32
     result is within fp32's tolerance of float64 (one bf16 rounding of the scores would put

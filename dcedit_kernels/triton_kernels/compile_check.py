@@ -227,6 +227,13 @@ def variants():
             group_scores_tiles(nq, 8, w, dk, "half"))
         add(f"grouped_bilinear fp32 C x bf16 V bf16x3 {name}", _grouped_bilinear_kernel, ap_ptrs,
             dict(DV=dv, W=w, G=8), flags, grouped_bilinear_tiles(nq, 8, w, dv, "bf16x3"))
+    # As training runs it: a bf16 layer with the editor's fp32 factors (grouped_lowrank returns
+    # fp32 mu_t, eta_t): bf16 x against fp32 mu_t (bf16x3), then C against fp32 eta_t (tf32x3).
+    mixed = dict(HAS_Q_INDEX=True, HAS_KV_INDEX=False, IS_FP64=False, NATIVE=True)
+    add("group_scores bf16 x fp32 bf16x3 forward (fp32 factors)", _group_scores_kernel, {**sc_ptrs, "k_ptr": f32},
+        dict(DK=1600, W=4096, G=8), mixed, group_scores_tiles(2048, 8, 4096, 1600, "bf16x3"))
+    add("grouped_bilinear fp32 C x fp32 V tf32x3 forward (fp32 factors)", _grouped_bilinear_kernel,
+        {**ap_ptrs, "v_ptr": f32}, dict(DV=6400, W=4096, G=8), mixed, grouped_bilinear_tiles(2048, 8, 4096, 6400, "tf32x3"))
     ieee = dict(HAS_Q_INDEX=True, HAS_KV_INDEX=False, IS_FP64=False, NATIVE=False)
     add("group_scores fp32 IEEE", _group_scores_kernel, {**sc_ptrs, "q_ptr": f32, "k_ptr": f32},
         dict(DK=1600, W=4096, G=8), ieee, group_scores_tiles(2048, 8, 4096, 1600, "ieee"))

@@ -114,8 +114,9 @@ def _grouped_bilinear_kernel(
 
     A program owns BLOCK_M sorted positions of one group × BLOCK_N columns of V and loops over
     the group's K/V rows in chunks of BLOCK_T.  C stays fp32: its dot with a bf16 V tile is
-    bf16x3, with fp16 tf32x3 (see `mma`; rounding C to V's dtype would cost accuracy, and fp16
-    could overflow: x·mu over thousands of features is not bounded by 65504).
+    bf16x3, with fp16 (or an fp32 V of a 16-bit op) tf32x3 (see `mma`; rounding C to V's dtype
+    would cost accuracy, and fp16 could overflow: x·mu over thousands of features is not
+    bounded by 65504).
     """
     ACC = out_ptr.dtype.element_ty
     _, pos, pos_ok, q_rows, kv_start, kv_end = _query_tile(q_index_ptr, q_offsets_ptr, kv_offsets_ptr, G,
@@ -139,12 +140,17 @@ def _grouped_bilinear_kernel(
     tl.store(out_ptrs, tl.load(out_ptrs, mask=out_mask, other=0.0) + acc, mask=out_mask)
 
 
-def grouped_bilinear_(out, q, q_index, q_group, k, v, kv_index, kv_offsets, alpha):
+def grouped_bilinear_(out, q, q_index, q_group, k, v, kv_index, kv_offsets, alpha, precision_from=()):
     """In place: out[q_index[p]] += alpha[g] Σ_{s∈seg_g} (q_{q_index[p]} · k_s) v_s, g = q_group[p].
 
     out (rows, DV) fp32/fp64, q (rows, DK); q_index (NQ,) int64 or None (identity); q_group (NQ,)
     int64 sorted; k (·, DK), v (·, DV) with group g's rows [kv_offsets[g], kv_offsets[g+1]) of
     kv_index (or of k/v themselves when None); alpha (G,) in out's dtype.  Returns out.
+    `precision_from`: the dtypes of the op inputs q, k and v come from, as in segment_matmul: a
+    16-bit one lets both launches use tensor cores (`launch.native_dot`).  The scores C are an
+    fp32 intermediate of q and k, so their dot with V also counts q's and k's dtypes: without
+    them a bf16 layer's fp32 editor factors (grouped_lowrank returns fp32) took the IEEE fp32
+    dot on the FMA units in lowrank_delta_linear's forward and dx.
     """
     NQ = q_group.shape[0]
     DK, DV = q.shape[1], v.shape[1]
@@ -159,8 +165,9 @@ def grouped_bilinear_(out, q, q_index, q_group, k, v, kv_index, kv_offsets, alph
     kv_index = kv_index.contiguous() if kv_index is not None else None
     acc = out.dtype
     fp64 = acc == torch.float64
-    native_qk = not fp64 and native_dot(q.dtype, k.dtype)
-    native_pv = not fp64 and native_dot(v.dtype)  # C is in out's dtype
+    native_qk = not fp64 and native_dot(q.dtype, k.dtype, *precision_from)
+    pv_from = (v.dtype, q.dtype, k.dtype, *precision_from)  # C is in out's dtype, computed from q and k
+    native_pv = not fp64 and native_dot(*pv_from)
     score_tiles = group_scores_tiles(NQ, G, W, DK, dot_path(fp64, native_qk, q.dtype, k.dtype))
     apply_tiles = grouped_bilinear_tiles(NQ, G, W, DV, dot_path(fp64, native_pv, acc, v.dtype))
     chunk = min(NQ, max(SCRATCH_ENTRIES // W, 128))  # at least 128 rows a launch
@@ -180,11 +187,11 @@ def grouped_bilinear_(out, q, q_index, q_group, k, v, kv_index, kv_offsets, alph
         grid = (row_tiles(rows, G, score_tiles["BLOCK_M"]), triton.cdiv(W, score_tiles["BLOCK_T"]))
         _group_scores_kernel[grid](
             q_rows, index, q_offsets, k, kv_idx, kv_offsets, alpha, scores,
-            DK, W, G, NATIVE=native_qk, SPLIT=dot_split(q.dtype, k.dtype), **flags, **score_tiles,
+            DK, W, G, NATIVE=native_qk, SPLIT=dot_split(q.dtype, k.dtype, *precision_from), **flags, **score_tiles,
         )
         grid = (row_tiles(rows, G, apply_tiles["BLOCK_M"]), triton.cdiv(DV, apply_tiles["BLOCK_N"]))
         _grouped_bilinear_kernel[grid](
             scores, index, q_offsets, v, kv_idx, kv_offsets, out_rows,
-            DV, W, G, NATIVE=native_pv, SPLIT=dot_split(v.dtype), **flags, **apply_tiles,
+            DV, W, G, NATIVE=native_pv, SPLIT=dot_split(*pv_from), **flags, **apply_tiles,
         )
     return out

@@ -98,7 +98,7 @@ def lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha
     perm, sorted_groups, _ = _sort_rows(row_group, G)
     # The kernel takes the inputs in their own dtypes (it casts tiles as `mma` needs them).
     grouped_bilinear_(y, x, perm, sorted_groups, mu_t, eta_t, None, offsets,
-                       _alpha_per_group(alpha, G, acc))
+                       _alpha_per_group(alpha, G, acc), precision_from=(x.dtype, mu_t.dtype, eta_t.dtype))
     out_dtype = x.dtype if x.dtype != torch.float64 else acc
     return y.to(out_dtype)
 
@@ -116,18 +116,19 @@ def lowrank_delta_linear_backward(grad, x, weight, row_group, mu_t, eta_t, offse
     ones = torch.ones_like(alpha_g)
     perm, sorted_groups, row_offsets = _sort_rows(row_group, G)
     token_groups = group_ids(offsets, mu_t.shape[0])
+    src = (grad.dtype, x.dtype, mu_t.dtype, eta_t.dtype)  # a 16-bit one: tensor cores (see grouped_bilinear_)
 
     dx = _dense(grad, weight, False, acc)
-    grouped_bilinear_(dx, grad, perm, sorted_groups, eta_t, mu_t, None, offsets, alpha_g)
+    grouped_bilinear_(dx, grad, perm, sorted_groups, eta_t, mu_t, None, offsets, alpha_g, precision_from=src)
 
     # deta without alpha first: dalpha_g = Σ_{s∈g} eta_t[s] · deta_unscaled[s].
     deta = torch.zeros(eta_t.shape, dtype=acc, device=x.device)
-    grouped_bilinear_(deta, mu_t, None, token_groups, x, grad, perm, row_offsets, ones)
+    grouped_bilinear_(deta, mu_t, None, token_groups, x, grad, perm, row_offsets, ones, precision_from=src)
     dalpha = torch.zeros(G, dtype=acc, device=x.device).index_add_(0, token_groups, (eta_t.to(acc) * deta).sum(1))
     deta *= alpha_g[token_groups][:, None]
 
     dmu = torch.zeros(mu_t.shape, dtype=acc, device=x.device)
-    grouped_bilinear_(dmu, eta_t, None, token_groups, grad, x, perm, row_offsets, alpha_g)
+    grouped_bilinear_(dmu, eta_t, None, token_groups, grad, x, perm, row_offsets, alpha_g, precision_from=src)
 
     if alpha.numel() == 1:  # one alpha shared by every group: its gradient is the sum
         dalpha = dalpha.sum()
