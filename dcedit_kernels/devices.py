@@ -105,14 +105,15 @@ def place_editor(layer_devices: Iterable[torch.device], override: torch.device |
     raise ValueError("layer_devices must not be empty")
 
 
-def check_resident(weights: dict[str, torch.Tensor]) -> None:
-    """ValueError naming the first edited layer whose weight is on "meta": accelerate offloads a
-    module that `device_map` puts on "cpu" or "disk" while a GPU is in the map, keeping only a
-    placeholder in the model, so an in-place edit of it would change nothing."""
+def check_resident(weights: dict[str, torch.Tensor], arg: str = "layers") -> None:
+    """ValueError naming the first edited layer whose weight is on "meta" (and `arg`, the argument
+    that named it): accelerate offloads a module that `device_map` puts on "cpu" or "disk" while a
+    GPU is in the map, keeping only a placeholder in the model, so an in-place edit of it would
+    change nothing (and a forward patched by `lowrank_edited` would compute on the placeholder)."""
     for name, weight in weights.items():
         if weight.device == META:
             raise ValueError(
-                f"layers: {name!r} has its weight on the 'meta' device (offloaded by accelerate, or not "
+                f"{arg}: {name!r} has its weight on the 'meta' device (offloaded by accelerate, or not "
                 "loaded): edited layers must be resident on a device; give them GPU or CPU memory in "
                 "device_map/max_memory, or move their blocks there by hand")
 

@@ -75,6 +75,7 @@ from torch import nn
 from . import ops
 from ._checks import check_ids, compute_dtype
 from .capture import is_conv1d, no_activation_checkpointing, resolve_modules, weight_out_in
+from .devices import check_resident
 from .patched_forwards import patched_forwards
 from .reference.segments import segment_bounds
 
@@ -255,6 +256,10 @@ def lowrank_edited(
     if not isinstance(edits, Mapping) or not edits:
         raise ValueError("edits must be a non-empty mapping of module name to GroupedEdit")
     modules = resolve_modules(model, list(edits))
+    # A layer offloaded by accelerate (its weight on "meta", e.g. cpu_offload after the ModelEditor was
+    # built): the patched forward bypasses the hook that loads it, so it computed on the placeholder
+    # and failed with "Tensor on device meta is not on the expected device cpu!".
+    check_resident({name: weight_out_in(m) for name, m in modules.items()}, arg="edits")
     _check_rows(edits, row_edit, row_sees_all, row_sees_fused)
     any_fused = row_sees_fused is not None and bool(row_sees_fused.any())
     if not isinstance(masked, bool):

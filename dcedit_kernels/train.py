@@ -90,6 +90,7 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     if me.seq2seq:
         raise ValueError("editor training supports causal LMs only")
     check_trainable_dtypes(me)
+    me._check_resident()  # an edited layer offloaded since the constructor checked: refused before any step
     group_rank, group_size = distributed.world()
     rank, size = (group_rank, group_size) if config.data_parallel else (0, 1)
     if not config.data_parallel and group_size > 1:

@@ -436,6 +436,25 @@ def test_a_layer_offloaded_after_the_editor_was_built_is_refused_at_apply(method
         assert torch.equal(model.state_dict()[k], v), k
 
 
+def test_training_with_a_layer_offloaded_after_the_editor_was_built_is_refused():
+    """cpu_offload of a block after the ModelEditor was built: fit and batch_loss ran the patched
+    forward of `lowrank_edited` (which bypasses accelerate's loading hook) on the "meta" weight and
+    failed with "Tensor on device meta is not on the expected device cpu!"; they now refuse with a
+    ValueError naming the layer, before any step."""
+    accelerate = pytest.importorskip("accelerate")
+    model, tok = tiny_model("llama", seed=3)
+    me = ModelEditor(model, tok, LAYERS["llama"], method="mend", rank=4, seed=0)
+    randomize(me)
+    accelerate.cpu_offload(model.model.layers[1], execution_device=torch.device("cpu"))
+    state = {k: v.clone() for k, v in me.state_tensors().items()}
+    with pytest.raises(ValueError, match=r"layers: 'model.layers.1.mlp.down_proj'.*meta"):
+        me.fit(requests(4), steps=1, batch_size=2, progress=False)
+    for k, v in me.state_tensors().items():  # no step taken
+        assert torch.equal(v, state[k]), k
+    with pytest.raises(ValueError, match=r"edits: 'model.layers.1.mlp.down_proj'.*meta"):
+        batch_loss(me, requests(), TrainConfig(progress=False))
+
+
 def test_undo_after_the_model_was_offloaded_refuses_and_restores_nothing(tmp_path):
     """An edit undone after `dispatch_model` sent an edited block to disk: undo copied the saved
     values into the Parameters the model no longer held (the disk copy kept the edit), returned
