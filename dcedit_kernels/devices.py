@@ -73,8 +73,9 @@ def model_devices(model: nn.Module) -> list[torch.device]:
 
 def as_device(value, name: str) -> torch.device | None:
     """`value` (None, a str like "cuda:1", an int CUDA index, or a torch.device) as a torch.device;
-    ValueError naming `name` for anything else, for "meta" (nothing can compute there) and for a
-    CUDA, MPS, XPU or MTIA device this machine does not have."""
+    ValueError naming `name` for anything else, for "meta" (nothing can compute there), for a
+    CUDA, MPS, XPU or MTIA device this machine does not have, and for a device of another type
+    this build cannot make a tensor on."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int, torch.device)):
@@ -83,13 +84,23 @@ def as_device(value, name: str) -> torch.device | None:
         device = torch.device(f"cuda:{value}" if isinstance(value, int) else value)
     except RuntimeError as exc:
         raise ValueError(f"{name}: {exc}") from None
-    if device == META:
-        raise ValueError(f"{name} must be a device that computes, got 'meta'")
+    if device.type == "meta":  # by type: "meta:0" is not torch.device("meta"), and was taken
+        raise ValueError(f"{name} must be a device that computes, got {str(device)!r}")
     # CUDA, and the other backends torch has a module for (mps, xpu, mtia): present, with that index.
     backend = getattr(torch, device.type, None) if device.type != "cpu" else None
     available, count = getattr(backend, "is_available", None), getattr(backend, "device_count", None)
-    if callable(available) and callable(count) and (not available() or (device.index or 0) >= count()):
-        raise ValueError(f"{name}: {device} is not available here ({count()} {device.type.upper()} devices)")
+    if callable(available) and callable(count):
+        if not available() or (device.index or 0) >= count():
+            raise ValueError(f"{name}: {device} is not available here ({count()} {device.type.upper()} devices)")
+    elif device.type != "cpu":
+        # A type torch parses but has no availability check for (hip, vulkan, lazy, xla, an out-of-tree
+        # backend): an empty tensor there tells whether this build can use it ("hip" passed here and
+        # failed in the editors' .to() with "PyTorch is not linked with support for hip devices").
+        try:
+            torch.empty(0, device=device)
+        except Exception as exc:  # RuntimeError, NotImplementedError, ModuleNotFoundError by backend
+            first = str(exc).strip().split(". ")[0]  # torch's dispatcher lists every backend after it
+            raise ValueError(f"{name}: {device} is not available here ({type(exc).__name__}: {first})") from None
     return device
 
 

@@ -184,6 +184,21 @@ def test_as_device_checks_its_argument():
     for bad in ("meta", "cuda:99", "nonsense", 1.5, True, *absent):
         with pytest.raises(ValueError, match="editor_device"):
             as_device(bad, "editor_device")
+    # "meta:0" is not torch.device("meta"): it passed, and ModelEditor built its editors on "meta"
+    # (apply then failed in Tensor.item()).  Types without an availability check in torch that this
+    # build cannot use ("hip", "vulkan", "lazy" on a CPU build) passed too, and failed in the editors' .to().
+    unusable = [d for d in ("hip", "vulkan", "lazy") if not _makes_tensors(d)]
+    for bad in ("meta:0", torch.device("meta", 1), *unusable):
+        with pytest.raises(ValueError, match="editor_device"):
+            as_device(bad, "editor_device")
+
+
+def _makes_tensors(device: str) -> bool:
+    try:
+        torch.empty(0, device=device)
+        return True
+    except Exception:
+        return False
 
 
 def test_inputs_go_to_the_input_embedding_device():
