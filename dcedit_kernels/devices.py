@@ -28,14 +28,27 @@ def _execution_device(hook):
     return execution
 
 
+def _accelerator_index(index: int) -> torch.device:
+    """The device an accelerate hook means by an int execution device: that index of this machine's
+    accelerator (accelerate's `normalize_device`: "xpu:1" on an Intel GPU, "npu:1" on Ascend), CUDA
+    where torch names none (torch < 2.6 has no `torch.accelerator`; a CPU-only build has none)."""
+    try:
+        current = torch.accelerator.current_accelerator()
+    except (AttributeError, RuntimeError):  # torch < 2.6; 2.6 raises on a CPU-only build
+        current = None
+    return torch.device(current.type if current is not None else "cuda", index)
+
+
 def module_device(module: nn.Module) -> torch.device | None:
     """The device `module` computes on: the execution device of an accelerate hook when it has one
     (an offloaded module keeps its weights on "meta" and computes there; of a SequentialHook, its
-    first hook's that has one), else the device of its first parameter or buffer; None for a
-    module with neither."""
+    first hook's that has one; an int is an index of this machine's accelerator, as accelerate reads
+    it), else the device of its first parameter or buffer; None for a module with neither."""
     execution = _execution_device(getattr(module, "_hf_hook", None))
     if execution is not None:
-        return torch.device(execution if not isinstance(execution, int) else f"cuda:{execution}")
+        # An int was read as "cuda:N" on every machine: on an XPU or NPU the inputs went to a CUDA
+        # device that is not there ("Torch not compiled with CUDA enabled").
+        return _accelerator_index(execution) if isinstance(execution, int) else torch.device(execution)
     for t in module.parameters():
         return t.device
     for t in module.buffers():

@@ -226,6 +226,21 @@ def test_inputs_go_to_the_input_embedding_device():
     assert input_device(torch.nn.ReLU()) == torch.device("cpu")
 
 
+def test_an_int_execution_device_is_an_index_of_the_machines_accelerator(monkeypatch):
+    """accelerate reads a hook's int execution device (what device_map="auto" writes) as an index of
+    the machine's accelerator (`normalize_device`: "xpu:1" on an Intel GPU); module_device read it
+    as "cuda:1" everywhere, so on an XPU the edit batches went to a CUDA device that is not there."""
+    model, _ = tiny_model("llama")
+    model.get_input_embeddings()._hf_hook = SimpleNamespace(execution_device=1)
+    if not HAS_CUDA:  # no accelerator: CUDA, as before
+        assert input_device(model) == torch.device("cuda:1")
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: torch.device("xpu"))
+    assert input_device(model) == torch.device("xpu:1")
+    pytest.importorskip("accelerate")
+    from accelerate.utils.modeling import normalize_device
+    assert torch.device(normalize_device(1)) == input_device(model)
+
+
 def test_offloaded_edited_layer_is_refused():
     model, tok = tiny_model("llama")
     model.get_submodule("model.layers.0.mlp.down_proj").to("meta")
