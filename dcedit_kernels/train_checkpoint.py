@@ -113,13 +113,17 @@ RNG_KEYS = ("rng_state", "route_rng.", "cuda_rng.")  # the names (or name prefix
 
 def _set_rng_states(me: ModelEditor, states: dict) -> None:
     """Restore what `_rng_states` gave (a checkpoint's, or a batch's start); a routing generator or
-    CUDA device it has no state for is left as it is."""
+    CUDA device it has no state for is left as it is, and a state for a CUDA device the model and
+    editors no longer use (a run resumed with fewer GPUs, or another split) is not set: training
+    forks the RNG of the devices in play only, and on a machine without that index
+    `torch.cuda.set_rng_state` raised IndexError ("tuple index out of range")."""
     torch.set_rng_state(states["rng_state"])
     for key, gen in me.route_generators().items():
         if f"route_rng.{key}" in states:
             gen.set_state(states[f"route_rng.{key}"])
+    in_play = set(_cuda_devices(me))
     for name, state in states.items():
-        if name.startswith("cuda_rng."):
+        if name.startswith("cuda_rng.") and int(name.rsplit(".", 1)[1]) in in_play:
             torch.cuda.set_rng_state(state, int(name.rsplit(".", 1)[1]))
 
 

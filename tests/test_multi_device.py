@@ -201,6 +201,31 @@ def _makes_tensors(device: str) -> bool:
         return False
 
 
+def test_a_checkpoint_rng_state_of_a_cuda_device_not_in_play_is_not_set(monkeypatch):
+    """A run checkpointed with its model split over cuda:0 and cuda:1 and resumed on one GPU (or with
+    the model on the CPU): `_set_rng_states` set every saved CUDA state, and on a machine without
+    device 1 torch.cuda.set_rng_state raises IndexError (tuple index out of range; simulated here);
+    a device outside the run's fork_rng would have kept the checkpoint's state after training."""
+    from dcedit_kernels import train_checkpoint
+
+    model, tok = tiny_model("llama")
+    me = ModelEditor(model, tok, LAYERS["llama"], method="mend", rank=4)
+    states = {"rng_state": torch.get_rng_state(), "cuda_rng.1": torch.zeros(16, dtype=torch.uint8)}
+    calls = []
+
+    def missing_device(state, device):
+        calls.append(device)
+        raise IndexError("tuple index out of range")
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state", missing_device)
+    train_checkpoint._set_rng_states(me, states)  # no CUDA device in play here
+    assert calls == []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(device))
+    monkeypatch.setattr(train_checkpoint, "_cuda_devices", lambda me: [1])
+    train_checkpoint._set_rng_states(me, states)  # in play: set
+    assert calls == [1]
+
+
 def test_inputs_go_to_the_input_embedding_device():
     model, tok = tiny_model("llama")
     assert input_device(model) == torch.device("cpu") and model_devices(model) == [torch.device("cpu")]
