@@ -64,7 +64,7 @@ with labels and masks moved there.  Undo, the baselines, training and save/load 
 rules (checkpoints hold CPU tensors and load into each editor where it lives).  With everything on
 one device every move is a no-op.  Edited layers must be resident: accelerate offloads modules
 that `device_map` sends to "cpu"/"disk" while a GPU is in the map (their weights stay on "meta"),
-and the constructor refuses such a layer with ValueError (so does `apply`, for a layer offloaded
+and the constructor refuses such a layer with ValueError (so do `apply` and `fit`, for a layer offloaded
 since, by `cpu_offload`/`disk_offload`/`dispatch_model` of the built model; `undo` refuses with
 RuntimeError, restoring nothing, once an edited weight was offloaded after the edit: its values
 then live in accelerate's hook, out of the restore's reach, so undo before offloading).
