@@ -427,6 +427,8 @@ def cmd_train(args) -> dict:
     device, joined = distributed.init_from_env(args.device)
     try:
         return _train(args, requests, val, device)
+    except distributed.PeerFailure as exc:  # the failed process prints its own error
+        raise UserError(str(exc)) from None
     finally:
         if joined:
             torch.distributed.destroy_process_group()

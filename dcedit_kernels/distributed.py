@@ -26,8 +26,8 @@ waiting in their next collective: a process whose batches raise still joins the 
 which counts the failures (`average_gradients`); the optimiser step is followed by a one-flag
 all-reduce (`settle`); the validation shares and the RNG states a checkpoint holds are gathered
 with their outcome (`gather_outcomes`); rank 0 sends the outcome of its checkpoint writes
-(`on_rank0`).  The failed process re-raises its own error; the others raise a RuntimeError naming
-its rank and error.  Not covered: the few statements between these (setting .grad to None, the
+(`on_rank0`).  The failed process re-raises its own error; the others raise a `PeerFailure` (a RuntimeError)
+naming its rank and error.  Not covered: the few statements between these (setting .grad to None, the
 norms' sums, a best state's copy), a KeyboardInterrupt, and a process killed outright (torchrun
 stops the others).  Before the first step the processes check that they were given the same
 settings (`agree_on_start`): different ones would call different collectives.
@@ -39,6 +39,12 @@ import os
 
 import torch
 import torch.distributed as dist
+
+
+class PeerFailure(RuntimeError):
+    """Raised on the processes of a data-parallel run that did not fail themselves, naming the
+    rank(s) that did and their errors (those raise their own): `dcedit train` prints it as one
+    line, where a healthy process printed a traceback of the collective it was told in."""
 
 
 def world() -> tuple[int, int]:
@@ -171,7 +177,7 @@ def _raise_if_any_failed(error: BaseException | None, messages: list, what: str)
         raise error
     failed = [f"rank {r}: {message}" for r, message in enumerate(messages) if message]
     if failed:
-        raise RuntimeError(f"another process failed {what} ({'; '.join(failed)})")
+        raise PeerFailure(f"another process failed {what} ({'; '.join(failed)})")
 
 
 def raise_failures(error: BaseException | None, what: str) -> None:
@@ -254,7 +260,7 @@ def on_rank0(fn, what: str):
     if error is not None:
         raise error
     if message is not None:
-        raise RuntimeError(f"rank 0 failed {what} ({message})")
+        raise PeerFailure(f"rank 0 failed {what} ({message})")
     return value
 
 

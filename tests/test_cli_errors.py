@@ -307,3 +307,17 @@ def test_cli_os_error_naming_no_file_keeps_its_traceback(capsys, monkeypatch):
     monkeypatch.setitem(cli.COMMANDS, "edit", fail_on_a_file)
     assert cli.main(["edit", "--method", "ft", "--prompt", "a b", "--target", "c"]) == 2
     assert "dcedit: error: [Errno 28] No space left on device: '/somewhere/editor.safetensors'" in capsys.readouterr().err
+
+
+def test_cli_train_process_told_another_failed_prints_one_line(capsys, tmp_path, monkeypatch):
+    """Under torchrun the process that failed prints its own error; the others printed a traceback
+    of the collective they heard it in.  Now one line naming the failed rank, exit 2."""
+    from dcedit_kernels import distributed
+
+    def peer_failed(*args):
+        raise distributed.PeerFailure("another process failed in a training step (rank 1: OSError: disk)")
+    monkeypatch.setattr(cli, "_train", peer_failed)
+    data = _counterfact_file(tmp_path / "cf.json", n=4)
+    assert cli.main(["train", "--method", "mend", "--data", str(data), "--out", str(tmp_path / "e.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "dcedit: error: another process failed in a training step (rank 1: OSError: disk)", err

@@ -230,7 +230,7 @@ def test_a_failure_on_one_process_raises_on_every_process(tmp_path, one_thread, 
     _, errors = _run(tmp_path / "run", "mend", {}, [config], with_val=True, fail=fail, deadline_s=120)
     failed = fail[1]
     assert errors[failed] == f"OSError: injected failure in {fail[0]}"
-    assert errors[1 - failed].startswith("RuntimeError: ") and where in errors[1 - failed], errors
+    assert errors[1 - failed].startswith("PeerFailure: ") and where in errors[1 - failed], errors
 
 
 def test_processes_given_different_settings_are_refused_everywhere(tmp_path, one_thread):
