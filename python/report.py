@@ -1,7 +1,7 @@
 """Paper-style report: every method at N_u ∈ {25, 75, 125}, repeated over edit samples, plus the
 gradient conflict (GCR) and magnitude similarity (GMS) per layer (the paper's Table 5).
 
-    python python/report.py                                   # CounterFact from ../shared/data
+    python python/report.py                  # CounterFact from $DCEDIT_DATA_DIR, else ../shared/data
     python python/report.py --data my-val.json --train-data my-train.json --repeats 3 \\
         --markdown RESULTS.md --out-dir report_out
 
@@ -66,7 +66,8 @@ def _default_data(name: str) -> str | None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=None, help="evaluation edits (default: counterfact-val.json of ../shared/data)")
+    p.add_argument("--data", default=None, help="evaluation edits (default: counterfact-val.json in "
+                   "$DCEDIT_DATA_DIR, else ../shared/data)")
     p.add_argument("--train-data", default=None, help="editor-training edits (default: counterfact-train.json)")
     p.add_argument("--n-train", type=positive_int, default=None,
                    help="training edits to use (default: steps × batch size)")
@@ -451,8 +452,10 @@ def _run(args, t_start) -> int:
         raise UserError("--rescale-batch-size undoes the 1/N_u scale of --loss-reduction token, not edit")
     data = args.data or _default_data("counterfact-val")
     train_data = args.train_data or _default_data("counterfact-train")
-    if data is None:
-        raise UserError("--data is required (no counterfact-val.json in ../shared/data)")
+    if data is None:  # name the folder looked in: $DCEDIT_DATA_DIR when set, not always ../shared/data
+        from dcedit_kernels.data import data_path
+
+        raise UserError(f"--data is required (no {data_path('counterfact-val')})")
     requests = load_requests(data)
     n_train = args.n_train or args.steps * args.batch_size
     needs_training = any(m in TRAINED or m == "raeditor" for m in methods)

@@ -284,3 +284,16 @@ def test_report_refuses_bad_arguments_before_loading_the_model(extra, message, r
     assert report_module.main(argv + extra) == 2
     err = capsys.readouterr().err
     assert "report: error:" in err and message in err
+
+
+def test_missing_default_data_names_the_folder_looked_in(report_module, capsys, tmp_path, monkeypatch):
+    """Without --data the report reads counterfact-val.json from $DCEDIT_DATA_DIR when set: the error
+    named ../shared/data whatever the variable said."""
+    import dcedit_kernels.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setenv("DCEDIT_DATA_DIR", str(tmp_path / "nodata"))
+    assert report_module.main(["--methods", "ft", "--n-edits", "2", "--out-dir", str(tmp_path / "out"),
+                               "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--data is required" in err and str(tmp_path / "nodata" / "counterfact-val.json") in err
