@@ -91,7 +91,8 @@ def parse_args(argv=None):
                    help="weight of the KL locality loss in training (default: TrainConfig's, MEND's 1.0)")
     p.add_argument("--length-buckets", default="auto", choices=("auto", "on", "off"),
                    help="train on passes of rows of similar length (TrainConfig.length_buckets; auto: on a CPU "
-                        "model, since 0.4.0); off reproduces the editors of earlier versions' one padded pass")
+                        "model, since 0.4.0); off, with --reuse-prefix off, reproduces the editors of versions before "
+                        "0.4.0 (one padded pass; the prefix reuse also runs the locality rows in passes of their own)")
     p.add_argument("--reuse-prefix", default="on", choices=("on", "off"),
                    help="the edited pass takes the locality rows' hidden states below the lowest edited block from "
                         "the KL reference pass (TrainConfig.reuse_prefix, since 0.5.0); off reproduces earlier "

@@ -297,3 +297,13 @@ def test_missing_default_data_names_the_folder_looked_in(report_module, capsys, 
                                "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "--data is required" in err and str(tmp_path / "nodata" / "counterfact-val.json") in err
+
+
+def test_length_buckets_help_names_reuse_prefix_too(report_module, capsys):
+    """--length-buckets off alone does not give the one padded pass of versions before 0.4.0: the
+    prefix reuse (on by default since 0.5.0) runs the locality rows in passes of their own."""
+    with pytest.raises(SystemExit):
+        report_module.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    buckets = text[text.index("--length-buckets {auto,on,off}"):text.index("--reuse-prefix {on,off} the")]
+    assert "--reuse-prefix off" in buckets
