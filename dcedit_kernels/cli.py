@@ -424,7 +424,10 @@ def cmd_train(args) -> dict:
         torch.device(args.device)
     except RuntimeError as exc:
         raise UserError(f"--device {args.device!r} is not a device: {exc}") from None
-    device, joined = distributed.init_from_env(args.device)
+    try:
+        device, joined = distributed.init_from_env(args.device)
+    except ValueError as exc:  # torchrun's variables set by hand, or half of them
+        raise UserError(str(exc)) from None
     try:
         return _train(args, requests, val, device)
     except distributed.PeerFailure as exc:  # the failed process prints its own error

@@ -58,16 +58,30 @@ def init_from_env(device: str) -> tuple[str, bool]:
     """Under torchrun (WORLD_SIZE > 1 in the environment), join its process group (NCCL for a CUDA
     `device`, else gloo): (this process's device, "cuda" becoming cuda:LOCAL_RANK; True, so that the
     caller destroys the group when done).  Without torchrun, or with the group already up,
-    (`device`, False)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+    (`device`, False).  ValueError for a WORLD_SIZE or LOCAL_RANK that is not an int, or RANK,
+    MASTER_ADDR or MASTER_PORT missing beside WORLD_SIZE > 1 (torchrun sets them all)."""
+    size = _env_int("WORLD_SIZE", "1")
+    if size <= 1 or (dist.is_available() and dist.is_initialized()):
         return device, False
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:  # init_process_group's env:// rendezvous would raise for the first only, or wait
+        raise ValueError(f"WORLD_SIZE={size} but {', '.join(missing)} not set: run under torchrun, which sets them")
     cuda = torch.device(device).type == "cuda"
     if cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        local = _env_int("LOCAL_RANK", "0")
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     dist.init_process_group("nccl" if cuda else "gloo")
     return device, True
+
+
+def _env_int(name: str, default: str) -> int:
+    """The environment variable `name` as an int (ValueError naming it otherwise)."""
+    value = os.environ.get(name, default)
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be an int, got {value!r}") from None
 
 
 def _device(tensors) -> torch.device:

@@ -17,13 +17,24 @@ def device(request):
     return request.param
 
 
-@pytest.fixture
-def gen():
+@pytest.fixture(autouse=True)
+def test_seed():
     """A fresh, logged seed per test: inputs are random every run, failures reproducible
-    (DCEDIT_TEST_SEED=<the logged seed> runs a test on the same draw again)."""
+    (DCEDIT_TEST_SEED=<the logged seed> runs a test on the same draw again).  It also seeds torch's
+    global generator, so that a test drawing from it (an unseeded editor's initial weights, say)
+    repeats too: before, only tests taking `gen` did, and the others drew what the tests run
+    before them had left."""
     seed = int(os.environ.get("DCEDIT_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     print(f"seed={seed}")
-    return torch.Generator().manual_seed(seed)
+    # Another stream than `gen`'s: a tensor drawn from each must not come out equal.
+    torch.manual_seed(seed ^ 0x9E3779B97F4A7C15)
+    return seed
+
+
+@pytest.fixture
+def gen(test_seed):
+    """A generator seeded with the test's seed (`test_seed`)."""
+    return torch.Generator().manual_seed(test_seed)
 
 
 def _float64_causal_mask_in_float64():

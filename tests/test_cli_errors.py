@@ -321,3 +321,21 @@ def test_cli_train_process_told_another_failed_prints_one_line(capsys, tmp_path,
     assert cli.main(["train", "--method", "mend", "--data", str(data), "--out", str(tmp_path / "e.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "dcedit: error: another process failed in a training step (rank 1: OSError: disk)", err
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE must be an int, got 'abc'"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "WORLD_SIZE=2 but MASTER_ADDR, MASTER_PORT not set: run under torchrun"),
+], ids=["not_an_int", "half_of_torchrun"])
+def test_cli_train_with_torchrun_variables_set_by_hand_is_one_error_line(env, message, capsys, tmp_path, monkeypatch):
+    """WORLD_SIZE that is not an int raised int()'s ValueError, and WORLD_SIZE > 1 without the
+    rendezvous variables init_process_group's, each as a traceback: one line naming them."""
+    _no_model(monkeypatch)
+    for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    data = _counterfact_file(tmp_path / "cf.json", n=4)
+    assert cli.main(["train", "--method", "mend", "--data", str(data), "--out", str(tmp_path / "e.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dcedit: error: {message}") and err.count("\n") == 1, err
