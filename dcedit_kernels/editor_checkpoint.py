@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -170,6 +171,13 @@ class EditorCheckpoints:
         MEND's shared editors (one per weight shape, mode = the weight's index among the inner
         parameters of that shape) are ModelEditor's layout exactly; its non-shared editors (one
         per parameter) fit only when no two inner parameters have one shape (ValueError otherwise).
+
+        Encoder-decoder models: the factors come from the model's own convention (decoder input =
+        the labels shifted right, loss unshifted), which is MEND's for T5 only.  MEND shifts the
+        loss of every other seq2seq model (`shift_targets`: "t5" not in the name) and feeds BART
+        the target with its first token replaced by </s>, so a BART editor gets other factors
+        than in MEND (a tiny BART's decoder fc1 gradient: cosine 0.40 with MEND's) and edits
+        otherwise; a UserWarning says so.
         """
         from .compat import mend as compat_mend
 
@@ -186,6 +194,14 @@ class EditorCheckpoints:
                                  f"inner_params are '<module>.weight' names){hint}")
         layers = [name[: -len(".weight")] for name in names]
         modules = resolve_modules(model, layers, arg="inner_params")  # ValueError for a non-Linear/Conv1D
+        model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and "t5" not in model_type.lower():
+            # MEND's seq2seq batches (data_classes/zsre.py, utils.shift_targets) match ours for T5 only.
+            warnings.warn(f"ModelEditor.from_mend: {type(model).__name__} is an encoder-decoder model other than "
+                          "T5; apply() captures its factors with the decoder input = the labels shifted right and "
+                          "the loss unshifted (MEND's T5 convention), whereas MEND fed such models (BART) the target "
+                          "with its first token replaced by </s> and shifted the loss, so the edits are not MEND's",
+                          stacklevel=2)
         shapes = {name: cls.shape_of(modules[layer]) for name, layer in zip(names, layers)}
         conv1d = [name for name, layer in zip(names, layers) if is_conv1d(modules[layer])]
         views = compat_mend.load(state_dict, names, shapes, prefix=prefix, norm=norm, conv1d=conv1d,

@@ -658,3 +658,30 @@ def test_model_editor_load_points_to_from_mend(gen, tmp_path):
     assert me.state_tensors().keys() == ModelEditor.from_mend(model, tok, sd, inner).state_tensors().keys()
     with pytest.raises(ValueError, match="convert"):
         ModelEditor.from_mend(model, tok, tmp_path / "mend.pt", inner)
+
+
+@pytest.mark.parametrize("arch", ["bart", "t5"])
+def test_from_mend_warns_for_an_encoder_decoder_other_than_t5(gen, arch):
+    """MEND's qa runs shift the loss for every seq2seq model but T5 (`shift_targets`: "t5" not in
+    the name) and feed BART the target with its first token replaced by </s> as decoder input;
+    apply() captures under the model's own convention (labels shifted right, loss unshifted),
+    which is MEND's T5 one.  A tiny BART's decoder fc1 gradient then had cosine 0.40 with MEND's:
+    from_mend said nothing.  T5's factors are MEND's (to 7e-16), so it stays silent."""
+    import warnings
+
+    from dcedit_kernels.model_editor import ModelEditor
+    from dcedit_kernels.models import tiny_model
+
+    model, tok = tiny_model(arch, seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    inner = [n for n, _ in model.named_parameters()
+             if n.endswith(("decoder.layers.1.fc1.weight", "decoder.block.1.layer.2.DenseReluDense.wi.weight"))]
+    assert len(inner) == 1
+    shapes = {n: ModelEditor.shape_of(model.get_submodule(n[: -len(".weight")])) for n in inner}
+    sd = make_mend_state_dict(gen, inner, shapes, rank=8)
+    if arch == "bart":
+        with pytest.warns(UserWarning, match=r"(?s)encoder-decoder.*T5.*MEND's"):
+            ModelEditor.from_mend(model, tok, sd, inner)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ModelEditor.from_mend(model, tok, sd, inner)
