@@ -2,8 +2,9 @@
 
 Prediction metrics score a target teacher-forced: the model reads `prompt [space] target` and at
 each target position its argmax is compared with the target token (MEND's and EasyEdit's
-accuracy).  A request's accuracy is the share of its target tokens predicted right (or, with
-`exact=True`, 1 only when all are); a metric is the mean over requests.
+accuracy).  A request's accuracy is the share of its target tokens predicted right (EasyEdit's
+`test_prediction_acc`), or, with `exact=True`, 1 only when all are (MEND's `acc`, which counts a
+sequence right only when every label token is); a metric is the mean over requests.
 - `reliability`: accuracy of the target on the edit prompt itself.
 - `edit_success` (ES): accuracy of the target on the request's `rephrase` (the generalisation
   the paper reports as ES).
@@ -15,6 +16,9 @@ accuracy).  A request's accuracy is the share of its target tokens predicted rig
   grows with the answers' length: on SmolLM2, MEND at 125 edits, "input" gave 0.200 on
   CounterFact (one-token answers) and 0.960 on zsRE (median 4 tokens), "token" 0.187 and 0.671
   (RESULTS.md, "Why CounterFact's DD stays low").
+  Neither is MEND's drawdown (the drop in `acc` on the locality inputs' own labels, acc before −
+  acc after, which can be negative); EasyEdit's locality (the share of locality-target tokens whose
+  prediction is unchanged, averaged over inputs) is 1 − DD with `reduction="token"`.
 - `lmp` = ES − DD.
 - `neighbourhood_success` (ROME-style NS): accuracy of the `locality_target` (the neighbour's
   original answer) on the `locality` prompt under the edit.
