@@ -2,6 +2,11 @@
 
     {"subject", "src", "pred", "rephrase", "alt", "answers", "loc", "loc_ans", "cond"}
 
+This is the JSON that ROME (`zsre_mend_eval.json`, its MENDQADataset) and EasyEdit
+(`zsre_mend_train.json`, ...) derived from MEND's zsRE split, not the KILT JSON-lines files MEND's
+own code reads (`structured_zeroshot-*.jsonl`: "input", "alternatives", "filtered_rephrases",
+"output"), which raise ValueError here (not a JSON list).
+
 mapped to EditRequest(prompt=src, target=alt, rephrase=rephrase, locality=loc,
 locality_target=loc_ans, subject).  `alt` is the alternative answer MEND (and EasyEdit's zsRE
 loader) edits the model towards; `target="answer"` edits towards `answers[0]` instead (ROME's
