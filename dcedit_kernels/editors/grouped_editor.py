@@ -48,9 +48,10 @@ class GroupedEditor(nn.Module):
     identity editor without normalisation takes a gradient-descent step of size edit_lr with one
     editor or "add" fusion.  (MEND itself starts its edit_lrs at +edit_lr, an ascent step for its
     identity editor, and draws v from N(0, 1) where this draws it xavier-uniform: training from
-    scratch starts elsewhere than MEND's, while a loaded MEND checkpoint, `compat.mend`, edits as MEND.)  With several editors the fusion reshapes it ("sss" keeps the larger
-    sign sum per entry, so entries can exceed the gradient's), and a gate at top_k = 2 scales
-    each edit by its weight, 1/2 while the logits are equal (MoEditor at initialisation).
+    scratch starts elsewhere than MEND's, while a loaded MEND checkpoint, `compat.mend`, edits as
+    MEND.)  With several editors the fusion reshapes it ("sss" keeps the larger sign sum per
+    entry, so entries can exceed the gradient's), and a gate at top_k = 2 scales each edit by its
+    weight, 1/2 while the logits are equal (MoEditor at initialisation).
 
     gate_norm (routing="gate" only; ignored otherwise): the gate reads the edit features
     standardised by their running mean/std (`gate_norm`, a FeatureNorm: updated in training,
