@@ -240,7 +240,11 @@ class EditCapture:
         if scale is None:  # "token": the batch mean, backpropagated at the per-token sum's scale
             scale = 1.0 if self.loss_reduction != "token" else backward_scale(
                 n_scored if n_scored is not None else self._n_scored(batch))
-        capture = capture_factors(self.model, self.layers, tokens=self.tokens, batch=batch)
+        # The label shift is the edit loss's (causal unless seq2seq), not guessed from the model's class:
+        # a causal LM that transformers' causal-LM mapping does not list (trust_remote_code) was read as
+        # unshifted, and tokens="target" kept the target tokens' rows instead of those predicting them.
+        capture = capture_factors(self.model, self.layers, tokens=self.tokens, batch=batch,
+                                  label_shift=not self.seq2seq)
         with torch.enable_grad(), frozen_parameters(self.model), capture as cap:
             loss, feats = self._scored_edit_loss(batch, self.loss_reduction, n_scored, need_feats=need_feats)
             if not bool(torch.isfinite(loss)):

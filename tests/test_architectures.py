@@ -20,7 +20,7 @@ from test_train import lowrank_and_dense_logits
 
 from dcedit_kernels import ModelEditor, TrainConfig, metrics
 from dcedit_kernels.capture import compute_factors
-from dcedit_kernels.models import tiny_tokenizer
+from dcedit_kernels.models import tiny_model, tiny_tokenizer
 from dcedit_kernels.scored_logits import full_logits
 from dcedit_kernels.tokenize import no_kv_cache, tokenize_causal
 
@@ -193,3 +193,40 @@ def test_features_of_a_model_with_a_list_of_heads(gen):
     feats, batch = moeditor_features(model, tok, "model.decoder.layers.1.fc2", gen)
     assert feats.shape == (3, 32)
     assert rel_err(feats, last_hidden_means(model, batch)) < 1e-6
+
+
+class RemoteCodeForCausalLM(transformers.LlamaPreTrainedModel):
+    """A causal LM of its own class, as a trust_remote_code model is: transformers' causal-LM
+    mapping does not list it (nor any class it derives from)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = transformers.LlamaModel(config)
+        self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids=None, attention_mask=None, use_cache=None, **kwargs):
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache).last_hidden_state
+        return transformers.modeling_outputs.CausalLMOutputWithPast(logits=self.lm_head(hidden))
+
+
+def test_target_tokens_of_a_causal_lm_the_mapping_does_not_list(gen):
+    """tokens="target" keeps the positions that predict the target tokens, for a causal LM whose class
+    transformers does not list too: the capture once guessed the label shift from the class and kept
+    the target tokens' own positions (the LM head's gradient 0.2 off), while the loss was causal."""
+    model, tok = tiny_model("llama", seed=int(torch.randint(0, 1000, (1,), generator=gen)), dtype=torch.float64)
+    remote = RemoteCodeForCausalLM(model.config).double().eval()
+    remote.load_state_dict(model.state_dict())
+    reqs = random_requests(gen, 3)
+    me = ModelEditor(remote, tok, ["lm_head"], method="mend", tokens="target")
+    batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
+    factors, _, _ = me.capture(batch)
+    remote.zero_grad()
+    logits = remote(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logp, gold = torch.log_softmax(logits[:, :-1], -1), batch["labels"][:, 1:]
+    scored = gold != -100
+    (-(logp.gather(-1, gold.clamp(min=0)[..., None])[..., 0] * scored).sum() / scored.sum()).backward()
+    assert rel_err(factors["lm_head"].gradient(), remote.lm_head.weight.grad) < 1e-10
