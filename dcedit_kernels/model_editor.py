@@ -95,7 +95,7 @@ from .head_input import head_width
 from .losses import DEFAULT_LOSS_REDUCTION, LOSS_REDUCTIONS
 from .requests import EditRequest, validate_requests
 from .tied_weights import check_untied
-from .tokenize import is_seq2seq
+from .tokenize import bidirectional_lm, is_seq2seq
 
 # What other modules import from here: the capture's and the checkpoints' constants live beside
 # their code (edit_capture.py, editor_checkpoint.py) and are re-exported.
@@ -178,6 +178,10 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
             check_untied(model, self.modules)
         self.editor_kwargs = dict(editor_kwargs)
         self.seq2seq = is_seq2seq(model)
+        bidirectional = bidirectional_lm(model)
+        if bidirectional:  # the edit loss reads the target from the input: edits "succeeded" meaninglessly
+            raise ValueError(f"model must be a causal or encoder-decoder LM; {bidirectional}, so it sees the "
+                             "target it is edited to predict")
         self._live: list[EditHandle] = LIVE_EDITS.setdefault(weights_owner(model), [])
         self.editors = nn.ModuleDict()
         self._warned_initial = False

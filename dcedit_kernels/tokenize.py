@@ -183,6 +183,34 @@ def is_seq2seq(model) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
+def bidirectional_lm(model) -> str | None:
+    """Why `model`, not an encoder-decoder, is a Hugging Face LM whose tokens also attend to the tokens
+    after them (a masked LM such as BertForMaskedLM, or BertLMHeadModel without `is_decoder`, which
+    is what AutoModelForCausalLM loads from a BERT checkpoint), or None.  Such a model reads the target
+    in its own input, so the causal edit loss and the teacher-forced metrics are meaningless on it.
+    Judged from transformers' causal- and masked-LM mappings; a class they do not list passes."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return None
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal_lms
+        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES as masked_lms
+    except ImportError:
+        return None
+    names = {cls.__name__ for cls in type(model).__mro__}
+    kind = type(model).__name__
+    if not names & set(causal_lms.values()):
+        if names & set(masked_lms.values()):
+            return f"{kind} is a masked LM: its tokens attend to the tokens after them"
+        return None
+    model_type = getattr(config, "model_type", None)
+    if causal_lms.get(model_type) in names and model_type in masked_lms:  # an encoder family's causal head
+        flag = "causal" if model_type == "xlm" else "is_decoder"  # XLM's causal attention has its own flag
+        if not getattr(config, flag, False):
+            return f"{kind} has config.{flag}=False: its tokens attend to the tokens after them"
+    return None
+
+
 def forward_inputs(model, batch: dict) -> dict:
     """What `model`'s forward needs from a tokenized batch, without its labels, so that the model
     computes no loss of its own over the full logits: an encoder-decoder gets the decoder inputs

@@ -230,3 +230,25 @@ def test_target_tokens_of_a_causal_lm_the_mapping_does_not_list(gen):
     scored = gold != -100
     (-(logp.gather(-1, gold.clamp(min=0)[..., None])[..., 0] * scored).sum() / scored.sum()).backward()
     assert rel_err(factors["lm_head"].gradient(), remote.lm_head.weight.grad) < 1e-10
+
+
+@pytest.mark.parametrize("kind", ["masked_lm", "lm_head_not_decoder", "lm_head_decoder"])
+def test_a_model_whose_tokens_see_later_tokens_is_refused(kind, gen):
+    """BERT's masked LM, and BertLMHeadModel without is_decoder (what AutoModelForCausalLM, hence
+    load_model and the CLI, load from a BERT checkpoint), attend both ways: the causal edit loss read
+    the target from the input and every method "edited" them.  ModelEditor refuses them; BertLMHeadModel
+    with is_decoder=True is a causal LM and edits."""
+    model, tok = tiny_model("bert", seed=int(torch.randint(0, 1000, (1,), generator=gen)), dtype=torch.float64)
+    if kind != "masked_lm":
+        config = transformers.BertConfig(**{**model.config.to_dict(), "is_decoder": kind == "lm_head_decoder"})
+        model = transformers.BertLMHeadModel(config).double().eval()
+    layers = ["bert.encoder.layer.1.output.dense"]
+    if kind == "lm_head_decoder":
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        ModelEditor(model, tok, layers, method="ft", ft_steps=1).apply(random_requests(gen, 2)).undo()
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        return
+    for method in ("mend", "ft"):
+        with pytest.raises(ValueError, match="model must be a causal or encoder-decoder LM; Bert.*attend to the "
+                                             "tokens after them"):
+            ModelEditor(model, tok, layers, method=method)
