@@ -88,6 +88,7 @@ import torch
 from torch import nn
 
 from ._checks import all_finite
+from .reference.segments import group_ids
 from .tokenize import IGNORE_INDEX, no_kv_cache
 
 TOKEN_MODES = ("all", "target")
@@ -199,6 +200,20 @@ class Factors:
         rows = (rows + torch.arange(total, device=rows.device)).to(self.mu.device)
         return Factors(self.mu.index_select(0, rows), self.eta.index_select(0, rows),
                        new.to(self.edit_offsets.device))
+
+    def without_zero_rows(self) -> "Factors":
+        """These factors without the tokens whose μ or η row is exactly zero (each edit keeps its
+        other tokens, in order; `self` when there are none).  Such a token adds nothing to the
+        gradient, and the editors skip it (`GroupedEditor.forward`, which also drops rows that
+        are zero once rounded to fp32).  In "all" mode most of the last block's tokens are: only
+        the positions the loss scores get a gradient there (see `ModelEditor._apply_editors`)."""
+        keep = (self.mu != 0).any(1) & (self.eta != 0).any(1)  # a NaN row is kept (NaN != 0)
+        if bool(keep.all()):
+            return self
+        counts = torch.zeros(self.num_edits, dtype=torch.int64, device=keep.device)
+        counts.index_add_(0, group_ids(self.edit_offsets.to(keep.device), keep.numel()), keep.long())
+        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+        return Factors(self.mu[keep], self.eta[keep], offsets.to(self.edit_offsets.device))
 
     def gradient(self, per_edit: bool = False) -> torch.Tensor:
         """Σ_t η_t μ_tᵀ (out×in) in fp32 (fp64 for fp64 factors); (E, out, in) with per_edit."""

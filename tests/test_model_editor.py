@@ -287,6 +287,52 @@ def test_stats_n_tokens_is_what_the_handle_docstring_says(method, gen):
         assert handle.stats["n_tokens"] == sum(f.num_tokens for f in factors.values())
 
 
+@pytest.mark.parametrize("method", EDITOR_METHODS)
+def test_apply_drops_zero_factor_rows_before_the_editors_run(method, gen, monkeypatch):
+    """The editors get each layer's factors without the token rows whose μ or η is all zero, all
+    layers' dropped before the first editor runs: under tokens="all" the layers next to the head
+    (lm_head, the last block's MLP) get a gradient at the scored positions only, and those zero
+    rows were held until the last editor ran (and copied without them by each editor).  The shifts
+    are bit for bit those of the full factors (the editors skip zero rows themselves)."""
+    from dcedit_kernels.capture import Factors
+
+    me = make_editor("llama", method, gen)
+    reqs = random_requests(gen, 6)
+    given = []
+    run_editors = ModelEditor.run_editors
+
+    def spy(self, factors, *args, **kwargs):
+        given.append({name: (f.mu.clone(), f.eta.clone()) for name, f in factors.items()})
+        return run_editors(self, factors, *args, **kwargs)
+
+    def apply():  # RaEditor's groups drawn alike each time (from torch's generator, or its own seeded one)
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # untrained editors
+            torch.manual_seed(0)
+            for e in me.editors.values():
+                if e.route_generator is not None:
+                    e.route_generator.manual_seed(e.seed)
+            return me.apply(reqs)
+
+    monkeypatch.setattr(ModelEditor, "run_editors", spy)
+    handle = apply()
+    after = snapshot(me.model)
+    handle.undo()
+    (factors,) = given
+    assert set(factors) == set(me.layers)
+    for name, (mu, eta) in factors.items():
+        assert bool(((mu != 0).any(1) & (eta != 0).any(1)).all()), name
+    assert sum(mu.shape[0] for mu, _ in factors.values()) < handle.stats["n_tokens"]  # n_tokens: as captured
+
+    # The same edit from the full factors (zero rows kept for the editors to skip) is bit-identical.
+    monkeypatch.setattr(Factors, "without_zero_rows", lambda self: self)
+    given.clear()
+    full = apply()
+    assert any(bool(((mu == 0).all(1) | (eta == 0).all(1)).any()) for mu, eta in given[0].values())
+    assert_bit_identical(after, me.model)
+    full.undo()
+
+
 @pytest.mark.parametrize("frozen", [True, False])
 def test_apply_needs_no_weight_grads_and_leaves_none(frozen, gen):
     me = make_editor("llama", "moeditor", gen)
