@@ -7,8 +7,9 @@ the last MLPs), and below the lowest edited block k both passes compute the same
 0..k−1 see no edit.  `PrefixReuse.record` keeps what block k−1 returned in a reference pass, and
 `PrefixReuse.reuse` makes blocks 0..k−1 return it, computing nothing, in the edited pass over the
 same rows (the same rows in the same order and width, so the same tensors): that pass runs blocks
-k.. only.  Training's passes run without a KV cache (`no_kv_cache`): a cache is state shared by
-the blocks, which skipped blocks would leave unfilled.
+k.. only.  The FT baselines use it too: every fine-tuning step runs the same rows through the
+same lower blocks (`ft_baseline`).  Training's passes run without a KV cache (`no_kv_cache`): a
+cache is state shared by the blocks, which skipped blocks would leave unfilled.
 
 A block can only be skipped by replacing its forward (a hook cannot stop it), so what makes this
 safe is checking, not a rule about architectures.  It is used only where:
@@ -218,12 +219,14 @@ class PrefixReuse:
         return output is not None and _hidden(output)._version == version
 
     def confirm(self, key: Iterable[int], run: Callable[[dict], torch.Tensor], batch: dict,
-                want: torch.Tensor) -> None:
+                want: torch.Tensor | None) -> None:
         """On this model's first recorded pass (for this k): after a full forward over other rows
         (which leaves behind whatever state the model keeps on its modules), `run(batch)` (the
         reference pass over the pass's `batch`) inside `reuse(key)` must give `want`, its first
         result, bit for bit (the same tensors through the same kernels); if it does not, or
-        raises, nothing is reused for this model from then on, with a warning."""
+        raises, nothing is reused for this model from then on, with a warning.  want=None: the
+        recorded pass returned nothing comparable (the fine-tuning's, with grad), and `run(batch)`
+        runs first through every block to give it (only when the check runs)."""
         key = tuple(key)
         verdicts = _VERDICTS.setdefault(self.model, {})
         if not self.reusable(key) or self.k in verdicts:
@@ -232,6 +235,8 @@ class PrefixReuse:
         width = max(1, ids.shape[1] - 1)
         try:
             with torch.no_grad():
+                if want is None:
+                    want = run(batch)
                 self.model(input_ids=ids.flip(0)[:, :width], attention_mask=mask.flip(0)[:, :width],
                            **no_kv_cache(self.model))
                 with self.reuse(key):

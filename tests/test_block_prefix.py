@@ -97,6 +97,76 @@ def test_reused_prefix_gives_the_full_pass_loss_and_grads(arch, length_buckets, 
     assert_same(reused, full)
 
 
+@pytest.mark.parametrize("capture_batch_size", [None, 2])
+@pytest.mark.parametrize("method", ["ft", "ft_kl"])
+@pytest.mark.parametrize("arch", sorted(ARCHS) + sorted(UPPER))
+def test_fine_tuning_steps_from_the_kept_prefix_are_the_full_passes(arch, method, capture_batch_size, gen,
+                                                                    monkeypatch):
+    """FT and FT+KL run every step after the first from the kept output of the blocks below the
+    fine-tuned one (and FT+KL's KL passes from its reference pass's): the fine-tuned weights are
+    the full passes' bit for bit, one chunk or several (whose KL references are recomputed)."""
+    model, tok, layers = model_and_upper_layer(arch, gen)
+    reqs = random_requests(gen, 5)
+    block0 = model.get_submodule(block_prefix._block_of(model, layers[0])[0])[0]
+    forward, calls = block0.forward, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    block0.forward = counted
+    weights, runs = [], []
+    try:
+        for reuse in (False, True, True):  # the second reused apply: after `confirm`'s check
+            with monkeypatch.context() as mp:
+                if not reuse:
+                    mp.setattr(PrefixReuse, "for_model", classmethod(lambda cls, model, modules: None))
+                me = ModelEditor(model, tok, layers, method=method, ft_steps=4, ft_stop_loss=None,
+                                 capture_batch_size=capture_batch_size)
+                calls.clear()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")  # a failed `confirm` warns
+                    handle = me.apply(reqs)
+                weights.append([me.modules[n].weight.detach().clone() for n in layers])
+                handle.undo()
+                runs.append(len(calls))
+    finally:
+        del block0.forward
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(*weights))
+    # Block 0's passes through every block: each step's over each chunk of the 5 edits and, for
+    # FT+KL, over each chunk of their 5 locality texts (twice a step when chunked: the reference is
+    # recomputed; else once before the steps).
+    chunks = 1 if capture_batch_size is None else 3
+    kl_chunks = 0 if method == "ft" else chunks
+    assert runs[0] == 4 * chunks + (1 + 4 if kl_chunks == 1 else 4 * 2 * kl_chunks) * (method == "ft_kl")
+    if arch in NOT_REUSED:
+        assert runs[2] == runs[0]
+    else:  # block 0 runs in the first step's passes only (and FT+KL's reference pass)
+        assert runs[2] == chunks + kl_chunks
+
+
+@pytest.mark.parametrize("method", ["ft", "ft_kl"])
+def test_fine_tuning_a_weight_a_lower_block_shares_runs_every_block(method, gen, monkeypatch):
+    """A fine-tuned weight that a block below also holds (allow_tied) changes that block's output
+    at every step: no step runs from a kept prefix, and the weights are the full passes'."""
+    model, tok, layers = model_and_upper_layer("llama", gen)
+    shared = model.model.layers[1].mlp.down_proj.weight
+    # Another Parameter over the same memory (the very same Parameter would require grad in block 0,
+    # which rules the reuse out on its own).
+    model.model.layers[0].mlp.down_proj.weight = nn.Parameter(shared.detach(), requires_grad=False)
+    reqs = random_requests(gen, 4)
+    weights = []
+    for reuse in (False, True):
+        with monkeypatch.context() as mp:
+            if not reuse:
+                mp.setattr(PrefixReuse, "for_model", classmethod(lambda cls, model, modules: None))
+            me = ModelEditor(model, tok, layers, method=method, ft_steps=3, ft_stop_loss=None, allow_tied=True)
+            handle = me.apply(reqs)
+            weights.append(me.modules[layers[0]].weight.detach().clone())
+            handle.undo()
+    assert torch.equal(weights[0], weights[1])
+
+
 def test_prefix_reuse_is_not_used_where_it_would_not_be_exact(gen):
     """Block 0 of the edited modules (k = 0), modules outside one block list, a model or one
     module in train mode, a lower block's weight that requires grad, blocks shared between the
