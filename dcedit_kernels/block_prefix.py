@@ -156,9 +156,12 @@ class PrefixReuse:
         self.recorded: dict[tuple[int, ...], tuple[object, int]] = {}
 
     @classmethod
-    def for_model(cls, model: nn.Module, modules: Mapping[str, nn.Module]) -> "PrefixReuse | None":
+    def for_model(cls, model: nn.Module, modules: Mapping[str, nn.Module],
+                  no_grad: bool = False) -> "PrefixReuse | None":
         """A PrefixReuse for these edited modules ({name: module}), or None where the model's
-        structure, modes or an earlier `confirm` rule it out (see the module docstring)."""
+        structure, modes or an earlier `confirm` rule it out (see the module docstring).
+        no_grad: for passes that run without grad (scoring), where a lower weight that requires
+        grad loses nothing."""
         if not modules or any(m.training for m in model.modules()):
             return None
         found = {_block_of(model, name) for name in modules}
@@ -171,7 +174,7 @@ class PrefixReuse:
         lower = {id(m) for block in blocks[:k] for m in block.modules()}
         if any(id(m) in lower for m in modules.values()) or any(id(b) in lower for b in blocks[k:]):
             return None
-        if any(p.requires_grad for block in blocks[:k] for p in block.parameters()):
+        if not no_grad and any(p.requires_grad for block in blocks[:k] for p in block.parameters()):
             return None
         return cls(model, blocks, k)
 

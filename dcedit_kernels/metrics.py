@@ -40,16 +40,19 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import threading
 from typing import Mapping, Sequence
 
 import torch
 
 from ._checks import check_offsets, check_tensor, is_int
+from .block_prefix import PrefixReuse
 from .capture import Factors, modes_restored
 from .devices import input_device
 from .positions import past_positions
 from .requests import EditRequest, require_field, validate_requests
 from .scored_logits import logits_at, scored_positions
+from .tied_weights import shared_parameters
 from .tokenize import IGNORE_INDEX, forward_inputs, is_seq2seq, no_kv_cache, tokenize_pairs, tokenize_texts
 
 REDUCTIONS = ("input", "token")
@@ -73,6 +76,61 @@ def _eval_mode(model):
         yield
 
 
+_KEPT = threading.local()
+
+
+@contextlib.contextmanager
+def lower_blocks_kept(modules: Mapping[str, torch.nn.Module], store: dict):
+    """Inside the block (this thread), a causal LM's scoring passes run the blocks below the lowest
+    of `modules` (the edited layers, {name: module}) once per batch: `store` keeps their output for
+    each batch scored, and a later pass over the same batch (the same ids and mask: the same
+    requests in the same batches), with any edit of those layers applied, runs the blocks from
+    the lowest edited one only (`block_prefix`: the same tensors, so the same scores; where its
+    checks rule it out, every block runs).  The caller keeps `store` between calls on one model
+    whose weights below those layers do not change meanwhile; it grows by one (rows, width,
+    hidden) tensor per new batch."""
+    previous = getattr(_KEPT, "value", None)
+    _KEPT.value = (modules, store)
+    try:
+        yield
+    finally:
+        _KEPT.value = previous
+
+
+def _scored_logits(model, inputs: dict, positions: torch.Tensor) -> torch.Tensor:
+    """(n, V): the model's logits at `positions`, the LM head computing those only; inside
+    `lower_blocks_kept`, from the kept output of the lower blocks when the batch was seen."""
+    enabled = "labels" not in inputs  # with labels kept, the model's own loss needs full logits
+
+    def run(b):
+        # No KV cache: a scoring pass never reads one back, and a causal LM's holds every block's keys
+        # and values for the whole batch.
+        with logits_at(model, positions, enabled=enabled) as scored:
+            return scored.pick(model(**b, **no_kv_cache(model)).logits)
+
+    kept = getattr(_KEPT, "value", None)
+    if kept is None or not enabled or is_seq2seq(model) or set(inputs) != {"input_ids", "attention_mask"}:
+        return run(inputs)
+    modules, store = kept
+    # Not when another parameter views an edited weight (allow_tied): a block below may hold it,
+    # and the edit then changes that block's output too.
+    if any(shared_parameters(model, m) for m in modules.values()):
+        return run(inputs)
+    prefix = PrefixReuse.for_model(model, modules, no_grad=True)
+    if prefix is None:
+        return run(inputs)
+    prefix = store.setdefault((model, prefix.k), prefix)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    key = (*ids.shape, *ids.flatten().tolist(), *mask.flatten().tolist())
+    if prefix.reusable(key):
+        with prefix.reuse(key):
+            return run(inputs)
+    with prefix.record(key, tuple(ids.shape)):
+        logits = run(inputs)
+    prefix.confirm(key, run, inputs, logits)
+    return logits
+
+
 def _score_batch(model, tokenizer, batch: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(predicted ids, gold ids) at the scored positions of every row; the LM head computes the
     logits of those positions only (`scored_logits.logits_at`)."""
@@ -80,12 +138,9 @@ def _score_batch(model, tokenizer, batch: dict) -> list[tuple[torch.Tensor, torc
     batch = {k: v.to(device) for k, v in batch.items()}
     labels = batch["labels"]
     seq2seq = is_seq2seq(model)
-    inputs = forward_inputs(model, batch)  # with labels kept, the model's own loss needs full logits
+    inputs = forward_inputs(model, batch)
     positions = scored_positions(labels, causal=not seq2seq)  # causal: position t predicts token t+1
-    # No KV cache: a scoring pass never reads one back, and a causal LM's holds every block's keys
-    # and values for the whole batch.
-    with logits_at(model, positions, enabled="labels" not in inputs) as scored:
-        pred = scored.pick(model(**inputs, **no_kv_cache(model)).logits).argmax(-1)  # (n,), row-major
+    pred = _scored_logits(model, inputs, positions).argmax(-1)  # (n,), row-major
     gold = labels if seq2seq else labels[:, 1:]
     gold = gold[gold != IGNORE_INDEX].to(pred.device)  # the LM head's device, when the model is split
     rows = positions.nonzero()[:, 0].to(pred.device)

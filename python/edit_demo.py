@@ -164,6 +164,7 @@ def main(argv=None) -> int:
 
     from dcedit_kernels.evaluate import measure_edit, unedited_scores
     from dcedit_kernels.facts import deal_disjoint_neighbours, default_facts, default_requests, split_facts
+    from dcedit_kernels.metrics import lower_blocks_kept
     from dcedit_kernels.model_editor import ModelEditor
     from dcedit_kernels.models import default_model_path, load_model
 
@@ -205,11 +206,16 @@ def main(argv=None) -> int:
     show_prompts = [f.prompt for f in show]
     t0 = time.perf_counter()
     before = greedy_completions(model, tokenizer, show_prompts)
-    unedited = unedited_scores(model, tokenizer, heldout)
+    # Every method edits the same layers and is scored on the same batches: the blocks below the
+    # edited ones run once per batch, here, and every method's scoring passes run from their output
+    # (`lower_blocks_kept`; the same scores).
+    lower_blocks = {}
+    with lower_blocks_kept(editors["ft"].modules, lower_blocks):
+        unedited = unedited_scores(model, tokenizer, heldout)
     results, after, base_cache = {}, {}, {}
     for method in tqdm(METHOD_ORDER, desc="edit + score", disable=not progress):
         r = measure_edit(editors[method], heldout, during=lambda m: greedy_completions(m, tokenizer, show_prompts),
-                         base_cache=base_cache)
+                         base_cache=base_cache, lower_blocks=lower_blocks)
         after[method] = r.pop("during")
         results[method] = r
     eval_s = time.perf_counter() - t0

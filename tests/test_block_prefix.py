@@ -3,6 +3,7 @@ hidden states (block_prefix, TrainConfig.reuse_prefix): the same loss and editor
 full pass on every architecture, lower blocks not run, and the full pass wherever reuse would not
 be exact."""
 
+import contextlib
 import types
 import warnings
 
@@ -165,6 +166,72 @@ def test_fine_tuning_a_weight_a_lower_block_shares_runs_every_block(method, gen,
             weights.append(me.modules[layers[0]].weight.detach().clone())
             handle.undo()
     assert torch.equal(weights[0], weights[1])
+
+
+@pytest.mark.parametrize("method", ["ft", "mend"])
+@pytest.mark.parametrize("arch", sorted(ARCHS) + sorted(UPPER))
+def test_scoring_from_kept_lower_blocks_gives_the_same_scores(arch, method, gen):
+    """measure_edit with `lower_blocks`: a second call on the same requests (another method's)
+    scores from the lower blocks' kept output, with the scores of every block run."""
+    from dcedit_kernels.evaluate import measure_edit, unedited_scores
+    from dcedit_kernels.metrics import lower_blocks_kept
+
+    model, tok, layers = model_and_upper_layer(arch, gen)
+    model.requires_grad_(True)  # as load_model gives it: scoring runs without grad all the same
+    reqs = random_requests(gen, 5)
+    me = ModelEditor(model, tok, layers, method=method, **(dict(ft_steps=2) if method == "ft" else dict(rank=3, seed=0)))
+    block0 = model.get_submodule(block_prefix._block_of(model, layers[0])[0])[0]
+    forward, calls = block0.forward, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    def scores(lower_blocks):
+        keep = lower_blocks_kept(me.modules, lower_blocks) if lower_blocks is not None else contextlib.nullcontext()
+        with keep:
+            before = unedited_scores(model, tok, reqs, batch_size=2)
+        calls.clear()
+        run = measure_edit(me, reqs, batch_size=2, base_cache={}, lower_blocks=lower_blocks)
+        return before, {k: v for k, v in run.items() if k not in ("latency_s", "peak_memory_mb")}, len(calls)
+
+    block0.forward = counted
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a failed `confirm` warns
+            warnings.filterwarnings("ignore", "ModelEditor.apply. the .* editors are at their initialisation")
+            full = scores(None)
+            kept = scores({})
+    finally:
+        del block0.forward
+    assert kept[:2] == full[:2]
+    # The edit's passes, and 3 batches each of the unedited locality predictions, ES, reliability, NS.
+    assert full[2] >= 1 + 4 * 3
+    if arch in NOT_REUSED:
+        assert kept[2] == full[2]
+    else:  # block 0 runs in the edit's first pass only (the capture, FT's first step): the unedited
+        assert kept[2] == 1  # scores ran every scoring batch through it already
+
+
+def test_scoring_an_edit_of_a_weight_a_lower_block_shares_runs_every_block(gen):
+    """An edited weight that a block below also views (allow_tied) changes that block's output
+    with the edit: the scoring passes run every block, and the scores are the full passes'."""
+    from dcedit_kernels.evaluate import measure_edit, unedited_scores
+    from dcedit_kernels.metrics import lower_blocks_kept
+
+    model, tok, layers = model_and_upper_layer("llama", gen)
+    shared = model.model.layers[1].mlp.down_proj.weight
+    model.model.layers[0].mlp.down_proj.weight = nn.Parameter(shared.detach(), requires_grad=False)
+    reqs = random_requests(gen, 4)
+    me = ModelEditor(model, tok, layers, method="ft", ft_steps=5, ft_lr=0.5, ft_stop_loss=None, allow_tied=True)
+    runs = []
+    for lower_blocks in (None, {}):
+        keep = lower_blocks_kept(me.modules, lower_blocks) if lower_blocks is not None else contextlib.nullcontext()
+        with keep:  # the unedited model's lower blocks, which the edit changes
+            unedited_scores(model, tok, reqs, batch_size=2)
+        run = measure_edit(me, reqs, batch_size=2, base_cache={}, lower_blocks=lower_blocks)
+        runs.append({k: v for k, v in run.items() if k not in ("latency_s", "peak_memory_mb")})
+    assert runs[1] == runs[0]
 
 
 def test_prefix_reuse_is_not_used_where_it_would_not_be_exact(gen):
