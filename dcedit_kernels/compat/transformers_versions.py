@@ -82,10 +82,11 @@ _GGUF_PATCH = threading.Lock()
 def gguf_parsed_once():
     """Within the block, each gguf file is parsed once and gguf's tensor-name maps are built once.
 
-    transformers (4.45 to 5.24) parses the file three times to load one model (the tokenizer, the
-    config, the weights), and builds gguf's TensorNameMap again for every submodule (397 times
-    for SmolLM2).  Measured on SmolLM2-135M (2 cores, transformers 5.24, gguf 0.19): load_model
-    took 17.9 s, 6.1 s with this, bit-identical weights.  It swaps `gguf.GGUFReader` and
+    transformers 5.24 parses the file three times to load one model (the tokenizer, the config,
+    the weights), and builds gguf's TensorNameMap again for every submodule (397 times for
+    SmolLM2).  Measured on SmolLM2-135M (2 cores, gguf 0.19), load_model in fresh processes with
+    transformers imported first, 3 alternating pairs: 16.6-18.0 s, 6.6-7.4 s with this; the same
+    weights (torch.equal).  It swaps `gguf.GGUFReader` and
     `gguf.get_tensor_name_map` for memoised ones (transformers imports both inside its functions,
     so it finds them), under a lock (two threads loading would otherwise restore each other's
     swap); a version that reads them otherwise is simply not sped up.
