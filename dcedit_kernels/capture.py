@@ -88,7 +88,7 @@ import torch
 from torch import nn
 
 from ._checks import all_finite
-from .reference.segments import group_ids
+from .reference.segments import kept_offsets
 from .tokenize import IGNORE_INDEX, no_kv_cache
 
 TOKEN_MODES = ("all", "target")
@@ -210,10 +210,8 @@ class Factors:
         keep = (self.mu != 0).any(1) & (self.eta != 0).any(1)  # a NaN row is kept (NaN != 0)
         if bool(keep.all()):
             return self
-        counts = torch.zeros(self.num_edits, dtype=torch.int64, device=keep.device)
-        counts.index_add_(0, group_ids(self.edit_offsets.to(keep.device), keep.numel()), keep.long())
-        offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
-        return Factors(self.mu[keep], self.eta[keep], offsets.to(self.edit_offsets.device))
+        offsets = kept_offsets(self.edit_offsets, keep).to(self.edit_offsets.device)
+        return Factors(self.mu[keep], self.eta[keep], offsets)
 
     def gradient(self, per_edit: bool = False) -> torch.Tensor:
         """Σ_t η_t μ_tᵀ (out×in) in fp32 (fp64 for fp64 factors); (E, out, in) with per_edit."""

@@ -11,7 +11,7 @@ from torch import nn
 from .. import ops
 from .._checks import check_same_device, check_tensor, is_finite_number, is_int, is_number
 from ..reference.grouped_outer import FUSIONS
-from ..reference.segments import group_ids
+from ..reference.segments import group_ids, kept_offsets
 from ..safetensors_file import check_state, json_metadata
 from .grouped_edit import GroupedEdit, check_weight
 from .parameter_generator import ParameterGenerator
@@ -223,9 +223,7 @@ class GroupedEditor(nn.Module):
         r_mu, r_eta = (t.float() if t.dtype == torch.float64 else t for t in (mu, eta))
         nz = (r_mu.abs().amax(1) != 0) & (r_eta.abs().amax(1) != 0)  # a NaN row counts: NaN != 0
         if not bool(nz.all()):
-            ids = group_ids(edit_offsets, mu.shape[0])
-            counts = torch.zeros(n_edits, dtype=torch.int64, device=device).index_add(0, ids, nz.long())
-            edit_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+            edit_offsets = kept_offsets(edit_offsets, nz)
             mu, eta = mu[nz], eta[nz]
         # Routed (edit_feats checked) before the statistics take this batch: a call that raises
         # leaves the running norms as they were.

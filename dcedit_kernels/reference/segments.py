@@ -10,6 +10,14 @@ def group_ids(offsets: torch.Tensor, total: int) -> torch.Tensor:
     return torch.repeat_interleave(groups, counts, output_size=total)
 
 
+def kept_offsets(offsets: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(G+1,) int32 offsets, on `keep`'s device, of the rows `keep` (bool, one per row) leaves in
+    each group: the groups of `x[keep]`."""
+    counts = torch.zeros(offsets.numel() - 1, dtype=torch.int64, device=keep.device)
+    counts.index_add_(0, group_ids(offsets.to(keep.device), keep.numel()), keep.long())
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+
+
 def segment_bounds(offsets: torch.Tensor):
     """[(start, end)] per group, read on the host."""
     b = offsets.detach().cpu().tolist()
