@@ -48,7 +48,8 @@ from torch import nn
 from torch.nn.modules import module as nn_module
 
 from .patched_forwards import patched_forwards
-from .tokenize import no_kv_cache
+from .tied_weights import shared_parameters
+from .tokenize import is_seq2seq, no_kv_cache
 
 # Transformers 5 puts hooks on the blocks that collect hidden states or attentions when a forward
 # asks for them (output_hidden_states=...); the training passes never ask, so they do nothing.
@@ -177,6 +178,23 @@ class PrefixReuse:
         if not no_grad and any(p.requires_grad for block in blocks[:k] for p in block.parameters()):
             return None
         return cls(model, blocks, k)
+
+    @classmethod
+    def for_written_weights(cls, model: nn.Module, modules: Mapping[str, nn.Module],
+                            no_grad: bool = False) -> "PrefixReuse | None":
+        """`for_model` for passes around edits written into the weights themselves (the FT
+        baselines' steps, the scoring of an applied edit), where training's patched forwards leave
+        them as they are: None also for an encoder-decoder, and where another parameter views an
+        edited weight (allow_tied: a lower block may hold it, and the edit then changes that
+        block's output too)."""
+        if is_seq2seq(model) or any(shared_parameters(model, m) for m in modules.values()):
+            return None
+        return cls.for_model(model, modules, no_grad)
+
+    def run_from(self, key: Iterable[int], shape: tuple[int, int]):
+        """`reuse(key)` when the rows `key` were recorded, else `record(key, shape)`: the pass
+        inside runs from the kept output of blocks 0..k−1, or through every block keeping it."""
+        return self.reuse(key) if self.reusable(key) else self.record(key, shape)
 
     def _hooked(self) -> bool:
         if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:

@@ -84,9 +84,7 @@ def _prefixed(prefix: PrefixReuse | None, key: tuple, batch: dict):
     fine-tuned ones when `prefix` holds it, else through every block, keeping that output."""
     if prefix is None:
         return contextlib.nullcontext()
-    if prefix.reusable(key):
-        return prefix.reuse(key)
-    return prefix.record(key, tuple(batch["input_ids"].shape))
+    return prefix.run_from(key, tuple(batch["input_ids"].shape))
 
 
 class FineTuneBaselines:
@@ -214,9 +212,8 @@ class FineTuneBaselines:
             # apply: FT 13.5-13.7 s -> 3.9-4.1 s, FT+KL 21.7-21.9 s -> 8.3-9.0 s (the model's first
             # apply 2.8 s more: `confirm`'s check, which editor training has done when it ran first).
             # Not when another parameter views a fine-tuned weight (allow_tied): a block below may
-            # hold it, and its output then changes with every step.
-            prefix = None if self.seq2seq or any(shared_parameters(self.model, m) for m in self.modules.values()) \
-                else PrefixReuse.for_model(self.model, self.modules)
+            # hold it, and its output then changes with every step (`for_written_weights`).
+            prefix = PrefixReuse.for_written_weights(self.model, self.modules)
             kl_parts, loc, loc_names = [], None, None
             if self.method == "ft_kl" and opts["kl_weight"] > 0:
                 loc = self._locality_batch(self._locality_texts(requests))

@@ -52,7 +52,6 @@ from .devices import input_device
 from .positions import past_positions
 from .requests import EditRequest, require_field, validate_requests
 from .scored_logits import logits_at, scored_positions
-from .tied_weights import shared_parameters
 from .tokenize import IGNORE_INDEX, forward_inputs, is_seq2seq, no_kv_cache, tokenize_pairs, tokenize_texts
 
 REDUCTIONS = ("input", "token")
@@ -109,25 +108,19 @@ def _scored_logits(model, inputs: dict, positions: torch.Tensor) -> torch.Tensor
             return scored.pick(model(**b, **no_kv_cache(model)).logits)
 
     kept = getattr(_KEPT, "value", None)
-    if kept is None or not enabled or is_seq2seq(model) or set(inputs) != {"input_ids", "attention_mask"}:
+    if kept is None or not enabled or set(inputs) != {"input_ids", "attention_mask"}:
         return run(inputs)
     modules, store = kept
-    # Not when another parameter views an edited weight (allow_tied): a block below may hold it,
-    # and the edit then changes that block's output too.
-    if any(shared_parameters(model, m) for m in modules.values()):
-        return run(inputs)
-    prefix = PrefixReuse.for_model(model, modules, no_grad=True)
+    # Not for an encoder-decoder, nor where another parameter views an edited weight (allow_tied).
+    prefix = PrefixReuse.for_written_weights(model, modules, no_grad=True)
     if prefix is None:
         return run(inputs)
     prefix = store.setdefault((model, prefix.k), prefix)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     key = (*ids.shape, *ids.flatten().tolist(), *mask.flatten().tolist())
-    if prefix.reusable(key):
-        with prefix.reuse(key):
-            return run(inputs)
-    with prefix.record(key, tuple(ids.shape)):
+    with prefix.run_from(key, tuple(ids.shape)):
         logits = run(inputs)
-    prefix.confirm(key, run, inputs, logits)
+    prefix.confirm(key, run, inputs, logits)  # after a reused pass, or a failed record: nothing to do
     return logits
 
 

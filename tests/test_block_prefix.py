@@ -121,7 +121,7 @@ def test_fine_tuning_steps_from_the_kept_prefix_are_the_full_passes(arch, method
         for reuse in (False, True, True):  # the second reused apply: after `confirm`'s check
             with monkeypatch.context() as mp:
                 if not reuse:
-                    mp.setattr(PrefixReuse, "for_model", classmethod(lambda cls, model, modules: None))
+                    mp.setattr(PrefixReuse, "for_model", classmethod(lambda cls, *args, **kwargs: None))
                 me = ModelEditor(model, tok, layers, method=method, ft_steps=4, ft_stop_loss=None,
                                  capture_batch_size=capture_batch_size)
                 calls.clear()
@@ -160,7 +160,7 @@ def test_fine_tuning_a_weight_a_lower_block_shares_runs_every_block(method, gen,
     for reuse in (False, True):
         with monkeypatch.context() as mp:
             if not reuse:
-                mp.setattr(PrefixReuse, "for_model", classmethod(lambda cls, model, modules: None))
+                mp.setattr(PrefixReuse, "for_model", classmethod(lambda cls, *args, **kwargs: None))
             me = ModelEditor(model, tok, layers, method=method, ft_steps=3, ft_stop_loss=None, allow_tied=True)
             handle = me.apply(reqs)
             weights.append(me.modules[layers[0]].weight.detach().clone())
