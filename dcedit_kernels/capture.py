@@ -89,7 +89,7 @@ from torch import nn
 
 from ._checks import all_finite
 from .reference.segments import kept_offsets
-from .tokenize import IGNORE_INDEX, no_kv_cache
+from .tokenize import IGNORE_INDEX, listed_causal_lm, no_kv_cache
 
 TOKEN_MODES = ("all", "target")
 _MASK_KEYS = ("attention_mask", "labels", "decoder_attention_mask")
@@ -271,7 +271,7 @@ class FactorCapture:
         self.model = model
         self.modules = resolve_modules(model, module_names)
         self.tokens = tokens
-        self.label_shift = _is_causal_lm(model) if label_shift is None else bool(label_shift)
+        self.label_shift = listed_causal_lm(model) if label_shift is None else bool(label_shift)
         self._override = dict(batch) if batch is not None else {}
         config = getattr(model, "config", None)
         self._enc_dec = bool(getattr(config, "is_encoder_decoder", False))
@@ -584,16 +584,3 @@ def compute_factors(
             if not (all_finite(f.eta) and all_finite(f.mu)):
                 raise FloatingPointError(f"non-finite gradient factors for module {name!r}")
     return factors, loss.detach()
-
-
-def _is_causal_lm(model: nn.Module) -> bool:
-    """True when the model's loss predicts label t at position t-1 (HF causal LMs)."""
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "is_encoder_decoder", False):
-        return False
-    try:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    except ImportError:
-        return False
-    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    return any(cls.__name__ in causal for cls in type(model).__mro__)  # subclasses count too

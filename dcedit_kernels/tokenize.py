@@ -183,6 +183,18 @@ def is_seq2seq(model) -> bool:
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
+def listed_causal_lm(model) -> bool:
+    """True when the model's class (or a base of it) is in transformers' causal-LM mapping, not an
+    encoder-decoder: its loss predicts label t at position t-1 (HF causal LMs)."""
+    if getattr(model, "config", None) is None or is_seq2seq(model):
+        return False
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:
+        return False
+    return bool(_class_names(model) & set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()))  # subclasses count too
+
+
 def bidirectional_lm(model) -> str | None:
     """Why `model`, not an encoder-decoder, is a Hugging Face LM whose tokens also attend to the tokens
     after them (a masked LM such as BertForMaskedLM, or BertLMHeadModel without `is_decoder`, which
@@ -190,16 +202,15 @@ def bidirectional_lm(model) -> str | None:
     in its own input, so the causal edit loss and the teacher-forced metrics are meaningless on it.
     Judged from transformers' causal- and masked-LM mappings; a class they do not list passes."""
     config = getattr(model, "config", None)
-    if config is None or getattr(config, "is_encoder_decoder", False):
+    if config is None or is_seq2seq(model):
         return None
     try:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal_lms
         from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES as masked_lms
     except ImportError:
         return None
-    names = {cls.__name__ for cls in type(model).__mro__}
-    kind = type(model).__name__
-    if not names & set(causal_lms.values()):
+    names, kind = _class_names(model), type(model).__name__
+    if not listed_causal_lm(model):
         if names & set(masked_lms.values()):
             return f"{kind} is a masked LM: its tokens attend to the tokens after them"
         return None
@@ -209,6 +220,11 @@ def bidirectional_lm(model) -> str | None:
         if not getattr(config, flag, False):
             return f"{kind} has config.{flag}=False: its tokens attend to the tokens after them"
     return None
+
+
+def _class_names(model) -> set[str]:
+    """The names of the model's class and its bases (how transformers' auto mappings name classes)."""
+    return {cls.__name__ for cls in type(model).__mro__}
 
 
 def forward_inputs(model, batch: dict) -> dict:
