@@ -26,10 +26,10 @@ waiting in their next collective: a process whose batches raise still joins the 
 which counts the failures (`average_gradients`); the optimiser step is followed by a one-flag
 all-reduce (`settle`); the validation shares and the RNG states a checkpoint holds are gathered
 with their outcome (`gather_outcomes`); rank 0 sends the outcome of its checkpoint writes
-(`on_rank0`).  The failed process re-raises its own error; the others raise a `PeerFailure` (a RuntimeError)
-naming its rank and error.  Not covered: the few statements between these (setting .grad to None, the
-norms' sums, a best state's copy), a KeyboardInterrupt, and a process killed outright (torchrun
-stops the others).  Before the first step the processes check that they were given the same
+(`on_rank0`).  The failed process re-raises its own error; the others raise a `PeerFailure` (a
+RuntimeError) naming its rank and error.  Not covered: the few statements between these (setting
+.grad to None, the norms' sums, a best state's copy), a KeyboardInterrupt, and a process killed
+outright (torchrun stops the others).  Before the first step the processes check that they were given the same
 settings (`agree_on_start`): different ones would call different collectives.
 """
 

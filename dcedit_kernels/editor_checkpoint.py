@@ -30,6 +30,7 @@ from .edit_capture import DEFAULT_CAPTURE_BATCH_SIZE
 from .editors.grouped_editor import config_differences, with_absent_defaults
 from .ft_baseline import FT_KL_ONLY
 from .safetensors_file import check_state, json_metadata, save_safetensors
+from .tokenize import is_seq2seq
 
 if TYPE_CHECKING:
     from .model_editor import ModelEditor
@@ -195,7 +196,7 @@ class EditorCheckpoints:
         layers = [name[: -len(".weight")] for name in names]
         modules = resolve_modules(model, layers, arg="inner_params")  # ValueError for a non-Linear/Conv1D
         model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
-        if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and "t5" not in model_type.lower():
+        if is_seq2seq(model) and "t5" not in model_type.lower():
             # MEND's seq2seq batches (data_classes/zsre.py, utils.shift_targets) match ours for T5 only.
             warnings.warn(f"ModelEditor.from_mend: {type(model).__name__} is an encoder-decoder model other than "
                           "T5; apply() captures its factors with the decoder input = the labels shifted right and "

@@ -121,10 +121,9 @@ def _set_rng_states(me: ModelEditor, states: dict) -> None:
     for key, gen in me.route_generators().items():
         if f"route_rng.{key}" in states:
             gen.set_state(states[f"route_rng.{key}"])
-    in_play = set(_cuda_devices(me))
-    for name, state in states.items():
-        if name.startswith("cuda_rng.") and int(name.rsplit(".", 1)[1]) in in_play:
-            torch.cuda.set_rng_state(state, int(name.rsplit(".", 1)[1]))
+    for index in _cuda_devices(me):
+        if f"cuda_rng.{index}" in states:
+            torch.cuda.set_rng_state(states[f"cuda_rng.{index}"], index)
 
 
 def _checkpoint(me, opt, lr_opt, ckpt: Path, result: TrainResult, bad_validations: int, run: dict,

@@ -86,10 +86,10 @@ def gguf_parsed_once():
     the weights), and builds gguf's TensorNameMap again for every submodule (397 times for
     SmolLM2).  Measured on SmolLM2-135M (2 cores, gguf 0.19), load_model in fresh processes with
     transformers imported first, 3 alternating pairs: 16.6-18.0 s, 6.6-7.4 s with this; the same
-    weights (torch.equal).  It swaps `gguf.GGUFReader` and
-    `gguf.get_tensor_name_map` for memoised ones (transformers imports both inside its functions,
-    so it finds them), under a lock (two threads loading would otherwise restore each other's
-    swap); a version that reads them otherwise is simply not sped up.
+    weights (torch.equal).  It swaps `gguf.GGUFReader` and `gguf.get_tensor_name_map` for
+    memoised ones (transformers imports both inside its functions, so it finds them), under a
+    lock (two threads loading would otherwise restore each other's swap); a version that reads
+    them otherwise is simply not sped up.
     """
     try:
         import gguf
