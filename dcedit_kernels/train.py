@@ -158,11 +158,13 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     try:
         with (torch.random.fork_rng(devices=_cuda_devices(me)), frozen_parameters(me.model),
               modes_restored(me.editors)):  # every editor module gets its own train/eval flag back
-            if rng_state is not None:
-                _set_rng_states(me, rng_state)
-            else:
-                torch.manual_seed(torch_seed(config.seed))
+            # A resumed state that does not fit (a checkpoint edited by hand, a CUDA state of another
+            # size) fails on its own process: the others hear of it here, rather than wait for it
+            # in broadcast_state.
+            _, error = _attempt(lambda: _set_rng_states(me, rng_state) if rng_state is not None
+                                else torch.manual_seed(torch_seed(config.seed)), size)
             if size > 1:  # one start for every process; each draws its own gate noise and routing
+                distributed.settle(error, "restoring the checkpoint's RNG states", params[0].device)
                 distributed.broadcast_state(me.editors)
                 if rank and rng_state is None:
                     torch.manual_seed(torch_seed(_rank_seed(config.seed, result.steps, rank)))

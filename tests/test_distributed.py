@@ -233,6 +233,17 @@ def test_a_failure_on_one_process_raises_on_every_process(tmp_path, one_thread, 
     assert errors[1 - failed].startswith("PeerFailure: ") and where in errors[1 - failed], errors
 
 
+def test_a_resume_failing_to_restore_rng_states_on_one_process_raises_on_every_process(tmp_path, one_thread):
+    """The RNG states are set inside the training loop's setup, after agree_on_start: without the
+    failure shared there, the other process waited for the failed one in broadcast_state."""
+    config = dict(steps=2, batch_size=2, progress=False, checkpoint_dir=str(tmp_path / "ckpt"))
+    _, errors = _run(tmp_path / "run", "mend", {}, [config, dict(config, steps=3)],
+                     fail=("_set_rng_states", 1, 1), deadline_s=120)
+    assert errors[1] == "OSError: injected failure in _set_rng_states"
+    assert errors[0].startswith("PeerFailure: another process failed restoring the checkpoint's RNG states "
+                                "(rank 1: OSError"), errors
+
+
 def test_processes_given_different_settings_are_refused_everywhere(tmp_path, one_thread):
     """Processes with different validation schedules would call different collectives (one waits
     forever): both refuse before the first step."""
