@@ -9,7 +9,8 @@ from ..reference.segments import group_ids
 
 
 class ParameterGenerator(nn.Module):
-    """gain = 1 + W₂ relu(W₁ [μ; η]): W₂ starts at zero so an untrained ProEditor equals MEND."""
+    """gain = 1 + W₂ relu(W₁ [μ; η]): W₂ starts at zero, so an untrained ProEditor transforms the
+    factors as MEND does (its shift is MEND's times the Fisher mask, with the preset's fisher_keep)."""
 
     def __init__(self, dim: int, hidden: int, level: str, generator: torch.Generator | None = None):
         super().__init__()
