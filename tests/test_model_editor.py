@@ -2200,6 +2200,60 @@ def test_proeditor_generated_gain_scales_the_first_layers_input(level, gen):
     assert rel_err(got64, proeditor_reference(editor64, mu, eta, offsets)) < 1e-13
 
 
+@pytest.mark.parametrize("level", ["token", "sentence"])
+def test_several_editors_with_generated_gains_match_a_float64_reference(level, gen):
+    """An editor with ψ, running norms, modes and several randomly routed editors, against SPEC's
+    formulas written out per token in float64: MEND's statistics of the earlier training batch
+    (a Welford loop over its nonzero rows), h = [(μ − mean)/(std + 1e-7); (η − mean)/(std + 1e-7)],
+    ψ's gain from h (per token, or each edit's mean over its nonzero tokens), each token through
+    its own edit's editor with mode 1's scale and shift, the group shifts fused by "max".  ψ reads
+    the tokens in the edits' order and the editors in group order, so the gains must follow the
+    tokens through the sort by group."""
+    from dcedit_kernels.editors import RaEditor
+
+    editor = RaEditor(6, 4, n_editors=3, generator=level, fusion="max", rank=3, n_modes=2, seed=2)
+    randomize_editor(editor, gen, scale=0.5)
+    with torch.no_grad():
+        editor.psi.fc2.bias.copy_(torch.randn(editor.psi.fc2.bias.shape, generator=gen) * 0.2)
+    bounds = [0, 2, 5, 6, 9, 11]
+    offsets = torch.tensor(bounds, dtype=torch.int32)
+    seen_mu, seen_eta = torch.randn(11, 6, generator=gen) * 2 + 1, torch.randn(11, 4, generator=gen) - 1
+    seen_mu[4] = 0  # a row MEND skips, in the statistics too
+    editor.train()(seen_mu, seen_eta, offsets)
+    editor.eval()
+    mu, eta = torch.randn(11, 6, generator=gen), torch.randn(11, 4, generator=gen)
+    eta[7] = 0
+    with torch.no_grad():
+        edit = editor(mu, eta, offsets, mode=1)
+        got = edit.dense()
+    d = lambda t: t.detach().double()  # noqa: E731
+    rows = torch.cat([seen_mu, seen_eta], 1).double()[[t for t in range(11) if t != 4]]
+    mean, s = rows[0].clone(), torch.zeros(10, dtype=torch.float64)
+    for k, x in enumerate(rows[1:], start=2):
+        new_mean = mean + (x - mean) / k
+        s, mean = s + (x - mean) * (x - new_mean), new_mean
+    std = (s / (len(rows) - 1)).sqrt()
+    edit_of = [e for e in range(len(bounds) - 1) for _ in range(bounds[e + 1] - bounds[e])]
+    kept = [t for t in range(11) if t != 7]
+    h = (torch.cat([mu, eta], 1).double() - mean) / (std + 1e-7)
+    src = h
+    if level == "sentence":
+        src = torch.stack([h[[t for t in kept if edit_of[t] == edit_of[u]]].mean(0) for u in range(11)])
+    psi = editor.psi
+    gain = 1 + torch.relu(src @ d(psi.fc1.weight).t() + d(psi.fc1.bias)) @ d(psi.fc2.weight).t() + d(psi.fc2.bias)
+    shifts = torch.zeros(3, 4, 6, dtype=torch.float64)
+    for t in kept:
+        g, x = int(edit.edit_group[edit_of[t]]), h[t]
+        for i, layer in enumerate(editor.layers):
+            pre = (d(layer.u[g]) @ (d(layer.v[g]) @ (gain[t] * x if i == 0 else x)) + d(layer.bias[g])) \
+                * d(layer.mode_scale[g, 1]) + d(layer.mode_shift[g, 1])
+            x = x + pre.clamp(min=0)
+        shifts[g] += torch.outer(x[6:], x[:6])
+    want = shifts.gather(0, shifts.abs().argmax(0, keepdim=True))[0]
+    assert len(set(edit.edit_group.tolist())) == 3
+    assert rel_err(got, want) < 1e-5
+
+
 def per_edit_fisher(eta, mu, bounds):
     """SPEC's F = (1/E) Σ_e (Σ_{t∈e} η_t μ_tᵀ)² in float64, and the per-edit gradients it squares."""
     grads = [eta[a:b].double().t() @ mu[a:b].double() for a, b in zip(bounds[:-1], bounds[1:])]
