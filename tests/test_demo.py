@@ -616,6 +616,23 @@ def test_editor_cache_key_covers_loss_reduction_and_resolved_training_defaults()
     assert fp16 != key()  # the model's dtype, when given
 
 
+def test_editor_cache_key_tells_model_files_of_one_name_and_size_apart(tmp_path):
+    """Two models saved under the same file name with the same size (two fine-tunes of one
+    architecture and quantization) are two models: the key covered only name and size, so an
+    editor trained on one was loaded for the other."""
+    files = []
+    for folder, content in (("a", b"\x01" * 64), ("b", b"\x02" * 64), ("c", b"\x01" * 64)):
+        (tmp_path / folder).mkdir()
+        files.append(tmp_path / folder / "model.gguf")
+        files[-1].write_bytes(content)
+
+    def key(model_file):
+        return editor_cache.editor_cache_key("mend", ["a.b"], {}, {"steps": 2}, ["x"], str(model_file))
+
+    assert key(files[0]) != key(files[1])
+    assert key(files[0]) == key(files[2])  # the same model, copied elsewhere: reused
+
+
 def test_editor_cache_key_resolves_moeditors_gate_norm():
     """A MoEditor cached before gate_norm existed read raw features: with the default resolved in
     the key, it is retrained, not loaded (as the gate_norm=False editor it was) under the new default."""
