@@ -103,8 +103,8 @@ def trained_editor(model, tokenizer, method: str, layers: list[str], kwargs: dic
                    progress: bool = True):
     """(ModelEditor, info): the editor loaded from `cache_dir()` when one was trained with the
     same settings (see `editor_cache_key`), else trained now (`TrainConfig(**train_config)`) and
-    cached.  `info`: cached, path, train_s (0 when cached), steps, first_loss, last_loss, and for a
-    cached editor trained_earlier_s (the training time of the run that cached it)."""
+    cached.  `info`: cached, path, train_s (0 when cached), steps, first_loss, last_loss (of the
+    first and last steps with a loss; None when every batch was skipped), and for a cached editor trained_earlier_s (the training time of the run that cached it)."""
     from .model_editor import ModelEditor
     from .train import TrainConfig
 
@@ -130,10 +130,11 @@ def trained_editor(model, tokenizer, method: str, layers: list[str], kwargs: dic
     me = ModelEditor(model, tokenizer, layers=list(layers), method=method, **kwargs)
     start = time.perf_counter()
     result = me.fit(train_requests, None, TrainConfig(**{"progress": progress, **train_config}))
+    # A step whose every batch was skipped (non-finite) logs no loss: the first and last that do.
+    losses = [step["loss"] for step in result.history if "loss" in step]
     info = dict(cached=False, path=str(path), train_s=time.perf_counter() - start, steps=result.steps,
                 skipped_batches=result.skipped_batches,
-                first_loss=result.history[0].get("loss") if result.history else None,
-                last_loss=result.history[-1].get("loss") if result.history else None)
+                first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")

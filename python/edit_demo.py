@@ -144,6 +144,16 @@ def plot(results: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _losses(info: dict) -> str:
+    """The training line's losses (trained_editor's info): a step whose every batch was skipped
+    (non-finite) logs none, and a run of such steps only has none at all."""
+    skipped = info.get("skipped_batches") or 0
+    if info["first_loss"] is None:
+        return f"no loss: {skipped} batches skipped, non-finite"
+    text = f"loss {info['first_loss']:.3f} -> {info['last_loss']:.3f}"
+    return text + (f", {skipped} batches skipped, non-finite" if skipped else "")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -194,7 +204,7 @@ def main(argv=None) -> int:
         )
         info = train_info[method]
         print(f"      {METHOD_NAMES[method]:<9} " + ("loaded from cache" if info["cached"] else
-              f"trained {info['steps']} steps in {info['train_s']:.0f} s (loss {info['first_loss']:.3f} -> {info['last_loss']:.3f})"))
+              f"trained {info['steps']} steps in {info['train_s']:.0f} s ({_losses(info)})"))
     editors["raeditor"] = random_routing_twin(editors["moeditor"], **editor_kwargs("raeditor", setting, args.seed))
     train_info["raeditor"] = dict(train_info["moeditor"], shared_with="moeditor", train_s=0.0)
     print("      RaEditor  = MoEditor's editors with random routing")

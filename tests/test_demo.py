@@ -396,6 +396,16 @@ def test_cli_refuses_bad_values_by_flag(capsys, tiny_model_dir, argv, message):
     assert message in err and "Traceback" not in err
 
 
+def _demo_module():
+    """python/edit_demo.py as a module (python/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("edit_demo_program", REPO / "python" / "edit_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    return demo
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--threads", "0"], "argument --threads: must be a positive int, got '0'"),
     (["--steps", "-5"], "argument --steps: must be a positive int, got '-5'"),
@@ -405,11 +415,7 @@ def test_cli_refuses_bad_values_by_flag(capsys, tiny_model_dir, argv, message):
 def test_demo_refuses_bad_counts_by_flag(capsys, argv, message):
     """The demo's counts are checked by argparse (--threads 0 ended in a UserError traceback, --steps 0
     in TrainConfig's ValueError after the model had loaded)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("edit_demo_program", REPO / "python" / "edit_demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = _demo_module()
     with pytest.raises(SystemExit) as exit_info:
         demo.parse_args(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
@@ -695,6 +701,27 @@ def test_trained_editor_retrains_a_cached_editor_of_the_old_semantics(tmp_path, 
     me3, info3 = editor_cache.trained_editor(*args, progress=False)
     assert not info3["cached"] and me3.loss_reduction == "edit"
     assert "ignoring the cached editor" in capsys.readouterr().out
+
+
+def test_trained_editor_reports_the_losses_of_steps_that_have_one(tmp_path, monkeypatch):
+    """A step whose every batch was skipped logs no loss: info's first_loss was None after a
+    skipped first step, and the demo's training line then raised TypeError formatting it."""
+    from dcedit_kernels.model_editor import ModelEditor
+    from dcedit_kernels.train import TrainResult
+
+    monkeypatch.setenv("DCEDIT_CACHE_DIR", str(tmp_path))
+    history = [{"step": 1}, {"step": 2, "loss": 0.5}, {"step": 3, "loss": 0.25}, {"step": 4}]
+    monkeypatch.setattr(ModelEditor, "fit", lambda self, *a, **k: TrainResult(steps=4, history=history,
+                                                                              skipped_batches=3))
+    model, tok = tiny_model("llama", seed=0)
+    args = (model, tok, "mend", ["model.layers.1.mlp.down_proj"], {"rank": 3}, dict(steps=4, batch_size=2),
+            _tiny_requests(4, random.Random(0)), ["a", "b", "c", "d"], "tiny")
+    _, info = editor_cache.trained_editor(*args, use_cache=False, progress=False)
+    assert (info["first_loss"], info["last_loss"], info["skipped_batches"]) == (0.5, 0.25, 3)
+    edit_demo = _demo_module()
+    assert edit_demo._losses(info) == "loss 0.500 -> 0.250, 3 batches skipped, non-finite"
+    assert edit_demo._losses(dict(info, first_loss=None, last_loss=None)) == "no loss: 3 batches skipped, non-finite"
+    assert edit_demo._losses(dict(info, skipped_batches=0)) == "loss 0.500 -> 0.250"
 
 
 def test_trained_editor_cached_gets_the_runtime_settings_and_survives_damaged_metadata(tmp_path, monkeypatch,
