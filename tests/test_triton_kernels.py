@@ -629,6 +629,28 @@ def test_lowrank_delta_linear_nonfinite_factor_stays_in_its_group(gen, device):
         same_nonfinite(g, ref)
 
 
+@pytest.mark.parametrize("poisoned", ["eta_t", "alpha"])
+def test_lowrank_delta_linear_backward_group_without_rows_gets_zero(gen, poisoned, device):
+    """A group that no row of x uses has zero gradients (the reference skips it), also when its
+    η rows or its alpha are not finite: deta_t was formed as 0 · alpha_g and dalpha_g as
+    Σ eta_t ⊙ 0, NaN there (an optimizer step then made alpha_g NaN for every later batch)."""
+    counts = NONFINITE_COUNTS
+    offsets = offsets_for(counts, device)
+    rows = torch.tensor([0, 3, -1, 0, 3, 3, -1])  # group 2 (tokens 3:8) has no row
+    x, weight, b, row_group, mu_t, eta_t, alpha = delta_inputs(gen, counts, torch.float32, device, N=7, rows=rows)
+    if poisoned == "eta_t":
+        eta_t[4, 5] = float("inf")  # a group-2 token
+    else:
+        alpha[2] = float("nan")
+    grad = randn((7, weight.shape[0]), gen, torch.float32, device)
+    _, *grad_refs = delta_reference(x, weight, b, row_group, mu_t, eta_t, offsets, alpha, grad)
+    grads = tk.lowrank_delta_linear_backward(grad, x, weight, row_group, mu_t, eta_t, offsets, alpha)
+    for g, ref in zip(grads, grad_refs):
+        assert ref.isfinite().all()
+        same_nonfinite(g, ref)
+    assert (grads[2][3:8] == 0).all() and grads[3][2] == 0
+
+
 @pytest.mark.parametrize("where", ["split operand", "bf16 operand", "bf16 first operand"])
 def test_bf16x3_keeps_inf(gen, device, monkeypatch, where):
     """An infinite entry on either side of a bf16x3 dot gives the reference's ±inf, not NaN.

@@ -124,8 +124,13 @@ def lowrank_delta_linear_backward(grad, x, weight, row_group, mu_t, eta_t, offse
     # deta without alpha first: dalpha_g = Σ_{s∈g} eta_t[s] · deta_unscaled[s].
     deta = torch.zeros(eta_t.shape, dtype=acc, device=x.device)
     grouped_bilinear_(deta, mu_t, None, token_groups, x, grad, perm, row_offsets, ones, precision_from=src)
+    # A group no row uses gets zero gradients, as the reference skips it: its deta is exactly 0
+    # here, but 0 · a non-finite eta_t entry or alpha_g is NaN (and a NaN dalpha_g makes alpha_g
+    # NaN at the next optimizer step).
+    used = row_offsets[1:] > row_offsets[:-1]
     dalpha = torch.zeros(G, dtype=acc, device=x.device).index_add_(0, token_groups, (eta_t.to(acc) * deta).sum(1))
-    deta *= alpha_g[token_groups][:, None]
+    dalpha = torch.where(used, dalpha, 0.0)
+    deta *= torch.where(used, alpha_g, 0.0)[token_groups][:, None]
 
     dmu = torch.zeros(mu_t.shape, dtype=acc, device=x.device)
     grouped_bilinear_(dmu, eta_t, None, token_groups, grad, x, perm, row_offsets, alpha_g, precision_from=src)
