@@ -63,6 +63,14 @@ def test_sdist_carries_every_build_input(sdist):
     assert not missing
 
 
+def test_sdist_carries_no_partial_test_suite(sdist):
+    """setuptools adds tests/test*.py to an sdist by default, without the conftest.py and helpers.py
+    they import (nor python/ and benchmarks/): pytest in the unpacked sdist failed to collect."""
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    assert not [n for n in names if n.startswith("tests/")], sorted(names)
+
+
 def test_sdist_builds_and_the_installed_package_runs(sdist, tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
