@@ -107,8 +107,25 @@ def _load_compiled():
         return None
     try:
         return importlib.import_module("dcedit_kernels._C")
-    except ImportError:
+    except ModuleNotFoundError as exc:
+        if exc.name != "dcedit_kernels._C":  # _C is there, but something it imports is not
+            _warn_not_loaded(exc)
+        return None  # not built: the references serve, as designed
+    except (ImportError, OSError) as exc:
+        # Built, but it does not load: most often compiled against another torch (an undefined
+        # symbol after a torch upgrade).  The references serve all the same; say so, since the
+        # C++ kernels going missing without a word only showed as slower (and other-bits) ops.
+        _warn_not_loaded(exc)
         return None
+
+
+def _warn_not_loaded(exc: BaseException) -> None:
+    import warnings
+
+    warnings.warn(f"dcedit_kernels: the compiled kernels (dcedit_kernels._C) failed to load ({exc}); the ops run "
+                  f"their PyTorch references. Rebuild the package against this torch ({torch.__version__}): "
+                  "pip install --no-build-isolation --force-reinstall --no-deps <checkout or sdist>, or set "
+                  "DCEDIT_DISABLE_C=1 to use the references without this warning", RuntimeWarning, stacklevel=2)
 
 
 _C = _load_compiled()

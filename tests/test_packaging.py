@@ -103,6 +103,26 @@ def test_the_package_works_without_its_optional_dependencies():
     _probe(probe + OP_RUNS, cwd=ROOT, pythonpath=ROOT)
 
 
+def test_a_compiled_extension_that_fails_to_load_is_reported(tmp_path):
+    """A `_C` built against another torch fails to import (an undefined symbol): the ops fell
+    back to the references without a word.  Now a RuntimeWarning names the loader's error; a
+    package with no `_C` at all (the reference path, as designed) still imports silently."""
+    package = tmp_path / "site" / "dcedit_kernels"
+    shutil.copytree(ROOT / "dcedit_kernels", package, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+
+    def run():  # warnings as errors: a silent import passes, a warning fails it
+        return subprocess.run(
+            [sys.executable, "-W", "error", "-c",
+             "import dcedit_kernels as d\nassert not d.backends()['cpu_cpp'], d.backends()\n"],
+            cwd=tmp_path, env={**_env(), "PYTHONPATH": str(package.parent)}, capture_output=True, text=True)
+
+    assert run().returncode == 0, run().stderr[-2000:]  # no _C: no warning
+    (package / "_C.abi3.so").write_bytes(b"not a shared object")  # stands for one of another torch
+    failed = run()
+    assert failed.returncode != 0, "a _C that fails to load went unreported"
+    assert "RuntimeWarning: dcedit_kernels: the compiled kernels" in failed.stderr, failed.stderr[-2000:]
+    assert "_C.abi3.so" in failed.stderr  # the loader's own error, naming the file
+
 def test_import_is_light_and_lists_the_lazy_names():
     """`import dcedit_kernels` loads the ops, not transformers; the pipeline's names load on first
     use and are listed by dir() all the same."""
