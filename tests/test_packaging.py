@@ -58,8 +58,9 @@ def test_sdist_carries_every_build_input(sdist):
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     # csrc/: the headers and CUDA sources too (setuptools adds only the listed .cpp files).
-    missing = [n for n in _tracked("csrc", "dcedit_kernels", "setup.py", "pyproject.toml", "README.md")
+    missing = [n for n in _tracked("csrc", "dcedit_kernels", "setup.py", "pyproject.toml", "README.md", "LICENSE")
                if n not in names]
+    assert "LICENSE" in names  # the Apache-2.0 the metadata declares, with its text
     assert not missing
 
 
@@ -84,6 +85,7 @@ def test_sdist_builds_and_the_installed_package_runs(sdist, tmp_path):
         "('grouped_outer', 'segmented_fisher', 'fisher_mask', 'apply_shift_', 'grouped_lowrank')), d.op_backends()\n"
     )
     _probe(probe + OP_RUNS, cwd=tmp_path, pythonpath=target)  # from an empty folder: not the checkout's copy
+    assert [p.name for p in target.glob("dcedit_kernels-*.dist-info/**/LICENSE")] == ["LICENSE"]
 
 
 def test_the_package_works_without_its_optional_dependencies():
