@@ -12,6 +12,7 @@ import importlib
 import os
 
 import torch
+from torch.autograd import forward_ad
 
 NAMESPACE = "dcedit"
 
@@ -100,6 +101,46 @@ def _ignore_autocast(name: str) -> None:
 
 for _name in SCHEMAS:
     _ignore_autocast(_name)
+
+
+# The differentiable ops whose gradients are `torch.library.register_autograd` formulas: backward
+# (reverse mode) only, as torch.library has no way to register a forward-mode (JVP) formula.
+DIFFERENTIABLE = ("grouped_lowrank", "grouped_outer", "lowrank_delta_linear", "fisher_mask")
+
+
+def refuse_tangents(name: str, args) -> None:
+    """NotImplementedError when a tensor of `args` carries a forward-mode AD tangent.
+
+    register_autograd's kernel passes a call whose inputs do not require grad straight to the
+    kernel, so a dual input's tangent was dropped without a word: the output had no tangent
+    (torch.autograd.forward_ad), torch.func.jvp gave a zero tangent and jacfwd an all-zero
+    Jacobian.  Outside a dual level unpack_dual returns at once.
+    """
+    for a in args:
+        if isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None:
+            raise NotImplementedError(
+                f"dcedit::{name} has no forward-mode AD formula (torch.func.jvp, jacfwd, "
+                "torch.autograd.forward_ad): only reverse mode (backward, torch.autograd.grad)")
+
+
+def _refuse_forward_ad(name: str) -> None:
+    """`refuse_tangents` for every call of `dcedit::name` under torch.autograd.forward_ad, raw ones
+    included: in the ADInplaceOrView kernel, which a call of non-inference tensors passes after
+    the autograd one.  Under torch.func.jvp the tangents are no longer visible there (functorch
+    has unwrapped them): the `dcedit_kernels.ops` wrappers check them before the call
+    (`ops._dispatch.opcall`)."""
+    op = getattr(getattr(torch.ops, NAMESPACE), name).default
+
+    def run(*args, **kwargs):
+        refuse_tangents(name, (*args, *kwargs.values()))
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            return op(*args, **kwargs)
+
+    _LIB.impl(name, run, "ADInplaceOrView")
+
+
+for _name in DIFFERENTIABLE:
+    _refuse_forward_ad(_name)
 
 
 def _load_compiled():

@@ -13,10 +13,11 @@ from fractions import Fraction
 
 import pytest
 import torch
+from torch.autograd import forward_ad
 from torch.library import opcheck
 
 from dcedit_kernels import ops, reference
-from helpers import TOL, nan_outer_case, randn, ragged_offsets, random_counts, rel_err
+from helpers import TOL, nan_outer_case, public_op_cases, randn, ragged_offsets, random_counts, rel_err
 
 FUSIONS = ["none", "add", "max", "sss", "ssm"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -921,6 +922,43 @@ def test_raw_ops_check_their_inputs_on_the_device(case, gen, device):
         op(*args)
     assert all(torch.equal(a, b) for a, b in zip((a for a in args if isinstance(a, torch.Tensor)), before))
 
+
+
+# ---------------------------------------------------------------- forward-mode AD
+FORWARD_AD_REFUSED = ["grouped_outer", "grouped_lowrank", "lowrank_delta_linear", "fisher_mask"]
+
+
+@pytest.mark.parametrize("name", FORWARD_AD_REFUSED)
+def test_forward_mode_ad_is_refused_not_dropped(name, gen):
+    """The ops' gradients are register_autograd formulas, reverse mode only.  A forward-mode
+    tangent was dropped without a word: torch.func.jvp gave a zero tangent, jacfwd an all-zero
+    Jacobian, torch.autograd.forward_ad an output without tangent, through the wrappers and the
+    raw ops alike.  Now each raises NotImplementedError naming the op; reference_mode (plain torch
+    ops) still differentiates forward."""
+    fn, args = public_op_cases(gen)[name]
+    args = tuple(a.detach() for a in args)
+    tangents = tuple(torch.randn(a.shape, generator=gen) for a in args)
+    refused = pytest.raises(NotImplementedError, match=f"dcedit::{name} has no forward-mode AD")
+    with refused:
+        torch.func.jvp(fn, args, tangents)
+    with refused:
+        torch.func.jacfwd(fn)(*args)
+    with forward_ad.dual_level():
+        with refused:
+            fn(forward_ad.make_dual(args[0], tangents[0]), *args[1:])
+        assert torch.equal(fn(*args), fn(*args))  # no tangent on the op's inputs: it runs
+    with ops.reference_mode():  # forward mode, and reverse mode twice (autograd.functional.jvp)
+        _, tangent = torch.func.jvp(fn, args, tangents)
+        _, want = torch.autograd.functional.jvp(fn, args, tangents)
+    torch.testing.assert_close(tangent, want)
+
+
+def test_raw_op_refuses_a_forward_mode_tangent(gen):
+    eta, mu, offsets = _outer_inputs(gen, G=3, o=4, i=5, counts=[3, 0, 2])
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(eta, torch.ones_like(eta))
+        with pytest.raises(NotImplementedError, match="dcedit::grouped_outer has no forward-mode AD"):
+            torch.ops.dcedit.grouped_outer(dual, mu, offsets, "add", 1.0)
 
 def _public_op_calls(gen):
     """name -> (op, keyword arguments of a good call): every public op of dcedit_kernels.ops."""

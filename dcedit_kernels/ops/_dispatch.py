@@ -18,7 +18,7 @@ import warnings
 import torch
 
 from .._checks import tracing
-from .._library import _LIB, has_kernel
+from .._library import _LIB, DIFFERENTIABLE, has_kernel, refuse_tangents
 
 
 def triton_installed() -> bool:
@@ -228,10 +228,14 @@ def opcall(name: str):
 
         return getattr(reference, name)
     op = getattr(torch.ops.dcedit, name).default
+    # torch.func.jvp's tangents are visible here, not in the op's own check (`_library.refuse_tangents`).
+    forward_ad_checked = name in DIFFERENTIABLE
 
     def call(*args, **kwargs):
         if tracing():  # the trace skipped the value checks: the kernel runs them when the graph runs
             return op(*args, **kwargs)
+        if forward_ad_checked:
+            refuse_tangents(name, (*args, *kwargs.values()))
         _PRECHECKED.on = True
         try:
             return op(*args, **kwargs)
