@@ -490,6 +490,20 @@ def test_scored_accuracy_is_the_full_logits_share(gen):
         scored_accuracy(logits[:1, 0], labels, causal=True)  # one row for every scored position
 
 
+def test_scored_accuracy_is_each_rows_share_of_right_tokens_by_hand():
+    """Logits written by hand so that some target tokens are predicted and others not (an untrained
+    model predicts none, and a share of 0 is also a count of 0): row 0 gets 2 of its 3 target
+    tokens, row 1 1 of 2, row 2 has none and scores 0.  Causal: label t is scored at position t-1."""
+    labels = torch.tensor([[-100, 4, 2, 7, -100], [-100, -100, -100, 3, 1], [-100] * 5])
+    gold = [4, 2, 7, 3, 1]  # the scored positions' targets, row-major
+    right = [True, False, True, False, True]
+    picked = torch.zeros(len(gold), 8)
+    for j, (g, ok) in enumerate(zip(gold, right)):
+        picked[j, g if ok else (g + 1) % 8] = 1.0
+    got = scored_accuracy(picked, labels, causal=True)
+    assert got.tolist() == pytest.approx([2 / 3, 1 / 2, 0.0], abs=1e-7)
+
+
 def test_evaluate_edits_computes_only_the_scored_logits(gen):
     """Its forwards give the head the scored positions only, and its scores equal the full
     logits' ones."""
