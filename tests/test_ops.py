@@ -450,6 +450,20 @@ def test_apply_shift_bad_input_leaves_weight(gen):
     assert torch.equal(row, before[:1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_reference_apply_shift_returns_a_copy_that_undoes_it(dtype, gen, device):
+    """The reference (what serves a GPU without the CUDA kernels, or DCEDIT_DISABLE_C=1) returns the
+    weight's old values as a copy, not a view of the weight it then writes: undo is bit-exact."""
+    weight = randn((9, 11), gen, dtype, device)
+    before = weight.clone()
+    with ops.reference_mode():
+        previous = ops.apply_shift_(weight, randn((9, 11), gen, torch.float32, device), 0.5)
+        assert not torch.equal(weight, before)
+        assert torch.equal(previous, before)
+        ops.undo_shift_(weight, previous)
+    assert torch.equal(weight, before)
+
+
 @pytest.mark.parametrize("reference_path", [False, True])
 def test_apply_shift_counts_as_an_in_place_write_for_autograd(reference_path, gen, device):
     """weight's version goes up by one per call on every backend (the C++ kernels write through
@@ -1177,6 +1191,39 @@ def test_noisy_topk_gate_mixed_dtypes_and_noise_scale(gen):
                                            generator=torch.Generator().manual_seed(3))
     logits = feats @ w_gate + eps * (torch.nn.functional.softplus(feats @ w_noise) + 0.01)
     assert torch.equal(chosen, logits.argmax(1))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_noisy_topk_gate_training_loss_is_the_smooth_load_by_hand(k, gen):
+    """In training the load is Shazeer et al.'s smooth estimate: for edit e and editor g, the
+    chance that g is among e's top k if only its own noise were drawn again, Φ((clean_eg − t)/σ_eg)
+    with t the k-th largest noisy logit of e's other editors (σ = softplus(f W_noise) + 0.01).
+    Written per (e, g) in float64, from the noise the generator draws; the loss is
+    cv²(Σ_e gates) + cv²(Σ_e P_eg) (unbiased variances)."""
+    E, f, G = 8, 5, 4
+    feats, w_gate, w_noise = randn((E, f), gen), randn((f, G), gen), randn((f, G), gen)
+    gates, chosen, loss = ops.noisy_topk_gate(feats, w_gate, w_noise, k=k, training=True,
+                                              generator=torch.Generator().manual_seed(5))
+    eps = torch.randn(E, G, generator=torch.Generator().manual_seed(5)).double()
+    clean = feats.double() @ w_gate.double()
+    sigma = torch.nn.functional.softplus(feats.double() @ w_noise.double()) + 0.01
+    noisy = clean + eps * sigma
+    normal = torch.distributions.Normal(0.0, 1.0)
+    load = torch.zeros(G, dtype=torch.float64)
+    want_gates = torch.zeros(E, G, dtype=torch.float64)
+    for e in range(E):
+        order = sorted(range(G), key=lambda g: -float(noisy[e, g]))
+        kept = order[:k]
+        w = torch.softmax(noisy[e, kept], 0)
+        for j, g in enumerate(kept):
+            want_gates[e, g] = w[j]
+        for g in range(G):
+            others = sorted((float(noisy[e, h]) for h in range(G) if h != g), reverse=True)
+            load[g] += normal.cdf((clean[e, g] - others[k - 1]) / sigma[e, g])
+    cv2 = lambda x: x.var() / (x.mean() ** 2 + 1e-10)  # noqa: E731
+    assert torch.equal(chosen, noisy.argmax(1))
+    assert torch.allclose(gates.double(), want_gates, atol=1e-6)
+    assert float(loss) == pytest.approx(float(cv2(want_gates.sum(0)) + cv2(load)), rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
