@@ -1273,6 +1273,25 @@ def test_grouped_editor_defaults_follow_the_spec():
             GroupedEditor(6, 4, **bad)
 
 
+def test_grouped_editor_initialisation_is_mends_identity_with_xavier_uniform_v():
+    """Each layer starts as the identity (u = 0, bias 0, mode scale 1, shift 0) with every editor's
+    (r, d) v drawn xavier-uniform, U(-b, b), b = sqrt(6 / (r + d)) (a wrong bound changes how fast
+    u can learn; the identity hides it), and alpha = -edit_lr."""
+    from dcedit_kernels import GroupedEditor
+
+    ed = GroupedEditor(40, 24, n_editors=3, rank=16, routing="random", edit_lr=1e-3, seed=0)
+    d, r = 64, 16
+    bound = math.sqrt(6.0 / (r + d))
+    for layer in ed.layers:
+        assert not layer.u.any() and not layer.bias.any() and not layer.mode_shift.any()
+        assert torch.equal(layer.mode_scale, torch.ones_like(layer.mode_scale))
+        v = layer.v.detach().double()
+        assert v.shape == (3, r, d)
+        assert float(v.abs().max()) <= bound and float(v.abs().max()) > 0.95 * bound
+        assert abs(float(v.var()) - bound ** 2 / 3) < 0.1 * bound ** 2 / 3  # U(-b, b)'s variance
+    assert torch.equal(ed.alpha.detach(), torch.full((1,), -1e-3))
+
+
 @pytest.mark.parametrize("preset, want", [
     ("MEND", dict(n_editors=1, routing="single", fusion="add", generator=None, fisher_keep=None)),
     ("RaEditor", dict(n_editors=4, routing="random", fusion="sss", generator=None, fisher_keep=None)),
