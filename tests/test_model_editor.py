@@ -972,6 +972,32 @@ def test_nonfinite_shifted_weight_restores(gen, monkeypatch):
     assert_bit_identical(before, me.model)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_exception_checking_a_shifted_weight_restores_it(arch, gen, monkeypatch):
+    """An out-of-memory error in the finiteness check of a weight just shifted in place (the op
+    wrote it, apply had not recorded it yet) used to leave that weight shifted, under a note saying
+    every weight was restored."""
+    from dcedit_kernels.editors import grouped_edit
+
+    me = make_editor(arch, "mend", gen)
+    before = snapshot(me.model)
+    original = grouped_edit.all_finite
+    calls = []
+
+    def oom_on_the_second_weight(t):
+        calls.append(1)
+        if len(calls) == 4:  # shift, weight; shift, weight: the second weight's own check
+            raise torch.cuda.OutOfMemoryError("simulated out of memory")
+        return original(t)
+
+    monkeypatch.setattr(grouped_edit, "all_finite", oom_on_the_second_weight)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="simulated"):
+        me.apply(random_requests(gen, 2))
+    assert len(calls) == 4
+    assert_bit_identical(before, me.model)
+    assert not me._live
+
+
 def test_ft_exception_mid_training_restores(gen, monkeypatch):
     me = make_editor("llama", "ft", gen, ft_steps=4, ft_stop_loss=None)
     before = snapshot(me.model)

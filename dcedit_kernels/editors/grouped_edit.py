@@ -76,7 +76,15 @@ def apply_finite_shift_(weight, delta, alpha: float, fisher=None, keep=None) -> 
     if not math.isfinite(alpha) or not all_finite(delta):
         raise FloatingPointError("the editor's shift is not finite; the weight was not changed")
     previous = ops.apply_shift_(weight, delta, alpha, fisher, keep)
-    if not all_finite(weight) and all_finite(previous):
+    try:
+        overflowed = not all_finite(weight) and all_finite(previous)
+    except BaseException:
+        # The check failed (out of memory, a CUDA error it synchronised on) with the weight written:
+        # `previous` is the caller's only way back and is lost once this raises, so it goes back here
+        # (ModelEditor's note said every weight was restored while this one kept its shift).
+        ops.undo_shift_(weight, previous)
+        raise
+    if overflowed:
         ops.undo_shift_(weight, previous)
         raise FloatingPointError(f"the shifted weight is not finite in {weight.dtype} (an overflow); "
                                  "the weight was restored")
