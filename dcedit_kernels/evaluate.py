@@ -254,11 +254,14 @@ def measure_edit(editor, requests: Sequence[EditRequest], batch_size: int = 16, 
     rephrased = _with(requests, "rephrase")
     neighbours = _with(requests, "locality", "locality_target")
 
-    with PeakMemory(getattr(editor, "devices", None) or _model_devices(model)) as memory:
-        start = time.perf_counter()
-        handle = editor.apply(without_locality(requests))
-        latency = time.perf_counter() - start
+    # The undo covers the peak's reading too: an error there (a CUDA sync in PeakMemory's exit), or a
+    # Ctrl-C, after apply returned left the model edited, with the handle out of the caller's reach.
+    handle = None
     try:
+        with PeakMemory(getattr(editor, "devices", None) or _model_devices(model)) as memory:
+            start = time.perf_counter()
+            handle = editor.apply(without_locality(requests))
+            latency = time.perf_counter() - start
         with _kept(editor, lower_blocks):
             with _named_as(_indices_with(requests, "rephrase")):
                 es = metrics.edit_success(model, tokenizer, rephrased, batch_size) if rephrased else None
@@ -277,7 +280,8 @@ def measure_edit(editor, requests: Sequence[EditRequest], batch_size: int = 16, 
                     dd = metrics.drawdown(model, tokenizer, local, base, batch_size) if local else None
         extra = {} if during is None else {"during": during(model)}
     finally:
-        handle.undo()
+        if handle is not None:
+            handle.undo()
     return dict(
         **extra,
         es=es, reliability=rel, dd=dd, lmp=None if es is None or dd is None else metrics.lmp(es, dd), ns=ns,

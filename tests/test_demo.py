@@ -290,6 +290,30 @@ def test_measure_edit_missing_fields_and_during():
     _assert_same(model, before)
 
 
+@pytest.mark.parametrize("where", ["peak", "scoring"])
+def test_measure_edit_that_fails_after_the_apply_undoes_it(where, monkeypatch):
+    """An error after the edit was applied, in the scoring or while PeakMemory's exit reads the peak
+    (a CUDA sync there), leaves the model unedited: the peak's reading used to come before the undo
+    was armed, and the model stayed edited with its handle out of reach."""
+    from dcedit_kernels import evaluate, metrics
+
+    model, tok = tiny_model("llama", seed=random.randrange(1000))
+    me = ModelEditor(model, tok, layers=["model.layers.1.mlp.down_proj"], method="ft", ft_steps=2)
+    before = _snapshot(model)
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("simulated CUDA error")
+
+    if where == "peak":
+        monkeypatch.setattr(evaluate.PeakMemory, "__exit__", fails)
+    else:
+        monkeypatch.setattr(metrics, "reliability", fails)
+    with pytest.raises(RuntimeError, match="simulated"):
+        measure_edit(me, _tiny_requests(2, random.Random()))
+    _assert_same(model, before)
+    assert not me._live
+
+
 def test_measure_edit_holds_the_scored_locality_prompts_out_of_the_edit():
     """FT+KL would otherwise fit its KL to the prompts DD is scored on: the method gets the requests
     without locality, FT+KL regularises on its `locality_texts`, and DD and NS are still scored."""
