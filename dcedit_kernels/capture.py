@@ -88,6 +88,7 @@ import torch
 from torch import nn
 
 from ._checks import all_finite
+from .edit_handle import deferred_interrupt
 from .reference.segments import kept_offsets
 from .tokenize import IGNORE_INDEX, listed_causal_lm, no_kv_cache
 
@@ -300,21 +301,25 @@ class FactorCapture:
             for name, module in self.modules.items():
                 self._handles.append(module.register_forward_hook(self._make_hook(name), with_kwargs=True))
         except BaseException:
-            self._remove()
-            self._no_checkpointing.__exit__(None, None, None)
+            self._unhook()
             raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self._remove()
-        self._no_checkpointing.__exit__(None, None, None)
+        self._unhook()
         self._outputs.clear()  # release the autograd graph; the records keep mu and eta
         self._encoder_copies = {}
 
-    def _remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def _unhook(self) -> None:
+        """Every hook off the model, and its checkpointing flags back.  A Ctrl-C meanwhile waits
+        until the end: one that landed while the hooks were being removed left them on their
+        modules, and every later forward of the model raised ("ran more than once inside one
+        capture")."""
+        with deferred_interrupt():
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            self._no_checkpointing.__exit__(None, None, None)
 
     # -- results -------------------------------------------------------------------------------
     @property
@@ -482,10 +487,11 @@ def no_activation_checkpointing(model: nn.Module):
             handles.append(embeddings.register_forward_hook(_detach_if_frozen))
         yield
     finally:
-        for h in handles:
-            h.remove()
-        for m in flipped:
-            m.gradient_checkpointing = True
+        with deferred_interrupt():  # a Ctrl-C meanwhile waits until everything is back
+            for h in handles:
+                h.remove()
+            for m in flipped:
+                m.gradient_checkpointing = True
 
 
 def _input_embeddings(model: nn.Module) -> nn.Module | None:
@@ -516,8 +522,11 @@ def frozen_parameters(model: nn.Module):
             p.requires_grad_(False)
         yield
     finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
+        # A Ctrl-C meanwhile waits until every flag is back: one that landed in this loop left the
+        # parameters after it frozen (a caller's training then silently got no gradient for them).
+        with deferred_interrupt():
+            for p, flag in zip(params, flags):
+                p.requires_grad_(flag)
 
 
 @contextlib.contextmanager
@@ -530,9 +539,10 @@ def modes_restored(module: nn.Module):
     try:
         yield
     finally:
-        module.train(modes[0][1])
-        for m, mode in modes:
-            m.training = mode
+        with deferred_interrupt():  # a Ctrl-C meanwhile waits until every flag is back
+            module.train(modes[0][1])
+            for m, mode in modes:
+                m.training = mode
 
 
 def capture_factors(

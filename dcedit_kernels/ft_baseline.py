@@ -19,7 +19,7 @@ from torch import nn
 
 from ._checks import HALF_DTYPES, all_finite, is_finite_number, is_int
 from .block_prefix import PrefixReuse
-from .edit_handle import add_note, restore
+from .edit_handle import add_note, deferred_interrupt, restore
 from .losses import backward_scale, log_probs_at, picked_kl
 from .requests import EditRequest
 from .scored_logits import logits_at, scored_positions
@@ -75,8 +75,9 @@ def swapped_parameters(model: nn.Module, values: list[tuple[nn.Parameter, torch.
             module._parameters[attr] = nn.Parameter(by_id[id(p)], requires_grad=False)
         yield
     finally:
-        for module, attr, p in held:
-            module._parameters[attr] = p
+        with deferred_interrupt():  # a Ctrl-C meanwhile waits until every Parameter is back
+            for module, attr, p in held:
+                module._parameters[attr] = p
 
 
 def _prefixed(prefix: PrefixReuse | None, key: tuple, batch: dict):
@@ -324,9 +325,10 @@ class FineTuneBaselines:
             add_note(exc, "dcedit: the fine-tuning edit failed; the edited weights were restored bit for bit")
             raise
         finally:
-            for p, flag in zip(params, flags):
-                p.requires_grad_(flag)
-            for w, g in zip(weights, grads):
-                w.grad = g
+            with deferred_interrupt():  # a Ctrl-C meanwhile waits until every flag and .grad is back
+                for p, flag in zip(params, flags):
+                    p.requires_grad_(flag)
+                for w, g in zip(weights, grads):
+                    w.grad = g
         return dict(ft_s=time.perf_counter() - t0, ft_steps_run=steps_run,
                     n_tokens=int(batch["attention_mask"].sum()))

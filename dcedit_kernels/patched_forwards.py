@@ -7,6 +7,8 @@ from typing import Callable, Iterator
 
 from torch import nn
 
+from .edit_handle import deferred_interrupt
+
 
 @contextlib.contextmanager
 def patched_forwards() -> Iterator[Callable[[nn.Module, Callable], None]]:
@@ -23,8 +25,9 @@ def patched_forwards() -> Iterator[Callable[[nn.Module, Callable], None]]:
     try:
         yield patch
     finally:
-        for module, previous in reversed(patched):
-            if previous is None:
-                del module.forward
-            else:
-                module.forward = previous
+        with deferred_interrupt():  # a Ctrl-C meanwhile waits until every forward is back
+            for module, previous in reversed(patched):
+                if previous is None:
+                    del module.forward
+                else:
+                    module.forward = previous

@@ -500,6 +500,61 @@ def test_interrupt_right_after_a_weight_is_written_restores_it(gen, monkeypatch)
     assert not me._live
 
 
+@pytest.mark.parametrize("method, during", [("mend", "hook_removal"), ("mend", "flag_restore"),
+                                            ("ft_kl", "flag_restore")])
+def test_interrupt_while_the_model_is_put_back_puts_all_of_it_back(during, method, gen, monkeypatch):
+    """Ctrl-C landing while the capture takes its hooks off the model, or while the capture (or
+    the fine-tuning) gives the parameters back their requires_grad flags, waits until all of it
+    is back.  It used to leave the rest as it was: the capture's hooks stayed on their modules, so
+    every later forward of the model raised ("ran more than once inside one capture"), or the
+    parameters after the interrupted one stayed frozen."""
+    import os
+    import signal
+
+    from torch.utils.hooks import RemovableHandle
+
+    me = make_editor("gpt2", method, gen, **({"ft_steps": 2, "ft_stop_loss": None} if method == "ft_kl" else {}))
+    model = me.model
+    before = snapshot(model)
+    n_params = len(list(model.parameters()))
+    calls = []
+    if during == "hook_removal":
+        original = RemovableHandle.remove
+
+        def remove_then_ctrl_c(self):
+            calls.append(1)
+            if len(calls) == 1:
+                os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode
+            return original(self)
+
+        monkeypatch.setattr(RemovableHandle, "remove", remove_then_ctrl_c)
+    else:
+        original = nn.Parameter.requires_grad_
+
+        def restore_then_ctrl_c(self, flag=True):
+            calls.append(1)
+            # The first flag given back: after freezing every parameter (the fine-tuning then
+            # unfreezes its 4 weights).
+            if len(calls) == n_params + (4 if method == "ft_kl" else 0) + 1:
+                os.kill(os.getpid(), signal.SIGINT)
+            return original(self, flag)
+
+        monkeypatch.setattr(nn.Parameter, "requires_grad_", restore_then_ctrl_c, raising=False)
+    with ctrl_c_raises():
+        me.apply(random_requests(gen, 2))
+    monkeypatch.undo()
+    assert calls
+    assert_bit_identical(before, model)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert not me._live
+    ids = me.tokenizer(["a b c"], return_tensors="pt")["input_ids"]
+    model(ids)  # the model runs as before
+    with me.edited(random_requests(gen, 2)):
+        pass
+    assert_bit_identical(before, model)
+
+
 def test_interrupt_during_the_rollback_still_drops_the_failed_edit(gen, monkeypatch):
     """A second Ctrl-C while apply() restores the weights of a failed edit (held back by
     deferred_interrupt, raised when the restore ends) used to skip dropping the failed edit's
