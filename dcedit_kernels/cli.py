@@ -300,9 +300,17 @@ def check_out(path: str) -> None:
 
 
 def write_json(path, data) -> None:
+    """`data` as JSON at `path`, written beside it and moved over it: a write cut short (a full
+    disk, a Ctrl-C) leaves the previous file whole, not a truncated one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=_json_default))
+    text = json.dumps(data, indent=2, default=_json_default)
+    tmp = path.with_name(f".{path.name[:64]}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _json_default(value):
@@ -569,7 +577,11 @@ def _common(p: argparse.ArgumentParser, method_default: str | None, methods=tupl
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="dcedit", description="Divide-and-conquer knowledge editing.")
+    # The package's version (it keys the editor cache) and torch's (a compiled _C loads with its own only).
+    parser.add_argument("--version", action="version", version=f"dcedit_kernels {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train an editor and save it (safetensors); under torchrun, data-parallel",

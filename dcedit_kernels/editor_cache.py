@@ -140,7 +140,9 @@ def trained_editor(model, tokenizer, method: str, layers: list[str], kwargs: dic
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         me.save(tmp)
         os.replace(tmp, path)  # atomic: a concurrent run never reads half a file
-        info_path.write_text(json.dumps(info))
+        from .cli import write_json
+
+        write_json(info_path, info)
     except OSError as exc:  # a read-only home: still usable, retrained next time
         print(f"could not cache the editor at {path}: {exc}")
     return me, info

@@ -95,6 +95,31 @@ def test_write_json_writes_paths_and_tensors_and_refuses_the_rest(tmp_path):
         cli.write_json(out, dict(x=object()))
 
 
+def test_dcedit_version(capsys):
+    from dcedit_kernels import __version__
+
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"dcedit_kernels {__version__} (torch {torch.__version__})\n"
+
+
+def test_write_json_cut_short_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    """A write that fails midway (a full disk, a Ctrl-C) truncated the results file in place."""
+    out = tmp_path / "results.json"
+    cli.write_json(out, dict(a=1))
+    real_write_text = Path.write_text
+
+    def half_then_full_disk(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        cli.write_json(out, dict(b=[2] * 100))
+    monkeypatch.undo()
+    assert json.loads(out.read_text()) == dict(a=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left
+
+
 @pytest.mark.parametrize("sizes", ["x,2", "0", ",", "3,-1"])
 def test_cli_n_edits_list_is_checked_before_the_model_loads(sizes, capsys, monkeypatch):
     monkeypatch.setattr(cli, "load_any_model", lambda *a, **k: pytest.fail("the model loaded"))
