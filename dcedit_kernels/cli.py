@@ -300,17 +300,14 @@ def check_out(path: str) -> None:
 
 
 def write_json(path, data) -> None:
-    """`data` as JSON at `path`, written beside it and moved over it: a write cut short (a full
-    disk, a Ctrl-C) leaves the previous file whole, not a truncated one."""
+    """`data` as JSON at `path`, written beside it and moved over it (`replace_atomically`): a write
+    cut short (a full disk, a Ctrl-C) leaves the previous file whole, not a truncated one."""
+    from .safetensors_file import replace_atomically
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(data, indent=2, default=_json_default)
-    tmp = path.with_name(f".{path.name[:64]}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def _json_default(value):

@@ -1,6 +1,7 @@
 """Writing a safetensors file, as every checkpoint here does (`ModelEditor.save`,
-`GroupedEditor.save`, the trainer's checkpoints), and the checks both editor loads make of one they
-read (`ModelEditor.load`, `GroupedEditor.load`)."""
+`GroupedEditor.save`, the trainer's checkpoints), or any file written whole (`replace_atomically`:
+the CLI's JSON records too), and the checks both editor loads make of one they read
+(`ModelEditor.load`, `GroupedEditor.load`)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,16 @@ import os
 import stat
 import uuid
 from pathlib import Path
+from typing import Callable
 
 
-def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
-    """`safetensors.torch.save_file` to `path`, with the mode any file this process creates gets
-    (0o666 less the umask, as torch.save's), or, saved over an existing file, that file's mode (as
-    torch.save's): safetensors 0.8 writes through a private temporary
-    file and leaves its mode, 0600, so a checkpoint was unreadable to the user's group.  Written
-    beside `path` under a name of its own (threads and processes saving the same path do not
-    share it) and moved over it, so a failed or interrupted write leaves the previous file."""
-    from safetensors.torch import save_file
-
+def replace_atomically(path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` writes the file's content to `tmp`, a file beside `path` under a name of its own
+    (threads and processes writing the same path do not share it), which is then moved over
+    `path`: a failed or interrupted write leaves the previous file whole.  The file gets the mode
+    any file this process creates gets (0o666 less the umask), or, written over an existing file,
+    that file's mode (as torch.save's): safetensors 0.8 writes through a private temporary file
+    and leaves its mode, 0600, so a checkpoint was unreadable to the user's group."""
     path = Path(path)
     if not path.parent.is_dir():  # safetensors would name its temporary file instead
         raise FileNotFoundError(f"cannot save to {path}: the folder {path.parent} does not exist")
@@ -34,11 +34,19 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
             mode = None
         if mode is None:
             mode = stat.S_IMODE(os.stat(tmp).st_mode)
-        save_file(tensors, str(tmp), metadata=metadata)
+        write(tmp)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
+    """`safetensors.torch.save_file` to `path`, written beside it and moved over it, with the mode
+    of a file this process creates, or of the file saved over (`replace_atomically`)."""
+    from safetensors.torch import save_file
+
+    replace_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def json_metadata(path, key: str, text: str) -> dict:
