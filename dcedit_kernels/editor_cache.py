@@ -104,7 +104,8 @@ def trained_editor(model, tokenizer, method: str, layers: list[str], kwargs: dic
     """(ModelEditor, info): the editor loaded from `cache_dir()` when one was trained with the
     same settings (see `editor_cache_key`), else trained now (`TrainConfig(**train_config)`) and
     cached.  `info`: cached, path, train_s (0 when cached), steps, first_loss, last_loss (of the
-    first and last steps with a loss; None when every batch was skipped), and for a cached editor trained_earlier_s (the training time of the run that cached it)."""
+    first and last steps with a loss; None when every batch was skipped), and for a cached editor
+    trained_earlier_s (the training time of the run that cached it)."""
     from .model_editor import ModelEditor
     from .train import TrainConfig
 
@@ -137,9 +138,7 @@ def trained_editor(model, tokenizer, method: str, layers: list[str], kwargs: dic
                 first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        me.save(tmp)
-        os.replace(tmp, path)  # atomic: a concurrent run never reads half a file
+        me.save(path)  # atomic (save_safetensors): a concurrent run never reads half a file
         from .cli import write_json
 
         write_json(info_path, info)
