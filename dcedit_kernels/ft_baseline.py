@@ -159,13 +159,7 @@ class FineTuneBaselines:
         with self._length_errors(loc, "locality texts", names):
             for k, chunk in enumerate(chunks):
                 mask = chunk["attention_mask"].bool()
-                base_logp = None
-                if keep:
-                    with _prefixed(prefix, ("kl", k), chunk):
-                        base_logp = self._ft_base_log_probs(chunk, mask)
-                    if prefix is not None:
-                        prefix.confirm(("kl", k), lambda b, mask=mask: self._ft_base_log_probs(b, mask), chunk,
-                                       base_logp)
+                base_logp = self._ft_base_log_probs_from(prefix, k, chunk, mask) if keep else None
                 parts.append((chunk, mask, base_logp, int(mask.sum()) / total))
         return parts
 
@@ -184,6 +178,17 @@ class FineTuneBaselines:
         with swapped_parameters(self.model, list(reference)):
             return log_probs_at(self.model, chunk["input_ids"], chunk["attention_mask"], mask,
                                 skip=self.modules.values(), **no_kv_cache(self.model))
+
+    def _ft_base_log_probs_from(self, prefix: PrefixReuse | None, k: int, chunk: dict, mask: torch.Tensor,
+                                reference=()) -> torch.Tensor:
+        """`_ft_base_log_probs` of locality chunk `k`, run from the kept output of the blocks below
+        the fine-tuned ones when `prefix` holds it (else keeping it); on the model's first recorded
+        pass, checked once (`PrefixReuse.confirm`)."""
+        with _prefixed(prefix, ("kl", k), chunk):
+            base_logp = self._ft_base_log_probs(chunk, mask, reference)
+        if prefix is not None:
+            prefix.confirm(("kl", k), lambda b: self._ft_base_log_probs(b, mask, reference), chunk, base_logp)
+        return base_logp
 
     def _apply_ft(self, requests: list[EditRequest], batch: dict, saved: list):
         opts = self.ft_options
@@ -282,11 +287,7 @@ class FineTuneBaselines:
                 for k, (chunk, mask, base_logp, share) in enumerate(kl_parts):
                     with self._length_errors(loc, "locality texts", loc_names):
                         if base_logp is None:  # chunked: recomputed, not kept (see _ft_kl_reference)
-                            with _prefixed(prefix, ("kl", k), chunk):
-                                base_logp = self._ft_base_log_probs(chunk, mask, reference)
-                            if prefix is not None:
-                                prefix.confirm(("kl", k), lambda b, mask=mask: self._ft_base_log_probs(
-                                    b, mask, reference), chunk, base_logp)
+                            base_logp = self._ft_base_log_probs_from(prefix, k, chunk, mask, reference)
                         with logits_at(self.model, mask, skip=self.modules.values()) as scored, \
                                 _prefixed(prefix, ("kl", k), chunk):
                             logits = self.model(input_ids=chunk["input_ids"], attention_mask=chunk["attention_mask"],
