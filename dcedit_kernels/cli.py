@@ -578,7 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="dcedit", description="Divide-and-conquer knowledge editing.")
     # The package's version (it keys the editor cache) and torch's (a compiled _C loads with its own only).
-    parser.add_argument("--version", action="version", version=f"dcedit_kernels {__version__} (torch {torch.__version__})")
+    parser.add_argument("--version", action="version",
+                        version=f"dcedit_kernels {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train an editor and save it (safetensors); under torchrun, data-parallel",

@@ -24,16 +24,17 @@ to resume; a resume with another W is refused.
 A failure (an Exception) in a step's work raises on every process, rather than leaving the others
 waiting in their next collective: a process whose batches raise still joins the step's all-reduce,
 which counts the failures (`average_gradients`); the optimiser step is followed by a one-flag
-all-reduce (`settle`), as is restoring a resume's RNG states; the validation shares and the RNG states a checkpoint holds are gathered
-with their outcome (`gather_outcomes`); rank 0 sends the outcome of its checkpoint writes
-(`on_rank0`).  The failed process re-raises its own error; the others raise a `PeerFailure` (a
-RuntimeError) naming its rank and error.  Not covered: the few statements between these (setting
-.grad to None, the norms' sums, a best state's copy), a KeyboardInterrupt, and a process killed
-outright (torchrun stops the others).  Before the first step the processes check that they were given the same
-settings (`agree_on_start`): different ones would call different collectives.  All of them must be
-given data_parallel=True: a process without it trains on its own and calls no collective, so the
-others wait for it in agree_on_start until it ends (a check would need a collective in every
-process group, also where the processes train different editors on their own).
+all-reduce (`settle`), as is restoring a resume's RNG states; the validation shares and the RNG
+states a checkpoint holds are gathered with their outcome (`gather_outcomes`); rank 0 sends the
+outcome of its checkpoint writes (`on_rank0`).  The failed process re-raises its own error; the
+others raise a `PeerFailure` (a RuntimeError) naming its rank and error.  Not covered: the few
+statements between these (setting .grad to None, the norms' sums, a best state's copy), a
+KeyboardInterrupt, and a process killed outright (torchrun stops the others).  Before the first
+step the processes check that they were given the same settings (`agree_on_start`): different ones
+would call different collectives.  All of them must be given data_parallel=True: a process without
+it trains on its own and calls no collective, so the others wait for it in agree_on_start until it
+ends (a check would need a collective in every process group, also where the processes train
+different editors on their own).
 """
 
 from __future__ import annotations

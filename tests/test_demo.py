@@ -448,14 +448,10 @@ def test_demo_refuses_bad_counts_by_flag(capsys, argv, message):
 def test_demo_refuses_an_out_that_is_a_file(capsys, tmp_path, monkeypatch):
     """--out naming a file: one error line and exit status 2 before the model loads (it was a
     FileExistsError traceback)."""
-    import importlib.util
-
     import dcedit_kernels.models as models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
-    spec = importlib.util.spec_from_file_location("edit_demo_program", REPO / "python" / "edit_demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = _demo_module()
     (tmp_path / "a_file").write_text("")
     assert demo.main(["--quick", "--out", str(tmp_path / "a_file"), "--no-progress"]) == 2
     assert "edit_demo: error: --out" in capsys.readouterr().err

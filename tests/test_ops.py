@@ -937,7 +937,6 @@ def test_raw_ops_check_their_inputs_on_the_device(case, gen, device):
     assert all(torch.equal(a, b) for a, b in zip((a for a in args if isinstance(a, torch.Tensor)), before))
 
 
-
 # ---------------------------------------------------------------- forward-mode AD
 FORWARD_AD_REFUSED = ["grouped_outer", "grouped_lowrank", "lowrank_delta_linear", "fisher_mask"]
 
@@ -973,6 +972,7 @@ def test_raw_op_refuses_a_forward_mode_tangent(gen):
         dual = forward_ad.make_dual(eta, torch.ones_like(eta))
         with pytest.raises(NotImplementedError, match="dcedit::grouped_outer has no forward-mode AD"):
             torch.ops.dcedit.grouped_outer(dual, mu, offsets, "add", 1.0)
+
 
 def _public_op_calls(gen):
     """name -> (op, keyword arguments of a good call): every public op of dcedit_kernels.ops."""

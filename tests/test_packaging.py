@@ -131,6 +131,7 @@ def test_a_compiled_extension_that_fails_to_load_is_reported(tmp_path):
     assert "RuntimeWarning: dcedit_kernels: the compiled kernels" in failed.stderr, failed.stderr[-2000:]
     assert "_C.abi3.so" in failed.stderr  # the loader's own error, naming the file
 
+
 def test_import_is_light_and_lists_the_lazy_names():
     """`import dcedit_kernels` loads the ops, not transformers; the pipeline's names load on first
     use and are listed by dir() all the same."""
