@@ -37,13 +37,17 @@ def editor_cache_key(method: str, layers: list[str], kwargs: dict, train_config:
     the dtype the model was trained in when given: an editor trained on an fp16 model is not the
     fp32 one's; and, when given, the content of the training requests, every field: ids that name
     only some of them, such as prompt and target, would not tell data with other rephrases or
-    locality prompts apart).
+    locality prompts apart); and the transformers version, which reads the model file (a gguf's
+    dequantization and its tokenizer are transformers' code: another version may load other
+    weights or token ids from one file).
 
     The capture settings (`tokens`, `loss_reduction`), MoEditor's `gate_norm` and the training
     settings enter with their defaults resolved (a default written out is the same editor), so
     that changing a default (as when `TrainConfig.fisher_mask` appeared) gives a new key: an
     editor trained under the old semantics is never reused under the new ones.
     """
+    import transformers
+
     from . import __version__
     from .editors.grouped_editor import GATE_NORM_DEFAULT
     from .train import TrainConfig
@@ -56,7 +60,7 @@ def editor_cache_key(method: str, layers: list[str], kwargs: dict, train_config:
     editor_kwargs = {k: v for k, v in kwargs.items() if k not in capture and k not in _RUNTIME}
     if method == "moeditor":  # resolved, as the settings above: a MoEditor cached before gate_norm read raw features
         editor_kwargs.setdefault("gate_norm", GATE_NORM_DEFAULT)
-    blob = json.dumps(dict(version=__version__, method=method, layers=list(layers), kwargs=editor_kwargs,
+    blob = json.dumps(dict(version=__version__, transformers=transformers.__version__, method=method, layers=list(layers), kwargs=editor_kwargs,
                            capture=capture,
                            train=train, edits=list(train_ids), model=model_id,
                            **({} if model_dtype is None else dict(model_dtype=model_dtype)),

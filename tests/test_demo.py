@@ -659,6 +659,19 @@ def test_editor_cache_key_tells_model_files_of_one_name_and_size_apart(tmp_path)
     assert key(files[0]) == key(files[2])  # the same model, copied elsewhere: reused
 
 
+def test_editor_cache_key_covers_the_transformers_version(monkeypatch):
+    """transformers turns the model file into weights and token ids (a gguf's dequantization and
+    tokenizer are its code): an editor trained under one version is not reused under another."""
+    import transformers
+
+    def key():
+        return editor_cache.editor_cache_key("mend", ["a.b"], {}, {"steps": 2}, ["x"], "no-such-model")
+
+    before = key()
+    monkeypatch.setattr(transformers, "__version__", transformers.__version__ + ".post1")
+    assert key() != before
+
+
 def test_editor_cache_key_resolves_moeditors_gate_norm():
     """A MoEditor cached before gate_norm existed read raw features: with the default resolved in
     the key, it is retrained, not loaded (as the gate_norm=False editor it was) under the new default."""
