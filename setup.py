@@ -111,6 +111,7 @@ def _extension():
 
 
 setup(
+    license="Apache-2.0",
     packages=find_packages(include=["dcedit_kernels", "dcedit_kernels.*"]),
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
