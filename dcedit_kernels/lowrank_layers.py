@@ -76,6 +76,7 @@ from . import ops
 from ._checks import check_ids, compute_dtype
 from .capture import is_conv1d, no_activation_checkpointing, resolve_modules, weight_out_in
 from .devices import check_resident
+from .editors.grouped_edit import GroupedEdit
 from .patched_forwards import patched_forwards
 from .reference.segments import segment_bounds
 
@@ -225,7 +226,7 @@ def _lowrank_forward(module: nn.Module, name: str, row_group, mu_t, eta_t, offse
 @contextlib.contextmanager
 def lowrank_edited(
     model: nn.Module,
-    edits: Mapping[str, object],
+    edits: Mapping[str, GroupedEdit],
     row_edit: torch.Tensor,
     row_sees_all: torch.Tensor | None = None,
     masked: bool = False,
@@ -255,6 +256,9 @@ def lowrank_edited(
     """
     if not isinstance(edits, Mapping) or not edits:
         raise ValueError("edits must be a non-empty mapping of module name to GroupedEdit")
+    for name, edit in edits.items():  # another object raised AttributeError from deep inside
+        if not isinstance(edit, GroupedEdit):
+            raise ValueError(f"edits[{name!r}] must be a GroupedEdit, got {type(edit).__name__}")
     modules = resolve_modules(model, list(edits))
     # A layer offloaded by accelerate (its weight on "meta", e.g. cpu_offload after the ModelEditor was
     # built): the patched forward bypasses the hook that loads it, so it computed on the placeholder

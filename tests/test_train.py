@@ -204,6 +204,20 @@ def test_lowrank_edited_rows_that_see_the_fused_shift(arch, fusion, gen):
     assert torch.allclose(got[rows].detach(), applied, rtol=1e-10, atol=1e-10)
 
 
+def test_lowrank_edited_rejects_an_edit_that_is_not_a_grouped_edit(gen):
+    # The hint said Mapping[str, object]: anything else than a GroupedEdit (a tensor, its factors
+    # as a tuple) raised AttributeError ('Tensor' object has no attribute 'edit_group').
+    model, _ = frozen_double_model("gpt2", 0)
+    name = LAYERS["gpt2"][0]
+    o, i = weight_out_in(dict(model.named_modules())[name]).shape
+    edit = random_grouped_edit(gen, i, o, 3, G=2)
+    for bad in (torch.zeros(o, i), (edit.mu_t, edit.eta_t)):
+        with pytest.raises(ValueError, match=rf"edits\['{name}'\] must be a GroupedEdit"):
+            with lowrank_edited(model, {name: bad}, torch.tensor([0])):
+                pass
+    assert "forward" not in dict(model.named_modules())[name].__dict__  # nothing was patched
+
+
 def test_lowrank_edited_rejects_bad_rows(gen):
     model, _ = frozen_double_model("gpt2", 0)
     name = LAYERS["gpt2"][0]
