@@ -40,7 +40,7 @@ class TrainConfig:
     patience: int | None = 5  # validations without improvement before stopping (None: never)
     min_delta: float = 0.0
     restore_best: bool = True
-    checkpoint_dir: str | None = None
+    checkpoint_dir: str | os.PathLike | None = None
     resume: bool = True
     seed: int = 0
     progress: bool = True

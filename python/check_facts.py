@@ -48,7 +48,7 @@ def starts_with_answer(continuation: str, answer: str) -> bool:
     return text.startswith(answer) and not re.match(r"[^\W\d_]", text[len(answer) : len(answer) + 1])
 
 
-def check(model, tokenizer, prompts: list[str], answers: list[str]) -> list[bool]:
+def check(model, tokenizer, prompts: list[str], answers: list[str]) -> tuple[list[bool], list[str]]:
     n_new = max(len(tokenizer(" " + a)["input_ids"]) for a in answers) + 1
     greedy = greedy_continuations(model, tokenizer, prompts, n_new)
     # every target token right under teacher forcing, the LM head computing the scored positions only

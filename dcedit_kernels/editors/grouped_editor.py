@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import torch
 from torch import nn
@@ -273,7 +274,7 @@ class GroupedEditor(nn.Module):
         return self(mu, eta, edit_offsets, mode, edit_feats).apply_(weight)
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, path: str) -> None:
+    def save(self, path: str | os.PathLike) -> None:
         """Save to safetensors, with the constructor arguments in the metadata."""
         from ..safetensors_file import save_safetensors
 
@@ -281,7 +282,7 @@ class GroupedEditor(nn.Module):
         save_safetensors(tensors, path, metadata={"dcedit_config": json.dumps({**self.config, "seed": self.seed})})
 
     @classmethod
-    def load(cls, path: str, map_location="cpu") -> "GroupedEditor":
+    def load(cls, path: str | os.PathLike, map_location="cpu") -> "GroupedEditor":
         """The editor `save` wrote.  A seeded editor comes back with its seed, and its routing
         generator starts from it, as a new editor with that seed (the draws made since are not
         saved).  ValueError for a file that is not such a checkpoint: not safetensors, a config
@@ -289,7 +290,6 @@ class GroupedEditor(nn.Module):
         or of another shape (safetensors', the constructor's TypeError and load_state_dict's
         RuntimeError before)."""
         import inspect
-        import os
 
         from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
