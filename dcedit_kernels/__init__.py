@@ -1,11 +1,21 @@
 """dcedit_kernels: fused kernels and editors for divide-and-conquer knowledge editing."""
 
+from typing import TYPE_CHECKING
+
 from . import _library, ops, reference
 from ._library import backends
 from .editors import MEND, GroupedEdit, GroupedEditor, MoEditor, ProEditor, RaEditor
 from .ops import op_backends
 
 __version__ = "0.5.8"
+
+if TYPE_CHECKING:  # what type checkers and IDEs read for the lazy names below (they saw Any)
+    from .edit_handle import EditHandle
+    from .lowrank_layers import lowrank_edited
+    from .model_editor import ModelEditor
+    from .models import load_model
+    from .requests import EditRequest
+    from .train import TrainConfig, train_editor
 
 # The editing pipeline imports transformers; load it on first use so `import dcedit_kernels`
 # stays as light as the ops.

@@ -157,6 +157,19 @@ def test_import_is_light_and_lists_the_lazy_names():
     _probe(probe, cwd=ROOT, pythonpath=ROOT)
 
 
+def test_type_checkers_see_every_lazy_name():
+    """The `if TYPE_CHECKING:` imports name each lazy name from its module: without them pyright
+    typed `from dcedit_kernels import ModelEditor` (and the other six) as Any."""
+    import ast
+
+    import dcedit_kernels as d
+
+    tree = ast.parse((ROOT / "dcedit_kernels" / "__init__.py").read_text())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", None) == "TYPE_CHECKING")
+    seen = {a.name: node.module for node in block.body for a in node.names}
+    assert seen == d._LAZY
+
+
 def test_import_and_cpu_calls_leave_triton_unimported():
     """triton serves only CUDA tensors: importing the package, its CLI and the editing pipeline and
     running ops on CPU tensors (forward and backward) must not import it (see ops._dispatch)."""
