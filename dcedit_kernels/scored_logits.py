@@ -72,6 +72,7 @@ def logits_at(model: nn.Module, positions: torch.Tensor, skip: Iterable[nn.Modul
     """Inside the block, the model's head computes logits at `positions` ((B, L) bool) only; yields
     the `Scored` whose `pick` gives them.  `skip`: modules (edited or captured layers) that must see
     full sequences: if the head is one of them, nothing is gathered; nor with enabled=False.
+    Only the forwards of the thread inside the block are gathered (another may score the model meanwhile).
     ValueError unless `positions` is a 2-D bool tensor: 0/1 ints would index rows, not mask them
     (a (B, L) int mask of 40 scored positions picked B·L·L rows)."""
     if not isinstance(positions, torch.Tensor) or positions.dtype != torch.bool or positions.dim() != 2:
@@ -84,8 +85,13 @@ def logits_at(model: nn.Module, positions: torch.Tensor, skip: Iterable[nn.Modul
         yield scored
         return
 
+    # The hook sits on a module other threads may run too (one model scored by several threads):
+    # it gathers only the forwards of the thread inside this block.  Another thread's pass of the
+    # same (B, L) was cut to this block's positions, and its own pick raised IndexError.
+    thread = threading.get_ident()
+
     def gather(module, args):
-        if not args or not isinstance(args[0], torch.Tensor):
+        if threading.get_ident() != thread or not args or not isinstance(args[0], torch.Tensor):
             return None
         hidden = args[0]
         if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(positions.shape):

@@ -103,6 +103,40 @@ def test_logits_at_leaves_a_skipped_or_mismatched_head_alone(gen):
     assert not scored.gathered
 
 
+def test_logits_at_gathers_only_its_own_threads_forward(gen):
+    """Two threads scoring one model: the gather hook of a thread inside `logits_at` also cut
+    another thread's forward of the same (B, L) down to its own positions, so that thread's
+    `pick` raised IndexError (metrics.reliability did), and the first thread's `gathered` was
+    set by a pass it never ran.  The other thread now gets the full logits."""
+    import threading
+
+    me, _, batch = model_and_batch("llama", gen)
+    positions = scored_positions(batch["labels"], True)
+    inputs = me.model_inputs(batch)
+    inside, leave, seen = threading.Event(), threading.Event(), {}
+
+    def hold_the_block():  # another thread's scoring pass, between its hook and its forward
+        with logits_at(me.model, positions) as scored:
+            inside.set()
+            leave.wait(60)
+            with torch.no_grad():
+                seen["own"] = scored.pick(me.model(**inputs).logits)
+            seen["gathered"] = scored.gathered
+
+    with torch.no_grad():
+        full = me.model(**inputs).logits
+        other = threading.Thread(target=hold_the_block)
+        other.start()
+        try:
+            assert inside.wait(60)
+            out = me.model(**inputs).logits  # this thread's plain forward, the hook on the head
+        finally:
+            leave.set()
+            other.join(60)
+    assert out.shape == full.shape and torch.equal(out, full)
+    assert seen["gathered"] and rel_err(seen["own"], full[positions]) < 1e-12  # its own pass, gathered
+
+
 def test_head_input_records_the_full_sequence_under_an_earlier_gather(gen):
     """`head_input` puts its hook before every other pre-hook on the head: entered inside
     `logits_at` (whose gather is then registered first), it still records the (B, L, H) state the
