@@ -2,6 +2,9 @@
 
 Every ModelEditor of a model shares that model's list of live edits (`LIVE_EDITS`), so undo can
 refuse to run out of order: restoring values saved before a later edit would wipe that edit too.
+The list is the model's, keyed by the model object itself (a weak key: it goes with the model, so
+a later model at the same address starts with none), and has no lock: other models' lists are
+other lists, but one model is edited and undone by one thread at a time.
 Writes and restores of weights run under `deferred_interrupt`, so a Ctrl-C never leaves a changed
 weight unrecorded or half restored.
 """

@@ -28,6 +28,9 @@ reports' "peak MB" columns before 0.5.6 were MiB too; `memory_method` says how i
   from earlier steps is reused without raising RSS.
 - Elsewhere: the growth of `ru_maxrss` (never reset, so 0 unless the edit set a new process
   peak; "ru_maxrss").
+Each is a reading of the whole process (or GPU), not of the calling thread: measured while another
+thread edits or allocates, it counts that thread's memory too, and a measurement started meanwhile
+resets the high-water mark (or CUDA peak) under this one.
 
 `evaluate_method` repeats runs over fresh samples for each N_u and reports mean ± std (population
 std over the repeats; 0 for one repeat).  Samples are a function of (seed, N_u, repeat) only, so

@@ -70,7 +70,13 @@ RuntimeError, restoring nothing, once an edited weight was offloaded after the e
 then live in accelerate's hook, out of the restore's reach, so undo before offloading).
 `stats["peak_memory_bytes"]` sums the per-GPU peaks of every CUDA device in play; to measure
 them, `apply` resets those devices' peak statistics (`torch.cuda.reset_peak_memory_stats`), so a
-caller's own `max_memory_allocated` reading spans from the last edit on.
+caller's own `max_memory_allocated` reading spans from the last edit on (the statistics are the
+device's: another thread's allocations on it count in, and its edits reset them).
+
+Threads: ModelEditors of different models share none of this package's state (their edits, undos
+and scoring can run in parallel threads; torch's global random generator is shared, see README
+"Threads"); one model is edited by one thread at a time, since an edit, its capture's hooks and the
+model's live-edit list (`edit_handle.LIVE_EDITS`) are the model's own state.
 """
 
 from __future__ import annotations

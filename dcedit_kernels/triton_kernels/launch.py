@@ -140,7 +140,9 @@ _FORCED: dict[str, dict] = {}
 def forced_tiles(kernel: str, **config):
     """Pin the launch config of `kernel` (a key of `_TILE_KEYS`: "segment_matmul",
     "grouped_outer", "grouped_outer_select", "group_scores" or "grouped_bilinear") inside the
-    block: the keys its tile function returns, all of them."""
+    block: the keys its tile function returns, all of them.  Process-wide, not per thread (a
+    CUDA backward launches from autograd's own threads): for tuning runs (`tune.py`), one block
+    at a time; blocks of two threads that do not nest leave the first one's config pinned."""
     if kernel not in _TILE_KEYS:
         raise ValueError(f"kernel must be one of {tuple(_TILE_KEYS)}, got {kernel!r}")
     missing = set(_TILE_KEYS[kernel]) - set(config)
