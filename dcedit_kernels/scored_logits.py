@@ -87,9 +87,12 @@ def logits_at(model: nn.Module, positions: torch.Tensor, skip: Iterable[nn.Modul
 
     # The hook sits on a module other threads may run too (one model scored by several threads):
     # it gathers only the forwards of the thread inside this block.  Another thread's pass of the
-    # same (B, L) was cut to this block's positions, and its own pick raised IndexError.
+    # same (B, L) was cut to this block's positions, and its own pick raised IndexError.  Not
+    # traced by torch.compile, whose graph broke in the hook before (at the boolean gather) and
+    # which warns that it cannot trace `get_ident`.
     thread = threading.get_ident()
 
+    @torch.compiler.disable
     def gather(module, args):
         if threading.get_ident() != thread or not args or not isinstance(args[0], torch.Tensor):
             return None
