@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import rel_err, skip_fp32_logits
+from helpers import rel_err, seed_from, skip_fp32_logits
 from test_model_editor import assert_bit_identical, one_thread, random_requests, snapshot  # noqa: F401 (one_thread: autouse)
 
 from dcedit_kernels import EditRequest, TrainConfig
@@ -135,6 +135,39 @@ def test_logits_at_gathers_only_its_own_threads_forward(gen):
             other.join(60)
     assert out.shape == full.shape and torch.equal(out, full)
     assert seen["gathered"] and rel_err(seen["own"], full[positions]) < 1e-12  # its own pass, gathered
+
+
+class _TinyLM(nn.Module):
+    """An embedding and a linear head: what `logits_at` hooks, without a transformer to compile."""
+
+    def __init__(self, vocab=11, width=6):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(vocab, width), nn.Linear(width, vocab)
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids):
+        return self.head(torch.tanh(self.embed(input_ids)))
+
+
+def test_logits_at_on_a_compiled_model_gathers_without_a_warning(gen):
+    """torch.compile(model) inside `logits_at`: the gather hook runs untraced, so its thread check
+    draws no dynamo warning ("does not know how to trace the builtin `_thread.get_ident`")."""
+    import warnings
+
+    torch.manual_seed(seed_from(gen))
+    model = _TinyLM()
+    ids = torch.randint(0, 11, (3, 5), generator=gen)
+    positions = torch.rand(3, 5, generator=gen) < 0.5
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        full = model(ids)
+        with logits_at(compiled, positions) as scored:
+            out = compiled(ids)
+    assert scored.gathered and rel_err(scored.pick(out), full[positions]) < 1e-6
+    assert not [w for w in caught if "get_ident" in str(w.message)]
 
 
 def test_head_input_records_the_full_sequence_under_an_earlier_gather(gen):
