@@ -76,6 +76,7 @@ from . import ops
 from ._checks import check_ids, compute_dtype
 from .capture import is_conv1d, no_activation_checkpointing, resolve_modules, weight_out_in
 from .devices import check_resident
+from .edit_handle import deferred_interrupt
 from .editors.grouped_edit import GroupedEdit
 from .patched_forwards import patched_forwards
 from .reference.segments import segment_bounds
@@ -176,16 +177,48 @@ def fused_linear(x, weight, bias, delta, alpha):
     return y.to(x.dtype)
 
 
-def _lowrank_forward(module: nn.Module, name: str, row_group, mu_t, eta_t, offsets, alpha, mask=None, fused=None,
-                     shifts=None):
-    """The patched forward; fused: None, or (row_sees_fused (B,), Δ, α) of the rows that see the
-    fused shift (`fused_linear`), the other rows taking the per-group path; shifts: the masked
-    shifts shared between passes (`dense_masked_linear`)."""
+# The patched forwards' tensors (row groups, editor outputs, masks), by id(module), for the length of a
+# block.  A forward reads them here, not from its closure: torch.compile treats whatever it reaches
+# through an nn.Linear (its patched forward's closure too) as fixed-size
+# (torch._dynamo.config.force_nn_module_property_static_shapes), so a compiled model compiled once
+# more for each new edit token count T and batch size (5 compiles for 5 calls on the tiny Llama,
+# then its recompile limit and eager), never making them dynamic; read from this global, the
+# second size compiles dynamically and later ones reuse it (tests/test_compile.py).
+_ACTIVE: dict[int, tuple] = {}
+
+
+@contextlib.contextmanager
+def _active_states():
+    """Yields `register(key, state)`, which puts `state` in `_ACTIVE` for the block; on exit each key
+    gets back what it had (a `lowrank_edited` entered inside another on the same module)."""
+    registered: list[tuple[int, object]] = []
+
+    def register(key: int, state: tuple) -> None:
+        registered.append((key, _ACTIVE.get(key)))
+        _ACTIVE[key] = state
+
+    try:
+        yield register
+    finally:
+        with deferred_interrupt():  # as patched_forwards: a Ctrl-C waits until every entry is back
+            for key, previous in reversed(registered):
+                if previous is None:
+                    del _ACTIVE[key]
+                else:
+                    _ACTIVE[key] = previous
+
+
+def _lowrank_forward(module: nn.Module, name: str, key: int):
+    """The patched forward, its tensors `_ACTIVE[key]`: (row_group, mu_t, eta_t, offsets, alpha, mask,
+    fused, shifts); fused: None, or (row_sees_fused (B,), Δ, α) of the rows that see the fused shift
+    (`fused_linear`), the other rows taking the per-group path; shifts: the masked shifts shared
+    between passes (`dense_masked_linear`)."""
     weight = weight_out_in(module)  # Conv1D: a transposed view, the op sees out×in
     out_features, in_features = weight.shape
-    n_rows = row_group.numel()
 
     def forward(x):
+        row_group, mu_t, eta_t, offsets, alpha, mask, fused, shifts = _ACTIVE[key]
+        n_rows = row_group.shape[0]  # a size, not a Python int fixed when the block was entered
         # (rows, ..., in), or the rows' tokens flattened row-major, (rows·L, in), as OPT's decoder
         # layers call their MLP.  The 2-D form is taken as rows of equal length in batch order:
         # a model that flattened sequence-first or dropped padding would need its own layout,
@@ -270,7 +303,7 @@ def lowrank_edited(
         raise ValueError(f"masked must be a bool, got {type(masked).__name__}")
     # A checkpointed block would recompute its forward in the caller's backward, after the
     # patched forwards are gone: the forward inside the block runs without checkpointing.
-    with no_activation_checkpointing(model), patched_forwards() as patch:
+    with no_activation_checkpointing(model), _active_states() as register, patched_forwards() as patch:
         for name, module in modules.items():
             edit = edits[name]
             o, i = weight_out_in(module).shape
@@ -297,5 +330,6 @@ def lowrank_edited(
                     formed["fused"] = delta
                 fused = (row_sees_fused.to(device), formed["fused"], edit.alpha.to(device))
             shifts = formed.setdefault("shifts", {}) if shared is not None else None
-            patch(module, _lowrank_forward(module, name, *factors, mask=mask, fused=fused, shifts=shifts))
+            register(id(module), (*factors, mask, fused, shifts))
+            patch(module, _lowrank_forward(module, name, id(module)))
         yield

@@ -239,3 +239,43 @@ def test_fisher_mask_threshold_may_change_between_calls(gen):
     fn = torch.compile(lambda d, f, t: ops.fisher_mask(d, f, threshold=t)[0], backend="aot_eager", fullgraph=True)
     for t in (0.2, 0.5, 0.8):
         assert torch.equal(fn(delta, fisher, t), ops.fisher_mask(delta, fisher, threshold=t)[0])
+
+
+def test_compiled_model_under_lowrank_edited_compiles_twice_over_token_counts(gen):
+    """A compiled model run under `lowrank_edited` with new edits of another token count T, another
+    sequence length and another batch size at each call: one static compile, then one dynamic one.
+    The patched forwards had their tensors in closures on the nn.Linear, whose properties dynamo
+    keeps static (force_nn_module_property_static_shapes), and the batch size was a Python int
+    there: one compile per call, 4 for these 4 (and eager once dynamo's recompile limit was hit)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from dcedit_kernels.capture import weight_out_in
+    from dcedit_kernels.editors import GroupedEdit
+    from dcedit_kernels.lowrank_layers import lowrank_edited
+    from dcedit_kernels.models import tiny_model
+
+    model, _ = tiny_model("llama", seed=0)
+    model.requires_grad_(False)
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj"]
+    modules = dict(model.named_modules())
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    for counts, (B, L) in zip(([2, 3], [3, 4], [4, 6], [6, 7]), ((3, 5), (4, 7), (5, 9), (6, 6))):
+        edits = {}
+        for name in names:
+            o, i = weight_out_in(modules[name]).shape
+            edits[name] = GroupedEdit(
+                mu_t=randn((sum(counts), i), gen).requires_grad_(), eta_t=randn((sum(counts), o), gen),
+                offsets=torch.tensor([0, counts[0], sum(counts)], dtype=torch.int32), fusion="add",
+                alpha=torch.tensor(0.7), edit_group=torch.tensor([0, 1, 1]), aux_loss=torch.tensor(0.0))
+        row_edit = torch.randint(-1, 3, (B,), generator=gen)
+        ids = torch.randint(3, 100, (B, L), generator=gen)
+        with lowrank_edited(model, edits, row_edit):
+            want = model(input_ids=ids).logits
+        with lowrank_edited(compiled, edits, row_edit):
+            got = compiled(input_ids=ids).logits
+        torch.testing.assert_close(got, want)
+        got.sum().backward()  # gradients reach the editor outputs through the compiled graph
+        assert edits[names[0]].mu_t.grad is not None
+    assert counter.frame_count == 2
+
