@@ -159,19 +159,27 @@ def check_ids(ids: torch.Tensor, name: str, low: int, high: int, note: str = "")
 
 
 def check_fraction_or_threshold(keep, threshold) -> None:
-    if (keep is None) == (threshold is None):
+    # While torch.compile traces, the numbers' values are left to the kernel, which raises
+    # ValueError when the graph runs, as for offsets (fisher_mask's and apply_shift_'s C++ CPU and
+    # CUDA kernels check them with the same messages; the references run this check behind
+    # `ops._dispatch.checked`): raised during the trace, the ValueError became dynamo's Unsupported
+    # "Observed exception" under fullgraph=True.  Their types are checked either way: a str cannot
+    # reach the op's `float?` arguments.
+    values_now = not tracing()
+    if values_now and (keep is None) == (threshold is None):
         raise ValueError("give exactly one of keep or threshold")
     for name, value in (("keep", keep), ("threshold", threshold)):
         # A number as alpha is (`is_real_number`): float() would take a str ("0.5"), a bool or a
         # 0-dim tensor (a host sync on CUDA) without a word.
         if value is not None and not is_real_number(value):
             raise ValueError(f"{name} must be a real number, got {type(value).__name__}")
+    if not values_now:
+        return
     if keep is not None and not (0.0 < float(keep) <= 1.0):
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     # fisher > NaN is False everywhere: a NaN threshold would silently drop every entry.  ±inf is
     # a real request (keep all, keep none), so the requirement is "not NaN", not "finite".  NaN is
-    # the one value unequal to itself: unlike math.isnan, this also traces when torch.compile
-    # makes the float dynamic (a SymFloat), as keep's range check does.
+    # the one value unequal to itself (math.isnan raises OverflowError on an int too large for a float).
     if threshold is not None and threshold != threshold:
         raise ValueError("threshold must not be NaN")
 

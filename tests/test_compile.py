@@ -279,3 +279,26 @@ def test_compiled_model_under_lowrank_edited_compiles_twice_over_token_counts(ge
         assert edits[names[0]].mu_t.grad is not None
     assert counter.frame_count == 2
 
+
+@pytest.mark.parametrize("keep,threshold,match", [
+    (1.5, None, r"keep must be in \(0, 1\], got 1.5"), (0.0, None, r"keep must be in \(0, 1\]"),
+    (float("nan"), None, r"keep must be in \(0, 1\]"), (None, float("nan"), "threshold must not be NaN"),
+    (None, None, "exactly one of keep or threshold"), (0.5, 0.1, "exactly one of keep or threshold"),
+])
+@pytest.mark.parametrize("op", ["fisher_mask", "apply_shift_"])
+def test_bad_keep_or_threshold_raise_value_error_under_fullgraph(op, keep, threshold, match, gen):
+    """A bad keep or threshold is a number the trace keeps in the graph: its check is left to the
+    kernel, which raises ValueError when the graph runs.  Raised while dynamo traced, it was an
+    Unsupported error ("Observed exception") under fullgraph=True."""
+    delta, fisher = randn((D_OUT, D_IN), gen), torch.rand(D_OUT, D_IN, generator=gen)
+    if op == "fisher_mask":
+        fn = lambda d: ops.fisher_mask(d, fisher, keep=keep, threshold=threshold)[0]  # noqa: E731
+    else:
+        weight = randn((D_OUT, D_IN), gen)
+        fn = lambda d: ops.apply_shift_(weight, d, 0.5, fisher, keep=keep, threshold=threshold)  # noqa: E731
+    with pytest.raises(ValueError, match=match):
+        fn(delta)
+    before = None if op == "fisher_mask" else weight.clone()
+    with pytest.raises(ValueError, match=match):
+        torch.compile(fn, backend="aot_eager", fullgraph=True)(delta)
+    assert before is None or torch.equal(weight, before)  # refused before apply_shift_ wrote a thing
