@@ -109,6 +109,35 @@ def test_counterfact_missing_file_and_bad_limit(tmp_path):
         load_counterfact(write(tmp_path, [CF_RECORD]), limit=0)
 
 
+@pytest.mark.parametrize("content, match", [
+    ("[" * 100_000 + "]" * 100_000, "cannot read its JSON"),  # json's RecursionError
+    ("[" + "9" * 5_000 + "]", "cannot read its JSON"),  # an int past sys.get_int_max_str_digits()
+])
+def test_records_a_file_json_cannot_read_is_a_value_error_naming_it(tmp_path, content, match):
+    """What json.loads refuses with another error than JSONDecodeError (nesting past the recursion
+    limit, a huge int) is a ValueError naming the file too, for both loaders; so is a folder."""
+    path = write(tmp_path, content, name="odd.json")
+    for load in (load_counterfact, load_zsre):
+        with pytest.raises(ValueError, match=rf"odd\.json: {match}"):
+            load(path)
+    for load in (load_counterfact, load_zsre):
+        with pytest.raises(ValueError, match=r"is a folder: give a JSON file"):
+            load(tmp_path)
+
+
+def test_a_blank_optional_field_is_absent(tmp_path):
+    """An optional text field holding only whitespace is None (absent), as a missing one is; a
+    locality target whose locality prompt is blank is refused as one without a prompt."""
+    cf = load_counterfact(write(tmp_path, [dict(CF_RECORD, rephrase_prompt=" \t", subject="")]))[0]
+    assert cf.rephrase is None and cf.subject is None and cf.locality == CF_RECORD["locality_prompt"]
+    with pytest.raises(ValueError, match="record 0 has 'locality_ground_truth' but no 'locality_prompt'"):
+        load_counterfact(write(tmp_path, [dict(CF_RECORD, locality_prompt="  ")]))
+    zs = load_zsre(write(tmp_path, [dict(ZSRE_RECORD, rephrase="  ", subject="\n")]))[0]
+    assert zs.rephrase is None and zs.subject is None and zs.locality_target == "William Shakespeare"
+    with pytest.raises(ValueError, match="record 0 has 'loc_ans' but no 'loc'"):
+        load_zsre(write(tmp_path, [dict(ZSRE_RECORD, loc=" ")]))
+
+
 def test_load_dataset_says_where_it_looked(tmp_path, monkeypatch):
     """Outside a checkout the data folder is not beside it: the error names DCEDIT_DATA_DIR."""
     monkeypatch.setenv("DCEDIT_DATA_DIR", str(tmp_path))
@@ -198,6 +227,13 @@ def test_zsre_skipped_is_untouched_when_the_load_raises(tmp_path, bad):
     assert skipped == ["kept"]
     load_zsre(write(tmp_path, [dict(ZSRE_RECORD, alt=""), ZSRE_RECORD]), skipped=skipped)
     assert skipped == ["kept", 0]
+
+
+def test_zsre_skipped_must_be_a_list(tmp_path):
+    """`skipped` is extended in place: anything but a list (or None) is refused before the file is read."""
+    for bad in ((), "x", {}):
+        with pytest.raises(ValueError, match="skipped must be a list or None"):
+            load_zsre(tmp_path / "not-read.json", skipped=bad)
 
 
 def test_records_file_encoding(tmp_path):
