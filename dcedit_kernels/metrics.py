@@ -226,8 +226,8 @@ def _score_rows(model, tokenizer, prompts, targets, batch_size, names, out=None)
                     label, text = names[1][j], targets[j]
                 elif targets is not None and what == "prompt + target":
                     label, text = f"{names[0][j]} + {names[1][j]}", chunk[i]
-                else:
-                    label, text = names[0][j], chunk[i]
+                else:  # a causal LM's text scored without a target is all prompt (it said "prompt + target")
+                    label, text, what = names[0][j], chunk[i], "prompt"
                 text = text if len(text) <= 60 else text[:60] + "…"
                 raise ValueError(f"{label}: a text is {length} tokens ({what}), more than the model's {limit} "
                                  f"positions: {text!r}") from exc

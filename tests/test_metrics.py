@@ -443,6 +443,32 @@ def test_scoring_errors_name_the_callers_item():
         target_accuracy(model, tok, ["ab"] * 5 + [" "], ["cd"] * 6, batch_size=4)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "bart"])
+def test_a_text_past_the_positions_is_named_with_what_is_too_long(arch, gen):
+    """A row past a learned position table is a ValueError naming the caller's item and what is too
+    long: a causal pair's "prompt + target", a seq2seq prompt or target, and a causal LM's
+    locality text scored without a target its "prompt" (it said "prompt + target", though there
+    is no target).  The model is left as it was."""
+    model, tok = tiny_model(arch, seed=seed_from(gen))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    limit = model.config.max_position_embeddings if arch == "bart" else model.config.n_positions
+    long = "word " * int(torch.randint(limit, 2 * limit, (1,), generator=gen))
+    fine = EditRequest("ab", "cd", locality="hello there", locality_target="cd")
+    k = int(torch.randint(1, 4, (1,), generator=gen))
+    cases = [(EditRequest("ab", long), reliability, r"requests\[{k}\]\.target", "target"),
+             (EditRequest(long, "cd"), reliability, r"requests\[{k}\]\.prompt", "prompt")]
+    if arch == "gpt2":
+        cases = [(EditRequest("ab", long), reliability, r"requests\[{k}\]\.prompt \+ requests\[{k}\]\.target",
+                  r"prompt \+ target"),
+                 (EditRequest("ab", "cd", locality=long), locality_predictions, r"requests\[{k}\]\.locality",
+                  "prompt")]
+    for bad, metric, label, what in cases:
+        with pytest.raises(ValueError, match=rf"^{label.format(k=k)}: a text is \d+ tokens \({what}\), "
+                                             rf"more than the model's {limit} positions"):
+            metric(model, tok, [fine] * k + [bad], batch_size=2)
+    assert all(torch.equal(v, model.state_dict()[n]) for n, v in before.items())
+
+
 @pytest.mark.parametrize("arch", ["bart", "t5"])
 def test_a_seq2seq_target_of_special_tokens_only_is_a_value_error(arch, gen):
     """A seq2seq target is scored without its special tokens; one that holds nothing else ("<unk>",
