@@ -908,6 +908,74 @@ def test_resume_refuses_other_settings_or_requests(gen, tmp_path):
     assert train_editor(me, requests[2:], None, cfg.replace(steps=1, resume=False)).resumed_from is None
 
 
+def test_resume_refuses_a_damaged_checkpoint_and_other_capture_settings(gen, tmp_path):
+    """A trainer.safetensors that is not a readable safetensors file (truncated by a killed write,
+    overwritten) is a ValueError naming it; so is a resume by a ModelEditor feeding its editors other
+    gradient factors (tokens) or another loss scale (loss_reduction) than the run that wrote it.
+    The editors are left as they were."""
+    requests = random_requests(gen, 4)
+    model, tok = tiny_model("gpt2", seed=0)
+    seed = int(torch.randint(0, 100, (1,), generator=gen))
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, seed=seed)
+    cfg = TrainConfig(steps=1, batch_size=2, progress=False, checkpoint_dir=str(tmp_path))
+    train_editor(me, requests, None, cfg)
+    for other, match in ((dict(tokens="target"), "was trained with tokens='all', this ModelEditor uses 'target'"),
+                         (dict(loss_reduction="edit"), "was trained with loss_reduction='token', this ModelEditor "
+                                                       "uses 'edit'")):
+        fresh = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, seed=seed + 1, **other)
+        before = {k: v.clone() for k, v in fresh.state_tensors().items()}
+        with pytest.raises(ValueError, match=match):
+            train_editor(fresh, requests, None, cfg.replace(steps=2))
+        assert all(torch.equal(before[k], v) for k, v in fresh.state_tensors().items())
+    path = tmp_path / "trainer.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:int(torch.randint(1, len(data) // 2, (1,), generator=gen))])
+    before = {k: v.clone() for k, v in me.state_tensors().items()}
+    with pytest.raises(ValueError, match=r"trainer\.safetensors is not a train_editor checkpoint \(not a readable "
+                                         r"safetensors file"):
+        train_editor(me, requests, None, cfg.replace(steps=2))
+    assert all(torch.equal(before[k], v) for k, v in me.state_tensors().items())
+    assert train_editor(me, requests, None, cfg.replace(steps=2, resume=False)).resumed_from is None
+
+
+def test_a_checkpoint_from_before_the_trainer_file_held_the_editors_resumes_the_same_run(gen, tmp_path):
+    """Checkpoints written before trainer.safetensors held the editors' state and the best state
+    (no "editor." tensors, no counters["best"]) resume from editor.safetensors and best.safetensors:
+    1 step + resume to 2 gives the straight 2-step run, and the best editor is the one validated."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    seed = int(torch.randint(0, 100, (1,), generator=gen))
+    requests = random_requests(gen, 6)
+
+    def fresh():
+        model, tok = tiny_model("gpt2", seed=seed)
+        return ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=3, seed=seed)
+
+    config = TrainConfig(steps=2, batch_size=2, lr=1e-2, val_every=1, progress=False, seed=seed,
+                         restore_best=False, checkpoint_dir=str(tmp_path / "ckpt"))
+    straight = fresh()
+    r_straight = train_editor(straight, requests[:4], requests[4:], config.replace(checkpoint_dir=None))
+    first = train_editor(fresh(), requests[:4], requests[4:], config.replace(steps=1))
+    assert first.best_step == 1 and (tmp_path / "ckpt" / "best.safetensors").is_file()
+    path = tmp_path / "ckpt" / "trainer.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    counters = json.loads(meta["counters"])
+    assert counters.pop("best") == "editor"
+    meta["counters"] = json.dumps(counters)
+    old = {k: v for k, v in load_file(str(path)).items() if not k.startswith(("editor.", "best."))}
+    save_file(old, str(path), meta)
+    resumed = fresh()
+    result = train_editor(resumed, requests[:4], requests[4:], config)
+    assert result.resumed_from == 1 and result.steps == 2
+    assert [h["loss"] for h in result.history] == pytest.approx([h["loss"] for h in r_straight.history], rel=1e-6)
+    a, b = straight.state_tensors(), resumed.state_tensors()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
+    assert (result.best_step, result.best_es) == (r_straight.best_step, r_straight.best_es)
+
+
 def test_resume_takes_another_val_every_but_not_another_val_size(gen, tmp_path):
     """As the module docstring says: `val_every` may change on resume, `val_size` may not, even
     when it selects the same validation requests (None and 2 of 2)."""
