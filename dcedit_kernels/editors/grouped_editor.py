@@ -143,9 +143,7 @@ class GroupedEditor(nn.Module):
         self.norm = RunningNorm(in_features, out_features) if norm else None
         # `is not None`: a falsy generator ("", 0) is refused by ParameterGenerator, not taken as None.
         self.psi = ParameterGenerator(d, generator_hidden, generator, gen) if generator is not None else None
-        if routing == "gate":
-            if feat_dim is None:
-                raise ValueError("routing='gate' needs feat_dim (the size of the edit features)")
+        if routing == "gate":  # feat_dim is set (in_features by default) and checked above
             self.w_gate = nn.Parameter(torch.zeros(feat_dim, G))
             self.w_noise = nn.Parameter(torch.zeros(feat_dim, G))
         self.gate_norm = FeatureNorm(feat_dim) if routing == "gate" and gate_norm else None
