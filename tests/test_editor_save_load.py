@@ -195,3 +195,25 @@ def test_load_refuses_a_damaged_or_foreign_file_with_value_error(gen, tmp_path):
         GroupedEditor.load(str(tmp_path))
     loaded = GroupedEditor.load(str(path))  # the good file still loads
     assert all(torch.equal(a, b) for a, b in zip(editor.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_load_refuses_a_file_without_or_with_damaged_editor_metadata(gen, tmp_path):
+    """A safetensors file of other tensors (no dcedit_config), or whose dcedit_config is not JSON or
+    not a JSON object, is a ValueError naming the file and what is wrong, as ModelEditor.load's."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "editor.safetensors"
+    _trained_looking(small_editor(EDITOR_KINDS[int(torch.randint(0, len(EDITOR_KINDS), (1,), generator=gen))], 7),
+                     gen).save(str(path))
+    tensors = load_file(str(path))
+    bad = tmp_path / "bad.safetensors"
+    for meta, match in ((None, r"bad\.safetensors is not a GroupedEditor checkpoint \(no dcedit_config metadata\)"),
+                        ({"other": "1"}, "is not a GroupedEditor checkpoint"),
+                        ({"dcedit_config": "{not json"}, r"bad\.safetensors: its dcedit_config metadata is not JSON"),
+                        ({"dcedit_config": json.dumps([1, 2])},
+                         r"bad\.safetensors: its dcedit_config metadata must be a JSON object, got list")):
+        save_file(tensors, str(bad), metadata=meta)
+        with pytest.raises(ValueError, match=match):
+            GroupedEditor.load(str(bad))
