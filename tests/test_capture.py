@@ -421,6 +421,53 @@ def test_compute_factors_rejects_non_finite(gen):
         compute_factors(model, batch, ["model.layers.1.mlp.down_proj"])
 
 
+def test_compute_factors_refuses_a_loss_it_cannot_backpropagate(gen):
+    """compute_factors needs a scalar loss that depends on the captured modules, and every captured
+    module must run: a batch without labels (no outputs.loss), a loss_fn giving a vector or a float
+    is a ValueError; a loss computed off the captured modules' outputs, or a module that never ran,
+    a RuntimeError.  Each leaves no hook, no .grad, and the parameters' requires_grad as they were.
+    With check_finite=False a non-finite loss is returned as it is, with its factors."""
+    from types import SimpleNamespace
+
+    model, tok = make_model("llama", torch.float32, gen)
+    batch = random_batch(model, tok, "llama", gen, n_edits=int(torch.randint(2, 5, (1,), generator=gen)))
+    names = ["model.layers.1.mlp.down_proj"]
+    model.model.layers[0].self_attn.q_proj.weight.requires_grad_(False)  # one flag differs: restored as it was
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    no_labels = {k: v for k, v in batch.items() if k != "labels"}
+    cases = [(no_labels, None, ValueError, "the loss must be a scalar tensor"),
+             (batch, lambda out, b: out.logits.sum(-1), ValueError, "the loss must be a scalar tensor"),
+             (batch, lambda out, b: out.loss.detach().item(), ValueError, "the loss must be a scalar tensor"),
+             (batch, lambda out, b: out.logits.detach().sum(), RuntimeError, "does not depend on any captured module")]
+    for b, loss_fn, error, match in cases:
+        with pytest.raises(error, match=match):
+            compute_factors(model, b, names, loss_fn=loss_fn)
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+        assert all(p.grad is None for p in model.parameters())
+        assert not model.model.layers[1].mlp.down_proj._forward_hooks and not model._forward_pre_hooks
+
+    class TwoPaths(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.unused = nn.Linear(5, 3), nn.Linear(5, 3)
+
+        def forward(self, x, attention_mask):
+            return SimpleNamespace(loss=self.a(x).pow(2).sum())
+
+    net = TwoPaths()
+    x, mask = torch.randn(2, 4, 5, generator=gen), torch.ones(2, 4, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"modules \['unused'\] did not run a forward pass inside the capture"):
+        compute_factors(net, {"x": x, "attention_mask": mask}, ["a", "unused"])
+    assert not net.a._forward_hooks and not net.unused._forward_hooks
+    factors, _ = compute_factors(net, {"x": x, "attention_mask": mask}, ["a"])
+    assert rel_err(factors["a"].gradient().double(),
+                   2 * (net.a(x).detach().double().reshape(-1, 3).t() @ x.double().reshape(-1, 5))) < 1e-5
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    factors, loss = compute_factors(model, batch, names, check_finite=False)
+    assert not torch.isfinite(loss) and not torch.isfinite(factors[names[0]].eta).all()
+
+
 def test_factors_dataclass_shapes():
     f = Factors(mu=torch.ones(3, 2), eta=torch.ones(3, 4), edit_offsets=torch.tensor([0, 0, 3], dtype=torch.int32))
     assert f.num_edits == 2 and f.num_tokens == 3
