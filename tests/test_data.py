@@ -67,6 +67,24 @@ def test_edit_request_validation_names_the_field():
         validate_requests(ok)
 
 
+def test_request_and_text_lists_name_what_is_not_one():
+    """A dict per request (EasyEdit's format), a number instead of a list, or a lone text where a list
+    of texts goes is a ValueError naming the argument and the item, not an AttributeError later."""
+    ok = EditRequest("The sky is", "green")
+    with pytest.raises(ValueError, match=r"^requests\[1\] must be an EditRequest, got dict"):
+        validate_requests([ok, {"prompt": "a", "target": "b"}])
+    with pytest.raises(ValueError, match=r"^requests must be a sequence of EditRequest, got int"):
+        validate_requests(3)
+    assert validate_requests(r for r in [ok, ok]) == [ok, ok]  # any iterable, read once
+    tok = tiny_tokenizer("gpt2")
+    with pytest.raises(ValueError, match=r"^texts must be a sequence of str, got a single str"):
+        tokenize_texts(tok, "hello there")
+    with pytest.raises(ValueError, match=r"^texts\[0\] must be a str, got bytes"):
+        tokenize_texts(tok, [b"hello there"])
+    with pytest.raises(ValueError, match=r"^texts must be a sequence of str, got NoneType"):
+        tokenize_texts(tok, None)
+
+
 # --- CounterFact -------------------------------------------------------------------------------
 
 
