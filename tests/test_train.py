@@ -248,6 +248,31 @@ def test_lowrank_edited_rejects_bad_rows(gen):
     assert "forward" not in dict(model.named_modules())[name].__dict__
 
 
+def test_lowrank_edited_rejects_bad_edits_and_flags(gen):
+    """The other refusals of lowrank_edited, each a ValueError naming the argument before any layer
+    is patched: edits that are not a non-empty mapping, or that come from batches of different edit
+    counts; a row_edit that is not 1-D; a row_sees_fused of another shape; a masked that is not a bool."""
+    model, _ = frozen_double_model("gpt2", int(torch.randint(0, 100, (1,), generator=gen)))
+    names = LAYERS["gpt2"][:2]  # two weights of one shape
+    o, i = weight_out_in(dict(model.named_modules())[names[0]]).shape
+    E = int(torch.randint(2, 5, (1,), generator=gen))
+    edits = {name: random_grouped_edit(gen, i, o, E, G=2) for name in names}
+    rows = torch.randint(-1, E, (3,), generator=gen)
+    cases = [(dict(edits={}), "edits must be a non-empty mapping"),
+             (dict(edits=list(edits.values())), "edits must be a non-empty mapping"),
+             (dict(edits={names[0]: edits[names[0]], names[1]: random_grouped_edit(gen, i, o, E + 1, G=2)}),
+              rf"same batch of edits, got edit counts \[{E}, {E + 1}\]"),
+             (dict(row_edit=rows[None]), r"row_edit must be 1-D .* got shape \(1, 3\)"),
+             (dict(row_sees_fused=torch.zeros(4, dtype=torch.bool)), r"row_sees_fused must have shape \(3,\)"),
+             (dict(masked=1), "masked must be a bool, got int")]
+    for change, match in cases:
+        args = dict(dict(edits=edits, row_edit=rows), **change)
+        with pytest.raises(ValueError, match=match):
+            with lowrank_edited(model, args.pop("edits"), args.pop("row_edit"), **args):
+                pass
+        assert all("forward" not in dict(model.named_modules())[n].__dict__ for n in names)
+
+
 def test_lowrank_edited_with_no_edits(gen):
     """A batch of zero edits (every row_edit −1) runs the unedited layer, and rows that see every
     group see the sum of the groups' shifts, as with any other number of edits."""
