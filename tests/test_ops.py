@@ -632,6 +632,27 @@ def test_grouped_lowrank_bad_input_raises(gen):
             ops.grouped_lowrank(**dict(a, **{key: bad}))
 
 
+def test_offsets_that_are_not_a_csr_vector_are_refused_naming_them(gen):
+    """SPEC: offsets are int (G+1,) with G >= 1: a 0-D, a 2-D, or a one-entry offsets vector (no
+    group at all) is a ValueError naming the argument, for every op that takes one; so is
+    segmented_fisher's eta with another number of tokens than mu."""
+    eta, mu, offsets = _outer_inputs(gen, G=3, o=3, i=4)
+    T = eta.shape[0]
+    lowrank = _lowrank_inputs(gen, G=2, d=4, r=2, counts=[1, 3])
+    delta = _delta_linear_inputs(gen)
+    for bad_of in (lambda off: off[None], lambda off: off[-1:], lambda off: off[-1]):
+        with pytest.raises(ValueError, match=r"^offsets must be 1-D with G\+1 >= 2 entries"):
+            ops.grouped_outer(eta, mu, bad_of(offsets))
+        with pytest.raises(ValueError, match=r"^edit_offsets must be 1-D with G\+1 >= 2 entries"):
+            ops.segmented_fisher(eta, mu, bad_of(offsets))
+        with pytest.raises(ValueError, match=r"^offsets must be 1-D with G\+1 >= 2 entries"):
+            ops.grouped_lowrank(**dict(lowrank, offsets=bad_of(lowrank["offsets"])))
+        with pytest.raises(ValueError, match=r"^offsets must be 1-D with G\+1 >= 2 entries"):
+            ops.lowrank_delta_linear(**dict(delta, offsets=bad_of(delta["offsets"])))
+    with pytest.raises(ValueError, match=rf"^eta and mu must have the same number of tokens, got {T - 1} and {T}"):
+        ops.segmented_fisher(eta[:-1], mu, offsets)
+
+
 # ---------------------------------------------------------------- lowrank_delta_linear
 def _delta_linear_inputs(gen, N=11, i=6, o=5, counts=(3, 0, 4), dtype=torch.float64, device="cpu"):
     G = len(counts)
@@ -1335,6 +1356,35 @@ def test_editor_apply_with_a_wrong_weight_leaves_the_editor_as_it_was(gen):
         before = weight.clone()
         ed.apply_(weight, mu, eta, offsets)  # a right weight still takes the edit
         assert not torch.equal(weight, before)
+
+
+def test_grouped_editor_refuses_bad_settings_and_factor_shapes(gen):
+    """GroupedEditor's other refusals, each a ValueError naming the argument: an unknown routing or
+    fusion ("none" is the op's, not an editor's), routing="single" with several editors, top_k above
+    n_editors; and a forward whose mu or eta is not (T, in) / (T, out), before the running norms
+    take the batch."""
+    from dcedit_kernels import GroupedEditor
+
+    for kwargs, match in ((dict(routing="gates"), r"^routing must be one of \('gate', 'random', 'single'\)"),
+                          (dict(routing="single", n_editors=2), r"^routing='single' needs n_editors=1"),
+                          (dict(fusion="none"), r"^fusion must be one of add, max, sss, ssm, got 'none'"),
+                          (dict(fusion="mean"), r"^fusion must be one of add, max, sss, ssm, got 'mean'"),
+                          (dict(routing="gate", n_editors=2, top_k=3), r"^top_k \(3\) cannot exceed n_editors \(2\)")):
+        with pytest.raises(ValueError, match=match):
+            GroupedEditor(6, 4, rank=2, **{"routing": "random", "n_editors": 2, **kwargs})
+    ed = GroupedEditor(6, 4, rank=2, routing="random", n_editors=2, seed=1).train()
+    T = int(torch.randint(2, 6, (1,), generator=gen))
+    offsets = torch.tensor([0, 1, T], dtype=torch.int32)
+    mu, eta = randn((T, 6), gen), randn((T, 4), gen)
+    for args, match in (((mu[:, :5], eta), r"^mu must have shape \(T, 6\), got \(" + f"{T}, 5\\)"),
+                        ((mu[None], eta), r"^mu must have shape \(T, 6\)"),
+                        ((mu, eta[:, :3]), rf"^eta must have shape \({T}, 4\), got \({T}, 3\)"),
+                        ((mu, eta[:-1]), rf"^eta must have shape \({T}, 4\), got \({T - 1}, 4\)")):
+        with pytest.raises(ValueError, match=match):
+            ed(*args, offsets)
+    assert int(ed.norm.k) == 0  # the running norms took nothing
+    edit = ed(mu, eta, offsets)
+    assert edit.dense().shape == (4, 6) and int(ed.norm.k) == T
 
 
 def test_editor_apply_that_is_not_finite_leaves_the_weight_as_it_was(gen):
