@@ -137,6 +137,43 @@ def changed_any(before, model):
     return any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("method", ["mend", "ft"])
+def test_edits_apply_and_undo_off_the_main_thread_and_with_sigint_ignored(method, gen, monkeypatch):
+    """Weights are written and restored under `deferred_interrupt`, which installs a SIGINT handler:
+    off the main thread (signal.signal raises ValueError there) or where SIGINT has no Python handler
+    (SIG_IGN) it must do nothing, and the edit apply and undo as on the main thread."""
+    import signal
+    import threading
+
+    me = make_editor("gpt2", method, gen, **({"ft_steps": 1} if method == "ft" else {}))
+    before = snapshot(me.model)
+    requests = random_requests(gen, 2)
+    outcome = []
+
+    def edit_and_undo():
+        try:
+            handle = me.apply(requests)
+            outcome.append(any(not torch.equal(p, before[n]) for n, p in me.model.named_parameters()))
+            outcome.append(handle.undo())
+        except BaseException as exc:  # noqa: BLE001 -- reported by the main thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=edit_and_undo)
+    worker.start()
+    worker.join()
+    assert outcome == [True, True], outcome
+    assert_bit_identical(before, me.model)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        outcome.clear()
+        edit_and_undo()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert outcome == [True, True], outcome
+    assert_bit_identical(before, me.model)
+
+
 def test_load_state_tensors_names_a_key_of_the_wrong_shape(gen):
     me = make_editor("gpt2", "mend", gen)
     state = me.state_tensors()
