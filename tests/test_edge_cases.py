@@ -309,6 +309,26 @@ def test_unedited_scores_are_the_metrics_of_the_unedited_model(gen):
     assert_bit_identical(before, model)
 
 
+@pytest.mark.parametrize("method", ["mend", "ft"])
+def test_measure_edit_whose_apply_fails_raises_with_the_model_as_it_was(method, gen):
+    """An edit refused by the method itself (a request past the model's positions) propagates out of
+    measure_edit naming the request, with nothing to undo: the model is as it was, no edit is live,
+    and a base_cache filled before the apply still holds the unedited model's predictions."""
+    me = make_editor("gpt2", method, gen, **({"ft_steps": 1} if method == "ft" else {}))
+    long = " ".join(["word"] * 200)  # past the tiny GPT-2's 128 positions
+    requests = random_requests(gen, int(torch.randint(1, 4, (1,), generator=gen)))
+    i = len(requests)
+    requests.append(EditRequest(long, "cd", locality="hello there", locality_target="cd"))
+    before = snapshot(me.model)
+    cache = {}
+    with pytest.raises(ValueError, match=rf"^requests\[{i}\] is \d+ tokens \(prompt \+ target\)"):
+        evaluate_module.measure_edit(me, requests, batch_size=2, base_cache=cache)
+    assert_bit_identical(before, me.model)
+    assert not me._live
+    key = ("hello there", "cd")
+    assert torch.equal(cache[key], metrics.locality_predictions(me.model, me.tokenizer, [requests[i]])[0])
+
+
 @pytest.mark.parametrize("cache", [None, {}])
 def test_evaluate_errors_name_the_request_by_its_place_in_the_callers_list(cache, gen):
     """ES, NS and DD are scored on the requests that have a rephrase / locality: an error named
