@@ -141,7 +141,7 @@ class GroupedEditor(nn.Module):
             self.layers.append(layer)
         self.alpha = nn.Parameter(torch.full((n_modes,), -float(edit_lr)))
         self.norm = RunningNorm(in_features, out_features) if norm else None
-        # `is not None`: a falsy generator ("", 0) is refused by ParameterGenerator, not taken as None.
+        # `is not None`: a falsy generator ("", 0) is refused above, never taken as None.
         self.psi = ParameterGenerator(d, generator_hidden, generator, gen) if generator is not None else None
         if routing == "gate":  # feat_dim is set (in_features by default) and checked above
             self.w_gate = nn.Parameter(torch.zeros(feat_dim, G))
