@@ -251,7 +251,8 @@ def test_lowrank_edited_rejects_bad_rows(gen):
 def test_lowrank_edited_rejects_bad_edits_and_flags(gen):
     """The other refusals of lowrank_edited, each a ValueError naming the argument before any layer
     is patched: edits that are not a non-empty mapping, or that come from batches of different edit
-    counts; a row_edit that is not 1-D; a row_sees_fused of another shape; a masked that is not a bool."""
+    counts; a row_edit that is not a 1-D int tensor; a row_sees_fused of another shape; a masked that
+    is not a bool."""
     model, _ = frozen_double_model("gpt2", int(torch.randint(0, 100, (1,), generator=gen)))
     names = LAYERS["gpt2"][:2]  # two weights of one shape
     o, i = weight_out_in(dict(model.named_modules())[names[0]]).shape
@@ -263,6 +264,7 @@ def test_lowrank_edited_rejects_bad_edits_and_flags(gen):
              (dict(edits={names[0]: edits[names[0]], names[1]: random_grouped_edit(gen, i, o, E + 1, G=2)}),
               rf"same batch of edits, got edit counts \[{E}, {E + 1}\]"),
              (dict(row_edit=rows[None]), r"row_edit must be 1-D .* got shape \(1, 3\)"),
+             (dict(row_edit=rows.float()), "row_edit must be an int32 or int64 tensor"),
              (dict(row_sees_fused=torch.zeros(4, dtype=torch.bool)), r"row_sees_fused must have shape \(3,\)"),
              (dict(masked=1), "masked must be a bool, got int")]
     for change, match in cases:
