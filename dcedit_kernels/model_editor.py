@@ -563,7 +563,9 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
 
     # -- training --------------------------------------------------------------------------------
     def fit(self, train_requests, val_requests=None, config=None, **overrides):
-        """Train the editors (see `dcedit_kernels.train.train_editor`); returns its TrainResult."""
+        """Train the editors (see `dcedit_kernels.train.train_editor`); returns its TrainResult.
+        Its steps run with grad on under a caller's `torch.no_grad()`; under torch.inference_mode
+        it raises RuntimeError, as `apply` does."""
         from .train import TrainConfig, train_editor
 
         if self.method in FT_METHODS:

@@ -89,6 +89,9 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
         raise ValueError(f"method {me.method!r} has no editor to train")
     if me.seq2seq:
         raise ValueError("editor training supports causal LMs only")
+    if torch.is_inference_mode_enabled():  # autograd's own error named neither fit nor inference mode
+        raise RuntimeError("ModelEditor.fit (train_editor) needs autograd for its capture and its steps: "
+                           "call it outside torch.inference_mode()")
     check_trainable_dtypes(me)
     me._check_resident()  # an edited layer offloaded since the constructor checked: refused before any step
     group_rank, group_size = distributed.world()
@@ -156,8 +159,11 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     bar = tqdm(total=config.steps, initial=result.steps, disable=not config.progress or rank != 0,
                desc=f"train {me.method}")
     try:
+        # Grad on whatever the caller set: under a caller's no_grad the steps' loss (divided by
+        # `accumulate` out here) had no graph, and fit ran its steps and logged its losses but
+        # trained nothing.
         with (torch.random.fork_rng(devices=_cuda_devices(me)), frozen_parameters(me.model),
-              modes_restored(me.editors)):  # every editor module gets its own train/eval flag back
+              modes_restored(me.editors), torch.enable_grad()):  # each editor module gets its own mode back
             # A resumed state that does not fit (a checkpoint edited by hand, a CUDA state of another
             # size) fails on its own process: the others hear of it here, rather than wait for it
             # in broadcast_state.

@@ -307,3 +307,39 @@ def test_train_editor_gives_each_editor_module_its_mode_back(gen):
     modes = {k: m.training for k, m in me.editors.named_modules()}
     me.fit(random_requests(gen, 4), None, TrainConfig(steps=1, batch_size=2, progress=False))
     assert {k: m.training for k, m in me.editors.named_modules()} == modes
+
+
+def test_fit_under_no_grad_trains_as_outside_it(gen):
+    """A caller's `torch.no_grad()` around fit (a script wrapping everything in it, as for
+    inference) trained nothing: the step's loss division ran under the caller's mode, the loss lost
+    its graph and every batch gave no gradient, silently (steps and losses logged, editors left as
+    they were).  fit turns grad on for its own steps: the same editors as a run outside no_grad."""
+    me = tiny_mend("llama", gen)
+    state = {k: v.clone() for k, v in me.state_tensors().items()}
+    reqs = random_requests(gen, 4)
+    config = TrainConfig(steps=2, batch_size=2, progress=False)
+    me.fit(reqs, None, config)
+    outside = me.state_tensors()
+    me.load_state_tensors(state)
+    with torch.no_grad():
+        result = me.fit(reqs, None, config)
+        assert not torch.is_grad_enabled()  # the caller's mode back
+    assert result.steps == 2 and result.skipped_batches == 0
+    inside = me.state_tensors()
+    params = [f"editors.{n}" for n, _ in me.editors.named_parameters()]
+    assert all(not torch.equal(state[k], inside[k]) for k in params), "fit under no_grad left parameters as they were"
+    for k in outside:
+        torch.testing.assert_close(inside[k], outside[k], rtol=0, atol=0)
+
+
+def test_fit_under_inference_mode_says_why(gen):
+    """Under torch.inference_mode fit raised autograd's "element 0 of tensors does not require grad
+    and does not have a grad_fn", which names neither fit nor inference mode; it says so, as
+    `apply` does, before anything changes."""
+    me = tiny_mend("llama", gen)
+    state = {k: v.clone() for k, v in me.state_tensors().items()}
+    why = r"ModelEditor\.fit .*needs autograd.*outside torch\.inference_mode"
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=why):
+        me.fit(random_requests(gen, 4), None, TrainConfig(steps=1, batch_size=2, progress=False))
+    after = me.state_tensors()
+    assert all(torch.equal(state[k], after[k]) for k in state)
