@@ -796,6 +796,36 @@ def test_apply_under_inference_mode_is_refused(gen):
     assert_bit_identical(before, me.model)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_generate_sees_the_edit_with_and_without_its_kv_cache_and_not_after_undo(arch, gen):
+    """What the README promises of `model.generate()`: greedy generation with its KV cache (the
+    default) gives the edited model's tokens, those of generation without the cache, and after undo
+    the tokens it gave before the edit, token for token (no cached tensor or patched forward left
+    behind).  FT at a large step rate, so that the edit shows in the greedy tokens."""
+    me = make_editor(arch, "ft", gen, ft_steps=20, ft_lr=0.1, ft_optimizer="adam")
+    model, tok = me.model, me.tokenizer
+    requests = random_requests(gen, 2, rephrase=False, locality=False)
+    enc = tok([r.prompt for r in requests], return_tensors="pt", padding=True, padding_side="left")
+
+    def greedy(use_cache):
+        with torch.no_grad():
+            return model.generate(**enc, max_new_tokens=6, do_sample=False, use_cache=use_cache,
+                                  pad_token_id=tok.pad_token_id)
+
+    before = greedy(True)
+    assert torch.equal(before, greedy(False))
+    with me.edited(requests):
+        edited = greedy(True)
+        assert torch.equal(edited, greedy(False))
+        first_target = me.tokenize([requests[0].prompt], [requests[0].target])
+        first_target = first_target["input_ids"][first_target["labels"] != -100][0]
+        assert int(edited[0, enc["input_ids"].shape[1]]) == int(first_target)  # the edit shows
+    assert torch.equal(greedy(True), before)
+    assert torch.equal(greedy(False), before)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 def test_untrained_editors_warn_once_and_trained_ones_do_not(gen, tmp_path):
     """An editor at its initialisation barely edits (a gradient step of edit_lr): apply says so,
     once per ModelEditor; a trained or loaded one does not, nor do the FT baselines."""
