@@ -212,3 +212,14 @@ def check_delta_linear_shapes(x, weight, bias, row_group, mu_t, eta_t) -> None:
         raise ValueError(
             f"mu_t must be (Tm, {i}) and eta_t (Tm, {o}), got {tuple(mu_t.shape)} and {tuple(eta_t.shape)}"
         )
+
+
+def check_no_inference_parameters(model: torch.nn.Module, what: str) -> None:
+    """RuntimeError, before anything changes, when a parameter of `model` is an inference tensor (the
+    model was built or loaded under torch.inference_mode): autograd cannot run through it, and the
+    capture's and FT's own errors from torch named the tensor's kind but not the model's load."""
+    for name, p in model.named_parameters():
+        if p.is_inference():
+            raise RuntimeError(f"{what}: the model's parameters are inference tensors (built or loaded under "
+                               f"torch.inference_mode()), first {name!r}; autograd cannot run through them. Load "
+                               "the model outside inference_mode (torch.no_grad() is fine)")

@@ -515,7 +515,10 @@ def frozen_parameters(model: nn.Module):
     """Inside the block every parameter of `model` has `requires_grad=False`; each flag comes back
     exactly as it was on exit, also when the block raises.  A forward run inside records no graph
     for the parameters (and none for activations that depend only on them)."""
-    params = list(model.parameters())
+    # An inference tensor (a model built under torch.inference_mode) is left alone: its flag cannot
+    # be set back outside inference mode, and the restore loop raised at it, leaving every
+    # parameter after it frozen.
+    params = [p for p in model.parameters() if not p.is_inference()]
     flags = [p.requires_grad for p in params]
     try:
         for p in params:

@@ -796,6 +796,46 @@ def test_apply_under_inference_mode_is_refused(gen):
     assert_bit_identical(before, me.model)
 
 
+@pytest.mark.parametrize("method", ["mend", "ft", "fit"])
+def test_a_model_built_under_inference_mode_is_refused_and_left_as_it_was(method, gen):
+    """A model built or loaded inside torch.inference_mode (serving code that wraps everything in
+    it) holds inference tensors, which autograd cannot run through.  The editors' capture raised
+    torch's "Setting requires_grad=True on inference tensor outside InferenceMode" from restoring
+    the parameters' flags, and left every parameter of the model with requires_grad False; FT
+    raised "Inplace update to inference tensor".  apply and fit refuse such a model up front,
+    saying why, and every flag and weight stays as it was."""
+    with torch.inference_mode():
+        model, tok = tiny_model("llama", seed=seed_from(gen))
+    kwargs = dict(method="ft") if method == "ft" else dict(method="mend", rank=3)
+    me = ModelEditor(model, tok, LAYERS["llama"][:2], **kwargs)
+    before = snapshot(model)
+    flags = [p.requires_grad for p in model.parameters()]
+    why = r"inference tensors \(built or loaded under torch\.inference_mode\(\)\).*'model\.embed_tokens\.weight'"
+    with pytest.raises(RuntimeError, match=why):
+        if method == "fit":
+            me.fit(random_requests(gen, 2), None, TrainConfig(steps=1, batch_size=2, progress=False))
+        else:
+            me.apply(random_requests(gen, 2))
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert_bit_identical(before, model)
+
+
+def test_frozen_parameters_gives_an_inference_tensor_its_flag_back(gen):
+    """frozen_parameters left every parameter frozen when the block raised on a model holding an
+    inference tensor: setting requires_grad back on it outside inference mode raised in the restore
+    loop.  Such a parameter is left alone (nothing to restore) and the others come back."""
+    from dcedit_kernels.capture import frozen_parameters
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    with torch.inference_mode():
+        model[1] = nn.Linear(3, 2)
+    with pytest.raises(KeyError):
+        with frozen_parameters(model):
+            assert not model[0].weight.requires_grad
+            raise KeyError("inside")
+    assert all(p.requires_grad for p in model.parameters())
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_generate_sees_the_edit_with_and_without_its_kv_cache_and_not_after_undo(arch, gen):
     """What the README promises of `model.generate()`: greedy generation with its KV cache (the
