@@ -158,14 +158,16 @@ def check_ids(ids: torch.Tensor, name: str, low: int, high: int, note: str = "")
         raise ValueError(f"{name} entries must be in [{low}, {high}]{note}")
 
 
-def check_fraction_or_threshold(keep, threshold) -> None:
+def check_fraction_or_threshold(keep, threshold, values_when_tracing: bool = False) -> None:
+    # values_when_tracing: where no kernel will check them when the graph runs (ops.reference_mode,
+    # whose references dynamo traces inline: skipped, keep=1.5 went through and apply_shift_ wrote).
     # While torch.compile traces, the numbers' values are left to the kernel, which raises
     # ValueError when the graph runs, as for offsets (fisher_mask's and apply_shift_'s C++ CPU and
     # CUDA kernels check them with the same messages; the references run this check behind
     # `ops._dispatch.checked`): raised during the trace, the ValueError became dynamo's Unsupported
     # "Observed exception" under fullgraph=True.  Their types are checked either way: a str cannot
     # reach the op's `float?` arguments.
-    values_now = not tracing()
+    values_now = values_when_tracing or not tracing()
     if values_now and (keep is None) == (threshold is None):
         raise ValueError("give exactly one of keep or threshold")
     for name, value in (("keep", keep), ("threshold", threshold)):

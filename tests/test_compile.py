@@ -302,3 +302,26 @@ def test_bad_keep_or_threshold_raise_value_error_under_fullgraph(op, keep, thres
     with pytest.raises(ValueError, match=match):
         torch.compile(fn, backend="aot_eager", fullgraph=True)(delta)
     assert before is None or torch.equal(weight, before)  # refused before apply_shift_ wrote a thing
+
+
+@pytest.mark.parametrize("keep,threshold,match", [
+    (1.5, None, r"keep must be in \(0, 1\], got 1.5"), (None, float("nan"), "threshold must not be NaN"),
+    (None, None, "exactly one of keep or threshold"),
+])
+@pytest.mark.parametrize("op", ["fisher_mask", "apply_shift_"])
+def test_bad_keep_or_threshold_raise_value_error_compiled_in_reference_mode(op, keep, threshold, match, gen):
+    """In reference_mode the wrappers call the references, whose torch ops dynamo traces inline: no
+    kernel is in the graph to check keep and threshold when it runs, so the trace must check them.
+    Skipped while tracing (57ca138), a keep of 1.5 or a NaN threshold went through without a word,
+    and apply_shift_ wrote the weight (aot_eager, no fullgraph; under fullgraph the ValueError raised
+    in the trace is dynamo's Unsupported, as before 57ca138)."""
+    delta, fisher = randn((D_OUT, D_IN), gen), torch.rand(D_OUT, D_IN, generator=gen)
+    weight = randn((D_OUT, D_IN), gen)
+    before = weight.clone()
+    if op == "fisher_mask":
+        fn = lambda d: ops.fisher_mask(d, fisher, keep=keep, threshold=threshold)[0]  # noqa: E731
+    else:
+        fn = lambda d: ops.apply_shift_(weight, d, 0.5, fisher, keep=keep, threshold=threshold)  # noqa: E731
+    with ops.reference_mode(), pytest.raises(ValueError, match=match):
+        torch.compile(fn, backend="aot_eager")(delta)
+    assert torch.equal(weight, before)

@@ -4,7 +4,7 @@ import torch
 
 from .. import reference
 from .._checks import check_fraction_or_threshold, check_same_device, check_tensor, compute_dtype
-from ._dispatch import opcall, register
+from ._dispatch import in_reference_mode, opcall, register
 
 
 @torch.library.register_fake("dcedit::fisher_mask")
@@ -35,7 +35,8 @@ def check_fisher_mask(delta, fisher, keep=None, threshold=None, delta_name="delt
         raise ValueError(f"fisher must have the shape of {delta_name} {tuple(delta.shape)}, got {tuple(fisher.shape)}")
     if delta.numel() == 0:
         raise ValueError(f"{delta_name} must not be empty")
-    check_fraction_or_threshold(keep, threshold)
+    # In reference_mode the wrapper calls the reference, traced inline: no kernel checks the values later.
+    check_fraction_or_threshold(keep, threshold, values_when_tracing=in_reference_mode())
     check_same_device({delta_name: delta, "fisher": fisher})
 
 
