@@ -515,10 +515,7 @@ def frozen_parameters(model: nn.Module):
     """Inside the block every parameter of `model` has `requires_grad=False`; each flag comes back
     exactly as it was on exit, also when the block raises.  A forward run inside records no graph
     for the parameters (and none for activations that depend only on them)."""
-    # An inference tensor (a model built under torch.inference_mode) is left alone: its flag cannot
-    # be set back outside inference mode, and the restore loop raised at it, leaving every
-    # parameter after it frozen.
-    params = [p for p in model.parameters() if not p.is_inference()]
+    params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     try:
         for p in params:
@@ -529,7 +526,11 @@ def frozen_parameters(model: nn.Module):
         # parameters after it frozen (a caller's training then silently got no gradient for them).
         with deferred_interrupt():
             for p, flag in zip(params, flags):
-                p.requires_grad_(flag)
+                # An inference tensor (a model built under torch.inference_mode) takes requires_grad=True
+                # only in inference mode: set outside it, the loop raised there and left every parameter
+                # after it frozen (skipping such tensors instead left them unfrozen inside the block).
+                with torch.inference_mode() if p.is_inference() else contextlib.nullcontext():
+                    p.requires_grad_(flag)
 
 
 @contextlib.contextmanager

@@ -836,6 +836,25 @@ def test_frozen_parameters_gives_an_inference_tensor_its_flag_back(gen):
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_frozen_parameters_freezes_an_inference_tensor_too():
+    """The docstring's promise for an inference tensor as well: frozen inside the block (b296083
+    skipped them, so they kept requires_grad=True and a forward under grad of an input that needs
+    none raised 'Inference tensors cannot be saved for backward', a forward the freeze exists to
+    keep graph-free), and its flag back after (set in inference mode, where torch allows it)."""
+    from dcedit_kernels.capture import frozen_parameters
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    with torch.inference_mode():
+        model[1] = nn.Linear(3, 2)
+    model[1].bias.requires_grad_(False)  # a flag that was False comes back False
+    flags = [p.requires_grad for p in model.parameters()]
+    with torch.enable_grad(), frozen_parameters(model):
+        assert not any(p.requires_grad for p in model.parameters())
+        assert not model(torch.randn(4, 3)).requires_grad
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert model[1].weight.is_inference()
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_generate_sees_the_edit_with_and_without_its_kv_cache_and_not_after_undo(arch, gen):
     """What the README promises of `model.generate()`: greedy generation with its KV cache (the
