@@ -325,3 +325,39 @@ def test_bad_keep_or_threshold_raise_value_error_compiled_in_reference_mode(op, 
     with ops.reference_mode(), pytest.raises(ValueError, match=match):
         torch.compile(fn, backend="aot_eager")(delta)
     assert torch.equal(weight, before)
+
+
+def test_compiled_model_sees_each_blocks_own_edits_of_the_same_shapes(gen):
+    """The patched forwards read their tensors from `lowrank_layers._ACTIVE` at call time (7544b53):
+    a compiled model run in successive blocks with other edits of the same shapes must see each
+    block's own (dynamo's guards on the global, not a graph that kept the first block's tensors), and
+    after the blocks the unedited model (no KeyError from a forward whose entry is gone)."""
+    from dcedit_kernels.capture import weight_out_in
+    from dcedit_kernels.editors import GroupedEdit
+    from dcedit_kernels.lowrank_layers import _ACTIVE, lowrank_edited
+    from dcedit_kernels.models import tiny_model
+
+    model, _ = tiny_model("llama", seed=0)
+    model.requires_grad_(False)
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj"]
+    modules = dict(model.named_modules())
+    compiled = torch.compile(model, backend="aot_eager")
+    ids, row_edit = torch.randint(3, 100, (3, 5), generator=gen), torch.tensor([0, 2, 1])
+    base = model(input_ids=ids).logits
+    outputs = []
+    for alpha in (0.7, -1.3):
+        edits = {}
+        for name in names:
+            o, i = weight_out_in(modules[name]).shape
+            edits[name] = GroupedEdit(
+                mu_t=randn((5, i), gen), eta_t=randn((5, o), gen), offsets=torch.tensor([0, 2, 5], dtype=torch.int32),
+                fusion="add", alpha=torch.tensor(alpha), edit_group=torch.tensor([0, 1, 1]), aux_loss=torch.tensor(0.0))
+        with lowrank_edited(model, edits, row_edit):
+            want = model(input_ids=ids).logits
+        with lowrank_edited(compiled, edits, row_edit):
+            got = compiled(input_ids=ids).logits
+        torch.testing.assert_close(got, want)
+        outputs.append(got)
+        torch.testing.assert_close(compiled(input_ids=ids).logits, base)
+        assert not _ACTIVE
+    assert not torch.allclose(outputs[0], outputs[1])
