@@ -823,7 +823,7 @@ def test_a_model_built_under_inference_mode_is_refused_and_left_as_it_was(method
 def test_frozen_parameters_gives_an_inference_tensor_its_flag_back(gen):
     """frozen_parameters left every parameter frozen when the block raised on a model holding an
     inference tensor: setting requires_grad back on it outside inference mode raised in the restore
-    loop.  Such a parameter is left alone (nothing to restore) and the others come back."""
+    loop.  Every flag comes back (an inference tensor's set in inference mode)."""
     from dcedit_kernels.capture import frozen_parameters
 
     model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
