@@ -37,9 +37,10 @@ def editor_cache_key(method: str, layers: list[str], kwargs: dict, train_config:
     the dtype the model was trained in when given: an editor trained on an fp16 model is not the
     fp32 one's; and, when given, the content of the training requests, every field: ids that name
     only some of them, such as prompt and target, would not tell data with other rephrases or
-    locality prompts apart); and the transformers version, which reads the model file (a gguf's
-    dequantization and its tokenizer are transformers' code: another version may load other
-    weights or token ids from one file).
+    locality prompts apart); and the versions of what reads the model file: transformers (its
+    tokenizer and weight conversion) and, for a .gguf file, the gguf package, whose `dequantize`
+    transformers calls (SmolLM2's Q4_1 tensors): another version may load other weights or token
+    ids from one file.
 
     The capture settings (`tokens`, `loss_reduction`), MoEditor's `gate_norm` and the training
     settings enter with their defaults resolved (a default written out is the same editor), so
@@ -60,7 +61,10 @@ def editor_cache_key(method: str, layers: list[str], kwargs: dict, train_config:
     editor_kwargs = {k: v for k, v in kwargs.items() if k not in capture and k not in _RUNTIME}
     if method == "moeditor":  # resolved, as the settings above: a MoEditor cached before gate_norm read raw features
         editor_kwargs.setdefault("gate_norm", GATE_NORM_DEFAULT)
-    blob = json.dumps(dict(version=__version__, transformers=transformers.__version__, method=method, layers=list(layers), kwargs=editor_kwargs,
+    readers = dict(transformers=transformers.__version__)
+    if model_path.suffix == ".gguf":
+        readers["gguf"] = _installed_version("gguf")
+    blob = json.dumps(dict(version=__version__, readers=readers, method=method, layers=list(layers), kwargs=editor_kwargs,
                            capture=capture,
                            train=train, edits=list(train_ids), model=model_id,
                            **({} if model_dtype is None else dict(model_dtype=model_dtype)),
@@ -71,6 +75,15 @@ def editor_cache_key(method: str, layers: list[str], kwargs: dict, train_config:
 
 # (resolved path, size, mtime_ns) -> sha256: read once per process (0.4 s for SmolLM2).  Shared by
 # threads without a lock: two that miss at once both hash the file and store the same digest.
+def _installed_version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 _FILE_DIGESTS: dict = {}
 
 

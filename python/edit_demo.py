@@ -13,8 +13,8 @@ What it does, on the embedded SmolLM2-135M-Instruct:
 2. trains MEND, MoEditor and ProEditor editors on the training facts with a small budget, or
    loads them from the cache (`~/.cache/dcedit_kernels/<method>-<hash of the config>.safetensors`,
    the hash covering the capture's loss reduction, every training setting with its defaults,
-   the model file's content and the transformers version that reads it, so editors trained under
-   other semantics or on other weights are retrained; `--no-cache` retrains).  RaEditor is
+   the model file's content and the versions of transformers and gguf that read it, so editors
+   trained under other semantics or on other weights are retrained; `--no-cache` retrains).  RaEditor is
    the paper's routing ablation: MoEditor's trained editors with the learned gate replaced by
    random groups (so it costs no training of its own);
 3. for FT, FT+KL, MEND, RaEditor, MoEditor and ProEditor, applies the whole held-out batch as ONE

@@ -672,6 +672,24 @@ def test_editor_cache_key_covers_the_transformers_version(monkeypatch):
     assert key() != before
 
 
+def test_editor_cache_key_covers_the_gguf_version_for_a_gguf_file(tmp_path, monkeypatch):
+    """transformers dequantizes a gguf with the gguf package's `dequantize` (SmolLM2's Q4_1
+    tensors): its version is in the key of a .gguf model, and only there."""
+    model_file = tmp_path / "m.gguf"
+    model_file.write_bytes(b"GGUF" + bytes(60))
+    other = tmp_path / "m.safetensors"
+    other.write_bytes(bytes(64))
+
+    def keys():
+        return [editor_cache.editor_cache_key("mend", ["a.b"], {}, {"steps": 2}, ["x"], str(f))
+                for f in (model_file, other)]
+
+    before = keys()
+    monkeypatch.setattr(editor_cache, "_installed_version", lambda package: "0.0.0-other")
+    after = keys()
+    assert after[0] != before[0] and after[1] == before[1]
+
+
 def test_editor_cache_key_resolves_moeditors_gate_norm():
     """A MoEditor cached before gate_norm existed read raw features: with the default resolved in
     the key, it is retrained, not loaded (as the gate_norm=False editor it was) under the new default."""
