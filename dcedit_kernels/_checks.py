@@ -216,10 +216,16 @@ def check_delta_linear_shapes(x, weight, bias, row_group, mu_t, eta_t) -> None:
         )
 
 
-def check_no_inference_parameters(model: torch.nn.Module, what: str) -> None:
-    """RuntimeError, before anything changes, when a parameter of `model` is an inference tensor (the
-    model was built or loaded under torch.inference_mode): autograd cannot run through it, and the
-    capture's and FT's own errors from torch named the tensor's kind but not the model's load."""
+def check_autograd(what: str, uses: str = "its capture", model: torch.nn.Module | None = None) -> None:
+    """RuntimeError, before anything changes, naming `what` and what it `uses` autograd for, under
+    torch.inference_mode (autograd's own error was the bare "element 0 of tensors does not require
+    grad"); and when a parameter of `model`, if given, is an inference tensor (the model was built or
+    loaded under inference_mode): autograd cannot run through it, and the capture's and FT's own
+    errors from torch named the tensor's kind but not the model's load."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{what} needs autograd for {uses}: call it outside torch.inference_mode()")
+    if model is None:
+        return
     for name, p in model.named_parameters():
         if p.is_inference():
             raise RuntimeError(f"{what}: the model's parameters are inference tensors (built or loaded under "

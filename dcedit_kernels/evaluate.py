@@ -52,7 +52,7 @@ from typing import Sequence
 import torch
 
 from . import metrics
-from ._checks import is_int
+from ._checks import check_autograd, is_int
 from .devices import cuda_indices, model_devices
 from .requests import EditRequest, validate_requests
 
@@ -428,13 +428,6 @@ def evaluate_method(
 # ---------------------------------------------------------------------------------------------
 # Gradient conflict per layer (paper Table 5)
 # ---------------------------------------------------------------------------------------------
-def _check_autograd(what: str) -> None:
-    """The capture backpropagates: under inference_mode it failed with autograd's bare "element 0
-    of tensors does not require grad" (ModelEditor.apply says why; so do these)."""
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError(f"{what} needs autograd for its capture: call it outside torch.inference_mode()")
-
-
 def gradient_conflict(model, tokenizer, layers: Sequence[str], requests: Sequence[EditRequest]) -> dict:
     """{layer: {"gcr", "gms"}}: conflict ratio and magnitude similarity of the per-edit gradients
     of each edited weight for this batch of edits (the capture's forward + backward, from the captured
@@ -450,7 +443,7 @@ def gradient_conflict(model, tokenizer, layers: Sequence[str], requests: Sequenc
     requests = validate_requests(requests)
     if len(requests) < 2:
         raise ValueError(f"requests must hold at least 2 edits for gradient metrics, got {len(requests)}")
-    _check_autograd("gradient_conflict")
+    check_autograd("gradient_conflict")
     # A fine-tuning ModelEditor builds no editor: only its capture is used here.  Nothing is
     # edited, so a tied weight is fine to read.
     me = ModelEditor(model, tokenizer, layers=_as_listed(layers), method="ft", loss_reduction="edit", allow_tied=True)
@@ -475,7 +468,7 @@ def edit_statistics(editor, requests: Sequence[EditRequest]) -> dict:
     if editor.method in FT_METHODS:
         raise ValueError(f"editor must use a trained editor method, got {editor.method!r}")
     requests = validate_requests(requests)
-    _check_autograd("edit_statistics")
+    check_autograd("edit_statistics")
     batch = editor.tokenize([r.prompt for r in requests], [r.target for r in requests])
     factors, feats, _ = editor.capture(batch)
     edits = editor.edits_as_applied(factors, feats)

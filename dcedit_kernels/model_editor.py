@@ -89,7 +89,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from ._checks import HALF_DTYPES, all_finite, check_no_inference_parameters, is_int
+from ._checks import HALF_DTYPES, all_finite, check_autograd, is_int
 from .capture import TOKEN_MODES, modes_restored, resolve_modules, weight_out_in
 from .devices import as_device, check_resident, cuda_indices, input_device, model_devices, place_editor
 from .edit_capture import DEFAULT_CAPTURE_BATCH_SIZE, EditCapture
@@ -407,10 +407,7 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         `from_pretrained` return models in eval mode).  RuntimeError, too, for a model built or
         loaded under inference_mode (its parameters are inference tensors)."""
         requests = validate_requests(requests)
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError("ModelEditor.apply needs autograd for its capture (or fine-tuning): "
-                               "call it outside torch.inference_mode()")
-        check_no_inference_parameters(self.model, "ModelEditor.apply")
+        check_autograd("ModelEditor.apply", "its capture (or fine-tuning)", self.model)
         # Offloaded since the constructor checked (accelerate's cpu_offload/disk_offload of the model
         # after the ModelEditor was built): the shift went to a "meta" tensor and failed with
         # NotImplementedError, and FT said the layer got no gradient.

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from ._checks import HALF_DTYPES, all_finite, check_no_inference_parameters
+from ._checks import HALF_DTYPES, all_finite, check_autograd
 from .capture import frozen_parameters, modes_restored
 from .losses import backward_scale
 from .model_editor import ModelEditor
@@ -89,10 +89,7 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
         raise ValueError(f"method {me.method!r} has no editor to train")
     if me.seq2seq:
         raise ValueError("editor training supports causal LMs only")
-    if torch.is_inference_mode_enabled():  # autograd's own error named neither fit nor inference mode
-        raise RuntimeError("ModelEditor.fit (train_editor) needs autograd for its capture and its steps: "
-                           "call it outside torch.inference_mode()")
-    check_no_inference_parameters(me.model, "ModelEditor.fit (train_editor)")
+    check_autograd("ModelEditor.fit (train_editor)", "its capture and its steps", me.model)
     check_trainable_dtypes(me)
     me._check_resident()  # an edited layer offloaded since the constructor checked: refused before any step
     group_rank, group_size = distributed.world()
