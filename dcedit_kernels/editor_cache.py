@@ -64,17 +64,14 @@ def editor_cache_key(method: str, layers: list[str], kwargs: dict, train_config:
     readers = dict(transformers=transformers.__version__)
     if model_path.suffix == ".gguf":
         readers["gguf"] = _installed_version("gguf")
-    blob = json.dumps(dict(version=__version__, readers=readers, method=method, layers=list(layers), kwargs=editor_kwargs,
-                           capture=capture,
-                           train=train, edits=list(train_ids), model=model_id,
+    blob = json.dumps(dict(version=__version__, readers=readers, method=method, layers=list(layers),
+                           kwargs=editor_kwargs, capture=capture, train=train, edits=list(train_ids), model=model_id,
                            **({} if model_dtype is None else dict(model_dtype=model_dtype)),
                            **({} if train_requests is None else dict(requests=_requests_digest(train_requests)))),
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-# (resolved path, size, mtime_ns) -> sha256: read once per process (0.4 s for SmolLM2).  Shared by
-# threads without a lock: two that miss at once both hash the file and store the same digest.
 def _installed_version(package: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -84,6 +81,8 @@ def _installed_version(package: str) -> str | None:
         return None
 
 
+# (resolved path, size, mtime_ns) -> sha256: read once per process (0.4 s for SmolLM2).  Shared by
+# threads without a lock: two that miss at once both hash the file and store the same digest.
 _FILE_DIGESTS: dict = {}
 
 

@@ -189,11 +189,12 @@ _ACTIVE: dict[int, tuple] = {}
 
 @contextlib.contextmanager
 def _active_states():
-    """Yields `register(key, state)`, which puts `state` in `_ACTIVE` for the block; on exit each key
-    gets back what it had (a `lowrank_edited` entered inside another on the same module)."""
+    """Yields `register(module, state)`, which puts `state` in `_ACTIVE[id(module)]` for the block; on
+    exit each entry gets back what it had (a `lowrank_edited` entered inside another on the same module)."""
     registered: list[tuple[int, object]] = []
 
-    def register(key: int, state: tuple) -> None:
+    def register(module: nn.Module, state: tuple) -> None:
+        key = id(module)
         registered.append((key, _ACTIVE.get(key)))
         _ACTIVE[key] = state
 
@@ -208,13 +209,14 @@ def _active_states():
                     _ACTIVE[key] = previous
 
 
-def _lowrank_forward(module: nn.Module, name: str, key: int):
-    """The patched forward, its tensors `_ACTIVE[key]`: (row_group, mu_t, eta_t, offsets, alpha, mask,
+def _lowrank_forward(module: nn.Module, name: str):
+    """The patched forward, its tensors `_ACTIVE[id(module)]`: (row_group, mu_t, eta_t, offsets, alpha, mask,
     fused, shifts); fused: None, or (row_sees_fused (B,), Δ, α) of the rows that see the fused shift
     (`fused_linear`), the other rows taking the per-group path; shifts: the masked shifts shared
     between passes (`dense_masked_linear`)."""
     weight = weight_out_in(module)  # Conv1D: a transposed view, the op sees out×in
     out_features, in_features = weight.shape
+    key = id(module)
 
     def forward(x):
         row_group, mu_t, eta_t, offsets, alpha, mask, fused, shifts = _ACTIVE[key]
@@ -330,6 +332,6 @@ def lowrank_edited(
                     formed["fused"] = delta
                 fused = (row_sees_fused.to(device), formed["fused"], edit.alpha.to(device))
             shifts = formed.setdefault("shifts", {}) if shared is not None else None
-            register(id(module), (*factors, mask, fused, shifts))
-            patch(module, _lowrank_forward(module, name, id(module)))
+            register(module, (*factors, mask, fused, shifts))
+            patch(module, _lowrank_forward(module, name))
         yield

@@ -14,9 +14,9 @@ What it does, on the embedded SmolLM2-135M-Instruct:
    loads them from the cache (`~/.cache/dcedit_kernels/<method>-<hash of the config>.safetensors`,
    the hash covering the capture's loss reduction, every training setting with its defaults,
    the model file's content and the versions of transformers and gguf that read it, so editors
-   trained under other semantics or on other weights are retrained; `--no-cache` retrains).  RaEditor is
-   the paper's routing ablation: MoEditor's trained editors with the learned gate replaced by
-   random groups (so it costs no training of its own);
+   trained under other semantics or on other weights are retrained; `--no-cache` retrains).
+   RaEditor is the paper's routing ablation: MoEditor's trained editors with the learned gate
+   replaced by random groups (so it costs no training of its own);
 3. for FT, FT+KL, MEND, RaEditor, MoEditor and ProEditor, applies the whole held-out batch as ONE
    edit, measures ES (paraphrase), reliability (prompt), DD (changed neighbour predictions),
    LMP = ES − DD, neighbourhood success, edit latency and peak memory, and undoes the edit (the
