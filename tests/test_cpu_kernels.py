@@ -1,8 +1,8 @@
 """The C++ CPU kernels (csrc/cpu/) against the plain-PyTorch reference.
 
 Called through the dispatcher (`torch.ops.dcedit.<op>` on CPU tensors), so these test exactly what
-the compiled `_C` registers.  Every test draws fresh random inputs; the seed is printed so that a
-failure can be replayed (pytest shows it with the failure).
+the compiled `_C` registers.  Every test draws fresh random inputs from conftest's `gen`; the seed
+is printed so that a failure can be replayed (DCEDIT_TEST_SEED=<seed>, tests/conftest.py).
 """
 
 import math
@@ -39,11 +39,11 @@ LAYOUTS = {
 }
 
 
-@pytest.fixture
-def gen():
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"seed={seed}")
-    return torch.Generator().manual_seed(seed)
+def test_gen_replays_the_logged_seed(gen, test_seed):
+    """`DCEDIT_TEST_SEED=<the logged seed>` replays this file's draws too, as every other file's.
+    Its own `gen` fixture drew a second seed from os.urandom, printed after conftest's, which
+    nothing could set: a failure here could not be run again on its inputs."""
+    assert gen.initial_seed() == test_seed
 
 
 def offsets_from_counts(counts, dtype=torch.int32):
