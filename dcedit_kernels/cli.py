@@ -651,6 +651,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse already printed the usage line
         return int(exc.code or 0)
     start = time.perf_counter()
+    # The caller's thread count back on return: called from Python (a notebook, the tests) main()
+    # left the whole process on its command's --threads (1 on a 2-core machine).
+    threads = torch.get_num_threads()
     try:
         if args.command == "train" and os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 saves
             check_out(train_out(args))
@@ -672,6 +675,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"dcedit: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)
     return 0
 
 

@@ -35,6 +35,17 @@ def test_cli_rephrase_without_prompt_is_refused(capsys, tiny_model_dir):
 
 
 
+def test_cli_main_gives_torch_threads_back(capsys, tiny_model_dir):
+    """main() sets torch's thread count for its command (--threads, or 1 on a small machine) and
+    puts the caller's back when it returns, as the other entry points leave torch's global state:
+    called from Python (a notebook, these tests) it left the whole process on that many threads."""
+    threads = torch.get_num_threads()
+    code = cli.main(["edit", "--model", str(tiny_model_dir), "--method", "ft", "--threads", str(threads + 1),
+                     "--rephrase", "Look: the sky is"])
+    assert code == 2 and "--rephrase" in capsys.readouterr().err  # refused after the threads were set
+    assert torch.get_num_threads() == threads
+
+
 def test_cli_helpers_refuse_bad_values_from_python_callers():
     with pytest.raises(cli.UserError, match="--threads must be a positive int, got 0"):
         cli.set_threads(0)
