@@ -790,9 +790,9 @@ def test_keep_frees_the_saved_weights_and_pins_earlier_edits(gen):
 
 def test_sequential_kept_edits_do_not_pile_up_in_the_live_list(gen):
     """Apply + keep, edit after edit (sequential editing): the model's live-edit list held every
-    kept handle for the model's lifetime (one more per edit, ~1.4 KB each for MEND on the tiny Llama, and keep() walked all of
-    them); the edits below the latest kept one can never be undone, so only that one stays, and an
-    earlier handle's undo still says why it cannot."""
+    kept handle for the model's lifetime (one more per edit, ~1.4 KB each for MEND on the tiny
+    Llama, and keep() walked all of them); the edits below the latest kept one can never be undone,
+    so only that one stays, and an earlier handle's undo still says why it cannot."""
     me = make_editor("gpt2", "mend", gen)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the untrained-editor warning
