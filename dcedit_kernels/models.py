@@ -118,21 +118,24 @@ def fast_tokenizer_v4(arch: str, vocab, merges=()):
     import transformers
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+    # Said, not left to the default: 4.45 warns (FutureWarning) for each tokenizer built without it,
+    # then uses False (5.x's value too; Llama's class passes False itself).
+    quiet = {"clean_up_tokenization_spaces": False}
     if arch in ("gpt2", "bart"):
         backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
         if arch == "gpt2":
             return transformers.GPT2TokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>",
-                                                  eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+                                                  eos_token="<|endoftext|>", unk_token="<|endoftext|>", **quiet)
         backend.post_processor = processors.RobertaProcessing(("</s>", vocab["</s>"]), ("<s>", vocab["<s>"]))
-        return transformers.BartTokenizerFast(tokenizer_object=backend)
+        return transformers.BartTokenizerFast(tokenizer_object=backend, **quiet)
     if arch == "llama":
         backend = Tokenizer(models.BPE(vocab=vocab, merges=list(merges), byte_fallback=True, fuse_unk=True))
         backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
         backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                              decoders.Strip(" ", 1, 0)])
-        return transformers.LlamaTokenizerFast(tokenizer_object=backend, add_bos_token=True, legacy=True)
+        return transformers.LlamaTokenizerFast(tokenizer_object=backend, add_bos_token=True, legacy=True, **quiet)
     if arch == "t5":
         backend = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
         backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(
@@ -140,14 +143,14 @@ def fast_tokenizer_v4(arch: str, vocab, merges=()):
         backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
         backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                                special_tokens=[("</s>", 1)])
-        return transformers.T5TokenizerFast(tokenizer_object=backend, extra_ids=0)
+        return transformers.T5TokenizerFast(tokenizer_object=backend, extra_ids=0, **quiet)
     backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##"))
     backend.normalizer = normalizers.BertNormalizer(lowercase=True)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.decoder = decoders.WordPiece(prefix="##")
     backend.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-    return transformers.BertTokenizerFast(tokenizer_object=backend)
+    return transformers.BertTokenizerFast(tokenizer_object=backend, **quiet)
 
 
 def tiny_tokenizer(arch: str):

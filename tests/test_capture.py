@@ -537,6 +537,21 @@ def test_tiny_models_are_seeded_without_touching_global_rng():
         tiny_model("mamba")
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert", "bart", "t5"])
+def test_tiny_tokenizers_build_without_a_warning(arch):
+    """transformers 4.45 warns (FutureWarning) for every tokenizer built without
+    `clean_up_tokenization_spaces`, so the 4.x tiny tokenizers set it (False: 4.45's default and
+    5.x's); under warnings as errors, building an FT editor's model raised that warning."""
+    import warnings
+
+    from dcedit_kernels.models import tiny_tokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tok = tiny_tokenizer(arch)
+    assert tok.clean_up_tokenization_spaces is False
+
+
 def test_load_model_errors(tmp_path, monkeypatch):
     from dcedit_kernels.models import default_model_path, load_model
 
