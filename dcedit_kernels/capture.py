@@ -33,7 +33,9 @@ Token selection (`tokens=`):
   that ignores the attention mask (RWKV) reads left padding as context for every later token:
   there the padded tokens' rows, which "all" drops, carry gradient too, and the factors are not
   the full gradient (right padding, which `tokenize` and `ModelEditor` use, is exact: no real
-  token comes after the padding).
+  token comes after the padding).  Nor is it exact with a scored last padding position under
+  transformers before 4.53 (Llama) / 4.54 (GPT-2), whose masks let that position attend to every
+  position (`compat.transformers_versions`).
 - "target" (MALMEN): only the positions whose output is scored against a label.  In a causal LM
   (labels shifted inside the model's loss) that is position t with `labels[t+1] != -100`, i.e. the
   positions that predict the target tokens; in a masked LM or a seq2seq decoder it is position t

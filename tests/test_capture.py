@@ -177,6 +177,14 @@ def test_left_padded_batch_with_labels_on_every_token(arch, gen):
     """A left-padding tokenizer and Hugging Face's usual labels (the input ids, -100 at padding):
     a row's first real token is predicted from its last padding position, which the loss scores.
     "all" still reproduces every weight.grad, and "target" the LM head's."""
+    from dcedit_kernels.compat.transformers_versions import VERSION
+
+    if VERSION < {"llama": (4, 53), "gpt2": (4, 54)}[arch]:
+        # Before its masks moved to masking_utils, transformers' additive mask let a padding position,
+        # which sees no real key, attend to every position alike (softmax of equal minima): the scored
+        # last padding position then passes gradient to every padding position, which "all" leaves out
+        # (rel err 0.87 on 4.45.0; passes from 4.53 for Llama, 4.54 for GPT-2).
+        pytest.skip("transformers before 4.53 (Llama) / 4.54 (GPT-2): padding queries attend to every position")
     model, tok = make_model(arch, torch.float64, gen)
     tok.padding_side = "left"
     n = int(torch.randint(2, 5, (1,), generator=gen))

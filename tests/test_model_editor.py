@@ -1486,6 +1486,8 @@ def _ft_reference(model, tok, layers, reqs, method, steps, lr, optimizer, kl_wei
 def test_ft_matches_a_float64_reference(method, optimizer, gen):
     """The fine-tuned weights of a float64 model, in row chunks of 2 (FT+KL's references recomputed
     per chunk), are those of the baseline written out (`_ft_reference`) to float64 rounding."""
+    if method == "ft_kl":
+        skip_fp32_logits("llama")  # the references' fp32 log-probs, per chunk and whole, round apart
     seed, reqs = int(torch.randint(0, 1000, (1,), generator=gen)), random_requests(gen, 5)
     layers, lr = LAYERS["llama"][:2] + ["lm_head"], (1e-2 if optimizer == "adam" else 0.3)
     model, tok = tiny_model("llama", seed=seed, dtype=torch.float64)

@@ -15,7 +15,12 @@ Left to transformers (seen on 4.45.2 with torch 2.13, not worked around in the p
   float without overflow" in `AttentionMaskConverter._make_causal_mask`, which fills a float32
   tensor with float64's minimum (the tests patch it: tests/conftest.py; 4.57 no longer calls it);
 - before 4.46, Llama's (and Qwen2's, Gemma 2's, Phi's...) forward returns fp32 logits whatever the
-  model's dtype, so a float64 model's losses are fp32 roundings.
+  model's dtype, so a float64 model's losses are fp32 roundings;
+- before 4.53 (Llama) and 4.54 (GPT-2), a left-padded row's padding positions, which see no real
+  key, attend to every position alike under the additive mask (on CPU), so where the last padding
+  position is scored (Hugging Face's usual labels on a left-padded batch) every padding position
+  gets gradient, and capture's tokens="all" (the real and the scored positions) misses it: rel err
+  0.87 of the attention weights' gradient on 4.45.0 (`tokenize` pads on the right: not affected).
 """
 
 from __future__ import annotations
