@@ -57,6 +57,17 @@ class UserError(Exception):
 # ---------------------------------------------------------------------------------------------
 # Helpers shared with python/edit_demo.py and python/report.py
 # ---------------------------------------------------------------------------------------------
+def require_matplotlib() -> None:
+    """UserError unless matplotlib imports: the demo and the report plot at the end of their run,
+    and matplotlib is optional (the "plot" extra), so they check before any work (without it a
+    run ended, minutes in, in ModuleNotFoundError, the report before writing its Markdown)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise UserError(f"the plots need matplotlib ({exc}): pip install matplotlib, or the package's "
+                        "[plot] extra") from None
+
+
 def set_threads(threads: int | None) -> int:
     """Use `threads` CPU threads (None: 1 on machines with at most 2 cores, else torch's default).
 

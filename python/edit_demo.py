@@ -41,7 +41,7 @@ if str(REPO) not in sys.path:  # run from a checkout without installing the pack
 import torch  # noqa: E402
 
 from dcedit_kernels.cli import (  # noqa: E402
-    METHOD_NAMES, greedy_completions, positive_int, seed_int, set_threads, write_json)
+    METHOD_NAMES, UserError, greedy_completions, positive_int, require_matplotlib, seed_int, set_threads, write_json)
 from dcedit_kernels.editor_cache import cache_dir, random_routing_twin, trained_editor  # noqa: E402
 
 METHOD_ORDER = ("ft", "ft_kl", "mend", "raeditor", "moeditor", "proeditor")
@@ -169,6 +169,11 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         print(f"edit_demo: error: --out {args.out}: cannot create the folder ({exc})", file=sys.stderr)
+        return 2
+    try:  # the plot comes last: checked before the run
+        require_matplotlib()
+    except UserError as exc:
+        print(f"edit_demo: error: {exc}", file=sys.stderr)
         return 2
 
     from tqdm.auto import tqdm

@@ -42,7 +42,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from dcedit_kernels.cli import (  # noqa: E402
-    METHOD_NAMES, UserError, load_requests, positive_int, seed_int, set_threads, write_json)
+    METHOD_NAMES, UserError, load_requests, positive_int, require_matplotlib, seed_int, set_threads, write_json)
 from dcedit_kernels.capture import resolve_modules  # noqa: E402
 from dcedit_kernels.editor_cache import cache_dir, random_routing_twin, trained_editor  # noqa: E402
 from dcedit_kernels.ft_baseline import locality_texts  # noqa: E402
@@ -428,6 +428,7 @@ def _run(args, t_start) -> int:
 
     threads = set_threads(args.threads)
     progress = not args.no_progress
+    require_matplotlib()  # the plots come after report.json, before report.md
     sizes = _ints(args.n_edits, "--n-edits")
     # Checked before the model loads (evaluate_method refuses them only after the editors trained).
     if any(n < 1 for n in sizes):

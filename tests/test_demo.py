@@ -457,6 +457,21 @@ def test_demo_refuses_an_out_that_is_a_file(capsys, tmp_path, monkeypatch):
     assert "edit_demo: error: --out" in capsys.readouterr().err
 
 
+def test_demo_without_matplotlib_says_so_before_the_model_loads(capsys, tmp_path, monkeypatch):
+    """matplotlib is optional (the "plot" extra) and the demo plots last: without it the run ended,
+    minutes in, in ModuleNotFoundError. Now one error line and exit status 2 before the model loads."""
+    import sys
+
+    import dcedit_kernels.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
+    demo = _demo_module()
+    assert demo.main(["--quick", "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "edit_demo: error:" in err and "matplotlib" in err and "[plot]" in err
+
+
 def test_check_facts_names_a_missing_model(capsys, tmp_path):
     """python/check_facts.py --model <missing folder>: one error line and exit status 2, not a traceback."""
     import importlib.util

@@ -286,6 +286,23 @@ def test_report_refuses_bad_arguments_before_loading_the_model(extra, message, r
     assert "report: error:" in err and message in err
 
 
+def test_report_without_matplotlib_says_so_before_the_model_loads(report_module, capsys, tmp_path, monkeypatch):
+    """matplotlib is optional (the "plot" extra) and the report plots after report.json, before
+    report.md: without it a whole run ended in ModuleNotFoundError and wrote no Markdown. Now one
+    error line and exit status 2 before the model loads."""
+    import sys
+
+    import dcedit_kernels.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
+    data = _counterfact_file(tmp_path / "cf.json", n=6)
+    assert report_module.main(["--data", str(data), "--methods", "ft", "--n-edits", "2",
+                               "--out-dir", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "report: error:" in err and "matplotlib" in err and "[plot]" in err
+
+
 def test_missing_default_data_names_the_folder_looked_in(report_module, capsys, tmp_path, monkeypatch):
     """Without --data the report reads counterfact-val.json from $DCEDIT_DATA_DIR when set: the error
     named ../shared/data whatever the variable said."""
