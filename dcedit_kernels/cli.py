@@ -219,6 +219,8 @@ def load_requests(path: str | None, limit: int | None = None, flag: str = "--dat
                   f"(record {shown})", file=sys.stderr, flush=True)
         return requests
     except FileNotFoundError as exc:
+        if path not in FILES:  # "--data counterfact": say which names there are
+            raise UserError(f"{flag}: {exc} (nor a data set's name ({', '.join(sorted(FILES))}))") from None
         raise UserError(f"{flag}: {exc}") from None
     except ValueError as exc:
         raise UserError(f"{flag}: {exc}") from None

@@ -19,6 +19,13 @@ OPTIONAL_FIELDS = ("rephrase", "locality", "locality_target", "subject")
 
 @dataclass
 class EditRequest:
+    """One edit: `prompt` + " " + `target` is the text to teach (see the README's "Prompts and
+    targets" for the space); the rest is optional and read by the scores only: `rephrase`, a
+    paraphrase of the prompt (edit success, ES); `locality` and `locality_target`, an unrelated
+    prompt and its answer (drawdown DD and neighbourhood success, NS; `locality_target` needs
+    `locality`); `subject`, the entity the edit is about.  Every given field is a non-blank str
+    (`validate`).  `dcedit_kernels.data.load_dataset` gives CounterFact and zsRE as these."""
+
     prompt: str
     target: str
     rephrase: str | None = None
@@ -43,6 +50,9 @@ class EditRequest:
 
 def validate_requests(requests: Iterable[EditRequest], name: str = "requests") -> list[EditRequest]:
     """Validate a non-empty sequence of EditRequests; returns them as a list."""
+    if isinstance(requests, str):  # else "requests[0] must be an EditRequest, got str", of its first letter
+        raise ValueError(f"{name} must be a sequence of EditRequest, got a str (a data set's name? "
+                         "dcedit_kernels.data.load_dataset(name) loads one as EditRequests)")
     items = check_items(requests, name, EditRequest, "EditRequest")
     for i, request in enumerate(items):
         request.validate(f"{name}[{i}]")

@@ -85,6 +85,16 @@ def test_request_and_text_lists_name_what_is_not_one():
         tokenize_texts(tok, None)
 
 
+def test_a_str_where_requests_go_is_named_as_one():
+    """A data set's name or an edit's text passed where the EditRequests go (`editor.fit(
+    "counterfact-train")`, `apply("The capital of France is Rome")`, a user trial's natural
+    slips) said "requests[0] must be an EditRequest, got str", about its first character."""
+    for text in ("counterfact-train", "The capital of France is Rome"):
+        with pytest.raises(ValueError, match=r"^requests must be a sequence of EditRequest, got a str "
+                                             r"\(a data set's name\? dcedit_kernels\.data\.load_dataset"):
+            validate_requests(text)
+
+
 # --- CounterFact -------------------------------------------------------------------------------
 
 
@@ -161,6 +171,21 @@ def test_load_dataset_says_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.setenv("DCEDIT_DATA_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="DCEDIT_DATA_DIR"):
         load_dataset("counterfact-val")
+
+
+def test_load_dataset_without_the_env_names_the_folder_it_tried(monkeypatch):
+    """Without DCEDIT_DATA_DIR the default is shared/data beside the checkout; an installed copy has
+    none, and the error (found in a user trial of an installed sdist) said only "(default:
+    shared/data beside the repository checkout)" under a path inside site-packages."""
+    monkeypatch.delenv("DCEDIT_DATA_DIR", raising=False)
+    import dcedit_kernels.data as data
+
+    monkeypatch.setattr(data, "data_dir", lambda: data.Path("/nowhere/lib/python3.11/shared/data"))
+    with pytest.raises(FileNotFoundError) as info:
+        load_dataset("counterfact-val")
+    message = str(info.value)
+    assert "DCEDIT_DATA_DIR is not set" in message and "set DCEDIT_DATA_DIR" in message
+    assert "not shipped" in message and "installed copy" in message
 
 
 def test_a_home_relative_data_dir_or_file_is_expanded(tmp_path, monkeypatch):

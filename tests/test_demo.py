@@ -523,6 +523,11 @@ def test_cli_empty_or_unknown_data(capsys, tmp_path):
     assert "cannot tell the format" in capsys.readouterr().err
     assert cli.main(["edit", "--data", str(tmp_path / "missing.json")]) == 2
     assert "data file not found" in capsys.readouterr().err
+    # a data set's name mistyped (a user trial's "--data counterfact") lists the names it takes
+    assert cli.main(["edit", "--data", "counterfact"]) == 2
+    err = capsys.readouterr().err
+    assert "data file not found: counterfact" in err
+    assert "nor a data set's name (counterfact-train, counterfact-val, zsre-train)" in err
 
 
 @pytest.mark.parametrize("command", [["train", "--method", "mend"], ["edit", "--method", "ft"]])

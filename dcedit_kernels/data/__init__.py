@@ -35,13 +35,21 @@ def data_path(name: str) -> Path:
 
 
 def load_dataset(name: str, limit: int | None = None):
-    """EditRequests of a known data file by name.  `limit` counts records, as the loaders' does: for
+    """EditRequests of a known data file by name ("counterfact-train", "counterfact-val" or
+    "zsre-train": `FILES`, in `data_dir()`).  `limit` counts records, as the loaders' does: for
     zsRE, whose blank-target records are skipped, that can be fewer requests (see `load_zsre`)."""
     path = data_path(name)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: set DCEDIT_DATA_DIR to the folder that holds {FILES[name]} "
-                                "(default: shared/data beside the repository checkout), or load the file "
-                                "with load_counterfact / load_zsre")
+        # Without the variable, an installed copy looks in <site-packages>/../shared/data, which the
+        # bare "(default: beside the checkout)" left unexplained (a user trial of an installed sdist).
+        if os.environ.get("DCEDIT_DATA_DIR"):
+            where = f"DCEDIT_DATA_DIR is {path.parent}"
+        else:
+            where = (f"DCEDIT_DATA_DIR is not set, and the default, shared/data beside the repository "
+                     f"checkout, is {path.parent}; an installed copy has no checkout")
+        raise FileNotFoundError(f"{path} not found ({where}; the data files are not shipped with the "
+                                f"package): set DCEDIT_DATA_DIR to the folder that holds {FILES[name]}, "
+                                "or load the file with load_counterfact / load_zsre")
     return load_zsre(path, limit=limit) if name.startswith("zsre") else load_counterfact(path, limit=limit)
 
 
