@@ -20,7 +20,20 @@ PART_KEYS = ("loss", "edit", "kl", "balance")  # the terms logged per step (Trai
 @dataclass
 class TrainConfig:
     """Editor training settings: MEND's loss weights (cedit, cloc), gradient clip and lr_lr; the
-    other defaults suit short runs (MEND's lr is 1e-6)."""
+    other defaults suit short runs (MEND's lr is 1e-6).
+
+    steps: optimiser steps, each of `accumulate` batches of `batch_size` edits (train on batches
+    near the number of edits you will apply at once; `dcedit train` defaults to 25 edits and lr
+    1e-3, the README's example, where this class keeps 4 and 1e-4); lr: the editors' Adam rate;
+    lr_lr, lr_optimizer: the per-weight edit steps α's; cedit, cloc, balance_weight: the loss's
+    weights (edit NLL, locality KL, MoEditor's gate balance); edit_rows, locality_rows: which
+    editors' shifts the edit and KL rows see (README, "Training"); with validation requests,
+    every `val_every` steps the first `val_size` of them are edited and scored (ES), training
+    stops after `patience` validations without a gain above `min_delta` (None: never), and with
+    `restore_best` the editors end at the best validation's state, which can be an earlier step
+    than the last (`TrainResult.best_step`); checkpoint_dir, resume: resumable checkpoints;
+    seed: batches and MoEditor's gate noise; progress: the progress bar; the rest are the
+    comments' in `train_config.py`.  Bad values raise ValueError naming the field."""
 
     steps: int = 100  # optimiser steps
     batch_size: int = 4  # edits per batch
