@@ -132,10 +132,19 @@ class EditorCheckpoints:
         # The initial weights of unseeded editors, all overwritten below, drawn from a fork of
         # torch's generator: loading left the caller's random stream advanced.
         with torch.random.fork_rng(devices=[]):
-            editor = cls(model, tokenizer, config["layers"], method=config["method"], tokens=config["tokens"],
-                         loss_reduction=config.get("loss_reduction", LEGACY_LOSS_REDUCTION),
-                         allow_tied=config.get("allow_tied", False), editor_device=editor_device,
-                         capture_batch_size=capture_batch_size, rescale_batch_size=rescale_batch_size, **kwargs)
+            try:
+                editor = cls(model, tokenizer, config["layers"], method=config["method"], tokens=config["tokens"],
+                             loss_reduction=config.get("loss_reduction", LEGACY_LOSS_REDUCTION),
+                             allow_tied=config.get("allow_tied", False), editor_device=editor_device,
+                             capture_batch_size=capture_batch_size, rescale_batch_size=rescale_batch_size,
+                             **kwargs)
+            except ValueError as exc:
+                # The layer names come from the file, not the caller: a bare "layers: no module named
+                # ..." read as a mistake in the call (a user trial loaded SmolLM2's editor onto another model).
+                if not str(exc).startswith("layers: "):
+                    raise
+                raise ValueError(f"{path}: the checkpoint's layers ({', '.join(config['layers'])}) do not fit "
+                                 f"this model: {exc}") from None
         saved_shapes = {key: saved.get("n_modes") for key, saved in config["editors"].items()}
         if saved_shapes != {key: e.config.get("n_modes") for key, e in editor.editors.items()}:
             # Shapes (in x out) and how many layers share each: one layer of another shape changes both.

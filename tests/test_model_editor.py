@@ -3,6 +3,7 @@
 import contextlib
 import json
 import math
+import re
 import warnings
 
 import pytest
@@ -1696,8 +1697,13 @@ def test_load_rejects_foreign_files(tmp_path):
     me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4)
     me.save(path)
     llama, ltok = tiny_model("llama")
-    with pytest.raises(ValueError):
-        ModelEditor.load(path, llama, ltok)  # the layer names do not exist there
+    # The layer names do not exist there: the error names the checkpoint, not only "layers: no module
+    # named ...", which read as a mistake in the caller's arguments (a user trial: SmolLM2's editor
+    # loaded onto another model).
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: the checkpoint's layers "
+                                         rf"\({re.escape(LAYERS['gpt2'][0])}, .*\) do not fit this model: "
+                                         r"layers: no module named"):
+        ModelEditor.load(path, llama, ltok)
     with pytest.raises(ValueError, match="missing keys"):
         me.load_state_tensors({})
     pickle = tmp_path / "editor.pt"
