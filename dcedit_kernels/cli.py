@@ -25,6 +25,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -401,9 +402,20 @@ def _model_editor(args, model, tokenizer):
         args.method = "ft"
     layers = parse_layers(model, args.layers)
     try:
-        return ModelEditor(model, tokenizer, layers=layers, method=args.method, **editor_kwargs(args))
+        me = ModelEditor(model, tokenizer, layers=layers, method=args.method, **editor_kwargs(args))
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if args.method in EDITOR_METHODS:
+        # apply's UserWarning says this for the Python API ("fit", "ModelEditor.load") under a source
+        # line; a user trial of `dcedit edit --method mend` got that.  Said once, in the CLI's terms
+        # (main's catch_warnings drops the filter again).
+        print(f"dcedit: note: --method {args.method} without --editor edits with an untrained editor, "
+              "which takes about one gradient step and rarely changes a prediction: train one with "
+              f"`dcedit train --method {args.method} --out EDITOR.safetensors`, then pass "
+              "--editor EDITOR.safetensors", file=sys.stderr, flush=True)
+        warnings.filterwarnings("ignore", message=r"ModelEditor\.apply: the .* editors are at their initialisation",
+                                category=UserWarning)
+    return me
 
 
 def _check_editor_flags(args, model, me, path) -> None:
@@ -673,7 +685,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command != "train" and args.out:
             check_out(args.out)
         set_threads(args.threads)
-        result = COMMANDS[args.command](args)
+        with warnings.catch_warnings():  # filters a command adds (`_model_editor`) end with it
+            result = COMMANDS[args.command](args)
         if args.out and args.command != "train":
             write_json(args.out, dict(result, elapsed_s=time.perf_counter() - start))
             print(f"wrote {args.out}")

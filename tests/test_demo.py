@@ -6,6 +6,7 @@ import random
 import struct
 import subprocess
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from unittest import mock
@@ -551,6 +552,25 @@ def test_cli_refuses_an_unwritable_out_before_any_work(capsys, tmp_path, monkeyp
     if command[0] == "train":
         with pytest.raises(pytest.fail.Exception, match="the model loaded"):
             cli.main([*command, "--out", str(tmp_path)])
+
+
+def test_cli_edit_with_an_untrained_editor_says_how_to_train_one(capsys, tmp_path, tiny_model_dir):
+    """`dcedit edit --method mend` without --editor edits with an untrained editor: the user trial got
+    Python's UserWarning (a source line, and advice for the Python API: "fit", "ModelEditor.load").
+    The CLI says it in its own words, once, with the commands that train and pass one."""
+    data = _counterfact_file(tmp_path / "cf.json", n=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(["edit", "--model", str(tiny_model_dir), "--method", "mend", "--data", str(data),
+                         "--n-edits", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "dcedit: note: --method mend without --editor edits with an untrained editor" in err
+    assert "dcedit train --method mend" in err and "--editor" in err
+    assert not [w for w in caught if "at their initialisation" in str(w.message)]
+    # a trained or loaded editor, and the baselines, get no note
+    assert cli.main(["edit", "--model", str(tiny_model_dir), "--method", "ft", "--data", str(data),
+                     "--n-edits", "1"]) == 0
+    assert "dcedit: note" not in capsys.readouterr().err
 
 
 def test_cli_data_takes_a_data_set_name(capsys, tmp_path, monkeypatch):
