@@ -219,7 +219,16 @@ def _lowrank_forward(module: nn.Module, name: str):
     key = id(module)
 
     def forward(x):
-        row_group, mu_t, eta_t, offsets, alpha, mask, fused, shifts = _ACTIVE[key]
+        state = _ACTIVE.get(key)
+        if state is None:  # a reference kept past the block: a closure, a hook, a reentrant checkpoint's recompute
+            # Not the unedited layer's output: a recompute in a backward after the block would then
+            # give wrong gradients silently (the hazard no_activation_checkpointing closes); this was a
+            # bare KeyError (the module's id).
+            raise RuntimeError(
+                f"module {name!r}: the lowrank_edited block that patched its forward has ended; call "
+                "that forward inside the block, or the module itself (the unedited layer) after it"
+            )
+        row_group, mu_t, eta_t, offsets, alpha, mask, fused, shifts = state
         n_rows = row_group.shape[0]  # a size, not a Python int fixed when the block was entered
         # (rows, ..., in), or the rows' tokens flattened row-major, (rows·L, in), as OPT's decoder
         # layers call their MLP.  The 2-D form is taken as rows of equal length in batch order:

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import re
 import os
 from pathlib import Path
 
@@ -246,6 +247,35 @@ def test_lowrank_edited_rejects_bad_rows(gen):
         with lowrank_edited(model, edits, torch.tensor([0, 1])):
             model(input_ids=torch.randint(3, 50, (3, 4)))
     assert "forward" not in dict(model.named_modules())[name].__dict__
+
+
+def test_a_patched_forward_called_after_its_block_raises(gen):
+    """A reference to a patched forward kept past the block (a closure, a hook, a reentrant
+    checkpoint whose recompute runs in a backward after the block) raised a bare KeyError (the
+    module's id).  It is a RuntimeError naming the module and the ended block, not the unedited
+    layer's output: a recompute that silently ran the unedited layer would give wrong gradients
+    (the hazard `no_activation_checkpointing` closes for Hugging Face's own checkpointing).  The
+    module itself, called after the block, runs the unedited layer as before."""
+    model, _ = frozen_double_model("gpt2", int(torch.randint(0, 100, (1,), generator=gen)))
+    name = LAYERS["gpt2"][0]
+    module = dict(model.named_modules())[name]
+    o, i = weight_out_in(module).shape
+    edits = {name: random_grouped_edit(gen, i, o, 3, G=2, nonempty=True)}
+    x = torch.randn(2, 4, i, generator=gen, dtype=torch.float64)
+    with lowrank_edited(model, edits, torch.tensor([0, 1])):
+        kept = module.forward
+        inside = kept(x)
+    match = rf"module '{re.escape(name)}': the lowrank_edited block that patched its forward has ended"
+    with pytest.raises(RuntimeError, match=match):
+        kept(x)
+    x.requires_grad_()
+    with lowrank_edited(model, edits, torch.tensor([0, 1])):
+        y = torch.utils.checkpoint.checkpoint(module.forward, x, use_reentrant=True)
+    assert torch.equal(y, inside)
+    with pytest.raises(RuntimeError, match=match):
+        y.sum().backward()
+    assert "forward" not in module.__dict__
+    assert not torch.equal(module(x.detach()), inside)  # the unedited layer, the module's own forward
 
 
 def test_lowrank_edited_rejects_bad_edits_and_flags(gen):
