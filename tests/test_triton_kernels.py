@@ -651,6 +651,49 @@ def test_lowrank_delta_linear_backward_group_without_rows_gets_zero(gen, poisone
     assert (grads[2][3:8] == 0).all() and grads[3][2] == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("poisoned", ["alpha", "x", "mu_t"])
+def test_lowrank_delta_linear_nonfinite_alpha_or_input_as_the_reference(gen, dtype, poisoned, device):
+    """An infinite (or NaN) alpha_g, or an inf in x or mu_t: forward and backward give the
+    reference's values, ±inf and NaN at the same places.  The forward against
+    `reference.lowrank_delta_linear`, the backward against `reference.lowrank_delta_linear_backward`,
+    which the op's CPU registration runs (autograd through the reference forward is another
+    association, alpha·grad before the sum over η, NaN where the op is ±inf).  An infinite alpha_g
+    multiplied the scores C = alpha_g Q·K before their sum over V, as inf·c_j summed over j of both
+    signs: NaN where the reference, alpha_g · Σ_j c_j V_j, gives ±inf (all 160 NaN of group 0 and 2's
+    rows, fp32, in the forward)."""
+    counts = NONFINITE_COUNTS
+    offsets = offsets_for(counts, device)
+    rows = torch.tensor([0, 2, 3, 2, -1, 0, 3, 1, 3, 0, 2])  # row 7: group 1, which has no tokens
+    x, weight, b, row_group, mu_t, eta_t, alpha = delta_inputs(gen, counts, dtype, device, N=11, rows=rows)
+    if poisoned == "alpha":  # group 1's inf meets no token: its row sees the unedited layer
+        alpha[0], alpha[1], alpha[2], alpha[3] = -float("inf"), float("inf"), float("inf"), float("nan")
+    elif poisoned == "x":
+        x[1, 3] = x[4, 0] = float("inf")  # a row of group 2 (NaN: ±inf scores summed over η), an unedited one
+    else:
+        mu_t[4, 5] = -float("inf")  # a group-2 token
+    grad = randn((11, weight.shape[0]), gen, dtype, device)
+    d = [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+         for t in (grad, x, weight, b, row_group, mu_t, eta_t, offsets, alpha)]
+    y_ref = reference.lowrank_delta_linear(*d[1:])
+    y = tk.lowrank_delta_linear(x, weight, b, row_group, mu_t, eta_t, offsets, alpha)
+    assert y_ref.isinf().any()
+    same_nonfinite(y, y_ref)
+    refs = reference.lowrank_delta_linear_backward(*d[:3], *d[4:])
+    grads = tk.lowrank_delta_linear_backward(grad, x, weight, row_group, mu_t, eta_t, offsets, alpha)
+    for g, ref in zip(grads[:3], refs[:3]):
+        same_nonfinite(g, ref)
+    if poisoned == "alpha":
+        same_nonfinite(grads[3], refs[3])
+    else:
+        # dalpha_g of a group with an infinite score c: Σ_{n,s} (grad_n · η_s) c_{n,s} here summed
+        # over n first (η · deta), in the reference over s first: ±inf in one order is NaN in the
+        # other when terms of both signs are infinite.  Non-finite at the same groups, finite equal.
+        assert torch.equal(grads[3].isfinite().cpu(), refs[3].isfinite().cpu())
+        ok = refs[3].isfinite()
+        same_nonfinite(grads[3][ok], refs[3][ok])
+
+
 @pytest.mark.parametrize("where", ["split operand", "bf16 operand", "bf16 first operand"])
 def test_bf16x3_keeps_inf(gen, device, monkeypatch, where):
     """An infinite entry on either side of a bf16x3 dot gives the reference's ±inf, not NaN.

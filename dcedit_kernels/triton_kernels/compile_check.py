@@ -217,7 +217,7 @@ def variants():
     sc_ptrs = dict(q_ptr=bf, q_index_ptr=i64, q_offsets_ptr=i64, k_ptr=bf, kv_index_ptr=i64, kv_offsets_ptr=i32,
                    alpha_ptr=f32, c_ptr=f32)
     ap_ptrs = dict(c_ptr=f32, q_index_ptr=i64, q_offsets_ptr=i64, v_ptr=bf, kv_index_ptr=i64, kv_offsets_ptr=i32,
-                   out_ptr=f32)
+                   scale_ptr=f32, out_ptr=f32)
     for name, nq, w, q_index, kv_index, dk, dv in (("forward", 2048, 4096, True, False, 1600, 6400),
                                                    ("backward dx", 2048, 4096, True, False, 6400, 1600),
                                                    ("backward deta", 4096, 2048, False, True, 1600, 6400),
@@ -243,7 +243,7 @@ def variants():
     add("group_scores fp64", _group_scores_kernel,
         {**sc_ptrs, "q_ptr": f64, "k_ptr": f64, "alpha_ptr": f64, "c_ptr": f64}, dict(DK=1600, W=4096, G=8),
         fp64, group_scores_tiles(2048, 8, 4096, 1600, "fp64"))
-    add("grouped_bilinear fp64", _grouped_bilinear_kernel, {**ap_ptrs, "c_ptr": f64, "v_ptr": f64, "out_ptr": f64},
+    add("grouped_bilinear fp64", _grouped_bilinear_kernel, {**ap_ptrs, "c_ptr": f64, "v_ptr": f64, "scale_ptr": f64, "out_ptr": f64},
         dict(DV=6400, W=4096, G=8), fp64, grouped_bilinear_tiles(2048, 8, 4096, 6400, "fp64"))
     return out
 

@@ -13,6 +13,10 @@ as 0, would pick up 0·inf = NaN from a non-finite V row.
 Two launches:
     scores   C[p, j] = alpha_g Q_p · K_{kv_start_g + j}        (j < |seg_g|; fp32, fp64 for fp64)
     apply    out[q_index[p]] += Σ_j C[p, j] V_{kv_start_g + j}
+A non-finite alpha_g (±inf, NaN) scales the sum instead, `apply` multiplying it by alpha_g (and the
+scores by 1): inf·C summed over j of both signs was inf − inf = NaN where the reference,
+alpha_g · Σ_j C V_j, gives ±inf.  A finite alpha_g stays in the scores and the sum is multiplied
+by 1, exactly: the same bits as before.
 Why not one kernel that keeps C in registers: a program can own only a tile of V's columns, so
 every column tile recomputed Q·K.  At lowrank_delta_linear's benchmark shape (N 2048 rows,
 i 1600 -> o 6400, 8 groups of 512 tokens, 128-column tiles) that was 50 × 3.4 GFLOP of Q·K for
@@ -104,13 +108,13 @@ def _group_scores_kernel(
 
 @triton.jit
 def _grouped_bilinear_kernel(
-    c_ptr, q_index_ptr, q_offsets_ptr, v_ptr, kv_index_ptr, kv_offsets_ptr, out_ptr,
+    c_ptr, q_index_ptr, q_offsets_ptr, v_ptr, kv_index_ptr, kv_offsets_ptr, scale_ptr, out_ptr,
     DV, W, G,
     HAS_Q_INDEX: tl.constexpr, HAS_KV_INDEX: tl.constexpr, IS_FP64: tl.constexpr, NATIVE: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """out[q_index[p]] += Σ_{j<|seg_g|} C[p, j] V_{kv(kv_offsets[g] + j)} for p in group g.
+    """out[q_index[p]] += scale_g Σ_{j<|seg_g|} C[p, j] V_{kv(kv_offsets[g] + j)} for p in group g.
 
     A program owns BLOCK_M sorted positions of one group × BLOCK_N columns of V and loops over
     the group's K/V rows in chunks of BLOCK_T.  C stays fp32: its dot with a bf16 V tile is
@@ -119,7 +123,7 @@ def _grouped_bilinear_kernel(
     bounded by 65504).
     """
     ACC = out_ptr.dtype.element_ty
-    _, pos, pos_ok, q_rows, kv_start, kv_end = _query_tile(q_index_ptr, q_offsets_ptr, kv_offsets_ptr, G,
+    g, pos, pos_ok, q_rows, kv_start, kv_end = _query_tile(q_index_ptr, q_offsets_ptr, kv_offsets_ptr, G,
                                                            HAS_Q_INDEX, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < DV
@@ -134,6 +138,10 @@ def _grouped_bilinear_kernel(
         vals = tl.load(v_ptr + kv_rows[:, None] * DV + cols[None, :], mask=s_ok[:, None] & col_ok[None, :],
                        other=0.0)
         acc = mma(acc, c, vals, IS_FP64, NATIVE, SPLIT)
+    # g −1 past the last tile: nothing is stored.  An empty segment adds 0, as the reference skips
+    # it, not 0 · an infinite scale_g = NaN.
+    scale = tl.load(scale_ptr + tl.maximum(g, 0)).to(ACC)
+    acc = acc * tl.where(kv_end > kv_start, scale, 1.0).to(ACC)
 
     out_ptrs = out_ptr + q_rows[:, None] * DV + cols[None, :]
     out_mask = pos_ok[:, None] & col_ok[None, :]
@@ -161,6 +169,9 @@ def grouped_bilinear_(out, q, q_index, q_group, k, v, kv_index, kv_offsets, alph
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     # The kernels index these 1-D tensors as contiguous (kv_offsets[g] at kv_offsets_ptr + g, …).
     q_group, kv_offsets, alpha = q_group.contiguous(), kv_offsets.contiguous(), alpha.contiguous()
+    # A non-finite alpha_g scales the sum over V, not the scores (module docstring): 1 in the other place.
+    finite = torch.isfinite(alpha)
+    alpha, scale = torch.where(finite, alpha, 1.0), torch.where(finite, 1.0, alpha)
     q_index = q_index.contiguous() if q_index is not None else None
     kv_index = kv_index.contiguous() if kv_index is not None else None
     acc = out.dtype
@@ -191,7 +202,7 @@ def grouped_bilinear_(out, q, q_index, q_group, k, v, kv_index, kv_offsets, alph
         )
         grid = (row_tiles(rows, G, apply_tiles["BLOCK_M"]), triton.cdiv(DV, apply_tiles["BLOCK_N"]))
         _grouped_bilinear_kernel[grid](
-            scores, index, q_offsets, v, kv_idx, kv_offsets, out_rows,
+            scores, index, q_offsets, v, kv_idx, kv_offsets, scale, out_rows,
             DV, W, G, NATIVE=native_pv, SPLIT=dot_split(*pv_from), **flags, **apply_tiles,
         )
     return out
