@@ -1,9 +1,9 @@
 """The losses and accuracies of editing, from the logits at the scored positions.
 
 `picked` is always the (n, V) logits at `scored_logits.scored_positions(labels, causal)` in
-row-major order (the LM head computes only those, see `scored_logits.py`); the `target_*` and
-`token_*` forms take the full (B, L, V) logits instead.  Everything is computed in fp32 (float64
-kept), on the logits' device, with labels and masks moved there.
+row-major order (the LM head computes only those, see `scored_logits.py`); `target_nll` takes the
+full (B, L, V) logits instead.  Everything is computed in fp32 (float64 kept), on the logits'
+device, with labels and masks moved there.
 """
 
 from __future__ import annotations
@@ -141,9 +141,3 @@ def scored_accuracy(picked: torch.Tensor, labels: torch.Tensor, causal: bool) ->
         raise ValueError(f"picked must be (n, V) with n = {gold.shape[0]} scored positions, got {tuple(picked.shape)}")
     hits = _row_sums((picked.argmax(-1) == gold).float(), mask)
     return hits / mask.sum(1).clamp(min=1).float()
-
-
-def token_accuracy(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
-    """`scored_accuracy` from the full (B, L, V) logits."""
-    labels = labels.to(logits.device)
-    return scored_accuracy(logits[scored_positions(labels, causal)], labels, causal)
