@@ -14,7 +14,7 @@ last hidden state over each edit's prompt, `_edit_features`) come from the same 
 `EditCapture` is a mixin of ModelEditor, kept apart from its construction, apply and checkpoints:
 it uses the editor's model, tokenizer, layers, modules, tokens, loss_reduction, seq2seq,
 capture_batch_size, device and editors; the FT baselines (`ft_baseline.py`) run their chunked
-forward through it too (`_row_chunks`, `_scored_edit_loss`, `_length_errors`).
+forward through it too (`_capture_chunks`, `_scored_edit_loss`, `_length_errors`).
 """
 
 from __future__ import annotations
@@ -177,7 +177,8 @@ class EditCapture:
         """(chunks, order): for a causal LM cut into more than one chunk, the rows sorted by length
         (`order`: the batch's row of each sorted row) and each chunk trimmed of the trailing columns
         that are padding in all its rows, so a chunk of short rows runs on short rows only; else
-        `_row_chunks` (order None).  A real token attends to the positions before it only, so the
+        `_row_chunks` (order None).  A batch without labels (FT+KL's locality texts) is sorted by
+        its attention mask alone.  A real token attends to the positions before it only, so the
         trimmed columns change no kept token's output (rounding aside: the matmuls see other
         shapes).  Measured on SmolLM2 (fp32, CPU, layers 27-29, 125 CounterFact edits in chunks of 32): the
         chunks held 1,875 token slots for 1,159 real tokens in row order, 1,299 sorted (-31 %); the capture
@@ -185,11 +186,11 @@ class EditCapture:
         contended of 7 alternating pairs), the same shifts."""
         chunks = self._row_chunks(batch)
         mask, labels = batch.get("attention_mask"), batch.get("labels")
-        if (len(chunks) == 1 or self.seq2seq or mask is None or labels is None or mask.dim() != 2
-                or labels.shape != mask.shape):
+        if (len(chunks) == 1 or self.seq2seq or mask is None or mask.dim() != 2
+                or (labels is not None and labels.shape != mask.shape)):
             return chunks, None
         rows, width = mask.shape
-        used = (mask != 0) | (labels != IGNORE_INDEX)
+        used = (mask != 0) if labels is None else (mask != 0) | (labels != IGNORE_INDEX)
         # The length of a row: up to its last real (or labelled) column, whatever side it is padded on.
         last = torch.where(used, torch.arange(1, width + 1, device=used.device), 0).amax(1)
         order = torch.argsort(last, stable=True)
