@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import torch
 
@@ -84,6 +85,19 @@ def all_finite(t: torch.Tensor) -> bool:
         return True
     lo, hi = torch.aminmax(t)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))  # one device sync, not two
+
+
+def check_path(value, name: str, none_ok: bool = False) -> None:
+    """ValueError naming `name` unless `value` is a path: a non-empty str or os.PathLike of a str (or
+    None when `none_ok`).  pathlib's TypeError ("expected str, bytes or os.PathLike object, not
+    int") named no argument, bytes paths are not ones pathlib takes, and "" is Path("."), the
+    current folder."""
+    if value is None and none_ok:
+        return
+    if not isinstance(value, (str, os.PathLike)) or not isinstance(os.fspath(value), str) or not os.fspath(value):
+        shown = repr(value) if isinstance(value, (str, bytes)) else type(value).__name__
+        raise ValueError(f"{name} must be a path{' or None' if none_ok else ''} (a non-empty str or "
+                         f"os.PathLike), got {shown}")
 
 
 def is_real_number(x) -> bool:

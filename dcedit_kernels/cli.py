@@ -55,6 +55,17 @@ class UserError(Exception):
     """A mistake in the command line or its inputs: printed as one line, exit status 2."""
 
 
+def _check_path(path, name: str, none_ok: bool = False) -> None:
+    """`_checks.check_path` for the helpers whose other refusals are UserErrors (a Python caller's
+    non-path argument; argparse gives strings)."""
+    from ._checks import check_path
+
+    try:
+        check_path(path, name, none_ok)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 # ---------------------------------------------------------------------------------------------
 # Helpers shared with python/edit_demo.py and python/report.py
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +208,7 @@ def load_requests(path: str | None, limit: int | None = None, flag: str = "--dat
 
     if limit is not None and (not is_int(limit) or limit < 1):
         raise UserError(f"limit must be a positive int or None, got {limit!r}")
+    _check_path(path, "path", none_ok=True)
     if path is None:
         return default_requests()[:limit]
     try:
@@ -290,6 +302,7 @@ def train_out(args) -> str:
 
 def check_out(path: str) -> None:
     """Refuse an --out that cannot be written before any work is done (its folder is created)."""
+    _check_path(path, "path")
     out = Path(path)
     try:
         is_dir = out.is_dir()
@@ -316,8 +329,10 @@ def check_out(path: str) -> None:
 def write_json(path, data) -> None:
     """`data` as JSON at `path`, written beside it and moved over it (`replace_atomically`): a write
     cut short (a full disk, a Ctrl-C) leaves the previous file whole, not a truncated one."""
+    from ._checks import check_path
     from .safetensors_file import replace_atomically
 
+    check_path(path, "path")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(data, indent=2, default=_json_default)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import nn
 
-from ._checks import is_int
+from ._checks import check_path, is_int
 from .capture import is_conv1d, resolve_modules
 from .edit_capture import DEFAULT_CAPTURE_BATCH_SIZE
 from .editors.grouped_editor import config_differences, with_absent_defaults
@@ -100,6 +100,7 @@ class EditorCheckpoints:
         from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
+        check_path(path, "path")
         if not Path(path).is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
         try:

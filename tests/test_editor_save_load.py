@@ -217,3 +217,35 @@ def test_load_refuses_a_file_without_or_with_damaged_editor_metadata(gen, tmp_pa
         save_file(tensors, str(bad), metadata=meta)
         with pytest.raises(ValueError, match=match):
             GroupedEditor.load(str(bad))
+
+
+
+def test_a_path_argument_that_is_not_a_path_raises_value_error_naming_it():
+    """The functions that take a file path, given something else (an int, a list, bytes, "", None
+    where None means nothing): a ValueError naming the argument, as TrainConfig's checkpoint_dir
+    and compat.mend.load's state_dict refuse theirs (cli.UserError from the CLI helpers that raise
+    it for their other arguments).  They raised pathlib's TypeError ("expected
+    str, bytes or os.PathLike object, not int") from deep inside, naming nothing, and
+    GroupedEditor.load(123) asked os.path.isfile about file descriptor 123 ("checkpoint not
+    found: 123"); cli.load_requests(["a"]) raised "unhashable type: 'list'"."""
+    from dcedit_kernels import cli
+    from dcedit_kernels.data import load_counterfact, load_zsre
+    from dcedit_kernels.model_editor import ModelEditor
+    from dcedit_kernels.models import load_model, tiny_model
+
+    model, tok = tiny_model("llama", seed=0)
+    me = ModelEditor(model, tok, ["model.layers.1.mlp.down_proj"], method="mend", rank=3)
+    editor = GroupedEditor(4, 4, rank=2)
+    calls = [  # (the argument's name, the call, whether None is a default there)
+        ("path", me.save, False), ("path", lambda p: ModelEditor.load(p, model, tok), False),
+        ("path", editor.save, False), ("path", GroupedEditor.load, False), ("path", load_counterfact, False),
+        ("path", load_zsre, False), ("path", cli.detect_format, False), ("path", cli.check_out, False),
+        ("path", lambda p: cli.write_json(p, {}), False), ("path", cli.load_requests, True),
+        ("name_or_path", load_model, True),
+    ]
+    for name, call, none_ok in calls:
+        # The CLI helpers whose other refusals are cli.UserError (limit's, --out's) raise that.
+        error = cli.UserError if call in (cli.check_out, cli.load_requests) else ValueError
+        for bad in (123, ["a"], b"x.safetensors", "") + (() if none_ok else (None,)):
+            with pytest.raises(error, match=rf"^{name} must be a path{' or None' if none_ok else ''} \(a non-empty"):
+                call(bad)

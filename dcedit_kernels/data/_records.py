@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .._checks import is_int, lone_surrogate
+from .._checks import check_path, is_int, lone_surrogate
 
 
 def read_records(path, limit: int | None = None) -> tuple[Path, list]:
     """The records of a JSON file holding a non-empty list of objects (`limit` keeps the first n)."""
     if limit is not None and (not is_int(limit) or limit < 1):
         raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    check_path(path, "path")
     path = Path(path).expanduser()  # "~/cf.json" as load_model takes "~/model"
     if path.is_dir():
         raise ValueError(f"{path} is a folder: give a JSON file")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .._checks import check_same_device, check_tensor, is_finite_number, is_int, is_number
+from .._checks import check_path, check_same_device, check_tensor, is_finite_number, is_int, is_number
 from ..reference.grouped_outer import FUSIONS
 from ..reference.segments import group_ids, kept_offsets
 from ..safetensors_file import check_state, json_metadata
@@ -292,6 +292,7 @@ class GroupedEditor(nn.Module):
         from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
+        check_path(path, "path")  # an int was a file descriptor to os.path.isfile
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint not found: {path}")
         try:
