@@ -170,9 +170,11 @@ def test_fine_tuning_a_weight_a_lower_block_shares_runs_every_block(method, gen,
 
 @pytest.mark.parametrize("method", ["ft", "mend"])
 @pytest.mark.parametrize("arch", sorted(ARCHS) + sorted(UPPER))
-def test_scoring_from_kept_lower_blocks_gives_the_same_scores(arch, method, gen):
+def test_scoring_from_kept_lower_blocks_gives_the_same_scores(arch, method, gen, monkeypatch):
     """measure_edit with `lower_blocks`: a second call on the same requests (another method's)
-    scores from the lower blocks' kept output, with the scores of every block run."""
+    scores from the lower blocks' kept output, with the scores of every block run.  The run
+    without a store is measure_edit's without any reuse (its own store for the locality rows off)."""
+    from dcedit_kernels import evaluate
     from dcedit_kernels.evaluate import measure_edit, unedited_scores
     from dcedit_kernels.metrics import lower_blocks_kept
 
@@ -200,7 +202,9 @@ def test_scoring_from_kept_lower_blocks_gives_the_same_scores(arch, method, gen)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a failed `confirm` warns
             warnings.filterwarnings("ignore", "ModelEditor.apply. the .* editors are at their initialisation")
-            full = scores(None)
+            with monkeypatch.context() as mp:
+                mp.setattr(evaluate, "_all_missed", lambda *args: False)
+                full = scores(None)
             kept = scores({})
     finally:
         del block0.forward
@@ -211,6 +215,62 @@ def test_scoring_from_kept_lower_blocks_gives_the_same_scores(arch, method, gen)
         assert kept[2] == full[2]
     else:  # block 0 runs in the edit's first pass only (the capture, FT's first step): the unedited
         assert kept[2] == 1  # scores ran every scoring batch through it already
+
+
+
+@pytest.mark.parametrize("method", ["ft", "mend"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"] + (["gemma3n"] if "gemma3n" in ARCHS else []))
+def test_measure_edit_scores_its_locality_rows_from_the_unedited_passes_lower_blocks(arch, method, gen):
+    """measure_edit without a caller's store: the edited model's NS/DD pass runs the blocks from the
+    lowest edited one only, on the unedited pass's kept output of those below (the same batches,
+    when no locality row is in base_cache), with the results of every block run (that call with
+    its own store off) and in either order; with base_cache already holding the rows, the unedited
+    pass does not run and every scoring batch runs every block."""
+    from dcedit_kernels import evaluate
+
+    model, tok, layers = model_and_upper_layer(arch, gen)
+    model.requires_grad_(True)  # as load_model gives it
+    reqs = random_requests(gen, 5)
+    me = ModelEditor(model, tok, layers, method=method, **(dict(ft_steps=2) if method == "ft" else dict(rank=3, seed=0)))
+    block0 = model.get_submodule(block_prefix._block_of(model, layers[0])[0])[0]
+    forward, calls = block0.forward, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    def run(own_store: bool, cache: dict):
+        calls.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            if not own_store:
+                mp.setattr(evaluate, "_all_missed", lambda *args: False)
+            out = evaluate.measure_edit(me, reqs, batch_size=2, base_cache=cache)
+        return {k: v for k, v in out.items() if k not in ("latency_s", "peak_memory_mb")}, len(calls)
+
+    block0.forward = counted
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a failed `confirm` warns
+            warnings.filterwarnings("ignore", "ModelEditor.apply. the .* editors are at their initialisation")
+            kept = run(True, {})  # the first recorded pass of this model: `confirm` runs a forward too
+            full = run(False, {})
+            again = run(True, {})
+            cache = {}
+            run(False, cache)
+            cached = run(True, cache)
+    finally:
+        del block0.forward
+    assert kept[0] == full[0] == again[0] == cached[0]
+    # The edit's passes (the capture; FT's first step, or every step where nothing is reused), then
+    # 3 batches each of the unedited locality predictions, ES, reliability and NS/DD.
+    edit = full[1] - 4 * 3
+    assert edit == (2 if arch in NOT_REUSED and method == "ft" else 1)
+    assert cached[1] == edit + 3 * 3  # no unedited pass, and every edited one through every block
+    if arch in NOT_REUSED:
+        assert again[1] == full[1]
+    else:
+        assert again[1] == edit + 3 * 3  # the NS/DD pass runs no lower block
+
 
 
 def test_scoring_an_edit_of_a_weight_a_lower_block_shares_runs_every_block(gen):
