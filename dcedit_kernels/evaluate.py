@@ -402,6 +402,7 @@ def evaluate_method(
     batch_size: int = 16,
     progress: bool = True,
     base_cache: dict | None = None,
+    lower_blocks: dict | None = None,
     **editor_kwargs,
 ) -> dict:
     """Mean ± std of every metric over `repeats` runs of N_u edits, for each N_u in `n_edits`.
@@ -412,7 +413,11 @@ def evaluate_method(
     "values"} for each of ALL_METRICS, "memory_method": ...}}, "runs": [per-run dicts of
     `measure_edit` with "repeat" and "indices" added]}.  `base_cache`: see `measure_edit`; pass
     one dict to every call that evaluates a method on the same unedited model (the report does),
-    or leave None for a private one.
+    or leave None for a private one.  `lower_blocks`: see `measure_edit`; one dict passed to every
+    call that evaluates a method on the same model, requests, seed and edited layers (the report
+    does) makes every call after the first score its batches from the kept output of the blocks
+    below those layers (the same scores); it holds one (rows, width, hidden) tensor per scoring
+    batch of every run.
     """
     from tqdm.auto import tqdm
 
@@ -445,7 +450,8 @@ def evaluate_method(
             for r in range(repeats):
                 idx = sample_indices(len(requests), n, seed, r)
                 with _named_as(idx):  # an error names the request by its place in `requests`, not in the sample
-                    run = measure_edit(editor, [requests[i] for i in idx], batch_size, base_cache=base_cache)
+                    run = measure_edit(editor, [requests[i] for i in idx], batch_size, base_cache=base_cache,
+                                       lower_blocks=lower_blocks)
                 runs.append(dict(run, repeat=r, indices=idx))
                 bar.update(1)
     by_n = {}

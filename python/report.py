@@ -423,6 +423,7 @@ def _run(args, t_start) -> int:
     from dcedit_kernels.evaluate import (
         edit_statistics, evaluate_method, gradient_conflict, sample_indices, summarize, unedited_scores,
     )
+    from dcedit_kernels.metrics import lower_blocks_kept
     from dcedit_kernels.model_editor import FT_METHODS, ModelEditor
     from dcedit_kernels.models import default_model_path, load_model
 
@@ -558,6 +559,14 @@ def _run(args, t_start) -> int:
 
     t0 = time.perf_counter()
     results, base_cache = {}, {}  # the unedited model's locality predictions, shared by all methods
+    # Every method (and fusion row) edits the same layers and is scored on the same samples in the same
+    # batches: the blocks below the edited ones run once per scoring batch, in the first method's
+    # runs, and every later scoring pass runs from their kept output (`measure_edit(lower_blocks=)`;
+    # the same scores), the unedited row's too.  It keeps rows × width × hidden values per batch.
+    # SmolLM2, MEND then MoEditor (untrained, layers 27-29) on the same 25 CounterFact edits and the
+    # unedited row, 1 thread, 3 alternating pairs on a 2-core machine shared with ~7 processes:
+    # 10.4 s of CPU time instead of 17.1 (medians; 9.9-10.4 against 17.0-20.1), the same results.
+    lower_blocks = {}
     runs = [(m, None) for m in methods] + [(m, f) for m in methods if m in ROUTED for f in fusions]
     for method, fusion in runs:
         key = method if fusion is None else f"{method}:{fusion}"
@@ -565,7 +574,7 @@ def _run(args, t_start) -> int:
         with applied_fusion(editors[method], fusion):
             results[key] = evaluate_method(model, tokenizer, editors[method], requests, n_edits=sizes,
                                            repeats=args.repeats, seed=args.seed, progress=progress,
-                                           base_cache=base_cache)
+                                           base_cache=base_cache, lower_blocks=lower_blocks)
         for n in sizes:
             row = results[key]["by_n"][n]
             print(f"{row_name(key):<16} N_u={n:<4} ES {fmt(row['es'])}  DD {fmt(row['dd'])}  "
@@ -574,8 +583,10 @@ def _run(args, t_start) -> int:
     # The unedited model on the same samples: what ES/rel/NS are before any edit.
     unedited = {}
     for n in sizes:
-        runs = [unedited_scores(model, tokenizer, [requests[i] for i in sample_indices(len(requests), n, args.seed, r)])
-                for r in range(args.repeats)]
+        with lower_blocks_kept(editors[methods[0]].modules, lower_blocks):
+            runs = [unedited_scores(model, tokenizer,
+                                    [requests[i] for i in sample_indices(len(requests), n, args.seed, r)])
+                    for r in range(args.repeats)]
         unedited[n] = {m: summarize([run[m] for run in runs]) for m in ("es", "reliability", "dd", "lmp", "ns")}
         unedited[n].update(latency_s=summarize([None]), peak_memory_mb=summarize([None]))
     eval_s = time.perf_counter() - t0

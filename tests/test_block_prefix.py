@@ -273,6 +273,49 @@ def test_measure_edit_scores_its_locality_rows_from_the_unedited_passes_lower_bl
 
 
 
+def test_evaluate_method_with_one_store_for_every_method_gives_the_same_results(gen):
+    """evaluate_method(lower_blocks=) with one store for two methods on the same requests (the
+    report's loop): the second method's scoring passes run no lower block, and every run's results
+    are those of the calls without a store."""
+    from dcedit_kernels.evaluate import evaluate_method
+
+    model, tok, layers = model_and_upper_layer("llama", gen)
+    model.requires_grad_(True)
+    reqs = random_requests(gen, 8)
+    editors = [ModelEditor(model, tok, layers, method="ft", ft_steps=2),
+               ModelEditor(model, tok, layers, method="mend", rank=3, seed=0)]
+    block0 = model.get_submodule(block_prefix._block_of(model, layers[0])[0])[0]
+    forward, calls = block0.forward, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    def evaluate(lower_blocks):
+        base, runs, counts = {}, [], []
+        for me in editors:
+            calls.clear()
+            result = evaluate_method(model, tok, me, reqs, n_edits=(3, 5), repeats=2, batch_size=2, progress=False,
+                                     base_cache=base, lower_blocks=lower_blocks)
+            runs.append([{k: v for k, v in run.items() if k not in ("latency_s", "peak_memory_mb")}
+                         for run in result["runs"]])
+            counts.append(len(calls))
+        return runs, counts
+
+    block0.forward = counted
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a failed `confirm` warns
+            warnings.filterwarnings("ignore", "ModelEditor.apply. the .* editors are at their initialisation")
+            full = evaluate(None)
+            kept = evaluate({})
+    finally:
+        del block0.forward
+    assert kept[0] == full[0]
+    # 4 runs: each edit's one pass (the capture, FT's first step) and nothing else of the later method.
+    assert kept[1][1] == 4 < full[1][1]
+
+
 def test_scoring_an_edit_of_a_weight_a_lower_block_shares_runs_every_block(gen):
     """An edited weight that a block below also views (allow_tied) changes that block's output
     with the edit: the scoring passes run every block, and the scores are the full passes'."""
