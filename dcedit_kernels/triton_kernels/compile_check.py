@@ -243,8 +243,9 @@ def variants():
     add("group_scores fp64", _group_scores_kernel,
         {**sc_ptrs, "q_ptr": f64, "k_ptr": f64, "alpha_ptr": f64, "c_ptr": f64}, dict(DK=1600, W=4096, G=8),
         fp64, group_scores_tiles(2048, 8, 4096, 1600, "fp64"))
-    add("grouped_bilinear fp64", _grouped_bilinear_kernel, {**ap_ptrs, "c_ptr": f64, "v_ptr": f64, "scale_ptr": f64, "out_ptr": f64},
-        dict(DV=6400, W=4096, G=8), fp64, grouped_bilinear_tiles(2048, 8, 4096, 6400, "fp64"))
+    add("grouped_bilinear fp64", _grouped_bilinear_kernel,
+        {**ap_ptrs, "c_ptr": f64, "v_ptr": f64, "scale_ptr": f64, "out_ptr": f64}, dict(DV=6400, W=4096, G=8),
+        fp64, grouped_bilinear_tiles(2048, 8, 4096, 6400, "fp64"))
     return out
 
 
