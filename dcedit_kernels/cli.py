@@ -31,6 +31,8 @@ from typing import Sequence
 
 import torch
 
+from .models import DTYPES  # --dtype's names: the map `load_model(dtype=)` takes too
+
 METHOD_NAMES = {
     "ft": "FT",
     "ft_kl": "FT+KL",
@@ -40,8 +42,6 @@ METHOD_NAMES = {
     "proeditor": "ProEditor",
 }
 EDITOR_METHODS = ("mend", "raeditor", "moeditor", "proeditor")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 # Names of the MLP's output projection in the model families transformers ships (Llama/Mistral/
 # SmolLM2, BART/Marian/OPT, T5, GPT-NeoX/Falcon, BERT): MEND edits these in the last blocks.

