@@ -155,7 +155,7 @@ def resolve_modules(model: nn.Module, module_names: Iterable[str], arg: str = "m
             raise ValueError(f"{arg}: no module named {name!r} in the model{hint}") from None
         if not is_editable(module):
             raise ValueError(
-                f"{arg}: {name!r} is a {type(module).__name__}; capture supports nn.Linear "
+                f"{arg}: {name!r} is of type {type(module).__name__}; capture supports nn.Linear "
                 "and transformers Conv1D"
             )
         out[name] = module

@@ -509,8 +509,8 @@ def _train(args, requests, val, device) -> dict:
                    final_loss=result.history[-1].get("loss") if result.history else None)
     if rank == 0:  # the processes' editors are equal; main() made out's folder (check_out)
         me.save(out)
-        print(f"saved the trained {METHOD_NAMES[args.method]} editor to {out} "
-              f"({result.steps} steps, {result.elapsed_s:.0f} s{f', {size} processes' if size > 1 else ''})")
+        print(f"saved the trained editor to {out} ({METHOD_NAMES[args.method]}, "  # not "the trained MoEditor editor"
+              f"{result.steps} steps, {result.elapsed_s:.0f} s{f', {size} processes' if size > 1 else ''})")
     return summary
 
 

@@ -320,7 +320,7 @@ def lowrank_edited(
             o, i = weight_out_in(module).shape
             if edit.mu_t.shape[1] != i or edit.eta_t.shape[1] != o:
                 raise ValueError(
-                    f"edits[{name!r}] has factors for a {edit.eta_t.shape[1]}x{edit.mu_t.shape[1]} weight, "
+                    f"edits[{name!r}] has factors for a weight of shape {edit.eta_t.shape[1]}x{edit.mu_t.shape[1]}, "
                     f"the module's is {o}x{i}" + (" (Conv1D, seen out×in)" if is_conv1d(module) else "")
                 )
             device = weight_out_in(module).device  # each layer computes on its own device

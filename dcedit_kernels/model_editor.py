@@ -417,9 +417,9 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         start = time.perf_counter()
         if self.method not in FT_METHODS and not self._warned_initial and self.editors_at_initialisation():
             self._warned_initial = True  # once per ModelEditor: evaluate_method applies hundreds of times
-            warnings.warn(f"ModelEditor.apply: the {self.method!r} editors are at their initialisation (never "
-                          "trained or loaded): an initial editor takes about one gradient step of size edit_lr (1e-4 "
-                          "by default; MoEditor's initial top-2 gate halves it), "
+            warnings.warn(f"ModelEditor.apply: the {self.method!r} method's editors are at their initialisation "
+                          "(never trained or loaded): an initial editor takes about one gradient step of size edit_lr "
+                          "(1e-4 by default; MoEditor's initial top-2 gate halves it), "
                           "which rarely changes a prediction. Train them (fit) or load a checkpoint "
                           "(ModelEditor.load).", UserWarning, stacklevel=2)
         batch = self.tokenize([r.prompt for r in requests], [r.target for r in requests])

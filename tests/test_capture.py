@@ -389,6 +389,9 @@ def test_errors_name_the_problem(gen):
         resolve_modules(model, ["transformer.h.0.mlp.c_fcc"])  # difflib suggests the real name
     with pytest.raises(ValueError, match="LayerNorm"):
         resolve_modules(model, ["transformer.h.0.ln_1"])
+    # No article before the type's name (it said "is a Embedding").
+    with pytest.raises(ValueError, match=r"^module_names: 'transformer.wte' is of type Embedding; capture supports"):
+        resolve_modules(model, ["transformer.wte"])
     with pytest.raises(ValueError, match="empty"):
         resolve_modules(model, [])
     with pytest.raises(ValueError, match="duplicates"):

@@ -618,6 +618,8 @@ def test_cli_train_edit_evaluate_on_tiny_model(capsys, tmp_path, tiny_model_dir)
                      "--data", str(data), "--steps", "2", "--batch-size", "3", "--locality-rows", "fused",
                      "--out", str(editor)]) == 0
     assert editor.is_file()
+    # Not "the trained MoEditor editor".
+    assert f"saved the trained editor to {editor} (MoEditor, 2 steps, " in capsys.readouterr().out
     out = tmp_path / "edit.json"
     assert cli.main(["edit", "--model", model, "--editor", str(editor), "--data", str(data), "--n-edits", "3",
                      "--out", str(out)]) == 0

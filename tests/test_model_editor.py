@@ -932,7 +932,8 @@ def test_untrained_editors_warn_once_and_trained_ones_do_not(gen, tmp_path):
     once per ModelEditor; a trained or loaded one does not, nor do the FT baselines."""
     me = make_editor("gpt2", "mend")  # no gen: the editors are not randomised
     assert me.editors_at_initialisation()
-    with pytest.warns(UserWarning, match="at their initialisation"):
+    # "the 'mend' method's editors", not "the 'mend' editors" ("the 'moeditor' editors")
+    with pytest.warns(UserWarning, match="the 'mend' method's editors are at their initialisation"):
         me.apply(random_requests(gen, 1)).undo()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
