@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as nn_module
 
+from .edit_handle import deferred_interrupt
 from .patched_forwards import patched_forwards
 from .tied_weights import shared_parameters
 from .tokenize import is_seq2seq, no_kv_cache
@@ -217,18 +218,24 @@ class PrefixReuse:
         chain = _Chain(self.k)
         handles = []
         try:
-            for j, block in enumerate(self.blocks):
-                if j < self.k:
-                    handles.append(block.register_forward_pre_hook(
-                        lambda _m, args, kwargs, j=j: chain.before_lower(j, args, kwargs), with_kwargs=True))
-                    handles.append(block.register_forward_hook(lambda _m, _args, out, j=j: chain.after_lower(j, out)))
-                else:
-                    handles.append(block.register_forward_pre_hook(
-                        lambda _m, args, kwargs, j=j: chain.before_upper(j, args, kwargs), with_kwargs=True))
+            # A Ctrl-C meanwhile waits until every registered hook's handle is kept (one landing
+            # between a registration and its append left that hook on its block), and on exit until
+            # every hook is off (one landing in the loop left the later ones on): as the capture's.
+            with deferred_interrupt():
+                for j, block in enumerate(self.blocks):
+                    if j < self.k:
+                        handles.append(block.register_forward_pre_hook(
+                            lambda _m, args, kwargs, j=j: chain.before_lower(j, args, kwargs), with_kwargs=True))
+                        handles.append(block.register_forward_hook(
+                            lambda _m, _args, out, j=j: chain.after_lower(j, out)))
+                    else:
+                        handles.append(block.register_forward_pre_hook(
+                            lambda _m, args, kwargs, j=j: chain.before_upper(j, args, kwargs), with_kwargs=True))
             yield
         finally:
-            for handle in handles:
-                handle.remove()
+            with deferred_interrupt():
+                for handle in handles:
+                    handle.remove()
         output = chain.result(tuple(shape))
         if output is not None:
             self.recorded[key] = (output, _hidden(output)._version)
