@@ -77,7 +77,11 @@ class EditorCheckpoints:
             editor.load_saved_state(states[key])  # in the saved editor's dtype, on its own device
 
     def save(self, path) -> None:
-        """Editors' state to safetensors, with the ModelEditor config as JSON metadata (no pickle)."""
+        """Editors' state to safetensors, with the ModelEditor config as JSON metadata (no pickle).
+
+        `path`'s folder must exist (FileNotFoundError naming it otherwise; none is created, as
+        torch.save and safetensors' save_file create none: the CLI's --out creates its folder).
+        The file is written beside `path` and moved over it (`save_safetensors`)."""
         try:
             meta = json.dumps(self.config())
         except TypeError as exc:

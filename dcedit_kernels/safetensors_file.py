@@ -21,7 +21,10 @@ def replace_atomically(path, write: Callable[[Path], object]) -> None:
     `path`: a failed or interrupted write leaves the previous file whole.  The file gets the mode
     any file this process creates gets (0o666 less the umask), or, written over an existing file,
     that file's mode (as torch.save's): safetensors 0.8 writes through a private temporary file
-    and leaves its mode, 0600, so a checkpoint was unreadable to the user's group."""
+    and leaves its mode, 0600, so a checkpoint was unreadable to the user's group.  `path`'s
+    folder must exist (FileNotFoundError naming it): a library call creates no folder, as torch.save
+    and safetensors' save_file create none (a mistyped path would leave a new tree); the CLI, which
+    checks its --out before any work, creates --out's folder."""
     check_path(path, "path")
     path = Path(path)
     if not path.parent.is_dir():  # safetensors would name its temporary file instead

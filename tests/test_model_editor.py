@@ -985,9 +985,18 @@ def test_shift_lost_to_rounding_is_counted_and_16_bit_weights_warn_once(arch, dt
 
 
 def test_save_into_a_missing_folder_names_it(gen, tmp_path):
+    """ModelEditor.save and GroupedEditor.save write into an existing folder and create none, as
+    torch.save and safetensors' save_file (the CLI's --out creates its folder, a choice of the
+    tool): FileNotFoundError naming the folder, nothing created, as their docstrings say."""
     me = make_editor("gpt2", "mend", gen)
-    with pytest.raises(FileNotFoundError, match="no_such_folder"):
-        me.save(tmp_path / "no_such_folder" / "mend.safetensors")
+    editor = GroupedEditor(5, 3, rank=4, routing="single", fusion="add")
+    for save in (me.save, editor.save):
+        missing = tmp_path / "no_such_folder"
+        with pytest.raises(FileNotFoundError, match=f"cannot save to {missing}/e.safetensors: the folder "
+                                                    f"{missing} does not exist"):
+            save(missing / "e.safetensors")
+        assert not missing.exists()
+        assert "FileNotFoundError" in save.__doc__  # documented
 
 
 def test_n_editors_is_refused_for_one_editor_methods(gen):

@@ -273,7 +273,9 @@ class GroupedEditor(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | os.PathLike) -> None:
-        """Save to safetensors, with the constructor arguments in the metadata."""
+        """Save to safetensors, with the constructor arguments in the metadata.  `path`'s folder
+        must exist (FileNotFoundError naming it otherwise; none is created, as torch.save and
+        safetensors' save_file create none)."""
         from ..safetensors_file import save_safetensors
 
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
