@@ -21,6 +21,8 @@ import contextlib
 import torch
 from torch import nn
 
+from .edit_handle import deferred_interrupt
+
 
 def output_head(model: nn.Module) -> nn.Module | None:
     """`model.get_output_embeddings()` when it is a module, else None."""
@@ -69,8 +71,12 @@ def head_input(model: nn.Module, rows_by_length: tuple, enabled: bool = True):
                 and tuple(hidden.shape[:2]) == tuple(rows_by_length)):
             recorded.value = hidden.detach()
 
-    handle = head.register_forward_pre_hook(record, prepend=True)
+    handle = None
     try:
+        with deferred_interrupt():  # as scored_logits.logits_at's hook: a Ctrl-C leaves none behind
+            handle = head.register_forward_pre_hook(record, prepend=True)
         yield recorded
     finally:
-        handle.remove()
+        with deferred_interrupt():
+            if handle is not None:
+                handle.remove()

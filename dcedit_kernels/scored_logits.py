@@ -25,6 +25,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .edit_handle import deferred_interrupt
 from .head_input import output_head
 from .tokenize import IGNORE_INDEX
 
@@ -102,8 +103,15 @@ def logits_at(model: nn.Module, positions: torch.Tensor, skip: Iterable[nn.Modul
         scored.gathered = True
         return (hidden[positions.to(hidden.device)].unsqueeze(0),) + tuple(args[1:])
 
-    handle = head.register_forward_pre_hook(gather)
+    # A Ctrl-C meanwhile waits until the handle is kept, and on exit until the hook is off: one landing
+    # in between left the gather on the head, and every later forward of this (B, L) was cut to the
+    # positions (as block_prefix.record's hooks).
+    handle = None
     try:
+        with deferred_interrupt():
+            handle = head.register_forward_pre_hook(gather)
         yield scored
     finally:
-        handle.remove()
+        with deferred_interrupt():
+            if handle is not None:
+                handle.remove()

@@ -185,6 +185,59 @@ def test_head_input_records_the_full_sequence_under_an_earlier_gather(gen):
     assert hidden.value is not None and torch.equal(hidden.value, want)
 
 
+@pytest.mark.parametrize("during", ["registration", "removal"])
+@pytest.mark.parametrize("which", ["logits_at", "head_input"])
+def test_interrupt_while_the_head_is_hooked_or_unhooked_leaves_no_hook(which, during, gen, monkeypatch):
+    """Ctrl-C landing after the head's hook is registered but before its handle is kept, or just
+    before the handle is removed, waits until the hook is off again (deferred_interrupt, as the
+    capture's hooks and block_prefix.record): it left `logits_at`'s gather on the head, which then
+    cut every later forward of the same (B, L) to the scored positions (the one for
+    `head_input`, registered with prepend=True, has a signal check inside torch's registration)."""
+    import os
+    import signal
+
+    from torch.utils.hooks import RemovableHandle
+
+    from test_model_editor import ctrl_c_raises
+
+    model, _ = tiny_model("llama", seed=seed_from(gen))
+    head = model.lm_head
+    ids = torch.randint(3, 50, (2, 5), generator=gen)
+    positions = torch.rand(2, 5, generator=gen) < 0.5
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    enter = (lambda: logits_at(model, positions)) if which == "logits_at" else (lambda: head_input(model, (2, 5)))
+    calls = []
+    if during == "registration":
+        original = nn.Module.register_forward_pre_hook
+
+        def register_then_ctrl_c(self, *args, **kwargs):
+            handle = original(self, *args, **kwargs)
+            calls.append(1)
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode
+            return handle
+
+        monkeypatch.setattr(nn.Module, "register_forward_pre_hook", register_then_ctrl_c)
+        with ctrl_c_raises(), enter():
+            calls.append("body")  # not reached: the interrupt is raised once the handle is kept
+    else:
+        original = RemovableHandle.remove
+
+        def ctrl_c_then_remove(self):
+            calls.append(1)
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode
+            return original(self)
+
+        with ctrl_c_raises(), torch.no_grad(), enter():
+            model(input_ids=ids)
+            monkeypatch.setattr(RemovableHandle, "remove", ctrl_c_then_remove)  # the removal on exit
+    monkeypatch.undo()
+    assert calls == [1]
+    assert not head._forward_pre_hooks
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, want)
+
+
 def test_logits_at_refuses_positions_that_are_not_a_bool_mask(gen):
     """A 0/1 int mask indexed rows instead of masking them: 40 scored positions of a (3, 39) batch
     picked 4563 rows, silently.  Every non-(B, L)-bool `positions` is a ValueError naming it, and
