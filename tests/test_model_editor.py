@@ -149,7 +149,7 @@ def test_bad_arguments_raise_value_error():
         ModelEditor(model, tok, LAYERS["gpt2"], method="ft_kl", rank=3)
     with pytest.raises(ValueError, match="ft_optimizer"):
         ModelEditor(model, tok, LAYERS["gpt2"], method="ft", ft_optimizer="lbfgs")
-    with pytest.raises(ValueError, match="is a LayerNorm"):
+    with pytest.raises(ValueError, match="is of type LayerNorm"):
         ModelEditor(model, tok, ["transformer.h.0.ln_1"])
     for layers in (None, [["lm_head"]], []):
         with pytest.raises(ValueError, match="^layers"):
