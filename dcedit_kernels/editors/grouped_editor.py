@@ -212,7 +212,13 @@ class GroupedEditor(nn.Module):
         if eta.dim() != 2 or eta.shape != (mu.shape[0], self.out_features):
             raise ValueError(f"eta must have shape ({mu.shape[0]}, {self.out_features}), got {tuple(eta.shape)}")
         if not is_int(mode) or not 0 <= mode < self.n_modes:  # not a bool: True would index a new axis
-            raise ValueError(f"mode must be an int in [0, {self.n_modes}), got {mode!r}")
+            # A tensor here is mostly edit_feats passed positionally: its repr filled the message.
+            got = (f"a Tensor of shape {tuple(mode.shape)} (edit_feats is a keyword argument)"
+                   if isinstance(mode, torch.Tensor) and mode.dim() > 0 else repr(mode))
+            raise ValueError(f"mode must be an int in [0, {self.n_modes}), got {got}")
+        # Before the zero-row test and the norms, which raised torch's RuntimeError for factors on
+        # another device than the editor (a model on a GPU, its editor left on the CPU).
+        check_same_device({"mu": mu, "eta": eta, "the editor": self.alpha})
         n_edits = ops_check_offsets(edit_offsets, mu.shape[0])
         device = mu.device
 

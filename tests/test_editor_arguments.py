@@ -1,0 +1,44 @@
+"""A user trial of GroupedEditor on its own (no ModelEditor: the user's own capture and training
+loop): the mistakes it made that raised from deep inside torch or safetensors, or named nothing,
+each now a ValueError naming the argument (or, for a folder given as a file, an OSError naming
+the path, as a missing folder's)."""
+
+import pytest
+import torch
+
+from dcedit_kernels.capture import capture_factors, compute_factors
+from dcedit_kernels.editors import GroupedEditor
+from dcedit_kernels.models import tiny_model
+from helpers import EDITOR_KINDS, editor_inputs, small_editor
+
+NO_CUDA = not torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("method", EDITOR_KINDS)
+@pytest.mark.parametrize("training", [False, True])
+def test_factors_on_another_device_than_the_editor_raise_value_error(method, training, gen):
+    """Factors on another device than the editor (meta here, for a model on a GPU and an editor
+    left on the CPU), or mu and eta on two devices: the ValueError naming the devices, before the
+    running norms take anything.  It was torch's RuntimeError from the norms or the zero-row
+    test ("Tensor on device cpu is not on the expected device meta!")."""
+    editor = small_editor(method).train(training)
+    mu, eta, offsets, feats = editor_inputs(gen)
+    before = {k: v.clone() for k, v in editor.state_dict().items()}
+    for args, match in (((mu.to("meta"), eta.to("meta")), "mu on meta, eta on meta, the editor on cpu"),
+                        ((mu, eta.to("meta")), "mu on cpu, eta on meta, the editor on cpu"),
+                        ((mu.to("meta"), eta), "mu on meta, eta on cpu, the editor on cpu")):
+        with pytest.raises(ValueError, match=f"one device: {match}"):
+            editor(*args, offsets, edit_feats=feats if method == "moeditor" else None)
+    assert all(torch.equal(v, before[k]) for k, v in editor.state_dict().items())
+
+
+def test_mode_given_a_tensor_says_so_without_printing_it(gen):
+    """edit_feats passed positionally lands in `mode`: the ValueError names mode and says what it
+    got by type and shape, with the hint, instead of printing the whole tensor."""
+    editor = small_editor("moeditor").eval()
+    mu, eta, offsets, feats = editor_inputs(gen)
+    with pytest.raises(ValueError, match=r"^mode must be an int in \[0, 1\), got a Tensor of shape \(4, 6\) "
+                                         r"\(edit_feats is a keyword argument\)$"):
+        editor(mu, eta, offsets, feats)
+    with pytest.raises(ValueError, match=r"^mode must be an int in \[0, 1\), got 1$"):
+        editor(mu, eta, offsets, 1, edit_feats=feats)
