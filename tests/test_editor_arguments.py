@@ -32,6 +32,40 @@ def test_factors_on_another_device_than_the_editor_raise_value_error(method, tra
     assert all(torch.equal(v, before[k]) for k, v in editor.state_dict().items())
 
 
+def test_dense_checks_its_device_argument(gen):
+    """GroupedEdit.dense(device=...) takes what ModelEditor's editor_device takes (as_device): a
+    device string torch cannot parse, meta, or a CUDA device this machine lacks is a ValueError
+    naming `device`.  It was torch's RuntimeError ("Expected one of cpu, cuda, ... device type at
+    start of device string: gpu") or, for an int, "Cannot access accelerator device"."""
+    editor = small_editor("mend").eval()
+    mu, eta, offsets, _ = editor_inputs(gen)
+    edit = editor(mu, eta, offsets)
+    bad = ["gpu", "meta", [0]] + (["cuda", 0] if NO_CUDA else [])
+    for device in bad:
+        with pytest.raises(ValueError, match=r"^device"):
+            edit.dense(device=device)
+    expected = edit.dense()
+    for device in (None, "cpu", torch.device("cpu")):
+        assert torch.equal(edit.dense(device=device), expected)
+
+
+def test_load_checks_map_location(gen, tmp_path):
+    """GroupedEditor.load(map_location=...): a device string that is not one, meta, or CUDA on a
+    machine without it is a ValueError naming map_location (they were safetensors' SafetensorError
+    "device gpu is invalid" and, for "cuda" here, a RuntimeError about pinned memory); None is the
+    CPU, as torch.load's None keeps a CPU checkpoint there (it was "device None is invalid")."""
+    editor = small_editor("moeditor").eval()
+    path = tmp_path / "editor.safetensors"
+    editor.save(path)
+    for bad in ["gpu", "meta", 1.5] + (["cuda"] if NO_CUDA else []):
+        with pytest.raises(ValueError, match=r"^map_location"):
+            GroupedEditor.load(path, map_location=bad)
+    for where in (None, "cpu", torch.device("cpu")):
+        loaded = GroupedEditor.load(path, map_location=where)
+        assert loaded.alpha.device.type == "cpu"
+        assert all(torch.equal(v, editor.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+
 def test_mode_given_a_tensor_says_so_without_printing_it(gen):
     """edit_feats passed positionally lands in `mode`: the ValueError names mode and says what it
     got by type and shape, with the hint, instead of printing the whole tensor."""

@@ -9,6 +9,7 @@ import torch
 
 from .. import ops
 from .._checks import all_finite
+from ..devices import as_device
 from ..ops.apply_shift import check_shiftable_weight
 
 
@@ -41,7 +42,8 @@ class GroupedEdit:
         and the mask's backwards reach the selected and kept entries only).  Computed on `device`
         (default: the factors'), the factors and the Fisher matrix moved there (`.to` keeps the
         gradients); masked=False: without the Fisher mask (`apply_` masks inside `apply_shift_`)."""
-        device = self.mu_t.device if device is None else device
+        # Checked as ModelEditor's editor_device is: a bad one raised torch's RuntimeError unnamed.
+        device = self.mu_t.device if device is None else as_device(device, "device")
         delta = ops.grouped_outer(self.eta_t.to(device), self.mu_t.to(device), self.offsets.to(device), self.fusion)
         if masked and self.fisher is not None:
             delta, _ = ops.fisher_mask(delta, self.fisher.to(device), keep=self.fisher_keep)

@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import ops
 from .._checks import check_path, check_same_device, check_tensor, is_finite_number, is_int, is_number
+from ..devices import as_device
 from ..reference.grouped_outer import FUSIONS
 from ..reference.segments import group_ids, kept_offsets
 from ..safetensors_file import check_state, json_metadata
@@ -301,6 +302,10 @@ class GroupedEditor(nn.Module):
         from safetensors.torch import load_file
 
         check_path(path, "path")  # an int was a file descriptor to os.path.isfile
+        # safetensors raised its own error for a bad device ("device gpu is invalid", or for "cuda"
+        # without CUDA a RuntimeError about pinned memory); None is the CPU, as torch.load's None
+        # keeps a CPU checkpoint there.
+        map_location = as_device(map_location, "map_location") or torch.device("cpu")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint not found: {path}")
         try:
