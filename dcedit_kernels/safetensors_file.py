@@ -29,6 +29,8 @@ def replace_atomically(path, write: Callable[[Path], object]) -> None:
     path = Path(path)
     if not path.parent.is_dir():  # safetensors would name its temporary file instead
         raise FileNotFoundError(f"cannot save to {path}: the folder {path.parent} does not exist")
+    if path.is_dir():  # os.replace would name the temporary file ("Is a directory: '.x.<hex>.tmp' -> x")
+        raise IsADirectoryError(f"cannot save to {path}: it is a folder; give a file name")
     tmp = path.with_name(f".{path.name[:64]}.{uuid.uuid4().hex}.tmp")  # short: a long name still fits
     try:
         # Created as any new file is (the kernel applies the umask), to read the mode it gets; a

@@ -66,6 +66,16 @@ def test_load_checks_map_location(gen, tmp_path):
         assert all(torch.equal(v, editor.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
+def test_save_to_a_folder_names_the_folder(tmp_path):
+    """A folder given as the file to save to: IsADirectoryError naming that folder, as a missing
+    folder's FileNotFoundError names it.  It named the temporary file the save writes first
+    ("[Errno 21] Is a directory: '/tmp/.x.<hex>.tmp' -> '/tmp/x'"), and nothing is left behind."""
+    editor = small_editor("mend")
+    with pytest.raises(IsADirectoryError, match=f"^cannot save to {tmp_path}: it is a folder"):
+        editor.save(tmp_path)
+    assert not [p for p in tmp_path.parent.iterdir() if p.name.startswith(f".{tmp_path.name}.")]
+
+
 def test_mode_given_a_tensor_says_so_without_printing_it(gen):
     """edit_feats passed positionally lands in `mode`: the ValueError names mode and says what it
     got by type and shape, with the hint, instead of printing the whole tensor."""
