@@ -291,9 +291,11 @@ class FactorCapture:
         self._encoder_out: torch.Tensor | None = None
         self._encoder_copies: dict[torch.device, torch.Tensor] = {}
         self._backward_seen = False
+        self._entered = False  # `factors` of a capture never entered says so (it recorded nothing)
 
     # -- context -------------------------------------------------------------------------------
     def __enter__(self) -> "FactorCapture":
+        self._entered = True
         self._no_checkpointing = no_activation_checkpointing(self.model)
         self._no_checkpointing.__enter__()
         try:
@@ -332,6 +334,9 @@ class FactorCapture:
 
     @property
     def factors(self) -> dict[str, Factors]:
+        if not self._entered:
+            raise RuntimeError("the capture records only inside its block: with capture_factors(...) as cap: "
+                               "run the forward and the backward there, then read cap.factors")
         missing = [n for n in self.modules if n not in self._records]
         if missing:
             raise RuntimeError(f"modules {missing} did not run a forward pass inside the capture")
@@ -582,6 +587,11 @@ def compute_factors(
     """
     if not isinstance(batch, Mapping):
         raise ValueError(f"batch must be a mapping of tensors, got {type(batch).__name__}")
+    labels = batch.get("labels")
+    if loss_fn is None and isinstance(labels, torch.Tensor) and not bool((labels != IGNORE_INDEX).any()):
+        # The model's mean over no label token is 0/0: this raised "the loss is not finite (nan)".
+        raise ValueError(f"batch['labels'] has no target token (every entry is {IGNORE_INDEX}): "
+                         "the loss would be a mean over no token")
     capture = capture_factors(model, module_names, tokens, batch=batch, label_shift=label_shift)
     with torch.enable_grad(), frozen_parameters(model), capture as cap:
         no_cache = {} if "use_cache" in batch else no_kv_cache(model)  # as ModelEditor's capture

@@ -86,3 +86,29 @@ def test_mode_given_a_tensor_says_so_without_printing_it(gen):
         editor(mu, eta, offsets, feats)
     with pytest.raises(ValueError, match=r"^mode must be an int in \[0, 1\), got 1$"):
         editor(mu, eta, offsets, 1, edit_feats=feats)
+
+
+def test_compute_factors_refuses_labels_without_a_target(gen):
+    """compute_factors on a batch whose labels are all -100 (no target token: the prompt masked
+    over the whole row): a ValueError naming batch['labels'], before the forward.  It was
+    FloatingPointError "the loss is not finite (nan)", which reads as a numerical problem."""
+    model, tok = tiny_model("llama", seed=0)
+    enc = tok(["The capital of France is Rome"], return_tensors="pt")
+    batch = dict(enc, labels=torch.full_like(enc["input_ids"], -100))
+    with pytest.raises(ValueError, match=r"^batch\['labels'\] has no target token \(every entry is -100\)"):
+        compute_factors(model, batch, ["model.layers.1.mlp.down_proj"])
+    batch["labels"][0, -1] = enc["input_ids"][0, -1]  # one target token: factors as before
+    factors, loss = compute_factors(model, batch, ["model.layers.1.mlp.down_proj"])
+    assert torch.isfinite(loss) and factors["model.layers.1.mlp.down_proj"].num_edits == 1
+
+
+def test_capture_used_without_its_block_says_so():
+    """capture_factors(...) called but never entered (`cap = capture_factors(...)` then a forward
+    and backward): its factors say that it records only inside its `with` block; it said that the
+    module "did not run a forward pass inside the capture", which it had, as far as the user saw."""
+    model, tok = tiny_model("llama", seed=0)
+    enc = tok(["ab cd"], return_tensors="pt")
+    cap = capture_factors(model, ["model.layers.1.mlp.down_proj"])
+    model(**enc, labels=enc["input_ids"]).loss.backward()
+    with pytest.raises(RuntimeError, match=r"records only inside its block: with capture_factors\(\.\.\.\) as cap:"):
+        cap.factors
