@@ -204,7 +204,10 @@ class GroupedEditor(nn.Module):
         """The edit of one weight from its gradient factors.
 
         mu (T, in), eta (T, out), edit_offsets int (E+1,) (one segment per edit), mode: which of
-        the weights sharing this editor; edit_feats (E, feat_dim) for routing='gate'.
+        the weights sharing this editor; edit_feats (E, feat_dim) for routing='gate' (see
+        `MoEditor` for what ModelEditor passes; ignored by the other routings).  The factors are
+        `capture.compute_factors`' (or `capture_factors`') `Factors.mu`, `.eta` and `.edit_offsets`
+        of the edited layer, on the editor's device.
         """
         check_tensor(mu, "mu")
         check_tensor(eta, "eta")
@@ -295,7 +298,9 @@ class GroupedEditor(nn.Module):
         saved).  ValueError for a file that is not such a checkpoint: not safetensors, a config
         this package's constructor does not take (a newer version's), tensors missing, unexpected
         or of another shape (safetensors', the constructor's TypeError and load_state_dict's
-        RuntimeError before)."""
+        RuntimeError before).  It comes back in training mode, as any new module: call `.eval()`
+        before editing with it, since in training mode each call adds its factors to the running
+        norms (and its features to gate_norm's) and a gate draws noise."""
         import inspect
 
         from safetensors import SafetensorError, safe_open

@@ -13,7 +13,8 @@ def _refuse_fixed(preset: str, kwargs: dict, name: str, why: str) -> None:
 
 
 def MEND(in_features, out_features, **kwargs) -> GroupedEditor:
-    """One editor (Mitchell et al. 2021)."""
+    """One editor (Mitchell et al. 2021): GroupedEditor with routing "single" and fusion "add";
+    its other keywords (rank, n_layers, n_modes, norm, edit_lr, seed, ...) are GroupedEditor's."""
     _refuse_fixed("MEND", kwargs, "n_editors", _ONE_EDITOR)
     kwargs.setdefault("routing", "single")
     kwargs.setdefault("fusion", "add")
@@ -21,14 +22,23 @@ def MEND(in_features, out_features, **kwargs) -> GroupedEditor:
 
 
 def RaEditor(in_features, out_features, n_editors=4, **kwargs) -> GroupedEditor:
-    """Edits split into random groups, one editor per group, group shifts fused."""
+    """Edits split into random groups, one editor per group, group shifts fused ("sss" unless
+    `fusion` says otherwise); the other keywords are GroupedEditor's."""
     _refuse_fixed("RaEditor", kwargs, "routing", "routes edits at random (MoEditor routes them with a gate)")
     kwargs.setdefault("fusion", "sss")
     return GroupedEditor(in_features, out_features, n_editors=n_editors, routing="random", **kwargs)
 
 
 def MoEditor(in_features, out_features, n_editors=4, feat_dim=None, **kwargs) -> GroupedEditor:
-    """A noisy top-k gate routes each edit to one of n_editors editors; shifts fused.
+    """A noisy top-k gate routes each edit to one of n_editors editors; shifts fused ("sss" unless
+    `fusion` says otherwise); the other keywords are GroupedEditor's.
+
+    The gate reads `edit_feats`, forward's (E, feat_dim) argument, which it needs.  ModelEditor
+    passes each edit's mean over its prompt tokens of the model's last hidden state (the LM head's
+    input, `head_input.py`; the encoder's output for seq2seq models), detached: feat_dim is then
+    the model's hidden size.  feat_dim=None makes it in_features, which fits those features only
+    where the edited weight's input is as wide as the hidden state (an attention projection, not
+    an MLP's down projection).
 
     top_k defaults to 2 (1 with one editor).  The edit goes to its top-1 editor with η̃ scaled by
     that editor's gate weight, the softmax over the kept logits: at top_k = 1 that weight is
@@ -53,7 +63,9 @@ def MoEditor(in_features, out_features, n_editors=4, feat_dim=None, **kwargs) ->
 
 
 def ProEditor(in_features, out_features, generator="token", fisher_keep=0.7, **kwargs) -> GroupedEditor:
-    """One editor with generated per-token (or per-edit) parameters and a Fisher mask."""
+    """One editor with generated per-token (or per-edit) parameters and a Fisher mask
+    (generator "token" or "sentence"; fisher_keep, the fraction of the shift's entries kept); the
+    other keywords are GroupedEditor's."""
     _refuse_fixed("ProEditor", kwargs, "n_editors", _ONE_EDITOR)
     kwargs.setdefault("routing", "single")
     kwargs.setdefault("fusion", "add")
