@@ -89,7 +89,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ._checks import all_finite
+from ._checks import all_finite, check_autograd
 from .edit_handle import deferred_interrupt
 from .reference.segments import kept_offsets
 from .tokenize import IGNORE_INDEX, listed_causal_lm, no_kv_cache
@@ -587,6 +587,9 @@ def compute_factors(
     """
     if not isinstance(batch, Mapping):
         raise ValueError(f"batch must be a mapping of tensors, got {type(batch).__name__}")
+    # Under inference_mode the loss records no graph: it said "the loss does not depend on any
+    # captured module".  (no_grad is fine: the pass turns grad on.)
+    check_autograd("compute_factors", "its backward", model)
     labels = batch.get("labels")
     if loss_fn is None and isinstance(labels, torch.Tensor) and not bool((labels != IGNORE_INDEX).any()):
         # The model's mean over no label token is 0/0: this raised "the loss is not finite (nan)".

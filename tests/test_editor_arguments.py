@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dcedit_kernels.capture import capture_factors, compute_factors
-from dcedit_kernels.editors import GroupedEditor
+from dcedit_kernels.editors import MEND, GroupedEditor
 from dcedit_kernels.models import tiny_model
 from helpers import EDITOR_KINDS, editor_inputs, small_editor
 
@@ -112,3 +112,17 @@ def test_capture_used_without_its_block_says_so():
     model(**enc, labels=enc["input_ids"]).loss.backward()
     with pytest.raises(RuntimeError, match=r"records only inside its block: with capture_factors\(\.\.\.\) as cap:"):
         cap.factors
+
+
+def test_compute_factors_under_inference_mode_says_so():
+    """compute_factors under torch.inference_mode(): the RuntimeError ModelEditor.apply and fit
+    raise there (check_autograd), naming compute_factors; it said "the loss does not depend on any
+    captured module", which sent the user looking at the layer names."""
+    model, tok = tiny_model("llama", seed=0)
+    enc = tok(["ab cd"], return_tensors="pt")
+    batch = dict(enc, labels=enc["input_ids"])
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"^compute_factors needs autograd for its "
+                                                                   r"backward: call it outside torch\.inference_mode"):
+        compute_factors(model, batch, ["model.layers.1.mlp.down_proj"])
+    with torch.no_grad():  # no_grad is fine: the capture turns grad on for its own pass
+        compute_factors(model, batch, ["model.layers.1.mlp.down_proj"])
