@@ -126,3 +126,18 @@ def test_compute_factors_under_inference_mode_says_so():
         compute_factors(model, batch, ["model.layers.1.mlp.down_proj"])
     with torch.no_grad():  # no_grad is fine: the capture turns grad on for its own pass
         compute_factors(model, batch, ["model.layers.1.mlp.down_proj"])
+
+
+def test_apply_to_a_transposed_weight_points_at_weight_out_in(gen):
+    """An edit applied to GPT-2's Conv1D weight as stored (in × out): the ValueError names the
+    shapes and says how to get the (out, in) view; a weight of another shape gets no hint."""
+    model, _ = tiny_model("gpt2", seed=0)
+    layer = model.get_submodule("transformer.h.1.mlp.c_proj")
+    d_in, d_out = layer.weight.shape
+    mu, eta = torch.randn(5, d_in, generator=gen), torch.randn(5, d_out, generator=gen)
+    edit = MEND(d_in, d_out, rank=2).eval()(mu, eta, torch.tensor([0, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match=rf"^weight must be the edited layer's \(out, in\) = \({d_out}, {d_in}\) weight, "
+                                         rf"got \({d_in}, {d_out}\): the transpose.*capture\.weight_out_in\(module\)"):
+        edit.apply_(layer.weight)
+    with pytest.raises(ValueError, match=rf"got \(3, 3\)$"):
+        edit.apply_(torch.zeros(3, 3))

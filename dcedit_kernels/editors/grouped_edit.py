@@ -101,5 +101,8 @@ def check_weight(weight, shape: tuple) -> None:
     random groups."""
     if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != shape:
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise ValueError(f"weight must be the edited layer's (out, in) = {shape} weight, got {got}")
+        # GPT-2's Conv1D stores its weight in × out: its `.weight` is the transpose of what is edited.
+        hint = (": the transpose; for a GPT-2 Conv1D, which stores in × out, pass "
+                "capture.weight_out_in(module), its (out, in) view" if got == shape[::-1] else "")
+        raise ValueError(f"weight must be the edited layer's (out, in) = {shape} weight, got {got}{hint}")
     check_shiftable_weight(weight)
