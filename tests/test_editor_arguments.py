@@ -141,3 +141,14 @@ def test_apply_to_a_transposed_weight_points_at_weight_out_in(gen):
         edit.apply_(layer.weight)
     with pytest.raises(ValueError, match=rf"got \(3, 3\)$"):
         edit.apply_(torch.zeros(3, 3))
+
+
+def test_a_default_grouped_editor_without_edit_feats_says_how_to_do_without(gen):
+    """GroupedEditor(in, out) routes with a gate by default (SPEC's signature), so the MEND-style
+    editor a user builds from it asks for edit features: the ValueError, naming edit_feats, says
+    that routing='single' (the MEND preset) needs none."""
+    editor = GroupedEditor(5, 6, rank=2)
+    mu, eta, offsets, _ = editor_inputs(gen)
+    with pytest.raises(ValueError, match=r"^edit_feats is required with routing='gate' \(GroupedEditor's default\); "
+                                         r"routing='single' \(the MEND preset\) needs none"):
+        editor(mu, eta, offsets)

@@ -84,6 +84,7 @@ class GroupedEditor(nn.Module):
         seed: int | None = None,
         gate_norm: bool = GATE_NORM_DEFAULT,
     ):
+        """The arguments are the class docstring's; each is checked (ValueError naming it)."""
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features),
                             ("n_editors", n_editors), ("rank", rank), ("n_layers", n_layers),
@@ -182,7 +183,9 @@ class GroupedEditor(nn.Module):
             groups[perm] = labels[torch.arange(n_edits, device=device) % self.n_editors]  # balanced random split
             return groups, None, zero
         if edit_feats is None:
-            raise ValueError("edit_feats is required with routing='gate'")
+            # GroupedEditor(in, out) alone is gate-routed (SPEC's default): say how to do without.
+            raise ValueError("edit_feats is required with routing='gate' (GroupedEditor's default); "
+                             "routing='single' (the MEND preset) needs none")
         check_tensor(edit_feats, "edit_feats")
         if edit_feats.shape != (n_edits, self.w_gate.shape[0]):
             raise ValueError(f"edit_feats must have shape ({n_edits}, {self.w_gate.shape[0]}), got {tuple(edit_feats.shape)}")
