@@ -121,6 +121,8 @@ class EditorCheckpoints:
         if CHECKPOINT_KEY not in meta:
             mend = any(k == "edit_lrs" or k.endswith(".edit_lrs") for k in keys)  # MEND's per-weight steps
             hint = "; it looks like an original MEND checkpoint: use ModelEditor.from_mend" if mend else ""
+            if "dcedit_config" in meta:  # GroupedEditor.save's key
+                hint = "; it is a GroupedEditor checkpoint: GroupedEditor.load(path)"
             raise ValueError(f"{path} is not a ModelEditor checkpoint (no {CHECKPOINT_KEY} metadata){hint}")
         config = _checkpoint_config(path, meta[CHECKPOINT_KEY])
         # Editor arguments newer than the checkpoint (gate_norm) take the value it was trained with.

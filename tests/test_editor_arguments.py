@@ -152,3 +152,19 @@ def test_a_default_grouped_editor_without_edit_feats_says_how_to_do_without(gen)
     with pytest.raises(ValueError, match=r"^edit_feats is required with routing='gate' \(GroupedEditor's default\); "
                                          r"routing='single' \(the MEND preset\) needs none"):
         editor(mu, eta, offsets)
+
+
+def test_the_two_editor_checkpoints_point_at_each_others_load(tmp_path):
+    """A ModelEditor checkpoint given to GroupedEditor.load, or a GroupedEditor one given to
+    ModelEditor.load: the ValueError says which kind of checkpoint it is and which load reads it."""
+    from dcedit_kernels.model_editor import ModelEditor
+
+    model, tok = tiny_model("llama", seed=0)
+    ModelEditor(model, tok, ["model.layers.1.mlp.down_proj"], method="mend", rank=2).save(tmp_path / "me.safetensors")
+    MEND(37, 24, rank=2).save(tmp_path / "ge.safetensors")
+    with pytest.raises(ValueError, match=r"is not a GroupedEditor checkpoint \(no dcedit_config metadata\); it is a "
+                                         r"ModelEditor checkpoint: ModelEditor\.load\(path, model, tokenizer\)"):
+        GroupedEditor.load(tmp_path / "me.safetensors")
+    with pytest.raises(ValueError, match=r"is not a ModelEditor checkpoint \(no dcedit_model_editor metadata\); it "
+                                         r"is a GroupedEditor checkpoint: GroupedEditor\.load\(path\)"):
+        ModelEditor.load(tmp_path / "ge.safetensors", model, tok)

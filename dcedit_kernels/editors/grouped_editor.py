@@ -322,7 +322,11 @@ class GroupedEditor(nn.Module):
         except SafetensorError as exc:
             raise ValueError(f"{path} is not a safetensors file ({exc})") from None
         if "dcedit_config" not in meta:
-            raise ValueError(f"{path} is not a GroupedEditor checkpoint (no dcedit_config metadata)")
+            from ..editor_checkpoint import CHECKPOINT_KEY
+
+            hint = ("; it is a ModelEditor checkpoint: ModelEditor.load(path, model, tokenizer), whose "
+                    ".editors are GroupedEditors" if CHECKPOINT_KEY in meta else "")
+            raise ValueError(f"{path} is not a GroupedEditor checkpoint (no dcedit_config metadata){hint}")
         config = json_metadata(path, "dcedit_config", meta["dcedit_config"])
         params = inspect.signature(cls.__init__).parameters
         unknown = sorted(set(config) - set(params) - {"self"})
