@@ -96,6 +96,9 @@ from .tokenize import IGNORE_INDEX, listed_causal_lm, no_kv_cache
 
 TOKEN_MODES = ("all", "target")
 _MASK_KEYS = ("attention_mask", "labels", "decoder_attention_mask")
+# Entries a model takes only as tensors: compute_factors refuses a list there (tokenizer output
+# without return_tensors), which reached the embedding as torch's TypeError.
+_TENSOR_KEYS = ("input_ids", "decoder_input_ids", *_MASK_KEYS)
 
 
 def _conv1d_type():
@@ -590,6 +593,11 @@ def compute_factors(
     # Under inference_mode the loss records no graph: it said "the loss does not depend on any
     # captured module".  (no_grad is fine: the pass turns grad on.)
     check_autograd("compute_factors", "its backward", model)
+    for key, value in batch.items():
+        # return_tensors="np" (or none) tokenizer output: torch's TypeError named 'indices' only.
+        if type(value).__name__ == "ndarray" or (key in _TENSOR_KEYS and isinstance(value, (list, tuple))):
+            kind = f"{type(value).__module__}.ndarray" if type(value).__name__ == "ndarray" else type(value).__name__
+            raise ValueError(f"batch[{key!r}] must be a torch.Tensor, got {kind} (tokenize with return_tensors='pt')")
     labels = batch.get("labels")
     if loss_fn is None and isinstance(labels, torch.Tensor) and not bool((labels != IGNORE_INDEX).any()):
         # The model's mean over no label token is 0/0: this raised "the loss is not finite (nan)".

@@ -168,3 +168,16 @@ def test_the_two_editor_checkpoints_point_at_each_others_load(tmp_path):
     with pytest.raises(ValueError, match=r"is not a ModelEditor checkpoint \(no dcedit_model_editor metadata\); it "
                                          r"is a GroupedEditor checkpoint: GroupedEditor\.load\(path\)"):
         ModelEditor.load(tmp_path / "ge.safetensors", model, tok)
+
+
+def test_compute_factors_refuses_numpy_and_list_inputs():
+    """A batch tokenized with return_tensors="np" (or none: lists): a ValueError naming the entry
+    instead of torch's TypeError from the embedding ("argument 'indices' (position 2) must be
+    Tensor, not numpy.ndarray")."""
+    model, tok = tiny_model("llama", seed=0)
+    names = ["model.layers.1.mlp.down_proj"]
+    enc = tok(["ab cd"], return_tensors="np")
+    with pytest.raises(ValueError, match=r"^batch\['input_ids'\] must be a torch\.Tensor, got numpy\.ndarray"):
+        compute_factors(model, dict(enc, labels=enc["input_ids"]), names)
+    with pytest.raises(ValueError, match=r"^batch\['input_ids'\] must be a torch\.Tensor, got list"):
+        compute_factors(model, {"input_ids": [[3, 4, 5]], "labels": [[3, 4, 5]]}, names)
