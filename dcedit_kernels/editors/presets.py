@@ -37,8 +37,8 @@ def MoEditor(in_features, out_features, n_editors=4, feat_dim=None, **kwargs) ->
     passes each edit's mean over its prompt tokens of the model's last hidden state (the LM head's
     input, `head_input.py`; the encoder's output for seq2seq models), detached: feat_dim is then
     the model's hidden size.  feat_dim=None makes it in_features, which fits those features only
-    where the edited weight's input is as wide as the hidden state (an attention projection, not
-    an MLP's down projection).
+    where the edited weight's input is as wide as the hidden state (an attention projection or an
+    MLP's up projection, not its down projection).
 
     top_k defaults to 2 (1 with one editor).  The edit goes to its top-1 editor with η̃ scaled by
     that editor's gate weight, the softmax over the kept logits: at top_k = 1 that weight is
