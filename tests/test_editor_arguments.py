@@ -136,8 +136,9 @@ def test_apply_to_a_transposed_weight_points_at_weight_out_in(gen):
     d_in, d_out = layer.weight.shape
     mu, eta = torch.randn(5, d_in, generator=gen), torch.randn(5, d_out, generator=gen)
     edit = MEND(d_in, d_out, rank=2).eval()(mu, eta, torch.tensor([0, 5], dtype=torch.int32))
-    with pytest.raises(ValueError, match=rf"^weight must be the edited layer's \(out, in\) = \({d_out}, {d_in}\) weight, "
-                                         rf"got \({d_in}, {d_out}\): the transpose.*capture\.weight_out_in\(module\)"):
+    with pytest.raises(ValueError, match=rf"^weight must be the edited layer's \(out, in\) = \({d_out}, {d_in}\) "
+                                         rf"weight, got \({d_in}, {d_out}\): the transpose.*"
+                                         rf"capture\.weight_out_in\(module\)"):
         edit.apply_(layer.weight)
     with pytest.raises(ValueError, match=rf"got \(3, 3\)$"):
         edit.apply_(torch.zeros(3, 3))
