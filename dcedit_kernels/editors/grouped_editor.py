@@ -210,7 +210,11 @@ class GroupedEditor(nn.Module):
         the weights sharing this editor; edit_feats (E, feat_dim) for routing='gate' (see
         `MoEditor` for what ModelEditor passes; ignored by the other routings).  The factors are
         `capture.compute_factors`' (or `capture_factors`') `Factors.mu`, `.eta` and `.edit_offsets`
-        of the edited layer, on the editor's device.
+        of the edited layer, on the editor's device.  In training mode the call adds the factors to
+        the running norms (and edit_feats to gate_norm's) before anything can fail on their values:
+        factors with a NaN or an inf make those statistics non-finite for every later call.  A
+        training loop of one's own checks them first (`torch.isfinite(...).all()`), or keeps the
+        buffers and puts them back after a non-finite batch, as `fit` does (train.py).
         """
         check_tensor(mu, "mu")
         check_tensor(eta, "eta")
