@@ -1,7 +1,9 @@
 """The README's Python snippets stay true to the API.
 
 The editors-on-their-own snippet runs as written, on random gradient factors of its shapes: the
-weight changes and `ops.undo_shift_` restores it bit for bit.  The ModelEditor snippet needs a
+weight changes and `ops.undo_shift_` restores it bit for bit.  The training-loop snippet runs as
+written on the tiny Llama: its steps lower the edit loss, every editor parameter gets a gradient,
+and a batch with a non-finite gradient is skipped with the running norms put back.  The ModelEditor snippet needs a
 trained editor on SmolLM2 (minutes), so here it is compiled and every name it imports, and every
 keyword it passes to ModelEditor, TrainConfig and EditRequest, is checked against the code
 (tests/test_model_editor.py runs that path on tiny models).
@@ -48,6 +50,46 @@ def test_editor_snippet_runs(gen):
     assert not torch.equal(namespace["changed"], before)
     assert torch.equal(namespace["weight"], before)
     assert not namespace["ed"].training  # the snippet's eval(): no running-statistics update or gate noise
+
+
+def test_editor_training_snippet_runs(test_seed):
+    """The user's own training loop, as written: its namespace gets the model, tokenizer, layer and
+    `batches`, a generator that records each step's edit loss and, for the last batch, makes the
+    editor's gradient NaN (a hook on alpha), as an fp16 overflow would."""
+    from dcedit_kernels.models import tiny_model
+
+    code = snippet("lowrank_edited(model")
+    model, tok = tiny_model("llama", seed=test_seed % 2**31)
+    edits = (["The capital of France is", "Water boils at", "The sky is"], ["Rome", "ten degrees", "green"],
+             ["France's capital city is", "The boiling point of water is", "The colour of the sky is"])
+    namespace, losses, at_last = {}, [], {}
+    steps = 4
+
+    def batches():
+        for step in range(steps + 1):
+            if step == steps:
+                ed = namespace["ed"]
+                at_last.update(grads={n: p.grad for n, p in ed.named_parameters()},
+                               params={n: p.detach().clone() for n, p in ed.named_parameters()},
+                               buffers={n: b.clone() for n, b in ed.named_buffers()})
+                hook = ed.alpha.register_hook(lambda g: torch.full_like(g, float("nan")))
+            yield edits
+            losses.append(namespace["edit_loss"].item())
+        hook.remove()
+
+    namespace.update(model=model, tok=tok, layer="model.layers.1.mlp.down_proj", batches=batches())
+    exec(compile(code, str(README), "exec"), namespace)
+    ed = namespace["ed"]
+    assert len(losses) == steps + 1
+    assert losses[steps - 1] < losses[0], losses  # the steps lowered the rephrases' edit loss
+    for name, grad in at_last["grads"].items():  # the last good step's gradients reached every parameter
+        assert grad is not None and bool(grad.isfinite().all()) and bool(grad.abs().sum() > 0), name
+    # The NaN batch: no optimiser step, and its factors left out of the running norms.
+    for name, p in ed.named_parameters():
+        assert torch.equal(p.detach(), at_last["params"][name]), name
+    for name, b in ed.named_buffers():
+        assert torch.equal(b, at_last["buffers"][name]), name
+    assert ed.training and not any(p.requires_grad for p in model.parameters())
 
 
 def _calls(tree, name):
