@@ -13,6 +13,7 @@ import numbers
 import os
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -140,6 +141,14 @@ def tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
+def no_values(t: torch.Tensor) -> bool:
+    """True for a tensor without values to read on the host: a meta tensor, or a fake one
+    (FakeTensorMode, make_fx's "fake" and "symbolic" tracing), whose shapes the fake kernels
+    propagate.  Reading a fake one's values raised torch's DataDependentOutputException (make_fx:
+    GuardOnDataDependentSymNode) from the wrapper's check, before the op's fake kernel ran."""
+    return t.is_meta or is_fake(t)
+
+
 def check_offsets(offsets, name: str, total: int) -> int:
     """Validate a CSR offsets vector over `total` rows; returns the number of groups G (its
     values are checked when the call runs, not while torch.compile traces it: `tracing`)."""
@@ -149,9 +158,10 @@ def check_offsets(offsets, name: str, total: int) -> int:
         raise ValueError(f"{name} must be int32 or int64, got {offsets.dtype}")
     if offsets.dim() != 1 or offsets.numel() < 2:
         raise ValueError(f"{name} must be 1-D with G+1 >= 2 entries, got shape {tuple(offsets.shape)}")
-    # A meta tensor has no values to read (the device check that follows names it when the other
-    # tensors are elsewhere; an all-meta call computes shapes only, as the fake kernels do).
-    if tracing() or offsets.is_meta:
+    # A meta or fake tensor has no values to read (the device check that follows names a meta one
+    # when the other tensors are elsewhere; such a call computes shapes only, as the fake kernels
+    # do; a graph traced from fake tensors checks the real values when it runs, as under compile).
+    if tracing() or no_values(offsets):
         return offsets.numel() - 1
     host = offsets.detach().cpu()
     if int(host[0]) != 0:
@@ -166,7 +176,7 @@ def check_offsets(offsets, name: str, total: int) -> int:
 def check_ids(ids: torch.Tensor, name: str, low: int, high: int, note: str = "") -> None:
     """Every entry of the int tensor `ids` (group or edit indices) in [low, high]: read on the host
     as offsets are, and not while torch.compile traces (`tracing`)."""
-    if tracing() or not ids.numel() or ids.is_meta:  # meta: no values (see check_offsets)
+    if tracing() or not ids.numel() or no_values(ids):  # no values to read (see check_offsets)
         return
     if int(ids.min()) < low or int(ids.max()) > high:
         raise ValueError(f"{name} entries must be in [{low}, {high}]{note}")

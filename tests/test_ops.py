@@ -1108,6 +1108,38 @@ def test_fake_kernels_give_the_real_strides_for_transposed_inputs(op, gen, devic
             assert r.shape == f.shape and r.stride() == f.stride(), (r.shape, r.stride(), f.stride())
 
 
+def test_wrappers_propagate_shapes_under_fake_tensor_mode_and_make_fx(gen):
+    """Every public op's wrapper on fake tensors gives the real outputs' shapes, dtypes and strides:
+    the offsets and group-id checks read the values on the host, which a fake tensor has none of
+    (DataDependentOutputException under FakeTensorMode, GuardOnDataDependentSymNode under make_fx;
+    meta tensors were already skipped).  A graph traced from fake tensors still checks the real
+    offsets when it runs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    for name, (op, kwargs) in _public_op_calls(gen).items():
+        if name in ("apply_shift_", "undo_shift_"):  # in place: a fake weight has nothing to write
+            continue
+        if name == "noisy_topk_gate":
+            kwargs = dict(kwargs, training=False)
+        real = op(**kwargs)
+        real = real if isinstance(real, tuple) else (real,)
+        with FakeTensorMode() as mode:
+            fake = op(**{k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v
+                         for k, v in kwargs.items()})
+        fake = fake if isinstance(fake, tuple) else (fake,)
+        for r, f in zip(real, fake, strict=True):
+            assert (r.shape, r.dtype) == (f.shape, f.dtype), name
+            assert r.numel() <= 1 or r.stride() == f.stride(), name
+    eta, mu, offsets = randn((5, 3), gen), randn((5, 4), gen), torch.tensor([0, 2, 5])
+    for mode in ("fake", "symbolic"):
+        fn = lambda e, m, o: ops.grouped_outer(e, m, o, "max")  # noqa: E731
+        graph = make_fx(fn, tracing_mode=mode)(eta, mu, offsets)
+        assert torch.equal(graph(eta, mu, offsets), ops.grouped_outer(eta, mu, offsets, "max"))
+        with pytest.raises(ValueError, match="offsets must be non-decreasing"):
+            graph(eta, mu, torch.tensor([0, 3, 2, 5]))
+
+
 def test_bad_values_and_shapes_each_name_their_argument(gen):
     """The checks that no other test reaches: each a ValueError naming the argument, nothing
     written."""
