@@ -4,6 +4,7 @@ import torch
 
 from .. import reference
 from .._checks import check_grad, check_offsets, check_same_device, check_shape, check_tensor, compute_dtype
+from .._library import _LIB
 from ._dispatch import backward_op, opcall, register, triton_launcher
 
 _fwd = triton_launcher("grouped_lowrank")
@@ -75,6 +76,51 @@ def check_grouped_lowrank_backward(grad, h, offsets, u, v, bias, scale=None, shi
 register("grouped_lowrank", reference.grouped_lowrank, _fwd, check=check_grouped_lowrank)
 register("_grouped_lowrank_backward", reference.grouped_lowrank_backward, _bwd and _triton_backward,
          check=check_grouped_lowrank_backward)
+
+
+# Batching rules of the backward op.  vmap's fallback (one call per slice, stacked) serves the
+# other ops, but refuses an op that returns Tensor[], as this one returns the present arguments'
+# gradients: "Batching rule not implemented for dcedit::_grouped_lowrank_backward. We could not
+# generate a fallback" under torch.vmap (FuncTorchBatched) and under the legacy vmap that
+# autograd.grad(is_grads_batched=True), jacobian(vectorize=True) and gradcheck's
+# check_batched_grad use (Batched).  Both rules run the same loop.
+def _backward_per_slice(slices: list, batch_size: int, args: tuple) -> list:
+    """The backward op on each slice (`slices[k]`: the k-th argument's slices, or None where it is
+    not batched), stacked along a new dim 0."""
+    if batch_size == 0:  # no slice to call: each gradient has its argument's per-slice shape
+        return [a.new_empty((0, *(a.shape if sl is None else sl.shape[1:])))
+                for k, (a, sl) in enumerate(zip(args, slices))
+                if k not in (0, 2) and a is not None]
+    grads = [torch.ops.dcedit._grouped_lowrank_backward.default(
+        *[a if sl is None else sl[b] for a, sl in zip(args, slices)]) for b in range(batch_size)]
+    return [torch.stack(col) for col in zip(*grads)]
+
+
+def _backward_vmap(info, in_dims, *args):
+    slices = [None if d is None else t.movedim(d, 0) for t, d in zip(args, in_dims)]
+    out = _backward_per_slice(slices, info.batch_size, args)
+    return out, [0] * len(out)
+
+
+def _backward_legacy_batched(*args):
+    # The innermost legacy vmap level is the current nesting: autograd batches grad there.
+    level = torch._C._vmapmode_increment_nesting() - 1
+    torch._C._vmapmode_decrement_nesting()
+    legacy = torch._C._functorch.is_legacy_batchedtensor
+    grad = args[0]
+    if not legacy(grad):
+        raise NotImplementedError(
+            "dcedit::_grouped_lowrank_backward under the legacy vmap batches grad only")
+    batch_size = torch._remove_batch_dim(grad, level, 0, 0).shape[0]
+    slices = [torch._remove_batch_dim(t, level, batch_size, 0) if t is not None and legacy(t)
+              else None for t in args]
+    out = _backward_per_slice(slices, batch_size, args)
+    return [torch._add_batch_dim(t, 0, level) for t in out]
+
+
+if hasattr(torch.library, "register_vmap"):  # torch >= 2.4, the declared minimum
+    torch.library.register_vmap("dcedit::_grouped_lowrank_backward", _backward_vmap)
+_LIB.impl("_grouped_lowrank_backward", _backward_legacy_batched, "Batched")
 
 
 def grouped_lowrank(h, offsets, u, v, bias, scale=None, shift=None, gain=None):
