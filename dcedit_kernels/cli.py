@@ -506,12 +506,29 @@ def _train(args, requests, val, device) -> dict:
     out = Path(train_out(args))
     summary = dict(editor=str(out), method=args.method, layers=layers, steps=result.steps,
                    elapsed_s=result.elapsed_s, best_es=result.best_es, processes=size,
-                   final_loss=result.history[-1].get("loss") if result.history else None)
+                   final_loss=result.history[-1].get("loss") if result.history else None,
+                   best_step=result.best_step, stopped_early=result.stopped_early)
     if rank == 0:  # the processes' editors are equal; main() made out's folder (check_out)
         me.save(out)
+        processes = f", {size} processes" if size > 1 else ""
         print(f"saved the trained editor to {out} ({METHOD_NAMES[args.method]}, "  # not "the trained MoEditor editor"
-              f"{result.steps} steps, {result.elapsed_s:.0f} s{f', {size} processes' if size > 1 else ''})")
+              f"{result.steps} steps, {result.elapsed_s:.0f} s{processes})"
+              + _best_note(result, config))
     return summary
+
+
+def _best_note(result, config) -> str:
+    """What `fit` did with --val-data that the step count alone hides: it stops after `patience`
+    validations without a better ES, and saves the best validation's editor, not the last step's
+    (a user trial's "30 steps" line saved the step-10 editor; --steps 10 ran 6 steps unsaid)."""
+    notes = []
+    if result.stopped_early and result.steps < config.steps:
+        notes.append(f"stopped early, before --steps {config.steps}: the last {config.patience} "
+                     "validations gave no better ES")
+    if result.best_step is not None and result.best_step != result.steps:
+        notes.append(f"the editor saved is step {result.best_step}'s, the best validation ES "
+                     f"({result.best_es:.3f}), not step {result.steps}'s")
+    return "".join(f"\n  {note}" for note in notes)
 
 
 def cmd_edit(args) -> dict:
@@ -630,7 +647,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "rank 0 saves the editor.")
     _common(p, "mend", EDITOR_METHODS)
     p.add_argument("--n-edits", type=positive_int, default=None, help="use the first N training edits (default: all)")
-    p.add_argument("--val-data", default=None, help="validation edits (a file or data set name, as --data)")
+    p.add_argument("--val-data", default=None,
+                   help="validation edits (a file or data set name, as --data): training stops "
+                   "after 5 validations without a better ES, and the best validation's editor is "
+                   "saved")
     p.add_argument("--val-size", type=positive_int, default=None,
                    help="validate on the first N edits of --val-data (default: all)")
     p.add_argument("--val-every", type=positive_int, default=50,

@@ -640,6 +640,24 @@ def test_cli_train_edit_evaluate_on_tiny_model(capsys, tmp_path, tiny_model_dir)
     assert "--n-editors applies to raeditor and moeditor" in capsys.readouterr().err
 
 
+def test_cli_train_says_when_it_stopped_early_and_which_step_it_saved(capsys, tmp_path,
+                                                                        tiny_model_dir):
+    """With --val-data, fit stops after 5 validations without a better ES and saves the best
+    validation's editor: the line said "(MEND, 6 steps, ...)" for --steps 10, and for a run that
+    went on, nothing of the earlier step whose editor it saved."""
+    data = _counterfact_file(tmp_path / "cf.json", n=8)
+    editor = tmp_path / "mend.safetensors"
+    # The tiny random model scores ES 0 at every validation: the first is the best, and the
+    # 6th (the 5th without a gain) stops the run.
+    assert cli.main(["train", "--model", str(tiny_model_dir), "--data", str(data),
+                     "--val-data", str(data), "--val-every", "1", "--steps", "10",
+                     "--batch-size", "2", "--rank", "4", "--out", str(editor)]) == 0
+    out = capsys.readouterr().out
+    assert f"saved the trained editor to {editor} (MEND, 6 steps, " in out
+    assert "stopped early, before --steps 10: the last 5 validations gave no better ES" in out
+    assert "the editor saved is step 1's, the best validation ES (0.000), not step 6's" in out
+
+
 def test_cli_edits_a_seq2seq_model(capsys, tmp_path):
     model, tok = tiny_model("bart", seed=random.randrange(1000))
     model.save_pretrained(tmp_path / "bart")
