@@ -287,6 +287,9 @@ def editor_kwargs(args) -> dict:
     if args.method in EDITOR_METHODS and getattr(args, "seed", None) is not None:
         kwargs["seed"] = args.seed  # the editors' initial weights and RaEditor's groups
     if getattr(args, "loss_reduction", None) is not None:
+        if args.method not in EDITOR_METHODS:  # FT, FT+KL: the batch mean whatever it says
+            raise UserError(f"--loss-reduction applies to the editor methods {EDITOR_METHODS}, "
+                            f"not {args.method}")
         kwargs["loss_reduction"] = args.loss_reduction
     if getattr(args, "capture_batch_size", None) is not None:
         kwargs["capture_batch_size"] = args.capture_batch_size
@@ -620,8 +623,9 @@ def _common(p: argparse.ArgumentParser, method_default: str | None, methods=tupl
     p.add_argument("--seed", type=seed_int, default=0, help="random seed (editor initialisation, training batches, "
                    "evaluation samples; default 0)")
     p.add_argument("--loss-reduction", default=None, choices=("edit", "token"),
-                   help="edit loss whose gradients the editors see: 'token' (MEND's batch mean; the default for new "
-                        "editors) or 'edit' (each edit's mean target NLL, summed)"
+                   help="edit loss whose gradients the editors see (the editor methods; FT "
+                        "and FT+KL fine-tune on the batch mean): 'token' (MEND's batch mean; the "
+                        "default for new editors) or 'edit' (each edit's mean target NLL, summed)"
                         + ("" if method_default else "; a saved --editor keeps its own"))
     p.add_argument("--capture-batch-size", type=positive_int, default=None,
                    help="edits per forward + backward of the gradient capture (default 32): bounds its memory")

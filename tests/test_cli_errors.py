@@ -375,3 +375,18 @@ def test_cli_train_with_torchrun_variables_set_by_hand_is_one_error_line(env, me
     assert cli.main(["train", "--method", "mend", "--data", str(data), "--out", str(tmp_path / "e.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"dcedit: error: {message}") and err.count("\n") == 1, err
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by a user trial of the CLI (SmolLM2, CounterFact and zsRE from the command line only)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["ft", "ft_kl"])
+def test_cli_loss_reduction_for_the_ft_baselines_is_refused(method, capsys, tiny_model_dir):
+    """The FT baselines fine-tune on the batch mean whatever --loss-reduction says: `edit --method
+    ft_kl --loss-reduction edit` ran FT+KL's own loss without a word, as --n-editors and --rank,
+    which the CLI refuses for the methods that have none, would otherwise be."""
+    code = cli.main(["edit", "--model", str(tiny_model_dir), "--method", method,
+                     "--loss-reduction", "edit", "--prompt", "The sky is", "--target", "green"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "dcedit: error: --loss-reduction applies to the editor methods" in err
