@@ -329,6 +329,30 @@ def check_out(path: str) -> None:
         raise UserError(f"--out {path}: cannot be written ({exc.strerror or exc})") from None
 
 
+def check_inputs(args, out: str | None) -> None:
+    """Refuse, before the model loads, an --editor that is no file (found only after the model
+    had loaded, minutes for a large one) and an --out that is one of the command's input files:
+    `dcedit edit --editor E --out E` wrote its JSON record over the trained editor E."""
+    editor = getattr(args, "editor", None)
+    if editor is not None and not Path(editor).is_file():
+        raise UserError(f"--editor: file not found: {editor}")
+    if out is None:
+        return
+    from .data import FILES, data_path
+
+    for flag in ("--editor", "--data", "--val-data"):
+        path = getattr(args, flag[2:].replace("-", "_"), None)
+        if flag != "--editor" and path in FILES and not Path(path).exists():
+            path = data_path(path)  # a data set's name, as load_requests reads it
+        try:
+            same = path is not None and Path(path).is_file() and os.path.samefile(path, out)
+        except OSError:  # out does not exist yet: it is no input file
+            same = False
+        if same:
+            raise UserError(f"--out {out} is the {flag} file: the run would write over it; "
+                            "give another --out")
+
+
 def write_json(path, data) -> None:
     """`data` as JSON at `path`, written beside it and moved over it (`replace_atomically`): a write
     cut short (a full disk, a Ctrl-C) leaves the previous file whole, not a truncated one."""
@@ -721,8 +745,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train" and os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 saves
             check_out(train_out(args))
+            check_inputs(args, train_out(args))
         elif args.command != "train" and args.out:
             check_out(args.out)
+        if args.command != "train":
+            check_inputs(args, args.out)
         set_threads(args.threads)
         with warnings.catch_warnings():  # filters a command adds (`_model_editor`) end with it
             result = COMMANDS[args.command](args)

@@ -390,3 +390,44 @@ def test_cli_loss_reduction_for_the_ft_baselines_is_refused(method, capsys, tiny
     assert code == 2
     err = capsys.readouterr().err
     assert "dcedit: error: --loss-reduction applies to the editor methods" in err
+
+
+@pytest.mark.parametrize("command, flag", [("edit", "--editor"), ("evaluate", "--data"),
+                                           ("train", "--data"), ("train", "--val-data")])
+def test_cli_out_that_is_an_input_file_is_refused(command, flag, capsys, tmp_path, monkeypatch):
+    """`dcedit edit --editor E --out E` wrote its JSON record over the trained editor E (the next
+    run: "E is not a safetensors file"); an --out that is an input is refused before any work."""
+    _no_model(monkeypatch)
+    files = {"--data": _counterfact_file(tmp_path / "cf.json", n=6),
+             "--val-data": _counterfact_file(tmp_path / "val.json", n=4),
+             "--editor": tmp_path / "editor.safetensors"}
+    files["--editor"].write_bytes(b"an editor")
+    args = {"edit": ["--editor", str(files["--editor"]), "--data", str(files["--data"])],
+            "evaluate": ["--method", "ft", "--data", str(files["--data"]), "--n-edits", "2"],
+            "train": ["--data", str(files["--data"]), "--val-data", str(files["--val-data"])]}
+    out = files[flag]
+    before = out.read_bytes()
+    # The same file by another name: a path with "..", as a shell's completion can give.
+    other_name = tmp_path / ".." / tmp_path.name / out.name
+    assert cli.main([command, *args[command], "--out", str(other_name)]) == 2
+    assert f"is the {flag} file: the run would write over it" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    if flag == "--data":  # named as a data set: counterfact-val in $DCEDIT_DATA_DIR
+        monkeypatch.setenv("DCEDIT_DATA_DIR", str(tmp_path))
+        named = tmp_path / "counterfact-val.json"
+        named.write_bytes(before)
+        named_args = [a if a != str(files["--data"]) else "counterfact-val" for a in args[command]]
+        assert cli.main([command, *named_args, "--out", str(named)]) == 2
+        assert "is the --data file: the run would write over it" in capsys.readouterr().err
+        assert named.read_bytes() == before
+
+
+def test_cli_editor_that_is_no_file_is_refused_before_the_model_loads(capsys, tmp_path,
+                                                                       monkeypatch):
+    """A mistyped --editor was found only after the model had loaded (minutes for a large one),
+    where a missing --data or an unwritable --out is refused before any work."""
+    _no_model(monkeypatch)
+    missing = tmp_path / "no.safetensors"
+    for command in ("edit", "evaluate"):
+        assert cli.main([command, "--editor", str(missing), "--data", "cf.json"]) == 2
+        assert f"dcedit: error: --editor: file not found: {missing}" in capsys.readouterr().err
