@@ -122,11 +122,20 @@ def parse_layers(model, spec: str | None) -> list[str]:
     if not names:
         raise UserError("--layers is empty")
     from .capture import resolve_modules
+    from .tied_weights import shared_parameters
 
     try:
-        resolve_modules(model, names, arg="--layers")
+        modules = resolve_modules(model, names, arg="--layers")
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    for name, module in modules.items():
+        # ModelEditor's refusal says "Pass allow_tied=True", which no flag passes: SmolLM2's
+        # lm_head (tied to the input embedding) got that advice on the command line.
+        shared = shared_parameters(model, module)
+        if shared:
+            raise UserError(f"--layers: {name!r} shares its weight with {', '.join(shared)} (tied "
+                            "weights): editing it would change that too, so the command line does "
+                            "not edit it (Python: ModelEditor(..., allow_tied=True))")
     return names
 
 

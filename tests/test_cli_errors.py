@@ -431,3 +431,21 @@ def test_cli_editor_that_is_no_file_is_refused_before_the_model_loads(capsys, tm
     for command in ("edit", "evaluate"):
         assert cli.main([command, "--editor", str(missing), "--data", "cf.json"]) == 2
         assert f"dcedit: error: --editor: file not found: {missing}" in capsys.readouterr().err
+
+
+def test_cli_tied_layer_is_refused_without_python_advice(capsys, tmp_path):
+    """A tied LM head in --layers (SmolLM2's lm_head) got ModelEditor's "Pass allow_tied=True to
+    edit it anyway", which no flag passes."""
+    import transformers
+
+    model, tok = tiny_model("llama", seed=0)
+    config = dict(model.config.to_dict(), tie_word_embeddings=True)  # lm_head is embed_tokens'
+    tied = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+    tied.save_pretrained(tmp_path / "tied")
+    tok.save_pretrained(tmp_path / "tied")
+    code = cli.main(["edit", "--model", str(tmp_path / "tied"), "--method", "ft",
+                     "--layers", "lm_head", "--prompt", "The sky is", "--target", "green"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "dcedit: error: --layers: 'lm_head' shares its weight with model.embed_tokens" in err
+    assert "allow_tied=True to edit" not in err
