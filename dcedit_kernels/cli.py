@@ -615,7 +615,9 @@ def cmd_evaluate(args) -> dict:
     requests = load_requests(args.data, None)
     sizes = _parse_sizes(args.n_edits or "25,75,125")
     if max(sizes) > len(requests):
-        raise UserError(f"--n-edits asks for {max(sizes)} edits but --data holds {len(requests)}")
+        # Without --n-edits the line named a flag the user never gave (a small file of one's own).
+        flag = "--n-edits" if args.n_edits else "--n-edits (default 25,75,125; give smaller ones)"
+        raise UserError(f"{flag} asks for {max(sizes)} edits but --data holds {len(requests)}")
     model, tokenizer = load_any_model(args.model, args.dtype, args.device)
     me = _model_editor(args, model, tokenizer)
     try:  # a request the edit or its scoring refuses (as `edit` reports it): the model is left unchanged

@@ -449,3 +449,14 @@ def test_cli_tied_layer_is_refused_without_python_advice(capsys, tmp_path):
     assert code == 2
     assert "dcedit: error: --layers: 'lm_head' shares its weight with model.embed_tokens" in err
     assert "allow_tied=True to edit" not in err
+
+
+def test_cli_evaluate_default_sizes_past_the_data_say_they_are_the_default(capsys, tmp_path,
+                                                                           monkeypatch):
+    """`dcedit evaluate --data small.json` without --n-edits said "--n-edits asks for 125 edits",
+    a flag the user never gave."""
+    _no_model(monkeypatch)
+    data = _counterfact_file(tmp_path / "cf.json", n=6)
+    assert cli.main(["evaluate", "--method", "ft", "--data", str(data)]) == 2
+    assert ("dcedit: error: --n-edits (default 25,75,125; give smaller ones) asks for 125 edits "
+            "but --data holds 6") in capsys.readouterr().err
