@@ -669,6 +669,16 @@ def _common(p: argparse.ArgumentParser, method_default: str | None, methods=tupl
                    "is created, and checked before any work")
 
 
+# What edit and evaluate print, in their help: the paper's names, of which "es" reads as ROME's
+# and EasyEdit's Efficacy Score (the edit prompt itself) to their users, where it is the rephrase's.
+METRICS_HELP = ("Scores (teacher-forced accuracy of the target tokens, dcedit_kernels.metrics): "
+                "es: edit success, on the rephrased prompts (generalisation; not ROME's efficacy "
+                "score); reliability: on the edit prompts themselves (efficacy); ns: neighbourhood "
+                "success, of the locality prompts' own answers under the edit; dd: drawdown, the "
+                "share of locality prompts with an answer token's prediction changed by the edit; "
+                "lmp = es - dd.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -710,7 +720,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "group's, or the fused shift apply() adds (exact for sss/max/ssm; one o×i matrix per layer)")
     p.add_argument("--checkpoint-dir", default=None, help="resumable training checkpoints")
 
-    p = sub.add_parser("edit", help="apply edits, show before/after completions and scores, undo")
+    p = sub.add_parser("edit", help="apply edits, show before/after completions and scores, undo",
+                       epilog=METRICS_HELP)
     _common(p, None)
     p.add_argument("--editor", default=None, help="a trained editor (from `dcedit train`)")
     p.add_argument("--n-edits", type=positive_int, default=None, help="edit the first N requests of --data (default 5)")
@@ -718,7 +729,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=None, help="the new continuation of --prompt, e.g. 'Rome'")
     p.add_argument("--rephrase", default=None, help="a paraphrase of --prompt, scored for edit success (optional)")
 
-    p = sub.add_parser("evaluate", help="mean ± std of ES, DD, LMP, ... over repeated samples of N_u edits")
+    p = sub.add_parser("evaluate", epilog=METRICS_HELP,
+                       help="mean ± std of ES, DD, LMP, ... over repeated samples of N_u edits")
     _common(p, None)
     p.add_argument("--editor", default=None, help="a trained editor (from `dcedit train`)")
     p.add_argument("--n-edits", default=None, help="comma-separated N_u values (default 25,75,125)")

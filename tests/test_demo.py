@@ -671,6 +671,19 @@ def test_cli_edits_a_seq2seq_model(capsys, tmp_path):
     assert 0.0 <= edit["scores"]["reliability"] <= 1.0 and 0.0 <= edit["scores"]["es"] <= 1.0
 
 
+@pytest.mark.parametrize("command", ["edit", "evaluate"])
+def test_cli_help_says_what_each_printed_score_is(command, capsys):
+    """edit and evaluate print es, reliability, ns, dd and lmp without saying what they are, and to
+    a ROME or EasyEdit user "es" reads as the efficacy score on the edit prompt itself, where here
+    it is the rephrase's (metrics.edit_success)."""
+    assert cli.main([command, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "es: edit success, on the rephrased prompts" in text
+    assert "reliability: on the edit prompts themselves" in text
+    for score in ("ns: neighbourhood success", "dd: drawdown", "lmp = es - dd"):
+        assert score in text
+
+
 @pytest.mark.parametrize("script, command", [("train_editor", "train"), ("edit", "edit"), ("evaluate", "evaluate")])
 def test_cli_scripts_run_their_subcommand(script, command):
     proc = subprocess.run([sys.executable, str(REPO / "python" / f"{script}.py"), "--help"],
