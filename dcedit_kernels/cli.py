@@ -747,6 +747,19 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {"train": cmd_train, "edit": cmd_edit, "evaluate": cmd_evaluate}
 
 
+def _resume_hint(args) -> str:
+    """What an interrupted `dcedit train` left to resume from."""
+    if args.command != "train":
+        return ""
+    if args.checkpoint_dir is None:
+        return ": nothing was saved (with --checkpoint-dir a run can be resumed)"
+    where = args.checkpoint_dir
+    if not (Path(where) / "trainer.safetensors").is_file():
+        return f": no checkpoint in {where} yet (one is written every --val-every steps)"
+    return (f": run the same command again to resume from the last checkpoint in {where} "
+            "(written every --val-every steps)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `dcedit` with `argv` (default: sys.argv[1:]); returns the exit status."""
     parser = build_parser()
@@ -782,6 +795,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"dcedit: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # A Ctrl-C of a training run ended in a traceback into train.py's loop, which said nothing
+        # of the one thing to do next: resume (`fit` checkpoints atomically: the last one is whole).
+        print(f"dcedit: interrupted{_resume_hint(args)}", file=sys.stderr)
+        return 130  # the shell's status for SIGINT
     except OSError as exc:
         # A path the checks above let through (a name too long, a folder that refuses a file):
         # its str names the file, so one line says it all.  An OSError that names no file (a

@@ -460,3 +460,39 @@ def test_cli_evaluate_default_sizes_past_the_data_say_they_are_the_default(capsy
     assert cli.main(["evaluate", "--method", "ft", "--data", str(data)]) == 2
     assert ("dcedit: error: --n-edits (default 25,75,125; give smaller ones) asks for 125 edits "
             "but --data holds 6") in capsys.readouterr().err
+
+
+def test_cli_train_interrupted_says_how_to_resume(capsys, tmp_path, monkeypatch, tiny_model_dir):
+    """A Ctrl-C of `dcedit train` ended in a traceback into train.py's loop; it is one line saying
+    how to resume, exit status 130, and the same command then resumes and finishes."""
+    import dcedit_kernels.train as train
+
+    data = _counterfact_file(tmp_path / "cf.json", n=8)
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--steps", "3",
+            "--batch-size", "2", "--rank", "4", "--val-every", "1",
+            "--checkpoint-dir", str(tmp_path / "ck"), "--out", str(tmp_path / "mend.safetensors")]
+    step = train._optimizer_step
+    calls = []
+
+    def interrupted_at_the_second_step(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return step(*a, **k)
+
+    monkeypatch.setattr(train, "_optimizer_step", interrupted_at_the_second_step)
+    try:
+        code = cli.main(args)
+    except KeyboardInterrupt:  # uncaught, it would stop pytest itself
+        pytest.fail("KeyboardInterrupt left main()")
+    assert code == 130
+    err = capsys.readouterr().err
+    assert ("dcedit: interrupted: run the same command again to resume from the last checkpoint "
+            f"in {tmp_path / 'ck'}") in err
+    assert "Traceback" not in err
+    resumed = []
+    counted = lambda *a, **k: resumed.append(1) or step(*a, **k)  # noqa: E731
+    monkeypatch.setattr(train, "_optimizer_step", counted)
+    assert cli.main(args) == 0
+    assert "(MEND, 3 steps, " in capsys.readouterr().out
+    assert len(resumed) == 2  # steps 2 and 3: step 1 came from the checkpoint
