@@ -533,6 +533,16 @@ def _train(args, requests, val, device) -> dict:
                              val_every=args.val_every, val_size=args.val_size, seed=args.seed, data_parallel=size > 1)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if args.batch_size > len(requests):
+        # fit's UserWarning said this in Python's terms (batch_size, "requests") under a source
+        # line of model_editor.py; said once, in the CLI's (main's catch_warnings drops the filter),
+        # when training starts (not before an error that ends the run first).
+        n = len(requests)
+        if rank == 0:
+            print(f"dcedit: note: --batch-size {args.batch_size} is more than the {n} training "
+                  f"edits: every batch is all {n} of them", file=sys.stderr, flush=True)
+        warnings.filterwarnings("ignore", message=r"train_editor: batch_size \d+ is larger than",
+                                category=UserWarning)
     try:
         result = me.fit(requests, val, config)
     except ResumeMismatchError as exc:  # --checkpoint-dir holds another run

@@ -496,3 +496,20 @@ def test_cli_train_interrupted_says_how_to_resume(capsys, tmp_path, monkeypatch,
     assert cli.main(args) == 0
     assert "(MEND, 3 steps, " in capsys.readouterr().out
     assert len(resumed) == 2  # steps 2 and 3: step 1 came from the checkpoint
+
+
+def test_cli_train_batch_larger_than_the_data_is_a_note_in_the_cli_terms(capsys, tmp_path,
+                                                                         tiny_model_dir):
+    """The default --batch-size 25 on a small --n-edits gave fit's UserWarning, in Python's terms
+    ("batch_size", "requests") under a source line of model_editor.py."""
+    import warnings
+
+    data = _counterfact_file(tmp_path / "cf.json", n=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(["train", "--model", str(tiny_model_dir), "--data", str(data),
+                         "--n-edits", "3", "--steps", "1", "--rank", "4",
+                         "--out", str(tmp_path / "e.safetensors")]) == 0
+    assert not [w for w in caught if "batch_size 25 is larger" in str(w.message)]
+    assert ("dcedit: note: --batch-size 25 is more than the 3 training edits: every batch is all 3 "
+            "of them") in capsys.readouterr().err
