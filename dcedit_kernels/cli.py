@@ -558,9 +558,13 @@ def _train(args, requests, val, device) -> dict:
         me.save(out)
         processes = f", {size} processes" if size > 1 else ""
         print(f"saved the trained editor to {out} ({METHOD_NAMES[args.method]}, "  # not "the trained MoEditor editor"
-              f"{result.steps} steps, {result.elapsed_s:.0f} s{processes})"
+              f"{_steps(result.steps)}, {result.elapsed_s:.0f} s{processes})"
               + _best_note(result, config))
     return summary
+
+
+def _steps(n: int) -> str:
+    return f"{n} step" if n == 1 else f"{n} steps"  # not "1 steps"
 
 
 def _best_note(result, config) -> str:
@@ -568,6 +572,11 @@ def _best_note(result, config) -> str:
     validations without a better ES, and saves the best validation's editor, not the last step's
     (a user trial's "30 steps" line saved the step-10 editor; --steps 10 ran 6 steps unsaid)."""
     notes = []
+    if result.steps > config.steps:
+        # A --checkpoint-dir run resumed with a smaller --steps: fit trains no further and the
+        # editor saved is the checkpoint's, which the line's step count alone left unexplained.
+        notes.append(f"--checkpoint-dir's run had already trained {_steps(result.steps)}, more "
+                     f"than --steps {config.steps}: the editor saved is its, trained no further")
     if result.stopped_early and result.steps < config.steps:
         notes.append(f"stopped early, before --steps {config.steps}: the last {config.patience} "
                      "validations gave no better ES")

@@ -513,3 +513,23 @@ def test_cli_train_batch_larger_than_the_data_is_a_note_in_the_cli_terms(capsys,
     assert not [w for w in caught if "batch_size 25 is larger" in str(w.message)]
     assert ("dcedit: note: --batch-size 25 is more than the 3 training edits: every batch is all 3 "
             "of them") in capsys.readouterr().err
+
+
+def test_cli_train_resumed_with_fewer_steps_says_the_editor_is_the_checkpoints(capsys, tmp_path,
+                                                                              tiny_model_dir):
+    """A --checkpoint-dir run resumed with a smaller --steps trains no further and saves the
+    checkpoint's editor: the line said "(MEND, 2 steps, ...)" for --steps 1 without a word why.
+    And a one-step run's line said "1 steps"."""
+    data = _counterfact_file(tmp_path / "cf.json", n=6)
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--batch-size", "2",
+            "--rank", "4", "--val-every", "1", "--checkpoint-dir", str(tmp_path / "ck"),
+            "--out", str(tmp_path / "mend.safetensors")]
+    assert cli.main(args + ["--steps", "2"]) == 0
+    assert "(MEND, 2 steps, " in capsys.readouterr().out
+    assert cli.main(args + ["--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "(MEND, 2 steps, " in out
+    assert ("--checkpoint-dir's run had already trained 2 steps, more than --steps 1: the editor "
+            "saved is its, trained no further") in out
+    assert cli.main(args[:-4] + ["--steps", "1", "--out", str(tmp_path / "one.safetensors")]) == 0
+    assert "(MEND, 1 step, " in capsys.readouterr().out
