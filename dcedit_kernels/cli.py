@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -394,6 +395,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def rate(text: str) -> float:
+    """argparse type of --lr and --lr-lr: a non-negative finite float, refused with the flag's
+    name (TrainConfig's "lr must be a non-negative finite number" named the Python field, and
+    only after the model had loaded)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative finite number, got {text!r}")
+    return value
+
+
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed and torch.Generator.manual_seed take
 
 
@@ -731,8 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
     # so batches near the N_u you will edit with remain the closest match there too.
     p.add_argument("--batch-size", type=positive_int, default=25,
                    help="edits per step and process (near the N_u you will edit with; default 25)")
-    p.add_argument("--lr", type=float, default=1e-3, help="editor learning rate (default 1e-3)")
-    p.add_argument("--lr-lr", type=float, default=1e-4,
+    p.add_argument("--lr", type=rate, default=1e-3, help="editor learning rate (default 1e-3)")
+    p.add_argument("--lr-lr", type=rate, default=1e-4,
                    help="learning rate of the per-weight edit steps α (default 1e-4)")
     p.add_argument("--locality-rows", choices=("all", "own", "fused"), default="all",
                    help="what the KL rows see in training: every editor's summed shift (default), their own "

@@ -163,8 +163,14 @@ def test_cli_train_bad_setting_is_one_error_line(capsys, tmp_path, tiny_model_di
     assert cli.main(["train", "--model", str(tiny_model_dir), "--method", "mend", "--rank", "3", "--data", str(data),
                      "--steps", "1", "--lr", "-1", "--out", str(tmp_path / "e.safetensors")]) == 2
     err = capsys.readouterr().err
-    assert "dcedit: error: lr must be a non-negative finite number, got -1.0" in err and "Traceback" not in err
+    # Named by its flag (TrainConfig's "lr must be ..." named the Python field, after the model
+    # had loaded).
+    assert "argument --lr: must be a non-negative finite number, got '-1'" in err
+    assert "Traceback" not in err
     assert not (tmp_path / "e.safetensors").exists()
+    for flag, value in (("--lr", "nan"), ("--lr-lr", "inf"), ("--lr-lr", "fast")):
+        assert cli.main(["train", "--data", str(data), flag, value]) == 2
+        assert f"argument {flag}: must be a" in capsys.readouterr().err
 
 
 def test_cli_edit_past_a_learned_position_table_is_one_error_line(capsys, tmp_path):
