@@ -208,12 +208,22 @@ def detect_format(path) -> str:
                      "CounterFact (prompt, target_new, ...) or zsRE (src, alt, ...)")
 
 
+def _named_data_file(path: str | None) -> Path | None:
+    """Where a data set's name (`data.FILES`, as `data.load_dataset` takes) is looked for, when
+    `path` is such a name and no file of that name exists here; None otherwise."""
+    from .data import FILES, data_path
+
+    if path in FILES and not Path(path).exists():
+        return data_path(path)
+    return None
+
+
 def load_requests(path: str | None, limit: int | None = None, flag: str = "--data"):
     """EditRequests from a CounterFact or zsRE file, or a data set's name (`data.FILES`: looked up
     in DCEDIT_DATA_DIR); None: our default facts.  The first `limit` (the flags that set it are
     checked by argparse; this guards Python callers).  `flag` names the option in errors."""
     from ._checks import is_int
-    from .data import FILES, data_path, load_counterfact, load_dataset, load_zsre
+    from .data import FILES, load_counterfact, load_dataset, load_zsre
     from .facts import default_requests
 
     if limit is not None and (not is_int(limit) or limit < 1):
@@ -222,8 +232,8 @@ def load_requests(path: str | None, limit: int | None = None, flag: str = "--dat
     if path is None:
         return default_requests()[:limit]
     try:
-        if path in FILES and not Path(path).exists():  # a data set's name, as `data.load_dataset` takes
-            found = data_path(path)
+        found = _named_data_file(path)
+        if found is not None:
             if not found.is_file():
                 return load_dataset(path, limit=limit)  # raises, saying where it looked
             path = str(found)
@@ -348,12 +358,10 @@ def check_inputs(args, out: str | None) -> None:
         raise UserError(f"--editor: file not found: {editor}")
     if out is None:
         return
-    from .data import FILES, data_path
-
     for flag in ("--editor", "--data", "--val-data"):
         path = getattr(args, flag[2:].replace("-", "_"), None)
-        if flag != "--editor" and path in FILES and not Path(path).exists():
-            path = data_path(path)  # a data set's name, as load_requests reads it
+        if flag != "--editor":
+            path = _named_data_file(path) or path  # a data set's name, as load_requests reads it
         try:
             same = path is not None and Path(path).is_file() and os.path.samefile(path, out)
         except OSError:  # out does not exist yet: it is no input file
@@ -443,9 +451,7 @@ def _model_editor(args, model, tokenizer):
     from .model_editor import ModelEditor
 
     if getattr(args, "editor", None):
-        path = Path(args.editor)
-        if not path.is_file():
-            raise UserError(f"--editor: file not found: {path}")
+        path = Path(args.editor)  # main's check_inputs refused a missing one before the model loaded
         try:
             me = ModelEditor.load(path, model, tokenizer)
         except ValueError as exc:
@@ -812,13 +818,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # left the whole process on its command's --threads (1 on a 2-core machine).
     threads = torch.get_num_threads()
     try:
-        if args.command == "train" and os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 saves
-            check_out(train_out(args))
-            check_inputs(args, train_out(args))
-        elif args.command != "train" and args.out:
-            check_out(args.out)
-        if args.command != "train":
-            check_inputs(args, args.out)
+        out = train_out(args) if args.command == "train" else args.out
+        if args.command != "train" or os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 saves
+            if out:
+                check_out(out)
+            check_inputs(args, out)
         set_threads(args.threads)
         with warnings.catch_warnings():  # filters a command adds (`_model_editor`) end with it
             result = COMMANDS[args.command](args)

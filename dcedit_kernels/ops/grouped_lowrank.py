@@ -90,7 +90,7 @@ def _backward_per_slice(slices: list, batch_size: int, args: tuple) -> list:
     if batch_size == 0:  # no slice to call: each gradient has its argument's per-slice shape
         return [a.new_empty((0, *(a.shape if sl is None else sl.shape[1:])))
                 for k, (a, sl) in enumerate(zip(args, slices))
-                if k not in (0, 2) and a is not None]
+                if k not in (0, 2) and a is not None]  # grad (0) and offsets (2) get none
     grads = [torch.ops.dcedit._grouped_lowrank_backward.default(
         *[a if sl is None else sl[b] for a, sl in zip(args, slices)]) for b in range(batch_size)]
     return [torch.stack(col) for col in zip(*grads)]
