@@ -20,6 +20,7 @@ file) print one `dcedit: error: ...` line naming the culprit and return exit sta
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -65,6 +66,24 @@ def _check_path(path, name: str, none_ok: bool = False) -> None:
         check_path(path, name, none_ok)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+
+
+# ModelEditor.apply's rounding warning, as the command line says it: the library's text points a
+# Python caller at `handle.stats['changed_fraction']` and at editing "a float32 copy of the model",
+# under a source line of evaluate.py; the command line's user has --dtype float32 instead.
+_ROUNDING = re.compile(r"ModelEditor\.apply: most entries of the shift of (?P<layers>.*) were lost to "
+                       r"rounding: ")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, *, shown):
+    """warnings.showwarning while a command runs (`shown`: the one it replaces): the warnings the
+    command line words itself go to stderr as one `dcedit: warning:` line; the others to `shown`."""
+    found = _ROUNDING.match(str(message))
+    if found is None:
+        return shown(message, category, filename, lineno, file, line)
+    print(f"dcedit: warning: most entries of the shift of {found['layers']} were lost to rounding: "
+          "they are below half the resolution of the 16-bit weights, which store W + αΔ rounded; "
+          "--dtype float32 keeps the whole shift", file=sys.stderr if file is None else file, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -825,6 +844,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_inputs(args, out)
         set_threads(args.threads)
         with warnings.catch_warnings():  # filters a command adds (`_model_editor`) end with it
+            # catch_warnings puts the caller's showwarning back
+            warnings.showwarning = functools.partial(_show_warning, shown=warnings.showwarning)
             result = COMMANDS[args.command](args)
         if args.out and args.command != "train":
             write_json(args.out, dict(result, elapsed_s=time.perf_counter() - start))

@@ -539,3 +539,20 @@ def test_cli_train_resumed_with_fewer_steps_says_the_editor_is_the_checkpoints(c
             "saved is its, trained no further") in out
     assert cli.main(args[:-4] + ["--steps", "1", "--out", str(tmp_path / "one.safetensors")]) == 0
     assert "(MEND, 1 step, " in capsys.readouterr().out
+
+
+def test_cli_rounding_warning_is_in_the_cli_terms(capsys, tiny_model_dir):
+    """`edit --dtype bfloat16` whose shift mostly rounds away: apply's UserWarning came under a
+    source line of evaluate.py and told the user to read `handle.stats['changed_fraction']` and to
+    "edit a float32 copy of the model", neither of which a command-line user can do."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(["edit", "--model", str(tiny_model_dir), "--method", "mend", "--rank", "4",
+                         "--dtype", "bfloat16", "--prompt", "The sky is", "--target", " green"]) == 0
+    err = capsys.readouterr().err
+    assert not [w for w in caught if "lost to rounding" in str(w.message)]
+    assert "dcedit: warning: most entries of the shift of " in err
+    assert "--dtype float32 keeps the whole shift" in err
+    assert "handle.stats" not in err and "evaluate.py" not in err
