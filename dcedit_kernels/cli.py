@@ -645,6 +645,15 @@ def cmd_edit(args) -> dict:
     else:
         requests = load_requests(args.data, args.n_edits or 5)
         check_count(requests, args.n_edits)
+    if getattr(args, "seed_given", False):
+        # It seeds only a new editor's initial weights here, so with a saved editor or fine-tuning
+        # it was ignored without a word (as --loss-reduction for ft was).
+        if getattr(args, "editor", None) is not None:
+            raise UserError("--seed goes with a new editor (--method without --editor): the editor of "
+                            "--editor has its trained weights")
+        if args.method is None or args.method not in EDITOR_METHODS:
+            raise UserError(f"--seed goes with the editor methods {EDITOR_METHODS} (a new editor's initial "
+                            f"weights), not --method {args.method or 'ft'}, which draws no random numbers")
     model, tokenizer = load_any_model(args.model, args.dtype, args.device)
     me = _model_editor(args, model, tokenizer)
     prompts = [r.prompt for r in requests]
@@ -713,7 +722,8 @@ def _common(p: argparse.ArgumentParser, method_default: str | None, methods=tupl
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype (default float32)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: 1 on <=2-core machines)")
-    p.add_argument("--seed", type=seed_int, default=0, help="random seed (editor initialisation, training batches, "
+    # default None, read as 0 (main): `edit` refuses a --seed it would not use, so it must tell one given
+    p.add_argument("--seed", type=seed_int, default=None, help="random seed (editor initialisation, training batches, "
                    "evaluation samples; default 0)")
     p.add_argument("--loss-reduction", default=None, choices=("edit", "token"),
                    help="edit loss whose gradients the editors see (the editor methods; FT "
@@ -832,6 +842,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             owner.error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exc:  # argparse already printed the usage line
         return int(exc.code or 0)
+    args.seed_given = args.seed is not None
+    if args.seed is None:
+        args.seed = 0
     start = time.perf_counter()
     # The caller's thread count back on return: called from Python (a notebook, the tests) main()
     # left the whole process on its command's --threads (1 on a 2-core machine).

@@ -556,3 +556,27 @@ def test_cli_rounding_warning_is_in_the_cli_terms(capsys, tiny_model_dir):
     assert "dcedit: warning: most entries of the shift of " in err
     assert "--dtype float32 keeps the whole shift" in err
     assert "handle.stats" not in err and "evaluate.py" not in err
+
+
+@pytest.mark.parametrize("flags, named", [(["--method", "ft"], "not --method ft"),
+                                          ([], "not --method ft"),
+                                          (["--method", "ft_kl"], "not --method ft_kl"),
+                                          (["--editor", "E"], "the editor of --editor")])
+def test_cli_edit_refuses_a_seed_it_would_not_use(capsys, tmp_path, tiny_model_dir, flags, named):
+    """`edit --seed` seeds only a new editor's initial weights: with --editor or fine-tuning it was
+    ignored without a word.  Refused before the model loads (the --model here does not exist)."""
+    if flags[:1] == ["--editor"]:
+        (tmp_path / "E").write_bytes(b"")
+        flags = ["--editor", str(tmp_path / "E")]
+    code = cli.main(["edit", "--model", str(tmp_path / "no_model"), "--seed", "3", "--prompt", "a b",
+                     "--target", "c"] + flags)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dcedit: error: --seed goes with") and named in err
+
+
+def test_cli_edit_seed_of_a_new_editor_is_taken(capsys, tiny_model_dir):
+    """With a new editor --seed picks its initial weights: accepted."""
+    assert cli.main(["edit", "--model", str(tiny_model_dir), "--method", "mend", "--rank", "4",
+                     "--seed", "1", "--prompt", "The sky is", "--target", " green"]) == 0
+    assert "error" not in capsys.readouterr().err
