@@ -562,7 +562,7 @@ def test_cli_rounding_warning_is_in_the_cli_terms(capsys, tiny_model_dir):
                                           ([], "not --method ft"),
                                           (["--method", "ft_kl"], "not --method ft_kl"),
                                           (["--editor", "E"], "the editor of --editor")])
-def test_cli_edit_refuses_a_seed_it_would_not_use(capsys, tmp_path, tiny_model_dir, flags, named):
+def test_cli_edit_refuses_a_seed_it_would_not_use(capsys, tmp_path, flags, named):
     """`edit --seed` seeds only a new editor's initial weights: with --editor or fine-tuning it was
     ignored without a word.  Refused before the model loads (the --model here does not exist)."""
     if flags[:1] == ["--editor"]:
