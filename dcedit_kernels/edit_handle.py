@@ -67,6 +67,16 @@ class EditHandle:
         new._release = new._model = None
         return new
 
+    def __getstate__(self) -> dict:
+        """Pickled without the model watch (a weakref and a finalizer, which cannot be pickled: a
+        ModelEditor with a live edit raised TypeError); an unpickled ModelEditor watches its model
+        for the live edits it carries (`ModelEditor.__setstate__`)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_release", "_model")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._release = self._model = None
+
     def _unwatch(self) -> None:
         if self._release is not None:
             self._release.detach()  # no finalizer left per undone edit on a model that lives on

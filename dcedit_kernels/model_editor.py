@@ -219,11 +219,25 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         new.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        new._live = LIVE_EDITS.setdefault(weights_owner(new.model), new._live)
-        for handle in new._live:  # the copies' saved weights go with the copied model
-            if handle.active and not handle.kept:
-                handle._watch(weights_owner(new.model))
+        new._register_live()
         return new
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling (pickle, torch.save + torch.load) gives a copy of the model, as deepcopy does,
+        so its live-edit list is registered for that copy the same way: without this, another
+        ModelEditor of the unpickled model got a list of its own, and edits of the two could be
+        undone out of order, leaving the model edited after both undos returned True."""
+        self.__dict__.update(state)
+        self._register_live()
+
+    def _register_live(self) -> None:
+        """Make this editor's live-edit list (a copy's) the one of its model, and have the copied
+        live edits watch that model (their saved weights go with it)."""
+        owner = weights_owner(self.model)
+        self._live = LIVE_EDITS.setdefault(owner, self._live)
+        for handle in self._live:
+            if handle.active and not handle.kept:
+                handle._watch(owner)
 
     @property
     def capture_batch_size(self) -> int | None:

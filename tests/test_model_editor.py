@@ -462,6 +462,35 @@ def test_a_deep_copied_editor_keeps_undo_order_on_its_model_copy(gen):
     assert_bit_identical(mid, me.model)
 
 
+def test_a_pickled_editor_keeps_undo_order_on_its_model_copy(gen):
+    """pickle (and torch.save, which pickles) of a ModelEditor, with a live edit or none: the
+    unpickled editor's model gets its live edits registered as deepcopy's does.  Before, the
+    unpickled list was not the model's, so another ModelEditor of the unpickled model undid out of
+    order (both undos returned True and the model kept an edit), and a live edit made pickling
+    raise TypeError ("cannot pickle 'weakref.ReferenceType' object")."""
+    import pickle
+
+    original = make_editor("llama", "mend", gen)
+    before = snapshot(original.model)
+    for live in (False, True):
+        kept = original.apply(random_requests(gen, 2)) if live else None
+        me = pickle.loads(pickle.dumps(original))
+        assert me.model is not original.model
+        other = ModelEditor(me.model, me.tokenizer, LAYERS["llama"][:2], method="ft", ft_steps=2, ft_stop_loss=None)
+        mid = snapshot(me.model)
+        h1 = me.apply(random_requests(gen, 2))
+        h2 = other.apply(random_requests(gen, 2))
+        with pytest.raises(RuntimeError, match="reverse order"):
+            h1.undo()
+        assert h2.undo() and h1.undo()
+        assert_bit_identical(mid, me.model)
+        if live:
+            assert me._live[-1].undo()  # the copied edit, undone on the copied model
+            assert_bit_identical(before, me.model)
+            assert kept.undo()
+        assert_bit_identical(before, original.model)
+
+
 @contextlib.contextmanager
 def ctrl_c_raises():
     """SIGINT raises KeyboardInterrupt (whatever handler the test runner set), and the block must
