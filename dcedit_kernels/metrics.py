@@ -254,6 +254,10 @@ def _accuracies(scored, exact: bool) -> torch.Tensor:
 def target_accuracy(model, tokenizer, prompts: Sequence[str], targets: Sequence[str],
                     batch_size: int = 16, exact: bool = False) -> torch.Tensor:
     """Per-pair teacher-forced accuracy of `targets` after `prompts`, (N,) float64."""
+    for name, texts in (("prompts", prompts), ("targets", targets)):
+        # _target_accuracy lists them: a lone str became its characters, each scored as a text.
+        if isinstance(texts, str):
+            raise ValueError(f"{name} must be a sequence of str, got a single str")
     return _target_accuracy(model, tokenizer, prompts, targets, batch_size, exact)
 
 

@@ -142,6 +142,11 @@ def test_metrics_restore_mode_and_check_inputs():
     for n_prompts, n_targets in ((2, 4), (4, 2)):
         with pytest.raises(ValueError, match=f"same length, got {n_prompts} and {n_targets}"):
             target_accuracy(lm, tok, ["xy"] * n_prompts, ["ab"] * n_targets, batch_size=2)
+    # A lone str is one text, not a list of its characters: target_accuracy(lm, tok, "xy", "ab")
+    # once returned two accuracies, of "x" + "a" and "y" + "b".
+    for prompts, targets, name in (("xy", ["ab"], "prompts"), (["xy"], "ab", "targets"), ("xy", "ab", "prompts")):
+        with pytest.raises(ValueError, match=f"{name} must be a sequence of str, got a single str"):
+            target_accuracy(lm, tok, prompts, targets)
 
 
 def test_evaluate_method_refuses_a_repeated_n_edits():
