@@ -270,6 +270,9 @@ def measure_edit(editor, requests: Sequence[EditRequest], batch_size: int = 16, 
     model's passes over them), when none of them is in `base_cache` and `editor` is a ModelEditor.
     """
     requests = validate_requests(requests)
+    if during is not None and not callable(during):
+        # Called only once the edit is applied: a non-callable raised TypeError after the scoring passes.
+        raise ValueError(f"during must be a callable taking the model, or None, got {type(during).__name__}")
     model, tokenizer = editor.model, editor.tokenizer
     # Without a caller's store, one for this call's locality rows: when none of them is in
     # `base_cache`, the unedited pass below and the edited NS/DD pass score the same batches, and

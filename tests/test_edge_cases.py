@@ -329,6 +329,18 @@ def test_measure_edit_whose_apply_fails_raises_with_the_model_as_it_was(method, 
     assert torch.equal(cache[key], metrics.locality_predictions(me.model, me.tokenizer, [requests[i]])[0])
 
 
+def test_measure_edit_refuses_a_during_that_is_not_callable_before_any_work(gen):
+    """`during` is called with the edited model: one that is not callable raised TypeError
+    ("'int' object is not callable") after the unedited scoring, the apply and the edited
+    scoring had run (and undone the edit); it is a ValueError naming `during` up front."""
+    me = make_editor("gpt2", "ft", gen, ft_steps=1)
+    calls = []
+    me.apply = lambda requests: calls.append(requests)  # nothing may run before the check
+    with pytest.raises(ValueError, match="during must be a callable taking the model, or None, got int"):
+        evaluate_module.measure_edit(me, random_requests(gen, 2), during=42)
+    assert not calls
+
+
 @pytest.mark.parametrize("cache", [None, {}])
 def test_evaluate_errors_name_the_request_by_its_place_in_the_callers_list(cache, gen):
     """ES, NS and DD are scored on the requests that have a rephrase / locality: an error named
