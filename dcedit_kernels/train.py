@@ -79,6 +79,8 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     """Train `me`'s editors on `train_requests` (see the module docstring); returns a TrainResult."""
     from tqdm.auto import tqdm
 
+    if isinstance(val_requests, TrainConfig):  # fit(train, TrainConfig(...)): said "must be a sequence of EditRequest"
+        raise ValueError("val_requests is a TrainConfig: pass it as config= (fit(train_requests, config=...))")
     config = config or TrainConfig()
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")

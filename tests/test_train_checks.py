@@ -96,6 +96,9 @@ def test_train_editor_checks_its_arguments(gen):
     reqs = random_requests(gen, 2)
     with pytest.raises(ValueError, match="config must be a TrainConfig, got dict"):
         train_editor(me, reqs, None, dict(steps=1))
+    # fit(train, TrainConfig(...)), as a user trial wrote it: the config lands in val_requests
+    with pytest.raises(ValueError, match=r"val_requests is a TrainConfig: pass it as config="):
+        me.fit(reqs, TrainConfig(progress=False))
     with pytest.raises(ValueError, match="me must be a ModelEditor, got Module"):
         train_editor(nn.Module(), reqs, None, TrainConfig(progress=False))
     ft = ModelEditor(me.model, me.tokenizer, LAYERS["gpt2"], method="ft")
