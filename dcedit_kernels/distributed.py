@@ -34,7 +34,8 @@ step the processes check that they were given the same settings (`agree_on_start
 would call different collectives.  All of them must be given data_parallel=True: a process without
 it trains on its own and calls no collective, so the others wait for it in agree_on_start until it
 ends (a check would need a collective in every process group, also where the processes train
-different editors on their own).
+different editors on their own).  data_parallel=True in processes that torchrun started (WORLD_SIZE > 1)
+but that joined no process group is refused (`train_editor`): each would train on its own.
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def launched_size() -> int:
+    """The number of processes a launcher started (torchrun's WORLD_SIZE; 1 without one), whether or
+    not they have joined a process group yet."""
+    return _env_int("WORLD_SIZE", "1")
 
 
 def init_from_env(device: str) -> tuple[str, bool]:

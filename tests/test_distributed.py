@@ -312,6 +312,26 @@ def test_training_in_a_process_group_without_data_parallel_warns(monkeypatch):
     assert result.steps == 1
 
 
+def test_data_parallel_under_torchrun_without_a_process_group_is_refused(monkeypatch, tmp_path):
+    """A torchrun script that sets TrainConfig(data_parallel=True) but never calls
+    init_process_group: each of the W processes trained on its own, on the same batches, and all
+    of them wrote checkpoint_dir, without a word (a user trial); the mirror case, a group without
+    data_parallel, warns.  Now refused before any work, naming what to call."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert not (dist.is_available() and dist.is_initialized())
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(ValueError, match="data_parallel=True.*WORLD_SIZE=2.*init_process_group"):
+        train_editor(_editor("mend", {}), _requests(1, 4), None,
+                     TrainConfig(steps=1, batch_size=2, progress=False, data_parallel=True, checkpoint_dir=str(ckpt)))
+    assert not ckpt.exists()
+    # One process (no launcher, or torchrun --nproc_per_node 1): data_parallel=True trains as before.
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    result = train_editor(_editor("mend", {}), _requests(1, 4), None,
+                          TrainConfig(steps=1, batch_size=2, progress=False, data_parallel=True))
+    assert result.steps == 1
+
+
 def test_without_data_parallel_each_process_validates_on_its_own(monkeypatch):
     """Outside data-parallel mode a process of a group (here rank 1 of 2) validates its own
     editors: it neither waits for rank 0's scores nor skips its validation."""
