@@ -70,7 +70,8 @@ def init_from_env(device: str) -> tuple[str, bool]:
     `device`, else gloo): (this process's device, "cuda" becoming cuda:LOCAL_RANK; True, so that the
     caller destroys the group when done).  Without torchrun, or with the group already up,
     (`device`, False).  ValueError for a WORLD_SIZE or LOCAL_RANK that is not an int, or RANK,
-    MASTER_ADDR or MASTER_PORT missing beside WORLD_SIZE > 1 (torchrun sets them all)."""
+    MASTER_ADDR or MASTER_PORT missing beside WORLD_SIZE > 1 (torchrun sets them all), or a CUDA
+    `device` without a visible GPU of index LOCAL_RANK."""
     size = _env_int("WORLD_SIZE", "1")
     if size <= 1 or (dist.is_available() and dist.is_initialized()):
         return device, False
@@ -80,6 +81,16 @@ def init_from_env(device: str) -> tuple[str, bool]:
     cuda = torch.device(device).type == "cuda"
     if cuda:
         local = _env_int("LOCAL_RANK", "0")
+        # Checked here, before the group is joined: torch.cuda.set_device raised an AttributeError
+        # ("no attribute '_cuda_setDevice'") on a CPU torch and "invalid device ordinal" with fewer
+        # GPUs than processes, a traceback in every process where one process's --device check
+        # says it in one line (a user trial of `dcedit train --device cuda` under torchrun).
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not 0 <= local < visible:
+            raise ValueError(f"device {device!r}: the process of LOCAL_RANK={local} needs CUDA device {local}, "
+                             f"but {visible} visible (torch {torch.__version__}, CUDA "
+                             f"{torch.version.cuda or 'not built'}): start at most one process per GPU, "
+                             "or train on the CPU over gloo (device 'cpu')")
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     dist.init_process_group("nccl" if cuda else "gloo")

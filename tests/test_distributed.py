@@ -332,6 +332,31 @@ def test_data_parallel_under_torchrun_without_a_process_group_is_refused(monkeyp
     assert result.steps == 1
 
 
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_dcedit_train_under_torchrun_without_a_gpu_for_each_process_says_so(monkeypatch, capsys, tmp_path, gpus):
+    """`torchrun --nproc_per_node 2 -m dcedit_kernels.cli train --device cuda` on a machine without
+    CUDA (or with fewer GPUs than processes): every process printed a traceback from
+    torch.cuda.set_device (CPU torch: "AttributeError: module 'torch._C' has no attribute
+    '_cuda_setDevice'"; too few GPUs: "invalid device ordinal") where one process says "--device
+    'cuda' is not usable here" in one line (a user trial).  Now one line naming LOCAL_RANK and the
+    GPUs visible, before the process group is joined."""
+    from dcedit_kernels import cli, distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda *a: pytest.fail("set_device called"))
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("init_process_group called"))
+    for name, value in dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="29555").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"LOCAL_RANK=1 .*{gpus} visible"):
+        distributed.init_from_env("cuda")
+    code = cli.main(["train", "--device", "cuda", "--steps", "1", "--out", str(tmp_path / "e.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert err.startswith("dcedit: error: ") and "LOCAL_RANK=1" in err and err.count("\n") == 1, err
+
+
 def test_without_data_parallel_each_process_validates_on_its_own(monkeypatch):
     """Outside data-parallel mode a process of a group (here rank 1 of 2) validates its own
     editors: it neither waits for rank 0's scores nor skips its validation."""
