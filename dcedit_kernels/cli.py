@@ -178,7 +178,7 @@ def load_any_model(name_or_path: str | None, dtype: str = "float32", device: str
         else:
             model, tokenizer = load_model(name_or_path, dtype=DTYPES[dtype], device=device)
         return model, tokenizer
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ImportError) as exc:  # ImportError: gguf or accelerate missing (load_model)
         raise UserError(f"--model: {exc}") from None
     except (OSError, ValueError, TypeError) as exc:  # from_pretrained: not a folder, not on the hub, no network,
         # no tokenizer; TypeError: a config.json (or a file given as the model) that is JSON but not an object

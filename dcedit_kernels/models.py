@@ -60,6 +60,21 @@ def default_model_path() -> Path:
     return found[0]
 
 
+def _require_gguf_readers(path: Path) -> None:
+    """ImportError naming the packages transformers reads a gguf file with, before it tries: without
+    gguf it raised "install torch and gguf>=0.10.0" from deep in its config parsing, a 30-line
+    traceback under `dcedit`, and 0.10 itself fails here (see pyproject's `models` extra)."""
+    missing = []
+    for module in ("gguf", "accelerate"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise ImportError(f"reading {path.name} needs the packages {', '.join(missing)} (gguf>=0.11, accelerate): "
+                          "pip install 'dcedit_kernels[models]'")
+
+
 def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | str = torch.float32, device="cpu"):
     """Load (model, tokenizer) for editing, in eval mode.
 
@@ -87,6 +102,7 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | str 
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
+        _require_gguf_readers(path)
         folder, kwargs = str(path.parent), {"gguf_file": path.name}
     else:
         looks_local = path.is_absolute() or str(name_or_path).startswith(".") or path.exists()

@@ -580,3 +580,19 @@ def test_cli_edit_seed_of_a_new_editor_is_taken(capsys, tiny_model_dir):
     assert cli.main(["edit", "--model", str(tiny_model_dir), "--method", "mend", "--rank", "4",
                      "--seed", "1", "--prompt", "The sky is", "--target", " green"]) == 0
     assert "error" not in capsys.readouterr().err
+
+
+def test_cli_gguf_model_without_the_gguf_package_is_one_error_line(capsys, tmp_path, monkeypatch):
+    """Without the gguf package (not a core dependency: the `models` extra), `dcedit edit` on a
+    .gguf model ended in a 30-line traceback from transformers' config parsing, which asked for
+    gguf>=0.10.0 (0.10 fails: pyproject)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` raises ImportError
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"")
+    assert cli.main(["edit", "--model", str(model), "--method", "ft", "--prompt", "a b", "--target", "c"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dcedit: error: --model: reading m.gguf needs the packages gguf (gguf>=0.11, "
+                          "accelerate): pip install 'dcedit_kernels[models]'")
+    assert "Traceback" not in err
