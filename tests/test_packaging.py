@@ -317,3 +317,15 @@ def test_setup_builds_cuda_for_every_common_gpu_when_none_is_visible(cuda_toolch
     cuda_toolchain["_extension"]()
     assert not any("arch" in flag for flag in made["extra_compile_args"]["nvcc"])
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == cuda_toolchain["DEFAULT_CUDA_ARCHS"]
+
+
+def test_the_version_is_the_same_in_pyproject_and_the_package():
+    """The version is written twice, in pyproject.toml (the distribution's) and `__version__` (what
+    `dcedit --version` prints and the editor cache keys on): a release that bumped one only would
+    ship metadata saying one version and a package saying another."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 on
+
+    import dcedit_kernels
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["version"] == dcedit_kernels.__version__
