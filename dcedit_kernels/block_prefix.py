@@ -25,6 +25,7 @@ safe is checking, not a rule about architectures.  It is used only where:
   lower block returned besides the hidden state, nor any non-tensor object (a dict, a cache) a
   lower block received and filled, was handed to a block ≥ k (RWKV's recurrent state, Gemma 4's
   shared K/V);
+- the recorded hidden state needs no grad (a graph in it would be freed by the first backward);
 - the recorded hidden state is unchanged when its edited pass comes (`reusable`: a block may
   return a view of a buffer that a later pass overwrites);
 - on the model's first recorded pass, a full forward over other rows and then the reference pass
@@ -145,6 +146,12 @@ class _Chain:
             return None
         hidden = _hidden(self.output)
         if hidden._version != self.version or tuple(hidden.shape[:2]) != shape:
+            return None
+        # An output that needs grad (a lower module under `lowrank_edited`, whose edit's α views the
+        # editor's parameter) carries a graph that the pass's backward frees: reused by the next
+        # fine-tuning step, its backward ran through it again and raised ("backward through the
+        # graph a second time"), and the lower tensors' gradients would miss the reused rows.
+        if hidden.requires_grad:
             return None
         return self.output
 

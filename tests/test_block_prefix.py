@@ -168,6 +168,37 @@ def test_fine_tuning_a_weight_a_lower_block_shares_runs_every_block(method, gen,
     assert torch.equal(weights[0], weights[1])
 
 
+@pytest.mark.parametrize("method", ["ft", "ft_kl"])
+def test_fine_tuning_under_lowrank_edited_of_a_lower_block_runs_every_block(method, gen):
+    """A lower block whose output needs grad (its module patched by `lowrank_edited` with the edits
+    `edits_as_applied` gives, whose α views the editor's parameter) has a graph in its kept output:
+    the second fine-tuning step backpropagated through it again and FT raised "Trying to backward
+    through the graph a second time" (found by tests/test_edit_sequences.py).  Such an output is
+    not kept: the steps run every block, the weights are those of a run without reuse, and undo
+    restores them."""
+    from dcedit_kernels.lowrank_layers import lowrank_edited
+
+    model, tok, layers = model_and_upper_layer("llama", gen)
+    lower = "model.layers.0.mlp.down_proj"
+    mend = ModelEditor(model, tok, [lower], method="mend", rank=3)
+    reqs = random_requests(gen, 2)
+    batch = mend.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
+    factors, feats, _ = mend.capture(batch)
+    edits = mend.edits_as_applied(factors, feats)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weights = []
+    for reuse in (False, True):
+        with pytest.MonkeyPatch.context() as mp, lowrank_edited(model, edits, torch.tensor([0, 1])):
+            if not reuse:
+                mp.setattr(PrefixReuse, "for_model", classmethod(lambda cls, *args, **kwargs: None))
+            me = ModelEditor(model, tok, layers, method=method, ft_steps=3, ft_stop_loss=None)
+            handle = me.apply(random_requests(torch.Generator().manual_seed(0), 2))
+            weights.append(me.modules[layers[0]].weight.detach().clone())
+            assert handle.undo()
+    assert torch.equal(weights[0], weights[1])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("method", ["ft", "mend"])
 @pytest.mark.parametrize("arch", sorted(ARCHS) + sorted(UPPER))
 def test_scoring_from_kept_lower_blocks_gives_the_same_scores(arch, method, gen, monkeypatch):
