@@ -315,6 +315,10 @@ class FactorCapture:
     def __exit__(self, *exc) -> None:
         self._unhook()
         self._outputs.clear()  # release the autograd graph; the records keep mu and eta
+        # The encoder's output too: its graph holds this capture's gradient hooks (closures over
+        # self), a cycle through autograd's C++ graph that the garbage collector cannot see, so an
+        # encoder-decoder model's every capture (graph, activations) and the model itself lived on.
+        self._encoder_out = None
         self._encoder_copies = {}
 
     def _unhook(self) -> None:

@@ -778,6 +778,33 @@ def test_a_handle_kept_after_its_model_is_freed_holds_no_weights(gen):
     assert repr(handle).startswith("EditHandle(undone, 0 weight copies held, ")
 
 
+@pytest.mark.parametrize("arch", ["bart", "t5"])
+def test_an_encoder_decoder_model_is_freed_after_its_edits(arch, gen):
+    """The capture of an encoder-decoder model kept the encoder's output after its block: that
+    tensor's graph holds the capture's gradient hooks, which hold the capture, so the cycle ran
+    through autograd's C++ graph, out of the garbage collector's reach; every apply kept its
+    capture, graph and activations, the model was never freed, and a live edit's handle kept its
+    weight copies (found by tests/test_edit_sequences.py: a dropped model's handle still undid)."""
+    import gc
+    import weakref
+
+    from dcedit_kernels.capture import FactorCapture
+
+    me = make_editor(arch, "mend", gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the untrained-editor warning
+        me.apply(random_requests(gen, 2)).undo()
+        handle = me.apply(random_requests(gen, 2))
+    gc.collect()
+    assert not any(type(o) is FactorCapture and o.model is me.model for o in gc.get_objects()), \
+        "a capture outlived its apply"
+    model = weakref.ref(me.model)
+    del me
+    gc.collect()
+    assert model() is None
+    assert not handle.active and handle._saved == [] and handle.undo() is False
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_undo_after_the_model_changed_dtype_restores_every_weight(arch, gen):
     """Undo after `model.to(float64)`: GPT-2's Conv1D weights were saved as out×in views of the
