@@ -60,6 +60,13 @@ class EditHandle:
         model for the copied live edits)."""
         import copy
 
+        model = self._model() if self._model is not None else None
+        if self.active and not self.kept and model is not None and id(model) not in memo:
+            # Copied alone, the copy's saved weights are copies of the model's Parameters: its undo
+            # restored those copies and returned True while the model kept the edit (an
+            # edit-sequence fuzz).  Within a copy of its ModelEditor the model is copied first.
+            raise TypeError("a live EditHandle is copied with its ModelEditor (copy.deepcopy(editor)), "
+                            "not alone: a copy of it would undo into copies of the weights, not the model's")
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         new.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items()

@@ -462,6 +462,22 @@ def test_a_deep_copied_editor_keeps_undo_order_on_its_model_copy(gen):
     assert_bit_identical(mid, me.model)
 
 
+def test_a_live_handle_copied_alone_is_refused(gen):
+    """copy.deepcopy(handle) of a live edit copied the saved weights' Parameters with it: the copy's
+    undo restored those copies and returned True while the model kept the edit.  Refused; an
+    undone or kept handle, which undoes nothing, still copies."""
+    import copy
+
+    me = make_editor("llama", "mend", gen)
+    before = snapshot(me.model)
+    handle = me.apply(random_requests(gen, 2))
+    with pytest.raises(TypeError, match="copied with its ModelEditor"):
+        copy.deepcopy(handle)
+    assert handle.undo()
+    assert_bit_identical(before, me.model)
+    assert not copy.deepcopy(handle).undo()
+
+
 def test_a_pickled_editor_keeps_undo_order_on_its_model_copy(gen):
     """pickle (and torch.save, which pickles) of a ModelEditor, with a live edit or none: the
     unpickled editor's model gets its live edits registered as deepcopy's does.  Before, the
