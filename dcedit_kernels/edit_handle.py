@@ -51,6 +51,7 @@ class EditHandle:
         handle kept after its model was dropped (a list of handles) held both until it went too.
         The edit then counts as undone (nothing is left to restore)."""
         self._unwatch()
+        self._unpickled_alone = False
         self._model = weakref.ref(model)
         self._release = weakref.finalize(model, _model_freed, weakref.ref(self), self._saved)
         self._release.atexit = False
@@ -83,6 +84,10 @@ class EditHandle:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._release = self._model = None
+        # Unpickled alone, a live edit's saved weights are copies of the Parameters, not the model's:
+        # its undo restored those and returned True while the model kept the edit.  Unpickled with
+        # its ModelEditor, `ModelEditor.__setstate__` watches the model copy, which clears this.
+        self._unpickled_alone = self.active and not self.kept
 
     def _unwatch(self) -> None:
         if self._release is not None:
@@ -102,6 +107,10 @@ class EditHandle:
             return False
         if self.kept:
             raise RuntimeError("this edit was kept (handle.keep()): it can no longer be undone")
+        if getattr(self, "_unpickled_alone", False):
+            raise RuntimeError("this EditHandle was unpickled without its ModelEditor: it holds copies of the "
+                               "weights, not the model's, so it cannot undo the edit; pickle the ModelEditor "
+                               "(with its model) to carry live edits")
         live = self._live
         if live and live[-1] is not self:
             later = live[live.index(self) + 1:] if self in live else live

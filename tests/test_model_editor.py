@@ -464,8 +464,8 @@ def test_a_deep_copied_editor_keeps_undo_order_on_its_model_copy(gen):
 
 def test_a_live_handle_copied_alone_is_refused(gen):
     """copy.deepcopy(handle) of a live edit copied the saved weights' Parameters with it: the copy's
-    undo restored those copies and returned True while the model kept the edit.  Refused; an
-    undone or kept handle, which undoes nothing, still copies."""
+    undo restored those copies and returned True while the model kept the edit.  Refused (pickle's,
+    at undo); an undone or kept handle, which undoes nothing, still copies."""
     import copy
 
     me = make_editor("llama", "mend", gen)
@@ -473,9 +473,15 @@ def test_a_live_handle_copied_alone_is_refused(gen):
     handle = me.apply(random_requests(gen, 2))
     with pytest.raises(TypeError, match="copied with its ModelEditor"):
         copy.deepcopy(handle)
+    import pickle
+
+    alone = pickle.loads(pickle.dumps(handle))  # the same, through pickle (which cannot tell)
+    with pytest.raises(RuntimeError, match="unpickled without its ModelEditor"):
+        alone.undo()
     assert handle.undo()
     assert_bit_identical(before, me.model)
     assert not copy.deepcopy(handle).undo()
+    assert not pickle.loads(pickle.dumps(handle)).undo()
 
 
 def test_a_pickled_editor_keeps_undo_order_on_its_model_copy(gen):
