@@ -651,7 +651,7 @@ def cmd_edit(args) -> dict:
         if getattr(args, "editor", None) is not None:
             raise UserError("--seed goes with a new editor (--method without --editor): the editor of "
                             "--editor has its trained weights")
-        if args.method is None or args.method not in EDITOR_METHODS:
+        if args.method not in EDITOR_METHODS:  # None: ft, the default
             raise UserError(f"--seed goes with the editor methods {EDITOR_METHODS} (a new editor's initial "
                             f"weights), not --method {args.method or 'ft'}, which draws no random numbers")
     model, tokenizer = load_any_model(args.model, args.dtype, args.device)

@@ -72,7 +72,7 @@ def init_from_env(device: str) -> tuple[str, bool]:
     (`device`, False).  ValueError for a WORLD_SIZE or LOCAL_RANK that is not an int, or RANK,
     MASTER_ADDR or MASTER_PORT missing beside WORLD_SIZE > 1 (torchrun sets them all), or a CUDA
     `device` without a visible GPU of index LOCAL_RANK."""
-    size = _env_int("WORLD_SIZE", "1")
+    size = launched_size()
     if size <= 1 or (dist.is_available() and dist.is_initialized()):
         return device, False
     missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]

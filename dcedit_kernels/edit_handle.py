@@ -43,6 +43,7 @@ class EditHandle:
         self.kept = False
         self._release = None
         self._model = None  # a weakref to the edited model (see `_check_weights_in_model`)
+        self._unpickled_alone = False  # see __setstate__
         if model is not None:
             self._watch(model)
 
@@ -70,8 +71,7 @@ class EditHandle:
                             "not alone: a copy of it would undo into copies of the weights, not the model's")
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        new.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items()
-                                           if k not in ("_release", "_model")}, memo))
+        new.__dict__.update(copy.deepcopy(self.__getstate__(), memo))
         new._release = new._model = None
         return new
 
@@ -107,7 +107,7 @@ class EditHandle:
             return False
         if self.kept:
             raise RuntimeError("this edit was kept (handle.keep()): it can no longer be undone")
-        if getattr(self, "_unpickled_alone", False):
+        if self._unpickled_alone:
             raise RuntimeError("this EditHandle was unpickled without its ModelEditor: it holds copies of the "
                                "weights, not the model's, so it cannot undo the edit; pickle the ModelEditor "
                                "(with its model) to carry live edits")

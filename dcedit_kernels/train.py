@@ -96,11 +96,12 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     me._check_resident()  # an edited layer offloaded since the constructor checked: refused before any step
     group_rank, group_size = distributed.world()
     rank, size = (group_rank, group_size) if config.data_parallel else (0, 1)
-    if config.data_parallel and group_size == 1 and distributed.launched_size() > 1:
+    launched = distributed.launched_size()
+    if config.data_parallel and group_size == 1 and launched > 1:
         # torchrun started W processes but none joined a group: each trained on its own, on the same
         # batches, and every one wrote checkpoint_dir, without a word (a user trial).
         raise ValueError(f"TrainConfig(data_parallel=True) in a process that torchrun started as one of "
-                         f"WORLD_SIZE={distributed.launched_size()}, but no torch.distributed process group is "
+                         f"WORLD_SIZE={launched}, but no torch.distributed process group is "
                          "initialised: call torch.distributed.init_process_group() (gloo on CPU, nccl on GPUs) "
                          "or dcedit_kernels.distributed.init_from_env(device) in every process before training")
     if not config.data_parallel and group_size > 1:
