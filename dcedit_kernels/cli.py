@@ -817,12 +817,14 @@ COMMANDS = {"train": cmd_train, "edit": cmd_edit, "evaluate": cmd_evaluate}
 
 def _resume_hint(args) -> str:
     """What an interrupted `dcedit train` left to resume from."""
+    from .train_checkpoint import has_checkpoint
+
     if args.command != "train":
         return ""
     if args.checkpoint_dir is None:
         return ": nothing was saved (with --checkpoint-dir a run can be resumed)"
     where = args.checkpoint_dir
-    if not (Path(where) / "trainer.safetensors").is_file():
+    if not has_checkpoint(where):
         return f": no checkpoint in {where} yet (one is written every --val-every steps)"
     return (f": run the same command again to resume from the last checkpoint in {where} "
             "(written every --val-every steps)")

@@ -52,7 +52,7 @@ from .losses import backward_scale
 from .model_editor import ModelEditor
 from .requests import validate_requests
 from .train_checkpoint import (ResumeMismatchError, _checkpoint, _cuda_devices, _resume, _rng_states, _run_settings,
-                               _save_editor, _set_rng_states)
+                               _save_editor, _set_rng_states, has_checkpoint)
 from .train_config import PART_KEYS, TrainConfig, TrainResult
 from .train_loss import _passes, batch_edits, batch_loss, eval_rows, loss_from_edits
 from .train_validation import _evaluate_split, evaluate_edits
@@ -140,7 +140,7 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     def start():
         if ckpt is not None:
             ckpt.mkdir(parents=True, exist_ok=True)
-            if config.resume and (ckpt / "trainer.safetensors").is_file():
+            if config.resume and has_checkpoint(ckpt):
                 return _resume(me, opt, lr_opt, ckpt, result, run, rank)
         return fresh
 

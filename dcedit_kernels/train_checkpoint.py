@@ -106,6 +106,15 @@ def _rng_states(me: ModelEditor) -> dict:
     return states
 
 
+TRAINER_FILE = "trainer.safetensors"  # a checkpoint's last file written (`_checkpoint`), the one a resume reads
+
+
+def has_checkpoint(ckpt) -> bool:
+    """Whether the folder `ckpt` holds a checkpoint to resume from (train_editor's resume and the
+    command line's Ctrl-C hint ask the same question)."""
+    return (Path(ckpt) / TRAINER_FILE).is_file()
+
+
 EDITOR_PREFIX = "editor."  # the editors' state in trainer.safetensors (`_checkpoint`)
 BEST_PREFIX = "best."  # the best validated state in trainer.safetensors, when it is not the editors' own
 RNG_KEYS = ("rng_state", "route_rng.", "cuda_rng.")  # the names (or name prefixes) `_rng_states` uses
@@ -153,7 +162,7 @@ def _checkpoint(me, opt, lr_opt, ckpt: Path, result: TrainResult, bad_validation
                     history=result.history, val_history=result.val_history)
     meta = {"opt": json.dumps(m1), "lr_opt": json.dumps(m2), "counters": json.dumps(counters),
             "model_editor": json.dumps(me.config()), "run": json.dumps(run)}
-    save_safetensors(tensors, ckpt / "trainer.safetensors", meta)
+    save_safetensors(tensors, ckpt / TRAINER_FILE, meta)
 
 
 def _check_run(path: Path, saved: dict, run: dict) -> None:
@@ -179,7 +188,7 @@ def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: i
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    path = ckpt / "trainer.safetensors"
+    path = ckpt / TRAINER_FILE
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
