@@ -115,5 +115,8 @@ setup(
     packages=find_packages(include=["dcedit_kernels", "dcedit_kernels.*"]),
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
-    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+    # The wheel's abi3 tag names the oldest Python it loads on: torch's build compiles _C with
+    # Py_LIMITED_API=0x030A0000 (3.10, `cpp_extension.min_supported_cpython`), which is also
+    # pyproject's requires-python.  "cp39" tagged the wheel for a Python it was not built for.
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

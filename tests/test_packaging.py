@@ -329,3 +329,20 @@ def test_the_version_is_the_same_in_pyproject_and_the_package():
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["version"] == dcedit_kernels.__version__
+
+
+def test_the_wheels_abi3_tag_is_the_python_the_extension_is_built_for():
+    """bdist_wheel tagged the wheel cp39-abi3 while torch's build defines Py_LIMITED_API for 3.10
+    and pyproject requires Python 3.10: a wheel index offered it to Python 3.9, where pip then
+    refused it for requires-python.  The tag, the limited API and requires-python now agree."""
+    import re
+
+    tomllib = pytest.importorskip("tomllib")
+    from torch.utils import cpp_extension
+
+    tag = re.search(r'"py_limited_api":\s*"cp3(\d+)"', (ROOT / "setup.py").read_text())
+    assert tag is not None
+    minor = int(tag.group(1))
+    assert int(cpp_extension.min_supported_cpython, 16) == 0x03000000 | minor << 16
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert requires == f">=3.{minor}"
