@@ -45,7 +45,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ._checks import check_offsets, check_tensor, is_int
+from ._checks import check_offsets, check_tensor, is_int, is_real_number
 from .block_prefix import PrefixReuse
 from .capture import Factors, modes_restored
 from .devices import input_device
@@ -378,6 +378,12 @@ def _changed_share(now: list[torch.Tensor], base: list, reduction: str) -> float
 
 def lmp(es: float, dd: float) -> float:
     """LMP = ES − DD."""
+    for name, value in (("es", es), ("dd", dd)):
+        # float() took a str ("0.5") or a bool without a word: a table built from parsed text
+        # reported a number computed from whatever the text held.
+        if not is_real_number(value):
+            raise ValueError(f"{name} must be a real number (edit_success's / drawdown's result), "
+                             f"got {type(value).__name__}")
     return float(es) - float(dd)
 
 
@@ -496,6 +502,14 @@ def _pair_stats(grads, gram) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gram = gram.double()
     sq = gram.diagonal().clamp_min(0)
     i, j = torch.triu_indices(E, E, offset=1, device=gram.device)
+    # Only the upper triangle is read: a matrix that is not a Gram matrix (a cross product of two
+    # gradient sets, a transposed factor) gave a ratio without a word.  Each pair's asymmetry is
+    # judged against its Cauchy-Schwarz bound √(G_ii G_jj), far above fp32 rounding of G = g gᵀ.
+    # A NaN entry passes, and the metric is NaN.
+    asym = (gram[i, j] - gram[j, i]).abs()
+    if bool((asym > 1e-3 * (sq[i] * sq[j]).sqrt()).any()):
+        raise ValueError("gram must be symmetric, the Gram matrix g gᵀ of the edits' gradients "
+                         "(gradient_gram, factor_gram or factors_gram gives it)")
     return gram[i, j], sq[i], sq[j]
 
 

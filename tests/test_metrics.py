@@ -106,6 +106,15 @@ def test_drawdown_by_hand():
     assert lmp(es, 0.5) == pytest.approx(2 / 3 - 0.5)
 
 
+@pytest.mark.parametrize("bad", ["0.5", True, None, torch.tensor(0.5)])
+def test_lmp_takes_real_numbers_only(bad):
+    # float() took "0.5" and True without a word.
+    with pytest.raises(ValueError, match="es must be a real number"):
+        lmp(bad, 0.1)
+    with pytest.raises(ValueError, match="dd must be a real number"):
+        lmp(0.5, bad)
+
+
 def test_drawdown_without_locality_target_scores_the_text():
     lm = scripted_model()
     tok = lm.tok
@@ -279,6 +288,23 @@ def test_gcr_gms_by_hand():
         gcr(torch.ones(1, 3))
     with pytest.raises(ValueError, match="square"):
         gms(gram=torch.ones(2, 3))
+
+
+def test_gradient_metrics_refuse_a_gram_that_is_not_symmetric(gen):
+    """Only the upper triangle is read: a cross product of two gradient sets gave a ratio."""
+    a, b = torch.randn(4, 9, generator=gen), torch.randn(4, 9, generator=gen)
+    for metric in (gcr, gms):
+        with pytest.raises(ValueError, match="gram must be symmetric"):
+            metric(gram=a @ b.t())
+        with pytest.raises(ValueError, match="gram must be symmetric"):
+            metric(gram=torch.tensor([[0.0, 1.0], [0.0, 0.0]]))  # zero gradients have zero products
+    # fp32 rounding of a Gram matrix (entries computed apart, in another order) is accepted.
+    g = torch.randn(5, 100_000, generator=gen) * torch.logspace(-3, 3, 5).unsqueeze(1)
+    ordered = lambda i, j: (g[i] * g[j]) if i <= j else (g[i] * g[j]).flip(0)  # noqa: E731
+    gram = torch.stack([torch.stack([ordered(i, j).sum() for j in range(5)]) for i in range(5)])
+    assert not torch.equal(gram, gram.t())
+    assert gcr(gram=gram) == gcr(g)
+    assert gms(gram=gram) == pytest.approx(gms(g), rel=1e-5)
 
 
 def dense_per_edit(mu, eta, offsets):
