@@ -41,6 +41,7 @@ class EditHandle:
         self.stats = stats
         self.active = True
         self.kept = False
+        self._undone = False  # by undo() (see keep); not by its model being freed
         self._release = None
         self._model = None  # a weakref to the edited model (see `_check_weights_in_model`)
         self._unpickled_alone = False  # see __setstate__
@@ -82,6 +83,7 @@ class EditHandle:
         return {k: v for k, v in self.__dict__.items() if k not in ("_release", "_model")}
 
     def __setstate__(self, state: dict) -> None:
+        self._undone = False  # a handle pickled by 0.5.8 or before has none
         self.__dict__.update(state)
         self._release = self._model = None
         # Unpickled alone, a live edit's saved weights are copies of the Parameters, not the model's:
@@ -122,6 +124,7 @@ class EditHandle:
         self._check_weights_in_model()
         restore(self._saved)
         self.active = False
+        self._undone = True
         self._saved = []  # the weight copies: a handle kept after undo (a list of them) holds none
         self._unwatch()
         if live and live[-1] is self:
@@ -155,7 +158,12 @@ class EditHandle:
         freed too (they were held, unusable, until each earlier handle's own keep()), and they
         leave the model's live-edit list, where this edit stays as what their undo meets.  Applied
         and kept edit after edit, the list held every kept handle for the model's lifetime (~1.4 KB
-        each, MEND on the tiny Llama, and each keep() walked all of them)."""
+        each, MEND on the tiny Llama, and each keep() walked all of them).  A RuntimeError after
+        undo(): the edit is no longer in the model (keep() did nothing, and a caller took the model
+        for edited); after the model was freed, nothing."""
+        if self._undone:
+            raise RuntimeError("this edit was undone (handle.undo() or leaving its with block): there is "
+                               "nothing to keep; apply it again to keep it")
         if self.active and not self.kept:
             self.kept = True
             self._saved = []

@@ -12,6 +12,7 @@ The rules the shadow follows are the documented ones (README "Failures and undo"
     changed); undo of an undone edit returns False; undo of a kept edit, or of one below a kept one,
     raises RuntimeError;
   * keep() makes an edit permanent and pins every earlier one (they leave the live-edit list);
+    keep() of an undone edit raises RuntimeError;
   * a failed apply (bad request, any exception mid-edit, a non-finite shift) changes nothing;
   * `edited()` undoes on exit the live edits applied inside its block, latest first, down to a kept
     one, then its own unless kept (RuntimeError when a later kept edit pinned it);
@@ -354,6 +355,10 @@ class Sequence:
             return
         entry = self.choice(world.entries)
         self.log.append(f"{world.name}: keep {entry}")
+        if entry.state == "undone":
+            with pytest.raises(RuntimeError, match="this edit was undone"):
+                entry.handle.keep()
+            return
         self.expect_keep(world, entry)
         entry.handle.keep()
 

@@ -851,6 +851,24 @@ def test_keep_frees_the_saved_weights_and_pins_earlier_edits(gen):
     assert_bit_identical(after2, me.model)
 
 
+def test_keep_after_undo_is_refused(gen):
+    """keep() of an undone edit did nothing without a word: a caller took the model for edited."""
+    me = make_editor("gpt2", "mend", gen)
+    before = snapshot(me.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the untrained-editor warning
+        handle = me.apply(random_requests(gen, 2))
+        assert handle.undo() is True
+        with pytest.raises(RuntimeError, match="this edit was undone"):
+            handle.keep()
+        with me.edited(random_requests(gen, 2)) as inside:
+            pass
+        with pytest.raises(RuntimeError, match="this edit was undone"):
+            inside.keep()
+    assert_bit_identical(before, me.model)
+    assert not handle.kept and handle.undo() is False
+
+
 def test_sequential_kept_edits_do_not_pile_up_in_the_live_list(gen):
     """Apply + keep, edit after edit (sequential editing): the model's live-edit list held every
     kept handle for the model's lifetime (one more per edit, ~1.4 KB each for MEND on the tiny
