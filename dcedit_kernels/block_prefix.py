@@ -147,10 +147,11 @@ class _Chain:
         hidden = _hidden(self.output)
         if hidden._version != self.version or tuple(hidden.shape[:2]) != shape:
             return None
-        # An output that needs grad (a lower module under `lowrank_edited`, whose edit's α views the
-        # editor's parameter) carries a graph that the pass's backward frees: reused by the next
-        # fine-tuning step, its backward ran through it again and raised ("backward through the
-        # graph a second time"), and the lower tensors' gradients would miss the reused rows.
+        # An output that needs grad (a lower module under a caller's `lowrank_edited` of
+        # differentiable edits) carries a graph that a backward running it frees: reused by the next
+        # pass, its backward ran through it again and raised ("backward through the graph a second
+        # time"; FT's did until it took its weights' gradients only), and the lower tensors'
+        # gradients would miss the reused rows.
         if hidden.requires_grad:
             return None
         return self.output

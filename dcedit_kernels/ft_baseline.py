@@ -243,21 +243,21 @@ class FineTuneBaselines:
                       backward_scale(int(loc["attention_mask"].sum())) if loc is not None else 1.0)
 
             def backward(loss, scale):
-                """Check, backpropagate `loss` × `scale`, and add the gradients, divided back, to
-                the masters' (a 16-bit weight's in fp32: its chunks' gradients add up in fp32)."""
+                """Check, backpropagate `loss` × `scale` to the fine-tuned weights, and add their
+                gradients, divided back, to the masters' (a 16-bit weight's in fp32: its chunks'
+                gradients add up in fp32)."""
                 if not bool(torch.isfinite(loss)):
                     raise FloatingPointError(f"the fine-tuning loss is not finite ({float(loss.detach())})")
-                held = [m.grad for m in masters]
-                for w in weights:
-                    w.grad = None
-                (loss * scale).backward()
-                for w, m, so_far in zip(weights, masters, held):
-                    if w.grad is None:
-                        m.grad = so_far
+                # The fine-tuned weights' gradients only, as the capture takes its own: `.backward()`
+                # ran every node the loss reaches, also a graph that is not the fine-tuning's (the
+                # edits of a caller's `lowrank_edited` block), and freed it, so the next backward
+                # raised "backward through the graph a second time".
+                grads = torch.autograd.grad(loss * scale, weights, allow_unused=True)
+                for w, m, g in zip(weights, masters, grads):
+                    if g is None:
                         continue
-                    grad = (w.grad.float() if m is not w else w.grad) / scale
-                    w.grad = None
-                    m.grad = grad if so_far is None else so_far.add_(grad)
+                    grad = (g.float() if m is not w else g) / scale
+                    m.grad = grad if m.grad is None else m.grad.add_(grad)
 
             # Rows sorted by length, each chunk trimmed to its longest (`_capture_chunks`), the edit rows
             # and the locality texts alike: cut in input order, every chunk kept the whole batch's width.

@@ -395,9 +395,13 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         with modes_restored(self.editors), torch.no_grad():  # the container's flag too (fit reads it)
             self.editors.eval()
             edits = self.run_editors(factors, feats, consume=consume, eta_scale=scale)
-        if scale != 1:
             for edit in edits.values():
-                edit.alpha = edit.alpha / scale
+                # No grad, as documented: α is a view of the editor's Parameter, and a view taken
+                # under no_grad still requires grad; the division by `scale` ran outside no_grad and
+                # kept a graph in α, which a `lowrank_edited` block of these edits put into every
+                # pass (FT inside it raised "backward through the graph a second time").  detach()
+                # keeps the memory: an unscaled α still reads the editor's value.
+                edit.alpha = edit.alpha.detach() / scale if scale != 1 else edit.alpha.detach()
         return edits
 
     # -- apply / undo ----------------------------------------------------------------------------

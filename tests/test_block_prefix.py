@@ -170,12 +170,12 @@ def test_fine_tuning_a_weight_a_lower_block_shares_runs_every_block(method, gen,
 
 @pytest.mark.parametrize("method", ["ft", "ft_kl"])
 def test_fine_tuning_under_lowrank_edited_of_a_lower_block_runs_every_block(method, gen):
-    """A lower block whose output needs grad (its module patched by `lowrank_edited` with the edits
-    `edits_as_applied` gives, whose α views the editor's parameter) has a graph in its kept output:
-    the second fine-tuning step backpropagated through it again and FT raised "Trying to backward
-    through the graph a second time" (found by tests/test_edit_sequences.py).  Such an output is
-    not kept: the steps run every block, the weights are those of a run without reuse, and undo
-    restores them."""
+    """A lower block whose output needs grad (its module patched by `lowrank_edited` with
+    differentiable edits, as training makes them) has a graph in its kept output: the second
+    fine-tuning step backpropagated through it again and FT raised "Trying to backward through the
+    graph a second time" (found by tests/test_edit_sequences.py; then with `edits_as_applied`'s
+    edits, whose α held a graph).  Such an output is not kept: the steps run every block, the
+    weights are those of a run without reuse, and undo restores them."""
     from dcedit_kernels.lowrank_layers import lowrank_edited
 
     model, tok, layers = model_and_upper_layer("llama", gen)
@@ -184,7 +184,7 @@ def test_fine_tuning_under_lowrank_edited_of_a_lower_block_runs_every_block(meth
     reqs = random_requests(gen, 2)
     batch = mend.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
     factors, feats, _ = mend.capture(batch)
-    edits = mend.edits_as_applied(factors, feats)
+    edits = mend.run_editors(factors, feats)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     weights = []
     for reuse in (False, True):

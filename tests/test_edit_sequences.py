@@ -252,10 +252,13 @@ class Sequence:
         except Exception as exc:
             # A documented refusal: stacked edits of random editors can overflow the capture's
             # gradients (FloatingPointError).  Under lowrank_edited the patched forwards take one
-            # row per row_edit entry, so an edit batch of another size fails.  Either must change nothing.
+            # row per row_edit entry, so an edit batch of another size fails; nothing else may (an
+            # FT+KL apply raised torch's "backward through the graph a second time" here, seed
+            # 1003).  Either must change nothing.
             if isinstance(exc, FloatingPointError):
                 key = f"FloatingPointError ({world.model.lm_head.weight.dtype}, fit: {world.fitted})"
-            elif any(k == "lowrank" for k, *_ in world.blocks):
+            elif any(k == "lowrank" for k, *_ in world.blocks) and isinstance(exc, RuntimeError) \
+                    and "lowrank_edited needs one row_edit entry per batch row" in str(exc):
                 key = "under lowrank_edited: " + re.sub(r"'[^']*'|\(.*?\)", "", str(exc))[:70]
             else:
                 raise
@@ -365,12 +368,15 @@ class Sequence:
     def open_block(self, world: World):
         kind = self.choice(["edited", "edited", "handle", "lowrank"])
         me = self.choice(world.editors)
-        self.log.append(f"{world.name}: open {kind} ({me.method})")
         if kind == "lowrank":
             editor_me = [e for e in world.editors if e.method not in ("ft", "ft_kl")]
             if not editor_me:
                 return
             me = self.choice(editor_me)
+            # The block's editor, this second draw (the log named the first one, which misled: a
+            # "ProEditor" block was a MoEditor's with rescale_batch_size, seed 1003).
+            self.log.append(f"{world.name}: open lowrank ({me.method} {me.layers}, "
+                            f"rescale_batch_size={me.rescale_batch_size})")
             reqs = self.requests()
             batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
             captured = self.try_apply(world, lambda: me.capture(batch))  # under another lowrank_edited
@@ -383,6 +389,7 @@ class Sequence:
             cm.__enter__()
             world.blocks.append(("lowrank", cm, None, list(world.stack)))
             return
+        self.log.append(f"{world.name}: open {kind} ({me.method})")
         outer = list(world.stack)
         before = {k: v.clone() for k, v in world.expected.items()}
         self.counter += 1

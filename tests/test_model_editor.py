@@ -19,6 +19,7 @@ from dcedit_kernels.capture import capture_factors, weight_out_in
 from dcedit_kernels.editors import GroupedEdit, GroupedEditor
 from dcedit_kernels.evaluate import measure_edit
 from dcedit_kernels.losses import backward_scale, target_nll, unscale
+from dcedit_kernels.lowrank_layers import lowrank_edited
 from dcedit_kernels.model_editor import ModelEditor
 from dcedit_kernels.models import tiny_model
 from dcedit_kernels.requests import EditRequest
@@ -2129,6 +2130,57 @@ def test_ft_still_trains_with_parameters_requiring_grad(gen):
         assert set(changed_keys(before, me.model)) == {n + ".weight" for n in me.layers}
     assert_bit_identical(before, me.model)
     assert all(p.requires_grad and p.grad is None for p in me.model.parameters())
+
+
+BLOCK_LAYER = "model.layers.1.mlp.up_proj"  # the module `lowrank_edited` patches in the FT-inside tests
+
+
+def block_edits(model, tok, gen, edits_from):
+    """A MoEditor's edits of two requests on BLOCK_LAYER, for `lowrank_edited`: as `apply` makes
+    them with rescale_batch_size=1 (α divided by 2), or as training makes them (`run_editors`,
+    differentiable), with the editor."""
+    editor = ModelEditor(model, tok, [BLOCK_LAYER], method="moeditor", n_editors=2, rank=3, edit_lr=0.1,
+                         rescale_batch_size=1)
+    randomize_editors(editor, gen)
+    reqs = random_requests(gen, 2)
+    factors, feats, _ = editor.capture(editor.tokenize([r.prompt for r in reqs], [r.target for r in reqs]))
+    if edits_from == "edits_as_applied":
+        return editor.edits_as_applied(factors, feats), editor
+    return editor.run_editors(factors, feats), editor
+
+
+@pytest.mark.parametrize("edits_from", ["edits_as_applied", "run_editors"])
+@pytest.mark.parametrize("method", ["ft", "ft_kl"])
+def test_ft_inside_lowrank_edited_fine_tunes_as_outside_it(method, edits_from, gen):
+    """FT / FT+KL applied inside `lowrank_edited` of edits that carry a graph raised "Trying to
+    backward through the graph a second time" at its second backward (found by
+    tests/test_edit_sequences.py, seed 1003: FT+KL inside a block of a MoEditor's edits with
+    rescale_batch_size, whose `edits_as_applied` divided α outside no_grad): FT's `.backward()` ran
+    on through the patched module into the edits' graph and freed it.  FT now differentiates the
+    weights it fine-tunes only.  With the block's row on the unedited layer (−1) the weights are
+    those of the same apply outside the block, the edits' graph is left for the caller, no editor
+    parameter gets a .grad, and undo restores the model."""
+    model, tok = tiny_model("llama", seed=seed_from(gen), dtype=torch.float64)
+    edits, editor = block_edits(model, tok, gen, edits_from)
+    if edits_from == "edits_as_applied":  # "no grad", as its docstring says: α held a graph
+        assert not any(e.alpha.requires_grad for e in edits.values())
+    ft = ModelEditor(model, tok, ["model.layers.0.mlp.down_proj", BLOCK_LAYER], method=method, ft_steps=2,
+                     ft_lr=1e-2, ft_stop_loss=None)
+    reqs = random_requests(gen, 1)  # one row, one locality text: the block's one row_edit entry
+    before = snapshot(model)
+    with ft.edited(reqs):
+        want = {n: ft.modules[n].weight.detach().clone() for n in ft.layers}
+    with lowrank_edited(model, edits, torch.tensor([-1])):
+        handle = ft.apply(reqs)
+        for name in ft.layers:
+            got = ft.modules[name].weight.detach()
+            assert rel_err(got - before[name + ".weight"], want[name] - before[name + ".weight"]) < 1e-12, name
+        assert handle.undo()
+    assert_bit_identical(before, model)
+    assert all(p.grad is None for p in editor.parameters())
+    if edits_from == "run_editors":  # the caller's graph is still whole
+        torch.autograd.grad(edits[BLOCK_LAYER].eta_t.sum(), [p for p in editor.parameters() if p.requires_grad],
+                            allow_unused=True)
 
 
 # ---------------------------------------------------------------------------------------------
