@@ -214,11 +214,15 @@ def _lowrank_forward(module: nn.Module, name: str):
     fused, shifts); fused: None, or (row_sees_fused (B,), Δ, α) of the rows that see the fused shift
     (`fused_linear`), the other rows taking the per-group path; shifts: the masked shifts shared
     between passes (`dense_masked_linear`)."""
-    weight = weight_out_in(module)  # Conv1D: a transposed view, the op sees out×in
-    out_features, in_features = weight.shape
+    out_features, in_features = weight_out_in(module).shape
     key = id(module)
 
     def forward(x):
+        # The module's weight of the moment (Conv1D: a transposed view, the op sees out×in), not the
+        # one at the block's entry: chunked FT+KL swaps the module's Parameter for the saved weights
+        # to recompute its KL reference (`ft_baseline.swapped_parameters`), and a weight held here
+        # gave the fine-tuned model's log-probabilities as that reference.
+        weight = weight_out_in(module)
         state = _ACTIVE.get(key)
         if state is None:  # a reference kept past the block: a closure, a hook, a reentrant checkpoint's recompute
             # Not the unedited layer's output: a recompute in a backward after the block would then
