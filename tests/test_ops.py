@@ -819,6 +819,34 @@ def test_lowrank_delta_linear_number_alpha_in_float64_for_a_float64_layer(gen, f
     assert rel_err(reference.lowrank_delta_linear(**dict(a, alpha=alpha)), want) < TOL[torch.float64]
 
 
+@pytest.mark.parametrize("wide", ["weight", "bias", "weight and bias"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reference_path", [False, True])
+def test_lowrank_delta_linear_float64_weight_or_bias_gets_float64_gradients(gen, wide, x_dtype, reference_path,
+                                                                             device):
+    """A float64 weight or bias with fp32/16-bit x and factors (SPEC: float64 inputs are computed
+    in float64): their gradients, gradᵀx and Σ grad, are the float64 ones, through the op's own
+    autograd as through reference_mode's.  The op's backward summed them in compute_dtype(grad, x),
+    fp32 (2.99e-07 off for an 8-row float64 weight, where reference_mode was exact), and a float64
+    bias did not count in the op's compute dtype (nor in the reference's), so its sum was fp32 on
+    every path.  Found by a differential fuzz against float64 SPEC math."""
+    a = _delta_linear_inputs(gen, N=37, dtype=torch.float32, device=device)
+    a["x"] = a["x"].to(x_dtype)
+    for k in ("weight", "bias"):
+        if k in wide:
+            a[k] = a[k].double()
+    leaves = {k: a[k].clone().requires_grad_() for k in ("weight", "bias")}
+    with ops.reference_mode(reference_path):
+        y = ops.lowrank_delta_linear(**dict(a, **leaves))
+    grad = randn(tuple(y.shape), gen, y.dtype, device)
+    d_weight, d_bias = torch.autograd.grad(y, (leaves["weight"], leaves["bias"]), grad)
+    want_weight, want_bias = grad.double().T @ a["x"].double(), grad.double().sum(0)
+    for k, got, want in (("weight", d_weight, want_weight), ("bias", d_bias, want_bias)):
+        assert got.dtype == a[k].dtype, k
+        if k in wide:
+            assert rel_err(got, want) < TOL[torch.float64], k
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_lowrank_delta_linear_shared_half_alpha_gradient_rounds_once(gen, dtype, device):
     """A one-entry 16-bit alpha shared by G groups: its gradient is the fp32 sum over the groups,

@@ -29,6 +29,8 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, row_group, mu_t, eta_t, offsets, alpha = inputs
     ctx.save_for_backward(x, weight, row_group, mu_t, eta_t, offsets, alpha)
     ctx.bias_dtype = None if bias is None else bias.dtype
+    # The forward's accumulation dtype (float64 when any float input is, bias included: SPEC).
+    ctx.acc = compute_dtype(x, weight, bias, mu_t, eta_t, alpha)
 
 
 def _backward(ctx, grad):
@@ -37,9 +39,11 @@ def _backward(ctx, grad):
         grad, x, weight, row_group, mu_t, eta_t, offsets, alpha
     )
     # The layer's own weight and bias (an nn.Linear's require grad): the shift does not depend on
-    # them, so theirs are the plain linear layer's gradients, in fp32 (float64 for float64).
+    # them, so theirs are the plain linear layer's gradients, in the forward's accumulation dtype
+    # (fp32, float64 when any input is: a float64 weight or bias with fp32 x got fp32 sums before,
+    # where reference_mode's autograd gives the float64 ones).
     dweight = dbias = None
-    acc = compute_dtype(grad, x)
+    acc = ctx.acc if grad.dtype != torch.float64 else torch.float64
     if ctx.needs_input_grad[1]:
         dweight = (grad.to(acc).T @ x.to(acc)).to(weight.dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
@@ -59,9 +63,9 @@ def lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha
     """
     G = check_lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha)
     if not isinstance(alpha, torch.Tensor):
-        # In the op's arithmetic dtype: float64 when x or weight is (SPEC), not only mu_t/eta_t (a
-        # float64 layer with fp16 factors rounded a number alpha to fp32, ~1e-8 relative).
-        alpha = torch.full((G,), float(alpha), dtype=compute_dtype(x, weight, mu_t, eta_t), device=x.device)
+        # In the op's arithmetic dtype: float64 when x, weight or bias is (SPEC), not only mu_t/eta_t
+        # (a float64 layer with fp16 factors rounded a number alpha to fp32, ~1e-8 relative).
+        alpha = torch.full((G,), float(alpha), dtype=compute_dtype(x, weight, bias, mu_t, eta_t), device=x.device)
     alpha = alpha.reshape(-1)
     if alpha.numel() == 1 and G != 1 and alpha.dtype in HALF_DTYPES:
         # The G per-group gradients of a shared alpha are summed by autograd in the expanded

@@ -7,12 +7,12 @@ from .segments import segment_bounds
 def lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha):
     """y_n = x_n Wᵀ + b + alpha_g (x_n mu_tᵍᵀ) eta_tᵍ, with rows of group −1 left unedited.
 
-    Output in x's dtype (a drop-in for the layer it replaces); arithmetic in fp32.  alpha: a
-    number or a tensor of 1 or G entries, as the op takes it.
+    Output in x's dtype (a drop-in for the layer it replaces); arithmetic in fp32 (float64 when any
+    float input is, bias included).  alpha: a number or a tensor of 1 or G entries, as the op takes it.
     """
     if not isinstance(alpha, torch.Tensor):  # the op's own conversion of a number (ops.lowrank_delta_linear)
-        alpha = torch.full((1,), float(alpha), dtype=compute_dtype(x, weight, mu_t, eta_t), device=x.device)
-    acc = compute_dtype(x, weight, mu_t, eta_t, alpha)
+        alpha = torch.full((1,), float(alpha), dtype=compute_dtype(x, weight, bias, mu_t, eta_t), device=x.device)
+    acc = compute_dtype(x, weight, bias, mu_t, eta_t, alpha)
     xa = x.to(acc)
     y = xa @ weight.to(acc).T
     if bias is not None:

@@ -90,10 +90,10 @@ def lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha
 
     x (N, i); weight (o, i); bias (o,) or None; row_group int (N,); mu_t (Tm, i), eta_t (Tm, o)
     grouped by offsets (G+1,); alpha (G,) or one entry.  Returns x's dtype (fp64 stays fp64);
-    arithmetic in fp32 (fp64 when an input is fp64).
+    arithmetic in fp32 (fp64 when an input is fp64, bias included).
     """
     G = _check(x, weight, row_group, mu_t, eta_t, offsets, alpha, bias=bias)
-    acc = compute_dtype(x, weight, mu_t, eta_t, alpha)
+    acc = compute_dtype(x, weight, bias, mu_t, eta_t, alpha)
     y = _dense(x, weight, True, acc, bias)
     perm, sorted_groups, _ = _sort_rows(row_group, G)
     # The kernel takes the inputs in their own dtypes (it casts tiles as `mma` needs them).
