@@ -86,6 +86,101 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, *, 
           "--dtype float32 keeps the whole shift", file=sys.stderr if file is None else file, flush=True)
 
 
+# The library's refusals of `dcedit train` (a resume: train_checkpoint; torchrun's processes:
+# distributed), as the command line says them: the library's text names TrainConfig and
+# ModelEditor fields ("lr_lr 0.0001 -> 0.5", "loss_reduction='token'", "n_editors: saved 2")
+# and advises Python ("use another checkpoint_dir, or resume=False"), where the command line's
+# user typed flags.  Matched on the library's wording, as _ROUNDING is; a message that matches
+# none is shown as the library words it.
+_FLAGS = {"lr": "--lr", "lr_lr": "--lr-lr", "batch_size": "--batch-size", "locality_rows": "--locality-rows",
+          "seed": "--seed", "val_size": "--val-size", "rank": "--rank", "n_editors": "--n-editors",
+          "train_requests": "--data / --n-edits: other training edits",
+          "val_requests": "--val-data / --val-size: other validation edits"}
+_RESUME_ADVICE = "give that run's flags to resume it, or another --checkpoint-dir (or empty it) to start over"
+
+
+def _flag_value(text: str) -> str:
+    """A value of the library's message (a repr) as a flag takes it: 'own' -> own, None -> unset."""
+    import ast
+
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    return "unset" if value is None else value if isinstance(value, str) else text
+
+
+def _changed_setting(item: str) -> str:
+    """One entry of a resume's "other settings" list ("lr 0.001 -> 0.002", "train_requests
+    (different requests)") in flags; a field no flag sets (a checkpoint of a Python run) as it is."""
+    field, _, rest = item.partition(" ")
+    if field not in _FLAGS:
+        return item
+    if rest == "(different requests)":
+        return _FLAGS[field]
+    before, arrow, now = rest.partition(" -> ")
+    return f"{_FLAGS[field]} {_flag_value(before)} -> {_flag_value(now)}" if arrow else item
+
+
+def _other_settings(found: re.Match) -> str:
+    changed = ", ".join(_changed_setting(item) for item in found["changed"].split(", "))
+    return (f"--checkpoint-dir: {found['path']} was written by a run with other settings ({changed}): "
+            f"resuming would continue that run; {_RESUME_ADVICE}")
+
+
+def _other_editor(found: re.Match) -> str:
+    """"written for another editor (mend on [...]) (editor 37x24 rank: saved 4, here 8)": the
+    saved run's flags (--method, --layers, --rank, --n-editors)."""
+    import ast
+
+    flags = [f"--method {found['method']}", "--layers " + ",".join(ast.literal_eval(found["layers"]))]
+    for part in (found["diff"] or "").split("; "):
+        key, _, values = re.sub(r"^editor \S+ ", "", part).partition(": saved ")
+        saved = values.rpartition(", here ")[0]
+        shown = f"{_FLAGS[key]} {_flag_value(saved)}" if key in _FLAGS else part
+        if part and shown not in flags:  # one per editor shape: said once
+            flags.append(shown)
+    return (f"--checkpoint-dir: {found['path']} was written for another editor ({' '.join(flags)}): "
+            f"{_RESUME_ADVICE}")
+
+
+def _other_processes(found: re.Match) -> str:
+    keys = ", ".join(_FLAGS.get(key.removeprefix("config."), key) for key in found["keys"].split(", "))
+    return (f"the processes were given different training settings ({keys}): every process of a "
+            "data-parallel `dcedit train` needs the same flags, --data, --val-data and --checkpoint-dir")
+
+
+_IN_CLI_TERMS = (
+    (re.compile(r"(?P<path>.+) was written by a run with other settings \((?P<changed>.*)\): resuming would "
+                r"continue that run; use another checkpoint_dir, or resume=False to start over"), _other_settings),
+    (re.compile(r"(?P<path>.+) was written for another editor \((?P<method>\w+) on (?P<layers>\[.*?\])\)"
+                r"(?: \((?P<diff>.*)\))?"), _other_editor),
+    (re.compile(r"(?P<path>.+) was trained with loss_reduction='(?P<saved>\w+)', this ModelEditor uses "
+                r"'(?P<now>\w+)': (?P<why>.*)"),
+     lambda m: (f"--checkpoint-dir: {m['path']} was trained with --loss-reduction {m['saved']}, not {m['now']}: "
+                f"{m['why']}; {_RESUME_ADVICE}")),
+    (re.compile(r"(?P<path>.+) is not a train_editor checkpoint(?P<why> \(.*\))?"
+                r"(?:; use another checkpoint_dir, or resume=False to start over)?"),
+     lambda m: (f"--checkpoint-dir: {m['path']} is not a `dcedit train` checkpoint{m['why'] or ''}: "
+                "give another --checkpoint-dir, or empty it, to start over")),
+    (re.compile(r"(?P<what>the processes .*): a resume needs the same checkpoint_dir on every process"),
+     lambda m: f"{m['what']}: a resume needs the same --checkpoint-dir on every process"),
+    (re.compile(r"the processes were given different training settings \((?P<keys>.*)\): every process of a "
+                r"data-parallel run needs .*"), _other_processes),
+    (re.compile(r"device '(?P<device>[^']*)': (?P<rest>.*)"),  # distributed.init_from_env: no GPU of LOCAL_RANK
+     lambda m: f"--device {m['device']}: " + m["rest"].replace("(device 'cpu')", "(--device cpu)")),
+)
+
+
+def in_cli_terms(message: str) -> str:
+    """`message`, a refusal of `dcedit train`'s library calls, in the flags' terms (_IN_CLI_TERMS)."""
+    for pattern, reworded in _IN_CLI_TERMS:
+        found = pattern.fullmatch(message)
+        if found is not None:
+            return reworded(found)
+    return message
+
+
 # ---------------------------------------------------------------------------------------------
 # Helpers shared with python/edit_demo.py and python/report.py
 # ---------------------------------------------------------------------------------------------
@@ -333,8 +428,22 @@ def editor_kwargs(args) -> dict:
     if getattr(args, "capture_batch_size", None) is not None:
         kwargs["capture_batch_size"] = args.capture_batch_size
     if getattr(args, "rescale_batch_size", None) is not None:
+        _check_rescale(args.method, args.loss_reduction or "token")
         kwargs["rescale_batch_size"] = args.rescale_batch_size
     return kwargs
+
+
+def _check_rescale(method: str, loss_reduction: str) -> None:
+    """UserError where --rescale-batch-size does not apply, in the flags' terms (ModelEditor's
+    refusal said "rescale_batch_size is for the editor methods under loss_reduction='token', got
+    method='ft', ..."): it undoes the 1/N that the batch-mean loss puts in every captured factor,
+    which the FT baselines (no factors) and --loss-reduction edit do not have."""
+    if method not in EDITOR_METHODS:
+        raise UserError(f"--rescale-batch-size applies to the editor methods {EDITOR_METHODS} under "
+                        f"--loss-reduction token, not --method {method}")
+    if loss_reduction != "token":
+        raise UserError(f"--rescale-batch-size applies to the editor methods {EDITOR_METHODS} under "
+                        f"--loss-reduction token, not --loss-reduction {loss_reduction}")
 
 
 def train_out(args) -> str:
@@ -476,6 +585,10 @@ def _model_editor(args, model, tokenizer):
         except ValueError as exc:
             raise UserError(f"--editor: {exc}") from None
         _check_editor_flags(args, model, me, path)
+        if getattr(args, "rescale_batch_size", None) is not None and me.loss_reduction != "token":
+            # The setter's refusal below named rescale_batch_size and loss_reduction='edit'.
+            raise UserError(f"--rescale-batch-size applies to editors trained under --loss-reduction token; "
+                            f"the editor in {path} was trained with --loss-reduction {me.loss_reduction}")
         for flag, key in (("--capture-batch-size", "capture_batch_size"),
                           ("--rescale-batch-size", "rescale_batch_size")):
             if getattr(args, key, None) is not None:
@@ -546,8 +659,8 @@ def cmd_train(args) -> dict:
         raise UserError(f"--device {args.device!r} is not a device: {exc}") from None
     try:
         device, joined = distributed.init_from_env(args.device)
-    except ValueError as exc:  # torchrun's variables set by hand, or half of them
-        raise UserError(str(exc)) from None
+    except ValueError as exc:  # torchrun's variables set by hand, or half of them; no GPU of LOCAL_RANK
+        raise UserError(in_cli_terms(str(exc))) from None
     try:
         return _train(args, requests, val, device)
     except distributed.PeerFailure as exc:  # the failed process prints its own error
@@ -560,7 +673,7 @@ def cmd_train(args) -> dict:
 def _train(args, requests, val, device) -> dict:
     from . import distributed
     from .model_editor import ModelEditor
-    from .train import ResumeMismatchError, TrainConfig
+    from .train import TrainConfig
 
     rank, size = distributed.world()
     model, tokenizer = load_any_model(args.model, args.dtype, device)
@@ -584,10 +697,8 @@ def _train(args, requests, val, device) -> dict:
                                 category=UserWarning)
     try:
         result = me.fit(requests, val, config)
-    except ResumeMismatchError as exc:  # --checkpoint-dir holds another run
-        raise UserError(f"{exc} (here: give another --checkpoint-dir, or empty it)") from None
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    except ValueError as exc:  # a resume of another run (--checkpoint-dir), processes that disagree, ...
+        raise UserError(in_cli_terms(str(exc))) from None
     out = Path(train_out(args))
     summary = dict(editor=str(out), method=args.method, layers=layers, steps=result.steps,
                    elapsed_s=result.elapsed_s, best_es=result.best_es, processes=size,

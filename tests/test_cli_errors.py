@@ -2,6 +2,7 @@
 (see also test_demo.py)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -596,3 +597,135 @@ def test_cli_gguf_model_without_the_gguf_package_is_one_error_line(capsys, tmp_p
     assert err.startswith("dcedit: error: --model: reading m.gguf needs the packages gguf (gguf>=0.11, "
                           "accelerate): pip install 'dcedit_kernels[models]'")
     assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Library messages that named Python fields on the command line (resume, rescale, torchrun)
+# ---------------------------------------------------------------------------------------------
+# What a command-line user never typed: TrainConfig / ModelEditor fields and Python calls.
+PYTHON_TERMS = re.compile(r"checkpoint_dir|resume=|(?<!-)\blr\b|lr_lr|batch_size|locality_rows|val_size|"
+                          r"train_requests|val_requests|loss_reduction|n_editors|rescale_batch_size|"
+                          r"ModelEditor|train_editor|TrainConfig|device '")
+
+
+def _one_cli_line(capsys) -> str:
+    err = capsys.readouterr().err  # beside transformers' progress bars of the model's load
+    lines = [line for line in err.splitlines() if line.startswith("dcedit: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert not PYTHON_TERMS.search(lines[0]), lines[0]
+    return lines[0]
+
+
+def test_cli_train_resumed_with_other_flags_names_the_flags(capsys, tmp_path, tiny_model_dir):
+    """A --checkpoint-dir run resumed with other flags was refused in TrainConfig's and
+    ModelEditor's terms ("lr 0.001 -> 0.002", "loss_reduction='token'", "n_editors: saved 2"),
+    advising "use another checkpoint_dir, or resume=False" and then "(here: give another
+    --checkpoint-dir, ...)"."""
+    data = _counterfact_file(tmp_path / "cf.json", n=6)
+    other = _counterfact_file(tmp_path / "cf7.json", n=7)
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--batch-size", "2", "--rank", "4",
+            "--steps", "1", "--checkpoint-dir", str(tmp_path / "ck"), "--out", str(tmp_path / "e.safetensors")]
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    for extra, said in ((["--lr", "0.002", "--locality-rows", "own", "--seed", "3"],
+                         "(--locality-rows all -> own, --lr 0.001 -> 0.002, --seed 0 -> 3)"),
+                        (["--batch-size", "3", "--lr-lr", "0.5"], "(--batch-size 2 -> 3, --lr-lr 0.0001 -> 0.5)"),
+                        (["--data", str(other)], "(--data / --n-edits: other training edits)"),
+                        (["--val-data", str(data)], "(--val-data / --val-size: other validation edits)"),
+                        (["--loss-reduction", "edit"], "was trained with --loss-reduction token, not edit"),
+                        (["--rank", "8"], "(--method mend --layers model.layers.0.mlp.down_proj,"
+                                          "model.layers.1.mlp.down_proj --rank 4)"),
+                        (["--method", "proeditor"], "(--method mend --layers ")):
+        assert cli.main(args + extra) == 2, extra
+        err = _one_cli_line(capsys)
+        assert f"dcedit: error: --checkpoint-dir: {tmp_path / 'ck' / 'trainer.safetensors'} " in err
+        assert said in err, err
+        assert "give that run's flags to resume it, or another --checkpoint-dir (or empty it) to start over" in err
+    moe = ["--method", "moeditor", "--checkpoint-dir", str(tmp_path / "moe")]
+    assert cli.main(args + moe + ["--n-editors", "2"]) == 0
+    capsys.readouterr()
+    assert cli.main(args + moe + ["--n-editors", "3"]) == 2
+    assert "--n-editors 2)" in _one_cli_line(capsys)
+
+
+def test_cli_train_resume_from_a_broken_checkpoint_names_the_flag(capsys, tmp_path, tiny_model_dir):
+    """A trainer.safetensors that is not one said "use another checkpoint_dir, or resume=False"."""
+    broken = tmp_path / "ck" / "trainer.safetensors"
+    broken.parent.mkdir()
+    broken.write_text("not safetensors")
+    data = _counterfact_file(tmp_path / "cf.json", n=4)
+    assert cli.main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--rank", "4", "--steps", "1",
+                     "--checkpoint-dir", str(tmp_path / "ck"), "--out", str(tmp_path / "e.safetensors")]) == 2
+    err = _one_cli_line(capsys)
+    assert f"dcedit: error: --checkpoint-dir: {broken} is not a `dcedit train` checkpoint (not a readable" in err
+    assert err.endswith("give another --checkpoint-dir, or empty it, to start over")
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--method", "ft"], "not --method ft"),
+    (["--method", "ft_kl"], "not --method ft_kl"),
+    (["--method", "mend", "--rank", "4", "--loss-reduction", "edit"], "not --loss-reduction edit"),
+], ids=["ft", "ft_kl", "mend_edit"])
+@pytest.mark.parametrize("command", ["edit", "evaluate"])
+def test_cli_rescale_refusal_names_the_flags(command, flags, said, capsys, tmp_path, tiny_model_dir):
+    """--rescale-batch-size where it does not apply was refused as "rescale_batch_size is for the
+    editor methods under loss_reduction='token', got method='ft', ..."."""
+    data = _counterfact_file(tmp_path / "cf.json", n=4)
+    what = (["--prompt", "The sky is", "--target", "green"] if command == "edit"
+            else ["--data", str(data), "--n-edits", "2", "--repeats", "1"])
+    assert cli.main([command, "--model", str(tiny_model_dir), "--rescale-batch-size", "2"] + flags + what) == 2
+    err = _one_cli_line(capsys)
+    assert "dcedit: error: --rescale-batch-size applies to the editor methods" in err
+    assert "under --loss-reduction token" in err and said in err
+
+
+def test_cli_rescale_of_a_saved_editor_names_the_flags(capsys, tmp_path, tiny_model_dir):
+    data = _counterfact_file(tmp_path / "cf.json", n=4)
+    editor = tmp_path / "e.safetensors"
+    assert cli.main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--rank", "4", "--steps", "1",
+                     "--loss-reduction", "edit", "--out", str(editor)]) == 0
+    capsys.readouterr()
+    assert cli.main(["edit", "--model", str(tiny_model_dir), "--editor", str(editor), "--rescale-batch-size", "2",
+                     "--prompt", "The sky is", "--target", "green"]) == 2
+    err = _one_cli_line(capsys)
+    assert (f"dcedit: error: --rescale-batch-size applies to editors trained under --loss-reduction token; "
+            f"the editor in {editor} was trained with --loss-reduction edit") in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_train_torchrun_without_the_gpu_names_device_by_its_flag(capsys, tmp_path, monkeypatch):
+    """Under torchrun with --device cuda and no GPU of LOCAL_RANK: "device 'cuda': ... (device 'cpu')"."""
+    _no_model(monkeypatch)
+    for name, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="29500").items():
+        monkeypatch.setenv(name, value)
+    data = _counterfact_file(tmp_path / "cf.json", n=4)
+    assert cli.main(["train", "--data", str(data), "--device", "cuda", "--out", str(tmp_path / "e.safetensors")]) == 2
+    err = _one_cli_line(capsys)
+    assert err.startswith("dcedit: error: --device cuda: the process of LOCAL_RANK=0 needs CUDA device 0")
+    assert err.endswith("or train on the CPU over gloo (--device cpu)")
+
+
+@pytest.mark.parametrize("message, said", [
+    ("the processes would start from different steps [0, 3]: a resume needs the same checkpoint_dir on every "
+     "process", "a resume needs the same --checkpoint-dir on every process"),
+    ("the processes resumed from different checkpoints (resumed.best_es) at step 3: a resume needs the same "
+     "checkpoint_dir on every process", "a resume needs the same --checkpoint-dir on every process"),
+    ("the processes were given different training settings (config.lr, train_requests): every process of a "
+     "data-parallel run needs the same ModelEditor settings, TrainConfig, requests and checkpoint_dir or none",
+     "(--lr, --data / --n-edits: other training edits): every process of a data-parallel `dcedit train` needs "
+     "the same flags, --data, --val-data and --checkpoint-dir"),
+], ids=["steps", "checkpoints", "settings"])
+def test_cli_train_data_parallel_disagreement_names_the_flags(message, said, capsys, tmp_path, monkeypatch,
+                                                              tiny_model_dir):
+    """distributed.agree_on_start's refusals (torchrun processes given other flags or checkpoint
+    folders: needs torchrun, so raised here by hand, with the library's wording)."""
+    from dcedit_kernels.model_editor import ModelEditor
+
+    def disagree(*a, **k):
+        raise ValueError(message)
+    monkeypatch.setattr(ModelEditor, "fit", disagree)
+    data = _counterfact_file(tmp_path / "cf.json", n=4)
+    assert cli.main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--rank", "4",
+                     "--out", str(tmp_path / "e.safetensors")]) == 2
+    assert said in _one_cli_line(capsys)

@@ -901,7 +901,7 @@ def test_cli_train_resume_of_another_run_is_one_error_line(capsys, tmp_path, tin
     capsys.readouterr()
     assert cli.main(base + ["--steps", "2", "--lr", "5e-2"]) == 2
     err = capsys.readouterr().err
-    assert "dcedit: error:" in err and "lr 0.001 -> 0.05" in err and "give another --checkpoint-dir" in err
+    assert "dcedit: error:" in err and "(--lr 0.001 -> 0.05)" in err and "another --checkpoint-dir" in err
 
 
 def test_cli_editor_flags_must_match_the_saved_editor(capsys, tmp_path, tiny_model_dir):
@@ -972,7 +972,7 @@ def test_cli_rescale_batch_size_flag(capsys, tmp_path, tiny_model_dir):
     for args in (["--method", "ft"], ["--method", "mend", "--loss-reduction", "edit"]):
         assert cli.main(["edit", "--model", model, *args, "--rescale-batch-size", "2", "--prompt", "a b",
                          "--target", "c"]) == 2
-        assert "rescale_batch_size is for the editor methods" in capsys.readouterr().err
+        assert "--rescale-batch-size applies to the editor methods" in capsys.readouterr().err
     assert cli.main(["train", "--model", model, "--rescale-batch-size", "2"]) == 2
     assert "unrecognized arguments: --rescale-batch-size 2" in capsys.readouterr().err
 
