@@ -582,8 +582,8 @@ def _model_editor(args, model, tokenizer):
         path = Path(args.editor)  # main's check_inputs refused a missing one before the model loaded
         try:
             me = ModelEditor.load(path, model, tokenizer)
-        except ValueError as exc:
-            raise UserError(f"--editor: {exc}") from None
+        except ValueError as exc:  # "path: X is not a safetensors file": the flag, not load's argument
+            raise UserError(f"--editor: {str(exc).removeprefix('path: ')}") from None
         _check_editor_flags(args, model, me, path)
         if getattr(args, "rescale_batch_size", None) is not None and me.loss_reduction != "token":
             # The setter's refusal below named rescale_batch_size and loss_reduction='edit'.

@@ -123,6 +123,9 @@ class EditorCheckpoints:
             hint = "; it looks like an original MEND checkpoint: use ModelEditor.from_mend" if mend else ""
             if "dcedit_config" in meta:  # GroupedEditor.save's key
                 hint = "; it is a GroupedEditor checkpoint: GroupedEditor.load(path)"
+            if "counters" in meta and "model_editor" in meta:  # train_checkpoint's trainer.safetensors
+                hint = ("; it is a training checkpoint (trainer.safetensors: the optimisers' state): the "
+                        "editor is editor.safetensors beside it")
             raise ValueError(f"{path} is not a ModelEditor checkpoint (no {CHECKPOINT_KEY} metadata){hint}")
         config = _checkpoint_config(path, meta[CHECKPOINT_KEY])
         # Editor arguments newer than the checkpoint (gate_norm) take the value it was trained with.

@@ -147,6 +147,21 @@ def test_cli_editor_file_missing_or_not_an_editor(capsys, tmp_path, tiny_model_d
     assert cli.main(base + [str(tmp_path / "junk.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "dcedit: error: --editor: " in err and "is not a safetensors file" in err
+    assert "path:" not in err  # ModelEditor.load's argument: the command line's user typed --editor
+
+
+def test_cli_editor_pointed_at_a_training_checkpoint_names_the_editor_file(capsys, tmp_path, tiny_model_dir):
+    """--editor given a --checkpoint-dir's trainer.safetensors said only "is not a ModelEditor
+    checkpoint (no dcedit_model_editor metadata)"; the editor is the editor.safetensors beside it."""
+    ckpt, data = tmp_path / "ck", _counterfact_file(tmp_path / "cf.json", n=4)
+    assert cli.main(["train", "--model", str(tiny_model_dir), "--method", "mend", "--rank", "3", "--data", str(data),
+                     "--steps", "1", "--checkpoint-dir", str(ckpt), "--out", str(tmp_path / "e.safetensors")]) == 0
+    capsys.readouterr()
+    base = ["edit", "--model", str(tiny_model_dir), "--prompt", "a b", "--target", "c", "--editor"]
+    assert cli.main(base + [str(ckpt / "trainer.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "--editor: " in err and "the editor is editor.safetensors beside it" in err
+    assert cli.main(base + [str(ckpt / "editor.safetensors")]) == 0
 
 
 def test_cli_prompt_and_target_go_together_and_not_with_data(capsys, monkeypatch):
