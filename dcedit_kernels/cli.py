@@ -428,7 +428,9 @@ def editor_kwargs(args) -> dict:
     if getattr(args, "capture_batch_size", None) is not None:
         kwargs["capture_batch_size"] = args.capture_batch_size
     if getattr(args, "rescale_batch_size", None) is not None:
-        _check_rescale(args.method, args.loss_reduction or "token")
+        from .losses import DEFAULT_LOSS_REDUCTION  # ModelEditor's, where --loss-reduction is not given
+
+        _check_rescale(args.method, args.loss_reduction or DEFAULT_LOSS_REDUCTION)
         kwargs["rescale_batch_size"] = args.rescale_batch_size
     return kwargs
 
