@@ -2,7 +2,7 @@
 
     python python/edit.py --help
 
-Same flags as `dcedit edit` (see `dcedit_kernels/cli.py`); works from a checkout without installing
+Same flags as `dcedit edit` (see `dcedit_kernels/cli/`); works from a checkout without installing
 the package.
 """
 

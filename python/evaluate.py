@@ -2,7 +2,7 @@
 
     python python/evaluate.py --help
 
-Same flags as `dcedit evaluate` (see `dcedit_kernels/cli.py`); works from a checkout without installing
+Same flags as `dcedit evaluate` (see `dcedit_kernels/cli/`); works from a checkout without installing
 the package.
 """
 

@@ -94,7 +94,7 @@ def test_cli_device_error_is_its_first_line_only(capsys, tiny_model_dir):
 
 
 def test_cli_train_device_that_is_not_a_device(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "load_any_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(cli.commands, "load_any_model", lambda *a, **k: pytest.fail("the model loaded"))
     assert cli.main(["train", "--device", "nonsense", "--out", str(tmp_path / "e.safetensors")]) == 2
     assert "dcedit: error: --device 'nonsense' is not a device" in capsys.readouterr().err
 
@@ -134,7 +134,7 @@ def test_write_json_cut_short_leaves_the_previous_file_whole(tmp_path, monkeypat
 
 @pytest.mark.parametrize("sizes", ["x,2", "0", ",", "3,-1"])
 def test_cli_n_edits_list_is_checked_before_the_model_loads(sizes, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "load_any_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(cli.commands, "load_any_model", lambda *a, **k: pytest.fail("the model loaded"))
     assert cli.main(["evaluate", "--n-edits", sizes]) == 2
     assert "dcedit: error: --n-edits must be a comma-separated list of positive ints" in capsys.readouterr().err
 
@@ -165,7 +165,7 @@ def test_cli_editor_pointed_at_a_training_checkpoint_names_the_editor_file(capsy
 
 
 def test_cli_prompt_and_target_go_together_and_not_with_data(capsys, monkeypatch):
-    monkeypatch.setattr(cli, "load_any_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(cli.commands, "load_any_model", lambda *a, **k: pytest.fail("the model loaded"))
     assert cli.main(["edit", "--prompt", "a b"]) == 2
     assert "--prompt and --target go together" in capsys.readouterr().err
     assert cli.main(["edit", "--target", "c"]) == 2
@@ -238,7 +238,7 @@ def test_cli_evaluate_past_a_learned_position_table_is_one_error_line(capsys, tm
 @pytest.mark.parametrize("seed", [str(2**64), str(-(2**63) - 1), "1.5"])
 def test_cli_seed_torch_cannot_take_is_refused_by_flag(capsys, monkeypatch, command, seed):
     """A --seed past torch's 64 bits was "dcedit: error: Overflow when unpacking long long" (no flag named)."""
-    monkeypatch.setattr(cli, "load_any_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(cli.commands, "load_any_model", lambda *a, **k: pytest.fail("the model loaded"))
     assert cli.main([command, "--seed", seed]) == 2
     assert "argument --seed: must be an int" in capsys.readouterr().err
     assert cli.seed_int(str(2**64 - 1)) == 2**64 - 1 and cli.seed_int(str(-(2**63))) == -(2**63)
@@ -248,7 +248,7 @@ def test_cli_seed_torch_cannot_take_is_refused_by_flag(capsys, monkeypatch, comm
 # Found by an audit of the CLI (session 29): each once a traceback, a wrong flag or fewer edits
 # ---------------------------------------------------------------------------------------------
 def _no_model(monkeypatch):
-    monkeypatch.setattr(cli, "load_any_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(cli.commands, "load_any_model", lambda *a, **k: pytest.fail("the model loaded"))
 
 
 def test_cli_model_that_is_a_data_file_or_has_a_list_config(capsys, tmp_path):
@@ -283,7 +283,7 @@ def test_cli_paths_the_os_refuses_are_one_error_line(capsys, tmp_path, monkeypat
     if Path("/proc/self").is_dir():
         runs.append(edit + ["--out", "/proc/dcedit_no_such_entry.json"])
     with monkeypatch.context() as patched:
-        patched.setattr(cli, "load_any_model", lambda *a, **k: pytest.fail("the model loaded"))
+        patched.setattr(cli.commands, "load_any_model", lambda *a, **k: pytest.fail("the model loaded"))
         for argv in runs:
             code = cli.main(argv)
             err = capsys.readouterr().err
@@ -374,7 +374,7 @@ def test_cli_train_process_told_another_failed_prints_one_line(capsys, tmp_path,
 
     def peer_failed(*args):
         raise distributed.PeerFailure("another process failed in a training step (rank 1: OSError: disk)")
-    monkeypatch.setattr(cli, "_train", peer_failed)
+    monkeypatch.setattr(cli.commands, "_train", peer_failed)
     data = _counterfact_file(tmp_path / "cf.json", n=4)
     assert cli.main(["train", "--method", "mend", "--data", str(data), "--out", str(tmp_path / "e.safetensors")]) == 2
     err = capsys.readouterr().err

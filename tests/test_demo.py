@@ -535,7 +535,7 @@ def test_cli_empty_or_unknown_data(capsys, tmp_path):
 def test_cli_refuses_an_unwritable_out_before_any_work(capsys, tmp_path, monkeypatch, command):
     """An --out that cannot be written is refused before the model loads (it was found only when
     the trained editor was saved, with a traceback)."""
-    monkeypatch.setattr(cli, "load_any_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(cli.commands, "load_any_model", lambda *a, **k: pytest.fail("the model loaded"))
     (tmp_path / "a_file").write_text("")
     for out, message in ((tmp_path / "a_file" / "x.safetensors", "cannot create its folder"),
                          (tmp_path, "is a folder")):

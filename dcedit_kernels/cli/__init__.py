@@ -1,0 +1,126 @@
+"""`dcedit`: train an editor, apply edits, evaluate methods, from the command line.
+
+    dcedit train    --method mend --data counterfact-train.json --out editor.safetensors
+    dcedit edit     --editor editor.safetensors --prompt "The capital of France is" --target Rome
+    dcedit edit     --method ft --data counterfact-val.json --n-edits 10 --out edit.json
+    dcedit evaluate --editor editor.safetensors --data counterfact-val.json --n-edits 25,75 --repeats 3
+
+Common flags: `--model` (default: the embedded SmolLM2-135M-Instruct; else a Hugging Face causal
+or seq2seq model name or a local folder / .gguf file), `--layers` (module names, comma-separated;
+default: the MLP output projections of the last three blocks), `--method`, `--n-editors`,
+`--data` (a CounterFact (EasyEdit) or zsRE (MEND) JSON file, format detected from its records, or
+a data set's name such as `counterfact-val`, looked up as `data.load_dataset` does; default: our
+own facts, `dcedit_kernels.facts`), `--n-edits`, `--device`, `--dtype`, `--out`.
+
+Errors a user can fix (a missing model file, an unknown layer name, an empty or malformed data
+file) print one `dcedit: error: ...` line naming the culprit and return exit status 2.
+`python/train_editor.py`, `python/edit.py` and `python/evaluate.py` run the same subcommands.
+
+The package's modules: `options` (the parser, the flags' types, the editor arguments they give),
+`inputs` (threads, layers, the model, edit requests, completions), `output_files` (--out and the
+JSON record), `commands` (train, edit, evaluate), `messages` (the library's warnings and refusals
+in the flags' terms), `user_error` (UserError, printed as one line).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+import warnings
+from typing import Sequence
+
+import torch
+
+from ..models import DTYPES
+from .commands import COMMANDS, cmd_edit, cmd_evaluate, cmd_train
+from .inputs import (check_count, default_layers, detect_format, editable_layers, greedy_completions,
+                     load_any_model, load_requests, parse_layers, require_matplotlib, set_threads, shown)
+from .messages import in_cli_terms, show_warning
+from .methods import EDITOR_METHODS, METHOD_NAMES
+from .options import (METRICS_HELP, SEED_RANGE, build_parser, editor_kwargs, parse_sizes, positive_int, rate,
+                      seed_int)
+from .output_files import check_inputs, check_out, train_out, write_json
+from .user_error import UserError
+
+__all__ = [
+    "COMMANDS", "DTYPES", "EDITOR_METHODS", "METHOD_NAMES", "METRICS_HELP", "SEED_RANGE", "UserError",
+    "build_parser", "check_count", "check_inputs", "check_out", "cmd_edit", "cmd_evaluate", "cmd_train",
+    "default_layers", "detect_format", "editable_layers", "editor_kwargs", "greedy_completions",
+    "in_cli_terms", "load_any_model", "load_requests", "main", "parse_layers", "parse_sizes",
+    "positive_int", "rate", "require_matplotlib", "seed_int", "set_threads", "shown", "train_out",
+    "write_json",
+]
+
+
+def _resume_hint(args) -> str:
+    """What an interrupted `dcedit train` left to resume from."""
+    from ..train_checkpoint import has_checkpoint
+
+    if args.command != "train":
+        return ""
+    if args.checkpoint_dir is None:
+        return ": nothing was saved (with --checkpoint-dir a run can be resumed)"
+    where = args.checkpoint_dir
+    if not has_checkpoint(where):
+        return f": no checkpoint in {where} yet (one is written every --val-every steps)"
+    return (f": run the same command again to resume from the last checkpoint in {where} "
+            "(written every --val-every steps)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `dcedit` with `argv` (default: sys.argv[1:]); returns the exit status."""
+    parser = build_parser()
+    try:
+        # Unknown flags after the command are refused by the command's parser, whose usage line
+        # lists that command's flags (the top-level parser prints only "dcedit {train,edit,evaluate}").
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            words = list(sys.argv[1:] if argv is None else argv)
+            before_command = words[:words.index(args.command)]
+            owner = parser if any(u in before_command for u in unknown) else args.command_parser
+            owner.error(f"unrecognized arguments: {' '.join(unknown)}")
+    except SystemExit as exc:  # argparse already printed the usage line
+        return int(exc.code or 0)
+    args.seed_given = args.seed is not None
+    if args.seed is None:
+        args.seed = 0
+    start = time.perf_counter()
+    # The caller's thread count back on return: called from Python (a notebook, the tests) main()
+    # left the whole process on its command's --threads (1 on a 2-core machine).
+    threads = torch.get_num_threads()
+    try:
+        out = train_out(args) if args.command == "train" else args.out
+        if args.command != "train" or os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 saves
+            if out:
+                check_out(out)
+            check_inputs(args, out)
+        set_threads(args.threads)
+        with warnings.catch_warnings():  # filters a command adds (`_model_editor`) end with it
+            # catch_warnings puts the caller's showwarning back
+            warnings.showwarning = functools.partial(show_warning, shown=warnings.showwarning)
+            result = COMMANDS[args.command](args)
+        if args.out and args.command != "train":
+            write_json(args.out, dict(result, elapsed_s=time.perf_counter() - start))
+            print(f"wrote {args.out}")
+    except UserError as exc:
+        print(f"dcedit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        # A Ctrl-C of a training run ended in a traceback into train.py's loop, which said nothing
+        # of the one thing to do next: resume (`fit` checkpoints atomically: the last one is whole).
+        print(f"dcedit: interrupted{_resume_hint(args)}", file=sys.stderr)
+        return 130  # the shell's status for SIGINT
+    except OSError as exc:
+        # A path the checks above let through (a name too long, a folder that refuses a file):
+        # its str names the file, so one line says it all.  An OSError that names no file (a
+        # socket, a device, a library's own) keeps its traceback: that is where it came from.
+        if exc.filename is None:
+            raise
+        print(f"dcedit: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        torch.set_num_threads(threads)
+    return 0
+

@@ -1,0 +1,85 @@
+"""The files `dcedit` writes: --out, checked before any work, and the JSON record of a run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .inputs import named_data_file
+from .user_error import UserError, check_path
+
+def train_out(args) -> str:
+    """Where `dcedit train` saves the editor: --out, else <method>-editor.safetensors here."""
+    return args.out or f"{args.method}-editor.safetensors"
+
+
+def check_out(path: str) -> None:
+    """Refuse an --out that cannot be written before any work is done (its folder is created)."""
+    check_path(path, "path")
+    out = Path(path)
+    try:
+        is_dir = out.is_dir()
+    except OSError as exc:  # a name too long, ...: pathlib raises for all but "missing"
+        raise UserError(f"--out {path}: {exc.strerror or exc}") from None
+    if is_dir:
+        raise UserError(f"--out {path}: is a folder; give a file name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {path}: cannot create its folder ({exc})") from None
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"--out {path}: its folder is not writable")
+    existed = out.exists()
+    try:  # os.access passes for root, and says nothing of the file itself: open it as the write will
+        with open(out, "ab"):
+            pass
+        if not existed:
+            out.unlink()
+    except OSError as exc:
+        raise UserError(f"--out {path}: cannot be written ({exc.strerror or exc})") from None
+
+
+def check_inputs(args, out: str | None) -> None:
+    """Refuse, before the model loads, an --editor that is no file (found only after the model
+    had loaded, minutes for a large one) and an --out that is one of the command's input files:
+    `dcedit edit --editor E --out E` wrote its JSON record over the trained editor E."""
+    editor = getattr(args, "editor", None)
+    if editor is not None and not Path(editor).is_file():
+        raise UserError(f"--editor: file not found: {editor}")
+    if out is None:
+        return
+    for flag in ("--editor", "--data", "--val-data"):
+        path = getattr(args, flag[2:].replace("-", "_"), None)
+        if flag != "--editor":
+            path = named_data_file(path) or path  # a data set's name, as load_requests reads it
+        try:
+            same = path is not None and Path(path).is_file() and os.path.samefile(path, out)
+        except OSError:  # out does not exist yet: it is no input file
+            same = False
+        if same:
+            raise UserError(f"--out {out} is the {flag} file: the run would write over it; "
+                            "give another --out")
+
+
+def write_json(path, data) -> None:
+    """`data` as JSON at `path`, written beside it and moved over it (`replace_atomically`): a write
+    cut short (a full disk, a Ctrl-C) leaves the previous file whole, not a truncated one."""
+    from .._checks import check_path as library_check_path  # a Python caller's ValueError
+    from ..safetensors_file import replace_atomically
+
+    library_check_path(path, "path")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, indent=2, default=_json_default)
+    replace_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def _json_default(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
