@@ -2183,6 +2183,28 @@ def test_ft_inside_lowrank_edited_fine_tunes_as_outside_it(method, edits_from, g
                             allow_unused=True)
 
 
+@pytest.mark.parametrize("rescale_batch_size", [None, 2, 1])
+def test_edits_as_applied_carry_no_grad_with_or_without_rescaling(rescale_batch_size, gen):
+    """edits_as_applied's edits carry no grad (its docstring), α unscaled too (no
+    rescale_batch_size, or one equal to the batch's 2 edits) and not only α divided by the rescale
+    factor (1: 2): α is a view of the editor's Parameter taken under no_grad, which still requires
+    grad, so a caller's backward through a `lowrank_edited` pass of these edits would reach the
+    editor and fill its .grad.  Only the divided α was checked (a mutant that kept the unscaled view
+    passed every test)."""
+    model, tok = tiny_model("llama", seed=seed_from(gen))
+    editor = ModelEditor(model, tok, [BLOCK_LAYER], method="moeditor", n_editors=2, rank=3, edit_lr=0.1,
+                         rescale_batch_size=rescale_batch_size)
+    randomize_editors(editor, gen)
+    reqs = random_requests(gen, 2)
+    batch = editor.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
+    factors, feats, _ = editor.capture(batch)
+    edits = editor.edits_as_applied(factors, feats)
+    assert not any(e.alpha.requires_grad for e in edits.values())
+    with lowrank_edited(model, edits, torch.tensor([0, 1])):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.sum().backward()
+    assert all(p.grad is None for p in editor.editors.parameters())
+
+
 def test_chunked_ft_kl_inside_lowrank_edited_takes_its_references_from_the_saved_weights(gen):
     """Chunked FT+KL recomputes each locality chunk's reference with the saved weights in place of
     the fine-tuned ones (`swapped_parameters`, which swaps the modules' Parameters).  Inside
