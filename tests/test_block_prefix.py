@@ -445,6 +445,24 @@ def test_record_keeps_nothing_when_the_pass_raises_or_has_another_shape(gen):
     assert not any(b._forward_hooks or b._forward_pre_hooks for b in model.model.layers)
 
 
+def test_record_keeps_no_hidden_state_that_needs_grad(gen):
+    """The module docstring's rule: the recorded hidden state needs no grad.  One that does (here
+    the input embedding's weight requires grad; in FT, a lower module under a caller's
+    `lowrank_edited` of differentiable edits) carries a graph that a backward through it frees, and
+    a reuse would run that backward again.  FT no longer backpropagates past its own weights, so
+    no caller shows it (a mutant without the check passed every test): checked at `record`."""
+    model, tok, layers = model_and_upper_layer("llama", gen)
+    prefix = PrefixReuse.for_model(model, {layers[0]: model.get_submodule(layers[0])})
+    ids = torch.randint(3, 20, (2, 5), generator=gen)
+    model.get_input_embeddings().weight.requires_grad_(True)  # not a block's: for_model allows it
+    with prefix.record([0, 1], (2, 5)):
+        model(input_ids=ids, use_cache=False)
+    assert not prefix.recorded
+    with torch.no_grad(), prefix.record([0, 1], (2, 5)):  # the same pass without grad is kept
+        model(input_ids=ids, use_cache=False)
+    assert prefix.reusable([0, 1])
+
+
 @pytest.mark.parametrize("during", ["registration", "removal"])
 def test_interrupt_while_record_hooks_the_blocks_leaves_no_hook(during, gen, monkeypatch):
     """Ctrl-C landing while `record` puts its hooks on the blocks (after a hook is registered,
