@@ -100,6 +100,12 @@ def test_compute_factors_refuses_labels_without_a_target(gen):
     batch["labels"][0, -1] = enc["input_ids"][0, -1]  # one target token: factors as before
     factors, loss = compute_factors(model, batch, ["model.layers.1.mlp.down_proj"])
     assert torch.isfinite(loss) and factors["model.layers.1.mlp.down_proj"].num_edits == 1
+    # A loss_fn of one's own does not read the model's mean over label tokens: labels without a
+    # target are its business, and the capture runs (refusing them too passed every test).
+    batch["labels"][:] = -100
+    factors, loss = compute_factors(model, batch, ["model.layers.1.mlp.down_proj"],
+                                    loss_fn=lambda out, b: out.logits.logsumexp(-1).mean())
+    assert torch.isfinite(loss) and factors["model.layers.1.mlp.down_proj"].num_edits == 1
 
 
 def test_capture_used_without_its_block_says_so():
