@@ -2832,6 +2832,11 @@ def test_rescale_batch_size_is_validated_and_is_a_load_setting(gen, tmp_path):
     me.save(path)
     assert ModelEditor.load(path, model, tok).rescale_batch_size is None  # not saved
     assert ModelEditor.load(path, model, tok, rescale_batch_size=25).rescale_batch_size == 25
+    # The caller's bad value is named as the caller's, not as the checkpoint's layers not fitting
+    # the model (load words only the constructor's "layers: " errors so; a mutant wording every
+    # ValueError so passed every test).
+    with pytest.raises(ValueError, match=r"^rescale_batch_size must be a positive int or None"):
+        ModelEditor.load(path, model, tok, rescale_batch_size=0)
 
 
 def test_rescale_batch_size_applies_to_fits_validation_not_to_the_training_loss(gen):
