@@ -868,6 +868,10 @@ def test_keep_after_undo_is_refused(gen):
             inside.keep()
     assert_bit_identical(before, me.model)
     assert not handle.kept and handle.undo() is False
+    # Through pickle too: an unpickled undone handle keeps its "undone" (a mutant setting it
+    # False after the state, as for handles pickled before it existed, passed every test).
+    with pytest.raises(RuntimeError, match="this edit was undone"):
+        _pickled(handle).keep()
 
 
 def test_sequential_kept_edits_do_not_pile_up_in_the_live_list(gen):
