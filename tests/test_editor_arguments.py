@@ -188,3 +188,6 @@ def test_compute_factors_refuses_numpy_and_list_inputs():
         compute_factors(model, dict(enc, labels=enc["input_ids"]), names)
     with pytest.raises(ValueError, match=r"^batch\['input_ids'\] must be a torch\.Tensor, got list"):
         compute_factors(model, {"input_ids": [[3, 4, 5]], "labels": [[3, 4, 5]]}, names)
+    ids = torch.tensor([[3, 4, 5]])  # a tuple where a tensor goes, as a list
+    with pytest.raises(ValueError, match=r"^batch\['attention_mask'\] must be a torch\.Tensor, got tuple"):
+        compute_factors(model, {"input_ids": ids, "attention_mask": ((1, 1, 1),), "labels": ids}, names)
