@@ -98,13 +98,29 @@ def _worker(rank, store, out, method, editor_kwargs, runs, with_val, fail, rank_
         dist.destroy_process_group()
 
 
+# The workers' imports (torch, transformers' Llama, the package, this module), done once in the
+# forkserver: a spawned worker paid them again in each of the 2 processes of each of the 16 runs
+# (about 10 s of every run's 30 on 2 CPUs).  A forkserver child is still a fresh process forked from
+# a server that imported only these (no thread pools, no state of the test process).
+# A name this transformers lacks is passed over (the Llama tokenizer's module: 5.x's, then 4.x's).
+WORKER_IMPORTS = ["torch", "torch.distributed", "transformers.models.llama.modeling_llama",
+                  "transformers.models.llama.tokenization_llama", "transformers.models.llama.tokenization_llama_fast",
+                  "dcedit_kernels.models", "dcedit_kernels.model_editor", "dcedit_kernels.train", "test_distributed"]
+
+
+def _start_workers(args):
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(WORKER_IMPORTS)  # read when the server starts (the first run)
+    return mp.start_processes(_worker, nprocs=WORLD, join=False, start_method="forkserver", args=args)
+
+
 def _run(folder, method, editor_kwargs, runs, with_val=False, fail=None, rank_kwargs=None, deadline_s=300,
          rank_editor_kwargs=None):
     folder.mkdir(parents=True, exist_ok=True)
     errors = [folder / f"error{r}.txt" for r in range(WORLD)]
-    context = mp.start_processes(_worker, nprocs=WORLD, join=False, start_method="spawn",
-                                 args=(str(folder / "store"), str(folder), method, editor_kwargs, runs, with_val,
-                                       fail, rank_kwargs or {}, rank_editor_kwargs or {}))
+    context = _start_workers(
+        (str(folder / "store"), str(folder), method, editor_kwargs, runs, with_val, fail, rank_kwargs or {},
+         rank_editor_kwargs or {}))
     deadline = time.monotonic() + deadline_s
     try:
         while not context.join(timeout=1):
