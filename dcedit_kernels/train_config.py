@@ -28,7 +28,8 @@ class TrainConfig:
     lr_lr, lr_optimizer: the per-weight edit steps α's; cedit, cloc, balance_weight: the loss's
     weights (edit NLL, locality KL, MoEditor's gate balance); edit_rows, locality_rows: which
     editors' shifts the edit and KL rows see (README, "Training"); with validation requests,
-    every `val_every` steps the first `val_size` of them are edited and scored (ES), training
+    every `val_every` steps the first `val_size` of them are edited, in batches of `batch_size`
+    (the last filled up with the edits before it), and scored (ES), training
     stops after `patience` validations without a gain above `min_delta` (None: never), and with
     `restore_best` the editors end at the best validation's state, which can be an earlier step
     than the last (`TrainResult.best_step`); checkpoint_dir, resume: resumable checkpoints;

@@ -1527,3 +1527,21 @@ def test_passes_of_one_step_share_the_masked_and_fused_shifts(locality_rows, gen
     assert calls["mask"] > 2 * len(me.layers)  # once a pass
     assert torch.allclose(loss, want, rtol=1e-12, atol=1e-14), (float(loss), float(want))
     assert_same_editor_grads(loss, want, edits)
+
+
+def test_evaluate_edits_applies_a_last_short_batch_with_the_edits_before_it(gen):
+    """5 edits at batch_size 4: edit 4 is scored applied with edits 1-3 (a batch of 4, as the
+    others), not alone: under loss_reduction="token" a 1-edit batch takes 4 times the step and
+    its score inflated the validation that picks the best step."""
+    model, tok = tiny_model("gpt2", seed=3)
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, edit_lr=0.5)
+    reqs = random_requests(gen, 5)
+    first = evaluate_edits(me, reqs[:4], batch_size=4)
+    last = reqs[4]
+    rows = me.tokenize([last.rephrase or last.prompt], [last.target])
+    with me.edited(reqs[1:5]), torch.no_grad():
+        last_nll = float(model(**rows).loss)
+    scores = evaluate_edits(me, reqs, batch_size=4)
+    assert scores["nll"] == pytest.approx((4 * first["nll"] + last_nll) / 5, rel=1e-5)
+    # Fewer edits than batch_size: one batch of them all, as before.
+    assert evaluate_edits(me, reqs[:3], batch_size=4) == evaluate_edits(me, reqs[:3], batch_size=3)
