@@ -946,6 +946,29 @@ def test_cli_capture_batch_size_flag(capsys, tmp_path, tiny_model_dir):
         assert "argument --capture-batch-size: must be a positive int, got '0'" in capsys.readouterr().err
 
 
+def test_cli_capture_batch_size_reaches_a_new_editor(capsys, tmp_path, monkeypatch, tiny_model_dir):
+    """--capture-batch-size is given to the ModelEditor that train and edit build (--method):
+    dropped from editor_kwargs, every run took the default (32) and passed its tests, which only
+    read the flag's refusals and a saved editor's setting."""
+    import dcedit_kernels.evaluate as evaluate
+    import dcedit_kernels.model_editor as model_editor
+
+    seen = []
+    fit, measure = model_editor.ModelEditor.fit, evaluate.measure_edit
+    monkeypatch.setattr(model_editor.ModelEditor, "fit",
+                        lambda me, *a, **k: seen.append(("fit", me.capture_batch_size)) or fit(me, *a, **k))
+    monkeypatch.setattr(evaluate, "measure_edit",
+                        lambda me, *a, **k: seen.append(("edit", me.capture_batch_size)) or measure(me, *a, **k))
+    data = _counterfact_file(tmp_path / "cf.json", n=4)
+    model = str(tiny_model_dir)
+    assert cli.main(["train", "--model", model, "--rank", "3", "--data", str(data), "--steps", "1",
+                     "--batch-size", "4", "--capture-batch-size", "3",
+                     "--out", str(tmp_path / "mend.safetensors")]) == 0
+    assert cli.main(["edit", "--model", model, "--method", "ft", "--capture-batch-size", "2",
+                     "--prompt", "a b", "--target", "c"]) == 0
+    assert seen == [("fit", 3), ("edit", 2)]
+
+
 def test_cli_rescale_batch_size_flag(capsys, tmp_path, tiny_model_dir):
     """edit/evaluate --rescale-batch-size sets ModelEditor.rescale_batch_size on a saved editor and
     on a new one; FT and an 'edit'-reduction editor refuse it in one line; train has no such flag."""
