@@ -187,6 +187,8 @@ def test_cli_train_bad_setting_is_one_error_line(capsys, tmp_path, tiny_model_di
     for flag, value in (("--lr", "nan"), ("--lr-lr", "inf"), ("--lr-lr", "fast")):
         assert cli.main(["train", "--data", str(data), flag, value]) == 2
         assert f"argument {flag}: must be a" in capsys.readouterr().err
+    # Non-negative: 0 is a rate (--lr-lr 0 keeps the edit steps α at their initial values).
+    assert cli.rate("0") == 0.0 and cli.rate("1e-3") == 1e-3
 
 
 def test_cli_edit_past_a_learned_position_table_is_one_error_line(capsys, tmp_path):
