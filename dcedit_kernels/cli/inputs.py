@@ -194,7 +194,9 @@ def load_requests(path: str | None, limit: int | None = None, flag: str = "--dat
         skipped: list[int] = []
         # `limit` counts requests (load_zsre's, records): --n-edits 535 of MEND's file gave 534
         requests = load_zsre(path, skipped=skipped)
-        if limit is not None and len(requests) > limit:
+        # >=: with exactly `limit` requests, a blank record after the last one used was not used either
+        # (it was named as left out only when no request followed it)
+        if limit is not None and len(requests) >= limit:
             gone = set(skipped)
             kept = [i for i in range(len(requests) + len(skipped)) if i not in gone]
             requests, skipped = requests[:limit], [i for i in skipped if i < kept[limit - 1]]
