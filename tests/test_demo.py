@@ -656,6 +656,14 @@ def test_cli_train_says_when_it_stopped_early_and_which_step_it_saved(capsys, tm
     assert f"saved the trained editor to {editor} (MEND, 6 steps, " in out
     assert "stopped early, before --steps 10: the last 5 validations gave no better ES" in out
     assert "the editor saved is step 1's, the best validation ES (0.000), not step 6's" in out
+    # Stopped by patience at --steps itself: not "before --steps"; a best validation at the last step
+    # saves that step's editor: no note.
+    for steps, said, unsaid in (("6", "not step 6's", "stopped early"), ("1", "(MEND, 1 step, ", "the editor saved is")):
+        assert cli.main(["train", "--model", str(tiny_model_dir), "--data", str(data),
+                         "--val-data", str(data), "--val-every", "1", "--steps", steps,
+                         "--batch-size", "2", "--rank", "4", "--out", str(editor)]) == 0
+        out = capsys.readouterr().out
+        assert said in out and unsaid not in out, out
 
 
 def test_cli_edits_a_seq2seq_model(capsys, tmp_path):
