@@ -578,6 +578,12 @@ def test_cli_data_takes_a_data_set_name(capsys, tmp_path, monkeypatch):
     _counterfact_file(tmp_path / "counterfact-val.json", n=4)
     monkeypatch.setenv("DCEDIT_DATA_DIR", str(tmp_path))
     assert [r.target for r in cli.load_requests("counterfact-val", 3)] == ["sea0", "sea1", "sea0"]
+    # A file of that name here is read as a file (the name is looked up only where none exists).
+    (tmp_path / "here").mkdir()
+    _counterfact_file(tmp_path / "here" / "counterfact-val", n=1)
+    monkeypatch.chdir(tmp_path / "here")
+    assert len(cli.load_requests("counterfact-val")) == 1
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DCEDIT_DATA_DIR", str(tmp_path / "elsewhere"))
     assert cli.main(["edit", "--method", "ft", "--data", "counterfact-val"]) == 2
     err = capsys.readouterr().err
