@@ -502,6 +502,18 @@ def test_cli_train_interrupted_says_how_to_resume(capsys, tmp_path, monkeypatch,
             "--batch-size", "2", "--rank", "4", "--val-every", "1",
             "--checkpoint-dir", str(tmp_path / "ck"), "--out", str(tmp_path / "mend.safetensors")]
     step = train._optimizer_step
+
+    def interrupted_at_once(*a, **k):
+        raise KeyboardInterrupt
+
+    # Interrupted before anything could be resumed: the line says so, not "run it again".
+    monkeypatch.setattr(train, "_optimizer_step", interrupted_at_once)
+    without_checkpoints = args[:13] + args[15:]
+    for more, said in (([], "nothing was saved (with --checkpoint-dir a run can be resumed)"),
+                       (["--checkpoint-dir", str(tmp_path / "ck0")],
+                        f"no checkpoint in {tmp_path / 'ck0'} yet (one is written every --val-every steps)")):
+        assert cli.main(without_checkpoints + more) == 130
+        assert f"dcedit: interrupted: {said}\n" in capsys.readouterr().err
     calls = []
 
     def interrupted_at_the_second_step(*a, **k):
