@@ -683,6 +683,24 @@ def test_cli_train_resumed_with_other_flags_names_the_flags(capsys, tmp_path, ti
     assert "--n-editors 2)" in _one_cli_line(capsys)
 
 
+def test_cli_train_resume_refusal_says_a_flag_once_and_unset_as_unset(capsys, tmp_path, tiny_model_dir):
+    """The refusal's editor differences come one per editor shape ("editor 64x32 rank: saved 4,
+    here 8; editor 32x64 rank: ..."): a flag is said once; a setting the first run left at None is
+    "unset", not Python's None."""
+    data = _counterfact_file(tmp_path / "cf.json", n=6)
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--val-data", str(data),
+            "--layers", "model.layers.1.mlp.up_proj,model.layers.1.mlp.down_proj",  # two shapes: two editors
+            "--batch-size", "2", "--rank", "4", "--steps", "1", "--checkpoint-dir", str(tmp_path / "ck"),
+            "--out", str(tmp_path / "e.safetensors")]
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    assert cli.main(args + ["--rank", "8"]) == 2
+    err = _one_cli_line(capsys)
+    assert "model.layers.1.mlp.down_proj --rank 4): give that run's flags" in err and err.count("--rank") == 1, err
+    assert cli.main(args + ["--val-size", "6"]) == 2
+    assert "(--val-size unset -> 6)" in _one_cli_line(capsys)
+
+
 def test_cli_train_resume_from_a_broken_checkpoint_names_the_flag(capsys, tmp_path, tiny_model_dir):
     """A trainer.safetensors that is not one said "use another checkpoint_dir, or resume=False"."""
     broken = tmp_path / "ck" / "trainer.safetensors"
