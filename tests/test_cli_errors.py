@@ -555,6 +555,11 @@ def test_cli_train_batch_larger_than_the_data_is_a_note_in_the_cli_terms(capsys,
     assert not [w for w in caught if "batch_size 25 is larger" in str(w.message)]
     assert ("dcedit: note: --batch-size 25 is more than the 3 training edits: every batch is all 3 "
             "of them") in capsys.readouterr().err
+    # A batch of all the edits, no more: nothing to note.
+    assert cli.main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--n-edits", "3",
+                     "--batch-size", "3", "--steps", "1", "--rank", "4",
+                     "--out", str(tmp_path / "e.safetensors")]) == 0
+    assert "--batch-size" not in capsys.readouterr().err
 
 
 def test_cli_train_resumed_with_fewer_steps_says_the_editor_is_the_checkpoints(capsys, tmp_path,
