@@ -352,6 +352,11 @@ def test_cli_zsre_limit_counts_requests_not_records(tmp_path, capsys):
     assert "1 record(s) with a blank prompt or target left out (record 1)" in capsys.readouterr().err
     assert len(cli.load_requests(str(path), 6)) == 6 and len(cli.load_requests(str(path))) == 6
     assert "(record 1, 4)" in capsys.readouterr().err
+    # Ten blank records are all named: no ", ..." (that is for more than ten).
+    path.write_text(json.dumps([dict(records[0], alt="")] * 10 + records[:1]))
+    assert len(cli.load_requests(str(path))) == 1
+    assert "10 record(s) with a blank prompt or target left out (record 0, 1, 2, 3, 4, 5, 6, 7, 8, 9)\n" \
+        in capsys.readouterr().err
     # A blank record after the last request used is not named, as record 4 is for --n-edits 3 above,
     # also where no request follows it (the file holds exactly 5 requests: it was "(record 1, 4, 7)").
     records[7]["alt"] = ""
