@@ -466,6 +466,10 @@ def test_cli_editor_that_is_no_file_is_refused_before_the_model_loads(capsys, tm
     for command in ("edit", "evaluate"):
         assert cli.main([command, "--editor", str(missing), "--data", "cf.json"]) == 2
         assert f"dcedit: error: --editor: file not found: {missing}" in capsys.readouterr().err
+    # A folder is no editor file either (ModelEditor.load would meet it after the model loaded).
+    for command in ("edit", "evaluate"):
+        assert cli.main([command, "--editor", str(tmp_path), "--data", "cf.json"]) == 2
+        assert f"dcedit: error: --editor: file not found: {tmp_path}" in capsys.readouterr().err
 
 
 def test_cli_tied_layer_is_refused_without_python_advice(capsys, tmp_path):
