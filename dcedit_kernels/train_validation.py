@@ -23,7 +23,7 @@ def evaluate_edits(me: ModelEditor, requests, batch_size: int = 4) -> dict:
     """Apply the edits (fused path, editors in eval mode) batch by batch, score each edit's
     rephrase (its prompt when it has none) teacher-forced, undo.  Every edit is scored once, in a
     batch of `batch_size` edits (all of them when there are fewer): the last batch is filled up
-    with the edits before it (`_batch_span`).  Returns `es` (mean share of target tokens predicted
+    with the edits before it (`_applied_with`).  Returns `es` (mean share of target tokens predicted
     by argmax), `es_all` (share of edits with every token right) and `nll` (mean target NLL per
     edit).  The LM head computes the scored positions' logits only (`scored_logits.logits_at`)."""
     requests = validate_requests(requests)
@@ -43,32 +43,30 @@ def _batch_scores(me: ModelEditor, requests, batch_size: int, batches) -> list[t
     `batches` (batch b: requests[b·batch_size:(b+1)·batch_size]), each applied, scored and undone."""
     out = []
     for b in batches:
-        applied, scored_from = _batch_span(len(requests), batch_size, b)
-        chunk = requests[applied.start:applied.stop]
+        chunk = requests[b * batch_size:(b + 1) * batch_size]  # the edits batch b scores
         rows = me.tokenize([r.rephrase or r.prompt for r in chunk], [r.target for r in chunk])
         positions = scored_positions(rows["labels"], causal=True)
-        with me.edited(chunk), torch.no_grad(), logits_at(me.model, positions, skip=me.modules.values()) as scored:
+        applied = requests[_applied_with(len(requests), batch_size, b)]
+        with me.edited(applied), torch.no_grad(), logits_at(me.model, positions, skip=me.modules.values()) as scored:
             logits = me.model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
                               **no_kv_cache(me.model)).logits  # read back by nobody (see metrics._score_batch)
             picked = scored.pick(logits)
             acc = scored_accuracy(picked, rows["labels"], causal=True).cpu()
             sums, counts = scored_nll(picked, rows["labels"], causal=True, reduction="row")
-            out.append((acc[scored_from:], (sums / counts.clamp(min=1)).cpu()[scored_from:]))
+            out.append((acc, (sums / counts.clamp(min=1)).cpu()))
     return out
 
 
-def _batch_span(n: int, batch_size: int, b: int) -> tuple[range, int]:
-    """(the requests applied together for batch b, the first of them that batch b scores).
-
-    Batch b scores requests b·batch_size up to (b+1)·batch_size; a last batch of fewer is applied
-    together with the edits before it, up to `batch_size` in all, and scores its own only.  Under
-    loss_reduction="token" an edit's factors scale as 1/N, so a remainder batch applied alone
-    took steps as many times larger (SmolLM2, MEND trained 100 steps on 20-edit batches, 25
-    validation edits: the last 5 scored ES 1.0 applied alone, 0.40 applied with the other 20, and
-    lifted the validation's ES, which picks the best step, from the first 20's 0.25 to 0.40)."""
+def _applied_with(n: int, batch_size: int, b: int) -> slice:
+    """The requests applied together while batch b (requests b·batch_size up to (b+1)·batch_size)
+    is scored: the batch itself, or, for a last batch of fewer, it and the edits before it, up to
+    `batch_size` in all (only its own are run and scored).  Under loss_reduction="token" an edit's
+    factors scale as 1/N, so a remainder batch applied alone took steps as many times larger
+    (SmolLM2, MEND trained 100 steps on 20-edit batches, 25 validation edits: the last 5 scored ES
+    1.0 applied alone, 0.40 applied with the other 20, and lifted the validation's ES, which picks
+    the best step, from the first 20's 0.25 to 0.40)."""
     stop = min((b + 1) * batch_size, n)
-    start = max(0, stop - batch_size)
-    return range(start, stop), b * batch_size - start
+    return slice(max(0, stop - batch_size), stop)
 
 
 def _edit_summary(batch_scores: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
