@@ -517,7 +517,8 @@ def test_cli_train_interrupted_says_how_to_resume(capsys, tmp_path, monkeypatch,
 
     # Interrupted before anything could be resumed: the line says so, not "run it again".
     monkeypatch.setattr(train, "_optimizer_step", interrupted_at_once)
-    without_checkpoints = args[:13] + args[15:]
+    at = args.index("--checkpoint-dir")
+    without_checkpoints = args[:at] + args[at + 2:]  # the flag and its folder
     for more, said in (([], "nothing was saved (with --checkpoint-dir a run can be resumed)"),
                        (["--checkpoint-dir", str(tmp_path / "ck0")],
                         f"no checkpoint in {tmp_path / 'ck0'} yet (one is written every --val-every steps)")):
