@@ -880,11 +880,14 @@ def test_lowrank_delta_linear_shared_half_alpha_gradient_rounds_once(gen, dtype,
         alpha64 = a["alpha"].double().requires_grad_()
         (want,) = torch.autograd.grad(reference.lowrank_delta_linear(**dict(a, alpha=alpha64)), alpha64, grad)
         assert got.dtype == dtype
-        # one rounding to the 16-bit dtype: at most half an ulp of the exact value
+        # one rounding to the 16-bit dtype: at most half an ulp of the exact value, plus the fp32
+        # sum's own error where the exact value sits at a rounding midpoint (a few fp32 ulps: up to
+        # ~1e-3 of an fp16 ulp; seed 15314319 drew 0.5000107 fp16 ulps against a 1e-6 slack)
         mantissa = 7 if dtype == torch.bfloat16 else 10
         ulp = 2.0 ** (math.floor(math.log2(abs(float(want)))) - mantissa)
         worst = max(worst, abs(float(got) - float(want)) / ulp)
-    assert worst <= 0.5 + 1e-6, f"{worst:.2f} ulps"
+    fp32_sum_error = 8 * 2.0 ** (mantissa - 23)  # 8 fp32 ulps, in ulps of the 16-bit dtype
+    assert worst <= 0.5 + fp32_sum_error, f"{worst:.6f} ulps"
 
 
 def test_lowrank_delta_linear_bad_input_raises(gen):
