@@ -1,8 +1,9 @@
 """Build `dcedit_kernels._C`: the C++ CPU kernels always, the CUDA sources when possible.
 
 DCEDIT_BUILD_CUDA=auto (default) builds csrc/cuda/*.cu when torch was built with CUDA and an nvcc
-of the same major version is found (else it warns and builds the CPU kernels only: the CUDA ops
-then run on Triton and the references); 1 forces it (and fails loudly if impossible); 0 skips it.
+of the same major version and the CUDA runtime library are found (else it warns and builds the CPU
+kernels only: the CUDA ops then run on Triton and the references); 1 forces it (and fails loudly if
+impossible); 0 skips it.
 
 CUDA architectures: TORCH_CUDA_ARCH_LIST when set, else the visible GPUs' (torch's own rule),
 else DEFAULT_CUDA_ARCHS.
@@ -38,6 +39,32 @@ def _nvcc_major() -> int | None:
     return int(found.group(1)) if found else None
 
 
+def _cudart_linkable() -> bool:
+    """Whether the link's `-lcudart` finds a library: in CUDA_HOME's lib64 or lib (torch links from
+    one of them) or in the compiler's own search path (a distribution's toolkit in /usr/lib/<triplet>).
+
+    torch takes CUDA_HOME from nvcc's folder: with `nvcc` on PATH a wrapper script in /usr/local/bin
+    (a machine here; the toolkit in /usr/local/cuda-13.0), CUDA_HOME was /usr/local, every CUDA
+    source compiled, and the link failed with "cannot find -lcudart", stopping the whole install.
+    ldconfig's cache is no test: it listed that toolkit's libcudart.so.13, which `-l` does not read.
+    """
+    if os.name == "nt":  # lib/x64/cudart.lib: left to torch's build
+        return True
+    home = cpp_extension.CUDA_HOME or ""
+    names = ("libcudart.so", "libcudart.a")
+    if any(os.path.exists(os.path.join(home, folder, name)) for folder in ("lib64", "lib") for name in names):
+        return True
+    for name in names:
+        try:
+            found = subprocess.run([os.environ.get("CXX", "c++"), f"-print-file-name={name}"],
+                                   capture_output=True, text=True, timeout=60).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return True  # no compiler to ask: left to torch's build, as before
+        if os.path.isabs(found) and os.path.exists(found):
+            return True
+    return False
+
+
 def _want_cuda() -> bool:
     choice = os.environ.get("DCEDIT_BUILD_CUDA", "auto").lower()
     if choice not in ("auto", "0", "1"):
@@ -61,6 +88,11 @@ def _want_cuda() -> bool:
         warnings.warn(f"dcedit_kernels: nvcc is CUDA {nvcc_major}, torch was built with CUDA {torch.version.cuda}: "
                       "building the CPU kernels only (set CUDA_HOME to a matching toolkit, or DCEDIT_BUILD_CUDA=1 "
                       "to see torch's error)")
+        return False
+    if not _cudart_linkable():
+        warnings.warn(f"dcedit_kernels: no CUDA runtime library (libcudart) under CUDA_HOME={cpp_extension.CUDA_HOME}: "
+                      "building the CPU kernels only (set CUDA_HOME to the CUDA toolkit's folder, or "
+                      "DCEDIT_BUILD_CUDA=1 to see the linker's error)")
         return False
     return True
 

@@ -204,13 +204,14 @@ def setup_py(monkeypatch):
 
 @pytest.fixture
 def cuda_toolchain(monkeypatch, setup_py):
-    """A torch built with CUDA 13.0 and an nvcc on PATH, as setup.py sees them."""
+    """A torch built with CUDA 13.0, an nvcc on PATH and the CUDA runtime library, as setup.py sees them."""
     import torch
     from torch.utils import cpp_extension
 
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/opt/cuda")
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: "/opt/cuda/bin/nvcc" if name == "nvcc" else None)
+    monkeypatch.setitem(setup_py, "_cudart_linkable", lambda: True)
     return setup_py
 
 
@@ -248,7 +249,8 @@ def test_setup_cuda_switch_with_this_torch(setup_py, monkeypatch):
     nvcc_major = setup_py["_nvcc_major"]()
     cuda_possible = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
                      and shutil.which("nvcc") is not None
-                     and nvcc_major in (None, int(torch.version.cuda.split(".")[0])))
+                     and nvcc_major in (None, int(torch.version.cuda.split(".")[0]))
+                     and setup_py["_cudart_linkable"]())
     got = {choice: _switch(monkeypatch, setup_py["_want_cuda"], choice) for choice in (None, "auto", "0", "1", "yes")}
     assert got[None] is cuda_possible and got["auto"] is cuda_possible and got["0"] is False, got
     assert got["yes"] == "ValueError", got
@@ -273,6 +275,48 @@ def test_setup_builds_cuda_with_the_toolkits_nvcc_off_path(cuda_toolchain, monke
     nvcc.unlink()  # neither on PATH nor in the toolkit: nothing to build with
     assert _switch(monkeypatch, cuda_toolchain["_want_cuda"], "auto") is False
     assert _switch(monkeypatch, cuda_toolchain["_want_cuda"], "1") == "RuntimeError"
+
+
+def test_setup_leaves_cuda_out_when_the_link_would_not_find_the_cuda_runtime(cuda_toolchain, monkeypatch):
+    """Seen on a machine whose `nvcc` on PATH is a wrapper script in /usr/local/bin: torch took
+    CUDA_HOME=/usr/local, compiled every CUDA source and failed the link ("cannot find -lcudart"),
+    stopping the install.  auto now warns and builds the CPU kernels; 1 still tries."""
+    monkeypatch.setitem(cuda_toolchain, "_nvcc_major", lambda: 13)
+    monkeypatch.setitem(cuda_toolchain, "_cudart_linkable", lambda: False)
+    with pytest.warns(UserWarning, match=r"no CUDA runtime library \(libcudart\) under CUDA_HOME=/opt/cuda"):
+        assert _switch(monkeypatch, cuda_toolchain["_want_cuda"], "auto") is False
+    assert _switch(monkeypatch, cuda_toolchain["_want_cuda"], "1") is True
+
+
+@pytest.mark.skipif(os.name == "nt", reason="the check is for the Unix linker's -lcudart")
+def test_setup_finds_the_cuda_runtime_where_the_link_looks(setup_py, monkeypatch, tmp_path):
+    from torch.utils import cpp_extension
+
+    home = tmp_path / "cuda"
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(home))
+    # A compiler that finds nothing by itself, as `c++ -print-file-name=libcudart.so` answers then.
+    compiler = tmp_path / "cxx"
+    compiler.write_text('#!/bin/sh\necho "${1#-print-file-name=}"\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    linkable = setup_py["_cudart_linkable"]
+    assert linkable() is False
+    (home / "lib").mkdir(parents=True)
+    (home / "lib" / "libcudart.so.13").touch()  # the runtime's soname alone: `-lcudart` misses it
+    assert linkable() is False
+    for folder, name in (("lib", "libcudart.so"), ("lib64", "libcudart.so"), ("lib64", "libcudart.a")):
+        (home / folder).mkdir(exist_ok=True)
+        (home / folder / name).touch()
+        assert linkable() is True, (folder, name)
+        (home / folder / name).unlink()
+    # In the compiler's own search path (a distribution's toolkit in /usr/lib/<triplet>).
+    found = tmp_path / "usr-lib" / "libcudart.so"
+    found.parent.mkdir()
+    found.touch()
+    compiler.write_text(f'#!/bin/sh\necho "{found}"\n')
+    assert linkable() is True
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    assert linkable() is True  # nothing to ask: left to torch's build
 
 
 def test_setup_reads_nvccs_major_version(setup_py, monkeypatch, tmp_path):
