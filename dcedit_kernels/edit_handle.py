@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import warnings
 import weakref
 
 import torch
@@ -251,5 +252,14 @@ def deferred_interrupt():
 
 
 def add_note(exc: BaseException, text: str) -> None:
+    """``exc.add_note(text)``.  Python 3.10 has no add_note and its tracebacks print no notes: there
+    the text goes to ``exc.__notes__`` as PEP 678 defines it (what 3.11 sets, for a caller that
+    reads it) and is warned, so that an undo that failed is not lost without a word."""
     if hasattr(exc, "add_note"):  # Python 3.11+
         exc.add_note(text)
+        return
+    notes = getattr(exc, "__notes__", None)
+    if not isinstance(notes, list):
+        notes = exc.__notes__ = []
+    notes.append(text)
+    warnings.warn(text, RuntimeWarning, stacklevel=3)

@@ -3,6 +3,7 @@ cache, evaluate, metrics, the data loaders and tokenize (each branch a coverage 
 untested)."""
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,34 @@ def test_an_exception_leaving_an_edit_handle_block_is_not_replaced(gen):
     assert any("undo the later edits first" in note for note in getattr(raised.value, "__notes__", []))
     assert handle.active and later.active
     assert later.undo() and handle.undo() and not me._live
+
+
+class _ExceptionWithoutAddNote(Exception):
+    """An exception as Python 3.10 makes them: no add_note (hasattr is False)."""
+
+    @property
+    def add_note(self):
+        raise AttributeError("add_note")
+
+
+def test_a_note_on_python_3_10_is_kept_in_notes_and_warned():
+    """Python 3.10 has no add_note and prints no notes: the note that an undo failed was dropped
+    there without a word (test_an_exception_leaving_an_edit_handle_block_is_not_replaced failed on
+    3.10).  Now it goes to __notes__ (PEP 678) and is warned; on 3.11+ add_note does it all."""
+    from dcedit_kernels.edit_handle import add_note
+
+    exc = _ExceptionWithoutAddNote("raised")
+    with pytest.warns(RuntimeWarning, match="first note"):
+        add_note(exc, "first note")
+    with pytest.warns(RuntimeWarning, match="second note"):
+        add_note(exc, "second note")
+    assert exc.__notes__ == ["first note", "second note"]
+    native = KeyError("raised")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 3.11+: add_note's own note, no warning
+        if hasattr(native, "add_note"):
+            add_note(native, "a note")
+            assert native.__notes__ == ["a note"]
 
 
 def changed_any(before, model):
