@@ -40,7 +40,7 @@ def skip_fp32_logits(arch):
 
 
 def rel_err(a, b):
-    a, b = a.double().cpu(), b.double().cpu()
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()  # no float() of a grad tensor warning
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
