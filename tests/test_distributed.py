@@ -316,6 +316,37 @@ def test_dcedit_train_under_torchrun(tmp_path):
     assert ModelEditor.load(out, model, tok).method == "mend"
 
 
+
+def _torchrun_train(tmp_path, *flags, n=8):
+    """`torchrun --nproc_per_node 2 -m dcedit_kernels.cli train` (gloo, 2 steps) on the tiny Llama
+    and `n` CounterFact edits, with `flags` after the others (the finished subprocess)."""
+    import os
+    import subprocess
+    import sys
+
+    from test_demo import _counterfact_file
+
+    model_dir = tmp_path / "tiny"
+    model, tok = tiny_model("llama", seed=0)
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = _counterfact_file(tmp_path / "cf.json", n=n)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "dcedit_kernels.cli", "train", "--model", str(model_dir), "--method", "mend",
+                           "--rank", "3", "--data", str(data), "--steps", "2", "--out",
+                           str(tmp_path / "mend.safetensors"), *flags],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_dcedit_train_under_torchrun_notes_a_batch_larger_than_the_data_once(tmp_path):
+    """A --batch-size above the training edits is a note (fit's UserWarning filtered); under torchrun
+    rank 0 alone prints it, as it prints the saved line: each of the N processes printing it said
+    the same note N times."""
+    run = _torchrun_train(tmp_path, "--batch-size", "5", n=4)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("dcedit: note: --batch-size 5 is more than the 4 training edits") == 1, run.stderr[-3000:]
+
 def test_training_in_a_process_group_without_data_parallel_warns(monkeypatch):
     """A torchrun script that forgets TrainConfig(data_parallel=True) trains alone per process:
     fit says so (every process would repeat the work and write checkpoint_dir)."""
