@@ -347,6 +347,17 @@ def test_dcedit_train_under_torchrun_notes_a_batch_larger_than_the_data_once(tmp
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stderr.count("dcedit: note: --batch-size 5 is more than the 4 training edits") == 1, run.stderr[-3000:]
 
+
+def test_dcedit_train_under_torchrun_trains_data_parallel(tmp_path):
+    """Under torchrun `dcedit train` gives fit data_parallel=True (the processes' count > 1): with
+    False each process trains its editors alone on the same batches, the run still ends in one saved
+    line naming "2 processes", and only fit's UserWarning ("data_parallel=False: this process trains
+    its editors on its own") on stderr says the work was repeated, not shared."""
+    run = _torchrun_train(tmp_path, "--batch-size", "2")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 processes" in run.stdout
+    assert "data_parallel=False" not in run.stderr, run.stderr[-3000:]
+
 def test_training_in_a_process_group_without_data_parallel_warns(monkeypatch):
     """A torchrun script that forgets TrainConfig(data_parallel=True) trains alone per process:
     fit says so (every process would repeat the work and write checkpoint_dir)."""
