@@ -358,6 +358,32 @@ def test_dcedit_train_under_torchrun_trains_data_parallel(tmp_path):
     assert "2 processes" in run.stdout
     assert "data_parallel=False" not in run.stderr, run.stderr[-3000:]
 
+
+def test_dcedit_train_leaves_the_process_group_it_joined(monkeypatch, tmp_path):
+    """`dcedit train` joins torchrun's process group (distributed.init_from_env) and destroys it when
+    it ends: main() called from Python under a launcher (a script, a notebook) otherwise returned
+    with the process still in the group, which the next main() took for one already up and did not
+    join again.  A one-process gloo group stands in for torchrun's (a real one needs two processes)."""
+    from dcedit_kernels import cli, distributed
+    from test_demo import _counterfact_file
+
+    def join(device):
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        return device, True
+    monkeypatch.setattr(distributed, "init_from_env", join)
+    model_dir = tmp_path / "tiny"
+    model, tok = tiny_model("llama", seed=0)
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = _counterfact_file(tmp_path / "cf.json", n=4)
+    try:
+        assert cli.main(["train", "--model", str(model_dir), "--rank", "3", "--data", str(data), "--steps", "1",
+                         "--batch-size", "2", "--out", str(tmp_path / "mend.safetensors")]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():  # the other tests start without a group
+            dist.destroy_process_group()
+
 def test_training_in_a_process_group_without_data_parallel_warns(monkeypatch):
     """A torchrun script that forgets TrainConfig(data_parallel=True) trains alone per process:
     fit says so (every process would repeat the work and write checkpoint_dir)."""
