@@ -384,6 +384,29 @@ def test_dcedit_train_leaves_the_process_group_it_joined(monkeypatch, tmp_path):
         if dist.is_initialized():  # the other tests start without a group
             dist.destroy_process_group()
 
+
+def test_dcedit_train_under_torchrun_checks_out_on_rank_0_only(monkeypatch, tmp_path):
+    """Under torchrun rank 0 alone saves the editor, so main() checks --out (and --out against the
+    input files) on RANK 0 only: check_out creates the file to see that it can be written and removes
+    it again, and N processes doing so at once could remove one another's file, failing a process
+    with "--out ...: cannot be written".  `edit` and `evaluate` check on every rank (each writes its
+    own record)."""
+    from dcedit_kernels import cli
+
+    checked = []
+    monkeypatch.setattr(cli, "check_out", lambda out: checked.append("out"))
+    monkeypatch.setattr(cli, "check_inputs", lambda args, out: checked.append("inputs"))
+    monkeypatch.setitem(cli.COMMANDS, "train", lambda args: {})
+    monkeypatch.setitem(cli.COMMANDS, "edit", lambda args: {})
+    monkeypatch.setattr(cli, "write_json", lambda *a: None)
+    out = str(tmp_path / "e.safetensors")
+    for command, rank, expected in (("train", "1", []), ("train", "0", ["out", "inputs"]),
+                                    ("edit", "1", ["out", "inputs"])):
+        monkeypatch.setenv("RANK", rank)
+        checked.clear()
+        assert cli.main([command, "--out", out]) == 0
+        assert checked == expected, (command, rank, checked)
+
 def test_training_in_a_process_group_without_data_parallel_warns(monkeypatch):
     """A torchrun script that forgets TrainConfig(data_parallel=True) trains alone per process:
     fit says so (every process would repeat the work and write checkpoint_dir)."""
