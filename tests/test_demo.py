@@ -410,6 +410,7 @@ def test_cli_unknown_flag_shows_the_commands_usage(capsys, command):
     (["edit", "--prompt", "A is", "--target", ""], "--target must be a non-empty string, got ''"),
     (["edit", "--prompt", " ", "--target", "B"], "--prompt must be a non-empty string, got ' '"),
     (["edit", "--prompt", "A is", "--target", "B", "--rephrase", ""], "--rephrase must be a non-empty string"),
+    (["edit", "--rephrase", "A was"], "--rephrase goes with --prompt and --target"),
     (["edit", "--method", "ft", "--rank", "8", "--prompt", "A is", "--target", "B"],
      "--rank applies to the editor methods"),
 ])
