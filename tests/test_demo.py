@@ -647,7 +647,6 @@ def test_cli_train_edit_evaluate_on_tiny_model(capsys, tmp_path, tiny_model_dir)
     assert "--n-editors applies to raeditor and moeditor" in capsys.readouterr().err
 
 
-
 def test_cli_train_on_one_process_says_no_process_count(capsys, tmp_path, tiny_model_dir):
     """The saved line names the processes only under torchrun (", 2 processes"): one process's line
     ends at the time, with no ", 1 processes", and says "1 step", not "1 steps"."""
@@ -660,6 +659,7 @@ def test_cli_train_on_one_process_says_no_process_count(capsys, tmp_path, tiny_m
     said = f"saved the trained editor to {editor} (MEND, 1 step, "
     assert lines[0].startswith(said) and lines[0].endswith(" s)"), lines[0]
     assert "process" not in lines[0].removeprefix(said), lines[0]  # (the folder's name has "process")
+
 
 def test_cli_train_says_when_it_stopped_early_and_which_step_it_saved(capsys, tmp_path,
                                                                         tiny_model_dir):
