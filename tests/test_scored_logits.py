@@ -170,6 +170,26 @@ def test_logits_at_on_a_compiled_model_gathers_without_a_warning(gen):
     assert not [w for w in caught if "get_ident" in str(w.message)]
 
 
+def test_full_logits_inside_full_logits_stays_on_until_the_outer_block_ends(gen):
+    """`full_logits()` entered inside another (a comparison helper called from a block that already
+    asked for the full logits): leaving the inner block puts back what was on before it, so a
+    `logits_at` later in the outer block still gathers nothing; after the outer block it gathers."""
+    torch.manual_seed(seed_from(gen))
+    model = _TinyLM()
+    ids = torch.randint(0, 11, (3, 5), generator=gen)
+    positions = torch.rand(3, 5, generator=gen) < 0.5
+    with torch.no_grad():
+        with full_logits():
+            with full_logits():
+                pass
+            with logits_at(model, positions) as scored:
+                out = model(ids)
+        assert not scored.gathered and out.shape == (3, 5, 11)
+        with logits_at(model, positions) as scored:
+            out = model(ids)
+        assert scored.gathered and out.shape == (1, int(positions.sum()), 11)
+
+
 def test_head_input_records_the_full_sequence_under_an_earlier_gather(gen):
     """`head_input` puts its hook before every other pre-hook on the head: entered inside
     `logits_at` (whose gather is then registered first), it still records the (B, L, H) state the
