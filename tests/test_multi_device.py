@@ -267,6 +267,18 @@ def test_an_int_execution_device_is_an_index_of_the_machines_accelerator(monkeyp
         assert torch.device(normalize_device(1)) == input_device(model)
 
 
+def test_a_sequential_hook_takes_the_first_execution_device_among_its_hooks():
+    """A SequentialHook (hooks chained with append=True) has no execution device of its own: the
+    first of its hooks that has one gives it, not a later hook's, nor the weights' device when a
+    later hook has none."""
+    model, _ = tiny_model("llama")
+    first, second = torch.device("cuda:3"), torch.device("cuda:5")
+    model.get_input_embeddings()._hf_hook = SimpleNamespace(hooks=(
+        SimpleNamespace(), SimpleNamespace(execution_device=first), SimpleNamespace(execution_device=second),
+        SimpleNamespace()))
+    assert input_device(model) == first
+
+
 def test_offloaded_edited_layer_is_refused():
     model, tok = tiny_model("llama")
     model.get_submodule("model.layers.0.mlp.down_proj").to("meta")
