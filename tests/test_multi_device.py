@@ -279,6 +279,14 @@ def test_a_sequential_hook_takes_the_first_execution_device_among_its_hooks():
     assert input_device(model) == first
 
 
+def test_model_devices_leaves_out_offloaded_weights():
+    """Weights left on "meta" (offloaded by accelerate) are on no device the model computes on:
+    model_devices names the devices of the resident ones only (peak memory, RNG states)."""
+    model, _ = tiny_model("llama")
+    model.model.layers[0].to("meta")
+    assert model_devices(model) == [torch.device("cpu")]
+
+
 def test_offloaded_edited_layer_is_refused():
     model, tok = tiny_model("llama")
     model.get_submodule("model.layers.0.mlp.down_proj").to("meta")
