@@ -287,6 +287,13 @@ def test_model_devices_leaves_out_offloaded_weights():
     assert model_devices(model) == [torch.device("cpu")]
 
 
+def test_as_device_refuses_a_bool_as_a_bool():
+    """True is an int to Python, but no CUDA index: it is refused for its type, by name."""
+    for bad in (True, False):
+        with pytest.raises(ValueError, match="editor_device must be None, a str, an int or a torch.device, got bool"):
+            as_device(bad, "editor_device")
+
+
 def test_offloaded_edited_layer_is_refused():
     model, tok = tiny_model("llama")
     model.get_submodule("model.layers.0.mlp.down_proj").to("meta")
