@@ -294,6 +294,19 @@ def test_as_device_refuses_a_bool_as_a_bool():
             as_device(bad, "editor_device")
 
 
+def test_as_device_refuses_the_index_one_past_the_last_cuda_device(monkeypatch):
+    """With two CUDA devices (faked here), cuda:0 and cuda:1 (and "cuda", the current one) are
+    taken and cuda:2, one past the last, is refused naming the device count."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert as_device("cuda:1", "editor_device") == torch.device("cuda:1")
+    assert as_device(0, "editor_device") == torch.device("cuda:0")
+    assert as_device("cuda", "editor_device") == torch.device("cuda")
+    for bad in ("cuda:2", 2):
+        with pytest.raises(ValueError, match=r"editor_device: cuda:2 is not available here \(2 CUDA devices\)"):
+            as_device(bad, "editor_device")
+
+
 def test_offloaded_edited_layer_is_refused():
     model, tok = tiny_model("llama")
     model.get_submodule("model.layers.0.mlp.down_proj").to("meta")
