@@ -307,6 +307,13 @@ def test_as_device_refuses_the_index_one_past_the_last_cuda_device(monkeypatch):
             as_device(bad, "editor_device")
 
 
+def test_cuda_indices_reads_a_bare_cuda_as_the_current_device(monkeypatch):
+    """"cuda" without an index is the current CUDA device (faked here as 2), not device 0."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert cuda_indices([torch.device("cuda")]) == [2]
+    assert cuda_indices([torch.device("cuda"), torch.device("cuda:0"), torch.device("cpu")]) == [0, 2]
+
+
 def test_offloaded_edited_layer_is_refused():
     model, tok = tiny_model("llama")
     model.get_submodule("model.layers.0.mlp.down_proj").to("meta")
