@@ -314,6 +314,19 @@ def test_cuda_indices_reads_a_bare_cuda_as_the_current_device(monkeypatch):
     assert cuda_indices([torch.device("cuda"), torch.device("cuda:0"), torch.device("cpu")]) == [0, 2]
 
 
+def test_an_int_execution_device_is_cuda_where_the_accelerator_query_raises(monkeypatch):
+    """torch 2.6's `torch.accelerator.current_accelerator()` raises RuntimeError on a CPU-only build
+    (simulated here): an int execution device is then a CUDA index, as with no accelerator named."""
+    model, _ = tiny_model("llama")
+    model.get_input_embeddings()._hf_hook = SimpleNamespace(execution_device=1)
+
+    def raising(*args, **kwargs):
+        raise RuntimeError("no accelerator (simulated)")
+
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", raising)
+    assert input_device(model) == torch.device("cuda:1")
+
+
 def test_offloaded_edited_layer_is_refused():
     model, tok = tiny_model("llama")
     model.get_submodule("model.layers.0.mlp.down_proj").to("meta")
