@@ -74,6 +74,21 @@ def test_an_index_error_unrelated_to_length_is_raised_as_it_is(gen, monkeypatch)
     assert not me._live
 
 
+def test_a_row_exactly_at_the_position_limit_is_not_past_it():
+    """positions.past_positions names a row only when it is longer than the model's positions: a
+    row of exactly n_positions tokens fits the learned table, so an IndexError over its batch is
+    not turned into a "more than the model's positions" ValueError."""
+    from dcedit_kernels.positions import past_positions
+
+    model, _ = tiny_model("gpt2", seed=0)
+    limit = model.config.n_positions
+    mask = torch.zeros(3, limit + 1, dtype=torch.long)
+    mask[0, :2], mask[1, :limit], mask[2, :5] = 1, 1, 1
+    assert past_positions(model, {"attention_mask": mask}, causal=True) is None
+    mask[1, limit] = 1
+    assert past_positions(model, {"attention_mask": mask}, causal=True) == (1, limit + 1, "prompt + target", limit)
+
+
 def test_an_edited_block_whose_edit_was_undone_inside_it(gen):
     me = make_editor("gpt2", "mend", gen)
     before = snapshot(me.model)
