@@ -2265,6 +2265,26 @@ def test_allowed_tied_edit_changes_both_and_undoes(gen, tmp_path):
     assert ModelEditor.load(tmp_path / "tied.safetensors", model, tok).allow_tied is True
 
 
+def views_of_one_buffer(shift):
+    """A tiny Llama whose input embedding and LM head (both vocab × hidden, v·d elements) are views
+    of one float32 buffer: the embedding its first v·d elements, the head v·d from element v·d + shift."""
+    model, tok = tiny_model("llama", seed=0)
+    v, d = model.get_input_embeddings().weight.shape
+    buf = torch.randn(2 * v * d + shift)
+    model.get_input_embeddings().weight = nn.Parameter(buf[:v * d].view(v, d))
+    model.get_output_embeddings().weight = nn.Parameter(buf[v * d + shift:].view(v, d))
+    return model, tok
+
+
+def test_a_weight_in_adjacent_memory_is_not_tied():
+    """Two weights side by side in one buffer, the head starting just past the embedding's last
+    element, share no memory: editing the head changes nothing of the embedding, so it is not refused."""
+    model, tok = views_of_one_buffer(0)
+    embedding, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert head.data_ptr() == embedding.data_ptr() + 4 * embedding.numel()
+    ModelEditor(model, tok, ["lm_head"], method="mend")
+
+
 def test_weights_sharing_an_editor_are_edited_in_their_own_mode(gen):
     """gpt2's two c_fc weights share the 20x37 editor as modes 0 and 1 (their order in `layers`):
     each weight's shift is α[mode]·Δ(mode) of its own factors, not mode 0's (the modes have their
