@@ -2285,6 +2285,14 @@ def test_a_weight_in_adjacent_memory_is_not_tied():
     ModelEditor(model, tok, ["lm_head"], method="mend")
 
 
+def test_a_weight_overlapping_by_one_element_is_tied():
+    """A head whose first element is the embedding's last one shares that element's memory: an
+    in-place edit of the head would change the embedding, so it is refused as tied."""
+    model, tok = views_of_one_buffer(-1)
+    with pytest.raises(ValueError, match=r"'lm_head' shares its weight with model.embed_tokens.weight"):
+        ModelEditor(model, tok, ["lm_head"], method="mend")
+
+
 def test_weights_sharing_an_editor_are_edited_in_their_own_mode(gen):
     """gpt2's two c_fc weights share the 20x37 editor as modes 0 and 1 (their order in `layers`):
     each weight's shift is α[mode]·Δ(mode) of its own factors, not mode 0's (the modes have their
