@@ -249,6 +249,26 @@ def test_lowrank_edited_rejects_bad_rows(gen):
     assert "forward" not in dict(model.named_modules())[name].__dict__
 
 
+def test_patched_forwards_restores_a_module_patched_twice_to_what_it_had_before_both():
+    """`patched_forwards` puts back each module's forward in the reverse order of the patches: a
+    module patched twice in one block (a second patch over the first) gets back what it had before
+    the first, its instance-level forward (as accelerate sets one) or, without one, none at all."""
+    from torch import nn
+
+    from dcedit_kernels.patched_forwards import patched_forwards
+
+    plain, hooked = nn.Linear(2, 2), nn.Linear(2, 2)
+    own = lambda x: x  # noqa: E731 (an instance-level forward set before the block)
+    hooked.forward = own
+    with patched_forwards() as patch:
+        for module in (plain, hooked):
+            patch(module, lambda x: x + 1)
+            patch(module, lambda x: x + 2)
+        assert plain(torch.zeros(2)).tolist() == [2.0, 2.0]
+    assert "forward" not in plain.__dict__
+    assert hooked.__dict__["forward"] is own
+
+
 def test_a_patched_forward_called_after_its_block_raises(gen):
     """A reference to a patched forward kept past the block (a closure, a hook, a reentrant
     checkpoint whose recompute runs in a backward after the block) raised a bare KeyError (the
