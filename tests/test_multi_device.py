@@ -327,6 +327,22 @@ def test_an_int_execution_device_is_cuda_where_the_accelerator_query_raises(monk
     assert input_device(model) == torch.device("cuda:1")
 
 
+@pytest.mark.parametrize("error", [NotImplementedError, AttributeError])
+def test_inputs_go_to_the_first_parameter_where_get_input_embeddings_raises(error):
+    """A model whose `get_input_embeddings` raises (Hugging Face's NotImplementedError for a model
+    without one; AttributeError from one that reads a submodule it lacks) has its inputs on the
+    device of its first parameter, as a model without the method."""
+    class NoEmbedding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(2, 2)
+
+        def get_input_embeddings(self):
+            raise error("no input embedding")
+
+    assert input_device(NoEmbedding()) == torch.device("cpu")
+
+
 def test_offloaded_edited_layer_is_refused():
     model, tok = tiny_model("llama")
     model.get_submodule("model.layers.0.mlp.down_proj").to("meta")
