@@ -323,7 +323,8 @@ def test_an_int_execution_device_is_cuda_where_the_accelerator_query_raises(monk
     def raising(*args, **kwargs):
         raise RuntimeError("no accelerator (simulated)")
 
-    monkeypatch.setattr(torch.accelerator, "current_accelerator", raising)
+    # The module replaced, not its function: torch < 2.6 (2.4 is supported) has no torch.accelerator.
+    monkeypatch.setattr(torch, "accelerator", SimpleNamespace(current_accelerator=raising), raising=False)
     assert input_device(model) == torch.device("cuda:1")
 
 
