@@ -38,6 +38,18 @@ def test_resume_of_a_run_stopped_early_goes_on_with_another_patience(gen, tmp_pa
     assert resumed.steps == 10 and not resumed.stopped_early, (resumed.steps, resumed.stopped_early)
 
 
+def test_resume_takes_another_min_delta_or_restore_best(gen, tmp_path):
+    """The early-stopping fields may change on resume, as patience may (_RESUMABLE_CHANGES, the
+    module docstring of train_checkpoint): another min_delta, then another restore_best, resume
+    the same run rather than raise ResumeMismatchError."""
+    me = tiny_mend("gpt2", gen)
+    requests = random_requests(gen, 4)
+    config = TrainConfig(steps=1, batch_size=2, progress=False, checkpoint_dir=str(tmp_path))
+    me.fit(requests, config=config)
+    assert me.fit(requests, config=config.replace(steps=2, min_delta=0.1)).resumed_from == 1
+    assert me.fit(requests, config=config.replace(steps=3, restore_best=False)).resumed_from == 2
+
+
 @pytest.mark.parametrize("batch_size", [0, -2])
 def test_evaluate_edits_refuses_a_bad_batch_size_with_a_value_error(batch_size, gen):
     """A ValueError naming batch_size, as metrics gives for the same argument (0 once raised
