@@ -50,6 +50,28 @@ def test_resume_takes_another_min_delta_or_restore_best(gen, tmp_path):
     assert me.fit(requests, config=config.replace(steps=3, restore_best=False)).resumed_from == 2
 
 
+def test_a_checkpoint_from_before_a_train_config_field_resumes(gen, tmp_path):
+    """_check_run compares the TrainConfig fields both runs record: a checkpoint written before a
+    field existed (its recorded settings lack it, here fisher_mask) resumes, rather than raise
+    KeyError on the field it lacks."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    me = tiny_mend("gpt2", gen)
+    requests = random_requests(gen, 4)
+    config = TrainConfig(steps=1, batch_size=2, progress=False, checkpoint_dir=str(tmp_path))
+    me.fit(requests, config=config)
+    path = tmp_path / "trainer.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    run = json.loads(meta["run"])
+    del run["config"]["fisher_mask"]  # as a run before TrainConfig had the field recorded it
+    save_file(load_file(str(path)), str(path), metadata={**meta, "run": json.dumps(run)})
+    assert me.fit(requests, config=config.replace(steps=2)).resumed_from == 1
+
+
 @pytest.mark.parametrize("batch_size", [0, -2])
 def test_evaluate_edits_refuses_a_bad_batch_size_with_a_value_error(batch_size, gen):
     """A ValueError naming batch_size, as metrics gives for the same argument (0 once raised
