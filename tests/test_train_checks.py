@@ -72,6 +72,24 @@ def test_a_checkpoint_from_before_a_train_config_field_resumes(gen, tmp_path):
     assert me.fit(requests, config=config.replace(steps=2)).resumed_from == 1
 
 
+def test_a_resumed_run_keeps_the_validations_and_bad_validations_before_its_checkpoint(gen, tmp_path, monkeypatch):
+    """The checkpoint carries the validation record: a resumed run's val_history holds the
+    validations before it, and patience counts the bad validations before it too (scripted scores,
+    each worse than the first: 2 steps resumed to 20 stop at step 3, as one run of 20 would; with
+    the count restarted at 0 the resumed run went on to step 4)."""
+    scores = iter([0.5, 0.4, 0.3, 0.2, 0.1])
+    monkeypatch.setattr(train_module, "evaluate_edits",
+                        lambda editor, val_requests, batch_size=4: dict(es=next(scores), es_all=0.0, nll=1.0))
+    me = tiny_mend("gpt2", gen)
+    requests = random_requests(gen, 6)
+    config = TrainConfig(steps=20, batch_size=3, val_every=1, patience=2, progress=False, checkpoint_dir=str(tmp_path))
+    first = me.fit(requests[:4], requests[4:], config.replace(steps=2))
+    assert not first.stopped_early and first.best_step == 1
+    resumed = me.fit(requests[:4], requests[4:], config)
+    assert resumed.resumed_from == 2 and resumed.stopped_early and resumed.steps == 3, resumed.steps
+    assert [(v["step"], v["es"]) for v in resumed.val_history] == [(1, 0.5), (2, 0.4), (3, 0.3)]
+
+
 @pytest.mark.parametrize("batch_size", [0, -2])
 def test_evaluate_edits_refuses_a_bad_batch_size_with_a_value_error(batch_size, gen):
     """A ValueError naming batch_size, as metrics gives for the same argument (0 once raised
