@@ -263,6 +263,18 @@ def test_a_batch_with_non_finite_gradients_is_skipped_and_counted(gen, monkeypat
     assert all(torch.equal(a, b) for a, b in zip(before, me2.editors.parameters()))
 
 
+def test_a_resumed_run_counts_the_batches_skipped_before_its_checkpoint(gen, tmp_path, monkeypatch):
+    """skipped_batches sums every run of a checkpoint_dir, as elapsed_s does: the checkpoint holds
+    the count up to its step, and a resume adds its own skipped batches to it."""
+    me = tiny_mend("gpt2", gen)
+    requests = random_requests(gen, 4)
+    _poison_batches(monkeypatch, {r.prompt for r in requests})  # every batch non-finite: one skipped per step
+    config = TrainConfig(steps=1, batch_size=2, progress=False, seed=seed_from(gen), checkpoint_dir=str(tmp_path))
+    assert me.fit(requests, config=config).skipped_batches == 1
+    resumed = me.fit(requests, config=config.replace(steps=2))
+    assert resumed.resumed_from == 1 and resumed.skipped_batches == 2, resumed.skipped_batches
+
+
 def test_resume_refuses_a_file_that_is_not_a_trainer_checkpoint(gen, tmp_path):
     from dcedit_kernels.safetensors_file import save_safetensors
 
