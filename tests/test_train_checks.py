@@ -90,6 +90,27 @@ def test_a_resumed_run_keeps_the_validations_and_bad_validations_before_its_chec
     assert [(v["step"], v["es"]) for v in resumed.val_history] == [(1, 0.5), (2, 0.4), (3, 0.3)]
 
 
+def test_a_checkpoint_without_routing_generator_states_resumes(gen, tmp_path):
+    """_set_rng_states leaves a routing generator the checkpoint holds no state for as it is (a
+    seeded RaEditor's route_rng tensors missing, as in a checkpoint written before they were
+    saved): the resume goes on, rather than raise KeyError on the missing tensor."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model, tok = tiny_model("gpt2", seed=seed_from(gen))
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="raeditor", n_editors=2, rank=3, seed=1)
+    requests = random_requests(gen, 4)
+    config = TrainConfig(steps=1, batch_size=2, progress=False, checkpoint_dir=str(tmp_path))
+    me.fit(requests, config=config)
+    path = tmp_path / "trainer.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    assert any(k.startswith("route_rng.") for k in tensors)
+    save_file({k: v for k, v in tensors.items() if not k.startswith("route_rng.")}, str(path), metadata=meta)
+    assert me.fit(requests, config=config.replace(steps=2)).resumed_from == 1
+
+
 @pytest.mark.parametrize("batch_size", [0, -2])
 def test_evaluate_edits_refuses_a_bad_batch_size_with_a_value_error(batch_size, gen):
     """A ValueError naming batch_size, as metrics gives for the same argument (0 once raised
