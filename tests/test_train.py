@@ -1295,6 +1295,24 @@ def test_early_stopping_keeps_the_best_validation_and_restores_it(gen, monkeypat
     assert not all(torch.equal(states[1][k], states[4][k]) for k in final)  # training moved it since
 
 
+def test_a_validation_within_min_delta_of_the_best_is_not_an_improvement(gen, monkeypatch):
+    """min_delta: a validation improves on the best only when its ES exceeds the best by more than
+    min_delta (scripted scores): 0.55 after 0.5 with min_delta 0.1 keeps step 1 as the best and
+    counts as a bad validation, so patience 1 stops the run at step 2."""
+    import dcedit_kernels.train as train_module
+
+    model, tok = tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, seed=1)
+    requests = random_requests(gen, 6)
+    scores = iter([0.5, 0.55, 0.7])
+    monkeypatch.setattr(train_module, "evaluate_edits",
+                        lambda editor, val_requests, batch_size=4: dict(es=next(scores), es_all=0.0, nll=1.0))
+    config = TrainConfig(steps=3, batch_size=3, val_every=1, patience=1, min_delta=0.1, progress=False)
+    result = me.fit(requests[:4], requests[4:], config)
+    assert (result.best_step, result.best_es) == (1, 0.5)
+    assert result.stopped_early and result.steps == 2
+
+
 def test_accumulated_step_averages_the_batches_gradients(gen):
     """accumulate=2: one optimiser step on the mean of the two batches' gradients (SGD on α, the
     editor weights frozen by lr=0; one editor without normalisation: nothing random)."""
