@@ -296,6 +296,14 @@ def test_cache_dir_falls_back_to_xdg_then_home(monkeypatch, tmp_path):
     assert editor_cache.cache_dir() == tmp_path / "mine"
 
 
+def test_an_empty_dcedit_cache_dir_counts_as_unset(monkeypatch, tmp_path):
+    """DCEDIT_CACHE_DIR set to "" (exported empty) falls back to $XDG_CACHE_HOME as an unset one
+    does, rather than giving Path(""), the current folder, as the cache."""
+    monkeypatch.setenv("DCEDIT_CACHE_DIR", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert editor_cache.cache_dir() == tmp_path / "xdg" / "dcedit_kernels"
+
+
 def _train_cached(gen_seed, tmp_path, **extra):
     model, tok = tiny_model("llama", seed=gen_seed)
     reqs = random_requests(torch.Generator().manual_seed(gen_seed), 2)
