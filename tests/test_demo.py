@@ -761,6 +761,23 @@ def test_editor_cache_key_tells_model_files_of_one_name_and_size_apart(tmp_path)
     assert key(files[0]) == key(files[2])  # the same model, copied elsewhere: reused
 
 
+def test_editor_cache_key_sees_a_model_file_rewritten_in_place(tmp_path):
+    """The file's digest is remembered per process while its size and mtime stay (`_file_digest`):
+    a model file rewritten in place with other content of the same size (a newer mtime) gets a
+    new key, rather than the digest remembered for its old content."""
+    model_file = tmp_path / "model.gguf"
+    model_file.write_bytes(b"\x01" * 64)
+    os.utime(model_file, ns=(1_000_000_000, 1_000_000_000))
+
+    def key():
+        return editor_cache.editor_cache_key("mend", ["a.b"], {}, {"steps": 2}, ["x"], str(model_file))
+
+    before = key()
+    model_file.write_bytes(b"\x02" * 64)
+    os.utime(model_file, ns=(2_000_000_000, 2_000_000_000))
+    assert key() != before
+
+
 def test_editor_cache_key_covers_the_transformers_version(monkeypatch):
     """transformers turns the model file into weights and token ids (a gguf's dequantization and
     tokenizer are its code): an editor trained under one version is not reused under another."""
