@@ -332,6 +332,18 @@ def test_a_cached_editor_with_an_unreadable_info_file_still_loads(gen, tmp_path,
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_cached_editor_reports_the_training_time_of_the_run_that_cached_it(gen, tmp_path, monkeypatch):
+    """A cached editor's info: train_s 0.0 (nothing trained now), trained_earlier_s the train_s its
+    info file recorded, and the earlier run's steps."""
+    monkeypatch.setenv("DCEDIT_CACHE_DIR", str(tmp_path / "cache"))
+    seed = seed_from(gen)
+    _, info = _train_cached(seed, tmp_path)
+    assert info["cached"] is False and info["train_s"] > 0
+    _, info2 = _train_cached(seed, tmp_path)
+    assert info2["cached"] is True and info2["train_s"] == 0.0 and info2["steps"] == 1
+    assert info2["trained_earlier_s"] == info["train_s"]
+
+
 def test_random_routing_twin_refusals(gen):
     model, tok = tiny_model("llama", seed=seed_from(gen))
     layers = ["model.layers.1.mlp.down_proj"]
