@@ -331,6 +331,34 @@ def test_resume_refuses_a_checkpoint_of_another_loss_reduction_or_tokens(gen, tm
         other.fit(reqs, config=config.replace(steps=2))
 
 
+def test_a_checkpoint_from_before_loss_reduction_was_recorded_resumes_as_token(gen, tmp_path):
+    """A training checkpoint whose editor config lacks loss_reduction (written before it was
+    recorded) was trained with the batch-mean scale, "token" (LEGACY_LOSS_REDUCTION, as
+    ModelEditor.load reads such a file): a ModelEditor with loss_reduction="edit" is refused,
+    one with "token" resumes it."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    seed = seed_from(gen)
+    reqs = random_requests(gen, 4)
+    config = TrainConfig(steps=1, batch_size=2, progress=False, checkpoint_dir=str(tmp_path))
+    model, tok = tiny_model("gpt2", seed=seed)
+    ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, loss_reduction="token").fit(reqs, config=config)
+    path = tmp_path / "trainer.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    saved = json.loads(meta["model_editor"])
+    del saved["loss_reduction"]
+    save_file(load_file(str(path)), str(path), metadata={**meta, "model_editor": json.dumps(saved)})
+    other = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, loss_reduction="edit")
+    with pytest.raises(ValueError, match="loss_reduction='token', this ModelEditor uses 'edit'"):
+        other.fit(reqs, config=config.replace(steps=2))
+    same = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, loss_reduction="token")
+    assert same.fit(reqs, config=config.replace(steps=2)).resumed_from == 1
+
+
 def test_fit_with_a_config_and_overrides(gen):
     me = tiny_mend("gpt2", gen)
     config = TrainConfig(steps=5, batch_size=2, progress=False)
