@@ -604,6 +604,23 @@ def test_from_mend_separate_editors(gen, tmp_path):
         ModelEditor.from_mend(model, tok, sd, inner)
 
 
+def test_from_mend_of_a_checkpoint_without_normalisation(gen):
+    """MEND trained with mend.norm=False saves no statistics: from_mend builds editors without a
+    norm (as the checkpoint has them, not by default), so such a checkpoint loads, with each
+    editor's state the checkpoint's (an editor built with a norm could not take that state)."""
+    from dcedit_kernels.model_editor import ModelEditor
+
+    model, tok, inner, shapes, sd = tiny_mend(gen, "gpt2")
+    bare = {k: v for k, v in sd.items() if not k.endswith(compat_mend._NORM_BUFFERS)}
+    me = ModelEditor.from_mend(model, tok, bare, inner)
+    assert all(e.norm is None for e in me.editors.values())
+    views = compat_mend.load(bare, inner, shapes)
+    for name in inner:
+        key = "{}x{}".format(*shapes[name])
+        ours, theirs = me.editors[key].state_dict(), views[name].editor.state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+
+
 def test_from_mend_needs_one_rank_and_depth(gen):
     """MEND builds every editor with one rank and depth: a checkpoint mixing them is refused."""
     from dcedit_kernels.model_editor import ModelEditor
