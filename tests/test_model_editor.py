@@ -1970,6 +1970,16 @@ def test_load_refuses_damaged_or_newer_metadata_with_value_error(gen, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_load_of_a_missing_checkpoint_or_a_folder_is_file_not_found_naming_it(tmp_path):
+    """ModelEditor.load of a path where no file is (nothing there, or a folder such as the CLI's
+    --out) raises FileNotFoundError naming the path, before safetensors opens it (a folder gave
+    its bare OSError, "No such device")."""
+    model, tok = tiny_model("llama", seed=0)
+    for path in (tmp_path / "missing.safetensors", tmp_path):
+        with pytest.raises(FileNotFoundError, match=f"^checkpoint not found: {re.escape(str(path))}$"):
+            ModelEditor.load(path, model, tok)
+
+
 def test_moeditor_top_k_default_and_checkpoints_from_before_it(gen, tmp_path):
     """MoEditor's top_k defaults to 2 (1 with one editor) since 0.2.0; a checkpoint saved before,
     with top_k=1 in its editors but not in its editor_kwargs, loads as the top-1 editor it was."""
