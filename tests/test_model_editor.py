@@ -1980,6 +1980,23 @@ def test_load_of_a_missing_checkpoint_or_a_folder_is_file_not_found_naming_it(tm
             ModelEditor.load(path, model, tok)
 
 
+def test_load_refuses_a_checkpoint_format_below_1(gen, tmp_path):
+    """Formats start at 1 (a checkpoint without "format" is format 1): one that says 0 or a
+    negative number is damaged, a ValueError naming the file and the value, not loaded as format 1."""
+    from safetensors.torch import load_file, save_file
+
+    from dcedit_kernels.model_editor import CHECKPOINT_KEY
+
+    me = make_editor("llama", "mend", gen)
+    path = tmp_path / "editor.safetensors"
+    me.save(path)
+    bad = tmp_path / "bad.safetensors"
+    for version in (0, -1):
+        save_file(load_file(str(path)), str(bad), metadata={CHECKPOINT_KEY: json.dumps(dict(me.config(), format=version))})
+        with pytest.raises(ValueError, match=rf"bad\.safetensors: checkpoint format must be a positive int, got {version}$"):
+            ModelEditor.load(bad, me.model, me.tokenizer)
+
+
 def test_moeditor_top_k_default_and_checkpoints_from_before_it(gen, tmp_path):
     """MoEditor's top_k defaults to 2 (1 with one editor) since 0.2.0; a checkpoint saved before,
     with top_k=1 in its editors but not in its editor_kwargs, loads as the top-1 editor it was."""
