@@ -445,6 +445,33 @@ def test_record_keeps_nothing_when_the_pass_raises_or_has_another_shape(gen):
     assert not any(b._forward_hooks or b._forward_pre_hooks for b in model.model.layers)
 
 
+def _custom_record(model, gen):
+    """What `record` keeps of one pass of a `_CustomLM` (block 2 edited, so k = 2) over 2 rows of 5."""
+    prefix = PrefixReuse.for_model(model, {"layers.2.mlp.down": model.layers[2].mlp.down})
+    assert prefix.k == 2
+    ids = torch.randint(3, 20, (2, 5), generator=gen)
+    with prefix.record([0, 1], (2, 5)):
+        model(input_ids=ids, attention_mask=torch.ones(2, 5, dtype=torch.long))
+    return prefix.recorded
+
+
+def test_record_keeps_nothing_when_a_lower_block_changes_an_argument_in_place(gen):
+    """The module docstring's rule: no lower block changes a tensor argument in place (the mask,
+    position embeddings: a later block would see the changed one in the full pass and the
+    unchanged one when blocks 0..k-1 are skipped).  Block 0 here writes into its mask: nothing
+    is kept; the same model without that keeps block 1's output."""
+    model = _CustomLM(30, "plain").double().eval().requires_grad_(False)
+    assert (0, 1) in _custom_record(model, gen)
+    plain = model.layers[0].forward
+
+    def writes_its_mask(x, mask, **kwargs):
+        mask.mul_(1)  # the values stay, the tensor's version moves on
+        return plain(x, mask, **kwargs)
+
+    model.layers[0].forward = writes_its_mask
+    assert not _custom_record(model, gen)
+
+
 def test_record_keeps_no_hidden_state_that_needs_grad(gen):
     """The module docstring's rule: the recorded hidden state needs no grad.  One that does (here
     the input embedding's weight requires grad; in FT, a lower module under a caller's
