@@ -472,6 +472,32 @@ def test_record_keeps_nothing_when_a_lower_block_changes_an_argument_in_place(ge
     assert not _custom_record(model, gen)
 
 
+class _MidStateLM(nn.Module):
+    """`_CustomLM`'s blocks, but the loop halves block 0's output before block 1 and feeds that
+    halved state to block 2 too (as its v_first): block 1's output alone does not give block 2's
+    inputs, so skipping blocks 0 and 1 would feed block 2 another v_first."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 12)
+        self.layers = nn.ModuleList(_Block(12, i, "plain", {}) for i in range(3))
+        self.head = nn.Linear(12, vocab, bias=False)
+
+    def forward(self, input_ids, attention_mask):
+        mid = 0.5 * self.layers[0](self.embed(input_ids), attention_mask)
+        h = self.layers[2](self.layers[1](mid, attention_mask), attention_mask, v_first=mid)
+        return types.SimpleNamespace(logits=self.head(h))
+
+
+def test_record_keeps_nothing_when_a_lower_block_gets_another_tensor_than_the_one_below_returned(gen):
+    """The module docstring's rule: each lower block j >= 1 runs on the very tensor block j-1
+    returned.  Here block 1 gets block 0's output halved, a state the model also hands to block 2,
+    which block 1's output does not carry: nothing is kept (`_CustomLM`, the chain unbroken, keeps
+    block 1's output)."""
+    assert (0, 1) in _custom_record(_CustomLM(30, "plain").double().eval().requires_grad_(False), gen)
+    assert not _custom_record(_MidStateLM(30).double().eval().requires_grad_(False), gen)
+
+
 def test_record_keeps_no_hidden_state_that_needs_grad(gen):
     """The module docstring's rule: the recorded hidden state needs no grad.  One that does (here
     the input embedding's weight requires grad; in FT, a lower module under a caller's
