@@ -205,6 +205,20 @@ def test_head_input_records_the_full_sequence_under_an_earlier_gather(gen):
     assert hidden.value is not None and torch.equal(hidden.value, want)
 
 
+def test_head_input_records_the_first_call_of_the_given_rows_and_length(gen):
+    """`head_input` keeps the first (B, L, H) input of the head at (B, L) = rows_by_length: a call
+    of another shape inside the block (another forward) is passed over, and a later call of that
+    shape does not replace what the first one recorded."""
+    model, _ = tiny_model("llama", seed=int(torch.randint(0, 1000, (1,), generator=gen)))
+    ids = [torch.randint(3, 20, shape, generator=gen) for shape in ((3, 4), (2, 5), (2, 5))]
+    with torch.no_grad():
+        want = model(input_ids=ids[1], output_hidden_states=True).hidden_states[-1]
+        with head_input(model, (2, 5)) as hidden:
+            for x in ids:
+                model(input_ids=x)
+    assert hidden.value is not None and torch.equal(hidden.value, want)
+
+
 @pytest.mark.parametrize("during", ["registration", "removal"])
 @pytest.mark.parametrize("which", ["logits_at", "head_input"])
 def test_interrupt_while_the_head_is_hooked_or_unhooked_leaves_no_hook(which, during, gen, monkeypatch):
