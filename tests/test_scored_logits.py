@@ -219,6 +219,17 @@ def test_head_input_records_the_first_call_of_the_given_rows_and_length(gen):
     assert hidden.value is not None and torch.equal(hidden.value, want)
 
 
+def test_head_input_disabled_records_nothing_and_hooks_nothing(gen):
+    """enabled=False: no hook on the head (the forward runs as without `head_input`) and nothing
+    recorded, even where the head is called at the given (B, L)."""
+    model, _ = tiny_model("llama", seed=0)
+    head = model.get_output_embeddings()
+    with torch.no_grad(), head_input(model, (2, 5), enabled=False) as hidden:
+        assert not head._forward_pre_hooks
+        model(input_ids=torch.randint(3, 20, (2, 5), generator=gen))
+    assert hidden.value is None
+
+
 @pytest.mark.parametrize("during", ["registration", "removal"])
 @pytest.mark.parametrize("which", ["logits_at", "head_input"])
 def test_interrupt_while_the_head_is_hooked_or_unhooked_leaves_no_hook(which, during, gen, monkeypatch):
