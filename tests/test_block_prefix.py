@@ -397,6 +397,20 @@ def test_prefix_reuse_is_not_used_where_it_would_not_be_exact(gen):
     assert PrefixReuse.for_model(model, modules("model.layers.1.mlp.down_proj")) is None
 
 
+@pytest.mark.parametrize("arch,layer", [("bart", "model.decoder.layers.1.fc2"),
+                                        ("t5", "decoder.block.1.layer.2.DenseReluDense.wo")])
+def test_edits_written_into_an_encoder_decoders_weights_are_not_reused(arch, layer):
+    """`for_written_weights` (FT's steps, the scoring of an applied edit) gives no PrefixReuse for an
+    encoder-decoder, as its docstring says, though `for_model` (training's patched forwards) finds
+    one for the same decoder layer."""
+    model, _ = tiny_model(arch, seed=0)
+    model.eval().requires_grad_(False)
+    modules = {layer: model.get_submodule(layer)}
+    assert PrefixReuse.for_model(model, modules).k == 1
+    assert PrefixReuse.for_written_weights(model, modules) is None
+    assert PrefixReuse.for_written_weights(model, modules, no_grad=True) is None
+
+
 @pytest.mark.parametrize("where", ["lower block hook", "between blocks", "global hook"])
 def test_hooks_or_a_changed_hidden_state_fall_back_to_the_full_pass(where, gen):
     """A hook on a lower block would run again on the recorded output, and a hidden state changed
