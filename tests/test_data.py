@@ -137,6 +137,14 @@ def test_counterfact_missing_file_and_bad_limit(tmp_path):
         load_counterfact(write(tmp_path, [CF_RECORD]), limit=0)
 
 
+def test_counterfact_optional_fields_may_all_be_missing(tmp_path):
+    """Only `prompt` and `target_new` are required: a record without any of the other keys (no
+    locality pair, no rephrase, no subject) is an edit with those fields None.  The real files hold
+    every key in every record, so only a synthetic record shows a field wrongly made required."""
+    record = {"prompt": "The Eiffel Tower is in", "target_new": "Rome"}
+    assert load_counterfact(write(tmp_path, [record])) == [EditRequest("The Eiffel Tower is in", "Rome")]
+
+
 @pytest.mark.parametrize("content, match", [
     ("[" * 100_000 + "]" * 100_000, "cannot read its JSON"),  # json's RecursionError
     ("[" + "9" * 5_000 + "]", "cannot read its JSON"),  # an int past sys.get_int_max_str_digits()
