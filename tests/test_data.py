@@ -251,6 +251,17 @@ def test_zsre_synthetic(tmp_path):
         load_zsre(path, target="pred")
 
 
+def test_zsre_optional_fields_are_stripped_too(tmp_path):
+    """Every zsRE text field is stripped, not only the prompt and target: a rephrase, locality
+    prompt or answer, or subject with surrounding spaces would otherwise give double spaces when
+    joined to a target (the module docstring: "Text fields are stripped")."""
+    record = dict(ZSRE_RECORD, rephrase=" What will be the product of UniFirst? ", loc="nq question: who wrote hamlet\n",
+                  loc_ans=" William Shakespeare", subject="UniFirst ")
+    (request,) = load_zsre(write(tmp_path, [record]))
+    assert (request.rephrase, request.locality, request.locality_target, request.subject) == (
+        "What will be the product of UniFirst?", "nq question: who wrote hamlet", "William Shakespeare", "UniFirst")
+
+
 @pytest.mark.parametrize(
     "records, match",
     [
