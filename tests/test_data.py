@@ -217,6 +217,20 @@ def test_load_model_checks_the_device_before_loading():
         load_model(device="cuda:99")
 
 
+def test_the_default_data_dir_is_shared_data_beside_the_checkout(monkeypatch):
+    """Without DCEDIT_DATA_DIR the files are looked for in shared/data beside the repository
+    checkout (the folder above it).  The tests on the real files skip when the file is absent, so a
+    wrong default would only make them skip quietly."""
+    from pathlib import Path
+
+    import dcedit_kernels.data as data
+
+    monkeypatch.delenv("DCEDIT_DATA_DIR", raising=False)
+    checkout = Path(data.__file__).resolve().parents[1].parent
+    assert data.data_dir() == checkout.parent / "shared" / "data"
+    assert data_path("zsre-train") == checkout.parent / "shared" / "data" / "zsre-train-1k.json"
+
+
 @pytest.mark.parametrize("name, count", [("counterfact-train", 10000), ("counterfact-val", 1919)])
 def test_counterfact_real_files(name, count):
     path = data_path(name)
