@@ -231,6 +231,17 @@ def test_the_default_data_dir_is_shared_data_beside_the_checkout(monkeypatch):
     assert data_path("zsre-train") == checkout.parent / "shared" / "data" / "zsre-train-1k.json"
 
 
+def test_an_empty_data_dir_variable_counts_as_unset(monkeypatch):
+    """DCEDIT_DATA_DIR set to an empty string (`DCEDIT_DATA_DIR= python ...`, or an env file line
+    with no value) is the default folder, not the current directory (Path("") is ".")."""
+    import dcedit_kernels.data as data
+
+    monkeypatch.delenv("DCEDIT_DATA_DIR", raising=False)
+    default = data.data_dir()
+    monkeypatch.setenv("DCEDIT_DATA_DIR", "")
+    assert data.data_dir() == default and data.data_dir().is_absolute()
+
+
 @pytest.mark.parametrize("name, count", [("counterfact-train", 10000), ("counterfact-val", 1919)])
 def test_counterfact_real_files(name, count):
     path = data_path(name)
