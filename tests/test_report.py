@@ -324,3 +324,14 @@ def test_length_buckets_help_names_reuse_prefix_too(report_module, capsys):
     text = " ".join(capsys.readouterr().out.split())
     buckets = text[text.index("--length-buckets {auto,on,off}"):text.index("--reuse-prefix {on,off} the")]
     assert "--reuse-prefix off" in buckets
+
+
+def test_an_evaluation_edit_is_left_out_only_when_prompt_and_target_match_a_training_edit(report_module):
+    """held_out leaves out evaluation edits that are training edits, the same prompt AND target: an
+    edit of a training edit's prompt towards another target is a different edit and is evaluated
+    (CounterFact and zsRE can hold several edits of one prompt)."""
+    from dcedit_kernels import EditRequest
+
+    training = [EditRequest("The Eiffel Tower is in", "Rome")]
+    evaluated = [EditRequest("The Eiffel Tower is in", "Rome"), EditRequest("The Eiffel Tower is in", "Berlin")]
+    assert report_module.held_out(evaluated, training) == ([evaluated[1]], 1)
