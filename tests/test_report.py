@@ -335,3 +335,18 @@ def test_an_evaluation_edit_is_left_out_only_when_prompt_and_target_match_a_trai
     training = [EditRequest("The Eiffel Tower is in", "Rome")]
     evaluated = [EditRequest("The Eiffel Tower is in", "Rome"), EditRequest("The Eiffel Tower is in", "Berlin")]
     assert report_module.held_out(evaluated, training) == ([evaluated[1]], 1)
+
+
+def test_report_takes_n_edits_equal_to_the_edits_held(report_module, capsys, tmp_path, monkeypatch):
+    """--n-edits may ask for every edit the file holds (a sample of all of them): only more than
+    that is refused.  A later check (--markdown naming a folder) is the one that stops this run,
+    before the model loads."""
+    import dcedit_kernels.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    data = _counterfact_file(tmp_path / "cf.json", n=6)
+    (tmp_path / "a_dir").mkdir()
+    assert report_module.main(["--data", str(data), "--methods", "ft", "--n-edits", "2,6", "--out-dir",
+                               str(tmp_path / "out"), "--markdown", str(tmp_path / "a_dir"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder; give a file name" in err and "--n-edits" not in err
