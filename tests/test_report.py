@@ -350,3 +350,20 @@ def test_report_takes_n_edits_equal_to_the_edits_held(report_module, capsys, tmp
                                str(tmp_path / "out"), "--markdown", str(tmp_path / "a_dir"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "is a folder; give a file name" in err and "--n-edits" not in err
+
+
+def test_report_takes_top_k_equal_to_n_editors(report_module, capsys, tmp_path, monkeypatch):
+    """MoEditor's gate may keep all its editors' logits (--top-k equal to --n-editors): only a
+    larger --top-k is refused.  A later check (--markdown naming a folder) stops this run, before
+    the model loads."""
+    import dcedit_kernels.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    data = _counterfact_file(tmp_path / "cf.json", n=6)
+    (tmp_path / "a_dir").mkdir()
+    assert report_module.main(["--data", str(data), "--train-data", str(data), "--n-train", "1",
+                               "--methods", "mend,moeditor", "--n-edits", "2", "--n-editors", "2", "--top-k", "2",
+                               "--out-dir", str(tmp_path / "out"), "--markdown", str(tmp_path / "a_dir"),
+                               "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder; give a file name" in err and "--top-k" not in err
