@@ -367,3 +367,17 @@ def test_report_takes_top_k_equal_to_n_editors(report_module, capsys, tmp_path, 
                                "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "is a folder; give a file name" in err and "--top-k" not in err
+
+
+def test_raeditor_alone_needs_training_data(report_module, capsys, tmp_path, monkeypatch):
+    """RaEditor's rows come from a trained MoEditor's twin: --methods raeditor alone, with no
+    --train-data and no counterfact-train.json in DCEDIT_DATA_DIR, is refused before the model
+    loads, as MEND's or MoEditor's rows are."""
+    import dcedit_kernels.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setenv("DCEDIT_DATA_DIR", str(tmp_path / "nodata"))
+    data = _counterfact_file(tmp_path / "cf.json", n=6)
+    assert report_module.main(["--data", str(data), "--methods", "raeditor", "--n-edits", "2",
+                               "--out-dir", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "--train-data is required to train the editors" in capsys.readouterr().err
