@@ -381,3 +381,15 @@ def test_raeditor_alone_needs_training_data(report_module, capsys, tmp_path, mon
     assert report_module.main(["--data", str(data), "--methods", "raeditor", "--n-edits", "2",
                                "--out-dir", str(tmp_path / "out"), "--no-progress"]) == 2
     assert "--train-data is required to train the editors" in capsys.readouterr().err
+
+
+def test_table_rows_have_each_metric_in_its_column_and_precision(report_module, tmp_path):
+    """Each table row lists ES, rel, DD, LMP, NS (3 decimals), latency (2) and peak MiB (0) in the
+    header's order; the unedited row has no latency or memory ("–")."""
+    report, layers = _report({"mend": _result(0.2, 0.05)})
+    report["methods"]["mend"]["by_n"][2]["peak_memory_mb"] = _stat(123.4)
+    text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
+    assert "| method | N_u | ES | rel | DD | LMP | NS | latency s | peak MiB |" in text
+    assert ("| MEND | 2 | 0.200 ± 0.010 | 0.200 ± 0.010 | 0.050 ± 0.010 | 0.150 ± 0.010 | 0.100 ± 0.010 | "
+            "1.00 ± 0.01 | 123 ± 0 |") in text
+    assert "| unedited | 5 | 0.040 ± 0.010 | 0.050 ± 0.010 | 0.000 ± 0.010 | 0.040 ± 0.010 | 0.100 ± 0.010 | – | – |" in text
