@@ -393,3 +393,15 @@ def test_table_rows_have_each_metric_in_its_column_and_precision(report_module, 
     assert ("| MEND | 2 | 0.200 ± 0.010 | 0.200 ± 0.010 | 0.050 ± 0.010 | 0.150 ± 0.010 | 0.100 ± 0.010 | "
             "1.00 ± 0.01 | 123 ± 0 |") in text
     assert "| unedited | 5 | 0.040 ± 0.010 | 0.050 ± 0.010 | 0.000 ± 0.010 | 0.040 ± 0.010 | 0.100 ± 0.010 | – | – |" in text
+
+
+def test_a_cached_editors_earlier_training_time_is_rendered(report_module, tmp_path):
+    """An editor loaded from the cache is reported as such, with the training time of the run that
+    cached it when that is known (`trained_earlier_s`), and without one when it is not."""
+    report, layers = _report({"mend": _result(0.2, 0.1)})
+    report["training"] = {"mend": dict(cached=True, train_s=0.0, trained_earlier_s=41.6)}
+    text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
+    assert "Training time: MEND loaded from the cache (trained in 42 s by an earlier run)." in text
+    report["training"]["mend"]["trained_earlier_s"] = None
+    text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
+    assert "Training time: MEND loaded from the cache." in text
