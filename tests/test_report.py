@@ -405,3 +405,15 @@ def test_a_cached_editors_earlier_training_time_is_rendered(report_module, tmp_p
     report["training"]["mend"]["trained_earlier_s"] = None
     text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
     assert "Training time: MEND loaded from the cache." in text
+
+
+def test_the_report_says_how_many_evaluation_edits_were_training_edits(report_module, tmp_path):
+    """--data and --train-data may be one file (zsRE's): the evaluation line says how many edits
+    were left out as training edits, and says nothing of it when none were."""
+    report, layers = _report({"mend": _result(0.2, 0.1)})
+    report["n_held_out"] = 3
+    text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
+    assert "- Evaluation: `val.json` (10 edits; 3 more, training edits too, left out); for each N_u" in text
+    report["n_held_out"] = 0
+    text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
+    assert "- Evaluation: `val.json` (10 edits); for each N_u" in text
