@@ -1099,3 +1099,18 @@ def test_gradient_conflict_is_that_of_each_edits_own_mean_nll():
         g = torch.stack(per_edit[n])
         assert out[n]["gcr"] == gcr(g), n
         assert out[n]["gms"] == pytest.approx(gms(g), rel=1e-8), n
+
+
+def test_demo_table_puts_each_metric_in_its_column():
+    """The demo's table lists ES, rel, DD, LMP, NS, latency and peak memory in the header's order
+    (distinct values, so a cell read from another metric shows); the unedited row has DD 0 and no
+    latency or memory."""
+    demo = _demo_module()
+    unedited = dict(es=0.1, reliability=0.2, lmp=0.1, ns=0.9)
+    results = {"mend": dict(es=0.5, reliability=0.75, dd=0.125, lmp=0.375, ns=0.625, latency_s=1.234,
+                            peak_memory_mb=56.7)}
+    lines = demo.format_table(unedited, results).splitlines()
+    assert lines[0] == "method          ES    rel     DD     LMP     NS  latency s peak MiB"
+    assert lines[1] == "-" * len(lines[0])
+    assert lines[2] == "unedited     0.100  0.200  0.000   0.100  0.900          -        -"
+    assert lines[3] == "MEND         0.500  0.750  0.125   0.375  0.625       1.23       57"
