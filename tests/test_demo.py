@@ -1114,3 +1114,13 @@ def test_demo_table_puts_each_metric_in_its_column():
     assert lines[1] == "-" * len(lines[0])
     assert lines[2] == "unedited     0.100  0.200  0.000   0.100  0.900          -        -"
     assert lines[3] == "MEND         0.500  0.750  0.125   0.375  0.625       1.23       57"
+
+
+def test_demo_editor_kwargs_give_raeditor_the_moeditors_n_editors():
+    """RaEditor is MoEditor's twin: it must be built with the same n_editors (random_routing_twin
+    refuses an editor without the MoEditor's tensors), found only at the end of a real demo run."""
+    demo = _demo_module()
+    for setting in (demo.QUICK, demo.FULL):
+        want = dict(rank=setting["rank"], seed=3, n_editors=setting["n_editors"])
+        assert demo.editor_kwargs("raeditor", setting, 3) == want == demo.editor_kwargs("moeditor", setting, 3)
+        assert demo.editor_kwargs("mend", setting, 3) == dict(rank=setting["rank"], seed=3)
