@@ -1124,3 +1124,18 @@ def test_demo_editor_kwargs_give_raeditor_the_moeditors_n_editors():
         want = dict(rank=setting["rank"], seed=3, n_editors=setting["n_editors"])
         assert demo.editor_kwargs("raeditor", setting, 3) == want == demo.editor_kwargs("moeditor", setting, 3)
         assert demo.editor_kwargs("mend", setting, 3) == dict(rank=setting["rank"], seed=3)
+
+
+def test_check_facts_reads_a_greedy_continuation_after_its_leading_space():
+    """A greedy continuation starts with the space between prompt and answer (" Paris."): the
+    answer is looked for after it; a continuation that merely begins with the answer's letters
+    ("Parisian") does not count."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_facts_program", REPO / "python" / "check_facts.py")
+    program = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(program)
+    assert program.starts_with_answer(" Paris. It is", "Paris")
+    assert program.starts_with_answer("\n Paris", "Paris")
+    assert not program.starts_with_answer(" Parisian", "Paris")
+    assert not program.starts_with_answer(" Lyon", "Paris")
