@@ -1139,3 +1139,6 @@ def test_check_facts_reads_a_greedy_continuation_after_its_leading_space():
     assert program.starts_with_answer("\n Paris", "Paris")
     assert not program.starts_with_answer(" Parisian", "Paris")
     assert not program.starts_with_answer(" Lyon", "Paris")
+    # A number is not found inside a longer one ("9" in " 90" counted before); punctuation still ends it.
+    assert not program.starts_with_answer(" 90", "9")
+    assert program.starts_with_answer(" 9.", "9") and program.starts_with_answer(" 9, since", "9")
