@@ -22,6 +22,29 @@ def _editor_params(me):
 # ---------------------------------------------------------------------------------------------
 # Checks and resume
 # ---------------------------------------------------------------------------------------------
+def _rewrite_trainer_checkpoint(path, drop_json=None, keep_tensor=lambda key: True):
+    """Rewrite the trainer checkpoint at `path` as an older or damaged one: `drop_json` maps a
+    metadata entry holding JSON to the keys to delete from it ("run": ["config", "fisher_mask"]
+    deletes run["config"]["fisher_mask"]); tensors whose key `keep_tensor` refuses are left out."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    for entry, keys in (drop_json or {}).items():
+        value = json.loads(meta[entry])
+        inner = value
+        for key in keys[:-1]:
+            inner = inner[key]
+        del inner[keys[-1]]
+        meta[entry] = json.dumps(value)
+    tensors = load_file(str(path))
+    save_file({k: v for k, v in tensors.items() if keep_tensor(k)}, str(path), metadata=meta)
+    return tensors
+
+
 def test_resume_of_a_run_stopped_early_goes_on_with_another_patience(gen, tmp_path):
     """A run stopped by patience goes on when resumed with another patience (_RESUMABLE_CHANGES):
     `stopped_early` is cleared when the new patience allows more (it once stayed set, and the
@@ -54,21 +77,12 @@ def test_a_checkpoint_from_before_a_train_config_field_resumes(gen, tmp_path):
     """_check_run compares the TrainConfig fields both runs record: a checkpoint written before a
     field existed (its recorded settings lack it, here fisher_mask) resumes, rather than raise
     KeyError on the field it lacks."""
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
     me = tiny_mend("gpt2", gen)
     requests = random_requests(gen, 4)
     config = TrainConfig(steps=1, batch_size=2, progress=False, checkpoint_dir=str(tmp_path))
     me.fit(requests, config=config)
-    path = tmp_path / "trainer.safetensors"
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    run = json.loads(meta["run"])
-    del run["config"]["fisher_mask"]  # as a run before TrainConfig had the field recorded it
-    save_file(load_file(str(path)), str(path), metadata={**meta, "run": json.dumps(run)})
+    # As a run before TrainConfig had the field recorded it.
+    _rewrite_trainer_checkpoint(tmp_path / "trainer.safetensors", {"run": ["config", "fisher_mask"]})
     assert me.fit(requests, config=config.replace(steps=2)).resumed_from == 1
 
 
@@ -94,20 +108,14 @@ def test_a_checkpoint_without_routing_generator_states_resumes(gen, tmp_path):
     """_set_rng_states leaves a routing generator the checkpoint holds no state for as it is (a
     seeded RaEditor's route_rng tensors missing, as in a checkpoint written before they were
     saved): the resume goes on, rather than raise KeyError on the missing tensor."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
     model, tok = tiny_model("gpt2", seed=seed_from(gen))
     me = ModelEditor(model, tok, LAYERS["gpt2"], method="raeditor", n_editors=2, rank=3, seed=1)
     requests = random_requests(gen, 4)
     config = TrainConfig(steps=1, batch_size=2, progress=False, checkpoint_dir=str(tmp_path))
     me.fit(requests, config=config)
-    path = tmp_path / "trainer.safetensors"
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    tensors = load_file(str(path))
+    tensors = _rewrite_trainer_checkpoint(tmp_path / "trainer.safetensors",
+                                          keep_tensor=lambda key: not key.startswith("route_rng."))
     assert any(k.startswith("route_rng.") for k in tensors)
-    save_file({k: v for k, v in tensors.items() if not k.startswith("route_rng.")}, str(path), metadata=meta)
     assert me.fit(requests, config=config.replace(steps=2)).resumed_from == 1
 
 
@@ -336,22 +344,12 @@ def test_a_checkpoint_from_before_loss_reduction_was_recorded_resumes_as_token(g
     recorded) was trained with the batch-mean scale, "token" (LEGACY_LOSS_REDUCTION, as
     ModelEditor.load reads such a file): a ModelEditor with loss_reduction="edit" is refused,
     one with "token" resumes it."""
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
     seed = seed_from(gen)
     reqs = random_requests(gen, 4)
     config = TrainConfig(steps=1, batch_size=2, progress=False, checkpoint_dir=str(tmp_path))
     model, tok = tiny_model("gpt2", seed=seed)
     ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, loss_reduction="token").fit(reqs, config=config)
-    path = tmp_path / "trainer.safetensors"
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    saved = json.loads(meta["model_editor"])
-    del saved["loss_reduction"]
-    save_file(load_file(str(path)), str(path), metadata={**meta, "model_editor": json.dumps(saved)})
+    _rewrite_trainer_checkpoint(tmp_path / "trainer.safetensors", {"model_editor": ["loss_reduction"]})
     other = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, loss_reduction="edit")
     with pytest.raises(ValueError, match="loss_reduction='token', this ModelEditor uses 'edit'"):
         other.fit(reqs, config=config.replace(steps=2))
