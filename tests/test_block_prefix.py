@@ -248,7 +248,6 @@ def test_scoring_from_kept_lower_blocks_gives_the_same_scores(arch, method, gen,
         assert kept[2] == 1  # scores ran every scoring batch through it already
 
 
-
 @pytest.mark.parametrize("method", ["ft", "mend"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"] + (["gemma3n"] if "gemma3n" in ARCHS else []))
 def test_measure_edit_scores_its_locality_rows_from_the_unedited_passes_lower_blocks(arch, method, gen):
@@ -301,7 +300,6 @@ def test_measure_edit_scores_its_locality_rows_from_the_unedited_passes_lower_bl
         assert again[1] == full[1]
     else:
         assert again[1] == edit + 3 * 3  # the NS/DD pass runs no lower block
-
 
 
 def test_evaluate_method_with_one_store_for_every_method_gives_the_same_results(gen):

@@ -26,6 +26,8 @@ from dcedit_kernels.model_editor import ModelEditor
 from dcedit_kernels.models import tiny_model
 from dcedit_kernels.train import TrainConfig, evaluate_edits, train_editor
 
+from test_demo import tiny_model_dir  # noqa: F401 (fixture: the tiny Llama saved to a folder)
+
 LAYERS = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
 WORLD = 2
 
@@ -323,7 +325,7 @@ def test_dcedit_train_under_torchrun(tmp_path):
     assert ModelEditor.load(out, model, tok).method == "mend"
 
 
-def test_dcedit_train_leaves_the_process_group_it_joined(monkeypatch, tmp_path):
+def test_dcedit_train_leaves_the_process_group_it_joined(monkeypatch, tmp_path, tiny_model_dir):
     """`dcedit train` joins torchrun's process group (distributed.init_from_env) and destroys it when
     it ends: main() called from Python under a launcher (a script, a notebook) otherwise returned
     with the process still in the group, which the next main() took for one already up and did not
@@ -335,13 +337,9 @@ def test_dcedit_train_leaves_the_process_group_it_joined(monkeypatch, tmp_path):
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         return device, True
     monkeypatch.setattr(distributed, "init_from_env", join)
-    model_dir = tmp_path / "tiny"
-    model, tok = tiny_model("llama", seed=0)
-    model.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
     data = _counterfact_file(tmp_path / "cf.json", n=4)
     try:
-        assert cli.main(["train", "--model", str(model_dir), "--rank", "3", "--data", str(data), "--steps", "1",
+        assert cli.main(["train", "--model", str(tiny_model_dir), "--rank", "3", "--data", str(data), "--steps", "1",
                          "--batch-size", "2", "--out", str(tmp_path / "mend.safetensors")]) == 0
         assert not dist.is_initialized()
     finally:

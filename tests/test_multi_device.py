@@ -550,7 +550,6 @@ def test_accelerate_cpu_offload_is_refused():
         ModelEditor(model, tok, LAYERS["llama"], method="mend")
 
 
-
 @pytest.mark.parametrize("method", ["mend", "ft"])
 def test_a_layer_offloaded_after_the_editor_was_built_is_refused_at_apply(method):
     """accelerate's cpu_offload of a block after the ModelEditor was built leaves its weights on

@@ -337,36 +337,27 @@ def test_an_evaluation_edit_is_left_out_only_when_prompt_and_target_match_a_trai
     assert report_module.held_out(evaluated, training) == ([evaluated[1]], 1)
 
 
-def test_report_takes_n_edits_equal_to_the_edits_held(report_module, capsys, tmp_path, monkeypatch):
-    """--n-edits may ask for every edit the file holds (a sample of all of them): only more than
-    that is refused.  A later check (--markdown naming a folder) is the one that stops this run,
-    before the model loads."""
+@pytest.mark.parametrize("extra, flag", [
+    # --n-edits may ask for every edit the file holds (a sample of all of them).
+    (["--methods", "ft", "--n-edits", "2,6"], "--n-edits"),
+    # MoEditor's gate may keep all its editors' logits.
+    (["--train-data", "DATA", "--n-train", "1", "--methods", "mend,moeditor", "--n-edits", "2", "--n-editors", "2",
+      "--top-k", "2"], "--top-k"),
+])
+def test_report_takes_a_limit_at_its_bound(extra, flag, report_module, capsys, tmp_path, monkeypatch):
+    """--n-edits equal to the edits held and --top-k equal to --n-editors are accepted: only more is
+    refused.  A later check (--markdown naming a folder) is the one that stops the run, before the
+    model loads."""
     import dcedit_kernels.models as models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
     data = _counterfact_file(tmp_path / "cf.json", n=6)
     (tmp_path / "a_dir").mkdir()
-    assert report_module.main(["--data", str(data), "--methods", "ft", "--n-edits", "2,6", "--out-dir",
-                               str(tmp_path / "out"), "--markdown", str(tmp_path / "a_dir"), "--no-progress"]) == 2
+    extra = [str(data) if word == "DATA" else word for word in extra]
+    assert report_module.main(["--data", str(data), *extra, "--out-dir", str(tmp_path / "out"),
+                               "--markdown", str(tmp_path / "a_dir"), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "is a folder; give a file name" in err and "--n-edits" not in err
-
-
-def test_report_takes_top_k_equal_to_n_editors(report_module, capsys, tmp_path, monkeypatch):
-    """MoEditor's gate may keep all its editors' logits (--top-k equal to --n-editors): only a
-    larger --top-k is refused.  A later check (--markdown naming a folder) stops this run, before
-    the model loads."""
-    import dcedit_kernels.models as models
-
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
-    data = _counterfact_file(tmp_path / "cf.json", n=6)
-    (tmp_path / "a_dir").mkdir()
-    assert report_module.main(["--data", str(data), "--train-data", str(data), "--n-train", "1",
-                               "--methods", "mend,moeditor", "--n-edits", "2", "--n-editors", "2", "--top-k", "2",
-                               "--out-dir", str(tmp_path / "out"), "--markdown", str(tmp_path / "a_dir"),
-                               "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert "is a folder; give a file name" in err and "--top-k" not in err
+    assert "is a folder; give a file name" in err and flag not in err
 
 
 def test_raeditor_alone_needs_training_data(report_module, capsys, tmp_path, monkeypatch):
