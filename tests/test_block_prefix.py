@@ -38,6 +38,24 @@ def model_and_upper_layer(arch, gen):
     return model.requires_grad_(False), tok, layers[1:]
 
 
+@contextlib.contextmanager
+def block0_calls(model, layer, count=lambda args, kwargs: 1):
+    """What `count` makes of each call of block 0 of `layer`'s block list, counted through an
+    instance-level forward (a hook would stop the reuse)."""
+    block0 = model.get_submodule(block_prefix._block_of(model, layer)[0])[0]
+    forward, calls = block0.forward, []
+
+    def counted(*args, **kwargs):
+        calls.append(count(args, kwargs))
+        return forward(*args, **kwargs)
+
+    block0.forward = counted
+    try:
+        yield calls
+    finally:
+        del block0.forward
+
+
 def loss_and_grads(me, reqs, **config):
     """The training loss of one batch and its gradients in the editors' parameters (editors in
     eval mode: no gate noise), and the rows of each edited pass that reused the prefix (not
@@ -72,23 +90,13 @@ def test_reused_prefix_gives_the_full_pass_loss_and_grads(arch, length_buckets, 
     me.editors.to(torch.float64)
     me.eval()
     reqs = random_requests(gen, 5)
-    calls = []  # block 0's batch rows, per call
-    block0 = model.get_submodule(block_prefix._block_of(model, layers[0])[0])[0]
-    forward = block0.forward  # counted through an instance-level forward (a hook would stop the reuse)
-
-    def counted(*args, **kwargs):  # not `confirm`'s no-grad forwards; 4.45's GPT-J passes hidden_states by name
-        if torch.is_grad_enabled():
-            calls.append(block_prefix._hidden_arg(args, kwargs).shape[0])
-        return forward(*args, **kwargs)
-
-    block0.forward = counted
-    try:
+    # block 0's batch rows, per call; not `confirm`'s no-grad forwards (4.45's GPT-J passes hidden_states by name)
+    rows = lambda args, kwargs: block_prefix._hidden_arg(args, kwargs).shape[0] if torch.is_grad_enabled() else 0  # noqa: E731
+    with block0_calls(model, layers[0], rows) as calls:
         full = loss_and_grads(me, reqs, reuse_prefix=False, length_buckets=length_buckets)
         full_rows = sum(calls)
         calls.clear()
         reused = loss_and_grads(me, reqs, reuse_prefix=True, length_buckets=length_buckets)
-    finally:
-        del block0.forward
     if arch in NOT_REUSED:
         assert full[2] == reused[2] == [] and sum(calls) == full_rows
     else:
@@ -108,16 +116,8 @@ def test_fine_tuning_steps_from_the_kept_prefix_are_the_full_passes(arch, method
     the full passes' bit for bit, one chunk or several (whose KL references are recomputed)."""
     model, tok, layers = model_and_upper_layer(arch, gen)
     reqs = random_requests(gen, 5)
-    block0 = model.get_submodule(block_prefix._block_of(model, layers[0])[0])[0]
-    forward, calls = block0.forward, []
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return forward(*args, **kwargs)
-
-    block0.forward = counted
     weights, runs = [], []
-    try:
+    with block0_calls(model, layers[0]) as calls:
         for reuse in (False, True, True):  # the second reused apply: after `confirm`'s check
             with monkeypatch.context() as mp:
                 if not reuse:
@@ -131,8 +131,6 @@ def test_fine_tuning_steps_from_the_kept_prefix_are_the_full_passes(arch, method
                 weights.append([me.modules[n].weight.detach().clone() for n in layers])
                 handle.undo()
                 runs.append(len(calls))
-    finally:
-        del block0.forward
     assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(*weights))
     # Block 0's passes through every block: each step's over each chunk of the 5 edits and, for
     # FT+KL, over each chunk of their 5 locality texts (twice a step when chunked: the reference is
@@ -213,12 +211,6 @@ def test_scoring_from_kept_lower_blocks_gives_the_same_scores(arch, method, gen,
     model.requires_grad_(True)  # as load_model gives it: scoring runs without grad all the same
     reqs = random_requests(gen, 5)
     me = ModelEditor(model, tok, layers, method=method, **(dict(ft_steps=2) if method == "ft" else dict(rank=3, seed=0)))
-    block0 = model.get_submodule(block_prefix._block_of(model, layers[0])[0])[0]
-    forward, calls = block0.forward, []
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return forward(*args, **kwargs)
 
     def scores(lower_blocks):
         keep = lower_blocks_kept(me.modules, lower_blocks) if lower_blocks is not None else contextlib.nullcontext()
@@ -228,8 +220,7 @@ def test_scoring_from_kept_lower_blocks_gives_the_same_scores(arch, method, gen,
         run = measure_edit(me, reqs, batch_size=2, base_cache={}, lower_blocks=lower_blocks)
         return before, {k: v for k, v in run.items() if k not in ("latency_s", "peak_memory_mb")}, len(calls)
 
-    block0.forward = counted
-    try:
+    with block0_calls(model, layers[0]) as calls:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a failed `confirm` warns
             warnings.filterwarnings("ignore", "ModelEditor.apply. the .* editors are at their initialisation")
@@ -237,8 +228,6 @@ def test_scoring_from_kept_lower_blocks_gives_the_same_scores(arch, method, gen,
                 mp.setattr(evaluate, "_all_missed", lambda *args: False)
                 full = scores(None)
             kept = scores({})
-    finally:
-        del block0.forward
     assert kept[:2] == full[:2]
     # The edit's passes, and 3 batches each of the unedited locality predictions, ES, reliability, NS.
     assert full[2] >= 1 + 4 * 3
@@ -262,12 +251,6 @@ def test_measure_edit_scores_its_locality_rows_from_the_unedited_passes_lower_bl
     model.requires_grad_(True)  # as load_model gives it
     reqs = random_requests(gen, 5)
     me = ModelEditor(model, tok, layers, method=method, **(dict(ft_steps=2) if method == "ft" else dict(rank=3, seed=0)))
-    block0 = model.get_submodule(block_prefix._block_of(model, layers[0])[0])[0]
-    forward, calls = block0.forward, []
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return forward(*args, **kwargs)
 
     def run(own_store: bool, cache: dict):
         calls.clear()
@@ -277,8 +260,7 @@ def test_measure_edit_scores_its_locality_rows_from_the_unedited_passes_lower_bl
             out = evaluate.measure_edit(me, reqs, batch_size=2, base_cache=cache)
         return {k: v for k, v in out.items() if k not in ("latency_s", "peak_memory_mb")}, len(calls)
 
-    block0.forward = counted
-    try:
+    with block0_calls(model, layers[0]) as calls:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a failed `confirm` warns
             warnings.filterwarnings("ignore", "ModelEditor.apply. the .* editors are at their initialisation")
@@ -288,8 +270,6 @@ def test_measure_edit_scores_its_locality_rows_from_the_unedited_passes_lower_bl
             cache = {}
             run(False, cache)
             cached = run(True, cache)
-    finally:
-        del block0.forward
     assert kept[0] == full[0] == again[0] == cached[0]
     # The edit's passes (the capture; FT's first step, or every step where nothing is reused), then
     # 3 batches each of the unedited locality predictions, ES, reliability and NS/DD.
@@ -313,12 +293,6 @@ def test_evaluate_method_with_one_store_for_every_method_gives_the_same_results(
     reqs = random_requests(gen, 8)
     editors = [ModelEditor(model, tok, layers, method="ft", ft_steps=2),
                ModelEditor(model, tok, layers, method="mend", rank=3, seed=0)]
-    block0 = model.get_submodule(block_prefix._block_of(model, layers[0])[0])[0]
-    forward, calls = block0.forward, []
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return forward(*args, **kwargs)
 
     def evaluate(lower_blocks):
         base, runs, counts = {}, [], []
@@ -331,15 +305,12 @@ def test_evaluate_method_with_one_store_for_every_method_gives_the_same_results(
             counts.append(len(calls))
         return runs, counts
 
-    block0.forward = counted
-    try:
+    with block0_calls(model, layers[0]) as calls:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a failed `confirm` warns
             warnings.filterwarnings("ignore", "ModelEditor.apply. the .* editors are at their initialisation")
             full = evaluate(None)
             kept = evaluate({})
-    finally:
-        del block0.forward
     assert kept[0] == full[0]
     # 4 runs: each edit's one pass (the capture, FT's first step) and nothing else of the later method.
     assert kept[1][1] == 4 < full[1][1]
