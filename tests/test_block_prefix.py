@@ -20,7 +20,7 @@ from dcedit_kernels.models import tiny_model, tiny_tokenizer
 from dcedit_kernels.train import TrainConfig, batch_loss
 
 from test_architectures import ARCHS, build
-from test_model_editor import ctrl_c_raises, one_thread, random_requests  # noqa: F401 (one_thread: autouse fixture)
+from test_model_editor import ctrl_c_on_call, ctrl_c_raises, one_thread, random_requests  # noqa: F401 (one_thread: autouse fixture)
 
 UPPER = {"gpt2": "transformer.h.1.mlp.c_proj", "llama": "model.layers.1.mlp.down_proj"}
 # Gemma 3n's blocks hand on their AltUp streams, (streams, rows, width, H): the recorded state is not
@@ -505,9 +505,6 @@ def test_interrupt_while_record_hooks_the_blocks_leaves_no_hook(during, gen, mon
     before its handle is kept) or takes them off waits until every handle is kept or every hook is
     off, as the capture's hooks do: it used to leave hooks on the blocks (later records then saw a
     hooked model and never kept a prefix again, and the hooks held the pass's hidden state)."""
-    import os
-    import signal
-
     from torch.utils.hooks import RemovableHandle
 
     model, tok, layers = model_and_upper_layer("llama", gen)
@@ -515,32 +512,15 @@ def test_interrupt_while_record_hooks_the_blocks_leaves_no_hook(during, gen, mon
     prefix = PrefixReuse.for_model(model, {layers[0]: model.get_submodule(layers[0])})
     ids = torch.randint(3, 20, (2, 5), generator=gen)
     calls = []
-    if during == "registration":
-        original = nn.Module.register_forward_pre_hook
-
-        def register_then_ctrl_c(self, *args, **kwargs):
-            handle = original(self, *args, **kwargs)
-            calls.append(1)
-            if len(calls) == 2:  # block 1's pre-hook (k = 1): registered, its handle not yet kept
-                os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode
-            return handle
-
-        monkeypatch.setattr(nn.Module, "register_forward_pre_hook", register_then_ctrl_c)
+    if during == "registration":  # block 1's pre-hook (k = 1): registered, its handle not yet kept
+        ctrl_c_on_call(monkeypatch, nn.Module, "register_forward_pre_hook", calls, at=2)
         with ctrl_c_raises(), prefix.record([0, 1], (2, 5)):
             calls.append("body")  # not reached: the interrupt is raised once every handle is kept
         assert calls == [1, 1]
     else:
-        original = RemovableHandle.remove
-
-        def remove_then_ctrl_c(self):
-            calls.append(1)
-            if len(calls) == 1:
-                os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode
-            return original(self)
-
         with ctrl_c_raises(), prefix.record([0, 1], (2, 5)):
             model(input_ids=ids, use_cache=False)
-            monkeypatch.setattr(RemovableHandle, "remove", remove_then_ctrl_c)  # the removals on exit
+            ctrl_c_on_call(monkeypatch, RemovableHandle, "remove", calls, at=1, after=False)  # the removals on exit
         assert calls
     monkeypatch.undo()
     assert not any(b._forward_hooks or b._forward_pre_hooks for b in blocks)

@@ -511,25 +511,38 @@ def ctrl_c_raises():
         signal.signal(signal.SIGINT, handler)
 
 
-def test_interrupt_right_after_a_weight_is_written_restores_it(gen, monkeypatch):
-    """Ctrl-C landing just after the in-place write of the second weight (before the edit has
-    recorded it) is held back until the weight is recorded, then restores every weight."""
+def ctrl_c_on_call(monkeypatch, owner, name, calls, at=None, after=True):
+    """Patch `owner.name` so that each call appends 1 to `calls` and its `at`-th (every one if None)
+    sends this process SIGINT, whose handler runs at the next bytecode: right after the original
+    ran (`after`), or right before it runs."""
     import os
     import signal
 
+    original = getattr(owner, name)
+
+    def ctrl_c():
+        calls.append(1)
+        if at is None or len(calls) == at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def patched(*args, **kwargs):
+        if not after:
+            ctrl_c()
+            return original(*args, **kwargs)
+        result = original(*args, **kwargs)
+        ctrl_c()
+        return result
+
+    monkeypatch.setattr(owner, name, patched, raising=False)
+
+
+def test_interrupt_right_after_a_weight_is_written_restores_it(gen, monkeypatch):
+    """Ctrl-C landing just after the in-place write of the second weight (before the edit has
+    recorded it) is held back until the weight is recorded, then restores every weight."""
     me = make_editor("gpt2", "mend", gen)
     before = snapshot(me.model)
-    original = GroupedEdit.apply_
     calls = []
-
-    def interrupted(self, weight):
-        previous = original(self, weight)
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode
-        return previous
-
-    monkeypatch.setattr(GroupedEdit, "apply_", interrupted)
+    ctrl_c_on_call(monkeypatch, GroupedEdit, "apply_", calls, at=2)
     with ctrl_c_raises():
         me.apply(random_requests(gen, 2))
     assert len(calls) == 2
@@ -545,9 +558,6 @@ def test_interrupt_while_the_model_is_put_back_puts_all_of_it_back(during, metho
     is back.  It used to leave the rest as it was: the capture's hooks stayed on their modules, so
     every later forward of the model raised ("ran more than once inside one capture"), or the
     parameters after the interrupted one stayed frozen."""
-    import os
-    import signal
-
     from torch.utils.hooks import RemovableHandle
 
     me = make_editor("gpt2", method, gen, **({"ft_steps": 2, "ft_stop_loss": None} if method == "ft_kl" else {}))
@@ -556,27 +566,10 @@ def test_interrupt_while_the_model_is_put_back_puts_all_of_it_back(during, metho
     n_params = len(list(model.parameters()))
     calls = []
     if during == "hook_removal":
-        original = RemovableHandle.remove
-
-        def remove_then_ctrl_c(self):
-            calls.append(1)
-            if len(calls) == 1:
-                os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode
-            return original(self)
-
-        monkeypatch.setattr(RemovableHandle, "remove", remove_then_ctrl_c)
-    else:
-        original = nn.Parameter.requires_grad_
-
-        def restore_then_ctrl_c(self, flag=True):
-            calls.append(1)
-            # The first flag given back: after freezing every parameter (the fine-tuning then
-            # unfreezes its 4 weights).
-            if len(calls) == n_params + (4 if method == "ft_kl" else 0) + 1:
-                os.kill(os.getpid(), signal.SIGINT)
-            return original(self, flag)
-
-        monkeypatch.setattr(nn.Parameter, "requires_grad_", restore_then_ctrl_c, raising=False)
+        ctrl_c_on_call(monkeypatch, RemovableHandle, "remove", calls, at=1, after=False)
+    else:  # the first flag given back: after freezing every parameter (the fine-tuning then unfreezes its 4 weights)
+        ctrl_c_on_call(monkeypatch, nn.Parameter, "requires_grad_", calls,
+                       at=n_params + (4 if method == "ft_kl" else 0) + 1, after=False)
     with ctrl_c_raises():
         me.apply(random_requests(gen, 2))
     monkeypatch.undo()

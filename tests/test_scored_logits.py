@@ -238,12 +238,9 @@ def test_interrupt_while_the_head_is_hooked_or_unhooked_leaves_no_hook(which, du
     capture's hooks and block_prefix.record): it left `logits_at`'s gather on the head, which then
     cut every later forward of the same (B, L) to the scored positions (the one for
     `head_input`, registered with prepend=True, has a signal check inside torch's registration)."""
-    import os
-    import signal
-
     from torch.utils.hooks import RemovableHandle
 
-    from test_model_editor import ctrl_c_raises
+    from test_model_editor import ctrl_c_on_call, ctrl_c_raises
 
     model, _ = tiny_model("llama", seed=seed_from(gen))
     head = model.lm_head
@@ -254,28 +251,13 @@ def test_interrupt_while_the_head_is_hooked_or_unhooked_leaves_no_hook(which, du
     enter = (lambda: logits_at(model, positions)) if which == "logits_at" else (lambda: head_input(model, (2, 5)))
     calls = []
     if during == "registration":
-        original = nn.Module.register_forward_pre_hook
-
-        def register_then_ctrl_c(self, *args, **kwargs):
-            handle = original(self, *args, **kwargs)
-            calls.append(1)
-            os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode
-            return handle
-
-        monkeypatch.setattr(nn.Module, "register_forward_pre_hook", register_then_ctrl_c)
+        ctrl_c_on_call(monkeypatch, nn.Module, "register_forward_pre_hook", calls)
         with ctrl_c_raises(), enter():
             calls.append("body")  # not reached: the interrupt is raised once the handle is kept
     else:
-        original = RemovableHandle.remove
-
-        def ctrl_c_then_remove(self):
-            calls.append(1)
-            os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode
-            return original(self)
-
         with ctrl_c_raises(), torch.no_grad(), enter():
             model(input_ids=ids)
-            monkeypatch.setattr(RemovableHandle, "remove", ctrl_c_then_remove)  # the removal on exit
+            ctrl_c_on_call(monkeypatch, RemovableHandle, "remove", calls, after=False)  # the removal on exit
     monkeypatch.undo()
     assert calls == [1]
     assert not head._forward_pre_hooks
