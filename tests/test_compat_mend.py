@@ -371,6 +371,8 @@ BAD_CHECKPOINTS = [
     ("never trained", _set("mend.(4, 3).u_mean", torch.full((4,), float("nan"))), "mend.(4, 3).u_mean"),
     ("too few tokens", _set("mend.(4, 3).k", torch.ones(1)), "mend.(4, 3).k"),
     ("not a tensor", _set("mend.(4, 3).k", 37.0), "mend.(4, 3).k"),
+    ("u integer", _set("mend.(10, 6).mlp.layers.0.u", torch.zeros(16, 12, dtype=torch.int32)),
+     "mend.(10, 6).mlp.layers.0.u"),
     ("edit_lrs integer", _set("edit_lrs", torch.ones(6, dtype=torch.int64)), "edit_lrs"),
     # Only edit_lrs: the missing editor is named in MEND's default (shared, per-shape) layout.
     ("no editors", lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("mend.")], "mend.(6, 10).mlp.layers.0.u"),
