@@ -371,6 +371,7 @@ BAD_CHECKPOINTS = [
     ("never trained", _set("mend.(4, 3).u_mean", torch.full((4,), float("nan"))), "mend.(4, 3).u_mean"),
     ("too few tokens", _set("mend.(4, 3).k", torch.ones(1)), "mend.(4, 3).k"),
     ("not a tensor", _set("mend.(4, 3).k", 37.0), "mend.(4, 3).k"),
+    ("k shape", _set("mend.(4, 3).k", torch.full((2,), 37.0)), "mend.(4, 3).k"),
     ("k NaN", _set("mend.(4, 3).k", torch.full((1,), float("nan"))), "mend.(4, 3).k"),  # finite statistics
     ("u integer", _set("mend.(10, 6).mlp.layers.0.u", torch.zeros(16, 12, dtype=torch.int32)),
      "mend.(10, 6).mlp.layers.0.u"),
