@@ -220,6 +220,22 @@ def test_half_precision_factors(gen):
                            input_dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("stored,asked,kept", [
+    (torch.bfloat16, None, torch.float32),  # MEND's compute type, whatever a half checkpoint holds
+    (torch.float16, None, torch.float32),
+])
+def test_editor_dtype(gen, stored, asked, kept):
+    """The editors are kept in `dtype` (default: fp32, float64 for a float64 checkpoint) with the checkpoint's values."""
+    sd = make_mend_state_dict(gen, dtype=stored)
+    view = compat_mend.load(sd, INNER, SHAPES, dtype=asked)[INNER[3]]
+    layer = view.editor.layers[1]
+    assert layer.u.dtype == layer.mode_shift.dtype == view.editor.alpha.dtype == view.editor.norm.v_std.dtype == kept
+    assert torch.equal(layer.u[0], sd["mend.(6, 10).mlp.layers.1.u"].to(kept))
+    assert torch.equal(layer.mode_shift[0], sd["mend.(6, 10).mlp.layers.1.mode_shift.weight"].to(kept))
+    assert torch.equal(view.editor.norm.v_std, sd["mend.(6, 10).v_std"].to(kept))
+    assert float(view.edit_lr.detach()) == float(sd["edit_lrs"][3].to(kept))
+
+
 def test_mixed_orientation_by_name(gen):
     sd = make_mend_state_dict(gen)
     views = compat_mend.load(sd, INNER, SHAPES, conv1d=[INNER[1], INNER[2]])
