@@ -223,6 +223,8 @@ def test_half_precision_factors(gen):
 @pytest.mark.parametrize("stored,asked,kept", [
     (torch.bfloat16, None, torch.float32),  # MEND's compute type, whatever a half checkpoint holds
     (torch.float16, None, torch.float32),
+    (torch.float32, torch.float64, torch.float64),  # an explicit dtype wins either way
+    (torch.float64, torch.float32, torch.float32),
 ])
 def test_editor_dtype(gen, stored, asked, kept):
     """The editors are kept in `dtype` (default: fp32, float64 for a float64 checkpoint) with the checkpoint's values."""
