@@ -302,6 +302,8 @@ def test_archive_and_safetensors_sources(gen, tmp_path):
 
     archive = {"model": sd, "opt": {"state": {}}, "lr_opt": None, "val_stats": {}, "step": 7}
     assert torch.equal(compat_mend.load(archive, INNER, SHAPES)[INNER[4]].shift(mu, eta, offsets), expected)
+    flat = {**sd, "model": {"n_embd": 10}}  # a state dict (it holds tensors) is read as is, whatever its "model"
+    assert torch.equal(compat_mend.load(flat, INNER, SHAPES)[INNER[4]].shift(mu, eta, offsets), expected)
 
     path = tmp_path / "mend.safetensors"
     save_file(tensors_only(sd), str(path))
