@@ -9,6 +9,7 @@ p_new = p + edit_lrs[idx] · shift.
 """
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -347,13 +348,17 @@ def test_from_mend_state_dict_delegates(gen, monkeypatch):
     assert args[0] is sd and args[1] == ["w"] and args[2] is shapes and kwargs == {"prefix": "outer.mend."}
 
 
-def test_from_mend_state_dict_with_prefix(gen):
-    """Real call through GroupedEditor; edit_lrs is found next to the prefixed editors."""
-    sd = make_mend_state_dict(gen, prefix="editor.mend.", lrs_key="editor.edit_lrs")
-    views = GroupedEditor.from_mend_state_dict(sd, INNER, SHAPES, prefix="editor.mend.")
+@pytest.mark.parametrize("prefix,lrs_key,load", [
+    ("editor.mend.", "editor.edit_lrs", GroupedEditor.from_mend_state_dict),  # real call; the default key
+    ("mend.", "mend.edit_lrs", partial(compat_mend.load, edit_lrs_key="mend.edit_lrs")),  # not an editor's key
+])
+def test_from_mend_state_dict_with_prefix(gen, prefix, lrs_key, load):
+    """The editors are found under prefix and edit_lrs at lrs_key (by default next to the editors)."""
+    sd = make_mend_state_dict(gen, prefix=prefix, lrs_key=lrs_key)
+    views = load(sd, INNER, SHAPES, prefix=prefix)
     for name in (INNER[1], INNER[4]):
         check_edit_matches(views[name], sd, name, torch.float32, "cpu", gen, True, False,
-                           prefix="editor.mend.", lrs_key="editor.edit_lrs")
+                           prefix=prefix, lrs_key=lrs_key)
 
 
 # ------------------------------------------------------------------ bad checkpoints and arguments
