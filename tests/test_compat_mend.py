@@ -494,6 +494,17 @@ def test_apply_checks_weight_and_changes_nothing(gen):
     assert torch.equal(linear_shaped, kept) and torch.equal(w, w0)
 
 
+@pytest.mark.parametrize("bad", ["mu", "eta"])
+def test_view_refuses_a_non_tensor_argument(gen, bad):
+    """A list for a tensor argument is a ValueError naming it (it was an AttributeError without the check)."""
+    view = compat_mend.load(make_mend_state_dict(gen), INNER, SHAPES)[INNER[3]]
+    mu, eta, _ = make_factors(gen, 6, 10, torch.float32)
+    args = {"weight": randn((10, 6), gen), "mu": mu, "eta": eta}
+    args[bad] = args[bad].tolist()
+    with pytest.raises(ValueError, match=f"{bad} must be a torch.Tensor"):
+        view.apply_(args["weight"], args["mu"], args["eta"])
+
+
 def test_apply_with_a_non_finite_gradient_changes_nothing(gen):
     """MendWeightView.apply_ wrote NaN into the whole weight when one η row was NaN (SPEC: a
     failed edit leaves the model as it was)."""
