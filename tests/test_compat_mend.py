@@ -494,7 +494,7 @@ def test_apply_checks_weight_and_changes_nothing(gen):
     assert torch.equal(linear_shaped, kept) and torch.equal(w, w0)
 
 
-@pytest.mark.parametrize("bad", ["mu", "eta"])
+@pytest.mark.parametrize("bad", ["weight", "mu", "eta"])
 def test_view_refuses_a_non_tensor_argument(gen, bad):
     """A list for a tensor argument is a ValueError naming it (it was an AttributeError without the check)."""
     view = compat_mend.load(make_mend_state_dict(gen), INNER, SHAPES)[INNER[3]]
