@@ -427,7 +427,7 @@ def test_separate_editor_with_modes_refused(gen):
     (INNER[:-1], SHAPES, "edit_lrs"),  # MEND's list must be complete (edit_lrs has one per name)
     (INNER + [INNER[0]], SHAPES, "twice"),
     ([], SHAPES, "at least one"),
-    ("transformer.h.0.mlp.c_fc.weight", SHAPES, "inner_params"),
+    ("transformer.h.0.mlp.c_fc.weight", SHAPES, "inner_params must be a list"),  # not its letters
     (INNER, {n: s for n, s in SHAPES.items() if n != INNER[2]}, INNER[2]),
     (INNER, {**SHAPES, INNER[2]: (5,)}, INNER[2]),
     (INNER, {**SHAPES, INNER[2]: (5, 0)}, INNER[2]),
