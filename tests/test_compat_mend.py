@@ -431,6 +431,7 @@ def test_separate_editor_with_modes_refused(gen):
     (INNER, {n: s for n, s in SHAPES.items() if n != INNER[2]}, INNER[2]),
     (INNER, {**SHAPES, INNER[2]: (5,)}, INNER[2]),
     (INNER, {**SHAPES, INNER[2]: (5, 0)}, INNER[2]),
+    (INNER, {**SHAPES, INNER[2]: (5.5, 5)}, INNER[2]),  # not cut to 5
     ([0] + INNER[1:], {**SHAPES, 0: (6, 10)}, "inner_params must hold str"),
     (INNER, [("a", (1, 1))], "shapes"),
 ])
