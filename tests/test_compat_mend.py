@@ -475,6 +475,8 @@ def test_bad_conv1d_and_source(gen):
     sd = make_mend_state_dict(gen)
     with pytest.raises(ValueError, match="conv1d"):
         compat_mend.load(sd, INNER, SHAPES, conv1d=["not.a.weight"])
+    with pytest.raises(ValueError, match="conv1d must be a bool or a collection"):  # one name, not its letters
+        compat_mend.load(sd, INNER, SHAPES, conv1d=INNER[0])
     with pytest.raises(ValueError, match="state_dict"):
         compat_mend.load([1, 2], INNER, SHAPES)
 
