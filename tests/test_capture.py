@@ -612,6 +612,38 @@ def test_load_model_takes_dtype_names(tmp_path):
             load_model(tmp_path / "tiny", dtype=bad)
 
 
+def tiny_gguf(path, add_bos=None, head=True):
+    """A gguf file holding what compat.transformers_versions reads: `tokenizer.ggml.add_bos_token`
+    (None: absent) and the token embedding, with an `output.weight` where the LM head is its own."""
+    import numpy as np
+
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(path), "llama")
+    if add_bos is not None:
+        writer.add_bool("tokenizer.ggml.add_bos_token", add_bos)
+    for name in ["token_embd.weight"] + (["output.weight"] if head else []):
+        writer.add_tensor(name, np.random.default_rng().standard_normal((4, 2), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("add_bos", [True, False, None])
+def test_follow_gguf_bos_turns_the_bos_off_only_where_the_file_says_so(tmp_path, add_bos):
+    """4.x's gguf Llama tokenizer adds a BOS whatever the file says; the file's False (SmolLM2's) turns it off."""
+    from types import SimpleNamespace
+
+    from dcedit_kernels.compat.transformers_versions import follow_gguf_bos, gguf_add_bos
+
+    path = tiny_gguf(tmp_path / "m.gguf", add_bos=add_bos)
+    assert gguf_add_bos(path) is add_bos
+    tok = SimpleNamespace(add_bos_token=True)
+    follow_gguf_bos(tok, path)
+    assert tok.add_bos_token is (add_bos is not False)
+
+
 @pytest.mark.parametrize("arch", ["bart", "t5"])
 def test_decoder_tokens_default_to_the_label_positions(arch, gen):
     """Without decoder_attention_mask the decoder side keeps the positions with a label
