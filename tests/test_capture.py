@@ -642,6 +642,9 @@ def test_follow_gguf_bos_turns_the_bos_off_only_where_the_file_says_so(tmp_path,
     tok = SimpleNamespace(add_bos_token=True)
     follow_gguf_bos(tok, path)
     assert tok.add_bos_token is (add_bos is not False)
+    tok = SimpleNamespace(add_bos_token=False)
+    follow_gguf_bos(tok, tmp_path / "missing.gguf")  # the file is read only for a tokenizer adding a BOS
+    assert tok.add_bos_token is False
 
 
 @pytest.mark.parametrize("arch", ["bart", "t5"])
