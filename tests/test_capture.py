@@ -647,6 +647,14 @@ def test_follow_gguf_bos_turns_the_bos_off_only_where_the_file_says_so(tmp_path,
     assert tok.add_bos_token is False
 
 
+@pytest.mark.parametrize("head", [True, False])
+def test_gguf_ties_head_where_the_file_has_no_output_weight(tmp_path, head):
+    """SmolLM2's file has no `output.weight`: its LM head is the token embedding."""
+    from dcedit_kernels.compat.transformers_versions import gguf_ties_head
+
+    assert gguf_ties_head(tiny_gguf(tmp_path / "m.gguf", head=head)) is not head
+
+
 @pytest.mark.parametrize("arch", ["bart", "t5"])
 def test_decoder_tokens_default_to_the_label_positions(arch, gen):
     """Without decoder_attention_mask the decoder side keeps the positions with a label
