@@ -655,6 +655,19 @@ def test_gguf_ties_head_where_the_file_has_no_output_weight(tmp_path, head):
     assert gguf_ties_head(tiny_gguf(tmp_path / "m.gguf", head=head)) is not head
 
 
+def test_gguf_shims_without_the_gguf_package(tmp_path, monkeypatch):
+    """Without `gguf` the file tells nothing (no flag, no tie) and gguf_parsed_once patches nothing."""
+    import sys
+
+    from dcedit_kernels.compat.transformers_versions import gguf_add_bos, gguf_parsed_once, gguf_ties_head
+
+    path = tiny_gguf(tmp_path / "m.gguf", add_bos=False, head=False)
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` raises ImportError
+    assert gguf_add_bos(path) is None and gguf_ties_head(path) is False
+    with gguf_parsed_once():
+        pass
+
+
 @pytest.mark.parametrize("arch", ["bart", "t5"])
 def test_decoder_tokens_default_to_the_label_positions(arch, gen):
     """Without decoder_attention_mask the decoder side keeps the positions with a label
