@@ -668,6 +668,18 @@ def test_gguf_shims_without_the_gguf_package(tmp_path, monkeypatch):
         pass
 
 
+@pytest.mark.parametrize("version,head,kwargs", [
+    ((4, 57), False, {"tie_word_embeddings": True}),  # 4.x left such a head at its random init
+    ((4, 57), True, {}),
+    ((5, 0), False, {}),  # 5.x ties it from the file itself
+])
+def test_gguf_model_kwargs_tie_the_head_before_5(tmp_path, monkeypatch, version, head, kwargs):
+    from dcedit_kernels.compat import transformers_versions
+
+    monkeypatch.setattr(transformers_versions, "VERSION", version)
+    assert transformers_versions.gguf_model_kwargs(tiny_gguf(tmp_path / "m.gguf", head=head)) == kwargs
+
+
 @pytest.mark.parametrize("arch", ["bart", "t5"])
 def test_decoder_tokens_default_to_the_label_positions(arch, gen):
     """Without decoder_attention_mask the decoder side keeps the positions with a label
