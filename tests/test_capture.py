@@ -680,6 +680,17 @@ def test_gguf_model_kwargs_tie_the_head_before_5(tmp_path, monkeypatch, version,
     assert transformers_versions.gguf_model_kwargs(tiny_gguf(tmp_path / "m.gguf", head=head)) == kwargs
 
 
+@pytest.mark.parametrize("version,key", [
+    ((4, 45), "torch_dtype"), ((4, 55), "torch_dtype"), ((4, 56), "dtype"), ((5, 0), "dtype"),
+])
+def test_dtype_kwarg_names_the_dtype_as_the_version_takes_it(monkeypatch, version, key):
+    """from_pretrained takes `dtype` from 4.56 on; before, it handed `dtype` to the config and loaded fp32."""
+    from dcedit_kernels.compat import transformers_versions
+
+    monkeypatch.setattr(transformers_versions, "VERSION", version)
+    assert transformers_versions.dtype_kwarg(torch.bfloat16) == {key: torch.bfloat16}
+
+
 @pytest.mark.parametrize("arch", ["bart", "t5"])
 def test_decoder_tokens_default_to_the_label_positions(arch, gen):
     """Without decoder_attention_mask the decoder side keeps the positions with a label
