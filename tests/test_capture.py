@@ -691,6 +691,15 @@ def test_dtype_kwarg_names_the_dtype_as_the_version_takes_it(monkeypatch, versio
     assert transformers_versions.dtype_kwarg(torch.bfloat16) == {key: torch.bfloat16}
 
 
+def test_transformers_version_is_its_major_and_minor():
+    import transformers
+    from packaging.version import Version
+
+    from dcedit_kernels.compat.transformers_versions import VERSION
+
+    assert VERSION == Version(transformers.__version__).release[:2]
+
+
 @pytest.mark.parametrize("arch", ["bart", "t5"])
 def test_decoder_tokens_default_to_the_label_positions(arch, gen):
     """Without decoder_attention_mask the decoder side keeps the positions with a label
