@@ -700,6 +700,20 @@ def test_transformers_version_is_its_major_and_minor():
     assert VERSION == Version(transformers.__version__).release[:2]
 
 
+def test_gguf_parsed_once_shares_readers_and_name_maps_within_the_block(tmp_path):
+    """One parse per file and one TensorNameMap per (arch, blocks) inside the block; gguf's own after it."""
+    gguf = pytest.importorskip("gguf")
+    from dcedit_kernels.compat.transformers_versions import gguf_parsed_once
+
+    path = tiny_gguf(tmp_path / "m.gguf")
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with gguf_parsed_once():
+        assert gguf.GGUFReader(path) is gguf.GGUFReader(str(path))
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+    assert gguf.GGUFReader is real_reader and gguf.get_tensor_name_map is real_map
+
+
 @pytest.mark.parametrize("arch", ["bart", "t5"])
 def test_decoder_tokens_default_to_the_label_positions(arch, gen):
     """Without decoder_attention_mask the decoder side keeps the positions with a label
