@@ -703,11 +703,12 @@ def test_transformers_version_is_its_major_and_minor():
 def test_gguf_parsed_once_shares_readers_and_name_maps_within_the_block(tmp_path):
     """One parse per file and one TensorNameMap per (arch, blocks) inside the block; gguf's own after it."""
     gguf = pytest.importorskip("gguf")
-    from dcedit_kernels.compat.transformers_versions import gguf_parsed_once
+    from dcedit_kernels.compat import transformers_versions
 
     path = tiny_gguf(tmp_path / "m.gguf")
     real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    with gguf_parsed_once():
+    with transformers_versions.gguf_parsed_once():
+        assert transformers_versions._GGUF_PATCH.locked()  # another thread's load waits: its exit would undo ours
         assert gguf.GGUFReader(path) is gguf.GGUFReader(str(path))
         arch = gguf.MODEL_ARCH.LLAMA
         assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
