@@ -477,6 +477,9 @@ def test_bad_conv1d_and_source(gen):
         compat_mend.load(sd, INNER, SHAPES, conv1d=["not.a.weight"])
     with pytest.raises(ValueError, match="conv1d must be a bool or a collection"):  # one name, not its letters
         compat_mend.load(sd, INNER, SHAPES, conv1d=INNER[0])
+    for bad in ([INNER[:2]], [1, "x"]):  # a nested list; a non-name among names (TypeErrors from set/sorted)
+        with pytest.raises(ValueError, match="conv1d must hold inner parameter names"):
+            compat_mend.load(sd, INNER, SHAPES, conv1d=bad)
     with pytest.raises(ValueError, match="state_dict"):
         compat_mend.load([1, 2], INNER, SHAPES)
 

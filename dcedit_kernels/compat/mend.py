@@ -294,11 +294,14 @@ def _check_conv1d(conv1d, names) -> set[str]:
         return set(names) if conv1d else set()
     if isinstance(conv1d, str) or not isinstance(conv1d, Iterable):
         raise ValueError(f"conv1d must be a bool or a collection of inner parameter names, got {conv1d!r}")
-    chosen = set(conv1d)
-    unknown = chosen - set(names)
+    chosen = list(conv1d)
+    for n in chosen:  # before set() and sorted(): a nested list or mixed types raised TypeError there
+        if not isinstance(n, str):
+            raise ValueError(f"conv1d must hold inner parameter names (str), got {n!r}")
+    unknown = set(chosen) - set(names)
     if unknown:
         raise ValueError(f"conv1d names {sorted(unknown)[0]!r}, which is not in inner_params")
-    return chosen
+    return set(chosen)
 
 
 def _edit_lrs(state_dict, key, n) -> torch.Tensor:
