@@ -413,6 +413,7 @@ def test_bad_checkpoint_names_the_key(gen, mutate, key):
     with pytest.raises(ValueError) as info:
         compat_mend.load(sd, INNER, SHAPES)
     assert key in str(info.value)
+    assert "got Tensor" not in str(info.value)  # a tensor of the wrong dtype is named by its dtype
 
 
 def test_separate_editor_with_modes_refused(gen):
@@ -475,8 +476,10 @@ def test_bad_conv1d_and_source(gen):
     sd = make_mend_state_dict(gen)
     with pytest.raises(ValueError, match="conv1d"):
         compat_mend.load(sd, INNER, SHAPES, conv1d=["not.a.weight"])
-    with pytest.raises(ValueError, match="conv1d must be a bool or a collection"):  # one name, not its letters
-        compat_mend.load(sd, INNER, SHAPES, conv1d=INNER[0])
+    # One name, not its letters; a mapping, not its keys ({name: False} made that weight Conv1D).
+    for bad in (INNER[0], {INNER[0]: False}):
+        with pytest.raises(ValueError, match="conv1d must be a bool or a collection"):
+            compat_mend.load(sd, INNER, SHAPES, conv1d=bad)
     for bad in ([INNER[:2]], [1, "x"]):  # a nested list; a non-name among names (TypeErrors from set/sorted)
         with pytest.raises(ValueError, match="conv1d must hold inner parameter names"):
             compat_mend.load(sd, INNER, SHAPES, conv1d=bad)

@@ -292,7 +292,8 @@ def _check_shapes(shapes, names) -> dict[str, tuple[int, int]]:
 def _check_conv1d(conv1d, names) -> set[str]:
     if isinstance(conv1d, bool):
         return set(names) if conv1d else set()
-    if isinstance(conv1d, str) or not isinstance(conv1d, Iterable):
+    # A mapping is refused rather than read as its keys: {name: False} would have made that weight Conv1D.
+    if isinstance(conv1d, (str, Mapping)) or not isinstance(conv1d, Iterable):
         raise ValueError(f"conv1d must be a bool or a collection of inner parameter names, got {conv1d!r}")
     chosen = list(conv1d)
     for n in chosen:  # before set() and sorted(): a nested list or mixed types raised TypeError there
@@ -309,7 +310,8 @@ def _edit_lrs(state_dict, key, n) -> torch.Tensor:
         raise ValueError(f"missing key {key} (MEND's per-parameter edit_lrs)")
     lrs = state_dict[key]
     if not isinstance(lrs, torch.Tensor) or not lrs.is_floating_point():
-        raise ValueError(f"{key} must be a float tensor, got {type(lrs).__name__}")
+        raise ValueError(f"{key} must be a float tensor, got "
+                         f"{lrs.dtype if isinstance(lrs, torch.Tensor) else type(lrs).__name__}")
     if lrs.shape != (n,):
         raise ValueError(f"{key} must have shape ({n},), one per inner parameter, got {tuple(lrs.shape)}")
     return lrs.detach()
