@@ -449,6 +449,25 @@ def test_tokenize_seq2seq(arch):
     assert batch["attention_mask"][1].sum() < batch["attention_mask"][0].sum()
 
 
+# Each tokenize function on two rows of different lengths (so that the batch is padded).
+TOKENIZED = {
+    "causal": lambda tok, device=None: tokenize_causal(tok, ["Toko Yasuda, the", "ab"], ["piano", "x"], device=device),
+    "seq2seq": lambda tok, device=None: tokenize_seq2seq(tok, ["Toko Yasuda, the", "ab"], ["x", "piano"], device=device),
+    "texts": lambda tok, device=None: tokenize_texts(tok, ["Toko Yasuda, the piano", "ab x"], device=device),
+}
+
+
+@pytest.mark.parametrize("kind", TOKENIZED)
+def test_tokenized_input_ids_are_padded_with_the_pad_token(kind):
+    """BART's tokenizer has pad 1 and eos 2: the padding is the pad token (eos stands in only where
+    there is none)."""
+    tok = tiny_tokenizer("bart")
+    assert len({tok.pad_token_id, tok.eos_token_id, 0}) == 3
+    batch = TOKENIZED[kind](tok)
+    padding = batch["attention_mask"] == 0
+    assert padding.any() and (batch["input_ids"][padding] == tok.pad_token_id).all()
+
+
 def test_tokenize_texts_scores_every_next_token():
     tok = tiny_tokenizer("gpt2")
     batch = tokenize_texts(tok, ["hello", "hi there"])
