@@ -468,6 +468,12 @@ def test_tokenized_input_ids_are_padded_with_the_pad_token(kind):
     assert padding.any() and (batch["input_ids"][padding] == tok.pad_token_id).all()
 
 
+@pytest.mark.parametrize("kind", TOKENIZED)
+def test_tokenized_batch_is_on_the_given_device(kind):
+    batch = TOKENIZED[kind](tiny_tokenizer("bart"), device="meta")
+    assert all(v.device.type == "meta" for v in batch.values())
+
+
 def test_tokenize_texts_scores_every_next_token():
     tok = tiny_tokenizer("gpt2")
     batch = tokenize_texts(tok, ["hello", "hi there"])
