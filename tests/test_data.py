@@ -447,6 +447,8 @@ def test_tokenize_seq2seq(arch):
     assert dec[0].all() and not dec[1].all()  # the shorter target is right-padded
     assert batch["labels"][1, int(dec[1].sum()) - 1] == tok.eos_token_id
     assert batch["attention_mask"][1].sum() < batch["attention_mask"][0].sum()
+    for b, prompt in enumerate(["Toko Yasuda, the", "ab"]):  # the encoder reads the prompt with its special tokens
+        assert batch["input_ids"][b, : int(batch["attention_mask"][b].sum())].tolist() == tok(prompt)["input_ids"]
 
 
 # Each tokenize function on two rows of different lengths (so that the batch is padded).
