@@ -451,6 +451,25 @@ def test_tokenize_seq2seq(arch):
         assert batch["input_ids"][b, : int(batch["attention_mask"][b].sum())].tolist() == tok(prompt)["input_ids"]
 
 
+class TargetModeTokenizer:
+    """As mBART's or Marian's tokenizer: a target (`text_target`) is tokenized in its own mode, here
+    behind a language code 2; a source text ends in 1 (its eos)."""
+
+    pad_token_id, eos_token_id = 0, 1
+
+    def __call__(self, text=None, *, text_target=None, add_special_tokens=True):
+        ids = [ord(c) for c in (text if text is not None else text_target)]
+        if add_special_tokens:
+            ids = ids + [1] if text is not None else [2] + ids + [1]
+        return {"input_ids": ids}
+
+
+def test_tokenize_seq2seq_labels_are_the_target_tokenized_as_a_target():
+    batch = tokenize_seq2seq(TargetModeTokenizer(), ["ab"], ["xy"])
+    assert batch["labels"][0].tolist() == [2, ord("x"), ord("y"), 1]
+    assert batch["input_ids"][0].tolist() == [ord("a"), ord("b"), 1]
+
+
 # Each tokenize function on two rows of different lengths (so that the batch is padded).
 TOKENIZED = {
     "causal": lambda tok, device=None: tokenize_causal(tok, ["Toko Yasuda, the", "ab"], ["piano", "x"], device=device),
