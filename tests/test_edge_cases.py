@@ -602,3 +602,19 @@ def test_forward_inputs_of_a_seq2seq_model_without_prepare_keeps_its_labels():
     batch = {"input_ids": torch.ones(1, 3, dtype=torch.long), "labels": torch.ones(1, 2, dtype=torch.long)}
     model = SimpleNamespace(config=SimpleNamespace(is_encoder_decoder=True))
     assert forward_inputs(model, batch) == batch and forward_inputs(model, batch) is not batch
+
+
+def test_forward_inputs_of_a_seq2seq_model_keeps_the_decoder_input_ids_it_is_given(gen):
+    """The decoder inputs are built from the labels only where the batch has none."""
+    from types import SimpleNamespace
+
+    from dcedit_kernels.tokenize import forward_inputs
+
+    ids, labels = torch.randint(0, 50, (2, 4), generator=gen), torch.randint(0, 50, (2, 3), generator=gen)
+    model = SimpleNamespace(config=SimpleNamespace(is_encoder_decoder=True),
+                            prepare_decoder_input_ids_from_labels=lambda labels: labels + 100)
+    built = forward_inputs(model, {"input_ids": ids, "labels": labels})
+    assert set(built) == {"input_ids", "decoder_input_ids"} and torch.equal(built["decoder_input_ids"], labels + 100)
+    given = torch.randint(0, 50, (2, 3), generator=gen)
+    kept = forward_inputs(model, {"input_ids": ids, "labels": labels, "decoder_input_ids": given})
+    assert set(kept) == {"input_ids", "decoder_input_ids"} and kept["decoder_input_ids"] is given
