@@ -89,6 +89,7 @@ def test_prediction_metrics_by_hand():
     assert edit_success(lm, tok, REQUESTS) == pytest.approx(2 / 3)
     assert edit_success(lm, tok, REQUESTS, exact=True) == 0.0
     assert neighbourhood_success(lm, tok, REQUESTS) == pytest.approx((1 + 2 / 3) / 2)
+    assert neighbourhood_success(lm, tok, REQUESTS, exact=True) == pytest.approx(0.5)
     acc = target_accuracy(lm, tok, ["xy", "pq", "pq"], ["ab", "cd", "zz"], batch_size=2)
     assert acc.tolist() == pytest.approx([1.0, 2 / 3, 1 / 3])  # "pq zz": only the space is right
 
