@@ -140,8 +140,9 @@ def test_metrics_restore_mode_and_check_inputs():
     with pytest.raises(ValueError, match="batch_size"):
         reliability(lm, tok, REQUESTS, batch_size=0)
     base = locality_predictions(lm, tok, REQUESTS)
-    with pytest.raises(ValueError, match="base_predictions"):
-        drawdown(lm, tok, REQUESTS, base[:1])
+    for wrong in (base[:1], base + base[:1]):  # one too few, one too many (zip dropped the extra)
+        with pytest.raises(ValueError, match=r"base_predictions must have one entry per request \(2\)"):
+            drawdown(lm, tok, REQUESTS, wrong)
     with pytest.raises(ValueError, match="reduction"):
         drawdown(lm, tok, REQUESTS, base, reduction="mean")
     with pytest.raises(ValueError, match="empty"):
