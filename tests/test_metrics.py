@@ -292,6 +292,15 @@ def test_gcr_gms_by_hand():
         gms(gram=torch.ones(2, 3))
 
 
+def test_gradient_gram_refuses_what_is_not_an_e_by_p_float_matrix():
+    # Without the check a 1-D tensor gave its squared norm and an int matrix a Gram.
+    for bad, message in ((torch.ones(3), "grads must be 2-D"),
+                         (torch.ones(2, 3, dtype=torch.long), "grads must be float"),
+                         ([[1.0, 2.0]], "grads must be a torch.Tensor")):
+        with pytest.raises(ValueError, match=message):
+            gradient_gram(bad)
+
+
 def test_gradient_metrics_refuse_a_gram_that_is_not_symmetric(gen):
     """Only the upper triangle is read: a cross product of two gradient sets gave a ratio."""
     a, b = torch.randn(4, 9, generator=gen), torch.randn(4, 9, generator=gen)
