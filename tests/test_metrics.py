@@ -485,6 +485,17 @@ def test_scoring_errors_name_the_callers_item():
         target_accuracy(model, tok, ["ab"] * 5 + [" "], ["cd"] * 6, batch_size=4)
 
 
+def test_a_target_the_tokenizer_refuses_is_named_as_the_requests_target(gen):
+    """BERT's normalizer drops "\\x07", so the target tokenizes to nothing: the tokenizer's error about
+    `targets[i]` of its batch names the caller's `requests[k].target` (and the prompt as one)."""
+    lm = PrefixLM(tiny_tokenizer("bert"))
+    k = int(torch.randint(1, 5, (1,), generator=gen))
+    requests = [EditRequest("a b", "c")] * k + [EditRequest("a b", "\x07")]
+    with pytest.raises(ValueError, match=rf"^requests\[{k}\]\.target \('\\x07'\) tokenizes to no tokens "
+                                         rf"after requests\[{k}\]\.prompt$"):
+        reliability(lm, lm.tok, requests, batch_size=2)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "bart"])
 def test_a_text_past_the_positions_is_named_with_what_is_too_long(arch, gen):
     """A row past a learned position table is a ValueError naming the caller's item and what is too
