@@ -184,6 +184,17 @@ def test_batched_scoring_matches_one_at_a_time(arch, gen):
         assert float(single[i]) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("arch", ["bart", "t5"])
+def test_a_seq2seq_model_without_prepare_decoder_input_ids_scores_the_same(arch, gen):
+    """Such a model gets its labels (it builds its decoder inputs from them) and computes its own
+    loss: the scoring has it compute the full logits, which that loss needs."""
+    model, tok = tiny_model(arch, seed=seed_from(gen))
+    prompts, targets = ["The Eiffel Tower is in", "ab", "Toko Yasuda plays the"], ["Rome", "x y z", "piano"]
+    want = target_accuracy(model, tok, prompts, targets)
+    model.prepare_decoder_input_ids_from_labels = None
+    assert torch.equal(target_accuracy(model, tok, prompts, targets), want)
+
+
 @pytest.mark.parametrize("arch", ["llama", "t5"])
 def test_scoring_batches_rows_of_similar_length(arch, gen):
     """More rows than a batch: the batches take the rows sorted by length (fewer padding slots) and
