@@ -367,6 +367,20 @@ def test_factors_gram_sums_weights_and_matches_captured_grads(gen):
     assert rel_err(factors_gram(factors[names[0]]), gradient_gram(factors[names[0]].gradient(per_edit=True).flatten(1))) < 1e-10
 
 
+def test_gms_of_an_edit_whose_token_gradients_cancel_is_a_number(gen):
+    """Edit 0's three tokens share μ and their η sum to (nearly) zero: its Gram diagonal, a sum of
+    terms of both signs, rounds to below zero about half the time (and to ~1e-5 above it otherwise,
+    hence the tolerance).  It counts as a zero gradient (GMS against the float64 dense gradients),
+    not as a NaN from the root of a negative norm²."""
+    offsets = torch.tensor([0, 3, 4, 5], dtype=torch.int32)
+    for _ in range(20):
+        mu, eta = randn((5, 6), gen), randn((5, 5), gen)
+        mu[1:3] = mu[0]
+        eta[2] = -(eta[0] + eta[1])
+        gram = factor_gram(mu, eta, offsets)
+        assert gms(gram=gram) == pytest.approx(gms(dense_per_edit(mu, eta, offsets)), abs=1e-2)
+
+
 @pytest.mark.parametrize("scale", [1e-12, 1e-20, 1e20])
 def test_factor_gram_tiny_and_huge_fp32_factors(scale):
     # Two one-token edits with opposite gradients, norms 1 and 2 (times scale²): the unscaled fp32
