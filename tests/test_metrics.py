@@ -195,6 +195,16 @@ def test_a_seq2seq_model_without_prepare_decoder_input_ids_scores_the_same(arch,
     assert torch.equal(target_accuracy(model, tok, prompts, targets), want)
 
 
+def input_shapes(model, run):
+    """(run(), the shape of every batch of ids the model's input embedding saw meanwhile)."""
+    shapes = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, a, o: shapes.append(tuple(a[0].shape)))
+    try:
+        return run(), shapes
+    finally:
+        hook.remove()
+
+
 @pytest.mark.parametrize("arch", ["llama", "t5"])
 def test_scoring_batches_rows_of_similar_length(arch, gen):
     """More rows than a batch: the batches take the rows sorted by length (fewer padding slots) and
@@ -208,12 +218,7 @@ def test_scoring_batches_rows_of_similar_length(arch, gen):
     lengths = torch.randint(1, 12, (n,), generator=gen).tolist()
     prompts = [" ".join(words[(i + k) % len(words)] for k in range(m)) for i, m in enumerate(lengths)]
     targets = [words[i % len(words)] for i in range(n)]
-    widths = []
-    hook = model.get_input_embeddings().register_forward_hook(lambda m, a, o: widths.append(tuple(a[0].shape)))
-    try:
-        batched = _score(model, tok, prompts, targets, batch_size=3)
-    finally:
-        hook.remove()
+    batched, widths = input_shapes(model, lambda: _score(model, tok, prompts, targets, batch_size=3))
     # Each row scored in a call of its own: one call over all rows would sort them the same way, and
     # a wrong way back to the caller's order would reorder both alike.
     single = [_score(model, tok, [p], [t], batch_size=1)[0] for p, t in zip(prompts, targets)]
@@ -224,6 +229,23 @@ def test_scoring_batches_rows_of_similar_length(arch, gen):
     if arch == "llama":  # the encoder of a seq2seq model is called first, on the prompts alone
         assert [w[0] for w in widths] == [3, 3, 3]
         assert [w[1] for w in widths] == [max(ids[lo:lo + 3]) for lo in (0, 3, 6)]
+
+
+def test_scoring_sorts_rows_by_prompt_and_target_length(gen):
+    """The tiny GPT-2 tokenizer spells one token per character: rows of 1 + 30, 5 + 1, 10 + 1 and
+    20 + 30 characters batch as {5 + 1, 10 + 1} and {1 + 30, 20 + 30}; sorted by the prompt alone
+    they batched as {1 + 30, 5 + 1} and {10 + 1, 20 + 30}, 32 and 51 wide instead of 12 and 51."""
+    from dcedit_kernels.metrics import _score
+
+    model, tok = tiny_model("gpt2", seed=seed_from(gen))
+    letters = "abcdefghijklmnopqrstuvwxyz"
+
+    def text(n):
+        return "".join(letters[i] for i in torch.randint(0, 26, (n,), generator=gen).tolist())
+
+    rows = [(text(p), text(t)) for p, t in ((1, 30), (5, 1), (10, 1), (20, 30))]
+    _, shapes = input_shapes(model, lambda: _score(model, tok, [p for p, _ in rows], [t for _, t in rows], 2))
+    assert shapes == [(2, 10 + 1 + 1), (2, 20 + 1 + 30)]  # the longer row's prompt, space, target
 
 
 def test_sorted_scoring_names_the_first_bad_row_in_the_callers_order(gen):
