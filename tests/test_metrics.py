@@ -268,6 +268,22 @@ def test_sorted_scoring_names_the_first_bad_row_in_the_callers_order(gen):
         _score(model, tok, texts[:1] + texts[2:], None, batch_size=2)
 
 
+def test_lower_blocks_kept_gives_an_enclosing_blocks_store_back(gen):
+    """Once a nested `lower_blocks_kept` block exits, scoring keeps its batches in the enclosing
+    block's store again (the enclosing store was dropped for the rest of its block)."""
+    from dcedit_kernels.metrics import lower_blocks_kept
+
+    model, tok = tiny_model("gpt2", seed=seed_from(gen))
+    modules = {"transformer.h.1.mlp.c_proj": model.transformer.h[1].mlp.c_proj}
+    outer, inner = {}, {}
+    with lower_blocks_kept(modules, outer):
+        with lower_blocks_kept(modules, inner):
+            reliability(model, tok, REQUESTS)
+        assert inner and not outer
+        reliability(model, tok, REQUESTS)
+    assert outer
+
+
 def argmax_accuracy(model, tok, prompt, target, seq2seq, **forward_kwargs):
     """The target's teacher-forced argmax accuracy from one plain forward over the full logits
     (a seq2seq model's special tokens not scored)."""
