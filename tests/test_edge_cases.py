@@ -456,6 +456,19 @@ def test_peak_memory_without_clear_refs_uses_ru_maxrss(monkeypatch, tmp_path):
     assert m.method == "ru_maxrss"
 
 
+def test_peak_memory_from_rss_is_the_high_water_marks_growth_in_mib(monkeypatch, gen):
+    """The growth of VmHWM over the VmRSS read at the start (both in kB) reads in MiB (2**20 bytes);
+    a mark below the start reads 0, never a negative peak."""
+    start = int(torch.randint(1 << 20, 1 << 21, (1,), generator=gen))  # kB
+    growth = int(torch.randint(1, 1 << 20, (1,), generator=gen))
+    monkeypatch.setattr(evaluate_module, "_reset_rss_high_water", lambda: True)
+    for hwm, want in ((start + growth, growth / 1024), (start - growth, 0.0)):
+        monkeypatch.setattr(evaluate_module, "_status_kb", {"VmRSS": start, "VmHWM": hwm}.get)
+        with evaluate_module.PeakMemory("cpu") as m:
+            pass
+        assert m.method == "rss_high_water" and m.peak_mb == want
+
+
 def test_evaluate_method_checks_its_arguments(gen):
     me = make_editor("gpt2", "mend", gen)
     reqs = random_requests(gen, 3)
