@@ -511,6 +511,8 @@ def test_evaluate_method_refuses_a_seed_or_layers_it_would_misread(gen):
     # Still a pure function of its int arguments, any N_u from 0 to all of them.
     seed = seed_from(gen)
     assert evaluate_module.sample_indices(9, 4, seed, 2) == evaluate_module.sample_indices(9, 4, seed, 2)
+    # Each repeat draws its own sample (a collision of these two has odds 1 in C(100, 10)).
+    assert evaluate_module.sample_indices(100, 10, seed, 0) != evaluate_module.sample_indices(100, 10, seed, 1)
     assert evaluate_module.sample_indices(9, 0, seed, 0) == []
     assert evaluate_module.sample_indices(9, 9, -seed, 0) == list(range(9))
 
