@@ -345,8 +345,8 @@ def test_gradient_conflict_and_summarize():
     assert set(out) == set(layers)
     for stats in out.values():
         assert 0.0 <= stats["gcr"] <= 1.0 and 0.0 < stats["gms"] <= 1.0
-    with pytest.raises(ValueError, match="at least 2"):
-        gradient_conflict(model, tok, layers, requests[:1])
+    with pytest.raises(ValueError, match=r"^requests must hold at least 2 edits for gradient metrics, got 1$"):
+        gradient_conflict(model, tok, layers, requests[:1])  # before any capture
     s = summarize([1.0, None, 3.0])
     assert s["mean"] == 2.0 and s["std"] == 1.0 and s["values"] == [1.0, None, 3.0]
     assert summarize([None])["mean"] is None
