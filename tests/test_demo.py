@@ -259,6 +259,7 @@ def test_evaluate_method_accepts_a_model_editor_and_checks_arguments():
     me = ModelEditor(model, tok, layers=["transformer.h.1.mlp.c_proj"], method="mend", rank=3)
     result = evaluate_method(model, tok, me, requests, n_edits=4, repeats=1, progress=False)
     assert result["by_n"][4]["es"]["std"] == 0.0
+    assert result["by_n"][4]["memory_method"] == result["runs"][0]["memory_method"] is not None
     # A shared cache of the unedited model's locality predictions changes no number.
     cache = {}
     first = evaluate_method(model, tok, me, requests, n_edits=(2, 4), repeats=2, progress=False, base_cache=cache)
