@@ -516,6 +516,18 @@ def test_measure_edit_scores_every_metric_by_hand():
     assert run["n_edits"] == 2 and lm.table == before
 
 
+def test_measure_edit_scores_ns_over_the_requests_with_a_locality_target():
+    """A locality prompt without its target counts for DD (every next token of the text) but not for
+    NS: an edit that changes one of request 0's three locality tokens gives NS 2/3 (request 0's
+    alone) and DD 1/2 ("world" is unchanged)."""
+    from dcedit_kernels.evaluate import measure_edit
+
+    lm = scripted_model()
+    lm.teach("world")
+    run = measure_edit(ScriptedEditor(lm, [("hi jk", "hi j")]), [REQUESTS[0], EditRequest("pq", "cd", locality="world")])
+    assert run["ns"] == pytest.approx(2 / 3) and run["dd"] == pytest.approx(0.5)
+
+
 def test_scoring_restores_every_submodules_mode():
     """A model that trains with a block kept in eval mode (or an eval model with a submodule in
     train mode) gets each submodule's own mode back, also when scoring raises: restoring only the
