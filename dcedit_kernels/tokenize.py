@@ -93,10 +93,13 @@ def causal_pair_ids(tokenizer, prompt: str, target: str, index: int = 0) -> tupl
     straddles the boundary) every token that ends after the prompt's last character counts as
     target, found from the offset mapping.  A tokenizer without offsets (a Python "slow" one) counts
     the tokens the joint text shares with the prompt alone, from the start, as prompt.  Raises
-    ValueError when no target token is left.
+    ValueError when the prompt tokenizes to no tokens (a normalizer drops every character of it, as
+    BERT's does a control character) or no target token is left.
     """
     text, boundary = join_prompt_target(prompt, target)
     prompt_ids = text_ids(tokenizer, prompt)
+    if not prompt_ids:  # its special tokens alone, stripped as trailing: a leading BOS was labelled as target
+        raise ValueError(f"prompts[{index}] ({prompt!r}) tokenizes to no tokens")
     full_ids, special, offsets = _encode(tokenizer, text, offsets=True)
     if full_ids[: len(prompt_ids)] == prompt_ids:
         n_prompt = len(prompt_ids)

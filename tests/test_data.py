@@ -429,6 +429,8 @@ def test_tokenize_errors():
         tokenize_causal(tok, ["a", "b"], ["c"])
     with pytest.raises(ValueError, match=r"prompts\[0\]"):
         tokenize_causal(tok, [""], ["c"])
+    with pytest.raises(ValueError, match=r"^prompts\[1\] \('\\x07'\) tokenizes to no tokens$"):
+        tokenize_causal(tok, ["a", "\x07"], ["c", "d"])  # its [CLS] alone, labelled as target
     with pytest.raises(ValueError, match="single str"):
         tokenize_causal(tok, "a", "c")
     with pytest.raises(ValueError, match="empty"):
