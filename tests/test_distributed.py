@@ -40,7 +40,7 @@ def _requests(seed, n):
 
 def _editor(method, editor_kwargs):
     model, tok = tiny_model("llama", seed=0)
-    return ModelEditor(model, tok, LAYERS, method=method, rank=5, seed=3, **editor_kwargs)
+    return ModelEditor(model, tok, LAYERS, method=method, **dict(dict(rank=5, seed=3), **editor_kwargs))
 
 
 def _train(me, config, val=None):
@@ -155,7 +155,8 @@ def one_thread():
 
 def test_two_processes_train_as_one_with_twice_the_accumulation(tmp_path, one_thread):
     config = dict(steps=3, batch_size=2, accumulate=1, lr=1e-2, lr_lr=1e-2, progress=False)
-    states, results = _run(tmp_path, "mend", dict(norm=False), [config])
+    # Rank 1 builds its editors from another seed: every process starts from rank 0's (broadcast_state).
+    states, results = _run(tmp_path, "mend", dict(norm=False), [config], rank_editor_kwargs={1: dict(seed=4)})
     me = _editor("mend", dict(norm=False))
     single, state = _train(me, TrainConfig(**dict(config, accumulate=2)))
     initial = _editor("mend", dict(norm=False)).state_tensors()
