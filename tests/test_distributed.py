@@ -437,3 +437,41 @@ def test_without_data_parallel_each_process_validates_on_its_own(monkeypatch):
         result = train_editor(_editor("mend", {}), _requests(1, 4), _requests(2, 2),
                               TrainConfig(steps=1, batch_size=2, progress=False, val_every=1))
     assert len(result.val_history) == 1 and result.best_step == 1
+
+
+def _with_a_peer(monkeypatch, rank, peer):
+    """This process as `rank` of 2 without a process group: the other process's side of each
+    collective is the next item of `peer` (its tensor for an all_reduce, rank 0's for a broadcast,
+    its object for an all_gather_object)."""
+    import dcedit_kernels.distributed as distributed
+
+    sent = iter(peer)
+
+    def broadcast(t, src):
+        assert src == 0 != rank
+        t.copy_(next(sent))
+
+    def all_gather_object(out, obj):
+        out[rank], out[1 - rank] = obj, next(sent)
+
+    monkeypatch.setattr(distributed, "world", lambda: (rank, 2))
+    monkeypatch.setattr(dist, "all_reduce", lambda t: t.add_(next(sent)))
+    monkeypatch.setattr(dist, "broadcast", broadcast)
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    return distributed
+
+
+def test_average_gradients_averages_over_the_processes_and_leaves_a_grad_nobody_has_none(monkeypatch, gen):
+    """A param with a grad on the other process only gets half of it; one without a grad on any keeps
+    None (the optimisers skip it, as in one process: a zero grad would still move Adam's moments)."""
+    mine, theirs, theirs_only = (torch.randn(3, generator=gen) for _ in range(3))
+    params = [torch.zeros(3, requires_grad=True) for _ in range(3)]
+    params[0].grad = mine.clone()
+    # The peer's head (no failure, its numbers, which params it has a grad for), then its grads.
+    distributed = _with_a_peer(monkeypatch, 0, [torch.tensor([0, 3.0, 0.5, 1, 1, 0], dtype=torch.float64),
+                                                theirs, theirs_only])
+    assert distributed.average_gradients(params, [1.0, 2.5]) == [4.0, 3.0]
+    assert torch.allclose(params[0].grad, (mine + theirs) / 2)
+    assert torch.allclose(params[1].grad, theirs_only / 2)
+    assert params[2].grad is None
+
