@@ -475,3 +475,9 @@ def test_average_gradients_averages_over_the_processes_and_leaves_a_grad_nobody_
     assert torch.allclose(params[1].grad, theirs_only / 2)
     assert params[2].grad is None
 
+
+def test_agree_on_start_refuses_processes_that_would_start_from_different_steps(monkeypatch):
+    distributed = _with_a_peer(monkeypatch, 0, [(None, 3, dict(config=dict(lr=0.1)))])
+    with pytest.raises(ValueError, match=r"different steps \[0, 3\]: a resume needs the same checkpoint_dir"):
+        distributed.agree_on_start(None, 0, dict(config=dict(lr=0.1)))
+
