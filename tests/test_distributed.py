@@ -481,3 +481,14 @@ def test_agree_on_start_refuses_processes_that_would_start_from_different_steps(
     with pytest.raises(ValueError, match=r"different steps \[0, 3\]: a resume needs the same checkpoint_dir"):
         distributed.agree_on_start(None, 0, dict(config=dict(lr=0.1)))
 
+
+def test_broadcast_state_sets_every_parameter_and_buffer_to_rank_0s(monkeypatch, gen):
+    """Running norms included: a process whose editors saw other tokens before starts from rank 0's."""
+    from dcedit_kernels.editors.running_norm import RunningNorm
+
+    rank0, mine = (torch.nn.Sequential(torch.nn.Linear(3, 2), RunningNorm(3, 2)) for _ in range(2))
+    rank0[1].update(torch.randn(4, 3, generator=gen), torch.randn(4, 2, generator=gen))
+    distributed = _with_a_peer(monkeypatch, 1, [t.detach().clone() for t in [*rank0.parameters(), *rank0.buffers()]])
+    distributed.broadcast_state(mine)
+    for (key, want), got in zip(rank0.state_dict().items(), mine.state_dict().values()):
+        assert torch.equal(got, want), key
