@@ -492,3 +492,38 @@ def test_broadcast_state_sets_every_parameter_and_buffer_to_rank_0s(monkeypatch,
     distributed.broadcast_state(mine)
     for (key, want), got in zip(rank0.state_dict().items(), mine.state_dict().values()):
         assert torch.equal(got, want), key
+
+
+def test_a_rank_resuming_a_checkpoint_without_its_rng_states_is_seeded_for_its_rank_and_step(monkeypatch, tmp_path):
+    """A multi-process checkpoint written before each rank's RNG states were stored under "rank{r}."
+    holds rank 0's only: rank 1 resuming it draws from _rank_seed(seed, step, 1) (its routing
+    generators from _rank_seed of their own seed), not from rank 0's or a fresh run's states.  One
+    process plays each rank in turn, the collectives replaced by what a 2-process run returns."""
+    from dcedit_kernels import distributed, train
+
+    config = dict(batch_size=2, progress=False, data_parallel=True, checkpoint_dir=str(tmp_path), seed=7)
+    for name in ("agree_on_start", "settle", "broadcast_state", "merge_running_norms"):
+        monkeypatch.setattr(distributed, name, lambda *a: None)
+    monkeypatch.setattr(distributed, "average_gradients", lambda params, numbers, error: numbers)
+    monkeypatch.setattr(distributed, "gather_outcomes", lambda fn, what: [fn()])  # rank 0's states only
+    monkeypatch.setattr(distributed, "on_rank0", lambda fn, what: fn())
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
+    _train(_editor("mend", {}), TrainConfig(steps=1, **config))
+    monkeypatch.setattr(distributed, "on_rank0", lambda fn, what: None)
+    monkeypatch.setattr(distributed, "world", lambda: (1, 2))
+    me, drawn = _editor("mend", {}), []
+    seeds = {key: gen.initial_seed() for key, gen in me.route_generators().items()}
+    accumulate = train._accumulate
+
+    def first_draws(*args):  # the RNG states the resumed step starts drawing from
+        drawn.append((torch.get_rng_state(), {key: gen.get_state() for key, gen in me.route_generators().items()}))
+        return accumulate(*args)
+    monkeypatch.setattr(train, "_accumulate", first_draws)
+    result, _ = _train(me, TrainConfig(steps=2, **config))
+    assert result.resumed_from == 1 and len(drawn) == 1
+    state, routes = drawn[0]
+    assert seeds and routes.keys() == seeds.keys()
+    assert torch.equal(state, torch.Generator().manual_seed(train.torch_seed(train._rank_seed(7, 1, 1))).get_state())
+    for key, seed in seeds.items():
+        assert torch.equal(routes[key], torch.Generator().manual_seed(
+            train.torch_seed(train._rank_seed(seed, 1, 1))).get_state()), key
