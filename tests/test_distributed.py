@@ -441,8 +441,8 @@ def test_without_data_parallel_each_process_validates_on_its_own(monkeypatch):
 
 def _with_a_peer(monkeypatch, rank, peer):
     """This process as `rank` of 2 without a process group: the other process's side of each
-    collective is the next item of `peer` (its tensor for an all_reduce, rank 0's for a broadcast,
-    its object for an all_gather_object)."""
+    collective is the next item of `peer` (its tensor for an all_reduce, rank 0's tensor or object
+    for a broadcast, its object for an all_gather_object)."""
     import dcedit_kernels.distributed as distributed
 
     sent = iter(peer)
@@ -451,12 +451,17 @@ def _with_a_peer(monkeypatch, rank, peer):
         assert src == 0 != rank
         t.copy_(next(sent))
 
+    def broadcast_object_list(box, src):
+        assert src == 0 != rank
+        box[0] = next(sent)
+
     def all_gather_object(out, obj):
         out[rank], out[1 - rank] = obj, next(sent)
 
     monkeypatch.setattr(distributed, "world", lambda: (rank, 2))
     monkeypatch.setattr(dist, "all_reduce", lambda t: t.add_(next(sent)))
     monkeypatch.setattr(dist, "broadcast", broadcast)
+    monkeypatch.setattr(dist, "broadcast_object_list", broadcast_object_list)
     monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
     return distributed
 
@@ -527,3 +532,12 @@ def test_a_rank_resuming_a_checkpoint_without_its_rng_states_is_seeded_for_its_r
     for key, seed in seeds.items():
         assert torch.equal(routes[key], torch.Generator().manual_seed(
             train.torch_seed(train._rank_seed(seed, 1, 1))).get_state()), key
+
+
+def test_on_rank0_runs_only_on_rank_0_and_gives_the_others_its_result(monkeypatch):
+    """Rank 0 alone writes the checkpoints: another rank running `fn` too would write the same files
+    at once on a shared checkpoint_dir."""
+    distributed = _with_a_peer(monkeypatch, 1, [(None, "rank 0's")])
+    calls = []
+    assert distributed.on_rank0(lambda: calls.append(1) or "rank 1's", "writing a checkpoint") == "rank 0's"
+    assert calls == []
