@@ -541,3 +541,17 @@ def test_on_rank0_runs_only_on_rank_0_and_gives_the_others_its_result(monkeypatc
     calls = []
     assert distributed.on_rank0(lambda: calls.append(1) or "rank 1's", "writing a checkpoint") == "rank 0's"
     assert calls == []
+
+
+def test_a_collective_failing_after_this_processs_own_failure_raises_from_it(monkeypatch):
+    """A third process died too: the collective's error is raised from this process's own, so that
+    the first failure is still in the traceback."""
+    import dcedit_kernels.distributed as distributed
+
+    def gone(t):
+        raise RuntimeError("connection closed by peer")
+    monkeypatch.setattr(dist, "all_reduce", gone)
+    own = OSError("disk full")
+    with pytest.raises(RuntimeError, match="connection closed by peer") as raised:
+        distributed.settle(own, "in the optimiser step", torch.device("cpu"))
+    assert raised.value.__cause__ is own
