@@ -555,3 +555,24 @@ def test_a_collective_failing_after_this_processs_own_failure_raises_from_it(mon
     with pytest.raises(RuntimeError, match="connection closed by peer") as raised:
         distributed.settle(own, "in the optimiser step", torch.device("cpu"))
     assert raised.value.__cause__ is own
+
+
+@pytest.mark.parametrize("rows", [(5, 3, 4), (0, 1, 0)], ids=["rows", "one_row_in_all"])
+def test_merge_running_norms_gives_the_statistics_of_every_processs_rows(monkeypatch, gen, rows):
+    """`rows`: the norm's rows before the step, this process's in it, the other's.  Each process ends
+    the step with what one norm that saw all of them holds, also after a first step of one row."""
+    from dcedit_kernels.distributed import norm_sums
+    from dcedit_kernels.editors.running_norm import RunningNorm
+
+    start, mine, theirs = [(torch.randn(n, 3, generator=gen), torch.randn(n, 2, generator=gen)) for n in rows]
+
+    def seen(*batches):
+        norm = RunningNorm(3, 2)
+        for u, v in batches:
+            norm.update(u, v)
+        return norm
+    norm, every = seen(start, mine), seen(start, mine, theirs)
+    distributed = _with_a_peer(monkeypatch, 0, [torch.cat(norm_sums(seen(start, theirs)))])
+    distributed.merge_running_norms([norm], [norm_sums(seen(start))])
+    for key, want in every.state_dict().items():
+        assert torch.allclose(norm.state_dict()[key], want, rtol=1e-5, atol=1e-6), key
