@@ -523,6 +523,7 @@ def test_a_rank_resuming_a_checkpoint_without_its_rng_states_is_seeded_for_its_r
     def first_draws(*args):  # the RNG states the resumed step starts drawing from
         drawn.append((torch.get_rng_state(), {key: gen.get_state() for key, gen in me.route_generators().items()}))
         return accumulate(*args)
+
     monkeypatch.setattr(train, "_accumulate", first_draws)
     result, _ = _train(me, TrainConfig(steps=2, **config))
     assert result.resumed_from == 1 and len(drawn) == 1
@@ -550,6 +551,7 @@ def test_a_collective_failing_after_this_processs_own_failure_raises_from_it(mon
 
     def gone(t):
         raise RuntimeError("connection closed by peer")
+
     monkeypatch.setattr(dist, "all_reduce", gone)
     own = OSError("disk full")
     with pytest.raises(RuntimeError, match="connection closed by peer") as raised:
@@ -571,6 +573,7 @@ def test_merge_running_norms_gives_the_statistics_of_every_processs_rows(monkeyp
         for u, v in batches:
             norm.update(u, v)
         return norm
+
     norm, every = seen(start, mine), seen(start, mine, theirs)
     distributed = _with_a_peer(monkeypatch, 0, [torch.cat(norm_sums(seen(start, theirs)))])
     distributed.merge_running_norms([norm], [norm_sums(seen(start))])
