@@ -2782,6 +2782,30 @@ def test_running_norm_is_the_identity_until_two_tokens_are_seen(gen):
     assert torch.equal(got_mu, mu) and torch.equal(got_eta, eta)
 
 
+@pytest.mark.parametrize("kind", ["factors", "features"])
+@pytest.mark.parametrize("batches", [(1,), (2,), (1, 1), (1, 2)])
+def test_running_statistics_standardise_from_the_second_row_seen(kind, batches, gen):
+    """RunningNorm (factors) and FeatureNorm (edit features) pass rows through as fp32 while one row
+    has been seen (it has no std), and from the second row on, exactly two included, standardise
+    them by the mean and sample std of every row seen."""
+    from dcedit_kernels.editors.running_norm import FeatureNorm, RunningNorm
+
+    widths = {"factors": (5, 3), "features": (4,)}[kind]
+    norm = RunningNorm(*widths) if kind == "factors" else FeatureNorm(*widths)
+    seen = [[] for _ in widths]
+    for n in batches:
+        rows = [torch.randn(n, w, generator=gen) * 2 + 1 for w in widths]
+        norm.update(*rows)
+        for kept, x in zip(seen, rows):
+            kept.append(x)
+    xs = [torch.randn(4, w, generator=gen) for w in widths]
+    got = norm(*xs) if kind == "factors" else (norm(*xs),)
+    for out, x, kept in zip(got, xs, seen):
+        kept = torch.cat(kept).double()
+        want = x.double() if kept.shape[0] < 2 else (x.double() - kept.mean(0)) / kept.std(0)
+        assert out.dtype == torch.float32 and rel_err(out, want) < 1e-5
+
+
 def test_ft_kl_locality_texts_may_be_any_iterable(gen, tmp_path):
     """locality_texts from a generator are the texts it yields (checking them must not consume
     them: the generic fallback was used instead), saved as a list; a non-iterable is a ValueError."""
