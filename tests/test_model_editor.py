@@ -2998,7 +2998,8 @@ def test_raeditor_splits_the_edits_into_balanced_random_groups(gen):
 
 def test_proeditor_dense_and_apply_keep_the_highest_fisher_entries(gen):
     """ProEditor's shift keeps the ⌈keep·n⌉ entries of highest Fisher information, zero elsewhere,
-    in `dense()` and in what `apply_` adds (α·Δ⊙mask), against a float64 reference."""
+    in `dense()` and in what `apply_` adds (α·Δ⊙mask), against a float64 reference;
+    `dense(masked=False)` is the whole shift."""
     from dcedit_kernels.editors import ProEditor
 
     keep = 0.3
@@ -3007,7 +3008,7 @@ def test_proeditor_dense_and_apply_keep_the_highest_fisher_entries(gen):
     mu, eta = torch.randn(8, 6, generator=gen), torch.randn(8, 4, generator=gen)
     with torch.no_grad():
         edit = editor(mu, eta, torch.tensor(bounds, dtype=torch.int32))
-        got = edit.dense()
+        got, unmasked = edit.dense(), edit.dense(masked=False)
         weight = torch.randn(4, 6, generator=gen)
         w0 = weight.clone()
         edit.apply_(weight)
@@ -3019,4 +3020,5 @@ def test_proeditor_dense_and_apply_keep_the_highest_fisher_entries(gen):
     want = full * mask.view_as(full)
     assert int((got != 0).sum()) == k
     assert rel_err(got, want) < 1e-5
+    assert rel_err(unmasked, full) < 1e-5
     assert rel_err(weight - w0, float(editor.alpha.detach()[0]) * want) < 1e-4
