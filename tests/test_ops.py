@@ -1506,7 +1506,8 @@ def test_grouped_editor_refuses_bad_settings_and_factor_shapes(gen):
 def test_editor_apply_that_is_not_finite_leaves_the_weight_as_it_was(gen):
     """SPEC: a failed edit (NaN gradient) leaves the model as it was.  GroupedEditor.apply_ wrote
     NaN into every entry of the weight when one η row was NaN, and kept an fp16 sum that
-    overflowed to inf; both now raise FloatingPointError with the weight bit-identical."""
+    overflowed to inf; both now raise FloatingPointError with the weight bit-identical.  A NaN alpha
+    is refused as a non-finite shift, before the weight is written."""
     from dcedit_kernels import MEND
 
     mu, eta = randn((5, 6), gen), randn((5, 4), gen)
@@ -1529,6 +1530,13 @@ def test_editor_apply_that_is_not_finite_leaves_the_weight_as_it_was(gen):
     assert torch.equal(half, kept)
     ed.apply_(weight, mu, eta, offsets)  # finite factors still edit
     assert not torch.equal(weight, before)
+    # A non-finite alpha (a training that diverged) is refused before the weight is written.
+    edited = weight.clone()
+    with torch.no_grad():
+        ed.alpha.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="shift is not finite; the weight was not changed"):
+        ed.apply_(weight, mu, eta, offsets)
+    assert torch.equal(weight, edited)
 
 
 def test_editor_refuses_a_bool_mode_and_a_falsy_generator(gen):
