@@ -1507,7 +1507,7 @@ def test_editor_apply_that_is_not_finite_leaves_the_weight_as_it_was(gen):
     """SPEC: a failed edit (NaN gradient) leaves the model as it was.  GroupedEditor.apply_ wrote
     NaN into every entry of the weight when one η row was NaN, and kept an fp16 sum that
     overflowed to inf; both now raise FloatingPointError with the weight bit-identical.  A NaN alpha
-    is refused as a non-finite shift, before the weight is written."""
+    is refused as a non-finite shift; a weight that held an inf before is edited (the caller's)."""
     from dcedit_kernels import MEND
 
     mu, eta = randn((5, 6), gen), randn((5, 4), gen)
@@ -1537,6 +1537,15 @@ def test_editor_apply_that_is_not_finite_leaves_the_weight_as_it_was(gen):
     with pytest.raises(FloatingPointError, match="shift is not finite; the weight was not changed"):
         ed.apply_(weight, mu, eta, offsets)
     assert torch.equal(weight, edited)
+    # A weight that held an inf before is the caller's: edited, not taken for an overflow and undone.
+    with torch.no_grad():
+        ed.alpha.fill_(1.0)
+    weight[0, 0] = float("inf")
+    held = weight.clone()
+    previous = ed.apply_(weight, mu, eta, offsets)
+    assert torch.isinf(weight[0, 0]) and not torch.equal(weight[1:], held[1:])
+    ops.undo_shift_(weight, previous)
+    assert torch.equal(weight, held)
 
 
 def test_editor_refuses_a_bool_mode_and_a_falsy_generator(gen):
