@@ -1477,17 +1477,19 @@ def test_editor_apply_with_a_wrong_weight_leaves_the_editor_as_it_was(gen):
 def test_grouped_editor_refuses_bad_settings_and_factor_shapes(gen):
     """GroupedEditor's other refusals, each a ValueError naming the argument: an unknown routing or
     fusion ("none" is the op's, not an editor's), routing="single" with several editors, top_k above
-    n_editors; and a forward whose mu or eta is not (T, in) / (T, out), before the running norms
-    take the batch."""
+    n_editors, a count of 0 (editors, rank, layers, modes, top_k); and a forward whose mu or eta is
+    not (T, in) / (T, out), before the running norms take the batch."""
     from dcedit_kernels import GroupedEditor
 
     for kwargs, match in ((dict(routing="gates"), r"^routing must be one of \('gate', 'random', 'single'\)"),
                           (dict(routing="single", n_editors=2), r"^routing='single' needs n_editors=1"),
                           (dict(fusion="none"), r"^fusion must be one of add, max, sss, ssm, got 'none'"),
                           (dict(fusion="mean"), r"^fusion must be one of add, max, sss, ssm, got 'mean'"),
-                          (dict(routing="gate", n_editors=2, top_k=3), r"^top_k \(3\) cannot exceed n_editors \(2\)")):
+                          (dict(routing="gate", n_editors=2, top_k=3), r"^top_k \(3\) cannot exceed n_editors \(2\)"),
+                          *((dict([(name, 0)]), rf"^{name} must be a positive int, got 0")
+                            for name in ("n_editors", "rank", "n_layers", "n_modes", "top_k"))):
         with pytest.raises(ValueError, match=match):
-            GroupedEditor(6, 4, rank=2, **{"routing": "random", "n_editors": 2, **kwargs})
+            GroupedEditor(6, 4, **{"rank": 2, "routing": "random", "n_editors": 2, **kwargs})
     ed = GroupedEditor(6, 4, rank=2, routing="random", n_editors=2, seed=1).train()
     T = int(torch.randint(2, 6, (1,), generator=gen))
     offsets = torch.tensor([0, 1, T], dtype=torch.int32)
