@@ -1477,8 +1477,9 @@ def test_editor_apply_with_a_wrong_weight_leaves_the_editor_as_it_was(gen):
 def test_grouped_editor_refuses_bad_settings_and_factor_shapes(gen):
     """GroupedEditor's other refusals, each a ValueError naming the argument: an unknown routing or
     fusion ("none" is the op's, not an editor's), routing="single" with several editors, top_k above
-    n_editors, a count of 0 (editors, rank, layers, modes, top_k); and a forward whose mu or eta is
-    not (T, in) / (T, out), before the running norms take the batch."""
+    n_editors, an edit_lr past float32's range (alpha would be inf), a count of 0 (editors, rank,
+    layers, modes, top_k); and a forward whose mu or eta is not (T, in) / (T, out), before the
+    running norms take the batch."""
     from dcedit_kernels import GroupedEditor
 
     for kwargs, match in ((dict(routing="gates"), r"^routing must be one of \('gate', 'random', 'single'\)"),
@@ -1486,6 +1487,7 @@ def test_grouped_editor_refuses_bad_settings_and_factor_shapes(gen):
                           (dict(fusion="none"), r"^fusion must be one of add, max, sss, ssm, got 'none'"),
                           (dict(fusion="mean"), r"^fusion must be one of add, max, sss, ssm, got 'mean'"),
                           (dict(routing="gate", n_editors=2, top_k=3), r"^top_k \(3\) cannot exceed n_editors \(2\)"),
+                          (dict(edit_lr=1e39), r"^edit_lr must be a finite number within float32's range, got 1e\+39"),
                           *((dict([(name, 0)]), rf"^{name} must be a positive int, got 0")
                             for name in ("n_editors", "rank", "n_layers", "n_modes", "top_k"))):
         with pytest.raises(ValueError, match=match):
