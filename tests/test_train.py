@@ -411,6 +411,8 @@ def test_one_pass_loss_equals_separate_dense_passes(arch, edit_rows, locality_ro
     kl = picked_kl(torch.log_softmax(base[kl_mask], -1), logits[~is_edit][kl_mask])
     want = 0.3 * l_edit + 1.7 * kl + 0.1 * 0.25
     assert int(is_edit.sum()) == E and int((~is_edit).sum()) == E  # edit 1's locality: edit 2's prompt
+    # The target tokens L_edit averages over (the trainer's backward scale), not the edit count.
+    assert parts["edit_tokens"] == int((rows["labels"][is_edit] != -100).sum())
     assert abs(parts["kl"] - float(kl.detach())) <= 1e-10 * max(1.0, abs(float(kl.detach())))
     assert torch.allclose(loss, want, rtol=1e-10, atol=1e-12)
     assert_same_editor_grads(loss, want, edits)
