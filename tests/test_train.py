@@ -246,6 +246,10 @@ def test_lowrank_edited_rejects_bad_rows(gen):
     with pytest.raises(RuntimeError, match="one row_edit entry per batch row"):
         with lowrank_edited(model, edits, torch.tensor([0, 1])):
             model(input_ids=torch.randint(3, 50, (3, 4)))
+    # Flattened (rows·L, in) input whose row count is not a multiple of the batch's rows.
+    with pytest.raises(RuntimeError, match="one row_edit entry per batch row"):
+        with lowrank_edited(model, edits, torch.tensor([0, 1])):
+            dict(model.named_modules())[name](torch.randn(5, i, dtype=torch.float64, generator=gen))
     assert "forward" not in dict(model.named_modules())[name].__dict__
 
 
