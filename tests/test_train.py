@@ -250,6 +250,10 @@ def test_lowrank_edited_rejects_bad_rows(gen):
     with pytest.raises(RuntimeError, match="one row_edit entry per batch row"):
         with lowrank_edited(model, edits, torch.tensor([0, 1])):
             dict(model.named_modules())[name](torch.randn(5, i, dtype=torch.float64, generator=gen))
+    # Factors whose η has another length than the layer's outputs (μ's fits).
+    with pytest.raises(ValueError, match=r"factors for a weight of shape \d+x\d+, the module's is \d+x\d+"):
+        with lowrank_edited(model, {name: random_grouped_edit(gen, i, o + 1, 3, G=2)}, torch.tensor([0])):
+            pass
     assert "forward" not in dict(model.named_modules())[name].__dict__
 
 
