@@ -14,7 +14,7 @@ from torch import nn
 from helpers import (OP_CASE_DIMS, editor_inputs, fp32_logits, randomize_editor, rel_err, saved_bytes, skip_fp32_logits,
                      seed_from, small_editor)
 
-from dcedit_kernels import metrics, ops
+from dcedit_kernels import edit_capture, metrics, ops
 from dcedit_kernels.capture import capture_factors, weight_out_in
 from dcedit_kernels.editors import GroupedEdit, GroupedEditor
 from dcedit_kernels.evaluate import measure_edit
@@ -1203,6 +1203,19 @@ def test_nan_shift_leaves_model_untouched(gen, monkeypatch):
     with pytest.raises(FloatingPointError, match="shift"):
         me.apply(random_requests(gen, 3))
     assert_bit_identical(before, me.model)
+
+
+def test_a_non_finite_edit_loss_leaves_model_untouched(gen, monkeypatch):
+    """An edit loss that is not finite while its gradient factors are (+inf added to it: the
+    gradient is unchanged) is refused by the capture; the factors check alone would let it edit."""
+    me = make_editor("gpt2", "mend", gen)
+    before = snapshot(me.model)
+    real = edit_capture.edit_loss
+    monkeypatch.setattr(edit_capture, "edit_loss", lambda *args: real(*args) + float("inf"))
+    with pytest.raises(FloatingPointError, match="the edit loss is not finite"):
+        me.apply(random_requests(gen, 2))
+    assert_bit_identical(before, me.model)
+    assert not me._live
 
 
 @pytest.mark.parametrize("fail_at", [0, 1, 3])
