@@ -12,7 +12,7 @@ import torch
 
 from dcedit_kernels.capture import is_conv1d, weight_out_in
 from dcedit_kernels.editors import GroupedEdit
-from dcedit_kernels.lowrank_layers import lowrank_edited
+from dcedit_kernels.lowrank_layers import fused_linear, lowrank_edited
 from dcedit_kernels.losses import picked_kl, target_nll
 from dcedit_kernels.model_editor import ModelEditor
 from dcedit_kernels.models import tiny_model
@@ -203,6 +203,19 @@ def test_lowrank_edited_rows_that_see_the_fused_shift(arch, fusion, gen):
         for name, m in modules.items():
             weight_out_in(m).copy_(previous[name])
     assert torch.allclose(got[rows].detach(), applied, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_linear_computes_in_fp32_and_returns_the_inputs_dtype(dtype, gen):
+    """The fused rows' layer (x Wᵀ + b + α x Δᵀ) of a half-precision model comes back in x's dtype,
+    as the per-group rows' op does: the patched forward puts both kinds of rows in one output."""
+    x, weight, bias = (torch.randn(*shape, generator=gen).to(dtype) for shape in ((5, 6), (4, 6), (4,)))
+    delta, alpha = torch.randn(4, 6, generator=gen), torch.rand((), generator=gen) + 0.5
+    got = fused_linear(x, weight, bias, delta, alpha)
+    x64 = x.double()
+    want = x64 @ weight.double().T + bias.double() + alpha.double() * (x64 @ delta.double().T)
+    assert got.dtype == dtype
+    assert torch.allclose(got.double(), want, rtol=1e-2, atol=1e-2)
 
 
 def test_lowrank_edited_rejects_an_edit_that_is_not_a_grouped_edit(gen):
