@@ -612,6 +612,16 @@ def test_load_model_takes_dtype_names(tmp_path):
             load_model(tmp_path / "tiny", dtype=bad)
 
 
+def test_load_model_refuses_a_folder_without_config_json(tmp_path):
+    """A model folder without config.json is FileNotFoundError saying so (transformers' own errors
+    differ by version)."""
+    from dcedit_kernels.models import load_model
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="model folder .*empty has no config.json"):
+        load_model(tmp_path / "empty")
+
+
 def tiny_gguf(path, add_bos=None, head=True):
     """A gguf file holding what compat.transformers_versions reads: `tokenizer.ggml.add_bos_token`
     (None: absent) and the token embedding, with an `output.weight` where the LM head is its own."""
