@@ -622,6 +622,18 @@ def test_load_model_refuses_a_folder_without_config_json(tmp_path):
         load_model(tmp_path / "empty")
 
 
+def test_load_model_pads_with_eos_when_the_tokenizer_has_no_pad(tmp_path):
+    """Batches are padded, so a tokenizer saved without a pad token gets its eos as one."""
+    from dcedit_kernels.models import load_model
+
+    model, tok = tiny_model("gpt2", seed=0)
+    tok.pad_token = None
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    _, loaded = load_model(tmp_path / "tiny")
+    assert loaded.pad_token == loaded.eos_token == "<|endoftext|>"
+
+
 def tiny_gguf(path, add_bos=None, head=True):
     """A gguf file holding what compat.transformers_versions reads: `tokenizer.ggml.add_bos_token`
     (None: absent) and the token embedding, with an `output.weight` where the LM head is its own."""
