@@ -634,6 +634,16 @@ def test_load_model_pads_with_eos_when_the_tokenizer_has_no_pad(tmp_path):
     assert loaded.pad_token == loaded.eos_token == "<|endoftext|>"
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert", "bart", "t5"])
+def test_tiny_models_stay_untied_after_tie_weights(arch):
+    """The tiny models' LM head keeps its own weight even when transformers ties weights again
+    (tie_weights, run by resize_token_embeddings and from_pretrained): T5 forced the tie back."""
+    model, _ = tiny_model(arch, seed=0)
+    model.tie_weights()
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    assert model.config.tie_word_embeddings is False
+
+
 def tiny_gguf(path, add_bos=None, head=True):
     """A gguf file holding what compat.transformers_versions reads: `tokenizer.ggml.add_bos_token`
     (None: absent) and the token embedding, with an `output.weight` where the LM head is its own."""
