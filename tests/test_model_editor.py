@@ -2671,6 +2671,16 @@ def proeditor_reference(editor, mu, eta, offsets):
 
 
 @pytest.mark.parametrize("level", ["token", "sentence"])
+def test_untrained_proeditor_gain_is_one(level, gen):
+    """ψ's fc2 starts at zero: an untrained ProEditor transforms the factors as MEND does."""
+    from dcedit_kernels.editors import ProEditor
+
+    psi = ProEditor(6, 4, generator=level, rank=3, seed=int(torch.randint(0, 2 ** 31, (1,), generator=gen))).psi
+    gain = psi(torch.randn(8, 10, generator=gen) * 3, torch.tensor([0, 3, 4, 8], dtype=torch.int32))
+    assert torch.equal(gain, torch.ones(8, 10))
+
+
+@pytest.mark.parametrize("level", ["token", "sentence"])
 def test_proeditor_generated_gain_scales_the_first_layers_input(level, gen):
     """ProEditor's ψ (per token, or per edit from the mean of its tokens) multiplies the input of
     the low-rank branch of the first layer only: the shift matches a float64 reference."""
