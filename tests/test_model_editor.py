@@ -2680,6 +2680,18 @@ def test_untrained_proeditor_gain_is_one(level, gen):
     assert torch.equal(gain, torch.ones(8, 10))
 
 
+def test_seeded_proeditor_fc1_has_linear_init(gen):
+    """A seeded ψ's fc1 is nn.Linear's U(-b, b), b = 1/sqrt(in + out), weight and bias (hidden ≠
+    in + out, so a bound from the hidden size shows)."""
+    from dcedit_kernels.editors import ProEditor
+
+    seed = int(torch.randint(0, 2 ** 31, (1,), generator=gen))
+    psi = ProEditor(6, 4, rank=3, generator_hidden=200, seed=seed).psi
+    bound = 1 / math.sqrt(10)
+    for p in (psi.fc1.weight, psi.fc1.bias):
+        assert bound >= float(p.detach().abs().max()) > 0.9 * bound
+
+
 @pytest.mark.parametrize("level", ["token", "sentence"])
 def test_proeditor_generated_gain_scales_the_first_layers_input(level, gen):
     """ProEditor's ψ (per token, or per edit from the mean of its tokens) multiplies the input of
