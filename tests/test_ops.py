@@ -1599,6 +1599,7 @@ def test_presets_refuse_the_arguments_they_set():
     # What the presets only default stays open.
     assert MEND(6, 4, rank=2, fusion="max").fusion == "max"
     assert RaEditor(6, 4, rank=2, n_editors=3).n_editors == 3
+    assert MEND(6, 4, rank=2, routing="random").routing == ProEditor(6, 4, rank=2, routing="random").routing == "random"
 
 
 def test_noisy_topk_gate_opcheck_and_gradcheck(gen, device):
