@@ -622,6 +622,15 @@ def test_load_model_refuses_a_folder_without_config_json(tmp_path):
         load_model(tmp_path / "empty")
 
 
+def test_load_model_takes_a_dot_relative_name_as_a_local_folder(tmp_path, monkeypatch):
+    """"./model" is a local path: missing, it is FileNotFoundError, not a hub lookup."""
+    from dcedit_kernels.models import load_model
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="model folder not found: no-such-folder"):
+        load_model("./no-such-folder")
+
+
 def test_load_model_pads_with_eos_when_the_tokenizer_has_no_pad(tmp_path):
     """Batches are padded, so a tokenizer saved without a pad token gets its eos as one."""
     from dcedit_kernels.models import load_model
