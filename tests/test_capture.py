@@ -631,6 +631,19 @@ def test_load_model_takes_a_dot_relative_name_as_a_local_folder(tmp_path, monkey
         load_model("./no-such-folder")
 
 
+def test_load_model_of_a_gguf_names_accelerate_when_it_is_missing(tmp_path, monkeypatch):
+    """transformers reads a gguf file with gguf and accelerate: without accelerate, an ImportError
+    naming it before transformers tries."""
+    import sys
+
+    from dcedit_kernels.models import load_model
+
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # `import accelerate` raises ImportError
+    (tmp_path / "m.gguf").write_bytes(b"")
+    with pytest.raises(ImportError, match=r"reading m.gguf needs the packages accelerate \(gguf>=0.11"):
+        load_model(tmp_path / "m.gguf")
+
+
 def test_load_model_pads_with_eos_when_the_tokenizer_has_no_pad(tmp_path):
     """Batches are padded, so a tokenizer saved without a pad token gets its eos as one."""
     from dcedit_kernels.models import load_model
