@@ -598,7 +598,7 @@ def test_load_model_takes_dtype_names(tmp_path):
     from dcedit_kernels.models import DTYPES, load_model
 
     assert cli.DTYPES is DTYPES
-    assert {"float16", "bfloat16", "float32", "float64", "fp16", "bf16", "fp32"} <= set(DTYPES)
+    assert {"float16", "bfloat16", "float32", "float64", "fp16", "bf16", "fp32", "fp64"} <= set(DTYPES)
     model, tok = tiny_model("llama", seed=0)
     model.save_pretrained(tmp_path / "tiny")
     tok.save_pretrained(tmp_path / "tiny")
