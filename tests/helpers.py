@@ -1,5 +1,7 @@
 """Input builders and measurements shared by the tests."""
 
+import contextlib
+
 import torch
 
 from dcedit_kernels import ops
@@ -206,3 +208,15 @@ def tiny_mend(arch, gen, **kwargs):
 
     model, tok = tiny_model(arch, seed=seed_from(gen))
     return ModelEditor(model, tok, LAYERS[arch], method="mend", rank=4, seed=1, **kwargs)
+
+
+@contextlib.contextmanager
+def input_shapes(module):
+    """Inside the block, the list of the shapes of the first input of each call of `module` (an
+    embedding's ids, the LM head's hidden states)."""
+    seen = []
+    handle = module.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        yield seen
+    finally:
+        handle.remove()

@@ -26,7 +26,7 @@ from dcedit_kernels.models import tiny_model, tiny_tokenizer
 from dcedit_kernels.requests import EditRequest
 from dcedit_kernels.tokenize import IGNORE_INDEX, tokenize_pairs
 
-from helpers import ragged_offsets, randn, rel_err, seed_from
+from helpers import input_shapes, ragged_offsets, randn, rel_err, seed_from
 
 
 class PrefixLM(nn.Module):
@@ -195,16 +195,6 @@ def test_a_seq2seq_model_without_prepare_decoder_input_ids_scores_the_same(arch,
     assert torch.equal(target_accuracy(model, tok, prompts, targets), want)
 
 
-def input_shapes(model, run):
-    """(run(), the shape of every batch of ids the model's input embedding saw meanwhile)."""
-    shapes = []
-    hook = model.get_input_embeddings().register_forward_hook(lambda m, a, o: shapes.append(tuple(a[0].shape)))
-    try:
-        return run(), shapes
-    finally:
-        hook.remove()
-
-
 @pytest.mark.parametrize("arch", ["llama", "t5"])
 def test_scoring_batches_rows_of_similar_length(arch, gen):
     """More rows than a batch: the batches take the rows sorted by length (fewer padding slots) and
@@ -218,7 +208,8 @@ def test_scoring_batches_rows_of_similar_length(arch, gen):
     lengths = torch.randint(1, 12, (n,), generator=gen).tolist()
     prompts = [" ".join(words[(i + k) % len(words)] for k in range(m)) for i, m in enumerate(lengths)]
     targets = [words[i % len(words)] for i in range(n)]
-    batched, widths = input_shapes(model, lambda: _score(model, tok, prompts, targets, batch_size=3))
+    with input_shapes(model.get_input_embeddings()) as widths:
+        batched = _score(model, tok, prompts, targets, batch_size=3)
     # Each row scored in a call of its own: one call over all rows would sort them the same way, and
     # a wrong way back to the caller's order would reorder both alike.
     single = [_score(model, tok, [p], [t], batch_size=1)[0] for p, t in zip(prompts, targets)]
@@ -244,7 +235,8 @@ def test_scoring_sorts_rows_by_prompt_and_target_length(gen):
         return "".join(letters[i] for i in torch.randint(0, 26, (n,), generator=gen).tolist())
 
     rows = [(text(p), text(t)) for p, t in ((1, 30), (5, 1), (10, 1), (20, 30))]
-    _, shapes = input_shapes(model, lambda: _score(model, tok, [p for p, _ in rows], [t for _, t in rows], 2))
+    with input_shapes(model.get_input_embeddings()) as shapes:
+        _score(model, tok, [p for p, _ in rows], [t for _, t in rows], 2)
     assert shapes == [(2, 10 + 1 + 1), (2, 20 + 1 + 30)]  # the longer row's prompt, space, target
 
 

@@ -4,14 +4,13 @@ Both change what the model computes, not what the editors see: the factors, loss
 are compared with the full-logits, one-pass forms in float64, on fresh random requests.
 """
 
-import contextlib
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from helpers import rel_err, seed_from, skip_fp32_logits
+from helpers import input_shapes, rel_err, seed_from, skip_fp32_logits
 from test_model_editor import assert_bit_identical, one_thread, random_requests, snapshot  # noqa: F401 (one_thread: autouse)
 
 from dcedit_kernels import EditRequest, TrainConfig
@@ -37,17 +36,6 @@ def model_and_batch(arch, gen, n=5):
     me = ModelEditor(model, tok, LAYERS[arch], method="mend", rank=3, capture_batch_size=None)
     reqs = random_requests(gen, n)
     return me, reqs, me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
-
-
-@contextlib.contextmanager
-def head_inputs(model):
-    """Inside the block, the list of the shapes the LM head is called with."""
-    seen = []
-    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
-    try:
-        yield seen
-    finally:
-        handle.remove()
 
 
 # ------------------------------------------------------------------------------------ logits_at
@@ -291,7 +279,7 @@ def test_logits_at_refuses_positions_that_are_not_a_bool_mask(gen):
 def test_capture_with_the_gathered_head_gives_the_full_logits_factors(arch, reduction, gen):
     me, _, batch = model_and_batch(arch, gen)
     me.loss_reduction = reduction
-    with head_inputs(me.model) as seen:
+    with input_shapes(me.model.get_output_embeddings()) as seen:
         factors, _, loss = me.capture(batch)
     n = int(scored_positions(batch["labels"], arch in CAUSAL).sum())
     assert [s[:2] for s in seen] == [(1, n)]  # the head ran once, on the scored positions only
@@ -313,7 +301,7 @@ def test_an_edited_head_sees_the_whole_sequence(gen):
     me = ModelEditor(model, tok, ["lm_head"], method="mend", rank=3)
     reqs = random_requests(gen, 3)
     batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
-    with head_inputs(model) as seen:
+    with input_shapes(model.get_output_embeddings()) as seen:
         factors, _, _ = me.capture(batch)
     assert seen == [tuple(batch["input_ids"].shape) + (model.config.n_embd,)]
     assert factors["lm_head"].num_tokens == int(batch["attention_mask"].sum())
@@ -344,7 +332,7 @@ def test_chunked_capture_gives_the_one_pass_factors(arch, reduction, chunk, gen)
     me.loss_reduction = reduction
     whole, _, loss = me.capture(batch)
     me.capture_batch_size = chunk
-    with head_inputs(me.model) as seen:
+    with input_shapes(me.model.get_output_embeddings()) as seen:
         parts, _, chunked_loss = me.capture(batch)
     assert len(seen) == -(-5 // chunk)  # one forward per chunk
     assert_one_pass_capture(me, arch, (parts, None, chunked_loss), (whole, None, loss))
@@ -365,12 +353,8 @@ def test_chunked_capture_sorts_rows_by_length_and_trims_padding(reduction, gen):
     batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
     one_pass = me.capture(batch)
     me.capture_batch_size = 3
-    seen = []
-    handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
-    try:
+    with input_shapes(model.get_input_embeddings()) as seen:
         chunked = me.capture(batch)
-    finally:
-        handle.remove()
     lengths = sorted(batch["attention_mask"].sum(1).tolist())
     assert seen == [(min(3, 7 - lo), max(lengths[lo:lo + 3])) for lo in (0, 3, 6)]  # each chunk trimmed
     assert_one_pass_capture(me, "llama", chunked, one_pass)
@@ -471,7 +455,7 @@ def test_chunked_fine_tuning_takes_the_one_pass_steps(method, gen):
     for chunk in (None, 2):
         me = ModelEditor(model, tok, CAUSAL["gpt2"], method=method, ft_steps=3, ft_stop_loss=None,
                          capture_batch_size=chunk)
-        with head_inputs(model) as seen, me.edited(reqs) as handle:
+        with input_shapes(model.get_output_embeddings()) as seen, me.edited(reqs) as handle:
             after[chunk] = [me.modules[n].weight.detach().clone() for n in me.layers]
             assert handle.stats["ft_steps_run"] == 3
         # Edit loss (and, for ft_kl, the KL reference and the KL of each step): every pass has
@@ -587,13 +571,13 @@ def test_training_pass_computes_only_the_logits_its_losses_read(length_buckets, 
     me.eval()  # no gate noise, no running-statistics update: both passes see the same editors
     config = TrainConfig(steps=1, batch_size=4, length_buckets=length_buckets)
     torch.manual_seed(0)
-    with head_inputs(model) as seen:
+    with input_shapes(model.get_output_embeddings()) as seen:
         loss, parts = batch_loss(me, reqs, config)
     # capture, the KL reference pass(es), the edited pass(es): each on its scored positions only.
     passes, scored = len(seen), sum(s[1] for s in seen)
     assert (passes > 3 if length_buckets else passes == 3) and all(s[0] == 1 for s in seen)
     torch.manual_seed(0)
-    with head_inputs(model) as seen, full_logits():
+    with input_shapes(model.get_output_embeddings()) as seen, full_logits():
         want, want_parts = batch_loss(me, reqs, config)
     # (rows, L, hidden): every position of every row (a pass of one row has rows = 1)
     assert len(seen) == passes and sum(s[0] * s[1] for s in seen) > scored
@@ -659,10 +643,10 @@ def test_evaluate_edits_computes_only_the_scored_logits(gen):
     model, tok = tiny_model("gpt2", seed=4, dtype=torch.float64)
     me = ModelEditor(model, tok, CAUSAL["gpt2"], method="mend", rank=3, edit_lr=0.5)
     reqs = random_requests(gen, 5)
-    with head_inputs(model) as seen:
+    with input_shapes(model.get_output_embeddings()) as seen:
         got = evaluate_edits(me, reqs, batch_size=3)
     assert len(seen) == 4 and all(s[0] == 1 for s in seen)  # per batch: the capture, the scoring
-    with head_inputs(model) as seen, full_logits():
+    with input_shapes(model.get_output_embeddings()) as seen, full_logits():
         want = evaluate_edits(me, reqs, batch_size=3)
     assert all(s[0] > 1 for s in seen)
     assert got == pytest.approx(want, rel=1e-12)
