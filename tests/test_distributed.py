@@ -40,7 +40,7 @@ def _requests(seed, n):
 
 def _editor(method, editor_kwargs):
     model, tok = tiny_model("llama", seed=0)
-    return ModelEditor(model, tok, LAYERS, method=method, **dict(dict(rank=5, seed=3), **editor_kwargs))
+    return ModelEditor(model, tok, LAYERS, method=method, **{"rank": 5, "seed": 3, **editor_kwargs})
 
 
 def _train(me, config, val=None):

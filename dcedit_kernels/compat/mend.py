@@ -295,14 +295,15 @@ def _check_conv1d(conv1d, names) -> set[str]:
     # A mapping is refused rather than read as its keys: {name: False} would have made that weight Conv1D.
     if isinstance(conv1d, (str, Mapping)) or not isinstance(conv1d, Iterable):
         raise ValueError(f"conv1d must be a bool or a collection of inner parameter names, got {conv1d!r}")
-    chosen = list(conv1d)
-    for n in chosen:  # before set() and sorted(): a nested list or mixed types raised TypeError there
+    items = list(conv1d)
+    for n in items:  # before set() and sorted(): a nested list or mixed types raised TypeError there
         if not isinstance(n, str):
             raise ValueError(f"conv1d must hold inner parameter names (str), got {n!r}")
-    unknown = set(chosen) - set(names)
+    chosen = set(items)
+    unknown = chosen - set(names)
     if unknown:
         raise ValueError(f"conv1d names {sorted(unknown)[0]!r}, which is not in inner_params")
-    return set(chosen)
+    return chosen
 
 
 def _edit_lrs(state_dict, key, n) -> torch.Tensor:
