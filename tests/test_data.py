@@ -67,6 +67,17 @@ def test_edit_request_validation_names_the_field():
         validate_requests(ok)
 
 
+@pytest.mark.parametrize("field", ["rephrase", "locality", "locality_target", "subject"])
+@pytest.mark.parametrize("value", [3, " \t", "x \udfff"])
+def test_every_optional_field_is_validated(field, value):
+    """Each optional field, `subject` included, is checked as the required ones are: a ValueError
+    naming it for a non-str, a blank str or a lone surrogate (pins OPTIONAL_FIELDS listing every
+    optional field: without `subject` there, a subject of 3 went through unchecked)."""
+    extra = {"locality": "Paris is in"} if field == "locality_target" else {}
+    with pytest.raises(ValueError, match=rf"^requests\[0\]\.{field} "):
+        validate_requests([EditRequest("The sky is", "green", **extra, **{field: value})])
+
+
 def test_request_and_text_lists_name_what_is_not_one():
     """A dict per request (EasyEdit's format), a number instead of a list, or a lone text where a list
     of texts goes is a ValueError naming the argument and the item, not an AttributeError later."""
