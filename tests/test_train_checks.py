@@ -149,6 +149,7 @@ def test_train_config_checks_every_field(field, value):
 @pytest.mark.parametrize("changes, field", [
     (dict(lr=-1e-3), "lr"), (dict(lr_lr=float("nan")), "lr_lr"), (dict(cedit=-1.0), "cedit"),
     (dict(min_delta=-0.1), "min_delta"), (dict(grad_clip=0.0), "grad_clip"), (dict(val_size=0), "val_size"),
+    (dict(balance_weight=-0.5), "balance_weight"), (dict(balance_weight=float("nan")), "balance_weight"),
     (dict(patience=-1), "patience"), (dict(locality_rows="mine"), "locality_rows"),
     (dict(edit_rows="fused"), "edit_rows"),  # "fused" is for the locality rows only
     (dict(reuse_prefix=None), "reuse_prefix"),
