@@ -163,6 +163,16 @@ def test_train_config_refuses_bad_numbers_naming_the_field(changes, field):
         TrainConfig(**changes)
 
 
+def test_train_config_defaults_are_the_documented_ones():
+    """The defaults the README ("Training": `TrainConfig(fisher_mask=True)`, the default; MEND's
+    cedit 0.1 and cloc 1.0; balance_weight 1e-2; the locality rows see every editor's shift) and
+    the class docstring (batch_size 4, lr 1e-4) state."""
+    c = TrainConfig()
+    assert c.fisher_mask is True and c.locality_rows == "all"
+    assert (c.cedit, c.cloc, c.balance_weight) == (0.1, 1.0, 1e-2)
+    assert (c.batch_size, c.lr) == (4, 1e-4)
+
+
 def test_any_int_seed_runs_and_the_seeds_torch_takes_are_unchanged(gen):
     """seed=2**70 raised "Overflow when unpacking long long" inside fit; the derived seeds of the
     batch order overflowed from about 2**43 on."""
