@@ -410,6 +410,22 @@ def test_fisher_mask_bad_input_raises(gen):
         ops.fisher_mask(d, f[:2], keep=0.5)
 
 
+@pytest.mark.parametrize("keep", [0.0, 1.5])
+def test_keep_outside_zero_one_is_refused_in_reference_mode(keep, gen):
+    """In reference_mode no C++ kernel checks keep: the wrappers' own check refuses a keep outside
+    (0, 1] for fisher_mask and apply_shift_ (keep=0 kept one entry there, without a word), and the
+    weight is left as it was.  Pins check_fraction_or_threshold's open lower bound."""
+    d, f = randn((3, 4), gen), randn((3, 4), gen).abs()
+    w = randn((3, 4), gen)
+    before = w.clone()
+    with ops.reference_mode():
+        with pytest.raises(ValueError, match=r"keep must be in \(0, 1\]"):
+            ops.fisher_mask(d, f, keep=keep)
+        with pytest.raises(ValueError, match=r"keep must be in \(0, 1\]"):
+            ops.apply_shift_(w, d, 1.0, fisher=f, keep=keep)
+    assert torch.equal(w, before)
+
+
 # ---------------------------------------------------------------- apply_shift_
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("masked", [False, True])
