@@ -1687,6 +1687,21 @@ def test_reference_mode_is_per_thread(gen):
     assert in_reference_mode() is False
 
 
+def test_a_nested_reference_mode_gives_back_the_outer_setting(gen):
+    """reference_mode(False) inside reference_mode() turns it off for its block only: the outer
+    block runs the references again after it (pins the restore of the previous setting, not off)."""
+    from dcedit_kernels.ops._dispatch import in_reference_mode
+
+    eta, mu, offsets = randn((5, 3), gen).requires_grad_(), randn((5, 4), gen), torch.tensor([0, 2, 5])
+    with ops.reference_mode():
+        with ops.reference_mode(False):
+            assert in_reference_mode() is False
+            assert "dcedit" in type(ops.grouped_outer(eta, mu, offsets).grad_fn).__name__
+        assert in_reference_mode() is True
+        assert "dcedit" not in type(ops.grouped_outer(eta, mu, offsets).grad_fn).__name__
+    assert in_reference_mode() is False
+
+
 def test_triton_launchers_run_on_their_tensors_device(monkeypatch):
     """A Triton launcher runs with its first CUDA tensor's device current (a model split over GPUs
     passes tensors on cuda:1 while cuda:0 is current); CPU tensors pass straight through."""
