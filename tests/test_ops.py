@@ -1851,6 +1851,32 @@ def test_a_failed_deferred_triton_import_falls_back_to_the_reference(monkeypatch
         _dispatch._triton_module.cache_clear()
 
 
+def test_op_backends_keeps_saying_triton_once_the_deferred_import_worked(monkeypatch):
+    """Only a failed import turns "triton" into "reference" in op_backends: after the deferred
+    import succeeded, the Triton launchers serve CUDA and op_backends says so (pins op_backends'
+    `_triton_module() is None` test, not just "an import was tried")."""
+    import types
+
+    from dcedit_kernels.ops import _dispatch
+
+    class Lib:
+        def impl(self, op, fn, key):
+            pass
+
+    monkeypatch.setattr(_dispatch, "_LIB", Lib())
+    monkeypatch.setattr(_dispatch, "has_kernel", lambda op, key: False)
+    monkeypatch.setattr(_dispatch, "REGISTRY", {})
+    monkeypatch.setattr(_dispatch, "_import_triton_kernels", lambda: types.ModuleType("fake_triton_kernels"))
+    _dispatch._triton_module.cache_clear()
+    try:
+        _dispatch.register("probe", lambda *args: "reference", lambda *args: "triton")
+        assert _dispatch.op_backends()["probe"] == {"CPU": "reference", "CUDA": "triton"}  # no import yet
+        assert _dispatch._triton_module() is not None  # the first CUDA call's import, which worked
+        assert _dispatch.op_backends()["probe"] == {"CPU": "reference", "CUDA": "triton"}
+    finally:
+        _dispatch._triton_module.cache_clear()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_an_older_gpu_runs_the_ops_without_triton(monkeypatch, gen):
     triton = pytest.importorskip("triton")
