@@ -355,6 +355,28 @@ def test_plain_linear_model_with_batch_override(gen):
     assert f["unused"].eta.abs().sum() == 0 and f["unused"].eta.shape == (7, 2)
 
 
+@pytest.mark.parametrize("label_shift", [True, False])
+def test_target_tokens_follow_an_explicit_label_shift(label_shift, gen):
+    """`label_shift=` overrides the class-based guess (a plain module is guessed unshifted): with
+    True, "target" keeps position t where labels[t+1] != -100; with False, where labels[t] != -100.
+    Pins FactorCapture's use of its label_shift argument (no other test passes one)."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    net = nn.ModuleDict({"a": nn.Linear(5, 3)}).double()
+    x = torch.randn(3, 6, 5, dtype=torch.float64, generator=gen)
+    labels = torch.randint(0, 50, (3, 6), generator=gen)
+    labels[torch.rand(3, 6, generator=gen) < 0.5] = IGNORE_INDEX
+    labels[:, 1] = 7  # every row scores a position with a predecessor
+    scored = labels != IGNORE_INDEX
+    if label_shift:
+        scored = torch.cat([scored[:, 1:], torch.zeros_like(scored[:, :1])], dim=1)
+    with capture_factors(net, ["a"], tokens="target", batch={"labels": labels}, label_shift=label_shift) as cap:
+        net["a"](x).pow(2).sum().backward()
+    f = cap.factors["a"]
+    assert torch.diff(f.edit_offsets).tolist() == scored.sum(1).tolist()
+    assert torch.equal(f.mu, x[scored])
+    assert rel_err(f.eta, 2 * net["a"](x).detach()[scored]) < 1e-12
+
+
 def test_repeated_backward_accumulates_like_grad(gen):
     model, tok = make_model("gpt2", torch.float64, gen)
     batch = random_batch(model, tok, "gpt2", gen, n_edits=2)
