@@ -377,6 +377,29 @@ def test_target_tokens_follow_an_explicit_label_shift(label_shift, gen):
     assert rel_err(f.eta, 2 * net["a"](x).detach()[scored]) < 1e-12
 
 
+def test_batch_entries_win_over_the_model_calls_arguments(gen):
+    """FactorCapture's `batch=` masks take precedence over the ones the model is called with
+    (the docstring's "batch= entries win"): pins `_model_pre_hook` reading the override first."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(5, 3)
+
+        def forward(self, x, attention_mask=None):
+            return self.a(x).pow(2).sum()
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    net = Net().double()
+    x = torch.randn(3, 4, 5, dtype=torch.float64, generator=gen)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0]])
+    with capture_factors(net, ["a"], batch={"attention_mask": mask}) as cap:
+        net(x, attention_mask=torch.ones_like(mask)).backward()
+    f = cap.factors["a"]
+    assert torch.diff(f.edit_offsets).tolist() == [3, 1, 2]
+    assert torch.equal(f.mu, x[mask.bool()])
+
+
 def test_repeated_backward_accumulates_like_grad(gen):
     model, tok = make_model("gpt2", torch.float64, gen)
     batch = random_batch(model, tok, "gpt2", gen, n_edits=2)
