@@ -400,6 +400,20 @@ def test_batch_entries_win_over_the_model_calls_arguments(gen):
     assert torch.equal(f.mu, x[mask.bool()])
 
 
+def test_factors_under_autocast_are_in_the_dtype_the_layer_computed_in(gen):
+    """Under CPU autocast an fp32 nn.Linear computes in bf16: μ is stored in that dtype, as η is
+    (the module docstring's "Dtypes": the input cast as F.linear casts it), not in its fp32
+    input's.  Pins the capture's cast of μ to the output's dtype."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    net = nn.ModuleDict({"a": nn.Linear(5, 3)})
+    x = torch.randn(2, 4, 5, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16), capture_factors(net, ["a"]) as cap:
+        net["a"](x).float().pow(2).sum().backward()
+    f = cap.factors["a"]
+    assert f.mu.dtype == torch.bfloat16 and f.eta.dtype == torch.bfloat16
+    assert torch.equal(f.mu, x.reshape(-1, 5).bfloat16())
+
+
 def test_repeated_backward_accumulates_like_grad(gen):
     model, tok = make_model("gpt2", torch.float64, gen)
     batch = random_batch(model, tok, "gpt2", gen, n_edits=2)
