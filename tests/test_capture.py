@@ -482,6 +482,19 @@ def test_errors_name_the_problem(gen):
     assert not model.lm_head._forward_hooks and not model._forward_pre_hooks
 
 
+def test_a_single_module_name_is_taken_as_a_list_of_one(gen):
+    """resolve_modules and capture_factors take one name as a str (not as its letters, which named
+    no module): pins resolve_modules' str-to-list step."""
+    model, tok = make_model("gpt2", torch.float64, gen)
+    batch = random_batch(model, tok, "gpt2", gen, n_edits=2)
+    assert resolve_modules(model, "lm_head") == {"lm_head": model.lm_head}
+    model.zero_grad()
+    with capture_factors(model, "lm_head") as cap:
+        model(**batch).loss.backward()
+    assert list(cap.factors) == ["lm_head"]
+    assert rel_err(cap.factors["lm_head"].gradient(), model.lm_head.weight.grad) < 1e-10
+
+
 def test_compute_factors_rejects_non_finite(gen):
     model, tok = make_model("llama", torch.float32, gen)
     batch = random_batch(model, tok, "llama", gen, n_edits=2)
