@@ -551,6 +551,29 @@ def test_compute_factors_refuses_a_loss_it_cannot_backpropagate(gen):
     assert not torch.isfinite(loss) and not torch.isfinite(factors[names[0]].eta).all()
 
 
+def test_compute_factors_refuses_a_non_finite_eta_under_a_finite_loss(gen):
+    """A loss that is finite but whose gradient is not (sqrt at 0: the loss is 0, η NaN) is a
+    FloatingPointError naming the module, with finite μ: pins the η half of compute_factors'
+    check of the factors (the other tests' NaNs reach μ or the loss first)."""
+    from types import SimpleNamespace
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(5, 3)
+
+        def forward(self, x, attention_mask):
+            return SimpleNamespace(out=self.a(x))
+
+    net = Net()
+    batch = {"x": torch.randn(2, 4, 5, generator=gen), "attention_mask": torch.ones(2, 4, dtype=torch.long)}
+    loss_fn = lambda out, b: (out.out * 0).sqrt().sum()  # noqa: E731
+    with pytest.raises(FloatingPointError, match="non-finite gradient factors for module 'a'"):
+        compute_factors(net, batch, ["a"], loss_fn=loss_fn)
+    factors, loss = compute_factors(net, batch, ["a"], loss_fn=loss_fn, check_finite=False)
+    assert float(loss) == 0 and torch.isfinite(factors["a"].mu).all() and torch.isnan(factors["a"].eta).all()
+
+
 def test_factors_dataclass_shapes():
     f = Factors(mu=torch.ones(3, 2), eta=torch.ones(3, 4), edit_offsets=torch.tensor([0, 0, 3], dtype=torch.int32))
     assert f.num_edits == 2 and f.num_tokens == 3
