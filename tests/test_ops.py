@@ -1260,6 +1260,8 @@ def test_bad_values_and_shapes_each_name_their_argument(gen):
         # lowrank_delta_linear's reference serves CPU: its offsets check is the wrapper's alone
         (lambda: ops.lowrank_delta_linear(**dict(d, offsets=torch.tensor([1, 3, 3, 7], dtype=torch.int32))),
          r"offsets\[0\] must be 0, got 1"),
+        (lambda: ops.lowrank_delta_linear(**dict(d, offsets=torch.tensor([0, 3, 3, 6], dtype=torch.int32))),
+         r"offsets\[-1\] must equal the number of rows \(7\), got 6"),
         (lambda: ops.sort_by_group(torch.zeros(2, 3, dtype=torch.int64), 3), "group_of_row must be 1-D"),
         (lambda: ops.sort_by_group(torch.zeros(3, dtype=torch.int64), 0), "G must be a positive int"),
         (lambda: ops.grouped_lowrank(**dict(_lowrank_inputs(gen, G=2, d=4, r=2, counts=[1, 3]), shift=f(2, 3))),
