@@ -1704,6 +1704,20 @@ def test_a_nested_reference_mode_gives_back_the_outer_setting(gen):
     assert in_reference_mode() is False
 
 
+def test_a_graph_recorded_outside_reference_mode_backpropagates_inside_it(gen):
+    """reference_mode switches the wrappers' forward calls only: the backward of an op recorded
+    outside it, run inside it, still runs the op's own backward kernels (there is no reference
+    `_<op>_backward` to switch to), with the gradient it gives outside.  Pins opcall's exemption
+    of the underscored backward ops from reference_mode."""
+    eta, mu, offsets = randn((5, 3), gen).requires_grad_(), randn((5, 4), gen), torch.tensor([0, 2, 5])
+    d = {k: v.requires_grad_() if k == "x" else v for k, v in _delta_linear_inputs(gen).items()}
+    outer, linear = ops.grouped_outer(eta, mu, offsets, "add"), ops.lowrank_delta_linear(**d)
+    want = [torch.autograd.grad(y.sum(), leaf, retain_graph=True)[0] for y, leaf in ((outer, eta), (linear, d["x"]))]
+    with ops.reference_mode():
+        got = [torch.autograd.grad(y.sum(), leaf)[0] for y, leaf in ((outer, eta), (linear, d["x"]))]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_triton_launchers_run_on_their_tensors_device(monkeypatch):
     """A Triton launcher runs with its first CUDA tensor's device current (a model split over GPUs
     passes tensors on cuda:1 while cuda:0 is current); CPU tensors pass straight through."""
