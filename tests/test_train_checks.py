@@ -146,6 +146,13 @@ def test_train_config_checks_every_field(field, value):
 # ---------------------------------------------------------------------------------------------
 # Reachable paths
 # ---------------------------------------------------------------------------------------------
+class _BytesPath:
+    """An os.PathLike whose path is bytes: pathlib refuses it as it refuses b"ckpt"."""
+
+    def __fspath__(self):
+        return b"ckpt"
+
+
 @pytest.mark.parametrize("changes, field", [
     (dict(lr=-1e-3), "lr"), (dict(lr_lr=float("nan")), "lr_lr"), (dict(cedit=-1.0), "cedit"),
     (dict(min_delta=-0.1), "min_delta"), (dict(grad_clip=0.0), "grad_clip"), (dict(val_size=0), "val_size"),
@@ -157,6 +164,7 @@ def test_train_config_checks_every_field(field, value):
     (dict(lr=float("inf")), "lr"), (dict(lr_lr=float("inf")), "lr_lr"), (dict(lr=True), "lr"),
     (dict(cloc=float("inf")), "cloc"), (dict(grad_clip="1"), "grad_clip"), (dict(checkpoint_dir=3), "checkpoint_dir"),
     (dict(checkpoint_dir=""), "checkpoint_dir"),  # Path("") is the current directory
+    (dict(checkpoint_dir=b"ckpt"), "checkpoint_dir"), (dict(checkpoint_dir=_BytesPath()), "checkpoint_dir"),
 ])
 def test_train_config_refuses_bad_numbers_naming_the_field(changes, field):
     with pytest.raises(ValueError, match=f"^{field} must"):
