@@ -165,6 +165,7 @@ class _BytesPath:
     (dict(cloc=float("inf")), "cloc"), (dict(grad_clip="1"), "grad_clip"), (dict(checkpoint_dir=3), "checkpoint_dir"),
     (dict(checkpoint_dir=""), "checkpoint_dir"),  # Path("") is the current directory
     (dict(checkpoint_dir=b"ckpt"), "checkpoint_dir"), (dict(checkpoint_dir=_BytesPath()), "checkpoint_dir"),
+    (dict(length_buckets="yes"), "length_buckets"), (dict(length_buckets=1), "length_buckets"),  # bool or None only
 ])
 def test_train_config_refuses_bad_numbers_naming_the_field(changes, field):
     with pytest.raises(ValueError, match=f"^{field} must"):
