@@ -1893,6 +1893,28 @@ def test_op_backends_keeps_saying_triton_once_the_deferred_import_worked(monkeyp
         _dispatch._triton_module.cache_clear()
 
 
+def test_without_triton_the_reference_serves_cuda(monkeypatch):
+    """Where triton is not installed there is no Triton launcher, and `register` puts the reference
+    on CUDA (op_backends says "reference").  Pins triton_launcher's triton_installed check."""
+    from dcedit_kernels.ops import _dispatch
+
+    registered = {}
+
+    class Lib:
+        def impl(self, op, fn, key):
+            registered[key] = fn
+
+    monkeypatch.setattr(_dispatch, "_LIB", Lib())
+    monkeypatch.setattr(_dispatch, "has_kernel", lambda op, key: False)
+    monkeypatch.setattr(_dispatch, "REGISTRY", {})
+    monkeypatch.setattr(_dispatch, "triton_installed", lambda: False)
+    launcher = _dispatch.triton_launcher("grouped_outer")
+    assert launcher is None
+    _dispatch.register("probe", lambda *args: "reference", launcher)
+    assert _dispatch.op_backends()["probe"] == {"CPU": "reference", "CUDA": "reference"}
+    assert registered["CUDA"](torch.zeros(1)) == "reference"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_an_older_gpu_runs_the_ops_without_triton(monkeypatch, gen):
     triton = pytest.importorskip("triton")
