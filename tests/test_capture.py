@@ -574,6 +574,29 @@ def test_compute_factors_refuses_a_non_finite_eta_under_a_finite_loss(gen):
     assert float(loss) == 0 and torch.isfinite(factors["a"].mu).all() and torch.isnan(factors["a"].eta).all()
 
 
+def test_compute_factors_refuses_a_non_finite_loss_whose_factors_are_finite(gen):
+    """A loss that is inf while its gradient is finite (a constant inf added): with check_finite,
+    a FloatingPointError about the loss (the factors alone pass the check); without, the loss comes
+    back as it is.  Pins compute_factors' own check of the loss."""
+    from types import SimpleNamespace
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(5, 3)
+
+        def forward(self, x, attention_mask):
+            return SimpleNamespace(out=self.a(x))
+
+    net = Net()
+    batch = {"x": torch.randn(2, 4, 5, generator=gen), "attention_mask": torch.ones(2, 4, dtype=torch.long)}
+    loss_fn = lambda out, b: out.out.sum() + float("inf")  # noqa: E731
+    with pytest.raises(FloatingPointError, match=r"the loss is not finite \(inf\)"):
+        compute_factors(net, batch, ["a"], loss_fn=loss_fn)
+    factors, loss = compute_factors(net, batch, ["a"], loss_fn=loss_fn, check_finite=False)
+    assert float(loss) == float("inf") and torch.isfinite(factors["a"].eta).all()
+
+
 def test_factors_dataclass_shapes():
     f = Factors(mu=torch.ones(3, 2), eta=torch.ones(3, 4), edit_offsets=torch.tensor([0, 0, 3], dtype=torch.int32))
     assert f.num_edits == 2 and f.num_tokens == 3
