@@ -597,6 +597,20 @@ def test_compute_factors_refuses_a_non_finite_loss_whose_factors_are_finite(gen)
     assert float(loss) == float("inf") and torch.isfinite(factors["a"].eta).all()
 
 
+def test_a_module_whose_tokens_do_not_match_the_mask_is_refused(gen):
+    """A module that runs on another number of tokens than the attention mask has (here 4 per row
+    against a mask of 3) is a RuntimeError naming the module and both shapes, not factors of the
+    wrong rows.  Pins _keep_mask's shape check."""
+    net = nn.ModuleDict({"a": nn.Linear(5, 3)})
+    x = torch.randn(2, 4, 5, generator=gen)
+    mask = torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"module 'a' ran on input of shape \(2, 4, 5\), which does not match "
+                                           r"the token mask of shape \(2, 3\)"):
+        with capture_factors(net, ["a"], batch={"attention_mask": mask}):
+            net["a"](x)
+    assert not net["a"]._forward_hooks
+
+
 def test_factors_dataclass_shapes():
     f = Factors(mu=torch.ones(3, 2), eta=torch.ones(3, 4), edit_offsets=torch.tensor([0, 0, 3], dtype=torch.int32))
     assert f.num_edits == 2 and f.num_tokens == 3
