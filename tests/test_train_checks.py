@@ -135,6 +135,7 @@ def test_evaluate_edits_refuses_a_bad_batch_size_with_a_value_error(batch_size, 
     ("restore_best", "no"),  # truthy: the best editor is restored
     ("progress", "off"),     # truthy: the bar is shown
     ("seed", 1.5),           # accepted here, RuntimeError from torch.manual_seed inside fit
+    ("data_parallel", "no"),  # truthy: the run would train as data-parallel
 ])
 def test_train_config_checks_every_field(field, value):
     """Every field is checked, bools and ints included (these passed once: a bool as an int,
