@@ -168,6 +168,7 @@ class _BytesPath:
     (dict(checkpoint_dir=b"ckpt"), "checkpoint_dir"), (dict(checkpoint_dir=_BytesPath()), "checkpoint_dir"),
     (dict(length_buckets="yes"), "length_buckets"), (dict(length_buckets=1), "length_buckets"),  # bool or None only
     (dict(val_every=0), "val_every"),  # step % 0 inside the run
+    (dict(lr_optimizer="rmsprop"), "lr_optimizer"),  # "adam" or "sgd"
 ])
 def test_train_config_refuses_bad_numbers_naming_the_field(changes, field):
     with pytest.raises(ValueError, match=f"^{field} must"):
