@@ -1023,6 +1023,23 @@ def test_untrained_editors_warn_once_and_trained_ones_do_not(gen, tmp_path):
         make_editor("gpt2", "ft", gen).apply(random_requests(gen, 1)).undo()
 
 
+def test_one_editor_off_its_initialisation_is_enough_not_to_warn(gen):
+    """editors_at_initialisation() is True only while *every* editor is as constructed: once one
+    low-rank layer of one of the tiny GPT-2's editors (one per weight shape) has a non-zero u, the
+    ModelEditor is no longer at its initialisation and apply does not warn that it is.  Pins the
+    all(...) over the editors' layers (a mutant with any(...) warned, and passed every other test)."""
+    me = make_editor("gpt2", "mend")  # no gen: the editors are not randomised
+    assert len(me.editors) > 1 and me.editors_at_initialisation()
+    layer = next(iter(me.editors.values())).layers[0]
+    with torch.no_grad():
+        layer.u.copy_(torch.randn(layer.u.shape, generator=gen) * 0.05)
+    assert not me.editors_at_initialisation()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        me.apply(random_requests(gen, 1)).undo()
+    assert not [str(w.message) for w in caught if "at their initialisation" in str(w.message)]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_shift_lost_to_rounding_is_counted_and_16_bit_weights_warn_once(arch, dtype, gen):
