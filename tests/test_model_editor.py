@@ -1078,6 +1078,20 @@ def test_shift_lost_to_rounding_is_counted_and_16_bit_weights_warn_once(arch, dt
         handle.undo()
 
 
+def test_an_fp32_shift_lost_to_rounding_does_not_warn(gen):
+    """The rounding warning is about 16-bit weights (its advice: edit a float32 copy): an fp32
+    model whose whole shift is below its resolution (edit_lr 1e-20) shows it in
+    stats["changed_fraction"] and does not warn.  Pins the dtype test of _warn_rounded_away (a
+    mutant warning for fp32 weights too passed every other test: their shifts there were large)."""
+    me = make_editor("llama", "mend", gen, edit_lr=1e-20)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle = me.apply(random_requests(gen, 2))
+    assert not [str(w.message) for w in caught if "lost to rounding" in str(w.message)]
+    assert all(f < 1e-3 for f in handle.stats["changed_fraction"].values()), handle.stats["changed_fraction"]
+    handle.undo()
+
+
 def test_save_into_a_missing_folder_names_it(gen, tmp_path):
     """ModelEditor.save and GroupedEditor.save write into an existing folder and create none, as
     torch.save and safetensors' save_file (the CLI's --out creates its folder, a choice of the
