@@ -845,6 +845,24 @@ def test_keep_frees_the_saved_weights_and_pins_earlier_edits(gen):
     assert_bit_identical(after2, me.model)
 
 
+def test_undo_below_a_kept_edit_says_so_while_a_later_edit_is_live(gen):
+    """An edit pinned by a later kept one says that it can no longer be undone ("a later edit of
+    this model was kept") also while an edit applied after the kept one is live: "undo the later
+    edits first" would send the caller undoing that one for nothing.  Pins any(h.kept ...) over
+    the later edits in EditHandle.undo (a mutant with all(...) passed every other test)."""
+    me = make_editor("gpt2", "mend", gen)
+    pinned = me.apply(random_requests(gen, 2))
+    me.apply(random_requests(gen, 2)).keep()
+    kept = snapshot(me.model)
+    live = me.apply(random_requests(gen, 2))
+    with pytest.raises(RuntimeError, match="later edit of this model was kept"):
+        pinned.undo()
+    assert live.undo()
+    with pytest.raises(RuntimeError, match="later edit of this model was kept"):
+        pinned.undo()
+    assert_bit_identical(kept, me.model)
+
+
 def test_keep_after_undo_is_refused(gen):
     """keep() of an undone edit did nothing without a word: a caller took the model for edited."""
     me = make_editor("gpt2", "mend", gen)
