@@ -777,6 +777,24 @@ def test_a_handle_kept_after_its_model_is_freed_holds_no_weights(gen):
     assert repr(handle).startswith("EditHandle(undone, 0 weight copies held, ")
 
 
+def test_keep_after_the_model_was_freed_does_nothing(gen):
+    """keep() of an edit whose model was freed does nothing (EditHandle.keep: "after the model was
+    freed, nothing"): the handle stays as freeing left it, not kept.  Pins the `self.active` test
+    in keep (a mutant that marked such a handle kept passed every other test)."""
+    import gc
+    import weakref
+
+    me = make_editor("gpt2", "mend", gen)
+    handle = me.apply(random_requests(gen, 2))
+    model = weakref.ref(me.model)
+    del me
+    gc.collect()
+    assert model() is None and not handle.active
+    handle.keep()
+    assert not handle.kept and handle.undo() is False
+    assert repr(handle).startswith("EditHandle(undone, 0 weight copies held, ")
+
+
 @pytest.mark.parametrize("arch", ["bart", "t5"])
 def test_an_encoder_decoder_model_is_freed_after_its_edits(arch, gen):
     """The capture of an encoder-decoder model kept the encoder's output after its block: that
