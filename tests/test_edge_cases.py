@@ -237,6 +237,19 @@ def test_ft_kl_locality_texts_are_checked(texts, gen):
         ModelEditor(model, tok, LAYERS["gpt2"][:1], method="ft_kl", locality_texts=texts)
 
 
+@pytest.mark.parametrize("bad", [dict(ft_steps=0), dict(ft_lr=0.0), dict(kl_weight=-0.5)])
+def test_ft_arguments_just_past_their_bounds_are_refused(bad, gen):
+    """ft_steps must be a positive int, ft_lr a positive number, kl_weight a non-negative one: the
+    value just past each bound is a ValueError naming the argument, and the bounds' own side (1
+    step, a tiny lr, kl_weight 0) is accepted.  The other checks try NaN, inf and bool only:
+    mutants accepting ft_steps=0, ft_lr=0 or a negative kl_weight passed every other test."""
+    model, tok = tiny_model("gpt2", seed=seed_from(gen))
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        ModelEditor(model, tok, LAYERS["gpt2"][:1], method="ft_kl", **bad)
+    ModelEditor(model, tok, LAYERS["gpt2"][:1], method="ft_kl", ft_steps=1, ft_lr=1e-30, kl_weight=0.0)
+
+
 def test_ft_kl_refuses_a_seq2seq_model(gen):
     model, tok = tiny_model("bart", seed=seed_from(gen))
     with pytest.raises(ValueError, match="method 'ft_kl' supports causal LMs only"):
