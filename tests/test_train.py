@@ -740,6 +740,20 @@ def test_fit_names_an_unknown_training_setting(gen):
         me.fit(random_requests(gen, 3), loss_reduction="edit")
 
 
+def test_fit_keywords_replace_the_fields_of_a_given_config(gen):
+    """fit(config=..., **overrides) trains with the config's fields replaced by the keywords (and
+    an unknown one is the ValueError naming it, as without a config); the given config is left as
+    it was.  Pins ModelEditor.fit's `config.replace(**overrides)` (a mutant that dropped the
+    keywords next to a config passed every other test)."""
+    model, tok = tiny_model("gpt2", seed=1)
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, seed=1)
+    config = TrainConfig(steps=1, batch_size=2, progress=False)
+    with pytest.raises(ValueError, match=r"unknown TrainConfig fields: \['loss_reduction'\]"):
+        me.fit(random_requests(gen, 4), config=config, loss_reduction="edit")
+    result = me.fit(random_requests(gen, 4), config=config, steps=2)
+    assert result.steps == 2 and config.steps == 1
+
+
 def test_a_batch_larger_than_the_training_requests_warns(gen):
     model, tok = tiny_model("gpt2", seed=1)
     me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, seed=1)
