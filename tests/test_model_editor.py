@@ -1130,6 +1130,27 @@ def test_an_fp32_shift_lost_to_rounding_does_not_warn(gen):
     handle.undo()
 
 
+def test_the_rounding_warning_fires_below_half_of_the_covered_entries(gen):
+    """"Most of the shift lost" is under half of the entries the shift covers changed (the rows of
+    η̃ times the columns of μ̃ that are not all zero, _warn_rounded_away's docstring): for a bf16
+    layer with the editors' own edits, a changed fraction of 0.45 × that share warns and 0.55 ×
+    does not.  Pins the 0.5 (the rounding tests' fractions lie far from it on either side: a
+    threshold of 0.05 passed them)."""
+    me = make_editor("llama", "mend", gen, dtype=torch.bfloat16)
+    reqs = random_requests(gen, 2)
+    factors, feats, _ = me.capture(me.tokenize([r.prompt for r in reqs], [r.target for r in reqs]))
+    edits = me.edits_as_applied(factors, feats)
+    name = me.layers[0]
+    edit, weight = edits[name], weight_out_in(me.modules[name])
+    covered = int((edit.eta_t != 0).any(0).sum()) * int((edit.mu_t != 0).any(0).sum()) / weight.numel()
+    assert covered > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        me._warn_rounded_away(edits, {name: 0.55 * covered})
+    with pytest.warns(UserWarning, match=f"most entries of the shift of '{re.escape(name)}' .* lost to rounding"):
+        me._warn_rounded_away(edits, {name: 0.45 * covered})
+
+
 def test_save_into_a_missing_folder_names_it(gen, tmp_path):
     """ModelEditor.save and GroupedEditor.save write into an existing folder and create none, as
     torch.save and safetensors' save_file (the CLI's --out creates its folder, a choice of the
