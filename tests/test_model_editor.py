@@ -883,6 +883,22 @@ def test_undo_below_a_kept_edit_says_so_while_a_later_edit_is_live(gen):
     assert_bit_identical(kept, me.model)
 
 
+def test_edits_applied_after_a_kept_one_are_undone_latest_first(gen):
+    """A kept edit pins only the edits before it: two edits applied after it undo as any others,
+    the earlier one refused while the later is live with "undo the later edits first" (it can be
+    undone then), not "a later edit was kept".  Pins EditHandle.undo's search for kept edits among
+    the edits after this one only (a mutant that searched the whole list passed every other test)."""
+    me = make_editor("gpt2", "mend", gen)
+    me.apply(random_requests(gen, 2)).keep()
+    kept = snapshot(me.model)
+    first = me.apply(random_requests(gen, 2))
+    second = me.apply(random_requests(gen, 2))
+    with pytest.raises(RuntimeError, match="undo the later edits first"):
+        first.undo()
+    assert second.undo() and first.undo()
+    assert_bit_identical(kept, me.model)
+
+
 def test_keep_after_undo_is_refused(gen):
     """keep() of an undone edit did nothing without a word: a caller took the model for edited."""
     me = make_editor("gpt2", "mend", gen)
