@@ -899,6 +899,27 @@ def test_edits_applied_after_a_kept_one_are_undone_latest_first(gen):
     assert_bit_identical(kept, me.model)
 
 
+def test_keep_of_an_edit_pinned_by_a_later_kept_one_leaves_the_live_edits(gen):
+    """keep() of an edit a later kept one already pinned (it left the live-edit list) marks it kept
+    and leaves the model's live edits as they were: the edits applied after the kept one still
+    undo latest first only.  Pins keep's `below` of 0 for a handle not in the list (a mutant that
+    took the whole list dropped every live edit from it, so the earlier of two live edits undid
+    first and wiped the later one; it passed every other test)."""
+    me = make_editor("gpt2", "mend", gen)
+    pinned = me.apply(random_requests(gen, 2))
+    kept = me.apply(random_requests(gen, 2))
+    kept.keep()
+    after_kept = snapshot(me.model)
+    first = me.apply(random_requests(gen, 2))
+    second = me.apply(random_requests(gen, 2))
+    pinned.keep()
+    assert pinned.kept and me._live == [kept, first, second]
+    with pytest.raises(RuntimeError, match="undo the later edits first"):
+        first.undo()
+    assert second.undo() and first.undo()
+    assert_bit_identical(after_kept, me.model)
+
+
 def test_keep_after_undo_is_refused(gen):
     """keep() of an undone edit did nothing without a word: a caller took the model for edited."""
     me = make_editor("gpt2", "mend", gen)
