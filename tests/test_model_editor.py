@@ -1188,6 +1188,29 @@ def test_the_rounding_warning_fires_below_half_of_the_covered_entries(gen):
         me._warn_rounded_away(edits, {name: 0.45 * covered})
 
 
+def test_the_rounding_warning_counts_only_the_fisher_kept_share_of_the_shift(gen):
+    """A Fisher-masked edit (ProEditor) shifts only its `fisher_keep` share of the entries its
+    factors span, so "most of the shift lost" is under half of that share changed: a changed
+    fraction of 0.55 × (span × fisher_keep) does not warn, 0.45 × does.  Pins the fisher_keep
+    factor of _warn_rounded_away (without it, a masked edit whose kept entries all changed
+    could warn as if most of its shift were lost; a mutant dropping it passed every other test)."""
+    me = make_editor("llama", "proeditor", gen, dtype=torch.bfloat16, fisher_keep=0.25)
+    reqs = random_requests(gen, 2)
+    factors, feats, _ = me.capture(me.tokenize([r.prompt for r in reqs], [r.target for r in reqs]))
+    edits = me.edits_as_applied(factors, feats)
+    name = me.layers[0]
+    edit, weight = edits[name], weight_out_in(me.modules[name])
+    assert edit.fisher is not None and edit.fisher_keep == 0.25
+    span = int((edit.eta_t != 0).any(0).sum()) * int((edit.mu_t != 0).any(0).sum()) / weight.numel()
+    covered = span * edit.fisher_keep
+    assert covered > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        me._warn_rounded_away(edits, {name: 0.55 * covered})
+    with pytest.warns(UserWarning, match=f"most entries of the shift of '{re.escape(name)}' .* lost to rounding"):
+        me._warn_rounded_away(edits, {name: 0.45 * covered})
+
+
 def test_save_into_a_missing_folder_names_it(gen, tmp_path):
     """ModelEditor.save and GroupedEditor.save write into an existing folder and create none, as
     torch.save and safetensors' save_file (the CLI's --out creates its folder, a choice of the
