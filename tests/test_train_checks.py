@@ -195,6 +195,18 @@ def test_any_int_seed_runs_and_the_seeds_torch_takes_are_unchanged(gen):
     assert result.steps == 1
 
 
+def test_every_epoch_covers_the_requests_in_an_order_of_its_own(gen):
+    """`_batch_indices`: epoch-wise random permutations, a pure function of (seed, batch index):
+    each epoch's batches hold every request once, and the epochs are shuffled anew."""
+    from dcedit_kernels.train import _batch_indices
+
+    seed = seed_from(gen)
+    epochs = [_batch_indices(6, 3, seed, 2 * e) + _batch_indices(6, 3, seed, 2 * e + 1) for e in range(4)]
+    assert all(sorted(order) == list(range(6)) for order in epochs), epochs
+    assert len({tuple(order) for order in epochs}) > 1, epochs
+    assert epochs[1] == _batch_indices(6, 3, seed, 2) + _batch_indices(6, 3, seed, 3)
+
+
 def test_train_editor_checks_its_arguments(gen):
     me = tiny_mend("gpt2", gen)
     reqs = random_requests(gen, 2)
