@@ -762,6 +762,20 @@ def test_a_batch_larger_than_the_training_requests_warns(gen):
     assert result.steps == 1
 
 
+def test_a_batch_the_size_of_the_training_requests_does_not_warn(gen):
+    """The warning is for a batch_size larger than the training requests only: at their number
+    every batch is all of them, as asked."""
+    import warnings
+
+    model, tok = tiny_model("gpt2", seed=1)
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, seed=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = me.fit(random_requests(gen, 3), config=TrainConfig(steps=1, batch_size=3, progress=False))
+    assert result.steps == 1
+    assert not [w for w in caught if "training requests" in str(w.message)], [str(w.message) for w in caught]
+
+
 def test_evaluate_edits_leaves_model_untouched(gen):
     model, tok = tiny_model("llama", seed=2)
     me = ModelEditor(model, tok, LAYERS["llama"], method="mend", rank=4, edit_lr=0.2)
