@@ -1364,6 +1364,22 @@ def test_a_validation_within_min_delta_of_the_best_is_not_an_improvement(gen, mo
     assert result.stopped_early and result.steps == 2
 
 
+def test_lr_steps_the_editor_weights_and_lr_lr_the_alphas(gen):
+    """MEND's split (the module docstring): Adam with `lr` on the editor weights, a separate
+    optimiser with `lr_lr` on the per-weight steps α.  With lr 0 one step moves the α only; with
+    lr_lr 0, the weights only."""
+    requests = random_requests(gen, 4)
+    for lr, lr_lr in ((0.0, 1e-2), (1e-2, 0.0)):
+        model, tok = tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen)))
+        me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, seed=1)
+        alphas = {k for k, p in me.editors.named_parameters() if any(p is e.alpha for e in me.editors.values())}
+        before = {k: p.detach().clone() for k, p in me.editors.named_parameters()}
+        me.fit(requests, config=TrainConfig(steps=1, batch_size=2, lr=lr, lr_lr=lr_lr, progress=False))
+        moved = {k for k, p in me.editors.named_parameters() if not torch.equal(p.detach(), before[k])}
+        assert alphas and moved, (lr, lr_lr)
+        assert (moved <= alphas) if lr == 0 else not (moved & alphas), (lr, lr_lr, sorted(moved))
+
+
 def test_accumulated_step_averages_the_batches_gradients(gen):
     """accumulate=2: one optimiser step on the mean of the two batches' gradients (SGD on α, the
     editor weights frozen by lr=0; one editor without normalisation: nothing random)."""
