@@ -61,6 +61,21 @@ def test_resume_of_a_run_stopped_early_goes_on_with_another_patience(gen, tmp_pa
     assert resumed.steps == 10 and not resumed.stopped_early, (resumed.steps, resumed.stopped_early)
 
 
+def test_resume_of_a_run_stopped_early_with_the_same_patience_stays_stopped(gen, tmp_path):
+    """A run stopped by patience and resumed with the same patience (and more steps) stays where it
+    stopped: only another patience that allows more validations clears `stopped_early`."""
+    me = tiny_mend("gpt2", gen)
+    requests = random_requests(gen, 6)
+    # lr 0: the editor never changes, so the first validation stays the best and patience runs out.
+    config = TrainConfig(steps=20, batch_size=3, lr=0.0, lr_lr=0.0, val_every=2, patience=2, progress=False,
+                         checkpoint_dir=str(tmp_path))
+    first = me.fit(requests[:4], requests[4:], config)
+    assert first.stopped_early and first.steps == 6
+    resumed = me.fit(requests[:4], requests[4:], config.replace(steps=30))
+    assert resumed.resumed_from == 6
+    assert resumed.steps == 6 and resumed.stopped_early, (resumed.steps, resumed.stopped_early)
+
+
 def test_resume_takes_another_min_delta_or_restore_best(gen, tmp_path):
     """The early-stopping fields may change on resume, as patience may (_RESUMABLE_CHANGES, the
     module docstring of train_checkpoint): another min_delta, then another restore_best, resume
