@@ -342,6 +342,33 @@ def test_a_batch_with_non_finite_gradients_is_skipped_and_counted(gen, monkeypat
     assert all(torch.equal(a, b) for a, b in zip(before, me2.editors.parameters()))
 
 
+def test_a_step_logs_the_mean_of_the_batches_that_were_not_skipped(gen, monkeypatch):
+    """history's loss parts of a step average the batches that contributed to it: with accumulate
+    3 and one batch skipped as non-finite, the mean of the other two batches' parts (not a third
+    of their sum)."""
+    from dcedit_kernels.train import _batch_indices
+    from dcedit_kernels.train_config import PART_KEYS
+
+    me = tiny_mend("gpt2", gen)
+    requests = random_requests(gen, 6)
+    config = TrainConfig(steps=1, batch_size=2, accumulate=3, lr=1e-2, lr_lr=1e-2, progress=False, seed=seed_from(gen))
+    bad = requests[_batch_indices(6, 2, config.seed, 1)[0]].prompt
+    original, parts_seen = train_module.batch_loss, []
+
+    def scripted(me_, batch, config_):
+        loss, parts = original(me_, batch, config_)
+        if batch[0].prompt == bad:
+            return loss * float("nan"), parts
+        parts_seen.append({k: float(parts[k]) for k in PART_KEYS})
+        return loss, parts
+
+    monkeypatch.setattr(train_module, "batch_loss", scripted)
+    result = me.fit(requests, config=config)
+    assert result.skipped_batches == 1 and len(parts_seen) == 2
+    for k in PART_KEYS:
+        assert result.history[0][k] == pytest.approx((parts_seen[0][k] + parts_seen[1][k]) / 2, rel=1e-6), k
+
+
 def test_a_resumed_run_counts_the_batches_skipped_before_its_checkpoint(gen, tmp_path, monkeypatch):
     """skipped_batches sums every run of a checkpoint_dir, as elapsed_s does: the checkpoint holds
     the count up to its step, and a resume adds its own skipped batches to it."""
