@@ -1364,6 +1364,32 @@ def test_a_validation_within_min_delta_of_the_best_is_not_an_improvement(gen, mo
     assert result.stopped_early and result.steps == 2
 
 
+def _scripted_validation(monkeypatch):
+    """Replace the loop's evaluate_edits by one that scores 0.5 and records each call's val prompts."""
+    import dcedit_kernels.train as train_module
+
+    seen = []
+
+    def scripted_evaluate(editor, val_requests, batch_size=4):
+        seen.append([r.prompt for r in val_requests])
+        return dict(es=0.5, es_all=0.0, nll=1.0)
+
+    monkeypatch.setattr(train_module, "evaluate_edits", scripted_evaluate)
+    return seen
+
+
+def test_the_last_step_is_validated_whatever_val_every(gen, monkeypatch):
+    """Validation runs every val_every steps and at the last step (`_validate`: every run is
+    validated there): steps 3 with val_every 2 validates at steps 2 and 3."""
+    model, tok = tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, seed=1)
+    requests = random_requests(gen, 6)
+    seen = _scripted_validation(monkeypatch)
+    result = me.fit(requests[:4], requests[4:], TrainConfig(steps=3, batch_size=2, val_every=2, progress=False))
+    assert result.steps == 3 and [v["step"] for v in result.val_history] == [2, 3]
+    assert len(seen) == 2
+
+
 def test_lr_steps_the_editor_weights_and_lr_lr_the_alphas(gen):
     """MEND's split (the module docstring): Adam with `lr` on the editor weights, a separate
     optimiser with `lr_lr` on the per-weight steps α.  With lr 0 one step moves the α only; with
