@@ -1390,6 +1390,17 @@ def test_the_last_step_is_validated_whatever_val_every(gen, monkeypatch):
     assert len(seen) == 2
 
 
+def test_validation_edits_the_first_val_size_requests(gen, monkeypatch):
+    """val_size: every validation edits the first val_size of the val requests (TrainConfig's
+    docstring), here 1 of 3."""
+    model, tok = tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, seed=1)
+    requests = random_requests(gen, 7)
+    seen = _scripted_validation(monkeypatch)
+    me.fit(requests[:4], requests[4:], TrainConfig(steps=2, batch_size=2, val_every=1, val_size=1, progress=False))
+    assert seen == [[requests[4].prompt]] * 2
+
+
 def test_lr_steps_the_editor_weights_and_lr_lr_the_alphas(gen):
     """MEND's split (the module docstring): Adam with `lr` on the editor weights, a separate
     optimiser with `lr_lr` on the per-weight steps α.  With lr 0 one step moves the α only; with
