@@ -1417,6 +1417,28 @@ def test_lr_steps_the_editor_weights_and_lr_lr_the_alphas(gen):
         assert (moved <= alphas) if lr == 0 else not (moved & alphas), (lr, lr_lr, sorted(moved))
 
 
+def test_each_step_takes_the_next_accumulate_batches(gen, monkeypatch):
+    """The batch order is a function of (seed, batch index): step s of `accumulate` a runs batches
+    s·a … s·a + a − 1 of `_batch_indices`, so no batch is seen twice before its epoch ends."""
+    import dcedit_kernels.train as train_module
+    from dcedit_kernels.train import _batch_indices
+
+    me = ModelEditor(*tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen))), LAYERS["gpt2"],
+                     method="mend", rank=4, seed=1)
+    requests = random_requests(gen, 8)
+    original, seen = train_module.batch_loss, []
+
+    def recording(me_, batch, config):
+        seen.append([r.prompt for r in batch])
+        return original(me_, batch, config)
+
+    monkeypatch.setattr(train_module, "batch_loss", recording)
+    config = TrainConfig(steps=2, batch_size=2, accumulate=2, progress=False,
+                         seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    me.fit(requests, config=config)
+    assert seen == [[requests[i].prompt for i in _batch_indices(8, 2, config.seed, b)] for b in range(4)]
+
+
 def test_accumulated_step_averages_the_batches_gradients(gen):
     """accumulate=2: one optimiser step on the mean of the two batches' gradients (SGD on α, the
     editor weights frozen by lr=0; one editor without normalisation: nothing random)."""
