@@ -1417,6 +1417,22 @@ def test_lr_steps_the_editor_weights_and_lr_lr_the_alphas(gen):
         assert (moved <= alphas) if lr == 0 else not (moved & alphas), (lr, lr_lr, sorted(moved))
 
 
+def test_grad_clip_bounds_the_gradient_norm_of_a_step(gen):
+    """grad_clip clips the gradients' global norm before the optimiser steps: under SGD on α (the
+    weights frozen by lr 0, lr_lr 1) the α move by at most grad_clip in norm, and by more without it."""
+    seed, requests = int(torch.randint(0, 100, (1,), generator=gen)), random_requests(gen, 4)
+    moves = {}
+    for clip in (1e-6, None):
+        model, tok = tiny_model("gpt2", seed=seed)
+        me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, seed=1)
+        alphas = [e.alpha for e in me.editors.values()]
+        before = [a.detach().clone() for a in alphas]
+        me.fit(requests, config=TrainConfig(steps=1, batch_size=2, lr=0.0, lr_lr=1.0, lr_optimizer="sgd",
+                                            grad_clip=clip, progress=False, seed=3))
+        moves[clip] = float(torch.cat([(a.detach() - b).double().flatten() for a, b in zip(alphas, before)]).norm())
+    assert 0 < moves[1e-6] <= 1e-6 * (1 + 1e-3) and moves[None] > 10 * 1e-6, moves
+
+
 def test_each_step_takes_the_next_accumulate_batches(gen, monkeypatch):
     """The batch order is a function of (seed, batch index): step s of `accumulate` a runs batches
     s·a … s·a + a − 1 of `_batch_indices`, so no batch is seen twice before its epoch ends."""
