@@ -210,6 +210,13 @@ def test_any_int_seed_runs_and_the_seeds_torch_takes_are_unchanged(gen):
     assert result.steps == 1
 
 
+def test_a_seed_past_torchs_range_is_reduced_modulo_2_64():
+    """torch_seed reduces a seed outside [-2**63, 2**64) modulo 2**64 (its docstring), so the
+    upper half of the unsigned range stays reachable: 2**64 + 2**63 + 7 is 2**63 + 7, not 7."""
+    assert train_module.torch_seed(2**64 + 2**63 + 7) == 2**63 + 7
+    assert train_module.torch_seed(-2**64 - 1) == 2**64 - 1
+
+
 def test_every_epoch_covers_the_requests_in_an_order_of_its_own(gen):
     """`_batch_indices`: epoch-wise random permutations, a pure function of (seed, batch index):
     each epoch's batches hold every request once, and the epochs are shuffled anew."""
