@@ -1364,6 +1364,24 @@ def test_a_validation_within_min_delta_of_the_best_is_not_an_improvement(gen, mo
     assert result.stopped_early and result.steps == 2
 
 
+def test_a_patience_count_starts_again_after_an_improvement(gen, monkeypatch):
+    """patience counts validations without improvement since the last improvement (scripted
+    scores): 0.5, 0.4, 0.6, 0.5, 0.5 with patience 2 stops at step 5, the improvement at step 3
+    having reset the count (carried on from step 2 it stopped at step 4)."""
+    import dcedit_kernels.train as train_module
+
+    model, tok = tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, seed=1)
+    requests = random_requests(gen, 6)
+    scores = iter([0.5, 0.4, 0.6, 0.5, 0.5, 0.9])
+    monkeypatch.setattr(train_module, "evaluate_edits",
+                        lambda editor, val_requests, batch_size=4: dict(es=next(scores), es_all=0.0, nll=1.0))
+    config = TrainConfig(steps=10, batch_size=3, val_every=1, patience=2, progress=False)
+    result = me.fit(requests[:4], requests[4:], config)
+    assert result.stopped_early and result.steps == 5
+    assert (result.best_step, result.best_es) == (3, 0.6)
+
+
 def _scripted_validation(monkeypatch):
     """Replace the loop's evaluate_edits by one that scores 0.5 and records each call's val prompts."""
     import dcedit_kernels.train as train_module
