@@ -606,6 +606,17 @@ def test_target_nll_refuses_an_unknown_reduction(gen):
             target_nll(logits, labels, causal=True, reduction=reduction)
 
 
+def test_edit_loss_refuses_an_unknown_reduction(gen):
+    """edit_loss takes the LOSS_REDUCTIONS ("edit", "token") only: another name, scored_nll's
+    "mean" or "row" included, is a ValueError naming them rather than the "edit" loss."""
+    logits = torch.randn(2, 4, 7, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 7, (2, 4), generator=gen)
+    picked = logits[scored_positions(labels, True)]
+    for reduction in ("mean", "row", "sum"):
+        with pytest.raises(ValueError, match="reduction must be one of"):
+            edit_loss(picked, labels, True, reduction=reduction)
+
+
 def test_scored_accuracy_is_the_full_logits_share(gen):
     """Per row, the share of target tokens whose argmax is right, from the scored positions; a row
     without targets scores 0 (as the full-logits form did)."""
