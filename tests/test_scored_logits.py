@@ -617,6 +617,23 @@ def test_edit_loss_refuses_an_unknown_reduction(gen):
             edit_loss(picked, labels, True, reduction=reduction)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_log_probs_at_are_fp32_for_a_16_bit_model(dtype, gen):
+    """log_probs_at, the KL's reference, gives fp32 log-probabilities (its docstring; losses.py
+    computes in fp32) whatever the model's dtype: a 16-bit model's logits are upcast before the
+    log_softmax, one row per scored position."""
+    from dcedit_kernels.losses import log_probs_at
+
+    model, _ = tiny_model("gpt2", seed=seed_from(gen), dtype=dtype)
+    ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=gen)
+    positions = torch.zeros(2, 5, dtype=torch.bool)
+    positions[0, 1:4] = positions[1, 2] = True
+    logp = log_probs_at(model, ids, torch.ones_like(ids), positions)
+    assert logp.dtype == torch.float32 and logp.shape == (4, model.config.vocab_size)
+    assert bool(torch.isfinite(logp).all())
+    torch.testing.assert_close(logp.exp().sum(-1), torch.ones(4), rtol=0, atol=1e-5)
+
+
 def test_scored_accuracy_is_the_full_logits_share(gen):
     """Per row, the share of target tokens whose argmax is right, from the scored positions; a row
     without targets scores 0 (as the full-logits form did)."""
