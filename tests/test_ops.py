@@ -1335,6 +1335,20 @@ def test_noisy_topk_gate(gen):
                 ops.noisy_topk_gate(feats, w_gate, w_noise, training=training, generator=bad)
 
 
+def test_noisy_topk_gate_refuses_a_w_noise_of_another_shape(gen):
+    """w_gate and w_noise are both (f, G) (the docstring): a w_noise of another shape is a
+    ValueError naming them, from the wrapper and the raw op, in training and in eval (where the
+    noise weights are not used and nothing else would notice)."""
+    E, f, G = 5, 4, 3
+    feats, w_gate, w_noise = randn((E, f), gen), randn((f, G), gen), randn((f, G), gen)
+    for bad in (w_noise[:, :2], w_noise[:3], randn((f, G + 1), gen)):
+        for training in (True, False):
+            with pytest.raises(ValueError, match="w_gate and w_noise must be"):
+                ops.noisy_topk_gate(feats, w_gate, bad, training=training)
+        with pytest.raises(ValueError, match="w_gate and w_noise must be"):
+            torch.ops.dcedit.noisy_topk_gate(feats, w_gate, bad, 1, None)
+
+
 def test_noisy_topk_gate_mixed_dtypes_and_noise_scale(gen):
     """Inputs of any float dtypes compute in fp32 (SPEC: fp32 outputs); the training noise is
     ε ⊙ (softplus(f W_noise) + 0.01), Shazeer et al.'s noise_epsilon included."""
