@@ -1395,6 +1395,21 @@ def test_tile_heuristic_fits_every_shape():
                     assert set(blocks) == {16}, tiles
 
 
+def test_forced_tiles_refuses_an_extra_key_and_nested_blocks_restore():
+    """forced_tiles takes exactly its kernel's keys (an extra one is a ValueError as a missing one
+    is), and a nested block gives the outer block's config back when it ends."""
+    cfg = launch.CANDIDATES["segment_matmul"]["half"][0]
+    with pytest.raises(ValueError, match="must give exactly"):
+        with launch.forced_tiles("segment_matmul", **cfg, BLOCK_T=16):
+            pass
+    inner = launch.CANDIDATES["segment_matmul"]["half"][1]
+    with launch.forced_tiles("segment_matmul", **cfg):
+        with launch.forced_tiles("segment_matmul", **inner):
+            assert launch.segment_matmul_tiles(5, 1, 7, 9, "ieee") == inner
+        assert launch.segment_matmul_tiles(5, 1, 7, 9, "ieee") == cfg
+    assert launch.segment_matmul_tiles(5, 1, 7, 9, "ieee") != cfg
+
+
 @pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
 def test_native_branch(gen, device, dt, monkeypatch):
     """The tensor-core branches of `mma` for 16-bit inputs: "half" (16-bit tl.dot), "bf16x3"
