@@ -1410,6 +1410,28 @@ def test_forced_tiles_refuses_an_extra_key_and_nested_blocks_restore():
     assert launch.segment_matmul_tiles(5, 1, 7, 9, "ieee") != cfg
 
 
+# The benchmark shapes of tune.py's cases (T, G and the two dimensions each tile function takes).
+_BENCH_TILES = {
+    ("segment_matmul", "half"): lambda path: launch.segment_matmul_tiles(4096, 8, 1920, 8000, path),
+    ("segment_matmul", "bf16x3"): lambda path: launch.segment_matmul_tiles(4096, 8, 8000, 1920, path),
+    ("grouped_outer", "half"): lambda path: launch.grouped_outer_tiles(4096, 8, 6400, 1600, path),
+    ("grouped_outer", "tf32x3"): lambda path: launch.grouped_outer_tiles(4096, 8, 8000, 1920, path),
+    ("grouped_outer_select", "half"): lambda path: launch.grouped_outer_tiles(4096, 8, 6400, 1600, path, select=True),
+    ("group_scores", "half"): lambda path: launch.group_scores_tiles(2048, 8, 8 * 512, 1600, path),
+    ("grouped_bilinear", "bf16x3"): lambda path: launch.grouped_bilinear_tiles(2048, 8, 8 * 512, 6400, path),
+}
+
+
+def test_the_first_candidate_is_the_heuristics_choice_at_the_benchmark_shapes(monkeypatch):
+    """launch.CANDIDATES lists the heuristic's choice at the benchmark shapes first, and tune.py
+    reports candidate 0 as "(heuristic)": the GPU heuristic (the interpreter's fixed config off)
+    gives exactly that config for every kernel and path."""
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    assert set(_BENCH_TILES) == {(k, p) for k, paths in launch.CANDIDATES.items() for p in paths}
+    for (kernel, path), tiles in _BENCH_TILES.items():
+        assert tiles(path) == launch.CANDIDATES[kernel][path][0], (kernel, path)
+
+
 @pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
 def test_native_branch(gen, device, dt, monkeypatch):
     """The tensor-core branches of `mma` for 16-bit inputs: "half" (16-bit tl.dot), "bf16x3"
