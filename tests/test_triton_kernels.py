@@ -1432,6 +1432,19 @@ def test_the_first_candidate_is_the_heuristics_choice_at_the_benchmark_shapes(mo
         assert tiles(path) == launch.CANDIDATES[kernel][path][0], (kernel, path)
 
 
+def test_gpu_tiles_of_fp64_are_16_everywhere(monkeypatch):
+    """On a GPU fp64 takes 16 in every block (`_fixed`: the broadcast product in `mma` holds
+    BLOCK³ values), whatever the shape; fp32 there gets the heuristic's larger tiles."""
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    for tiles in (launch.segment_matmul_tiles(4096, 8, 1920, 8000, "fp64"),
+                  launch.grouped_outer_tiles(4096, 8, 6400, 1600, "fp64"),
+                  launch.grouped_outer_tiles(4096, 8, 6400, 1600, "fp64", select=True),
+                  launch.group_scores_tiles(2048, 8, 4096, 1600, "fp64"),
+                  launch.grouped_bilinear_tiles(2048, 8, 4096, 6400, "fp64")):
+        assert {v for k, v in tiles.items() if k.startswith("BLOCK")} == {16}, tiles
+    assert launch.segment_matmul_tiles(4096, 8, 1920, 8000, "ieee")["BLOCK_N"] > 16
+
+
 @pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
 def test_native_branch(gen, device, dt, monkeypatch):
     """The tensor-core branches of `mma` for 16-bit inputs: "half" (16-bit tl.dot), "bf16x3"
