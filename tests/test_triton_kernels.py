@@ -1445,6 +1445,21 @@ def test_gpu_tiles_of_fp64_are_16_everywhere(monkeypatch):
     assert launch.segment_matmul_tiles(4096, 8, 1920, 8000, "ieee")["BLOCK_N"] > 16
 
 
+def test_gpu_tiles_cover_each_dimension_with_the_smallest_power_of_two(monkeypatch):
+    """The GPU heuristic's blocks are the smallest power of two >= the dimension, clamped to
+    [16, the path's cap] (`_pow2_at_least`): a dimension of exactly 32 or 64 gets 32 or 64, not
+    twice that.  grouped_bilinear's first launch (group_scores) is a GEMM whose N is a group's
+    length (W/G) and whose K is the key width DK."""
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    for n, lo, hi, want in ((1, 16, 128, 16), (16, 16, 128, 16), (17, 16, 128, 32), (32, 16, 128, 32),
+                            (64, 16, 128, 64), (65, 16, 128, 128), (1000, 16, 64, 64)):
+        assert launch._pow2_at_least(n, lo, hi) == want, (n, lo, hi)
+    tiles = launch.segment_matmul_tiles(1000, 4, 64, 32, "half")
+    assert (tiles["BLOCK_N"], tiles["BLOCK_K"]) == (64, 32), tiles
+    tiles = launch.group_scores_tiles(2048, 8, 8 * 32, 1600, "half")
+    assert (tiles["BLOCK_T"], tiles["BLOCK_K"]) == (32, 64), tiles
+
+
 @pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
 def test_native_branch(gen, device, dt, monkeypatch):
     """The tensor-core branches of `mma` for 16-bit inputs: "half" (16-bit tl.dot), "bf16x3"
