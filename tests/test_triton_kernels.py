@@ -1460,6 +1460,16 @@ def test_gpu_tiles_cover_each_dimension_with_the_smallest_power_of_two(monkeypat
     assert (tiles["BLOCK_T"], tiles["BLOCK_K"]) == (32, 64), tiles
 
 
+def test_gpu_tiles_switch_at_128_row_and_64_token_groups(monkeypatch):
+    """`_rows_block`: 128-row tiles from 128-row groups on (T >= 128·G), else 64; grouped_outer's
+    token chunk is 64 unless the groups are shorter than 64 tokens (T < 64·G: then 32)."""
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    assert launch.segment_matmul_tiles(128 * 8, 8, 1920, 8000, "half")["BLOCK_M"] == 128
+    assert launch.segment_matmul_tiles(128 * 8 - 1, 8, 1920, 8000, "half")["BLOCK_M"] == 64
+    assert launch.grouped_outer_tiles(64 * 8, 8, 6400, 1600, "half")["BLOCK_T"] == 64
+    assert launch.grouped_outer_tiles(64 * 8 - 1, 8, 6400, 1600, "half")["BLOCK_T"] == 32
+
+
 @pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
 def test_native_branch(gen, device, dt, monkeypatch):
     """The tensor-core branches of `mma` for 16-bit inputs: "half" (16-bit tl.dot), "bf16x3"
