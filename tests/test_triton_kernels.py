@@ -1607,6 +1607,19 @@ def test_tune_precision_tables_run(gen, device, monkeypatch):
     assert torch.get_float32_matmul_precision() == precision
 
 
+def test_tune_precision_tables_report_the_share_of_dense_and_restore_an_unset_split(gen, device, monkeypatch):
+    """split_choices' last column is the dense matmul's time over grouped_lowrank's (issue 5's "60%
+    of dense" reads off it): a dense run of 1 ms against 2 ms reads 50%.  An unset
+    DCEDIT_TRITON_FP32_SPLIT is unset again afterwards (the settings the caller had)."""
+    tune = _module("tune")
+    times = iter([1.0, 2.0, 4.0, 1.0])
+    monkeypatch.setattr(tune, "_median_ms", lambda fn, reps: (fn(), next(times))[1])
+    monkeypatch.delenv(launch.FP32_SPLIT_ENV, raising=False)
+    lines = tune.split_choices(gen, 1, T=40, G=3, d=24, r=16, device=device)
+    assert [line.rsplit(", ", 1)[1] for line in lines[1:]] == ["50% of dense", "25% of dense", "100% of dense"], lines
+    assert launch.FP32_SPLIT_ENV not in os.environ
+
+
 @pytest.fixture
 def float32_precision():
     """Sets torch's float32 matmul precision inside a test and restores it after."""
