@@ -1620,6 +1620,18 @@ def test_tune_precision_tables_report_the_share_of_dense_and_restore_an_unset_sp
     assert launch.FP32_SPLIT_ENV not in os.environ
 
 
+def test_tune_benchmark_offsets_hold_an_empty_group(gen):
+    """tune.py's ragged offsets (`_ragged`, as the benchmarks build them): G groups over T tokens,
+    non-decreasing from 0 to T, one of them empty."""
+    tune = _module("tune")
+    for T, G in ((4096, 8), (50, 3), (7, 5)):
+        offsets = tune._ragged(T, G, gen, device="cpu")
+        counts = offsets.diff()
+        assert offsets.dtype == torch.int32 and offsets.shape == (G + 1,)
+        assert int(offsets[0]) == 0 and int(offsets[-1]) == T and bool((counts >= 0).all())
+        assert bool((counts == 0).any()), offsets
+
+
 @pytest.fixture
 def float32_precision():
     """Sets torch's float32 matmul precision inside a test and restores it after."""
