@@ -1368,6 +1368,20 @@ def test_native_dot_choice(monkeypatch, float32_precision):
     assert launch.dot_path(True, False, f64, f64) == "fp64"
 
 
+def test_backends_lists_triton_with_a_cuda_device_or_the_interpreter(monkeypatch):
+    """backends(): with triton installed, the triton backend is live on a CUDA device or under
+    TRITON_INTERPRET=1 (which runs the kernels on CPU tensors), and not without either."""
+    import dcedit_kernels
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dcedit_kernels.backends()["triton"]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not dcedit_kernels.backends()["triton"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert dcedit_kernels.backends()["triton"]
+
+
 def test_forced_tiles_checks_its_arguments():
     with pytest.raises(ValueError, match="kernel"):
         with launch.forced_tiles("matmul", BLOCK_M=16):
