@@ -144,6 +144,17 @@ def test_a_compiled_extension_that_fails_to_load_is_reported(tmp_path):
     assert "_C.abi3.so" in failed.stderr  # the loader's own error, naming the file
 
 
+def test_dcedit_disable_c_leaves_the_compiled_kernels_unloaded():
+    """DCEDIT_DISABLE_C=1 set before the import (README) leaves `_C` unloaded: backends() has no
+    cpu_cpp and the CPU ops run their references, which still compute the formula."""
+    probe = ("import torch, dcedit_kernels as d\nfrom dcedit_kernels import ops\n"
+             "assert d._library._C is None and not d.backends()['cpu_cpp'], d.backends()\n"
+             "assert d.op_backends()['grouped_outer']['CPU'] == 'reference', d.op_backends()\n")
+    run = subprocess.run([sys.executable, "-c", probe + OP_RUNS], cwd=ROOT,
+                         env={**_env(), "PYTHONPATH": str(ROOT), "DCEDIT_DISABLE_C": "1"}, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 def test_import_is_light_and_lists_the_lazy_names():
     """`import dcedit_kernels` loads the ops, not transformers; the pipeline's names load on first
     use and are listed by dir() all the same."""
