@@ -384,6 +384,14 @@ def test_picked_kl_matches_float64_reference(gen):
         picked_kl(base_logp[:1], picked)
 
 
+def test_picked_kl_of_no_positions_is_zero(gen):
+    """No scored position (a batch without locality tokens): picked_kl is 0, on the logits'
+    dtype, not the NaN of a mean over nothing."""
+    picked = torch.randn(0, 9, generator=gen, dtype=torch.float64, requires_grad=True)
+    got = picked_kl(torch.zeros(0, 9, dtype=torch.float64), picked)
+    assert got.shape == () and got.dtype == torch.float64 and float(got) == 0.0
+
+
 # ---------------------------------------------------------------------------------------------
 # One pass of the N_g-editor training loss == the sum of separate passes with dense shifts
 # ---------------------------------------------------------------------------------------------
