@@ -606,6 +606,20 @@ def test_target_nll_refuses_an_unknown_reduction(gen):
             target_nll(logits, labels, causal=True, reduction=reduction)
 
 
+def test_scored_nll_by_row_counts_each_rows_target_tokens(gen):
+    """scored_nll(reduction="row"): (B,) NLL sums and the number of target tokens of each row,
+    0 for a row without any (its sum 0 too); the sums over the counts' total give the "mean"."""
+    from dcedit_kernels.losses import scored_nll
+
+    logits = torch.randn(3, 5, 7, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 7, (3, 5), generator=gen)
+    labels[0, :3] = labels[1] = -100  # row 0: 2 of its 4 scored positions left; row 1: none
+    picked = logits[scored_positions(labels, True)]
+    sums, counts = scored_nll(picked, labels, True, reduction="row")
+    assert counts.tolist() == [2, 0, 4] and float(sums[1]) == 0.0
+    torch.testing.assert_close(sums.sum() / counts.sum(), scored_nll(picked, labels, True), rtol=1e-12, atol=0)
+
+
 def test_edit_loss_refuses_an_unknown_reduction(gen):
     """edit_loss takes the LOSS_REDUCTIONS ("edit", "token") only: another name, scored_nll's
     "mean" or "row" included, is a ValueError naming them rather than the "edit" loss."""
