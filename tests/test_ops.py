@@ -1365,6 +1365,23 @@ def test_noisy_topk_gate_mixed_dtypes_and_noise_scale(gen):
     assert torch.equal(chosen, logits.argmax(1))
 
 
+def test_noisy_topk_gate_in_fp64_draws_fp64_noise(gen):
+    """fp64 inputs compute in fp64 (the docstring: fp32 unless one is fp64), the training noise
+    included: ε drawn from the generator in fp64, the gates fp64 and the top-2 softmax of
+    f W_g + ε ⊙ (softplus(f W_noise) + 0.01)."""
+    E, f, G = 7, 5, 3
+    f64 = torch.float64
+    feats, w_gate, w_noise = randn((E, f), gen, f64), randn((f, G), gen, f64), randn((f, G), gen, f64)
+    eps = torch.randn(E, G, generator=torch.Generator().manual_seed(5), dtype=f64)
+    gates, chosen, loss = ops.noisy_topk_gate(feats, w_gate, w_noise, k=2, training=True,
+                                              generator=torch.Generator().manual_seed(5))
+    assert gates.dtype == f64 and loss.dtype == f64
+    logits = feats @ w_gate + eps * (torch.nn.functional.softplus(feats @ w_noise) + 0.01)
+    top = logits.topk(2, dim=1)
+    assert torch.equal(chosen, top.indices[:, 0])
+    torch.testing.assert_close(gates.gather(1, top.indices), torch.softmax(top.values, 1), rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("k", [1, 2])
 def test_noisy_topk_gate_training_loss_is_the_smooth_load_by_hand(k, gen):
     """In training the load is Shazeer et al.'s smooth estimate: for edit e and editor g, the
