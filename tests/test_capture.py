@@ -1,5 +1,7 @@
 """Gradient-factor capture: eta.T @ mu must equal the autograd weight gradient of the kept tokens."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -510,8 +512,6 @@ def test_compute_factors_refuses_a_loss_it_cannot_backpropagate(gen):
     is a ValueError; a loss computed off the captured modules' outputs, or a module that never ran,
     a RuntimeError.  Each leaves no hook, no .grad, and the parameters' requires_grad as they were.
     With check_finite=False a non-finite loss is returned as it is, with its factors."""
-    from types import SimpleNamespace
-
     model, tok = make_model("llama", torch.float32, gen)
     batch = random_batch(model, tok, "llama", gen, n_edits=int(torch.randint(2, 5, (1,), generator=gen)))
     names = ["model.layers.1.mlp.down_proj"]
@@ -551,22 +551,28 @@ def test_compute_factors_refuses_a_loss_it_cannot_backpropagate(gen):
     assert not torch.isfinite(loss) and not torch.isfinite(factors[names[0]].eta).all()
 
 
+class _OneLinear(nn.Module):
+    """A model of one Linear, "a", whose output is an object with the layer's output as `out`."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 3)
+
+    def forward(self, x, attention_mask):
+        return SimpleNamespace(out=self.a(x))
+
+
+def _one_linear_model(gen):
+    """_OneLinear and a batch of 2 × 4 unmasked tokens for it."""
+    batch = {"x": torch.randn(2, 4, 5, generator=gen), "attention_mask": torch.ones(2, 4, dtype=torch.long)}
+    return _OneLinear(), batch
+
+
 def test_compute_factors_refuses_a_non_finite_eta_under_a_finite_loss(gen):
     """A loss that is finite but whose gradient is not (sqrt at 0: the loss is 0, η NaN) is a
     FloatingPointError naming the module, with finite μ: pins the η half of compute_factors'
     check of the factors (the other tests' NaNs reach μ or the loss first)."""
-    from types import SimpleNamespace
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(5, 3)
-
-        def forward(self, x, attention_mask):
-            return SimpleNamespace(out=self.a(x))
-
-    net = Net()
-    batch = {"x": torch.randn(2, 4, 5, generator=gen), "attention_mask": torch.ones(2, 4, dtype=torch.long)}
+    net, batch = _one_linear_model(gen)
     loss_fn = lambda out, b: (out.out * 0).sqrt().sum()  # noqa: E731
     with pytest.raises(FloatingPointError, match="non-finite gradient factors for module 'a'"):
         compute_factors(net, batch, ["a"], loss_fn=loss_fn)
@@ -578,18 +584,7 @@ def test_compute_factors_refuses_a_non_finite_loss_whose_factors_are_finite(gen)
     """A loss that is inf while its gradient is finite (a constant inf added): with check_finite,
     a FloatingPointError about the loss (the factors alone pass the check); without, the loss comes
     back as it is.  Pins compute_factors' own check of the loss."""
-    from types import SimpleNamespace
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(5, 3)
-
-        def forward(self, x, attention_mask):
-            return SimpleNamespace(out=self.a(x))
-
-    net = Net()
-    batch = {"x": torch.randn(2, 4, 5, generator=gen), "attention_mask": torch.ones(2, 4, dtype=torch.long)}
+    net, batch = _one_linear_model(gen)
     loss_fn = lambda out, b: out.out.sum() + float("inf")  # noqa: E731
     with pytest.raises(FloatingPointError, match=r"the loss is not finite \(inf\)"):
         compute_factors(net, batch, ["a"], loss_fn=loss_fn)
@@ -819,8 +814,6 @@ def tiny_gguf(path, add_bos=None, head=True):
 @pytest.mark.parametrize("add_bos", [True, False, None])
 def test_follow_gguf_bos_turns_the_bos_off_only_where_the_file_says_so(tmp_path, add_bos):
     """4.x's gguf Llama tokenizer adds a BOS whatever the file says; the file's False (SmolLM2's) turns it off."""
-    from types import SimpleNamespace
-
     from dcedit_kernels.compat.transformers_versions import follow_gguf_bos, gguf_add_bos
 
     path = tiny_gguf(tmp_path / "m.gguf", add_bos=add_bos)

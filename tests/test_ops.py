@@ -1820,9 +1820,10 @@ def test_triton_registrations_take_schema_arguments(gen):
     assert all(rel_err(x, y) < 1e-10 for x, y in zip(got, want))
 
 
-def test_triton_serves_the_gpus_it_supports_and_the_reference_older_ones(monkeypatch):
-    """A T4 (7.5) or V100 (7.0) cannot compile the kernels' bf16 tl.dot: the references serve
-    them.  Checked through `register`'s CUDA registration, with the device faked."""
+@pytest.fixture
+def fake_registry(monkeypatch):
+    """`_dispatch.register` with torch.library's registration faked: no op has a compiled kernel,
+    REGISTRY starts empty, and each function registered lands in the returned dict under its key."""
     from dcedit_kernels.ops import _dispatch
 
     registered = {}
@@ -1834,9 +1835,17 @@ def test_triton_serves_the_gpus_it_supports_and_the_reference_older_ones(monkeyp
     monkeypatch.setattr(_dispatch, "_LIB", Lib())
     monkeypatch.setattr(_dispatch, "has_kernel", lambda op, key: False)
     monkeypatch.setattr(_dispatch, "REGISTRY", {})
+    return registered
+
+
+def test_triton_serves_the_gpus_it_supports_and_the_reference_older_ones(monkeypatch, fake_registry):
+    """A T4 (7.5) or V100 (7.0) cannot compile the kernels' bf16 tl.dot: the references serve
+    them.  Checked through `register`'s CUDA registration, with the device faked."""
+    from dcedit_kernels.ops import _dispatch
+
     _dispatch.register("probe", lambda *args: "reference", lambda *args: "triton")
     assert _dispatch.REGISTRY["probe"] == {"CPU": "reference", "CUDA": "triton"}
-    run = registered["CUDA"]
+    run = fake_registry["CUDA"]
     asked = []
     monkeypatch.setattr(_dispatch, "cuda_device_of", lambda args, kwargs: torch.device("cuda", 1))
     try:
@@ -1856,26 +1865,17 @@ def test_triton_serves_the_gpus_it_supports_and_the_reference_older_ones(monkeyp
 
 @pytest.mark.parametrize("error", [ImportError("libtriton.so: cannot open shared object file"),
                                    AttributeError("module 'torch._C' has no attribute '_cuda_getCurrentRawStream'")])
-def test_a_failed_deferred_triton_import_falls_back_to_the_reference(monkeypatch, error):
+def test_a_failed_deferred_triton_import_falls_back_to_the_reference(monkeypatch, error, fake_registry):
     """triton is imported on the first CUDA call, not with the package: when that import fails
     (a broken install, or a triton built for another torch), the CUDA registrations serve the
     references, after one warning."""
     from dcedit_kernels.ops import _dispatch
-
-    registered = {}
-
-    class Lib:
-        def impl(self, op, fn, key):
-            registered[key] = fn
 
     def broken():
         attempts.append(1)
         raise error
 
     attempts = []
-    monkeypatch.setattr(_dispatch, "_LIB", Lib())
-    monkeypatch.setattr(_dispatch, "has_kernel", lambda op, key: False)
-    monkeypatch.setattr(_dispatch, "REGISTRY", {})
     monkeypatch.setattr(_dispatch, "_import_triton_kernels", broken)
     monkeypatch.setattr(_dispatch, "triton_installed", lambda: True)
     _dispatch._triton_module.cache_clear()
@@ -1885,10 +1885,10 @@ def test_a_failed_deferred_triton_import_falls_back_to_the_reference(monkeypatch
         assert _dispatch.REGISTRY["probe"] == {"CPU": "reference", "CUDA": "triton"}  # decided before the import
         assert attempts == []  # registering imports nothing
         with pytest.warns(RuntimeWarning, match=f"{type(error).__name__}: .*reference kernels serve CUDA"):
-            assert registered["CUDA"](torch.zeros(1)) == "reference"
+            assert fake_registry["CUDA"](torch.zeros(1)) == "reference"
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # one warning, one import attempt: the answer is kept
-            assert registered["CUDA"](torch.zeros(1)) == "reference"
+            assert fake_registry["CUDA"](torch.zeros(1)) == "reference"
         assert attempts == [1]
         # op_backends says which implementation serves the op now: the reference, not "triton"
         assert _dispatch.op_backends()["probe"] == {"CPU": "reference", "CUDA": "reference"}
@@ -1898,7 +1898,7 @@ def test_a_failed_deferred_triton_import_falls_back_to_the_reference(monkeypatch
         _dispatch._triton_module.cache_clear()
 
 
-def test_op_backends_keeps_saying_triton_once_the_deferred_import_worked(monkeypatch):
+def test_op_backends_keeps_saying_triton_once_the_deferred_import_worked(monkeypatch, fake_registry):
     """Only a failed import turns "triton" into "reference" in op_backends: after the deferred
     import succeeded, the Triton launchers serve CUDA and op_backends says so (pins op_backends'
     `_triton_module() is None` test, not just "an import was tried")."""
@@ -1906,13 +1906,6 @@ def test_op_backends_keeps_saying_triton_once_the_deferred_import_worked(monkeyp
 
     from dcedit_kernels.ops import _dispatch
 
-    class Lib:
-        def impl(self, op, fn, key):
-            pass
-
-    monkeypatch.setattr(_dispatch, "_LIB", Lib())
-    monkeypatch.setattr(_dispatch, "has_kernel", lambda op, key: False)
-    monkeypatch.setattr(_dispatch, "REGISTRY", {})
     monkeypatch.setattr(_dispatch, "_import_triton_kernels", lambda: types.ModuleType("fake_triton_kernels"))
     _dispatch._triton_module.cache_clear()
     try:
@@ -1924,26 +1917,17 @@ def test_op_backends_keeps_saying_triton_once_the_deferred_import_worked(monkeyp
         _dispatch._triton_module.cache_clear()
 
 
-def test_without_triton_the_reference_serves_cuda(monkeypatch):
+def test_without_triton_the_reference_serves_cuda(monkeypatch, fake_registry):
     """Where triton is not installed there is no Triton launcher, and `register` puts the reference
     on CUDA (op_backends says "reference").  Pins triton_launcher's triton_installed check."""
     from dcedit_kernels.ops import _dispatch
 
-    registered = {}
-
-    class Lib:
-        def impl(self, op, fn, key):
-            registered[key] = fn
-
-    monkeypatch.setattr(_dispatch, "_LIB", Lib())
-    monkeypatch.setattr(_dispatch, "has_kernel", lambda op, key: False)
-    monkeypatch.setattr(_dispatch, "REGISTRY", {})
     monkeypatch.setattr(_dispatch, "triton_installed", lambda: False)
     launcher = _dispatch.triton_launcher("grouped_outer")
     assert launcher is None
     _dispatch.register("probe", lambda *args: "reference", launcher)
     assert _dispatch.op_backends()["probe"] == {"CPU": "reference", "CUDA": "reference"}
-    assert registered["CUDA"](torch.zeros(1)) == "reference"
+    assert fake_registry["CUDA"](torch.zeros(1)) == "reference"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

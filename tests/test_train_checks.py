@@ -45,10 +45,15 @@ def _rewrite_trainer_checkpoint(path, drop_json=None, keep_tensor=lambda key: Tr
     return tensors
 
 
-def test_resume_of_a_run_stopped_early_goes_on_with_another_patience(gen, tmp_path):
+@pytest.mark.parametrize("changes, steps, stopped", [
+    (dict(steps=10, patience=None), 10, False),  # another patience: goes on
+    (dict(steps=30), 6, True),                   # the same patience, more steps: stays stopped
+])
+def test_resume_of_a_run_stopped_early_goes_on_only_with_another_patience(changes, steps, stopped, gen, tmp_path):
     """A run stopped by patience goes on when resumed with another patience (_RESUMABLE_CHANGES):
     `stopped_early` is cleared when the new patience allows more (it once stayed set, and the
-    resumed run stayed at the step it had stopped at)."""
+    resumed run stayed at the step it had stopped at).  Resumed with the same patience and more
+    steps, it stays where it stopped."""
     me = tiny_mend("gpt2", gen)
     requests = random_requests(gen, 6)
     # lr 0: the editor never changes, so the first validation stays the best and patience runs out.
@@ -56,24 +61,9 @@ def test_resume_of_a_run_stopped_early_goes_on_with_another_patience(gen, tmp_pa
                          checkpoint_dir=str(tmp_path))
     first = me.fit(requests[:4], requests[4:], config)
     assert first.stopped_early and first.steps == 6
-    resumed = me.fit(requests[:4], requests[4:], config.replace(steps=10, patience=None))
+    resumed = me.fit(requests[:4], requests[4:], config.replace(**changes))
     assert resumed.resumed_from == 6
-    assert resumed.steps == 10 and not resumed.stopped_early, (resumed.steps, resumed.stopped_early)
-
-
-def test_resume_of_a_run_stopped_early_with_the_same_patience_stays_stopped(gen, tmp_path):
-    """A run stopped by patience and resumed with the same patience (and more steps) stays where it
-    stopped: only another patience that allows more validations clears `stopped_early`."""
-    me = tiny_mend("gpt2", gen)
-    requests = random_requests(gen, 6)
-    # lr 0: the editor never changes, so the first validation stays the best and patience runs out.
-    config = TrainConfig(steps=20, batch_size=3, lr=0.0, lr_lr=0.0, val_every=2, patience=2, progress=False,
-                         checkpoint_dir=str(tmp_path))
-    first = me.fit(requests[:4], requests[4:], config)
-    assert first.stopped_early and first.steps == 6
-    resumed = me.fit(requests[:4], requests[4:], config.replace(steps=30))
-    assert resumed.resumed_from == 6
-    assert resumed.steps == 6 and resumed.stopped_early, (resumed.steps, resumed.stopped_early)
+    assert (resumed.steps, resumed.stopped_early) == (steps, stopped)
 
 
 def test_resume_takes_another_min_delta_or_restore_best(gen, tmp_path):
