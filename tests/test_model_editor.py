@@ -883,28 +883,17 @@ def test_undo_below_a_kept_edit_says_so_while_a_later_edit_is_live(gen):
     assert_bit_identical(kept, me.model)
 
 
-def test_edits_applied_after_a_kept_one_are_undone_latest_first(gen):
-    """A kept edit pins only the edits before it: two edits applied after it undo as any others,
-    the earlier one refused while the later is live with "undo the later edits first" (it can be
-    undone then), not "a later edit was kept".  Pins EditHandle.undo's search for kept edits among
-    the edits after this one only (a mutant that searched the whole list passed every other test)."""
-    me = make_editor("gpt2", "mend", gen)
-    me.apply(random_requests(gen, 2)).keep()
-    kept = snapshot(me.model)
-    first = me.apply(random_requests(gen, 2))
-    second = me.apply(random_requests(gen, 2))
-    with pytest.raises(RuntimeError, match="undo the later edits first"):
-        first.undo()
-    assert second.undo() and first.undo()
-    assert_bit_identical(kept, me.model)
-
-
 def test_keep_of_an_edit_pinned_by_a_later_kept_one_leaves_the_live_edits(gen):
     """keep() of an edit a later kept one already pinned (it left the live-edit list) marks it kept
     and leaves the model's live edits as they were: the edits applied after the kept one still
     undo latest first only.  Pins keep's `below` of 0 for a handle not in the list (a mutant that
     took the whole list dropped every live edit from it, so the earlier of two live edits undid
-    first and wiped the later one; it passed every other test)."""
+    first and wiped the later one; it passed every other test).
+
+    A kept edit pins only the edits before it: of the two applied after it, the earlier is refused
+    while the later is live with "undo the later edits first" (it can be undone then), not "a later
+    edit was kept".  Pins EditHandle.undo's search for kept edits among the edits after this one
+    only (a mutant that searched the whole list passed every other test)."""
     me = make_editor("gpt2", "mend", gen)
     pinned = me.apply(random_requests(gen, 2))
     kept = me.apply(random_requests(gen, 2))
@@ -1167,42 +1156,26 @@ def test_an_fp32_shift_lost_to_rounding_does_not_warn(gen):
     handle.undo()
 
 
-def test_the_rounding_warning_fires_below_half_of_the_covered_entries(gen):
+@pytest.mark.parametrize("method, kwargs, keep", [("mend", {}, 1.0), ("proeditor", dict(fisher_keep=0.25), 0.25)],
+                         ids=["mend", "proeditor"])
+def test_the_rounding_warning_fires_below_half_of_the_covered_entries(method, kwargs, keep, gen):
     """"Most of the shift lost" is under half of the entries the shift covers changed (the rows of
-    η̃ times the columns of μ̃ that are not all zero, _warn_rounded_away's docstring): for a bf16
-    layer with the editors' own edits, a changed fraction of 0.45 × that share warns and 0.55 ×
-    does not.  Pins the 0.5 (the rounding tests' fractions lie far from it on either side: a
-    threshold of 0.05 passed them)."""
-    me = make_editor("llama", "mend", gen, dtype=torch.bfloat16)
-    reqs = random_requests(gen, 2)
-    factors, feats, _ = me.capture(me.tokenize([r.prompt for r in reqs], [r.target for r in reqs]))
-    edits = me.edits_as_applied(factors, feats)
-    name = me.layers[0]
-    edit, weight = edits[name], weight_out_in(me.modules[name])
-    covered = int((edit.eta_t != 0).any(0).sum()) * int((edit.mu_t != 0).any(0).sum()) / weight.numel()
-    assert covered > 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        me._warn_rounded_away(edits, {name: 0.55 * covered})
-    with pytest.warns(UserWarning, match=f"most entries of the shift of '{re.escape(name)}' .* lost to rounding"):
-        me._warn_rounded_away(edits, {name: 0.45 * covered})
-
-
-def test_the_rounding_warning_counts_only_the_fisher_kept_share_of_the_shift(gen):
-    """A Fisher-masked edit (ProEditor) shifts only its `fisher_keep` share of the entries its
-    factors span, so "most of the shift lost" is under half of that share changed: a changed
-    fraction of 0.55 × (span × fisher_keep) does not warn, 0.45 × does.  Pins the fisher_keep
-    factor of _warn_rounded_away (without it, a masked edit whose kept entries all changed
+    η̃ times the columns of μ̃ that are not all zero, times the `fisher_keep` share a Fisher-masked
+    edit keeps: _warn_rounded_away's docstring): for a bf16 layer with the editors' own edits, a
+    changed fraction of 0.45 × that share warns and 0.55 × does not.  Pins the 0.5 (the rounding
+    tests' fractions lie far from it on either side: a threshold of 0.05 passed them) and, with
+    ProEditor, the fisher_keep factor (without it, a masked edit whose kept entries all changed
     could warn as if most of its shift were lost; a mutant dropping it passed every other test)."""
-    me = make_editor("llama", "proeditor", gen, dtype=torch.bfloat16, fisher_keep=0.25)
+    me = make_editor("llama", method, gen, dtype=torch.bfloat16, **kwargs)
     reqs = random_requests(gen, 2)
     factors, feats, _ = me.capture(me.tokenize([r.prompt for r in reqs], [r.target for r in reqs]))
     edits = me.edits_as_applied(factors, feats)
     name = me.layers[0]
     edit, weight = edits[name], weight_out_in(me.modules[name])
-    assert edit.fisher is not None and edit.fisher_keep == 0.25
+    if method == "proeditor":
+        assert edit.fisher is not None and edit.fisher_keep == keep
     span = int((edit.eta_t != 0).any(0).sum()) * int((edit.mu_t != 0).any(0).sum()) / weight.numel()
-    covered = span * edit.fisher_keep
+    covered = span * keep
     assert covered > 0
     with warnings.catch_warnings():
         warnings.simplefilter("error")
