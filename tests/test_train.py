@@ -20,7 +20,7 @@ from dcedit_kernels.reference import grouped_outer as reference_grouped_outer
 from dcedit_kernels.requests import EditRequest
 from dcedit_kernels.train import TrainConfig, batch_edits, eval_rows, evaluate_edits, loss_from_edits, train_editor
 
-from helpers import assert_checkpointing, skip_fp32_logits, train_mode_llama
+from helpers import assert_checkpointing, skip_fp32_logits, tiny_mend, train_mode_llama
 from test_model_editor import LAYERS, one_thread, random_requests, words  # noqa: F401 (one_thread: autouse fixture)
 
 # ---------------------------------------------------------------------------------------------
@@ -1334,8 +1334,7 @@ def test_early_stopping_keeps_the_best_validation_and_restores_it(gen, monkeypat
     counts validations without improvement, and the editor ends as it was at the best one."""
     import dcedit_kernels.train as train_module
 
-    model, tok = tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen)))
-    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, seed=1)
+    me = tiny_mend("gpt2", gen)
     requests = random_requests(gen, 6)
     scores, states = iter([0.2, 0.5, 0.4, 0.45, 0.3, 0.9]), []
 
@@ -1360,8 +1359,7 @@ def test_a_validation_within_min_delta_of_the_best_is_not_an_improvement(gen, mo
     counts as a bad validation, so patience 1 stops the run at step 2."""
     import dcedit_kernels.train as train_module
 
-    model, tok = tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen)))
-    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, seed=1)
+    me = tiny_mend("gpt2", gen)
     requests = random_requests(gen, 6)
     scores = iter([0.5, 0.55, 0.7])
     monkeypatch.setattr(train_module, "evaluate_edits",
@@ -1378,8 +1376,7 @@ def test_a_patience_count_starts_again_after_an_improvement(gen, monkeypatch):
     having reset the count (carried on from step 2 it stopped at step 4)."""
     import dcedit_kernels.train as train_module
 
-    model, tok = tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen)))
-    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, seed=1)
+    me = tiny_mend("gpt2", gen)
     requests = random_requests(gen, 6)
     scores = iter([0.5, 0.4, 0.6, 0.5, 0.5, 0.9])
     monkeypatch.setattr(train_module, "evaluate_edits",
@@ -1407,8 +1404,7 @@ def _scripted_validation(monkeypatch):
 def test_the_last_step_is_validated_whatever_val_every(gen, monkeypatch):
     """Validation runs every val_every steps and at the last step (`_validate`: every run is
     validated there): steps 3 with val_every 2 validates at steps 2 and 3."""
-    model, tok = tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen)))
-    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, seed=1)
+    me = tiny_mend("gpt2", gen)
     requests = random_requests(gen, 6)
     seen = _scripted_validation(monkeypatch)
     result = me.fit(requests[:4], requests[4:], TrainConfig(steps=3, batch_size=2, val_every=2, progress=False))
@@ -1419,8 +1415,7 @@ def test_the_last_step_is_validated_whatever_val_every(gen, monkeypatch):
 def test_validation_edits_the_first_val_size_requests(gen, monkeypatch):
     """val_size: every validation edits the first val_size of the val requests (TrainConfig's
     docstring), here 1 of 3."""
-    model, tok = tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen)))
-    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, seed=1)
+    me = tiny_mend("gpt2", gen)
     requests = random_requests(gen, 7)
     seen = _scripted_validation(monkeypatch)
     me.fit(requests[:4], requests[4:], TrainConfig(steps=2, batch_size=2, val_every=1, val_size=1, progress=False))
@@ -1433,8 +1428,7 @@ def test_lr_steps_the_editor_weights_and_lr_lr_the_alphas(gen):
     lr_lr 0, the weights only."""
     requests = random_requests(gen, 4)
     for lr, lr_lr in ((0.0, 1e-2), (1e-2, 0.0)):
-        model, tok = tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen)))
-        me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, seed=1)
+        me = tiny_mend("gpt2", gen)
         alphas = {k for k, p in me.editors.named_parameters() if any(p is e.alpha for e in me.editors.values())}
         before = {k: p.detach().clone() for k, p in me.editors.named_parameters()}
         me.fit(requests, config=TrainConfig(steps=1, batch_size=2, lr=lr, lr_lr=lr_lr, progress=False))
@@ -1465,8 +1459,7 @@ def test_each_step_takes_the_next_accumulate_batches(gen, monkeypatch):
     import dcedit_kernels.train as train_module
     from dcedit_kernels.train import _batch_indices
 
-    me = ModelEditor(*tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen))), LAYERS["gpt2"],
-                     method="mend", rank=4, seed=1)
+    me = tiny_mend("gpt2", gen)
     requests = random_requests(gen, 8)
     original, seen = train_module.batch_loss, []
 
