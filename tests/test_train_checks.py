@@ -339,6 +339,45 @@ def test_a_batch_with_non_finite_gradients_is_skipped_and_counted(gen, monkeypat
     assert all(torch.equal(a, b) for a, b in zip(before, me2.editors.parameters()))
 
 
+@pytest.mark.parametrize("method", ["mend", "moeditor", "raeditor"])
+def test_an_overflowing_scaled_backward_reruns_the_batch_from_the_state_it_started_from(method, gen, monkeypatch):
+    """A scaled backward whose gradients come out non-finite (fp16 overflow, here forced) runs the
+    batch again unscaled from the editors' buffers and RNG states before its first forward: the
+    trained editor equals, bit for bit, one trained with no scaling at all.  Without the restore the
+    rerun would update MEND's running norms from the batch twice, and draw MoEditor's gate noise or
+    RaEditor's groups a second time."""
+    model_seed = seed_from(gen)
+    requests = random_requests(gen, 4)
+    config = TrainConfig(steps=2, batch_size=2, lr=1e-2, lr_lr=1e-2, progress=False, seed=seed_from(gen))
+    kwargs = dict(rank=4, seed=1) if method == "mend" else dict(rank=4, seed=1, n_editors=2)
+    original = train_module._scaled_grads
+    scales = []
+
+    def trained(scale, overflow):
+        model, tok = tiny_model("gpt2", seed=model_seed)
+        me = ModelEditor(model, tok, LAYERS["gpt2"], method=method, **kwargs)
+
+        def scaled_grads(loss, params, s):
+            scales.append(s)
+            grads = original(loss, params, s)
+            return [g if g is None else g * float("inf") for g in grads] if overflow and s != 1 else grads
+
+        monkeypatch.setattr(train_module, "backward_scale", lambda n_scored: scale)
+        monkeypatch.setattr(train_module, "_scaled_grads", scaled_grads)
+        result = me.fit(requests, config=config)
+        assert result.steps == 2 and result.skipped_batches == 0
+        return {k: v.detach().clone() for k, v in me.state_tensors().items()}
+
+    want = trained(1.0, overflow=False)
+    assert scales == [1, 1]
+    scales.clear()
+    got = trained(4.0, overflow=True)
+    assert scales == [4.0, 1, 4.0, 1]  # each batch: the scaled backward, then the rerun unscaled
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
 def test_a_step_logs_the_mean_of_the_batches_that_were_not_skipped(gen, monkeypatch):
     """history's loss parts of a step average the batches that contributed to it: with accumulate
     3 and one batch skipped as non-finite, the mean of the other two batches' parts (not a third
