@@ -242,6 +242,35 @@ def test_train_editor_checks_its_arguments(gen):
         evaluate_edits(seq2seq, reqs)
 
 
+@pytest.mark.parametrize("refusal", ["seq2seq", "no_editor", "bf16_editor", "train_requests", "val_requests"])
+def test_a_refused_training_run_leaves_no_checkpoint_dir(refusal, gen, tmp_path):
+    """Every refusal of train_editor comes before checkpoint_dir is made: a run refused for a
+    seq2seq model, a method without editors, a 16-bit editor or invalid requests leaves no empty
+    folder behind (the seq2seq refusal moved after the loop's start() made one, and no test said so)."""
+    reqs = random_requests(gen, 2)
+    val = None
+    if refusal == "seq2seq":
+        bart, tok = tiny_model("bart", seed=seed_from(gen))
+        me, match = ModelEditor(bart, tok, ["model.decoder.layers.0.fc2"], method="mend", rank=3), "causal LMs only"
+    elif refusal == "no_editor":
+        me = tiny_mend("gpt2", gen)
+        me, match = ModelEditor(me.model, me.tokenizer, LAYERS["gpt2"], method="ft"), "has no editor to train"
+    else:
+        me = tiny_mend("gpt2", gen)
+        match = {"bf16_editor": "float32 or float64 to train", "train_requests": "train_requests",
+                 "val_requests": "val_requests"}[refusal]
+        if refusal == "bf16_editor":
+            me.editors.to(torch.bfloat16)
+        elif refusal == "train_requests":
+            reqs = reqs + ["The capital of France is Paris"]
+        else:
+            val = [reqs[0], 3]
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(ValueError, match=match):
+        train_editor(me, reqs, val, TrainConfig(steps=1, batch_size=2, progress=False, checkpoint_dir=str(ckpt)))
+    assert not ckpt.exists()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_train_editor_refuses_16_bit_editors(dtype, gen):
     """Editors moved to fp16 trained to NaN: Adam's state underflows there (eps 1e-8 is 0), and one
