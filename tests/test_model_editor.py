@@ -1312,20 +1312,26 @@ def test_nan_gradient_leaves_model_untouched(arch, method, gen):
     assert not me._live
 
 
-def test_nan_shift_leaves_model_untouched(gen, monkeypatch):
+@pytest.mark.parametrize("field", ["eta_t", "mu_t", "alpha"])
+def test_nan_shift_leaves_model_untouched(field, gen, monkeypatch):
+    """A non-finite η̃, μ̃ or α from an editor is refused by apply's own check, before any weight
+    is written, with its own message (without that check, apply_shift_'s refusal of each layer
+    left the model unchanged too, but said "the weight was not changed" of one layer)."""
     me = make_editor("gpt2", "raeditor", gen)
     before = snapshot(me.model)
     original = GroupedEditor.forward
 
     def poisoned(self, *args, **kwargs):
         edit = original(self, *args, **kwargs)
-        edit.eta_t = edit.eta_t * float("inf")
+        setattr(edit, field, getattr(edit, field) * float("inf"))
         return edit
 
     monkeypatch.setattr(GroupedEditor, "forward", poisoned)
-    with pytest.raises(FloatingPointError, match="shift"):
+    with pytest.raises(FloatingPointError,
+                       match=r"^the editor's shift for layer '[\w.]+' is not finite; the model was not changed$"):
         me.apply(random_requests(gen, 3))
     assert_bit_identical(before, me.model)
+    assert not me._live
 
 
 def test_a_non_finite_edit_loss_leaves_model_untouched(gen, monkeypatch):
