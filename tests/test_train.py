@@ -1387,6 +1387,20 @@ def test_a_patience_count_starts_again_after_an_improvement(gen, monkeypatch):
     assert (result.best_step, result.best_es) == (3, 0.6)
 
 
+def test_the_default_patience_is_five_validations(gen, monkeypatch):
+    """TrainConfig's default patience (5, its field's comment) stops a run after five validations
+    without improvement (scripted scores: 0.5 then 0.4 at every step stop it at step 6)."""
+    import dcedit_kernels.train as train_module
+
+    me = tiny_mend("gpt2", gen)
+    requests = random_requests(gen, 6)
+    scores = iter([0.5] + [0.4] * 9)
+    monkeypatch.setattr(train_module, "evaluate_edits",
+                        lambda editor, val_requests, batch_size=4: dict(es=next(scores), es_all=0.0, nll=1.0))
+    result = me.fit(requests[:4], requests[4:], TrainConfig(steps=10, batch_size=3, val_every=1, progress=False))
+    assert result.stopped_early and result.steps == 6 and result.best_step == 1
+
+
 def _scripted_validation(monkeypatch):
     """Replace the loop's evaluate_edits by one that scores 0.5 and records each call's val prompts."""
     import dcedit_kernels.train as train_module
