@@ -146,7 +146,7 @@ def test_apply_to_a_transposed_weight_points_at_weight_out_in(gen):
                                          rf"weight, got \({d_in}, {d_out}\): the transpose.*"
                                          rf"capture\.weight_out_in\(module\)"):
         edit.apply_(layer.weight)
-    with pytest.raises(ValueError, match=rf"got \(3, 3\)$"):
+    with pytest.raises(ValueError, match=r"got \(3, 3\)$"):
         edit.apply_(torch.zeros(3, 3))
 
 
