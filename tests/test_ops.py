@@ -351,6 +351,19 @@ def test_fisher_mask_gradcheck_and_opcheck(gen, device):
         opcheck(torch.ops.dcedit.fisher_mask.default, (d, f, None, 0.3))
 
 
+def test_fisher_mask_threshold_gradient_is_the_masked_gradient(gen, device):
+    """fisher_mask with a threshold is differentiable in delta as with keep: the gradient is grad
+    where fisher > threshold (strictly: ties at the threshold get none), 0 elsewhere.  Only keep's
+    backward was tested, so a backward that saved keep alone (threshold dropped) passed every test
+    and raised "give exactly one of keep or threshold" on each threshold mask's backward."""
+    delta = randn((6, 7), gen, torch.float64, device).requires_grad_()
+    fisher = (torch.randint(0, 8, (6, 7), generator=gen) * 0.5).double().to(device)  # ties at 2.0
+    assert torch.autograd.gradcheck(lambda d: ops.fisher_mask(d, fisher, threshold=2.0)[0], (delta,))
+    grad = randn((6, 7), gen, torch.float64, device)
+    (got,) = torch.autograd.grad(ops.fisher_mask(delta, fisher, threshold=2.0)[0], delta, grad)
+    assert torch.equal(got, grad * (fisher > 2.0))
+
+
 @pytest.mark.parametrize("fisher_dtype", [torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("delta_dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_fisher_mask_other_dtypes(fisher_dtype, delta_dtype, gen, device):
