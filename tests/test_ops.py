@@ -1296,6 +1296,32 @@ def test_bad_values_and_shapes_each_name_their_argument(gen):
         assert torch.equal(weight, before)
 
 
+def test_reference_mode_keeps_the_checks_the_cpp_kernels_also_make(gen):
+    """In reference_mode the wrappers call the references directly, so for the ops a C++ kernel
+    serves on CPU the wrappers' own checks are all there is (SPEC: a ValueError naming the
+    argument, nothing written).  On the default path the C++ kernels raise first, so no test
+    reached these checks: without them a broadcastable fisher, delta, u or gain went through the
+    references without a word (the mask, the shift or the low-rank output broadcast, or a u with
+    extra groups partly read)."""
+    d, f = randn((3, 4), gen), randn((3, 4), gen).abs()
+    w = randn((3, 4), gen)
+    before = w.clone()
+    a = _lowrank_inputs(gen, G=2, d=4, r=2, counts=[1, 3])
+    cases = [
+        (lambda: ops.fisher_mask(d, f[:1], keep=0.5), r"^fisher must have the shape of delta \(3, 4\)"),
+        (lambda: ops.apply_shift_(w, d, 1.0, f[:1], keep=0.5), r"^fisher must have the shape of delta \(3, 4\)"),
+        (lambda: ops.apply_shift_(w, d[:1]), r"^delta must have the shape of weight \(3, 4\)"),
+        (lambda: ops.grouped_lowrank(**dict(a, u=a["u"][:, :1])), r"^u must have shape \(G=2, d=4, r\)"),
+        (lambda: ops.grouped_lowrank(**dict(a, u=torch.cat([a["u"], a["u"]]))), r"^u must have shape \(G=2, d=4, r\)"),
+        (lambda: ops.grouped_lowrank(**dict(a, gain=a["gain"][:1])), r"^gain must have shape \(4, 4\)"),
+    ]
+    with ops.reference_mode():
+        for call, message in cases:
+            with pytest.raises(ValueError, match=message):
+                call()
+    assert torch.equal(w, before)
+
+
 def test_every_public_op_names_mismatched_devices(gen):
     """SPEC: mismatched devices are a ValueError, on a machine with one device too: one tensor
     argument on the meta device, offsets and group ids included (their values are read on the host
