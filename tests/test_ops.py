@@ -936,6 +936,8 @@ def test_lowrank_delta_linear_bad_input_raises(gen):
     a = _delta_linear_inputs(gen)
     for key, bad, word in [
         ("row_group", torch.full((11,), 3), "row_group"),
+        # -1 is the one negative id (unedited rows); -2 is refused, not left unedited as well
+        ("row_group", torch.full((11,), -2), r"^row_group entries must be in \[-1, 2\]"),
         ("row_group", torch.zeros(10, dtype=torch.int64), "row_group"),
         ("x", a["x"][:, :5], "x"),
         ("mu_t", a["mu_t"][:-1], "mu_t"),
