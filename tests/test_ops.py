@@ -879,15 +879,18 @@ def test_lowrank_delta_linear_float64_weight_or_bias_gets_float64_gradients(gen,
             assert rel_err(got, want) < TOL[torch.float64], k
 
 
+@pytest.mark.parametrize("wide", ["bias", "weight", "x"])
 @pytest.mark.parametrize("reference_path", [False, True])
-def test_lowrank_delta_linear_number_alpha_is_float64_beside_a_float64_bias(gen, reference_path, device):
+def test_lowrank_delta_linear_number_alpha_is_float64_beside_a_float64_bias(gen, wide, reference_path, device):
     """A number alpha is taken in the op's arithmetic dtype, float64 when the bias alone is (SPEC;
     6067be4): the output equals that of the same value as a float64 tensor, bit for bit.  Only the
     bias's gradient dtype was tested, so a wrapper converting the number in compute_dtype(x, weight,
-    mu_t, eta_t), fp32 here, passed every test (in one draw 17120 of 122880 fp32 outputs differed)."""
+    mu_t, eta_t), fp32 here, passed every test (in one draw 17120 of 122880 fp32 outputs differed).
+    The same for a float64 weight alone and x alone (the float64-layer test has both, so a
+    conversion that left out either one passed it)."""
     for _ in range(3):
         a = _delta_linear_inputs(gen, N=64, i=32, o=24, counts=(20, 0, 30), dtype=torch.float32, device=device)
-        a["bias"] = a["bias"].double()
+        a[wide] = a[wide].double()
         with ops.reference_mode(reference_path):
             number = ops.lowrank_delta_linear(**dict(a, alpha=0.1))
             tensor = ops.lowrank_delta_linear(**dict(a, alpha=torch.full((3,), 0.1, dtype=torch.float64,
