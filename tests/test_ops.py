@@ -879,6 +879,21 @@ def test_lowrank_delta_linear_float64_weight_or_bias_gets_float64_gradients(gen,
             assert rel_err(got, want) < TOL[torch.float64], k
 
 
+@pytest.mark.parametrize("trainable", ["weight", "bias"])
+def test_lowrank_delta_linear_layer_weight_or_bias_alone_gets_its_gradient(gen, trainable, device):
+    """The layer's weight or its bias alone requiring grad (a frozen weight with a trainable bias,
+    or a layer trained without its bias) gets the plain linear layer's gradient, gradᵀx or Σ grad.
+    Every test made both require grad at once, so a backward that read the other argument's
+    needs_input_grad flag passed them all and gave None here."""
+    a = _delta_linear_inputs(gen, N=9, dtype=torch.float64, device=device)
+    leaf = a[trainable].clone().requires_grad_()
+    y = ops.lowrank_delta_linear(**dict(a, **{trainable: leaf}))
+    grad = randn(tuple(y.shape), gen, torch.float64, device)
+    (got,) = torch.autograd.grad(y, leaf, grad)
+    want = grad.T @ a["x"] if trainable == "weight" else grad.sum(0)
+    assert got is not None and rel_err(got, want) < TOL[torch.float64]
+
+
 @pytest.mark.parametrize("wide", ["bias", "weight", "x"])
 @pytest.mark.parametrize("reference_path", [False, True])
 def test_lowrank_delta_linear_number_alpha_is_float64_beside_a_float64_bias(gen, wide, reference_path, device):
