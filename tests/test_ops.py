@@ -1376,6 +1376,13 @@ def test_sort_by_group(gen, device):
         ops.sort_by_group(torch.tensor([0, 5]), 5)
     with pytest.raises(ValueError, match="G must be a positive int, got True"):  # a bool, as k's check
         ops.sort_by_group(torch.tensor([0, 0]), True)
+    # int32 ids (the other dtype the check takes) give the same permutation, inverse and offsets;
+    # -1 (lowrank_delta_linear's id of an unedited row) is no group: a ValueError, not bincount's
+    # RuntimeError.
+    for got, want in zip(ops.sort_by_group(groups.int(), 5), (perm, inverse, offsets)):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match=r"^group_of_row entries must be in \[0, 4\]"):
+        ops.sort_by_group(torch.tensor([0, -1, 2], device=device), 5)
 
 
 def test_noisy_topk_gate(gen):
