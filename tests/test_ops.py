@@ -1461,6 +1461,19 @@ def test_noisy_topk_gate_in_fp64_draws_fp64_noise(gen):
     torch.testing.assert_close(gates.gather(1, top.indices), torch.softmax(top.values, 1), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("wide", ["feats", "w_gate", "w_noise"])
+def test_noisy_topk_gate_is_fp64_when_any_one_input_is(wide, gen):
+    """One float64 input among fp32 ones makes the gate compute in float64 (the docstring: fp32
+    unless one is fp64), w_noise's included, in eval too; the other tests gave all three inputs
+    one dtype, so a dtype taken from feats and w_gate alone passed them."""
+    E, f, G = 6, 4, 3
+    inputs = dict(feats=randn((E, f), gen), w_gate=randn((f, G), gen), w_noise=randn((f, G), gen))
+    inputs[wide] = inputs[wide].double()
+    for training in (False, True):
+        gates, _, loss = ops.noisy_topk_gate(**inputs, k=2, training=training, generator=torch.Generator())
+        assert gates.dtype == loss.dtype == torch.float64, training
+
+
 @pytest.mark.parametrize("k", [1, 2])
 def test_noisy_topk_gate_training_loss_is_the_smooth_load_by_hand(k, gen):
     """In training the load is Shazeer et al.'s smooth estimate: for edit e and editor g, the
