@@ -212,6 +212,24 @@ def test_first_order_backward_keeps_the_kernels(gen, device, monkeypatch):
     assert eta.grad is not None
 
 
+@pytest.mark.parametrize("op", ["grouped_outer", "grouped_lowrank", "lowrank_delta_linear"])
+def test_second_derivatives_in_one_input_alone(op, gen, device):
+    """A double backward differentiates the reference's backward as soon as one input requires grad
+    (here η, h or x alone; the others constants), not only when every tensor does: the gradcheck
+    tests made all inputs require grad, so a selection that asked for all of them passed and the
+    kernels' non-differentiable backwards ran here (gradgradcheck then fails)."""
+    if op == "grouped_outer":
+        eta, mu, offsets = _outer_inputs(gen, G=3, o=4, i=3, counts=[2, 0, 3], device=device)
+        fn, x = (lambda e: ops.grouped_outer(e, mu, offsets, "max", 0.5)), eta
+    elif op == "grouped_lowrank":
+        a = _lowrank_inputs(gen, G=3, d=4, r=2, counts=[2, 0, 3], device=device)
+        fn, x = (lambda h: ops.grouped_lowrank(**dict(a, h=h))), a["h"]
+    else:
+        a = _delta_linear_inputs(gen, N=7, i=4, o=3, counts=(2, 0, 3), device=device)
+        fn, x = (lambda x: ops.lowrank_delta_linear(**dict(a, x=x))), a["x"]
+    assert torch.autograd.gradgradcheck(fn, (x.requires_grad_(),))
+
+
 @pytest.mark.parametrize("dtype", OPCHECK_DTYPES)
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_grouped_outer_opcheck(fusion, dtype, gen, device):
