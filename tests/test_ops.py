@@ -1270,6 +1270,22 @@ def test_fake_kernels_give_the_real_strides_for_transposed_inputs(op, gen, devic
             assert r.shape == f.shape and r.stride() == f.stride(), (r.shape, r.stride(), f.stride())
 
 
+def test_reference_fisher_mask_returns_the_fakes_contiguous_layout(gen):
+    """The reference fisher_mask (what serves CUDA without the CUDA kernels, and DCEDIT_DISABLE_C=1)
+    returns a contiguous output for a transposed delta, as the fake kernel says: inductor asserts
+    the real strides are the fake's.  The strides test calls the raw op, which the C++ kernel serves
+    on CPU, so a reference keeping delta's transposed layout passed every test."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    delta, fisher = randn((4, 6), gen).T, randn((4, 6), gen).abs().T
+    for kwargs in (dict(keep=0.5), dict(threshold=0.3)):
+        out, _ = reference.fisher_mask(delta, fisher, **kwargs)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake, _ = torch.ops.dcedit.fisher_mask(mode.from_tensor(delta), mode.from_tensor(fisher),
+                                                   kwargs.get("keep"), kwargs.get("threshold"))
+        assert out.is_contiguous() and out.stride() == fake.stride()
+
+
 def test_wrappers_propagate_shapes_under_fake_tensor_mode_and_make_fx(gen):
     """Every public op's wrapper on fake tensors gives the real outputs' shapes, dtypes and strides:
     the offsets and group-id checks read the values on the host, which a fake tensor has none of
