@@ -1040,6 +1040,21 @@ def test_op_on_no_tokens(op, counts, gen, device):
         opcheck(dcedit.sort_by_group.default, (rows, G))
 
 
+def test_grouped_lowrank_on_no_tokens_stays_in_the_graph_in_reference_mode(gen):
+    """reference_mode's grouped_lowrank on T = 0 (every group empty) gives an output that requires
+    grad, as the op's does, so a loss summed from it backpropagates to h.  test_op_on_no_tokens
+    runs the kernels only: a reference whose empty output was cut from h passed it, and .backward()
+    raised "element 0 of tensors does not require grad" in reference_mode.  (The factors get no
+    gradient there, as test_op_on_no_tokens allows for the kernels.)"""
+    a = _lowrank_inputs(gen, G=2, d=4, r=2, counts=[0, 0])
+    a["h"].requires_grad_()
+    with ops.reference_mode():
+        out = ops.grouped_lowrank(**a)
+    assert out.shape == (0, 4) and out.requires_grad
+    (dh,) = torch.autograd.grad(out.sum(), a["h"])
+    assert dh.shape == (0, 4)
+
+
 def _raw_op_bad_calls(gen):
     """(op, args, the argument the ValueError must name): one bad call per op, straight through
     torch.ops.dcedit (no dcedit_kernels.ops wrapper), whichever kernel serves it here."""
