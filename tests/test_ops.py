@@ -1233,6 +1233,19 @@ def test_the_fallback_grouped_outer_folds_one_group_at_a_time(fusion, gen, monke
         torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-12, atol=1e-12)
 
 
+def test_the_fallback_grouped_outer_returns_every_shift_for_none(gen):
+    """fusion "none" through the fallback (no _C; a GPU Triton does not support) is the (G, o, i)
+    stack of S_g, times alpha, empty groups as zeros: the folding test above leaves "none" out
+    (its output is the stack), so a fallback without its "none" branch (which fell through to the
+    P/N fold and returned None · alpha, a TypeError) passed every test."""
+    from dcedit_kernels.reference.grouped_outer import grouped_outer_streaming
+
+    eta, mu, offsets = _outer_inputs(gen, G=4, o=5, i=3, counts=[2, 0, 3, 1])
+    got = grouped_outer_streaming(eta, mu, offsets, "none", 0.5)
+    assert got.shape == (4, 5, 3) and not got[1].any()
+    assert rel_err(got, 0.5 * torch.stack(_per_group(eta, mu, offsets))) < 1e-12
+
+
 def test_an_int_past_floats_range_is_a_value_error(gen):
     """float(10**400) raises OverflowError: the number checks refuse such an int by name, and
     apply_shift_ writes nothing."""
