@@ -931,6 +931,25 @@ def test_lowrank_delta_linear_number_alpha_is_float64_beside_a_float64_bias(gen,
         assert torch.equal(number, tensor)
 
 
+def test_lowrank_delta_linear_takes_an_alpha_of_g_entries_in_any_shape(gen, device):
+    """alpha is a tensor of 1 or G entries (the check counts entries, not dims): a (G, 1) or (1, G)
+    alpha, as a per-group parameter might be stored, gives the (G,) alpha's output and gradient of
+    the same shape.  Every test passed (G,), (1,) or 0-dim alphas, so a wrapper that expanded alpha
+    without flattening it first passed them and raised on these ("expand: the number of sizes
+    provided must be greater or equal to the number of dimensions")."""
+    a = _delta_linear_inputs(gen, device=device)
+    grad = randn((11, 5), gen, torch.float64, device)
+    flat = a["alpha"].clone().requires_grad_()
+    want = ops.lowrank_delta_linear(**dict(a, alpha=flat))
+    (want_grad,) = torch.autograd.grad(want, flat, grad)
+    for shape in ((3, 1), (1, 3)):
+        alpha = a["alpha"].reshape(shape).clone().requires_grad_()
+        got = ops.lowrank_delta_linear(**dict(a, alpha=alpha))
+        (got_grad,) = torch.autograd.grad(got, alpha, grad)
+        assert torch.equal(got, want) and got_grad.shape == shape
+        assert torch.equal(got_grad.reshape(-1), want_grad)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_lowrank_delta_linear_shared_half_alpha_gradient_rounds_once(gen, dtype, device):
     """A one-entry 16-bit alpha shared by G groups: its gradient is the fp32 sum over the groups,
