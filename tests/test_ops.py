@@ -2057,6 +2057,9 @@ def test_a_failed_deferred_triton_import_falls_back_to_the_reference(monkeypatch
         _dispatch.register("probe", lambda *args: "reference", launcher)
         assert _dispatch.REGISTRY["probe"] == {"CPU": "reference", "CUDA": "triton"}  # decided before the import
         assert attempts == []  # registering imports nothing
+        # nor does asking which backend serves: "triton" until a CUDA call's import has failed
+        assert _dispatch.op_backends()["probe"] == {"CPU": "reference", "CUDA": "triton"}
+        assert attempts == []
         with pytest.warns(RuntimeWarning, match=f"{type(error).__name__}: .*reference kernels serve CUDA"):
             assert fake_registry["CUDA"](torch.zeros(1)) == "reference"
         with warnings.catch_warnings():
