@@ -852,6 +852,10 @@ def test_lowrank_delta_linear_reference_backward_takes_a_one_entry_alpha(gen):
     alpha = one.clone().requires_grad_()
     (want,) = torch.autograd.grad(reference.lowrank_delta_linear(**dict(a, alpha=alpha)), alpha, grad)
     torch.testing.assert_close(shared[3], want)
+    # A 0-dim alpha gets a 0-dim gradient (its own shape, as the fake kernel says), not the (1,)
+    # of the running sum.
+    scalar = reference.lowrank_delta_linear_backward(grad, *args, one.reshape(()))[3]
+    assert scalar.shape == () and torch.equal(scalar, shared[3].reshape(()))
 
 
 @pytest.mark.parametrize("factors", [torch.float16, torch.bfloat16, torch.float32])
