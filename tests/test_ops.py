@@ -1330,11 +1330,13 @@ def test_reference_fisher_mask_returns_the_fakes_contiguous_layout(gen):
 
     delta, fisher = randn((4, 6), gen).T, randn((4, 6), gen).abs().T
     for kwargs in (dict(keep=0.5), dict(threshold=0.3)):
-        out, _ = reference.fisher_mask(delta, fisher, **kwargs)
+        out, count = reference.fisher_mask(delta, fisher, **kwargs)
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            fake, _ = torch.ops.dcedit.fisher_mask(mode.from_tensor(delta), mode.from_tensor(fisher),
-                                                   kwargs.get("keep"), kwargs.get("threshold"))
+            fake, fake_count = torch.ops.dcedit.fisher_mask(mode.from_tensor(delta), mode.from_tensor(fisher),
+                                                            kwargs.get("keep"), kwargs.get("threshold"))
         assert out.is_contiguous() and out.stride() == fake.stride()
+        # the count: a 0-dim int64 tensor (the docstring, the fake), also from the reference
+        assert count.shape == fake_count.shape == () and count.dtype == fake_count.dtype == torch.int64
 
 
 def test_wrappers_propagate_shapes_under_fake_tensor_mode_and_make_fx(gen):
