@@ -532,6 +532,20 @@ def test_apply_shift_counts_as_an_in_place_write_for_autograd(reference_path, ge
     assert weight._version == 1
 
 
+@pytest.mark.parametrize("reference_path", [False, True])
+def test_apply_shift_returns_previous_values_outside_any_graph(reference_path, gen, device):
+    """apply_shift_ edits under no_grad: the previous values it returns require no grad and hold no
+    graph, even for a parameter and a delta that comes out of a graph (an editor's shift), and the
+    weight stays a leaf.  Without the wrapper's no_grad, the op's autograd fallback gave them a
+    grad_fn, keeping delta's graph alive as long as the undo record; no test looked."""
+    linear = torch.nn.Linear(5, 6).to(device)
+    delta = randn((6, 5), gen, device=device).requires_grad_() * 2
+    with ops.reference_mode(reference_path):
+        previous = ops.apply_shift_(linear.weight, delta, 0.5)
+    assert not previous.requires_grad and previous.grad_fn is None
+    assert linear.weight.is_leaf and linear.weight.grad_fn is None
+
+
 @pytest.mark.parametrize("dtype", OPCHECK_DTYPES)
 def test_apply_shift_opcheck(dtype, gen, device):
     weight, delta = randn((4, 5), gen, dtype, device), randn((4, 5), gen, torch.float32, device)
