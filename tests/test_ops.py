@@ -1529,6 +1529,21 @@ def test_noisy_topk_gate_refuses_a_w_noise_of_another_shape(gen):
             torch.ops.dcedit.noisy_topk_gate(feats, w_gate, bad, 1, None)
 
 
+def test_noisy_topk_gate_refuses_feats_and_gate_weights_of_other_shapes(gen):
+    """feats is (E, f) and both gate weights (f, G): a 1-D feats (one edit's features, unbatched),
+    and gate weights both made for another f, are ValueErrors naming them, in eval and training.
+    The other tests changed w_gate or w_noise alone, which their shape match catches, so a check
+    without its w_gate.shape[0] == f test passed them (matmul's RuntimeError here), as did one
+    that took feats of any ndim (an IndexError on feats.shape[1])."""
+    E, f, G = 5, 4, 3
+    feats, w_gate, w_noise = randn((E, f), gen), randn((f, G), gen), randn((f, G), gen)
+    for training in (False, True):
+        with pytest.raises(ValueError, match=r"^feats must be 2-D, got shape \(4,\)"):
+            ops.noisy_topk_gate(feats[0], w_gate, w_noise, training=training)
+        with pytest.raises(ValueError, match=r"^w_gate and w_noise must be \(4, G\), got \(3, 3\) and \(3, 3\)"):
+            ops.noisy_topk_gate(feats, w_gate[:3], w_noise[:3], training=training)
+
+
 def test_noisy_topk_gate_mixed_dtypes_and_noise_scale(gen):
     """Inputs of any float dtypes compute in fp32 (SPEC: fp32 outputs); the training noise is
     ε ⊙ (softplus(f W_noise) + 0.01), Shazeer et al.'s noise_epsilon included."""
