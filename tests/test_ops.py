@@ -1424,13 +1424,15 @@ def test_reference_mode_keeps_the_checks_the_cpp_kernels_also_make(gen):
     """In reference_mode the wrappers call the references directly, so for the ops a C++ kernel
     serves on CPU the wrappers' own checks are all there is (SPEC: a ValueError naming the
     argument, nothing written).  On the default path the C++ kernels raise first, so no test
-    reached these checks: without them a broadcastable fisher, delta, u or gain went through the
-    references without a word (the mask, the shift or the low-rank output broadcast, or a u with
-    extra groups partly read)."""
+    reached these checks: without them a broadcastable fisher, delta, u, bias, scale, shift or
+    gain went through the references without a word (the mask, the shift or the low-rank output
+    broadcast, or a u with extra groups partly read), a 1-D eta gave grouped_outer a 1-D output,
+    and the others failed inside torch with errors that name no argument."""
     d, f = randn((3, 4), gen), randn((3, 4), gen).abs()
     w = randn((3, 4), gen)
     before = w.clone()
     a = _lowrank_inputs(gen, G=2, d=4, r=2, counts=[1, 3])
+    eta, mu, offsets = randn((5, 3), gen), randn((5, 4), gen), torch.tensor([0, 2, 5])
     cases = [
         (lambda: ops.fisher_mask(d, f[:1], keep=0.5), r"^fisher must have the shape of delta \(3, 4\)"),
         (lambda: ops.apply_shift_(w, d, 1.0, f[:1], keep=0.5), r"^fisher must have the shape of delta \(3, 4\)"),
@@ -1438,6 +1440,14 @@ def test_reference_mode_keeps_the_checks_the_cpp_kernels_also_make(gen):
         (lambda: ops.grouped_lowrank(**dict(a, u=a["u"][:, :1])), r"^u must have shape \(G=2, d=4, r\)"),
         (lambda: ops.grouped_lowrank(**dict(a, u=torch.cat([a["u"], a["u"]]))), r"^u must have shape \(G=2, d=4, r\)"),
         (lambda: ops.grouped_lowrank(**dict(a, gain=a["gain"][:1])), r"^gain must have shape \(4, 4\)"),
+        (lambda: ops.grouped_lowrank(**dict(a, v=a["v"][:, :1])), r"^v must have shape \(2, 2, 4\)"),
+        (lambda: ops.grouped_lowrank(**dict(a, bias=a["bias"][:, :1])), r"^bias must have shape \(2, 4\)"),
+        (lambda: ops.grouped_lowrank(**dict(a, scale=a["scale"][:, :1])), r"^scale must have shape \(2, 4\)"),
+        (lambda: ops.grouped_lowrank(**dict(a, shift=a["shift"][:, :1])), r"^shift must have shape \(2, 4\)"),
+        (lambda: ops.grouped_outer(eta[:, 0], mu, offsets), r"^eta must be 2-D, got shape \(5,\)"),
+        (lambda: ops.segmented_fisher(eta[:, 0], mu, offsets), r"^eta must be 2-D, got shape \(5,\)"),
+        (lambda: ops.apply_shift_(w, d.to("meta")),
+         r"^all tensors must be on one device: weight on cpu, delta on meta"),
     ]
     with ops.reference_mode():
         for call, message in cases:
