@@ -1015,6 +1015,8 @@ def test_lowrank_delta_linear_bad_input_raises(gen):
         ("x", a["x"][:, :5], "x"),
         ("mu_t", a["mu_t"][:-1], "mu_t"),
         ("alpha", torch.ones(2, dtype=torch.float64), "alpha"),
+        # an int tensor is no alpha (the references would take it, converted, without a word)
+        ("alpha", torch.ones(3, dtype=torch.int64), r"^alpha must be float16, bfloat16, float32 or float64"),
         ("offsets", torch.tensor([0, 2, 1, 7], dtype=torch.int32), "offsets"),
     ]:
         with pytest.raises(ValueError, match=word):
