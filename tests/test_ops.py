@@ -1416,6 +1416,8 @@ def test_bad_values_and_shapes_each_name_their_argument(gen):
         (lambda: ops.grouped_lowrank(**dict(_lowrank_inputs(gen, G=2, d=4, r=2, counts=[1, 3]), shift=f(2, 3))),
          "shift must have shape"),
         (lambda: torch.ops.dcedit.noisy_topk_gate(f(5, 3), f(3, 2), f(3, 2), 1, f(5, 3)), "noise must have shape"),
+        (lambda: torch.ops.dcedit.noisy_topk_gate(f(5, 3), f(3, 2), f(3, 2), 1, f(5, 2).to("meta")),
+         r"^all tensors must be on one device: .*noise on meta"),
     ]:
         with pytest.raises(ValueError, match=words):
             call()
