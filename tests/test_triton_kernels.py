@@ -248,6 +248,25 @@ def test_grouped_lowrank_clamp_gradient_at_zero(gen, dtype, device):
     assert grads[1][1].abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_grouped_lowrank_signed_zeros_at_initialisation(gen, dtype, device):
+    """u = 0, bias = 0 and a negative scale make every pre-activation exactly -0, which the clamp
+    keeps (torch's clamp and the reference give -0): an h entry of -0 stays -0 in the output.
+    Random inputs never give an exact zero, and `close` compares values, so without this test a
+    fused clamp that turns -0 into +0 (`acc <= 0`) passed every Triton test."""
+    counts = [0, 5, 1, 0, 19, 3]
+    offsets = offsets_for(counts, device)
+    h, u, v, bias, scale, _, _ = lowrank_inputs(gen, counts, dtype, device)
+    u, bias = torch.zeros_like(u), torch.zeros_like(bias)
+    scale = -(scale.abs() + 0.5)
+    h[:, ::2] = -0.0
+    out = tk.grouped_lowrank(h, offsets, u, v, bias, scale, None, None)
+    ref = reference.grouped_lowrank(*f64(h), offsets, *f64(u, v, bias, scale), None, None)
+    assert torch.equal(out.double(), ref) and torch.equal(out, h.to(out.dtype))
+    assert bool(torch.signbit(ref[:, ::2]).all())
+    assert torch.equal(torch.signbit(out), torch.signbit(ref))
+
+
 def test_grouped_lowrank_backward_nonfinite_gradient_off_the_clamp(gen, device):
     """An inf and a NaN in grad_out where the clamp cut pre off (pre < 0): torch's clamp backward
     selects, so they give 0 there and every other gradient stays finite (dh keeps them, through
