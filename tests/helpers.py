@@ -200,6 +200,16 @@ def seed_from(gen) -> int:
     return int(torch.randint(0, 1000, (1,), generator=gen))
 
 
+def scripted_scores(monkeypatch, scores):
+    """Replace the training loop's evaluate_edits by one that gives the ES values of `scores` in
+    turn (es_all 0, nll 1): each validation's outcome chosen by the test."""
+    import dcedit_kernels.train as train_module
+
+    scores = iter(scores)
+    monkeypatch.setattr(train_module, "evaluate_edits",
+                        lambda editor, val_requests, batch_size=4: dict(es=next(scores), es_all=0.0, nll=1.0))
+
+
 def tiny_mend(arch, gen, **kwargs):
     """A MEND ModelEditor (rank 4, seed 1) on the tiny model of `arch`, a seed drawn from `gen`."""
     from dcedit_kernels.model_editor import ModelEditor

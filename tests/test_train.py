@@ -20,7 +20,7 @@ from dcedit_kernels.reference import grouped_outer as reference_grouped_outer
 from dcedit_kernels.requests import EditRequest
 from dcedit_kernels.train import TrainConfig, batch_edits, eval_rows, evaluate_edits, loss_from_edits, train_editor
 
-from helpers import assert_checkpointing, skip_fp32_logits, tiny_mend, train_mode_llama
+from helpers import assert_checkpointing, scripted_scores, skip_fp32_logits, tiny_mend, train_mode_llama
 from test_model_editor import LAYERS, one_thread, random_requests, words  # noqa: F401 (one_thread: autouse fixture)
 
 # ---------------------------------------------------------------------------------------------
@@ -1357,13 +1357,9 @@ def test_a_validation_within_min_delta_of_the_best_is_not_an_improvement(gen, mo
     """min_delta: a validation improves on the best only when its ES exceeds the best by more than
     min_delta (scripted scores): 0.55 after 0.5 with min_delta 0.1 keeps step 1 as the best and
     counts as a bad validation, so patience 1 stops the run at step 2."""
-    import dcedit_kernels.train as train_module
-
     me = tiny_mend("gpt2", gen)
     requests = random_requests(gen, 6)
-    scores = iter([0.5, 0.55, 0.7])
-    monkeypatch.setattr(train_module, "evaluate_edits",
-                        lambda editor, val_requests, batch_size=4: dict(es=next(scores), es_all=0.0, nll=1.0))
+    scripted_scores(monkeypatch, [0.5, 0.55, 0.7])
     config = TrainConfig(steps=3, batch_size=3, val_every=1, patience=1, min_delta=0.1, progress=False)
     result = me.fit(requests[:4], requests[4:], config)
     assert (result.best_step, result.best_es) == (1, 0.5)
@@ -1374,13 +1370,9 @@ def test_a_patience_count_starts_again_after_an_improvement(gen, monkeypatch):
     """patience counts validations without improvement since the last improvement (scripted
     scores): 0.5, 0.4, 0.6, 0.5, 0.5 with patience 2 stops at step 5, the improvement at step 3
     having reset the count (carried on from step 2 it stopped at step 4)."""
-    import dcedit_kernels.train as train_module
-
     me = tiny_mend("gpt2", gen)
     requests = random_requests(gen, 6)
-    scores = iter([0.5, 0.4, 0.6, 0.5, 0.5, 0.9])
-    monkeypatch.setattr(train_module, "evaluate_edits",
-                        lambda editor, val_requests, batch_size=4: dict(es=next(scores), es_all=0.0, nll=1.0))
+    scripted_scores(monkeypatch, [0.5, 0.4, 0.6, 0.5, 0.5, 0.9])
     config = TrainConfig(steps=10, batch_size=3, val_every=1, patience=2, progress=False)
     result = me.fit(requests[:4], requests[4:], config)
     assert result.stopped_early and result.steps == 5
@@ -1390,13 +1382,9 @@ def test_a_patience_count_starts_again_after_an_improvement(gen, monkeypatch):
 def test_the_default_patience_is_five_validations(gen, monkeypatch):
     """TrainConfig's default patience (5, its field's comment) stops a run after five validations
     without improvement (scripted scores: 0.5 then 0.4 at every step stop it at step 6)."""
-    import dcedit_kernels.train as train_module
-
     me = tiny_mend("gpt2", gen)
     requests = random_requests(gen, 6)
-    scores = iter([0.5] + [0.4] * 9)
-    monkeypatch.setattr(train_module, "evaluate_edits",
-                        lambda editor, val_requests, batch_size=4: dict(es=next(scores), es_all=0.0, nll=1.0))
+    scripted_scores(monkeypatch, [0.5] + [0.4] * 9)
     result = me.fit(requests[:4], requests[4:], TrainConfig(steps=10, batch_size=3, val_every=1, progress=False))
     assert result.stopped_early and result.steps == 6 and result.best_step == 1
 

@@ -11,7 +11,7 @@ from dcedit_kernels.models import tiny_model
 from dcedit_kernels.requests import EditRequest
 from dcedit_kernels.train import TrainConfig, batch_loss, eval_rows, evaluate_edits, train_editor
 
-from helpers import seed_from, tiny_mend
+from helpers import scripted_scores, seed_from, tiny_mend
 from test_model_editor import LAYERS, one_thread, random_requests  # noqa: F401 (one_thread: autouse fixture)
 
 
@@ -96,9 +96,7 @@ def test_a_resumed_run_keeps_the_validations_and_bad_validations_before_its_chec
     validations before it, and patience counts the bad validations before it too (scripted scores,
     each worse than the first: 2 steps resumed to 20 stop at step 3, as one run of 20 would; with
     the count restarted at 0 the resumed run went on to step 4)."""
-    scores = iter([0.5, 0.4, 0.3, 0.2, 0.1])
-    monkeypatch.setattr(train_module, "evaluate_edits",
-                        lambda editor, val_requests, batch_size=4: dict(es=next(scores), es_all=0.0, nll=1.0))
+    scripted_scores(monkeypatch, [0.5, 0.4, 0.3, 0.2, 0.1])
     me = tiny_mend("gpt2", gen)
     requests = random_requests(gen, 6)
     config = TrainConfig(steps=20, batch_size=3, val_every=1, patience=2, progress=False, checkpoint_dir=str(tmp_path))
@@ -242,29 +240,29 @@ def test_train_editor_checks_its_arguments(gen):
         evaluate_edits(seq2seq, reqs)
 
 
-@pytest.mark.parametrize("refusal", ["seq2seq", "no_editor", "bf16_editor", "train_requests", "val_requests"])
-def test_a_refused_training_run_leaves_no_checkpoint_dir(refusal, gen, tmp_path):
+@pytest.mark.parametrize("refusal,match", [
+    ("seq2seq", "causal LMs only"), ("no_editor", "has no editor to train"),
+    ("bf16_editor", "float32 or float64 to train"), ("train_requests", "train_requests"),
+    ("val_requests", "val_requests")])
+def test_a_refused_training_run_leaves_no_checkpoint_dir(refusal, match, gen, tmp_path):
     """Every refusal of train_editor comes before checkpoint_dir is made: a run refused for a
     seq2seq model, a method without editors, a 16-bit editor or invalid requests leaves no empty
-    folder behind (the seq2seq refusal moved after the loop's start() made one, and no test said so)."""
-    reqs = random_requests(gen, 2)
-    val = None
+    folder behind (a mutant moving the seq2seq refusal after the loop's start(), which makes the
+    folder, passed every other test)."""
+    reqs, val = random_requests(gen, 2), None
     if refusal == "seq2seq":
         bart, tok = tiny_model("bart", seed=seed_from(gen))
-        me, match = ModelEditor(bart, tok, ["model.decoder.layers.0.fc2"], method="mend", rank=3), "causal LMs only"
-    elif refusal == "no_editor":
-        me = tiny_mend("gpt2", gen)
-        me, match = ModelEditor(me.model, me.tokenizer, LAYERS["gpt2"], method="ft"), "has no editor to train"
+        me = ModelEditor(bart, tok, ["model.decoder.layers.0.fc2"], method="mend", rank=3)
     else:
         me = tiny_mend("gpt2", gen)
-        match = {"bf16_editor": "float32 or float64 to train", "train_requests": "train_requests",
-                 "val_requests": "val_requests"}[refusal]
-        if refusal == "bf16_editor":
-            me.editors.to(torch.bfloat16)
-        elif refusal == "train_requests":
-            reqs = reqs + ["The capital of France is Paris"]
-        else:
-            val = [reqs[0], 3]
+    if refusal == "no_editor":
+        me = ModelEditor(me.model, me.tokenizer, LAYERS["gpt2"], method="ft")
+    elif refusal == "bf16_editor":
+        me.editors.to(torch.bfloat16)
+    elif refusal == "train_requests":
+        reqs = reqs + ["The capital of France is Paris"]
+    elif refusal == "val_requests":
+        val = [reqs[0], 3]
     ckpt = tmp_path / "ckpt"
     with pytest.raises(ValueError, match=match):
         train_editor(me, reqs, val, TrainConfig(steps=1, batch_size=2, progress=False, checkpoint_dir=str(ckpt)))
