@@ -1605,6 +1605,31 @@ def test_bf16x3_keeps_fp32_accuracy(gen, device, monkeypatch):
     close(out, want)
 
 
+def test_bf16x3_is_exact_on_one_hot_bf16_operands(gen, device, monkeypatch):
+    """Both bf16x3 branches keep all 24 bits of the fp32 side: with one-hot bf16 q and v rows
+    (exact in bf16) every output entry is one fp32 entry of k times alpha_g (a power of two), so
+    the fp32 output equals it exactly.  q · k takes the bf16 × fp32 branch (k split), C · v the
+    fp32 × bf16 one (C split).  Without either branch's lo dot the result is off by up to 2^-16
+    relative, which the tolerance tests (1e-5 on a norm) let through."""
+    monkeypatch.setenv(launch.NATIVE_DOT_ENV, "1")
+    counts = [0, 5, 3, 0, 6]
+    offsets = offsets_for(counts, device)
+    W, G, nq, dk = sum(counts), len(counts), 23, 9
+    columns = torch.randint(0, dk, (nq,), generator=gen)
+    q = torch.nn.functional.one_hot(columns, dk).to(torch.bfloat16).to(device)
+    q_group = torch.sort(torch.randint(0, G, (nq,), generator=gen)).values
+    k = randn((W, dk), gen, torch.float32, device)
+    v = torch.eye(W + 3, dtype=torch.bfloat16, device=device)[:W]
+    alpha = torch.tensor([4.0, -0.5, 2.0, 1.0, -1.0], device=device)
+    out = _module("grouped_bilinear").grouped_bilinear_(torch.zeros((nq, W + 3), device=device), q, None,
+                                                        q_group.to(device), k, v, None, offsets, alpha)
+    want = torch.zeros((nq, W + 3), dtype=torch.float64)
+    b = offsets.tolist()
+    for p, (g, j) in enumerate(zip(q_group.tolist(), columns.tolist())):
+        want[p, b[g]:b[g + 1]] = alpha[g].item() * k[b[g]:b[g + 1], j].double().cpu()
+    assert torch.equal(out.double().cpu(), want)
+
+
 def test_fp32_split_trades_accuracy(gen, device, monkeypatch):
     """DCEDIT_TRITON_FP32_SPLIT: grouped_lowrank's fp32 z against bf16 u in 3 pieces (~fp32),
     2 (≤ ~2^-16 per product here: the tolerance of fp32 outputs, 1e-5, is about its edge) or 1
