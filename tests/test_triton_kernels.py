@@ -362,8 +362,12 @@ def test_grouped_outer_backward(gen, dtype, fusion, device):
 
 @pytest.mark.parametrize("fusion", ["max", "sss", "ssm"])
 def test_grouped_outer_backward_past_32_groups(gen, fusion, device):
-    """37 groups need two selection words (bit g % 32 of word g // 32)."""
+    """37 groups need two selection words (bit g % 32 of word g // 32).  Groups 31 and 32, on
+    either side of the words' boundary, always hold tokens: a bit of group 32 that spills into
+    word 0's bit 31 (or a winner of word 0 into word 1's bit 0) moves gradient between them, and
+    with one of them empty at random (seed 1: both) that went unseen."""
     counts = random_counts(37, gen, max_count=3)
+    counts[31], counts[32] = 2, 3
     offsets = offsets_for(counts, device)
     eta, mu = randn((sum(counts), 17), gen, torch.float32, device), randn((sum(counts), 10), gen, torch.float32, device)
     go = _module("grouped_outer")
