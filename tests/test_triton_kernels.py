@@ -1507,6 +1507,27 @@ def test_gpu_tiles_switch_at_128_row_and_64_token_groups(monkeypatch):
     assert launch.grouped_outer_tiles(64 * 8 - 1, 8, 6400, 1600, "half")["BLOCK_T"] == 32
 
 
+# Whole GPU configs of the heuristic (blocks, warps and stages) away from the benchmark shapes,
+# where the tests above pin a block or two: (tile function, its arguments, the config's values in
+# the order of launch._TILE_KEYS) and why that config.
+_GPU_CONFIGS = {
+    # 64-row tiles (groups under 128 rows) take 4 warps: 202 registers at 64×128×64, no spill, and
+    # launch.CANDIDATES' second "half" config, which tune.py times against the 128-row one.
+    "half, 64-row tiles": ("segment_matmul_tiles", (128 * 8 - 1, 8, 1920, 8000, "half"), (64, 128, 64, 4, 3)),
+}
+
+
+@pytest.mark.parametrize("case", list(_GPU_CONFIGS))
+def test_gpu_tile_configs_away_from_the_benchmark_shapes(monkeypatch, case):
+    """The GPU heuristic's full config in the cases `_GPU_CONFIGS` lists: a warp count, a stage
+    count or a block of a path that no benchmark shape reaches could drift (a config that spills
+    or wastes a tile) while every test above still passed."""
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    name, args, want = _GPU_CONFIGS[case]
+    tiles = getattr(launch, name)(*args)
+    assert tuple(tiles.values()) == want, tiles
+
+
 @pytest.mark.parametrize("dt", [torch.float16, torch.bfloat16])
 def test_native_branch(gen, device, dt, monkeypatch):
     """The tensor-core branches of `mma` for 16-bit inputs: "half" (16-bit tl.dot), "bf16x3"
