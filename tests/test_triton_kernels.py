@@ -1514,6 +1514,9 @@ _GPU_CONFIGS = {
     # 64-row tiles (groups under 128 rows) take 4 warps: 202 registers at 64×128×64, no spill, and
     # launch.CANDIDATES' second "half" config, which tune.py times against the 128-row one.
     "half, 64-row tiles": ("segment_matmul_tiles", (128 * 8 - 1, 8, 1920, 8000, "half"), (64, 128, 64, 4, 3)),
+    # IEEE fp32 runs on the FMA units and its tile only has to fit: 64×64×32 with 4 warps (216
+    # registers with the full epilogue) whatever the group length, not the 128 rows of long groups.
+    "ieee, long groups": ("segment_matmul_tiles", (4096, 8, 8000, 1920, "ieee"), (64, 64, 32, 4, 2)),
 }
 
 
