@@ -1517,6 +1517,10 @@ _GPU_CONFIGS = {
     # IEEE fp32 runs on the FMA units and its tile only has to fit: 64×64×32 with 4 warps (216
     # registers with the full epilogue) whatever the group length, not the 128 rows of long groups.
     "ieee, long groups": ("segment_matmul_tiles", (4096, 8, 8000, 1920, "ieee"), (64, 64, 32, 4, 2)),
+    # grouped_outer of an fp32 and a bf16 operand (bf16x3) keeps 32-token chunks at long groups,
+    # as tf32x3 does: fp32 tiles take twice the bytes.
+    "grouped_outer bf16x3, long groups": ("grouped_outer_tiles", (4096, 8, 8000, 1920, "bf16x3"),
+                                          (128, 128, 32, 8, 3)),
 }
 
 
