@@ -1521,6 +1521,10 @@ _GPU_CONFIGS = {
     # as tf32x3 does: fp32 tiles take twice the bytes.
     "grouped_outer bf16x3, long groups": ("grouped_outer_tiles", (4096, 8, 8000, 1920, "bf16x3"),
                                           (128, 128, 32, 8, 3)),
+    # grouped_bilinear's second launch is a GEMM over V's DV columns (BLOCK_N) whose inner dimension
+    # is a group's length, W/G (BLOCK_T); at the benchmark shape both round to the same blocks.
+    "grouped_bilinear, 32-row segments": ("grouped_bilinear_tiles", (2048, 8, 8 * 32, 1600, "bf16x3"),
+                                          (128, 64, 32, 8, 3)),
 }
 
 
