@@ -1620,6 +1620,41 @@ def test_lowrank_delta_linear_fp32_factors_of_a_16bit_layer_take_tensor_cores(ge
     close_delta_grads(grads, grad_refs, eta_t, offsets, alpha)
     assert len(taken) == 8 and "ieee" not in taken, taken  # 2 launches each: forward, dx, deta, dmu
 
+def test_fp32_factors_of_a_16bit_grouped_lowrank_keep_three_tf32_passes(gen, device, monkeypatch,
+                                                                        float32_precision):
+    """grouped_lowrank as an fp32 editor runs on a 16-bit model: bf16 h, fp32 u, v, bias, scale,
+    shift and gain.  Its fp32 x fp32 GEMMs (z u_g^T, (gain h) v_g^T, and the backward's) take
+    tensor cores because h is 16-bit (`precision_from`), and so must keep tf32x3's three passes
+    (SPLIT 3, ~fp32), not the one TF32 pass of an fp32-only op (2^-11 per product, ~100x fp32's
+    1e-5 tolerance on a GPU).  The interpreter computes TF32 in fp32, so the values cannot show
+    it: each segment_matmul launch's NATIVE and SPLIT are checked, and the values too."""
+    monkeypatch.delenv(launch.NATIVE_DOT_ENV, raising=False)
+    monkeypatch.delenv(launch.FP32_SPLIT_ENV, raising=False)
+    float32_precision("highest")
+    module = _module("segment_matmul")
+    taken = []
+
+    class Spy:  # records each launch's dot constexprs
+        def __getitem__(self, grid, kernel=module._segment_matmul_kernel):
+            def run(*args, **kwargs):
+                taken.append((kwargs["NATIVE"], kwargs["SPLIT"]))
+                return kernel[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(module, "_segment_matmul_kernel", Spy())
+    counts = [0, 9, 17, 3, 0]
+    offsets = offsets_for(counts, device)
+    inputs = list(lowrank_inputs(gen, counts, torch.float32, device, d=21, r=18))
+    inputs[0] = inputs[0].to(torch.bfloat16)  # h, the model's hidden states
+    close(tk.grouped_lowrank(inputs[0], offsets, *inputs[1:]),
+          reference.grouped_lowrank(inputs[0].double(), offsets, *f64(*inputs[1:])))
+    grad_out = randn(inputs[0].shape, gen, torch.bfloat16, device)
+    for g, ref in zip(tk.grouped_lowrank_backward(grad_out, inputs[0], offsets, *inputs[1:]),
+                      lowrank_reference_grads(grad_out, offsets, inputs)):
+        close(g, ref)
+    assert taken == [(True, 3)] * 6, taken  # forward 2 launches, backward 4 (z, a, dz, dx)
+
+
 def test_bf16x3_keeps_fp32_accuracy(gen, device, monkeypatch):
     """grouped_bilinear's fp32 scores meet bf16 V through the three-way bf16 split: the fp32
     result is within fp32's tolerance of float64 (one bf16 rounding of the scores would put
