@@ -1749,6 +1749,32 @@ def test_tune_precision_tables_report_the_share_of_dense_and_restore_an_unset_sp
     assert launch.FP32_SPLIT_ENV not in os.environ
 
 
+def test_tune_sweep_names_the_fastest_candidate(gen, monkeypatch, capsys):
+    """tune.py's config sweep (`main --sweep`, run on a GPU by benchmarks/run_gpu.sh) runs a case
+    under each of its kernel's launch.CANDIDATES in turn (pinned by forced_tiles) and its "best"
+    line names the fastest against the heuristic's time (candidate 0): the measured reason to
+    change launch.py.  Here one case on random scripted times, the GPU checks faked."""
+    tune = _module("tune")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "scripted")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    kernel, path = "segment_matmul", "half"
+    configs = launch.CANDIDATES[kernel][path]
+    seen = []
+    case = (kernel, path, "scripted case", 1e9, lambda: seen.append(launch.segment_matmul_tiles(1, 1, 1, 1, path)))
+    monkeypatch.setattr(tune, "_cases", lambda gen: [case])
+    times = (1 + torch.rand(len(configs), generator=gen)).tolist()
+    monkeypatch.setattr(tune, "_median_ms", lambda fn, reps: (fn(), times[len(seen) - 1])[1])
+    assert tune.main(["--sweep"]) == 0
+    assert seen == configs
+    best = min(range(len(configs)), key=times.__getitem__)
+    name = " ".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in configs[best].items())
+    versus = "the heuristic's" if best == 0 else f"heuristic {times[0]:.3f} ms"
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line == f"best {kernel}/{path} for scripted case: [{name}] {times[best]:.3f} ms ({versus})", line
+
+
 def test_tune_benchmark_offsets_hold_an_empty_group(gen):
     """tune.py's ragged offsets (`_ragged`, as the benchmarks build them): G groups over T tokens,
     non-decreasing from 0 to T, one of them empty."""
