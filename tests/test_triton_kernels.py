@@ -1627,21 +1627,26 @@ def test_fp32_factors_of_a_16bit_grouped_lowrank_keep_three_tf32_passes(gen, dev
     tensor cores because h is 16-bit (`precision_from`), and so must keep tf32x3's three passes
     (SPLIT 3, ~fp32), not the one TF32 pass of an fp32-only op (2^-11 per product, ~100x fp32's
     1e-5 tolerance on a GPU).  The interpreter computes TF32 in fp32, so the values cannot show
-    it: each segment_matmul launch's NATIVE and SPLIT are checked, and the values too."""
+    it: each launch's NATIVE and SPLIT are checked (segment_matmul's, and grouped_outer's for du
+    and dv, fp32 da z and dz x), and the values too."""
     monkeypatch.delenv(launch.NATIVE_DOT_ENV, raising=False)
     monkeypatch.delenv(launch.FP32_SPLIT_ENV, raising=False)
     float32_precision("highest")
-    module = _module("segment_matmul")
     taken = []
 
     class Spy:  # records each launch's dot constexprs
-        def __getitem__(self, grid, kernel=module._segment_matmul_kernel):
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
             def run(*args, **kwargs):
-                taken.append((kwargs["NATIVE"], kwargs["SPLIT"]))
-                return kernel[grid](*args, **kwargs)
+                taken.append((self.name, kwargs["NATIVE"], kwargs["SPLIT"]))
+                return self.kernel[grid](*args, **kwargs)
             return run
 
-    monkeypatch.setattr(module, "_segment_matmul_kernel", Spy())
+    for name in ("segment_matmul", "grouped_outer"):
+        module = _module(name)
+        monkeypatch.setattr(module, f"_{name}_kernel", Spy(name, getattr(module, f"_{name}_kernel")))
     counts = [0, 9, 17, 3, 0]
     offsets = offsets_for(counts, device)
     inputs = list(lowrank_inputs(gen, counts, torch.float32, device, d=21, r=18))
@@ -1652,7 +1657,8 @@ def test_fp32_factors_of_a_16bit_grouped_lowrank_keep_three_tf32_passes(gen, dev
     for g, ref in zip(tk.grouped_lowrank_backward(grad_out, inputs[0], offsets, *inputs[1:]),
                       lowrank_reference_grads(grad_out, offsets, inputs)):
         close(g, ref)
-    assert taken == [(True, 3)] * 6, taken  # forward 2 launches, backward 4 (z, a, dz, dx)
+    # Forward: 2 segment_matmul launches; backward: 4 (z, a, dz, dx) and 2 grouped_outer (du, dv).
+    assert collections.Counter(taken) == {("segment_matmul", True, 3): 6, ("grouped_outer", True, 3): 2}, taken
 
 
 def test_bf16x3_keeps_fp32_accuracy(gen, device, monkeypatch):
