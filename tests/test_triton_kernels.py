@@ -1759,7 +1759,8 @@ def test_tune_sweep_names_the_fastest_candidate(gen, monkeypatch, capsys):
     """tune.py's config sweep (`main --sweep`, run on a GPU by benchmarks/run_gpu.sh) runs a case
     under each of its kernel's launch.CANDIDATES in turn (pinned by forced_tiles) and its "best"
     line names the fastest against the heuristic's time (candidate 0): the measured reason to
-    change launch.py.  Here one case on random scripted times, the GPU checks faked."""
+    change launch.py.  Here one case on random scripted times, the GPU checks faked, twice: with
+    the heuristic's candidate slowest ("heuristic <its time>") and fastest ("the heuristic's")."""
     tune = _module("tune")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "scripted")
@@ -1772,13 +1773,16 @@ def test_tune_sweep_names_the_fastest_candidate(gen, monkeypatch, capsys):
     monkeypatch.setattr(tune, "_cases", lambda gen: [case])
     times = (1 + torch.rand(len(configs), generator=gen)).tolist()
     monkeypatch.setattr(tune, "_median_ms", lambda fn, reps: (fn(), times[len(seen) - 1])[1])
-    assert tune.main(["--sweep"]) == 0
-    assert seen == configs
-    best = min(range(len(configs)), key=times.__getitem__)
-    name = " ".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in configs[best].items())
-    versus = "the heuristic's" if best == 0 else f"heuristic {times[0]:.3f} ms"
-    line = capsys.readouterr().out.splitlines()[-1]
-    assert line == f"best {kernel}/{path} for scripted case: [{name}] {times[best]:.3f} ms ({versus})", line
+    for heuristic in (max(times) + 0.5, min(times) - 0.5):
+        times[0] = heuristic
+        seen.clear()
+        assert tune.main(["--sweep"]) == 0
+        assert seen == configs
+        best = min(range(len(configs)), key=times.__getitem__)
+        name = " ".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in configs[best].items())
+        versus = "the heuristic's" if best == 0 else f"heuristic {times[0]:.3f} ms"
+        line = capsys.readouterr().out.splitlines()[-1]
+        assert line == f"best {kernel}/{path} for scripted case: [{name}] {times[best]:.3f} ms ({versus})", line
 
 
 def test_tune_benchmark_offsets_hold_an_empty_group(gen):
