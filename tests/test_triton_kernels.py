@@ -1620,6 +1620,7 @@ def test_lowrank_delta_linear_fp32_factors_of_a_16bit_layer_take_tensor_cores(ge
     close_delta_grads(grads, grad_refs, eta_t, offsets, alpha)
     assert len(taken) == 8 and "ieee" not in taken, taken  # 2 launches each: forward, dx, deta, dmu
 
+
 def test_fp32_factors_of_a_16bit_grouped_lowrank_keep_three_tf32_passes(gen, device, monkeypatch,
                                                                         float32_precision):
     """grouped_lowrank as an fp32 editor runs on a 16-bit model: bf16 h, fp32 u, v, bias, scale,
