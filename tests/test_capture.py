@@ -717,6 +717,36 @@ def test_load_model_errors(tmp_path, monkeypatch):
     assert path.suffix == ".gguf" and path.is_file()
 
 
+def test_load_model_moves_the_model_to_device(tmp_path, monkeypatch):
+    """load_model ends with the model on `device` (parsed first by devices.as_device), in eval
+    mode.  "cpu:0" is a device this machine has that transformers' own loading never names, so
+    the spy on Module.to sees load_model's move and nothing else's: without it the model came back
+    where from_pretrained left it, and the only device test was the refusal of cuda:99.
+    from_pretrained is made to return a model in train mode (it returns eval mode itself), so that
+    load_model's own eval() is what the test sees."""
+    import transformers
+
+    from dcedit_kernels.models import load_model
+
+    model, tok = tiny_model("llama", seed=0)
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    moves, real_to = [], torch.nn.Module.to
+
+    def to(self, *args, **kwargs):
+        moves.append((type(self).__name__, args, kwargs))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    real_load = transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *args, **kwargs: real_load(*args, **kwargs).train())
+    loaded, _ = load_model(tmp_path / "tiny", device="cpu:0")
+    assert [m for m in moves if torch.device("cpu:0") in (*m[1], *m[2].values())] == [
+        (type(loaded).__name__, (torch.device("cpu:0"),), {})], moves
+    assert not loaded.training and loaded.lm_head.weight.device.type == "cpu"
+
+
 def test_load_model_takes_dtype_names(tmp_path):
     """`dtype` takes torch's names of the float dtypes and the CLI's short ones ("bfloat16",
     "bf16", ...), from the one map `--dtype` uses (it refused every str: "dtype must be a
