@@ -510,6 +510,34 @@ def test_apply_shift_on_a_strided_weight(gen):
     assert ops.apply_shift_(empty, torch.empty(0, 3), 1.0).shape == (0, 3)
 
 
+# rows of a fused projection: contiguous, at a storage offset
+WEIGHT_VIEWS = {"rows": (slice(7, 37), slice(None))}
+
+
+@pytest.mark.parametrize("view", list(WEIGHT_VIEWS))
+def test_apply_shift_on_a_view_into_a_larger_weight(gen, view):
+    """A weight that is a view into a larger tensor: the shift lands on the view's elements and
+    nothing else, and `previous` holds their old values in the layout of the reference's
+    weight.clone() (the fake's empty_like, which inductor asserts).  Every other test's weight
+    starts at storage offset 0, so a kernel that wrote from the storage's start instead of the
+    view's passed them all."""
+    index = WEIGHT_VIEWS[view]
+    base = randn((50, 64), gen)
+    original_base = base.clone()
+    weight = base[index]
+    assert weight.storage_offset() > 0
+    delta, fisher = randn(weight.shape, gen), torch.rand(weight.shape, generator=gen)
+    expected = weight.clone()
+    previous = ops.apply_shift_(weight, delta, 0.37, fisher, keep=0.5)
+    R.apply_shift_(expected, delta, 0.37, fisher, keep=0.5)
+    assert_bits_equal(base[index], expected)
+    outside = torch.ones_like(base, dtype=torch.bool)
+    outside[index] = False
+    assert_bits_equal(base[outside], original_base[outside])  # nothing else written
+    assert_bits_equal(previous, original_base[index])
+    assert previous.stride() == weight.clone().stride()
+
+
 @pytest.mark.parametrize("shared", ["delta", "fisher", "both", "same_tensor"])
 def test_apply_shift_reads_inputs_that_share_weights_memory_before_writing(gen, shared):
     # weight = buf[:n] and delta (or fisher) = buf[n/2 : n/2 + n]: the threads wrote weight while
