@@ -510,8 +510,13 @@ def test_apply_shift_on_a_strided_weight(gen):
     assert ops.apply_shift_(empty, torch.empty(0, 3), 1.0).shape == (0, 3)
 
 
-# rows of a fused projection: contiguous, at a storage offset
-WEIGHT_VIEWS = {"rows": (slice(7, 37), slice(None))}
+WEIGHT_VIEWS = {
+    "rows": (slice(7, 37), slice(None)),  # rows of a fused projection: contiguous, at an offset
+    # a block: neither contiguous nor dense, so its clone (and previous) is contiguous, not strided
+    # like weight (the transposed weight of test_apply_shift_on_a_strided_weight is dense: its
+    # clone keeps its strides, so that test cannot tell the two layouts apart)
+    "block": (slice(3, 33), slice(10, 50)),
+}
 
 
 @pytest.mark.parametrize("view", list(WEIGHT_VIEWS))
