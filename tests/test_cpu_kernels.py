@@ -259,6 +259,31 @@ def test_grouped_outer_backward_gaussian_float64_and_strided(gen):
         assert d_e.shape == (9, o) and d_m.shape == (9, i) and not d_m.any()
 
 
+def one_hot_rows(T, n, gen, dtype=F32):
+    """T rows, each a single 1 at a random column: every product sum with them is exact."""
+    rows = torch.zeros(T, n, dtype=dtype)
+    rows[torch.arange(T), torch.randint(0, n, (T,), generator=gen)] = 1
+    return rows
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_grouped_outer_backward_scales_by_alpha_rounded_to_fp32(gen, fusion):
+    """With one-hot eta and mu rows, each d_eta / d_mu entry is one entry of the scaled gradient
+    (grad · alpha, / G for ssm), with no rounding of its own: the fp32 kernel is bit-identical to
+    the reference on the same inputs, which multiplies the fp32 gradient by alpha rounded to fp32.
+    The tolerance tests above cannot see the last bit of that product (grad · alpha in float64,
+    rounded once to fp32, passed them all)."""
+    counts = [0, 90, 3, 0, 70, 1]
+    offsets = offsets_from_counts(counts)
+    T, G = sum(counts), len(counts)
+    eta, mu = one_hot_rows(T, O, gen), one_hot_rows(T, I, gen)
+    grad = randn(outer_grad_shape(fusion, G), gen)
+    alpha = 0.37  # not an fp32 value
+    got = ops._grouped_outer_backward(grad, eta, mu, offsets, fusion, alpha)
+    for out, ref in zip(got, R.grouped_outer_backward(grad, eta, mu, offsets, fusion, alpha)):
+        assert_bits_equal(out, ref)
+
+
 GROUPED_OUTER_BACKWARD_ERRORS = {
     "grad int": (lambda g, e, m, o: (g.int(), e, m, o, "sss", 1.0), "grad"),
     "grad shape": (lambda g, e, m, o: (g.T, e, m, o, "sss", 1.0), "grad"),
