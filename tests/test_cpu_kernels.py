@@ -441,6 +441,25 @@ def test_fisher_mask_keep_is_bit_identical_to_reference(gen, fisher_dtype, kind,
 
 
 @pytest.mark.parametrize("fisher_dtype", [F32, F16, BF16, F64])
+def test_fisher_mask_ranks_nan_of_either_sign_above_everything(gen, fisher_dtype):
+    """A NaN ranks above +inf whatever its sign bit, as in torch.kthvalue (the reference): x86's
+    default NaN (0·inf, inf - inf, 0/0 in a Fisher estimate) has the sign bit set.  The NaNs of
+    the "nan" kind above are all positive, and their keys sort above +inf even without the
+    NaN case of the order key: a negative NaN then sorted below -inf and moved the threshold."""
+    shape = (97, 131)
+    fisher = fisher_values("nan", math.prod(shape), gen, fisher_dtype).reshape(shape)
+    negative = fisher.isnan() & (torch.rand(shape, generator=gen) < 0.5)
+    fisher.view(BITS[fisher_dtype])[negative] |= torch.iinfo(BITS[fisher_dtype]).min  # sign bit
+    assert bool(torch.signbit(fisher[negative]).all()) and bool(negative.any())
+    delta = randn(shape, gen)
+    for keep in (0.03, 0.3, 0.8):  # the threshold among the NaNs (nothing kept), then below them
+        out, count = ops.fisher_mask(delta, fisher, keep=keep)
+        ref_out, ref_count = R.fisher_mask(delta, fisher, keep=keep)
+        assert int(count) == int(ref_count)
+        assert_bits_equal(out, ref_out)
+
+
+@pytest.mark.parametrize("fisher_dtype", [F32, F16, BF16, F64])
 def test_fisher_mask_threshold_is_bit_identical_to_reference(gen, fisher_dtype):
     fisher = (torch.randint(0, 9, (300, 7), generator=gen) * 0.125).to(fisher_dtype)
     delta = randn((300, 7), gen, F64)
