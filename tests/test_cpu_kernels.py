@@ -489,6 +489,24 @@ def test_fisher_mask_delta_dtypes_and_infinite_deltas(gen):
         assert torch.equal(out.nan_to_num(), ref.nan_to_num())
 
 
+@pytest.mark.parametrize("mode", [{"keep": 0.4}, {"threshold": 0.6}])
+def test_fisher_mask_counts_kept_entries_not_nonzero_outputs(gen, mode):
+    """The count is the number of kept Fisher entries, whatever delta holds there: a kept delta of
+    ±0 counts, an unkept inf (which gives NaN) does not.  Random deltas are never 0, so a count of
+    the nonzero outputs matched the reference's in every other test."""
+    shape = (64, 65)
+    fisher = torch.rand(shape, generator=gen)
+    delta = randn(shape, gen)
+    zeros = torch.rand(shape, generator=gen) < 0.3
+    delta[zeros] = 0.0
+    delta[zeros & (torch.rand(shape, generator=gen) < 0.5)] = -0.0
+    delta[~zeros & (torch.rand(shape, generator=gen) < 0.05)] = float("inf")
+    out, count = ops.fisher_mask(delta, fisher, **mode)
+    ref_out, ref_count = R.fisher_mask(delta, fisher, **mode)
+    assert int(count) == int(ref_count) == int(R.fisher_mask(torch.ones(shape), fisher, **mode)[1])
+    assert_bits_equal(out, ref_out)
+
+
 def test_fisher_mask_above_2_pow_24_entries(gen):
     n = 2**24 + 3
     # 2^20 distinct values: selection over many ties, beyond torch.quantile's limit
