@@ -348,6 +348,22 @@ def test_grouped_lowrank_mixed_dtypes_strided_h_and_nan(gen):
     assert out[2].isnan().any()
 
 
+LOWRANK_ARGS = ("h", "offsets", "u", "v", "bias", "scale", "shift", "gain")
+
+
+@pytest.mark.parametrize("wide", ["h", "u", "v", "bias", "scale", "shift", "gain"])
+def test_grouped_lowrank_computes_in_float64_when_any_input_is(gen, wide):
+    """One float64 argument among fp32 ones (each in turn, the optional ones included) makes the
+    output float64, bit for bit the reference's.  The test above widens only v, so a kernel that
+    left one of the others out of the promotion passed it (and computed in fp32)."""
+    args = list(lowrank_inputs(gen, [4, 0, 9], 70, 13, F32, ("scale", "shift", "gain")))
+    k = LOWRANK_ARGS.index(wide)
+    args[k] = args[k].double()
+    out = ops.grouped_lowrank(*args)
+    assert out.dtype == F64
+    assert_bits_equal(out, R.grouped_lowrank(*args))
+
+
 @pytest.mark.parametrize("dtype", [F64, F32, BF16])
 def test_grouped_lowrank_signed_zeros_at_initialisation(gen, dtype):
     """MEND's initialisation (u = 0, bias = 0) makes every pre-activation exactly 0, and a negative
