@@ -790,6 +790,8 @@ GROUPED_OUTER_ERRORS = {
     "eta 1-D": (lambda e, m, o: (e[0], m, o, "add"), "eta"),
     "eta int": (lambda e, m, o: (e.int(), m, o, "add"), "eta"),
     "mu 3-D": (lambda e, m, o: (e, m[None], o, "add"), "mu"),
+    # (without its own check, an int mu reached the packing: NotImplementedError from a dispatch)
+    "mu int": (lambda e, m, o: (e, m.int(), o, "add"), "mu"),
     "mu rows != eta rows": (lambda e, m, o: (e, m[:9], o, "add"), "mu"),
     "offsets float": (lambda e, m, o: (e, m, o.float(), "add"), "offsets"),
     "offsets 2-D": (lambda e, m, o: (e, m, o[None], "add"), "offsets"),
