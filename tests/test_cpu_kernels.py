@@ -799,6 +799,8 @@ GROUPED_OUTER_ERRORS = {
     "offsets[0] != 0": (lambda e, m, o: (e, m, torch.tensor([1, 4, 10]), "add"), "offsets"),
     "offsets[-1] != T": (lambda e, m, o: (e, m, torch.tensor([0, 4, 9]), "add"), "offsets"),
     "offsets decreasing": (lambda e, m, o: (e, m, torch.tensor([0, 6, 4, 10]), "add"), "offsets"),
+    # the last pair decreasing: group 0 would read rows 10 and 11 of a 10-row eta
+    "offsets past T, then back": (lambda e, m, o: (e, m, torch.tensor([0, 12, 10]), "add"), "offsets"),
     "unknown fusion": (lambda e, m, o: (e, m, o, "mean"), "fusion"),
 }
 
