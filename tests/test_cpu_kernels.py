@@ -796,6 +796,8 @@ GROUPED_OUTER_ERRORS = {
     "offsets float": (lambda e, m, o: (e, m, o.float(), "add"), "offsets"),
     "offsets 2-D": (lambda e, m, o: (e, m, o[None], "add"), "offsets"),
     "offsets too short": (lambda e, m, o: (e, m, o[:1], "add"), "offsets"),
+    # [0] over no tokens passes the checks of [0] and [-1]: only the length check refuses it
+    "offsets [0], no tokens": (lambda e, m, o: (e[:0], m[:0], o[:1], "add"), "offsets"),
     "offsets[0] != 0": (lambda e, m, o: (e, m, torch.tensor([1, 4, 10]), "add"), "offsets"),
     "offsets[-1] != T": (lambda e, m, o: (e, m, torch.tensor([0, 4, 9]), "add"), "offsets"),
     "offsets decreasing": (lambda e, m, o: (e, m, torch.tensor([0, 6, 4, 10]), "add"), "offsets"),
