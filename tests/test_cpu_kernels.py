@@ -392,6 +392,8 @@ GROUPED_LOWRANK_ERRORS = {
     "v shape": (lambda a: (*a[:3], a[3][:, :3], *a[4:]), "v"),
     "bias shape": (lambda a: (*a[:4], a[4][:1], *a[5:]), "bias"),
     "scale shape": (lambda a: (*a[:5], a[4].T, *a[6:]), "scale"),
+    # (G, d) transposed has as many entries: unchecked, it was read as the wrong values
+    "shift shape": (lambda a: (*a[:6], a[4].T, a[7]), "shift"),
     "gain shape": (lambda a: (*a[:7], a[0][:3]), "gain"),
 }
 
