@@ -388,7 +388,9 @@ GROUPED_LOWRANK_ERRORS = {
     "offsets float": (lambda a: (a[0], a[1].float(), *a[2:]), "offsets"),
     "offsets[-1] != T": (lambda a: (a[0], torch.tensor([0, 4, 12]), *a[2:]), "offsets"),
     "offsets decreasing": (lambda a: (a[0], torch.tensor([0, 5, 4, 13]), *a[2:]), "offsets"),
-    "u shape": (lambda a: (*a[:2], a[2][:, :, :3], *a[3:]), "u"),
+    "u shape": (lambda a: (*a[:2], a[2][:, :3], *a[3:]), "u"),
+    # u sets the rank r: a u of another rank makes v's shape the wrong one
+    "u rank != v rank": (lambda a: (*a[:2], a[2][:, :, :3], *a[3:]), "v"),
     "v shape": (lambda a: (*a[:3], a[3][:, :3], *a[4:]), "v"),
     "bias shape": (lambda a: (*a[:4], a[4][:1], *a[5:]), "bias"),
     "scale shape": (lambda a: (*a[:5], a[4].T, *a[6:]), "scale"),
@@ -400,9 +402,12 @@ GROUPED_LOWRANK_ERRORS = {
 
 @pytest.mark.parametrize("case", list(GROUPED_LOWRANK_ERRORS))
 def test_grouped_lowrank_rejects_bad_input(gen, case):
+    """The ValueError's message starts with the argument's name.  A bare match=name let any message
+    through for "u" or "h" ("must", "shape"): the "u shape" case changed u's rank, which v's check
+    refuses, so u's own check of d was never run, and a kernel without it passed."""
     make, name = GROUPED_LOWRANK_ERRORS[case]
     args = lowrank_inputs(gen, [4, 9], 7, 5, F32, ("scale", "shift", "gain"))
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
         ops.grouped_lowrank(*make(args))
 
 
