@@ -500,6 +500,24 @@ def test_fisher_mask_threshold_is_bit_identical_to_reference(gen, fisher_dtype):
     assert int(c) == int((edge > 1 + 2**-11 + 2**-40).sum())
 
 
+def test_fisher_mask_float64_threshold_is_not_rounded_to_fp32(gen):
+    """A float64 Fisher array is compared with the threshold itself (fp16/bf16/fp32 ones with it
+    rounded to fp32, then their dtype): fp64 values that lie between a threshold and its fp32
+    rounding must be decided as the reference decides them.  The other threshold tests' Fisher
+    values are multiples of 1/8, none between, so a kernel that rounded every threshold through
+    fp32 passed them."""
+    delta = randn((4000,), gen, F64)
+    for threshold in (0.1, 1 / 3, 0.7, -2.2e-3):
+        gap = abs(float(torch.tensor(threshold, dtype=F32)) - threshold)
+        fisher = threshold + (torch.rand(4000, generator=gen, dtype=F64) - 0.5) * 4 * gap
+        between = (fisher > min(threshold, threshold + gap)) & (fisher < max(threshold, threshold + gap))
+        assert int(between.sum()) > 100
+        out, count = ops.fisher_mask(delta, fisher, threshold=threshold)
+        ref_out, ref_count = R.fisher_mask(delta, fisher, threshold=threshold)
+        assert int(count) == int(ref_count) == int((fisher > threshold).sum())
+        assert_bits_equal(out, ref_out)
+
+
 def test_fisher_mask_delta_dtypes_and_infinite_deltas(gen):
     fisher = torch.rand(64, 65, generator=gen)
     for dtype in (F16, BF16, F32):
