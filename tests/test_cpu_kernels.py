@@ -586,6 +586,29 @@ def test_apply_shift_is_bit_identical_and_restorable(gen, weight_dtype, mode):
     assert_bits_equal(weight, original)
 
 
+@pytest.mark.parametrize("weight_dtype", [F32, BF16])
+def test_apply_shift_multiplies_delta_by_the_kept_flags(gen, weight_dtype):
+    """apply_shift_ adds alpha·(delta ⊙ kept) as the reference computes it, a product, not a
+    select: an unkept inf gives NaN (inf·0) in the weight, and an unkept negative delta gives
+    -0, which keeps a -0 weight entry -0 (+0 would make it +0).  The other tests' weights and
+    deltas are finite and nonzero, where a select (delta where kept, else +0) gives the same
+    bits, and passed them all."""
+    shape = (64, 65)
+    weight = randn(shape, gen, weight_dtype)
+    weight[torch.rand(shape, generator=gen) < 0.3] = -0.0
+    delta = randn(shape, gen)
+    delta[torch.rand(shape, generator=gen) < 0.05] = float("inf")
+    fisher = torch.rand(shape, generator=gen)
+    expected = weight.clone()
+    ops.apply_shift_(weight, delta, 0.37, fisher, threshold=0.5)
+    R.apply_shift_(expected, delta, 0.37, fisher, threshold=0.5)
+    unkept_inf = delta.isinf() & (fisher <= 0.5)
+    assert bool(unkept_inf.any()) and bool(expected[unkept_inf].isnan().all())
+    assert torch.equal(weight.isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    assert_bits_equal(weight[finite], expected[finite])
+
+
 @pytest.mark.parametrize("delta_dtype", [F64, BF16, F16])
 def test_apply_shift_converts_delta_like_the_reference(gen, delta_dtype):
     weight = randn((33, 45), gen, BF16)
