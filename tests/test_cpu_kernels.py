@@ -879,6 +879,8 @@ FISHER_MASK_ERRORS = {
     "delta int": (lambda d, f: ((d.int(), f), {"keep": 0.5}), "delta"),
     "fisher int": (lambda d, f: ((d, f.int()), {"keep": 0.5}), "fisher"),
     "fisher shape": (lambda d, f: ((d, f[:7]), {"keep": 0.5}), "fisher"),
+    # as many entries in another shape: a check of numel alone let it through
+    "fisher transposed": (lambda d, f: ((d, f.T), {"keep": 0.5}), "fisher"),
     "keep and threshold": (lambda d, f: ((d, f), {"keep": 0.5, "threshold": 0.1}), "keep"),
     "neither": (lambda d, f: ((d, f), {}), "keep"),
     "keep 0": (lambda d, f: ((d, f), {"keep": 0.0}), "keep"),
