@@ -907,6 +907,8 @@ APPLY_SHIFT_ERRORS = {
     "delta int": (lambda w, d, f: ((w, d.int()), {}), "delta"),
     "delta shape": (lambda w, d, f: ((w, d.T), {}), "delta"),
     "fisher shape": (lambda w, d, f: ((w, d, 1.0, f[:, :5]), {"keep": 0.5}), "fisher"),
+    # as many entries in another shape: a check of numel alone let it through
+    "fisher transposed": (lambda w, d, f: ((w, d, 1.0, f.T), {"keep": 0.5}), "fisher"),
     "fisher int": (lambda w, d, f: ((w, d, 1.0, f.int()), {"keep": 0.5}), "fisher"),
     "keep and threshold": (lambda w, d, f: ((w, d, 1.0, f), {"keep": 0.5, "threshold": 0.1}), "keep"),
     "fisher without keep or threshold": (lambda w, d, f: ((w, d, 1.0, f), {}), "keep"),
