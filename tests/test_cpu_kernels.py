@@ -393,6 +393,8 @@ GROUPED_LOWRANK_ERRORS = {
     "u rank != v rank": (lambda a: (*a[:2], a[2][:, :, :3], *a[3:]), "v"),
     "v shape": (lambda a: (*a[:3], a[3][:, :3], *a[4:]), "v"),
     "bias shape": (lambda a: (*a[:4], a[4][:1], *a[5:]), "bias"),
+    # (d, G): as many entries as (G, d), which a check of numel alone let through
+    "bias transposed": (lambda a: (*a[:4], a[4].T, *a[5:]), "bias"),
     "scale shape": (lambda a: (*a[:5], a[4].T, *a[6:]), "scale"),
     # (G, d) transposed has as many entries: unchecked, it was read as the wrong values
     "shift shape": (lambda a: (*a[:6], a[4].T, a[7]), "shift"),
