@@ -284,6 +284,9 @@ def test_grouped_outer_backward_scales_by_alpha_rounded_to_fp32(gen, fusion):
         assert_bits_equal(out, ref)
 
 
+# The *_ERRORS tables: each case's message starts with the argument it names (or, for keep and
+# threshold together, the words that name both), matched as ^name: a bare match=name also found
+# "mu" in "must" and "u" in "v must", so a message from another argument's check passed.
 GROUPED_OUTER_BACKWARD_ERRORS = {
     "grad int": (lambda g, e, m, o: (g.int(), e, m, o, "sss", 1.0), "grad"),
     "grad shape": (lambda g, e, m, o: (g.T, e, m, o, "sss", 1.0), "grad"),
@@ -298,7 +301,7 @@ GROUPED_OUTER_BACKWARD_ERRORS = {
 def test_grouped_outer_backward_rejects_bad_input(case):
     make, name = GROUPED_OUTER_BACKWARD_ERRORS[case]
     eta, mu, offsets = _token_inputs()
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
         ops._grouped_outer_backward(*make(torch.randn(6, 5), eta, mu, offsets))
 
 
@@ -863,7 +866,7 @@ def test_grouped_outer_and_segmented_fisher_reject_bad_input(case):
     eta, mu, offsets = _token_inputs()
     args = make(eta, mu, offsets)
     before = [a.clone() for a in args if isinstance(a, torch.Tensor)]
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
         ops.grouped_outer(*args)
     if name != "fusion":
         expected = "edit_offsets" if name == "offsets" else name
@@ -883,8 +886,8 @@ FISHER_MASK_ERRORS = {
     "fisher shape": (lambda d, f: ((d, f[:7]), {"keep": 0.5}), "fisher"),
     # as many entries in another shape: a check of numel alone let it through
     "fisher transposed": (lambda d, f: ((d, f.T), {"keep": 0.5}), "fisher"),
-    "keep and threshold": (lambda d, f: ((d, f), {"keep": 0.5, "threshold": 0.1}), "keep"),
-    "neither": (lambda d, f: ((d, f), {}), "keep"),
+    "keep and threshold": (lambda d, f: ((d, f), {"keep": 0.5, "threshold": 0.1}), "give exactly one of keep or threshold"),
+    "neither": (lambda d, f: ((d, f), {}), "give exactly one of keep or threshold"),
     "keep 0": (lambda d, f: ((d, f), {"keep": 0.0}), "keep"),
     "keep > 1": (lambda d, f: ((d, f), {"keep": 1.5}), "keep"),
     "keep nan": (lambda d, f: ((d, f), {"keep": float("nan")}), "keep"),
@@ -898,7 +901,7 @@ def test_fisher_mask_rejects_bad_input(case):
     delta, fisher = _mask_inputs()
     args, kwargs = make(delta, fisher)
     before = [a.clone() for a in args]
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
         ops.fisher_mask(*args, **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(before, args))
 
@@ -912,12 +915,12 @@ APPLY_SHIFT_ERRORS = {
     # as many entries in another shape: a check of numel alone let it through
     "fisher transposed": (lambda w, d, f: ((w, d, 1.0, f.T), {"keep": 0.5}), "fisher"),
     "fisher int": (lambda w, d, f: ((w, d, 1.0, f.int()), {"keep": 0.5}), "fisher"),
-    "keep and threshold": (lambda w, d, f: ((w, d, 1.0, f), {"keep": 0.5, "threshold": 0.1}), "keep"),
-    "fisher without keep or threshold": (lambda w, d, f: ((w, d, 1.0, f), {}), "keep"),
+    "keep and threshold": (lambda w, d, f: ((w, d, 1.0, f), {"keep": 0.5, "threshold": 0.1}), "give exactly one of keep or threshold"),
+    "fisher without keep or threshold": (lambda w, d, f: ((w, d, 1.0, f), {}), "give exactly one of keep or threshold"),
     "keep 0": (lambda w, d, f: ((w, d, 1.0, f), {"keep": 0.0}), "keep"),
     "keep > 1": (lambda w, d, f: ((w, d, 1.0, f), {"keep": 1.01}), "keep"),
     "keep without fisher": (lambda w, d, f: ((w, d, 1.0, None), {"keep": 0.5}), "keep"),
-    "threshold without fisher": (lambda w, d, f: ((w, d), {"threshold": 0.5}), "threshold"),
+    "threshold without fisher": (lambda w, d, f: ((w, d), {"threshold": 0.5}), "keep and threshold select"),
     "threshold nan": (lambda w, d, f: ((w, d, 1.0, f), {"threshold": float("nan")}), "threshold"),
 }
 
@@ -929,7 +932,7 @@ def test_apply_shift_rejects_bad_input_and_leaves_weight_unchanged(case, weight_
     weight = torch.randn(6, 7).to(weight_dtype)
     args, kwargs = make(weight, torch.randn(6, 7), torch.rand(6, 7))
     before = [a.clone() for a in args if isinstance(a, torch.Tensor)]
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
         ops.apply_shift_(*args, **kwargs)
     after = [a for a in args if isinstance(a, torch.Tensor)]
     assert all(torch.equal(bits(a) if a.is_floating_point() else a,
