@@ -267,6 +267,29 @@ def test_grouped_lowrank_signed_zeros_at_initialisation(gen, dtype, device):
     assert torch.equal(torch.signbit(out), torch.signbit(ref))
 
 
+def test_grouped_lowrank_backward_long_group_sums_in_fp32(gen, device):
+    """bf16 inputs, one group of 700 tokens with every pre-activation positive (u small, bias,
+    scale and shift positive) and a positive grad_out: dbias, dscale and dshift each add 700
+    same-sign terms per feature.  They must accumulate in fp32 and round once to bf16; summed in
+    bf16 the running sum stalls once its ulp outgrows a term (a few hundred terms, ~half the
+    sum lost), and the random-layout tests' groups of at most 11 tokens left bf16 sums within
+    tolerance.  Only a CUDA run can fail it: torch's CPU index_add_ on bf16 sums near-exactly
+    (700 values of rand: 340 against 339.74), where CUDA's adds with bf16 atomics, so the mutant
+    that sums d_scale in the parameter dtype passed it under the interpreter."""
+    counts = [0, 700, 5]
+    offsets = offsets_for(counts, device)
+    h, u, v, bias, scale, shift, gain = lowrank_inputs(gen, counts, torch.bfloat16, device)
+    u = (u.float() * 0.01).to(torch.bfloat16)
+    bias, scale, shift = bias.abs() + 1, scale.abs() + 0.5, shift.abs()
+    inputs = (h, u, v, bias, scale, shift, gain)
+    grad_out = randn(h.shape, gen, torch.bfloat16, device).abs()
+    grads = tk.grouped_lowrank_backward(grad_out, h, offsets, *inputs[1:])
+    refs = lowrank_reference_grads(grad_out, offsets, inputs)
+    for name, g, ref in zip(("h", "u", "v", "bias", "scale", "shift", "gain"), grads, refs):
+        assert g.dtype == torch.bfloat16, name
+        close(g, ref)
+
+
 def test_grouped_lowrank_backward_nonfinite_gradient_off_the_clamp(gen, device):
     """An inf and a NaN in grad_out where the clamp cut pre off (pre < 0): torch's clamp backward
     selects, so they give 0 there and every other gradient stays finite (dh keeps them, through
