@@ -408,3 +408,15 @@ def test_the_report_says_how_many_evaluation_edits_were_training_edits(report_mo
     report["n_held_out"] = 0
     text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
     assert "- Evaluation: `val.json` (10 edits); for each N_u" in text
+
+
+def test_table_rows_come_in_method_order_each_by_n_u_as_given(report_module, tmp_path):
+    """The ES/DD table holds the unedited rows, then each method's rows in the order the methods
+    ran, every group in --n-edits order: a group sorted otherwise (the unedited rows backwards)
+    puts a row beside another N_u's."""
+    report, layers = _report({"moeditor": _result(0.15, 0.3), "mend": _result(0.2, 0.1)})
+    text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
+    rows = [tuple(cell.strip() for cell in line.split("|")[1:3]) for line in text.splitlines()
+            if line.startswith("| ") and " ± " in line]
+    assert rows == [("unedited", "2"), ("unedited", "5"), ("MoEditor", "2"), ("MoEditor", "5"), ("MEND", "2"),
+                    ("MEND", "5")]
