@@ -420,3 +420,17 @@ def test_table_rows_come_in_method_order_each_by_n_u_as_given(report_module, tmp
             if line.startswith("| ") and " ± " in line]
     assert rows == [("unedited", "2"), ("unedited", "5"), ("MoEditor", "2"), ("MoEditor", "5"), ("MEND", "2"),
                     ("MEND", "5")]
+
+
+def test_gradient_table_puts_gcr_and_gms_in_their_columns(report_module, tmp_path):
+    """Each layer's row of the GCR/GMS table holds, for each N_u, its GCR then its GMS, under the
+    header's "GCR N_u=n | GMS N_u=n" (distinct values per layer, N_u and metric, so a swapped or
+    misplaced cell shows)."""
+    report, layers = _report({"mend": _result(0.2, 0.1)})
+    values = {2: [(0.1, 0.9), (0.2, 0.8)], 5: [(0.3, 0.7), (0.4, 0.6)]}
+    report["gradients"] = {n: {name: dict(gcr=gcr, gms=gms) for name, (gcr, gms) in zip(layers, values[n])}
+                           for n in SIZES}
+    text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
+    assert "| layer | GCR N_u=2 | GMS N_u=2 | GCR N_u=5 | GMS N_u=5 |" in text
+    assert "| `model.layers.0.mlp.down_proj` | 0.100 | 0.900 | 0.300 | 0.700 |" in text
+    assert "| `model.layers.1.mlp.down_proj` | 0.200 | 0.800 | 0.400 | 0.600 |" in text
