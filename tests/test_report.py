@@ -434,3 +434,15 @@ def test_gradient_table_puts_gcr_and_gms_in_their_columns(report_module, tmp_pat
     assert "| layer | GCR N_u=2 | GMS N_u=2 | GCR N_u=5 | GMS N_u=5 |" in text
     assert "| `model.layers.0.mlp.down_proj` | 0.100 | 0.900 | 0.300 | 0.700 |" in text
     assert "| `model.layers.1.mlp.down_proj` | 0.200 | 0.800 | 0.400 | 0.600 |" in text
+
+
+def test_the_n_g_line_names_only_the_routed_methods_that_ran(report_module, tmp_path):
+    """The editors line's "N_g = ..." names the methods with N_g editors that the report ran: a
+    MoEditor-only report does not name RaEditor (which it neither trained nor evaluated)."""
+    report, layers = _report({"moeditor": _result(0.2, 0.1)})
+    report["editor"]["top_k"] = 2
+    text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
+    assert "N_g = 2 (MoEditor; MoEditor's gate top-2" in text
+    report["methods"] = {"raeditor": _result(0.2, 0.1)}  # RaEditor's twin: MoEditor trained, not evaluated
+    text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
+    assert "N_g = 2 (RaEditor, MoEditor; MoEditor's gate top-2" in text
