@@ -446,3 +446,18 @@ def test_the_n_g_line_names_only_the_routed_methods_that_ran(report_module, tmp_
     report["methods"] = {"raeditor": _result(0.2, 0.1)}  # RaEditor's twin: MoEditor trained, not evaluated
     text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
     assert "N_g = 2 (RaEditor, MoEditor; MoEditor's gate top-2" in text
+
+
+def test_what_was_run_takes_each_number_from_its_own_field(report_module, tmp_path):
+    """The "What was run" lines give threads, training file, samples per N_u, seed and each wall
+    time from their own report fields (distinct values here: the synthetic report's repeats and
+    seed, or its timings, were equal, so a line reading a neighbouring field did not show)."""
+    report, layers = _report({"mend": _result(0.2, 0.1)})
+    report.update(threads=4, repeats=3, seed=7, n_train=5, data="val.json", train_data="train.json",
+                  training={"mend": dict(cached=False, train_s=22.0)},
+                  timings=dict(load_s=11.0, train_s=22.0, eval_s=33.0, gradient_s=44.0, total_s=600.0))
+    text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
+    assert "- Model: SmolLM2-135M-Instruct (`m.gguf`), fp32, CPU, 4 thread(s); machine: x." in text
+    assert "trained on the first 5 edits of `train.json`" in text
+    assert "for each N_u, 3 samples of N_u edits (the same samples for every method, seed 7)" in text
+    assert "- Wall time: load 11 s, training 22 s, evaluation 33 s, gradient statistics 44 s; total 10.0 min." in text
