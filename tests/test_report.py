@@ -195,6 +195,8 @@ def test_training_edits_are_not_evaluated_and_scored_prompts_are_not_kl_texts(re
     training = [req(20, "loc 5"), req(21, "loc 21"), req(22, None), req(23, "loc 6"), req(24, "loc 24")]
     picked, skipped = report_module.kl_source_edits(training, pool[4:], 3)
     assert picked == [training[1], training[2], training[4]] and skipped == 2
+    # It stops at n: the edits after the n-th are neither picked nor counted as skipped.
+    assert report_module.kl_source_edits(training, pool[4:], 2) == ([training[1], training[2]], 1)
 
 
 def test_training_edits_lose_the_locality_prompts_dd_scores(report_module):
