@@ -463,3 +463,21 @@ def test_what_was_run_takes_each_number_from_its_own_field(report_module, tmp_pa
     assert "trained on the first 5 edits of `train.json`" in text
     assert "for each N_u, 3 samples of N_u edits (the same samples for every method, seed 7)" in text
     assert "- Wall time: load 11 s, training 22 s, evaluation 33 s, gradient statistics 44 s; total 10.0 min." in text
+
+
+def test_the_default_training_edits_are_steps_times_batch_size(report_module, capsys, tmp_path, monkeypatch):
+    """Without --n-train the editors train on the first --steps × --batch-size edits of
+    --train-data (its help's default): with --data and --train-data one file of 6 edits, 2 steps of
+    2 leave out those 4 training edits from the evaluation, said before the model loads (a
+    --markdown naming a folder then stops the run)."""
+    import dcedit_kernels.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    data = _counterfact_file(tmp_path / "cf.json", n=6)
+    (tmp_path / "a_dir").mkdir()
+    assert report_module.main(["--data", str(data), "--train-data", str(data), "--methods", "mend", "--n-edits", "2",
+                               "--steps", "2", "--batch-size", "2", "--out-dir", str(tmp_path / "out"),
+                               "--markdown", str(tmp_path / "a_dir"), "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert "note: 4 of the 6 evaluation edits are training edits: evaluating on the other 2" in captured.out
+    assert "is a folder; give a file name" in captured.err
