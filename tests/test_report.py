@@ -481,3 +481,16 @@ def test_the_default_training_edits_are_steps_times_batch_size(report_module, ca
     captured = capsys.readouterr()
     assert "note: 4 of the 6 evaluation edits are training edits: evaluating on the other 2" in captured.out
     assert "is a folder; give a file name" in captured.err
+
+
+def test_the_default_markdown_is_report_md_in_the_out_dir(report_module, capsys, tmp_path, monkeypatch):
+    """Without --markdown the report goes to <out-dir>/report.md (its help's default): a folder of
+    that name there is refused, naming it, before the model loads."""
+    import dcedit_kernels.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    data = _counterfact_file(tmp_path / "cf.json", n=6)
+    (tmp_path / "out" / "report.md").mkdir(parents=True)
+    assert report_module.main(["--data", str(data), "--methods", "ft", "--n-edits", "2",
+                               "--out-dir", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert f"--markdown {tmp_path / 'out' / 'report.md'}: is a folder" in capsys.readouterr().err
