@@ -494,3 +494,13 @@ def test_the_default_markdown_is_report_md_in_the_out_dir(report_module, capsys,
     assert report_module.main(["--data", str(data), "--methods", "ft", "--n-edits", "2",
                                "--out-dir", str(tmp_path / "out"), "--no-progress"]) == 2
     assert f"--markdown {tmp_path / 'out' / 'report.md'}: is a folder" in capsys.readouterr().err
+
+
+def test_the_defaults_are_the_runs_the_docstring_names(report_module):
+    """With no argument the report runs what its docstring says: every method at N_u ∈ {25, 75,
+    125}, and the editors train on steps × batch size edits (RESULTS.md's tables are these runs)."""
+    args = report_module.parse_args([])
+    assert "every method at N_u ∈ {25, 75, 125}" in report_module.__doc__
+    assert report_module._ints(args.n_edits, "--n-edits") == [25, 75, 125]
+    assert args.methods.split(",") == list(report_module.ALL_METHODS)
+    assert args.n_train is None
