@@ -504,3 +504,21 @@ def test_the_defaults_are_the_runs_the_docstring_names(report_module):
     assert report_module._ints(args.n_edits, "--n-edits") == [25, 75, 125]
     assert args.methods.split(",") == list(report_module.ALL_METHODS)
     assert args.n_train is None
+
+
+def test_fusions_are_taken_when_methods_hold_a_routed_method_among_others(report_module, capsys, tmp_path,
+                                                                          monkeypatch):
+    """--fusions adds rows to RaEditor and MoEditor: it is refused only when --methods holds
+    neither, not when it holds one of them beside MEND (a later check, --markdown naming a folder,
+    is the one that stops the run, before the model loads)."""
+    import dcedit_kernels.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    data = _counterfact_file(tmp_path / "cf.json", n=6)
+    (tmp_path / "a_dir").mkdir()
+    assert report_module.main(["--data", str(data), "--train-data", str(data), "--n-train", "1",
+                               "--methods", "mend,moeditor", "--n-edits", "2", "--fusions", "add",
+                               "--out-dir", str(tmp_path / "out"), "--markdown", str(tmp_path / "a_dir"),
+                               "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder; give a file name" in err and "--fusions" not in err
