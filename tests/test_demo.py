@@ -1143,3 +1143,13 @@ def test_check_facts_reads_a_greedy_continuation_after_its_leading_space():
     # A number is not found inside a longer one ("9" in " 90" counted before); punctuation still ends it.
     assert not program.starts_with_answer(" 90", "9")
     assert program.starts_with_answer(" 9.", "9") and program.starts_with_answer(" 9, since", "9")
+
+
+def test_demo_writes_to_demo_out_by_default(capsys):
+    """Without --out the demo writes results.json and es_dd.png to ./demo_out, as its --help says
+    (the README too: "writes `demo_out/`")."""
+    demo = _demo_module()
+    assert demo.parse_args([]).out == "demo_out"
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--help"])
+    assert "(default ./demo_out)" in " ".join(capsys.readouterr().out.split())
