@@ -362,6 +362,16 @@ def test_zsre_real_file():
         assert r.target == r.target.strip() and r.locality.startswith("nq question:")
 
 
+def test_load_dataset_passes_limit_to_the_zsre_loader(tmp_path, monkeypatch):
+    """load_dataset's `limit` reaches load_zsre as it reaches load_counterfact: the first n records
+    of zsre-train, not the whole file (the real-file test exercises limit for CounterFact only)."""
+    records = [dict(ZSRE_RECORD, src=f"What is the product made by firm {i}?") for i in range(3)]
+    write(tmp_path, records, name="zsre-train-1k.json")
+    monkeypatch.setenv("DCEDIT_DATA_DIR", str(tmp_path))
+    requests = load_dataset("zsre-train", limit=2)
+    assert [r.prompt for r in requests] == [r["src"] for r in records[:2]]
+
+
 # --- tokenization ------------------------------------------------------------------------------
 
 CAUSAL_TOKENIZERS = ["gpt2", "llama", "bart", "t5", "bert"]
