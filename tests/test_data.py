@@ -146,6 +146,9 @@ def test_counterfact_missing_file_and_bad_limit(tmp_path):
         load_counterfact(tmp_path / "nope.json")
     with pytest.raises(ValueError, match="limit"):
         load_counterfact(write(tmp_path, [CF_RECORD]), limit=0)
+    for bad in (1.5, "2", True):  # not an int: the ValueError naming limit, not a TypeError from the slice
+        with pytest.raises(ValueError, match="limit must be a positive int or None"):
+            load_counterfact(write(tmp_path, [CF_RECORD, CF_RECORD]), limit=bad)
 
 
 def test_counterfact_optional_fields_may_all_be_missing(tmp_path):
