@@ -309,6 +309,7 @@ def test_zsre_optional_fields_are_stripped_too(tmp_path):
         ([dict(ZSRE_RECORD, answers=[])], "record 0 field 'answers'"),
         ([dict(ZSRE_RECORD, alt="  ")], "no record"),
         ([dict(ZSRE_RECORD, loc=None)], "record 0 has 'loc_ans'"),
+        ([ZSRE_RECORD, dict(ZSRE_RECORD, loc=None)], "record 1 has 'loc_ans'"),  # every record, not the first only
     ],
 )
 def test_zsre_malformed(tmp_path, records, match):
