@@ -191,8 +191,9 @@ def test_a_blank_optional_field_is_absent(tmp_path):
 def test_load_dataset_says_where_it_looked(tmp_path, monkeypatch):
     """Outside a checkout the data folder is not beside it: the error names DCEDIT_DATA_DIR."""
     monkeypatch.setenv("DCEDIT_DATA_DIR", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="DCEDIT_DATA_DIR"):
+    with pytest.raises(FileNotFoundError, match="DCEDIT_DATA_DIR") as info:
         load_dataset("counterfact-val")
+    assert f"(DCEDIT_DATA_DIR is {tmp_path};" in str(info.value)  # the folder it named, not only the variable
 
 
 def test_load_dataset_without_the_env_names_the_folder_it_tried(monkeypatch):
