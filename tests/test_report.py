@@ -248,6 +248,8 @@ def test_each_row_starts_raeditors_routing_from_the_same_state(report_module):
 
 @pytest.mark.parametrize("extra, message", [
     (["--n-edits", "x"], "--n-edits must be comma-separated ints, got 'x'"),
+    (["--methods", "ft", "--n-edits", "2", "--gradient-layers", "27,x"],
+     "--gradient-layers must be comma-separated ints, got '27,x'"),
     (["--n-edits", ","], "--n-edits is empty"),
     (["--methods", "mend,bogus"], "--methods: unknown ['bogus']"),
     (["--data", "/nonexistent/val.json"], "data file not found"),
