@@ -164,6 +164,7 @@ def test_ft_rows_alone_and_ft_kl_texts_are_rendered(report_module, tmp_path):
     report["training"], report["ft_kl_edits"] = {}, 25
     text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
     assert "- Editors" not in text and "| FT+KL | 5 |" in text
+    assert "- FT / FT+KL: 1 Adam steps (lr 5e-4) on the edited weights" in text  # --ft-steps, not editor --steps (2)
     assert "FT+KL adds the KL on the locality prompts of the first 25 training edits" in text
     report["ft_kl_edits"] = 0
     assert "FT+KL adds the KL on its generic texts" in report_module.markdown(report, SIZES, layers,
