@@ -271,6 +271,9 @@ def test_each_row_starts_raeditors_routing_from_the_same_state(report_module):
      "--top-k 3 cannot exceed --n-editors 2"),
     (["--methods", "mend", "--n-edits", "2", "--train-data", "EMPTY"], "--train-data: "),  # once "--data: "
     (["--methods", ",", "--n-edits", "2"], "--methods is empty"),  # once a report of nothing, exit status 0
+    # "none" is grouped_outer's unfused per-group stack, not a rule an edit applies (report.FUSIONS)
+    (["--methods", "moeditor", "--n-edits", "2", "--train-data", "TRAIN", "--n-train", "1", "--fusions", "none"],
+     "--fusions: unknown ['none']"),
     (["--methods", "ft,mend", "--n-edits", "2", "--fusions", "add"], "--fusions adds rows to"),  # once ignored
     (["--n-edits", "2", "--loss-reduction", "edit", "--rescale-batch-size", "2"], "--rescale-batch-size undoes"),
 ])
