@@ -262,6 +262,7 @@ def test_each_row_starts_raeditors_routing_from_the_same_state(report_module):
     (["--methods", "mend", "--n-edits", "2", "--train-data", "TRAIN", "--n-train", "1", "--cloc", "nan"],
      "cloc must be a non-negative finite number, got nan"),
     (["--methods", "ft", "--n-edits", "2", "--out-dir", "AFILE"], "--out-dir: cannot create the folder"),
+    (["--methods", "ft", "--n-edits", "2", "--markdown", "IN_AFILE"], "--markdown: cannot create the folder"),
     # Refused at the end of the run (a traceback, no report.md) or after the model loaded and MEND trained:
     (["--methods", "ft", "--n-edits", "2", "--markdown", "ADIR"], "is a folder; give a file name"),
     (["--methods", "mend,moeditor", "--n-edits", "2", "--n-editors", "2", "--top-k", "3"],
@@ -288,6 +289,7 @@ def test_report_refuses_bad_arguments_before_loading_the_model(extra, message, r
     (tmp_path / "a_dir").mkdir()
     (tmp_path / "empty.json").write_text("")
     extra = [{"TRAIN": str(data), "AFILE": str(tmp_path / "a_file"), "ADIR": str(tmp_path / "a_dir"),
+              "IN_AFILE": str(tmp_path / "a_file" / "report.md"),
               "EMPTY": str(tmp_path / "empty.json")}.get(word, word) for word in extra]
     assert report_module.main(argv + extra) == 2
     err = capsys.readouterr().err
