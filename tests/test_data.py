@@ -332,6 +332,16 @@ def test_zsre_skipped_is_untouched_when_the_load_raises(tmp_path, bad):
     assert skipped == ["kept", 0]
 
 
+def test_zsre_a_blank_answer_is_skipped_as_a_blank_alt_is(tmp_path):
+    """With target="answer" the edit's target is answers[0]: a blank one is skipped under
+    skip_empty (its index in `skipped`), as a blank `alt` is, and raises naming answers[0] without."""
+    path = write(tmp_path, [ZSRE_RECORD, dict(ZSRE_RECORD, answers=[" ", "uniforms"])])
+    skipped = []
+    assert [r.target for r in load_zsre(path, target="answer", skipped=skipped)] == ["uniform"] and skipped == [1]
+    with pytest.raises(ValueError, match=r"record 1 field 'answers\[0\]' is empty"):
+        load_zsre(path, target="answer", skip_empty=False)
+
+
 def test_zsre_skipped_must_be_a_list(tmp_path):
     """`skipped` is extended in place: anything but a list (or None) is refused before the file is read."""
     for bad in ((), "x", {}):
