@@ -893,6 +893,8 @@ def test_trained_editor_reports_the_losses_of_steps_that_have_one(tmp_path, monk
     assert edit_demo._losses(info) == "loss 0.500 -> 0.250, 3 batches skipped, non-finite"
     assert edit_demo._losses(dict(info, first_loss=None, last_loss=None)) == "no loss: 3 batches skipped, non-finite"
     assert edit_demo._losses(dict(info, skipped_batches=0)) == "loss 0.500 -> 0.250"
+    # None is "no loss", a loss of 0.0 is a loss (a target the model already predicts with probability 1)
+    assert edit_demo._losses(dict(info, first_loss=0.0, last_loss=0.0, skipped_batches=0)) == "loss 0.000 -> 0.000"
 
 
 def test_trained_editor_cached_gets_the_runtime_settings_and_survives_damaged_metadata(tmp_path, monkeypatch,
