@@ -1155,3 +1155,16 @@ def test_demo_writes_to_demo_out_by_default(capsys):
     with pytest.raises(SystemExit):
         demo.parse_args(["--help"])
     assert "(default ./demo_out)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_demo_quick_setting_is_what_its_help_says(capsys):
+    """--quick is the "reduced run for CI (fewer facts and steps, two layers)" of its help, with the
+    docstring's 10 held-out facts (the slow quick-demo test checks those 10, not the layers)."""
+    demo = _demo_module()
+    quick, full = demo.QUICK, demo.FULL
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--help"])
+    assert "fewer facts and steps, two layers" in " ".join(capsys.readouterr().out.split())
+    assert len(quick["layers"]) == 2 < len(full["layers"]) and set(quick["layers"]) < set(full["layers"])
+    assert quick["n_train"] + quick["n_heldout"] < full["n_train"] + full["n_heldout"]
+    assert quick["train"]["steps"] < full["train"]["steps"] and quick["n_heldout"] == 10
