@@ -343,8 +343,11 @@ def test_zsre_a_blank_answer_is_skipped_as_a_blank_alt_is(tmp_path):
 
 
 def test_zsre_skipped_must_be_a_list(tmp_path):
-    """`skipped` is extended in place: anything but a list (or None) is refused before the file is read."""
-    for bad in ((), "x", {}):
+    """`skipped` is extended in place: anything but a list (or None) is refused before the file is read,
+    a deque too, which has an extend (a check of hasattr(skipped, "extend") took it)."""
+    import collections
+
+    for bad in ((), "x", {}, collections.deque()):
         with pytest.raises(ValueError, match="skipped must be a list or None"):
             load_zsre(tmp_path / "not-read.json", skipped=bad)
 
