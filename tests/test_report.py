@@ -530,3 +530,37 @@ def test_fusions_are_taken_when_methods_hold_a_routed_method_among_others(report
                                "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "is a folder; give a file name" in err and "--fusions" not in err
+
+
+def test_a_whole_report_runs_on_a_tiny_model(report_module, capsys, tmp_path, monkeypatch):
+    """The whole report past the model's load, which every other test here stops before: a tiny
+    Llama stands in for SmolLM2 (blocks 0 and 1), FT and MEND (one training step, no cache) at
+    N_u 1 and 2 with --edit-stats.  report.json holds each method's rows and the unedited rows at
+    every N_u, GCR/GMS only at N_u 2 (pairs of edits), MEND's edit statistics, and report.md and
+    both plots are written."""
+    import json
+
+    import dcedit_kernels.models as models
+
+    tiny = models.tiny_model("llama", seed=0)
+    monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: tiny)
+    monkeypatch.setattr(models, "default_model_path", lambda: tmp_path / "tiny.gguf")
+    data = _counterfact_file(tmp_path / "cf.json", n=6)
+    out = tmp_path / "out"
+    assert report_module.main(["--data", str(data), "--train-data", str(data), "--n-train", "2", "--methods", "ft,mend",
+                               "--n-edits", "1,2", "--repeats", "1", "--layers", "0,1", "--gradient-layers", "1",
+                               "--rank", "2", "--steps", "1", "--batch-size", "2", "--ft-steps", "1", "--edit-stats",
+                               "--no-cache", "--out-dir", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["methods"]) == {"ft", "mend"}
+    for rows in (*report["methods"].values(), {"by_n": report["unedited"]}):
+        assert set(rows["by_n"]) == {"1", "2"}
+    assert set(report["gradients"]) == {"2"} and set(report["gradients"]["2"]) == {"model.layers.1.mlp.down_proj"}
+    assert set(report["edit_statistics"]) == {"mend"} and set(report["edit_statistics"]["mend"]) == {"1", "2"}
+    assert report["layers"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert report["n_train"] == 2 and report["training"]["mend"]["cached"] is False
+    for name in ("report.md", "es_dd_by_n.png", "gcr_gms_by_layer.png"):
+        assert (out / name).stat().st_size > 0, name
+    text = (out / "report.md").read_text()
+    assert "| MEND | 2 |" in text and "| FT | 1 |" in text
+    assert f"wrote {out / 'report.md'}" in capsys.readouterr().out
