@@ -938,3 +938,20 @@ def test_decoder_tokens_default_to_the_label_positions(arch, gen):
     assert b.num_tokens == int((batch["labels"] != IGNORE_INDEX).sum()) == a.num_tokens
     assert torch.equal(a.edit_offsets, b.edit_offsets)
     assert rel_err(b.mu, a.mu) < 1e-12 and rel_err(b.eta, a.eta) < 1e-10
+
+
+def test_an_unbatched_module_input_is_one_edit(gen):
+    """A module run on one unbatched sequence, (L, in) with no batch dimension and no mask, gives one
+    edit of its L tokens (the layout's "one edit per batch row": here one row), not L edits of one
+    token.  Pins _on_forward's one-row reading of a 1-D token mask."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    net = nn.ModuleDict({"a": nn.Linear(5, 3)}).double()
+    L = int(torch.randint(2, 7, (1,), generator=gen))
+    x = torch.randn(L, 5, dtype=torch.float64, generator=gen)
+    net.zero_grad()
+    with capture_factors(net, ["a"]) as cap:
+        net["a"](x).pow(2).sum().backward()
+    f = cap.factors["a"]
+    assert f.edit_offsets.tolist() == [0, L]
+    assert torch.equal(f.mu, x)
+    assert rel_err(f.gradient(per_edit=True)[0], net["a"].weight.grad) < 1e-12
