@@ -955,3 +955,30 @@ def test_an_unbatched_module_input_is_one_edit(gen):
     assert f.edit_offsets.tolist() == [0, L]
     assert torch.equal(f.mu, x)
     assert rel_err(f.gradient(per_edit=True)[0], net["a"].weight.grad) < 1e-12
+
+
+def test_a_mask_passed_through_forward_kwargs_is_read(gen):
+    """A model whose forward takes the mask through **kwargs (`forward(self, x, **kwargs)`) still
+    has it read from the call: the padded tokens are dropped.  Pins _model_pre_hook's merge of the
+    bound **kwargs dict (without it the mask was not found and every token was kept)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(5, 3)
+
+        def forward(self, x, **kwargs):
+            return (self.a(x).pow(2).sum(-1) * kwargs["attention_mask"]).sum()
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    net = Net().double()
+    x = torch.randn(3, 4, 5, dtype=torch.float64, generator=gen)
+    mask = (torch.rand(3, 4, generator=gen) < 0.5).long()
+    mask[:, 0], mask[-1, -1] = 1, 0  # every row has a token, and some token is padding
+    net.zero_grad()
+    with capture_factors(net, ["a"]) as cap:
+        net(x, attention_mask=mask).backward()
+    f = cap.factors["a"]
+    assert torch.diff(f.edit_offsets).tolist() == mask.sum(1).tolist()
+    assert torch.equal(f.mu, x[mask.bool()])
+    assert rel_err(f.gradient(), net.a.weight.grad) < 1e-12
