@@ -982,3 +982,39 @@ def test_a_mask_passed_through_forward_kwargs_is_read(gen):
     assert torch.diff(f.edit_offsets).tolist() == mask.sum(1).tolist()
     assert torch.equal(f.mu, x[mask.bool()])
     assert rel_err(f.gradient(), net.a.weight.grad) < 1e-12
+
+
+def test_a_mask_is_read_when_the_forward_signature_does_not_bind_the_call(gen):
+    """A forward wrapped (functools.wraps) by a decorator that takes a keyword of its own, as
+    transformers' deprecate_kwarg takes a deprecated name, has a signature the call does not bind
+    (inspect raises TypeError): the mask is then read from the call's keywords as they are, and the
+    padded tokens are dropped.  Pins _model_pre_hook's fallback to the call's kwargs."""
+    import functools
+
+    def takes_old_name(forward):
+        @functools.wraps(forward)
+        def wrapper(self, *args, old_flag=None, **kwargs):
+            return forward(self, *args, **kwargs)
+        return wrapper
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(5, 3)
+
+        @takes_old_name
+        def forward(self, x, attention_mask=None):
+            return (self.a(x).pow(2).sum(-1) * attention_mask).sum()
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    net = Net().double()
+    x = torch.randn(3, 4, 5, dtype=torch.float64, generator=gen)
+    mask = (torch.rand(3, 4, generator=gen) < 0.5).long()
+    mask[:, 0], mask[-1, -1] = 1, 0  # every row has a token, and some token is padding
+    net.zero_grad()
+    with capture_factors(net, ["a"]) as cap:
+        net(x, attention_mask=mask, old_flag=True).backward()
+    f = cap.factors["a"]
+    assert torch.diff(f.edit_offsets).tolist() == mask.sum(1).tolist()
+    assert torch.equal(f.mu, x[mask.bool()])
+    assert rel_err(f.gradient(), net.a.weight.grad) < 1e-12
