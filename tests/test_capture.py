@@ -1018,3 +1018,18 @@ def test_a_mask_is_read_when_the_forward_signature_does_not_bind_the_call(gen):
     assert torch.diff(f.edit_offsets).tolist() == mask.sum(1).tolist()
     assert torch.equal(f.mu, x[mask.bool()])
     assert rel_err(f.gradient(), net.a.weight.grad) < 1e-12
+
+
+def test_compute_factors_takes_a_batch_that_sets_use_cache(gen):
+    """A batch that sets use_cache itself is passed on as it is (compute_factors adds its own
+    use_cache=False only when the batch has none: both gave the model the keyword twice, a
+    TypeError), with the factors of the batch without it.  Pins compute_factors' "use_cache" in
+    batch check."""
+    model, tok = make_model("gpt2", torch.float64, gen)
+    batch = random_batch(model, tok, "gpt2", gen, n_edits=2)
+    name = "transformer.h.0.mlp.c_fc"
+    plain, loss = compute_factors(model, batch, [name])
+    own, own_loss = compute_factors(model, {**batch, "use_cache": False}, [name])
+    assert float(own_loss) == float(loss)
+    assert torch.equal(own[name].edit_offsets, plain[name].edit_offsets)
+    assert torch.equal(own[name].mu, plain[name].mu) and rel_err(own[name].eta, plain[name].eta) < 1e-12
