@@ -1033,3 +1033,22 @@ def test_compute_factors_takes_a_batch_that_sets_use_cache(gen):
     assert float(own_loss) == float(loss)
     assert torch.equal(own[name].edit_offsets, plain[name].edit_offsets)
     assert torch.equal(own[name].mu, plain[name].mu) and rel_err(own[name].eta, plain[name].eta) < 1e-12
+
+
+def test_modules_called_with_their_input_by_keyword(gen):
+    """A module the model calls with its input as a keyword, nn.Linear's `input=` or GPT-2
+    Conv1D's `x=`, is captured as if called positionally.  Pins _on_forward's reading of the
+    input from those keywords (without it: "expected tensor input and output")."""
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    net = nn.ModuleDict({"lin": nn.Linear(5, 4), "conv": Conv1D(3, 4)}).double()
+    x = torch.randn(2, 3, 5, dtype=torch.float64, generator=gen)
+    net.zero_grad()
+    with capture_factors(net, ["lin", "conv"]) as cap:
+        h = net["lin"](input=x)
+        net["conv"](x=torch.tanh(h)).pow(2).sum().backward()
+    f = cap.factors
+    assert torch.equal(f["lin"].mu, x.reshape(-1, 5))
+    assert torch.equal(f["conv"].mu, torch.tanh(h).detach().reshape(-1, 4))
+    assert rel_err(f["lin"].gradient(), net["lin"].weight.grad) < 1e-12
+    assert rel_err(f["conv"].gradient(), net["conv"].weight.grad.t()) < 1e-12
