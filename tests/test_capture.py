@@ -1052,3 +1052,21 @@ def test_modules_called_with_their_input_by_keyword(gen):
     assert torch.equal(f["conv"].mu, torch.tanh(h).detach().reshape(-1, 4))
     assert rel_err(f["lin"].gradient(), net["lin"].weight.grad) < 1e-12
     assert rel_err(f["conv"].gradient(), net["conv"].weight.grad.t()) < 1e-12
+
+
+def test_a_flattened_input_of_another_token_count_is_refused(gen):
+    """A module that sees its tokens flattened, (rows·L, in) as OPT's layers do, is read row-major
+    only when it has exactly rows·L tokens: a flattened input with more (here 2·3 + 2 against a
+    (2, 3) mask) is the RuntimeError naming the module and both shapes, not the factors of its
+    first rows·L rows.  Pins _keep_mask's token count in its test for a flattened input."""
+    net = nn.ModuleDict({"a": nn.Linear(5, 3)})
+    extra = int(torch.randint(1, 4, (1,), generator=gen))
+    x = torch.randn(6 + extra, 5, generator=gen)
+    mask = torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=rf"module 'a' ran on input of shape \({6 + extra}, 5\), which does not "
+                                           r"match the token mask of shape \(2, 3\)"):
+        with capture_factors(net, ["a"], batch={"attention_mask": mask}):
+            net["a"](x)
+    with capture_factors(net, ["a"], batch={"attention_mask": mask}) as cap:  # exactly rows·L: read row-major
+        net["a"](x[:6]).sum().backward()
+    assert torch.equal(cap.factors["a"].mu, x[:6]) and cap.factors["a"].edit_offsets.tolist() == [0, 3, 6]
