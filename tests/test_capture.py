@@ -1070,3 +1070,47 @@ def test_a_flattened_input_of_another_token_count_is_refused(gen):
     with capture_factors(net, ["a"], batch={"attention_mask": mask}) as cap:  # exactly rows·L: read row-major
         net["a"](x[:6]).sum().backward()
     assert torch.equal(cap.factors["a"].mu, x[:6]) and cap.factors["a"].edit_offsets.tolist() == [0, 3, 6]
+
+
+def test_an_encoder_that_returns_a_tuple_marks_its_output_as_encoder_side(gen):
+    """An encoder-decoder whose encoder returns a tuple (return_dict=False, as transformers 4's
+    encoders did) has its first element taken as the encoder output: a decoder module reading it
+    (a cross-attention key projection) keeps the encoder's non-padding tokens, by the encoder
+    mask, while the other decoder modules follow the decoder mask.  Pins _encoder_hook's reading
+    of a tuple output."""
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(5, 5)
+
+        def forward(self, x):
+            return (torch.tanh(self.proj(x)),)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(is_encoder_decoder=True)
+            self.encoder, self.key, self.query = Encoder(), nn.Linear(5, 3), nn.Linear(4, 3)
+
+        def get_encoder(self):
+            return self.encoder
+
+        def forward(self, x, y, attention_mask, decoder_attention_mask):
+            k = self.key(self.encoder(x)[0]) * attention_mask[..., None]
+            q = self.query(y) * decoder_attention_mask[..., None]
+            return (q @ k.transpose(1, 2)).pow(2).sum()
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    net = Net().double()
+    x, y = torch.randn(3, 6, 5, dtype=torch.float64, generator=gen), torch.randn(3, 4, 4, dtype=torch.float64, generator=gen)
+    enc_mask, dec_mask = (torch.rand(3, 6, generator=gen) < 0.6).long(), (torch.rand(3, 4, generator=gen) < 0.6).long()
+    enc_mask[:, 0], dec_mask[:, 0] = 1, 1
+    net.zero_grad()
+    with capture_factors(net, ["key", "query"]) as cap:
+        net(x, y, attention_mask=enc_mask, decoder_attention_mask=dec_mask).backward()
+    f = cap.factors
+    assert torch.diff(f["key"].edit_offsets).tolist() == enc_mask.sum(1).tolist()
+    assert torch.diff(f["query"].edit_offsets).tolist() == dec_mask.sum(1).tolist()
+    assert rel_err(f["key"].gradient(), net.key.weight.grad) < 1e-12
+    assert rel_err(f["query"].gradient(), net.query.weight.grad) < 1e-12
