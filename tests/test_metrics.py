@@ -700,3 +700,18 @@ def test_prediction_metrics_average_over_requests_not_tokens():
     assert edit_success(lm, lm.tok, requests) == pytest.approx(want)
     assert neighbourhood_success(lm, lm.tok, requests) == pytest.approx(want)
     assert reliability(lm, lm.tok, requests, exact=True) == pytest.approx(1 / 2)
+
+
+@pytest.mark.parametrize("fp64", ["mu", "eta"])
+def test_factor_gram_of_mixed_dtype_factors_is_computed_in_float64(fp64, gen):
+    """Factors of which one is float64 and the other fp32 (either way round) give the float64
+    Gram of the float64 dense gradients, to float64 rounding: the kernel is computed in float64
+    when either factor is (in fp32 the float64 factor was rounded first, an error ~1e-7).  Pins
+    factor_gram's dtype choice over both factors."""
+    counts = torch.randint(1, 5, (3,), generator=gen).tolist()
+    offsets = ragged_offsets(counts)
+    T = sum(counts)
+    mu = randn((T, 6), gen, torch.float64 if fp64 == "mu" else torch.float32)
+    eta = randn((T, 4), gen, torch.float64 if fp64 == "eta" else torch.float32)
+    dense = dense_per_edit(mu, eta, offsets)
+    assert rel_err(factor_gram(mu, eta, offsets), dense @ dense.t()) < 1e-12
