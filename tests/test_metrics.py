@@ -715,3 +715,17 @@ def test_factor_gram_of_mixed_dtype_factors_is_computed_in_float64(fp64, gen):
     eta = randn((T, 4), gen, torch.float64 if fp64 == "eta" else torch.float32)
     dense = dense_per_edit(mu, eta, offsets)
     assert rel_err(factor_gram(mu, eta, offsets), dense @ dense.t()) < 1e-12
+
+
+def test_gradient_metrics_of_zero_width_gradients(gen):
+    """Gradients with no entries, (E, 0) rows or factors of a layer with no input feature, are zero
+    gradients: GCR 0 (a zero gradient conflicts with nothing), GMS 1 (a pair of zeros) and a zero
+    Gram, not amax's error on a reduction over no entry.  Pins _pow2_scaled_rows' zero-width case."""
+    E = int(torch.randint(2, 6, (1,), generator=gen))
+    assert gcr(torch.zeros(E, 0)) == 0.0 and gms(torch.zeros(E, 0)) == 1.0
+    counts = torch.randint(0, 4, (E,), generator=gen).tolist()
+    T = sum(counts)
+    gram = factor_gram(torch.zeros(T, 0), randn((T, 3), gen), ragged_offsets(counts))
+    assert torch.equal(gram, torch.zeros(E, E, dtype=torch.float64))
+    gram = factor_gram(randn((T, 3), gen), torch.zeros(T, 0), ragged_offsets(counts))
+    assert torch.equal(gram, torch.zeros(E, E, dtype=torch.float64))
