@@ -139,6 +139,10 @@ def test_metrics_restore_mode_and_check_inputs():
         neighbourhood_success(lm, tok, [REQUESTS[0], EditRequest("a", "b", locality="c")])
     with pytest.raises(ValueError, match="batch_size"):
         reliability(lm, tok, REQUESTS, batch_size=0)
+    # Only an int: True scored one row per batch and 2.0 reached range()'s TypeError.
+    for bad in (True, 2.0):
+        with pytest.raises(ValueError, match=rf"^batch_size must be a positive int, got {bad!r}$"):
+            reliability(lm, tok, REQUESTS, batch_size=bad)
     base = locality_predictions(lm, tok, REQUESTS)
     for wrong in (base[:1], base + base[:1]):  # one too few, one too many (zip dropped the extra)
         with pytest.raises(ValueError, match=r"base_predictions must have one entry per request \(2\)"):
