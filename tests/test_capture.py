@@ -1114,3 +1114,18 @@ def test_an_encoder_that_returns_a_tuple_marks_its_output_as_encoder_side(gen):
     assert torch.diff(f["query"].edit_offsets).tolist() == dec_mask.sum(1).tolist()
     assert rel_err(f["key"].gradient(), net.key.weight.grad) < 1e-12
     assert rel_err(f["query"].gradient(), net.query.weight.grad) < 1e-12
+
+
+def test_compute_factors_refuses_a_non_finite_mu_under_a_finite_loss(gen):
+    """A kept token whose layer input is not finite while the loss and η are (the loss reads
+    another token's output only, so that token's η is 0) is a FloatingPointError naming the
+    module.  Pins the μ half of compute_factors' check of the factors."""
+    net, batch = _one_linear_model(gen)
+    row, pos = int(torch.randint(0, 2, (1,), generator=gen)), int(torch.randint(1, 4, (1,), generator=gen))
+    batch["x"][row, pos, int(torch.randint(0, 5, (1,), generator=gen))] = float("inf")
+    loss_fn = lambda out, b: out.out[:, 0].pow(2).sum()  # noqa: E731
+    with pytest.raises(FloatingPointError, match="non-finite gradient factors for module 'a'"):
+        compute_factors(net, batch, ["a"], loss_fn=loss_fn)
+    factors, loss = compute_factors(net, batch, ["a"], loss_fn=loss_fn, check_finite=False)
+    assert torch.isfinite(loss) and torch.isfinite(factors["a"].eta).all()
+    assert not torch.isfinite(factors["a"].mu[4 * row + pos]).all()
