@@ -457,6 +457,9 @@ def test_errors_name_the_problem(gen):
         resolve_modules(model, [])
     with pytest.raises(ValueError, match="duplicates"):
         resolve_modules(model, ["lm_head", "lm_head"])
+    # A name that is not a str is named as such (it read as "no module named 3 in the model").
+    with pytest.raises(ValueError, match=r"^module_names must hold str, got int$"):
+        resolve_modules(model, ["lm_head", 3])
     with pytest.raises(ValueError, match="^layers: no module"):
         resolve_modules(model, ["nope"], arg="layers")
     model.alias = model.transformer.h[0].mlp  # one module under two names (named_modules lists it once)
