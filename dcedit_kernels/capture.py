@@ -96,6 +96,8 @@ from .tokenize import IGNORE_INDEX, listed_causal_lm, no_kv_cache
 
 TOKEN_MODES = ("all", "target")
 _MASK_KEYS = ("attention_mask", "labels", "decoder_attention_mask")
+# What else of a call is kept: the row layout of a call without a mask (`_row_layout`).
+_LAYOUT_KEYS = ("input_ids", "decoder_input_ids", "inputs_embeds", "decoder_inputs_embeds")
 # Entries a model takes only as tensors: compute_factors refuses a list there (tokenizer output
 # without return_tensors), which reached the embedding as torch's TypeError.
 _TENSOR_KEYS = ("input_ids", "decoder_input_ids", *_MASK_KEYS)
@@ -286,10 +288,11 @@ class FactorCapture:
         self._handles: list = []
         self._records: dict[str, _Record] = {}
         self._outputs: dict[str, torch.Tensor] = {}
-        # Masks/labels of the current forward; batch= entries win over the model call's arguments
-        # and also serve models whose top level is never called (their pre-hook never fires).
+        # Masks/labels (and the ids that give a maskless call its rows) of the current forward;
+        # batch= entries win over the model call's arguments and also serve models whose top level
+        # is never called (their pre-hook never fires).
         self._call: dict[str, torch.Tensor] = {
-            k: v for k, v in self._override.items() if k in _MASK_KEYS and v is not None
+            k: v for k, v in self._override.items() if k in (*_MASK_KEYS, *_LAYOUT_KEYS) and v is not None
         }
         self._encoder_out: torch.Tensor | None = None
         self._encoder_copies: dict[torch.device, torch.Tensor] = {}
@@ -369,7 +372,7 @@ class FactorCapture:
         extra = bound.get("kwargs")
         if isinstance(extra, dict):  # forward(**kwargs) signatures
             bound = {**bound, **extra}
-        for key in _MASK_KEYS:
+        for key in (*_MASK_KEYS, *_LAYOUT_KEYS):
             value = self._override.get(key, bound.get(key))
             if value is not None:
                 self._call[key] = value
@@ -440,6 +443,21 @@ class FactorCapture:
             copy = self._encoder_copies[x.device] = enc.detach().to(x.device)
         return bool(torch.equal(x, copy))
 
+    def _row_layout(self, shape: torch.Size, labels, encoder_side: bool) -> torch.Size:
+        """The token layout of a call without a mask: `shape` (the module's x.shape[:-1]), except
+        for a module that sees its tokens flattened, (rows·L, in) as OPT's layers do, where it is the
+        (rows, L) of the call's labels or token ids.  Without it "all" mode read such a module's
+        rows·L tokens as one edit (OPT, 3 rows of 5 tokens: offsets [0, 15], with a mask of ones
+        [0, 5, 10, 15]), while the model's unflattened modules gave one edit per row."""
+        if len(shape) != 1:
+            return shape
+        prefix = "decoder_" if self._enc_dec and not encoder_side else ""
+        embeds = self._call.get(prefix + "inputs_embeds")
+        for t in (labels, self._call.get(prefix + "input_ids"), embeds[..., 0] if torch.is_tensor(embeds) else None):
+            if torch.is_tensor(t) and t.dim() == 2 and t.numel() == shape[0]:
+                return t.shape
+        return shape
+
     def _keep_mask(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
         encoder_side = self._enc_dec and (id(module) in self._encoder_ids or self._is_encoder_output(x))
@@ -453,7 +471,10 @@ class FactorCapture:
             labels = None if encoder_side else self._call.get("labels")
             mask = self._call.get("attention_mask")
             shift = self.label_shift
-        keep = torch.ones(shape, dtype=torch.bool, device=x.device) if mask is None else mask.to(x.device).bool()
+        if mask is None:
+            keep = torch.ones(self._row_layout(shape, labels, encoder_side), dtype=torch.bool, device=x.device)
+        else:
+            keep = mask.to(x.device).bool()
         if self.tokens == "target" and not encoder_side and labels is None:
             raise ValueError(
                 f"tokens='target' needs labels: pass labels to the model call or batch= to the capture "

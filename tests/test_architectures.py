@@ -95,6 +95,29 @@ def test_frozen_capture_reproduces_weight_grad(arch, gen):
         assert err < 1e-10, f"{arch} {name}: rel err {err:.3e}"
 
 
+@pytest.mark.parametrize("key", ["labels", "input_ids", "inputs_embeds"])
+def test_flattened_layers_split_a_call_without_a_mask_into_rows(key, gen):
+    """A call without an attention mask (no padding: rows of one length) gives one edit per row
+    in every captured module, OPT's flattened fc2 (rows·L tokens) as the unflattened lm_head: the
+    row layout comes from the call's labels, else its input_ids or inputs_embeds.  OPT's fc2 read
+    its rows·L tokens as one edit ([0, 15] for 3 rows of 5 tokens) while lm_head gave [0, 5, 10,
+    15]; the summed gradient was right either way."""
+    model, tok, layers = build("opt", gen)
+    rows, L = int(torch.randint(2, 5, (1,), generator=gen)), int(torch.randint(3, 7, (1,), generator=gen))
+    ids = torch.randint(5, len(tok), (rows, L), generator=gen)
+    call = {"labels": {"input_ids": ids, "labels": ids}, "input_ids": {"input_ids": ids},
+            "inputs_embeds": {"inputs_embeds": model.get_input_embeddings()(ids).detach()}}[key]
+    # Without labels a loss of the caller's own.
+    loss = {} if key == "labels" else {"loss_fn": lambda out, batch: out.logits.pow(2).mean()}
+    names = [layers[0], "lm_head"]
+    factors, _ = compute_factors(model, call, names, **loss)
+    masked, _ = compute_factors(model, {**call, "attention_mask": torch.ones(rows, L, dtype=torch.long)}, names, **loss)
+    for name in names:
+        assert factors[name].edit_offsets.tolist() == list(range(0, rows * L + 1, L)), name
+        assert torch.equal(factors[name].edit_offsets, masked[name].edit_offsets), name
+        assert rel_err(factors[name].gradient(per_edit=True), masked[name].gradient(per_edit=True)) < 1e-12, name
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_train_edit_and_undo(arch, gen):
     """MoEditor trains a step (the edited pass through `lowrank_edited`), edits, scores the same
