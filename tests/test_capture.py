@@ -960,6 +960,23 @@ def test_an_unbatched_module_input_is_one_edit(gen):
     assert rel_err(f.gradient(per_edit=True)[0], net["a"].weight.grad) < 1e-12
 
 
+def _padding_is_dropped(net_cls, gen, **call_kwargs):
+    """`net_cls()`'s module "a" on (3, 4, 5) inputs with a random mask passed as attention_mask=
+    (and `call_kwargs`): the capture keeps the unmasked tokens, one edit per row."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    net = net_cls().double()
+    x = torch.randn(3, 4, 5, dtype=torch.float64, generator=gen)
+    mask = (torch.rand(3, 4, generator=gen) < 0.5).long()
+    mask[:, 0], mask[-1, -1] = 1, 0  # every row has a token, and some token is padding
+    net.zero_grad()
+    with capture_factors(net, ["a"]) as cap:
+        net(x, attention_mask=mask, **call_kwargs).backward()
+    f = cap.factors["a"]
+    assert torch.diff(f.edit_offsets).tolist() == mask.sum(1).tolist()
+    assert torch.equal(f.mu, x[mask.bool()])
+    assert rel_err(f.gradient(), net.a.weight.grad) < 1e-12
+
+
 def test_a_mask_passed_through_forward_kwargs_is_read(gen):
     """A model whose forward takes the mask through **kwargs (`forward(self, x, **kwargs)`) still
     has it read from the call: the padded tokens are dropped.  Pins _model_pre_hook's merge of the
@@ -973,18 +990,7 @@ def test_a_mask_passed_through_forward_kwargs_is_read(gen):
         def forward(self, x, **kwargs):
             return (self.a(x).pow(2).sum(-1) * kwargs["attention_mask"]).sum()
 
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-    net = Net().double()
-    x = torch.randn(3, 4, 5, dtype=torch.float64, generator=gen)
-    mask = (torch.rand(3, 4, generator=gen) < 0.5).long()
-    mask[:, 0], mask[-1, -1] = 1, 0  # every row has a token, and some token is padding
-    net.zero_grad()
-    with capture_factors(net, ["a"]) as cap:
-        net(x, attention_mask=mask).backward()
-    f = cap.factors["a"]
-    assert torch.diff(f.edit_offsets).tolist() == mask.sum(1).tolist()
-    assert torch.equal(f.mu, x[mask.bool()])
-    assert rel_err(f.gradient(), net.a.weight.grad) < 1e-12
+    _padding_is_dropped(Net, gen)
 
 
 def test_a_mask_is_read_when_the_forward_signature_does_not_bind_the_call(gen):
@@ -1009,18 +1015,7 @@ def test_a_mask_is_read_when_the_forward_signature_does_not_bind_the_call(gen):
         def forward(self, x, attention_mask=None):
             return (self.a(x).pow(2).sum(-1) * attention_mask).sum()
 
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-    net = Net().double()
-    x = torch.randn(3, 4, 5, dtype=torch.float64, generator=gen)
-    mask = (torch.rand(3, 4, generator=gen) < 0.5).long()
-    mask[:, 0], mask[-1, -1] = 1, 0  # every row has a token, and some token is padding
-    net.zero_grad()
-    with capture_factors(net, ["a"]) as cap:
-        net(x, attention_mask=mask, old_flag=True).backward()
-    f = cap.factors["a"]
-    assert torch.diff(f.edit_offsets).tolist() == mask.sum(1).tolist()
-    assert torch.equal(f.mu, x[mask.bool()])
-    assert rel_err(f.gradient(), net.a.weight.grad) < 1e-12
+    _padding_is_dropped(Net, gen, old_flag=True)
 
 
 def test_compute_factors_takes_a_batch_that_sets_use_cache(gen):
