@@ -532,12 +532,11 @@ def test_fusions_are_taken_when_methods_hold_a_routed_method_among_others(report
     assert "is a folder; give a file name" in err and "--fusions" not in err
 
 
-def test_a_whole_report_runs_on_a_tiny_model(report_module, capsys, tmp_path, monkeypatch):
-    """The whole report past the model's load, which every other test here stops before: a tiny
-    Llama stands in for SmolLM2 (blocks 0 and 1), FT and MEND (one training step, no cache) at
-    N_u 1 and 2 with --edit-stats.  report.json holds each method's rows and the unedited rows at
-    every N_u, GCR/GMS only at N_u 2 (pairs of edits), MEND's edit statistics, and report.md and
-    both plots are written."""
+def _tiny_report(report_module, tmp_path, monkeypatch, *extra):
+    """A whole report past the model's load, which the tests before these stop before: a tiny
+    Llama stands in for SmolLM2 (blocks 0 and 1), editors of rank 2 train one step of 2 edits, no
+    cache, at N_u 1 and 2 over a 6-edit file; `extra` adds arguments.  Returns (report.json's
+    content, the output folder)."""
     import json
 
     import dcedit_kernels.models as models
@@ -547,11 +546,18 @@ def test_a_whole_report_runs_on_a_tiny_model(report_module, capsys, tmp_path, mo
     monkeypatch.setattr(models, "default_model_path", lambda: tmp_path / "tiny.gguf")
     data = _counterfact_file(tmp_path / "cf.json", n=6)
     out = tmp_path / "out"
-    assert report_module.main(["--data", str(data), "--train-data", str(data), "--n-train", "2", "--methods", "ft,mend",
-                               "--n-edits", "1,2", "--repeats", "1", "--layers", "0,1", "--gradient-layers", "1",
-                               "--rank", "2", "--steps", "1", "--batch-size", "2", "--ft-steps", "1", "--edit-stats",
-                               "--no-cache", "--out-dir", str(out), "--no-progress"]) == 0
-    report = json.loads((out / "report.json").read_text())
+    assert report_module.main(["--data", str(data), "--train-data", str(data), "--n-train", "2", "--n-edits", "1,2",
+                               "--repeats", "1", "--layers", "0,1", "--gradient-layers", "1", "--rank", "2",
+                               "--steps", "1", "--batch-size", "2", "--ft-steps", "1", "--no-cache",
+                               "--out-dir", str(out), "--no-progress", *extra]) == 0
+    return json.loads((out / "report.json").read_text()), out
+
+
+def test_a_whole_report_runs_on_a_tiny_model(report_module, capsys, tmp_path, monkeypatch):
+    """FT and MEND with --edit-stats (`_tiny_report`): report.json holds each method's rows and the
+    unedited rows at every N_u, GCR/GMS only at N_u 2 (pairs of edits), MEND's edit statistics,
+    and report.md and both plots are written.  Before it, no fast test ran report.py past the load."""
+    report, out = _tiny_report(report_module, tmp_path, monkeypatch, "--methods", "ft,mend", "--edit-stats")
     assert set(report["methods"]) == {"ft", "mend"}
     for rows in (*report["methods"].values(), {"by_n": report["unedited"]}):
         assert set(rows["by_n"]) == {"1", "2"}
@@ -564,3 +570,20 @@ def test_a_whole_report_runs_on_a_tiny_model(report_module, capsys, tmp_path, mo
     text = (out / "report.md").read_text()
     assert "| MEND | 2 |" in text and "| FT | 1 |" in text
     assert f"wrote {out / 'report.md'}" in capsys.readouterr().out
+
+
+def test_a_whole_report_of_the_routed_methods_adds_their_fusion_rows(report_module, tmp_path, monkeypatch):
+    """RaEditor and MoEditor with --fusions add (`_tiny_report`): one MoEditor is trained (RaEditor is
+    its random-routing twin), each method gets its own rows and an "add" row at every N_u, and the
+    editor line records the fusion MoEditor trained with (sss) and its gate's top-k."""
+    report, out = _tiny_report(report_module, tmp_path, monkeypatch, "--methods", "raeditor,moeditor",
+                               "--n-editors", "2", "--fusions", "add")
+    assert set(report["methods"]) == {"raeditor", "moeditor", "raeditor:add", "moeditor:add"}
+    for rows in report["methods"].values():
+        assert set(rows["by_n"]) == {"1", "2"}
+    assert set(report["training"]) == {"moeditor"}
+    assert report["editor"]["fusion"] == "sss" and report["editor"]["n_editors"] == 2
+    assert report["editor"]["top_k"] is not None and report["edit_statistics"] == {}
+    text = (out / "report.md").read_text()
+    for row in ("| RaEditor | 1 |", "| MoEditor | 2 |", "| RaEditor (add) | 1 |", "| MoEditor (add) | 2 |"):
+        assert row in text, row
