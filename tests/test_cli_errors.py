@@ -550,6 +550,18 @@ def test_cli_train_interrupted_says_how_to_resume(capsys, tmp_path, monkeypatch,
     assert len(resumed) == 2  # steps 2 and 3: step 1 came from the checkpoint
 
 
+@pytest.mark.parametrize("command", ["edit", "evaluate"])
+def test_cli_edit_or_evaluate_interrupted_is_one_line(command, capsys, monkeypatch):
+    """A Ctrl-C of `dcedit edit` or `evaluate` is one line and exit status 130, with nothing of
+    resuming: only train writes checkpoints, and only train's flags hold --checkpoint-dir."""
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, command, interrupted)
+    assert cli.main([command]) == 130
+    assert capsys.readouterr().err == "dcedit: interrupted\n"
+
+
 def test_cli_train_batch_larger_than_the_data_is_a_note_in_the_cli_terms(capsys, tmp_path,
                                                                          tiny_model_dir):
     """The default --batch-size 25 on a small --n-edits gave fit's UserWarning, in Python's terms
