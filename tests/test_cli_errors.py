@@ -107,6 +107,21 @@ def test_write_json_writes_paths_and_tensors_and_refuses_the_rest(tmp_path):
         cli.write_json(out, dict(x=object()))
 
 
+def test_cli_json_record_is_the_result_and_the_runs_time(capsys, tmp_path, monkeypatch):
+    """edit's and evaluate's --out record is the command's result with elapsed_s added: the seconds
+    from main's start, before the command ran, to its return."""
+    from types import SimpleNamespace
+
+    for command in ("edit", "evaluate"):
+        clock = iter([10.0, 12.5])
+        monkeypatch.setattr(cli, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+        monkeypatch.setitem(cli.COMMANDS, command, lambda args: {"method": "ft", "n": 3})
+        out = tmp_path / f"{command}.json"
+        assert cli.main([command, "--out", str(out)]) == 0
+        assert json.loads(out.read_text()) == {"method": "ft", "n": 3, "elapsed_s": 2.5}
+        assert capsys.readouterr().out == f"wrote {out}\n"
+
+
 def test_dcedit_version(capsys):
     from dcedit_kernels import __version__
 
