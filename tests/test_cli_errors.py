@@ -47,6 +47,22 @@ def test_cli_main_gives_torch_threads_back(capsys, tiny_model_dir):
     assert torch.get_num_threads() == threads
 
 
+@pytest.mark.parametrize("cores", [1, 2, 3, None])
+def test_set_threads_default_is_one_thread_on_two_cores_or_fewer(cores, monkeypatch):
+    """Without --threads: 1 thread where os.cpu_count() is at most 2 (or unknown), torch's own count
+    on a larger machine."""
+    import os
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    try:
+        torch.set_num_threads(3)  # torch's count, whatever this machine's is
+        expected = 3 if cores == 3 else 1
+        assert cli.set_threads(None) == expected and torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_cli_helpers_refuse_bad_values_from_python_callers():
     with pytest.raises(cli.UserError, match="--threads must be a positive int, got 0"):
         cli.set_threads(0)
