@@ -170,6 +170,12 @@ def test_cli_n_edits_list_is_checked_before_the_model_loads(sizes, capsys, monke
     assert "dcedit: error: --n-edits must be a comma-separated list of positive ints" in capsys.readouterr().err
 
 
+def test_cli_n_edits_list_skips_blank_entries():
+    """evaluate's --n-edits reads '3, 5,' (spaces, a trailing comma) as N_u 3 and 5."""
+    assert cli.parse_sizes("3, 5,") == [3, 5]
+    assert cli.parse_sizes(" 7 ,,2") == [7, 2]
+
+
 def test_cli_editor_file_missing_or_not_an_editor(capsys, tmp_path, tiny_model_dir):
     base = ["edit", "--model", str(tiny_model_dir), "--prompt", "a b", "--target", "c", "--editor"]
     assert cli.main(base + [str(tmp_path / "none.safetensors")]) == 2
