@@ -658,6 +658,23 @@ def test_cli_rounding_warning_is_in_the_cli_terms(capsys, tiny_model_dir):
     assert "handle.stats" not in err and "evaluate.py" not in err
 
 
+def test_cli_passes_the_warnings_it_does_not_reword_on(capsys, monkeypatch):
+    """While a command runs, a warning the command line does not word itself (all but apply's
+    rounding warning) reaches the caller's warnings.showwarning as it was raised."""
+    import warnings
+
+    def command(args):
+        warnings.warn("some other warning", UserWarning)
+        return {}
+
+    monkeypatch.setitem(cli.COMMANDS, "edit", command)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(["edit"]) == 0
+    assert [(str(w.message), w.category) for w in caught] == [("some other warning", UserWarning)]
+    assert "dcedit: warning" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags, named", [(["--method", "ft"], "not --method ft"),
                                           ([], "not --method ft"),
                                           (["--method", "ft_kl"], "not --method ft_kl"),
