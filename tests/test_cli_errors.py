@@ -751,7 +751,9 @@ def test_cli_train_resumed_with_other_flags_names_the_flags(capsys, tmp_path, ti
                         (["--loss-reduction", "edit"], "was trained with --loss-reduction token, not edit"),
                         (["--rank", "8"], "(--method mend --layers model.layers.0.mlp.down_proj,"
                                           "model.layers.1.mlp.down_proj --rank 4)"),
-                        (["--method", "proeditor"], "(--method mend --layers ")):
+                        # another method: no editor differences to list, so the flags end at --layers
+                        (["--method", "proeditor"], "(--method mend --layers model.layers.0.mlp.down_proj,"
+                                                    "model.layers.1.mlp.down_proj): give that run's flags")):
         assert cli.main(args + extra) == 2, extra
         err = _one_cli_line(capsys)
         assert f"dcedit: error: --checkpoint-dir: {tmp_path / 'ck' / 'trainer.safetensors'} " in err
