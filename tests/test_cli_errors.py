@@ -83,6 +83,7 @@ def test_default_layers_are_mlp_outputs_not_attention_outputs():
     only (the last 3 once held layer 1's attention output)."""
     model, _ = tiny_model("bert", seed=0)
     assert cli.default_layers(model) == ["bert.encoder.layer.0.output.dense", "bert.encoder.layer.1.output.dense"]
+    assert cli.default_layers(model, n=1) == ["bert.encoder.layer.1.output.dense"]  # the last blocks' ones
     config = model.config.to_dict()
     config.update(is_decoder=True, add_cross_attention=True)
     import transformers
