@@ -648,6 +648,16 @@ def test_cli_train_edit_evaluate_on_tiny_model(capsys, tmp_path, tiny_model_dir)
     assert "--n-editors applies to raeditor and moeditor" in capsys.readouterr().err
 
 
+def test_cli_edit_without_n_edits_edits_the_first_five_requests(capsys, tmp_path, tiny_model_dir):
+    """edit --data without --n-edits edits the first 5 requests of the file (its help's default)."""
+    n = random.randint(6, 9)
+    data = _counterfact_file(tmp_path / "cf.json", n=n)
+    out = tmp_path / "edit.json"
+    assert cli.main(["edit", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["edits"]
+    assert [row["prompt"] for row in rows] == [f"The river {i} flows into" for i in range(5)]
+
+
 def test_cli_train_on_one_process_says_no_process_count(capsys, tmp_path, tiny_model_dir):
     """The saved line names the processes only under torchrun (", 2 processes"): one process's line
     ends at the time, with no ", 1 processes", and says "1 step", not "1 steps"."""
