@@ -658,6 +658,15 @@ def test_cli_edit_without_n_edits_edits_the_first_five_requests(capsys, tmp_path
     assert [row["prompt"] for row in rows] == [f"The river {i} flows into" for i in range(5)]
 
 
+def test_cli_evaluate_takes_every_request_of_the_data_as_one_n_u(capsys, tmp_path, tiny_model_dir):
+    """--n-edits may ask for all of --data's requests at once: N_u = 4 of 4 is one sample of all four."""
+    data = _counterfact_file(tmp_path / "cf.json", n=4)
+    out = tmp_path / "eval.json"
+    assert cli.main(["evaluate", "--model", str(tiny_model_dir), "--data", str(data), "--n-edits", "4",
+                     "--repeats", "1", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert [run["indices"] for run in json.loads(out.read_text())["runs"]] == [[0, 1, 2, 3]]
+
+
 def test_cli_train_on_one_process_says_no_process_count(capsys, tmp_path, tiny_model_dir):
     """The saved line names the processes only under torchrun (", 2 processes"): one process's line
     ends at the time, with no ", 1 processes", and says "1 step", not "1 steps"."""
