@@ -667,6 +667,20 @@ def test_cli_evaluate_takes_every_request_of_the_data_as_one_n_u(capsys, tmp_pat
     assert [run["indices"] for run in json.loads(out.read_text())["runs"]] == [[0, 1, 2, 3]]
 
 
+def test_cli_evaluate_draws_its_samples_from_seed(capsys, tmp_path, tiny_model_dir):
+    """evaluate --seed S draws each run's N_u edits as evaluate_method(seed=S) does, and records S."""
+    from dcedit_kernels.evaluate import sample_indices
+
+    data = _counterfact_file(tmp_path / "cf.json", n=5)
+    seed = random.randrange(1, 2**31)
+    out = tmp_path / "eval.json"
+    assert cli.main(["evaluate", "--model", str(tiny_model_dir), "--data", str(data), "--n-edits", "2",
+                     "--repeats", "2", "--seed", str(seed), "--out", str(out)]) == 0, capsys.readouterr().err
+    record = json.loads(out.read_text())
+    assert record["seed"] == seed
+    assert [run["indices"] for run in record["runs"]] == [sample_indices(5, 2, seed, r) for r in (0, 1)]
+
+
 def test_cli_train_on_one_process_says_no_process_count(capsys, tmp_path, tiny_model_dir):
     """The saved line names the processes only under torchrun (", 2 processes"): one process's line
     ends at the time, with no ", 1 processes", and says "1 step", not "1 steps"."""
