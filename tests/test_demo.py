@@ -695,6 +695,16 @@ def test_cli_train_on_one_process_says_no_process_count(capsys, tmp_path, tiny_m
     assert "process" not in lines[0].removeprefix(said), lines[0]  # (the folder's name has "process")
 
 
+def test_cli_train_without_out_saves_method_editor_here(capsys, tmp_path, monkeypatch, tiny_model_dir):
+    """train without --out saves <method>-editor.safetensors in the current folder (its help's default)."""
+    data = _counterfact_file(tmp_path / "cf.json", n=2)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--model", str(tiny_model_dir), "--method", "proeditor", "--rank", "3",
+                     "--data", str(data), "--steps", "1", "--batch-size", "2"]) == 0
+    assert (tmp_path / "proeditor-editor.safetensors").is_file()
+    assert "saved the trained editor to proeditor-editor.safetensors (ProEditor, 1 step, " in capsys.readouterr().out
+
+
 def test_cli_train_says_when_it_stopped_early_and_which_step_it_saved(capsys, tmp_path,
                                                                         tiny_model_dir):
     """With --val-data, fit stops after 5 validations without a better ES and saves the best
