@@ -599,6 +599,12 @@ def test_cli_detects_zsre_and_counterfact(capsys, tmp_path):
     assert cli.detect_format(zsre) == "zsre"
     assert cli.load_requests(str(zsre))[0].target == "glass"
     assert "left out" not in capsys.readouterr().err
+    # src and answers alone read as zsRE too: the error is then the record's missing alt
+    no_alt = tmp_path / "z2.json"
+    no_alt.write_text(json.dumps([dict(src="What is X made of?", answers=["wood"], rephrase="X is made of?")]))
+    assert cli.detect_format(no_alt) == "zsre"
+    with pytest.raises(cli.UserError, match="record 0 has no field 'alt'"):
+        cli.load_requests(str(no_alt))
     cf = _counterfact_file(tmp_path / "cf.json")
     assert cli.detect_format(cf) == "counterfact"
     assert [r.target for r in cli.load_requests(str(cf), 3)] == ["sea0", "sea1", "sea0"]
