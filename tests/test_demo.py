@@ -610,6 +610,15 @@ def test_cli_detects_zsre_and_counterfact(capsys, tmp_path):
     assert [r.target for r in cli.load_requests(str(cf), 3)] == ["sea0", "sea1", "sea0"]
 
 
+def test_cli_n_edits_counts_the_default_facts_too():
+    """Without --data the first `limit` of our default facts, as for a file."""
+    from dcedit_kernels.facts import default_requests
+
+    n = random.randint(1, 6)
+    assert cli.load_requests(None, n) == default_requests()[:n]
+    assert cli.load_requests(None) == default_requests()
+
+
 def test_cli_says_which_zsre_records_it_left_out(capsys, tmp_path, monkeypatch):
     """zsRE records with a blank target (two of the 1,000 in shared/data) are skipped by
     load_zsre; the CLI names them on stderr, by file and by data set name alike."""
