@@ -492,6 +492,20 @@ def test_cli_says_why_a_completion_is_empty():
     assert cli.shown("") == "'' (the model ends the line or the text here)"
 
 
+def test_greedy_completions_of_a_batch_are_each_prompts_own():
+    """One left-padded batch of prompts of different lengths: each completion is that prompt's own
+    greedy continuation (generated alone, unpadded), from the first new token on."""
+    model, tok = tiny_model("llama", seed=random.randrange(1000))
+    prompts = ["a", "The river 3 flows into the big", "x y"]
+    got = cli.greedy_completions(model, tok, prompts)
+    for prompt, text in zip(prompts, got):
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+        alone = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0].rstrip()
+        assert text == alone, (prompt, text, alone)
+
+
 def test_cli_unknown_layer_lists_candidates(capsys, tiny_model_dir):
     code = cli.main(["edit", "--model", str(tiny_model_dir), "--layers", "model.layers.1.mlp.down_prj",
                      "--prompt", "The sky is", "--target", "green"])
