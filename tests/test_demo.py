@@ -506,6 +506,14 @@ def test_greedy_completions_of_a_batch_are_each_prompts_own():
         assert text == alone, (prompt, text, alone)
 
 
+def test_greedy_completions_are_their_first_line_without_trailing_space(monkeypatch):
+    """A decoded continuation (batch_decode stubbed) is cut at its first newline and stripped on the
+    right: the one line `edit` prints after "before:" / "after:"."""
+    model, tok = tiny_model("llama", seed=random.randrange(1000))
+    monkeypatch.setattr(tok, "batch_decode", lambda ids, **kwargs: ["Rome \nis its capital", " Paris  ", "\nx"])
+    assert cli.greedy_completions(model, tok, ["a", "b c", "d"]) == ["Rome", " Paris", ""]
+
+
 def test_cli_unknown_layer_lists_candidates(capsys, tiny_model_dir):
     code = cli.main(["edit", "--model", str(tiny_model_dir), "--layers", "model.layers.1.mlp.down_prj",
                      "--prompt", "The sky is", "--target", "green"])
