@@ -414,6 +414,8 @@ def test_cli_unknown_flag_shows_the_commands_usage(capsys, command):
     (["edit", "--rephrase", "A was"], "--rephrase goes with --prompt and --target"),
     (["edit", "--method", "ft", "--rank", "8", "--prompt", "A is", "--target", "B"],
      "--rank applies to the editor methods"),
+    (["edit", "--method", "proeditor", "--n-editors", "2", "--prompt", "A is", "--target", "B"],
+     "--n-editors applies to raeditor and moeditor, not proeditor"),
 ])
 def test_cli_refuses_bad_values_by_flag(capsys, tiny_model_dir, argv, message):
     """One `error:` line naming the flag and exit status 2, with no edit made (a count of 0 used to
