@@ -720,6 +720,28 @@ def test_cli_evaluate_draws_its_samples_from_seed(capsys, tmp_path, tiny_model_d
     assert [run["indices"] for run in record["runs"]] == [sample_indices(5, 2, seed, r) for r in (0, 1)]
 
 
+def test_cli_edit_records_the_completions_before_and_during_the_edit(capsys, tmp_path, monkeypatch,
+                                                                     tiny_model_dir):
+    """edit's rows: `before` is the completion of the unedited model, `after` the one taken while the
+    edit is applied (greedy_completions stubbed: its first call is before, its second during)."""
+    calls, weights = [], []
+
+    def completions(model, tokenizer, prompts):
+        calls.append(list(prompts))
+        weights.append(model.get_submodule("model.layers.1.mlp.down_proj").weight.detach().clone())
+        return [f"{'before' if len(calls) == 1 else 'after'} {p}" for p in prompts]
+
+    monkeypatch.setattr(cli.commands, "greedy_completions", completions)
+    out = tmp_path / "edit.json"
+    assert cli.main(["edit", "--model", str(tiny_model_dir), "--prompt", "a b", "--target", "c",
+                     "--out", str(out)]) == 0
+    assert calls == [["a b"], ["a b"]]
+    assert not torch.equal(weights[0], weights[1])  # the second call saw the edited model
+    assert json.loads(out.read_text())["edits"] == [dict(prompt="a b", target="c", before="before a b",
+                                                         after="after a b")]
+    assert "'a b' -> 'c'\n    before: 'before a b'\n    after:  'after a b'\n" in capsys.readouterr().out
+
+
 def test_cli_train_on_one_process_says_no_process_count(capsys, tmp_path, tiny_model_dir):
     """The saved line names the processes only under torchrun (", 2 processes"): one process's line
     ends at the time, with no ", 1 processes", and says "1 step", not "1 steps"."""
