@@ -1119,7 +1119,10 @@ def test_cli_capture_batch_size_reaches_a_new_editor(capsys, tmp_path, monkeypat
                      "--out", str(tmp_path / "mend.safetensors")]) == 0
     assert cli.main(["edit", "--model", model, "--method", "ft", "--capture-batch-size", "2",
                      "--prompt", "a b", "--target", "c"]) == 0
-    assert seen == [("fit", 3), ("edit", 2)]
+    # and to the editor --editor loads (a runtime setting: it would otherwise be the default 32)
+    assert cli.main(["edit", "--model", model, "--editor", str(tmp_path / "mend.safetensors"),
+                     "--capture-batch-size", "2", "--prompt", "a b", "--target", "c"]) == 0
+    assert seen == [("fit", 3), ("edit", 2), ("edit", 2)]
 
 
 def test_cli_rescale_batch_size_flag(capsys, tmp_path, tiny_model_dir):
