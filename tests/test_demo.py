@@ -1075,8 +1075,9 @@ def test_cli_editor_flags_must_match_the_saved_editor(capsys, tmp_path, tiny_mod
         assert cli.main(base + extra) == 2, extra
         assert message in capsys.readouterr().err
     out = tmp_path / "edit.json"
+    # --layers compared as parse_layers reads it: with a space after the comma, the editor's own layers
     assert cli.main(base + ["--method", "moeditor", "--n-editors", "2", "--rank", "3", "--layers",
-                            "model.layers.0.mlp.down_proj,model.layers.1.mlp.down_proj", "--out", str(out)]) == 0
+                            "model.layers.0.mlp.down_proj, model.layers.1.mlp.down_proj", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["method"] == "moeditor"
     assert cli.main(["edit", "--model", model, "--prompt", "a b", "--target", "c", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["method"] == "ft"  # the default without --editor
