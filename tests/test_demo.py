@@ -818,6 +818,29 @@ def test_cli_help_says_what_each_printed_score_is(command, capsys):
         assert score in text
 
 
+@pytest.mark.parametrize("command, stated", [
+    ("train", {"method", "device", "dtype", "val_every", "steps", "batch_size", "lr", "lr_lr"}),
+    ("edit", {"device", "dtype"}),
+    ("evaluate", {"device", "dtype", "repeats"}),
+])
+def test_cli_help_states_each_flags_own_default(command, stated):
+    """A flag's help that states its default ("(default 100)", "(default: mend)", "...; default 25)")
+    states the value the parser gives when the flag is left out."""
+    import argparse
+    import re
+
+    parser = cli.build_parser().parse_args([command]).command_parser
+    checked = set()
+    for action in parser._actions:
+        found = re.search(r"\bdefault:? ([^\s;),]+)\)", action.help or "")
+        if found is None or action.default in (None, argparse.SUPPRESS):  # None: resolved later, as said
+            continue
+        said = found[1]
+        assert said == str(action.default) or float(said) == action.default, (action.dest, said, action.default)
+        checked.add(action.dest)
+    assert checked == stated
+
+
 @pytest.mark.parametrize("script, command", [("train_editor", "train"), ("edit", "edit"), ("evaluate", "evaluate")])
 def test_cli_scripts_run_their_subcommand(script, command):
     proc = subprocess.run([sys.executable, str(REPO / "python" / f"{script}.py"), "--help"],
