@@ -1781,6 +1781,23 @@ def test_grouped_editor_refuses_bad_settings_and_factor_shapes(gen):
     assert edit.dense().shape == (4, 6) and int(ed.norm.k) == T
 
 
+def test_fisher_keep_is_a_fraction_in_the_half_open_interval_zero_one(gen):
+    """fisher_keep takes (0, 1]: 0 (keep nothing) and anything past 1 are refused naming it, while 1
+    is taken and keeps every entry of the shift (the masked shift is the unmasked one)."""
+    from dcedit_kernels import ProEditor
+
+    for bad in (0, 0.0, -0.5, 1.0 + 1e-9, 2):
+        with pytest.raises(ValueError, match=r"^fisher_keep must be a number in \(0, 1\] or None"):
+            ProEditor(6, 4, rank=2, fisher_keep=bad)
+    ed = ProEditor(6, 4, rank=2, fisher_keep=1)
+    T = int(torch.randint(3, 7, (1,), generator=gen))
+    offsets = torch.tensor([0, 2, T], dtype=torch.int32)
+    edit = ed(randn((T, 6), gen), randn((T, 4), gen), offsets)
+    assert edit.fisher_keep == 1 and edit.fisher is not None
+    assert torch.equal(edit.dense(), edit.dense(masked=False))
+    assert ProEditor(6, 4, rank=2, fisher_keep=1e-3).fisher_keep == 1e-3
+
+
 def test_editor_apply_that_is_not_finite_leaves_the_weight_as_it_was(gen):
     """SPEC: a failed edit (NaN gradient) leaves the model as it was.  GroupedEditor.apply_ wrote
     NaN into every entry of the weight when one η row was NaN, and kept an fp16 sum that
