@@ -2583,6 +2583,17 @@ def test_float64_running_norm_statistics_are_float64(gen):
     mu = torch.cat(seen)
     assert rel_err(editor.norm.u_mean, mu.mean(0)) < 1e-14
     assert rel_err(editor.norm.u_std, mu.std(0)) < 1e-12
+    # Factors that fp32 does not hold exactly: the statistics are those of their fp32 roundings
+    # (what forward normalises), not of the float64 values (about 1e-8 apart here).
+    editor = GroupedEditor(5, 3, rank=4, routing="single", fusion="add").to(torch.float64).train()
+    mu = torch.randn(9, 5, generator=gen, dtype=torch.float64) * 3 + 50
+    eta = torch.randn(9, 3, generator=gen, dtype=torch.float64)
+    editor(mu, eta, torch.tensor([0, 4, 9], dtype=torch.int32))
+    rounded = mu.float().double()
+    assert rel_err(mu.mean(0), rounded.mean(0)) > 1e-10  # the draw is not fp32-exact
+    assert rel_err(editor.norm.u_mean, rounded.mean(0)) < 1e-14
+    assert rel_err(editor.norm.u_std, rounded.std(0)) < 1e-12
+    assert rel_err(editor.norm.v_mean, eta.float().double().mean(0)) < 1e-14
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
