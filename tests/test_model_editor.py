@@ -2988,6 +2988,27 @@ def test_running_statistics_standardise_from_the_second_row_seen(kind, batches, 
         assert out.dtype == torch.float32 and rel_err(out, want) < 1e-5
 
 
+
+@pytest.mark.parametrize("seen", [0, 1, 3])
+def test_feature_norm_gives_features_in_fp32_or_its_wider_dtype(seen, gen):
+    """FeatureNorm standardises in fp32 (its float64 statistics' dtype when moved there), whatever
+    the features' dtype: bf16 and float64 features come back fp32 from an fp32 norm, before two rows
+    were seen (passed through, cast) and after (standardised)."""
+    from dcedit_kernels.editors.running_norm import FeatureNorm
+
+    for norm_dtype in (torch.float32, torch.float64):
+        norm = FeatureNorm(4).to(norm_dtype)
+        if seen:
+            norm.update(torch.randn(seen, 4, generator=gen) * 2 + 1)
+        x = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+        for dtype in (torch.bfloat16, torch.float32, torch.float64):
+            got = norm(x.to(dtype))
+            want = x.to(dtype).to(norm_dtype)
+            if seen >= 2:
+                want = (want - norm.mean) / (norm.std + 1e-7)
+            assert got.dtype == norm_dtype and torch.equal(got, want), (dtype, norm_dtype)
+
+
 def test_ft_kl_locality_texts_may_be_any_iterable(gen, tmp_path):
     """locality_texts from a generator are the texts it yields (checking them must not consume
     them: the generic fallback was used instead), saved as a list; a non-iterable is a ValueError."""
