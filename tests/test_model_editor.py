@@ -3009,6 +3009,24 @@ def test_feature_norm_gives_features_in_fp32_or_its_wider_dtype(seen, gen):
             assert got.dtype == norm_dtype and torch.equal(got, want), (dtype, norm_dtype)
 
 
+def test_feature_norm_standardises_a_constant_feature_to_zero_not_nan(gen):
+    """An edit feature that is the same in every row seen (std 0: a dead unit of the hidden state)
+    is divided by 0 + 1e-7 as RunningNorm's factors are: the row at the mean gives 0, not 0/0 = NaN,
+    so the gate's logits stay finite; the other features are standardised as before."""
+    from dcedit_kernels.editors.running_norm import FeatureNorm
+
+    norm = FeatureNorm(4)
+    rows = torch.randn(6, 4, generator=gen)
+    rows[:, 2] = 0.75
+    norm.update(rows)
+    assert float(norm.std[2]) == 0
+    x = torch.randn(3, 4, generator=gen)
+    x[:, 2] = 0.75
+    got = norm(x)
+    assert torch.isfinite(got).all() and not got[:, 2].any()
+    kept = rows.double()
+    assert rel_err(got[:, [0, 1, 3]], ((x.double() - kept.mean(0)) / kept.std(0))[:, [0, 1, 3]]) < 1e-5
+
 def test_ft_kl_locality_texts_may_be_any_iterable(gen, tmp_path):
     """locality_texts from a generator are the texts it yields (checking them must not consume
     them: the generic fallback was used instead), saved as a list; a non-iterable is a ValueError."""
