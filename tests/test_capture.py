@@ -693,6 +693,22 @@ def test_tiny_tokenizers_build_without_a_warning(arch):
     assert tok.clean_up_tokenization_spaces is False
 
 
+
+@pytest.mark.parametrize("arch", ["gpt2", "bart"])
+def test_tiny_byte_level_tokenizers_round_trip_every_byte(arch, gen):
+    """The tiny GPT-2 and BART vocabularies hold GPT-2's 256 byte stand-ins: every Latin-1 character
+    (the soft hyphen U+00AD, which GPT-2 shifts past 255, included) and multi-byte UTF-8 text decode
+    back to themselves, with no unknown token."""
+    from dcedit_kernels.models import tiny_tokenizer
+
+    tok = tiny_tokenizer(arch)
+    chars = [chr(c) for c in range(1, 256)] + ["\u2713", "\U0001f600", "\u00e9"]
+    order = torch.randperm(len(chars), generator=gen).tolist()
+    text = "soft\u00adhyphen " + "".join(chars[i] for i in order)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+    assert tok.unk_token_id not in ids
+
 def test_load_model_errors(tmp_path, monkeypatch):
     from dcedit_kernels.models import default_model_path, load_model
 
