@@ -1762,6 +1762,7 @@ def test_grouped_editor_refuses_bad_settings_and_factor_shapes(gen):
                           (dict(fusion="mean"), r"^fusion must be one of add, max, sss, ssm, got 'mean'"),
                           (dict(routing="gate", n_editors=2, top_k=3), r"^top_k \(3\) cannot exceed n_editors \(2\)"),
                           (dict(edit_lr=1e39), r"^edit_lr must be a finite number within float32's range, got 1e\+39"),
+                          (dict(edit_lr=-1e39), r"^edit_lr must be a finite number within float32's range, got -1e\+39"),
                           *((dict([(name, 0)]), rf"^{name} must be a positive int, got 0")
                             for name in ("n_editors", "rank", "n_layers", "n_modes", "top_k"))):
         with pytest.raises(ValueError, match=match):
