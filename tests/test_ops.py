@@ -1704,15 +1704,18 @@ def test_grouped_editor_initialisation_is_mends_identity_with_xavier_uniform_v()
 
 
 @pytest.mark.parametrize("preset, want", [
-    ("MEND", dict(n_editors=1, routing="single", fusion="add", generator=None, fisher_keep=None)),
-    ("RaEditor", dict(n_editors=4, routing="random", fusion="sss", generator=None, fisher_keep=None)),
-    ("MoEditor", dict(n_editors=4, routing="gate", fusion="sss", top_k=2, generator=None, fisher_keep=None)),
-    ("ProEditor", dict(n_editors=1, routing="single", fusion="add", generator="token", fisher_keep=0.7)),
+    ("MEND", dict(n_editors=1, routing="single", fusion="add", generator=None, fisher_keep=None, feat_dim=None)),
+    ("RaEditor", dict(n_editors=4, routing="random", fusion="sss", generator=None, fisher_keep=None, feat_dim=None)),
+    ("MoEditor", dict(n_editors=4, routing="gate", fusion="sss", top_k=2, generator=None, fisher_keep=None,
+                      feat_dim=6)),
+    ("ProEditor", dict(n_editors=1, routing="single", fusion="add", generator="token", fisher_keep=0.7,
+                       feat_dim=None)),
 ])
 def test_presets_defaults(preset, want):
     """What each preset's docstring and the README say it builds (RaEditor's and MoEditor's shifts
     fused by sign-split "sss", ProEditor's per-token generator and Fisher keep 0.7); a changed
-    default fusion passed every other test of the presets."""
+    default fusion passed every other test of the presets.  Only the gate takes feat_dim (in_features
+    by default): the editors without one keep it None in their config, as their checkpoints do."""
     import dcedit_kernels
 
     config = getattr(dcedit_kernels, preset)(6, 4, rank=2).config
