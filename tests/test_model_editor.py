@@ -2043,6 +2043,12 @@ def test_load_says_what_differs(tmp_path):
     with pytest.raises(ValueError, match=rf"editor {key} differs from the one this model gives "
                                          r"\(rank: saved 9, here 4\)"):
         ModelEditor.load(changed, model, tok)
+    # A field the saved config lacks is named too (saved None), not left out of the message.
+    del config["editors"][key]["rank"]
+    save_file(load_file(str(path)), str(changed), metadata={"dcedit_model_editor": json.dumps(config)})
+    with pytest.raises(ValueError, match=rf"editor {key} differs from the one this model gives "
+                                         r"\(rank: saved None, here 4\)"):
+        ModelEditor.load(changed, model, tok)
 
 
 def test_load_of_a_format_1_checkpoint_uses_the_batch_mean(gen, tmp_path):
