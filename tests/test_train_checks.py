@@ -203,6 +203,7 @@ def test_a_seed_past_torchs_range_is_reduced_modulo_2_64():
     upper half of the unsigned range stays reachable: 2**64 + 2**63 + 7 is 2**63 + 7, not 7."""
     assert train_module.torch_seed(2**64 + 2**63 + 7) == 2**63 + 7
     assert train_module.torch_seed(-2**64 - 1) == 2**64 - 1
+    assert train_module.torch_seed(2**64) == 0  # the first seed past the range (torch refuses 2**64)
 
 
 def test_every_epoch_covers_the_requests_in_an_order_of_its_own(gen):
