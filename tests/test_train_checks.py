@@ -598,3 +598,24 @@ def test_fit_under_inference_mode_says_why(gen):
         me.fit(random_requests(gen, 4), None, TrainConfig(steps=1, batch_size=2, progress=False))
     after = me.state_tensors()
     assert all(torch.equal(state[k], after[k]) for k in state)
+
+
+def test_fit_trains_editors_left_in_eval_mode_as_in_train_mode(gen):
+    """Editors a caller left in eval mode (after `apply`, or `me.editors.eval()`) train in train
+    mode: their running norms update and the run trains the same editors as one started in train
+    mode; eval mode comes back after."""
+    me = tiny_mend("gpt2", gen)
+    state = {k: v.clone() for k, v in me.state_tensors().items()}
+    reqs = random_requests(gen, 4)
+    config = TrainConfig(steps=2, batch_size=2, progress=False, seed=seed_from(gen))
+    me.fit(reqs, None, config)
+    in_train = me.state_tensors()
+    me.load_state_tensors(state)
+    me.editors.eval()
+    me.fit(reqs, None, config)
+    assert not any(m.training for m in me.editors.modules())
+    in_eval = me.state_tensors()
+    norms = [k for k in state if ".norm." in k]
+    assert norms and any(not torch.equal(state[k], in_eval[k]) for k in norms), "the running norms did not update"
+    for k in in_train:
+        torch.testing.assert_close(in_eval[k], in_train[k], rtol=0, atol=0)
