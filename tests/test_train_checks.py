@@ -619,3 +619,14 @@ def test_fit_trains_editors_left_in_eval_mode_as_in_train_mode(gen):
     assert norms and any(not torch.equal(state[k], in_eval[k]) for k in norms), "the running norms did not update"
     for k in in_train:
         torch.testing.assert_close(in_eval[k], in_train[k], rtol=0, atol=0)
+
+
+def test_fit_leaves_the_callers_random_state_as_it_was(gen):
+    """fit seeds torch's generator with its own seed for the run (gate noise, random groups), in a
+    fork: the caller's random stream goes on after fit as if fit had not run."""
+    me = tiny_mend("gpt2", gen)
+    reqs = random_requests(gen, 4)
+    torch.manual_seed(seed_from(gen))
+    state = torch.get_rng_state()
+    me.fit(reqs, None, TrainConfig(steps=1, batch_size=2, progress=False, seed=seed_from(gen) + 1000))
+    assert torch.equal(torch.get_rng_state(), state)
