@@ -367,6 +367,23 @@ def test_a_batch_with_non_finite_gradients_is_skipped_and_counted(gen, monkeypat
     assert all(torch.equal(a, b) for a, b in zip(before, me2.editors.parameters()))
 
 
+def test_a_non_finite_batch_backpropagated_unscaled_is_not_run_again(gen, monkeypatch):
+    """The unscaled rerun is for an overflow of a scaled backward only: a batch whose backward ran
+    at scale 1 already (one target token) and came out non-finite is skipped at once, not run a
+    second time for the same outcome."""
+    from dcedit_kernels.train import _batch_indices
+
+    me = tiny_mend("gpt2", gen)
+    requests = random_requests(gen, 4)
+    config = TrainConfig(steps=1, batch_size=2, accumulate=2, progress=False, seed=seed_from(gen))
+    first = [requests[i] for i in _batch_indices(4, 2, config.seed, 0)]
+    monkeypatch.setattr(train_module, "backward_scale", lambda n_scored: 1.0)
+    calls = _poison_batches(monkeypatch, {first[0].prompt})
+    result = me.fit(requests, config=config)
+    assert result.skipped_batches == 1 and result.steps == 1
+    assert [hit for _, hit in calls] == [True, False]
+
+
 @pytest.mark.parametrize("method", ["mend", "moeditor", "raeditor"])
 def test_an_overflowing_scaled_backward_reruns_the_batch_from_the_state_it_started_from(method, gen, monkeypatch):
     """A scaled backward whose gradients come out non-finite (fp16 overflow, here forced) runs the
