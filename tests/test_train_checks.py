@@ -322,6 +322,12 @@ def test_a_one_token_neighbour_prompt_gives_no_locality_row(gen):
     assert rows["row_edit"].tolist() == [0, 1, 0]
     kl_positions = rows["kl_mask"][2].sum()
     assert int(kl_positions) == len(me.tokenizer("b cde fgh")["input_ids"]) - 1
+    # A two-token prompt leaves one KL position: its row is kept.
+    assert len(me.tokenizer("ab", add_special_tokens=True)["input_ids"]) == 2
+    rows = eval_rows(me, [EditRequest("b cde", "xyz"), EditRequest("ab", "ij")], TrainConfig())
+    assert rows["is_edit_row"].tolist() == [True, True, False, False]
+    assert rows["row_edit"].tolist() == [0, 1, 0, 1]
+    assert rows["kl_mask"][2].sum().item() == 1 and bool(rows["kl_mask"][2, 0])  # edit 0's: edit 1's "ab"
 
 
 def _poison_batches(monkeypatch, bad):
