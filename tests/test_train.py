@@ -447,6 +447,29 @@ def test_one_pass_loss_equals_separate_dense_passes(arch, edit_rows, locality_ro
     assert_same_editor_grads(loss, want, edits)
 
 
+
+def test_batch_edits_and_loss_under_no_grad_are_differentiable_in_the_editors(gen):
+    """batch_edits and batch_loss turn grad on for their own steps (capture, editors, edited pass):
+    under a caller's torch.no_grad() the edits keep their graph, and the loss and the editors'
+    gradients are those of a call outside it."""
+    from dcedit_kernels.train import batch_loss
+
+    me = tiny_mend("gpt2", gen)
+    me.editors.eval()  # frozen running norms: every call sees the same editors
+    requests = random_requests(gen, 3)
+    params = list(me.editors.parameters())
+    loss, _ = batch_loss(me, requests, TrainConfig())
+    want = torch.autograd.grad(loss, params, allow_unused=True)
+    with torch.no_grad():
+        edits = batch_edits(me, requests)
+        got_loss, _ = batch_loss(me, requests, TrainConfig())
+    assert all(e.mu_t.requires_grad and e.eta_t.requires_grad and e.alpha.requires_grad for e in edits.values())
+    assert got_loss.requires_grad and torch.equal(got_loss.detach(), loss.detach())
+    got = torch.autograd.grad(got_loss, params, allow_unused=True)
+    assert any(g is not None for g in got)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None) and (g is None or torch.equal(g, w))
+
 # ---------------------------------------------------------------------------------------------
 # ProEditor's Fisher mask in the training pass (TrainConfig.fisher_mask)
 # ---------------------------------------------------------------------------------------------
