@@ -1229,6 +1229,18 @@ def test_edit_features_are_prompt_hidden_means(gen):
         assert torch.allclose(feats[e], hidden[e, :n_prompt].mean(0), atol=1e-6)
 
 
+
+def test_capture_returns_the_edit_loss_as_a_value(gen):
+    """capture's loss is a detached value, in one pass or in chunks: its forward's graph (every
+    activation above the lowest edited layer) is not kept alive through it after the capture."""
+    me = make_editor("gpt2", "mend", gen)
+    reqs = random_requests(gen, 3)
+    batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
+    for chunk in (None, 2):
+        me.capture_batch_size = chunk
+        loss = me.capture(batch)[2]
+        assert loss.dim() == 0 and bool(torch.isfinite(loss)) and loss.grad_fn is None and not loss.requires_grad
+
 def test_features_without_an_output_head(gen):
     """The features are read from the LM head's input; a model whose get_output_embeddings() is
     None has them from `hidden_states[-1]` (GPT-2's is the head's input: the same features), and
