@@ -1230,6 +1230,16 @@ def test_edit_features_are_prompt_hidden_means(gen):
 
 
 
+
+@pytest.mark.parametrize("method", ["mend", "raeditor", "ft"])
+def test_only_a_gate_makes_the_capture_compute_edit_features(method, gen):
+    """The capture computes edit features only for editors that route by a gate (MoEditor): MEND,
+    RaEditor's random routing and a fine-tuning ModelEditor (which has no editor at all) get None."""
+    me = make_editor("gpt2", method, gen)
+    reqs = random_requests(gen, 2)
+    batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
+    assert me.needs_feats is False and me.capture(batch)[1] is None
+
 def test_capture_returns_the_edit_loss_as_a_value(gen):
     """capture's loss is a detached value, in one pass or in chunks: its forward's graph (every
     activation above the lowest edited layer) is not kept alive through it after the capture."""
