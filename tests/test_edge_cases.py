@@ -526,6 +526,10 @@ def test_evaluate_method_refuses_a_seed_or_layers_it_would_misread(gen):
     assert evaluate_module.sample_indices(9, 4, seed, 2) == evaluate_module.sample_indices(9, 4, seed, 2)
     # Each repeat draws its own sample (a collision of these two has odds 1 in C(100, 10)).
     assert evaluate_module.sample_indices(100, 10, seed, 0) != evaluate_module.sample_indices(100, 10, seed, 1)
+    # And each N_u (the seed's text holds it): the 10 edits are no part of the 11 drawn the same way
+    # (odds 1 in C(100, 11) / C(90, 1) of that by chance).
+    ten, eleven = (set(evaluate_module.sample_indices(100, n, seed, 0)) for n in (10, 11))
+    assert not ten <= eleven
     assert evaluate_module.sample_indices(9, 0, seed, 0) == []
     assert evaluate_module.sample_indices(9, 9, -seed, 0) == list(range(9))
 
