@@ -290,6 +290,11 @@ def test_measure_edit_missing_fields_and_during():
     assert r["es"] is None and r["dd"] is None and r["lmp"] is None and r["ns"] is None
     assert 0.0 <= r["reliability"] <= 1.0
     _assert_same(model, before)
+    # With rephrases but no locality prompt: ES is scored, DD is not, so LMP = ES - DD is None too.
+    rephrased = [EditRequest(r.prompt, r.target, rephrase=r.prompt.replace(" is", " was")) for r in bare]
+    r = measure_edit(me, rephrased)
+    assert 0.0 <= r["es"] <= 1.0 and r["dd"] is None and r["lmp"] is None and r["ns"] is None
+    _assert_same(model, before)
 
 
 @pytest.mark.parametrize("where", ["peak", "scoring"])
