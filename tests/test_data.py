@@ -13,6 +13,7 @@ from dcedit_kernels.requests import EditRequest, validate_requests
 from dcedit_kernels.tokenize import (
     IGNORE_INDEX,
     causal_pair_ids,
+    join_prompt_target,
     tokenize_causal,
     tokenize_seq2seq,
     tokenize_texts,
@@ -414,6 +415,22 @@ def test_tokenize_causal_labels_are_the_target(arch):
         assert torch.equal(kept, torch.arange(int(kept[0]), n))  # contiguous
         target_text = tok.decode(batch["input_ids"][b, kept]).strip().replace(" ", "").lower()
         assert target_text == targets[b].replace(" ", "").lower()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_tokenize_causal_adds_no_space_before_a_target_that_starts_with_one(arch, gen):
+    """The space between prompt and target is added only where neither has one (the module
+    docstring, as EasyEdit and MEND): a target given as " Paris" gives the row "... is Paris",
+    the same batch as "Paris", not "... is  Paris" with a lone-space token in its labels."""
+    words = ["Paris", "Rome", "piano", "Sega", "blue"]
+    target = words[int(torch.randint(0, len(words), (1,), generator=gen))]
+    prompt = "The capital of France is"
+    assert join_prompt_target(prompt, " " + target) == (f"{prompt} {target}", len(prompt))
+    assert join_prompt_target(prompt + " ", target) == (f"{prompt} {target}", len(prompt) + 1)
+    assert join_prompt_target(prompt, target) == (f"{prompt} {target}", len(prompt))
+    tok = tiny_tokenizer(arch)
+    spaced, plain = tokenize_causal(tok, [prompt], [" " + target]), tokenize_causal(tok, [prompt], [target])
+    assert spaced.keys() == plain.keys() and all(torch.equal(spaced[k], plain[k]) for k in plain)
 
 
 def test_tokenize_causal_smollm2_tokenizer_matches_joint_text():
