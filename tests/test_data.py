@@ -2,18 +2,20 @@
 
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from dcedit_kernels.compat.transformers_versions import VERSION, follow_gguf_bos
 from dcedit_kernels.data import data_path, load_counterfact, load_dataset, load_zsre
-from dcedit_kernels.models import fast_tokenizer_v4, tiny_tokenizer
+from dcedit_kernels.models import fast_tokenizer_v4, tiny_model, tiny_tokenizer
 from dcedit_kernels.requests import EditRequest, validate_requests
 from dcedit_kernels.tokenize import (
     IGNORE_INDEX,
     causal_pair_ids,
     join_prompt_target,
+    no_kv_cache,
     tokenize_causal,
     tokenize_seq2seq,
     tokenize_texts,
@@ -431,6 +433,35 @@ def test_tokenize_causal_adds_no_space_before_a_target_that_starts_with_one(arch
     tok = tiny_tokenizer(arch)
     spaced, plain = tokenize_causal(tok, [prompt], [" " + target]), tokenize_causal(tok, [prompt], [target])
     assert spaced.keys() == plain.keys() and all(torch.equal(spaced[k], plain[k]) for k in plain)
+
+
+def test_no_kv_cache_turns_the_cache_off_only_where_the_forward_takes_it(gen):
+    """{"use_cache": False} for a causal LM whose forward names use_cache, or takes **kwargs and has
+    a config that knows the flag; {} for an encoder-decoder (it keeps its own cache), a forward(**kwargs)
+    whose model has no such config (the kwargs may reach blocks that take no use_cache), and a
+    forward whose signature cannot be read (a builtin: inspect's ValueError)."""
+
+    class Named(torch.nn.Module):
+        def forward(self, input_ids, use_cache=None):
+            return input_ids
+
+    class Kwargs(torch.nn.Module):
+        def forward(self, input_ids, **kwargs):
+            return input_ids
+
+    class Builtin(torch.nn.Module):
+        forward = torch.relu  # inspect.signature: "no signature found for builtin"
+
+    seed = int(torch.randint(0, 1000, (1,), generator=gen))
+    assert no_kv_cache(Named()) == {"use_cache": False}
+    assert no_kv_cache(Kwargs()) == {}
+    for use_cache, expected in ((True, {"use_cache": False}), (False, {"use_cache": False}), (None, {})):
+        model = Kwargs()
+        model.config = SimpleNamespace(use_cache=use_cache)
+        assert no_kv_cache(model) == expected
+    assert no_kv_cache(Builtin()) == {}
+    assert no_kv_cache(tiny_model("gpt2", seed=seed)[0]) == {"use_cache": False}
+    assert no_kv_cache(tiny_model("bart", seed=seed)[0]) == {}  # its forward names use_cache
 
 
 def test_tokenize_causal_smollm2_tokenizer_matches_joint_text():
