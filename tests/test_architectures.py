@@ -22,7 +22,7 @@ from dcedit_kernels import ModelEditor, TrainConfig, metrics
 from dcedit_kernels.capture import compute_factors
 from dcedit_kernels.models import tiny_model, tiny_tokenizer
 from dcedit_kernels.scored_logits import full_logits
-from dcedit_kernels.tokenize import no_kv_cache, tokenize_causal
+from dcedit_kernels.tokenize import bidirectional_lm, no_kv_cache, tokenize_causal
 
 # (config class, model class, the MLP's output projection of block {}, config arguments)
 ARCHS = {
@@ -275,3 +275,17 @@ def test_a_model_whose_tokens_see_later_tokens_is_refused(kind, gen):
         with pytest.raises(ValueError, match="model must be a causal or encoder-decoder LM; Bert.*attend to the "
                                              "tokens after them"):
             ModelEditor(model, tok, layers, method=method)
+
+
+def test_xlm_is_judged_by_its_own_causal_flag(gen):
+    """XLMWithLMHeadModel is both transformers' causal and masked LM for "xlm", and its attention is
+    causal when config.causal is True (XLM has its own flag; its config has no is_decoder): that model
+    passes, and with causal=False bidirectional_lm names config.causal."""
+    torch.manual_seed(int(torch.randint(0, 1000, (1,), generator=gen)))
+    for causal in (True, False):
+        config = transformers.XLMConfig(vocab_size=20, emb_dim=8, n_layers=1, n_heads=2, causal=causal)
+        why = bidirectional_lm(transformers.XLMWithLMHeadModel(config))
+        if causal:
+            assert why is None
+        else:
+            assert why == "XLMWithLMHeadModel has config.causal=False: its tokens attend to the tokens after them"
