@@ -1579,7 +1579,8 @@ def test_unscale_divides_an_fp16_gradient_in_fp32(gen):
     power of two), the fp16 tensor left as it was: divided in fp16, what the scaled backward kept
     above fp16's normals would fall back to subnormals.  Other dtypes are divided in place."""
     scale = backward_scale(1000)
-    assert scale == 512 and backward_scale(1) == 1 and backward_scale(8) == 8
+    assert scale == 512 and backward_scale(1) == 1 and backward_scale(8) == 8 and backward_scale(7) == 4
+    assert backward_scale(0) == 1  # a batch without target tokens: no scale, not 1 << -1's ValueError
     grad = (torch.randn(256, generator=gen) * 1e-2).half()
     before = grad.clone()
     out = unscale(grad, scale)
