@@ -620,6 +620,27 @@ def test_scored_nll_by_row_counts_each_rows_target_tokens(gen):
     torch.testing.assert_close(sums.sum() / counts.sum(), scored_nll(picked, labels, True), rtol=1e-12, atol=0)
 
 
+def test_losses_of_rows_without_target_tokens_are_zero_not_nan(gen):
+    """A batch (or a chunk of one: locality rows only) whose labels are all -100 scores no position:
+    scored_nll's mean and edit_loss's "token" (n_scored None or 0) and "edit" losses are 0, not 0/0's
+    NaN.  A row without targets beside others adds nothing to "edit" (Σ_e of each edit's mean)."""
+    from dcedit_kernels.losses import scored_nll
+
+    V = 7
+    labels = torch.full((2, 5), -100)
+    picked = torch.randn(0, V, generator=gen, dtype=torch.float64)
+    assert float(scored_nll(picked, labels, True)) == 0.0
+    for reduction, n_scored in (("token", None), ("token", 0), ("edit", None)):
+        assert float(edit_loss(picked, labels, True, reduction, n_scored)) == 0.0, (reduction, n_scored)
+    logits = torch.randn(3, 5, V, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, V, (3, 5), generator=gen)
+    labels[:, 0] = labels[1] = -100  # row 1 has no target token
+    picked = logits[scored_positions(labels, True)]
+    sums, counts = scored_nll(picked, labels, True, reduction="row")
+    want = sums[0] / counts[0] + sums[2] / counts[2]
+    assert float(edit_loss(picked, labels, True, "edit")) == pytest.approx(float(want), rel=1e-12)
+
+
 def test_edit_loss_refuses_an_unknown_reduction(gen):
     """edit_loss takes the LOSS_REDUCTIONS ("edit", "token") only: another name, scored_nll's
     "mean" or "row" included, is a ValueError naming them rather than the "edit" loss."""
