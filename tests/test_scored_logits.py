@@ -684,6 +684,8 @@ def test_scored_accuracy_is_the_full_logits_share(gen):
     assert got.tolist() == pytest.approx(want.tolist(), abs=0) and got[2] == 0
     with pytest.raises(ValueError, match="picked must be"):
         scored_accuracy(logits[:1, 0], labels, causal=True)  # one row for every scored position
+    with pytest.raises(ValueError, match="picked must be"):  # (n,): one logit per position, no vocabulary
+        scored_accuracy(logits[scored_positions(labels, True)][:, 0], labels, causal=True)
 
 
 def test_scored_accuracy_is_each_rows_share_of_right_tokens_by_hand():
