@@ -237,9 +237,10 @@ def test_lowrank_edited_rejects_bad_rows(gen):
     name = LAYERS["gpt2"][0]
     o, i = weight_out_in(dict(model.named_modules())[name]).shape
     edits = {name: random_grouped_edit(gen, i, o, 3, G=2)}
-    with pytest.raises(ValueError, match="row_edit entries"):
-        with lowrank_edited(model, edits, torch.tensor([0, 3])):
-            pass
+    for bad in (3, -2):  # -2 would read the last edit's group (the -1 appended after the E groups)
+        with pytest.raises(ValueError, match=r"^row_edit entries must be in \[-1, 2\] \(there are 3 edits\)"):
+            with lowrank_edited(model, edits, torch.tensor([0, bad])):
+                pass
     with pytest.raises(ValueError, match="row_sees_all"):
         with lowrank_edited(model, edits, torch.tensor([0, 1]), torch.tensor([1, 0])):
             pass
