@@ -264,6 +264,10 @@ def test_lowrank_edited_rejects_bad_rows(gen):
     with pytest.raises(RuntimeError, match="one row_edit entry per batch row"):
         with lowrank_edited(model, edits, torch.tensor([0, 1])):
             dict(model.named_modules())[name](torch.randn(5, i, dtype=torch.float64, generator=gen))
+    # Input of another width whose size still reshapes to rows of the layer's width (2·3·2i = 12 rows of i).
+    with pytest.raises(RuntimeError, match=rf"ran on input of shape \(2, 3, {2 * i}\), expected \(2, \.\.\., {i}\)"):
+        with lowrank_edited(model, edits, torch.tensor([0, 1])):
+            dict(model.named_modules())[name](torch.randn(2, 3, 2 * i, dtype=torch.float64, generator=gen))
     # Factors whose η has another length than the layer's outputs (μ's fits).
     with pytest.raises(ValueError, match=r"factors for a weight of shape \d+x\d+, the module's is \d+x\d+"):
         with lowrank_edited(model, {name: random_grouped_edit(gen, i, o + 1, 3, G=2)}, torch.tensor([0])):
