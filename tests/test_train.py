@@ -295,6 +295,28 @@ def test_patched_forwards_restores_a_module_patched_twice_to_what_it_had_before_
     assert hooked.__dict__["forward"] is own
 
 
+def test_a_block_editing_a_module_under_two_names_gives_an_outer_block_its_own_edit_back(gen):
+    """A module reached under two names (an alias attribute) is registered twice by one
+    lowrank_edited block; on exit each registration gets back what it had, latest first, so a
+    block around it sees its own edit again, not the inner block's (and none is left after both)."""
+    from dcedit_kernels.lowrank_layers import _ACTIVE
+
+    model, _ = frozen_double_model("gpt2", int(torch.randint(0, 100, (1,), generator=gen)))
+    name = LAYERS["gpt2"][0]
+    module = dict(model.named_modules())[name]
+    model.alias = module  # the same module under a second name
+    o, i = weight_out_in(module).shape
+    outer, inner, alias = (random_grouped_edit(gen, i, o, 2, G=2, nonempty=True) for _ in range(3))
+    rows = torch.tensor([0, 1])
+    x = torch.randn(2, 4, i, generator=gen, dtype=torch.float64)
+    with lowrank_edited(model, {name: outer}, rows):
+        want = module(x)
+        with lowrank_edited(model, {name: inner, "alias": alias}, rows):
+            assert not torch.equal(module(x), want)
+        assert torch.equal(module(x), want)
+    assert id(module) not in _ACTIVE and "forward" not in module.__dict__
+
+
 def test_a_patched_forward_called_after_its_block_raises(gen):
     """A reference to a patched forward kept past the block (a closure, a hook, a reentrant
     checkpoint whose recompute runs in a backward after the block) raised a bare KeyError (the
