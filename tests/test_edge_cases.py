@@ -230,7 +230,8 @@ def test_load_state_tensors_names_a_key_of_the_wrong_shape(gen):
 # ---------------------------------------------------------------------------------------------
 # ft_baseline.py
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("texts", ["a single string", ["fine text", "  "], ["fine", 3]])
+# "Paris": a single string without whitespace, whose characters are each a non-empty string
+@pytest.mark.parametrize("texts", ["a single string", "Paris", ["fine text", "  "], ["fine", 3]])
 def test_ft_kl_locality_texts_are_checked(texts, gen):
     model, tok = tiny_model("gpt2", seed=seed_from(gen))
     with pytest.raises(ValueError, match="locality_texts must be a list of non-empty strings"):
