@@ -2402,6 +2402,30 @@ def test_edits_as_applied_carry_no_grad_with_or_without_rescaling(rescale_batch_
     assert all(p.grad is None for p in editor.editors.parameters())
 
 
+def test_swapped_parameters_puts_every_parameter_back_when_its_block_raises(gen):
+    """`swapped_parameters` (chunked FT+KL's reference pass) gives every module holding the
+    parameter, a tied one included, a frozen Parameter over the paired tensor inside the block, and
+    the parameter itself back on exit, also when the block raises (an error in the reference pass
+    must not leave the model on the saved copy)."""
+    from dcedit_kernels.ft_baseline import swapped_parameters
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    model[1].weight = model[0].weight  # one Parameter held by two modules
+    p = model[0].weight
+    value = torch.randn(3, 3, generator=gen)
+    for fail in (False, True):
+        with contextlib.ExitStack() as stack:
+            if fail:
+                stack.enter_context(pytest.raises(KeyError, match="in the block"))
+            with swapped_parameters(model, [(p, value)]):
+                for module in model:
+                    assert module.weight is not p and not module.weight.requires_grad
+                    assert module.weight.data_ptr() == value.data_ptr()
+                if fail:
+                    raise KeyError("in the block")
+        assert model[0].weight is p and model[1].weight is p
+
+
 def test_chunked_ft_kl_inside_lowrank_edited_takes_its_references_from_the_saved_weights(gen):
     """Chunked FT+KL recomputes each locality chunk's reference with the saved weights in place of
     the fine-tuned ones (`swapped_parameters`, which swaps the modules' Parameters).  Inside
