@@ -1501,6 +1501,21 @@ def test_ft_with_adam_trains_16_bit_weights(dtype, gen):
     assert_bit_identical(before, me.model)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ft_16_bit_masters_take_each_steps_own_gradient(dtype, gen, monkeypatch):
+    """A 16-bit weight's fp32 master gets each step's gradient afresh, not added to the last
+    step's: with a step too small to move the weights, every SGD step sees the same gradient."""
+    seen, sgd_step = [], torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda opt, *a, **k: (
+        seen.append(opt.param_groups[0]["params"][0].grad.clone()), sgd_step(opt, *a, **k))[1])
+    me = make_editor("llama", "ft", gen, dtype=dtype, ft_steps=3, ft_optimizer="sgd", ft_lr=1e-30, ft_stop_loss=None)
+    before = snapshot(me.model)
+    me.apply(random_requests(gen, 2)).undo()
+    assert len(seen) == 3 and seen[0].dtype == torch.float32 and bool(seen[0].abs().sum() > 0)
+    assert all(torch.equal(g, seen[0]) for g in seen[1:])
+    assert_bit_identical(before, me.model)
+
+
 def _capture_ft_and_training(dtype, seed, reqs, layers):
     """(captured factors, FT+KL-edited weights, trained editor state) of a fresh tiny Llama: the
     capture and FT+KL run in row chunks of 16 (the whole batch's target-token count sets the edit
