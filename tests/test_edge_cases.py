@@ -297,6 +297,24 @@ def test_ft_step_that_makes_a_weight_non_finite_restores(method, gen):
     assert not me._live
 
 
+@pytest.mark.parametrize("with_locality", [True, False])
+def test_ft_kl_backpropagates_each_mean_at_its_own_token_counts_scale(with_locality, gen, monkeypatch):
+    """FT+KL's two means are backpropagated at their per-token sums' scales (backward_scale, so
+    that fp16 gradients do not flush to zero): the edit loss at the batch's target-token count, the
+    KL at the locality texts' token count (the requests' locality prompts, else locality_texts)."""
+    from dcedit_kernels import ft_baseline, losses
+
+    seen = []
+    monkeypatch.setattr(ft_baseline, "backward_scale", lambda n: (seen.append(n), losses.backward_scale(n))[1])
+    reqs = random_requests(gen, 3, locality=with_locality)
+    texts = ["Many people enjoy reading a good book on a quiet evening at home.", "The train left late."]
+    me = make_editor("gpt2", "ft_kl", gen, ft_steps=1, ft_stop_loss=None, locality_texts=texts)
+    me.apply(reqs).undo()
+    batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
+    n_locality = int(me._locality_batch(me._locality_texts(reqs))["attention_mask"].sum())
+    assert seen == [me._n_scored(batch), n_locality]
+
+
 # ---------------------------------------------------------------------------------------------
 # editor_cache.py
 # ---------------------------------------------------------------------------------------------
