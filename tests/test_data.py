@@ -578,6 +578,16 @@ def test_tokenized_input_ids_are_padded_with_the_pad_token(kind):
     assert padding.any() and (batch["input_ids"][padding] == tok.pad_token_id).all()
 
 
+def test_pad_token_id_is_the_pad_token_else_eos_else_0(gen):
+    """pad_token_id's order (its docstring): the tokenizer's pad token, else its eos, else 0."""
+    from dcedit_kernels.tokenize import pad_token_id
+
+    pad, eos = (int(t) for t in torch.randint(1, 1000, (2,), generator=gen))
+    assert pad_token_id(SimpleNamespace(pad_token_id=pad, eos_token_id=eos)) == pad
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=eos)) == eos
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None)) == 0
+
+
 @pytest.mark.parametrize("kind", TOKENIZED)
 def test_tokenized_batch_is_on_the_given_device(kind):
     batch = TOKENIZED[kind](tiny_tokenizer("bart"), device="meta")
