@@ -85,15 +85,17 @@ def padded_batch(gen, lengths, width):
 @pytest.mark.parametrize("pass_cost", [0, 3, 10**6])
 def test_run_in_passes_gives_the_one_pass_order(pass_cost, gen):
     """The picks of every pass come back in the row-major order of the one padded pass, each pass
-    seeing its own rows trimmed to its longest one (a pass's picks depend on its rows only)."""
+    seeing its own rows trimmed to its longest one (a pass's picks depend on its rows only): its
+    input_ids and its attention_mask alike."""
     lengths = torch.randint(1, 12, (9,), generator=gen).tolist()
     batch = padded_batch(gen, lengths, max(lengths) + 2)  # wider than any row, as a sub-batch may be
     positions = batch["attention_mask"].bool() & (torch.rand(batch["input_ids"].shape, generator=gen) < 0.6)
     table = torch.randn(100, 5, generator=gen, dtype=torch.float64)
-    seen = []
+    seen, subs = [], []
 
     def run(sub, where, rows):
         seen.append((rows.tolist(), sub["input_ids"].shape[1]))
+        subs.append(sub)
         feats = table[sub["input_ids"]] + torch.arange(sub["input_ids"].shape[1], dtype=torch.float64)[:, None]
         return feats[where]
 
@@ -105,6 +107,9 @@ def test_run_in_passes_gives_the_one_pass_order(pass_cost, gen):
     assert [rows for rows, _ in seen] == passes
     # Each pass trimmed to its longest row, one pass of every row too.
     assert [w for _, w in seen] == [max(lengths[r] for r in p) for p in passes]
+    for (rows, width), sub in zip(seen, subs):
+        for key in ("input_ids", "attention_mask"):
+            assert torch.equal(sub[key], batch[key][rows, :width])
 
 
 def test_no_plan_runs_the_batch_as_it_is(gen):
