@@ -91,6 +91,44 @@ def test_logits_at_leaves_a_skipped_or_mismatched_head_alone(gen):
     assert not scored.gathered
 
 
+class _ScaledHead(nn.Module):
+    """A head called with a second positional argument (its output's scale)."""
+
+    def __init__(self, gen):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 4, generator=gen, dtype=torch.float64))
+
+    def forward(self, hidden, scale):
+        return (hidden @ self.weight.T) * scale
+
+
+class _HeadOnly(nn.Module):
+    def __init__(self, gen):
+        super().__init__()
+        self.head = _ScaledHead(gen)
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, hidden, scale):
+        return self.head(hidden, scale)
+
+
+def test_logits_at_passes_the_heads_other_arguments_on(gen):
+    """The gather replaces the head's first argument only: a head called with more positional
+    arguments still gets them, and its logits at the positions are the full forward's."""
+    model = _HeadOnly(gen)
+    hidden = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64)
+    scale = torch.rand((), generator=gen, dtype=torch.float64) + 0.5
+    positions = torch.rand(3, 5, generator=gen) < 0.5
+    positions[0, 0] = True
+    full = model(hidden, scale)
+    with logits_at(model, positions) as scored:
+        out = model(hidden, scale)
+    assert scored.gathered and out.shape == (1, int(positions.sum()), 6)
+    assert torch.equal(scored.pick(out), full[positions])
+
+
 def test_logits_at_gathers_only_its_own_threads_forward(gen):
     """Two threads scoring one model: the gather hook of a thread inside `logits_at` also cut
     another thread's forward of the same (B, L) down to its own positions, so that thread's
