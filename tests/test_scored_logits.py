@@ -129,6 +129,21 @@ def test_logits_at_passes_the_heads_other_arguments_on(gen):
     assert torch.equal(scored.pick(out), full[positions])
 
 
+def test_logits_at_leaves_a_head_input_that_is_not_3d_alone(gen):
+    """A head input of more than three dimensions whose first two are the positions' (B, L) is
+    not (B, L, ·): nothing is gathered and the head computes every position's logits."""
+    model = _HeadOnly(gen)
+    hidden = torch.randn(3, 5, 2, 4, generator=gen, dtype=torch.float64)
+    scale = torch.rand((), generator=gen, dtype=torch.float64) + 0.5
+    positions = torch.rand(3, 5, generator=gen) < 0.5
+    positions[0, 0] = True
+    full = model(hidden, scale)
+    with logits_at(model, positions) as scored:
+        out = model(hidden, scale)
+    assert not scored.gathered
+    assert torch.equal(out, full)
+
+
 def test_logits_at_gathers_only_its_own_threads_forward(gen):
     """Two threads scoring one model: the gather hook of a thread inside `logits_at` also cut
     another thread's forward of the same (B, L) down to its own positions, so that thread's
