@@ -22,7 +22,8 @@ from helpers import rel_err
 from test_model_editor import one_thread  # noqa: F401 (autouse fixture: one intra-op thread)
 
 from dcedit_kernels.capture import weight_out_in
-from dcedit_kernels.devices import as_device, check_resident, cuda_indices, input_device, model_devices, place_editor
+from dcedit_kernels.devices import (as_device, check_resident, cuda_indices, input_device, model_devices, module_device,
+                                    place_editor)
 from dcedit_kernels.evaluate import PeakMemory, measure_edit
 from dcedit_kernels.model_editor import ModelEditor
 from dcedit_kernels.models import tiny_model
@@ -277,6 +278,17 @@ def test_a_sequential_hook_takes_the_first_execution_device_among_its_hooks():
         SimpleNamespace(), SimpleNamespace(execution_device=first), SimpleNamespace(execution_device=second),
         SimpleNamespace()))
     assert input_device(model) == first
+
+
+def test_a_module_without_parameters_computes_on_its_first_buffers_device():
+    """module_device falls back to the first buffer's device where a module has no parameter (a
+    rotary embedding's inv_freq, a fixed table), and is None for a module with neither."""
+    for device in ("cpu", "meta"):
+        module = torch.nn.Module()
+        module.register_buffer("table", torch.randn(3, 2, device=device))
+        module.register_buffer("other", torch.zeros(1))
+        assert module_device(module) == torch.device(device)
+    assert module_device(torch.nn.ReLU()) is None
 
 
 def test_model_devices_leaves_out_offloaded_weights():
