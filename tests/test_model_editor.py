@@ -23,6 +23,7 @@ from dcedit_kernels.lowrank_layers import lowrank_edited
 from dcedit_kernels.model_editor import ModelEditor
 from dcedit_kernels.models import tiny_model
 from dcedit_kernels.requests import EditRequest
+from dcedit_kernels.tied_weights import shared_parameters
 from dcedit_kernels.tokenize import no_kv_cache
 from dcedit_kernels.train import TrainConfig
 
@@ -2523,6 +2524,18 @@ def test_a_weight_overlapping_by_one_element_is_tied():
     model, tok = views_of_one_buffer(-1)
     with pytest.raises(ValueError, match=r"'lm_head' shares its weight with model.embed_tokens.weight"):
         ModelEditor(model, tok, ["lm_head"], method="mend")
+
+
+def test_a_tied_weight_on_meta_is_still_the_same_parameter():
+    """A weight with no memory to compare (on "meta": offloaded, or not loaded yet) is still tied
+    to the modules that hold the same Parameter: shared_parameters names them."""
+    model = nn.Module()
+    model.embed = nn.Embedding(7, 3, device="meta")
+    model.head = nn.Linear(3, 7, bias=False, device="meta")
+    model.head.weight = model.embed.weight
+    model.other = nn.Linear(3, 7, bias=False, device="meta")  # same shape and device, another Parameter
+    assert shared_parameters(model, model.head) == ["embed.weight"]
+    assert shared_parameters(model, model.other) == []
 
 
 def test_weights_sharing_an_editor_are_edited_in_their_own_mode(gen):
