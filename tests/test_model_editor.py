@@ -2538,6 +2538,15 @@ def test_a_tied_weight_on_meta_is_still_the_same_parameter():
     assert shared_parameters(model, model.other) == []
 
 
+def test_a_tied_parameter_of_the_model_itself_is_named_without_a_module_prefix():
+    """A parameter registered on the model itself, not on a submodule, is named by its own name
+    in the refusal ('table', not '.table')."""
+    model, tok = tiny_model("llama", seed=0)
+    model.table = model.get_output_embeddings().weight
+    with pytest.raises(ValueError, match=r"'lm_head' shares its weight with table \(tied weights\)"):
+        ModelEditor(model, tok, ["lm_head"], method="mend")
+
+
 def test_weights_sharing_an_editor_are_edited_in_their_own_mode(gen):
     """gpt2's two c_fc weights share the 20x37 editor as modes 0 and 1 (their order in `layers`):
     each weight's shift is α[mode]·Δ(mode) of its own factors, not mode 0's (the modes have their
