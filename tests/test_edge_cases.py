@@ -89,6 +89,17 @@ def test_a_row_exactly_at_the_position_limit_is_not_past_it():
     assert past_positions(model, {"attention_mask": mask}, causal=True) == (1, limit + 1, "prompt + target", limit)
 
 
+def test_a_batch_without_rows_is_past_no_positions():
+    """past_positions of a batch of no rows (an empty (0, L) mask, of the encoder or the decoder)
+    is None: there is no row to name, and no max() over nothing."""
+    from dcedit_kernels.positions import past_positions
+
+    model, _ = tiny_model("gpt2", seed=0)
+    empty = torch.zeros(0, 4, dtype=torch.long)
+    assert past_positions(model, {"attention_mask": empty}, causal=True) is None
+    assert past_positions(model, {"attention_mask": empty, "decoder_attention_mask": empty}, causal=False) is None
+
+
 def test_an_edited_block_whose_edit_was_undone_inside_it(gen):
     me = make_editor("gpt2", "mend", gen)
     before = snapshot(me.model)
