@@ -100,6 +100,23 @@ def test_a_batch_without_rows_is_past_no_positions():
     assert past_positions(model, {"attention_mask": empty, "decoder_attention_mask": empty}, causal=False) is None
 
 
+def test_the_position_limit_is_an_int_from_the_config():
+    """position_limit reads n_positions, else max_position_embeddings, as an int: a bool (True is
+    an int to Python), a float, or no config is no limit (None)."""
+    from types import SimpleNamespace
+
+    from dcedit_kernels.positions import position_limit
+
+    def model(**config):
+        return SimpleNamespace(config=SimpleNamespace(**config))
+
+    assert position_limit(model(n_positions=None, max_position_embeddings=64)) == 64
+    assert position_limit(model(n_positions=32)) == 32
+    for bad in (True, 64.0, "64"):
+        assert position_limit(model(max_position_embeddings=bad)) is None
+    assert position_limit(SimpleNamespace()) is None
+
+
 def test_an_edited_block_whose_edit_was_undone_inside_it(gen):
     me = make_editor("gpt2", "mend", gen)
     before = snapshot(me.model)
