@@ -21,7 +21,7 @@ from dcedit_kernels.requests import EditRequest
 from dcedit_kernels.train import TrainConfig, batch_edits, eval_rows, evaluate_edits, loss_from_edits, train_editor
 
 from helpers import assert_checkpointing, scripted_scores, skip_fp32_logits, tiny_mend, train_mode_llama
-from test_model_editor import LAYERS, one_thread, random_requests, words  # noqa: F401 (one_thread: autouse fixture)
+from test_model_editor import LAYERS, ctrl_c_raises, one_thread, random_requests, words  # noqa: F401 (one_thread: autouse fixture)
 
 # ---------------------------------------------------------------------------------------------
 # Dense reference: each row's forward with its groups' dense shifts applied to the weights
@@ -293,6 +293,35 @@ def test_patched_forwards_restores_a_module_patched_twice_to_what_it_had_before_
         assert plain(torch.zeros(2)).tolist() == [2.0, 2.0]
     assert "forward" not in plain.__dict__
     assert hooked.__dict__["forward"] is own
+
+
+def test_interrupt_while_patched_forwards_puts_them_back_puts_all_of_them_back():
+    """Ctrl-C landing while `patched_forwards` puts the forwards back (right after the first
+    module's) waits until every module has its own forward again, then raises."""
+    import signal
+
+    from torch import nn
+
+    from dcedit_kernels.patched_forwards import patched_forwards
+
+    calls = []
+
+    class Tripwire(nn.Linear):  # sends SIGINT once its patched forward is taken off
+        def __delattr__(self, name):
+            super().__delattr__(name)
+            if name == "forward":
+                calls.append(name)
+                os.kill(os.getpid(), signal.SIGINT)
+
+    first, others = Tripwire(2, 2), [nn.Linear(2, 2) for _ in range(3)]
+    own = lambda x: x  # noqa: E731 (an instance-level forward set before the block)
+    others[1].forward = own
+    with ctrl_c_raises(), patched_forwards() as patch:
+        for module in others + [first]:  # put back latest first: the tripwire's first
+            patch(module, lambda x: x + 1)
+    assert calls == ["forward"]
+    assert "forward" not in first.__dict__ and "forward" not in others[0].__dict__
+    assert others[1].__dict__["forward"] is own and "forward" not in others[2].__dict__
 
 
 def test_a_block_editing_a_module_under_two_names_gives_an_outer_block_its_own_edit_back(gen):
