@@ -144,6 +144,33 @@ def test_logits_at_leaves_a_head_input_that_is_not_3d_alone(gen):
     assert torch.equal(out, full)
 
 
+def test_logits_at_leaves_a_head_called_without_a_leading_tensor_alone(gen):
+    """A head called with its input by keyword (no positional argument), or with another first
+    argument before it, is not gathered: it computes every position's logits."""
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(6, 4, generator=gen, dtype=torch.float64))
+
+        def forward(self, *args, hidden=None):
+            return (args[-1] if hidden is None else hidden) @ self.weight.T
+
+    model = nn.Module()
+    model.head = Head()
+    model.get_output_embeddings = lambda: model.head
+    hidden = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64)
+    positions = torch.rand(3, 5, generator=gen) < 0.5
+    positions[0, 0] = True
+    full = model.head(hidden)
+    for call in (lambda: model.head(hidden=hidden), lambda: model.head("scores", hidden)):
+        with logits_at(model, positions) as scored:
+            out = call()
+        assert not scored.gathered
+        assert torch.equal(out, full)
+        assert torch.equal(scored.pick(out), full[positions])
+
+
 def test_logits_at_gathers_only_its_own_threads_forward(gen):
     """Two threads scoring one model: the gather hook of a thread inside `logits_at` also cut
     another thread's forward of the same (B, L) down to its own positions, so that thread's
