@@ -356,6 +356,21 @@ def test_inputs_go_to_the_first_parameter_where_get_input_embeddings_raises(erro
     assert input_device(NoEmbedding()) == torch.device("cpu")
 
 
+@pytest.mark.parametrize("returned", ["none", "weight"])
+def test_inputs_go_to_the_first_parameter_where_the_input_embedding_is_no_module(returned):
+    """A `get_input_embeddings` that returns no module (None, or a bare embedding matrix) tells no
+    device: the inputs go to the first parameter's, as for a model without the method."""
+    class BareEmbedding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.randn(5, 2))
+
+        def get_input_embeddings(self):
+            return None if returned == "none" else self.table
+
+    assert input_device(BareEmbedding()) == torch.device("cpu")
+
+
 def test_offloaded_edited_layer_is_refused():
     model, tok = tiny_model("llama")
     model.get_submodule("model.layers.0.mlp.down_proj").to("meta")
