@@ -107,6 +107,18 @@ def test_a_resumed_run_keeps_the_validations_and_bad_validations_before_its_chec
     assert [(v["step"], v["es"]) for v in resumed.val_history] == [(1, 0.5), (2, 0.4), (3, 0.3)]
 
 
+def test_a_checkpoint_from_before_data_parallel_resumes_in_one_process(gen, tmp_path):
+    """A checkpoint whose recorded run has no world_size (written before data-parallel training
+    existed, when every run had one process) resumes in one process, rather than be refused as
+    a run of another number of processes ("processes None -> 1")."""
+    me = tiny_mend("gpt2", gen)
+    requests = random_requests(gen, 4)
+    config = TrainConfig(steps=1, batch_size=2, progress=False, checkpoint_dir=str(tmp_path))
+    me.fit(requests, config=config)
+    _rewrite_trainer_checkpoint(tmp_path / "trainer.safetensors", {"run": ["world_size"]})
+    assert me.fit(requests, config=config.replace(steps=2)).resumed_from == 1
+
+
 def test_a_checkpoint_without_routing_generator_states_resumes(gen, tmp_path):
     """_set_rng_states leaves a routing generator the checkpoint holds no state for as it is (a
     seeded RaEditor's route_rng tensors missing, as in a checkpoint written before they were
