@@ -500,6 +500,27 @@ def test_resume_refuses_a_file_that_is_not_a_trainer_checkpoint(gen, tmp_path):
     assert result.resumed_from is None
 
 
+@pytest.mark.parametrize("entry", ["opt", "lr_opt", "counters", "model_editor"])
+def test_resume_refuses_a_trainer_file_without_one_of_its_metadata_entries(entry, gen, tmp_path):
+    """A trainer.safetensors that lacks any of the metadata entries a resume reads (the optimisers',
+    the counters, the editor's config) is refused as no train_editor checkpoint, a ValueError
+    naming the file, not a KeyError on the entry it lacks."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    me = tiny_mend("gpt2", gen)
+    requests = random_requests(gen, 4)
+    config = TrainConfig(steps=1, batch_size=2, progress=False, checkpoint_dir=str(tmp_path))
+    me.fit(requests, config=config)
+    path = tmp_path / "trainer.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    del meta[entry]
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    with pytest.raises(ValueError, match=r"trainer\.safetensors is not a train_editor checkpoint$"):
+        me.fit(requests, config=config.replace(steps=2))
+
+
 def test_resume_refuses_a_checkpoint_of_another_loss_reduction_or_tokens(gen, tmp_path):
     seed = seed_from(gen)
     reqs = random_requests(gen, 4)
