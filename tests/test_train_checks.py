@@ -119,6 +119,26 @@ def test_a_checkpoint_from_before_data_parallel_resumes_in_one_process(gen, tmp_
     assert me.fit(requests, config=config.replace(steps=2)).resumed_from == 1
 
 
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_each_rank_resumes_its_own_rng_states_from_a_three_process_checkpoint(rank, gen, tmp_path):
+    """_checkpoint keeps rank r's RNG states under "rank{r}." (rank 0's bare) and _resume gives a
+    rank its own: with three processes, rank 1 is not handed rank 2's (whose keys, "rank2.",
+    are as long as its own prefix)."""
+    from dcedit_kernels import train_checkpoint
+    from dcedit_kernels.train_config import TrainResult
+
+    me = tiny_mend("gpt2", gen)
+    opt = torch.optim.Adam(list(me.editors.parameters()))
+    lr_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    seeds = [seed_from(gen) for _ in range(3)]
+    states = [{"rng_state": torch.Generator().manual_seed(s).get_state()} for s in seeds]
+    run = train_checkpoint._run_settings(TrainConfig(steps=1, batch_size=2, progress=False), None, None, 3)
+    train_checkpoint._checkpoint(me, opt, lr_opt, tmp_path, TrainResult(steps=1), 0, run, states)
+    got, _, _ = train_checkpoint._resume(me, opt, lr_opt, tmp_path, TrainResult(steps=0), run, rank=rank)
+    assert got.keys() == states[rank].keys()
+    assert torch.equal(got["rng_state"], states[rank]["rng_state"])
+
+
 def test_a_checkpoint_without_routing_generator_states_resumes(gen, tmp_path):
     """_set_rng_states leaves a routing generator the checkpoint holds no state for as it is (a
     seeded RaEditor's route_rng tensors missing, as in a checkpoint written before they were
