@@ -139,6 +139,29 @@ def test_each_rank_resumes_its_own_rng_states_from_a_three_process_checkpoint(ra
     assert torch.equal(got["rng_state"], states[rank]["rng_state"])
 
 
+def test_a_checkpoint_from_before_the_trainer_file_held_the_best_state_reads_best_safetensors(gen, tmp_path):
+    """A checkpoint whose counters have no "best" entry (written before the best state went into
+    trainer.safetensors) resumes with the best state of best.safetensors beside it, and with none
+    when that file is absent."""
+    from safetensors.torch import save_file
+
+    from dcedit_kernels import train_checkpoint
+    from dcedit_kernels.train_config import TrainResult
+
+    me = tiny_mend("gpt2", gen)
+    opt = torch.optim.Adam(list(me.editors.parameters()))
+    lr_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    run = train_checkpoint._run_settings(TrainConfig(steps=1, batch_size=2, progress=False), None, None)
+    train_checkpoint._checkpoint(me, opt, lr_opt, tmp_path, TrainResult(steps=1), 0, run,
+                                 [train_checkpoint._rng_states(me)])
+    _rewrite_trainer_checkpoint(tmp_path / "trainer.safetensors", {"counters": ["best"]})
+    assert train_checkpoint._resume(me, opt, lr_opt, tmp_path, TrainResult(steps=0), run)[1] is None
+    best = {k: torch.randn(v.shape, generator=gen).to(v.dtype) for k, v in me.state_tensors().items()}
+    save_file(best, str(tmp_path / "best.safetensors"))
+    got = train_checkpoint._resume(me, opt, lr_opt, tmp_path, TrainResult(steps=0), run)[1]
+    assert got.keys() == best.keys() and all(torch.equal(got[k], best[k]) for k in best)
+
+
 def test_a_checkpoint_without_routing_generator_states_resumes(gen, tmp_path):
     """_set_rng_states leaves a routing generator the checkpoint holds no state for as it is (a
     seeded RaEditor's route_rng tensors missing, as in a checkpoint written before they were
