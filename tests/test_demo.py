@@ -1049,6 +1049,28 @@ def test_trained_editor_cached_gets_the_runtime_settings_and_survives_damaged_me
     assert "ignoring the cached editor" in capsys.readouterr().out
 
 
+def test_trained_editor_with_use_cache_false_trains_again_and_caches_the_new_editor(tmp_path, monkeypatch):
+    """use_cache=False trains even when an editor with the same settings is cached (and caches the
+    one it trained: the next call with the cache loads it)."""
+    from dcedit_kernels.model_editor import ModelEditor
+
+    monkeypatch.setenv("DCEDIT_CACHE_DIR", str(tmp_path))
+    model, tok = tiny_model("llama", seed=0)
+    args = (model, tok, "mend", ["model.layers.1.mlp.down_proj"], {"rank": 3}, dict(steps=1, batch_size=2),
+            _tiny_requests(2, random.Random(0)), ["a", "b"], "tiny")
+    _, info = editor_cache.trained_editor(*args, progress=False)
+    assert not info["cached"]
+    loads = []
+    load = ModelEditor.load
+    monkeypatch.setattr(ModelEditor, "load", classmethod(lambda cls, *a, **k: loads.append(1) or load(*a, **k)))
+    me, info2 = editor_cache.trained_editor(*args, use_cache=False, progress=False)
+    assert not info2["cached"] and info2["path"] == info["path"] and loads == []
+    me3, info3 = editor_cache.trained_editor(*args, progress=False)
+    assert info3["cached"] and loads == [1]
+    a, b = me.state_tensors(), me3.state_tensors()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_random_routing_twin_keeps_the_capture_settings():
     model, tok = tiny_model("llama", seed=0)
     mo = ModelEditor(model, tok, ["model.layers.1.mlp.down_proj"], method="moeditor", n_editors=2, rank=3,
