@@ -1071,6 +1071,26 @@ def test_trained_editor_with_use_cache_false_trains_again_and_caches_the_new_edi
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_trained_editor_retrains_when_the_cached_file_cannot_be_read(tmp_path, monkeypatch, capsys):
+    """A cached editor whose load raises an OSError (a file it cannot read) is ignored and
+    trained again, as a damaged one is, rather than end the run."""
+    from dcedit_kernels.model_editor import ModelEditor
+
+    monkeypatch.setenv("DCEDIT_CACHE_DIR", str(tmp_path))
+    model, tok = tiny_model("llama", seed=0)
+    args = (model, tok, "mend", ["model.layers.1.mlp.down_proj"], {"rank": 3}, dict(steps=1, batch_size=2),
+            _tiny_requests(2, random.Random(0)), ["a", "b"], "tiny")
+    _, info = editor_cache.trained_editor(*args, progress=False)
+
+    def unreadable(cls, path, *a, **k):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(ModelEditor, "load", classmethod(unreadable))
+    _, info2 = editor_cache.trained_editor(*args, progress=False)
+    assert not info2["cached"]
+    assert f"ignoring the cached editor {info['path']}: [Errno 13] Permission denied" in capsys.readouterr().out
+
+
 def test_random_routing_twin_keeps_the_capture_settings():
     model, tok = tiny_model("llama", seed=0)
     mo = ModelEditor(model, tok, ["model.layers.1.mlp.down_proj"], method="moeditor", n_editors=2, rank=3,
