@@ -1091,6 +1091,25 @@ def test_trained_editor_retrains_when_the_cached_file_cannot_be_read(tmp_path, m
     assert f"ignoring the cached editor {info['path']}: [Errno 13] Permission denied" in capsys.readouterr().out
 
 
+def test_trained_editor_trains_with_the_progress_its_train_config_gives(tmp_path, monkeypatch):
+    """trained_editor's `progress` is the default of TrainConfig.progress: a train_config that sets
+    progress itself wins over it."""
+    from dcedit_kernels.model_editor import ModelEditor
+    from dcedit_kernels.train import TrainResult
+
+    monkeypatch.setenv("DCEDIT_CACHE_DIR", str(tmp_path))
+    seen = []
+    monkeypatch.setattr(ModelEditor, "fit", lambda self, reqs, val, config: seen.append(config.progress)
+                        or TrainResult(steps=1))
+    model, tok = tiny_model("llama", seed=0)
+    args = (model, tok, "mend", ["model.layers.1.mlp.down_proj"], {"rank": 3})
+    rest = (_tiny_requests(2, random.Random(0)), ["a", "b"], "tiny")
+    for train, progress in ((dict(steps=1, progress=False), True), (dict(steps=1, progress=True), False),
+                            (dict(steps=1), False), (dict(steps=1), True)):
+        editor_cache.trained_editor(*args, train, *rest, use_cache=False, progress=progress)
+    assert seen == [False, True, False, True]
+
+
 def test_random_routing_twin_keeps_the_capture_settings():
     model, tok = tiny_model("llama", seed=0)
     mo = ModelEditor(model, tok, ["model.layers.1.mlp.down_proj"], method="moeditor", n_editors=2, rank=3,
