@@ -298,6 +298,30 @@ def test_head_input_disabled_records_nothing_and_hooks_nothing(gen):
     assert hidden.value is None
 
 
+class _WithHead(nn.Module):
+    """A model whose get_output_embeddings() gives `head` (a module, a container or a tensor)."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def test_head_input_records_a_detached_three_dimensional_input(gen):
+    """`head_input` records the head's (B, L, H) input, detached from the forward's graph: a 2-D
+    input whose shape happens to be (B, L) (a head called on rows of width L) is passed over."""
+    model = _WithHead(nn.Linear(4, 5))
+    flat = torch.randn(2, 4, generator=gen)
+    hidden = torch.randn(2, 4, 4, generator=gen, requires_grad=True)
+    with head_input(model, (2, 4)) as recorded:
+        model.head(flat)
+        model.head(hidden).sum().backward()
+    assert recorded.value is not None and torch.equal(recorded.value, hidden.detach())
+    assert not recorded.value.requires_grad and recorded.value.grad_fn is None
+
+
 @pytest.mark.parametrize("during", ["registration", "removal"])
 @pytest.mark.parametrize("which", ["logits_at", "head_input"])
 def test_interrupt_while_the_head_is_hooked_or_unhooked_leaves_no_hook(which, during, gen, monkeypatch):
