@@ -322,6 +322,23 @@ def test_head_input_records_a_detached_three_dimensional_input(gen):
     assert not recorded.value.requires_grad and recorded.value.grad_fn is None
 
 
+def test_a_head_that_is_not_one_called_module_is_no_head(gen):
+    """output_head is None where get_output_embeddings gives no module (a tensor); called_head is
+    None for a container of heads, an nn.ModuleList or an nn.ModuleDict, which the forward never
+    calls; head_input on such a model records nothing and hooks nothing."""
+    from dcedit_kernels.head_input import called_head, head_width, output_head
+
+    weight = nn.Parameter(torch.randn(5, 4, generator=gen))
+    assert output_head(_WithHead(weight)) is None and called_head(_WithHead(weight)) is None
+    for heads in (nn.ModuleList([nn.Linear(4, 5)]), nn.ModuleDict({"a": nn.Linear(4, 5)})):
+        model = _WithHead(heads)
+        assert output_head(model) is heads and called_head(model) is None and head_width(model) is None
+        with head_input(model, (2, 3)) as recorded:
+            assert not heads._forward_pre_hooks
+        assert recorded.value is None
+    assert head_width(_WithHead(nn.Linear(4, 5))) == 4
+
+
 @pytest.mark.parametrize("during", ["registration", "removal"])
 @pytest.mark.parametrize("which", ["logits_at", "head_input"])
 def test_interrupt_while_the_head_is_hooked_or_unhooked_leaves_no_hook(which, during, gen, monkeypatch):
