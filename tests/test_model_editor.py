@@ -2031,6 +2031,21 @@ def test_load_rejects_foreign_files(tmp_path):
         ModelEditor.load(tmp_path / "missing.safetensors", model, tok)
 
 
+@pytest.mark.parametrize("name, says", [("editor.pt", "its suffix says torch.save"),
+                                        ("editor.PT", "its suffix says torch.save"),
+                                        ("editor.Pth", "its suffix says torch.save"),
+                                        ("editor.weights", "if it was written by torch.save")])
+def test_load_of_a_pickle_names_its_suffix_in_any_case(name, says, tmp_path):
+    """ModelEditor.load of a file that is not safetensors says its suffix is torch.save's (pickle),
+    whatever the suffix's case (.PT, .Pth, as compat.mend.load reads it); a file of another suffix
+    is told "if it was written by torch.save"."""
+    path = tmp_path / name
+    torch.save({"x": torch.zeros(2)}, str(path))
+    model, tok = tiny_model("gpt2")
+    with pytest.raises(ValueError, match=rf"^path: {re.escape(str(path))} is not a safetensors file .*; {says}"):
+        ModelEditor.load(path, model, tok)
+
+
 @pytest.mark.parametrize("method", ["mend", "raeditor", "moeditor", "proeditor"])
 def test_seed_sets_every_initial_editor_weight(method, gen):
     """Two editors built with one seed are identical (ProEditor's ψ included: its first layer came
