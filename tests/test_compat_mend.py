@@ -675,6 +675,19 @@ def test_from_mend_of_a_checkpoint_without_normalisation(gen):
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
 
 
+def test_from_mend_takes_the_constructors_runtime_settings(gen):
+    """from_mend's capture_batch_size and editor_device are the constructor's: the ModelEditor it
+    builds captures in chunks of the given size (the default when not given)."""
+    from dcedit_kernels.edit_capture import DEFAULT_CAPTURE_BATCH_SIZE
+    from dcedit_kernels.model_editor import ModelEditor
+
+    model, tok, inner, shapes, sd = tiny_mend(gen, "gpt2")
+    size = int(torch.randint(1, 9, (1,), generator=gen))
+    me = ModelEditor.from_mend(model, tok, sd, inner, capture_batch_size=size, editor_device="cpu")
+    assert me.capture_batch_size == size and me.editor_device == torch.device("cpu")
+    assert ModelEditor.from_mend(model, tok, sd, inner).capture_batch_size == DEFAULT_CAPTURE_BATCH_SIZE
+
+
 def test_from_mend_needs_one_rank_and_depth(gen):
     """MEND builds every editor with one rank and depth: a checkpoint mixing them is refused."""
     from dcedit_kernels.model_editor import ModelEditor
