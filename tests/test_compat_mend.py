@@ -688,6 +688,22 @@ def test_from_mend_takes_the_constructors_runtime_settings(gen):
     assert ModelEditor.from_mend(model, tok, sd, inner).capture_batch_size == DEFAULT_CAPTURE_BATCH_SIZE
 
 
+def test_from_mend_of_a_tied_head_names_the_weight_it_shares(gen):
+    """An inner parameter that is a tied weight (GPT-2's lm_head.weight, the input embedding's
+    Parameter) is a weight of the model under its own name too: from_mend's refusal names the
+    weight it shares, not "not the weight of a module"."""
+    from dcedit_kernels.model_editor import ModelEditor
+    from dcedit_kernels.models import tiny_model
+
+    model, tok = tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen)), dtype=torch.float64)
+    model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    inner = ["lm_head.weight"]
+    shapes = {"lm_head.weight": ModelEditor.shape_of(model.get_output_embeddings())}
+    sd = make_mend_state_dict(gen, inner, shapes, rank=MEND_RANK["gpt2"])
+    with pytest.raises(ValueError, match="'lm_head' shares its weight with transformer.wte.weight"):
+        ModelEditor.from_mend(model, tok, sd, inner)
+
+
 def test_from_mend_needs_one_rank_and_depth(gen):
     """MEND builds every editor with one rank and depth: a checkpoint mixing them is refused."""
     from dcedit_kernels.model_editor import ModelEditor
