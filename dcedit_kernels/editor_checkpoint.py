@@ -174,7 +174,8 @@ class EditorCheckpoints:
     @classmethod
     def from_mend(cls, model: nn.Module, tokenizer, state_dict, inner_params: Sequence[str], prefix: str = "mend.",
                   norm: bool | None = None, edit_lrs_key: str | None = None, editor_device=None,
-                  capture_batch_size: int | None = DEFAULT_CAPTURE_BATCH_SIZE) -> "ModelEditor":
+                  capture_batch_size: int | None = DEFAULT_CAPTURE_BATCH_SIZE,
+                  allow_tied: bool = False) -> "ModelEditor":
         """A "mend" ModelEditor holding the editors of an original MEND checkpoint (Mitchell et
         al.'s code, or EasyEdit's MEND): `apply` then edits each inner parameter as MEND's
         `edit()` does, W ← W + edit_lr · shift, from factors of MEND's loss
@@ -184,9 +185,10 @@ class EditorCheckpoints:
         tensors, MEND's trainer archive, or a safetensors path; never a pickle).  inner_params:
         MEND's `config.model.inner_params`, in its order ("<module>.weight" names of the model);
         their modules become `layers`, and shapes and Conv1D layouts are read off the model.
-        editor_device, capture_batch_size: the constructor's.  The editors are kept in fp32 (the
-        constructor's type, and MEND's compute type).  `save` writes an ordinary checkpoint for
-        `ModelEditor.load`.
+        editor_device, capture_batch_size, allow_tied: the constructor's (allow_tied=True takes an
+        inner parameter whose weight another module shares, such as a tied LM head; an edit then
+        changes both).  The editors are kept in fp32 (the constructor's type, and MEND's compute
+        type).  `save` writes an ordinary checkpoint for `ModelEditor.load`.
 
         MEND's shared editors (one per weight shape, mode = the weight's index among the inner
         parameters of that shape) are ModelEditor's layout exactly; its non-shared editors (one
@@ -243,7 +245,7 @@ class EditorCheckpoints:
         first = next(iter(sources.values()))
         # seed=0: building draws no global random numbers (every value is overwritten below).
         editor = cls(model, tokenizer, layers, method="mend", loss_reduction=compat_mend.LOSS_REDUCTION,
-                     editor_device=editor_device, capture_batch_size=capture_batch_size,
+                     editor_device=editor_device, capture_batch_size=capture_batch_size, allow_tied=allow_tied,
                      rank=rank, n_layers=len(first.layers), norm=first.norm is not None, seed=0)
         # Both number a shape's weights by their order (MEND in inner_params, ModelEditor in
         # layers, the same list), so mode k of the one is mode k of the other.

@@ -688,10 +688,13 @@ def test_from_mend_takes_the_constructors_runtime_settings(gen):
     assert ModelEditor.from_mend(model, tok, sd, inner).capture_batch_size == DEFAULT_CAPTURE_BATCH_SIZE
 
 
-def test_from_mend_of_a_tied_head_names_the_weight_it_shares(gen):
+def test_from_mend_of_a_tied_head_names_the_weight_it_shares_and_takes_allow_tied(gen):
     """An inner parameter that is a tied weight (GPT-2's lm_head.weight, the input embedding's
     Parameter) is a weight of the model under its own name too: from_mend's refusal names the
-    weight it shares, not "not the weight of a module"."""
+    weight it shares, not "not the weight of a module".  Its advice works: from_mend takes the
+    constructor's allow_tied (it once had no such argument, so following "Pass allow_tied=True" was
+    a TypeError), and its edit of the tied head changes the input embedding, the same Parameter,
+    until undone."""
     from dcedit_kernels.model_editor import ModelEditor
     from dcedit_kernels.models import tiny_model
 
@@ -700,8 +703,17 @@ def test_from_mend_of_a_tied_head_names_the_weight_it_shares(gen):
     inner = ["lm_head.weight"]
     shapes = {"lm_head.weight": ModelEditor.shape_of(model.get_output_embeddings())}
     sd = make_mend_state_dict(gen, inner, shapes, rank=MEND_RANK["gpt2"])
-    with pytest.raises(ValueError, match="'lm_head' shares its weight with transformer.wte.weight"):
+    with pytest.raises(ValueError, match="'lm_head' shares its weight with transformer.wte.weight.*"
+                                         "Pass allow_tied=True to edit it anyway"):
         ModelEditor.from_mend(model, tok, sd, inner)
+    me = ModelEditor.from_mend(model, tok, sd, inner, allow_tied=True)
+    assert me.allow_tied is True and me.layers == ["lm_head"]
+    embedding = model.get_input_embeddings().weight
+    before = embedding.detach().clone()
+    handle = me.apply(requests())
+    assert model.get_output_embeddings().weight is embedding and not torch.equal(embedding, before)
+    handle.undo()
+    assert torch.equal(embedding, before)
 
 
 def test_from_mend_needs_one_rank_and_depth(gen):
