@@ -114,34 +114,25 @@ class _HeadOnly(nn.Module):
         return self.head(hidden, scale)
 
 
-def test_logits_at_passes_the_heads_other_arguments_on(gen):
+@pytest.mark.parametrize("extra", [(), (2,)], ids=["3d", "4d"])
+def test_logits_at_gathers_a_3d_head_input_and_passes_the_heads_other_arguments_on(extra, gen):
     """The gather replaces the head's first argument only: a head called with more positional
-    arguments still gets them, and its logits at the positions are the full forward's."""
+    arguments still gets them, and its logits at the positions are the full forward's.  A head
+    input of more than three dimensions whose first two are the positions' (B, L) is not (B, L, ·):
+    nothing is gathered and the head computes every position's logits."""
     model = _HeadOnly(gen)
-    hidden = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64)
+    hidden = torch.randn(3, 5, *extra, 4, generator=gen, dtype=torch.float64)
     scale = torch.rand((), generator=gen, dtype=torch.float64) + 0.5
     positions = torch.rand(3, 5, generator=gen) < 0.5
     positions[0, 0] = True
     full = model(hidden, scale)
     with logits_at(model, positions) as scored:
         out = model(hidden, scale)
-    assert scored.gathered and out.shape == (1, int(positions.sum()), 6)
-    assert torch.equal(scored.pick(out), full[positions])
-
-
-def test_logits_at_leaves_a_head_input_that_is_not_3d_alone(gen):
-    """A head input of more than three dimensions whose first two are the positions' (B, L) is
-    not (B, L, ·): nothing is gathered and the head computes every position's logits."""
-    model = _HeadOnly(gen)
-    hidden = torch.randn(3, 5, 2, 4, generator=gen, dtype=torch.float64)
-    scale = torch.rand((), generator=gen, dtype=torch.float64) + 0.5
-    positions = torch.rand(3, 5, generator=gen) < 0.5
-    positions[0, 0] = True
-    full = model(hidden, scale)
-    with logits_at(model, positions) as scored:
-        out = model(hidden, scale)
-    assert not scored.gathered
-    assert torch.equal(out, full)
+    if extra:
+        assert not scored.gathered and torch.equal(out, full)
+    else:
+        assert scored.gathered and out.shape == (1, int(positions.sum()), 6)
+        assert torch.equal(scored.pick(out), full[positions])
 
 
 def test_logits_at_leaves_a_head_called_without_a_leading_tensor_alone(gen):
