@@ -132,7 +132,8 @@ def test_logits_at_gathers_a_3d_head_input_and_passes_the_heads_other_arguments_
         assert not scored.gathered and torch.equal(out, full)
     else:
         assert scored.gathered and out.shape == (1, int(positions.sum()), 6)
-        assert torch.equal(scored.pick(out), full[positions])
+        # Not bit for bit: BLAS may block the gathered rows' matmul otherwise than the full one's.
+        assert rel_err(scored.pick(out), full[positions]) < 1e-12
 
 
 def test_logits_at_leaves_a_head_called_without_a_leading_tensor_alone(gen):
