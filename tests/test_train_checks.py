@@ -78,16 +78,19 @@ def test_resume_takes_another_min_delta_or_restore_best(gen, tmp_path):
     assert me.fit(requests, config=config.replace(steps=3, restore_best=False)).resumed_from == 2
 
 
-def test_a_checkpoint_from_before_a_train_config_field_resumes(gen, tmp_path):
-    """_check_run compares the TrainConfig fields both runs record: a checkpoint written before a
-    field existed (its recorded settings lack it, here fisher_mask) resumes, rather than raise
-    KeyError on the field it lacks."""
+@pytest.mark.parametrize("dropped", [["config", "fisher_mask"], ["world_size"]], ids=["config_field", "world_size"])
+def test_a_checkpoint_from_before_a_recorded_field_resumes(dropped, gen, tmp_path):
+    """_check_run compares the fields both runs record: a checkpoint written before a field existed
+    (its recorded run lacks it) resumes, rather than raise KeyError on the field it lacks.  Here a
+    TrainConfig field (fisher_mask), and world_size: a checkpoint from before data-parallel
+    training, when every run had one process, resumes in one process rather than be refused as a
+    run of another number of processes ("processes None -> 1")."""
     me = tiny_mend("gpt2", gen)
     requests = random_requests(gen, 4)
     config = TrainConfig(steps=1, batch_size=2, progress=False, checkpoint_dir=str(tmp_path))
     me.fit(requests, config=config)
-    # As a run before TrainConfig had the field recorded it.
-    _rewrite_trainer_checkpoint(tmp_path / "trainer.safetensors", {"run": ["config", "fisher_mask"]})
+    # As a run before the field existed recorded it.
+    _rewrite_trainer_checkpoint(tmp_path / "trainer.safetensors", {"run": dropped})
     assert me.fit(requests, config=config.replace(steps=2)).resumed_from == 1
 
 
@@ -105,18 +108,6 @@ def test_a_resumed_run_keeps_the_validations_and_bad_validations_before_its_chec
     resumed = me.fit(requests[:4], requests[4:], config)
     assert resumed.resumed_from == 2 and resumed.stopped_early and resumed.steps == 3, resumed.steps
     assert [(v["step"], v["es"]) for v in resumed.val_history] == [(1, 0.5), (2, 0.4), (3, 0.3)]
-
-
-def test_a_checkpoint_from_before_data_parallel_resumes_in_one_process(gen, tmp_path):
-    """A checkpoint whose recorded run has no world_size (written before data-parallel training
-    existed, when every run had one process) resumes in one process, rather than be refused as
-    a run of another number of processes ("processes None -> 1")."""
-    me = tiny_mend("gpt2", gen)
-    requests = random_requests(gen, 4)
-    config = TrainConfig(steps=1, batch_size=2, progress=False, checkpoint_dir=str(tmp_path))
-    me.fit(requests, config=config)
-    _rewrite_trainer_checkpoint(tmp_path / "trainer.safetensors", {"run": ["world_size"]})
-    assert me.fit(requests, config=config.replace(steps=2)).resumed_from == 1
 
 
 @pytest.mark.parametrize("rank", [0, 1, 2])
