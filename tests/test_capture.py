@@ -693,7 +693,6 @@ def test_tiny_tokenizers_build_without_a_warning(arch):
     assert tok.clean_up_tokenization_spaces is False
 
 
-
 @pytest.mark.parametrize("arch", ["gpt2", "bart"])
 def test_tiny_byte_level_tokenizers_round_trip_every_byte(arch, gen):
     """The tiny GPT-2 and BART vocabularies hold GPT-2's 256 byte stand-ins: every Latin-1 character
@@ -708,6 +707,7 @@ def test_tiny_byte_level_tokenizers_round_trip_every_byte(arch, gen):
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text
     assert tok.unk_token_id not in ids
+
 
 def test_load_model_errors(tmp_path, monkeypatch):
     from dcedit_kernels.models import default_model_path, load_model

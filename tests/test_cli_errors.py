@@ -35,7 +35,6 @@ def test_cli_rephrase_without_prompt_is_refused(capsys, tiny_model_dir):
     assert "--rephrase" in capsys.readouterr().err
 
 
-
 def test_cli_main_gives_torch_threads_back(capsys, tiny_model_dir):
     """main() sets torch's thread count for its command (--threads, or 1 on a small machine) and
     puts the caller's back when it returns, as the other entry points leave torch's global state:

@@ -219,7 +219,6 @@ def test_load_refuses_a_file_without_or_with_damaged_editor_metadata(gen, tmp_pa
             GroupedEditor.load(str(bad))
 
 
-
 def test_a_path_argument_that_is_not_a_path_raises_value_error_naming_it():
     """The functions that take a file path, given something else (an int, a list, bytes, "", None
     where None means nothing): a ValueError naming the argument, as TrainConfig's checkpoint_dir

@@ -1230,8 +1230,6 @@ def test_edit_features_are_prompt_hidden_means(gen):
         assert torch.allclose(feats[e], hidden[e, :n_prompt].mean(0), atol=1e-6)
 
 
-
-
 @pytest.mark.parametrize("method", ["mend", "raeditor", "ft"])
 def test_only_a_gate_makes_the_capture_compute_edit_features(method, gen):
     """The capture computes edit features only for editors that route by a gate (MoEditor): MEND,
@@ -1240,6 +1238,7 @@ def test_only_a_gate_makes_the_capture_compute_edit_features(method, gen):
     reqs = random_requests(gen, 2)
     batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
     assert me.needs_feats is False and me.capture(batch)[1] is None
+
 
 def test_capture_returns_the_edit_loss_as_a_value(gen):
     """capture's loss is a detached value, in one pass or in chunks: its forward's graph (every
@@ -1251,6 +1250,7 @@ def test_capture_returns_the_edit_loss_as_a_value(gen):
         me.capture_batch_size = chunk
         loss = me.capture(batch)[2]
         assert loss.dim() == 0 and bool(torch.isfinite(loss)) and loss.grad_fn is None and not loss.requires_grad
+
 
 def test_features_without_an_output_head(gen):
     """The features are read from the LM head's input; a model whose get_output_embeddings() is
@@ -3095,7 +3095,6 @@ def test_running_statistics_standardise_from_the_second_row_seen(kind, batches, 
         assert out.dtype == torch.float32 and rel_err(out, want) < 1e-5
 
 
-
 @pytest.mark.parametrize("seen", [0, 1, 3])
 def test_feature_norm_gives_features_in_fp32_or_its_wider_dtype(seen, gen):
     """FeatureNorm standardises in fp32 (its float64 statistics' dtype when moved there), whatever
@@ -3133,6 +3132,7 @@ def test_feature_norm_standardises_a_constant_feature_to_zero_not_nan(gen):
     assert torch.isfinite(got).all() and not got[:, 2].any()
     kept = rows.double()
     assert rel_err(got[:, [0, 1, 3]], ((x.double() - kept.mean(0)) / kept.std(0))[:, [0, 1, 3]]) < 1e-5
+
 
 def test_ft_kl_locality_texts_may_be_any_iterable(gen, tmp_path):
     """locality_texts from a generator are the texts it yields (checking them must not consume

@@ -1847,7 +1847,6 @@ def test_editor_apply_that_is_not_finite_leaves_the_weight_as_it_was(gen):
     assert torch.equal(weight, held)
 
 
-
 def test_grouped_edit_without_a_fisher_matrix_applies_its_unmasked_shift(gen):
     """A GroupedEdit built by hand with a fisher_keep but no Fisher matrix has no mask: dense() is
     the fused shift, and apply_ adds alpha times that shift (fisher_keep is not passed on alone,
@@ -1865,6 +1864,7 @@ def test_grouped_edit_without_a_fisher_matrix_applies_its_unmasked_shift(gen):
     previous = edit.apply_(weight)
     assert torch.equal(previous, before)
     assert torch.allclose(weight, before - 0.5 * delta, rtol=1e-5, atol=1e-6)
+
 
 def test_editor_refuses_a_bool_mode_and_a_falsy_generator(gen):
     """mode=True passed `isinstance(mode, int)` and indexed a new axis of the mode embeddings, so

@@ -503,7 +503,6 @@ def test_one_pass_loss_equals_separate_dense_passes(arch, edit_rows, locality_ro
     assert_same_editor_grads(loss, want, edits)
 
 
-
 def test_batch_edits_and_loss_under_no_grad_are_differentiable_in_the_editors(gen):
     """batch_edits and batch_loss turn grad on for their own steps (capture, editors, edited pass):
     under a caller's torch.no_grad() the edits keep their graph, and the loss and the editors'
@@ -529,6 +528,8 @@ def test_batch_edits_and_loss_under_no_grad_are_differentiable_in_the_editors(ge
 # ---------------------------------------------------------------------------------------------
 # ProEditor's Fisher mask in the training pass (TrainConfig.fisher_mask)
 # ---------------------------------------------------------------------------------------------
+
+
 def reference_loss(me, requests, edits, config, masks):
     """The training loss from per-row forwards with dense (masked) shifts in the weights."""
     model = me.model

@@ -2133,4 +2133,3 @@ def check_large_outer_backward(gen, eta, mu, offsets):
             d_s = g64 * taken[g]
             close_large(d_eta[s:e], mu[s:e].double() @ d_s.T)
             close_large(d_mu[s:e], eta[s:e].double() @ d_s)
-
