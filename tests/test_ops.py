@@ -704,6 +704,43 @@ def test_grouped_lowrank_clamp_gradient_at_zero_is_one(gen):
     assert a["u"].grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("eager", [False, True])
+def test_grouped_lowrank_clamp_gradient_at_zero_is_one_exactly_on_every_cpu_path(eager, dtype, gen):
+    """SPEC: the clamp's gradient at exactly 0 is 1.  u = 0, bias = 0 and shift = 0 put every
+    pre-activation at 0, so SPEC's gradients are, for token t of group g:
+    dh_t = dout_t, dshift_g = Σ dout_t, dbias_g = Σ dout_t ⊙ scale_g,
+    du_g = Σ (dout_t ⊙ scale_g) (v_g (gain_t ⊙ h_t))ᵀ and dv = dscale = dgain = 0, exact for small
+    integer inputs, with the op's kernels and with autograd through the reference forward
+    (`reference_mode`).  The test above checks the op's dbias (and that du is not 0), and nothing
+    else in this file differentiates the reference forward at 0 (a gradient of 0 there passed it)."""
+    counts = [0, 3, 0, 2]  # empty first and middle groups
+    G, T, d, r = len(counts), sum(counts), 5, 3
+    ints = lambda *shape: torch.randint(-3, 4, shape, generator=gen).to(dtype)  # noqa: E731
+    h, v, scale, gain = ints(T, d), ints(G, r, d), ints(G, d), ints(T, d)
+    u, bias, shift = torch.zeros(G, d, r, dtype=dtype), torch.zeros(G, d, dtype=dtype), torch.zeros(G, d, dtype=dtype)
+    leaves = [x.requires_grad_() for x in (h, u, v, bias, scale, shift, gain)]
+    dout = ints(T, d)
+    offsets = ragged_offsets(counts, "cpu")
+    with ops.reference_mode(eager):
+        out = ops.grouped_lowrank(h, offsets, u, v, bias, scale, shift, gain)
+        dh, du, dv, dbias, dscale, dshift, dgain = torch.autograd.grad(out, leaves, dout)
+    assert torch.equal(out, h.detach())
+    want_du, want_dbias, want_dshift = torch.zeros_like(u), torch.zeros_like(bias), torch.zeros_like(shift)
+    group = [g for g, c in enumerate(counts) for _ in range(c)]
+    with torch.no_grad():
+        for t, g in enumerate(group):
+            da = dout[t] * scale[g]
+            want_du[g] += torch.outer(da, v[g] @ (gain[t] * h[t]))
+            want_dbias[g] += da
+            want_dshift[g] += dout[t]
+    assert want_du.abs().sum() > 0
+    assert torch.equal(dh, dout)
+    assert torch.equal(du, want_du) and torch.equal(dbias, want_dbias) and torch.equal(dshift, want_dshift)
+    for zero in (dv, dscale, dgain):
+        assert torch.equal(zero, torch.zeros_like(zero))
+
+
 @pytest.mark.parametrize("dtype", OPCHECK_DTYPES)
 def test_grouped_lowrank_opcheck(dtype, gen, device):
     a = _lowrank_inputs(gen, G=3, d=5, r=2, counts=[2, 0, 3], dtype=dtype, device=device)
