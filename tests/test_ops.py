@@ -93,6 +93,44 @@ def test_grouped_outer_sss_tie_takes_positive(device):
     assert ops.grouped_outer(eta, mu, offsets, "ssm").item() == 1.5
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("eager", [False, True])
+def test_grouped_outer_tie_rules_and_their_gradients_exactly_on_every_cpu_path(eager, dtype, gen):
+    """SPEC's tie rules with exact ties from small nonzero integers, forward and gradient, on the
+    op's default path and in reference_mode (autograd through the reference forward):
+    - max over S = (empty, a, -a, a): |S_g| ties everywhere, the first such g (group 1) wins with
+      its sign kept, times alpha (negative too), and only group 1's token gets gradient;
+    - sss over S = (a, -a): P == −N everywhere, so P = |a| is taken, and the gradient flows to
+      the positive term only (group 0 where a > 0, group 1 where a < 0); ssm is that over G = 2.
+    The tie tests above check the default path's forward on scalars; elsewhere the backward's tie
+    rules (and reference_mode's) are compared with the package's own reference, not with SPEC."""
+    nonzero = lambda *shape: (torch.randint(1, 4, shape, generator=gen)  # noqa: E731
+                              * (torch.randint(0, 2, shape, generator=gen) * 2 - 1)).to(dtype)
+    e, m = nonzero(3), nonzero(4)
+    a = torch.outer(e, m)
+    alpha = float(nonzero(1)) * 0.5
+    grad = torch.randint(-3, 4, (3, 4), generator=gen).to(dtype)
+
+    def run(eta, mu, counts, fusion):
+        eta, mu = eta.clone().requires_grad_(), mu.clone().requires_grad_()
+        with ops.reference_mode(eager):
+            out = ops.grouped_outer(eta, mu, ragged_offsets(counts, "cpu"), fusion, alpha)
+            d_eta, d_mu = torch.autograd.grad(out, (eta, mu), grad)
+        return out.detach(), d_eta, d_mu
+
+    out, d_eta, d_mu = run(torch.stack([e, -e, e]), torch.stack([m, m, m]), [0, 1, 1, 1], "max")
+    assert torch.equal(out, alpha * a)
+    assert torch.equal(d_eta[0], alpha * grad @ m) and torch.equal(d_mu[0], alpha * grad.T @ e)
+    assert not d_eta[1:].any() and not d_mu[1:].any()
+    for fusion, G in (("sss", 1), ("ssm", 2)):
+        out, d_eta, d_mu = run(torch.stack([e, -e]), torch.stack([m, m]), [1, 1], fusion)
+        assert torch.equal(out, alpha * a.abs() / G)
+        d_s0 = torch.where(a > 0, grad, 0) * alpha / G  # group 0's S = a is the positive term
+        d_s1 = torch.where(a < 0, grad, 0) * alpha / G  # group 1's S = -a
+        assert torch.equal(d_eta, torch.stack([d_s0 @ m, d_s1 @ m]))
+        assert torch.equal(d_mu, torch.stack([d_s0.T @ e, d_s1.T @ -e]))
+
+
 @pytest.mark.parametrize("fusion", ["sss", "ssm"])
 def test_grouped_outer_sss_tie_backward_follows_the_positive_side(fusion, gen, device):
     """Two groups that are negations of each other: P == −N at every entry and the forward takes
