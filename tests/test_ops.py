@@ -313,6 +313,25 @@ def test_segmented_fisher(dtype, gen, device):
     assert rel_err(got, want) < (1e-12 if dtype == torch.float64 else 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("eager", [False, True])
+def test_segmented_fisher_divides_by_every_edit_exactly_on_every_cpu_path(eager, dtype, gen):
+    """SPEC: F = (1/E) Σ_e (Σ_{t∈e} η_t μ_tᵀ)² over the E edits of edit_offsets, the empty ones
+    counted in E (an empty edit's gradient is 0): exact for small integers, on the op's default
+    path and in reference_mode.  The test above draws its layout at random, which may have no empty
+    edit, and its default path is the C++ kernel: a reference dividing by the non-empty edits
+    passed this file."""
+    counts = [0, 2, 0, 0, 3, 0, 0, 0]  # empty first, middle and last edits: E = 8 (1/E exact), 2 non-empty
+    ints = lambda *shape: torch.randint(-3, 4, shape, generator=gen).to(dtype)  # noqa: E731
+    eta, mu = ints(5, 3), ints(5, 4)
+    s1, s3 = eta[:2].T @ mu[:2], eta[2:].T @ mu[2:]
+    with ops.reference_mode(eager):
+        got = ops.segmented_fisher(eta, mu, ragged_offsets(counts, "cpu"))
+        empty = ops.segmented_fisher(eta[:0], mu[:0], ragged_offsets([0, 0], "cpu"))  # T = 0
+    assert got.dtype == dtype and torch.equal(got, (s1.square() + s3.square()) / 8)
+    assert torch.equal(empty, torch.zeros(3, 4, dtype=dtype))
+
+
 @pytest.mark.parametrize("dtype", OPCHECK_DTYPES)
 def test_segmented_fisher_opcheck_and_errors(dtype, gen, device):
     eta, mu, offsets = _outer_inputs(gen, G=3, o=3, i=4, dtype=dtype, counts=[1, 0, 4], device=device)
