@@ -1826,3 +1826,187 @@ def test_evaluate_edits_applies_a_last_short_batch_with_the_edits_before_it(gen)
     assert scores["nll"] == pytest.approx((4 * first["nll"] + last_nll) / 5, rel=1e-5)
     # Fewer edits than batch_size: one batch of them all, as before.
     assert evaluate_edits(me, reqs[:3], batch_size=4) == evaluate_edits(me, reqs[:3], batch_size=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# batch_loss against an independent float64 computation of the documented objective
+# ---------------------------------------------------------------------------------------------
+# The reference below reads only the docstrings (train_loss, ModelEditor, EditRequest): each edit
+# row run alone (no padding), the capture's gradient factors taken with plain autograd at the
+# edited modules' outputs, the editors' shifts formed densely from their outputs and put into the
+# weights with torch.func.functional_call. It shares no code with the package's capture, rows,
+# passes or losses, so it pins what they add up to.
+
+
+def _joined_text(prompt, target):
+    return prompt + target if prompt[-1:].isspace() or target[:1].isspace() else prompt + " " + target
+
+
+def _joined_ids(tok, prompt, target):
+    """(token ids of prompt + target joined as README says, number of prompt tokens)."""
+    p, full = tok(prompt)["input_ids"], tok(_joined_text(prompt, target))["input_ids"]
+    assert full[:len(p)] == p and len(full) > len(p)
+    return full, len(p)
+
+
+def _independent_factors(me, requests):
+    """{layer: (μ, η, edit_offsets)} of every token of each edit's prompt + target (`me.tokens`
+    "target": the target-predicting positions only), η the gradient
+    of `me.loss_reduction`'s edit loss at the layer's output, and each edit's mean last hidden
+    state over its prompt (MoEditor's features)."""
+    model, tok = me.model, me.tokenizer
+    rows = [_joined_ids(tok, r.prompt, r.target) for r in requests]
+    n_target = sum(len(ids) - p for ids, p in rows)
+    mus, etas, feats = {n: [] for n in me.layers}, {n: [] for n in me.layers}, []
+    for ids, p in rows:
+        seen = {}
+        hooks = [me.modules[n].register_forward_hook(lambda m, a, out, n=n: seen.__setitem__(n, (a[0], out)))
+                 for n in me.layers]
+        try:
+            embeds = model.get_input_embeddings()(torch.tensor([ids])).detach().requires_grad_(True)
+            out = model(inputs_embeds=embeds, output_hidden_states=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        logp = torch.log_softmax(out.logits[0], -1)
+        nll = -logp[torch.arange(p - 1, len(ids) - 1), torch.tensor(ids[p:])]
+        loss = nll.sum() / n_target if me.loss_reduction == "token" else nll.mean()
+        grads = torch.autograd.grad(loss, [seen[n][1] for n in me.layers])
+        kept = slice(0, len(ids)) if me.tokens == "all" else slice(p - 1, len(ids) - 1)  # "target": MALMEN's
+        for n, g in zip(me.layers, grads):
+            mus[n].append(seen[n][0][0, kept].detach())
+            etas[n].append(g[0, kept])
+        feats.append(out.hidden_states[-1][0, :p].detach().mean(0))
+    counts = [len(ids) if me.tokens == "all" else len(ids) - p for ids, p in rows]
+    offsets = torch.tensor([0] + counts).cumsum(0).to(torch.int32)
+    return {n: (torch.cat(mus[n]), torch.cat(etas[n]), offsets) for n in me.layers}, torch.stack(feats)
+
+
+def _independent_training_loss(me, requests, config):
+    """cedit·L_edit + cloc·KL + balance_weight·L_balance of train_loss's docstring, row by row."""
+    model, tok = me.model, me.tokenizer
+    factors, feats = _independent_factors(me, requests)
+    edits, modes = {}, {}
+    for n in me.layers:
+        i, o = me.shape_of(me.modules[n])
+        modes[f"{i}x{o}"] = modes.get(f"{i}x{o}", -1) + 1
+        mu, eta, offsets = factors[n]
+        editor = me.editors[f"{i}x{o}"]
+        edits[n] = editor(mu, eta, offsets, mode=modes[f"{i}x{o}"],
+                          edit_feats=feats if editor.routing == "gate" else None)
+
+    def shifted(view):
+        """The weights a row sees: its edit's group's shift (view = edit index) or every group's."""
+        weights = {}
+        for n, edit in edits.items():
+            b = edit.offsets.tolist()
+            shifts = [edit.eta_t[b[g]:b[g + 1]].T @ edit.mu_t[b[g]:b[g + 1]] for g in range(len(b) - 1)]
+            if config.fisher_mask and edit.fisher is not None:
+                k = math.ceil(edit.fisher_keep * edit.fisher.numel())
+                kept = edit.fisher >= edit.fisher.flatten().topk(k).values[-1]
+                shifts = [s * kept for s in shifts]
+            delta = edit.alpha.reshape(()) * (sum(shifts) if view == "all" else shifts[int(edit.edit_group[view])])
+            weight = me.modules[n].weight
+            weights[n + ".weight"] = weight + (delta.T if is_conv1d(me.modules[n]) else delta)
+        return weights
+
+    def log_probs(ids, view=None):
+        out = torch.func.functional_call(model, shifted(view) if view is not None else {},
+                                         args=(), kwargs=dict(input_ids=torch.tensor([ids])), strict=False)
+        return torch.log_softmax(out.logits[0], -1)
+
+    nll, n_target = 0.0, 0
+    for e, r in enumerate(requests):  # each edit's rephrase (else its prompt) + target, its own group's shift
+        ids, p = _joined_ids(tok, r.rephrase or r.prompt, r.target)
+        logp = log_probs(ids, e if config.edit_rows == "own" else "all")
+        nll = nll - logp[torch.arange(p - 1, len(ids) - 1), torch.tensor(ids[p:])].sum()
+        n_target += len(ids) - p
+    kl, n_kl = 0.0, 0
+    for e, r in enumerate(requests):  # locality text, else the next edit's prompt less its last position
+        if r.locality is not None:
+            text = r.locality if r.locality_target is None else _joined_text(r.locality, r.locality_target)
+            ids = tok(text)["input_ids"]
+            n = len(ids)
+        elif len(requests) > 1:
+            ids = tok(requests[(e + 1) % len(requests)].prompt)["input_ids"]
+            n = len(ids) - 1
+        else:
+            continue
+        with torch.no_grad():
+            base = log_probs(ids)[:n]
+        kl = kl + (base.exp() * (base - log_probs(ids, "all" if config.locality_rows == "all" else e)[:n])).sum()
+        n_kl += n
+    balance = torch.stack([edit.aux_loss for edit in edits.values()]).mean()
+    return config.cedit * nll / n_target + config.cloc * kl / max(n_kl, 1) + config.balance_weight * balance
+
+
+def _random_editors(me, gen):
+    """float64 editors with random u, biases, α (and gate, ψ output): far from MEND's identity init."""
+    me.editors.double()
+    with torch.no_grad():
+        for editor in me.editors.values():
+            for layer in editor.layers:
+                layer.u.copy_(torch.randn(layer.u.shape, generator=gen, dtype=torch.float64) * 0.05)
+                layer.bias.copy_(torch.randn(layer.bias.shape, generator=gen, dtype=torch.float64) * 0.05)
+            if getattr(editor, "w_gate", None) is not None:
+                editor.w_gate.copy_(torch.randn(editor.w_gate.shape, generator=gen, dtype=torch.float64))
+            if editor.psi is not None:
+                editor.psi.fc2.weight.copy_(torch.randn(editor.psi.fc2.weight.shape, generator=gen,
+                                                        dtype=torch.float64) * 0.05)
+            editor.alpha.copy_(torch.randn(editor.alpha.shape, generator=gen, dtype=torch.float64) * 0.3)
+    return me
+
+
+def _mixed_requests(gen, n):
+    """Edits of different lengths: with and without a rephrase, a locality text with and without
+    its target, and none (the next edit's prompt stands in)."""
+    reqs = random_requests(gen, n)
+    for e, r in enumerate(reqs):
+        reqs[e] = EditRequest(r.prompt, r.target, rephrase=r.rephrase if e % 3 != 1 else None,
+                              locality=r.locality if e % 3 != 2 else None,
+                              locality_target=r.locality_target if e % 3 == 0 else None)
+    return reqs
+
+
+def _loss_and_grads(me, fn):
+    params = [p for p in me.editors.parameters()]
+    loss = fn()
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def _assert_same_loss_and_grads(got, want, rtol=1e-9):
+    (loss, grads), (want_loss, want_grads) = got, want
+    assert torch.allclose(loss, want_loss, rtol=rtol, atol=0), (float(loss), float(want_loss))
+    for g, w in zip(grads, want_grads):
+        assert torch.allclose(g, w, rtol=rtol * 100, atol=rtol * 10 * float(w.abs().max().clamp(min=1e-30))), \
+            float((g - w).abs().max())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", ["mend", "proeditor"])
+@pytest.mark.parametrize("loss_reduction", ["edit", "token"])
+def test_batch_loss_and_its_gradients_are_the_documented_objective(arch, method, loss_reduction, gen):
+    """float64, end to end: batch_loss (capture at the ModelEditor's loss_reduction, editors, the
+    edited pass) and the editors' gradients (α included) are cedit·L_edit + cloc·KL computed
+    independently: L_edit the mean NLL over every rephrase's (else prompt's) target tokens under
+    its edit's shift, KL(p_unedited ‖ p_edited) the mean over the locality texts' positions (or the
+    next edit's prompt less its last one), ProEditor's shift Fisher-masked; edits of different
+    lengths, three edited weights of two shapes."""
+    from dcedit_kernels.train import batch_loss
+
+    skip_fp32_logits(arch)
+    model, tok = frozen_double_model(arch, int(torch.randint(0, 100, (1,), generator=gen)))
+    me = _random_editors(ModelEditor(model, tok, LAYERS[arch][:3], method=method, rank=4,
+                                     loss_reduction=loss_reduction), gen).eval()
+    requests = _mixed_requests(gen, 4)
+    config = TrainConfig(cedit=0.3, cloc=1.7)
+    got = _loss_and_grads(me, lambda: batch_loss(me, requests, config)[0])
+    want = _loss_and_grads(me, lambda: _independent_training_loss(me, requests, config))
+    _assert_same_loss_and_grads(got, want)
+    # The capture's reduction matters: the other one gives another loss.
+    other = ModelEditor(model, tok, LAYERS[arch][:3], method=method, rank=4,
+                        loss_reduction="token" if loss_reduction == "edit" else "edit")
+    other.editors.load_state_dict(me.editors.state_dict())
+    other.editors.eval()
+    assert not torch.allclose(_independent_training_loss(other, requests, config).detach(), want[0], rtol=1e-6)
