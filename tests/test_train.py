@@ -20,7 +20,8 @@ from dcedit_kernels.reference import grouped_outer as reference_grouped_outer
 from dcedit_kernels.requests import EditRequest
 from dcedit_kernels.train import TrainConfig, batch_edits, eval_rows, evaluate_edits, loss_from_edits, train_editor
 
-from helpers import assert_checkpointing, scripted_scores, skip_fp32_logits, tiny_mend, train_mode_llama
+from helpers import (assert_checkpointing, input_shapes, scripted_scores, skip_fp32_logits, tiny_mend,
+                     train_mode_llama)
 from test_model_editor import LAYERS, ctrl_c_raises, one_thread, random_requests, words  # noqa: F401 (one_thread: autouse fixture)
 
 # ---------------------------------------------------------------------------------------------
@@ -2010,3 +2011,36 @@ def test_batch_loss_and_its_gradients_are_the_documented_objective(arch, method,
     other.editors.load_state_dict(me.editors.state_dict())
     other.editors.eval()
     assert not torch.allclose(_independent_training_loss(other, requests, config).detach(), want[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("length_buckets,reuse_prefix", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("n_edits", [1, 5])
+def test_length_buckets_and_prefix_reuse_give_the_documented_objective(arch, length_buckets, reuse_prefix, n_edits,
+                                                                      gen, monkeypatch):
+    """float64: whether the rows run in passes of similar length or one padded pass, and whether
+    the locality rows take their lower blocks from the KL reference pass, batch_loss and its
+    gradients are the independent objective's (a batch of one edit, and of five of different
+    lengths; the edited weights in block 1, so that block 0's outputs can be taken over).  Every
+    pass costs nothing, so that rows of each length run in a pass of their own."""
+    from dcedit_kernels.train import batch_loss
+
+    skip_fp32_logits(arch)
+    passes = count_passes(monkeypatch)
+    model, tok = frozen_double_model(arch, int(torch.randint(0, 100, (1,), generator=gen)))
+    me = _random_editors(ModelEditor(model, tok, LAYERS[arch][1:3], method="mend", rank=4), gen).eval()
+    requests = _mixed_requests(gen, n_edits)
+    config = TrainConfig(length_buckets=length_buckets, reuse_prefix=reuse_prefix)
+    got = _loss_and_grads(me, lambda: batch_loss(me, requests, config)[0])
+    assert bool(passes) == length_buckets and (not length_buckets or n_edits == 1 or max(passes) > 2)
+    want = _loss_and_grads(me, lambda: _independent_training_loss(me, requests, config))
+    _assert_same_loss_and_grads(got, want)
+    # The path under test ran: with reuse_prefix the edited pass's locality rows skip block 0
+    # (counted after the model's one-off check of the reuse, which runs extra passes).
+    lower = model.get_submodule(LAYERS[arch][0].rsplit(".", 1)[0])  # block 0's MLP
+    with input_shapes(lower) as seen:
+        batch_loss(me, requests, config)
+    with input_shapes(lower) as full:
+        batch_loss(me, requests, config.replace(reuse_prefix=False))
+    rows = lambda shapes: sum(s[0] for s in shapes)  # noqa: E731
+    assert (rows(seen) < rows(full)) == reuse_prefix, (seen, full)
