@@ -2044,3 +2044,24 @@ def test_length_buckets_and_prefix_reuse_give_the_documented_objective(arch, len
         batch_loss(me, requests, config.replace(reuse_prefix=False))
     rows = lambda shapes: sum(s[0] for s in shapes)  # noqa: E731
     assert (rows(seen) < rows(full)) == reuse_prefix, (seen, full)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("edit_rows,locality_rows", [("own", "all"), ("all", "all"), ("own", "own")])
+def test_moeditor_batch_loss_is_the_documented_objective(arch, edit_rows, locality_rows, gen):
+    """float64, 3 editors with a random gate (eval mode: no noise): each rephrase row sees the
+    shift of the group its edit was routed to (or every group's), the locality rows the sum of
+    every group's (or their own edit's group's), and the balance term is the gate's loss averaged
+    over the edited weights, the gate reading each edit's mean last hidden state over its prompt.
+    The package computes those features in fp32, hence the looser tolerance."""
+    from dcedit_kernels.train import batch_loss
+
+    skip_fp32_logits(arch)
+    model, tok = frozen_double_model(arch, int(torch.randint(0, 100, (1,), generator=gen)))
+    me = _random_editors(ModelEditor(model, tok, LAYERS[arch][:3], method="moeditor", n_editors=3, rank=4), gen)
+    me.eval()
+    requests = _mixed_requests(gen, 5)
+    config = TrainConfig(cedit=0.3, cloc=1.7, balance_weight=0.2, edit_rows=edit_rows, locality_rows=locality_rows)
+    got = _loss_and_grads(me, lambda: batch_loss(me, requests, config)[0])
+    want = _loss_and_grads(me, lambda: _independent_training_loss(me, requests, config))
+    _assert_same_loss_and_grads(got, want, rtol=1e-6)
