@@ -2065,3 +2065,24 @@ def test_moeditor_batch_loss_is_the_documented_objective(arch, edit_rows, locali
     got = _loss_and_grads(me, lambda: batch_loss(me, requests, config)[0])
     want = _loss_and_grads(me, lambda: _independent_training_loss(me, requests, config))
     _assert_same_loss_and_grads(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("tokens", ["all", "target"])
+@pytest.mark.parametrize("capture_batch_size", [2, None])
+def test_capture_settings_give_the_documented_objective(arch, tokens, capture_batch_size, gen):
+    """float64: the capture in chunks of 2 edits (the "token" loss divided by the whole batch's
+    target tokens) or in one pass, of every token or of the target-predicting ones only, with the
+    LM head among the edited weights (its logits computed at the scored positions only): batch_loss
+    and its gradients are the independent objective's."""
+    from dcedit_kernels.train import batch_loss
+
+    skip_fp32_logits(arch)
+    model, tok = frozen_double_model(arch, int(torch.randint(0, 100, (1,), generator=gen)))
+    me = _random_editors(ModelEditor(model, tok, LAYERS[arch], method="mend", rank=4, tokens=tokens,
+                                     capture_batch_size=capture_batch_size), gen).eval()
+    requests = _mixed_requests(gen, 5)
+    config = TrainConfig()
+    got = _loss_and_grads(me, lambda: batch_loss(me, requests, config)[0])
+    want = _loss_and_grads(me, lambda: _independent_training_loss(me, requests, config))
+    _assert_same_loss_and_grads(got, want)
