@@ -2652,6 +2652,31 @@ def test_running_norm_statistics_are_those_of_every_row_seen(gen):
     assert all(torch.equal(frozen[k], v) for k, v in norm.state_dict().items())
 
 
+def test_a_training_call_normalises_its_batch_by_statistics_that_include_it(gen):
+    """MEND's order in training: the batch joins the running statistics first, then is normalised by
+    them, so a training call's shift reads (x − mean)/(std + 1e-7) over every row seen *including*
+    this batch (a first call of two or more rows is standardised by its own mean and sample std, not
+    passed through as before any row was seen).  Against the shift written out in float64."""
+    editor = randomize_editor(GroupedEditor(5, 3, rank=3, routing="single", fusion="add"), gen, scale=0.5)
+    editor = editor.to(torch.float64).train()
+    d = lambda t: t.detach().double()  # noqa: E731
+    seen = []
+    for n in (3, 4):
+        mu = (torch.randn(n, 5, generator=gen) * 2 + 1).double()  # fp32-exact, as the editor rounds
+        eta = (torch.randn(n, 3, generator=gen) * 0.5 - 2).double()
+        seen.append(torch.cat([mu, eta], 1))
+        with torch.no_grad():
+            got = editor.dense(mu, eta, torch.tensor([0, 1, n], dtype=torch.int32))
+        rows = torch.cat(seen)
+        h = (seen[-1] - rows.mean(0)) / (rows.std(0) + 1e-7)
+        for layer in editor.layers:
+            pre = ((h @ d(layer.v[0]).t()) @ d(layer.u[0]).t() + d(layer.bias[0])) * d(layer.mode_scale[0, 0]) \
+                + d(layer.mode_shift[0, 0])
+            h = h + pre.clamp(min=0)
+        want = h[:, 5:].t() @ h[:, :5]
+        assert rel_err(got, want) < 1e-10, (n, rel_err(got, want))
+
+
 @pytest.mark.parametrize("bad", ["no_feats", "feats_shape", "feats_list", "mu_list", "mu_int"])
 def test_a_training_call_that_raises_leaves_the_running_norms(bad, gen):
     """A bad argument raises ValueError naming it before the statistics take the batch: the
