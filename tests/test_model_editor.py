@@ -3329,6 +3329,31 @@ def test_moeditor_shift_matches_a_float64_reference(top_k, gen):
     assert rel_err(got, want) < 1e-5
 
 
+def test_moeditor_routes_by_the_noisy_logits_in_training_and_the_clean_ones_in_eval(gen):
+    """SPEC's noisy top-k gate, as the MoEditor uses it: in training each edit goes to the top of
+    f W_g + ε ⊙ (softplus(f W_noise) + 0.01), ε ~ N(0, 1); in eval to the top of f W_g.  With one
+    feature f = 1, clean logits (0, 1) and noise scales σ = (softplus(0) + 0.01, softplus(−30) +
+    0.01), editor 0 wins in training with probability Φ(−1 / sqrt(σ₀² + σ₁²)) ≈ 0.0775: the share
+    over 4000 edits is checked to ±5 standard deviations (a noise-free gate gives 0, noise read
+    from W_g instead of W_noise about 0.25, exp for softplus about 0.16)."""
+    from dcedit_kernels.editors import MoEditor
+
+    editor = MoEditor(2, 2, n_editors=2, feat_dim=1, top_k=1, rank=1, norm=False, gate_norm=False, seed=0)
+    with torch.no_grad():
+        editor.w_gate.copy_(torch.tensor([[0.0, 1.0]]))
+        editor.w_noise.copy_(torch.tensor([[0.0, -30.0]]))
+    E = 4000
+    mu, eta = torch.randn(E, 2, generator=gen), torch.randn(E, 2, generator=gen)
+    offsets, feats = torch.arange(E + 1, dtype=torch.int32), torch.ones(E, 1)
+    with torch.no_grad():
+        groups = editor.train()(mu, eta, offsets, edit_feats=feats).edit_group
+        assert editor.eval()(mu, eta, offsets, edit_feats=feats).edit_group.eq(1).all()
+    sigma = torch.tensor([math.log(2) + 0.01, math.log1p(math.exp(-30)) + 0.01], dtype=torch.float64)
+    p = 0.5 * math.erfc(1 / float(sigma.square().sum().sqrt()) / math.sqrt(2))
+    share = float(groups.eq(0).double().mean())
+    assert abs(share - p) < 5 * math.sqrt(p * (1 - p) / E), (share, p)
+
+
 def test_raeditor_splits_the_edits_into_balanced_random_groups(gen):
     """RaEditor's random routing uses every one of its n_editors: E edits split into groups of
     ⌊E/N_g⌋ or ⌈E/N_g⌉ edits."""
