@@ -3354,6 +3354,31 @@ def test_moeditor_routes_by_the_noisy_logits_in_training_and_the_clean_ones_in_e
     assert abs(share - p) < 5 * math.sqrt(p * (1 - p) / E), (share, p)
 
 
+def test_moeditor_gate_norm_takes_a_training_batch_into_its_statistics_before_standardising_it(gen):
+    """In training the gate reads each batch's features standardised by running statistics that
+    already include that batch (`route`'s docstring): a first batch of features 10-13 (+ a shift
+    drawn here) is split around its own mean, not read raw (as before two rows are seen, which
+    sends every edit to one editor), and a second batch (12, 30) around the mean of all six rows
+    (12 below it), not of the first four (12 above).  Logits ±100·f′ against training noise of
+    scale softplus(0) + 0.01: the routing is decided by the sign of f′ alone."""
+    from dcedit_kernels.editors import MoEditor
+
+    editor = MoEditor(2, 2, n_editors=2, feat_dim=1, top_k=1, rank=1, norm=False, seed=0).train()
+    with torch.no_grad():
+        editor.w_gate.copy_(torch.tensor([[-100.0, 100.0]]))
+        editor.w_noise.zero_()
+    shift = float(torch.rand((), generator=gen)) * 5
+    first = torch.tensor([[10.0], [11.0], [12.0], [13.0]]) + shift
+    second = torch.tensor([[12.0], [30.0]]) + shift
+    with torch.no_grad():
+        assert editor.route(4, first)[0].tolist() == [0, 0, 1, 1]
+        assert editor.route(2, second)[0].tolist() == [0, 1]
+        assert int(editor.gate_norm.k) == 6
+        editor.eval()
+        assert editor.route(2, second)[0].tolist() == [0, 1]  # eval: frozen statistics
+        assert int(editor.gate_norm.k) == 6
+
+
 def test_raeditor_splits_the_edits_into_balanced_random_groups(gen):
     """RaEditor's random routing uses every one of its n_editors: E edits split into groups of
     ⌊E/N_g⌋ or ⌈E/N_g⌉ edits."""
