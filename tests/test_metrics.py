@@ -733,3 +733,128 @@ def test_gradient_metrics_of_zero_width_gradients(gen):
     assert torch.equal(gram, torch.zeros(E, E, dtype=torch.float64))
     gram = factor_gram(randn((T, 3), gen), torch.zeros(T, 0), ragged_offsets(counts))
     assert torch.equal(gram, torch.zeros(E, E, dtype=torch.float64))
+
+
+# --- one row at a time, written from the README and the docstrings alone ----------------------
+
+
+def _row_join(prompt, target):
+    """README "Prompts and targets": a space between them unless the prompt ends in whitespace or the
+    target starts with it."""
+    return prompt + target if prompt[-1:].isspace() or target[:1].isspace() else prompt + " " + target
+
+
+def _row_ids(tok, text):
+    ids = list(tok(text)["input_ids"])
+    while ids and ids[-1] in set(tok.all_special_ids):  # a trailing EOS is no token of the text
+        ids.pop()
+    return ids
+
+
+def _row_predictions(model, tok, prompt, target=None):
+    """(argmax ids, gold ids) of one unpadded row: the target's tokens (those after the prompt's own),
+    or, without a target, every token of the text but the first, each predicted at the position before."""
+    if target is None:
+        ids, first = _row_ids(tok, prompt), 1
+    else:
+        ids, prompt_ids = _row_ids(tok, _row_join(prompt, target)), _row_ids(tok, prompt)
+        assert ids[:len(prompt_ids)] == prompt_ids  # the tiny tokenizers spell one token per character
+        first = len(prompt_ids)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+    return logits[first - 1:len(ids) - 1].argmax(-1), torch.tensor(ids[first:])
+
+
+def _row_accuracy(model, tok, prompt, target, exact=False):
+    hits = [float(h) for h in (lambda p, g: p == g)(*_row_predictions(model, tok, prompt, target))]
+    return min(hits) if exact else sum(hits) / len(hits)
+
+
+def _speaking_model(arch, gen):
+    """A tiny model whose argmax is always a lowercase letter or the space (the other rows of its
+    output embedding zeroed), so that its own greedy continuations are texts it partly predicts."""
+    model, tok = tiny_model(arch, seed=seed_from(gen))
+    allowed = {_row_ids(tok, "a" + ch)[-1] for ch in "abcdefghijklmnopqrstuvwxyz "}
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[[i for i in range(head.shape[0]) if i not in allowed]] = 0
+    return model, tok
+
+
+def _greedy_text(model, tok, prompt, n):
+    ids, out = _row_ids(tok, prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            out.append(int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax()))
+    text = tok.decode(out)
+    return text if text.strip() else text + "ab"
+
+
+def _mixed_requests(model, tok, gen):
+    """Random requests plus the join's whitespace cases, and some whose target (and locality target) is
+    the model's own greedy continuation, so that accuracies are neither all 0 nor all 1."""
+    from test_model_editor import random_requests
+
+    reqs = random_requests(gen, 4) + [
+        EditRequest("The capital of France is", " Rome", rephrase="France's capital:", locality="Paris is in",
+                    locality_target="France"),
+        EditRequest("Its name is ", "Bob Smith", rephrase="Called ", locality="The sky is", locality_target=" blue sky"),
+        EditRequest("ab", "x y z", rephrase="A much longer rephrased prompt", locality="hello there friend"),
+    ]
+    for i, r in enumerate(list(reqs)):
+        n = int(torch.randint(1, 4, (1,), generator=gen))
+        loc_target = _greedy_text(model, tok, r.locality, n) if r.locality_target else None
+        reqs.append(EditRequest(r.prompt, _greedy_text(model, tok, r.prompt, n), rephrase=r.rephrase,
+                                locality=r.locality, locality_target=loc_target))
+    return reqs
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_prediction_metrics_and_drawdown_match_one_row_at_a_time(arch, gen):
+    """On a tiny real causal LM, the accuracies, the locality predictions and DD of any batch size
+    (1, 2: sorted rows with padding, more than the rows: one padded batch), under either tokenizer
+    padding side (the README: the batches pad on the right whatever it says), equal an unpadded
+    one-row-at-a-time computation with the README's join (a space unless the prompt ends in
+    whitespace or the target starts with it): targets of several tokens, locality inputs with and
+    without a target (then every next token), DD of a weight change scored against the unedited
+    predictions, "input" (any scored token changed) and "token" (share changed)."""
+    model, tok = _speaking_model(arch, gen)
+    reqs = _mixed_requests(model, tok, gen)
+    local = [r for r in reqs if r.locality]
+    rows = {field: [(getattr(r, prompt_field), getattr(r, target_field)) for r in reqs]
+            for field, prompt_field, target_field in (("rel", "prompt", "target"), ("es", "rephrase", "target"),
+                                                      ("ns", "locality", "locality_target"))}
+    base = [_row_predictions(model, tok, r.locality, r.locality_target)[0] for r in local]
+    weight = model.get_submodule("transformer.h.1.mlp.c_fc" if arch == "gpt2" else "model.layers.1.mlp.up_proj").weight
+    saved, noise = weight.detach().clone(), torch.randn(weight.shape, generator=gen) * 0.03
+    with torch.no_grad():
+        weight.add_(noise)
+    edited = [_row_predictions(model, tok, r.locality, r.locality_target)[0] for r in local]
+    weight.data.copy_(saved)
+    want_dd = {"input": sum(float((a != b).any()) for a, b in zip(edited, base)) / len(local),
+               "token": sum(float((a != b).double().mean()) for a, b in zip(edited, base)) / len(local)}
+    want = {(field, exact): [_row_accuracy(model, tok, p, t, exact) for p, t in pairs]
+            for field, pairs in rows.items() for exact in (False, True)}
+    assert 0 < sum(want[("rel", False)]) < len(reqs)  # some right, some wrong
+    for side in ("left", "right"):
+        tok.padding_side = side
+        for batch_size in (1, 2, len(reqs) + 3):
+            for exact in (False, True):
+                got = {"rel": reliability(model, tok, reqs, batch_size, exact),
+                       "es": edit_success(model, tok, reqs, batch_size, exact),
+                       "ns": neighbourhood_success(model, tok, [r for r in reqs if r.locality_target], batch_size, exact)}
+                accuracy = target_accuracy(model, tok, [p for p, _ in rows["rel"]], [t for _, t in rows["rel"]],
+                                           batch_size, exact)
+                assert accuracy.tolist() == want[("rel", exact)], (side, batch_size, exact)
+                for field, value in got.items():
+                    scored = [a for a, (_, t) in zip(want[(field, exact)], rows[field]) if t is not None]
+                    assert value == pytest.approx(sum(scored) / len(scored), rel=1e-12, abs=1e-15), (field, side)
+            predicted = locality_predictions(model, tok, local, batch_size)
+            assert all(torch.equal(p, b) for p, b in zip(predicted, base)), (side, batch_size)
+            with torch.no_grad():
+                weight.add_(noise)
+            try:
+                for reduction, value in want_dd.items():
+                    assert drawdown(model, tok, local, predicted, batch_size, reduction) == pytest.approx(value, abs=1e-15)
+            finally:
+                weight.data.copy_(saved)
