@@ -858,3 +858,71 @@ def test_prediction_metrics_and_drawdown_match_one_row_at_a_time(arch, gen):
                     assert drawdown(model, tok, local, predicted, batch_size, reduction) == pytest.approx(value, abs=1e-15)
             finally:
                 weight.data.copy_(saved)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_measure_edit_and_evaluate_method_of_a_real_edit_match_one_row_at_a_time(arch, gen):
+    """measure_edit of a real MEND edit of the upper block (random non-zero editor: the scoring of the
+    edited model may run from the unedited pass's kept lower-block output) on requests where some lack
+    a rephrase, a locality prompt or a locality target: ES over the requests with a rephrase,
+    reliability over all, NS over those with a locality target, DD over those with a locality prompt
+    (unedited predictions first), LMP = ES − DD, each equal to an unpadded one-row computation of the
+    model with the same edit applied (to the requests without their locality fields) and undone.
+    evaluate_method's mean and population std over its runs' samples are those of the same computation."""
+    import dataclasses
+    import warnings
+
+    from dcedit_kernels.evaluate import evaluate_method, measure_edit, sample_indices
+    from dcedit_kernels.model_editor import ModelEditor
+    from test_model_editor import randomize_editors
+
+    model, tok = _speaking_model(arch, gen)
+    reqs = _mixed_requests(model, tok, gen)
+    for i, field in ((0, "rephrase"), (1, "locality"), (8, "rephrase")):
+        reqs[i] = dataclasses.replace(reqs[i], **{field: None}, **({"locality_target": None} if field == "locality" else {}))
+    layers = (["transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"] if arch == "gpt2"
+              else ["model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"])
+    me = ModelEditor(model, tok, layers, method="mend", rank=5, edit_lr=0.02)
+    randomize_editors(me, gen)
+
+    def by_rows(batch):
+        def mean(values):
+            return sum(values) / len(values) if values else None
+
+        local = [r for r in batch if r.locality]
+        base = [_row_predictions(model, tok, r.locality, r.locality_target)[0] for r in local]
+        handle = me.apply([dataclasses.replace(r, locality=None, locality_target=None) for r in batch])
+        try:
+            out = dict(es=mean([_row_accuracy(model, tok, r.rephrase, r.target) for r in batch if r.rephrase]),
+                       reliability=mean([_row_accuracy(model, tok, r.prompt, r.target) for r in batch]),
+                       ns=mean([_row_accuracy(model, tok, r.locality, r.locality_target)
+                                for r in batch if r.locality_target]),
+                       dd=mean([float((_row_predictions(model, tok, r.locality, r.locality_target)[0] != b).any())
+                                for r, b in zip(local, base)]))
+        finally:
+            handle.undo()
+        out["lmp"] = None if out["es"] is None or out["dd"] is None else out["es"] - out["dd"]
+        return out
+
+    def same(got, want):
+        return got is want is None or (None not in (got, want) and got == pytest.approx(want, rel=1e-12, abs=1e-15))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the untrained-editor warning
+        want = by_rows(reqs)
+        assert 0 < want["reliability"] < 1 and 0 < want["es"] < 1
+        for batch_size in (1, 2, len(reqs) + 3):
+            run = measure_edit(me, reqs, batch_size=batch_size)
+            for metric, value in want.items():
+                assert same(run[metric], value), (metric, batch_size, run[metric], value)
+        for sample in (reqs[:2], reqs[1:2]):  # no locality prompt in the second: DD, NS and LMP None
+            run = measure_edit(me, sample, batch_size=2)
+            assert all(same(run[m], v) for m, v in by_rows(sample).items()), sample
+        result = evaluate_method(model, tok, me, reqs, n_edits=(3,), repeats=3, seed=5, batch_size=2, progress=False)
+        runs = [by_rows([reqs[i] for i in sample_indices(len(reqs), 3, 5, k)]) for k in range(3)]
+    for metric in want:
+        values = [r[metric] for r in runs if r[metric] is not None]
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+        stat = result["by_n"][3][metric]
+        assert same(stat["mean"], mean) and same(stat["std"], std), (metric, stat, values)
