@@ -195,6 +195,12 @@ def randomize_editor(editor, gen, scale=0.05):
     return editor
 
 
+def readme_join(prompt: str, target: str) -> str:
+    """The README's join of a prompt and its target, written out independently of the package's
+    tokenize: a space between them unless the prompt ends in whitespace or the target starts with it."""
+    return prompt + target if prompt[-1:].isspace() or target[:1].isspace() else prompt + " " + target
+
+
 def seed_from(gen) -> int:
     """A model seed drawn from the test's generator."""
     return int(torch.randint(0, 1000, (1,), generator=gen))

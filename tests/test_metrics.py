@@ -26,7 +26,7 @@ from dcedit_kernels.models import tiny_model, tiny_tokenizer
 from dcedit_kernels.requests import EditRequest
 from dcedit_kernels.tokenize import IGNORE_INDEX, tokenize_pairs
 
-from helpers import input_shapes, ragged_offsets, randn, rel_err, seed_from
+from helpers import input_shapes, ragged_offsets, randn, readme_join, rel_err, seed_from
 
 
 class PrefixLM(nn.Module):
@@ -738,12 +738,6 @@ def test_gradient_metrics_of_zero_width_gradients(gen):
 # --- one row at a time, written from the README and the docstrings alone ----------------------
 
 
-def _row_join(prompt, target):
-    """README "Prompts and targets": a space between them unless the prompt ends in whitespace or the
-    target starts with it."""
-    return prompt + target if prompt[-1:].isspace() or target[:1].isspace() else prompt + " " + target
-
-
 def _row_ids(tok, text):
     ids = list(tok(text)["input_ids"])
     while ids and ids[-1] in set(tok.all_special_ids):  # a trailing EOS is no token of the text
@@ -757,7 +751,7 @@ def _row_predictions(model, tok, prompt, target=None):
     if target is None:
         ids, first = _row_ids(tok, prompt), 1
     else:
-        ids, prompt_ids = _row_ids(tok, _row_join(prompt, target)), _row_ids(tok, prompt)
+        ids, prompt_ids = _row_ids(tok, readme_join(prompt, target)), _row_ids(tok, prompt)
         assert ids[:len(prompt_ids)] == prompt_ids  # the tiny tokenizers spell one token per character
         first = len(prompt_ids)
     with torch.no_grad():

@@ -20,8 +20,8 @@ from dcedit_kernels.reference import grouped_outer as reference_grouped_outer
 from dcedit_kernels.requests import EditRequest
 from dcedit_kernels.train import TrainConfig, batch_edits, eval_rows, evaluate_edits, loss_from_edits, train_editor
 
-from helpers import (assert_checkpointing, input_shapes, scripted_scores, skip_fp32_logits, tiny_mend,
-                     train_mode_llama)
+from helpers import (assert_checkpointing, input_shapes, readme_join, scripted_scores, skip_fp32_logits,
+                     tiny_mend, train_mode_llama)
 from test_model_editor import LAYERS, ctrl_c_raises, one_thread, random_requests, words  # noqa: F401 (one_thread: autouse fixture)
 
 # ---------------------------------------------------------------------------------------------
@@ -1839,13 +1839,9 @@ def test_evaluate_edits_applies_a_last_short_batch_with_the_edits_before_it(gen)
 # passes or losses, so it pins what they add up to.
 
 
-def _joined_text(prompt, target):
-    return prompt + target if prompt[-1:].isspace() or target[:1].isspace() else prompt + " " + target
-
-
 def _joined_ids(tok, prompt, target):
     """(token ids of prompt + target joined as README says, number of prompt tokens)."""
-    p, full = tok(prompt)["input_ids"], tok(_joined_text(prompt, target))["input_ids"]
+    p, full = tok(prompt)["input_ids"], tok(readme_join(prompt, target))["input_ids"]
     assert full[:len(p)] == p and len(full) > len(p)
     return full, len(p)
 
@@ -1925,7 +1921,7 @@ def _independent_training_loss(me, requests, config):
     kl, n_kl = 0.0, 0
     for e, r in enumerate(requests):  # locality text, else the next edit's prompt less its last position
         if r.locality is not None:
-            text = r.locality if r.locality_target is None else _joined_text(r.locality, r.locality_target)
+            text = r.locality if r.locality_target is None else readme_join(r.locality, r.locality_target)
             ids = tok(text)["input_ids"]
             n = len(ids)
         elif len(requests) > 1:
