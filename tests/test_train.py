@@ -20,8 +20,8 @@ from dcedit_kernels.reference import grouped_outer as reference_grouped_outer
 from dcedit_kernels.requests import EditRequest
 from dcedit_kernels.train import TrainConfig, batch_edits, eval_rows, evaluate_edits, loss_from_edits, train_editor
 
-from helpers import (assert_checkpointing, input_shapes, readme_join, scripted_scores, skip_fp32_logits,
-                     tiny_mend, train_mode_llama)
+from helpers import (assert_checkpointing, input_shapes, randomize_editor, readme_join, scripted_scores,
+                     skip_fp32_logits, tiny_mend, train_mode_llama)
 from test_model_editor import LAYERS, ctrl_c_raises, one_thread, random_requests, words  # noqa: F401 (one_thread: autouse fixture)
 
 # ---------------------------------------------------------------------------------------------
@@ -1938,18 +1938,12 @@ def _independent_training_loss(me, requests, config):
 
 
 def _random_editors(me, gen):
-    """float64 editors with random u, biases, α (and gate, ψ output): far from MEND's identity init."""
+    """float64 editors far from MEND's identity init: `helpers.randomize_editor`'s random u, biases,
+    mode scales, gate and ψ output, and a random α."""
     me.editors.double()
-    with torch.no_grad():
-        for editor in me.editors.values():
-            for layer in editor.layers:
-                layer.u.copy_(torch.randn(layer.u.shape, generator=gen, dtype=torch.float64) * 0.05)
-                layer.bias.copy_(torch.randn(layer.bias.shape, generator=gen, dtype=torch.float64) * 0.05)
-            if getattr(editor, "w_gate", None) is not None:
-                editor.w_gate.copy_(torch.randn(editor.w_gate.shape, generator=gen, dtype=torch.float64))
-            if editor.psi is not None:
-                editor.psi.fc2.weight.copy_(torch.randn(editor.psi.fc2.weight.shape, generator=gen,
-                                                        dtype=torch.float64) * 0.05)
+    for editor in me.editors.values():
+        randomize_editor(editor, gen)
+        with torch.no_grad():
             editor.alpha.copy_(torch.randn(editor.alpha.shape, generator=gen, dtype=torch.float64) * 0.3)
     return me
 
