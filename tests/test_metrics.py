@@ -760,7 +760,8 @@ def _row_predictions(model, tok, prompt, target=None):
 
 
 def _row_accuracy(model, tok, prompt, target, exact=False):
-    hits = [float(h) for h in (lambda p, g: p == g)(*_row_predictions(model, tok, prompt, target))]
+    predicted, gold = _row_predictions(model, tok, prompt, target)
+    hits = (predicted == gold).double().tolist()
     return min(hits) if exact else sum(hits) / len(hits)
 
 
