@@ -383,6 +383,47 @@ def test_zsre_real_file():
         assert r.target == r.target.strip() and r.locality.startswith("nq question:")
 
 
+CF_KEYS = {"prompt": "prompt", "target": "target_new", "rephrase": "rephrase_prompt", "locality": "locality_prompt",
+           "locality_target": "locality_ground_truth", "subject": "subject"}
+ZSRE_KEYS = {"prompt": "src", "target": "alt", "rephrase": "rephrase", "locality": "loc", "locality_target": "loc_ans",
+             "subject": "subject"}
+
+
+@pytest.mark.parametrize("name", ["counterfact-train", "counterfact-val", "zsre-train"])
+def test_real_files_field_by_field_against_the_raw_json(name, gen):
+    """Every request of each real file, in order, against its raw JSON mapped here without the
+    loaders: CounterFact's EasyEdit keys as they are; zsRE's stripped, the target `alt` or, with
+    target="answer", answers[0], a record with a blank prompt or target skipped and its index in
+    `skipped`; a drawn `limit` keeps the first records (for zsRE, the requests of those records)."""
+    path = data_path(name)
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    limit = int(torch.randint(1, len(raw) + 2, (1,), generator=gen))
+    if name.startswith("counterfact"):
+        expected = [EditRequest(**{field: record[key] for field, key in CF_KEYS.items()}) for record in raw]
+        assert load_counterfact(path) == expected
+        assert load_dataset(name, limit=limit) == expected[:limit]
+        return
+    for target in ("alt", "answer"):
+        expected, blank = [], []
+        for i, record in enumerate(raw):
+            fields = {field: record[key].strip() for field, key in ZSRE_KEYS.items()}
+            if target == "answer":
+                fields["target"] = record["answers"][0].strip()
+            if fields["prompt"] and fields["target"]:
+                expected.append((i, EditRequest(**fields)))
+            else:
+                blank.append(i)
+        skipped = []
+        assert load_zsre(path, target=target, skipped=skipped) == [request for _, request in expected]
+        assert skipped == blank
+        skipped = []
+        assert load_zsre(path, limit=limit, target=target, skipped=skipped) == [r for i, r in expected if i < limit]
+        assert skipped == [i for i in blank if i < limit]
+    assert load_dataset(name, limit=limit) == load_zsre(path, limit=limit)
+
+
 def test_load_dataset_passes_limit_to_the_zsre_loader(tmp_path, monkeypatch):
     """load_dataset's `limit` reaches load_zsre as it reaches load_counterfact: the first n records
     of zsre-train, not the whole file (the real-file test exercises limit for CounterFact only)."""
