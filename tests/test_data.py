@@ -345,6 +345,27 @@ def test_zsre_a_blank_answer_is_skipped_as_a_blank_alt_is(tmp_path):
         load_zsre(path, target="answer", skip_empty=False)
 
 
+@pytest.mark.parametrize("field", ["rephrase", "loc", "loc_ans", "subject"])
+def test_zsre_a_skipped_record_still_has_its_fields_checked(tmp_path, field, gen):
+    """load_zsre's docstring: blank-target records are skipped, but "missing fields and wrong types
+    always raise": an optional field of a wrong type (or not valid Unicode) in a record skipped for
+    its blank alt or answers[0] raises naming the record and field, as it does in a kept record.
+    Before, a skipped record's optional fields were never read and the file loaded."""
+    bad = [3, 2.5, ["x"], {"a": "b"}, True, "x \udfff"][int(torch.randint(0, 6, (1,), generator=gen))]
+    at = int(torch.randint(1, 4, (1,), generator=gen))
+    records = [dict(ZSRE_RECORD) for _ in range(4)]
+    records[at].update({"alt": " ", "answers": [""], field: bad})
+    path = write(tmp_path, records)
+    for target in ("alt", "answer"):
+        skipped = ["kept"]
+        with pytest.raises(ValueError, match=rf"data\.json: record {at} field '{field}' "):
+            load_zsre(path, target=target, skipped=skipped)
+        assert skipped == ["kept"]
+    records[at][field] = ZSRE_RECORD[field]
+    skipped = []
+    assert len(load_zsre(write(tmp_path, records), skipped=skipped)) == 3 and skipped == [at]
+
+
 def test_zsre_skipped_must_be_a_list(tmp_path):
     """`skipped` is extended in place: anything but a list (or None) is refused before the file is read,
     a deque too, which has an extend (a check of hasattr(skipped, "extend") took it)."""

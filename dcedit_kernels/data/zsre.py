@@ -53,23 +53,18 @@ def load_zsre(path, limit: int | None = None, target: str = "alt", skip_empty: b
                 raise ValueError(f"{path}: record {i} field 'answers' must be a non-empty list")
             goal = _required(path, i, {"answers[0]": answers[0]}, "answers[0]", skip_empty)
         prompt = _required(path, i, record, "src", skip_empty)
+        # read before the skip: a skipped record's wrong types raise too ("always", the docstring)
+        rephrase = _optional(path, i, record, "rephrase")
+        locality = _optional(path, i, record, "loc")
+        locality_target = _optional(path, i, record, "loc_ans")
+        subject = _optional(path, i, record, "subject")
         if goal is None or prompt is None:
             skipped_here.append(i)
             continue
-        locality = _optional(path, i, record, "loc")
-        locality_target = _optional(path, i, record, "loc_ans")
         if locality_target is not None and locality is None:
             raise ValueError(f"{path}: record {i} has 'loc_ans' but no 'loc'")
-        requests.append(
-            EditRequest(
-                prompt=prompt,
-                target=goal,
-                rephrase=_optional(path, i, record, "rephrase"),
-                locality=locality,
-                locality_target=locality_target,
-                subject=_optional(path, i, record, "subject"),
-            )
-        )
+        requests.append(EditRequest(prompt=prompt, target=goal, rephrase=rephrase, locality=locality,
+                                    locality_target=locality_target, subject=subject))
     if not requests:
         raise ValueError(f"{path}: no record has both a prompt and a target")
     if skipped is not None:
