@@ -642,6 +642,68 @@ def test_model_editor_from_mend(gen, tmp_path, arch):
     assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())
 
 
+def mend_hooked_factors(model, batch, inner):
+    """What MEND's hooks hold after edit()'s backward, for each inner parameter: the module's input
+    (p.__x__) and the gradient of its output (p.__delta__) over every position of the padded batch,
+    under masked_log_probs(...)["nll"] (labels shifted: the mean NLL over the batch's label tokens).
+    Plain forward hooks and autograd: no dcedit_kernels capture."""
+    held, handles = {}, []
+    for name in inner:
+        def hook(module, args, output, name=name):
+            held[name] = [args[0].detach(), None]
+            output.register_hook(lambda g: held[name].__setitem__(1, g.detach()))
+        handles.append(model.get_submodule(name[: -len(".weight")]).register_forward_hook(hook))
+    try:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    finally:
+        for h in handles:
+            h.remove()
+    pred, targ = logits[:, :-1].double(), batch["labels"][:, 1:].clone()
+    mask = targ != -100
+    targ[~mask] = 0
+    log_probs = pred.log_softmax(-1).gather(-1, targ.unsqueeze(-1)).squeeze(-1)
+    (-(log_probs * mask).sum() / mask.sum()).backward()
+    model.zero_grad(set_to_none=True)
+    return {n: (x.reshape(-1, x.shape[-1]), d.reshape(-1, d.shape[-1])) for n, (x, d) in held.items()}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_from_mend_apply_is_mends_edit_from_its_own_hooks(gen, arch):
+    """from_mend(...).apply against MEND's edit() end to end, with μ/η taken as MEND takes them
+    (hooks on the inner modules, every position, MEND's batch-mean NLL) rather than from the
+    package's capture: the other from_mend tests feed the views the factors ModelEditor captured,
+    so a capture that left out tokens MEND uses (the prompt's, whose η is not zero in the lower
+    block) passed them.  p_new = p + edit_lrs[idx] · Σ η̃ μ̃ᵀ, to fp32 rounding (fp32 editors)."""
+    from dcedit_kernels.model_editor import ModelEditor
+
+    model, tok, inner, shapes, sd = tiny_mend(gen, arch)
+    reqs = requests()
+    batch = ModelEditor.from_mend(model, tok, sd, inner).tokenize([r.prompt for r in reqs], [r.target for r in reqs])
+    factors = mend_hooked_factors(model, batch, inner)
+    # Statistics on the factors' scale, as a trained editor's are: the random ones (~1) drowned the
+    # η (1e-5 to 1e-2 here) and the small μ of the down projections.
+    scales = {}
+    for name in inner:  # one per editor: the weights of a shape share its statistics
+        key, (mu, eta) = f"mend.{tuple(shapes[name])}.", factors[name]
+        kept = (mu.abs().amax(1) != 0) & (eta.abs().amax(1) != 0)
+        scales.setdefault(key, {"u": float(mu[kept].std()), "v": float(eta[kept].std())})
+    for key, by_side in scales.items():
+        for side, scale in by_side.items():
+            for b, power in (("_mean", 1), ("_std", 1), ("_s", 2)):
+                sd[key + side + b] = sd[key + side + b] * scale ** power
+    me = ModelEditor.from_mend(model, tok, sd, inner)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    handle = me.apply(reqs)
+    after = {k: v.detach().clone() for k, v in model.named_parameters()}
+    assert handle.undo()
+    conv1d = arch == "gpt2"
+    for name in inner:
+        mu, eta = factors[name]
+        _, mend_new = mend_edit(sd, name, before[name], mu, eta, True, conv1d, True, inner, shapes)
+        assert rel_err(after[name] - before[name], mend_new - before[name]) < TOL[torch.float32], name
+    assert all(torch.equal(after[k], before[k]) for k in before if k not in inner)
+
+
 def test_from_mend_separate_editors(gen, tmp_path):
     """mend.shared=False maps when every inner parameter has its own shape; else it is refused."""
     from dcedit_kernels.model_editor import ModelEditor
