@@ -212,6 +212,23 @@ def test_without_normalisation(gen, shared):
         check_edit_matches(views[name], bare, name, torch.float32, "cpu", gen, shared, False, norm=False)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_variance_features(gen, dtype):
+    """A feature constant over MEND's training has std 0 (a dead ReLU unit feeding T5's
+    DenseReluDense.wo: μ, mean and std all 0 there): MEND divides by std + 1e-7 all the same, so
+    where that unit fires at edit time its input is x / 1e-7.  Such a checkpoint loads (the
+    statistics are finite) and gives MEND's shift, not one with the zero std replaced."""
+    sd = make_mend_state_dict(gen, dtype=dtype)
+    for key, (i, o) in (("(6, 10)", (6, 10)), ("(4, 3)", (4, 3))):
+        for side, dim in (("u", i), ("v", o)):
+            dead = torch.randperm(dim, generator=gen)[: max(1, dim // 3)]
+            for b in ("mean", "std", "s"):
+                sd[f"mend.{key}.{side}_{b}"][dead] = 0
+    views = compat_mend.load(sd, INNER, SHAPES)
+    for name in (INNER[0], INNER[3], INNER[5]):
+        check_edit_matches(views[name], sd, name, dtype, "cpu", gen, True, False)
+
+
 def test_half_precision_factors(gen):
     """MEND casts the captured factors to fp32 first; so does the import."""
     sd = make_mend_state_dict(gen)
