@@ -236,3 +236,127 @@ def input_shapes(module):
         yield seen
     finally:
         handle.remove()
+
+
+# ---------------------------------------------------------------- per-edit gradients, by plain autograd
+def hand_edit_batch(model, seq2seq, gen, prompt_lens, target_lens, side="right"):
+    """An edit batch built without the package's tokenizer: row e holds random token ids, a prompt of
+    `prompt_lens[e]` tokens and a target of `target_lens[e]`, padded on `side`.  A causal row is
+    prompt + target (labels: the target's ids, -100 elsewhere); a seq2seq row has the prompt as its
+    encoder input and the target as its labels (right-padded with -100, `decoder_attention_mask` 1
+    on them), the encoder input padded on `side`."""
+    V, pad, B = model.config.vocab_size, model.config.pad_token_id, len(prompt_lens)
+    pad = 0 if pad is None else pad
+    lo = 3  # clear of the tiny vocabularies' special ids
+    lengths = list(prompt_lens) if seq2seq else [p + t for p, t in zip(prompt_lens, target_lens)]
+    width = max(lengths)
+    ids = torch.full((B, width), pad, dtype=torch.long)
+    mask = torch.zeros(B, width, dtype=torch.long)
+    labels = torch.full((B, max(target_lens) if seq2seq else width), -100, dtype=torch.long)
+    for b, (p, t, n) in enumerate(zip(prompt_lens, target_lens, lengths)):
+        start = 0 if side == "right" else width - n
+        ids[b, start:start + n] = torch.randint(lo, V, (n,), generator=gen)
+        mask[b, start:start + n] = 1
+        if seq2seq:
+            labels[b, :t] = torch.randint(lo, V, (t,), generator=gen)
+        else:
+            labels[b, start + p:start + n] = ids[b, start + p:start + n]
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if seq2seq:
+        batch["decoder_attention_mask"] = (labels != -100).long()
+    return batch
+
+
+def per_edit_nll(logits, labels, causal, reduction):
+    """(E,) each edit's share of the edit loss, in float64: "edit" = the mean NLL of the edit's target
+    tokens, "token" = their summed NLL over the whole batch's number of target tokens (summed over
+    edits: the batch-mean NLL).  A causal LM predicts label t from position t-1."""
+    if causal:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    scored = labels != -100
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    sums = torch.where(scored, nll, torch.zeros_like(nll)).sum(1)
+    return sums / (scored.sum() if reduction == "token" else scored.sum(1))
+
+
+def per_edit_weight_grads(model, batch, layers, seq2seq, reduction, untie_head=False):
+    """{layer: (E, out, in)}: the gradient of each edit's own loss (`per_edit_nll`) with respect to each
+    layer's weight, by `torch.autograd.grad` on a deep copy of the model (GPT-2's Conv1D gradient
+    transposed to out x in).  `untie_head`: the copy's LM head gets a weight of its own (same values),
+    so its gradient is the head's share only, not the tied input embedding's.  A seq2seq decoder reads
+    the labels shifted right (decoder start token first, padding for -100), as the model would."""
+    import copy
+
+    m = copy.deepcopy(model).eval()
+    if untie_head:
+        m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.detach().clone())
+    m.requires_grad_(False)
+    modules = dict(m.named_modules())
+    weights = [modules[n].weight.requires_grad_(True) for n in layers]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if seq2seq:
+        labels = batch["labels"]
+        dec = torch.cat([torch.full_like(labels[:, :1], m.config.decoder_start_token_id), labels[:, :-1]], dim=1)
+        inputs.update(decoder_input_ids=dec.masked_fill(dec == -100, m.config.pad_token_id),
+                      decoder_attention_mask=batch["decoder_attention_mask"])
+    losses = per_edit_nll(m(**inputs).logits, batch["labels"], not seq2seq, reduction)
+    grads = {n: [] for n in layers}
+    for e in range(losses.shape[0]):
+        for n, w, g in zip(layers, weights, torch.autograd.grad(losses[e], weights, retain_graph=True, allow_unused=True)):
+            g = torch.zeros_like(w) if g is None else g
+            grads[n].append(g.t() if type(modules[n]).__name__ == "Conv1D" else g)
+    return {n: torch.stack(g).double() for n, g in grads.items()}
+
+
+def factors_per_edit(f):
+    """(E, out, in): Σ_{t in edit e} η_t μ_tᵀ of captured factors, one rank-one term at a time."""
+    bounds = f.edit_offsets.tolist()
+    out = torch.zeros(len(bounds) - 1, f.eta.shape[1], f.mu.shape[1], dtype=torch.float64)
+    for e in range(len(bounds) - 1):
+        for t in range(bounds[e], bounds[e + 1]):
+            out[e] += torch.outer(f.eta[t].double(), f.mu[t].double())
+    return out
+
+
+def assert_per_edit_grads(factors, expected, tol):
+    """Every edit's Σ η μᵀ within `tol` of its autograd gradient, relative, plus 1e-12 of the edit's
+    largest gradient over the layers: a gradient that is exactly zero in exact arithmetic (a
+    decoder key projection under a one-key softmax) is ~1e-16 rounding noise on both sides."""
+    floor = torch.stack([g.flatten(1).norm(dim=1) for g in expected.values()]).amax(0) * 1e-12
+    for name, want in expected.items():
+        got = factors_per_edit(factors[name])
+        assert got.shape == want.shape, (name, got.shape, want.shape)
+        for e in range(want.shape[0]):
+            err, size = float((got[e] - want[e]).norm()), float(want[e].norm())
+            assert err <= tol * size + float(floor[e]), f"{name} edit {e}: |diff| {err:.3e}, |grad| {size:.3e}"
+
+
+def model_state(model):
+    """What a capture must leave as it found it: weights and buffers, every .grad, every
+    requires_grad flag and every module's train/eval flag."""
+    return {"tensors": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+            "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+            "flags": {n: p.requires_grad for n, p in model.named_parameters()},
+            "modes": {n: m.training for n, m in model.named_modules()}}
+
+
+def assert_same_state(before, model):
+    after = model_state(model)
+    assert after["flags"] == before["flags"] and after["modes"] == before["modes"]
+    for k, v in before["tensors"].items():
+        assert torch.equal(after["tensors"][k], v), k
+    for n, g in before["grads"].items():
+        h = after["grads"][n]
+        assert (g is None) == (h is None) and (g is None or torch.equal(g, h)), n
+
+
+def messy_caller_state(model, gen):
+    """Some parameters requiring grad and some not, some holding a .grad, the model in training mode
+    with one submodule in eval mode (the tiny models have no dropout, so the values do not change)."""
+    for i, (n, p) in enumerate(model.named_parameters()):
+        p.requires_grad_(i % 3 != 1)
+        if i % 4 == 0:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+    model.train()
+    next(m for m in model.modules() if m is not model and list(m.children())).eval()

@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import (OP_CASE_DIMS, editor_inputs, fp32_logits, randomize_editor, rel_err, saved_bytes, skip_fp32_logits,
-                     seed_from, small_editor)
+from helpers import (OP_CASE_DIMS, assert_per_edit_grads, assert_same_state, editor_inputs, fp32_logits, hand_edit_batch,
+                     messy_caller_state, model_state, per_edit_weight_grads, randomize_editor, rel_err, saved_bytes,
+                     skip_fp32_logits, seed_from, small_editor)
 
 from dcedit_kernels import edit_capture, metrics, ops
 from dcedit_kernels.capture import capture_factors, weight_out_in
@@ -2282,6 +2283,71 @@ def test_token_reduction_is_the_old_batch_mean(arch, gen):
         logits = model(**token.model_inputs(batch)).logits
     assert float(loss) == pytest.approx(float(reference_edit_loss(logits, batch["labels"], arch != "bart", "token")),
                                         rel=1e-12)
+
+
+ORACLE_LAYERS = {
+    # Conv1D of two kinds (attention and MLP) and the LM head, tied to the input embedding
+    "gpt2": ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj", "lm_head"],
+    "llama": ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.1.mlp.down_proj", "lm_head"],
+    # encoder MLP and self-attention, cross-attention keys/values (encoder-side input), decoder MLP and self-attention
+    "t5": ["encoder.block.0.layer.1.DenseReluDense.wi", "encoder.block.1.layer.0.SelfAttention.k",
+           "decoder.block.0.layer.1.EncDecAttention.v", "decoder.block.1.layer.2.DenseReluDense.wo",
+           "decoder.block.1.layer.0.SelfAttention.q", "lm_head"],
+}
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "t5"])
+def test_capture_per_edit_gradient_is_autograds_of_the_edits_own_loss(arch, side, gen):
+    """Each edit's Σ_{t∈e} η_t μ_tᵀ, read through edit_offsets, is the plain-autograd gradient of that
+    edit's share of the loss (helpers.per_edit_nll: "edit" its own mean target NLL, "token" its summed
+    NLL over the batch's target tokens), for every edited weight, whether the capture runs the batch in
+    one pass or in chunks of 2 rows (a causal LM's sorted by length, trimmed, put back in row order), on
+    a batch built by hand: 5 edits in random order with one-token targets, a long prompt whose target
+    sits at the end, and under left padding a causal row with no prompt (its first token is a label,
+    predicted from the last padding position).  A GPT-2 head tied to the input embedding gets the
+    head's own share.  Each edit keeps exactly its non-padding (and scored) positions, and the
+    caller's weights, .grad, requires_grad flags and train/eval modes come back untouched."""
+    seq2seq = arch == "t5"
+    model, tok = tiny_model(arch, seed=seed_from(gen), dtype=torch.float64)
+    if arch == "gpt2":
+        model.lm_head.weight = model.transformer.wte.weight
+    rows = [(int(torch.randint(12, 17, (1,), generator=gen)), 1),  # a long prompt, its target at the end
+            (int(torch.randint(1, 4, (1,), generator=gen)), 1),
+            (int(torch.randint(1, 6, (1,), generator=gen)), int(torch.randint(2, 5, (1,), generator=gen))),
+            (0 if side == "left" and not seq2seq else 2, 3),
+            (int(torch.randint(3, 9, (1,), generator=gen)), 1)]
+    rows = [rows[i] for i in torch.randperm(len(rows), generator=gen).tolist()]
+    batch = hand_edit_batch(model, seq2seq, gen, [p for p, _ in rows], [t for _, t in rows], side)
+    layers = ORACLE_LAYERS[arch]
+    # The kept tokens of each edit, from the batch: encoder-side modules its encoder tokens, a seq2seq
+    # decoder's its label positions, a causal LM's its real tokens and the positions predicting a label.
+    real = batch["attention_mask"].bool()
+    if seq2seq:
+        decoder = batch["labels"] != -100
+        counts = {n: (real if n.startswith("encoder.") or "EncDecAttention" in n else decoder).sum(1) for n in layers}
+    else:
+        predicts = torch.cat([batch["labels"][:, 1:] != -100, torch.zeros_like(real[:, :1])], dim=1)
+        counts = dict.fromkeys(layers, (real | predicts).sum(1))
+    messy_caller_state(model, gen)
+    before = model_state(model)
+    tol = 1e-6 if arch == "llama" else 1e-9  # LlamaRMSNorm rounds to fp32 (REDUCTION_TOL)
+    for reduction in ("edit", "token"):
+        expected = per_edit_weight_grads(model, batch, layers, seq2seq, reduction, untie_head=arch == "gpt2")
+        for chunk in (None, 2):
+            me = ModelEditor(model, tok, layers, method="mend", rank=2, loss_reduction=reduction,
+                             capture_batch_size=chunk, allow_tied=arch == "gpt2")
+            factors, _, _ = me.capture({k: v.clone() for k, v in batch.items()})
+            for name in layers:
+                assert torch.equal(torch.diff(factors[name].edit_offsets.long()), counts[name]), (name, reduction, chunk)
+            assert_per_edit_grads(factors, expected, tol)
+            assert_same_state(before, model)
+        # One edit alone: the same gradient, "edit" or its own share of its own tokens under "token".
+        alone = {k: v[:1] for k, v in batch.items()}
+        factors, _, _ = me.capture(alone)
+        assert_per_edit_grads(factors, per_edit_weight_grads(model, alone, layers, seq2seq, reduction,
+                                                             untie_head=arch == "gpt2"), tol)
+    assert_same_state(before, model)
 
 
 def test_loss_reduction_is_checked():
