@@ -18,7 +18,8 @@ from dcedit_kernels.capture import (
 from dcedit_kernels.models import tiny_model
 from dcedit_kernels.tokenize import IGNORE_INDEX, no_kv_cache, tokenize_pairs
 
-from helpers import assert_checkpointing, train_mode_llama, rel_err, saved_bytes
+from helpers import (assert_checkpointing, assert_per_edit_grads, assert_same_state, hand_edit_batch, messy_caller_state,
+                     model_state, per_edit_nll, per_edit_weight_grads, rel_err, saved_bytes, train_mode_llama)
 
 ARCHS = ["gpt2", "llama", "bert", "bart", "t5"]
 GRAD_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -203,6 +204,56 @@ def test_left_padded_batch_with_labels_on_every_token(arch, gen):
         for name in checked:
             err = rel_err(cap.factors[name].gradient(), weight_grad_out_in(modules[name]))
             assert err < 1e-10, f"{arch} {name} tokens={tokens}: rel err {err:.3e}"
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("arch", ["gpt2", "bart"])
+def test_compute_factors_per_edit_is_autograds_of_each_edits_loss(arch, side, gen):
+    """compute_factors on a hand-built batch (one-token targets, a long prompt with its target at the
+    end, under left padding a causal row with no prompt), through the model's own forward (labels
+    passed: BART builds its decoder inputs): with a float64 loss_fn summing each edit's mean target
+    NLL, every edit's Σ_{t∈e} η_t μ_tᵀ is the plain-autograd gradient of that edit's own loss; with the
+    model's own loss (HF's batch mean; GPT-2's upcasts the logits to fp32) the factors sum to autograd's
+    gradient of that very loss, and each edit is its share of the float64 batch mean to that rounding
+    (seen: 2e-7).  GPT-2's head is tied to its input embedding and gets the head's share.  Flags,
+    .grad, weights and train/eval modes are left as they were."""
+    seq2seq = arch == "bart"
+    model, _ = make_model(arch, torch.float64, gen)
+    if arch == "gpt2":
+        model.lm_head.weight = model.transformer.wte.weight
+        layers = ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj", "lm_head"]
+    else:
+        layers = ["model.encoder.layers.0.fc1", "model.decoder.layers.0.encoder_attn.v_proj",
+                  "model.decoder.layers.1.fc2", "lm_head"]
+
+    def n(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    rows = [(n(12, 16), 1), (0 if side == "left" and not seq2seq else n(1, 3), n(2, 3)), (n(1, 6), 1), (n(2, 5), n(1, 4))]
+    rows = [rows[i] for i in torch.randperm(len(rows), generator=gen).tolist()]
+    batch = hand_edit_batch(model, seq2seq, gen, [p for p, _ in rows], [t for _, t in rows], side)
+    messy_caller_state(model, gen)
+    before = model_state(model)
+
+    def edit_loss(outputs, batch):
+        return per_edit_nll(outputs.logits, batch["labels"], not seq2seq, "edit").sum()
+
+    factors, _ = compute_factors(model, batch, layers, loss_fn=edit_loss)
+    assert_same_state(before, model)
+    assert_per_edit_grads(factors, per_edit_weight_grads(model, batch, layers, seq2seq, "edit", untie_head=arch == "gpt2"),
+                          1e-9)
+    factors, _ = compute_factors(model, batch, layers)  # the model's own loss
+    assert_same_state(before, model)
+    assert_per_edit_grads(factors, per_edit_weight_grads(model, batch, layers, seq2seq, "token", untie_head=arch == "gpt2"),
+                          1e-5)
+    copy = make_model(arch, torch.float64, torch.Generator())[0]
+    copy.load_state_dict(model.state_dict())  # untied: its head's gradient is the head's share alone
+    copy.requires_grad_(False).eval()
+    modules = dict(copy.named_modules())
+    weights = [modules[n].weight.requires_grad_(True) for n in layers]
+    grads = torch.autograd.grad(copy(**batch).loss, weights)
+    for name, g in zip(layers, grads):
+        assert rel_err(factors[name].gradient(), g.t() if is_conv1d(modules[name]) else g) < 1e-10, name
 
 
 def test_mu_rows_are_layer_inputs_in_edit_order(gen):
