@@ -148,8 +148,9 @@ def average_gradients(params: list, numbers: list[float], error: BaseException |
 
 def norm_sums(norm) -> list[torch.Tensor]:
     """A RunningNorm's (or FeatureNorm's) statistics as sums (token count; per side, Σx and Σx²),
-    in fp64."""
-    k = norm.k.double()
+    in fp64: new tensors, which the norm's later updates leave as they are (train_editor takes them
+    at a step's start; `.double()` of a float64 editor's count is the buffer itself)."""
+    k = norm.k.to(torch.float64, copy=True)
     out = [k.reshape(1)]
     for mean_name, s_name, _ in norm.STATS:
         mean, s = getattr(norm, mean_name).double(), getattr(norm, s_name).double()

@@ -38,9 +38,13 @@ def _requests(seed, n):
     return random_requests(torch.Generator().manual_seed(seed), n)
 
 
-def _editor(method, editor_kwargs):
-    model, tok = tiny_model("llama", seed=0)
-    return ModelEditor(model, tok, LAYERS, method=method, **{"rank": 5, "seed": 3, **editor_kwargs})
+def _editor(method, editor_kwargs, dtype=None):
+    """dtype (float64): the model and the editors in it (the editors are built fp32)."""
+    model, tok = tiny_model("llama", seed=0, **({} if dtype is None else dict(dtype=dtype)))
+    me = ModelEditor(model, tok, LAYERS, method=method, **{"rank": 5, "seed": 3, **editor_kwargs})
+    if dtype is not None:
+        me.editors.to(dtype)
+    return me
 
 
 def _train(me, config, val=None):
@@ -72,7 +76,8 @@ def _inject_failure(fail, rank):
         setattr(module, name, failing)
 
 
-def _worker(rank, store, out, method, editor_kwargs, runs, with_val, fail, rank_kwargs, rank_editor_kwargs=None):
+def _worker(rank, store, out, method, editor_kwargs, runs, with_val, fail, rank_kwargs, rank_editor_kwargs=None,
+            dtype=None):
     """Each of `runs` (TrainConfig keyword dicts, updated with `rank_kwargs[rank]`) in turn on one
     ModelEditor, data-parallel; the last state and result, or the error ("Type: message"), go to
     files in `out`."""
@@ -81,7 +86,7 @@ def _worker(rank, store, out, method, editor_kwargs, runs, with_val, fail, rank_
         torch.set_num_threads(1)
         if fail is not None:
             _inject_failure(fail, rank)
-        me = _editor(method, dict(editor_kwargs, **(rank_editor_kwargs or {}).get(rank, {})))
+        me = _editor(method, dict(editor_kwargs, **(rank_editor_kwargs or {}).get(rank, {})), dtype)
         val = _requests(2, 3) if with_val else None
         try:
             for kwargs in runs:
@@ -117,12 +122,12 @@ def _start_workers(args):
 
 
 def _run(folder, method, editor_kwargs, runs, with_val=False, fail=None, rank_kwargs=None, deadline_s=300,
-         rank_editor_kwargs=None):
+         rank_editor_kwargs=None, dtype=None):
     folder.mkdir(parents=True, exist_ok=True)
     errors = [folder / f"error{r}.txt" for r in range(WORLD)]
     context = _start_workers(
         (str(folder / "store"), str(folder), method, editor_kwargs, runs, with_val, fail, rank_kwargs or {},
-         rank_editor_kwargs or {}))
+         rank_editor_kwargs or {}, dtype))
     deadline = time.monotonic() + deadline_s
     try:
         while not context.join(timeout=1):
@@ -195,6 +200,54 @@ def test_running_norms_validation_checkpoints_and_an_exact_resume(tmp_path, one_
     # The processes scored a share of the validation batches each: the scores are one process's.
     me.load_state_tensors(states[0])
     assert dict(step=3, **evaluate_edits(me, _requests(2, 3), config["batch_size"])) == results[0]["val_history"][-1]
+
+
+def _row_statistics(rows):
+    """Count, column means, sums of squared deviations and (count − 1) stds of the rows of `rows` (a
+    list of (n, d) tensors), rounded to fp32 as the running norms read them, then in float64."""
+    x = torch.cat([r.to(torch.float32) for r in rows]).double()
+    mean = x.mean(0)
+    s = (x - mean).square().sum(0)
+    return x.shape[0], mean, s, (s / (x.shape[0] - 1)).sqrt()
+
+
+def _assert_norm_holds(buffers, kinds, rtol, atol):
+    """`buffers`: a norm's, by name (RunningNorm's u_mean, u_s, u_std, v_…, k; FeatureNorm's mean, s,
+    std, k); `kinds`: {buffer name prefix: the rows that norm saw}."""
+    for prefix, rows in kinds.items():
+        k, mean, s, std = _row_statistics(rows)
+        assert float(buffers["k"]) == k, (prefix, float(buffers["k"]), k)
+        for name, want in (("mean", mean), ("s", s), ("std", std)):
+            got = buffers[prefix + name].double()
+            assert torch.allclose(got, want, rtol=rtol, atol=atol), (prefix + name, float((got - want).abs().max()))
+
+
+def test_float64_running_norms_of_two_processes_hold_every_row_one_process_saw(tmp_path, one_thread, gen, monkeypatch):
+    """float64 editors (fit's other dtype) with MEND's running norms, 2 steps of a drawn batch order: the
+    processes' editors stay identical (rank 1 built other ones), and their norms hold the count,
+    means, sums of squared deviations and (k − 1) stds of every μ and η row that one process with
+    twice the accumulation fed its norm in those steps (recorded from its norm's updates; the
+    statistics computed here in float64)."""
+    from dcedit_kernels.editors.running_norm import RunningNorm
+
+    config = dict(steps=2, batch_size=2, accumulate=1, lr=1e-2, progress=False,
+                  seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
+    states, _ = _run(tmp_path, "mend", {}, [config], rank_editor_kwargs={1: dict(seed=4)}, dtype=torch.float64)
+    rows, update = [], RunningNorm.update
+
+    def recording(self, mu, eta):
+        rows.append((mu.detach().clone(), eta.detach().clone()))
+        return update(self, mu, eta)
+
+    monkeypatch.setattr(RunningNorm, "update", recording)
+    _train(_editor("mend", {}, torch.float64), TrainConfig(**dict(config, accumulate=2)))
+    assert len(rows) == 2 * 2 * len(LAYERS)  # 2 steps of 2 batches, each edited layer's rows (one shape: one norm)
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+    prefix = "editors.37x24.norm."
+    merged = {key[len(prefix):]: t for key, t in states[0].items() if key.startswith(prefix)}
+    assert merged["u_mean"].dtype == torch.float64
+    _assert_norm_holds(merged, {"u_": [mu for mu, _ in rows], "v_": [eta for _, eta in rows]}, rtol=1e-10, atol=1e-13)
 
 
 def test_a_resume_with_another_number_of_processes_is_refused_everywhere(tmp_path, one_thread):
@@ -579,3 +632,43 @@ def test_merge_running_norms_gives_the_statistics_of_every_processs_rows(monkeyp
     distributed.merge_running_norms([norm], [norm_sums(seen(start))])
     for key, want in every.state_dict().items():
         assert torch.allclose(norm.state_dict()[key], want, rtol=1e-5, atol=1e-6), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_merged_norms_hold_the_statistics_of_every_row_as_a_step_merges_them(monkeypatch, gen, dtype):
+    """As train_editor runs a step: `before` = norm_sums at its start, then this process's batches
+    update its norms (a RunningNorm and MoEditor's FeatureNorm), then the merge, the other process
+    adding its norms' sums after its own batches.  The merged count, means, sums of squared
+    deviations and (k − 1) stds are those of every row, computed here from the rows in float64.
+    A `before` that follows the norms' later updates (float64 buffers: `.double()` is the buffer
+    itself) gave each process the other one's count."""
+    from dcedit_kernels.distributed import norm_sums
+    from dcedit_kernels.editors.running_norm import FeatureNorm, RunningNorm
+
+    widths = (4, 3, 5)  # μ, η, the gate's features
+
+    def batches(n):
+        return [tuple(torch.randn(rows, d, generator=gen, dtype=torch.float64) * 3 + torch.randn(d, generator=gen,
+                                                                                                 dtype=torch.float64)
+                      for d in widths) for rows in torch.randint(1, 6, (n,), generator=gen).tolist()]
+
+    def replica(*seen):
+        norm, feat = RunningNorm(*widths[:2]).to(dtype), FeatureNorm(widths[2]).to(dtype)
+        for mu, eta, x in seen:
+            norm.update(mu, eta)
+            feat.update(x)
+        return norm, feat
+
+    start = batches(int(torch.randint(1, 3, (1,), generator=gen)))  # the steps before (a first step: the test above)
+    mine, theirs = batches(2), batches(int(torch.randint(1, 3, (1,), generator=gen)))
+    norm, feat = replica(*start)
+    before = [norm_sums(norm), norm_sums(feat)]
+    for mu, eta, x in mine:
+        norm.update(mu, eta)
+        feat.update(x)
+    distributed = _with_a_peer(monkeypatch, 0, [torch.cat(norm_sums(n)) for n in replica(*start, *theirs)])
+    distributed.merge_running_norms([norm, feat], before)
+    every = start + mine + theirs
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    _assert_norm_holds(norm.state_dict(), {"u_": [b[0] for b in every], "v_": [b[1] for b in every]}, **tol)
+    _assert_norm_holds(feat.state_dict(), {"": [b[2] for b in every]}, **tol)
