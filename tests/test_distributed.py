@@ -250,6 +250,29 @@ def test_float64_running_norms_of_two_processes_hold_every_row_one_process_saw(t
     _assert_norm_holds(merged, {"u_": [mu for mu, _ in rows], "v_": [eta for _, eta in rows]}, rtol=1e-10, atol=1e-13)
 
 
+def test_float64_proeditor_two_processes_take_the_steps_of_one_with_twice_the_accumulation(tmp_path, one_thread, gen):
+    """ProEditor without running norms (it draws no random numbers in training), float64 editors,
+    accumulate=2 (a process's step: its batches b·2 + rank of the step's 4), a drawn batch order and α
+    moved by SGD (by the averaged gradient's size, which Adam's steps nearly ignore): every editor
+    tensor and logged loss is the one-process run's with accumulate=4, to float64 rounding; rank 1
+    built other editors."""
+    config = dict(steps=2, batch_size=2, accumulate=2, lr=1e-2, lr_lr=1e-2, lr_optimizer="sgd", progress=False,
+                  seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
+    states, results = _run(tmp_path, "proeditor", dict(norm=False), [config], rank_editor_kwargs={1: dict(seed=4)},
+                           dtype=torch.float64)
+    single, want = _train(_editor("proeditor", dict(norm=False), torch.float64), TrainConfig(**dict(config, accumulate=4)))
+    initial = _editor("proeditor", dict(norm=False), torch.float64).state_tensors()
+    assert any(not torch.equal(t, initial[key]) for key, t in want.items())  # it did train
+    assert not torch.equal(want["editors.37x24.alpha"], initial["editors.37x24.alpha"])  # α too
+    for key, t in want.items():
+        assert t.dtype == torch.float64 and torch.equal(states[0][key], states[1][key]), key
+        assert torch.allclose(states[0][key], t, rtol=1e-10, atol=1e-13), (key, float((states[0][key] - t).abs().max()))
+    assert len(results[0]["history"]) == len(single.history) == 2
+    for got, expected in zip(results[0]["history"], single.history):
+        for k in ("loss", "edit", "kl"):
+            assert got[k] == pytest.approx(expected[k], rel=1e-10, abs=1e-15)
+
+
 def test_a_resume_with_another_number_of_processes_is_refused_everywhere(tmp_path, one_thread):
     ckpt = tmp_path / "ckpt"
     config = dict(steps=1, batch_size=2, progress=False, checkpoint_dir=str(ckpt))
