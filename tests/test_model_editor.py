@@ -3491,3 +3491,164 @@ def test_proeditor_dense_and_apply_keep_the_highest_fisher_entries(gen):
     assert rel_err(got, want) < 1e-5
     assert rel_err(unmasked, full) < 1e-5
     assert rel_err(weight - w0, float(editor.alpha.detach()[0]) * want) < 1e-4
+
+
+def grouped_editor_oracle(p, stats, mu, eta, bounds, groups, mode, n_in, level, fusion, keep, training):
+    """A GroupedEditor's edit written out token by token in float64 from SPEC.md, the README and
+    the docstrings: tokens whose μ or η row is zero skipped (MEND); in training, the kept rows taken
+    into the running mean / sum of squares one at a time (Welford) before normalising; h =
+    [(μ − mean)/(std + 1e-7); (η − mean)/(std + 1e-7)] once two tokens have been seen (std = √(s/(k−1))),
+    else [μ; η]; ψ's gain 1 + fc2(relu(fc1(·))) of h per token, or of each edit's mean h over its
+    kept tokens ("sentence": one gain per edit, whatever its group); each token through its own
+    edit's editor (the first layer's branch reading gain ⊙ h), mode `mode`'s scale and shift; group
+    shifts Σ η̃ μ̃ᵀ fused; masked to F ≥ the ⌈keep·n⌉-th largest F, F = (1/E) Σ_e (Σ_{t∈e} η μᵀ)².
+    `p`: the editor's parameters (float64 leaves, so autograd gives the oracle's gradients);
+    `stats`: k, u_mean, u_s, u_std, v_mean, v_s, v_std before the call.  Returns the statistics
+    after it, the transformed rows {t: (μ̃_t, η̃_t)}, the group shifts and the masked fused shift."""
+    E, T = len(bounds) - 1, mu.shape[0]
+    edit_of = [e for e in range(E) for _ in range(bounds[e + 1] - bounds[e])]
+    kept = [t for t in range(T) if bool(mu[t].any()) and bool(eta[t].any())]
+    k, mean, s = float(stats["k"]), torch.cat([stats["u_mean"], stats["v_mean"]]), torch.cat([stats["u_s"], stats["v_s"]])
+    std = torch.cat([stats["u_std"], stats["v_std"]])
+    x = torch.cat([mu, eta], 1).double()
+    if training:
+        for t in kept:
+            k += 1
+            if k == 1:
+                mean, s = x[t].clone(), torch.zeros_like(s)
+            else:
+                new_mean = mean + (x[t] - mean) / k
+                s, mean = s + (x[t] - mean) * (x[t] - new_mean), new_mean
+            if k >= 2:
+                std = (s / (k - 1)).sqrt()
+    h = (x - mean) / (std + 1e-7) if k >= 2 else x
+
+    def psi(z):
+        return 1 + torch.relu(z @ p["psi.fc1.weight"].t() + p["psi.fc1.bias"]) @ p["psi.fc2.weight"].t() + p["psi.fc2.bias"]
+
+    shifts = [torch.zeros(eta.shape[1], n_in, dtype=torch.float64) for _ in range(len(p["layers.0.u"]))]
+    rows = {}
+    for t in kept:
+        g, z = int(groups[edit_of[t]]), h[t]
+        gain = None
+        if level == "token":
+            gain = psi(z)
+        elif level == "sentence":
+            gain = psi(torch.stack([h[u] for u in kept if edit_of[u] == edit_of[t]]).mean(0))
+        for i in range(2):
+            branch = z * gain if i == 0 and gain is not None else z
+            pre = (p[f"layers.{i}.u"][g] @ (p[f"layers.{i}.v"][g] @ branch) + p[f"layers.{i}.bias"][g]) \
+                * p[f"layers.{i}.mode_scale"][g, mode] + p[f"layers.{i}.mode_shift"][g, mode]
+            z = z + pre.clamp(min=0)
+        rows[t] = (z[:n_in], z[n_in:])
+        shifts[g] = shifts[g] + torch.outer(z[n_in:], z[:n_in])
+    S = torch.stack(shifts)
+    if fusion == "add":
+        fused = S.sum(0)
+    else:
+        pos, neg = S.clamp(min=0).sum(0), S.clamp(max=0).sum(0)
+        fused = torch.where(pos >= -neg, pos, neg) / (len(shifts) if fusion == "ssm" else 1)
+    if keep is not None:
+        fisher = sum((eta[a:b].double().t() @ mu[a:b].double()).square() for a, b in zip(bounds[:-1], bounds[1:])) / E
+        n_kept = math.ceil(keep * fisher.numel())
+        fused = fused * (fisher >= fisher.flatten().sort(descending=True).values[n_kept - 1])
+    after = dict(k=k, u_mean=mean[:n_in], u_s=s[:n_in], u_std=std[:n_in], v_mean=mean[n_in:], v_s=s[n_in:], v_std=std[n_in:])
+    return after, rows, S, fused
+
+
+@pytest.mark.parametrize("preset, kwargs, counts, seen", [
+    # fewer edits than editors (empty groups, "ssm" still divides by N_g), no ψ, no mask
+    ("RaEditor", dict(n_editors=5, fusion="ssm"), [2, 1, 3], 9),
+    # random groups with ψ per edit and a Fisher mask; an edit without tokens, one-token edits
+    ("RaEditor", dict(n_editors=3, generator="sentence", fisher_keep=0.4), [3, 0, 1, 2, 1, 4, 2], 9),
+    # one-token edits, every entry kept, fresh running norms (k = 0: the identity in eval)
+    ("ProEditor", dict(generator="token", fisher_keep=1.0), [1, 1, 1, 1], 0),
+    # per-edit ψ, keep so small that only the top entry (and its ties) is kept; one token seen before
+    ("ProEditor", dict(generator="sentence", fisher_keep=1e-6), [2, 3, 1], 1),
+])
+def test_raeditor_and_proeditor_match_a_float64_oracle_in_eval_and_one_training_step(preset, kwargs, counts, seen, gen):
+    """RaEditor and ProEditor (float64, every parameter and the running norms random) against
+    `grouped_editor_oracle`: in eval the statistics stay as they were, in training they take this
+    batch's kept rows first; forward's grouped factors (each group's rows, in the tokens' order), the
+    random split (each edit in one group, groups of ⌊E/N_g⌋ or ⌈E/N_g⌉ edits, the rows of a group its
+    edits' kept tokens), dense(), apply_ (W + α[mode]·Δ, with the routing generator rewound) and the
+    training step's gradient of every parameter (α·⟨Δ, R⟩) to float64 rounding."""
+    import dcedit_kernels
+
+    n_in, n_out = 5, 4
+    editor = getattr(dcedit_kernels, preset)(n_in, n_out, rank=2, n_modes=3, seed=seed_from(gen), **kwargs).double()
+    with torch.no_grad():
+        for name, t in editor.named_parameters():
+            if name.split(".")[-1] != "v":
+                ones = 1.0 if name.endswith("mode_scale") else 0.0
+                t.copy_(ones + torch.randn(t.shape, generator=gen, dtype=torch.float64) * 0.6)
+        norm = editor.norm
+        norm.k.fill_(seen)
+        for m, s, sd in (("u_mean", "u_s", "u_std"), ("v_mean", "v_s", "v_std")):
+            dim = getattr(norm, m).numel()
+            if seen >= 1:
+                getattr(norm, m).copy_(torch.randn(dim, generator=gen, dtype=torch.float64))
+            if seen >= 2:
+                getattr(norm, s).copy_(torch.rand(dim, generator=gen, dtype=torch.float64) * 3 * (seen - 1) + 0.1)
+                getattr(norm, sd).copy_((getattr(norm, s) / (seen - 1)).sqrt())
+    bounds = [0] + torch.tensor(counts).cumsum(0).tolist()
+    offsets = torch.tensor(bounds, dtype=torch.int32)
+    T, E, G = bounds[-1], len(counts), editor.n_editors
+    mu = torch.randn(T, n_in, generator=gen).double()  # fp32-representable: the editor rounds [μ; η] to fp32
+    eta = torch.randn(T, n_out, generator=gen).double()
+    mu[1].zero_()  # rows MEND skips: μ zero, η not, and the other way round
+    eta[T - 2].zero_()
+    mode = 1 + int(torch.randint(0, 2, (1,), generator=gen))  # not 0: a mode-0 slip would go unseen
+    buffers = {k: v.clone() for k, v in editor.named_buffers()}
+    stats = {k.split(".")[-1]: v.clone() for k, v in buffers.items()}
+    names = [n for n, _ in editor.named_parameters()]
+    rng = editor.route_generator
+    route_state = rng.get_state() if rng is not None else None
+    weight = torch.randn(n_out, n_in, generator=gen, dtype=torch.float64)
+    R = torch.randn(n_out, n_in, generator=gen, dtype=torch.float64)
+    tol = 1e-11
+
+    for training in (False, True):
+        editor.load_state_dict(buffers, strict=False)
+        if rng is not None:
+            rng.set_state(route_state)
+        editor.train(training)
+        edit = editor(mu, eta, offsets, mode=mode)
+        groups = edit.edit_group.tolist()
+        assert len(groups) == E and all(0 <= g < G for g in groups)
+        sizes = [groups.count(g) for g in range(G)]
+        assert max(sizes) - min(sizes) <= 1 and edit.n_groups == G
+        p = {n: t.detach().clone().requires_grad_(True) for n, t in editor.named_parameters()}
+        after, rows, _, want = grouped_editor_oracle(p, stats, mu, eta, bounds, groups, mode, n_in, editor.generator,
+                                                     editor.fusion, editor.fisher_keep, training)
+        for key, value in after.items():
+            got = getattr(editor.norm, key)
+            assert torch.allclose(got.double(), torch.as_tensor(value, dtype=torch.float64), rtol=tol, atol=0), (training, key)
+        edit_of = [e for e in range(E) for _ in range(counts[e])]
+        b = edit.offsets.tolist()
+        for g in range(G):
+            mine = [t for t in sorted(rows) if groups[edit_of[t]] == g]
+            assert b[g + 1] - b[g] == len(mine), (training, g)
+            if mine:
+                assert rel_err(edit.mu_t[b[g]:b[g + 1]], torch.stack([rows[t][0] for t in mine])) < tol
+                assert rel_err(edit.eta_t[b[g]:b[g + 1]], torch.stack([rows[t][1] for t in mine])) < tol
+        alpha = p["alpha"][mode]
+        got = edit.dense()
+        assert rel_err(got, want) < tol, training
+        assert torch.equal(got == 0, want == 0), training  # the masked entries
+        loss = edit.alpha * (got * R).sum()
+        grads = torch.autograd.grad(loss, list(editor.parameters()), allow_unused=True)
+        want_grads = torch.autograd.grad(alpha * (want * R).sum(), [p[n] for n in names], allow_unused=True)
+        for n, g1, g2 in zip(names, grads, want_grads):
+            g1 = torch.zeros_like(p[n]) if g1 is None else g1
+            g2 = torch.zeros_like(p[n]) if g2 is None else g2
+            assert rel_err(g1, g2) < tol, (training, n)
+        # apply_ from the same statistics and routing draw
+        editor.load_state_dict(buffers, strict=False)
+        if rng is not None:
+            rng.set_state(route_state)
+        w = weight.clone()
+        previous = editor.apply_(w, mu, eta, offsets, mode=mode)
+        assert rel_err(w - weight, alpha.detach() * want.detach()) < tol, training
+        ops.undo_shift_(w, previous)
+        assert torch.equal(w, weight)
