@@ -3652,3 +3652,41 @@ def test_raeditor_and_proeditor_match_a_float64_oracle_in_eval_and_one_training_
         assert rel_err(w - weight, alpha.detach() * want.detach()) < tol, training
         ops.undo_shift_(w, previous)
         assert torch.equal(w, weight)
+
+
+@pytest.mark.parametrize("level", ["token", "sentence"])
+def test_proeditor_mask_keeps_every_entry_tied_with_the_last_kept_fisher_value(level, gen):
+    """fisher_keep's k = ⌈keep·n⌉ lands on tied Fisher values: μ's column 1 equal to column 0, column 3
+    the negative of column 2 (so F's columns 0, 1 and 2, 3 are equal pairs) and column 4 zero (F = 0
+    there), small integers so that F is exact whatever the summation order.  For every k the mask keeps
+    F ≥ the k-th largest F, ties included (k + 1 entries or more where k splits a pair, every entry
+    once k reaches the zeros); dense() and apply_ against the float64 oracle."""
+    from dcedit_kernels import ProEditor
+
+    n_in, n_out = 5, 4
+    n = n_in * n_out
+    bounds = [0, 2, 3, 6]
+    mu = torch.randint(1, 6, (6, n_in), generator=gen).double() * (torch.randint(0, 2, (6, n_in), generator=gen) * 2 - 1)
+    mu[:, 1], mu[:, 3], mu[:, 4] = mu[:, 0], -mu[:, 2], 0
+    eta = torch.randint(-4, 5, (6, n_out), generator=gen).double()
+    fisher = sum((eta[a:b].t() @ mu[a:b]).square() for a, b in zip(bounds[:-1], bounds[1:])) / 3
+    ranked = fisher.flatten().sort(descending=True).values
+    for k in range(1, n + 1):
+        keep = (k - 0.5) / n  # ⌈keep·n⌉ = k
+        editor = ProEditor(n_in, n_out, generator=level, fisher_keep=keep, rank=2, seed=seed_from(gen)).double()
+        randomize_editor(editor, gen, scale=0.5).eval()
+        p = {name: t.detach() for name, t in editor.named_parameters()}
+        stats = {key.split(".")[-1]: t for key, t in editor.named_buffers()}
+        _, _, _, want = grouped_editor_oracle(p, stats, mu, eta, bounds, [0, 0, 0], 0, n_in, level, "add", keep, False)
+        _, _, _, whole = grouped_editor_oracle(p, stats, mu, eta, bounds, [0, 0, 0], 0, n_in, level, "add", None, False)
+        with torch.no_grad():
+            got = editor.dense(mu, eta, torch.tensor(bounds, dtype=torch.int32))
+            weight = torch.randn(n_out, n_in, generator=gen, dtype=torch.float64)
+            w = weight.clone()
+            editor.apply_(w, mu, eta, torch.tensor(bounds, dtype=torch.int32))
+        n_tied = int((fisher >= ranked[k - 1]).sum())
+        assert n_tied >= k + k % 2 if k <= 16 else n_tied == n  # pairs in the top 16, then the 4 zeros
+        # the kept entries, less those of the unmasked shift that are 0 themselves (a column whose ReLUs are all off)
+        assert torch.equal(got != 0, (fisher >= ranked[k - 1]) & (whole != 0)), k
+        assert rel_err(got, want) < 1e-12, k
+        assert rel_err(w - weight, float(editor.alpha.detach()[0]) * want) < 1e-12, k
