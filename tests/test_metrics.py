@@ -1075,3 +1075,79 @@ def test_seq2seq_prediction_metrics_and_drawdown_match_one_row_at_a_time(arch, g
         finally:
             weight.data.copy_(saved)
 
+
+_MEASURED_LAYERS = {
+    "gpt2": ["transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"],
+    "llama": ["model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"],
+    # An encoder layer and the LM head: edits of the decoder MLPs often moved no argmax of the tiny BART and T5.
+    "bart": ["model.encoder.layers.1.fc1", "lm_head"],
+    "t5": ["encoder.block.1.layer.1.DenseReluDense.wi", "lm_head"],
+}
+
+
+@pytest.mark.parametrize("method", ["ft", "ft_kl", "mend", "raeditor", "proeditor"])
+@pytest.mark.parametrize("arch,dtype", [("gpt2", torch.float32), ("llama", torch.bfloat16), ("gpt2", torch.float16),
+                                        ("bart", torch.float32), ("t5", torch.float32)])
+def test_measure_edit_scores_each_methods_own_edit_and_restores_the_model(arch, dtype, method, gen, one_thread):
+    """measure_edit with FT, FT+KL, MEND, RaEditor (seeded split) or ProEditor on a tiny causal LM (fp32,
+    bf16, fp16) or seq2seq LM: ES, reliability, NS, DD and LMP equal the one-row computation on the model
+    as it is while the edit is live (read by `during`; unedited predictions taken first; a 16-bit model
+    scored in its own dtype, one row a batch where padding could move its rounding), the live weights are
+    bit for bit what the same method's apply of the requests without their locality fields gives (FT+KL:
+    not those of the requests with them, its KL then fitted to them), the edited layers changed, and after
+    the run every weight is bit-identical to before."""
+    import dataclasses
+    import warnings
+
+    from dcedit_kernels.evaluate import measure_edit, without_locality
+    from dcedit_kernels.model_editor import ModelEditor
+    from test_model_editor import assert_bit_identical, randomize_editors, snapshot
+
+    if method == "ft_kl" and arch in ("bart", "t5"):
+        pytest.skip("FT+KL is for causal LMs (ModelEditor refuses a seq2seq model)")
+    model, tok = _speaking_any(arch, gen, dtype)
+    reqs = _requests_any(model, tok, gen)
+    reqs[0] = dataclasses.replace(reqs[0], rephrase=None)
+    reqs[1] = dataclasses.replace(reqs[1], locality=None, locality_target=None)
+    layers = _MEASURED_LAYERS[arch]
+    if method.startswith("ft"):
+        kwargs = dict(ft_steps=3, ft_lr=3e-2, **(dict(kl_weight=100.0) if method == "ft_kl" else {}))
+    else:
+        kwargs = dict(rank=4, edit_lr=0.2, seed=7, **({"n_editors": 2} if method == "raeditor" else {}))
+    editor_seed = seed_from(gen)
+
+    def editor():  # the same method, editors and (RaEditor) random split each time
+        me = ModelEditor(model, tok, layers, method=method, **kwargs)
+        if not method.startswith("ft"):
+            randomize_editors(me, torch.Generator().manual_seed(editor_seed))
+        return me
+
+    before = snapshot(model)
+    base = [_any_predictions(model, tok, r.locality, r.locality_target)[0] for r in reqs if r.locality]
+    unedited = _rows_metrics(model, tok, reqs, base)
+    seen = {}
+
+    def during(m):
+        seen["weights"] = snapshot(m)
+        seen["metrics"] = _rows_metrics(m, tok, reqs, base)
+
+    batch_size = 1 if dtype != torch.float32 else int(torch.randint(1, len(reqs) + 2, (1,), generator=gen))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the untrained-editor and 16-bit rounding warnings
+        run = measure_edit(editor(), reqs, batch_size=batch_size, during=during)
+        assert_bit_identical(before, model)
+        for metric, value in seen["metrics"].items():
+            assert run[metric] == pytest.approx(value, rel=1e-12, abs=1e-15), (metric, batch_size)
+        assert seen["metrics"] != unedited  # the edit moved some score: the check has teeth
+        me = editor()
+        for requests in ([without_locality(reqs)] + ([reqs] if method == "ft_kl" else [])):
+            with me.edited(requests):
+                own = snapshot(model)
+            if requests is reqs:
+                assert any(not torch.equal(own[k], v) for k, v in seen["weights"].items())
+            else:  # bit for bit the weights measure_edit scored
+                assert all(torch.equal(own[k].contiguous().view(torch.uint8), v.contiguous().view(torch.uint8))
+                           for k, v in seen["weights"].items())
+    changed = {k.rsplit(".", 1)[0] for k, v in before.items() if not torch.equal(v, seen["weights"][k])}
+    assert changed == set(layers)
+
