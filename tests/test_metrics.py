@@ -1151,3 +1151,46 @@ def test_measure_edit_scores_each_methods_own_edit_and_restores_the_model(arch, 
     changed = {k.rsplit(".", 1)[0] for k, v in before.items() if not torch.equal(v, seen["weights"][k])}
     assert changed == set(layers)
 
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_model_is_scored_on_its_own_predictions(dtype, gen, one_thread):
+    """A tiny GPT-2 in bf16/fp16 whose head gives the letters near-tied logits around 1000 (the final
+    norm's bias along one direction, the head's letter rows along it plus small noise): its argmax in
+    its own dtype often differs from that of the same weights in fp32 (asserted).  Scored one row a batch
+    (no padding to move its rounding), target_accuracy, reliability, the locality predictions (with and
+    without a target) and DD equal the one-row computation of the 16-bit model, not of an upcast one."""
+    import copy
+    import dataclasses
+
+    model, tok = tiny_model("gpt2", seed=seed_from(gen))
+    hidden = model.config.n_embd
+    letters = sorted({i for i in tok(" ".join("abcdefghijklmnopqrstuvwxyz"))["input_ids"]} - set(tok.all_special_ids))
+    direction = randn((hidden,), gen)
+    direction /= direction.norm()
+    with torch.no_grad():
+        model.transformer.ln_f.weight.mul_(0.1)
+        model.transformer.ln_f.bias.copy_(4 * direction)
+        model.lm_head.weight.zero_()
+        noise = randn((len(letters), hidden), gen)
+        noise -= (noise @ direction)[:, None] * direction  # no letter ahead by a constant: ties near 1000
+        model.lm_head.weight[letters] = 250 * direction + 30 / hidden ** 0.5 * noise
+    model = model.to(dtype)
+    upcast = copy.deepcopy(model).float()
+    reqs = _mixed_requests(model, tok, gen)
+    reqs = [dataclasses.replace(r, locality=r.locality or "hello there") for r in reqs]
+    rows = [(r.prompt, r.target) for r in reqs] + [(r.locality, r.locality_target) for r in reqs] + \
+           [(r.locality, None) for r in reqs]
+    own = [_row_predictions(model, tok, p, t)[0] for p, t in rows]
+    wider = [_row_predictions(upcast, tok, p, t)[0] for p, t in rows]
+    assert any(not torch.equal(a, b) for a, b in zip(own, wider))  # the test tells the two apart
+    n = len(reqs)
+    accuracy = target_accuracy(model, tok, [r.prompt for r in reqs], [r.target for r in reqs], batch_size=1)
+    assert accuracy.tolist() == [_row_accuracy(model, tok, r.prompt, r.target) for r in reqs]
+    assert reliability(model, tok, reqs, 1) == pytest.approx(float(accuracy.mean()), rel=1e-12)
+    no_target = [dataclasses.replace(r, locality_target=None) for r in reqs]
+    for requests, want, wider_want in ((reqs, own[n:2 * n], wider[n:2 * n]), (no_target, own[2 * n:], wider[2 * n:])):
+        predicted = locality_predictions(model, tok, requests, batch_size=1)
+        assert all(torch.equal(p, w) for p, w in zip(predicted, want))
+        assert drawdown(model, tok, requests, predicted, batch_size=1) == 0.0
+        changed = sum(float((a != b).any()) for a, b in zip(want, wider_want)) / n
+        assert drawdown(model, tok, requests, wider_want, batch_size=1) == pytest.approx(changed, abs=1e-15)
