@@ -259,7 +259,13 @@ def measure_edit(editor, requests: Sequence[EditRequest], batch_size: int = 16, 
     latency_s (wall time of `apply`), peak_memory_mb and memory_method, n_edits; with `during`
     (a callable taking the model) also "during": what it returned while the edit was applied
     (e.g. greedy completions of the edited model).  `base_cache`: a dict shared between calls on
-    the same UNEDITED model, caching its locality predictions (see `_unedited_locality`).
+    the same UNEDITED model, caching its locality predictions (see `_unedited_locality`).  A cached
+    prediction is the one of the batch the row was first scored in: in a bf16 or fp16 model another
+    batch mix pads the row differently, which can flip a near-tied argmax (a plain padded forward of
+    Hugging Face's does), and DD then counts that as a change (seen on a tiny bf16 GPT-2 built with
+    near-tied logits: DD 0.125 in 3 of 6 samples of an edit that changed nothing, 0 without the
+    cache).  Where that rounding matters, pass none (the unedited and the edited pass then score the
+    same batches) or use batch_size=1 (evaluate_method always shares one).
     `lower_blocks`: a dict shared between calls on that model, keeping the output of the blocks
     below the editor's layers for each scoring batch (`metrics.lower_blocks_kept`): a call that
     scores the same requests as an earlier one (another method on the same batch) runs only the

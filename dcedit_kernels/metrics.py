@@ -9,7 +9,8 @@ sequence right only when every label token is); a metric is the mean over reques
 - `edit_success` (ES): accuracy of the target on the request's `rephrase` (the generalisation
   the paper reports as ES).
 - `drawdown` (DD): share of unrelated inputs (`locality` prompts, scored on `locality_target`, or
-  on every next token of the prompt when it has no target) whose prediction changed with respect
+  on every next token of the prompt when it has no target: causal LMs only, a seq2seq model's
+  locality prompts need their target) whose prediction changed with respect
   to the unedited model (`reduction="input"`: any scored token changed; `"token"`: the share of
   changed tokens, averaged over inputs).  Take `locality_predictions` of the unedited model
   first, then call `drawdown` on the edited one.  "input" (the default, and the evaluation's)
