@@ -206,6 +206,153 @@ def test_lowrank_edited_rows_that_see_the_fused_shift(arch, fusion, gen):
     assert torch.allclose(got[rows].detach(), applied, rtol=1e-10, atol=1e-10)
 
 
+# Independent oracle for lowrank_edited (SPEC's grouped_outer fusions and fisher_mask written out here,
+# not taken from dcedit_kernels.reference): each row's dense weights, built by hand, then its own forward.
+ORACLE_LAYERS = {"gpt2": ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_proj"],  # Conv1D, 20->37 and 37->20
+                 "llama": ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.down_proj"]}  # Linear, 24->37 and 37->24
+
+
+def oracle_edit(gen, n_in, n_out, n_edits, G, fusion):
+    """A float64 GroupedEdit with ragged groups: group 0 holds 1-4 tokens, and with G > 1 one of the
+    other groups is always empty; α of either sign (the editors start at −edit_lr)."""
+    counts = torch.randint(1, 5, (G,), generator=gen)
+    if G > 1:
+        counts[int(torch.randint(1, G, (1,), generator=gen))] = 0
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
+    T = int(counts.sum())
+    mu_t = (torch.randn(T, n_in, generator=gen, dtype=torch.float64) * 0.4).requires_grad_()
+    eta_t = (torch.randn(T, n_out, generator=gen, dtype=torch.float64) * 0.4).requires_grad_()
+    sign = 1.0 if bool(torch.rand(1, generator=gen) < 0.5) else -1.0
+    alpha = torch.tensor(sign * (float(torch.rand(1, generator=gen)) + 0.5), dtype=torch.float64).requires_grad_()
+    return GroupedEdit(mu_t=mu_t, eta_t=eta_t, offsets=offsets, fusion=fusion, alpha=alpha,
+                       edit_group=torch.randint(0, G, (n_edits,), generator=gen), aux_loss=torch.tensor(0.0))
+
+
+def oracle_group_shifts(edit):
+    """[S_g = Σ_{t∈g} η̃_t μ̃_tᵀ for each group g] (out×in), a sum of outer products, zero for an empty group."""
+    b = edit.offsets.tolist()
+    zero = torch.zeros(edit.eta_t.shape[1], edit.mu_t.shape[1], dtype=torch.float64)
+    return [sum((torch.outer(edit.eta_t[t], edit.mu_t[t]) for t in range(b[g], b[g + 1])), zero)
+            for g in range(len(b) - 1)]
+
+
+def oracle_fuse(shifts, fusion):
+    """SPEC's fusions, elementwise, gradients through the selected terms only."""
+    S = torch.stack(shifts)
+    if fusion == "add":
+        return S.sum(0)
+    if fusion == "max":  # the group of largest |S_g|, the first one on ties, sign kept
+        winner = S.abs().argmax(0, keepdim=True)  # argmax gives the first maximal index
+        return S.gather(0, winner)[0]
+    P = torch.where(S > 0, S, 0.0).sum(0)
+    N = torch.where(S < 0, S, 0.0).sum(0)
+    sss = torch.where(P >= -N, P, N)
+    return sss if fusion == "sss" else sss / len(shifts)  # ssm: divided by G, empty groups included
+
+
+def oracle_kept(fisher, keep):
+    """SPEC's fisher_mask selection: k = ceil(keep·n), kept = fisher ≥ the k-th largest value (ties kept)."""
+    values = sorted(fisher.reshape(-1).tolist(), reverse=True)
+    return (fisher >= values[math.ceil(keep * len(values)) - 1]).to(torch.float64)
+
+
+def oracle_row_logits(model, modules, edits, input_ids, attention_mask, kinds, row_edit, masked):
+    """Logits row by row.  kinds[b]: 0 the group of edit row_edit[b] (none for −1), 1 Σ_g S_g, 2 the
+    fused shift; each times α and, for an edit with a Fisher matrix when masked, the kept-entry mask."""
+    out = []
+    for b in range(input_ids.shape[0]):
+        weights = {}
+        for name, module in modules.items():
+            edit = edits[name]
+            shifts = oracle_group_shifts(edit)
+            if kinds[b] == 2:
+                shift = oracle_fuse(shifts, edit.fusion)
+            elif kinds[b] == 1:
+                shift = sum(shifts)
+            elif int(row_edit[b]) >= 0:
+                shift = shifts[int(edit.edit_group[int(row_edit[b])])]
+            else:
+                continue
+            if masked and edit.fisher is not None:
+                shift = shift * oracle_kept(edit.fisher, edit.fisher_keep)
+            shift = edit.alpha * shift
+            conv1d = type(module).__name__ == "Conv1D"  # GPT-2 stores its weight in×out
+            weights[name + ".weight"] = module.weight + (shift.T if conv1d else shift)
+        out.append(torch.func.functional_call(model, weights, (input_ids[b:b + 1],),
+                                              {"attention_mask": attention_mask[b:b + 1]}).logits)
+    return torch.cat(out)
+
+
+def oracle_case(arch, gen, G, fusion, E=5, B=8):
+    """(model, modules, edits, input_ids, attention_mask, kinds, row_edit): the first weight's edit
+    carries a Fisher matrix with many tied values, the second none; every row kind occurs."""
+    model, _ = frozen_double_model(arch, int(torch.randint(0, 100, (1,), generator=gen)))
+    modules = {n: m for n, m in model.named_modules() if n in ORACLE_LAYERS[arch]}
+    edits = {}
+    for k, (name, module) in enumerate(modules.items()):
+        o, i = module.weight.shape[::-1] if type(module).__name__ == "Conv1D" else module.weight.shape
+        edit = oracle_edit(gen, i, o, E, G, fusion)
+        if k == 0:
+            edit.fisher = torch.randint(0, 6, (o, i), generator=gen).to(torch.float64)
+            edit.fisher_keep = float(torch.rand(1, generator=gen)) * 0.8 + 0.1
+        edits[name] = edit
+    kinds = (torch.randperm(B, generator=gen) % 4).tolist()  # 0: own group, 1: all, 2: fused, 3: unedited
+    kind = torch.tensor(kinds)
+    row_edit = torch.where(kind == 0, torch.randint(0, E, (B,), generator=gen), torch.randint(-1, E, (B,), generator=gen))
+    row_edit[kind == 3] = -1
+    input_ids = torch.randint(3, 100, (B, 6), generator=gen)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 4:] = 0  # a padded row
+    return model, modules, edits, input_ids, attention_mask, kinds, row_edit
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("masked", [True, False])
+@pytest.mark.parametrize("G", [1, 4])
+def test_lowrank_edited_every_row_kind_against_an_independent_dense_oracle(arch, masked, G, gen):
+    """float64, two edited weights of different shapes (GPT-2 Conv1D, Llama Linear), for each fusion:
+    one pass with rows that see their edit's group (per weight: each weight routes on its own), every
+    group's sum, the fused shift (these two with a drawn row_edit, −1 included, that must not matter)
+    and the unedited layer gives each row the logits of its own forward with its dense weights built
+    here (SPEC's fusions and Fisher selection written out, ties in the Fisher values; masked=False: no
+    mask on any row, the fused ones included), and the same gradients in μ̃, η̃ and α."""
+    for fusion in ["add", "sss", "max", "ssm"]:
+        model, modules, edits, input_ids, attention_mask, kinds, row_edit = oracle_case(arch, gen, G, fusion)
+        flags = torch.tensor(kinds)
+        with lowrank_edited(model, edits, row_edit, flags == 1, masked=masked, row_sees_fused=flags == 2):
+            got = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        want = oracle_row_logits(model, modules, edits, input_ids, attention_mask, kinds, row_edit, masked)
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-10), (fusion, (got - want).abs().max())
+        w = torch.randn(got.shape, generator=gen, dtype=got.dtype)
+        assert_same_editor_grads((got * w).sum(), (want * w).sum(), edits)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_lowrank_edited_passes_sharing_their_shifts_give_each_rows_dense_logits_and_gradients(arch, gen):
+    """Two passes over disjoint rows (as length buckets split a step's batch) that share their o×i
+    tensors through one `shared` dict, masked=True, G=3, a drawn fusion: each pass's rows get the logits
+    of the independent oracle above, though the second pass reads the first pass's masks, masked
+    per-group shifts and fused shifts, and the one backward of both passes' losses gives the oracle's
+    gradients in μ̃, η̃ and α."""
+    fusion = ["add", "sss", "max", "ssm"][int(torch.randint(0, 4, (1,), generator=gen))]
+    model, modules, edits, input_ids, attention_mask, kinds, row_edit = oracle_case(arch, gen, 3, fusion)
+    flags = torch.tensor(kinds)
+    w = torch.randn(input_ids.shape[0], input_ids.shape[1], model.config.vocab_size, generator=gen,
+                    dtype=torch.float64)
+    shared, loss = {}, 0.0
+    for rows in (torch.arange(0, 4), torch.arange(4, 8)):
+        with lowrank_edited(model, edits, row_edit[rows], flags[rows] == 1, masked=True,
+                            row_sees_fused=flags[rows] == 2, shared=shared):
+            got = model(input_ids=input_ids[rows], attention_mask=attention_mask[rows]).logits
+        want = oracle_row_logits(model, modules, edits, input_ids[rows], attention_mask[rows],
+                                 [kinds[r] for r in rows], row_edit[rows], masked=True)
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-10), (fusion, (got - want).abs().max())
+        loss = loss + (got * w[rows]).sum()
+    assert shared  # the passes did share their tensors
+    want = oracle_row_logits(model, modules, edits, input_ids, attention_mask, kinds, row_edit, masked=True)
+    assert_same_editor_grads(loss, (want * w).sum(), edits)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fused_linear_computes_in_fp32_and_returns_the_inputs_dtype(dtype, gen):
     """The fused rows' layer (x Wᵀ + b + α x Δᵀ) of a half-precision model comes back in x's dtype,
