@@ -24,7 +24,7 @@ from .losses import backward_scale, log_probs_at, picked_kl
 from .requests import EditRequest
 from .scored_logits import logits_at, scored_positions
 from .tied_weights import shared_parameters
-from .tokenize import join_prompt_target, no_kv_cache, pad_rows, pad_token_id
+from .tokenize import join_prompt_target, no_kv_cache, pad_rows, pad_token_id, text_ids
 
 FT_DEFAULTS = dict(ft_steps=10, ft_lr=5e-4, ft_optimizer="adam", kl_weight=1.0, locality_texts=None,
                    ft_stop_loss=1e-2)
@@ -137,7 +137,8 @@ class FineTuneBaselines:
         return [f"requests[{i}].locality" for i in rows] if rows else None
 
     def _locality_batch(self, texts: list[str]) -> dict:
-        rows = [self.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+        # As every row here is tokenized: a trailing EOS that the tokenizer appends is no token of the text.
+        rows = [text_ids(self.tokenizer, t) for t in texts]
         return pad_rows(rows, pad_token_id(self.tokenizer), self.device)
 
     def _ft_kl_reference(self, loc: dict, names: list[str] | None = None, prefix=None) -> list:

@@ -1981,6 +1981,30 @@ def test_ft_weights_are_those_of_a_plain_float64_fine_tuning_loop(arch, method, 
     assert_bit_identical(before, model)
 
 
+@pytest.mark.parametrize("kl_texts", ["requests", "locality_texts"])
+def test_ft_kl_texts_leave_out_an_eos_the_tokenizer_appends(kl_texts, gen):
+    """With a tokenizer that appends an EOS (Llama's add_eos_token), FT+KL's KL still runs over the texts' own
+    tokens, as every other row here is tokenized (`tokenize.text_ids`: trailing specials dropped), and the
+    weights are `_ft_loop`'s to 1e-10.  The KL rows kept the EOS: one more KL position (the prediction after
+    it), 1e-3 away in relative terms, while the edit rows, the training pass's and the scored ones drop it."""
+    skip_fp32_logits("llama")
+    model, tok = tiny_model("llama", seed=seed_from(gen), dtype=torch.float64)
+    tok.add_eos_token = True
+    assert tok("ab cd")["input_ids"][-1] == tok.eos_token_id
+    layers = ["model.layers.1.mlp.up_proj", "lm_head"]
+    reqs = random_requests(gen, 2, locality=kl_texts == "requests")
+    kwargs = dict(ft_steps=3, ft_lr=1e-2, ft_optimizer="adam", ft_stop_loss=None,
+                  locality_texts=[words(gen, 3, 6), words(gen, 3, 6)])
+    want, before = copy.deepcopy(model), snapshot(model)
+    _ft_loop(want, tok, layers, reqs, "ft_kl", **kwargs)
+    handle = ModelEditor(model, tok, layers, method="ft_kl", **kwargs).apply(reqs)
+    for name in layers:
+        w0 = before[name + ".weight"]
+        assert rel_err(model.get_submodule(name).weight - w0, want.get_submodule(name).weight - w0) < 1e-10, name
+    handle.undo()
+    assert_bit_identical(before, model)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("optimizer,lr,steps", [("sgd", 1e-3, 4), ("adam", 1e-4, 3)])
 def test_ft_16_bit_weights_are_fp32_copies_rounded_once(dtype, optimizer, lr, steps, gen):
