@@ -123,13 +123,17 @@ class EditHandle:
             raise RuntimeError("undo the later edits first: edits of a model (by any of its ModelEditors) "
                                "must be undone in reverse order")
         self._check_weights_in_model()
-        restore(self._saved)
-        self.active = False
-        self._undone = True
-        self._saved = []  # the weight copies: a handle kept after undo (a list of them) holds none
-        self._unwatch()
-        if live and live[-1] is self:
-            live.pop()
+        # A Ctrl-C during the restore (held back by it, raised at its end) or just after it waits
+        # until the handle says undone: it left the restored edit live, on top of the model's live
+        # edits, so the earlier edits refused to undo and keep() took an edit no longer in the model.
+        with deferred_interrupt():
+            restore(self._saved)
+            self.active = False
+            self._undone = True
+            self._saved = []  # the weight copies: a handle kept after undo (a list of them) holds none
+            self._unwatch()
+            if live and live[-1] is self:
+                live.pop()
         return True
 
     def _check_weights_in_model(self) -> None:

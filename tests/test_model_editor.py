@@ -626,6 +626,38 @@ def test_interrupt_during_the_rollback_still_drops_the_failed_edit(gen, monkeypa
     assert_bit_identical(before, me.model)
 
 
+@pytest.mark.parametrize("when", ["during the restore", "right after the restore"])
+def test_interrupt_during_undo_leaves_the_edit_undone(when, gen, monkeypatch):
+    """A Ctrl-C while undo() copies the saved weights back (held back until every weight is back,
+    then raised) or just after the copies: the weights were all restored, so the edit must be
+    undone for the bookkeeping too.  It stayed live: the handle still active, holding its copies and
+    on top of the model's live edits, so the earlier edit refused to undo ("undo the later edits
+    first") and keep() of the restored edit was accepted (and pinned the earlier one for good)."""
+    from dcedit_kernels import edit_handle
+
+    me = make_editor("gpt2", "mend", gen)
+    before = snapshot(me.model)
+    first = me.apply(random_requests(gen, 2))
+    between = snapshot(me.model)
+    second = me.apply(random_requests(gen, 2))
+    calls = []
+    if when == "during the restore":  # SIGINT right after the first weight is written back
+        ctrl_c_on_call(monkeypatch, torch.Tensor, "copy_", calls, at=1)
+    else:
+        ctrl_c_on_call(monkeypatch, edit_handle, "restore", calls, at=1)
+    with ctrl_c_raises():
+        second.undo()
+    monkeypatch.undo()
+    assert calls
+    assert_bit_identical(between, me.model)
+    assert not second.active and second not in me._live and me._live == [first]
+    assert second.undo() is False
+    with pytest.raises(RuntimeError, match="this edit was undone"):
+        second.keep()
+    assert first.undo() is True
+    assert_bit_identical(before, me.model)
+
+
 def test_edited_undoes_edits_made_inside_its_block(gen):
     me = make_editor("gpt2", "mend", gen)
     before = snapshot(me.model)
