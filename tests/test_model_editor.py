@@ -277,6 +277,106 @@ def test_apply_then_undo_is_bit_exact(arch, method, dtype, gen):
     assert_bit_identical(before, me.model)
 
 
+def whole_state(model) -> dict:
+    """Everything of `model` an edit could leave behind, written out independently of the package:
+    each parameter's and buffer's bytes (non-persistent buffers, as Llama's rotary inv_freq, and tied
+    names included), dtype, shape, strides, storage address and object, requires_grad and the
+    bytes of its .grad; each module's train flag and hooks; the config."""
+    def tensor(t):
+        t = t.detach()
+        return (t.dtype, tuple(t.shape), t.stride(), t.data_ptr(), t.contiguous().view(-1).view(torch.uint8).clone())
+
+    state = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        state["param " + name] = (id(p), p.requires_grad, *tensor(p), *(tensor(p.grad) if p.grad is not None else [None] * 5))
+    for name, b in model.named_buffers(remove_duplicate=False):
+        state["buffer " + name] = (id(b), *tensor(b))
+    for name, m in model.named_modules(remove_duplicate=False):
+        state["module " + name] = (m.training, len(m._forward_hooks), len(m._forward_pre_hooks),
+                                   len(m._backward_hooks), "forward" in vars(m))
+    state["config"] = (model.config.to_dict(),)
+    return state
+
+
+def assert_same_state(before: dict, model, where: str) -> None:
+    after = whole_state(model)
+    assert before.keys() == after.keys(), where
+    for key, want in before.items():
+        for a, b in zip(want, after[key], strict=True):
+            same = torch.equal(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else a == b
+            assert same, f"{where}: {key} differs: {'bytes' if isinstance(a, torch.Tensor) else a} -> " \
+                         f"{'bytes' if isinstance(b, torch.Tensor) else b}"
+
+
+@pytest.mark.parametrize("arch, method", [("llama", "mend"), ("gpt2", "moeditor"), ("llama", "ft"), ("gpt2", "ft_kl")])
+def test_apply_undo_and_failed_apply_leave_the_whole_model_state(arch, method, gen, monkeypatch):
+    """SPEC Reliability over more than the state_dict: on a model in an unusual state (some parameters
+    frozen, a caller's .grad on others, edited weights among both; one block in train mode; -0.0
+    entries in the edited weights, which a subtraction would turn into +0.0), two stacked edits undone
+    in reverse order, and an apply that fails after writing weights (an injected out-of-memory error),
+    each leave every byte, flag, .grad, mode, hook and storage as they were."""
+    kwargs = dict(ft_steps=2, ft_stop_loss=None) if method.startswith("ft") else {}
+    me = make_editor(arch, method, gen, dtype=torch.bfloat16 if arch == "llama" else torch.float32,
+                     capture_batch_size=1, **kwargs)
+    model = me.model
+    edited = [me.modules[n].weight for n in me.layers]
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.requires_grad_(i % 3 != 0)
+            if i % 2 == 1:
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        for i, w in enumerate(edited):  # frozen or not, with a caller's .grad or none
+            w.requires_grad_(i % 2 == 1)
+            w.grad = torch.randn(w.shape, generator=gen).to(w.dtype) if i < 2 else None
+            w.view(-1)[torch.randint(0, w.numel(), (5,), generator=gen)] = -0.0
+    blocks = model.transformer.h if arch == "gpt2" else model.model.layers
+    blocks[0].train()
+    start = whole_state(model)
+
+    def edited_weights_changed() -> bool:
+        now = whole_state(model)
+        return any(not torch.equal(start[f"param {n}.weight"][6], now[f"param {n}.weight"][6]) for n in me.layers)
+
+    first = me.apply(random_requests(gen, 2))
+    assert edited_weights_changed(), "the edit changed no weight: the test would check nothing"
+    after_first = whole_state(model)
+    second = me.apply(random_requests(gen, 3))
+    assert second.undo() is True
+    assert_same_state(after_first, model, "after undoing the second edit")
+    assert first.undo() is True
+    assert_same_state(start, model, "after undoing both edits")
+
+    # An out-of-memory error once the edit has written weights: at the second weight's apply_shift_
+    # (editors), or at the last forward of an apply of 3 edits (FT: after its first step's update).
+    calls, written = [], []
+
+    def out_of_memory_at(n):
+        calls.append(1)
+        if len(calls) == n:
+            written.append(edited_weights_changed())
+            raise torch.OutOfMemoryError("injected: out of memory mid-edit")
+
+    if method.startswith("ft"):
+        head = me.modules[me.layers[-1]]
+        counting = head.register_forward_hook(lambda *args: calls.append(1))
+        me.apply(random_requests(gen, 3)).undo()
+        counting.remove()
+        n_forwards, calls[:] = len(calls), []
+        failing = head.register_forward_hook(lambda *args: out_of_memory_at(n_forwards))
+    else:
+        original = ops.apply_shift_
+        monkeypatch.setattr(ops, "apply_shift_", lambda *args, **kw: (out_of_memory_at(2), original(*args, **kw))[1])
+    try:
+        with pytest.raises(torch.OutOfMemoryError, match="injected"):
+            me.apply(random_requests(gen, 3))
+    finally:
+        if method.startswith("ft"):
+            failing.remove()
+        monkeypatch.undo()
+    assert written == [True] and not me._live
+    assert_same_state(start, model, "after a failed apply")
+
+
 @pytest.mark.parametrize("method", ["mend", "ft"])
 def test_stats_n_tokens_is_what_the_handle_docstring_says(method, gen):
     """EditHandle.stats["n_tokens"]: an editor method's captured token rows summed over the edited
