@@ -298,7 +298,7 @@ def whole_state(model) -> dict:
     return state
 
 
-def assert_same_state(before: dict, model, where: str) -> None:
+def assert_same_whole_state(before: dict, model, where: str) -> None:
     after = whole_state(model)
     assert before.keys() == after.keys(), where
     for key, want in before.items():
@@ -342,9 +342,9 @@ def test_apply_undo_and_failed_apply_leave_the_whole_model_state(arch, method, g
     after_first = whole_state(model)
     second = me.apply(random_requests(gen, 3))
     assert second.undo() is True
-    assert_same_state(after_first, model, "after undoing the second edit")
+    assert_same_whole_state(after_first, model, "after undoing the second edit")
     assert first.undo() is True
-    assert_same_state(start, model, "after undoing both edits")
+    assert_same_whole_state(start, model, "after undoing both edits")
 
     # An out-of-memory error once the edit has written weights: at the second weight's apply_shift_
     # (editors), or at the last forward of an apply of 3 edits (FT: after its first step's update).
@@ -374,7 +374,7 @@ def test_apply_undo_and_failed_apply_leave_the_whole_model_state(arch, method, g
             failing.remove()
         monkeypatch.undo()
     assert written == [True] and not me._live
-    assert_same_state(start, model, "after a failed apply")
+    assert_same_whole_state(start, model, "after a failed apply")
 
 
 @pytest.mark.parametrize("method", ["mend", "ft"])
