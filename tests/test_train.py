@@ -18,10 +18,11 @@ from dcedit_kernels.model_editor import ModelEditor
 from dcedit_kernels.models import tiny_model
 from dcedit_kernels.reference import grouped_outer as reference_grouped_outer
 from dcedit_kernels.requests import EditRequest
-from dcedit_kernels.train import TrainConfig, batch_edits, eval_rows, evaluate_edits, loss_from_edits, train_editor
+from dcedit_kernels.train import (TrainConfig, batch_edits, batch_loss, eval_rows, evaluate_edits, loss_from_edits,
+                                  train_editor)
 
 from helpers import (assert_checkpointing, input_shapes, randomize_editor, readme_join, scripted_scores,
-                     skip_fp32_logits, tiny_mend, train_mode_llama)
+                     seed_from, skip_fp32_logits, tiny_mend, train_mode_llama)
 from test_model_editor import LAYERS, ctrl_c_raises, one_thread, random_requests, words  # noqa: F401 (one_thread: autouse fixture)
 
 # ---------------------------------------------------------------------------------------------
@@ -1911,6 +1912,101 @@ def test_one_training_step_matches_a_float64_reference(arch, method, accumulate,
         assert float((got - w).norm()) <= rtol * float(w.norm()) + 1e-12
     assert any(float(w.norm()) > 0 for w in want)
     assert result.history[0]["loss"] == pytest.approx(sum(losses) / accumulate, rel=1e-10)
+
+
+def _recorded_batches(monkeypatch, poisoned=()):
+    """Spy on the loop's per-batch loss (`train.batch_loss`, used as a black box): the list of the
+    batches it runs (one entry per batch, not per call: a batch run again is the same list object),
+    each batch whose index is in `poisoned` giving a NaN loss at every call."""
+    import dcedit_kernels.train as train_module
+
+    real, batches = train_module.batch_loss, []
+
+    def recording(me_, batch, config):
+        if not batches or batches[-1] is not batch:
+            batches.append(batch)
+        loss, parts = real(me_, batch, config)
+        return (loss * float("nan") if len(batches) - 1 in poisoned else loss), parts
+
+    monkeypatch.setattr(train_module, "batch_loss", recording)
+    return batches
+
+
+@pytest.mark.parametrize("arch,method,lr_optimizer,grad_clip", [
+    ("llama", "mend", "adam", 1e-3), ("gpt2", "proeditor", "sgd", None), ("llama", "moeditor", "adam", 1e-3)])
+def test_steps_match_an_independent_float64_optimisation_loop(arch, method, lr_optimizer, grad_clip, gen, monkeypatch):
+    """float64 model and editors, 3 steps of 2 batches: every editor parameter and running norm after
+    train_editor equals that of a loop written here from the docs, with the package's per-batch
+    loss as a black box and the batches the run drew (recorded): torch's generator seeded with
+    `seed` for the gate noise; Adam at lr on the editor weights, Adam or SGD at lr_lr on the α;
+    each batch's gradient divided by `accumulate` and summed; batch 1 non-finite (poisoned), so
+    dropped with its running-norm update (its gate noise still drawn); the summed gradient's global
+    2-norm over every editor parameter, α included, clipped to grad_clip as clip_grad_norm_ does;
+    the optimisers' state carried over the steps.  The model's own weights come back bit for bit."""
+    model_seed, poisoned = seed_from(gen), (1,)
+    requests = random_requests(gen, 6)
+    config = TrainConfig(steps=3, batch_size=2, accumulate=2, lr=1e-2, lr_lr=1e-3, lr_optimizer=lr_optimizer,
+                         grad_clip=grad_clip, progress=False, seed=seed_from(gen))
+
+    def fresh():
+        model, tok = tiny_model(arch, seed=model_seed, dtype=torch.float64)
+        kwargs = {"n_editors": 3} if method == "moeditor" else {}
+        me = ModelEditor(model, tok, LAYERS[arch][:3], method=method, rank=4, seed=1, **kwargs)
+        me.editors.double()
+        draw = torch.Generator().manual_seed(model_seed)
+        alpha_ids = {id(e.alpha) for e in me.editors.values()}
+        with torch.no_grad():  # a non-identity start: every parameter moved (the α by less)
+            for p in me.editors.parameters():
+                p.add_(torch.randn(p.shape, generator=draw, dtype=p.dtype) * (1e-4 if id(p) in alpha_ids else 0.05))
+        return me
+
+    me = fresh()
+    model_before = {k: v.clone() for k, v in me.model.state_dict().items()}
+    flags = [p.requires_grad for p in me.model.parameters()]
+    batches = _recorded_batches(monkeypatch, poisoned)
+    result = me.fit(requests, config=config)
+    assert result.steps == 3 and result.skipped_batches == 1 and len(batches) == 6
+    assert all(torch.equal(v, model_before[k]) for k, v in me.model.state_dict().items())
+    assert [p.requires_grad for p in me.model.parameters()] == flags
+
+    ref = fresh()
+    alphas = [e.alpha for e in ref.editors.values()]
+    weights = [p for p in ref.editors.parameters() if all(p is not a for a in alphas)]
+    params = weights + alphas
+    opt = torch.optim.Adam(weights, lr=config.lr)
+    lr_opt = (torch.optim.Adam if lr_optimizer == "adam" else torch.optim.SGD)(alphas, lr=config.lr_lr)
+    clipped = 0
+    ref.model.requires_grad_(False)  # only the editors get gradients (ref's model is thrown away after)
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        ref.editors.train()
+        for step in range(config.steps):
+            total = [torch.zeros_like(p) for p in params]
+            for b in range(step * config.accumulate, (step + 1) * config.accumulate):
+                norms = {k: v.clone() for k, v in ref.editors.named_buffers()}
+                loss, _ = batch_loss(ref, batches[b], config)  # the real one: the name imported above
+                if b in poisoned:
+                    with torch.no_grad():
+                        for k, v in ref.editors.named_buffers():
+                            v.copy_(norms[k])
+                    continue
+                for t, g in zip(total, torch.autograd.grad(loss, params, allow_unused=True)):
+                    if g is not None:
+                        t += g / config.accumulate
+            norm = float(torch.sqrt(sum(t.pow(2).sum() for t in total)))
+            coef = 1.0 if grad_clip is None else min(1.0, grad_clip / (norm + 1e-6))
+            clipped += coef < 1
+            for p, t in zip(params, total):
+                p.grad = t * coef
+            opt.step()
+            lr_opt.step()
+    assert clipped == (0 if grad_clip is None else 3)  # the clip acts at every step where set
+    got, want, start = me.editors.state_dict(), ref.editors.state_dict(), fresh().editors.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-15, msg=k)
+    assert all(not torch.equal(want[f"{key}.alpha"], start[f"{key}.alpha"]) for key in me.editors)
+    assert sum(not torch.equal(want[k], start[k]) for k in want) > len(want) // 2
 
 
 @pytest.mark.parametrize("locality_rows", ["all", "fused"])
