@@ -1155,6 +1155,69 @@ def test_checkpoint_resume_continues_the_same_run(method, gen, tmp_path):
         assert_safetensors_file(tmp_path / "b" / f)
 
 
+@pytest.mark.parametrize("method", ["mend", "moeditor"])
+def test_a_run_interrupted_mid_step_resumes_bit_for_bit(method, gen, tmp_path, monkeypatch):
+    """A resume continues as the uninterrupted run would (README): 5 steps of 2 batches, validated
+    (scripted ES 0.5, 0.2, 0.3: the best at step 2, not at the last checkpoint's step 4) and
+    checkpointed every 2 steps and at the last; a run interrupted (KeyboardInterrupt, as Ctrl-C)
+    in the second batch of step 5, after the first one updated the running norms (and drew gate
+    noise), resumes from step 4, runs the uninterrupted run's batches 8-9 and ends with its every
+    editor tensor, history, validations and counters, bit for bit, whether the interrupted
+    ModelEditor itself resumes (a notebook after Ctrl-C) or a fresh one does."""
+    import shutil
+
+    import dcedit_kernels.train as train_module
+    from safetensors.torch import load_file
+
+    model_seed, seed = seed_from(gen), seed_from(gen)
+    requests = random_requests(gen, 8)
+
+    def fresh():
+        model, tok = tiny_model("llama", seed=model_seed)
+        kwargs = {"n_editors": 2} if method == "moeditor" else {}
+        return ModelEditor(model, tok, LAYERS["llama"][:3], method=method, rank=4, seed=1, **kwargs)
+
+    def fit(me, where, scores):
+        scripted_scores(monkeypatch, scores)
+        return me.fit(requests[:6], requests[6:], TrainConfig(
+            steps=5, batch_size=2, accumulate=2, lr=1e-2, lr_lr=1e-3, grad_clip=1e-2, val_every=2, patience=None,
+            restore_best=False, progress=False, seed=seed, checkpoint_dir=str(tmp_path / where)))
+
+    batches = _recorded_batches(monkeypatch)
+    straight = fresh()
+    r_straight = fit(straight, "a", [0.5, 0.2, 0.3])
+    assert (r_straight.steps, r_straight.best_step, len(batches)) == (5, 2, 10)
+    straight_batches, want = list(batches), straight.state_tensors()
+
+    recording = train_module.batch_loss
+
+    def ctrl_c_in_batch_9(me_, batch, config):
+        if len(batches) == 9 and batches[-1] is not batch:  # batches 0-8 ran: step 5's first one is done
+            raise KeyboardInterrupt
+        return recording(me_, batch, config)
+
+    batches.clear()
+    monkeypatch.setattr(train_module, "batch_loss", ctrl_c_in_batch_9)
+    interrupted = fresh()
+    with pytest.raises(KeyboardInterrupt):
+        fit(interrupted, "b", [0.5, 0.2])
+    monkeypatch.setattr(train_module, "batch_loss", recording)
+    saved, now = load_file(str(tmp_path / "b" / "editor.safetensors")), interrupted.state_tensors()
+    assert any(not torch.equal(saved[k], now[k]) for k in saved if ".norm." in k)  # batch 8 is in its norms
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    for me, where in ((interrupted, "b"), (fresh(), "c")):
+        batches.clear()
+        result = fit(me, where, [0.3])
+        assert (result.resumed_from, result.steps) == (4, 5), where
+        assert batches == straight_batches[8:], where
+        assert result.history == r_straight.history and result.val_history == r_straight.val_history, where
+        assert (result.best_step, result.best_es, result.skipped_batches, result.stopped_early) == (2, 0.5, 0, False)
+        got = me.state_tensors()
+        assert got.keys() == want.keys()
+        for k in want:
+            assert torch.equal(got[k], want[k]), (where, k)
+
+
 def test_a_moeditor_run_from_before_gate_norm_resumes_with_gate_norm_off(gen, tmp_path):
     """A 0.5.6 training checkpoint (no gate_norm in its editors' configs) resumes as the run it
     was (gate_norm=False), as ModelEditor.load reads such a checkpoint; resuming it with the
