@@ -9,8 +9,11 @@ on the per-weight steps α (Adam's first step moves each α by exactly `lr_lr`, 
 size: from MEND's α = −edit_lr = −1e-4 with lr_lr 1e-4, an α whose gradient points to 0 lands on about
 0 for a step, as a check saw on 2 of SmolLM2's 3 edited layers after one 25-edit step; a smaller
 lr_lr or `lr_optimizer="sgd"` moves it by its gradient instead); gradient accumulation over
-`accumulate` batches; gradient-norm clipping; a batch with a non-finite gradient (the editors', or the capture's:
-a non-finite edit loss or gradient factors) is skipped and counted.  The backward runs at the scale of the
+`accumulate` batches (each batch's loss divided by `accumulate`: the step's gradient is their mean);
+gradient-norm clipping (`clip_grad_norm_`: one 2-norm over every editor parameter, the α included); a
+batch with a non-finite gradient (the editors', or the capture's: a non-finite edit loss or gradient
+factors) is skipped and counted (the step's gradient stays the kept batches' sum over `accumulate`, while
+`history` logs the mean of the kept batches' losses).  The backward runs at the scale of the
 per-token sum of L_edit (the KL and balance terms share it) and the gradients are divided back,
 exactly (`losses.backward_scale`: keeps fp16 gradients from flushing to zero; fp32 and bf16
 unchanged).  Only a per-token activation gradient past fp16's range can overflow there (the editors'
@@ -19,9 +22,12 @@ the running norms, RNG states and routing generators its first forward started f
 `val_every` steps the editor is validated by applying real (fused, masked) edits to the model and
 measuring edit success on the val requests' rephrases; early stopping after `patience` validations
 without improvement; the best editor is restored at the end.
-Checkpoints (safetensors only) go to `checkpoint_dir` and `resume=True` continues from them
-(`train_checkpoint`).  The batch order is a function of (seed, batch index), so a resumed run sees
-the batches it would have seen.
+Checkpoints (safetensors only) go to `checkpoint_dir` when a validation is due (every `val_every`
+steps), at the last step and on an early stop, so an interrupted run loses the steps since the last
+of them; `resume=True` continues from them (`train_checkpoint`).  The batch order is a function of
+(seed, batch index): each epoch a random permutation of the requests cut into n // batch_size
+batches (the n % batch_size left over sit that epoch out), so a resumed run sees the batches it
+would have seen.
 
 Data-parallel (a torch.distributed process group of W > 1, e.g. under torchrun): each process
 trains on batches of its own (global batch index b·W + rank); before each optimiser step the
