@@ -1301,6 +1301,63 @@ def test_gradient_conflict_is_that_of_each_edits_own_mean_nll():
         assert out[n]["gms"] == pytest.approx(gms(g), rel=1e-8), n
 
 
+def _own_gcr_gms(g):
+    """GCR and GMS written out from SPEC's Metrics, pair by pair over i < j (float64 rows)."""
+    pairs = [(i, j) for i in range(len(g)) for j in range(i + 1, len(g))]
+    norm = [float(row.norm()) for row in g]
+    conflicts = sum(float(g[i] @ g[j]) < 0 for i, j in pairs)
+    similar = sum(2 * norm[i] * norm[j] / (norm[i] ** 2 + norm[j] ** 2) for i, j in pairs)
+    return conflicts / len(pairs), similar / len(pairs)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_gradient_conflict_against_an_autograd_oracle_of_its_own_tokenization(arch, gen):
+    """gradient_conflict's GCR and GMS per layer equal those of a float64 oracle that shares nothing
+    with the package: each edit tokenized alone with the tokenizer itself (the README's join, the
+    target = the tokens after the prompt's own), its own mean target NLL from log_softmax,
+    torch.autograd.grad w.r.t. the layer's weight (GPT-2's Conv1D in x out as stored), and the pair
+    loops of SPEC's definitions over i < j.  2-8 random edits with prompts ending in a space and
+    targets starting with one among them, then three identical edits (cosine 1: GCR 0, GMS 1)."""
+    from helpers import readme_join, seed_from
+
+    layers = {"gpt2": ["transformer.h.0.mlp.c_fc", "transformer.h.1.attn.c_attn"],
+              "llama": ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"]}[arch]
+    model, tok = tiny_model(arch, seed=seed_from(gen), dtype=torch.float64)
+    weights = [model.get_submodule(name).weight for name in layers]
+
+    def word(lo, hi):
+        n = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+        return "".join("abcdefghijklmnop"[int(k)] for k in torch.randint(0, 16, (n,), generator=gen))
+
+    def oracle(requests):
+        rows = {name: [] for name in layers}
+        for r in requests:
+            prompt_ids = tok(r.prompt)["input_ids"]
+            ids = tok(readme_join(r.prompt, r.target))["input_ids"]
+            assert ids[:len(prompt_ids)] == prompt_ids and len(ids) > len(prompt_ids)
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+            targets = torch.tensor(ids[len(prompt_ids):])
+            nll = -torch.log_softmax(logits[len(prompt_ids) - 1:-1], -1).gather(1, targets[:, None]).mean()
+            for name, grad in zip(layers, torch.autograd.grad(nll, weights)):
+                rows[name].append(grad.flatten())
+        return {name: _own_gcr_gms(torch.stack(g)) for name, g in rows.items()}
+
+    n = int(torch.randint(2, 9, (1,), generator=gen))
+    requests = [EditRequest(f"{word(2, 5)} {word(1, 6)}", " ".join(word(1, 4) for _ in range(1 + i % 3)))
+                for i in range(n)]
+    requests[0] = EditRequest(requests[0].prompt + " ", requests[0].target)
+    requests[-1] = EditRequest(requests[-1].prompt, " " + requests[-1].target)
+    got, want = gradient_conflict(model, tok, layers, requests), oracle(requests)
+    for name in layers:
+        assert got[name]["gcr"] == pytest.approx(want[name][0], abs=1e-12), (name, n)
+        assert got[name]["gms"] == pytest.approx(want[name][1], rel=1e-10), (name, n)
+    same = [requests[1]] * 3
+    got, want = gradient_conflict(model, tok, layers, same), oracle(same)
+    for name in layers:
+        assert got[name]["gcr"] == want[name][0] == 0.0
+        assert got[name]["gms"] == pytest.approx(1.0, rel=1e-12) and want[name][1] == pytest.approx(1.0, rel=1e-12)
+
+
 def test_demo_table_puts_each_metric_in_its_column():
     """The demo's table lists ES, rel, DD, LMP, NS, latency and peak memory in the header's order
     (distinct values, so a cell read from another metric shows); the unedited row has DD 0 and no
