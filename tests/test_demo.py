@@ -1,5 +1,6 @@
 """The demo (`python/edit_demo.py --quick`), the `dcedit` CLI, `evaluate_method` and the default facts."""
 
+import contextlib
 import json
 import os
 import random
@@ -690,6 +691,135 @@ def test_cli_train_edit_evaluate_on_tiny_model(capsys, tmp_path, tiny_model_dir)
     assert cli.main(["edit", "--model", model, "--method", "mend", "--n-editors", "2", "--prompt", "a b",
                      "--target", "c"]) == 2
     assert "--n-editors applies to raeditor and moeditor" in capsys.readouterr().err
+
+
+def _easyedit_requests(path):
+    """The EditRequests of an EasyEdit CounterFact file, mapped by hand (not the package's loader)."""
+    return [EditRequest(r["prompt"], r["target_new"], rephrase=r["rephrase_prompt"], locality=r["locality_prompt"],
+                        locality_target=r["locality_ground_truth"], subject=r["subject"])
+            for r in json.loads(Path(path).read_text())]
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Runs the library side on the CLI's --threads 1 (bit-equal GEMMs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cli_train_saves_the_editor_fit_gives_with_the_same_settings(capsys, tmp_path, tiny_model_dir, gen):
+    """`dcedit train` with non-default settings (MoEditor, --loss-reduction edit, --locality-rows
+    fused, drawn --lr, --lr-lr and --seed, --n-edits) saves, tensor for tensor and bit for bit, what
+    the README's library calls give: load_model(folder), ModelEditor(..., seed=S), fit(first N
+    requests, TrainConfig(steps, batch_size, lr, lr_lr, locality_rows, seed=S)), save; its
+    config metadata is the same JSON.  The requests are read from the file by hand, and training
+    moved every editor away from its initial state (so the comparison sees the settings)."""
+    from safetensors import safe_open
+    from helpers import seed_from
+
+    from dcedit_kernels import TrainConfig, load_model
+
+    data = _counterfact_file(tmp_path / "cf.json", n=8)
+    seed, n = seed_from(gen), int(torch.randint(5, 8, (1,), generator=gen))
+    lr, lr_lr = (float(f"{10 ** float(torch.empty(()).uniform_(lo, hi, generator=gen)):.3g}")
+                 for lo, hi in ((-3, -2), (-4, -2)))
+    layers = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj"]
+    cli_out, lib_out = tmp_path / "cli.safetensors", tmp_path / "lib.safetensors"
+    assert cli.main(["train", "--model", str(tiny_model_dir), "--layers", ",".join(layers), "--method", "moeditor",
+                     "--n-editors", "2", "--rank", "3", "--data", str(data), "--n-edits", str(n), "--steps", "3",
+                     "--batch-size", "3", "--lr", str(lr), "--lr-lr", str(lr_lr), "--loss-reduction", "edit",
+                     "--locality-rows", "fused", "--seed", str(seed), "--threads", "1", "--out", str(cli_out)]) == 0
+    capsys.readouterr()
+    with _one_thread():
+        model, tok = load_model(str(tiny_model_dir))
+        me = ModelEditor(model, tok, layers, method="moeditor", n_editors=2, rank=3, loss_reduction="edit", seed=seed)
+        initial = {k: v.detach().clone() for k, v in me.editors.state_dict().items()}
+        me.fit(_easyedit_requests(data)[:n], None, TrainConfig(steps=3, batch_size=3, lr=lr, lr_lr=lr_lr,
+                                                             locality_rows="fused", seed=seed, progress=False))
+        me.save(lib_out)
+    with safe_open(str(cli_out), "pt") as a, safe_open(str(lib_out), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        for key in a.keys():
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
+        meta_a, meta_b = a.metadata(), b.metadata()
+    assert meta_a.keys() == meta_b.keys() and {k: json.loads(v) for k, v in meta_a.items()} == \
+        {k: json.loads(v) for k, v in meta_b.items()}
+    trained = me.editors.state_dict()
+    for shape in me.editors:
+        assert any(not torch.equal(trained[k], initial[k]) for k in initial if k.startswith(shape + ".")), shape
+
+
+def test_cli_edit_and_evaluate_record_what_the_library_calls_give(capsys, monkeypatch, tmp_path, tiny_model_dir,
+                                                                   gen):
+    """`dcedit edit --editor E --rescale-batch-size 2 --capture-batch-size 2` and `dcedit evaluate
+    --editor E --n-edits 2,3 --repeats 2 --seed S` write, field by field (all but the times and
+    memory), what measure_edit and evaluate_method give on ModelEditor.load(E, ...) with the same
+    settings; edit's printed score line is its JSON to 3 decimals.  E: a MEND editor fit here with
+    a large lr_lr, so that its edits change predictions.  The tiny model's scores do not move with
+    the rescale (nor with the capture batch size, rounding only), so the ModelEditor that edit hands
+    to measure_edit is also checked to carry both settings."""
+    import dcedit_kernels.evaluate as evaluate_module
+    from helpers import seed_from
+
+    from dcedit_kernels import TrainConfig, load_model
+
+    data = _counterfact_file(tmp_path / "cf.json", n=8)
+    requests = _easyedit_requests(data)
+    seed = seed_from(gen)
+    editor = tmp_path / "mend.safetensors"
+    skip = ("latency_s", "peak_memory_mb")
+    with _one_thread():
+        model, tok = load_model(str(tiny_model_dir))
+        me = ModelEditor(model, tok, ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"], method="mend",
+                         rank=3, seed=seed)
+        me.fit(requests[:6], None, TrainConfig(steps=3, batch_size=3, lr=1e-2, lr_lr=3e-3, seed=seed, progress=False))
+        me.save(editor)
+        loaded = ModelEditor.load(editor, model, tok, capture_batch_size=2, rescale_batch_size=2)
+        want_edit = measure_edit(loaded, requests[:5])
+        want_eval = evaluate_method(model, tok, ModelEditor.load(editor, model, tok), requests, n_edits=(2, 3),
+                                    repeats=2, seed=seed, progress=False)
+    common = ["--model", str(tiny_model_dir), "--editor", str(editor), "--data", str(data), "--threads", "1"]
+    capsys.readouterr()
+    settings = []
+
+    def recording_measure_edit(editor, requests, *args, **kwargs):
+        settings.append((editor.rescale_batch_size, editor.capture_batch_size))
+        return measure_edit(editor, requests, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "measure_edit", recording_measure_edit)
+    assert cli.main(["edit", *common, "--n-edits", "5", "--rescale-batch-size", "2", "--capture-batch-size", "2",
+                     "--out", str(tmp_path / "edit.json")]) == 0
+    printed = capsys.readouterr().out
+    assert settings == [(2, 2)]
+    monkeypatch.undo()
+    got = json.loads((tmp_path / "edit.json").read_text())
+    assert got["method"] == "mend" and got["layers"] == me.layers
+    assert [(row["prompt"], row["target"]) for row in got["edits"]] == [(r.prompt, r.target) for r in requests[:5]]
+    assert got["scores"].keys() == want_edit.keys()
+    for key, value in want_edit.items():
+        if key not in skip:
+            assert got["scores"][key] == value, key
+    line = "  ".join(f"{k}={v:.3f}" for k, v in got["scores"].items() if isinstance(v, float))
+    assert line in printed.splitlines()
+    assert cli.main(["evaluate", *common, "--n-edits", "2,3", "--repeats", "2", "--seed", str(seed),
+                     "--out", str(tmp_path / "eval.json")]) == 0
+    got = json.loads((tmp_path / "eval.json").read_text())
+    for key in ("method", "n_requests", "repeats", "seed"):
+        assert got[key] == want_eval[key], key
+    assert set(got["by_n"]) == {"2", "3"}
+    for n, row in want_eval["by_n"].items():
+        assert got["by_n"][str(n)].keys() == row.keys()
+        for metric, stat in row.items():
+            if metric not in skip:
+                assert got["by_n"][str(n)][metric] == stat, (n, metric)
+    assert len(got["runs"]) == len(want_eval["runs"]) == 4
+    for run, want in zip(got["runs"], want_eval["runs"]):
+        assert run.keys() == want.keys()
+        assert {k: v for k, v in run.items() if k not in skip} == {k: v for k, v in want.items() if k not in skip}
 
 
 def test_cli_edit_without_n_edits_edits_the_first_five_requests(capsys, tmp_path, tiny_model_dir):
