@@ -483,7 +483,8 @@ def gradient_conflict(model, tokenizer, layers: Sequence[str], requests: Sequenc
     a magnitude difference.  A weight tied to another module's (an LM head sharing the input
     embedding) is read as this layer's: g_i is the gradient through the layer's own use of it (the
     factors are captured at its output), not the shared parameter's whole gradient, which also
-    holds the embedding's (tiny tied GPT-2, 8 edits: GCR 0.286 against the parameter's 0.321)."""
+    holds the embedding's (tiny tied GPT-2, 8 edits: GCR 0.286 against the parameter's 0.321).
+    The metrics are over pairs i < j, so `requests` must hold at least 2 edits (ValueError)."""
     from .model_editor import ModelEditor
 
     requests = validate_requests(requests)

@@ -245,7 +245,7 @@ def cmd_evaluate(args) -> dict:
         raise UserError(str(exc)) from None
     print(f"{METHOD_NAMES[me.method]} on {len(requests)} requests, {args.repeats} repeats")
     for n, row in result["by_n"].items():
-        cells = "  ".join(f"{m}={_mean_std(row[m])}" for m in ("es", "reliability", "dd", "lmp", "latency_s"))
+        cells = "  ".join(f"{m}={_mean_std(row[m])}" for m in ("es", "reliability", "dd", "lmp", "ns", "latency_s"))
         print(f"  N_u={n}: {cells}")
     return dict(result, layers=me.layers)
 
