@@ -28,6 +28,7 @@ from dcedit_kernels.requests import EditRequest
 from dcedit_kernels.tokenize import IGNORE_INDEX, tokenize_pairs
 
 from helpers import input_shapes, ragged_offsets, randn, readme_join, rel_err, seed_from
+from test_model_editor import one_thread  # noqa: F401 (autouse: one intra-op thread; BART case 21.6 s with two, 6.8 s with one)
 
 
 class PrefixLM(nn.Module):
@@ -931,18 +932,6 @@ def test_measure_edit_and_evaluate_method_of_a_real_edit_match_one_row_at_a_time
 # decoder start token, and the scored tokens are the labels that are not special tokens.
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread (as test_model_editor's): two OpenMP threads on the 2 shared cores spin-wait
-    under load (the BART case of the first test below: 21.6 s, against 6.8 s with one, imports included)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def _s2s_predictions(model, tok, prompt, target):
     """(argmax ids, gold ids) of one unpadded seq2seq row."""
     labels = list(tok(target)["input_ids"])
@@ -1032,7 +1021,7 @@ def _requests_any(model, tok, gen, n=3):
 
 
 @pytest.mark.parametrize("arch", ["bart", "t5"])
-def test_seq2seq_prediction_metrics_and_drawdown_match_one_row_at_a_time(arch, gen, one_thread):
+def test_seq2seq_prediction_metrics_and_drawdown_match_one_row_at_a_time(arch, gen):
     """A tiny BART/T5: reliability, ES, NS (token share and exact), target_accuracy, the locality
     predictions and DD ("input" and "token") after a weight change equal an unpadded one-row computation
     (encoder: the prompt; decoder teacher-forced on the target's labels shifted right; special tokens not
@@ -1088,7 +1077,7 @@ _MEASURED_LAYERS = {
 @pytest.mark.parametrize("method", ["ft", "ft_kl", "mend", "raeditor", "proeditor"])
 @pytest.mark.parametrize("arch,dtype", [("gpt2", torch.float32), ("llama", torch.bfloat16), ("gpt2", torch.float16),
                                         ("bart", torch.float32), ("t5", torch.float32)])
-def test_measure_edit_scores_each_methods_own_edit_and_restores_the_model(arch, dtype, method, gen, one_thread):
+def test_measure_edit_scores_each_methods_own_edit_and_restores_the_model(arch, dtype, method, gen):
     """measure_edit with FT, FT+KL, MEND, RaEditor (seeded split) or ProEditor on a tiny causal LM (fp32,
     bf16, fp16) or seq2seq LM: ES, reliability, NS, DD and LMP equal the one-row computation on the model
     as it is while the edit is live (read by `during`; unedited predictions taken first; a 16-bit model
@@ -1153,7 +1142,7 @@ def test_measure_edit_scores_each_methods_own_edit_and_restores_the_model(arch, 
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_a_16_bit_model_is_scored_on_its_own_predictions(dtype, gen, one_thread):
+def test_a_16_bit_model_is_scored_on_its_own_predictions(dtype, gen):
     """A tiny GPT-2 in bf16/fp16 whose head gives the letters near-tied logits around 1000 (the final
     norm's bias along one direction, the head's letter rows along it plus small noise): its argmax in
     its own dtype often differs from that of the same weights in fp32 (asserted).  Scored one row a batch
