@@ -109,8 +109,8 @@ def _requests_digest(requests) -> str:
 # TrainConfig fields that do not change the trained editor (display, where checkpoints go), and
 # the validation settings: `trained_editor` trains without val requests, so they change nothing
 # (validation itself leaves the training's random draws as they were: `train._validate`); in the
-# key they retrained an editor for a new val_every.
-_NO_EFFECT = ("progress", "checkpoint_dir", "resume", "val_every", "val_size", "patience", "restore_best")
+# key they retrained an editor for a new val_every (or min_delta: it only compares validations' scores).
+_NO_EFFECT = ("progress", "checkpoint_dir", "resume", "val_every", "val_size", "patience", "min_delta", "restore_best")
 # ModelEditor arguments that do not change the trained editor (memory and placement only; not
 # saved with it): `ModelEditor.load` takes them again, so a cached editor gets them as a new one does.
 _RUNTIME = ("capture_batch_size", "editor_device", "rescale_batch_size")

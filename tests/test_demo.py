@@ -1083,6 +1083,46 @@ def test_editor_cache_key_resolves_moeditors_gate_norm():
     assert key("mend", {}) == editor_cache.editor_cache_key("mend", ["a.b"], {}, {"steps": 2}, ["x"], "no-such-model")
 
 
+def test_editor_cache_key_mutation_table_over_every_training_and_editor_setting(gen):
+    """An oracle list, written from TrainConfig's and ModelEditor's docstrings, of what changes a
+    trained editor's tensors: each such setting, moved off its default to a drawn value, gives a new
+    key; the display, checkpoint and validation settings (trained_editor trains without val
+    requests, so min_delta, which only compares validations, changes nothing) and the runtime
+    ModelEditor arguments leave it, and so do the defaults written out."""
+    import dataclasses
+
+    from dcedit_kernels.train_config import TrainConfig
+
+    draw = lambda: float(torch.rand((), generator=gen)) + 0.5  # noqa: E731  never a default
+    no_effect = {"progress": False, "checkpoint_dir": "/tmp/elsewhere", "resume": False, "val_every": 7, "val_size": 3,
+                 "patience": None, "min_delta": draw(), "restore_best": False}
+    effect = {"steps": 3, "batch_size": 2, "accumulate": 2, "lr": draw() * 1e-3, "lr_lr": draw() * 1e-3,
+              "lr_optimizer": "sgd", "cedit": draw(), "cloc": draw(), "balance_weight": draw(), "grad_clip": draw(),
+              "edit_rows": "all", "locality_rows": "fused", "fisher_mask": False, "seed": 1 + int(draw() * 100),
+              "data_parallel": True, "length_buckets": True, "reuse_prefix": False}
+    assert set(no_effect) | set(effect) == {f.name for f in dataclasses.fields(TrainConfig)}  # a new field: classify it
+
+    def key(method="moeditor", kwargs=None, train=None, ids=("a", "b")):
+        return editor_cache.editor_cache_key(method, ["a.b"], dict(kwargs or {}), {"steps": 2, **(train or {})},
+                                             list(ids), "no-such-model")
+
+    base = key()
+    for name, value in effect.items():
+        assert key(train={name: value}) != base, name
+    for name, value in no_effect.items():
+        assert key(train={name: value}) == base, name
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name != "steps"}
+    assert key(train=defaults) == base
+    for kwargs in ({"rank": 3}, {"n_editors": 3}, {"fusion": "max"}, {"norm": False}, {"edit_lr": draw()}, {"seed": 4},
+                   {"tokens": "target"}, {"loss_reduction": "edit"}, {"gate_norm": False}, {"allow_tied": True}):
+        assert key(kwargs=kwargs) != base, kwargs
+    for kwargs in ({"capture_batch_size": 3}, {"rescale_batch_size": 9}, {"editor_device": "cpu"}):
+        assert key(kwargs=kwargs) == base, kwargs
+    assert key(ids=("b", "a")) != base and key(ids=("a",)) != base  # the training edits and their order
+    assert key(kwargs={"seed": 4, "rank": 3}) == key(kwargs={"rank": 3, "seed": 4})  # not the dicts' order
+    assert key("raeditor") != base and key(kwargs={"fisher_keep": 0.5}, method="proeditor") != key("proeditor")
+
+
 def test_editor_cache_key_covers_every_field_of_the_training_requests():
     """Ids that name only the prompt and target (python/report.py's) would not tell training data
     with other rephrases or locality prompts apart: the requests' content is in the key."""
