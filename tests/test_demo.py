@@ -1123,6 +1123,33 @@ def test_editor_cache_key_mutation_table_over_every_training_and_editor_setting(
     assert key("raeditor") != base and key(kwargs={"fisher_keep": 0.5}, method="proeditor") != key("proeditor")
 
 
+def test_trained_editor_seeded_retrain_is_bit_identical_and_the_twin_holds_its_editors(tmp_path, monkeypatch, gen):
+    """One key, one editor: a seeded MoEditor trained again (use_cache=False, the global RNG moved)
+    has the cached one's tensors bit for bit; random_routing_twin is a RaEditor with every tensor of
+    the MoEditor but the gate's (w_gate, w_noise, gate_norm.*), bit for bit, and its capture settings."""
+    monkeypatch.setenv("DCEDIT_CACHE_DIR", str(tmp_path))
+    model, tok = tiny_model("llama", seed=0)
+    seed = int(torch.randint(0, 2**16, (), generator=gen))
+    args = (model, tok, "moeditor", ["model.layers.1.mlp.down_proj"],
+            {"rank": 3, "n_editors": 2, "seed": seed, "loss_reduction": "edit", "capture_batch_size": 3},
+            dict(steps=2, batch_size=2), _tiny_requests(4, random.Random(seed)), ["a", "b", "c", "d"], "tiny")
+    me, info = editor_cache.trained_editor(*args, progress=False)
+    torch.manual_seed(seed + 1)
+    me2, info2 = editor_cache.trained_editor(*args, use_cache=False, progress=False)
+    me3, info3 = editor_cache.trained_editor(*args, progress=False)
+    assert not info["cached"] and not info2["cached"] and info3["cached"]
+    a, b, c = me.state_tensors(), me2.state_tensors(), me3.state_tensors()
+    assert set(a) == set(b) == set(c) and all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+    twin = editor_cache.random_routing_twin(me, rank=3, n_editors=2, seed=seed)
+    t = twin.state_tensors()
+    gate = {k for k in a if k.rsplit(".", 1)[-1] in ("w_gate", "w_noise") or ".gate_norm." in k}
+    assert gate and set(t) == set(a) - gate
+    assert all(torch.equal(t[k], a[k]) for k in t)
+    assert twin.method == "raeditor"
+    assert (twin.tokens, twin.loss_reduction, twin.allow_tied, twin.capture_batch_size, twin.rescale_batch_size) == \
+        (me.tokens, "edit", me.allow_tied, 3, me.rescale_batch_size)
+
+
 def test_editor_cache_key_covers_every_field_of_the_training_requests():
     """Ids that name only the prompt and target (python/report.py's) would not tell training data
     with other rephrases or locality prompts apart: the requests' content is in the key."""
