@@ -1365,6 +1365,81 @@ def test_edit_features_are_prompt_hidden_means(gen):
         assert torch.allclose(feats[e], hidden[e, :n_prompt].mean(0), atol=1e-6)
 
 
+def _head_input_prompt_means(model, batch, seq2seq):
+    """Oracle of MoEditor's edit features, float64: each row's mean, over its prompt tokens, of the LM head's
+    input recorded by a hook of the test's own (of the encoder's output for seq2seq).  Prompt tokens: the real
+    (attention mask 1) tokens that are not labelled as target (a causal row), every real encoder token (seq2seq)."""
+    seen = []
+    if seq2seq:
+        hook = model.get_encoder().register_forward_hook(lambda m, args, out: seen.append(out[0]) and None)
+    else:
+        hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0]) and None)
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        hook.remove()
+    hidden = seen[0].double()
+    rows = []
+    for e in range(hidden.shape[0]):
+        prompt = [t for t in range(hidden.shape[1]) if batch["attention_mask"][e, t] == 1
+                  and (seq2seq or batch["labels"][e, t] == -100)]
+        rows.append(sum(hidden[e, t] for t in prompt) / len(prompt))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "t5"])
+def test_edit_features_are_head_input_prompt_means_of_padded_batches(arch, side, gen):
+    """capture(need_feats=True)'s features (what the gate reads) against a float64 oracle with its own hook: each
+    edit's mean over its prompt tokens of the LM head's input (T5: the encoder's output), float64 tiny models,
+    prompts of 1-6 tokens, the rows padded on either side.  The features are fp32 (edit_capture._edit_features),
+    hence atol 1e-6.  Checked: it fails with the target tokens or the padding counted in the mean."""
+    seq2seq = arch == "t5"
+    model, tok = tiny_model(arch, seed=seed_from(gen), dtype=torch.float64)
+    me = ModelEditor(model, tok, (LAYERS | SEQ2SEQ_LAYERS)[arch], method="moeditor", n_editors=3, rank=4, seed=1)
+    prompt_lens = torch.randint(1, 7, (5,), generator=gen).tolist()
+    target_lens = torch.randint(1, 4, (5,), generator=gen).tolist()
+    batch = hand_edit_batch(model, seq2seq, gen, prompt_lens, target_lens, side=side)
+    _, feats, _ = me.capture(batch, need_feats=True)
+    assert feats.shape == (5, model.config.hidden_size if not seq2seq else model.config.d_model)
+    torch.testing.assert_close(feats.double(), _head_input_prompt_means(model, batch, seq2seq), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_eval_gate_routes_each_edit_to_the_argmax_of_its_standardised_features(arch, gen):
+    """In eval (apply's editors: no gate noise) each edited weight's edit goes to argmax_g of f̂ W_g, with f the
+    test's own float64 head-input prompt means and f̂ = (f - mean) / std the gate_norm standardisation (random
+    statistics and gate weights).  Edits whose top two logits are within 1e-4 are not judged (f is fp32 in the
+    package).  Checked: it fails when the gate reads the raw features."""
+    model, tok = tiny_model(arch, seed=seed_from(gen), dtype=torch.float64)
+    me = ModelEditor(model, tok, LAYERS[arch], method="moeditor", n_editors=3, rank=4, seed=1)
+    batch = hand_edit_batch(model, False, gen, torch.randint(1, 7, (8,), generator=gen).tolist(),
+                            torch.randint(1, 4, (8,), generator=gen).tolist(), side="right")
+    f = _head_input_prompt_means(model, batch, False)
+    with torch.no_grad():
+        for editor in me.editors.values():
+            editor.w_gate.copy_(torch.randn(editor.w_gate.shape, generator=gen))
+            editor.w_noise.copy_(torch.randn(editor.w_noise.shape, generator=gen))
+            editor.gate_norm.mean.copy_(torch.randn(editor.gate_norm.mean.shape, generator=gen))
+            editor.gate_norm.std.copy_(torch.rand(editor.gate_norm.std.shape, generator=gen) + 0.5)
+            editor.gate_norm.k.fill_(10)
+    factors, feats, _ = me.capture(batch, need_feats=True)
+    judged = 0
+    for layer, edit in me.edits_as_applied(factors, feats).items():
+        i, o = me.shape_of(model.get_submodule(layer))
+        editor = me.editors[f"{i}x{o}"]
+        standardised = (f - editor.gate_norm.mean.double()) / editor.gate_norm.std.double()
+        w = editor.w_gate.detach().double()
+        for e in range(f.shape[0]):
+            logits = torch.tensor([sum(standardised[e, j] * w[j, g] for j in range(w.shape[0])) for g in range(w.shape[1])])
+            top2 = logits.topk(2).values
+            if top2[0] - top2[1] > 1e-4:
+                judged += 1
+                assert int(edit.edit_group[e]) == int(logits.argmax()), (layer, e, logits)
+    assert judged >= 8
+
+
 @pytest.mark.parametrize("method", ["mend", "raeditor", "ft"])
 def test_only_a_gate_makes_the_capture_compute_edit_features(method, gen):
     """The capture computes edit features only for editors that route by a gate (MoEditor): MEND,
