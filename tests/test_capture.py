@@ -1,5 +1,6 @@
 """Gradient-factor capture: eta.T @ mu must equal the autograd weight gradient of the kept tokens."""
 
+import inspect
 from types import SimpleNamespace
 
 import pytest
@@ -688,6 +689,10 @@ def test_smollm2_capture_exact(gen):
         gguf.GGUFReader = real
     assert len(parses) == 1, parses  # gguf_parsed_once: about 17 s -> 7 s
     assert gguf.GGUFReader is real and not hasattr(gguf.get_tensor_name_map, "cache_info")  # swaps undone
+    # A dense model whatever kernels this machine has (transformers_versions._gguf_dense): no GGUF
+    # quantizer left on it, every projection a plain nn.Linear.
+    assert getattr(model, "hf_quantizer", None) is None and getattr(model.config, "quantization_config", None) is None
+    assert all(type(m) is torch.nn.Linear for n, m in model.named_modules() if n.endswith(("_proj", "lm_head")))
     names = ["model.layers.5.mlp.down_proj", "model.layers.29.self_attn.o_proj"]
     modules = dict(model.named_modules())
     for p in model.parameters():
@@ -961,7 +966,41 @@ def test_gguf_model_kwargs_tie_the_head_before_5(tmp_path, monkeypatch, version,
     from dcedit_kernels.compat import transformers_versions
 
     monkeypatch.setattr(transformers_versions, "VERSION", version)
-    assert transformers_versions.gguf_model_kwargs(tiny_gguf(tmp_path / "m.gguf", head=head)) == kwargs
+    got = transformers_versions.gguf_model_kwargs(tiny_gguf(tmp_path / "m.gguf", head=head))
+    got.pop("quantization_config", None)  # the dense load, tested below
+    assert got == kwargs
+
+
+def test_gguf_loads_are_asked_for_dense_weights_where_transformers_could_pack_them(tmp_path, monkeypatch):
+    """transformers 5.17 and 5.25 keep a gguf file's quantized weights packed in GGUF blocks wherever
+    a hub kernel computes them (only without one do they de-quantize): gguf_model_kwargs asks for
+    GgufConfig(dequantize=True) wherever that class takes `dequantize`, and for nothing where it is
+    missing (4.x) or takes no such argument."""
+    import sys
+    import types
+
+    from dcedit_kernels.compat import transformers_versions
+
+    path = tiny_gguf(tmp_path / "m.gguf")
+    try:
+        from transformers.utils.quantization_config import GgufConfig
+    except ImportError:
+        GgufConfig = None
+    if GgufConfig is not None and "dequantize" in inspect.signature(GgufConfig.__init__).parameters:
+        config = transformers_versions.gguf_model_kwargs(path)["quantization_config"]
+        assert isinstance(config, GgufConfig) and config.dequantize is True
+    else:
+        assert "quantization_config" not in transformers_versions.gguf_model_kwargs(path)
+
+    class Packed:  # a GgufConfig without a way to ask for dense weights
+        def __init__(self, gguf_file=None, **kwargs):
+            pass
+
+    fake = types.ModuleType("transformers.utils.quantization_config")
+    monkeypatch.setitem(sys.modules, "transformers.utils.quantization_config", fake)
+    assert "quantization_config" not in transformers_versions.gguf_model_kwargs(path)  # no GgufConfig
+    fake.GgufConfig = Packed
+    assert "quantization_config" not in transformers_versions.gguf_model_kwargs(path)
 
 
 @pytest.mark.parametrize("version,key", [

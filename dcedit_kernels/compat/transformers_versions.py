@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import threading
 from pathlib import Path
@@ -76,8 +77,32 @@ def gguf_ties_head(path: Path) -> bool:
 
 def gguf_model_kwargs(path: Path) -> dict:
     """`from_pretrained`'s config overrides for the gguf file in this version: 4.x ties the head
-    where the file has no `output.weight` (5.x reads it so itself)."""
-    return {"tie_word_embeddings": True} if VERSION < (5, 0) and gguf_ties_head(path) else {}
+    where the file has no `output.weight` (5.x reads it so itself); and a dense model wherever
+    transformers could keep the weights packed (`_gguf_dense`)."""
+    kwargs = {"tie_word_embeddings": True} if VERSION < (5, 0) and gguf_ties_head(path) else {}
+    dense = _gguf_dense()
+    if dense is not None:
+        kwargs["quantization_config"] = dense
+    return kwargs
+
+
+def _gguf_dense():
+    """`GgufConfig(dequantize=True)` where transformers has it (5.17 and 5.25 do), else None.
+
+    Those versions load a quantized gguf file with its weights left packed in GGUF blocks, computed
+    by a matmul kernel from the hub (the `kernels` package), wherever one is published for the
+    device; only without one do they de-quantize.  Packed layers hold no dense weight to edit, so
+    which model a user got would depend on the machine.  Asked for, the dense model comes
+    everywhere, with the weights the fallback gives (SmolLM2, bf16, CPU, transformers 5.25: every
+    tensor torch.equal), without the fallback's GGUF quantizer on the model and without its warning
+    that a packed bf16 load is slower than fp32."""
+    try:
+        from transformers.utils.quantization_config import GgufConfig
+    except ImportError:
+        return None
+    if "dequantize" not in inspect.signature(GgufConfig.__init__).parameters:
+        return None
+    return GgufConfig(dequantize=True)
 
 
 _GGUF_PATCH = threading.Lock()
