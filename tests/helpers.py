@@ -360,3 +360,16 @@ def messy_caller_state(model, gen):
             p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
     model.train()
     next(m for m in model.modules() if m is not model and list(m.children())).eval()
+
+
+@contextlib.contextmanager
+def one_intra_op_thread():
+    """torch at one intra-op thread inside the block, its own count back after it: two OpenMP threads
+    on 2 shared cores spin-wait under load (test_model_editor's `one_thread` has the measurements), and
+    one thread is what the CLI's --threads default gives on such a machine (bit-equal GEMMs)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

@@ -1,6 +1,5 @@
 """The demo (`python/edit_demo.py --quick`), the `dcedit` CLI, `evaluate_method` and the default facts."""
 
-import contextlib
 import json
 import os
 import random
@@ -700,17 +699,6 @@ def _easyedit_requests(path):
             for r in json.loads(Path(path).read_text())]
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Runs the library side on the CLI's --threads 1 (bit-equal GEMMs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_cli_train_saves_the_editor_fit_gives_with_the_same_settings(capsys, tmp_path, tiny_model_dir, gen):
     """`dcedit train` with non-default settings (MoEditor, --loss-reduction edit, --locality-rows
     fused, drawn --lr, --lr-lr and --seed, --n-edits) saves, tensor for tensor and bit for bit, what
@@ -719,7 +707,7 @@ def test_cli_train_saves_the_editor_fit_gives_with_the_same_settings(capsys, tmp
     config metadata is the same JSON.  The requests are read from the file by hand, and training
     moved every editor away from its initial state (so the comparison sees the settings)."""
     from safetensors import safe_open
-    from helpers import seed_from
+    from helpers import one_intra_op_thread, seed_from
 
     from dcedit_kernels import TrainConfig, load_model
 
@@ -734,7 +722,7 @@ def test_cli_train_saves_the_editor_fit_gives_with_the_same_settings(capsys, tmp
                      "--batch-size", "3", "--lr", str(lr), "--lr-lr", str(lr_lr), "--loss-reduction", "edit",
                      "--locality-rows", "fused", "--seed", str(seed), "--threads", "1", "--out", str(cli_out)]) == 0
     capsys.readouterr()
-    with _one_thread():
+    with one_intra_op_thread():
         model, tok = load_model(str(tiny_model_dir))
         me = ModelEditor(model, tok, layers, method="moeditor", n_editors=2, rank=3, loss_reduction="edit", seed=seed)
         initial = {k: v.detach().clone() for k, v in me.editors.state_dict().items()}
@@ -763,7 +751,7 @@ def test_cli_edit_and_evaluate_record_what_the_library_calls_give(capsys, monkey
     the rescale (nor with the capture batch size, rounding only), so the ModelEditor that edit hands
     to measure_edit is also checked to carry both settings."""
     import dcedit_kernels.evaluate as evaluate_module
-    from helpers import seed_from
+    from helpers import one_intra_op_thread, seed_from
 
     from dcedit_kernels import TrainConfig, load_model
 
@@ -772,7 +760,7 @@ def test_cli_edit_and_evaluate_record_what_the_library_calls_give(capsys, monkey
     seed = seed_from(gen)
     editor = tmp_path / "mend.safetensors"
     skip = ("latency_s", "peak_memory_mb")
-    with _one_thread():
+    with one_intra_op_thread():
         model, tok = load_model(str(tiny_model_dir))
         me = ModelEditor(model, tok, ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"], method="mend",
                          rank=3, seed=seed)

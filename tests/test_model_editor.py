@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from helpers import (OP_CASE_DIMS, assert_per_edit_grads, assert_same_state, editor_inputs, fp32_logits, hand_edit_batch,
-                     messy_caller_state, model_state, per_edit_weight_grads, randomize_editor, rel_err, saved_bytes,
-                     skip_fp32_logits, seed_from, small_editor)
+                     messy_caller_state, model_state, one_intra_op_thread, per_edit_weight_grads, randomize_editor, rel_err,
+                     saved_bytes, skip_fp32_logits, seed_from, small_editor)
 
 from dcedit_kernels import edit_capture, metrics, ops
 from dcedit_kernels.capture import capture_factors, weight_out_in
@@ -44,12 +44,8 @@ def one_thread():
     """One intra-op thread: with 2 OpenMP threads on 2 shared cores, spin-waits under load made
     these tests 10-100x slower (measured: a tiny-model training test 108 s vs 4.8 s with one thread
     beside two busy processes; the SmolLM2 training test's 24 steps 232 s vs 24 s at load ~2.5)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_intra_op_thread():
         yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def words(gen, n_min=1, n_max=4):
