@@ -332,23 +332,35 @@ def assert_per_edit_grads(factors, expected, tol):
             assert err <= tol * size + float(floor[e]), f"{name} edit {e}: |diff| {err:.3e}, |grad| {size:.3e}"
 
 
-def model_state(model):
-    """What a capture must leave as it found it: weights and buffers, every .grad, every
-    requires_grad flag and every module's train/eval flag."""
-    return {"tensors": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
-            "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
-            "flags": {n: p.requires_grad for n, p in model.named_parameters()},
-            "modes": {n: m.training for n, m in model.named_modules()}}
+def model_state(model) -> dict:
+    """Everything of `model` an edit or a capture could leave behind, written out independently of the
+    package: each parameter's and buffer's bytes (non-persistent buffers, as Llama's rotary inv_freq, and tied
+    names included), dtype, shape, strides, storage address and object, requires_grad and the
+    bytes of its .grad; each module's train flag and hooks; the config."""
+    def tensor(t):
+        t = t.detach()
+        return (t.dtype, tuple(t.shape), t.stride(), t.data_ptr(), t.contiguous().view(-1).view(torch.uint8).clone())
+
+    state = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        state["param " + name] = (id(p), p.requires_grad, *tensor(p), *(tensor(p.grad) if p.grad is not None else [None] * 5))
+    for name, b in model.named_buffers(remove_duplicate=False):
+        state["buffer " + name] = (id(b), *tensor(b))
+    for name, m in model.named_modules(remove_duplicate=False):
+        state["module " + name] = (m.training, len(m._forward_hooks), len(m._forward_pre_hooks),
+                                   len(m._backward_hooks), "forward" in vars(m))
+    state["config"] = (model.config.to_dict(),)
+    return state
 
 
-def assert_same_state(before, model):
+def assert_same_state(before: dict, model, where: str = "") -> None:
     after = model_state(model)
-    assert after["flags"] == before["flags"] and after["modes"] == before["modes"]
-    for k, v in before["tensors"].items():
-        assert torch.equal(after["tensors"][k], v), k
-    for n, g in before["grads"].items():
-        h = after["grads"][n]
-        assert (g is None) == (h is None) and (g is None or torch.equal(g, h)), n
+    assert before.keys() == after.keys(), where
+    for key, want in before.items():
+        for a, b in zip(want, after[key], strict=True):
+            same = torch.equal(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else a == b
+            assert same, f"{where}: {key} differs: {'bytes' if isinstance(a, torch.Tensor) else a} -> " \
+                         f"{'bytes' if isinstance(b, torch.Tensor) else b}"
 
 
 def messy_caller_state(model, gen):

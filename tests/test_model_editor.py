@@ -273,37 +273,6 @@ def test_apply_then_undo_is_bit_exact(arch, method, dtype, gen):
     assert_bit_identical(before, me.model)
 
 
-def whole_state(model) -> dict:
-    """Everything of `model` an edit could leave behind, written out independently of the package:
-    each parameter's and buffer's bytes (non-persistent buffers, as Llama's rotary inv_freq, and tied
-    names included), dtype, shape, strides, storage address and object, requires_grad and the
-    bytes of its .grad; each module's train flag and hooks; the config."""
-    def tensor(t):
-        t = t.detach()
-        return (t.dtype, tuple(t.shape), t.stride(), t.data_ptr(), t.contiguous().view(-1).view(torch.uint8).clone())
-
-    state = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        state["param " + name] = (id(p), p.requires_grad, *tensor(p), *(tensor(p.grad) if p.grad is not None else [None] * 5))
-    for name, b in model.named_buffers(remove_duplicate=False):
-        state["buffer " + name] = (id(b), *tensor(b))
-    for name, m in model.named_modules(remove_duplicate=False):
-        state["module " + name] = (m.training, len(m._forward_hooks), len(m._forward_pre_hooks),
-                                   len(m._backward_hooks), "forward" in vars(m))
-    state["config"] = (model.config.to_dict(),)
-    return state
-
-
-def assert_same_whole_state(before: dict, model, where: str) -> None:
-    after = whole_state(model)
-    assert before.keys() == after.keys(), where
-    for key, want in before.items():
-        for a, b in zip(want, after[key], strict=True):
-            same = torch.equal(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else a == b
-            assert same, f"{where}: {key} differs: {'bytes' if isinstance(a, torch.Tensor) else a} -> " \
-                         f"{'bytes' if isinstance(b, torch.Tensor) else b}"
-
-
 @pytest.mark.parametrize("arch, method", [("llama", "mend"), ("gpt2", "moeditor"), ("llama", "ft"), ("gpt2", "ft_kl")])
 def test_apply_undo_and_failed_apply_leave_the_whole_model_state(arch, method, gen, monkeypatch):
     """SPEC Reliability over more than the state_dict: on a model in an unusual state (some parameters
@@ -327,20 +296,20 @@ def test_apply_undo_and_failed_apply_leave_the_whole_model_state(arch, method, g
             w.view(-1)[torch.randint(0, w.numel(), (5,), generator=gen)] = -0.0
     blocks = model.transformer.h if arch == "gpt2" else model.model.layers
     blocks[0].train()
-    start = whole_state(model)
+    start = model_state(model)
 
     def edited_weights_changed() -> bool:
-        now = whole_state(model)
+        now = model_state(model)
         return any(not torch.equal(start[f"param {n}.weight"][6], now[f"param {n}.weight"][6]) for n in me.layers)
 
     first = me.apply(random_requests(gen, 2))
     assert edited_weights_changed(), "the edit changed no weight: the test would check nothing"
-    after_first = whole_state(model)
+    after_first = model_state(model)
     second = me.apply(random_requests(gen, 3))
     assert second.undo() is True
-    assert_same_whole_state(after_first, model, "after undoing the second edit")
+    assert_same_state(after_first, model, "after undoing the second edit")
     assert first.undo() is True
-    assert_same_whole_state(start, model, "after undoing both edits")
+    assert_same_state(start, model, "after undoing both edits")
 
     # An out-of-memory error once the edit has written weights: at the second weight's apply_shift_
     # (editors), or at the last forward of an apply of 3 edits (FT: after its first step's update).
@@ -370,7 +339,7 @@ def test_apply_undo_and_failed_apply_leave_the_whole_model_state(arch, method, g
             failing.remove()
         monkeypatch.undo()
     assert written == [True] and not me._live
-    assert_same_whole_state(start, model, "after a failed apply")
+    assert_same_state(start, model, "after a failed apply")
 
 
 @pytest.mark.parametrize("method", ["mend", "ft"])
