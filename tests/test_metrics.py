@@ -1,5 +1,6 @@
 """Metrics on hand-computed cases; the factor Gram matrix against dense per-edit gradients."""
 
+import contextlib
 import itertools
 import math
 from types import SimpleNamespace
@@ -806,6 +807,26 @@ def _mixed_requests(model, tok, gen):
     return reqs
 
 
+@contextlib.contextmanager
+def _noise_added(weight, noise):
+    """`weight` plus `noise` inside the block (a stand-in edit), its own values back after it, also
+    when the block raises."""
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(noise)
+    try:
+        yield
+    finally:
+        weight.data.copy_(saved)
+
+
+def _oracle_dd(edited, base):
+    """DD from each locality row's predictions after and before the change: "input" the share of rows
+    with any scored token changed, "token" the mean share of changed tokens."""
+    return {"input": sum(float((a != b).any()) for a, b in zip(edited, base)) / len(base),
+            "token": sum(float((a != b).double().mean()) for a, b in zip(edited, base)) / len(base)}
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_prediction_metrics_and_drawdown_match_one_row_at_a_time(arch, gen):
     """On a tiny real causal LM, the accuracies, the locality predictions and DD of any batch size
@@ -823,13 +844,10 @@ def test_prediction_metrics_and_drawdown_match_one_row_at_a_time(arch, gen):
                                                       ("ns", "locality", "locality_target"))}
     base = [_row_predictions(model, tok, r.locality, r.locality_target)[0] for r in local]
     weight = model.get_submodule("transformer.h.1.mlp.c_fc" if arch == "gpt2" else "model.layers.1.mlp.up_proj").weight
-    saved, noise = weight.detach().clone(), torch.randn(weight.shape, generator=gen) * 0.03
-    with torch.no_grad():
-        weight.add_(noise)
-    edited = [_row_predictions(model, tok, r.locality, r.locality_target)[0] for r in local]
-    weight.data.copy_(saved)
-    want_dd = {"input": sum(float((a != b).any()) for a, b in zip(edited, base)) / len(local),
-               "token": sum(float((a != b).double().mean()) for a, b in zip(edited, base)) / len(local)}
+    noise = torch.randn(weight.shape, generator=gen) * 0.03
+    with _noise_added(weight, noise):
+        edited = [_row_predictions(model, tok, r.locality, r.locality_target)[0] for r in local]
+    want_dd = _oracle_dd(edited, base)
     want = {(field, exact): [_row_accuracy(model, tok, p, t, exact) for p, t in pairs]
             for field, pairs in rows.items() for exact in (False, True)}
     assert 0 < sum(want[("rel", False)]) < len(reqs)  # some right, some wrong
@@ -848,13 +866,9 @@ def test_prediction_metrics_and_drawdown_match_one_row_at_a_time(arch, gen):
                     assert value == pytest.approx(sum(scored) / len(scored), rel=1e-12, abs=1e-15), (field, side)
             predicted = locality_predictions(model, tok, local, batch_size)
             assert all(torch.equal(p, b) for p, b in zip(predicted, base)), (side, batch_size)
-            with torch.no_grad():
-                weight.add_(noise)
-            try:
+            with _noise_added(weight, noise):
                 for reduction, value in want_dd.items():
                     assert drawdown(model, tok, local, predicted, batch_size, reduction) == pytest.approx(value, abs=1e-15)
-            finally:
-                weight.data.copy_(saved)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -1043,13 +1057,10 @@ def test_seq2seq_prediction_metrics_and_drawdown_match_one_row_at_a_time(arch, g
     base = [_any_predictions(model, tok, r.locality, r.locality_target)[0] for r in reqs]
     weight = model.get_submodule("model.decoder.layers.1.fc1" if arch == "bart"
                                  else "decoder.block.1.layer.2.DenseReluDense.wi").weight
-    saved, noise = weight.detach().clone(), torch.randn(weight.shape, generator=gen) * weight.detach().std()
-    with torch.no_grad():
-        weight.add_(noise)
-    edited = [_any_predictions(model, tok, r.locality, r.locality_target)[0] for r in reqs]
-    weight.data.copy_(saved)
-    want_dd = {"input": sum(float((a != b).any()) for a, b in zip(edited, base)) / len(reqs),
-               "token": sum(float((a != b).double().mean()) for a, b in zip(edited, base)) / len(reqs)}
+    noise = torch.randn(weight.shape, generator=gen) * weight.detach().std()
+    with _noise_added(weight, noise):
+        edited = [_any_predictions(model, tok, r.locality, r.locality_target)[0] for r in reqs]
+    want_dd = _oracle_dd(edited, base)
     for batch_size in (1, 3, len(reqs) + 2):
         for exact in (False, True):
             got = {"rel": reliability(model, tok, reqs, batch_size, exact),
@@ -1061,13 +1072,9 @@ def test_seq2seq_prediction_metrics_and_drawdown_match_one_row_at_a_time(arch, g
             assert accuracy.tolist() == want[("es", exact)], batch_size
         predicted = locality_predictions(model, tok, reqs, batch_size)
         assert all(torch.equal(p, b) for p, b in zip(predicted, base)), batch_size
-        with torch.no_grad():
-            weight.add_(noise)
-        try:
+        with _noise_added(weight, noise):
             for reduction, value in want_dd.items():
                 assert drawdown(model, tok, reqs, predicted, batch_size, reduction) == pytest.approx(value, abs=1e-15)
-        finally:
-            weight.data.copy_(saved)
 
 
 _MEASURED_LAYERS = {
