@@ -12,6 +12,7 @@ from torch import nn
 
 from helpers import input_shapes, rel_err, seed_from, skip_fp32_logits
 from test_model_editor import assert_bit_identical, one_thread, random_requests, snapshot  # noqa: F401 (one_thread: autouse)
+from test_model_editor import words
 
 from dcedit_kernels import EditRequest, TrainConfig
 from dcedit_kernels.capture import capture_factors
@@ -55,6 +56,109 @@ def test_logits_at_gives_the_full_logits_at_the_positions(arch, gen):
     # The causal shift: position t is scored when label t+1 is.
     if causal:
         assert torch.equal(positions[:, :-1], batch["labels"][:, 1:] != -100) and not positions[:, -1].any()
+
+
+def _oracle_variant(variant, gen):
+    """(model, tokenizer, causal) in float64: a tiny model whose head is tied to its input embedding,
+    carries a bias, or is followed by a bias or a soft-cap, as `variant` says."""
+    import transformers
+
+    arch = variant.split("-")[0]
+    seed = int(torch.randint(0, 1000, (1,), generator=gen))
+    if arch == "gemma2":  # a final logit soft-cap after the head, tied head
+        _, tok = tiny_model("llama")
+        config = transformers.Gemma2Config(
+            vocab_size=len(tok), hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.5, pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = transformers.Gemma2ForCausalLM(config).double().eval()
+        return model, tok, True
+    model, tok = tiny_model(arch, seed=seed, dtype=torch.float64)
+    head = model.get_output_embeddings()
+    if "tied" in variant:  # the head's weight is the input embedding's: its gradient sums both uses
+        head.weight = model.get_input_embeddings().weight
+    if "bias" in variant:
+        if arch == "bart":  # BART adds final_logits_bias after its head
+            model.final_logits_bias.copy_(torch.randn(model.final_logits_bias.shape, generator=gen, dtype=torch.float64))
+        else:
+            biased = nn.Linear(head.in_features, head.out_features, bias=True).double()
+            with torch.no_grad():
+                biased.weight.copy_(head.weight)
+                biased.bias.copy_(torch.randn(head.out_features, generator=gen, dtype=torch.float64))
+            model.set_output_embeddings(biased)
+    return model, tok, arch in ("gpt2", "llama", "gemma2")
+
+
+def _rows_of_very_different_lengths(gen, n):
+    """Prompts of one letter up to ~12 words, targets of one letter up to 3 words."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    prompts, targets = [], []
+    for i in range(n):
+        prompts.append(letters[int(torch.randint(0, 26, (1,), generator=gen))] if i == 0 else words(gen, 1, 12))
+        targets.append(letters[int(torch.randint(0, 26, (1,), generator=gen))] if i == 1 else words(gen, 1, 3))
+    return prompts, targets
+
+
+@pytest.mark.parametrize("variant", ["gpt2-tied-left", "llama-bias", "bart-tied-bias", "t5", "gemma2-softcap"])
+def test_logits_at_loss_and_every_parameters_grad_are_a_hand_indexed_full_forwards(variant, gen):
+    """Oracle: a plain float64 forward computes all B·L·V logits; the scored ones are picked by hand
+    from the labels (a causal LM's label t read at position t−1, a seq2seq decoder's at t; the decoder
+    inputs are the labels shifted right by hand).  The package's path (`scored_positions`,
+    `forward_inputs`, `logits_at`, `Scored.pick`) gathers, and gives the same logits and, for the mean
+    target NLL plus a random linear probe of the picked logits, the same gradient of every parameter:
+    also through a head tied to the input embedding, a head bias, BART's final_logits_bias, Gemma 2's
+    soft-cap after the head, and a left-padded batch (rows of very different lengths, a one-letter
+    prompt and a one-letter target)."""
+    from dcedit_kernels.tokenize import forward_inputs, tokenize_pairs
+
+    model, tok, causal = _oracle_variant(variant, gen)
+    if "tied" in variant or variant.startswith("gemma2"):
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    skip_fp32_logits("llama" if variant.startswith(("llama", "gemma2")) else variant)
+    prompts, targets = _rows_of_very_different_lengths(gen, 5)
+    batch = tokenize_pairs(model, tok, prompts, targets)
+    if variant.endswith("left"):  # move each row's padding to its left
+        keep = batch["attention_mask"].bool()
+        for key, fill in (("input_ids", tok.pad_token_id), ("attention_mask", 0), ("labels", -100)):
+            moved = torch.full_like(batch[key], fill)
+            for b in range(moved.shape[0]):
+                n = int(keep[b].sum())
+                moved[b, moved.shape[1] - n:] = batch[key][b, :n]
+            batch[key] = moved
+    labels = batch["labels"]
+    B, L = labels.shape
+    picks = [(b, t - 1 if causal else t, int(labels[b, t])) for b in range(B) for t in range(L)
+             if labels[b, t] != -100 and (t > 0 or not causal)]
+    assert len(picks) == int((labels != -100).sum())  # no label at a causal row's first position
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if not causal:
+        start, pad = model.config.decoder_start_token_id, model.config.pad_token_id
+        decoder = torch.cat([torch.full((B, 1), start), labels[:, :-1]], 1)
+        inputs.update(decoder_input_ids=decoder.masked_fill(decoder == -100, pad),
+                      decoder_attention_mask=batch["decoder_attention_mask"])
+    probe = torch.randn(len(picks), model.config.get_text_config().vocab_size, generator=gen, dtype=torch.float64)
+    target = torch.tensor([y for _, _, y in picks])
+    params = list(model.parameters())
+
+    def loss_and_grads(picked):
+        loss = nn.functional.cross_entropy(picked, target) + 0.1 * (picked * probe).sum()
+        return torch.autograd.grad(loss, params, allow_unused=True)
+
+    full = model(**inputs).logits
+    want = torch.stack([full[b, t] for b, t, _ in picks])
+    want_grads = loss_and_grads(want)
+    with logits_at(model, scored_positions(labels, causal)) as scored:
+        out = model(**forward_inputs(model, batch)).logits
+    got = scored.pick(out)
+    got_grads = loss_and_grads(got)
+    assert scored.gathered and out.shape == (1, len(picks), full.shape[-1])
+    assert rel_err(got, want) < 1e-12
+    for (name, _), g, w in zip(model.named_parameters(), got_grads, want_grads):
+        assert (g is None) == (w is None), name
+        if w is not None:
+            assert rel_err(g, w) < 1e-10 or float((g - w).abs().max()) < 1e-14, name
 
 
 def test_seq2seq_inputs_are_the_models_own_decoder_inputs(gen):
