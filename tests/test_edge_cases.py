@@ -100,6 +100,51 @@ def test_a_batch_without_rows_is_past_no_positions():
     assert past_positions(model, {"attention_mask": empty, "decoder_attention_mask": empty}, causal=False) is None
 
 
+def test_past_positions_names_the_longest_row_and_the_prompt_before_the_target(gen):
+    """Random batches of rows around the model's 128 positions, right- or left-padded, several past the
+    limit, some of the same length: past_positions names the longest row (the first of equals), its
+    token count, what it is and the limit, as a loop over the rows does: a causal LM's "prompt +
+    target"; for BART the encoder's "prompt" when any encoder row is past the limit, even where a
+    decoder row is longer, else the decoder's "target"; None when no row is past it, and always for
+    T5 (no position table, no limit in its config)."""
+    from dcedit_kernels.positions import past_positions
+
+    def mask(lengths, width, left):
+        m = torch.zeros(len(lengths), width, dtype=torch.long)
+        for b, n in enumerate(lengths):
+            if left:
+                m[b, width - n:] = 1
+            else:
+                m[b, :n] = 1
+        return m
+
+    def longest_past(lengths, what, limit):
+        named = None
+        for b, n in enumerate(lengths):
+            if n > limit and (named is None or n > named[1]):
+                named = (b, n, what, limit)
+        return named
+
+    models = {arch: tiny_model(arch, seed=seed_from(gen))[0] for arch in ("gpt2", "bart", "t5")}
+    named = 0
+    for _ in range(30):
+        B = int(torch.randint(1, 7, (1,), generator=gen))
+        enc = torch.randint(120, 134, (B,), generator=gen).tolist()
+        dec = torch.randint(120, 140, (B,), generator=gen).tolist()
+        left = bool(torch.randint(0, 2, (1,), generator=gen))
+        causal_batch = {"attention_mask": mask(enc, max(enc) + 2, left)}
+        seq2seq_batch = {"attention_mask": mask(enc, max(enc), left), "decoder_attention_mask": mask(dec, max(dec), False)}
+        limit = models["gpt2"].config.n_positions
+        assert limit == models["bart"].config.max_position_embeddings == 128
+        want = longest_past(enc, "prompt + target", limit)
+        assert past_positions(models["gpt2"], causal_batch, causal=True) == want, (enc, left)
+        want = longest_past(enc, "prompt", limit) or longest_past(dec, "target", limit)
+        assert past_positions(models["bart"], seq2seq_batch, causal=False) == want, (enc, dec, left)
+        assert past_positions(models["t5"], seq2seq_batch, causal=False) is None
+        named += want is not None
+    assert named > 0
+
+
 def test_the_position_limit_is_an_int_from_the_config():
     """position_limit reads n_positions, else max_position_embeddings, as an int: a bool (True is
     an int to Python), a float, or no config is no limit (None)."""
