@@ -406,6 +406,106 @@ def test_hooks_or_a_changed_hidden_state_fall_back_to_the_full_pass(where, gen):
     assert_same(fallback, full)
 
 
+def _four_block_model(arch, gen):
+    """(model, the MLP output layer pattern of its blocks, the blocks) of a tiny float64 model
+    with 4 blocks (BART: 4 decoder blocks), eval, frozen."""
+    kw = dict(vocab_size=40, pad_token_id=0)
+    if arch == "gpt2":
+        config = transformers.GPT2Config(n_embd=12, n_layer=4, n_head=2, n_inner=19, n_positions=32, resid_pdrop=0.0,
+                                         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2, **kw)
+        model, pattern = transformers.GPT2LMHeadModel(config), "transformer.h.{}.mlp.c_proj"
+    elif arch == "llama":
+        config = transformers.LlamaConfig(hidden_size=12, intermediate_size=19, num_hidden_layers=4, num_attention_heads=2,
+                                          num_key_value_heads=1, max_position_embeddings=32, bos_token_id=1,
+                                          eos_token_id=2, **kw)
+        model, pattern = transformers.LlamaForCausalLM(config), "model.layers.{}.mlp.down_proj"
+    else:
+        config = transformers.BartConfig(d_model=12, encoder_layers=2, decoder_layers=4, encoder_attention_heads=2,
+                                         decoder_attention_heads=2, encoder_ffn_dim=19, decoder_ffn_dim=19,
+                                         max_position_embeddings=32, dropout=0.0, attention_dropout=0.0,
+                                         activation_dropout=0.0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2,
+                                         forced_eos_token_id=None, tie_word_embeddings=False, **kw)
+        model, pattern = transformers.BartForConditionalGeneration(config), "model.decoder.layers.{}.fc2"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        model = model.double().eval().requires_grad_(False)
+        for p in model.parameters():
+            p.normal_(0, 0.3)  # away from the initialisation's small weights: every block moves the logits
+    blocks = model.get_submodule(pattern.rsplit(".{}.", 1)[0])
+    return model, pattern, blocks
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bart"])
+def test_reused_prefix_is_the_full_edited_pass_of_an_oracle_edit(arch, gen):
+    """Clean-room check of record/reuse with an edit of its own (a low-rank term added to the
+    output of the MLP output layers of blocks 2 and 3, so k = 2): the reused edited pass gives
+    the full edited pass's logits, KL to the reference (float64, computed here) and gradients in
+    the edit's factors, bit for bit, with block 0 not run; right-padded rows of lengths with ties
+    and of length 1 (rotary positions, GPT-2's absolute ones, BART's decoder under its encoder);
+    recording leaves the reference pass as it is; an edit of block 0 finds no PrefixReuse; a
+    reused pass that raises leaves the blocks' forwards as they were."""
+    model, pattern, blocks = _four_block_model(arch, gen)
+    assert PrefixReuse.for_model(model, {pattern.format(0): model.get_submodule(pattern.format(0))}) is None
+    edited = {pattern.format(b): model.get_submodule(pattern.format(b)) for b in (2, 3)}
+    prefix = PrefixReuse.for_model(model, edited)
+    assert prefix.k == 2
+    factors = {}
+    for name, module in edited.items():
+        w = module.weight.T if type(module).__name__ == "Conv1D" else module.weight  # (out, in)
+        factors[name] = [torch.randn(w.shape[1], 2, generator=gen, dtype=torch.float64).requires_grad_(True),
+                         torch.randn(2, w.shape[0], generator=gen, dtype=torch.float64).requires_grad_(True)]
+    params = [p for pair in factors.values() for p in pair]
+
+    @contextlib.contextmanager
+    def edit():
+        for name, module in edited.items():
+            a, b = factors[name]
+            module.forward = lambda x, plain=type(module).forward.__get__(module), a=a, b=b: plain(x) + 0.5 * (x @ a) @ b
+        try:
+            yield
+        finally:
+            for module in edited.values():
+                del module.forward
+
+    lengths = [1, 4, 4, int(torch.randint(1, 7, (1,), generator=gen))]
+    ids = torch.randint(3, 40, (4, max(lengths)), generator=gen)
+    mask = (torch.arange(max(lengths)) < torch.tensor(lengths)[:, None]).long()
+    ids = ids * mask
+    extra = dict(decoder_input_ids=torch.randint(3, 40, (4, 5), generator=gen)) if arch == "bart" else {}
+    shape = tuple((extra.get("decoder_input_ids", ids)).shape)
+    picked = mask.bool() if arch != "bart" else torch.ones(shape, dtype=torch.bool)
+
+    def logits():
+        return model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits
+
+    plain = logits()
+    with prefix.record(range(4), shape):
+        reference = logits()
+    assert torch.equal(reference, plain) and prefix.reusable(range(4))
+    ref_logp = torch.log_softmax(reference, -1)[picked]
+
+    def kl(out):  # KL(reference ‖ edited), the mean over the picked positions
+        return (ref_logp.exp() * (ref_logp - torch.log_softmax(out[picked], -1))).sum(-1).mean()
+
+    with edit():
+        full = logits()  # the oracle: every block run
+        full_kl = kl(full)
+        full_grads = torch.autograd.grad(full_kl, params)
+        with block0_calls(model, pattern.format(2)) as calls, prefix.reuse(range(4)):
+            reused = logits()
+        reused_kl = kl(reused)
+        reused_grads = torch.autograd.grad(reused_kl, params)
+    assert not calls, "block 0 ran in the reused pass"
+    assert not torch.equal(full, plain) and float(full_kl.detach()) > 0  # the edit moves the logits
+    assert torch.equal(reused, full) and torch.equal(reused_kl, full_kl)
+    assert all(torch.equal(a, b) for a, b in zip(reused_grads, full_grads))
+    with pytest.raises(RuntimeError, match="stop"), prefix.reuse(range(4)):
+        logits()
+        raise RuntimeError("stop")
+    assert not any("forward" in b.__dict__ or b._forward_hooks or b._forward_pre_hooks for b in blocks)
+    assert all("forward" not in m.__dict__ for m in edited.values())
+
+
 def test_record_keeps_nothing_when_the_pass_raises_or_has_another_shape(gen):
     model, tok, layers = model_and_upper_layer("llama", gen)
     prefix = PrefixReuse.for_model(model, {layers[0]: model.get_submodule(layers[0])})
