@@ -105,6 +105,7 @@ class _Chain:
         self.args: list[tuple[torch.Tensor, int]] = []  # the running block's tensor arguments
         self.handed: list = []  # what must not reach a block ≥ k (see the module docstring)
         self.reached_k = False
+        self.input_shape = None  # the shape of block 0's hidden-state argument
 
     def before_lower(self, j: int, args: tuple, kwargs: dict) -> None:
         hidden = _hidden_arg(args, kwargs)
@@ -112,6 +113,8 @@ class _Chain:
             and (j == 0 or hidden is self.hidden)
         if not self.ok:
             return
+        if j == 0:
+            self.input_shape = tuple(hidden.shape)
         others = _items([*args[1:], *(v for v in kwargs.values() if v is not hidden)])
         # An inference tensor has no version counter, and cannot be changed outside inference mode.
         self.args = [(t, t._version) for t in others if isinstance(t, torch.Tensor) and not t.is_inference()]
@@ -162,8 +165,9 @@ class PrefixReuse:
 
     def __init__(self, model: nn.Module, blocks: list[nn.Module], k: int):
         self.model, self.blocks, self.k = model, blocks, k
-        # {rows: (block k−1's output, its hidden state's _version when recorded)}
-        self.recorded: dict[tuple[int, ...], tuple[object, int]] = {}
+        # {rows: (block k−1's output, its hidden state's _version when recorded, the shape of
+        # block 0's hidden-state argument)}
+        self.recorded: dict[tuple[int, ...], tuple[object, int, tuple[int, ...]]] = {}
 
     @classmethod
     def for_model(cls, model: nn.Module, modules: Mapping[str, nn.Module],
@@ -246,12 +250,12 @@ class PrefixReuse:
                     handle.remove()
         output = chain.result(tuple(shape))
         if output is not None:
-            self.recorded[key] = (output, _hidden(output)._version)
+            self.recorded[key] = (output, _hidden(output)._version, chain.input_shape)
 
     def reusable(self, key: Iterable[int]) -> bool:
         """Whether `reuse(key)` may run: a recorded output whose hidden state nothing changed in
         place since (a block may return a view of a buffer that the next pass overwrites)."""
-        output, version = self.recorded.get(tuple(key), (None, None))
+        output, version, _ = self.recorded.get(tuple(key), (None, None, None))
         return output is not None and _hidden(output)._version == version
 
     def confirm(self, key: Iterable[int], run: Callable[[dict], torch.Tensor], batch: dict,
@@ -289,9 +293,20 @@ class PrefixReuse:
     @contextlib.contextmanager
     def reuse(self, key: Iterable[int]):
         """Inside the block, blocks 0..k−1 return the output `record(key)` kept, computing nothing
-        (their instance-level forwards, accelerate's included, are restored on exit)."""
-        output, _ = self.recorded[tuple(key)]
+        (their instance-level forwards, accelerate's included, are restored on exit).  Block 0
+        called on a hidden state of another shape than in the recorded pass (other rows, another
+        width) raises ValueError: the kept output is of the recorded batch."""
+        key = tuple(key)
+        output, _, shape = self.recorded[key]
+
+        def first(*args, **kwargs):
+            hidden = _hidden_arg(args, kwargs)
+            if isinstance(hidden, torch.Tensor) and tuple(hidden.shape) != shape:
+                raise ValueError(f"reuse: block 0 got a hidden state of shape {tuple(hidden.shape)}, but the rows {key} "
+                                 f"were recorded at {shape}: reuse runs the very rows record ran, at the same width")
+            return output
+
         with patched_forwards() as patch:
-            for block in self.blocks[:self.k]:
-                patch(block, lambda *args, **kwargs: output)
+            for j, block in enumerate(self.blocks[:self.k]):
+                patch(block, first if j == 0 else lambda *args, **kwargs: output)
             yield

@@ -506,6 +506,27 @@ def test_reused_prefix_is_the_full_edited_pass_of_an_oracle_edit(arch, gen):
     assert all("forward" not in m.__dict__ for m in edited.values())
 
 
+@pytest.mark.parametrize("arch", sorted(UPPER))
+def test_reuse_refuses_a_batch_of_another_shape_than_the_recorded_one(arch, gen):
+    """`reuse(key)` hands block k the hidden state recorded for the rows `key`: over a batch of
+    other rows or another width it gave logits of the recorded batch's shape without a word (1 row
+    of logits for a batch of 3; Llama: 4 positions for a batch of width 1).  It is a ValueError,
+    the blocks' forwards are restored, and the recorded batch still reuses."""
+    model, tok, layers = model_and_upper_layer(arch, gen)
+    prefix = PrefixReuse.for_model(model, {layers[0]: model.get_submodule(layers[0])})
+    ids = torch.randint(3, len(tok), (3, 4), generator=gen)
+    with prefix.record([0], (1, 4)):
+        want = model(input_ids=ids[:1], use_cache=False).logits
+    for other in (ids, ids[:1, :1], torch.cat([ids[:1], ids[:1, :1]], 1)):  # more rows, narrower, wider
+        with pytest.raises(ValueError, match=r"reuse: block 0 got a hidden state of shape .* rows \(0,\) were recorded"):
+            with prefix.reuse([0]):
+                model(input_ids=other, use_cache=False)
+        blocks = model.get_submodule(block_prefix._block_of(model, layers[0])[0])
+        assert not any("forward" in b.__dict__ or b._forward_hooks or b._forward_pre_hooks for b in blocks)
+    with prefix.reuse([0]):
+        assert torch.equal(model(input_ids=ids[:1], use_cache=False).logits, want)
+
+
 def test_record_keeps_nothing_when_the_pass_raises_or_has_another_shape(gen):
     model, tok, layers = model_and_upper_layer("llama", gen)
     prefix = PrefixReuse.for_model(model, {layers[0]: model.get_submodule(layers[0])})
