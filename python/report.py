@@ -204,6 +204,10 @@ def fmt(stat: dict, digits: int = 3) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
+def _nan_if_none(value):
+    return float("nan") if value is None else value
+
+
 def plot_es_dd(results: dict, sizes: list[int], path: Path) -> None:
     import matplotlib
 
@@ -213,8 +217,9 @@ def plot_es_dd(results: dict, sizes: list[int], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), dpi=110)
     for ax, (metric, label) in zip(axes, (("es", "ES (edit success)"), ("dd", "DD (drawdown)"), ("lmp", "LMP = ES − DD"))):
         for method, result in results.items():
-            means = [result["by_n"][n][metric]["mean"] for n in sizes]
-            stds = [result["by_n"][n][metric]["std"] for n in sizes]
+            # A metric with no score (DD and LMP of samples without locality prompts: None) is a gap, not a crash.
+            means = [_nan_if_none(result["by_n"][n][metric]["mean"]) for n in sizes]
+            stds = [_nan_if_none(result["by_n"][n][metric]["std"]) for n in sizes]
             ax.errorbar(sizes, means, yerr=stds, marker="o", capsize=3, label=row_name(method))
         ax.set_xlabel("N_u (edits applied at once)")
         ax.set_title(label, fontsize=10)

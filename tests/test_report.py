@@ -587,3 +587,61 @@ def test_a_whole_report_of_the_routed_methods_adds_their_fusion_rows(report_modu
     text = (out / "report.md").read_text()
     for row in ("| RaEditor | 1 |", "| MoEditor | 2 |", "| RaEditor (add) | 1 |", "| MoEditor (add) | 2 |"):
         assert row in text, row
+
+
+def _cf_record(i, words, locality=True, **changes):
+    """A CounterFact record (EasyEdit's fields) of edit `i`, its words drawn by the caller."""
+    a, b, c, d = words
+    record = dict(case_id=i, prompt=f"The {a} {i} flows into", target_new=f"{b[:3]}{i % 3}", subject=f"{a} {i}",
+                  ground_truth="lake", rephrase_prompt=f"The {a} {i} ends in the")
+    if locality:
+        record.update(locality_prompt=f"A {c} thing {i} is", locality_ground_truth=d[:2])
+    record.update(changes)
+    return record
+
+
+def _report_on(report_module, tmp_path, monkeypatch, evaluated, training, *extra):
+    """python/report.py on a tiny Llama (blocks 0 and 1) over these CounterFact records, editors
+    cached under tmp_path: (report.json's content, report.md's text, the output folder)."""
+    import json
+
+    import dcedit_kernels.models as models
+
+    tiny = models.tiny_model("llama", seed=0)
+    monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: tiny)
+    monkeypatch.setattr(models, "default_model_path", lambda: tmp_path / "tiny.gguf")
+    monkeypatch.setenv("DCEDIT_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "val.json").write_text(json.dumps(evaluated))
+    (tmp_path / "train.json").write_text(json.dumps(training))
+    out = tmp_path / "out"
+    assert report_module.main(["--data", str(tmp_path / "val.json"), "--train-data", str(tmp_path / "train.json"),
+                               "--layers", "0,1", "--gradient-layers", "1", "--rank", "2", "--steps", "4",
+                               "--batch-size", str(len(training)), "--lr", "0.05", "--out-dir", str(out),
+                               "--no-progress", *extra]) == 0
+    return json.loads((out / "report.json").read_text()), (out / "report.md").read_text(), out
+
+
+def _table_cells(text, row):
+    """The cells after "method | N_u" of the Markdown table row that starts with `row`."""
+    lines = [line for line in text.splitlines() if line.startswith(row + " |") and line.count("|") == 10]
+    assert len(lines) == 1, (row, lines)
+    return [cell.strip() for cell in lines[0].split("|")[3:-1]]
+
+
+def test_a_report_on_edits_without_locality_prompts_renders_dd_and_lmp_as_missing(report_module, gen, tmp_path,
+                                                                                  monkeypatch):
+    """Evaluation edits without a locality prompt have no DD and no LMP (None): the report renders
+    "–" in those cells and still writes report.md and the plots.  Before, plot_es_dd handed the
+    None means to matplotlib's errorbar, which raised after the whole evaluation, with report.json
+    written and no report.md."""
+    pool = ["red", "blue", "green", "stone", "river", "cloud", "iron", "salt"]
+    evaluated = [_cf_record(i, [pool[int(k)] for k in torch.randint(len(pool), (4,), generator=gen)], locality=False)
+                 for i in range(5)]
+    report, text, out = _report_on(report_module, tmp_path, monkeypatch, evaluated, evaluated[:1], "--methods", "ft",
+                                   "--n-edits", "1,2", "--repeats", "2", "--ft-steps", "1")
+    for n in (1, 2):
+        assert report["methods"]["ft"]["by_n"][str(n)]["dd"]["mean"] is None
+        cells = _table_cells(text, f"| FT | {n}")
+        assert cells[2] == "–" and cells[3] == "–" and cells[4] == "–"  # DD, LMP, NS
+        assert cells[0] != "–" and cells[1] != "–"  # ES, rel
+    assert (out / "es_dd_by_n.png").stat().st_size > 0
