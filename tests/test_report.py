@@ -628,6 +628,92 @@ def _table_cells(text, row):
     return [cell.strip() for cell in lines[0].split("|")[3:-1]]
 
 
+def test_the_reports_table_is_the_mean_and_population_std_of_runs_recomputed_alone(report_module, gen, tmp_path,
+                                                                                   monkeypatch):
+    """Clean-room check of the whole table: every cell of the FT, MEND and unedited rows is the
+    float64 mean and population std over the repeats of scores recomputed here, run by run (the
+    held-out edits that sample_indices(seed 0) picks, applied alone with a fresh FT editor or the
+    MEND the report cached, scored with `metrics`, undone); the evaluation edits that are training
+    edits (same prompt and target) are never sampled; every method sees the same samples; the
+    latency and memory cells are the mean ± std of their own values."""
+    import math
+
+    from dcedit_kernels import metrics
+    from dcedit_kernels.evaluate import sample_indices
+    from dcedit_kernels.requests import EditRequest
+
+    pool = ["red", "blue", "green", "stone", "river", "cloud", "iron", "salt", "sea", "gold"]
+
+    def words():
+        return [pool[int(k)] for k in torch.randint(len(pool), (4,), generator=gen)]
+
+    evaluated = [_cf_record(i, words()) for i in range(9)]
+    twins = torch.randperm(9, generator=gen)[:2].tolist()  # two evaluation edits are training edits too
+    scored = next(i for i in range(9) if i not in twins)  # a training edit shares this one's locality prompt
+    training = [dict(evaluated[twins[0]]), _cf_record(20, words()), dict(evaluated[twins[1]]),
+                _cf_record(21, words(), locality_prompt=evaluated[scored]["locality_prompt"])]
+    sizes, repeats = (2, 3), 2
+    report, text, _ = _report_on(report_module, tmp_path, monkeypatch, evaluated, training, "--methods", "ft,mend",
+                                 "--n-edits", "2,3", "--repeats", str(repeats), "--ft-steps", "8")
+    held = [EditRequest(r["prompt"], r["target_new"], rephrase=r["rephrase_prompt"], locality=r["locality_prompt"],
+                        locality_target=r["locality_ground_truth"]) for i, r in enumerate(evaluated) if i not in twins]
+    assert report["n_requests"] == len(held) == 7 and report["n_held_out"] == 2 and report["n_train_unlocalized"] == 1
+    import dcedit_kernels.models as models
+
+    model, tok = models.load_model()  # the report's tiny Llama (patched), unedited again
+    layers = report["layers"]
+    editors = {"ft": ModelEditor(model, tok, layers, method="ft", ft_steps=8),
+               "mend": ModelEditor.load(report["training"]["mend"]["path"], model, tok), "unedited": None}
+
+    def scores(sample, editor):
+        base = metrics.locality_predictions(model, tok, sample)
+        handle = None if editor is None else editor.apply(
+            [EditRequest(q.prompt, q.target, rephrase=q.rephrase) for q in sample])
+        try:
+            es = float(metrics.edit_success(model, tok, sample))
+            dd = 0.0 if editor is None else float(metrics.drawdown(model, tok, sample, base))
+            return dict(es=es, reliability=float(metrics.reliability(model, tok, sample)), dd=dd, lmp=es - dd,
+                        ns=float(metrics.neighbourhood_success(model, tok, sample)))
+        finally:
+            if handle is not None:
+                handle.undo()
+
+    def mean_std(values):
+        mean = math.fsum(values) / len(values)
+        return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / len(values))
+
+    names = {"unedited": "| unedited", "ft": "| FT", "mend": "| MEND"}
+    for key, editor in editors.items():
+        rows = report["unedited"] if key == "unedited" else report["methods"][key]["by_n"]
+        if key != "unedited":
+            runs = report["methods"][key]["runs"]
+            assert [(run["n_edits"], run["repeat"], run["indices"]) for run in runs] == [
+                (n, r, sample_indices(len(held), n, 0, r)) for n in sizes for r in range(repeats)]
+        for n in sizes:
+            mine = [scores([held[i] for i in sample_indices(len(held), n, 0, r)], editor) for r in range(repeats)]
+            cells = _table_cells(text, f"{names[key]} | {n}")
+            for column, metric in enumerate(("es", "reliability", "dd", "lmp", "ns")):
+                mean, std = mean_std([run[metric] for run in mine])
+                assert rows[str(n)][metric]["mean"] == pytest.approx(mean, abs=1e-12), (key, n, metric)
+                assert rows[str(n)][metric]["std"] == pytest.approx(std, abs=1e-12), (key, n, metric)
+                shown_mean, shown_std = (float(x) for x in cells[column].split(" ± "))
+                assert cells[column] == f"{shown_mean:.3f} ± {shown_std:.3f}", cells[column]
+                assert abs(shown_mean - mean) <= 5e-4 + 1e-9 and abs(shown_std - std) <= 5e-4 + 1e-9, (key, n, metric)
+            for column, metric, digits in ((5, "latency_s", 2), (6, "peak_memory_mb", 0)):
+                if key == "unedited":
+                    assert cells[column] == "–"
+                    continue
+                mean, std = mean_std(rows[str(n)][metric]["values"])
+                assert len(rows[str(n)][metric]["values"]) == repeats
+                assert rows[str(n)][metric]["mean"] == pytest.approx(mean, abs=1e-12)
+                assert rows[str(n)][metric]["std"] == pytest.approx(std, abs=1e-12)
+                shown_mean, shown_std = (float(x) for x in cells[column].split(" ± "))
+                assert abs(shown_mean - mean) <= 0.5 * 10 ** -digits + 1e-9
+                assert abs(shown_std - std) <= 0.5 * 10 ** -digits + 1e-9
+    # The editor trained at lr 0.05 changes predictions (DD > 0), so the MEND cells are not all zeros.
+    assert any(report["methods"]["mend"]["by_n"][str(n)]["dd"]["mean"] > 0 for n in sizes)
+
+
 def test_a_report_on_edits_without_locality_prompts_renders_dd_and_lmp_as_missing(report_module, gen, tmp_path,
                                                                                   monkeypatch):
     """Evaluation edits without a locality prompt have no DD and no LMP (None): the report renders
