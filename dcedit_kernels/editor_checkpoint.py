@@ -262,6 +262,8 @@ class EditorCheckpoints:
 
 # What every checkpoint's config holds (format 1 on): ModelEditor.load reads them.
 _CONFIG_FIELDS = {"method": str, "layers": list, "tokens": str, "editor_kwargs": dict, "editors": dict}
+# Written by every save since format 2; only a format-1 checkpoint loads without them ("token", False).
+_FORMAT_2_FIELDS = {"loss_reduction": str, "allow_tied": bool}
 
 
 def _checkpoint_config(path, text: str) -> dict:
@@ -275,7 +277,7 @@ def _checkpoint_config(path, text: str) -> dict:
     if version > CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: checkpoint format {version} was written by a newer dcedit_kernels (this one "
                          f"reads formats 1 to {CHECKPOINT_FORMAT}): upgrade the package to load it")
-    for name, kind in _CONFIG_FIELDS.items():
+    for name, kind in (_CONFIG_FIELDS | (_FORMAT_2_FIELDS if version >= 2 else {})).items():
         if not isinstance(config.get(name), kind):
             got = "nothing" if name not in config else type(config[name]).__name__
             raise ValueError(f"{path}: its {CHECKPOINT_KEY} metadata needs {name!r} ({kind.__name__}), got {got}")

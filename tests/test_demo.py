@@ -1157,14 +1157,17 @@ def test_editor_cache_key_covers_every_field_of_the_training_requests():
         assert key([dataclasses.replace(reqs[0], **{field: "other text"})]) != key(reqs), field
 
 
-def _drop_cached_config_field(path: Path, field: str) -> None:
-    """Rewrite a cached editor file without `field` in its ModelEditor config (an older or damaged file)."""
+def _drop_cached_config_field(path: Path, field: str, format: int | None = None) -> None:
+    """Rewrite a cached editor file without `field` in its ModelEditor config (an older or damaged
+    file), marked with checkpoint `format` when given."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     with safe_open(str(path), framework="pt") as f:
         config = json.loads(f.metadata()["dcedit_model_editor"])
     del config[field]
+    if format is not None:
+        config["format"] = format
     save_file(load_file(str(path)), str(path), metadata={"dcedit_model_editor": json.dumps(config)})
 
 
@@ -1185,10 +1188,11 @@ def test_trained_editor_retrains_a_cached_editor_of_the_old_semantics(tmp_path, 
     me_c, info_c = editor_cache.trained_editor(*chunked, progress=False)  # the same editor, run in chunks of 3
     assert info_c["cached"] and me_c.capture_batch_size == 3
     # Rewrite the cached file as a format-1 checkpoint (no loss_reduction: it loads as "token").
-    _drop_cached_config_field(Path(info["path"]), "loss_reduction")
+    _drop_cached_config_field(Path(info["path"]), "loss_reduction", format=1)
     me3, info3 = editor_cache.trained_editor(*args, progress=False)
     assert not info3["cached"] and me3.loss_reduction == "edit"
-    assert "ignoring the cached editor" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ignoring the cached editor" in out and "needs 'loss_reduction'" not in out  # loaded as "token", not damaged
 
 
 def test_trained_editor_reports_the_losses_of_steps_that_have_one(tmp_path, monkeypatch):

@@ -2478,6 +2478,32 @@ def test_load_of_a_format_1_checkpoint_uses_the_batch_mean(gen, tmp_path):
     assert loaded.loss_reduction == "token" and loaded.allow_tied is False
 
 
+@pytest.mark.parametrize("field", ["loss_reduction", "allow_tied"])
+def test_a_format_2_checkpoint_without_loss_reduction_or_allow_tied_is_refused(field, gen, tmp_path):
+    """Only format 1 (written before the two fields existed) loads without them, as "token" and
+    False; every format-2 save writes both, so a format-2 file lacking one is damaged: ValueError
+    naming the field (it loaded as "token": an "edit" editor then got batch-mean factors, 1/N of its own)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model, tok = tiny_model("gpt2", seed=int(torch.randint(0, 1000, (1,), generator=gen)))
+    me = ModelEditor(model, tok, LAYERS["gpt2"][:2], method="mend", rank=4, loss_reduction="edit")
+    path = tmp_path / "editor.safetensors"
+    me.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads(f.metadata()["dcedit_model_editor"])
+    assert config["format"] >= 2 and config["loss_reduction"] == "edit" and config["allow_tied"] is False
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(str(path)), str(bad),
+              metadata={"dcedit_model_editor": json.dumps({k: v for k, v in config.items() if k != field})})
+    with pytest.raises(ValueError, match=rf"bad\.safetensors: .*needs '{field}'.*got nothing"):
+        ModelEditor.load(bad, me.model, me.tokenizer)
+    save_file(load_file(str(path)), str(bad),  # the same file marked format 1 loads, with format 1's value
+              metadata={"dcedit_model_editor": json.dumps({k: v for k, v in dict(config, format=1).items() if k != field})})
+    loaded = ModelEditor.load(bad, me.model, me.tokenizer)
+    assert (loaded.loss_reduction, loaded.allow_tied) == (("token", False) if field == "loss_reduction" else ("edit", False))
+
+
 def test_load_refuses_damaged_or_newer_metadata_with_value_error(gen, tmp_path):
     """A checkpoint whose config lacks a field raised KeyError ('layers'), one whose config is not
     an object TypeError or AttributeError, and one of a newer format loaded as if it were this
