@@ -1218,6 +1218,46 @@ def test_a_run_interrupted_mid_step_resumes_bit_for_bit(method, gen, tmp_path, m
             assert torch.equal(got[k], want[k]), (where, k)
 
 
+@pytest.mark.parametrize("method, editor_seed, norm", [("raeditor", None, True), ("raeditor", 1, False),
+                                                      ("proeditor", None, True), ("proeditor", None, False)])
+def test_k_steps_and_a_resume_equal_the_straight_run_bit_for_bit_whatever_the_global_rng(method, editor_seed, norm, gen,
+                                                                                         tmp_path):
+    """4 steps straight == k steps + a resume to 4 in a fresh ModelEditor, for k = 1, 2, 3: every
+    editor tensor and every step's loss terms, bit for bit (README: "a resume continues as the
+    uninterrupted run would"), though torch's global generator is left elsewhere before each run.
+    RaEditor draws its random split from that generator (unseeded) or from its own (seeded), so the
+    checkpoint has to carry either; ProEditor, running norms on and off, the rest of a step's state."""
+    model_seed, init_seed, seed = seed_from(gen), seed_from(gen), seed_from(gen)
+    requests = random_requests(gen, 6)
+
+    def fresh():
+        model, tok = tiny_model("llama", seed=model_seed)
+        torch.manual_seed(init_seed)  # the unseeded editors' initial weights come from it
+        kwargs = {"n_editors": 2} if method == "raeditor" else {}
+        return ModelEditor(model, tok, LAYERS["llama"][:3], method=method, rank=4, norm=norm, seed=editor_seed, **kwargs)
+
+    def fit(me, steps, where, global_seed):
+        torch.manual_seed(global_seed)
+        return me.fit(requests, None, TrainConfig(steps=steps, batch_size=2, accumulate=2, lr=1e-2, lr_lr=1e-3,
+                                                  progress=False, seed=seed, checkpoint_dir=str(tmp_path / where)))
+
+    straight = fresh()
+    start = straight.state_tensors()
+    r_straight = fit(straight, 4, "straight", 1)
+    want = straight.state_tensors()
+    assert len(r_straight.history) == 4 and all(not torch.equal(start[k], want[k]) for k in want if k.endswith(".u"))
+    for k in (1, 2, 3):
+        fit(fresh(), k, f"k{k}", 2)
+        resumed = fresh()
+        result = fit(resumed, 4, f"k{k}", 3)
+        assert (result.resumed_from, result.steps, result.skipped_batches) == (k, 4, 0), k
+        assert result.history == r_straight.history, k
+        got = resumed.state_tensors()
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.equal(got[key], want[key]), (k, key)
+
+
 def test_a_moeditor_run_from_before_gate_norm_resumes_with_gate_norm_off(gen, tmp_path):
     """A 0.5.6 training checkpoint (no gate_norm in its editors' configs) resumes as the run it
     was (gate_norm=False), as ModelEditor.load reads such a checkpoint; resuming it with the
