@@ -7,7 +7,7 @@
 # Every step runs under `timeout`, within BUDGET seconds in all (the device tool stops a command
 # at 600 s), and a failing step is recorded in summary.txt and the next one runs.  Eight files
 # come back (the tool's limit): summary.txt, build.log, tests_triton.log, tests_ops.log,
-# tests_cpu.log, perf.log, bench.json, RESULTS.md.
+# tests_cpu.log, perf.log, bench.json, RESULTS.md (benchmarks/RESULTS.md with this device's table).
 set -uo pipefail
 PY=${PYTHON:-python3}
 OUT=${OUT:-gpu_out}
@@ -118,6 +118,10 @@ unset DCEDIT_TEST_CUDA OMP_NUM_THREADS
 # finished.  The parts leave the merge its 30 s.
 PARTS=$(mktemp -d)
 RESERVE=30
+# $OUT/RESULTS.md starts as the repo's benchmarks/RESULTS.md, so that it comes back whole: this device's
+# section added or replaced, the other devices' sections and the notes kept; copy it over that file.
+# (Written from nothing, it held this device's table alone.)
+[ -f benchmarks/RESULTS.md ] && cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 NOTE="CUDA backends: $CUDA_BACKENDS"
 merge() {
     local RESERVE=0
