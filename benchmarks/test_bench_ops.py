@@ -81,9 +81,17 @@ def test_grouped_lowrank(benchmark, device, ceilings, gen):
     from report import compare
 
     # h and u, v, bias, scale, shift read in their dtype; the output written in fp32 (the op's)
-    compare(benchmark, device, ceilings, lambda: ops.grouped_lowrank(*args), lambda: reference.grouped_lowrank(*args),
-            flops=4.0 * T * d * r, bytes_moved=(T * d + 2 * G * d * r + 3 * G * d) * ESIZE + 4 * T * d,
-            target_speedup=2.0)
+    info = compare(benchmark, device, ceilings, lambda: ops.grouped_lowrank(*args),
+                   lambda: reference.grouped_lowrank(*args), flops=4.0 * T * d * r,
+                   bytes_moved=(T * d + 2 * G * d * r + 3 * G * d) * ESIZE + 4 * T * d, target_speedup=2.0)
+    # Issue 5's second target for this op: >= 60 % of the TFLOP/s of one dense torch.matmul with the same FLOPs
+    # (h @ a d × 2r matrix: 2·T·d·2r), timed in the same run.  "% roofline" is against the ceilings' 8192³ product.
+    from measure import time_fn
+
+    dense = rnd((d, 2 * r), gen, device)
+    dense_s = time_fn(lambda: h @ dense, device)
+    benchmark.extra_info.update(dense_same_flops_ms=dense_s * 1e3, target_pct_of_dense=60.0,
+                                pct_of_dense_same_flops=100.0 * dense_s / (info["fused_ms"] / 1e3))
 
 
 @pytest.mark.parametrize("n", [10_000_000, 67_108_864] if ON_GPU else [1_000_000, 10_000_000])
