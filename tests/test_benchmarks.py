@@ -107,6 +107,21 @@ def test_write_results_states_grouped_lowrank_against_dense_matmul():
     assert line.format("75.0", "GPU target, not judged on CPU") in write_results.table(row("CPU (x, 2 threads)", 75.0))
 
 
+def test_write_results_states_grouped_outer_memory_target():
+    """The table states grouped_outer's memory target (fused peak ≤ 1.5× one fp32 output), judged on a GPU only."""
+    import write_results
+
+    def table(device, ratio):
+        r = _row("test_grouped_outer_sss", fused_peak_over_output=ratio, target_peak_over_output=1.5)
+        r["extra_info"]["device"] = device
+        return write_results.table({"machine_info": {}, "benchmarks": [r]})
+
+    line = "- grouped_outer_sss: fused peak {}× one fp32 output (target ≤ 1.5×: {})."
+    assert line.format("1.50", "met") in table("NVIDIA H200", 1.5)
+    assert line.format("1.51", "not met") in table("NVIDIA H200", 1.51)
+    assert line.format("1.04", "GPU target, not judged on CPU") in table("CPU (x, 2 threads)", 1.04)
+
+
 def test_write_results_replaces_its_device_section(tmp_path):
     data = {"machine_info": {}, "benchmarks": [_row("test_a", target_speedup=4.0, target_met=False,
                                                      fused_vs_eager_rel_err=3.2e-7),
@@ -270,6 +285,7 @@ def test_gpu_cases_measure_issue5_shapes_and_counts():
     offsets = got["grouped_outer_sss"]["offsets"][0]
     assert len(offsets) == G + 1 and offsets[0] == 0 and offsets[-1] == T and len(set(offsets)) < G + 1  # ragged
     check("grouped_outer_sss", [[T, o], [T, i]], 2 * T * o * i, T * (o + i) * bf + o * i * f32, 4.0, o * i * f32)
+    assert got["grouped_outer_sss"]["extra_info"]["target_peak_over_output"] == 1.5  # and ≤ 1.5× one fp32 output
     edits = got["segmented_fisher"]["offsets"][0]
     E, Tf = len(edits) - 1, edits[-1]
     assert E == 125 and 22 <= Tf / E <= 26
