@@ -320,10 +320,11 @@ def test_gpu_cases_measure_issue5_shapes_and_counts():
 
 _STUB_PYTHON = r"""#!/usr/bin/env bash
 # run_gpu.sh's python, stubbed: the build, tests and tune answer at once; a benchmark part writes one row
-# to its --benchmark-json, except the end-to-end part, killed before it wrote any; the merges are real.
+# to its --benchmark-json, except the end-to-end part, killed before it wrote any; the merges are real (with
+# torch and triton modules that hold a version only: write_results imports them for the table's header).
 case "$1" in
     -c) echo "stub $2" | head -c 60; echo ;;
-    benchmarks/write_results.py) exec "$REAL_PYTHON" "$@" ;;
+    benchmarks/write_results.py) PYTHONPATH="$VERSIONS_ONLY" exec "$REAL_PYTHON" "$@" ;;
     -m)
         json=""
         for a in "$@"; do case "$a" in --benchmark-json=*) json=${a#--benchmark-json=} ;; esac; done
@@ -348,11 +349,14 @@ def test_run_gpu_sh_with_stubbed_steps(tmp_path):
     stub = tmp_path / "python"
     stub.write_text(_STUB_PYTHON)
     stub.chmod(0o755)
+    (tmp_path / "versions").mkdir()
+    for name in ("torch", "triton"):
+        (tmp_path / "versions" / f"{name}.py").write_text('__version__ = "stub"\n')
     row = _row("x", target_speedup=4.0, target_met=True, fused_vs_eager_rel_err=1e-3)["extra_info"]
     row["device"] = "NVIDIA H200 (stub)"
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=str(stub), REAL_PYTHON=sys.executable, OUT=str(out), ROW=json.dumps(row),
-               PATH=os.environ.get("PATH", ""))
+               VERSIONS_ONLY=str(tmp_path / "versions"))
     run = subprocess.run(["bash", str(BENCH / "run_gpu.sh")], cwd=BENCH.parent, env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -369,6 +373,7 @@ def test_run_gpu_sh_with_stubbed_steps(tmp_path):
     assert sorted(b["name"] for b in merged["benchmarks"]) == ["test_ft_kl_case", "test_ops_case", "test_train_case"]
     results, repo = (out / "RESULTS.md").read_text(), (BENCH / "RESULTS.md").read_text()
     assert results.count("## NVIDIA H200 (stub)") == 1 and "| ops_case | 2.00 | 5.00 | 2.50× | ≥4× (met) |" in results
+    assert "torch stub, triton stub" in results
     for heading in [line for line in repo.splitlines() if line.startswith("## ")]:
         assert heading in results, heading
     assert results.startswith(repo.split("\n## ")[0])
