@@ -3044,6 +3044,79 @@ def test_a_tied_parameter_of_the_model_itself_is_named_without_a_module_prefix()
         ModelEditor(model, tok, ["lm_head"], method="mend")
 
 
+def _random_view(base, gen):
+    """A random view of the 1-D `base`: 2-D with strides 0..5 (zero-stride, transposed, gapped), zero-size,
+    a 0-dim element, or a few of its bytes as uint8; now and then a fresh tensor or one on "meta"."""
+    draw = lambda hi: int(torch.randint(0, hi, (1,), generator=gen))  # noqa: E731
+    kind, n = draw(10), base.numel()
+    if kind == 0:
+        return torch.randn(1 + draw(3), 1 + draw(3), generator=gen)
+    if kind == 1:
+        return torch.empty(1 + draw(3), 2, device="meta")
+    if kind == 2:
+        return base[draw(n)]
+    if kind == 3:
+        byte = base.view(torch.uint8)
+        first = draw(byte.numel())
+        return byte[first:first + 1 + draw(8)].view(1, -1)
+    while True:
+        rows, cols, row_stride, col_stride, offset = draw(5), draw(5), draw(6), draw(6), draw(n)
+        if rows * cols == 0 or offset + (rows - 1) * row_stride + (cols - 1) * col_stride < n:
+            return base.as_strided((rows, cols), (row_stride, col_stride), offset)
+
+
+def test_shared_parameters_against_byte_sets_of_random_views_of_one_buffer(gen):
+    """shared_parameters over modules whose weights (and biases) are random views of one buffer
+    (zero strides, transposes, gaps, zero-size, 0-dim, uint8 reinterpretations, fresh or "meta"
+    tensors), one module also under an alias, one Parameter tied by identity, a parameter of the
+    model itself, a buffer over the same memory: against two oracles written here from the byte
+    addresses each tensor's elements occupy.  No parameter whose bytes meet the weight's (or that is
+    the weight) may be missed; beyond those, the rule is that of the memory each can touch, the
+    bytes from its first element's to its last's (a view interleaved with the weight counts)."""
+    def byte_set(t):  # every byte address the elements of t occupy
+        if t.device.type == "meta" or t.numel() == 0:
+            return set()
+        index = torch.zeros((), dtype=torch.int64)
+        for size, stride in zip(t.shape, t.stride()):
+            index = index.unsqueeze(-1) + torch.arange(size) * stride
+        first = t.data_ptr() + index.reshape(-1) * t.element_size()
+        return set((first.unsqueeze(-1) + torch.arange(t.element_size())).reshape(-1).tolist())
+
+    def byte_range(t):  # first to last byte of the memory t can touch, as a set
+        addresses = byte_set(t)
+        return set(range(min(addresses), max(addresses) + 1)) if addresses else set()
+
+    for _ in range(200):
+        base, other = torch.randn(4 + int(torch.randint(0, 20, (1,), generator=gen)), generator=gen), torch.randn(8)
+        model = nn.Module()
+        holders = []
+        for k in range(1 + int(torch.randint(0, 5, (1,), generator=gen))):
+            holder = nn.Module()
+            source = other if torch.rand((), generator=gen) < 0.2 else base
+            holder.weight = nn.Parameter(_random_view(source, gen), requires_grad=False)
+            if torch.rand((), generator=gen) < 0.3:
+                holder.bias = nn.Parameter(_random_view(source, gen), requires_grad=False)
+            model.add_module(f"m{k}", holder)
+            holders.append(holder)
+        if len(holders) > 1:
+            holders[1].weight = holders[0].weight  # tied by identity
+        model.alias = holders[-1]
+        model.table = nn.Parameter(_random_view(base, gen), requires_grad=False)
+        model.register_buffer("view", _random_view(base, gen))  # a buffer: never named
+        params = [(f"{owner}.{n}" if owner else n, owner_module, p)
+                  for owner, owner_module in model.named_modules(remove_duplicate=False)
+                  for n, p in owner_module.named_parameters(recurse=False)]
+        for holder in holders:
+            weight = holder.weight
+            meets = [name for name, owner, p in params
+                     if owner is not holder and (p is weight or byte_set(p) & byte_set(weight))]
+            touches = [name for name, owner, p in params
+                       if owner is not holder and (p is weight or byte_range(p) & byte_range(weight))]
+            got = shared_parameters(model, holder)
+            assert set(meets) <= set(got), (meets, got)
+            assert got == touches, (got, touches)
+
+
 def test_weights_sharing_an_editor_are_edited_in_their_own_mode(gen):
     """gpt2's two c_fc weights share the 20x37 editor as modes 0 and 1 (their order in `layers`):
     each weight's shift is α[mode]·Δ(mode) of its own factors, not mode 0's (the modes have their
