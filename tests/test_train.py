@@ -473,6 +473,83 @@ def test_interrupt_while_patched_forwards_puts_them_back_puts_all_of_them_back()
     assert others[1].__dict__["forward"] is own and "forward" not in others[2].__dict__
 
 
+def test_patched_forwards_in_random_nested_blocks_against_a_stack_of_saved_forwards(gen):
+    """Random scripts over 3 modules, each starting with no instance-level forward, one set by hand,
+    an accelerate-style hook (`forward` a partial calling `_old_forward`, as add_hook_to_module sets
+    it) or such a hook over a hand-set forward, some with forward and pre-forward hooks: blocks nested
+    up to 3 deep patch random modules (some twice) and half of them raise.  After every patch and
+    block, each module's instance-level forward is, by identity, what a stack of saved forwards
+    written here says (the class's own when none), its output is that forward's with the hooks
+    around it, and every hook ran once per call; the exception leaves the block unchanged."""
+    import functools
+
+    from torch import nn
+
+    from dcedit_kernels.patched_forwards import patched_forwards
+
+    class Raised(Exception):
+        pass
+
+    draw = lambda hi: int(torch.randint(0, hi, (1,), generator=gen))  # noqa: E731
+    x = torch.randn(1, 2, generator=gen, dtype=torch.float64)
+    for _ in range(30):
+        modules = [nn.Linear(2, 2, dtype=torch.float64) for _ in range(3)]
+        plain = {m: m.__class__.forward.__get__(m) for m in modules}
+        value = {}  # instance forward -> what it computes from x (the class forward if absent)
+        counts, hooked = [0], set()
+        for k, m in enumerate(modules):
+            start = draw(4)
+            if start in (1, 3):
+                m.forward = lambda x, k=k: x * 0 + 10 + k
+                value[m.forward] = lambda m=m, k=k: x * 0 + 10 + k
+            if start >= 2:
+                before = m.__dict__.get("forward")
+                m._old_forward = m.forward
+                m.forward = functools.partial(lambda self, *args: self._old_forward(*args) + 100, m)
+                inner = value.get(before, lambda m=m: plain[m](x))
+                value[m.forward] = lambda inner=inner: inner() + 100
+            if draw(2):
+                hooked.add(m)
+                m.register_forward_pre_hook(lambda mod, args: counts.__setitem__(0, counts[0] + 1))
+                m.register_forward_hook(lambda mod, args, out: out * 2)
+        expected = {m: m.__dict__.get("forward") for m in modules}
+
+        def check():
+            for m in modules:
+                assert m.__dict__.get("forward") is expected[m]
+                calls = counts[0]
+                want = value.get(expected[m], lambda m=m: plain[m](x))()
+                assert torch.equal(m(x), want * 2 if m in hooked else want)
+                assert counts[0] == calls + (m in hooked)
+
+        def block(depth):
+            saved = []
+            raises = bool(draw(2))
+            try:
+                with patched_forwards() as patch:
+                    for _ in range(draw(5)):
+                        if depth < 3 and draw(4) == 0:
+                            block(depth + 1)
+                            continue
+                        m, k = modules[draw(3)], draw(1000)
+                        forward = lambda x, k=k: x * 0 + k
+                        saved.append((m, expected[m]))
+                        patch(m, forward)
+                        expected[m], value[forward] = forward, lambda k=k: x * 0 + k
+                        check()
+                    if raises:
+                        raise Raised(depth)
+            except Raised as exc:
+                assert raises and exc.args == (depth,)
+            for m, previous in reversed(saved):
+                expected[m] = previous
+            check()
+
+        for _ in range(1 + draw(3)):
+            block(0)
+        assert all(m.__dict__.get("forward") is expected[m] for m in modules)
+
+
 def test_a_block_editing_a_module_under_two_names_gives_an_outer_block_its_own_edit_back(gen):
     """A module reached under two names (an alias attribute) is registered twice by one
     lowrank_edited block; on exit each registration gets back what it had, latest first, so a
