@@ -299,6 +299,98 @@ def test_model_devices_leaves_out_offloaded_weights():
     assert model_devices(model) == [torch.device("cpu")]
 
 
+class _OnDevice(torch.nn.Parameter):
+    """A CPU parameter that reports another device (`shown`): fake CUDA/XPU placements on a CPU."""
+    shown = None
+
+    @property
+    def device(self):
+        return self.shown if self.shown is not None else super().device
+
+
+class _BufferOnDevice(torch.Tensor):
+    shown = None
+
+    @property
+    def device(self):
+        return self.shown if self.shown is not None else super().device
+
+
+def test_placement_rules_on_random_module_trees_with_fake_devices(gen, monkeypatch):
+    """module_device, input_device, model_devices, place_editor and cuda_indices over 150 random
+    module trees whose parameters and buffers report "cpu", "meta", "cuda", "cuda:0/1/3" or "xpu:1"
+    (CPU tensors that report another device), embeddings with random accelerate-style hooks (an
+    execution device that is None, an int, a str, a torch.device or "meta", or a SequentialHook-like
+    chain of hooks with and without one), and get_input_embeddings that returns the embedding, None
+    or a bare parameter, raises, or is missing: against the rules of the docstrings, written here."""
+    # The module replaced, not its function: torch < 2.6 has no torch.accelerator.  No accelerator: an int is CUDA's.
+    monkeypatch.setattr(torch, "accelerator", SimpleNamespace(current_accelerator=lambda *a, **k: None), raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    names = ["cpu", "meta", "cuda", "cuda:0", "cuda:1", "cuda:3", "xpu:1"]
+    draw = lambda hi: int(torch.randint(0, hi, (1,), generator=gen))  # noqa: E731
+
+    def tensor(buffer):
+        device = torch.device(names[draw(len(names))])
+        if device.type == "meta":
+            t = torch.empty(2, device="meta")
+        else:
+            t = torch.randn(2, generator=gen).as_subclass(_BufferOnDevice) if buffer else _OnDevice(torch.randn(2, generator=gen))
+            t.shown = None if device.type == "cpu" else device
+        return t if buffer or device.type != "meta" else torch.nn.Parameter(t)
+
+    def tree(depth):
+        module = torch.nn.Module()
+        for k in range(draw(3)):
+            module.register_parameter(f"p{k}", tensor(False))
+        for k in range(draw(3)):
+            module.register_buffer(f"b{k}", tensor(True))
+        for k in range(draw(3) if depth else 0):
+            module.add_module(f"c{k}", tree(depth - 1))
+        return module
+
+    def execution():
+        return [None, 0, 2, "cuda:5", torch.device("cuda:4"), torch.device("cpu"), "meta"][draw(7)]
+
+    def hook():
+        kind = draw(3)
+        if kind == 0:
+            return SimpleNamespace(execution_device=execution())
+        return SimpleNamespace(hooks=tuple(SimpleNamespace(execution_device=execution()) if draw(3) else SimpleNamespace()
+                                           for _ in range(draw(4))))
+
+    def want_module_device(module):
+        h = getattr(module, "_hf_hook", None)
+        chain = [h] + list(getattr(h, "hooks", ())) if h is not None else []
+        execution = next((e for e in (getattr(c, "execution_device", None) for c in chain) if e is not None), None)
+        if execution is not None:
+            return torch.device("cuda", execution) if isinstance(execution, int) else torch.device(execution)
+        return next((t.device for t in [*module.parameters(), *module.buffers()]), None)
+
+    for _ in range(150):
+        model, embedding = tree(2), tree(1)
+        if draw(3):
+            embedding._hf_hook = hook()
+        model.emb = embedding
+        kind = draw(5)
+        if kind < 4:
+            def get_input_embeddings(kind=kind, model=model):
+                if kind == 3:
+                    raise NotImplementedError
+                return [model.emb, None, next(model.parameters(), None)][kind]
+            model.get_input_embeddings = get_input_embeddings
+        for module in model.modules():
+            assert module_device(module) == want_module_device(module)
+        want = want_module_device(embedding) if kind == 0 else None
+        if want is None or want.type == "meta":
+            want = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+        assert input_device(model) == want
+        every = [t.device for t in [*model.parameters(), *model.buffers()] if t.device.type != "meta"]
+        assert model_devices(model) == list(dict.fromkeys(every))
+        layer_devices, override = every or [torch.device("cpu")], [None, torch.device("cuda:7")][draw(2)]
+        assert place_editor(iter(layer_devices), override) == (layer_devices[0] if override is None else override)
+        assert cuda_indices(every) == sorted({2 if d.index is None else d.index for d in every if d.type == "cuda"})
+
+
 def test_as_device_refuses_a_bool_as_a_bool():
     """True is an int to Python, but no CUDA index: it is refused for its type, by name."""
     for bad in (True, False):
