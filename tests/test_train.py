@@ -444,6 +444,26 @@ def test_patched_forwards_restores_a_module_patched_twice_to_what_it_had_before_
     assert hooked.__dict__["forward"] is own
 
 
+def test_patched_forwards_puts_back_a_forward_of_none_and_the_others_when_the_block_deleted_one():
+    """An instance-level forward set to None before the block is None again after it (not deleted);
+    a patched forward the block itself deleted leaves nothing to take off, and the modules patched
+    before it still get theirs back (before, `del` raised AttributeError there and left them patched)."""
+    from torch import nn
+
+    from dcedit_kernels.patched_forwards import patched_forwards
+
+    nulled, first, second = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+    nulled.forward = None
+    own = lambda x: x  # noqa: E731 (an instance-level forward set before the block)
+    first.forward = own
+    with patched_forwards() as patch:
+        for module in (nulled, first, second):
+            patch(module, lambda x: x + 1)
+        del second.forward
+    assert "forward" in nulled.__dict__ and nulled.__dict__["forward"] is None
+    assert first.__dict__["forward"] is own and "forward" not in second.__dict__
+
+
 def test_interrupt_while_patched_forwards_puts_them_back_puts_all_of_them_back():
     """Ctrl-C landing while `patched_forwards` puts the forwards back (right after the first
     module's) waits until every module has its own forward again, then raises."""
