@@ -3,6 +3,7 @@ cache, evaluate, metrics, the data loaders and tokenize (each branch a coverage 
 untested)."""
 
 import json
+import time
 import warnings
 from pathlib import Path
 
@@ -572,6 +573,90 @@ def test_peak_memory_from_rss_is_the_high_water_marks_growth_in_mib(monkeypatch,
         with evaluate_module.PeakMemory("cpu") as m:
             pass
         assert m.method == "rss_high_water" and m.peak_mb == want
+
+
+def _resident_mib(mib: int) -> None:
+    """Allocate `mib` MiB, touch every page (resident: RSS grows by it), free it (a tensor this
+    large is its own mmap, so RSS drops back): only the process's high-water mark keeps it."""
+    torch.empty(mib << 20, dtype=torch.uint8).fill_(1)
+
+
+def _rss_peak_or_skip():
+    with evaluate_module.PeakMemory("cpu") as m:
+        pass
+    if m.method != "rss_high_water":
+        pytest.skip(f"no resettable RSS high-water mark here (PeakMemory reads {m.method})")
+
+
+def test_peak_memory_on_cpu_reads_the_blocks_own_peak_not_an_earlier_one(gen):
+    """A real reading (nothing patched), as the module doc says: the growth of the process's RSS
+    high-water mark over the block, reset at its start.  Memory allocated and freed inside the
+    block counts (the mark keeps it, RSS at the exit does not); a larger peak just before the block
+    does not (the reset drops it); an empty block reads about 0."""
+    _rss_peak_or_skip()
+    inside = int(torch.randint(40, 81, (1,), generator=gen))
+    earlier = inside + int(torch.randint(64, 129, (1,), generator=gen))
+    for _ in range(2):
+        _resident_mib(earlier)
+        with evaluate_module.PeakMemory("cpu") as m:
+            _resident_mib(inside)
+        assert m.method == "rss_high_water"
+        assert 0.95 * inside <= m.peak_mb <= inside + 24, (inside, earlier, m.peak_mb)
+        _resident_mib(earlier)
+        with evaluate_module.PeakMemory("cpu") as m:
+            pass
+        assert 0 <= m.peak_mb < 8, (earlier, m.peak_mb)
+
+
+def test_measure_edit_times_and_measures_the_apply_alone(gen):
+    """latency_s is the wall time of `apply` and peak_memory_mb the peak of `apply` only (the module
+    doc, measure_edit's docstring; the demo's latency and peak columns): not the unedited locality
+    pass before it, nor the scoring passes and `during` after it.  Each pass outside the apply
+    (a forward pre-hook on the model) holds a larger block of memory and sleeps 0.2 s; the apply
+    (wrapped) a smaller block and 0.1 s.  The model is bit-identical afterwards."""
+    me = make_editor("llama", "mend", gen)
+    requests = random_requests(gen, 3)
+    before = snapshot(me.model)
+    inside = int(torch.randint(24, 49, (1,), generator=gen))
+    outside = inside + int(torch.randint(48, 97, (1,), generator=gen))
+    phase, spans, outside_passes = ["before"], [], []
+
+    def outside_the_apply(module, args):
+        if phase[0] != "apply":
+            outside_passes.append(phase[0])
+            _resident_mib(outside)
+            time.sleep(0.2)
+
+    real_apply = me.apply
+
+    def apply(reqs):
+        phase[0] = "apply"
+        start = time.perf_counter()
+        try:
+            _resident_mib(inside)
+            time.sleep(0.1)
+            return real_apply(reqs)
+        finally:
+            spans.append(time.perf_counter() - start)
+            phase[0] = "after"
+
+    def during(model):
+        outside_the_apply(model, ())
+        return "seen"
+
+    me.apply = apply
+    hook = me.model.register_forward_pre_hook(outside_the_apply)
+    try:
+        run = evaluate_module.measure_edit(me, requests, during=during)
+    finally:
+        hook.remove()
+        del me.apply
+    assert_bit_identical(before, me.model)
+    assert run["during"] == "seen" and len(spans) == 1
+    assert "before" in outside_passes and outside_passes.count("after") >= 3  # scoring passes and `during`
+    assert spans[0] <= run["latency_s"] < spans[0] + 0.15, (spans, run["latency_s"])
+    if run["memory_method"] == "rss_high_water":
+        assert 0.95 * inside <= run["peak_memory_mb"] <= inside + 20, (inside, outside, run["peak_memory_mb"])
 
 
 def test_evaluate_method_checks_its_arguments(gen):
