@@ -1611,3 +1611,131 @@ def test_demo_quick_setting_is_what_its_help_says(capsys):
     assert len(quick["layers"]) == 2 < len(full["layers"]) and set(quick["layers"]) < set(full["layers"])
     assert quick["n_train"] + quick["n_heldout"] < full["n_train"] + full["n_heldout"]
     assert quick["train"]["steps"] < full["train"]["steps"] and quick["n_heldout"] == 10
+
+
+def _own_join(prompt: str, target: str) -> str:
+    """The README's "Prompts and targets": a space between, unless one side already has it."""
+    return prompt + target if prompt[-1:].isspace() or target[:1].isspace() else prompt + " " + target
+
+
+def _own_target_predictions(model, tok, prompt, target):
+    """(argmax ids, target ids) at the target's positions of one unpadded teacher-forced row."""
+    ids = tok(prompt)["input_ids"]
+    full = tok(_own_join(prompt, target))["input_ids"]
+    assert full[:len(ids)] == ids and len(full) > len(ids)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([full])).logits[0]
+    return logits[len(ids) - 1:len(full) - 1].argmax(-1), torch.tensor(full[len(ids):])
+
+
+def _own_accuracy(model, tok, prompt, target) -> float:
+    got, want = _own_target_predictions(model, tok, prompt, target)
+    return (got == want).double().mean().item()
+
+
+def _own_greedy(model, tok, prompt: str, n: int = 6) -> str:
+    """n greedy tokens (fewer at eos), one unpadded row at a time, no cache; the first line, right-stripped."""
+    ids = tok(prompt)["input_ids"]
+    new = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+            new.append(nxt)
+            if nxt == tok.eos_token_id:
+                break
+    return tok.decode(new, skip_special_tokens=True).split("\n")[0].rstrip()
+
+
+def test_demo_results_and_table_are_the_edits_own_scores_on_a_tiny_model(tmp_path, monkeypatch, capsys, gen):
+    """Clean-room check of the demo's printed and written numbers (python/edit_demo.py --quick, its
+    docstring's steps 1, 3 and 4) on a tiny float64 Llama standing in for SmolLM2 (float64: no
+    near-tied argmax between the demo's padded batches and the one-row passes here), with
+    non-trivial (random) editors in place of the trained ones and FT at a higher rate (so that it
+    teaches some target tokens).  Recomputed here one row at a time:
+    the unedited row's ES/rel/NS and the FT and MEND rows' ES (rephrase), reliability (prompt),
+    DD (locality predictions changed by the edit, made without the locality prompts), LMP = ES − DD
+    and NS, each the same float as results.json and the printed table's 3-decimal cell; the before
+    and after greedy completions (6 tokens, first line); the held-out DD prompts are none of the
+    editors' training locality prompts (and no held-out prompt a training prompt); the model is
+    bit-identical after the run."""
+    demo = _demo_module()
+    import dcedit_kernels.models as models
+    from dcedit_kernels.facts import Fact
+    from test_model_editor import randomize_editors
+
+    model, tok = tiny_model("llama", seed=int(torch.randint(0, 1000, (1,), generator=gen)), dtype=torch.float64)
+    before = _snapshot(model)
+    (tmp_path / "model.gguf").write_bytes(b"stand-in")
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (model, tok))
+    monkeypatch.setattr(models, "default_model_path", lambda: tmp_path / "model.gguf")
+    monkeypatch.setitem(demo.QUICK, "layers", [0, 1])
+    monkeypatch.setitem(demo.QUICK, "ft", dict(ft_steps=8, ft_lr=0.1))  # an FT edit that moves predictions
+    editors, trained_on = {}, []
+
+    def trained_editor(model_, tok_, method, layers, kwargs, train_cfg, train_requests, train_ids, model_file,
+                       use_cache=True, progress=True):
+        me = ModelEditor(model_, tok_, layers=layers, method=method, edit_lr=0.1, **kwargs)
+        randomize_editors(me, gen)
+        editors[method] = me
+        trained_on.extend(train_requests)
+        return me, dict(cached=True, path=str(tmp_path / f"{method}.safetensors"), train_s=0.0, steps=0,
+                        first_loss=None, last_loss=None)
+
+    monkeypatch.setattr(demo, "trained_editor", trained_editor)
+    torch_threads = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the untrained-editor warning
+            assert demo.main(["--quick", "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+        printed = capsys.readouterr().out
+        result = json.loads((tmp_path / "out" / "results.json").read_text())
+        _assert_same(model, before)
+        held = [Fact(**f) for f in result["heldout_facts"]]  # as the demo dealt them (neighbours re-dealt)
+        assert len(held) == 10 and len(trained_on) == 3 * 40  # MEND's, MoEditor's and ProEditor's 40 each
+        assert not {f.prompt for f in held} & {r.prompt for r in trained_on}
+        assert not {f.neighbour_prompt for f in held} & {r.locality for r in trained_on}
+
+        def scores(model_):
+            return dict(es=sum(_own_accuracy(model_, tok, f.rephrase, f.new_target) for f in held) / len(held),
+                        reliability=sum(_own_accuracy(model_, tok, f.prompt, f.new_target) for f in held) / len(held),
+                        ns=sum(_own_accuracy(model_, tok, f.neighbour_prompt, f.neighbour_target)
+                               for f in held) / len(held))
+
+        shown = held[:demo.QUICK["n_show"]]
+        want = {"unedited": scores(model)}
+        base = [_own_target_predictions(model, tok, f.neighbour_prompt, f.neighbour_target)[0] for f in held]
+        completions = {"before": [_own_greedy(model, tok, f.prompt) for f in shown]}
+        ft = ModelEditor(model, tok, layers=result["layers"], method="ft", **demo.QUICK["ft"])
+        for method, editor in (("ft", ft), ("mend", editors["mend"])):
+            handle = editor.apply([EditRequest(f.prompt, f.new_target, rephrase=f.rephrase) for f in held])
+            try:
+                want[method] = scores(model)
+                want[method]["dd"] = sum(
+                    float(bool((_own_target_predictions(model, tok, f.neighbour_prompt, f.neighbour_target)[0]
+                                != b).any())) for f, b in zip(held, base)) / len(held)
+                completions[method] = [_own_greedy(model, tok, f.prompt) for f in shown]
+            finally:
+                handle.undo()
+            want[method]["lmp"] = want[method]["es"] - want[method]["dd"]
+        _assert_same(model, before)
+        # FT at this rate teaches some target tokens (ES 0.38-0.44, rel 0.43-0.45 in 4 draws), so a
+        # metric read from the wrong rows or an edit scored as unedited shows
+        assert want["ft"]["es"] > 0 and want["ft"]["reliability"] > 0, want
+    finally:
+        torch.set_num_threads(torch_threads)
+    for key in ("es", "reliability", "ns"):
+        assert result["unedited"][key] == pytest.approx(want["unedited"][key], rel=1e-12, abs=1e-15), key
+    for method in ("ft", "mend"):
+        for key, value in want[method].items():
+            assert result["methods"][method][key] == pytest.approx(value, rel=1e-12, abs=1e-15), (method, key)
+    rows = {line.split()[0]: line.split()[1:6] for line in printed.splitlines()  # the table's, not the completions'
+            if not line.startswith(" ") and line.split()[:1] in (["unedited"], ["FT"], ["MEND"])}
+    for name, method in (("FT", "ft"), ("MEND", "mend")):
+        assert rows[name] == [f"{want[method][k]:.3f}" for k in ("es", "reliability", "dd", "lmp", "ns")], name
+    assert rows["unedited"] == [f"{want['unedited']['es']:.3f}", f"{want['unedited']['reliability']:.3f}", "0.000",
+                                f"{want['unedited']['es']:.3f}", f"{want['unedited']['ns']:.3f}"]
+    assert [c["before"] for c in result["completions"]] == completions["before"]
+    for method in ("ft", "mend"):
+        assert [c["after"][method] for c in result["completions"]] == completions[method], method
+    for i, f in enumerate(shown):
+        assert f"    MEND       {completions['mend'][i]!r}" in printed and f"    FT         {completions['ft'][i]!r}" in printed
