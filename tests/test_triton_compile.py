@@ -10,8 +10,10 @@ About 15 s on 2 cores with an empty triton cache, ~3 s with a warm one.
 """
 
 import os
+import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -33,3 +35,51 @@ def test_kernels_compile_for_sm90():
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ok ")]
     assert lines, proc.stdout
     print("\n".join(lines))  # registers / stack (spill) bytes / shared memory per kernel, with -s
+
+
+# Run in a subprocess with TRITON_INTERPRET unset (this process interprets): compiles
+# grouped_outer's kernel for sm_90 in the modes that divide (ssm: the sss result / G; Fisher:
+# Σ S_e² / E), fp32 and fp64 accumulation, and prints the PTX's division instructions per mode.
+DIVISIONS_SCRIPT = textwrap.dedent("""
+    import importlib, re, sys, torch
+    from dcedit_kernels.triton_kernels import compile_check as cc
+    go = importlib.import_module("dcedit_kernels.triton_kernels.grouped_outer")  # the package exports a function of that name
+    try:
+        cc._probe()
+    except Exception as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(3)
+    for acc in (torch.float32, torch.float64):
+        for mode in (go.MODE_SSM, go.MODE_FISHER):
+            for groups in (125, 1):  # 1: triton folds an int argument equal to 1 into a constexpr
+                ptrs = dict(eta_ptr=acc, mu_ptr=acc, offsets_ptr=torch.int32, alpha_ptr=acc, out_ptr=acc, sel_ptr=acc)
+                ints = dict(O=6400, I=1600, G=groups, stride_eta_t=6400, stride_eta_o=1, stride_mu_t=1600, stride_mu_i=1)
+                consts = dict(MODE=mode, SELECT=False, IS_FP64=acc == torch.float64, NATIVE=False, SPLIT=1,
+                              BLOCK_O=16, BLOCK_I=16, BLOCK_T=16)
+                kernel = cc.compile_kernel(go._grouped_outer_kernel, ptrs, ints, consts, 4, 1)
+                found = sorted(set(re.findall(r"\\b(?:div|rcp)\\.[a-z0-9.]+", kernel.asm["ptx"])))
+                print(str(acc).split(".")[-1], mode, groups, *found, flush=True)
+""")
+
+
+def test_divisions_round_to_nearest_on_sm90():
+    """ssm (the sss result / G) and segmented_fisher (Σ_e S_e² / E) divide in the kernel.  Triton
+    lowers an fp32 `/` to PTX div.full.f32, an approximation up to 2 ulp off, where torch, the
+    reference and the interpreter (numpy) round the quotient to nearest: the CPU tests cannot see
+    the difference, only the PTX can.  Every division must be div.rn (fp32 and fp64), also with G
+    folded into a constexpr 1."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", DIVISIONS_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode == 3:
+        pytest.skip(f"this triton cannot compile for sm_90 here: {proc.stderr.strip()[-300:]}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line.split() for line in proc.stdout.splitlines() if re.match(r"float(32|64) ", line)]
+    assert len(lines) == 8, proc.stdout
+    for dtype, mode, groups, *found in lines:
+        where = f"{dtype} mode {mode} G={groups}: {found}"
+        assert all(op.startswith("div.rn.") for op in found), where
+        if groups != "1":  # a division by a constexpr 1 may be folded away
+            assert f"div.rn.f{dtype[-2:]}" in found, where

@@ -7,7 +7,8 @@ through ptxas, so an error a GPU session would meet at its first launch surfaces
 one line per variant with ptxas's registers and stack (spill) bytes.  Also fails a bf16x3
 variant whose PTX lacks the round-toward-zero conversion of the split's hi piece
 (`split_rounding`): the interpreter truncates every fp32 → bf16 conversion, so the CPU tests
-cannot tell it from round to nearest.
+cannot tell it from round to nearest.  And one whose PTX divides approximately
+(`approximate_division`): the interpreter's numpy division is exact.
 
 Must run with TRITON_INTERPRET unset (tests/test_triton_compile.py starts it in a subprocess).
 Exit status: 0 all compiled; 1 a kernel failed to compile; 3 this triton cannot compile for
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -82,6 +84,15 @@ def split_rounding(name: str, kernel) -> str:
     if "bf16x3" in name and ptx and "cvt.rz.bf16.f32" not in ptx:
         return "bf16x3 split without cvt.rz.bf16.f32 (hi must round toward zero)"
     return ""
+
+
+def approximate_division(kernel) -> str:
+    """'' or the approximate divisions in a variant's PTX: triton compiles an fp32 `/` to
+    div.full.f32 (up to 2 ulp off), where torch and the reference round to nearest
+    (grouped_outer divides with `tl.math.div_rn`)."""
+    ptx = getattr(kernel, "asm", {}).get("ptx", "")
+    found = sorted(set(re.findall(r"\b(?:div\.(?:full|approx)|rcp\.approx)\.[a-z0-9.]+", ptx)))
+    return f"approximate division in the PTX: {', '.join(found)}" if found else ""
 
 
 def resource_usage(kernel) -> str:
@@ -273,7 +284,7 @@ def main(argv=None) -> int:
             failed += 1
             print(f"FAILED {name} [{cfg} warps={warps} stages={stages}]\n{traceback.format_exc()}", flush=True)
             continue
-        wrong = split_rounding(name, kernel)
+        wrong = split_rounding(name, kernel) or approximate_division(kernel)
         if wrong:
             failed += 1
             print(f"FAILED {name} [{cfg} warps={warps} stages={stages}]: {wrong}", flush=True)

@@ -120,7 +120,13 @@ def _grouped_outer_kernel(
         if MODE == 3 or MODE == 4:
             res = tl.where(res >= -neg, res, neg)
         if MODE == 4 or MODE == 5:
-            res = res / G
+            # Rounded to nearest, as torch's `/`: triton compiles an fp32 `/` to div.full.f32 on a GPU,
+            # up to 2 ulp off (the interpreter divides exactly: tests/test_triton_compile.py reads the
+            # PTX).  div_rn takes fp32 only; fp64's `/` is div.rn.f64 already.
+            if IS_FP64:
+                res = res / G
+            else:
+                res = tl.math.div_rn(res, tl.zeros_like(res) + G)
         res = res * tl.load(alpha_ptr).to(ACC)
         out_base = out_ptr
         if MODE == 0:
