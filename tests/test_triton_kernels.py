@@ -1068,6 +1068,54 @@ def test_grouped_outer_none_launches_groups_within_grid_limit(gen, device):
         close(g, ref)
 
 
+def test_grouped_bilinear_scores_launches_within_grid_limit(device, monkeypatch):
+    """The scores launch of grouped_bilinear gives each BLOCK_T segment-local columns a program along
+    the grid's second axis, which CUDA caps at 65535, and sizes that axis by W (the K/V rows, a bound
+    on any group's length): past 65535 · 16 rows at BLOCK_T 16 (fp64 on a GPU, every dtype under the
+    interpreter) it asked for 65537 programs, which fails to launch on a GPU and not here.  The
+    kernels are stubbed: what is checked is each launch's grid and first column, J0."""
+    gb = _module("grouped_bilinear")
+    W = 65535 * 16 + 17
+    launches = []
+
+    class Stub:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.name, tuple(grid), args, kwargs))
+
+    monkeypatch.setattr(gb, "_group_scores_kernel", Stub("scores"))
+    monkeypatch.setattr(gb, "_grouped_bilinear_kernel", Stub("apply"))
+    k, v = torch.zeros((W, 1), dtype=torch.float64, device=device), torch.zeros((W, 2), dtype=torch.float64, device=device)
+    q, out = torch.zeros((3, 1), dtype=torch.float64, device=device), torch.zeros((3, 2), dtype=torch.float64, device=device)
+    kv_offsets = torch.tensor([0, W], device=device)
+    q_group = torch.zeros(3, dtype=torch.int64, device=device)
+    gb.grouped_bilinear_(out, q, None, q_group, k, v, None, kv_offsets, torch.ones(1, dtype=torch.float64, device=device))
+    scores = [(grid, args, kwargs) for name, grid, args, kwargs in launches if name == "scores"]
+    block_t = scores[0][2]["BLOCK_T"]
+    assert block_t == 16 or device == "cuda"
+    assert all(len(grid) == 2 and grid[1] <= 65535 for grid, _, _ in scores), [grid for grid, _, _ in scores]
+    # The launches cover the columns once, in order: J0 (the argument after DK, W, G) steps by their width.
+    firsts, widths = [args[11] for _, args, _ in scores], [grid[1] * block_t for grid, _, _ in scores]
+    assert firsts == [sum(widths[:n]) for n in range(len(scores))] and sum(widths) >= W > sum(widths) - block_t
+
+
+def test_grouped_bilinear_scores_in_column_launches(gen, device, monkeypatch):
+    """The scores of grouped_bilinear in launches of one column tile each (the grid limit lowered to 1
+    program along the second axis): lowrank_delta_linear's forward and backward (K/V rows: the
+    editor's tokens, then the layer's rows) as the float64 reference."""
+    monkeypatch.setattr(_module("grouped_bilinear"), "GRID_YZ_MAX", 1)
+    counts = [5, 0, 40, 19]
+    offsets = offsets_for(counts, device)
+    x, weight, b, row_group, mu_t, eta_t, alpha = delta_inputs(gen, counts, torch.float32, device, N=50)
+    grad = randn((50, 29), gen, torch.float32, device)
+    y_ref, *grad_refs = delta_reference(x, weight, b, row_group, mu_t, eta_t, offsets, alpha, grad)
+    close(tk.lowrank_delta_linear(x, weight, b, row_group, mu_t, eta_t, offsets, alpha), y_ref)
+    close_delta_grads(tk.lowrank_delta_linear_backward(grad, x, weight, row_group, mu_t, eta_t, offsets, alpha),
+                      grad_refs, eta_t, offsets, alpha)
+
+
 @cuda_only
 def test_grouped_outer_none_past_grid_limit(gen):
     """65537 groups of one token each under "none": two launches at CUDA's real grid limit (the

@@ -234,7 +234,7 @@ def variants():
                                                    ("backward deta", 4096, 2048, False, True, 1600, 6400),
                                                    ("backward dmu", 4096, 2048, False, True, 6400, 1600)):
         flags = dict(HAS_Q_INDEX=q_index, HAS_KV_INDEX=kv_index, IS_FP64=False, NATIVE=True)
-        add(f"group_scores bf16 native {name}", _group_scores_kernel, sc_ptrs, dict(DK=dk, W=w, G=8), flags,
+        add(f"group_scores bf16 native {name}", _group_scores_kernel, sc_ptrs, dict(DK=dk, W=w, G=8, J0=0), flags,
             group_scores_tiles(nq, 8, w, dk, "half"))
         add(f"grouped_bilinear fp32 C x bf16 V bf16x3 {name}", _grouped_bilinear_kernel, ap_ptrs,
             dict(DV=dv, W=w, G=8), flags, grouped_bilinear_tiles(nq, 8, w, dv, "bf16x3"))
@@ -242,17 +242,17 @@ def variants():
     # fp32 mu_t, eta_t): bf16 x against fp32 mu_t (bf16x3), then C against fp32 eta_t (tf32x3).
     mixed = dict(HAS_Q_INDEX=True, HAS_KV_INDEX=False, IS_FP64=False, NATIVE=True)
     add("group_scores bf16 x fp32 bf16x3 forward (fp32 factors)", _group_scores_kernel, {**sc_ptrs, "k_ptr": f32},
-        dict(DK=1600, W=4096, G=8), mixed, group_scores_tiles(2048, 8, 4096, 1600, "bf16x3"))
+        dict(DK=1600, W=4096, G=8, J0=0), mixed, group_scores_tiles(2048, 8, 4096, 1600, "bf16x3"))
     add("grouped_bilinear fp32 C x fp32 V tf32x3 forward (fp32 factors)", _grouped_bilinear_kernel,
         {**ap_ptrs, "v_ptr": f32}, dict(DV=6400, W=4096, G=8), mixed, grouped_bilinear_tiles(2048, 8, 4096, 6400, "tf32x3"))
     ieee = dict(HAS_Q_INDEX=True, HAS_KV_INDEX=False, IS_FP64=False, NATIVE=False)
     add("group_scores fp32 IEEE", _group_scores_kernel, {**sc_ptrs, "q_ptr": f32, "k_ptr": f32},
-        dict(DK=1600, W=4096, G=8), ieee, group_scores_tiles(2048, 8, 4096, 1600, "ieee"))
+        dict(DK=1600, W=4096, G=8, J0=0), ieee, group_scores_tiles(2048, 8, 4096, 1600, "ieee"))
     add("grouped_bilinear fp32 IEEE", _grouped_bilinear_kernel, {**ap_ptrs, "v_ptr": f32},
         dict(DV=6400, W=4096, G=8), ieee, grouped_bilinear_tiles(2048, 8, 4096, 6400, "ieee"))
     fp64 = dict(ieee, IS_FP64=True)
     add("group_scores fp64", _group_scores_kernel,
-        {**sc_ptrs, "q_ptr": f64, "k_ptr": f64, "alpha_ptr": f64, "c_ptr": f64}, dict(DK=1600, W=4096, G=8),
+        {**sc_ptrs, "q_ptr": f64, "k_ptr": f64, "alpha_ptr": f64, "c_ptr": f64}, dict(DK=1600, W=4096, G=8, J0=0),
         fp64, group_scores_tiles(2048, 8, 4096, 1600, "fp64"))
     add("grouped_bilinear fp64", _grouped_bilinear_kernel,
         {**ap_ptrs, "c_ptr": f64, "v_ptr": f64, "scale_ptr": f64, "out_ptr": f64}, dict(DV=6400, W=4096, G=8),

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .grouped_outer import GRID_YZ_MAX
 from .launch import dot_path, dot_split, group_scores_tiles, grouped_bilinear_tiles, native_dot
 from .segment_matmul import _group_tile, mma, row_tiles
 
@@ -76,21 +77,22 @@ def _kv_rows(kv_index_ptr, s, s_ok, HAS_KV_INDEX: tl.constexpr):
 @triton.jit
 def _group_scores_kernel(
     q_ptr, q_index_ptr, q_offsets_ptr, k_ptr, kv_index_ptr, kv_offsets_ptr, alpha_ptr, c_ptr,
-    DK, W, G,
+    DK, W, G, J0,
     HAS_Q_INDEX: tl.constexpr, HAS_KV_INDEX: tl.constexpr, IS_FP64: tl.constexpr, NATIVE: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """C[p, j] = alpha_g Q_{q_index[p]} · K_{kv(kv_offsets[g] + j)} for p in group g, j < |seg_g|.
 
-    A program owns BLOCK_M sorted positions of one group × BLOCK_T segment-local columns.
+    A program owns BLOCK_M sorted positions of one group × BLOCK_T segment-local columns, from
+    column J0 + pid(1) · BLOCK_T (J0: the launch's first column, see `grouped_bilinear_`).
     """
     ACC = c_ptr.dtype.element_ty
-    pid_t = tl.program_id(1)
+    j0 = J0 + tl.program_id(1) * BLOCK_T
     g, pos, pos_ok, q_rows, kv_start, kv_end = _query_tile(q_index_ptr, q_offsets_ptr, kv_offsets_ptr, G,
                                                            HAS_Q_INDEX, BLOCK_M)
-    j = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    if kv_start + pid_t * BLOCK_T < kv_end:  # this column tile reaches into group g's segment
+    j = j0 + tl.arange(0, BLOCK_T)
+    if kv_start + j0 < kv_end:  # this column tile reaches into group g's segment
         s = kv_start + j
         s_ok = s < kv_end
         kv_rows = _kv_rows(kv_index_ptr, s, s_ok, HAS_KV_INDEX)
@@ -195,11 +197,17 @@ def grouped_bilinear_(out, q, q_index, q_group, k, v, kv_index, kv_offsets, alph
             index, q_rows, out_rows = q_index[p0:p0 + rows], q, out
         else:  # query position p is row p of q: the chunk's rows start at p0 (index never read)
             index, q_rows, out_rows = q_offsets, q[p0:p0 + rows], out[p0:p0 + rows]
-        grid = (row_tiles(rows, G, score_tiles["BLOCK_M"]), triton.cdiv(W, score_tiles["BLOCK_T"]))
-        _group_scores_kernel[grid](
-            q_rows, index, q_offsets, k, kv_idx, kv_offsets, alpha, scores,
-            DK, W, G, NATIVE=native_qk, SPLIT=dot_split(q.dtype, k.dtype, *precision_from), **flags, **score_tiles,
-        )
+        # Segment-local columns along the grid's second axis, which CUDA caps at GRID_YZ_MAX: W is
+        # only a bound on a group's length, so past GRID_YZ_MAX · BLOCK_T (a million K/V rows at
+        # BLOCK_T 16) the columns take several launches, from column j0 each.
+        span = GRID_YZ_MAX * score_tiles["BLOCK_T"]
+        for j0 in range(0, W, span):
+            grid = (row_tiles(rows, G, score_tiles["BLOCK_M"]), triton.cdiv(min(span, W - j0), score_tiles["BLOCK_T"]))
+            _group_scores_kernel[grid](
+                q_rows, index, q_offsets, k, kv_idx, kv_offsets, alpha, scores,
+                DK, W, G, j0, NATIVE=native_qk, SPLIT=dot_split(q.dtype, k.dtype, *precision_from), **flags,
+                **score_tiles,
+            )
         grid = (row_tiles(rows, G, apply_tiles["BLOCK_M"]), triton.cdiv(DV, apply_tiles["BLOCK_N"]))
         _grouped_bilinear_kernel[grid](
             scores, index, q_offsets, v, kv_idx, kv_offsets, scale, out_rows,
