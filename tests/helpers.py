@@ -143,6 +143,25 @@ def public_op_cases(gen, device="cpu"):
     }
 
 
+@contextlib.contextmanager
+def deterministic_on(device):
+    """On CUDA, torch's deterministic algorithms for the block (warn_only: an op without one warns).
+    The Triton backwards' per-group sums (grouped_lowrank's bias/scale/shift gradients,
+    lowrank_delta_linear's alpha gradient) are `index_add_`, which adds with float atomics on CUDA
+    once it has more than 16 rows, so two runs can differ in the last bits; under this mode
+    `index_add_` adds in a fixed order.  Tests that compare two runs bit for bit (compiled against
+    eager, autocast against none) run both inside it.  CPU: nothing changes."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
 def output_and_grads(fn, args):
     """fn's output and the gradients of a loss on it (None where an input does not reach it)."""
     out = fn(*args)

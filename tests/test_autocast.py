@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dcedit_kernels import ops
-from helpers import OP_CASE_DIMS, editor_inputs, output_and_grads, public_op_cases, randn, small_editor
+from helpers import OP_CASE_DIMS, deterministic_on, editor_inputs, output_and_grads, public_op_cases, randn, small_editor
 
 AUTOCAST_DTYPE = {"cpu": torch.bfloat16, "cuda": torch.float16}
 
@@ -20,10 +20,11 @@ def _autocast(device):
                                   "lowrank_delta_linear", "noisy_topk_gate", "sort_by_group"])
 def test_op_ignores_autocast(name, gen, device):
     fn, args = public_op_cases(gen, device)[name]
-    want, want_grads = output_and_grads(fn, args)
-    with _autocast(device):
-        got = fn(*args)
-    got_grads = output_and_grads(lambda *_: got, args)[1]  # backward outside autocast, as torch advises
+    with deterministic_on(device):  # the two runs' atomics in one order on CUDA
+        want, want_grads = output_and_grads(fn, args)
+        with _autocast(device):
+            got = fn(*args)
+        got_grads = output_and_grads(lambda *_: got, args)[1]  # backward outside autocast, as torch advises
     assert got.dtype == want.dtype
     assert torch.equal(got, want)
     for g, w in zip(got_grads, want_grads):
@@ -67,3 +68,19 @@ def test_op_ignores_autocast_under_torch_compile(name, gen):
         got = torch.compile(fn, backend="aot_eager", fullgraph=True)(*args)
     torch._dynamo.reset()
     assert torch.equal(got, want)
+
+
+def test_deterministic_on_turns_the_mode_on_for_cuda_only_and_puts_it_back():
+    """`helpers.deterministic_on`, which the bit-for-bit tests of two runs use: on CUDA, torch's
+    deterministic mode (warn_only) inside the block and the previous setting after it, also when
+    the block raises; on the CPU it changes nothing."""
+    assert not torch.are_deterministic_algorithms_enabled()
+    with deterministic_on("cpu"):
+        assert not torch.are_deterministic_algorithms_enabled()
+    with pytest.raises(KeyError):
+        with deterministic_on(torch.device("cuda", 0)):
+            assert torch.are_deterministic_algorithms_enabled()
+            assert torch.is_deterministic_algorithms_warn_only_enabled()
+            raise KeyError
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert not torch.is_deterministic_algorithms_warn_only_enabled()

@@ -15,7 +15,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from dcedit_kernels import ops
 from helpers import (
-    EDITOR_KINDS, OP_CASE_DIMS, editor_inputs, output_and_grads, public_op_cases, ragged_leaves, randn, small_editor,
+    EDITOR_KINDS, OP_CASE_DIMS, deterministic_on, editor_inputs, output_and_grads, public_op_cases, ragged_leaves, randn, small_editor,
 )
 
 G, D_OUT, D_IN = OP_CASE_DIMS["G"], OP_CASE_DIMS["d_out"], OP_CASE_DIMS["d_in"]
@@ -32,8 +32,9 @@ def _fresh_dynamo():
                                   "lowrank_delta_linear", "noisy_topk_gate", "sort_by_group"])
 def test_op_compiles_whole_and_matches_eager(name, gen, device):
     fn, args = public_op_cases(gen, device)[name]
-    want, want_grads = output_and_grads(fn, args)
-    got, got_grads = output_and_grads(torch.compile(fn, backend="aot_eager", fullgraph=True), args)
+    with deterministic_on(device):  # the two runs' atomics in one order on CUDA
+        want, want_grads = output_and_grads(fn, args)
+        got, got_grads = output_and_grads(torch.compile(fn, backend="aot_eager", fullgraph=True), args)
     assert torch.equal(got, want)
     assert len(got_grads) == len(want_grads)
     for g, w in zip(got_grads, want_grads):
