@@ -178,11 +178,17 @@ def has_kernel(op: str, key: str) -> bool:
 
 
 def _triton_available() -> bool:
+    """triton imports, and no deferred import of the Triton kernels has failed (op_backends then
+    says "reference" for their ops, see `ops._dispatch.triton_import_failed`)."""
     try:
         import triton  # noqa: F401
-    except ImportError:
+    # Not only ImportError: a triton built for another torch or Python can fail its import with
+    # AttributeError or RuntimeError (the ops then run their references, see ops._dispatch).
+    except Exception:  # noqa: BLE001
         return False
-    return True
+    from .ops._dispatch import triton_import_failed
+
+    return not triton_import_failed()
 
 
 def cuda_built() -> bool:
@@ -193,8 +199,9 @@ def cuda_built() -> bool:
 def backends() -> dict:
     """Which backends are live in this process.
 
-    ``reference`` is always live; ``cpu_cpp`` needs the compiled `_C`; ``triton`` needs triton and
-    a CUDA device (or ``TRITON_INTERPRET=1``, which runs the kernels on CPU tensors);
+    ``reference`` is always live; ``cpu_cpp`` needs the compiled `_C`; ``triton`` needs a triton that
+    imports (and Triton kernels whose deferred import has not failed) and a CUDA device (or
+    ``TRITON_INTERPRET=1``, which runs the kernels on CPU tensors);
     ``cuda_cpp`` needs `_C` built with the CUDA sources and a CUDA device.
     """
     cuda = torch.cuda.is_available()

@@ -1476,6 +1476,49 @@ def test_backends_lists_triton_with_a_cuda_device_or_the_interpreter(monkeypatch
     assert dcedit_kernels.backends()["triton"]
 
 
+@pytest.mark.parametrize("error", [AttributeError("module 'torch._C' has no attribute '_cuda_getCurrentRawStream'"),
+                                   RuntimeError("triton was built for another torch")])
+def test_backends_says_triton_is_not_live_where_it_does_not_import(monkeypatch, error):
+    """A triton that is installed but fails its import with another error than ImportError (one
+    built for another torch or Python; ops._dispatch falls back to the references on any error):
+    backends() raised that error, found by a clean-room check of the README's backend table.  It
+    now says triton is not live, and says so too once the deferred import of the Triton kernels
+    has failed, where op_backends says "reference" (it kept saying triton was live)."""
+    import builtins
+
+    import dcedit_kernels
+    from dcedit_kernels.ops import _dispatch
+
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name == "triton" or name.startswith("triton."):
+            raise error
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dcedit_kernels.backends()["triton"]
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "__import__", broken)
+        live = dcedit_kernels.backends()
+    assert not live["triton"] and live["reference"], live
+
+    def failed_import():
+        raise error
+
+    monkeypatch.setattr(_dispatch, "_import_triton_kernels", failed_import)
+    _dispatch._triton_module.cache_clear()
+    try:
+        assert dcedit_kernels.backends()["triton"]  # no import tried yet: nothing known to have failed
+        with pytest.warns(RuntimeWarning, match="reference kernels serve CUDA"):
+            assert _dispatch._triton_module() is None  # a CUDA call's deferred import, which failed
+        assert dcedit_kernels.op_backends()["grouped_outer"]["CUDA"] == "reference"
+        assert not dcedit_kernels.backends()["triton"]
+    finally:
+        _dispatch._triton_module.cache_clear()
+
+
 def test_forced_tiles_checks_its_arguments():
     with pytest.raises(ValueError, match="kernel"):
         with launch.forced_tiles("matmul", BLOCK_M=16):

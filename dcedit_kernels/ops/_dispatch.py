@@ -173,9 +173,14 @@ def op_backends() -> dict[str, dict[str, str]]:
     `reference_mode`, where the wrappers call the references whatever this says).  "triton" is
     what is registered while triton is not yet imported (the first CUDA call imports it); once
     that import failed, those ops say "reference", which then serves them (`on_supported_gpu`)."""
-    failed = _triton_module.cache_info().currsize > 0 and _triton_module() is None  # no import tried here
+    failed = triton_import_failed()
     return {op: {key: "reference" if failed and name == "triton" else name for key, name in v.items()}
             for op, v in REGISTRY.items()}
+
+
+def triton_import_failed() -> bool:
+    """Whether the deferred import of the Triton kernels was tried and failed (tries none itself)."""
+    return _triton_module.cache_info().currsize > 0 and _triton_module() is None
 
 
 # Per thread, as torch's own modes (grad mode, autocast): one thread's reference_mode neither
