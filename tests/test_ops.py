@@ -2311,3 +2311,226 @@ def test_an_older_gpu_runs_the_ops_without_triton(monkeypatch, gen):
                            reference.grouped_outer(eta, mu, offsets, fusion, 0.5)) < 1e-12
     finally:
         _dispatch.triton_runs_on.cache_clear()
+
+
+# ------------------------------------------------- which implementation serves each cell (README's table)
+def _reference_ran(fn):
+    """fn()'s result and whether a function of dcedit_kernels/reference ran during it (the plain
+    PyTorch references; a C++ kernel runs no Python below the wrapper).  Autograd's CPU backward runs
+    in the calling thread, so the backward's kernels are seen too."""
+    import sys
+
+    folder = os.path.dirname(reference.__file__) + os.sep
+    seen = []
+
+    def spy(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.startswith(folder):
+            seen.append(frame.f_code.co_name)
+
+    previous = sys.getprofile()
+    sys.setprofile(spy)
+    try:
+        out = fn()
+    finally:
+        sys.setprofile(previous)
+    return out, bool(seen)
+
+
+# README "Backends and what has been verified where", CPU column: op -> who serves its forward,
+# first-order backward and double backward (create_graph=True: the references' backwards, README
+# "Higher derivatives"; fisher_mask's backward is the op itself, a mask).  None: not differentiable.
+CPU_CELLS = {"grouped_outer": ("cpp", "cpp", "reference"), "segmented_fisher": ("cpp", None, None),
+             "fisher_mask": ("cpp", "cpp", "cpp"), "apply_shift_": ("cpp", None, None),
+             "grouped_lowrank": ("cpp", "reference", "reference"),
+             "lowrank_delta_linear": ("reference", "reference", "reference"),
+             "noisy_topk_gate": ("reference", None, None), "sort_by_group": ("reference", None, None)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_cells_of_the_backend_table_run_what_the_readme_says(dtype, gen):
+    """Every CPU cell of the README's backend table, watched at run time (which Python runs below
+    the wrapper, not what op_backends says): the C++ kernels serve grouped_outer (forward and
+    backward), segmented_fisher, fisher_mask, apply_shift_ and grouped_lowrank's forward in every
+    input dtype; the references serve grouped_lowrank's backward, lowrank_delta_linear, the gate,
+    sort_by_group and the double backwards; under reference_mode the references' forwards and
+    autograd through their torch ops; without `_C` (DCEDIT_DISABLE_C=1, or one that failed to
+    load) the references everywhere."""
+    from dcedit_kernels import _library
+
+    T, G, d, r, o, i = 7, 3, 5, 2, 4, 3
+    counts = random_counts(G - 1, gen, max_count=3)
+    offsets = ragged_offsets(counts + [T - sum(counts)])
+
+    def rn(*shape, grad=False):
+        return randn(shape, gen, dtype).requires_grad_(grad)
+
+    def case(name):
+        """(output, the inputs it is differentiated in)."""
+        if name == "grouped_outer":
+            eta, mu = rn(T, o, grad=True), rn(T, i, grad=True)
+            return ops.grouped_outer(eta, mu, offsets, "sss", 0.5), [eta, mu]
+        if name == "segmented_fisher":
+            return ops.segmented_fisher(rn(T, o), rn(T, i), offsets), []
+        if name == "fisher_mask":
+            delta = rn(o, i, grad=True)
+            return ops.fisher_mask(delta, rn(o, i).abs(), keep=0.5)[0], [delta]
+        if name == "apply_shift_":
+            return ops.apply_shift_(rn(o, i), rn(o, i), 0.5, fisher=rn(o, i).abs(), keep=0.5), []
+        if name == "grouped_lowrank":
+            h, u, v, b, gain = rn(T, d, grad=True), rn(G, d, r, grad=True), rn(G, r, d, grad=True), rn(G, d, grad=True), \
+                rn(T, d, grad=True)
+            return ops.grouped_lowrank(h, offsets, u, v, b, rn(G, d), rn(G, d), gain), [h, u, v, b, gain]
+        if name == "lowrank_delta_linear":
+            x, mu_t, eta_t = rn(6, i, grad=True), rn(T, i, grad=True), rn(T, o, grad=True)
+            out = ops.lowrank_delta_linear(x, rn(o, i), rn(o), torch.tensor([0, -1, 2, 1, 2, -1]), mu_t, eta_t, offsets,
+                                           rn(G))
+            return out, [x, mu_t, eta_t]
+        if name == "noisy_topk_gate":
+            return ops.noisy_topk_gate(rn(5, 4), rn(4, G), rn(4, G), k=1, training=True, generator=gen), []
+        return ops.sort_by_group(torch.randint(0, G, (6,), generator=gen), G), []
+
+    compiled = _library._C is not None
+    for mode in ("kernels", "reference_mode"):
+        for name, cells in CPU_CELLS.items():
+            if mode == "reference_mode":  # autograd then runs the references' torch ops: no reference function
+                cells = ("reference", cells[1] and "autograd", cells[2] and "autograd")
+            elif not compiled:
+                cells = tuple(c and "reference" for c in cells)
+            with ops.reference_mode(mode == "reference_mode"):
+                (out, wrt), ran = _reference_ran(lambda: case(name))
+            seen = ["reference" if ran else "cpp"]
+            for create_graph in (False, True):
+                if cells[1] is None:
+                    break
+                grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
+                _, ran = _reference_ran(lambda: torch.autograd.grad(out, wrt, grad, retain_graph=True,
+                                                                    create_graph=create_graph))
+                seen.append("reference" if ran else "cpp" if mode == "kernels" else "autograd")
+            assert tuple(seen) == tuple(c for c in cells if c), (name, mode, dtype)
+
+
+def _oracle_lowrank(h, offsets, u, v, bias, scale, shift, gain):
+    """SPEC's grouped_lowrank, token by token."""
+    b, rows = offsets.tolist(), []
+    for g in range(len(b) - 1):
+        for t in range(b[g], b[g + 1]):
+            pre = ((gain[t] * h[t]) @ v[g].T) @ u[g].T + bias[g]
+            rows.append(h[t] + (pre * scale[g] + shift[g]).clamp(min=0))
+    return torch.stack(rows)
+
+
+def _oracle_sss(eta, mu, offsets, alpha):
+    b = offsets.tolist()
+    S = [eta[s:e].T @ mu[s:e] for s, e in zip(b[:-1], b[1:])]
+    P, N = sum(s.clamp(min=0) for s in S), sum(s.clamp(max=0) for s in S)
+    return alpha * torch.where(P >= -N, P, N)
+
+
+def _oracle_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha):
+    b, rows = offsets.tolist(), []
+    for n in range(x.shape[0]):
+        y, g = x[n] @ weight.T + bias, int(row_group[n])
+        if g >= 0:
+            y = y + alpha[g] * (x[n] @ mu_t[b[g]:b[g + 1]].T) @ eta_t[b[g]:b[g + 1]]
+        rows.append(y)
+    return torch.stack(rows)
+
+
+def test_the_registered_cuda_kernels_run_triton_from_capability_8_0(monkeypatch, gen):
+    """README: the Triton kernels serve GPUs of compute capability 8.0 and up, the references older
+    ones (and CUDA when the Triton kernels fail to import, with a warning); fisher_mask, apply_shift_
+    (CUDA C++ or the reference), the gate and sort_by_group launch no Triton kernel.  Each op's CUDA
+    kernel as the dispatcher holds it (OpOverload.redispatch with the CUDA key, on CPU tensors:
+    Triton under the interpreter), on a faked cuda:0 of capability 7.0, 7.5, 8.0 and 9.0; which ran
+    is counted at the Triton launchers, and every result is checked against float64 oracles
+    written here (the backwards: autograd through them)."""
+    import contextlib
+
+    pytest.importorskip("triton")
+    from dcedit_kernels.ops import _dispatch
+    from dcedit_kernels.triton_kernels import launch
+
+    if not launch.interpreting() or _dispatch.REGISTRY["grouped_outer"]["CUDA"] != "triton":
+        pytest.skip("runs the Triton registrations on CPU tensors under TRITON_INTERPRET=1")
+    tk = _dispatch._triton_module()
+    launched = []
+    for name in ("grouped_lowrank", "grouped_lowrank_backward", "grouped_outer", "grouped_outer_backward",
+                 "segmented_fisher", "lowrank_delta_linear", "lowrank_delta_linear_backward"):
+        monkeypatch.setattr(tk, name, lambda *a, _n=name, _f=getattr(tk, name), **k: launched.append(_n) or _f(*a, **k))
+    monkeypatch.setattr(_dispatch, "cuda_device_of", lambda args, kwargs: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+
+    f64 = torch.float64
+    G, d, r, o, i, N = 3, 5, 2, 4, 3, 6
+    counts = random_counts(G, gen, max_count=3)
+    counts[-1] += 1  # T > 0
+    T, offsets = sum(counts), ragged_offsets(counts)
+    edits = ragged_offsets([1 + int(c) for c in torch.randint(0, 3, (4,), generator=gen)])  # no empty edit
+
+    def rn(*shape):
+        return randn(shape, gen, f64)
+
+    lowrank = (rn(T, d), offsets, rn(G, d, r), rn(G, r, d), rn(G, d), rn(G, d), rn(G, d), rn(T, d))
+    eta, mu = rn(T, o), rn(T, i)
+    fe, fm = rn(int(edits[-1]), o), rn(int(edits[-1]), i)
+    delta_args = (rn(N, i), rn(o, i), rn(o), torch.randint(-1, G, (N,), generator=gen), rn(T, i), rn(T, o), offsets, rn(G))
+    g_low, g_outer, g_delta = rn(T, d), rn(o, i), rn(N, o)
+    delta, fisher = rn(o, i), rn(o, i).abs()
+    feats, w_gate, rows = rn(5, 4), rn(4, G), torch.randint(0, G, (8,), generator=gen)
+
+    def vjp(fn, args, wrt, grad):
+        leaves = [a.clone().requires_grad_() if k in wrt else a for k, a in enumerate(args)]
+        return torch.autograd.grad(fn(*leaves), [leaves[k] for k in wrt], grad)
+
+    keep = delta * (fisher >= fisher.flatten().sort(descending=True).values[math.ceil(0.5 * o * i) - 1])
+    weight = rn(o, i)
+    # op -> (its arguments, the Triton launcher it may use or None, what it must return)
+    cases = {
+        "grouped_lowrank": (lowrank, "grouped_lowrank", [_oracle_lowrank(*lowrank)]),
+        "_grouped_lowrank_backward": ((g_low, *lowrank), "grouped_lowrank_backward",
+                                      vjp(_oracle_lowrank, lowrank, (0, 2, 3, 4, 5, 6, 7), g_low)),
+        "grouped_outer": ((eta, mu, offsets, "sss", 0.5), "grouped_outer", [_oracle_sss(eta, mu, offsets, 0.5)]),
+        "_grouped_outer_backward": ((g_outer, eta, mu, offsets, "sss", 0.5), "grouped_outer_backward",
+                                    vjp(_oracle_sss, (eta, mu, offsets, 0.5), (0, 1), g_outer)),
+        "segmented_fisher": ((fe, fm, edits), "segmented_fisher",
+                             [sum((fe[s:e].T @ fm[s:e]) ** 2 for s, e in zip(edits[:-1].tolist(), edits[1:].tolist())) / 4]),
+        "lowrank_delta_linear": (delta_args, "lowrank_delta_linear", [_oracle_delta_linear(*delta_args)]),
+        "_lowrank_delta_linear_backward": ((g_delta, *delta_args[:2], *delta_args[3:]), "lowrank_delta_linear_backward",
+                                           vjp(_oracle_delta_linear, delta_args, (0, 4, 5, 7), g_delta)),
+        "fisher_mask": ((delta, fisher, 0.5, None), None, [keep, torch.tensor(math.ceil(0.5 * o * i))]),
+        "apply_shift_": ((weight, delta, 0.5, None, None, None), None, []),
+        "noisy_topk_gate": ((feats, w_gate, rn(4, G), 1, None), None,
+                            [torch.nn.functional.one_hot((feats @ w_gate).argmax(1), G).to(f64)]),
+        "sort_by_group": ((rows, G), None, [torch.sort(rows, stable=True).indices]),
+    }
+    CUDA = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+
+    def run_all(triton_serves):
+        for op, (args, launcher, want) in cases.items():
+            launched.clear()
+            before = weight.clone()
+            got = getattr(torch.ops.dcedit, op).default.redispatch(CUDA, *args)
+            got = [got] if isinstance(got, torch.Tensor) else list(got)
+            assert launched == ([launcher] if triton_serves and launcher else []), (op, triton_serves)
+            for x, y in zip(got, want):
+                assert rel_err(x.double(), y.double()) < 1e-10, op
+            if op == "apply_shift_":
+                assert rel_err(weight, before + 0.5 * delta) < 1e-12
+                weight.copy_(before)
+
+    try:
+        for capability, triton_serves in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)):
+            _dispatch.triton_runs_on.cache_clear()
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None, c=capability: c)
+            run_all(triton_serves)
+
+        def broken():
+            raise ImportError("libtriton.so: cannot open shared object file")
+
+        monkeypatch.setattr(_dispatch, "_import_triton_kernels", broken)
+        _dispatch._triton_module.cache_clear()
+        with pytest.warns(RuntimeWarning, match="reference kernels serve CUDA"):
+            run_all(False)  # on the 9.0 device
+    finally:
+        _dispatch.triton_runs_on.cache_clear()
+        _dispatch._triton_module.cache_clear()
