@@ -201,7 +201,8 @@ def backends() -> dict:
 
     ``reference`` is always live; ``cpu_cpp`` needs the compiled `_C`; ``triton`` needs a triton that
     imports (and Triton kernels whose deferred import has not failed) and a CUDA device (or
-    ``TRITON_INTERPRET=1``, which runs the kernels on CPU tensors);
+    ``TRITON_INTERPRET=1``, which runs the kernels on CPU tensors), of any compute capability (below
+    8.0 the references serve those ops, see `ops._dispatch.triton_runs_on`);
     ``cuda_cpp`` needs `_C` built with the CUDA sources and a CUDA device.
     """
     cuda = torch.cuda.is_available()

@@ -2443,10 +2443,12 @@ def test_the_registered_cuda_kernels_run_triton_from_capability_8_0(monkeypatch,
     kernel as the dispatcher holds it (OpOverload.redispatch with the CUDA key, on CPU tensors:
     Triton under the interpreter), on a faked cuda:0 of capability 7.0, 7.5, 8.0 and 9.0; which ran
     is counted at the Triton launchers, and every result is checked against float64 oracles
-    written here (the backwards: autograd through them)."""
+    written here (the backwards: autograd through them).  op_backends() is per process (README):
+    "triton" on every capability, "reference" once the import failed."""
     import contextlib
 
     pytest.importorskip("triton")
+    from dcedit_kernels import _library
     from dcedit_kernels.ops import _dispatch
     from dcedit_kernels.triton_kernels import launch
 
@@ -2504,6 +2506,10 @@ def test_the_registered_cuda_kernels_run_triton_from_capability_8_0(monkeypatch,
         "sort_by_group": ((rows, G), None, [torch.sort(rows, stable=True).indices]),
     }
     CUDA = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    REGISTERED_CUDA = {op: "triton" if launcher else "reference" for op, (_, launcher, _) in cases.items()}
+    if _library.cuda_built():  # README's table: CUDA C++ kernels, which CPU tensors cannot run
+        REGISTERED_CUDA.update(fisher_mask="cuda_cpp", apply_shift_="cuda_cpp")
+        del cases["fisher_mask"], cases["apply_shift_"]
 
     def run_all(triton_serves):
         for op, (args, launcher, want) in cases.items():
@@ -2523,6 +2529,8 @@ def test_the_registered_cuda_kernels_run_triton_from_capability_8_0(monkeypatch,
             _dispatch.triton_runs_on.cache_clear()
             monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None, c=capability: c)
             run_all(triton_serves)
+            # op_backends is per process (README): "triton" whatever this device's capability
+            assert {op: b["CUDA"] for op, b in ops.op_backends().items() if op in REGISTERED_CUDA} == REGISTERED_CUDA
 
         def broken():
             raise ImportError("libtriton.so: cannot open shared object file")
@@ -2531,6 +2539,8 @@ def test_the_registered_cuda_kernels_run_triton_from_capability_8_0(monkeypatch,
         _dispatch._triton_module.cache_clear()
         with pytest.warns(RuntimeWarning, match="reference kernels serve CUDA"):
             run_all(False)  # on the 9.0 device
+        failed = {op: "reference" if b == "triton" else b for op, b in REGISTERED_CUDA.items()}
+        assert {op: b["CUDA"] for op, b in ops.op_backends().items() if op in REGISTERED_CUDA} == failed
     finally:
         _dispatch.triton_runs_on.cache_clear()
         _dispatch._triton_module.cache_clear()

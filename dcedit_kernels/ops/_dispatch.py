@@ -172,7 +172,9 @@ def op_backends() -> dict[str, dict[str, str]]:
     """Which implementation serves each op on CPU and on CUDA in this process (outside
     `reference_mode`, where the wrappers call the references whatever this says).  "triton" is
     what is registered while triton is not yet imported (the first CUDA call imports it); once
-    that import failed, those ops say "reference", which then serves them (`on_supported_gpu`)."""
+    that import failed, those ops say "reference", which then serves them (`on_supported_gpu`).
+    Per process, not per device: on a GPU of compute capability below 8.0 (`triton_runs_on`) the
+    references serve the ops that say "triton" here."""
     failed = triton_import_failed()
     return {op: {key: "reference" if failed and name == "triton" else name for key, name in v.items()}
             for op, v in REGISTRY.items()}
