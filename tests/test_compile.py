@@ -15,7 +15,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from dcedit_kernels import ops
 from helpers import (
-    EDITOR_KINDS, OP_CASE_DIMS, deterministic_on, editor_inputs, output_and_grads, public_op_cases, ragged_leaves, randn, small_editor,
+    EDITOR_KINDS, OP_CASE_DIMS, deterministic_on, editor_inputs, output_and_grads, public_op_cases, ragged_leaves, randn,
+    small_editor,
 )
 
 G, D_OUT, D_IN = OP_CASE_DIMS["G"], OP_CASE_DIMS["d_out"], OP_CASE_DIMS["d_in"]
