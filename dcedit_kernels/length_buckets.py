@@ -77,6 +77,8 @@ def run_in_passes(batch: dict, positions: torch.Tensor, passes: list[list[int]] 
         return run(batch, positions, torch.arange(ids.shape[0], device=ids.device))
     if tuple(positions.shape) != tuple(ids.shape):
         raise ValueError(f"positions must have input_ids' shape {tuple(ids.shape)}, got {tuple(positions.shape)}")
+    if positions.dtype != torch.bool:  # an int 0/1 mask would index rows, not select positions
+        raise ValueError(f"positions must be a bool mask, got {positions.dtype}")
     if any(not p for p in passes) or sorted(r for p in passes for r in p) != list(range(ids.shape[0])):
         raise ValueError(f"passes must hold each of the batch's {ids.shape[0]} rows exactly once, in non-empty "
                          f"passes; got {passes}")

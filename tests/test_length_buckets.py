@@ -71,6 +71,8 @@ def test_run_in_passes_refuses_passes_that_miss_or_repeat_a_row(passes, gen):
         run_in_passes(batch, batch["attention_mask"].bool(), passes, lambda sub, where, rows: where)
     with pytest.raises(ValueError, match="positions must have input_ids' shape"):
         run_in_passes(batch, batch["attention_mask"].bool()[:2], [[0, 1, 2]], lambda sub, where, rows: where)
+    with pytest.raises(ValueError, match="positions must be a bool mask, got torch.int64"):  # an IndexError before
+        run_in_passes(batch, batch["attention_mask"], [[0, 1, 2]], lambda sub, where, rows: where)
 
 
 def padded_batch(gen, lengths, width):
