@@ -30,6 +30,13 @@ def _rel_err(v):
     return "n/a" if v != v else f"{v:.1e}"
 
 
+def _verdict(x: dict, met: bool) -> str:
+    """A target's verdict: judged on a GPU only (the targets are GPU targets)."""
+    if str(x.get("device", "")).startswith("CPU"):
+        return "GPU target, not judged on CPU"
+    return "met" if met else "not met"
+
+
 def table(data):
     rows = []
     header = ("| case | fused ms | eager ms | speedup | target | fused peak MiB | eager peak MiB "
@@ -38,9 +45,7 @@ def table(data):
         x = b["extra_info"]
         if "fused_ms" not in x:
             continue
-        on_cpu = str(x.get("device", "")).startswith("CPU")
-        verdict = "GPU target, not judged on CPU" if on_cpu else ("met" if x.get("target_met") else "not met")
-        target = f"≥{x['target_speedup']:g}× ({verdict})" if "target_speedup" in x else ""
+        target = f"≥{x['target_speedup']:g}× ({_verdict(x, x.get('target_met'))})" if "target_speedup" in x else ""
         rows.append(
             f"| {b['name'].removeprefix('test_')} | {_fmt(x['fused_ms'])} | {_fmt(x['eager_ms'])} | "
             f"{_fmt(x['speedup'])}× | {target} | {_fmt(x['fused_peak_MiB'], 1)} | {_fmt(x['eager_peak_MiB'], 1)} | "
@@ -52,14 +57,12 @@ def table(data):
         x = b["extra_info"]
         if "target_peak_over_output" in x:  # test_bench_ops.test_grouped_outer_sss: issue 5's memory target
             ratio = x["fused_peak_over_output"]
-            verdict = ("GPU target, not judged on CPU" if str(x.get("device", "")).startswith("CPU")
-                       else "met" if ratio <= x["target_peak_over_output"] else "not met")
+            verdict = _verdict(x, ratio <= x["target_peak_over_output"])
             extra.append(f"- {b['name'].removeprefix('test_')}: fused peak {_fmt(ratio)}× one fp32 output "
                          f"(target ≤ {x['target_peak_over_output']:g}×: {verdict}).")
         if "pct_of_dense_same_flops" in x:  # test_bench_ops.test_grouped_lowrank: issue 5's "60 % of dense matmul"
             pct = x["pct_of_dense_same_flops"]
-            verdict = ("GPU target, not judged on CPU" if str(x.get("device", "")).startswith("CPU")
-                       else "met" if pct >= x["target_pct_of_dense"] else "not met")
+            verdict = _verdict(x, pct >= x["target_pct_of_dense"])
             extra.append(f"- {b['name'].removeprefix('test_')}: {_fmt(pct, 1)} % of the TFLOP/s of one dense torch.matmul "
                          f"of the same FLOPs ({_fmt(x['dense_same_flops_ms'])} ms; target ≥ {x['target_pct_of_dense']:g} %: "
                          f"{verdict}).")
