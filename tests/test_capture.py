@@ -957,6 +957,80 @@ def test_gguf_shims_without_the_gguf_package(tmp_path, monkeypatch):
         pass
 
 
+def _replaced_gguf(path, **kwargs):
+    """tiny_gguf written beside `path` and moved over it: a new file, so that a reader still mapping the
+    old one keeps its bytes (writing in place would truncate a mapped file)."""
+    import os
+
+    os.replace(tiny_gguf(path.with_name(path.name + ".new"), **kwargs), path)
+    return path
+
+
+def _gguf_swapped_names():
+    """Every name gguf_parsed_once could swap or leave behind: gguf's and transformers' gguf modules."""
+    import importlib
+    import sys
+
+    gguf = pytest.importorskip("gguf")
+    modules = [gguf, sys.modules["gguf.gguf_reader"], sys.modules["gguf.tensor_mapping"]]
+    for name in ("transformers.modeling_gguf_pytorch_utils", "transformers.integrations.ggml"):
+        try:
+            modules.append(importlib.import_module(name))
+        except ImportError:
+            pass
+    return {(m.__name__, k): v for m in modules for k, v in vars(m).items()}
+
+
+def test_gguf_parsed_once_reads_each_file_and_puts_gguf_back(tmp_path):
+    """Within a block each file is read from itself (two files give their own flags, tensors and
+    tie); a file replaced between two blocks is read anew; gguf's and transformers' module names are
+    the same objects after the block, also when it raised, and the lock is free again."""
+    import threading
+
+    from dcedit_kernels.compat.transformers_versions import gguf_add_bos, gguf_parsed_once, gguf_ties_head
+
+    gguf = pytest.importorskip("gguf")
+    a, b = tiny_gguf(tmp_path / "a.gguf", add_bos=True, head=True), tiny_gguf(tmp_path / "b.gguf", add_bos=False, head=False)
+
+    def oracle(path):  # the file's own flag, tie and embedding, read without the block
+        reader = gguf.GGUFReader(str(path))
+        field = reader.fields.get("tokenizer.ggml.add_bos_token")
+        names = [t.name for t in reader.tensors]
+        emb = next(t for t in reader.tensors if t.name == "token_embd.weight").data
+        return (None if field is None else bool(field.contents())), "output.weight" not in names, emb.copy()
+
+    before = _gguf_swapped_names()
+    want = {p: oracle(p) for p in (a, b)}
+    with gguf_parsed_once():
+        for p in (a, b, a):
+            bos, tied, emb = want[p]
+            assert gguf_add_bos(p) is bos and gguf_ties_head(p) is tied
+            got = next(t for t in gguf.GGUFReader(str(p)).tensors if t.name == "token_embd.weight").data
+            assert (got == emb).all()
+    assert _gguf_swapped_names() == before and all(v is before[k] for k, v in _gguf_swapped_names().items())
+    _replaced_gguf(a, add_bos=False, head=False)
+    want_a = oracle(a)
+    with pytest.raises(KeyError):
+        with gguf_parsed_once():
+            assert gguf.GGUFReader(str(a)) is gguf.GGUFReader(str(a))  # a second block of this thread swaps again
+            assert gguf_add_bos(a) is False and gguf_ties_head(a) is True  # the new file, not the last block's
+            got = next(t for t in gguf.GGUFReader(str(a)).tensors if t.name == "token_embd.weight").data
+            assert (got == want_a[2]).all()
+            raise KeyError("inside")
+    after = _gguf_swapped_names()
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    entered = threading.Event()
+
+    def other_thread():
+        with gguf_parsed_once():
+            entered.set()
+
+    thread = threading.Thread(target=other_thread, daemon=True)
+    thread.start()
+    thread.join(20)
+    assert entered.is_set(), "the lock was left held after an exception"
+
+
 @pytest.mark.parametrize("version,head,kwargs", [
     ((4, 57), False, {"tie_word_embeddings": True}),  # 4.x left such a head at its random init
     ((4, 57), True, {}),
