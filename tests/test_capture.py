@@ -1031,6 +1031,40 @@ def test_gguf_parsed_once_reads_each_file_and_puts_gguf_back(tmp_path):
     assert entered.is_set(), "the lock was left held after an exception"
 
 
+def test_gguf_parsed_once_nests(tmp_path):
+    """A block inside a block of the same thread (load_model inside a caller's gguf_parsed_once)
+    shares the outer block's parse and leaves its swap in place until the outer block ends; it
+    deadlocked on the outer block's lock before.  In a child process, so that a deadlock fails this
+    test instead of hanging the next one on the lock."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    pytest.importorskip("gguf")
+    path = tiny_gguf(tmp_path / "m.gguf", add_bos=False)
+    script = textwrap.dedent(f"""
+        import gguf
+        from dcedit_kernels.compat.transformers_versions import gguf_add_bos, gguf_parsed_once
+
+        path = {str(path)!r}
+        real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+        with gguf_parsed_once():
+            outer = gguf.GGUFReader(path)
+            with gguf_parsed_once():
+                assert gguf.GGUFReader(path) is outer and gguf_add_bos(path) is False
+            assert gguf.GGUFReader(path) is outer  # still the outer block's memo
+        assert gguf.GGUFReader is real_reader and gguf.get_tensor_name_map is real_map
+        print("nested ok")
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("nested gguf_parsed_once blocks deadlocked")
+    assert done.returncode == 0 and "nested ok" in done.stdout, done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("version,head,kwargs", [
     ((4, 57), False, {"tie_word_embeddings": True}),  # 4.x left such a head at its random init
     ((4, 57), True, {}),

@@ -106,6 +106,7 @@ def _gguf_dense():
 
 
 _GGUF_PATCH = threading.Lock()
+_GGUF_PATCHED_HERE = threading.local()  # `.open`: this thread's block is open (a nested block shares it)
 
 
 @contextlib.contextmanager
@@ -119,11 +120,16 @@ def gguf_parsed_once():
     weights (torch.equal).  It swaps `gguf.GGUFReader` and `gguf.get_tensor_name_map` for
     memoised ones (transformers imports both inside its functions, so it finds them), under a
     lock (two threads loading would otherwise restore each other's swap); a version that reads
-    them otherwise is simply not sped up.
+    them otherwise is simply not sped up.  A block inside a block of the same thread (load_model
+    inside a caller's block) shares the outer one's memos and swap; it waited on the outer block's
+    lock for ever before.
     """
     try:
         import gguf
     except ImportError:
+        yield
+        return
+    if getattr(_GGUF_PATCHED_HERE, "open", False):  # this thread's block is open: its swap serves
         yield
         return
     with _GGUF_PATCH:
@@ -137,7 +143,9 @@ def gguf_parsed_once():
             return readers[key]
 
         gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(real_map)
+        _GGUF_PATCHED_HERE.open = True
         try:
             yield
         finally:
+            _GGUF_PATCHED_HERE.open = False
             gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
