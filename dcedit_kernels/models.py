@@ -279,16 +279,18 @@ def _tiny_config(arch: str, tok):
     raise ValueError(f"arch must be one of {TINY_ARCHS}, got {arch!r}")
 
 
-def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype | str = torch.float32):
     """(model, tokenizer): a tiny random `arch` model in eval mode, built without downloads.
 
     GPT-2 and Llama are causal LMs, BERT a masked LM, BART and T5 seq2seq LMs; dropout is off.
-    `seed` fixes the weights without touching the caller's global RNG state.
+    `seed` fixes the weights without touching the caller's global RNG state.  `dtype` as
+    `load_model` takes it (a torch float dtype or a DTYPES name; anything else raises ValueError).
     """
     import transformers
 
     if arch not in TINY_ARCHS:
         raise ValueError(f"arch must be one of {TINY_ARCHS}, got {arch!r}")
+    dtype = as_dtype(dtype, "dtype")  # a name went to Module.to as a device ("Invalid device string: 'bf16'")
     tok = tiny_tokenizer(arch)
     config = _tiny_config(arch, tok)
     cls = {

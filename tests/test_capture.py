@@ -903,6 +903,49 @@ def test_tiny_models_stay_untied_after_tie_weights(arch):
     assert model.config.tie_word_embeddings is False
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert", "bart", "t5"])
+def test_tiny_model_dtype_seed_and_special_tokens(arch, gen):
+    """tiny_model against what its docstring and the config promise: a seed gives the same weights and
+    another seed other matrices; `dtype` as a torch.dtype or a DTYPES name gives the fp32 weights
+    rounded to it (a name was read as a device before: "Invalid device string: 'bf16'"), a bad one a
+    ValueError naming dtype; the tokenizer's special tokens are the config's and its ids fit the
+    vocabulary; a backward gives the untied head and the input embedding gradients of their own."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    model, tok = tiny_model(arch, seed=seed)
+    same = dict(tiny_model(arch, seed=seed)[0].named_parameters())
+    other = dict(tiny_model(arch, seed=seed + 1)[0].named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p, same[name]), name
+        if p.dim() == 2:
+            assert not torch.equal(p, other[name]), name
+    for dtype, want in (("bf16", torch.bfloat16), ("float64", torch.float64), (torch.float16, torch.float16)):
+        cast = dict(tiny_model(arch, seed=seed, dtype=dtype)[0].named_parameters())
+        for name, p in model.named_parameters():
+            assert cast[name].dtype == want and torch.equal(cast[name], p.detach().to(want)), (dtype, name)
+    for bad in ("fp8", "auto", torch.int32):
+        with pytest.raises(ValueError, match="dtype"):
+            tiny_model(arch, dtype=bad)
+    config = model.config
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if getattr(config, key, None) is not None and getattr(tok, key) is not None:
+            assert getattr(config, key) == getattr(tok, key), key
+    assert tok.pad_token_id is not None and config.pad_token_id == tok.pad_token_id
+    if config.is_encoder_decoder:
+        assert config.decoder_start_token_id in (tok.pad_token_id, tok.eos_token_id)
+    assert len(tok) <= config.vocab_size
+    texts = [random_text(gen).lower() if arch == "bert" else random_text(gen) for _ in range(2)]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    ids = batch["input_ids"]
+    assert int(ids.max()) < config.vocab_size and tok.unk_token_id not in ids[batch["attention_mask"].bool()].tolist()
+    assert [tok.decode(row, skip_special_tokens=True) for row in ids] == texts
+    labels = ids.masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+    model.zero_grad()
+    model(**batch, labels=labels).loss.backward()
+    head, embedding = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    assert head.data_ptr() != embedding.data_ptr() and head.grad is not None
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def tiny_gguf(path, add_bos=None, head=True):
     """A gguf file holding what compat.transformers_versions reads: `tokenizer.ggml.add_bos_token`
     (None: absent) and the token embedding, with an `output.weight` where the LM head is its own."""
