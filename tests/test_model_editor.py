@@ -3909,6 +3909,171 @@ def test_moeditor_routes_by_the_noisy_logits_in_training_and_the_clean_ones_in_e
     assert abs(share - p) < 5 * math.sqrt(p * (1 - p) / E), (share, p)
 
 
+def moeditor_oracle(p, stats, feats, mu, eta, bounds, mode, n_in, top_k, fusion):
+    """A MoEditor's eval edit written out in float64 from SPEC.md and the docstrings: tokens whose μ or
+    η row is zero skipped (MEND); h = [(μ − mean)/(std + 1e-7); (η − mean)/(std + 1e-7)] from the
+    frozen running norms; the gate reads (f − mean)/(std + 1e-7) from gate_norm's, logits f W_g (no
+    noise in eval), keeps the top k and softmaxes them; each edit goes to its top-1 editor g(e) and its
+    tokens' η̃ are scaled by w_e, the softmax weight of g(e); S_g = Σ_{t∈g} η̃_t μ̃_tᵀ; fused per entry:
+    add Σ_g S_g, max the S_g of largest |S_g| (first on ties), sss P where P ≥ −N else N (P, N: the sums
+    of the positive and negative parts), ssm that over N_g.  Returns the groups, the rows {t: (μ̃, η̃)}
+    and the fused shift; `p` holds float64 leaves, so autograd gives the oracle's gradients."""
+    E, T, G = len(bounds) - 1, mu.shape[0], p["w_gate"].shape[1]
+    edit_of = [e for e in range(E) for _ in range(bounds[e + 1] - bounds[e])]
+    kept = [t for t in range(T) if bool(mu[t].any()) and bool(eta[t].any())]
+    x = torch.cat([mu, eta], 1).double()
+    h = (x - torch.cat([stats["u_mean"], stats["v_mean"]])) / (torch.cat([stats["u_std"], stats["v_std"]]) + 1e-7)
+    f = (feats.double() - stats["mean"]) / (stats["std"] + 1e-7)
+    logits = f @ p["w_gate"]
+    groups, weights = [], []
+    for e in range(E):
+        order = sorted(range(G), key=lambda g: -float(logits[e, g].detach()))[:top_k]
+        soft = torch.softmax(torch.stack([logits[e, g] for g in order]), 0)
+        groups.append(order[0])
+        weights.append(soft[0])
+    S = [torch.zeros(eta.shape[1], n_in, dtype=torch.float64) for _ in range(G)]
+    rows = {}
+    for t in kept:
+        g, z = groups[edit_of[t]], h[t]
+        for i in range(len([k for k in p if k.endswith(".u")])):
+            pre = (p[f"layers.{i}.u"][g] @ (p[f"layers.{i}.v"][g] @ z) + p[f"layers.{i}.bias"][g]) \
+                * p[f"layers.{i}.mode_scale"][g, mode] + p[f"layers.{i}.mode_shift"][g, mode]
+            z = z + pre.clamp(min=0)
+        rows[t] = (z[:n_in], weights[edit_of[t]] * z[n_in:])
+        S[g] = S[g] + torch.outer(rows[t][1], rows[t][0])
+    if fusion == "add":
+        fused = sum(S)
+    elif fusion == "max":
+        fused = S[0]
+        for s in S[1:]:
+            fused = torch.where(s.abs() > fused.abs(), s, fused)
+    else:
+        pos, neg = sum(s.clamp(min=0) for s in S), sum(s.clamp(max=0) for s in S)
+        fused = torch.where(pos >= -neg, pos, neg) / (G if fusion == "ssm" else 1)
+    return groups, rows, fused
+
+
+@pytest.mark.parametrize("fusion", ["add", "max", "sss", "ssm"])
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_moeditor_matches_a_float64_oracle_for_every_fusion_with_its_norms_and_gate_gradient(fusion, top_k, gen):
+    """A float64 MoEditor (3 editors, every parameter, the running norms and gate_norm's statistics
+    random, mode 1 of 2) in eval against `moeditor_oracle`: ragged edits (one of one token, one
+    without tokens, a μ row and an η row of zeros), top_k 1 and N_g, each fusion.  The routing,
+    forward's rows per group (in the tokens' order), dense(), apply_ (W + α[mode]·Δ) and the
+    gradient of every parameter of α·⟨Δ, R⟩ (w_gate's through the gate weight at top_k = N_g, none
+    at top_k = 1; none for w_noise in eval) to float64 rounding.  The "max" fusion and the gate
+    normalisation in eval had no oracle test through an editor."""
+    from dcedit_kernels import MoEditor
+
+    n_in, n_out, G, f_dim = 5, 4, 3, 6
+    editor = MoEditor(n_in, n_out, n_editors=G, top_k=top_k, fusion=fusion, feat_dim=f_dim, rank=2, n_modes=2,
+                      seed=seed_from(gen)).double()
+    seen = 7
+    with torch.no_grad():
+        for name, t in editor.named_parameters():
+            if name.split(".")[-1] != "v":
+                ones = 1.0 if name.endswith("mode_scale") else 0.0
+                t.copy_(ones + torch.randn(t.shape, generator=gen, dtype=torch.float64) * 0.6)
+        for norm, keys in ((editor.norm, (("u_mean", "u_s", "u_std"), ("v_mean", "v_s", "v_std"))),
+                           (editor.gate_norm, (("mean", "s", "std"),))):
+            norm.k.fill_(seen)
+            for m, s, sd in keys:
+                dim = getattr(norm, m).numel()
+                getattr(norm, m).copy_(torch.randn(dim, generator=gen, dtype=torch.float64))
+                getattr(norm, s).copy_(torch.rand(dim, generator=gen, dtype=torch.float64) * 3 * (seen - 1) + 0.1)
+                getattr(norm, sd).copy_((getattr(norm, s) / (seen - 1)).sqrt())
+    editor.eval()
+    counts = [3, 1, 0, 2, 4, 2]
+    bounds = [0] + torch.tensor(counts).cumsum(0).tolist()
+    offsets = torch.tensor(bounds, dtype=torch.int32)
+    T, E = bounds[-1], len(counts)
+    mu = torch.randn(T, n_in, generator=gen).double()  # fp32-representable: the editor rounds [μ; η] to fp32
+    eta = torch.randn(T, n_out, generator=gen).double()
+    mu[1].zero_()
+    eta[T - 1].zero_()
+    mode = 1
+    stats = {k.split(".")[-1]: v.clone() for k, v in editor.named_buffers()}
+    names = [n for n, _ in editor.named_parameters()]
+    p = {n: t.detach().clone().requires_grad_(True) for n, t in editor.named_parameters()}
+    for _ in range(50):  # features that send the edits' rows to two editors at least, so that the fusion shows
+        feats = torch.randn(E, f_dim, generator=gen).double() * 2
+        groups, rows, want = moeditor_oracle(p, stats, feats, mu, eta, bounds, mode, n_in, top_k, fusion)
+        if len({groups[e] for e in range(E) if counts[e]}) >= 2:
+            break
+    assert len({groups[e] for e in range(E) if counts[e]}) >= 2
+    edit = editor(mu, eta, offsets, mode=mode, edit_feats=feats)
+    assert edit.edit_group.tolist() == groups
+    tol = 1e-11
+    edit_of = [e for e in range(E) for _ in range(counts[e])]
+    b = edit.offsets.tolist()
+    for g in range(G):
+        mine = [t for t in sorted(rows) if groups[edit_of[t]] == g]
+        assert b[g + 1] - b[g] == len(mine), g
+        if mine:
+            assert rel_err(edit.mu_t[b[g]:b[g + 1]], torch.stack([rows[t][0] for t in mine])) < tol
+            assert rel_err(edit.eta_t[b[g]:b[g + 1]], torch.stack([rows[t][1] for t in mine])) < tol
+    got = edit.dense()
+    assert rel_err(got, want) < tol
+    R = torch.randn(n_out, n_in, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad(edit.alpha * (got * R).sum(), list(editor.parameters()), allow_unused=True)
+    want_grads = torch.autograd.grad(p["alpha"][mode] * (want * R).sum(), [p[n] for n in names], allow_unused=True)
+    for n, g1, g2 in zip(names, grads, want_grads):
+        g1 = torch.zeros_like(p[n]) if g1 is None else g1
+        g2 = torch.zeros_like(p[n]) if g2 is None else g2
+        assert torch.allclose(g1, g2, rtol=1e-9, atol=1e-12 * float(g2.abs().max().clamp_min(1))), n
+        if n == "w_gate":
+            assert bool(g1.any()) == (top_k > 1), n  # the edit's gradient reaches the gate above top-1 only
+    weight = torch.randn(n_out, n_in, generator=gen, dtype=torch.float64)
+    w = weight.clone()
+    with torch.no_grad():
+        previous = editor.apply_(w, mu, eta, offsets, mode=mode, edit_feats=feats)
+    assert rel_err(w - weight, p["alpha"][mode].detach() * want.detach()) < tol
+    ops.undo_shift_(w, previous)
+    assert torch.equal(w, weight)
+
+
+def test_moeditor_training_gate_weight_is_the_softmax_of_the_noisy_kept_logits(gen):
+    """In training the gate's weight, like its choice, comes from the noisy logits l = f W_g + ε ⊙
+    (softplus(f W_noise) + 0.01), ε ~ N(0, 1) per edit and editor.  At top_k = N_g = 2 the chosen
+    editor's weight w gives l₁ − l₀ = ±log(w / (1 − w)) (+ when editor 1 is chosen): over 3000 edits
+    of each of two feature rows its mean and std match N(c₁ − c₀, σ₀² + σ₁²) (c = f W_g, σ the noise
+    scale; the second row's σ are near the 0.01 floor) to 5 standard errors, and the draws of two
+    neighbouring edits are uncorrelated.  The same global seed draws the same noise; in eval the
+    weight is the softmax of f W_g alone."""
+    from dcedit_kernels import MoEditor
+
+    editor = MoEditor(3, 2, n_editors=2, top_k=2, feat_dim=3, rank=1, gate_norm=False, seed=seed_from(gen)).double()
+    with torch.no_grad():
+        editor.w_gate.copy_(torch.randn(3, 2, generator=gen, dtype=torch.float64) * 0.5)
+        editor.w_noise.copy_(torch.tensor([[0.5, -1.0], [-6.0, -6.5], [0.0, 0.0]], dtype=torch.float64))
+    rows = torch.tensor([[0.4, 0.1, 1.0], [0.2, 1.0, -1.0]], dtype=torch.float64)  # σ ≈ (0.52, 0.31), (0.013, 0.011)
+    n = 3000
+    feats = rows.repeat(n, 1)
+    clean = rows @ editor.w_gate.detach()
+    sigma = torch.nn.functional.softplus(rows @ editor.w_noise.detach()) + 0.01
+    mean, std = clean[:, 1] - clean[:, 0], sigma.square().sum(1).sqrt()
+
+    def logit_gap(groups, weight):
+        gap = torch.log(weight / (1 - weight))
+        return torch.where(groups == 1, gap, -gap).view(n, 2)
+
+    seed = seed_from(gen)
+    with torch.no_grad():
+        editor.train()
+        torch.manual_seed(seed)
+        draws = editor.route(2 * n, feats)
+        torch.manual_seed(seed)
+        again = editor.route(2 * n, feats)
+        assert torch.equal(draws[0], again[0]) and torch.equal(draws[1], again[1])
+        gap = logit_gap(*draws[:2])
+        for r in range(2):
+            assert abs(float(gap[:, r].mean() - mean[r])) < 5 * float(std[r]) / math.sqrt(n), r
+            assert abs(float(gap[:, r].std() / std[r]) - 1) < 5 / math.sqrt(2 * n), r
+        assert abs(float(torch.corrcoef(gap.t())[0, 1])) < 5 / math.sqrt(n)
+        editor.eval()
+        assert torch.allclose(logit_gap(*editor.route(2 * n, feats)[:2]), mean.expand(n, 2), rtol=1e-9, atol=1e-12)
+
+
 def test_moeditor_gate_norm_takes_a_training_batch_into_its_statistics_before_standardising_it(gen):
     """In training the gate reads each batch's features standardised by running statistics that
     already include that batch (`route`'s docstring): a first batch of features 10-13 (+ a shift
