@@ -1131,6 +1131,163 @@ def test_evaluate_edits_agrees_with_metrics_edit_success(gen):
         assert ours["es_all"] == pytest.approx(metrics.edit_success(model, tok, reqs, exact=True))
 
 
+# ---------------------------------------------------------------------------------------------
+# evaluate_edits against an independent float64 oracle (its docstring: batches of batch_size,
+# the last filled up with the edits before it, each edit scored once, per-edit means)
+# ---------------------------------------------------------------------------------------------
+DESCENT_LAYERS = {"llama": ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj"],
+                  "gpt2": ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_proj"]}
+
+
+def _descent_mend(arch, gen):
+    """A float64 MEND whose edits change predictions: its untrained editor passes the captured
+    gradient through (u = 0), so a large negative α is a long descent step on the applied edits'
+    loss, and which edits are applied together changes the scores (diluted as 1/N)."""
+    model, tok = frozen_double_model(arch, seed_from(gen))
+    me = ModelEditor(model, tok, DESCENT_LAYERS[arch], method="mend", rank=4, seed=1)
+    me.editors.double()
+    lo, hi = {"llama": (-2000.0, -300.0), "gpt2": (-30.0, -3.0)}[arch]
+    with torch.no_grad():
+        for editor in me.editors.values():
+            editor.alpha.uniform_(lo, hi, generator=gen)
+    return me
+
+
+def _short_target_requests(gen, n):
+    """Targets of one to three letters (of different token counts; whole targets right happen, so
+    es_all is not always 0); rephrases absent (the prompt is scored), equal to the prompt, or other words."""
+    out = []
+    for _ in range(n):
+        prompt, kind, letters = words(gen, 2, 4), *torch.randint(0, 3, (2,), generator=gen).tolist()
+        rephrase = None if kind == 0 else prompt if kind == 1 else words(gen, 2, 4)
+        out.append(EditRequest(prompt=prompt, target=words(gen, 1, 1)[:letters + 1], rephrase=rephrase))
+    return out
+
+
+def _oracle_row(model, tok, prompt, target):
+    """(share of target tokens the argmax predicts, mean target NLL) of one unpadded row, float64."""
+    p, full = tok(prompt)["input_ids"], tok(readme_join(prompt, target))["input_ids"]
+    assert full[:len(p)] == p
+    with torch.no_grad():
+        logp = model(input_ids=torch.tensor([full])).logits[0, len(p) - 1:-1].double().log_softmax(-1)
+    tgt = torch.tensor(full[len(p):])
+    return float((logp.argmax(-1) == tgt).double().mean()), float(-logp.gather(-1, tgt[:, None]).mean())
+
+
+def _oracle_batches(me, requests, batch_size):
+    """Per batch of batch_size requests: its edits' (accuracy, nll), with the batch applied (a
+    last batch of fewer together with the edits before it, batch_size in all) by editors in eval
+    mode, then undone."""
+    modes = {name: editor.training for name, editor in me.editors.items()}
+    me.editors.eval()
+    out = []
+    try:
+        for start in range(0, len(requests), batch_size):
+            stop = min(start + batch_size, len(requests))
+            handle = me.apply(requests[max(0, stop - batch_size):stop])
+            try:
+                out.append([_oracle_row(me.model, me.tokenizer, r.prompt if r.rephrase is None else r.rephrase, r.target)
+                            for r in requests[start:stop]])
+            finally:
+                handle.undo()
+    finally:
+        for name, editor in me.editors.items():
+            editor.train(modes[name])
+    return out
+
+
+def _assert_oracle_summary(got, batches):
+    """es, es_all: means over edits (not batches) of fp32 accuracies, so to 1e-6; nll float64."""
+    rows = [row for batch in batches for row in batch]
+    assert set(got) == {"es", "es_all", "nll"}
+    assert got["es"] == pytest.approx(sum(a for a, _ in rows) / len(rows), abs=1e-6)
+    assert got["es_all"] == pytest.approx(sum(a == 1.0 for a, _ in rows) / len(rows), abs=1e-6)
+    assert got["nll"] == pytest.approx(sum(nll for _, nll in rows) / len(rows), rel=1e-10)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_evaluate_edits_against_an_independent_float64_oracle(arch, gen):
+    """n = 1, batch_size - 1, batch_size, batch_size + 1, 2·batch_size + 1 (batch_size 3): the scores
+    of an oracle that applies each batch (the last filled up from the edits before it), scores its
+    own edits' unpadded rows and averages over edits; the model bitwise as before, the editors
+    (left in training mode) with their modes and state.  Scoring the remainder applied alone, or
+    averaging per batch, differs here by far more than the tolerances."""
+    skip_fp32_logits(arch)
+    me = _descent_mend(arch, gen)
+    me.editors.train()
+    weights = {k: v.clone() for k, v in me.model.state_dict().items()}
+    editors = {k: v.clone() for k, v in me.editors.state_dict().items()}
+    for n in (1, 2, 3, 4, 7):
+        requests = _short_target_requests(gen, n)
+        got = evaluate_edits(me, requests, batch_size=3)
+        assert all(torch.equal(weights[k], v) for k, v in me.model.state_dict().items())
+        assert all(e.training for e in me.editors.values())
+        assert all(torch.equal(editors[k], v) for k, v in me.editors.state_dict().items())
+        _assert_oracle_summary(got, _oracle_batches(me, requests, 3))
+
+
+@pytest.mark.parametrize("size, n, batch_size", [(2, 7, 3), (3, 4, 2), (4, 3, 4)])
+def test_evaluate_split_scores_each_batch_once_on_its_rank_and_gathers_them_in_order(size, n, batch_size, gen,
+                                                                                      monkeypatch):
+    """Each rank of a `size`-process validation (ranks 2 of (3, 4, 2) and 1-3 of (4, 3, 4) with no
+    batch): it applies batches rank, rank + size, ... only, and the others' shares (the oracle's
+    scores of theirs, as all_gather_object would bring them) put back in order give the oracle's
+    summary of all of them."""
+    import dcedit_kernels.distributed as distributed
+    from dcedit_kernels.train_validation import _evaluate_split
+
+    me = _descent_mend("gpt2", gen).eval()
+    requests = _short_target_requests(gen, n)
+    want = _oracle_batches(me, requests, batch_size)
+    shares = [(None, [(torch.tensor([a for a, _ in want[b]]), torch.tensor([nll for _, nll in want[b]], dtype=torch.float64))
+                      for b in range(q, len(want), size)]) for q in range(size)]
+    apply = me.apply
+    for rank in range(size):
+        applied = []
+        monkeypatch.setattr(me, "apply", lambda reqs: applied.append(list(reqs)) or apply(reqs))
+        monkeypatch.setattr(distributed, "all_gather_object", lambda mine, rank=rank: shares[:rank] + [mine] + shares[rank + 1:])
+        got = _evaluate_split(me, requests, batch_size, rank, size)
+        stops = [min(b * batch_size + batch_size, n) for b in range(rank, len(want), size)]
+        assert applied == [requests[max(0, stop - batch_size):stop] for stop in stops]
+        _assert_oracle_summary(got, want)
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_evaluate_edits_interrupted_at_any_forward_leaves_the_model_and_editors_as_they_were(error, gen):
+    """A failure raised by the k-th block forward of an evaluation (in an edit's capture or in the
+    scoring of an applied batch, for every k): it propagates, the weights are bitwise as before,
+    the editors keep their mode and state, and the next evaluation gives the first's scores."""
+    me = _descent_mend("llama", gen)
+    me.editors.train()
+    requests = _short_target_requests(gen, 5)
+    block = me.model.get_submodule("model.layers.1")
+    calls = []
+    counting = block.register_forward_pre_hook(lambda module, args: calls.append(1))
+    want = evaluate_edits(me, requests, batch_size=3)
+    counting.remove()
+    weights = {k: v.clone() for k, v in me.model.state_dict().items()}
+    editors = {k: v.clone() for k, v in me.editors.state_dict().items()}
+    assert len(calls) >= 4  # two batches, each captured and scored
+    for k in range(1, len(calls) + 1):
+        seen = []
+
+        def fail_at_k(module, args):
+            seen.append(1)
+            if len(seen) == k:
+                raise error(f"injected at forward {k}")
+
+        hook = block.register_forward_pre_hook(fail_at_k)
+        try:
+            with pytest.raises(error, match=f"injected at forward {k}"):
+                evaluate_edits(me, requests, batch_size=3)
+        finally:
+            hook.remove()
+        assert all(torch.equal(weights[key], v) for key, v in me.model.state_dict().items()), k
+        assert all(e.training for e in me.editors.values())
+        assert all(torch.equal(editors[key], v) for key, v in me.editors.state_dict().items()), k
+        assert evaluate_edits(me, requests, batch_size=3) == want
+
+
 def _fail_trainer_write(monkeypatch, n: int):
     """The n-th write of trainer.safetensors raises OSError("injected: disk full") (a full disk, a
     killed process); returns the function that puts the real writer back."""
