@@ -312,6 +312,16 @@ def test_cli_checkpoint_dir_that_is_a_file(capsys, tmp_path, monkeypatch):
     assert f"dcedit: error: --checkpoint-dir {a_file}: is a file; give a folder" in capsys.readouterr().err
 
 
+def test_cli_empty_checkpoint_dir_is_refused_before_the_model_loads(capsys, tmp_path, monkeypatch):
+    """--checkpoint-dir "" (the current directory, which TrainConfig refuses) passed argparse and
+    the folder check, loaded the model and then said "checkpoint_dir must be a path or None, got ''",
+    TrainConfig's field name."""
+    _no_model(monkeypatch)
+    assert cli.main(["train", "--checkpoint-dir", "", "--out", str(tmp_path / "e.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "dcedit: error: --checkpoint-dir: " in err and not PYTHON_TERMS.search(err), err
+
+
 def test_cli_paths_the_os_refuses_are_one_error_line(capsys, tmp_path, monkeypatch, tiny_model_dir):
     """A name past the file system's limit (ENAMETOOLONG: pathlib raises, where a missing file
     returns False) and an --out the OS refuses although its folder passes os.access (root): one line,

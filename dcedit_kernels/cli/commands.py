@@ -87,6 +87,8 @@ def cmd_train(args) -> dict:
 
     if args.val_size is not None and not args.val_data:  # it counts --val-data's edits: alone it would be ignored
         raise UserError("--val-size goes with --val-data")
+    if args.checkpoint_dir == "":  # Path("") is the current directory: TrainConfig refuses it, after the model's load
+        raise UserError("--checkpoint-dir: an empty path; give a folder")
     if args.checkpoint_dir is not None and Path(args.checkpoint_dir).exists() and not Path(args.checkpoint_dir).is_dir():
         raise UserError(f"--checkpoint-dir {args.checkpoint_dir}: is a file; give a folder")
     requests = load_requests(args.data, args.n_edits)
