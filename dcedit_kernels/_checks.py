@@ -65,6 +65,15 @@ def is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed and torch.Generator.manual_seed take
+
+
+def is_torch_seed(x) -> bool:
+    """An int (not a bool) torch can seed with: one outside SEED_RANGE raised a bare "Overflow when
+    unpacking long long" from manual_seed, naming no argument."""
+    return is_int(x) and SEED_RANGE[0] <= x <= SEED_RANGE[1]
+
+
 def is_number(x) -> bool:
     """A Python int or float, not a bool (settings that configs and checkpoints store as JSON)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool)

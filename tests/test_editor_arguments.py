@@ -191,3 +191,25 @@ def test_compute_factors_refuses_numpy_and_list_inputs():
     ids = torch.tensor([[3, 4, 5]])  # a tuple where a tensor goes, as a list
     with pytest.raises(ValueError, match=r"^batch\['attention_mask'\] must be a torch\.Tensor, got tuple"):
         compute_factors(model, {"input_ids": ids, "attention_mask": ((1, 1, 1),), "labels": ids}, names)
+
+
+@pytest.mark.parametrize("method", EDITOR_KINDS)
+def test_seed_outside_torch_range_is_refused_naming_seed(method, gen):
+    """A seed torch cannot take (outside [-2**63, 2**64 - 1]) is a ValueError naming `seed`, from
+    every preset and from tiny_model, as the CLI's --seed refuses it; it was manual_seed's bare
+    "Overflow when unpacking long long".  The two ends of the range seed an editor, and equal
+    seeds draw equal RaEditor groups."""
+    from dcedit_kernels.editors import presets
+
+    preset = {"mend": presets.MEND, "raeditor": presets.RaEditor, "moeditor": presets.MoEditor,
+              "proeditor": presets.ProEditor}[method]
+    far = int(torch.randint(1, 2**62, (1,), generator=gen))
+    for seed in (2**64, -(2**63) - 1, 2**64 + far, -(2**63) - far, 1.0, True):
+        with pytest.raises(ValueError, match=r"^seed must be an int"):
+            preset(7, 5, rank=2, seed=seed)
+        with pytest.raises(ValueError, match=r"^seed must be an int"):
+            tiny_model("gpt2", seed=seed)
+    for seed in (2**64 - 1, -(2**63)):
+        a, b = preset(7, 5, rank=2, seed=seed), preset(7, 5, rank=2, seed=seed)
+        assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+        assert torch.equal(a.route_generator.get_state(), b.route_generator.get_state())

@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from .._checks import SEED_RANGE
 from ..models import DTYPES
 from .methods import EDITOR_METHODS, METHOD_NAMES
 from .user_error import UserError
@@ -76,9 +77,6 @@ def rate(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"must be a non-negative finite number, got {text!r}")
     return value
-
-
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed and torch.Generator.manual_seed take
 
 
 def seed_int(text: str) -> int:
