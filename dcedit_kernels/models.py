@@ -265,7 +265,10 @@ def _tiny_config(arch: str, tok):
             vocab_size=vocab_size, d_model=20, encoder_layers=2, decoder_layers=2,
             encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37,
             max_position_embeddings=128, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-            tie_word_embeddings=False, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+            # Tied as a real BART is, so the encoder, the decoder and `shared` are one embedding (with
+            # tie_word_embeddings=False transformers 5 unties those three as well: `shared`, which
+            # get_input_embeddings returns, then took no part in the forward); the head is untied below.
+            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.eos_token_id,
             forced_eos_token_id=None,
         )

@@ -892,15 +892,19 @@ def test_load_model_pads_with_eos_when_the_tokenizer_has_no_pad(tmp_path):
 def test_tiny_models_stay_untied_after_tie_weights(arch):
     """The tiny models' LM head keeps its own weight even when transformers ties weights again
     (tie_weights, run by resize_token_embeddings and from_pretrained): T5 forced the tie back.
-    Only a head built tied (T5's under transformers 5) starts as a copy of the embedding; the
-    others keep their own random initialisation, not the embedding's values."""
+    Only a head built tied (T5's under transformers 5, BART's) starts as a copy of the embedding;
+    the others keep their own random initialisation, not the embedding's values.  BART's encoder
+    and decoder embeddings stay the one `shared` embedding, as in a real BART."""
     model, _ = tiny_model(arch, seed=0)
     head, embedding = model.get_output_embeddings().weight, model.get_input_embeddings().weight
-    if arch != "t5":
+    if arch not in ("t5", "bart"):
         assert not torch.equal(head, embedding)
     model.tie_weights()
     assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
     assert model.config.tie_word_embeddings is False
+    if arch == "bart":
+        shared = model.get_input_embeddings().weight
+        assert model.model.encoder.embed_tokens.weight is shared and model.model.decoder.embed_tokens.weight is shared
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "bert", "bart", "t5"])
