@@ -369,6 +369,15 @@ def test_processes_given_editors_of_other_settings_but_equal_tensors_are_refused
                                               "settings (editor.editors.37x24.fusion)") for e in errors), errors
 
 
+def _aborted_in_teardown(stderr: str) -> bool:
+    """True when a torchrun worker died of the abort seen in gloo's teardown (as `_run` allows): on
+    2 loaded CPUs 2 of 85 runs of the command below ended so, always rank 1 (which leaves first, while
+    rank 0 saves), with rank 0's saved line printed; PYTHONFAULTHANDLER showed no Python frame, so
+    the abort is in the interpreter's exit, after `dcedit train` returned.  torchrun then reports the
+    run failed."""
+    return "terminate called without an active exception" in stderr and "(SIGABRT)" in stderr
+
+
 def test_dcedit_train_under_torchrun(tmp_path):
     """`torchrun --nproc_per_node 2 -m dcedit_kernels.cli train ...`: two processes over gloo train
     data-parallel, rank 0 alone saves the editor and prints (the saved line, the --batch-size note),
@@ -391,10 +400,13 @@ def test_dcedit_train_under_torchrun(tmp_path):
     data = _counterfact_file(tmp_path / "cf.json", n=8)
     out = tmp_path / "mend.safetensors"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "dcedit_kernels.cli", "train", "--model", str(model_dir), "--method", "mend",
-                          "--rank", "3", "--data", str(data), "--steps", "2", "--batch-size", "9", "--out", str(out)],
-                         capture_output=True, text=True, env=env, timeout=300)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "dcedit_kernels.cli", "train", "--model", str(model_dir), "--method", "mend",
+               "--rank", "3", "--data", str(data), "--steps", "2", "--batch-size", "9", "--out", str(out)]
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    if run.returncode != 0 and _aborted_in_teardown(run.stderr):
+        out.unlink(missing_ok=True)  # one run more, judged in full: the abort is torch's, after the run's work
+        run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 processes" in run.stdout and run.stdout.count("saved the trained") == 1
     assert run.stderr.count("dcedit: note: --batch-size 9 is more than the 8 training edits") == 1, run.stderr[-3000:]
