@@ -383,7 +383,6 @@ def _restore_forward_state(me: ModelEditor, state: tuple) -> None:
     _set_rng_states(me, rng_states)
 
 
-
 def _validate(me, val_requests, config, result, best_state, bad_validations, ckpt, rank=0, size=1):
     """Score the editors on `val_requests` (a data-parallel run's processes each score a share,
     `_evaluate_split`) and keep the best state; rank 0 saves best.safetensors.  `rank`, `size`: the

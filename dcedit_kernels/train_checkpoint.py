@@ -59,7 +59,6 @@ def _save_editor(me: ModelEditor, path: Path, state: dict | None = None) -> None
     save_safetensors(tensors, path, {CHECKPOINT_KEY: json.dumps(me.config())})
 
 
-
 def _cuda_devices(me: ModelEditor) -> list:
     """Indices of every CUDA device the model or the editors use (their RNG states are forked and
     checkpointed: gate noise is drawn on each editor's device)."""

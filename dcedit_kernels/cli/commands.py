@@ -15,6 +15,7 @@ from .options import editor_kwargs, parse_sizes
 from .output_files import train_out
 from .user_error import UserError
 
+
 def _model_editor(args, model, tokenizer):
     """A ModelEditor from --editor (a saved one) or from --method/--layers."""
     from ..model_editor import ModelEditor
@@ -254,7 +255,6 @@ def cmd_evaluate(args) -> dict:
 
 def _mean_std(stat: dict) -> str:
     return "n/a" if stat["mean"] is None else f"{stat['mean']:.3f}±{stat['std']:.3f}"
-
 
 
 COMMANDS = {"train": cmd_train, "edit": cmd_edit, "evaluate": cmd_evaluate}

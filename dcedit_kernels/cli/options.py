@@ -13,6 +13,7 @@ from ..models import DTYPES
 from .methods import EDITOR_METHODS, METHOD_NAMES
 from .user_error import UserError
 
+
 def editor_kwargs(args) -> dict:
     """Editor constructor arguments from the flags (only those given)."""
     kwargs = {}
@@ -52,7 +53,6 @@ def _check_rescale(method: str, loss_reduction: str) -> None:
     if loss_reduction != "token":
         raise UserError(f"--rescale-batch-size applies to the editor methods {EDITOR_METHODS} under "
                         f"--loss-reduction token, not --loss-reduction {loss_reduction}")
-
 
 
 def positive_int(text: str) -> int:
@@ -101,7 +101,6 @@ def parse_sizes(text: str) -> list[int]:
     if len(set(sizes)) != len(sizes):
         raise UserError(f"--n-edits must not repeat a value, got {text!r}")
     return sizes
-
 
 
 def _common(p: argparse.ArgumentParser, method_default: str | None, methods=tuple(METHOD_NAMES)) -> None:
@@ -209,4 +208,3 @@ def build_parser() -> argparse.ArgumentParser:
     for command in sub.choices.values():
         command.set_defaults(command_parser=command)  # main() reports unknown flags with its usage
     return parser
-

@@ -11,6 +11,7 @@ import torch
 from .inputs import named_data_file
 from .user_error import UserError, check_path
 
+
 def train_out(args) -> str:
     """Where `dcedit train` saves the editor: --out, else <method>-editor.safetensors here."""
     return args.out or f"{args.method}-editor.safetensors"

@@ -16,4 +16,3 @@ def check_path(path, name: str, none_ok: bool = False) -> None:
         library_check_path(path, name, none_ok)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-

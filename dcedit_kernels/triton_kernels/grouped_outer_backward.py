@@ -48,4 +48,3 @@ def grouped_outer_backward(grad, eta, mu, offsets, fusion, alpha):
     d_eta = segment_matmul(mu, w, offsets, transpose_w=True, precision_from=src, select=select)  # μ_t dS_gᵀ
     d_mu = segment_matmul(eta, w, offsets, transpose_w=False, precision_from=src, select=select)  # η_t dS_g
     return d_eta.to(eta.dtype), d_mu.to(mu.dtype)
-
