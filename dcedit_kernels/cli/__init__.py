@@ -33,13 +33,14 @@ from typing import Sequence
 
 import torch
 
+from .._checks import SEED_RANGE
 from ..models import DTYPES
 from .commands import COMMANDS, cmd_edit, cmd_evaluate, cmd_train
 from .inputs import (check_count, default_layers, detect_format, editable_layers, greedy_completions,
                      load_any_model, load_requests, parse_layers, require_matplotlib, set_threads, shown)
 from .messages import in_cli_terms, show_warning
 from .methods import EDITOR_METHODS, METHOD_NAMES
-from .options import (METRICS_HELP, SEED_RANGE, build_parser, editor_kwargs, parse_sizes, positive_int, rate,
+from .options import (METRICS_HELP, build_parser, editor_kwargs, parse_sizes, positive_int, rate,
                       seed_int)
 from .output_files import check_inputs, check_out, train_out, write_json
 from .user_error import UserError

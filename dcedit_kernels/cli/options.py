@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .._checks import SEED_RANGE
+from .._checks import is_torch_seed
 from ..models import DTYPES
 from .methods import EDITOR_METHODS, METHOD_NAMES
 from .user_error import UserError
@@ -86,7 +86,7 @@ def seed_int(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an int, got {text!r}") from None
-    if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+    if not is_torch_seed(value):
         raise argparse.ArgumentTypeError(f"must be an int in [-2**63, 2**64 - 1], got {text!r}")
     return value
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .._checks import check_path, check_same_device, check_tensor, is_finite_number, is_int, is_number, is_torch_seed
+from .._checks import check_path, check_same_device, check_seed, check_tensor, is_finite_number, is_int, is_number
 from ..devices import as_device
 from ..reference.grouped_outer import FUSIONS
 from ..reference.segments import group_ids, kept_offsets
@@ -106,8 +106,7 @@ class GroupedEditor(nn.Module):
         for name, value in (("norm", norm), ("gate_norm", gate_norm)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be a bool, got {value!r}")
-        if seed is not None and not is_torch_seed(seed):
-            raise ValueError(f"seed must be an int in [-2**63, 2**64 - 1] or None, got {seed!r}")
+        check_seed(seed, none_ok=True)
         if top_k > n_editors:
             raise ValueError(f"top_k ({top_k}) cannot exceed n_editors ({n_editors})")
         if routing == "gate" and feat_dim is None:

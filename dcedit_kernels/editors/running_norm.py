@@ -110,8 +110,8 @@ class FeatureNorm(RunningStatistics):
     MoEditor's gate reads the mean of the LM head's input over each edit's prompt: in a trained LM
     those features share a large common part (a few dimensions of huge magnitude), so the gate's
     logits f W_g were nearly the same for every edit and, without the training noise, every edit
-    went to one editor (RESULTS.md).  Standardised features (f - mean) / (std + 1e-7), as RunningNorm's, make
-    the logits depend on what tells the edits apart."""
+    went to one editor (RESULTS.md).  Standardised features (f - mean) / (std + 1e-7), as
+    RunningNorm's, make the logits depend on what tells the edits apart."""
 
     STATS = (("mean", "s", "std"),)
 
