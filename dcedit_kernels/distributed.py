@@ -93,6 +93,14 @@ def init_from_env(device: str) -> tuple[str, bool]:
                              "or train on the CPU over gloo (device 'cpu')")
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
+    # Imported before the group exists: torch.distributed.nn.functional's collectives take
+    # group=group.WORLD as a default argument, evaluated on import, so its first import inside a
+    # group (transformers' modeling_utils, when the model loads) held that group for good.
+    # destroy_process_group() then left gloo's worker threads running, and one that freed a
+    # finished all-reduce while the interpreter exited aborted the process ("terminate called
+    # without an active exception", SIGABRT: 1 in 250 two-process runs of `dcedit train`; its
+    # core dump showed the thread waiting for the GIL of the finalizing interpreter).
+    import torch.distributed.nn as _before_the_group  # noqa: F401 (an import only; "import torch.…" would make torch local)
     dist.init_process_group("nccl" if cuda else "gloo")
     return device, True
 
