@@ -307,7 +307,7 @@ def lowrank_edited(
     for name, edit in edits.items():  # another object raised AttributeError from deep inside
         if not isinstance(edit, GroupedEdit):
             raise ValueError(f"edits[{name!r}] must be a GroupedEdit, got {type(edit).__name__}")
-    modules = resolve_modules(model, list(edits))
+    modules = resolve_modules(model, list(edits), arg="edits")
     # A layer offloaded by accelerate (its weight on "meta", e.g. cpu_offload after the ModelEditor was
     # built): the patched forward bypasses the hook that loads it, so it computed on the placeholder
     # and failed with "Tensor on device meta is not on the expected device cpu!".

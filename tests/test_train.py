@@ -623,9 +623,10 @@ def test_a_patched_forward_called_after_its_block_raises(gen):
 
 def test_lowrank_edited_rejects_bad_edits_and_flags(gen):
     """The other refusals of lowrank_edited, each a ValueError naming the argument before any layer
-    is patched: edits that are not a non-empty mapping, or that come from batches of different edit
-    counts; a row_edit that is not a 1-D int tensor; a row_sees_fused of another shape; a masked that
-    is not a bool."""
+    is patched: edits that are not a non-empty mapping, that name a module the model lacks (the
+    message named `module_names`, resolve_modules' own argument, not lowrank_edited's), or that come
+    from batches of different edit counts; a row_edit that is not a 1-D int tensor; a row_sees_fused
+    of another shape; a masked that is not a bool."""
     model, _ = frozen_double_model("gpt2", int(torch.randint(0, 100, (1,), generator=gen)))
     names = LAYERS["gpt2"][:2]  # two weights of one shape
     o, i = weight_out_in(dict(model.named_modules())[names[0]]).shape
@@ -634,6 +635,8 @@ def test_lowrank_edited_rejects_bad_edits_and_flags(gen):
     rows = torch.randint(-1, E, (3,), generator=gen)
     cases = [(dict(edits={}), "edits must be a non-empty mapping"),
              (dict(edits=list(edits.values())), "edits must be a non-empty mapping"),
+             (dict(edits={**edits, "transformer.h.0.mlp.c_fx": edits[names[0]]}),
+              "^edits: no module named 'transformer.h.0.mlp.c_fx' in the model"),
              (dict(edits={names[0]: edits[names[0]], names[1]: random_grouped_edit(gen, i, o, E + 1, G=2)}),
               rf"same batch of edits, got edit counts \[{E}, {E + 1}\]"),
              (dict(row_edit=rows[None]), r"row_edit must be 1-D .* got shape \(1, 3\)"),
