@@ -316,6 +316,8 @@ def lowrank_edited(
     any_fused = row_sees_fused is not None and bool(row_sees_fused.any())
     if not isinstance(masked, bool):
         raise ValueError(f"masked must be a bool, got {type(masked).__name__}")
+    if shared is not None and not isinstance(shared, dict):  # else AttributeError, a layer already patched
+        raise ValueError(f"shared must be a dict or None, got {type(shared).__name__}")
     # A checkpointed block would recompute its forward in the caller's backward, after the
     # patched forwards are gone: the forward inside the block runs without checkpointing.
     with no_activation_checkpointing(model), _active_states() as register, patched_forwards() as patch:

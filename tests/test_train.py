@@ -626,7 +626,8 @@ def test_lowrank_edited_rejects_bad_edits_and_flags(gen):
     is patched: edits that are not a non-empty mapping, that name a module the model lacks (the
     message named `module_names`, resolve_modules' own argument, not lowrank_edited's), or that come
     from batches of different edit counts; a row_edit that is not a 1-D int tensor; a row_sees_fused
-    of another shape; a masked that is not a bool."""
+    of another shape; a masked that is not a bool; a shared that is not a dict (AttributeError from
+    its setdefault, after the first layer was patched)."""
     model, _ = frozen_double_model("gpt2", int(torch.randint(0, 100, (1,), generator=gen)))
     names = LAYERS["gpt2"][:2]  # two weights of one shape
     o, i = weight_out_in(dict(model.named_modules())[names[0]]).shape
@@ -642,7 +643,8 @@ def test_lowrank_edited_rejects_bad_edits_and_flags(gen):
              (dict(row_edit=rows[None]), r"row_edit must be 1-D .* got shape \(1, 3\)"),
              (dict(row_edit=rows.float()), "row_edit must be an int32 or int64 tensor"),
              (dict(row_sees_fused=torch.zeros(4, dtype=torch.bool)), r"row_sees_fused must have shape \(3,\)"),
-             (dict(masked=1), "masked must be a bool, got int")]
+             (dict(masked=1), "masked must be a bool, got int"),
+             (dict(shared=[]), "shared must be a dict or None, got list")]
     for change, match in cases:
         args = dict(dict(edits=edits, row_edit=rows), **change)
         with pytest.raises(ValueError, match=match):
