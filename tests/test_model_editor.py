@@ -568,6 +568,40 @@ def test_a_live_handle_copied_alone_is_refused(gen):
     assert not _pickled(handle).undo()
 
 
+def test_a_handle_that_undoes_nothing_copies_alone_beside_other_live_edits(gen):
+    """copy.deepcopy of an undone or kept handle, or of one pinned below a kept edit (none of which
+    undoes anything), deep-copied the model's live-edit list it holds, so it raised the TypeError
+    meant for a live handle copied alone ("a live EditHandle is copied with its ModelEditor") as soon
+    as the model had another live edit, and a pinned handle raised it itself.  Each copies, and
+    its copy answers as the original: undo of the undone one False, of the kept and the pinned one
+    RuntimeError; the model's live edits stay as they were and still undo."""
+    import copy
+
+    me = make_editor("llama", "mend", gen)
+    before = snapshot(me.model)
+    pinned = me.apply(random_requests(gen, 2))
+    kept = me.apply(random_requests(gen, 2))
+    kept.keep()
+    undone = me.apply(random_requests(gen, 2))
+    undone.undo()
+    after_keep = snapshot(me.model)
+    live = me.apply(random_requests(gen, 2))  # the live edit the deep copies met
+    assert me._live == [kept, live]
+    copies = {name: copy.deepcopy(h) for name, h in (("undone", undone), ("kept", kept), ("pinned", pinned))}
+    assert copies["undone"].undo() is False
+    with pytest.raises(RuntimeError, match="this edit was undone"):
+        copies["undone"].keep()
+    with pytest.raises(RuntimeError, match="this edit was kept"):
+        copies["kept"].undo()
+    with pytest.raises(RuntimeError, match="a later edit of this model was kept"):
+        copies["pinned"].undo()
+    assert [(h.active, h.kept) for h in copies.values()] == [(False, False), (True, True), (True, False)]
+    assert me._live == [kept, live]
+    assert live.undo()
+    assert_bit_identical(after_keep, me.model)
+    assert not torch.equal(before[LAYERS["llama"][0] + ".weight"], after_keep[LAYERS["llama"][0] + ".weight"])
+
+
 @contextlib.contextmanager
 def ctrl_c_raises():
     """SIGINT raises KeyboardInterrupt (whatever handler the test runner set), and the block must
