@@ -3,8 +3,8 @@ checked bit for bit after every step of a random interleaving of apply (every me
 requests, injected failures), undo (in and out of order, twice), keep, `edited()` / `with handle:`
 / `lowrank_edited` blocks nested with applies, several ModelEditors of one model, deepcopy /
 pickle of an editor (the copy a world of its own, sometimes dropped: its live edits then end),
-save / load, `model.to(dtype)`, a training step (`fit`, with validation sometimes) and
-`evaluate.measure_edit`, on the tiny GPT-2, Llama, BART and T5.
+a handle copied alone (deepcopy / pickle), save / load, `model.to(dtype)`, a training step (`fit`,
+with validation sometimes) and `evaluate.measure_edit`, on the tiny GPT-2, Llama, BART and T5.
 
 The rules the shadow follows are the documented ones (README "Failures and undo", the docstrings of
 `model_editor` and `edit_handle`):
@@ -476,6 +476,29 @@ class Sequence:
         self.check(copy_world, f"after {how}")
         self.check(world, f"after {how} (the original)")
 
+    def do_copy_handle(self, world: World):
+        """A handle copied alone (deepcopy, pickle): a live one is refused (TypeError, or an unpickled
+        copy's undo raises); any other copies and its copy answers as the shadow says; the world stays."""
+        if not world.entries:
+            return
+        entry = self.choice(world.entries)
+        how = self.choice(["deepcopy", "pickle"])
+        self.log.append(f"{world.name}: {how} of the handle {entry}")
+        frozen = self.frozen(world)
+        if how == "deepcopy" and entry.state == "live":
+            with pytest.raises(TypeError, match="copied with its ModelEditor"):
+                copy.deepcopy(entry.handle)
+        else:
+            new = copy.deepcopy(entry.handle) if how == "deepcopy" else pickle.loads(pickle.dumps(entry.handle))
+            if entry.state == "undone":
+                assert new.undo() is False
+                with pytest.raises(RuntimeError, match="this edit was undone"):
+                    new.keep()
+            else:  # live (unpickled alone), kept, pinned: nothing a copy could restore
+                with pytest.raises(RuntimeError):
+                    new.undo()
+        self.assert_unchanged(world, frozen, f"after a {how} of the handle {entry}")
+
     def do_save_load(self, world: World):
         me = self.choice(world.editors)
         path = os.path.join(self.tmp.name, f"e{self.counter}.safetensors")
@@ -560,7 +583,7 @@ class Sequence:
         actions = [(self.do_apply, 6), (self.do_failed_apply, 3), (self.do_undo, 6), (self.do_keep, 1),
                    (self.open_block, 3), (self.close_block, 3), (self.do_second_editor, 1), (self.do_copy, 1),
                    (self.do_save_load, 1), (self.do_to_dtype, 1), (self.do_fit, 1),
-                   (self.do_measure, 1)]
+                   (self.do_measure, 1), (self.do_copy_handle, 1)]
         weights = torch.tensor([w for _, w in actions], dtype=torch.float)
         for step in range(self.steps):
             world = self.choice(self.worlds)
