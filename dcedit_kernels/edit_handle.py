@@ -70,9 +70,12 @@ class EditHandle:
         if alone and self.active and not self.kept and self in self._live:
             # Copied alone, the copy's saved weights are copies of the model's Parameters: its undo
             # restored those copies and returned True while the model kept the edit (an
-            # edit-sequence fuzz).  Within a copy of its ModelEditor the model is copied first.
+            # edit-sequence fuzz).  Within a copy of its ModelEditor the model is copied first; a
+            # handle met before its editor in one deepcopy cannot tell it is not alone.
             raise TypeError("a live EditHandle is copied with its ModelEditor (copy.deepcopy(editor)), "
-                            "not alone: a copy of it would undo into copies of the weights, not the model's")
+                            "not alone: a copy of it would undo into copies of the weights, not the model's; "
+                            "in one deepcopy with its editor, the editor first: copy.deepcopy((editor, handle)), "
+                            "not (handle, editor)")
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         state = self.__getstate__()

@@ -568,6 +568,25 @@ def test_a_live_handle_copied_alone_is_refused(gen):
     assert not _pickled(handle).undo()
 
 
+def test_a_live_handle_copied_before_its_editor_says_to_copy_the_editor_first(gen):
+    """copy.deepcopy((handle, editor)) meets the handle before the model, so it is refused as a handle
+    copied alone, and the message said to copy it with its ModelEditor, which the caller did: it
+    says now that the editor comes first.  copy.deepcopy((editor, handle)) copies both, and the
+    copied handle undoes the copied model."""
+    import copy
+
+    me = make_editor("llama", "mend", gen)
+    before = snapshot(me.model)
+    handle = me.apply(random_requests(gen, 2))
+    with pytest.raises(TypeError, match=r"the editor first: copy.deepcopy\(\(editor, handle\)\)"):
+        copy.deepcopy((handle, me))
+    me_copy, handle_copy = copy.deepcopy((me, handle))
+    assert me_copy._live == [handle_copy] and handle_copy.undo()
+    assert_bit_identical(before, me_copy.model)
+    assert me._live == [handle] and handle.undo()
+    assert_bit_identical(before, me.model)
+
+
 def test_a_handle_that_undoes_nothing_copies_alone_beside_other_live_edits(gen):
     """copy.deepcopy of an undone or kept handle, or of one pinned below a kept edit (none of which
     undoes anything), deep-copied the model's live-edit list it holds, so it raised the TypeError
