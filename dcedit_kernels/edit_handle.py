@@ -61,13 +61,13 @@ class EditHandle:
 
     def __deepcopy__(self, memo) -> "EditHandle":
         """A copy without the original's model watch (`ModelEditor.__deepcopy__` watches the copied
-        model for the copied live edits).  Copied alone, a handle that undoes nothing (undone, kept,
-        or pinned below a kept edit) shares the model's live-edit list, which it never changes."""
+        model for the copied live edits).  A handle that undoes nothing (undone, kept, or pinned
+        below a kept edit), copied without that list, shares its live-edit list, which it never changes."""
         import copy
 
         model = self._model() if self._model is not None else None
-        alone = model is not None and id(model) not in memo
-        if alone and self.active and not self.kept and self in self._live:
+        live = self.active and not self.kept and self in self._live
+        if live and model is not None and id(model) not in memo:
             # Copied alone, the copy's saved weights are copies of the model's Parameters: its undo
             # restored those copies and returned True while the model kept the edit (an
             # edit-sequence fuzz).  Within a copy of its ModelEditor the model is copied first; a
@@ -81,10 +81,12 @@ class EditHandle:
         state = self.__getstate__()
         # A deep copy of the list copied the model's other live edits alone, which raised the
         # TypeError above for an undone or kept handle; a pinned one's undo reads the list (to refuse).
-        live = state.pop("_live") if alone else None
+        # Reached through its list (a copied ModelEditor's), the handle takes the list's copy.
+        shared = not live and id(self._live) not in memo
+        shared_live = state.pop("_live") if shared else None
         new.__dict__.update(copy.deepcopy(state, memo))
-        if alone:
-            new._live = live
+        if shared:
+            new._live = shared_live
         new._release = new._model = None
         return new
 

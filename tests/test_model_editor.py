@@ -619,6 +619,15 @@ def test_a_handle_that_undoes_nothing_copies_alone_beside_other_live_edits(gen):
     assert live.undo()
     assert_bit_identical(after_keep, me.model)
     assert not torch.equal(before[LAYERS["llama"][0] + ".weight"], after_keep[LAYERS["llama"][0] + ".weight"])
+    # The kept edit as a copied editor carries it (no model watch: nothing to free), beside a live
+    # edit of the copy: its deep copy still copied that list (edit-sequence fuzz, seeds 5501, 7126).
+    me_copy = copy.deepcopy(me)
+    live_copy = me_copy.apply(random_requests(gen, 2))
+    kept_copy = me_copy._live[0]
+    with pytest.raises(RuntimeError, match="this edit was kept"):
+        copy.deepcopy(kept_copy).undo()
+    assert me_copy._live == [kept_copy, live_copy] and live_copy.undo()
+    assert_bit_identical(after_keep, me_copy.model)
 
 
 @contextlib.contextmanager
