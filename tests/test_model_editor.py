@@ -944,6 +944,21 @@ def test_undo_frees_the_weight_copies_and_the_handle_says_what_it_holds(gen):
     assert repr(me).startswith("ModelEditor(method='mend', layers=")
 
 
+def test_a_handle_pinned_by_a_later_keep_says_so(gen):
+    """keep() of a later edit makes the earlier live ones permanent (their copies freed, their undo
+    refused), but their repr said "live": it says "pinned" now; the later, kept one says "kept"."""
+    me = make_editor("gpt2", "mend", gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the untrained-editor warning
+        earlier = me.apply(random_requests(gen, 2))
+        later = me.apply(random_requests(gen, 2))
+    later.keep()
+    assert repr(earlier).startswith("EditHandle(pinned, 0 weight copies held, ")
+    assert repr(later).startswith("EditHandle(kept, 0 weight copies held, ")
+    with pytest.raises(RuntimeError, match="a later edit of this model was kept"):
+        earlier.undo()
+
+
 def test_a_handle_kept_after_its_model_is_freed_holds_no_weights(gen):
     """A live edit's handle kept after the model and its ModelEditor were dropped (a list of
     handles) held the edited Parameters and a copy of each until the handle went too; the copies
