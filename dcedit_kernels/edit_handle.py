@@ -62,7 +62,8 @@ class EditHandle:
     def __deepcopy__(self, memo) -> "EditHandle":
         """A copy without the original's model watch (`ModelEditor.__deepcopy__` watches the copied
         model for the copied live edits).  A handle that undoes nothing (undone, kept, or pinned
-        below a kept edit), copied without that list, shares its live-edit list, which it never changes."""
+        below a kept edit), copied on its own rather than through a copied ModelEditor's live-edit
+        list, shares the original's list, which it never changes."""
         import copy
 
         model = self._model() if self._model is not None else None
