@@ -130,6 +130,16 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
     raise ValueError(f"module must be nn.Linear or transformers Conv1D, got {type(module).__name__}")
 
 
+def _owner_of_parameter(model: nn.Module, name: str) -> str | None:
+    """The name of the editable module whose parameter `name` is ("x.weight" -> "x"), else None."""
+    owner, _, leaf = name.rpartition(".")
+    try:
+        module = model.get_submodule(owner)
+    except AttributeError:
+        return None
+    return owner if is_editable(module) and leaf in dict(module.named_parameters(recurse=False)) else None
+
+
 def resolve_modules(model: nn.Module, module_names: Iterable[str], arg: str = "module_names") -> dict[str, nn.Module]:
     """Map names to editable submodules; ValueError (naming `arg`, the caller's argument) listing
     close candidates for unknown names."""
@@ -154,6 +164,12 @@ def resolve_modules(model: nn.Module, module_names: Iterable[str], arg: str = "m
             # module once, under its first name).
             module = model.get_submodule(name)
         except AttributeError:
+            owner = _owner_of_parameter(model, name)
+            if owner is not None:
+                # MEND's and EasyEdit's inner_params name weights ("...down_proj.weight"): a user
+                # trial passing one got "no module named ...", though the model holds it.
+                raise ValueError(f"{arg}: {name!r} is a parameter, not a module: give the module's name, "
+                                 f"{owner!r} (its weight is what is edited)") from None
             editable = [n for n, m in model.named_modules() if is_editable(m)]
             close = difflib.get_close_matches(name, editable, n=5, cutoff=0.5)
             hint = f"; close matches: {close}" if close else f"; editable modules include {editable[:5]}"

@@ -1,6 +1,7 @@
 """Gradient-factor capture: eta.T @ mu must equal the autograd weight gradient of the kept tokens."""
 
 import inspect
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -493,6 +494,21 @@ def test_weight_out_in_is_a_view():
     assert weight_out_in(lin) is lin.weight
     with pytest.raises(ValueError, match="module"):
         weight_out_in(nn.LayerNorm(3))
+
+
+def test_a_parameter_name_is_refused_naming_its_module(gen):
+    """MEND's and EasyEdit's inner_params name weights ("...mlp.down_proj.weight"); passed as a
+    layer, one read "no module named ... in the model", though the model holds it (a user trial)."""
+    model, _ = make_model("gpt2", torch.float32, gen)
+    with pytest.raises(ValueError, match=r"^layers: 'transformer.h.0.mlp.c_fc.weight' is a parameter, not a "
+                                         r"module: give the module's name, 'transformer.h.0.mlp.c_fc'"):
+        resolve_modules(model, ["transformer.h.0.mlp.c_fc.weight"], arg="layers")
+    with pytest.raises(ValueError, match=r"'transformer.h.0.mlp.c_fc.bias' is a parameter"):
+        resolve_modules(model, ["transformer.h.0.mlp.c_fc.bias"])
+    # Not a parameter of an editable module: the unknown-name message as before.
+    for name in ("transformer.h.0.mlp.c_fc.weights", "transformer.h.0.ln_1.weight", "nope.weight"):
+        with pytest.raises(ValueError, match=rf"^module_names: no module named '{re.escape(name)}' in the model"):
+            resolve_modules(model, [name])
 
 
 def test_errors_name_the_problem(gen):
