@@ -474,6 +474,35 @@ def test_cli_loss_reduction_for_the_ft_baselines_is_refused(method, capsys, tiny
     assert "dcedit: error: --loss-reduction applies to the editor methods" in err
 
 
+@pytest.mark.parametrize("command", ["train", "edit", "evaluate"])
+def test_cli_out_that_is_a_file_of_the_model_is_refused(command, capsys, tmp_path, monkeypatch):
+    """A README user trial: `dcedit train --model M --out M/model.safetensors` trained for 100 steps,
+    then wrote the editor over the model's weights; --out checked the --editor and data files only.
+    A file of the --model folder (or the --model file itself, a .gguf) is refused before any work;
+    a new file in that folder is not (it overwrites nothing)."""
+    _no_model(monkeypatch)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    weights, gguf = folder / "model.safetensors", tmp_path / "m.gguf"
+    for path in (weights, gguf, folder / "config.json"):
+        path.write_bytes(b"the model")
+    extra = ["--method", "ft", "--n-edits", "2"] if command == "evaluate" else []
+    for model, out, said in ((folder, weights, "a file of the --model folder"),
+                             (folder, folder / "config.json", "a file of the --model folder"),
+                             (folder, tmp_path / "." / "model" / "model.safetensors", "a file of the --model folder"),
+                             (gguf, gguf, "the --model file")):
+        assert cli.main([command, "--model", str(model), *extra, "--out", str(out)]) == 2
+        assert f"--out {out} is {said}: the run would write over it" in capsys.readouterr().err
+    assert all(p.read_bytes() == b"the model" for p in (weights, gguf, folder / "config.json"))
+    monkeypatch.setattr(cli.commands, "load_any_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    # A new file there, or an existing file beside a .gguf: past the check (the model's load is next).
+    for model, out in ((folder, folder / "new.json"), (gguf, tmp_path / "other.json")):
+        if out.name == "other.json":
+            out.write_text("{}")
+        assert cli.main([command, "--model", str(model), *extra, "--out", str(out)]) == 130
+        assert "would write over it" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command, flag", [("edit", "--editor"), ("evaluate", "--data"),
                                            ("train", "--data"), ("train", "--val-data")])
 def test_cli_out_that_is_an_input_file_is_refused(command, flag, capsys, tmp_path, monkeypatch):

@@ -45,7 +45,8 @@ def check_out(path: str) -> None:
 
 def check_inputs(args, out: str | None) -> None:
     """Refuse, before the model loads, an --editor that is no file (found only after the model
-    had loaded, minutes for a large one) and an --out that is one of the command's input files:
+    had loaded, minutes for a large one) and an --out that is one of the command's input files
+    (--editor, --data, --val-data, or a file of --model):
     `dcedit edit --editor E --out E` wrote its JSON record over the trained editor E."""
     editor = getattr(args, "editor", None)
     if editor is not None and not Path(editor).is_file():
@@ -63,6 +64,28 @@ def check_inputs(args, out: str | None) -> None:
         if same:
             raise UserError(f"--out {out} is the {flag} file: the run would write over it; "
                             "give another --out")
+    model_file = _model_file(getattr(args, "model", None), out)
+    if model_file is not None:
+        # `dcedit train --model M --out M/model.safetensors` wrote the editor over the model's weights.
+        raise UserError(f"--out {out} is {model_file}: the run would write over it; give another --out")
+
+
+def _model_file(model, out: str) -> str | None:
+    """How to name --out when it is an existing file of --model (a .gguf file, or a file in the model
+    folder: its weights, config or tokenizer, which from_pretrained reads), else None."""
+    if model is None:
+        return None
+    try:
+        if not Path(out).is_file():
+            return None
+        model_path, out_path = Path(model).expanduser().resolve(), Path(out).resolve()
+        if model_path.is_file():
+            return "the --model file" if out_path == model_path else None
+        if model_path.is_dir() and model_path in out_path.parents:
+            return "a file of the --model folder"
+    except (OSError, RuntimeError):  # a name too long, a symlink loop: the model's load says so
+        pass
+    return None
 
 
 def write_json(path, data) -> None:
