@@ -130,7 +130,7 @@ class EditHandle:
 
     def __repr__(self) -> str:
         # Pinned: live once, made permanent by a later edit's keep(), which took it off the list.
-        state = "kept" if self.kept else "undone" if not self.active else "live" if self in self._live else "pinned"
+        state = "kept" if self.kept else "undone" if not self.active else "live" if self._restorable() else "pinned"
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in self.stats.items()
                  if k in ("n_edits", "n_tokens", "latency_s")}
         return f"EditHandle({state}, {len(self._saved)} weight copies held, {shown})"

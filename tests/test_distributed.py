@@ -379,7 +379,6 @@ def test_dcedit_train_under_torchrun(tmp_path):
     the run still ended in one saved line naming "2 processes": only fit's UserWarning
     ("data_parallel=False: this process trains its editors on its own") on stderr told.  The note
     printed on every rank said the same thing twice."""
-    import os
     import subprocess
     import sys
 
@@ -404,7 +403,7 @@ def test_dcedit_train_under_torchrun(tmp_path):
 
 
 _GROUP_OUTLIVES_DESTROY = """
-import os, sys
+import os
 import torch.distributed as dist
 from dcedit_kernels import distributed
 
