@@ -503,6 +503,24 @@ def test_cli_out_that_is_a_file_of_the_model_is_refused(command, capsys, tmp_pat
         assert "would write over it" not in capsys.readouterr().err
 
 
+def test_cli_out_that_is_the_checkpoint_trainer_file_is_refused(capsys, tmp_path, monkeypatch):
+    """`dcedit train --checkpoint-dir C --out C/trainer.safetensors` saved the editor over the file a
+    resume reads: the next run with more --steps was refused ("not a `dcedit train` checkpoint").
+    Refused before any work, whether that file exists yet or not; another name in C is not."""
+    _no_model(monkeypatch)
+    data, ckpt = _counterfact_file(tmp_path / "cf.json"), tmp_path / "ck"
+    for out in (ckpt / "trainer.safetensors", tmp_path / "." / "ck" / "trainer.safetensors"):
+        assert cli.main(["train", "--data", str(data), "--checkpoint-dir", str(ckpt), "--out", str(out)]) == 2
+        assert f"--out {out} is --checkpoint-dir's trainer.safetensors, which a resume reads" in capsys.readouterr().err
+        ckpt.mkdir(exist_ok=True)
+        (ckpt / "trainer.safetensors").write_bytes(b"a checkpoint")
+    assert (ckpt / "trainer.safetensors").read_bytes() == b"a checkpoint"
+    monkeypatch.setattr(cli.commands, "load_any_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert cli.main(["train", "--data", str(data), "--checkpoint-dir", str(ckpt),
+                     "--out", str(ckpt / "editor.safetensors")]) == 130  # past the check: the model's load is next
+    assert "which a resume reads" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command, flag", [("edit", "--editor"), ("evaluate", "--data"),
                                            ("train", "--data"), ("train", "--val-data")])
 def test_cli_out_that_is_an_input_file_is_refused(command, flag, capsys, tmp_path, monkeypatch):

@@ -68,6 +68,27 @@ def check_inputs(args, out: str | None) -> None:
     if model_file is not None:
         # `dcedit train --model M --out M/model.safetensors` wrote the editor over the model's weights.
         raise UserError(f"--out {out} is {model_file}: the run would write over it; give another --out")
+    trainer_file = _trainer_file(getattr(args, "checkpoint_dir", None), out)
+    if trainer_file is not None:
+        # `dcedit train --checkpoint-dir C --out C/trainer.safetensors` saved the editor over the
+        # checkpoint a resume reads, at the end of a run: a resume with more --steps was refused ("not a
+        # `dcedit train` checkpoint"), the run lost.
+        raise UserError(f"--out {out} is --checkpoint-dir's {trainer_file}, which a resume reads: "
+                        "the run would write over it; give another --out")
+
+
+def _trainer_file(checkpoint_dir, out: str) -> str | None:
+    """The name of the file of --checkpoint-dir that a resume reads when --out names it, written yet
+    or not (the run's first checkpoint writes it), else None."""
+    if not checkpoint_dir:
+        return None
+    from ..train_checkpoint import TRAINER_FILE  # the CLI imports the training code only to train
+
+    try:
+        same = Path(out).expanduser().resolve() == Path(checkpoint_dir).expanduser().resolve() / TRAINER_FILE
+    except (OSError, RuntimeError):  # a name too long, a symlink loop: check_out or the run says so
+        return None
+    return TRAINER_FILE if same else None
 
 
 def _model_file(model, out: str) -> str | None:
