@@ -74,18 +74,22 @@ QUICK = dict(
 )
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="reduced run for CI (fewer facts and steps, two layers)")
     p.add_argument("--out", default="demo_out", help="folder for results.json and es_dd.png (default ./demo_out)")
     p.add_argument("--no-cache", action="store_true", help="retrain the editors even when a cached one exists")
-    p.add_argument("--seed", type=seed_int, default=0, help="fact split and training seed")
+    p.add_argument("--seed", type=seed_int, default=0, help="fact split and training seed (default 0)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads (default: 1 on machines with <= 2 cores)")
     p.add_argument("--steps", type=positive_int, default=None, help="editor training steps (default 20, --quick 6)")
     p.add_argument("--no-progress", action="store_true",
                    help="hide the editing and training progress bars (not the model loader's)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def editor_kwargs(method: str, setting: dict, seed: int) -> dict:

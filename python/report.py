@@ -64,25 +64,26 @@ def _default_data(name: str) -> str | None:
     return str(path) if path.is_file() else None
 
 
-def parse_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=None, help="evaluation edits (default: counterfact-val.json in "
                    "$DCEDIT_DATA_DIR, else ../shared/data)")
     p.add_argument("--train-data", default=None, help="editor-training edits (default: counterfact-train.json)")
     p.add_argument("--n-train", type=positive_int, default=None,
                    help="training edits to use (default: steps × batch size)")
-    p.add_argument("--n-edits", default="25,75,125", help="comma-separated N_u values")
-    p.add_argument("--repeats", type=positive_int, default=2, help="edit samples per N_u")
-    p.add_argument("--methods", default=",".join(ALL_METHODS))
-    p.add_argument("--layers", default="27,28,29", help="blocks whose mlp.down_proj is edited")
+    p.add_argument("--n-edits", default="25,75,125", help="comma-separated N_u values (default 25,75,125)")
+    p.add_argument("--repeats", type=positive_int, default=2, help="edit samples per N_u (default 2)")
+    p.add_argument("--methods", default=",".join(ALL_METHODS),
+                   help=f"comma-separated methods (default: all of {','.join(ALL_METHODS)})")
+    p.add_argument("--layers", default="27,28,29", help="blocks whose mlp.down_proj is edited (default 27,28,29)")
     p.add_argument("--gradient-layers", default="0,5,10,15,20,25,27,28,29",
-                   help="blocks whose mlp.down_proj gets GCR/GMS")
-    p.add_argument("--rank", type=positive_int, default=32)
-    p.add_argument("--n-editors", type=positive_int, default=2)
-    p.add_argument("--steps", type=positive_int, default=12, help="editor training steps")
-    p.add_argument("--batch-size", type=positive_int, default=25, help="edits per training step")
-    p.add_argument("--lr", type=float, default=1e-3, help="editor learning rate")
-    p.add_argument("--lr-lr", type=float, default=1e-4, help="learning rate of the edit steps α")
+                   help="blocks whose mlp.down_proj gets GCR/GMS (default 0,5,10,15,20,25,27,28,29)")
+    p.add_argument("--rank", type=positive_int, default=32, help="rank of the editors' low-rank MLP (default 32)")
+    p.add_argument("--n-editors", type=positive_int, default=2, help="number of editors N_g (raeditor, moeditor; default 2)")
+    p.add_argument("--steps", type=positive_int, default=12, help="editor training steps (default 12)")
+    p.add_argument("--batch-size", type=positive_int, default=25, help="edits per training step (default 25)")
+    p.add_argument("--lr", type=float, default=1e-3, help="editor learning rate (default 1e-3)")
+    p.add_argument("--lr-lr", type=float, default=1e-4, help="learning rate of the edit steps α (default 1e-4)")
     p.add_argument("--balance-weight", type=float, default=None,
                    help="weight of MoEditor's gate balance loss in training (default: TrainConfig's, 1e-2)")
     p.add_argument("--cedit", type=float, default=None,
@@ -101,7 +102,8 @@ def parse_args(argv=None):
                    help="MoEditor's gate keeps the top k logits (default: the preset's, 2, or 1 with one editor; "
                         "at k = 1 the chosen edit's gate weight is 1, so the gate learns from the balance loss only)")
     p.add_argument("--loss-reduction", default="token", choices=("token", "edit"),
-                   help="the editors' edit loss: MEND's batch mean (token) or each edit's own mean, summed (edit)")
+                   help="the editors' edit loss: MEND's batch mean (token) or each edit's own mean, summed (edit); "
+                        "default token")
     p.add_argument("--rescale-batch-size", type=positive_int, default=None,
                    help="apply the trained editors with ModelEditor(rescale_batch_size=R): N_u edits with η × N_u/R "
                         "and α × R/N_u (opt-in; R is naturally --batch-size)")
@@ -111,14 +113,21 @@ def parse_args(argv=None):
     p.add_argument("--edit-stats", action="store_true",
                    help="also record, on each N_u's first sample, how the editors route the edits and the "
                         "size of each layer's shift (`evaluate.edit_statistics`)")
-    p.add_argument("--ft-steps", type=positive_int, default=10)
-    p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--threads", type=positive_int, default=None)
-    p.add_argument("--no-cache", action="store_true")
-    p.add_argument("--out-dir", default="report_out")
+    p.add_argument("--ft-steps", type=positive_int, default=10,
+                   help="FT and FT+KL: Adam steps on the edited weights per edit batch (default 10)")
+    p.add_argument("--seed", type=seed_int, default=0, help="edit samples' and training seed (default 0)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: 1 on <=2-core machines)")
+    p.add_argument("--no-cache", action="store_true", help="retrain the editors even when a cached one exists")
+    p.add_argument("--out-dir", default="report_out",
+                   help="folder for report.json, report.md and the plots (default ./report_out)")
     p.add_argument("--markdown", default=None, help="Markdown file (default: <out-dir>/report.md)")
-    p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument("--no-progress", action="store_true",
+                   help="hide the editing and training progress bars (not the model loader's)")
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def _ints(text: str, name: str) -> list[int]:

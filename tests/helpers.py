@@ -404,3 +404,22 @@ def one_intra_op_thread():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def options_without_their_defaults(parser) -> list[str]:
+    """The options of an argparse parser (and its subcommands') whose --help says nothing, or does not
+    say the default a run takes (a default other than None/False that its help neither names nor
+    calls "default")."""
+    import argparse
+
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += options_without_their_defaults(sub)
+        elif action.dest not in ("help", "version"):
+            text, default = action.help or "", action.default
+            unsaid = default is not None and default is not False and str(default) not in text and "default" not in text
+            if not text or unsaid:  # (0 == False: `in (None, False)` passed a default of 0)
+                found.append(f"{parser.prog} {'/'.join(action.option_strings)}")
+    return found
