@@ -505,15 +505,19 @@ def _pair_stats(grads, gram) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     E = gram.shape[0]
     if E < 2:
         raise ValueError(f"gradient metrics need at least 2 edits, got {E}")
+    eps = torch.finfo(gram.dtype).eps
     gram = gram.double()
     sq = gram.diagonal().clamp_min(0)
     i, j = torch.triu_indices(E, E, offset=1, device=gram.device)
     # Only the upper triangle is read: a matrix that is not a Gram matrix (a cross product of two
     # gradient sets, a transposed factor) gave a ratio without a word.  Each pair's asymmetry is
-    # judged against its Cauchy-Schwarz bound √(G_ii G_jj), far above fp32 rounding of G = g gᵀ.
-    # A NaN entry passes, and the metric is NaN.
+    # judged against its Cauchy-Schwarz bound √(G_ii G_jj), far above fp32 rounding of G = g gᵀ,
+    # plus the rounding of the gram's own dtype at its largest norm²: the bound is 0 for an edit
+    # whose token gradients cancel, while its entries hold the rounding of the terms that cancelled
+    # (measured on fp32 factor Grams: up to 2.9 eps × the largest G_ii; 1024 eps leaves 350× to spare
+    # and stays far below the asymmetry of a cross product).  A NaN entry passes, and the metric is NaN.
     asym = (gram[i, j] - gram[j, i]).abs()
-    if bool((asym > 1e-3 * (sq[i] * sq[j]).sqrt()).any()):
+    if bool((asym > 1e-3 * (sq[i] * sq[j]).sqrt() + 1024 * eps * sq.max()).any()):
         raise ValueError("gram must be symmetric, the Gram matrix g gᵀ of the edits' gradients "
                          "(gradient_gram, factor_gram or factors_gram gives it)")
     return gram[i, j], sq[i], sq[j]

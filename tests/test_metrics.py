@@ -418,6 +418,24 @@ def test_gms_of_an_edit_whose_token_gradients_cancel_is_a_number(gen):
         assert gms(gram=gram) == pytest.approx(gms(dense_per_edit(mu, eta, offsets)), abs=1e-2)
 
 
+def test_a_users_gram_with_rounding_in_a_zero_gradients_row_is_accepted(gen):
+    """An edit whose token gradients cancel has G_ii ≈ 0, so its Cauchy-Schwarz bound is 0, while its
+    entries hold the rounding of the terms that cancelled: an fp32 Gram of the user's own (factor_gram
+    before 68b2f62 gave such Grams on an AMD EPYC: up to 2.9 eps × the largest G_ii apart) was refused
+    as not symmetric. The asymmetry is now judged with the gram dtype's rounding at its largest norm²;
+    a matrix that is no Gram is still refused (test above)."""
+    for _ in range(20):
+        g = torch.randn(4, 30, generator=gen)
+        g[0] = 0
+        gram = g @ g.t()
+        top = float(gram.diagonal().max())
+        gram[0, 1:], gram[1:, 0] = 3e-7 * top, -3e-7 * top  # rounding of the cancelled terms, both signs
+        for metric in (gcr, gms):
+            assert metric(gram=gram) == pytest.approx(metric(g.double()), abs=1e-6)
+        with pytest.raises(ValueError, match="gram must be symmetric"):  # a thousand times that is no rounding
+            gms(gram=gram.index_fill(0, torch.tensor([0]), 3e-4 * top))
+
+
 @pytest.mark.parametrize("scale", [1e-12, 1e-20, 1e20])
 def test_factor_gram_tiny_and_huge_fp32_factors(scale):
     # Two one-token edits with opposite gradients, norms 1 and 2 (times scale²): the unscaled fp32
