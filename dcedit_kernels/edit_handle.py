@@ -142,6 +142,11 @@ class EditHandle:
             return False
         if self.kept:
             raise RuntimeError("this edit was kept (handle.keep()): it can no longer be undone")
+        if not self._restorable():
+            # Pinned: a later edit's keep() took it off the list and freed its saved weights.  Asked
+            # here, before `_unpickled_alone`: a pinned handle pickled (alone or with its ModelEditor,
+            # which carries no pinned edit) was told "unpickled without its ModelEditor".
+            raise RuntimeError(_LATER_EDIT_KEPT)
         if self._unpickled_alone:
             raise RuntimeError("this EditHandle was unpickled without its ModelEditor: it holds copies of the "
                                "weights, not the model's, so it cannot undo the edit; pickle the ModelEditor "
@@ -150,8 +155,7 @@ class EditHandle:
         if live and live[-1] is not self:
             later = live[live.index(self) + 1:] if self in live else live
             if any(h.kept for h in later):
-                raise RuntimeError("a later edit of this model was kept (handle.keep()): undoing this one "
-                                   "would wipe it, so it can no longer be undone")
+                raise RuntimeError(_LATER_EDIT_KEPT)
             raise RuntimeError("undo the later edits first: edits of a model (by any of its ModelEditors) "
                                "must be undone in reverse order")
         self._check_weights_in_model()
@@ -233,6 +237,10 @@ class EditHandle:
             self.undo()
         except RuntimeError as undo_exc:
             add_note(exc, f"dcedit: on leaving the EditHandle's block: {undo_exc}")
+
+
+_LATER_EDIT_KEPT = ("a later edit of this model was kept (handle.keep()): undoing this one would wipe it, "
+                    "so it can no longer be undone")
 
 
 def _model_freed(handle_ref, saved: list) -> None:

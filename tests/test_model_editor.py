@@ -610,10 +610,14 @@ def test_a_handle_that_undoes_nothing_pickles_without_the_models_other_live_edit
     assert copies["undone"].undo() is False
     with pytest.raises(RuntimeError, match="this edit was kept"):
         copies["kept"].undo()
-    with pytest.raises(RuntimeError):
-        copies["pinned"].undo()
+    with pytest.raises(RuntimeError, match="a later edit of this model was kept"):  # not "unpickled
+        copies["pinned"].undo()  # without its ModelEditor" (a helper's find, session 50)
     assert me._live == [kept, *live] and live[1].undo() and live[0].undo()
     assert_bit_identical(after_keep, me.model)
+    # Pickled with its ModelEditor, which carries the live edits only: the same answer.
+    _, pinned_copy = _pickled((me, pinned))
+    with pytest.raises(RuntimeError, match="a later edit of this model was kept"):
+        pinned_copy.undo()
 
 
 def test_a_handle_that_undoes_nothing_copies_alone_beside_other_live_edits(gen):
