@@ -118,12 +118,18 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
 
     def checked_requests():
         train = validate_requests(train_requests, "train_requests")
-        val = None if val_requests is None else validate_requests(val_requests, "val_requests")[: config.val_size]
+        val = None if val_requests is None else validate_requests(val_requests, "val_requests")
         return train, val
 
     # A data-parallel process given invalid requests (its own data file, say) tells the others in
     # agree_on_start, rather than raise alone and leave them waiting there.
     (train_requests, val_requests), error = _attempt(checked_requests, size, (None, None))
+    if val_requests is not None and config.val_size is not None:
+        if config.val_size > len(val_requests):
+            # Validated on all of them, fewer than asked for: the ES a run reports is over those.
+            warnings.warn(f"train_editor: val_size {config.val_size} is larger than the {len(val_requests)} "
+                          f"val_requests: validation uses all {len(val_requests)} of them", stacklevel=2)
+        val_requests = val_requests[: config.val_size]
     if train_requests is not None and config.batch_size > len(train_requests):
         # The batches hold every request then (`_batch_indices`): the editors see a smaller batch
         # than asked for, which matters under loss_reduction="token" (factors scale as 1/N).

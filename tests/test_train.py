@@ -1101,6 +1101,24 @@ def test_a_batch_larger_than_the_training_requests_warns(gen):
     assert result.steps == 1
 
 
+def test_a_val_size_larger_than_the_val_requests_warns(gen):
+    """val_size=10 with 3 val_requests validated on the 3 without a word (the CLI refuses such a
+    --val-size; a Python caller read the ES as over 10 edits). It warns, as a batch_size larger than
+    the training requests does; at their number, or below it, it does not."""
+    import warnings
+
+    model, tok = tiny_model("gpt2", seed=1)
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, seed=1)
+    train, val = random_requests(gen, 3), random_requests(gen, 3)
+    with pytest.warns(UserWarning, match="val_size 10 is larger than the 3 val_requests: validation uses all 3"):
+        me.fit(train, val, config=TrainConfig(steps=1, batch_size=3, val_every=1, val_size=10, progress=False))
+    for val_size in (3, 2, None):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            me.fit(train, val, config=TrainConfig(steps=1, batch_size=3, val_every=1, val_size=val_size, progress=False))
+        assert not [w for w in caught if "val_size" in str(w.message)], [str(w.message) for w in caught]
+
+
 def test_a_batch_the_size_of_the_training_requests_does_not_warn(gen):
     """The warning is for a batch_size larger than the training requests only: at their number
     every batch is all of them, as asked."""
