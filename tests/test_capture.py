@@ -1094,6 +1094,24 @@ def test_gguf_parsed_once_reads_each_file_and_puts_gguf_back(tmp_path):
     assert entered.is_set(), "the lock was left held after an exception"
 
 
+def test_gguf_parsed_once_reads_a_file_replaced_within_the_block_anew(tmp_path):
+    """A caller's block around two loads (load_model inside it shares its memos), the file replaced
+    between them: the second read got the first file's reader (its flags, tie and weights)."""
+    from dcedit_kernels.compat.transformers_versions import gguf_add_bos, gguf_parsed_once, gguf_ties_head
+
+    gguf = pytest.importorskip("gguf")
+    path = tiny_gguf(tmp_path / "m.gguf", add_bos=True, head=True)
+    with gguf_parsed_once():
+        assert gguf_add_bos(path) is True and gguf_ties_head(path) is False
+        first = gguf.GGUFReader(str(path))
+        assert gguf.GGUFReader(str(path)) is first  # the same file: parsed once
+        _replaced_gguf(path, add_bos=False, head=False)
+        assert gguf_add_bos(path) is False and gguf_ties_head(path) is True
+        assert gguf.GGUFReader(str(path)) is not first
+        with pytest.raises(FileNotFoundError):  # a missing file: the real reader's own error
+            gguf.GGUFReader(str(tmp_path / "none.gguf"))
+
+
 def test_gguf_parsed_once_nests(tmp_path):
     """A block inside a block of the same thread (load_model inside a caller's gguf_parsed_once)
     shares the outer block's parse and leaves its swap in place until the outer block ends; it

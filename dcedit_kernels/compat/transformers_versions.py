@@ -122,7 +122,8 @@ def gguf_parsed_once():
     lock (two threads loading would otherwise restore each other's swap); a version that reads
     them otherwise is simply not sped up.  A block inside a block of the same thread (load_model
     inside a caller's block) shares the outer one's memos and swap; it waited on the outer block's
-    lock for ever before.
+    lock for ever before.  A file replaced within the block is parsed anew (its reader is keyed by the
+    file's inode, size and mtime as well as its path).
     """
     try:
         import gguf
@@ -137,7 +138,13 @@ def gguf_parsed_once():
         readers = {}
 
         def reader(path, mode="r"):  # a reader only reads its memory map: one can serve every caller
-            key = (os.fspath(path), mode)
+            # The file's identity too: a caller's block around two load_model calls, the file replaced
+            # between them, read the first file's memory map for the second (stale flags and weights).
+            try:
+                stat = os.stat(path)
+            except OSError:  # the real reader says what is wrong with the path
+                return real_reader(path, mode)
+            key = (os.fspath(path), mode, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
             if key not in readers:
                 readers[key] = real_reader(path, mode)
             return readers[key]
