@@ -315,6 +315,10 @@ def _train_time(method: str, info: dict) -> str:
     return f"{METHOD_NAMES[method]} loaded from the cache" + (f" (trained in {earlier:.0f} s by an earlier run)" if earlier else "")
 
 
+def _samples(n: int) -> str:
+    return "1 sample" if n == 1 else f"{n} samples"  # --repeats 1 wrote "1 samples"
+
+
 def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Path, out_dir: Path) -> str:
     rel = os.path.relpath(out_dir, md_path.parent)
     t = report["timings"]
@@ -352,9 +356,10 @@ def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Pa
           if {key.split(":")[0] for key in report["methods"]} & {"ft", "ft_kl"} else []),
         f"- Evaluation: `{Path(report['data']).name}` ({report['n_requests']} edits"
         + (f"; {report['n_held_out']} more, training edits too, left out" if report.get("n_held_out") else "")
-        + f"); for each N_u, {report['repeats']} samples of N_u edits (the same samples for every method, seed "
-        f"{report['seed']}), each applied as ONE batch, scored, undone. Mean ± std over the samples (the "
-        "population std, ddof 0: with 2 samples, half their gap).",
+        + f"); for each N_u, {_samples(report['repeats'])} of N_u edits (the same samples for every method, seed "
+        f"{report['seed']}), each applied as ONE batch, scored, undone. "
+        + ("Mean ± std over the samples (the population std, ddof 0: with 2 samples, half their gap)."
+           if report["repeats"] > 1 else "One sample: its scores, std 0."),
         "- Metrics: teacher-forced token accuracy of the new target on the rephrase (ES) and on the prompt "
         "(rel); DD = share of locality prompts whose argmax prediction changed; LMP = ES − DD; NS = accuracy of the "
         "locality answer under the edit; latency = wall time of the edit; peak MiB = growth of the process's "

@@ -482,6 +482,10 @@ def test_what_was_run_takes_each_number_from_its_own_field(report_module, tmp_pa
     assert "trained on the first 5 edits of `train.json`" in text
     assert "for each N_u, 3 samples of N_u edits (the same samples for every method, seed 7)" in text
     assert "- Wall time: load 11 s, training 22 s, evaluation 33 s, gradient statistics 44 s; total 10.0 min." in text
+    report.update(repeats=1)  # it said "1 samples", and the std of the samples
+    text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
+    assert "for each N_u, 1 sample of N_u edits (the same samples" in text and "1 samples" not in text
+    assert "One sample: its scores, std 0." in text and "half their gap" not in text
 
 
 def test_the_default_training_edits_are_steps_times_batch_size(report_module, capsys, tmp_path, monkeypatch):
