@@ -445,6 +445,9 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         # no exception (an interrupt included) can leave a changed weight without a way back.
         saved: list[tuple[torch.Tensor, torch.Tensor]] = []
         handle = EditHandle(self._live, saved, {}, model=weights_owner(self.model))
+        # A seeded RaEditor draws the edits' groups from its own generator: a failed apply sets it
+        # back, so the next apply splits as if the failed one never ran (it drew a split first).
+        routes = self._route_states()
         try:
             self._live.append(handle)
             with self._length_errors(batch, "requests"):
@@ -460,8 +463,18 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
                 restore(saved)  # the methods restore (and say so) themselves: this covers the rest
             finally:  # a Ctrl-C held back during the restore raises at its end: the handle goes all the same
                 handle._discard()
+                self._set_route_states(routes)
             raise
         return handle
+
+    def _route_states(self) -> dict:
+        """{editor key: its routing generator's state} (`route_generators`)."""
+        return {key: gen.get_state() for key, gen in self.route_generators().items()}
+
+    def _set_route_states(self, states: dict) -> None:
+        """Set the routing generators back to what `_route_states` gave."""
+        for key, gen in self.route_generators().items():
+            gen.set_state(states[key])
 
     @contextlib.contextmanager
     def edited(self, requests: Iterable[EditRequest]):

@@ -342,6 +342,48 @@ def test_apply_undo_and_failed_apply_leave_the_whole_model_state(arch, method, g
     assert_same_state(start, model, "after a failed apply")
 
 
+def test_a_failed_apply_leaves_raeditors_routing_generator_as_it_was(gen, monkeypatch):
+    """A failed apply leaves the editors as they were: a seeded RaEditor's routing generator too,
+    which the apply had drawn the edits' groups from before it failed (found by a fault-injection
+    sweep over every torch call of an apply: every failure after the routing left the generator
+    advanced).  Its next apply then split the same edits otherwise than a copy that never failed
+    does.  The failures: a non-finite editor output (FloatingPointError, before any weight is
+    written) and an out-of-memory error at the second weight's shift (after the first was written)."""
+    me = make_editor("llama", "raeditor", gen, seed=seed_from(gen))
+    requests = random_requests(gen, 4)
+    never_failed = copy.deepcopy(me)
+    states = {key: g.get_state() for key, g in me.route_generators().items()}
+    assert states
+
+    editor = next(iter(me.editors.values()))
+    alpha = editor.alpha.detach().clone()
+    with torch.no_grad():
+        editor.alpha.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="not finite"):
+        me.apply(requests)
+    with torch.no_grad():
+        editor.alpha.copy_(alpha)
+    original, calls = ops.apply_shift_, []
+
+    def out_of_memory_at_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("injected: out of memory mid-edit")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "apply_shift_", out_of_memory_at_the_second)
+    with pytest.raises(torch.OutOfMemoryError, match="injected"):
+        me.apply(requests)
+    monkeypatch.undo()
+    for key, g in me.route_generators().items():
+        assert torch.equal(g.get_state(), states[key]), key
+
+    me.apply(requests)
+    never_failed.apply(requests)
+    for name in me.layers:
+        assert torch.equal(me.modules[name].weight, never_failed.modules[name].weight), name
+
+
 @pytest.mark.parametrize("method", ["mend", "ft"])
 def test_stats_n_tokens_is_what_the_handle_docstring_says(method, gen):
     """EditHandle.stats["n_tokens"]: an editor method's captured token rows summed over the edited
