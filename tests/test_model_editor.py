@@ -384,6 +384,61 @@ def test_a_failed_apply_leaves_raeditors_routing_generator_as_it_was(gen, monkey
         assert torch.equal(me.modules[name].weight, never_failed.modules[name].weight), name
 
 
+class FailAtOp(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops run inside the block (forward, backward, the ops' references) and raises
+    `error` at the `at`-th (None: never)."""
+
+    def __init__(self, at=None, error=None):
+        super().__init__()
+        self.at, self.error, self.calls = at, error, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        if self.calls == self.at:
+            raise self.error
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method", ["raeditor", "ft_kl"])
+def test_an_apply_failing_at_any_op_leaves_the_model_and_editors_as_they_were(method, gen):
+    """SPEC Reliability swept: an apply that fails at its n-th aten op, for every 13th n from a
+    random start (RuntimeError and out-of-memory in turn), leaves the whole model state (bytes, flags,
+    .grad, modes, hooks, patched forwards), the live-edit list, the editors' tensors and a seeded
+    RaEditor's routing generator as they were, and the next apply gives what a copy that never
+    failed gives.  The full sweep (every n, six methods, Ctrl-C at every torch call as well) found
+    the routing generator left advanced (the test above)."""
+    kwargs = dict(seed=seed_from(gen)) if method == "raeditor" else dict(ft_steps=2, ft_stop_loss=None)
+    me = make_editor("llama", method, gen, **kwargs)
+    model, requests = me.model, random_requests(gen, 3)
+    me.apply(requests).undo()  # the model's first passes run checks once (`block_prefix`): ops the later ones skip
+    count = FailAtOp()
+    with count:
+        handle = me.apply(requests)
+    handle.undo()
+    never_failed = copy.deepcopy(me)
+
+    def editor_state():
+        return ({k: v.clone() for k, v in me.state_tensors().items()},
+                {k: g.get_state() for k, g in me.route_generators().items()})
+
+    stride = 13
+    errors = (RuntimeError("injected"), torch.OutOfMemoryError("injected: out of memory"))
+    for k, at in enumerate(range(1 + int(torch.randint(0, stride, (1,), generator=gen)), count.calls + 1, stride)):
+        start, (tensors, routes) = model_state(model), editor_state()
+        error = errors[k % 2]
+        with pytest.raises(type(error), match="injected"), FailAtOp(at, error):
+            me.apply(requests)
+        assert_same_state(start, model, f"an apply that failed at op {at}")
+        assert me._live == [], at
+        now_tensors, now_routes = editor_state()
+        assert all(torch.equal(v, now_tensors[key]) for key, v in tensors.items()), at
+        assert all(torch.equal(v, now_routes[key]) for key, v in routes.items()), at
+    me.apply(requests)
+    never_failed.apply(requests)
+    for name in me.layers:
+        assert torch.equal(me.modules[name].weight, never_failed.modules[name].weight), name
+
+
 @pytest.mark.parametrize("method", ["mend", "ft"])
 def test_stats_n_tokens_is_what_the_handle_docstring_says(method, gen):
     """EditHandle.stats["n_tokens"]: an editor method's captured token rows summed over the edited
