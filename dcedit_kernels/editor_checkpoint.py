@@ -27,6 +27,7 @@ from torch import nn
 from ._checks import check_path, is_int
 from .capture import is_conv1d, resolve_modules
 from .edit_capture import DEFAULT_CAPTURE_BATCH_SIZE
+from .edit_handle import deferred_interrupt
 from .editors.grouped_editor import config_differences, with_absent_defaults
 from .ft_baseline import FT_KL_ONLY
 from .safetensors_file import check_state, json_metadata, save_safetensors
@@ -73,8 +74,19 @@ class EditorCheckpoints:
             states[key] = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             # Checked for every editor before any loads: a bad second editor left the first loaded.
             editor.check_saved_state(states[key], lambda k, p=prefix: f"editor checkpoint key {p}{k}")
-        for key, editor in self.editors.items():
-            editor.load_saved_state(states[key])  # in the saved editor's dtype, on its own device
+        # An error mid-load (out of memory moving a state to its editor's device, Ctrl-C) left the
+        # editors before it loaded and the one it stopped in half loaded: they go back (CPU copies,
+        # no more device memory), as after a refused state.
+        previous = {key: {k: v.detach().to("cpu", copy=True) for k, v in editor.state_dict().items()}
+                    for key, editor in self.editors.items()}
+        try:
+            for key, editor in self.editors.items():
+                editor.load_saved_state(states[key])  # in the saved editor's dtype, on its own device
+        except BaseException:
+            with deferred_interrupt():  # a Ctrl-C meanwhile waits until every editor is back
+                for key, editor in self.editors.items():
+                    editor.load_saved_state(previous[key])
+            raise
 
     def save(self, path) -> None:
         """Editors' state to safetensors, with the ModelEditor config as JSON metadata (no pickle).

@@ -2554,6 +2554,45 @@ def test_load_state_tensors_that_raise_load_no_editor(gen):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_load_state_tensors_that_fail_midway_load_no_editor(gen, monkeypatch):
+    """An error while the editors load (out of memory moving a state to its editor's device, Ctrl-C)
+    leaves every editor as it was: the editors loaded before it and the one it stopped in, half
+    loaded, stayed as they were then (a fault-injection sweep, an error at each aten op of a load:
+    630 of 1,074 left such a mix), so a Ctrl-C in train_editor's last step, which loads the best
+    state, gave an editor of both states.  Swept at every op of a load into three editors
+    (RuntimeError and out-of-memory in turn), then a Ctrl-C after the second editor's tensors are in."""
+    from dcedit_kernels.editors import GroupedEditor
+
+    me = make_editor("gpt2", "mend", gen)
+    assert len(me.editors) == 3
+    before = me.state_tensors()
+    state = {k: v + 1 for k, v in before.items()}
+
+    def assert_as_before(where):
+        now = me.state_tensors()
+        for k, v in before.items():
+            assert v.dtype == now[k].dtype and torch.equal(v, now[k]), (where, k)
+
+    count = FailAtOp()
+    with count:
+        me.load_state_tensors(before)
+    errors = (RuntimeError("injected"), torch.OutOfMemoryError("injected: out of memory"))
+    for at in range(1, count.calls + 1):
+        error = errors[at % 2]
+        # RuntimeError: load_state_dict re-raises an error of its copies as one ("an exception occurred")
+        with pytest.raises(RuntimeError, match="injected"), FailAtOp(at, error):
+            me.load_state_tensors(state)
+        assert_as_before(f"an error at op {at}")
+    calls = []
+    ctrl_c_on_call(monkeypatch, GroupedEditor, "load_state_dict", calls, at=2)
+    with ctrl_c_raises():
+        me.load_state_tensors(state)
+    monkeypatch.undo()
+    assert_as_before("Ctrl-C")
+    me.load_state_tensors(state)  # the next load loads
+    assert all(torch.equal(v, state[k]) for k, v in me.state_tensors().items())
+
+
 @pytest.mark.parametrize("damage", ["int_tensor", "fp16_alpha"])
 def test_load_state_tensors_refuse_dtypes_save_never_writes(damage, gen):
     """A second editor's int tensor (load_state_dict cast it silently) or fp16 alpha beside fp32
