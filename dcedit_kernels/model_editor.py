@@ -45,8 +45,9 @@ anything changes; a non-finite loss, gradient factor, editor output or shifted w
 FloatingPointError; any other exception mid-edit (out of memory, a failing kernel, an interrupt)
 is re-raised with a note — in every case after restoring, bit for bit, each weight that had
 already been changed, and setting a seeded RaEditor's routing generator back to where it was (the
-next apply splits its edits as if the failed one never ran).  A Ctrl-C (SIGINT, in the main thread) that arrives while a weight is being
-shifted waits until that weight's saved values are recorded, so the restore never misses it.
+next apply splits its edits as if the failed one never ran).  A Ctrl-C (SIGINT, in the main
+thread) that arrives while a weight is being shifted waits until that weight's saved values are
+recorded, so the restore never misses it.
 Edits must be undone in reverse order, across every ModelEditor of the same model
 (`torch.compile(model)` counts as the model; a handle that is not the model's latest live one
 refuses, since restoring its saved values would also wipe the later edit); `edited()` undoes, on
