@@ -1568,6 +1568,25 @@ def test_every_public_op_names_mismatched_devices(gen):
                     op(**dict(kwargs, **{arg: value.to("meta")}))
 
 
+def test_undo_shift_refuses_an_expanded_weight_and_a_meta_previous(gen):
+    """undo_shift_ names the weight that apply_shift_ refuses (an expanded view, whose elements
+    share memory) and a `previous` on meta, which has no values to restore: they were torch's
+    RuntimeError ("more than one element of the written-to tensor refers to a single memory
+    location") and NotImplementedError ("Cannot copy out of meta tensor").  Nothing is written;
+    a previous on another real device is still copied across (found by an argument sweep)."""
+    weight = randn((3, 4), gen)
+    previous = ops.apply_shift_(weight, randn((3, 4), gen))
+    shifted = weight.clone()
+    expanded = randn((3, 1), gen).expand(3, 4)
+    with pytest.raises(ValueError, match=r"^weight must not have elements that share memory"):
+        ops.undo_shift_(expanded, previous)
+    with pytest.raises(ValueError, match=r"^previous must hold the values to restore, got a meta tensor"):
+        ops.undo_shift_(weight, previous.to("meta"))
+    assert torch.equal(weight, shifted)
+    ops.undo_shift_(weight, previous)
+    assert torch.equal(weight, previous)
+
+
 # ---------------------------------------------------------------- routing
 def test_sort_by_group(gen, device):
     groups = torch.randint(0, 5, (23,), generator=gen).to(device)

@@ -76,9 +76,14 @@ _LIB.impl("apply_shift_", _bump_version, "ADInplaceOrView")
 
 def undo_shift_(weight, previous):
     """Restore a weight from what :func:`apply_shift_` returned."""
-    # Both named, as apply_shift_'s checks do, before .shape fails on a non-tensor.
-    check_tensor(weight, "weight")
+    # Both named, as apply_shift_'s checks do, before .shape fails on a non-tensor.  An expanded
+    # weight is refused as apply_shift_ refuses it (it was torch's RuntimeError from copy_).
+    check_shiftable_weight(weight)
     check_tensor(previous, "previous")
     if previous.shape != weight.shape or previous.dtype != weight.dtype:
         raise ValueError("previous must be what apply_shift_ returned for this weight")
+    # copy_ crosses devices (previous may be kept elsewhere), but a meta previous has no values to
+    # restore: it was torch's NotImplementedError ("Cannot copy out of meta tensor; no data!").
+    if previous.is_meta and not weight.is_meta:
+        raise ValueError(f"previous must hold the values to restore, got a meta tensor for a weight on {weight.device}")
     return reference.undo_shift_(weight, previous)
