@@ -861,6 +861,19 @@ def _delta_linear_inputs(gen, N=11, i=6, o=5, counts=(3, 0, 4), dtype=torch.floa
     )
 
 
+def test_lowrank_delta_linear_names_a_number_alpha_beyond_its_dtype(gen):
+    """A number alpha beyond the range of the op's arithmetic dtype (1e300 with fp32 inputs): a
+    ValueError naming alpha, where torch.full's RuntimeError ("value cannot be converted to type
+    float without overflow") named nothing (found by an argument sweep).  float64 inputs take it,
+    and an infinite alpha stays what it was (no overflow: the arithmetic gives inf)."""
+    a = _delta_linear_inputs(gen, dtype=torch.float32)
+    for alpha in (1e300, -1e300, 3.5e38):
+        with pytest.raises(ValueError, match=r"^alpha must be within torch.float32's range .* got "):
+            ops.lowrank_delta_linear(**dict(a, alpha=alpha))
+    assert ops.lowrank_delta_linear(**dict(_delta_linear_inputs(gen), alpha=1e300)).dtype == torch.float64
+    assert ops.lowrank_delta_linear(**dict(a, alpha=float("inf"))).shape == (11, 5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64] + DTYPES)
 def test_lowrank_delta_linear_equals_applied_shift(dtype, gen, device):
     a = _delta_linear_inputs(gen, dtype=dtype, device=device)

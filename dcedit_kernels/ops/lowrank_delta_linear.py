@@ -1,5 +1,7 @@
 """dcedit::lowrank_delta_linear: a linear layer seen through group g's shift, never formed."""
 
+import math
+
 import torch
 
 from .. import reference
@@ -65,7 +67,12 @@ def lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha
     if not isinstance(alpha, torch.Tensor):
         # In the op's arithmetic dtype: float64 when x, weight or bias is (SPEC), not only mu_t/eta_t
         # (a float64 layer with fp16 factors rounded a number alpha to fp32, ~1e-8 relative).
-        alpha = torch.full((G,), float(alpha), dtype=compute_dtype(x, weight, bias, mu_t, eta_t), device=x.device)
+        acc = compute_dtype(x, weight, bias, mu_t, eta_t)
+        if math.isfinite(float(alpha)) and abs(float(alpha)) > torch.finfo(acc).max:
+            # torch.full's RuntimeError ("value cannot be converted to type float without overflow")
+            # named nothing; grouped_outer and apply_shift_ take such an alpha in their arithmetic.
+            raise ValueError(f"alpha must be within {acc}'s range (the op's arithmetic dtype), got {alpha!r}")
+        alpha = torch.full((G,), float(alpha), dtype=acc, device=x.device)
     alpha = alpha.reshape(-1)
     if alpha.numel() == 1 and G != 1 and alpha.dtype in HALF_DTYPES:
         # The G per-group gradients of a shared alpha are summed by autograd in the expanded
