@@ -1655,6 +1655,21 @@ def test_noisy_topk_gate(gen):
                 ops.noisy_topk_gate(feats, w_gate, w_noise, training=training, generator=bad)
 
 
+def test_noisy_topk_gate_refuses_a_training_flag_that_is_not_a_bool(gen):
+    """training is read for its truth: "False" drew the training noise and None dropped it, each
+    silently (found by an argument sweep).  Anything but a bool is now a ValueError naming it, as
+    GroupedEditor's norm and gate_norm are; True and False give what they gave."""
+    feats, w_gate, w_noise = randn((5, 4), gen), randn((4, 3), gen), randn((4, 3), gen)
+    for bad in ("False", "True", None, 1, 0, 1.0):
+        with pytest.raises(ValueError, match=r"^training must be a bool, got "):
+            ops.noisy_topk_gate(feats, w_gate, w_noise, training=bad)
+    eval_gates = ops.noisy_topk_gate(feats, w_gate, w_noise, training=False)[0]
+    assert torch.equal(eval_gates, reference.noisy_topk_gate(feats, w_gate, w_noise)[0])
+    drawn = [ops.noisy_topk_gate(feats, w_gate, w_noise, k=2, training=True,
+                                 generator=torch.Generator().manual_seed(3))[0] for _ in range(2)]
+    assert torch.equal(*drawn) and not torch.equal(drawn[0], ops.noisy_topk_gate(feats, w_gate, w_noise, k=2, training=False)[0])
+
+
 def test_noisy_topk_gate_refuses_a_w_noise_of_another_shape(gen):
     """w_gate and w_noise are both (f, G) (the docstring): a w_noise of another shape is a
     ValueError naming them, from the wrapper and the raw op, in training and in eval (where the
