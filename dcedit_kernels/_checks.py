@@ -87,8 +87,14 @@ def is_number(x) -> bool:
 
 
 def is_finite_number(x) -> bool:
-    """`is_number` and neither inf nor NaN."""
-    return is_number(x) and math.isfinite(x)
+    """`is_number` and neither inf nor NaN.  An int beyond float's range (10**400) is not one:
+    math.isfinite raised OverflowError for it, from every check that asks this."""
+    if not is_number(x):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
 
 
 def all_finite(t: torch.Tensor) -> bool:

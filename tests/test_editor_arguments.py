@@ -213,3 +213,22 @@ def test_seed_outside_torch_range_is_refused_naming_seed(method, gen):
         a, b = preset(7, 5, rank=2, seed=seed), preset(7, 5, rank=2, seed=seed)
         assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
         assert torch.equal(a.route_generator.get_state(), b.route_generator.get_state())
+
+
+def test_an_int_beyond_floats_range_is_refused_naming_the_argument():
+    """A number setting given as an int beyond float's range (10**400): the ValueError naming it that
+    any other non-finite value gets.  math.isfinite raised OverflowError ("int too large to convert
+    to float") from the shared finiteness check, naming nothing (found by an argument sweep)."""
+    from dcedit_kernels.model_editor import ModelEditor
+    from dcedit_kernels.train import TrainConfig
+
+    huge = 10**400
+    with pytest.raises(ValueError, match=r"^edit_lr must be a finite number"):
+        GroupedEditor(5, 6, edit_lr=huge)
+    for name in ("lr", "lr_lr", "cedit", "cloc", "balance_weight"):
+        with pytest.raises(ValueError, match=rf"^{name} must be a non-negative finite number"):
+            TrainConfig(**{name: huge})
+    model, tok = tiny_model("llama", seed=0)
+    for name in ("ft_lr", "kl_weight", "ft_stop_loss"):
+        with pytest.raises(ValueError, match=rf"^{name} must be"):
+            ModelEditor(model, tok, ["lm_head"], method="ft_kl", allow_tied=True, **{name: huge})
