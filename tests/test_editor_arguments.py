@@ -232,3 +232,31 @@ def test_an_int_beyond_floats_range_is_refused_naming_the_argument():
     for name in ("ft_lr", "kl_weight", "ft_stop_loss"):
         with pytest.raises(ValueError, match=rf"^{name} must be"):
             ModelEditor(model, tok, ["lm_head"], method="ft_kl", allow_tied=True, **{name: huge})
+
+
+@pytest.mark.parametrize("method", EDITOR_KINDS)
+def test_meta_offsets_and_a_meta_weight_are_named(method, gen):
+    """Found by an argument sweep: edit_offsets on meta (factors on the CPU) raised torch's
+    NotImplementedError ("Cannot copy out of meta tensor; no data!") from forward, dense and
+    apply_; a meta weight given to apply_ was refused as `device`, an argument the caller never
+    gave.  Each is now a ValueError naming the argument, with the editor's state and the weight
+    as they were."""
+    editor = small_editor(method).train()
+    mu, eta, offsets, feats = editor_inputs(gen)
+    feats = feats if method == "moeditor" else None
+    before = {k: v.clone() for k, v in editor.state_dict().items()}
+    weight = torch.randn(6, 5, generator=gen)
+    kept = weight.clone()
+    for call in (lambda: editor(mu, eta, offsets.to("meta"), edit_feats=feats),
+                 lambda: editor.dense(mu, eta, offsets.to("meta"), edit_feats=feats),
+                 lambda: editor.apply_(weight, mu, eta, offsets.to("meta"), edit_feats=feats)):
+        with pytest.raises(ValueError, match=r"^all tensors must be on one device: .*edit_offsets on meta"):
+            call()
+    with pytest.raises(ValueError, match=r"^weight must be on a device that computes"):
+        editor.apply_(weight.to("meta"), mu, eta, offsets, edit_feats=feats)
+    assert all(torch.equal(v, before[k]) for k, v in editor.state_dict().items())
+    edit = editor.eval()(mu, eta, offsets, edit_feats=feats)
+    with pytest.raises(ValueError, match=r"^weight must be on a device that computes"):
+        edit.apply_(weight.to("meta"))
+    assert torch.equal(weight, kept)
+

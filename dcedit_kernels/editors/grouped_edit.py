@@ -106,3 +106,7 @@ def check_weight(weight, shape: tuple) -> None:
                 "capture.weight_out_in(module), its (out, in) view" if got == shape[::-1] else "")
         raise ValueError(f"weight must be the edited layer's (out, in) = {shape} weight, got {got}{hint}")
     check_shiftable_weight(weight)
+    if weight.is_meta:
+        # The shift is computed on weight's device: a meta one was refused as dense's `device`,
+        # an argument the caller never gave.
+        raise ValueError("weight must be on a device that computes (it is edited in place), got a meta tensor")

@@ -229,6 +229,10 @@ class GroupedEditor(nn.Module):
         # Before the zero-row test and the norms, which raised torch's RuntimeError for factors on
         # another device than the editor (a model on a GPU, its editor left on the CPU).
         check_same_device({"mu": mu, "eta": eta, "the editor": self.alpha})
+        if isinstance(edit_offsets, torch.Tensor) and edit_offsets.is_meta:
+            # Offsets on another real device are read there (kept_offsets moves them), but a meta
+            # tensor has no values: it was NotImplementedError ("Cannot copy out of meta tensor").
+            check_same_device({"mu": mu, "eta": eta, "edit_offsets": edit_offsets})
         n_edits = ops_check_offsets(edit_offsets, mu.shape[0])
         device = mu.device
 
