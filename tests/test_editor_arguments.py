@@ -260,3 +260,16 @@ def test_meta_offsets_and_a_meta_weight_are_named(method, gen):
         edit.apply_(weight.to("meta"))
     assert torch.equal(weight, kept)
 
+
+@pytest.mark.parametrize("method", EDITOR_KINDS)
+def test_dense_refuses_a_masked_flag_that_is_not_a_bool(method, gen):
+    """GroupedEdit.dense read `masked` for its truth: "False" masked a ProEditor's shift, and
+    None did not (found by an argument sweep).  Anything but a bool is a ValueError naming it, as
+    lowrank_edited's masked is; True and False give what they gave."""
+    editor = small_editor(method).eval()
+    mu, eta, offsets, feats = editor_inputs(gen)
+    edit = editor(mu, eta, offsets, edit_feats=feats if method == "moeditor" else None)
+    for bad in ("False", 0, None, torch.tensor(True)):
+        with pytest.raises(ValueError, match=r"^masked must be a bool, got "):
+            edit.dense(masked=bad)
+    assert torch.equal(edit.dense(masked=False), edit.dense(masked=True)) == (method != "proeditor")
