@@ -66,6 +66,16 @@ def _check_batch_size(batch_size) -> None:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
 
 
+def _check_model_and_tokenizer(model, tokenizer) -> None:
+    """The scoring functions' model and tokenizer, checked as ModelEditor checks them: a model name
+    given for the model, or None, raised AttributeError ("'str' object has no attribute 'modules'"),
+    and a tokenizer that is not one TypeError ("'str' object is not callable"), naming neither."""
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(tokenizer):
+        raise ValueError(f"tokenizer must be a Hugging Face tokenizer (callable), got {type(tokenizer).__name__}")
+
+
 @contextlib.contextmanager
 def _eval_mode(model):
     """Eval mode and no grad while scoring; every submodule's previous mode comes back afterwards
@@ -160,6 +170,7 @@ def _score(model, tokenizer, prompts, targets, batch_size, names=None) -> list[t
     `names`: (names of the prompts, names of the targets) for error messages; by default
     `prompts[i]` and `targets[i]`, i the place in the whole list."""
     _check_batch_size(batch_size)
+    _check_model_and_tokenizer(model, tokenizer)
     if names is None:
         names = ([f"prompts[{i}]" for i in range(len(prompts))], [f"targets[{i}]" for i in range(len(prompts))])
     # Rows of similar length batched together (by characters, a proxy for tokens; stable), so that a
@@ -259,6 +270,9 @@ def target_accuracy(model, tokenizer, prompts: Sequence[str], targets: Sequence[
         # _target_accuracy lists them: a lone str became its characters, each scored as a text.
         if isinstance(texts, str):
             raise ValueError(f"{name} must be a sequence of str, got a single str")
+        # and list() of None raised "'NoneType' object is not iterable", naming neither.
+        if not hasattr(texts, "__iter__"):
+            raise ValueError(f"{name} must be a sequence of str, got {type(texts).__name__}")
     return _target_accuracy(model, tokenizer, prompts, targets, batch_size, exact)
 
 
@@ -357,6 +371,10 @@ def _drawdown_inputs(requests, base_predictions, reduction: str) -> tuple[list, 
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     requests = validate_requests(requests)
+    if not hasattr(base_predictions, "__iter__"):
+        # list() of None raised "'NoneType' object is not iterable", naming nothing.
+        raise ValueError("base_predictions must be a sequence of tensors (locality_predictions' list), "
+                         f"got {type(base_predictions).__name__}")
     base = list(base_predictions)
     if len(base) != len(requests):
         raise ValueError(f"base_predictions must have one entry per request ({len(requests)}), got {len(base)}")

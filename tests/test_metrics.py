@@ -1219,3 +1219,37 @@ def test_a_16_bit_model_is_scored_on_its_own_predictions(dtype, gen):
         assert drawdown(model, tok, requests, predicted, batch_size=1) == 0.0
         changed = sum(float((a != b).any()) for a, b in zip(want, wider_want)) / n
         assert drawdown(model, tok, requests, wider_want, batch_size=1) == pytest.approx(changed, abs=1e-15)
+
+
+def test_scoring_functions_name_a_model_tokenizer_or_texts_that_are_not_ones(gen):
+    """The scoring metrics' model, tokenizer, texts and base predictions, given as something else
+    (a model name for the model, None): a ValueError naming the argument, as ModelEditor's.  They
+    were AttributeError ("'str' object has no attribute 'modules'") and TypeError ("'NoneType'
+    object is not callable", "... is not iterable"), naming nothing (found by an argument sweep)."""
+    from test_model_editor import random_requests
+
+    model, tok = tiny_model("llama", seed=seed_from(gen))
+    reqs = random_requests(gen, 3)
+    base = locality_predictions(model, tok, reqs)
+    calls = {
+        "reliability": lambda m, t: reliability(m, t, reqs),
+        "edit_success": lambda m, t: edit_success(m, t, reqs),
+        "neighbourhood_success": lambda m, t: neighbourhood_success(m, t, reqs),
+        "locality_predictions": lambda m, t: locality_predictions(m, t, reqs),
+        "drawdown": lambda m, t: drawdown(m, t, reqs, base),
+        "target_accuracy": lambda m, t: target_accuracy(m, t, ["a b"], ["c"]),
+    }
+    for name, call in calls.items():
+        for bad in ("gpt2", None, 3):
+            with pytest.raises(ValueError, match=rf"^model must be a torch.nn.Module, got {type(bad).__name__}"):
+                call(bad, tok)
+            with pytest.raises(ValueError, match=rf"^tokenizer must be a Hugging Face tokenizer .* got {type(bad).__name__}"):
+                call(model, bad)
+    for bad in (None, 3):
+        with pytest.raises(ValueError, match=rf"^prompts must be a sequence of str, got {type(bad).__name__}"):
+            target_accuracy(model, tok, bad, ["c"])
+        with pytest.raises(ValueError, match=rf"^targets must be a sequence of str, got {type(bad).__name__}"):
+            target_accuracy(model, tok, ["a b"], bad)
+        with pytest.raises(ValueError, match=rf"^base_predictions must be a sequence of tensors .* got {type(bad).__name__}"):
+            drawdown(model, tok, reqs, bad)
+    assert drawdown(model, tok, reqs, tuple(base)) == 0.0
