@@ -1253,3 +1253,23 @@ def test_scoring_functions_name_a_model_tokenizer_or_texts_that_are_not_ones(gen
         with pytest.raises(ValueError, match=rf"^base_predictions must be a sequence of tensors .* got {type(bad).__name__}"):
             drawdown(model, tok, reqs, bad)
     assert drawdown(model, tok, reqs, tuple(base)) == 0.0
+
+
+def test_scoring_functions_refuse_an_exact_flag_that_is_not_a_bool(gen):
+    """exact was read for its truth: exact="False" scored whole-target matches, silently (found by
+    an argument sweep).  Anything but a bool is a ValueError naming it, before any scoring."""
+    from dcedit_kernels.metrics import _neighbourhood_success_and_drawdown
+    from test_model_editor import random_requests
+
+    model, tok = tiny_model("llama", seed=seed_from(gen))
+    reqs = random_requests(gen, 3)
+    base = locality_predictions(model, tok, reqs)
+    calls = (lambda e: reliability(model, tok, reqs, exact=e), lambda e: edit_success(model, tok, reqs, exact=e),
+             lambda e: neighbourhood_success(model, tok, reqs, exact=e),
+             lambda e: target_accuracy(model, tok, ["a b"], ["c d"], exact=e),
+             lambda e: _neighbourhood_success_and_drawdown(model, tok, reqs, base, exact=e))
+    for call in calls:
+        for bad in ("False", 1, None, torch.tensor(True)):
+            with pytest.raises(ValueError, match=r"^exact must be a bool, got "):
+                call(bad)
+        call(True), call(False)
