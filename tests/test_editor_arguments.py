@@ -273,3 +273,23 @@ def test_dense_refuses_a_masked_flag_that_is_not_a_bool(method, gen):
         with pytest.raises(ValueError, match=r"^masked must be a bool, got "):
             edit.dense(masked=bad)
     assert torch.equal(edit.dense(masked=False), edit.dense(masked=True)) == (method != "proeditor")
+
+
+@pytest.mark.parametrize("method", EDITOR_KINDS)
+def test_route_checks_n_edits_and_device(method, gen):
+    """GroupedEditor.route passed n_edits and device to torch unchecked: randperm's TypeError for
+    2.0 or None, RuntimeError "negative dimension" for -1, and for a device torch cannot parse its
+    RuntimeError, naming nothing (found by an argument sweep).  Each is now a ValueError naming the
+    argument, before the gate's statistics take the features."""
+    editor = small_editor(method).train()
+    feats = editor_inputs(gen)[3] if method == "moeditor" else None
+    before = {k: v.clone() for k, v in editor.state_dict().items()}
+    for bad in (2.0, None, -1, True, "4"):
+        with pytest.raises(ValueError, match=r"^n_edits must be a non-negative int, got "):
+            editor.route(bad, feats)
+    for bad in ("gpu", "meta", [0]):
+        with pytest.raises(ValueError, match=r"^device"):
+            editor.route(4, feats, device=bad)
+    assert all(torch.equal(v, before[k]) for k, v in editor.state_dict().items())
+    for device in (None, "cpu", torch.device("cpu")):
+        assert editor.route(4, feats, device=device)[0].shape == (4,)

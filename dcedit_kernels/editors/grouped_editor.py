@@ -170,6 +170,12 @@ class GroupedEditor(nn.Module):
         """(group per edit (E,), gate weight per edit (E,) or None, balance loss).  The gate reads
         `edit_feats` standardised by `gate_norm` (when the editor has one), which takes them into
         its statistics first in training mode."""
+        # A public method: n_edits and device went to torch unchecked (randperm's TypeError for a
+        # float, "negative dimension" for -1, a device string's RuntimeError), naming nothing.
+        if not is_int(n_edits) or n_edits < 0:
+            raise ValueError(f"n_edits must be a non-negative int, got {n_edits!r}")
+        if device is not None and not isinstance(device, torch.device):  # forward passes mu.device
+            device = as_device(device, "device")
         zero = torch.zeros((), device=device)
         if self.routing == "single":
             return torch.zeros(n_edits, dtype=torch.int64, device=device), None, zero
