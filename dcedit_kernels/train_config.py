@@ -7,6 +7,7 @@ Separate from the loop (`train`) so that the loss (`train_loss`) and the checkpo
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -89,8 +90,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
         if self.lr_optimizer not in ("adam", "sgd"):
             raise ValueError(f"lr_optimizer must be 'adam' or 'sgd', got {self.lr_optimizer!r}")
-        if self.grad_clip is not None and (not is_number(self.grad_clip) or not self.grad_clip > 0):
-            raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip!r}")
+        if self.grad_clip is not None and (not is_number(self.grad_clip) or not self.grad_clip > 0
+                                           or not (is_finite_number(self.grad_clip) or self.grad_clip == math.inf)):
+            # An int beyond float's range (10**400) passed, and clip_grad_norm_ raised OverflowError
+            # at the first step; inf (no clipping) is still taken.
+            raise ValueError(f"grad_clip must be positive (a float, or inf for no clipping) or None, got {self.grad_clip!r}")
         for name in ("fisher_mask", "data_parallel", "reuse_prefix", "restore_best", "resume", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")

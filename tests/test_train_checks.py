@@ -720,3 +720,20 @@ def test_fit_leaves_the_callers_random_state_as_it_was(gen):
     state = torch.get_rng_state()
     me.fit(reqs, None, TrainConfig(steps=1, batch_size=2, progress=False, seed=seed_from(gen) + 1000))
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_grad_clip_beyond_floats_range_is_refused_before_training():
+    """grad_clip=10**400 (an int beyond float's range) passed TrainConfig's check and
+    clip_grad_norm_ raised OverflowError ("int too large to convert to float") at the first step
+    (found by an argument sweep).  It is now refused naming grad_clip, at construction and by
+    validate; inf (no clipping) and floats up to float's max are still taken."""
+    import math
+
+    with pytest.raises(ValueError, match=r"^grad_clip must be positive .* or None, got 1000"):
+        TrainConfig(grad_clip=10**400)
+    config = TrainConfig()
+    config.grad_clip = -(10**400)
+    with pytest.raises(ValueError, match=r"^grad_clip must be positive"):
+        config.validate()
+    for ok in (math.inf, 1e308, 10**300, 5, None):
+        assert TrainConfig(grad_clip=ok).grad_clip == ok
