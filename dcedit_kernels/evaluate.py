@@ -349,9 +349,11 @@ def unedited_scores(model, tokenizer, requests: Sequence[EditRequest], batch_siz
 # Repeated runs
 # ---------------------------------------------------------------------------------------------
 def _as_listed(layers):
-    """`layers` as a list for ModelEditor; a single name goes through as it is, for ModelEditor's
-    own message (list() would split it into characters, reported as duplicate layer names)."""
-    return layers if isinstance(layers, str) else list(layers)
+    """`layers` as a list for ModelEditor; a single name, or anything that is not a collection
+    (an int: list() raised "'int' object is not iterable", naming nothing), goes through as it
+    is, for ModelEditor's own message (list() would split a name into characters, reported as
+    duplicate layer names)."""
+    return layers if isinstance(layers, str) or not hasattr(layers, "__iter__") else list(layers)
 
 
 def sample_indices(n_requests: int, n_edits: int, seed: int, repeat: int) -> list[int]:

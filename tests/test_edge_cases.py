@@ -676,6 +676,21 @@ def test_evaluate_method_checks_its_arguments(gen):
         evaluate_module.evaluate_method(me.model, me.tokenizer, me, reqs, n_edits=1, rank=3, progress=False)
 
 
+def test_evaluate_method_and_gradient_conflict_name_layers_that_are_not_a_collection(gen):
+    """layers given as an int (a block index for a layer name): list() raised TypeError "'int'
+    object is not iterable", naming nothing (found by an argument sweep).  It now reaches
+    ModelEditor, whose ValueError names layers, before any edit."""
+    me = make_editor("gpt2", "mend", gen)
+    reqs = random_requests(gen, 4)
+    before = snapshot(me.model)
+    for layers in (3, 2.5):
+        with pytest.raises(ValueError, match=r"^layers must be a list of module names, got "):
+            evaluate_module.evaluate_method(me.model, me.tokenizer, "ft", reqs, n_edits=2, layers=layers, progress=False)
+        with pytest.raises(ValueError, match=r"^layers must be a list of module names, got "):
+            evaluate_module.gradient_conflict(me.model, me.tokenizer, layers, reqs)
+    assert_bit_identical(before, me.model)
+
+
 def test_evaluate_method_refuses_a_seed_or_layers_it_would_misread(gen):
     """The sample is drawn from the seed's text: seed 1.0 or True drew another sample than seed 1
     (and "1" the same one) without a word; a single layer name was split into characters and
