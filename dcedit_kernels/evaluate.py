@@ -222,6 +222,16 @@ def _writes_its_modules_only(editor) -> bool:
     return isinstance(editor, ModelEditor)
 
 
+def _check_editor(editor, needs: tuple[str, ...]) -> None:
+    """`editor` has the attributes a function reads (a ModelEditor has them all): a model or a
+    str given instead raised AttributeError ("'str' object has no attribute 'model'"), naming
+    nothing."""
+    missing = [a for a in needs if not hasattr(editor, a)]
+    if missing:
+        raise ValueError(f"editor must be a ModelEditor (or an object with {', '.join(needs)}), "
+                         f"got {type(editor).__name__}, which has no {', '.join(missing)}")
+
+
 def _all_missed(requests, cache: dict | None) -> bool:
     """Whether `_unedited_locality` scores every locality row of `requests` (in their order, so
     in the batches the edited model's NS/DD pass scores them in): no cache, or none of them in it."""
@@ -275,6 +285,7 @@ def measure_edit(editor, requests: Sequence[EditRequest], batch_size: int = 16, 
     default): a store of this call's own, for its locality rows only (the unedited and the edited
     model's passes over them), when none of them is in `base_cache` and `editor` is a ModelEditor.
     """
+    _check_editor(editor, ("model", "tokenizer", "apply"))
     requests = validate_requests(requests)
     if during is not None and not callable(during):
         # Called only once the edit is applied: a non-callable raised TypeError after the scoring passes.
@@ -514,6 +525,7 @@ def edit_statistics(editor, requests: Sequence[EditRequest]) -> dict:
     Forms each layer's o×i shift once, like the dense apply."""
     from .model_editor import FT_METHODS
 
+    _check_editor(editor, ("method", "tokenize", "capture", "edits_as_applied", "layers"))
     if editor.method in FT_METHODS:
         raise ValueError(f"editor must use a trained editor method, got {editor.method!r}")
     requests = validate_requests(requests)

@@ -842,3 +842,22 @@ def test_forward_inputs_of_a_seq2seq_model_keeps_the_decoder_input_ids_it_is_giv
     given = torch.randint(0, 50, (2, 3), generator=gen)
     kept = forward_inputs(model, {"input_ids": ids, "labels": labels, "decoder_input_ids": given})
     assert set(kept) == {"input_ids", "decoder_input_ids"} and kept["decoder_input_ids"] is given
+
+
+def test_measure_edit_and_edit_statistics_name_an_editor_that_is_not_one(gen):
+    """measure_edit and edit_statistics given the model, a method name or None for the editor raised
+    AttributeError ("'str' object has no attribute 'model'", "... has no attribute 'method'"),
+    naming nothing (found by an argument sweep).  Now a ValueError naming editor and what it lacks,
+    before any edit."""
+    me = make_editor("gpt2", "mend", gen)
+    reqs = random_requests(gen, 3)
+    before = snapshot(me.model)
+    for bad in ("mend", None, me.tokenizer):
+        with pytest.raises(ValueError, match=r"^editor must be a ModelEditor \(or an object with model, tokenizer, apply\)"):
+            evaluate_module.measure_edit(bad, reqs)
+    with pytest.raises(ValueError, match=r"^editor must be a ModelEditor .* got GPT2LMHeadModel, which has no model, tokenizer"):
+        evaluate_module.measure_edit(me.model, reqs)
+    for bad in ("mend", None, me.model):
+        with pytest.raises(ValueError, match=r"^editor must be a ModelEditor \(or an object with method, "):
+            evaluate_module.edit_statistics(bad, reqs)
+    assert_bit_identical(before, me.model)
