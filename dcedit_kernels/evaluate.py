@@ -232,6 +232,14 @@ def _check_editor(editor, needs: tuple[str, ...]) -> None:
                          f"got {type(editor).__name__}, which has no {', '.join(missing)}")
 
 
+def _check_stores(base_cache, lower_blocks) -> None:
+    """The caller's caches are dicts or None: a str base_cache raised TypeError ("'in <string>'
+    requires string as left operand"), and a list or str lower_blocks was silently not used."""
+    for name, store in (("base_cache", base_cache), ("lower_blocks", lower_blocks)):
+        if store is not None and not isinstance(store, dict):
+            raise ValueError(f"{name} must be a dict or None, got {type(store).__name__}")
+
+
 def _all_missed(requests, cache: dict | None) -> bool:
     """Whether `_unedited_locality` scores every locality row of `requests` (in their order, so
     in the batches the edited model's NS/DD pass scores them in): no cache, or none of them in it."""
@@ -286,6 +294,7 @@ def measure_edit(editor, requests: Sequence[EditRequest], batch_size: int = 16, 
     model's passes over them), when none of them is in `base_cache` and `editor` is a ModelEditor.
     """
     _check_editor(editor, ("model", "tokenizer", "apply"))
+    _check_stores(base_cache, lower_blocks)
     requests = validate_requests(requests)
     if during is not None and not callable(during):
         # Called only once the edit is applied: a non-callable raised TypeError after the scoring passes.
@@ -446,6 +455,7 @@ def evaluate_method(
     from .model_editor import ModelEditor
 
     requests = validate_requests(requests)
+    _check_stores(base_cache, lower_blocks)  # before a ModelEditor is built and any run
     sizes = _check_n_edits(n_edits, len(requests))
     if not is_int(repeats) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")

@@ -861,3 +861,21 @@ def test_measure_edit_and_edit_statistics_name_an_editor_that_is_not_one(gen):
         with pytest.raises(ValueError, match=r"^editor must be a ModelEditor \(or an object with method, "):
             evaluate_module.edit_statistics(bad, reqs)
     assert_bit_identical(before, me.model)
+
+
+def test_measure_edit_and_evaluate_method_refuse_caches_that_are_not_dicts(gen):
+    """base_cache and lower_blocks are dicts shared between calls (or None): a str base_cache raised
+    TypeError ("'in <string>' requires string as left operand, not tuple"), a list one "list
+    indices must be integers", and a list or str lower_blocks was silently not used (found by an
+    argument sweep).  Each is now a ValueError naming it, before any edit."""
+    me = make_editor("gpt2", "mend", gen)
+    reqs = random_requests(gen, 3)
+    before = snapshot(me.model)
+    for name in ("base_cache", "lower_blocks"):
+        for bad in ("x", [], 3):
+            with pytest.raises(ValueError, match=rf"^{name} must be a dict or None, got {type(bad).__name__}"):
+                evaluate_module.measure_edit(me, reqs, **{name: bad})
+            with pytest.raises(ValueError, match=rf"^{name} must be a dict or None, got {type(bad).__name__}"):
+                evaluate_module.evaluate_method(me.model, me.tokenizer, me, reqs, n_edits=2, repeats=1, progress=False,
+                                                **{name: bad})
+    assert_bit_identical(before, me.model)
