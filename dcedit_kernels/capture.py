@@ -143,6 +143,8 @@ def _owner_of_parameter(model: nn.Module, name: str) -> str | None:
 def resolve_modules(model: nn.Module, module_names: Iterable[str], arg: str = "module_names") -> dict[str, nn.Module]:
     """Map names to editable submodules; ValueError (naming `arg`, the caller's argument) listing
     close candidates for unknown names."""
+    if not isinstance(model, nn.Module):  # a model name, None: AttributeError from named_modules before
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(module_names, str):
         module_names = [module_names]
     try:

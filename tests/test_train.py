@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcedit_kernels.capture import is_conv1d, weight_out_in
+from dcedit_kernels.capture import is_conv1d, resolve_modules, weight_out_in
 from dcedit_kernels.editors import GroupedEdit
 from dcedit_kernels.lowrank_layers import fused_linear, lowrank_edited
 from dcedit_kernels.losses import picked_kl, target_nll
@@ -651,6 +651,22 @@ def test_lowrank_edited_rejects_bad_edits_and_flags(gen):
             with lowrank_edited(model, args.pop("edits"), args.pop("row_edit"), **args):
                 pass
         assert all("forward" not in dict(model.named_modules())[n].__dict__ for n in names)
+
+
+def test_lowrank_edited_names_a_model_that_is_not_one(gen):
+    """A model name or None for lowrank_edited's model raised AttributeError ("'str' object has no
+    attribute 'named_modules'") from resolve_modules, which compute_factors and the capture share
+    (found by an argument sweep).  Now a ValueError naming model, with no layer patched."""
+    model, _ = frozen_double_model("gpt2", int(torch.randint(0, 100, (1,), generator=gen)))
+    names = LAYERS["gpt2"][:2]
+    o, i = weight_out_in(dict(model.named_modules())[names[0]]).shape
+    edits = {name: random_grouped_edit(gen, i, o, 3, G=2) for name in names}
+    for bad in ("gpt2", None, 3):
+        with pytest.raises(ValueError, match=rf"^model must be a torch.nn.Module, got {type(bad).__name__}"):
+            with lowrank_edited(bad, edits, torch.tensor([0, -1, 2])):
+                pass
+        with pytest.raises(ValueError, match=rf"^model must be a torch.nn.Module, got {type(bad).__name__}"):
+            resolve_modules(bad, names)
 
 
 def test_lowrank_edited_with_no_edits(gen):
