@@ -120,6 +120,11 @@ def _check_rows(edits: Mapping, row_edit, row_sees_all, row_sees_fused=None):
                 raise ValueError(f"{name} must be a bool tensor or None")
             if flags.shape != row_edit.shape:
                 raise ValueError(f"{name} must have shape {tuple(row_edit.shape)}, got {tuple(flags.shape)}")
+    for name, rows in (("row_edit", row_edit), ("row_sees_all", row_sees_all), ("row_sees_fused", row_sees_fused)):
+        # Read on the host below: a meta one raised NotImplementedError ("Cannot copy out of meta
+        # tensor") or RuntimeError ("Tensor.item() cannot be called on meta tensors").
+        if rows is not None and rows.is_meta:
+            raise ValueError(f"{name} must hold values (the rows are read on the host), got a meta tensor")
     if row_sees_all is not None and row_sees_fused is not None and bool((row_sees_all & row_sees_fused.to(
             row_sees_all.device)).any()):
         raise ValueError("a row cannot see both every group's sum (row_sees_all) and the fused shift (row_sees_fused)")

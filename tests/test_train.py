@@ -669,6 +669,24 @@ def test_lowrank_edited_names_a_model_that_is_not_one(gen):
             resolve_modules(bad, names)
 
 
+def test_lowrank_edited_names_rows_on_meta(gen):
+    """A row_edit, row_sees_all or row_sees_fused on meta raised NotImplementedError ("Cannot copy
+    out of meta tensor") or RuntimeError ("Tensor.item() cannot be called on meta tensors") when
+    their values were read (found by an argument sweep).  Each is now a ValueError naming it, with
+    no layer patched."""
+    model, _ = frozen_double_model("gpt2", int(torch.randint(0, 100, (1,), generator=gen)))
+    names = LAYERS["gpt2"][:2]
+    o, i = weight_out_in(dict(model.named_modules())[names[0]]).shape
+    edits = {name: random_grouped_edit(gen, i, o, 3, G=2) for name in names}
+    rows, sees_all = torch.tensor([0, -1, 2]), torch.tensor([False, True, False])
+    for args, name in (((rows.to("meta"),), "row_edit"), ((rows, sees_all.to("meta")), "row_sees_all"),
+                       ((rows, None, False, sees_all.to("meta")), "row_sees_fused")):
+        with pytest.raises(ValueError, match=rf"^{name} must hold values .* got a meta tensor"):
+            with lowrank_edited(model, edits, *args):
+                pass
+    assert all("forward" not in dict(model.named_modules())[n].__dict__ for n in names)
+
+
 def test_lowrank_edited_with_no_edits(gen):
     """A batch of zero edits (every row_edit −1) runs the unedited layer, and rows that see every
     group see the sum of the groups' shifts, as with any other number of edits."""
