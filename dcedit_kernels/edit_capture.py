@@ -44,6 +44,12 @@ class EditCapture:
     # -- tokenization and capture ----------------------------------------------------------------
     def tokenize(self, prompts: Sequence[str], targets: Sequence[str], name: str = "requests") -> dict:
         """Edit batch (labels on the target tokens); ValueError naming the request on an empty target."""
+        for arg, texts in (("prompts", prompts), ("targets", targets)):
+            # list() below: None raised "'NoneType' object is not iterable", and a lone str became its
+            # characters, one row each (as metrics.target_accuracy refuses it).
+            if isinstance(texts, str) or not hasattr(texts, "__iter__"):
+                shown = "a single str" if isinstance(texts, str) else type(texts).__name__
+                raise ValueError(f"{arg} must be a sequence of str, got {shown}")
         fn = tokenize_seq2seq if self.seq2seq else tokenize_causal
         try:
             return fn(self.tokenizer, list(prompts), list(targets), device=self.device)

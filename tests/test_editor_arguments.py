@@ -293,3 +293,20 @@ def test_route_checks_n_edits_and_device(method, gen):
     assert all(torch.equal(v, before[k]) for k, v in editor.state_dict().items())
     for device in (None, "cpu", torch.device("cpu")):
         assert editor.route(4, feats, device=device)[0].shape == (4,)
+
+
+def test_model_editor_tokenize_names_texts_that_are_not_a_sequence():
+    """ModelEditor.tokenize listed its prompts and targets: None raised TypeError "'NoneType'
+    object is not iterable", naming neither, and a lone str became its characters, one row each
+    (prompts "ab", targets "cd": two edits "a" -> "c", "b" -> "d"), found by an argument sweep.
+    Both are now a ValueError naming the argument."""
+    from dcedit_kernels.model_editor import ModelEditor
+
+    model, tok = tiny_model("llama", seed=0)
+    me = ModelEditor(model, tok, ["model.layers.0.mlp.down_proj"], method="mend", rank=3, seed=0)
+    for bad, shown in ((None, "NoneType"), (3, "int"), ("ab", "a single str")):
+        with pytest.raises(ValueError, match=rf"^prompts must be a sequence of str, got {shown}"):
+            me.tokenize(bad, ["c", "d"])
+        with pytest.raises(ValueError, match=rf"^targets must be a sequence of str, got {shown}"):
+            me.tokenize(["a", "b"], bad)
+    assert me.tokenize(("a b", "c"), iter(["d", "e f"]))["input_ids"].shape[0] == 2
