@@ -91,8 +91,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from ._checks import HALF_DTYPES, all_finite, check_autograd, is_int
-from .capture import TOKEN_MODES, modes_restored, resolve_modules, weight_out_in
+from ._checks import HALF_DTYPES, all_finite, check_autograd, is_finite_number, is_int
+from .capture import TOKEN_MODES, Factors, modes_restored, resolve_modules, weight_out_in
 from .devices import as_device, check_resident, cuda_indices, input_device, model_devices, place_editor
 from .edit_capture import DEFAULT_CAPTURE_BATCH_SIZE, EditCapture
 from .edit_handle import LIVE_EDITS, EditHandle, add_note, deferred_interrupt, restore, weights_owner
@@ -371,6 +371,7 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         each layer's factors out of `factors` (and drops them) once its editor has run, so that
         layers already edited do not keep their factors while the next one's editor runs.
         eta_scale: the editors read η × eta_scale (a copy, one layer at a time; `factors` unchanged)."""
+        self._check_editor_inputs(factors, feats, eta_scale)
         edits = {}
         for name in self.layers:
             key, mode = self.slots[name]
@@ -384,6 +385,24 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
                                  edit_feats=None if feats is None else feats.to(dev))
             del eta
         return edits
+
+    def _check_editor_inputs(self, factors, feats, eta_scale) -> None:
+        """run_editors' arguments, checked before the first editor runs: a layer missing from
+        `factors` raised KeyError after the editors before it had taken their factors into their
+        running statistics (in training mode), and a feats or eta_scale of another type
+        AttributeError or TypeError from inside the loop, naming nothing."""
+        if not isinstance(factors, dict):
+            raise ValueError(f"factors must be a dict of layer name to Factors (capture's), got {type(factors).__name__}")
+        missing = [name for name in self.layers if name not in factors]
+        if missing:
+            raise ValueError(f"factors has no entry for the edited layers {missing}")
+        for name in self.layers:
+            if not isinstance(factors[name], Factors):
+                raise ValueError(f"factors[{name!r}] must be a Factors, got {type(factors[name]).__name__}")
+        if feats is not None and not isinstance(feats, torch.Tensor):
+            raise ValueError(f"feats must be a torch.Tensor (capture's edit features) or None, got {type(feats).__name__}")
+        if not is_finite_number(eta_scale):
+            raise ValueError(f"eta_scale must be a finite number, got {eta_scale!r}")
 
     def edits_as_applied(self, factors: dict, feats: torch.Tensor | None, consume: bool = False) -> dict:
         """{layer: GroupedEdit} as `apply` makes them: the editors in eval mode (frozen

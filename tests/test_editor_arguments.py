@@ -310,3 +310,31 @@ def test_model_editor_tokenize_names_texts_that_are_not_a_sequence():
         with pytest.raises(ValueError, match=rf"^targets must be a sequence of str, got {shown}"):
             me.tokenize(["a", "b"], bad)
     assert me.tokenize(("a b", "c"), iter(["d", "e f"]))["input_ids"].shape[0] == 2
+
+
+def test_run_editors_checks_its_inputs_before_any_editor_runs():
+    """ModelEditor.run_editors with a layer missing from `factors` raised KeyError after the editors of
+    the layers before it had taken their factors into their running statistics (training mode: the
+    editors changed by a call that failed); a feats or eta_scale of another type raised
+    AttributeError or TypeError from inside the loop (found by an argument sweep).  Each is now a
+    ValueError naming the argument, with every editor as it was."""
+    from dcedit_kernels.model_editor import ModelEditor
+
+    model, tok = tiny_model("llama", seed=0)
+    layers = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    me = ModelEditor(model, tok, layers, method="moeditor", n_editors=2, rank=3, seed=0)
+    batch = me.tokenize(["The sky is", "Paris is in"], ["green", "Spain"])
+    factors, feats, _ = me.capture(batch)
+    me.editors.train()
+    before = {k: v.clone() for k, v in me.state_tensors().items()}
+    cases = [(dict(factors={layers[0]: factors[layers[0]]}), r"^factors has no entry for the edited layers \['model.layers.1"),
+             (dict(factors=[factors[n] for n in layers]), r"^factors must be a dict"),
+             (dict(factors={**factors, layers[1]: tuple(vars(factors[layers[1]]).values())}), r"^factors\['model.layers.1.mlp.down_proj'\] must be a Factors"),
+             (dict(feats=feats.tolist()), r"^feats must be a torch.Tensor"),
+             (dict(eta_scale=None), r"^eta_scale must be a finite number"),
+             (dict(eta_scale=float("nan")), r"^eta_scale must be a finite number")]
+    for change, match in cases:
+        with pytest.raises(ValueError, match=match):
+            me.run_editors(**dict(dict(factors=factors, feats=feats), **change))
+        assert all(torch.equal(v, before[k]) for k, v in me.state_tensors().items())
+    assert set(me.run_editors(factors, feats)) == set(layers)
