@@ -372,6 +372,8 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         layers already edited do not keep their factors while the next one's editor runs.
         eta_scale: the editors read η × eta_scale (a copy, one layer at a time; `factors` unchanged)."""
         self._check_editor_inputs(factors, feats, eta_scale)
+        if not isinstance(consume, bool):  # read for its truth: consume="False" emptied the caller's factors
+            raise ValueError(f"consume must be a bool, got {consume!r}")
         edits = {}
         for name in self.layers:
             key, mode = self.slots[name]
@@ -410,6 +412,8 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         consume: as `run_editors`'.  With `rescale_batch_size` set, the editors read η ×
         N/rescale_batch_size and each edit's alpha is divided by that factor (N: the edits in
         `factors`)."""
+        if not isinstance(consume, bool):  # checked before the editors' modes change (run_editors checks it too)
+            raise ValueError(f"consume must be a bool, got {consume!r}")
         scale = 1.0
         if self.rescale_batch_size is not None and factors:
             scale = next(iter(factors.values())).num_edits / self.rescale_batch_size

@@ -338,3 +338,22 @@ def test_run_editors_checks_its_inputs_before_any_editor_runs():
             me.run_editors(**dict(dict(factors=factors, feats=feats), **change))
         assert all(torch.equal(v, before[k]) for k, v in me.state_tensors().items())
     assert set(me.run_editors(factors, feats)) == set(layers)
+
+
+def test_run_editors_refuses_a_consume_flag_that_is_not_a_bool():
+    """run_editors and edits_as_applied read consume for its truth: consume="False" took every
+    layer's factors out of the caller's dict, silently (found by an argument sweep).  Anything but
+    a bool is now a ValueError naming it, with the factors left in place."""
+    from dcedit_kernels.model_editor import ModelEditor
+
+    model, tok = tiny_model("llama", seed=0)
+    layers = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    me = ModelEditor(model, tok, layers, method="mend", rank=3, seed=0)
+    factors, feats, _ = me.capture(me.tokenize(["The sky is"], ["green"]))
+    for run in (me.run_editors, me.edits_as_applied):
+        for bad in ("False", 1, None):
+            with pytest.raises(ValueError, match=r"^consume must be a bool, got "):
+                run(factors, feats, consume=bad)
+            assert set(factors) == set(layers)
+    me.edits_as_applied(factors, feats, consume=True)
+    assert not factors
