@@ -403,6 +403,8 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
                 raise ValueError(f"factors[{name!r}] must be a Factors, got {type(factors[name]).__name__}")
         if feats is not None and not isinstance(feats, torch.Tensor):
             raise ValueError(f"feats must be a torch.Tensor (capture's edit features) or None, got {type(feats).__name__}")
+        if feats is not None and feats.is_meta:  # moved to each editor's device: "Cannot copy out of meta tensor"
+            raise ValueError("feats must hold values (they are moved to each editor's device), got a meta tensor")
         if not is_finite_number(eta_scale):
             raise ValueError(f"eta_scale must be a finite number, got {eta_scale!r}")
 

@@ -316,7 +316,8 @@ def test_run_editors_checks_its_inputs_before_any_editor_runs():
     """ModelEditor.run_editors with a layer missing from `factors` raised KeyError after the editors of
     the layers before it had taken their factors into their running statistics (training mode: the
     editors changed by a call that failed); a feats or eta_scale of another type raised
-    AttributeError or TypeError from inside the loop (found by an argument sweep).  Each is now a
+    AttributeError or TypeError from inside the loop, and a meta feats NotImplementedError
+    ("Cannot copy out of meta tensor") (found by an argument sweep).  Each is now a
     ValueError naming the argument, with every editor as it was."""
     from dcedit_kernels.model_editor import ModelEditor
 
@@ -331,6 +332,7 @@ def test_run_editors_checks_its_inputs_before_any_editor_runs():
              (dict(factors=[factors[n] for n in layers]), r"^factors must be a dict"),
              (dict(factors={**factors, layers[1]: tuple(vars(factors[layers[1]]).values())}), r"^factors\['model.layers.1.mlp.down_proj'\] must be a Factors"),
              (dict(feats=feats.tolist()), r"^feats must be a torch.Tensor"),
+             (dict(feats=feats.to("meta")), r"^feats must hold values .* got a meta tensor"),
              (dict(eta_scale=None), r"^eta_scale must be a finite number"),
              (dict(eta_scale=float("nan")), r"^eta_scale must be a finite number")]
     for change, match in cases:
