@@ -656,6 +656,31 @@ def test_cli_edit_or_evaluate_interrupted_is_one_line(command, capsys, monkeypat
     assert capsys.readouterr().err == "dcedit: interrupted\n"
 
 
+@pytest.mark.parametrize("command", ["edit", "evaluate"])
+def test_cli_edit_that_overflows_float16_is_one_error_line(command, capsys, tmp_path, tiny_model_dir):
+    """`edit`/`evaluate --dtype float16` with an editor whose shift passes fp16's 65504: apply's
+    FloatingPointError (the model restored) ended main() in a traceback; it is one line, exit status
+    2, naming the flags with the range.  The same editor under --dtype bfloat16 edits."""
+    from dcedit_kernels import ModelEditor
+
+    model, tok = tiny_model("llama", seed=0)
+    me = ModelEditor(model, tok, ["model.layers.1.mlp.down_proj"], method="mend", rank=4)
+    with torch.no_grad():
+        for editor in me.editors.values():
+            editor.alpha.fill_(-1e9)  # an initial MEND's shift is α times the gradient: far past fp16's range
+    me.save(tmp_path / "big.safetensors")
+    data = _counterfact_file(tmp_path / "cf.json")
+    args = [command, "--model", str(tiny_model_dir), "--editor", str(tmp_path / "big.safetensors"),
+            "--data", str(data), "--n-edits", "2"] + (["--repeats", "1"] if command == "evaluate" else [])
+    assert cli.main(args + ["--dtype", "float16"]) == 2
+    line = _one_cli_line(capsys)
+    assert line.startswith("dcedit: error: layer 'model.layers.1.mlp.down_proj': the shifted weight is not "
+                           "finite in torch.float16 (an overflow)"), line
+    assert line.endswith("(the model is unchanged); --dtype float16 overflows above 65504: --dtype bfloat16 "
+                         "or float32 has the range"), line
+    assert cli.main(args + ["--dtype", "bfloat16"]) == 0
+
+
 def test_cli_train_batch_larger_than_the_data_is_a_note_in_the_cli_terms(capsys, tmp_path,
                                                                          tiny_model_dir):
     """The default --batch-size 25 on a small --n-edits gave fit's UserWarning, in Python's terms

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .inputs import check_count, greedy_completions, load_any_model, load_requests, parse_layers, shown
-from .messages import in_cli_terms
+from .messages import in_cli_terms, non_finite_edit
 from .methods import EDITOR_METHODS, METHOD_NAMES
 from .options import editor_kwargs, parse_sizes
 from .output_files import train_out
@@ -219,6 +219,8 @@ def cmd_edit(args) -> dict:
                               else None)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    except FloatingPointError as exc:  # an fp16 overflow, the model restored: was a traceback
+        raise UserError(non_finite_edit(exc, args.dtype)) from None
     after = scores.pop("during", None)
     rows = []
     for i, r in enumerate(requests):
@@ -246,6 +248,8 @@ def cmd_evaluate(args) -> dict:
         result = evaluate_method(model, tokenizer, me, requests, n_edits=sizes, repeats=args.repeats, seed=args.seed)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    except FloatingPointError as exc:  # as `edit`'s
+        raise UserError(non_finite_edit(exc, args.dtype)) from None
     print(f"{METHOD_NAMES[me.method]} on {len(requests)} requests, {args.repeats} repeats")
     for n, row in result["by_n"].items():
         cells = "  ".join(f"{m}={_mean_std(row[m])}" for m in ("es", "reliability", "dd", "lmp", "ns", "latency_s"))

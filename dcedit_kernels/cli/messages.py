@@ -5,6 +5,10 @@ from __future__ import annotations
 import re
 import sys
 
+import torch
+
+from ..models import DTYPES
+
 # ModelEditor.apply's rounding warning, as the command line says it: the library's text points a
 # Python caller at `handle.stats['changed_fraction']` and at editing "a float32 copy of the model",
 # under a source line of evaluate.py; the command line's user has --dtype float32 instead.
@@ -21,6 +25,15 @@ def show_warning(message, category, filename, lineno, file=None, line=None, *, s
     print(f"dcedit: warning: most entries of the shift of {found['layers']} were lost to rounding: "
           "they are below half the resolution of the 16-bit weights, which store W + αΔ rounded; "
           "--dtype float32 keeps the whole shift", file=sys.stderr if file is None else file, flush=True)
+
+
+def non_finite_edit(exc: FloatingPointError, dtype: str) -> str:
+    """An edit's FloatingPointError (`ModelEditor.apply`: a non-finite loss, gradient, editor output
+    or shifted weight, the model restored) as one line; under --dtype float16 it names the dtypes with
+    the range, since fp16's overflow (above 65504) is the usual cause: bf16 and float32 reach 3e38."""
+    hint = ("; --dtype float16 overflows above 65504: --dtype bfloat16 or float32 has the range"
+            if DTYPES.get(dtype) is torch.float16 else "")
+    return f"{exc} (the model is unchanged){hint}"
 
 
 # The library's refusals of `dcedit train` (a resume: train_checkpoint; torchrun's processes:
