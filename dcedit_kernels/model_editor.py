@@ -91,7 +91,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from ._checks import HALF_DTYPES, all_finite, check_autograd, is_finite_number, is_int
+from ._checks import HALF_DTYPES, all_finite, check_autograd, compute_dtype, is_finite_number, is_int
 from .capture import TOKEN_MODES, Factors, modes_restored, resolve_modules, weight_out_in
 from .devices import as_device, check_resident, cuda_indices, input_device, model_devices, place_editor
 from .edit_capture import DEFAULT_CAPTURE_BATCH_SIZE, EditCapture
@@ -381,8 +381,8 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
             f = factors.pop(name) if consume else factors[name]
             dev = next(editor.parameters()).device
             eta = f.eta.to(dev)
-            if eta_scale != 1:
-                eta = eta * eta_scale
+            if eta_scale != 1:  # in fp32 (float64 kept): a bf16 model's η × N/B rounded to bf16 again
+                eta = eta.to(compute_dtype(eta)) * eta_scale
             edits[name] = editor(f.mu.to(dev), eta, f.edit_offsets.to(dev), mode=mode,
                                  edit_feats=None if feats is None else feats.to(dev))
             del eta
@@ -428,7 +428,10 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
                 # kept a graph in α, which a `lowrank_edited` block of these edits put into every
                 # pass (FT inside it raised "backward through the graph a second time").  detach()
                 # keeps the memory: an unscaled α still reads the editor's value.
-                edit.alpha = edit.alpha.detach() / scale if scale != 1 else edit.alpha.detach()
+                # A 16-bit editor's α is divided in fp32, as the editors compute: rounded back to bf16,
+                # α / scale was off by up to 2⁻⁹, and so was the whole shift (tests/test_editor_dtypes.py).
+                alpha = edit.alpha.detach()
+                edit.alpha = alpha.to(compute_dtype(alpha)) / scale if scale != 1 else alpha
         return edits
 
     # -- apply / undo ----------------------------------------------------------------------------

@@ -124,3 +124,35 @@ def test_16bit_editor_keeps_its_running_norms_in_fp32(dtype, gen):
     for got, want in ((norm.u_mean, mu.mean(0)), (norm.u_std, mu.std(0)),
                       (norm.v_mean, eta.mean(0)), (norm.v_std, eta.std(0))):
         assert rel_err(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("model_dtype,editor_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)],
+                         ids=["bf16_model", "bf16_editor"])
+def test_rescaled_edit_of_16bit_tensors_is_scaled_in_fp32(model_dtype, editor_dtype, gen):
+    """`rescale_batch_size` scales η by N/B and α by B/N: in 16 bits that product and quotient were
+    rounded again (a bf16 model's η × 7/3 in bf16, a bf16 editor's α / (7/3) in bf16), and α·Δ of
+    the tiny Llama's down_proj was 1.6e-4 (bf16 model) and 8.3e-4 (bf16 editor) off the same edit
+    scaled in float64 (relative 2-norm); scaled in fp32, as the editors compute, 1.9e-7 at most."""
+    from dcedit_kernels import ModelEditor, EditRequest
+    from dcedit_kernels.models import tiny_model
+
+    model, tok = tiny_model("llama", seed=3, dtype=model_dtype)
+    layers = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj"]
+    me = ModelEditor(model, tok, layers, method="mend", rank=7, rescale_batch_size=3)
+    for editor in me.editors.values():
+        randomize_editor(editor, gen, scale=0.05)
+        with torch.no_grad():
+            editor.alpha.fill_(-0.0123)  # not edit_lr's 1e-4: in bf16 a multiple of 7, which 7/3 divides exactly
+    me.editors.to(editor_dtype)
+    targets = "red green blue cat dog sun moon".split()
+    requests = [EditRequest(f"fact {i} is", target) for i, target in enumerate(targets)]
+    factors, feats, _ = me.capture(me.tokenize([r.prompt for r in requests], [r.target for r in requests]))
+    edits = me.edits_as_applied(dict(factors), feats)
+    scale = len(requests) / 3
+    reference = copy.deepcopy(me.editors).double().eval()
+    for name in layers:
+        key, mode = me.slots[name]
+        f = factors[name]
+        want = reference[key](f.mu.double(), f.eta.double() * scale, f.edit_offsets, mode=mode)
+        got = edits[name].dense().double() * edits[name].alpha.double()
+        assert rel_err(got, want.dense() * (want.alpha.double() / scale)) < 1e-5, name
