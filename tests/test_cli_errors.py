@@ -681,6 +681,22 @@ def test_cli_edit_that_overflows_float16_is_one_error_line(command, capsys, tmp_
     assert cli.main(args + ["--dtype", "bfloat16"]) == 0
 
 
+def test_cli_train_whose_validation_edit_overflows_float16_is_one_error_line(capsys, tmp_path, tiny_model_dir):
+    """`dcedit train --dtype float16 --lr-lr 1e6`: the first step's α is past fp16's range, and the
+    validation edit's FloatingPointError (the model restored) ended main() in a traceback through the
+    training loop (a dtype sweep's find, for edit/evaluate above); it is one line, exit status 2."""
+    data = _counterfact_file(tmp_path / "cf.json")
+    args = ["train", "--model", str(tiny_model_dir), "--method", "mend", "--rank", "3", "--data", str(data),
+            "--val-data", str(data), "--val-every", "1", "--steps", "2", "--batch-size", "2", "--dtype", "float16",
+            "--out", str(tmp_path / "e.safetensors")]
+    assert cli.main(args + ["--lr-lr", "1e6"]) == 2
+    line = _one_cli_line(capsys)
+    assert line.startswith("dcedit: error: training stopped: layer 'model.layers."), line
+    assert "the shifted weight is not finite in torch.float16 (an overflow)" in line, line
+    assert line.endswith("--dtype bfloat16 or float32 has the range"), line
+    assert not (tmp_path / "e.safetensors").exists()
+
+
 def test_cli_train_batch_larger_than_the_data_is_a_note_in_the_cli_terms(capsys, tmp_path,
                                                                          tiny_model_dir):
     """The default --batch-size 25 on a small --n-edits gave fit's UserWarning, in Python's terms

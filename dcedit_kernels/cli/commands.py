@@ -143,6 +143,10 @@ def _train(args, requests, val, device) -> dict:
         result = me.fit(requests, val, config)
     except ValueError as exc:  # a resume of another run (--checkpoint-dir), processes that disagree, ...
         raise UserError(in_cli_terms(str(exc))) from None
+    except FloatingPointError as exc:
+        # A validation edit's overflow (--dtype float16, editors whose steps grew past its range: a
+        # large --lr-lr) ended main() in a traceback through the training loop; as `edit`'s, one line.
+        raise UserError(f"training stopped: {non_finite_edit(exc, args.dtype)}") from None
     out = Path(train_out(args))
     summary = dict(editor=str(out), method=args.method, layers=layers, steps=result.steps,
                    elapsed_s=result.elapsed_s, best_es=result.best_es, processes=size,
