@@ -364,6 +364,24 @@ def test_cli_data_that_is_a_folder_says_so(capsys, tmp_path, monkeypatch):
     assert f"--data: {tmp_path} is a folder: give a JSON file" in capsys.readouterr().err
 
 
+def test_cli_data_set_name_is_not_hidden_by_a_folder_of_that_name(capsys, tmp_path, monkeypatch):
+    """A folder named like a data set in the working folder (an --out folder named after it) made
+    `--data counterfact-val` read the folder ("is a folder: give a JSON file"), where only a file of
+    that name is read in the data set's place."""
+    _counterfact_file(tmp_path / "counterfact-val.json", n=4)
+    monkeypatch.setenv("DCEDIT_DATA_DIR", str(tmp_path))
+    (tmp_path / "here" / "counterfact-val").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "here")
+    assert len(cli.load_requests("counterfact-val")) == 4
+
+    def data_loaded(*args, **kwargs):
+        raise cli.UserError("the data loaded")
+    monkeypatch.setattr(cli.commands, "load_any_model", data_loaded)
+    assert cli.main(["edit", "--method", "ft", "--data", "counterfact-val",
+                     "--out", "counterfact-val/edit.json"]) == 2
+    assert "dcedit: error: the data loaded" in capsys.readouterr().err
+
+
 def test_cli_val_data_errors_name_val_data(capsys, tmp_path, monkeypatch):
     _no_model(monkeypatch)
     data = _counterfact_file(tmp_path / "cf.json")

@@ -162,10 +162,11 @@ def detect_format(path) -> str:
 
 def named_data_file(path: str | None) -> Path | None:
     """Where a data set's name (`data.FILES`, as `data.load_dataset` takes) is looked for, when
-    `path` is such a name and no file of that name exists here; None otherwise."""
+    `path` is such a name and no file of that name exists here; None otherwise.  A folder of that
+    name (an --out folder named after the data set) is no file: it does not hide the data set."""
     from ..data import FILES, data_path
 
-    if path in FILES and not Path(path).exists():
+    if path in FILES and not Path(path).is_file():
         return data_path(path)
     return None
 
