@@ -1,6 +1,7 @@
 """Data loaders (CounterFact / zsRE) and the EditRequest / tokenization contracts."""
 
 import json
+import os
 import re
 from types import SimpleNamespace
 
@@ -385,6 +386,20 @@ def test_records_file_encoding(tmp_path):
     path = tmp_path / "bom.json"
     path.write_bytes(json.dumps([dict(CF_RECORD, prompt="Café, the")], ensure_ascii=False).encode("utf-8-sig"))
     assert load_counterfact(path)[0].prompt == "Café, the"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+@pytest.mark.parametrize("loader", [load_counterfact, load_zsre])
+def test_a_data_path_that_is_a_pipe_is_not_called_missing(tmp_path, loader):
+    """A pipe (`dcedit ... --data <(jq ... cf.json)`, /dev/stdin) or a device is there but is no
+    file: it was refused as "data file not found", which sent the user looking for a typo.  (It is
+    not read: the CLI reads a --data file twice, to tell its format and then to load it.)"""
+    pipe = tmp_path / "cf.json"
+    os.mkfifo(pipe)
+    with pytest.raises(ValueError, match=re.escape(f"{pipe} is not a regular file (a pipe or a device)")):
+        loader(pipe)
+    with pytest.raises(ValueError, match="/dev/null is not a regular file"):
+        loader("/dev/null")
 
 
 def test_data_path_rejects_a_name_that_is_not_a_str():

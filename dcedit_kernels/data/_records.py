@@ -16,6 +16,9 @@ def read_records(path, limit: int | None = None) -> tuple[Path, list]:
     path = Path(path).expanduser()  # "~/cf.json" as load_model takes "~/model"
     if path.is_dir():
         raise ValueError(f"{path} is a folder: give a JSON file")
+    if path.exists() and not path.is_file():  # `--data <(jq ...)`, /dev/stdin: was "data file not found"
+        raise ValueError(f"{path} is not a regular file (a pipe or a device): give a JSON file "
+                         "(write a command's output to a file first)")
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     try:
