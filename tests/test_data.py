@@ -200,6 +200,15 @@ def test_load_dataset_says_where_it_looked(tmp_path, monkeypatch):
     assert f"(DCEDIT_DATA_DIR is {tmp_path};" in str(info.value)  # the folder it named, not only the variable
 
 
+def test_load_dataset_says_a_folder_of_the_files_name_is_a_folder(tmp_path, monkeypatch):
+    """A folder named counterfact-val.json in $DCEDIT_DATA_DIR was "not found" (set DCEDIT_DATA_DIR
+    to the folder that holds counterfact-val.json), where it is there, but a folder."""
+    (tmp_path / "counterfact-val.json").mkdir()
+    monkeypatch.setenv("DCEDIT_DATA_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'counterfact-val.json'} is a folder: give a JSON file")):
+        load_dataset("counterfact-val")
+
+
 def test_load_dataset_without_the_env_names_the_folder_it_tried(monkeypatch):
     """Without DCEDIT_DATA_DIR the default is shared/data beside the checkout; an installed copy has
     none, and the error (found in a user trial of an installed sdist) said only "(default:

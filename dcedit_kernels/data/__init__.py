@@ -39,7 +39,7 @@ def load_dataset(name: str, limit: int | None = None):
     "zsre-train": `FILES`, in `data_dir()`).  `limit` counts records, as the loaders' does: for
     zsRE, whose blank-target records are skipped, that can be fewer requests (see `load_zsre`)."""
     path = data_path(name)
-    if not path.is_file():
+    if not path.exists():  # a folder or a pipe of that name is there: the loaders say what it is
         # Without the variable, an installed copy looks in <site-packages>/../shared/data, which the
         # bare "(default: beside the checkout)" left unexplained (a user trial of an installed sdist).
         if os.environ.get("DCEDIT_DATA_DIR"):
