@@ -386,6 +386,14 @@ def test_zsre_skipped_must_be_a_list(tmp_path):
             load_zsre(tmp_path / "not-read.json", skipped=bad)
 
 
+@pytest.mark.parametrize("bad", ["no", None, 0, 1])
+def test_zsre_skip_empty_must_be_a_bool(tmp_path, bad):
+    """skip_empty="no" was truthy (the blank records skipped) and None falsy (they raised), each
+    without a word; it is refused before the file is read, as `target` and `skipped` are."""
+    with pytest.raises(ValueError, match=re.escape(f"skip_empty must be a bool, got {bad!r}")):
+        load_zsre(tmp_path / "not-read.json", skip_empty=bad)
+
+
 def test_records_file_encoding(tmp_path):
     """A file that is not UTF-8 raises ValueError naming it; a UTF-8 byte-order mark is accepted."""
     path = tmp_path / "latin1.json"

@@ -40,6 +40,8 @@ def load_zsre(path, limit: int | None = None, target: str = "alt", skip_empty: b
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if not isinstance(skip_empty, bool):  # "no" was truthy (skipped), None falsy (raised): neither said so
+        raise ValueError(f"skip_empty must be a bool, got {skip_empty!r}")
     if skipped is not None and not isinstance(skipped, list):
         raise ValueError(f"skipped must be a list or None, got {type(skipped).__name__}")
     path, records = read_records(path, limit)
