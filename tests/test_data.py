@@ -209,6 +209,15 @@ def test_load_dataset_says_a_folder_of_the_files_name_is_a_folder(tmp_path, monk
         load_dataset("counterfact-val")
 
 
+@pytest.mark.parametrize("limit", [0, -1, 2.0, "5", True])
+def test_load_dataset_checks_limit_before_looking_for_the_file(tmp_path, monkeypatch, limit):
+    """A bad `limit` was a FileNotFoundError when the data file is not there (and a ValueError
+    naming limit only when it is), as load_counterfact and load_zsre check it first."""
+    monkeypatch.setenv("DCEDIT_DATA_DIR", str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match=re.escape(f"limit must be a positive int or None, got {limit!r}")):
+        load_dataset("counterfact-val", limit=limit)
+
+
 def test_load_dataset_without_the_env_names_the_folder_it_tried(monkeypatch):
     """Without DCEDIT_DATA_DIR the default is shared/data beside the checkout; an installed copy has
     none, and the error (found in a user trial of an installed sdist) said only "(default:

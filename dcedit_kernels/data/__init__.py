@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ._records import check_limit
 from .counterfact import load_counterfact
 from .zsre import load_zsre
 
@@ -39,6 +40,7 @@ def load_dataset(name: str, limit: int | None = None):
     "zsre-train": `FILES`, in `data_dir()`).  `limit` counts records, as the loaders' does: for
     zsRE, whose blank-target records are skipped, that can be fewer requests (see `load_zsre`)."""
     path = data_path(name)
+    check_limit(limit)  # before the file is looked for: without it, limit=0 was "not found"
     if not path.exists():  # a folder or a pipe of that name is there: the loaders say what it is
         # Without the variable, an installed copy looks in <site-packages>/../shared/data, which the
         # bare "(default: beside the checkout)" left unexplained (a user trial of an installed sdist).

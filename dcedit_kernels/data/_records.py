@@ -10,8 +10,7 @@ from .._checks import check_path, is_int, lone_surrogate
 
 def read_records(path, limit: int | None = None) -> tuple[Path, list]:
     """The records of a JSON file holding a non-empty list of objects (`limit` keeps the first n)."""
-    if limit is not None and (not is_int(limit) or limit < 1):
-        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+    check_limit(limit)
     check_path(path, "path")
     path = Path(path).expanduser()  # "~/cf.json" as load_model takes "~/model"
     if path.is_dir():
@@ -43,6 +42,12 @@ def read_records(path, limit: int | None = None) -> tuple[Path, list]:
         if not isinstance(record, dict):
             raise ValueError(f"{path}: record {i} must be a JSON object, got {type(record).__name__}")
     return path, data
+
+
+def check_limit(limit) -> None:
+    """ValueError naming `limit` unless it is a positive int or None."""
+    if limit is not None and (not is_int(limit) or limit < 1):
+        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
 
 
 def text_field(path: Path, index: int, record: dict, field: str, required: bool) -> str | None:
