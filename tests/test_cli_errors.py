@@ -382,6 +382,21 @@ def test_cli_data_set_name_is_not_hidden_by_a_folder_of_that_name(capsys, tmp_pa
     assert "dcedit: error: the data loaded" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--data", "--val-data"])
+def test_cli_out_that_is_a_home_relative_data_file_is_refused(flag, capsys, tmp_path, monkeypatch):
+    """--data "~/cf.json" (quoted, so the shell leaves the ~) is read from the home folder, but the
+    check that --out is no input file compared the unexpanded path: --out ~/cf.json passed it, and
+    the run would have written its record over the data."""
+    _no_model(monkeypatch)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    data = _counterfact_file(tmp_path / "cf.json")
+    args = {"--data": ["edit", "--method", "ft", "--data", "~/cf.json"],
+            "--val-data": ["train", "--data", str(_counterfact_file(tmp_path / "train.json")),
+                           "--val-data", "~/cf.json"]}[flag]
+    assert cli.main(args + ["--out", str(data)]) == 2
+    assert f"dcedit: error: --out {data} is the {flag} file" in capsys.readouterr().err
+
+
 def test_cli_val_data_errors_name_val_data(capsys, tmp_path, monkeypatch):
     _no_model(monkeypatch)
     data = _counterfact_file(tmp_path / "cf.json")

@@ -57,6 +57,8 @@ def check_inputs(args, out: str | None) -> None:
         path = getattr(args, flag[2:].replace("-", "_"), None)
         if flag != "--editor":
             path = named_data_file(path) or path  # a data set's name, as load_requests reads it
+            if path is not None:  # the loaders expand a quoted "~/cf.json": it must not slip past
+                path = Path(path).expanduser()
         try:
             same = path is not None and Path(path).is_file() and os.path.samefile(path, out)
         except OSError:  # out does not exist yet: it is no input file
