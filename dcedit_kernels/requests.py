@@ -20,11 +20,15 @@ OPTIONAL_FIELDS = ("rephrase", "locality", "locality_target", "subject")
 @dataclass
 class EditRequest:
     """One edit: `prompt` + " " + `target` is the text to teach (see the README's "Prompts and
-    targets" for the space); the rest is optional and read by the scores only: `rephrase`, a
-    paraphrase of the prompt (edit success, ES); `locality` and `locality_target`, an unrelated
-    prompt and its answer (drawdown DD and neighbourhood success, NS; `locality_target` needs
-    `locality`); `subject`, the entity the edit is about.  Every given field is a non-blank str
-    (`validate`).  `dcedit_kernels.data.load_dataset` gives CounterFact and zsRE as these."""
+    targets" for the space); the rest is optional: `rephrase`, a paraphrase of the prompt (edit
+    success, ES); `locality` and `locality_target`, an unrelated prompt and its answer (drawdown
+    DD and neighbourhood success, NS; `locality_target` needs `locality`); `subject`, the entity
+    the edit is about.  The editors' `apply` reads prompt and target only, but the scores are not
+    the only other readers: FT+KL's `apply` fits its KL term to `locality` (+ `locality_target`;
+    `evaluate.measure_edit` hands the method the requests without them), and `fit` trains on
+    `rephrase` (else the prompt) and `locality` (+ `locality_target`).
+    Every given field is a non-blank str (`validate`).  `dcedit_kernels.data.load_dataset` gives
+    CounterFact and zsRE as these."""
 
     prompt: str
     target: str
