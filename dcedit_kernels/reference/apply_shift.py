@@ -4,7 +4,8 @@ from .fisher_mask import fisher_mask
 
 
 def apply_shift_(weight, delta, alpha=1.0, fisher=None, keep=None, threshold=None):
-    """weight += alpha·(delta ⊙ kept) in weight's dtype with fp32 arithmetic.
+    """weight += alpha·(delta ⊙ kept) in weight's dtype with fp32 arithmetic (float64 for a
+    float64 weight; a float64 delta on another weight is rounded to fp32 first).
 
     Returns the previous values of `weight`: copying them back undoes the edit bit for bit,
     which subtracting the shift cannot do once the sum has been rounded to bf16.
