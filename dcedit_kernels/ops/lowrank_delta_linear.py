@@ -61,7 +61,9 @@ def lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha
 
     x (N, i); weight (o, i); bias (o,) or None; row_group int (N,); mu_t (Tm, i), eta_t (Tm, o)
     grouped by offsets (G+1,); alpha a number or a (G,) tensor.  Differentiable in x, weight,
-    bias, mu_t, eta_t and alpha.  Returns x's dtype (a drop-in for the layer), fp32 arithmetic.
+    bias, mu_t, eta_t and alpha.  Returns x's dtype (a drop-in for the layer), fp32 arithmetic
+    (float64 when x, weight, bias, mu_t, eta_t or a tensor alpha is float64: an fp32 x through a
+    float64 layer is computed in float64, then rounded to fp32).
     """
     G = check_lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha)
     if not isinstance(alpha, torch.Tensor):
