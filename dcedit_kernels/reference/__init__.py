@@ -1,7 +1,8 @@
 """Plain PyTorch references of every op: the test oracle and the fallback path.
 
-They take already-validated inputs, compute in fp32 (fp64 when any input is fp64) and are written
-for clarity, not memory: the fused modes of `grouped_outer` here do hold G o×i matrices.
+They take already-validated inputs, compute in fp32 (fp64 when any input is fp64; `apply_shift_`:
+when the weight is) and are written for clarity, not memory: the fused modes of `grouped_outer`
+here do hold G o×i matrices.
 """
 
 from .apply_shift import apply_shift_, undo_shift_
