@@ -353,7 +353,9 @@ def measure_edit(editor, requests: Sequence[EditRequest], batch_size: int = 16, 
 
 
 def unedited_scores(model, tokenizer, requests: Sequence[EditRequest], batch_size: int = 16) -> dict:
-    """ES, reliability and NS of the unedited model on the requests (the "before" row)."""
+    """ES, reliability and NS of the unedited model on the requests (the "before" row); DD 0 and
+    LMP = ES, or None where `measure_edit` gives None: no request has a locality prompt (DD), or
+    none a rephrase (ES and LMP)."""
     requests = validate_requests(requests)
     rephrased = _with(requests, "rephrase")
     neighbours = _with(requests, "locality", "locality_target")
@@ -362,7 +364,10 @@ def unedited_scores(model, tokenizer, requests: Sequence[EditRequest], batch_siz
     rel = metrics.reliability(model, tokenizer, requests, batch_size)
     with _named_as(_indices_with(requests, "locality", "locality_target")):
         ns = metrics.neighbourhood_success(model, tokenizer, neighbours, batch_size) if neighbours else None
-    return dict(es=es, reliability=rel, dd=0.0, lmp=es, ns=ns)
+    # No edit changes no prediction: DD 0, where there are locality prompts to score it on.  Without
+    # them the row said DD 0.0 and LMP = ES beside the methods' None ("–" in report.py's tables).
+    dd = 0.0 if _with(requests, "locality") else None
+    return dict(es=es, reliability=rel, dd=dd, lmp=None if es is None or dd is None else metrics.lmp(es, dd), ns=ns)
 
 
 # ---------------------------------------------------------------------------------------------

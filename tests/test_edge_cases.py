@@ -475,8 +475,16 @@ def test_unedited_scores_are_the_metrics_of_the_unedited_model(gen):
     assert scores["dd"] == 0.0 and scores["lmp"] == scores["es"]
     bare = [EditRequest(r.prompt, r.target) for r in reqs]
     assert evaluate_module.unedited_scores(model, tok, bare) == dict(
-        es=None, reliability=scores["reliability"], dd=0.0, lmp=None, ns=None)
+        es=None, reliability=scores["reliability"], dd=None, lmp=None, ns=None)
+    # Rephrases but no locality prompt: DD and LMP are None, as measure_edit's are (the row said DD 0.0
+    # and LMP = ES beside the methods' None, "–" in report.py's tables; sessions 48 and 51 saw it).
+    rephrased = [EditRequest(r.prompt, r.target, rephrase=r.rephrase) for r in reqs]
+    unedited = evaluate_module.unedited_scores(model, tok, rephrased)
+    assert unedited == dict(es=scores["es"], reliability=scores["reliability"], dd=None, lmp=None, ns=None)
     assert_bit_identical(before, model)
+    edited = evaluate_module.measure_edit(ModelEditor(model, tok, LAYERS["llama"], method="ft", ft_steps=1), rephrased)
+    none = lambda scores: {k for k in evaluate_module.PREDICTION_METRICS if scores[k] is None}  # noqa: E731
+    assert none(edited) == none(unedited) == {"dd", "lmp", "ns"}
 
 
 @pytest.mark.parametrize("method", ["mend", "ft"])
