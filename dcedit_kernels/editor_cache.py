@@ -22,9 +22,11 @@ def cache_dir() -> Path:
     else ~/.cache/dcedit_kernels."""
     env = os.environ.get("DCEDIT_CACHE_DIR")
     if env:
-        return Path(env)
+        # "~/cache" from an env file or quoted in a shell is not expanded there: it made a folder
+        # named "~" in the working directory (DCEDIT_DATA_DIR is expanded the same way).
+        return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "dcedit_kernels"
+    return Path(base).expanduser() / "dcedit_kernels"
 
 
 def editor_cache_key(method: str, layers: list[str], kwargs: dict, train_config: dict,

@@ -402,6 +402,18 @@ def test_cache_dir_falls_back_to_xdg_then_home(monkeypatch, tmp_path):
     assert editor_cache.cache_dir() == tmp_path / "mine"
 
 
+def test_cache_dir_expands_a_home_relative_setting(monkeypatch, tmp_path):
+    """DCEDIT_CACHE_DIR="~/cache" (from an env file, or quoted in a shell, neither of which expands
+    it) made a folder named "~" in the working folder, where DCEDIT_DATA_DIR="~/data" is expanded
+    (a docstring audit's find). Both variables are expanded now, $XDG_CACHE_HOME too."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("DCEDIT_CACHE_DIR", "~/cache")
+    assert editor_cache.cache_dir() == tmp_path / "cache"
+    monkeypatch.delenv("DCEDIT_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", "~/xdg")
+    assert editor_cache.cache_dir() == tmp_path / "xdg" / "dcedit_kernels"
+
+
 def test_an_empty_dcedit_cache_dir_counts_as_unset(monkeypatch, tmp_path):
     """DCEDIT_CACHE_DIR set to "" (exported empty) falls back to $XDG_CACHE_HOME as an unset one
     does, rather than giving Path(""), the current folder, as the cache."""
