@@ -536,6 +536,23 @@ def test_cli_out_that_is_a_file_of_the_model_is_refused(command, capsys, tmp_pat
         assert "would write over it" not in capsys.readouterr().err
 
 
+def test_cli_path_flags_expand_a_quoted_home(capsys, tmp_path, monkeypatch):
+    """A quoted "~/..." reaches the CLI as it is: --model and --data expanded it (their loaders do),
+    but --out "~/sub/e.safetensors" made a folder named "~" in the working folder (a data-loader
+    fuzz's find) and --editor "~/e.safetensors" was "file not found". Every path flag expands it."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    (home / "e.safetensors").write_bytes(b"an editor")
+    monkeypatch.setattr(cli.commands, "load_any_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert cli.main(["train", "--out", "~/sub/e.safetensors", "--checkpoint-dir", "~/ck"]) == 130  # at the model's load
+    assert (home / "sub").is_dir() and not (work / "~").exists()
+    assert cli.main(["edit", "--editor", "~/e.safetensors", "--prompt", "a b", "--target", "c"]) == 130
+    assert "not found" not in capsys.readouterr().err
+
+
 def test_cli_out_that_is_the_checkpoint_trainer_file_is_refused(capsys, tmp_path, monkeypatch):
     """`dcedit train --checkpoint-dir C --out C/trainer.safetensors` saved the editor over the file a
     resume reads: the next run with more --steps was refused ("not a `dcedit train` checkpoint").

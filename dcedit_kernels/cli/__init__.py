@@ -70,6 +70,19 @@ def _resume_hint(args) -> str:
             "(written every --val-every steps)")
 
 
+PATH_FLAGS = ("model", "data", "val_data", "editor", "out", "checkpoint_dir")
+
+
+def _expand_home(args) -> None:
+    """A quoted "~/..." (which the shell leaves as it is) in any path flag means the home folder:
+    --model and --data took it so (their loaders expand it), but --out "~/e.safetensors" wrote under a
+    folder named "~" in the working folder, and --editor/--checkpoint-dir were "not found" or new."""
+    for name in PATH_FLAGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, name, os.path.expanduser(value))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `dcedit` with `argv` (default: sys.argv[1:]); returns the exit status."""
     parser = build_parser()
@@ -87,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.seed_given = args.seed is not None
     if args.seed is None:
         args.seed = 0
+    _expand_home(args)
     start = time.perf_counter()
     # The caller's thread count back on return: called from Python (a notebook, the tests) main()
     # left the whole process on its command's --threads (1 on a 2-core machine).
