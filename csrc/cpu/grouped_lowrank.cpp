@@ -3,8 +3,8 @@
 // in fp32 (fp64 when any input is fp64), bit for bit the reference's arithmetic.
 //
 // The two GEMMs per group are torch's (at::mm, the reference's own calls).  What this file saves
-// is the elementwise traffic around them: the second GEMM writes straight into the group's rows
-// of the output, and bias, scale, shift, the clamp and the residual are one pass over those rows,
+// is the elementwise traffic around them: bias, scale, shift, the clamp and the residual are one
+// pass from the second GEMM's result into the group's rows of the output,
 // where the reference makes a temporary for each and a final torch.cat (seven passes over T×d
 // instead of one; on the MoEditor edit benchmark's CPU shapes they took more time than the GEMMs).
 #include "cpu/checks.h"
@@ -28,21 +28,22 @@ void check_float(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor here, got ", t.device());
 }
 
-// rows (n × d, contiguous, holding pre = z u_gᵀ) ← h + clamp((pre + b) ⊙ s + c, 0), one pass.
-// Each step is its own statement and rounded as the reference rounds it (no fused multiply-add:
-// ISO C++ mode keeps GCC from contracting, and the default x86-64 target has no FMA).
+// rows (n × d, contiguous) ← h + clamp((pre + b) ⊙ s + c, 0) for pre = z u_gᵀ (n × d, contiguous),
+// one pass.  Each step is its own statement and rounded as the reference rounds it (no fused
+// multiply-add: ISO C++ mode keeps GCC from contracting, and the default x86-64 target has no FMA).
 template <typename acc_t>
-void epilogue(acc_t* rows, const at::Tensor& h_rows, int64_t n, int64_t d, const acc_t* b,
-              const acc_t* s, const acc_t* c) {
+void epilogue(acc_t* rows, const acc_t* pre_rows, const at::Tensor& h_rows, int64_t n, int64_t d,
+              const acc_t* b, const acc_t* s, const acc_t* c) {
   const acc_t* h = h_rows.const_data_ptr<acc_t>();
   const int64_t ld_h = h_rows.stride(0);  // rows of h_rows are contiguous
   at::parallel_for(0, n, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(d, 1)),
                    [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       acc_t* out = rows + r * d;
+      const acc_t* in = pre_rows + r * d;
       const acc_t* hr = h + r * ld_h;
       for (int64_t j = 0; j < d; ++j) {
-        acc_t pre = out[j] + b[j];
+        acc_t pre = in[j] + b[j];
         if (s != nullptr) pre = pre * s[j];
         if (c != nullptr) pre = pre + c[j];
         const acc_t kept = pre < acc_t(0) ? acc_t(0) : pre;  // NaN stays NaN, as clamp
@@ -108,9 +109,13 @@ at::Tensor grouped_lowrank_cpu(const at::Tensor& h, const at::Tensor& offsets, c
     if (n == 0) continue;
     at::Tensor rows = out.narrow(0, s0, n);  // contiguous: whole rows of a row-major output
     const at::Tensor z = at::mm(x.narrow(0, s0, n), v.select(0, g).to(acc).t());
-    at::mm_out(rows, z, u.select(0, g).to(acc).t());
+    // Into a fresh tensor, as the reference's `@`, not mm_out into `rows`: torch's GEMM can round
+    // differently into an output that starts mid-buffer (a one-token group whose u_g is stored
+    // transposed, u = w.transpose(1, 2), lost bit-identity there).
+    const at::Tensor pre = at::mm(z, u.select(0, g).to(acc).t()).contiguous();
     AT_DISPATCH_FLOATING_TYPES(acc, "dcedit_grouped_lowrank_epilogue", [&] {
-      epilogue<scalar_t>(rows.mutable_data_ptr<scalar_t>(), h_rows.narrow(0, s0, n), n, d,
+      epilogue<scalar_t>(rows.mutable_data_ptr<scalar_t>(), pre.const_data_ptr<scalar_t>(),
+                         h_rows.narrow(0, s0, n), n, d,
                          b_acc.const_data_ptr<scalar_t>() + g * d,
                          s_acc.defined() ? s_acc.const_data_ptr<scalar_t>() + g * d : nullptr,
                          c_acc.defined() ? c_acc.const_data_ptr<scalar_t>() + g * d : nullptr);
