@@ -100,8 +100,9 @@ at::Tensor apply_shift_cpu(at::Tensor& weight, const at::Tensor& delta, double a
   } else {
     rule.all = true;
   }
-  // A strided weight (e.g. a transposed view) is shifted in a contiguous copy, then copied back.
-  // (previous is then contiguous too: empty_like keeps a contiguous layout.)
+  // A strided weight (e.g. a transposed view) is shifted in a contiguous copy, then copied back;
+  // its old values go to a contiguous scratch and from there into previous, which keeps weight's
+  // layout (empty_like above keeps a transposed view's strides, as the reference's clone() does).
   const bool direct = weight.is_contiguous();
   at::Tensor work = direct ? weight : weight.contiguous();
   at::Tensor saved = direct ? previous : at::empty(weight.sizes(), weight.options());
