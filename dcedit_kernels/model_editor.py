@@ -364,6 +364,17 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         groups, seeded per editor): training checkpoints their states, the report restarts them."""
         return {key: e.route_generator for key, e in self.editors.items() if e.route_generator is not None}
 
+    def route_states(self) -> dict:
+        """{editor key: its routing generator's state} (`route_generators`): a failed apply sets them
+        back with `set_route_states`, and the report starts each row's routing from the same state."""
+        return {key: gen.get_state() for key, gen in self.route_generators().items()}
+
+    def set_route_states(self, states: dict) -> None:
+        """Set the routing generators named in `states` to what `route_states` gave for them."""
+        generators = self.route_generators()
+        for key, state in states.items():
+            generators[key].set_state(state)
+
     # -- running the editors ---------------------------------------------------------------------
     def run_editors(self, factors: dict, feats: torch.Tensor | None, consume: bool = False,
                     eta_scale: float = 1.0) -> dict:
@@ -477,7 +488,7 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         handle = EditHandle(self._live, saved, {}, model=weights_owner(self.model))
         # A seeded RaEditor draws the edits' groups from its own generator: a failed apply sets it
         # back, so the next apply splits as if the failed one never ran (it drew a split first).
-        routes = self._route_states()
+        routes = self.route_states()
         try:
             self._live.append(handle)
             with self._length_errors(batch, "requests"):
@@ -493,18 +504,9 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
                 restore(saved)  # the methods restore (and say so) themselves: this covers the rest
             finally:  # a Ctrl-C held back during the restore raises at its end: the handle goes all the same
                 handle._discard()
-                self._set_route_states(routes)
+                self.set_route_states(routes)
             raise
         return handle
-
-    def _route_states(self) -> dict:
-        """{editor key: its routing generator's state} (`route_generators`)."""
-        return {key: gen.get_state() for key, gen in self.route_generators().items()}
-
-    def _set_route_states(self, states: dict) -> None:
-        """Set the routing generators back to what `_route_states` gave."""
-        for key, gen in self.route_generators().items():
-            gen.set_state(states[key])
 
     @contextlib.contextmanager
     def edited(self, requests: Iterable[EditRequest]):

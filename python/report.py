@@ -196,17 +196,6 @@ def without_scored_locality(training: list, evaluated: list) -> tuple[list, int]
     return kept, sum(k is not r for k, r in zip(kept, training))
 
 
-def routing_states(me) -> dict:
-    """The states of `me`'s routing generators (RaEditor's random groups), by editor key."""
-    return {key: gen.get_state() for key, gen in me.route_generators().items()}
-
-
-def set_routing_states(me, states: dict) -> None:
-    generators = me.route_generators()
-    for key, state in states.items():
-        generators[key].set_state(state)
-
-
 def fmt(stat: dict, digits: int = 3) -> str:
     if stat["mean"] is None:
         return "–"
@@ -572,7 +561,7 @@ def _run(args, t_start) -> int:
     train_s = sum(i["train_s"] for i in training.values())
     # RaEditor's groups come from its routing generator, which keeps drawing: each row starts it
     # from the same state, so a --fusions row routes the edits as the method's own row did.
-    routing = {m: routing_states(editors[m]) for m in ROUTED if m in editors}
+    routing = {m: editors[m].route_states() for m in ROUTED if m in editors}
     routed = [editors[m] for m in ROUTED if m in editors]
     trained_fusion = next(iter(routed[0].editors.values())).fusion if routed else None
 
@@ -589,7 +578,7 @@ def _run(args, t_start) -> int:
     runs = [(m, None) for m in methods] + [(m, f) for m in methods if m in ROUTED for f in fusions]
     for method, fusion in runs:
         key = method if fusion is None else f"{method}:{fusion}"
-        set_routing_states(editors[method], routing.get(method, {}))
+        editors[method].set_route_states(routing.get(method, {}))
         with applied_fusion(editors[method], fusion):
             results[key] = evaluate_method(model, tokenizer, editors[method], requests, n_edits=sizes,
                                            repeats=args.repeats, seed=args.seed, progress=progress,
@@ -613,7 +602,7 @@ def _run(args, t_start) -> int:
     stats = {}  # {method: {N_u: {layer: edit_statistics}}}
     if args.edit_stats:
         for method in (m for m in methods if m not in FT_METHODS):
-            set_routing_states(editors[method], routing.get(method, {}))
+            editors[method].set_route_states(routing.get(method, {}))
             stats[method] = {n: edit_statistics(editors[method], [requests[i] for i in
                                                                   sample_indices(len(requests), n, args.seed, 0)])
                              for n in sizes}

@@ -234,17 +234,17 @@ def test_the_report_says_how_many_training_edits_lost_their_locality(report_modu
                                                                            tmp_path / "report.md", tmp_path)
 
 
-def test_each_row_starts_raeditors_routing_from_the_same_state(report_module):
+def test_each_row_starts_raeditors_routing_from_the_same_state():
     """RaEditor's routing generator keeps drawing; restoring its state makes a second evaluation
     route the same edits alike (the --fusions rows of one method)."""
     model, tok = tiny_model("llama")
     me = ModelEditor(model, tok, ["model.layers.0.mlp.down_proj"], method="raeditor", n_editors=3, rank=4, seed=5)
-    states = report_module.routing_states(me)
+    states = me.route_states()  # what report.py keeps per method
     assert states
     editor = next(iter(me.editors.values()))
     first = editor.route(30)[0]
     assert not torch.equal(editor.route(30)[0], first)  # it keeps drawing
-    report_module.set_routing_states(me, states)
+    me.set_route_states(states)
     assert torch.equal(editor.route(30)[0], first)
 
 
