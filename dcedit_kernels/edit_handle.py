@@ -151,9 +151,9 @@ class EditHandle:
             raise RuntimeError("this EditHandle was unpickled without its ModelEditor: it holds copies of the "
                                "weights, not the model's, so it cannot undo the edit; pickle the ModelEditor "
                                "(with its model) to carry live edits")
-        live = self._live
-        if live and live[-1] is not self:
-            later = live[live.index(self) + 1:] if self in live else live
+        live = self._live  # holds this handle: `_restorable` above
+        if live[-1] is not self:
+            later = live[live.index(self) + 1:]
             if any(h.kept for h in later):
                 raise RuntimeError(_LATER_EDIT_KEPT)
             raise RuntimeError("undo the later edits first: edits of a model (by any of its ModelEditors) "
@@ -168,8 +168,7 @@ class EditHandle:
             self._undone = True
             self._saved = []  # the weight copies: a handle kept after undo (a list of them) holds none
             self._unwatch()
-            if live and live[-1] is self:
-                live.pop()
+            live.pop()  # this handle, the list's last (checked above)
         return True
 
     def _check_weights_in_model(self) -> None:
