@@ -47,7 +47,8 @@ def check_inputs(args, out: str | None) -> None:
     """Refuse, before the model loads, an --editor that is no file (found only after the model
     had loaded, minutes for a large one) and an --out that is one of the command's input files
     (--editor, --data, --val-data, or a file of --model):
-    `dcedit edit --editor E --out E` wrote its JSON record over the trained editor E."""
+    `dcedit edit --editor E --out E` wrote its JSON record over the trained editor E.  The paths are
+    main()'s, whose `_expand_home` expanded a quoted "~/..." in every path flag."""
     editor = getattr(args, "editor", None)
     if editor is not None and not Path(editor).is_file():
         raise UserError(f"--editor: file not found: {editor}")
@@ -57,8 +58,6 @@ def check_inputs(args, out: str | None) -> None:
         path = getattr(args, flag[2:].replace("-", "_"), None)
         if flag != "--editor":
             path = named_data_file(path) or path  # a data set's name, as load_requests reads it
-            if path is not None:  # the loaders expand a quoted "~/cf.json": it must not slip past
-                path = Path(path).expanduser()
         try:
             same = path is not None and Path(path).is_file() and os.path.samefile(path, out)
         except OSError:  # out does not exist yet: it is no input file
@@ -87,7 +86,7 @@ def _trainer_file(checkpoint_dir, out: str) -> str | None:
     from ..train_checkpoint import TRAINER_FILE  # the CLI imports the training code only to train
 
     try:
-        same = Path(out).expanduser().resolve() == Path(checkpoint_dir).expanduser().resolve() / TRAINER_FILE
+        same = Path(out).resolve() == Path(checkpoint_dir).resolve() / TRAINER_FILE
     except (OSError, RuntimeError):  # a name too long, a symlink loop: check_out or the run says so
         return None
     return TRAINER_FILE if same else None
@@ -101,7 +100,7 @@ def _model_file(model, out: str) -> str | None:
     try:
         if not Path(out).is_file():
             return None
-        model_path, out_path = Path(model).expanduser().resolve(), Path(out).resolve()
+        model_path, out_path = Path(model).resolve(), Path(out).resolve()
         if model_path.is_file():
             return "the --model file" if out_path == model_path else None
         if model_path.is_dir() and model_path in out_path.parents:
