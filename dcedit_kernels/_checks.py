@@ -81,6 +81,13 @@ def check_seed(value, name: str = "seed", none_ok: bool = False) -> None:
         raise ValueError(f"{name} must be an int in [-2**63, 2**64 - 1]{' or None' if none_ok else ''}, got {value!r}")
 
 
+def check_bool(value, name: str) -> None:
+    """ValueError naming `name` unless `value` is a bool: a flag read for its truth took "False" as
+    true (and None as false) without a word."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+
+
 def is_number(x) -> bool:
     """A Python int or float, not a bool (settings that configs and checkpoints store as JSON)."""
     return isinstance(x, (int, float)) and not isinstance(x, bool)

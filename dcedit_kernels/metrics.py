@@ -46,7 +46,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ._checks import check_offsets, check_tensor, is_int, is_real_number
+from ._checks import check_bool, check_offsets, check_tensor, is_int, is_real_number
 from .block_prefix import PrefixReuse
 from .capture import Factors, modes_restored
 from .devices import input_device
@@ -74,12 +74,6 @@ def _check_model_and_tokenizer(model, tokenizer) -> None:
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(tokenizer):
         raise ValueError(f"tokenizer must be a Hugging Face tokenizer (callable), got {type(tokenizer).__name__}")
-
-
-def _check_exact(exact) -> None:
-    # Read for its truth, exact="False" scored whole-target matches.
-    if not isinstance(exact, bool):
-        raise ValueError(f"exact must be a bool, got {exact!r}")
 
 
 @contextlib.contextmanager
@@ -279,7 +273,7 @@ def target_accuracy(model, tokenizer, prompts: Sequence[str], targets: Sequence[
         # and list() of None raised "'NoneType' object is not iterable", naming neither.
         if not hasattr(texts, "__iter__"):
             raise ValueError(f"{name} must be a sequence of str, got {type(texts).__name__}")
-    _check_exact(exact)
+    check_bool(exact, "exact")
     return _target_accuracy(model, tokenizer, prompts, targets, batch_size, exact)
 
 
@@ -298,7 +292,7 @@ def _request_names(rows, prompt_field: str, target_field: str) -> tuple[list[str
 def reliability(model, tokenizer, requests: Sequence[EditRequest], batch_size: int = 16,
                 exact: bool = False) -> float:
     """Accuracy of each request's target on its own prompt."""
-    _check_exact(exact)
+    check_bool(exact, "exact")
     requests = validate_requests(requests)
     prompts, targets = [r.prompt for r in requests], [r.target for r in requests]
     names = _request_names(range(len(requests)), "prompt", "target")
@@ -308,7 +302,7 @@ def reliability(model, tokenizer, requests: Sequence[EditRequest], batch_size: i
 def edit_success(model, tokenizer, requests: Sequence[EditRequest], batch_size: int = 16,
                  exact: bool = False) -> float:
     """ES: accuracy of each request's target on its rephrase (paraphrase) prompt."""
-    _check_exact(exact)
+    check_bool(exact, "exact")
     requests = validate_requests(requests)
     prompts = require_field(requests, "rephrase")
     names = _request_names(range(len(requests)), "rephrase", "target")
@@ -319,7 +313,7 @@ def edit_success(model, tokenizer, requests: Sequence[EditRequest], batch_size: 
 def neighbourhood_success(model, tokenizer, requests: Sequence[EditRequest], batch_size: int = 16,
                           exact: bool = False) -> float:
     """NS: accuracy of each request's locality_target (its original answer) on its locality prompt."""
-    _check_exact(exact)
+    check_bool(exact, "exact")
     return float(_accuracies(_neighbourhood_scores(model, tokenizer, requests, batch_size), exact).mean())
 
 
@@ -340,7 +334,7 @@ def _neighbourhood_success_and_drawdown(model, tokenizer, requests: Sequence[Edi
                                         exact: bool = False, reduction: str = "input") -> tuple[float, float]:
     """(`neighbourhood_success`, `drawdown`) of requests that all have a locality_target, from one scoring
     pass: both score the locality_target on the locality prompt, so the predictions are the same."""
-    _check_exact(exact)
+    check_bool(exact, "exact")
     requests, base = _drawdown_inputs(requests, base_predictions, reduction)
     scored = _neighbourhood_scores(model, tokenizer, requests, batch_size)
     ns = float(_accuracies(scored, exact).mean())

@@ -91,7 +91,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from ._checks import HALF_DTYPES, all_finite, check_autograd, compute_dtype, is_finite_number, is_int
+from ._checks import HALF_DTYPES, all_finite, check_autograd, check_bool, compute_dtype, is_finite_number, is_int
 from .capture import TOKEN_MODES, Factors, modes_restored, resolve_modules, weight_out_in
 from .devices import as_device, check_resident, cuda_indices, input_device, model_devices, place_editor
 from .edit_capture import DEFAULT_CAPTURE_BATCH_SIZE, EditCapture
@@ -383,8 +383,7 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         layers already edited do not keep their factors while the next one's editor runs.
         eta_scale: the editors read η × eta_scale (a copy, one layer at a time; `factors` unchanged)."""
         self._check_editor_inputs(factors, feats, eta_scale)
-        if not isinstance(consume, bool):  # read for its truth: consume="False" emptied the caller's factors
-            raise ValueError(f"consume must be a bool, got {consume!r}")
+        check_bool(consume, "consume")  # read for its truth: consume="False" emptied the caller's factors
         edits = {}
         for name in self.layers:
             key, mode = self.slots[name]
@@ -425,8 +424,7 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         consume: as `run_editors`'.  With `rescale_batch_size` set, the editors read η ×
         N/rescale_batch_size and each edit's alpha is divided by that factor (N: the edits in
         `factors`)."""
-        if not isinstance(consume, bool):  # checked before the editors' modes change (run_editors checks it too)
-            raise ValueError(f"consume must be a bool, got {consume!r}")
+        check_bool(consume, "consume")  # checked before the editors' modes change (run_editors checks it too)
         scale = 1.0
         if self.rescale_batch_size is not None and factors:
             scale = next(iter(factors.values())).num_edits / self.rescale_batch_size

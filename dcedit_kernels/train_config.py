@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from ._checks import is_finite_number, is_int, is_number
+from ._checks import check_bool, is_finite_number, is_int, is_number
 
 VIEWS = ("own", "all")  # what a row sees: its edit's group's shift, or every group's (their sum)
 LOCALITY_VIEWS = VIEWS + ("fused",)  # or the fused shift apply() adds (locality rows only)
@@ -96,8 +96,7 @@ class TrainConfig:
             # at the first step; inf (no clipping) is still taken.
             raise ValueError(f"grad_clip must be positive (a float, or inf for no clipping) or None, got {self.grad_clip!r}")
         for name in ("fisher_mask", "data_parallel", "reuse_prefix", "restore_best", "resume", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            check_bool(getattr(self, name), name)
         for name, allowed in (("edit_rows", VIEWS), ("locality_rows", LOCALITY_VIEWS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -21,6 +21,7 @@ with `skip_empty=False` they raise ValueError.
 
 from __future__ import annotations
 
+from .._checks import check_bool
 from ..requests import EditRequest
 from ._records import read_records, text_field
 
@@ -40,8 +41,7 @@ def load_zsre(path, limit: int | None = None, target: str = "alt", skip_empty: b
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-    if not isinstance(skip_empty, bool):  # "no" was truthy (skipped), None falsy (raised): neither said so
-        raise ValueError(f"skip_empty must be a bool, got {skip_empty!r}")
+    check_bool(skip_empty, "skip_empty")  # "no" was truthy (skipped), None falsy (raised): neither said so
     if skipped is not None and not isinstance(skipped, list):
         raise ValueError(f"skipped must be a list or None, got {type(skipped).__name__}")
     path, records = read_records(path, limit)

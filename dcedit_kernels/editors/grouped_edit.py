@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from .._checks import all_finite
+from .._checks import all_finite, check_bool
 from ..devices import as_device
 from ..ops.apply_shift import check_shiftable_weight
 
@@ -44,8 +44,7 @@ class GroupedEdit:
         gradients); masked=False: without the Fisher mask (`apply_` masks inside `apply_shift_`)."""
         # Checked as ModelEditor's editor_device is: a bad one raised torch's RuntimeError unnamed.
         device = self.mu_t.device if device is None else as_device(device, "device")
-        if not isinstance(masked, bool):  # read for its truth, "False" masked (as lowrank_edited's masked)
-            raise ValueError(f"masked must be a bool, got {masked!r}")
+        check_bool(masked, "masked")  # read for its truth, "False" masked (as lowrank_edited's masked)
         delta = ops.grouped_outer(self.eta_t.to(device), self.mu_t.to(device), self.offsets.to(device), self.fusion)
         if masked and self.fisher is not None:
             delta, _ = ops.fisher_mask(delta, self.fisher.to(device), keep=self.fisher_keep)

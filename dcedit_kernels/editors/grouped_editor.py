@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .._checks import check_path, check_same_device, check_seed, check_tensor, is_finite_number, is_int, is_number
+from .._checks import check_bool, check_path, check_same_device, check_seed, check_tensor, is_finite_number, is_int, is_number
 from ..devices import as_device
 from ..reference.grouped_outer import FUSIONS
 from ..reference.segments import group_ids, kept_offsets
@@ -104,8 +104,7 @@ class GroupedEditor(nn.Module):
         if not is_finite_number(edit_lr) or abs(edit_lr) > torch.finfo(torch.float32).max:  # α is fp32
             raise ValueError(f"edit_lr must be a finite number within float32's range, got {edit_lr!r}")
         for name, value in (("norm", norm), ("gate_norm", gate_norm)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be a bool, got {value!r}")
+            check_bool(value, name)
         check_seed(seed, none_ok=True)
         if top_k > n_editors:
             raise ValueError(f"top_k ({top_k}) cannot exceed n_editors ({n_editors})")

@@ -3,7 +3,7 @@
 import torch
 
 from .. import reference
-from .._checks import check_ids, check_same_device, check_tensor, compute_dtype, is_int
+from .._checks import check_bool, check_ids, check_same_device, check_tensor, compute_dtype, is_int
 from .._library import _LIB
 from ._dispatch import REGISTRY, checked, opcall
 
@@ -27,10 +27,9 @@ def noisy_topk_gate(feats, w_gate, w_noise, k=1, training=True, generator=None):
     loss).
     """
     check_noisy_topk_gate(feats, w_gate, w_noise, k)
-    if not isinstance(training, bool):
-        # Read for its truth: training="False" (or None for "use the default") drew the noise, or
-        # dropped it, silently; the package's other flags are bools too (GroupedEditor's norm).
-        raise ValueError(f"training must be a bool, got {training!r}")
+    # Read for its truth: training="False" (or None for "use the default") drew the noise, or
+    # dropped it, silently; the package's other flags are bools too (GroupedEditor's norm).
+    check_bool(training, "training")
     # Checked even when not training (then unused): a wrong generator is a mistake either way,
     # and torch.randn's own TypeError would not name it.
     if generator is not None and not isinstance(generator, torch.Generator):
