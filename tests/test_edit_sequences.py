@@ -211,8 +211,11 @@ class Sequence:
 
     def assert_unchanged(self, world: World, frozen, where):
         entries, stack, expected = frozen
-        assert [(e, e.state) for e, *_ in entries] == [(e, e.state) for e in world.entries[:len(entries)]]
+        # The states recorded before the operation (e.state read now would compare it with itself).
+        assert [(e, state) for e, state, *_ in entries] == [(e, e.state) for e in world.entries], where
         assert world.stack == stack, where
+        assert world.expected.keys() == expected.keys() and all(
+            torch.equal(world.expected[k], v) for k, v in expected.items()), f"{where}: the shadow changed"
         for e, _, active, kept, n_saved in entries:
             assert (e.handle.active, e.handle.kept, len(e.handle._saved)) == (active, kept, n_saved), \
                 f"{where}: a refused operation changed {e}"
