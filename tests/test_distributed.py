@@ -435,10 +435,16 @@ def test_the_group_init_from_env_joins_ends_at_destroy(tmp_path):
     import subprocess
     import sys
 
+    import dcedit_kernels
+
     script = tmp_path / "group.py"
     script.write_text(_GROUP_OUTLIVES_DESTROY)
+    # The package this test imports, also where it is built in place and not installed (run_gpu.sh and
+    # check_gpu_stack_on_cpu.sh): a script's own folder, not the working one, starts its sys.path.
+    package_root = os.path.dirname(os.path.dirname(dcedit_kernels.__file__))
+    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path))
     assert run.returncode == 0, run.stderr[-3000:]
     assert "gloo threads after destroy: 0" in run.stdout, run.stdout
 
