@@ -298,12 +298,17 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         if "n_editors" in kwargs and self.method not in ("raeditor", "moeditor"):
             raise ValueError(f"n_editors is for methods 'raeditor' and 'moeditor' only; {self.method!r} has one editor")
         if self.method == "moeditor":
-            # The gate reads edit features of the head input's width (see `hidden_size`).
-            feat_dim = kwargs.get("feat_dim")
-            if feat_dim is not None and feat_dim != self.hidden_size():
+            # The gate reads edit features of the head input's width (see `hidden_size`); where
+            # nothing tells that width, the caller's feat_dim is the only source of it.
+            feat_dim, width = kwargs.get("feat_dim"), self._known_width()
+            if width is None and feat_dim is None:
+                raise ValueError("feat_dim: the width of the model's last hidden state is unknown (no config "
+                                 "hidden_size/d_model/n_embd, no nn.Linear head, no input embedding): give "
+                                 "method 'moeditor' feat_dim=<that width>")
+            if width is not None and feat_dim is not None and feat_dim != width:
                 raise ValueError(f"feat_dim must be the width of the model's last hidden state "
-                                 f"({self.hidden_size()}) or None, got {feat_dim!r}")
-            kwargs = {**kwargs, "feat_dim": self.hidden_size()}
+                                 f"({width}) or None, got {feat_dim!r}")
+            kwargs = {**kwargs, "feat_dim": feat_dim if width is None else width}
         by_shape: dict[tuple[int, int], list[str]] = {}
         for name, module in self.modules.items():
             by_shape.setdefault(self.shape_of(module), []).append(name)
@@ -321,7 +326,18 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
     def hidden_size(self) -> int:
         """The width of MoEditor's edit features: a causal LM's head input width where its head is
         an nn.Linear (`head_input.head_width`), else the model's hidden width (its config's
-        hidden_size, d_model or n_embd, else the input embedding's width)."""
+        hidden_size, d_model or n_embd, else the input embedding's width); ValueError where none
+        of them tells it."""
+        width = self._known_width()
+        if width is None:
+            raise ValueError("the width of the model's last hidden state is unknown (no config hidden_size/"
+                             "d_model/n_embd, no nn.Linear head, no input embedding)")
+        return width
+
+    def _known_width(self) -> int | None:
+        """`hidden_size`, or None where nothing tells it.  `get_input_embeddings` may be absent
+        (a plain nn.Module) or raise NotImplementedError (PreTrainedModel's default): either was a
+        bare error from the constructor of a MoEditor, whose feat_dim could not stand in for it."""
         width = None if self.seq2seq else head_width(self.model)
         if width is not None:
             return width
@@ -330,7 +346,13 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
             value = getattr(config, attr, None)
             if isinstance(value, int):
                 return value
-        return int(self.model.get_input_embeddings().embedding_dim)
+        get = getattr(self.model, "get_input_embeddings", None)
+        try:
+            embeddings = get() if callable(get) else None
+        except NotImplementedError:
+            return None
+        dim = getattr(embeddings, "embedding_dim", None)
+        return dim if is_int(dim) else None
 
     @property
     def device(self) -> torch.device:

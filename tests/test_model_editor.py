@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import re
+import types
 import warnings
 
 import pytest
@@ -168,6 +169,57 @@ def test_bad_arguments_raise_value_error():
     for kl_only in (dict(kl_weight=3.0), dict(locality_texts=["a text"])):  # "ft" would ignore them
         with pytest.raises(ValueError, match=f"{next(iter(kl_only))}: for method 'ft_kl' only"):
             ModelEditor(model, tok, LAYERS["gpt2"], method="ft", **kl_only)
+
+
+class _NoConfigLM(nn.Module):
+    """A causal LM with no config, whose head is not an nn.Linear and which has no input embedding
+    to ask (`get_input_embeddings` absent, or raising NotImplementedError as PreTrainedModel's
+    default does): nothing tells the width of its last hidden state."""
+
+    class Head(nn.Module):
+        def __init__(self, width, vocab):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(vocab, width) * 0.1)
+
+        def forward(self, hidden):
+            return hidden @ self.weight.T
+
+    def __init__(self, vocab, width=12, embeddings="absent"):
+        super().__init__()
+        self.embed, self.mid, self.head = nn.Embedding(vocab, width), nn.Linear(width, width), self.Head(width, vocab)
+        if embeddings == "not implemented":
+            self.get_input_embeddings = self._not_implemented
+
+    def _not_implemented(self):
+        raise NotImplementedError
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return types.SimpleNamespace(logits=self.head(torch.tanh(self.mid(self.embed(input_ids)))))
+
+
+@pytest.mark.parametrize("embeddings", ["absent", "not implemented"])
+def test_moeditor_of_a_model_of_unknown_width_takes_feat_dim(embeddings, gen):
+    """MoEditor's gate reads features of the width of the model's last hidden state; where nothing
+    tells it (no config, no nn.Linear head, no input embedding), ModelEditor raised a bare
+    AttributeError or NotImplementedError from get_input_embeddings, even with feat_dim given.  Now:
+    ValueError naming feat_dim without it, and the given feat_dim with it."""
+    from dcedit_kernels.models import tiny_tokenizer
+
+    tok = tiny_tokenizer("llama")
+    model = _NoConfigLM(len(tok), embeddings=embeddings)
+    with pytest.raises(ValueError, match="feat_dim"):
+        ModelEditor(model, tok, ["mid"], method="moeditor", n_editors=2, rank=3)
+    me = ModelEditor(model, tok, ["mid"], method="moeditor", n_editors=2, rank=3, feat_dim=12, seed=0)
+    assert all(e.w_gate.shape == (12, 2) for e in me.editors.values())
+    before = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the untrained editor's warning
+        handle = me.apply(random_requests(gen, 3))
+    handle.undo()
+    assert_bit_identical(before, model)
 
 
 # ---------------------------------------------------------------------------------------------
