@@ -746,6 +746,11 @@ class _Block(nn.Module):
             if self.i == 0:
                 self.store["v"] = v
             mixed = mixed + self.store["v"].mean((0, 1))
+        if self.kind == "raises":
+            if self.i == 0:
+                self.store["shape"] = x.shape
+            elif self.store["shape"] != x.shape:
+                raise RuntimeError("block 0 did not run on these rows")
         y = torch.tanh(torch.cumsum(mixed, 1) / torch.arange(1, x.shape[1] + 1, dtype=x.dtype).view(1, -1, 1))
         if self.kind == "inplace":
             x += y
@@ -769,6 +774,8 @@ class _CustomLM(nn.Module):
     - "value": block 0's value is fed to every later block (value residual);
     - "stale": block 0 keeps its value in a dict every block holds, and later blocks read it;
     - "buffer": block 1 returns a view of a buffer it keeps, which its next call overwrites;
+    - "raises": block 0 keeps its input's shape in that dict, and later blocks raise where theirs
+      differs (a reused pass after a pass over other rows);
     - "reads_lower", "reads_lower_slightly": the head reads block 0's output too (×0.5, ×1e-5),
       after the blocks, where no hook sees it."""
 
@@ -823,7 +830,8 @@ def _exotic(kind, tok):
 # hooks; "confirm", the once-per-model rerun, which warns.
 EXOTIC = {"plain": True, "kwargs": True, "inference_arg": True, "rwkv": True, "gemma4": True,
           "inplace": None, "value": None, "gemma4_shared_kv": None,
-          "stale": "confirm", "buffer": "confirm", "reads_lower": "confirm", "reads_lower_slightly": "confirm"}
+          "stale": "confirm", "buffer": "confirm", "reads_lower": "confirm", "reads_lower_slightly": "confirm",
+          "raises": "confirm"}
 
 
 @pytest.mark.parametrize("kind", sorted(EXOTIC))
@@ -861,6 +869,9 @@ def test_state_passed_besides_the_hidden_state_is_caught(kind, gen):
     assert not any("forward" in b.__dict__ or b._forward_hooks or b._forward_pre_hooks for b in blocks)
     confirm_failed = [w for w in caught if "reuse_prefix" in str(w.message)]
     assert len(confirm_failed) == (EXOTIC[kind] == "confirm")
+    if kind == "raises":  # confirm's reused pass raised: the error is the warning's reason
+        assert "gave RuntimeError: block 0 did not run on these rows when blocks 0..1 were skipped" in str(
+            confirm_failed[0].message)
     assert bool(reused[2]) == bool(again[2]) == (EXOTIC[kind] is True)
     if EXOTIC[kind] is not True:  # fell back: the passes of reuse_prefix=False
         assert_same(reused, full)
