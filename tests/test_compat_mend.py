@@ -418,6 +418,8 @@ BAD_CHECKPOINTS = [
     ("u integer", _set("mend.(10, 6).mlp.layers.0.u", torch.zeros(16, 12, dtype=torch.int32)),
      "mend.(10, 6).mlp.layers.0.u"),
     ("edit_lrs integer", _set("edit_lrs", torch.ones(6, dtype=torch.int64)), "edit_lrs"),
+    ("missing u of layer 0", _drop("mend.(5, 5).mlp.layers.0.u"), "mend.(5, 5).mlp.layers.0.u"),
+    ("editor key without a field", _set("mend.(6, 10)", torch.zeros(1)), "unexpected key mend.(6, 10): expected mend.<editor>.<field>"),
     # Only edit_lrs: the missing editor is named in MEND's default (shared, per-shape) layout.
     ("no editors", lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("mend.")], "mend.(6, 10).mlp.layers.0.u"),
 ]
