@@ -1926,6 +1926,26 @@ def test_grouped_editor_refuses_bad_settings_and_factor_shapes(gen):
     assert edit.dense().shape == (4, 6) and int(ed.norm.k) == T
 
 
+def test_grouped_editor_checks_feat_dim_and_generator_hidden_where_unused(tmp_path):
+    """feat_dim (read by a gate only) and generator_hidden (by a generator only) were checked only
+    where used: elsewhere anything was taken into the editor's config, -4 and 2.5 as they were, and
+    a set or a tensor made save() raise a bare TypeError from json.  Now a positive int (or None)
+    wherever given, ValueError naming it; None stays what the presets without a gate keep."""
+    from dcedit_kernels import GroupedEditor
+
+    for kwargs, name in ((dict(feat_dim=-4), "feat_dim"), (dict(feat_dim={1}), "feat_dim"),
+                         (dict(feat_dim=2.0), "feat_dim"), (dict(generator_hidden=2.5), "generator_hidden"),
+                         (dict(generator_hidden=torch.tensor(3)), "generator_hidden"),
+                         (dict(generator_hidden=0), "generator_hidden")):
+        with pytest.raises(ValueError, match=rf"^{name} must be a positive int"):
+            GroupedEditor(6, 4, rank=2, routing="random", n_editors=2, **kwargs)
+    ed = GroupedEditor(6, 4, rank=2, routing="random", n_editors=2, feat_dim=5, generator_hidden=None)
+    assert ed.config["feat_dim"] == 5 and ed.config["generator_hidden"] is None
+    ed.save(tmp_path / "ed.safetensors")
+    assert GroupedEditor.load(tmp_path / "ed.safetensors").config == ed.config
+    assert GroupedEditor(6, 4, rank=2, routing="random", n_editors=2).config["feat_dim"] is None
+
+
 def test_fisher_keep_is_a_fraction_in_the_half_open_interval_zero_one(gen):
     """fisher_keep takes (0, 1]: 0 (keep nothing) and anything past 1 are refused naming it, while 1
     is taken and keeps every entry of the shift (the masked shift is the unmasked one)."""

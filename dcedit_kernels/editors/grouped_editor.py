@@ -110,10 +110,13 @@ class GroupedEditor(nn.Module):
             raise ValueError(f"top_k ({top_k}) cannot exceed n_editors ({n_editors})")
         if routing == "gate" and feat_dim is None:
             feat_dim = in_features  # SPEC's constructor has no feat_dim; the MoEditor preset's default
+        # Unused (no gate, no generator), None is taken too; anything else given is checked all the
+        # same: it is kept in the config, where -4 or 2.5 was saved as given and a set made save()
+        # raise a bare TypeError from json.
         for name, value, used in (("feat_dim", feat_dim, routing == "gate"),
                                   ("generator_hidden", generator_hidden, generator is not None)):
-            if used and (not is_int(value) or value < 1):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            if (used or value is not None) and (not is_int(value) or value < 1):
+                raise ValueError(f"{name} must be a positive int{'' if used else ' or None'}, got {value!r}")
         self.config = dict(
             in_features=in_features, out_features=out_features, n_editors=n_editors, rank=rank,
             n_layers=n_layers, n_modes=n_modes, routing=routing, fusion=fusion, generator=generator,
