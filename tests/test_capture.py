@@ -534,6 +534,10 @@ def test_errors_name_the_problem(gen):
     assert resolve_modules(model, ["alias.c_fc"])["alias.c_fc"] is model.transformer.h[0].mlp.c_fc
     with pytest.raises(ValueError, match="tokens"):
         capture_factors(model, ["lm_head"], tokens="prompt")
+    # batch= as a list of the batch's tensors (not a mapping of them) is named before any hook goes on.
+    with pytest.raises(ValueError, match="^batch must be a mapping of tensors or None, got list$"):
+        capture_factors(model, ["lm_head"], batch=list(batch.values()))
+    assert not model.lm_head._forward_hooks and not model._forward_pre_hooks
     no_labels = {k: v for k, v in batch.items() if k != "labels"}
     with pytest.raises(ValueError, match="labels"):
         with capture_factors(model, ["lm_head"], tokens="target"):
