@@ -153,9 +153,7 @@ class EditHandle:
                                "(with its model) to carry live edits")
         live = self._live  # holds this handle: `_restorable` above
         if live[-1] is not self:
-            later = live[live.index(self) + 1:]
-            if any(h.kept for h in later):
-                raise RuntimeError(_LATER_EDIT_KEPT)
+            # No later edit here was kept: a later keep() took this handle off the list (`_restorable`).
             raise RuntimeError("undo the later edits first: edits of a model (by any of its ModelEditors) "
                                "must be undone in reverse order")
         self._check_weights_in_model()
