@@ -321,13 +321,18 @@ class FactorCapture:
     def __enter__(self) -> "FactorCapture":
         self._entered = True
         self._no_checkpointing = no_activation_checkpointing(self.model)
-        self._no_checkpointing.__enter__()
         try:
-            self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
-            if self._encoder is not None:
-                self._handles.append(self._encoder.register_forward_hook(self._encoder_hook))
-            for name, module in self.modules.items():
-                self._handles.append(module.register_forward_hook(self._make_hook(name), with_kwargs=True))
+            # A Ctrl-C meanwhile waits until every hook's handle is kept, then raises here, where they
+            # all come off: one landing between a registration and its append left that hook on its
+            # module (with this capture), and every later forward of the model raised ("capture needs
+            # autograd" under no_grad, else "ran more than once inside one capture").
+            with deferred_interrupt():
+                self._no_checkpointing.__enter__()
+                self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
+                if self._encoder is not None:
+                    self._handles.append(self._encoder.register_forward_hook(self._encoder_hook))
+                for name, module in self.modules.items():
+                    self._handles.append(module.register_forward_hook(self._make_hook(name), with_kwargs=True))
         except BaseException:
             self._unhook()
             raise
@@ -533,11 +538,14 @@ def no_activation_checkpointing(model: nn.Module):
     flipped = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
     handles = []
     try:
-        for m in flipped:
-            m.gradient_checkpointing = False
-        embeddings = _input_embeddings(model)
-        if embeddings is not None:
-            handles.append(embeddings.register_forward_hook(_detach_if_frozen))
+        # A Ctrl-C meanwhile waits until the hook's handle is kept: one landing between the
+        # registration and its append left the hook on the embeddings for good, one more per interrupt.
+        with deferred_interrupt():
+            for m in flipped:
+                m.gradient_checkpointing = False
+            embeddings = _input_embeddings(model)
+            if embeddings is not None:
+                handles.append(embeddings.register_forward_hook(_detach_if_frozen))
         yield
     finally:
         with deferred_interrupt():  # a Ctrl-C meanwhile waits until everything is back

@@ -900,6 +900,40 @@ def test_interrupt_while_the_model_is_put_back_puts_all_of_it_back(during, metho
     assert_bit_identical(before, model)
 
 
+@pytest.mark.parametrize("register", ["register_forward_hook", "register_forward_pre_hook"])
+def test_interrupt_right_after_a_capture_hook_is_registered_leaves_no_hook(register, gen, monkeypatch):
+    """Ctrl-C landing right after the capture registered one of its hooks (before it kept the handle)
+    waits until every handle is kept, and the hooks come off with the failed edit.  It left that hook
+    on its module, one more per interrupt: the capture's module hooks, holding the capture, made every
+    later forward raise ("capture needs autograd" under no_grad), and the embeddings kept
+    no_activation_checkpointing's detaching hook for good (found by interrupting an apply after each
+    of its hook registrations in turn).  Every registration of an apply is interrupted in turn."""
+    me = make_editor("llama", "mend", gen)
+    model = me.model
+    before = snapshot(model)
+    counted = []
+    ctrl_c_on_call(monkeypatch, nn.Module, register, counted, at=0)  # counts only (calls start at 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the untrained-editor warning
+        me.apply(random_requests(gen, 2)).undo()
+    monkeypatch.undo()
+    assert counted  # forward hooks: the embeddings' and the 4 layers'; pre-hooks: the model's
+    ids = me.tokenizer(["a b c"], return_tensors="pt")["input_ids"]
+    for at in range(1, len(counted) + 1):
+        calls = []
+        ctrl_c_on_call(monkeypatch, nn.Module, register, calls, at=at)
+        with ctrl_c_raises():
+            me.apply(random_requests(gen, 2))
+        monkeypatch.undo()
+        assert not [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks], at
+        assert_bit_identical(before, model)
+        assert not me._live
+        with torch.no_grad():
+            model(ids)  # the model runs as before
+    me.apply(random_requests(gen, 2)).undo()
+    assert_bit_identical(before, model)
+
+
 def test_interrupt_during_the_rollback_still_drops_the_failed_edit(gen, monkeypatch):
     """A second Ctrl-C while apply() restores the weights of a failed edit (held back by
     deferred_interrupt, raised when the restore ends) used to skip dropping the failed edit's
