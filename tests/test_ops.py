@@ -798,6 +798,31 @@ def test_grouped_lowrank_clamp_gradient_at_zero_is_one_exactly_on_every_cpu_path
         assert torch.equal(zero, torch.zeros_like(zero))
 
 
+def test_reference_clamp_gradient_at_zero_is_one_whatever_torchs_clamp_gives_there(gen, monkeypatch):
+    """The reference forward selects pre where pre >= 0 so that its gradient at exactly 0 is 1
+    (SPEC) on every torch: clamp's own gradient there is 1 up to torch 2.13 and 0 from 2.15
+    (relu's).  On torch 2.13 a `pre > 0` select, which leaves 0 to clamp's gradient, passed every
+    test (mutation testing); here torch's clamp is given 2.15's gradient at 0."""
+    real_clamp = torch.Tensor.clamp
+
+    def clamp_with_zero_gradient_at_zero(self, min=None, max=None):
+        out = real_clamp(self, min=min, max=max)
+        return torch.where(self > 0, self, out.detach()) if min == 0 and max is None else out
+
+    monkeypatch.setattr(torch.Tensor, "clamp", clamp_with_zero_gradient_at_zero)
+    zero = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    (dzero,) = torch.autograd.grad(zero.clamp(min=0).sum(), zero)
+    assert torch.equal(dzero, torch.zeros(3, dtype=torch.float64))  # the patch gives 2.15's gradient
+    a = _lowrank_inputs(gen, G=2, d=5, r=3, counts=[3, 2], extras=False)
+    a["u"] = torch.zeros_like(a["u"])  # MEND's initialisation: every pre-activation is 0
+    a["bias"] = torch.zeros_like(a["bias"]).requires_grad_()
+    with ops.reference_mode():
+        out = ops.grouped_lowrank(**a)
+    grad = randn(tuple(out.shape), gen, torch.float64)
+    (dbias,) = torch.autograd.grad(out, a["bias"], grad)
+    assert torch.equal(dbias, torch.stack([grad[:3].sum(0), grad[3:].sum(0)]))
+
+
 @pytest.mark.parametrize("dtype", OPCHECK_DTYPES)
 def test_grouped_lowrank_opcheck(dtype, gen, device):
     a = _lowrank_inputs(gen, G=3, d=5, r=2, counts=[2, 0, 3], dtype=dtype, device=device)
