@@ -436,6 +436,20 @@ def test_a_users_gram_with_rounding_in_a_zero_gradients_row_is_accepted(gen):
             gms(gram=gram.index_fill(0, torch.tensor([0]), 3e-4 * top))
 
 
+def test_a_norm_squared_that_rounds_below_zero_is_a_zero_gradient(gen):
+    """A cancelled edit's Gram diagonal rounds to either side of 0 (factor_gram: about half the time
+    below): below, it counts as exactly 0, so the pair metrics equal those of the Gram with 0 there
+    (GMS 0 against every other edit), not those of its magnitude (`abs` for the clamp passed the
+    tests above within their tolerance: mutation testing)."""
+    g = torch.randn(4, 30, generator=gen, dtype=torch.float64)
+    g[0] = 0
+    gram = g @ g.t()
+    below = gram.clone()
+    below[0, 0] = -1e-7 * float(gram.diagonal().max())
+    for metric in (gcr, gms):
+        assert metric(gram=below) == metric(gram=gram)
+
+
 @pytest.mark.parametrize("scale", [1e-12, 1e-20, 1e20])
 def test_factor_gram_tiny_and_huge_fp32_factors(scale):
     # Two one-token edits with opposite gradients, norms 1 and 2 (times scale²): the unscaled fp32
