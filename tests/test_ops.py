@@ -1827,6 +1827,24 @@ def test_moeditor_gate_gets_the_edits_gradient_only_above_top_1(top_k, gen):
         assert bool((weight < 1).all()) and ed.w_gate.grad.abs().max() > 0
 
 
+def test_moeditor_gate_gets_the_edits_gradient_through_the_chosen_weight_when_logits_tie(gen):
+    """At initialisation (w_gate = 0) every logit ties and each edit goes to its top-1 editor with
+    weight 1/2 (top_k = 2).  The gradient reaches the gate through that editor's softmax weight,
+    d w_chosen / d logits = (1/4, -1/4): taking the weight as the largest gate (`amax`, equal in
+    value) split the gradient between the tied gates, where it cancelled to 0, and passed every
+    other test (mutation testing)."""
+    from dcedit_kernels import MoEditor
+
+    ed = MoEditor(6, 5, n_editors=2, feat_dim=4, top_k=2, rank=4).eval()
+    mu, eta, feats = randn((7, 6), gen), randn((7, 5), gen), randn((2, 4), gen)
+    edit = ed(mu, eta, torch.tensor([0, 3, 7], dtype=torch.int32), edit_feats=feats)
+    dense = edit.dense()
+    (dense * randn(tuple(dense.shape), gen)).sum().backward()
+    grad = ed.w_gate.grad
+    assert grad.abs().max() > 0
+    assert torch.allclose(grad[:, 0], -grad[:, 1])  # each edit's logit gradients sum to 0
+
+
 def test_editor_repr_shows_its_arguments():
     from dcedit_kernels import MoEditor
 
