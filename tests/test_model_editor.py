@@ -4451,6 +4451,24 @@ def test_raeditor_splits_the_edits_into_balanced_random_groups(gen):
     assert layouts == {(2, 2, 1, 1), (2, 1, 2, 1), (2, 1, 1, 2), (1, 2, 2, 1), (1, 2, 1, 2), (1, 1, 2, 2)}
 
 
+def test_raeditor_draws_which_edits_share_a_group(gen):
+    """RaEditor's groups are random subsets of the edits, not only random sizes: labelling the
+    edits by their place in the batch (`labels[arange % N_g]`, without the permutation) kept the
+    group sizes balanced and their editors random, and passed the test above, while edits 0 and 2
+    of 4 always shared a group (mutation testing).  Over 200 draws, 4 edits in 2 groups of 2 come
+    in each of their 3 partitions (each missed with probability (2/3)^200)."""
+    from dcedit_kernels.editors import RaEditor
+
+    editor = RaEditor(5, 3, n_editors=2, rank=2, seed=int(torch.randint(0, 1000, (1,), generator=gen)))
+    partitions = set()
+    for _ in range(200):
+        groups = editor.route(4)[0].tolist()
+        partitions.add(frozenset(frozenset(e for e in range(4) if groups[e] == g) for g in set(groups)))
+    assert partitions == {frozenset({frozenset({0, 1}), frozenset({2, 3})}),
+                          frozenset({frozenset({0, 2}), frozenset({1, 3})}),
+                          frozenset({frozenset({0, 3}), frozenset({1, 2})})}
+
+
 def test_proeditor_dense_and_apply_keep_the_highest_fisher_entries(gen):
     """ProEditor's shift keeps the ⌈keep·n⌉ entries of highest Fisher information, zero elsewhere,
     in `dense()` and in what `apply_` adds (α·Δ⊙mask), against a float64 reference;
