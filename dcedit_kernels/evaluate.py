@@ -518,10 +518,11 @@ def gradient_conflict(model, tokenizer, layers: Sequence[str], requests: Sequenc
     requests = validate_requests(requests)
     if len(requests) < 2:
         raise ValueError(f"requests must hold at least 2 edits for gradient metrics, got {len(requests)}")
-    check_autograd("gradient_conflict")
     # A fine-tuning ModelEditor builds no editor: only its capture is used here.  Nothing is
     # edited, so a tied weight is fine to read.
     me = ModelEditor(model, tokenizer, layers=_as_listed(layers), method="ft", loss_reduction="edit", allow_tied=True)
+    # After the constructor has checked `model`: a model built under inference_mode is named as apply names it.
+    check_autograd("gradient_conflict", model=me.model)
     batch = me.tokenize([r.prompt for r in requests], [r.target for r in requests])
     factors, _, _ = me.capture(batch, need_feats=False)
     out = {}
@@ -544,7 +545,8 @@ def edit_statistics(editor, requests: Sequence[EditRequest]) -> dict:
     if editor.method in FT_METHODS:
         raise ValueError(f"editor must use a trained editor method, got {editor.method!r}")
     requests = validate_requests(requests)
-    check_autograd("edit_statistics")
+    # As apply: a model built under inference_mode is named (_check_editor does not ask for `model`).
+    check_autograd("edit_statistics", model=getattr(editor, "model", None))
     batch = editor.tokenize([r.prompt for r in requests], [r.target for r in requests])
     factors, feats, _ = editor.capture(batch)
     edits = editor.edits_as_applied(factors, feats)

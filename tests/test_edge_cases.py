@@ -767,6 +767,21 @@ def test_gradient_statistics_under_inference_mode_say_why(gen):
     assert_bit_identical(before, me.model)
 
 
+def test_gradient_statistics_of_a_model_built_under_inference_mode_say_why(gen):
+    """A model built under inference_mode (its parameters inference tensors): gradient_conflict and
+    edit_statistics raised torch's "Inference tensors cannot be saved for backward" from inside the
+    capture, where apply and fit name the model's load (check_autograd with the model); they do too."""
+    with torch.inference_mode():
+        model, tok = tiny_model("gpt2", seed=seed_from(gen))
+    me = ModelEditor(model, tok, ["transformer.h.0.mlp.c_fc"], method="mend", rank=3)
+    reqs = random_requests(gen, 3)
+    why = r"{}: the model's parameters are inference tensors \(built or loaded under torch\.inference_mode\(\)\)"
+    with pytest.raises(RuntimeError, match=why.format("gradient_conflict")):
+        evaluate_module.gradient_conflict(model, tok, me.layers, reqs)
+    with pytest.raises(RuntimeError, match=why.format("edit_statistics")):
+        evaluate_module.edit_statistics(me, reqs)
+
+
 # ---------------------------------------------------------------------------------------------
 # metrics.py
 # ---------------------------------------------------------------------------------------------
