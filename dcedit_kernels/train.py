@@ -98,6 +98,7 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     if me.seq2seq:
         raise ValueError("editor training supports causal LMs only")
     check_autograd("ModelEditor.fit (train_editor)", "its capture and its steps", me.model)
+    check_not_inference_editors(me)
     check_trainable_dtypes(me)
     me._check_resident()  # an edited layer offloaded since the constructor checked: refused before any step
     group_rank, group_size = distributed.world()
@@ -302,6 +303,20 @@ def _accumulate(me: ModelEditor, params: list, train_requests, config: TrainConf
                 p.grad = g if p.grad is None else p.grad + g
         step_parts.append(parts)
     return step_parts, skipped
+
+
+def check_not_inference_editors(me: ModelEditor) -> None:
+    """RuntimeError naming the first inference tensor among the editors' parameters and buffers (a
+    ModelEditor built or loaded under torch.inference_mode; apply runs such editors, no step can
+    train them).  Without it the running norm's merge raised torch's "Inplace update to inference
+    tensor outside InferenceMode" after it had updated u_mean, and an editor without norms raised
+    "Inference tensors cannot be saved for backward", neither naming the editors' build."""
+    for name, t in [*me.editors.named_parameters(), *me.editors.named_buffers()]:
+        if t.is_inference():
+            raise RuntimeError(
+                f"ModelEditor.fit (train_editor): the editors' tensors are inference tensors (the ModelEditor was "
+                f"built or loaded under torch.inference_mode()), first {name!r}; no step can train them. Build "
+                "the ModelEditor outside torch.inference_mode() (torch.no_grad() is fine)")
 
 
 def check_trainable_dtypes(me: ModelEditor) -> None:

@@ -690,6 +690,24 @@ def test_fit_under_inference_mode_says_why(gen):
     assert all(torch.equal(state[k], after[k]) for k in state)
 
 
+@pytest.mark.parametrize("norm", [True, False])
+def test_fit_of_editors_built_under_inference_mode_says_why_and_changes_nothing(norm, gen):
+    """A ModelEditor built under torch.inference_mode (the model loaded outside it) has editors of
+    inference tensors, which apply runs but no step can train.  fit raised torch's "Inplace update
+    to inference tensor outside InferenceMode" from the running norm's merge, after it had already
+    updated u_mean (norm=True), or "Inference tensors cannot be saved for backward" (norm=False);
+    it names the editors' build now, before anything changes."""
+    model, tok = tiny_model("llama", seed=seed_from(gen))
+    with torch.inference_mode():
+        me = ModelEditor(model, tok, LAYERS["llama"], method="mend", rank=4, seed=1, norm=norm)
+    state = {k: v.clone() for k, v in me.state_tensors().items()}
+    why = r"ModelEditor\.fit .*the editors' tensors are inference tensors.*'[^']+'.*outside torch\.inference_mode"
+    with pytest.raises(RuntimeError, match=why):
+        me.fit(random_requests(gen, 4), None, TrainConfig(steps=1, batch_size=2, progress=False))
+    after = me.state_tensors()
+    assert all(torch.equal(state[k], after[k]) for k in state)
+
+
 def test_fit_trains_editors_left_in_eval_mode_as_in_train_mode(gen):
     """Editors a caller left in eval mode (after `apply`, or `me.editors.eval()`) train in train
     mode: their running norms update and the run trains the same editors as one started in train
