@@ -260,7 +260,8 @@ def _accuracies(scored, exact: bool) -> torch.Tensor:
     for pred, gold in scored:
         hits = (pred == gold).double()
         acc.append(float(hits.min()) if exact else float(hits.mean()))
-    return torch.tensor(acc, dtype=torch.float64)
+    # On the CPU whatever torch.set_default_device says (under "meta", ES's float() of the mean raised).
+    return torch.tensor(acc, dtype=torch.float64, device="cpu")
 
 
 def target_accuracy(model, tokenizer, prompts: Sequence[str], targets: Sequence[str],

@@ -121,9 +121,11 @@ def causal_pair_ids(tokenizer, prompt: str, target: str, index: int = 0) -> tupl
 
 def _pad(rows: list[list[int]], value: int, width: int | None = None) -> torch.Tensor:
     width = max(len(r) for r in rows) if width is None else width
-    out = torch.full((len(rows), width), value, dtype=torch.long)
+    # Built on the host whatever torch.set_default_device says, then moved to the model's device: under a
+    # "meta" default device the move raised "Cannot copy out of meta tensor" in every entry point.
+    out = torch.full((len(rows), width), value, dtype=torch.long, device="cpu")
     for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long, device="cpu")
     return out
 
 

@@ -77,7 +77,8 @@ def _batch_indices(n: int, batch_size: int, seed: int, b: int) -> list[int]:
     bs = min(batch_size, n)
     per_epoch = max(1, n // bs)
     epoch, k = divmod(b, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(torch_seed(seed * 1_000_003 + epoch)))
+    # On the CPU, as its generator, whatever torch.set_default_device says ("meta": .tolist() had no data).
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(torch_seed(seed * 1_000_003 + epoch)), device="cpu")
     return perm[k * bs:(k + 1) * bs].tolist()
 
 

@@ -109,14 +109,15 @@ def eval_rows(me: ModelEditor, requests: list[EditRequest], config: TrainConfig)
         kl_len.append(loc[1])
     batch = pad_rows(rows, pad_token_id(tok), me.device, labels=labels)
     width = batch["input_ids"].shape[1]
-    kl_mask = torch.arange(width).unsqueeze(0) < torch.tensor(kl_len).unsqueeze(1)
     dev = me.device
+    # On the model's device, not torch's default one ("meta": the move to `dev` raised).
+    kl_mask = torch.arange(width, device=dev).unsqueeze(0) < torch.tensor(kl_len, device=dev).unsqueeze(1)
     batch.update(row_edit=torch.tensor(row_edit, dtype=torch.int64, device=dev),
                  row_sees_all=torch.tensor(sees_all, dtype=torch.bool, device=dev),
                  row_sees_fused=torch.tensor([not e and config.locality_rows == "fused" for e in is_edit],
                                              dtype=torch.bool, device=dev),
                  is_edit_row=torch.tensor(is_edit, dtype=torch.bool, device=dev),
-                 kl_mask=kl_mask.to(dev))
+                 kl_mask=kl_mask)
     return batch
 
 

@@ -914,3 +914,36 @@ def test_measure_edit_and_evaluate_method_refuse_caches_that_are_not_dicts(gen):
                 evaluate_module.evaluate_method(me.model, me.tokenizer, me, reqs, n_edits=2, repeats=1, progress=False,
                                                 **{name: bad})
     assert_bit_identical(before, me.model)
+
+
+def test_apply_fit_and_metrics_under_a_meta_default_device_give_the_plain_results(gen):
+    """torch.set_default_device("meta") (left on after building a model skeleton) sends every factory
+    call without a device to "meta".  The model is real, but apply, fit and the metrics raised
+    "Cannot copy out of meta tensor" (the padded batch built on the default device, then moved to
+    the model's), a seeded RaEditor's split and the training batch order had no data to read (their
+    randperm on the default device), and ES's mean was a meta tensor.  Those host-side tensors are
+    built on the CPU (the KL mask on the model's device) now: the same weights, losses, editors and
+    scores as without the setting."""
+    from dcedit_kernels.train import TrainConfig
+
+    seed = seed_from(gen)
+    reqs = random_requests(gen, 4)
+    config = TrainConfig(steps=1, batch_size=2, progress=False, seed=seed)
+
+    def run(me):
+        handle = me.apply(reqs[:3])
+        edited = snapshot(me.model)
+        handle.undo()
+        history = me.fit(reqs, None, config).history
+        return edited, history, me.state_tensors(), metrics.edit_success(me.model, me.tokenizer, reqs)
+
+    plain, meta = (make_editor("gpt2", "raeditor", torch.Generator().manual_seed(seed), seed=seed) for _ in range(2))
+    want = run(plain)
+    torch.set_default_device("meta")
+    try:
+        got = run(meta)
+    finally:
+        torch.set_default_device(None)
+    for a, b in ((want[0], got[0]), (want[2], got[2])):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert got[1] == want[1] and got[3] == want[3]

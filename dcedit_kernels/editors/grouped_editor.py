@@ -182,10 +182,12 @@ class GroupedEditor(nn.Module):
         if self.routing == "single":
             return torch.zeros(n_edits, dtype=torch.int64, device=device), None, zero
         if self.routing == "random":
-            perm = torch.randperm(n_edits, generator=self._route_gen).to(device)
+            # Drawn on the CPU, where the seeded generator (and the global one the docs name) lives, whatever
+            # torch.set_default_device says (a "meta" default device: "Cannot copy out of meta tensor").
+            perm = torch.randperm(n_edits, generator=self._route_gen, device="cpu").to(device)
             # Which editors get the ⌈E/N_g⌉-edit groups is drawn too: `arange % N_g` alone always
             # gave them to the lowest-numbered editors (and, for E < N_g, no edit to editors ≥ E).
-            labels = torch.randperm(self.n_editors, generator=self._route_gen).to(device)
+            labels = torch.randperm(self.n_editors, generator=self._route_gen, device="cpu").to(device)
             groups = torch.empty(n_edits, dtype=torch.int64, device=device)
             groups[perm] = labels[torch.arange(n_edits, device=device) % self.n_editors]  # balanced random split
             return groups, None, zero
