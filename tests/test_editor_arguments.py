@@ -359,3 +359,23 @@ def test_run_editors_refuses_a_consume_flag_that_is_not_a_bool():
             assert set(factors) == set(layers)
     me.edits_as_applied(factors, feats, consume=True)
     assert not factors
+
+
+@pytest.mark.parametrize("method", ["mend", "moeditor"])
+def test_training_forward_of_an_editor_built_under_inference_mode_says_why_and_keeps_its_norms(method, gen):
+    """An editor built (or loaded) under torch.inference_mode holds inference tensors: eval-mode
+    forwards run outside it, but a training-mode forward's running-statistics merge raised torch's
+    "Inplace update to inference tensor outside InferenceMode" after it had moved u_mean (MoEditor:
+    the gate norm's mean) and before the sums, std and count, leaving the statistics half-merged.
+    It refuses, naming the build, before any statistic changes."""
+    with torch.inference_mode():
+        ed = small_editor(method, seed=1)
+    mu, eta, offsets, feats = editor_inputs(gen)
+    before = {k: v.clone() for k, v in ed.named_buffers()}
+    why = r"inference tensors \(the editor was built or loaded under torch\.inference_mode\(\)\).*'[a-z_]+'"
+    with pytest.raises(RuntimeError, match=why):
+        ed.train()(mu, eta, offsets, edit_feats=feats)
+    assert all(torch.equal(before[k], v) for k, v in ed.named_buffers())
+    with torch.inference_mode():  # where the statistics can be updated, they are
+        ed(mu, eta, offsets, edit_feats=feats)
+    assert float(ed.norm.k) > 0

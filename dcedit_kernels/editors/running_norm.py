@@ -38,6 +38,19 @@ class RunningStatistics(nn.Module):
                 self._buffers[name] = buf.float()
         return self
 
+    def _check_updatable(self) -> None:
+        """RuntimeError naming the first inference-tensor statistic, outside inference mode (an editor
+        built or loaded under torch.inference_mode): the merge's first in-place update moved a mean,
+        then torch refused the next, which left the statistics half-merged."""
+        if torch.is_inference_mode_enabled():
+            return
+        for name, buf in self.named_buffers():
+            if buf.is_inference():
+                raise RuntimeError(
+                    f"{type(self).__name__}: the running statistics are inference tensors (the editor was built or "
+                    f"loaded under torch.inference_mode()), first {name!r}; a training-mode forward cannot update "
+                    "them outside it. Build the editor outside torch.inference_mode(), or call .eval() on it")
+
     @torch.no_grad()
     def _merge(self, *rows: torch.Tensor) -> None:
         """Chan et al.'s batch merge of each kind's rows (as many of each) into its statistics;
@@ -45,6 +58,7 @@ class RunningStatistics(nn.Module):
         n_b = rows[0].shape[0]
         if n_b == 0:
             return
+        self._check_updatable()
         k = float(self.k)
         total = k + n_b
         for (mean_name, s_name, std_name), x in zip(self.STATS, rows):
