@@ -280,6 +280,8 @@ class FactorCapture:
     `labels`, `decoder_attention_mask`); pass `batch=` to supply them when the model is called
     without them (e.g. a custom loss computed outside the model).  `label_shift` says whether
     label t is predicted at position t-1 (causal LMs; default: inferred from the model class).
+    The capture's hook runs before the caller's forward hooks on a module, so η is the gradient at
+    the layer's own output even where such a hook changes it (Σ ημᵀ stays the weight's gradient).
     """
 
     def __init__(
@@ -332,7 +334,11 @@ class FactorCapture:
                 if self._encoder is not None:
                     self._handles.append(self._encoder.register_forward_hook(self._encoder_hook))
                 for name, module in self.modules.items():
-                    self._handles.append(module.register_forward_hook(self._make_hook(name), with_kwargs=True))
+                    # First among the module's forward hooks: η is the gradient at the layer's own output.
+                    # After a hook of the caller's that changes the output (a scaling, an ablation), it
+                    # was the gradient at that hook's output, and Σ ημᵀ was not the weight's gradient.
+                    self._handles.append(module.register_forward_hook(self._make_hook(name), with_kwargs=True,
+                                                                      prepend=True))
         except BaseException:
             self._unhook()
             raise

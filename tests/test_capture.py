@@ -90,6 +90,39 @@ def test_all_tokens_reproduce_weight_grad(arch, dtype, gen):
         assert err < GRAD_TOL[dtype], f"{arch} {name}: rel err {err:.3e}"
 
 
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bart"])
+def test_a_users_output_hook_on_a_captured_module_keeps_the_weight_gradient(arch, gen):
+    """A forward hook of the user's on an edited module that changes its output (a scaling, an
+    ablation: here 2·y + tanh(y)) sits between the layer and the loss.  The capture's hook ran after
+    it and took η as the gradient at the hook's output, so Σ ημᵀ was not the weight's gradient
+    (scaling by 2: half of it); it runs first now (prepend) and takes η at the layer's own output:
+    the factors give autograd's weight gradient of the hooked model, and the user's hook still runs."""
+    model, tok = make_model(arch, torch.float64, gen)
+    batch = random_batch(model, tok, arch, gen, n_edits=3)
+    modules = dict(model.named_modules())
+    names = editable_names(model)[:3]
+    calls = []
+
+    def user_hook(module, args, out):
+        calls.append(module)
+        return 2 * out + out.tanh()
+
+    handles = [modules[n].register_forward_hook(user_hook) for n in names]
+    try:
+        model.zero_grad()
+        model(**batch).loss.backward()
+        want = {n: weight_grad_out_in(modules[n]).clone() for n in names}
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        factors, _ = compute_factors(model, batch, names)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(calls) == len(names)
+    for n in names:
+        assert rel_err(factors[n].gradient(), want[n]) < GRAD_TOL[torch.float64], n
+
 def expected_keep(arch, name, batch, tokens):
     """The kept-token mask, derived independently of capture.py (by name, not by tensor identity)."""
     enc_mask = batch["attention_mask"].bool()
