@@ -90,6 +90,7 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ._checks import HALF_DTYPES, all_finite, check_autograd, check_bool, compute_dtype, is_finite_number, is_int
 from .capture import TOKEN_MODES, Factors, modes_restored, resolve_modules, weight_out_in
@@ -281,6 +282,19 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
     def _check_resident(self) -> None:
         """ValueError naming an edited layer whose weight is not resident (accelerate's "meta")."""
         check_resident({name: weight_out_in(m) for name, m in self.modules.items()})
+
+    def _check_unparametrized(self) -> None:
+        """ValueError naming an edited layer whose weight a torch parametrization computes (weight_norm,
+        spectral_norm, ...): `module.weight` is then recomputed at every forward, so the in-place shift
+        changed nothing the model reads (apply returned, the outputs as before, and undo refused) and
+        the baselines' optimiser refused it as a non-leaf tensor.  Checked by apply and fit, not by the
+        constructor: gradient_conflict builds a ModelEditor to read such a layer's gradient factors."""
+        for name, module in self.modules.items():
+            if parametrize.is_parametrized(module, "weight"):
+                raise ValueError(f"layers: {name!r}'s weight is computed by a torch parametrization "
+                                 f"({type(module.parametrizations.weight[0]).__name__}), which an in-place edit "
+                                 "cannot change; remove it first (torch.nn.utils.parametrize."
+                                 f"remove_parametrizations(module, 'weight'))")
 
     @staticmethod
     def shape_of(module: nn.Module) -> tuple[int, int]:
@@ -491,6 +505,7 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         # after the ModelEditor was built): the shift went to a "meta" tensor and failed with
         # NotImplementedError, and FT said the layer got no gradient.
         self._check_resident()
+        self._check_unparametrized()
         devices = self.devices
         _peak_memory_start(devices)
         start = time.perf_counter()

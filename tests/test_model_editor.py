@@ -1361,6 +1361,39 @@ def test_apply_under_inference_mode_is_refused(gen):
 
 
 @pytest.mark.parametrize("method", ["mend", "ft", "fit"])
+def test_a_parametrized_edited_weight_is_refused_and_left_as_it_was(method, gen):
+    """An edited layer whose weight a torch parametrization computes (weight_norm, spectral_norm, a
+    user's own: `module.weight` is recomputed from other parameters at every forward).  The editors'
+    apply shifted that computed tensor in place and returned, the model's outputs unchanged (an edit
+    that did nothing, reported as done), and its undo then raised "no longer parameters of the model
+    (offloaded by accelerate ...)"; FT raised "can't optimize a non-leaf Tensor"; fit's validation
+    edits did nothing either.  apply and fit refuse such a layer, parametrized before or after the
+    ModelEditor was built, with a ValueError naming it; nothing changes (the constructor takes it:
+    gradient_conflict reads its gradient factors through one)."""
+    from torch.nn.utils import parametrizations
+
+    model, tok = tiny_model("llama", seed=seed_from(gen))
+    name = LAYERS["llama"][1]
+    kwargs = dict(method="ft") if method == "ft" else dict(method="mend", rank=3)
+    why = rf"layers: {re.escape(repr(name))}'s weight is computed by a torch parametrization"
+    for after_build in (False, True):
+        model, tok = tiny_model("llama", seed=seed_from(gen))
+        if not after_build:
+            parametrizations.weight_norm(model.get_submodule(name))
+        me = ModelEditor(model, tok, LAYERS["llama"][:2], **kwargs)
+        if after_build:
+            parametrizations.weight_norm(model.get_submodule(name))
+        before = snapshot(model)
+        with pytest.raises(ValueError, match=why):
+            if method == "fit":
+                me.fit(random_requests(gen, 2), None, TrainConfig(steps=1, batch_size=2, progress=False))
+            else:
+                me.apply(random_requests(gen, 2))
+        assert_bit_identical(before, model)
+        assert not me._live
+
+
+@pytest.mark.parametrize("method", ["mend", "ft", "fit"])
 def test_a_model_built_under_inference_mode_is_refused_and_left_as_it_was(method, gen):
     """A model built or loaded inside torch.inference_mode (serving code that wraps everything in
     it) holds inference tensors, which autograd cannot run through.  The editors' capture raised
