@@ -662,7 +662,8 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
     def fit(self, train_requests, val_requests=None, config=None, **overrides):
         """Train the editors (see `dcedit_kernels.train.train_editor`); returns its TrainResult.
         Its steps run with grad on under a caller's `torch.no_grad()`; under torch.inference_mode
-        it raises RuntimeError, as `apply` does."""
+        it raises RuntimeError, as `apply` does.  Every editor parameter is trained: one a caller
+        froze (requires_grad False) raises ValueError, before anything changes."""
         from .train import TrainConfig, train_editor
 
         if self.method in FT_METHODS:

@@ -100,6 +100,7 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
         raise ValueError("editor training supports causal LMs only")
     check_autograd("ModelEditor.fit (train_editor)", "its capture and its steps", me.model)
     check_not_inference_editors(me)
+    check_editors_require_grad(me)
     check_trainable_dtypes(me)
     me._check_resident()  # an edited layer offloaded since the constructor checked: refused before any step
     me._check_unparametrized()  # its validation edits would change nothing the model reads
@@ -319,6 +320,18 @@ def check_not_inference_editors(me: ModelEditor) -> None:
                 f"ModelEditor.fit (train_editor): the editors' tensors are inference tensors (the ModelEditor was "
                 f"built or loaded under torch.inference_mode()), first {name!r}; no step can train them. Build "
                 "the ModelEditor outside torch.inference_mode() (torch.no_grad() is fine)")
+
+
+def check_editors_require_grad(me: ModelEditor) -> None:
+    """ValueError naming the first editor parameter a caller froze (requires_grad False): the steps
+    take the gradient of every editor parameter, so one frozen parameter raised autograd's "One of
+    the differentiated Tensors does not require grad" after the batch had merged into the running
+    norms, and with every one frozen the run logged its steps and trained nothing."""
+    for name, p in me.editors.named_parameters():
+        if not p.requires_grad:
+            raise ValueError(
+                f"ModelEditor.fit (train_editor) trains every editor parameter, but {name!r} has "
+                "requires_grad=False: unfreeze the editors first (me.editors.requires_grad_(True))")
 
 
 def check_trainable_dtypes(me: ModelEditor) -> None:

@@ -708,6 +708,32 @@ def test_fit_of_editors_built_under_inference_mode_says_why_and_changes_nothing(
     assert all(torch.equal(state[k], after[k]) for k in state)
 
 
+
+@pytest.mark.parametrize("frozen", ["all", "alpha", "one editor"])
+def test_fit_of_frozen_editor_parameters_says_why_and_changes_nothing(frozen, gen):
+    """Editor parameters a caller froze (requires_grad_(False), as for serving an editor):
+    with all of them frozen fit ran its steps and logged their losses but trained nothing, with no
+    batch skipped; with some (every α, or one shape's editor) it raised autograd's "One of the
+    differentiated Tensors does not require grad" from the first step, after that batch had
+    already merged into the running norms.  fit trains every editor parameter: it refuses, naming
+    the first frozen one, before anything changes."""
+    me = tiny_mend("llama", gen)
+    if frozen == "all":
+        me.editors.requires_grad_(False)
+    elif frozen == "alpha":
+        for editor in me.editors.values():
+            editor.alpha.requires_grad_(False)
+    else:
+        next(iter(me.editors.values())).requires_grad_(False)
+    state = {k: v.clone() for k, v in me.state_tensors().items()}
+    flags = [p.requires_grad for p in me.editors.parameters()]
+    why = r"ModelEditor\.fit .*trains every editor parameter.*'[^']+' .*requires_grad=False"
+    with pytest.raises(ValueError, match=why):
+        me.fit(random_requests(gen, 4), None, TrainConfig(steps=1, batch_size=2, progress=False))
+    after = me.state_tensors()
+    assert all(torch.equal(state[k], after[k]) for k in state)
+    assert [p.requires_grad for p in me.editors.parameters()] == flags
+
 def test_fit_trains_editors_left_in_eval_mode_as_in_train_mode(gen):
     """Editors a caller left in eval mode (after `apply`, or `me.editors.eval()`) train in train
     mode: their running norms update and the run trains the same editors as one started in train
