@@ -90,7 +90,7 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 from ._checks import HALF_DTYPES, all_finite, check_autograd, check_bool, compute_dtype, is_finite_number, is_int
 from .capture import TOKEN_MODES, Factors, modes_restored, resolve_modules, weight_out_in
@@ -283,18 +283,26 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         """ValueError naming an edited layer whose weight is not resident (accelerate's "meta")."""
         check_resident({name: weight_out_in(m) for name, m in self.modules.items()})
 
-    def _check_unparametrized(self) -> None:
-        """ValueError naming an edited layer whose weight a torch parametrization computes (weight_norm,
-        spectral_norm, ...): `module.weight` is then recomputed at every forward, so the in-place shift
-        changed nothing the model reads (apply returned, the outputs as before, and undo refused) and
-        the baselines' optimiser refused it as a non-leaf tensor.  Checked by apply and fit, not by the
-        constructor: gradient_conflict builds a ModelEditor to read such a layer's gradient factors."""
+    def _check_weight_parameters(self) -> None:
+        """ValueError naming an edited layer whose weight is not a parameter of its module but computed
+        from others at every forward (a torch parametrization: weight_norm, spectral_norm; pruning's
+        pre-hook, weight_orig × weight_mask): the in-place shift changed nothing the model reads (apply
+        returned, the outputs as before, and undo refused) and the baselines' optimiser refused it as a
+        non-leaf tensor.  Checked by apply and fit, not by the constructor: gradient_conflict builds a
+        ModelEditor to read such a layer's gradient factors."""
         for name, module in self.modules.items():
+            if "weight" in module._parameters:
+                continue
+            source, fix = "something other than the module's own parameter", "make it an nn.Parameter of the module"
+            pruning = [h for h in module._forward_pre_hooks.values()
+                       if isinstance(h, prune.BasePruningMethod) and h._tensor_name == "weight"]
             if parametrize.is_parametrized(module, "weight"):
-                raise ValueError(f"layers: {name!r}'s weight is computed by a torch parametrization "
-                                 f"({type(module.parametrizations.weight[0]).__name__}), which an in-place edit "
-                                 "cannot change; remove it first (torch.nn.utils.parametrize."
-                                 f"remove_parametrizations(module, 'weight'))")
+                source = f"a torch parametrization ({type(module.parametrizations.weight[0]).__name__})"
+                fix = "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')"
+            elif pruning:
+                source, fix = f"torch.nn.utils.prune ({type(pruning[0]).__name__})", "torch.nn.utils.prune.remove(module, 'weight')"
+            raise ValueError(f"layers: {name!r}'s weight is not a parameter of the module: {source} computes it "
+                             f"at every forward, which an in-place edit cannot change; remove that first ({fix})")
 
     @staticmethod
     def shape_of(module: nn.Module) -> tuple[int, int]:
@@ -505,7 +513,7 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         # after the ModelEditor was built): the shift went to a "meta" tensor and failed with
         # NotImplementedError, and FT said the layer got no gradient.
         self._check_resident()
-        self._check_unparametrized()
+        self._check_weight_parameters()
         devices = self.devices
         _peak_memory_start(devices)
         start = time.perf_counter()

@@ -103,7 +103,7 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     check_editors_require_grad(me)
     check_trainable_dtypes(me)
     me._check_resident()  # an edited layer offloaded since the constructor checked: refused before any step
-    me._check_unparametrized()  # its validation edits would change nothing the model reads
+    me._check_weight_parameters()  # its validation edits would change nothing the model reads
     group_rank, group_size = distributed.world()
     rank, size = (group_rank, group_size) if config.data_parallel else (0, 1)
     launched = distributed.launched_size()

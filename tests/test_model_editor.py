@@ -1375,7 +1375,7 @@ def test_a_parametrized_edited_weight_is_refused_and_left_as_it_was(method, gen)
     model, tok = tiny_model("llama", seed=seed_from(gen))
     name = LAYERS["llama"][1]
     kwargs = dict(method="ft") if method == "ft" else dict(method="mend", rank=3)
-    why = rf"layers: {re.escape(repr(name))}'s weight is computed by a torch parametrization"
+    why = rf"layers: {re.escape(repr(name))}'s weight is not a parameter of the module: a torch parametrization"
     for after_build in (False, True):
         model, tok = tiny_model("llama", seed=seed_from(gen))
         if not after_build:
@@ -1391,6 +1391,31 @@ def test_a_parametrized_edited_weight_is_refused_and_left_as_it_was(method, gen)
                 me.apply(random_requests(gen, 2))
         assert_bit_identical(before, model)
         assert not me._live
+
+
+@pytest.mark.parametrize("method", ["mend", "ft", "fit"])
+def test_a_pruned_edited_weight_is_refused_and_left_as_it_was(method, gen):
+    """torch.nn.utils.prune on an edited layer: `weight` becomes a plain tensor that a forward
+    pre-hook recomputes as weight_orig × weight_mask at every forward, so an in-place shift of it is
+    overwritten by the next forward.  As with a parametrization, apply returned with the outputs
+    unchanged and its undo refused ("no longer parameters of the model"), and FT raised "can't
+    optimize a non-leaf Tensor".  apply and fit refuse it, naming the layer and prune; nothing changes."""
+    import torch.nn.utils.prune as prune
+
+    model, tok = tiny_model("llama", seed=seed_from(gen))
+    name = LAYERS["llama"][1]
+    prune.l1_unstructured(model.get_submodule(name), "weight", amount=0.3)
+    kwargs = dict(method="ft") if method == "ft" else dict(method="mend", rank=3)
+    me = ModelEditor(model, tok, LAYERS["llama"][:2], **kwargs)
+    before = snapshot(model)
+    why = rf"{re.escape(repr(name))}'s weight is not a parameter of the module: torch\.nn\.utils\.prune \(L1Unstructured\)"
+    with pytest.raises(ValueError, match=why):
+        if method == "fit":
+            me.fit(random_requests(gen, 2), None, TrainConfig(steps=1, batch_size=2, progress=False))
+        else:
+            me.apply(random_requests(gen, 2))
+    assert_bit_identical(before, model)
+    assert not me._live
 
 
 @pytest.mark.parametrize("method", ["mend", "ft", "fit"])
