@@ -218,10 +218,12 @@ def _score_rows(model, tokenizer, prompts, targets, batch_size, names, out=None)
             if targets is None and is_seq2seq(model):
                 raise ValueError("scoring plain texts needs a causal LM; give locality_target for seq2seq models")
             try:
+                # On the model's input device, not torch's default one (a "meta" default: no data).
+                device = input_device(model)
                 if targets is None:
-                    batch = tokenize_texts(tokenizer, chunk)
+                    batch = tokenize_texts(tokenizer, chunk, device)
                 else:
-                    batch = tokenize_pairs(model, tokenizer, chunk, targets[lo : lo + batch_size])
+                    batch = tokenize_pairs(model, tokenizer, chunk, targets[lo : lo + batch_size], device)
             except ValueError as exc:
                 raise _renamed(exc, lo, names) from exc
             try:

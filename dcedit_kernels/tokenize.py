@@ -121,12 +121,20 @@ def causal_pair_ids(tokenizer, prompt: str, target: str, index: int = 0) -> tupl
 
 def _pad(rows: list[list[int]], value: int, width: int | None = None) -> torch.Tensor:
     width = max(len(r) for r in rows) if width is None else width
-    # Built on the host whatever torch.set_default_device says, then moved to the model's device: under a
-    # "meta" default device the move raised "Cannot copy out of meta tensor" in every entry point.
+    # Built on the host whatever torch.set_default_device says, then moved (`_to_device`): under a "meta"
+    # default device the move to the model's device raised "Cannot copy out of meta tensor" in every
+    # entry point.
     out = torch.full((len(rows), width), value, dtype=torch.long, device="cpu")
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(r, dtype=torch.long, device="cpu")
     return out
+
+
+def _to_device(batch: dict, device) -> dict:
+    """`batch` (built on the CPU by `_pad`) on `device`; None: torch's default device, where the
+    batch was built before `_pad` built it on the CPU."""
+    device = torch.get_default_device() if device is None else device
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def pad_rows(rows: list[list[int]], pad_id: int, device=None, labels: list[list[int]] | None = None) -> dict:
@@ -134,7 +142,7 @@ def pad_rows(rows: list[list[int]], pad_id: int, device=None, labels: list[list[
     batch = {"input_ids": _pad(rows, pad_id), "attention_mask": _pad([[1] * len(r) for r in rows], 0)}
     if labels is not None:
         batch["labels"] = _pad(labels, IGNORE_INDEX, width=batch["input_ids"].shape[1])
-    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+    return _to_device(batch, device)
 
 
 def tokenize_causal(tokenizer, prompts: Sequence[str], targets: Sequence[str], device=None) -> dict:
@@ -181,7 +189,7 @@ def tokenize_seq2seq(tokenizer, prompts: Sequence[str], targets: Sequence[str], 
         "labels": _pad(dec, IGNORE_INDEX),
         "decoder_attention_mask": _pad([[1] * len(r) for r in dec], 0),
     }
-    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+    return _to_device(batch, device)
 
 
 def is_seq2seq(model) -> bool:

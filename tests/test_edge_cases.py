@@ -947,3 +947,21 @@ def test_apply_fit_and_metrics_under_a_meta_default_device_give_the_plain_result
     for a, b in ((want[0], got[0]), (want[2], got[2])):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert got[1] == want[1] and got[3] == want[3]
+
+
+def test_tokenize_without_a_device_follows_the_default_device(gen):
+    """The padded batches are built on the CPU and moved (the fix above); without a `device` they
+    end on torch's default device, as they did when they were built there (a caller with
+    set_default_device("cuda") and a GPU model passes them to it as they come), and with one on it."""
+    from dcedit_kernels.tokenize import tokenize_causal, tokenize_seq2seq
+
+    _, tok = tiny_model("gpt2", seed=seed_from(gen))
+    _, t5_tok = tiny_model("t5", seed=seed_from(gen))
+    torch.set_default_device("meta")
+    try:
+        for batch in (tokenize_causal(tok, ["a b"], ["c"]), tokenize_seq2seq(t5_tok, ["a b"], ["c"])):
+            assert all(v.is_meta for v in batch.values())
+        for batch in (tokenize_causal(tok, ["a b"], ["c"], "cpu"), tokenize_seq2seq(t5_tok, ["a b"], ["c"], "cpu")):
+            assert all(v.device.type == "cpu" for v in batch.values())
+    finally:
+        torch.set_default_device(None)
