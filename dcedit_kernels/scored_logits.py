@@ -11,8 +11,9 @@ It works through a forward pre-hook on `model.get_output_embeddings()`, which ga
 the head's input; what a model does to the logits after its head (a bias, soft-capping) is
 elementwise and does not see the difference.  The gather is skipped, and the full logits used,
 where it cannot be done exactly: no output embedding module, a head whose input is not (B, L, ·)
-with the positions' (B, L), or a head that is itself being edited or captured (its hooks expect
-the full sequence), or inside `full_logits()` (the comparison form, for tests and benchmarks).
+with the positions' (B, L), a head that is itself being edited or captured (its hooks expect
+the full sequence) or has forward hooks of the caller's (they get its output), or inside
+`full_logits()` (the comparison form, for tests and benchmarks).
 `Scored.pick(logits)` returns the (n, V) scored logits either way.
 """
 
@@ -82,7 +83,9 @@ def logits_at(model: nn.Module, positions: torch.Tensor, skip: Iterable[nn.Modul
         raise ValueError(f"positions must be a (B, L) bool tensor, got {what}")
     scored = Scored(positions)
     head = output_head(model) if enabled and not getattr(_FULL, "on", False) else None
-    if head is None or any(head is m for m in skip):
+    # A forward hook on the head (the caller's: an edited or captured head is in `skip`) gets the
+    # head's output: gathered, a hook that reads positions changed other logits than in a plain forward.
+    if head is None or any(head is m for m in skip) or head._forward_hooks:
         yield scored
         return
 

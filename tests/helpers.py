@@ -248,13 +248,23 @@ def tiny_mend(arch, gen, **kwargs):
 @contextlib.contextmanager
 def input_shapes(module):
     """Inside the block, the list of the shapes of the first input of each call of `module` (an
-    embedding's ids, the LM head's hidden states)."""
+    embedding's ids, the LM head's hidden states).  Recorded by wrapping the module's forward, not by
+    a forward hook: `logits_at` gathers nothing for a head with forward hooks (they get its output)."""
     seen = []
-    handle = module.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    forward, own = module.forward, module.__dict__.get("forward")  # own: an instance's forward (accelerate's)
+
+    def recording(*args, **kwargs):
+        seen.append(tuple(args[0].shape))
+        return forward(*args, **kwargs)
+
+    module.forward = recording
     try:
         yield seen
     finally:
-        handle.remove()
+        if own is None:
+            del module.forward  # the class's forward again
+        else:
+            module.forward = own
 
 
 # ---------------------------------------------------------------- per-edit gradients, by plain autograd

@@ -195,6 +195,44 @@ def test_logits_at_leaves_a_skipped_or_mismatched_head_alone(gen):
     assert not scored.gathered
 
 
+
+def test_a_users_forward_hook_on_the_head_sees_and_scores_the_whole_sequence(gen):
+    """A forward hook of the user's on the LM head gets the head's output; with the gather it got the
+    (1, n, V) scored rows instead of (B, L, V), so a hook that reads positions (a bias at position
+    0 of each row, here) changed other positions' logits than in a plain forward (there, row 0's
+    first scored position: its accuracy rose by one target token).  With a forward hook on the head nothing is gathered:
+    the hook sees (B, L, V) and the scores are the full logits'."""
+    from dcedit_kernels import metrics
+    from dcedit_kernels.tokenize import tokenize_causal
+
+    model, tok = tiny_model("llama", seed=seed_from(gen))
+    reqs = random_requests(gen, 6)
+    prompts, targets = [r.prompt for r in reqs], [r.target for r in reqs]
+    labels = tokenize_causal(tok, prompts[:1], targets[:1])["labels"][0]
+    gold = int(labels[labels != -100][0])  # row 0's first target token
+    shapes = []
+
+    def bias_at_position_0(module, args, out):  # position 0 predicts a prompt token: never scored
+        shapes.append(tuple(out.shape))
+        out = out.clone()
+        out[:, 0, gold] += 1e4
+        return out
+
+    with full_logits():
+        handle = model.lm_head.register_forward_hook(bias_at_position_0)
+        try:
+            want = metrics.target_accuracy(model, tok, prompts, targets)
+        finally:
+            handle.remove()
+    shapes.clear()
+    handle = model.lm_head.register_forward_hook(bias_at_position_0)
+    try:
+        got = metrics.target_accuracy(model, tok, prompts, targets)
+    finally:
+        handle.remove()
+    assert torch.equal(got, want)
+    assert shapes and all(s[0] == len(reqs) for s in shapes)  # (B, L, V), not (1, n, V)
+
 class _ScaledHead(nn.Module):
     """A head called with a second positional argument (its output's scale)."""
 
