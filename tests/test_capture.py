@@ -90,7 +90,6 @@ def test_all_tokens_reproduce_weight_grad(arch, dtype, gen):
         assert err < GRAD_TOL[dtype], f"{arch} {name}: rel err {err:.3e}"
 
 
-
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "bart"])
 def test_a_users_output_hook_on_a_captured_module_keeps_the_weight_gradient(arch, gen):
     """A forward hook of the user's on an edited module that changes its output (a scaling, an
@@ -122,6 +121,7 @@ def test_a_users_output_hook_on_a_captured_module_keeps_the_weight_gradient(arch
     assert len(calls) == len(names)
     for n in names:
         assert rel_err(factors[n].gradient(), want[n]) < GRAD_TOL[torch.float64], n
+
 
 def expected_keep(arch, name, batch, tokens):
     """The kept-token mask, derived independently of capture.py (by name, not by tensor identity)."""

@@ -195,7 +195,6 @@ def test_logits_at_leaves_a_skipped_or_mismatched_head_alone(gen):
     assert not scored.gathered
 
 
-
 def test_a_users_forward_hook_on_the_head_sees_and_scores_the_whole_sequence(gen):
     """A forward hook of the user's on the LM head gets the head's output; with the gather it got the
     (1, n, V) scored rows instead of (B, L, V), so a hook that reads positions (a bias at position
@@ -232,6 +231,7 @@ def test_a_users_forward_hook_on_the_head_sees_and_scores_the_whole_sequence(gen
         handle.remove()
     assert torch.equal(got, want)
     assert shapes and all(s[0] == len(reqs) for s in shapes)  # (B, L, V), not (1, n, V)
+
 
 class _ScaledHead(nn.Module):
     """A head called with a second positional argument (its output's scale)."""

@@ -708,7 +708,6 @@ def test_fit_of_editors_built_under_inference_mode_says_why_and_changes_nothing(
     assert all(torch.equal(state[k], after[k]) for k in state)
 
 
-
 @pytest.mark.parametrize("frozen", ["all", "alpha", "one editor"])
 def test_fit_of_frozen_editor_parameters_says_why_and_changes_nothing(frozen, gen):
     """Editor parameters a caller froze (requires_grad_(False), as for serving an editor):
@@ -733,6 +732,7 @@ def test_fit_of_frozen_editor_parameters_says_why_and_changes_nothing(frozen, ge
     after = me.state_tensors()
     assert all(torch.equal(state[k], after[k]) for k in state)
     assert [p.requires_grad for p in me.editors.parameters()] == flags
+
 
 def test_fit_trains_editors_left_in_eval_mode_as_in_train_mode(gen):
     """Editors a caller left in eval mode (after `apply`, or `me.editors.eval()`) train in train
