@@ -147,10 +147,7 @@ class EditorCheckpoints:
             kwargs = {k: v for k, v in kwargs.items() if k not in FT_KL_ONLY}
         # Editor arguments whose preset default changed since (MoEditor's top_k: 1 before 0.2.0)
         # come from the saved editors, so an older checkpoint rebuilds the editor it was trained as.
-        for name in _CHANGED_DEFAULTS.get(config["method"], ()):
-            saved = {e.get(name) for e in config["editors"].values()}
-            if name not in kwargs and len(saved) == 1 and None not in saved:
-                kwargs[name] = saved.pop()
+        kwargs.update(changed_defaults_of(config["method"], config["editors"], kwargs))
         # The initial weights of unseeded editors, all overwritten below, drawn from a fork of
         # torch's generator: loading left the caller's random stream advanced.
         with torch.random.fork_rng(devices=[]):
@@ -303,3 +300,16 @@ def _checkpoint_config(path, text: str) -> dict:
 # Per method, the editor arguments whose default changed: ModelEditor.load takes them from the
 # saved editors when a checkpoint's editor_kwargs lack them.
 _CHANGED_DEFAULTS = {"moeditor": ("top_k", "gate_norm")}
+
+
+def changed_defaults_of(method: str, editors: dict, kwargs: dict) -> dict:
+    """The editor arguments of `_CHANGED_DEFAULTS` that `kwargs` lacks, as the saved `editors`
+    (their configs, `with_absent_defaults` applied) hold them, where they all hold one value: what
+    rebuilds the editor an older release trained (ModelEditor.load, and `dcedit train` resuming a
+    run, which has no flag for them)."""
+    found = {}
+    for name in _CHANGED_DEFAULTS.get(method, ()):
+        saved = {e.get(name) for e in editors.values()}
+        if name not in kwargs and len(saved) == 1 and None not in saved:
+            found[name] = saved.pop()
+    return found

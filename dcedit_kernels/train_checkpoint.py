@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .devices import cuda_indices
-from .editor_checkpoint import CHECKPOINT_KEY, LEGACY_LOSS_REDUCTION
+from .editor_checkpoint import CHECKPOINT_KEY, LEGACY_LOSS_REDUCTION, changed_defaults_of
 from .editors.grouped_editor import config_differences, with_absent_defaults
 from .model_editor import ModelEditor
 from .safetensors_file import save_safetensors
@@ -112,6 +112,27 @@ def has_checkpoint(ckpt) -> bool:
     """Whether the folder `ckpt` holds a checkpoint to resume from (train_editor's resume and the
     command line's Ctrl-C hint ask the same question)."""
     return (Path(ckpt) / TRAINER_FILE).is_file()
+
+
+def run_editor_defaults(ckpt, method: str) -> dict:
+    """For a caller that cannot give every editor argument (`dcedit train` has no flag for
+    MoEditor's gate_norm or top_k): those whose default changed since (`changed_defaults_of`) as
+    the run that wrote the checkpoint in the folder `ckpt` trained with them, so that resuming a
+    run of an older release builds the editor it trained (a 0.5.5 MoEditor's: gate_norm=False).
+    {} without a readable checkpoint of `method`: the resume itself then says what is wrong."""
+    from safetensors import SafetensorError, safe_open
+
+    if not has_checkpoint(ckpt):
+        return {}
+    try:
+        with safe_open(str(Path(ckpt) / TRAINER_FILE), framework="pt") as f:
+            saved = json.loads((f.metadata() or {}).get("model_editor", "null"))
+    except (SafetensorError, OSError, ValueError):
+        return {}
+    if not isinstance(saved, dict) or saved.get("method") != method or not isinstance(saved.get("editors"), dict):
+        return {}
+    editors = {key: with_absent_defaults(e) for key, e in saved["editors"].items() if isinstance(e, dict)}
+    return changed_defaults_of(method, editors, {})
 
 
 EDITOR_PREFIX = "editor."  # the editors' state in trainer.safetensors (`_checkpoint`)

@@ -1013,3 +1013,50 @@ def test_cli_train_data_parallel_disagreement_names_the_flags(message, said, cap
     assert cli.main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--rank", "4",
                      "--out", str(tmp_path / "e.safetensors")]) == 2
     assert said in _one_cli_line(capsys)
+
+
+def test_cli_train_resumes_a_moeditor_run_from_before_gate_norm(capsys, monkeypatch, tmp_path, tiny_model_dir):
+    """A `dcedit train --method moeditor --checkpoint-dir` run of 0.5.5 (its editors' configs
+    without gate_norm: trained on the raw edit features) was refused by the current dcedit train,
+    "written for another editor (... gate_norm: saved False, here True): give that run's flags to
+    resume it", with no flag that could say gate_norm=False (found resuming 0.2.2 and 0.5.5 runs
+    with the current code).  It resumes as the run it was, as ModelEditor.load and a resume in
+    Python (gate_norm=False) read such files: the editor equals a run of the same steps straight."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from dcedit_kernels.cli import commands
+    from dcedit_kernels.cli.options import editor_kwargs
+
+    data = _counterfact_file(tmp_path / "cf.json", n=6)
+
+    def train(steps, ckpt, out):
+        return cli.main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--method", "moeditor",
+                         "--n-editors", "2", "--rank", "4", "--batch-size", "3", "--steps", str(steps),
+                         "--checkpoint-dir", str(ckpt), "--out", str(out)])
+
+    with monkeypatch.context() as m:  # the MoEditor of a release before gate_norm: the gate read raw features
+        m.setattr(commands, "editor_kwargs", lambda args: {**editor_kwargs(args), "gate_norm": False})
+        assert train(2, tmp_path / "straight", tmp_path / "straight.safetensors") == 0
+        assert train(1, tmp_path / "old", tmp_path / "old.safetensors") == 0
+    path = tmp_path / "old" / "trainer.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    saved = json.loads(meta["model_editor"])
+    del saved["editor_kwargs"]["gate_norm"]  # as 0.5.5 wrote it
+    for editor in saved["editors"].values():
+        del editor["gate_norm"]
+    save_file(load_file(str(path)), str(path), metadata={**meta, "model_editor": json.dumps(saved)})
+    capsys.readouterr()
+    code, said = train(2, tmp_path / "old", tmp_path / "resumed.safetensors"), capsys.readouterr()
+    assert code == 0, said.err.splitlines()[-1]
+    assert "(MoEditor, 2 steps, " in said.out
+    with safe_open(str(tmp_path / "resumed.safetensors"), framework="pt") as f:
+        editors = json.loads(f.metadata()["dcedit_model_editor"])["editors"]
+    assert {e["gate_norm"] for e in editors.values()} == {False}
+    want, got = load_file(str(tmp_path / "straight.safetensors")), load_file(str(tmp_path / "resumed.safetensors"))
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.allclose(got[key], want[key], rtol=1e-6, atol=1e-8), key

@@ -118,12 +118,18 @@ def _train(args, requests, val, device) -> dict:
     from .. import distributed
     from ..model_editor import ModelEditor
     from ..train import TrainConfig
+    from ..train_checkpoint import run_editor_defaults
 
     rank, size = distributed.world()
     model, tokenizer = load_any_model(args.model, args.dtype, device)
     layers = parse_layers(model, args.layers)
+    kwargs = editor_kwargs(args)
+    if args.checkpoint_dir is not None and args.method in EDITOR_METHODS:
+        # A run of an older release resumes as the editor it trained (a 0.5.5 MoEditor's gate_norm
+        # was off): there is no flag to say so, and "give that run's flags" could not be followed.
+        kwargs = {**run_editor_defaults(args.checkpoint_dir, args.method), **kwargs}
     try:
-        me = ModelEditor(model, tokenizer, layers=layers, method=args.method, **editor_kwargs(args))
+        me = ModelEditor(model, tokenizer, layers=layers, method=args.method, **kwargs)
         config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_lr=args.lr_lr,
                              locality_rows=args.locality_rows, checkpoint_dir=args.checkpoint_dir,
                              val_every=args.val_every, val_size=args.val_size, seed=args.seed, data_parallel=size > 1)
