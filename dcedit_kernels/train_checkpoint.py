@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
+from ._checks import is_int
 from .devices import cuda_indices
 from .editor_checkpoint import CHECKPOINT_KEY, LEGACY_LOSS_REDUCTION, changed_defaults_of
-from .editors.grouped_editor import config_differences, with_absent_defaults
+from .editors.grouped_editor import GATE_NORM_DEFAULT, config_differences, with_absent_defaults
 from .model_editor import ModelEditor
 from .safetensors_file import save_safetensors
 from .train_config import TrainConfig, TrainResult
@@ -132,7 +133,15 @@ def run_editor_defaults(ckpt, method: str) -> dict:
     if not isinstance(saved, dict) or saved.get("method") != method or not isinstance(saved.get("editors"), dict):
         return {}
     editors = {key: with_absent_defaults(e) for key, e in saved["editors"].items() if isinstance(e, dict)}
-    return changed_defaults_of(method, editors, {})
+    found = changed_defaults_of(method, editors, {})
+    # Only the values today's defaults would not give (presets.MoEditor): an explicit top_k=2 made
+    # a resume with another --n-editors 1 fail as "top_k (2) cannot exceed n_editors (1)", where the
+    # resume names n_editors.
+    n_editors = {e.get("n_editors") for e in editors.values()}
+    today = {"gate_norm": GATE_NORM_DEFAULT}
+    if len(n_editors) == 1 and is_int(n := next(iter(n_editors))):
+        today["top_k"] = min(2, n)
+    return {name: value for name, value in found.items() if name not in today or today[name] != value}
 
 
 EDITOR_PREFIX = "editor."  # the editors' state in trainer.safetensors (`_checkpoint`)

@@ -1015,13 +1015,14 @@ def test_cli_train_data_parallel_disagreement_names_the_flags(message, said, cap
     assert said in _one_cli_line(capsys)
 
 
-def test_cli_train_resumes_a_moeditor_run_from_before_gate_norm(capsys, monkeypatch, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("old", [{"gate_norm": False}, {"top_k": 1}], ids=["gate_norm", "top_k"])
+def test_cli_train_resumes_a_moeditor_run_of_an_older_release(old, capsys, monkeypatch, tmp_path, tiny_model_dir):
     """A `dcedit train --method moeditor --checkpoint-dir` run of 0.5.5 (its editors' configs
-    without gate_norm: trained on the raw edit features) was refused by the current dcedit train,
-    "written for another editor (... gate_norm: saved False, here True): give that run's flags to
-    resume it", with no flag that could say gate_norm=False (found resuming 0.2.2 and 0.5.5 runs
-    with the current code).  It resumes as the run it was, as ModelEditor.load and a resume in
-    Python (gate_norm=False) read such files: the editor equals a run of the same steps straight."""
+    without gate_norm: trained on the raw edit features) or of 0.1.x (top_k=1, the default before
+    0.2.0) was refused by the current dcedit train, "written for another editor (... gate_norm:
+    saved False, here True): give that run's flags to resume it", with no flag that could say so
+    (found resuming 0.2.2 and 0.5.5 runs with the current code).  It resumes as the run it was, as
+    ModelEditor.load reads such files: the editor equals a run of the same steps straight."""
     import json
 
     from safetensors import safe_open
@@ -1037,17 +1038,18 @@ def test_cli_train_resumes_a_moeditor_run_from_before_gate_norm(capsys, monkeypa
                          "--n-editors", "2", "--rank", "4", "--batch-size", "3", "--steps", str(steps),
                          "--checkpoint-dir", str(ckpt), "--out", str(out)])
 
-    with monkeypatch.context() as m:  # the MoEditor of a release before gate_norm: the gate read raw features
-        m.setattr(commands, "editor_kwargs", lambda args: {**editor_kwargs(args), "gate_norm": False})
+    with monkeypatch.context() as m:  # the MoEditor of the older release
+        m.setattr(commands, "editor_kwargs", lambda args: {**editor_kwargs(args), **old})
         assert train(2, tmp_path / "straight", tmp_path / "straight.safetensors") == 0
         assert train(1, tmp_path / "old", tmp_path / "old.safetensors") == 0
     path = tmp_path / "old" / "trainer.safetensors"
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     saved = json.loads(meta["model_editor"])
-    del saved["editor_kwargs"]["gate_norm"]  # as 0.5.5 wrote it
-    for editor in saved["editors"].values():
-        del editor["gate_norm"]
+    del saved["editor_kwargs"][next(iter(old))]  # the release's default, not a flag
+    if "gate_norm" in old:  # as 0.5.5 wrote it
+        for editor in saved["editors"].values():
+            del editor["gate_norm"]
     save_file(load_file(str(path)), str(path), metadata={**meta, "model_editor": json.dumps(saved)})
     capsys.readouterr()
     code, said = train(2, tmp_path / "old", tmp_path / "resumed.safetensors"), capsys.readouterr()
@@ -1055,8 +1057,25 @@ def test_cli_train_resumes_a_moeditor_run_from_before_gate_norm(capsys, monkeypa
     assert "(MoEditor, 2 steps, " in said.out
     with safe_open(str(tmp_path / "resumed.safetensors"), framework="pt") as f:
         editors = json.loads(f.metadata()["dcedit_model_editor"])["editors"]
-    assert {e["gate_norm"] for e in editors.values()} == {False}
+    name, value = next(iter(old.items()))
+    assert {e[name] for e in editors.values()} == {value}
     want, got = load_file(str(tmp_path / "straight.safetensors")), load_file(str(tmp_path / "resumed.safetensors"))
     assert got.keys() == want.keys()
     for key in want:
         assert torch.allclose(got[key], want[key], rtol=1e-6, atol=1e-8), key
+
+
+def test_cli_train_resume_with_another_n_editors_names_n_editors(capsys, tmp_path, tiny_model_dir):
+    """A MoEditor run (2 editors, top_k 2) resumed with --n-editors 1: the refusal names n_editors
+    (the run's top_k taken from the checkpoint as an explicit top_k=2 made it "top_k (2) cannot
+    exceed n_editors (1)", an argument the command line has no flag for)."""
+    data = _counterfact_file(tmp_path / "cf.json", n=6)
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--method", "moeditor", "--rank", "4",
+            "--batch-size", "3", "--steps", "1", "--checkpoint-dir", str(tmp_path / "ck"),
+            "--out", str(tmp_path / "e.safetensors")]
+    assert cli.main(args + ["--n-editors", "2"]) == 0
+    capsys.readouterr()
+    assert cli.main(args + ["--n-editors", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "written for another editor" in err and "--n-editors 2" in err, err  # in the command line's terms
+    assert "cannot exceed" not in err
