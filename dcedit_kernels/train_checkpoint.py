@@ -26,6 +26,7 @@ from ._checks import is_int
 from .devices import cuda_indices
 from .editor_checkpoint import CHECKPOINT_KEY, LEGACY_LOSS_REDUCTION, changed_defaults_of
 from .editors.grouped_editor import GATE_NORM_DEFAULT, config_differences, with_absent_defaults
+from .editors.presets import moeditor_top_k_default
 from .model_editor import ModelEditor
 from .safetensors_file import save_safetensors
 from .train_config import TrainConfig, TrainResult
@@ -140,7 +141,7 @@ def run_editor_defaults(ckpt, method: str) -> dict:
     n_editors = {e.get("n_editors") for e in editors.values()}
     today = {"gate_norm": GATE_NORM_DEFAULT}
     if len(n_editors) == 1 and is_int(n := next(iter(n_editors))):
-        today["top_k"] = min(2, n)
+        today["top_k"] = moeditor_top_k_default(n)
     return {name: value for name, value in found.items() if name not in today or today[name] != value}
 
 

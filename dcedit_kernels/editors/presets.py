@@ -57,9 +57,14 @@ def MoEditor(in_features, out_features, n_editors=4, feat_dim=None, **kwargs) ->
     """
     _refuse_fixed("MoEditor", kwargs, "routing", "routes edits with a gate (RaEditor routes them at random)")
     kwargs.setdefault("fusion", "sss")
-    kwargs.setdefault("top_k", min(2, n_editors) if isinstance(n_editors, int) else 1)
+    kwargs.setdefault("top_k", moeditor_top_k_default(n_editors))
     return GroupedEditor(in_features, out_features, n_editors=n_editors, routing="gate", feat_dim=feat_dim,
                          **kwargs)
+
+
+def moeditor_top_k_default(n_editors) -> int:
+    """MoEditor's top_k where none is given: 2, or 1 with one editor (see `MoEditor`)."""
+    return min(2, n_editors) if isinstance(n_editors, int) else 1
 
 
 def ProEditor(in_features, out_features, generator="token", fisher_keep=0.7, **kwargs) -> GroupedEditor:
