@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import string
+import threading
 from pathlib import Path
 
 import torch
@@ -321,8 +322,14 @@ def _untie_output_embeddings(model) -> None:
         model.config.tie_word_embeddings = False
 
 
+# One tiny_model build at a time: each seeds torch's global generator for its build, and a build in
+# another thread seeding it meanwhile gave this one the other's draws (the seed no longer fixed the
+# weights).  Other users of the global generator in other threads still draw from it meanwhile.
+_SEEDED_BUILD = threading.Lock()
+
+
 @contextlib.contextmanager
 def _seeded(seed: int):
-    with torch.random.fork_rng(devices=[]):
+    with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         yield

@@ -2,6 +2,7 @@
 
 import inspect
 import re
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -785,6 +786,48 @@ def test_tiny_models_are_seeded_without_touching_global_rng():
     assert not a.training
     with pytest.raises(ValueError, match="arch"):
         tiny_model("mamba")
+
+
+def test_tiny_models_built_in_two_threads_get_their_own_seeds_weights(monkeypatch):
+    """`seed` fixes the weights in any thread: tiny_model seeds torch's global generator for the
+    build, and a second thread's build seeding it meanwhile gave the first one the second's draws
+    (16 of 30 builds wrong, two threads building seeds 1 and 2 in turn).  Forced here: the first
+    build, seeded, waits for the second to be seeded and draws its weights while the second waits
+    for it (each wait at most 5 s: with the builds one after the other, the first's times out)."""
+    import threading
+
+    import transformers
+
+    want = {seed: tiny_model("gpt2", seed=seed)[0].state_dict() for seed in (1, 2)}
+    second_seeded, first_built = threading.Event(), threading.Event()
+    build_model = transformers.GPT2LMHeadModel.__init__
+
+    def interleaved(self, config):
+        if threading.current_thread().name == "first":
+            second_seeded.wait(5.0)
+            build_model(self, config)
+            first_built.set()
+        else:
+            second_seeded.set()
+            first_built.wait(5.0)
+            build_model(self, config)
+
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "__init__", interleaved)
+    built = {}
+
+    def build(seed):
+        built[seed] = tiny_model("gpt2", seed=seed)[0].state_dict()
+
+    threads = [threading.Thread(target=build, args=(1,), name="first"),
+               threading.Thread(target=build, args=(2,), name="second")]
+    threads[0].start()
+    time.sleep(0.1)  # the first is in its seeded block, waiting
+    threads[1].start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)
+    for seed in (1, 2):
+        assert all(torch.equal(v, want[seed][k]) for k, v in built[seed].items()), f"seed {seed}"
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "bert", "bart", "t5"])
