@@ -107,6 +107,15 @@ def lower_blocks_kept(modules: Mapping[str, torch.nn.Module], store: dict):
         _KEPT.value = previous
 
 
+def _holds(model, modules: Mapping[str, torch.nn.Module]) -> bool:
+    """Whether every one of `modules` is a module of `model`: `lower_blocks_kept` keeps the blocks of
+    the model that holds them.  Scoring another model inside the block looked its layers' names up
+    in that model (AttributeError where it has no such module) or kept and reused its lower blocks'
+    output, which the caller never promised stays the same (stale predictions once it changed)."""
+    held = {id(m) for m in model.modules()}
+    return all(id(m) in held for m in modules.values())
+
+
 def _scored_logits(model, inputs: dict, positions: torch.Tensor) -> torch.Tensor:
     """(n, V): the model's logits at `positions`, the LM head computing those only; inside
     `lower_blocks_kept`, from the kept output of the lower blocks when the batch was seen."""
@@ -122,6 +131,8 @@ def _scored_logits(model, inputs: dict, positions: torch.Tensor) -> torch.Tensor
     if kept is None or not enabled or set(inputs) != {"input_ids", "attention_mask"}:
         return run(inputs)
     modules, store = kept
+    if not _holds(model, modules):  # another model scored inside the block: its blocks are not the kept ones
+        return run(inputs)
     # Not for an encoder-decoder, nor where another parameter views an edited weight (allow_tied).
     prefix = PrefixReuse.for_written_weights(model, modules, no_grad=True)
     if prefix is None:

@@ -283,6 +283,31 @@ def test_lower_blocks_kept_gives_an_enclosing_blocks_store_back(gen):
     assert outer
 
 
+def test_lower_blocks_kept_of_one_model_leaves_other_models_scoring_alone(gen):
+    """The kept blocks are those of the model that holds `modules`: scoring another model inside
+    the block raised AttributeError where the layers' names are not its modules (a Llama scored
+    inside a GPT-2's block), and a model of the same layout had its lower blocks' output kept and
+    reused, so a change of its lower weights inside the block left its predictions stale."""
+    from dcedit_kernels.metrics import lower_blocks_kept
+
+    model, _ = tiny_model("gpt2", seed=seed_from(gen))
+    modules = {"transformer.h.1.mlp.c_proj": model.transformer.h[1].mlp.c_proj}
+    llama, llama_tok = tiny_model("llama", seed=seed_from(gen))
+    other, tok = tiny_model("gpt2", seed=seed_from(gen))
+    store = {}
+    with lower_blocks_kept(modules, store):
+        want = locality_predictions(llama, llama_tok, REQUESTS)
+        assert all(torch.equal(a, b) for a, b in zip(want, locality_predictions(llama, llama_tok, REQUESTS)))
+        locality_predictions(other, tok, REQUESTS)
+        with torch.no_grad():
+            for p in other.transformer.h[0].parameters():
+                p.add_(randn(p.shape, gen))
+        got = locality_predictions(other, tok, REQUESTS)
+    want = locality_predictions(other, tok, REQUESTS)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert not store
+
+
 def argmax_accuracy(model, tok, prompt, target, seq2seq, **forward_kwargs):
     """The target's teacher-forced argmax accuracy from one plain forward over the full logits
     (a seq2seq model's special tokens not scored)."""
