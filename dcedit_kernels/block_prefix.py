@@ -39,6 +39,7 @@ Otherwise the edited pass runs the rows through every block, as before.
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 import weakref
 from collections.abc import Sized
@@ -59,6 +60,26 @@ _INERT_HOOK_MODULES = ("transformers.utils.output_capturing",)
 
 # {model: {k: whether the reference pass reusing blocks 0..k−1 gave the full pass's result}}.
 _VERDICTS: "weakref.WeakKeyDictionary[nn.Module, dict[int, bool]]" = weakref.WeakKeyDictionary()
+
+# {model: the lock its reuses hold}: two threads' reuses of one model's blocks (scoring runs in
+# several threads on one model) overlapped, and the first to leave took the other's patched forwards
+# away while the last put the first's back, for good.  One after the other, each puts back what was
+# there.  Reentrant: a pass inside a reuse may score the model again in the same thread.
+_REUSE_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_REUSE_LOCKS_LOCK = threading.Lock()
+
+
+def _reuse_lock(model: nn.Module):
+    with _REUSE_LOCKS_LOCK:
+        return _REUSE_LOCKS.setdefault(model, threading.RLock())
+
+
+def _for_thread(thread: int, forward: Callable, own: Callable) -> Callable:
+    """`forward` for calls from `thread`; another thread's call (a pass of its own over the model
+    meanwhile) runs the block's `own` forward, as the kept output is not of its rows."""
+    def dispatch(*args, **kwargs):
+        return (forward if threading.get_ident() == thread else own)(*args, **kwargs)
+    return dispatch
 
 
 def _block_of(model: nn.Module, name: str) -> tuple[str, int] | None:
@@ -295,7 +316,9 @@ class PrefixReuse:
         """Inside the block, blocks 0..k−1 return the output `record(key)` kept, computing nothing
         (their instance-level forwards, accelerate's included, are restored on exit).  Block 0
         called on a hidden state of another shape than in the recorded pass (other rows, another
-        width) raises ValueError: the kept output is of the recorded batch."""
+        width) raises ValueError: the kept output is of the recorded batch.  Only this thread's
+        passes get it (another thread's run every block), and two threads' reuses of one model run
+        one after the other."""
         key = tuple(key)
         output, _, shape = self.recorded[key]
 
@@ -306,7 +329,8 @@ class PrefixReuse:
                                  f"were recorded at {shape}: reuse runs the very rows record ran, at the same width")
             return output
 
-        with patched_forwards() as patch:
+        thread = threading.get_ident()
+        with _reuse_lock(self.model), patched_forwards() as patch:
             for j, block in enumerate(self.blocks[:self.k]):
-                patch(block, first if j == 0 else lambda *args, **kwargs: output)
+                patch(block, _for_thread(thread, first if j == 0 else lambda *args, **kwargs: output, block.forward))
             yield

@@ -886,3 +886,74 @@ def test_state_passed_besides_the_hidden_state_is_caught(kind, gen):
     assert torch.allclose(reused[0], full[0], rtol=1e-9, atol=0)
     for x, y in zip(reused[1], full[1]):
         assert float((x - y).abs().max()) <= 1e-3 * float(y.abs().max())
+
+
+def _kept_pass(model, prefix, ids):
+    """The model's logits over `ids` inside `prefix.run_from` (a record, or a reuse once recorded)."""
+    key = ids.flatten().tolist()
+    with torch.no_grad(), prefix.run_from(key, tuple(ids.shape)):
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def test_another_threads_pass_while_one_reuses_the_kept_blocks_runs_every_block(gen):
+    """The lower blocks return the kept output to the thread that reuses it only: scoring may run in
+    several threads on one model (README "Threads", `lower_blocks_kept` is per thread), and another
+    thread's pass meanwhile got that output instead of its own (a ValueError from block 0 at
+    another width, silently wrong logits at the same one)."""
+    import threading
+
+    model, _ = tiny_model("llama", seed=int(torch.randint(0, 1000, (1,), generator=gen)))
+    prefix = PrefixReuse.for_model(model, {"model.layers.1.mlp.down_proj": model.model.layers[1].mlp.down_proj},
+                                   no_grad=True)
+    mine = torch.randint(3, 100, (2, 7), generator=gen)
+    theirs = {width: torch.randint(3, 100, (2, width), generator=gen) for width in (7, 5)}
+    with torch.no_grad():
+        want = {width: model(input_ids=ids, use_cache=False).logits for width, ids in theirs.items()}
+    _kept_pass(model, prefix, mine)
+    assert prefix.reusable(mine.flatten().tolist())
+    got = {}
+
+    def their_pass(width):
+        try:
+            with torch.no_grad():
+                got[width] = model(input_ids=theirs[width], use_cache=False).logits
+        except Exception as exc:  # noqa: BLE001 -- checked by the main thread
+            got[width] = exc
+
+    with prefix.reuse(mine.flatten().tolist()):
+        for width in theirs:
+            thread = threading.Thread(target=their_pass, args=(width,))
+            thread.start()
+            thread.join(60)
+    for width in theirs:
+        assert isinstance(got[width], torch.Tensor), got[width]
+        assert torch.equal(got[width], want[width]), width
+
+
+def test_two_threads_reusing_one_models_kept_blocks_leave_its_forwards_as_they_were(gen):
+    """Two threads' reuses of one model's lower blocks run one after the other: overlapping, the
+    first to leave took the other's patched forwards away and the last put the first's back, which
+    stayed on the model (its blocks returned that kept output from then on)."""
+    import threading
+
+    model, _ = tiny_model("llama", seed=int(torch.randint(0, 1000, (1,), generator=gen)))
+    modules = {"model.layers.1.mlp.down_proj": model.model.layers[1].mlp.down_proj}
+    prefixes = [PrefixReuse.for_model(model, modules, no_grad=True) for _ in range(2)]
+    ids = [torch.randint(3, 100, (2, 6), generator=gen) for _ in range(2)]
+    for prefix, rows in zip(prefixes, ids):
+        _kept_pass(model, prefix, rows)
+    second_in, first_out = threading.Event(), threading.Event()
+
+    def second():
+        with prefixes[1].reuse(ids[1].flatten().tolist()):
+            second_in.set()
+            first_out.wait(5.0)
+
+    thread = threading.Thread(target=second)
+    with prefixes[0].reuse(ids[0].flatten().tolist()):
+        thread.start()
+        second_in.wait(1.0)  # overlapping: the second is in; one after the other: it waits for this one
+    first_out.set()
+    thread.join(60)
+    assert not thread.is_alive()
+    assert not any("forward" in block.__dict__ for block in model.model.layers)
