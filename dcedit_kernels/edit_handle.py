@@ -137,7 +137,13 @@ class EditHandle:
 
     def undo(self) -> bool:
         """Restore the weights; returns False when this edit was already undone (or its model was
-        freed)."""
+        freed).  RuntimeError, restoring nothing, while another thread edits the model (apply, undo,
+        fit: `one_editing_thread`)."""
+        model = self._model() if self._model is not None else None
+        with one_editing_thread(model, "EditHandle.undo"):
+            return self._undo()
+
+    def _undo(self) -> bool:
         if not self.active:
             return False
         if self.kept:
@@ -261,6 +267,38 @@ def restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
 # The live (applied, not yet undone) edits of each model, latest last, shared by every ModelEditor
 # of that model: undoing out of order would restore values saved before a later edit.
 LIVE_EDITS: "weakref.WeakKeyDictionary[nn.Module, list[EditHandle]]" = weakref.WeakKeyDictionary()
+
+
+# {model (its weights_owner): (the thread editing it: apply, undo, fit; how many nested calls)}
+_EDITING: "weakref.WeakKeyDictionary[nn.Module, tuple[int, int]]" = weakref.WeakKeyDictionary()
+_EDITING_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def one_editing_thread(model: nn.Module | None, what: str):
+    """RuntimeError naming `what`, before anything changes, when another thread is inside a block
+    of this for the same model (`weights_owner`); the same thread may nest them.  Two threads
+    editing one model at once (two ModelEditors of it) ran each other's capture hooks and froze and
+    unfroze each other's parameters: confusing errors, the weights left changed with no live edit
+    and every parameter left frozen.  model=None: nothing to check."""
+    if model is None:
+        yield
+        return
+    me = threading.get_ident()
+    with _EDITING_LOCK:
+        thread, depth = _EDITING.get(model, (me, 0))
+        if thread != me:
+            raise RuntimeError(f"{what}: another thread is editing this model (apply, undo or fit); one model "
+                               "is edited by one thread at a time (README \"Threads\")")
+        _EDITING[model] = (me, depth + 1)
+    try:
+        yield
+    finally:
+        with _EDITING_LOCK:
+            if depth:
+                _EDITING[model] = (me, depth)
+            else:
+                del _EDITING[model]
 
 
 def weights_owner(model: nn.Module) -> nn.Module:

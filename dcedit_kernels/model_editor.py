@@ -78,7 +78,8 @@ device's: another thread's allocations on it count in, and its edits reset them)
 Threads: ModelEditors of different models share none of this package's state (their edits, undos
 and scoring can run in parallel threads; torch's global random generator is shared, see README
 "Threads"); one model is edited by one thread at a time, since an edit, its capture's hooks and the
-model's live-edit list (`edit_handle.LIVE_EDITS`) are the model's own state.
+model's live-edit list (`edit_handle.LIVE_EDITS`) are the model's own state (apply, undo and fit
+raise RuntimeError while another thread runs one of them on the model: `edit_handle.one_editing_thread`).
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ from ._checks import HALF_DTYPES, all_finite, check_autograd, check_bool, comput
 from .capture import TOKEN_MODES, Factors, modes_restored, resolve_modules, weight_out_in
 from .devices import as_device, check_resident, cuda_indices, input_device, model_devices, place_editor
 from .edit_capture import DEFAULT_CAPTURE_BATCH_SIZE, EditCapture
-from .edit_handle import LIVE_EDITS, EditHandle, add_note, deferred_interrupt, restore, weights_owner
+from .edit_handle import (LIVE_EDITS, EditHandle, add_note, deferred_interrupt, one_editing_thread, restore,
+                          weights_owner)
 from .editor_checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, LEGACY_LOSS_REDUCTION, EditorCheckpoints
 from .editors.presets import MEND, MoEditor, ProEditor, RaEditor
 from .ft_baseline import FineTuneBaselines
@@ -506,7 +508,13 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         model is left as it was (see the module docstring).  The model runs in the mode it is in:
         in train mode its dropout is on in the capture and the fine-tuning (`load_model` and
         `from_pretrained` return models in eval mode).  RuntimeError, too, for a model built or
-        loaded under inference_mode (its parameters are inference tensors)."""
+        loaded under inference_mode (its parameters are inference tensors), and while another
+        thread edits the model (apply, undo, fit: one thread edits a model at a time)."""
+        with one_editing_thread(weights_owner(self.model), "ModelEditor.apply"):
+            return self._apply(requests)
+
+    def _apply(self, requests: Iterable[EditRequest]) -> EditHandle:
+        """`apply`, this thread the only one editing the model."""
         requests = validate_requests(requests)
         check_autograd("ModelEditor.apply", "its capture (or fine-tuning)", self.model)
         # Offloaded since the constructor checked (accelerate's cpu_offload/disk_offload of the model
@@ -670,8 +678,9 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
     def fit(self, train_requests, val_requests=None, config=None, **overrides):
         """Train the editors (see `dcedit_kernels.train.train_editor`); returns its TrainResult.
         Its steps run with grad on under a caller's `torch.no_grad()`; under torch.inference_mode
-        it raises RuntimeError, as `apply` does.  Every editor parameter is trained: one a caller
-        froze (requires_grad False) raises ValueError, before anything changes."""
+        it raises RuntimeError, as `apply` does, and while another thread edits the model.  Every
+        editor parameter is trained: one a caller froze (requires_grad False) raises ValueError,
+        before anything changes."""
         from .train import TrainConfig, train_editor
 
         if self.method in FT_METHODS:
@@ -680,4 +689,5 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
             config = TrainConfig().replace(**overrides)  # ValueError naming an unknown field
         elif overrides:
             config = config.replace(**overrides)
-        return train_editor(self, train_requests, val_requests, config)
+        with one_editing_thread(weights_owner(self.model), "ModelEditor.fit"):  # its passes hook and patch the model
+            return train_editor(self, train_requests, val_requests, config)

@@ -292,6 +292,56 @@ def test_edits_apply_and_undo_off_the_main_thread_and_with_sigint_ignored(method
     assert_bit_identical(before, me.model)
 
 
+def test_a_second_thread_editing_the_same_model_is_refused_before_anything_changes(gen, monkeypatch):
+    """One model is edited by one thread at a time (README "Threads"): a second ModelEditor of it,
+    applying or undoing in another thread while the first thread's apply runs, raised errors about
+    the capture ("ran on input of shape ...", "ran more than once inside one capture"), and 20
+    rounds of edited() in each of two threads left the weights changed with no live edit and every
+    parameter frozen.  Now the second thread's apply and undo raise RuntimeError saying so, before
+    anything changes, and the first thread's edit is as it is alone."""
+    import threading
+
+    first = make_editor("llama", "mend", gen, seed=1)
+    second = ModelEditor(first.model, first.tokenizer, LAYERS["llama"][:2], method="mend", rank=7, seed=2)
+    before = snapshot(first.model)
+    earlier = second.apply(random_requests(gen, 1))
+    edited = snapshot(first.model)
+    requests = random_requests(gen, 2)
+    handle = first.apply(requests)
+    want = snapshot(first.model)
+    handle.undo()
+    capturing, refused = threading.Event(), threading.Event()
+    capture = type(first).capture
+
+    def paused_capture(self, *args, **kwargs):
+        if self is first:
+            capturing.set()
+            refused.wait(10.0)
+        return capture(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(first), "capture", paused_capture)
+    outcome = []
+    worker = threading.Thread(target=lambda: outcome.append(first.apply(requests)))
+    worker.start()
+    assert capturing.wait(30.0)
+    try:
+        with pytest.raises(RuntimeError, match=r"^ModelEditor.apply: another thread is editing this model"):
+            second.apply(random_requests(gen, 1))
+        with pytest.raises(RuntimeError, match=r"^EditHandle.undo: another thread is editing this model"):
+            earlier.undo()
+        with pytest.raises(RuntimeError, match=r"^ModelEditor.fit: another thread is editing this model"):
+            second.fit(random_requests(gen, 2), steps=1)
+    finally:
+        refused.set()
+        worker.join(60)
+    assert_bit_identical(want, first.model)
+    assert outcome[0].undo()
+    assert_bit_identical(edited, first.model)
+    assert earlier.undo()
+    assert_bit_identical(before, first.model)
+    assert all(p.requires_grad for p in first.model.parameters())
+
+
 def test_load_state_tensors_names_a_key_of_the_wrong_shape(gen):
     me = make_editor("gpt2", "mend", gen)
     state = me.state_tensors()
