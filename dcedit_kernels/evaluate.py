@@ -284,7 +284,8 @@ def measure_edit(editor, requests: Sequence[EditRequest], batch_size: int = 16, 
     near-tied logits: DD 0.125 in 3 of 6 samples of an edit that changed nothing, 0 without the
     cache).  Where that rounding matters, pass none (the unedited and the edited pass then score the
     same batches) or use batch_size=1 (evaluate_method always shares one).
-    `lower_blocks`: a dict shared between calls on that model, keeping the output of the blocks
+    `lower_blocks` (with a ModelEditor only; ValueError with another editor, whose edit may change
+    any block): a dict shared between calls on that model, keeping the output of the blocks
     below the editor's layers for each scoring batch (`metrics.lower_blocks_kept`): a call that
     scores the same requests as an earlier one (another method on the same batch) runs only the
     blocks from the lowest edited one, with the same scores.  SmolLM2, the demo's 25 edits on
@@ -295,6 +296,11 @@ def measure_edit(editor, requests: Sequence[EditRequest], batch_size: int = 16, 
     """
     _check_editor(editor, ("model", "tokenizer", "apply"))
     _check_stores(base_cache, lower_blocks)
+    if lower_blocks is not None and not _writes_its_modules_only(editor):
+        # Another editor's edit may change any block, kept or not (and it has no `modules`: a bare
+        # AttributeError after the unedited scores).
+        raise ValueError(f"lower_blocks keeps the blocks below a ModelEditor's layers: give it None with a "
+                         f"{type(editor).__name__}, whose edit may change any block")
     requests = validate_requests(requests)
     if during is not None and not callable(during):
         # Called only once the edit is applied: a non-callable raised TypeError after the scoring passes.

@@ -745,6 +745,10 @@ def test_measure_edit_scores_ns_and_dd_of_the_edited_model_in_one_pass(gen):
     again = measure_edit(NoiseEditor(), reqs, batch_size=4, during=apart)
     assert (run["ns"], run["dd"]) == (again["ns"], again["dd"]) == (again["during"]["ns"], again["during"]["dd"])
     assert 0 < run["dd"]  # the edit changed some locality prediction
+    # Its edit may change any block, so the kept lower blocks cannot serve it (it has no `modules`:
+    # a bare AttributeError after the unedited scores).
+    with pytest.raises(ValueError, match="lower_blocks keeps the blocks below a ModelEditor's layers.*NoiseEditor"):
+        measure_edit(NoiseEditor(), reqs, batch_size=4, lower_blocks={})
 
 
 def test_prediction_metrics_average_over_requests_not_tokens():
