@@ -1360,6 +1360,21 @@ def test_apply_under_inference_mode_is_refused(gen):
     assert_bit_identical(before, me.model)
 
 
+def _refused_and_unchanged(me, method, error, why, gen):
+    """`me.apply` (method "mend"/"ft") or `me.fit` ("fit") raises `error` matching `why`, and the
+    model's weights and requires_grad flags and the editor's live edits are as they were."""
+    before = snapshot(me.model)
+    flags = [p.requires_grad for p in me.model.parameters()]
+    with pytest.raises(error, match=why):
+        if method == "fit":
+            me.fit(random_requests(gen, 2), None, TrainConfig(steps=1, batch_size=2, progress=False))
+        else:
+            me.apply(random_requests(gen, 2))
+    assert [p.requires_grad for p in me.model.parameters()] == flags
+    assert_bit_identical(before, me.model)
+    assert not me._live
+
+
 @pytest.mark.parametrize("method", ["mend", "ft", "fit"])
 def test_a_parametrized_edited_weight_is_refused_and_left_as_it_was(method, gen):
     """An edited layer whose weight a torch parametrization computes (weight_norm, spectral_norm, a
@@ -1383,14 +1398,7 @@ def test_a_parametrized_edited_weight_is_refused_and_left_as_it_was(method, gen)
         me = ModelEditor(model, tok, LAYERS["llama"][:2], **kwargs)
         if after_build:
             parametrizations.weight_norm(model.get_submodule(name))
-        before = snapshot(model)
-        with pytest.raises(ValueError, match=why):
-            if method == "fit":
-                me.fit(random_requests(gen, 2), None, TrainConfig(steps=1, batch_size=2, progress=False))
-            else:
-                me.apply(random_requests(gen, 2))
-        assert_bit_identical(before, model)
-        assert not me._live
+        _refused_and_unchanged(me, method, ValueError, why, gen)
 
 
 @pytest.mark.parametrize("method", ["mend", "ft", "fit"])
@@ -1407,15 +1415,8 @@ def test_a_pruned_edited_weight_is_refused_and_left_as_it_was(method, gen):
     prune.l1_unstructured(model.get_submodule(name), "weight", amount=0.3)
     kwargs = dict(method="ft") if method == "ft" else dict(method="mend", rank=3)
     me = ModelEditor(model, tok, LAYERS["llama"][:2], **kwargs)
-    before = snapshot(model)
     why = rf"{re.escape(repr(name))}'s weight is not a parameter of the module: torch\.nn\.utils\.prune \(L1Unstructured\)"
-    with pytest.raises(ValueError, match=why):
-        if method == "fit":
-            me.fit(random_requests(gen, 2), None, TrainConfig(steps=1, batch_size=2, progress=False))
-        else:
-            me.apply(random_requests(gen, 2))
-    assert_bit_identical(before, model)
-    assert not me._live
+    _refused_and_unchanged(me, method, ValueError, why, gen)
 
 
 @pytest.mark.parametrize("method", ["mend", "ft", "fit"])
@@ -1430,16 +1431,8 @@ def test_a_model_built_under_inference_mode_is_refused_and_left_as_it_was(method
         model, tok = tiny_model("llama", seed=seed_from(gen))
     kwargs = dict(method="ft") if method == "ft" else dict(method="mend", rank=3)
     me = ModelEditor(model, tok, LAYERS["llama"][:2], **kwargs)
-    before = snapshot(model)
-    flags = [p.requires_grad for p in model.parameters()]
     why = r"inference tensors \(built or loaded under torch\.inference_mode\(\)\).*'model\.embed_tokens\.weight'"
-    with pytest.raises(RuntimeError, match=why):
-        if method == "fit":
-            me.fit(random_requests(gen, 2), None, TrainConfig(steps=1, batch_size=2, progress=False))
-        else:
-            me.apply(random_requests(gen, 2))
-    assert [p.requires_grad for p in model.parameters()] == flags
-    assert_bit_identical(before, model)
+    _refused_and_unchanged(me, method, RuntimeError, why, gen)
 
 
 def test_frozen_parameters_gives_an_inference_tensor_its_flag_back(gen):
