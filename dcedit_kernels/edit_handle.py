@@ -269,34 +269,42 @@ def restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
 LIVE_EDITS: "weakref.WeakKeyDictionary[nn.Module, list[EditHandle]]" = weakref.WeakKeyDictionary()
 
 
-# {model (its weights_owner): (the thread editing it: apply, undo, fit; how many nested calls)}
-_EDITING: "weakref.WeakKeyDictionary[nn.Module, tuple[int, int]]" = weakref.WeakKeyDictionary()
+# {model (its weights_owner): (the thread editing it: apply, undo, fit; the calls it is inside, outermost first)}
+_EDITING: "weakref.WeakKeyDictionary[nn.Module, tuple[int, tuple[str, ...]]]" = weakref.WeakKeyDictionary()
 _EDITING_LOCK = threading.Lock()
+APPLY_CALL = "ModelEditor.apply"
 
 
 @contextlib.contextmanager
 def one_editing_thread(model: nn.Module | None, what: str):
     """RuntimeError naming `what`, before anything changes, when another thread is inside a block
-    of this for the same model (`weights_owner`); the same thread may nest them.  Two threads
-    editing one model at once (two ModelEditors of it) ran each other's capture hooks and froze and
-    unfroze each other's parameters: confusing errors, the weights left changed with no live edit
-    and every parameter left frozen.  model=None: nothing to check."""
+    of this for the same model (`weights_owner`).  Two threads editing one model at once (two
+    ModelEditors of it) ran each other's capture hooks and froze and unfroze each other's
+    parameters: confusing errors, the weights left changed with no live edit and every parameter
+    left frozen.  The same thread may nest them (fit's validation applies and undoes edits), but
+    not inside an apply (`APPLY_CALL`): one called from a hook or callback of the apply's own passes
+    over the model ran inside its capture ("ran more than once inside one capture"), or, under FT,
+    edited the model the outer apply then restored, wiping the inner edit while its handle stayed
+    live.  model=None: nothing to check."""
     if model is None:
         yield
         return
     me = threading.get_ident()
     with _EDITING_LOCK:
-        thread, depth = _EDITING.get(model, (me, 0))
+        thread, inside = _EDITING.get(model, (me, ()))
         if thread != me:
             raise RuntimeError(f"{what}: another thread is editing this model (apply, undo or fit); one model "
                                "is edited by one thread at a time (README \"Threads\")")
-        _EDITING[model] = (me, depth + 1)
+        if APPLY_CALL in inside:
+            raise RuntimeError(f"{what}: called while {APPLY_CALL} of this model runs in this thread (from a hook or "
+                               "callback inside its passes over the model); edit the model after that apply returns")
+        _EDITING[model] = (me, inside + (what,))
     try:
         yield
     finally:
         with _EDITING_LOCK:
-            if depth:
-                _EDITING[model] = (me, depth)
+            if inside:
+                _EDITING[model] = (me, inside)
             else:
                 del _EDITING[model]
 

@@ -97,8 +97,8 @@ from ._checks import HALF_DTYPES, all_finite, check_autograd, check_bool, comput
 from .capture import TOKEN_MODES, Factors, modes_restored, resolve_modules, weight_out_in
 from .devices import as_device, check_resident, cuda_indices, input_device, model_devices, place_editor
 from .edit_capture import DEFAULT_CAPTURE_BATCH_SIZE, EditCapture
-from .edit_handle import (LIVE_EDITS, EditHandle, add_note, deferred_interrupt, one_editing_thread, restore,
-                          weights_owner)
+from .edit_handle import (APPLY_CALL, LIVE_EDITS, EditHandle, add_note, deferred_interrupt, one_editing_thread,
+                          restore, weights_owner)
 from .editor_checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, LEGACY_LOSS_REDUCTION, EditorCheckpoints
 from .editors.presets import MEND, MoEditor, ProEditor, RaEditor
 from .ft_baseline import FineTuneBaselines
@@ -510,7 +510,7 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         `from_pretrained` return models in eval mode).  RuntimeError, too, for a model built or
         loaded under inference_mode (its parameters are inference tensors), and while another
         thread edits the model (apply, undo, fit: one thread edits a model at a time)."""
-        with one_editing_thread(weights_owner(self.model), "ModelEditor.apply"):
+        with one_editing_thread(weights_owner(self.model), APPLY_CALL):
             return self._apply(requests)
 
     def _apply(self, requests: Iterable[EditRequest]) -> EditHandle:

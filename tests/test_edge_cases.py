@@ -342,6 +342,37 @@ def test_a_second_thread_editing_the_same_model_is_refused_before_anything_chang
     assert all(p.requires_grad for p in first.model.parameters())
 
 
+@pytest.mark.parametrize("method", ["mend", "ft"])
+def test_an_apply_from_a_hook_inside_the_same_models_apply_is_refused(method, gen):
+    """An apply (or undo) of a model called from a forward hook of that model while its own apply
+    runs (same thread): MEND's raised "ran more than once inside one capture"; under FT the inner
+    edit went in, the outer apply then failed and restored the weights it saved, wiping the inner
+    edit while its handle stayed live.  The inner call now raises RuntimeError saying so, the outer
+    apply fails with it and leaves the model as it was; afterwards edits run as usual."""
+    me = make_editor("llama", method, gen)
+    other = ModelEditor(me.model, me.tokenizer, LAYERS["llama"][:2], method="ft") if method == "mend" else me
+    before = snapshot(me.model)
+    calls, inner = [], random_requests(gen, 1)
+
+    def hook(module, args, output):
+        if not calls:
+            calls.append(1)
+            other.apply(inner)
+
+    handle = me.model.register_forward_hook(hook)
+    try:
+        with pytest.raises(RuntimeError, match=r"ModelEditor.apply: called while ModelEditor.apply of this model runs "
+                                               r"in this thread"):
+            me.apply(random_requests(gen, 2))
+    finally:
+        handle.remove()
+    assert calls and not me._live and not other._live
+    assert_bit_identical(before, me.model)
+    assert all(p.requires_grad for p in me.model.parameters())
+    assert other.apply(inner).undo() and me.apply(random_requests(gen, 1)).undo()
+    assert_bit_identical(before, me.model)
+
+
 def test_load_state_tensors_names_a_key_of_the_wrong_shape(gen):
     me = make_editor("gpt2", "mend", gen)
     state = me.state_tensors()
