@@ -147,10 +147,8 @@ def _scored_logits(model, inputs: dict, positions: torch.Tensor) -> torch.Tensor
 
 
 def _score_batch(model, tokenizer, batch: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(predicted ids, gold ids) at the scored positions of every row; the LM head computes the
-    logits of those positions only (`scored_logits.logits_at`)."""
-    device = input_device(model)  # the embedding's device (a split model's first block)
-    batch = {k: v.to(device) for k, v in batch.items()}
+    """(predicted ids, gold ids) at the scored positions of every row of `batch` (on the model's
+    `input_device`); the LM head computes the logits of those positions only (`scored_logits.logits_at`)."""
     labels = batch["labels"]
     seq2seq = is_seq2seq(model)
     inputs = forward_inputs(model, batch)
@@ -223,14 +221,15 @@ def _score_rows(model, tokenizer, prompts, targets, batch_size, names, out=None)
     """`_score` of the rows in the given order, batch by batch; each batch's results appended to
     `out` (a new list by default) once the whole batch has passed its checks."""
     out = [] if out is None else out
+    # The embedding's device (a split model's first block), not torch's default one (a "meta" default:
+    # no data): the batches are tokenized onto it.
+    device = input_device(model)
     with _eval_mode(model):
         for lo in range(0, len(prompts), batch_size):
             chunk = prompts[lo : lo + batch_size]
             if targets is None and is_seq2seq(model):
                 raise ValueError("scoring plain texts needs a causal LM; give locality_target for seq2seq models")
             try:
-                # On the model's input device, not torch's default one (a "meta" default: no data).
-                device = input_device(model)
                 if targets is None:
                     batch = tokenize_texts(tokenizer, chunk, device)
                 else:
