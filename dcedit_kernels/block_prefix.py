@@ -51,6 +51,7 @@ from torch.nn.modules import module as nn_module
 
 from .edit_handle import deferred_interrupt
 from .patched_forwards import patched_forwards
+from .scored_logits import logits_at
 from .tied_weights import shared_parameters
 from .tokenize import is_seq2seq, no_kv_cache
 
@@ -294,12 +295,17 @@ class PrefixReuse:
             return
         ids, mask = batch["input_ids"], batch["attention_mask"]
         width = max(1, ids.shape[1] - 1)
+        other_ids, other_mask = ids.flip(0)[:, :width], mask.flip(0)[:, :width]
+        # The other rows' pass runs for the state it leaves on the blocks; nothing reads its logits,
+        # so its head computes one position per row (scored_logits), not rows × width × V of them.
+        one_per_row = torch.zeros(other_ids.shape, dtype=torch.bool, device=other_ids.device)
+        one_per_row[:, 0] = True
         try:
             with torch.no_grad():
                 if want is None:
                     want = run(batch)
-                self.model(input_ids=ids.flip(0)[:, :width], attention_mask=mask.flip(0)[:, :width],
-                           **no_kv_cache(self.model))
+                with logits_at(self.model, one_per_row):
+                    self.model(input_ids=other_ids, attention_mask=other_mask, **no_kv_cache(self.model))
                 with self.reuse(key):
                     got = run(batch)
             same, why = torch.equal(got, want), "other log-probabilities"

@@ -237,6 +237,56 @@ def test_scoring_from_kept_lower_blocks_gives_the_same_scores(arch, method, gen,
         assert kept[2] == 1  # scores ran every scoring batch through it already
 
 
+@contextlib.contextmanager
+def head_inputs(model):
+    """The shape of the input of each call of the model's LM head, recorded through an
+    instance-level forward (a forward hook would turn `logits_at`'s gather off)."""
+    head = model.get_output_embeddings()
+    forward, shapes = head.forward, []
+
+    def recorded(x, *args, **kwargs):
+        shapes.append(tuple(x.shape))
+        return forward(x, *args, **kwargs)
+
+    head.forward = recorded
+    try:
+        yield shapes
+    finally:
+        del head.forward
+
+
+@pytest.mark.parametrize("where", ["training", "scoring"])
+def test_confirms_pass_over_other_rows_computes_no_full_logits(where, gen):
+    """`confirm`'s forward over other rows is run for the state it leaves on the blocks; nothing reads
+    its logits.  Its head computed all rows × width × V of them (the once-per-model check of the first
+    training step and of the first kept scoring pass), where every other pass of training and scoring
+    computes the scored positions only (README "Memory", scored_logits): now one position per row.
+    Every head call, that one included, gets the gathered (1, n, hidden) input."""
+    from dcedit_kernels import evaluate
+
+    model, tok, layers = model_and_upper_layer("llama", gen)
+    me = ModelEditor(model, tok, layers, method="mend", rank=3, seed=0)
+    me.editors.to(torch.float64)
+    reqs = random_requests(gen, 5)
+    confirmed = []
+    confirm = PrefixReuse.confirm
+
+    def counting(self, *args):
+        confirmed.append(self.k not in block_prefix._VERDICTS.get(self.model, {}))
+        return confirm(self, *args)
+
+    with pytest.MonkeyPatch.context() as mp, head_inputs(model) as shapes, warnings.catch_warnings():
+        mp.setattr(PrefixReuse, "confirm", counting)
+        warnings.simplefilter("error")  # a failed `confirm` warns
+        warnings.filterwarnings("ignore", "ModelEditor.apply. the .* editors are at their initialisation")
+        if where == "training":
+            loss_and_grads(me, reqs, reuse_prefix=True)
+        else:
+            evaluate.measure_edit(me, reqs, batch_size=2)
+    assert any(confirmed), "confirm's check did not run"
+    assert shapes and all(s[0] == 1 for s in shapes), shapes
+
+
 @pytest.mark.parametrize("method", ["ft", "mend"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"] + (["gemma3n"] if "gemma3n" in ARCHS else []))
 def test_measure_edit_scores_its_locality_rows_from_the_unedited_passes_lower_blocks(arch, method, gen):
