@@ -1003,3 +1003,51 @@ def test_fused_grouped_outer_peak_memory_stays_near_the_output_size():
     ref_large, _ = _peak_increase_kib("reference", 16)
     # The reference holds the (G, o, i) stack: its peak grows with G, the kernel's does not.
     assert ref_large > ref_small + 8 * output and ref_large > 8 * output, (ref_small, ref_large)
+
+
+def _live_tensor_peak(fn) -> int:
+    """The peak of fn()'s live CPU tensor bytes: the allocator's events (each allocation and free, in
+    time order, from the profiler's event tree), not RSS, which MKL's buffers and glibc's reuse blur."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation:
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+    live = peak = 0
+    for _, nbytes in sorted(events):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("fusion", ["add", "max", "sss", "ssm"])
+def test_python_fallbacks_of_the_fused_forms_hold_a_fixed_number_of_shifts(fusion):
+    """SPEC: the fused forms never hold G o×i matrices.  Where no compiled kernel serves (no `_C`, a
+    GPU Triton does not support, a double backward), grouped_outer's forward is the streaming
+    reference and its backward the reference's: their peaks do not grow with G and stay within
+    what their docstrings say (forward 3 / 5 / 6.25 o×i for add / sss, ssm / max; backward 1 /
+    ~7 / ~10 beside its outputs; the backward's said "at most three" and the forward's an RSS
+    reading of 2.6 MiB for a 1 MiB result, neither of which the allocator bears out)."""
+    from dcedit_kernels.reference.grouped_outer import grouped_outer_streaming
+
+    T, o, i = 256, 128, 192
+    g = torch.Generator().manual_seed(0)
+    eta, mu, grad = (torch.randn(shape, generator=g) for shape in ((T, o), (T, i), (o, i)))
+    shift, outputs = o * i * 4, (T * o + T * i) * 4
+    peaks = {}
+    for G in (2, 32):
+        offsets = torch.linspace(0, T, G + 1).round().to(torch.int32)
+        peaks[G] = (_live_tensor_peak(lambda: grouped_outer_streaming(eta, mu, offsets, fusion, 0.5)) / shift,
+                    (_live_tensor_peak(lambda: R.grouped_outer_backward(grad, eta, mu, offsets, fusion, 0.5))
+                     - outputs) / shift)
+    # A quarter o×i above the measured peaks, for the small tensors beside them (bounds, a scalar).
+    forward_bound, backward_bound = {"add": (3.25, 1.25), "max": (6.5, 10.5)}.get(fusion, (5.25, 7.5))
+    for G, (forward, backward) in peaks.items():
+        assert forward <= forward_bound and backward <= backward_bound, (G, forward, backward)
+        assert forward <= peaks[2][0] + 0.5 and backward <= peaks[2][1] + 0.5, peaks

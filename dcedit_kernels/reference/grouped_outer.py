@@ -54,7 +54,10 @@ def grouped_outer_streaming(eta, mu, offsets, fusion="add", alpha=1.0):
     """`grouped_outer` folding one S_g at a time into running sums (add; P and N) or a running
     winner (max): the op's kernel where no compiled one serves (no `_C`; a GPU Triton does not
     support), as the SPEC keeps the fused forms from holding G o×i matrices (G = 64, o = i = 512:
-    the oracle's peak RSS grew 202 MiB for a 1 MiB result, this one 2.6 MiB).  The oracle's rules:
+    the oracle's peak RSS grew 202 MiB for a 1 MiB result).  Its own tensors peak at 3 ("add"), 5
+    ("sss", "ssm") or 6.25 ("max") fp32 o×i matrices whatever G (the allocator's events, G = 2 to
+    64; the loop variable keeps the last S_g while the next is formed): an RSS reading of 2.6 MiB
+    was once given here, fresh processes read 6.5-19 MiB, MKL's buffers included.  The oracle's rules:
     the first group keeps |S| ties, the first NaN wins, P where P ≥ −N.  No autograd: the op's
     backward is `grouped_outer_backward`."""
     if fusion not in FUSIONS:
@@ -92,7 +95,10 @@ def _selection(fusion, s_g, g, pos, neg, winner):
 
 
 def grouped_outer_backward(grad, eta, mu, offsets, fusion, alpha):
-    """(d_eta, d_mu) of grouped_outer, holding at most three o×i matrices at a time."""
+    """(d_eta, d_mu) of grouped_outer, recomputing one S_g at a time: besides d_eta and d_mu it holds
+    at most 1 ("add"), about 7 ("sss", "ssm": the scaled gradient, P, N, S_g and the next one, the
+    selection's temporaries, dS_g) or 10 ("max", whose int64 winner map counts twice) fp32 o×i
+    matrices at once, whatever G (the allocator's events, G = 2 to 64)."""
     acc = compute_dtype(eta, mu, grad)
     g_out = grad.to(acc) * alpha
     G = offsets.numel() - 1
