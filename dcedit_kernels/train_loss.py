@@ -20,8 +20,10 @@ One training batch of E edits costs three model passes (the capture's split in
    makes the KL term measure the drawdown of the model as it will be edited for "sss", "max" and
    "ssm" editors, and gives "all"'s losses up to rounding for one editor or fusion "add"; on a
    CPU model the rows run as a few passes of rows of similar length, `length_buckets`), and
-   backprop reaches the editors through `ops.lowrank_delta_linear` without any o×i matrix
-   (except for Fisher-masked editors, ProEditor's, below, and `locality_rows="fused"`);
+   backprop reaches the editors through `ops.lowrank_delta_linear` without any o×i shift
+   (except for Fisher-masked editors, ProEditor's, below, and `locality_rows="fused"`; on the CPU
+   a 16-bit layer's weight is read as an fp32 copy in each forward and backward, see
+   `reference.lowrank_delta_linear`);
    plus a no-grad pass of the unedited model over the locality rows for the KL reference, whose
    hidden states below the lowest edited block the edited pass takes over instead of computing
    them again for those rows (`reuse_prefix`, `block_prefix`).

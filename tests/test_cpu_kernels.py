@@ -1005,9 +1005,9 @@ def test_fused_grouped_outer_peak_memory_stays_near_the_output_size():
     assert ref_large > ref_small + 8 * output and ref_large > 8 * output, (ref_small, ref_large)
 
 
-def _live_tensor_peak(fn) -> int:
-    """The peak of fn()'s live CPU tensor bytes: the allocator's events (each allocation and free, in
-    time order, from the profiler's event tree), not RSS, which MKL's buffers and glibc's reuse blur."""
+def _allocator_events(fn) -> list[int]:
+    """The bytes of each CPU allocation (> 0) and free (< 0) during fn(), in time order, from the
+    profiler's event tree: the allocator's own record, not RSS, which MKL's buffers and glibc's reuse blur."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
@@ -1019,8 +1019,13 @@ def _live_tensor_peak(fn) -> int:
         stack.extend(node.children)
         if node.tag == _EventType.Allocation:
             events.append((node.start_time_ns, node.extra_fields.alloc_size))
+    return [nbytes for _, nbytes in sorted(events)]
+
+
+def _live_tensor_peak(fn) -> int:
+    """The peak of fn()'s live CPU tensor bytes (`_allocator_events`)."""
     live = peak = 0
-    for _, nbytes in sorted(events):
+    for nbytes in _allocator_events(fn):
         live += nbytes
         peak = max(peak, live)
     return peak
@@ -1051,3 +1056,28 @@ def test_python_fallbacks_of_the_fused_forms_hold_a_fixed_number_of_shifts(fusio
     for G, (forward, backward) in peaks.items():
         assert forward <= forward_bound and backward <= backward_bound, (G, forward, backward)
         assert forward <= peaks[2][0] + 0.5 and backward <= peaks[2][1] + 0.5, peaks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_lowrank_delta_linear_on_the_cpu_forms_no_shift(dtype):
+    """The CPU path (the reference) never forms a group's o×i shift, forward or backward: its only
+    tensors of o×i entries are the fp32 copy of a 16-bit weight, one per call and one per backward
+    (the op's fp32 arithmetic: torch's CPU matmul gives 16-bit operands a 16-bit product only), as
+    train_loss's docstring says; an fp32 weight is read as it is.  Allocations from the profiler's
+    events, at a weight far larger than every other tensor of the call."""
+    from dcedit_kernels import ops
+
+    N, T, G, o, i = 12, 9, 3, 512, 384
+    g = torch.Generator().manual_seed(0)
+    rn = lambda *shape: torch.randn(shape, generator=g).to(dtype)  # noqa: E731
+    x, mu_t, eta_t = (rn(*shape).requires_grad_() for shape in ((N, i), (T, i), (T, o)))
+    weight, bias = rn(o, i), rn(o)
+    offsets, row_group = torch.tensor([0, 3, 5, 9], dtype=torch.int32), torch.tensor([0, 1, 2, -1] * 3)
+    alpha = torch.rand(G, generator=g).requires_grad_()
+    out = []
+    forward = _allocator_events(lambda: out.append(
+        ops.lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha)))
+    backward = _allocator_events(lambda: torch.autograd.grad(out[0], (x, mu_t, eta_t, alpha), torch.ones_like(out[0])))
+    copies = [] if dtype == torch.float32 else [o * i * 4]  # the fp32 weight, never a shift
+    for events in (forward, backward):
+        assert [n for n in events if n >= o * i * min(2, weight.element_size())] == copies, events

@@ -9,6 +9,9 @@ def lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha
 
     Output in x's dtype (a drop-in for the layer it replaces); arithmetic in fp32 (float64 when any
     float input is, bias included).  alpha: a number or a tensor of 1 or G entries, as the op takes it.
+    No group's o×i shift is formed; a 16-bit weight is read as an fp32 copy (o×i, here and in the
+    backward: torch's CPU matmul gives 16-bit operands a 16-bit product only), the op's CPU kernel's
+    one o×i tensor (tests/test_cpu_kernels.py).
     """
     if not isinstance(alpha, torch.Tensor):  # the op's own conversion of a number (ops.lowrank_delta_linear)
         alpha = torch.full((1,), float(alpha), dtype=compute_dtype(x, weight, bias, mu_t, eta_t), device=x.device)
