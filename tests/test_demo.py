@@ -524,14 +524,51 @@ def test_cli_says_why_a_completion_is_empty():
     assert cli.shown("") == "'' (the model ends the line or the text here)"
 
 
-def test_greedy_completions_of_a_batch_are_each_prompts_own():
-    """One left-padded batch of prompts of different lengths: each completion is that prompt's own
-    greedy continuation (generated alone, unpadded), from the first new token on."""
+def _tiny_lm(arch: str, dtype=torch.float32):
+    """A tiny RWKV (its forward ignores the attention mask; its batched generation mixes rows) or
+    Bloom (a left-padded row is NaN in float64), over the tiny Llama's tokenizer."""
+    import transformers
+
+    from dcedit_kernels.models import tiny_tokenizer
+
+    tok = tiny_tokenizer("llama")
+    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id)
+    if arch == "rwkv":
+        config = transformers.RwkvConfig(**ids, num_hidden_layers=2, hidden_size=24, attention_hidden_size=24,
+                                         intermediate_size=37, context_length=64)
+    else:
+        config = transformers.BloomConfig(**ids, n_layer=2, hidden_size=24, n_head=4)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(random.randrange(1000))
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return model.to(dtype).eval(), tok
+
+
+def _llama_appending_eos():
     model, tok = tiny_model("llama", seed=random.randrange(1000))
-    prompts = ["a", "The river 3 flows into the big", "x y"]
+    tok.add_eos_token = True  # its prompts tokenize to "<s> ... </s>"
+    return model, tok
+
+
+@pytest.mark.parametrize("build", [
+    lambda: tiny_model("llama", seed=random.randrange(1000)),
+    lambda: _tiny_lm("rwkv"),
+    lambda: _tiny_lm("bloom", torch.float64),
+    _llama_appending_eos,
+], ids=["llama", "rwkv", "bloom-fp64", "llama-eos"])
+def test_greedy_completions_of_a_batch_are_each_prompts_own(build):
+    """A batch of prompts of different lengths: each completion is that prompt's own greedy
+    continuation (generated alone, unpadded, from the prompt's tokens as the edit and the scores read
+    them: no trailing EOS), from the first new token on.  Before, one left-padded batch gave RWKV's
+    shorter prompts the continuation of their padding, and a tokenizer's appended EOS was generated after."""
+    model, tok = build()
+    prompts = ["a", "The river 3 flows into the big", "x y", "b c"]
     got = cli.greedy_completions(model, tok, prompts)
     for prompt, text in zip(prompts, got):
         ids = tok(prompt, return_tensors="pt")["input_ids"]
+        if ids[0, -1] == tok.eos_token_id:
+            ids = ids[:, :-1]
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                              pad_token_id=tok.pad_token_id)
         alone = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0].rstrip()
