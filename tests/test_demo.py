@@ -891,6 +891,15 @@ def test_cli_evaluate_takes_every_request_of_the_data_as_one_n_u(capsys, tmp_pat
     assert [run["indices"] for run in json.loads(out.read_text())["runs"]] == [[0, 1, 2, 3]]
 
 
+def test_cli_evaluate_says_one_request_or_repeat_in_the_singular(capsys, tmp_path, tiny_model_dir):
+    """The heading of evaluate's table counts --data's requests and --repeats: "1 repeats" was printed."""
+    for n, repeats, heading in ((4, 1, "FT on 4 requests, 1 repeat\n"), (1, 2, "FT on 1 request, 2 repeats\n")):
+        data = _counterfact_file(tmp_path / f"cf{n}.json", n=n)
+        assert cli.main(["evaluate", "--model", str(tiny_model_dir), "--data", str(data), "--n-edits", "1",
+                         "--repeats", str(repeats)]) == 0, capsys.readouterr().err
+        assert heading in capsys.readouterr().out
+
+
 def test_cli_evaluate_draws_its_samples_from_seed(capsys, tmp_path, tiny_model_dir):
     """evaluate --seed S draws each run's N_u edits as evaluate_method(seed=S) does, and records S."""
     from dcedit_kernels.evaluate import sample_indices

@@ -260,11 +260,15 @@ def cmd_evaluate(args) -> dict:
         raise UserError(str(exc)) from None
     except FloatingPointError as exc:  # as `edit`'s
         raise UserError(non_finite_edit(exc, args.dtype)) from None
-    print(f"{METHOD_NAMES[me.method]} on {len(requests)} requests, {args.repeats} repeats")
+    print(f"{METHOD_NAMES[me.method]} on {_counted(len(requests), 'request')}, {_counted(args.repeats, 'repeat')}")
     for n, row in result["by_n"].items():
         cells = "  ".join(f"{m}={_mean_std(row[m])}" for m in ("es", "reliability", "dd", "lmp", "ns", "latency_s"))
         print(f"  N_u={n}: {cells}")
     return dict(result, layers=me.layers)
+
+
+def _counted(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"  # --repeats 1 printed "1 repeats", as report.py's "1 samples"
 
 
 def _mean_std(stat: dict) -> str:
