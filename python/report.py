@@ -196,6 +196,24 @@ def without_scored_locality(training: list, evaluated: list) -> tuple[list, int]
     return kept, sum(k is not r for k, r in zip(kept, training))
 
 
+def first_sample_statistics(me, requests: list, sizes: list[int], repeats: int, seed: int) -> dict:
+    """{N_u: `edit_statistics` of N_u's first sample}, each routed as the evaluation routed that sample.
+    `evaluate_method` runs N_u by N_u, repeat by repeat, and a RaEditor's random groups come from a
+    generator that every run draws from: the runs between two first samples are drawn again here
+    (their statistics dropped).  Without it, from the second N_u on, RaEditor's rows described
+    another random split of the sample than the one its scores were measured on."""
+    from dcedit_kernels.evaluate import edit_statistics, sample_indices
+
+    draws = repeats if me.route_generators() else 1  # a gate routes alike every time (eval mode: no noise)
+    out = {}
+    for n in sizes:
+        for r in range(draws):
+            stats = edit_statistics(me, [requests[i] for i in sample_indices(len(requests), n, seed, r)])
+            if r == 0:
+                out[n] = stats
+    return out
+
+
 def fmt(stat: dict, digits: int = 3) -> str:
     if stat["mean"] is None:
         return "–"
@@ -429,7 +447,7 @@ def _run(args, t_start) -> int:
     from tqdm.auto import tqdm
 
     from dcedit_kernels.evaluate import (
-        edit_statistics, evaluate_method, gradient_conflict, sample_indices, summarize, unedited_scores,
+        evaluate_method, gradient_conflict, sample_indices, summarize, unedited_scores,
     )
     from dcedit_kernels.metrics import lower_blocks_kept
     from dcedit_kernels.model_editor import FT_METHODS, ModelEditor
@@ -603,9 +621,7 @@ def _run(args, t_start) -> int:
     if args.edit_stats:
         for method in (m for m in methods if m not in FT_METHODS):
             editors[method].set_route_states(routing.get(method, {}))
-            stats[method] = {n: edit_statistics(editors[method], [requests[i] for i in
-                                                                  sample_indices(len(requests), n, args.seed, 0)])
-                             for n in sizes}
+            stats[method] = first_sample_statistics(editors[method], requests, sizes, args.repeats, args.seed)
 
     t0 = time.perf_counter()
     gradients = {}

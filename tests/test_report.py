@@ -604,6 +604,32 @@ def test_a_whole_report_of_the_routed_methods_adds_their_fusion_rows(report_modu
         assert row in text, row
 
 
+def test_raeditors_edit_statistics_are_of_the_split_its_scores_were_measured_on(report_module, tmp_path, monkeypatch):
+    """--edit-stats with RaEditor (`_tiny_report`, 3 editors, 3 repeats): each N_u's routing counts
+    are those of the apply that scored that N_u's first sample.  Every run draws RaEditor's random
+    groups from one generator; the statistics restarted it and took one draw per N_u, so from the
+    second N_u on they described another split (edits_as_applied recorded here, call by call)."""
+    monkeypatch.setenv("DCEDIT_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+    as_applied = ModelEditor.edits_as_applied
+
+    def recorded(self, *args, **kwargs):
+        edits = as_applied(self, *args, **kwargs)
+        if self.method == "raeditor":
+            calls.append({name: torch.bincount(e.edit_group.cpu(), minlength=e.n_groups).tolist()
+                          for name, e in edits.items()})
+        return edits
+
+    monkeypatch.setattr(ModelEditor, "edits_as_applied", recorded)
+    sizes, repeats = (2, 1, 4), 3
+    report, _ = _tiny_report(report_module, tmp_path, monkeypatch, "--methods", "raeditor", "--n-editors", "3",
+                             "--edit-stats", "--repeats", str(repeats), "--n-edits", ",".join(map(str, sizes)))
+    evaluated = calls[:len(sizes) * repeats]  # evaluate_method's applies, N_u by N_u, repeat by repeat
+    for k, n in enumerate(sizes):
+        stats = report["edit_statistics"]["raeditor"][str(n)]
+        assert {name: st["edits_per_editor"] for name, st in stats.items()} == evaluated[k * repeats], n
+
+
 def _cf_record(i, words, locality=True, **changes):
     """A CounterFact record (EasyEdit's fields) of edit `i`, its words drawn by the caller."""
     a, b, c, d = words
