@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -117,16 +118,18 @@ class EditorCheckpoints:
         from safetensors.torch import load_file
 
         check_path(path, "path")
+        # Read as the str it stands for: str() of an os.PathLike other than pathlib's is its repr.
+        path = os.fspath(path)
         if not Path(path).is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
         try:
-            with safe_open(str(path), framework="pt") as f:
+            with safe_open(path, framework="pt") as f:
                 meta, keys = f.metadata() or {}, list(f.keys())
         except SafetensorError as exc:
             from .compat.mend import _CONVERT_HINT, _PICKLE_SUFFIXES
 
             what = ("its suffix says torch.save (pickle), which this package never unpickles"
-                    if str(path).lower().endswith(_PICKLE_SUFFIXES) else "if it was written by torch.save")
+                    if path.lower().endswith(_PICKLE_SUFFIXES) else "if it was written by torch.save")
             raise ValueError(f"path: {path} is not a safetensors file ({exc}); {what}: for an original MEND "
                              f"checkpoint, {_CONVERT_HINT}, then ModelEditor.from_mend(model, tokenizer, "
                              f"'mend.safetensors', inner_params)") from None
@@ -177,7 +180,7 @@ class EditorCheckpoints:
                 raise ValueError(f"{path}: editor {key} differs from the one this model gives "
                                  f"({config_differences(saved, now)})")
         # Read on the CPU: load_state_dict then copies each tensor once into its editor's device.
-        editor.load_state_tensors(load_file(str(path)))
+        editor.load_state_tensors(load_file(path))
         return editor
 
     @classmethod

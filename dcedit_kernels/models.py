@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import string
 import threading
 from pathlib import Path
@@ -95,6 +96,8 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | str 
     from .devices import as_device
 
     check_path(name_or_path, "name_or_path", none_ok=True)
+    if name_or_path is not None:  # str() of an os.PathLike other than pathlib's is its repr, no path
+        name_or_path = os.fspath(name_or_path)
     dtype = as_dtype(dtype, "dtype")
     device = as_device(device, "device") or torch.device("cpu")  # before the load, not after it
     path = default_model_path() if name_or_path is None else Path(name_or_path).expanduser()

@@ -248,3 +248,37 @@ def test_a_path_argument_that_is_not_a_path_raises_value_error_naming_it():
         for bad in (123, ["a"], b"x.safetensors", "") + (() if none_ok else (None,)):
             with pytest.raises(error, match=rf"^{name} must be a path{' or None' if none_ok else ''} \(a non-empty"):
                 call(bad)
+
+
+class _PathLike:
+    """An os.PathLike that is not pathlib's (py.path, upath, a caller's own): its str() is its repr."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __fspath__(self):
+        return str(self.path)
+
+
+def test_saves_and_loads_take_any_os_pathlike(gen, tmp_path):
+    """check_path takes any os.PathLike, and the saves did (pathlib reads __fspath__), but
+    ModelEditor.load, GroupedEditor.load and load_model of a model folder read str(path): the
+    object's repr, so a checkpoint just saved was "No such file or directory: <...object at 0x...>"
+    and a model folder a bad hub name."""
+    from dcedit_kernels.model_editor import ModelEditor
+    from dcedit_kernels.models import load_model, tiny_model
+
+    model, tok = tiny_model("llama", seed=0)
+    folder = tmp_path / "tiny llama é"  # a space and a non-ASCII letter on the way
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    loaded_model, _ = load_model(_PathLike(folder))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded_model.state_dict().values()))
+    me = ModelEditor(model, tok, ["model.layers.1.mlp.down_proj"], method="moeditor", n_editors=2, rank=3)
+    me.save(_PathLike(folder / "editor ü.safetensors"))
+    loaded = ModelEditor.load(_PathLike(folder / "editor ü.safetensors"), model, tok).state_tensors()
+    assert all(torch.equal(loaded[k], v) for k, v in me.state_tensors().items())
+    editor = _trained_looking(small_editor("moeditor", 7), gen)
+    editor.save(_PathLike(folder / "grouped.safetensors"))
+    again = GroupedEditor.load(_PathLike(folder / "grouped.safetensors"))
+    assert all(torch.equal(a, b) for a, b in zip(editor.state_dict().values(), again.state_dict().values()))

@@ -327,6 +327,7 @@ class GroupedEditor(nn.Module):
         from safetensors.torch import load_file
 
         check_path(path, "path")  # an int was a file descriptor to os.path.isfile
+        path = os.fspath(path)  # str() of an os.PathLike other than pathlib's is its repr
         # safetensors raised its own error for a bad device ("device gpu is invalid", or for "cuda"
         # without CUDA a RuntimeError about pinned memory); None is the CPU, as torch.load's None
         # keeps a CPU checkpoint there.
@@ -334,7 +335,7 @@ class GroupedEditor(nn.Module):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint not found: {path}")
         try:
-            with safe_open(str(path), framework="pt") as f:
+            with safe_open(path, framework="pt") as f:
                 meta = f.metadata() or {}
         except SafetensorError as exc:
             raise ValueError(f"{path} is not a safetensors file ({exc})") from None
@@ -357,7 +358,7 @@ class GroupedEditor(nn.Module):
         config = with_absent_defaults(config)
         with torch.random.fork_rng(devices=[]):  # an unseeded editor's draws, all overwritten: not the caller's
             editor = cls(**config)
-        state = load_file(str(path), device=str(map_location))
+        state = load_file(path, device=str(map_location))
         check_state(state, editor.state_dict(), f"{path}: the tensors do not match its config",
                     lambda k: f"{path}: tensor {k}")
         editor.check_saved_state(state, lambda k: f"{path}: tensor {k}")
