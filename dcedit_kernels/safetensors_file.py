@@ -45,6 +45,12 @@ def replace_atomically(path, write: Callable[[Path], object]) -> None:
         write(tmp)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename != str(tmp):
+            raise
+        # The temporary file is no name the caller gave, and it is gone by now: a read-only folder
+        # said "Permission denied: '<folder>/.x.<hex>.tmp'".  The error names `path` instead.
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
 

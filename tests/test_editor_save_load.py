@@ -116,6 +116,60 @@ def test_threads_saving_the_same_path_do_not_collide(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, long.name])
 
 
+
+def _run_unprivileged(script: str, *args) -> str:
+    """`python -c script args` in a process that file permissions bind: as root (these tests' usual
+    user in a container), without the capabilities that override them (setpriv), so that a
+    read-only folder or file refuses writes as it does for any other user.  Its stdout."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-c", script, *map(str, args)]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: read-only files do not bind root")
+        caps = "-dac_override,-dac_read_search"
+        command = ["setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", *command]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))  # this package, not an installed one
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+_SAVE_AND_REPORT = """
+import sys, torch
+from dcedit_kernels.safetensors_file import save_safetensors
+for path in sys.argv[1:]:
+    try:
+        save_safetensors({"w": torch.ones(3)}, path)
+        print("saved", path)
+    except OSError as exc:
+        print(type(exc).__name__, exc.filename, exc.strerror)
+"""
+
+
+def test_a_save_refused_by_a_read_only_folder_names_the_path_given(tmp_path):
+    """A save into a folder the process may not write raised PermissionError naming the temporary
+    file (".e.safetensors.<hex>.tmp", already removed), a name the caller never gave; it names the
+    path, as open() would.  Nothing is left in the folder, and a file there is still whole."""
+    import os
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    existing = folder / "existing.safetensors"
+    small_editor("mend").save(str(existing))
+    before = existing.read_bytes()
+    os.chmod(folder, 0o555)
+    try:
+        out = _run_unprivileged(_SAVE_AND_REPORT, folder / "new.safetensors", existing)
+    finally:
+        os.chmod(folder, 0o755)
+    assert out.splitlines() == [f"PermissionError {folder / 'new.safetensors'} Permission denied",
+                                f"PermissionError {existing} Permission denied"]
+    assert os.listdir(folder) == ["existing.safetensors"] and existing.read_bytes() == before
+
 @pytest.mark.parametrize("method", EDITOR_KINDS)
 def test_loading_an_unseeded_editor_leaves_the_global_generator_alone(method, gen, tmp_path):
     """An unseeded editor draws its initial weights from torch's generator; loading one (every
