@@ -5,6 +5,7 @@ the CLI's JSON records too), and the checks both editor loads make of one they r
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -21,7 +22,8 @@ def replace_atomically(path, write: Callable[[Path], object]) -> None:
     `path`: a failed or interrupted write leaves the previous file whole.  The file gets the mode
     any file this process creates gets (0o666 less the umask), or, written over an existing file,
     that file's mode (as torch.save's): safetensors 0.8 writes through a private temporary file
-    and leaves its mode, 0600, so a checkpoint was unreadable to the user's group.  `path`'s
+    and leaves its mode, 0600, so a checkpoint was unreadable to the user's group.  A file this
+    user may not write is not replaced (PermissionError naming it, as torch.save's open()).  `path`'s
     folder must exist (FileNotFoundError naming it): a library call creates no folder, as torch.save
     and safetensors' save_file create none (a mistyped path would leave a new tree); the CLI, which
     checks its --out before any work, creates --out's folder."""
@@ -31,6 +33,10 @@ def replace_atomically(path, write: Callable[[Path], object]) -> None:
         raise FileNotFoundError(f"cannot save to {path}: the folder {path.parent} does not exist")
     if path.is_dir():  # os.replace would name the temporary file ("Is a directory: '.x.<hex>.tmp' -> x")
         raise IsADirectoryError(f"cannot save to {path}: it is a folder; give a file name")
+    if path.is_file() and not os.access(path, os.W_OK):
+        # open() refuses a file its user may not write (torch.save, numpy.save, the CLI's --out
+        # check): moved over it, a checkpoint made read-only to keep it was replaced without a word.
+        raise PermissionError(errno.EACCES, f"{os.strerror(errno.EACCES)} (a read-only file)", str(path))
     tmp = path.with_name(f".{path.name[:64]}.{uuid.uuid4().hex}.tmp")  # short: a long name still fits
     try:
         # Created as any new file is (the kernel applies the umask), to read the mode it gets; a

@@ -336,3 +336,22 @@ def test_saves_and_loads_take_any_os_pathlike(gen, tmp_path):
     editor.save(_PathLike(folder / "grouped.safetensors"))
     again = GroupedEditor.load(_PathLike(folder / "grouped.safetensors"))
     assert all(torch.equal(a, b) for a, b in zip(editor.state_dict().values(), again.state_dict().values()))
+
+
+def test_a_save_over_a_read_only_file_is_refused_and_leaves_it_whole(tmp_path):
+    """A checkpoint made read-only (chmod a-w, to keep it) was replaced by the next save over it,
+    in a folder the user may write: the file is moved over, and a move asks the folder only.
+    torch.save and numpy.save (open()) refuse it, as the CLI's --out check does: so does a save,
+    PermissionError naming the file, which stays as it was; a new file beside it is saved."""
+    import os
+    import stat
+
+    kept = tmp_path / "kept.safetensors"
+    small_editor("mend").save(str(kept))
+    before = kept.read_bytes()
+    os.chmod(kept, 0o444)
+    out = _run_unprivileged(_SAVE_AND_REPORT, kept, tmp_path / "new.safetensors")
+    assert out.splitlines() == [f"PermissionError {kept} Permission denied (a read-only file)",
+                                f"saved {tmp_path / 'new.safetensors'}"]
+    assert kept.read_bytes() == before and stat.S_IMODE(kept.stat().st_mode) == 0o444
+    assert sorted(os.listdir(tmp_path)) == ["kept.safetensors", "new.safetensors"]
