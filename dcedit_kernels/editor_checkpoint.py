@@ -31,7 +31,7 @@ from .edit_capture import DEFAULT_CAPTURE_BATCH_SIZE
 from .edit_handle import deferred_interrupt
 from .editors.grouped_editor import config_differences, with_absent_defaults
 from .ft_baseline import FT_KL_ONLY
-from .safetensors_file import check_state, json_metadata, save_safetensors
+from .safetensors_file import check_state, json_metadata, read_safetensors, save_safetensors
 from .tokenize import is_seq2seq
 
 if TYPE_CHECKING:
@@ -115,7 +115,6 @@ class EditorCheckpoints:
         would change the scale their statistics and steps α were learned at.
         """
         from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
 
         check_path(path, "path")
         # Read as the str it stands for: str() of an os.PathLike other than pathlib's is its repr.
@@ -123,8 +122,13 @@ class EditorCheckpoints:
         if not Path(path).is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
         try:
-            with safe_open(path, framework="pt") as f:
+            with safe_open(path, framework="pt") as f:  # the metadata alone: a foreign file is refused unread
                 meta, keys = f.metadata() or {}, list(f.keys())
+            if CHECKPOINT_KEY in meta:
+                # The config and the tensors from one read, on the CPU (load_state_dict then copies
+                # each once into its editor's device): the file opened again for the tensors, a save
+                # over `path` meanwhile (another process's) gave one file's config the other's tensors.
+                meta, tensors = read_safetensors(path)
         except SafetensorError as exc:
             from .compat.mend import _CONVERT_HINT, _PICKLE_SUFFIXES
 
@@ -179,8 +183,7 @@ class EditorCheckpoints:
             if now != saved:
                 raise ValueError(f"{path}: editor {key} differs from the one this model gives "
                                  f"({config_differences(saved, now)})")
-        # Read on the CPU: load_state_dict then copies each tensor once into its editor's device.
-        editor.load_state_tensors(load_file(path))
+        editor.load_state_tensors(tensors)
         return editor
 
     @classmethod

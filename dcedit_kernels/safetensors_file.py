@@ -1,7 +1,7 @@
 """Writing a safetensors file, as every checkpoint here does (`ModelEditor.save`,
 `GroupedEditor.save`, the trainer's checkpoints), or any file written whole (`replace_atomically`:
-the CLI's JSON records too), and the checks both editor loads make of one they read
-(`ModelEditor.load`, `GroupedEditor.load`)."""
+the CLI's JSON records too); reading one whole (`read_safetensors`), and the checks both editor
+loads make of one they read (`ModelEditor.load`, `GroupedEditor.load`)."""
 
 from __future__ import annotations
 
@@ -68,6 +68,24 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
 
     replace_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
+
+def read_safetensors(path) -> tuple[dict, dict]:
+    """(metadata, tensors on the CPU) of the safetensors file at `path`, both from one read of it.
+
+    safetensors' readers (safe_open, load_file: 0.8's under torch) parse the header of the file
+    they open, then map the file at `path` again for the tensors (torch's UntypedStorage.from_file):
+    a save over `path` in between (another process's: a save moves a whole new file over the path)
+    gave one file's header the other's bytes, so a load read another editor's tensors without a word
+    (a process loading while another saved two editors of one shape there in turn: 5 loads of 300
+    under a single safe_open).  One read of an open file sees one file.  SafetensorError when it is
+    not a safetensors file."""
+    from safetensors.torch import load
+
+    with open(path, "rb") as f:
+        data = f.read()
+    tensors = load(data)  # checks the header and that the tensors cover the data
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + size]).get("__metadata__") or {}, tensors
 
 def json_metadata(path, key: str, text: str) -> dict:
     """A checkpoint's JSON metadata entry `key` (its `text`) as a dict; ValueError naming the file

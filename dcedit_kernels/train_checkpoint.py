@@ -28,7 +28,7 @@ from .editor_checkpoint import CHECKPOINT_KEY, LEGACY_LOSS_REDUCTION, changed_de
 from .editors.grouped_editor import GATE_NORM_DEFAULT, config_differences, with_absent_defaults
 from .editors.presets import moeditor_top_k_default
 from .model_editor import ModelEditor
-from .safetensors_file import save_safetensors
+from .safetensors_file import read_safetensors, save_safetensors
 from .train_config import TrainConfig, TrainResult
 
 
@@ -219,13 +219,19 @@ def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: i
     from safetensors.torch import load_file
 
     path = ckpt / TRAINER_FILE
+    checkpoint_keys = {"opt", "lr_opt", "counters", "model_editor"}
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # the metadata alone: a foreign file is refused unread
             meta = f.metadata() or {}
+        if checkpoint_keys <= set(meta):
+            # The counters, settings and tensors from one read: the file opened again for the
+            # tensors, a checkpoint written meanwhile (another run's, in the same checkpoint_dir)
+            # gave one step's counters and optimiser settings the other's tensors.
+            meta, tensors = read_safetensors(path)
     except SafetensorError as exc:  # truncated or overwritten: name the file, as ModelEditor.load does
         raise ValueError(f"{path} is not a train_editor checkpoint (not a readable safetensors file: {exc}); "
                          "use another checkpoint_dir, or resume=False to start over") from None
-    if not {"opt", "lr_opt", "counters", "model_editor"} <= set(meta):
+    if not checkpoint_keys <= set(meta):
         raise ValueError(f"{path} is not a train_editor checkpoint")
     saved = json.loads(meta["model_editor"])
     # Editor arguments newer than the checkpoint (MoEditor's gate_norm) take the value it was
@@ -248,7 +254,6 @@ def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: i
                          f"{me.loss_reduction!r}: the editor's statistics would mix two scales")
     if "run" in meta:  # checkpoints written before the settings were recorded are not checked
         _check_run(path, json.loads(meta["run"]), run)
-    tensors = load_file(str(path))
     editor = {k[len(EDITOR_PREFIX):]: v for k, v in tensors.items() if k.startswith(EDITOR_PREFIX)}
     if not editor:  # a checkpoint from before the editors' state was also written in trainer.safetensors
         editor = load_file(str(ckpt / "editor.safetensors"))

@@ -355,3 +355,69 @@ def test_a_save_over_a_read_only_file_is_refused_and_leaves_it_whole(tmp_path):
                                 f"saved {tmp_path / 'new.safetensors'}"]
     assert kept.read_bytes() == before and stat.S_IMODE(kept.stat().st_mode) == 0o444
     assert sorted(os.listdir(tmp_path)) == ["kept.safetensors", "new.safetensors"]
+
+
+
+@pytest.mark.parametrize("when", ["as safetensors maps the file", "after the config is read"])
+def test_a_checkpoint_saved_over_while_it_loads_gives_one_files_config_and_tensors(when, gen, tmp_path, monkeypatch):
+    """ModelEditor.load and GroupedEditor.load read the config, checked it, built the editor, then
+    opened the path again for the tensors; and safetensors itself (0.8, torch) parses the header of
+    the file it opens, then maps the path again (UntypedStorage.from_file) for the tensors.  A save
+    over the path in between (a `dcedit train --out E` ending while `dcedit edit --editor E` loads;
+    two processes, one saving two editors of one shape there in turn, the other loading: 62 loads of
+    300, and 5 of 300 with one safe_open for both) gave one file's config the other's tensors,
+    without a word.  A load now reads the config and the tensors in one read of one open file:
+    whichever file it gets, its config goes with its tensors."""
+    import os
+
+    from dcedit_kernels import editor_checkpoint
+    from dcedit_kernels.editors import grouped_editor
+    from dcedit_kernels.model_editor import ModelEditor
+    from dcedit_kernels.models import tiny_model
+
+    def saved_over_meanwhile(saved, path):
+        """`saved` moved over `path` once, at `when` in the load."""
+        module, name = ((torch.UntypedStorage, "from_file") if when.startswith("as safetensors")
+                        else (editor_checkpoint, "_checkpoint_config") if path.name == "editor.safetensors"
+                        else (grouped_editor, "json_metadata"))
+        original = getattr(module, name)
+
+        def and_saved_over(*args, **kwargs):
+            if saved.exists():
+                os.replace(saved, path)
+            return original(*args, **kwargs)
+
+        def after_it(*args, **kwargs):
+            got = original(*args, **kwargs)
+            if saved.exists():
+                os.replace(saved, path)
+            return got
+
+        monkeypatch.setattr(module, name, and_saved_over if when.startswith("as safetensors") else after_it)
+
+    model, tok = tiny_model("llama", seed=0)
+    path, other = tmp_path / "editor.safetensors", tmp_path / "other.safetensors"
+    states = {}
+    for reduction, where in (("token", path), ("edit", other)):  # one shape, another capture setting
+        me = ModelEditor(model, tok, ["model.layers.1.mlp.down_proj"], method="moeditor", n_editors=2, rank=3,
+                         loss_reduction=reduction)
+        me.load_state_tensors({k: torch.randn(v.shape, generator=gen) for k, v in me.state_tensors().items()})
+        me.save(where)
+        states[reduction] = me.state_tensors()
+    saved_over_meanwhile(other, path)
+    loaded = ModelEditor.load(path, model, tok)
+    monkeypatch.undo()
+    assert not other.exists()  # the save did land during the load
+    got = loaded.state_tensors()
+    assert all(torch.equal(got[k], v) for k, v in states[loaded.loss_reduction].items())
+
+    path, other = tmp_path / "grouped.safetensors", tmp_path / "other_grouped.safetensors"
+    editors = {seed: _trained_looking(small_editor("raeditor", seed), gen) for seed in (7, 8)}
+    editors[7].save(str(path))
+    editors[8].save(str(other))
+    saved_over_meanwhile(other, path)
+    loaded = GroupedEditor.load(str(path))
+    monkeypatch.undo()
+    assert not other.exists()
+    assert all(torch.equal(a, b) for a, b in zip(editors[loaded.seed].state_dict().values(),
+                                                 loaded.state_dict().values()))

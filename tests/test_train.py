@@ -1390,6 +1390,46 @@ def test_a_checkpoint_whose_trainer_file_failed_to_write_resumes_from_the_previo
         assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
 
 
+def test_a_checkpoint_written_while_a_resume_reads_it_is_not_mixed_in(gen, tmp_path, monkeypatch):
+    """A resume read trainer.safetensors' counters and settings, checked them, then opened it again
+    for the tensors: a checkpoint written meanwhile (another run of these settings in the same
+    checkpoint_dir) paired step 2's counters with step 3's editors, optimisers and RNG states.  The
+    resume reads both from the one open file: it continues step 2's checkpoint as an undisturbed
+    resume of it does."""
+    import shutil
+
+    import dcedit_kernels.train_checkpoint as checkpoint_module
+
+    seed = int(torch.randint(0, 100, (1,), generator=gen))
+    requests = random_requests(gen, 6)
+
+    def fresh():
+        model, tok = tiny_model("llama", seed=seed)
+        return ModelEditor(model, tok, ["model.layers.1.mlp.down_proj"], method="mend", rank=3, seed=seed)
+
+    def config(steps, where):
+        return TrainConfig(steps=steps, batch_size=2, lr=1e-2, val_every=1, progress=False, seed=seed,
+                           checkpoint_dir=str(tmp_path / where))
+
+    train_editor(fresh(), requests, None, config(2, "ckpt"))
+    train_editor(fresh(), requests, None, config(3, "later"))
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "undisturbed")
+    undisturbed = fresh()
+    expected = train_editor(undisturbed, requests, None, config(4, "undisturbed"))
+    check_run = checkpoint_module._check_run
+
+    def and_written_meanwhile(*args):
+        check_run(*args)
+        os.replace(tmp_path / "later" / "trainer.safetensors", tmp_path / "ckpt" / "trainer.safetensors")
+
+    monkeypatch.setattr(checkpoint_module, "_check_run", and_written_meanwhile)
+    resumed = fresh()
+    result = train_editor(resumed, requests, None, config(4, "ckpt"))
+    assert result.resumed_from == expected.resumed_from == 2
+    assert [h["loss"] for h in result.history] == [h["loss"] for h in expected.history]
+    a, b = undisturbed.state_tensors(), resumed.state_tensors()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
 def test_a_best_editor_written_after_the_last_checkpoint_is_not_resumed(gen, tmp_path, monkeypatch):
     """best.safetensors is written at validation, before that step's trainer.safetensors: when the
     latter fails, the resume must take the best editor of the checkpoint it resumes (its counters

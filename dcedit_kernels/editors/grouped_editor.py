@@ -14,7 +14,7 @@ from .._checks import check_bool, check_path, check_same_device, check_seed, che
 from ..devices import as_device
 from ..reference.grouped_outer import FUSIONS
 from ..reference.segments import group_ids, kept_offsets
-from ..safetensors_file import check_state, json_metadata
+from ..safetensors_file import check_state, json_metadata, read_safetensors
 from .grouped_edit import GroupedEdit, check_weight
 from .parameter_generator import ParameterGenerator
 from .running_norm import FeatureNorm, RunningNorm, joint_rows
@@ -324,7 +324,6 @@ class GroupedEditor(nn.Module):
         import inspect
 
         from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
 
         check_path(path, "path")  # an int was a file descriptor to os.path.isfile
         path = os.fspath(path)  # str() of an os.PathLike other than pathlib's is its repr
@@ -335,8 +334,12 @@ class GroupedEditor(nn.Module):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint not found: {path}")
         try:
-            with safe_open(path, framework="pt") as f:
+            with safe_open(path, framework="pt") as f:  # the metadata alone: a foreign file is refused unread
                 meta = f.metadata() or {}
+            if "dcedit_config" in meta:
+                # The config and the tensors from one read: the file opened again for the tensors, a
+                # save over `path` meanwhile (another process's) gave the config another file's tensors.
+                meta, state = read_safetensors(path)
         except SafetensorError as exc:
             raise ValueError(f"{path} is not a safetensors file ({exc})") from None
         if "dcedit_config" not in meta:
@@ -358,7 +361,7 @@ class GroupedEditor(nn.Module):
         config = with_absent_defaults(config)
         with torch.random.fork_rng(devices=[]):  # an unseeded editor's draws, all overwritten: not the caller's
             editor = cls(**config)
-        state = load_file(path, device=str(map_location))
+        state = {k: v.to(map_location) for k, v in state.items()}
         check_state(state, editor.state_dict(), f"{path}: the tensors do not match its config",
                     lambda k: f"{path}: tensor {k}")
         editor.check_saved_state(state, lambda k: f"{path}: tensor {k}")
