@@ -28,6 +28,10 @@ def replace_atomically(path, write: Callable[[Path], object]) -> None:
     and safetensors' save_file create none (a mistyped path would leave a new tree); the CLI, which
     checks its --out before any work, creates --out's folder."""
     check_path(path, "path")
+    if os.fspath(path).endswith(("/", os.sep)):
+        # A folder's name: pathlib drops the separator, so "e.safetensors/" wrote the file
+        # e.safetensors, which a load of "e.safetensors/" then did not find (open() refuses it).
+        raise IsADirectoryError(f"cannot save to {path}: it ends in a separator, as a folder does; give a file name")
     path = Path(path)
     if not path.parent.is_dir():  # safetensors would name its temporary file instead
         raise FileNotFoundError(f"cannot save to {path}: the folder {path.parent} does not exist")

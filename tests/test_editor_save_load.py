@@ -421,3 +421,29 @@ def test_a_checkpoint_saved_over_while_it_loads_gives_one_files_config_and_tenso
     assert not other.exists()
     assert all(torch.equal(a, b) for a, b in zip(editors[loaded.seed].state_dict().values(),
                                                  loaded.state_dict().values()))
+
+
+def test_a_path_ending_in_a_separator_is_refused_by_saves_and_not_found_by_loads(tmp_path):
+    """pathlib drops a trailing "/": ModelEditor.save("e.safetensors/") wrote the file e.safetensors,
+    which ModelEditor.load("e.safetensors/") then did not find (safetensors' bare "No such file or
+    directory", where GroupedEditor.load said "checkpoint not found").  A save refuses a folder's
+    name (IsADirectoryError, as open() and torch.save refuse it) and writes nothing; both loads say
+    "checkpoint not found"."""
+    import os
+
+    from dcedit_kernels import cli
+    from dcedit_kernels.model_editor import ModelEditor
+    from dcedit_kernels.models import tiny_model
+
+    model, tok = tiny_model("llama", seed=0)
+    me = ModelEditor(model, tok, ["model.layers.1.mlp.down_proj"], method="mend", rank=3)
+    saves = (me.save, small_editor("mend").save, lambda p: cli.write_json(p, {}))
+    for name, save in zip(("e.safetensors", "g.safetensors", "r.json"), saves):
+        with pytest.raises(IsADirectoryError, match="ends in a separator, as a folder does; give a file name"):
+            save(f"{tmp_path / name}{os.sep}")
+    assert os.listdir(tmp_path) == []
+    me.save(tmp_path / "e.safetensors")
+    small_editor("mend").save(tmp_path / "g.safetensors")
+    for load, name in ((lambda p: ModelEditor.load(p, model, tok), "e"), (GroupedEditor.load, "g")):
+        with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+            load(f"{tmp_path / name}.safetensors{os.sep}")

@@ -117,10 +117,9 @@ def write_json(path, data) -> None:
     from ..safetensors_file import replace_atomically
 
     library_check_path(path, "path")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(data, indent=2, default=_json_default)
-    replace_atomically(path, lambda tmp: tmp.write_text(text))
+    replace_atomically(path, lambda tmp: tmp.write_text(text))  # `path` as given: a trailing "/" is refused
 
 
 def _json_default(value):
