@@ -312,6 +312,45 @@ def test_cli_checkpoint_dir_that_is_a_file(capsys, tmp_path, monkeypatch):
     assert f"dcedit: error: --checkpoint-dir {a_file}: is a file; give a folder" in capsys.readouterr().err
 
 
+
+_TRAIN_TO = """
+import sys
+from dcedit_kernels import cli
+
+sys.stderr = sys.stdout  # the error line, in the output the test reads
+
+def loaded(*args, **kwargs):
+    print("the model loaded")
+    sys.exit(0)
+
+cli.commands.load_any_model = loaded
+print("exit", cli.main(["train", "--checkpoint-dir", sys.argv[1], "--out", sys.argv[2]]))
+"""
+
+
+def test_cli_checkpoint_dir_that_may_not_be_written_is_refused_before_the_model_loads(tmp_path):
+    """A --checkpoint-dir in a read-only folder loaded the model and trained --val-every steps, then
+    the first checkpoint failed ("Permission denied: '<dir>/editor.safetensors'") and the training was
+    lost: --out is written at the end only.  It is refused before the model loads, as an --out that
+    cannot be written is, whether the folder exists or fit would create it under a read-only one."""
+    import os
+
+    from test_editor_save_load import _run_unprivileged
+
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    os.chmod(read_only, 0o555)
+    try:
+        for ckpt in (read_only, read_only / "new" / "deeper"):
+            out = _run_unprivileged(_TRAIN_TO, ckpt, tmp_path / "e.safetensors").splitlines()
+            assert out[-1] == "exit 2" and out[0].startswith(
+                f"dcedit: error: --checkpoint-dir {ckpt}: cannot write in {read_only} (its checkpoints would "
+                "fail after --val-every steps)"), out
+        out = _run_unprivileged(_TRAIN_TO, tmp_path / "writable" / "ck", tmp_path / "e.safetensors")
+        assert out.splitlines()[-1] == "the model loaded", out
+    finally:
+        os.chmod(read_only, 0o755)
+
 def test_cli_empty_checkpoint_dir_is_refused_before_the_model_loads(capsys, tmp_path, monkeypatch):
     """--checkpoint-dir "" (the current directory, which TrainConfig refuses) passed argparse and
     the folder check, loaded the model and then said "checkpoint_dir must be a path or None, got ''",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -12,7 +13,7 @@ from .inputs import check_count, greedy_completions, load_any_model, load_reques
 from .messages import in_cli_terms, non_finite_edit
 from .methods import EDITOR_METHODS, METHOD_NAMES
 from .options import editor_kwargs, parse_sizes
-from .output_files import train_out
+from .output_files import check_checkpoint_dir, train_out
 from .user_error import UserError
 
 
@@ -92,6 +93,8 @@ def cmd_train(args) -> dict:
         raise UserError("--checkpoint-dir: an empty path; give a folder")
     if args.checkpoint_dir is not None and Path(args.checkpoint_dir).exists() and not Path(args.checkpoint_dir).is_dir():
         raise UserError(f"--checkpoint-dir {args.checkpoint_dir}: is a file; give a folder")
+    if args.checkpoint_dir is not None and os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 writes them
+        check_checkpoint_dir(args.checkpoint_dir)
     requests = load_requests(args.data, args.n_edits)
     check_count(requests, args.n_edits)
     val = load_requests(args.val_data, None, flag="--val-data") if args.val_data else None

@@ -43,6 +43,21 @@ def check_out(path: str) -> None:
         raise UserError(f"--out {path}: cannot be written ({exc.strerror or exc})") from None
 
 
+
+def check_checkpoint_dir(path: str) -> None:
+    """Refuse, before the model loads, a --checkpoint-dir the run may not write (a read-only folder,
+    or one under it): the first checkpoint, --val-every steps in, failed, and the training done so
+    far was lost (--out is written at the end only).  The folder need not exist: fit creates it."""
+    folder = Path(path)
+    try:
+        while not folder.exists() and folder != folder.parent:  # the nearest that exists
+            folder = folder.parent
+    except OSError:  # a name too long, ...: the run's own mkdir says so
+        return
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--checkpoint-dir {path}: cannot write in {folder} (its checkpoints would fail "
+                        "after --val-every steps); give a folder you may write")
+
 def check_inputs(args, out: str | None) -> None:
     """Refuse, before the model loads, an --editor that is no file (found only after the model
     had loaded, minutes for a large one) and an --out that is one of the command's input files
