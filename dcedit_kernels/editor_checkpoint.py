@@ -30,7 +30,7 @@ from .edit_capture import DEFAULT_CAPTURE_BATCH_SIZE
 from .edit_handle import deferred_interrupt
 from .editors.grouped_editor import config_differences, with_absent_defaults
 from .ft_baseline import FT_KL_ONLY
-from .safetensors_file import check_state, json_metadata, read_safetensors, save_safetensors
+from .safetensors_file import check_readable, check_state, json_metadata, read_safetensors, save_safetensors
 from .tokenize import is_seq2seq
 
 if TYPE_CHECKING:
@@ -120,6 +120,7 @@ class EditorCheckpoints:
         path = os.fspath(path)
         if not os.path.isfile(path):  # not pathlib's: it drops a trailing "/" (GroupedEditor.load's test)
             raise FileNotFoundError(f"checkpoint not found: {path}")
+        check_readable(path)
         try:
             with safe_open(path, framework="pt") as f:  # the metadata alone: a foreign file is refused unread
                 meta, keys = f.metadata() or {}, list(f.keys())

@@ -73,6 +73,15 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
     replace_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
+def check_readable(path) -> None:
+    """The OS's own error for a file this process cannot open (PermissionError naming it, for one
+    it may not read), before safetensors opens it: safetensors reports any failure to open a file
+    as FileNotFoundError "No such file or directory", without errno or file name, so an unreadable
+    checkpoint read as missing (and, lacking the name, as a traceback under `dcedit`)."""
+    with open(path, "rb"):
+        pass
+
+
 def read_safetensors(path) -> tuple[dict, dict]:
     """(metadata, tensors on the CPU) of the safetensors file at `path`, both from one read of it.
 

@@ -28,7 +28,7 @@ from .editor_checkpoint import CHECKPOINT_KEY, LEGACY_LOSS_REDUCTION, changed_de
 from .editors.grouped_editor import GATE_NORM_DEFAULT, config_differences, with_absent_defaults
 from .editors.presets import moeditor_top_k_default
 from .model_editor import ModelEditor
-from .safetensors_file import read_safetensors, save_safetensors
+from .safetensors_file import check_readable, read_safetensors, save_safetensors
 from .train_config import TrainConfig, TrainResult
 
 
@@ -220,6 +220,7 @@ def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: i
 
     path = ckpt / TRAINER_FILE
     checkpoint_keys = {"opt", "lr_opt", "counters", "model_editor"}
+    check_readable(path)
     try:
         with safe_open(str(path), framework="pt") as f:  # the metadata alone: a foreign file is refused unread
             meta = f.metadata() or {}

@@ -447,3 +447,64 @@ def test_a_path_ending_in_a_separator_is_refused_by_saves_and_not_found_by_loads
     for load, name in ((lambda p: ModelEditor.load(p, model, tok), "e"), (GroupedEditor.load, "g")):
         with pytest.raises(FileNotFoundError, match="checkpoint not found"):
             load(f"{tmp_path / name}.safetensors{os.sep}")
+
+
+_LOAD_AND_REPORT = """
+import sys
+from dcedit_kernels import cli
+from dcedit_kernels.compat import mend
+from dcedit_kernels.editors import GroupedEditor
+from dcedit_kernels.model_editor import ModelEditor
+from dcedit_kernels.models import tiny_model
+
+sys.stderr = sys.stdout  # the CLI's error line, in the output the test reads
+from dcedit_kernels.train import TrainConfig
+from test_model_editor import random_requests
+
+editor, grouped, ckpt = sys.argv[1:]
+model, tok = tiny_model("llama", seed=0)
+me = ModelEditor(model, tok, ["model.layers.1.mlp.down_proj"], method="mend", rank=3)
+resume = TrainConfig(steps=2, batch_size=2, progress=False, checkpoint_dir=ckpt)
+loads = {"ModelEditor.load": lambda: ModelEditor.load(editor, model, tok), "GroupedEditor.load":
+         lambda: GroupedEditor.load(grouped), "compat.mend.load": lambda: mend.load(editor, [], {}),
+         "a resume": lambda: me.fit(random_requests(__import__("torch").Generator(), 4), config=resume)}
+for name, load in loads.items():
+    try:
+        load()
+        print(name, "loaded")
+    except OSError as exc:
+        print(name, type(exc).__name__, exc.filename)
+cli.commands.load_any_model = lambda *a, **k: print("the model loaded") or sys.exit(0)
+print("exit", cli.main(["edit", "--editor", editor, "--prompt", "a b", "--target", "c"]))
+"""
+
+
+def test_a_checkpoint_that_cannot_be_read_is_a_permission_error_naming_it(tmp_path):
+    """safetensors reports any failure to open a file as FileNotFoundError "No such file or
+    directory", without errno or file name: a checkpoint the user may not read (chmod 000, another
+    user's 0600 file) read as missing, compat.mend.load called it "not a safetensors file", and
+    `dcedit edit --editor` ended in a traceback after the model's load (its one-line OSError needs
+    the name).  The loads raise the OS's PermissionError naming the file; the CLI refuses such an
+    --editor before the model loads."""
+    import os
+
+    from dcedit_kernels.model_editor import ModelEditor
+    from dcedit_kernels.models import tiny_model
+
+    from dcedit_kernels.train import TrainConfig
+    from test_model_editor import random_requests
+
+    model, tok = tiny_model("llama", seed=0)
+    me = ModelEditor(model, tok, ["model.layers.1.mlp.down_proj"], method="mend", rank=3)
+    editor, grouped, ckpt = tmp_path / "editor.safetensors", tmp_path / "grouped.safetensors", tmp_path / "ckpt"
+    me.save(editor)
+    small_editor("mend").save(str(grouped))
+    me.fit(random_requests(torch.Generator(), 4), config=TrainConfig(steps=1, batch_size=2, progress=False,
+                                                                   checkpoint_dir=str(ckpt)))
+    for path in (editor, grouped, ckpt / "trainer.safetensors"):
+        os.chmod(path, 0o000)
+    out = _run_unprivileged(_LOAD_AND_REPORT, editor, grouped, ckpt).splitlines()
+    assert out[:4] == [f"ModelEditor.load PermissionError {editor}", f"GroupedEditor.load PermissionError {grouped}",
+                       f"compat.mend.load PermissionError {editor}",
+                       f"a resume PermissionError {ckpt / 'trainer.safetensors'}"], out
+    assert out[4:] == [f"dcedit: error: --editor {editor}: cannot be read (permission denied)", "exit 2"], out

@@ -58,15 +58,18 @@ def check_checkpoint_dir(path: str) -> None:
         raise UserError(f"--checkpoint-dir {path}: cannot write in {folder} (its checkpoints would fail "
                         "after --val-every steps); give a folder you may write")
 
+
 def check_inputs(args, out: str | None) -> None:
-    """Refuse, before the model loads, an --editor that is no file (found only after the model
-    had loaded, minutes for a large one) and an --out that is one of the command's input files
-    (--editor, --data, --val-data, or a file of --model):
+    """Refuse, before the model loads, an --editor that is no file or cannot be read (found only
+    after the model had loaded, minutes for a large one) and an --out that is one of the command's
+    input files (--editor, --data, --val-data, or a file of --model):
     `dcedit edit --editor E --out E` wrote its JSON record over the trained editor E.  The paths are
     main()'s, whose `_expand_home` expanded a quoted "~/..." in every path flag."""
     editor = getattr(args, "editor", None)
     if editor is not None and not Path(editor).is_file():
         raise UserError(f"--editor: file not found: {editor}")
+    if editor is not None and not os.access(editor, os.R_OK):  # found by its load, after the model's
+        raise UserError(f"--editor {editor}: cannot be read (permission denied)")
     if out is None:
         return
     for flag in ("--editor", "--data", "--val-data"):

@@ -243,6 +243,10 @@ def _read_state_dict(source) -> Mapping:
             raise ValueError(f"state_dict: no file at {path!r}")
         from safetensors.torch import load_file
 
+        from ..safetensors_file import check_readable
+
+        check_readable(path)  # an unreadable file: PermissionError, not "not a safetensors file (No such file...)"
+
         try:
             return load_file(path)
         except Exception as exc:  # safetensors' own error type differs across versions

@@ -14,7 +14,7 @@ from .._checks import check_bool, check_path, check_same_device, check_seed, che
 from ..devices import as_device
 from ..reference.grouped_outer import FUSIONS
 from ..reference.segments import group_ids, kept_offsets
-from ..safetensors_file import check_state, json_metadata, read_safetensors
+from ..safetensors_file import check_readable, check_state, json_metadata, read_safetensors
 from .grouped_edit import GroupedEdit, check_weight
 from .parameter_generator import ParameterGenerator
 from .running_norm import FeatureNorm, RunningNorm, joint_rows
@@ -333,6 +333,7 @@ class GroupedEditor(nn.Module):
         map_location = as_device(map_location, "map_location") or torch.device("cpu")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint not found: {path}")
+        check_readable(path)
         try:
             with safe_open(path, framework="pt") as f:  # the metadata alone: a foreign file is refused unread
                 meta = f.metadata() or {}
