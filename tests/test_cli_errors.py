@@ -305,11 +305,15 @@ def test_cli_model_that_is_a_data_file_or_has_a_list_config(capsys, tmp_path):
 
 
 def test_cli_checkpoint_dir_that_is_a_file(capsys, tmp_path, monkeypatch):
+    """A file, or a folder under a file (which fit's mkdir refused after the model's load)."""
     _no_model(monkeypatch)
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     assert cli.main(["train", "--checkpoint-dir", str(a_file), "--out", str(tmp_path / "e.safetensors")]) == 2
     assert f"dcedit: error: --checkpoint-dir {a_file}: is a file; give a folder" in capsys.readouterr().err
+    under = a_file / "ckpt" / "run"
+    assert cli.main(["train", "--checkpoint-dir", str(under), "--out", str(tmp_path / "e.safetensors")]) == 2
+    assert f"dcedit: error: --checkpoint-dir {under}: {a_file} is a file; give a folder" in capsys.readouterr().err
 
 
 

@@ -46,7 +46,7 @@ def check_out(path: str) -> None:
 
 def check_checkpoint_dir(path: str) -> None:
     """Refuse, before the model loads, a --checkpoint-dir the run may not write (a read-only folder,
-    or one under it): the first checkpoint, --val-every steps in, failed, and the training done so
+    or one under it; one under a file): the first checkpoint, --val-every steps in, failed, and the training done so
     far was lost (--out is written at the end only).  The folder need not exist: fit creates it."""
     folder = Path(path)
     try:
@@ -54,7 +54,9 @@ def check_checkpoint_dir(path: str) -> None:
             folder = folder.parent
     except OSError:  # a name too long, ...: the run's own mkdir says so
         return
-    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+    if not folder.is_dir():  # a file on the way ("a_file/ckpt"): fit's mkdir said so after the model's load
+        raise UserError(f"--checkpoint-dir {path}: {folder} is a file; give a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"--checkpoint-dir {path}: cannot write in {folder} (its checkpoints would fail "
                         "after --val-every steps); give a folder you may write")
 
