@@ -23,7 +23,8 @@ def replace_atomically(path, write: Callable[[Path], object]) -> None:
     any file this process creates gets (0o666 less the umask), or, written over an existing file,
     that file's mode (as torch.save's): safetensors 0.8 writes through a private temporary file
     and leaves its mode, 0600, so a checkpoint was unreadable to the user's group.  A file this
-    user may not write is not replaced (PermissionError naming it, as torch.save's open()).  `path`'s
+    user may not write is not replaced (PermissionError naming it, as torch.save's open()), nor is
+    anything but a regular file (ValueError: a device such as /dev/null would be).  `path`'s
     folder must exist (FileNotFoundError naming it): a library call creates no folder, as torch.save
     and safetensors' save_file create none (a mistyped path would leave a new tree); the CLI, which
     checks its --out before any work, creates --out's folder."""
@@ -37,6 +38,12 @@ def replace_atomically(path, write: Callable[[Path], object]) -> None:
         raise FileNotFoundError(f"cannot save to {path}: the folder {path.parent} does not exist")
     if path.is_dir():  # os.replace would name the temporary file ("Is a directory: '.x.<hex>.tmp' -> x")
         raise IsADirectoryError(f"cannot save to {path}: it is a folder; give a file name")
+    if path.exists() and not path.is_file():
+        # A device, a pipe or a socket (/dev/null, /dev/stdout): the move put a regular file in its
+        # place, which as root replaced the system's /dev/null.  torch.save writes into it; a save
+        # here moves a whole file over the path, so it refuses.
+        raise ValueError(f"cannot save to {path}: it is not a regular file (a device, a pipe or a socket), "
+                         "which a save would replace with one; give a file name")
     if path.is_file() and not os.access(path, os.W_OK):
         # open() refuses a file its user may not write (torch.save, numpy.save, the CLI's --out
         # check): moved over it, a checkpoint made read-only to keep it was replaced without a word.

@@ -508,3 +508,46 @@ def test_a_checkpoint_that_cannot_be_read_is_a_permission_error_naming_it(tmp_pa
                        f"compat.mend.load PermissionError {editor}",
                        f"a resume PermissionError {ckpt / 'trainer.safetensors'}"], out
     assert out[4:] == [f"dcedit: error: --editor {editor}: cannot be read (permission denied)", "exit 2"], out
+
+
+def test_a_save_over_a_device_pipe_or_socket_is_refused_and_leaves_it_there(tmp_path):
+    """A save moves a new regular file over its path: given a device node (/dev/null), a pipe or a
+    socket, it put a regular file in its place (as root, `dcedit train --out /dev/null` replaced
+    the system's /dev/null), and `dcedit`'s --out check blocked for ever opening a pipe.  Both refuse
+    anything but a regular file, naming it, and leave it as it was."""
+    import os
+    import socket
+    import stat
+    import threading
+
+    from dcedit_kernels import cli
+    from dcedit_kernels.model_editor import ModelEditor
+    from dcedit_kernels.models import tiny_model
+
+    specials = {tmp_path / "pipe": stat.S_ISFIFO, tmp_path / "socket": stat.S_ISSOCK}
+    os.mkfifo(tmp_path / "pipe")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "socket"))
+    try:  # a null device of our own (root in a container may make one)
+        os.mknod(tmp_path / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        specials[tmp_path / "null"] = stat.S_ISCHR
+    except (PermissionError, AttributeError):
+        pass
+    model, tok = tiny_model("llama", seed=0)
+    me = ModelEditor(model, tok, ["model.layers.1.mlp.down_proj"], method="mend", rank=3)
+    saves = (me.save, small_editor("mend").save, lambda p: cli.write_json(p, {}))
+    try:
+        for path, kind in specials.items():
+            for save in saves:
+                with pytest.raises(ValueError, match=f"cannot save to {path}: it is not a regular file"):
+                    save(path)
+            refused = []
+            check = threading.Thread(target=lambda: refused.append(pytest.raises(cli.UserError, cli.check_out,
+                                                                                 str(path))), daemon=True)
+            check.start()
+            check.join(timeout=10)
+            assert refused and "is not a regular file (a device, a pipe or a socket)" in str(refused[0].value), path
+            assert kind(os.lstat(path).st_mode), path
+        assert not list(tmp_path.glob(".*.tmp"))
+    finally:
+        listener.close()

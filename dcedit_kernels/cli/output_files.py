@@ -27,6 +27,9 @@ def check_out(path: str) -> None:
         raise UserError(f"--out {path}: {exc.strerror or exc}") from None
     if is_dir:
         raise UserError(f"--out {path}: is a folder; give a file name")
+    if out.exists() and not out.is_file():  # the open below blocked on a pipe; the save would replace a device
+        raise UserError(f"--out {path}: is not a regular file (a device, a pipe or a socket), which the run "
+                        "would replace with one; give a file name")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
