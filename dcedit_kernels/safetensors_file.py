@@ -24,7 +24,8 @@ def replace_atomically(path, write: Callable[[Path], object]) -> None:
     that file's mode (as torch.save's): safetensors 0.8 writes through a private temporary file
     and leaves its mode, 0600, so a checkpoint was unreadable to the user's group.  A file this
     user may not write is not replaced (PermissionError naming it, as torch.save's open()), nor is
-    anything but a regular file (ValueError: a device such as /dev/null would be).  `path`'s
+    anything but a regular file (ValueError: a device such as /dev/null would be).  A symbolic
+    link is followed: the file it points to is replaced, the link kept.  `path`'s
     folder must exist (FileNotFoundError naming it): a library call creates no folder, as torch.save
     and safetensors' save_file create none (a mistyped path would leave a new tree); the CLI, which
     checks its --out before any work, creates --out's folder."""
@@ -34,6 +35,11 @@ def replace_atomically(path, write: Callable[[Path], object]) -> None:
         # e.safetensors, which a load of "e.safetensors/" then did not find (open() refuses it).
         raise IsADirectoryError(f"cannot save to {path}: it ends in a separator, as a folder does; give a file name")
     path = Path(path)
+    if path.is_symlink():
+        # Written where the link points, as torch.save's open() writes: the move replaced the link
+        # itself with a file and left its target as it was (a "latest.safetensors" link cut off from
+        # its run's file; as root, "--out /dev/stdout" sent to a file replaced /dev's own link).
+        path = Path(os.path.realpath(path))
     if not path.parent.is_dir():  # safetensors would name its temporary file instead
         raise FileNotFoundError(f"cannot save to {path}: the folder {path.parent} does not exist")
     if path.is_dir():  # os.replace would name the temporary file ("Is a directory: '.x.<hex>.tmp' -> x")

@@ -551,3 +551,33 @@ def test_a_save_over_a_device_pipe_or_socket_is_refused_and_leaves_it_there(tmp_
         assert not list(tmp_path.glob(".*.tmp"))
     finally:
         listener.close()
+
+
+def test_a_save_through_a_symbolic_link_replaces_its_target_and_keeps_the_link(tmp_path):
+    """A save moved its new file over the path itself: a link ("latest.safetensors" to a run's
+    file) became a file of its own, cut off from its target, which kept the old editor (torch.save
+    and numpy.save write where the link points; as root, `--out /dev/stdout` sent to a file would
+    have replaced /dev's link).  The file the link points to is replaced, atomically as any other,
+    with its own mode; the link stays; a dangling link gets its target written."""
+    import os
+    import stat
+
+    run = tmp_path / "runs" / "run3"
+    run.mkdir(parents=True)
+    target, link = run / "editor.safetensors", tmp_path / "latest.safetensors"
+    small_editor("mend", seed=1).save(str(target))
+    os.chmod(target, 0o640)
+    link.symlink_to(target)
+    new = small_editor("mend", seed=2)
+    with torch.no_grad():
+        new.alpha.add_(1.0)
+    new.save(str(link))
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert torch.equal(GroupedEditor.load(str(target)).alpha, new.alpha)
+    dangling = tmp_path / "next.safetensors"
+    dangling.symlink_to(run / "next.safetensors")
+    new.save(str(dangling))
+    assert dangling.is_symlink() and torch.equal(GroupedEditor.load(str(run / "next.safetensors")).alpha, new.alpha)
+    assert sorted(p.name for p in run.iterdir()) == ["editor.safetensors", "next.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.safetensors", "next.safetensors", "runs"]
