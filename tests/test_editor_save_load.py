@@ -558,9 +558,12 @@ def test_a_save_through_a_symbolic_link_replaces_its_target_and_keeps_the_link(t
     file) became a file of its own, cut off from its target, which kept the old editor (torch.save
     and numpy.save write where the link points; as root, `--out /dev/stdout` sent to a file would
     have replaced /dev's link).  The file the link points to is replaced, atomically as any other,
-    with its own mode; the link stays; a dangling link gets its target written."""
+    with its own mode; the link stays; a dangling link gets its target written.  dcedit's --out
+    check, given a dangling link, left an empty file at its target and removed the link."""
     import os
     import stat
+
+    from dcedit_kernels import cli
 
     run = tmp_path / "runs" / "run3"
     run.mkdir(parents=True)
@@ -577,6 +580,8 @@ def test_a_save_through_a_symbolic_link_replaces_its_target_and_keeps_the_link(t
     assert torch.equal(GroupedEditor.load(str(target)).alpha, new.alpha)
     dangling = tmp_path / "next.safetensors"
     dangling.symlink_to(run / "next.safetensors")
+    cli.check_out(str(dangling))  # dcedit's --out check opens the file the save will write, and no other
+    assert dangling.is_symlink() and not (run / "next.safetensors").exists()
     new.save(str(dangling))
     assert dangling.is_symlink() and torch.equal(GroupedEditor.load(str(run / "next.safetensors")).alpha, new.alpha)
     assert sorted(p.name for p in run.iterdir()) == ["editor.safetensors", "next.safetensors"]

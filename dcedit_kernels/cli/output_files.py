@@ -21,6 +21,8 @@ def check_out(path: str) -> None:
     """Refuse an --out that cannot be written before any work is done (its folder is created)."""
     check_path(path, "path")
     out = Path(path)
+    if out.is_symlink():  # the save writes where it points (replace_atomically): the checks are of that file
+        out = Path(os.path.realpath(out))
     try:
         is_dir = out.is_dir()
     except OSError as exc:  # a name too long, ...: pathlib raises for all but "missing"
