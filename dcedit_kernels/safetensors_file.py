@@ -69,21 +69,27 @@ def replace_atomically(path, write: Callable[[Path], object]) -> None:
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except OSError as exc:
-        if exc.filename != str(tmp):
+        if exc.filename not in (None, str(tmp)) or exc.errno is None:
             raise
         # The temporary file is no name the caller gave, and it is gone by now: a read-only folder
-        # said "Permission denied: '<folder>/.x.<hex>.tmp'".  The error names `path` instead.
+        # said "Permission denied: '<folder>/.x.<hex>.tmp'"; and a write cut short (a full disk)
+        # named no file at all, so that `dcedit` showed a traceback.  The error names `path`.
         raise OSError(exc.errno, exc.strerror, str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
-    """`safetensors.torch.save_file` to `path`, written beside it and moved over it, with the mode
-    of a file this process creates, or of the file saved over (`replace_atomically`)."""
-    from safetensors.torch import save_file
+    """`safetensors.torch.save_file`'s content at `path`, written beside it and moved over it, with
+    the mode of a file this process creates, or of the file saved over (`replace_atomically`).
 
-    replace_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    Serialized in memory and written by Python: save_file's own writes, cut short (a full disk, a
+    file size limit), raised SafetensorError "Error while serializing: I/O error: ... (os error
+    27)", no OSError and no file name (a traceback under `dcedit`, after the whole training run)."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    replace_atomically(path, lambda tmp: tmp.write_bytes(data))
 
 
 def check_readable(path) -> None:

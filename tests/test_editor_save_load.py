@@ -586,3 +586,46 @@ def test_a_save_through_a_symbolic_link_replaces_its_target_and_keeps_the_link(t
     assert dangling.is_symlink() and torch.equal(GroupedEditor.load(str(run / "next.safetensors")).alpha, new.alpha)
     assert sorted(p.name for p in run.iterdir()) == ["editor.safetensors", "next.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.safetensors", "next.safetensors", "runs"]
+
+
+_SAVE_PAST_A_SIZE_LIMIT = """
+import os, resource, signal, sys
+from dcedit_kernels.cli import write_json
+from dcedit_kernels.editors import GroupedEditor
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+editor, record = sys.argv[1:]
+for name, save in (("save", lambda: GroupedEditor(64, 64, rank=8).save(editor)),
+                   ("write_json", lambda: write_json(record, {"x": "y" * 10000}))):
+    try:
+        save()
+        print(name, "saved")
+    except OSError as exc:
+        print(name, type(exc).__name__, exc.errno, exc.filename)
+"""
+
+
+def test_a_save_cut_short_by_the_disk_is_an_os_error_naming_the_path(tmp_path):
+    """A write that fails midway (a full disk; here a file size limit, EFBIG) raised safetensors'
+    SafetensorError ("Error while serializing: I/O error: File too large (os error 27)"), no
+    OSError and no file name, and write_json an OSError naming no file: under `dcedit` a traceback,
+    after the whole training run.  Both raise the OSError naming the path; the previous files stay
+    whole and no temporary file is left."""
+    import errno
+    import os
+    import subprocess
+    import sys
+
+    editor, record = tmp_path / "editor.safetensors", tmp_path / "record.json"
+    small_editor("mend").save(str(editor))
+    record.write_text("{}")
+    before = editor.read_bytes()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, "-c", _SAVE_PAST_A_SIZE_LIMIT, str(editor), str(record)],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"save OSError {errno.EFBIG} {editor}",
+                                        f"write_json OSError {errno.EFBIG} {record}"]
+    assert editor.read_bytes() == before and record.read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["editor.safetensors", "record.json"]
