@@ -147,7 +147,9 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     opt = torch.optim.Adam(weights, lr=config.lr)
     lr_opt = (torch.optim.Adam if config.lr_optimizer == "adam" else torch.optim.SGD)(alphas, lr=config.lr_lr)
 
-    ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir is not None else None
+    # "~/ckpt" is the home folder's, as load_model, the data loaders and $DCEDIT_CACHE_DIR take "~":
+    # unexpanded, the checkpoints went to a new folder named "~" in the working folder.
+    ckpt = Path(config.checkpoint_dir).expanduser() if config.checkpoint_dir is not None else None
     result = TrainResult(steps=0)
     run = _run_settings(config, train_requests, val_requests, size)
 

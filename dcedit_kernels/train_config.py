@@ -33,7 +33,8 @@ class TrainConfig:
     (the last filled up with the edits before it), and scored (ES), training
     stops after `patience` validations without a gain above `min_delta` (None: never), and with
     `restore_best` the editors end at the best validation's state, which can be an earlier step
-    than the last (`TrainResult.best_step`); checkpoint_dir, resume: resumable checkpoints;
+    than the last (`TrainResult.best_step`); checkpoint_dir, resume: resumable checkpoints (a
+    leading "~" is the home folder);
     seed: batches and MoEditor's gate noise; progress: the progress bar; the rest are the
     comments' in `train_config.py`.  Bad values raise ValueError naming the field."""
 
