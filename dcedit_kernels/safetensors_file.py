@@ -1,13 +1,14 @@
 """Writing a safetensors file, as every checkpoint here does (`ModelEditor.save`,
 `GroupedEditor.save`, the trainer's checkpoints), or any file written whole (`replace_atomically`:
-the CLI's JSON records too); reading one whole (`read_safetensors`), and the checks both editor
-loads make of one they read (`ModelEditor.load`, `GroupedEditor.load`)."""
+the CLI's JSON records too); reading one, its config and tensors of one file (`read_safetensors`),
+and the checks both editor loads make of one they read (`ModelEditor.load`, `GroupedEditor.load`)."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
+import re
 import stat
 import uuid
 from pathlib import Path
@@ -80,16 +81,27 @@ def replace_atomically(path, write: Callable[[Path], object]) -> None:
 
 
 def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
-    """`safetensors.torch.save_file`'s content at `path`, written beside it and moved over it, with
-    the mode of a file this process creates, or of the file saved over (`replace_atomically`).
+    """`safetensors.torch.save_file` to `path`, written beside it and moved over it, with the mode
+    of a file this process creates, or of the file saved over (`replace_atomically`).
 
-    Serialized in memory and written by Python: save_file's own writes, cut short (a full disk, a
-    file size limit), raised SafetensorError "Error while serializing: I/O error: ... (os error
-    27)", no OSError and no file name (a traceback under `dcedit`, after the whole training run)."""
-    from safetensors.torch import save
+    save_file's own writes, cut short (a full disk, a file size limit), raise SafetensorError "Error
+    while serializing: I/O error: ... (os error 27)": no OSError and no file name (a traceback under
+    `dcedit`, after the whole training run).  That error is the OSError it stands for, naming
+    `path`.  Streamed by save_file, not serialized in memory first (safetensors.torch.save): that
+    held the whole file's bytes beside the tensors, a checkpoint's size more at peak."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
 
-    data = save(tensors, metadata=metadata)
-    replace_atomically(path, lambda tmp: tmp.write_bytes(data))
+    def write(tmp: Path) -> None:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as exc:
+            code = re.search(r"\(os error (\d+)\)", str(exc))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(tmp)) from None
+
+    replace_atomically(path, write)
 
 
 def check_readable(path) -> None:
@@ -101,23 +113,32 @@ def check_readable(path) -> None:
         pass
 
 
-def read_safetensors(path) -> tuple[dict, dict]:
-    """(metadata, tensors on the CPU) of the safetensors file at `path`, both from one read of it.
+def read_safetensors(path, attempts: int = 3) -> tuple[dict, dict]:
+    """(metadata, tensors on the CPU) of the safetensors file at `path`, both of one file.
 
     safetensors' readers (safe_open, load_file: 0.8's under torch) parse the header of the file
     they open, then map the file at `path` again for the tensors (torch's UntypedStorage.from_file):
     a save over `path` in between (another process's: a save moves a whole new file over the path)
     gave one file's header the other's bytes, so a load read another editor's tensors without a word
     (a process loading while another saved two editors of one shape there in turn: 5 loads of 300
-    under a single safe_open).  One read of an open file sees one file.  SafetensorError when it is
-    not a safetensors file."""
-    from safetensors.torch import load
+    under a single safe_open).  The read holds the file `path` names open while it reads, so that
+    no other file can take its inode, and checks that `path` still names it after: if not, it reads
+    again (the file now there, whole).  Not one read of the bytes (safetensors.torch.load): that held
+    the file's bytes beside its tensors, a checkpoint's size more at peak.  SafetensorError when it
+    is not a safetensors file."""
+    from safetensors import safe_open
 
-    with open(path, "rb") as f:
-        data = f.read()
-    tensors = load(data)  # checks the header and that the tensors cover the data
-    size = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + size]).get("__metadata__") or {}, tensors
+    for _ in range(attempts):
+        with open(path, "rb") as held:
+            before = os.fstat(held.fileno())
+            with safe_open(os.fspath(path), framework="pt") as f:
+                meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+            after = os.stat(path)
+        if (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino):
+            return meta, tensors
+    raise RuntimeError(f"{path} was saved over while it was read, {attempts} times running (another process "
+                       "saving there?): load it again once that is done")
+
 
 def json_metadata(path, key: str, text: str) -> dict:
     """A checkpoint's JSON metadata entry `key` (its `text`) as a dict; ValueError naming the file

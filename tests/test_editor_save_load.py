@@ -629,3 +629,52 @@ def test_a_save_cut_short_by_the_disk_is_an_os_error_naming_the_path(tmp_path):
                                         f"write_json OSError {errno.EFBIG} {record}"]
     assert editor.read_bytes() == before and record.read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["editor.safetensors", "record.json"]
+
+
+def test_a_save_and_a_load_hold_no_copy_of_the_files_bytes(tmp_path):
+    """A save streams the file (safetensors' save_file) and a load reads the tensors through
+    safetensors' mapping of it: 12fd50b and 974e67a had both go through one bytes object of the whole
+    file (safetensors.torch.save / a read() for safetensors.torch.load), a checkpoint's size more at
+    peak beside its tensors (GBs for a GPT-2-XL MoEditor's trainer checkpoint, Adam's moments in it).
+    Python's own allocations (tracemalloc, where such a bytes object is counted) stay far below the
+    file's 16 MiB."""
+    import tracemalloc
+
+    from dcedit_kernels.safetensors_file import read_safetensors, save_safetensors
+
+    path, tensors = tmp_path / "big.safetensors", {"w": torch.randn(2048, 2048)}
+    for name, run in (("save", lambda: save_safetensors(tensors, path, {"k": "v"})),
+                      ("load", lambda: read_safetensors(path))):
+        tracemalloc.start()
+        try:
+            got = run()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 2 * 2**20, (name, peak)
+    meta, read = got
+    assert meta == {"k": "v"} and torch.equal(read["w"], tensors["w"])
+
+
+def test_a_load_saved_over_at_every_read_gives_up_naming_the_path(tmp_path, monkeypatch):
+    """read_safetensors reads again while the file `path` names changes under it (another process
+    saving there); saved over at every try, it stops after three with a RuntimeError naming the
+    path, not a mix of two files."""
+    import os
+
+    from dcedit_kernels.safetensors_file import read_safetensors, save_safetensors
+
+    path, spare = tmp_path / "e.safetensors", tmp_path / "spare.safetensors"
+    save_safetensors({"w": torch.zeros(3)}, path)
+    original, reads = torch.UntypedStorage.from_file, []
+
+    def saved_over_each_time(*args, **kwargs):
+        reads.append(1)
+        save_safetensors({"w": torch.full((3,), float(len(reads)))}, spare)
+        os.replace(spare, path)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.UntypedStorage, "from_file", saved_over_each_time)
+    with pytest.raises(RuntimeError, match=f"{path} was saved over while it was read, 3 times"):
+        read_safetensors(path)
+    assert len(reads) == 3
