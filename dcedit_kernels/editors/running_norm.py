@@ -38,6 +38,12 @@ class RunningStatistics(nn.Module):
                 self._buffers[name] = buf.float()
         return self
 
+    def _seen(self, name: str) -> str:
+        """", name=<rows merged so far>" for extra_repr; nothing for statistics on "meta", which
+        hold no values: int() of the count raised there, and with it print() of an editor moved
+        to (or built on) the meta device."""
+        return "" if self.k.is_meta else f", {name}={int(self.k)}"
+
     def _check_updatable(self) -> None:
         """RuntimeError naming the first inference-tensor statistic, outside inference mode (an editor
         built or loaded under torch.inference_mode): the merge's first in-place update moved a mean,
@@ -82,7 +88,7 @@ class RunningNorm(RunningStatistics):
         super().__init__(in_features, out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.u_mean.numel()}, out_features={self.v_mean.numel()}, tokens_seen={int(self.k)}"
+        return f"in_features={self.u_mean.numel()}, out_features={self.v_mean.numel()}{self._seen('tokens_seen')}"
 
     def update(self, mu: torch.Tensor, eta: torch.Tensor) -> None:
         self._merge(mu, eta)
@@ -133,7 +139,7 @@ class FeatureNorm(RunningStatistics):
         super().__init__(features)
 
     def extra_repr(self) -> str:
-        return f"features={self.mean.numel()}, rows_seen={int(self.k)}"
+        return f"features={self.mean.numel()}{self._seen('rows_seen')}"
 
     def update(self, x: torch.Tensor) -> None:
         self._merge(x)
