@@ -145,6 +145,10 @@ def _extension():
 setup(
     license="Apache-2.0",
     packages=find_packages(include=["dcedit_kernels", "dcedit_kernels.*"]),
+    # PEP 561's marker: without it mypy skips the installed package ("module is installed, but
+    # missing library stubs or py.typed marker") and types every name imported from it as Any.
+    # setuptools adds a py.typed by itself from 69 on; the build requires setuptools>=64.
+    package_data={"dcedit_kernels": ["py.typed"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     # The wheel's abi3 tag names the oldest Python it loads on: torch's build compiles _C with

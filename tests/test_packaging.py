@@ -98,6 +98,23 @@ def test_sdist_builds_and_the_installed_package_runs(sdist, tmp_path):
     )
     _probe(probe + OP_RUNS, cwd=tmp_path, pythonpath=target)  # from an empty folder: not the checkout's copy
     assert [p.name for p in target.glob("dcedit_kernels-*.dist-info/**/LICENSE")] == ["LICENSE"]
+    assert (target / "dcedit_kernels" / "py.typed").is_file()  # PEP 561 (test_the_package_ships_its_py_typed_marker)
+
+
+def test_the_package_ships_its_py_typed_marker(sdist, tmp_path):
+    """PEP 561's `py.typed`: the package is annotated (and names its lazy imports for type checkers,
+    `test_type_checkers_see_every_lazy_name`), but without the marker mypy skipped the installed
+    package, "module is installed, but missing library stubs or py.typed marker", and typed every
+    name imported from it as Any.  The sdist carries it and its build puts it beside the modules (the
+    files a wheel or an install gets; `build_py` copies them without compiling the extension)."""
+    with tarfile.open(sdist) as tar:
+        assert any(n.endswith("/dcedit_kernels/py.typed") for n in tar.getnames())
+        # filter: Python 3.12 and 3.13 warn without one; older 3.10 and 3.11 releases take none.
+        tar.extractall(tmp_path, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    (src,) = tmp_path.glob("dcedit_kernels-*")
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path / "lib")], cwd=src,
+                   check=True, capture_output=True, env={"DCEDIT_BUILD_CUDA": "0", **_env()})
+    assert (tmp_path / "lib" / "dcedit_kernels" / "py.typed").is_file()
 
 
 def test_the_package_works_without_its_optional_dependencies():
