@@ -134,3 +134,34 @@ class TrainResult:
     resumed_from: int | None = None
     skipped_batches: int = 0
     elapsed_s: float = 0.0
+
+    def __repr__(self) -> str:
+        # The histories as counts and their last entries: the dataclass's repr printed every step's
+        # dict, 26 KB for the README's 200 steps and a megabyte past 8,000, wherever a notebook cell
+        # ended in fit(...) or a log printed the result.  The lists themselves are unchanged.
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in HISTORY_UNITS:
+                text = _history_summary(value, HISTORY_UNITS[f.name])
+            else:
+                text = repr(round(value, 1) if f.name == "elapsed_s" and isinstance(value, float) else value)
+            parts.append(f"{f.name}={text}")
+        return f"TrainResult({', '.join(parts)})"
+
+
+HISTORY_UNITS = {"history": "step", "val_history": "validation"}  # what TrainResult's repr counts
+
+
+def _history_summary(entries, unit: str) -> str:
+    """"<n units, last {...}>", the last entry's floats to 4 decimals (as EditHandle's repr shows
+    its stats)."""
+    if not isinstance(entries, list):
+        return repr(entries)
+    text = f"<{len(entries)} {unit}{'' if len(entries) == 1 else 's'}"
+    if entries:
+        last = entries[-1]
+        if isinstance(last, dict):
+            last = {k: round(v, 4) if isinstance(v, float) else v for k, v in last.items()}
+        text += f", last {last!r}"
+    return text + ">"
