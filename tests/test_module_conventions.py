@@ -1,10 +1,12 @@
 """What a user of any torch nn.Module does with the editors and the result objects in a notebook:
 print them, move them, copy them (`repr`, `.to("meta")`)."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from helpers import EDITOR_KINDS, small_editor
+from helpers import EDITOR_KINDS, OP_CASE_DIMS, editor_inputs, small_editor
 
 
 @pytest.mark.parametrize("method", EDITOR_KINDS)
@@ -28,8 +30,6 @@ def test_a_train_results_repr_summarises_its_histories():
     """`editor.fit(...)` as a notebook cell's last line prints its TrainResult: the dataclass's repr
     wrote out every step's dict (26 KB for the README's 200 steps; here, 10,000 steps, 0.96 MB).  It shows
     each history's length and last entry; the lists and equality are as before."""
-    import dataclasses
-
     from dcedit_kernels.train_config import TrainResult
 
     history = [dict(step=i + 1, loss=1 / (i + 1), edit=2.0, kl=0.123456789, balance=0.0) for i in range(10_000)]
@@ -45,3 +45,25 @@ def test_a_train_results_repr_summarises_its_histories():
     assert "history=<1 step, last {'step': 1}>" in repr(TrainResult(steps=1, history=[{"step": 1}]))
     assert "history=<0 steps>, val_history=<0 validations>" in repr(TrainResult(steps=0))
     assert result.history is history and result == dataclasses.replace(result)
+
+
+@pytest.mark.parametrize("method", EDITOR_KINDS)
+def test_a_grouped_edits_repr_shows_its_sizes_not_its_tensors(method, gen):
+    """`edit = ed(mu, eta, offsets)` in a notebook shows the edit: the dataclass's repr printed the
+    factors, the group per edit and ProEditor's o×i Fisher matrix as (summarised) tensors, with no
+    shape, number of groups, tokens or edits.  It shows those sizes and the options; on "meta" it
+    leaves out alpha, which has no value there."""
+    mu, eta, offsets, feats = editor_inputs(gen)
+    editor = small_editor(method).eval()
+    edit = editor(mu, eta, offsets, edit_feats=feats)
+    text = repr(edit)
+    assert "tensor(" not in text
+    groups = 3 if method in ("raeditor", "moeditor") else 1
+    assert text.startswith(f"GroupedEdit(groups={groups}, tokens={edit.mu_t.shape[0]}, "
+                           f"in_features={OP_CASE_DIMS['d_in']}, out_features={OP_CASE_DIMS['d_out']}, "
+                           f"edits={offsets.numel() - 1}, fusion={editor.fusion!r}, alpha=-0.0001")
+    assert ("fisher_keep=0.7" in text) == (method == "proeditor")
+    assert text.endswith("dtype=torch.float32, device=cpu)")
+    on_meta = dataclasses.replace(edit, mu_t=edit.mu_t.to("meta"), eta_t=edit.eta_t.to("meta"),
+                                  alpha=edit.alpha.to("meta"))
+    assert "alpha=" not in repr(on_meta) and repr(on_meta).endswith("device=meta)")

@@ -36,6 +36,20 @@ class GroupedEdit:
     def n_groups(self) -> int:
         return self.offsets.numel() - 1
 
+    def __repr__(self) -> str:
+        # Sizes and options, not values: the dataclass's repr printed the factors, the group per
+        # edit and the o×i Fisher matrix as (summarised) tensors without their shapes, and no
+        # number of groups, tokens or edits.
+        shown = [f"groups={self.n_groups}", f"tokens={self.mu_t.shape[0]}", f"in_features={self.mu_t.shape[-1]}",
+                 f"out_features={self.eta_t.shape[-1]}", f"edits={self.edit_group.numel()}", f"fusion={self.fusion!r}"]
+        alpha = self.alpha
+        if isinstance(alpha, torch.Tensor) and not alpha.is_meta and alpha.numel() == 1:  # meta: no value
+            shown.append(f"alpha={float(alpha.detach()):.4g}")
+        if self.fisher is not None:
+            shown.append(f"fisher_keep={self.fisher_keep}")
+        shown.append(f"dtype={self.mu_t.dtype}, device={self.mu_t.device}")
+        return f"GroupedEdit({', '.join(shown)})"
+
     def dense(self, device=None, masked: bool = True) -> torch.Tensor:
         """The fused (and Fisher-masked) shift Δ (out × in, fp32; fp64 for fp64 factors), without
         alpha: the shift `apply_` adds (times alpha).  Differentiable in mu_t and eta_t (the fusion's
