@@ -67,3 +67,23 @@ def test_a_grouped_edits_repr_shows_its_sizes_not_its_tensors(method, gen):
     on_meta = dataclasses.replace(edit, mu_t=edit.mu_t.to("meta"), eta_t=edit.eta_t.to("meta"),
                                   alpha=edit.alpha.to("meta"))
     assert "alpha=" not in repr(on_meta) and repr(on_meta).endswith("device=meta)")
+
+
+def test_an_editors_layers_print_their_sizes():
+    """print(editor) showed its low-rank layers, most of its parameters, as "2 x Module()": no
+    sizes, and the rank in use nowhere (the editor's own line shows the rank asked for, 1920 by
+    default, capped at in + out features).  Each layer now shows its editors, width, rank and modes;
+    the parameters' names, and so the state dict and checkpoints, are as before."""
+    from dcedit_kernels import MoEditor
+
+    editor = MoEditor(16, 12, n_editors=3, n_modes=2)
+    text = repr(editor)
+    assert "rank=1920" in text.splitlines()[1]
+    assert "(0-1): 2 x LowRankLayer(n_editors=3, features=28, rank=28, n_modes=2)" in text
+    assert "Module()" not in text
+    fields = ("u", "v", "bias", "mode_scale", "mode_shift")
+    assert [n for n, _ in editor.named_parameters()] == (
+        ["alpha", "w_gate", "w_noise"] + [f"layers.{k}.{f}" for k in range(2) for f in fields])
+    layer = small_editor("mend", n_layers=3).to("meta").layers[2]  # sizes only: printable on "meta" too
+    G, d, r = layer.u.shape
+    assert repr(layer) == f"LowRankLayer(n_editors={G}, features={d}, rank={r}, n_modes=1)"

@@ -24,6 +24,17 @@ ROUTINGS = ("gate", "random", "single")
 GATE_NORM_DEFAULT = True
 
 
+class LowRankLayer(nn.Module):
+    """One of an editor's residual low-rank layers, for all its editors (`ops.grouped_lowrank`'s u
+    (G, d, r), v (G, r, d), bias (G, d) and the per-weight mode embeddings (G, n_modes, d), set by
+    GroupedEditor).  A class of its own for its repr: as a plain nn.Module, print(editor) showed
+    "2 x Module()", and the rank in use, min(rank, in + out), nowhere."""
+
+    def extra_repr(self) -> str:
+        G, d, r = self.u.shape
+        return f"n_editors={G}, features={d}, rank={r}, n_modes={self.mode_scale.shape[1]}"
+
+
 class GroupedEditor(nn.Module):
     """MEND's gradient transform, N_g times over, with routing, fusion and an optional ψ.
 
@@ -134,7 +145,7 @@ class GroupedEditor(nn.Module):
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         self.layers = nn.ModuleList()
         for _ in range(n_layers):
-            layer = nn.Module()
+            layer = LowRankLayer()
             layer.u = nn.Parameter(torch.zeros(G, d, r))  # MEND's "id" init: the layer starts as identity
             bound = math.sqrt(6.0 / (r + d))  # xavier_uniform on each (r, d) v
             layer.v = nn.Parameter(torch.empty(G, r, d).uniform_(-bound, bound, generator=gen))
