@@ -201,6 +201,12 @@ class Factors:
     def num_tokens(self) -> int:
         return self.mu.shape[0]
 
+    def __repr__(self) -> str:
+        # Sizes, not values: the dataclass's repr printed μ and η as (summarised) tensors without
+        # their shapes, and no number of edits or tokens (compute_factors returns one per layer).
+        return (f"Factors(edits={self.num_edits}, tokens={self.num_tokens}, in_features={self.mu.shape[-1]}, "
+                f"out_features={self.eta.shape[-1]}, dtype={self.mu.dtype}, device={self.mu.device})")
+
     def edit(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, eta) rows of edit `e`."""
         lo, hi = int(self.edit_offsets[e]), int(self.edit_offsets[e + 1])

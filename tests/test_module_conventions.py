@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from helpers import EDITOR_KINDS, OP_CASE_DIMS, editor_inputs, small_editor
+from helpers import EDITOR_KINDS, OP_CASE_DIMS, editor_inputs, ragged_offsets, randn, small_editor
 
 
 @pytest.mark.parametrize("method", EDITOR_KINDS)
@@ -87,3 +87,19 @@ def test_an_editors_layers_print_their_sizes():
     layer = small_editor("mend", n_layers=3).to("meta").layers[2]  # sizes only: printable on "meta" too
     G, d, r = layer.u.shape
     assert repr(layer) == f"LowRankLayer(n_editors={G}, features={d}, rank={r}, n_modes=1)"
+
+
+def test_factors_repr_shows_their_sizes_not_their_tensors(gen):
+    """`compute_factors` returns a Factors per layer, which a notebook shows as a dict: the
+    dataclass's repr printed μ, η and the offsets as (summarised) tensors, without shapes or the
+    number of edits and tokens."""
+    from dcedit_kernels.capture import Factors
+
+    factors = Factors(randn((40, 1536), gen), randn((40, 576), gen), ragged_offsets([12, 0, 28]))
+    text = repr({"model.layers.27.mlp.down_proj": factors})
+    assert "tensor(" not in text
+    assert text == ("{'model.layers.27.mlp.down_proj': Factors(edits=3, tokens=40, in_features=1536, out_features=576, "
+                    "dtype=torch.float32, device=cpu)}")
+    on_meta = Factors(factors.mu.to("meta"), factors.eta.to("meta"), factors.edit_offsets.to("meta"))
+    assert repr(on_meta) == ("Factors(edits=3, tokens=40, in_features=1536, out_features=576, dtype=torch.float32, "
+                             "device=meta)")
