@@ -87,7 +87,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -107,6 +107,7 @@ from .losses import DEFAULT_LOSS_REDUCTION, LOSS_REDUCTIONS
 from .requests import EditRequest, validate_requests
 from .tied_weights import check_untied
 from .tokenize import bidirectional_lm, is_seq2seq
+from .train_config import TrainResult
 
 # What other modules import from here: the capture's and the checkpoints' constants live beside
 # their code (edit_capture.py, editor_checkpoint.py) and are re-exported.
@@ -391,7 +392,7 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         found.update(dict.fromkeys(p.device for p in self.editors.parameters()))
         return list(found)
 
-    def parameters(self):
+    def parameters(self) -> Iterator[nn.Parameter]:
         """The editors' trainable parameters (empty for the baselines)."""
         return self.editors.parameters()
 
@@ -675,7 +676,7 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
                           "Edit a float32 copy of the model for the whole shift.", UserWarning, stacklevel=4)
 
     # -- training --------------------------------------------------------------------------------
-    def fit(self, train_requests, val_requests=None, config=None, **overrides):
+    def fit(self, train_requests, val_requests=None, config=None, **overrides) -> TrainResult:
         """Train the editors (see `dcedit_kernels.train.train_editor`); returns its TrainResult.
         Its steps run with grad on under a caller's `torch.no_grad()`; under torch.inference_mode
         it raises RuntimeError, as `apply` does, and while another thread edits the model.  Every

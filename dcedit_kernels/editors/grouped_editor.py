@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,6 +19,9 @@ from ..safetensors_file import check_readable, check_state, json_metadata, read_
 from .grouped_edit import GroupedEdit, check_weight
 from .parameter_generator import ParameterGenerator
 from .running_norm import FeatureNorm, RunningNorm, joint_rows
+
+if TYPE_CHECKING:  # from_mend_state_dict's return type (compat.mend imports this module)
+    from ..compat.mend import MendWeightView
 
 ROUTINGS = ("gate", "random", "single")
 # gate_norm's default (editor_cache resolves it into the cache key of a MoEditor that leaves it out).
@@ -405,7 +409,7 @@ class GroupedEditor(nn.Module):
         self.load_state_dict(state)
 
     @classmethod
-    def from_mend_state_dict(cls, state_dict, inner_params, shapes, prefix="mend."):
+    def from_mend_state_dict(cls, state_dict, inner_params, shapes, prefix="mend.") -> dict[str, MendWeightView]:
         """{inner parameter: MendWeightView} of an original MEND checkpoint (each the editor of
         its weight shape with that weight's mode and edit_lr); see
         :func:`dcedit_kernels.compat.mend.load`."""

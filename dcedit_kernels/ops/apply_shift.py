@@ -14,7 +14,7 @@ def _(weight, delta, alpha=1.0, fisher=None, keep=None, threshold=None):
     return torch.empty_like(weight)
 
 
-def apply_shift_(weight, delta, alpha=1.0, fisher=None, keep=None, threshold=None):
+def apply_shift_(weight, delta, alpha=1.0, fisher=None, keep=None, threshold=None) -> torch.Tensor:
     """In place ``weight += alpha · (delta ⊙ kept)`` in weight's dtype, fp32 arithmetic.
 
     float64 arithmetic for a float64 weight; for any other weight a float64 delta is rounded to
@@ -76,7 +76,7 @@ def _bump_version(weight, *args):
 _LIB.impl("apply_shift_", _bump_version, "ADInplaceOrView")
 
 
-def undo_shift_(weight, previous):
+def undo_shift_(weight, previous) -> torch.Tensor:
     """Restore a weight from what :func:`apply_shift_` returned."""
     # Both named, as apply_shift_'s checks do, before .shape fails on a non-tensor.  An expanded
     # weight is refused as apply_shift_ refuses it (it was torch's RuntimeError from copy_).

@@ -43,7 +43,7 @@ def check_fisher_mask(delta, fisher, keep=None, threshold=None, delta_name="delt
 register("fisher_mask", reference.fisher_mask, check=check_fisher_mask)
 
 
-def fisher_mask(delta, fisher, keep=None, threshold=None):
+def fisher_mask(delta, fisher, keep=None, threshold=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(delta ⊙ kept, count kept)``: exactly one of keep (fraction in (0, 1]) or threshold.
 
     keep: k = ceil(keep·n) (as in exact arithmetic: keep=0.07 keeps 7 of 100 entries, see

@@ -123,7 +123,7 @@ if hasattr(torch.library, "register_vmap"):  # torch >= 2.4, the declared minimu
 _LIB.impl("_grouped_lowrank_backward", _backward_legacy_batched, "Batched")
 
 
-def grouped_lowrank(h, offsets, u, v, bias, scale=None, shift=None, gain=None):
+def grouped_lowrank(h, offsets, u, v, bias, scale=None, shift=None, gain=None) -> torch.Tensor:
     """One residual low-rank layer per group, all groups in one call.
 
     For token t of group g: ``out_t = h_t + clamp((((gain_t ⊙ h_t) v_gᵀ) u_gᵀ + bias_g) ⊙

@@ -67,7 +67,7 @@ register("_grouped_outer_backward", reference.grouped_outer_backward, triton_lau
          check=check_grouped_outer_backward)
 
 
-def grouped_outer(eta, mu, offsets, fusion="add", alpha=1.0):
+def grouped_outer(eta, mu, offsets, fusion="add", alpha=1.0) -> torch.Tensor:
     """Per-group shifts ``S_g = Σ_{t∈g} η_t μ_tᵀ`` (o × i), fused elementwise, times alpha.
 
     fusion: "none" (the (G, o, i) stack), "add", "max" (largest |S_g|, first on ties), "sss"

@@ -56,7 +56,7 @@ def _backward(ctx, grad):
 torch.library.register_autograd("dcedit::lowrank_delta_linear", _backward, setup_context=_setup_context)
 
 
-def lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha):
+def lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha) -> torch.Tensor:
     """``y_n = x_n Wᵀ + b + alpha_g (x_n mu_tᵍᵀ) eta_tᵍ`` with g = row_group[n] (−1: unedited).
 
     x (N, i); weight (o, i); bias (o,) or None; row_group int (N,); mu_t (Tm, i), eta_t (Tm, o)

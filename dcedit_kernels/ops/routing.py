@@ -15,7 +15,8 @@ def _(group_of_row, G):
     return perm, torch.empty_like(perm), group_of_row.new_empty((G + 1,), dtype=torch.int32)
 
 
-def noisy_topk_gate(feats, w_gate, w_noise, k=1, training=True, generator=None):
+def noisy_topk_gate(feats, w_gate, w_noise, k=1, training=True,
+                    generator=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Noisy top-k gating (Shazeer et al. 2017) of E edits over G editors.
 
     logits = f W_g + ε ⊙ (softplus(f W_noise) + 0.01), ε ~ N(0, 1) only when training; keep the
@@ -77,7 +78,7 @@ def check_sort_by_group(group_of_row, G):
     check_ids(group_of_row, "group_of_row", 0, G - 1)
 
 
-def sort_by_group(group_of_row, G):
+def sort_by_group(group_of_row, G) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stable permutation that makes groups contiguous, its inverse, and int32 offsets (G+1,)."""
     check_sort_by_group(group_of_row, G)
     return opcall("sort_by_group")(group_of_row, G)

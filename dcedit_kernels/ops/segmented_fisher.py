@@ -30,7 +30,7 @@ register("segmented_fisher", reference.segmented_fisher, triton_launcher("segmen
 _LIB.impl("segmented_fisher", torch.library.fallthrough_kernel, "Autograd")
 
 
-def segmented_fisher(eta, mu, edit_offsets):
+def segmented_fisher(eta, mu, edit_offsets) -> torch.Tensor:
     """``F = (1/E) Σ_e (Σ_{t∈e} η_t μ_tᵀ)²`` (o × i); never holds E per-edit gradients."""
     check_segmented_fisher(eta, mu, edit_offsets)
     return opcall("segmented_fisher")(eta, mu, edit_offsets)
