@@ -316,7 +316,6 @@ def test_cli_checkpoint_dir_that_is_a_file(capsys, tmp_path, monkeypatch):
     assert f"dcedit: error: --checkpoint-dir {under}: {a_file} is a file; give a folder" in capsys.readouterr().err
 
 
-
 _TRAIN_TO = """
 import sys
 from dcedit_kernels import cli
@@ -354,6 +353,7 @@ def test_cli_checkpoint_dir_that_may_not_be_written_is_refused_before_the_model_
         assert out.splitlines()[-1] == "the model loaded", out
     finally:
         os.chmod(read_only, 0o755)
+
 
 def test_cli_empty_checkpoint_dir_is_refused_before_the_model_loads(capsys, tmp_path, monkeypatch):
     """--checkpoint-dir "" (the current directory, which TrainConfig refuses) passed argparse and

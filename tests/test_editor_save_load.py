@@ -116,7 +116,6 @@ def test_threads_saving_the_same_path_do_not_collide(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, long.name])
 
 
-
 def _run_unprivileged(script: str, *args) -> str:
     """`python -c script args` in a process that file permissions bind: as root (these tests' usual
     user in a container), without the capabilities that override them (setpriv), so that a
@@ -169,6 +168,7 @@ def test_a_save_refused_by_a_read_only_folder_names_the_path_given(tmp_path):
     assert out.splitlines() == [f"PermissionError {folder / 'new.safetensors'} Permission denied",
                                 f"PermissionError {existing} Permission denied"]
     assert os.listdir(folder) == ["existing.safetensors"] and existing.read_bytes() == before
+
 
 @pytest.mark.parametrize("method", EDITOR_KINDS)
 def test_loading_an_unseeded_editor_leaves_the_global_generator_alone(method, gen, tmp_path):
@@ -355,7 +355,6 @@ def test_a_save_over_a_read_only_file_is_refused_and_leaves_it_whole(tmp_path):
                                 f"saved {tmp_path / 'new.safetensors'}"]
     assert kept.read_bytes() == before and stat.S_IMODE(kept.stat().st_mode) == 0o444
     assert sorted(os.listdir(tmp_path)) == ["kept.safetensors", "new.safetensors"]
-
 
 
 @pytest.mark.parametrize("when", ["as safetensors maps the file", "after the config is read"])

@@ -1430,6 +1430,7 @@ def test_a_checkpoint_written_while_a_resume_reads_it_is_not_mixed_in(gen, tmp_p
     a, b = undisturbed.state_tensors(), resumed.state_tensors()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
+
 def test_a_checkpoint_dir_under_home_written_as_tilde_is_the_home_folders(gen, tmp_path, monkeypatch):
     """TrainConfig(checkpoint_dir="~/ckpt") wrote its checkpoints under a new folder named "~" in
     the working folder (fit's mkdir(parents=True)), where load_model, the data loaders and
@@ -1445,6 +1446,7 @@ def test_a_checkpoint_dir_under_home_written_as_tilde_is_the_home_folders(gen, t
     train_editor(me, random_requests(gen, 4), None,
                  TrainConfig(steps=1, batch_size=2, progress=False, checkpoint_dir="~/ckpt"))
     assert os.listdir(work) == [] and (home / "ckpt" / "trainer.safetensors").is_file()
+
 
 def test_a_best_editor_written_after_the_last_checkpoint_is_not_resumed(gen, tmp_path, monkeypatch):
     """best.safetensors is written at validation, before that step's trainer.safetensors: when the

@@ -48,7 +48,6 @@ def check_out(path: str) -> None:
         raise UserError(f"--out {path}: cannot be written ({exc.strerror or exc})") from None
 
 
-
 def check_checkpoint_dir(path: str) -> None:
     """Refuse, before the model loads, a --checkpoint-dir the run may not write (a read-only folder,
     or one under it; one under a file): the first checkpoint, --val-every steps in, failed, and the training done so
