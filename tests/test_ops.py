@@ -603,6 +603,69 @@ def test_apply_shift_returns_previous_values_outside_any_graph(reference_path, g
     assert linear.weight.is_leaf and linear.weight.grad_fn is None
 
 
+def _bit_view(t):
+    return t.view({torch.float64: torch.int64, torch.float32: torch.int32}.get(t.dtype, torch.int16))
+
+
+def _with_non_finite_entries(t, gen):
+    """t with ±inf and NaN at ~15 % of its entries each (so some fall in and some out of any mask)."""
+    t = t.clone()
+    for value in (math.inf, -math.inf, math.nan):
+        t[torch.rand(t.shape, generator=gen) < 0.15] = value
+    return t
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("reference_path", [False, True])
+def test_apply_shift_leaves_the_entries_the_mask_drops_as_they_were(dtype, reference_path, gen, device):
+    """An entry the Fisher mask leaves out keeps its bits whatever delta and alpha hold there, on
+    every backend.  All of them added alpha·(delta·kept): an unkept inf or NaN delta (and any unkept
+    entry under an infinite alpha) became inf·0 = NaN in the weight, and a -0 weight entry under an
+    unkept positive delta became +0.  The kept entries are weight + alpha·delta, NaN and inf there
+    included, as before."""
+    shape = (23, 37)
+    weight = randn(shape, gen, dtype, device)
+    weight[torch.rand(shape, generator=gen) < 0.2] = -0.0
+    delta = _with_non_finite_entries(randn(shape, gen), gen).to(device)
+    fisher = torch.rand(shape, generator=gen, dtype=torch.float64).to(device)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    for alpha in (0.37, -2.0, math.inf):
+        for kwargs in (dict(keep=0.4), dict(threshold=0.5)):
+            before = weight.clone()
+            kept = reference.fisher_mask(torch.ones(shape), fisher.cpu(), **kwargs)[0].to(device) != 0
+            assert bool(kept.any()) and bool((~kept & delta.isinf()).any()) and bool((~kept & delta.isnan()).any())
+            with ops.reference_mode(reference_path):
+                previous = ops.apply_shift_(weight, delta, alpha, fisher, **kwargs)
+            assert torch.equal(_bit_view(weight[~kept]), _bit_view(before[~kept]))
+            want = (before.to(acc) + alpha * delta.to(acc)).to(dtype)
+            torch.testing.assert_close(weight[kept], want[kept], rtol=0, atol=0, equal_nan=True)
+            ops.undo_shift_(weight, previous)
+            assert torch.equal(_bit_view(weight), _bit_view(before))
+
+
+@pytest.mark.parametrize("reference_path", [False, True])
+def test_fisher_mask_gives_zero_where_it_drops_a_non_finite_value(reference_path, gen, device):
+    """fisher_mask is a select: delta where kept, +0 elsewhere, also where the dropped delta is inf
+    or NaN (it gave inf·0 = NaN there, and -0 for a dropped negative delta).  So is its backward: a
+    non-finite gradient on a dropped entry gives 0 there, as GroupedEdit.dense says ("the mask's
+    backwards reach the kept entries only"); it gave NaN, which the fusion's backward then spread."""
+    shape = (19, 29)
+    delta = _with_non_finite_entries(randn(shape, gen, torch.float64), gen).to(device)
+    fisher = torch.rand(shape, generator=gen, dtype=torch.float64).to(device)
+    grad = _with_non_finite_entries(randn(shape, gen, torch.float64), gen).to(device)
+    for kwargs in (dict(keep=0.4), dict(threshold=0.5)):
+        kept = reference.fisher_mask(torch.ones(shape, dtype=torch.float64), fisher.cpu(), **kwargs)[0].to(device) != 0
+        with ops.reference_mode(reference_path):
+            out, count = ops.fisher_mask(delta, fisher, **kwargs)
+            d = delta.clone().requires_grad_()
+            (d_delta,) = torch.autograd.grad(ops.fisher_mask(d, fisher, **kwargs)[0], d, grad)
+        assert int(count) == int(kept.sum())
+        assert torch.equal(_bit_view(out[~kept]), torch.zeros_like(_bit_view(out[~kept])))
+        torch.testing.assert_close(out[kept], delta[kept], rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(_bit_view(d_delta[~kept]), torch.zeros_like(_bit_view(d_delta[~kept])))
+        torch.testing.assert_close(d_delta[kept], grad[kept], rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", OPCHECK_DTYPES)
 def test_apply_shift_opcheck(dtype, gen, device):
     weight, delta = randn((4, 5), gen, dtype, device), randn((4, 5), gen, torch.float32, device)

@@ -1,8 +1,9 @@
 // dcedit::apply_shift_ on the CPU: weight += alpha·(delta ⊙ kept) in place, in fp32 arithmetic
-// (fp64 for fp64 weights) rounded once to weight's dtype, exactly as
-// dcedit_kernels/reference/apply_shift.py computes it.  Returns the previous weight values: copying
-// them back restores the weight bit for bit, which subtracting the shift cannot do once the sum
-// has been rounded to bf16.  Old and new values are written in the same pass over weight.
+// (fp64 for fp64 weights) rounded once to weight's dtype, the entries not kept left as they were,
+// exactly as dcedit_kernels/reference/apply_shift.py computes it.  Returns the previous weight
+// values: copying them back restores the weight bit for bit, which subtracting the shift cannot do
+// once the sum has been rounded to bf16.  Old and new values are written in the same pass over
+// weight.
 #include "cpu/checks.h"
 #include "cpu/topk_select.h"
 
@@ -27,20 +28,21 @@ void shift_in_place(scalar_t* weight, scalar_t* previous, const at::Tensor& delt
     for (int64_t j0 = begin; j0 < end; j0 += kMaskBlock) {
       const int64_t len = std::min(kMaskBlock, end - j0);
       load_as(delta, j0, len, d);  // delta.to(acc)
-      if (!rule.all) {
-        kept_flags(fisher, rule, j0, len, kept);
-        for (int64_t j = 0; j < len; ++j) d[j] *= kept[j];  // fisher_mask: delta * kept
-      }
+      if (!rule.all) kept_flags(fisher, rule, j0, len, kept);
       // alpha·d is rounded to acc_t before the add, as in the reference.  It is a separate loop
       // through memory on purpose: a fused multiply-add (which compilers may form from one
       // expression on FMA targets) would skip that rounding and break bit-exactness.
       for (int64_t j = 0; j < len; ++j) d[j] = a * d[j];
       scalar_t* w = weight + j0;
       scalar_t* old = previous + j0;
+      // An entry the mask leaves out keeps its bits, whatever delta and alpha hold there (a select,
+      // as the reference's torch.where: adding alpha·0 would turn an unkept inf into NaN and a -0
+      // weight into +0).
       for (int64_t j = 0; j < len; ++j) {
         const scalar_t before = w[j];
         old[j] = before;
-        w[j] = static_cast<scalar_t>(static_cast<acc_t>(before) + d[j]);
+        const bool shifted = rule.all || kept[j] != acc_t(0);
+        w[j] = shifted ? static_cast<scalar_t>(static_cast<acc_t>(before) + d[j]) : before;
       }
     }
   });

@@ -32,7 +32,7 @@ int64_t mask_delta(const at::Tensor& delta, const at::Tensor& fisher, const Keep
         load_as(delta, j0, len, d);
         kept_flags(fisher, rule, j0, len, kept);
         for (int64_t j = 0; j < len; ++j) {
-          out[j0 + j] = d[j] * kept[j];
+          out[j0 + j] = kept[j] != acc_t(0) ? d[j] : acc_t(0);  // a select: an unkept inf gives 0
           count += kept[j] != acc_t(0);
         }
       }

@@ -161,9 +161,9 @@ inline KeepRule make_keep_rule(const at::Tensor& fisher, const std::optional<dou
   return rule;
 }
 
-// flags[j] = 1 where fisher[begin + j] is kept, else 0, in the arithmetic type out_t: the masking
-// ops multiply delta by it, as the reference's `delta * kept` does (so an unkept -x gives -0 and
-// an unkept inf gives NaN there too).
+// flags[j] = 1 where fisher[begin + j] is kept, else 0, in the arithmetic type out_t.  The masking
+// ops select by it (not multiply: an unkept inf or NaN would give inf·0 = NaN), as the
+// reference's torch.where does.
 template <typename out_t>
 void kept_flags(const at::Tensor& fisher, const KeepRule& rule, int64_t begin, int64_t len,
                 out_t* flags) {

@@ -5,10 +5,10 @@
 // an fp64 weight) and the sum is rounded once to the weight dtype.  The reference runs
 // `alpha * d` and `weight + ...` as two separate torch ops, i.e. two roundings; the kernel uses
 // __fmul_rn/__fadd_rn (and the fp64 forms) so nvcc cannot contract them into one fused
-// multiply-add, which would round once and differ in the last bit.  The masked delta is
-// `d * kept` (a multiply, not a select) for the same reason as in fisher_mask.cu.  One pass reads
-// each weight element once and writes both the new value and the saved copy.  With fisher=None
-// every entry is kept (keep/threshold without fisher raise ValueError, as on the CPU).
+// multiply-add, which would round once and differ in the last bit.  An entry the mask leaves out
+// is written back unchanged (a select, as the reference's torch.where).  One pass reads each
+// weight element once and writes both the new value and the saved copy.  With fisher=None every
+// entry is kept (keep/threshold without fisher raise ValueError, as on the CPU).
 #include <optional>
 
 #include <ATen/MemoryOverlap.h>
@@ -50,12 +50,13 @@ __global__ void __launch_bounds__(kShiftThreads)
   const int64_t stride = int64_t(gridDim.x) * kShiftThreads;
   for (int64_t i = int64_t(blockIdx.x) * kShiftThreads + threadIdx.x; i < n; i += stride) {
     const weight_t old = weight[i];
-    acc_t d = delta.load<acc_t>(i);
-    if (masked) {
-      d = multiply_rn(d, KeptRule::keeps(inclusive, fisher.load<double>(i), t) ? acc_t(1) : acc_t(0));
-    }
+    const bool shifted = !masked || KeptRule::keeps(inclusive, fisher.load<double>(i), t);
     previous[i] = old;
-    weight[i] = static_cast<weight_t>(add_rn(static_cast<acc_t>(old), multiply_rn(alpha, d)));
+    // As the CPU kernel: an entry the mask leaves out keeps its bits (adding alpha·0 would write
+    // NaN for an unkept inf or an infinite alpha, and turn a -0 weight into +0).
+    weight[i] = shifted ? static_cast<weight_t>(add_rn(static_cast<acc_t>(old),
+                                                       multiply_rn(alpha, delta.load<acc_t>(i))))
+                        : old;
   }
 }
 

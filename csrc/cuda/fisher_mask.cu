@@ -1,11 +1,11 @@
 // dcedit::fisher_mask on CUDA: (delta ⊙ kept, number kept), kept as in topk_select.cuh.
 //
 // Matches dcedit_kernels/reference/fisher_mask.py bit for bit: the output is delta converted to
-// fp32 (fp64 when delta is fp64) times kept converted to 0/1, a multiply rather than a select, so
-// that NaN/inf entries of delta that are dropped give NaN and negative ones give -0.0, as the
-// reference's `delta * kept` does.  The count comes out of the same pass as a 0-dim int64 device
-// tensor, so the op never waits for the GPU.  One deliberate difference: an empty tensor with
-// `keep` returns an empty result and count 0 where torch.kthvalue raises.
+// fp32 (fp64 when delta is fp64) where kept, else +0: a select, as the reference's torch.where
+// (a multiply by 0/1 would give NaN for a dropped inf or NaN).  The count comes out of the same
+// pass as a 0-dim int64 device tensor, so the op never waits for the GPU.  One deliberate
+// difference: an empty tensor with `keep` returns an empty result and count 0 where
+// torch.kthvalue raises.
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
@@ -24,9 +24,6 @@ namespace {
 
 constexpr int kMaskThreads = 256;
 
-__device__ inline float multiply_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ inline double multiply_rn(double a, double b) { return __dmul_rn(a, b); }
-
 template <typename acc_t>
 __global__ void __launch_bounds__(kMaskThreads)
     fisher_masked_delta_kernel(FloatElements delta, FloatElements fisher, KeptRule rule,
@@ -42,7 +39,7 @@ __global__ void __launch_bounds__(kMaskThreads)
   for (int64_t i = int64_t(blockIdx.x) * kMaskThreads + threadIdx.x; i < n; i += stride) {
     const bool kept = KeptRule::keeps(inclusive, fisher.load<double>(i), t);
     kept_here += kept ? 1u : 0u;
-    out[i] = multiply_rn(delta.load<acc_t>(i), kept ? acc_t(1) : acc_t(0));
+    out[i] = kept ? delta.load<acc_t>(i) : acc_t(0);
   }
   const unsigned long long block_kept = BlockReduce(reduce_storage).Sum(kept_here);
   if (threadIdx.x == 0 && block_kept != 0) atomicAdd(kept_count, block_kept);

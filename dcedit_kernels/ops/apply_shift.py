@@ -19,7 +19,8 @@ def apply_shift_(weight, delta, alpha=1.0, fisher=None, keep=None, threshold=Non
 
     float64 arithmetic for a float64 weight; for any other weight a float64 delta is rounded to
     fp32 first (the arithmetic follows the weight, not the delta).
-    kept as in :func:`fisher_mask` (every entry when fisher is None).  Returns the previous
+    kept as in :func:`fisher_mask` (every entry when fisher is None); an entry not
+    kept is left as it was, bit for bit, whatever delta or alpha holds there.  Returns the previous
     values of weight; ``undo_shift_(weight, previous)`` restores it bit for bit.  The sum is
     rounded to weight's dtype: in bf16/fp16 a shift entry below half the weight's resolution
     (bf16: |W|·2⁻⁹ to |W|·2⁻⁸) leaves its entry unchanged.

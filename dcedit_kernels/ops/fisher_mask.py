@@ -52,6 +52,8 @@ def fisher_mask(delta, fisher, keep=None, threshold=None) -> tuple[torch.Tensor,
     tensor with a Python number: the threshold rounded to fisher's dtype first (a bf16 fisher
     entry 1.421875 is not kept at threshold 1.418, which rounds to it).  The count is a 0-dim int64
     tensor on delta's device (no host synchronisation).  Works for any n (no torch.quantile).
+    The mask selects: an entry not kept is +0 whatever delta holds there (an inf or NaN too, not
+    inf·0 = NaN), and the gradient reaches the kept entries only.
     """
     check_fisher_mask(delta, fisher, keep, threshold)
     return opcall("fisher_mask")(

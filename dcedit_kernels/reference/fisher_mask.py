@@ -27,12 +27,19 @@ def fisher_threshold_for_keep(fisher, keep):
     return torch.kthvalue(flat, n - keep_count(keep, n) + 1).values
 
 
-def fisher_mask(delta, fisher, keep=None, threshold=None):
-    """(delta ⊙ kept, kept count); ties at the keep threshold are all kept."""
+def kept_entries(fisher, keep=None, threshold=None):
+    """The boolean mask of the kept entries; ties at the keep threshold are all kept."""
     if keep is not None:
-        kept = fisher >= fisher_threshold_for_keep(fisher, keep)
-    else:
-        kept = fisher > threshold
+        return fisher >= fisher_threshold_for_keep(fisher, keep)
+    return fisher > threshold
+
+
+def fisher_mask(delta, fisher, keep=None, threshold=None):
+    """(delta ⊙ kept, kept count): delta where kept, else 0.  A select, not `delta * kept`: an
+    unkept inf or NaN gives 0 (not inf·0 = NaN), so the mask's backward (this op on the gradient)
+    passes nothing of a non-finite gradient to the entries it drops."""
+    kept = kept_entries(fisher, keep, threshold)
+    d = delta.to(compute_dtype(delta))
     # Contiguous, as the C++ kernels and the fake return it (a transposed delta kept its layout).
-    out = (delta.to(compute_dtype(delta)) * kept).contiguous()
+    out = torch.where(kept, d, d.new_zeros(())).contiguous()
     return out, kept.sum()
