@@ -117,6 +117,24 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))  # one device sync, not two
 
 
+def all_finite_many(tensors) -> bool:
+    """`all(all_finite(t) for t in tensors)` (None entries skipped) with one device sync per
+    device, not one per tensor: each tensor's answer stays on its device until they are all
+    combined.  A training step checks every editor gradient, an edit every layer's shift: on a GPU,
+    a sync per tensor stalled the host once per parameter (per layer) per step."""
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t is None or (not t.is_complex() and (not t.is_floating_point() or t.numel() == 0)):
+            continue
+        if t.is_complex():
+            flag = torch.isfinite(t).all()
+        else:
+            lo, hi = torch.aminmax(t)
+            flag = torch.isfinite(lo) & torch.isfinite(hi)
+        flags.setdefault(t.device, []).append(flag)
+    return all(bool(torch.stack(device_flags).all()) for device_flags in flags.values())
+
+
 def check_path(value, name: str, none_ok: bool = False) -> None:
     """ValueError naming `name` unless `value` is a path: a non-empty str or os.PathLike of a str (or
     None when `none_ok`).  pathlib's TypeError ("expected str, bytes or os.PathLike object, not

@@ -2255,6 +2255,38 @@ def test_a_skipped_batch_leaves_the_running_norms_as_they_were(gen, monkeypatch)
     assert 0 < int(norm.k)
 
 
+def test_a_training_step_checks_its_gradients_with_one_host_read(gen, monkeypatch):
+    """The step's gradients are checked for finiteness with one read of a value into Python (a
+    device sync on CUDA) for all of them: it was one per editor parameter (11 for a two-layer MEND,
+    a GPU stall per parameter per step).  The answer is all_finite's of each gradient."""
+    import dcedit_kernels.train as train_module
+    from dcedit_kernels._checks import all_finite, all_finite_many
+
+    from test_compile import _HostReads
+
+    reads, real_finite = [], train_module._finite
+
+    def finite(grads):
+        with _HostReads() as host:
+            answer = real_finite(grads)
+        reads.append(host.count)
+        assert answer == all(g is None or all_finite(g) for g in grads)
+        return answer
+
+    monkeypatch.setattr(train_module, "_finite", finite)
+    me = tiny_mend("llama", gen)
+    assert len(list(me.parameters())) > 2
+    me.fit(random_requests(gen, 8), None, TrainConfig(steps=2, batch_size=2, progress=False))
+    assert reads == [1, 1]
+    base = torch.randn(3, 4, generator=gen)
+    for bad in (float("nan"), float("inf")):
+        worse = base.clone()
+        worse[1, 2] = bad
+        for tensors in ([base, None, worse], [worse.bfloat16(), base], [base.double(), base[:0], torch.arange(3)],
+                        [torch.tensor(bad)], [], [None], [torch.randn(2, dtype=torch.complex64), worse.t()]):
+            assert all_finite_many(tensors) == all(t is None or all_finite(t) for t in tensors)
+
+
 # ---------------------------------------------------------------------------------------------
 # One whole training step against a float64 reference written from the docstring
 # ---------------------------------------------------------------------------------------------
