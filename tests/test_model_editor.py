@@ -1878,6 +1878,50 @@ def test_nan_shift_leaves_model_untouched(field, gen, monkeypatch):
     assert not me._live
 
 
+def test_an_edit_checks_its_factors_and_its_shifts_with_one_host_read_each(gen, monkeypatch):
+    """apply checks every layer's gradient factors, then every layer's shift, for finiteness with
+    one read of a value into Python (a device sync on CUDA) each: it was one per tensor, 2 per
+    layer for the factors and 3 per layer for the shift (20 for these 4 layers).  A bad shift in
+    one layer is still named, that layer and not the first."""
+    import dcedit_kernels.edit_capture as edit_capture
+    import dcedit_kernels.model_editor as model_editor
+    from dcedit_kernels._checks import all_finite
+
+    from test_compile import _HostReads
+
+    me = make_editor("llama", "mend", gen)
+    per_tensor, reads = [], []
+    for module in (edit_capture, model_editor):
+        def counted(t, real=all_finite):
+            per_tensor.append(t.shape)
+            return real(t)
+
+        def read_once(tensors, real=getattr(module, "all_finite_many", None)):
+            with _HostReads() as host:
+                answer = real(tensors)
+            reads.append(host.count)
+            return answer
+
+        monkeypatch.setattr(module, "all_finite", counted)
+        monkeypatch.setattr(module, "all_finite_many", read_once, raising=False)
+    me.apply(random_requests(gen, 3)).undo()
+    assert per_tensor == [] and reads == [1, 1]
+
+    original = GroupedEditor.forward
+
+    def poisoned(self, *args, mode=0, **kwargs):
+        edit = original(self, *args, mode=mode, **kwargs)
+        if self.n_modes == 2 and mode == 1:  # the second of the two down_proj layers
+            edit.eta_t = edit.eta_t * float("inf")
+        return edit
+
+    monkeypatch.setattr(GroupedEditor, "forward", poisoned)
+    before = snapshot(me.model)
+    with pytest.raises(FloatingPointError, match=r"^the editor's shift for layer 'model.layers.1.mlp.down_proj' "):
+        me.apply(random_requests(gen, 3))
+    assert_bit_identical(before, me.model)
+
+
 def test_a_non_finite_edit_loss_leaves_model_untouched(gen, monkeypatch):
     """An edit loss that is not finite while its gradient factors are (+inf added to it: the
     gradient is unchanged) is refused by the capture; the factors check alone would let it edit."""
