@@ -225,7 +225,9 @@ def check_ids(ids: torch.Tensor, name: str, low: int, high: int, note: str = "")
     as offsets are, and not while torch.compile traces (`tracing`)."""
     if tracing() or not ids.numel() or no_values(ids):  # no values to read (see check_offsets)
         return
-    if int(ids.min()) < low or int(ids.max()) > high:
+    # Both ends in one copy to the host: int() of min() and of max() was two device syncs per call.
+    lo, hi = torch.stack(torch.aminmax(ids)).cpu()
+    if int(lo) < low or int(hi) > high:
         raise ValueError(f"{name} entries must be in [{low}, {high}]{note}")
 
 

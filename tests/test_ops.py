@@ -1714,6 +1714,39 @@ def test_sort_by_group(gen, device):
         ops.sort_by_group(torch.tensor([0, -1, 2], device=device), 5)
 
 
+class _HostCopies(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the copies to the host that reads of tensor values into Python need (int(t), bool(t),
+    t.item()): one per storage read, as on CUDA, where `host = t.cpu()` and then int(host[0]),
+    int(host[1]) sync once, while int(t.min()) and int(t.max()) sync twice.  The tensors read are
+    held, so that no storage's address is reused by a later one while the mode is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.read = []
+
+    @property
+    def count(self) -> int:
+        return len({t.untyped_storage().data_ptr() for t in self.read})
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.read.append(args[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name, copies", [("sort_by_group", 1), ("lowrank_delta_linear", 3)])
+def test_an_ops_check_of_ids_copies_them_to_the_host_once(name, copies, gen):
+    """The range check of an op's group ids (sort_by_group's group_of_row, lowrank_delta_linear's
+    row_group) reads both ends of the ids with one copy to the host: int() of their min() and of
+    their max() were two device syncs on CUDA, per editor layer per edit and per training pass.
+    lowrank_delta_linear's other two are its offsets' check: their host copy, and the order test
+    computed from it (on the host, no sync on CUDA; counted here, where everything is the host)."""
+    fn, args = public_op_cases(gen)[name]
+    with _HostCopies() as host:
+        fn(*args)
+    assert host.count == copies
+
+
 def test_noisy_topk_gate(gen):
     E, f, G = 9, 6, 4
     feats, w_gate, w_noise = randn((E, f), gen), randn((f, G), gen), randn((f, G), gen)
