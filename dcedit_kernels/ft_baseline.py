@@ -17,7 +17,7 @@ import time
 import torch
 from torch import nn
 
-from ._checks import HALF_DTYPES, all_finite, is_finite_number, is_int
+from ._checks import HALF_DTYPES, all_finite, all_finite_many, is_finite_number, is_int
 from .block_prefix import PrefixReuse
 from .edit_handle import add_note, deferred_interrupt, restore
 from .losses import backward_scale, log_probs_at, picked_kl
@@ -310,16 +310,19 @@ class FineTuneBaselines:
                 for _ in range(opts["ft_steps"]):
                     if not step_gradients(scales):
                         break
-                    finite = all(m.grad is None or all_finite(m.grad) for m in masters)
+                    # One device sync for every layer's gradient, not one per layer (twice); the
+                    # layers are read one by one only to name a bad one.
+                    finite = all_finite_many(m.grad for m in masters)
                     if not finite and scales != (1.0, 1.0):
                         # A 16-bit weight's gradient sums over every token, so the scaled one can
                         # overflow where the mean's did not: this step again, unscaled.
                         step_gradients((1.0, 1.0))
+                        finite = all_finite_many(m.grad for m in masters)
                     for name, m in zip(names, masters):
                         if m.grad is None:
                             raise RuntimeError(f"layer {name!r} got no gradient from the fine-tuning loss "
                                                "(it did not run in the model's forward)")
-                        if not all_finite(m.grad):
+                        if not finite and not all_finite(m.grad):
                             raise FloatingPointError(f"non-finite gradient for layer {name!r}")
                     opt.step()
                     with torch.no_grad():
@@ -327,9 +330,10 @@ class FineTuneBaselines:
                             if m is not w:
                                 w.copy_(m)
                     steps_run += 1
-            for name, w in zip(names, weights):
-                if not all_finite(w):
-                    raise FloatingPointError(f"the fine-tuned weight of layer {name!r} is not finite")
+            if not all_finite_many(weights):
+                for name, w in zip(names, weights):
+                    if not all_finite(w):
+                        raise FloatingPointError(f"the fine-tuned weight of layer {name!r} is not finite")
         except BaseException as exc:
             restore(saved)
             add_note(exc, "dcedit: the fine-tuning edit failed; the edited weights were restored bit for bit")

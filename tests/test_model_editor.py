@@ -1922,6 +1922,36 @@ def test_an_edit_checks_its_factors_and_its_shifts_with_one_host_read_each(gen, 
     assert_bit_identical(before, me.model)
 
 
+def test_an_ft_step_checks_its_gradients_with_one_host_read(gen, monkeypatch):
+    """FT checks every edited layer's gradient, at each step, and its fine-tuned weights at the end
+    for finiteness with one read of a value into Python (a device sync on CUDA) each: it was one
+    per layer, and the gradients' twice (20 for these 4 layers and 2 steps)."""
+    import dcedit_kernels.ft_baseline as ft_baseline
+    from dcedit_kernels._checks import all_finite
+
+    from test_compile import _HostReads
+
+    me = make_editor("llama", "ft", gen, ft_steps=2, ft_stop_loss=None)
+    per_tensor, reads = [], []
+
+    def counted(t):
+        per_tensor.append(t.shape)
+        return all_finite(t)
+
+    def read_once(tensors, real=getattr(ft_baseline, "all_finite_many", None)):
+        with _HostReads() as host:
+            answer = real(tensors)
+        reads.append(host.count)
+        return answer
+
+    monkeypatch.setattr(ft_baseline, "all_finite", counted)
+    monkeypatch.setattr(ft_baseline, "all_finite_many", read_once, raising=False)
+    handle = me.apply(random_requests(gen, 3))
+    assert handle.stats["ft_steps_run"] == 2
+    handle.undo()
+    assert per_tensor == [] and reads == [1, 1, 1]
+
+
 def test_a_non_finite_edit_loss_leaves_model_untouched(gen, monkeypatch):
     """An edit loss that is not finite while its gradient factors are (+inf added to it: the
     gradient is unchanged) is refused by the capture; the factors check alone would let it edit."""
