@@ -51,7 +51,7 @@ def replace_atomically(path, write: Callable[[Path], object]) -> None:
         # here moves a whole file over the path, so it refuses.
         raise ValueError(f"cannot save to {path}: it is not a regular file (a device, a pipe or a socket), "
                          "which a save would replace with one; give a file name")
-    if path.is_file() and not os.access(path, os.W_OK):
+    if path.is_file() and not os.access(path, os.W_OK) and not _on_a_read_only_mount(path):
         # open() refuses a file its user may not write (torch.save, numpy.save, the CLI's --out
         # check): moved over it, a checkpoint made read-only to keep it was replaced without a word.
         raise PermissionError(errno.EACCES, f"{os.strerror(errno.EACCES)} (a read-only file)", str(path))
@@ -77,7 +77,17 @@ def replace_atomically(path, write: Callable[[Path], object]) -> None:
         # named no file at all, so that `dcedit` showed a traceback.  The error names `path`.
         raise OSError(exc.errno, exc.strerror, str(path)) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        # Only a file there: on a read-only mount, unlinking a missing one fails (EROFS, not ENOENT),
+        # and that error, naming the temporary file, replaced the one above.
+        if os.path.lexists(tmp):
+            tmp.unlink(missing_ok=True)
+
+
+def _on_a_read_only_mount(path: Path) -> bool:
+    """Whether `path` lies on a file system mounted read-only (a container's read-only volume),
+    where os.access refuses every file: the save's own error, "Read-only file system" naming the
+    path as open()'s, says why, not "a read-only file"."""
+    return hasattr(os, "statvfs") and bool(os.statvfs(path).f_flag & os.ST_RDONLY)
 
 
 def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:

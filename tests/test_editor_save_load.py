@@ -357,6 +357,38 @@ def test_a_save_over_a_read_only_file_is_refused_and_leaves_it_whole(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["kept.safetensors", "new.safetensors"]
 
 
+def test_a_save_on_a_read_only_file_system_is_its_os_error_naming_the_path(tmp_path):
+    """On a read-only mount (a container's read-only volume) a save's error named the temporary file
+    ("[Errno 30] Read-only file system: '<folder>/.new.safetensors.<hex>.tmp'": the cleanup's unlink
+    of the file it never created fails there with EROFS, not ENOENT, and replaced the error), and a
+    save over a file there said "Permission denied (a read-only file)" of a writable file (os.access
+    refuses every file of a read-only mount).  Both raise open()'s error, EROFS naming the path."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        pytest.skip("no unshare or mount to make a read-only mount of our own")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    # A tmpfs in a mount namespace of the subprocess's own (root's, or an unprivileged user's mapped
+    # to root), holding one file, remounted read-only: the host's mounts are untouched.
+    ro_mount = ('mount -t tmpfs none "$0" && echo x > "$0/kept.safetensors" && mount -o remount,ro "$0" '
+                '|| exit 77; exec "$@"')
+    unshare = ["unshare", "--mount", "--propagation", "private", *([] if os.geteuid() == 0 else ["--map-root-user"])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([*unshare, "sh", "-c", ro_mount, str(mnt), sys.executable, "-c", _SAVE_AND_REPORT,
+                           mnt / "kept.safetensors", mnt / "new.safetensors"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    if done.returncode == 77 or done.stderr.startswith("unshare:"):  # no mount namespace (a container's limits)
+        pytest.skip(f"no read-only mount of our own here: {done.stderr.strip()[-200:]}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"OSError {mnt / 'kept.safetensors'} Read-only file system",
+                                        f"OSError {mnt / 'new.safetensors'} Read-only file system"]
+    assert os.listdir(mnt) == []  # the mount was the subprocess's own
+
+
 @pytest.mark.parametrize("when", ["as safetensors maps the file", "after the config is read"])
 def test_a_checkpoint_saved_over_while_it_loads_gives_one_files_config_and_tensors(when, gen, tmp_path, monkeypatch):
     """ModelEditor.load and GroupedEditor.load read the config, checked it, built the editor, then
