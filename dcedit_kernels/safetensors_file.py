@@ -86,8 +86,12 @@ def replace_atomically(path, write: Callable[[Path], object]) -> None:
 def _on_a_read_only_mount(path: Path) -> bool:
     """Whether `path` lies on a file system mounted read-only (a container's read-only volume),
     where os.access refuses every file: the save's own error, "Read-only file system" naming the
-    path as open()'s, says why, not "a read-only file"."""
-    return hasattr(os, "statvfs") and bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    path as open()'s, says why, not "a read-only file".  False where that is unknown (no statvfs:
+    Windows; a file system that answers none)."""
+    try:
+        return hasattr(os, "statvfs") and bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
