@@ -108,6 +108,9 @@ def _rng_states(me: ModelEditor) -> dict:
 
 
 TRAINER_FILE = "trainer.safetensors"  # a checkpoint's last file written (`_checkpoint`), the one a resume reads
+# Every file a run writes in checkpoint_dir (`_checkpoint`, and train_editor's best state): the CLI
+# checks before any work that it may replace those already there.
+CHECKPOINT_FILES = ("editor.safetensors", "best.safetensors", TRAINER_FILE)
 
 
 def has_checkpoint(ckpt) -> bool:

@@ -355,6 +355,33 @@ def test_cli_checkpoint_dir_that_may_not_be_written_is_refused_before_the_model_
         os.chmod(read_only, 0o755)
 
 
+def test_cli_checkpoint_dir_holding_a_read_only_checkpoint_file_is_refused_before_the_model_loads(tmp_path):
+    """A save refuses to replace a file its user may not write (replace_atomically): a --checkpoint-dir
+    whose editor.safetensors, best.safetensors or trainer.safetensors was made read-only (chmod a-w,
+    to keep it) passed the folder's check, loaded the model and trained --val-every steps, then the
+    first checkpoint failed ("Permission denied (a read-only file)") and that training was lost.  It
+    is refused before the model loads; a writable file there is not."""
+    import os
+
+    from test_editor_save_load import _run_unprivileged
+
+    for name in ("editor.safetensors", "best.safetensors", "trainer.safetensors"):
+        ckpt = tmp_path / name.split(".")[0]
+        ckpt.mkdir()
+        (ckpt / name).write_bytes(b"kept")
+        os.chmod(ckpt / name, 0o444)
+        out = _run_unprivileged(_TRAIN_TO, ckpt, tmp_path / "e.safetensors").splitlines()
+        assert out[-1] == "exit 2" and out[0] == (
+            f"dcedit: error: --checkpoint-dir {ckpt}: its {name} is read-only, which its checkpoints may not "
+            "replace (they would fail after --val-every steps); make it writable or give another folder"), out
+        assert (ckpt / name).read_bytes() == b"kept"
+    writable = tmp_path / "writable"
+    writable.mkdir()
+    (writable / "editor.safetensors").write_bytes(b"old")
+    out = _run_unprivileged(_TRAIN_TO, writable, tmp_path / "e.safetensors")
+    assert out.splitlines()[-1] == "the model loaded", out
+
+
 def test_cli_empty_checkpoint_dir_is_refused_before_the_model_loads(capsys, tmp_path, monkeypatch):
     """--checkpoint-dir "" (the current directory, which TrainConfig refuses) passed argparse and
     the folder check, loaded the model and then said "checkpoint_dir must be a path or None, got ''",

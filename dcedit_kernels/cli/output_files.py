@@ -50,8 +50,9 @@ def check_out(path: str) -> None:
 
 def check_checkpoint_dir(path: str) -> None:
     """Refuse, before the model loads, a --checkpoint-dir the run may not write (a read-only folder,
-    or one under it; one under a file): the first checkpoint, --val-every steps in, failed, and the training done so
-    far was lost (--out is written at the end only).  The folder need not exist: fit creates it."""
+    or one under it; one under a file; a checkpoint file in it made read-only): the first checkpoint,
+    --val-every steps in, failed, and the training done so far was lost (--out is written at the end
+    only).  The folder need not exist: fit creates it."""
     folder = Path(path)
     try:
         while not folder.exists() and folder != folder.parent:  # the nearest that exists
@@ -63,6 +64,16 @@ def check_checkpoint_dir(path: str) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"--checkpoint-dir {path}: cannot write in {folder} (its checkpoints would fail "
                         "after --val-every steps); give a folder you may write")
+    from ..train_checkpoint import CHECKPOINT_FILES  # the CLI imports the training code only to train
+
+    for name in CHECKPOINT_FILES:
+        # A save does not replace a file its user may not write (replace_atomically): one made
+        # read-only to keep it failed the first checkpoint, --val-every steps in.
+        file = Path(path) / name
+        if file.is_file() and not os.access(file, os.W_OK):
+            raise UserError(f"--checkpoint-dir {path}: its {name} is read-only, which its checkpoints may not "
+                            "replace (they would fail after --val-every steps); make it writable or give another "
+                            "folder")
 
 
 def check_inputs(args, out: str | None) -> None:
