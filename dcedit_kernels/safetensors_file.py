@@ -111,7 +111,7 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
             save_file(tensors, str(tmp), metadata=metadata)
         except SafetensorError as exc:
             code = re.search(r"\(os error (\d+)\)", str(exc))
-            if code is None:
+            if code is None or os.name != "posix":  # Windows' "os error" is a Win32 code, not an errno
                 raise
             raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(tmp)) from None
 
@@ -137,7 +137,8 @@ def read_safetensors(path, attempts: int = 3) -> tuple[dict, dict]:
     (a process loading while another saved two editors of one shape there in turn: 5 loads of 300
     under a single safe_open).  The read holds the file `path` names open while it reads, so that
     no other file can take its inode, and checks that `path` still names it after: if not, it reads
-    again (the file now there, whole).  Not one read of the bytes (safetensors.torch.load): that held
+    again (the file now there, whole), and after `attempts` such reads raises
+    OSError (EAGAIN) naming the path.  Not one read of the bytes (safetensors.torch.load): that held
     the file's bytes beside its tensors, a checkpoint's size more at peak.  SafetensorError when it
     is not a safetensors file."""
     from safetensors import safe_open
@@ -150,8 +151,9 @@ def read_safetensors(path, attempts: int = 3) -> tuple[dict, dict]:
             after = os.stat(path)
         if (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino):
             return meta, tensors
-    raise RuntimeError(f"{path} was saved over while it was read, {attempts} times running (another process "
-                       "saving there?): load it again once that is done")
+    # An OSError naming the path, as the OS's own errors of a load are: `dcedit` prints it in one line.
+    raise OSError(errno.EAGAIN, f"saved over while it was read, {attempts} times running (another process "
+                  "saving there?): load it again once that is done", str(path))
 
 
 def json_metadata(path, key: str, text: str) -> dict:
