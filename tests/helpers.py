@@ -7,6 +7,43 @@ import torch
 from dcedit_kernels import ops
 
 
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts reads of a tensor's value into Python (int(t), bool(t), t.item(): a device sync on
+    CUDA) made while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def count_finiteness_checks(monkeypatch, *modules) -> tuple[list, list]:
+    """From here on, in each of `modules`: the shape of each tensor its `all_finite` checks alone,
+    and the host reads (`HostReads`) of each of its `all_finite_many` calls; returns those two
+    lists, (per_tensor, reads), which fill as the code under test runs."""
+    from dcedit_kernels._checks import all_finite, all_finite_many
+
+    per_tensor, reads = [], []
+
+    def counted(t):
+        per_tensor.append(t.shape)
+        return all_finite(t)
+
+    def read_once(tensors):
+        with HostReads() as host:
+            answer = all_finite_many(tensors)
+        reads.append(host.count)
+        return answer
+
+    for module in modules:
+        monkeypatch.setattr(module, "all_finite", counted)
+        monkeypatch.setattr(module, "all_finite_many", read_once)
+    return per_tensor, reads
+
+
 def ragged_offsets(counts, device="cpu"):
     c = torch.tensor([0] + list(counts), dtype=torch.int64)
     return c.cumsum(0).to(torch.int32).to(device)

@@ -694,26 +694,12 @@ def test_compute_factors_checks_every_modules_factors_with_one_host_read(gen, mo
     into Python (a device sync on CUDA): it was one per tensor, two per module (6 for these 3),
     besides the loss's own check."""
     import dcedit_kernels.capture as capture
-    from dcedit_kernels._checks import all_finite
 
-    from test_compile import _HostReads
+    from helpers import count_finiteness_checks
 
     model, tok = make_model("llama", torch.float64, gen)
     batch = random_batch(model, tok, "llama", gen, n_edits=3)
-    per_tensor, reads = [], []
-
-    def counted(t):
-        per_tensor.append(t.shape)
-        return all_finite(t)
-
-    def read_once(tensors, real=getattr(capture, "all_finite_many", None)):
-        with _HostReads() as host:
-            answer = real(tensors)
-        reads.append(host.count)
-        return answer
-
-    monkeypatch.setattr(capture, "all_finite", counted)
-    monkeypatch.setattr(capture, "all_finite_many", read_once, raising=False)
+    per_tensor, reads = count_finiteness_checks(monkeypatch, capture)
     factors, loss = compute_factors(model, batch, editable_names(model)[:3])
     assert len(factors) == 3 and per_tensor == [loss.shape] and reads == [1]
 

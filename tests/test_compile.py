@@ -14,7 +14,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from dcedit_kernels import ops
-from helpers import (
+from helpers import (HostReads, 
     EDITOR_KINDS, OP_CASE_DIMS, deterministic_on, editor_inputs, output_and_grads, public_op_cases, ragged_leaves, randn,
     small_editor,
 )
@@ -160,19 +160,6 @@ def test_editor_under_inductor_matches_eager_to_rounding(gen):
     assert w.norm() > 0 and float((g - w).norm()) < 1e-5 * float(w.norm())
 
 
-class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts reads of a tensor's value into Python (int(t), bool(t), t.item(): a device sync on
-    CUDA) made while it is active."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
-
-
 NO_CUDAGRAPH_TAG = pytest.mark.skipif(not hasattr(torch.Tag, "cudagraph_unsafe"),
                                       reason="this torch has no cudagraph_unsafe tag (torch 2.4, 2.6)")
 
@@ -190,7 +177,7 @@ def test_the_ops_that_read_the_host_are_tagged_cudagraph_unsafe(name, gen):
                                              keep=0.5)), ()
     else:
         fn, args = public_op_cases(gen)[name]
-    with _HostReads() as reads:
+    with HostReads() as reads:
         fn(*args)
     op = getattr(torch.ops.dcedit, name).default
     unsafe = torch.Tag.cudagraph_unsafe in op.tags

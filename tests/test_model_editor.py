@@ -1885,25 +1885,11 @@ def test_an_edit_checks_its_factors_and_its_shifts_with_one_host_read_each(gen, 
     one layer is still named, that layer and not the first."""
     import dcedit_kernels.edit_capture as edit_capture
     import dcedit_kernels.model_editor as model_editor
-    from dcedit_kernels._checks import all_finite
 
-    from test_compile import _HostReads
+    from helpers import count_finiteness_checks
 
     me = make_editor("llama", "mend", gen)
-    per_tensor, reads = [], []
-    for module in (edit_capture, model_editor):
-        def counted(t, real=all_finite):
-            per_tensor.append(t.shape)
-            return real(t)
-
-        def read_once(tensors, real=getattr(module, "all_finite_many", None)):
-            with _HostReads() as host:
-                answer = real(tensors)
-            reads.append(host.count)
-            return answer
-
-        monkeypatch.setattr(module, "all_finite", counted)
-        monkeypatch.setattr(module, "all_finite_many", read_once, raising=False)
+    per_tensor, reads = count_finiteness_checks(monkeypatch, edit_capture, model_editor)
     me.apply(random_requests(gen, 3)).undo()
     assert per_tensor == [] and reads == [1, 1]
 
@@ -1927,25 +1913,11 @@ def test_an_ft_step_checks_its_gradients_with_one_host_read(gen, monkeypatch):
     for finiteness with one read of a value into Python (a device sync on CUDA) each: it was one
     per layer, and the gradients' twice (20 for these 4 layers and 2 steps)."""
     import dcedit_kernels.ft_baseline as ft_baseline
-    from dcedit_kernels._checks import all_finite
 
-    from test_compile import _HostReads
+    from helpers import count_finiteness_checks
 
     me = make_editor("llama", "ft", gen, ft_steps=2, ft_stop_loss=None)
-    per_tensor, reads = [], []
-
-    def counted(t):
-        per_tensor.append(t.shape)
-        return all_finite(t)
-
-    def read_once(tensors, real=getattr(ft_baseline, "all_finite_many", None)):
-        with _HostReads() as host:
-            answer = real(tensors)
-        reads.append(host.count)
-        return answer
-
-    monkeypatch.setattr(ft_baseline, "all_finite", counted)
-    monkeypatch.setattr(ft_baseline, "all_finite_many", read_once, raising=False)
+    per_tensor, reads = count_finiteness_checks(monkeypatch, ft_baseline)
     handle = me.apply(random_requests(gen, 3))
     assert handle.stats["ft_steps_run"] == 2
     handle.undo()

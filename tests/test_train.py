@@ -2262,12 +2262,12 @@ def test_a_training_step_checks_its_gradients_with_one_host_read(gen, monkeypatc
     import dcedit_kernels.train as train_module
     from dcedit_kernels._checks import all_finite, all_finite_many
 
-    from test_compile import _HostReads
+    from helpers import HostReads
 
     reads, real_finite = [], train_module._finite
 
     def finite(grads):
-        with _HostReads() as host:
+        with HostReads() as host:
             answer = real_finite(grads)
         reads.append(host.count)
         assert answer == all(g is None or all_finite(g) for g in grads)
