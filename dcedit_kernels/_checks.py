@@ -138,6 +138,15 @@ def all_finite_many(tensors) -> bool:
     return all(bool(torch.stack(device_flags).all()) for device_flags in flags.values())
 
 
+def first_non_finite(named) -> str | None:
+    """The first name of `named` ({name: tensors}) whose tensors are not all finite, or None when
+    all are: one device sync per device for all of them (`all_finite_many`), the names read one by
+    one only when one is not, to name it.  The checks of every layer's factors, shift or weight."""
+    if all_finite_many(t for tensors in named.values() for t in tensors):
+        return None
+    return next(name for name, tensors in named.items() if not all_finite_many(tensors))
+
+
 def check_path(value, name: str, none_ok: bool = False) -> None:
     """ValueError naming `name` unless `value` is a path: a non-empty str or os.PathLike of a str (or
     None when `none_ok`).  pathlib's TypeError ("expected str, bytes or os.PathLike object, not

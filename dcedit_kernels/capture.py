@@ -89,7 +89,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ._checks import all_finite, all_finite_many, check_autograd
+from ._checks import all_finite, check_autograd, first_non_finite
 from .edit_handle import deferred_interrupt
 from .reference.segments import kept_offsets
 from .tokenize import IGNORE_INDEX, listed_causal_lm, no_kv_cache
@@ -679,9 +679,7 @@ def compute_factors(
             raise RuntimeError("the loss does not depend on any captured module")
         torch.autograd.grad(loss, cap.outputs, allow_unused=True)
         factors = cap.factors
-    # One device sync for every module's factors; the modules are read one by one only to name a bad one.
-    if check_finite and not all_finite_many(t for f in factors.values() for t in (f.eta, f.mu)):
-        for name, f in factors.items():
-            if not (all_finite(f.eta) and all_finite(f.mu)):
-                raise FloatingPointError(f"non-finite gradient factors for module {name!r}")
+    bad = first_non_finite({name: (f.eta, f.mu) for name, f in factors.items()}) if check_finite else None
+    if bad is not None:
+        raise FloatingPointError(f"non-finite gradient factors for module {bad!r}")
     return factors, loss.detach()

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from ._checks import all_finite, all_finite_many
+from ._checks import first_non_finite
 from .capture import Factors, capture_factors, frozen_parameters
 from .head_input import called_head, head_input
 from .losses import backward_scale, edit_loss, unscale
@@ -261,14 +261,12 @@ class EditCapture:
         for name, f in factors.items():
             # η divided back, exactly (see losses.backward_scale); an fp16 layer's in fp32.
             factors[name] = Factors(f.mu, unscale(f.eta, scale), f.edit_offsets)
-        # One device sync for every layer's factors; the layers are read one by one only to name a bad one.
-        if not all_finite_many(t for f in factors.values() for t in (f.mu, f.eta)):
+        bad = first_non_finite({name: (f.mu, f.eta) for name, f in factors.items()})
+        if bad is not None:
             if scale != 1:  # the scaled backward overflowed (fp16): these rows again, unscaled
                 del factors, feats, capture, cap
                 return self._capture_rows(batch, need_feats, n_scored, scale=1.0)
-            for name, f in factors.items():
-                if not (all_finite(f.mu) and all_finite(f.eta)):
-                    raise FloatingPointError(f"non-finite gradient for layer {name!r}; the model was not changed")
+            raise FloatingPointError(f"non-finite gradient for layer {bad!r}; the model was not changed")
         return factors, feats, loss.detach()
 
     def model_inputs(self, batch: dict) -> dict:

@@ -17,7 +17,7 @@ import time
 import torch
 from torch import nn
 
-from ._checks import HALF_DTYPES, all_finite, all_finite_many, is_finite_number, is_int
+from ._checks import HALF_DTYPES, all_finite, all_finite_many, first_non_finite, is_finite_number, is_int
 from .block_prefix import PrefixReuse
 from .edit_handle import add_note, deferred_interrupt, restore
 from .losses import backward_scale, log_probs_at, picked_kl
@@ -330,10 +330,9 @@ class FineTuneBaselines:
                             if m is not w:
                                 w.copy_(m)
                     steps_run += 1
-            if not all_finite_many(weights):
-                for name, w in zip(names, weights):
-                    if not all_finite(w):
-                        raise FloatingPointError(f"the fine-tuned weight of layer {name!r} is not finite")
+            bad = first_non_finite({name: (w,) for name, w in zip(names, weights)})
+            if bad is not None:
+                raise FloatingPointError(f"the fine-tuned weight of layer {bad!r} is not finite")
         except BaseException as exc:
             restore(saved)
             add_note(exc, "dcedit: the fine-tuning edit failed; the edited weights were restored bit for bit")

@@ -93,7 +93,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
-from ._checks import HALF_DTYPES, all_finite, all_finite_many, check_autograd, check_bool, compute_dtype, is_finite_number, is_int
+from ._checks import (HALF_DTYPES, check_autograd, check_bool, compute_dtype, first_non_finite, is_finite_number,
+                      is_int)
 from .capture import TOKEN_MODES, Factors, modes_restored, resolve_modules, weight_out_in
 from .devices import as_device, check_resident, cuda_indices, input_device, model_devices, place_editor
 from .edit_capture import DEFAULT_CAPTURE_BATCH_SIZE, EditCapture
@@ -614,12 +615,9 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         # permuted copy fewer of GroupedEditor.forward).
         edits = self.edits_as_applied(factors, feats, consume=True)
         del factors
-        # One device sync for every layer's shift; the layers are read one by one only to name a bad one.
-        if not all_finite_many(t for edit in edits.values() for t in (edit.mu_t, edit.eta_t, edit.alpha)):
-            for name, edit in edits.items():
-                if not all(all_finite(t) for t in (edit.mu_t, edit.eta_t, edit.alpha)):
-                    raise FloatingPointError(
-                        f"the editor's shift for layer {name!r} is not finite; the model was not changed")
+        bad = first_non_finite({name: (edit.mu_t, edit.eta_t, edit.alpha) for name, edit in edits.items()})
+        if bad is not None:
+            raise FloatingPointError(f"the editor's shift for layer {bad!r} is not finite; the model was not changed")
         t2 = time.perf_counter()
         changed = {}
         try:

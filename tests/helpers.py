@@ -21,9 +21,11 @@ class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def count_finiteness_checks(monkeypatch, *modules) -> tuple[list, list]:
-    """From here on, in each of `modules`: the shape of each tensor its `all_finite` checks alone,
-    and the host reads (`HostReads`) of each of its `all_finite_many` calls; returns those two
-    lists, (per_tensor, reads), which fill as the code under test runs."""
+    """From here on, in each of `modules` that has them and in `_checks` (whose first_non_finite
+    checks every layer's factors, shift or weight): the shape of each tensor `all_finite` checks
+    alone, and the host reads (`HostReads`) of each `all_finite_many` call; returns those two lists,
+    (per_tensor, reads), which fill as the code under test runs."""
+    from dcedit_kernels import _checks
     from dcedit_kernels._checks import all_finite, all_finite_many
 
     per_tensor, reads = [], []
@@ -38,9 +40,10 @@ def count_finiteness_checks(monkeypatch, *modules) -> tuple[list, list]:
         reads.append(host.count)
         return answer
 
-    for module in modules:
-        monkeypatch.setattr(module, "all_finite", counted)
-        monkeypatch.setattr(module, "all_finite_many", read_once)
+    for module in (_checks, *modules):
+        for name, counter in (("all_finite", counted), ("all_finite_many", read_once)):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, counter)
     return per_tensor, reads
 
 
