@@ -30,7 +30,7 @@ from .edit_capture import DEFAULT_CAPTURE_BATCH_SIZE
 from .edit_handle import deferred_interrupt
 from .editors.grouped_editor import config_differences, with_absent_defaults
 from .ft_baseline import FT_KL_ONLY
-from .safetensors_file import check_readable, check_state, json_metadata, read_safetensors, save_safetensors
+from .safetensors_file import check_state, json_metadata, read_safetensors, save_safetensors
 from .tokenize import is_seq2seq
 
 if TYPE_CHECKING:
@@ -113,22 +113,17 @@ class EditorCheckpoints:
         editors were trained on factors of the batch-mean loss, and feeding them per-edit factors
         would change the scale their statistics and steps α were learned at.
         """
-        from safetensors import SafetensorError, safe_open
+        from safetensors import SafetensorError
 
         check_path(path, "path")
         # Read as the str it stands for: str() of an os.PathLike other than pathlib's is its repr.
         path = os.fspath(path)
         if not os.path.isfile(path):  # not pathlib's: it drops a trailing "/" (GroupedEditor.load's test)
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        check_readable(path)
         try:
-            with safe_open(path, framework="pt") as f:  # the metadata alone: a foreign file is refused unread
-                meta, keys = f.metadata() or {}, list(f.keys())
-            if CHECKPOINT_KEY in meta:
-                # The config and the tensors from one read, on the CPU (load_state_dict then copies
-                # each once into its editor's device): the file opened again for the tensors, a save
-                # over `path` meanwhile (another process's) gave one file's config the other's tensors.
-                meta, tensors = read_safetensors(path)
+            # The config and the tensors of one file, on the CPU (load_state_dict then copies each
+            # once into its editor's device); a file without the config is refused unread.
+            meta, keys, tensors = read_safetensors(path, {CHECKPOINT_KEY})
         except SafetensorError as exc:
             from .compat.mend import _CONVERT_HINT, _PICKLE_SUFFIXES
 

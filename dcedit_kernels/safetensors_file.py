@@ -127,8 +127,12 @@ def check_readable(path) -> None:
         pass
 
 
-def read_safetensors(path, attempts: int = 3) -> tuple[dict, dict]:
-    """(metadata, tensors on the CPU) of the safetensors file at `path`, both of one file.
+def read_safetensors(path, required: set, attempts: int = 3) -> tuple[dict, list, dict | None]:
+    """(metadata, tensor names, tensors on the CPU) of the safetensors file at `path`, all of one
+    file; the tensors are None, unread, where the metadata lacks a key of `required` (a foreign file
+    is refused unread).  The OS's own error for a file this process cannot open (PermissionError
+    naming it): safetensors reports any failure to open one as FileNotFoundError "No such file or
+    directory", without errno or file name.  SafetensorError when it is not a safetensors file.
 
     safetensors' readers (safe_open, load_file: 0.8's under torch) parse the header of the file
     they open, then map the file at `path` again for the tensors (torch's UntypedStorage.from_file):
@@ -137,20 +141,20 @@ def read_safetensors(path, attempts: int = 3) -> tuple[dict, dict]:
     (a process loading while another saved two editors of one shape there in turn: 5 loads of 300
     under a single safe_open).  The read holds the file `path` names open while it reads, so that
     no other file can take its inode, and checks that `path` still names it after: if not, it reads
-    again (the file now there, whole), and after `attempts` such reads raises
-    OSError (EAGAIN) naming the path.  Not one read of the bytes (safetensors.torch.load): that held
-    the file's bytes beside its tensors, a checkpoint's size more at peak.  SafetensorError when it
-    is not a safetensors file."""
+    again (the file now there, whole), and after `attempts` such reads raises OSError (EAGAIN)
+    naming the path.  Not one read of the bytes (safetensors.torch.load): that held the file's bytes
+    beside its tensors, a checkpoint's size more at peak."""
     from safetensors import safe_open
 
     for _ in range(attempts):
         with open(path, "rb") as held:
             before = os.fstat(held.fileno())
             with safe_open(os.fspath(path), framework="pt") as f:
-                meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+                meta, names = f.metadata() or {}, list(f.keys())
+                tensors = {k: f.get_tensor(k) for k in names} if required <= set(meta) else None
             after = os.stat(path)
         if (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino):
-            return meta, tensors
+            return meta, names, tensors
     # An OSError naming the path, as the OS's own errors of a load are: `dcedit` prints it in one line.
     raise OSError(errno.EAGAIN, f"saved over while it was read, {attempts} times running (another process "
                   "saving there?): load it again once that is done", str(path))

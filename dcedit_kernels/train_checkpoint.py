@@ -28,7 +28,7 @@ from .editor_checkpoint import CHECKPOINT_KEY, LEGACY_LOSS_REDUCTION, changed_de
 from .editors.grouped_editor import GATE_NORM_DEFAULT, config_differences, with_absent_defaults
 from .editors.presets import moeditor_top_k_default
 from .model_editor import ModelEditor
-from .safetensors_file import check_readable, read_safetensors, save_safetensors
+from .safetensors_file import read_safetensors, save_safetensors
 from .train_config import TrainConfig, TrainResult
 
 
@@ -218,20 +218,15 @@ def _check_run(path: Path, saved: dict, run: dict) -> None:
 def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: int = 0):
     """Load the checkpoint; returns (this process's RNG states as `_rng_states` gives them, or None
     when the checkpoint has none for `rank`; the best state; the count of bad validations)."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = ckpt / TRAINER_FILE
     checkpoint_keys = {"opt", "lr_opt", "counters", "model_editor"}
-    check_readable(path)
     try:
-        with safe_open(str(path), framework="pt") as f:  # the metadata alone: a foreign file is refused unread
-            meta = f.metadata() or {}
-        if checkpoint_keys <= set(meta):
-            # The counters, settings and tensors from one read: the file opened again for the
-            # tensors, a checkpoint written meanwhile (another run's, in the same checkpoint_dir)
-            # gave one step's counters and optimiser settings the other's tensors.
-            meta, tensors = read_safetensors(path)
+        # The counters, settings and tensors of one file (a checkpoint written meanwhile, another
+        # run's in the same checkpoint_dir, is not mixed in); a file without them is refused unread.
+        meta, _, tensors = read_safetensors(path, checkpoint_keys)
     except SafetensorError as exc:  # truncated or overwritten: name the file, as ModelEditor.load does
         raise ValueError(f"{path} is not a train_editor checkpoint (not a readable safetensors file: {exc}); "
                          "use another checkpoint_dir, or resume=False to start over") from None

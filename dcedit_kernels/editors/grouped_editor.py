@@ -15,7 +15,7 @@ from .._checks import check_bool, check_path, check_same_device, check_seed, che
 from ..devices import as_device
 from ..reference.grouped_outer import FUSIONS
 from ..reference.segments import group_ids, kept_offsets
-from ..safetensors_file import check_readable, check_state, json_metadata, read_safetensors
+from ..safetensors_file import check_state, json_metadata, read_safetensors
 from .grouped_edit import GroupedEdit, check_weight
 from .parameter_generator import ParameterGenerator
 from .running_norm import FeatureNorm, RunningNorm, joint_rows
@@ -338,7 +338,7 @@ class GroupedEditor(nn.Module):
         norms (and its features to gate_norm's) and a gate draws noise."""
         import inspect
 
-        from safetensors import SafetensorError, safe_open
+        from safetensors import SafetensorError
 
         check_path(path, "path")  # an int was a file descriptor to os.path.isfile
         path = os.fspath(path)  # str() of an os.PathLike other than pathlib's is its repr
@@ -348,14 +348,9 @@ class GroupedEditor(nn.Module):
         map_location = as_device(map_location, "map_location") or torch.device("cpu")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        check_readable(path)
         try:
-            with safe_open(path, framework="pt") as f:  # the metadata alone: a foreign file is refused unread
-                meta = f.metadata() or {}
-            if "dcedit_config" in meta:
-                # The config and the tensors from one read: the file opened again for the tensors, a
-                # save over `path` meanwhile (another process's) gave the config another file's tensors.
-                meta, state = read_safetensors(path)
+            # The config and the tensors of one file; a file without the config is refused unread.
+            meta, _, state = read_safetensors(path, {"dcedit_config"})
         except SafetensorError as exc:
             raise ValueError(f"{path} is not a safetensors file ({exc})") from None
         if "dcedit_config" not in meta:
