@@ -4,12 +4,16 @@ The loss of one batch, and the model passes it costs: `train_loss`; validation's
 `train_validation`; checkpoints and resume: `train_checkpoint`; the settings: `train_config`.
 This module holds the loop, and re-exports their names (`dcedit_kernels.train.TrainConfig`, …).
 
-Optimisation (MEND's split): Adam with `lr` on the editor weights, a separate optimiser with `lr_lr`
-on the per-weight steps α (Adam's first step moves each α by exactly `lr_lr`, whatever its gradient's
-size: from MEND's α = −edit_lr = −1e-4 with lr_lr 1e-4, an α whose gradient points to 0 lands on about
-0 for a step, as a check saw on 2 of SmolLM2's 3 edited layers after one 25-edit step; a smaller
-lr_lr or `lr_optimizer="sgd"` moves it by its gradient instead); gradient accumulation over
-`accumulate` batches (each batch's loss divided by `accumulate`: the step's gradient is their mean);
+Optimisation (the split MEND configures): Adam with `lr` on the editor weights, a separate optimiser
+with `lr_lr` on the per-weight steps α (Adam's first step moves each α by exactly `lr_lr`, whatever its
+gradient's size: from MEND's α = −edit_lr = −1e-4 with lr_lr 1e-4, an α whose gradient points to 0
+lands on about 0 for a step, as a check saw on 2 of SmolLM2's 3 edited layers after one 25-edit step; a
+smaller lr_lr or `lr_optimizer="sgd"` moves it by its gradient instead).  MEND's and EasyEdit's
+trainers configure that split but do not run it: their edit_lrs are also in the editor weights'
+optimiser, and the lr_lr one steps after that one's zero_grad(), so it never sees a gradient and the α
+move at `lr` (1e-6 in MEND's config) instead; `lr_lr=lr` takes those steps here (Adam's state is per
+parameter).  Gradient accumulation over `accumulate` batches (each batch's loss divided by
+`accumulate`: the step's gradient is their mean);
 gradient-norm clipping (`clip_grad_norm_`: one 2-norm over every editor parameter, the α included); a
 batch with a non-finite gradient (the editors', or the capture's: a non-finite edit loss or gradient
 factors) is skipped and counted (the step's gradient stays the kept batches' sum over `accumulate`, while

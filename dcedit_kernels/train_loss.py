@@ -41,11 +41,14 @@ on the unmasked shift (the mask then only acts at edit time, as this package did
 
 L_edit is the mean NLL of the target tokens on each edit's rephrase (its prompt when it has none),
 over all the batch's rephrase target tokens (the training objective; the capture's
-`loss_reduction` only sets the scale of the factors fed to the editors);
+`loss_reduction` only sets the scale of the factors fed to the editors): MEND's edit_outer
+(EasyEdit's MEND trainer scores the edit prompts, its edit_inner, instead);
 KL = mean over locality tokens of KL(p_unedited ‖ p_edited) (MEND's direction), the locality text
 being the request's `locality` (+ ` locality_target`), else the prompt of the next edit in the
 batch with its last position left out (that position predicts the other edit's own target, which
-the edit is meant to change).  L_balance is the gate's importance + load loss (MoEditor).
+the edit is meant to change).  Every position of a locality text counts, as MEND's attention mask
+takes them (EasyEdit's trainer keeps only a row's last positions, as many as its answer's tokens).
+L_balance is the gate's importance + load loss (MoEditor).
 
 Split models (layers on several devices): each edited layer computes on its own device with the
 editor outputs moved there (lowrank_layers), the losses are gathered on the logits' device, and the

@@ -2513,6 +2513,54 @@ def test_steps_match_an_independent_float64_optimisation_loop(arch, method, lr_o
     assert sum(not torch.equal(want[k], start[k]) for k in want) > len(want) // 2
 
 
+def test_lr_lr_equal_to_lr_steps_the_alphas_as_mends_trainer_does(gen, monkeypatch):
+    """train.py's docstring: MEND's (and EasyEdit's) trainer puts its edit_lrs (our α) in the editor
+    weights' Adam at lr and in a second Adam at lr_lr, but steps the second after the first's
+    zero_grad(), so that one never sees a gradient and the α move at lr only; fit with lr_lr = lr
+    takes those steps.  float64, MEND on the tiny Llama, 3 steps: every editor tensor equals that
+    of a loop written in MEND's order (clip over every parameter, opt.step, opt.zero_grad,
+    lr_opt.step) on the batches the run drew."""
+    model_seed, lr = seed_from(gen), 1e-2
+    requests = random_requests(gen, 6)
+    config = TrainConfig(steps=3, batch_size=2, lr=lr, lr_lr=lr, grad_clip=1e-3, progress=False, seed=seed_from(gen))
+
+    def fresh():
+        model, tok = tiny_model("llama", seed=model_seed, dtype=torch.float64)
+        me = ModelEditor(model, tok, LAYERS["llama"][:3], method="mend", rank=4, seed=1)
+        me.editors.double()
+        draw = torch.Generator().manual_seed(model_seed)
+        with torch.no_grad():  # a non-identity start, so that every parameter gets a gradient
+            for name, p in me.editors.named_parameters():
+                p.add_(torch.randn(p.shape, generator=draw, dtype=p.dtype) * (1e-4 if name.endswith("alpha") else 0.05))
+        return me
+
+    me = fresh()
+    batches = _recorded_batches(monkeypatch, ())
+    me.fit(requests, config=config)
+    assert len(batches) == 3
+
+    ref = fresh()
+    alphas = [e.alpha for e in ref.editors.values()]
+    outer = [p for p in ref.editors.parameters() if all(p is not a for a in alphas)] + alphas
+    opt = torch.optim.Adam(outer, lr=lr)  # MEND: OptimizerClass(model.outer_parameters(), lr=config.lr)
+    lr_opt = torch.optim.Adam(alphas, lr=lr)  # MEND: OptimizerClass([model.edit_lrs], config.lr_lr)
+    ref.model.requires_grad_(False)
+    ref.editors.train()
+    for batch in batches:
+        loss, _ = batch_loss(ref, batch, config)
+        for p, g in zip(outer, torch.autograd.grad(loss, outer)):
+            p.grad = g
+        torch.nn.utils.clip_grad_norm_(outer, config.grad_clip)
+        opt.step()
+        opt.zero_grad()
+        lr_opt.step()  # no gradient left: the α do not move here
+        lr_opt.zero_grad()
+    got, want, start = me.editors.state_dict(), ref.editors.state_dict(), fresh().editors.state_dict()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-15, msg=k)
+    assert all(not torch.equal(want[f"{key}.alpha"], start[f"{key}.alpha"]) for key in me.editors)
+
+
 @pytest.mark.parametrize("locality_rows", ["all", "fused"])
 def test_passes_of_one_step_share_the_masked_and_fused_shifts(locality_rows, gen, monkeypatch):
     """float64: the passes of one step form each weight's Fisher mask, masked shifts and fused shift
