@@ -378,6 +378,30 @@ def test_from_mend_state_dict_with_prefix(gen, prefix, lrs_key, load):
                            prefix=prefix, lrs_key=lrs_key)
 
 
+def test_an_older_mend_archive_under_gtn_loads_with_the_default_prefix(gen):
+    """Older MEND archives hold the editors under "gtn." (ROME's and EasyEdit's MEND loaders rename
+    "gtn." to "mend." in every archive they load): the default prefix reads them there
+    and gives MEND's edits.  It raised "missing key mend.(6, 10).mlp.layers.0.u".  A checkpoint
+    with "mend." keys is read under "mend." alone, "gtn." keys beside them ignored."""
+    from dcedit_kernels.model_editor import ModelEditor
+
+    old = make_mend_state_dict(gen, prefix="gtn.")
+    for load in (compat_mend.load, GroupedEditor.from_mend_state_dict):
+        views = load(old, INNER, SHAPES)
+        for name in (INNER[0], INNER[4]):
+            check_edit_matches(views[name], old, name, torch.float32, "cpu", gen, True, False, prefix="gtn.")
+    model, tok, inner, _, sd = tiny_mend(gen, "llama")
+    me = ModelEditor.from_mend(model, tok, {k.replace("mend.", "gtn.", 1): v for k, v in sd.items()}, inner)
+    want = ModelEditor.from_mend(model, tok, sd, inner).state_tensors()
+    got = me.state_tensors()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+    both = {**make_mend_state_dict(gen), **old}  # the "gtn." editors' values differ from the "mend." ones'
+    views = compat_mend.load(both, INNER, SHAPES)
+    for name in (INNER[1], INNER[3]):
+        check_edit_matches(views[name], both, name, torch.float32, "cpu", gen, True, False)
+
+
 # ------------------------------------------------------------------ bad checkpoints and arguments
 def _drop(key):
     def f(sd):

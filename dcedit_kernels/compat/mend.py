@@ -11,6 +11,10 @@ the state dict does not tell apart: it would load as residual, so convert only `
   and η (v), used frozen in eval as ``(x - mean) / (std + 1e-7)``.
 - ``edit_lrs`` (n_inner,): the step of each inner parameter, in ``inner_params`` order.
 
+Older MEND archives hold the editors under ``gtn.`` instead of ``mend.`` (ROME's and EasyEdit's
+MEND loaders rename ``gtn.`` to ``mend.`` in every archive they load): with the default prefix, a
+checkpoint with no ``mend.`` key and some ``gtn.`` ones is read under ``gtn.``.
+
 Shared editors (``mend.shared=True``) are keyed ``str((in, out))``, one per weight shape; the
 mode of a weight is its index among the inner parameters of that shape.  Non-shared editors are
 keyed by the parameter name with "." replaced by "#" and have no modes (scale 1, shift 0).
@@ -49,6 +53,8 @@ from ..editors.grouped_editor import GroupedEditor
 # The capture loss MEND's editors were trained and applied with (see the module docstring).
 LOSS_REDUCTION = "token"
 
+# The editors' key prefix of older MEND archives, which ROME's and EasyEdit's loaders rename to "mend.".
+_OLD_PREFIX = "gtn."
 _LAYER_FIELD = re.compile(r"mlp\.layers\.(\d+)\.(u|v|bias|mode_scale\.weight|mode_shift\.weight)")
 _MODE_FIELDS = ("mode_scale.weight", "mode_shift.weight")
 _NORM_BUFFERS = ("u_mean", "v_mean", "u_std", "v_std", "u_s", "v_s", "k")
@@ -167,7 +173,8 @@ def load(state_dict, inner_params, shapes, prefix: str = "mend.", norm: bool | N
     checkpoint's device; float64 for a float64 checkpoint, else float32, MEND's compute type).
     edit_lrs_key: default ``prefix`` with its trailing "mend." replaced by "edit_lrs".
 
-    prefix: what the editors' keys start with, ending with "." (MEND's ``"mend."``).
+    prefix: what the editors' keys start with, ending with "." (MEND's ``"mend."``; with it, a
+    checkpoint without ``mend.`` keys whose editors are under ``"gtn."``, an older MEND's, is read there).
 
     Returns ``{name: MendWeightView}`` in ``inner_params`` order.  Raises ValueError naming the
     key for a missing, unexpected or badly shaped entry, and naming the argument for a bad one.
@@ -183,6 +190,7 @@ def load(state_dict, inner_params, shapes, prefix: str = "mend.", norm: bool | N
         raise ValueError(f"edit_lrs_key must be None or a str, got {type(edit_lrs_key).__name__}")
     device = as_device(device, "device")
     state_dict = _read_state_dict(state_dict)
+    prefix = _editor_prefix(state_dict, prefix)
     names = _check_inner_params(inner_params)
     dims = _check_shapes(shapes, names)
     conv1d_names = _check_conv1d(conv1d, names)
@@ -259,6 +267,19 @@ def _read_state_dict(source) -> Mapping:
             isinstance(v, torch.Tensor) for v in source.values()):
         return source["model"]  # the archive MEND's trainer saves: {"model": ..., "opt": ...}
     return source
+
+
+def _editor_prefix(state_dict: Mapping, prefix: str) -> str:
+    """`prefix`, or "gtn." in place of the default "mend." for an older MEND archive: one with no key
+    under "mend." and some under "gtn." (ROME's and EasyEdit's MEND loaders rename "gtn." to "mend."
+    in every archive they load).  Read with "mend.", such a checkpoint raised "missing key mend.(in, out)...",
+    naming the keys it has nowhere."""
+    if prefix != "mend.":
+        return prefix
+    keys = [k for k in state_dict if isinstance(k, str)]
+    if any(k.startswith(prefix) for k in keys) or not any(k.startswith(_OLD_PREFIX) for k in keys):
+        return prefix
+    return _OLD_PREFIX
 
 
 def _check_inner_params(inner_params) -> list[str]:
