@@ -3,9 +3,14 @@
 Fine-tune only the edited layers' weights on the edits for `ft_steps` steps of Adam or SGD
 (`ft_optimizer`, `ft_lr`), on the batch-mean target NLL; "ft_kl" adds `kl_weight`·KL(p_unedited ‖
 p_edited) over every token of locality texts (the requests' `locality` [+ `locality_target`],
-else `locality_texts`, else a few generic sentences), as in MEND's baseline.  The steps after the
-first run the blocks above the lowest fine-tuned one only (`block_prefix`).  `FineTuneBaselines`
-is a mixin of ModelEditor: it uses the editor's model, layers, tokenizer and its chunked forward
+else `locality_texts`, else a few generic sentences), as in MEND's baseline.  MEND's own runs of
+these baselines (its algs/ft.py, config/alg/ft.yaml) take other settings: RMSprop at 5e-6 for up to
+100 steps, stopping once every edit's target is predicted whole (teacher-forced), the gradient's norm
+clipped at 100, and FT+KL's loss KL + 0.01·L_edit; here the defaults are `FT_DEFAULTS` (Adam at 5e-4,
+10 steps, stopping once the edit loss is below `ft_stop_loss`, no clipping, L_edit + `kl_weight`·KL
+with kl_weight 1: kl_weight=100 gives MEND's ratio).  The steps after the first run the blocks
+above the lowest fine-tuned one only (`block_prefix`).  `FineTuneBaselines` is a mixin of
+ModelEditor: it uses the editor's model, layers, tokenizer and its chunked forward
 (`_capture_chunks`, `_scored_edit_loss`, `_length_errors`).
 """
 
