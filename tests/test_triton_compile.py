@@ -83,3 +83,50 @@ def test_divisions_round_to_nearest_on_sm90():
         assert all(op.startswith("div.rn.") for op in found), where
         if groups != "1":  # a division by a constexpr 1 may be folded away
             assert f"div.rn.f{dtype[-2:]}" in found, where
+
+
+# Run in a subprocess with TRITON_INTERPRET unset: compiles grouped_outer's kernel for sm_90 with
+# int32 and with int64 offsets and prints the integer type of its token loop (`for t0 in
+# range(start, end, BLOCK_T)`, the one loop stepping by BLOCK_T = 32 here) from the TTIR.
+TOKEN_LOOP_SCRIPT = textwrap.dedent("""
+    import importlib, re, sys, torch
+    from dcedit_kernels.triton_kernels import compile_check as cc
+    go = importlib.import_module("dcedit_kernels.triton_kernels.grouped_outer")
+    try:
+        cc._probe()
+    except Exception as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(3)
+    for offsets in (torch.int32, torch.int64):
+        ptrs = dict(eta_ptr=torch.bfloat16, mu_ptr=torch.bfloat16, offsets_ptr=offsets, alpha_ptr=torch.float32,
+                    out_ptr=torch.float32, sel_ptr=torch.int32)
+        ints = dict(O=6400, I=1600, G=8, stride_eta_t=6400, stride_eta_o=1, stride_mu_t=1600, stride_mu_i=1)
+        consts = dict(MODE=go.MODE_ADD, SELECT=False, IS_FP64=False, NATIVE=True, SPLIT=3,
+                      BLOCK_O=128, BLOCK_I=128, BLOCK_T=32)
+        ttir = cc.compile_kernel(go._grouped_outer_kernel, ptrs, ints, consts, 8, 3).asm["ttir"]
+        loops = re.findall(r"scf\\.for %[\\w.]+ = %[\\w.]+ to %[\\w.]+ step %c32_(i\\d+)\\b.*: (i\\d+) \\{", ttir)
+        print("offsets", str(offsets).split(".")[-1], *(t for _, t in loops), flush=True)
+""")
+
+
+def test_grouped_outer_token_loop_counts_in_int64_on_sm90():
+    """grouped_outer's token loop, `for t0 in range(start, end, BLOCK_T)`, takes its counter's type
+    from the offsets it loaded: with int32 offsets an int32 counter, which the compiled loop steps
+    with a wrapping add (LLVM `add i32`, no nsw) and tests with `t0 < end`.  For a group ending
+    within BLOCK_T of 2^31 - 1 the step after its last chunk wraps negative, passes that test, and
+    the loop runs on over ~2^32 / BLOCK_T chunks of negative rows, which also pass the `rt < end`
+    mask (an illegal address on a GPU; the interpreter's Python range does not wrap, so
+    test_grouped_outer_token_index_past_int32's int32 case passed here only).  Both offsets dtypes
+    must give an int64 counter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", TOKEN_LOOP_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode == 3:
+        pytest.skip(f"this triton cannot compile for sm_90 here: {proc.stderr.strip()[-300:]}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line.split() for line in proc.stdout.splitlines() if line.startswith("offsets ")]
+    assert [line[1] for line in lines] == ["int32", "int64"], proc.stdout
+    for _, dtype, *loops in lines:
+        assert loops == ["i64"], f"{dtype} offsets: token loop counter {loops}"

@@ -66,12 +66,15 @@ def _grouped_outer_kernel(
     pos_bits = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.int32)  # sss/ssm: groups with S_g > 0
     neg_bits = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.int32)  # and with S_g < 0
     for g in range(g_begin, g_end):
-        start = tl.load(offsets_ptr + g)
-        end = tl.load(offsets_ptr + g + 1)
+        # int64 bounds, so an int64 token loop counter: with int32 offsets the compiled loop
+        # counted in int32 and its step past a group ending within BLOCK_T of 2^31 - 1 wrapped
+        # negative and passed `t0 < end` (tests/test_triton_compile.py reads the counter's type).
+        start = tl.load(offsets_ptr + g).to(tl.int64)
+        end = tl.load(offsets_ptr + g + 1).to(tl.int64)
         s_g = tl.zeros((BLOCK_O, BLOCK_I), dtype=ACC)
         for t0 in range(start, end, BLOCK_T):
-            # int64 before the add: t0 + an int32 arange wraps past 2^31 - 1 (int32 offsets on
-            # a GPU; the interpreter's loop variable is int32 for either offsets dtype).
+            # int64 before the add: t0 + an int32 arange wraps past 2^31 - 1 (the interpreter's
+            # loop variable is int32 for either offsets dtype).
             rt = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
             t_ok = rt < end
             eta_tile = tl.load(eta_ptr + rt[None, :] * stride_eta_t + eta_cols[:, None],
