@@ -432,6 +432,18 @@ def _check_n_edits(n_edits, n_requests: int) -> list[int]:
     return items
 
 
+def _with_editor_seed(method: str, seed: int, editor_kwargs: dict) -> dict:
+    """`editor_kwargs` with `seed` for an editor method (the FT baselines draw nothing): `seed` is
+    evaluate_method's own argument, so it could not reach the editor it builds, whose initial
+    weights and RaEditor's groups came from torch's global generator, and two calls with one seed
+    gave other ES and DD as the caller's draws in between moved it (`dcedit evaluate --seed` seeds
+    both).  Reduced as `fit` reduces its seed: any int seeds the samples."""
+    from .model_editor import EDITOR_METHODS
+    from .train import torch_seed
+
+    return {**editor_kwargs, "seed": torch_seed(seed)} if method in EDITOR_METHODS else editor_kwargs
+
+
 def evaluate_method(
     model,
     tokenizer,
@@ -450,7 +462,9 @@ def evaluate_method(
     """Mean ± std of every metric over `repeats` runs of N_u edits, for each N_u in `n_edits`.
 
     `method`: a ModelEditor (trained or not) over `model`, or a method name ("ft", "ft_kl",
-    "mend", ...) from which one is built with `layers` and `editor_kwargs`.  Returns
+    "mend", ...) from which one is built with `layers` and `editor_kwargs`.  `seed`: the samples'
+    (`sample_indices`) and, for an editor built here, its initial weights and RaEditor's random
+    groups (as `dcedit evaluate --seed`); a ModelEditor passed in keeps its own.  Returns
     {"method", "n_requests", "repeats", "seed", "by_n": {N_u: {metric: {"mean", "std",
     "values"} for each of ALL_METRICS, "memory_method": ...}}, "runs": [per-run dicts of
     `measure_edit` with "repeat" and "indices" added]}.  `base_cache`: see `measure_edit`; pass
@@ -481,7 +495,8 @@ def evaluate_method(
     elif isinstance(method, str):
         if layers is None:
             raise ValueError(f"layers is required to build a ModelEditor for method {method!r}")
-        editor = ModelEditor(model, tokenizer, layers=_as_listed(layers), method=method, **editor_kwargs)
+        editor = ModelEditor(model, tokenizer, layers=_as_listed(layers), method=method,
+                             **_with_editor_seed(method, seed, editor_kwargs))
     else:
         raise ValueError(f"method must be a ModelEditor or a method name, got {type(method).__name__}")
 

@@ -227,6 +227,39 @@ def test_evaluate_method_on_tiny_model(method):
         assert run["indices"] == sample_indices(len(requests), run["n_edits"], 7, run["repeat"])
 
 
+def test_evaluate_method_seeds_the_editor_it_builds_from_a_method_name(gen):
+    """evaluate_method(model, tok, "raeditor", ..., seed=S): `seed` is its own argument, so it
+    never reached the editor built from the name, whose initial weights and random groups came from
+    torch's global generator: two calls with one seed gave other ES and DD as the caller's global
+    generator moved between them (tiny GPT-2, edit_lr 30: repeats 1 and 2 differed), and each call
+    advanced that generator.  Now the runs are those of a ModelEditor built with seed=S, whatever the
+    global generator holds, and it is left where it was; FT, which draws nothing, takes no seed."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    model, tok = tiny_model("gpt2", seed=int(torch.randint(0, 1000, (1,), generator=gen)))
+    requests = _tiny_requests(12, random.Random(int(torch.randint(0, 1000, (1,), generator=gen))))
+    layers = ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
+    kwargs = dict(n_editors=3, rank=4, edit_lr=30.0)
+
+    def runs(method, global_seed):
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "ModelEditor.apply. the .* editors are at their initialisation")
+            result = evaluate_method(model, tok, method, requests, n_edits=(6,), repeats=3, seed=seed,
+                                     layers=None if isinstance(method, ModelEditor) else layers, progress=False,
+                                     **({} if isinstance(method, ModelEditor) else kwargs))
+        assert torch.equal(torch.get_rng_state(), state)  # the caller's draws are its own
+        return [{k: v for k, v in run.items() if k not in ("latency_s", "peak_memory_mb")} for run in result["runs"]]
+
+    by_name = runs("raeditor", 1)
+    assert runs("raeditor", 2) == by_name
+    assert runs(ModelEditor(model, tok, layers, method="raeditor", seed=seed, **kwargs), 3) == by_name
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "ModelEditor.apply. the .* editors are at their initialisation")
+        evaluate_method(model, tok, "ft", requests, n_edits=2, repeats=1, seed=2**70, layers=layers, ft_steps=1,
+                        progress=False)  # no seed given to FT, and any int seeds the samples
+
+
 def test_edit_statistics_leaves_the_model_and_editors_as_they_were():
     """Routing counts and shift sizes of one batch, with nothing applied: the model is unchanged,
     the editors keep their train/eval mode, and the shift norm is |α|·‖Δ‖ of the edit `apply`
