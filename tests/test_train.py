@@ -1587,6 +1587,40 @@ def test_a_run_interrupted_mid_step_resumes_bit_for_bit(method, gen, tmp_path, m
             assert torch.equal(got[k], want[k]), (where, k)
 
 
+def test_fit_and_tiny_model_seed_only_the_generators_they_restore(gen, monkeypatch):
+    """fit seeds torch's generators for its run and restores them at its end (README, "Threads"),
+    and tiny_model builds from its seed "without touching the caller's global RNG state"; both
+    called torch.manual_seed, which also seeds every CUDA device's generator (queued until CUDA
+    starts, where it has not started: on this CPU-only torch the queue held the library's seed in
+    place of the caller's) and MPS's and XPU's, while their fork_rng restores the CPU's and the
+    model's CUDA devices' only: on a GPU machine, after fit on a CPU model or a tiny_model build,
+    the caller's GPUs drew from the library's seed.  Counted here by wrapping those calls: none for
+    a CPU model's fit (MoEditor, whose gate noise is drawn) and tiny_model, whose results stay
+    seeded: the same editors from two runs, the same weights from two builds."""
+    seeded = []
+    for module, name in ((torch.cuda, "manual_seed_all"), (torch.cuda, "manual_seed"), (torch.mps, "manual_seed"),
+                         (torch.xpu, "manual_seed_all")):
+        def recording(seed, _name=f"{module.__name__}.{name}", _call=getattr(module, name)):
+            seeded.append(_name)
+            return _call(seed)
+        monkeypatch.setattr(module, name, recording)
+    model_seed, seed = seed_from(gen), seed_from(gen)
+    requests = random_requests(gen, 4)
+    runs = []
+    for _ in range(2):
+        model, tok = tiny_model("llama", seed=model_seed)
+        runs.append((model.state_dict(), ModelEditor(model, tok, LAYERS["llama"][:2], method="moeditor", n_editors=2,
+                                                     rank=3, seed=1)))
+        state = torch.get_rng_state()
+        runs[-1][1].fit(requests, None, TrainConfig(steps=2, batch_size=2, progress=False, seed=seed))
+        assert torch.equal(torch.get_rng_state(), state)
+    assert seeded == []
+    (weights_a, a), (weights_b, b) = runs
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    got, want = a.state_tensors(), b.state_tensors()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 @pytest.mark.parametrize("method, editor_seed, norm", [("raeditor", None, True), ("raeditor", 1, False),
                                                       ("proeditor", None, True), ("proeditor", None, False)])
 def test_k_steps_and_a_resume_equal_the_straight_run_bit_for_bit_whatever_the_global_rng(method, editor_seed, norm, gen,
