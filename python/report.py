@@ -224,6 +224,24 @@ def _nan_if_none(value):
     return float("nan") if value is None else value
 
 
+def save_figure(fig, path: Path) -> None:
+    """`fig` as a PNG at `path`, written beside it and moved over it (`replace_atomically`, as
+    report.json and the report's Markdown): a run cut short in the write (a full disk, a Ctrl-C)
+    left a truncated plot over the previous run's good one.  The format is named: savefig reads it
+    from the file's suffix, and the temporary file's is ".tmp"."""
+    from dcedit_kernels.safetensors_file import replace_atomically
+
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def write_text(path: Path, text: str) -> None:
+    """`text` at `path`, written beside it and moved over it (`replace_atomically`): a write cut short
+    left a truncated report.md over the previous run's."""
+    from dcedit_kernels.safetensors_file import replace_atomically
+
+    replace_atomically(path, lambda tmp: tmp.write_text(text))
+
+
 def plot_es_dd(results: dict, sizes: list[int], path: Path) -> None:
     import matplotlib
 
@@ -243,7 +261,7 @@ def plot_es_dd(results: dict, sizes: list[int], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -264,7 +282,7 @@ def plot_gradients(grad: dict, sizes: list[int], layers: list[str], path: Path) 
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -653,7 +671,7 @@ def _run(args, t_start) -> int:
     plot_es_dd(results, sizes, out_dir / "es_dd_by_n.png")
     plot_gradients(gradients, grad_sizes, grad_layers, out_dir / "gcr_gms_by_layer.png")
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(markdown(report, sizes, grad_layers, md_path, out_dir))
+    write_text(md_path, markdown(report, sizes, grad_layers, md_path, out_dir))
     print(f"wrote {md_path}, {out_dir / 'report.json'} and the plots in {out_dir}; "
           f"total {report['timings']['total_s'] / 60:.1f} min")
     return 0

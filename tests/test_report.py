@@ -772,3 +772,62 @@ def test_a_report_on_edits_without_locality_prompts_renders_dd_and_lmp_as_missin
         assert cells[2] == "–" and cells[3] == "–" and cells[4] == "–"  # DD, LMP, NS
         assert cells[0] != "–" and cells[1] != "–"  # ES, rel
     assert (out / "es_dd_by_n.png").stat().st_size > 0
+
+
+def _cut_short(write, marker: str):
+    """`write(self, target, ...)` (Path.write_text, Figure.savefig) that, for a target whose name
+    holds `marker`, writes half of what it would and then fails as a full disk does."""
+    import errno
+    import io
+
+    def cut(self, target, *args, **kwargs):
+        file = self if isinstance(self, Path) else target  # Path.write_text(self: the file, target: the text)
+        if marker not in Path(file).name:
+            return write(self, target, *args, **kwargs)
+        if isinstance(self, Path):
+            file, data = self, target.encode()
+        else:
+            buffer = io.BytesIO()
+            write(self, buffer, *args, **{"format": "png", **kwargs})
+            data = buffer.getvalue()
+        Path(file).write_bytes(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device", str(file))
+
+    return cut
+
+
+def test_a_plot_cut_short_leaves_the_previous_plot_whole(report_module, tmp_path, monkeypatch):
+    """The plots were saved in place (savefig to the path): a write cut short (a full disk, a Ctrl-C)
+    left half a PNG over the previous run's.  They are written beside the path and moved over it,
+    as report.json is: the previous plot stays whole, no temporary file is left, and a plot that is
+    written is a whole PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    report, layers = _report({"mend": _result(0.2, 0.1)})
+    png = tmp_path / "es_dd_by_n.png"
+    png.write_bytes(b"the previous plot")
+    with monkeypatch.context() as patched:
+        patched.setattr(Figure, "savefig", _cut_short(Figure.savefig, "es_dd_by_n.png"))
+        with pytest.raises(OSError):
+            report_module.plot_es_dd(report["methods"], SIZES, png)
+    assert png.read_bytes() == b"the previous plot"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["es_dd_by_n.png"]
+    report_module.plot_es_dd(report["methods"], SIZES, png)
+    assert png.read_bytes().startswith(b"\x89PNG") and sorted(p.name for p in tmp_path.iterdir()) == ["es_dd_by_n.png"]
+
+
+def test_a_markdown_write_cut_short_leaves_the_previous_report_whole(report_module, tmp_path, monkeypatch):
+    """report.md was written in place (Path.write_text) at the end of the run: a write cut short
+    left half a report over the previous run's good one.  It is written beside the path and moved
+    over it (`_tiny_report`): the previous report.md stays whole and no temporary file is left."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").write_text("the previous report")
+    monkeypatch.setattr(Path, "write_text", _cut_short(Path.write_text, "report.md"))
+    with pytest.raises(OSError):
+        _tiny_report(report_module, tmp_path, monkeypatch, "--methods", "ft")
+    assert (out / "report.md").read_text() == "the previous report"
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
