@@ -28,7 +28,9 @@ measuring edit success on the val requests' rephrases; early stopping after `pat
 without improvement; the best editor is restored at the end.
 Checkpoints (safetensors only) go to `checkpoint_dir` when a validation is due (every `val_every`
 steps), at the last step and on an early stop, so an interrupted run loses the steps since the last
-of them; `resume=True` continues from them (`train_checkpoint`).  The batch order is a function of
+of them; `resume=True` continues from them (`train_checkpoint`).  A checkpoint_dir they could not
+be written to (a read-only folder or checkpoint file) raises the OS's error naming it before the
+first step (`train_checkpoint.check_checkpoint_dir`).  The batch order is a function of
 (seed, batch index): each epoch a random permutation of the requests cut into n // batch_size
 batches (the n % batch_size left over sit that epoch out), so a resumed run sees the batches it
 would have seen.
@@ -63,7 +65,7 @@ from .losses import backward_scale
 from .model_editor import ModelEditor
 from .requests import validate_requests
 from .train_checkpoint import (ResumeMismatchError, _checkpoint, _cuda_devices, _resume, _rng_states, _run_settings,
-                               _save_editor, _set_rng_states, has_checkpoint)
+                               _save_editor, _set_rng_states, check_checkpoint_dir, has_checkpoint)
 from .train_config import PART_KEYS, TrainConfig, TrainResult
 from .train_loss import _passes, batch_edits, batch_loss, eval_rows, loss_from_edits
 from .train_validation import _evaluate_split, evaluate_edits
@@ -162,6 +164,10 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
 
     def start():
         if ckpt is not None:
+            if rank == 0:
+                # Rank 0 writes the checkpoints: one it may not write failed only val_every steps in,
+                # and the training so far was lost.  Checked before a resume sets the editors' state.
+                check_checkpoint_dir(ckpt)
             ckpt.mkdir(parents=True, exist_ok=True)
             if config.resume and has_checkpoint(ckpt):
                 return _resume(me, opt, lr_opt, ckpt, result, run, rank)

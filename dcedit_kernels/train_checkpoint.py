@@ -17,7 +17,9 @@ checkpoint's tensors; the loop also uses them to run a batch again from the same
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -108,9 +110,35 @@ def _rng_states(me: ModelEditor) -> dict:
 
 
 TRAINER_FILE = "trainer.safetensors"  # a checkpoint's last file written (`_checkpoint`), the one a resume reads
-# Every file a run writes in checkpoint_dir (`_checkpoint`, and train_editor's best state): the CLI
-# checks before any work that it may replace those already there.
+# Every file a run writes in checkpoint_dir (`_checkpoint`, and train_editor's best state): train_editor
+# and the CLI check before any work that it may replace those already there (`check_checkpoint_dir`).
 CHECKPOINT_FILES = ("editor.safetensors", "best.safetensors", TRAINER_FILE)
+
+
+def check_checkpoint_dir(path) -> None:
+    """The OS's error, naming the file, for a checkpoint_dir whose checkpoints could not be written,
+    before any training step: a folder it is, or would be made in, that this process may not write
+    (PermissionError), a file on its way (NotADirectoryError: "a_file/ckpt"), or a checkpoint file
+    in it made read-only (PermissionError: a save does not replace one, `replace_atomically`).  The
+    first checkpoint failed only `val_every` steps in, and the training done so far was lost.  The
+    folder need not exist: fit creates it.  `dcedit train` says the same in its own terms."""
+    folder = Path(path)
+    try:
+        while not folder.exists() and folder != folder.parent:  # the nearest that exists
+            folder = folder.parent
+    except OSError:  # a name too long, ...: the run's own mkdir says so
+        return
+    if not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{os.strerror(errno.ENOTDIR)} (checkpoint_dir {path} would be "
+                                 "made under this file)", str(folder))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, f"{os.strerror(errno.EACCES)} (checkpoint_dir {path}: its checkpoints "
+                              "could not be written in this folder)", str(folder))
+    for name in CHECKPOINT_FILES:
+        file = Path(path) / name
+        if file.is_file() and not os.access(file, os.W_OK):
+            raise PermissionError(errno.EACCES, f"{os.strerror(errno.EACCES)} (a read-only file of checkpoint_dir, "
+                                  "which its checkpoints may not replace)", str(file))
 
 
 def has_checkpoint(ckpt) -> bool:
@@ -275,3 +303,4 @@ def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: i
         best_file = ckpt / "best.safetensors"
         best_state = load_file(str(best_file)) if best_file.is_file() else None
     return (rng_states if "rng_state" in rng_states else None), best_state, counters["bad_validations"]
+

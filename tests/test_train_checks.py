@@ -781,3 +781,54 @@ def test_grad_clip_beyond_floats_range_is_refused_before_training():
         config.validate()
     for ok in (math.inf, 1e308, 10**300, 5, None):
         assert TrainConfig(grad_clip=ok).grad_clip == ok
+
+
+_FIT_INTO = """
+import sys
+import dcedit_kernels.train as train
+from dcedit_kernels.model_editor import ModelEditor
+from dcedit_kernels.models import tiny_model
+from dcedit_kernels.requests import EditRequest
+
+steps = []
+accumulate = train._accumulate
+train._accumulate = lambda *args, **kwargs: (steps.append(1), accumulate(*args, **kwargs))[1]
+model, tok = tiny_model("gpt2", seed=0)
+me = ModelEditor(model, tok, ["transformer.h.1.mlp.c_proj"], method="mend", rank=2, seed=1)
+reqs = [EditRequest(prompt=f"The {w} is in", target=t, locality="The sky is", locality_target="blue")
+        for w, t in (("cat", "Paris"), ("dog", "Rome"))]
+try:
+    me.fit(reqs, steps=1, batch_size=2, progress=False, checkpoint_dir=sys.argv[1])
+    print("trained", len(steps))
+except OSError as exc:
+    print(type(exc).__name__, exc.filename, len(steps))
+"""
+
+
+def test_fit_refuses_a_checkpoint_dir_it_may_not_write_before_the_first_step(tmp_path):
+    """Only `dcedit train` checked that --checkpoint-dir could be written: a library `fit` into a
+    read-only folder (or one holding a read-only checkpoint file) trained val_every steps, then its
+    first checkpoint failed and the training done so far was lost.  fit now makes the CLI's check
+    (`train_checkpoint.check_checkpoint_dir`, one function for both) before the first step: the
+    OS's PermissionError naming the folder or file, no step run.  A writable folder trains."""
+    import os
+
+    from test_editor_save_load import _run_unprivileged
+
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    os.chmod(read_only, 0o555)
+    try:
+        for ckpt in (read_only, read_only / "new"):
+            out = _run_unprivileged(_FIT_INTO, ckpt).splitlines()
+            assert out[-1] == f"PermissionError {read_only} 0", out
+    finally:
+        os.chmod(read_only, 0o755)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "editor.safetensors").write_bytes(b"kept")
+    os.chmod(kept / "editor.safetensors", 0o444)
+    out = _run_unprivileged(_FIT_INTO, kept).splitlines()
+    assert out[-1] == f"PermissionError {kept / 'editor.safetensors'} 0", out
+    out = _run_unprivileged(_FIT_INTO, tmp_path / "writable").splitlines()
+    assert out[-1] == "trained 1", out

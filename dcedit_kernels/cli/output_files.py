@@ -52,28 +52,21 @@ def check_checkpoint_dir(path: str) -> None:
     """Refuse, before the model loads, a --checkpoint-dir the run may not write (a read-only folder,
     or one under it; one under a file; a checkpoint file in it made read-only): the first checkpoint,
     --val-every steps in, failed, and the training done so far was lost (--out is written at the end
-    only).  The folder need not exist: fit creates it."""
-    folder = Path(path)
-    try:
-        while not folder.exists() and folder != folder.parent:  # the nearest that exists
-            folder = folder.parent
-    except OSError:  # a name too long, ...: the run's own mkdir says so
-        return
-    if not folder.is_dir():  # a file on the way ("a_file/ckpt"): fit's mkdir said so after the model's load
-        raise UserError(f"--checkpoint-dir {path}: {folder} is a file; give a folder")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"--checkpoint-dir {path}: cannot write in {folder} (its checkpoints would fail "
-                        "after --val-every steps); give a folder you may write")
-    from ..train_checkpoint import CHECKPOINT_FILES  # the CLI imports the training code only to train
+    only).  The folder need not exist: fit creates it.  The library's check (train_editor makes it
+    too), in the command line's terms."""
+    from ..train_checkpoint import check_checkpoint_dir as check_writable  # the training code, only to train
 
-    for name in CHECKPOINT_FILES:
-        # A save does not replace a file its user may not write (replace_atomically): one made
-        # read-only to keep it failed the first checkpoint, --val-every steps in.
-        file = Path(path) / name
-        if file.is_file() and not os.access(file, os.W_OK):
-            raise UserError(f"--checkpoint-dir {path}: its {name} is read-only, which its checkpoints may not "
-                            "replace (they would fail after --val-every steps); make it writable or give another "
-                            "folder")
+    try:
+        check_writable(path)
+    except NotADirectoryError as exc:  # a file on the way ("a_file/ckpt"): fit's mkdir said so after the model's load
+        raise UserError(f"--checkpoint-dir {path}: {exc.filename} is a file; give a folder") from None
+    except PermissionError as exc:
+        if Path(exc.filename).is_dir():
+            raise UserError(f"--checkpoint-dir {path}: cannot write in {exc.filename} (its checkpoints would fail "
+                            "after --val-every steps); give a folder you may write") from None
+        raise UserError(f"--checkpoint-dir {path}: its {Path(exc.filename).name} is read-only, which its checkpoints "
+                        "may not replace (they would fail after --val-every steps); make it writable or give another "
+                        "folder") from None
 
 
 def check_inputs(args, out: str | None) -> None:
