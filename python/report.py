@@ -199,19 +199,29 @@ def without_scored_locality(training: list, evaluated: list) -> tuple[list, int]
 def first_sample_statistics(me, requests: list, sizes: list[int], repeats: int, seed: int) -> dict:
     """{N_u: `edit_statistics` of N_u's first sample}, each routed as the evaluation routed that sample.
     `evaluate_method` runs N_u by N_u, repeat by repeat, and a RaEditor's random groups come from a
-    generator that every run draws from: the runs between two first samples are drawn again here
-    (their statistics dropped).  Without it, from the second N_u on, RaEditor's rows described
+    generator that every run draws from: the routing of the runs between two first samples is drawn
+    again here (`skip_routing`).  Without it, from the second N_u on, RaEditor's rows described
     another random split of the sample than the one its scores were measured on."""
     from dcedit_kernels.evaluate import edit_statistics, sample_indices
 
-    draws = repeats if me.route_generators() else 1  # a gate routes alike every time (eval mode: no noise)
     out = {}
     for n in sizes:
-        for r in range(draws):
-            stats = edit_statistics(me, [requests[i] for i in sample_indices(len(requests), n, seed, r)])
-            if r == 0:
-                out[n] = stats
+        out[n] = edit_statistics(me, [requests[i] for i in sample_indices(len(requests), n, seed, 0)])
+        for _ in range(repeats - 1):
+            skip_routing(me, n)
     return out
+
+
+def skip_routing(me, n_edits: int) -> None:
+    """Advance `me`'s routing generators as one apply of `n_edits` edits does, without the apply: it
+    runs each edited layer's editor once (`ModelEditor.run_editors`), and each run of a random-routing
+    editor draws its groups from the editor's generator (`GroupedEditor.route`, which reads no edit
+    features for them); a gate draws nothing outside training.  The other samples' statistics were
+    computed whole and dropped (a capture of the model each) only to advance the generators."""
+    for name in me.layers:
+        editor = me.editors[me.slots[name][0]]
+        if editor.routing == "random" and editor.route_generator is not None:
+            editor.route(n_edits)
 
 
 def fmt(stat: dict, digits: int = 3) -> str:

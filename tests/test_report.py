@@ -831,3 +831,30 @@ def test_a_markdown_write_cut_short_leaves_the_previous_report_whole(report_modu
         _tiny_report(report_module, tmp_path, monkeypatch, "--methods", "ft")
     assert (out / "report.md").read_text() == "the previous report"
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_first_sample_statistics_draw_the_other_samples_routing_only(report_module, gen, monkeypatch):
+    """--edit-stats computed every evaluation run's `edit_statistics` (a capture of the model each)
+    and dropped all but each N_u's first, only to advance RaEditor's routing generators as the runs
+    between two first samples did.  `skip_routing` draws those runs' routing alone: the statistics
+    and the generators' states after are the same as the full replay's (3 editors, GPT-2's layers, two
+    of them one editor's modes, which draws twice per apply), with one `edit_statistics` per N_u."""
+    from dcedit_kernels import evaluate
+    from test_model_editor import LAYERS, random_requests
+
+    model, tok = tiny_model("gpt2", seed=0)
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="raeditor", n_editors=3, rank=2, seed=1)
+    requests, sizes, repeats = random_requests(gen, 8), [2, 5, 3], 3
+    start = me.route_states()
+    replayed = {}
+    for n in sizes:  # the replay before: every run's statistics, each N_u's first kept
+        for r in range(repeats):
+            stats = evaluate.edit_statistics(me, [requests[i] for i in evaluate.sample_indices(len(requests), n, 0, r)])
+            replayed.setdefault(n, stats)
+    after = me.route_states()
+    me.set_route_states(start)
+    calls, edit_statistics = [], evaluate.edit_statistics
+    monkeypatch.setattr(evaluate, "edit_statistics", lambda *args: calls.append(1) or edit_statistics(*args))
+    assert report_module.first_sample_statistics(me, requests, sizes, repeats, 0) == replayed
+    assert len(calls) == len(sizes)
+    assert {key: torch.equal(state, after[key]) for key, state in me.route_states().items()} == dict.fromkeys(after, True)
