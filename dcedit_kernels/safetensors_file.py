@@ -118,15 +118,6 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
     replace_atomically(path, write)
 
 
-def check_readable(path) -> None:
-    """The OS's own error for a file this process cannot open (PermissionError naming it, for one
-    it may not read), before safetensors opens it: safetensors reports any failure to open a file
-    as FileNotFoundError "No such file or directory", without errno or file name, so an unreadable
-    checkpoint read as missing (and, lacking the name, as a traceback under `dcedit`)."""
-    with open(path, "rb"):
-        pass
-
-
 def read_safetensors(path, required: set, attempts: int = 3) -> tuple[dict, list, dict | None]:
     """(metadata, tensor names, tensors on the CPU) of the safetensors file at `path`, all of one
     file; the tensors are None, unread, where the metadata lacks a key of `required` (a foreign file

@@ -247,7 +247,6 @@ def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: i
     """Load the checkpoint; returns (this process's RNG states as `_rng_states` gives them, or None
     when the checkpoint has none for `rank`; the best state; the count of bad validations)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     path = ckpt / TRAINER_FILE
     checkpoint_keys = {"opt", "lr_opt", "counters", "model_editor"}
@@ -283,7 +282,7 @@ def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: i
         _check_run(path, json.loads(meta["run"]), run)
     editor = {k[len(EDITOR_PREFIX):]: v for k, v in tensors.items() if k.startswith(EDITOR_PREFIX)}
     if not editor:  # a checkpoint from before the editors' state was also written in trainer.safetensors
-        editor = load_file(str(ckpt / "editor.safetensors"))
+        editor = _read_tensors(ckpt / "editor.safetensors")
     me.load_state_tensors(editor)  # copied into each editor's device
     _unflatten_optimizer(opt, "opt", tensors, json.loads(meta["opt"]))
     _unflatten_optimizer(lr_opt, "lr_opt", tensors, json.loads(meta["lr_opt"]))
@@ -301,6 +300,13 @@ def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: i
         best_state = None if where is None else {k[len(where):]: v for k, v in tensors.items() if k.startswith(where)}
     else:  # a checkpoint from before the best state was written in trainer.safetensors
         best_file = ckpt / "best.safetensors"
-        best_state = load_file(str(best_file)) if best_file.is_file() else None
+        best_state = _read_tensors(best_file) if best_file.is_file() else None
     return (rng_states if "rng_state" in rng_states else None), best_state, counters["bad_validations"]
 
+
+def _read_tensors(path: Path) -> dict:
+    """The tensors of a file of an older checkpoint (its editor.safetensors or best.safetensors), in
+    one held read of one file (`read_safetensors`), as trainer.safetensors is read: load_file mapped
+    the path again after parsing its header, so a save over it in between gave tensors read at
+    another file's offsets."""
+    return read_safetensors(path, set())[2]

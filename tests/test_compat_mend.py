@@ -902,3 +902,30 @@ def test_from_mend_warns_for_an_encoder_decoder_other_than_t5(gen, arch):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             ModelEditor.from_mend(model, tok, sd, inner)
+
+
+def test_a_safetensors_file_saved_over_while_it_loads_gives_one_files_tensors(tmp_path, monkeypatch):
+    """compat.mend read a safetensors state_dict with load_file, which parses the header of the file
+    it opens and then maps the path again for the tensors (UntypedStorage.from_file): a save over
+    the path in between gave tensors read at the first file's offsets from the second file's bytes,
+    neither file's, without a word.  It reads as the editors' loads do (`read_safetensors`: one held
+    open, read again when the path names another file after): the tensors of the file now there."""
+    import os
+
+    from safetensors.torch import save_file
+
+    path, other = tmp_path / "mend.safetensors", tmp_path / "other.safetensors"
+    save_file({"w": torch.arange(8.0)}, str(path))
+    # Another header length (its metadata): the first file's offsets fall elsewhere in its bytes.
+    save_file({"w": torch.arange(8.0) + 100}, str(other), metadata={"note": "x" * 13})
+    original = torch.UntypedStorage.from_file
+
+    def saved_over_meanwhile(*args, **kwargs):
+        if other.exists():
+            os.replace(other, path)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.UntypedStorage, "from_file", saved_over_meanwhile)
+    state = compat_mend._read_state_dict(path)
+    assert not other.exists()  # the save did land during the load
+    assert torch.equal(state["w"], torch.arange(8.0) + 100)

@@ -832,3 +832,42 @@ def test_fit_refuses_a_checkpoint_dir_it_may_not_write_before_the_first_step(tmp
     assert out[-1] == f"PermissionError {kept / 'editor.safetensors'} 0", out
     out = _run_unprivileged(_FIT_INTO, tmp_path / "writable").splitlines()
     assert out[-1] == "trained 1", out
+
+
+def test_an_older_checkpoints_best_file_saved_over_while_it_resumes_gives_one_files_tensors(gen, tmp_path,
+                                                                                             monkeypatch):
+    """A checkpoint from before the best state went into trainer.safetensors resumes with the best
+    state of best.safetensors, which the resume read with load_file: it parses the header of the
+    file it opens, then maps the path again for the tensors, so a save over it in between gave
+    tensors read at the first file's offsets from the second's bytes (neither file's).  It is read
+    as trainer.safetensors is (`read_safetensors`): the tensors of the file now there."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from dcedit_kernels import train_checkpoint
+    from dcedit_kernels.train_config import TrainResult
+
+    me = tiny_mend("gpt2", gen)
+    opt = torch.optim.Adam(list(me.editors.parameters()))
+    lr_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    run = train_checkpoint._run_settings(TrainConfig(steps=1, batch_size=2, progress=False), None, None)
+    train_checkpoint._checkpoint(me, opt, lr_opt, tmp_path, TrainResult(steps=1), 0, run,
+                                 [train_checkpoint._rng_states(me)])
+    _rewrite_trainer_checkpoint(tmp_path / "trainer.safetensors", {"counters": ["best"]})
+    best, other = tmp_path / "best.safetensors", tmp_path / "other.safetensors"
+    states = [{k: torch.randn(v.shape, generator=gen).to(v.dtype) for k, v in me.state_tensors().items()}
+              for _ in range(2)]
+    save_file(states[0], str(best))
+    save_file(states[1], str(other), metadata={"note": "x" * 13})  # another header length
+    original = torch.UntypedStorage.from_file
+
+    def saved_over_meanwhile(filename, *args, **kwargs):
+        if os.path.basename(filename) == best.name and other.exists():
+            os.replace(other, best)
+        return original(filename, *args, **kwargs)
+
+    monkeypatch.setattr(torch.UntypedStorage, "from_file", saved_over_meanwhile)
+    got = train_checkpoint._resume(me, opt, lr_opt, tmp_path, TrainResult(steps=0), run)[1]
+    assert not other.exists()  # the save did land during the resume
+    assert got.keys() == states[1].keys() and all(torch.equal(got[k], states[1][k]) for k in got)

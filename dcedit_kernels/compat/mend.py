@@ -249,14 +249,15 @@ def _read_state_dict(source) -> Mapping:
                              f"loader never unpickles; {_CONVERT_HINT}")
         if not os.path.isfile(path):
             raise ValueError(f"state_dict: no file at {path!r}")
-        from safetensors.torch import load_file
-
-        from ..safetensors_file import check_readable
-
-        check_readable(path)  # an unreadable file: PermissionError, not "not a safetensors file (No such file...)"
+        from ..safetensors_file import read_safetensors
 
         try:
-            return load_file(path)
+            # One held read of one file, as the editors' loads read theirs: load_file parsed one file's
+            # header and mapped the path again for the tensors, so a save over it in between gave
+            # tensors read at another file's offsets.
+            return read_safetensors(path, set())[2]
+        except OSError:  # the OS's own, naming the file: one it may not read is not "not a safetensors file"
+            raise
         except Exception as exc:  # safetensors' own error type differs across versions
             raise ValueError(f"state_dict: {path!r} is not a safetensors file ({exc}); if it is a MEND "
                              f"archive saved by torch.save, {_CONVERT_HINT}") from exc
