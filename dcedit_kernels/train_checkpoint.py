@@ -3,8 +3,8 @@
 Checkpoints (safetensors only) go to `checkpoint_dir`: `editor.safetensors` (ModelEditor.save),
 `best.safetensors`, and `trainer.safetensors` (the optimisers' state flattened to tensors, the RNG
 state, the editors' state again and the best state when it is not theirs, so that one file holds a
-whole step, and the counters as JSON metadata); `resume=True` continues from them
-(ResumeMismatchError, a ValueError, when the run's TrainConfig, apart from `steps`, `val_every`
+whole step, the per-step history too, and the counters as JSON metadata); `resume=True` continues
+from them (ResumeMismatchError, a ValueError, when the run's TrainConfig, apart from `steps`, `val_every`
 (not `val_size`), the early-stopping fields, display/saving fields, `data_parallel` (the number of
 processes is checked on its own), `length_buckets` and `reuse_prefix` (rounding only), or its
 training or validation requests differ from the run that wrote them).
@@ -179,6 +179,7 @@ def run_editor_defaults(ckpt, method: str) -> dict:
 EDITOR_PREFIX = "editor."  # the editors' state in trainer.safetensors (`_checkpoint`)
 BEST_PREFIX = "best."  # the best validated state in trainer.safetensors, when it is not the editors' own
 RNG_KEYS = ("rng_state", "route_rng.", "cuda_rng.")  # the names (or name prefixes) `_rng_states` uses
+HISTORY_PREFIX = "history."  # TrainResult.history in trainer.safetensors (`_history_tensors`)
 
 
 def _set_rng_states(me: ModelEditor, states: dict) -> None:
@@ -217,13 +218,43 @@ def _checkpoint(me, opt, lr_opt, ckpt: Path, result: TrainResult, bad_validation
         tensors.update({BEST_PREFIX + k: v for k, v in best_state.items()})
     for rank, states in enumerate(rng_states):
         tensors.update({(f"rank{rank}." if rank else "") + key: t.cpu() for key, t in states.items()})
+    history, history_keys = _history_tensors(result.history)
+    tensors.update(history)
     counters = dict(steps=result.steps, best_step=result.best_step, best_es=result.best_es,
                     stopped_early=result.stopped_early, skipped_batches=result.skipped_batches,
                     bad_validations=bad_validations, elapsed_s=result.elapsed_s, best=best,
-                    history=result.history, val_history=result.val_history)
+                    history_keys=history_keys, val_history=result.val_history)
     meta = {"opt": json.dumps(m1), "lr_opt": json.dumps(m2), "counters": json.dumps(counters),
             "model_editor": json.dumps(me.config()), "run": json.dumps(run)}
     save_safetensors(tensors, ckpt / TRAINER_FILE, meta)
+
+
+def _history_tensors(history: list) -> tuple[dict, list]:
+    """TrainResult.history (per step a dict of "step" and the logged terms; "step" alone for a step
+    whose every batch was skipped) as tensors, and the terms' names, their columns.  As JSON in the
+    counters it grew trainer.safetensors' header by ~125 bytes a step, written whole at every
+    checkpoint and parsed whole at every load (12.5 MB at 100,000 steps), and past ~800,000 steps
+    over safetensors' 100 MB header limit: a checkpoint saved, then refused by its resume ("header
+    too large").  The values are float64: Python's floats, exactly."""
+    keys = list(dict.fromkeys(k for entry in history for k in entry if k != "step"))
+    shape = (len(history), len(keys))
+    # Flat lists: torch reads them several times faster than one list per step.
+    tensors = {"step": torch.tensor([entry["step"] for entry in history], dtype=torch.int64),
+               "value": torch.tensor([entry.get(k, 0.0) for entry in history for k in keys],
+                                     dtype=torch.float64).reshape(shape),
+               "logged": torch.tensor([k in entry for entry in history for k in keys], dtype=torch.bool).reshape(shape)}
+    return {HISTORY_PREFIX + name: t for name, t in tensors.items()}, keys
+
+
+def _history_of(path: Path, tensors: dict, keys: list) -> list:
+    """The TrainResult.history `_history_tensors` wrote (its terms' names: `keys`)."""
+    try:
+        steps, values, logged = (tensors[HISTORY_PREFIX + name].tolist() for name in ("step", "value", "logged"))
+    except KeyError as exc:
+        raise ValueError(f"{path} is not a train_editor checkpoint (its counters name a history, and it has no "
+                         f"{exc.args[0]} tensor)") from None
+    return [dict(step=step, **{k: v for k, v, kept in zip(keys, row, mask) if kept})
+            for step, row, mask in zip(steps, values, logged)]
 
 
 def _check_run(path: Path, saved: dict, run: dict) -> None:
@@ -280,6 +311,10 @@ def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: i
                          f"{me.loss_reduction!r}: the editor's statistics would mix two scales")
     if "run" in meta:  # checkpoints written before the settings were recorded are not checked
         _check_run(path, json.loads(meta["run"]), run)
+    counters = json.loads(meta["counters"])
+    # Read before any state is set (a damaged history is refused, the editors left as they were); a
+    # checkpoint written before the history went into tensors holds it in its counters.
+    history = counters["history"] if "history" in counters else _history_of(path, tensors, counters["history_keys"])
     editor = {k[len(EDITOR_PREFIX):]: v for k, v in tensors.items() if k.startswith(EDITOR_PREFIX)}
     if not editor:  # a checkpoint from before the editors' state was also written in trainer.safetensors
         editor = _read_tensors(ckpt / "editor.safetensors")
@@ -289,11 +324,10 @@ def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: i
     own = f"rank{rank}." if rank else ""
     rng_states = {name: v for k, v in tensors.items()
                   if k.startswith(own) and (name := k[len(own):]).startswith(RNG_KEYS)}
-    counters = json.loads(meta["counters"])
     result.steps = result.resumed_from = counters["steps"]
     result.best_step, result.best_es = counters["best_step"], counters["best_es"]
     result.stopped_early, result.skipped_batches = counters["stopped_early"], counters["skipped_batches"]
-    result.elapsed_s, result.history = counters["elapsed_s"], counters["history"]
+    result.elapsed_s, result.history = counters["elapsed_s"], history
     result.val_history = counters["val_history"]
     if "best" in counters:
         where = {"editor": EDITOR_PREFIX, "trainer": BEST_PREFIX}.get(counters["best"])
