@@ -725,3 +725,57 @@ def test_a_load_saved_over_at_every_read_gives_up_naming_the_path(tmp_path, monk
     with pytest.raises(OSError, match="saved over while it was read, 3 times") as raised:
         read_safetensors(path, set())
     assert len(reads) == 3 and raised.value.filename == str(path) and raised.value.errno == errno.EAGAIN
+
+
+def _dense_in_child(editors, inputs, out_path):
+    """Run in a child process: each editor it was handed (pickled by the start method) on `inputs`,
+    its routing generator's state as it came and its shift saved to `out_path` for the parent to compare."""
+    torch.set_num_threads(1)
+    torch.save([(e.route_generator.get_state(), e.dense(*inputs)) for e in editors], out_path)
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_seeded_editors_pass_to_a_spawned_process(start_method, gen, tmp_path):
+    """A seeded editor (its routing generator, a torch.Generator) handed to a spawned or forkserver
+    process (torch.multiprocessing.Process(args=...), DataLoader workers; forkserver is Python
+    3.14's default on Linux): torch.Generator's own pickling gives a state tensor that nobody holds,
+    whose shared-memory file descriptor is closed before the child reads it (pytorch#146828), so the
+    child crashed unpickling ("unable to resize file ... Invalid argument") for every seeded editor.
+    The child gets the editors as they were: the same shifts, its generators where they were."""
+    import torch.multiprocessing as mp
+
+    editors = [_trained_looking(small_editor(method, 7), gen).eval() for method in EDITOR_KINDS]
+    mu, eta, offsets, feats = editor_inputs(gen)
+    inputs = (mu, eta, offsets, 0, feats)  # dense's arguments
+    for editor in editors:  # RaEditor's generator one call past its seed
+        editor.dense(*inputs)
+    out_path = tmp_path / "child.pt"
+    process = mp.get_context(start_method).Process(target=_dense_in_child, args=(editors, inputs, str(out_path)))
+    process.start()
+    process.join(timeout=240)
+    if process.is_alive():
+        process.kill()
+        process.join()
+        pytest.fail("the child process was still running after 240 s")
+    assert process.exitcode == 0 and out_path.is_file(), f"the child process failed (exit code {process.exitcode})"
+    for editor, (state, shift) in zip(editors, torch.load(out_path)):
+        assert torch.equal(state, editor.route_generator.get_state()), editor.config["routing"]
+        assert torch.equal(shift, editor.dense(*inputs)), editor.config["routing"]
+
+
+def test_an_editor_pickled_with_torchs_generator_pickling_still_unpickles(gen, monkeypatch):
+    """A seeded editor pickled before its routing generator went into the pickle as bytes (torch's
+    own Generator pickling, as nn.Module.__getstate__ leaves it) unpickles with its generator where
+    it was."""
+    import pickle
+
+    editor = small_editor("raeditor", 7)
+    mu, eta, offsets, feats = editor_inputs(gen)
+    editor.dense(mu, eta, offsets, 0, feats)  # one call past its seed
+    with monkeypatch.context() as m:
+        m.setattr(GroupedEditor, "__getstate__", torch.nn.Module.__getstate__)
+        old = pickle.dumps(editor)
+    loaded = pickle.loads(old)
+    assert isinstance(loaded.route_generator, torch.Generator)
+    assert torch.equal(loaded.route_generator.get_state(), editor.route_generator.get_state())
+    assert torch.equal(loaded.dense(mu, eta, offsets, 0, feats), editor.dense(mu, eta, offsets, 0, feats))

@@ -183,6 +183,22 @@ class GroupedEditor(nn.Module):
         two evaluations route the same edits alike."""
         return self._route_gen
 
+    def __getstate__(self) -> dict:
+        """Pickled (pickle, torch.save, copy.deepcopy, a process's arguments) with the routing
+        generator as its state's bytes: torch.Generator's own pickling gives a state tensor that
+        nobody holds, and torch.multiprocessing shares it through a file descriptor that is closed
+        before a spawned or forkserver child reads it (pytorch#146828), so every seeded editor, and
+        a ModelEditor holding one, crashed the process it was handed to ("unable to resize file")."""
+        state = super().__getstate__()
+        if isinstance(self._route_gen, torch.Generator):
+            state["_route_gen"] = _GeneratorState(bytes(self._route_gen.get_state().tolist()))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if isinstance(self._route_gen, _GeneratorState):  # an editor pickled before holds the Generator
+            self._route_gen = self._route_gen.generator()
+
     def route(self, n_edits: int, edit_feats=None, device=None):
         """(group per edit (E,), gate weight per edit (E,) or None, balance loss).  The gate reads
         `edit_feats` standardised by `gate_norm` (when the editor has one), which takes them into
@@ -416,6 +432,15 @@ class GroupedEditor(nn.Module):
 # Editor arguments newer than some checkpoints, and the value a config without them was trained
 # with (before gate_norm existed the gate read the raw features), for gate-routed editors.
 ABSENT_GATE_ARGUMENTS = {"gate_norm": False}
+
+
+class _GeneratorState(bytes):
+    """A CPU torch.Generator's state (its seed and position) as it is pickled: plain bytes."""
+
+    def generator(self) -> torch.Generator:
+        gen = torch.Generator()
+        gen.set_state(torch.frombuffer(bytearray(self), dtype=torch.uint8))
+        return gen
 
 
 def with_absent_defaults(config: dict) -> dict:
