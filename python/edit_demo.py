@@ -41,7 +41,8 @@ if str(REPO) not in sys.path:  # run from a checkout without installing the pack
 import torch  # noqa: E402
 
 from dcedit_kernels.cli import (  # noqa: E402
-    METHOD_NAMES, UserError, greedy_completions, positive_int, require_matplotlib, seed_int, set_threads, write_json)
+    METHOD_NAMES, UserError, greedy_completions, positive_int, require_matplotlib, save_figure, seed_int, set_threads,
+    write_json)
 from dcedit_kernels.editor_cache import cache_dir, random_routing_twin, trained_editor  # noqa: E402
 
 METHOD_ORDER = ("ft", "ft_kl", "mend", "raeditor", "moeditor", "proeditor")
@@ -145,7 +146,7 @@ def plot(results: dict, path: Path, title: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)  # atomically: a run cut short leaves the previous plot whole
     plt.close(fig)
 
 

@@ -42,7 +42,8 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from dcedit_kernels.cli import (  # noqa: E402
-    METHOD_NAMES, UserError, load_requests, positive_int, require_matplotlib, seed_int, set_threads, write_json)
+    METHOD_NAMES, UserError, load_requests, positive_int, require_matplotlib, save_figure, seed_int, set_threads, write_json,
+    write_text)
 from dcedit_kernels.capture import resolve_modules  # noqa: E402
 from dcedit_kernels.editor_cache import cache_dir, random_routing_twin, trained_editor  # noqa: E402
 from dcedit_kernels.ft_baseline import locality_texts  # noqa: E402
@@ -232,24 +233,6 @@ def fmt(stat: dict, digits: int = 3) -> str:
 
 def _nan_if_none(value):
     return float("nan") if value is None else value
-
-
-def save_figure(fig, path: Path) -> None:
-    """`fig` as a PNG at `path`, written beside it and moved over it (`replace_atomically`, as
-    report.json and the report's Markdown): a run cut short in the write (a full disk, a Ctrl-C)
-    left a truncated plot over the previous run's good one.  The format is named: savefig reads it
-    from the file's suffix, and the temporary file's is ".tmp"."""
-    from dcedit_kernels.safetensors_file import replace_atomically
-
-    replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
-
-
-def write_text(path: Path, text: str) -> None:
-    """`text` at `path`, written beside it and moved over it (`replace_atomically`): a write cut short
-    left a truncated report.md over the previous run's."""
-    from dcedit_kernels.safetensors_file import replace_atomically
-
-    replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def plot_es_dd(results: dict, sizes: list[int], path: Path) -> None:

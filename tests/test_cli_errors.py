@@ -2,6 +2,7 @@
 (see also test_demo.py)."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -161,6 +162,22 @@ def test_write_json_cut_short_leaves_the_previous_file_whole(tmp_path, monkeypat
     monkeypatch.undo()
     assert json.loads(out.read_text()) == dict(a=1)
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left
+
+
+def test_write_text_writes_utf8_under_an_ascii_locale(tmp_path):
+    """report.md ("±", "‖") was written in the locale's encoding: under a C locale without UTF-8 mode
+    (ASCII) the report's last write raised UnicodeEncodeError after the whole run."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "report.md"
+    code = ("import sys; from dcedit_kernels.cli import write_text; "
+            "import locale; assert locale.getpreferredencoding(False) != 'UTF-8'; "
+            "write_text(sys.argv[1], 'ES 0.50 \\u00b1 0.10, \\u2016\\u0394\\u2016')")  # escapes: the command line is ASCII
+    env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0",
+               PYTHONPATH=os.pathsep.join([str(Path(cli.__file__).parents[2]), os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-c", code, str(out)], env=env, check=True, timeout=120)
+    assert out.read_text(encoding="utf-8") == "ES 0.50 \u00b1 0.10, \u2016\u0394\u2016"
 
 
 @pytest.mark.parametrize("sizes", ["x,2", "0", ",", "3,-1"])

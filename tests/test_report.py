@@ -819,6 +819,28 @@ def test_a_plot_cut_short_leaves_the_previous_plot_whole(report_module, tmp_path
     assert png.read_bytes().startswith(b"\x89PNG") and sorted(p.name for p in tmp_path.iterdir()) == ["es_dd_by_n.png"]
 
 
+def test_the_demos_plot_cut_short_leaves_the_previous_plot_whole(tmp_path, monkeypatch):
+    """edit_demo.py saved es_dd.png in place (savefig to the path), as the report's plots were: it goes
+    through the same atomic save_figure now."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    results = {"mend": dict(es=0.5, dd=0.1, lmp=0.4), "ft": dict(es=0.9, dd=0.3, lmp=0.6)}
+    png = tmp_path / "es_dd.png"
+    png.write_bytes(b"the previous plot")
+    demo = _demo_module()
+    with monkeypatch.context() as patched:
+        patched.setattr(Figure, "savefig", _cut_short(Figure.savefig, "es_dd.png"))
+        with pytest.raises(OSError):
+            demo.plot(results, png, "a title")
+    assert png.read_bytes() == b"the previous plot"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["es_dd.png"]
+    demo.plot(results, png, "a title")
+    assert png.read_bytes().startswith(b"\x89PNG") and sorted(p.name for p in tmp_path.iterdir()) == ["es_dd.png"]
+
+
 def test_a_markdown_write_cut_short_leaves_the_previous_report_whole(report_module, tmp_path, monkeypatch):
     """report.md was written in place (Path.write_text) at the end of the run: a write cut short
     left half a report over the previous run's good one.  It is written beside the path and moved

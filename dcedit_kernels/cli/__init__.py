@@ -42,7 +42,7 @@ from .messages import in_cli_terms, show_warning
 from .methods import EDITOR_METHODS, METHOD_NAMES
 from .options import (METRICS_HELP, build_parser, editor_kwargs, parse_sizes, positive_int, rate,
                       seed_int)
-from .output_files import check_inputs, check_out, train_out, write_json
+from .output_files import check_inputs, check_out, save_figure, train_out, write_json, write_text
 from .user_error import UserError
 
 __all__ = [
@@ -50,8 +50,8 @@ __all__ = [
     "build_parser", "check_count", "check_inputs", "check_out", "cmd_edit", "cmd_evaluate", "cmd_train",
     "default_layers", "detect_format", "editable_layers", "editor_kwargs", "greedy_completions",
     "in_cli_terms", "load_any_model", "load_requests", "main", "parse_layers", "parse_sizes",
-    "positive_int", "rate", "require_matplotlib", "seed_int", "set_threads", "shown", "train_out",
-    "write_json",
+    "positive_int", "rate", "require_matplotlib", "save_figure", "seed_int", "set_threads", "shown",
+    "train_out", "write_json", "write_text",
 ]
 
 

@@ -142,12 +142,29 @@ def write_json(path, data) -> None:
     """`data` as JSON at `path`, written beside it and moved over it (`replace_atomically`): a write
     cut short (a full disk, a Ctrl-C) leaves the previous file whole, not a truncated one."""
     from .._checks import check_path as library_check_path  # a Python caller's ValueError
-    from ..safetensors_file import replace_atomically
 
     library_check_path(path, "path")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(data, indent=2, default=_json_default)
-    replace_atomically(path, lambda tmp: tmp.write_text(text))  # `path` as given: a trailing "/" is refused
+    write_text(path, json.dumps(data, indent=2, default=_json_default))
+
+
+def write_text(path, text: str) -> None:
+    """`text` as UTF-8 at `path`, written beside it and moved over it (`replace_atomically`): a write
+    cut short leaves the previous file whole.  UTF-8 whatever the locale: report.md holds "±" and
+    "‖", which a latin-1 or C locale's default encoding could not write."""
+    from ..safetensors_file import replace_atomically
+
+    replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))  # `path` as given: a trailing "/" is refused
+
+
+def save_figure(fig, path) -> None:
+    """A matplotlib figure at `path`, written beside it and moved over it (`replace_atomically`): a run
+    cut short in the write left a truncated plot over the previous run's good one.  The format is
+    named from `path`'s suffix (PNG without one): savefig reads it from the file it writes, whose
+    suffix is ".tmp"."""
+    from ..safetensors_file import replace_atomically
+
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix[1:] or "png"))
 
 
 def _json_default(value):
