@@ -1688,6 +1688,39 @@ def test_undo_shift_refuses_an_expanded_weight_and_a_meta_previous(gen):
     assert torch.equal(weight, previous)
 
 
+@pytest.mark.parametrize("reference_path", [False, True])
+def test_an_inference_weight_is_shifted_inside_inference_mode_only(reference_path, gen):
+    """A weight created under torch.inference_mode() (a model loaded under it) can be changed in
+    place only inside inference mode, as torch's own in-place ops say.  Outside it the C++ kernel
+    wrote it all the same (it writes through the data pointer), and undo_shift_ then refused to
+    restore it with torch's RuntimeError, so the edit stayed; the reference raised that
+    RuntimeError.  Now both refuse up front, naming weight, and the weight is as it was; GroupedEdit
+    .apply_ too.  Inside inference mode the shift and its undo run as before."""
+    from dcedit_kernels.editors import MEND
+
+    with torch.inference_mode():
+        weight = randn((3, 4), gen)
+    before, delta, fisher = weight.clone(), randn((3, 4), gen), randn((3, 4), gen).abs()
+    why = r"^weight must not be an inference tensor \(created under torch\.inference_mode\(\)\) outside"
+    with ops.reference_mode(reference_path):
+        for kwargs in ({}, dict(fisher=fisher, keep=0.5)):
+            with pytest.raises(ValueError, match=why):
+                ops.apply_shift_(weight, delta, 0.5, **kwargs)
+            assert torch.equal(weight, before)
+        with pytest.raises(ValueError, match=why):
+            ops.undo_shift_(weight, before)
+        with torch.inference_mode():
+            previous = ops.apply_shift_(weight, delta, 0.5)
+            assert not torch.equal(weight, before)
+            ops.undo_shift_(weight, previous)
+        assert torch.equal(weight, before)
+    mu, eta = randn((5, 4), gen), randn((5, 3), gen)
+    edit = MEND(4, 3, rank=2).eval()(mu, eta, torch.tensor([0, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match=why):
+        edit.apply_(weight)
+    assert torch.equal(weight, before)
+
+
 # ---------------------------------------------------------------- routing
 def test_sort_by_group(gen, device):
     groups = torch.randint(0, 5, (23,), generator=gen).to(device)

@@ -3,7 +3,7 @@
 import torch
 
 from .. import reference
-from .._checks import check_same_device, check_tensor, is_real_number
+from .._checks import check_same_device, check_tensor, is_real_number, tracing
 from .._library import _LIB
 from ._dispatch import opcall, register
 from .fisher_mask import check_fisher_mask
@@ -42,6 +42,13 @@ def check_shiftable_weight(weight):
         # (torch's in-place write refuses it too, with a RuntimeError).
         raise ValueError(f"weight must not have elements that share memory (an expanded view), got strides "
                          f"{tuple(weight.stride())} for shape {tuple(weight.shape)}")
+    # torch refuses an in-place update of an inference tensor outside inference mode, and so did the
+    # reference and undo_shift_'s copy_; the C++ kernel writes through the data pointer and did not, so
+    # apply_shift_ changed such a weight that undo_shift_ then could not restore.  Not while
+    # torch.compile traces: dynamo cannot trace is_inference() (a graph break it calls fundamental).
+    if not tracing() and weight.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError("weight must not be an inference tensor (created under torch.inference_mode()) outside "
+                         "inference mode: it can be changed in place only inside torch.inference_mode()")
 
 
 def check_apply_shift(weight, delta, alpha=1.0, fisher=None, keep=None, threshold=None):
