@@ -379,3 +379,38 @@ def test_training_forward_of_an_editor_built_under_inference_mode_says_why_and_k
     with torch.inference_mode():  # where the statistics can be updated, they are
         ed(mu, eta, offsets, edit_feats=feats)
     assert float(ed.norm.k) > 0
+
+
+@pytest.mark.parametrize("method", EDITOR_KINDS)
+@pytest.mark.parametrize("training", [False, True])
+def test_an_editor_forward_without_values_to_read_says_why(method, training, gen):
+    """An editor's forward reads its factors (it drops MEND's all-zero token rows, so the edit's
+    shape depends on their values): on meta tensors (an editor built on "meta" with meta factors),
+    under FakeTensorMode and under torch.export it failed inside torch with "Tensor.item() cannot
+    be called on meta tensors", DataDependentOutputException and GuardOnDataDependentSymNode,
+    naming nothing.  A ValueError says why, before the running norms take anything; the ops run
+    on such tensors (test_ops), and torch.compile still compiles the forward (test_compile)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mu, eta, offsets, feats = editor_inputs(gen)
+    kw = dict(edit_feats=feats) if method == "moeditor" else {}
+    why = r"^mu and eta must hold values: an editor's forward reads them \(it drops MEND's all-zero token rows"
+    with pytest.raises(ValueError, match=why + r".*got meta tensors"):
+        small_editor(method).to("meta").train(training)(mu.to("meta"), eta.to("meta"), offsets.to("meta"),
+                                                        **{k: v.to("meta") for k, v in kw.items()})
+    editor = small_editor(method).train(training)
+    before = {k: v.clone() for k, v in editor.state_dict().items()}
+    with FakeTensorMode() as mode, pytest.raises(ValueError, match=why + r".*got fake tensors"):
+        editor(*(mode.from_tensor(t) for t in (mu, eta, offsets)), **{k: mode.from_tensor(v) for k, v in kw.items()})
+
+    class Dense(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.editor = editor
+
+        def forward(self, mu, eta, offsets, *feats):
+            return self.editor(mu, eta, offsets, edit_feats=feats[0] if feats else None).dense()
+
+    with pytest.raises(ValueError, match=why + r".*under torch\.export"):
+        torch.export.export(Dense(), (mu, eta, offsets, *kw.values()), strict=False)
+    assert all(torch.equal(before[k], v) for k, v in editor.state_dict().items())

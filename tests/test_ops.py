@@ -1582,6 +1582,39 @@ def test_wrappers_propagate_shapes_under_fake_tensor_mode_and_make_fx(gen):
             graph(eta, mu, torch.tensor([0, 3, 2, 5]))
 
 
+def test_public_ops_export_and_the_exported_graph_checks_offsets(gen):
+    """torch.export.export (strict=False) of a module calling each public op (the in-place ones
+    aside, as under FakeTensorMode above) traces through the fake kernels, and the exported
+    program gives the eager results; the offsets it was not traced on are still checked when it
+    runs (the kernel's check), as for a graph traced by make_fx.  README "Meta and fake tensors,
+    export"."""
+    class Call(torch.nn.Module):
+        def __init__(self, op, names, fixed):
+            super().__init__()
+            self.op, self.names, self.fixed = op, names, fixed
+
+        def forward(self, *tensors):
+            return self.op(**dict(zip(self.names, tensors)), **self.fixed)
+
+    def exported(op, kwargs):
+        names = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+        module = Call(op, names, {k: v for k, v in kwargs.items() if k not in names})
+        return torch.export.export(module, tuple(kwargs[k] for k in names), strict=False).module()
+
+    for name, (op, kwargs) in _public_op_calls(gen).items():
+        if name in ("apply_shift_", "undo_shift_"):
+            continue
+        if name == "noisy_topk_gate":
+            kwargs = dict(kwargs, training=False)
+        got, want = exported(op, kwargs)(*(v for v in kwargs.values() if isinstance(v, torch.Tensor))), op(**kwargs)
+        got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True)), name
+    eta, mu = randn((5, 3), gen), randn((5, 4), gen)
+    program = exported(ops.grouped_outer, dict(eta=eta, mu=mu, offsets=torch.tensor([0, 2, 5]), fusion="max"))
+    with pytest.raises(ValueError, match="offsets must be non-decreasing"):
+        program(eta, mu, torch.tensor([0, 6, 5]))
+
+
 def test_bad_values_and_shapes_each_name_their_argument(gen):
     """The checks that no other test reaches: each a ValueError naming the argument, nothing
     written."""

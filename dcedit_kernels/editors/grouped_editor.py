@@ -11,7 +11,10 @@ import torch
 from torch import nn
 
 from .. import ops
-from .._checks import check_bool, check_path, check_same_device, check_seed, check_tensor, is_finite_number, is_int, is_number
+from .._checks import (
+    check_bool, check_path, check_same_device, check_seed, check_tensor, is_finite_number, is_int, is_number, no_values,
+    tracing,
+)
 from ..devices import as_device
 from ..reference.grouped_outer import FUSIONS
 from ..reference.segments import group_ids, kept_offsets
@@ -270,6 +273,7 @@ class GroupedEditor(nn.Module):
         # Before the zero-row test and the norms, which raised torch's RuntimeError for factors on
         # another device than the editor (a model on a GPU, its editor left on the CPU).
         check_same_device({"mu": mu, "eta": eta, "the editor": self.alpha})
+        check_factor_values(mu, eta)
         if isinstance(edit_offsets, torch.Tensor) and edit_offsets.is_meta:
             # Offsets on another real device are read there (kept_offsets moves them), but a meta
             # tensor has no values: it was NotImplementedError ("Cannot copy out of meta tensor").
@@ -454,6 +458,22 @@ def config_differences(saved: dict, now: dict) -> str:
     """"name: saved x, here y" for each argument where a saved editor config and this one differ."""
     return "; ".join(f"{k}: saved {saved.get(k)!r}, here {now.get(k)!r}"
                      for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k))
+
+
+def check_factor_values(mu, eta) -> None:
+    """ValueError for factors without values to read (meta or fake tensors) and under torch.export.
+
+    The forward reads them: MEND's all-zero token rows are dropped, so the edit's rows depend on
+    their values, and the running norms read their count.  On meta or fake tensors (FakeTensorMode,
+    torch.export's tracing) that read failed inside torch ("Tensor.item() cannot be called on meta
+    tensors", DataDependentOutputException, GuardOnDataDependentSymNode), naming nothing.  Not
+    while torch.compile traces (outside export): it breaks the graph there and reads real values."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)()
+    if exporting or (not tracing() and (no_values(mu) or no_values(eta))):
+        got = "under torch.export" if exporting else f"got {'meta' if mu.is_meta or eta.is_meta else 'fake'} tensors"
+        raise ValueError(f"mu and eta must hold values: an editor's forward reads them (it drops MEND's all-zero "
+                         f"token rows, so the edit's shape depends on them), {got}; the ops of dcedit_kernels.ops "
+                         "run on meta and fake tensors")
 
 
 def ops_check_offsets(edit_offsets, total):
