@@ -26,6 +26,35 @@ def test_an_editor_on_the_meta_device_prints(method):
     assert "tokens_seen=" in repr(editor.to_empty(device="cpu").norm)  # a count with values is shown again
 
 
+@pytest.mark.parametrize("method", [*EDITOR_KINDS, "random_with_psi"])
+def test_a_seeded_editor_built_on_meta_then_loaded_edits_as_the_one_built_on_the_cpu(method, gen):
+    """A model skeleton's recipe: build under torch.device("meta"), `to_empty(device="cpu")`, then
+    `load_state_dict`.  A seeded editor's own generator draws its initial v (and ψ's first layer),
+    then its random groups; on "meta" those first draws drew nothing and left the generator where
+    the seed put it, so a RaEditor built so routed the same edits to other groups than the same
+    editor built on the CPU (or loaded by GroupedEditor.load), call after call.  The draws now
+    advance the generator as on the CPU: the same generator state and the same edits, bit for bit."""
+    from dcedit_kernels.editors import GroupedEditor
+
+    def build(seed):
+        if method == "random_with_psi":  # random routing with ψ: its first layer draws from the generator too
+            d_in, d_out = OP_CASE_DIMS["d_in"], OP_CASE_DIMS["d_out"]
+            return GroupedEditor(d_in, d_out, n_editors=3, rank=3, routing="random", generator="token", seed=seed)
+        return small_editor(method, seed=seed)
+
+    on_cpu = build(7)
+    with torch.device("meta"):
+        on_meta = build(7)
+    assert all(p.is_meta for p in on_meta.parameters())
+    on_meta = on_meta.to_empty(device="cpu")
+    on_meta.load_state_dict(on_cpu.state_dict())
+    assert torch.equal(on_meta.route_generator.get_state(), on_cpu.route_generator.get_state())
+    mu, eta, offsets, feats = editor_inputs(gen)
+    for _ in range(3):  # each call draws the next random groups
+        a, b = (e.eval()(mu, eta, offsets, edit_feats=feats) for e in (on_cpu, on_meta))
+        assert torch.equal(a.edit_group, b.edit_group) and torch.equal(a.dense(), b.dense())
+
+
 def test_a_train_results_repr_summarises_its_histories():
     """`editor.fit(...)` as a notebook cell's last line prints its TrainResult: the dataclass's repr
     wrote out every step's dict (26 KB for the README's 200 steps; here, 10,000 steps, 0.96 MB).  It shows

@@ -20,7 +20,7 @@ from ..reference.grouped_outer import FUSIONS
 from ..reference.segments import group_ids, kept_offsets
 from ..safetensors_file import check_state, json_metadata, read_safetensors
 from .grouped_edit import GroupedEdit, check_weight
-from .parameter_generator import ParameterGenerator
+from .parameter_generator import ParameterGenerator, seeded_draw_
 from .running_norm import FeatureNorm, RunningNorm, joint_rows
 
 if TYPE_CHECKING:  # from_mend_state_dict's return type (compat.mend imports this module)
@@ -155,7 +155,8 @@ class GroupedEditor(nn.Module):
             layer = LowRankLayer()
             layer.u = nn.Parameter(torch.zeros(G, d, r))  # MEND's "id" init: the layer starts as identity
             bound = math.sqrt(6.0 / (r + d))  # xavier_uniform on each (r, d) v
-            layer.v = nn.Parameter(torch.empty(G, r, d).uniform_(-bound, bound, generator=gen))
+            layer.v = nn.Parameter(seeded_draw_(torch.empty(G, r, d),
+                                                lambda t, g, bound=bound: t.uniform_(-bound, bound, generator=g), gen))
             layer.bias = nn.Parameter(torch.zeros(G, d))
             layer.mode_scale = nn.Parameter(torch.ones(G, n_modes, d))
             layer.mode_shift = nn.Parameter(torch.zeros(G, n_modes, d))

@@ -8,6 +8,18 @@ from torch import nn
 from ..reference.segments import group_ids
 
 
+def seeded_draw_(t: torch.Tensor, draw, generator: torch.Generator | None) -> torch.Tensor:
+    """`draw(t, generator)`, an in-place random initialisation of t, with the generator advanced
+    as on the CPU even where t is on "meta".  A meta tensor draws nothing and leaves the generator
+    where it was, so a seeded editor built on "meta" (then `to_empty` and `load_state_dict`, as one
+    builds a model skeleton) routed its edits from another state of its generator than the same
+    editor built on the CPU or loaded: other random groups.  There the same draws go to a CPU
+    scratch tensor of t's shape and dtype."""
+    if generator is not None and t.is_meta:
+        draw(torch.empty_like(t, device="cpu"), generator)
+    return draw(t, generator)
+
+
 class ParameterGenerator(nn.Module):
     """gain = 1 + W₂ relu(W₁ [μ; η]): W₂ starts at zero, so an untrained ProEditor transforms the
     factors as MEND does (its shift is MEND's times the Fisher mask, with the preset's fisher_keep)."""
@@ -23,9 +35,10 @@ class ParameterGenerator(nn.Module):
             self.fc1 = nn.Linear(dim, hidden)
             self.fc2 = nn.Linear(hidden, dim)
         if generator is not None:
-            nn.init.kaiming_uniform_(self.fc1.weight, a=math.sqrt(5), generator=generator)
+            seeded_draw_(self.fc1.weight, lambda t, g: nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=g),
+                         generator)
             bound = 1 / math.sqrt(dim)
-            nn.init.uniform_(self.fc1.bias, -bound, bound, generator=generator)
+            seeded_draw_(self.fc1.bias, lambda t, g: nn.init.uniform_(t, -bound, bound, generator=g), generator)
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
 
