@@ -341,7 +341,11 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         for (i, o), names in by_shape.items():
             key = f"{i}x{o}"
             try:
-                editor = preset(i, o, n_modes=len(names), **kwargs)
+                # On the CPU whatever torch.set_default_device says, then moved beside its layers: built
+                # on a "meta" default device (left on after building a model skeleton) the move raised
+                # "Cannot copy out of meta tensor", in the constructor and in ModelEditor.load.
+                with torch.device("cpu"):
+                    editor = preset(i, o, n_modes=len(names), **kwargs)
             except TypeError as exc:  # an argument the preset does not take
                 raise ValueError(f"bad editor argument for method {self.method!r}: {exc}") from None
             layer_devices = (weight_out_in(self.modules[name]).device for name in names)

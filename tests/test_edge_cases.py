@@ -1030,6 +1030,42 @@ def test_apply_fit_and_metrics_under_a_meta_default_device_give_the_plain_result
     assert got[1] == want[1] and got[3] == want[3]
 
 
+def test_editors_built_or_loaded_under_a_meta_default_device_are_the_plain_ones(gen, tmp_path):
+    """Under torch.set_default_device("meta") (left on after building a model skeleton), a
+    ModelEditor built or loaded for a real model, GroupedEditor.load and compat.mend.load built
+    their editors on "meta", then moved them to the layers' device (or copied the checkpoint into
+    them): torch's NotImplementedError "Cannot copy out of meta tensor" from each.  The editors
+    are built on the CPU now, then moved as before: the same tensors as without the setting."""
+    from dcedit_kernels.compat import mend
+    from dcedit_kernels.editors import GroupedEditor
+    from test_compat_mend import INNER, SHAPES, make_mend_state_dict
+
+    seed = seed_from(gen)
+    plain = make_editor("gpt2", "raeditor", seed=seed)
+    path, editor_path = tmp_path / "me.safetensors", tmp_path / "editor.safetensors"
+    plain.save(path)
+    editor = next(iter(plain.editors.values()))
+    editor.save(editor_path)
+    sd = make_mend_state_dict(gen)
+    want_mend = {name: view.editor.state_dict() for name, view in mend.load(sd, INNER, SHAPES).items()}
+    torch.set_default_device("meta")
+    try:
+        built = ModelEditor(plain.model, plain.tokenizer, LAYERS["gpt2"], method="raeditor", rank=7, edit_lr=0.1,
+                            n_editors=3, seed=seed)
+        loaded = ModelEditor.load(path, plain.model, plain.tokenizer)
+        loaded_editor = GroupedEditor.load(editor_path)
+        got_mend = {name: view.editor.state_dict() for name, view in mend.load(sd, INNER, SHAPES).items()}
+    finally:
+        torch.set_default_device(None)
+    want = plain.state_tensors()
+    for me in (built, loaded):
+        got = me.state_tensors()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert all(torch.equal(v, editor.state_dict()[k]) for k, v in loaded_editor.state_dict().items())
+    for name, state in got_mend.items():
+        assert all(torch.equal(v, want_mend[name][k]) for k, v in state.items()), name
+
+
 def test_tokenize_without_a_device_follows_the_default_device(gen):
     """The padded batches are built on the CPU and moved (the fix above); without a `device` they
     end on torch's default device, as they did when they were built there (a caller with

@@ -416,9 +416,10 @@ def _build_editor(key_prefix, fields, in_f, out_f, n_modes, norm, dtype) -> Grou
         if not count >= 2:  # also catches NaN: MEND's k before any training
             raise ValueError(f"{key_prefix}k must be >= 2 (tokens behind the statistics), got {count}")
 
-    editor = GroupedEditor(in_f, out_f, n_editors=1, rank=rank, n_layers=n_layers,
-                           n_modes=n_modes or 1, routing="single", fusion="add", norm=bool(norm),
-                           seed=0)  # seeded: loading must not draw from the global RNG
+    with torch.device("cpu"):  # whatever torch.set_default_device says: on "meta" the copies below had no data
+        editor = GroupedEditor(in_f, out_f, n_editors=1, rank=rank, n_layers=n_layers,
+                               n_modes=n_modes or 1, routing="single", fusion="add", norm=bool(norm),
+                               seed=0)  # seeded: loading must not draw from the global RNG
     editor = editor.to(dtype)
     with torch.no_grad():
         for k, layer in enumerate(editor.layers):

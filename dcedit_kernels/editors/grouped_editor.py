@@ -391,7 +391,10 @@ class GroupedEditor(nn.Module):
         if missing:
             raise ValueError(f"{path}: its config lacks the arguments {missing} this GroupedEditor needs")
         config = with_absent_defaults(config)
-        with torch.random.fork_rng(devices=[]):  # an unseeded editor's draws, all overwritten: not the caller's
+        # Built on the CPU whatever torch.set_default_device says, then moved to map_location: under a
+        # "meta" default device (left on after building a model skeleton) the move raised "Cannot copy
+        # out of meta tensor".
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):  # an unseeded editor's draws: not the caller's
             editor = cls(**config)
         state = {k: v.to(map_location) for k, v in state.items()}
         check_state(state, editor.state_dict(), f"{path}: the tensors do not match its config",
