@@ -18,8 +18,9 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import sys
 import warnings
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -33,8 +34,12 @@ from .ft_baseline import FT_KL_ONLY
 from .safetensors_file import check_state, json_metadata, read_safetensors, save_safetensors
 from .tokenize import is_seq2seq
 
-if TYPE_CHECKING:
-    from .model_editor import ModelEditor
+# load and from_mend build the class this is mixed into (ModelEditor), which imports this module:
+# Self names it where typing.get_type_hints can resolve it.
+if sys.version_info >= (3, 11):
+    from typing import Self
+else:
+    from typing_extensions import Self  # a dependency of torch's
 
 # What a checkpoint without a "loss_reduction" entry (format 1) was trained and applied under.
 LEGACY_LOSS_REDUCTION = "token"
@@ -103,7 +108,7 @@ class EditorCheckpoints:
     @classmethod
     def load(cls, path, model: nn.Module, tokenizer, editor_device=None,
              capture_batch_size: int | None = DEFAULT_CAPTURE_BATCH_SIZE,
-             rescale_batch_size: int | None = None) -> "ModelEditor":
+             rescale_batch_size: int | None = None) -> Self:
         """A ModelEditor for `model` from what `save` wrote; its editors are placed as the
         constructor places them (`editor_device`; the checkpoint records no device), and
         `capture_batch_size` and `rescale_batch_size` are the constructor's (runtime settings,
@@ -185,7 +190,7 @@ class EditorCheckpoints:
     def from_mend(cls, model: nn.Module, tokenizer, state_dict, inner_params: Sequence[str], prefix: str = "mend.",
                   norm: bool | None = None, edit_lrs_key: str | None = None, editor_device=None,
                   capture_batch_size: int | None = DEFAULT_CAPTURE_BATCH_SIZE,
-                  allow_tied: bool = False) -> "ModelEditor":
+                  allow_tied: bool = False) -> Self:
         """A "mend" ModelEditor holding the editors of an original MEND checkpoint (Mitchell et
         al.'s code, or EasyEdit's MEND): `apply` then edits each inner parameter as MEND's
         `edit()` does, W ← W + edit_lr · shift, from factors of MEND's loss

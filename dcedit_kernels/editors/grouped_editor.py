@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
@@ -19,12 +17,9 @@ from ..devices import as_device
 from ..reference.grouped_outer import FUSIONS
 from ..reference.segments import group_ids, kept_offsets
 from ..safetensors_file import check_state, json_metadata, read_safetensors
-from .grouped_edit import GroupedEdit, check_weight
+from .grouped_edit import GroupedEdit, apply_finite_shift_, check_weight
 from .parameter_generator import ParameterGenerator, seeded_draw_
 from .running_norm import FeatureNorm, RunningNorm, joint_rows
-
-if TYPE_CHECKING:  # from_mend_state_dict's return type (compat.mend imports this module)
-    from ..compat.mend import MendWeightView
 
 ROUTINGS = ("gate", "random", "single")
 # gate_norm's default (editor_cache resolves it into the cache key of a MoEditor that leaves it out).
@@ -435,6 +430,96 @@ class GroupedEditor(nn.Module):
         from ..compat.mend import load
 
         return load(state_dict, inner_params, shapes, prefix=prefix)
+
+
+# Here rather than in compat.mend, which builds the views and re-exports the class: compat.mend
+# imports this module, and from_mend_state_dict's return type must be a name of this module for
+# typing.get_type_hints to resolve it.
+class MendWeightView:
+    """MEND's editor for one inner parameter: its GradientTransform, its mode and its edit_lr.
+
+    ``view(mu, eta, edit_offsets)`` returns the edit (:class:`GroupedEdit`, ops' out×in view,
+    ``alpha`` = this weight's edit_lr) computed in eval mode; ``view.shift(...)`` MEND's
+    ``mean_grads[name]`` in the orientation of the stored weight; ``view.apply_(weight, ...)``
+    adds ``edit_lr · shift`` to the weight in place.  ``conv1d`` says the weight is stored
+    in × out (GPT-2's Conv1D), where MEND's shift is ``Σ μ̃ η̃ᵀ``; ops always see out × in.
+    Views of weights of one shape share one editor (``.editor``), as MEND's shared editors do.
+    """
+
+    def __init__(self, name: str, editor: GroupedEditor, mode: int, conv1d: bool):
+        self.name, self.editor, self.mode, self.conv1d = name, editor, mode, conv1d
+
+    @property
+    def in_features(self) -> int:
+        return self.editor.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.editor.out_features
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """The shape of the stored weight: (out, in), or (in, out) for a Conv1D."""
+        i, o = self.in_features, self.out_features
+        return (i, o) if self.conv1d else (o, i)
+
+    @property
+    def edit_lr(self) -> torch.Tensor:
+        return self.editor.alpha[self.mode]
+
+    def __repr__(self) -> str:
+        return (f"MendWeightView({self.name!r}, in={self.in_features}, out={self.out_features}, "
+                f"mode={self.mode}, conv1d={self.conv1d})")
+
+    def __call__(self, mu, eta, edit_offsets=None) -> GroupedEdit:
+        """The edit of this weight from mu (T, in), eta (T, out); edit_offsets None = one edit.
+
+        MEND flattens every edit's tokens into one sum, so the segments only matter for
+        bookkeeping; the running statistics stay frozen whatever the editor's mode.
+        """
+        for arg, t in (("mu", mu), ("eta", eta)):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
+        if edit_offsets is None:
+            edit_offsets = torch.tensor([0, mu.shape[0]], dtype=torch.int32, device=mu.device)
+        # Factors captured on another device (a split model) go to the editor's; no-ops otherwise.
+        device = self.editor.alpha.device
+        mu, eta = mu.to(device), eta.to(device)
+        if isinstance(edit_offsets, torch.Tensor):  # anything else: the editor's ValueError
+            edit_offsets = edit_offsets.to(device)
+        was_training = self.editor.training
+        self.editor.train(False)
+        try:
+            return self.editor(mu, eta, edit_offsets, mode=self.mode)
+        finally:
+            self.editor.train(was_training)
+
+    def shift(self, mu, eta, edit_offsets=None) -> torch.Tensor:
+        """MEND's shift (its ``mean_grads[name]``), without edit_lr, shaped like the weight."""
+        delta = self(mu, eta, edit_offsets).dense()
+        return delta.t() if self.conv1d else delta
+
+    @torch.no_grad()
+    def apply_(self, weight, mu, eta, edit_offsets=None) -> torch.Tensor:
+        """weight += edit_lr · shift in place (MEND's ``p + edit_lrs[idx] * shift``).
+
+        Returns the previous values of weight: ``ops.undo_shift_(weight, previous)`` restores it
+        bit for bit.  Raises ValueError on a bad argument and FloatingPointError on a non-finite
+        shift or sum, leaving weight untouched.
+        """
+        if not isinstance(weight, torch.Tensor):
+            raise ValueError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+        if tuple(weight.shape) != self.weight_shape:
+            layout = "in × out (Conv1D)" if self.conv1d else "out × in (nn.Linear)"
+            raise ValueError(f"weight must have shape {self.weight_shape} ({layout}) for {self.name!r}, "
+                             f"got {tuple(weight.shape)}")
+        edit = self(mu, eta, edit_offsets)  # under no_grad: no graph is kept
+        # The shift is formed where the weight is, from the factors moved there once.
+        device = weight.device
+        delta = ops.grouped_outer(edit.eta_t.to(device), edit.mu_t.to(device), edit.offsets.to(device), "add")
+        if self.conv1d:
+            delta = delta.t().contiguous()
+        return apply_finite_shift_(weight, delta, float(edit.alpha))
 
 
 # Editor arguments newer than some checkpoints, and the value a config without them was trained
