@@ -30,7 +30,7 @@ from .head_input import called_head, head_input
 from .losses import backward_scale, edit_loss, unscale
 from .positions import past_positions
 from .scored_logits import logits_at, scored_positions
-from .tokenize import IGNORE_INDEX, forward_inputs, no_kv_cache, tokenize_causal, tokenize_seq2seq
+from .tokenize import IGNORE_INDEX, embedding_rows, forward_inputs, no_kv_cache, tokenize_causal, tokenize_seq2seq
 
 # Rows per forward + backward of the capture (and of the FT baselines).  SmolLM2-135M, 3 edited
 # down_proj layers, CounterFact prompts of ~20 tokens, CPU: the capture of 500 edits in one pass
@@ -52,7 +52,8 @@ class EditCapture:
                 raise ValueError(f"{arg} must be a sequence of str, got {shown}")
         fn = tokenize_seq2seq if self.seq2seq else tokenize_causal
         try:
-            return fn(self.tokenizer, list(prompts), list(targets), device=self.device)
+            return fn(self.tokenizer, list(prompts), list(targets), device=self.device,
+                      vocab_size=embedding_rows(self.model))
         except ValueError as exc:
             raise ValueError(f"{name} could not be tokenized ({exc}); the model was not changed") from None
 

@@ -29,7 +29,7 @@ from .losses import backward_scale, log_probs_at, picked_kl
 from .requests import EditRequest
 from .scored_logits import logits_at, scored_positions
 from .tied_weights import shared_parameters
-from .tokenize import join_prompt_target, no_kv_cache, pad_rows, pad_token_id, text_ids
+from .tokenize import embedding_rows, join_prompt_target, no_kv_cache, pad_rows, pad_token_id, text_ids
 
 FT_DEFAULTS = dict(ft_steps=10, ft_lr=5e-4, ft_optimizer="adam", kl_weight=1.0, locality_texts=None,
                    ft_stop_loss=1e-2)
@@ -141,10 +141,11 @@ class FineTuneBaselines:
         rows = [i for i, r in enumerate(requests) if r.locality is not None]
         return [f"requests[{i}].locality" for i in rows] if rows else None
 
-    def _locality_batch(self, texts: list[str]) -> dict:
+    def _locality_batch(self, texts: list[str], names: list[str] | None = None) -> dict:
         # As every row here is tokenized: a trailing EOS that the tokenizer appends is no token of the text.
         rows = [text_ids(self.tokenizer, t) for t in texts]
-        return pad_rows(rows, pad_token_id(self.tokenizer), self.device)
+        return pad_rows(rows, pad_token_id(self.tokenizer), self.device, vocab_size=embedding_rows(self.model),
+                        row_name=lambda i, j: f"{names[i] if names else f'locality texts[{i}]'} ({texts[i]!r})")
 
     def _ft_kl_reference(self, loc: dict, names: list[str] | None = None, prefix=None) -> list:
         """[(chunk, its KL positions, the unedited model's log-probabilities there or None, the
@@ -229,8 +230,8 @@ class FineTuneBaselines:
             prefix = PrefixReuse.for_written_weights(self.model, self.modules)
             kl_parts, loc, loc_names = [], None, None
             if self.method == "ft_kl" and opts["kl_weight"] > 0:
-                loc = self._locality_batch(self._locality_texts(requests))
                 loc_names = self._locality_names(requests)
+                loc = self._locality_batch(self._locality_texts(requests), loc_names)
                 kl_parts = self._ft_kl_reference(loc, loc_names, prefix)
             reference = saved[-len(weights):]  # (weight, its saved value): chunks whose reference is recomputed
             # 16-bit weights are optimised through fp32 copies (mixed precision): Adam's state in

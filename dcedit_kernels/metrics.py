@@ -53,7 +53,9 @@ from .devices import input_device
 from .positions import past_positions
 from .requests import EditRequest, require_field, validate_requests
 from .scored_logits import logits_at, scored_positions
-from .tokenize import IGNORE_INDEX, forward_inputs, is_seq2seq, no_kv_cache, tokenize_pairs, tokenize_texts
+from .tokenize import (
+    IGNORE_INDEX, embedding_rows, forward_inputs, is_seq2seq, no_kv_cache, tokenize_pairs, tokenize_texts,
+)
 
 REDUCTIONS = ("input", "token")
 
@@ -231,7 +233,7 @@ def _score_rows(model, tokenizer, prompts, targets, batch_size, names, out=None)
                 raise ValueError("scoring plain texts needs a causal LM; give locality_target for seq2seq models")
             try:
                 if targets is None:
-                    batch = tokenize_texts(tokenizer, chunk, device)
+                    batch = tokenize_texts(tokenizer, chunk, device, vocab_size=embedding_rows(model))
                 else:
                     batch = tokenize_pairs(model, tokenizer, chunk, targets[lo : lo + batch_size], device)
             except ValueError as exc:

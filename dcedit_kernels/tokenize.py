@@ -135,6 +135,38 @@ def _pad(rows: list[list[int]], value: int, width: int | None = None) -> torch.T
     return out
 
 
+def embedding_rows(model) -> int | None:
+    """How many token ids `model`'s input embedding can look up (its num_embeddings); None where it
+    has no such table to read."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        embedding = get() if callable(get) else None
+    except (NotImplementedError, AttributeError):  # PreTrainedModel's default for models without one
+        return None
+    rows = getattr(embedding, "num_embeddings", None)
+    return rows if isinstance(rows, int) and not isinstance(rows, bool) else None
+
+
+def check_vocabulary(rows: list[list[int]], vocab_size: int | None, row_name, pad_id: int | None = None) -> None:
+    """ValueError naming the first row (`row_name(i, j)`: row i, whose token j it is) that holds a
+    token id the model's embedding lacks (>= vocab_size), or the pad id when it lacks that and pads
+    a row; vocab_size None checks nothing.  A tokenizer given tokens (`add_tokens`) without
+    `model.resize_token_embeddings` gives such ids, and the forward raised torch's bare IndexError
+    ("index out of range in self"; on CUDA a device-side assert).  Read on the Python lists,
+    before the batch is built: no device sync."""
+    if vocab_size is None:
+        return
+    hint = "; the tokenizer has tokens the model has not: call model.resize_token_embeddings(len(tokenizer))"
+    for i, row in enumerate(rows):
+        if row and max(row) >= vocab_size:
+            j = next(j for j, t in enumerate(row) if t >= vocab_size)
+            raise ValueError(f"{row_name(i, j)} holds token id {row[j]}, past the model's embedding of "
+                             f"{vocab_size} tokens{hint}")
+    if pad_id is not None and pad_id >= vocab_size and len({len(r) for r in rows}) > 1:
+        raise ValueError(f"the tokenizer's pad token id {pad_id} is past the model's embedding of {vocab_size} "
+                         f"tokens{hint}")
+
+
 def _to_device(batch: dict, device) -> dict:
     """`batch` (built on the CPU by `_pad`) on `device`; None: torch's default device, where the
     batch was built before `_pad` built it on the CPU."""
@@ -142,30 +174,42 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def pad_rows(rows: list[list[int]], pad_id: int, device=None, labels: list[list[int]] | None = None) -> dict:
-    """Right-padded `input_ids` and `attention_mask` (and `labels`, as wide, padded with -100)."""
+def pad_rows(rows: list[list[int]], pad_id: int, device=None, labels: list[list[int]] | None = None,
+             vocab_size: int | None = None, row_name=None) -> dict:
+    """Right-padded `input_ids` and `attention_mask` (and `labels`, as wide, padded with -100).
+    vocab_size: the model's (`embedding_rows`), to refuse ids past it (`check_vocabulary`, naming
+    row i as `row_name(i, j)`, "rows[i]" by default)."""
+    check_vocabulary(rows, vocab_size, row_name or (lambda i, j: f"rows[{i}]"), pad_id)
     batch = {"input_ids": _pad(rows, pad_id), "attention_mask": _pad([[1] * len(r) for r in rows], 0)}
     if labels is not None:
         batch["labels"] = _pad(labels, IGNORE_INDEX, width=batch["input_ids"].shape[1])
     return _to_device(batch, device)
 
 
-def tokenize_causal(tokenizer, prompts: Sequence[str], targets: Sequence[str], device=None) -> dict:
+def tokenize_causal(tokenizer, prompts: Sequence[str], targets: Sequence[str], device=None,
+                    vocab_size: int | None = None) -> dict:
     """Batch for a causal LM: `input_ids`, `attention_mask`, `labels` (B, L), right-padded.
 
     Row b is `prompts[b] [space] targets[b]`; labels hold the target tokens and -100 elsewhere.
+    vocab_size: the model's, to refuse token ids past it (`check_vocabulary`).
     """
     prompts, targets = _check_pairs(prompts, targets)
-    ids, labels = [], []
+    ids, labels, n_prompts = [], [], []
     for i, (prompt, target) in enumerate(zip(prompts, targets)):
         row, n_prompt = causal_pair_ids(tokenizer, prompt, target, i)
         ids.append(row)
         labels.append([IGNORE_INDEX] * n_prompt + row[n_prompt:])
-    return pad_rows(ids, pad_token_id(tokenizer), device, labels)
+        n_prompts.append(n_prompt)
+
+    def row_name(i, j):
+        return f"prompts[{i}] ({prompts[i]!r})" if j < n_prompts[i] else f"targets[{i}] ({targets[i]!r})"
+
+    return pad_rows(ids, pad_token_id(tokenizer), device, labels, vocab_size, row_name)
 
 
-def tokenize_texts(tokenizer, texts: Sequence[str], device=None) -> dict:
-    """Batch for a causal LM scored on whole texts: every token but the first is a label."""
+def tokenize_texts(tokenizer, texts: Sequence[str], device=None, vocab_size: int | None = None) -> dict:
+    """Batch for a causal LM scored on whole texts: every token but the first is a label.
+    vocab_size: the model's, to refuse token ids past it (`check_vocabulary`)."""
     texts = _check_texts(texts, "texts")
     ids = []
     for i, text in enumerate(texts):
@@ -173,14 +217,17 @@ def tokenize_texts(tokenizer, texts: Sequence[str], device=None) -> dict:
         if len(row) < 2:
             raise ValueError(f"texts[{i}] ({text!r}) needs at least 2 tokens to be scored, got {len(row)}")
         ids.append(row)
-    return pad_rows(ids, pad_token_id(tokenizer), device, [[IGNORE_INDEX] + r[1:] for r in ids])
+    return pad_rows(ids, pad_token_id(tokenizer), device, [[IGNORE_INDEX] + r[1:] for r in ids], vocab_size,
+                    lambda i, j: f"texts[{i}] ({texts[i]!r})")
 
 
-def tokenize_seq2seq(tokenizer, prompts: Sequence[str], targets: Sequence[str], device=None) -> dict:
+def tokenize_seq2seq(tokenizer, prompts: Sequence[str], targets: Sequence[str], device=None,
+                     vocab_size: int | None = None) -> dict:
     """Batch for an encoder-decoder LM: `input_ids`, `attention_mask` (encoder, the prompts),
     `labels` (the targets with the tokenizer's special tokens, -100 at padding) and
     `decoder_attention_mask` (1 at real label positions).  The model builds its decoder inputs by
-    shifting `labels` right, so decoder position t is real exactly when label t is.
+    shifting `labels` right, so decoder position t is real exactly when label t is.  vocab_size: the
+    model's, to refuse token ids past it (`check_vocabulary`; the decoder shares the embedding).
     """
     prompts, targets = _check_pairs(prompts, targets)
     for i, target in enumerate(targets):
@@ -188,6 +235,8 @@ def tokenize_seq2seq(tokenizer, prompts: Sequence[str], targets: Sequence[str], 
             raise ValueError(f"targets[{i}] ({target!r}) tokenizes to no tokens")
     enc = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
     dec = [list(tokenizer(text_target=t, add_special_tokens=True)["input_ids"]) for t in targets]
+    check_vocabulary(enc, vocab_size, lambda i, j: f"prompts[{i}] ({prompts[i]!r})", pad_token_id(tokenizer))
+    check_vocabulary(dec, vocab_size, lambda i, j: f"targets[{i}] ({targets[i]!r})")
     batch = {
         "input_ids": _pad(enc, pad_token_id(tokenizer)),
         "attention_mask": _pad([[1] * len(r) for r in enc], 0),
@@ -278,6 +327,7 @@ def no_kv_cache(model) -> dict:
 
 
 def tokenize_pairs(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], device=None) -> dict:
-    """`tokenize_seq2seq` for encoder-decoder models, else `tokenize_causal`."""
+    """`tokenize_seq2seq` for encoder-decoder models, else `tokenize_causal`; token ids past the
+    model's embedding are refused (`check_vocabulary`)."""
     fn = tokenize_seq2seq if is_seq2seq(model) else tokenize_causal
-    return fn(tokenizer, prompts, targets, device=device)
+    return fn(tokenizer, prompts, targets, device=device, vocab_size=embedding_rows(model))

@@ -72,7 +72,7 @@ from .losses import log_probs_at, picked_kl, scored_nll
 from .model_editor import ModelEditor
 from .requests import EditRequest
 from .scored_logits import logits_at, scored_positions
-from .tokenize import causal_pair_ids, no_kv_cache, pad_rows, pad_token_id, text_ids
+from .tokenize import causal_pair_ids, embedding_rows, no_kv_cache, pad_rows, pad_token_id, text_ids
 from .train_config import TrainConfig
 
 
@@ -112,7 +112,8 @@ def eval_rows(me: ModelEditor, requests: list[EditRequest], config: TrainConfig)
         labels.append([])
         row_edit.append(e), sees_all.append(config.locality_rows == "all"), is_edit.append(False)
         kl_len.append(loc[1])
-    batch = pad_rows(rows, pad_token_id(tok), me.device, labels=labels)
+    batch = pad_rows(rows, pad_token_id(tok), me.device, labels=labels, vocab_size=embedding_rows(me.model),
+                     row_name=lambda i, j: f"a training row ({tok.decode(rows[i])!r})")
     width = batch["input_ids"].shape[1]
     dev = me.device
     # On the model's device, not torch's default one ("meta": the move to `dev` raised).

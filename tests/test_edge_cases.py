@@ -1082,3 +1082,63 @@ def test_tokenize_without_a_device_follows_the_default_device(gen):
             assert all(v.device.type == "cpu" for v in batch.values())
     finally:
         torch.set_default_device(None)
+
+
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_token_ids_past_the_embedding_are_named_before_anything_runs(arch):
+    """A tokenizer given tokens (`add_tokens`, or a new pad token) without
+    `model.resize_token_embeddings` gives ids the embedding lacks: apply, capture, the metrics, FT+KL's
+    locality batch, the training rows and the CLI's completions raised torch's bare IndexError
+    ("index out of range in self"; on CUDA a device-side assert) from the forward.  Each now raises a
+    ValueError naming the text, the id and the embedding's size, read on the host before the batch is
+    built (no device sync), and the model is unchanged."""
+    from helpers import assert_same_state, model_state
+
+    from dcedit_kernels.cli.inputs import greedy_completions
+    from dcedit_kernels.evaluate import measure_edit
+    from dcedit_kernels.train_config import TrainConfig
+    from dcedit_kernels.train_loss import eval_rows
+
+    model, tok = tiny_model(arch, seed=0)
+    size = model.get_input_embeddings().num_embeddings
+    tok.add_tokens(["zorblax"])
+    new_id = tok.convert_tokens_to_ids("zorblax")
+    assert new_id == size
+    layers = ["model.layers.1.mlp.down_proj"] if arch == "llama" else ["decoder.block.1.layer.2.DenseReluDense.wo"]
+    me = ModelEditor(model, tok, layers=layers, method="mend", rank=4)
+    fine = EditRequest("The dog is", " blue", rephrase="A dog is", locality="A dog", locality_target=" y")
+    past = f"holds token id {new_id}, past the model's embedding of {size} tokens; .*resize_token_embeddings"
+    cases = [
+        (lambda: me.apply([fine, EditRequest("The zorblax is", " red")]), r"prompts\[1\] \('The zorblax is'\) " + past),
+        (lambda: me.apply([EditRequest("The cat is", " zorblax"), fine]), r"targets\[0\] \(' zorblax'\) " + past),
+        (lambda: me.capture(me.tokenize(["The zorblax is"], [" red"])), r"prompts\[0\] \('The zorblax is'\) " + past),
+        (lambda: metrics.target_accuracy(model, tok, ["A cat", "zorblax is"], [" x", " y"]),
+         r"prompts\[1\] \('zorblax is'\) " + past),
+        (lambda: measure_edit(me, [fine, EditRequest("The cat is", " red", rephrase="A cat is", locality="zorblax",
+                                                    locality_target=" x")]),
+         r"requests\[1\]\.locality \('zorblax'\) " + past),
+        (lambda: greedy_completions(model, tok, ["hello", "zorblax is"]), "prompt 'zorblax is' " + past),
+        (lambda: eval_rows(me, [fine, EditRequest("The cat is", " red", locality="zorblax", locality_target=" x")],
+                           TrainConfig()), "a training row .*zorblax.* " + past),
+    ]
+    if arch == "llama":  # FT+KL edits causal LMs only
+        ft_kl = ModelEditor(model, tok, layers=layers, method="ft_kl", ft_steps=1)
+        cases.append((lambda: ft_kl.apply([fine, EditRequest("The cat is", " red", locality="zorblax and",
+                                                            locality_target=" x")]),
+                      r"requests\[1\]\.locality \('zorblax and x'\) " + past))
+    before = model_state(model)
+    for i, (call, message) in enumerate(cases):
+        with pytest.raises(ValueError, match=message):
+            call()
+        assert_same_state(before, model, f"case {i}")
+
+    # A pad token the model lacks only matters where a row is padded.
+    model, tok = tiny_model(arch, seed=0)
+    tok.add_special_tokens({"pad_token": "[NEWPAD]"})
+    me = ModelEditor(model, tok, layers=layers, method="mend", rank=4)
+    before = model_state(model)
+    with pytest.raises(ValueError, match=f"the tokenizer's pad token id {size} is past the model's embedding of {size} "
+                                         "tokens"):
+        me.apply([EditRequest("The cat is", " red"), EditRequest("The big dog over there is", " blue")])
+    assert_same_state(before, model)
+    me.apply([EditRequest("The cat is", " red")]).undo()

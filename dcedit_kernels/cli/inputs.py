@@ -234,12 +234,14 @@ def greedy_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens:
     one left-padded batch and 5.1 s in unpadded batches of one length; all three the same text)."""
     from ..devices import input_device
     from ..positions import position_limit
-    from ..tokenize import text_ids
+    from ..tokenize import check_vocabulary, embedding_rows, text_ids
 
+    rows = [text_ids(tokenizer, prompt) for prompt in prompts]
+    check_vocabulary(rows, embedding_rows(model), lambda i, j: f"prompt {prompts[i]!r}")
     new_ids = []
-    for prompt in prompts:
+    for row in rows:
         # on the embedding's device (a split model's first block)
-        ids = torch.tensor([text_ids(tokenizer, prompt)], device=input_device(model))
+        ids = torch.tensor([row], device=input_device(model))
         try:
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id)
