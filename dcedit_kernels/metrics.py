@@ -545,6 +545,11 @@ def _pair_stats(grads, gram) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise ValueError(f"gradient metrics need at least 2 edits, got {E}")
     eps = torch.finfo(gram.dtype).eps
     gram = gram.double()
+    # A norm² below zero, of any size, is a zero gradient, not an error: factor_gram rounds the
+    # norm² of an edit whose token gradients cancel to either side of 0 (about half the time below)
+    # at the scale of the cancelled terms, which the Gram does not record (three tokens cancelling
+    # at 100× the other edits' scale: down to −69 × their largest norm²), so no bound read off the
+    # Gram tells that rounding from a bug.
     sq = gram.diagonal().clamp_min(0)
     i, j = torch.triu_indices(E, E, offset=1, device=gram.device)
     # Only the upper triangle is read: a matrix that is not a Gram matrix (a cross product of two
@@ -562,7 +567,8 @@ def _pair_stats(grads, gram) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def gcr(grads: torch.Tensor | None = None, *, gram: torch.Tensor | None = None) -> float:
-    """Gradient conflict ratio: share of edit pairs whose gradients have negative cosine."""
+    """Gradient conflict ratio: share of edit pairs whose gradients have negative cosine.
+    `gram`: a diagonal entry below zero (rounding, whatever its size) is read as a zero gradient."""
     dot, _, _ = _pair_stats(grads, gram)
     # cos < 0 exactly when the inner product is < 0 (norms are positive; a zero gradient has
     # inner product 0 with everything and so conflicts with nothing).  A NaN inner product (a
@@ -573,7 +579,8 @@ def gcr(grads: torch.Tensor | None = None, *, gram: torch.Tensor | None = None) 
 
 
 def gms(grads: torch.Tensor | None = None, *, gram: torch.Tensor | None = None) -> float:
-    """Gradient magnitude similarity: mean over pairs of 2‖g_i‖‖g_j‖ / (‖g_i‖² + ‖g_j‖²)."""
+    """Gradient magnitude similarity: mean over pairs of 2‖g_i‖‖g_j‖ / (‖g_i‖² + ‖g_j‖²).
+    `gram`: a diagonal entry below zero (rounding, whatever its size) is read as a zero gradient."""
     _, sq_i, sq_j = _pair_stats(grads, gram)
     denom = sq_i + sq_j
     ratio = 2 * (sq_i * sq_j).sqrt() / denom.clamp_min(math.ulp(0.0))
