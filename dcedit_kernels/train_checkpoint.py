@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
-from ._checks import is_int
+from ._checks import is_finite_number, is_int
 from .devices import cuda_indices
 from .editor_checkpoint import CHECKPOINT_KEY, LEGACY_LOSS_REDUCTION, changed_defaults_of
 from .editors.grouped_editor import GATE_NORM_DEFAULT, config_differences, with_absent_defaults
 from .editors.presets import moeditor_top_k_default
 from .model_editor import ModelEditor
-from .safetensors_file import read_safetensors, save_safetensors
+from .safetensors_file import json_metadata, read_safetensors, save_safetensors
 from .train_config import TrainConfig, TrainResult
 
 
@@ -249,12 +249,132 @@ def _history_tensors(history: list) -> tuple[dict, list]:
 def _history_of(path: Path, tensors: dict, keys: list) -> list:
     """The TrainResult.history `_history_tensors` wrote (its terms' names: `keys`)."""
     try:
-        steps, values, logged = (tensors[HISTORY_PREFIX + name].tolist() for name in ("step", "value", "logged"))
+        step, value, logged = (tensors[HISTORY_PREFIX + name] for name in ("step", "value", "logged"))
     except KeyError as exc:
         raise ValueError(f"{path} is not a train_editor checkpoint (its counters name a history, and it has no "
                          f"{exc.args[0]} tensor)") from None
+    # Shapes and dtypes as written: zip would cut a damaged history short without a word.
+    shape = (step.numel(), len(keys))
+    if (step.dtype, step.dim(), value.dtype, tuple(value.shape), logged.dtype, tuple(logged.shape)) != (
+            torch.int64, 1, torch.float64, shape, torch.bool, shape):
+        raise ValueError(f"{path} is a damaged train_editor checkpoint: its history tensors are not a step "
+                         f"(int64, n) and a value (float64) and a logged (bool) of (n, {len(keys)})")
+    steps, values, logged = step.tolist(), value.tolist(), logged.tolist()
     return [dict(step=step, **{k: v for k, v, kept in zip(keys, row, mask) if kept})
             for step, row, mask in zip(steps, values, logged)]
+
+
+def _count(x) -> bool:
+    return is_int(x) and x >= 0
+
+
+# What a resume reads of a trainer checkpoint's counters (`_checkpoint`) and what each must be:
+# steps=-1 resumed a run at step -1, a float one failed in torch.manual_seed, and a history of
+# another type failed at the first step's append, each after the editors were loaded.
+_COUNTERS = {"steps": (_count, "an int >= 0"), "best_step": (lambda x: x is None or _count(x), "an int >= 0 or null"),
+             "best_es": (lambda x: x is None or is_finite_number(x), "a number or null"),
+             "stopped_early": (lambda x: isinstance(x, bool), "true or false"),
+             "skipped_batches": (_count, "an int >= 0"), "bad_validations": (_count, "an int >= 0"),
+             "elapsed_s": (lambda x: is_finite_number(x) and x >= 0, "a number >= 0"),
+             "val_history": (lambda x: isinstance(x, list), "a list")}
+_BEST = (None, "editor", "trainer")  # counters["best"], absent before the best state was in the file
+
+
+def _checkpoint_entries(path: Path, meta: dict, optimizers: tuple) -> dict:
+    """The JSON entries of the trainer checkpoint `path` (its `meta`) as dicts, with what a resume
+    reads of them checked: ValueError naming the file, the entry and what is wrong."""
+    entries = {key: json_metadata(path, key, meta[key]) for key in ("opt", "lr_opt", "counters", "model_editor", "run")
+               if key in meta}
+
+    def refuse(what):
+        raise ValueError(f"{path} is a damaged train_editor checkpoint: {what}; use another checkpoint_dir, "
+                         "or resume=False to start over")
+
+    for field in ("method", "layers", "editors"):
+        if field not in entries["model_editor"]:
+            refuse(f"its model_editor metadata lacks {field!r}")
+    if not isinstance(entries["model_editor"]["editors"], dict):
+        refuse("its model_editor metadata's 'editors' is not a JSON object")
+    if "run" in entries and not isinstance(entries["run"].get("config"), dict):
+        refuse("its run metadata's 'config' is not a JSON object")
+    counters = entries["counters"]
+    for field, (ok, kind) in _COUNTERS.items():
+        if field not in counters or not ok(counters[field]):
+            refuse(f"its counters' {field} must be {kind}, got {counters.get(field, 'nothing')!r}")
+    if "history" in counters:  # written before the history went into tensors (`_history_tensors`)
+        if not isinstance(counters["history"], list) or not all(isinstance(h, dict) for h in counters["history"]):
+            refuse(f"its counters' history must be a list of JSON objects, got {counters['history']!r}")
+    elif not (isinstance(counters.get("history_keys"), list) and all(isinstance(k, str) for k in counters["history_keys"])):
+        refuse(f"its counters' history_keys must be a list of names, got {counters.get('history_keys', 'nothing')!r}")
+    if counters.get("best") not in _BEST:
+        refuse(f"its counters' best must be one of {_BEST}, got {counters['best']!r}")
+    for key, optimizer in zip(("opt", "lr_opt"), optimizers):
+        _check_optimizer_entry(entries[key], optimizer, lambda what, k=key: refuse(f"its {k} metadata {what}"))
+    return entries
+
+
+def _check_optimizer_entry(saved: dict, optimizer: torch.optim.Optimizer, refuse) -> None:
+    """`refuse(what)` unless `saved` (`_flatten_optimizer`'s JSON) holds param_groups and scalars as
+    `optimizer` takes them: its groups' settings of the kinds this optimizer's are (a learning rate
+    "x" was loaded, then failed in the first step)."""
+    groups, scalars = saved.get("param_groups"), saved.get("scalars")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        refuse("needs 'param_groups', a list of JSON objects")
+    if not isinstance(scalars, dict) or not all(k.isdigit() and isinstance(v, dict) for k, v in scalars.items()):
+        refuse("needs 'scalars', a JSON object of JSON objects keyed by parameter index")
+    for i, (group, now) in enumerate(zip(groups, optimizer.param_groups)):
+        # The settings of this torch's optimiser only: one saved under another torch may lack those
+        # added since (which load_state_dict fills with their defaults) or hold some since dropped.
+        for name in ("lr", *(k for k in now if k != "params" and k in group)):
+            if name not in group or not _same_kind(group[name], now[name]):
+                refuse(f"has param_groups[{i}][{name!r}] = {group.get(name, 'nothing')!r}, not a value "
+                       f"of the kind {now[name]!r} is")
+
+
+def _same_kind(saved, now) -> bool:
+    """Whether the JSON value `saved` can stand for the optimiser setting `now`: a bool for a bool,
+    a finite number for a number, a list of as many for a tuple or list, None or a bool for None
+    (foreach, fused), a str for a str."""
+    if isinstance(now, bool):
+        return isinstance(saved, bool)
+    if is_finite_number(now) or isinstance(now, torch.Tensor):
+        return is_finite_number(saved)
+    if isinstance(now, (tuple, list)):
+        return isinstance(saved, list) and len(saved) == len(now) and all(map(_same_kind, saved, now))
+    if now is None:
+        return saved is None or isinstance(saved, bool)
+    return isinstance(saved, type(now))
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, name: str) -> None:
+    """ValueError unless the state `optimizer` loaded fits its parameters: each parameter's state
+    holds the names the others' hold, and each tensor in it of more than one value has the
+    parameter's shape (load_state_dict checks neither: Adam failed in its first step)."""
+    names = {frozenset(state) for state in optimizer.state.values()}
+    if len(names) > 1:
+        raise ValueError(f"{name}: its parameters' states hold different entries ({sorted(map(sorted, names))})")
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
+                raise ValueError(f"{name}: a state {key} has shape {tuple(value.shape)}, its parameter "
+                                 f"{tuple(p.shape)}")
+
+
+def _check_rng_states(path: Path, states: dict) -> None:
+    """ValueError naming the file unless each RNG state in `states` (`_rng_states`' names) is one a
+    generator takes: a damaged one raised RuntimeError or TypeError when the loop set it, after the
+    editors had taken the checkpoint's state.  The CPU states (torch's, the routing generators') are
+    set on a scratch generator; a CUDA state's size is its device's to check, so only its dtype is."""
+    for name, state in states.items():
+        try:
+            if not name.startswith("cuda_rng."):
+                torch.Generator().set_state(state)
+            elif state.dtype != torch.uint8 or state.dim() != 1:
+                raise TypeError(f"a CUDA RNG state is a 1-D torch.uint8 tensor, got {state.dtype} of shape "
+                                f"{tuple(state.shape)}")
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"{path}: its RNG state {name} is damaged ({exc}); use another checkpoint_dir, or "
+                             "resume=False to start over") from None
 
 
 def _check_run(path: Path, saved: dict, run: dict) -> None:
@@ -290,7 +410,11 @@ def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: i
                          "use another checkpoint_dir, or resume=False to start over") from None
     if not checkpoint_keys <= set(meta):
         raise ValueError(f"{path} is not a train_editor checkpoint")
-    saved = json.loads(meta["model_editor"])
+    # Every entry read and checked before anything is loaded: a damaged one (a file edited by hand,
+    # or another program's) raised KeyError, TypeError or AttributeError from deep inside, or
+    # failed steps later in the loop, after the editors had taken the checkpoint's state.
+    entries = _checkpoint_entries(path, meta, (opt, lr_opt))
+    saved = entries["model_editor"]
     # Editor arguments newer than the checkpoint (MoEditor's gate_norm) take the value it was
     # trained with, as ModelEditor.load takes them: a 0.5.6 MoEditor's run resumes with gate_norm=False.
     saved_editors = {key: with_absent_defaults(e) for key, e in saved["editors"].items()}
@@ -309,21 +433,30 @@ def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: i
     if saved_reduction != me.loss_reduction:
         raise ValueError(f"{path} was trained with loss_reduction={saved_reduction!r}, this ModelEditor uses "
                          f"{me.loss_reduction!r}: the editor's statistics would mix two scales")
-    if "run" in meta:  # checkpoints written before the settings were recorded are not checked
-        _check_run(path, json.loads(meta["run"]), run)
-    counters = json.loads(meta["counters"])
+    if "run" in entries:  # checkpoints written before the settings were recorded are not checked
+        _check_run(path, entries["run"], run)
+    counters = entries["counters"]
     # Read before any state is set (a damaged history is refused, the editors left as they were); a
     # checkpoint written before the history went into tensors holds it in its counters.
     history = counters["history"] if "history" in counters else _history_of(path, tensors, counters["history_keys"])
     editor = {k[len(EDITOR_PREFIX):]: v for k, v in tensors.items() if k.startswith(EDITOR_PREFIX)}
     if not editor:  # a checkpoint from before the editors' state was also written in trainer.safetensors
         editor = _read_tensors(ckpt / "editor.safetensors")
-    me.load_state_tensors(editor)  # copied into each editor's device
-    _unflatten_optimizer(opt, "opt", tensors, json.loads(meta["opt"]))
-    _unflatten_optimizer(lr_opt, "lr_opt", tensors, json.loads(meta["lr_opt"]))
     own = f"rank{rank}." if rank else ""
     rng_states = {name: v for k, v in tensors.items()
                   if k.startswith(own) and (name := k[len(own):]).startswith(RNG_KEYS)}
+    _check_rng_states(path, rng_states)
+    previous = me.state_tensors()
+    me.load_state_tensors(editor)  # copied into each editor's device
+    try:
+        for name, optimizer in (("opt", opt), ("lr_opt", lr_opt)):
+            _unflatten_optimizer(optimizer, name, tensors, entries[name])
+            _check_optimizer_state(optimizer, name)
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        # The optimisers' state that does not fit its parameters (a missing or misshapen tensor)
+        # failed in the first step, with the editors already loaded: they go back as they were.
+        me.load_state_tensors(previous)
+        raise ValueError(f"{path}: its optimiser state does not fit this run's editors ({exc})") from None
     result.steps = result.resumed_from = counters["steps"]
     result.best_step, result.best_es = counters["best_step"], counters["best_es"]
     result.stopped_early, result.skipped_batches = counters["stopped_early"], counters["skipped_batches"]
