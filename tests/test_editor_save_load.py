@@ -3,6 +3,7 @@ loaded editor equals the saved one, seed included (it was dropped: a saved seede
 back routing from torch's global generator)."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -264,6 +265,34 @@ def test_load_refuses_a_damaged_or_foreign_file_with_value_error(gen, tmp_path):
         GroupedEditor.load(str(tmp_path))
     loaded = GroupedEditor.load(str(path))  # the good file still loads
     assert all(torch.equal(a, b) for a, b in zip(editor.state_dict().values(), loaded.state_dict().values()))
+
+
+
+@pytest.mark.parametrize("change, says", [
+    (dict(in_features=2**40), r"tensor layers\.0\.u has shape \(3, 11, 3\), expected \(3, 1099511627782, 3\)"),
+    (dict(n_editors=10**30), r"its config is not one this GroupedEditor takes \(.*Overflow"),
+    (dict(n_layers=10**4), r"its config has n_layers=10000, its tensors hold 2 layers"),
+    (dict(top_k=4), r"its config is not one this GroupedEditor takes \(top_k \(4\) cannot exceed n_editors \(3\)\)"),
+], ids=["in_features", "n_editors", "n_layers", "top_k"])
+def test_load_checks_the_config_against_the_tensors_before_building_the_editor(change, says, tmp_path):
+    """The config's sizes come from the file: GroupedEditor.load built the editor they give before it
+    compared its shapes with the file's tensors, so in_features=2**40 raised the allocator's
+    RuntimeError (36 TB; 10**6 took 200 MB before it was refused), a size beyond int64 torch's
+    TypeError, n_layers=10**6 ran for minutes, and a config the constructor refuses gave its
+    ValueError without the file's name (session 54's fuzz of the metadata).  Each is a ValueError
+    naming the file, raised before any editor is built."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path, bad = tmp_path / "editor.safetensors", tmp_path / "bad.safetensors"
+    small_editor("moeditor", 7).save(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads(f.metadata()["dcedit_config"])
+    save_file(load_file(str(path)), str(bad), metadata={"dcedit_config": json.dumps(dict(config, **change))})
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(bad))}: {says}"):
+        GroupedEditor.load(str(bad))
 
 
 def test_load_refuses_a_file_without_or_with_damaged_editor_metadata(gen, tmp_path):

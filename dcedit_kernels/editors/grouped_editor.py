@@ -386,14 +386,31 @@ class GroupedEditor(nn.Module):
         if missing:
             raise ValueError(f"{path}: its config lacks the arguments {missing} this GroupedEditor needs")
         config = with_absent_defaults(config)
+        # The config's sizes are the file's, not the caller's: checked against its tensors before
+        # any memory is taken.  Built, they allocated first (in_features=10**6: 200 MB, n_editors=10**6:
+        # 1 GB, before the shapes were refused), a million layers took minutes, a size beyond int64
+        # raised torch's TypeError, and the constructor's ValueError did not name the file.
+        saved_layers = len({k.split(".")[1] for k in state if k.startswith("layers.")})
+        n_layers = config.get("n_layers", params["n_layers"].default)
+        if is_int(n_layers) and n_layers != saved_layers:
+            raise ValueError(f"{path}: its config has n_layers={n_layers}, its tensors hold {saved_layers} layers")
+        try:
+            # The tensors' shapes, no memory: unseeded, as a seeded build on "meta" repeats its draws
+            # on the CPU (seeded_draw_) to advance the routing generator.
+            with torch.device("meta"):
+                expected = cls(**{**config, "seed": None}).state_dict()
+        except (ValueError, TypeError, OverflowError, RuntimeError) as exc:
+            raise ValueError(f"{path}: its config is not one this GroupedEditor takes ({exc})") from None
+        check_state(state, expected, f"{path}: the tensors do not match its config", lambda k: f"{path}: tensor {k}")
         # Built on the CPU whatever torch.set_default_device says, then moved to map_location: under a
         # "meta" default device (left on after building a model skeleton) the move raised "Cannot copy
         # out of meta tensor".
-        with torch.random.fork_rng(devices=[]), torch.device("cpu"):  # an unseeded editor's draws: not the caller's
-            editor = cls(**config)
+        try:  # the seed, left out above, is the file's too
+            with torch.random.fork_rng(devices=[]), torch.device("cpu"):  # an unseeded editor's draws: not the caller's
+                editor = cls(**config)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise ValueError(f"{path}: its config is not one this GroupedEditor takes ({exc})") from None
         state = {k: v.to(map_location) for k, v in state.items()}
-        check_state(state, editor.state_dict(), f"{path}: the tensors do not match its config",
-                    lambda k: f"{path}: tensor {k}")
         editor.check_saved_state(state, lambda k: f"{path}: tensor {k}")
         editor.load_saved_state(state, map_location)
         return editor
