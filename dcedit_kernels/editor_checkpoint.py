@@ -29,7 +29,7 @@ from ._checks import check_path, is_int
 from .capture import is_conv1d, resolve_modules
 from .edit_capture import DEFAULT_CAPTURE_BATCH_SIZE
 from .edit_handle import deferred_interrupt
-from .editors.grouped_editor import config_differences, with_absent_defaults
+from .editors.grouped_editor import check_saved_shapes, config_differences, with_absent_defaults
 from .ft_baseline import FT_KL_ONLY
 from .safetensors_file import check_state, json_metadata, read_safetensors, save_safetensors
 from .tokenize import is_seq2seq
@@ -155,6 +155,7 @@ class EditorCheckpoints:
         # Editor arguments whose preset default changed since (MoEditor's top_k: 1 before 0.2.0)
         # come from the saved editors, so an older checkpoint rebuilds the editor it was trained as.
         kwargs.update(changed_defaults_of(config["method"], config["editors"], kwargs))
+        _check_saved_editors(path, config["editors"], kwargs, tensors)
         # The initial weights of unseeded editors, all overwritten below, drawn from a fork of
         # torch's generator: loading left the caller's random stream advanced.
         with torch.random.fork_rng(devices=[]):
@@ -301,6 +302,28 @@ def _checkpoint_config(path, text: str) -> dict:
             raise ValueError(f"{path}: its {CHECKPOINT_KEY} metadata needs 'editors' of JSON objects, got "
                              f"{type(saved).__name__} for {key!r}")
     return config
+
+
+# The editor arguments that size an editor's tensors, as editor_kwargs and each saved editor hold them.
+_SIZE_ARGUMENTS = ("n_editors", "rank", "n_layers", "feat_dim", "generator_hidden")
+
+
+def _check_saved_editors(path, editors: dict, kwargs: dict, tensors: dict) -> None:
+    """ValueError naming the file unless each saved editor config gives the file's tensors of that
+    editor (`check_saved_shapes`, without building it) and `kwargs` (the checkpoint's editor_kwargs)
+    give each the sizes it holds: checked before ModelEditor.load builds its editors from `kwargs`,
+    which took the memory the file's sizes asked for (editor_kwargs n_editors=10**6: 5.8 GB, then
+    the allocator's RuntimeError; 2**40: its RuntimeError at once) before the editors were compared."""
+    for key, saved in editors.items():
+        # The message the comparison after the build gives (the built editor takes editor_kwargs' sizes).
+        differ = [f"{k}: saved {saved.get(k)!r}, here {kwargs[k]!r}" for k in _SIZE_ARGUMENTS
+                  if kwargs.get(k) is not None and kwargs[k] != saved.get(k)]
+        if differ:
+            raise ValueError(f"{path}: editor {key} differs from the one this model gives ({'; '.join(differ)})")
+        prefix = f"editors.{key}."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        check_saved_shapes(path, saved, state, f"{path}: the tensors of editor {key} do not match its config",
+                           lambda k, p=prefix: f"{path}: tensor {p}{k}")
 
 
 # Per method, the editor arguments whose default changed: ModelEditor.load takes them from the

@@ -3013,6 +3013,37 @@ def test_load_refuses_damaged_or_newer_metadata_with_value_error(gen, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+
+@pytest.mark.parametrize("where", ["editor_kwargs", "both"])
+def test_load_checks_the_saved_sizes_against_the_tensors_before_building_the_editors(where, gen, tmp_path):
+    """ModelEditor.load built its editors from the checkpoint's editor_kwargs before comparing them
+    with the saved editors and tensors: n_editors=2**40 there (in editor_kwargs, or in both them and
+    the editors' configs) raised the allocator's RuntimeError (a PB asked for; 10**6 took 5.8 GB of
+    RSS first, session 54's fuzz).  Each is a ValueError naming the file, before any editor is built;
+    the good file still loads."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from dcedit_kernels.model_editor import CHECKPOINT_KEY
+
+    me = make_editor("llama", "moeditor", gen)
+    path, bad = tmp_path / "editor.safetensors", tmp_path / "bad.safetensors"
+    me.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads(f.metadata()[CHECKPOINT_KEY])
+    config["editor_kwargs"]["n_editors"] = 2**40
+    if where == "both":
+        for saved in config["editors"].values():
+            saved["n_editors"] = 2**40
+    save_file(load_file(str(path)), str(bad), metadata={CHECKPOINT_KEY: json.dumps(config)})
+    says = (r"tensor \S+ has shape" if where == "both"
+            else r"editor \S+ differs .*\(n_editors: saved \d+, here 1099511627776\)")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(bad))}: .*{says}"):
+        ModelEditor.load(bad, me.model, me.tokenizer)
+    loaded = ModelEditor.load(path, me.model, me.tokenizer)
+    assert all(torch.equal(v, loaded.state_tensors()[k]) for k, v in me.state_tensors().items())
+
+
 def test_load_of_a_missing_checkpoint_or_a_folder_is_file_not_found_naming_it(tmp_path):
     """ModelEditor.load of a path where no file is (nothing there, or a folder such as the CLI's
     --out) raises FileNotFoundError naming the path, before safetensors opens it (a folder gave

@@ -386,26 +386,12 @@ class GroupedEditor(nn.Module):
         if missing:
             raise ValueError(f"{path}: its config lacks the arguments {missing} this GroupedEditor needs")
         config = with_absent_defaults(config)
-        # The config's sizes are the file's, not the caller's: checked against its tensors before
-        # any memory is taken.  Built, they allocated first (in_features=10**6: 200 MB, n_editors=10**6:
-        # 1 GB, before the shapes were refused), a million layers took minutes, a size beyond int64
-        # raised torch's TypeError, and the constructor's ValueError did not name the file.
-        saved_layers = len({k.split(".")[1] for k in state if k.startswith("layers.")})
-        n_layers = config.get("n_layers", params["n_layers"].default)
-        if is_int(n_layers) and n_layers != saved_layers:
-            raise ValueError(f"{path}: its config has n_layers={n_layers}, its tensors hold {saved_layers} layers")
-        try:
-            # The tensors' shapes, no memory: unseeded, as a seeded build on "meta" repeats its draws
-            # on the CPU (seeded_draw_) to advance the routing generator.
-            with torch.device("meta"):
-                expected = cls(**{**config, "seed": None}).state_dict()
-        except (ValueError, TypeError, OverflowError, RuntimeError) as exc:
-            raise ValueError(f"{path}: its config is not one this GroupedEditor takes ({exc})") from None
-        check_state(state, expected, f"{path}: the tensors do not match its config", lambda k: f"{path}: tensor {k}")
+        check_saved_shapes(path, config, state, f"{path}: the tensors do not match its config",
+                           lambda k: f"{path}: tensor {k}", cls)
         # Built on the CPU whatever torch.set_default_device says, then moved to map_location: under a
         # "meta" default device (left on after building a model skeleton) the move raised "Cannot copy
         # out of meta tensor".
-        try:  # the seed, left out above, is the file's too
+        try:  # the seed, which check_saved_shapes leaves out, is the file's too
             with torch.random.fork_rng(devices=[]), torch.device("cpu"):  # an unseeded editor's draws: not the caller's
                 editor = cls(**config)
         except (ValueError, TypeError, OverflowError) as exc:
@@ -537,6 +523,30 @@ class MendWeightView:
         if self.conv1d:
             delta = delta.t().contiguous()
         return apply_finite_shift_(weight, delta, float(edit.alpha))
+
+
+def check_saved_shapes(path, config: dict, state: dict, mismatch: str, name, cls=None) -> None:
+    """ValueError naming `path` unless the editor of the saved `config` holds `state`'s tensors, each
+    of its shape (`check_state`'s `mismatch` and `name`): checked without building it, before the
+    loads build it.  The config's sizes are the file's: built, they allocated first (a GroupedEditor
+    of in_features=10**6: 200 MB, n_editors=10**6: 1 GB, before the shapes were refused), a million
+    layers took minutes, a size beyond int64 raised torch's TypeError, and the constructor's
+    ValueError did not name the file."""
+    import inspect
+
+    cls = cls or GroupedEditor
+    saved_layers = len({k.split(".")[1] for k in state if k.startswith("layers.")})
+    n_layers = config.get("n_layers", inspect.signature(cls.__init__).parameters["n_layers"].default)
+    if is_int(n_layers) and n_layers != saved_layers:  # the one size the constructor loops over
+        raise ValueError(f"{path}: its config has n_layers={n_layers}, its tensors hold {saved_layers} layers")
+    try:
+        # The tensors' shapes, no memory: unseeded, as a seeded build on "meta" repeats its draws on
+        # the CPU (seeded_draw_) to advance the routing generator.
+        with torch.device("meta"):
+            expected = cls(**{**config, "seed": None}).state_dict()
+    except (ValueError, TypeError, OverflowError, RuntimeError) as exc:
+        raise ValueError(f"{path}: its config is not one this GroupedEditor takes ({exc})") from None
+    check_state(state, expected, mismatch, name)
 
 
 # Editor arguments newer than some checkpoints, and the value a config without them was trained
