@@ -16,6 +16,7 @@ mixed into (`cls(...)`, `cls.shape_of`).
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 import os
 import sys
@@ -150,6 +151,12 @@ class EditorCheckpoints:
         # Editor arguments newer than the checkpoint (gate_norm) take the value it was trained with.
         config["editors"] = {key: with_absent_defaults(saved) for key, saved in config["editors"].items()}
         kwargs = dict(config["editor_kwargs"])
+        # ModelEditor's own arguments are the config's other fields and the caller's, never an editor's:
+        # in editor_kwargs (a damaged file) they raised TypeError "got multiple values for argument".
+        named = {n for n, p in inspect.signature(cls.__init__).parameters.items() if p.kind is not p.VAR_KEYWORD}
+        own = sorted(set(kwargs) & (named - {"self"}))
+        if own:
+            raise ValueError(f"{path}: its editor_kwargs hold {own}, arguments of ModelEditor itself, not of an editor")
         if config["method"] == "ft":  # accepted and ignored before 0.3.1, refused since
             kwargs = {k: v for k, v in kwargs.items() if k not in FT_KL_ONLY}
         # Editor arguments whose preset default changed since (MoEditor's top_k: 1 before 0.2.0)
@@ -338,7 +345,9 @@ def changed_defaults_of(method: str, editors: dict, kwargs: dict) -> dict:
     run, which has no flag for them)."""
     found = {}
     for name in _CHANGED_DEFAULTS.get(method, ()):
-        saved = {e.get(name) for e in editors.values()}
-        if name not in kwargs and len(saved) == 1 and None not in saved:
-            found[name] = saved.pop()
+        # A list, not a set: a damaged config's top_k [1] made a set raise TypeError (unhashable);
+        # kept here, the editor's constructor refuses it.
+        saved = [e.get(name) for e in editors.values()]
+        if name not in kwargs and saved and saved[0] is not None and all(v == saved[0] for v in saved):
+            found[name] = saved[0]
     return found

@@ -3044,6 +3044,35 @@ def test_load_checks_the_saved_sizes_against_the_tensors_before_building_the_edi
     assert all(torch.equal(v, loaded.state_tensors()[k]) for k, v in me.state_tensors().items())
 
 
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda c: c["editor_kwargs"].update(method="mend", capture_batch_size=4),
+     r"its editor_kwargs hold \['capture_batch_size', 'method'\], arguments of ModelEditor itself"),
+    (lambda c: c["editor_kwargs"].update(model=1), r"its editor_kwargs hold \['model'\]"),
+    (lambda c: [e.update(top_k=[1]) for e in c["editors"].values()], r"top_k"),
+], ids=["own_arguments", "model", "unhashable_top_k"])
+def test_load_of_damaged_editor_kwargs_or_editor_configs_is_a_value_error_naming_the_file(damage, says, gen, tmp_path):
+    """A checkpoint whose editor_kwargs hold ModelEditor's own arguments (method, model,
+    capture_batch_size: load passes its own) raised TypeError "got multiple values for argument", and
+    one whose editors' configs hold a list for MoEditor's top_k raised TypeError "unhashable type"
+    (changed_defaults_of's set), both from inside ModelEditor.load (session 54's metadata fuzz).
+    Each is a ValueError naming the file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from dcedit_kernels.model_editor import CHECKPOINT_KEY
+
+    me = make_editor("llama", "moeditor", gen)
+    path, bad = tmp_path / "editor.safetensors", tmp_path / "bad.safetensors"
+    me.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads(f.metadata()[CHECKPOINT_KEY])
+    damage(config)
+    save_file(load_file(str(path)), str(bad), metadata={CHECKPOINT_KEY: json.dumps(config)})
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(bad))}: .*{says}"):
+        ModelEditor.load(bad, me.model, me.tokenizer)
+
+
 def test_load_of_a_missing_checkpoint_or_a_folder_is_file_not_found_naming_it(tmp_path):
     """ModelEditor.load of a path where no file is (nothing there, or a folder such as the CLI's
     --out) raises FileNotFoundError naming the path, before safetensors opens it (a folder gave
