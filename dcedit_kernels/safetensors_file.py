@@ -156,7 +156,7 @@ def json_metadata(path, key: str, text: str) -> dict:
     when it is not JSON or not a JSON object."""
     try:
         value = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: arrays or objects nested ~1000 deep
         raise ValueError(f"{path}: its {key} metadata is not JSON ({exc})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{path}: its {key} metadata must be a JSON object, got {type(value).__name__}")

@@ -296,8 +296,9 @@ def test_load_checks_the_config_against_the_tensors_before_building_the_editor(c
 
 
 def test_load_refuses_a_file_without_or_with_damaged_editor_metadata(gen, tmp_path):
-    """A safetensors file of other tensors (no dcedit_config), or whose dcedit_config is not JSON or
-    not a JSON object, is a ValueError naming the file and what is wrong, as ModelEditor.load's."""
+    """A safetensors file of other tensors (no dcedit_config), or whose dcedit_config is not JSON (nested
+    too deep for json included) or not a JSON object, is a ValueError naming the file and what is
+    wrong, as ModelEditor.load's."""
     import json
 
     from safetensors.torch import load_file, save_file
@@ -311,7 +312,11 @@ def test_load_refuses_a_file_without_or_with_damaged_editor_metadata(gen, tmp_pa
                         ({"other": "1"}, "is not a GroupedEditor checkpoint"),
                         ({"dcedit_config": "{not json"}, r"bad\.safetensors: its dcedit_config metadata is not JSON"),
                         ({"dcedit_config": json.dumps([1, 2])},
-                         r"bad\.safetensors: its dcedit_config metadata must be a JSON object, got list")):
+                         r"bad\.safetensors: its dcedit_config metadata must be a JSON object, got list"),
+                        # json's RecursionError before (session 54's metadata fuzz), no ValueError
+                        ({"dcedit_config": "[" * 100000 + "]" * 100000},
+                         r"bad\.safetensors: its dcedit_config metadata is not JSON \(maximum recursion depth"),
+                        ({"dcedit_config": '{"a":' * 100000 + "1" + "}" * 100000}, "is not JSON")):
         save_file(tensors, str(bad), metadata=meta)
         with pytest.raises(ValueError, match=match):
             GroupedEditor.load(str(bad))
