@@ -144,7 +144,9 @@ def trained_editor(model, tokenizer, method: str, layers: list[str], kwargs: dic
         else:
             try:
                 earlier = json.loads(info_path.read_text())
-            except (OSError, ValueError):
+            except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested ~1000 deep
+                earlier = {}
+            if not isinstance(earlier, dict):  # a list or a number: earlier.get raised AttributeError
                 earlier = {}
             return me, dict(earlier, cached=True, path=str(path), train_s=0.0,
                             trained_earlier_s=earlier.get("train_s"))

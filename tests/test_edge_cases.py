@@ -519,12 +519,17 @@ def test_trained_editor_still_returns_the_editor_when_the_cache_cannot_be_writte
     assert "could not cache the editor" in capsys.readouterr().out
 
 
-def test_a_cached_editor_with_an_unreadable_info_file_still_loads(gen, tmp_path, monkeypatch):
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", "3", "[" * 100000 + "]" * 100000],
+                         ids=["not_json", "list", "number", "nested"])
+def test_a_cached_editor_with_an_unreadable_info_file_still_loads(text, gen, tmp_path, monkeypatch):
+    """An info file that is not JSON, or JSON but no object (a list, a number: AttributeError on its
+    .get), or JSON nested too deep for json (its RecursionError; session 54's fuzz of the loaders),
+    is no reason to retrain: the cached editor loads, without the earlier run's info."""
     monkeypatch.setenv("DCEDIT_CACHE_DIR", str(tmp_path / "cache"))
     seed = seed_from(gen)
     trained, info = _train_cached(seed, tmp_path)
     assert info["cached"] is False
-    Path(info["path"]).with_suffix(".json").write_text("{not json")
+    Path(info["path"]).with_suffix(".json").write_text(text)
     loaded, info2 = _train_cached(seed, tmp_path)
     assert info2["cached"] is True and info2["train_s"] == 0.0 and info2["trained_earlier_s"] is None
     a, b = trained.state_tensors(), loaded.state_tensors()
