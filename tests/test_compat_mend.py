@@ -442,6 +442,10 @@ BAD_CHECKPOINTS = [
     ("u integer", _set("mend.(10, 6).mlp.layers.0.u", torch.zeros(16, 12, dtype=torch.int32)),
      "mend.(10, 6).mlp.layers.0.u"),
     ("edit_lrs integer", _set("edit_lrs", torch.ones(6, dtype=torch.int64)), "edit_lrs"),
+    # The running statistics were copied in cast, as the layers' weights are not (session 54's fuzz).
+    ("u_std integer", _set("mend.(4, 3).u_std", torch.ones(4, dtype=torch.int32)), "mend.(4, 3).u_std"),
+    ("v_mean bool", _set("mend.(4, 3).v_mean", torch.ones(3, dtype=torch.bool)), "mend.(4, 3).v_mean"),
+    ("k integer", _set("mend.(4, 3).k", torch.full((1,), 37, dtype=torch.int64)), "mend.(4, 3).k"),
     ("missing u of layer 0", _drop("mend.(5, 5).mlp.layers.0.u"), "mend.(5, 5).mlp.layers.0.u"),
     ("editor key without a field", _set("mend.(6, 10)", torch.zeros(1)), "unexpected key mend.(6, 10): expected mend.<editor>.<field>"),
     # Only edit_lrs: the missing editor is named in MEND's default (shared, per-shape) layout.

@@ -320,6 +320,8 @@ def _build_editor(key_prefix, fields, in_f, out_f, n_modes, norm, dtype) -> Grou
             shape = (sizes[b[0]],) if b != "k" else None
             if (shape is not None and tuple(t.shape) != shape) or (b == "k" and t.numel() != 1):
                 raise ValueError(f"{key} must have shape {shape or (1,)}, got {tuple(t.shape)}")
+            if not t.is_floating_point():  # MEND's are; an int or bool one was copied in, cast, as the layers' are not
+                raise ValueError(f"{key} must be a float tensor (MEND's running statistics), got {t.dtype}")
             if b != "k" and not all_finite(t):
                 raise ValueError(f"{key} is not finite: the editor's statistics were never trained")
         # RunningNorm is the identity below two tokens; MEND never normalises with so few.
