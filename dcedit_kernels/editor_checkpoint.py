@@ -175,8 +175,12 @@ class EditorCheckpoints:
             except ValueError as exc:
                 # The layer names come from the file, not the caller: a bare "layers: no module named
                 # ..." read as a mistake in the call (a user trial loaded SmolLM2's editor onto another model).
-                if not str(exc).startswith("layers: "):
+                if str(exc).startswith(_CALLER_ARGUMENTS):
                     raise
+                if not str(exc).startswith("layers: "):
+                    # The other arguments are the file's too (its method, tokens, editor_kwargs): "rank
+                    # must be a positive int, got None" named no file.
+                    raise ValueError(f"{path}: its config does not build a ModelEditor: {exc}") from None
                 raise ValueError(f"{path}: the checkpoint's layers ({', '.join(config['layers'])}) do not fit "
                                  f"this model: {exc}") from None
         saved_shapes = {key: saved.get("n_modes") for key, saved in config["editors"].items()}
@@ -282,6 +286,10 @@ class EditorCheckpoints:
             target.load_state_dict(state)
         return editor
 
+
+# The arguments of ModelEditor.load that are the caller's, not the file's: the constructor's errors
+# about them (which start with their names) are the caller's to fix, and name no file.
+_CALLER_ARGUMENTS = ("model ", "tokenizer ", "editor_device", "capture_batch_size", "rescale_batch_size")
 
 # What every checkpoint's config holds (format 1 on): ModelEditor.load reads them.
 _CONFIG_FIELDS = {"method": str, "layers": list, "tokens": str, "editor_kwargs": dict, "editors": dict}

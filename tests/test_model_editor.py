@@ -3050,13 +3050,18 @@ def test_load_checks_the_saved_sizes_against_the_tensors_before_building_the_edi
      r"its editor_kwargs hold \['capture_batch_size', 'method'\], arguments of ModelEditor itself"),
     (lambda c: c["editor_kwargs"].update(model=1), r"its editor_kwargs hold \['model'\]"),
     (lambda c: [e.update(top_k=[1]) for e in c["editors"].values()], r"top_k"),
-], ids=["own_arguments", "model", "unhashable_top_k"])
+    (lambda c: c["editor_kwargs"].update(rank=None), r"its config does not build a ModelEditor: rank must be a "
+                                                     r"positive int, got None"),
+    (lambda c: c.update(tokens="x"), r"its config does not build a ModelEditor: tokens must be one of"),
+], ids=["own_arguments", "model", "unhashable_top_k", "rank_none", "tokens"])
 def test_load_of_damaged_editor_kwargs_or_editor_configs_is_a_value_error_naming_the_file(damage, says, gen, tmp_path):
     """A checkpoint whose editor_kwargs hold ModelEditor's own arguments (method, model,
     capture_batch_size: load passes its own) raised TypeError "got multiple values for argument", and
     one whose editors' configs hold a list for MoEditor's top_k raised TypeError "unhashable type"
-    (changed_defaults_of's set), both from inside ModelEditor.load (session 54's metadata fuzz).
-    Each is a ValueError naming the file."""
+    (changed_defaults_of's set), both from inside ModelEditor.load (session 54's metadata fuzz);
+    and the constructor's ValueError for the file's arguments (editor_kwargs' rank null, tokens "x")
+    named no file.  Each is a ValueError naming the file; one for the caller's own argument
+    (capture_batch_size) names that argument, as before."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -3071,6 +3076,8 @@ def test_load_of_damaged_editor_kwargs_or_editor_configs_is_a_value_error_naming
     save_file(load_file(str(path)), str(bad), metadata={CHECKPOINT_KEY: json.dumps(config)})
     with pytest.raises(ValueError, match=rf"^{re.escape(str(bad))}: .*{says}"):
         ModelEditor.load(bad, me.model, me.tokenizer)
+    with pytest.raises(ValueError, match=r"^capture_batch_size must be a positive int or None, got 0"):
+        ModelEditor.load(path, me.model, me.tokenizer, capture_batch_size=0)
 
 
 def test_load_of_a_missing_checkpoint_or_a_folder_is_file_not_found_naming_it(tmp_path):
