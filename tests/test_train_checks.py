@@ -597,6 +597,9 @@ def _damage(meta, tensors, how):
         key = next(k for k in tensors if k.startswith("opt.state.") and k.endswith(".exp_avg"))
         tensors[key] = torch.zeros(tensors[key].shape[0] + 1, *tensors[key].shape[1:])
         return
+    if entry.startswith("history."):  # the per-step history (`_history_tensors`): a row short, or another dtype
+        tensors[entry] = tensors[entry][:-1] if rest == "short" else tensors[entry].double()
+        return
     if entry == "rng_state":  # torch's generator state, one byte longer or of another dtype
         tensors[entry] = torch.cat([tensors[entry], tensors[entry][:1]]) if rest == "long" else tensors[entry].int()
         return
@@ -612,8 +615,9 @@ def _damage(meta, tensors, how):
 
 
 @pytest.mark.parametrize("how", ["opt:-scalars", "lr_opt:scalars=[1]", "opt:lr", "model_editor:editors=[1]",
-                                 "model_editor:-layers", "run:config=3", "counters:-history", "counters:steps=-1",
-                                 "counters:steps=1.5", "counters:history=\"x\"", "counters:best=[1]", "tensor",
+                                 "model_editor:-layers", "run:config=3", "counters:-history_keys", "counters:steps=-1",
+                                 "counters:steps=1.5", "counters:history=\"x\"", "counters:history_keys={}",
+                                 "counters:best=[1]", "tensor", "history.value:short", "history.logged:float",
                                  "rng_state:long", "rng_state:int"])
 def test_resume_of_a_damaged_trainer_checkpoint_names_it_and_leaves_the_editors(how, gen, tmp_path):
     """A trainer.safetensors whose metadata entries or optimiser tensors are damaged (edited by hand,
