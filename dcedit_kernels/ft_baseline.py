@@ -24,6 +24,7 @@ from torch import nn
 
 from ._checks import HALF_DTYPES, all_finite, all_finite_many, first_non_finite, is_finite_number, is_int
 from .block_prefix import PrefixReuse
+from .capture import no_activation_checkpointing
 from .edit_handle import add_note, deferred_interrupt, restore
 from .losses import backward_scale, log_probs_at, picked_kl
 from .requests import EditRequest
@@ -199,6 +200,13 @@ class FineTuneBaselines:
         return base_logp
 
     def _apply_ft(self, requests: list[EditRequest], batch: dict, saved: list):
+        # Hugging Face activation checkpointing off, as for the capture and training: its reentrant
+        # form (transformers 4.x's default) hides the weights inside a checkpointed block from
+        # `torch.autograd.grad`, so every fine-tuned layer "got no gradient" in a model in train mode.
+        with no_activation_checkpointing(self.model):
+            return self._fine_tune(requests, batch, saved)
+
+    def _fine_tune(self, requests: list[EditRequest], batch: dict, saved: list):
         opts = self.ft_options
         # Each weight once: a module under two names (or two modules holding one Parameter) is one
         # weight to fine-tune; listed twice, the optimiser stepped it twice per step and its

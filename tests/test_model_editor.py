@@ -1514,6 +1514,37 @@ def test_generate_sees_the_edit_with_and_without_its_kv_cache_and_not_after_undo
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", ["ft", "ft_kl"])
+def test_fine_tuning_of_a_model_with_activation_checkpointing_matches_it_without(arch, method, gen):
+    """The FT baselines of a model in train mode (dropout 0) with Hugging Face activation
+    checkpointing on, reentrant (transformers 4.x's default, and what PEFT recipes still pass) or not:
+    the weights fine-tuned are those without checkpointing, bit for bit, and the flags come back.
+    Reentrant checkpointing hides the weights inside a block from `torch.autograd.grad`, so FT raised
+    "layer ... got no gradient from the fine-tuning loss (it did not run in the model's forward)"."""
+    seed = int(torch.randint(0, 1000, (1,), generator=gen))
+    reqs = random_requests(gen, 3)
+    tuned = {}
+    for checkpointing in (None, {"use_reentrant": False}, {"use_reentrant": True}):
+        model, tok = tiny_model(arch, seed=seed, dtype=torch.float64)
+        if checkpointing is not None:  # transformers 5.2x renamed gradient_checkpointing_enable
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs=checkpointing)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        model.train()
+        me = ModelEditor(model, tok, LAYERS[arch], method=method, ft_steps=3, ft_lr=1e-2, ft_stop_loss=None)
+        with me.edited(reqs):
+            tuned[str(checkpointing)] = [me.modules[n].weight.detach().clone() for n in me.layers]
+        assert model.training
+        flags = {m.gradient_checkpointing for m in model.modules() if hasattr(m, "gradient_checkpointing")}
+        assert flags == {checkpointing is not None}
+    for key, weights in tuned.items():
+        for name, a, b in zip(LAYERS[arch], tuned["None"], weights):
+            assert torch.equal(a, b), (key, name)
+
+
 def test_untrained_editors_warn_once_and_trained_ones_do_not(gen, tmp_path):
     """An editor at its initialisation barely edits (a gradient step of edit_lr): apply says so,
     once per ModelEditor; a trained or loaded one does not, nor do the FT baselines."""
