@@ -283,6 +283,22 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         self._rescale_batch_size = value
 
     # -- construction --------------------------------------------------------------------------
+    def _check_modules_in_model(self) -> None:
+        """ValueError naming an edited layer whose module is no longer the model's module of that name
+        (replaced since the constructor resolved it: `resize_token_embeddings` builds a new LM head, and
+        a module may be assigned anew).  The capture and training find the layers by name, the shift
+        goes to the module resolved here: MEND's edit of a replaced layer changed the old module, which
+        the model no longer runs, and returned as if it had edited the model."""
+        for name, module in self.modules.items():
+            try:
+                current = self.model.get_submodule(name)
+            except AttributeError:
+                current = None
+            if current is not module:
+                raise ValueError(f"layers: {name!r} is no longer the model's module of that name (replaced after "
+                                 "the ModelEditor was built, e.g. by resize_token_embeddings): an edit would change "
+                                 "a module the model no longer runs; build the ModelEditor again")
+
     def _check_resident(self) -> None:
         """ValueError naming an edited layer whose weight is not resident (accelerate's "meta")."""
         check_resident({name: weight_out_in(m) for name, m in self.modules.items()})
@@ -506,7 +522,8 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         it (`handle.undo()`, bit for bit) and holds the edit's `stats`.
 
         ValueError for bad requests (naming the request: an empty target, a non-EditRequest, a row
-        past a learned position table); RuntimeError under torch.inference_mode.  Warns once per
+        past a learned position table) and for a layer replaced in the model since the ModelEditor
+        was built (`resize_token_embeddings` of an edited LM head); RuntimeError under torch.inference_mode.  Warns once per
         ModelEditor while its editors are untrained, and once when most of a 16-bit (bf16/fp16)
         weight's shift is lost to rounding: W + αΔ is stored in the weight's dtype, so shift entries
         below half its resolution vanish (`stats["changed_fraction"]`: each layer's share of
@@ -526,6 +543,7 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         # Offloaded since the constructor checked (accelerate's cpu_offload/disk_offload of the model
         # after the ModelEditor was built): the shift went to a "meta" tensor and failed with
         # NotImplementedError, and FT said the layer got no gradient.
+        self._check_modules_in_model()
         self._check_resident()
         self._check_weight_parameters()
         devices = self.devices

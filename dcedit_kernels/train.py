@@ -109,6 +109,7 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     check_not_inference_editors(me)
     check_editors_require_grad(me)
     check_trainable_dtypes(me)
+    me._check_modules_in_model()  # a layer replaced since: its validation edits would miss the model
     me._check_resident()  # an edited layer offloaded since the constructor checked: refused before any step
     me._check_weight_parameters()  # its validation edits would change nothing the model reads
     group_rank, group_size = distributed.world()

@@ -1545,6 +1545,36 @@ def test_fine_tuning_of_a_model_with_activation_checkpointing_matches_it_without
             assert torch.equal(a, b), (key, name)
 
 
+@pytest.mark.parametrize("method", ["mend", "ft"])
+@pytest.mark.parametrize("replace", ["assign", "resize_token_embeddings"])
+def test_a_layer_replaced_after_the_editor_was_built_is_refused(method, replace, gen):
+    """A module of `layers` replaced in the model after the ModelEditor was built (a copy assigned in
+    its place; `resize_token_embeddings`, which builds a new LM head): the capture finds the layers by
+    name, the shift went to the module the constructor held, so MEND's apply returned with the
+    model's new down_proj unchanged, FT raised "got no gradient ... did not run", and after a resize
+    MEND raised "eta must have shape".  apply and fit now refuse with a ValueError naming the layer,
+    before anything changes."""
+    me = make_editor("llama", method, gen)
+    model = me.model
+    if replace == "assign":
+        name = "model.layers.1.mlp.down_proj"
+        model.model.layers[1].mlp.down_proj = copy.deepcopy(model.model.layers[1].mlp.down_proj)
+    else:
+        name = "lm_head"
+        model.resize_token_embeddings(model.config.vocab_size + 8, mean_resizing=False)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"layers: '{re.escape(name)}' is no longer the model's module"):
+        me.apply(random_requests(gen, 2))
+    assert me._live == []
+    assert_bit_identical(before, model)
+    if method == "mend":
+        state = {k: v.clone() for k, v in me.state_tensors().items()}
+        with pytest.raises(ValueError, match=rf"layers: '{re.escape(name)}' is no longer the model's module"):
+            me.fit(random_requests(gen, 4), steps=1, batch_size=2, progress=False)
+        for k, v in me.state_tensors().items():  # no step taken
+            assert torch.equal(v, state[k]), k
+
+
 def test_untrained_editors_warn_once_and_trained_ones_do_not(gen, tmp_path):
     """An editor at its initialisation barely edits (a gradient step of edit_lr): apply says so,
     once per ModelEditor; a trained or loaded one does not, nor do the FT baselines."""
