@@ -542,12 +542,18 @@ def no_activation_checkpointing(model: nn.Module):
       during the backward: a capture hook would see its module run twice, and `lowrank_edited`'s
       patched forwards are gone by the time the caller's backward runs (the recompute then saves
       other tensors and torch raises CheckpointError).
+    - torch's activation-checkpoint wrappers (`checkpoint_wrapper`, `apply_activation_checkpointing`:
+      FSDP's, accelerate's FSDP plugin's) call their module directly, for the same reason: they
+      checkpoint in eval mode too, and editor training raised CheckpointError, a reentrant wrapper's
+      capture "capture needs autograd: ... ran under torch.no_grad()" and FT "element 0 of tensors
+      does not require grad".
     - The input embeddings' output is detached while their parameters are frozen.  Enabling
       checkpointing also calls `enable_input_require_grads` (so does PEFT), whose hook makes that
       output require grad: every block below the first edited layer would then keep its graph
       (3.8× the capture's saved bytes on the tiny Llama), though no gradient is taken there.
     """
     flipped = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    wrappers = [(m, m.checkpoint_fn) for m in model.modules() if _is_checkpoint_wrapper(m)]
     handles = []
     try:
         # A Ctrl-C meanwhile waits until the hook's handle is kept: one landing between the
@@ -555,6 +561,8 @@ def no_activation_checkpointing(model: nn.Module):
         with deferred_interrupt():
             for m in flipped:
                 m.gradient_checkpointing = False
+            for m, _ in wrappers:
+                m.checkpoint_fn = _call_unchecked
             embeddings = _input_embeddings(model)
             if embeddings is not None:
                 handles.append(embeddings.register_forward_hook(_detach_if_frozen))
@@ -565,6 +573,18 @@ def no_activation_checkpointing(model: nn.Module):
                 h.remove()
             for m in flipped:
                 m.gradient_checkpointing = True
+            for m, checkpoint_fn in wrappers:
+                m.checkpoint_fn = checkpoint_fn
+
+
+def _is_checkpoint_wrapper(module: nn.Module) -> bool:
+    """torch's CheckpointWrapper, told by what its forward uses (torch.distributed may be absent)."""
+    return "_checkpoint_wrapped_module" in module._modules and callable(module.__dict__.get("checkpoint_fn"))
+
+
+def _call_unchecked(function, *args, **kwargs):
+    """A CheckpointWrapper's `checkpoint_fn` that runs the wrapped module as is."""
+    return function(*args, **kwargs)
 
 
 def _input_embeddings(model: nn.Module) -> nn.Module | None:

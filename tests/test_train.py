@@ -2008,6 +2008,42 @@ def test_activation_checkpointing_is_off_for_the_edit_passes(gen):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_torch_checkpoint_wrappers_are_off_for_the_edit_passes(reentrant, gen):
+    """Blocks wrapped by torch's activation checkpointing (`apply_activation_checkpointing`, as FSDP
+    and accelerate's FSDP plugin wrap them; it checkpoints in eval mode too): training, the capture,
+    the edit and FT give what they give unwrapped, and each wrapper's checkpoint_fn comes back.
+    Wrapped, training raised CheckpointError (non-reentrant), and the capture "capture needs
+    autograd: ... ran under torch.no_grad()" and FT "element 0 of tensors does not require grad"
+    (reentrant)."""
+    wrapper = pytest.importorskip("torch.distributed.algorithms._checkpoint.checkpoint_wrapper")
+    impl = wrapper.CheckpointImpl.REENTRANT if reentrant else wrapper.CheckpointImpl.NO_REENTRANT
+    seed = int(torch.randint(0, 100, (1,), generator=gen))
+    reqs = random_requests(gen, 4)
+    config = TrainConfig(steps=2, batch_size=2, progress=False)
+    after = {}
+    for wrapped in (False, True):
+        model, tok = tiny_model("llama", seed=seed, dtype=torch.float64)
+        block = type(model.model.layers[0])
+        if wrapped:
+            wrapper.apply_activation_checkpointing(
+                model, check_fn=lambda m: isinstance(m, block),
+                checkpoint_wrapper_fn=lambda m: wrapper.checkpoint_wrapper(m, checkpoint_impl=impl))
+        wrappers = [m for m in model.modules() if isinstance(m, wrapper.CheckpointWrapper)]
+        assert len(wrappers) == (2 if wrapped else 0)
+        checkpoint_fns = [m.checkpoint_fn for m in wrappers]
+        me = ModelEditor(model, tok, LAYERS["llama"], method="moeditor", n_editors=2, rank=3, seed=0)
+        me.fit(reqs, None, config)
+        ft = ModelEditor(model, tok, LAYERS["llama"], method="ft", ft_steps=2, ft_lr=1e-2, ft_stop_loss=None)
+        after[wrapped] = []
+        for editor in (me, ft):
+            with editor.edited(reqs):
+                after[wrapped] += [editor.modules[n].weight.detach().clone() for n in editor.layers]
+        assert [m.checkpoint_fn for m in wrappers] == checkpoint_fns
+    for a, b in zip(after[False], after[True]):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_picked_kl_is_kl_of_the_unedited_against_the_edited_distribution(gen):
     """picked_kl = mean over positions of KL(p_base ‖ p_edited) = Σ_v p_base (log p_base − log
     p_edited), MEND's direction (float64 oracle: torch's kl_div); the reverse KL is another number,
