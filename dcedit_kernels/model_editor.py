@@ -523,9 +523,10 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
 
         ValueError for bad requests (naming the request: an empty target, a non-EditRequest, a row
         past a learned position table) and for a layer replaced in the model since the ModelEditor
-        was built (`resize_token_embeddings` of an edited LM head); RuntimeError under torch.inference_mode.  Warns once per
-        ModelEditor while its editors are untrained, and once when most of a 16-bit (bf16/fp16)
-        weight's shift is lost to rounding: W + αΔ is stored in the weight's dtype, so shift entries
+        was built (`resize_token_embeddings` of an edited LM head); RuntimeError under
+        torch.inference_mode.  Warns once per ModelEditor while its editors are untrained, and once
+        when most of a 16-bit (bf16/fp16) weight's shift is lost to rounding: W + αΔ is stored in
+        the weight's dtype, so shift entries
         below half its resolution vanish (`stats["changed_fraction"]`: each layer's share of
         changed entries).  Whatever fails or interrupts the edit, the
         model is left as it was (see the module docstring).  The model runs in the mode it is in:
