@@ -1866,3 +1866,45 @@ def test_demo_results_and_table_are_the_edits_own_scores_on_a_tiny_model(tmp_pat
         assert [c["after"][method] for c in result["completions"]] == completions[method], method
     for i, f in enumerate(shown):
         assert f"    MEND       {completions['mend'][i]!r}" in printed and f"    FT         {completions['ft'][i]!r}" in printed
+
+
+@pytest.mark.parametrize("moeditor, mend, verdict", [
+    ((0.4, 0.1), (0.3, 0.0), "not ahead (+0.000;"),  # LMP 0.30000000000000004 against 0.3: the same
+    ((0.35, 0.05), (0.4, 0.1), "not ahead (+0.000;"),  # 0.29999999999999993 against 0.30000000000000004
+    ((0.5, 0.1), (0.3, 0.0), "ahead (+0.100;"),
+    ((0.3, 0.1), (0.3, 0.0), "not ahead (-0.100;"),
+])
+def test_demo_says_level_lmps_are_not_ahead(tmp_path, monkeypatch, capsys, moeditor, mend, verdict):
+    """The demo's last line compares the better of MoEditor and ProEditor with MEND.  LMP = ES − DD
+    in floats: MoEditor at ES 0.4, DD 0.1 and MEND at ES 0.3, DD 0 have the same LMP, 0.3, but the
+    subtraction gave 0.30000000000000004 against 0.3, and the line said "MoEditor LMP 0.300 vs MEND
+    0.300: ahead (+0.000; ...)" (the other way round: "not ahead (-0.000; ...)").  On the tiny Llama,
+    with measure_edit giving each method its planned scores."""
+    demo = _demo_module()
+    import dcedit_kernels.evaluate as evaluate
+    import dcedit_kernels.models as models
+
+    model, tok = tiny_model("llama", seed=0)
+    (tmp_path / "model.gguf").write_bytes(b"stand-in")
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: (model, tok))
+    monkeypatch.setattr(models, "default_model_path", lambda: tmp_path / "model.gguf")
+    monkeypatch.setitem(demo.QUICK, "layers", [0, 1])
+    monkeypatch.setattr(demo, "trained_editor", lambda model_, tok_, method, layers, kwargs, *a, **k: (
+        ModelEditor(model_, tok_, layers=layers, method=method, **kwargs),
+        dict(cached=True, path=str(tmp_path / f"{method}.safetensors"), train_s=0.0, steps=0)))
+    planned = {"moeditor": moeditor, "mend": mend, "proeditor": (0.0, 0.0)}
+
+    def measure_edit(editor, requests, during=None, **kwargs):
+        es, dd = planned.get(editor.method, (0.0, 0.0))
+        return dict(es=es, reliability=es, dd=dd, lmp=es - dd, ns=1.0 - dd, latency_s=0.0, peak_memory_mb=0.0,
+                    memory_method="none", n_edits=len(requests), during=during(editor.model))
+
+    monkeypatch.setattr(evaluate, "measure_edit", measure_edit)
+    torch_threads = torch.get_num_threads()
+    try:
+        assert demo.main(["--quick", "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(torch_threads)
+    last = [line for line in capsys.readouterr().out.splitlines() if " vs MEND " in line]
+    lmp = moeditor[0] - moeditor[1], mend[0] - mend[1]
+    assert last == [f"MoEditor LMP {lmp[0]:.3f} vs MEND {lmp[1]:.3f}: {verdict} one edit of 10 moves ES by up to 0.10)"]
