@@ -1694,7 +1694,6 @@ def test_check_facts_reads_a_greedy_continuation_after_its_leading_space():
     assert program.starts_with_answer(" 9.", "9") and program.starts_with_answer(" 9, since", "9")
 
 
-
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_check_facts_batched_continuations_are_each_prompts_own(arch):
     """check_facts generates in left-padded batches (4× faster than one prompt at a time on
@@ -1716,6 +1715,7 @@ def test_check_facts_batched_continuations_are_each_prompts_own(arch):
         alone.append(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
     assert program.greedy_continuations(model, tok, prompts, 5) == alone
     assert program.greedy_continuations(model, tok, prompts, 5, batch_size=2) == alone
+
 
 def test_demo_writes_to_demo_out_by_default(capsys):
     """Without --out the demo writes results.json and es_dd.png to ./demo_out, as its --help says

@@ -267,7 +267,6 @@ def test_load_refuses_a_damaged_or_foreign_file_with_value_error(gen, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(editor.state_dict().values(), loaded.state_dict().values()))
 
 
-
 @pytest.mark.parametrize("change, says", [
     (dict(in_features=2**40), r"tensor layers\.0\.u has shape \(3, 11, 3\), expected \(3, 1099511627782, 3\)"),
     (dict(n_editors=10**30), r"its config is not one this GroupedEditor takes \(.*Overflow"),

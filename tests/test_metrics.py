@@ -464,6 +464,7 @@ def test_a_cancelled_edits_norm_squared_rounds_far_below_zero_and_is_a_zero_grad
             assert gms(gram=gram) == pytest.approx(gms(dense_per_edit(mu, eta, offsets)), abs=1e-2)
     assert most_negative < -1  # below zero by more than another edit's whole norm²
 
+
 def test_a_users_gram_with_rounding_in_a_zero_gradients_row_is_accepted(gen):
     """An edit whose token gradients cancel has G_ii ≈ 0, so its Cauchy-Schwarz bound is 0, while its
     entries hold the rounding of the terms that cancelled: an fp32 Gram of the user's own (factor_gram

@@ -3074,7 +3074,6 @@ def test_load_refuses_damaged_or_newer_metadata_with_value_error(gen, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-
 @pytest.mark.parametrize("where", ["editor_kwargs", "both"])
 def test_load_checks_the_saved_sizes_against_the_tensors_before_building_the_editors(where, gen, tmp_path):
     """ModelEditor.load built its editors from the checkpoint's editor_kwargs before comparing them
@@ -3103,7 +3102,6 @@ def test_load_checks_the_saved_sizes_against_the_tensors_before_building_the_edi
         ModelEditor.load(bad, me.model, me.tokenizer)
     loaded = ModelEditor.load(path, me.model, me.tokenizer)
     assert all(torch.equal(v, loaded.state_tensors()[k]) for k, v in me.state_tensors().items())
-
 
 
 @pytest.mark.parametrize("damage, says", [
