@@ -140,11 +140,7 @@ def test_a_checkpoint_from_before_the_trainer_file_held_the_best_state_reads_bes
     from dcedit_kernels.train_config import TrainResult
 
     me = tiny_mend("gpt2", gen)
-    opt = torch.optim.Adam(list(me.editors.parameters()))
-    lr_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    run = train_checkpoint._run_settings(TrainConfig(steps=1, batch_size=2, progress=False), None, None)
-    train_checkpoint._checkpoint(me, opt, lr_opt, tmp_path, TrainResult(steps=1), 0, run,
-                                 [train_checkpoint._rng_states(me)])
+    opt, lr_opt, run = _checkpoint_with_history(me, tmp_path, [{"step": 1}])
     _rewrite_trainer_checkpoint(tmp_path / "trainer.safetensors", {"counters": ["best"]})
     assert train_checkpoint._resume(me, opt, lr_opt, tmp_path, TrainResult(steps=0), run)[1] is None
     best = {k: torch.randn(v.shape, generator=gen).to(v.dtype) for k, v in me.state_tensors().items()}
@@ -907,11 +903,7 @@ def test_an_older_checkpoints_best_file_saved_over_while_it_resumes_gives_one_fi
     from dcedit_kernels.train_config import TrainResult
 
     me = tiny_mend("gpt2", gen)
-    opt = torch.optim.Adam(list(me.editors.parameters()))
-    lr_opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    run = train_checkpoint._run_settings(TrainConfig(steps=1, batch_size=2, progress=False), None, None)
-    train_checkpoint._checkpoint(me, opt, lr_opt, tmp_path, TrainResult(steps=1), 0, run,
-                                 [train_checkpoint._rng_states(me)])
+    opt, lr_opt, run = _checkpoint_with_history(me, tmp_path, [{"step": 1}])
     _rewrite_trainer_checkpoint(tmp_path / "trainer.safetensors", {"counters": ["best"]})
     best, other = tmp_path / "best.safetensors", tmp_path / "other.safetensors"
     states = [{k: torch.randn(v.shape, generator=gen).to(v.dtype) for k, v in me.state_tensors().items()}

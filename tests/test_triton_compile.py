@@ -68,16 +68,9 @@ def test_divisions_round_to_nearest_on_sm90():
     reference and the interpreter (numpy) round the quotient to nearest: the CPU tests cannot see
     the difference, only the PTX can.  Every division must be div.rn (fp32 and fp64), also with G
     folded into a constexpr 1."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-c", DIVISIONS_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    if proc.returncode == 3:
-        pytest.skip(f"this triton cannot compile for sm_90 here: {proc.stderr.strip()[-300:]}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = [line.split() for line in proc.stdout.splitlines() if re.match(r"float(32|64) ", line)]
-    assert len(lines) == 8, proc.stdout
+    stdout = _sm90_script_output(DIVISIONS_SCRIPT)
+    lines = [line.split() for line in stdout.splitlines() if re.match(r"float(32|64) ", line)]
+    assert len(lines) == 8, stdout
     for dtype, mode, groups, *found in lines:
         where = f"{dtype} mode {mode} G={groups}: {found}"
         assert all(op.startswith("div.rn.") for op in found), where
@@ -118,15 +111,22 @@ def test_grouped_outer_token_loop_counts_in_int64_on_sm90():
     mask (an illegal address on a GPU; the interpreter's Python range does not wrap, so
     test_grouped_outer_token_index_past_int32's int32 case passed here only).  Both offsets dtypes
     must give an int64 counter."""
+    stdout = _sm90_script_output(TOKEN_LOOP_SCRIPT)
+    lines = [line.split() for line in stdout.splitlines() if line.startswith("offsets ")]
+    assert [line[1] for line in lines] == ["int32", "int64"], stdout
+    for _, dtype, *loops in lines:
+        assert loops == ["i64"], f"{dtype} offsets: token loop counter {loops}"
+
+
+def _sm90_script_output(script: str) -> str:
+    """The stdout of `script` run in a subprocess with TRITON_INTERPRET unset (it compiles for sm_90
+    without a GPU); skips where this triton cannot compile for sm_90 (the script exits 3)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-c", TOKEN_LOOP_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     if proc.returncode == 3:
         pytest.skip(f"this triton cannot compile for sm_90 here: {proc.stderr.strip()[-300:]}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = [line.split() for line in proc.stdout.splitlines() if line.startswith("offsets ")]
-    assert [line[1] for line in lines] == ["int32", "int64"], proc.stdout
-    for _, dtype, *loops in lines:
-        assert loops == ["i64"], f"{dtype} offsets: token loop counter {loops}"
+    return proc.stdout
