@@ -37,10 +37,9 @@ def test_kernels_compile_for_sm90():
     print("\n".join(lines))  # registers / stack (spill) bytes / shared memory per kernel, with -s
 
 
-# Run in a subprocess with TRITON_INTERPRET unset (this process interprets): compiles
-# grouped_outer's kernel for sm_90 in the modes that divide (ssm: the sss result / G; Fisher:
-# Σ S_e² / E), fp32 and fp64 accumulation, and prints the PTX's division instructions per mode.
-DIVISIONS_SCRIPT = textwrap.dedent("""
+# What both scripts below start with: grouped_outer's module as `go`, compile_check as `cc`, and
+# exit 3 where this triton cannot compile for sm_90 (`_sm90_script_output` skips then).
+SM90_PREAMBLE = textwrap.dedent("""
     import importlib, re, sys, torch
     from dcedit_kernels.triton_kernels import compile_check as cc
     go = importlib.import_module("dcedit_kernels.triton_kernels.grouped_outer")  # the package exports a function of that name
@@ -49,6 +48,11 @@ DIVISIONS_SCRIPT = textwrap.dedent("""
     except Exception as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         sys.exit(3)
+""")
+# Run in a subprocess with TRITON_INTERPRET unset (this process interprets): compiles
+# grouped_outer's kernel for sm_90 in the modes that divide (ssm: the sss result / G; Fisher:
+# Σ S_e² / E), fp32 and fp64 accumulation, and prints the PTX's division instructions per mode.
+DIVISIONS_SCRIPT = textwrap.dedent("""
     for acc in (torch.float32, torch.float64):
         for mode in (go.MODE_SSM, go.MODE_FISHER):
             for groups in (125, 1):  # 1: triton folds an int argument equal to 1 into a constexpr
@@ -82,14 +86,6 @@ def test_divisions_round_to_nearest_on_sm90():
 # int32 and with int64 offsets and prints the integer type of its token loop (`for t0 in
 # range(start, end, BLOCK_T)`, the one loop stepping by BLOCK_T = 32 here) from the TTIR.
 TOKEN_LOOP_SCRIPT = textwrap.dedent("""
-    import importlib, re, sys, torch
-    from dcedit_kernels.triton_kernels import compile_check as cc
-    go = importlib.import_module("dcedit_kernels.triton_kernels.grouped_outer")
-    try:
-        cc._probe()
-    except Exception as exc:
-        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
-        sys.exit(3)
     for offsets in (torch.int32, torch.int64):
         ptrs = dict(eta_ptr=torch.bfloat16, mu_ptr=torch.bfloat16, offsets_ptr=offsets, alpha_ptr=torch.float32,
                     out_ptr=torch.float32, sel_ptr=torch.int32)
@@ -119,12 +115,12 @@ def test_grouped_outer_token_loop_counts_in_int64_on_sm90():
 
 
 def _sm90_script_output(script: str) -> str:
-    """The stdout of `script` run in a subprocess with TRITON_INTERPRET unset (it compiles for sm_90
+    """The stdout of `script` (after SM90_PREAMBLE) run in a subprocess with TRITON_INTERPRET unset (it compiles for sm_90
     without a GPU); skips where this triton cannot compile for sm_90 (the script exits 3)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", SM90_PREAMBLE + script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     if proc.returncode == 3:
         pytest.skip(f"this triton cannot compile for sm_90 here: {proc.stderr.strip()[-300:]}")
