@@ -1,4 +1,5 @@
 import os
+import warnings
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when dcedit_kernels imports its
 # Triton modules: set it before anything imports them.  Without a GPU the kernels run on CPU
@@ -47,14 +48,18 @@ def _float64_causal_mask_in_float64():
     transformers means to build, the other dtypes untouched."""
     try:
         from transformers.modeling_attn_mask_utils import AttentionMaskConverter
-    except ImportError:  # transformers 5 has no such module
+    except ImportError:  # a transformers without the module (its removal is announced for 5.x)
         return
     make = AttentionMaskConverter._make_causal_mask
-    try:
-        make((1, 2), torch.float64, torch.device("cpu"))
-        return
-    except RuntimeError:
-        pass
+    # transformers 5 deprecates the helper with a FutureWarning on each call: the probe is ours, not a
+    # test's, and must not fail `pytest -W error::FutureWarning` as it loads this file.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            make((1, 2), torch.float64, torch.device("cpu"))
+            return
+        except RuntimeError:
+            pass
 
     def in_float64(input_ids_shape, dtype, *args, **kwargs):
         if dtype != torch.float64:
