@@ -93,7 +93,8 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | str 
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .compat.transformers_versions import dtype_kwarg, follow_gguf_bos, gguf_model_kwargs, gguf_parsed_once
+    from .compat.transformers_versions import (dtype_kwarg, follow_gguf_bos, gguf_model_kwargs, gguf_parsed_once,
+                                               gguf_tokenizer_kwargs)
     from .devices import as_device
 
     check_path(name_or_path, "name_or_path", none_ok=True)
@@ -120,7 +121,8 @@ def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | str 
         folder, kwargs = str(name_or_path), {}
     # A gguf file is parsed once, not three times (see gguf_parsed_once: about 17 s -> 7 s for SmolLM2).
     with gguf_parsed_once() if "gguf_file" in kwargs else contextlib.nullcontext():
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        tokenizer_kwargs = gguf_tokenizer_kwargs() if "gguf_file" in kwargs else {}
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs, **tokenizer_kwargs)
         model_kwargs = {}
         if "gguf_file" in kwargs:
             follow_gguf_bos(tokenizer, path)

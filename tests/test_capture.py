@@ -1,8 +1,12 @@
 """Gradient-factor capture: eta.T @ mu must equal the autograd weight gradient of the kept tokens."""
 
 import inspect
+import os
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -24,6 +28,7 @@ from dcedit_kernels.tokenize import IGNORE_INDEX, no_kv_cache, tokenize_pairs
 from helpers import (assert_checkpointing, assert_per_edit_grads, assert_same_state, hand_edit_batch, messy_caller_state,
                      model_state, per_edit_nll, per_edit_weight_grads, rel_err, saved_bytes, train_mode_llama)
 
+ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ["gpt2", "llama", "bert", "bart", "t5"]
 GRAD_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -785,6 +790,33 @@ def test_smollm2_capture_exact(gen):
                 assert f.num_tokens == int((batch["labels"] != IGNORE_INDEX).sum())
     # the last layer's o_proj only reaches the loss through the positions that predict targets
     assert rel_err(cap.factors[names[1]].gradient(), modules[names[1]].weight.grad) < 1e-5
+
+
+@pytest.mark.slow
+def test_load_model_logs_no_warning():
+    """load_model() of the default gguf file printed, on transformers 4.x, "You are using the default
+    legacy behaviour of the <class '...LlamaTokenizerFast'>..." (transformers' logger, once a
+    process): a gguf file has no tokenizer_config.json to give `legacy`.  Now load_model says the
+    default itself (`gguf_tokenizer_kwargs`) and transformers logs no warning.  A fresh process:
+    the message is logged once per process, so another test's load would hide it."""
+    pytest.importorskip("gguf")
+    from dcedit_kernels.models import default_model_path
+
+    if not default_model_path().is_file():
+        pytest.skip("needs the default SmolLM2 gguf file")
+    code = ("import logging, sys\n"
+            "from transformers.utils import logging as hf_logging\n"
+            "records = []\n"
+            "class Kept(logging.Handler):\n"
+            "    def emit(self, record): records.append(record.getMessage())\n"
+            "hf_logging.get_logger().addHandler(Kept(logging.WARNING))\n"
+            "hf_logging.disable_progress_bar()  # a readable failure\n"
+            "from dcedit_kernels.models import load_model\n"
+            "load_model()\n"
+            "assert not records, records\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 # --- models ------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ Measured with transformers 4.57.6 and 4.45.2 against 5.24 on this package's test
   passes an unknown `dtype` on to the config: the model loaded in fp32 whatever was asked);
 - 4.x loads a gguf file's Llama tokenizer as a LlamaTokenizerFast that adds a BOS token whatever
   the file's `tokenizer.ggml.add_bos_token` says (SmolLM2's says False; 5.x follows it), so
-  every prompt started with `<|im_start|>` and the demo's completions changed;
+  every prompt started with `<|im_start|>` and the demo's completions changed; and, given no
+  `legacy` (a gguf file has no tokenizer_config.json), it logs a warning on the first load of a
+  process (`gguf_tokenizer_kwargs` says 4.x's default, `legacy=True`);
 - 4.45 reads a gguf file without an `output.weight` tensor (SmolLM2's: its head is the token
   embedding) as an untied model and leaves `lm_head.weight` at its random initialisation (later
   versions set `tie_word_embeddings` from the file's tensors).
@@ -66,6 +68,15 @@ def follow_gguf_bos(tokenizer, path: Path) -> None:
     """Turn off the BOS token a 4.x tokenizer adds where the gguf file says not to add one."""
     if getattr(tokenizer, "add_bos_token", False) and gguf_add_bos(path) is False:  # the file read only then
         tokenizer.add_bos_token = False  # LlamaTokenizerFast rebuilds its post-processor
+
+
+def gguf_tokenizer_kwargs() -> dict:
+    """`AutoTokenizer.from_pretrained`'s keywords for a gguf file in this version: 4.x's
+    LlamaTokenizerFast, given no `legacy` (a gguf file has no tokenizer_config.json to say it), logs
+    a warning on every first load ("You are using the default legacy behaviour...", which says a
+    gguf load may ignore it) and takes `legacy=True`; said outright, the same tokenizer comes
+    without the message.  5.x's tokenizers do not ask."""
+    return {"legacy": True} if VERSION < (5, 0) else {}
 
 
 def gguf_ties_head(path: Path) -> bool:
