@@ -1964,6 +1964,34 @@ def test_fp32_ops_follow_torch_matmul_precision(gen, device, float32_precision, 
     assert {"segment_matmul", "grouped_outer", "grouped_bilinear"} <= set(taken)
 
 
+@pytest.fixture
+def tf32_switch():
+    """Sets torch's newer TF32 switch, `torch.backends.cuda.matmul.fp32_precision` (torch 2.9 on),
+    inside a test and restores it after."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch before 2.9 has no backends.cuda.matmul.fp32_precision")
+    previous = matmul.fp32_precision
+    yield lambda value: setattr(matmul, "fp32_precision", value)
+    matmul.fp32_precision = previous
+
+
+def test_fp32_ops_follow_torchs_newer_tf32_switch(gen, device, tf32_switch):
+    """TF32 allowed the way torch's notes now recommend, `torch.backends.cuda.matmul.fp32_precision
+    = "tf32"`: every fp32 op raised RuntimeError ("... mix of the legacy and new APIs to set the
+    matmul precision"), which `torch.get_float32_matmul_precision()` raises from then on (torch 2.11
+    and 2.13).  Now the launchers read the newer switch: "tf32" takes the TF32 branch, "ieee" the
+    IEEE dot, as the old API's "high" and "highest" do."""
+    counts = [0, 9, 17, 3, 0]
+    offsets = offsets_for(counts, device)
+    inputs = lowrank_inputs(gen, counts, torch.float32, device, d=21, r=18)
+    ref = reference.grouped_lowrank(inputs[0].double(), offsets, *f64(*inputs[1:]))
+    for setting, tol in (("tf32", 2e-3), ("ieee", TOL[torch.float32])):
+        tf32_switch(setting)
+        assert launch.native_dot(torch.float32) is (setting == "tf32")
+        assert rel_err(tk.grouped_lowrank(inputs[0], offsets, *inputs[1:]), ref) < tol, setting
+
+
 def test_ieee_branch_with_bf16(gen, device, monkeypatch):
     """DCEDIT_TRITON_NATIVE_DOT=0: bf16 inputs through the exact fp32 dot."""
     monkeypatch.setenv(launch.NATIVE_DOT_ENV, "0")

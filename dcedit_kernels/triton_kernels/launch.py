@@ -103,8 +103,15 @@ def fp32_split() -> int:
 
 
 def fp32_tensor_cores() -> bool:
-    """Whether dots of fp32-only ops may use TF32, as torch's own fp32 matmuls may: when
-    `torch.set_float32_matmul_precision` is "high" or "medium" (not the default "highest")."""
+    """Whether dots of fp32-only ops may use TF32, as torch's own fp32 CUDA matmuls may: when
+    `torch.set_float32_matmul_precision` is "high" or "medium" (not the default "highest"), or,
+    from torch 2.9 on, `torch.backends.cuda.matmul.fp32_precision` (or the global
+    `torch.backends.fp32_precision` it inherits) is "tf32".  That newer setting reads either API's
+    choice; `get_float32_matmul_precision` raises RuntimeError once the newer API has set TF32
+    ("mix of the legacy and new APIs", torch 2.11 and 2.13), so it is read only where the newer is absent."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        return matmul.fp32_precision == "tf32"
     return torch.get_float32_matmul_precision() != "highest"
 
 
