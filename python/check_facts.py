@@ -39,7 +39,9 @@ def greedy_continuations(model, tokenizer, prompts: list[str], max_new_tokens: i
                 **enc, max_new_tokens=max_new_tokens, do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
             )
-        out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        # no space clean-up, as greedy_completions: the same text (and no warning) on every transformers
+        out += tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True,
+                                      clean_up_tokenization_spaces=False)
     return out
 
 

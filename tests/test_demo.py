@@ -616,6 +616,42 @@ def test_greedy_completions_are_their_first_line_without_trailing_space(monkeypa
     assert cli.greedy_completions(model, tok, ["a", "b c", "d"]) == ["Rome", " Paris", ""]
 
 
+def test_greedy_completions_decode_as_generated_and_log_nothing():
+    """A tokenizer whose clean_up_tokenization_spaces is True (SmolLM2's from its gguf file on
+    transformers 4.x and 5.17): 5.17 and 5.25 log "Ignoring clean_up_tokenization_spaces=True for BPE
+    tokenizer ..." on the first completion of a process (the demo printed it on the GPU machine's
+    stack), and 4.x decoded with the clean-up ("Hello , world" as "Hello, world"), so the
+    completions differed between versions.  Now greedy_completions says no clean-up: the tokens as
+    generated, and no warning."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    model, tok = tiny_model("gpt2", seed=random.randrange(1000))
+    tok.clean_up_tokenization_spaces = True
+    prompts = ["a", "The river 3 flows into the big"]
+    records = []
+
+    class Kept(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    hf_logging.warning_once.cache_clear()  # logged once a process: another test's decode would hide it
+    handler = Kept(logging.WARNING)
+    hf_logging.get_logger().addHandler(handler)
+    try:
+        got = cli.greedy_completions(model, tok, prompts)
+    finally:
+        hf_logging.get_logger().removeHandler(handler)
+    assert not records, records
+    for prompt, text in zip(prompts, got):
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+        raw = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        assert text == raw.split("\n")[0].rstrip(), (prompt, text, raw)
+
+
 def test_cli_unknown_layer_lists_candidates(capsys, tiny_model_dir):
     code = cli.main(["edit", "--model", str(tiny_model_dir), "--layers", "model.layers.1.mlp.down_prj",
                      "--prompt", "The sky is", "--target", "green"])

@@ -252,7 +252,10 @@ def greedy_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens:
             raise ValueError(f"a prompt is {width} tokens: with {max_new_tokens} generated that is more than the "
                              f"model's {limit} positions") from None
         new_ids.append(out[0, ids.shape[1]:].tolist())
-    texts = tokenizer.batch_decode(new_ids, skip_special_tokens=True)
+    # The tokens as they were generated, on every transformers: a tokenizer's own
+    # clean_up_tokenization_spaces (SmolLM2's gguf one says True on 4.x and 5.17, False on 5.25)
+    # joined " ," and " 's" on 4.x, and logged a warning on 5.17 that ignores it for BPE.
+    texts = tokenizer.batch_decode(new_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     return [t.split("\n")[0].rstrip() for t in texts]
 
 
