@@ -264,6 +264,13 @@ def _history_of(path: Path, tensors: dict, keys: list) -> list:
             for step, row, mask in zip(steps, values, logged)]
 
 
+def _history_names(keys) -> bool:
+    """Whether `keys` can name the history's columns (`_history_tensors`): a name twice read the
+    later column under both, and "step" raised TypeError as it made each step's dict."""
+    return (isinstance(keys, list) and all(isinstance(k, str) for k in keys) and len(set(keys)) == len(keys)
+            and "step" not in keys)
+
+
 def _count(x) -> bool:
     return is_int(x) and x >= 0
 
@@ -304,8 +311,9 @@ def _checkpoint_entries(path: Path, meta: dict, optimizers: tuple) -> dict:
     if "history" in counters:  # written before the history went into tensors (`_history_tensors`)
         if not isinstance(counters["history"], list) or not all(isinstance(h, dict) for h in counters["history"]):
             refuse(f"its counters' history must be a list of JSON objects, got {counters['history']!r}")
-    elif not (isinstance(counters.get("history_keys"), list) and all(isinstance(k, str) for k in counters["history_keys"])):
-        refuse(f"its counters' history_keys must be a list of names, got {counters.get('history_keys', 'nothing')!r}")
+    elif not _history_names(counters.get("history_keys")):
+        refuse(f"its counters' history_keys must be a list of distinct names other than 'step', got "
+               f"{counters.get('history_keys', 'nothing')!r}")
     if counters.get("best") not in _BEST:
         refuse(f"its counters' best must be one of {_BEST}, got {counters['best']!r}")
     for key, optimizer in zip(("opt", "lr_opt"), optimizers):

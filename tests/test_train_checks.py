@@ -614,7 +614,8 @@ def _damage(meta, tensors, how):
                                  "model_editor:-layers", "run:config=3", "counters:-history_keys", "counters:steps=-1",
                                  "counters:steps=1.5", "counters:history=\"x\"", "counters:history_keys={}",
                                  "counters:best=[1]", "tensor", "history.value:short", "history.logged:float",
-                                 "rng_state:long", "rng_state:int"])
+                                 'counters:history_keys=["loss", "edit", "kl", "step"]',
+                                 'counters:history_keys=["loss", "edit", "kl", "kl"]', "rng_state:long", "rng_state:int"])
 def test_resume_of_a_damaged_trainer_checkpoint_names_it_and_leaves_the_editors(how, gen, tmp_path):
     """A trainer.safetensors whose metadata entries or optimiser tensors are damaged (edited by hand,
     or another program's): each raised KeyError, TypeError or AttributeError from inside the resume,
