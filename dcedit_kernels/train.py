@@ -50,6 +50,7 @@ Causal LMs only.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import warnings
@@ -378,8 +379,19 @@ def _attempt(fn, size: int, failed=None):
 def _optimizer_step(params: list, opt, lr_opt, config: TrainConfig) -> None:
     if config.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-    opt.step()
-    lr_opt.step()
+    with _host_scalars_on_cpu():
+        opt.step()
+        lr_opt.step()
+
+
+def _host_scalars_on_cpu():
+    """The CPU as the default device for the optimisers' steps where another is set: torch 2.11's
+    Adam (the GPU machine's) makes each parameter's step count, a CPU scalar by design, on the
+    default device, so under torch.set_default_device("meta") (left on after building a model
+    skeleton) its first step raised "Tensor.item() cannot be called on meta tensors" (torch 2.13's
+    Adam names the CPU).  No context otherwise: a device mode would route every op of the step
+    through Python."""
+    return torch.device("cpu") if torch.get_default_device().type != "cpu" else contextlib.nullcontext()
 
 
 def _on_rank0(fn, what: str, size: int):
