@@ -20,6 +20,7 @@ import dataclasses
 import errno
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -271,6 +272,15 @@ def _history_names(keys) -> bool:
             and "step" not in keys)
 
 
+def _listed_history_entry(entry) -> bool:
+    """Whether an entry of a history held in the counters (a checkpoint from before
+    `_history_tensors`) is one the next checkpoint can write as tensors: an int64 step and numbers.
+    A step "x" or a loss "x" resumed, then failed in the first checkpoint after, `val_every` steps in."""
+    return (isinstance(entry, dict) and _count(entry.get("step")) and entry["step"] < 2**63
+            and all(isinstance(v, float) or (is_int(v) and abs(v) <= sys.float_info.max)
+                    for k, v in entry.items() if k != "step"))
+
+
 def _count(x) -> bool:
     return is_int(x) and x >= 0
 
@@ -309,8 +319,9 @@ def _checkpoint_entries(path: Path, meta: dict, optimizers: tuple) -> dict:
         if field not in counters or not ok(counters[field]):
             refuse(f"its counters' {field} must be {kind}, got {counters.get(field, 'nothing')!r}")
     if "history" in counters:  # written before the history went into tensors (`_history_tensors`)
-        if not isinstance(counters["history"], list) or not all(isinstance(h, dict) for h in counters["history"]):
-            refuse(f"its counters' history must be a list of JSON objects, got {counters['history']!r}")
+        if not isinstance(counters["history"], list) or not all(map(_listed_history_entry, counters["history"])):
+            refuse(f"its counters' history must be a list of JSON objects of a step and numbers, got "
+                   f"{counters['history']!r}")
     elif not _history_names(counters.get("history_keys")):
         refuse(f"its counters' history_keys must be a list of distinct names other than 'step', got "
                f"{counters.get('history_keys', 'nothing')!r}")

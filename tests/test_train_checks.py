@@ -615,7 +615,8 @@ def _damage(meta, tensors, how):
                                  "counters:steps=1.5", "counters:history=\"x\"", "counters:history_keys={}",
                                  "counters:best=[1]", "tensor", "history.value:short", "history.logged:float",
                                  'counters:history_keys=["loss", "edit", "kl", "step"]',
-                                 'counters:history_keys=["loss", "edit", "kl", "kl"]', "rng_state:long", "rng_state:int"])
+                                 'counters:history_keys=["loss", "edit", "kl", "kl"]', 'counters:history=[{"step": 1, "loss": "x"}]',
+                                 'counters:history=[{"step": "x"}]', "rng_state:long", "rng_state:int"])
 def test_resume_of_a_damaged_trainer_checkpoint_names_it_and_leaves_the_editors(how, gen, tmp_path):
     """A trainer.safetensors whose metadata entries or optimiser tensors are damaged (edited by hand,
     or another program's): each raised KeyError, TypeError or AttributeError from inside the resume,
