@@ -239,11 +239,13 @@ def _history_tensors(history: list) -> tuple[dict, list]:
     too large").  The values are float64: Python's floats, exactly."""
     keys = list(dict.fromkeys(k for entry in history for k in entry if k != "step"))
     shape = (len(history), len(keys))
-    # Flat lists: torch reads them several times faster than one list per step.
-    tensors = {"step": torch.tensor([entry["step"] for entry in history], dtype=torch.int64),
+    # Flat lists: torch reads them several times faster than one list per step.  On the CPU whatever
+    # torch.set_default_device says: on "meta" the save raised "Cannot copy out of meta tensor".
+    tensors = {"step": torch.tensor([entry["step"] for entry in history], dtype=torch.int64, device="cpu"),
                "value": torch.tensor([entry.get(k, 0.0) for entry in history for k in keys],
-                                     dtype=torch.float64).reshape(shape),
-               "logged": torch.tensor([k in entry for entry in history for k in keys], dtype=torch.bool).reshape(shape)}
+                                     dtype=torch.float64, device="cpu").reshape(shape),
+               "logged": torch.tensor([k in entry for entry in history for k in keys], dtype=torch.bool,
+                                      device="cpu").reshape(shape)}
     return {HISTORY_PREFIX + name: t for name, t in tensors.items()}, keys
 
 

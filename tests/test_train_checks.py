@@ -979,6 +979,26 @@ def test_the_trainer_checkpoints_header_does_not_grow_with_the_steps_and_the_his
     assert sizes[10_000] - sizes[10] < 1024, sizes  # the digits of larger offsets and shapes (JSON: 1.2 MB more)
 
 
+def test_checkpoints_under_a_meta_default_device_save_and_resume(gen, tmp_path):
+    """Under torch.set_default_device("meta") (left on after building a model skeleton), fit built
+    its checkpoint's per-step history tensors (`_history_tensors`) on "meta", and the save raised
+    "Cannot copy out of meta tensor" at the run's first checkpoint, after its steps (a run that
+    checkpointed and resumed there before the history went into tensors).  They are made on the
+    CPU: the run checkpoints, and resumes to the history of a plain run."""
+    seed = seed_from(gen)
+    requests = random_requests(gen, 4)
+    config = TrainConfig(steps=1, batch_size=2, progress=False, seed=seed)
+    want = tiny_mend("gpt2", torch.Generator().manual_seed(seed)).fit(requests, config=config.replace(steps=2))
+    me = tiny_mend("gpt2", torch.Generator().manual_seed(seed))
+    torch.set_default_device("meta")
+    try:
+        me.fit(requests, config=config.replace(checkpoint_dir=str(tmp_path)))
+        got = me.fit(requests, config=config.replace(steps=2, checkpoint_dir=str(tmp_path), resume=True))
+    finally:
+        torch.set_default_device(None)
+    assert got.resumed_from == 1 and got.history == want.history
+
+
 def test_a_checkpoint_holding_its_history_in_its_counters_resumes_with_it(gen, tmp_path):
     """A trainer.safetensors written before the history went into tensors (counters["history"], no
     "history." tensors) resumes with that history; one whose counters name a history it lacks the
