@@ -385,13 +385,14 @@ def _optimizer_step(params: list, opt, lr_opt, config: TrainConfig) -> None:
 
 
 def _host_scalars_on_cpu():
-    """The CPU as the default device for the optimisers' steps where another is set: torch 2.11's
-    Adam (the GPU machine's) makes each parameter's step count, a CPU scalar by design, on the
+    """The CPU as the default device for the optimisers' steps under a "meta" default device: torch
+    2.11's Adam (the GPU machine's) makes each parameter's step count, a CPU scalar by design, on the
     default device, so under torch.set_default_device("meta") (left on after building a model
     skeleton) its first step raised "Tensor.item() cannot be called on meta tensors" (torch 2.13's
-    Adam names the CPU).  No context otherwise: a device mode would route every op of the step
-    through Python."""
-    return torch.device("cpu") if torch.get_default_device().type != "cpu" else contextlib.nullcontext()
+    Adam names the CPU).  Only there: under a GPU default device that count works where it lands,
+    and no optimiser step has been run with its own tensors moved to another default device; with
+    no device mode the plain hot path is unchanged (a mode routes every op of the step through Python)."""
+    return torch.device("cpu") if torch.get_default_device().type == "meta" else contextlib.nullcontext()
 
 
 def _on_rank0(fn, what: str, size: int):
