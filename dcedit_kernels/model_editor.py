@@ -526,12 +526,11 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         was built (`resize_token_embeddings` of an edited LM head); RuntimeError under
         torch.inference_mode.  Warns once per ModelEditor while its editors are untrained, and once
         when most of a 16-bit (bf16/fp16) weight's shift is lost to rounding: W + αΔ is stored in
-        the weight's dtype, so shift entries
-        below half its resolution vanish (`stats["changed_fraction"]`: each layer's share of
-        changed entries).  Whatever fails or interrupts the edit, the
-        model is left as it was (see the module docstring).  The model runs in the mode it is in:
-        in train mode its dropout is on in the capture and the fine-tuning (`load_model` and
-        `from_pretrained` return models in eval mode).  RuntimeError, too, for a model built or
+        the weight's dtype, so shift entries below half its resolution vanish
+        (`stats["changed_fraction"]`: each layer's share of changed entries).  Whatever fails or
+        interrupts the edit, the model is left as it was (see the module docstring).  The model runs
+        in the mode it is in: in train mode its dropout is on in the capture and the fine-tuning
+        (`load_model` and `from_pretrained` return models in eval mode).  RuntimeError, too, for a model built or
         loaded under inference_mode (its parameters are inference tensors), and while another
         thread edits the model (apply, undo, fit: one thread edits a model at a time)."""
         with one_editing_thread(weights_owner(self.model), APPLY_CALL):
