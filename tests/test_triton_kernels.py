@@ -1871,6 +1871,21 @@ def test_tune_precision_tables_run(gen, device, monkeypatch):
     assert torch.get_float32_matmul_precision() == precision
 
 
+def test_tune_fp32_table_runs_and_restores_torchs_newer_tf32_switch(gen, device, monkeypatch, tf32_switch):
+    """tune.fp32_choices saved the caller's setting with torch.get_float32_matmul_precision(), which
+    raises RuntimeError ("mix of the legacy and new APIs") once TF32 was allowed through
+    `torch.backends.cuda.matmul.fp32_precision`: the GPU tuning table failed for such a caller.  It
+    sets and restores that switch now, and its "high" rows run with TF32 allowed."""
+    tune = _module("tune")
+    seen = []
+    monkeypatch.setattr(tune, "_median_ms", lambda fn, reps: (fn(), seen.append(launch.fp32_tensor_cores()), 2.0)[2])
+    tf32_switch("tf32")
+    lines = tune.fp32_choices(gen, 1, T=40, G=3, d=24, r=16, device=device)
+    assert len(lines) == 4 and "(high), reference" in lines[3], lines
+    assert seen == [False, False, True, True]
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+
+
 def test_tune_precision_tables_report_the_share_of_dense_and_restore_an_unset_split(gen, device, monkeypatch):
     """split_choices' last column is the dense matmul's time over grouped_lowrank's (issue 5's "60%
     of dense" reads off it): a dense run of 1 ms against 2 ms reads 50%.  An unset

@@ -115,6 +115,30 @@ def fp32_tensor_cores() -> bool:
     return torch.get_float32_matmul_precision() != "highest"
 
 
+@contextlib.contextmanager
+def fp32_matmul_precision(tf32: bool):
+    """TF32 allowed (`tf32`) or not for fp32 matmuls, torch's and these kernels' (`fp32_tensor_cores`),
+    inside the block, and the caller's setting back after it.  Through the newer switch,
+    `torch.backends.cuda.matmul.fp32_precision`, where torch has it: saving the caller's setting with
+    `get_float32_matmul_precision` raised RuntimeError ("mix of the legacy and new APIs") once the
+    caller had allowed TF32 through that switch."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        previous = matmul.fp32_precision
+        matmul.fp32_precision = "tf32" if tf32 else "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = previous
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def dot_split(*dtypes: torch.dtype) -> int:
     """`mma`'s SPLIT for a dot over `dtypes` (operands and `precision_from`, as `native_dot`
     takes them): fp32-only dots take one TF32 pass (1) when `fp32_tensor_cores` lets them onto

@@ -149,17 +149,13 @@ def fp32_choices(gen, reps: int, T=3000, G=8, d=8000, r=1920, device="cuda") -> 
     args = _lowrank_args(gen, T, G, d, r, torch.float32, device)
     flops = 4.0 * T * d * r
     lines = []
-    previous = torch.get_float32_matmul_precision()
-    try:
-        for setting in ("highest", "high"):
-            torch.set_float32_matmul_precision(setting)
+    for setting in ("highest", "high"):
+        with launch.fp32_matmul_precision(tf32=setting == "high"):  # the caller's setting back after
             for name, fn in (("triton", grouped_lowrank), ("reference", reference.grouped_lowrank)):
                 ms = _median_ms(lambda: fn(*args), reps)
                 lines.append(f"  fp32 grouped_lowrank ({setting}), {name}: {ms:.3f} ms, "
                              f"{flops / ms / 1e9:.0f} TFLOP/s")
                 print(lines[-1], flush=True)
-    finally:
-        torch.set_float32_matmul_precision(previous)
     return lines
 
 
