@@ -121,6 +121,12 @@ def causal_pair_ids(tokenizer, prompt: str, target: str, index: int = 0) -> tupl
 
 
 def _pad(rows: list[list[int]], value: int, width: int | None = None) -> torch.Tensor:
+    return _padded(rows, value, width)[0]
+
+
+def _padded(rows: list[list[int]], value: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`rows` right-padded with `value`, int64, and the attention mask of their real entries,
+    int64): the mask is the one the ids are written through, not a second padding of rows of ones."""
     width = max(len(r) for r in rows) if width is None else width
     # Built on the host whatever torch.set_default_device says, then moved (`_to_device`): under a "meta"
     # default device the move to the model's device raised "Cannot copy out of meta tensor" in every
@@ -131,8 +137,9 @@ def _pad(rows: list[list[int]], value: int, width: int | None = None) -> torch.T
     # 1,000 CounterFact rows (SmolLM2's tokenizer: ids, mask, labels) took 22 ms, 4 ms this way.
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long, device="cpu")
     ids = torch.tensor(list(itertools.chain.from_iterable(rows)), dtype=torch.long, device="cpu")
-    out[torch.arange(width, device="cpu") < lengths[:, None]] = ids
-    return out
+    real = torch.arange(width, device="cpu") < lengths[:, None]
+    out[real] = ids
+    return out, real.long()
 
 
 def embedding_rows(model) -> int | None:
@@ -180,7 +187,8 @@ def pad_rows(rows: list[list[int]], pad_id: int, device=None, labels: list[list[
     vocab_size: the model's (`embedding_rows`), to refuse ids past it (`check_vocabulary`, naming
     row i as `row_name(i, j)`, "rows[i]" by default)."""
     check_vocabulary(rows, vocab_size, row_name or (lambda i, j: f"rows[{i}]"), pad_id)
-    batch = {"input_ids": _pad(rows, pad_id), "attention_mask": _pad([[1] * len(r) for r in rows], 0)}
+    input_ids, attention_mask = _padded(rows, pad_id)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
     if labels is not None:
         batch["labels"] = _pad(labels, IGNORE_INDEX, width=batch["input_ids"].shape[1])
     return _to_device(batch, device)
@@ -237,12 +245,10 @@ def tokenize_seq2seq(tokenizer, prompts: Sequence[str], targets: Sequence[str], 
     dec = [list(tokenizer(text_target=t, add_special_tokens=True)["input_ids"]) for t in targets]
     check_vocabulary(enc, vocab_size, lambda i, j: f"prompts[{i}] ({prompts[i]!r})", pad_token_id(tokenizer))
     check_vocabulary(dec, vocab_size, lambda i, j: f"targets[{i}] ({targets[i]!r})")
-    batch = {
-        "input_ids": _pad(enc, pad_token_id(tokenizer)),
-        "attention_mask": _pad([[1] * len(r) for r in enc], 0),
-        "labels": _pad(dec, IGNORE_INDEX),
-        "decoder_attention_mask": _pad([[1] * len(r) for r in dec], 0),
-    }
+    input_ids, attention_mask = _padded(enc, pad_token_id(tokenizer))
+    labels, decoder_attention_mask = _padded(dec, IGNORE_INDEX)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+             "decoder_attention_mask": decoder_attention_mask}
     return _to_device(batch, device)
 
 
