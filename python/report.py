@@ -42,8 +42,8 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from dcedit_kernels.cli import (  # noqa: E402
-    METHOD_NAMES, UserError, load_requests, positive_int, require_matplotlib, save_figure, seed_int, set_threads, write_json,
-    write_text)
+    METHOD_NAMES, UserError, counted, load_requests, positive_int, require_matplotlib, save_figure, seed_int, set_threads,
+    write_json, write_text)
 from dcedit_kernels.capture import resolve_modules  # noqa: E402
 from dcedit_kernels.editor_cache import cache_dir, random_routing_twin, trained_editor  # noqa: E402
 from dcedit_kernels.ft_baseline import locality_texts  # noqa: E402
@@ -333,10 +333,6 @@ def _train_time(method: str, info: dict) -> str:
     return f"{METHOD_NAMES[method]} loaded from the cache" + (f" (trained in {earlier:.0f} s by an earlier run)" if earlier else "")
 
 
-def _samples(n: int) -> str:
-    return "1 sample" if n == 1 else f"{n} samples"  # --repeats 1 wrote "1 samples"
-
-
 def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Path, out_dir: Path) -> str:
     rel = os.path.relpath(out_dir, md_path.parent)
     t = report["timings"]
@@ -374,7 +370,7 @@ def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Pa
           if {key.split(":")[0] for key in report["methods"]} & {"ft", "ft_kl"} else []),
         f"- Evaluation: `{Path(report['data']).name}` ({report['n_requests']} edits"
         + (f"; {report['n_held_out']} more, training edits too, left out" if report.get("n_held_out") else "")
-        + f"); for each N_u, {_samples(report['repeats'])} of N_u edits (the same samples for every method, seed "
+        + f"); for each N_u, {counted(report['repeats'], 'sample')} of N_u edits (the same samples for every method, seed "
         f"{report['seed']}), each applied as ONE batch, scored, undone. "
         + ("Mean ± std over the samples (the population std, ddof 0: with 2 samples, half their gap)."
            if report["repeats"] > 1 else "One sample: its scores, std 0."),

@@ -38,7 +38,7 @@ from ..models import DTYPES
 from .commands import COMMANDS, cmd_edit, cmd_evaluate, cmd_train
 from .inputs import (check_count, default_layers, detect_format, editable_layers, greedy_completions,
                      load_any_model, load_requests, parse_layers, require_matplotlib, set_threads, shown)
-from .messages import in_cli_terms, show_warning
+from .messages import counted, in_cli_terms, show_warning
 from .methods import EDITOR_METHODS, METHOD_NAMES
 from .options import (METRICS_HELP, build_parser, editor_kwargs, parse_sizes, positive_int, rate,
                       seed_int)
@@ -47,7 +47,7 @@ from .user_error import UserError
 
 __all__ = [
     "COMMANDS", "DTYPES", "EDITOR_METHODS", "METHOD_NAMES", "METRICS_HELP", "SEED_RANGE", "UserError",
-    "build_parser", "check_count", "check_inputs", "check_out", "cmd_edit", "cmd_evaluate", "cmd_train",
+    "build_parser", "check_count", "counted", "check_inputs", "check_out", "cmd_edit", "cmd_evaluate", "cmd_train",
     "default_layers", "detect_format", "editable_layers", "editor_kwargs", "greedy_completions",
     "in_cli_terms", "load_any_model", "load_requests", "main", "parse_layers", "parse_sizes",
     "positive_int", "rate", "require_matplotlib", "save_figure", "seed_int", "set_threads", "shown",

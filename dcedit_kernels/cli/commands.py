@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .inputs import check_count, greedy_completions, load_any_model, load_requests, parse_layers, shown
-from .messages import in_cli_terms, non_finite_edit
+from .messages import counted, in_cli_terms, non_finite_edit
 from .methods import EDITOR_METHODS, METHOD_NAMES
 from .options import editor_kwargs, parse_sizes
 from .output_files import check_checkpoint_dir, train_out
@@ -165,13 +165,9 @@ def _train(args, requests, val, device) -> dict:
         me.save(out)
         processes = f", {size} processes" if size > 1 else ""
         print(f"saved the trained editor to {out} ({METHOD_NAMES[args.method]}, "  # not "the trained MoEditor editor"
-              f"{_steps(result.steps)}, {result.elapsed_s:.0f} s{processes})"
+              f"{counted(result.steps, 'step')}, {result.elapsed_s:.0f} s{processes})"
               + _best_note(result, config))
     return summary
-
-
-def _steps(n: int) -> str:
-    return f"{n} step" if n == 1 else f"{n} steps"  # not "1 steps"
 
 
 def _best_note(result, config) -> str:
@@ -182,7 +178,7 @@ def _best_note(result, config) -> str:
     if result.steps > config.steps:
         # A --checkpoint-dir run resumed with a smaller --steps: fit trains no further and the
         # editor saved is the checkpoint's, which the line's step count alone left unexplained.
-        notes.append(f"--checkpoint-dir's run had already trained {_steps(result.steps)}, more "
+        notes.append(f"--checkpoint-dir's run had already trained {counted(result.steps, 'step')}, more "
                      f"than --steps {config.steps}: the editor saved is its, trained no further")
     if result.stopped_early and result.steps < config.steps:
         notes.append(f"stopped early, before --steps {config.steps}: the last {config.patience} "
@@ -263,15 +259,11 @@ def cmd_evaluate(args) -> dict:
         raise UserError(str(exc)) from None
     except FloatingPointError as exc:  # as `edit`'s
         raise UserError(non_finite_edit(exc, args.dtype)) from None
-    print(f"{METHOD_NAMES[me.method]} on {_counted(len(requests), 'request')}, {_counted(args.repeats, 'repeat')}")
+    print(f"{METHOD_NAMES[me.method]} on {counted(len(requests), 'request')}, {counted(args.repeats, 'repeat')}")
     for n, row in result["by_n"].items():
         cells = "  ".join(f"{m}={_mean_std(row[m])}" for m in ("es", "reliability", "dd", "lmp", "ns", "latency_s"))
         print(f"  N_u={n}: {cells}")
     return dict(result, layers=me.layers)
-
-
-def _counted(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"  # --repeats 1 printed "1 repeats", as report.py's "1 samples"
 
 
 def _mean_std(stat: dict) -> str:

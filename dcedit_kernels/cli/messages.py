@@ -129,3 +129,8 @@ def in_cli_terms(message: str) -> str:
         if found is not None:
             return reworded(found)
     return message
+
+
+def counted(n: int, noun: str) -> str:
+    """"1 step", "2 steps": the programs' counts (--repeats 1 printed "1 repeats")."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
