@@ -140,6 +140,44 @@ def test_write_results_replaces_its_device_section(tmp_path):
     assert "| b | 2.00 | 5.00 | 2.50× |  | 1.2 | 7.5 | 40.0 | 3.0 | 0.123 | n/a |" in text
 
 
+def test_write_results_reports_missing_gpu_targets():
+    """A GPU run whose parts stopped before some issue-5 cases (the budget, a failure) gets a "missing"
+    row for each such case and a line for the training-memory case, where the table just lacked them;
+    a CPU table (its targets not judged, its parametrisation not the GPU's) reports nothing missing."""
+    import write_results
+
+    def table(device):
+        r = _row("test_grouped_outer_sss", target_speedup=4.0, target_met=True)
+        r["extra_info"]["device"] = device
+        return write_results.table({"machine_info": {}, "benchmarks": [r]})
+
+    gpu = table("NVIDIA H100 80GB HBM3")
+    assert "| grouped_outer_sss | 2.00 | 5.00 |" in gpu and "| grouped_outer_sss | missing" not in gpu
+    for name, target in [("segmented_fisher", "≥10×"), ("grouped_lowrank", "≥2×"), ("fisher_mask[67108864]", "≥3×"),
+                         ("lowrank_delta_linear[factors_bf16]", "≥3×"), ("moeditor_edit_three_layers[high]", "≥5×")]:
+        assert f"| {name} | missing | missing |  | {target} (no result in this run) |" in gpu, name
+    assert "Training-step peak memory, MoEditor (N_g = 8) over MEND (GPU target ≤ 1.2): missing" in gpu
+    assert "missing" not in table("CPU (x86_64, 2 threads)")
+
+
+def test_write_results_gpu_targets_are_the_cases_a_gpu_run_collects():
+    """write_results' list of issue-5 target cases names the ids a GPU run collects (DCEDIT_BENCH_DEVICE=cuda),
+    every parametrisation of each case with a target included: else a renamed case would read "missing" for
+    ever, or a new one would go unreported."""
+    import write_results
+
+    env = dict(os.environ, DCEDIT_BENCH_DEVICE="cuda")
+    run = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          str(BENCH)], cwd=BENCH.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    collected = {line.split("::test_", 1)[1] for line in run.stdout.splitlines() if "::test_" in line}
+    targets = set(write_results.GPU_SPEEDUP_TARGETS)
+    assert targets | {write_results.GPU_MEMORY_TARGET_CASE} <= collected
+    with_target = ("grouped_outer_sss[", "segmented_fisher[", "grouped_lowrank[", "fisher_mask[",
+                   "lowrank_delta_linear[", "moeditor_edit_three_layers[")
+    assert {name for name in collected if (name + "[").startswith(with_target)} == targets
+
+
 def _draw(gen, lo, hi):
     """A float drawn log-uniformly from [lo, hi]."""
     u = float(torch.rand((), generator=gen, dtype=torch.float64))
