@@ -140,6 +140,22 @@ def test_write_results_replaces_its_device_section(tmp_path):
     assert "| b | 2.00 | 5.00 | 2.50× |  | 1.2 | 7.5 | 40.0 | 3.0 | 0.123 | n/a |" in text
 
 
+def test_write_results_judges_the_training_memory_target():
+    """The training-step memory line states its verdict (MoEditor's peak ≤ 1.2× MEND's), judged on a GPU
+    only, as the other targets' lines do: it gave the ratio and the target but no verdict."""
+    import write_results
+
+    def line(device, ratio):
+        r = {"name": "test_training_memory_moeditor_vs_mend", "extra_info": {
+            "device": device, "mend_step_peak_MiB": 100.0, "moeditor8_step_peak_MiB": 100.0 * ratio, "ratio": ratio,
+            "target_ratio": 1.2, "target_met": ratio <= 1.2 and device != "CPU"}}
+        return write_results.table({"machine_info": {}, "benchmarks": [r]}).splitlines()[-1]
+
+    assert "ratio 1.20 (GPU target ≤ 1.2: met; the CUDA allocator's peak" in line("NVIDIA H100 80GB HBM3", 1.2)
+    assert "ratio 2.45 (GPU target ≤ 1.2: not met;" in line("NVIDIA H100 80GB HBM3", 2.45)
+    assert "ratio 0.45 (GPU target ≤ 1.2: GPU target, not judged on CPU; each side" in line("CPU (x, 2 threads)", 0.45)
+
+
 def test_write_results_reports_missing_gpu_targets():
     """A GPU run whose parts stopped before some issue-5 cases (the budget, a failure) gets a "missing"
     row for each such case and a line for the training-memory case, where the table just lacked them;
