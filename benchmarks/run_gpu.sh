@@ -33,7 +33,10 @@ step() {
     local t0=$SECONDS
     local before
     before=$(stat -c %s "$log" 2>/dev/null || echo 0)
-    timeout -k 10 "$limit" "$@" >> "$log" 2>&1
+    # SIGINT, not timeout's SIGTERM: pytest then ends its session as after Ctrl-C, printing the
+    # failures so far (a test shard stopped by SIGTERM left a line of dots and F's, no test names)
+    # and letting pytest-benchmark write the cases that finished to its JSON (it wrote nothing).
+    timeout -s INT -k 10 "$limit" "$@" >> "$log" 2>&1
     local rc=$?
     local note=""
     ((rc == 124 || rc == 137)) && note=" TIMED OUT"
@@ -111,11 +114,12 @@ for i in 1 2 3 4 5; do echo "=== shard $i"; cat "$SHARDS/$i.log"; done > "$OUT/t
 rm -rf "$SHARDS"
 unset DCEDIT_TEST_CUDA OMP_NUM_THREADS
 
-# In parts, each with its own JSON: pytest-benchmark writes the file only at the end, so a
-# part stopped by its limit loses its own results, not the other's.  After each part the JSON
-# written so far is merged into $OUT/bench.json and $OUT/RESULTS.md (eight files come back, no
-# more), so that a run stopped from outside (the device tool's limit) keeps the parts that
-# finished.  The parts leave the merge its 30 s.
+# In parts, each with its own JSON: pytest-benchmark writes the file only at the end (also when
+# its limit's SIGINT stops the part: then with the cases that finished), so a part killed loses
+# its own results, not the other's.  After each part the JSON written so far is merged into
+# $OUT/bench.json and $OUT/RESULTS.md (eight files come back, no more), so that a run stopped
+# from outside (the device tool's limit) keeps the parts that finished.  The parts leave the
+# merge its 30 s.
 PARTS=$(mktemp -d)
 RESERVE=30
 # $OUT/RESULTS.md starts as the repo's benchmarks/RESULTS.md, so that it comes back whole: this device's

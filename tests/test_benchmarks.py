@@ -431,3 +431,71 @@ def test_run_gpu_sh_with_stubbed_steps(tmp_path):
     for heading in [line for line in repo.splitlines() if line.startswith("## ")]:
         assert heading in results, heading
     assert results.startswith(repo.split("\n## ")[0])
+
+
+_SIGINT_PYTHON = r"""#!/usr/bin/env bash
+# run_gpu.sh's python, stubbed: the end-to-end benchmark part is a real pytest session ($CASES) whose
+# third case hangs; every other step answers at once (the merges are real, as in _STUB_PYTHON).
+case "$1" in
+    -c) echo "stub" ;;
+    benchmarks/write_results.py) PYTHONPATH="$VERSIONS_ONLY" exec "$REAL_PYTHON" "$@" ;;
+    -m)
+        for a in "$@"; do case "$a" in --benchmark-json=*) json=${a#--benchmark-json=} ;; esac; done
+        case "${json:-}" in
+            *e2e.json) exec "$REAL_PYTHON" -m pytest -q --tb=short -p no:cacheprovider -c "$CASES/pytest.ini" \
+                           --benchmark-only --benchmark-json="$json" "$CASES/test_part.py" ;;
+            *) echo "1 passed" ;;
+        esac ;;
+    *) echo "ok" ;;
+esac
+"""
+
+_PART = """
+import json, os, time
+
+def test_done(benchmark):
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    benchmark.extra_info.update(json.loads(os.environ["ROW"]))
+
+def test_fails(benchmark):
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    assert 1 == 2
+
+def test_hangs(benchmark):
+    time.sleep(600)
+"""
+
+
+def test_run_gpu_sh_stops_a_step_with_sigint_keeping_its_finished_cases(tmp_path):
+    """A step past its limit gets SIGINT, as from Ctrl-C: pytest ends its session, names the failures so
+    far in the log and lets pytest-benchmark write the cases that finished (SIGTERM killed it: a test shard's
+    log held dots and F's without names, a benchmark part's JSON nothing).  Here the end-to-end part (a real
+    pytest session) hangs in its third case: its first case's row reaches bench.json and RESULTS.md."""
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    (cases / "pytest.ini").write_text("[pytest]\n")
+    (cases / "test_part.py").write_text(_PART)
+    # py-cpuinfo's probe (pytest-benchmark's machine info) took over 8 s on this loaded 2-core machine
+    (cases / "conftest.py").write_text("def pytest_benchmark_generate_machine_info(config):\n    return {}\n")
+    stub = tmp_path / "python"
+    stub.write_text(_SIGINT_PYTHON)
+    stub.chmod(0o755)
+    (tmp_path / "versions").mkdir()
+    for name in ("torch", "triton"):
+        (tmp_path / "versions" / f"{name}.py").write_text('__version__ = "stub"\n')
+    row = _row("x", target_speedup=4.0, target_met=True)["extra_info"]
+    row["device"] = "NVIDIA H100 (stub)"
+    out = tmp_path / "out"
+    # a budget that leaves the end-to-end part 15-20 s and skips the tests (TESTS_LEAVE past it)
+    env = dict(os.environ, PYTHON=str(stub), REAL_PYTHON=sys.executable, OUT=str(out), ROW=json.dumps(row),
+               VERSIONS_ONLY=str(tmp_path / "versions"), CASES=str(cases), BUDGET="50", TESTS_LEAVE="1000")
+    run = subprocess.run(["bash", str(BENCH / "run_gpu.sh")], cwd=BENCH.parent, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = (out / "summary.txt").read_text()
+    assert "bench_e2e: rc=124" in summary and "TIMED OUT" in summary, summary
+    perf = (out / "perf.log").read_text()
+    assert "test_fails" in perf and "assert 1 == 2" in perf, perf[-3000:]
+    merged = json.loads((out / "bench.json").read_text())
+    assert "test_done" in [b["name"] for b in merged["benchmarks"]]
+    assert "| done | 2.00 | 5.00 | 2.50× | ≥4× (met) |" in (out / "RESULTS.md").read_text()
