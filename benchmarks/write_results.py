@@ -170,6 +170,11 @@ def main():
     text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
     open(args.out, "w").write(text)
     print(section)
+    # Last, one line for run_gpu.sh's summary.txt (a step's last line): the table printed above ends blank.
+    missing, memory_missing = _missing_targets(data)
+    absent = missing + [GPU_MEMORY_TARGET_CASE] * memory_missing
+    print(f"wrote {args.out}: {len(data['benchmarks'])} results on {device}"
+          + (f"; no result for {', '.join(absent)}" if absent else ""))
 
 
 if __name__ == "__main__":
