@@ -173,7 +173,8 @@ def main():
     # Last, one line for run_gpu.sh's summary.txt (a step's last line): the table printed above ends blank.
     missing, memory_missing = _missing_targets(data)
     absent = missing + [GPU_MEMORY_TARGET_CASE] * memory_missing
-    print(f"wrote {args.out}: {len(data['benchmarks'])} results on {device}"
+    n = len(data["benchmarks"])
+    print(f"wrote {args.out}: {n} result{'s' * (n != 1)} on {device}"
           + (f"; no result for {', '.join(absent)}" if absent else ""))
 
 

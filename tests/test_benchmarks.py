@@ -422,6 +422,7 @@ def test_run_gpu_sh_with_stubbed_steps(tmp_path):
     assert "bench_e2e: rc=137" in summary and summary.count("results: rc=0") == 3, summary
     # each merge's line says what the table holds (it ended "; " with the table's blank last line)
     assert summary.count(f"; wrote {out / 'RESULTS.md'}: ") == 3, summary
+    assert f"; wrote {out / 'RESULTS.md'}: 1 result on NVIDIA H200 (stub); " in summary  # the ops part alone
     assert "; wrote " + str(out / "RESULTS.md") + ": 3 results on NVIDIA H200 (stub); no result for grouped_outer_sss, " in summary
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["summary.txt", "build.log", "tests_triton.log", "tests_ops.log", "tests_cpu.log", "perf.log", "bench.json",
