@@ -106,15 +106,12 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
         raise ValueError(f"method {me.method!r} has no editor to train")
     if me.seq2seq:
         raise ValueError("editor training supports causal LMs only")
-    check_autograd("ModelEditor.fit (train_editor)", "its capture and its steps", me.model)
-    check_not_inference_editors(me)
-    check_editors_require_grad(me)
-    check_trainable_dtypes(me)
-    me._check_modules_in_model()  # a layer replaced since: its validation edits would miss the model
-    me._check_resident()  # an edited layer offloaded since the constructor checked: refused before any step
-    me._check_weight_parameters()  # its validation edits would change nothing the model reads
     group_rank, group_size = distributed.world()
     rank, size = (group_rank, group_size) if config.data_parallel else (0, 1)
+    # Each process checks its own replica (built, loaded, frozen or moved by its own code): one that
+    # fails tells the others in agree_on_start, as invalid requests do, rather than raise alone and
+    # leave them waiting there (an fp16 editor on rank 1 held rank 0 until rank 1's process ended).
+    _, error = _attempt(lambda: _check_trainable(me), size)
     launched = distributed.launched_size()
     if config.data_parallel and group_size == 1 and launched > 1:
         # torchrun started W processes but none joined a group: each trained on its own, on the same
@@ -136,7 +133,10 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
 
     # A data-parallel process given invalid requests (its own data file, say) tells the others in
     # agree_on_start, rather than raise alone and leave them waiting there.
-    (train_requests, val_requests), error = _attempt(checked_requests, size, (None, None))
+    if error is None:
+        (train_requests, val_requests), error = _attempt(checked_requests, size, (None, None))
+    else:
+        train_requests = val_requests = None
     if val_requests is not None and config.val_size is not None:
         if config.val_size > len(val_requests):
             # Validated on all of them, fewer than asked for: the ES a run reports is over those.
@@ -322,6 +322,18 @@ def _accumulate(me: ModelEditor, params: list, train_requests, config: TrainConf
                 p.grad = g if p.grad is None else p.grad + g
         step_parts.append(parts)
     return step_parts, skipped
+
+
+def _check_trainable(me: ModelEditor) -> None:
+    """What fit refuses about `me` itself before any step (each process of a data-parallel run checks
+    its own replica)."""
+    check_autograd("ModelEditor.fit (train_editor)", "its capture and its steps", me.model)
+    check_not_inference_editors(me)
+    check_editors_require_grad(me)
+    check_trainable_dtypes(me)
+    me._check_modules_in_model()  # a layer replaced since: its validation edits would miss the model
+    me._check_resident()  # an edited layer offloaded since the constructor checked: refused before any step
+    me._check_weight_parameters()  # its validation edits would change nothing the model reads
 
 
 def check_not_inference_editors(me: ModelEditor) -> None:

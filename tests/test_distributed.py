@@ -9,8 +9,8 @@ each with its own replica of the tiny Llama and its ModelEditor.
   across them, and the resume is exact.
 - A resume with another number of processes or from different checkpoints, or processes given
   different settings (the editors' own included), are refused on every process (none waits), and a
-  failure on one process (its requests' checks; mid-training: its batch, its optimiser step, its
-  validation share, rank 0's best-editor save or checkpoint) raises on both.
+  failure on one process (its requests' or its ModelEditor's checks; mid-training: its batch, its
+  optimiser step, its validation share, rank 0's best-editor save or checkpoint) raises on both.
 Each run has a deadline: a process left waiting in a collective fails the test instead of hanging it.
 """
 
@@ -317,7 +317,11 @@ def test_processes_resuming_from_different_checkpoints_of_one_step_are_refused_e
     (("_save_editor", 0, 1), "rank 0 failed saving the best editor (OSError"),
     (("_checkpoint", 0, 2), "rank 0 failed writing a checkpoint (OSError"),
     (("validate_requests", 1, 1), "another process failed to start training (rank 1: OSError"),
-], ids=["batch", "optimiser", "validation", "best", "checkpoint", "requests"])
+    # fit's checks of the process's own ModelEditor (its editors' dtypes here; their requires_grad, an
+    # inference_mode, ...): a real fp16 editor on rank 1 left rank 0 waiting in agree_on_start until
+    # rank 1's process ended, then raising gloo's "Connection closed by peer".
+    (("check_trainable_dtypes", 1, 1), "another process failed to start training (rank 1: OSError"),
+], ids=["batch", "optimiser", "validation", "best", "checkpoint", "requests", "editor-checks"])
 def test_a_failure_on_one_process_raises_on_every_process(tmp_path, one_thread, fail, where):
     """Without the failure counted in the step's all-reduce (or rank 0's outcome broadcast), the
     other process waits in its next collective: this test then hits `_run`'s deadline."""
