@@ -41,6 +41,7 @@ but that joined no process group is refused (`train_editor`): each would train o
 from __future__ import annotations
 
 import os
+import pickle
 
 import torch
 import torch.distributed as dist
@@ -246,7 +247,7 @@ def gather_outcomes(fn, what: str) -> list:
     batches, the RNG states a checkpoint holds), or the failure of any process raised on every process."""
     error = value = None
     try:
-        value = fn()
+        value = _sendable(fn())
     except Exception as exc:  # noqa: BLE001 -- re-raised below, after the others hear of it
         error = exc
     outcomes = _after(error, lambda: all_gather_object((_message(error), value)))
@@ -298,7 +299,7 @@ def on_rank0(fn, what: str):
     error = value = None
     if rank == 0:
         try:
-            value = fn()
+            value = _sendable(fn())
         except Exception as exc:  # noqa: BLE001 -- re-raised below, after the others hear of it
             error = exc
     message, value = _after(error, lambda: broadcast_object((_message(error), value)))
@@ -306,6 +307,16 @@ def on_rank0(fn, what: str):
         raise error
     if message is not None:
         raise PeerFailure(f"rank 0 failed {what} ({message})")
+    return value
+
+
+def _sendable(value):
+    """`value`, once pickled as torch's object collectives pickle it (PicklingError, TypeError, ...
+    otherwise): checked inside the caller's try, so that a value that cannot be sent (a lambda, an
+    open file) is a failure the others hear of.  Left to the collective, it failed there on its own
+    process alone, before anything was sent, and the others waited in it until that process ended
+    (then gloo's "Connection closed by peer", without its error)."""
+    pickle.dumps(value)
     return value
 
 

@@ -116,10 +116,10 @@ WORKER_IMPORTS = ["torch", "torch.distributed", "transformers.models.llama.model
                   "dcedit_kernels.models", "dcedit_kernels.model_editor", "dcedit_kernels.train", "test_distributed"]
 
 
-def _start_workers(args):
+def _start_workers(args, worker=_worker):
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(WORKER_IMPORTS)  # read when the server starts (the first run)
-    return mp.start_processes(_worker, nprocs=WORLD, join=False, start_method="forkserver", args=args)
+    return mp.start_processes(worker, nprocs=WORLD, join=False, start_method="forkserver", args=args)
 
 
 def _run(folder, method, editor_kwargs, runs, with_val=False, fail=None, rank_kwargs=None, deadline_s=300,
@@ -330,6 +330,54 @@ def test_a_failure_on_one_process_raises_on_every_process(tmp_path, one_thread, 
     failed = fail[1]
     assert errors[failed] == f"OSError: injected failure in {fail[0]}"
     assert errors[1 - failed].startswith("PeerFailure: ") and where in errors[1 - failed], errors
+
+
+def _unsendable_worker(rank, store, out, collective):
+    """`collective` ("on_rank0" or "gather_outcomes") of a `fn` whose result cannot be pickled (a
+    lambda) on rank 0 (on_rank0's only runner) or rank 1; the outcome ("returned" or the error) to
+    `out`/outcome{rank}.txt.  Each process then stays for the other's outcome (at most 30 s): one that
+    ended at once would end the other's wait in the collective with gloo's "Connection closed by
+    peer", where a caller that catches its error (a notebook) keeps it waiting."""
+    from pathlib import Path
+
+    from dcedit_kernels import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        try:
+            if collective == "on_rank0":
+                distributed.on_rank0(lambda: (lambda: 0), "sending a lambda")
+            else:
+                distributed.gather_outcomes(lambda: (lambda: 0) if rank == 1 else 0, "sending a lambda")
+            outcome = "returned"
+        except Exception as exc:  # noqa: BLE001 -- the test reads it
+            outcome = f"{type(exc).__name__}: {exc}"
+        (Path(out) / f"outcome{rank}.txt").write_text(outcome)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all((Path(out) / f"outcome{r}.txt").is_file() for r in range(WORLD)):
+            time.sleep(0.1)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("collective, failed", [("on_rank0", 0), ("gather_outcomes", 1)])
+def test_a_result_that_cannot_be_pickled_raises_on_every_process(tmp_path, collective, failed):
+    """A result that the collective cannot pickle is the failure of the process that made it: it
+    raises the pickling error, the other a PeerFailure with it.  Pickled by the collective itself, it
+    raised on that process alone before anything was sent, and the other waited in the collective
+    until that process ended (30 s here), then raised gloo's "Connection closed by peer"."""
+    context = _start_workers((str(tmp_path / "store"), str(tmp_path), collective), _unsendable_worker)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+                process.join()
+            pytest.fail("the processes were still running after 120 s")
+    outcomes = [(tmp_path / f"outcome{r}.txt").read_text() for r in range(WORLD)]
+    assert outcomes[failed].startswith("AttributeError: Can't pickle local object"), outcomes
+    who = "rank 0 failed sending a lambda (" if failed == 0 else "another process failed sending a lambda (rank 1: "
+    assert outcomes[1 - failed] == f"PeerFailure: {who}{outcomes[failed]})", outcomes
 
 
 def test_a_resume_failing_to_restore_rng_states_on_one_process_raises_on_every_process(tmp_path, one_thread):
