@@ -184,6 +184,9 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     if size > 1:  # every process starts from the same step and plan, or all of them raise (none waits)
         plan = dict(run, steps=config.steps, val_every=config.val_every, patience=config.patience,
                     min_delta=config.min_delta, checkpoints=ckpt is not None, editor=_editor_plan(me),
+                    # Sets no collective, but on one process only it ended the replicas at different
+                    # states (the best validation's, the last step's).
+                    restore_best=config.restore_best,
                     # What a resume read besides the step (a stale copy of checkpoint_dir on one node
                     # may hold the same step): the validation counters set the later collectives.
                     resumed=dict(best_step=result.best_step, best_es=result.best_es, bad_validations=bad_validations,

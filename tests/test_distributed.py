@@ -401,6 +401,17 @@ def test_processes_given_different_settings_are_refused_everywhere(tmp_path, one
                                               "settings (config.lr, val_every)") for e in errors), errors
 
 
+def test_processes_given_different_restore_best_are_refused_everywhere(tmp_path, one_thread):
+    """restore_best on one process only (a field a resume may change, so not among the run's settings):
+    the processes ran the same collectives and then ended with different editors, one at its best
+    validation's state (step 1: the tiny model's ES stays 0), the other at its last step's."""
+    config = dict(steps=2, batch_size=2, progress=False, val_every=1)
+    _, errors = _run(tmp_path, "mend", {}, [config], with_val=True, rank_kwargs={1: dict(restore_best=False)},
+                     deadline_s=120)
+    assert all(e is not None and e.startswith("ValueError: the processes were given different training "
+                                              "settings (restore_best)") for e in errors), errors
+
+
 def test_processes_given_different_editors_are_refused_everywhere(tmp_path, one_thread):
     """Editors without running norms on one process: the broadcast of the editors' start would run over
     tensors of other sizes (gloo aborts that process); both refuse before the first step."""
