@@ -99,15 +99,25 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     config = config or TrainConfig()
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
-    config.validate()  # its fields may have been assigned since it was built
-    if not isinstance(me, ModelEditor):
-        raise ValueError(f"me must be a ModelEditor, got {type(me).__name__}")
-    if not len(me.editors):
-        raise ValueError(f"method {me.method!r} has no editor to train")
-    if me.seq2seq:
-        raise ValueError("editor training supports causal LMs only")
     group_rank, group_size = distributed.world()
-    rank, size = (group_rank, group_size) if config.data_parallel else (0, 1)
+    # `is True`: data_parallel itself is validated below.
+    rank, size = (group_rank, group_size) if config.data_parallel is True else (0, 1)
+
+    def checked_call():
+        config.validate()  # its fields may have been assigned since it was built
+        if not isinstance(me, ModelEditor):
+            raise ValueError(f"me must be a ModelEditor, got {type(me).__name__}")
+        if not len(me.editors):
+            raise ValueError(f"method {me.method!r} has no editor to train")
+        if me.seq2seq:
+            raise ValueError("editor training supports causal LMs only")
+
+    _, error = _attempt(checked_call, size)
+    if error is not None:
+        # The rest of the setup needs a valid config and ModelEditor: the failure goes to the others'
+        # agree_on_start at once (a field set invalid on rank 1 only held rank 0 there until rank 1's
+        # process ended), and raises here.
+        distributed.agree_on_start(error, 0, {})
     # Each process checks its own replica (built, loaded, frozen or moved by its own code): one that
     # fails tells the others in agree_on_start, as invalid requests do, rather than raise alone and
     # leave them waiting there (an fp16 editor on rank 1 held rank 0 until rank 1's process ended).

@@ -652,6 +652,23 @@ def _with_a_peer(monkeypatch, rank, peer):
     return distributed
 
 
+def test_a_config_invalid_on_one_process_is_shared_before_it_raises(monkeypatch):
+    """A TrainConfig field set invalid after the config was built, on one process only: fit's
+    validate() raised there alone, before agree_on_start, and the others waited in agree_on_start
+    until that process ended (2 gloo processes: then gloo's "Connection closed by peer").  This
+    process plays rank 1, its peer's side of agree_on_start given: it sends its error there, then
+    raises it."""
+    distributed = _with_a_peer(monkeypatch, 1, [(None, 0, {})])
+    sent, gather = [], dist.all_gather_object
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, obj: sent.append(obj) or gather(out, obj))
+    config = TrainConfig(steps=1, batch_size=2, progress=False, data_parallel=True)
+    config.lr = -1.0
+    with pytest.raises(ValueError, match="lr must be a non-negative finite number, got -1.0"):
+        train_editor(_editor("mend", {}), _requests(1, 4), None, config)
+    assert distributed.world() == (1, 2)
+    assert len(sent) == 1 and sent[0][0] == "ValueError: lr must be a non-negative finite number, got -1.0", sent
+
+
 def test_average_gradients_averages_over_the_processes_and_leaves_a_grad_nobody_has_none(monkeypatch, gen):
     """A param with a grad on the other process only gets half of it; one without a grad on any keeps
     None (the optimisers skip it, as in one process: a zero grad would still move Adam's moments)."""
