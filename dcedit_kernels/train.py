@@ -191,6 +191,12 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
         rng_state, best_state, bad_validations = fresh
     if result.stopped_early and (config.patience is None or bad_validations < config.patience):
         result.stopped_early = False  # a run stopped by patience goes on with another
+    if result.resumed_from is not None and result.resumed_from > config.steps and rank == 0:
+        # `steps` counts the total, the checkpoint's included: fewer than it holds took no step and
+        # returned its editors without a word (`dcedit train` notes it; its own line drops this one).
+        warnings.warn(f"train_editor: checkpoint_dir's run had already trained {result.resumed_from} steps, more "
+                      f"than steps={config.steps} (the total, a resume's included): no step was taken, the "
+                      "editors are the checkpoint's", stacklevel=2)
     if size > 1:  # every process starts from the same step and plan, or all of them raise (none waits)
         plan = dict(run, steps=config.steps, val_every=config.val_every, patience=config.patience,
                     min_delta=config.min_delta, checkpoints=ckpt is not None, editor=_editor_plan(me),

@@ -23,7 +23,8 @@ class TrainConfig:
     """Editor training settings: MEND's loss weights (cedit, cloc), gradient clip and lr_lr; the
     other defaults suit short runs (MEND's lr is 1e-6).
 
-    steps: optimiser steps, each of `accumulate` batches of `batch_size` edits (train on batches
+    steps: optimiser steps in total, a resumed checkpoint's included (fewer than it holds: no step,
+    and a UserWarning), each of `accumulate` batches of `batch_size` edits (train on batches
     near the number of edits you will apply at once; `dcedit train` defaults to 25 edits and lr
     1e-3, the README's example, where this class keeps 4 and 1e-4); lr: the editors' Adam rate;
     lr_lr, lr_optimizer: the per-weight edit steps α's; cedit, cloc, balance_weight: the loss's

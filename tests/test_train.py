@@ -5,6 +5,7 @@ import json
 import math
 import re
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -1756,6 +1757,25 @@ def test_a_resumed_run_counts_the_time_before_its_checkpoint(gen, tmp_path):
     assert 0 < saved <= first.elapsed_s
     resumed = train_editor(me, requests, None, cfg.replace(steps=3))
     assert resumed.resumed_from == 2 and resumed.elapsed_s > saved
+
+
+def test_a_resume_with_fewer_steps_than_its_checkpoint_warns_and_takes_none(gen, tmp_path):
+    """`steps` is the total, a resume's included: steps=3 on a checkpoint of 4 steps returned the
+    checkpoint's editors (TrainResult.steps 4) without a word, where `dcedit train` notes it.  The
+    same steps again is a finished run's resume: nothing to say."""
+    requests = random_requests(gen, 4)
+    model, tok = tiny_model("gpt2", seed=0)
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4)
+    cfg = TrainConfig(steps=4, batch_size=2, progress=False, checkpoint_dir=str(tmp_path))
+    train_editor(me, requests, None, cfg)
+    before = me.state_tensors()
+    with pytest.warns(UserWarning, match=r"had already trained 4 steps, more than steps=3 .*no step was taken"):
+        result = me.fit(requests, None, cfg.replace(steps=3))
+    assert result.resumed_from == result.steps == 4 and len(result.history) == 4
+    assert all(torch.equal(v, me.state_tensors()[k]) for k, v in before.items())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert train_editor(me, requests, None, cfg).steps == 4
 
 
 def test_resume_refuses_other_settings_or_requests(gen, tmp_path):

@@ -148,6 +148,9 @@ def _train(args, requests, val, device) -> dict:
                   f"edits: every batch is all {n} of them", file=sys.stderr, flush=True)
         warnings.filterwarnings("ignore", message=r"train_editor: batch_size \d+ is larger than",
                                 category=UserWarning)
+    # A resume with a smaller --steps: _best_note says it in the CLI's terms, on the saved line.
+    warnings.filterwarnings("ignore", message=r"train_editor: checkpoint_dir's run had already trained",
+                            category=UserWarning)
     try:
         result = me.fit(requests, val, config)
     except ValueError as exc:  # a resume of another run (--checkpoint-dir), processes that disagree, ...
