@@ -460,6 +460,7 @@ def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: i
     # Read before any state is set (a damaged history is refused, the editors left as they were); a
     # checkpoint written before the history went into tensors holds it in its counters.
     history = counters["history"] if "history" in counters else _history_of(path, tensors, counters["history_keys"])
+    _check_steps_of_history(path, counters["steps"], history)
     editor = {k[len(EDITOR_PREFIX):]: v for k, v in tensors.items() if k.startswith(EDITOR_PREFIX)}
     if not editor:  # a checkpoint from before the editors' state was also written in trainer.safetensors
         editor = _read_tensors(ckpt / "editor.safetensors")
@@ -490,6 +491,17 @@ def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: i
         best_file = ckpt / "best.safetensors"
         best_state = _read_tensors(best_file) if best_file.is_file() else None
     return (rng_states if "rng_state" in rng_states else None), best_state, counters["bad_validations"]
+
+
+def _check_steps_of_history(path: Path, steps: int, history: list) -> None:
+    """ValueError naming the file unless the counters' `steps` is the history's last step (the loop
+    logs one entry per step, at its count; 0 before any): steps=10**30 resumed, took a step and failed
+    writing the next checkpoint (its history's int64 steps), the editors trained on, or took none
+    and reported 10**30 steps done."""
+    last = history[-1]["step"] if history else 0
+    if steps != last:
+        raise ValueError(f"{path} is a damaged train_editor checkpoint: its counters' steps ({steps}) is not its "
+                         f"history's last step ({last}); use another checkpoint_dir, or resume=False to start over")
 
 
 def _read_tensors(path: Path) -> dict:

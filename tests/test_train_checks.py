@@ -612,7 +612,8 @@ def _damage(meta, tensors, how):
 
 @pytest.mark.parametrize("how", ["opt:-scalars", "lr_opt:scalars=[1]", "opt:lr", "model_editor:editors=[1]",
                                  "model_editor:-layers", "run:config=3", "counters:-history_keys", "counters:steps=-1",
-                                 "counters:steps=1.5", "counters:history=\"x\"", "counters:history_keys={}",
+                                 "counters:steps=1.5", "counters:steps=1000000000000000000000000000000",
+                                 "counters:steps=2", "counters:history=\"x\"", "counters:history_keys={}",
                                  "counters:best=[1]", "tensor", "history.value:short", "history.logged:float",
                                  'counters:history_keys=["loss", "edit", "kl", "step"]',
                                  'counters:history_keys=["loss", "edit", "kl", "kl"]', 'counters:history=[{"step": 1, "loss": "x"}]',
@@ -622,7 +623,9 @@ def test_resume_of_a_damaged_trainer_checkpoint_names_it_and_leaves_the_editors(
     or another program's): each raised KeyError, TypeError or AttributeError from inside the resume,
     or a TypeError or RuntimeError at the first step (a learning rate "x", an Adam state of another
     shape, a history that is no list), most after the editors had taken the checkpoint's state, or
-    resumed a run at step -1; a damaged RNG state raised RuntimeError or TypeError as the loop set it.
+    resumed a run at step -1; a damaged RNG state raised RuntimeError or TypeError as the loop set it;
+    counters' steps other than the history's last step resumed (10**30: a step, then an overflow
+    writing the next checkpoint; with no step left, that count reported as done).
     Each is now a ValueError naming the file, with the editors as they were (session 54's resume fuzz:
     996 damaged files: 272 raised another error than ValueError, and 262 left the editors changed)."""
     from safetensors import safe_open
