@@ -1780,6 +1780,26 @@ def test_sort_by_group(gen, device):
         ops.sort_by_group(torch.tensor([0, -1, 2], device=device), 5)
 
 
+def test_sort_by_group_refuses_more_rows_than_int32_offsets_count(monkeypatch):
+    """sort_by_group's offsets are int32 (SPEC): past 2**31 - 1 rows the counts' cumulative sum
+    wrapped to negative offsets without a word.  The row count is a shape: a meta or fake tensor of
+    2**31 rows (nothing allocated) is refused, 2**31 - 1 rows pass; the raw op's check is the same
+    (a real tensor past a lowered limit: its meta and fake calls run the fake kernel, unchecked)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dcedit_kernels.ops import routing
+
+    with pytest.raises(ValueError, match=r"^group_of_row has 2147483648 rows; sort_by_group's offsets are "
+                                         r"int32, at most 2147483647 rows$"):
+        ops.sort_by_group(torch.empty(2**31, dtype=torch.int32, device="meta"), 3)
+    with FakeTensorMode(), pytest.raises(ValueError, match="sort_by_group's offsets are int32"):
+        ops.sort_by_group(torch.empty(2**31, dtype=torch.int64), 3)
+    assert ops.sort_by_group(torch.empty(2**31 - 1, dtype=torch.int32, device="meta"), 3)[2].dtype == torch.int32
+    monkeypatch.setattr(routing, "MAX_INT32_ROWS", 2)
+    with pytest.raises(ValueError, match=r"^group_of_row has 3 rows; sort_by_group's offsets are int32, at most 2 rows$"):
+        torch.ops.dcedit.sort_by_group(torch.tensor([0, 1, 0]), 2)
+
+
 class _HostCopies(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the copies to the host that reads of tensor values into Python need (int(t), bool(t),
     t.item()): one per storage read, as on CUDA, where `host = t.cpu()` and then int(host[0]),

@@ -68,6 +68,9 @@ def check_noisy_topk_gate(feats, w_gate, w_noise, k=1, noise=None, raw=False):
             raise ValueError(f"feats, w_gate, w_noise and noise must share one dtype, got {sorted(map(str, dtypes))}")
 
 
+MAX_INT32_ROWS = 2**31 - 1  # the most rows int32 offsets count
+
+
 def check_sort_by_group(group_of_row, G):
     if not isinstance(group_of_row, torch.Tensor) or group_of_row.dtype not in (torch.int32, torch.int64):
         raise ValueError("group_of_row must be an int32 or int64 tensor")
@@ -75,6 +78,11 @@ def check_sort_by_group(group_of_row, G):
         raise ValueError(f"group_of_row must be 1-D, got shape {tuple(group_of_row.shape)}")
     if not is_int(G) or G < 1:  # not a bool, as k and the other int arguments
         raise ValueError(f"G must be a positive int, got {G!r}")
+    if group_of_row.shape[0] > MAX_INT32_ROWS:
+        # The offsets are int32, the ops' CSR form: past 2**31 - 1 rows the counts' cumulative sum
+        # wrapped to negative offsets without a word.  A shape test: no host read.
+        raise ValueError(f"group_of_row has {group_of_row.shape[0]} rows; sort_by_group's offsets are int32, "
+                         f"at most {MAX_INT32_ROWS} rows")
     check_ids(group_of_row, "group_of_row", 0, G - 1)
 
 
