@@ -124,7 +124,8 @@ def test_each_rank_resumes_its_own_rng_states_from_a_three_process_checkpoint(ra
     seeds = [seed_from(gen) for _ in range(3)]
     states = [{"rng_state": torch.Generator().manual_seed(s).get_state()} for s in seeds]
     run = train_checkpoint._run_settings(TrainConfig(steps=1, batch_size=2, progress=False), None, None, 3)
-    train_checkpoint._checkpoint(me, opt, lr_opt, tmp_path, TrainResult(steps=1), 0, run, states)
+    train_checkpoint._checkpoint(me, opt, lr_opt, tmp_path, TrainResult(steps=1, history=[{"step": 1}]), 0, run,
+                                 states)
     got, _, _ = train_checkpoint._resume(me, opt, lr_opt, tmp_path, TrainResult(steps=0), run, rank=rank)
     assert got.keys() == states[rank].keys()
     assert torch.equal(got["rng_state"], states[rank]["rng_state"])
