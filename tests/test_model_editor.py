@@ -3550,6 +3550,28 @@ def test_allowed_tied_edit_changes_both_and_undoes(gen, tmp_path):
     assert ModelEditor.load(tmp_path / "tied.safetensors", model, tok).allow_tied is True
 
 
+@pytest.mark.parametrize("method", ["mend", "ft"])
+def test_a_weight_tied_after_the_editor_was_built_is_refused_by_apply_and_fit(method, gen):
+    """The constructor refuses a tied layer (allow_tied False), but a tie made afterwards (the head
+    set to the embedding's Parameter, as HF's tie_weights does) was edited with the embedding by
+    apply, without a word.  apply and fit check again: ValueError naming both, the model unchanged."""
+    model, tok = tiny_model("llama", seed=0)
+    kwargs = dict(rank=3, edit_lr=0.1) if method == "mend" else dict(ft_steps=2, ft_stop_loss=None)
+    me = ModelEditor(model, tok, ["lm_head"], method=method, **kwargs)
+    model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"'lm_head' shares its weight with model.embed_tokens.weight.*allow_tied=True"):
+        me.apply(random_requests(gen, 2))
+    assert_bit_identical(before, model)
+    if method == "mend":
+        with pytest.raises(ValueError, match=r"'lm_head' shares its weight with model.embed_tokens.weight"):
+            me.fit(random_requests(gen, 2), config=TrainConfig(steps=1, batch_size=2, progress=False))
+    me.allow_tied = True  # as the allowed tie: both change, undo restores both
+    with me.edited(random_requests(gen, 2)):
+        assert not torch.equal(model.model.embed_tokens.weight, before["model.embed_tokens.weight"])
+    assert_bit_identical(before, model)
+
+
 def views_of_one_buffer(shift):
     """A tiny Llama whose input embedding and LM head (both vocab × hidden, v·d elements) are views
     of one float32 buffer: the embedding its first v·d elements, the head v·d from element v·d + shift."""
