@@ -322,9 +322,14 @@ def test_cli_model_that_is_a_data_file_or_has_a_list_config(capsys, tmp_path):
         assert "dcedit: error: --model: cannot load" in err and message in err and "Traceback" not in err
 
 
-def test_cli_checkpoint_dir_that_is_a_file(capsys, tmp_path, monkeypatch):
-    """A file, or a folder under a file (which fit's mkdir refused after the model's load)."""
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_cli_checkpoint_dir_that_is_a_file(rank, capsys, tmp_path, monkeypatch):
+    """A file, or a folder under a file (which fit's mkdir refused after the model's load), on every
+    process of a torchrun (each makes the folder; rank 0 alone writes in it): cmd_train's own "is a
+    file" check, on every rank, and check_checkpoint_dir's, on rank 0, said it twice over; one check
+    now, the same words."""
     _no_model(monkeypatch)
+    monkeypatch.setenv("RANK", rank)
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     assert cli.main(["train", "--checkpoint-dir", str(a_file), "--out", str(tmp_path / "e.safetensors")]) == 2

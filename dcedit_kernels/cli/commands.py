@@ -91,10 +91,8 @@ def cmd_train(args) -> dict:
         raise UserError("--val-size goes with --val-data")
     if args.checkpoint_dir == "":  # Path("") is the current directory: TrainConfig refuses it, after the model's load
         raise UserError("--checkpoint-dir: an empty path; give a folder")
-    if args.checkpoint_dir is not None and Path(args.checkpoint_dir).exists() and not Path(args.checkpoint_dir).is_dir():
-        raise UserError(f"--checkpoint-dir {args.checkpoint_dir}: is a file; give a folder")
-    if args.checkpoint_dir is not None and os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 writes them
-        check_checkpoint_dir(args.checkpoint_dir)
+    if args.checkpoint_dir is not None:  # under torchrun rank 0 writes them
+        check_checkpoint_dir(args.checkpoint_dir, writes=os.environ.get("RANK", "0") == "0")
     requests = load_requests(args.data, args.n_edits)
     check_count(requests, args.n_edits)
     val = load_requests(args.val_data, None, flag="--val-data") if args.val_data else None

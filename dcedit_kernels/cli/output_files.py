@@ -48,19 +48,23 @@ def check_out(path: str) -> None:
         raise UserError(f"--out {path}: cannot be written ({exc.strerror or exc})") from None
 
 
-def check_checkpoint_dir(path: str) -> None:
-    """Refuse, before the model loads, a --checkpoint-dir the run may not write (a read-only folder,
-    or one under it; one under a file; a checkpoint file in it made read-only): the first checkpoint,
-    --val-every steps in, failed, and the training done so far was lost (--out is written at the end
-    only).  The folder need not exist: fit creates it.  The library's check (train_editor makes it
-    too), in the command line's terms."""
+def check_checkpoint_dir(path: str, writes: bool = True) -> None:
+    """Refuse, before the model loads, a --checkpoint-dir that is a file or under one (every process
+    makes the folder), and one the run may not write (a read-only folder, or one under it; a
+    checkpoint file in it made read-only) where `writes` (under torchrun, rank 0 alone writes): the
+    first checkpoint, --val-every steps in, failed, and the training done so far was lost (--out is
+    written at the end only).  The folder need not exist: fit creates it.  The library's check
+    (train_editor makes it too), in the command line's terms."""
     from ..train_checkpoint import check_checkpoint_dir as check_writable  # the training code, only to train
 
     try:
         check_writable(path)
     except NotADirectoryError as exc:  # a file on the way ("a_file/ckpt"): fit's mkdir said so after the model's load
-        raise UserError(f"--checkpoint-dir {path}: {exc.filename} is a file; give a folder") from None
+        where = "" if Path(exc.filename) == Path(path) else f"{exc.filename} "
+        raise UserError(f"--checkpoint-dir {path}: {where}is a file; give a folder") from None
     except PermissionError as exc:
+        if not writes:
+            return
         if Path(exc.filename).is_dir():
             raise UserError(f"--checkpoint-dir {path}: cannot write in {exc.filename} (its checkpoints would fail "
                             "after --val-every steps); give a folder you may write") from None
