@@ -445,7 +445,10 @@ def factor_gram(mu: torch.Tensor, eta: torch.Tensor, edit_offsets: torch.Tensor,
     (exact) that bring each token's largest |μ| and |η| entry into [0.5, 1), combined and summed
     in float64 (a float64 Gram): the fp32 kernel of unscaled factors underflowed to 0 for tiny
     per-edit gradients (entries ~1e-24: cosine −1 read as no conflict, GMS 1 for norms 1 and 2)
-    and overflowed for huge ones, as `_row_scaled_gram` avoids for gradient rows.
+    and overflowed for huge ones, as `_row_scaled_gram` avoids for gradient rows.  The diagonal
+    (each edit's norm², all that GMS reads) comes from the edit's own tokens in float64
+    (`_edit_norms_sq`): the fp32 kernel's rounding inflated the norm² of an edit whose token
+    gradients cancel.
     """
     check_tensor(mu, "mu", ndim=2)
     check_tensor(eta, "eta", ndim=2)
@@ -483,8 +486,38 @@ def factor_gram(mu: torch.Tensor, eta: torch.Tensor, edit_offsets: torch.Tensor,
     # matmul sums them in other orders: on this AMD EPYC machine, not on the earlier ones), and the
     # row of an edit whose token gradients cancel holds that rounding only, above the zero Cauchy-
     # Schwarz bound of gcr/gms's symmetry check, which refused the Gram (9,772 of 20,000 cases of
-    # test_gms_of_an_edit_whose_token_gradients_cancel_is_a_number).  The diagonal is unchanged.
-    return (gram + gram.t()).mul_(0.5)
+    # test_gms_of_an_edit_whose_token_gradients_cancel_is_a_number).
+    gram = (gram + gram.t()).mul_(0.5)
+    gram.diagonal().copy_(_edit_norms_sq(mu, eta, edit_offsets, back, chunk))
+    return gram
+
+
+def _edit_norms_sq(mu: torch.Tensor, eta: torch.Tensor, edit_offsets: torch.Tensor, back: torch.Tensor,
+                   chunk: int) -> torch.Tensor:
+    """factor_gram's diagonal, ‖η_eᵀμ_e‖², from each edit's own token kernel in float64 (`mu`, `eta`:
+    the rows scaled by 2^-exponent, `back` the 2^exponent per token).  The fp32 kernel rounds at the
+    scale of its terms, so the norm² of an edit whose token gradients cancel was that rounding: at
+    100× the other edits' scale, up to 7× their largest norm² (GMS 0.88 where the float64 gradients
+    give 0.33) or as far below zero.  Products of fp32 factors are exact in float64; Σ_e T_e²·(o+i)
+    of them, a small share of the kernel's T²·(o+i), and no o×i matrix.  Edits of one token count
+    go through in batches of about `chunk` tokens (a loop over the edits took 0.45 ms an edit)."""
+    bounds = edit_offsets.tolist()
+    sq = torch.zeros(len(bounds) - 1, dtype=torch.float64, device=mu.device)
+    by_count = {}
+    for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if b > a:
+            by_count.setdefault(b - a, []).append(e)
+    for count, edits in by_count.items():
+        per = max(1, chunk // count)
+        for k in range(0, len(edits), per):
+            ids = edits[k:k + per]
+            rows = torch.tensor([bounds[e] + t for e in ids for t in range(count)], device=mu.device)
+            m, h = (x.index_select(0, rows).double().view(len(ids), count, -1) for x in (mu, eta))
+            w = back.index_select(0, rows).view(len(ids), count)
+            kernel = torch.bmm(h, h.transpose(1, 2)).mul_(torch.bmm(m, m.transpose(1, 2)))
+            kernel.mul_(w[:, :, None]).mul_(w[:, None, :])
+            sq[torch.tensor(ids, device=mu.device)] = kernel.sum((1, 2))
+    return sq
 
 
 def _pow2_scaled_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -545,7 +578,8 @@ def _pair_stats(grads, gram) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise ValueError(f"gradient metrics need at least 2 edits, got {E}")
     eps = torch.finfo(gram.dtype).eps
     gram = gram.double()
-    # A norm² below zero, of any size, is a zero gradient, not an error: factor_gram rounds the
+    # A norm² below zero, of any size, is a zero gradient, not an error: a Gram computed from fp32
+    # token kernels (factor_gram's before it took its diagonal in float64, or a user's) rounds the
     # norm² of an edit whose token gradients cancel to either side of 0 (about half the time below)
     # at the scale of the cancelled terms, which the Gram does not record (three tokens cancelling
     # at 100× the other edits' scale: down to −69 × their largest norm²), so no bound read off the
