@@ -1726,7 +1726,9 @@ def test_an_inference_weight_is_shifted_inside_inference_mode_only(reference_pat
     wrote it all the same (it writes through the data pointer), and undo_shift_ then refused to
     restore it with torch's RuntimeError, so the edit stayed; the reference raised that
     RuntimeError.  Now both refuse up front, naming weight, and the weight is as it was; GroupedEdit
-    .apply_ too.  Inside inference mode the shift and its undo run as before."""
+    .apply_ too, and the raw op (torch.ops.dcedit.apply_shift_: an inference tensor skips the
+    ADInplaceOrView and Autograd keys, and the C++ kernel, which lacked the check, wrote it).
+    Inside inference mode the shift and its undo run as before."""
     from dcedit_kernels.editors import MEND
 
     with torch.inference_mode():
@@ -1737,6 +1739,8 @@ def test_an_inference_weight_is_shifted_inside_inference_mode_only(reference_pat
         for kwargs in ({}, dict(fisher=fisher, keep=0.5)):
             with pytest.raises(ValueError, match=why):
                 ops.apply_shift_(weight, delta, 0.5, **kwargs)
+            with pytest.raises(ValueError, match=why):
+                torch.ops.dcedit.apply_shift_(weight, delta, 0.5, **kwargs)
             assert torch.equal(weight, before)
         with pytest.raises(ValueError, match=why):
             ops.undo_shift_(weight, before)
@@ -1744,6 +1748,8 @@ def test_an_inference_weight_is_shifted_inside_inference_mode_only(reference_pat
             previous = ops.apply_shift_(weight, delta, 0.5)
             assert not torch.equal(weight, before)
             ops.undo_shift_(weight, previous)
+            assert torch.equal(torch.ops.dcedit.apply_shift_(weight, delta, 0.5), before)
+            ops.undo_shift_(weight, before)
         assert torch.equal(weight, before)
     mu, eta = randn((5, 4), gen), randn((5, 3), gen)
     edit = MEND(4, 3, rank=2).eval()(mu, eta, torch.tensor([0, 5], dtype=torch.int32))

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 namespace dcedit_cpu {
@@ -57,6 +58,13 @@ at::Tensor apply_shift_cpu(at::Tensor& weight, const at::Tensor& delta, double a
   check_float_dtype(weight, "weight");
   check_float_dtype(delta, "delta");
   TORCH_CHECK_VALUE(weight.device().is_cpu(), "weight must be a CPU tensor here, got ", weight.device());
+  // An inference tensor changes in place only inside inference mode, as torch's in-place ops and
+  // the Python checks (`check_shiftable_weight`) refuse: inference tensors skip the ADInplaceOrView
+  // and Autograd keys, so the raw op reached this kernel and wrote one, which undo_shift_ could not
+  // restore.
+  TORCH_CHECK_VALUE(!weight.is_inference() || c10::InferenceMode::is_enabled(),
+                    "weight must not be an inference tensor (created under torch.inference_mode()) outside "
+                    "inference mode: it can be changed in place only inside torch.inference_mode()");
   // An expand()ed weight cannot take a different value per element (torch's copy_ refused it
   // only after the shift had been computed, with a RuntimeError).
   TORCH_CHECK_VALUE(at::has_internal_overlap(weight) != at::MemOverlap::Yes,

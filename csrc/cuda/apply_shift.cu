@@ -16,6 +16,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/core/DeviceGuard.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -104,6 +105,10 @@ at::Tensor apply_shift_cuda(at::Tensor& weight, const at::Tensor& delta, double 
   // Every check runs before anything is written.
   check_float_tensor(weight, "weight");
   check_float_tensor(delta, "delta");
+  // As the CPU kernel: an inference tensor changes in place only inside inference mode.
+  TORCH_CHECK_VALUE(!weight.is_inference() || c10::InferenceMode::is_enabled(),
+                    "weight must not be an inference tensor (created under torch.inference_mode()) outside "
+                    "inference mode: it can be changed in place only inside torch.inference_mode()");
   // As the CPU kernel: an expand()ed weight cannot take a different value per element.
   TORCH_CHECK_VALUE(at::has_internal_overlap(weight) != at::MemOverlap::Yes,
                     "weight must not have elements that share memory (an expanded view), got strides ",
