@@ -16,6 +16,7 @@ Each run has a deadline: a process left waiting in a collective fails the test i
 
 import json
 import os
+import sys
 import time
 
 import pytest
@@ -529,6 +530,42 @@ def test_dcedit_train_leaves_the_process_group_it_joined(monkeypatch, tmp_path, 
         assert cli.main(["train", "--model", str(tiny_model_dir), "--rank", "3", "--data", str(data), "--steps", "1",
                          "--batch-size", "2", "--out", str(tmp_path / "mend.safetensors")]) == 0
         assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():  # the other tests start without a group
+            dist.destroy_process_group()
+
+
+def test_dcedit_train_gives_the_excepthook_back_when_it_leaves_the_group(monkeypatch, tmp_path, tiny_model_dir):
+    """init_process_group wraps sys.excepthook to put "[rank0]: " before every line of a traceback, and
+    destroy_process_group leaves the wrapper: after two `dcedit train` runs from Python the group was
+    gone, yet every line of any later traceback of the process read "[rank0]: [rank0]: ".  main() puts
+    the caller's hook back as it leaves the group; a traceback on its way out of main() keeps the
+    wrapper, which says which process it came from.  (Found by a scratch fixture that compared the
+    process's global state before and after each test: this file's stand-in group left the wrapper.)"""
+    from dcedit_kernels import cli, distributed
+    from dcedit_kernels.cli import commands
+    from test_demo import _counterfact_file
+
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # put back after the test, whatever it leaves
+    caller_s = sys.excepthook
+
+    def join(device):
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        return device, True
+    monkeypatch.setattr(distributed, "init_from_env", join)
+    data = _counterfact_file(tmp_path / "cf.json", n=4)
+    args = ["train", "--model", str(tiny_model_dir), "--rank", "3", "--data", str(data), "--steps", "1",
+            "--batch-size", "2"]
+    try:
+        for run in range(2):
+            assert cli.main(args + ["--out", str(tmp_path / f"mend{run}.safetensors")]) == 0
+            assert sys.excepthook is caller_s, run
+        def crashing(*args):
+            raise RuntimeError("a bug")
+        monkeypatch.setattr(commands, "_train", crashing)
+        with pytest.raises(RuntimeError, match="a bug"):
+            cli.main(args + ["--out", str(tmp_path / "mend2.safetensors")])
+        assert sys.excepthook is not caller_s and sys.excepthook.__name__ == "_distributed_excepthook"
     finally:
         if dist.is_initialized():  # the other tests start without a group
             dist.destroy_process_group()

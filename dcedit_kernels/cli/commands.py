@@ -102,6 +102,11 @@ def cmd_train(args) -> dict:
         torch.device(args.device)
     except RuntimeError as exc:
         raise UserError(f"--device {args.device!r} is not a device: {exc}") from None
+    # init_process_group wraps sys.excepthook to put "[rankN]: " before every line, and destroying the
+    # group leaves the wrapper: after main() returned, a later traceback of the process read as the
+    # group's, one "[rankN]: " more for each `dcedit train` run in it.  A traceback on its way out of
+    # main() keeps it: it says which process the error came from.
+    excepthook, traceback_escapes = sys.excepthook, False
     try:
         device, joined = distributed.init_from_env(args.device)
     except ValueError as exc:  # torchrun's variables set by hand, or half of them; no GPU of LOCAL_RANK
@@ -110,9 +115,14 @@ def cmd_train(args) -> dict:
         return _train(args, requests, val, device)
     except distributed.PeerFailure as exc:  # the failed process prints its own error
         raise UserError(str(exc)) from None
+    except BaseException as exc:
+        traceback_escapes = not isinstance(exc, (UserError, KeyboardInterrupt))  # main() says these in a line
+        raise
     finally:
         if joined:
             torch.distributed.destroy_process_group()
+            if not traceback_escapes:
+                sys.excepthook = excepthook
 
 
 def _train(args, requests, val, device) -> dict:
