@@ -770,6 +770,13 @@ def test_cli_detects_zsre_and_counterfact(capsys, tmp_path):
     assert [r.target for r in cli.load_requests(str(cf), 3)] == ["sea0", "sea1", "sea0"]
 
 
+def test_the_logged_seed_replays_pythons_random_draws_too(test_seed):
+    """This file's tests draw from Python's `random` (model seeds, counts): DCEDIT_TEST_SEED=<the
+    logged seed> (README) must replay those draws as it does torch's; `random` was left unseeded, so
+    a rerun on the logged seed drew other values."""
+    assert random.random() == random.Random(test_seed).random()
+
+
 def test_cli_n_edits_counts_the_default_facts_too():
     """Without --data the first `limit` of our default facts, as for a file."""
     from dcedit_kernels.facts import default_requests
