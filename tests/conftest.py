@@ -1,5 +1,6 @@
 import os
 import random
+import uuid
 import warnings
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when dcedit_kernels imports its
@@ -34,6 +35,15 @@ def test_seed():
     # so the logged seed did not replay them, and each test drew where the tests before it had left off.
     random.seed(seed)
     return seed
+
+
+@pytest.fixture(autouse=True)
+def editor_cache_of_its_own(monkeypatch, tmp_path_factory):
+    """Each test's trained editors go to a cache folder of its own ($DCEDIT_CACHE_DIR; a test that
+    sets the variable keeps its own).  report.py --no-cache only skips loading: it still caches the
+    editors it trains, and test_report's whole reports on the tiny Llama wrote them into the user's
+    ~/.cache/dcedit_kernels, a file pair for each editor on every run."""
+    monkeypatch.setenv("DCEDIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "editor_cache" / uuid.uuid4().hex))
 
 
 @pytest.fixture

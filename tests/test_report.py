@@ -568,6 +568,18 @@ def _tiny_report(report_module, tmp_path, monkeypatch, *extra):
     return json.loads((out / "report.json").read_text()), out
 
 
+def test_a_whole_report_caches_its_editors_in_the_tests_own_folder(report_module, tmp_path, monkeypatch,
+                                                                    tmp_path_factory):
+    """--no-cache skips loading, not saving: `_tiny_report`'s editors are cached, and these tests
+    wrote them into the user's ~/.cache/dcedit_kernels (conftest's editor_cache_of_its_own now gives
+    each test a folder of its own under pytest's temporary one)."""
+    from dcedit_kernels.editor_cache import cache_dir
+
+    assert cache_dir().is_relative_to(tmp_path_factory.getbasetemp())
+    _tiny_report(report_module, tmp_path, monkeypatch, "--methods", "mend")
+    assert sorted(p.suffix for p in cache_dir().iterdir()) == [".json", ".safetensors"]
+
+
 def test_a_whole_report_runs_on_a_tiny_model(report_module, capsys, tmp_path, monkeypatch):
     """FT and MEND with --edit-stats (`_tiny_report`): report.json holds each method's rows and the
     unedited rows at every N_u, GCR/GMS only at N_u 2 (pairs of edits), MEND's edit statistics,
