@@ -443,11 +443,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     t_start = time.perf_counter()
+    # The caller's thread count back on return, as dcedit's main() does: _run sets --threads (1 on a
+    # 2-core machine), and called from Python (test_report's runs) main() left the process on it.
+    threads = torch.get_num_threads()
     try:
         return _run(args, t_start)
     except UserError as exc:
         print(f"report: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _run(args, t_start) -> int:

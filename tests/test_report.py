@@ -154,6 +154,16 @@ def test_applied_fusion_restores(report_module):
         assert all(e.fusion == "sss" for e in editors)
 
 
+def test_report_main_gives_torch_threads_back(report_module, capsys):
+    """main() sets torch's thread count (--threads, or 1 on a small machine) and puts the caller's back
+    when it returns, as dcedit's main() does: called from Python it left the process on that many
+    threads, and every test after one of this file's runs went on with 1 thread on a 2-core machine."""
+    threads = torch.get_num_threads()
+    assert report_module.main(["--threads", str(threads + 1), "--fusions", "add,mean"]) == 2
+    assert "--fusions: unknown ['mean']" in capsys.readouterr().err  # refused after the threads were set
+    assert torch.get_num_threads() == threads
+
+
 def test_unknown_fusion_is_refused(report_module, capsys):
     assert report_module.main(["--fusions", "add,mean"]) == 2
     assert "--fusions: unknown ['mean']" in capsys.readouterr().err
