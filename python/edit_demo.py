@@ -170,6 +170,16 @@ def _losses(info: dict) -> str:
 
 
 def main(argv=None) -> int:
+    # The caller's thread count back on return, as dcedit's main() does: _main sets --threads (1 on
+    # a 2-core machine), and called from Python (the tests) main() left the process on it.
+    threads = torch.get_num_threads()
+    try:
+        return _main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(argv) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
     threads = set_threads(args.threads)

@@ -525,6 +525,19 @@ def test_demo_refuses_an_out_that_is_a_file(capsys, tmp_path, monkeypatch):
     assert "edit_demo: error: --out" in capsys.readouterr().err
 
 
+def test_demo_main_gives_torch_threads_back(capsys, tmp_path):
+    """main() sets torch's thread count (--threads, or 1 on a small machine) and puts the caller's back
+    when it returns, as dcedit's main() does: called from Python it left the process on that many
+    threads (the tests that run it whole set theirs back by hand)."""
+    demo = _demo_module()
+    (tmp_path / "a_file").write_text("")
+    threads = torch.get_num_threads()
+    argv = ["--quick", "--threads", str(threads + 1), "--out", str(tmp_path / "a_file"), "--no-progress"]
+    assert demo.main(argv) == 2
+    assert "edit_demo: error: --out" in capsys.readouterr().err  # refused after the threads were set
+    assert torch.get_num_threads() == threads
+
+
 def test_demo_without_matplotlib_says_so_before_the_model_loads(capsys, tmp_path, monkeypatch):
     """matplotlib is optional (the "plot" extra) and the demo plots last: without it the run ended,
     minutes in, in ModuleNotFoundError. Now one error line and exit status 2 before the model loads."""
