@@ -783,10 +783,13 @@ def test_cli_detects_zsre_and_counterfact(capsys, tmp_path):
     assert [r.target for r in cli.load_requests(str(cf), 3)] == ["sea0", "sea1", "sea0"]
 
 
-def test_the_logged_seed_replays_pythons_random_draws_too(test_seed):
+def test_the_logged_seed_replays_pythons_random_draws_too(test_seed, request):
     """This file's tests draw from Python's `random` (model seeds, counts): DCEDIT_TEST_SEED=<the
     logged seed> (README) must replay those draws as it does torch's; `random` was left unseeded, so
-    a rerun on the logged seed drew other values."""
+    a rerun on the logged seed drew other values.  pytest-randomly, where installed, seeds `random`
+    again just before each test runs (its --randomly-seed replays the draws then)."""
+    if request.config.pluginmanager.hasplugin("randomly") and request.config.getoption("randomly_reset_seed"):
+        pytest.skip("pytest-randomly seeds Python's random itself")
     assert random.random() == random.Random(test_seed).random()
 
 
