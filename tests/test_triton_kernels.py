@@ -1943,10 +1943,18 @@ def test_tune_benchmark_offsets_hold_an_empty_group(gen):
 
 @pytest.fixture
 def float32_precision():
-    """Sets torch's float32 matmul precision inside a test and restores it after."""
-    previous = torch.get_float32_matmul_precision()
+    """Sets torch's float32 matmul precision inside a test and restores it after: the newer switches
+    too (torch 2.9 on), which set_float32_matmul_precision(previous) alone does not give back: their
+    "none" (follow `torch.backends.fp32_precision`) came back "ieee", and for the rest of the process
+    the global switch no longer reached matmuls (test_fp32_ops_follow_torchs_global_tf32_switch
+    failed after test_native_dot_choice)."""
+    matmuls = [m for m in (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None))
+               if hasattr(m, "fp32_precision")]
+    previous, switches = torch.get_float32_matmul_precision(), [m.fp32_precision for m in matmuls]
     yield torch.set_float32_matmul_precision
     torch.set_float32_matmul_precision(previous)
+    for matmul, switch in zip(matmuls, switches):
+        matmul.fp32_precision = switch
 
 
 def test_fp32_ops_follow_torch_matmul_precision(gen, device, float32_precision, monkeypatch):
@@ -2005,6 +2013,22 @@ def test_fp32_ops_follow_torchs_newer_tf32_switch(gen, device, tf32_switch):
         tf32_switch(setting)
         assert launch.native_dot(torch.float32) is (setting == "tf32")
         assert rel_err(tk.grouped_lowrank(inputs[0], offsets, *inputs[1:]), ref) < tol, setting
+
+
+def test_fp32_ops_follow_torchs_global_tf32_switch():
+    """`torch.backends.fp32_precision = "tf32"` allows TF32 wherever a backend's own switch is "none",
+    torch's default (fp32_tensor_cores' docstring: the matmul switch inherits the global one): fp32
+    dots take the TF32 branch then, and the IEEE dot again once it is back.  The matmul switch is
+    left at its default here, as the tests before this one must leave it."""
+    if not hasattr(torch.backends, "fp32_precision"):
+        pytest.skip("torch before 2.9 has no torch.backends.fp32_precision")
+    previous = torch.backends.fp32_precision
+    try:
+        torch.backends.fp32_precision = "tf32"
+        assert launch.fp32_tensor_cores() and launch.native_dot(torch.float32)
+    finally:
+        torch.backends.fp32_precision = previous
+    assert not launch.native_dot(torch.float32)
 
 
 def test_ieee_branch_with_bf16(gen, device, monkeypatch):
