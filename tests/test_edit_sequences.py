@@ -5,6 +5,9 @@ requests, injected failures), undo (in and out of order, twice), keep, `edited()
 pickle of an editor (the copy a world of its own, sometimes dropped: its live edits then end),
 a handle copied alone (deepcopy / pickle), save / load, `model.to(dtype)`, a training step (`fit`,
 with validation sometimes) and `evaluate.measure_edit`, on the tiny GPT-2, Llama, BART and T5.
+The caller's own state moves between steps too: train/eval flags (the model's or one submodule's),
+requires_grad flags, `.grad` tensors, forward hooks on any module, applies under torch.no_grad(),
+and an edited weight replaced by a new Parameter (then put back); no step may change that state.
 
 The rules the shadow follows are the documented ones (README "Failures and undo", the docstrings of
 `model_editor` and `edit_handle`):
@@ -17,7 +20,10 @@ The rules the shadow follows are the documented ones (README "Failures and undo"
   * `edited()` undoes on exit the live edits applied inside its block, latest first, down to a kept
     one, then its own unless kept (RuntimeError when a later kept edit pinned it);
   * undo restores the saved values, cast to the weight's dtype of the moment (`model.to(dtype)`);
-  * fit and measure_edit leave the weights and the live edits as they were.
+  * fit and measure_edit leave the weights and the live edits as they were;
+  * nothing changes the caller's requires_grad flags, .grad tensors, train flags or hooks;
+  * undo of an edit whose weight was replaced since (no longer the model's Parameter) raises
+    RuntimeError and restores nothing; put back, the Parameter undoes as before.
 An apply may also be refused with FloatingPointError (stacked edits of random editors overflow the
 capture's gradients) or, inside `lowrank_edited`, by its patched forwards (one row per row_edit
 entry); either must change nothing, and the offline run tallies them.
@@ -28,6 +34,7 @@ The committed test runs a few seeds only.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import pickle
@@ -67,9 +74,10 @@ class Injected(Exception):
 class Entry:
     """The shadow of one EditHandle: its state and the values undo must restore."""
 
-    def __init__(self, handle, before: dict, tag: str):
+    def __init__(self, handle, before: dict, tag: str, params: dict | None = None):
         self.handle, self.before, self.tag = handle, before, tag
         self.state = "live"  # live | kept | pinned (below a kept one) | undone
+        self.params = params or {}  # weight key -> id of the Parameter the edit changed
 
     def __repr__(self):
         return f"<{self.tag} {self.state}>"
@@ -83,6 +91,33 @@ class World:
         self.editors, self.expected, self.stack, self.entries = editors, expected, stack, entries
         self.fitted = False
         self.blocks = []  # open context managers, innermost last: (kind, cm, entry or None, outer stack)
+        self.caller = caller_state(model)  # what the caller set: no step may change it
+        self.replaced = {}  # weight key -> (module, the caller's original Parameter), while replaced
+
+
+class Counter:
+    """A caller's forward hook (a class, so that a model that holds one pickles)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, *args):
+        self.calls += 1
+
+
+def caller_state(model) -> dict:
+    """The state a caller sets and an edit must leave alone: each parameter's requires_grad and .grad,
+    each module's train flag and hook counts."""
+    return dict(
+        flags={n: p.requires_grad for n, p in model.named_parameters()},
+        grads={n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        modes={n: m.training for n, m in model.named_modules()},
+        hooks={n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+               for n, m in model.named_modules()})
+
+
+def parameter_ids(model) -> dict:
+    return {n: id(p) for n, p in model.named_parameters()}
 
 
 def snapshot(model) -> dict:
@@ -169,6 +204,14 @@ class Sequence:
             want = {"live": (True, False, True), "kept": (True, True, False),
                     "pinned": (True, False, False), "undone": (False, False, False)}[e.state]
             assert flags == want, f"{where}: {e} has (active, kept, saved) {flags}, expected {want}"
+        now = caller_state(world.model)
+        for key in ("flags", "modes") + (() if any(kind == "lowrank" for kind, *_ in world.blocks) else ("hooks",)):
+            assert now[key] == world.caller[key], f"{where}: the caller's {key} changed: " + str(
+                {k: (world.caller[key].get(k), v) for k, v in now[key].items() if world.caller[key].get(k) != v})
+        for k, grad in now["grads"].items():
+            want = world.caller["grads"][k]
+            assert (grad is None) == (want is None) and (grad is None or torch.equal(grad, want)), \
+                f"{where}: the caller's .grad of {k} changed"
         if not any(kind == "lowrank" for kind, *_ in world.blocks):
             for name, module in world.model.named_modules():
                 assert "forward" not in module.__dict__, f"{where}: {name} kept a patched forward"
@@ -185,6 +228,9 @@ class Sequence:
         if entry.state in ("kept", "pinned"):
             return "raise"
         if world.stack[-1] is not entry:
+            return "raise"
+        ids = parameter_ids(world.model)
+        if any(ids.get(k) != i for k, i in entry.params.items()):  # a weight replaced since: restores nothing
             return "raise"
         dtype_now = {k: v.dtype for k, v in world.expected.items()}
         for k, v in entry.before.items():
@@ -232,7 +278,8 @@ class Sequence:
         for k, v in after.items():
             if k not in keys:
                 assert torch.equal(v, before_expected[k]), f"{tag}: apply changed {k}, not an edited layer"
-        entry = Entry(handle, {k: before_expected[k].clone() for k in keys}, tag)
+        ids = parameter_ids(world.model)
+        entry = Entry(handle, {k: before_expected[k].clone() for k in keys}, tag, {k: ids[k] for k in keys})
         world.expected = after
         world.stack.append(entry)
         world.entries.append(entry)
@@ -244,7 +291,11 @@ class Sequence:
         tag = f"{world.name}.h{self.counter}({me.method})"
         self.log.append(f"{world.name}: apply {tag}")
         before = {k: v.clone() for k, v in world.expected.items()}
-        handle = self.try_apply(world, lambda: me.apply(self.requests()))
+        no_grad = self.chance(0.3)  # apply turns grad on for its own passes (README)
+        if no_grad:
+            self.log.append(f"{world.name}: (under torch.no_grad())")
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
+            handle = self.try_apply(world, lambda: me.apply(self.requests()))
         return None if handle is None else self.record_apply(world, me, handle, before, tag)
 
     def try_apply(self, world: World, fn):
@@ -369,6 +420,8 @@ class Sequence:
         entry.handle.keep()
 
     def open_block(self, world: World):
+        if world.replaced:
+            return  # its exit could meet an edit stuck on a replaced weight: not modelled
         kind = self.choice(["edited", "edited", "handle", "lowrank"])
         me = self.choice(world.editors)
         if kind == "lowrank":
@@ -462,19 +515,26 @@ class Sequence:
         me = self.choice(world.editors)
         if any(kind == "lowrank" for kind, *_ in world.blocks):
             return  # a model inside lowrank_edited has patched forwards: not copied here
+        if world.replaced:
+            return  # the copy would hold the replacing Parameters, and the shadow no originals
         self.log.append(f"{world.name}: {how} of a {me.method} editor")
         new = copy.deepcopy(me) if how == "deepcopy" else pickle.loads(pickle.dumps(me))
         assert new.model is not world.model
         # The copy's live edits are the original's, in order; the shadow copies the entries.
         assert len(new._live) == len(world.stack)
         stack, entries = [], []
+        ids, copied_ids = parameter_ids(world.model), parameter_ids(new.model)
         for h, e in zip(new._live, world.stack):
-            c = Entry(h, {k: v.clone() for k, v in e.before.items()}, e.tag + "'")
+            # An edit stuck on a Parameter replaced since (and put back) stays stuck in the copy.
+            params = {k: copied_ids[k] if ids[k] == i else -1 for k, i in e.params.items()}
+            c = Entry(h, {k: v.clone() for k, v in e.before.items()}, e.tag + "'", params)
             c.state = e.state
             stack.append(c)
             entries.append(c)
         copy_world = World(f"{world.name}'", new.model, new.tokenizer, world.arch, [new],
                            {k: v.clone() for k, v in world.expected.items()}, stack, entries)
+        # The copy's flags and modes are the original's; torch copies no .grad with a Parameter.
+        assert {k: copy_world.caller[k] for k in ("flags", "modes")} == {k: world.caller[k] for k in ("flags", "modes")}
         self.worlds.append(copy_world)
         self.check(copy_world, f"after {how}")
         self.check(world, f"after {how} (the original)")
@@ -554,12 +614,67 @@ class Sequence:
         self.assert_unchanged(world, frozen, "after measure_edit")
 
     def do_to_dtype(self, world: World):
-        if any(kind == "lowrank" for kind, *_ in world.blocks):
+        if any(kind == "lowrank" for kind, *_ in world.blocks) or world.replaced:
             return
         dtype = self.choice(DTYPES)
         self.log.append(f"{world.name}: model.to({dtype})")
         world.model.to(dtype)
         world.expected = {k: v.to(dtype) if v.is_floating_point() else v for k, v in world.expected.items()}
+        world.caller["grads"] = caller_state(world.model)["grads"]  # torch converts .grad with its Parameter
+
+    def do_caller(self, world: World):
+        """The caller changes its own state: train/eval, requires_grad, .grad, a forward hook."""
+        what = self.choice(["modes", "flags", "grads", "hooks"])
+        model = world.model
+        if what == "modes":
+            names = [n for n, _ in model.named_modules()]
+            module = model if self.chance(0.5) else model.get_submodule(self.choice(names))
+            module.train(self.chance(0.5))
+        elif what == "flags":
+            for p in model.parameters():
+                p.requires_grad_(self.chance(0.5))
+        elif what == "grads":
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=self.gen).to(p.dtype) if self.chance(0.3) else None
+        else:
+            if any(kind == "lowrank" for kind, *_ in world.blocks):
+                return  # the block's own hooks are on the model: the counts are read after it
+            name = self.choice([n for n, _ in model.named_modules()])
+            module = model.get_submodule(name)
+            (module.register_forward_pre_hook if self.chance(0.5) else module.register_forward_hook)(Counter())
+        self.log.append(f"{world.name}: the caller's {what}")
+        hooks = world.caller["hooks"]  # counted without an open lowrank_edited block's own hooks
+        world.caller = caller_state(model)
+        if any(kind == "lowrank" for kind, *_ in world.blocks):
+            world.caller["hooks"] = hooks
+
+    def do_replace(self, world: World):
+        """The caller replaces an edited layer's weight by a new Parameter of the same values (undo of an
+        edit that changed the old one then refuses), or puts a replaced one back."""
+        if world.blocks:
+            return
+        if world.replaced and self.chance(0.6):
+            self.put_back(world, self.choice(sorted(world.replaced)))
+            return
+        name = self.choice(sorted({n for me in world.editors for n in me.layers}))
+        key = name + ".weight"
+        if key in world.replaced:
+            return
+        module = world.model.get_submodule(name)
+        self.log.append(f"{world.name}: replace {key}")
+        original = module.weight
+        module.weight = torch.nn.Parameter(original.detach().clone(), requires_grad=original.requires_grad)
+        module.weight.grad = None if original.grad is None else original.grad.clone()
+        world.replaced[key] = (module, original)
+        world.caller = caller_state(world.model)
+
+    def put_back(self, world: World, key: str):
+        """The caller's original Parameter back in its module (with the values it had when replaced)."""
+        module, original = world.replaced.pop(key)
+        self.log.append(f"{world.name}: put back {key}")
+        module.weight = original
+        world.expected[key] = original.detach().clone()
+        world.caller = caller_state(world.model)
 
     def do_drop_world(self):
         """Free a copied world's model: its live edits end (undo returns False)."""
@@ -586,7 +701,7 @@ class Sequence:
         actions = [(self.do_apply, 6), (self.do_failed_apply, 3), (self.do_undo, 6), (self.do_keep, 1),
                    (self.open_block, 3), (self.close_block, 3), (self.do_second_editor, 1), (self.do_copy, 1),
                    (self.do_save_load, 1), (self.do_to_dtype, 1), (self.do_fit, 1),
-                   (self.do_measure, 1), (self.do_copy_handle, 1)]
+                   (self.do_measure, 1), (self.do_copy_handle, 1), (self.do_caller, 3), (self.do_replace, 1)]
         weights = torch.tensor([w for _, w in actions], dtype=torch.float)
         for step in range(self.steps):
             world = self.choice(self.worlds)
@@ -600,9 +715,14 @@ class Sequence:
             while world.blocks:
                 self.close_block(world)
                 self.check(world, "closing")
+            for key in sorted(world.replaced):
+                self.put_back(world, key)
             while world.stack and world.stack[-1].state == "live":
                 entry = world.stack[-1]
-                assert self.expect_undo(world, entry) == "undo"
+                if self.expect_undo(world, entry) == "raise":  # it changed a replacing Parameter, gone since
+                    with pytest.raises(RuntimeError, match="no longer parameters of the model"):
+                        entry.handle.undo()
+                    break
                 assert entry.handle.undo() is True
                 self.check(world, "final undo")
         self.tmp.cleanup()
