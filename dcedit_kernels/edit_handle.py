@@ -314,7 +314,11 @@ def weights_owner(model: nn.Module) -> nn.Module:
     them): `torch.compile(model)` (an OptimizedModule) holds the model it compiled as `_orig_mod`,
     so ModelEditors of the compiled model and of the model itself share one list of live edits
     (keyed by each wrapper, they had two: an edit made through one could be undone before a later
-    edit made through the other, and both undone left the model edited)."""
+    edit made through the other, and both undone left the model edited).  Other wrappers (a module
+    holding the model as an attribute) are not recognised: a ModelEditor of the wrapper and one of
+    the model keep two lists (README "Failures and undo" says to build them on one module).
+    Sharing lists by containment would also need each handle to watch the innermost module (a
+    freed wrapper frees its handles' saved weights), so it is left."""
     while isinstance(getattr(model, "_orig_mod", None), nn.Module):
         model = model._orig_mod
     return model
