@@ -394,23 +394,29 @@ esac
 """
 
 
+def _stubbed_run_env(tmp_path, stub_script: str, row: dict, out, **extra) -> dict:
+    """run_gpu.sh's environment with its python replaced by `stub_script` (which prints `row` as its
+    benchmark) and stub torch/triton versions."""
+    stub = tmp_path / "python"
+    stub.write_text(stub_script)
+    stub.chmod(0o755)
+    (tmp_path / "versions").mkdir()
+    for name in ("torch", "triton"):
+        (tmp_path / "versions" / f"{name}.py").write_text('__version__ = "stub"\n')
+    return dict(os.environ, PYTHON=str(stub), REAL_PYTHON=sys.executable, OUT=str(out), ROW=json.dumps(row),
+                VERSIONS_ONLY=str(tmp_path / "versions"), **extra)
+
+
 def test_run_gpu_sh_with_stubbed_steps(tmp_path):
     """benchmarks/run_gpu.sh on CPU with its python stubbed (the device call's shell logic, not its
     figures): every step gets its line in summary.txt, what comes back is the eight files under $OUT, a
     benchmark part that dies without its JSON costs only its own rows, and $OUT/RESULTS.md is the repo's
     benchmarks/RESULTS.md with this device's section added (the other devices' sections and notes kept),
     so that it can be copied over that file."""
-    stub = tmp_path / "python"
-    stub.write_text(_STUB_PYTHON)
-    stub.chmod(0o755)
-    (tmp_path / "versions").mkdir()
-    for name in ("torch", "triton"):
-        (tmp_path / "versions" / f"{name}.py").write_text('__version__ = "stub"\n')
     row = _row("x", target_speedup=4.0, target_met=True, fused_vs_eager_rel_err=1e-3)["extra_info"]
     row["device"] = "NVIDIA H200 (stub)"
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=str(stub), REAL_PYTHON=sys.executable, OUT=str(out), ROW=json.dumps(row),
-               VERSIONS_ONLY=str(tmp_path / "versions"))
+    env = _stubbed_run_env(tmp_path, _STUB_PYTHON, row, out)
     run = subprocess.run(["bash", str(BENCH / "run_gpu.sh")], cwd=BENCH.parent, env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -481,18 +487,11 @@ def test_run_gpu_sh_stops_a_step_with_sigint_keeping_its_finished_cases(tmp_path
     (cases / "test_part.py").write_text(_PART)
     # py-cpuinfo's probe (pytest-benchmark's machine info) took over 8 s on this loaded 2-core machine
     (cases / "conftest.py").write_text("def pytest_benchmark_generate_machine_info(config):\n    return {}\n")
-    stub = tmp_path / "python"
-    stub.write_text(_SIGINT_PYTHON)
-    stub.chmod(0o755)
-    (tmp_path / "versions").mkdir()
-    for name in ("torch", "triton"):
-        (tmp_path / "versions" / f"{name}.py").write_text('__version__ = "stub"\n')
     row = _row("x", target_speedup=4.0, target_met=True)["extra_info"]
     row["device"] = "NVIDIA H100 (stub)"
     out = tmp_path / "out"
     # a budget that leaves the end-to-end part 15-20 s and skips the tests (TESTS_LEAVE past it)
-    env = dict(os.environ, PYTHON=str(stub), REAL_PYTHON=sys.executable, OUT=str(out), ROW=json.dumps(row),
-               VERSIONS_ONLY=str(tmp_path / "versions"), CASES=str(cases), BUDGET="50", TESTS_LEAVE="1000")
+    env = _stubbed_run_env(tmp_path, _SIGINT_PYTHON, row, out, CASES=str(cases), BUDGET="50", TESTS_LEAVE="1000")
     run = subprocess.run(["bash", str(BENCH / "run_gpu.sh")], cwd=BENCH.parent, env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
