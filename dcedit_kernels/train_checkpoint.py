@@ -306,8 +306,7 @@ def _checkpoint_entries(path: Path, meta: dict, optimizers: tuple) -> dict:
                if key in meta}
 
     def refuse(what):
-        raise ValueError(f"{path} is a damaged train_editor checkpoint: {what}; use another checkpoint_dir, "
-                         "or resume=False to start over")
+        raise _damaged(path, what)
 
     for field in ("method", "layers", "editors"):
         if field not in entries["model_editor"]:
@@ -500,8 +499,13 @@ def _check_steps_of_history(path: Path, steps: int, history: list) -> None:
     and reported 10**30 steps done."""
     last = history[-1]["step"] if history else 0
     if steps != last:
-        raise ValueError(f"{path} is a damaged train_editor checkpoint: its counters' steps ({steps}) is not its "
-                         f"history's last step ({last}); use another checkpoint_dir, or resume=False to start over")
+        raise _damaged(path, f"its counters' steps ({steps}) is not its history's last step ({last})")
+
+
+def _damaged(path: Path, what: str) -> ValueError:
+    """The error a resume of the damaged trainer checkpoint `path` raises, `what` saying what is wrong."""
+    return ValueError(f"{path} is a damaged train_editor checkpoint: {what}; use another checkpoint_dir, "
+                      "or resume=False to start over")
 
 
 def _read_tensors(path: Path) -> dict:

@@ -41,8 +41,8 @@ if str(REPO) not in sys.path:  # run from a checkout without installing the pack
 import torch  # noqa: E402
 
 from dcedit_kernels.cli import (  # noqa: E402
-    METHOD_NAMES, UserError, greedy_completions, positive_int, require_matplotlib, save_figure, seed_int, set_threads,
-    write_json)
+    METHOD_NAMES, UserError, callers_threads_kept, greedy_completions, positive_int, require_matplotlib, save_figure,
+    seed_int, set_threads, write_json)
 from dcedit_kernels.editor_cache import cache_dir, random_routing_twin, trained_editor  # noqa: E402
 
 METHOD_ORDER = ("ft", "ft_kl", "mend", "raeditor", "moeditor", "proeditor")
@@ -170,13 +170,8 @@ def _losses(info: dict) -> str:
 
 
 def main(argv=None) -> int:
-    # The caller's thread count back on return, as dcedit's main() does: _main sets --threads (1 on
-    # a 2-core machine), and called from Python (the tests) main() left the process on it.
-    threads = torch.get_num_threads()
-    try:
+    with callers_threads_kept():  # _main sets --threads: called from Python, main() left the process on it
         return _main(argv)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _main(argv) -> int:

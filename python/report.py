@@ -42,8 +42,8 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from dcedit_kernels.cli import (  # noqa: E402
-    METHOD_NAMES, UserError, counted, load_requests, positive_int, require_matplotlib, save_figure, seed_int, set_threads,
-    write_json, write_text)
+    METHOD_NAMES, UserError, callers_threads_kept, counted, load_requests, positive_int, require_matplotlib, save_figure,
+    seed_int, set_threads, write_json, write_text)
 from dcedit_kernels.capture import resolve_modules  # noqa: E402
 from dcedit_kernels.editor_cache import cache_dir, random_routing_twin, trained_editor  # noqa: E402
 from dcedit_kernels.ft_baseline import locality_texts  # noqa: E402
@@ -443,16 +443,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     t_start = time.perf_counter()
-    # The caller's thread count back on return, as dcedit's main() does: _run sets --threads (1 on a
-    # 2-core machine), and called from Python (test_report's runs) main() left the process on it.
-    threads = torch.get_num_threads()
-    try:
-        return _run(args, t_start)
-    except UserError as exc:
-        print(f"report: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        torch.set_num_threads(threads)
+    with callers_threads_kept():  # _run sets --threads: called from Python, main() left the process on it
+        try:
+            return _run(args, t_start)
+        except UserError as exc:
+            print(f"report: error: {exc}", file=sys.stderr)
+            return 2
 
 
 def _run(args, t_start) -> int:

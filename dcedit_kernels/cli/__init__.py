@@ -31,13 +31,12 @@ import time
 import warnings
 from typing import Sequence
 
-import torch
-
 from .._checks import SEED_RANGE
 from ..models import DTYPES
 from .commands import COMMANDS, cmd_edit, cmd_evaluate, cmd_train
-from .inputs import (check_count, default_layers, detect_format, editable_layers, greedy_completions,
-                     load_any_model, load_requests, parse_layers, require_matplotlib, set_threads, shown)
+from .inputs import (callers_threads_kept, check_count, default_layers, detect_format, editable_layers,
+                     greedy_completions, load_any_model, load_requests, parse_layers, require_matplotlib, set_threads,
+                     shown)
 from .messages import counted, in_cli_terms, show_warning
 from .methods import EDITOR_METHODS, METHOD_NAMES
 from .options import (METRICS_HELP, build_parser, editor_kwargs, parse_sizes, positive_int, rate,
@@ -47,7 +46,8 @@ from .user_error import UserError
 
 __all__ = [
     "COMMANDS", "DTYPES", "EDITOR_METHODS", "METHOD_NAMES", "METRICS_HELP", "SEED_RANGE", "UserError",
-    "build_parser", "check_count", "counted", "check_inputs", "check_out", "cmd_edit", "cmd_evaluate", "cmd_train",
+    "build_parser", "callers_threads_kept", "check_count", "counted", "check_inputs", "check_out", "cmd_edit",
+    "cmd_evaluate", "cmd_train",
     "default_layers", "detect_format", "editable_layers", "editor_kwargs", "greedy_completions",
     "in_cli_terms", "load_any_model", "load_requests", "main", "parse_layers", "parse_sizes",
     "positive_int", "rate", "require_matplotlib", "save_figure", "seed_int", "set_threads", "shown",
@@ -102,39 +102,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.seed = 0
     _expand_home(args)
     start = time.perf_counter()
-    # The caller's thread count back on return: called from Python (a notebook, the tests) main()
-    # left the whole process on its command's --threads (1 on a 2-core machine).
-    threads = torch.get_num_threads()
-    try:
-        out = train_out(args) if args.command == "train" else args.out
-        if args.command != "train" or os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 saves
-            if out:
-                check_out(out)
-            check_inputs(args, out)
-        set_threads(args.threads)
-        with warnings.catch_warnings():  # filters a command adds (`_model_editor`) end with it
-            # catch_warnings puts the caller's showwarning back
-            warnings.showwarning = functools.partial(show_warning, shown=warnings.showwarning)
-            result = COMMANDS[args.command](args)
-        if args.out and args.command != "train":
-            write_json(args.out, dict(result, elapsed_s=time.perf_counter() - start))
-            print(f"wrote {args.out}")
-    except UserError as exc:
-        print(f"dcedit: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        # A Ctrl-C of a training run ended in a traceback into train.py's loop, which said nothing
-        # of the one thing to do next: resume (`fit` checkpoints atomically: the last one is whole).
-        print(f"dcedit: interrupted{_resume_hint(args)}", file=sys.stderr)
-        return 130  # the shell's status for SIGINT
-    except OSError as exc:
-        # A path the checks above let through (a name too long, a folder that refuses a file):
-        # its str names the file, so one line says it all.  An OSError that names no file (a
-        # socket, a device, a library's own) keeps its traceback: that is where it came from.
-        if exc.filename is None:
-            raise
-        print(f"dcedit: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        torch.set_num_threads(threads)
+    with callers_threads_kept():  # set_threads below: called from Python, main() left the process on --threads
+        try:
+            out = train_out(args) if args.command == "train" else args.out
+            if args.command != "train" or os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 saves
+                if out:
+                    check_out(out)
+                check_inputs(args, out)
+            set_threads(args.threads)
+            with warnings.catch_warnings():  # filters a command adds (`_model_editor`) end with it
+                # catch_warnings puts the caller's showwarning back
+                warnings.showwarning = functools.partial(show_warning, shown=warnings.showwarning)
+                result = COMMANDS[args.command](args)
+            if args.out and args.command != "train":
+                write_json(args.out, dict(result, elapsed_s=time.perf_counter() - start))
+                print(f"wrote {args.out}")
+        except UserError as exc:
+            print(f"dcedit: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            # A Ctrl-C of a training run ended in a traceback into train.py's loop, which said nothing
+            # of the one thing to do next: resume (`fit` checkpoints atomically: the last one is whole).
+            print(f"dcedit: interrupted{_resume_hint(args)}", file=sys.stderr)
+            return 130  # the shell's status for SIGINT
+        except OSError as exc:
+            # A path the checks above let through (a name too long, a folder that refuses a file):
+            # its str names the file, so one line says it all.  An OSError that names no file (a
+            # socket, a device, a library's own) keeps its traceback: that is where it came from.
+            if exc.filename is None:
+                raise
+            print(f"dcedit: error: {exc}", file=sys.stderr)
+            return 2
     return 0

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -46,6 +47,18 @@ def set_threads(threads: int | None) -> int:
         raise UserError(f"--threads must be a positive int, got {threads!r}")
     torch.set_num_threads(threads)
     return threads
+
+
+@contextlib.contextmanager
+def callers_threads_kept():
+    """torch's thread count back as the caller had it when the block ends: a program's main() sets
+    --threads (`set_threads`: 1 on a 2-core machine), and called from Python (a notebook, the tests)
+    it left the whole process on it."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def editable_layers(model) -> list[str]:
