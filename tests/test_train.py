@@ -1091,18 +1091,38 @@ def test_short_training_run_decreases_the_loss(arch, method, gen):
     assert all(p.grad is None for p in me.editors.parameters())
 
 
-def test_validation_early_stopping_and_best_restore(gen):
+def test_validation_early_stopping_and_best_restore(gen, monkeypatch):
+    """Early stopping on the real validation (evaluate_edits on the val requests): its records are
+    the history's, and a run whose first validation stays the best stops after patience more.
+    lr 0 does not keep the editors as they were: MEND's gradient normalizers update their running
+    statistics at every training step, so a later validation can score higher (seed 1529347879
+    improved at step 6 and stopped at step 10).  The real evaluation runs at every validation, and
+    its ES after the first is pinned to the first's, so that no draw improves on it."""
+    import dcedit_kernels.train as train_module
+
     model, tok = tiny_model("gpt2", seed=1)
     me = ModelEditor(model, tok, LAYERS["gpt2"], method="mend", rank=4, seed=1)
     requests = random_requests(gen, 6)
-    # lr 0: the editor never changes, so the first validation stays the best and patience runs out.
+    real, states = [], []
+
+    def first_es_kept(editor, val_requests, batch_size=4):
+        states.append({k: v.clone() for k, v in me.editors.state_dict().items()})
+        real.append(evaluate_edits(editor, val_requests, batch_size))
+        return dict(real[-1], es=real[0]["es"])
+
+    monkeypatch.setattr(train_module, "evaluate_edits", first_es_kept)
     config = TrainConfig(steps=20, batch_size=3, lr=0.0, lr_lr=0.0, val_every=2, patience=2, progress=False)
     result = me.fit(requests[:4], requests[4:], config)
     assert result.stopped_early and result.steps == 6
     assert [v["step"] for v in result.val_history] == [2, 4, 6]
-    assert result.best_step == 2 and result.best_es == result.val_history[0]["es"]
-    for key in ("es", "es_all", "nll"):
-        assert key in result.val_history[0]
+    assert [{k: v[k] for k in ("es_all", "nll")} for v in result.val_history] == [
+        {k: r[k] for k in ("es_all", "nll")} for r in real]
+    assert result.best_step == 2 and result.best_es == real[0]["es"] == result.val_history[0]["es"]
+    assert all(0.0 <= r["es"] <= 1.0 and math.isfinite(r["nll"]) for r in real)
+    # restore_best: the editors end as they were at step 2's validation (the normalizers' statistics
+    # included), not at step 6's.
+    assert any(not torch.equal(states[0][k], states[-1][k]) for k in states[0])
+    assert all(torch.equal(v, states[0][k]) for k, v in me.editors.state_dict().items())
 
 
 def test_fit_names_an_unknown_training_setting(gen):
