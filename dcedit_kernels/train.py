@@ -213,6 +213,7 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     # Running statistics merged across a data-parallel run's processes after every step: MEND's
     # factor norms and MoEditor's gate feature norms.
     norms = [n for e in me.editors.values() for n in (e.norm, getattr(e, "gate_norm", None)) if n is not None]
+    steps_before, skipped_before = result.steps, result.skipped_batches  # a resume's counts
     start = time.perf_counter()
     bar = tqdm(total=config.steps, initial=result.steps, disable=not config.progress or rank != 0,
                desc=f"train {me.method}")
@@ -281,6 +282,15 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
         # editors (Adam's moments go with the optimisers): a trained editor carries no .grad.
         for p in params:
             p.grad = None
+    skipped = result.skipped_batches - skipped_before
+    if skipped and rank == 0:
+        # Counted only, a run whose every batch overflowed (an fp16 GPT-2 past its GELU's range, README
+        # "fp16") returned untrained editors without a word.
+        batches = (result.steps - steps_before) * config.accumulate * size
+        warnings.warn(f"train_editor: {skipped} of this run's {batches} batches were skipped: their editor "
+                      "gradients were non-finite, unscaled too (an fp16 overflow, or a NaN the model gives for "
+                      "those inputs), so the editors did not train on them (TrainResult.skipped_batches)",
+                      stacklevel=2)
     if config.restore_best and best_state is not None:
         me.load_state_tensors(best_state)
     result.elapsed_s += time.perf_counter() - start

@@ -399,7 +399,9 @@ def test_a_batch_with_non_finite_gradients_is_skipped_and_counted(gen, monkeypat
     first = [requests[i] for i in _batch_indices(4, 2, config.seed, 0)]
     calls = _poison_batches(monkeypatch, {first[0].prompt})
     before = _editor_params(me)
-    result = me.fit(requests, config=config)
+    # And said: counted only, a run whose every batch was skipped returned untrained editors silently.
+    with pytest.warns(UserWarning, match=r"train_editor: 1 of this run's 2 batches were skipped: .*non-finite"):
+        result = me.fit(requests, config=config)
     assert result.skipped_batches == 1 and result.steps == 1
     assert [hit for _, hit in calls] == [True, True, False]  # the poisoned batch ran again unscaled, then skipped
     assert set(result.history[0]) == {"step", "loss", "edit", "kl", "balance"}
@@ -411,7 +413,8 @@ def test_a_batch_with_non_finite_gradients_is_skipped_and_counted(gen, monkeypat
     me2 = tiny_mend("gpt2", gen)
     _poison_batches(monkeypatch, {r.prompt for r in requests})
     before = _editor_params(me2)
-    result = me2.fit(requests, config=config)
+    with pytest.warns(UserWarning, match=r"2 of this run's 2 batches were skipped"):
+        result = me2.fit(requests, config=config)
     assert result.skipped_batches == 2 and result.history == [{"step": 1}]
     assert all(torch.equal(a, b) for a, b in zip(before, me2.editors.parameters()))
 
@@ -507,7 +510,8 @@ def test_a_resumed_run_counts_the_batches_skipped_before_its_checkpoint(gen, tmp
     _poison_batches(monkeypatch, {r.prompt for r in requests})  # every batch non-finite: one skipped per step
     config = TrainConfig(steps=1, batch_size=2, progress=False, seed=seed_from(gen), checkpoint_dir=str(tmp_path))
     assert me.fit(requests, config=config).skipped_batches == 1
-    resumed = me.fit(requests, config=config.replace(steps=2))
+    with pytest.warns(UserWarning, match=r"1 of this run's 1 batches were skipped"):  # the resume's own
+        resumed = me.fit(requests, config=config.replace(steps=2))
     assert resumed.resumed_from == 1 and resumed.skipped_batches == 2, resumed.skipped_batches
 
 
