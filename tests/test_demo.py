@@ -181,6 +181,10 @@ def test_deal_disjoint_neighbours_checks_its_arguments():
 # evaluate_method / measure_edit on a tiny model
 # ---------------------------------------------------------------------------------------------
 def _tiny_requests(n, rng):
+    """n requests drawn from `rng`.  Tests that want random ones pass
+    random.Random(random.getrandbits(32)), seeded from Python's `random`, which conftest seeds with the
+    logged seed, so DCEDIT_TEST_SEED replays them (an unseeded random.Random() drew other requests on
+    each run, the logged seed replaying none)."""
     words = ["red", "blue", "green", "stone", "river", "cloud", "iron", "salt"]
     out = []
     for i in range(n):
@@ -202,7 +206,7 @@ def _assert_same(model, snapshot):
 @pytest.mark.parametrize("method", ["ft", "mend", "moeditor"])
 def test_evaluate_method_on_tiny_model(method):
     model, tok = tiny_model("llama", seed=random.randrange(1000))
-    rng = random.Random()
+    rng = random.Random(random.getrandbits(32))
     requests = _tiny_requests(13, rng)  # odd count: samples of 3 and 5 out of 13
     layers = ["model.layers.1.mlp.down_proj", "model.layers.0.mlp.up_proj"]
     kwargs = dict(ft_steps=2) if method == "ft" else dict(rank=4)
@@ -265,7 +269,7 @@ def test_edit_statistics_leaves_the_model_and_editors_as_they_were():
     the editors keep their train/eval mode, and the shift norm is |α|·‖Δ‖ of the edit `apply`
     would make (its weight change, measured)."""
     model, tok = tiny_model("llama", seed=random.randrange(1000))
-    requests = _tiny_requests(7, random.Random())
+    requests = _tiny_requests(7, random.Random(random.getrandbits(32)))
     layers = ["model.layers.1.mlp.down_proj", "model.layers.0.mlp.down_proj"]
     me = ModelEditor(model, tok, layers=layers, method="moeditor", n_editors=3, rank=4)
     me.train()
@@ -288,7 +292,7 @@ def test_edit_statistics_leaves_the_model_and_editors_as_they_were():
 
 def test_evaluate_method_accepts_a_model_editor_and_checks_arguments():
     model, tok = tiny_model("gpt2", seed=random.randrange(1000))
-    requests = _tiny_requests(6, random.Random())
+    requests = _tiny_requests(6, random.Random(random.getrandbits(32)))
     me = ModelEditor(model, tok, layers=["transformer.h.1.mlp.c_proj"], method="mend", rank=3)
     result = evaluate_method(model, tok, me, requests, n_edits=4, repeats=1, progress=False)
     assert result["by_n"][4]["es"]["std"] == 0.0
@@ -349,7 +353,7 @@ def test_measure_edit_that_fails_after_the_apply_undoes_it(where, monkeypatch):
     else:
         monkeypatch.setattr(metrics, "reliability", fails)
     with pytest.raises(RuntimeError, match="simulated"):
-        measure_edit(me, _tiny_requests(2, random.Random()))
+        measure_edit(me, _tiny_requests(2, random.Random(random.getrandbits(32))))
     _assert_same(model, before)
     assert not me._live
 
@@ -358,7 +362,7 @@ def test_measure_edit_holds_the_scored_locality_prompts_out_of_the_edit():
     """FT+KL would otherwise fit its KL to the prompts DD is scored on: the method gets the requests
     without locality, FT+KL regularises on its `locality_texts`, and DD and NS are still scored."""
     model, tok = tiny_model("llama", seed=random.randrange(1000))
-    requests = _tiny_requests(4, random.Random())
+    requests = _tiny_requests(4, random.Random(random.getrandbits(32)))
     assert all(r.locality is not None for r in requests)
     texts = ["Some unrelated text for the KL term.", "Another sentence to hold in place."]
     me = ModelEditor(model, tok, layers=["model.layers.1.mlp.down_proj"], method="ft_kl", ft_steps=2,
@@ -378,7 +382,7 @@ def test_measure_edit_holds_the_scored_locality_prompts_out_of_the_edit():
 
 def test_gradient_conflict_and_summarize():
     model, tok = tiny_model("llama", seed=random.randrange(1000))
-    requests = _tiny_requests(5, random.Random())
+    requests = _tiny_requests(5, random.Random(random.getrandbits(32)))
     layers = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj"]
     out = gradient_conflict(model, tok, layers, requests)
     assert set(out) == set(layers)
@@ -1607,7 +1611,7 @@ def test_gradient_conflict_of_a_tied_head_is_that_of_the_heads_own_use():
 
     model, tok = tiny_model("gpt2", seed=random.randrange(1000), dtype=torch.float64)
     model.lm_head.weight = model.transformer.wte.weight
-    requests = _tiny_requests(5, random.Random())
+    requests = _tiny_requests(5, random.Random(random.getrandbits(32)))
     out = gradient_conflict(model, tok, ["lm_head"], requests)["lm_head"]
     weight, grads = model.lm_head.weight, []
     for r in requests:
