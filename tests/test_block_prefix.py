@@ -930,12 +930,18 @@ def test_state_passed_besides_the_hidden_state_is_caught(kind, gen):
     assert_same(reused, same_passes)
     assert_same(again, same_passes)
     # Against the passes of reuse_prefix=False: the same up to what other pass widths change (Gemma
-    # 4's float64 gradients moved by up to 6e-6 of their largest entry over 6 seeds and 1.1e-4 of
-    # one in a test run, the same with the prefix not reused; the reused run was bit-identical to
-    # the same passes without it).
+    # 4's RMSNorm computes in fp32 in a float64 model; the same with the prefix not reused; the
+    # reused run was bit-identical to the same passes without it).  Each gradient within 1e-3 of its
+    # own largest entry, or within 1e-5 of the largest entry of all the gradients: MEND's α gets
+    # Σ_ij (∂L/∂W)_ij Δ_ij, a sum over the whole shift that can cancel (seed 48: 1.2e-5 of the
+    # largest entry, moved by 1.65e-3 of itself, 2e-8 of the largest entry; the own-entry bound
+    # alone failed).  Gemma 4 over seeds 1-300: the other parameters within 7.2e-7 of their own
+    # largest entry; α within 1.65e-3 of its own (99th percentile 2.3e-4) and 2.3e-7 of the
+    # largest of all (seed 204).
     assert torch.allclose(reused[0], full[0], rtol=1e-9, atol=0)
+    top = max(float(y.abs().max()) for y in full[1])
     for x, y in zip(reused[1], full[1]):
-        assert float((x - y).abs().max()) <= 1e-3 * float(y.abs().max())
+        assert float((x - y).abs().max()) <= max(1e-3 * float(y.abs().max()), 1e-5 * top)
 
 
 def _kept_pass(model, prefix, ids):
