@@ -298,6 +298,18 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
                                  "the ModelEditor was built, e.g. by resize_token_embeddings): an edit would change "
                                  "a module the model no longer runs; build the ModelEditor again")
 
+    def _check_layers_still_editable(self) -> None:
+        """What apply and fit check again about the edited layers before they start: the model may
+        have changed since the constructor checked.  One list for both, so a new check reaches both
+        (the tie check was added to apply and, in a second change, to fit)."""
+        self._check_modules_in_model()  # a layer replaced since: its edit would miss the model
+        # Offloaded since (accelerate's cpu_offload/disk_offload of the model after the ModelEditor was
+        # built): the shift went to a "meta" tensor and failed with NotImplementedError, and FT said the
+        # layer got no gradient.
+        self._check_resident()
+        self._check_weight_parameters()  # an edit would change nothing the model reads
+        self._check_untied()  # a weight tied since (allow_tied False): an edit would change both
+
     def _check_untied(self) -> None:
         """Unless allow_tied: ValueError naming an edited layer whose weight another parameter shares
         (`check_untied`).  Run again by apply and fit: a tie made after the constructor checked (the
@@ -548,13 +560,7 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         """`apply`, this thread the only one editing the model."""
         requests = validate_requests(requests)
         check_autograd("ModelEditor.apply", "its capture (or fine-tuning)", self.model)
-        # Offloaded since the constructor checked (accelerate's cpu_offload/disk_offload of the model
-        # after the ModelEditor was built): the shift went to a "meta" tensor and failed with
-        # NotImplementedError, and FT said the layer got no gradient.
-        self._check_modules_in_model()
-        self._check_resident()
-        self._check_weight_parameters()
-        self._check_untied()
+        self._check_layers_still_editable()
         devices = self.devices
         _peak_memory_start(devices)
         start = time.perf_counter()

@@ -360,10 +360,7 @@ def _check_trainable(me: ModelEditor) -> None:
     check_not_inference_editors(me)
     check_editors_require_grad(me)
     check_trainable_dtypes(me)
-    me._check_modules_in_model()  # a layer replaced since: its validation edits would miss the model
-    me._check_resident()  # an edited layer offloaded since the constructor checked: refused before any step
-    me._check_weight_parameters()  # its validation edits would change nothing the model reads
-    me._check_untied()  # a weight tied since (allow_tied False): its validation edits would change both
+    me._check_layers_still_editable()  # as apply: its validation edits are applies; refused before any step
 
 
 def check_not_inference_editors(me: ModelEditor) -> None:
