@@ -571,26 +571,53 @@ def test_dcedit_train_gives_the_excepthook_back_when_it_leaves_the_group(monkeyp
             dist.destroy_process_group()
 
 
-def test_dcedit_train_under_torchrun_checks_out_on_rank_0_only(monkeypatch, tmp_path):
-    """Under torchrun rank 0 alone saves the editor, so main() checks --out (and --out against the
-    input files) on RANK 0 only: check_out creates the file to see that it can be written and removes
-    it again, and N processes doing so at once could remove one another's file.  The guard is train's
-    alone: `edit` checks on every rank."""
+def test_under_torchrun_rank_0_alone_checks_and_writes_out(monkeypatch, tmp_path, capsys):
+    """Under torchrun rank 0 alone saves train's editor and writes edit's and evaluate's --out, so
+    main() checks --out (and --out against the input files) on RANK 0 only: check_out creates the
+    file to see that it can be written and removes it again, and N processes doing so at once
+    removed one another's file ("cannot be written (No such file or directory)").  edit and evaluate
+    checked and wrote --out on every rank, and printed "wrote" once per process (their processes
+    join no group: each runs the whole command).  Every rank still checks the --editor it reads."""
     from dcedit_kernels import cli
 
-    checked = []
+    checked, written = [], []
     monkeypatch.setattr(cli, "check_out", lambda out: checked.append("out"))
-    monkeypatch.setattr(cli, "check_inputs", lambda args, out: checked.append("inputs"))
-    monkeypatch.setitem(cli.COMMANDS, "train", lambda args: {})
-    monkeypatch.setitem(cli.COMMANDS, "edit", lambda args: {})
-    monkeypatch.setattr(cli, "write_json", lambda *a: None)
-    out = str(tmp_path / "e.safetensors")
-    for command, rank, expected in (("train", "1", []), ("train", "0", ["out", "inputs"]),
-                                    ("edit", "1", ["out", "inputs"])):
-        monkeypatch.setenv("RANK", rank)
-        checked.clear()
-        assert cli.main([command, "--out", out]) == 0
-        assert checked == expected, (command, rank, checked)
+    monkeypatch.setattr(cli, "check_inputs", lambda args, out: checked.append(("inputs", out)))
+    monkeypatch.setattr(cli, "write_json", lambda path, data: written.append(path))
+    for command in cli.COMMANDS:
+        monkeypatch.setitem(cli.COMMANDS, command, lambda args: {})
+    out = str(tmp_path / "e.out")
+    for command in ("train", "edit", "evaluate"):
+        for rank in ("0", "1"):
+            monkeypatch.setenv("RANK", rank)
+            checked.clear()
+            written.clear()
+            assert cli.main([command, "--out", out]) == 0
+            expected = ["out", ("inputs", out)] if rank == "0" else [("inputs", None)]
+            assert checked == expected, (command, rank, checked)
+            assert written == ([out] if rank == "0" and command != "train" else []), (command, rank, written)
+            assert capsys.readouterr().out == (f"wrote {out}\n" if written else ""), (command, rank)
+
+
+def test_dcedit_edit_under_torchrun_writes_out_once(tmp_path):
+    """`torchrun --nproc_per_node 2 -m dcedit_kernels.cli edit ... --out R.json`: each process runs the
+    edit (they share no work), rank 0 alone writes the record and says so."""
+    import subprocess
+
+    model_dir = tmp_path / "tiny"
+    model, tok = tiny_model("llama", seed=0)
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "edit.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "dcedit_kernels.cli", "edit", "--model", str(model_dir), "--prompt", "The river flows into",
+               "--target", " the sea", "--out", str(out)]
+    run = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("wrote ") == 1 and run.stdout.count(f"wrote {out}\n") == 1, run.stdout
+    assert json.loads(out.read_text())["edits"][0]["target"] == " the sea"
+    assert [p.name for p in tmp_path.iterdir() if p.name != "tiny"] == ["edit.json"]  # no temporary file left
 
 
 def test_training_in_a_process_group_without_data_parallel_warns(monkeypatch):
