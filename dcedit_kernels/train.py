@@ -147,13 +147,16 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
         (train_requests, val_requests), error = _attempt(checked_requests, size, (None, None))
     else:
         train_requests = val_requests = None
+    # The two warnings below are about the requests and settings, the same on every process of a
+    # data-parallel run (agree_on_start refuses any other): said by rank 0 alone, as the skipped
+    # batches are; torchrun's W processes printed each W times.
     if val_requests is not None and config.val_size is not None:
-        if config.val_size > len(val_requests):
+        if config.val_size > len(val_requests) and rank == 0:
             # Validated on all of them, fewer than asked for: the ES a run reports is over those.
             warnings.warn(f"train_editor: val_size {config.val_size} is larger than the {len(val_requests)} "
                           f"val_requests: validation uses all {len(val_requests)} of them", stacklevel=2)
         val_requests = val_requests[: config.val_size]
-    if train_requests is not None and config.batch_size > len(train_requests):
+    if train_requests is not None and config.batch_size > len(train_requests) and rank == 0:
         # The batches hold every request then (`_batch_indices`): the editors see a smaller batch
         # than asked for, which matters under loss_reduction="token" (factors scale as 1/N).
         warnings.warn(f"train_editor: batch_size {config.batch_size} is larger than the {len(train_requests)} "

@@ -733,6 +733,60 @@ def test_a_config_invalid_on_one_process_is_shared_before_it_raises(monkeypatch)
     assert len(sent) == 1 and sent[0][0] == "ValueError: lr must be a non-negative finite number, got -1.0", sent
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_warnings_about_the_runs_requests_come_from_rank_0_alone(monkeypatch, rank):
+    """train_editor's warnings about its requests and settings (a batch_size larger than the training
+    requests, a val_size larger than val_requests) say the same on every process of a data-parallel
+    run, whose requests and settings agree_on_start holds equal: torchrun's W processes printed each
+    W times; rank 0 alone says them now, as it says the skipped batches.  This process plays `rank`;
+    its peer fails to start, so the run ends in agree_on_start, after the warnings."""
+    import warnings
+
+    distributed = _with_a_peer(monkeypatch, rank, [("OSError: the peer's", 0, {})])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(distributed.PeerFailure, match=f"rank {1 - rank}: OSError: the peer's"):
+            train_editor(_editor("mend", {}), _requests(1, 4), _requests(2, 2),
+                         TrainConfig(steps=1, batch_size=8, val_size=5, progress=False, data_parallel=True))
+    said = sorted(str(w.message) for w in caught if str(w.message).startswith("train_editor: "))
+    if rank == 0:
+        assert len(said) == 2, said
+        assert said[0].startswith("train_editor: batch_size 8 is larger than the 4 training requests"), said
+        assert said[1].startswith("train_editor: val_size 5 is larger than the 2 val_requests"), said
+    else:
+        assert said == [], said
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_the_cli_notes_about_its_inputs_come_from_rank_0_alone(monkeypatch, capsys, tmp_path, tiny_model_dir, rank):
+    """Under torchrun every process reads the same --data and builds the same editor: the notes about
+    them (a data file's blank records, an untrained editor of `edit --method mend`) were printed once
+    per process; rank 0 alone prints them now.  The library's UserWarning that the note replaces
+    stays silenced on every rank, and an error is still every rank's own."""
+    import warnings
+
+    from dcedit_kernels import cli
+    from test_demo import _counterfact_file
+
+    monkeypatch.setenv("RANK", rank)
+    zsre = tmp_path / "zsre.json"
+    zsre.write_text(json.dumps([dict(src=f"Question {i}?", alt="" if i == 1 else f"answer {i}", rephrase=f"Q {i}?",
+                                     loc=f"nq question: q{i}", loc_ans=f"a{i}", subject=f"s{i}") for i in range(3)]))
+    assert len(cli.load_requests(str(zsre), None)) == 2
+    note = "1 record(s) with a blank prompt or target left out (record 1)"
+    assert (note in capsys.readouterr().err) == (rank == "0")
+    data = _counterfact_file(tmp_path / "cf.json", n=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(["edit", "--model", str(tiny_model_dir), "--method", "mend", "--data", str(data),
+                         "--n-edits", "1"]) == 0
+    err = capsys.readouterr().err
+    assert ("dcedit: note: --method mend without --editor edits with an untrained editor" in err) == (rank == "0")
+    assert not [w for w in caught if "at their initialisation" in str(w.message)]
+    assert cli.main(["edit", "--model", str(tiny_model_dir), "--prompt", "a", "--target", "b", "--n-edits", "1"]) == 2
+    assert "dcedit: error: --n-edits goes with --data" in capsys.readouterr().err
+
+
 def test_average_gradients_averages_over_the_processes_and_leaves_a_grad_nobody_has_none(monkeypatch, gen):
     """A param with a grad on the other process only gets half of it; one without a grad on any keeps
     None (the optimisers skip it, as in one process: a zero grad would still move Adam's moments)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .inputs import check_count, greedy_completions, load_any_model, load_requests, parse_layers, shown
-from .messages import counted, in_cli_terms, non_finite_edit
+from .messages import counted, in_cli_terms, non_finite_edit, rank0
 from .methods import EDITOR_METHODS, METHOD_NAMES
 from .options import editor_kwargs, parse_sizes
 from .output_files import check_checkpoint_dir, train_out
@@ -55,10 +55,11 @@ def _model_editor(args, model, tokenizer):
         # apply's UserWarning says this for the Python API ("fit", "ModelEditor.load") under a source
         # line; a user trial of `dcedit edit --method mend` got that.  Said once, in the CLI's terms
         # (main's catch_warnings drops the filter again).
-        print(f"dcedit: note: --method {args.method} without --editor edits with an untrained editor, "
-              "which takes about one gradient step and rarely changes a prediction: train one with "
-              f"`dcedit train --method {args.method} --out EDITOR.safetensors`, then pass "
-              "--editor EDITOR.safetensors", file=sys.stderr, flush=True)
+        if rank0():
+            print(f"dcedit: note: --method {args.method} without --editor edits with an untrained editor, "
+                  "which takes about one gradient step and rarely changes a prediction: train one with "
+                  f"`dcedit train --method {args.method} --out EDITOR.safetensors`, then pass "
+                  "--editor EDITOR.safetensors", file=sys.stderr, flush=True)
         warnings.filterwarnings("ignore", message=r"ModelEditor\.apply: the .* editors are at their initialisation",
                                 category=UserWarning)
     return me

@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from ..models import DTYPES  # --dtype's names: the map `load_model(dtype=)` takes too
+from .messages import rank0
 from .user_error import UserError, check_path
 
 # Names of the MLP's output projection in the model families transformers ships (Llama/Mistral/
@@ -214,7 +215,7 @@ def load_requests(path: str | None, limit: int | None = None, flag: str = "--dat
             gone = set(skipped)
             kept = [i for i in range(len(requests) + len(skipped)) if i not in gone]
             requests, skipped = requests[:limit], [i for i in skipped if i < kept[limit - 1]]
-        if skipped:  # the counts a report prints would not add up without it (998 of zsRE's 1,000)
+        if skipped and rank0():  # the counts a report prints would not add up without it (998 of zsRE's 1,000)
             shown = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
             print(f"note: {path}: {len(skipped)} record(s) with a blank prompt or target left out "
                   f"(record {shown})", file=sys.stderr, flush=True)

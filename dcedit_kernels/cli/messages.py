@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -134,3 +135,10 @@ def in_cli_terms(message: str) -> str:
 def counted(n: int, noun: str) -> str:
     """"1 step", "2 steps": the programs' counts (--repeats 1 printed "1 repeats")."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def rank0() -> bool:
+    """False in a process that torchrun started with RANK > 0.  A note about the inputs, which every
+    process reads alike (a data file's blank records, an untrained editor), is printed by rank 0
+    alone: torchrun's W processes printed it W times.  An error stays every process's own."""
+    return os.environ.get("RANK", "0") == "0"
