@@ -65,6 +65,7 @@ import contextlib
 import torch
 
 from .block_prefix import PrefixReuse
+from .capture import frozen_parameters
 from .ft_baseline import locality_texts
 from .length_buckets import plan_passes, run_in_passes
 from .lowrank_layers import lowrank_edited
@@ -139,7 +140,21 @@ def batch_edits(me: ModelEditor, requests: list[EditRequest]) -> dict:
 def loss_from_edits(me: ModelEditor, requests: list[EditRequest], edits: dict, config: TrainConfig):
     """(loss, parts): the training loss of these edits, from one edited forward pass (or passes of
     rows of similar length: `TrainConfig.length_buckets`); `parts` holds its terms' values and
-    `edit_tokens`, the number of target tokens L_edit averages over."""
+    `edit_tokens`, the number of target tokens L_edit averages over.  The loss is differentiable in
+    the edits (the editors) only: the model's own parameters record no graph, whatever their
+    requires_grad (flags restored on return)."""
+    # Frozen here, as train_editor freezes them around its whole loop: called on its own (a model
+    # loaded with requires_grad=True weights, the default), the edited pass recorded every model
+    # weight, so that the loss's backward filled all of the model's .grad (a tiny GPT-2: 29 of its
+    # 29 parameters) and held the graph for them, besides turning `reuse_prefix` off (block_prefix
+    # refuses lower blocks whose weights require grad).  The editors' gradients are those of the
+    # frozen model, which the loop trains with.
+    with frozen_parameters(me.model):
+        return _loss_from_edits(me, requests, edits, config)
+
+
+def _loss_from_edits(me: ModelEditor, requests: list[EditRequest], edits: dict, config: TrainConfig):
+    """`loss_from_edits` with the model's parameters frozen by the caller."""
     model = me.model
     rows = eval_rows(me, requests, config)
     is_edit, loc_rows = rows["is_edit_row"], ~rows["is_edit_row"]

@@ -811,6 +811,44 @@ def test_batch_edits_and_loss_under_no_grad_are_differentiable_in_the_editors(ge
     for g, w in zip(got, want):
         assert (g is None) == (w is None) and (g is None or torch.equal(g, w))
 
+@pytest.mark.parametrize("arch,method", [("gpt2", "mend"), ("llama", "proeditor")])
+def test_batch_loss_fills_no_model_gradient(gen, arch, method):
+    """batch_loss on a model whose weights require grad (load_model's and from_pretrained's
+    default) gives gradients to the editors only: its backward filled every model weight's .grad
+    (a tiny GPT-2's 29 of 29), a model-sized copy left in the user's model.  The requires_grad
+    flags come back as they were (one frozen by the caller stays frozen), and the loss and the
+    editors' gradients are those of the loop's frozen model (train_editor freezes it around its
+    steps).  ProEditor: the Fisher-masked dense path."""
+    from dcedit_kernels.capture import frozen_parameters
+
+    model, tok = tiny_model(arch, seed=seed_from(gen))
+    kwargs = {"fisher_keep": 0.5} if method == "proeditor" else {}
+    me = ModelEditor(model, tok, LAYERS[arch], method=method, rank=4, edit_lr=0.3, seed=1, **kwargs)
+    for editor in me.editors.values():
+        randomize_editor(editor, gen)
+    me.editors.eval()  # frozen running norms: both calls see the same editors
+    names = [n for n, _ in model.named_parameters()]
+    model.get_parameter(names[0]).requires_grad_(False)  # a caller's own choice, kept
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    requests = random_requests(gen, 3)
+    params = list(me.editors.parameters())
+    with frozen_parameters(model):
+        want_loss, _ = batch_loss(me, requests, TrainConfig())
+        want = torch.autograd.grad(want_loss, params, allow_unused=True)
+    loss, _ = batch_loss(me, requests, TrainConfig())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    loss.backward()
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == []
+    assert torch.allclose(loss.detach(), want_loss.detach(), rtol=1e-6, atol=0)
+    got = [p.grad for p in params]
+    assert any(g is not None and bool(g.any()) for g in got)
+    top = max(float(g.abs().max()) for g in want if g is not None)
+    for g, w in zip(got, want):
+        assert (g is None) == (w is None)
+        if g is not None:
+            assert torch.allclose(g, w, rtol=1e-5, atol=1e-6 * top)
+
+
 # ---------------------------------------------------------------------------------------------
 # ProEditor's Fisher mask in the training pass (TrainConfig.fisher_mask)
 # ---------------------------------------------------------------------------------------------
