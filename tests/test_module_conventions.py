@@ -55,6 +55,67 @@ def test_a_seeded_editor_built_on_meta_then_loaded_edits_as_the_one_built_on_the
         assert torch.equal(a.edit_group, b.edit_group) and torch.equal(a.dense(), b.dense())
 
 
+def strict_draws(monkeypatch):
+    """torch's draws made as strict on every device as on a GPU: a generator of another device than
+    the tensor drawn into raises torch's CUDA error ("Expected a 'cuda' device type for generator
+    but found 'cpu'"), where a draw into a "meta" tensor takes any generator.  With "meta" standing
+    for the GPU, the CPU machine runs what a GPU default device runs."""
+    real_uniform, real_randn = torch.Tensor.uniform_, torch.randn
+
+    def check(device, generator):
+        if generator is not None and torch.device(device).type != generator.device.type:
+            raise RuntimeError(f"Expected a '{torch.device(device).type}' device type for generator but found "
+                               f"'{generator.device.type}'")
+
+    def uniform_(self, *args, generator=None, **kwargs):
+        check(self.device, generator)
+        return real_uniform(self, *args, generator=generator, **kwargs)
+
+    def randn(*size, generator=None, device=None, **kwargs):
+        check(device if device is not None else torch.get_default_device(), generator)
+        return real_randn(*size, generator=generator, device=device, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "uniform_", uniform_)
+    monkeypatch.setattr(torch, "randn", randn)
+
+
+@pytest.mark.parametrize("method", [*EDITOR_KINDS, "random_with_psi"])
+def test_seeded_draws_run_on_their_generators_device(method, gen, monkeypatch):
+    """A seeded editor's generator is a CPU one, and its initial v (and ψ's first layer) were drawn
+    into tensors on torch's default device: under torch.set_default_device("cuda") (or `with
+    torch.device("cuda"):`) the build raised torch's "Expected a 'cuda' device type for generator
+    but found 'cpu'".  Likewise noisy_topk_gate's noise, drawn on the features' device from the
+    generator given.  Each draw now runs on its generator's device and is copied (moved) where it
+    goes.  No GPU here: "meta" stands for it, with torch's draws as strict as a GPU's
+    (`strict_draws`; before the fix the build raised there, as on a GPU)."""
+    from dcedit_kernels import ops
+    from dcedit_kernels.editors import GroupedEditor
+
+    def build(seed):
+        if method == "random_with_psi":  # ψ's first layer draws from the generator too
+            d_in, d_out = OP_CASE_DIMS["d_in"], OP_CASE_DIMS["d_out"]
+            return GroupedEditor(d_in, d_out, n_editors=3, rank=3, routing="random", generator="token", seed=seed)
+        return small_editor(method, seed=seed)
+
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    on_cpu = build(seed)
+    strict_draws(monkeypatch)
+    with torch.device("meta"):
+        elsewhere = build(seed)
+    assert all(p.is_meta for p in elsewhere.parameters())
+    # The same draws as on the CPU: the routing generator (which drew v) is where the CPU build left it.
+    assert torch.equal(elsewhere.route_generator.get_state(), on_cpu.route_generator.get_state())
+
+    E, f, G = 5, 4, 3
+    feats, w = torch.randn(E, f, device="meta"), torch.randn(f, G, device="meta")
+    g = torch.Generator().manual_seed(seed)
+    gates, chosen, loss = ops.noisy_topk_gate(feats, w, w, k=2, training=True, generator=g)
+    assert gates.is_meta and chosen.is_meta and loss.is_meta
+    want = torch.Generator().manual_seed(seed)
+    torch.randn(E, G, generator=want)  # the noise's one draw, on the CPU
+    assert torch.equal(g.get_state(), want.get_state())
+
+
 def test_a_train_results_repr_summarises_its_histories():
     """`editor.fit(...)` as a notebook cell's last line prints its TrainResult: the dataclass's repr
     wrote out every step's dict (26 KB for the README's 200 steps; here, 10,000 steps, 0.96 MB).  It shows

@@ -9,15 +9,20 @@ from ..reference.segments import group_ids
 
 
 def seeded_draw_(t: torch.Tensor, draw, generator: torch.Generator | None) -> torch.Tensor:
-    """`draw(t, generator)`, an in-place random initialisation of t, with the generator advanced
-    as on the CPU even where t is on "meta".  A meta tensor draws nothing and leaves the generator
-    where it was, so a seeded editor built on "meta" (then `to_empty` and `load_state_dict`, as one
-    builds a model skeleton) routed its edits from another state of its generator than the same
-    editor built on the CPU or loaded: other random groups.  There the same draws go to a CPU
-    scratch tensor of t's shape and dtype."""
-    if generator is not None and t.is_meta:
-        draw(torch.empty_like(t, device="cpu"), generator)
-    return draw(t, generator)
+    """`draw(t, generator)`, an in-place random initialisation of t, drawn on the generator's
+    device (the editors' seeded generator is a CPU one) and copied into t where t is elsewhere:
+    t's device is torch's default one, and torch draws into a CUDA tensor from a CUDA generator
+    only ("Expected a 'cuda' device type for generator but found 'cpu'"), so a seeded editor built
+    under torch.set_default_device("cuda") or `with torch.device("cuda"):` raised that.  Drawn on
+    the CPU, a seeded editor holds the same values wherever it is built.  On "meta" the copy is a
+    no-op, but the draw advances the generator as on the CPU: a meta draw draws nothing, so a
+    seeded editor built on "meta" (then `to_empty` and `load_state_dict`, as one builds a model
+    skeleton) routed its edits from another state of its generator than the same editor built on
+    the CPU or loaded: other random groups."""
+    if generator is None or t.device == generator.device:
+        return draw(t, generator)
+    with torch.no_grad():  # t may be a Parameter already
+        return t.copy_(draw(torch.empty_like(t, device=generator.device), generator))
 
 
 class ParameterGenerator(nn.Module):

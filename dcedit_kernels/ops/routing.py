@@ -40,7 +40,11 @@ def noisy_topk_gate(feats, w_gate, w_noise, k=1, training=True,
     feats, w_gate, w_noise = feats.to(acc), w_gate.to(acc), w_noise.to(acc)  # differentiable casts
     noise = None
     if training:
-        noise = torch.randn(feats.shape[0], G, generator=generator, device=feats.device, dtype=acc)
+        # Drawn on the generator's device, then moved to the features': torch draws on a device from
+        # that device's generator only, so a CPU generator (what GroupedEditor seeds) with features
+        # on a GPU raised torch's "Expected a 'cuda' device type for generator but found 'cpu'".
+        where = generator.device if generator is not None else feats.device
+        noise = torch.randn(feats.shape[0], G, generator=generator, device=where, dtype=acc).to(feats.device)
     return opcall("noisy_topk_gate")(feats, w_gate, w_noise, k, noise)
 
 
