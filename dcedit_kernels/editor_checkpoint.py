@@ -118,6 +118,14 @@ class EditorCheckpoints:
         A checkpoint from before `loss_reduction` existed (format 1) loads with "token": its
         editors were trained on factors of the batch-mean loss, and feeding them per-edit factors
         would change the scale their statistics and steps α were learned at.
+
+        The file's editor configs are checked against its tensors before anything is built: every
+        setting that sizes a tensor or brings one (rank, n_layers, n_editors, feat_dim, the running
+        norms, MoEditor's gate and gate_norm, ProEditor's ψ) must give exactly the tensors saved
+        (ValueError naming the file).  The settings that hold no tensor (fusion, top_k, fisher_keep,
+        ψ's "token" or "sentence"; edit_lr only set α's first value) cannot be checked that way and
+        load as the file says: a file edited to fisher_keep=null, in its editor_kwargs and its
+        editors alike, loads a ProEditor that edits without its Fisher mask, as one built so would.
         """
         from safetensors import SafetensorError
 

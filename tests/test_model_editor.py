@@ -3139,6 +3139,44 @@ def test_load_of_damaged_editor_kwargs_or_editor_configs_is_a_value_error_naming
         ModelEditor.load(path, me.model, me.tokenizer, capture_batch_size=0)
 
 
+@pytest.mark.parametrize("method, setting, value, refused", [
+    ("moeditor", "norm", False, r"unexpected keys \['norm\.k'"),
+    ("moeditor", "gate_norm", False, r"unexpected keys \['gate_norm\.k'"),
+    ("moeditor", "n_editors", 2, r"tensor editors\.\w+\.w_gate has shape \(\d+, 3\), expected \(\d+, 2\)"),
+    ("proeditor", "generator", None, r"unexpected keys \['psi\.fc1\.bias'"),
+    ("moeditor", "fusion", "add", None),
+    ("moeditor", "top_k", 1, None),
+    ("proeditor", "fisher_keep", None, None),
+])
+def test_load_checks_the_settings_that_bring_tensors_and_takes_those_that_hold_none(method, setting, value, refused,
+                                                                                    gen, tmp_path):
+    """What the README and ModelEditor.load's docstring say of a file edited by hand (in its
+    editor_kwargs and its editors alike, so that they agree): a setting that brings or sizes
+    tensors is checked against the file's tensors (ValueError naming the file); one that holds no
+    tensor loads as written (fisher_keep null: a ProEditor without its Fisher mask)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from dcedit_kernels.model_editor import CHECKPOINT_KEY
+
+    me = make_editor("llama", method, gen)
+    path, edited = tmp_path / "editor.safetensors", tmp_path / "edited.safetensors"
+    me.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads(f.metadata()[CHECKPOINT_KEY])
+    config["editor_kwargs"][setting] = value
+    for editor in config["editors"].values():
+        editor[setting] = value
+    save_file(load_file(str(path)), str(edited), metadata={CHECKPOINT_KEY: json.dumps(config)})
+    if refused is not None:
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(edited))}: .*{refused}"):
+            ModelEditor.load(edited, me.model, me.tokenizer)
+        return
+    loaded = ModelEditor.load(edited, me.model, me.tokenizer)
+    assert all(getattr(e, setting) == value for e in loaded.editors.values())
+    assert all(torch.equal(v, loaded.state_tensors()[k]) for k, v in me.state_tensors().items())
+
+
 def test_load_of_a_missing_checkpoint_or_a_folder_is_file_not_found_naming_it(tmp_path):
     """ModelEditor.load of a path where no file is (nothing there, or a folder such as the CLI's
     --out) raises FileNotFoundError naming the path, before safetensors opens it (a folder gave
