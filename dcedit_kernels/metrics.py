@@ -446,9 +446,13 @@ def factor_gram(mu: torch.Tensor, eta: torch.Tensor, edit_offsets: torch.Tensor,
     in float64 (a float64 Gram): the fp32 kernel of unscaled factors underflowed to 0 for tiny
     per-edit gradients (entries ~1e-24: cosine −1 read as no conflict, GMS 1 for norms 1 and 2)
     and overflowed for huge ones, as `_row_scaled_gram` avoids for gradient rows.  The diagonal
-    (each edit's norm², all that GMS reads) comes from the edit's own tokens in float64
-    (`_edit_norms_sq`): the fp32 kernel's rounding inflated the norm² of an edit whose token
-    gradients cancel.
+    (each edit's norm², all that GMS reads) comes from the edit's own tokens, a sum of squares in
+    float64 (`_edit_norms_sq`): never below zero, where the kernel's rounding inflated the norm² of
+    an edit whose token gradients cancel, or took it below zero.  Such an edit's products with the
+    other edits keep the fp32 kernel's rounding at the scale of its cancelled terms, so its pairs'
+    signs (GCR) are those of that rounding; that is the scale of the rounding the fp32 factors
+    already hold from the model's backward, so float64 products would not make those signs the
+    gradients' either.
     """
     check_tensor(mu, "mu", ndim=2)
     check_tensor(eta, "eta", ndim=2)
@@ -488,19 +492,23 @@ def factor_gram(mu: torch.Tensor, eta: torch.Tensor, edit_offsets: torch.Tensor,
     # Schwarz bound of gcr/gms's symmetry check, which refused the Gram (9,772 of 20,000 cases of
     # test_gms_of_an_edit_whose_token_gradients_cancel_is_a_number).
     gram = (gram + gram.t()).mul_(0.5)
-    gram.diagonal().copy_(_edit_norms_sq(mu, eta, edit_offsets, back, chunk))
+    gram.diagonal().copy_(_edit_norms_sq(mu, eta, edit_offsets, tok_exp, chunk))
     return gram
 
 
-def _edit_norms_sq(mu: torch.Tensor, eta: torch.Tensor, edit_offsets: torch.Tensor, back: torch.Tensor,
+def _edit_norms_sq(mu: torch.Tensor, eta: torch.Tensor, edit_offsets: torch.Tensor, tok_exp: torch.Tensor,
                    chunk: int) -> torch.Tensor:
-    """factor_gram's diagonal, ‖η_eᵀμ_e‖², from each edit's own token kernel in float64 (`mu`, `eta`:
-    the rows scaled by 2^-exponent, `back` the 2^exponent per token).  The fp32 kernel rounds at the
-    scale of its terms, so the norm² of an edit whose token gradients cancel was that rounding: at
-    100× the other edits' scale, up to 7× their largest norm² (GMS 0.88 where the float64 gradients
-    give 0.33) or as far below zero.  Products of fp32 factors are exact in float64; Σ_e T_e²·(o+i)
-    of them, a small share of the kernel's T²·(o+i), and no o×i matrix.  Edits of one token count
-    go through in batches of about `chunk` tokens (a loop over the edits took 0.45 ms an edit)."""
+    """factor_gram's diagonal, ‖η_eᵀμ_e‖² (`mu`, `eta`: the rows scaled by 2^-exponent, `tok_exp` each
+    token's exponent), as ‖R H‖_F² in float64, where M_eᵀ = QR (M_e: the edit's μ rows, H its η rows
+    times their token's 2^exponent over the edit's largest): η_eᵀμ_e = HᵀRᵀQᵀ and Q has orthonormal
+    columns.  A sum of squares, so never below zero, rounded at the scale of the gradient's entries.
+    The fp32 kernel rounded the norm² of an edit whose token gradients cancel at the scale of its terms
+    (at 100× the other edits' scale, up to 7× their largest norm², GMS 0.88 where the float64 gradients
+    give 0.33, or as far below zero); the float64 kernel Σ_{s,t} (η_s·η_t)(μ_s·μ_t) still rounds at the
+    scale of the squared terms (at 1000×: 7.0 where the gradient's norm² is 8.46, GMS 0.02 off, and
+    below zero when the gradient is exactly 0), QR's at that of the terms themselves.  The QR costs
+    2·T_e²·i, the kernel's bmm T_e²·(o+i), and no o×i matrix.  Edits of one token count go through in
+    batches of about `chunk` tokens (a loop over the edits took 0.45 ms an edit)."""
     bounds = edit_offsets.tolist()
     sq = torch.zeros(len(bounds) - 1, dtype=torch.float64, device=mu.device)
     by_count = {}
@@ -513,10 +521,14 @@ def _edit_norms_sq(mu: torch.Tensor, eta: torch.Tensor, edit_offsets: torch.Tens
             ids = edits[k:k + per]
             rows = torch.tensor([bounds[e] + t for e in ids for t in range(count)], device=mu.device)
             m, h = (x.index_select(0, rows).double().view(len(ids), count, -1) for x in (mu, eta))
-            w = back.index_select(0, rows).view(len(ids), count)
-            kernel = torch.bmm(h, h.transpose(1, 2)).mul_(torch.bmm(m, m.transpose(1, 2)))
-            kernel.mul_(w[:, :, None]).mul_(w[:, None, :])
-            sq[torch.tensor(ids, device=mu.device)] = kernel.sum((1, 2))
+            exp = tok_exp.index_select(0, rows).view(len(ids), count)
+            # Each token's weight 2^exponent relative to its edit's largest (<= 1, no overflow), the
+            # largest put back after the sum of squares, in two factors that each stay in range.
+            top = exp.amax(1)
+            h = h * torch.pow(2.0, exp - top[:, None])[:, :, None]
+            r = torch.linalg.qr(m.transpose(1, 2), mode="r")[1]  # (n, min(i, count), count)
+            norm_sq = torch.bmm(r, h).square().sum((1, 2))
+            sq[torch.tensor(ids, device=mu.device)] = norm_sq * torch.pow(2.0, top) * torch.pow(2.0, top)
     return sq
 
 

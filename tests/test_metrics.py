@@ -463,6 +463,31 @@ def test_a_cancelled_edits_norm_squared_is_the_float64_gradients(gen):
         assert gms(gram=gram) == pytest.approx(gms(dense), abs=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_cancelled_edits_norm_squared_at_1000x_is_never_below_zero(dtype, gen):
+    """Edit 0's tokens cancel at 1000× the scale of the other edits (and edit 3's exactly): the
+    float64 kernel Σ_{s,t} (η_s·η_t)(μ_s·μ_t) rounded edit 0's norm² at the scale of the squared terms
+    (7.0 for 8.46, GMS 0.02 off, ~1e-3 of the largest norm² either way) and could take it below zero.
+    The diagonal is now a sum of squares (‖R H‖², M = (QR)ᵀ): at or above zero, at the gradients'
+    rounding, for fp32 and fp64 factors."""
+    offsets = torch.tensor([0, 3, 4, 5, 7], dtype=torch.int32)
+    for _ in range(20):
+        mu, eta = randn((7, 64), gen, dtype), randn((7, 32), gen, dtype)
+        mu[1:3] = mu[0]
+        eta[2] = -(eta[0] + eta[1])
+        mu[:3] *= 1000
+        eta[:3] *= 1000
+        mu[6], eta[6] = mu[5], -eta[5]  # edit 3: exactly zero
+        gram = factor_gram(mu, eta, offsets)
+        dense = dense_per_edit(mu, eta, offsets)
+        top = float((dense * dense).sum(1).max())
+        assert bool((gram.diagonal() >= 0).all())
+        assert float(gram[3, 3]) < 1e-12 * top
+        assert float((gram.diagonal() - (dense * dense).sum(1)).abs().max()) < 1e-9 * top
+        # Without edit 3: the ratio of two gradients that are both rounding (fp64: edit 0 too) is rounding.
+        assert gms(gram=gram[:3, :3]) == pytest.approx(gms(dense[:3]), abs=1e-6)
+
+
 def test_a_users_gram_with_rounding_in_a_zero_gradients_row_is_accepted(gen):
     """An edit whose token gradients cancel has G_ii ≈ 0, so its Cauchy-Schwarz bound is 0, while its
     entries hold the rounding of the terms that cancelled: an fp32 Gram of the user's own (factor_gram
