@@ -430,7 +430,9 @@ def lmp(es: float, dd: float) -> float:
 
 
 def gradient_gram(grads: torch.Tensor) -> torch.Tensor:
-    """E×E Gram matrix of the rows of an (E, P) gradient matrix (fp32, fp64 for fp64 input)."""
+    """E×E Gram matrix of the rows of an (E, P) gradient matrix (fp32, fp64 for fp64 input), as it
+    is: rows of norm past the dtype's range's root (fp32 1.8e19, fp64 1.3e154) overflow it and tiny
+    ones underflow; `gcr(grads)` / `gms(grads)` avoid both (their Gram is of rows scaled first)."""
     check_tensor(grads, "grads", ndim=2)
     g = grads.to(torch.float64 if grads.dtype == torch.float64 else torch.float32)
     return g @ g.t()
@@ -452,7 +454,8 @@ def factor_gram(mu: torch.Tensor, eta: torch.Tensor, edit_offsets: torch.Tensor,
     other edits keep the fp32 kernel's rounding at the scale of its cancelled terms, so its pairs'
     signs (GCR) are those of that rounding; that is the scale of the rounding the fp32 factors
     already hold from the model's backward, so float64 products would not make those signs the
-    gradients' either.
+    gradients' either.  Per-edit gradients of norm past 1.3e154 (only float64 factors reach it)
+    overflow the float64 Gram; `gcr`/`gms` of the gradient rows (`grads`) take any finite ones.
     """
     check_tensor(mu, "mu", ndim=2)
     check_tensor(eta, "eta", ndim=2)
@@ -564,32 +567,38 @@ def factors_gram(factors: Factors | Mapping[str, Factors], chunk: int = 2048) ->
     return sum(g.to(dtype) for g in grams)
 
 
-def _row_scaled_gram(grads: torch.Tensor) -> torch.Tensor:
-    """`gradient_gram(grads)` in float64, from rows first scaled by a power of two (exact) that
-    brings each row's largest entry into [0.5, 1): the fp32 Gram of unscaled rows underflows for
-    tiny gradients (entries ~1e-23 read as zero, so a pair with cosine -1 did not conflict and GMS
-    was 1 for norms 1 and 2) and overflows for huge ones; cosines and GMS need neither."""
+def _row_scaled_gram(grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the float64 Gram of `grads`' rows each first scaled by a power of two (exact) that brings its
+    largest entry into [0.5, 1), those exponents e): G = S ∘ 2^(e_i + e_j).  The fp32 Gram of unscaled
+    rows underflows for tiny gradients (entries ~1e-23 read as zero, so a pair with cosine -1 did not
+    conflict and GMS was 1 for norms 1 and 2) and overflows for huge ones, and so did G itself in
+    float64 for float64 rows of norm past 1e154 or below 1e-154; S keeps every cosine's sign and,
+    with e, every ratio of norms, which is all GCR and GMS read (`_pair_stats`)."""
     dtype = torch.float64 if grads.dtype == torch.float64 else torch.float32
     g, exp = _pow2_scaled_rows(grads.detach().to(dtype))
-    back = torch.pow(2.0, exp.double())
-    return (g @ g.t()).double() * back[:, None] * back[None, :]
+    return (g @ g.t()).double(), exp
 
 
-def _pair_stats(grads, gram) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pair_stats(grads, gram) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each pair i < j: (a number with the sign of g_i·g_j, NaN where it is NaN; the ratio of the
+    smaller norm to the larger, 1 for two zero gradients, NaN for a NaN one)."""
     if (grads is None) == (gram is None):
         raise ValueError("give exactly one of grads (E, P) or gram (E, E)")
     if gram is None:
         check_tensor(grads, "grads", ndim=2)
-        gram = _row_scaled_gram(grads)
+        gram, exp = _row_scaled_gram(grads)  # the Gram of the rows times 2^-exp
     else:
         check_tensor(gram, "gram", ndim=2)
         if gram.shape[0] != gram.shape[1]:
             raise ValueError(f"gram must be square, got shape {tuple(gram.shape)}")
+        exp = None
     E = gram.shape[0]
     if E < 2:
         raise ValueError(f"gradient metrics need at least 2 edits, got {E}")
     eps = torch.finfo(gram.dtype).eps
     gram = gram.double()
+    if exp is None:
+        exp = torch.zeros(E, dtype=torch.long, device=gram.device)
     # A norm² below zero, of any size, is a zero gradient, not an error: a Gram computed from fp32
     # token kernels (factor_gram's before it took its diagonal in float64, or a user's) rounds the
     # norm² of an edit whose token gradients cancel to either side of 0 (about half the time below)
@@ -606,16 +615,27 @@ def _pair_stats(grads, gram) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # (measured on fp32 factor Grams: up to 2.9 eps × the largest G_ii; 1024 eps leaves 350× to spare
     # and stays far below the asymmetry of a cross product).  A NaN entry passes, and the metric is NaN.
     asym = (gram[i, j] - gram[j, i]).abs()
-    if bool((asym > 1e-3 * (sq[i] * sq[j]).sqrt() + 1024 * eps * sq.max()).any()):
+    # (√G_ii·√G_jj: the root of their product overflowed past 1e154 and read every matrix as symmetric.)
+    if bool((asym > 1e-3 * sq[i].sqrt() * sq[j].sqrt() + 1024 * eps * sq.max()).any()):
         raise ValueError("gram must be symmetric, the Gram matrix g gᵀ of the edits' gradients "
                          "(gradient_gram, factor_gram or factors_gram gives it)")
-    return gram[i, j], sq[i], sq[j]
+    # The smaller norm over the larger, from the scaled Gram: ‖g_i‖ / ‖g_j‖ = √(S_ii / S_jj) · 2^(e_i - e_j),
+    # the larger one picked by its log (only to keep 2^(…) in range: GMS's 2r / (1 + r²) is the same
+    # for r and 1/r).  G_ii·G_jj, which GMS took the root of, overflowed for float64 norms past 1e77
+    # (GMS inf) and underflowed below 1e-81 (GMS 0 for equal norms); a ratio of norms² would underflow
+    # where that of the norms is 1e-160 (its pair's GMS 2e-160, not 0).
+    size = sq.log2() + 2 * exp.double()
+    lo = torch.where(size[i] <= size[j], i, j)
+    hi = torch.where(size[i] <= size[j], j, i)
+    ratio = (sq[lo] / sq[hi]).sqrt() * torch.pow(2.0, (exp[lo] - exp[hi]).double())
+    ratio = torch.where((sq[i] == 0) & (sq[j] == 0), torch.ones_like(ratio), ratio)  # two zero gradients
+    return gram[i, j], ratio
 
 
 def gcr(grads: torch.Tensor | None = None, *, gram: torch.Tensor | None = None) -> float:
     """Gradient conflict ratio: share of edit pairs whose gradients have negative cosine.
     `gram`: a diagonal entry below zero (rounding, whatever its size) is read as a zero gradient."""
-    dot, _, _ = _pair_stats(grads, gram)
+    dot, _ = _pair_stats(grads, gram)
     # cos < 0 exactly when the inner product is < 0 (norms are positive; a zero gradient has
     # inner product 0 with everything and so conflicts with nothing).  A NaN inner product (a
     # NaN gradient) makes the ratio NaN rather than a pair that silently does not conflict.
@@ -627,8 +647,7 @@ def gcr(grads: torch.Tensor | None = None, *, gram: torch.Tensor | None = None) 
 def gms(grads: torch.Tensor | None = None, *, gram: torch.Tensor | None = None) -> float:
     """Gradient magnitude similarity: mean over pairs of 2‖g_i‖‖g_j‖ / (‖g_i‖² + ‖g_j‖²).
     `gram`: a diagonal entry below zero (rounding, whatever its size) is read as a zero gradient."""
-    _, sq_i, sq_j = _pair_stats(grads, gram)
-    denom = sq_i + sq_j
-    ratio = 2 * (sq_i * sq_j).sqrt() / denom.clamp_min(math.ulp(0.0))
-    ratio = torch.where(denom == 0, torch.ones_like(denom), ratio)  # two zero gradients: equal (NaN stays NaN)
-    return float(ratio.mean())
+    # 2‖g_i‖‖g_j‖ / (‖g_i‖² + ‖g_j‖²) = 2r / (1 + r²), r the ratio of the norms (1 for two zero
+    # gradients; NaN stays NaN).
+    _, r = _pair_stats(grads, gram)
+    return float((2 * r / (1 + r * r)).mean())

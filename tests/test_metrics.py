@@ -520,6 +520,36 @@ def test_a_norm_squared_that_rounds_below_zero_is_a_zero_gradient(gen):
         assert metric(gram=below) == metric(gram=gram)
 
 
+def test_gcr_gms_of_float64_gradients_and_grams_far_from_1(gen):
+    """float64 rows of norm past 1e154 overflowed the Gram (GMS NaN), and GMS's √(G_ii·G_jj) overflowed
+    past 1e77 (inf) and underflowed below 1e-81 (0 for equal norms); rows below 1e-154 read as zero
+    gradients (GMS 1, GCR 0).  Rows b_i·2^k_i, k_i up to ±900 (powers of two: exact), give b's
+    cosines' signs and the ratios 2r / (1 + r²) of their norms r = ‖b_i‖/‖b_j‖·2^(k_i - k_j)."""
+    for _ in range(10):
+        E = int(torch.randint(2, 7, (1,), generator=gen))
+        b = torch.randn(E, 30, generator=gen, dtype=torch.float64)
+        k = torch.randint(-900, 901, (E,), generator=gen)
+        k[int(torch.randint(0, E, (1,), generator=gen))] = 900 * (1 if bool(torch.rand(1, generator=gen) < 0.5) else -1)
+        g = b * torch.pow(2.0, k.double())[:, None]
+        norm = b.norm(dim=1)
+        expected = []
+        for i, j in itertools.combinations(range(E), 2):
+            lo, hi = (i, j) if (k[i], norm[i]) <= (k[j], norm[j]) else (j, i)
+            r = float(norm[lo] / norm[hi]) * 2.0 ** int(k[lo] - k[hi])
+            expected.append(2 * r / (1 + r * r))
+        assert gms(g) == pytest.approx(sum(expected) / len(expected), rel=1e-12, abs=1e-300)
+        assert gcr(g) == gcr(b)  # the same rows once each is scaled to its largest entry: the same products
+        # A user's float64 Gram at 2^±800 its scale: the same metrics as the Gram of b.
+        for shift in (-800, 800):
+            gram = (b @ b.t()) * 2.0 ** shift
+            assert gms(gram=gram) == pytest.approx(gms(b), rel=1e-12)
+            assert gcr(gram=gram) == gcr(b)
+            # and the symmetry check still holds there (its bound √(G_ii·G_jj) overflowed at 2^800: none)
+            gram[0, 1] += 0.1 * gram[0, 0].sqrt() * gram[1, 1].sqrt()
+            with pytest.raises(ValueError, match="gram must be symmetric"):
+                gms(gram=gram)
+
+
 @pytest.mark.parametrize("scale", [1e-12, 1e-20, 1e20])
 def test_factor_gram_tiny_and_huge_fp32_factors(scale):
     # Two one-token edits with opposite gradients, norms 1 and 2 (times scale²): the unscaled fp32
