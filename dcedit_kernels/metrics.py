@@ -599,12 +599,14 @@ def _pair_stats(grads, gram) -> tuple[torch.Tensor, torch.Tensor]:
     gram = gram.double()
     if exp is None:
         exp = torch.zeros(E, dtype=torch.long, device=gram.device)
-    # A norm² below zero, of any size, is a zero gradient, not an error: a Gram computed from fp32
-    # token kernels (factor_gram's before it took its diagonal in float64, or a user's) rounds the
-    # norm² of an edit whose token gradients cancel to either side of 0 (about half the time below)
-    # at the scale of the cancelled terms, which the Gram does not record (three tokens cancelling
-    # at 100× the other edits' scale: down to −69 × their largest norm²), so no bound read off the
-    # Gram tells that rounding from a bug.
+    # A norm² below zero within the gram dtype's rounding at the largest norm² (1024 eps, the symmetry
+    # check's allowance) is a zero gradient; further below, the matrix is refused (after the symmetry
+    # check: a cross product is named as that).  gradient_gram's and factor_gram's diagonals are sums of
+    # squares, never below zero (factor_gram's since its QR diagonal); a diagonal summed from token
+    # kernels, as factor_gram's was, rounded the norm² of an edit whose token gradients cancel at the
+    # scale of the cancelled terms (fp32 kernel, three tokens at 100× the other edits' scale: down to
+    # −69 × their largest norm², and as far above zero, where it read as a large gradient), which is
+    # no norm² to read a metric from.
     sq = gram.diagonal().clamp_min(0)
     i, j = torch.triu_indices(E, E, offset=1, device=gram.device)
     # Only the upper triangle is read: a matrix that is not a Gram matrix (a cross product of two
@@ -619,6 +621,12 @@ def _pair_stats(grads, gram) -> tuple[torch.Tensor, torch.Tensor]:
     if bool((asym > 1e-3 * sq[i].sqrt() * sq[j].sqrt() + 1024 * eps * sq.max()).any()):
         raise ValueError("gram must be symmetric, the Gram matrix g gᵀ of the edits' gradients "
                          "(gradient_gram, factor_gram or factors_gram gives it)")
+    below = gram.diagonal() < -1024 * eps * sq.max()
+    if bool(below.any()):
+        k = int(below.nonzero()[0, 0])
+        raise ValueError(f"gram[{k}, {k}] = {float(gram[k, k]):.3g} is below zero beyond rounding (the largest "
+                         f"diagonal entry is {float(sq.max()):.3g}): a Gram matrix's diagonal holds the edits' "
+                         "gradient norms² (gradient_gram, factor_gram or factors_gram gives it)")
     # The smaller norm over the larger, from the scaled Gram: ‖g_i‖ / ‖g_j‖ = √(S_ii / S_jj) · 2^(e_i - e_j),
     # the larger one picked by its log (only to keep 2^(…) in range: GMS's 2r / (1 + r²) is the same
     # for r and 1/r).  G_ii·G_jj, which GMS took the root of, overflowed for float64 norms past 1e77
@@ -634,7 +642,7 @@ def _pair_stats(grads, gram) -> tuple[torch.Tensor, torch.Tensor]:
 
 def gcr(grads: torch.Tensor | None = None, *, gram: torch.Tensor | None = None) -> float:
     """Gradient conflict ratio: share of edit pairs whose gradients have negative cosine.
-    `gram`: a diagonal entry below zero (rounding, whatever its size) is read as a zero gradient."""
+    `gram`: a diagonal entry below zero within rounding is a zero gradient; further below, ValueError."""
     dot, _ = _pair_stats(grads, gram)
     # cos < 0 exactly when the inner product is < 0 (norms are positive; a zero gradient has
     # inner product 0 with everything and so conflicts with nothing).  A NaN inner product (a
@@ -646,7 +654,7 @@ def gcr(grads: torch.Tensor | None = None, *, gram: torch.Tensor | None = None) 
 
 def gms(grads: torch.Tensor | None = None, *, gram: torch.Tensor | None = None) -> float:
     """Gradient magnitude similarity: mean over pairs of 2‖g_i‖‖g_j‖ / (‖g_i‖² + ‖g_j‖²).
-    `gram`: a diagonal entry below zero (rounding, whatever its size) is read as a zero gradient."""
+    `gram`: a diagonal entry below zero within rounding is a zero gradient; further below, ValueError."""
     # 2‖g_i‖‖g_j‖ / (‖g_i‖² + ‖g_j‖²) = 2r / (1 + r²), r the ratio of the norms (1 for two zero
     # gradients; NaN stays NaN).
     _, r = _pair_stats(grads, gram)

@@ -430,10 +430,10 @@ def test_factors_gram_sums_weights_and_matches_captured_grads(gen):
 
 
 def test_gms_of_an_edit_whose_token_gradients_cancel_is_a_number(gen):
-    """Edit 0's three tokens share μ and their η sum to (nearly) zero: its Gram diagonal, a sum of
-    terms of both signs, rounds to below zero about half the time (and to ~1e-5 above it otherwise,
-    hence the tolerance).  It counts as a zero gradient (GMS against the float64 dense gradients),
-    not as a NaN from the root of a negative norm²."""
+    """Edit 0's three tokens share μ and their η sum to (nearly) zero: its Gram diagonal, when it was
+    a sum of terms of both signs, rounded to below zero about half the time (and to ~1e-5 above it
+    otherwise, hence the tolerance).  It counts as a (near) zero gradient (GMS against the float64
+    dense gradients), not as a NaN from the root of a negative norm²."""
     offsets = torch.tensor([0, 3, 4, 5], dtype=torch.int32)
     for _ in range(20):
         mu, eta = randn((5, 6), gen), randn((5, 5), gen)
@@ -506,18 +506,51 @@ def test_a_users_gram_with_rounding_in_a_zero_gradients_row_is_accepted(gen):
             gms(gram=gram.index_fill(0, torch.tensor([0]), 3e-4 * top))
 
 
-def test_a_norm_squared_that_rounds_below_zero_is_a_zero_gradient(gen):
-    """A cancelled edit's Gram diagonal rounds to either side of 0 (factor_gram: about half the time
-    below): below, it counts as exactly 0, so the pair metrics equal those of the Gram with 0 there
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_norm_squared_that_rounds_below_zero_is_a_zero_gradient(dtype, gen):
+    """A user's Gram may round a zero gradient's norm² to just below 0: within the dtype's rounding at
+    the largest norm² it counts as exactly 0, so the pair metrics equal those of the Gram with 0 there
     (GMS 0 against every other edit), not those of its magnitude (`abs` for the clamp passed the
     tests above within their tolerance: mutation testing)."""
-    g = torch.randn(4, 30, generator=gen, dtype=torch.float64)
+    g = torch.randn(4, 30, generator=gen, dtype=dtype)
     g[0] = 0
     gram = g @ g.t()
     below = gram.clone()
-    below[0, 0] = -1e-7 * float(gram.diagonal().max())
+    below[0, 0] = -100 * torch.finfo(dtype).eps * float(gram.diagonal().max())
     for metric in (gcr, gms):
         assert metric(gram=below) == metric(gram=gram)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_gram_with_a_norm_squared_clearly_below_zero_is_refused(dtype, gen):
+    """A Gram's diagonal holds norms²: one below zero beyond rounding was read as a zero gradient, a
+    ratio from a matrix that is no Gram.  gradient_gram's and factor_gram's diagonals are sums of
+    squares (factor_gram's even for an edit whose tokens cancel at 1000× the others' scale), so the
+    package's own Grams pass."""
+    for _ in range(10):
+        E = int(torch.randint(2, 6, (1,), generator=gen))
+        g = torch.randn(E, 30, generator=gen, dtype=dtype)
+        k = int(torch.randint(0, E, (1,), generator=gen))
+        g[k] = 0
+        gram = g @ g.t()
+        top = float(gram.diagonal().max())
+        for value in (-1e-2 * top, -top, -1e3 * top):
+            bad = gram.clone()
+            bad[k, k] = value
+            for metric in (gcr, gms):
+                with pytest.raises(ValueError, match=rf"gram\[{k}, {k}\] = .* is below zero beyond rounding"):
+                    metric(gram=bad)
+        assert gms(gram=gram) == pytest.approx(gms(g.double()), abs=1e-6)
+    offsets = torch.tensor([0, 3, 4, 5], dtype=torch.int32)
+    for _ in range(10):
+        mu, eta = randn((5, 64), gen, dtype), randn((5, 32), gen, dtype)
+        mu[1:3] = mu[0]
+        eta[2] = -(eta[0] + eta[1])
+        mu[:3] *= 1000
+        eta[:3] *= 1000
+        gram = factor_gram(mu, eta, offsets)
+        assert gcr(gram=gram) == gcr(gram=gram.clone())  # accepted, not refused
+        assert gms(gram=gram) == pytest.approx(gms(dense_per_edit(mu, eta, offsets)), abs=1e-6)
 
 
 def test_gcr_gms_of_float64_gradients_and_grams_far_from_1(gen):
