@@ -637,7 +637,14 @@ def _pair_stats(grads, gram) -> tuple[torch.Tensor, torch.Tensor]:
     hi = torch.where(size[i] <= size[j], j, i)
     ratio = (sq[lo] / sq[hi]).sqrt() * torch.pow(2.0, (exp[lo] - exp[hi]).double())
     ratio = torch.where((sq[i] == 0) & (sq[j] == 0), torch.ones_like(ratio), ratio)  # two zero gradients
-    return gram[i, j], ratio
+    # A gradient with an infinite entry (an fp16 backward that overflowed; its row is not scaled, so its
+    # norm² is inf, or NaN from factor_gram's QR) has no cosine and no norm to compare: its pairs are
+    # NaN, as a NaN gradient's are.  GCR counted the signs of its infinite products (0.667 for a
+    # number), and the ratio of norms read it as an infinitely large gradient (GMS 0 for its pairs).
+    bad = ~torch.isfinite(gram.diagonal())
+    bad = bad[i] | bad[j]
+    nan = torch.full_like(ratio, math.nan)
+    return torch.where(bad, nan, gram[i, j]), torch.where(bad, nan, ratio)
 
 
 def gcr(grads: torch.Tensor | None = None, *, gram: torch.Tensor | None = None) -> float:
@@ -646,7 +653,7 @@ def gcr(grads: torch.Tensor | None = None, *, gram: torch.Tensor | None = None) 
     dot, _ = _pair_stats(grads, gram)
     # cos < 0 exactly when the inner product is < 0 (norms are positive; a zero gradient has
     # inner product 0 with everything and so conflicts with nothing).  A NaN inner product (a
-    # NaN gradient) makes the ratio NaN rather than a pair that silently does not conflict.
+    # NaN or infinite gradient) makes the ratio NaN rather than a pair that silently does not conflict.
     if torch.isnan(dot).any():
         return math.nan
     return float((dot < 0).double().mean())

@@ -583,6 +583,22 @@ def test_gcr_gms_of_float64_gradients_and_grams_far_from_1(gen):
                 gms(gram=gram)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gcr_gms_of_an_infinite_gradient_are_nan(dtype, gen):
+    """A gradient with an inf entry has no cosine nor a norm to compare: GCR counted the signs of its
+    infinite products (a number), and GMS read it as infinitely large (0 for its pairs) from the rows,
+    NaN from a Gram; now both are NaN (as for a NaN gradient) from rows, a Gram and factor_gram."""
+    E = int(torch.randint(2, 6, (1,), generator=gen))
+    g = torch.randn(E, 8, generator=gen, dtype=dtype)
+    g[int(torch.randint(0, E, (1,), generator=gen)), int(torch.randint(0, 8, (1,), generator=gen))] = -math.inf
+    mu, eta = randn((E + 1, 6), gen, dtype), randn((E + 1, 4), gen, dtype)
+    mu[int(torch.randint(0, E + 1, (1,), generator=gen)), 2] = math.inf
+    offsets = torch.tensor([0, 2, *range(3, E + 2)], dtype=torch.int32)
+    for kwargs in (dict(grads=g), dict(gram=g.double() @ g.double().t()), dict(gram=factor_gram(mu, eta, offsets))):
+        for metric in (gcr, gms):
+            assert math.isnan(metric(**kwargs)), (metric.__name__, list(kwargs))
+
+
 @pytest.mark.parametrize("scale", [1e-12, 1e-20, 1e20])
 def test_factor_gram_tiny_and_huge_fp32_factors(scale):
     # Two one-token edits with opposite gradients, norms 1 and 2 (times scale²): the unscaled fp32
