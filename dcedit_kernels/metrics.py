@@ -526,7 +526,9 @@ def _edit_norms_sq(mu: torch.Tensor, eta: torch.Tensor, edit_offsets: torch.Tens
             m, h = (x.index_select(0, rows).double().view(len(ids), count, -1) for x in (mu, eta))
             exp = tok_exp.index_select(0, rows).view(len(ids), count)
             # Each token's weight 2^exponent relative to its edit's largest (<= 1, no overflow), the
-            # largest put back after the sum of squares, in two factors that each stay in range.
+            # largest put back after the sum of squares, in two factors: 2^(2·top) overflows where the
+            # norm² need not (fp32 factors: top <= 2·128, in range); past 1023 (float64 factors whose
+            # token gradients pass 1e308) the Gram's other entries overflow too, as the docstring says.
             top = exp.amax(1)
             h = h * torch.pow(2.0, exp - top[:, None])[:, :, None]
             r = torch.linalg.qr(m.transpose(1, 2), mode="r")[1]  # (n, min(i, count), count)
