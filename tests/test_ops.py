@@ -1719,6 +1719,42 @@ def test_undo_shift_refuses_an_expanded_weight_and_a_meta_previous(gen):
     assert torch.equal(weight, previous)
 
 
+def test_the_raw_apply_shift_refuses_to_write_what_autograd_tracks(gen, device):
+    """torch.ops.dcedit.apply_shift_ has no gradient formula.  Under grad mode the raw op wrote a
+    leaf that requires grad (an nn.Parameter), which torch's own in-place ops refuse, gave the
+    previous values a grad_fn (torch's autograd fallback), and dropped the gradient of a delta that
+    requires grad without a word.  Now it raises ValueError naming the argument, before anything is
+    written (on every backend: the check is in its ADInplaceOrView kernel); under no_grad the raw op
+    shifts as the wrapper does, and the wrapper (which runs it under no_grad) is unchanged."""
+    linear = torch.nn.Linear(4, 3, bias=False).to(device)
+    delta, fisher = randn((3, 4), gen, device=device), randn((3, 4), gen, device=device).abs()
+    base = randn((3, 4), gen, device=device).requires_grad_()
+    cases = [("weight", lambda: linear.weight, lambda: delta),  # a leaf
+             ("weight", lambda: linear.weight[:2], lambda: delta[:2]),  # a view of a leaf
+             ("weight", lambda: base * 1, lambda: delta),  # not a leaf: autograd would miss the write
+             ("delta", lambda: linear.weight.detach().clone(), lambda: delta.clone().requires_grad_())]
+    for name, make_weight, make_delta in cases:
+        weight, d = make_weight(), make_delta()
+        before = weight.detach().clone()
+        for kwargs in ({}, dict(fisher=fisher[:d.shape[0]], keep=0.5)):
+            version = weight._version
+            with pytest.raises(ValueError, match=rf"^{name} requires grad, but dcedit::apply_shift_ is not "
+                                                 r"differentiable .* call it under torch\.no_grad\(\)"):
+                torch.ops.dcedit.apply_shift_(weight, d, 0.5, **kwargs)
+            assert torch.equal(weight.detach(), before) and weight._version == version
+            with torch.no_grad():
+                expected = before.clone()
+                ops.apply_shift_(expected, d.detach(), 0.5, **kwargs)
+                previous = torch.ops.dcedit.apply_shift_(weight, d, 0.5, **kwargs)
+                assert torch.equal(previous, before) and not previous.requires_grad
+                assert torch.equal(weight.detach(), expected)
+                ops.undo_shift_(weight, previous)
+        previous = ops.apply_shift_(weight, d, 0.5)  # the wrapper, under grad mode
+        assert torch.equal(previous, before) and not previous.requires_grad
+        ops.undo_shift_(weight, previous)
+        assert torch.equal(weight.detach(), before)
+
+
 @pytest.mark.parametrize("reference_path", [False, True])
 def test_an_inference_weight_is_shifted_inside_inference_mode_only(reference_path, gen):
     """A weight created under torch.inference_mode() (a model loaded under it) can be changed in

@@ -68,13 +68,33 @@ def check_apply_shift(weight, delta, alpha=1.0, fisher=None, keep=None, threshol
 register("apply_shift_", reference.apply_shift_, check=check_apply_shift)
 
 
+def check_not_differentiated(weight, delta):
+    """ValueError when grad mode is on and weight or delta requires grad: apply_shift_ has no
+    gradient formula, so autograd cannot record its write.  torch's own in-place ops refuse a leaf
+    that requires grad under grad mode (RuntimeError "a leaf Variable that requires grad is being
+    used in an in-place operation"); the raw op wrote such a leaf (an nn.Parameter) without a word,
+    gave the previous values a grad_fn (torch's autograd fallback), and dropped the gradient of a
+    delta that requires grad.  The wrapper runs the op under no_grad, which is what this asks of a
+    raw call; under no_grad (or inside inference mode) every weight is shifted as before."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in (("weight", weight), ("delta", delta)):
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise ValueError(f"{name} requires grad, but dcedit::apply_shift_ is not differentiable and autograd "
+                             "cannot record its in-place write: call it under torch.no_grad(), as "
+                             "dcedit_kernels.ops.apply_shift_ does")
+
+
 def _bump_version(weight, *args):
     """The in-place write counts as one for autograd: weight's version goes up, so a graph that
     saved the old weight refuses to backpropagate through it ("modified by an inplace operation"),
     as it does after torch's own in-place ops.  The C++ kernels write through the data pointer,
     which bumps nothing; this ADInplaceOrView kernel does it for every backend (under torch.compile
-    the functionalised write may count twice).  Unlike torch's in-place ops, the raw op does not
-    refuse a leaf that requires grad: the wrapper edits weights under no_grad on purpose."""
+    the functionalised write may count twice).  Every call of non-inference tensors outside
+    inference mode passes here, raw ones included, so the grad-mode check (`check_not_differentiated`)
+    is here too, before anything is written.  (An inference tensor skips this key; it is refused
+    outside inference mode by every kernel's own check, see `check_shiftable_weight`.)"""
+    check_not_differentiated(weight, args[0] if args else None)
     with torch._C._AutoDispatchBelowADInplaceOrView():
         previous = torch.ops.dcedit.apply_shift_.default(weight, *args)
     torch.autograd.graph.increment_version(weight)
