@@ -1309,6 +1309,14 @@ def _raw_op_bad_calls(gen):
         "fisher_mask NaN threshold": (torch.ops.dcedit.fisher_mask, (f(3, 4), f(3, 4), None, math.nan), "threshold"),
         "apply_shift_ NaN threshold": (torch.ops.dcedit.apply_shift_, (f(3, 4), f(3, 4), 1.0, f(3, 4), None, math.nan),
                                        "threshold"),
+        # An empty delta with a mask: the C++ kernels returned an empty result (count 0) and shifted
+        # nothing, where the reference path (DCEDIT_DISABLE_C=1) raised ValueError.
+        "fisher_mask empty, keep": (torch.ops.dcedit.fisher_mask, (f(0, 4), f(0, 4), 0.5, None),
+                                    "^delta must not be empty"),
+        "fisher_mask empty, threshold": (torch.ops.dcedit.fisher_mask, (f(3, 0), f(3, 0), None, 0.5),
+                                         "^delta must not be empty"),
+        "apply_shift_ empty, fisher": (torch.ops.dcedit.apply_shift_, (f(0, 4), f(0, 4), 1.0, f(0, 4), 0.5, None),
+                                       "^delta must not be empty"),
         "noisy_topk_gate k": (torch.ops.dcedit.noisy_topk_gate, (f(5, 3), f(3, 2), f(3, 2), 3, None), "k"),
         "noisy_topk_gate dtypes": (torch.ops.dcedit.noisy_topk_gate,
                                    (f(5, 3).double(), f(3, 2), f(3, 2), 1, None), "dtype"),

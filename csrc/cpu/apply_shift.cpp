@@ -79,6 +79,9 @@ at::Tensor apply_shift_cpu(at::Tensor& weight, const at::Tensor& delta, double a
     check_same_device(f, "fisher", weight, "weight");
     TORCH_CHECK_VALUE(f.sizes() == weight.sizes(), "fisher must have the shape of weight ",
                       weight.sizes(), ", got ", f.sizes());
+    // A mask selects among n >= 1 entries, as fisher_mask's check (`check_apply_shift` runs it):
+    // an empty weight with fisher raised ValueError on the reference path and was shifted here.
+    TORCH_CHECK_VALUE(delta.numel() > 0, "delta must not be empty");
     check_keep_or_threshold(keep, threshold);
   } else {
     TORCH_CHECK_VALUE(!keep.has_value() && !threshold.has_value(),

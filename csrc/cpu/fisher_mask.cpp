@@ -55,6 +55,10 @@ std::tuple<at::Tensor, at::Tensor> fisher_mask_cpu(const at::Tensor& delta,
   check_same_device(fisher, "fisher", delta, "delta");
   TORCH_CHECK_VALUE(fisher.sizes() == delta.sizes(), "fisher must have the shape of delta ",
                     delta.sizes(), ", got ", fisher.sizes());
+  // As the Python checks (`check_fisher_mask`) and so the reference path: k = ceil(keep·n) has no
+  // k-th largest value at n = 0.  Without it, this kernel returned an empty result and a 0 count
+  // where DCEDIT_DISABLE_C=1 raised ValueError (a threshold too, as the Python check refuses).
+  TORCH_CHECK_VALUE(delta.numel() > 0, "delta must not be empty");
   check_keep_or_threshold(keep, threshold);
 
   const bool fp64 = delta.scalar_type() == at::kDouble;

@@ -125,6 +125,8 @@ at::Tensor apply_shift_cuda(at::Tensor& weight, const at::Tensor& delta, double 
                       ", fisher on ", fisher->device());
     TORCH_CHECK_VALUE(fisher->sizes() == weight.sizes(), "fisher must have shape ",
                       weight.sizes(), " (weight's), got ", fisher->sizes());
+    // As the CPU kernel and the Python checks: a mask selects among n >= 1 entries.
+    TORCH_CHECK_VALUE(delta.numel() > 0, "delta must not be empty");
     check_keep_or_threshold(keep, threshold);
   } else {
     // As the CPU kernel and the Python checks: keep/threshold without fisher is a mistake, not

@@ -57,6 +57,10 @@ std::tuple<at::Tensor, at::Tensor> fisher_mask_cuda(const at::Tensor& delta,
                     fisher.device());
   TORCH_CHECK_VALUE(fisher.sizes() == delta.sizes(), "fisher must have shape ", delta.sizes(),
                     " (delta's), got ", fisher.sizes());
+  // As the Python checks (`check_fisher_mask`) and so the reference path: k = ceil(keep·n) has no
+  // k-th largest value at n = 0.  Without it, the CPU kernel returned an empty result and a 0 count
+  // where DCEDIT_DISABLE_C=1 raised ValueError (a threshold too, as the Python check refuses).
+  TORCH_CHECK_VALUE(delta.numel() > 0, "delta must not be empty");
   check_keep_or_threshold(keep, threshold);
 
   // c10::DeviceGuard reaches the CUDA guard through torch's registry; c10/cuda/CUDAGuard.h would
