@@ -18,6 +18,9 @@ from torch._subclasses.fake_tensor import is_fake
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 INT_DTYPES = (torch.int32, torch.int64)
+# The most rows int32 offsets count (the ops' CSR form, SPEC): past it a cumulative sum cast to int32
+# wraps to negative offsets.
+MAX_INT32_ROWS = 2**31 - 1
 
 
 def check_tensor(t, name: str, ndim: int | None = None, float_=True) -> None:
@@ -217,6 +220,12 @@ def check_offsets(offsets, name: str, total: int) -> int:
         raise ValueError(f"{name} must be int32 or int64, got {offsets.dtype}")
     if offsets.dim() != 1 or offsets.numel() < 2:
         raise ValueError(f"{name} must be 1-D with G+1 >= 2 entries, got shape {tuple(offsets.shape)}")
+    if offsets.dtype == torch.int32 and total > MAX_INT32_ROWS:
+        # From shapes, so also on meta and fake tensors and while torch.compile traces, where the value
+        # checks below are skipped (a meta call past 2**31 - 1 rows went through); with values, the
+        # last offset could only fail to equal the row count, which did not say why.
+        raise ValueError(f"{name} is int32, which counts at most {MAX_INT32_ROWS} rows, but there are {total} "
+                         f"rows: pass int64 {name}")
     # A meta or fake tensor has no values to read (the device check that follows names a meta one
     # when the other tensors are elsewhere; such a call computes shapes only, as the fake kernels
     # do; a graph traced from fake tensors checks the real values when it runs, as under compile).

@@ -1848,6 +1848,53 @@ def test_sort_by_group_refuses_more_rows_than_int32_offsets_count(monkeypatch):
         torch.ops.dcedit.sort_by_group(torch.tensor([0, 1, 0]), 2)
 
 
+def test_int32_offsets_are_refused_past_the_rows_they_count():
+    """int32 offsets count at most 2**31 - 1 rows.  Every op that reads offsets refuses int32 ones
+    for more rows from the shapes alone, naming the argument (nothing allocated here: meta tensors
+    through the wrappers, stride-0 expanded real tensors through the raw ops).  Before, a meta call
+    went through (its values are not read) and a real one said only that the last offset did not
+    equal the row count.  kept_offsets, which makes int32 offsets from a row mask, refuses a mask of
+    more rows (its int32 cumulative sum would wrap).  int64 offsets, and 2**31 - 1 rows, pass."""
+    from dcedit_kernels.reference.segments import kept_offsets
+
+    def meta(*shape, dtype=torch.float32):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    def calls(n, offsets):
+        return {
+            "offsets": [lambda: ops.grouped_outer(meta(n, 3), meta(n, 4), offsets, "sss"),
+                        lambda: ops.grouped_lowrank(meta(n, 4), offsets, meta(1, 4, 2), meta(1, 2, 4), meta(1, 4)),
+                        lambda: ops.lowrank_delta_linear(meta(5, 4), meta(3, 4), None, meta(5, dtype=torch.int64),
+                                                         meta(n, 4), meta(n, 3), offsets, meta(1))],
+            "edit_offsets": [lambda: ops.segmented_fisher(meta(n, 3), meta(n, 4), offsets)],
+        }
+
+    n = 2**31
+    for dtype in (torch.int32, torch.int64):
+        offsets = torch.tensor([0, n], dtype=torch.int64).to(dtype).to("meta")
+        for name, fns in calls(n, offsets).items():
+            for fn in fns:
+                if dtype == torch.int32:
+                    with pytest.raises(ValueError, match=rf"^{name} is int32, which counts at most 2147483647 rows, "
+                                                         rf"but there are 2147483648 rows: pass int64 {name}$"):
+                        fn()
+                else:
+                    assert fn().is_meta
+    for name, fns in calls(n - 1, torch.tensor([0, n - 1], dtype=torch.int32, device="meta")).items():
+        for fn in fns:
+            assert fn().is_meta
+    # The raw ops (C++ kernels; the references behind the same checks with DCEDIT_DISABLE_C=1).
+    eta, mu = torch.zeros(1, 3).expand(n, 3), torch.zeros(1, 4).expand(n, 4)
+    offsets = torch.tensor([0, n - 1], dtype=torch.int32)
+    for op, name in ((torch.ops.dcedit.grouped_outer, "offsets"), (torch.ops.dcedit.segmented_fisher, "edit_offsets")):
+        with pytest.raises(ValueError, match=rf"^{name} is int32, which counts at most 2147483647 rows"):
+            op(eta, mu, offsets)
+    with pytest.raises(ValueError, match=r"^keep has 2147483648 rows; kept_offsets' offsets are int32, at most "
+                                         r"2147483647 rows$"):
+        kept_offsets(torch.tensor([0, n], device="meta"), meta(n, dtype=torch.bool))
+    assert kept_offsets(torch.tensor([0, n - 1], device="meta"), meta(n - 1, dtype=torch.bool)).dtype == torch.int32
+
+
 class _HostCopies(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the copies to the host that reads of tensor values into Python need (int(t), bool(t),
     t.item()): one per storage read, as on CUDA, where `host = t.cpu()` and then int(host[0]),

@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace dcedit_cpu {
@@ -50,6 +51,11 @@ inline std::vector<int64_t> read_offsets(const at::Tensor& offsets, const char* 
                     dtype);
   TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.numel() >= 2, name,
                     " must be 1-D with G+1 >= 2 entries, got shape ", offsets.sizes());
+  // As the Python checks (`_checks.check_offsets`): int32 offsets cannot reach more rows, and the
+  // last-offset check below said only that it did not equal the row count.
+  TORCH_CHECK_VALUE(dtype != at::kInt || rows <= std::numeric_limits<int32_t>::max(), name,
+                    " is int32, which counts at most ", std::numeric_limits<int32_t>::max(),
+                    " rows, but there are ", rows, " rows: pass int64 ", name);
   const int64_t n = offsets.numel();
   const int64_t stride = offsets.stride(0);
   std::vector<int64_t> host(n);

@@ -3,7 +3,7 @@
 import torch
 
 from .. import reference
-from .._checks import check_bool, check_ids, check_same_device, check_tensor, compute_dtype, is_int
+from .._checks import MAX_INT32_ROWS, check_bool, check_ids, check_same_device, check_tensor, compute_dtype, is_int
 from .._library import _LIB
 from ._dispatch import REGISTRY, checked, opcall
 
@@ -70,9 +70,6 @@ def check_noisy_topk_gate(feats, w_gate, w_noise, k=1, noise=None, raw=False):
         dtypes = {t.dtype for t in (feats, w_gate, w_noise, noise) if t is not None}
         if len(dtypes) > 1:
             raise ValueError(f"feats, w_gate, w_noise and noise must share one dtype, got {sorted(map(str, dtypes))}")
-
-
-MAX_INT32_ROWS = 2**31 - 1  # the most rows int32 offsets count
 
 
 def check_sort_by_group(group_of_row, G):
