@@ -104,7 +104,11 @@ for _name in SCHEMAS:
 
 
 # The differentiable ops whose gradients are `torch.library.register_autograd` formulas: backward
-# (reverse mode) only, as torch.library has no way to register a forward-mode (JVP) formula.
+# (reverse mode) only, as torch.library has no way to register a forward-mode (JVP) formula.  Nor do
+# they run under torch.func.grad/vjp/jacrev (torch 2.13): register_autograd wraps a formula in an
+# autograd.Function without a setup_context staticmethod, which functorch refuses with a RuntimeError
+# ("... it must override the setup_context staticmethod"), torch.library.custom_op's ops too
+# (pytorch/pytorch#168393, #179652).  README "Forward-mode AD"; ops.reference_mode() runs them.
 DIFFERENTIABLE = ("grouped_lowrank", "grouped_outer", "lowrank_delta_linear", "fisher_mask")
 
 
