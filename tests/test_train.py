@@ -811,6 +811,7 @@ def test_batch_edits_and_loss_under_no_grad_are_differentiable_in_the_editors(ge
     for g, w in zip(got, want):
         assert (g is None) == (w is None) and (g is None or torch.equal(g, w))
 
+
 @pytest.mark.parametrize("arch,method", [("gpt2", "mend"), ("llama", "proeditor")])
 def test_batch_loss_fills_no_model_gradient(gen, arch, method):
     """batch_loss on a model whose weights require grad (load_model's and from_pretrained's
