@@ -638,6 +638,9 @@ def _pair_stats(grads, gram) -> tuple[torch.Tensor, torch.Tensor]:
     lo = torch.where(size[i] <= size[j], i, j)
     hi = torch.where(size[i] <= size[j], j, i)
     ratio = (sq[lo] / sq[hi]).sqrt() * torch.pow(2.0, (exp[lo] - exp[hi]).double())
+    # A zero gradient (e = 0) against another: 0, set here, not computed: against a float64 row of
+    # subnormal entries (e down to -1073) 2^(e_lo - e_hi) overflowed and 0·inf made GMS NaN.
+    ratio = torch.where(sq[lo] == 0, torch.zeros_like(ratio), ratio)
     ratio = torch.where((sq[i] == 0) & (sq[j] == 0), torch.ones_like(ratio), ratio)  # two zero gradients
     # A gradient with an infinite entry (an fp16 backward that overflowed; its row is not scaled, so its
     # norm² is inf, or NaN from factor_gram's QR) has no cosine and no norm to compare: its pairs are

@@ -583,6 +583,29 @@ def test_gcr_gms_of_float64_gradients_and_grams_far_from_1(gen):
                 gms(gram=gram)
 
 
+def test_gms_of_a_zero_gradient_and_float64_subnormal_ones_is_a_number(gen):
+    """A zero gradient against a float64 row of subnormal entries (norm below 2^-1023): the ratio of
+    norms took 2^(e_lo - e_hi) with e = 0 for the zero row and e down to -1073 for the other, which
+    overflowed, and 0·inf made GMS NaN (from finite gradients).  Oracle: the rows times 2^1060 (exact:
+    their entries are multiples of 2^-1074), whose norms are normal float64 numbers; a pair with one
+    zero gradient counts 0, two zero gradients 1."""
+    for _ in range(10):
+        E = int(torch.randint(3, 7, (1,), generator=gen))
+        k = torch.randint(-1060, -1029, (E,), generator=gen)
+        g = torch.randn(E, 30, generator=gen, dtype=torch.float64) * torch.pow(2.0, k.double())[:, None]
+        zeros = torch.randperm(E, generator=gen)[: int(torch.randint(1, 3, (1,), generator=gen))]
+        g[zeros] = 0
+        up = g * 2.0 ** 530 * 2.0 ** 530  # 2^1060 is past float64's range: two exact steps
+        norm = up.norm(dim=1)
+        expected = []
+        for i, j in itertools.combinations(range(E), 2):
+            lo, hi = sorted((float(norm[i]), float(norm[j])))
+            expected.append(1.0 if hi == 0 else 2 * (lo / hi) / (1 + (lo / hi) ** 2))
+        assert gms(g) == pytest.approx(sum(expected) / len(expected), rel=1e-12)
+        assert gcr(g) == gcr(up)  # the same rows up to a power of two: the same signs
+        assert gms(g[[int(zeros[0]), next(e for e in range(E) if e not in zeros.tolist())]]) == 0.0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gcr_gms_of_an_infinite_gradient_are_nan(dtype, gen):
     """A gradient with an inf entry has no cosine nor a norm to compare: GCR counted the signs of its
