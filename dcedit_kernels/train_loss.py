@@ -131,6 +131,10 @@ def eval_rows(me: ModelEditor, requests: list[EditRequest], config: TrainConfig)
 def batch_edits(me: ModelEditor, requests: list[EditRequest]) -> dict:
     """{layer: GroupedEdit} for a batch of edits: capture, then the editors, differentiably (in
     the mode the editors are in: train mode updates the statistics and draws gate noise)."""
+    if not len(me.editors):
+        # As train_editor says it: an "ft"/"ft_kl" ModelEditor has no editors, and run_editors failed
+        # after the capture's forward and backward with a bare KeyError naming the first layer.
+        raise ValueError(f"method {me.method!r} has no editor to train")
     edit_batch = me.tokenize([r.prompt for r in requests], [r.target for r in requests])
     factors, feats, _ = me.capture(edit_batch)
     with torch.enable_grad():

@@ -9,7 +9,7 @@ import dcedit_kernels.train as train_module
 from dcedit_kernels.model_editor import ModelEditor
 from dcedit_kernels.models import tiny_model
 from dcedit_kernels.requests import EditRequest
-from dcedit_kernels.train import TrainConfig, batch_loss, eval_rows, evaluate_edits, train_editor
+from dcedit_kernels.train import TrainConfig, batch_edits, batch_loss, eval_rows, evaluate_edits, train_editor
 
 from helpers import scripted_scores, seed_from, tiny_mend
 from test_model_editor import LAYERS, one_thread, random_requests  # noqa: F401 (one_thread: autouse fixture)
@@ -274,6 +274,10 @@ def test_train_editor_checks_its_arguments(gen):
     ft = ModelEditor(me.model, me.tokenizer, LAYERS["gpt2"], method="ft")
     with pytest.raises(ValueError, match="method 'ft' has no editor to train"):
         train_editor(ft, reqs, None, TrainConfig(progress=False))  # fit() refuses first; this is train_editor's own
+    # batch_edits and batch_loss on their own: a bare KeyError naming a layer, after the capture's passes
+    for call in (lambda: batch_edits(ft, reqs), lambda: batch_loss(ft, reqs, TrainConfig(progress=False))):
+        with pytest.raises(ValueError, match="method 'ft' has no editor to train"):
+            call()
     bart, tok = tiny_model("bart", seed=seed_from(gen))
     seq2seq = ModelEditor(bart, tok, ["model.decoder.layers.0.fc2"], method="mend", rank=3)
     with pytest.raises(ValueError, match="causal LMs only"):
