@@ -17,9 +17,10 @@ consume the factors (μ, η) instead of ∇W.  This module records them with hoo
   in tests/test_architectures.py does that).
 - Factors are laid out as the ops expect (SPEC "Shapes and conventions"): `mu` (T, in), `eta`
   (T, out), `edit_offsets` int32 (E+1,), one edit per batch row, each edit's tokens contiguous in
-  row-major (position) order.  GPT-2's `Conv1D` stores its weight in×out; its factors are the same
-  (it computes `x W`), and `Factors.gradient()` / `weight_out_in` give the out×in view, so the
-  ops never see the transposed layout.
+  row-major (position) order (int32: more than 2**31 - 1 tokens in one capture is a ValueError).
+  GPT-2's `Conv1D` stores its weight in×out; its factors are the same (it computes `x W`), and
+  `Factors.gradient()` / `weight_out_in` give the out×in view, so the ops never see the transposed
+  layout.
 
 Token selection (`tokens=`):
 - "all" (MEND): every non-padding token, by the attention mask of the sequence the module runs
@@ -89,7 +90,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ._checks import all_finite, check_autograd, first_non_finite
+from ._checks import MAX_INT32_ROWS, all_finite, check_autograd, first_non_finite
 from .edit_handle import deferred_interrupt
 from .reference.segments import kept_offsets
 from .tokenize import IGNORE_INDEX, listed_causal_lm, no_kv_cache
@@ -216,8 +217,7 @@ class Factors:
     def cat(parts: "Sequence[Factors]") -> "Factors":
         """The factors of consecutive row chunks of one batch as one batch's (edits in order)."""
         counts = torch.cat([p.edit_offsets[1:] - p.edit_offsets[:-1] for p in parts])
-        offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
-        offsets[1:] = counts.cumsum(0)
+        offsets = edit_offsets_of(counts, sum(p.num_tokens for p in parts))
         return Factors(torch.cat([p.mu for p in parts]), torch.cat([p.eta for p in parts]), offsets)
 
     def take_edits(self, edits: torch.Tensor) -> "Factors":
@@ -225,9 +225,10 @@ class Factors:
         offsets = self.edit_offsets.long()
         index = edits.to(offsets.device).long()
         starts, counts = offsets[:-1][index], (offsets[1:] - offsets[:-1])[index]
-        new = torch.zeros(index.numel() + 1, dtype=torch.int32, device=offsets.device)
+        new = torch.zeros(index.numel() + 1, dtype=torch.int64, device=offsets.device)
         new[1:] = counts.cumsum(0)
-        total = int(new[-1])
+        total = int(new[-1])  # an edit taken twice counts twice: the total can exceed this batch's
+        new = edit_offsets_of(new, total, cumulative=True)
         rows = torch.repeat_interleave(starts - new[:-1].long(), counts, output_size=total)
         rows = (rows + torch.arange(total, device=rows.device)).to(self.mu.device)
         return Factors(self.mu.index_select(0, rows), self.eta.index_select(0, rows),
@@ -252,6 +253,32 @@ class Factors:
         if not per_edit:
             return eta.t() @ mu
         return torch.stack([eta[lo:hi].t() @ mu[lo:hi] for lo, hi in _bounds(self.edit_offsets)])
+
+
+def check_token_count(tokens: int) -> None:
+    """Refuse factors of more tokens than int32 `edit_offsets` (SPEC) count.  Past 2**31 - 1 the
+    int32 offsets wrapped silently (the int64 cumulative sum cast to int32), and `Factors.edit`,
+    `gradient(per_edit=True)` and `take_edits` read the wrong rows; the ops and `kept_offsets` refuse
+    such offsets, but name an argument the caller never passed.  int64 offsets would not help:
+    the editors' own int32 offsets (`kept_offsets`) stop at the same count.  A capture holds every
+    edit's tokens at once (ModelEditor joins its chunks), so the count is of the whole call; reaching
+    it takes μ and η of 2**31 tokens in memory: 33 TB for one GPT-2 c_fc layer (768 + 3072 features)
+    in fp32, though only 8 GiB for a toy layer of one input and one output in fp16."""
+    if tokens > MAX_INT32_ROWS:
+        raise ValueError(f"the factors hold {tokens} tokens, but their edit_offsets are int32, which count at most "
+                         f"{MAX_INT32_ROWS}: capture fewer edits (or shorter texts) at a time")
+
+
+def edit_offsets_of(counts: torch.Tensor, tokens: int, cumulative: bool = False) -> torch.Tensor:
+    """int32 (E+1,) edit offsets, on `counts`' device, from each edit's token count (or, with
+    `cumulative`, from int64 offsets already summed); `tokens` is their total, from sizes (a value
+    read here would be a device sync), checked first (`check_token_count`)."""
+    check_token_count(tokens)
+    if cumulative:
+        return counts.to(torch.int32)
+    offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
+    offsets[1:] = counts.cumsum(0)
+    return offsets
 
 
 def _bounds(offsets: torch.Tensor) -> list[tuple[int, int]]:
@@ -393,8 +420,7 @@ class FactorCapture:
         for name, rec in self._records.items():
             # A module whose output did not reach the loss has zero gradient.
             eta = rec.eta if rec.eta is not None else rec.mu.new_zeros(rec.mu.shape[0], rec.out_features)
-            offsets = torch.zeros(rec.counts.numel() + 1, dtype=torch.int32, device=rec.mu.device)
-            offsets[1:] = rec.counts.cumsum(0)
+            offsets = edit_offsets_of(rec.counts.to(rec.mu.device), rec.mu.shape[0])
             out[name] = Factors(mu=rec.mu, eta=eta, edit_offsets=offsets)
         return out
 

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from ._checks import first_non_finite
-from .capture import Factors, capture_factors, frozen_parameters
+from .capture import Factors, capture_factors, check_token_count, frozen_parameters
 from .head_input import called_head, head_input
 from .losses import backward_scale, edit_loss, unscale
 from .positions import past_positions
@@ -145,7 +145,8 @@ class EditCapture:
         row_of = order.cpu()  # the batch row of each chunk row
         starts = torch.zeros(rows + 1, dtype=torch.int64)
         starts[1:] = kept.cumsum(0)
-        total = int(starts[-1])
+        total = int(starts[-1])  # `kept` is on the CPU: no device sync
+        check_token_count(total)  # before any chunk runs or a (total, ·) buffer is allocated
         buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         feats, loss = [], 0
         for k, chunk in enumerate(chunks):

@@ -1554,3 +1554,32 @@ def test_compute_factors_refuses_a_non_finite_mu_under_a_finite_loss(gen):
     factors, loss = compute_factors(net, batch, ["a"], loss_fn=loss_fn, check_finite=False)
     assert torch.isfinite(loss) and torch.isfinite(factors["a"].eta).all()
     assert not torch.isfinite(factors["a"].mu[4 * row + pos]).all()
+
+
+def test_factors_past_the_tokens_int32_offsets_count_are_refused(gen, monkeypatch):
+    """Factors' edit_offsets are int32 (SPEC): past 2**31 - 1 tokens the capture's int64 cumulative
+    sum was cast to int32 and wrapped silently, and Factors.edit / gradient(per_edit) / take_edits
+    read the wrong rows.  Each place that builds them refuses from sizes, naming the count.  The
+    limit is patched down (capture.MAX_INT32_ROWS) so that nothing of 2**31 rows is allocated."""
+    from dcedit_kernels import capture
+
+    net, batch = _one_linear_model(gen)  # 2 edits of 4 tokens
+    monkeypatch.setattr(capture, "MAX_INT32_ROWS", 8)
+    with capture_factors(net, ["a"], batch={"attention_mask": batch["attention_mask"]}) as cap:
+        net(**batch).out.pow(2).sum().backward()
+    f = cap.factors["a"]  # 8 tokens: at the limit, accepted
+    assert f.edit_offsets.dtype == torch.int32 and f.edit_offsets.tolist() == [0, 4, 8]
+    both = Factors.cat([f.take_edits(torch.tensor([0])), f.take_edits(torch.tensor([1]))])
+    assert both.edit_offsets.tolist() == [0, 4, 8] and torch.equal(both.mu, f.mu)
+    message = r"^the factors hold {} tokens, but their edit_offsets are int32, which count at most {}: capture fewer"
+    with pytest.raises(ValueError, match=message.format(12, 8)):
+        f.take_edits(torch.tensor([0, 1, 0]))  # an edit taken twice: 12 tokens from the 8
+    monkeypatch.setattr(capture, "MAX_INT32_ROWS", 7)
+    with pytest.raises(ValueError, match=message.format(8, 7)):
+        Factors.cat([f.take_edits(torch.tensor([0])), f.take_edits(torch.tensor([1]))])
+    with pytest.raises(ValueError, match=message.format(8, 7)):
+        f.take_edits(torch.tensor([1, 0]))
+    with capture_factors(net, ["a"], batch={"attention_mask": batch["attention_mask"]}) as cap:
+        net(**batch).out.pow(2).sum().backward()
+    with pytest.raises(ValueError, match=message.format(8, 7)):
+        cap.factors

@@ -4977,3 +4977,26 @@ def test_proeditor_mask_keeps_every_entry_tied_with_the_last_kept_fisher_value(l
         assert torch.equal(got != 0, (fisher >= ranked[k - 1]) & (whole != 0)), k
         assert rel_err(got, want) < 1e-12, k
         assert rel_err(w - weight, float(editor.alpha.detach()[0]) * want) < 1e-12, k
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_an_edit_of_more_tokens_than_int32_offsets_count_is_refused_untouched(chunk, gen, monkeypatch):
+    """A capture of more tokens than the factors' int32 edit_offsets count (2**31 - 1, patched down
+    here) is a ValueError, and the model is unchanged: unchunked, from the factors' sizes once the
+    pass has run; in chunks (a causal LM's `_capture_into`, whose token counts are known beforehand),
+    before any chunk runs or its (tokens, ·) buffers are allocated.  It was silent: the offsets wrapped."""
+    from dcedit_kernels import capture
+
+    me = make_editor("gpt2", "mend", gen, capture_batch_size=chunk)
+    reqs = random_requests(gen, 5)
+    runs = []
+    rows = edit_capture.EditCapture._capture_rows
+    monkeypatch.setattr(edit_capture.EditCapture, "_capture_rows",
+                        lambda self, *a, **k: runs.append(1) or rows(self, *a, **k))
+    monkeypatch.setattr(capture, "MAX_INT32_ROWS", 5)  # 5 requests of 3 or more tokens each
+    before = snapshot(me.model)
+    with pytest.raises(ValueError, match=r"^the factors hold \d+ tokens, but their edit_offsets are int32, "
+                                         r"which count at most 5: capture fewer edits"):
+        me.apply(reqs)
+    assert_bit_identical(before, me.model)
+    assert len(runs) == (1 if chunk is None else 0)
