@@ -228,11 +228,11 @@ class Factors:
         new = torch.zeros(index.numel() + 1, dtype=torch.int64, device=offsets.device)
         new[1:] = counts.cumsum(0)
         total = int(new[-1])  # an edit taken twice counts twice: the total can exceed this batch's
-        new = edit_offsets_of(new, total, cumulative=True)
-        rows = torch.repeat_interleave(starts - new[:-1].long(), counts, output_size=total)
+        check_token_count(total)
+        rows = torch.repeat_interleave(starts - new[:-1], counts, output_size=total)
         rows = (rows + torch.arange(total, device=rows.device)).to(self.mu.device)
         return Factors(self.mu.index_select(0, rows), self.eta.index_select(0, rows),
-                       new.to(self.edit_offsets.device))
+                       new.to(self.edit_offsets.device, torch.int32))
 
     def without_zero_rows(self) -> "Factors":
         """These factors without the tokens whose μ or η row is exactly zero (each edit keeps its
@@ -269,13 +269,11 @@ def check_token_count(tokens: int) -> None:
                          f"{MAX_INT32_ROWS}: capture fewer edits (or shorter texts) at a time")
 
 
-def edit_offsets_of(counts: torch.Tensor, tokens: int, cumulative: bool = False) -> torch.Tensor:
-    """int32 (E+1,) edit offsets, on `counts`' device, from each edit's token count (or, with
-    `cumulative`, from int64 offsets already summed); `tokens` is their total, from sizes (a value
-    read here would be a device sync), checked first (`check_token_count`)."""
+def edit_offsets_of(counts: torch.Tensor, tokens: int) -> torch.Tensor:
+    """int32 (E+1,) edit offsets, on `counts`' device, from each edit's token count; `tokens` is
+    their total, from sizes (a value read here would be a device sync), checked first
+    (`check_token_count`)."""
     check_token_count(tokens)
-    if cumulative:
-        return counts.to(torch.int32)
     offsets = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=counts.device)
     offsets[1:] = counts.cumsum(0)
     return offsets

@@ -68,7 +68,7 @@ from .requests import validate_requests
 from .train_checkpoint import (ResumeMismatchError, _checkpoint, _cuda_devices, _resume, _rng_states, _run_settings,
                                _save_editor, _set_rng_states, check_checkpoint_dir, has_checkpoint)
 from .train_config import PART_KEYS, TrainConfig, TrainResult
-from .train_loss import _passes, batch_edits, batch_loss, eval_rows, loss_from_edits
+from .train_loss import _passes, batch_edits, batch_loss, check_has_editors, eval_rows, loss_from_edits
 from .train_validation import _evaluate_split, evaluate_edits
 
 # What `dcedit_kernels.train` exports: the split-out modules' names that callers import from here
@@ -107,8 +107,7 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
         config.validate()  # its fields may have been assigned since it was built
         if not isinstance(me, ModelEditor):
             raise ValueError(f"me must be a ModelEditor, got {type(me).__name__}")
-        if not len(me.editors):
-            raise ValueError(f"method {me.method!r} has no editor to train")
+        check_has_editors(me)
         if me.seq2seq:
             raise ValueError("editor training supports causal LMs only")
 

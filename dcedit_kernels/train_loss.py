@@ -128,13 +128,18 @@ def eval_rows(me: ModelEditor, requests: list[EditRequest], config: TrainConfig)
     return batch
 
 
+def check_has_editors(me: ModelEditor) -> None:
+    """ValueError for an "ft"/"ft_kl" ModelEditor, which has no editors: train_editor refuses it up
+    front, and batch_edits on its own ran the capture's forward and backward, then failed in
+    run_editors with a bare KeyError naming the first layer."""
+    if not len(me.editors):
+        raise ValueError(f"method {me.method!r} has no editor to train")
+
+
 def batch_edits(me: ModelEditor, requests: list[EditRequest]) -> dict:
     """{layer: GroupedEdit} for a batch of edits: capture, then the editors, differentiably (in
     the mode the editors are in: train mode updates the statistics and draws gate noise)."""
-    if not len(me.editors):
-        # As train_editor says it: an "ft"/"ft_kl" ModelEditor has no editors, and run_editors failed
-        # after the capture's forward and backward with a bare KeyError naming the first layer.
-        raise ValueError(f"method {me.method!r} has no editor to train")
+    check_has_editors(me)
     edit_batch = me.tokenize([r.prompt for r in requests], [r.target for r in requests])
     factors, feats, _ = me.capture(edit_batch)
     with torch.enable_grad():

@@ -37,7 +37,7 @@ from .commands import COMMANDS, cmd_edit, cmd_evaluate, cmd_train
 from .inputs import (callers_threads_kept, check_count, default_layers, detect_format, editable_layers,
                      greedy_completions, load_any_model, load_requests, parse_layers, require_matplotlib, set_threads,
                      shown)
-from .messages import counted, in_cli_terms, show_warning
+from .messages import counted, in_cli_terms, rank0, show_warning
 from .methods import EDITOR_METHODS, METHOD_NAMES
 from .options import (METRICS_HELP, build_parser, editor_kwargs, parse_sizes, positive_int, rate,
                       seed_int)
@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # doing so at once removed each other's file ("--out X: cannot be written (No such file or
             # directory)") or left an empty one (measured: 0 to 341 refusals in 3,000 pairs of concurrent
             # calls, 5 runs on a loaded 2-core machine).  Every process reads --editor: each checks it.
-            writes = os.environ.get("RANK", "0") == "0"
+            writes = rank0()
             if writes and out:
                 check_out(out)
             check_inputs(args, out if writes else None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -93,7 +92,7 @@ def cmd_train(args) -> dict:
     if args.checkpoint_dir == "":  # Path("") is the current directory: TrainConfig refuses it, after the model's load
         raise UserError("--checkpoint-dir: an empty path; give a folder")
     if args.checkpoint_dir is not None:  # under torchrun rank 0 writes them
-        check_checkpoint_dir(args.checkpoint_dir, writes=os.environ.get("RANK", "0") == "0")
+        check_checkpoint_dir(args.checkpoint_dir, writes=rank0())
     requests = load_requests(args.data, args.n_edits)
     check_count(requests, args.n_edits)
     val = load_requests(args.val_data, None, flag="--val-data") if args.val_data else None
