@@ -416,13 +416,18 @@ def _changed_share(now: list[torch.Tensor], base: list, reduction: str) -> float
 
 
 def lmp(es: float, dd: float) -> float:
-    """LMP = ES − DD."""
+    """LMP = ES − DD, of ES and DD in [0, 1] (shares, as `edit_success` and `drawdown` give them)."""
     for name, value in (("es", es), ("dd", dd)):
         # float() took a str ("0.5") or a bool without a word: a table built from parsed text
         # reported a number computed from whatever the text held.
         if not is_real_number(value):
             raise ValueError(f"{name} must be a real number (edit_success's / drawdown's result), "
                              f"got {type(value).__name__}")
+        # NaN and inf went through to an LMP of NaN or ±inf, and percentages (ES 50, DD 10) to an
+        # LMP of 40 beside the [−1, 1] LMPs of the reports.  The comparison is False for NaN.
+        if not 0 <= value <= 1:
+            raise ValueError(f"{name} must be in [0, 1] (a share, as edit_success / drawdown give it, not a "
+                             f"percentage), got {value!r}")
     return float(es) - float(dd)
 
 

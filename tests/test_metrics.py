@@ -5,6 +5,7 @@ import itertools
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -117,6 +118,22 @@ def test_lmp_takes_real_numbers_only(bad):
         lmp(bad, 0.1)
     with pytest.raises(ValueError, match="dd must be a real number"):
         lmp(0.5, bad)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -1e-9, 1 + 1e-9, 50, -1, np.float64("nan")])
+def test_lmp_takes_shares_in_0_1_only(bad):
+    # NaN gave an LMP of NaN, inf one of -inf, and percentages (ES 50, DD 10) one of 40.
+    with pytest.raises(ValueError, match=r"es must be in \[0, 1\]"):
+        lmp(bad, 0.1)
+    with pytest.raises(ValueError, match=r"dd must be in \[0, 1\]"):
+        lmp(0.5, bad)
+
+
+def test_lmp_of_shares_at_the_ends_and_of_numpy_or_int_numbers():
+    es, dd = torch.rand(2, dtype=torch.float64).tolist()
+    assert lmp(es, dd) == es - dd
+    assert lmp(np.float64(es), np.float32(dd)) == es - float(np.float32(dd))
+    assert (lmp(0, 1), lmp(1, 0), lmp(0.0, 0.0), lmp(1.0, 1.0)) == (-1.0, 1.0, 0.0, 0.0)
 
 
 def test_drawdown_without_locality_target_scores_the_text():
