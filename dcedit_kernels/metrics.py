@@ -410,6 +410,11 @@ def _changed_share(now: list[torch.Tensor], base: list, reduction: str) -> float
                 f"base_predictions[{i}] must be a tensor of shape {tuple(a.shape)} "
                 "(the same requests scored with the same tokenizer)"
             )
+        if b.dtype.is_floating_point or b.dtype.is_complex or b.dtype == torch.bool:
+            # Compared with the ids as numbers: a bool tensor (a mask passed for the ids) counted every
+            # input changed (DD 1.0 of an unchanged model), and a NaN entry a change.
+            raise ValueError(f"base_predictions[{i}] must hold token ids (an integer dtype, as "
+                             f"locality_predictions gives them), got {b.dtype}")
         diff = a != b.to(a.device)
         changed.append(float(diff.any()) if reduction == "input" else float(diff.double().mean()))
     return float(sum(changed) / len(changed))

@@ -136,6 +136,19 @@ def test_lmp_of_shares_at_the_ends_and_of_numpy_or_int_numbers():
     assert (lmp(0, 1), lmp(1, 0), lmp(0.0, 0.0), lmp(1.0, 1.0)) == (-1.0, 1.0, 0.0, 0.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32, torch.float64, torch.bfloat16, torch.complex64])
+def test_drawdown_refuses_base_predictions_that_are_not_token_ids(dtype):
+    # A bool tensor counted every input changed (DD 1.0 of a model nothing changed), NaN ones too.
+    lm = scripted_model()
+    base = locality_predictions(lm, lm.tok, REQUESTS)
+    for k in range(len(base)):
+        bad = [b.to(dtype) if i == k else b for i, b in enumerate(base)]
+        with pytest.raises(ValueError, match=rf"^base_predictions\[{k}\] must hold token ids .*got {dtype}$"):
+            drawdown(lm, lm.tok, REQUESTS, bad)
+    for ids in (torch.int32, torch.int64, torch.int16):  # any integer dtype: the same ids
+        assert drawdown(lm, lm.tok, REQUESTS, [b.to(ids) for b in base]) == 0.0
+
+
 def test_drawdown_without_locality_target_scores_the_text():
     lm = scripted_model()
     tok = lm.tok
