@@ -52,7 +52,7 @@ from typing import Sequence
 import torch
 
 from . import metrics
-from ._checks import check_autograd, is_int
+from ._checks import check_autograd, is_int, is_real_number
 from .devices import cuda_indices, model_devices
 from .requests import EditRequest, validate_requests
 
@@ -404,7 +404,18 @@ def sample_indices(n_requests: int, n_edits: int, seed: int, repeat: int) -> lis
 
 
 def summarize(values: list) -> dict:
-    """{"mean", "std", "values"} over the non-None values (mean/std None when there are none)."""
+    """{"mean", "std", "values"} over the non-None values (mean/std None when there are none).
+    `values`: real numbers (a NaN one makes mean and std NaN) and None; anything else is a ValueError."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        # None raised "'NoneType' object is not iterable", naming nothing.
+        raise ValueError(f"values must be a sequence of numbers or None, got {type(values).__name__}")
+    # Listed once: a generator was read up by the mean, so "values" came back [] beside a mean of its items.
+    values = list(values)
+    for i, v in enumerate(values):
+        # float() took "0.5" and True as numbers, and a str that is none raised "could not convert
+        # string to float: 'a'", naming no item.
+        if v is not None and not is_real_number(v):
+            raise ValueError(f"values[{i}] must be a real number or None, got {type(v).__name__}")
     kept = [float(v) for v in values if v is not None]
     if not kept:
         return dict(mean=None, std=None, values=list(values))

@@ -1,6 +1,7 @@
 """The demo (`python/edit_demo.py --quick`), the `dcedit` CLI, `evaluate_method` and the default facts."""
 
 import json
+import math
 import os
 import random
 import struct
@@ -393,6 +394,25 @@ def test_gradient_conflict_and_summarize():
     s = summarize([1.0, None, 3.0])
     assert s["mean"] == 2.0 and s["std"] == 1.0 and s["values"] == [1.0, None, 3.0]
     assert summarize([None])["mean"] is None
+
+
+def test_summarize_lists_its_values_once_and_names_a_bad_one():
+    xs = [random.uniform(-1, 1) for _ in range(random.randint(1, 6))]
+    mean = math.fsum(xs) / len(xs)
+    std = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / len(xs))
+    for given in (xs, tuple(xs), (x for x in xs), [*xs, None]):  # a generator came back as values [] (read up)
+        s = summarize(given)
+        assert s["mean"] == pytest.approx(mean, rel=1e-12, abs=1e-15)
+        assert s["std"] == pytest.approx(std, rel=1e-12, abs=1e-15)
+        assert s["values"][:len(xs)] == xs
+    for bad, match in ((None, r"^values must be a sequence of numbers or None, got NoneType$"),
+                       ("0.5", r"^values must be a sequence of numbers or None, got str$"),
+                       ([0.5, "0.5"], r"^values\[1\] must be a real number or None, got str$"),
+                       ([True, 0.5], r"^values\[0\] must be a real number or None, got bool$"),
+                       ([0.5, None, "a"], r"^values\[2\] must be a real number or None, got str$")):
+        with pytest.raises(ValueError, match=match):
+            summarize(bad)
+    assert math.isnan(summarize([0.5, math.nan])["mean"])  # a NaN run stays visible
 
 
 # ---------------------------------------------------------------------------------------------
