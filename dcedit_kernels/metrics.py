@@ -628,12 +628,18 @@ def _pair_stats(grads, gram) -> tuple[torch.Tensor, torch.Tensor]:
     # whose token gradients cancel, while its entries hold the rounding of the terms that cancelled
     # (measured on fp32 factor Grams: up to 2.9 eps × the largest G_ii; 1024 eps leaves 350× to spare
     # and stays far below the asymmetry of a cross product).  A NaN entry passes, and the metric is NaN.
+    # A 16-bit gram (only a caller's own: gradient_gram and factor_gram give fp32 or fp64) comes from a
+    # product whose output was rounded, so its (i, j) and (j, i) entries may lie one of its ulps apart
+    # (2 eps of the bound), but from no fp32 kernel of cancelled terms: the additive allowance is at
+    # most fp32's.  With its own eps, 1024 eps was 8× the largest norm² for bf16 (1.0× for fp16): a
+    # diagonal entry at -5× it read as a zero gradient and [[1, 3], [-3, 1]] as symmetric (GCR 0).
+    slack = 1024 * min(eps, torch.finfo(torch.float32).eps) * sq.max()
     asym = (gram[i, j] - gram[j, i]).abs()
     # (√G_ii·√G_jj: the root of their product overflowed past 1e154 and read every matrix as symmetric.)
-    if bool((asym > 1e-3 * sq[i].sqrt() * sq[j].sqrt() + 1024 * eps * sq.max()).any()):
+    if bool((asym > max(1e-3, 2 * eps) * sq[i].sqrt() * sq[j].sqrt() + slack).any()):
         raise ValueError("gram must be symmetric, the Gram matrix g gᵀ of the edits' gradients "
                          "(gradient_gram, factor_gram or factors_gram gives it)")
-    below = gram.diagonal() < -1024 * eps * sq.max()
+    below = gram.diagonal() < -slack
     if bool(below.any()):
         k = int(below.nonzero()[0, 0])
         raise ValueError(f"gram[{k}, {k}] = {float(gram[k, k]):.3g} is below zero beyond rounding (the largest "

@@ -583,6 +583,50 @@ def test_a_gram_with_a_norm_squared_clearly_below_zero_is_refused(dtype, gen):
         assert gms(gram=gram) == pytest.approx(gms(dense_per_edit(mu, eta, offsets)), abs=1e-6)
 
 
+def gcr_gms_of_gram_float64(gram):
+    """GCR and GMS read from a Gram's values in float64: the signs of its upper triangle, and
+    2r / (1 + r²) of r = √(G_ii / G_jj) over pairs (1 for two zeros)."""
+    gram = gram.double()
+    pairs = list(itertools.combinations(range(gram.shape[0]), 2))
+    conflict = [float(gram[i, j] < 0) for i, j in pairs]
+    similarity = []
+    for i, j in pairs:
+        a, b = float(gram[i, i]), float(gram[j, j])
+        r = 1.0 if a == b == 0 else math.sqrt(min(a, b) / max(a, b))
+        similarity.append(2 * r / (1 + r * r))
+    return sum(conflict) / len(pairs), sum(similarity) / len(pairs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_gram_is_read_as_one_and_checked_as_one(dtype, gen):
+    """A caller's bf16/fp16 Gram (its rows' product in that dtype) gives the metrics of its values, but
+    a norm² below zero and an asymmetric matrix are refused as for fp32: with the 16-bit dtype's own
+    1024 eps (8× the largest norm² for bf16, 1.0× for fp16) both read as a Gram, the one as a zero
+    gradient, the other by its upper triangle."""
+    for _ in range(10):
+        E = int(torch.randint(2, 7, (1,), generator=gen))
+        g = randn((E, int(torch.randint(1, 40, (1,), generator=gen))), gen, dtype)
+        k = int(torch.randint(0, E, (1,), generator=gen))
+        g[k] *= float(torch.randint(0, 2, (1,), generator=gen))  # maybe a zero gradient
+        gram = g @ g.t()
+        conflict, similarity = gcr_gms_of_gram_float64(gram)
+        assert gcr(gram=gram) == conflict
+        assert gms(gram=gram) == pytest.approx(similarity, rel=1e-12)
+        top = float(gram.diagonal().double().max())
+        c = float(torch.empty(1, dtype=torch.float64).uniform_(0.05, 0.9, generator=gen))
+        below = gram.clone()
+        below[k, k] = -c * top
+        crossed = gram.clone()
+        i, j = (k, (k + 1) % E)
+        crossed[i, j] = crossed[i, j] + c * top
+        crossed[j, i] = crossed[j, i] - c * top
+        for metric in (gcr, gms):
+            with pytest.raises(ValueError, match=rf"gram\[{k}, {k}\] = .* is below zero beyond rounding"):
+                metric(gram=below)
+            with pytest.raises(ValueError, match="gram must be symmetric"):
+                metric(gram=crossed)
+
+
 def test_gcr_gms_of_float64_gradients_and_grams_far_from_1(gen):
     """float64 rows of norm past 1e154 overflowed the Gram (GMS NaN), and GMS's √(G_ii·G_jj) overflowed
     past 1e77 (inf) and underflowed below 1e-81 (0 for equal norms); rows below 1e-154 read as zero
