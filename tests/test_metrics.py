@@ -459,6 +459,19 @@ def test_factors_gram_sums_weights_and_matches_captured_grads(gen):
     assert rel_err(factors_gram(factors[names[0]]), gradient_gram(factors[names[0]].gradient(per_edit=True).flatten(1))) < 1e-10
 
 
+def cancelling_factors(gen, rows: int, in_features: int, out_features: int, scale: float = 1.0,
+                       dtype=torch.float32):
+    """(mu, eta) of `rows` random tokens whose first three (edit 0 of offsets [0, 3, ...]) share one μ
+    and have η summing to zero, so that edit 0's gradient Σ η_tᵀμ_t cancels (to rounding); those three
+    rows times `scale`, the scale of its cancelled terms against the other edits'."""
+    mu, eta = randn((rows, in_features), gen, dtype), randn((rows, out_features), gen, dtype)
+    mu[1:3] = mu[0]
+    eta[2] = -(eta[0] + eta[1])
+    mu[:3] *= scale
+    eta[:3] *= scale
+    return mu, eta
+
+
 def test_gms_of_an_edit_whose_token_gradients_cancel_is_a_number(gen):
     """Edit 0's three tokens share μ and their η sum to (nearly) zero: its Gram diagonal, when it was
     a sum of terms of both signs, rounded to below zero about half the time (and to ~1e-5 above it
@@ -466,9 +479,7 @@ def test_gms_of_an_edit_whose_token_gradients_cancel_is_a_number(gen):
     dense gradients), not as a NaN from the root of a negative norm²."""
     offsets = torch.tensor([0, 3, 4, 5], dtype=torch.int32)
     for _ in range(20):
-        mu, eta = randn((5, 6), gen), randn((5, 5), gen)
-        mu[1:3] = mu[0]
-        eta[2] = -(eta[0] + eta[1])
+        mu, eta = cancelling_factors(gen, 5, 6, 5)
         gram = factor_gram(mu, eta, offsets)
         assert gms(gram=gram) == pytest.approx(gms(dense_per_edit(mu, eta, offsets)), abs=1e-2)
 
@@ -481,11 +492,7 @@ def test_a_cancelled_edits_norm_squared_is_the_float64_gradients(gen):
     is the float64 gradients' in every draw."""
     offsets = torch.tensor([0, 3, 4, 5], dtype=torch.int32)
     for _ in range(20):
-        mu, eta = randn((5, 64), gen), randn((5, 32), gen)
-        mu[1:3] = mu[0]
-        eta[2] = -(eta[0] + eta[1])
-        mu[:3] *= 100
-        eta[:3] *= 100
+        mu, eta = cancelling_factors(gen, 5, 64, 32, scale=100)
         gram = factor_gram(mu, eta, offsets)
         dense = dense_per_edit(mu, eta, offsets)
         assert abs(float(gram[0, 0])) < 1e-5 * float(gram.diagonal()[1:].max())
@@ -502,11 +509,7 @@ def test_a_cancelled_edits_norm_squared_at_1000x_is_never_below_zero(dtype, gen)
     rounding, for fp32 and fp64 factors."""
     offsets = torch.tensor([0, 3, 4, 5, 7], dtype=torch.int32)
     for _ in range(20):
-        mu, eta = randn((7, 64), gen, dtype), randn((7, 32), gen, dtype)
-        mu[1:3] = mu[0]
-        eta[2] = -(eta[0] + eta[1])
-        mu[:3] *= 1000
-        eta[:3] *= 1000
+        mu, eta = cancelling_factors(gen, 7, 64, 32, scale=1000, dtype=dtype)
         mu[6], eta[6] = mu[5], -eta[5]  # edit 3: exactly zero
         gram = factor_gram(mu, eta, offsets)
         dense = dense_per_edit(mu, eta, offsets)
@@ -573,11 +576,7 @@ def test_a_gram_with_a_norm_squared_clearly_below_zero_is_refused(dtype, gen):
         assert gms(gram=gram) == pytest.approx(gms(g.double()), abs=1e-6)
     offsets = torch.tensor([0, 3, 4, 5], dtype=torch.int32)
     for _ in range(10):
-        mu, eta = randn((5, 64), gen, dtype), randn((5, 32), gen, dtype)
-        mu[1:3] = mu[0]
-        eta[2] = -(eta[0] + eta[1])
-        mu[:3] *= 1000
-        eta[:3] *= 1000
+        mu, eta = cancelling_factors(gen, 5, 64, 32, scale=1000, dtype=dtype)
         gram = factor_gram(mu, eta, offsets)
         assert gcr(gram=gram) == gcr(gram=gram.clone())  # accepted, not refused
         assert gms(gram=gram) == pytest.approx(gms(dense_per_edit(mu, eta, offsets)), abs=1e-6)
