@@ -101,6 +101,17 @@ def lower_blocks_kept(modules: Mapping[str, torch.nn.Module], store: dict):
     checks rule it out, every block runs).  The caller keeps `store` between calls on one model
     whose weights below those layers do not change meanwhile; it grows by one (rows, width,
     hidden) tensor per new batch."""
+    # Checked on entry: a list of modules or a list/None store raised AttributeError ("'list' object has
+    # no attribute 'values'") from the first scoring pass inside the block, and modules given by name
+    # ({name: "transformer.h.1..."}) were never any model's, so nothing was kept, without a word.
+    if not isinstance(modules, Mapping):
+        raise ValueError(f"modules must be a mapping of layer name -> torch.nn.Module (a ModelEditor's "
+                         f"modules), got {type(modules).__name__}")
+    for name, module in modules.items():
+        if not isinstance(module, torch.nn.Module):
+            raise ValueError(f"modules[{name!r}] must be a torch.nn.Module, got {type(module).__name__}")
+    if not isinstance(store, dict):
+        raise ValueError(f"store must be a dict, got {type(store).__name__}")
     previous = getattr(_KEPT, "value", None)
     _KEPT.value = (modules, store)
     try:

@@ -313,6 +313,27 @@ def test_lower_blocks_kept_gives_an_enclosing_blocks_store_back(gen):
     assert outer
 
 
+def test_lower_blocks_kept_names_a_bad_argument_on_entry(gen):
+    """A list of modules, or a list/None store, raised AttributeError from the first scoring pass in the
+    block; modules given by name were no model's, so the block kept nothing, without a word."""
+    from dcedit_kernels.metrics import lower_blocks_kept
+
+    model, tok = tiny_model("gpt2", seed=seed_from(gen))
+    layer = model.transformer.h[1].mlp.c_proj
+    name = "transformer.h.1.mlp.c_proj"
+    for modules, store, match in (([layer], {}, r"^modules must be a mapping of layer name -> torch.nn.Module .*got list$"),
+                                  ({name: name}, {}, rf"^modules\['{name}'\] must be a torch.nn.Module, got str$"),
+                                  ({name: layer}, [], r"^store must be a dict, got list$"),
+                                  ({name: layer}, None, r"^store must be a dict, got NoneType$")):
+        with pytest.raises(ValueError, match=match):
+            with lower_blocks_kept(modules, store):
+                reliability(model, tok, REQUESTS)
+    store = {}
+    with lower_blocks_kept({name: layer}, store):
+        assert reliability(model, tok, REQUESTS) == reliability(model, tok, REQUESTS)
+    assert store
+
+
 def test_lower_blocks_kept_of_one_model_leaves_other_models_scoring_alone(gen):
     """The kept blocks are those of the model that holds `modules`: scoring another model inside
     the block raised AttributeError where the layers' names are not its modules (a Llama scored
