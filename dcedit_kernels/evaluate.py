@@ -117,7 +117,17 @@ class PeakMemory:
 
     def __init__(self, device):
         devices = list(device) if isinstance(device, (list, tuple)) else [device]
-        self.devices = [torch.device(d) for d in devices]
+        if not devices:  # self.devices[0] raised a bare IndexError
+            raise ValueError("device must be a device or a non-empty list of devices, got an empty one")
+        self.devices = []
+        for d in devices:
+            # torch.device's own errors name no argument: a TypeError listing its signatures for None,
+            # a RuntimeError for a misspelt name.
+            try:
+                self.devices.append(torch.device(d))
+            except (TypeError, RuntimeError) as exc:
+                raise ValueError(f"device must be a torch.device or a device name (or a list of them), "
+                                 f"got {d!r}: {str(exc).splitlines()[0]}") from None
         self._cuda = cuda_indices(self.devices)
         self.device = self.devices[0]
         self.peak_mb: float | None = None

@@ -668,6 +668,19 @@ def test_peak_memory_without_clear_refs_uses_ru_maxrss(monkeypatch, tmp_path):
     assert m.method == "ru_maxrss"
 
 
+def test_peak_memory_names_a_device_it_cannot_read():
+    """None raised torch.device's TypeError listing its signatures, a misspelt name its RuntimeError, and
+    an empty list a bare IndexError."""
+    for bad, shown in ((None, "None"), ("nonsense", "'nonsense'"), (["cpu", None], "None"), (0.5, "0.5")):
+        with pytest.raises(ValueError, match=rf"^device must be a torch.device or a device name \(or a list of "
+                                             rf"them\), got {shown}: "):
+            evaluate_module.PeakMemory(bad)
+    with pytest.raises(ValueError, match=r"^device must be a device or a non-empty list of devices, got an empty one$"):
+        evaluate_module.PeakMemory([])
+    for good in ("cpu", torch.device("cpu"), ["cpu"], ("cpu", torch.device("cpu"))):
+        assert all(d == torch.device("cpu") for d in evaluate_module.PeakMemory(good).devices)
+
+
 def test_peak_memory_from_rss_is_the_high_water_marks_growth_in_mib(monkeypatch, gen):
     """The growth of VmHWM over the VmRSS read at the start (both in kB) reads in MiB (2**20 bytes);
     a mark below the start reads 0, never a negative peak."""
