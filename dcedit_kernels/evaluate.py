@@ -272,6 +272,14 @@ def without_locality(requests: Sequence[EditRequest]) -> list[EditRequest]:
     counts would score it on its training data (SmolLM2, CounterFact val, 10 steps: DD 0.66-0.71 at
     25-125 edits with them, 0.72-0.75 with 25 training edits' locality prompts instead; RESULTS.md).
     It regularises on its `locality_texts` instead."""
+    # An empty list gives an empty one; anything but EditRequests is named (a str or None raised
+    # AttributeError or TypeError from the loop below).
+    if isinstance(requests, (str, EditRequest)) or not hasattr(requests, "__iter__"):
+        raise ValueError(f"requests must be a sequence of EditRequest, got {type(requests).__name__}")
+    requests = list(requests)
+    for i, r in enumerate(requests):
+        if not isinstance(r, EditRequest):
+            raise ValueError(f"requests[{i}] must be an EditRequest, got {type(r).__name__}")
     held_out = [copy.copy(r) for r in requests]  # a copy keeps any subclass and its own fields
     for r in held_out:
         r.locality = r.locality_target = None

@@ -681,6 +681,23 @@ def test_peak_memory_names_a_device_it_cannot_read():
         assert all(d == torch.device("cpu") for d in evaluate_module.PeakMemory(good).devices)
 
 
+def test_without_locality_names_what_is_not_a_request():
+    """A str, None or a list holding something other than EditRequests raised AttributeError or
+    TypeError; an empty list is still an empty list, and the copies keep every field but the two."""
+    for bad, match in (("abc", r"^requests must be a sequence of EditRequest, got str$"),
+                       (None, r"^requests must be a sequence of EditRequest, got NoneType$"),
+                       (EditRequest("a", "b"), r"^requests must be a sequence of EditRequest, got EditRequest$"),
+                       ([EditRequest("a", "b"), "c"], r"^requests\[1\] must be an EditRequest, got str$")):
+        with pytest.raises(ValueError, match=match):
+            evaluate_module.without_locality(bad)
+    assert evaluate_module.without_locality([]) == []
+    given = [EditRequest("a", "b", rephrase="c", locality="d", locality_target="e")]
+    (held_out,) = evaluate_module.without_locality(iter(given))
+    assert (held_out.prompt, held_out.target, held_out.rephrase, held_out.locality, held_out.locality_target) == \
+        ("a", "b", "c", None, None)
+    assert given[0].locality == "d"
+
+
 def test_peak_memory_from_rss_is_the_high_water_marks_growth_in_mib(monkeypatch, gen):
     """The growth of VmHWM over the VmRSS read at the start (both in kB) reads in MiB (2**20 bytes);
     a mark below the start reads 0, never a negative peak."""
