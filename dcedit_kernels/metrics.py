@@ -46,7 +46,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from ._checks import check_bool, check_offsets, check_tensor, is_int, is_real_number
+from ._checks import check_bool, check_offsets, check_tensor, is_int, is_real_number, no_values
 from .block_prefix import PrefixReuse
 from .capture import Factors, modes_restored
 from .devices import input_device
@@ -488,6 +488,7 @@ def factor_gram(mu: torch.Tensor, eta: torch.Tensor, edit_offsets: torch.Tensor,
     if mu.device != eta.device or (isinstance(edit_offsets, torch.Tensor) and edit_offsets.device != mu.device):
         raise ValueError("mu, eta and edit_offsets must be on one device")
     E = check_offsets(edit_offsets, "edit_offsets", mu.shape[0])
+    _check_has_values(mu=mu, eta=eta, edit_offsets=edit_offsets)
     dtype = torch.float64 if torch.float64 in (mu.dtype, eta.dtype) else torch.float32
     mu, mu_exp = _pow2_scaled_rows(mu.to(dtype))
     eta, eta_exp = _pow2_scaled_rows(eta.to(dtype))
@@ -518,6 +519,16 @@ def factor_gram(mu: torch.Tensor, eta: torch.Tensor, edit_offsets: torch.Tensor,
     gram = (gram + gram.t()).mul_(0.5)
     gram.diagonal().copy_(_edit_norms_sq(mu, eta, edit_offsets, tok_exp, chunk))
     return gram
+
+
+def _check_has_values(**named) -> None:
+    """The gradient metrics read values: a meta (or fake) tensor raised torch's RuntimeError from deep
+    inside ("cannot repeat_interleave a meta tensor without output_size", "Tensor.item() cannot be
+    called on meta tensors"), naming no argument."""
+    for name, t in named.items():
+        if no_values(t):
+            raise ValueError(f"{name} has no values (a meta or fake tensor, on {t.device}): the gradient "
+                             "metrics are computed from its values")
 
 
 def _edit_norms_sq(mu: torch.Tensor, eta: torch.Tensor, edit_offsets: torch.Tensor, tok_exp: torch.Tensor,
@@ -609,9 +620,11 @@ def _pair_stats(grads, gram) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError("give exactly one of grads (E, P) or gram (E, E)")
     if gram is None:
         check_tensor(grads, "grads", ndim=2)
+        _check_has_values(grads=grads)
         gram, exp = _row_scaled_gram(grads)  # the Gram of the rows times 2^-exp
     else:
         check_tensor(gram, "gram", ndim=2)
+        _check_has_values(gram=gram)
         if gram.shape[0] != gram.shape[1]:
             raise ValueError(f"gram must be square, got shape {tuple(gram.shape)}")
         exp = None

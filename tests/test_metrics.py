@@ -425,6 +425,19 @@ def test_gradient_gram_refuses_what_is_not_an_e_by_p_float_matrix():
             gradient_gram(bad)
 
 
+def test_gradient_metrics_name_a_tensor_without_values():
+    """Meta tensors raised torch's RuntimeError from deep inside (factor_gram: "cannot repeat_interleave
+    a meta tensor without output_size"; gcr/gms: "Tensor.item() cannot be called on meta tensors")."""
+    meta = dict(device="meta")
+    for metric in (gcr, gms):
+        with pytest.raises(ValueError, match=r"^grads has no values \(a meta or fake tensor, on meta\)"):
+            metric(torch.ones(3, 4, **meta))
+        with pytest.raises(ValueError, match=r"^gram has no values \(a meta or fake tensor, on meta\)"):
+            metric(gram=torch.eye(3, **meta))
+    with pytest.raises(ValueError, match=r"^mu has no values \(a meta or fake tensor, on meta\)"):
+        factor_gram(torch.ones(5, 3, **meta), torch.ones(5, 4, **meta), torch.tensor([0, 2, 5], **meta))
+
+
 def test_gradient_metrics_refuse_a_gram_that_is_not_symmetric(gen):
     """Only the upper triangle is read: a cross product of two gradient sets gave a ratio."""
     a, b = torch.randn(4, 9, generator=gen), torch.randn(4, 9, generator=gen)
