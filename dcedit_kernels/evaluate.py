@@ -52,7 +52,7 @@ from typing import Sequence
 import torch
 
 from . import metrics
-from ._checks import check_autograd, is_int, is_real_number
+from ._checks import check_autograd, check_bool, is_int, is_real_number
 from .devices import cuda_indices, model_devices
 from .requests import EditRequest, validate_requests
 
@@ -320,6 +320,9 @@ def measure_edit(editor, requests: Sequence[EditRequest], batch_size: int = 16, 
         raise ValueError(f"lower_blocks keeps the blocks below a ModelEditor's layers: give it None with a "
                          f"{type(editor).__name__}, whose edit may change any block")
     requests = validate_requests(requests)
+    # Before any pass: it was checked by the first scoring call, after the edit where no request has a
+    # locality prompt (the edit ran, and was undone, for nothing).
+    metrics._check_batch_size(batch_size)
     if during is not None and not callable(during):
         # Called only once the edit is applied: a non-callable raised TypeError after the scoring passes.
         raise ValueError(f"during must be a callable taking the model, or None, got {type(during).__name__}")
@@ -515,6 +518,10 @@ def evaluate_method(
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
     if not is_int(seed):  # sample_indices draws from its text: 1.0 or True would be another sample than 1
         raise ValueError(f"seed must be an int, got {seed!r}")
+    # Both before an editor is built: batch_size was checked by the first run's scoring, and progress was
+    # read for its truth ("False" showed the bar).
+    metrics._check_batch_size(batch_size)
+    check_bool(progress, "progress")
     if isinstance(method, ModelEditor):
         if method.model is not model:
             raise ValueError("method is a ModelEditor of another model than `model`")

@@ -812,6 +812,25 @@ def test_evaluate_method_checks_its_arguments(gen):
         evaluate_module.evaluate_method(me.model, me.tokenizer, me, reqs, n_edits=1, rank=3, progress=False)
 
 
+def test_evaluate_method_and_measure_edit_check_batch_size_and_progress_before_any_edit(gen, monkeypatch):
+    """batch_size was checked by the first scoring pass: after the edit (applied, then undone) where no
+    request has a locality prompt; progress="False" was read for its truth and showed the bar."""
+    me = make_editor("gpt2", "mend", gen)
+    reqs = [EditRequest(r.prompt, r.target, rephrase=r.rephrase) for r in random_requests(gen, 3)]
+    applied = []
+    monkeypatch.setattr(me, "apply", lambda *a, **k: applied.append(1))
+    for batch_size in (0, -1, 1.0, True, None):
+        with pytest.raises(ValueError, match=rf"^batch_size must be a positive int, got {batch_size!r}$"):
+            evaluate_module.measure_edit(me, reqs, batch_size=batch_size)
+        with pytest.raises(ValueError, match=rf"^batch_size must be a positive int, got {batch_size!r}$"):
+            evaluate_module.evaluate_method(me.model, me.tokenizer, me, reqs, n_edits=1, batch_size=batch_size,
+                                            progress=False)
+    for progress in ("False", 0, None):
+        with pytest.raises(ValueError, match=rf"^progress must be a bool, got {progress!r}$"):
+            evaluate_module.evaluate_method(me.model, me.tokenizer, me, reqs, n_edits=1, progress=progress)
+    assert not applied
+
+
 def test_evaluate_method_and_gradient_conflict_name_layers_that_are_not_a_collection(gen):
     """layers given as an int (a block index for a layer name): list() raised TypeError "'int'
     object is not iterable", naming nothing (found by an argument sweep).  It now reaches
