@@ -167,6 +167,8 @@ class EditorCheckpoints:
             raise ValueError(f"{path}: its editor_kwargs hold {own}, arguments of ModelEditor itself, not of an editor")
         if config["method"] == "ft":  # accepted and ignored before 0.3.1, refused since
             kwargs = {k: v for k, v in kwargs.items() if k not in FT_KL_ONLY}
+        if config["method"] == "raeditor" and is_int(kwargs.get("top_k")) and kwargs["top_k"] > 1:
+            del kwargs["top_k"]  # taken and ignored up to 0.5.22 (no gate reads it), refused since: see without_ignored_top_k
         # Editor arguments whose preset default changed since (MoEditor's top_k: 1 before 0.2.0)
         # come from the saved editors, so an older checkpoint rebuilds the editor it was trained as.
         kwargs.update(changed_defaults_of(config["method"], config["editors"], kwargs))

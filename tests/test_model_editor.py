@@ -3231,6 +3231,58 @@ def test_moeditor_top_k_default_and_checkpoints_from_before_it(gen, tmp_path):
         assert all(torch.equal(weight_out_in(m), want[n]) for n, m in loaded.modules.items())
 
 
+def test_top_k_is_refused_where_no_gate_reads_it_and_checkpoints_that_held_one_load(gen, tmp_path):
+    """top_k is the gate's (MoEditor): RaEditor(top_k=2), GroupedEditor(routing="random", top_k=3)
+    and ModelEditor(method="raeditor", top_k=2) were taken, kept in the config (not shown by the
+    repr) and routed each edit to one random editor all the same.  Now a ValueError naming top_k;
+    top_k=1 anywhere and MoEditor's top_k are taken as before.  A checkpoint whose RaEditor config
+    and editor_kwargs hold top_k=2 (as 0.5.22 saved one) loads as the editor it was: top_k 1, the
+    edits of the editor that saved it, bit for bit."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from dcedit_kernels.editors import MoEditor, RaEditor
+
+    n_editors = int(torch.randint(2, 5, (1,), generator=gen))
+    top_k = int(torch.randint(2, n_editors + 1, (1,), generator=gen))
+    for build in (lambda: RaEditor(6, 4, n_editors=n_editors, top_k=top_k),
+                  lambda: GroupedEditor(6, 4, routing="random", n_editors=n_editors, top_k=top_k)):
+        with pytest.raises(ValueError, match=rf"^top_k is the gate's .*routing='random' has no gate, so top_k={top_k}"):
+            build()
+    assert RaEditor(6, 4, n_editors=n_editors, top_k=1).top_k == 1
+    assert MoEditor(6, 4, n_editors=n_editors, top_k=top_k).top_k == top_k
+    model, tok = tiny_model("gpt2", seed=0)
+    with pytest.raises(ValueError, match=rf"top_k is the gate's .*top_k={top_k} would be ignored"):
+        ModelEditor(model, tok, LAYERS["gpt2"], method="raeditor", n_editors=n_editors, top_k=top_k)
+
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method="raeditor", n_editors=n_editors, rank=4, seed=3)
+    randomize_editors(me, gen)
+    path, old = tmp_path / "ra.safetensors", tmp_path / "old.safetensors"
+    me.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads(f.metadata()["dcedit_model_editor"])
+    config["editor_kwargs"]["top_k"] = top_k
+    for saved in config["editors"].values():
+        saved["top_k"] = top_k
+    save_file(load_file(str(path)), str(old), metadata={"dcedit_model_editor": json.dumps(config)})
+    loaded = ModelEditor.load(old, model, tok)
+    assert all(e.top_k == 1 for e in loaded.editors.values()) and "top_k" not in loaded.editor_kwargs
+    reqs = random_requests(gen, 4)
+    with me.edited(reqs):  # both draw their first groups from seed 3
+        want = {n: weight_out_in(m).detach().clone() for n, m in me.modules.items()}
+    with loaded.edited(reqs):
+        assert all(torch.equal(weight_out_in(m), want[n]) for n, m in loaded.modules.items())
+    # One editor's own file (GroupedEditor.save) with that top_k.
+    key, editor = next(iter(me.editors.items()))
+    editor.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        saved = json.loads(f.metadata()["dcedit_config"])
+    save_file(load_file(str(path)), str(old), metadata={"dcedit_config": json.dumps(dict(saved, top_k=top_k))})
+    again = GroupedEditor.load(old)
+    assert again.top_k == 1 and again.config == editor.config
+    assert all(torch.equal(v, editor.state_dict()[k]) for k, v in again.state_dict().items())
+
+
 # ---------------------------------------------------------------------------------------------
 # loss_reduction: an edit's factors do not depend on the rest of the batch
 # ---------------------------------------------------------------------------------------------

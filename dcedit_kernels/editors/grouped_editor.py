@@ -68,6 +68,9 @@ class GroupedEditor(nn.Module):
     entry, so entries can exceed the gradient's), and a gate at top_k = 2 scales each edit by its
     weight, 1/2 while the logits are equal (MoEditor at initialisation).
 
+    top_k: the gate keeps its top_k logits (see `MoEditor`); under another routing nothing reads it,
+    so only 1 is taken there.
+
     gate_norm (routing="gate" only; ignored otherwise): the gate reads the edit features
     standardised by their running mean/std (`gate_norm`, a FeatureNorm: updated in training,
     frozen in eval, saved in the state dict), as `norm` standardises the factors.  Without it the
@@ -121,6 +124,11 @@ class GroupedEditor(nn.Module):
         check_seed(seed, none_ok=True)
         if top_k > n_editors:
             raise ValueError(f"top_k ({top_k}) cannot exceed n_editors ({n_editors})")
+        if top_k != 1 and routing != "gate":
+            # Only the gate reads it: RaEditor(top_k=2) was taken, kept in the config (hidden from the
+            # repr) and routed each edit to one random editor all the same.
+            raise ValueError(f"top_k is the gate's (routing='gate', MoEditor): routing={routing!r} has no gate, "
+                             f"so top_k={top_k} would be ignored; leave it at 1")
         if routing == "gate" and feat_dim is None:
             feat_dim = in_features  # SPEC's constructor has no feat_dim; the MoEditor preset's default
         # Unused (no gate, no generator), None is taken too; anything else given is checked all the
@@ -564,9 +572,21 @@ class _GeneratorState(bytes):
 
 
 def with_absent_defaults(config: dict) -> dict:
-    """A saved editor config with the arguments it predates set to what it was trained with."""
+    """A saved editor config with the arguments it predates set to what it was trained with, and
+    (`without_ignored_top_k`) a gateless editor's top_k, which it never read, at 1."""
+    config = without_ignored_top_k(config)
     if isinstance(config, dict) and config.get("routing") == "gate":
         return {**ABSENT_GATE_ARGUMENTS, **config}
+    return config
+
+
+def without_ignored_top_k(config):
+    """A saved editor `config` with top_k 1 where no gate reads it: up to 0.5.22 a RaEditor took
+    top_k=2 and ignored it (the constructor refuses it now), so its checkpoint loads as the editor
+    it was.  A top_k that is no int > 1 is left for the constructor to refuse."""
+    if (isinstance(config, dict) and config.get("routing") in ("random", "single") and is_int(config.get("top_k"))
+            and config["top_k"] > 1):
+        return {**config, "top_k": 1}
     return config
 
 
