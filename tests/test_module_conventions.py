@@ -116,6 +116,59 @@ def test_seeded_draws_run_on_their_generators_device(method, gen, monkeypatch):
     assert torch.equal(g.get_state(), want.get_state())
 
 
+def global_draws_raise(monkeypatch):
+    """torch's in-place and factory draws raise when they would draw from a device's global
+    generator (generator=None, a tensor not on "meta": a meta draw draws nothing)."""
+    def refusing(real, name, factory):
+        def draw(*args, generator=None, **kwargs):
+            if factory:
+                device = torch.device(kwargs.get("device") or torch.get_default_device())
+            else:
+                device = args[0].device
+            if generator is None and device.type != "meta":
+                raise AssertionError(f"{name} drew from the global generator of {device}")
+            return real(*args, generator=generator, **kwargs)
+        return draw
+
+    for name in ("uniform_", "normal_", "random_", "bernoulli_", "exponential_"):
+        monkeypatch.setattr(torch.Tensor, name, refusing(getattr(torch.Tensor, name), f"Tensor.{name}", False))
+    for name in ("rand", "randn", "randint", "randperm"):
+        monkeypatch.setattr(torch, name, refusing(getattr(torch, name), f"torch.{name}", True))
+
+
+@pytest.mark.parametrize("method", [*EDITOR_KINDS, "random_with_psi", "sentence_psi"])
+def test_a_seeded_build_draws_nothing_from_the_global_generators_on_any_device(method, gen, monkeypatch):
+    """A seeded editor draws its initial values from its own generator only.  ψ's layers were
+    built as nn.Linear, whose default initialisation (then overwritten) drew from the default
+    device's global generator inside `fork_rng(devices=[])`, which restores the CPU's generator
+    only: under torch.set_default_device("cuda") a seeded ProEditor's build advanced the global
+    CUDA generator.  No GPU here: the build runs on the CPU with every draw from a global generator
+    made to raise (`global_draws_raise`; before the fix ψ's fc1 kaiming_uniform_ raised there,
+    a draw that on the CPU fork_rng hid), and gives the same values as an unpatched build."""
+    from dcedit_kernels.editors import GroupedEditor
+
+    d_in, d_out = OP_CASE_DIMS["d_in"], OP_CASE_DIMS["d_out"]
+
+    def build(seed):
+        if method == "random_with_psi":
+            return GroupedEditor(d_in, d_out, n_editors=3, rank=3, routing="random", generator="token", seed=seed)
+        if method == "sentence_psi":
+            return small_editor("proeditor", seed=seed, generator="sentence")
+        return small_editor(method, seed=seed)
+
+    seed = int(torch.randint(0, 2**31, (1,), generator=gen))
+    before = build(seed)
+    state = torch.get_rng_state()
+    global_draws_raise(monkeypatch)
+    again = build(seed)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(again.route_generator.get_state(), before.route_generator.get_state())
+    for (name, a), b in zip(before.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    with torch.device("meta"):  # and on a device that is not the generator's
+        assert all(p.is_meta for p in build(seed).parameters())
+
+
 def test_a_train_results_repr_summarises_its_histories():
     """`editor.fit(...)` as a notebook cell's last line prints its TrainResult: the dataclass's repr
     wrote out every step's dict (26 KB for the README's 200 steps; here, 10,000 steps, 0.96 MB).  It shows

@@ -34,12 +34,18 @@ class ParameterGenerator(nn.Module):
         if level not in ("token", "sentence"):
             raise ValueError(f"generator must be 'token' or 'sentence', got {level!r}")
         self.level = level
-        # With the editor's seed, the layers' default initialisation leaves torch's global generator
-        # alone, and fc1 gets nn.Linear's initialisation drawn from the seed instead.
-        with torch.random.fork_rng(devices=[], enabled=generator is not None):
+        if generator is None:
             self.fc1 = nn.Linear(dim, hidden)
             self.fc2 = nn.Linear(hidden, dim)
-        if generator is not None:
+        else:
+            # With the editor's seed, built without nn.Linear's default initialisation (skip_init: on
+            # "meta", then left empty on the default device), and fc1 gets that initialisation drawn
+            # from the seed instead.  Built plainly inside fork_rng(devices=[]), the default draws were
+            # made on the default device's global generator, which that restores only for the CPU: a
+            # seeded ProEditor built under set_default_device("cuda") advanced the CUDA generator.
+            device = torch.get_default_device()
+            self.fc1 = nn.utils.skip_init(nn.Linear, dim, hidden, device=device)
+            self.fc2 = nn.utils.skip_init(nn.Linear, hidden, dim, device=device)
             seeded_draw_(self.fc1.weight, lambda t, g: nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=g),
                          generator)
             bound = 1 / math.sqrt(dim)
