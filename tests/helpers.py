@@ -121,6 +121,60 @@ def nan_outer_case(gen, dtype=torch.float32, device="cpu"):
     return eta, mu, ragged_offsets(counts, device), nan_mask
 
 
+# How many unit roundoffs of Σ|terms| a selection must clear (`outer_selections_clear`): the
+# worst-case rounding of a sum of n terms is about n·u·Σ|terms|, and the random cases below sum at
+# most 37 groups of at most 11 tokens.
+CUT_SLACK = 64
+
+
+def outer_selections_clear(eta, mu, offsets, fusion, signs=True):
+    """True unless a choice that grouped_outer's `fusion` makes on these inputs lies within
+    rounding of its cut: |S_g| against the runner-up for "max", P against −N for "sss"/"ssm"
+    and, with `signs` (the backward's selection), each S_g entry against 0.
+
+    The kernels add in fp32 (fp64 with a float64 input) where the oracle adds the same rounded
+    values in float64, so on a near-tie they may take the other side, and both are right to
+    rounding; but a forward then flips the entry's sign (max between S_a ≈ −S_b, or P ≈ −N), and
+    a backward gives the entry's gradient to another group, far past any tolerance.  On random
+    inputs that is rare (the callers give their measured rates), so tests draw such inputs again
+    (`draw_clear_of_cuts`): exact ties have tests of their own (test_triton_kernels'
+    test_grouped_outer_backward_ties, test_ops' tie tests).  A choice counts as clear when its
+    deciding value exceeds CUT_SLACK unit roundoffs of the sum of the absolute products that form
+    it, a bound on the rounding whatever the summation order."""
+    if fusion not in ("max", "sss", "ssm"):
+        return True
+    acc = torch.float64 if torch.float64 in (eta.dtype, mu.dtype) else torch.float32
+    slack = CUT_SLACK * torch.finfo(acc).eps / 2
+    e, m = eta.detach().double().cpu(), mu.detach().double().cpu()
+    bounds = offsets.tolist()
+    groups = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    if not groups:
+        return True
+    S = torch.stack([e[a:b].T @ m[a:b] for a, b in groups])
+    A = torch.stack([e[a:b].abs().T @ m[a:b].abs() for a, b in groups])  # Σ|η_t μ_t| per entry
+    if fusion == "max":
+        if len(groups) < 2:
+            return True
+        top2 = S.abs().topk(2, dim=0)
+        return bool((top2.values[0] - top2.values[1] > slack * A.gather(0, top2.indices).sum(0)).all())
+    P, N = S.clamp(min=0).sum(0), S.clamp(max=0).sum(0)
+    total = A.sum(0)
+    clear = ((P + N).abs() > slack * total) | (total == 0)  # all terms exactly 0: no rounding
+    if signs:
+        clear &= ((S.abs() > slack * A) | (A == 0)).all(0)
+    return bool(clear.all())
+
+
+def draw_clear_of_cuts(draw, fusion, signs=True, tries=100):
+    """draw() -> (eta, mu, offsets, ...): the first draw whose selections are clear of their cuts
+    (`outer_selections_clear`)."""
+    for _ in range(tries):
+        case = draw()
+        if outer_selections_clear(*case[:3], fusion, signs):
+            return case
+    raise AssertionError(f"no draw of {tries} was clear of {fusion}'s cuts: outer_selections_clear is wrong")
+
+
 def train_mode_llama(seed: int, checkpointing: bool):
     """(model, tokenizer): the tiny float64 Llama in train mode (dropout 0), with Hugging Face
     activation checkpointing on or off (transformers 5.2x renamed gradient_checkpointing_enable

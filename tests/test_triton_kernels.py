@@ -29,7 +29,8 @@ from dcedit_kernels import reference  # noqa: E402
 from dcedit_kernels import triton_kernels as tk  # noqa: E402
 from dcedit_kernels.triton_kernels import launch  # noqa: E402
 from dcedit_kernels.triton_kernels.segment_matmul import _split_bf16x3  # noqa: E402
-from helpers import TOL, nan_outer_case, randn, ragged_offsets, random_counts, rel_err  # noqa: E402
+from helpers import (TOL, draw_clear_of_cuts, nan_outer_case, randn, ragged_offsets,  # noqa: E402
+                     random_counts, rel_err)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 CUDA = not INTERPRET and os.environ.get("DCEDIT_TEST_CUDA", "0") == "1" and torch.cuda.is_available()
@@ -388,11 +389,19 @@ def test_grouped_outer_backward_past_32_groups(gen, fusion, device):
     """37 groups need two selection words (bit g % 32 of word g // 32).  Groups 31 and 32, on
     either side of the words' boundary, always hold tokens: a bit of group 32 that spills into
     word 0's bit 31 (or a winner of word 0 into word 1's bit 0) moves gradient between them, and
-    with one of them empty at random (seed 1: both) that went unseen."""
-    counts = random_counts(37, gen, max_count=3)
-    counts[31], counts[32] = 2, 3
-    offsets = offsets_for(counts, device)
-    eta, mu = randn((sum(counts), 17), gen, torch.float32, device), randn((sum(counts), 10), gen, torch.float32, device)
+    with one of them empty at random (seed 1: both) that went unseen.  Inputs with a selection
+    within fp32 rounding of its cut are drawn again (`draw_clear_of_cuts`): of 100,000 draws, torch's
+    fp32 sums flipped one max winner (|S| 2.21193823 vs 2.21193806) and two S_g signs (-6.6e-9 and
+    -2.3e-8), about 5e-5 failures a run of the three tests, and the kernel failed on each of those
+    seeds (DCEDIT_TEST_SEED=1028466, 1015518, 1074270)."""
+    def draw():
+        counts = random_counts(37, gen, max_count=3)
+        counts[31], counts[32] = 2, 3
+        T = sum(counts)
+        return randn((T, 17), gen, torch.float32, device), randn((T, 10), gen, torch.float32, device), \
+            offsets_for(counts, device)
+
+    eta, mu, offsets = draw_clear_of_cuts(draw, fusion)
     go = _module("grouped_outer")
     sel = go.launch_grouped_outer(eta, mu, offsets, go.FUSION_MODES[fusion], select=True)
     assert sel.shape == (2, 17, 10) and sel.dtype == torch.int32
