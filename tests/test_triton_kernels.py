@@ -314,18 +314,29 @@ def test_grouped_lowrank_backward_nonfinite_gradient_off_the_clamp(gen, device):
 # ------------------------------------------------------------------------------ grouped_outer
 
 
-def outer_case(gen, dtype, device):
-    """(offsets, eta, mu, alpha): 4 random groups (one empty), o 29, i 13, alpha in [-0.5, 1.5)."""
-    counts = random_layout(gen, G=4)
-    T, o, i = sum(counts), 29, 13
-    eta, mu = randn((T, o), gen, dtype, device), randn((T, i), gen, dtype, device)
-    return offsets_for(counts, device), eta, mu, float(torch.rand((), generator=gen)) * 2 - 0.5
+def outer_case(gen, dtype, device, fusion, signs):
+    """(offsets, eta, mu, alpha): 4 random groups (one empty), o 29, i 13, alpha in [-0.5, 1.5),
+    drawn again while a selection of `fusion` lies within rounding of its cut (`signs`: the
+    backward's S_g signs too; helpers.outer_selections_clear says why)."""
+    def draw():
+        counts = random_layout(gen, G=4)
+        T, o, i = sum(counts), 29, 13
+        eta, mu = randn((T, o), gen, dtype, device), randn((T, i), gen, dtype, device)
+        # An alpha within ~3e-6 of 0 makes the fp16 backward's outputs fp16 subnormals, whose
+        # relative error passes fp16's tolerance (seed 4015834 drew -4.8e-7: 0.018 >= 3e-3).
+        alpha = 0.0
+        while abs(alpha) < 1e-3:
+            alpha = float(torch.rand((), generator=gen)) * 2 - 0.5
+        return eta, mu, offsets_for(counts, device), alpha
+
+    eta, mu, offsets, alpha = draw_clear_of_cuts(draw, fusion, signs)
+    return offsets, eta, mu, alpha
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_grouped_outer(gen, dtype, fusion, device):
-    offsets, eta, mu, alpha = outer_case(gen, dtype, device)
+    offsets, eta, mu, alpha = outer_case(gen, dtype, device, fusion, signs=False)
     out = tk.grouped_outer(eta, mu, offsets, fusion, alpha)
     ref = reference.grouped_outer(*f64(eta, mu), offsets, fusion, alpha)
     assert out.dtype == out_dtype(dtype)
@@ -376,7 +387,7 @@ def outer_grad(gen, G, o, i, fusion, dtype, device):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_grouped_outer_backward(gen, dtype, fusion, device):
-    offsets, eta, mu, alpha = outer_case(gen, dtype, device)
+    offsets, eta, mu, alpha = outer_case(gen, dtype, device, fusion, signs=True)
     grad = outer_grad(gen, offsets.numel() - 1, eta.shape[1], mu.shape[1], fusion, out_dtype(dtype), device)
     d_eta, d_mu = tk.grouped_outer_backward(grad, eta, mu, offsets, fusion, alpha)
     assert d_eta.dtype == eta.dtype and d_mu.dtype == mu.dtype
