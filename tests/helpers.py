@@ -127,10 +127,12 @@ def nan_outer_case(gen, dtype=torch.float32, device="cpu"):
 CUT_SLACK = 64
 
 
-def outer_selections_clear(eta, mu, offsets, fusion, signs=True):
+def outer_selections_clear(eta, mu, offsets, fusion, signs=True, step=0.0):
     """True unless a choice that grouped_outer's `fusion` makes on these inputs lies within
     rounding of its cut: |S_g| against the runner-up for "max", P against −N for "sss"/"ssm"
-    and, with `signs` (the backward's selection), each S_g entry against 0.
+    and, with `signs` (the backward's selection, or the kinks of the forward's P and N), each S_g
+    entry against 0.  `step`: also within 4·step·max|input| of it, where a finite difference of
+    that step in one input (gradcheck's eps) may cross the cut.
 
     The kernels add in fp32 (fp64 with a float64 input) where the oracle adds the same rounded
     values in float64, so on a near-tie they may take the other side, and both are right to
@@ -146,6 +148,8 @@ def outer_selections_clear(eta, mu, offsets, fusion, signs=True):
     acc = torch.float64 if torch.float64 in (eta.dtype, mu.dtype) else torch.float32
     slack = CUT_SLACK * torch.finfo(acc).eps / 2
     e, m = eta.detach().double().cpu(), mu.detach().double().cpu()
+    # One input entry moved by `step` moves an S_g entry by at most step·max|input|.
+    atol = 4 * step * max(float(e.abs().max()), float(m.abs().max())) if e.numel() and m.numel() else 0.0
     bounds = offsets.tolist()
     groups = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     if not groups:
@@ -156,21 +160,21 @@ def outer_selections_clear(eta, mu, offsets, fusion, signs=True):
         if len(groups) < 2:
             return True
         top2 = S.abs().topk(2, dim=0)
-        return bool((top2.values[0] - top2.values[1] > slack * A.gather(0, top2.indices).sum(0)).all())
+        return bool((top2.values[0] - top2.values[1] > slack * A.gather(0, top2.indices).sum(0) + atol).all())
     P, N = S.clamp(min=0).sum(0), S.clamp(max=0).sum(0)
     total = A.sum(0)
-    clear = ((P + N).abs() > slack * total) | (total == 0)  # all terms exactly 0: no rounding
+    clear = ((P + N).abs() > slack * total + atol) | ((total == 0) & (atol == 0))  # all terms 0: no rounding
     if signs:
-        clear &= ((S.abs() > slack * A) | (A == 0)).all(0)
+        clear &= ((S.abs() > slack * A + atol) | ((A == 0) & (atol == 0))).all(0)
     return bool(clear.all())
 
 
-def draw_clear_of_cuts(draw, fusion, signs=True, tries=100):
+def draw_clear_of_cuts(draw, fusion, signs=True, step=0.0, tries=100):
     """draw() -> (eta, mu, offsets, ...): the first draw whose selections are clear of their cuts
     (`outer_selections_clear`)."""
     for _ in range(tries):
         case = draw()
-        if outer_selections_clear(*case[:3], fusion, signs):
+        if outer_selections_clear(*case[:3], fusion, signs, step):
             return case
     raise AssertionError(f"no draw of {tries} was clear of {fusion}'s cuts: outer_selections_clear is wrong")
 
