@@ -151,9 +151,11 @@ def outer_selections_clear(eta, mu, offsets, fusion, signs=True, step=0.0):
     # One input entry moved by `step` moves an S_g entry by at most step·max|input|.
     atol = 4 * step * max(float(e.abs().max()), float(m.abs().max())) if e.numel() and m.numel() else 0.0
     bounds = offsets.tolist()
-    groups = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    if not groups:
+    groups = list(zip(bounds[:-1], bounds[1:]))
+    if e.shape[0] == 0:
         return True
+    # Empty groups too (S_g = 0): they take part in max, whose first group wins a tie, and an S
+    # entry of the only other group that fp32 rounds to 0 gave its gradient to an empty group 0.
     S = torch.stack([e[a:b].T @ m[a:b] for a, b in groups])
     A = torch.stack([e[a:b].abs().T @ m[a:b].abs() for a, b in groups])  # Σ|η_t μ_t| per entry
     if fusion == "max":
@@ -164,8 +166,9 @@ def outer_selections_clear(eta, mu, offsets, fusion, signs=True, step=0.0):
     P, N = S.clamp(min=0).sum(0), S.clamp(max=0).sum(0)
     total = A.sum(0)
     clear = ((P + N).abs() > slack * total + atol) | ((total == 0) & (atol == 0))  # all terms 0: no rounding
-    if signs:
-        clear &= ((S.abs() > slack * A + atol) | ((A == 0) & (atol == 0))).all(0)
+    if signs:  # an empty group has no gradient to misplace
+        held = torch.tensor([b > a for a, b in groups])
+        clear &= ((S[held].abs() > slack * A[held] + atol) | ((A[held] == 0) & (atol == 0))).all(0)
     return bool(clear.all())
 
 
