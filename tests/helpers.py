@@ -174,10 +174,11 @@ def outer_selections_clear(eta, mu, offsets, fusion, signs=True, step=0.0):
 
 def draw_clear_of_cuts(draw, fusion, signs=True, step=0.0, tries=100):
     """draw() -> (eta, mu, offsets, ...): the first draw whose selections are clear of their cuts
-    (`outer_selections_clear`)."""
+    (`outer_selections_clear`) for `fusion`, or for each fusion of a tuple."""
+    fusions = (fusion,) if isinstance(fusion, str) else fusion
     for _ in range(tries):
         case = draw()
-        if outer_selections_clear(*case[:3], fusion, signs, step):
+        if all(outer_selections_clear(*case[:3], f, signs, step) for f in fusions):
             return case
     raise AssertionError(f"no draw of {tries} was clear of {fusion}'s cuts: outer_selections_clear is wrong")
 

@@ -1328,7 +1328,9 @@ def test_gradcheck_through_the_triton_registrations(gen, op, triton_serves_cpu):
     f64_leaf = lambda *shape: randn(shape, gen, torch.float64).requires_grad_()  # noqa: E731
     check = lambda fn, inputs: torch.autograd.gradcheck(fn, inputs, fast_mode=True)  # noqa: E731
     if op == "grouped_outer":
-        eta, mu = f64_leaf(T, 4), f64_leaf(T, 3)
+        # No max/sss/ssm choice within gradcheck's eps of its kink, where a finite difference
+        # straddles it (1 of 100,000 draws failed so: seed 9050362, max; test_ops' gradchecks too).
+        eta, mu, _ = draw_clear_of_cuts(lambda: (f64_leaf(T, 4), f64_leaf(T, 3), offsets), ("max", "sss"), step=1e-6)
         for fusion in FUSIONS:
             assert check(lambda e, m: ops.grouped_outer(e, m, offsets, fusion, 0.5), (eta, mu)), fusion
     elif op == "grouped_lowrank":
