@@ -436,7 +436,9 @@ def summarize(values: list) -> dict:
         # float() took "0.5" and True as numbers, and a str that is none raised "could not convert
         # string to float: 'a'", naming no item.
         if v is not None and not is_real_number(v):
-            raise ValueError(f"values[{i}] must be a real number or None, got {type(v).__name__}")
+            # (A tensor was averaged before and came back in "values", which the results' JSON cannot hold.)
+            hint = ": pass its .item()" if isinstance(v, torch.Tensor) and v.numel() == 1 else ""
+            raise ValueError(f"values[{i}] must be a real number or None, got {type(v).__name__}{hint}")
     kept = [float(v) for v in values if v is not None]
     if not kept:
         return dict(mean=None, std=None, values=list(values))

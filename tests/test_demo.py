@@ -409,7 +409,10 @@ def test_summarize_lists_its_values_once_and_names_a_bad_one():
                        ("0.5", r"^values must be a sequence of numbers or None, got str$"),
                        ([0.5, "0.5"], r"^values\[1\] must be a real number or None, got str$"),
                        ([True, 0.5], r"^values\[0\] must be a real number or None, got bool$"),
-                       ([0.5, None, "a"], r"^values\[2\] must be a real number or None, got str$")):
+                       ([0.5, None, "a"], r"^values\[2\] must be a real number or None, got str$"),
+                       # a tensor is refused (the results' JSON cannot hold it), with the way out named
+                       (torch.tensor([0.1, 0.2]), r"^values\[0\] must be a real number or None, got Tensor: pass its \.item\(\)$"),
+                       ([0.5, torch.ones(2)], r"^values\[1\] must be a real number or None, got Tensor$")):
         with pytest.raises(ValueError, match=match):
             summarize(bad)
     assert math.isnan(summarize([0.5, math.nan])["mean"])  # a NaN run stays visible
