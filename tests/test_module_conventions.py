@@ -169,6 +169,27 @@ def test_a_seeded_build_draws_nothing_from_the_global_generators_on_any_device(m
         assert all(p.is_meta for p in build(seed).parameters())
 
 
+@pytest.mark.parametrize("level", ["token", "sentence"])
+def test_a_seeded_psi_is_built_where_torch_device_puts_the_rest(level, gen, monkeypatch):
+    """Inside `with torch.device(...)` a seeded ProEditor's ψ lies with its other parameters.  ψ's
+    layers went to torch.get_default_device(), which before torch 2.8 ignores that context
+    (pytorch#131328: the package takes torch >= 2.4): under `with torch.device("meta")` fc1/fc2 were
+    real CPU tensors beside meta ones.  That older behaviour is patched in here (no
+    set_default_device in this test, so it gives "cpu"), the real one on this torch also checked."""
+    from dcedit_kernels import ProEditor
+
+    dims = dict(in_features=int(torch.randint(2, 9, (1,), generator=gen)),
+                out_features=int(torch.randint(2, 9, (1,), generator=gen)), rank=2, generator=level,
+                seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
+    for patched in (False, True):
+        if patched:
+            monkeypatch.setattr(torch, "get_default_device", lambda: torch.device("cpu"))
+        with torch.device("meta"):
+            ed = ProEditor(**dims)
+        elsewhere = {name: p.device.type for name, p in ed.named_parameters() if not p.is_meta}
+        assert not elsewhere, (patched, elsewhere)
+
+
 def test_a_train_results_repr_summarises_its_histories():
     """`editor.fit(...)` as a notebook cell's last line prints its TrainResult: the dataclass's repr
     wrote out every step's dict (26 KB for the README's 200 steps; here, 10,000 steps, 0.96 MB).  It shows

@@ -43,7 +43,9 @@ class ParameterGenerator(nn.Module):
             # from the seed instead.  Built plainly inside fork_rng(devices=[]), the default draws were
             # made on the default device's global generator, which that restores only for the CPU: a
             # seeded ProEditor built under set_default_device("cuda") advanced the CUDA generator.
-            device = torch.get_default_device()
+            # The device is an empty tensor's, not torch.get_default_device()'s: before torch 2.8 that
+            # ignores `with torch.device(...)` (pytorch#131328), which put ψ on the CPU beside the rest.
+            device = torch.empty(0).device
             self.fc1 = nn.utils.skip_init(nn.Linear, dim, hidden, device=device)
             self.fc2 = nn.utils.skip_init(nn.Linear, hidden, dim, device=device)
             seeded_draw_(self.fc1.weight, lambda t, g: nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=g),
