@@ -36,6 +36,9 @@ it trains on its own and calls no collective, so the others wait for it in agree
 ends (a check would need a collective in every process group, also where the processes train
 different editors on their own).  data_parallel=True in processes that torchrun started (WORLD_SIZE > 1)
 but that joined no process group is refused (`train_editor`): each would train on its own.
+data_parallel=True in a plain process (no process group, WORLD_SIZE unset: the script was not
+started by torchrun) trains in that one process and warns, so that a user who forgot torchrun does
+not take the run for one over several GPUs.
 """
 
 from __future__ import annotations
@@ -64,6 +67,12 @@ def launched_size() -> int:
     """The number of processes a launcher started (torchrun's WORLD_SIZE; 1 without one), whether or
     not they have joined a process group yet."""
     return _env_int("WORLD_SIZE", "1")
+
+
+def unlaunched() -> bool:
+    """Whether this process runs on its own by construction: no process group is initialised and no
+    launcher started it (WORLD_SIZE unset; torchrun sets it, also to 1)."""
+    return not (dist.is_available() and dist.is_initialized()) and "WORLD_SIZE" not in os.environ
 
 
 def init_from_env(device: str) -> tuple[str, bool]:

@@ -129,6 +129,16 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                          f"WORLD_SIZE={launched}, but no torch.distributed process group is "
                          "initialised: call torch.distributed.init_process_group() (gloo on CPU, nccl on GPUs) "
                          "or dcedit_kernels.distributed.init_from_env(device) in every process before training")
+    if config.data_parallel and group_size == 1 and distributed.unlaunched():
+        # A script run with `python` instead of `torchrun` trained alone without a word, and its user
+        # took it for a run over every GPU (a new-user audit).  A warning, not an error: the same
+        # script run in one process on purpose (a debug run, one GPU) trains as before.
+        warnings.warn("train_editor: TrainConfig(data_parallel=True), but no torch.distributed process group "
+                      "is initialised and no launcher started this process (WORLD_SIZE unset): it trains "
+                      "alone, in one process.  To train over N GPUs, start the script with `torchrun "
+                      "--nproc_per_node N script.py` and call dcedit_kernels.distributed.init_from_env(device) "
+                      "or torch.distributed.init_process_group() before training (`torchrun ... -m "
+                      "dcedit_kernels.cli train` does both)", stacklevel=2)
     if not config.data_parallel and group_size > 1:
         warnings.warn(f"train_editor: a process group of {group_size} processes is up but "
                       "data_parallel=False: this process trains its editors on its own (the others repeat "

@@ -652,6 +652,26 @@ def test_data_parallel_under_torchrun_without_a_process_group_is_refused(monkeyp
     assert result.steps == 1
 
 
+def test_data_parallel_in_a_plain_process_warns_that_it_trains_alone(monkeypatch):
+    """A script that sets TrainConfig(data_parallel=True) run with `python` instead of torchrun (no
+    process group, WORLD_SIZE unset) trained in its one process without a word, and its user took
+    the run for one over several GPUs (a new-user audit).  Now it trains as before and warns, naming
+    torchrun; under torchrun with one process (WORLD_SIZE=1) it says nothing."""
+    import warnings
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not (dist.is_available() and dist.is_initialized())
+    config = TrainConfig(steps=1, batch_size=2, progress=False, data_parallel=True)
+    with pytest.warns(UserWarning, match=r"data_parallel=True.*no launcher.*trains alone, in one process.*torchrun"):
+        result = train_editor(_editor("mend", {}), _requests(1, 4), None, config)
+    assert result.steps == 1
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_editor(_editor("mend", {}), _requests(1, 4), None, config)
+    assert not [w for w in caught if "data_parallel" in str(w.message)], [str(w.message) for w in caught]
+
+
 @pytest.mark.parametrize("gpus", [0, 1])
 def test_dcedit_train_under_torchrun_without_a_gpu_for_each_process_says_so(monkeypatch, capsys, tmp_path, gpus):
     """`torchrun --nproc_per_node 2 -m dcedit_kernels.cli train --device cuda` on a machine without
