@@ -269,6 +269,26 @@ def restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
 LIVE_EDITS: "weakref.WeakKeyDictionary[nn.Module, list[EditHandle]]" = weakref.WeakKeyDictionary()
 
 
+def live_edits(model) -> int:
+    """How many edits of `model` (its `weights_owner`) are live: applied by a ModelEditor and neither
+    undone nor kept (a kept edit is the model's for good)."""
+    if not isinstance(model, nn.Module):  # measure_edit takes any editor with a `model`
+        return 0
+    return sum(h._restorable() for h in LIVE_EDITS.get(weights_owner(model), ()))
+
+
+def warn_live_edits(model, what: str, consequence: str, stacklevel: int) -> None:
+    """A UserWarning from `what` when `model` holds live edits: `consequence` says what they change
+    (fit, measure_edit and evaluate_method took the edited model for the unedited one without a
+    word).  An edit made permanent on purpose (`keep()`) is not live and says nothing."""
+    n = live_edits(model)
+    if n:
+        warnings.warn(f"{what}: the model holds {n} live edit{'s' if n > 1 else ''} (applied by a ModelEditor, "
+                      f"neither undone nor kept): {consequence}; undo {'them' if n > 1 else 'it'} first "
+                      "(handle.undo(), latest first, or leave the edited() block), or handle.keep() to make "
+                      f"{'them' if n > 1 else 'it'} part of the model on purpose", UserWarning, stacklevel=stacklevel + 1)
+
+
 # {model (its weights_owner): (the thread editing it: apply, undo, fit; the calls it is inside, outermost first)}
 _EDITING: "weakref.WeakKeyDictionary[nn.Module, tuple[int, tuple[str, ...]]]" = weakref.WeakKeyDictionary()
 _EDITING_LOCK = threading.Lock()

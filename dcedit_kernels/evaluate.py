@@ -54,10 +54,14 @@ import torch
 from . import metrics
 from ._checks import check_autograd, check_bool, is_int, is_real_number
 from .devices import cuda_indices, model_devices
+from .edit_handle import warn_live_edits
 from .requests import EditRequest, validate_requests
 
 PREDICTION_METRICS = ("es", "reliability", "dd", "lmp", "ns")
 COST_METRICS = ("latency_s", "peak_memory_mb")
+# What a model's live edits do to a run (`warn_live_edits`): it scored them as the unedited model's.
+LIVE_EDITS_SCORED = ("the \"unedited\" predictions DD compares against, and the model each edit is applied to "
+                     "and undone back to, are the edited model's, so DD and NS measure the change from it")
 ALL_METRICS = PREDICTION_METRICS + COST_METRICS
 
 
@@ -311,7 +315,14 @@ def measure_edit(editor, requests: Sequence[EditRequest], batch_size: int = 16, 
     scores had kept the batches (the demo does that; the apply is ~1.4 s of it).  None (the
     default): a store of this call's own, for its locality rows only (the unedited and the edited
     model's passes over them), when none of them is in `base_cache` and `editor` is a ModelEditor.
+    A model that holds live edits of a ModelEditor (applied, neither undone nor kept) is scored as
+    it is, its edits in the "unedited" predictions, and warns (`edit_handle.warn_live_edits`).
     """
+    return _measure_edit(editor, requests, batch_size, during, base_cache, lower_blocks, warn_live=True)
+
+
+def _measure_edit(editor, requests, batch_size, during, base_cache, lower_blocks, warn_live: bool) -> dict:
+    """`measure_edit`; warn_live=False from evaluate_method, which warns of live edits once itself."""
     _check_editor(editor, ("model", "tokenizer", "apply"))
     _check_stores(base_cache, lower_blocks)
     if lower_blocks is not None and not _writes_its_modules_only(editor):
@@ -327,6 +338,8 @@ def measure_edit(editor, requests: Sequence[EditRequest], batch_size: int = 16, 
         # Called only once the edit is applied: a non-callable raised TypeError after the scoring passes.
         raise ValueError(f"during must be a callable taking the model, or None, got {type(during).__name__}")
     model, tokenizer = editor.model, editor.tokenizer
+    if warn_live:
+        warn_live_edits(model, "measure_edit", LIVE_EDITS_SCORED, stacklevel=3)
     # Without a caller's store, one for this call's locality rows: when none of them is in
     # `base_cache`, the unedited pass below and the edited NS/DD pass score the same batches, and
     # the edited one runs only the blocks from the lowest edited layer, from the unedited pass's
@@ -538,6 +551,7 @@ def evaluate_method(
     else:
         raise ValueError(f"method must be a ModelEditor or a method name, got {type(method).__name__}")
 
+    warn_live_edits(model, "evaluate_method", LIVE_EDITS_SCORED, stacklevel=2)
     runs = []
     base_cache = {} if base_cache is None else base_cache
     total = len(sizes) * repeats
@@ -546,8 +560,8 @@ def evaluate_method(
             for r in range(repeats):
                 idx = sample_indices(len(requests), n, seed, r)
                 with _named_as(idx):  # an error names the request by its place in `requests`, not in the sample
-                    run = measure_edit(editor, [requests[i] for i in idx], batch_size, base_cache=base_cache,
-                                       lower_blocks=lower_blocks)
+                    run = _measure_edit(editor, [requests[i] for i in idx], batch_size, None, base_cache,
+                                        lower_blocks, warn_live=False)
                 runs.append(dict(run, repeat=r, indices=idx))
                 bar.update(1)
     by_n = {}

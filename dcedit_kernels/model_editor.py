@@ -720,7 +720,8 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         Its steps run with grad on under a caller's `torch.no_grad()`; under torch.inference_mode
         it raises RuntimeError, as `apply` does, and while another thread edits the model.  Every
         editor parameter is trained: one a caller froze (requires_grad False) raises ValueError,
-        before anything changes."""
+        before anything changes.  On a model that holds live edits (applied, neither undone nor
+        kept) it trains on the edited model and warns (`edit_handle.warn_live_edits`)."""
         from .train import TrainConfig, train_editor
 
         if self.method in FT_METHODS:

@@ -62,6 +62,7 @@ from . import distributed
 from ._checks import HALF_DTYPES, all_finite_many, check_autograd
 from .capture import frozen_parameters, modes_restored
 from .devices import seed_generators
+from .edit_handle import warn_live_edits
 from .losses import backward_scale
 from .model_editor import ModelEditor
 from .requests import validate_requests
@@ -121,6 +122,9 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     # fails tells the others in agree_on_start, as invalid requests do, rather than raise alone and
     # leave them waiting there (an fp16 editor on rank 1 held rank 0 until rank 1's process ended).
     _, error = _attempt(lambda: _check_trainable(me), size)
+    if error is None:
+        warn_live_edits(me.model, "train_editor", "the editors train on the edited model (its gradients are "
+                        "what they learn to map, its outputs the locality loss's reference)", stacklevel=2)
     launched = distributed.launched_size()
     if config.data_parallel and group_size == 1 and launched > 1:
         # torchrun started W processes but none joined a group: each trained on its own, on the same

@@ -961,6 +961,47 @@ def test_gcr_gms_of_a_nan_gradient_are_nan():
     assert math.isnan(gcr(gram=gradient_gram(g))) and math.isnan(gms(gram=gradient_gram(g)))
 
 
+def _live_edit_warnings(call) -> list[str]:
+    """The messages of the warnings about live edits that `call()` gives."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return [str(w.message) for w in caught if "live edit" in str(w.message)]
+
+
+def test_measure_edit_and_evaluate_method_warn_of_the_models_live_edits(gen):
+    """measure_edit and evaluate_method on a model still holding an edit (applied, not undone)
+    took its predictions for the unedited model's (DD's reference) and applied each edit on top,
+    without a word (a new-user audit).  They warn, naming how many and how to undo or keep them,
+    evaluate_method once per call; undone or kept edits say nothing; the live edits stay as they were."""
+    from test_model_editor import make_editor, random_requests
+
+    from dcedit_kernels.evaluate import evaluate_method, measure_edit
+
+    me = make_editor("gpt2", "mend", gen)
+    reqs = random_requests(gen, 3)
+    measure = lambda: measure_edit(me, reqs[:2], batch_size=2)  # noqa: E731
+    evaluate = lambda: evaluate_method(me.model, me.tokenizer, me, reqs, n_edits=(1, 2), repeats=2,  # noqa: E731
+                                       batch_size=2, progress=False)
+    assert _live_edit_warnings(measure) == [] and _live_edit_warnings(evaluate) == []
+    first = me.apply(reqs[2:])
+    said = _live_edit_warnings(measure)
+    assert len(said) == 1 and said[0].startswith("measure_edit: the model holds 1 live edit (")
+    assert "undo it first (handle.undo()" in said[0] and "handle.keep()" in said[0], said
+    said = _live_edit_warnings(evaluate)  # 4 runs, one warning
+    assert len(said) == 1 and said[0].startswith("evaluate_method: the model holds 1 live edit ("), said
+    second = me.apply(reqs[:1])
+    said = _live_edit_warnings(measure)
+    assert len(said) == 1 and said[0].startswith("measure_edit: the model holds 2 live edits ("), said
+    assert me._live == [first, second]  # the runs' own edits undone, the caller's left
+    second.undo()
+    assert len(_live_edit_warnings(measure)) == 1
+    first.keep()  # part of the model on purpose
+    assert _live_edit_warnings(measure) == [] and _live_edit_warnings(evaluate) == []
+
+
 def test_measure_edit_scores_ns_and_dd_of_the_edited_model_in_one_pass(gen):
     """With a locality_target on every request, NS and DD score the same pairs on the edited model:
     measure_edit runs them as one pass and gives the values of the two metrics called apart."""

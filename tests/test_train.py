@@ -1195,6 +1195,37 @@ def test_a_batch_larger_than_the_training_requests_warns(gen):
     assert result.steps == 1
 
 
+def test_fit_on_a_model_with_live_edits_warns(gen):
+    """fit on a model that still holds an edit (applied, not undone) trained the editors on the
+    edited model, its outputs the locality loss's reference, without a word (a new-user audit).
+    It warns, naming how many and how to undo or keep them; the edit stays live; once undone, or
+    kept (part of the model on purpose), fit says nothing."""
+    from test_model_editor import make_editor
+
+    me = make_editor("gpt2", "mend", gen)
+    config = TrainConfig(steps=1, batch_size=2, progress=False)
+
+    def fit_warnings():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = me.fit(random_requests(gen, 2), random_requests(gen, 2) if torch.rand((), generator=gen) < 0.5 else None,
+                            config)  # with validation sometimes: it applies and undoes edits of its own
+        assert result.steps == 1
+        return [str(w.message) for w in caught if "live edit" in str(w.message)]
+
+    assert fit_warnings() == []
+    handles = [me.apply(random_requests(gen, 1)) for _ in range(2)]
+    said = fit_warnings()
+    assert len(said) == 1 and said[0].startswith("train_editor: the model holds 2 live edits ("), said
+    assert "the editors train on the edited model" in said[0] and "undo them first (handle.undo()" in said[0], said
+    assert me._live == handles
+    handles[1].undo()
+    said = fit_warnings()
+    assert len(said) == 1 and said[0].startswith("train_editor: the model holds 1 live edit ("), said
+    handles[0].keep()
+    assert fit_warnings() == []
+
+
 def test_a_val_size_larger_than_the_val_requests_warns(gen):
     """val_size=10 with 3 val_requests validated on the 3 without a word (the CLI refuses such a
     --val-size; a Python caller read the ES as over 10 edits). It warns, as a batch_size larger than
