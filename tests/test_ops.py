@@ -17,7 +17,7 @@ from torch.autograd import forward_ad
 from torch.library import opcheck
 
 from dcedit_kernels import ops, reference
-from helpers import (TOL, draw_clear_of_cuts, nan_outer_case, public_op_cases, randn, ragged_offsets,
+from helpers import (TOL, draw_clear_of_cuts, gate_logits_clear, nan_outer_case, public_op_cases, randn, ragged_offsets,
                      random_counts, rel_err)
 
 FUSIONS = ["none", "add", "max", "sss", "ssm"]
@@ -2465,8 +2465,16 @@ def test_presets_refuse_the_arguments_they_set():
 
 
 def test_noisy_topk_gate_opcheck_and_gradcheck(gen, device):
-    feats, w_gate, w_noise = (randn(s, gen, torch.float64, device) for s in ((5, 3), (3, 4), (3, 4)))
-    noise = randn((5, 4), gen, torch.float64, device)
+    # gradcheck's central differences (eps 1e-6) may swap two logits within ~1e-6 of each other,
+    # a kink of the top-k selection and of the smooth load: 3 of 100,000 draws failed (seed 1673,
+    # ...; `gate_logits_clear`).  Such draws are drawn again.
+    for _ in range(100):
+        feats, w_gate, w_noise = (randn(s, gen, torch.float64, device) for s in ((5, 3), (3, 4), (3, 4)))
+        noise = randn((5, 4), gen, torch.float64, device)
+        if gate_logits_clear(feats, w_gate, w_noise, noise, step=1e-6):
+            break
+    else:
+        raise AssertionError("no draw of 100 was clear of the gate's kinks: gate_logits_clear is wrong")
     opcheck(torch.ops.dcedit.noisy_topk_gate.default, (feats.float(), w_gate.float(), w_noise.float(), 2, noise.float()))
     w_gate.requires_grad_(), w_noise.requires_grad_()
     f = lambda wg, wn: torch.ops.dcedit.noisy_topk_gate(feats, wg, wn, 2, noise)  # noqa: E731
