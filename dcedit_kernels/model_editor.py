@@ -139,8 +139,8 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
     "proeditor", "ft" or "ft_kl"; tokens: "all" (MEND: every non-padding token feeds the editor)
     or "target" (MALMEN: only the target-predicting positions), the capture's rows (the FT
     baselines feed no editor: their `apply` fine-tunes on the target tokens whichever it is);
-    loss_reduction: "edit" (each edit's
-    mean target NLL, summed over edits) or "token" (MEND's batch mean), the loss the capture
+    loss_reduction: "edit" (each edit's mean target NLL, summed over edits) or "token" (MEND's
+    batch mean), the loss the capture
     backpropagates (the FT baselines always fine-tune on the batch mean, as MEND's baseline does);
     allow_tied: edit layers whose weight is shared with another module (ValueError otherwise);
     editor_device: where every editor lives (a device, "cuda:1", or a CUDA index); None (the
