@@ -172,15 +172,23 @@ def outer_selections_clear(eta, mu, offsets, fusion, signs=True, step=0.0):
     return bool(clear.all())
 
 
+def redraw_until(draw, clear, what: str, tries=100):
+    """The first `draw()` that `clear(case)` accepts, of at most `tries` (the tests' near-kink and
+    near-tie redraws); AssertionError when none is, which means `clear` rejects far more than the
+    rare draws it is for."""
+    for _ in range(tries):
+        case = draw()
+        if clear(case):
+            return case
+    raise AssertionError(f"no draw of {tries} was clear of {what}")
+
+
 def draw_clear_of_cuts(draw, fusion, signs=True, step=0.0, tries=100):
     """draw() -> (eta, mu, offsets, ...): the first draw whose selections are clear of their cuts
     (`outer_selections_clear`) for `fusion`, or for each fusion of a tuple."""
     fusions = (fusion,) if isinstance(fusion, str) else fusion
-    for _ in range(tries):
-        case = draw()
-        if all(outer_selections_clear(*case[:3], f, signs, step) for f in fusions):
-            return case
-    raise AssertionError(f"no draw of {tries} was clear of {fusion}'s cuts: outer_selections_clear is wrong")
+    return redraw_until(draw, lambda case: all(outer_selections_clear(*case[:3], f, signs, step) for f in fusions),
+                        f"{fusion}'s cuts: outer_selections_clear is wrong", tries)
 
 
 def gate_logits_clear(feats, w_gate, w_noise, noise, step):

@@ -18,7 +18,7 @@ from torch.library import opcheck
 
 from dcedit_kernels import ops, reference
 from helpers import (TOL, draw_clear_of_cuts, gate_logits_clear, nan_outer_case, public_op_cases, randn, ragged_offsets,
-                     random_counts, rel_err)
+                     random_counts, redraw_until, rel_err)
 
 FUSIONS = ["none", "add", "max", "sss", "ssm"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -715,11 +715,8 @@ def _lowrank_inputs_off_the_kink(gen, **kwargs):
     draws failed test_grouped_lowrank_batched_gradients and the second-derivative test), and 34 had a
     |pre| under 1e-4.  1e-4 is 100·eps: a slope (a product of three or four O(1) Gaussian entries)
     past 100 would be needed to reach the kink."""
-    for _ in range(100):
-        a = _lowrank_inputs(gen, **kwargs)
-        if bool((_lowrank_pre(a).abs() > 1e-4).all()):
-            return a
-    raise AssertionError("no draw of 100 had its pre-activations clear of 0")
+    return redraw_until(lambda: _lowrank_inputs(gen, **kwargs), lambda a: bool((_lowrank_pre(a).abs() > 1e-4).all()),
+                        "the ReLU's kink (pre-activations within 1e-4 of 0)")
 
 
 def _lowrank_formula(a):
@@ -2468,13 +2465,9 @@ def test_noisy_topk_gate_opcheck_and_gradcheck(gen, device):
     # gradcheck's central differences (eps 1e-6) may swap two logits within ~1e-6 of each other,
     # a kink of the top-k selection and of the smooth load: 3 of 100,000 draws failed (seed 1673,
     # ...; `gate_logits_clear`).  Such draws are drawn again.
-    for _ in range(100):
-        feats, w_gate, w_noise = (randn(s, gen, torch.float64, device) for s in ((5, 3), (3, 4), (3, 4)))
-        noise = randn((5, 4), gen, torch.float64, device)
-        if gate_logits_clear(feats, w_gate, w_noise, noise, step=1e-6):
-            break
-    else:
-        raise AssertionError("no draw of 100 was clear of the gate's kinks: gate_logits_clear is wrong")
+    feats, w_gate, w_noise, noise = redraw_until(
+        lambda: tuple(randn(s, gen, torch.float64, device) for s in ((5, 3), (3, 4), (3, 4), (5, 4))),
+        lambda case: gate_logits_clear(*case, step=1e-6), "the gate's kinks: gate_logits_clear is wrong")
     opcheck(torch.ops.dcedit.noisy_topk_gate.default, (feats.float(), w_gate.float(), w_noise.float(), 2, noise.float()))
     w_gate.requires_grad_(), w_noise.requires_grad_()
     f = lambda wg, wn: torch.ops.dcedit.noisy_topk_gate(feats, wg, wn, 2, noise)  # noqa: E731
