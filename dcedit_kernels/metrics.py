@@ -675,8 +675,8 @@ def _pair_stats(grads, gram) -> tuple[torch.Tensor, torch.Tensor]:
     # (GMS inf) and underflowed below 1e-81 (GMS 0 for equal norms); a ratio of norms² would underflow
     # where that of the norms is 1e-160 (its pair's GMS 2e-160, not 0).
     size = sq.log2() + 2 * exp.double()
-    lo = torch.where(size[i] <= size[j], i, j)
-    hi = torch.where(size[i] <= size[j], j, i)
+    i_smaller = size[i] <= size[j]
+    lo, hi = torch.where(i_smaller, i, j), torch.where(i_smaller, j, i)
     ratio = (sq[lo] / sq[hi]).sqrt() * torch.pow(2.0, (exp[lo] - exp[hi]).double())
     # A zero gradient (e = 0) against another: 0, set here, not computed: against a float64 row of
     # subnormal entries (e down to -1073) 2^(e_lo - e_hi) overflowed and 0·inf made GMS NaN.
