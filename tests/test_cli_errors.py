@@ -3,6 +3,7 @@
 
 import json
 import os
+import random
 import re
 import warnings
 from pathlib import Path
@@ -500,6 +501,33 @@ def test_cli_val_data_errors_name_val_data(capsys, tmp_path, monkeypatch):
     assert cli.main(["train", "--data", str(data), "--val-data", str(data), "--val-size", "7",
                      "--out", str(tmp_path / "e.safetensors")]) == 2  # once 6 used without a word
     assert "dcedit: error: --val-size asks for 7 edits but --val-data holds 6" in capsys.readouterr().err
+
+
+def test_cli_val_size_counts_val_data_requests_as_n_edits_counts_data(capsys, tmp_path, monkeypatch):
+    """--val-size N validates on the first N edits of --val-data, and the note on blank zsRE records
+    names only those among the records read for them, as --n-edits does for --data: `dcedit train
+    --val-data zsre-train --val-size 2` said "2 record(s) with a blank prompt or target left out
+    (record 534, 723)", records no validation edit comes from."""
+    def data_loaded(*args, **kwargs):
+        raise cli.UserError("the data loaded")
+    monkeypatch.setattr(cli.commands, "load_any_model", data_loaded)
+    n = random.randint(6, 12)
+    blank = random.randint(2, n - 2)
+    records = [dict(src=f"Question {i}?", alt="" if i == blank else f"answer {i}", rephrase=f"Q {i}?",
+                    loc=f"nq question: q{i}", loc_ans=f"a{i}", subject=f"s{i}") for i in range(n)]
+    zsre = tmp_path / "zsre.json"
+    zsre.write_text(json.dumps(records))
+    train = str(_counterfact_file(tmp_path / "train.json"))
+    note = f"note: {zsre}: 1 record(s) with a blank prompt or target left out (record {blank})"
+    for size, noted in ((blank, False), (blank + 1, True), (None, True)):
+        argv = ["train", "--data", train, "--val-data", str(zsre), "--out", str(tmp_path / "e.safetensors")]
+        assert cli.main(argv + ([] if size is None else ["--val-size", str(size)])) == 2
+        err = capsys.readouterr().err
+        assert "dcedit: error: the data loaded" in err
+        assert (note in err) == noted, (size, err)
+    assert cli.main(["train", "--data", train, "--val-data", str(zsre), "--val-size", str(n),
+                     "--out", str(tmp_path / "e.safetensors")]) == 2
+    assert f"--val-size asks for {n} edits but --val-data holds {n - 1}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["edit", "train"])
