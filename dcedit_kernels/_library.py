@@ -165,12 +165,12 @@ def _load_compiled():
 
 
 def _warn_not_loaded(exc: BaseException) -> None:
-    import warnings
+    from ._warn import warn
 
-    warnings.warn(f"dcedit_kernels: the compiled kernels (dcedit_kernels._C) failed to load ({exc}); the ops run "
-                  f"their PyTorch references. Rebuild the package against this torch ({torch.__version__}): "
-                  "pip install --no-build-isolation --force-reinstall --no-deps <checkout or sdist>, or set "
-                  "DCEDIT_DISABLE_C=1 to use the references without this warning", RuntimeWarning, stacklevel=2)
+    warn(f"dcedit_kernels: the compiled kernels (dcedit_kernels._C) failed to load ({exc}); the ops run "
+         f"their PyTorch references. Rebuild the package against this torch ({torch.__version__}): "
+         "pip install --no-build-isolation --force-reinstall --no-deps <checkout or sdist>, or set "
+         "DCEDIT_DISABLE_C=1 to use the references without this warning", RuntimeWarning)
 
 
 _C = _load_compiled()

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import warnings
 import weakref
 from collections.abc import Sized
 from typing import Callable, Iterable, Mapping
@@ -49,6 +48,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as nn_module
 
+from ._warn import warn
 from .edit_handle import deferred_interrupt
 from .patched_forwards import patched_forwards
 from .scored_logits import logits_at
@@ -314,8 +314,8 @@ class PrefixReuse:
         verdicts[self.k] = same
         if not same:
             self.recorded.clear()
-            warnings.warn(f"reuse_prefix: {type(self.model).__name__} gave {why} when blocks 0..{self.k - 1} "
-                          "were skipped; its training runs every block for every row (block_prefix)", stacklevel=2)
+            warn(f"reuse_prefix: {type(self.model).__name__} gave {why} when blocks 0..{self.k - 1} "
+                 "were skipped; its training runs every block for every row (block_prefix)")
 
     @contextlib.contextmanager
     def reuse(self, key: Iterable[int]):

@@ -14,11 +14,12 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-import warnings
 import weakref
 
 import torch
 from torch import nn
+
+from ._warn import warn
 
 
 class EditHandle:
@@ -277,16 +278,16 @@ def live_edits(model) -> int:
     return sum(h._restorable() for h in LIVE_EDITS.get(weights_owner(model), ()))
 
 
-def warn_live_edits(model, what: str, consequence: str, stacklevel: int) -> None:
+def warn_live_edits(model, what: str, consequence: str) -> None:
     """A UserWarning from `what` when `model` holds live edits: `consequence` says what they change
     (fit, measure_edit and evaluate_method took the edited model for the unedited one without a
     word).  An edit made permanent on purpose (`keep()`) is not live and says nothing."""
     n = live_edits(model)
     if n:
-        warnings.warn(f"{what}: the model holds {n} live edit{'s' if n > 1 else ''} (applied by a ModelEditor, "
-                      f"neither undone nor kept): {consequence}; undo {'them' if n > 1 else 'it'} first "
-                      "(handle.undo(), latest first, or leave the edited() block), or handle.keep() to make "
-                      f"{'them' if n > 1 else 'it'} part of the model on purpose", UserWarning, stacklevel=stacklevel + 1)
+        warn(f"{what}: the model holds {n} live edit{'s' if n > 1 else ''} (applied by a ModelEditor, "
+             f"neither undone nor kept): {consequence}; undo {'them' if n > 1 else 'it'} first "
+             "(handle.undo(), latest first, or leave the edited() block), or handle.keep() to make "
+             f"{'them' if n > 1 else 'it'} part of the model on purpose", UserWarning)
 
 
 # {model (its weights_owner): (the thread editing it: apply, undo, fit; the calls it is inside, outermost first)}
@@ -373,4 +374,4 @@ def add_note(exc: BaseException, text: str) -> None:
     if not isinstance(notes, list):
         notes = exc.__notes__ = []
     notes.append(text)
-    warnings.warn(text, RuntimeWarning, stacklevel=3)
+    warn(text, RuntimeWarning)

@@ -20,13 +20,13 @@ import inspect
 import json
 import os
 import sys
-import warnings
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from ._checks import check_path, is_int
+from ._warn import warn
 from .capture import is_conv1d, resolve_modules
 from .edit_capture import DEFAULT_CAPTURE_BATCH_SIZE
 from .edit_handle import deferred_interrupt
@@ -256,11 +256,10 @@ class EditorCheckpoints:
         model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
         if is_seq2seq(model) and "t5" not in model_type.lower():
             # MEND's seq2seq batches (data_classes/zsre.py, utils.shift_targets) match ours for T5 only.
-            warnings.warn(f"ModelEditor.from_mend: {type(model).__name__} is an encoder-decoder model other than "
-                          "T5; apply() captures its factors with the decoder input = the labels shifted right and "
-                          "the loss unshifted (MEND's T5 convention), whereas MEND fed such models (BART) the target "
-                          "with its first token replaced by </s> and shifted the loss, so the edits are not MEND's",
-                          stacklevel=2)
+            warn(f"ModelEditor.from_mend: {type(model).__name__} is an encoder-decoder model other than "
+                 "T5; apply() captures its factors with the decoder input = the labels shifted right and "
+                 "the loss unshifted (MEND's T5 convention), whereas MEND fed such models (BART) the target "
+                 "with its first token replaced by </s> and shifted the loss, so the edits are not MEND's")
         shapes = {name: cls.shape_of(modules[layer]) for name, layer in zip(names, layers)}
         conv1d = [name for name, layer in zip(names, layers) if is_conv1d(modules[layer])]
         views = compat_mend.load(state_dict, names, shapes, prefix=prefix, norm=norm, conv1d=conv1d,

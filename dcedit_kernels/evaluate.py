@@ -339,7 +339,7 @@ def _measure_edit(editor, requests, batch_size, during, base_cache, lower_blocks
         raise ValueError(f"during must be a callable taking the model, or None, got {type(during).__name__}")
     model, tokenizer = editor.model, editor.tokenizer
     if warn_live:
-        warn_live_edits(model, "measure_edit", LIVE_EDITS_SCORED, stacklevel=3)
+        warn_live_edits(model, "measure_edit", LIVE_EDITS_SCORED)
     # Without a caller's store, one for this call's locality rows: when none of them is in
     # `base_cache`, the unedited pass below and the edited NS/DD pass score the same batches, and
     # the edited one runs only the blocks from the lowest edited layer, from the unedited pass's
@@ -551,7 +551,7 @@ def evaluate_method(
     else:
         raise ValueError(f"method must be a ModelEditor or a method name, got {type(method).__name__}")
 
-    warn_live_edits(model, "evaluate_method", LIVE_EDITS_SCORED, stacklevel=2)
+    warn_live_edits(model, "evaluate_method", LIVE_EDITS_SCORED)
     runs = []
     base_cache = {} if base_cache is None else base_cache
     total = len(sizes) * repeats

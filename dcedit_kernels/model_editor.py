@@ -86,7 +86,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import warnings
 from typing import Iterable, Iterator, Sequence
 
 import torch
@@ -95,6 +94,7 @@ from torch.nn.utils import parametrize, prune
 
 from ._checks import (HALF_DTYPES, check_autograd, check_bool, compute_dtype, first_non_finite, is_finite_number,
                       is_int)
+from ._warn import warn
 from .capture import TOKEN_MODES, Factors, modes_restored, resolve_modules, weight_out_in
 from .devices import as_device, check_resident, cuda_indices, input_device, model_devices, place_editor
 from .edit_capture import DEFAULT_CAPTURE_BATCH_SIZE, EditCapture
@@ -568,11 +568,11 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         start = time.perf_counter()
         if self.method not in FT_METHODS and not self._warned_initial and self.editors_at_initialisation():
             self._warned_initial = True  # once per ModelEditor: evaluate_method applies hundreds of times
-            warnings.warn(f"ModelEditor.apply: the {self.method!r} method's editors are at their initialisation "
-                          "(never trained or loaded): an initial editor takes about one gradient step of size edit_lr "
-                          "(1e-4 by default; MoEditor's initial top-2 gate halves it), "
-                          "which rarely changes a prediction. Train them (fit) or load a checkpoint "
-                          "(ModelEditor.load).", UserWarning, stacklevel=2)
+            warn(f"ModelEditor.apply: the {self.method!r} method's editors are at their initialisation "
+                 "(never trained or loaded): an initial editor takes about one gradient step of size edit_lr "
+                 "(1e-4 by default; MoEditor's initial top-2 gate halves it), "
+                 "which rarely changes a prediction. Train them (fit) or load a checkpoint "
+                 "(ModelEditor.load).", UserWarning)
         batch = self.tokenize([r.prompt for r in requests], [r.target for r in requests])
         # The handle is live before the first write and its saved list fills as weights change, so
         # no exception (an interrupt included) can leave a changed weight without a way back.
@@ -709,10 +709,10 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
                             f"entries changed, of the {100 * covered:.3g}% its shift covers)")
         if lost:
             self._warned_rounding = True  # once per ModelEditor, as the warning about untrained editors
-            warnings.warn("ModelEditor.apply: most entries of the shift of " + ", ".join(lost) + " were lost to "
-                          "rounding: they are below half the resolution of the 16-bit weight, which stores W + αΔ "
-                          "rounded (handle.stats['changed_fraction'] has each layer's share of changed entries). "
-                          "Edit a float32 copy of the model for the whole shift.", UserWarning, stacklevel=4)
+            warn("ModelEditor.apply: most entries of the shift of " + ", ".join(lost) + " were lost to "
+                 "rounding: they are below half the resolution of the 16-bit weight, which stores W + αΔ "
+                 "rounded (handle.stats['changed_fraction'] has each layer's share of changed entries). "
+                 "Edit a float32 copy of the model for the whole shift.", UserWarning)
 
     # -- training --------------------------------------------------------------------------------
     def fit(self, train_requests, val_requests=None, config=None, **overrides) -> TrainResult:

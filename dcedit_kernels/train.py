@@ -53,13 +53,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 from . import distributed
 from ._checks import HALF_DTYPES, all_finite_many, check_autograd
+from ._warn import warn
 from .capture import frozen_parameters, modes_restored
 from .devices import seed_generators
 from .edit_handle import warn_live_edits
@@ -124,7 +124,7 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     _, error = _attempt(lambda: _check_trainable(me), size)
     if error is None:
         warn_live_edits(me.model, "train_editor", "the editors train on the edited model (its gradients are "
-                        "what they learn to map, its outputs the locality loss's reference)", stacklevel=2)
+                        "what they learn to map, its outputs the locality loss's reference)")
     launched = distributed.launched_size()
     if config.data_parallel and group_size == 1 and launched > 1:
         # torchrun started W processes but none joined a group: each trained on its own, on the same
@@ -137,17 +137,17 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
         # A script run with `python` instead of `torchrun` trained alone without a word, and its user
         # took it for a run over every GPU (a new-user audit).  A warning, not an error: the same
         # script run in one process on purpose (a debug run, one GPU) trains as before.
-        warnings.warn("train_editor: TrainConfig(data_parallel=True), but no torch.distributed process group "
-                      "is initialised and no launcher started this process (WORLD_SIZE unset): it trains "
-                      "alone, in one process.  To train over N GPUs, start the script with `torchrun "
-                      "--nproc_per_node N script.py` and call dcedit_kernels.distributed.init_from_env(device) "
-                      "or torch.distributed.init_process_group() before training (`torchrun ... -m "
-                      "dcedit_kernels.cli train` does both)", stacklevel=2)
+        warn("train_editor: TrainConfig(data_parallel=True), but no torch.distributed process group "
+             "is initialised and no launcher started this process (WORLD_SIZE unset): it trains "
+             "alone, in one process.  To train over N GPUs, start the script with `torchrun "
+             "--nproc_per_node N script.py` and call dcedit_kernels.distributed.init_from_env(device) "
+             "or torch.distributed.init_process_group() before training (`torchrun ... -m "
+             "dcedit_kernels.cli train` does both)")
     if not config.data_parallel and group_size > 1:
-        warnings.warn(f"train_editor: a process group of {group_size} processes is up but "
-                      "data_parallel=False: this process trains its editors on its own (the others repeat "
-                      "the work, and every process writes checkpoint_dir); TrainConfig(data_parallel=True) "
-                      "trains them data-parallel", stacklevel=2)
+        warn(f"train_editor: a process group of {group_size} processes is up but "
+             "data_parallel=False: this process trains its editors on its own (the others repeat "
+             "the work, and every process writes checkpoint_dir); TrainConfig(data_parallel=True) "
+             "trains them data-parallel")
 
     def checked_requests():
         train = validate_requests(train_requests, "train_requests")
@@ -166,14 +166,14 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     if val_requests is not None and config.val_size is not None:
         if config.val_size > len(val_requests) and rank == 0:
             # Validated on all of them, fewer than asked for: the ES a run reports is over those.
-            warnings.warn(f"train_editor: val_size {config.val_size} is larger than the {len(val_requests)} "
-                          f"val_requests: validation uses all {len(val_requests)} of them", stacklevel=2)
+            warn(f"train_editor: val_size {config.val_size} is larger than the {len(val_requests)} "
+                 f"val_requests: validation uses all {len(val_requests)} of them")
         val_requests = val_requests[: config.val_size]
     if train_requests is not None and config.batch_size > len(train_requests) and rank == 0:
         # The batches hold every request then (`_batch_indices`): the editors see a smaller batch
         # than asked for, which matters under loss_reduction="token" (factors scale as 1/N).
-        warnings.warn(f"train_editor: batch_size {config.batch_size} is larger than the {len(train_requests)} "
-                      f"training requests: every batch is all {len(train_requests)} of them", stacklevel=2)
+        warn(f"train_editor: batch_size {config.batch_size} is larger than the {len(train_requests)} "
+             f"training requests: every batch is all {len(train_requests)} of them")
 
     alpha_ids = {id(e.alpha) for e in me.editors.values()}
     alphas = [e.alpha for e in me.editors.values()]
@@ -210,9 +210,9 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     if result.resumed_from is not None and result.resumed_from > config.steps and rank == 0:
         # `steps` counts the total, the checkpoint's included: fewer than it holds took no step and
         # returned its editors without a word (`dcedit train` notes it; its own line drops this one).
-        warnings.warn(f"train_editor: checkpoint_dir's run had already trained {result.resumed_from} steps, more "
-                      f"than steps={config.steps} (the total, a resume's included): no step was taken, the "
-                      "editors are the checkpoint's", stacklevel=2)
+        warn(f"train_editor: checkpoint_dir's run had already trained {result.resumed_from} steps, more "
+             f"than steps={config.steps} (the total, a resume's included): no step was taken, the "
+             "editors are the checkpoint's")
     if size > 1:  # every process starts from the same step and plan, or all of them raise (none waits)
         plan = dict(run, steps=config.steps, val_every=config.val_every, patience=config.patience,
                     min_delta=config.min_delta, checkpoints=ckpt is not None, editor=_editor_plan(me),
@@ -303,10 +303,9 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
         # Counted only, a run whose every batch overflowed (an fp16 GPT-2 past its GELU's range, README
         # "fp16") returned untrained editors without a word.
         batches = (result.steps - steps_before) * config.accumulate * size
-        warnings.warn(f"train_editor: {skipped} of this run's {batches} batches were skipped: their editor "
-                      "gradients were non-finite, unscaled too (an fp16 overflow, or a NaN the model gives for "
-                      "those inputs), so the editors did not train on them (TrainResult.skipped_batches)",
-                      stacklevel=2)
+        warn(f"train_editor: {skipped} of this run's {batches} batches were skipped: their editor "
+             "gradients were non-finite, unscaled too (an fp16 overflow, or a NaN the model gives for "
+             "those inputs), so the editors did not train on them (TrainResult.skipped_batches)")
     if config.restore_best and best_state is not None:
         me.load_state_tensors(best_state)
     result.elapsed_s += time.perf_counter() - start

@@ -13,12 +13,12 @@ import functools
 import importlib
 import importlib.util
 import threading
-import warnings
 
 import torch
 
 from .._checks import tracing
 from .._library import _LIB, DIFFERENTIABLE, has_kernel, refuse_tangents
+from .._warn import warn
 
 
 def triton_installed() -> bool:
@@ -45,9 +45,8 @@ def _triton_module():
     # Found by triton_installed, yet broken: the references serve CUDA.  Not only ImportError: a
     # triton built for another torch or Python can fail its import with AttributeError or RuntimeError.
     except Exception as e:  # noqa: BLE001
-        warnings.warn(f"triton did not import ({type(e).__name__}: {e}); the reference kernels serve CUDA "
-                      "tensors instead",
-                      RuntimeWarning, stacklevel=2)
+        warn(f"triton did not import ({type(e).__name__}: {e}); the reference kernels serve CUDA tensors instead",
+             RuntimeWarning)
         return None
 
 
