@@ -30,7 +30,7 @@ from ._warn import warn
 from .capture import is_conv1d, resolve_modules
 from .edit_capture import DEFAULT_CAPTURE_BATCH_SIZE
 from .edit_handle import deferred_interrupt
-from .editors.grouped_editor import check_saved_shapes, config_differences, with_absent_defaults
+from .editors.grouped_editor import check_saved_shapes, config_differences, ignored_fusion, with_absent_defaults
 from .ft_baseline import FT_KL_ONLY
 from .safetensors_file import check_state, json_metadata, read_safetensors, save_safetensors
 from .tokenize import is_seq2seq
@@ -157,7 +157,8 @@ class EditorCheckpoints:
             raise ValueError(f"{path} is not a ModelEditor checkpoint (no {CHECKPOINT_KEY} metadata){hint}")
         config = _checkpoint_config(path, meta[CHECKPOINT_KEY])
         # Editor arguments newer than the checkpoint (gate_norm) take the value it was trained with.
-        config["editors"] = {key: with_absent_defaults(saved) for key, saved in config["editors"].items()}
+        config["editors"] = {key: with_absent_defaults(saved, config["method"])
+                             for key, saved in config["editors"].items()}
         kwargs = dict(config["editor_kwargs"])
         # ModelEditor's own arguments are the config's other fields and the caller's, never an editor's:
         # in editor_kwargs (a damaged file) they raised TypeError "got multiple values for argument".
@@ -169,6 +170,8 @@ class EditorCheckpoints:
             kwargs = {k: v for k, v in kwargs.items() if k not in FT_KL_ONLY}
         if config["method"] == "raeditor" and is_int(kwargs.get("top_k")) and kwargs["top_k"] > 1:
             del kwargs["top_k"]  # taken and ignored up to 0.5.22 (no gate reads it), refused since: see without_ignored_top_k
+        if ignored_fusion(config["method"], kwargs):
+            del kwargs["fusion"]  # taken and ignored up to 0.5.23 (one editor fuses nothing), refused since
         # Editor arguments whose preset default changed since (MoEditor's top_k: 1 before 0.2.0)
         # come from the saved editors, so an older checkpoint rebuilds the editor it was trained as.
         kwargs.update(changed_defaults_of(config["method"], config["editors"], kwargs))

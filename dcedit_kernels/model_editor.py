@@ -158,7 +158,8 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
     opt-in remedy for applying many more edits than that at once (see the property);
     editor_kwargs: the GroupedEditor
     preset's own arguments (`n_editors`, `rank`, `norm`, `fisher_keep`, `edit_lr`, `fusion`,
-    `seed`, ...) or, for the baselines, `ft_steps`, `ft_lr`, `ft_optimizer` ("adam"|"sgd"),
+    `seed`, ...; `n_editors` and a `fusion` other than "add" for the methods of several editors,
+    "raeditor" and "moeditor") or, for the baselines, `ft_steps`, `ft_lr`, `ft_optimizer` ("adam"|"sgd"),
     `ft_stop_loss` (stop once the edit loss is below it; None: run every step), and for "ft_kl"
     `kl_weight` and `locality_texts`.
     """

@@ -437,7 +437,7 @@ def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: i
     saved = entries["model_editor"]
     # Editor arguments newer than the checkpoint (MoEditor's gate_norm) take the value it was
     # trained with, as ModelEditor.load takes them: a 0.5.6 MoEditor's run resumes with gate_norm=False.
-    saved_editors = {key: with_absent_defaults(e) for key, e in saved["editors"].items()}
+    saved_editors = {key: with_absent_defaults(e, saved.get("method")) for key, e in saved["editors"].items()}
     now = me.config()["editors"]
     if saved["layers"] != me.layers or saved["method"] != me.method or saved_editors != now:
         diff = "; ".join(f"editor {key} {config_differences(saved_editors[key], now[key])}"

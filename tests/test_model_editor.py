@@ -3283,6 +3283,56 @@ def test_top_k_is_refused_where_no_gate_reads_it_and_checkpoints_that_held_one_l
     assert all(torch.equal(v, editor.state_dict()[k]) for k, v in again.state_dict().items())
 
 
+@pytest.mark.parametrize("method", ["mend", "proeditor"])
+def test_fusion_is_refused_on_one_editor_methods_and_checkpoints_that_held_one_load(method, gen, tmp_path):
+    """MEND and ProEditor have one editor, whose one group shift every fusion gives as it is:
+    ModelEditor(method="mend", fusion="max") was taken, saved, and fused nothing.  Now a ValueError
+    naming fusion; fusion="add" is taken.  A checkpoint whose editor_kwargs and editors hold such a
+    fusion (as 0.5.23 saved one) loads as "add", with the edits of the editor that saved it, bit for
+    bit, and a training run whose checkpoint holds one resumes."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from dcedit_kernels.train_checkpoint import TRAINER_FILE
+
+    fusion = ("max", "sss", "ssm")[int(torch.randint(0, 3, (1,), generator=gen))]
+    model, tok = tiny_model("gpt2", seed=0)
+    with pytest.raises(ValueError, match=rf"has one editor, so there are no group shifts to fuse .*got fusion='{fusion}'"):
+        ModelEditor(model, tok, LAYERS["gpt2"], method=method, fusion=fusion)
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method=method, fusion="add", rank=4)
+    randomize_editors(me, gen)
+
+    def with_fusion(path, out, key):
+        """`path`'s tensors at `out`, its `key` metadata's editors (and editor_kwargs) holding `fusion`."""
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        config = json.loads(meta[key])
+        config["editor_kwargs"]["fusion"] = fusion
+        for saved in config["editors"].values():
+            saved["fusion"] = fusion
+        save_file(load_file(str(path)), str(out), metadata={**meta, key: json.dumps(config)})
+
+    path, old = tmp_path / "e.safetensors", tmp_path / "old.safetensors"
+    me.save(path)
+    with_fusion(path, old, "dcedit_model_editor")
+    loaded = ModelEditor.load(old, model, tok)
+    assert all(e.fusion == "add" for e in loaded.editors.values()) and "fusion" not in loaded.editor_kwargs
+    reqs = random_requests(gen, 3)
+    with me.edited(reqs):
+        want = {n: weight_out_in(m).detach().clone() for n, m in me.modules.items()}
+    with loaded.edited(reqs):
+        assert all(torch.equal(weight_out_in(m), want[n]) for n, m in loaded.modules.items())
+
+    ckpt = tmp_path / "ckpt"
+    config, train = TrainConfig(steps=1, batch_size=2, checkpoint_dir=str(ckpt), progress=False), random_requests(gen, 2)
+    me.fit(train, config=config)
+    trainer = ckpt / TRAINER_FILE
+    with_fusion(trainer, tmp_path / "trainer.safetensors", "model_editor")
+    (tmp_path / "trainer.safetensors").replace(trainer)
+    config.steps, config.resume = 2, True
+    assert me.fit(train, config=config).resumed_from == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # loss_reduction: an edit's factors do not depend on the rest of the batch
 # ---------------------------------------------------------------------------------------------

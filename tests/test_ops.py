@@ -2452,11 +2452,16 @@ def test_presets_refuse_the_arguments_they_set():
         (ProEditor, dict(n_editors=2), "ProEditor has one editor; n_editors is for RaEditor and MoEditor"),
         (RaEditor, dict(routing="gate"), "RaEditor routes edits at random"),
         (MoEditor, dict(routing="random", feat_dim=4), "MoEditor routes edits with a gate"),
+        # One editor forms one group shift, which every fusion gives as it is: "max" was taken and
+        # fused nothing (session 59).
+        (MEND, dict(fusion="max"), r"MEND has one editor, so there are no group shifts to fuse .*got fusion='max'"),
+        (ProEditor, dict(fusion="sss"), r"ProEditor has one editor, .*leave fusion at 'add', got fusion='sss'"),
     ]:
         with pytest.raises(ValueError, match=words):
             make(6, 4, rank=2, **kwargs)
-    # What the presets only default stays open.
-    assert MEND(6, 4, rank=2, fusion="max").fusion == "max"
+    # What the presets only default stays open (a one-editor preset's fusion at the "add" it uses).
+    assert MEND(6, 4, rank=2, fusion="add").fusion == ProEditor(6, 4, rank=2, fusion="add").fusion == "add"
+    assert RaEditor(6, 4, rank=2, n_editors=3, fusion="max").fusion == "max"
     assert RaEditor(6, 4, rank=2, n_editors=3).n_editors == 3
     assert MEND(6, 4, rank=2, routing="random").routing == ProEditor(6, 4, rank=2, routing="random").routing == "random"
 

@@ -571,10 +571,13 @@ class _GeneratorState(bytes):
         return gen
 
 
-def with_absent_defaults(config: dict) -> dict:
+def with_absent_defaults(config: dict, method: str | None = None) -> dict:
     """A saved editor config with the arguments it predates set to what it was trained with, and
-    (`without_ignored_top_k`) a gateless editor's top_k, which it never read, at 1."""
+    (`without_ignored_top_k`) a gateless editor's top_k, which it never read, at 1; with the
+    ModelEditor `method` that saved it, a one-editor method's fusion at "add" (`ignored_fusion`)."""
     config = without_ignored_top_k(config)
+    if ignored_fusion(method, config):
+        config = {**config, "fusion": "add"}
     if isinstance(config, dict) and config.get("routing") == "gate":
         return {**ABSENT_GATE_ARGUMENTS, **config}
     return config
@@ -588,6 +591,19 @@ def without_ignored_top_k(config):
             and config["top_k"] > 1):
         return {**config, "top_k": 1}
     return config
+
+
+# The ModelEditor methods of one editor (the MEND and ProEditor presets).  Up to 0.5.23 they took a
+# fusion other than "add", saved it in editor_kwargs and each editor's config, and fused nothing with
+# it (of one group shift every fusion is that shift, bit for bit); their presets refuse it since.
+ONE_EDITOR_METHODS = ("mend", "proeditor")
+
+
+def ignored_fusion(method: str | None, config) -> bool:
+    """Whether `config` (a checkpoint's editor_kwargs, or one of its editors' configs) of a one-editor
+    `method` holds such a fusion: its checkpoint loads, and its training run resumes, as "add".  A
+    value that is no fusion is left for the constructor to refuse."""
+    return method in ONE_EDITOR_METHODS and isinstance(config, dict) and config.get("fusion") in ("max", "sss", "ssm")
 
 
 def config_differences(saved: dict, now: dict) -> str:

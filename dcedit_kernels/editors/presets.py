@@ -12,10 +12,23 @@ def _refuse_fixed(preset: str, kwargs: dict, name: str, why: str) -> None:
         raise ValueError(f"{preset} {why}, got {name}={kwargs[name]!r}")
 
 
+def _refuse_fusion(preset: str, kwargs: dict) -> None:
+    """A one-editor preset forms one group shift, which every fusion gives as it is ("max", "sss" and
+    "ssm" of a single S are S): a fusion other than its "add" was taken and applied nothing, which a
+    caller asking MEND for "max" (say, to fuse the edits' shifts) could not tell."""
+    fusion = kwargs.get("fusion", "add")
+    if not (isinstance(fusion, str) and fusion == "add"):
+        raise ValueError(f"{preset} has one editor, so there are no group shifts to fuse (fusion combines the "
+                         f"shifts of RaEditor's and MoEditor's editors, and of one every fusion is the same): "
+                         f"leave fusion at 'add', got fusion={fusion!r}")
+
+
 def MEND(in_features, out_features, **kwargs) -> GroupedEditor:
-    """One editor (Mitchell et al. 2021): GroupedEditor with routing "single" and fusion "add";
-    its other keywords (rank, n_layers, n_modes, norm, edit_lr, seed, ...) are GroupedEditor's."""
+    """One editor (Mitchell et al. 2021): GroupedEditor with routing "single" and fusion "add" (another
+    fusion is refused: `_refuse_fusion`); its other keywords (rank, n_layers, n_modes, norm, edit_lr,
+    seed, ...) are GroupedEditor's."""
     _refuse_fixed("MEND", kwargs, "n_editors", _ONE_EDITOR)
+    _refuse_fusion("MEND", kwargs)
     kwargs.setdefault("routing", "single")
     kwargs.setdefault("fusion", "add")
     return GroupedEditor(in_features, out_features, n_editors=1, **kwargs)
@@ -70,8 +83,9 @@ def moeditor_top_k_default(n_editors) -> int:
 def ProEditor(in_features, out_features, generator="token", fisher_keep=0.7, **kwargs) -> GroupedEditor:
     """One editor with generated per-token (or per-edit) parameters and a Fisher mask
     (generator "token" or "sentence"; fisher_keep, the fraction of the shift's entries kept); the
-    other keywords are GroupedEditor's."""
+    other keywords are GroupedEditor's (fusion "add" only, as MEND's)."""
     _refuse_fixed("ProEditor", kwargs, "n_editors", _ONE_EDITOR)
+    _refuse_fusion("ProEditor", kwargs)
     kwargs.setdefault("routing", "single")
     kwargs.setdefault("fusion", "add")
     return GroupedEditor(in_features, out_features, n_editors=1, generator=generator,
