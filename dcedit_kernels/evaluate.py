@@ -439,7 +439,11 @@ def sample_indices(n_requests: int, n_edits: int, seed: int, repeat: int) -> lis
 
 def summarize(values: list) -> dict:
     """{"mean", "std", "values"} over the non-None values (mean/std None when there are none).
-    `values`: real numbers (a NaN one makes mean and std NaN) and None; anything else is a ValueError."""
+    `values`: real numbers and None; anything else is a ValueError.  A non-finite value is reported,
+    not refused, as numpy's mean and std report it: a NaN makes mean and std NaN, an inf the mean
+    ±inf (NaN with both signs) and the std NaN, so that a diverged run stays visible in the summary
+    rather than ending an evaluation whose other runs were scored.  evaluate_method's own values
+    are finite (shares, LMP of shares, seconds, MiB) or None."""
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
         # None raised "'NoneType' object is not iterable", naming nothing.
         raise ValueError(f"values must be a sequence of numbers or None, got {type(values).__name__}")

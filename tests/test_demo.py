@@ -416,6 +416,10 @@ def test_summarize_lists_its_values_once_and_names_a_bad_one():
         with pytest.raises(ValueError, match=match):
             summarize(bad)
     assert math.isnan(summarize([0.5, math.nan])["mean"])  # a NaN run stays visible
+    # So does an infinite one, as numpy's mean and std give it (session 59: reported, not refused).
+    inf = summarize([math.inf, 0.5, None])
+    assert inf["mean"] == math.inf and math.isnan(inf["std"]) and inf["values"] == [math.inf, 0.5, None]
+    assert math.isnan(summarize([math.inf, -math.inf])["mean"])
 
 
 # ---------------------------------------------------------------------------------------------
