@@ -22,7 +22,7 @@ predicts every token of the true target (the token-level criterion the metrics u
 prompts pass the same two checks, and only those that pass are dealt out to facts (round-robin).
 The script writes the surviving ids into the GENERATED block at the bottom of this file; rerun it
 with `--write` after changing the candidates.  Result of the check (fp32, CPU): 169 of 356 facts
-and 26 of 60 neighbour prompts.
+and 26 of 59 neighbour prompts.
 
 Neighbours of a train / held-out split.  `default_facts()` deals the known neighbour prompts over
 all facts, so after `split_facts` most held-out facts' neighbour prompts are also training facts'
@@ -278,7 +278,6 @@ CANDIDATE_NEIGHBOURS: list[tuple[str, str]] = [
     ("Rainbows have seven", "colors"),
     ("Ten minus three equals", "seven"),
     ("The liquid that cows produce is", "milk"),
-    ("A person who flies an airplane is called a", "pilot"),
     ("The animal known as the king of the jungle is the", "lion"),
     ("An octopus has eight", "arms"),
     ("The opposite of early is", "late"),

@@ -7,7 +7,7 @@ A fact is kept when the unedited model (fp32, CPU) (1) greedy-decodes a continua
 that starts with the true target followed by neither a letter nor a digit (so "Paris." counts,
 "Parisian" does not, nor "90" for the answer "9") and (2) predicts every token of the true target under teacher forcing (the token-level
 argmax criterion the metrics use).  Neighbour prompts are checked the same way; only those that
-pass are dealt out to the facts.  Takes a few minutes on CPU (356 prompts + 60 neighbours).
+pass are dealt out to the facts.  Takes a few minutes on CPU (356 prompts + 59 neighbours).
 """
 
 from __future__ import annotations

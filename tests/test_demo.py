@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import re
 import struct
 import subprocess
 import sys
@@ -101,6 +102,10 @@ def test_default_facts_are_complete_and_counterfactual():
         assert not any(s in f.neighbour_prompt.split() for s in subjects if " " not in s)
         request = f.request().validate()
         assert (request.target, request.locality_target) == (f.new_target, f.neighbour_target)
+    # facts.py's rule (no neighbour names an edited subject) holds for every candidate neighbour, dealt
+    # or not: a rerun of check_facts.py may deal any of them.
+    for prompt, _ in CANDIDATE_NEIGHBOURS:
+        assert not [s for s in subjects if re.search(rf"\b{re.escape(s)}\b", prompt, re.IGNORECASE)], prompt
     # Neighbours are dealt evenly, so no neighbour dominates a held-out batch.
     counts = {}
     for f in facts:
@@ -1789,8 +1794,9 @@ def test_check_facts_batched_continuations_are_each_prompts_own(arch):
     """check_facts generates in left-padded batches (4× faster than one prompt at a time on
     SmolLM2); its verdicts hold only while each row's greedy continuation is the one the prompt
     alone gives (greedy_completions' one-prompt way; measured on SmolLM2, fp32: the same text for all
-    356 candidate facts and 60 neighbours).  Prompts of 2 to 52 tokens, in one batch and in batches
-    of 2 (padded on the right instead, both fail)."""
+    356 candidate facts and 60 neighbours, one of which has since been removed for naming an edited
+    subject).  Prompts of 2 to 52 tokens, in one batch and in batches of 2 (padded on the right
+    instead, both fail)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("check_facts_program", REPO / "python" / "check_facts.py")
