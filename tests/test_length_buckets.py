@@ -152,6 +152,42 @@ def test_a_position_in_the_trimmed_padding_is_refused(gen):
         run_in_passes(batch, positions, [[0, 1, 2]], lambda sub, where, rows: where)
 
 
+class DeviceReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the calls that read a tensor's values into Python (int(), bool(), .item()) or size
+    their output by its values (nonzero): each a device sync on a GPU.  (.tolist() and .cpu() do
+    not dispatch here: they are one read each, seen by no mode.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
+        return func(*args, **(kwargs or {}))
+
+
+def test_run_in_passes_reads_nothing_per_pass(gen):
+    """The passes' widths, the padding check and the picks' order are read from one host copy of
+    the lengths and the positions: no value read or nonzero per pass (three a pass before, each a
+    device sync on a GPU), and the picks as the one pass gives them."""
+    lengths = torch.randint(1, 12, (int(torch.randint(4, 30, (1,), generator=gen)),), generator=gen).tolist()
+    batch = padded_batch(gen, lengths, max(lengths) + 1)
+    positions = batch["attention_mask"].bool() & (torch.rand(batch["input_ids"].shape, generator=gen) < 0.6)
+    table = torch.randn(100, 3, generator=gen, dtype=torch.float64)
+
+    def run(sub, where, rows):
+        return table[sub["input_ids"]][where]
+
+    want = table[batch["input_ids"]][positions]
+    counts = []
+    for passes in ([list(range(len(lengths)))], [[r] for r in torch.randperm(len(lengths), generator=gen).tolist()]):
+        with DeviceReads() as reads:
+            got = run_in_passes(batch, positions, passes, run)
+        assert torch.equal(got, want)
+        counts.append(reads.count)
+    assert counts == [0, 0]
+
+
 def test_gradients_flow_through_the_reordering(gen):
     lengths = [4, 1, 3, 2]
     batch = padded_batch(gen, lengths, 4)
