@@ -73,7 +73,7 @@ import torch
 from torch import nn
 
 from . import ops
-from ._checks import check_ids, compute_dtype
+from ._checks import compute_dtype, no_values, tracing
 from .capture import is_conv1d, no_activation_checkpointing, resolve_modules, weight_out_in
 from .devices import check_resident
 from .edit_handle import deferred_interrupt
@@ -82,7 +82,8 @@ from .patched_forwards import patched_forwards
 from .reference.segments import segment_bounds
 
 
-def group_factors(edit, row_edit: torch.Tensor, row_sees_all: torch.Tensor | None, device=None):
+def group_factors(edit, row_edit: torch.Tensor, row_sees_all: torch.Tensor | None, device=None,
+                  any_sees_all: bool | None = None):
     """(row_group (B,), mu_t, eta_t, offsets, alpha (G',)) of one weight's edit for these rows.
 
     `edit` is a GroupedEdit (mu_t, eta_t, offsets, edit_group, group_alpha()).  With rows that
@@ -91,6 +92,8 @@ def group_factors(edit, row_edit: torch.Tensor, row_sees_all: torch.Tensor | Non
     T tokens instead of 2T, and the masked dense path forms one o×i shift instead of two.
     Everything is returned on `device` (default: the edit's): the editor outputs are moved there
     before the extra group doubles them, and `.to` keeps them differentiable across devices.
+    any_sees_all: whether any entry of row_sees_all is True, when the caller has read it (None:
+    read here; `lowrank_edited` reads it once for all its layers).
     """
     device = edit.mu_t.device if device is None else device
     row_edit = row_edit.to(device)
@@ -98,7 +101,9 @@ def group_factors(edit, row_edit: torch.Tensor, row_sees_all: torch.Tensor | Non
     # Row edit −1 reads the −1 appended last (no edits at all, E = 0, included).
     row_group = torch.cat([edit_group, edit_group.new_full((1,), -1)])[row_edit.long()]
     mu_t, eta_t, offsets, alpha = (t.to(device) for t in (edit.mu_t, edit.eta_t, edit.offsets, edit.group_alpha()))
-    if row_sees_all is not None and bool(row_sees_all.any()):
+    if any_sees_all is None:
+        any_sees_all = row_sees_all is not None and bool(row_sees_all.any())
+    if row_sees_all is not None and any_sees_all:
         G, T = edit.n_groups, mu_t.shape[0]
         if G > 1:  # the extra group G; with one group, group 0 is already the sum
             mu_t = torch.cat([mu_t, mu_t])
@@ -109,7 +114,9 @@ def group_factors(edit, row_edit: torch.Tensor, row_sees_all: torch.Tensor | Non
     return row_group, mu_t, eta_t, offsets, alpha
 
 
-def _check_rows(edits: Mapping, row_edit, row_sees_all, row_sees_fused=None):
+def _check_rows(edits: Mapping, row_edit, row_sees_all, row_sees_fused=None) -> tuple[bool, bool]:
+    """Check the rows' arguments; returns (whether any row sees every group, whether any row sees
+    the fused shift)."""
     if not isinstance(row_edit, torch.Tensor) or row_edit.dtype not in (torch.int32, torch.int64):
         raise ValueError("row_edit must be an int32 or int64 tensor")
     if row_edit.dim() != 1:
@@ -125,14 +132,32 @@ def _check_rows(edits: Mapping, row_edit, row_sees_all, row_sees_fused=None):
         # tensor") or RuntimeError ("Tensor.item() cannot be called on meta tensors").
         if rows is not None and rows.is_meta:
             raise ValueError(f"{name} must hold values (the rows are read on the host), got a meta tensor")
-    if row_sees_all is not None and row_sees_fused is not None and bool((row_sees_all & row_sees_fused.to(
-            row_sees_all.device)).any()):
+    # Every value the block reads, in one host read (a device sync on a GPU): whether any row sees
+    # every group, the fused shift, or both (refused), and row_edit's range (check_ids' test, skipped
+    # as it skips it: while torch.compile traces, or on a fake tensor).  Read apart, they were 3 reads
+    # plus one per edited layer (`group_factors`) each time a block was entered: every pass of a
+    # training step (13 passes a step of 125 CounterFact edits on the tiny Llama).
+    reads = {}
+    if row_sees_all is not None:
+        reads["all"] = row_sees_all.any()
+    if row_sees_fused is not None:
+        reads["fused"] = row_sees_fused.any()
+        if row_sees_all is not None:
+            reads["both"] = (row_sees_all & row_sees_fused.to(row_sees_all.device)).any()
+    if row_edit.numel() and not (tracing() or no_values(row_edit)):
+        reads["lo"], reads["hi"] = row_edit.amin(), row_edit.amax()
+    got = dict(zip(reads, torch.stack([t.to(row_edit.device, torch.int64) for t in reads.values()]).tolist())
+               if reads else {})
+    if got.get("both"):
         raise ValueError("a row cannot see both every group's sum (row_sees_all) and the fused shift (row_sees_fused)")
     n_edits = {int(e.edit_group.numel()) for e in edits.values()}
     if len(n_edits) > 1:
         raise ValueError(f"edits must all come from the same batch of edits, got edit counts {sorted(n_edits)}")
     E = n_edits.pop()
-    check_ids(row_edit, "row_edit", -1, E - 1, f" (there are {E} edits)")
+    if "lo" in got and (got["lo"] < -1 or got["hi"] > E - 1):  # check_ids' test and message
+        raise ValueError(f"row_edit entries must be in [-1, {E - 1}] (there are {E} edits)")
+    any_all, any_fused = got.get("all", 0), got.get("fused", 0)
+    return bool(any_all), bool(any_fused)
 
 
 def kept_mask(edit, device=None) -> torch.Tensor:
@@ -317,8 +342,7 @@ def lowrank_edited(
     # built): the patched forward bypasses the hook that loads it, so it computed on the placeholder
     # and failed with "Tensor on device meta is not on the expected device cpu!".
     check_resident({name: weight_out_in(m) for name, m in modules.items()}, arg="edits")
-    _check_rows(edits, row_edit, row_sees_all, row_sees_fused)
-    any_fused = row_sees_fused is not None and bool(row_sees_fused.any())
+    any_all, any_fused = _check_rows(edits, row_edit, row_sees_all, row_sees_fused)
     if not isinstance(masked, bool):
         raise ValueError(f"masked must be a bool, got {type(masked).__name__}")
     if shared is not None and not isinstance(shared, dict):  # else AttributeError, a layer already patched
@@ -335,7 +359,7 @@ def lowrank_edited(
                     f"the module's is {o}x{i}" + (" (Conv1D, seen out×in)" if is_conv1d(module) else "")
                 )
             device = weight_out_in(module).device  # each layer computes on its own device
-            factors = group_factors(edit, row_edit, row_sees_all, device)
+            factors = group_factors(edit, row_edit, row_sees_all, device, any_sees_all=any_all)
             # What depends on the edit alone, per weight: formed once per `shared` (else per block).
             formed = {} if shared is None else shared.setdefault((name, id(edit), str(device)), {})
             mask = None

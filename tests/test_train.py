@@ -950,6 +950,38 @@ def test_locality_rows_see_what_apply_adds_for_mend(gen):
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_entering_lowrank_edited_reads_the_rows_once_for_every_layer(gen):
+    """lowrank_edited reads row_edit's range and the rows' flags in one host read (a device sync on a
+    GPU), whatever the number of edited layers: each layer's `group_factors` read its own flag, and
+    the checks three more syncs (HostReads counted 5 reads for one layer, 8 for four, before).  The
+    rows' checks still refuse what they refused."""
+    from helpers import HostReads
+
+    model, tok = tiny_model("llama", seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    me = ModelEditor(model, tok, LAYERS["llama"], method="raeditor", n_editors=2, rank=3)
+    n = int(torch.randint(2, 6, (1,), generator=gen))
+    with torch.no_grad():
+        edits = batch_edits(me, random_requests(gen, n))
+    rows = int(torch.randint(2, 8, (1,), generator=gen))
+    row_edit = torch.randint(-1, n, (rows,), generator=gen)
+    sees_all = torch.rand(rows, generator=gen) < 0.5
+    # No row sees the fused shift: forming it (edit.dense, per layer) reads grouped_outer's offsets.
+    sees_fused = torch.zeros(rows, dtype=torch.bool)
+    counts = []
+    for names in (LAYERS["llama"][:1], LAYERS["llama"]):
+        with HostReads() as reads, lowrank_edited(model, {k: edits[k] for k in names}, row_edit, sees_all,
+                                                  row_sees_fused=sees_fused):
+            pass
+        counts.append(reads.count)
+    assert len(set(counts)) == 1 and counts[0] <= 1
+    with pytest.raises(ValueError, match=r"row_edit entries must be in \[-1, %d\] \(there are %d edits\)" % (n - 1, n)):
+        with lowrank_edited(model, edits, torch.full((rows,), n), sees_all):
+            pass
+    with pytest.raises(ValueError, match="a row cannot see both"):
+        with lowrank_edited(model, edits, row_edit, sees_all | True, row_sees_fused=~sees_fused):
+            pass
+
+
 @pytest.mark.parametrize("method,fusion", [("raeditor", "add"), ("moeditor", "add"), ("raeditor", "sss"),
                                            ("moeditor", "ssm"), ("raeditor", "max")])
 def test_rows_that_see_every_group_get_the_add_fusion(method, fusion, gen):
