@@ -27,8 +27,10 @@ _PACKAGE = __name__.split(".")[0]
 
 
 def _module_in(frame, package: str) -> bool:
-    name = frame.f_globals.get("__name__") or ""
-    return name == package or name.startswith(package + ".")
+    name = frame.f_globals.get("__name__")
+    # Globals without a str __name__ (exec(code, {}), or a namespace holding another type there) are
+    # no module's, as warnings.warn takes them ("<string>"); str methods on them raised in place of the warning.
+    return isinstance(name, str) and (name == package or name.startswith(package + "."))
 
 
 def _passes_on(frame) -> bool:

@@ -170,3 +170,16 @@ def test_a_compiled_library_that_fails_to_load_warns_at_the_import_line(tmp_path
                          env={**os.environ, "DCEDIT_DISABLE_C": "0", "PYTHONPATH": os.pathsep.join(env_path)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == repr([("RuntimeWarning", str(script), 9)]), out.stdout + out.stderr
+
+
+def test_a_caller_whose_globals_name_no_module_still_gets_the_warning():
+    """A frame's globals may lack `__name__` (exec(code, {})) or hold another type there (exec with a
+    namespace of the caller's own): warnings.warn takes such a frame as module "<string>".  `warn`
+    called str methods on it and raised AttributeError ('int' object has no attribute 'startswith')
+    or TypeError (bytes) in place of the warning."""
+    from dcedit_kernels._warn import warn
+
+    for name in (None, 5, b"dcedit_kernels", ("torch",), "dcedit_kernels_x", "torchy"):
+        space = {} if name is None else {"__name__": name}
+        exec(compile("def call(warn):\n    warn('from a namespace')\n", "<user code>", "exec"), space)
+        assert shown(lambda: space["call"](warn), "from a namespace") == [(UserWarning, "<user code>", 2)], name
