@@ -90,7 +90,9 @@ def run_in_passes(batch: dict, positions: torch.Tensor, passes: list[list[int]] 
     # 6 + 13 passes in its two calls: 57 syncs), now two a call.  Same widths, check and keys.
     # numpy holds the host copy (transformers, which every caller runs, requires it): its reads go
     # through no torch op, so a test counts none (tests/test_length_buckets.py).
-    lengths = mask.sum(1).tolist()
+    # int(): a float attention mask's sums are floats, and a float width cannot slice (TypeError);
+    # the per-pass int(lengths[rows].max()) of before took it.
+    lengths = [int(n) for n in mask.sum(1).tolist()]
     host = positions.cpu().numpy()
     picks, keys = [], []
     for p in passes:

@@ -188,6 +188,25 @@ def test_run_in_passes_reads_nothing_per_pass(gen):
     assert counts == [0, 0]
 
 
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int32, torch.float32])
+def test_run_in_passes_takes_an_attention_mask_of_any_dtype(dtype, gen):
+    """A bool, int32 or float attention mask (transformers takes each) gives the picks of the int64
+    one: the host copy of the lengths held a float mask's sums as floats, and a float width raised
+    TypeError ("slice indices must be integers") where the per-pass int() of before took it."""
+    lengths = torch.randint(1, 9, (int(torch.randint(1, 12, (1,), generator=gen)),), generator=gen).tolist()
+    batch = padded_batch(gen, lengths, max(lengths) + int(torch.randint(0, 3, (1,), generator=gen)))
+    positions = batch["attention_mask"].bool() & (torch.rand(batch["input_ids"].shape, generator=gen) < 0.6)
+    table = torch.randn(100, 3, generator=gen, dtype=torch.float64)
+
+    def run(sub, where, rows):
+        assert sub["attention_mask"].dtype == dtype
+        return table[sub["input_ids"]][where]
+
+    passes = plan_passes(lengths, int(torch.randint(0, 4, (1,), generator=gen)))
+    got = run_in_passes(dict(batch, attention_mask=batch["attention_mask"].to(dtype)), positions, passes, run)
+    assert torch.equal(got, table[batch["input_ids"]][positions])
+
+
 def test_gradients_flow_through_the_reordering(gen):
     lengths = [4, 1, 3, 2]
     batch = padded_batch(gen, lengths, 4)
