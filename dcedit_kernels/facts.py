@@ -398,6 +398,8 @@ def deal_disjoint_neighbours(
     """
     if not is_int(seed):
         raise ValueError(f"seed must be an int, got {seed!r}")
+    # Listed once: a generator for `train` was read up by the check below, and none came back.
+    train, heldout = list(train), list(heldout)
     shared = {f.id for f in train} & {f.id for f in heldout}
     if shared:
         raise ValueError(f"train and heldout share {len(shared)} fact(s), e.g. {sorted(shared)[0]!r}")

@@ -183,6 +183,16 @@ def test_deal_disjoint_neighbours_checks_its_arguments():
     assert deal_disjoint_neighbours([], []) == ([], [])
 
 
+def test_deal_disjoint_neighbours_reads_one_shot_iterables_once():
+    # A generator for `train` was read up by the shared-id check, and 0 training facts came back.
+    seed = random.randrange(1000)
+    train, heldout = split_facts(default_facts(), 10, 5, seed=seed)
+    want = deal_disjoint_neighbours(train, heldout, seed=seed)
+    assert deal_disjoint_neighbours(iter(train), heldout, seed=seed) == want
+    assert deal_disjoint_neighbours(iter(train), iter(heldout), seed=seed) == want
+    assert deal_disjoint_neighbours(tuple(train), tuple(heldout), seed=seed) == want
+
+
 # ---------------------------------------------------------------------------------------------
 # evaluate_method / measure_edit on a tiny model
 # ---------------------------------------------------------------------------------------------
