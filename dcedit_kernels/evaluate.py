@@ -47,7 +47,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -437,7 +437,7 @@ def sample_indices(n_requests: int, n_edits: int, seed: int, repeat: int) -> lis
     return sorted(rng.sample(range(n_requests), n_edits))
 
 
-def summarize(values: list) -> dict:
+def summarize(values: Iterable) -> dict:
     """{"mean", "std", "values"} over the non-None values (mean/std None when there are none).
     `values`: real numbers and None; anything else is a ValueError.  A non-finite value is reported,
     not refused, as numpy's mean and std report it: a NaN makes mean and std NaN, an inf the mean

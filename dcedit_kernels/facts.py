@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, replace
+from typing import Iterable, Sequence
 
 from ._checks import is_int
 from .requests import EditRequest
@@ -347,12 +348,12 @@ def default_facts() -> list[Fact]:
     return _with_neighbours([f for f in candidate_facts() if f.id in known])
 
 
-def default_requests(facts: list[Fact] | None = None) -> list[EditRequest]:
+def default_requests(facts: Iterable[Fact] | None = None) -> list[EditRequest]:
     """EditRequests for `facts` (default: `default_facts()`)."""
     return [f.request() for f in (default_facts() if facts is None else facts)]
 
 
-def split_facts(facts: list[Fact], n_train: int, n_heldout: int, seed: int = 0) -> tuple[list[Fact], list[Fact]]:
+def split_facts(facts: Sequence[Fact], n_train: int, n_heldout: int, seed: int = 0) -> tuple[list[Fact], list[Fact]]:
     """A seeded shuffle of `facts` cut into `n_train` editor-training and `n_heldout` held-out facts.
 
     Raises ValueError when there are fewer than n_train + n_heldout facts, or (naming the argument)
@@ -377,7 +378,7 @@ def split_facts(facts: list[Fact], n_train: int, n_heldout: int, seed: int = 0) 
 
 
 def deal_disjoint_neighbours(
-    train: list[Fact], heldout: list[Fact], seed: int = 0, n_heldout_neighbours: int | None = None
+    train: Iterable[Fact], heldout: Iterable[Fact], seed: int = 0, n_heldout_neighbours: int | None = None
 ) -> tuple[list[Fact], list[Fact]]:
     """(train, heldout) with their neighbours re-dealt from two disjoint parts of the known pool,
     so that no prompt DD is scored on for `heldout` is a locality prompt of `train` (the editors'

@@ -78,7 +78,7 @@ def _require_gguf_readers(path: Path) -> None:
                           "pip install 'dcedit_kernels[models]'")
 
 
-def load_model(name_or_path: str | Path | None = None, dtype: torch.dtype | str = torch.float32, device="cpu"):
+def load_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype | str = torch.float32, device="cpu"):
     """Load (model, tokenizer) for editing, in eval mode.
 
     `name_or_path`: None for the default SmolLM2 gguf; a `.gguf` file (de-quantized to `dtype` by
