@@ -161,7 +161,7 @@ def test_editor_under_inductor_matches_eager_to_rounding(gen):
 
 
 NO_CUDAGRAPH_TAG = pytest.mark.skipif(not hasattr(torch.Tag, "cudagraph_unsafe"),
-                                      reason="this torch has no cudagraph_unsafe tag (torch 2.4, 2.6)")
+                                      reason="this torch has no cudagraph_unsafe tag (torch 2.5, 2.6)")
 
 
 @NO_CUDAGRAPH_TAG

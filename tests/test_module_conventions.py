@@ -173,7 +173,7 @@ def test_a_seeded_build_draws_nothing_from_the_global_generators_on_any_device(m
 def test_a_seeded_psi_is_built_where_torch_device_puts_the_rest(level, gen, monkeypatch):
     """Inside `with torch.device(...)` a seeded ProEditor's ψ lies with its other parameters.  ψ's
     layers went to torch.get_default_device(), which before torch 2.8 ignores that context
-    (pytorch#131328: the package takes torch >= 2.4): under `with torch.device("meta")` fc1/fc2 were
+    (pytorch#131328: the package takes torch >= 2.5): under `with torch.device("meta")` fc1/fc2 were
     real CPU tensors beside meta ones.  That older behaviour is patched in here (no
     set_default_device in this test, so it gives "cpu"), the real one on this torch also checked."""
     from dcedit_kernels import ProEditor

@@ -403,6 +403,21 @@ def test_the_version_is_the_same_in_pyproject_and_the_package():
     assert project["version"] == dcedit_kernels.__version__
 
 
+def test_the_torch_minimum_is_the_same_in_the_build_the_dependencies_and_the_readme():
+    """torch>=2.4 was declared while 2.4.1 ran a compiled, edited model with stale edits and had no
+    torch.library.register_vmap (grouped_lowrank calls it unguarded): the minimum went to 2.5, in
+    the build's requirements and the install's alike (a build against one torch and an install
+    beside another would both resolve), and the README's versions paragraph names it."""
+    import re
+
+    tomllib = pytest.importorskip("tomllib")
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pins = [r for r in (*data["build-system"]["requires"], *data["project"]["dependencies"])
+            if re.match(r"torch\b", r)]
+    assert pins == ["torch>=2.5", "torch>=2.5"]
+    assert "the declared minimum (torch>=2.5;" in " ".join((ROOT / "README.md").read_text().split())
+
+
 def test_the_wheels_abi3_tag_is_the_python_the_extension_is_built_for():
     """bdist_wheel tagged the wheel cp39-abi3 while torch's build defines Py_LIMITED_API for 3.10
     and pyproject requires Python 3.10: a wheel index offered it to Python 3.9, where pip then

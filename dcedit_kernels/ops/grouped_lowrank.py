@@ -118,8 +118,7 @@ def _backward_legacy_batched(*args):
     return [torch._add_batch_dim(t, 0, level) for t in out]
 
 
-if hasattr(torch.library, "register_vmap"):  # torch >= 2.4, the declared minimum
-    torch.library.register_vmap("dcedit::_grouped_lowrank_backward", _backward_vmap)
+torch.library.register_vmap("dcedit::_grouped_lowrank_backward", _backward_vmap)  # torch 2.5 on, the declared minimum
 _LIB.impl("_grouped_lowrank_backward", _backward_legacy_batched, "Batched")
 
 
