@@ -1405,6 +1405,20 @@ def test_raw_ops_check_their_inputs_on_the_device(case, gen, device):
 FORWARD_AD_REFUSED = ["grouped_outer", "grouped_lowrank", "lowrank_delta_linear", "fisher_mask"]
 
 
+def _skip_where_torch_func_cannot_read_the_host(name):
+    """The references with groups read their offsets on the host (`.tolist()`), which torch.func's
+    transforms refuse before torch 2.10 ("Cannot access data pointer of Tensor that doesn't have
+    storage", even for a tensor the function only closes over; pytorch/pytorch#161943): seen on
+    2.4.1, 2.5.1 and 2.6.0, not on 2.10, 2.11 and 2.13.  Probed here, not read off the version."""
+    if name == "fisher_mask":  # no groups: runs on those torches too
+        return
+    offsets = torch.tensor([0, 2])
+    try:
+        torch.func.grad(lambda x: x.sum() * offsets.tolist()[1])(torch.ones(1))
+    except RuntimeError as exc:
+        pytest.skip(f"torch {torch.__version__}'s torch.func cannot read a tensor on the host: {exc}")
+
+
 @pytest.mark.parametrize("name", FORWARD_AD_REFUSED)
 def test_torch_func_reverse_mode_raises_torchs_error_and_runs_in_reference_mode(name, gen):
     """The README's limitation, as it stands on torch 2.13: torch.func.grad, vjp and jacrev through
@@ -1432,6 +1446,7 @@ def test_torch_func_reverse_mode_raises_torchs_error_and_runs_in_reference_mode(
         with refused:
             torch.func.grad(lambda e: torch.ops.dcedit.grouped_outer(e, mu, torch.tensor([0, eta.shape[0]]), "add",
                                                                      1.0).sum())(eta)
+    _skip_where_torch_func_cannot_read_the_host(name)
     with ops.reference_mode():
         got = torch.func.grad(loss, argnums=argnums)(*args)
         out, pullback = torch.func.vjp(fn, *args)
@@ -1464,6 +1479,7 @@ def test_forward_mode_ad_is_refused_not_dropped(name, gen):
         with refused:
             fn(forward_ad.make_dual(args[0], tangents[0]), *args[1:])
         assert torch.equal(fn(*args), fn(*args))  # no tangent on the op's inputs: it runs
+    _skip_where_torch_func_cannot_read_the_host(name)
     with ops.reference_mode():  # forward mode, and reverse mode twice (autograd.functional.jvp)
         _, tangent = torch.func.jvp(fn, args, tangents)
         _, want = torch.autograd.functional.jvp(fn, args, tangents)
