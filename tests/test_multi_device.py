@@ -22,6 +22,7 @@ from helpers import rel_err
 from test_model_editor import one_thread  # noqa: F401 (autouse fixture: one intra-op thread)
 
 from dcedit_kernels.capture import weight_out_in
+from dcedit_kernels.compat.transformers_versions import dtype_kwarg
 from dcedit_kernels.devices import (as_device, check_resident, cuda_indices, input_device, model_devices, module_device,
                                     place_editor)
 from dcedit_kernels.evaluate import PeakMemory, measure_edit
@@ -260,6 +261,8 @@ def test_an_int_execution_device_is_an_index_of_the_machines_accelerator(monkeyp
     model.get_input_embeddings()._hf_hook = SimpleNamespace(execution_device=1)
     if not HAS_CUDA:  # no accelerator: CUDA, as before
         assert input_device(model) == torch.device("cuda:1")
+    if not hasattr(torch, "accelerator"):  # torch 2.5: an int is a CUDA index, checked above
+        pytest.skip("torch before 2.6 has no torch.accelerator to name another accelerator")
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: torch.device("xpu"))
     assert input_device(model) == torch.device("xpu:1")
     modeling = pytest.importorskip("accelerate.utils.modeling")
@@ -740,8 +743,8 @@ def test_edit_of_a_model_with_disk_offloaded_blocks_matches_the_plain_model(tmp_
     ref.save_pretrained(tmp_path / "model")
     where = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "disk",
              "model.layers.1": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "model", device_map=where, offload_folder=str(tmp_path / "offload"), dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(  # dtype_kwarg: `torch_dtype` before 4.56
+        tmp_path / "model", device_map=where, offload_folder=str(tmp_path / "offload"), **dtype_kwarg(torch.float32))
     assert model.model.layers[0].mlp.down_proj.weight.device.type == "meta"
     with pytest.raises(ValueError, match=r"layers: 'model.layers.0.mlp.down_proj'.*meta"):
         ModelEditor(model, tok, LAYERS["llama"], method="mend")
