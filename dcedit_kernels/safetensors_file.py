@@ -99,7 +99,8 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
     of a file this process creates, or of the file saved over (`replace_atomically`).
 
     save_file's own writes, cut short (a full disk, a file size limit), raise SafetensorError "Error
-    while serializing: I/O error: ... (os error 27)": no OSError and no file name (a traceback under
+    while serializing: I/O error: ... (os error 27)" (0.4.5 and 0.5.3: "Error while serializing:
+    IoError(Os { code: 27, kind: FileTooLarge, ... })"): no OSError and no file name (a traceback under
     `dcedit`, after the whole training run).  That error is the OSError it stands for, naming
     `path`.  Streamed by save_file, not serialized in memory first (safetensors.torch.save): that
     held the whole file's bytes beside the tensors, a checkpoint's size more at peak."""
@@ -110,10 +111,12 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
         try:
             save_file(tensors, str(tmp), metadata=metadata)
         except SafetensorError as exc:
-            code = re.search(r"\(os error (\d+)\)", str(exc))
+            # "(os error 27)"; before safetensors 0.6 the error's Debug form, "IoError(Os { code: 27, ...".
+            code = re.search(r"\(os error (\d+)\)|\bOs \{ code: (\d+),", str(exc))
             if code is None or os.name != "posix":  # Windows' "os error" is a Win32 code, not an errno
                 raise
-            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(tmp)) from None
+            errno_ = int(code.group(1) or code.group(2))
+            raise OSError(errno_, os.strerror(errno_), str(tmp)) from None
 
     replace_atomically(path, write)
 

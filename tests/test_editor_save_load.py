@@ -710,6 +710,32 @@ def test_a_save_cut_short_by_the_disk_is_an_os_error_naming_the_path(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["editor.safetensors", "record.json"]
 
 
+@pytest.mark.parametrize("message", [
+    "Error while serializing: I/O error: File too large (os error 27)",  # safetensors 0.6 on
+    'Error while serializing: IoError(Os { code: 27, kind: FileTooLarge, message: "File too large" })',  # 0.4.5, 0.5.3
+])
+def test_safetensors_write_errors_of_every_supported_version_are_the_os_error(tmp_path, monkeypatch, message):
+    """The test above, on safetensors 0.4.5 and 0.5.3 (pyproject allows 0.4.4 on): their write error
+    prints the Rust error's Debug form, which the "(os error N)" pattern missed, so the save raised
+    the bare SafetensorError (no OSError, no path).  Each version's message, raised by save_file."""
+    import errno
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from dcedit_kernels.safetensors_file import save_safetensors
+
+    def cut_short(*args, **kwargs):
+        raise SafetensorError(message)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", cut_short)
+    path = tmp_path / "editor.safetensors"
+    with pytest.raises(OSError) as info:
+        save_safetensors({"w": torch.zeros(2)}, path)
+    assert info.value.errno == errno.EFBIG and str(path) in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_save_and_a_load_hold_no_copy_of_the_files_bytes(tmp_path):
     """A save streams the file (safetensors' save_file) and a load reads the tensors through
     safetensors' mapping of it: 12fd50b and 974e67a had both go through one bytes object of the whole
