@@ -103,7 +103,9 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
     IoError(Os { code: 27, kind: FileTooLarge, ... })"): no OSError and no file name (a traceback under
     `dcedit`, after the whole training run).  That error is the OSError it stands for, naming
     `path`.  Streamed by save_file, not serialized in memory first (safetensors.torch.save): that
-    held the whole file's bytes beside the tensors, a checkpoint's size more at peak."""
+    held the whole file's bytes beside the tensors, a checkpoint's size more at peak.  save_file
+    streams from safetensors 0.8 on; before it save_file makes the tensors' bytes itself first
+    (measured on 0.4.5, 0.5.3, 0.6.2 and 0.7.0: a 16 MiB peak saving one 16 MiB tensor)."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 

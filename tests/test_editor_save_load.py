@@ -742,11 +742,15 @@ def test_a_save_and_a_load_hold_no_copy_of_the_files_bytes(tmp_path):
     file (safetensors.torch.save / a read() for safetensors.torch.load), a checkpoint's size more at
     peak beside its tensors (GBs for a GPT-2-XL MoEditor's trainer checkpoint, Adam's moments in it).
     Python's own allocations (tracemalloc, where such a bytes object is counted) stay far below the
-    file's 16 MiB."""
+    file's 16 MiB.  The save streams from safetensors 0.8 on: before it save_file itself makes each
+    tensor's bytes first (a 16 MiB peak on 0.4.5, 0.5.3, 0.6.2 and 0.7.0), which this does not check."""
     import tracemalloc
+
+    import safetensors
 
     from dcedit_kernels.safetensors_file import read_safetensors, save_safetensors
 
+    streams = tuple(int(p) for p in safetensors.__version__.split(".")[:2]) >= (0, 8)
     path, tensors = tmp_path / "big.safetensors", {"w": torch.randn(2048, 2048)}
     for name, run in (("save", lambda: save_safetensors(tensors, path, {"k": "v"})),
                       ("load", lambda: read_safetensors(path, {"k"}))):
@@ -756,7 +760,7 @@ def test_a_save_and_a_load_hold_no_copy_of_the_files_bytes(tmp_path):
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-        assert peak < 2 * 2**20, (name, peak)
+        assert peak < 2 * 2**20 or (name == "save" and not streams), (name, peak)
     meta, _, read = got
     assert meta == {"k": "v"} and torch.equal(read["w"], tensors["w"])
 
