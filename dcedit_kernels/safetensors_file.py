@@ -14,6 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from ._checks import check_path
 
 
@@ -145,7 +147,9 @@ def read_safetensors(path, required: set, attempts: int = 3) -> tuple[dict, list
     for _ in range(attempts):
         with open(path, "rb") as held:
             before = os.fstat(held.fileno())
-            with safe_open(os.fspath(path), framework="pt") as f:
+            # On the CPU whatever torch's default device: safetensors before 0.6 builds the tensors
+            # with torch factories, which a set_default_device("meta") sent to "meta" (no data).
+            with safe_open(os.fspath(path), framework="pt") as f, torch.device("cpu"):
                 meta, names = f.metadata() or {}, list(f.keys())
                 tensors = {k: f.get_tensor(k) for k in names} if required <= set(meta) else None
             after = os.stat(path)

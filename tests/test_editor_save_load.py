@@ -736,6 +736,24 @@ def test_safetensors_write_errors_of_every_supported_version_are_the_os_error(tm
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_load_under_a_meta_default_device_reads_the_tensors_on_the_cpu(tmp_path):
+    """Under torch.set_default_device("meta") (left on after building a model skeleton) a load gave
+    "meta" tensors, without data, on safetensors 0.4.5 and 0.5.3 (pyproject allows 0.4.4 on), whose
+    get_tensor builds them with torch factories: ModelEditor.load and a resumed training then raised
+    "Cannot copy out of meta tensor".  0.6 on read them on the CPU, as the load now does on all."""
+    from dcedit_kernels.safetensors_file import read_safetensors, save_safetensors
+
+    path, w = tmp_path / "x.safetensors", torch.randn(3, 4, dtype=torch.float64)
+    save_safetensors({"w": w}, path, {"k": "v"})
+    torch.set_default_device("meta")
+    try:
+        meta, names, tensors = read_safetensors(path, {"k"})
+    finally:
+        torch.set_default_device(None)
+    assert meta == {"k": "v"} and names == ["w"] and tensors["w"].device.type == "cpu"
+    assert torch.equal(tensors["w"], w)
+
+
 def test_a_save_and_a_load_hold_no_copy_of_the_files_bytes(tmp_path):
     """A save streams the file (safetensors' save_file) and a load reads the tensors through
     safetensors' mapping of it: 12fd50b and 974e67a had both go through one bytes object of the whole
