@@ -266,7 +266,10 @@ def test_compiled_model_under_lowrank_edited_compiles_twice_over_token_counts(ge
         torch.testing.assert_close(got, want)
         got.sum().backward()  # gradients reach the editor outputs through the compiled graph
         assert edits[names[0]].mu_t.grad is not None
-    assert counter.frame_count == 2
+    # torch 2.5.1 and 2.6.0 (the declared minimum's) compile once per call all the same, 4 here, till
+    # the recompile limit; 2.10 on twice (2.7 to 2.9 not run).
+    old_dynamo = tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 7)
+    assert counter.frame_count == (4 if old_dynamo else 2)
 
 
 @pytest.mark.parametrize("keep,threshold,match", [
