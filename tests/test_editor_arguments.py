@@ -411,6 +411,10 @@ def test_an_editor_forward_without_values_to_read_says_why(method, training, gen
         def forward(self, mu, eta, offsets, *feats):
             return self.editor(mu, eta, offsets, edit_feats=feats[0] if feats else None).dense()
 
-    with pytest.raises(ValueError, match=why + r".*under torch\.export"):
+    # torch 2.5.1 and 2.6.0 have no torch.compiler.is_exporting: the export fails in torch there
+    # (GuardOnDataDependentSymNode at the read), without the ValueError (README).
+    exported = pytest.raises(ValueError, match=why + r".*under torch\.export") if hasattr(
+        torch.compiler, "is_exporting") else pytest.raises(RuntimeError, match="data-dependent")
+    with exported:
         torch.export.export(Dense(), (mu, eta, offsets, *kw.values()), strict=False)
     assert all(torch.equal(before[k], v) for k, v in editor.state_dict().items())
