@@ -244,11 +244,23 @@ def check_offsets(offsets, name: str, total: int) -> int:
 def check_ids(ids: torch.Tensor, name: str, low: int, high: int, note: str = "") -> None:
     """Every entry of the int tensor `ids` (group or edit indices) in [low, high]: read on the host
     as offsets are, and not while torch.compile traces (`tracing`)."""
-    if tracing() or not ids.numel() or no_values(ids):  # no values to read (see check_offsets)
+    if not ids_readable(ids):
         return
     # Both ends in one copy to the host: int() of min() and of max() was two device syncs per call.
     lo, hi = torch.stack(torch.aminmax(ids)).cpu()
-    if int(lo) < low or int(hi) > high:
+    check_id_range(int(lo), int(hi), name, low, high, note)
+
+
+def ids_readable(ids: torch.Tensor) -> bool:
+    """Whether `check_ids` reads `ids`: not while torch.compile traces, and only ids with values to
+    read (none when empty, meta or fake; see check_offsets)."""
+    return not (tracing() or not ids.numel() or no_values(ids))
+
+
+def check_id_range(lo: int, hi: int, name: str, low: int, high: int, note: str = "") -> None:
+    """`check_ids`' test, on the smallest and largest id (`lo`, `hi`), read by a caller that reads
+    them in one host read with other values (`lowrank_layers._check_rows`)."""
+    if lo < low or hi > high:
         raise ValueError(f"{name} entries must be in [{low}, {high}]{note}")
 
 

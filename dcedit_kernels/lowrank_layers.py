@@ -73,7 +73,7 @@ import torch
 from torch import nn
 
 from . import ops
-from ._checks import compute_dtype, no_values, tracing
+from ._checks import check_id_range, compute_dtype, ids_readable
 from .capture import is_conv1d, no_activation_checkpointing, resolve_modules, weight_out_in
 from .devices import check_resident
 from .edit_handle import deferred_interrupt
@@ -144,7 +144,7 @@ def _check_rows(edits: Mapping, row_edit, row_sees_all, row_sees_fused=None) -> 
         reads["fused"] = row_sees_fused.any()
         if row_sees_all is not None:
             reads["both"] = (row_sees_all & row_sees_fused.to(row_sees_all.device)).any()
-    if row_edit.numel() and not (tracing() or no_values(row_edit)):
+    if ids_readable(row_edit):
         reads["lo"], reads["hi"] = row_edit.amin(), row_edit.amax()
     got = dict(zip(reads, torch.stack([t.to(row_edit.device, torch.int64) for t in reads.values()]).tolist())
                if reads else {})
@@ -154,8 +154,8 @@ def _check_rows(edits: Mapping, row_edit, row_sees_all, row_sees_fused=None) -> 
     if len(n_edits) > 1:
         raise ValueError(f"edits must all come from the same batch of edits, got edit counts {sorted(n_edits)}")
     E = n_edits.pop()
-    if "lo" in got and (got["lo"] < -1 or got["hi"] > E - 1):  # check_ids' test and message
-        raise ValueError(f"row_edit entries must be in [-1, {E - 1}] (there are {E} edits)")
+    if "lo" in got:
+        check_id_range(got["lo"], got["hi"], "row_edit", -1, E - 1, f" (there are {E} edits)")
     any_all, any_fused = got.get("all", 0), got.get("fused", 0)
     return bool(any_all), bool(any_fused)
 
