@@ -96,7 +96,8 @@ def run_in_passes(batch: dict, positions: torch.Tensor, passes: list[list[int]] 
     host = positions.cpu().numpy()
     picks, keys = [], []
     for p in passes:
-        rows = torch.tensor(p, dtype=torch.long, device=ids.device)
+        host_rows = torch.tensor(p, dtype=torch.long, device="cpu")  # the CPU whatever the default device
+        rows = host_rows.to(ids.device)
         width = max(lengths[r] for r in p)
         here = host[list(p)]  # a tuple would index dimensions
         if here[:, width:].any():
@@ -104,8 +105,7 @@ def run_in_passes(batch: dict, positions: torch.Tensor, passes: list[list[int]] 
         where = positions[rows.to(positions.device)][:, :width]
         picks.append(run(dict(input_ids=ids[rows, :width], attention_mask=mask[rows, :width]), where, rows))
         at_row, at_col = here[:, :width].nonzero()  # row-major, as torch's nonzero
-        keys.append(torch.tensor(p, dtype=torch.long, device="cpu")[torch.from_numpy(at_row)] * ids.shape[1]
-                    + torch.from_numpy(at_col))
+        keys.append(host_rows[torch.from_numpy(at_row)] * ids.shape[1] + torch.from_numpy(at_col))
     picked = torch.cat(picks)
     if len(passes) == 1 and passes[0] == sorted(passes[0]):  # its rows in ascending order: already row-major
         return picked

@@ -165,7 +165,7 @@ def run_editor_defaults(ckpt, method: str) -> dict:
         return {}
     if not isinstance(saved, dict) or saved.get("method") != method or not isinstance(saved.get("editors"), dict):
         return {}
-    editors = {key: with_absent_defaults(e) for key, e in saved["editors"].items() if isinstance(e, dict)}
+    editors = {key: with_absent_defaults(e, method) for key, e in saved["editors"].items() if isinstance(e, dict)}
     found = changed_defaults_of(method, editors, {})
     # Only the values today's defaults would not give (presets.MoEditor): an explicit top_k=2 made
     # a resume with another --n-editors 1 fail as "top_k (2) cannot exceed n_editors (1)", where the
