@@ -4119,14 +4119,15 @@ def test_moeditor_gate_norm_is_a_bool_and_only_gate_editors_have_it():
 def test_moeditor_gate_features_on_another_device_raise_value_error(gate_norm, training, gen):
     """Edit features on another device than the editor (meta here, for a GPU): the ValueError
     naming the tensors' devices, with or without gate_norm (the norm raised a bare RuntimeError),
-    and the statistics unchanged."""
+    and the statistics unchanged.  It names the caller's argument, edit_feats, and the editor (as
+    the factors' check does), not the gate's internal feats, w_gate and w_noise."""
     from dcedit_kernels.editors import MoEditor
 
     editor = MoEditor(5, 3, n_editors=2, feat_dim=4, rank=2, seed=0, gate_norm=gate_norm).train(training)
     mu, eta = torch.randn(6, 5, generator=gen), torch.randn(6, 3, generator=gen)
     offsets = torch.tensor([0, 2, 4, 6], dtype=torch.int32)
     before = {k: v.clone() for k, v in editor.state_dict().items()}
-    with pytest.raises(ValueError, match="one device: feats on meta, w_gate on cpu"):
+    with pytest.raises(ValueError, match="^all tensors must be on one device: edit_feats on meta, the editor on cpu$"):
         editor(mu, eta, offsets, edit_feats=torch.ones(3, 4, device="meta"))
     assert all(torch.equal(v, before[k]) for k, v in editor.state_dict().items())
 

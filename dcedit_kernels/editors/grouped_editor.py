@@ -236,11 +236,12 @@ class GroupedEditor(nn.Module):
         check_tensor(edit_feats, "edit_feats")
         if edit_feats.shape != (n_edits, self.w_gate.shape[0]):
             raise ValueError(f"edit_feats must have shape ({n_edits}, {self.w_gate.shape[0]}), got {tuple(edit_feats.shape)}")
+        # Before the statistics read (or take) the features: on another device than the editor they
+        # raised a bare RuntimeError from the norm.  Named as forward's factors are (edit_feats, the
+        # editor): noisy_topk_gate's own check named its arguments, feats, w_gate and w_noise.
+        check_same_device({"edit_feats": edit_feats, "the editor": self.w_gate})
         feats = edit_feats
         if self.gate_norm is not None:
-            # Checked as noisy_topk_gate checks it, before the statistics read (or take) the features:
-            # features on another device than the editor raised a bare RuntimeError from the norm.
-            check_same_device(dict(feats=edit_feats, w_gate=self.w_gate, w_noise=self.w_noise))
             if self.training:
                 self.gate_norm.update(edit_feats)
             feats = self.gate_norm(edit_feats)
