@@ -19,7 +19,8 @@ def apply_shift_(weight, delta, alpha=1.0, fisher=None, keep=None, threshold=Non
 
     float64 arithmetic for a float64 weight; for any other weight a float64 delta is rounded to
     fp32 first (the arithmetic follows the weight, not the delta).
-    kept as in :func:`fisher_mask` (every entry when fisher is None); an entry not
+    kept as in :func:`fisher_mask` (fisher with exactly one of keep or threshold, as its
+    arguments; every entry when fisher is None, which takes neither); an entry not
     kept is left as it was, bit for bit, whatever delta or alpha holds there.  Returns the previous
     values of weight; ``undo_shift_(weight, previous)`` restores it bit for bit.  The sum is
     rounded to weight's dtype: in bf16/fp16 a shift entry below half the weight's resolution
@@ -105,7 +106,8 @@ _LIB.impl("apply_shift_", _bump_version, "ADInplaceOrView")
 
 
 def undo_shift_(weight, previous) -> torch.Tensor:
-    """Restore a weight from what :func:`apply_shift_` returned."""
+    """Restore a weight from what :func:`apply_shift_` returned (`previous`: same shape and
+    dtype as weight; it may be on another device), bit for bit, in place; returns weight."""
     # Both named, as apply_shift_'s checks do, before .shape fails on a non-tensor.  An expanded
     # weight is refused as apply_shift_ refuses it (it was torch's RuntimeError from copy_).
     check_shiftable_weight(weight)

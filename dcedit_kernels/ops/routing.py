@@ -23,9 +23,10 @@ def noisy_topk_gate(feats, w_gate, w_noise, k=1, training=True,
     top k, softmax over them.  The 0.01 is Shazeer et al.'s `noise_epsilon` (in their code, not in
     their paper's equation): it keeps the noise scale, which the smooth load estimate
     divides by, away from 0 where softplus underflows.  feats (E, f), w_gate and w_noise (f, G),
-    any float dtypes: computed in fp32 (fp64 if any is fp64).  Returns (gates (E, G) in that
-    dtype, chosen group per edit (E,) int64 — the top-1 — and the importance + load balancing
-    loss).
+    any float dtypes: computed in fp32 (fp64 if any is fp64); k an int in [1, G]; training: a
+    bool; generator: the torch.Generator ε is drawn from (on its own device, then moved to
+    feats'), None: torch's global one.  Returns (gates (E, G) in that dtype, chosen group per
+    edit (E,) int64 — the top-1 — and the importance + load balancing loss).
     """
     check_noisy_topk_gate(feats, w_gate, w_noise, k)
     # Read for its truth: training="False" (or None for "use the default") drew the noise, or
@@ -88,7 +89,10 @@ def check_sort_by_group(group_of_row, G):
 
 
 def sort_by_group(group_of_row, G) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stable permutation that makes groups contiguous, its inverse, and int32 offsets (G+1,)."""
+    """Stable permutation that makes groups contiguous, its inverse, and int32 offsets (G+1,).
+
+    group_of_row: int32 or int64 (N,), each entry in [0, G); G: a positive int (a group may be
+    empty).  The permutation and its inverse are int64 (N,)."""
     check_sort_by_group(group_of_row, G)
     return opcall("sort_by_group")(group_of_row, G)
 

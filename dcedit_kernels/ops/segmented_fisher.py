@@ -31,6 +31,11 @@ _LIB.impl("segmented_fisher", torch.library.fallthrough_kernel, "Autograd")
 
 
 def segmented_fisher(eta, mu, edit_offsets) -> torch.Tensor:
-    """``F = (1/E) Σ_e (Σ_{t∈e} η_t μ_tᵀ)²`` (o × i); never holds E per-edit gradients."""
+    """``F = (1/E) Σ_e (Σ_{t∈e} η_t μ_tᵀ)²`` (o × i); never holds E per-edit gradients.
+
+    eta (T, o), mu (T, i), edit_offsets int (E+1,) (one segment per edit; an empty edit counts in
+    E, with a zero gradient).  Returns fp32 (fp64 for fp64 inputs).  Not differentiable: the
+    result does not require grad.
+    """
     check_segmented_fisher(eta, mu, edit_offsets)
     return opcall("segmented_fisher")(eta, mu, edit_offsets)
