@@ -40,6 +40,7 @@ class LowRankLayer(nn.Module):
 class GroupedEditor(nn.Module):
     """MEND's gradient transform, N_g times over, with routing, fusion and an optional ψ.
 
+    in_features, out_features: the edited weight's sizes (it is out × in, as nn.Linear's).
     Maps each token's gradient factors [μ; η] (in + out features) through `n_layers` residual
     low-rank layers (rank `rank`, MEND's identity init: u = 0) per editor, with per-weight "modes"
     (scale/shift embeddings; `n_modes` weights of this shape share the editor, as in MEND).
@@ -48,7 +49,8 @@ class GroupedEditor(nn.Module):
     RaEditor), "gate" (noisy top-k gate on the edit features: MoEditor).  fusion combines the
     group shifts (see `ops.grouped_outer`).  generator: None, "token" or "sentence" (ProEditor's
     ψ generating per-token or per-edit gains for the low-rank branch input of the first layer, ψ
-    reading the normalised [μ; η]; "sentence": each edit's mean over its non-zero tokens); fisher_keep: keep
+    reading the normalised [μ; η]; "sentence": each edit's mean over its non-zero tokens;
+    `generator_hidden`: ψ's hidden width); fisher_keep: keep
     only that fraction of the shift's entries, by Fisher information (ProEditor).  seed: draws the
     initial v, ψ's first layer and, under "random" routing, the groups, from a generator of the
     editor's own that each call advances (so one editor splits the same edits differently call
@@ -69,7 +71,8 @@ class GroupedEditor(nn.Module):
     weight, 1/2 while the logits are equal (MoEditor at initialisation).
 
     top_k: the gate keeps its top_k logits (see `MoEditor`); under another routing nothing reads it,
-    so only 1 is taken there.
+    so only 1 is taken there.  feat_dim (routing="gate" only): the width of forward's edit_feats,
+    the gate's input (None: in_features).
 
     gate_norm (routing="gate" only; ignored otherwise): the gate reads the edit features
     standardised by their running mean/std (`gate_norm`, a FeatureNorm: updated in training,
@@ -207,8 +210,10 @@ class GroupedEditor(nn.Module):
             self._route_gen = self._route_gen.generator()
 
     def route(self, n_edits: int, edit_feats=None, device=None):
-        """(group per edit (E,), gate weight per edit (E,) or None, balance loss).  The gate reads
-        `edit_feats` standardised by `gate_norm` (when the editor has one), which takes them into
+        """(group per edit (E,), gate weight per edit (E,) or None, balance loss) of `n_edits` = E
+        edits, on `device` (forward passes the factors'; None: the default device) under "single"
+        and "random" routing, on edit_feats' under "gate".  The gate reads `edit_feats` (E,
+        feat_dim) standardised by `gate_norm` (when the editor has one), which takes them into
         its statistics first in training mode."""
         # A public method: n_edits and device went to torch unchecked (randperm's TypeError for a
         # float, "negative dimension" for -1, a device string's RuntimeError), naming nothing.
@@ -330,14 +335,15 @@ class GroupedEditor(nn.Module):
         )
 
     def dense(self, mu, eta, edit_offsets, mode: int = 0, edit_feats=None) -> torch.Tensor:
-        """The fused (and masked) shift Δ for these factors."""
+        """The fused (and masked) shift Δ for these factors (arguments as `forward`'s)."""
         return self(mu, eta, edit_offsets, mode, edit_feats).dense()
 
     def apply_(self, weight, mu, eta, edit_offsets, mode: int = 0, edit_feats=None) -> torch.Tensor:
         """weight += α Δ in place; returns the previous values of weight (see ops.undo_shift_).
 
-        The weight is checked before the forward runs: a wrong one raises with the running norms
-        and the routing generator as they were."""
+        weight: the edited layer's (out_features, in_features) weight; the other arguments are
+        `forward`'s.  The weight is checked before the forward runs: a wrong one raises with the
+        running norms and the routing generator as they were."""
         check_weight(weight, (self.out_features, self.in_features))
         return self(mu, eta, edit_offsets, mode, edit_feats).apply_(weight)
 
@@ -353,7 +359,8 @@ class GroupedEditor(nn.Module):
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location="cpu") -> "GroupedEditor":
-        """The editor `save` wrote.  A seeded editor comes back with its seed, and its routing
+        """The editor `save` wrote at `path`, its tensors on `map_location` (a device or its
+        string; None: the CPU).  A seeded editor comes back with its seed, and its routing
         generator starts from it, as a new editor with that seed (the draws made since are not
         saved).  ValueError for a file that is not such a checkpoint: not safetensors, a config
         this package's constructor does not take (a newer version's), tensors missing, unexpected

@@ -35,7 +35,7 @@ def MEND(in_features, out_features, **kwargs) -> GroupedEditor:
 
 
 def RaEditor(in_features, out_features, n_editors=4, **kwargs) -> GroupedEditor:
-    """Edits split into random groups, one editor per group, group shifts fused ("sss" unless
+    """Edits split into `n_editors` random groups, one editor per group, group shifts fused ("sss" unless
     `fusion` says otherwise); the other keywords are GroupedEditor's."""
     _refuse_fixed("RaEditor", kwargs, "routing", "routes edits at random (MoEditor routes them with a gate)")
     kwargs.setdefault("fusion", "sss")
