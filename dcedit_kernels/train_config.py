@@ -36,8 +36,14 @@ class TrainConfig:
     `restore_best` the editors end at the best validation's state, which can be an earlier step
     than the last (`TrainResult.best_step`); checkpoint_dir, resume: resumable checkpoints (a
     leading "~" is the home folder);
-    seed: batches and MoEditor's gate noise; progress: the progress bar; the rest are the
-    comments' in `train_config.py`.  Bad values raise ValueError naming the field."""
+    seed: batches and MoEditor's gate noise; progress: the progress bar; grad_clip: the editors'
+    total gradient norm is clipped to it (None or inf: no clipping); fisher_mask: Fisher-masked
+    editors (ProEditor) are trained on the masked shift (`train_loss`); data_parallel: train
+    over the default torch.distributed process group (`distributed`); length_buckets: the
+    training passes run rows of similar length together (None: on a CPU model only);
+    reuse_prefix: the edited pass takes the KL reference's hidden states below the lowest
+    edited block (`block_prefix`); the comments in `train_config.py` say more.  Bad values
+    raise ValueError naming the field."""
 
     steps: int = 100  # optimiser steps
     batch_size: int = 4  # edits per batch
@@ -118,6 +124,8 @@ class TrainConfig:
         return self
 
     def replace(self, **changes) -> "TrainConfig":
+        """A copy with `changes` (field=value), validated as a new config; ValueError naming an
+        unknown field or a bad value."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
             raise ValueError(f"unknown TrainConfig fields: {unknown}")
