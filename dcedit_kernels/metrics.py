@@ -317,7 +317,8 @@ def _request_names(rows, prompt_field: str, target_field: str) -> tuple[list[str
 
 def reliability(model, tokenizer, requests: Sequence[EditRequest], batch_size: int = 16,
                 exact: bool = False) -> float:
-    """Accuracy of each request's target on its own prompt."""
+    """Accuracy of each request's target on its own prompt (`batch_size` requests per forward
+    pass; `exact`: see the module docstring)."""
     check_bool(exact, "exact")
     requests = validate_requests(requests)
     prompts, targets = [r.prompt for r in requests], [r.target for r in requests]
@@ -327,7 +328,8 @@ def reliability(model, tokenizer, requests: Sequence[EditRequest], batch_size: i
 
 def edit_success(model, tokenizer, requests: Sequence[EditRequest], batch_size: int = 16,
                  exact: bool = False) -> float:
-    """ES: accuracy of each request's target on its rephrase (paraphrase) prompt."""
+    """ES: accuracy of each request's target on its rephrase (paraphrase) prompt, which every
+    request needs (ValueError naming the first without one); batch_size, exact: as `reliability`'s."""
     check_bool(exact, "exact")
     requests = validate_requests(requests)
     prompts = require_field(requests, "rephrase")
@@ -338,7 +340,8 @@ def edit_success(model, tokenizer, requests: Sequence[EditRequest], batch_size: 
 
 def neighbourhood_success(model, tokenizer, requests: Sequence[EditRequest], batch_size: int = 16,
                           exact: bool = False) -> float:
-    """NS: accuracy of each request's locality_target (its original answer) on its locality prompt."""
+    """NS: accuracy of each request's locality_target (its original answer) on its locality prompt
+    (every request needs both); batch_size, exact: as `reliability`'s."""
     check_bool(exact, "exact")
     return float(_accuracies(_neighbourhood_scores(model, tokenizer, requests, batch_size), exact).mean())
 
@@ -392,7 +395,9 @@ def locality_predictions(model, tokenizer, requests: Sequence[EditRequest],
 def drawdown(model, tokenizer, requests: Sequence[EditRequest], base_predictions: Sequence[torch.Tensor],
              batch_size: int = 16, reduction: str = "input") -> float:
     """DD: share of locality inputs whose prediction differs from `base_predictions` (the
-    unedited model's `locality_predictions` on the same requests)."""
+    unedited model's `locality_predictions` on the same requests).  reduction: "input" (an input
+    counts as changed when any scored token changed) or "token" (its share of changed tokens);
+    see the module docstring."""
     requests, base = _drawdown_inputs(requests, base_predictions, reduction)
     return _changed_share(locality_predictions(model, tokenizer, requests, batch_size), base, reduction)
 
@@ -694,6 +699,8 @@ def _pair_stats(grads, gram) -> tuple[torch.Tensor, torch.Tensor]:
 
 def gcr(grads: torch.Tensor | None = None, *, gram: torch.Tensor | None = None) -> float:
     """Gradient conflict ratio: share of edit pairs whose gradients have negative cosine.
+    Exactly one of `grads` (E, P), one per-edit gradient per row, or `gram` (E, E), their Gram
+    matrix (`factor_gram`, `factors_gram`); E >= 2.
     `gram`: a diagonal entry below zero within rounding is a zero gradient; further below, ValueError."""
     dot, _ = _pair_stats(grads, gram)
     # cos < 0 exactly when the inner product is < 0 (norms are positive; a zero gradient has
@@ -706,6 +713,7 @@ def gcr(grads: torch.Tensor | None = None, *, gram: torch.Tensor | None = None) 
 
 def gms(grads: torch.Tensor | None = None, *, gram: torch.Tensor | None = None) -> float:
     """Gradient magnitude similarity: mean over pairs of 2‖g_i‖‖g_j‖ / (‖g_i‖² + ‖g_j‖²).
+    Exactly one of `grads` (E, P) or `gram` (E, E), as `gcr`'s.
     `gram`: a diagonal entry below zero within rounding is a zero gradient; further below, ValueError."""
     # 2‖g_i‖‖g_j‖ / (‖g_i‖² + ‖g_j‖²) = 2r / (1 + r²), r the ratio of the norms (1 for two zero
     # gradients; NaN stays NaN).
