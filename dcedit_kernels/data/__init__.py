@@ -21,6 +21,8 @@ FILES = {
 
 
 def data_dir() -> Path:
+    """Where the data files are looked for: `$DCEDIT_DATA_DIR` when set ("~" expanded), else
+    `shared/data` beside the repository checkout (see the module docstring)."""
     env = os.environ.get("DCEDIT_DATA_DIR")
     if env:
         return Path(env).expanduser()  # "~/data" from an env file or quoted in a shell is not expanded there

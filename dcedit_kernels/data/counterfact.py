@@ -25,7 +25,8 @@ FIELDS = {
 
 
 def load_counterfact(path, limit: int | None = None) -> list[EditRequest]:
-    """EditRequests of an EasyEdit CounterFact file; ValueError naming record and field on bad data."""
+    """EditRequests of an EasyEdit CounterFact file at `path` (a leading "~" is the home folder),
+    the first `limit` records (None: all); ValueError naming record and field on bad data."""
     path, records = read_records(path, limit)
     requests = []
     for i, record in enumerate(records):

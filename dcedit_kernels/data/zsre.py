@@ -30,8 +30,10 @@ TARGETS = ("alt", "answer")
 
 def load_zsre(path, limit: int | None = None, target: str = "alt", skip_empty: bool = True,
               skipped: list | None = None) -> list[EditRequest]:
-    """EditRequests of a MEND-format zsRE file.
+    """EditRequests of a MEND-format zsRE file at `path` (a leading "~" is the home folder).
 
+    `target`: "alt" (MEND's edit target, the default) or "answer" (`answers[0]`, ROME's; see the
+    module docstring).
     `limit` reads only the first n records, so fewer than n requests come back when some of them
     are skipped (MEND's 1k file: limit=535 gives 534; the CLI's --n-edits counts requests).
     Records whose prompt or target is blank are skipped with `skip_empty` (their indices appended
