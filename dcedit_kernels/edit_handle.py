@@ -30,8 +30,8 @@ class EditHandle:
     the weight's entries the edit changed}; in bf16/fp16 a shift entry below half the weight's
     resolution rounds away and leaves its entry unchanged), `n_edits`, `n_tokens` (editor methods:
     the captured token rows, summed over the edited layers; baselines: the batch's unmasked tokens),
-    `peak_memory_bytes` (CUDA's peak allocated during the edit; None on CPU, where PyTorch keeps
-    no per-call peak).
+    `peak_memory_bytes` (CUDA's peak allocated during the edit, summed over the CUDA devices in
+    play; None on CPU, where PyTorch keeps no per-call peak).
     """
 
     def __init__(self, live: list, saved: list[tuple[torch.Tensor, torch.Tensor]], stats: dict,
@@ -139,7 +139,9 @@ class EditHandle:
     def undo(self) -> bool:
         """Restore the weights; returns False when this edit was already undone (or its model was
         freed).  RuntimeError, restoring nothing, while another thread edits the model (apply, undo,
-        fit: `one_editing_thread`)."""
+        fit: `one_editing_thread`), when the edit was kept (`keep`) or made permanent by a later
+        edit's keep, when a later live edit of the model is not undone yet (undo in reverse order),
+        and when an edited weight is no longer a parameter of the model (offloaded or replaced)."""
         model = self._model() if self._model is not None else None
         with one_editing_thread(model, "EditHandle.undo"):
             return self._undo()
