@@ -89,6 +89,8 @@ def load_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype
     `dtype`: the model's dtype, a torch float dtype or its name as the CLI's --dtype takes it
     ("float32", "bfloat16", "float16", "float64", or "fp32", "bf16", "fp16", "fp64"; see DTYPES);
     not "auto" (see DTYPES for why).  Anything else raises ValueError.
+    `device`: where the model is moved after loading (a torch.device, its string or a CUDA index;
+    None: the CPU); checked before the load (ValueError naming it).
     The tokenizer gets a pad token (its eos) when it has none, since batches are padded.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
