@@ -135,19 +135,21 @@ def _peak_memory(devices: list[torch.device]):
 class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
     """Edits `model` in place at the named `layers` with `method`; see the module docstring.
 
-    layers: module names (nn.Linear or GPT-2 Conv1D); method: "mend", "raeditor", "moeditor",
-    "proeditor", "ft" or "ft_kl"; tokens: "all" (MEND: every non-padding token feeds the editor)
+    tokenizer: the model's Hugging Face tokenizer (callable; it tokenizes the edits' prompts and
+    targets); layers: module names (nn.Linear or GPT-2 Conv1D); method: "mend" (the default),
+    "raeditor", "moeditor", "proeditor", "ft" or "ft_kl"; tokens: "all" (the default; MEND: every
+    non-padding token feeds the editor)
     or "target" (MALMEN: only the target-predicting positions), the capture's rows (the FT
     baselines feed no editor: their `apply` fine-tunes on the target tokens whichever it is);
     loss_reduction: "edit" (each edit's mean target NLL, summed over edits) or "token" (MEND's
-    batch mean), the loss the capture
+    batch mean, the default), the loss the capture
     backpropagates (the FT baselines always fine-tune on the batch mean, as MEND's baseline does);
     allow_tied: edit layers whose weight is shared with another module (ValueError otherwise);
     editor_device: where every editor lives (a device, "cuda:1", or a CUDA index); None (the
     default) puts the editor of each weight shape on the device of the first layer of that shape
     (see "Models split across devices" in the module docstring; ignored by the baselines);
-    capture_batch_size: rows per forward + backward of the capture and of the FT baselines (the
-    factors are concatenated, so an edit's factors do not depend on it beyond rounding; None:
+    capture_batch_size: rows per forward + backward of the capture and of the FT baselines (default
+    32; the factors are concatenated, so an edit's factors do not depend on it beyond rounding; None:
     the whole batch in one pass), which bounds their activation memory whatever the number of
     edits; FT+KL over more locality rows than this recomputes each chunk's KL reference at every
     step instead of keeping n×V log-probabilities (on SmolLM2, 500 CounterFact edits, 2 steps:
