@@ -43,7 +43,8 @@ class EditCapture:
 
     # -- tokenization and capture ----------------------------------------------------------------
     def tokenize(self, prompts: Sequence[str], targets: Sequence[str], name: str = "requests") -> dict:
-        """Edit batch (labels on the target tokens); ValueError naming the request on an empty target."""
+        """Edit batch of `prompts` and `targets` (labels on the target tokens); ValueError naming
+        the request on an empty target (`name`: what the messages call the list, "requests")."""
         for arg, texts in (("prompts", prompts), ("targets", targets)):
             # list() below: None raised "'NoneType' object is not iterable", and a lone str became its
             # characters, one row each (as metrics.target_accuracy refuses it).
@@ -76,7 +77,9 @@ class EditCapture:
 
     def capture(self, batch: dict, need_feats: bool | None = None):
         """({layer: Factors}, edit features (E, hidden) or None, loss): one forward + backward per
-        `capture_batch_size` rows, their factors and features concatenated in row order.
+        `capture_batch_size` rows, their factors and features concatenated in row order.  `batch`:
+        what `tokenize` gives; need_feats: compute the edit features (None: `needs_feats`, True
+        when an editor routes by a gate; otherwise the features are None).
 
         η is the gradient of the edit loss of `loss_reduction` ("edit": Σ_e of edit e's mean target
         NLL; "token": the batch's mean target NLL, each chunk's rows divided by the whole batch's
