@@ -188,7 +188,10 @@ def resolve_modules(model: nn.Module, module_names: Iterable[str], arg: str = "m
 
 @dataclass
 class Factors:
-    """Gradient factors of one weight: `eta.T @ mu` is its (out×in) gradient."""
+    """Gradient factors of one weight: `eta.T @ mu` is its (out×in) gradient.
+
+    mu (T, in) and eta (T, out): one row per captured token; edit_offsets int32 (E+1,): edit e
+    owns rows edit_offsets[e]:edit_offsets[e+1] (the ops' CSR form)."""
 
     mu: torch.Tensor  # (T, in)
     eta: torch.Tensor  # (T, out)
@@ -196,10 +199,12 @@ class Factors:
 
     @property
     def num_edits(self) -> int:
+        """E, the number of edits (edit_offsets' length − 1)."""
         return self.edit_offsets.numel() - 1
 
     @property
     def num_tokens(self) -> int:
+        """T, the number of token rows."""
         return self.mu.shape[0]
 
     def __repr__(self) -> str:
