@@ -720,6 +720,10 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
     # -- training --------------------------------------------------------------------------------
     def fit(self, train_requests, val_requests=None, config=None, **overrides) -> TrainResult:
         """Train the editors (see `dcedit_kernels.train.train_editor`); returns its TrainResult.
+        train_requests, val_requests (None: no validation): EditRequests (EditRequest says which
+        fields `fit` reads); config: a TrainConfig (None: the defaults), with `overrides`
+        (TrainConfig fields) replacing its fields.  ValueError for the baselines ("ft", "ft_kl":
+        no editor to train) and for an encoder-decoder model (training supports causal LMs only).
         Its steps run with grad on under a caller's `torch.no_grad()`; under torch.inference_mode
         it raises RuntimeError, as `apply` does, and while another thread edits the model.  Every
         editor parameter is trained: one a caller froze (requires_grad False) raises ValueError,
