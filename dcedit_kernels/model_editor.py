@@ -493,7 +493,8 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
     def _check_editor_inputs(self, factors, feats, eta_scale) -> None:
         """run_editors' arguments, checked before the first editor runs: a layer missing from
         `factors` raised KeyError after the editors before it had taken their factors into their
-        running statistics (in training mode), and a feats or eta_scale of another type
+        running statistics (in training mode), a layer's factors of another shape the editor's
+        ValueError naming its `mu` after them, and a feats or eta_scale of another type
         AttributeError or TypeError from inside the loop, naming nothing."""
         if not isinstance(factors, dict):
             raise ValueError(f"factors must be a dict of layer name to Factors (capture's), got {type(factors).__name__}")
@@ -501,8 +502,20 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         if missing:
             raise ValueError(f"factors has no entry for the edited layers {missing}")
         for name in self.layers:
-            if not isinstance(factors[name], Factors):
-                raise ValueError(f"factors[{name!r}] must be a Factors, got {type(factors[name]).__name__}")
+            f = factors[name]
+            if not isinstance(f, Factors):
+                raise ValueError(f"factors[{name!r}] must be a Factors, got {type(f).__name__}")
+            # Shapes only (no host read): factors of another layer's shape raised forward's "mu must
+            # have shape (T, in)", naming neither the layer nor `factors`, after the editors before it
+            # had taken theirs into their running statistics.
+            i, o = self.shape_of(self.modules[name])
+            mu, eta = f.mu, f.eta
+            if not (isinstance(mu, torch.Tensor) and isinstance(eta, torch.Tensor) and mu.dim() == 2
+                    and mu.shape[1] == i and tuple(eta.shape) == (mu.shape[0], o)):
+                got = (f"mu {tuple(mu.shape)} and eta {tuple(eta.shape)}"
+                       if isinstance(mu, torch.Tensor) and isinstance(eta, torch.Tensor)
+                       else f"mu {type(mu).__name__} and eta {type(eta).__name__}")
+                raise ValueError(f"factors[{name!r}] must hold that layer's mu (T, {i}) and eta (T, {o}), got {got}")
         if feats is not None and not isinstance(feats, torch.Tensor):
             raise ValueError(f"feats must be a torch.Tensor (capture's edit features) or None, got {type(feats).__name__}")
         if feats is not None and feats.is_meta:  # moved to each editor's device: "Cannot copy out of meta tensor"

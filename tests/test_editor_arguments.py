@@ -6,7 +6,7 @@ the path, as a missing folder's)."""
 import pytest
 import torch
 
-from dcedit_kernels.capture import capture_factors, compute_factors
+from dcedit_kernels.capture import Factors, capture_factors, compute_factors
 from dcedit_kernels.editors import MEND, GroupedEditor
 from dcedit_kernels.models import tiny_model
 from helpers import EDITOR_KINDS, editor_inputs, small_editor
@@ -315,7 +315,8 @@ def test_model_editor_tokenize_names_texts_that_are_not_a_sequence():
 def test_run_editors_checks_its_inputs_before_any_editor_runs():
     """ModelEditor.run_editors with a layer missing from `factors` raised KeyError after the editors of
     the layers before it had taken their factors into their running statistics (training mode: the
-    editors changed by a call that failed); a feats or eta_scale of another type raised
+    editors changed by a call that failed), and so did a layer's factors of another shape; a feats
+    or eta_scale of another type raised
     AttributeError or TypeError from inside the loop, and a meta feats NotImplementedError
     ("Cannot copy out of meta tensor") (found by an argument sweep).  Each is now a
     ValueError naming the argument, with every editor as it was."""
@@ -331,6 +332,13 @@ def test_run_editors_checks_its_inputs_before_any_editor_runs():
     cases = [(dict(factors={layers[0]: factors[layers[0]]}), r"^factors has no entry for the edited layers \['model.layers.1"),
              (dict(factors=[factors[n] for n in layers]), r"^factors must be a dict"),
              (dict(factors={**factors, layers[1]: tuple(vars(factors[layers[1]]).values())}), r"^factors\['model.layers.1.mlp.down_proj'\] must be a Factors"),
+             # Another layer's factors (μ and η swapped: the widths of a (37, 24) layer): the first
+             # editor took its own into its statistics, then forward's "mu must have shape (T, 37)"
+             # named neither the layer nor the argument.
+             (dict(factors={**factors, layers[1]: Factors(factors[layers[1]].eta, factors[layers[1]].mu,
+                                                          factors[layers[1]].edit_offsets)}),
+              r"^factors\['model.layers.1.mlp.down_proj'\] must hold that layer's mu \(T, 37\) and eta \(T, 24\), "
+              r"got mu \(\d+, 24\) and eta \(\d+, 37\)$"),
              (dict(feats=feats.tolist()), r"^feats must be a torch.Tensor"),
              (dict(feats=feats.to("meta")), r"^feats must hold values .* got a meta tensor"),
              (dict(eta_scale=None), r"^eta_scale must be a finite number"),
