@@ -111,9 +111,10 @@ def _common(p: argparse.ArgumentParser, method_default: str | None, methods=tupl
     p.add_argument("--method", default=method_default, choices=sorted(methods),
                    help=f"editing method (default: {method_default})" if method_default else
                    "editing method (default: ft, or the method of --editor)")
-    p.add_argument("--n-editors", type=positive_int, default=None, help="number of editors N_g (raeditor, moeditor)")
+    p.add_argument("--n-editors", type=positive_int, default=None, help="number of editors N_g (raeditor, moeditor; default 4)")
     p.add_argument("--rank", type=positive_int, default=None,
-                   help="editor rank (the editor methods; default: the method's preset)")
+                   help="editor rank (the editor methods; default 1920, every preset's; at most the "
+                   "layer's in + out features are used)")
     p.add_argument("--data", default=None, help="CounterFact or zsRE JSON file, or a data set's name ("
                    + ", ".join(FILES) + ": in $DCEDIT_DATA_DIR) (default: the built-in facts, "
                    "dcedit_kernels.facts)")
