@@ -678,7 +678,8 @@ def capture_factors(
     batch: Mapping[str, torch.Tensor] | None = None,
     label_shift: bool | None = None,
 ) -> FactorCapture:
-    """`FactorCapture` as a function: `with capture_factors(model, names, tokens=...) as cap:`."""
+    """`FactorCapture` as a function: `with capture_factors(model, names, tokens=...) as cap:`.
+    The arguments are FactorCapture's (module_names: the modules to capture, names of `model`)."""
     return FactorCapture(model, module_names, tokens=tokens, batch=batch, label_shift=label_shift)
 
 
@@ -693,7 +694,8 @@ def compute_factors(
 ) -> tuple[dict[str, Factors], torch.Tensor]:
     """One forward + backward of `model(**batch)`; returns (factors by module name, loss).
 
-    The loss is `loss_fn(outputs, batch)` or the model's own `outputs.loss` (mean NLL over label
+    module_names, tokens ("all" or "target", see the module docstring), label_shift: as
+    `FactorCapture`'s.  The loss is `loss_fn(outputs, batch)` or the model's own `outputs.loss` (mean NLL over label
     tokens).  Gradients are taken with `torch.autograd.grad` with respect to the captured outputs
     only, so no parameter's `.grad` changes and weights need not require grad; the pass runs with
     the parameters frozen (`frozen_parameters`, flags restored), so only the graph downstream of the
