@@ -199,6 +199,8 @@ def reference_mode(enabled: bool = True):
 
     Autograd then flows through the references' own torch ops; useful to compare the fused path
     with eager PyTorch end to end (benchmarks) and to debug a kernel.  Per thread, as grad mode.
+    `enabled=False` runs the kernels inside the block (also within an enclosing reference_mode);
+    the previous setting comes back on exit.
     """
     previous = in_reference_mode()
     _REFERENCE_MODE.on = enabled
