@@ -561,7 +561,8 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         ValueError for bad requests (naming the request: an empty target, a non-EditRequest, a row
         past a learned position table) and for a layer replaced in the model since the ModelEditor
         was built (`resize_token_embeddings` of an edited LM head) or, unless allow_tied, tied to
-        another module's weight since; RuntimeError under
+        another module's weight since, offloaded since (accelerate), or whose weight is not a
+        parameter of its module (a torch parametrization or pruning computes it); RuntimeError under
         torch.inference_mode.  Warns once per ModelEditor while its editors are untrained, and once
         when most of a 16-bit (bf16/fp16) weight's shift is lost to rounding: W + αΔ is stored in
         the weight's dtype, so shift entries below half its resolution vanish
