@@ -25,8 +25,9 @@ def noisy_topk_gate(feats, w_gate, w_noise, k=1, training=True,
     divides by, away from 0 where softplus underflows.  feats (E, f), w_gate and w_noise (f, G),
     any float dtypes: computed in fp32 (fp64 if any is fp64); k an int in [1, G]; training: a
     bool; generator: the torch.Generator ε is drawn from (on its own device, then moved to
-    feats'), None: torch's global one.  Returns (gates (E, G) in that dtype, chosen group per
-    edit (E,) int64 — the top-1 — and the importance + load balancing loss).
+    feats'), None: torch's default generator of feats' device.  Returns (gates (E, G) in that
+    dtype, chosen group per edit (E,) int64 — the top-1 — and the importance + load balancing
+    loss).
     """
     check_noisy_topk_gate(feats, w_gate, w_noise, k)
     # Read for its truth: training="False" (or None for "use the default") drew the noise, or
