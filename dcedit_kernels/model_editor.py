@@ -345,7 +345,7 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
                 fix = "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')"
             elif pruning:
                 source, fix = f"torch.nn.utils.prune ({type(pruning[0]).__name__})", "torch.nn.utils.prune.remove(module, 'weight')"
-            raise ValueError(f"layers: {name!r}'s weight is not a parameter of the module: {source} computes it "
+            raise ValueError(f"layers: the weight of {name!r} is not a parameter of the module: {source} computes it "
                              f"at every forward, which an in-place edit cannot change; remove that first ({fix})")
 
     @staticmethod

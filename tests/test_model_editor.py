@@ -1391,7 +1391,7 @@ def test_a_parametrized_edited_weight_is_refused_and_left_as_it_was(method, gen)
     model, tok = tiny_model("llama", seed=seed_from(gen))
     name = LAYERS["llama"][1]
     kwargs = dict(method="ft") if method == "ft" else dict(method="mend", rank=3)
-    why = rf"layers: {re.escape(repr(name))}'s weight is not a parameter of the module: a torch parametrization"
+    why = rf"layers: the weight of {re.escape(repr(name))} is not a parameter of the module: a torch parametrization"
     for after_build in (False, True):
         model, tok = tiny_model("llama", seed=seed_from(gen))
         if not after_build:
@@ -1416,7 +1416,7 @@ def test_a_pruned_edited_weight_is_refused_and_left_as_it_was(method, gen):
     prune.l1_unstructured(model.get_submodule(name), "weight", amount=0.3)
     kwargs = dict(method="ft") if method == "ft" else dict(method="mend", rank=3)
     me = ModelEditor(model, tok, LAYERS["llama"][:2], **kwargs)
-    why = rf"{re.escape(repr(name))}'s weight is not a parameter of the module: torch\.nn\.utils\.prune \(L1Unstructured\)"
+    why = rf"the weight of {re.escape(repr(name))} is not a parameter of the module: torch\.nn\.utils\.prune \(L1Unstructured\)"
     _refused_and_unchanged(me, method, ValueError, why, gen)
 
 
