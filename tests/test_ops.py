@@ -2472,6 +2472,12 @@ def test_presets_refuse_the_arguments_they_set():
         # fused nothing (session 59).
         (MEND, dict(fusion="max"), r"MEND has one editor, so there are no group shifts to fuse .*got fusion='max'"),
         (ProEditor, dict(fusion="sss"), r"ProEditor has one editor, .*leave fusion at 'add', got fusion='sss'"),
+        # One editor gets every edit whatever the routing: "random" split nothing and "gate" built a gate
+        # of one editor (weight always 1) that only made forward require edit_feats (session 60).
+        (MEND, dict(routing="random"), r"MEND has one editor, so there is nothing to route .*got routing='random'"),
+        (MEND, dict(routing="gate"), r"MEND has one editor, .*leave routing at 'single', got routing='gate'"),
+        (ProEditor, dict(routing="random"), r"ProEditor has one editor, .*got routing='random'"),
+        (ProEditor, dict(routing=None), r"ProEditor has one editor, .*got routing=None"),
     ]:
         with pytest.raises(ValueError, match=words):
             make(6, 4, rank=2, **kwargs)
@@ -2479,7 +2485,7 @@ def test_presets_refuse_the_arguments_they_set():
     assert MEND(6, 4, rank=2, fusion="add").fusion == ProEditor(6, 4, rank=2, fusion="add").fusion == "add"
     assert RaEditor(6, 4, rank=2, n_editors=3, fusion="max").fusion == "max"
     assert RaEditor(6, 4, rank=2, n_editors=3).n_editors == 3
-    assert MEND(6, 4, rank=2, routing="random").routing == ProEditor(6, 4, rank=2, routing="random").routing == "random"
+    assert MEND(6, 4, rank=2, routing="single").routing == ProEditor(6, 4, rank=2, routing="single").routing == "single"
 
 
 def test_noisy_topk_gate_opcheck_and_gradcheck(gen, device):

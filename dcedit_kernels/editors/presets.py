@@ -23,12 +23,23 @@ def _refuse_fusion(preset: str, kwargs: dict) -> None:
                          f"leave fusion at 'add', got fusion={fusion!r}")
 
 
+def _refuse_routing(preset: str, kwargs: dict) -> None:
+    """A one-editor preset sends every edit to its one editor whatever the routing: "random" was taken
+    and split nothing (only its draws advanced the seeded generator), and "gate" built a gate of one
+    editor whose weight is always 1 and which only made forward require edit_feats."""
+    routing = kwargs.get("routing", "single")
+    if not (isinstance(routing, str) and routing == "single"):
+        raise ValueError(f"{preset} has one editor, so there is nothing to route (routing splits the edits among "
+                         f"RaEditor's and MoEditor's editors): leave routing at 'single', got routing={routing!r}")
+
+
 def MEND(in_features, out_features, **kwargs) -> GroupedEditor:
     """One editor (Mitchell et al. 2021): GroupedEditor with routing "single" and fusion "add" (another
-    fusion is refused: `_refuse_fusion`); its other keywords (rank, n_layers, n_modes, norm, edit_lr,
+    routing or fusion is refused: `_refuse_routing`, `_refuse_fusion`); its other keywords (rank, n_layers, n_modes, norm, edit_lr,
     seed, ...) are GroupedEditor's."""
     _refuse_fixed("MEND", kwargs, "n_editors", _ONE_EDITOR)
     _refuse_fusion("MEND", kwargs)
+    _refuse_routing("MEND", kwargs)
     kwargs.setdefault("routing", "single")
     kwargs.setdefault("fusion", "add")
     return GroupedEditor(in_features, out_features, n_editors=1, **kwargs)
@@ -83,9 +94,10 @@ def moeditor_top_k_default(n_editors) -> int:
 def ProEditor(in_features, out_features, generator="token", fisher_keep=0.7, **kwargs) -> GroupedEditor:
     """One editor with generated per-token (or per-edit) parameters and a Fisher mask
     (generator "token" or "sentence"; fisher_keep, the fraction of the shift's entries kept); the
-    other keywords are GroupedEditor's (fusion "add" only, as MEND's)."""
+    other keywords are GroupedEditor's (routing "single" and fusion "add" only, as MEND's)."""
     _refuse_fixed("ProEditor", kwargs, "n_editors", _ONE_EDITOR)
     _refuse_fusion("ProEditor", kwargs)
+    _refuse_routing("ProEditor", kwargs)
     kwargs.setdefault("routing", "single")
     kwargs.setdefault("fusion", "add")
     return GroupedEditor(in_features, out_features, n_editors=1, generator=generator,
