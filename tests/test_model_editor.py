@@ -3338,6 +3338,64 @@ def test_fusion_is_refused_on_one_editor_methods_and_checkpoints_that_held_one_l
     assert me.fit(train, config=config).resumed_from == 1
 
 
+@pytest.mark.parametrize("method", ["mend", "raeditor", "proeditor"])
+def test_gate_norm_is_refused_without_a_gate_and_checkpoints_that_held_it_load(method, gen, tmp_path):
+    """gate_norm standardises the gate's features: ModelEditor(method="raeditor", gate_norm=False) (and
+    MEND's, ProEditor's, a GroupedEditor of another routing) was taken, saved in editor_kwargs, and read
+    by nothing.  Now a ValueError naming gate_norm; its default, True, is taken (as top_k's 1), and
+    MoEditor takes either.  A checkpoint whose editor_kwargs hold gate_norm=False (as 0.5.24 saved one)
+    loads without it, with the edits of the editor that saved it, bit for bit, and a training run whose
+    checkpoint holds it resumes."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from dcedit_kernels.editors import GroupedEditor, MoEditor
+    from dcedit_kernels.train_checkpoint import TRAINER_FILE
+
+    own = dict(n_editors=2) if method == "raeditor" else {}
+    model, tok = tiny_model("gpt2", seed=0)
+    with pytest.raises(ValueError, match=r"gate_norm is the gate's .*has no gate, so gate_norm=False would be ignored"):
+        ModelEditor(model, tok, LAYERS["gpt2"], method=method, gate_norm=False, rank=4, **own)
+    routing = ("single", "random")[int(torch.randint(0, 2, (1,), generator=gen))]
+    with pytest.raises(ValueError, match=rf"routing='{routing}' has no gate"):
+        GroupedEditor(5, 3, rank=2, routing=routing, gate_norm=False)
+    assert MoEditor(5, 3, n_editors=2, rank=2, gate_norm=False).gate_norm is None
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method=method, gate_norm=True, rank=4, seed=3, **own)
+    randomize_editors(me, gen)
+
+    def with_gate_norm(path, out, key):
+        """`path`'s tensors at `out`, its `key` metadata's editor_kwargs holding gate_norm=False (its
+        editors' configs hold none: only gate editors record it)."""
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        config = json.loads(meta[key])
+        assert not any("gate_norm" in saved for saved in config["editors"].values())
+        config["editor_kwargs"]["gate_norm"] = False
+        save_file(load_file(str(path)), str(out), metadata={**meta, key: json.dumps(config)})
+
+    path, old = tmp_path / "e.safetensors", tmp_path / "old.safetensors"
+    me.save(path)
+    with_gate_norm(path, old, "dcedit_model_editor")
+    loaded = ModelEditor.load(old, model, tok)
+    assert "gate_norm" not in loaded.editor_kwargs and all(e.gate_norm is None for e in loaded.editors.values())
+    reqs = random_requests(gen, 3)
+    states = me.route_states()
+    with me.edited(reqs):
+        want = {n: weight_out_in(m).detach().clone() for n, m in me.modules.items()}
+    loaded.set_route_states(states)  # RaEditor's groups drawn alike (both seeded 3; set, not assumed)
+    with loaded.edited(reqs):
+        assert all(torch.equal(weight_out_in(m), want[n]) for n, m in loaded.modules.items())
+
+    ckpt = tmp_path / "ckpt"
+    config, train = TrainConfig(steps=1, batch_size=2, checkpoint_dir=str(ckpt), progress=False), random_requests(gen, 2)
+    me.fit(train, config=config)
+    trainer = ckpt / TRAINER_FILE
+    with_gate_norm(trainer, tmp_path / "trainer.safetensors", "model_editor")
+    (tmp_path / "trainer.safetensors").replace(trainer)
+    config.steps, config.resume = 2, True
+    assert me.fit(train, config=config).resumed_from == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # loss_reduction: an edit's factors do not depend on the rest of the batch
 # ---------------------------------------------------------------------------------------------

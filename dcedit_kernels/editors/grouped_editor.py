@@ -74,8 +74,8 @@ class GroupedEditor(nn.Module):
     so only 1 is taken there.  feat_dim (routing="gate" only): the width of forward's edit_feats,
     the gate's input (None: in_features).
 
-    gate_norm (routing="gate" only; ignored otherwise): the gate reads the edit features
-    standardised by their running mean/std (`gate_norm`, a FeatureNorm: updated in training,
+    gate_norm (routing="gate" only; under another routing only its default, True, is taken): the
+    gate reads the edit features standardised by their running mean/std (`gate_norm`, a FeatureNorm: updated in training,
     frozen in eval, saved in the state dict), as `norm` standardises the factors.  Without it the
     features' common part (a trained LM's last hidden states share a few huge dimensions) makes
     f W_g nearly the same for every edit: the balance loss is met by the training noise, and in
@@ -132,6 +132,11 @@ class GroupedEditor(nn.Module):
             # repr) and routed each edit to one random editor all the same.
             raise ValueError(f"top_k is the gate's (routing='gate', MoEditor): routing={routing!r} has no gate, "
                              f"so top_k={top_k} would be ignored; leave it at 1")
+        if gate_norm != GATE_NORM_DEFAULT and routing != "gate":
+            # The same for gate_norm: RaEditor(gate_norm=False) and MEND's were taken and standardised
+            # nothing (no gate, no features); the default is taken, as top_k's 1 is.
+            raise ValueError(f"gate_norm is the gate's (routing='gate', MoEditor): routing={routing!r} has no gate, "
+                             f"so gate_norm={gate_norm} would be ignored; leave it at {GATE_NORM_DEFAULT}")
         if routing == "gate" and feat_dim is None:
             feat_dim = in_features  # SPEC's constructor has no feat_dim; the MoEditor preset's default
         # Unused (no gate, no generator), None is taken too; anything else given is checked all the
@@ -612,6 +617,18 @@ def ignored_fusion(method: str | None, config) -> bool:
     `method` holds such a fusion: its checkpoint loads, and its training run resumes, as "add".  A
     value that is no fusion is left for the constructor to refuse."""
     return method in ONE_EDITOR_METHODS and isinstance(config, dict) and config.get("fusion") in ("max", "sss", "ssm")
+
+
+# The ModelEditor methods without a gate.  Up to 0.5.24 they took gate_norm=False, saved it in
+# editor_kwargs (not in their editors' configs, which hold gate_norm only under a gate) and read nothing
+# of it; GroupedEditor refuses it since.
+GATELESS_METHODS = ("mend", "raeditor", "proeditor")
+
+
+def ignored_gate_norm(method: str | None, kwargs) -> bool:
+    """Whether a checkpoint's editor_kwargs `kwargs` of a gateless `method` hold such a gate_norm: its
+    checkpoint loads without it.  A value that is no bool is left for the constructor to refuse."""
+    return method in GATELESS_METHODS and isinstance(kwargs, dict) and kwargs.get("gate_norm") is False
 
 
 def config_differences(saved: dict, now: dict) -> str:
