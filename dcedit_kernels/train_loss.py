@@ -71,7 +71,7 @@ from .length_buckets import plan_passes, run_in_passes
 from .lowrank_layers import lowrank_edited
 from .losses import log_probs_at, picked_kl, scored_nll
 from .model_editor import ModelEditor
-from .requests import EditRequest
+from .requests import EditRequest, validate_requests
 from .scored_logits import logits_at, scored_positions
 from .tokenize import causal_pair_ids, embedding_rows, no_kv_cache, pad_rows, pad_token_id, text_ids
 from .train_config import TrainConfig
@@ -96,8 +96,13 @@ def eval_rows(me: ModelEditor, requests: list[EditRequest], config: TrainConfig)
 
     Returns input_ids, attention_mask, labels (−100 on locality rows), row_edit, row_sees_all,
     row_sees_fused (`lowrank_edited`'s), is_edit_row (B,) bool and kl_mask (B, L) bool (the
-    positions the KL is taken at).
+    positions the KL is taken at).  ValueError naming `requests` unless they are a non-empty
+    sequence of EditRequests (`validate_requests`).
     """
+    # Checked here, where the rows are built: no requests padded zero rows, which raised a bare
+    # "max() arg is an empty sequence" from pad_rows (in loss_from_edits and batch_loss too).
+    requests = validate_requests(requests)
+    check_config(config)
     tok = me.tokenizer
     rows, labels, row_edit, sees_all, is_edit, kl_len = [], [], [], [], [], []
     for e, r in enumerate(requests):
@@ -128,6 +133,12 @@ def eval_rows(me: ModelEditor, requests: list[EditRequest], config: TrainConfig)
     return batch
 
 
+def check_config(config) -> None:
+    """ValueError unless `config` is a TrainConfig (a dict of its fields raised AttributeError)."""
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+
+
 def check_has_editors(me: ModelEditor) -> None:
     """ValueError for an "ft"/"ft_kl" ModelEditor, which has no editors: train_editor refuses it up
     front, and batch_edits on its own ran the capture's forward and backward, then failed in
@@ -140,6 +151,7 @@ def batch_edits(me: ModelEditor, requests: list[EditRequest]) -> dict:
     """{layer: GroupedEdit} for a batch of edits: capture, then the editors, differentiably (in
     the mode the editors are in: train mode updates the statistics and draws gate noise)."""
     check_has_editors(me)
+    requests = validate_requests(requests)  # a str among them raised AttributeError reading .prompt
     edit_batch = me.tokenize([r.prompt for r in requests], [r.target for r in requests])
     factors, feats, _ = me.capture(edit_batch)
     with torch.enable_grad():
@@ -265,4 +277,5 @@ def batch_loss(me: ModelEditor, requests: list[EditRequest], config: TrainConfig
     """(loss, parts) of one batch of edits, differentiable in the editors' parameters."""
     if me.seq2seq:
         raise ValueError("editor training supports causal LMs only")
+    check_config(config)  # before the capture's forward and backward
     return loss_from_edits(me, requests, batch_edits(me, requests), config)

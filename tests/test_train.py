@@ -812,6 +812,27 @@ def test_batch_edits_and_loss_under_no_grad_are_differentiable_in_the_editors(ge
         assert (g is None) == (w is None) and (g is None or torch.equal(g, w))
 
 
+def test_training_rows_of_no_requests_or_without_a_config_are_refused_naming_the_argument(gen):
+    """eval_rows (and loss_from_edits, which builds its rows with it) of no requests raised a bare
+    "max() arg is an empty sequence" from pad_rows, and of a config that is no TrainConfig an
+    AttributeError; batch_edits (and batch_loss) of a str among the requests an AttributeError
+    (.prompt): a ValueError naming the argument now."""
+    me = tiny_mend("gpt2", gen)
+    requests, config = random_requests(gen, 2), TrainConfig()
+    edits = batch_edits(me, requests)
+    calls = dict(eval_rows=lambda r, c: eval_rows(me, r, c), loss_from_edits=lambda r, c: loss_from_edits(me, r, edits, c),
+                 batch_loss=lambda r, c: batch_loss(me, r, c), batch_edits=lambda r, c: batch_edits(me, r))
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"^requests must not be empty$"):
+            call([], config)
+        with pytest.raises(ValueError, match=r"^requests\[1\] must be an EditRequest, got str$"):
+            call([requests[0], "a prompt"], config)
+        if name != "batch_edits":
+            with pytest.raises(ValueError, match=r"^config must be a TrainConfig, got dict$"):
+                call(requests, {"edit_rows": "all"})
+    assert eval_rows(me, tuple(requests), config)["input_ids"].shape[0] >= len(requests)  # any sequence
+
+
 @pytest.mark.parametrize("arch,method", [("gpt2", "mend"), ("llama", "proeditor")])
 def test_batch_loss_fills_no_model_gradient(gen, arch, method):
     """batch_loss on a model whose weights require grad (load_model's and from_pretrained's
