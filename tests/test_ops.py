@@ -18,7 +18,7 @@ from torch.library import opcheck
 
 from dcedit_kernels import ops, reference
 from helpers import (TOL, draw_clear_of_cuts, gate_logits_clear, nan_outer_case, public_op_cases, randn, ragged_offsets,
-                     random_counts, redraw_until, rel_err)
+                     random_counts, randomize_editor, redraw_until, rel_err)
 
 FUSIONS = ["none", "add", "max", "sss", "ssm"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -2456,6 +2456,25 @@ def test_presets_expose_what_the_readme_tests():
         assert (ed.routing, ed.n_editors, ed.generator) == (routing, n_editors, generator)
         assert ed.generator == ed.config["generator"]
     assert ProEditor(6, 4, rank=2, generator="sentence").generator == "sentence"
+
+
+@pytest.mark.parametrize("routing", ["random", "gate"])
+def test_one_editor_of_a_routed_editor_takes_every_fusion_and_each_gives_its_one_shift(routing, gen):
+    """GroupedEditor(n_editors=1) (RaEditor's or MoEditor's end point of a sweep over n_editors)
+    takes any fusion, documented as giving the one group shift bit for bit (the class docstring):
+    checked here, so that the docstring's reason for taking them stays true."""
+    from dcedit_kernels import GroupedEditor
+
+    d_in, d_out = (int(torch.randint(1, 9, (1,), generator=gen)) for _ in range(2))
+    counts = random_counts(3, gen)
+    mu, eta = randn((sum(counts), d_in), gen), randn((sum(counts), d_out), gen)
+    feats = randn((3, d_in), gen) if routing == "gate" else None
+    shifts = {}
+    for fusion in ("add", "max", "sss", "ssm"):
+        editor = randomize_editor(GroupedEditor(d_in, d_out, n_editors=1, rank=3, routing=routing, fusion=fusion,
+                                                seed=4), torch.Generator().manual_seed(5)).eval()
+        shifts[fusion] = editor.dense(mu, eta, ragged_offsets(counts), edit_feats=feats)
+    assert all(torch.equal(s, shifts["add"]) for s in shifts.values())
 
 
 def test_presets_refuse_the_arguments_they_set():

@@ -47,7 +47,11 @@ class GroupedEditor(nn.Module):
 
     routing: "single" (one editor: MEND), "random" (edits split into n_editors random groups:
     RaEditor), "gate" (noisy top-k gate on the edit features: MoEditor).  fusion combines the
-    group shifts (see `ops.grouped_outer`).  generator: None, "token" or "sentence" (ProEditor's
+    group shifts (see `ops.grouped_outer`); with n_editors=1 there is one, which every fusion gives
+    bit for bit, and any fusion is taken all the same (the default "sss" too): n_editors is a size
+    here, and 1 the end point of a sweep over it (RaEditor/MoEditor(n_editors=1, fusion=...)), where
+    refusing a fusion would make the sweep's one call fail.  MEND and ProEditor, one editor by
+    definition, refuse another fusion than "add" (`presets._refuse_fusion`).  generator: None, "token" or "sentence" (ProEditor's
     ψ generating per-token or per-edit gains for the low-rank branch input of the first layer, ψ
     reading the normalised [μ; η]; "sentence": each edit's mean over its non-zero tokens;
     `generator_hidden`: ψ's hidden width); fisher_keep: keep
