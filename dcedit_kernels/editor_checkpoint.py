@@ -31,7 +31,7 @@ from .capture import is_conv1d, resolve_modules
 from .edit_capture import DEFAULT_CAPTURE_BATCH_SIZE
 from .edit_handle import deferred_interrupt
 from .editors.grouped_editor import (check_saved_shapes, config_differences, ignored_fusion, ignored_gate_norm,
-                                     with_absent_defaults)
+                                     ignored_sizes, with_absent_defaults)
 from .ft_baseline import FT_KL_ONLY
 from .safetensors_file import check_state, json_metadata, read_safetensors, save_safetensors
 from .tokenize import is_seq2seq
@@ -175,6 +175,8 @@ class EditorCheckpoints:
             del kwargs["fusion"]  # taken and ignored up to 0.5.23 (one editor fuses nothing), refused since
         if ignored_gate_norm(config["method"], kwargs):
             del kwargs["gate_norm"]  # taken and ignored up to 0.5.24 (no gate reads it), refused since
+        for name in ignored_sizes(config["method"], kwargs):
+            del kwargs[name]  # feat_dim without a gate, generator_hidden without ψ: taken and ignored up to 0.5.24
         # Editor arguments whose preset default changed since (MoEditor's top_k: 1 before 0.2.0)
         # come from the saved editors, so an older checkpoint rebuilds the editor it was trained as.
         kwargs.update(changed_defaults_of(config["method"], config["editors"], kwargs))

@@ -3396,6 +3396,60 @@ def test_gate_norm_is_refused_without_a_gate_and_checkpoints_that_held_it_load(m
     assert me.fit(train, config=config).resumed_from == 1
 
 
+@pytest.mark.parametrize("method,unused", [("raeditor", {"feat_dim": 20}), ("proeditor", {"feat_dim": 20}),
+                                           ("mend", {"generator_hidden": 128}), ("moeditor", {"generator_hidden": 32})])
+def test_sizes_nothing_reads_are_refused_and_checkpoints_that_held_them_load(method, unused, gen, tmp_path):
+    """feat_dim without a gate and generator_hidden without ψ: ModelEditor(method="raeditor",
+    feat_dim=20) was taken, saved in editor_kwargs and each editor's config, and read by nothing.
+    Now a ValueError naming it.  A checkpoint holding one (as 0.5.24 saved it) loads as the editor it
+    was (feat_dim None, generator_hidden 64), with the saver's edits bit for bit, and a training run
+    whose checkpoint holds one resumes."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from dcedit_kernels.train_checkpoint import TRAINER_FILE
+
+    (name, value), = unused.items()
+    own = dict(n_editors=2) if method in ("raeditor", "moeditor") else {}
+    model, tok = tiny_model("gpt2", seed=0)
+    with pytest.raises(ValueError, match=rf"^{name} is .*so {name}={value} would be ignored; leave it at"):
+        ModelEditor(model, tok, LAYERS["gpt2"], method=method, rank=4, **own, **unused)
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method=method, rank=4, seed=3, **own)
+    randomize_editors(me, gen)
+
+    def holding(path, out, key):
+        """`path`'s tensors at `out`, its `key` metadata's editor_kwargs and editors holding `unused`."""
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        config = json.loads(meta[key])
+        config["editor_kwargs"].update(unused)
+        for saved in config["editors"].values():
+            saved.update(unused)
+        save_file(load_file(str(path)), str(out), metadata={**meta, key: json.dumps(config)})
+
+    path, old = tmp_path / "e.safetensors", tmp_path / "old.safetensors"
+    me.save(path)
+    holding(path, old, "dcedit_model_editor")
+    loaded = ModelEditor.load(old, model, tok)
+    assert name not in loaded.editor_kwargs and loaded.config()["editors"] == me.config()["editors"]
+    reqs = random_requests(gen, 3)
+    states = me.route_states()
+    with me.edited(reqs):
+        want = {n: weight_out_in(m).detach().clone() for n, m in me.modules.items()}
+    loaded.set_route_states(states)
+    with loaded.edited(reqs):
+        assert all(torch.equal(weight_out_in(m), want[n]) for n, m in loaded.modules.items())
+
+    ckpt = tmp_path / "ckpt"
+    config, train = TrainConfig(steps=1, batch_size=2, checkpoint_dir=str(ckpt), progress=False), random_requests(gen, 2)
+    me.fit(train, config=config)
+    trainer = ckpt / TRAINER_FILE
+    holding(trainer, tmp_path / "trainer.safetensors", "model_editor")
+    (tmp_path / "trainer.safetensors").replace(trainer)
+    config.steps, config.resume = 2, True
+    assert me.fit(train, config=config).resumed_from == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # loss_reduction: an edit's factors do not depend on the rest of the batch
 # ---------------------------------------------------------------------------------------------

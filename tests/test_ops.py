@@ -6,6 +6,7 @@ C++ extension that is the C++ kernel (test_cpu_kernels compares it with the refe
 which is what catches a wrong reference there); with DCEDIT_DISABLE_C=1, the reference itself.
 """
 
+import json
 import math
 import os
 import warnings
@@ -2339,11 +2340,33 @@ def test_grouped_editor_checks_feat_dim_and_generator_hidden_where_unused(tmp_pa
                          (dict(generator_hidden=0), "generator_hidden")):
         with pytest.raises(ValueError, match=rf"^{name} must be a positive int"):
             GroupedEditor(6, 4, rank=2, routing="random", n_editors=2, **kwargs)
-    ed = GroupedEditor(6, 4, rank=2, routing="random", n_editors=2, feat_dim=5, generator_hidden=None)
-    assert ed.config["feat_dim"] == 5 and ed.config["generator_hidden"] is None
+    # Unused, a positive int other than the default was then taken and read by nothing (session 60): refused,
+    # as top_k and gate_norm are without a gate; None (and generator_hidden's 64) stay taken.
+    for kwargs, words in ((dict(feat_dim=5), r"^feat_dim is the gate's .*routing='random' has no gate, so feat_dim=5 "
+                           r"would be ignored; leave it at None$"),
+                          (dict(generator_hidden=7), r"^generator_hidden is ψ's .*generator=None has no ψ, so "
+                           r"generator_hidden=7 would be ignored; leave it at 64$")):
+        with pytest.raises(ValueError, match=words):
+            GroupedEditor(6, 4, rank=2, routing="random", n_editors=2, **kwargs)
+    ed = GroupedEditor(6, 4, rank=2, routing="random", n_editors=2, generator_hidden=None)
+    assert ed.config["feat_dim"] is None and ed.config["generator_hidden"] is None
     ed.save(tmp_path / "ed.safetensors")
     assert GroupedEditor.load(tmp_path / "ed.safetensors").config == ed.config
     assert GroupedEditor(6, 4, rank=2, routing="random", n_editors=2).config["feat_dim"] is None
+    assert GroupedEditor(6, 4, rank=2, routing="random", n_editors=2, generator_hidden=64).config["generator_hidden"] == 64
+    # A file of 0.5.24 holding them (its config edited to what such a constructor saved) loads as the
+    # editor it was, with None and 64, its tensors bit for bit.
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(tmp_path / "ed.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    config = {**json.loads(meta["dcedit_config"]), "feat_dim": 5, "generator_hidden": 7}
+    save_file(load_file(str(tmp_path / "ed.safetensors")), str(tmp_path / "old.safetensors"),
+              metadata={**meta, "dcedit_config": json.dumps(config)})
+    old = GroupedEditor.load(tmp_path / "old.safetensors")
+    assert old.config == {**ed.config, "generator_hidden": 64}
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), ed.state_dict().values()))
 
 
 def test_fisher_keep_is_a_fraction_in_the_half_open_interval_zero_one(gen):

@@ -22,6 +22,7 @@ from .parameter_generator import ParameterGenerator, seeded_draw_
 from .running_norm import FeatureNorm, RunningNorm, joint_rows
 
 ROUTINGS = ("gate", "random", "single")
+GENERATOR_HIDDEN_DEFAULT = 64  # ψ's hidden width where none is given
 # gate_norm's default (editor_cache resolves it into the cache key of a MoEditor that leaves it out).
 GATE_NORM_DEFAULT = True
 
@@ -76,7 +77,8 @@ class GroupedEditor(nn.Module):
 
     top_k: the gate keeps its top_k logits (see `MoEditor`); under another routing nothing reads it,
     so only 1 is taken there.  feat_dim (routing="gate" only): the width of forward's edit_feats,
-    the gate's input (None: in_features).
+    the gate's input (None: in_features); without a gate only None is taken.  generator_hidden: only
+    None or 64 without a generator.
 
     gate_norm (routing="gate" only; under another routing only its default, True, is taken): the
     gate reads the edit features standardised by their running mean/std (`gate_norm`, a FeatureNorm: updated in training,
@@ -103,7 +105,7 @@ class GroupedEditor(nn.Module):
         edit_lr: float = 1e-4,
         feat_dim: int | None = None,
         top_k: int = 1,
-        generator_hidden: int = 64,
+        generator_hidden: int = GENERATOR_HIDDEN_DEFAULT,
         seed: int | None = None,
         gate_norm: bool = GATE_NORM_DEFAULT,
     ):
@@ -145,11 +147,19 @@ class GroupedEditor(nn.Module):
             feat_dim = in_features  # SPEC's constructor has no feat_dim; the MoEditor preset's default
         # Unused (no gate, no generator), None is taken too; anything else given is checked all the
         # same: it is kept in the config, where -4 or 2.5 was saved as given and a set made save()
-        # raise a bare TypeError from json.
-        for name, value, used in (("feat_dim", feat_dim, routing == "gate"),
-                                  ("generator_hidden", generator_hidden, generator is not None)):
+        # raise a bare TypeError from json.  Then, unused, only None (and generator_hidden's default)
+        # is taken, as top_k's 1 and gate_norm's True: RaEditor(feat_dim=20) and MEND(generator_hidden=
+        # 128) were kept in the config and read by nothing (`without_ignored_sizes` loads such configs).
+        for name, value, used, owner, unused_ok in (
+                ("feat_dim", feat_dim, routing == "gate", f"the gate's (routing='gate', MoEditor): routing={routing!r} "
+                 "has no gate", (None,)),
+                ("generator_hidden", generator_hidden, generator is not None, "ψ's (generator 'token' or 'sentence', "
+                 "ProEditor): generator=None has no ψ", (None, GENERATOR_HIDDEN_DEFAULT))):
             if (used or value is not None) and (not is_int(value) or value < 1):
                 raise ValueError(f"{name} must be a positive int{'' if used else ' or None'}, got {value!r}")
+            if not used and value not in unused_ok:
+                raise ValueError(f"{name} is {owner}, so {name}={value} would be ignored; leave it at "
+                                 f"{unused_ok[-1]}")
         self.config = dict(
             in_features=in_features, out_features=out_features, n_editors=n_editors, rank=rank,
             n_layers=n_layers, n_modes=n_modes, routing=routing, fusion=fusion, generator=generator,
@@ -590,9 +600,10 @@ class _GeneratorState(bytes):
 
 def with_absent_defaults(config: dict, method: str | None = None) -> dict:
     """A saved editor config with the arguments it predates set to what it was trained with, and
-    (`without_ignored_top_k`) a gateless editor's top_k, which it never read, at 1; with the
+    (`without_ignored_top_k`, `without_ignored_sizes`) a gateless editor's top_k, which it never
+    read, at 1, its feat_dim at None, and the generator_hidden of one without ψ at 64; with the
     ModelEditor `method` that saved it, a one-editor method's fusion at "add" (`ignored_fusion`)."""
-    config = without_ignored_top_k(config)
+    config = without_ignored_sizes(without_ignored_top_k(config))
     if ignored_fusion(method, config):
         config = {**config, "fusion": "add"}
     if isinstance(config, dict) and config.get("routing") == "gate":
@@ -608,6 +619,37 @@ def without_ignored_top_k(config):
             and config["top_k"] > 1):
         return {**config, "top_k": 1}
     return config
+
+
+def without_ignored_sizes(config):
+    """A saved editor `config` with feat_dim None where no gate reads it, and generator_hidden at its
+    default where no ψ reads it: up to 0.5.24 RaEditor(feat_dim=20) or MEND(generator_hidden=128) was
+    taken and read by nothing (the constructor refuses them now), so its checkpoint loads as the editor
+    it was.  A value that is no positive int is left for the constructor to refuse."""
+    if not isinstance(config, dict):
+        return config
+    if config.get("routing") in ("random", "single") and is_int(config.get("feat_dim")) and config["feat_dim"] >= 1:
+        config = {**config, "feat_dim": None}
+    hidden = config.get("generator_hidden")
+    if config.get("generator") is None and is_int(hidden) and hidden >= 1 and hidden != GENERATOR_HIDDEN_DEFAULT:
+        config = {**config, "generator_hidden": GENERATOR_HIDDEN_DEFAULT}
+    return config
+
+
+def ignored_sizes(method: str | None, kwargs) -> list[str]:
+    """The names among feat_dim and generator_hidden that a checkpoint's editor_kwargs `kwargs` of
+    `method` hold and its editors never read (`without_ignored_sizes`): its checkpoint loads without
+    them."""
+    if not isinstance(kwargs, dict):
+        return []
+    names = []
+    if method in GATELESS_METHODS and is_int(kwargs.get("feat_dim")) and kwargs["feat_dim"] >= 1:
+        names.append("feat_dim")
+    hidden = kwargs.get("generator_hidden")
+    if (method in ("mend", "raeditor", "moeditor") and kwargs.get("generator") is None and is_int(hidden)
+            and hidden >= 1 and hidden != GENERATOR_HIDDEN_DEFAULT):
+        names.append("generator_hidden")
+    return names
 
 
 # The ModelEditor methods of one editor (the MEND and ProEditor presets).  Up to 0.5.23 they took a
