@@ -348,9 +348,26 @@ def default_facts() -> list[Fact]:
     return _with_neighbours([f for f in candidate_facts() if f.id in known])
 
 
+def _check_facts(facts, name: str = "facts", items: bool = True) -> list:
+    """`facts` listed (empty is fine), ValueError naming the argument for a str (split_facts(
+    "counterfact", 2, 2) returned two lists of its letters) or no sequence, and with `items` unless
+    each is a Fact (one that is not raised a bare AttributeError, .request or .id).  split_facts reads
+    no field of its items, so it shuffles any sequence's (EditRequests too) as before."""
+    if isinstance(facts, (str, bytes)):
+        raise ValueError(f"{name} must be a sequence of Fact, got a {type(facts).__name__}")
+    try:
+        facts = list(facts)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of Fact, got {type(facts).__name__}") from None
+    for i, fact in enumerate(facts if items else ()):
+        if not isinstance(fact, Fact):
+            raise ValueError(f"{name}[{i}] must be a Fact, got {type(fact).__name__}")
+    return facts
+
+
 def default_requests(facts: Iterable[Fact] | None = None) -> list[EditRequest]:
     """EditRequests for `facts` (default: `default_facts()`)."""
-    return [f.request() for f in (default_facts() if facts is None else facts)]
+    return [f.request() for f in (default_facts() if facts is None else _check_facts(facts))]
 
 
 def split_facts(facts: Sequence[Fact], n_train: int, n_heldout: int, seed: int = 0) -> tuple[list[Fact], list[Fact]]:
@@ -361,6 +378,7 @@ def split_facts(facts: Sequence[Fact], n_train: int, n_heldout: int, seed: int =
     from the clock, so the split would differ from call to call).  Held-out facts are taken first,
     so growing `n_train` never changes the held-out set for a given seed.
     """
+    facts = _check_facts(facts, items=False)
     for name, value in (("n_train", n_train), ("n_heldout", n_heldout)):
         if not is_int(value) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
@@ -400,7 +418,7 @@ def deal_disjoint_neighbours(
     if not is_int(seed):
         raise ValueError(f"seed must be an int, got {seed!r}")
     # Listed once: a generator for `train` was read up by the check below, and none came back.
-    train, heldout = list(train), list(heldout)
+    train, heldout = _check_facts(train, "train"), _check_facts(heldout, "heldout")
     shared = {f.id for f in train} & {f.id for f in heldout}
     if shared:
         raise ValueError(f"train and heldout share {len(shared)} fact(s), e.g. {sorted(shared)[0]!r}")

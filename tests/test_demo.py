@@ -134,6 +134,30 @@ def test_split_facts_is_seeded_and_disjoint():
     assert all(isinstance(r, EditRequest) for r in default_requests(heldout))
 
 
+def test_facts_that_are_no_facts_are_refused_naming_the_argument():
+    """split_facts("counterfact", 2, 2) split the str into letters and returned them as facts;
+    default_requests and deal_disjoint_neighbours of a str or a non-Fact item raised a bare
+    AttributeError (.request, .id).  A ValueError naming the argument now; empty stays taken, and
+    split_facts, which reads no field, still cuts any sequence of items."""
+    facts = default_facts()
+    for bad, got in (("counterfact", r"a sequence of Fact, got a str"), (None, r"a sequence of Fact, got NoneType"),
+                     (3, r"a sequence of Fact, got int"), ([facts[0], "fact"], r"\[1\] must be a Fact, got str")):
+        calls = [("facts", lambda: split_facts(bad, 0, 0))] if not isinstance(bad, list) else []
+        if bad is not None:  # None is default_requests' "the default facts"
+            calls.append(("facts", lambda: default_requests(bad)))
+        calls += [("train", lambda: deal_disjoint_neighbours(bad, facts[1:3])),
+                  ("heldout", lambda: deal_disjoint_neighbours(facts[1:3], bad))]
+        for name, call in calls:
+            with pytest.raises(ValueError, match=rf"^{name}{'' if got.startswith(chr(92)) else ' must be '}{got}$"):
+                call()
+    assert split_facts([], 0, 0) == ([], []) and default_requests([]) == []
+    assert split_facts(tuple(facts[:4]), 2, 1, seed=1) == split_facts(facts[:4], 2, 1, seed=1)
+    # split_facts reads no field of its items: any sequence's are shuffled and cut (EditRequests too).
+    requests = default_requests(facts[:4])
+    assert split_facts(requests, 2, 1, seed=1) == tuple([requests[facts.index(f)] for f in part]
+                                                          for part in split_facts(facts[:4], 2, 1, seed=1))
+
+
 @pytest.mark.parametrize("n_train, n_heldout, n_pool", [(100, 25, 13), (40, 10, 10)])  # full, --quick
 @pytest.mark.parametrize("seed", [0, 1, 7, 123])
 def test_deal_disjoint_neighbours_keeps_heldout_prompts_out_of_training(n_train, n_heldout, n_pool, seed):
