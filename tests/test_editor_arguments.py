@@ -284,8 +284,9 @@ def test_route_checks_n_edits_and_device(method, gen):
     editor = small_editor(method).train()
     feats = editor_inputs(gen)[3] if method == "moeditor" else None
     before = {k: v.clone() for k, v in editor.state_dict().items()}
-    for bad in (2.0, None, -1, True, "4"):
-        with pytest.raises(ValueError, match=r"^n_edits must be a non-negative int, got "):
+    # 2**63 and past: int64 overflowed in randperm ("Overflow when unpacking long long", session 60).
+    for bad in (2.0, None, -1, True, "4", 2**63, 10**30):
+        with pytest.raises(ValueError, match=r"^n_edits must be a non-negative int below 2\*\*63, got "):
             editor.route(bad, feats)
     for bad in ("gpu", "meta", [0]):
         with pytest.raises(ValueError, match=r"^device"):

@@ -1898,8 +1898,11 @@ def test_sort_by_group(gen, device):
     opcheck(torch.ops.dcedit.sort_by_group.default, (groups, 5))
     with pytest.raises(ValueError, match="group_of_row"):
         ops.sort_by_group(torch.tensor([0, 5]), 5)
-    with pytest.raises(ValueError, match="G must be a positive int, got True"):  # a bool, as k's check
+    with pytest.raises(ValueError, match=r"G must be a positive int below 2\*\*63, got True"):  # a bool, as k's check
         ops.sort_by_group(torch.tensor([0, 0]), True)
+    for big in (2**63, 10**30):  # the schema's int64: torch's "Expected a value of type 'int' ..." (session 60)
+        with pytest.raises(ValueError, match=rf"^G must be a positive int below 2\*\*63, got {big}$"):
+            ops.sort_by_group(torch.tensor([0, 0]), big)
     # int32 ids (the other dtype the check takes) give the same permutation, inverse and offsets;
     # -1 (lowrank_delta_linear's id of an unedited row) is no group: a ValueError, not bincount's
     # RuntimeError.

@@ -236,8 +236,8 @@ class GroupedEditor(nn.Module):
         its statistics first in training mode."""
         # A public method: n_edits and device went to torch unchecked (randperm's TypeError for a
         # float, "negative dimension" for -1, a device string's RuntimeError), naming nothing.
-        if not is_int(n_edits) or n_edits < 0:
-            raise ValueError(f"n_edits must be a non-negative int, got {n_edits!r}")
+        if not is_int(n_edits) or not 0 <= n_edits < 2**63:  # past int64: "Overflow when unpacking long long"
+            raise ValueError(f"n_edits must be a non-negative int below 2**63, got {n_edits!r}")
         if device is not None and not isinstance(device, torch.device):  # forward passes mu.device
             device = as_device(device, "device")
         zero = torch.zeros((), device=device)

@@ -79,8 +79,10 @@ def check_sort_by_group(group_of_row, G):
         raise ValueError("group_of_row must be an int32 or int64 tensor")
     if group_of_row.dim() != 1:
         raise ValueError(f"group_of_row must be 1-D, got shape {tuple(group_of_row.shape)}")
-    if not is_int(G) or G < 1:  # not a bool, as k and the other int arguments
-        raise ValueError(f"G must be a positive int, got {G!r}")
+    # Past int64 the op's schema raised torch's "Expected a value of type 'int' for argument 'G' but
+    # instead found type 'int'" (G = 10**30).
+    if not is_int(G) or not 1 <= G < 2**63:  # not a bool, as k and the other int arguments
+        raise ValueError(f"G must be a positive int below 2**63, got {G!r}")
     if group_of_row.shape[0] > MAX_INT32_ROWS:
         # The offsets are int32, the ops' CSR form: past 2**31 - 1 rows the counts' cumulative sum
         # wrapped to negative offsets without a word.  A shape test: no host read.
