@@ -20,6 +20,7 @@ forward through it too (`_capture_chunks`, `_scored_edit_loss`, `_length_errors`
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Sequence
 
 import torch
@@ -93,6 +94,12 @@ class EditCapture:
         the caller's model has; the LM head computes logits at the scored positions only
         (`scored_logits.logits_at`).
         """
+        if not isinstance(batch, Mapping) or not isinstance(batch.get("input_ids"), torch.Tensor):
+            # None raised TypeError "not subscriptable", a dict without input_ids a bare KeyError.
+            got = (type(batch).__name__ if not isinstance(batch, Mapping)
+                   else f"a {type(batch).__name__} without an input_ids tensor")
+            raise ValueError("batch must be a dict of tensors as ModelEditor.tokenize returns (input_ids, "
+                             f"attention_mask, labels), got {got}")
         if need_feats is None:
             need_feats = self.needs_feats
         chunks, order = self._capture_chunks(batch)

@@ -86,6 +86,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Mapping
 from typing import Iterable, Iterator, Sequence
 
 import torch
@@ -462,8 +463,21 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         return {key: gen.get_state() for key, gen in self.route_generators().items()}
 
     def set_route_states(self, states: dict) -> None:
-        """Set the routing generators named in `states` to what `route_states` gave for them."""
+        """Set the routing generators named in `states` to what `route_states` gave for them.
+        ValueError naming the key for one no editor's generator has or a state no generator takes,
+        checked before any is set: a bare KeyError, AttributeError (None) or torch's TypeError or
+        RuntimeError before, some generators already set."""
+        if not isinstance(states, Mapping):
+            raise ValueError(f"states must be a dict as route_states() returns, got {type(states).__name__}")
         generators = self.route_generators()
+        for key, state in states.items():
+            if key not in generators:
+                raise ValueError(f"states: no editor {key!r} with a routing generator (those with one: "
+                                 f"{sorted(generators)})")
+            try:  # on a scratch generator: the editors' are set only once every state is taken
+                torch.Generator().set_state(state)
+            except (TypeError, RuntimeError) as exc:
+                raise ValueError(f"states[{key!r}] is not a generator state as route_states() gives ({exc})") from None
         for key, state in states.items():
             generators[key].set_state(state)
 

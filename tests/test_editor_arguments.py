@@ -275,6 +275,36 @@ def test_dense_refuses_a_masked_flag_that_is_not_a_bool(method, gen):
     assert torch.equal(edit.dense(masked=False), edit.dense(masked=True)) == (method != "proeditor")
 
 
+def test_model_editor_route_states_and_capture_name_a_bad_argument(gen):
+    """ModelEditor.set_route_states({'x': ...}) raised a bare KeyError, of None an AttributeError, of a
+    state that is none torch's TypeError (after setting the states before it); capture(None) a
+    TypeError ("not subscriptable") and capture({}) a KeyError 'input_ids'.  Each is a ValueError
+    naming the argument now, and a refused set_route_states sets no generator."""
+    from dcedit_kernels.model_editor import ModelEditor
+
+    model, tok = tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    layers = ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]  # two shapes: two editors
+    me = ModelEditor(model, tok, layers, method="raeditor", n_editors=2, rank=2, seed=1)
+    first, second = sorted(me.route_generators())
+    before = me.route_states()
+    drawn = {first: torch.Generator().manual_seed(5).get_state(), second: torch.Generator().manual_seed(6).get_state()}
+    for bad, words in (({"x": before[first]}, r"^states: no editor 'x' with a routing generator"),
+                       (None, r"^states must be a dict as route_states\(\) returns, got NoneType$"),
+                       ({first: drawn[first], second: "abc"}, rf"^states\['{second}'\] is not a generator state"),
+                       ({first: drawn[first], second: torch.zeros(3, dtype=torch.uint8)}, rf"^states\['{second}'\]")):
+        with pytest.raises(ValueError, match=words):
+            me.set_route_states(bad)
+        assert all(torch.equal(s, before[k]) for k, s in me.route_states().items())  # none was set
+    me.set_route_states(drawn)
+    assert all(torch.equal(s, drawn[k]) for k, s in me.route_states().items())
+    for bad, got in ((None, "NoneType"), ({}, "a dict without an input_ids tensor"),
+                     ({"input_ids": [[1, 2]]}, "a dict without an input_ids tensor")):
+        with pytest.raises(ValueError, match=rf"^batch must be a dict of tensors as ModelEditor.tokenize returns .*got {got}$"):
+            me.capture(bad)
+    factors, _, _ = me.capture(dict(me.tokenize(["The sky is"], ["blue"])))  # any mapping of its tensors
+    assert set(factors) == set(layers)
+
+
 @pytest.mark.parametrize("method", EDITOR_KINDS)
 def test_route_checks_n_edits_and_device(method, gen):
     """GroupedEditor.route passed n_edits and device to torch unchecked: randperm's TypeError for
