@@ -474,8 +474,8 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
             if key not in generators:
                 raise ValueError(f"states: no editor {key!r} with a routing generator (those with one: "
                                  f"{sorted(generators)})")
-            try:  # on a scratch generator: the editors' are set only once every state is taken
-                torch.Generator().set_state(state)
+            try:  # on a scratch generator of its device: the editors' are set only once every state is taken
+                torch.Generator(device=generators[key].device).set_state(state)
             except (TypeError, RuntimeError) as exc:
                 raise ValueError(f"states[{key!r}] is not a generator state as route_states() gives ({exc})") from None
         for key, state in states.items():
