@@ -3396,21 +3396,24 @@ def test_gate_norm_is_refused_without_a_gate_and_checkpoints_that_held_it_load(m
     assert me.fit(train, config=config).resumed_from == 1
 
 
-@pytest.mark.parametrize("method,unused", [("raeditor", {"feat_dim": 20}), ("proeditor", {"feat_dim": 20}),
-                                           ("mend", {"generator_hidden": 128}), ("moeditor", {"generator_hidden": 32})])
-def test_sizes_nothing_reads_are_refused_and_checkpoints_that_held_them_load(method, unused, gen, tmp_path):
+@pytest.mark.parametrize("method,given,unused", [
+    ("raeditor", {}, {"feat_dim": 20}), ("proeditor", {}, {"feat_dim": 20}), ("mend", {}, {"generator_hidden": 128}),
+    ("moeditor", {}, {"generator_hidden": 32}), ("proeditor", {"generator": None}, {"generator_hidden": 128})])
+def test_sizes_nothing_reads_are_refused_and_checkpoints_that_held_them_load(method, given, unused, gen, tmp_path):
     """feat_dim without a gate and generator_hidden without ψ: ModelEditor(method="raeditor",
     feat_dim=20) was taken, saved in editor_kwargs and each editor's config, and read by nothing.
     Now a ValueError naming it.  A checkpoint holding one (as 0.5.24 saved it) loads as the editor it
     was (feat_dim None, generator_hidden 64), with the saver's edits bit for bit, and a training run
-    whose checkpoint holds one resumes."""
+    whose checkpoint holds one resumes.  `given`: the saver's other editor arguments (ProEditor
+    with generator=None has no ψ: a 0.5.24 checkpoint of one with generator_hidden=128 failed to
+    load, "editor 20x37 differs from the one this model gives (generator_hidden: saved 64, here 128)")."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from dcedit_kernels.train_checkpoint import TRAINER_FILE
 
     (name, value), = unused.items()
-    own = dict(n_editors=2) if method in ("raeditor", "moeditor") else {}
+    own = {**given, **(dict(n_editors=2) if method in ("raeditor", "moeditor") else {})}
     model, tok = tiny_model("gpt2", seed=0)
     with pytest.raises(ValueError, match=rf"^{name} is .*so {name}={value} would be ignored; leave it at"):
         ModelEditor(model, tok, LAYERS["gpt2"], method=method, rank=4, **own, **unused)

@@ -646,7 +646,12 @@ def ignored_sizes(method: str | None, kwargs) -> list[str]:
     if method in GATELESS_METHODS and is_int(kwargs.get("feat_dim")) and kwargs["feat_dim"] >= 1:
         names.append("feat_dim")
     hidden = kwargs.get("generator_hidden")
-    if (method in ("mend", "raeditor", "moeditor") and kwargs.get("generator") is None and is_int(hidden)
+    # The preset's generator where editor_kwargs do not name one: ProEditor's is "token" (ψ reads
+    # generator_hidden), the others' None.  ProEditor(generator=None), which has no ψ, is one of these
+    # too: left out, its 0.5.24 checkpoint with generator_hidden=128 failed to load ("generator_hidden:
+    # saved 64, here 128", its editors' configs being `without_ignored_sizes`').
+    generator = kwargs["generator"] if "generator" in kwargs else ("token" if method == "proeditor" else None)
+    if (method in ("mend", "raeditor", "moeditor", "proeditor") and generator is None and is_int(hidden)
             and hidden >= 1 and hidden != GENERATOR_HIDDEN_DEFAULT):
         names.append("generator_hidden")
     return names
