@@ -1204,3 +1204,53 @@ def test_cli_train_resume_with_another_n_editors_names_n_editors(capsys, tmp_pat
     err = capsys.readouterr().err
     assert "written for another editor" in err and "--n-editors 2" in err, err  # in the command line's terms
     assert "cannot exceed" not in err
+
+
+_BASELINE = object()  # stands for --method ft or ft_kl, drawn per run
+
+
+def _flags_id(flags) -> str:
+    return " ".join("ft|ft_kl" if f is _BASELINE else f.format(n="N") for f in flags)
+
+
+# The whole line after "dcedit: error: ", as the refusal said it after the model's load ({m}: the
+# --method drawn for _BASELINE, {em}: the editor methods).
+_ONLY_EDITORS = "applies to the editor methods {em}"
+_RESCALE = "--rescale-batch-size " + _ONLY_EDITORS + " under --loss-reduction token, not "
+
+
+@pytest.mark.parametrize("command, flags, said", [
+    pytest.param(command, flags, said, id=f"{command} {_flags_id(flags)}")
+    for command in ("edit", "evaluate") for flags, said in (
+        (["--method", _BASELINE, "--rank", "{n}"], "--rank " + _ONLY_EDITORS + ", not {m}"),
+        (["--rank", "{n}"], "--rank " + _ONLY_EDITORS + ", not ft"),  # no --method, no --editor: FT
+        (["--method", _BASELINE, "--n-editors", "{n}"], "--n-editors applies to raeditor and moeditor, not {m}"),
+        (["--method", "mend", "--n-editors", "{n}"], "--n-editors applies to raeditor and moeditor, not mend"),
+        (["--method", _BASELINE, "--loss-reduction", "edit"], "--loss-reduction " + _ONLY_EDITORS + ", not {m}"),
+        (["--method", _BASELINE, "--rescale-batch-size", "{n}"], _RESCALE + "--method {m}"),
+        (["--method", "raeditor", "--loss-reduction", "edit", "--rescale-batch-size", "{n}"],
+         _RESCALE + "--loss-reduction edit"),
+        (["--layers", " , "], "--layers is empty"),
+    )
+] + [
+    pytest.param("train", flags, said, id=f"train {_flags_id(flags)}") for flags, said in (
+        (["--method", "mend", "--n-editors", "{n}"], "--n-editors applies to raeditor and moeditor, not mend"),
+        (["--method", "proeditor", "--n-editors", "{n}"], "--n-editors applies to raeditor and moeditor, not proeditor"),
+        (["--layers", ","], "--layers is empty"),
+    )
+])
+def test_cli_refuses_contradicting_flags_before_the_model_loads(command, flags, said, capsys, tmp_path,
+                                                                monkeypatch):
+    """Flags that contradict each other whatever the model (options.check_flags) are refused before
+    it loads, and before --out's folder is made: `edit --method ft --rank 8` waited for the model's
+    load (SmolLM2: 15 s) to be refused, where `--seed` was refused at once.  The same line as
+    before, exit status 2."""
+    _no_model(monkeypatch)
+    method = random.choice(["ft", "ft_kl"])
+    flags = [method if f is _BASELINE else f.format(n=random.randint(1, 64)) for f in flags]
+    what = {"edit": ["--prompt", "The sky is", "--target", "green"], "train": [],
+            "evaluate": ["--n-edits", "2", "--repeats", "1"]}[command]
+    out = tmp_path / "sub" / ("e.safetensors" if command == "train" else "run.json")
+    assert cli.main([command, *flags, *what, "--out", str(out)]) == 2
+    assert _one_cli_line(capsys) == "dcedit: error: " + said.format(m=method, em=cli.EDITOR_METHODS)
+    assert not out.parent.exists()

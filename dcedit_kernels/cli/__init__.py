@@ -39,14 +39,14 @@ from .inputs import (callers_threads_kept, check_count, default_layers, detect_f
                      shown)
 from .messages import counted, in_cli_terms, rank0, show_warning
 from .methods import EDITOR_METHODS, METHOD_NAMES
-from .options import (METRICS_HELP, build_parser, editor_kwargs, parse_sizes, positive_int, rate,
+from .options import (METRICS_HELP, build_parser, check_flags, editor_kwargs, parse_sizes, positive_int, rate,
                       seed_int)
 from .output_files import check_inputs, check_out, save_figure, train_out, write_json, write_text
 from .user_error import UserError
 
 __all__ = [
     "COMMANDS", "DTYPES", "EDITOR_METHODS", "METHOD_NAMES", "METRICS_HELP", "SEED_RANGE", "UserError",
-    "build_parser", "callers_threads_kept", "check_count", "counted", "check_inputs", "check_out", "cmd_edit",
+    "build_parser", "callers_threads_kept", "check_count", "check_flags", "counted", "check_inputs", "check_out", "cmd_edit",
     "cmd_evaluate", "cmd_train",
     "default_layers", "detect_format", "editable_layers", "editor_kwargs", "greedy_completions",
     "in_cli_terms", "load_any_model", "load_requests", "main", "parse_layers", "parse_sizes",
@@ -104,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     with callers_threads_kept():  # set_threads below: called from Python, main() left the process on --threads
         try:
+            check_flags(args)  # before the model loads, and before check_out makes --out's folder
             out = train_out(args) if args.command == "train" else args.out
             # Under torchrun rank 0 alone writes --out: train's processes save one editor, and edit's
             # and evaluate's each run the whole command (they join no process group), so all W of them

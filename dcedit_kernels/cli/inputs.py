@@ -14,6 +14,7 @@ import torch
 
 from ..models import DTYPES  # --dtype's names: the map `load_model(dtype=)` takes too
 from .messages import rank0
+from .options import layer_names
 from .user_error import UserError, check_path
 
 # Names of the MLP's output projection in the model families transformers ships (Llama/Mistral/
@@ -85,9 +86,7 @@ def parse_layers(model, spec: str | None) -> list[str]:
     None: `default_layers`."""
     if spec is None:
         return default_layers(model)
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    if not names:
-        raise UserError("--layers is empty")
+    names = layer_names(spec)
     from ..capture import resolve_modules
     from ..tied_weights import shared_parameters
 

@@ -42,6 +42,31 @@ def editor_kwargs(args) -> dict:
     return kwargs
 
 
+def check_flags(args) -> None:
+    """UserError, before any work, for the flags that contradict each other whatever the model:
+    an empty --layers, and the editor flags of a method that has no such setting (editor_kwargs:
+    --rank, --n-editors, --loss-reduction, --rescale-batch-size for the FT baselines, ...).  Those
+    were refused only once the model had loaded, and after --out's folder was made: measured on a
+    busy 2-core machine, `dcedit edit --method ft --rank 8 ...` took 18-21 s to say so (SmolLM2's
+    load: 15 s), a refused --seed 2.7 s; now 2.5-3.4 s.  editor_kwargs runs again after the load,
+    to build the editor: one set of checks and messages for both.  With --editor the saved editor
+    holds these settings, so they are checked against it after the load (_check_editor_flags)."""
+    if getattr(args, "layers", None) is not None:
+        layer_names(args.layers)
+    if getattr(args, "editor", None) is None:
+        # edit and evaluate without --method or --editor run FT (commands._model_editor)
+        editor_kwargs(argparse.Namespace(**{**vars(args), "method": args.method or "ft"}))
+
+
+def layer_names(spec: str) -> list[str]:
+    """--layers' module names (UserError when it names none); checked against the model by
+    `inputs.parse_layers`."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise UserError("--layers is empty")
+    return names
+
+
 def _check_rescale(method: str, loss_reduction: str) -> None:
     """UserError where --rescale-batch-size does not apply, in the flags' terms (ModelEditor's
     refusal said "rescale_batch_size is for the editor methods under loss_reduction='token', got
