@@ -249,6 +249,7 @@ def test_compiled_model_under_lowrank_edited_compiles_twice_over_token_counts(ge
     modules = dict(model.named_modules())
     counter = CompileCounter()
     compiled = torch.compile(model, backend=counter)
+    frames = []  # frames compiled so far, after each call
     for counts, (B, L) in zip(([2, 3], [3, 4], [4, 6], [6, 7]), ((3, 5), (4, 7), (5, 9), (6, 6))):
         edits = {}
         for name in names:
@@ -266,10 +267,17 @@ def test_compiled_model_under_lowrank_edited_compiles_twice_over_token_counts(ge
         torch.testing.assert_close(got, want)
         got.sum().backward()  # gradients reach the editor outputs through the compiled graph
         assert edits[names[0]].mu_t.grad is not None
+        frames.append(counter.frame_count)
     # torch 2.5.1 and 2.6.0 (the declared minimum's) compile once per call all the same, 4 here, till
-    # the recompile limit; 2.10 on twice (2.7 to 2.9 not run).
+    # the recompile limit.  From 2.7.1 on it compiles twice, static then dynamic, and the third and
+    # fourth calls compile nothing: one frame each time on 2.9.1, 2.10, 2.11 and 2.13 ([1, 2, 2, 2]),
+    # three on 2.7.1 and 2.8.0 with transformers 5.25 ([3, 6, 6, 6]: their dynamo graph-breaks in
+    # transformers' cache setup, "builtin iterators ... passed in from uncompiled to compiled regions").
     old_dynamo = tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 7)
-    assert counter.frame_count == (4 if old_dynamo else 2)
+    if old_dynamo:
+        assert frames[-1] == 4
+    else:
+        assert frames[1] == 2 * frames[0] and frames[3] == frames[1], frames
 
 
 @pytest.mark.parametrize("keep,threshold,match", [
