@@ -69,7 +69,7 @@ SCHEMAS = {
 READS_HOST = ("grouped_lowrank", "grouped_outer", "segmented_fisher", "lowrank_delta_linear", "sort_by_group",
               "_grouped_lowrank_backward", "_grouped_outer_backward", "_lowrank_delta_linear_backward")
 
-# torch 2.5 and 2.6 (and 2.4) have no cudagraph_unsafe tag (their inductor cannot be told): no tag there.
+# torch 2.4.1 to 2.7.1 have no cudagraph_unsafe tag (their inductor cannot be told; 2.8.0 has it): no tag there.
 _CUDAGRAPH_UNSAFE = getattr(torch.Tag, "cudagraph_unsafe", None)
 
 _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")

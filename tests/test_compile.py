@@ -161,7 +161,7 @@ def test_editor_under_inductor_matches_eager_to_rounding(gen):
 
 
 NO_CUDAGRAPH_TAG = pytest.mark.skipif(not hasattr(torch.Tag, "cudagraph_unsafe"),
-                                      reason="this torch has no cudagraph_unsafe tag (torch 2.5, 2.6)")
+                                      reason="this torch has no cudagraph_unsafe tag (torch 2.5.1 to 2.7.1)")
 
 
 @NO_CUDAGRAPH_TAG
@@ -189,6 +189,7 @@ def test_the_ops_that_read_the_host_are_tagged_cudagraph_unsafe(name, gen):
 
 @NO_CUDAGRAPH_TAG
 def test_inductor_sees_a_graph_with_a_host_reading_op_as_not_cudagraphable(gen):
+    from torch._inductor import config as inductor_config
     from torch._inductor.utils import get_first_incompatible_cudagraph_node
 
     graphs = []
@@ -199,7 +200,12 @@ def test_inductor_sees_a_graph_with_a_host_reading_op_as_not_cudagraphable(gen):
 
     fn, args = public_op_cases(gen)["grouped_outer"]
     torch.compile(fn, backend=keep_graph, fullgraph=True)(*args)
-    node = get_first_incompatible_cudagraph_node(graphs[0])
+    # torch 2.9.1's check passes over tagged ops when inductor partitions its graphs
+    # (config.graph_partition, on by default there and off on 2.8.0): the partition leaves them out
+    # of the CUDA graphs itself (its scheduler's is_cudagraph_unsafe_op reads the same tag).  There
+    # the node came back None; the check without partitioning is the one 2.8.0 and 2.10 on make.
+    with inductor_config.patch(graph_partition=False):
+        node = get_first_incompatible_cudagraph_node(graphs[0])
     assert node is not None and node.target is torch.ops.dcedit.grouped_outer.default
 
 
