@@ -152,7 +152,8 @@ setup(
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},
     # The wheel's abi3 tag names the oldest Python it loads on: torch's build compiles _C with
-    # Py_LIMITED_API=0x030A0000 (3.10, `cpp_extension.min_supported_cpython`), which is also
-    # pyproject's requires-python.  "cp39" tagged the wheel for a Python it was not built for.
+    # Py_LIMITED_API=0x030A0000 (3.10, `cpp_extension.min_supported_cpython`; from torch 2.10 on,
+    # 0x03090000 on 2.7.1 to 2.9.1, none on 2.5.1 and 2.6.0), which is also pyproject's
+    # requires-python.  "cp39" tagged the wheel for a Python it was not built for.
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )
