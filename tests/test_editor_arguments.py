@@ -450,7 +450,7 @@ def test_an_editor_forward_without_values_to_read_says_why(method, training, gen
         def forward(self, mu, eta, offsets, *feats):
             return self.editor(mu, eta, offsets, edit_feats=feats[0] if feats else None).dense()
 
-    # torch 2.5.1 and 2.6.0 have no torch.compiler.is_exporting: the export fails in torch there
+    # torch 2.5.1 and 2.6.0 have no torch.compiler.is_exporting (2.7.1 on have): the export fails in torch there
     # (GuardOnDataDependentSymNode at the read), without the ValueError (README).
     exported = pytest.raises(ValueError, match=why + r".*under torch\.export") if hasattr(
         torch.compiler, "is_exporting") else pytest.raises(RuntimeError, match="data-dependent")

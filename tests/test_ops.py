@@ -1410,7 +1410,7 @@ def _skip_where_torch_func_cannot_read_the_host(name):
     """The references with groups read their offsets on the host (`.tolist()`), which torch.func's
     transforms refuse before torch 2.10 ("Cannot access data pointer of Tensor that doesn't have
     storage", even for a tensor the function only closes over; pytorch/pytorch#161943): seen on
-    2.4.1, 2.5.1 and 2.6.0, not on 2.10, 2.11 and 2.13.  Probed here, not read off the version."""
+    2.4.1, 2.5.1, 2.6.0, 2.7.1, 2.8.0 and 2.9.1, not on 2.10, 2.11 and 2.13.  Probed here, not read off the version."""
     if name == "fisher_mask":  # no groups: runs on those torches too
         return
     offsets = torch.tensor([0, 2])
