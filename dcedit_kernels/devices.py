@@ -16,11 +16,12 @@ META = torch.device("meta")
 
 
 def default_device() -> torch.device:
-    """torch.get_default_device(), also where it raises: torch 2.5 and 2.6 (the declared minimum's)
-    raise "AttributeError: 'NoneType' object has no attribute 'device'" once torch.set_default_device
-    (None) has reset the default (it leaves a None context that get_default_device reads; 2.10 does
-    not), and the model builds, batches and training steps that read it failed.  The default is then
-    the CPU again, which is what those versions give before any set_default_device."""
+    """torch.get_default_device(), also where it raises: torch 2.5.1 to 2.9.1 (2.5.1, 2.6.0, 2.7.1,
+    2.8.0 and 2.9.1 seen) raise "AttributeError: 'NoneType' object has no attribute 'device'" once
+    torch.set_default_device(None) has reset the default (it leaves a None context that
+    get_default_device reads; 2.10 does not), and the model builds, batches and training steps that
+    read it failed.  The default is then the CPU again, which is what those versions give before
+    any set_default_device."""
     try:
         return torch.get_default_device()
     except AttributeError:

@@ -7,6 +7,19 @@ import torch
 from dcedit_kernels import ops
 
 
+def reset_default_device():
+    """torch.set_default_device(None), leaving torch as it was before any set_default_device.  On
+    torch 2.5.1 to 2.9.1 that reset leaves a None context behind, on which torch.get_default_device()
+    raises "AttributeError: 'NoneType' object has no attribute 'device'" (2.10 does not): the
+    package reads it through `devices.default_device`, but transformers 5 reads it itself when it
+    builds any model (`init_weights`), so every test after such a reset that built a tiny model
+    failed there (seen on 2.7.1 and 2.8.0 with transformers 5.25).  The None context is removed."""
+    torch.set_default_device(None)
+    context = getattr(torch, "_GLOBAL_DEVICE_CONTEXT", None)
+    if context is not None and getattr(context, "device_context", False) is None:
+        del context.device_context
+
+
 class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts reads of a tensor's value into Python (int(t), bool(t), t.item(): a device sync on
     CUDA) made while it is active."""
