@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .._checks import check_same_device, check_tensor, compute_dtype, is_real_number
-from .launch import dot_path, dot_split, grouped_outer_tiles, native_dot
+from .launch import dot_path, dot_split, grouped_outer_tiles, interpreting, native_dot
 from .segment_matmul import mma
 
 MODE_NONE, MODE_ADD, MODE_MAX, MODE_SSS, MODE_SSM, MODE_FISHER = range(6)
@@ -27,6 +27,29 @@ MODE_NONE, MODE_ADD, MODE_MAX, MODE_SSS, MODE_SSM, MODE_FISHER = range(6)
 # launches at most this many groups at a time.
 GRID_YZ_MAX = 65535
 FUSION_MODES = {"none": MODE_NONE, "add": MODE_ADD, "max": MODE_MAX, "sss": MODE_SSS, "ssm": MODE_SSM}
+
+
+def _triton_version() -> tuple:
+    return tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:2] if p.isdigit())
+
+
+# Triton before 3.6 sets nvvm-reflect-ftz for all of libdevice, so `tl.math.div_rn` compiled to
+# div.rn.ftz.f32 (seen with triton 3.4.0 and 3.5.1, the tritons of torch 2.8 and 2.9; 3.6.0 and 3.9
+# give div.rn.f32): a subnormal quotient became 0.  There the kernel writes the PTX division itself
+# (tests/test_triton_compile.py reads it).  Not under the interpreter, which runs no PTX and
+# divides exactly.
+_PTX_DIV = tl.constexpr(not interpreting() and _triton_version() < (3, 6))
+
+
+@triton.jit
+def _div_rn(a, b):
+    """a / b for fp32 tensors, rounded to nearest, subnormals kept (IEEE; torch's `/`)."""
+    if _PTX_DIV:
+        q = tl.inline_asm_elementwise("div.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        q = tl.math.div_rn(a, b)
+    return q
 
 
 @triton.jit
@@ -125,11 +148,12 @@ def _grouped_outer_kernel(
         if MODE == 4 or MODE == 5:
             # Rounded to nearest, as torch's `/`: triton compiles an fp32 `/` to div.full.f32 on a GPU,
             # up to 2 ulp off (the interpreter divides exactly: tests/test_triton_compile.py reads the
-            # PTX).  div_rn takes fp32 only; fp64's `/` is div.rn.f64 already.
+            # PTX; `_div_rn` for triton's FTZ before 3.6).  div_rn takes fp32 only; fp64's `/` is
+            # div.rn.f64 already.
             if IS_FP64:
                 res = res / G
             else:
-                res = tl.math.div_rn(res, tl.zeros_like(res) + G)
+                res = _div_rn(res, tl.zeros_like(res) + G)
         res = res * tl.load(alpha_ptr).to(ACC)
         out_base = out_ptr
         if MODE == 0:
