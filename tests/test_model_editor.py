@@ -3288,43 +3288,32 @@ def test_top_k_is_refused_where_no_gate_reads_it_and_checkpoints_that_held_one_l
     assert all(torch.equal(v, editor.state_dict()[k]) for k, v in again.state_dict().items())
 
 
-@pytest.mark.parametrize("method", ["mend", "proeditor"])
-def test_fusion_is_refused_on_one_editor_methods_and_checkpoints_that_held_one_load(method, gen, tmp_path):
-    """MEND and ProEditor have one editor, whose one group shift every fusion gives as it is:
-    ModelEditor(method="mend", fusion="max") was taken, saved, and fused nothing.  Now a ValueError
-    naming fusion; fusion="add" is taken.  A checkpoint whose editor_kwargs and editors hold such a
-    fusion (as 0.5.23 saved one) loads as "add", with the edits of the editor that saved it, bit for
-    bit, and a training run whose checkpoint holds one resumes."""
+def rewritten_checkpoints_load_and_resume(me, model, tok, gen, tmp_path, rewrite):
+    """Old checkpoints of `me` (its editors randomized) load and resume: `rewrite(config)` edits the
+    JSON config of a saved checkpoint and of a training run's trainer file as an older release
+    wrote them.  The loaded ModelEditor edits as `me` does, bit for bit (its routing generators set
+    to `me`'s states), and the run resumes from its step 1.  Returns the loaded ModelEditor."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from dcedit_kernels.train_checkpoint import TRAINER_FILE
 
-    fusion = ("max", "sss", "ssm")[int(torch.randint(0, 3, (1,), generator=gen))]
-    model, tok = tiny_model("gpt2", seed=0)
-    with pytest.raises(ValueError, match=rf"has one editor, so there are no group shifts to fuse .*got fusion='{fusion}'"):
-        ModelEditor(model, tok, LAYERS["gpt2"], method=method, fusion=fusion)
-    me = ModelEditor(model, tok, LAYERS["gpt2"], method=method, fusion="add", rank=4)
-    randomize_editors(me, gen)
-
-    def with_fusion(path, out, key):
-        """`path`'s tensors at `out`, its `key` metadata's editors (and editor_kwargs) holding `fusion`."""
+    def rewritten(path, out, key):
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
         config = json.loads(meta[key])
-        config["editor_kwargs"]["fusion"] = fusion
-        for saved in config["editors"].values():
-            saved["fusion"] = fusion
+        rewrite(config)
         save_file(load_file(str(path)), str(out), metadata={**meta, key: json.dumps(config)})
 
     path, old = tmp_path / "e.safetensors", tmp_path / "old.safetensors"
     me.save(path)
-    with_fusion(path, old, "dcedit_model_editor")
+    rewritten(path, old, "dcedit_model_editor")
     loaded = ModelEditor.load(old, model, tok)
-    assert all(e.fusion == "add" for e in loaded.editors.values()) and "fusion" not in loaded.editor_kwargs
     reqs = random_requests(gen, 3)
+    states = me.route_states()
     with me.edited(reqs):
         want = {n: weight_out_in(m).detach().clone() for n, m in me.modules.items()}
+    loaded.set_route_states(states)  # RaEditor's groups drawn alike (set, not assumed)
     with loaded.edited(reqs):
         assert all(torch.equal(weight_out_in(m), want[n]) for n, m in loaded.modules.items())
 
@@ -3332,10 +3321,35 @@ def test_fusion_is_refused_on_one_editor_methods_and_checkpoints_that_held_one_l
     config, train = TrainConfig(steps=1, batch_size=2, checkpoint_dir=str(ckpt), progress=False), random_requests(gen, 2)
     me.fit(train, config=config)
     trainer = ckpt / TRAINER_FILE
-    with_fusion(trainer, tmp_path / "trainer.safetensors", "model_editor")
+    rewritten(trainer, tmp_path / "trainer.safetensors", "model_editor")
     (tmp_path / "trainer.safetensors").replace(trainer)
     config.steps, config.resume = 2, True
     assert me.fit(train, config=config).resumed_from == 1
+    return loaded
+
+
+@pytest.mark.parametrize("method", ["mend", "proeditor"])
+def test_fusion_is_refused_on_one_editor_methods_and_checkpoints_that_held_one_load(method, gen, tmp_path):
+    """MEND and ProEditor have one editor, whose one group shift every fusion gives as it is:
+    ModelEditor(method="mend", fusion="max") was taken, saved, and fused nothing.  Now a ValueError
+    naming fusion; fusion="add" is taken.  A checkpoint whose editor_kwargs and editors hold such a
+    fusion (as 0.5.23 saved one) loads as "add", with the edits of the editor that saved it, bit for
+    bit, and a training run whose checkpoint holds one resumes."""
+    fusion = ("max", "sss", "ssm")[int(torch.randint(0, 3, (1,), generator=gen))]
+    model, tok = tiny_model("gpt2", seed=0)
+    with pytest.raises(ValueError, match=rf"has one editor, so there are no group shifts to fuse .*got fusion='{fusion}'"):
+        ModelEditor(model, tok, LAYERS["gpt2"], method=method, fusion=fusion)
+    me = ModelEditor(model, tok, LAYERS["gpt2"], method=method, fusion="add", rank=4)
+    randomize_editors(me, gen)
+
+    def with_fusion(config):
+        """The editors (and editor_kwargs) holding `fusion`."""
+        config["editor_kwargs"]["fusion"] = fusion
+        for saved in config["editors"].values():
+            saved["fusion"] = fusion
+
+    loaded = rewritten_checkpoints_load_and_resume(me, model, tok, gen, tmp_path, with_fusion)
+    assert all(e.fusion == "add" for e in loaded.editors.values()) and "fusion" not in loaded.editor_kwargs
 
 
 @pytest.mark.parametrize("method", ["mend", "raeditor", "proeditor"])
@@ -3346,11 +3360,7 @@ def test_gate_norm_is_refused_without_a_gate_and_checkpoints_that_held_it_load(m
     MoEditor takes either.  A checkpoint whose editor_kwargs hold gate_norm=False (as 0.5.24 saved one)
     loads without it, with the edits of the editor that saved it, bit for bit, and a training run whose
     checkpoint holds it resumes."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
     from dcedit_kernels.editors import GroupedEditor, MoEditor
-    from dcedit_kernels.train_checkpoint import TRAINER_FILE
 
     own = dict(n_editors=2) if method == "raeditor" else {}
     model, tok = tiny_model("gpt2", seed=0)
@@ -3363,37 +3373,14 @@ def test_gate_norm_is_refused_without_a_gate_and_checkpoints_that_held_it_load(m
     me = ModelEditor(model, tok, LAYERS["gpt2"], method=method, gate_norm=True, rank=4, seed=3, **own)
     randomize_editors(me, gen)
 
-    def with_gate_norm(path, out, key):
-        """`path`'s tensors at `out`, its `key` metadata's editor_kwargs holding gate_norm=False (its
-        editors' configs hold none: only gate editors record it)."""
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-        config = json.loads(meta[key])
+    def with_gate_norm(config):
+        """editor_kwargs holding gate_norm=False (the editors' configs hold none: only gate editors
+        record it)."""
         assert not any("gate_norm" in saved for saved in config["editors"].values())
         config["editor_kwargs"]["gate_norm"] = False
-        save_file(load_file(str(path)), str(out), metadata={**meta, key: json.dumps(config)})
 
-    path, old = tmp_path / "e.safetensors", tmp_path / "old.safetensors"
-    me.save(path)
-    with_gate_norm(path, old, "dcedit_model_editor")
-    loaded = ModelEditor.load(old, model, tok)
+    loaded = rewritten_checkpoints_load_and_resume(me, model, tok, gen, tmp_path, with_gate_norm)
     assert "gate_norm" not in loaded.editor_kwargs and all(e.gate_norm is None for e in loaded.editors.values())
-    reqs = random_requests(gen, 3)
-    states = me.route_states()
-    with me.edited(reqs):
-        want = {n: weight_out_in(m).detach().clone() for n, m in me.modules.items()}
-    loaded.set_route_states(states)  # RaEditor's groups drawn alike (both seeded 3; set, not assumed)
-    with loaded.edited(reqs):
-        assert all(torch.equal(weight_out_in(m), want[n]) for n, m in loaded.modules.items())
-
-    ckpt = tmp_path / "ckpt"
-    config, train = TrainConfig(steps=1, batch_size=2, checkpoint_dir=str(ckpt), progress=False), random_requests(gen, 2)
-    me.fit(train, config=config)
-    trainer = ckpt / TRAINER_FILE
-    with_gate_norm(trainer, tmp_path / "trainer.safetensors", "model_editor")
-    (tmp_path / "trainer.safetensors").replace(trainer)
-    config.steps, config.resume = 2, True
-    assert me.fit(train, config=config).resumed_from == 1
 
 
 @pytest.mark.parametrize("method,given,unused", [
@@ -3407,11 +3394,6 @@ def test_sizes_nothing_reads_are_refused_and_checkpoints_that_held_them_load(met
     whose checkpoint holds one resumes.  `given`: the saver's other editor arguments (ProEditor
     with generator=None has no ψ: a 0.5.24 checkpoint of one with generator_hidden=128 failed to
     load, "editor 20x37 differs from the one this model gives (generator_hidden: saved 64, here 128)")."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    from dcedit_kernels.train_checkpoint import TRAINER_FILE
-
     (name, value), = unused.items()
     own = {**given, **(dict(n_editors=2) if method in ("raeditor", "moeditor") else {})}
     model, tok = tiny_model("gpt2", seed=0)
@@ -3420,37 +3402,14 @@ def test_sizes_nothing_reads_are_refused_and_checkpoints_that_held_them_load(met
     me = ModelEditor(model, tok, LAYERS["gpt2"], method=method, rank=4, seed=3, **own)
     randomize_editors(me, gen)
 
-    def holding(path, out, key):
-        """`path`'s tensors at `out`, its `key` metadata's editor_kwargs and editors holding `unused`."""
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-        config = json.loads(meta[key])
+    def holding(config):
+        """editor_kwargs and editors holding `unused`."""
         config["editor_kwargs"].update(unused)
         for saved in config["editors"].values():
             saved.update(unused)
-        save_file(load_file(str(path)), str(out), metadata={**meta, key: json.dumps(config)})
 
-    path, old = tmp_path / "e.safetensors", tmp_path / "old.safetensors"
-    me.save(path)
-    holding(path, old, "dcedit_model_editor")
-    loaded = ModelEditor.load(old, model, tok)
+    loaded = rewritten_checkpoints_load_and_resume(me, model, tok, gen, tmp_path, holding)
     assert name not in loaded.editor_kwargs and loaded.config()["editors"] == me.config()["editors"]
-    reqs = random_requests(gen, 3)
-    states = me.route_states()
-    with me.edited(reqs):
-        want = {n: weight_out_in(m).detach().clone() for n, m in me.modules.items()}
-    loaded.set_route_states(states)
-    with loaded.edited(reqs):
-        assert all(torch.equal(weight_out_in(m), want[n]) for n, m in loaded.modules.items())
-
-    ckpt = tmp_path / "ckpt"
-    config, train = TrainConfig(steps=1, batch_size=2, checkpoint_dir=str(ckpt), progress=False), random_requests(gen, 2)
-    me.fit(train, config=config)
-    trainer = ckpt / TRAINER_FILE
-    holding(trainer, tmp_path / "trainer.safetensors", "model_editor")
-    (tmp_path / "trainer.safetensors").replace(trainer)
-    config.steps, config.resume = 2, True
-    assert me.fit(train, config=config).resumed_from == 1
 
 
 # ---------------------------------------------------------------------------------------------
