@@ -176,6 +176,16 @@ def is_real_number(x) -> bool:
     return True
 
 
+def check_finite_alpha(alpha) -> None:
+    """ValueError unless a number `alpha` (the op wrappers' scale, already `is_real_number`) is finite:
+    apply_shift_ with alpha NaN wrote NaN into every kept entry of the weight, and inf wrote inf (NaN
+    where delta is 0); grouped_outer and lowrank_delta_linear gave NaN/inf shifts or outputs.  The
+    wrappers' check only: the raw torch.ops.dcedit ops and a tensor alpha are left as they are (a
+    tensor's value would need a host read, a sync on CUDA)."""
+    if not math.isfinite(float(alpha)):
+        raise ValueError(f"alpha must be finite, got {alpha!r}: it scales every entry of the shift")
+
+
 def check_shape(t, name: str, shape: tuple) -> None:
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")

@@ -632,7 +632,8 @@ def test_apply_shift_leaves_the_entries_the_mask_drops_as_they_were(dtype, refer
     every backend.  All of them added alpha·(delta·kept): an unkept inf or NaN delta (and any unkept
     entry under an infinite alpha) became inf·0 = NaN in the weight, and a -0 weight entry under an
     unkept positive delta became +0.  The kept entries are weight + alpha·delta, NaN and inf there
-    included, as before."""
+    included, as before.  The wrapper refuses an infinite alpha since; the kernels still take one, so
+    that case runs through the raw op (and the reference itself for the reference path)."""
     shape = (23, 37)
     weight = randn(shape, gen, dtype, device)
     weight[torch.rand(shape, generator=gen) < 0.2] = -0.0
@@ -644,8 +645,15 @@ def test_apply_shift_leaves_the_entries_the_mask_drops_as_they_were(dtype, refer
             before = weight.clone()
             kept = reference.fisher_mask(torch.ones(shape), fisher.cpu(), **kwargs)[0].to(device) != 0
             assert bool(kept.any()) and bool((~kept & delta.isinf()).any()) and bool((~kept & delta.isnan()).any())
-            with ops.reference_mode(reference_path):
-                previous = ops.apply_shift_(weight, delta, alpha, fisher, **kwargs)
+            if math.isfinite(alpha):
+                with ops.reference_mode(reference_path):
+                    previous = ops.apply_shift_(weight, delta, alpha, fisher, **kwargs)
+            elif reference_path:
+                previous = reference.apply_shift_(weight, delta, alpha, fisher, **kwargs)
+            else:
+                with torch.no_grad():
+                    previous = torch.ops.dcedit.apply_shift_(weight, delta, alpha, fisher, kwargs.get("keep"),
+                                                             kwargs.get("threshold"))
             assert torch.equal(_bit_view(weight[~kept]), _bit_view(before[~kept]))
             want = (before.to(acc) + alpha * delta.to(acc)).to(dtype)
             torch.testing.assert_close(weight[kept], want[kept], rtol=0, atol=0, equal_nan=True)
@@ -975,14 +983,51 @@ def _delta_linear_inputs(gen, N=11, i=6, o=5, counts=(3, 0, 4), dtype=torch.floa
 def test_lowrank_delta_linear_names_a_number_alpha_beyond_its_dtype(gen):
     """A number alpha beyond the range of the op's arithmetic dtype (1e300 with fp32 inputs): a
     ValueError naming alpha, where torch.full's RuntimeError ("value cannot be converted to type
-    float without overflow") named nothing (found by an argument sweep).  float64 inputs take it,
-    and an infinite alpha stays what it was (no overflow: the arithmetic gives inf)."""
+    float without overflow") named nothing (found by an argument sweep).  float64 inputs take it.
+    An infinite alpha is refused as any non-finite one is (see the test after this one)."""
     a = _delta_linear_inputs(gen, dtype=torch.float32)
     for alpha in (1e300, -1e300, 3.5e38):
         with pytest.raises(ValueError, match=r"^alpha must be within torch.float32's range .* got "):
             ops.lowrank_delta_linear(**dict(a, alpha=alpha))
     assert ops.lowrank_delta_linear(**dict(_delta_linear_inputs(gen), alpha=1e300)).dtype == torch.float64
-    assert ops.lowrank_delta_linear(**dict(a, alpha=float("inf"))).shape == (11, 5)
+    with pytest.raises(ValueError, match=r"^alpha must be finite, got inf"):
+        ops.lowrank_delta_linear(**dict(a, alpha=float("inf")))
+
+
+@pytest.mark.parametrize("reference_path", [False, True])
+def test_a_non_finite_number_alpha_is_refused_by_the_op_wrappers(reference_path, gen, device):
+    """apply_shift_(weight, delta, alpha=nan) wrote NaN into every kept entry of the weight (inf:
+    inf, and NaN where delta is 0), and grouped_outer and lowrank_delta_linear took a NaN or inf
+    alpha as well.  Each wrapper now refuses a non-finite number alpha (Python's or NumPy's) with a
+    ValueError naming it, the weight left as it was.  A finite alpha is taken as before, and a
+    tensor alpha is not read on the host (it would sync a GPU): lowrank_delta_linear takes a NaN
+    one, as the raw torch.ops.dcedit ops take a NaN number (the wrappers' check only)."""
+    import numpy as np
+
+    counts = random_counts(3, gen)  # ragged, some groups empty, T = 0 too
+    eta, mu = randn((sum(counts), 3), gen, device=device), randn((sum(counts), 4), gen, device=device)
+    offsets = ragged_offsets(counts, device)
+    weight, delta = randn((3, 4), gen, device=device), randn((3, 4), gen, device=device)
+    fisher = torch.rand((3, 4), generator=gen).to(device)
+    before = weight.clone()
+    d = _delta_linear_inputs(gen, dtype=torch.float32, device=device)
+    bad = [float("nan"), math.inf, -math.inf, np.float32("nan"), np.float64("-inf")]
+    with ops.reference_mode(reference_path):
+        for alpha in bad:
+            for call in (lambda: ops.apply_shift_(weight, delta, alpha),
+                         lambda: ops.apply_shift_(weight, delta, alpha, fisher, keep=0.5),
+                         lambda: ops.grouped_outer(eta, mu, offsets, "sss", alpha),
+                         lambda: ops.lowrank_delta_linear(**dict(d, alpha=alpha))):
+                with pytest.raises(ValueError, match=r"^alpha must be finite, got .*(nan|inf)"):
+                    call()
+                assert torch.equal(weight, before)
+        alpha = float(torch.randn((), generator=gen))
+        torch.testing.assert_close(ops.grouped_outer(eta, mu, offsets, "add", alpha),
+                                   alpha * ops.grouped_outer(eta, mu, offsets, "add"))
+        ops.undo_shift_(weight, ops.apply_shift_(weight, delta, alpha))
+        assert torch.equal(weight, before)
+        nan_alpha = torch.full((d["offsets"].shape[0] - 1,), float("nan"), device=device)
+        assert ops.lowrank_delta_linear(**dict(d, alpha=nan_alpha)).isnan().any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64] + DTYPES)

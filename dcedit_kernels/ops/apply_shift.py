@@ -3,7 +3,7 @@
 import torch
 
 from .. import reference
-from .._checks import check_same_device, check_tensor, is_real_number, tracing
+from .._checks import check_finite_alpha, check_same_device, check_tensor, is_real_number, tracing
 from .._library import _LIB
 from ._dispatch import opcall, register
 from .fisher_mask import check_fisher_mask
@@ -24,9 +24,11 @@ def apply_shift_(weight, delta, alpha=1.0, fisher=None, keep=None, threshold=Non
     kept is left as it was, bit for bit, whatever delta or alpha holds there.  Returns the previous
     values of weight; ``undo_shift_(weight, previous)`` restores it bit for bit.  The sum is
     rounded to weight's dtype: in bf16/fp16 a shift entry below half the weight's resolution
-    (bf16: |W|·2⁻⁹ to |W|·2⁻⁸) leaves its entry unchanged.
+    (bf16: |W|·2⁻⁹ to |W|·2⁻⁸) leaves its entry unchanged.  A NaN or infinite alpha is refused
+    (ValueError, nothing written): it wrote NaN or inf into every kept entry.
     """
     check_apply_shift(weight, delta, alpha, fisher, keep, threshold)
+    check_finite_alpha(alpha)  # the wrapper's: the raw op takes any float, as its kernels do
     with torch.no_grad():
         return opcall("apply_shift_")(
             weight, delta, float(alpha), fisher,

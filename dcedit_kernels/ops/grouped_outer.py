@@ -3,7 +3,8 @@
 import torch
 
 from .. import reference
-from .._checks import check_grad, check_offsets, check_same_device, check_tensor, compute_dtype, is_real_number
+from .._checks import (check_finite_alpha, check_grad, check_offsets, check_same_device, check_tensor, compute_dtype,
+                       is_real_number)
 from ..reference.grouped_outer import FUSIONS, grouped_outer_streaming
 from ._dispatch import backward_op, opcall, register, triton_launcher
 
@@ -77,6 +78,8 @@ def grouped_outer(eta, mu, offsets, fusion="add", alpha=1.0) -> torch.Tensor:
     ranks above every number for max (the first NaN group wins, and gets the gradient) and makes
     P and N NaN.  A non-finite incoming gradient reaches the selected entries only: the
     backward selects (0 elsewhere, as torch's clamp and gather backwards), on every backend.
+    alpha must be finite (ValueError: a NaN or inf alpha made every entry NaN or inf).
     """
     check_grouped_outer(eta, mu, offsets, fusion, alpha)
+    check_finite_alpha(alpha)  # the wrapper's: the raw op and its backward take any float
     return opcall("grouped_outer")(eta, mu, offsets, fusion, float(alpha))

@@ -1,13 +1,11 @@
 """dcedit::lowrank_delta_linear: a linear layer seen through group g's shift, never formed."""
 
-import math
-
 import torch
 
 from .. import reference
 from .._checks import (
-    HALF_DTYPES, check_delta_linear_shapes, check_grad, check_ids, check_offsets, check_same_device, check_tensor,
-    compute_dtype, is_real_number,
+    HALF_DTYPES, check_delta_linear_shapes, check_finite_alpha, check_grad, check_ids, check_offsets, check_same_device,
+    check_tensor, compute_dtype, is_real_number,
 )
 from ._dispatch import backward_op, opcall, register, triton_launcher
 
@@ -63,14 +61,16 @@ def lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha
     grouped by offsets (G+1,); alpha a number or a (G,) tensor.  Differentiable in x, weight,
     bias, mu_t, eta_t and alpha.  Returns x's dtype (a drop-in for the layer), fp32 arithmetic
     (float64 when x, weight, bias, mu_t, eta_t or a tensor alpha is float64: an fp32 x through a
-    float64 layer is computed in float64, then rounded to fp32).
+    float64 layer is computed in float64, then rounded to fp32).  A number alpha must be finite
+    (ValueError); a tensor alpha is not read on the host (a GPU sync), so a NaN there is taken.
     """
     G = check_lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha)
     if not isinstance(alpha, torch.Tensor):
         # In the op's arithmetic dtype: float64 when x, weight or bias is (SPEC), not only mu_t/eta_t
         # (a float64 layer with fp16 factors rounded a number alpha to fp32, ~1e-8 relative).
         acc = compute_dtype(x, weight, bias, mu_t, eta_t)
-        if math.isfinite(float(alpha)) and abs(float(alpha)) > torch.finfo(acc).max:
+        check_finite_alpha(alpha)
+        if abs(float(alpha)) > torch.finfo(acc).max:
             # torch.full's RuntimeError ("value cannot be converted to type float without overflow")
             # named nothing; grouped_outer and apply_shift_ take such an alpha in their arithmetic.
             raise ValueError(f"alpha must be within {acc}'s range (the op's arithmetic dtype), got {alpha!r}")
