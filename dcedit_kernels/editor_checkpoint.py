@@ -169,6 +169,8 @@ class EditorCheckpoints:
             raise ValueError(f"{path}: its editor_kwargs hold {own}, arguments of ModelEditor itself, not of an editor")
         if config["method"] == "ft":  # accepted and ignored before 0.3.1, refused since
             kwargs = {k: v for k, v in kwargs.items() if k not in FT_KL_ONLY}
+        if config["method"] == "ft_kl" and kwargs.get("locality_texts") == []:
+            del kwargs["locality_texts"]  # taken up to 0.5.25 as None is (the generic sentences), refused since
         if config["method"] == "raeditor" and is_int(kwargs.get("top_k")) and kwargs["top_k"] > 1:
             del kwargs["top_k"]  # taken and ignored up to 0.5.22 (no gate reads it), refused since: see without_ignored_top_k
         if ignored_fusion(config["method"], kwargs):

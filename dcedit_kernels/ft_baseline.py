@@ -3,7 +3,8 @@
 Fine-tune only the edited layers' weights on the edits for `ft_steps` steps of Adam or SGD
 (`ft_optimizer`, `ft_lr`), on the batch-mean target NLL; "ft_kl" adds `kl_weight`·KL(p_unedited ‖
 p_edited) over every token of locality texts (the requests' `locality` [+ `locality_target`],
-else `locality_texts`, else a few generic sentences), as in MEND's baseline.  MEND's own runs of
+else `locality_texts`, else a few generic sentences; an empty `locality_texts` is refused), as in
+MEND's baseline.  MEND's own runs of
 these baselines (its algs/ft.py, config/alg/ft.yaml) take other settings: RMSprop at 5e-6 for up to
 100 steps, stopping once every edit's target is predicted whole (teacher-forced), the gradient's norm
 clipped at 100, and FT+KL's loss KL + 0.01·L_edit; here the defaults are `FT_DEFAULTS` (Adam at 5e-4,
@@ -125,6 +126,12 @@ class FineTuneBaselines:
                 texts = None
             if texts is None or not all(isinstance(t, str) and t.strip() for t in texts):
                 raise ValueError("locality_texts must be a list of non-empty strings")
+            if not texts:
+                # [] fell back to the generic sentences, as None does, without a word: a caller who
+                # passes it most likely means "no extra texts" (that is kl_weight=0, or method "ft")
+                # or built it from requests that have no locality prompts (python/report.py checks).
+                raise ValueError("locality_texts is empty: FT+KL would use its generic sentences, as with None; "
+                                 "pass None for those, or texts (no KL term at all: kl_weight=0 or method 'ft')")
             opts["locality_texts"] = texts
         if self.method == "ft_kl" and self.seq2seq:
             raise ValueError("method 'ft_kl' supports causal LMs only (its KL runs over locality texts)")

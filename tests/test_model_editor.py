@@ -2704,6 +2704,41 @@ def test_an_ft_checkpoint_saved_with_ft_kl_arguments_still_loads(gen, tmp_path):
     assert loaded.method == "ft" and loaded.ft_options == me.ft_options
 
 
+def test_ft_kl_refuses_empty_locality_texts_and_a_checkpoint_that_held_them_loads(gen, tmp_path):
+    """FT+KL with locality_texts=[] (or an empty tuple or generator) regularised on the generic
+    sentences, as None does, without a word: now a ValueError naming locality_texts.  A checkpoint
+    whose editor_kwargs hold [] (as 0.5.25 and earlier saved one) loads as None, and its apply changes the
+    weights as a locality_texts=None editor's does, bit for bit."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from dcedit_kernels.model_editor import CHECKPOINT_KEY
+
+    me = make_editor("gpt2", "ft_kl", gen, ft_steps=1 + int(torch.randint(0, 2, (1,), generator=gen)),
+                     ft_stop_loss=None)
+    for empty in ([], (), iter([])):
+        with pytest.raises(ValueError, match=r"^locality_texts is empty: FT\+KL would use its generic sentences"):
+            ModelEditor(me.model, me.tokenizer, me.layers, method="ft_kl", locality_texts=empty)
+    path = tmp_path / "ft_kl.safetensors"
+    me.save(path)
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(meta[CHECKPOINT_KEY])
+    config["editor_kwargs"]["locality_texts"] = []
+    save_file(tensors, str(path), metadata=dict(meta, **{CHECKPOINT_KEY: json.dumps(config)}))
+    loaded = ModelEditor.load(path, me.model, me.tokenizer)
+    assert loaded.ft_options == me.ft_options and loaded.ft_options["locality_texts"] is None
+    # Without locality prompts: the KL runs over the generic sentences, which [] stood for.
+    reqs = random_requests(gen, 1 + int(torch.randint(0, 4, (1,), generator=gen)), locality=False)
+    weights = [m.weight for m in me.modules.values()]
+    before = [w.detach().clone() for w in weights]
+    handle = me.apply(reqs)
+    edited = [w.detach().clone() for w in weights]
+    assert handle.undo() and all(torch.equal(w, b) for w, b in zip(weights, before))
+    loaded.apply(reqs)
+    assert all(torch.equal(w, e) for w, e in zip(weights, edited))
+
+
 @pytest.mark.parametrize("method", ["mend", "moeditor", "proeditor", "ft_kl"])
 def test_save_load_round_trip(method, gen, tmp_path):
     kwargs = {"seed": 3, "fisher_keep": 0.5} if method == "proeditor" else {}
