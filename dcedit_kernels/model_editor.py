@@ -145,6 +145,9 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
     loss_reduction: "edit" (each edit's mean target NLL, summed over edits) or "token" (MEND's
     batch mean, the default), the loss the capture
     backpropagates (the FT baselines always fine-tune on the batch mean, as MEND's baseline does);
+    on the baselines both are taken all the same, as `capture`'s settings: an "ft" ModelEditor is
+    the capture without editors (`evaluate.gradient_conflict` captures per-edit factors through
+    one with loss_reduction="edit"), so refusing them there would take that away;
     allow_tied: edit layers whose weight is shared with another module (ValueError otherwise);
     editor_device: where every editor lives (a device, "cuda:1", or a CUDA index); None (the
     default) puts the editor of each weight shape on the device of the first layer of that shape
