@@ -668,8 +668,10 @@ def test_cli_path_flags_expand_a_quoted_home(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(work)
     (home / "e.safetensors").write_bytes(b"an editor")
     monkeypatch.setattr(cli.commands, "load_any_model", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    checked = []  # (check_out makes no folder: the run stopped before the save leaves none to see)
+    monkeypatch.setattr(cli, "check_out", lambda out, check=cli.check_out: (checked.append(out), check(out)))
     assert cli.main(["train", "--out", "~/sub/e.safetensors", "--checkpoint-dir", "~/ck"]) == 130  # at the model's load
-    assert (home / "sub").is_dir() and not (work / "~").exists()
+    assert checked == [str(home / "sub" / "e.safetensors")] and not (work / "~").exists()
     assert cli.main(["edit", "--editor", "~/e.safetensors", "--prompt", "a b", "--target", "c"]) == 130
     assert "not found" not in capsys.readouterr().err
 
@@ -1254,3 +1256,99 @@ def test_cli_refuses_contradicting_flags_before_the_model_loads(command, flags, 
     assert cli.main([command, *flags, *what, "--out", str(out)]) == 2
     assert _one_cli_line(capsys) == "dcedit: error: " + said.format(m=method, em=cli.EDITOR_METHODS)
     assert not out.parent.exists()
+
+
+def _tree(folder: Path):
+    """Every path under `folder` with its bytes (None for a folder); None when `folder` is missing."""
+    if not folder.exists():
+        return None
+    return sorted((str(p.relative_to(folder)), None if p.is_dir() else p.read_bytes()) for p in folder.rglob("*"))
+
+
+def _overflowing_editor(path: Path) -> Path:
+    """A saved MEND editor whose shift passes fp16's range: `edit --dtype float16` fails in the edit."""
+    from dcedit_kernels import ModelEditor
+
+    model, tok = tiny_model("llama", seed=0)
+    me = ModelEditor(model, tok, ["model.layers.1.mlp.down_proj"], method="mend", rank=4)
+    with torch.no_grad():
+        for editor in me.editors.values():
+            editor.alpha.fill_(-1e9)
+    me.save(path)
+    return path
+
+
+_PROMPT = ["--prompt", "The sky is", "--target", "green"]
+
+
+@pytest.mark.parametrize("command, flags, said", [
+    ("edit", ["--method", "ft", "--seed", "{n}", *_PROMPT], "--seed goes with the editor methods"),  # main's order
+    ("edit", ["--prompt", "The sky is"], "--prompt and --target go together"),
+    ("edit", ["--data", "{bad}"], "--data: "),
+    ("edit", ["--data", "{data}", "--n-edits", "9"], "--n-edits asks for 9 edits but --data holds 6"),
+    ("edit", ["--method", "ft", "--rank", "{n}", *_PROMPT], "--rank applies to the editor methods"),  # check_flags
+    ("edit", ["--layers", "no.such", *_PROMPT], "--layers"),  # after the model's load
+    ("edit", ["--editor", "{big}", "--data", "{data}", "--n-edits", "2", "--dtype", "float16"],
+     "layer 'model.layers.1.mlp.down_proj': the shifted weight is not finite"),  # a failed edit
+    ("evaluate", ["--data", "{data}", "--n-edits", "9"], "--n-edits asks for 9 edits but --data holds 6"),
+    ("evaluate", ["--data", "{data}", "--n-edits", "2", "--repeats", "1", "--layers", "no.such"], "--layers"),
+    ("train", ["--val-size", "{n}"], "--val-size goes with --val-data"),
+    ("train", ["--data", "{bad}"], "--data: "),
+    ("train", ["--data", "{data}", "--layers", "no.such"], "--layers"),
+    ("train", ["--method", "mend", "--n-editors", "{n}"], "--n-editors applies to raeditor and moeditor"),
+], ids=lambda v: " ".join(v).replace("{", "").replace("}", "") if isinstance(v, list) else None)
+def test_cli_refused_command_leaves_out_as_it_was(command, flags, said, capsys, tmp_path, tiny_model_dir):
+    """A command refused after main() checked --out (a --seed it would not use, a bad data file, a
+    layer name the model lacks, a failed edit) left --out's folders behind, made by that check
+    (`dcedit edit --method ft --seed 1 --out new/run.json`: an empty new/); they are made when the
+    file is written.  A folder the user made, and the files in it, stay as they were.  The same
+    error line and exit status 2."""
+    data = _counterfact_file(tmp_path / "cf.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text(random.choice(['[{"x": 1}]', "[", "[]"]))
+    big = _overflowing_editor(tmp_path / "big.safetensors") if "{big}" in flags else None
+    flags = [f.format(n=random.randint(1, 64), data=data, bad=bad, big=big) for f in flags]
+    name = "e.safetensors" if command == "train" else "run.json"
+    argv = [command, "--model", str(tiny_model_dir), *flags]
+    new = tmp_path / "new"
+    out = new.joinpath(*["sub"] * random.randint(0, 3), name)  # folders that do not exist yet
+    assert cli.main([*argv, "--out", str(out)]) == 2
+    line = _one_cli_line(capsys)
+    assert line.startswith("dcedit: error: ") and said in line, line
+    assert not new.exists()
+    kept = tmp_path / "kept"  # the user's own folder, with files in it, --out among them or not
+    kept.mkdir()
+    (kept / "notes.txt").write_bytes(os.urandom(8))
+    if random.random() < 0.5:
+        (kept / name).write_bytes(os.urandom(8))
+    before = _tree(kept)
+    assert cli.main([*argv, "--out", str(kept / name)]) == 2
+    assert _one_cli_line(capsys) == line
+    assert _tree(kept) == before
+
+
+@pytest.mark.parametrize("command", ["train", "edit", "evaluate"])
+def test_cli_out_folders_are_made_when_the_file_is_written(command, capsys, tmp_path, tiny_model_dir):
+    """--out's missing folders, no longer made by main()'s check (check_out), are made by the write:
+    train's save (which makes no folder, `replace_atomically`) and the JSON record of edit and evaluate.
+    Where none can be made the check refuses before any work: a file on the way, /proc."""
+    data = _counterfact_file(tmp_path / "cf.json")
+    flags = {"train": ["--method", "mend", "--rank", "2", "--steps", "1", "--batch-size", "2"],
+             "edit": ["--method", "ft", "--n-edits", "1"],
+             "evaluate": ["--method", "ft", "--n-edits", "2", "--repeats", "1"]}[command]
+    name = "e.safetensors" if command == "train" else "run.json"
+    out = tmp_path.joinpath(*["new"] * random.randint(1, 3), name)
+    link = tmp_path / f"link-{name}"  # a symbolic link to a file in a missing folder: the save writes there
+    link.symlink_to(tmp_path.joinpath(*["target"] * random.randint(1, 3), name))
+    for path in (out, link):
+        assert cli.main([command, "--model", str(tiny_model_dir), "--data", str(data), *flags, "--out", str(path)]) == 0
+        assert path.is_file() and (command == "train" or json.loads(path.read_text())["layers"])
+    assert link.is_symlink()
+    capsys.readouterr()
+    (tmp_path / "a_file").write_text("")
+    refusals = [(tmp_path / "a_file" / "sub" / name, f"cannot create its folder ({tmp_path / 'a_file'} is not a folder)")]
+    if Path("/proc/self").is_dir():
+        refusals.append((Path("/proc/dcedit_no_such_folder") / name, "cannot create its folder in /proc ("))
+    for bad, said in refusals:
+        assert cli.main([command, "--model", str(tiny_model_dir), "--data", str(data), *flags, "--out", str(bad)]) == 2
+        assert f"dcedit: error: --out {bad}: {said}" in _one_cli_line(capsys)

@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     with callers_threads_kept():  # set_threads below: called from Python, main() left the process on --threads
         try:
-            check_flags(args)  # before the model loads, and before check_out makes --out's folder
+            check_flags(args)  # before the model loads
             out = train_out(args) if args.command == "train" else args.out
             # Under torchrun rank 0 alone writes --out: train's processes save one editor, and edit's
             # and evaluate's each run the whole command (they join no process group), so all W of them

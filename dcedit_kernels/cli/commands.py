@@ -12,7 +12,7 @@ from .inputs import check_count, greedy_completions, load_any_model, load_reques
 from .messages import counted, in_cli_terms, non_finite_edit, rank0
 from .methods import EDITOR_METHODS, METHOD_NAMES
 from .options import editor_kwargs, parse_sizes
-from .output_files import check_checkpoint_dir, train_out
+from .output_files import check_checkpoint_dir, make_folder, train_out
 from .user_error import UserError
 
 
@@ -175,7 +175,8 @@ def _train(args, requests, val, device) -> dict:
                    elapsed_s=result.elapsed_s, best_es=result.best_es, processes=size,
                    final_loss=result.history[-1].get("loss") if result.history else None,
                    best_step=result.best_step, stopped_early=result.stopped_early)
-    if rank == 0:  # the processes' editors are equal; main() made out's folder (check_out)
+    if rank == 0:  # the processes' editors are equal
+        make_folder(out)  # now, not when main() checked --out (check_out): a refused run left it empty
         me.save(out)
         processes = f", {size} processes" if size > 1 else ""
         print(f"saved the trained editor to {out} ({METHOD_NAMES[args.method]}, "  # not "the trained MoEditor editor"

@@ -157,8 +157,8 @@ def _common(p: argparse.ArgumentParser, method_default: str | None, methods=tupl
     p.add_argument("--capture-batch-size", type=positive_int, default=None,
                    help="edits per forward + backward of the gradient capture (default 32): bounds its memory")
     p.add_argument("--out", default=None, help="output file: the trained editor (train; default "
-                   "<method>-editor.safetensors here) or a JSON record of the run (edit, evaluate); its folder "
-                   "is created, and checked before any work")
+                   "<method>-editor.safetensors here) or a JSON record of the run (edit, evaluate); checked "
+                   "before any work, its folder created when it is written")
 
 
 # What edit and evaluate print, in their help: the paper's names, of which "es" reads as ROME's

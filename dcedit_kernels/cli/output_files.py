@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -18,7 +19,10 @@ def train_out(args) -> str:
 
 
 def check_out(path: str) -> None:
-    """Refuse an --out that cannot be written before any work is done (its folder is created)."""
+    """Refuse an --out that cannot be written before any work is done.  A folder of its path that
+    does not exist yet is not made here but when the file is written (`write_json`, train's save):
+    a command refused after this check (a bad --seed or data file, a layer name the model lacks, a
+    failed edit) left the empty folders behind (`dcedit edit --seed 1 --out new/run.json`: new/)."""
     check_path(path, "path")
     out = Path(path)
     if out.is_symlink():  # the save writes where it points (replace_atomically): the checks are of that file
@@ -32,10 +36,12 @@ def check_out(path: str) -> None:
     if out.exists() and not out.is_file():  # the open below blocked on a pipe; the save would replace a device
         raise UserError(f"--out {path}: is not a regular file (a device, a pipe or a socket), which the run "
                         "would replace with one; give a file name")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"--out {path}: cannot create its folder ({exc})") from None
+    folder = _nearest_existing(out.parent)  # (a name too long was refused by is_dir above)
+    if not folder.is_dir():  # a file, or a symbolic link to nothing, where a folder would be made
+        raise UserError(f"--out {path}: cannot create its folder ({folder} is not a folder)")
+    if folder != out.parent:
+        _check_folder_can_be_made(path, folder)
+        return
     if not os.access(out.parent, os.W_OK):
         raise UserError(f"--out {path}: its folder is not writable")
     existed = out.exists()
@@ -46,6 +52,24 @@ def check_out(path: str) -> None:
             out.unlink()
     except OSError as exc:
         raise UserError(f"--out {path}: cannot be written ({exc.strerror or exc})") from None
+
+
+def _nearest_existing(folder: Path) -> Path:
+    """`folder`, or its nearest ancestor that exists (a dangling symbolic link counts: mkdir refuses it)."""
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def _check_folder_can_be_made(path: str, folder: Path) -> None:
+    """UserError unless --out's missing folders can be made in `folder`, the nearest that exists:
+    a folder of a name of our own is made there and removed again (os.access passes for root, and
+    says nothing of a read-only mount's or /proc's refusal; a name of our own, so that commands
+    writing into the same new folder at once do not remove each other's)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".dcedit-out-check-", dir=folder))
+    except OSError as exc:
+        raise UserError(f"--out {path}: cannot create its folder in {folder} ({exc.strerror or exc})") from None
 
 
 def check_checkpoint_dir(path: str, writes: bool = True) -> None:
@@ -142,13 +166,22 @@ def _model_file(model, out: str) -> str | None:
     return None
 
 
+def make_folder(path) -> None:
+    """Make the folder the file `path` is written in, where it is missing: --out's, when the run
+    writes it (check_out makes none), or, for a symbolic link, its target's (the save writes there)."""
+    out = Path(path)
+    if out.is_symlink():
+        out = Path(os.path.realpath(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
 def write_json(path, data) -> None:
     """`data` as JSON at `path`, written beside it and moved over it (`replace_atomically`): a write
     cut short (a full disk, a Ctrl-C) leaves the previous file whole, not a truncated one."""
     from .._checks import check_path as library_check_path  # a Python caller's ValueError
 
     library_check_path(path, "path")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path)
     write_text(path, json.dumps(data, indent=2, default=_json_default))
 
 
