@@ -41,7 +41,7 @@ if str(REPO) not in sys.path:  # run from a checkout without installing the pack
 import torch  # noqa: E402
 
 from dcedit_kernels.cli import (  # noqa: E402
-    METHOD_NAMES, UserError, callers_threads_kept, greedy_completions, positive_int, require_matplotlib, save_figure,
+    METHOD_NAMES, UserError, callers_threads_kept, check_out, greedy_completions, positive_int, require_matplotlib, save_figure,
     seed_int, set_threads, write_json)
 from dcedit_kernels.editor_cache import cache_dir, random_routing_twin, trained_editor  # noqa: E402
 
@@ -184,12 +184,10 @@ def _main(argv) -> int:
         train_cfg["steps"] = args.steps
     progress = not args.no_progress
     out = Path(args.out)
-    try:  # before any work: a file in the way or an unwritable folder is one error line
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        print(f"edit_demo: error: --out {args.out}: cannot create the folder ({exc})", file=sys.stderr)
-        return 2
     try:  # the plot comes last: checked before the run
+        # Before any work: a file in the way or an unwritable folder is one error line.  The folder is
+        # made when results.json is written (write_json): made here, a refused run left it behind.
+        check_out(str(out / "results.json"), "--out")
         require_matplotlib()
     except UserError as exc:
         print(f"edit_demo: error: {exc}", file=sys.stderr)

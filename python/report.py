@@ -42,7 +42,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from dcedit_kernels.cli import (  # noqa: E402
-    METHOD_NAMES, UserError, callers_threads_kept, counted, load_requests, positive_int, require_matplotlib, save_figure,
+    METHOD_NAMES, UserError, callers_threads_kept, check_out, counted, load_requests, positive_int, require_matplotlib, save_figure,
     seed_int, set_threads, write_json, write_text)
 from dcedit_kernels.capture import resolve_modules  # noqa: E402
 from dcedit_kernels.editor_cache import cache_dir, random_routing_twin, trained_editor  # noqa: E402
@@ -535,11 +535,11 @@ def _run(args, t_start) -> int:
     md_path = Path(args.markdown) if args.markdown else out_dir / "report.md"
     if md_path.is_dir():  # else written only at the end, after the whole run: a traceback, no report.md
         raise UserError(f"--markdown {md_path}: is a folder; give a file name")
-    for flag, folder in (("--out-dir", out_dir), ("--markdown", md_path.parent)):
-        try:  # before the model loads: a file in the way is one error line, not a traceback
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"{flag}: cannot create the folder {folder} ({exc})") from None
+    # Before the model loads: a file in the way is one error line, not a traceback.  The folders are
+    # made when the files are written (write_json, below): made here, a run refused after the load
+    # (--layers the model lacks) left them behind, empty.
+    for flag, path in (("--out-dir", out_dir / "report.json"), ("--markdown", md_path)):
+        check_out(str(path), flag)
 
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()

@@ -2,6 +2,7 @@
 editors on CounterFact for minutes: RESULTS.md records those)."""
 
 import importlib.util
+import random
 from pathlib import Path
 
 import pytest
@@ -272,8 +273,8 @@ def test_each_row_starts_raeditors_routing_from_the_same_state():
      "lr must be a non-negative finite number, got -1.0"),
     (["--methods", "mend", "--n-edits", "2", "--train-data", "TRAIN", "--n-train", "1", "--cloc", "nan"],
      "cloc must be a non-negative finite number, got nan"),
-    (["--methods", "ft", "--n-edits", "2", "--out-dir", "AFILE"], "--out-dir: cannot create the folder"),
-    (["--methods", "ft", "--n-edits", "2", "--markdown", "IN_AFILE"], "--markdown: cannot create the folder"),
+    (["--methods", "ft", "--n-edits", "2", "--out-dir", "AFILE"], "report.json: cannot create its folder"),
+    (["--methods", "ft", "--n-edits", "2", "--markdown", "IN_AFILE"], "report.md: cannot create its folder"),
     # Refused at the end of the run (a traceback, no report.md) or after the model loaded and MEND trained:
     (["--methods", "ft", "--n-edits", "2", "--markdown", "ADIR"], "is a folder; give a file name"),
     (["--methods", "mend,moeditor", "--n-edits", "2", "--n-editors", "2", "--top-k", "3"],
@@ -902,3 +903,51 @@ def test_first_sample_statistics_draw_the_other_samples_routing_only(report_modu
     assert report_module.first_sample_statistics(me, requests, sizes, repeats, 0) == replayed
     assert len(calls) == len(sizes)
     assert {key: torch.equal(state, after[key]) for key, state in me.route_states().items()} == dict.fromkeys(after, True)
+
+
+@pytest.mark.parametrize("program, extra, said", [
+    ("report", ["--layers", "0,9"], "--layers"),  # after the model's load
+    ("report", ["--gradient-layers", "9"], "--gradient-layers"),  # after the model's load
+    ("report", ["--no-matplotlib"], "matplotlib"),
+    ("demo", ["--no-matplotlib"], "matplotlib"),
+])
+def test_a_refused_report_or_demo_leaves_its_out_folder_as_it_was(program, extra, said, report_module, capsys,
+                                                                  tmp_path, monkeypatch):
+    """report.py and edit_demo.py made their --out-dir / --out (and --markdown's) folder before any work:
+    a run refused after that (a block the model lacks; the demo: no matplotlib) left them behind,
+    empty.  They are made when the files are written; a folder the user made stays as it was."""
+    import json
+    import sys
+
+    import dcedit_kernels.models as models
+
+    from test_demo import _demo_module
+
+    tiny = models.tiny_model("llama", seed=0)
+    monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: tiny)
+    monkeypatch.setattr(models, "default_model_path", lambda: tmp_path / "tiny.gguf")
+    if "--no-matplotlib" in extra:
+        monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
+        extra = []
+    data = _counterfact_file(tmp_path / "cf.json", n=6)
+    depth = random.randint(0, 2)
+
+    def run(out: Path) -> int:
+        if program == "demo":
+            return _demo_module().main(["--quick", "--no-progress", "--out", str(out)])
+        md = [] if random.random() < 0.5 else ["--markdown", str(out / "md" / "r.md")]
+        return report_module.main(["--data", str(data), "--methods", "ft", "--n-edits", "2", "--repeats", "1",
+                                   "--layers", "0,1", "--gradient-layers", "1", *extra, *md,
+                                   "--out-dir", str(out), "--no-progress"])
+
+    new = tmp_path / "new"
+    assert run(new.joinpath(*["sub"] * depth)) == 2
+    assert said in capsys.readouterr().err
+    assert not new.exists()
+    kept = tmp_path / "kept"  # the user's own folder, with a previous run's files
+    kept.mkdir()
+    (kept / "results.json" if program == "demo" else kept / "report.json").write_text(json.dumps({"old": 1}))
+    before = sorted((p.name, p.read_bytes()) for p in kept.iterdir())
+    assert run(kept) == 2
+    assert said in capsys.readouterr().err
+    assert sorted((p.name, p.read_bytes()) for p in kept.iterdir()) == before

@@ -18,11 +18,12 @@ def train_out(args) -> str:
     return args.out or f"{args.method}-editor.safetensors"
 
 
-def check_out(path: str) -> None:
-    """Refuse an --out that cannot be written before any work is done.  A folder of its path that
-    does not exist yet is not made here but when the file is written (`write_json`, train's save):
-    a command refused after this check (a bad --seed or data file, a layer name the model lacks, a
-    failed edit) left the empty folders behind (`dcedit edit --seed 1 --out new/run.json`: new/)."""
+def check_out(path: str, flag: str = "--out") -> None:
+    """Refuse an --out that cannot be written before any work is done (`flag`: the program's name
+    for it in the error).  A folder of its path that does not exist yet is not made here but when
+    the file is written (`write_json`, train's save): a command refused after this check (a bad
+    --seed or data file, a layer name the model lacks, a failed edit) left the empty folders behind
+    (`dcedit edit --seed 1 --out new/run.json`: new/)."""
     check_path(path, "path")
     out = Path(path)
     if out.is_symlink():  # the save writes where it points (replace_atomically): the checks are of that file
@@ -30,20 +31,20 @@ def check_out(path: str) -> None:
     try:
         is_dir = out.is_dir()
     except OSError as exc:  # a name too long, ...: pathlib raises for all but "missing"
-        raise UserError(f"--out {path}: {exc.strerror or exc}") from None
+        raise UserError(f"{flag} {path}: {exc.strerror or exc}") from None
     if is_dir:
-        raise UserError(f"--out {path}: is a folder; give a file name")
+        raise UserError(f"{flag} {path}: is a folder; give a file name")
     if out.exists() and not out.is_file():  # the open below blocked on a pipe; the save would replace a device
-        raise UserError(f"--out {path}: is not a regular file (a device, a pipe or a socket), which the run "
+        raise UserError(f"{flag} {path}: is not a regular file (a device, a pipe or a socket), which the run "
                         "would replace with one; give a file name")
     folder = _nearest_existing(out.parent)  # (a name too long was refused by is_dir above)
     if not folder.is_dir():  # a file, or a symbolic link to nothing, where a folder would be made
-        raise UserError(f"--out {path}: cannot create its folder ({folder} is not a folder)")
+        raise UserError(f"{flag} {path}: cannot create its folder ({folder} is not a folder)")
     if folder != out.parent:
-        _check_folder_can_be_made(path, folder)
+        _check_folder_can_be_made(path, folder, flag)
         return
     if not os.access(out.parent, os.W_OK):
-        raise UserError(f"--out {path}: its folder is not writable")
+        raise UserError(f"{flag} {path}: its folder is not writable")
     existed = out.exists()
     try:  # os.access passes for root, and says nothing of the file itself: open it as the write will
         with open(out, "ab"):
@@ -51,7 +52,7 @@ def check_out(path: str) -> None:
         if not existed:
             out.unlink()
     except OSError as exc:
-        raise UserError(f"--out {path}: cannot be written ({exc.strerror or exc})") from None
+        raise UserError(f"{flag} {path}: cannot be written ({exc.strerror or exc})") from None
 
 
 def _nearest_existing(folder: Path) -> Path:
@@ -61,7 +62,7 @@ def _nearest_existing(folder: Path) -> Path:
     return folder
 
 
-def _check_folder_can_be_made(path: str, folder: Path) -> None:
+def _check_folder_can_be_made(path: str, folder: Path, flag: str) -> None:
     """UserError unless --out's missing folders can be made in `folder`, the nearest that exists:
     a folder of a name of our own is made there and removed again (os.access passes for root, and
     says nothing of a read-only mount's or /proc's refusal; a name of our own, so that commands
@@ -69,7 +70,7 @@ def _check_folder_can_be_made(path: str, folder: Path) -> None:
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".dcedit-out-check-", dir=folder))
     except OSError as exc:
-        raise UserError(f"--out {path}: cannot create its folder in {folder} ({exc.strerror or exc})") from None
+        raise UserError(f"{flag} {path}: cannot create its folder in {folder} ({exc.strerror or exc})") from None
 
 
 def check_checkpoint_dir(path: str, writes: bool = True) -> None:
