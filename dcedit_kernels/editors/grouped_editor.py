@@ -638,23 +638,21 @@ def without_ignored_sizes(config):
 
 def ignored_sizes(method: str | None, kwargs) -> list[str]:
     """The names among feat_dim and generator_hidden that a checkpoint's editor_kwargs `kwargs` of
-    `method` hold and its editors never read (`without_ignored_sizes`): its checkpoint loads without
-    them."""
-    if not isinstance(kwargs, dict):
+    `method` hold and its editors never read: those `without_ignored_sizes` changes once the
+    kwargs carry the preset's routing and generator; its checkpoint loads without them."""
+    if not isinstance(kwargs, dict) or method not in PRESET_ROUTING:
         return []
-    names = []
-    if method in GATELESS_METHODS and is_int(kwargs.get("feat_dim")) and kwargs["feat_dim"] >= 1:
-        names.append("feat_dim")
-    hidden = kwargs.get("generator_hidden")
     # The preset's generator where editor_kwargs do not name one: ProEditor's is "token" (ψ reads
     # generator_hidden), the others' None.  ProEditor(generator=None), which has no ψ, is one of these
     # too: left out, its 0.5.24 checkpoint with generator_hidden=128 failed to load ("generator_hidden:
     # saved 64, here 128", its editors' configs being `without_ignored_sizes`').
     generator = kwargs["generator"] if "generator" in kwargs else ("token" if method == "proeditor" else None)
-    if (method in ("mend", "raeditor", "moeditor", "proeditor") and generator is None and is_int(hidden)
-            and hidden >= 1 and hidden != GENERATOR_HIDDEN_DEFAULT):
-        names.append("generator_hidden")
-    return names
+    kept = without_ignored_sizes({**kwargs, "routing": PRESET_ROUTING[method], "generator": generator})
+    return [name for name in ("feat_dim", "generator_hidden") if name in kwargs and kept[name] != kwargs[name]]
+
+
+# The routing of each ModelEditor editor method's preset.
+PRESET_ROUTING = {"mend": "single", "raeditor": "random", "moeditor": "gate", "proeditor": "single"}
 
 
 # The ModelEditor methods of one editor (the MEND and ProEditor presets).  Up to 0.5.23 they took a
@@ -673,7 +671,7 @@ def ignored_fusion(method: str | None, config) -> bool:
 # The ModelEditor methods without a gate.  Up to 0.5.24 they took gate_norm=False, saved it in
 # editor_kwargs (not in their editors' configs, which hold gate_norm only under a gate) and read nothing
 # of it; GroupedEditor refuses it since.
-GATELESS_METHODS = ("mend", "raeditor", "proeditor")
+GATELESS_METHODS = tuple(m for m, routing in PRESET_ROUTING.items() if routing != "gate")
 
 
 def ignored_gate_norm(method: str | None, kwargs) -> bool:
