@@ -69,7 +69,7 @@ from .requests import validate_requests
 from .train_checkpoint import (ResumeMismatchError, _checkpoint, _cuda_devices, _resume, _rng_states, _run_settings,
                                _save_editor, _set_rng_states, check_checkpoint_dir, has_checkpoint)
 from .train_config import PART_KEYS, TrainConfig, TrainResult
-from .train_loss import _passes, batch_edits, batch_loss, check_has_editors, eval_rows, loss_from_edits
+from .train_loss import _passes, batch_edits, batch_loss, check_config, check_has_editors, eval_rows, loss_from_edits
 from .train_validation import _evaluate_split, evaluate_edits
 
 # What `dcedit_kernels.train` exports: the split-out modules' names that callers import from here
@@ -98,8 +98,7 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     if isinstance(val_requests, TrainConfig):  # fit(train, TrainConfig(...)): said "must be a sequence of EditRequest"
         raise ValueError("val_requests is a TrainConfig: pass it as config= (fit(train_requests, config=...))")
     config = config or TrainConfig()
-    if not isinstance(config, TrainConfig):
-        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+    check_config(config)
     group_rank, group_size = distributed.world()
     # `is True`: data_parallel itself is validated below.
     rank, size = (group_rank, group_size) if config.data_parallel is True else (0, 1)
