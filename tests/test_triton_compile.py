@@ -128,3 +128,15 @@ def _sm90_script_output(script: str) -> str:
         pytest.skip(f"this triton cannot compile for sm_90 here: {proc.stderr.strip()[-300:]}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
+
+
+@pytest.mark.parametrize("tool", ["compile_check", "tune"])
+def test_tool_help_under_python_OO(tool):
+    """`python -OO` (or PYTHONOPTIMIZE=2) drops docstrings: the two tools built their argparse
+    description from `__doc__.splitlines()[0]` and raised AttributeError ('NoneType' object has no
+    attribute 'splitlines') before parsing any argument, `--help` included."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-OO", "-m", f"dcedit_kernels.triton_kernels.{tool}", "--help"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("usage:"), proc.stdout

@@ -261,7 +261,8 @@ def variants():
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # None under `python -OO`, which drops docstrings (splitlines raised AttributeError before any argument).
+    parser = argparse.ArgumentParser(description=__doc__ and __doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 for sm_90")
     parser.add_argument("--only", default="", help="compile only variants whose name contains this")
     args = parser.parse_args(argv)

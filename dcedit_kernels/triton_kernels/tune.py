@@ -174,7 +174,8 @@ def _median_ms(fn, reps: int) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # None under `python -OO`, which drops docstrings (splitlines raised AttributeError before any argument).
+    parser = argparse.ArgumentParser(description=__doc__ and __doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--only", default="", help="cases whose label contains this")
     part = parser.add_mutually_exclusive_group()
