@@ -375,6 +375,32 @@ def test_grouped_outer_ties(gen, dtype, device):
     close(tk.grouped_outer(both_eta, both_mu, pair, "ssm", 1.0), s0.abs() / 2)
 
 
+@pytest.mark.parametrize("version,hip,interpret,ptx", [
+    ("3.4.0", None, "0", True), ("3.5.1", None, "0", True),  # CUDA before 3.6: div_rn is div.rn.ftz.f32
+    ("3.6.0", None, "0", False), ("3.9.0", None, "0", False),  # div_rn is div.rn.f32 itself
+    ("3.5.1", None, "1", False),  # the interpreter runs no PTX
+    ("3.4.0", "6.4.43482", "0", False), ("3.5.1", "6.4.43482", "0", False),  # ROCm: no PTX at all
+])
+def test_grouped_outer_writes_the_ptx_division_only_for_cuda_before_triton_3_6(version, hip, interpret, ptx,
+                                                                              monkeypatch):
+    """grouped_outer.py's `_PTX_DIV`, read once at import: the ssm/Fisher fp32 division is PTX
+    `div.rn.f32` only where triton compiles for an NVIDIA GPU and its div_rn flushes subnormals.
+    A ROCm torch's triton compiles the kernel for AMD GPUs: the PTX there aborted the compile
+    (triton 3.5.1, gfx942: LLVM's "couldn't allocate output register for constraint 'f'").  The
+    module's source is run again under each setting, as a module of its own."""
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.setattr(triton, "__version__", version)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    spec = importlib.util.spec_from_file_location("dcedit_kernels.triton_kernels._grouped_outer_probe",
+                                                  Path(tk.__file__).with_name("grouped_outer.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module._PTX_DIV.value is ptx
+
+
 def outer_backward_ref(grad, eta, mu, offsets, fusion, alpha):
     """The reference backward on float64 copies of the same (rounded) values."""
     return reference.grouped_outer_backward(*f64(grad, eta, mu), offsets, fusion, alpha)

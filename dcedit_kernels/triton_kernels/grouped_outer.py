@@ -37,8 +37,11 @@ def _triton_version() -> tuple:
 # div.rn.ftz.f32 (seen with triton 3.4.0 and 3.5.1, the tritons of torch 2.8 and 2.9; 3.6.0 and 3.9
 # give div.rn.f32): a subnormal quotient became 0.  There the kernel writes the PTX division itself
 # (tests/test_triton_compile.py reads it).  Not under the interpreter, which runs no PTX and
-# divides exactly.
-_PTX_DIV = tl.constexpr(not interpreting() and _triton_version() < (3, 6))
+# divides exactly, nor on ROCm (a torch built for HIP: its triton compiles for AMD GPUs, which
+# `_dispatch.triton_runs_on` lets through): there the PTX aborted the compile, LLVM's "couldn't
+# allocate output register for constraint 'f'" (triton 3.5.1 for gfx942, where div_rn compiled to
+# the v_div_scale/v_div_fmas/v_div_fixup sequence).
+_PTX_DIV = tl.constexpr(not interpreting() and torch.version.hip is None and _triton_version() < (3, 6))
 
 
 @triton.jit
