@@ -182,7 +182,13 @@ def check_finite_alpha(alpha) -> None:
     where delta is 0); grouped_outer and lowrank_delta_linear gave NaN/inf shifts or outputs.  The
     wrappers' check only: the raw torch.ops.dcedit ops and a tensor alpha are left as they are (a
     tensor's value would need a host read, a sync on CUDA)."""
-    if not math.isfinite(float(alpha)):
+    # a - a is 0 for a finite a, NaN for inf and NaN: math.isfinite's answer, in arithmetic that
+    # dynamo traces.  An alpha that changes between torch.compile calls is traced as a dynamic float,
+    # where math.isfinite raised dynamo's Unsupported under fullgraph=True for every alpha, and a - a
+    # simplifies to 0 (no guard); a NaN or inf alpha is traced as a constant, and refused there (the
+    # ValueError; under fullgraph=True dynamo's Unsupported "Observed exception").
+    a = float(alpha)
+    if a - a != 0:
         raise ValueError(f"alpha must be finite, got {alpha!r}: it scales every entry of the shift")
 
 

@@ -236,6 +236,32 @@ def test_fisher_mask_threshold_may_change_between_calls(gen):
         assert torch.equal(fn(delta, fisher, t), ops.fisher_mask(delta, fisher, threshold=t)[0])
 
 
+@pytest.mark.parametrize("op", ["apply_shift_", "grouped_outer", "lowrank_delta_linear"])
+def test_a_number_alpha_may_change_between_calls(op, gen):
+    """A number alpha that changes between calls is traced as a dynamic float on the second call
+    (torch 2.13): the wrappers' finiteness check must trace too.  math.isfinite on it (cbf02b3) was
+    dynamo's Unsupported "torch.* op returned non-Tensor" under fullgraph=True, for every finite alpha
+    (lowrank_delta_linear's range check read it so already).  A NaN alpha is still refused."""
+    T, offsets, leaf = ragged_leaves(gen)
+    eta, mu = leaf(T, D_OUT).detach(), leaf(T, D_IN).detach()
+    weight, delta, x = randn((D_OUT, D_IN), gen), randn((D_OUT, D_IN), gen), randn((9, D_IN), gen)
+    row_group = torch.randint(-1, G, (9,), generator=gen)
+
+    def shifted(alpha):  # apply_shift_ changes its weight: the shifted copy is compared
+        w = weight.clone()
+        ops.apply_shift_(w, delta, alpha)
+        return w
+
+    fn = {"apply_shift_": shifted,
+          "grouped_outer": lambda a: ops.grouped_outer(eta, mu, offsets, "sss", a),
+          "lowrank_delta_linear": lambda a: ops.lowrank_delta_linear(x, weight, None, row_group, mu, eta, offsets, a)}[op]
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    for alpha in (torch.rand(3, generator=gen) * 4 - 2).tolist():
+        assert torch.equal(compiled(alpha), fn(alpha))
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        fn(float("nan"))
+
+
 def test_compiled_model_under_lowrank_edited_compiles_twice_over_token_counts(gen):
     """A compiled model run under `lowrank_edited` with new edits of another token count T, another
     sequence length and another batch size at each call: one static compile, then one dynamic one.
