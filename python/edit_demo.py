@@ -187,7 +187,7 @@ def _main(argv) -> int:
     try:  # the plot comes last: checked before the run
         # Before any work: a file in the way or an unwritable folder is one error line.  The folder is
         # made when results.json is written (write_json): made here, a refused run left it behind.
-        check_out(str(out / "results.json"), "--out")
+        check_out(str(out / "results.json"), "--out", in_folder=True)
         require_matplotlib()
     except UserError as exc:
         print(f"edit_demo: error: {exc}", file=sys.stderr)

@@ -538,8 +538,8 @@ def _run(args, t_start) -> int:
     # Before the model loads: a file in the way is one error line, not a traceback.  The folders are
     # made when the files are written (write_json, below): made here, a run refused after the load
     # (--layers the model lacks) left them behind, empty.
-    for flag, path in (("--out-dir", out_dir / "report.json"), ("--markdown", md_path)):
-        check_out(str(path), flag)
+    for flag, path, in_folder in (("--out-dir", out_dir / "report.json", True), ("--markdown", md_path, False)):
+        check_out(str(path), flag, in_folder)  # in_folder: --out-dir names the folder, not the file
 
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()

@@ -593,6 +593,11 @@ def test_demo_refuses_an_out_that_is_a_file(capsys, tmp_path, monkeypatch):
     (tmp_path / "a_file").write_text("")
     assert demo.main(["--quick", "--out", str(tmp_path / "a_file"), "--no-progress"]) == 2
     assert "edit_demo: error: --out" in capsys.readouterr().err
+    # --out names a folder: "give a file name" (--out r.json) wrote r.json/results.json all the same.
+    (tmp_path / "taken" / "results.json").mkdir(parents=True)
+    assert demo.main(["--quick", "--out", str(tmp_path / "taken"), "--no-progress"]) == 2
+    assert (f"edit_demo: error: --out {tmp_path / 'taken' / 'results.json'}: is a folder; move it away, or give "
+            "another --out") in capsys.readouterr().err
 
 
 def test_demo_main_gives_torch_threads_back(capsys, tmp_path):

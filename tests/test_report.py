@@ -277,6 +277,9 @@ def test_each_row_starts_raeditors_routing_from_the_same_state():
     (["--methods", "ft", "--n-edits", "2", "--markdown", "IN_AFILE"], "report.md: cannot create its folder"),
     # Refused at the end of the run (a traceback, no report.md) or after the model loaded and MEND trained:
     (["--methods", "ft", "--n-edits", "2", "--markdown", "ADIR"], "is a folder; give a file name"),
+    # --out-dir names a folder: "give a file name" (--out-dir r.json) wrote r.json/report.json all the same.
+    (["--methods", "ft", "--n-edits", "2", "--out-dir", "JSON_TAKEN"],
+     "report.json: is a folder; move it away, or give another --out-dir"),
     (["--methods", "mend,moeditor", "--n-edits", "2", "--n-editors", "2", "--top-k", "3"],
      "--top-k 3 cannot exceed --n-editors 2"),
     # RaEditor's rows come from a MoEditor twin, built after the model loads (once a traceback then):
@@ -300,12 +303,15 @@ def test_report_refuses_bad_arguments_before_loading_the_model(extra, message, r
     (tmp_path / "a_file").write_text("")
     (tmp_path / "a_dir").mkdir()
     (tmp_path / "empty.json").write_text("")
+    (tmp_path / "taken" / "report.json").mkdir(parents=True)  # a folder where --out-dir's file goes
     extra = [{"TRAIN": str(data), "AFILE": str(tmp_path / "a_file"), "ADIR": str(tmp_path / "a_dir"),
-              "IN_AFILE": str(tmp_path / "a_file" / "report.md"),
+              "IN_AFILE": str(tmp_path / "a_file" / "report.md"), "JSON_TAKEN": str(tmp_path / "taken"),
               "EMPTY": str(tmp_path / "empty.json")}.get(word, word) for word in extra]
     assert report_module.main(argv + extra) == 2
     err = capsys.readouterr().err
     assert "report: error:" in err and message in err
+    if "--out-dir" in message:
+        assert f"--out-dir {extra[-1]}" in err
 
 
 def test_report_without_matplotlib_says_so_before_the_model_loads(report_module, capsys, tmp_path, monkeypatch):

@@ -18,12 +18,13 @@ def train_out(args) -> str:
     return args.out or f"{args.method}-editor.safetensors"
 
 
-def check_out(path: str, flag: str = "--out") -> None:
+def check_out(path: str, flag: str = "--out", in_folder: bool = False) -> None:
     """Refuse an --out that cannot be written before any work is done (`flag`: the program's name
-    for it in the error).  A folder of its path that does not exist yet is not made here but when
-    the file is written (`write_json`, train's save): a command refused after this check (a bad
-    --seed or data file, a layer name the model lacks, a failed edit) left the empty folders behind
-    (`dcedit edit --seed 1 --out new/run.json`: new/)."""
+    for it in the error; `in_folder`: `flag` names the folder `path` is written in, as report.py's
+    --out-dir and edit_demo.py's --out, not the file itself).  A folder of its path that does not
+    exist yet is not made here but when the file is written (`write_json`, train's save): a command
+    refused after this check (a bad --seed or data file, a layer name the model lacks, a failed edit)
+    left the empty folders behind (`dcedit edit --seed 1 --out new/run.json`: new/)."""
     check_path(path, "path")
     out = Path(path)
     if out.is_symlink():  # the save writes where it points (replace_atomically): the checks are of that file
@@ -32,11 +33,13 @@ def check_out(path: str, flag: str = "--out") -> None:
         is_dir = out.is_dir()
     except OSError as exc:  # a name too long, ...: pathlib raises for all but "missing"
         raise UserError(f"{flag} {path}: {exc.strerror or exc}") from None
+    # Not "give a file name" for a folder flag: given one (`--out-dir r.json`), the run writes r.json/report.json.
+    fix = f"move it away, or give another {flag}" if in_folder else "give a file name"
     if is_dir:
-        raise UserError(f"{flag} {path}: is a folder; give a file name")
+        raise UserError(f"{flag} {path}: is a folder; {fix}")
     if out.exists() and not out.is_file():  # the open below blocked on a pipe; the save would replace a device
         raise UserError(f"{flag} {path}: is not a regular file (a device, a pipe or a socket), which the run "
-                        "would replace with one; give a file name")
+                        f"would replace with one; {fix}")
     folder = _nearest_existing(out.parent)  # (a name too long was refused by is_dir above)
     if not folder.is_dir():  # a file, or a symbolic link to nothing, where a folder would be made
         raise UserError(f"{flag} {path}: cannot create its folder ({folder} is not a folder)")
