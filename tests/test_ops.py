@@ -2663,6 +2663,25 @@ def test_a_nested_reference_mode_gives_back_the_outer_setting(gen):
     assert in_reference_mode() is False
 
 
+@pytest.mark.parametrize("enabled", ["no", "", 1, 0, None, "numpy True", "tensor True"])
+def test_reference_mode_refuses_an_enabled_that_is_not_a_bool(enabled):
+    """reference_mode's `enabled` is read for its truth: "no" (or 1, or a 0-dim tensor) turned the
+    references on without a word, and in_reference_mode() then returned it, not a bool.  A bool only,
+    as torch.set_grad_enabled (which raises TypeError for str, int, numpy.bool_ and tensors alike)
+    and the package's other flags (`_checks.check_bool`).  The setting stays as it was."""
+    import numpy as np
+
+    from dcedit_kernels.ops._dispatch import in_reference_mode
+
+    enabled = {"numpy True": np.True_, "tensor True": torch.tensor(True)}.get(enabled, enabled)
+    for outer in (False, True):
+        with ops.reference_mode(outer):
+            with pytest.raises(ValueError, match="enabled must be a bool"):
+                with ops.reference_mode(enabled):
+                    pass
+            assert in_reference_mode() is outer
+
+
 def test_a_graph_recorded_outside_reference_mode_backpropagates_inside_it(gen):
     """reference_mode switches the wrappers' forward calls only: the backward of an op recorded
     outside it, run inside it, still runs the op's own backward kernels (there is no reference

@@ -16,7 +16,7 @@ import threading
 
 import torch
 
-from .._checks import tracing
+from .._checks import check_bool, tracing
 from .._library import _LIB, DIFFERENTIABLE, has_kernel, refuse_tangents
 from .._warn import warn
 
@@ -200,8 +200,11 @@ def reference_mode(enabled: bool = True):
     Autograd then flows through the references' own torch ops; useful to compare the fused path
     with eager PyTorch end to end (benchmarks) and to debug a kernel.  Per thread, as grad mode.
     `enabled=False` runs the kernels inside the block (also within an enclosing reference_mode);
-    the previous setting comes back on exit.
+    the previous setting comes back on exit.  `enabled` must be a bool (ValueError otherwise).
     """
+    # Read for its truth, "no" (or 1, np.True_, a 0-dim tensor) turned the references on without a
+    # word, and in_reference_mode() returned it.  A bool, as torch.set_grad_enabled takes.
+    check_bool(enabled, "enabled")
     previous = in_reference_mode()
     _REFERENCE_MODE.on = enabled
     try:
