@@ -176,6 +176,25 @@ def is_real_number(x) -> bool:
     return True
 
 
+def check_float64_range(x, name: str) -> None:
+    """ValueError naming `name` when a finite number `x` of a wider type is beyond float64's range:
+    float() raised a bare OverflowError for Fraction(10**400) ("integer division result too large
+    for a float") and rounded np.longdouble("1e400") (x86's 80-bit long double) to inf, which
+    check_finite_alpha then called not finite.  An inf or NaN `x` is left to the caller."""
+    try:
+        a = float(x)
+    except OverflowError:
+        a = None
+    if a is None or (math.isinf(a) and x != a):
+        # Only a Rational's size is shown: repr(Fraction(10**5000)) raises ValueError on Python >= 3.11
+        # (int to str beyond 4300 digits), and thousands of digits say less than the exponent.
+        shown = repr(x) if a is not None else f"a {type(x).__name__}"
+        if a is None and isinstance(x, numbers.Rational):
+            exponent = math.log10(abs(x.numerator)) - math.log10(x.denominator)
+            shown += f" of about {'-' if x < 0 else ''}10**{math.floor(exponent)}"
+        raise ValueError(f"{name} must be within float64's range, got {shown}")
+
+
 def check_finite_alpha(alpha) -> None:
     """ValueError unless a number `alpha` (the op wrappers' scale, already `is_real_number`) is finite:
     apply_shift_ with alpha NaN wrote NaN into every kept entry of the weight, and inf wrote inf (NaN
@@ -187,6 +206,8 @@ def check_finite_alpha(alpha) -> None:
     # where math.isfinite raised dynamo's Unsupported under fullgraph=True for every alpha, and a - a
     # simplifies to 0 (no guard); a NaN or inf alpha is traced as a constant, and refused there (the
     # ValueError; under fullgraph=True dynamo's Unsupported "Observed exception").
+    if not isinstance(alpha, (float, int)):  # a Python float (np.float64 too) or int is within float64
+        check_float64_range(alpha, "alpha")
     a = float(alpha)
     if a - a != 0:
         raise ValueError(f"alpha must be finite, got {alpha!r}: it scales every entry of the shift")

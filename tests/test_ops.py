@@ -1030,6 +1030,41 @@ def test_a_non_finite_number_alpha_is_refused_by_the_op_wrappers(reference_path,
         assert ops.lowrank_delta_linear(**dict(d, alpha=nan_alpha)).isnan().any()
 
 
+def test_a_finite_number_alpha_beyond_float64_is_refused_naming_its_range(gen, device):
+    """A finite number alpha too large for float64: Fraction(10**400) raised float()'s bare
+    OverflowError ("integer division result too large for a float") from the wrappers' check, and
+    np.longdouble("1e400") (finite in x86's 80-bit long double) was refused as "must be finite".
+    Both are now a ValueError naming alpha and float64's range, the weight left as it was; an
+    infinite or NaN long double is still "must be finite", and one within range is taken."""
+    import numpy as np
+
+    weight, delta = randn((3, 4), gen, device=device), randn((3, 4), gen, device=device)
+    before = weight.clone()
+    counts = random_counts(3, gen)
+    eta, mu = randn((sum(counts), 3), gen, device=device), randn((sum(counts), 4), gen, device=device)
+    offsets = ragged_offsets(counts, device)
+    d = _delta_linear_inputs(gen, dtype=torch.float64, device=device)
+    calls = (lambda a: ops.apply_shift_(weight, delta, a), lambda a: ops.grouped_outer(eta, mu, offsets, "sss", a),
+             lambda a: ops.lowrank_delta_linear(**dict(d, alpha=a)))
+    sign, exponent = int(torch.randint(2, (), generator=gen)) * 2 - 1, int(torch.randint(309, 4000, (), generator=gen))
+    huge = [Fraction(sign * 10 ** exponent, 3), Fraction(sign * 2 ** 1024)]
+    wide = np.finfo(np.longdouble).max > np.finfo(np.float64).max  # not so on Windows, macOS arm64
+    if wide:
+        huge.append(np.longdouble(f"{sign * 7}e{exponent}"))
+    for alpha in huge:
+        for call in calls:
+            with pytest.raises(ValueError, match=r"^alpha must be within float64's range, got "):
+                call(alpha)
+            assert torch.equal(weight, before)
+    for alpha in (np.longdouble("inf"), -np.longdouble("inf"), np.longdouble("nan")):
+        for call in calls:
+            with pytest.raises(ValueError, match=r"^alpha must be finite, got "):
+                call(alpha)
+    for alpha in (Fraction(sign, 3), np.longdouble(sign) / 3):
+        torch.testing.assert_close(ops.grouped_outer(eta, mu, offsets, "add", alpha),
+                                   float(alpha) * ops.grouped_outer(eta, mu, offsets, "add"))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64] + DTYPES)
 def test_lowrank_delta_linear_equals_applied_shift(dtype, gen, device):
     a = _delta_linear_inputs(gen, dtype=dtype, device=device)
