@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .picked_kl_function import PickedKLRows, kl_rows
 from .scored_logits import logits_at, scored_positions
 from .tokenize import IGNORE_INDEX
 
@@ -121,15 +122,22 @@ def log_probs_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 def picked_kl(base_logp: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
     """Mean over n positions of KL(p_base ‖ p_edited) from the edited logits there, `picked`
     (n, V); `base_logp` holds the base model's log-probabilities at the same positions (n, V).
-    Computed on the logits' device."""
+    Computed on the logits' device, in fp32 (float64 kept).  The backward saves the two inputs
+    only (`picked_kl_function`: autograd through the formula held 3.25 more (n, V) tensors)."""
     if base_logp.shape != picked.shape:
         raise ValueError(f"base_logp must have picked's shape {tuple(picked.shape)}, got {tuple(base_logp.shape)}")
-    post = torch.log_softmax(upcast(picked), -1)
-    base_logp = base_logp.to(post.device)
-    p = base_logp.exp()
-    # 0 · log 0 = 0: a token the base model gives no probability (a −inf logit) adds nothing, not NaN.
-    kl = torch.where(p > 0, p * (base_logp - post), torch.zeros((), dtype=post.dtype, device=post.device)).sum(-1)
-    return kl.mean() if kl.numel() else post.new_zeros(())
+    if picked.dim() == 0:
+        raise ValueError("picked must be (n, V) logits, got a 0-d tensor")
+    base_logp = base_logp.to(picked.device)
+    if picked.dim() != 2:  # (..., V): every leading index is a position, as the formula took them
+        base_logp, picked = base_logp.reshape(-1, picked.shape[-1]), picked.reshape(-1, picked.shape[-1])
+    if not picked.shape[0]:
+        return upcast(picked).new_zeros(())
+    if torch.is_grad_enabled() and (picked.requires_grad or base_logp.requires_grad):
+        kl = PickedKLRows.apply(base_logp, picked)
+    else:
+        kl = kl_rows(base_logp, picked)
+    return kl.mean()
 
 
 def scored_accuracy(picked: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
