@@ -11,7 +11,8 @@ Here the backward saves the inputs only (z, base_logp: no copy unless `base_logp
 and computes dKL_i/dz_i = softmax(z_i) Σ_v p_v − p itself; forward and backward run `ROWS_BUDGET`
 elements at a time, so their temporaries are a few (rows, V) blocks, not (n, V) tensors.  The
 forward's values are those of the formula (the same ops on each row: equal bit for bit on the CPU,
-tests/test_train.py); the backward is double-differentiable no more (nothing here needs it).
+tests/test_train.py); the backward is double-differentiable no more (nothing here needs it); torch.func.grad
+takes it (setup_context apart from forward).
 """
 
 from __future__ import annotations
@@ -52,9 +53,12 @@ class PickedKLRows(torch.autograd.Function):
     """kl_rows, differentiable in both arguments, saving only them for the backward."""
 
     @staticmethod
-    def forward(ctx, base_logp, z):
-        ctx.save_for_backward(base_logp, z)
+    def forward(base_logp, z):
         return kl_rows(base_logp, z)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # apart from forward: torch.func.grad and vjp take it then
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

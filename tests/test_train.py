@@ -799,6 +799,17 @@ def test_picked_kl_passes_gradcheck(gen, monkeypatch):
     assert torch.autograd.gradcheck(picked_kl, (base_logp, picked))
 
 
+def test_picked_kl_takes_torch_func_grad(gen):
+    """torch.func.grad through the KL, as through the formula's plain ops before it had its own
+    backward: the Function keeps setup_context apart from forward (with ctx in forward, functorch
+    raised 'it must override the setup_context staticmethod')."""
+    n, V = int(torch.randint(1, 6, (1,), generator=gen)), int(torch.randint(2, 9, (1,), generator=gen))
+    base_logp, picked = random_kl_inputs(gen, n, V, torch.float64)
+    picked = picked.masked_fill(picked.isinf(), -30.0)
+    expected = torch.func.grad(lambda z: autograd_kl(base_logp, z))(picked)
+    torch.testing.assert_close(torch.func.grad(lambda z: picked_kl(base_logp, z))(picked), expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_picked_kl_saves_no_n_by_v_tensor_of_its_own(dtype, gen):
     """The KL's backward holds the inputs only: autograd through the formula saved log_softmax(z),
