@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .picked_kl_function import PickedKLRows, kl_rows
+from .picked_kl_function import PickedKLRows, kl_rows, upcast
 from .scored_logits import logits_at, scored_positions
 from .tokenize import IGNORE_INDEX
 
@@ -43,11 +43,6 @@ def unscale(grad: torch.Tensor, scale: float) -> torch.Tensor:
     if grad.dtype == torch.float16:
         return grad.float().div_(scale)
     return grad.div_(scale) if scale != 1 else grad
-
-
-def upcast(t: torch.Tensor) -> torch.Tensor:
-    """fp32 for half/bf16/fp32 logits, float64 kept (the float64 tests compare exactly)."""
-    return t if t.dtype == torch.float64 else t.float()
 
 
 def _scored_labels(picked: torch.Tensor, labels: torch.Tensor, causal: bool):

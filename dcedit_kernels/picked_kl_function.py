@@ -30,7 +30,9 @@ def _blocks(n: int, V: int):
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-def _upcast(t: torch.Tensor) -> torch.Tensor:
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """fp32 for half/bf16/fp32 logits, float64 kept (the float64 tests compare exactly).  Here, not in
+    `losses` (which imports this module and re-exports it), so that the KL and the losses share it."""
     return t if t.dtype == torch.float64 else t.float()
 
 
@@ -38,10 +40,10 @@ def kl_rows(base_logp: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """(n,) KL_i of rows `base_logp` (n, V) and `z` (n, V) (same device), in the dtype the formula
     gives (z's upcast one promoted with base_logp's), no autograd graph: the formula, a block of
     rows at a time."""
-    out = torch.empty(z.shape[0], dtype=torch.promote_types(_upcast(z).dtype, base_logp.dtype), device=z.device)
+    out = torch.empty(z.shape[0], dtype=torch.promote_types(upcast(z).dtype, base_logp.dtype), device=z.device)
     zero = torch.zeros((), dtype=out.dtype, device=z.device)
     for b in _blocks(z.shape[0], z.shape[1]):
-        post = torch.log_softmax(_upcast(z[b]), -1)
+        post = torch.log_softmax(upcast(z[b]), -1)
         base = base_logp[b]
         p = base.exp()
         # 0 · log 0 = 0: a token the base model gives no probability (a −inf logit) adds nothing, not NaN.
@@ -68,7 +70,7 @@ class PickedKLRows(torch.autograd.Function):
         grad_z = torch.empty_like(z) if ctx.needs_input_grad[1] else None
         for b in _blocks(z.shape[0], z.shape[1]):
             g = grad[b].unsqueeze(-1)
-            post = torch.log_softmax(_upcast(z[b]), -1)
+            post = torch.log_softmax(upcast(z[b]), -1)
             base = base_logp[b]
             # p in base_logp's dtype, as the formula has it, then promoted as its product promotes it
             # (an fp32 base against fp64 logits: Σ_v p_v summed in fp32 was 5e-9 off in the gradient).
