@@ -40,7 +40,8 @@ def kl_rows(base_logp: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """(n,) KL_i of rows `base_logp` (n, V) and `z` (n, V) (same device), in the dtype the formula
     gives (z's upcast one promoted with base_logp's), no autograd graph: the formula, a block of
     rows at a time."""
-    out = torch.empty(z.shape[0], dtype=torch.promote_types(upcast(z).dtype, base_logp.dtype), device=z.device)
+    # upcast of no rows for its dtype: upcast(z) converted all of a 16-bit z, (n, V), to read it.
+    out = torch.empty(z.shape[0], dtype=torch.promote_types(upcast(z[:0]).dtype, base_logp.dtype), device=z.device)
     zero = torch.zeros((), dtype=out.dtype, device=z.device)
     for b in _blocks(z.shape[0], z.shape[1]):
         post = torch.log_softmax(upcast(z[b]), -1)
