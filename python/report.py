@@ -533,9 +533,8 @@ def _run(args, t_start) -> int:
             raise UserError(str(exc)) from None
     out_dir = Path(args.out_dir)
     md_path = Path(args.markdown) if args.markdown else out_dir / "report.md"
-    if md_path.is_dir():  # else written only at the end, after the whole run: a traceback, no report.md
-        raise UserError(f"--markdown {md_path}: is a folder; give a file name")
-    # Before the model loads: a file in the way is one error line, not a traceback.  The folders are
+    # Before the model loads: a file in the way is one error line, not a traceback (report.md is written
+    # only at the end, after the whole run: a folder there was a traceback, no report.md).  The folders are
     # made when the files are written (write_json, below): made here, a run refused after the load
     # (--layers the model lacks) left them behind, empty.
     for flag, path, in_folder in (("--out-dir", out_dir / "report.json", True), ("--markdown", md_path, False)):
