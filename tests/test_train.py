@@ -2617,6 +2617,79 @@ def test_a_training_step_checks_its_gradients_with_one_host_read(gen, monkeypatc
             assert all_finite_many(tensors) == all(t is None or all_finite(t) for t in tensors)
 
 
+class _AliasedGradient(torch.autograd.Function):
+    """x ↦ 2x, whose backward returns a tensor that it keeps elsewhere (`same`), or an alias of it."""
+
+    @staticmethod
+    def forward(x, held, same):
+        return x * 2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.held, ctx.same = inputs[1], inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.held if ctx.same else ctx.held.detach(), None, None
+
+
+@pytest.mark.parametrize("scale", [1.0, 32.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_scaled_grads_divides_autograds_own_gradients_in_place(dtype, scale, gen):
+    """A training step's gradients are divided by the backward's scale in place where autograd's
+    result is a tensor of its own: `g / scale` copied every one of them while autograd's were still
+    held, the step's peak (SmolLM2, MoEditor: 4 editor-weight gradients of 61.9 MiB and their 4
+    quotients).  A gradient that is a view (an expanded sum's), listed twice (one tensor for both
+    terms of a sum), a tensor held elsewhere or an alias of one is divided into a new tensor, as
+    before: the step accumulates and clips the returned gradients in place.  The values are
+    `g / scale`'s bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import dcedit_kernels.train as train_module
+    from dcedit_kernels import ops
+
+    G, d, r = 2, 5, 3
+    counts = torch.randint(0, 4, (G,), generator=gen)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).to(torch.int32)
+    draw = lambda *shape: torch.randn(*shape, generator=gen).to(dtype)  # noqa: E731
+    h = torch.randn(int(counts.sum()), d, generator=gen)
+    # u, v, bias: used three times (the modes of three weights of one shape), their gradients summed
+    # by autograd; e: an expanded gradient; p3 and p4: one gradient tensor for both; q1: a tensor
+    # held elsewhere; q2: an alias of one.
+    u, v, bias, e, p3, p4, q1, q2, unused = (draw(*shape).requires_grad_() for shape in (
+        (G, d, r), (G, r, d), (G, d), (3,), (2, 4), (2, 4), (6,), (7,), (4,)))
+    params = [u, v, bias, e, p3, p4, q1, q2, unused]
+    w, wout, held1, held2 = draw(2, 4), torch.randn(3, len(h), d, generator=gen), draw(6), draw(7)
+    kept = [held1.clone(), held2.clone()]
+
+    def loss():
+        layers = sum((ops.grouped_lowrank(h, offsets, u, v, bias) * wout[m]).sum() for m in range(3))
+        return (layers + e.sum() + ((p3 + p4) * w).sum() + _AliasedGradient.apply(q1, held1, True).sum()
+                + _AliasedGradient.apply(q2, held2, False).sum())
+
+    want = [None if g is None else g / scale for g in torch.autograd.grad(loss() * scale, params, allow_unused=True)]
+
+    class Copies(TorchDispatchMode):
+        shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.div.Tensor and args[1] == scale:
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    value = loss()
+    with Copies() as copies:
+        got = train_module._scaled_grads(value, params, scale)
+    assert copies.shapes == [(3,), (2, 4), (6,), (7,)]  # e, p3 (p4 then owns autograd's tensor), q1, q2
+    assert got[-1] is None
+    for g, wg in zip(got[:-1], want[:-1]):
+        assert g.dtype == wg.dtype and torch.equal(g, wg)
+    storages = [t.untyped_storage().data_ptr() for t in got[:-1] + [held1, held2]]
+    assert len(set(storages)) == len(storages)
+    assert torch.equal(held1, kept[0]) and torch.equal(held2, kept[1])
+
+
 # ---------------------------------------------------------------------------------------------
 # One whole training step against a float64 reference written from the docstring
 # ---------------------------------------------------------------------------------------------
