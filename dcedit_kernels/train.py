@@ -485,7 +485,8 @@ def _scaled_grads(loss: torch.Tensor, params: list, scale: float) -> list:
     for k in range(len(grads)):  # by index: a loop variable would be one more reference
         if grads[k] is None:
             continue
-        if type(grads[k]) is torch.Tensor and grads[k].is_contiguous() and _owners(grads, k) == fresh:
+        if (fresh is not None and type(grads[k]) is torch.Tensor and grads[k].is_contiguous()
+                and _owners(grads, k) == fresh):
             if scale != 1:
                 grads[k].div_(scale)
         else:
@@ -493,11 +494,16 @@ def _scaled_grads(loss: torch.Tensor, params: list, scale: float) -> list:
     return grads
 
 
-def _owners(items: list, k: int) -> tuple:
+def _owners(items: list, k: int) -> tuple | None:
     """The references to `items[k]` from Python, to its tensor and to its memory, each counted with
     its own reader's (which differ between Python and torch versions: torch 2.15 counts the Python
-    storage object it reads through, 2.5 to 2.13 do not), to compare with a new tensor's."""
-    return sys.getrefcount(items[k]), items[k]._use_count(), torch._C._storage_Use_Count(items[k].untyped_storage()._cdata)
+    storage object it reads through, 2.5 to 2.13 do not), to compare with a new tensor's.  None where
+    torch lacks these private counters (then every gradient is divided into a new tensor, as before)."""
+    try:
+        return (sys.getrefcount(items[k]), items[k]._use_count(),
+                torch._C._storage_Use_Count(items[k].untyped_storage()._cdata))
+    except AttributeError:
+        return None
 
 
 def _finite(grads: list) -> bool:

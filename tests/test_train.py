@@ -2690,6 +2690,19 @@ def test_scaled_grads_divides_autograds_own_gradients_in_place(dtype, scale, gen
     assert torch.equal(held1, kept[0]) and torch.equal(held2, kept[1])
 
 
+def test_scaled_grads_copies_on_a_torch_without_the_private_counters(gen, monkeypatch):
+    """_scaled_grads' in-place division reads torch's private use counters; a torch without them
+    divides every gradient into a new tensor, as before, rather than failing the step."""
+    import dcedit_kernels.train as train_module
+
+    a, b = torch.randn(3, 4, generator=gen, requires_grad=True), torch.randn(5, generator=gen, requires_grad=True)
+    w = torch.randn(3, 4, generator=gen)
+    want = [g / 8 for g in torch.autograd.grad(((a * w).sum() + b.square().sum()) * 8, [a, b])]
+    monkeypatch.delattr(torch._C, "_storage_Use_Count")
+    got = train_module._scaled_grads((a * w).sum() + b.square().sum(), [a, b], 8.0)
+    assert all(torch.equal(g, wg) for g, wg in zip(got, want))
+
+
 # ---------------------------------------------------------------------------------------------
 # One whole training step against a float64 reference written from the docstring
 # ---------------------------------------------------------------------------------------------
