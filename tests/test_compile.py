@@ -393,3 +393,32 @@ def test_compiled_model_sees_each_blocks_own_edits_of_the_same_shapes(gen):
         torch.testing.assert_close(compiled(input_ids=ids).logits, base)
         assert not _ACTIVE
     assert not torch.allclose(outputs[0], outputs[1])
+
+
+def test_picked_kl_compiles_twice_over_kl_position_counts(gen, monkeypatch):
+    """The training KL (picked_kl's autograd.Function, its rows in blocks) over a new number n of KL
+    positions at each call, as a training step's: one static compile, then one dynamic one.  The
+    blocks' loop read n and specialised the trace on it: one compile per n (4 for these 4).  The
+    eager call runs in blocks of a few rows; the compiled one in one block, bit for bit the same."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from dcedit_kernels import picked_kl_function
+    from dcedit_kernels.losses import picked_kl
+
+    V = int(torch.randint(5, 20, (1,), generator=gen))
+    monkeypatch.setattr(picked_kl_function, "ROWS_BUDGET", V * int(torch.randint(1, 4, (1,), generator=gen)))
+    sizes = torch.randperm(40, generator=gen)[:8].tolist()
+    sizes = [n for n in sizes if n > 1 and n != V][:4]  # 0/1 and a size equal to V are specialised (duck sizing)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(picked_kl, backend=counter, fullgraph=True)
+    for n in sizes:
+        base_logp = torch.log_softmax(randn((n, V), gen, torch.float64), -1)
+        base_logp[0, int(torch.randint(0, V, (1,), generator=gen))] = -float("inf")  # 0 · log 0 = 0
+        base_logp.requires_grad_()
+        z = randn((n, V), gen, torch.float64).requires_grad_()
+        want, want_grads = output_and_grads(picked_kl, (base_logp, z))
+        got, got_grads = output_and_grads(compiled, (base_logp, z))
+        assert torch.equal(got, want)
+        for g, w in zip(got_grads, want_grads):
+            assert torch.equal(g, w)
+    assert counter.frame_count == 2, counter.frame_count
