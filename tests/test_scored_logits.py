@@ -14,7 +14,7 @@ from helpers import input_shapes, rel_err, seed_from, skip_fp32_logits
 from test_model_editor import assert_bit_identical, one_thread, random_requests, snapshot  # noqa: F401 (one_thread: autouse)
 from test_model_editor import words
 
-from dcedit_kernels import EditRequest, TrainConfig
+from dcedit_kernels import EditRequest, TrainConfig, edit_capture
 from dcedit_kernels.capture import capture_factors
 from dcedit_kernels.head_input import head_input
 from dcedit_kernels.losses import edit_loss, scored_accuracy, target_nll
@@ -673,6 +673,67 @@ def test_chunked_capture_fills_its_buffers_as_the_join_would(arch, tokens, monke
             for field in ("mu", "eta", "edit_offsets"):
                 a, b = getattr(got[0][name], field), getattr(joined[0][name], field)
                 assert a.dtype == b.dtype and torch.equal(a, b), (name, field)
+
+
+# The last block first: under tokens="all" most of its rows are zero (no gradient but at the
+# scored positions); the other layer's zero rows are the rows' last tokens.
+NONZERO_LAYERS = {"gpt2": ["transformer.h.1.mlp.c_proj", "transformer.h.0.mlp.c_fc"],
+                  "llama": ["model.layers.1.mlp.down_proj", "model.layers.0.mlp.down_proj"],
+                  "bart": SEQ2SEQ["bart"]}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bart"])
+@pytest.mark.parametrize("tokens", ["all", "target"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_capture_nonzero_is_the_capture_without_its_zero_rows(arch, tokens, dtype, monkeypatch, gen):
+    """`_capture_nonzero` (what apply uses) drops each chunk's zero rows as it runs: its factors
+    are bit for bit `Factors.without_zero_rows()` of `capture`'s, on one chunk, with the chunks
+    copied into their buffers (`_capture_into`) and with the chunks joined afterwards (its
+    fallback, and the seq2seq path) and with a layer's pieces merged as they come
+    (`_merge_small`), also for an edit whose rows are all zero (one per chunk) and a chunk whose
+    rows of a layer are all zero; the loss, features and the count of rows captured (before the
+    drop) are capture's."""
+    model, tok = tiny_model(arch, seed=int(torch.randint(0, 100, (1,), generator=gen)), dtype=dtype)
+    reqs = random_requests(gen, 8)
+    first, second = NONZERO_LAYERS[arch]
+    real_rows = ModelEditor._capture_rows
+    calls = []
+
+    def zeroed_rows(self, *args, **kwargs):  # the same zeros in the same chunks for both captures
+        factors, feats, loss = real_rows(self, *args, **kwargs)
+        calls.append(None)
+        first_edit = slice(0, int(factors[first].edit_offsets[1]))  # the chunk's first edit: every row zero
+        factors[first].eta[first_edit] = 0
+        factors[second].mu[first_edit] = 0
+        if len(calls) == 2:
+            factors[second].eta.zero_()  # this chunk keeps no row of `second`
+        return factors, feats, loss
+
+    monkeypatch.setattr(ModelEditor, "_capture_rows", zeroed_rows)
+    for chunk, joined, merged in ((None, False, False), (3, False, False), (3, False, True), (3, True, False)):
+        me = ModelEditor(model, tok, [first, second], method="moeditor", n_editors=2, rank=3, tokens=tokens,
+                         capture_batch_size=chunk)
+        # A layer's pieces are merged once they hold this many bytes (32 MiB); here (8 KiB, pieces of
+        # 1-30 KiB) every chunk or few, the merged blocks then never merged again.
+        monkeypatch.setattr(edit_capture, "_MERGED_BYTES", 8 << 10 if merged else 32 << 20)
+        if joined:  # the last case
+            monkeypatch.setattr(ModelEditor, "_capture_into", lambda *a: None)
+        batch = me.tokenize([r.prompt for r in reqs], [r.target for r in reqs])
+        calls.clear()
+        full, feats, loss = me.capture(batch)
+        calls.clear()
+        nonzero, nonzero_feats, nonzero_loss, captured = me._capture_nonzero(batch)
+        assert torch.equal(nonzero_feats, feats) and torch.equal(nonzero_loss, loss)
+        assert captured == sum(f.num_tokens for f in full.values())
+        assert list(nonzero) == list(full)  # the same layers in the same order
+        for name in (first, second):
+            want, got = full[name].without_zero_rows(), nonzero[name]
+            assert got.num_tokens < full[name].num_tokens, name  # the zeroed edit at least
+            for field in ("mu", "eta", "edit_offsets"):
+                a, b = getattr(got, field), getattr(want, field)
+                assert a.dtype == b.dtype and a.device == b.device and torch.equal(a, b), (chunk, joined, name, field)
+        counts = nonzero[first].edit_offsets.diff()
+        assert int((counts == 0).sum()) >= (1 if chunk is None else 3)  # one all-zero edit per chunk
 
 
 def test_run_editors_consume_takes_each_layers_factors(gen):
