@@ -705,7 +705,16 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
                     # Undo writes into the Parameter itself, not into the out×in view of a Conv1D
                     # weight: `model.to(dtype or device)` after the edit swaps the Parameter's data,
                     # and a view of the old data would take the restore while the model kept the edit.
-                    saved.append((param, previous if weight is param else previous.t()))
+                    # The written weight is not in `saved` yet: an error in forming its entry (the
+                    # transpose is an op, which a dispatch mode or tensor subclass may fail) undoes it
+                    # here.  A sweep failing each op of a GPT-2 apply in turn left the weight being
+                    # recorded shifted, under a note saying every weight was restored.
+                    try:
+                        entry = (param, previous if weight is param else previous.t())
+                    except BaseException:
+                        restore([(weight, previous)])
+                        raise
+                    saved.append(entry)
                 changed[name] = float((weight != previous).sum()) / max(weight.numel(), 1)
         except BaseException as exc:
             restore(saved)

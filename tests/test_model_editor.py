@@ -443,10 +443,12 @@ class FailAtOp(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __init__(self, at=None, error=None):
         super().__init__()
-        self.at, self.error, self.calls = at, error, 0
+        self.at, self.error, self.calls, self.ops = at, error, 0, []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.calls += 1
+        if self.at is None:
+            self.ops.append(func)  # a counting run: which op each call number is
         if self.calls == self.at:
             raise self.error
         return func(*args, **(kwargs or {}))
@@ -486,6 +488,36 @@ def test_an_apply_failing_at_any_op_leaves_the_model_and_editors_as_they_were(me
         now_tensors, now_routes = editor_state()
         assert all(torch.equal(v, now_tensors[key]) for key, v in tensors.items()), at
         assert all(torch.equal(v, now_routes[key]) for key, v in routes.items()), at
+    me.apply(requests)
+    never_failed.apply(requests)
+    for name in me.layers:
+        assert torch.equal(me.modules[name].weight, never_failed.modules[name].weight), name
+
+
+def test_an_apply_failing_at_any_op_of_its_writes_restores_every_conv1d_weight(gen):
+    """SPEC Reliability, every op of the write phase (from the first weight's shift to the end of
+    apply) failed in turn, on GPT-2's Conv1D layers, whose saved entry is the transpose of what the
+    shift returns: the transpose after a weight's write failed with that weight shifted and not yet
+    recorded, so it kept its shift under a note saying every weight was restored (found by a
+    fault-injection sweep over each op of a GPT-2 apply: the transpose after each of its writes)."""
+    # Two Conv1D layers (one editor, two modes): every op after the first write is an apply of its own.
+    me = make_editor("gpt2", "mend", gen)
+    me = ModelEditor(me.model, me.tokenizer, LAYERS["gpt2"][:2], method="mend", rank=7, edit_lr=0.1)
+    randomize_editors(me, gen)
+    assert all(type(m).__name__ == "Conv1D" for m in me.modules.values())
+    model, requests = me.model, random_requests(gen, 2)
+    never_failed = copy.deepcopy(me)
+    count = FailAtOp()
+    with count:
+        handle = me.apply(requests)
+    handle.undo()
+    first_write = 1 + next(i for i, op in enumerate(count.ops) if "apply_shift_" in str(op))
+    start = model_state(model)
+    for at in range(first_write, count.calls + 1):
+        with pytest.raises(RuntimeError, match="injected"), FailAtOp(at, RuntimeError("injected")):
+            me.apply(requests)
+        assert_same_state(start, model, f"an apply that failed at op {at} ({count.ops[at - 1]})")
+        assert me._live == [], at
     me.apply(requests)
     never_failed.apply(requests)
     for name in me.layers:
