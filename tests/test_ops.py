@@ -2420,6 +2420,63 @@ def test_editor_apply_with_a_wrong_weight_leaves_the_editor_as_it_was(gen):
         assert not torch.equal(weight, before)
 
 
+@pytest.mark.parametrize("failure", ["nan", "overflow", "write"])
+def test_editor_apply_that_fails_after_its_forward_leaves_the_editor_as_it_was(failure, gen, monkeypatch):
+    """GroupedEditor.apply_ in training mode merges the factors (and a gate's features) into its
+    running statistics and draws RaEditor's split before the shift is formed: a failure after that
+    (factors holding a NaN, a 16-bit sum that overflows, an error in the write) left those merged,
+    NaN for good after a NaN factor, so every later shift of the editor was NaN, and the generator
+    advanced.  Now the statistics and the generator go back with the weight, and the next apply
+    gives what an editor that never failed gives."""
+    import copy
+
+    from dcedit_kernels import MEND, MoEditor, RaEditor
+    from helpers import seed_from
+
+    T = 5 + int(torch.randint(0, 4, (1,), generator=gen))
+    mu, eta = randn((T, 6), gen), randn((T, 4), gen)
+    offsets = torch.tensor([0, 2, T], dtype=torch.int32)
+    feats = randn((2, 3), gen)
+    for ed in (MEND(6, 4, rank=2), RaEditor(6, 4, n_editors=2, rank=2, seed=seed_from(gen)),
+               MoEditor(6, 4, n_editors=2, rank=2, feat_dim=3)):
+        ed.train()
+        ed(mu, eta, offsets, edit_feats=feats)  # statistics of two or more rows: the forward normalises
+        never_failed = copy.deepcopy(ed)
+        buffers = {k: v.clone() for k, v in ed.state_dict().items()}
+        state = ed.route_generator.get_state() if ed.route_generator is not None else None
+        weight, factors, error = randn((4, 6), gen), (mu, eta), (FloatingPointError, "not finite")
+        if failure == "nan":
+            bad = eta.clone()
+            bad[int(torch.randint(0, T, (1,), generator=gen)), 1] = float("nan")
+            factors = (mu, bad)
+        elif failure == "overflow":  # 60000 ± a shift of ~1e6 is past fp16's 65504
+            weight = torch.full((4, 6), 60000.0, dtype=torch.float16)
+            monkeypatch.setattr(ed, "alpha", torch.nn.Parameter(torch.full_like(ed.alpha, 1e6)))
+        else:
+            def write_fails(*args, **kwargs):
+                raise RuntimeError("injected: the write failed")
+
+            monkeypatch.setattr(ops, "apply_shift_", write_fails)
+            error = (RuntimeError, "injected")
+        before = weight.clone()
+        with torch.random.fork_rng(devices=[]):  # MoEditor's training noise: drawn alike by both
+            with pytest.raises(error[0], match=error[1]):
+                ed.apply_(weight, *factors, offsets, edit_feats=feats)
+        monkeypatch.undo()
+        assert torch.equal(weight, before), type(ed).__name__
+        for k, v in buffers.items():
+            assert torch.equal(v, ed.state_dict()[k]), f"{k} changed by a failed apply_"
+        if state is not None:
+            assert torch.equal(state, ed.route_generator.get_state())
+        weight = randn((4, 6), gen)
+        twin = weight.clone()
+        with torch.random.fork_rng(devices=[]):
+            ed.apply_(weight, mu, eta, offsets, edit_feats=feats)
+        never_failed.apply_(twin, mu, eta, offsets, edit_feats=feats)
+        assert torch.equal(weight, twin)
+        assert all(torch.equal(v, never_failed.state_dict()[k]) for k, v in ed.state_dict().items())
+
+
 def test_grouped_editor_refuses_bad_settings_and_factor_shapes(gen):
     """GroupedEditor's other refusals, each a ValueError naming the argument: an unknown routing or
     fusion ("none" is the op's, not an editor's), routing="single" with several editors, top_k above

@@ -14,6 +14,7 @@ from .._checks import (
     tracing,
 )
 from ..devices import as_device
+from ..edit_handle import deferred_interrupt
 from ..reference.grouped_outer import FUSIONS
 from ..reference.segments import group_ids, kept_offsets
 from ..safetensors_file import check_state, json_metadata, read_safetensors
@@ -362,9 +363,25 @@ class GroupedEditor(nn.Module):
 
         weight: the edited layer's (out_features, in_features) weight; the other arguments are
         `forward`'s.  The weight is checked before the forward runs: a wrong one raises with the
-        running norms and the routing generator as they were."""
+        running norms and the routing generator as they were.  So does any later failure (factors
+        that give a non-finite shift, FloatingPointError; an error or Ctrl-C in the forward or the
+        write): the statistics a training-mode forward had merged and the groups it had drawn go
+        back.  Before, one call on factors holding a NaN left NaN running norms, and every later
+        shift of the editor non-finite."""
         check_weight(weight, (self.out_features, self.in_features))
-        return self(mu, eta, edit_offsets, mode, edit_feats).apply_(weight)
+        # Vectors of the layer widths and a generator state: small beside the factors.
+        buffers = {k: b.clone() for k, b in self.named_buffers()} if self.training else {}
+        route = self._route_gen.get_state() if isinstance(self._route_gen, torch.Generator) else None
+        try:
+            return self(mu, eta, edit_offsets, mode, edit_feats).apply_(weight)
+        except BaseException:
+            with deferred_interrupt(), torch.no_grad():  # a Ctrl-C meanwhile waits until all is back
+                for k, b in self.named_buffers():
+                    if k in buffers:
+                        b.copy_(buffers[k])
+                if route is not None:
+                    self._route_gen.set_state(route)
+            raise
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path: str | os.PathLike) -> None:
