@@ -100,6 +100,15 @@ def editor_kwargs(method: str, setting: dict, seed: int) -> dict:
     return kwargs
 
 
+# Printed under the table: its header abbreviates, and "rel" and "NS" say nothing on their own.
+TABLE_LEGEND = (
+    "ES: the new target on the paraphrases (edit success); rel: on the edit prompts themselves;\n"
+    "DD: share of neighbour prompts whose prediction the edit changed; LMP = ES - DD; NS: the\n"
+    "neighbour answers still right (ES, rel, NS: teacher-forced target-token accuracy, 0-1);\n"
+    "latency s: wall time of the edit; peak MiB: growth of the process's peak RSS during it."
+)
+
+
 def format_table(unedited: dict, results: dict) -> str:
     head = f"{'method':<11}{'ES':>7}{'rel':>7}{'DD':>7}{'LMP':>8}{'NS':>7}{'latency s':>11}{'peak MiB':>9}"
     lines = [head, "-" * len(head)]
@@ -255,6 +264,7 @@ def _main(argv) -> int:
 
     print("[4/4] results on the held-out batch (teacher-forced token accuracy; see RESULTS.md)\n")
     print(format_table(unedited, results))
+    print("\n" + TABLE_LEGEND)
     print()
     for i, f in enumerate(show):
         print(f"{f.prompt!r}: true {f.true_target!r} -> new {f.new_target!r}")

@@ -56,6 +56,7 @@ def test_quick_demo_writes_results_and_plot(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in ("FT+KL", "MEND", "RaEditor", "MoEditor", "ProEditor", "LMP"):
         assert name in proc.stdout
+    assert _demo_module().TABLE_LEGEND in proc.stdout  # under the table
 
     result = json.loads((out / "results.json").read_text())
     assert result["quick"] is True
@@ -1800,6 +1801,17 @@ def test_demo_table_puts_each_metric_in_its_column():
     assert lines[1] == "-" * len(lines[0])
     assert lines[2] == "unedited     0.100  0.200  0.000   0.100  0.900          -        -"
     assert lines[3] == "MEND         0.500  0.750  0.125   0.375  0.625       1.23       57"
+
+
+def test_demo_table_legend_explains_every_column():
+    """The demo prints a legend under its table: each column of the header is named in it (the
+    header's "rel" and "NS" said nothing on their own to a reader of the demo's output)."""
+    demo = _demo_module()
+    header = demo.format_table(dict(es=0.1, reliability=0.2, lmp=0.1, ns=0.9), {}).splitlines()[0]
+    columns = ["ES", "rel", "DD", "LMP", "NS", "latency s", "peak MiB"]
+    assert header.split()[1:] == " ".join(columns).split()
+    for column in columns:
+        assert f"{column}: " in demo.TABLE_LEGEND or f"{column} = " in demo.TABLE_LEGEND, column
 
 
 def test_demo_editor_kwargs_give_raeditor_the_moeditors_n_editors():
