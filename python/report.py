@@ -313,7 +313,7 @@ def _editors_line(report: dict) -> str:
             f"{report['n_train']} edits of `{Path(report['train_data'] or '-').name}`"
             + (f" ({report['n_train_unlocalized']} of them without their locality prompt, which DD scores)"
                if report.get("n_train_unlocalized") else "")
-            + f": {tc['steps']} steps × "
+            + f": {counted(tc['steps'], 'step')} × "
             # training caps a batch at the training edits (train_editor warns): say what it ran
             f"{min(tc['batch_size'], report['n_train'] or tc['batch_size'])} edits, Adam lr {tc['lr']} (edit steps α: {tc['lr_lr']}), " + ", ".join(parts) + ". ")
     if "raeditor" in run:
@@ -349,7 +349,7 @@ def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Pa
         "```",
         "",
         f"- Model: SmolLM2-135M-Instruct (`{Path(report['model']).name}`), fp32, CPU, "
-        f"{report['threads']} thread(s); machine: {report['machine']}.",
+        f"{counted(report['threads'], 'thread')}; machine: {report['machine']}.",
         f"- Edited weights: {', '.join(f'`{l}`' for l in report['layers'])}.",
         *([_editors_line(report)
            + ("each edit's own mean target NLL, summed (loss_reduction 'edit'): an edit's factors do not depend on "
@@ -361,7 +361,7 @@ def markdown(report: dict, sizes: list[int], grad_layers: list[str], md_path: Pa
         *([f"- Rows \"MoEditor (add)\" and the like: the same trained editors, their group shifts fused by "
            f"that rule at apply time instead of {report['editor'].get('fusion', 'sss')} (`--fusions`)."]
           if any(":" in key for key in report["methods"]) else []),
-        *([f"- FT / FT+KL: {report['ft_steps']} Adam steps (lr 5e-4) on the edited weights; FT+KL adds the KL on "
+        *([f"- FT / FT+KL: {counted(report['ft_steps'], 'Adam step')} (lr 5e-4) on the edited weights; FT+KL adds the KL on "
            + (f"the locality prompts of the first {report['ft_kl_edits']} training edits"
               + (f" whose prompts DD does not score ({report['ft_kl_skipped']} skipped)"
                  if report.get("ft_kl_skipped") else "") if report.get("ft_kl_edits")

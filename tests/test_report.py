@@ -113,6 +113,9 @@ def test_given_loss_weights_are_rendered(report_module, tmp_path):
     report["train_config"]["batch_size"] = 25  # more than the 4 training edits: every batch is all 4
     text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
     assert ": 2 steps × 4 edits, Adam" in text  # once "× 25"
+    report["train_config"]["steps"] = 1  # "1 steps × 4 edits" before
+    text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
+    assert ": 1 step × 4 edits, Adam" in text
     report["methods"] = {"mend": _result(0.2, 0.1)}
     report["training"] = {"mend": dict(cached=False, train_s=1.0)}  # MEND only: no other editor described
     text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
@@ -176,7 +179,7 @@ def test_ft_rows_alone_and_ft_kl_texts_are_rendered(report_module, tmp_path):
     report["training"], report["ft_kl_edits"] = {}, 25
     text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
     assert "- Editors" not in text and "| FT+KL | 5 |" in text
-    assert "- FT / FT+KL: 1 Adam steps (lr 5e-4) on the edited weights" in text  # --ft-steps, not editor --steps (2)
+    assert "- FT / FT+KL: 1 Adam step (lr 5e-4) on the edited weights" in text  # --ft-steps, not editor --steps (2)
     assert "FT+KL adds the KL on the locality prompts of the first 25 training edits" in text
     report["ft_kl_edits"] = 0
     assert "FT+KL adds the KL on its generic texts" in report_module.markdown(report, SIZES, layers,
@@ -495,7 +498,9 @@ def test_what_was_run_takes_each_number_from_its_own_field(report_module, tmp_pa
                   training={"mend": dict(cached=False, train_s=22.0)},
                   timings=dict(load_s=11.0, train_s=22.0, eval_s=33.0, gradient_s=44.0, total_s=600.0))
     text = report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
-    assert "- Model: SmolLM2-135M-Instruct (`m.gguf`), fp32, CPU, 4 thread(s); machine: x." in text
+    assert "- Model: SmolLM2-135M-Instruct (`m.gguf`), fp32, CPU, 4 threads; machine: x." in text
+    report["threads"] = 1  # "1 thread(s)" before
+    assert ", CPU, 1 thread; machine" in report_module.markdown(report, SIZES, layers, tmp_path / "report.md", tmp_path)
     assert "trained on the first 5 edits of `train.json`" in text
     assert "for each N_u, 3 samples of N_u edits (the same samples for every method, seed 7)" in text
     assert "- Wall time: load 11 s, training 22 s, evaluation 33 s, gradient statistics 44 s; total 10.0 min." in text
