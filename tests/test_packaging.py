@@ -391,6 +391,22 @@ def test_setup_builds_cuda_for_every_common_gpu_when_none_is_visible(cuda_toolch
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == cuda_toolchain["DEFAULT_CUDA_ARCHS"]
 
 
+@pytest.mark.parametrize("editable", [True, False])
+def test_an_editable_build_keeps_its_objects_for_the_next_install(setup_py, tmp_path, editable):
+    """pip's editable install builds in a new temporary folder each time (setuptools' editable_wheel
+    sets it as build_temp): the build's objects go to build/editable instead, so that torch's ninja
+    build recompiles only what changed.  A wheel or sdist build keeps setuptools' own folder."""
+    from setuptools import Distribution
+
+    build_ext = setup_py["BuildExtension"](Distribution({"name": "dcedit_kernels"}))
+    build_ext.editable_mode = editable
+    build_ext.build_temp = str(tmp_path / "pip-temporary")
+    build_ext.finalize_options()
+    want = ROOT / "build" / "editable" if editable else tmp_path / "pip-temporary"
+    assert Path(build_ext.build_temp) == want
+    assert build_ext.use_ninja == setup_py["cpp_extension"].is_ninja_available()
+
+
 def test_the_version_is_the_same_in_pyproject_and_the_package():
     """The version is written twice, in pyproject.toml (the distribution's) and `__version__` (what
     `dcedit --version` prints and the editor cache keys on): a release that bumped one only would
