@@ -176,6 +176,21 @@ def is_real_number(x) -> bool:
     return True
 
 
+def check_real_number(x, name: str, what: str = "a real number") -> None:
+    """ValueError naming `name` unless `x` is a real number (`is_real_number`) within float64's
+    range (`check_float64_range`; inf and NaN are left to the caller).  An int beyond it (10**400)
+    said "must be a real number, got int", which it is, and a Fraction beyond it passed to float()'s
+    bare OverflowError (fisher_mask's keep and threshold).  A Python float is within it already, and
+    so is an int that is_real_number takes (it tried float() on it)."""
+    if is_real_number(x):
+        if not isinstance(x, (float, int)):
+            check_float64_range(x, name)
+        return
+    if is_int(x):
+        check_float64_range(x, name)  # raises: is_real_number refuses an int only when float() overflows
+    raise ValueError(f"{name} must be {what}, got {type(x).__name__}")
+
+
 def check_float64_range(x, name: str) -> None:
     """ValueError naming `name` when a finite number `x` of a wider type is beyond float64's range:
     float() raised a bare OverflowError for Fraction(10**400) ("integer division result too large
@@ -188,7 +203,8 @@ def check_float64_range(x, name: str) -> None:
     if a is None or (math.isinf(a) and x != a):
         # Not repr() of an overflowing one: repr(Fraction(10**5000)) raises ValueError on Python >= 3.11
         # (int to str beyond 4300 digits).
-        shown = repr(x) if a is not None else f"a {type(x).__name__} too large for a float"
+        kind = type(x).__name__
+        shown = repr(x) if a is not None else f"{'an' if kind[0] in 'aeiouAEIOU' else 'a'} {kind} too large for a float"
         raise ValueError(f"{name} must be within float64's range, got {shown}")
 
 
@@ -313,8 +329,8 @@ def check_fraction_or_threshold(keep, threshold, values_when_tracing: bool = Fal
     for name, value in (("keep", keep), ("threshold", threshold)):
         # A number as alpha is (`is_real_number`): float() would take a str ("0.5"), a bool or a
         # 0-dim tensor (a host sync on CUDA) without a word.
-        if value is not None and not is_real_number(value):
-            raise ValueError(f"{name} must be a real number, got {type(value).__name__}")
+        if value is not None:
+            check_real_number(value, name)
     if not values_now:
         return
     if keep is not None and not (0.0 < float(keep) <= 1.0):

@@ -1693,19 +1693,23 @@ def test_the_fallback_grouped_outer_returns_every_shift_for_none(gen):
 
 def test_an_int_past_floats_range_is_a_value_error(gen):
     """float(10**400) raises OverflowError: the number checks refuse such an int by name, and
-    apply_shift_ writes nothing."""
+    apply_shift_ writes nothing.  They say what is wrong with it, float64's range, as for a Fraction
+    that large (an int said "must be a real number, got int"); fisher_mask's keep and threshold
+    passed such a Fraction to float()'s bare OverflowError."""
     calls = _public_op_calls(gen)
     cases = [("grouped_outer", "alpha"), ("apply_shift_", "alpha"), ("lowrank_delta_linear", "alpha"),
              ("fisher_mask", "keep"), ("fisher_mask", "threshold")]
+    sign, exponent = int(torch.randint(2, (), generator=gen)) * 2 - 1, int(torch.randint(309, 4000, (), generator=gen))
     for name, arg in cases:
-        op, kwargs = calls[name]
-        kwargs = dict(kwargs, **{arg: 10 ** 400})
-        if arg == "threshold":
-            del kwargs["keep"]
-        before = kwargs.get("weight", torch.empty(0)).clone()
-        with pytest.raises(ValueError, match=f"^{arg} must be"):
-            op(**kwargs)
-        assert torch.equal(kwargs.get("weight", torch.empty(0)), before)
+        for huge, kind in ((sign * 10 ** exponent, "an int"), (Fraction(sign * 10 ** exponent, 7), "a Fraction")):
+            op, kwargs = calls[name]
+            kwargs = dict(kwargs, **{arg: huge})
+            if arg == "threshold":
+                del kwargs["keep"]
+            before = kwargs.get("weight", torch.empty(0)).clone()
+            with pytest.raises(ValueError, match=f"^{arg} must be within float64's range, got {kind} too large for a float$"):
+                op(**kwargs)
+            assert torch.equal(kwargs.get("weight", torch.empty(0)), before)
 
 
 @pytest.mark.parametrize("op", ["grouped_lowrank", "lowrank_delta_linear", "fisher_mask"])

@@ -3,7 +3,7 @@
 import torch
 
 from .. import reference
-from .._checks import check_finite_alpha, check_same_device, check_tensor, is_real_number, tracing
+from .._checks import check_finite_alpha, check_real_number, check_same_device, check_tensor, tracing
 from .._library import _LIB
 from ._dispatch import opcall, register
 from .fisher_mask import check_fisher_mask
@@ -59,8 +59,7 @@ def check_apply_shift(weight, delta, alpha=1.0, fisher=None, keep=None, threshol
     check_tensor(delta, "delta")
     if delta.shape != weight.shape:
         raise ValueError(f"delta must have the shape of weight {tuple(weight.shape)}, got {tuple(delta.shape)}")
-    if not is_real_number(alpha):
-        raise ValueError(f"alpha must be a real number, got {type(alpha).__name__}")
+    check_real_number(alpha, "alpha")
     if fisher is not None:
         check_fisher_mask(delta, fisher, keep, threshold)
     elif keep is not None or threshold is not None:

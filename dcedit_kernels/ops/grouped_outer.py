@@ -3,8 +3,8 @@
 import torch
 
 from .. import reference
-from .._checks import (check_finite_alpha, check_grad, check_offsets, check_same_device, check_tensor, compute_dtype,
-                       is_real_number)
+from .._checks import (check_finite_alpha, check_grad, check_offsets, check_real_number, check_same_device, check_tensor,
+                       compute_dtype)
 from ..reference.grouped_outer import FUSIONS, grouped_outer_streaming
 from ._dispatch import backward_op, opcall, register, triton_launcher
 
@@ -49,8 +49,7 @@ def check_grouped_outer(eta, mu, offsets, fusion="add", alpha=1.0):
     check_offsets(offsets, "offsets", eta.shape[0])
     if fusion not in FUSIONS:
         raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
-    if not is_real_number(alpha):
-        raise ValueError(f"alpha must be a real number, got {type(alpha).__name__}")
+    check_real_number(alpha, "alpha")
     check_same_device(dict(eta=eta, mu=mu, offsets=offsets))
 
 

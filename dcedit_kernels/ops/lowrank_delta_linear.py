@@ -4,8 +4,8 @@ import torch
 
 from .. import reference
 from .._checks import (
-    HALF_DTYPES, check_delta_linear_shapes, check_finite_alpha, check_grad, check_ids, check_offsets, check_same_device,
-    check_tensor, compute_dtype, is_real_number,
+    HALF_DTYPES, check_delta_linear_shapes, check_finite_alpha, check_grad, check_ids, check_offsets, check_real_number,
+    check_same_device, check_tensor, compute_dtype,
 )
 from ._dispatch import backward_op, opcall, register, triton_launcher
 
@@ -98,8 +98,8 @@ def check_lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets,
             raise ValueError(f"alpha must {what}, got shape {tuple(alpha.shape)}")
     elif raw:
         raise ValueError(f"alpha must be a tensor of G={G} entries, got {type(alpha).__name__}")
-    elif not is_real_number(alpha):
-        raise ValueError(f"alpha must be a number or a tensor, got {type(alpha).__name__}")
+    else:
+        check_real_number(alpha, "alpha", "a number or a tensor")
     check_same_device(dict(x=x, weight=weight, bias=bias, row_group=row_group, mu_t=mu_t, eta_t=eta_t,
                            offsets=offsets, alpha=alpha))
     return G

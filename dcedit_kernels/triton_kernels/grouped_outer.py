@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import check_same_device, check_tensor, compute_dtype, is_real_number
+from .._checks import check_real_number, check_same_device, check_tensor, compute_dtype
 from .launch import dot_path, dot_split, grouped_outer_tiles, interpreting, native_dot
 from .segment_matmul import mma
 
@@ -184,8 +184,8 @@ def check_alpha(alpha) -> None:
         check_tensor(alpha, "alpha")
         if alpha.numel() != 1:
             raise ValueError(f"alpha must be a number or a one-entry tensor, got shape {tuple(alpha.shape)}")
-    elif not is_real_number(alpha):
-        raise ValueError(f"alpha must be a real number, got {type(alpha).__name__}")
+    else:
+        check_real_number(alpha, "alpha")
 
 
 def launch_grouped_outer(eta, mu, offsets, mode: int, alpha=1.0, precision_from=(), select=False):

@@ -12,7 +12,7 @@ mask and dS_g (five, plus an int64 winner map for "max").
 
 from __future__ import annotations
 
-from .._checks import check_tensor, compute_dtype, is_real_number
+from .._checks import check_real_number, check_tensor, compute_dtype
 from .grouped_outer import FUSION_MODES, check_outer_inputs, launch_grouped_outer
 from .segment_matmul import one_group, segment_matmul
 
@@ -24,8 +24,7 @@ def grouped_outer_backward(grad, eta, mu, offsets, fusion, alpha):
         raise ValueError(f"fusion must be one of {tuple(FUSION_MODES)}, got {fusion!r}")
     check_tensor(grad, "grad", 3 if fusion == "none" else 2)
     check_outer_inputs(eta, mu, offsets, grad=grad)
-    if not is_real_number(alpha):  # float() below: a tensor would be a host read
-        raise ValueError(f"alpha must be a real number, got {type(alpha).__name__}")
+    check_real_number(alpha, "alpha")  # float() below: a tensor would be a host read
     G, T = offsets.shape[0] - 1, eta.shape[0]
     O, I = eta.shape[1], mu.shape[1]
     shape = (G, O, I) if fusion == "none" else (O, I)
