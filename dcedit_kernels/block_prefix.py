@@ -42,7 +42,7 @@ import contextlib
 import threading
 import weakref
 from collections.abc import Sized
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -183,7 +183,10 @@ class _Chain:
 
 
 class PrefixReuse:
-    """The recorded outputs of block k−1, one per reference pass, keyed by the pass's rows."""
+    """The recorded outputs of block k−1, one per reference pass, keyed by the pass's rows.
+
+    A key is a sequence of ints (a list or tuple; kept as a tuple), not any iterable: `run_from`
+    reads it twice (`reusable`, then `record`), so a generator would be recorded under ()."""
 
     def __init__(self, model: nn.Module, blocks: list[nn.Module], k: int):
         self.model, self.blocks, self.k = model, blocks, k
@@ -226,7 +229,7 @@ class PrefixReuse:
             return None
         return cls.for_model(model, modules, no_grad)
 
-    def run_from(self, key: Iterable[int], shape: tuple[int, int]):
+    def run_from(self, key: Sequence[int], shape: tuple[int, int]):
         """`reuse(key)` when the rows `key` were recorded, else `record(key, shape)`: the pass
         inside runs from the kept output of blocks 0..k−1, or through every block keeping it."""
         return self.reuse(key) if self.reusable(key) else self.record(key, shape)
@@ -239,7 +242,7 @@ class PrefixReuse:
         return any(getattr(h, "__module__", None) not in _INERT_HOOK_MODULES for h in hooks)
 
     @contextlib.contextmanager
-    def record(self, key: Iterable[int], shape: tuple[int, int]):
+    def record(self, key: Sequence[int], shape: tuple[int, int]):
         """Inside the block, the model's reference pass over the rows `key` (indices, in the
         pass's order) of (rows, width) `shape`, run with `no_kv_cache(model)`; on a clean exit,
         block k−1's output is kept for `reuse(key)` when the pass ran as the module docstring
@@ -274,13 +277,13 @@ class PrefixReuse:
         if output is not None:
             self.recorded[key] = (output, _hidden(output)._version, chain.input_shape)
 
-    def reusable(self, key: Iterable[int]) -> bool:
+    def reusable(self, key: Sequence[int]) -> bool:
         """Whether `reuse(key)` may run: a recorded output whose hidden state nothing changed in
         place since (a block may return a view of a buffer that the next pass overwrites)."""
         output, version, _ = self.recorded.get(tuple(key), (None, None, None))
         return output is not None and _hidden(output)._version == version
 
-    def confirm(self, key: Iterable[int], run: Callable[[dict], torch.Tensor], batch: dict,
+    def confirm(self, key: Sequence[int], run: Callable[[dict], torch.Tensor], batch: dict,
                 want: torch.Tensor | None) -> None:
         """On this model's first recorded pass (for this k): after a full forward over other rows
         (which leaves behind whatever state the model keeps on its modules), `run(batch)` (the
@@ -318,7 +321,7 @@ class PrefixReuse:
                  "were skipped; its training runs every block for every row (block_prefix)")
 
     @contextlib.contextmanager
-    def reuse(self, key: Iterable[int]):
+    def reuse(self, key: Sequence[int]):
         """Inside the block, blocks 0..k−1 return the output `record(key)` kept, computing nothing
         (their instance-level forwards, accelerate's included, are restored on exit).  Block 0
         called on a hidden state of another shape than in the recorded pass (other rows, another
