@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 from dcedit_kernels.cli import (  # noqa: E402
     METHOD_NAMES, UserError, callers_threads_kept, check_out, greedy_completions, positive_int, require_matplotlib, save_figure,
-    seed_int, set_threads, write_json)
+    seed_int, set_threads, thread_count, write_json)
 from dcedit_kernels.editor_cache import cache_dir, random_routing_twin, trained_editor  # noqa: E402
 
 METHOD_ORDER = ("ft", "ft_kl", "mend", "raeditor", "moeditor", "proeditor")
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out", help="folder for results.json and es_dd.png (default ./demo_out)")
     p.add_argument("--no-cache", action="store_true", help="retrain the editors even when a cached one exists")
     p.add_argument("--seed", type=seed_int, default=0, help="fact split and training seed (default 0)")
-    p.add_argument("--threads", type=positive_int, default=None,
+    p.add_argument("--threads", type=thread_count, default=None,
                    help="CPU threads (default: 1 on machines with <= 2 cores)")
     p.add_argument("--steps", type=positive_int, default=None, help="editor training steps (default 20, --quick 6)")
     p.add_argument("--no-progress", action="store_true",

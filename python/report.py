@@ -43,7 +43,7 @@ import torch  # noqa: E402
 
 from dcedit_kernels.cli import (  # noqa: E402
     METHOD_NAMES, UserError, callers_threads_kept, check_out, counted, load_requests, positive_int, require_matplotlib, save_figure,
-    seed_int, set_threads, write_json, write_text)
+    seed_int, set_threads, thread_count, write_json, write_text)
 from dcedit_kernels.capture import resolve_modules  # noqa: E402
 from dcedit_kernels.editor_cache import cache_dir, random_routing_twin, trained_editor  # noqa: E402
 from dcedit_kernels.ft_baseline import locality_texts  # noqa: E402
@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ft-steps", type=positive_int, default=10,
                    help="FT and FT+KL: Adam steps on the edited weights per edit batch (default 10)")
     p.add_argument("--seed", type=seed_int, default=0, help="edit samples' and training seed (default 0)")
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: 1 on <=2-core machines)")
+    p.add_argument("--threads", type=thread_count, default=None, help="CPU threads (default: 1 on <=2-core machines)")
     p.add_argument("--no-cache", action="store_true", help="retrain the editors even when a cached one exists")
     p.add_argument("--out-dir", default="report_out",
                    help="folder for report.json, report.md and the plots (default ./report_out)")

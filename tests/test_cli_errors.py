@@ -49,6 +49,23 @@ def test_cli_main_gives_torch_threads_back(capsys, tiny_model_dir):
     assert torch.get_num_threads() == threads
 
 
+@pytest.mark.parametrize("command", ["train", "edit", "evaluate"])
+def test_threads_past_a_c_int_are_refused_by_flag(command, capsys, gen):
+    """torch.set_num_threads takes a C int: --threads 2**31 (or more) ended in its bare "Overflow when
+    unpacking long" traceback (exit status 1), before any model; now argparse's line naming the flag
+    (exit status 2), and set_threads refuses it from Python callers; 2**31 - 1 is still taken."""
+    threads = torch.get_num_threads()
+    too_many = 2**31 + int(torch.randint(0, 2**40, (), generator=gen))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.build_parser().parse_args([command, "--threads", str(too_many)])
+    assert exit_info.value.code == 2
+    assert f"argument --threads: must be a positive int up to 2**31 - 1, got '{too_many}'" in capsys.readouterr().err
+    assert cli.build_parser().parse_args([command, "--threads", str(2**31 - 1)]).threads == 2**31 - 1
+    with pytest.raises(cli.UserError, match=r"^--threads must be a positive int up to 2\*\*31 - 1, got "):
+        cli.set_threads(too_many)
+    assert torch.get_num_threads() == threads
+
+
 @pytest.mark.parametrize("cores", [1, 2, 3, None])
 def test_set_threads_default_is_one_thread_on_two_cores_or_fewer(cores, monkeypatch):
     """Without --threads: 1 thread where os.cpu_count() is at most 2 (or unknown), torch's own count
@@ -68,6 +85,8 @@ def test_set_threads_default_is_one_thread_on_two_cores_or_fewer(cores, monkeypa
 def test_cli_helpers_refuse_bad_values_from_python_callers():
     with pytest.raises(cli.UserError, match="--threads must be a positive int, got 0"):
         cli.set_threads(0)
+    with pytest.raises(cli.UserError, match="--threads must be a positive int, got True"):
+        cli.set_threads(True)
     with pytest.raises(cli.UserError, match="limit must be a positive int or None, got 0"):
         cli.load_requests(None, 0)
     with pytest.raises(cli.UserError, match=r"--dtype must be one of .*got 'float8'"):

@@ -571,6 +571,8 @@ def _demo_module():
 
 @pytest.mark.parametrize("argv, message", [
     (["--threads", "0"], "argument --threads: must be a positive int, got '0'"),
+    # torch.set_num_threads' "Overflow when unpacking long" traceback (a C int)
+    (["--threads", str(2**31)], "argument --threads: must be a positive int up to 2**31 - 1, got '2147483648'"),
     (["--steps", "-5"], "argument --steps: must be a positive int, got '-5'"),
     # torch.manual_seed's "Overflow when unpacking long long" traceback, after --out was created
     (["--seed", str(2**64)], "argument --seed: must be an int in [-2**63, 2**64 - 1]"),

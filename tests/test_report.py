@@ -962,3 +962,12 @@ def test_a_refused_report_or_demo_leaves_its_out_folder_as_it_was(program, extra
     assert run(kept) == 2
     assert said in capsys.readouterr().err
     assert sorted((p.name, p.read_bytes()) for p in kept.iterdir()) == before
+
+
+def test_threads_past_a_c_int_are_refused_by_flag(report_module, capsys):
+    """torch.set_num_threads takes a C int: --threads 2**31 ended in its bare "Overflow when unpacking
+    long" traceback; now argparse's line naming the flag (exit status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        report_module.parse_args(["--threads", str(2**31)])
+    assert exit_info.value.code == 2
+    assert "argument --threads: must be a positive int up to 2**31 - 1, got '2147483648'" in capsys.readouterr().err

@@ -40,7 +40,7 @@ from .inputs import (callers_threads_kept, check_count, default_layers, detect_f
 from .messages import counted, in_cli_terms, rank0, show_warning
 from .methods import EDITOR_METHODS, METHOD_NAMES
 from .options import (METRICS_HELP, build_parser, check_flags, editor_kwargs, parse_sizes, positive_int, rate,
-                      seed_int)
+                      seed_int, thread_count)
 from .output_files import check_inputs, check_out, save_figure, train_out, write_json, write_text
 from .user_error import UserError
 
@@ -51,7 +51,7 @@ __all__ = [
     "default_layers", "detect_format", "editable_layers", "editor_kwargs", "greedy_completions",
     "in_cli_terms", "load_any_model", "load_requests", "main", "parse_layers", "parse_sizes",
     "positive_int", "rate", "require_matplotlib", "save_figure", "seed_int", "set_threads", "shown",
-    "train_out", "write_json", "write_text",
+    "thread_count", "train_out", "write_json", "write_text",
 ]
 
 

@@ -12,9 +12,10 @@ from typing import Sequence
 
 import torch
 
+from .._checks import is_int
 from ..models import DTYPES  # --dtype's names: the map `load_model(dtype=)` takes too
 from .messages import rank0
-from .options import layer_names
+from .options import MAX_THREADS, layer_names
 from .user_error import UserError, check_path
 
 # Names of the MLP's output projection in the model families transformers ships (Llama/Mistral/
@@ -45,8 +46,10 @@ def set_threads(threads: int | None) -> int:
     """
     if threads is None:
         threads = 1 if (os.cpu_count() or 1) <= 2 else torch.get_num_threads()
-    if not isinstance(threads, int) or threads < 1:
+    if not is_int(threads) or threads < 1:  # True is not 1 thread
         raise UserError(f"--threads must be a positive int, got {threads!r}")
+    if threads > MAX_THREADS:
+        raise UserError(f"--threads must be a positive int up to 2**31 - 1, got {threads!r}")
     torch.set_num_threads(threads)
     return threads
 
@@ -188,7 +191,6 @@ def load_requests(path: str | None, limit: int | None = None, flag: str = "--dat
     """EditRequests from a CounterFact or zsRE file, or a data set's name (`data.FILES`: looked up
     in DCEDIT_DATA_DIR); None: our default facts.  The first `limit` (the flags that set it are
     checked by argparse; this guards Python callers).  `flag` names the option in errors."""
-    from .._checks import is_int
     from ..data import FILES, load_counterfact, load_dataset, load_zsre
     from ..facts import default_requests
 

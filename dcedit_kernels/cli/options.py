@@ -91,6 +91,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+# torch.set_num_threads takes a C int: --threads 2147483648 (or more) ended in its bare ValueError
+# "Overflow when unpacking long" (a traceback, exit status 1).
+MAX_THREADS = 2**31 - 1
+
+
+def thread_count(text: str) -> int:
+    """argparse type of --threads: a positive int that torch.set_num_threads takes (`MAX_THREADS`)."""
+    value = positive_int(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be a positive int up to 2**31 - 1, got {text!r}")
+    return value
+
+
 def rate(text: str) -> float:
     """argparse type of --lr and --lr-lr: a non-negative finite float, refused with the flag's
     name (TrainConfig's "lr must be a non-negative finite number" named the Python field, and
@@ -145,7 +158,7 @@ def _common(p: argparse.ArgumentParser, method_default: str | None, methods=tupl
                    "dcedit_kernels.facts)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype (default float32)")
-    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: 1 on <=2-core machines)")
+    p.add_argument("--threads", type=thread_count, default=None, help="CPU threads (default: 1 on <=2-core machines)")
     # default None, read as 0 (main): `edit` refuses a --seed it would not use, so it must tell one given
     p.add_argument("--seed", type=seed_int, default=None, help="random seed (editor initialisation, training batches, "
                    "evaluation samples; default 0)")
