@@ -15,6 +15,11 @@ import os
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+try:
+    import numpy as np
+except ImportError:  # not a dependency of the package (torch imports it where it is installed)
+    np = None
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 INT_DTYPES = (torch.int32, torch.int64)
@@ -188,7 +193,21 @@ def check_real_number(x, name: str, what: str = "a real number") -> None:
         return
     if is_int(x):
         check_float64_range(x, name)  # raises: is_real_number refuses an int only when float() overflows
+    refuse_traced_numpy(x, name)
     raise ValueError(f"{name} must be {what}, got {type(x).__name__}")
+
+
+def refuse_traced_numpy(x, name: str) -> None:
+    """While torch.compile traces, a ValueError for a NumPy scalar `x` (np.float32(0.5), which eager
+    calls take): dynamo traces one as a 0-d ndarray backed by a tensor, whose value is a graph input
+    that no check can read while tracing.  Refused, the call breaks the graph and runs eagerly, all
+    checked, without fullgraph; under fullgraph=True dynamo's Unsupported carries this message (it
+    was "must be a real number, got ndarray", a type the caller never passed).  Taken as it is, the
+    value went unchecked: check_finite_alpha, compiled as a frame of its own after the graph break,
+    let np.float64('inf') through to grouped_outer's output once it had run with np.float64(0.3)."""
+    if tracing() and np is not None and isinstance(x, np.ndarray):
+        raise ValueError(f"{name} must be a Python number under torch.compile(fullgraph=True): dynamo traces a NumPy "
+                         f"scalar as a 0-d array, whose value cannot be checked while tracing; pass float({name})")
 
 
 def check_float64_range(x, name: str) -> None:
@@ -219,6 +238,7 @@ def check_finite_alpha(alpha) -> None:
     # where math.isfinite raised dynamo's Unsupported under fullgraph=True for every alpha, and a - a
     # simplifies to 0 (no guard); a NaN or inf alpha is traced as a constant, and refused there (the
     # ValueError; under fullgraph=True dynamo's Unsupported "Observed exception").
+    refuse_traced_numpy(alpha, "alpha")  # its value is not a number here: a - a below is 0 for inf too
     if not isinstance(alpha, (float, int)):  # a Python float (np.float64 too) or int is within float64
         check_float64_range(alpha, "alpha")
     a = float(alpha)

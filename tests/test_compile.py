@@ -8,6 +8,7 @@ skip of all-zero tokens has a data-dependent shape).
 """
 
 import copy
+import math
 
 import pytest
 import torch
@@ -260,6 +261,63 @@ def test_a_number_alpha_may_change_between_calls(op, gen):
         assert torch.equal(compiled(alpha), fn(alpha))
     with pytest.raises(ValueError, match="alpha must be finite"):
         fn(float("nan"))
+
+
+@pytest.mark.parametrize("op", ["apply_shift_", "grouped_outer", "lowrank_delta_linear", "keep", "threshold"])
+def test_a_numpy_scalar_number_under_compile(op, gen):
+    """The wrappers take NumPy scalars in eager (np.float32(0.5) as alpha, keep or threshold), but
+    dynamo traces one as a 0-d ndarray whose value is a graph input, which no check can read while
+    tracing.  Without fullgraph the refusal breaks the graph and the call runs eagerly: eager's
+    result, and a NaN alpha or keep > 1 still a ValueError, nothing written.  Under fullgraph=True
+    dynamo's Unsupported carries our ValueError, which said "alpha must be a real number, got
+    ndarray" (a type the caller never passed) and now says why and what to pass.  A bad alpha of
+    the good one's type, after it (np.float64 inf after np.float64(0.3)), went through unchecked."""
+    import numpy as np
+
+    T, offsets, leaf = ragged_leaves(gen)
+    eta, mu = leaf(T, D_OUT).detach(), leaf(T, D_IN).detach()
+    weight, delta, x = randn((D_OUT, D_IN), gen), randn((D_OUT, D_IN), gen), randn((9, D_IN), gen)
+    fisher = torch.rand(D_OUT, D_IN, generator=gen)
+    row_group = torch.randint(-1, G, (9,), generator=gen)
+    kept_weight = weight.clone()
+
+    def shifted(alpha):  # apply_shift_ changes its weight: the shifted copy is compared
+        w = weight.clone()
+        ops.apply_shift_(w, delta, alpha)
+        return w
+
+    fn, name, bad, refusal = {
+        "apply_shift_": (shifted, "alpha", math.nan, "alpha must be finite"),
+        "grouped_outer": (lambda a: ops.grouped_outer(eta, mu, offsets, "sss", a), "alpha", math.inf,
+                          "alpha must be finite"),
+        "lowrank_delta_linear": (lambda a: ops.lowrank_delta_linear(x, weight, None, row_group, mu, eta, offsets, a),
+                                 "alpha", -math.inf, "alpha must be finite"),
+        "keep": (lambda k: ops.apply_shift_(weight, delta, 0.5, fisher, keep=k), "keep", 1.5,
+                 "keep must be in"),
+        "threshold": (lambda t: ops.fisher_mask(delta, fisher, threshold=t)[0], "threshold", math.nan,
+                      "threshold must not be NaN"),
+    }[op]
+    kind = np.float32 if int(torch.randint(2, (), generator=gen)) else np.float64
+    value, bad = kind(float(torch.rand((), generator=gen))), kind(bad)  # bad of value's type: see below
+    with torch.no_grad():
+        want = fn(value)
+        weight.copy_(kept_weight)
+        for backend in ("aot_eager", "inductor"):
+            torch._dynamo.reset()
+            compiled = torch.compile(fn, backend=backend)
+            for _ in range(2):  # the second call runs what the first compiled
+                assert torch.equal(compiled(value), want)
+                weight.copy_(kept_weight)
+            # After a good call: check_finite_alpha, compiled as a frame of its own past the graph break,
+            # let np.float64("inf") through to grouped_outer's output.
+            with pytest.raises(ValueError, match=refusal):
+                compiled(bad)
+            assert torch.equal(weight, kept_weight)
+        torch._dynamo.reset()
+        with pytest.raises(torch._dynamo.exc.Unsupported, match=rf"{name} must be a Python number under torch\.compile"
+                                                                rf"\(fullgraph=True\).*pass float\({name}\)"):
+            torch.compile(fn, backend="aot_eager", fullgraph=True)(value)
+    assert torch.equal(weight, kept_weight)
 
 
 def test_compiled_model_under_lowrank_edited_compiles_twice_over_token_counts(gen):
