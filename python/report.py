@@ -42,8 +42,8 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from dcedit_kernels.cli import (  # noqa: E402
-    METHOD_NAMES, UserError, callers_threads_kept, check_out, counted, load_requests, positive_int, require_matplotlib, save_figure,
-    seed_int, set_threads, thread_count, write_json, write_text)
+    METHOD_NAMES, UserError, callers_threads_kept, check_out, counted, load_requests, positive_int, rate, require_matplotlib,
+    save_figure, seed_int, set_threads, thread_count, write_json, write_text)
 from dcedit_kernels.capture import resolve_modules  # noqa: E402
 from dcedit_kernels.editor_cache import cache_dir, random_routing_twin, trained_editor  # noqa: E402
 from dcedit_kernels.ft_baseline import locality_texts  # noqa: E402
@@ -83,13 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-editors", type=positive_int, default=2, help="number of editors N_g (raeditor, moeditor; default 2)")
     p.add_argument("--steps", type=positive_int, default=12, help="editor training steps (default 12)")
     p.add_argument("--batch-size", type=positive_int, default=25, help="edits per training step (default 25)")
-    p.add_argument("--lr", type=float, default=1e-3, help="editor learning rate (default 1e-3)")
-    p.add_argument("--lr-lr", type=float, default=1e-4, help="learning rate of the edit steps α (default 1e-4)")
-    p.add_argument("--balance-weight", type=float, default=None,
+    p.add_argument("--lr", type=rate, default=1e-3, help="editor learning rate (default 1e-3)")
+    p.add_argument("--lr-lr", type=rate, default=1e-4, help="learning rate of the edit steps α (default 1e-4)")
+    p.add_argument("--balance-weight", type=rate, default=None,
                    help="weight of MoEditor's gate balance loss in training (default: TrainConfig's, 1e-2)")
-    p.add_argument("--cedit", type=float, default=None,
+    p.add_argument("--cedit", type=rate, default=None,
                    help="weight of the edit loss in training (default: TrainConfig's, MEND's 0.1)")
-    p.add_argument("--cloc", type=float, default=None,
+    p.add_argument("--cloc", type=rate, default=None,
                    help="weight of the KL locality loss in training (default: TrainConfig's, MEND's 1.0)")
     p.add_argument("--length-buckets", default="auto", choices=("auto", "on", "off"),
                    help="train on passes of rows of similar length (TrainConfig.length_buckets; auto: on a CPU "

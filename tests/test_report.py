@@ -272,10 +272,7 @@ def test_each_row_starts_raeditors_routing_from_the_same_state():
     (["--methods", "ft", "--n-edits", "25"], "--n-edits asks for 25 edits but"),
     (["--methods", "ft", "--n-edits", "2,0"], "--n-edits must hold positive ints, got '2,0'"),
     (["--methods", "ft", "--n-edits", "2,3,2"], "--n-edits must not repeat a value"),
-    (["--methods", "mend", "--n-edits", "2", "--train-data", "TRAIN", "--n-train", "1", "--lr", "-1"],
-     "lr must be a non-negative finite number, got -1.0"),
-    (["--methods", "mend", "--n-edits", "2", "--train-data", "TRAIN", "--n-train", "1", "--cloc", "nan"],
-     "cloc must be a non-negative finite number, got nan"),
+    # --lr -1 and --cloc nan: argparse's now (test_rates_and_loss_weights_are_refused_by_flag)
     (["--methods", "ft", "--n-edits", "2", "--out-dir", "AFILE"], "report.json: cannot create its folder"),
     (["--methods", "ft", "--n-edits", "2", "--markdown", "IN_AFILE"], "report.md: cannot create its folder"),
     # Refused at the end of the run (a traceback, no report.md) or after the model loaded and MEND trained:
@@ -971,3 +968,17 @@ def test_threads_past_a_c_int_are_refused_by_flag(report_module, capsys):
         report_module.parse_args(["--threads", str(2**31)])
     assert exit_info.value.code == 2
     assert "argument --threads: must be a positive int up to 2**31 - 1, got '2147483648'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--lr-lr", "--balance-weight", "--cedit", "--cloc"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "x"])
+def test_rates_and_loss_weights_are_refused_by_flag(report_module, capsys, flag, value):
+    """A bad --lr, --lr-lr or loss weight was refused by TrainConfig under its Python field's name
+    ("report: error: lr must be a non-negative finite number, got nan"); now argparse names the flag,
+    as dcedit train's --lr (`cli.rate`)."""
+    with pytest.raises(SystemExit) as exit_info:
+        report_module.parse_args([flag, value])
+    assert exit_info.value.code == 2
+    what = "a number" if value == "x" else "a non-negative finite number"
+    assert f"argument {flag}: must be {what}, got '{value}'" in capsys.readouterr().err
+    assert getattr(report_module.parse_args([flag, "0.5"]), flag[2:].replace("-", "_")) == 0.5
