@@ -2497,9 +2497,13 @@ def test_grouped_editor_refuses_bad_settings_and_factor_shapes(gen):
                           (dict(edit_lr=1e39), r"^edit_lr must be a finite number within float32's range, got 1e\+39"),
                           (dict(edit_lr=-1e39), r"^edit_lr must be a finite number within float32's range, got -1e\+39"),
                           *((dict([(name, 0)]), rf"^{name} must be a positive int, got 0")
-                            for name in ("n_editors", "rank", "n_layers", "n_modes", "top_k"))):
+                            for name in ("n_editors", "rank", "n_layers", "n_modes", "top_k")),
+                          # sizes past int64: zeros()'s TypeError with C++ frames before
+                          *((dict([(name, huge)]), rf"^{name} must be a positive int below 2\*\*63, got {huge}$")
+                            for name in ("in_features", "out_features", "n_editors", "n_modes")
+                            for huge in (2**63, 2**63 + int(torch.randint(0, 2**62, (), generator=gen)) * 10**6))):
         with pytest.raises(ValueError, match=match):
-            GroupedEditor(6, 4, **{"rank": 2, "routing": "random", "n_editors": 2, **kwargs})
+            GroupedEditor(**{"in_features": 6, "out_features": 4, "rank": 2, "routing": "random", "n_editors": 2, **kwargs})
     ed = GroupedEditor(6, 4, rank=2, routing="random", n_editors=2, seed=1).train()
     T = int(torch.randint(2, 6, (1,), generator=gen))
     offsets = torch.tensor([0, 1, T], dtype=torch.int32)
