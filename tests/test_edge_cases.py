@@ -311,7 +311,7 @@ def test_a_second_thread_editing_the_same_model_is_refused_before_anything_chang
     want = snapshot(first.model)
     handle.undo()
     capturing, refused = threading.Event(), threading.Event()
-    capture = type(first).capture
+    capture = type(first)._capture  # what apply and capture() both run
 
     def paused_capture(self, *args, **kwargs):
         if self is first:
@@ -319,7 +319,7 @@ def test_a_second_thread_editing_the_same_model_is_refused_before_anything_chang
             refused.wait(10.0)
         return capture(self, *args, **kwargs)
 
-    monkeypatch.setattr(type(first), "capture", paused_capture)
+    monkeypatch.setattr(type(first), "_capture", paused_capture)
     outcome = []
     worker = threading.Thread(target=lambda: outcome.append(first.apply(requests)))
     worker.start()

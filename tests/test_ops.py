@@ -2455,7 +2455,10 @@ def test_editor_apply_that_fails_after_its_forward_leaves_the_editor_as_it_was(f
             factors = (mu, bad)
         elif failure == "overflow":  # 60000 ± a shift of ~1e6 is past fp16's 65504
             weight = torch.full((4, 6), 60000.0, dtype=torch.float16)
-            monkeypatch.setattr(ed, "alpha", torch.nn.Parameter(torch.full_like(ed.alpha, 1e6)))
+            # Set in place and put back below, not by monkeypatch: pytest 9.2's undo deletes an
+            # attribute that was not in the instance's __dict__, as a Module's parameters are not.
+            with torch.no_grad():
+                ed.alpha.fill_(1e6)
         else:
             def write_fails(*args, **kwargs):
                 raise RuntimeError("injected: the write failed")
@@ -2467,6 +2470,9 @@ def test_editor_apply_that_fails_after_its_forward_leaves_the_editor_as_it_was(f
             with pytest.raises(error[0], match=error[1]):
                 ed.apply_(weight, *factors, offsets, edit_feats=feats)
         monkeypatch.undo()
+        if failure == "overflow":
+            with torch.no_grad():
+                ed.alpha.copy_(buffers["alpha"])
         assert torch.equal(weight, before), type(ed).__name__
         for k, v in buffers.items():
             assert torch.equal(v, ed.state_dict()[k]), f"{k} changed by a failed apply_"
