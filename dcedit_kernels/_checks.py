@@ -228,7 +228,8 @@ def check_float64_range(x, name: str) -> None:
 
 
 def check_finite_alpha(alpha) -> None:
-    """ValueError unless a number `alpha` (the op wrappers' scale, already `is_real_number`) is finite:
+    """ValueError unless a number `alpha` (the op wrappers' scale, already `check_real_number`'s, which
+    refuses one beyond float64's range) is finite:
     apply_shift_ with alpha NaN wrote NaN into every kept entry of the weight, and inf wrote inf (NaN
     where delta is 0); grouped_outer and lowrank_delta_linear gave NaN/inf shifts or outputs.  The
     wrappers' check only: the raw torch.ops.dcedit ops and a tensor alpha are left as they are (a
@@ -239,8 +240,6 @@ def check_finite_alpha(alpha) -> None:
     # simplifies to 0 (no guard); a NaN or inf alpha is traced as a constant, and refused there (the
     # ValueError; under fullgraph=True dynamo's Unsupported "Observed exception").
     refuse_traced_numpy(alpha, "alpha")  # its value is not a number here: a - a below is 0 for inf too
-    if not isinstance(alpha, (float, int)):  # a Python float (np.float64 too) or int is within float64
-        check_float64_range(alpha, "alpha")
     a = float(alpha)
     if a - a != 0:
         raise ValueError(f"alpha must be finite, got {alpha!r}: it scales every entry of the shift")

@@ -117,12 +117,10 @@ class GroupedEditor(nn.Module):
                             ("n_modes", n_modes), ("top_k", top_k)):
             if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name, value in (("in_features", in_features), ("out_features", out_features), ("n_editors", n_editors),
-                            ("n_modes", n_modes)):
             # Tensor sizes, int64 in torch: 2**63 and up raised zeros()'s TypeError "failed to unpack ...
             # Overflow when unpacking long long", C++ frames and all (`dcedit --n-editors 10**23` printed them).
             # (rank is clamped to in + out features by the editors, so a larger one is taken as before.)
-            if value >= 2**63:
+            if name in ("in_features", "out_features", "n_editors", "n_modes") and value >= 2**63:
                 raise ValueError(f"{name} must be a positive int below 2**63, got {value!r}")
         if routing not in ROUTINGS:
             raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
