@@ -213,7 +213,7 @@ class EditCapture:
         offsets = {name: starts for name in self.layers}
         if nonzero:  # every chunk has run: each layer's kept rows get their places in row order
             for name in self.layers:
-                counts = torch.zeros(rows, dtype=torch.int64)
+                counts = torch.zeros(rows, dtype=torch.int64, device="cpu")
                 for index, f in pieces[name]:
                     counts[index] = (f.edit_offsets[1:] - f.edit_offsets[:-1]).long().cpu()
                 offsets[name] = _starts(counts)
@@ -354,7 +354,7 @@ class EditCapture:
 
 def _starts(counts: torch.Tensor) -> torch.Tensor:
     """(rows + 1,) int64 on the CPU: where each row's tokens start in a buffer of all rows' (and the end)."""
-    starts = torch.zeros(counts.numel() + 1, dtype=torch.int64)
+    starts = torch.zeros(counts.numel() + 1, dtype=torch.int64, device="cpu")
     starts[1:] = counts.cumsum(0)
     return starts
 
@@ -370,7 +370,7 @@ def _copy_rows(buffers: dict, name: str, f: Factors, starts: torch.Tensor, total
         return False
     counts = (f.edit_offsets[1:] - f.edit_offsets[:-1]).long().cpu()
     dest = torch.repeat_interleave(starts - f.edit_offsets[:-1].long().cpu(), counts,
-                                   output_size=f.num_tokens) + torch.arange(f.num_tokens)
+                                   output_size=f.num_tokens) + torch.arange(f.num_tokens, device="cpu")
     dest = dest.to(mu.device)
     mu.index_copy_(0, dest, f.mu)
     eta.index_copy_(0, dest, f.eta)

@@ -111,7 +111,10 @@ def run_in_passes(batch: dict, positions: torch.Tensor, passes: list[list[int]] 
     # Where each pass's picks go in the row-major order: the inverse of the keys' sorting order.
     order = torch.argsort(torch.cat(keys))
     dest = torch.empty_like(order)
-    dest[order] = torch.arange(order.shape[0])
+    # On the CPU, as `order`: under set_default_device("meta") an arange without a device was a
+    # meta tensor, and assigning it left `dest` as empty_like made it (an index_copy_ out of range,
+    # or picks in the wrong rows).
+    dest[order] = torch.arange(order.shape[0], device=order.device)
     dests = [d.to(picks[0].device) for d in dest.split([len(k) for k in keys])]
     return _InOrder.apply(dests, *picks)
 

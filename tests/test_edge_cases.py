@@ -1084,6 +1084,32 @@ def test_apply_fit_and_metrics_under_a_meta_default_device_give_the_plain_result
     assert got[1] == want[1] and got[3] == want[3]
 
 
+@pytest.mark.parametrize("method", ["mend", "raeditor"])
+def test_apply_in_several_capture_chunks_under_a_meta_default_device(method, gen):
+    """Apply's capture in several chunks (capture_batch_size below the edits) placed each chunk's
+    rows by offsets meant for the CPU but made without a device: under torch.set_default_device("meta")
+    they were meta tensors, and apply raised "Tensor.item() cannot be called on meta tensors".
+    They are made on the CPU: the same edited weights as without the setting."""
+    seed = seed_from(gen)
+    reqs = random_requests(gen, 5)
+
+    def run(me):
+        me.capture_batch_size = 2
+        handle = me.apply(reqs)
+        edited = snapshot(me.model)
+        handle.undo()
+        return edited
+
+    plain, meta = (make_editor("gpt2", method, torch.Generator().manual_seed(seed), seed=seed) for _ in range(2))
+    want = run(plain)
+    torch.set_default_device("meta")
+    try:
+        got = run(meta)
+    finally:
+        reset_default_device()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_editors_built_or_loaded_under_a_meta_default_device_are_the_plain_ones(gen, tmp_path):
     """Under torch.set_default_device("meta") (left on after building a model skeleton), a
     ModelEditor built or loaded for a real model, GroupedEditor.load and compat.mend.load built

@@ -7,6 +7,7 @@ import torch
 
 from dcedit_kernels import length_buckets
 from dcedit_kernels.length_buckets import plan_passes, run_in_passes
+from helpers import reset_default_device
 
 
 def set_partitions(items):
@@ -112,6 +113,33 @@ def test_run_in_passes_gives_the_one_pass_order(pass_cost, gen):
     for (rows, width), sub in zip(seen, subs):
         for key in ("input_ids", "attention_mask"):
             assert torch.equal(sub[key], batch[key][rows, :width])
+
+
+@pytest.mark.parametrize("trial", range(4))
+def test_the_reordering_under_a_meta_default_device(trial, gen):
+    """Under torch.set_default_device("meta") (left on after building a model skeleton; training
+    runs there), the picks' destinations were filled from an arange made on "meta": assigning it
+    to the CPU index left that index as torch.empty_like made it, and the picks went to arbitrary
+    rows or out of range (index_copy_'s IndexError, seen in CI).  The same picks as without it."""
+    lengths = torch.randint(1, 12, (int(torch.randint(2, 40, (1,), generator=gen)),), generator=gen).tolist()
+    batch = padded_batch(gen, lengths, max(lengths))
+    positions = batch["attention_mask"].bool() & (torch.rand(batch["input_ids"].shape, generator=gen) < 0.6)
+    table = torch.randn(100, 5, generator=gen, dtype=torch.float64)
+    rows = torch.randperm(len(lengths), generator=gen).tolist()
+    cut = int(torch.randint(1, len(rows), (1,), generator=gen))
+    passes = [rows[:cut], rows[cut:]]  # rows out of order: the picks must be put back in place
+
+    def run(sub, where, rows):
+        return table[sub["input_ids"]][where]
+
+    want = run_in_passes(batch, positions, passes, run)
+    assert torch.equal(want, table[batch["input_ids"]][positions])
+    torch.set_default_device("meta")
+    try:
+        got = run_in_passes(batch, positions, passes, run)
+    finally:
+        reset_default_device()
+    assert torch.equal(got, want)
 
 
 def test_no_plan_runs_the_batch_as_it_is(gen):
