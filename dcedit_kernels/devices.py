@@ -7,6 +7,7 @@ every rule answers that device, so single-device code paths stay as they were.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable
 
 import torch
@@ -26,6 +27,18 @@ def default_device() -> torch.device:
         return torch.get_default_device()
     except AttributeError:
         return torch.device("cpu")
+
+
+def host_scalars_on_cpu():
+    """The CPU as the default device for an optimiser's steps under a "meta" default device: torch
+    2.11's Adam (the GPU machine's) makes each parameter's step count, a CPU scalar by design, on the
+    default device, so under torch.set_default_device("meta") (left on after building a model
+    skeleton) its first step raised "Tensor.item() cannot be called on meta tensors" (torch 2.13's
+    Adam names the CPU).  Around every optimiser step the package takes: fit's and the FT baselines'.
+    Only there: under a GPU default device that count works where it lands, and no optimiser step
+    has been run with its own tensors moved to another default device; with no device mode the
+    plain hot path is unchanged (a mode routes every op of the step through Python)."""
+    return torch.device("cpu") if default_device().type == "meta" else contextlib.nullcontext()
 
 
 def _execution_device(hook):

@@ -26,6 +26,7 @@ from torch import nn
 from ._checks import HALF_DTYPES, all_finite, all_finite_many, first_non_finite, is_finite_number, is_int
 from .block_prefix import PrefixReuse
 from .capture import no_activation_checkpointing
+from .devices import host_scalars_on_cpu
 from .edit_handle import add_note, deferred_interrupt, restore
 from .losses import backward_scale, log_probs_at, picked_kl
 from .requests import EditRequest
@@ -345,7 +346,8 @@ class FineTuneBaselines:
                                                "(it did not run in the model's forward)")
                         if not finite and not all_finite(m.grad):
                             raise FloatingPointError(f"non-finite gradient for layer {name!r}")
-                    opt.step()
+                    with host_scalars_on_cpu():  # Adam's step counts (devices.host_scalars_on_cpu)
+                        opt.step()
                     with torch.no_grad():
                         for w, m in zip(weights, masters):
                             if m is not w:

@@ -50,7 +50,6 @@ Causal LMs only.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import sys
 import time
@@ -62,7 +61,7 @@ from . import distributed
 from ._checks import HALF_DTYPES, all_finite_many, check_autograd
 from ._warn import warn
 from .capture import frozen_parameters, modes_restored
-from .devices import default_device, seed_generators
+from .devices import host_scalars_on_cpu, seed_generators
 from .edit_handle import warn_live_edits
 from .losses import backward_scale
 from .model_editor import ModelEditor
@@ -433,20 +432,9 @@ def _attempt(fn, size: int, failed=None):
 def _optimizer_step(params: list, opt, lr_opt, config: TrainConfig) -> None:
     if config.grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-    with _host_scalars_on_cpu():
+    with host_scalars_on_cpu():
         opt.step()
         lr_opt.step()
-
-
-def _host_scalars_on_cpu():
-    """The CPU as the default device for the optimisers' steps under a "meta" default device: torch
-    2.11's Adam (the GPU machine's) makes each parameter's step count, a CPU scalar by design, on the
-    default device, so under torch.set_default_device("meta") (left on after building a model
-    skeleton) its first step raised "Tensor.item() cannot be called on meta tensors" (torch 2.13's
-    Adam names the CPU).  Only there: under a GPU default device that count works where it lands,
-    and no optimiser step has been run with its own tensors moved to another default device; with
-    no device mode the plain hot path is unchanged (a mode routes every op of the step through Python)."""
-    return torch.device("cpu") if default_device().type == "meta" else contextlib.nullcontext()
 
 
 def _on_rank0(fn, what: str, size: int):

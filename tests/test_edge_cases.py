@@ -1110,6 +1110,41 @@ def test_apply_in_several_capture_chunks_under_a_meta_default_device(method, gen
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
+@pytest.mark.parametrize("method", ["ft", "ft_kl"])
+def test_ft_baselines_step_with_the_cpu_as_default_device_under_a_meta_one(method, gen):
+    """The FT baselines' optimiser steps ran under the caller's default device: torch 2.11's Adam
+    (the GPU machine's; older ones too) makes each parameter's step count, a CPU scalar by design,
+    without a device (torch 2.13's names the CPU), so under torch.set_default_device("meta") (left
+    on after building a model skeleton) FT's first step raises "Tensor.item() cannot be called on
+    meta tensors" on those torches (not seen here: torch 2.13), as fit's did until its steps ran
+    with the CPU as the default (`devices.host_scalars_on_cpu`).  FT's steps run so too now: the
+    default device every optimiser step sees (a global step pre-hook) is the CPU, on any torch, and
+    the edited weights are the plain run's."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    seed = seed_from(gen)
+    reqs = random_requests(gen, 3)
+
+    def run(me):
+        handle = me.apply(reqs)
+        edited = snapshot(me.model)
+        handle.undo()
+        return edited
+
+    plain, meta = (make_editor("gpt2", method, torch.Generator().manual_seed(seed)) for _ in range(2))
+    want = run(plain)
+    seen = []
+    hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: seen.append(torch.empty(0).device.type))
+    torch.set_default_device("meta")
+    try:
+        got = run(meta)
+    finally:
+        reset_default_device()
+        hook.remove()
+    assert seen and set(seen) == {"cpu"}, seen
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_editors_built_or_loaded_under_a_meta_default_device_are_the_plain_ones(gen, tmp_path):
     """Under torch.set_default_device("meta") (left on after building a model skeleton), a
     ModelEditor built or loaded for a real model, GroupedEditor.load and compat.mend.load built
@@ -1176,13 +1211,13 @@ def test_a_default_device_reset_with_none_is_the_cpu_again(monkeypatch):
 
     from dcedit_kernels import models
     from dcedit_kernels.tokenize import pad_rows
-    from dcedit_kernels.train import _host_scalars_on_cpu
+    from dcedit_kernels.devices import host_scalars_on_cpu
 
     def check():
         with models._seeded(0):  # tiny_model's build (transformers' own reads of the default aside)
             assert torch.rand(1).device.type == "cpu"
         assert all(v.device.type == "cpu" for v in pad_rows([[1, 2], [3]], pad_id=0).values())
-        assert isinstance(_host_scalars_on_cpu(), contextlib.nullcontext)
+        assert isinstance(host_scalars_on_cpu(), contextlib.nullcontext)
 
     torch.set_default_device("meta")
     torch.set_default_device(None)
