@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dcedit_kernels import facts as facts_module  # noqa: E402
+from dcedit_kernels.devices import input_device  # noqa: E402
 from dcedit_kernels.models import load_model  # noqa: E402
 from dcedit_kernels.metrics import target_accuracy  # noqa: E402
 
@@ -33,7 +34,11 @@ def greedy_continuations(model, tokenizer, prompts: list[str], max_new_tokens: i
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left")
+        # Built on the CPU whatever torch.set_default_device says ("meta": the tokenizer's tensors had no
+        # data, and generate raised), then moved to where the model reads its input.
+        with torch.device("cpu"):
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left")
+        enc = enc.to(input_device(model))
         with torch.no_grad():
             ids = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False,

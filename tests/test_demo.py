@@ -1868,6 +1868,35 @@ def test_check_facts_batched_continuations_are_each_prompts_own(arch):
     assert program.greedy_continuations(model, tok, prompts, 5, batch_size=2) == alone
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_check_facts_under_a_meta_default_device_gives_the_plain_verdicts(arch, gen):
+    """check_facts' batches came from the tokenizer's return_tensors="pt", which builds them on
+    torch's default device: under torch.set_default_device("meta") (left on after building a model
+    skeleton) greedy_continuations and check raised "Tensor.item() cannot be called on meta tensors"
+    for a real model.  The batch is built on the CPU and moved to the model's input device: the same
+    continuations and verdicts as without the setting."""
+    import importlib.util
+
+    from helpers import reset_default_device, seed_from
+
+    spec = importlib.util.spec_from_file_location("check_facts_program", REPO / "python" / "check_facts.py")
+    program = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(program)
+    model, tok = tiny_model(arch, seed=seed_from(gen))
+    prompts, answers = ["Hi", "The cat", "A long prompt about the big red dog"], ["a", "b", "c"]
+
+    def run():
+        return program.greedy_continuations(model, tok, prompts, 4, batch_size=2), program.check(model, tok, prompts, answers)
+
+    want = run()
+    torch.set_default_device("meta")
+    try:
+        got = run()
+    finally:
+        reset_default_device()
+    assert got == want
+
+
 def test_demo_writes_to_demo_out_by_default(capsys):
     """Without --out the demo writes results.json and es_dd.png to ./demo_out, as its --help says
     (the README too: "writes `demo_out/`")."""
