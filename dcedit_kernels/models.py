@@ -122,7 +122,12 @@ def load_model(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype
             raise FileNotFoundError(f"model folder {path} has no config.json")
         folder, kwargs = str(name_or_path), {}
     # A gguf file is parsed once, not three times (see gguf_parsed_once: about 17 s -> 7 s for SmolLM2).
-    with gguf_parsed_once() if "gguf_file" in kwargs else contextlib.nullcontext():
+    # Loaded with the CPU as the default device, then moved to `device`: transformers 5 loads onto the
+    # default device (its device_map), and under torch.set_default_device("meta") (left on after
+    # building a model skeleton) from_pretrained raised "You are using `from_pretrained` with a meta
+    # device context manager"; under a GPU default it loads a CPU model onto the GPU first (its
+    # check_and_set_device_map).
+    with torch.device("cpu"), gguf_parsed_once() if "gguf_file" in kwargs else contextlib.nullcontext():
         tokenizer_kwargs = gguf_tokenizer_kwargs() if "gguf_file" in kwargs else {}
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs, **tokenizer_kwargs)
         model_kwargs = {}

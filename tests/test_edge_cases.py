@@ -1145,6 +1145,29 @@ def test_ft_baselines_step_with_the_cpu_as_default_device_under_a_meta_one(metho
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
+def test_load_model_under_a_meta_default_device_loads_the_plain_model(gen, tmp_path):
+    """load_model left the load to transformers' from_pretrained under the caller's default device,
+    which transformers 5 takes as where to load: under torch.set_default_device("meta") (left on
+    after building a model skeleton) it raised "You are using `from_pretrained` with a meta device
+    context manager or `torch.set_default_device('meta')`" for a model folder (so did every `dcedit`
+    command called from Python).  The load runs with the CPU as the default device, then the model
+    moves to `device` as the docstring says: the same weights as without the setting."""
+    from dcedit_kernels.models import load_model
+
+    model, tok = tiny_model("gpt2", seed=seed_from(gen))
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    want = load_model(tmp_path)[0].state_dict()
+    torch.set_default_device("meta")
+    try:
+        got, _ = load_model(tmp_path)
+    finally:
+        reset_default_device()
+    assert not got.training and {p.device.type for p in got.parameters()} == {"cpu"}
+    got = got.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_editors_built_or_loaded_under_a_meta_default_device_are_the_plain_ones(gen, tmp_path):
     """Under torch.set_default_device("meta") (left on after building a model skeleton), a
     ModelEditor built or loaded for a real model, GroupedEditor.load and compat.mend.load built
