@@ -480,3 +480,68 @@ def test_picked_kl_compiles_twice_over_kl_position_counts(gen, monkeypatch):
         for g, w in zip(got_grads, want_grads):
             assert torch.equal(g, w)
     assert counter.frame_count == 2, counter.frame_count
+
+
+def _norm_step(norm, feature_norm, mu, eta, feats):
+    """A training forward's use of the running norms: merge the batch, then normalise it."""
+    norm.update(mu, eta)
+    feature_norm.update(feats)
+    return norm.joint(mu, eta), feature_norm(feats)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_running_norms_merged_under_compile_equal_eagers_bit_for_bit(dtype, backend, gen):
+    """Batches of other sizes (empty, one row, several: a static compile, then dynamic ones)
+    merged into RunningNorm and FeatureNorm under torch.compile leave every statistic equal to
+    eager's, bit for bit.  Compiled on torch 2.13, float64 statistics never counted a row (k
+    stayed 0: dynamo dropped `k.fill_`, an in-place op on a 0-d float64 input, when it restarted
+    for the tensorify pass), and fp32 ones (an editor in fp32 or bf16) under inductor kept the k
+    of the dynamic compile for every later batch (`running_norm._merge`)."""
+    from dcedit_kernels.editors.running_norm import FeatureNorm, RunningNorm
+
+    norms = (RunningNorm(D_IN, D_OUT).to(dtype), FeatureNorm(D_OUT).to(dtype))
+    twins = copy.deepcopy(norms)
+    compiled = torch.compile(_norm_step, backend=backend)
+    sizes = [0, 1] + torch.randperm(12, generator=gen)[:4].add(2).tolist()  # distinct: a new T each batch
+    for T in sizes:
+        mu, eta, feats = randn((T, D_IN), gen, dtype), randn((T, D_OUT), gen, dtype), randn((T, D_OUT), gen, dtype)
+        want = _norm_step(*norms, mu, eta, feats)
+        got = compiled(*twins, mu, eta, feats)
+        for g, w in zip(got, want):  # inductor fuses the normalisation: its rounding may differ there
+            assert torch.equal(g, w) if backend == "aot_eager" else torch.allclose(g, w, rtol=1e-6, atol=1e-6)
+        for norm, twin in zip(norms, twins):
+            for (name, b), c in zip(norm.named_buffers(), twin.buffers()):
+                assert b.dtype == c.dtype and torch.equal(b, c), (T, name, b, c)
+    assert float(norms[0].k) == sum(sizes) and float(norms[1].k) == sum(sizes)
+
+
+@pytest.mark.parametrize("method", ["mend", "moeditor"])
+def test_a_float64_editor_trained_compiled_keeps_eagers_running_norms_and_checkpoints(method, gen, tmp_path):
+    """A float64 editor (MoEditor: its gate_norm too) compiled in training, a few batches of other
+    token counts: its running norms equal eager's bit for bit (on torch 2.13 their k stayed 0 and
+    their means were the last batch's).  Saved, each one's checkpoint (the 0-d k of
+    before) loads and goes on training compiled as eager."""
+    from dcedit_kernels.editors import GroupedEditor
+
+    eager = small_editor(method, seed=1).double().train()
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin, backend="aot_eager")
+    for _ in range(3):
+        mu, eta, offsets, feats = editor_inputs(gen, torch.float64)
+        for editor in (eager, compiled):
+            editor(mu, eta, offsets, mode=0, edit_feats=feats)
+    for (name, b), c in zip(eager.named_buffers(), twin.buffers()):
+        assert b.dtype == torch.float64 and torch.equal(b, c), name
+    assert float(twin.norm.k) > 0
+    eager.save(tmp_path / "eager.safetensors")
+    twin.save(tmp_path / "compiled.safetensors")
+    loaded = [GroupedEditor.load(tmp_path / f"{n}.safetensors") for n in ("eager", "compiled")]
+    assert loaded[0].norm.k.shape == () and loaded[0].norm.k.dtype == torch.float64
+    mu, eta, offsets, feats = editor_inputs(gen, torch.float64)
+    eager(mu, eta, offsets, mode=0, edit_feats=feats)
+    torch._dynamo.reset()
+    for editor in loaded:
+        torch.compile(editor, backend="aot_eager")(mu, eta, offsets, mode=0, edit_feats=feats)
+        for (name, b), c in zip(eager.named_buffers(), editor.buffers()):
+            assert torch.equal(b, c), name

@@ -57,6 +57,21 @@ class RunningStatistics(nn.Module):
                     f"loaded under torch.inference_mode()), first {name!r}; a training-mode forward cannot update "
                     "them outside it. Build the editor outside torch.inference_mode(), or call .eval() on it")
 
+    # Run eagerly under torch.compile (a graph break at the call; the merge broke the graph at
+    # float(self.k) anyway).  Compiled, torch 2.13 got the statistics wrong:
+    # - float64 statistics (a float64 editor), aot_eager and inductor: k never moved from 0, so
+    #   each merge weighed its batch as the first (the means were the last batch's).  A 0-d CPU
+    #   float64 graph input gets a symbolic .item() (FakeTensor item_memo); the tensorify pass
+    #   specialises that float and restarts dynamo, and OutputGraph's
+    #   remove_tensorify_specialized_graphargs then deletes each node whose value carries the memo
+    #   and whose users are all .item() calls: `k.fill_(total)` (its value is k; no user) is gone.
+    #   add_ and copy_ on k too; an fp32 or 1-d k is not affected.
+    # - fp32 statistics under inductor, from the dynamic recompile on (the second batch size, where
+    #   k and n_b become symbolic numbers that also scale the means): the compiled graph went on
+    #   using the k of that compile, with no recompile.  In a copy of this merge k went 6, 18, then
+    #   16, 14 for batches of 6, 12, 10, 8 rows (eager: 28, 36), and the means with it.
+    # Eager, the merge is the same code and arithmetic as without compile: equal bit for bit.
+    @torch.compiler.disable
     @torch.no_grad()
     def _merge(self, *rows: torch.Tensor) -> None:
         """Chan et al.'s batch merge of each kind's rows (as many of each) into its statistics;
