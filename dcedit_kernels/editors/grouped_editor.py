@@ -18,6 +18,7 @@ from ..edit_handle import deferred_interrupt
 from ..reference.grouped_outer import FUSIONS
 from ..reference.segments import group_ids, kept_offsets
 from ..safetensors_file import check_state, json_metadata, read_safetensors
+from .editor_size import check_editor_fits, editor_numel
 from .grouped_edit import GroupedEdit, apply_finite_shift_, check_weight
 from .parameter_generator import ParameterGenerator, seeded_draw_
 from .running_norm import FeatureNorm, RunningNorm, joint_rows
@@ -88,6 +89,11 @@ class GroupedEditor(nn.Module):
     f W_g nearly the same for every edit: the balance loss is met by the training noise, and in
     eval, without noise, every edit goes to one editor.  A checkpoint from before this option
     loads with gate_norm=False, as it was trained.
+
+    Sizes this machine cannot hold are a ValueError naming them, before anything is built: the
+    parameters and buffers, in the default dtype, past the memory of the default device they are
+    built on (the CPU's RAM + swap, a GPU's total memory; "meta" takes none), or the layers' Python
+    objects past the CPU's (`editor_size`).  They looped or filled the machine before.
     """
 
     def __init__(
@@ -166,6 +172,12 @@ class GroupedEditor(nn.Module):
             if not used and value not in unused_ok:
                 raise ValueError(f"{name} is {owner}, so {name}={value} would be ignored; leave it at "
                                  f"{unused_ok[-1]}")
+        # Before anything is built: sizes past this machine's memory looped or filled it (`editor_size`).
+        sizes = dict(in_features=in_features, out_features=out_features, n_editors=n_editors, rank=rank,
+                     n_layers=n_layers, n_modes=n_modes, feat_dim=feat_dim if routing == "gate" else None,
+                     generator_hidden=generator_hidden if generator is not None else None)
+        check_editor_fits(editor_numel(**sizes, norm=norm, gate_norm=gate_norm), n_layers,
+                          {k: v for k, v in sizes.items() if v is not None})
         self.config = dict(
             in_features=in_features, out_features=out_features, n_editors=n_editors, rank=rank,
             n_layers=n_layers, n_modes=n_modes, routing=routing, fusion=fusion, generator=generator,
