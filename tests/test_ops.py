@@ -2213,6 +2213,21 @@ def test_noisy_topk_gate_refuses_feats_and_gate_weights_of_other_shapes(gen):
             ops.noisy_topk_gate(feats, w_gate[:3], w_noise[:3], training=training)
 
 
+def test_noisy_topk_gate_without_editors_names_the_gate_weights(gen):
+    """G = 0 (w_gate and w_noise with no column): a ValueError naming them, from the wrapper and the
+    raw op, in training and eval, for any E (0 too) and k.  It was "k must be an int in [1, 0], got 1",
+    a range for k that nothing could meet."""
+    E, f = int(torch.randint(0, 6, (1,), generator=gen)), int(torch.randint(1, 6, (1,), generator=gen))
+    feats, w_gate, w_noise = randn((E, f), gen), randn((f, 0), gen), randn((f, 0), gen)
+    match = rf"^w_gate and w_noise must have at least one column \(G >= 1 editors to route to\), got \({f}, 0\)$"
+    for k in (1, int(torch.randint(1, 4, (1,), generator=gen))):
+        for training in (True, False):
+            with pytest.raises(ValueError, match=match):
+                ops.noisy_topk_gate(feats, w_gate, w_noise, k=k, training=training)
+        with pytest.raises(ValueError, match=match):
+            torch.ops.dcedit.noisy_topk_gate(feats, w_gate, w_noise, k, None)
+
+
 def test_noisy_topk_gate_mixed_dtypes_and_noise_scale(gen):
     """Inputs of any float dtypes compute in fp32 (SPEC: fp32 outputs); the training noise is
     ε ⊙ (softplus(f W_noise) + 0.01), Shazeer et al.'s noise_epsilon included."""

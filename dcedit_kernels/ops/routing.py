@@ -61,6 +61,9 @@ def check_noisy_topk_gate(feats, w_gate, w_noise, k=1, noise=None, raw=False):
             f"w_gate and w_noise must be ({feats.shape[1]}, G), got {tuple(w_gate.shape)} and {tuple(w_noise.shape)}"
         )
     G = w_gate.shape[1]
+    if G == 0:  # before k's range, which read "k must be an int in [1, 0], got 1"
+        raise ValueError(f"w_gate and w_noise must have at least one column (G >= 1 editors to route to), "
+                         f"got {tuple(w_gate.shape)}")
     if not is_int(k) or not 1 <= k <= G:
         raise ValueError(f"k must be an int in [1, {G}], got {k!r}")
     check_same_device(dict(feats=feats, w_gate=w_gate, w_noise=w_noise, noise=noise))
