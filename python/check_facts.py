@@ -2,6 +2,7 @@
 
     python python/check_facts.py            # print the verdict per fact and the counts
     python python/check_facts.py --write    # also rewrite the GENERATED block of dcedit_kernels/facts.py
+    python python/check_facts.py --model X  # the verdicts of another model (printed only: --write is SmolLM2's)
 
 A fact is kept when the unedited model (fp32, CPU) (1) greedy-decodes a continuation of its prompt
 that starts with the true target followed by neither a letter nor a digit (so "Paris." counts,
@@ -25,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from dcedit_kernels import facts as facts_module  # noqa: E402
 from dcedit_kernels.devices import input_device  # noqa: E402
-from dcedit_kernels.models import load_model  # noqa: E402
+from dcedit_kernels.models import default_model_path, load_model  # noqa: E402
 from dcedit_kernels.metrics import target_accuracy  # noqa: E402
 
 
@@ -80,11 +81,29 @@ def write_generated_block(known_facts: list[str], known_neighbours: list[str]) -
     path.write_text(text[:begin] + block + text[end:])
 
 
+def is_default_model(name_or_path: str | None) -> bool:
+    """Whether --model names the embedded SmolLM2 (None, or the path of its gguf file)."""
+    if name_or_path is None:
+        return True
+    try:
+        return Path(name_or_path).resolve() == default_model_path().resolve()
+    except (OSError, ValueError):  # SmolLM2 not installed (FileNotFoundError), a path the OS refuses
+        return False
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--write", action="store_true", help="rewrite the GENERATED block of dcedit_kernels/facts.py")
+    parser.add_argument("--write", action="store_true", help="rewrite the GENERATED block of dcedit_kernels/facts.py "
+                        "(the embedded SmolLM2's facts: not with another --model)")
     parser.add_argument("--model", default=None, help="model to check (default: the embedded SmolLM2)")
     args = parser.parse_args(argv)
+    if args.write and not is_default_model(args.model):
+        # The block is SMOLLM2_KNOWN_FACTS/NEIGHBOURS, what the demo edits SmolLM2 with: another
+        # model's verdicts replaced them (a tiny random Llama's wrote both empty).  Before the load.
+        print(f"check_facts: error: --write records the embedded SmolLM2's facts (SMOLLM2_KNOWN_FACTS in "
+              f"dcedit_kernels/facts.py), not --model {args.model}'s; run without --write to see its verdicts",
+              file=sys.stderr)
+        return 2
 
     t0 = time.perf_counter()
     torch.manual_seed(0)

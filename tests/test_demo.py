@@ -643,6 +643,41 @@ def test_check_facts_names_a_missing_model(capsys, tmp_path):
     assert "check_facts: error: --model: model folder not found" in err
 
 
+def test_check_facts_writes_only_the_default_models_facts(capsys, tmp_path, monkeypatch):
+    """--write rewrites SMOLLM2_KNOWN_FACTS/NEIGHBOURS (what the demo edits SmolLM2 with): with
+    another --model it is refused before the load, one error line and exit status 2.  It wrote that
+    model's verdicts over SmolLM2's (a tiny random Llama's: both lists empty).  The default gguf's
+    own path is the default model, and passes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_facts_program", REPO / "python" / "check_facts.py")
+    program = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(program)
+
+    class Loaded(Exception):
+        pass
+
+    def load(name_or_path=None):
+        raise Loaded(name_or_path)
+
+    monkeypatch.setattr(program, "load_model", load)
+    monkeypatch.setattr(program, "write_generated_block", lambda *a: pytest.fail("facts.py was rewritten"))
+    other = tmp_path / random.choice(["tiny_llama", "model.gguf", "SmolLM2-135M-Instruct"])
+    assert program.main(["--write", "--model", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("check_facts: error: --write records the embedded SmolLM2's facts") and str(other) in err
+    with pytest.raises(Loaded):  # past the check: without --write, any model
+        program.main(["--model", str(other)])
+    with pytest.raises(Loaded):  # and --write of the default model
+        program.main(["--write"])
+    try:
+        default = program.default_model_path()
+    except FileNotFoundError:
+        return  # no SmolLM2 installed: no path of it to pass
+    with pytest.raises(Loaded):
+        program.main(["--write", "--model", str(default)])
+
+
 def test_cli_says_why_a_completion_is_empty():
     assert cli.shown(" Paris") == "' Paris'"
     assert cli.shown("") == "'' (the model ends the line or the text here)"
