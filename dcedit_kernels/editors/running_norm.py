@@ -57,6 +57,17 @@ class RunningStatistics(nn.Module):
                     f"loaded under torch.inference_mode()), first {name!r}; a training-mode forward cannot update "
                     "them outside it. Build the editor outside torch.inference_mode(), or call .eval() on it")
 
+    def _merge(self, *rows: torch.Tensor) -> None:
+        """Chan et al.'s batch merge of each kind's rows (as many of each) into its statistics;
+        then k += the batch's row count.  Eager under torch.compile (`_merge_rows`)."""
+        if torch.compiler.is_compiling():
+            # torch.compiler.disable here, not as a decorator: it imports torch._dynamo, and with it
+            # triton, which `import dcedit_kernels` and CPU calls leave unimported
+            # (tests/test_packaging.py); while compiling, dynamo is imported already.
+            torch.compiler.disable(RunningStatistics._merge_rows)(self, *rows)
+        else:
+            self._merge_rows(*rows)
+
     # Run eagerly under torch.compile (a graph break at the call; the merge broke the graph at
     # float(self.k) anyway).  Compiled, torch 2.13 got the statistics wrong:
     # - float64 statistics (a float64 editor), aot_eager and inductor: k never moved from 0, so
@@ -71,11 +82,8 @@ class RunningStatistics(nn.Module):
     #   using the k of that compile, with no recompile.  In a copy of this merge k went 6, 18, then
     #   16, 14 for batches of 6, 12, 10, 8 rows (eager: 28, 36), and the means with it.
     # Eager, the merge is the same code and arithmetic as without compile: equal bit for bit.
-    @torch.compiler.disable
     @torch.no_grad()
-    def _merge(self, *rows: torch.Tensor) -> None:
-        """Chan et al.'s batch merge of each kind's rows (as many of each) into its statistics;
-        then k += the batch's row count."""
+    def _merge_rows(self, *rows: torch.Tensor) -> None:
         n_b = rows[0].shape[0]
         if n_b == 0:
             return
