@@ -70,6 +70,10 @@ Dtypes: μ and η are stored in the dtype the layer computed in (its output dtyp
 the input is cast to it, exactly as F.linear does), so a bf16 model gives bf16 factors.
 `Factors.gradient()` accumulates in fp32 (fp64 for fp64 factors).
 
+Compiled models: inside the capture's block whatever torch.compile compiled runs eagerly
+(`eager_compiled_calls`, torch 2.6 on): dynamo does not guard on the hooks added here, and a
+compiled graph without them skipped them.
+
 A module may run once per capture: a second call raises RuntimeError (accumulating calls would
 break the one-segment-per-edit layout; run one forward per capture context).  This also rules out
 activation (gradient) checkpointing, which re-runs the forward during backward.  Several backward
@@ -358,14 +362,15 @@ class FactorCapture:
     # -- context -------------------------------------------------------------------------------
     def __enter__(self) -> "FactorCapture":
         self._entered = True
-        self._no_checkpointing = no_activation_checkpointing(self.model)
+        self._contexts = contextlib.ExitStack()  # exits only what was entered, also when entering fails
         try:
             # A Ctrl-C meanwhile waits until every hook's handle is kept, then raises here, where they
             # all come off: one landing between a registration and its append left that hook on its
             # module (with this capture), and every later forward of the model raised ("capture needs
             # autograd" under no_grad, else "ran more than once inside one capture").
             with deferred_interrupt():
-                self._no_checkpointing.__enter__()
+                self._contexts.enter_context(no_activation_checkpointing(self.model))
+                self._contexts.enter_context(eager_compiled_calls())
                 self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
                 if self._encoder is not None:
                     self._handles.append(self._encoder.register_forward_hook(self._encoder_hook))
@@ -398,7 +403,7 @@ class FactorCapture:
             for handle in self._handles:
                 handle.remove()
             self._handles.clear()
-            self._no_checkpointing.__exit__(None, None, None)
+            self._contexts.close()
 
     # -- results -------------------------------------------------------------------------------
     @property
@@ -604,6 +609,29 @@ def no_activation_checkpointing(model: nn.Module):
                 m.gradient_checkpointing = True
             for m, checkpoint_fn in wrappers:
                 m.checkpoint_fn = checkpoint_fn
+
+
+@contextlib.contextmanager
+def eager_compiled_calls():
+    """Inside the block, whatever torch.compile compiled runs eagerly (`torch.compiler.set_stance(
+    "force_eager")`, torch 2.6 on; a process-wide setting, so another thread's compiled calls run
+    eagerly meanwhile too); on torch 2.5, which has no stances, the block changes nothing.
+
+    A capture's hooks are added after the model was compiled, and dynamo does not guard on module
+    hooks (`torch._dynamo.config.skip_nnmodule_hook_guards`, True by default): a graph compiled
+    without a hook runs for a module that has one since, and the hook never fires.  On
+    `torch.compile(model)` of the tiny GPT-2 (backend "eager"), a hook that graph-breaks (the
+    capture's does, at its `nonzero`) made dynamo compile each block as a frame of its own, and block
+    1, guarded like block 0 (same code, modules inlined as inputs), ran block 0's graph: block 1's
+    layers "did not run a forward pass inside the capture" (alone: "the loss does not depend on any
+    captured module"), on the tiny Llama too; a model compiled and run before the capture (frozen
+    weights, so the capture's pass met no other failing guard) can skip every hook the same way."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:
+        yield
+        return
+    with set_stance("force_eager"):
+        yield
 
 
 def _is_checkpoint_wrapper(module: nn.Module) -> bool:

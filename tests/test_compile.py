@@ -16,8 +16,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from dcedit_kernels import ops
 from helpers import (HostReads, 
-    EDITOR_KINDS, OP_CASE_DIMS, deterministic_on, editor_inputs, output_and_grads, public_op_cases, ragged_leaves, randn,
-    small_editor,
+    EDITOR_KINDS, OP_CASE_DIMS, deterministic_on, editor_inputs, one_intra_op_thread, output_and_grads, public_op_cases,
+    ragged_leaves, randn, seed_from, small_editor,
 )
 
 G, D_OUT, D_IN = OP_CASE_DIMS["G"], OP_CASE_DIMS["d_out"], OP_CASE_DIMS["d_in"]
@@ -545,3 +545,88 @@ def test_a_float64_editor_trained_compiled_keeps_eagers_running_norms_and_checkp
         torch.compile(editor, backend="aot_eager")(mu, eta, offsets, mode=0, edit_feats=feats)
         for (name, b), c in zip(eager.named_buffers(), editor.buffers()):
             assert torch.equal(b, c), name
+
+
+# The compiled model of the capture tests: torch.compile(model), under fullgraph too, or model.compile().
+COMPILE_KINDS = ["torch.compile", "fullgraph", "model.compile()"]
+
+
+def _compiled(model, kind):
+    if kind == "model.compile()":
+        model.compile(backend="eager")
+        return model
+    return torch.compile(model, backend="eager", fullgraph=kind == "fullgraph")
+
+
+@pytest.mark.parametrize("kind", COMPILE_KINDS)
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_editor_of_a_compiled_model_edits_as_one_of_the_model_itself(arch, kind, gen):
+    """A MEND ModelEditor built on a compiled model makes, bit for bit, the edit of one built on an
+    uncompiled copy with the same editors: block 1's layers without block 0's (first), then a random
+    set in a random order.  dynamo does not guard on module hooks, and the capture's hook
+    graph-breaks: each block compiled as a frame of its own and block 1 ran block 0's graph, without
+    its hooks, so apply raised RuntimeError: "modules [...block 1's...] did not run a forward pass
+    inside the capture", or for block 1's layers alone, where no hook fired, "`inputs` argument to
+    `grad()` cannot be empty" (eager backend, also model.compile()); under fullgraph=True every apply
+    raised dynamo's Unsupported ("HOP: Unsafe side effect")."""
+    from test_model_editor import LAYERS, random_requests, randomize_editors, snapshot
+
+    from dcedit_kernels.model_editor import ModelEditor
+    from dcedit_kernels.models import tiny_model
+
+    block1 = [name for name in LAYERS[arch] if ".1." in name]
+    drawn = [LAYERS[arch][i] for i in torch.randperm(4, generator=gen)[:int(torch.randint(1, 5, (1,), generator=gen))]]
+    with one_intra_op_thread():
+        for layers in (block1, drawn):
+            torch._dynamo.reset()
+            model, tok = tiny_model(arch, seed=seed_from(gen))
+            plain = copy.deepcopy(model)
+            want_editor = ModelEditor(plain, tok, layers, method="mend", rank=7, edit_lr=0.1)
+            randomize_editors(want_editor, gen)
+            editor = ModelEditor(_compiled(model, kind), tok, layers, method="mend", rank=7, edit_lr=0.1)
+            editor.editors.load_state_dict(want_editor.editors.state_dict())
+            requests = random_requests(gen, int(torch.randint(1, 5, (1,), generator=gen)))
+            want_editor.apply(requests)
+            before = snapshot(model)
+            handle = editor.apply(requests)
+            want, got = snapshot(plain), snapshot(model)
+            assert {k for k in got if not torch.equal(got[k], before[k])} == {n + ".weight" for n in layers}
+            for key in want:
+                assert torch.equal(got[key], want[key]), (layers, key)
+            handle.undo()
+            for key in before:
+                assert torch.equal(model.state_dict()[key], before[key]), key
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_capture_of_a_compiled_model_that_ran_before_records_every_layer(arch, gen):
+    """compute_factors on a compiled model of frozen weights that already ran the capture's call (same
+    arguments, shapes and flags): the graphs compiled then, without hooks, matched the capture's pass
+    (dynamo does not guard on module hooks) and no layer's hook fired ("the loss does not depend on
+    any captured module").  The factors are those of the uncompiled model, bit for bit."""
+    from test_model_editor import LAYERS
+
+    from dcedit_kernels.capture import compute_factors
+    from dcedit_kernels.models import tiny_model
+
+    model, _ = tiny_model(arch, seed=seed_from(gen))
+    model.requires_grad_(False)
+    names = [LAYERS[arch][i] for i in torch.randperm(4, generator=gen)[:int(torch.randint(1, 5, (1,), generator=gen))]]
+    B, L = int(torch.randint(1, 6, (1,), generator=gen)), int(torch.randint(2, 6, (1,), generator=gen))  # a label after the shift
+    ids = torch.randint(3, 100, (B, L), generator=gen)
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    with one_intra_op_thread():
+        want, want_loss = compute_factors(model, batch, names)
+        compiled = torch.compile(model, backend="eager")
+        compiled(**batch, use_cache=False)
+        got, loss = compute_factors(compiled, batch, names)
+    assert torch.equal(loss, want_loss)
+    for name in names:
+        for field in ("mu", "eta", "edit_offsets"):
+            assert torch.equal(getattr(got[name], field), getattr(want[name], field)), (name, field)
+    # The capture runs compiled code eagerly inside its block only, also when the block raises.
+    with pytest.raises(ValueError, match="scalar"):
+        compute_factors(compiled, batch, names, loss_fn=lambda out, b: out.logits)
+    counter = CompileCounterWithBackend("eager")
+    torch.compile(lambda x: x + 1, backend=counter)(torch.ones(2))
+    assert counter.frame_count == 1
