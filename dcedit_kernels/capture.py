@@ -88,6 +88,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
+import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -627,7 +628,10 @@ def eager_compiled_calls():
     captured module"), on the tiny Llama too; a model compiled and run before the capture (frozen
     weights, so the capture's pass met no other failing guard) can skip every hook the same way."""
     set_stance = getattr(torch.compiler, "set_stance", None)
-    if set_stance is None:
+    # Without torch._dynamo imported nothing was compiled (torch.compile imports it): set_stance
+    # would import it, and with it triton (0.7 s at the first capture here; `import dcedit_kernels`
+    # and CPU calls leave triton unimported, tests/test_packaging.py).
+    if set_stance is None or "torch._dynamo" not in sys.modules:
         yield
         return
     with set_stance("force_eager"):
