@@ -306,6 +306,9 @@ class EditCapture:
             loss, feats = self._scored_edit_loss(batch, self.loss_reduction, n_scored, need_feats=need_feats)
             if not bool(torch.isfinite(loss)):
                 raise FloatingPointError(f"the edit loss is not finite ({float(loss.detach())}); the model was not changed")
+            # A layer off the forward's path, named: with none run, grad raised "`inputs` argument
+            # to `grad()` cannot be empty".
+            cap.check_all_ran()
             torch.autograd.grad(loss * scale, cap.outputs, allow_unused=True)
             factors = cap.factors
         for name, f in factors.items():

@@ -59,6 +59,32 @@ def test_non_finite_edit_loss_leaves_model_untouched(method, gen, monkeypatch):
     assert not me._live
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", ["mend", "raeditor", "moeditor", "proeditor"])
+def test_apply_on_layers_that_never_run_names_them_and_leaves_model_untouched(method, arch, gen):
+    """Edit layers off the forward's path (a Linear the model holds but never calls): apply raised
+    torch's RuntimeError "`inputs` argument to `grad()` cannot be empty" when none of them ran; now
+    it names them ("did not run a forward pass inside the capture"), compute_factors too (it said
+    "the loss does not depend on any captured module"), and the model is as it was."""
+    from dcedit_kernels.capture import compute_factors
+
+    model, tok = tiny_model(arch, seed=seed_from(gen))
+    width = model.get_output_embeddings().in_features
+    n = int(torch.randint(1, 3, (1,), generator=gen))
+    for i in range(n):
+        model.add_module(f"unused{i}", torch.nn.Linear(width, int(torch.randint(1, 40, (1,), generator=gen))))
+    names = [f"unused{i}" for i in range(n)]
+    me = ModelEditor(model, tok, names, method=method, rank=3, edit_lr=0.1)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"modules \['unused0'.*\] did not run a forward pass inside the capture"):
+        me.apply(random_requests(gen, int(torch.randint(1, 4, (1,), generator=gen))))
+    assert_bit_identical(before, model)
+    assert not me._live and not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    ids = torch.randint(3, 100, (2, 5), generator=gen)
+    with pytest.raises(RuntimeError, match=r"did not run a forward pass inside the capture"):
+        compute_factors(model, dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids), names)
+
+
 def test_an_index_error_unrelated_to_length_is_raised_as_it_is(gen, monkeypatch):
     """_length_errors turns an IndexError into a ValueError only for a row past the model's
     positions; any other IndexError is re-raised unchanged (and the model is left as it was)."""
