@@ -46,6 +46,7 @@ from dcedit_kernels.cli import (  # noqa: E402
     save_figure, seed_int, set_threads, thread_count, write_json, write_text)
 from dcedit_kernels.capture import resolve_modules  # noqa: E402
 from dcedit_kernels.editor_cache import cache_dir, random_routing_twin, trained_editor  # noqa: E402
+from dcedit_kernels.editors.editor_size import EditorTooLargeError  # noqa: E402
 from dcedit_kernels.ft_baseline import locality_texts  # noqa: E402
 from dcedit_kernels.reference.grouped_outer import FUSIONS as GROUP_FUSIONS  # noqa: E402
 
@@ -572,9 +573,12 @@ def _run(args, t_start) -> int:
     editors, training = {}, {}
     to_train = [m for m in TRAINED if m in methods or (m == "moeditor" and "raeditor" in methods)]
     for method in to_train:
-        editors[method], training[method] = trained_editor(
-            model, tokenizer, method, layers, kwargs_of(method), train_config, train_requests, train_ids,
-            model_file, use_cache=not args.no_cache, progress=progress)
+        try:
+            editors[method], training[method] = trained_editor(
+                model, tokenizer, method, layers, kwargs_of(method), train_config, train_requests, train_ids,
+                model_file, use_cache=not args.no_cache, progress=progress)
+        except EditorTooLargeError as exc:  # --n-editors 10**11: one error line, not a traceback
+            raise UserError(str(exc)) from None
         print(f"{METHOD_NAMES[method]}: " + ("loaded from cache" if training[method]["cached"]
                                              else f"trained in {training[method]['train_s']:.0f} s"), flush=True)
     if "raeditor" in methods:

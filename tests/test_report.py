@@ -982,3 +982,22 @@ def test_rates_and_loss_weights_are_refused_by_flag(report_module, capsys, flag,
     what = "a number" if value == "x" else "a non-negative finite number"
     assert f"argument {flag}: must be {what}, got '{value}'" in capsys.readouterr().err
     assert getattr(report_module.parse_args([flag, "0.5"]), flag[2:].replace("-", "_")) == 0.5
+
+
+@pytest.mark.parametrize("method", ["moeditor", "raeditor"])
+def test_an_editor_too_large_for_the_machine_is_one_error_line(method, report_module, capsys, tmp_path, monkeypatch):
+    """--n-editors 10**11: GroupedEditor's size check (editor_size) refused it after the model loaded
+    with a ValueError traceback; now one error line naming the sizes, exit status 2, no report."""
+    import dcedit_kernels.models as models
+
+    tiny = models.tiny_model("llama", seed=0)
+    monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: tiny)
+    monkeypatch.setattr(models, "default_model_path", lambda: tmp_path / "tiny.gguf")
+    data = _counterfact_file(tmp_path / "cf.json", n=6)
+    out = tmp_path / "out"
+    assert report_module.main(["--data", str(data), "--train-data", str(data), "--n-train", "2", "--n-edits", "1",
+                               "--layers", "0,1", "--gradient-layers", "1", "--methods", method, "--n-editors", str(10**11), "--no-cache",
+                               "--out-dir", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "report: error:" in err and f"n_editors={10**11}" in err and "lower these sizes" in err
+    assert "Traceback" not in err and not out.exists()

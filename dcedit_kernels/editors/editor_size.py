@@ -71,8 +71,13 @@ def _swap_bytes() -> int:
     return 0
 
 
+class EditorTooLargeError(ValueError):
+    """An editor this machine cannot hold (`check_editor_fits`): a ValueError, told apart from the
+    others so that a command line can print it as a usage error (python/report.py --n-editors)."""
+
+
 def check_editor_fits(numel: int, n_layers: int, sizes: dict) -> None:
-    """ValueError, naming `sizes` (the settings that size the editor, name: int), when the editor
+    """EditorTooLargeError (a ValueError), naming `sizes` (the settings that size the editor, name: int), when the editor
     cannot be built here: its `numel` elements, of the default dtype on the default device (where
     the constructor builds them), more than that device holds, or its layers' Python objects more
     than the CPU's memory."""
@@ -81,14 +86,14 @@ def check_editor_fits(numel: int, n_layers: int, sizes: dict) -> None:
     host, host_memory = n_layers * LAYER_HOST_BYTES, device_memory(cpu)
     if host_memory is not None and host > host_memory:  # on any device, "meta" too
         layers = f"{_sci(n_layers)} layer{'s' if n_layers > 1 else ''}"
-        raise ValueError(f"{settings}: the editor's {layers} would need at least {_bytes(host)} of "
+        raise EditorTooLargeError(f"{settings}: the editor's {layers} would need at least {_bytes(host)} of "
                          f"Python objects, more than the CPU's {_bytes(host_memory)} (RAM + swap); lower n_layers")
     probe = torch.empty(0)  # its device, not torch.get_default_device(): that ignores `with torch.device` before 2.8
     nbytes = numel * probe.element_size()
     memory = device_memory(probe.device)
     if memory is not None and nbytes > memory:
         has = f"the CPU's {_bytes(memory)} (RAM + swap)" if probe.device == cpu else f"{probe.device}'s {_bytes(memory)}"
-        raise ValueError(f"{settings}: the editor would hold {_sci(numel)} parameters and buffers, {_bytes(nbytes)} in "
+        raise EditorTooLargeError(f"{settings}: the editor would hold {_sci(numel)} parameters and buffers, {_bytes(nbytes)} in "
                          f"{probe.dtype} on {probe.device}, more than {has}; lower these sizes")
 
 
