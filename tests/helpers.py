@@ -7,6 +7,17 @@ import torch
 from dcedit_kernels import ops
 
 
+@contextlib.contextmanager
+def default_device(device):
+    """torch.set_default_device(device) inside the block, then `reset_default_device()`, also when
+    the block raises."""
+    torch.set_default_device(device)
+    try:
+        yield
+    finally:
+        reset_default_device()
+
+
 def reset_default_device():
     """torch.set_default_device(None), leaving torch as it was before any set_default_device.  On
     torch 2.5.1 to 2.9.1 that reset leaves a None context behind, on which torch.get_default_device()

@@ -1912,7 +1912,7 @@ def test_check_facts_under_a_meta_default_device_gives_the_plain_verdicts(arch, 
     continuations and verdicts as without the setting."""
     import importlib.util
 
-    from helpers import reset_default_device, seed_from
+    from helpers import default_device, seed_from
 
     spec = importlib.util.spec_from_file_location("check_facts_program", REPO / "python" / "check_facts.py")
     program = importlib.util.module_from_spec(spec)
@@ -1924,11 +1924,8 @@ def test_check_facts_under_a_meta_default_device_gives_the_plain_verdicts(arch, 
         return program.greedy_continuations(model, tok, prompts, 4, batch_size=2), program.check(model, tok, prompts, answers)
 
     want = run()
-    torch.set_default_device("meta")
-    try:
+    with default_device("meta"):
         got = run()
-    finally:
-        reset_default_device()
     assert got == want
 
 

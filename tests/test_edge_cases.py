@@ -18,7 +18,7 @@ from dcedit_kernels.model_editor import ModelEditor
 from dcedit_kernels.models import tiny_model
 from dcedit_kernels.requests import EditRequest
 
-from helpers import reset_default_device, seed_from
+from helpers import default_device, reset_default_device, seed_from
 from test_model_editor import (  # noqa: F401 (one_thread: autouse fixture)
     LAYERS, assert_bit_identical, make_editor, one_thread, random_requests, snapshot,
 )
@@ -1100,11 +1100,8 @@ def test_apply_fit_and_metrics_under_a_meta_default_device_give_the_plain_result
 
     plain, meta = (make_editor("gpt2", "raeditor", torch.Generator().manual_seed(seed), seed=seed) for _ in range(2))
     want = run(plain)
-    torch.set_default_device("meta")
-    try:
+    with default_device("meta"):
         got = run(meta)
-    finally:
-        reset_default_device()
     for a, b in ((want[0], got[0]), (want[2], got[2])):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert got[1] == want[1] and got[3] == want[3]
@@ -1128,11 +1125,8 @@ def test_apply_in_several_capture_chunks_under_a_meta_default_device(method, gen
 
     plain, meta = (make_editor("gpt2", method, torch.Generator().manual_seed(seed), seed=seed) for _ in range(2))
     want = run(plain)
-    torch.set_default_device("meta")
-    try:
+    with default_device("meta"):
         got = run(meta)
-    finally:
-        reset_default_device()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
@@ -1161,11 +1155,10 @@ def test_ft_baselines_step_with_the_cpu_as_default_device_under_a_meta_one(metho
     want = run(plain)
     seen = []
     hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: seen.append(torch.empty(0).device.type))
-    torch.set_default_device("meta")
     try:
-        got = run(meta)
+        with default_device("meta"):
+            got = run(meta)
     finally:
-        reset_default_device()
         hook.remove()
     assert seen and set(seen) == {"cpu"}, seen
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
@@ -1184,11 +1177,8 @@ def test_load_model_under_a_meta_default_device_loads_the_plain_model(gen, tmp_p
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     want = load_model(tmp_path)[0].state_dict()
-    torch.set_default_device("meta")
-    try:
+    with default_device("meta"):
         got, _ = load_model(tmp_path)
-    finally:
-        reset_default_device()
     assert not got.training and {p.device.type for p in got.parameters()} == {"cpu"}
     got = got.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
@@ -1212,15 +1202,12 @@ def test_editors_built_or_loaded_under_a_meta_default_device_are_the_plain_ones(
     editor.save(editor_path)
     sd = make_mend_state_dict(gen)
     want_mend = {name: view.editor.state_dict() for name, view in mend.load(sd, INNER, SHAPES).items()}
-    torch.set_default_device("meta")
-    try:
+    with default_device("meta"):
         built = ModelEditor(plain.model, plain.tokenizer, LAYERS["gpt2"], method="raeditor", rank=7, edit_lr=0.1,
                             n_editors=3, seed=seed)
         loaded = ModelEditor.load(path, plain.model, plain.tokenizer)
         loaded_editor = GroupedEditor.load(editor_path)
         got_mend = {name: view.editor.state_dict() for name, view in mend.load(sd, INNER, SHAPES).items()}
-    finally:
-        reset_default_device()
     want = plain.state_tensors()
     for me in (built, loaded):
         got = me.state_tensors()
@@ -1238,14 +1225,11 @@ def test_tokenize_without_a_device_follows_the_default_device(gen):
 
     _, tok = tiny_model("gpt2", seed=seed_from(gen))
     _, t5_tok = tiny_model("t5", seed=seed_from(gen))
-    torch.set_default_device("meta")
-    try:
+    with default_device("meta"):
         for batch in (tokenize_causal(tok, ["a b"], ["c"]), tokenize_seq2seq(t5_tok, ["a b"], ["c"])):
             assert all(v.is_meta for v in batch.values())
         for batch in (tokenize_causal(tok, ["a b"], ["c"], "cpu"), tokenize_seq2seq(t5_tok, ["a b"], ["c"], "cpu")):
             assert all(v.device.type == "cpu" for v in batch.values())
-    finally:
-        reset_default_device()
 
 
 def test_a_default_device_reset_with_none_is_the_cpu_again(monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dcedit_kernels.editors import GroupedEditor
-from helpers import EDITOR_KINDS, OP_CASE_DIMS, editor_inputs, randn, reset_default_device, small_editor
+from helpers import EDITOR_KINDS, OP_CASE_DIMS, editor_inputs, default_device, randn, small_editor
 
 D_IN, D_OUT = OP_CASE_DIMS["d_in"], OP_CASE_DIMS["d_out"]
 
@@ -747,11 +747,8 @@ def test_a_load_under_a_meta_default_device_reads_the_tensors_on_the_cpu(tmp_pat
 
     path, w = tmp_path / "x.safetensors", torch.randn(3, 4, dtype=torch.float64)
     save_safetensors({"w": w}, path, {"k": "v"})
-    torch.set_default_device("meta")
-    try:
+    with default_device("meta"):
         meta, names, tensors = read_safetensors(path, {"k"})
-    finally:
-        reset_default_device()
     assert meta == {"k": "v"} and names == ["w"] and tensors["w"].device.type == "cpu"
     assert torch.equal(tensors["w"], w)
 

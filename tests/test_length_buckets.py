@@ -7,7 +7,7 @@ import torch
 
 from dcedit_kernels import length_buckets
 from dcedit_kernels.length_buckets import plan_passes, run_in_passes
-from helpers import reset_default_device
+from helpers import default_device
 
 
 def set_partitions(items):
@@ -134,11 +134,8 @@ def test_the_reordering_under_a_meta_default_device(trial, gen):
 
     want = run_in_passes(batch, positions, passes, run)
     assert torch.equal(want, table[batch["input_ids"]][positions])
-    torch.set_default_device("meta")
-    try:
+    with default_device("meta"):
         got = run_in_passes(batch, positions, passes, run)
-    finally:
-        reset_default_device()
     assert torch.equal(got, want)
 
 

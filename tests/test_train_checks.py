@@ -11,7 +11,7 @@ from dcedit_kernels.models import tiny_model
 from dcedit_kernels.requests import EditRequest
 from dcedit_kernels.train import TrainConfig, batch_edits, batch_loss, eval_rows, evaluate_edits, train_editor
 
-from helpers import reset_default_device, scripted_scores, seed_from, tiny_mend
+from helpers import default_device, scripted_scores, seed_from, tiny_mend
 from test_model_editor import LAYERS, one_thread, random_requests  # noqa: F401 (one_thread: autouse fixture)
 
 
@@ -1002,12 +1002,9 @@ def test_checkpoints_under_a_meta_default_device_save_and_resume(gen, tmp_path):
     config = TrainConfig(steps=1, batch_size=2, progress=False, seed=seed)
     want = tiny_mend("gpt2", torch.Generator().manual_seed(seed)).fit(requests, config=config.replace(steps=2))
     me = tiny_mend("gpt2", torch.Generator().manual_seed(seed))
-    torch.set_default_device("meta")
-    try:
+    with default_device("meta"):
         me.fit(requests, config=config.replace(checkpoint_dir=str(tmp_path)))
         got = me.fit(requests, config=config.replace(steps=2, checkpoint_dir=str(tmp_path), resume=True))
-    finally:
-        reset_default_device()
     assert got.resumed_from == 1 and got.history == want.history
 
 
