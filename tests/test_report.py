@@ -566,6 +566,16 @@ def test_fusions_are_taken_when_methods_hold_a_routed_method_among_others(report
     assert "is a folder; give a file name" in err and "--fusions" not in err
 
 
+def _tiny_model_and_data(tmp_path, monkeypatch):
+    """A tiny Llama in SmolLM2's place (blocks 0 and 1), and a 6-edit CounterFact file's path."""
+    import dcedit_kernels.models as models
+
+    tiny = models.tiny_model("llama", seed=0)
+    monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: tiny)
+    monkeypatch.setattr(models, "default_model_path", lambda: tmp_path / "tiny.gguf")
+    return _counterfact_file(tmp_path / "cf.json", n=6)
+
+
 def _tiny_report(report_module, tmp_path, monkeypatch, *extra):
     """A whole report past the model's load, which the tests before these stop before: a tiny
     Llama stands in for SmolLM2 (blocks 0 and 1), editors of rank 2 train one step of 2 edits, no
@@ -573,12 +583,7 @@ def _tiny_report(report_module, tmp_path, monkeypatch, *extra):
     content, the output folder)."""
     import json
 
-    import dcedit_kernels.models as models
-
-    tiny = models.tiny_model("llama", seed=0)
-    monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: tiny)
-    monkeypatch.setattr(models, "default_model_path", lambda: tmp_path / "tiny.gguf")
-    data = _counterfact_file(tmp_path / "cf.json", n=6)
+    data = _tiny_model_and_data(tmp_path, monkeypatch)
     out = tmp_path / "out"
     assert report_module.main(["--data", str(data), "--train-data", str(data), "--n-train", "2", "--n-edits", "1,2",
                                "--repeats", "1", "--layers", "0,1", "--gradient-layers", "1", "--rank", "2",
@@ -988,12 +993,7 @@ def test_rates_and_loss_weights_are_refused_by_flag(report_module, capsys, flag,
 def test_an_editor_too_large_for_the_machine_is_one_error_line(method, report_module, capsys, tmp_path, monkeypatch):
     """--n-editors 10**11: GroupedEditor's size check (editor_size) refused it after the model loaded
     with a ValueError traceback; now one error line naming the sizes, exit status 2, no report."""
-    import dcedit_kernels.models as models
-
-    tiny = models.tiny_model("llama", seed=0)
-    monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: tiny)
-    monkeypatch.setattr(models, "default_model_path", lambda: tmp_path / "tiny.gguf")
-    data = _counterfact_file(tmp_path / "cf.json", n=6)
+    data = _tiny_model_and_data(tmp_path, monkeypatch)
     out = tmp_path / "out"
     assert report_module.main(["--data", str(data), "--train-data", str(data), "--n-train", "2", "--n-edits", "1",
                                "--layers", "0,1", "--gradient-layers", "1", "--methods", method, "--n-editors", str(10**11), "--no-cache",
