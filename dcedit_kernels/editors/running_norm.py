@@ -68,6 +68,18 @@ class RunningStatistics(nn.Module):
         else:
             self._merge_rows(*rows)
 
+    def _fewer_than_two_seen(self) -> bool:
+        """float(self.k) < 2 (the norms are the identity until then), read eagerly under
+        torch.compile: torch 2.6 traced it for a float64 k and raised AssertionError "SpeculationLog
+        diverged" (the tensorify restart of _merge_rows' comment below) when a compiled float64
+        editor trained; the read broke the graph anyway."""
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(RunningStatistics._read_fewer_than_two)(self)
+        return self._read_fewer_than_two()
+
+    def _read_fewer_than_two(self) -> bool:
+        return float(self.k) < 2
+
     # Run eagerly under torch.compile (a graph break at the call; the merge broke the graph at
     # float(self.k) anyway).  Compiled, torch 2.13 got the statistics wrong:
     # - float64 statistics (a float64 editor), aot_eager and inductor: k never moved from 0, so
@@ -139,7 +151,7 @@ class RunningNorm(RunningStatistics):
         and 0.1 off the mean becomes 1.4e4; with no spread, 1e6), which is what makes an editor
         fitted on very little data edit with huge shifts."""
         h = joint_rows(mu, eta, rows)
-        if float(self.k) < 2:
+        if self._fewer_than_two_seen():
             return h
         mean = torch.cat([self.u_mean, self.v_mean])
         std = torch.cat([self.u_std, self.v_std]) + 1e-7
@@ -183,6 +195,6 @@ class FeatureNorm(RunningStatistics):
         """x standardised (in fp32, or the buffers' dtype if wider); x as fp32 until at least two
         rows have been seen."""
         x = x.to(torch.promote_types(torch.float32, self.mean.dtype))
-        if float(self.k) < 2:
+        if self._fewer_than_two_seen():
             return x
         return (x - self.mean) / (self.std + 1e-7)
