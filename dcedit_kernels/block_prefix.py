@@ -49,6 +49,7 @@ from torch import nn
 from torch.nn.modules import module as nn_module
 
 from ._warn import warn
+from .capture import eager_compiled_calls
 from .edit_handle import deferred_interrupt
 from .patched_forwards import patched_forwards
 from .scored_logits import logits_at
@@ -268,7 +269,19 @@ class PrefixReuse:
                     else:
                         handles.append(block.register_forward_pre_hook(
                             lambda _m, args, kwargs, j=j: chain.before_upper(j, args, kwargs), with_kwargs=True))
-            yield
+            # The pass runs compiled code eagerly, as the capture's (`capture.eager_compiled_calls`): dynamo
+            # does not guard on module hooks, and a graph compiled without these ran for the blocks with
+            # them, so none fired and nothing was kept.  Editor training of the tiny GPT-2 and Llama,
+            # compiled (backend "eager") after two no-grad forwards of other shapes with frozen weights
+            # (as a validation inside `fit` leaves it): the edited pass ran every block, and its KL and
+            # 21-22 of the 22 editor gradients differed from the uncompiled copy's in the last bits;
+            # scoring (`metrics.lower_blocks_kept`) after a forward of the same shape kept nothing.
+            # Torch 2.5 has no stances: there a skipped hook costs the reuse only (`_Chain.result` is
+            # None for a pass its hooks did not see), so a compiled model is not refused as the capture does.
+            stance = (eager_compiled_calls(self.model) if hasattr(torch.compiler, "set_stance")
+                      else contextlib.nullcontext())
+            with stance:
+                yield
         finally:
             with deferred_interrupt():
                 for handle in handles:

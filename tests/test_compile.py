@@ -638,6 +638,56 @@ def test_capture_of_a_compiled_model_that_ran_before_records_every_layer(arch, g
     assert counter.frame_count == 1
 
 
+@NO_STANCES
+@pytest.mark.parametrize("kind", ["torch.compile", "model.compile()"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_training_of_an_editor_of_a_compiled_model_that_ran_before_reuses_the_prefix(arch, kind, gen, monkeypatch):
+    """A training step (`fit`, reuse_prefix on) of a ModelEditor built on a compiled model of frozen
+    weights that already ran two no-grad forwards of other shapes (a dynamic graph without hooks, as
+    a validation inside `fit` leaves): the KL reference pass's `PrefixReuse.record` hooks were
+    skipped (dynamo does not guard on module hooks), nothing was kept and the edited pass ran every
+    block, so the KL and 21-22 of the editors' 22 gradients differed from the uncompiled copy's in
+    the last bits (on both models, both kinds).  The step is now that of the uncompiled model, bit for
+    bit, reusing the prefix as often."""
+    from test_model_editor import LAYERS, random_requests, randomize_editors
+
+    from dcedit_kernels import block_prefix
+    from dcedit_kernels.model_editor import ModelEditor
+    from dcedit_kernels.models import tiny_model
+    from dcedit_kernels.train_config import TrainConfig
+
+    reuses = []
+    reuse = block_prefix.PrefixReuse.reuse
+    monkeypatch.setattr(block_prefix.PrefixReuse, "reuse", lambda self, key: reuses.append(key) or reuse(self, key))
+    model, tok = tiny_model(arch, seed=seed_from(gen))
+    model.requires_grad_(False)
+    plain = copy.deepcopy(model)
+    layers = LAYERS[arch][1:3]  # block 1's: blocks 0..0 are the prefix
+    B, L = torch.randperm(4, generator=gen)[:2] + 2, torch.randperm(5, generator=gen)[:2] + 2  # two of each
+    requests = random_requests(gen, int(torch.randint(2, 5, (1,), generator=gen)))
+    config = TrainConfig(steps=1, batch_size=len(requests), lr=1e-3, lr_lr=1e-3, progress=False)
+    results, counts = [], []
+    with one_intra_op_thread():
+        want_editor = ModelEditor(plain, tok, layers, method="mend", rank=4, edit_lr=1e-2)
+        randomize_editors(want_editor, gen)
+        compiled = _compiled(model, kind)
+        for b, length in zip(B.tolist(), L.tolist()):
+            ids = torch.randint(3, 100, (b, length), generator=gen)
+            with torch.no_grad():
+                compiled(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        editor = ModelEditor(compiled, tok, layers, method="mend", rank=4, edit_lr=1e-2)
+        editor.editors.load_state_dict(want_editor.editors.state_dict())
+        for me in (want_editor, editor):
+            reuses.clear()
+            results.append(me.fit(requests, config=config).history)
+            counts.append(len(reuses))
+    assert results[1] == results[0]
+    assert counts[1] == counts[0] > 0
+    want, got = want_editor.editors.state_dict(), editor.editors.state_dict()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+
+
 @pytest.mark.parametrize("where", ["torch.compile", "model.compile()", "one block"])
 def test_capture_of_a_compiled_model_without_stances_is_refused(where, gen, monkeypatch):
     """Where torch.compiler.set_stance is missing (torch 2.5; taken away here on newer torch), the
