@@ -161,6 +161,14 @@ def test_editor_under_inductor_matches_eager_to_rounding(gen):
     assert w.norm() > 0 and float((g - w).norm()) < 1e-5 * float(w.norm())
 
 
+TORCH_VERSION = tuple(int(p) for p in torch.__version__.split(".")[:2])
+# torch 2.5.1 and 2.6.0's dynamo recompiles where 2.7.1 on go dynamic (here per call; 2.7.1, 2.8.0,
+# 2.9.1, 2.10, 2.11 and 2.13 run).
+OLD_DYNAMO = TORCH_VERSION < (2, 7)
+# Up to 2.8, a ValueError raised in traced code reaches fullgraph's Unsupported as dynamo's "Observed
+# exception", without its message (2.5.1, 2.6.0, 2.7.1 and 2.8.0; 2.9.1 on carry it).
+UNSUPPORTED_DROPS_MESSAGE = TORCH_VERSION < (2, 9)
+
 NO_CUDAGRAPH_TAG = pytest.mark.skipif(not hasattr(torch.Tag, "cudagraph_unsafe"),
                                       reason="this torch has no cudagraph_unsafe tag (torch 2.5.1 to 2.7.1)")
 
@@ -314,8 +322,10 @@ def test_a_numpy_scalar_number_under_compile(op, gen):
                 compiled(bad)
             assert torch.equal(weight, kept_weight)
         torch._dynamo.reset()
-        with pytest.raises(torch._dynamo.exc.Unsupported, match=rf"{name} must be a Python number under torch\.compile"
-                                                                rf"\(fullgraph=True\).*pass float\({name}\)"):
+        # Torch 2.5.1 to 2.8.0: refused all the same, as dynamo's "Observed exception".
+        message = "Observed exception" if UNSUPPORTED_DROPS_MESSAGE else (rf"{name} must be a Python number under torch\.compile"
+                                                          rf"\(fullgraph=True\).*pass float\({name}\)")
+        with pytest.raises(torch._dynamo.exc.Unsupported, match=message):
             torch.compile(fn, backend="aot_eager", fullgraph=True)(value)
     assert torch.equal(weight, kept_weight)
 
@@ -363,8 +373,7 @@ def test_compiled_model_under_lowrank_edited_compiles_twice_over_token_counts(ge
     # fourth calls compile nothing: one frame each time on 2.9.1, 2.10, 2.11 and 2.13 ([1, 2, 2, 2]),
     # three on 2.7.1 and 2.8.0 with transformers 5.25 ([3, 6, 6, 6]: their dynamo graph-breaks in
     # transformers' cache setup, "builtin iterators ... passed in from uncompiled to compiled regions").
-    old_dynamo = tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 7)
-    if old_dynamo:
+    if OLD_DYNAMO:
         assert frames[-1] == 4
     else:
         assert frames[1] == 2 * frames[0] and frames[3] == frames[1], frames
@@ -479,7 +488,9 @@ def test_picked_kl_compiles_twice_over_kl_position_counts(gen, monkeypatch):
         assert torch.equal(got, want)
         for g, w in zip(got_grads, want_grads):
             assert torch.equal(g, w)
-    assert counter.frame_count == 2, counter.frame_count
+    # Torch 2.5.1 and 2.6.0 recompile for each n all the same ("tensor 'L['picked']' size mismatch at
+    # index 0", TORCH_LOGS=recompiles on 2.5.1), as they do for a compiled model under lowrank_edited (below).
+    assert counter.frame_count == (len(sizes) if OLD_DYNAMO else 2), counter.frame_count
 
 
 def _norm_step(norm, feature_norm, mu, eta, feats):
