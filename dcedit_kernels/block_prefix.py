@@ -278,9 +278,7 @@ class PrefixReuse:
             # scoring (`metrics.lower_blocks_kept`) after a forward of the same shape kept nothing.
             # Torch 2.5 has no stances: there a skipped hook costs the reuse only (`_Chain.result` is
             # None for a pass its hooks did not see), so a compiled model is not refused as the capture does.
-            stance = (eager_compiled_calls(self.model) if hasattr(torch.compiler, "set_stance")
-                      else contextlib.nullcontext())
-            with stance:
+            with eager_compiled_calls():
                 yield
         finally:
             with deferred_interrupt():

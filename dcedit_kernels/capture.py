@@ -371,8 +371,9 @@ class FactorCapture:
             # module (with this capture), and every later forward of the model raised ("capture needs
             # autograd" under no_grad, else "ran more than once inside one capture").
             with deferred_interrupt():
+                refuse_compiled_without_stances(self.model)
                 self._contexts.enter_context(no_activation_checkpointing(self.model))
-                self._contexts.enter_context(eager_compiled_calls(self.model))
+                self._contexts.enter_context(eager_compiled_calls())
                 self._handles.append(self.model.register_forward_pre_hook(self._model_pre_hook, with_kwargs=True))
                 if self._encoder is not None:
                     self._handles.append(self._encoder.register_forward_hook(self._encoder_hook))
@@ -621,11 +622,11 @@ def no_activation_checkpointing(model: nn.Module):
 
 
 @contextlib.contextmanager
-def eager_compiled_calls(model: nn.Module):
+def eager_compiled_calls():
     """Inside the block, whatever torch.compile compiled runs eagerly (`torch.compiler.set_stance(
     "force_eager")`, torch 2.6 on; a process-wide setting, so another thread's compiled calls run
-    eagerly meanwhile too).  Torch 2.5 has no stances: there a `model` that is, or holds, a
-    compiled module is refused with a ValueError before any hook is added.
+    eagerly meanwhile too).  Torch 2.5 has no stances: there the block changes nothing (the capture
+    refuses a compiled model instead, `refuse_compiled_without_stances`).
 
     A capture's hooks are added after the model was compiled, and dynamo does not guard on module
     hooks (`torch._dynamo.config.skip_nnmodule_hook_guards`, True by default): a graph compiled
@@ -640,24 +641,28 @@ def eager_compiled_calls(model: nn.Module):
     # Without torch._dynamo imported nothing was compiled (torch.compile imports it): set_stance
     # would import it, and with it triton (0.7 s at the first capture here; `import dcedit_kernels`
     # and CPU calls leave triton unimported, tests/test_packaging.py).
-    if "torch._dynamo" not in sys.modules:
-        yield
-        return
-    if set_stance is None:
-        # On torch 2.5.1 the compiled tiny GPT-2 and Llama failed the capture every way the
-        # docstring says (3 of 10 cases of tests/test_compile.py even with dynamo guarding on hooks,
-        # `skip_nnmodule_hook_guards=False`: fullgraph's Unsupported, a compiled Llama run before
-        # "does not depend on any captured module"), so the capture is refused instead.
-        compiled = next((name or "model" for name, m in model.named_modules() if _is_compiled(m)), None)
-        if compiled is not None:
-            raise ValueError(f"model: {compiled!r} is compiled (torch.compile), and torch "
-                             f"{torch.__version__} has no torch.compiler.set_stance to run it eagerly "
-                             "while the gradient capture's hooks are on; capture the uncompiled model "
-                             "(the OptimizedModule's _orig_mod) or use torch>=2.6")
+    if set_stance is None or "torch._dynamo" not in sys.modules:
         yield
         return
     with set_stance("force_eager"):
         yield
+
+
+def refuse_compiled_without_stances(model: nn.Module) -> None:
+    """ValueError naming `model`'s compiled module where torch has no torch.compiler.set_stance
+    (2.5), so `eager_compiled_calls` cannot run it eagerly.  On torch 2.5.1 the compiled tiny GPT-2
+    and Llama failed the capture every way `eager_compiled_calls` says (3 of 10 cases of
+    tests/test_compile.py even with dynamo guarding on hooks, `skip_nnmodule_hook_guards=False`:
+    fullgraph's Unsupported, a compiled Llama run before "does not depend on any captured module"),
+    so the capture is refused instead."""
+    if hasattr(torch.compiler, "set_stance") or "torch._dynamo" not in sys.modules:
+        return
+    compiled = next((name or "model" for name, m in model.named_modules() if _is_compiled(m)), None)
+    if compiled is not None:
+        raise ValueError(f"model: {compiled!r} is compiled (torch.compile), and torch "
+                         f"{torch.__version__} has no torch.compiler.set_stance to run it eagerly "
+                         "while the gradient capture's hooks are on; capture the uncompiled model "
+                         "(the OptimizedModule's _orig_mod) or use torch>=2.6")
 
 
 def _is_compiled(module: nn.Module) -> bool:
