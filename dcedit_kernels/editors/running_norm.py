@@ -11,6 +11,16 @@ import torch
 from torch import nn
 
 
+def _eagerly(fn, *args):
+    """fn(*args), run eagerly under torch.compile (a graph break at the call).  torch.compiler.disable
+    is applied here, not as a decorator: it imports torch._dynamo, and with it triton, which `import
+    dcedit_kernels` and CPU calls leave unimported (tests/test_packaging.py); while compiling, dynamo
+    is imported already."""
+    if torch.compiler.is_compiling():
+        return torch.compiler.disable(fn)(*args)
+    return fn(*args)
+
+
 class RunningStatistics(nn.Module):
     """Running mean, sum of squared deviations and std of the columns of one or more kinds of row
     (`STATS`: their buffer names, one triple per kind, with the row count `k`: what
@@ -60,22 +70,14 @@ class RunningStatistics(nn.Module):
     def _merge(self, *rows: torch.Tensor) -> None:
         """Chan et al.'s batch merge of each kind's rows (as many of each) into its statistics;
         then k += the batch's row count.  Eager under torch.compile (`_merge_rows`)."""
-        if torch.compiler.is_compiling():
-            # torch.compiler.disable here, not as a decorator: it imports torch._dynamo, and with it
-            # triton, which `import dcedit_kernels` and CPU calls leave unimported
-            # (tests/test_packaging.py); while compiling, dynamo is imported already.
-            torch.compiler.disable(RunningStatistics._merge_rows)(self, *rows)
-        else:
-            self._merge_rows(*rows)
+        _eagerly(RunningStatistics._merge_rows, self, *rows)
 
     def _fewer_than_two_seen(self) -> bool:
         """float(self.k) < 2 (the norms are the identity until then), read eagerly under
         torch.compile: torch 2.6 traced it for a float64 k and raised AssertionError "SpeculationLog
         diverged" (the tensorify restart of _merge_rows' comment below) when a compiled float64
         editor trained; the read broke the graph anyway."""
-        if torch.compiler.is_compiling():
-            return torch.compiler.disable(RunningStatistics._read_fewer_than_two)(self)
-        return self._read_fewer_than_two()
+        return _eagerly(RunningStatistics._read_fewer_than_two, self)
 
     def _read_fewer_than_two(self) -> bool:
         return float(self.k) < 2
