@@ -49,7 +49,7 @@ from torch import nn
 from torch.nn.modules import module as nn_module
 
 from ._warn import warn
-from .capture import eager_compiled_calls
+from .compiled_calls import eager_compiled_calls
 from .edit_handle import deferred_interrupt
 from .patched_forwards import patched_forwards
 from .scored_logits import logits_at
@@ -269,7 +269,7 @@ class PrefixReuse:
                     else:
                         handles.append(block.register_forward_pre_hook(
                             lambda _m, args, kwargs, j=j: chain.before_upper(j, args, kwargs), with_kwargs=True))
-            # The pass runs compiled code eagerly, as the capture's (`capture.eager_compiled_calls`): dynamo
+            # The pass runs compiled code eagerly, as the capture's (`compiled_calls.eager_compiled_calls`): dynamo
             # does not guard on module hooks, and a graph compiled without these ran for the blocks with
             # them, so none fired and nothing was kept.  Editor training of the tiny GPT-2 and Llama,
             # compiled (backend "eager") after two no-grad forwards of other shapes with frozen weights

@@ -89,7 +89,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
-import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -97,6 +96,7 @@ import torch
 from torch import nn
 
 from ._checks import MAX_INT32_ROWS, all_finite, check_autograd, first_non_finite
+from .compiled_calls import eager_compiled_calls, refuse_compiled_without_stances
 from .edit_handle import deferred_interrupt
 from .reference.segments import kept_offsets
 from .tokenize import IGNORE_INDEX, listed_causal_lm, no_kv_cache
@@ -619,56 +619,6 @@ def no_activation_checkpointing(model: nn.Module):
                 m.gradient_checkpointing = True
             for m, checkpoint_fn in wrappers:
                 m.checkpoint_fn = checkpoint_fn
-
-
-@contextlib.contextmanager
-def eager_compiled_calls():
-    """Inside the block, whatever torch.compile compiled runs eagerly (`torch.compiler.set_stance(
-    "force_eager")`, torch 2.6 on; a process-wide setting, so another thread's compiled calls run
-    eagerly meanwhile too).  Torch 2.5 has no stances: there the block changes nothing (the capture
-    refuses a compiled model instead, `refuse_compiled_without_stances`).
-
-    A capture's hooks are added after the model was compiled, and dynamo does not guard on module
-    hooks (`torch._dynamo.config.skip_nnmodule_hook_guards`, True by default): a graph compiled
-    without a hook runs for a module that has one since, and the hook never fires.  On
-    `torch.compile(model)` of the tiny GPT-2 (backend "eager"), a hook that graph-breaks (the
-    capture's does, at its `nonzero`) made dynamo compile each block as a frame of its own, and block
-    1, guarded like block 0 (same code, modules inlined as inputs), ran block 0's graph: block 1's
-    layers "did not run a forward pass inside the capture" (alone: "the loss does not depend on any
-    captured module"), on the tiny Llama too; a model compiled and run before the capture (frozen
-    weights, so the capture's pass met no other failing guard) can skip every hook the same way."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    # Without torch._dynamo imported nothing was compiled (torch.compile imports it): set_stance
-    # would import it, and with it triton (0.7 s at the first capture here; `import dcedit_kernels`
-    # and CPU calls leave triton unimported, tests/test_packaging.py).
-    if set_stance is None or "torch._dynamo" not in sys.modules:
-        yield
-        return
-    with set_stance("force_eager"):
-        yield
-
-
-def refuse_compiled_without_stances(model: nn.Module) -> None:
-    """ValueError naming `model`'s compiled module where torch has no torch.compiler.set_stance
-    (2.5), so `eager_compiled_calls` cannot run it eagerly.  On torch 2.5.1 the compiled tiny GPT-2
-    and Llama failed the capture every way `eager_compiled_calls` says (3 of 10 cases of
-    tests/test_compile.py even with dynamo guarding on hooks, `skip_nnmodule_hook_guards=False`:
-    fullgraph's Unsupported, a compiled Llama run before "does not depend on any captured module"),
-    so the capture is refused instead."""
-    if hasattr(torch.compiler, "set_stance") or "torch._dynamo" not in sys.modules:
-        return
-    compiled = next((name or "model" for name, m in model.named_modules() if _is_compiled(m)), None)
-    if compiled is not None:
-        raise ValueError(f"model: {compiled!r} is compiled (torch.compile), and torch "
-                         f"{torch.__version__} has no torch.compiler.set_stance to run it eagerly "
-                         "while the gradient capture's hooks are on; capture the uncompiled model "
-                         "(the OptimizedModule's _orig_mod) or use torch>=2.6")
-
-
-def _is_compiled(module: nn.Module) -> bool:
-    """`torch.compile(module)` (an OptimizedModule, which holds the module as `_orig_mod`) or
-    `module.compile()` (which sets `_compiled_call_impl`)."""
-    return "_orig_mod" in module._modules or module.__dict__.get("_compiled_call_impl") is not None
 
 
 def _is_checkpoint_wrapper(module: nn.Module) -> bool:

@@ -12,8 +12,9 @@ the head's input; what a model does to the logits after its head (a bias, soft-c
 elementwise and does not see the difference.  The gather is skipped, and the full logits used,
 where it cannot be done exactly: no output embedding module, a head whose input is not (B, L, ·)
 with the positions' (B, L), a head that is itself being edited or captured (its hooks expect
-the full sequence) or has forward hooks of the caller's (they get its output), or inside
-`full_logits()` (the comparison form, for tests and benchmarks).
+the full sequence) or has forward hooks of the caller's (they get its output), a head that runs
+compiled (`compiled_calls.runs_compiled`), or inside `full_logits()` (the comparison form, for tests
+and benchmarks).
 `Scored.pick(logits)` returns the (n, V) scored logits either way.
 """
 
@@ -26,6 +27,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .compiled_calls import runs_compiled
 from .edit_handle import deferred_interrupt
 from .head_input import output_head
 from .tokenize import IGNORE_INDEX
@@ -85,7 +87,13 @@ def logits_at(model: nn.Module, positions: torch.Tensor, skip: Iterable[nn.Modul
     head = output_head(model) if enabled and not getattr(_FULL, "on", False) else None
     # A forward hook on the head (the caller's: an edited or captured head is in `skip`) gets the
     # head's output: gathered, a hook that reads positions changed other logits than in a plain forward.
-    if head is None or any(head is m for m in skip) or head._forward_hooks:
+    # A compiled head (or one inside a compiled module) runs without the gather unless compiled code
+    # runs eagerly meanwhile (the capture's block): dynamo does not guard on hooks, so whether the hook
+    # ran depended on the compile history (a tiny LM compiled and run before the block: not gathered,
+    # nor by a second torch.compile of it; compiled fresh per test: gathered), and under fullgraph=True
+    # the hook raised Unsupported (FT and FT+KL `apply`, `fit` and `measure_edit` on the tiny GPT-2 and
+    # Llama).  The full logits cost B·L·V instead of n·V, as in the model's own forward.
+    if head is None or any(head is m for m in skip) or head._forward_hooks or runs_compiled(model, head):
         yield scored
         return
 
