@@ -376,9 +376,10 @@ def test_logits_at_on_a_compiled_model_picks_from_the_full_logits(kind, run_befo
     does not guard on module hooks, so whether the hook ran depended on the compile history (before,
     this test failed 9 of its 10 cases: 8 gathered, and under fullgraph=True a first run inside the
     block raised dynamo's Unsupported, "Skip calling `torch.compiler.disable()`d function"; a script
-    that compiled the tiny LM and ran it before the block gathered nothing).  The picked logits are those of the uncompiled model,
-    and a forward after the block gives the full logits.  No dynamo warning either (the hook's
-    thread check: "does not know how to trace the builtin `_thread.get_ident`")."""
+    that compiled the tiny LM and ran it before the block gathered nothing).  The picked logits are
+    those of the uncompiled model, and a forward after the block gives the full logits.  No dynamo
+    warning either (the hook's thread check: "does not know how to trace the builtin
+    `_thread.get_ident`")."""
     import warnings
 
     torch.manual_seed(seed_from(gen))
