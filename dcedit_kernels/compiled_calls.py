@@ -35,6 +35,11 @@ class _Depth:
 _EAGER = _Depth()
 
 
+def has_stances() -> bool:
+    """Whether this torch has `torch.compiler.set_stance` (2.6 on), so compiled code can run eagerly."""
+    return hasattr(torch.compiler, "set_stance")
+
+
 @contextlib.contextmanager
 def eager_compiled_calls():
     """Inside the block, whatever torch.compile compiled runs eagerly (`torch.compiler.set_stance(
@@ -51,14 +56,13 @@ def eager_compiled_calls():
     layers "did not run a forward pass inside the capture" (alone: "the loss does not depend on any
     captured module"), on the tiny Llama too; a model compiled and run before the capture (frozen
     weights, so the capture's pass met no other failing guard) can skip every hook the same way."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
     # Without torch._dynamo imported nothing was compiled (torch.compile imports it): set_stance
     # would import it, and with it triton (0.7 s at the first capture here; `import dcedit_kernels`
     # and CPU calls leave triton unimported, tests/test_packaging.py).
-    if set_stance is None or "torch._dynamo" not in sys.modules:
+    if not has_stances() or "torch._dynamo" not in sys.modules:
         yield
         return
-    with set_stance("force_eager"), _EAGER:
+    with torch.compiler.set_stance("force_eager"), _EAGER:
         yield
 
 
@@ -69,7 +73,7 @@ def refuse_compiled_without_stances(model: nn.Module) -> None:
     tests/test_compile.py even with dynamo guarding on hooks, `skip_nnmodule_hook_guards=False`:
     fullgraph's Unsupported, a compiled Llama run before "does not depend on any captured module"),
     so the capture is refused instead."""
-    if hasattr(torch.compiler, "set_stance") or "torch._dynamo" not in sys.modules:
+    if has_stances() or "torch._dynamo" not in sys.modules:
         return
     compiled = next((name or "model" for name, m in model.named_modules() if is_compiled(m)), None)
     if compiled is not None:
