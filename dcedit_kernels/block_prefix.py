@@ -280,8 +280,8 @@ class PrefixReuse:
             # (as a validation inside `fit` leaves it): the edited pass ran every block, and its KL and
             # 21-22 of the 22 editor gradients differed from the uncompiled copy's in the last bits;
             # scoring (`metrics.lower_blocks_kept`) after a forward of the same shape kept nothing.
-            # Torch 2.5 has no stances: there a skipped hook costs the reuse only (`_Chain.result` is
-            # None for a pass its hooks did not see), so a compiled model is not refused as the capture does.
+            # Torch 2.5 has no stances: there a compiled model records nothing (above), which costs the
+            # reuse only, so it is not refused as the capture does.
             with eager_compiled_calls():
                 yield
         finally:
