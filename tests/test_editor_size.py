@@ -13,6 +13,8 @@ from dcedit_kernels.editors import GroupedEditor, editor_size, grouped_editor
 from helpers import reset_default_device
 
 NO_CUDA = not torch.cuda.is_available()
+# What the CPU's memory is: a container's cgroup limit where it is lower than the RAM.
+CPU_WHAT = r"(RAM|its cgroup's memory limit) \+ swap"
 
 
 @pytest.fixture
@@ -77,7 +79,7 @@ def test_sizes_past_this_machines_memory_are_refused_before_anything_is_built(ge
         for device in ("cpu", "meta"):  # on "meta" too, where the tensors take nothing
             with torch.device(device), pytest.raises(
                     ValueError, match=rf"n_layers={n_layers}(, |:).*layers would need at least .* of Python objects, "
-                                      r"more than the CPU's .* \(RAM \+ swap\); lower n_layers$"):
+                                      r"more than the CPU's .* \(" + CPU_WHAT + r"\); lower n_layers$"):
                 GroupedEditor(4, 3, n_layers=n_layers, routing="single")
     # (G, d, r) float32 factors past the memory: G d r 4 bytes > memory
     n_editors = _randint(memory // (4 * 2112 * 32) + 1, 2**40, gen)
@@ -88,7 +90,7 @@ def test_sizes_past_this_machines_memory_are_refused_before_anything_is_built(ge
         named = ", ".join(f"{k}={v}" for k, v in kwargs.items() if k not in ("routing", "generator"))
         with pytest.raises(ValueError, match=r"^in_features=.*" + named.split(", ")[-1] + r".*: the editor would "
                                              r"hold .* parameters and buffers, .* in torch.float32 on cpu, more than "
-                                             r"the CPU's .* \(RAM \+ swap\); lower these sizes$"):
+                                             r"the CPU's .* \(" + CPU_WHAT + r"\); lower these sizes$"):
             GroupedEditor(**kwargs)
 
 
@@ -141,3 +143,47 @@ def test_an_editor_built_on_a_gpu_is_weighed_against_the_gpus_memory(gen, no_lay
             GroupedEditor(1536, 576, n_editors=n_editors, rank=32, routing="random")
     finally:
         reset_default_device()
+
+
+def _cgroup_files(tmp_path, monkeypatch, v2=None, v1=None):
+    """CGROUP_LIMIT_FILES made two files under tmp_path holding `v2` and `v1` (None: no such file)."""
+    paths = (tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes")
+    for path, text in zip(paths, (v2, v1)):
+        if text is not None:
+            path.write_text(text + "\n")
+    monkeypatch.setattr(editor_size, "CGROUP_LIMIT_FILES", tuple(str(p) for p in paths))
+
+
+def test_a_cgroup_memory_limit_below_the_ram_bounds_the_cpu(gen, tmp_path, monkeypatch, no_layer_built):
+    """In a container whose cgroup (v2's memory.max, else v1's memory.limit_in_bytes) limits the
+    memory below the RAM, the CPU's memory is that limit plus swap, and an editor between it and
+    RAM + swap is refused naming the limit: past it the OOM killer ends the process, where before
+    the check let it be built.  "max", v1's unlimited (2**63 − 1 rounded to a page), unreadable text
+    and limits above the RAM leave RAM + swap."""
+    ram, what = editor_size.cpu_memory()
+    if ram is None:
+        pytest.skip("this platform does not tell its memory (no os.sysconf)")
+    swap = editor_size._swap_bytes()
+    ram -= swap
+    limit = _randint(2**20, ram - 2**20, gen)
+    for v2, v1 in ((str(limit), None), (None, str(limit)), ("max\n", str(limit)), ("junk", str(limit))):
+        _cgroup_files(tmp_path, monkeypatch, v2, v1)
+        assert editor_size.cpu_memory() == ((limit + swap, "its cgroup's memory limit + swap") if v2 != "max\n"
+                                            else (ram + swap, "RAM + swap")), (v2, v1)
+        for path in tmp_path.iterdir():
+            path.unlink()
+    for v2, v1 in (("max", None), (None, "9223372036854771712"), (str(ram + _randint(0, 2**40, gen)), None),
+                   (None, None), ("0", None)):
+        _cgroup_files(tmp_path, monkeypatch, v2, v1)
+        assert editor_size.cpu_memory() == (ram + swap, "RAM + swap"), (v2, v1)
+        for path in tmp_path.iterdir():
+            path.unlink()
+    _cgroup_files(tmp_path, monkeypatch, str(limit))
+    # float32 editors between limit + swap and RAM + swap: 4 (a n + b) bytes for n editors
+    numel = [editor_size.editor_numel(1536, 576, n, 32, 1, 1, False, None, True, None) for n in (1, 2)]
+    a, b = numel[1] - numel[0], 2 * numel[0] - numel[1]
+    n_editors = _randint((limit + swap) // (4 * a) + 1, (ram + swap - 4 * b) // (4 * a), gen)
+    with pytest.raises(ValueError, match=rf"^in_features=1536, out_features=576, n_editors={n_editors}, .*: the editor "
+                                         r"would hold .* more than the CPU's .* \(its cgroup's memory limit \+ "
+                                         r"swap\); lower these sizes$"):
+        GroupedEditor(1536, 576, rank=32, n_editors=n_editors, n_layers=1, routing="random")

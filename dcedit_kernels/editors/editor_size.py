@@ -45,17 +45,51 @@ def editor_numel(in_features: int, out_features: int, n_editors: int, rank: int,
 
 def device_memory(device: torch.device) -> int | None:
     """The bytes `device` can hold at most, None where that is not known (meta, and devices other
-    than the CPU and CUDA).  The CPU: physical memory plus swap (what Linux's default overcommit
-    heuristic measures a request against; a cgroup's limit can be lower); CUDA: the GPU's total
-    memory."""
+    than the CPU and CUDA).  The CPU: `cpu_memory()`; CUDA: the GPU's total memory."""
     if device.type == "cpu":
-        try:
-            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
-            return None
-        return ram + _swap_bytes()
+        return cpu_memory()[0]
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
+    return None
+
+
+def cpu_memory() -> tuple[int | None, str]:
+    """The bytes the CPU can give this process at most, and what they are: physical memory plus
+    swap (what Linux's default overcommit heuristic measures a request against), or, where this
+    process's cgroup has a lower memory limit (a container's), that limit plus swap: past it the
+    kernel's OOM killer ends the process.  (None, "") where the platform does not tell its memory."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return None, ""
+    limit = _cgroup_limit()
+    if limit is not None and limit < ram:
+        return limit + _swap_bytes(), "its cgroup's memory limit + swap"
+    return ram + _swap_bytes(), "RAM + swap"
+
+
+# This process's cgroup memory limit, v2 then v1, read where a container's own cgroup is mounted as
+# the root (Docker, Kubernetes; a process in a nested cgroup of a host is not bounded by it here).
+CGROUP_LIMIT_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def _cgroup_limit() -> int | None:
+    """The first of CGROUP_LIMIT_FILES that reads as a limit, in bytes; None where none does, or
+    where it is "max" (v2) or v1's unlimited (2**63 − 1 rounded down to a page: 9223372036854771712
+    on this machine)."""
+    for path in CGROUP_LIMIT_FILES:
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text == "max":
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            continue
+        return value if 0 < value < 2**62 else None
     return None
 
 
@@ -84,15 +118,16 @@ def check_editor_fits(numel: int, n_layers: int, sizes: dict) -> None:
     settings = ", ".join(f"{name}={value if value < 10**30 else _sci(value)}" for name, value in sizes.items())
     cpu = torch.device("cpu")
     host, host_memory = n_layers * LAYER_HOST_BYTES, device_memory(cpu)
+    cpu_what = cpu_memory()[1] or "RAM + swap"
     if host_memory is not None and host > host_memory:  # on any device, "meta" too
         layers = f"{_sci(n_layers)} layer{'s' if n_layers > 1 else ''}"
         raise EditorTooLargeError(f"{settings}: the editor's {layers} would need at least {_bytes(host)} of "
-                         f"Python objects, more than the CPU's {_bytes(host_memory)} (RAM + swap); lower n_layers")
+                         f"Python objects, more than the CPU's {_bytes(host_memory)} ({cpu_what}); lower n_layers")
     probe = torch.empty(0)  # its device, not torch.get_default_device(): that ignores `with torch.device` before 2.8
     nbytes = numel * probe.element_size()
     memory = device_memory(probe.device)
     if memory is not None and nbytes > memory:
-        has = f"the CPU's {_bytes(memory)} (RAM + swap)" if probe.device == cpu else f"{probe.device}'s {_bytes(memory)}"
+        has = f"the CPU's {_bytes(memory)} ({cpu_what})" if probe.device == cpu else f"{probe.device}'s {_bytes(memory)}"
         raise EditorTooLargeError(f"{settings}: the editor would hold {_sci(numel)} parameters and buffers, {_bytes(nbytes)} in "
                          f"{probe.dtype} on {probe.device}, more than {has}; lower these sizes")
 
