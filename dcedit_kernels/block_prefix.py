@@ -39,6 +39,7 @@ Otherwise the edited pass runs the rows through every block, as before.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import weakref
 from collections.abc import Sized
@@ -79,8 +80,18 @@ def _reuse_lock(model: nn.Module):
 def _for_thread(thread: int, forward: Callable, own: Callable) -> Callable:
     """`forward` for calls from `thread`; another thread's call (a pass of its own over the model
     meanwhile) runs the block's `own` forward, as the kept output is not of its rows."""
+    def from_thread() -> bool:
+        return threading.get_ident() == thread
+
+    # Untraced on a compiled model: dynamo cannot trace get_ident and warned at the first reused
+    # block ("Dynamo does not know how to trace the builtin `_thread.get_ident`", FT `apply` of a
+    # compiled tiny Llama); a disabled call breaks the graph there without a word.  Without
+    # torch._dynamo imported nothing is compiled, and disabling would import it.
+    if "torch._dynamo" in sys.modules:
+        from_thread = torch.compiler.disable(from_thread)
+
     def dispatch(*args, **kwargs):
-        return (forward if threading.get_ident() == thread else own)(*args, **kwargs)
+        return (forward if from_thread() else own)(*args, **kwargs)
     return dispatch
 
 
