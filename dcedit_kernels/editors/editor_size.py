@@ -118,18 +118,23 @@ def check_editor_fits(numel: int, n_layers: int, sizes: dict) -> None:
     settings = ", ".join(f"{name}={value if value < 10**30 else _sci(value)}" for name, value in sizes.items())
     cpu = torch.device("cpu")
     host, host_memory = n_layers * LAYER_HOST_BYTES, device_memory(cpu)
-    cpu_what = cpu_memory()[1] or "RAM + swap"
     if host_memory is not None and host > host_memory:  # on any device, "meta" too
         layers = f"{_sci(n_layers)} layer{'s' if n_layers > 1 else ''}"
         raise EditorTooLargeError(f"{settings}: the editor's {layers} would need at least {_bytes(host)} of "
-                         f"Python objects, more than the CPU's {_bytes(host_memory)} ({cpu_what}); lower n_layers")
+                         f"Python objects, more than the CPU's {_bytes(host_memory)} ({_cpu_what()}); lower n_layers")
     probe = torch.empty(0)  # its device, not torch.get_default_device(): that ignores `with torch.device` before 2.8
     nbytes = numel * probe.element_size()
     memory = device_memory(probe.device)
     if memory is not None and nbytes > memory:
-        has = f"the CPU's {_bytes(memory)} ({cpu_what})" if probe.device == cpu else f"{probe.device}'s {_bytes(memory)}"
+        has = f"the CPU's {_bytes(memory)} ({_cpu_what()})" if probe.device == cpu else f"{probe.device}'s {_bytes(memory)}"
         raise EditorTooLargeError(f"{settings}: the editor would hold {_sci(numel)} parameters and buffers, {_bytes(nbytes)} in "
                          f"{probe.dtype} on {probe.device}, more than {has}; lower these sizes")
+
+
+def _cpu_what() -> str:
+    """What the CPU's memory in a refusal is (`cpu_memory`), read only when refusing: it reads the
+    cgroup files and /proc/meminfo again."""
+    return cpu_memory()[1] or "RAM + swap"
 
 
 def _sci(n: int) -> str:
