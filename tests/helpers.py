@@ -584,6 +584,26 @@ def one_intra_op_thread():
         torch.set_num_threads(n)
 
 
+# How a caller compiles a model (backend "eager"): torch.compile(model), under fullgraph too, or
+# model.compile(); `compile_as` also takes "compiled forward" and "compiled head" (the `head` attribute).
+COMPILE_KINDS = ["torch.compile", "fullgraph", "model.compile()"]
+
+
+def compile_as(model, kind):
+    """What a caller runs: `model` compiled the way `kind` names (the model itself where it is
+    compiled in place)."""
+    if kind == "model.compile()":
+        model.compile(backend="eager")
+        return model
+    if kind == "compiled forward":
+        model.forward = torch.compile(model.forward, backend="eager")
+        return model
+    if kind == "compiled head":
+        model.head = torch.compile(model.head, backend="eager")
+        return model
+    return torch.compile(model, backend="eager", fullgraph=kind == "fullgraph")
+
+
 def options_without_their_defaults(parser) -> list[str]:
     """The options of an argparse parser (and its subcommands') whose --help says nothing, or does not
     say the default a run takes (a default other than None/False that its help neither names nor

@@ -18,7 +18,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from dcedit_kernels import ops
 from helpers import (HostReads, 
     EDITOR_KINDS, OP_CASE_DIMS, deterministic_on, editor_inputs, one_intra_op_thread, output_and_grads, public_op_cases,
-    ragged_leaves, randn, seed_from, small_editor,
+    COMPILE_KINDS, compile_as, ragged_leaves, randn, seed_from, small_editor,
 )
 
 G, D_OUT, D_IN = OP_CASE_DIMS["G"], OP_CASE_DIMS["d_out"], OP_CASE_DIMS["d_in"]
@@ -559,17 +559,6 @@ def test_a_float64_editor_trained_compiled_keeps_eagers_running_norms_and_checkp
             assert torch.equal(b, c), name
 
 
-# The compiled model of the capture tests: torch.compile(model), under fullgraph too, or model.compile().
-COMPILE_KINDS = ["torch.compile", "fullgraph", "model.compile()"]
-
-
-def _compiled(model, kind):
-    if kind == "model.compile()":
-        model.compile(backend="eager")
-        return model
-    return torch.compile(model, backend="eager", fullgraph=kind == "fullgraph")
-
-
 NO_STANCES = pytest.mark.skipif(not hasattr(torch.compiler, "set_stance"),
                                 reason="torch 2.5 has no stances: the capture refuses a compiled model there")
 
@@ -600,7 +589,7 @@ def test_editor_of_a_compiled_model_edits_as_one_of_the_model_itself(arch, kind,
             plain = copy.deepcopy(model)
             want_editor = ModelEditor(plain, tok, layers, method="mend", rank=7, edit_lr=0.1)
             randomize_editors(want_editor, gen)
-            editor = ModelEditor(_compiled(model, kind), tok, layers, method="mend", rank=7, edit_lr=0.1)
+            editor = ModelEditor(compile_as(model, kind), tok, layers, method="mend", rank=7, edit_lr=0.1)
             editor.editors.load_state_dict(want_editor.editors.state_dict())
             requests = random_requests(gen, int(torch.randint(1, 5, (1,), generator=gen)))
             want_editor.apply(requests)
@@ -682,7 +671,7 @@ def test_training_of_an_editor_of_a_compiled_model_that_ran_before_reuses_the_pr
     with one_intra_op_thread():
         want_editor = ModelEditor(plain, tok, layers, method="mend", rank=4, edit_lr=1e-2)
         randomize_editors(want_editor, gen)
-        compiled = _compiled(model, kind)
+        compiled = compile_as(model, kind)
         for b, length in zip(B.tolist(), L.tolist()):
             ids = torch.randint(3, 100, (b, length), generator=gen)
             with torch.no_grad():
@@ -776,7 +765,7 @@ def test_ft_training_and_scoring_of_a_compiled_model_match_the_uncompiled_models
     results, before = [], snapshot(model)
     with one_intra_op_thread(), warnings.catch_warnings(record=True) as everything:
         warnings.simplefilter("always")
-        for target in (plain, _compiled(model, kind)):
+        for target in (plain, compile_as(model, kind)):
             editor = ModelEditor(target, tok, layers, method=method, **kwargs)
             if method == "mend":
                 if target is plain:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import input_shapes, rel_err, seed_from, skip_fp32_logits
+from helpers import COMPILE_KINDS, compile_as, input_shapes, rel_err, seed_from, skip_fp32_logits
 from test_model_editor import assert_bit_identical, one_thread, random_requests, snapshot  # noqa: F401 (one_thread: autouse)
 from test_model_editor import words
 
@@ -354,22 +354,7 @@ class _TinyLM(nn.Module):
         return self.head(torch.tanh(self.embed(input_ids)))
 
 
-def _compiled(model, kind):
-    """What a caller scores: `model` compiled one of the ways `kind` names (backend "eager")."""
-    if kind == "model.compile()":
-        model.compile(backend="eager")
-        return model, model
-    if kind == "compiled forward":
-        model.forward = torch.compile(model.forward, backend="eager")
-        return model, model
-    if kind == "compiled head":
-        model.head = torch.compile(model.head, backend="eager")
-        return model, model
-    return model, torch.compile(model, backend="eager", fullgraph=kind == "fullgraph")
-
-
-@pytest.mark.parametrize("kind", ["torch.compile", "fullgraph", "model.compile()", "compiled forward",
-                                  "compiled head"])
+@pytest.mark.parametrize("kind", COMPILE_KINDS + ["compiled forward", "compiled head"])
 @pytest.mark.parametrize("run_before", [False, True])
 def test_logits_at_on_a_compiled_model_picks_from_the_full_logits(kind, run_before, gen):
     """A compiled model, or one whose head runs inside a compiled module, is not gathered: dynamo
@@ -390,12 +375,12 @@ def test_logits_at_on_a_compiled_model_picks_from_the_full_logits(kind, run_befo
         warnings.simplefilter("always")
         model = _TinyLM()
         want = model(ids)
-        model, compiled = _compiled(model, kind)
+        run = compile_as(model, kind)
         if run_before:
-            compiled(ids)
-        with logits_at(compiled, positions) as scored:
-            out = compiled(ids)
-        after = compiled(ids)
+            run(ids)
+        with logits_at(run, positions) as scored:
+            out = run(ids)
+        after = run(ids)
     assert not scored.gathered and out.shape == (B, L, 11)
     assert torch.equal(scored.pick(out), want[positions])
     assert torch.equal(after, want)
@@ -403,7 +388,7 @@ def test_logits_at_on_a_compiled_model_picks_from_the_full_logits(kind, run_befo
 
 
 @pytest.mark.skipif(not hasattr(torch.compiler, "set_stance"), reason="torch 2.5 has no stances")
-@pytest.mark.parametrize("kind", ["torch.compile", "fullgraph", "model.compile()"])
+@pytest.mark.parametrize("kind", COMPILE_KINDS)
 def test_logits_at_gathers_where_compiled_code_runs_eagerly(kind, gen):
     """Inside `eager_compiled_calls` (the capture's block, the prefix record) a compiled model runs
     eagerly, and the hook gathers: the logits of the scored positions only, as the uncompiled
@@ -412,13 +397,13 @@ def test_logits_at_gathers_where_compiled_code_runs_eagerly(kind, gen):
 
     torch.manual_seed(seed_from(gen))
     plain = _TinyLM()
-    model, compiled = _compiled(copy.deepcopy(plain), kind)
+    run = compile_as(copy.deepcopy(plain), kind)
     ids = torch.randint(0, 11, (3, 5), generator=gen)
     positions = torch.rand(3, 5, generator=gen) < 0.5
     with torch.no_grad():
-        compiled(ids)
-        with eager_compiled_calls(), logits_at(compiled, positions) as scored:
-            out = compiled(ids)
+        run(ids)
+        with eager_compiled_calls(), logits_at(run, positions) as scored:
+            out = run(ids)
         with logits_at(plain, positions) as uncompiled:
             want = plain(ids)
     assert scored.gathered and uncompiled.gathered and torch.equal(scored.pick(out), uncompiled.pick(want))
