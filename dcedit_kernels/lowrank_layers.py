@@ -53,7 +53,11 @@ much as a second dense linear layer per group: cheap for ProEditor (one group), 
 many groups of a big weight.  Rows that see every group get (Σ_g S_g) ⊙ M, exactly what `apply()`
 adds for the "add" fusion (ProEditor's).  With `masked=False` the module sees the unmasked shift
 through `ops.lowrank_delta_linear`.  The dense path runs in plain torch ops (no custom kernel): its
-matmuls are ordinary GEMMs, on CPU and GPU alike.
+matmuls are ordinary GEMMs, on CPU and GPU alike.  Its masked shifts, every non-empty group's, are
+formed when the block is entered (`masked_shifts`: the offsets are read on the host there, outside
+whatever the model compiled), unless every row sees the fused shift; inside a compiled model each row
+then runs against every group's shift and keeps its own (`dense_masked_linear`), and the fused rows'
+split likewise (`_lowrank_forward`), so torch.compile traces the edited layers without a graph break.
 
 Split models: each patched module computes on its own weight's device; the editor outputs (and
 the Fisher mask) are moved there once when the block is entered, and `.to` carries the gradients
@@ -114,9 +118,9 @@ def group_factors(edit, row_edit: torch.Tensor, row_sees_all: torch.Tensor | Non
     return row_group, mu_t, eta_t, offsets, alpha
 
 
-def _check_rows(edits: Mapping, row_edit, row_sees_all, row_sees_fused=None) -> tuple[bool, bool]:
+def _check_rows(edits: Mapping, row_edit, row_sees_all, row_sees_fused=None) -> tuple[bool, bool, bool]:
     """Check the rows' arguments; returns (whether any row sees every group, whether any row sees
-    the fused shift)."""
+    the fused shift, whether any row takes the per-group path: does not see the fused shift)."""
     if not isinstance(row_edit, torch.Tensor) or row_edit.dtype not in (torch.int32, torch.int64):
         raise ValueError("row_edit must be an int32 or int64 tensor")
     if row_edit.dim() != 1:
@@ -142,6 +146,7 @@ def _check_rows(edits: Mapping, row_edit, row_sees_all, row_sees_fused=None) -> 
         reads["all"] = row_sees_all.any()
     if row_sees_fused is not None:
         reads["fused"] = row_sees_fused.any()
+        reads["per_group"] = (~row_sees_fused).any()
         if row_sees_all is not None:
             reads["both"] = (row_sees_all & row_sees_fused.to(row_sees_all.device)).any()
     if ids_readable(row_edit):
@@ -156,8 +161,8 @@ def _check_rows(edits: Mapping, row_edit, row_sees_all, row_sees_fused=None) -> 
     E = n_edits.pop()
     if "lo" in got:
         check_id_range(got["lo"], got["hi"], "row_edit", -1, E - 1, f" (there are {E} edits)")
-    any_all, any_fused = got.get("all", 0), got.get("fused", 0)
-    return bool(any_all), bool(any_fused)
+    any_all, any_fused, any_per_group = got.get("all", 0), got.get("fused", 0), got.get("per_group", 1)
+    return bool(any_all), bool(any_fused), bool(any_per_group)
 
 
 def kept_mask(edit, device=None) -> torch.Tensor:
@@ -170,27 +175,51 @@ def kept_mask(edit, device=None) -> torch.Tensor:
     return mask
 
 
-def dense_masked_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha, mask, shifts=None):
+def masked_shifts(mu_t, eta_t, offsets, mask, acc, formed=None) -> list:
+    """[S_g ⊙ M per group g] (each o×i, in dtype `acc`; None for an empty group), S_g = Σ_{t∈g}
+    η̃_t μ̃_tᵀ: the shifts a Fisher-masked edit's rows see (`dense_masked_linear`).  Formed when the
+    block is entered, outside whatever the model compiled, as the offsets are read on the host.
+    formed: None, or a dict {(g, acc): S_g ⊙ M} that this call fills and later calls with the same
+    factors (`lowrank_edited`'s `shared`) read instead of forming S_g again."""
+    shifts = []
+    for g, (s, e) in enumerate(segment_bounds(offsets)):
+        shift = None if formed is None else formed.get((g, acc))
+        if shift is None and s != e:
+            shift = (eta_t[s:e].to(acc).T @ mu_t[s:e].to(acc)) * mask.to(acc)  # (o, i): the masked S_g
+            if formed is not None:
+                formed[g, acc] = shift
+        shifts.append(shift)
+    return shifts
+
+
+def dense_masked_linear(x, weight, bias, row_group, shifts, alpha):
     """`lowrank_delta_linear` with every group's shift masked: y_n = x_n Wᵀ + b + α_g x_n (S_g ⊙ M)ᵀ,
-    S_g = Σ_{t∈g} η̃_t μ̃_tᵀ formed densely (o×i), one group at a time.  Differentiable in x, mu_t,
-    eta_t, alpha; fp32 arithmetic (float64 kept), output in x's dtype like the op.
-    shifts: None, or a dict {(g, dtype): S_g ⊙ M} that this call fills and later calls with the same factors
-    (`lowrank_edited`'s `shared`) read instead of forming S_g again."""
-    acc = compute_dtype(x, weight, mu_t, eta_t, alpha)
+    shifts[g] = S_g ⊙ M (`masked_shifts`; None: an empty group, which no row sees).  Differentiable in
+    x, the shifts and alpha; fp32 arithmetic (float64 kept: a float64 x with fp32 shifts computes in
+    float64, the shifts formed in fp32), output in x's dtype like the op.
+
+    Eagerly each group's product runs over its own rows (`nonzero`, a data-dependent shape).  While
+    torch.compile traces, every row's product runs against every group's shift and keeps its own
+    group's (`torch.where`): fullgraph refused the rows' selection (dynamo's UserError "Could not
+    guard on data-dependent expression" in ProEditor's training), and without fullgraph the model
+    graph-broke at each masked layer.  That is G' times the products' FLOPs for G' groups: the same
+    for ProEditor's one group (its rows that see every group see group 0)."""
+    acc = compute_dtype(x, weight, alpha, *(s for s in shifts if s is not None))
     xa = x.to(acc)
     y = xa @ weight.to(acc).T
     if bias is not None:
         y = y + bias.to(acc)
-    for g, (s, e) in enumerate(segment_bounds(offsets)):
-        rows = (row_group == g).nonzero().squeeze(1)
-        if s == e or rows.numel() == 0:
-            continue
-        shift = None if shifts is None else shifts.get((g, acc))
+    compiling = torch.compiler.is_compiling()
+    for g, shift in enumerate(shifts):
         if shift is None:
-            shift = (eta_t[s:e].to(acc).T @ mu_t[s:e].to(acc)) * mask.to(acc)  # (o, i): the masked S_g
-            if shifts is not None:
-                shifts[g, acc] = shift
-        y = y.index_add(0, rows, alpha[g].to(acc) * (xa[rows] @ shift.T))
+            continue
+        if compiling:
+            sees = (row_group == g).unsqueeze(1)
+            y = y + torch.where(sees, alpha[g].to(acc) * (xa @ shift.to(acc).T), 0.0)
+            continue
+        rows = (row_group == g).nonzero().squeeze(1)
+        if rows.numel():
+            y = y.index_add(0, rows, alpha[g].to(acc) * (xa[rows] @ shift.to(acc).T))
     return y.to(x.dtype if x.dtype != torch.float64 else acc)
 
 
@@ -240,10 +269,10 @@ def _active_states():
 
 
 def _lowrank_forward(module: nn.Module, name: str):
-    """The patched forward, its tensors `_ACTIVE[id(module)]`: (row_group, mu_t, eta_t, offsets, alpha, mask,
-    fused, shifts); fused: None, or (row_sees_fused (B,), Δ, α) of the rows that see the fused shift
-    (`fused_linear`), the other rows taking the per-group path; shifts: the masked shifts shared
-    between passes (`dense_masked_linear`)."""
+    """The patched forward, its tensors `_ACTIVE[id(module)]`: (row_group, mu_t, eta_t, offsets, alpha,
+    shifts, fused); shifts: None, or the masked shifts of a Fisher-masked edit's groups
+    (`masked_shifts`, seen through `dense_masked_linear`); fused: None, or (row_sees_fused (B,), Δ, α)
+    of the rows that see the fused shift (`fused_linear`), the other rows taking the per-group path."""
     out_features, in_features = weight_out_in(module).shape
     key = id(module)
 
@@ -262,7 +291,7 @@ def _lowrank_forward(module: nn.Module, name: str):
                 f"module {name!r}: the lowrank_edited block that patched its forward has ended; call "
                 "that forward inside the block, or the module itself (the unedited layer) after it"
             )
-        row_group, mu_t, eta_t, offsets, alpha, mask, fused, shifts = state
+        row_group, mu_t, eta_t, offsets, alpha, shifts, fused = state
         n_rows = row_group.shape[0]  # a size, not a Python int fixed when the block was entered
         # (rows, ..., in), or the rows' tokens flattened row-major, (rows·L, in), as OPT's decoder
         # layers call their MLP.  The 2-D form is taken as rows of equal length in batch order:
@@ -282,8 +311,8 @@ def _lowrank_forward(module: nn.Module, name: str):
         groups = row_group.repeat_interleave(per_row) if per_row != 1 else row_group
 
         def per_group(x, groups):
-            if mask is not None:
-                return dense_masked_linear(x, weight, module.bias, groups, mu_t, eta_t, offsets, alpha, mask, shifts)
+            if shifts is not None:
+                return dense_masked_linear(x, weight, module.bias, groups, shifts, alpha)
             return ops.lowrank_delta_linear(x, weight, module.bias, groups, mu_t, eta_t, offsets, alpha)
 
         if fused is None:
@@ -291,6 +320,13 @@ def _lowrank_forward(module: nn.Module, name: str):
         else:  # the rows that see the fused shift, then the others, each put back in its place
             sees, delta, fused_alpha = fused
             sees = sees.repeat_interleave(per_row) if per_row != 1 else sees
+            if torch.compiler.is_compiling():
+                # Every row both ways, each keeping its own: the rows' selection below has
+                # data-dependent shapes, which fullgraph refuses and which graph-break the model
+                # otherwise.  Twice the rows' products in this layer, compiled only.
+                y_fused = fused_linear(flat, weight, module.bias, delta, fused_alpha)
+                y = torch.where(sees.unsqueeze(1), y_fused, per_group(flat, groups))
+                return y.reshape(*x.shape[:-1], out_features)
             rows, others = sees.nonzero().squeeze(1), (~sees).nonzero().squeeze(1)
             y_fused = fused_linear(flat[rows], weight, module.bias, delta, fused_alpha)
             y = y_fused.new_zeros(flat.shape[0], out_features).index_copy(0, rows, y_fused)
@@ -342,7 +378,7 @@ def lowrank_edited(
     # built): the patched forward bypasses the hook that loads it, so it computed on the placeholder
     # and failed with "Tensor on device meta is not on the expected device cpu!".
     check_resident({name: weight_out_in(m) for name, m in modules.items()}, arg="edits")
-    any_all, any_fused = _check_rows(edits, row_edit, row_sees_all, row_sees_fused)
+    any_all, any_fused, any_per_group = _check_rows(edits, row_edit, row_sees_all, row_sees_fused)
     if not isinstance(masked, bool):
         raise ValueError(f"masked must be a bool, got {type(masked).__name__}")
     if shared is not None and not isinstance(shared, dict):  # else AttributeError, a layer already patched
@@ -375,7 +411,11 @@ def lowrank_edited(
                         delta = delta * mask.to(delta.dtype)
                     formed["fused"] = delta
                 fused = (row_sees_fused.to(device), formed["fused"], edit.alpha.to(device))
-            shifts = formed.setdefault("shifts", {}) if shared is not None else None
-            register(module, (*factors, mask, fused, shifts))
+            shifts = None
+            if mask is not None and any_per_group:  # every group's masked shift, formed here (eagerly)
+                row_group, mu_t, eta_t, offsets, alpha = factors
+                acc = compute_dtype(weight_out_in(module), mu_t, eta_t, alpha)
+                shifts = masked_shifts(mu_t, eta_t, offsets, mask, acc, formed.setdefault("shifts", {}))
+            register(module, (*factors, shifts, fused))
             patch(module, _lowrank_forward(module, name))
         yield

@@ -16,9 +16,9 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from dcedit_kernels import ops
-from helpers import (HostReads, 
-    EDITOR_KINDS, OP_CASE_DIMS, deterministic_on, editor_inputs, one_intra_op_thread, output_and_grads, public_op_cases,
-    COMPILE_KINDS, compile_as, ragged_leaves, randn, seed_from, small_editor,
+from helpers import (
+    COMPILE_KINDS, EDITOR_KINDS, OP_CASE_DIMS, HostReads, compile_as, deterministic_on, editor_inputs,
+    one_intra_op_thread, output_and_grads, public_op_cases, ragged_leaves, randn, seed_from, small_editor,
 )
 
 G, D_OUT, D_IN = OP_CASE_DIMS["G"], OP_CASE_DIMS["d_out"], OP_CASE_DIMS["d_in"]
@@ -463,6 +463,39 @@ def test_compiled_model_sees_each_blocks_own_edits_of_the_same_shapes(gen):
     assert not torch.allclose(outputs[0], outputs[1])
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("G", [1, 4])
+def test_every_row_kind_of_a_fullgraph_compiled_model_against_the_dense_oracle(arch, G, gen):
+    """test_train's independent oracle, the model compiled with fullgraph=True (aot_eager: its
+    backward traced too), float64, masked=True, a drawn fusion: rows that see their edit's group, every
+    group's sum, the fused shift and the unedited layer get the logits and gradients of their own
+    dense forwards.  The Fisher-masked rows' selection (nonzero) and the fused rows' split had
+    data-dependent shapes: fullgraph refused both ("Could not guard on data-dependent expression"),
+    and without fullgraph the model graph-broke at each such layer (ProEditor's training step on the
+    tiny Llama: 22 frames and 23 graph breaks, 17 of them host reads, against MEND's 13 and 10).
+    Also without fullgraph no graph break is left in the edited layers."""
+    from test_train import assert_same_editor_grads, oracle_case, oracle_row_logits
+    from torch._dynamo.utils import counters
+
+    from dcedit_kernels.lowrank_layers import lowrank_edited
+
+    fusion = ["add", "sss", "max", "ssm"][int(torch.randint(0, 4, (1,), generator=gen))]
+    model, modules, edits, input_ids, attention_mask, kinds, row_edit = oracle_case(arch, gen, G, fusion)
+    flags = torch.tensor(kinds)
+    w = None
+    for fullgraph in (True, False):
+        want = oracle_row_logits(model, modules, edits, input_ids, attention_mask, kinds, row_edit, masked=True)
+        w = torch.randn(want.shape, generator=gen, dtype=want.dtype) if w is None else w
+        counters.clear()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=fullgraph)
+        with lowrank_edited(compiled, edits, row_edit, flags == 1, masked=True, row_sees_fused=flags == 2):
+            got = compiled(input_ids=input_ids, attention_mask=attention_mask).logits
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-10), (fusion, (got - want).abs().max())
+        assert_same_editor_grads((got * w).sum(), (want * w).sum(), edits)
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        torch._dynamo.reset()
+
+
 def test_picked_kl_compiles_twice_over_kl_position_counts(gen, monkeypatch):
     """The training KL (picked_kl's autograd.Function, its rows in blocks) over a new number n of KL
     positions at each call, as a training step's: one static compile, then one dynamic one.  The
@@ -731,7 +764,7 @@ def test_capture_of_a_compiled_model_without_stances_is_refused(where, gen, monk
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
-@pytest.mark.parametrize("what", ["ft", "ft_kl", "fit", "measure_edit"])
+@pytest.mark.parametrize("what", ["ft", "ft_kl", "fit", "fit_proeditor", "measure_edit"])
 @pytest.mark.parametrize("kind", COMPILE_KINDS)
 def test_ft_training_and_scoring_of_a_compiled_model_match_the_uncompiled_models(what, kind, gen):
     """FT and FT+KL `apply`, a MEND editor's training step (`fit`) and `measure_edit` (MEND) on a
@@ -745,7 +778,10 @@ def test_ft_training_and_scoring_of_a_compiled_model_match_the_uncompiled_models
     last place).  Under fullgraph the training step's prefix reuse (layers of block 1 only) fails
     its own check (the reused blocks' thread check, untraced, is fullgraph's Unsupported) and warns,
     so that step runs every block, as the uncompiled model's with reuse_prefix=False.  No dynamo
-    warning about `get_ident` (the reused blocks' thread check warned before it ran untraced)."""
+    warning about `get_ident` (the reused blocks' thread check warned before it ran untraced).
+    fit_proeditor: a ProEditor's step (Fisher-masked rows; locality rows that see every group or,
+    drawn, the fused shift), which under fullgraph raised dynamo's UserError at the masked rows'
+    data-dependent selection before (and at the fused rows' split)."""
     from test_model_editor import LAYERS, random_requests, randomize_editors, snapshot
 
     from dcedit_kernels.evaluate import measure_edit
@@ -753,32 +789,33 @@ def test_ft_training_and_scoring_of_a_compiled_model_match_the_uncompiled_models
     from dcedit_kernels.models import tiny_model
     from dcedit_kernels.train_config import TrainConfig
 
-    if what in ("fit", "measure_edit") and not hasattr(torch.compiler, "set_stance"):
+    if what not in ("ft", "ft_kl") and not hasattr(torch.compiler, "set_stance"):
         pytest.skip("torch 2.5 has no stances: the capture refuses a compiled model there")
     arch = ["gpt2", "llama"][int(torch.randint(2, (1,), generator=gen))]
     model, tok = tiny_model(arch, seed=seed_from(gen))
     plain = copy.deepcopy(model)
     layers = [LAYERS[arch][i] for i in sorted(torch.randperm(3, generator=gen)[:2].tolist())]
     requests = random_requests(gen, int(torch.randint(1, 4, (1,), generator=gen)))
-    method = {"ft": "ft", "ft_kl": "ft_kl"}.get(what, "mend")
-    kwargs = dict(ft_steps=2) if method != "mend" else dict(rank=4, edit_lr=1e-2)
+    method = {"ft": "ft", "ft_kl": "ft_kl", "fit_proeditor": "proeditor"}.get(what, "mend")
+    kwargs = dict(ft_steps=2) if method in ("ft", "ft_kl") else dict(rank=4, edit_lr=1e-2)
+    locality_rows = ["all", "fused"][int(torch.randint(2, (1,), generator=gen))] if what == "fit_proeditor" else "all"
     results, before = [], snapshot(model)
     with one_intra_op_thread(), warnings.catch_warnings(record=True) as everything:
         warnings.simplefilter("always")
         for target in (plain, compile_as(model, kind)):
             editor = ModelEditor(target, tok, layers, method=method, **kwargs)
-            if method == "mend":
+            if method not in ("ft", "ft_kl"):
                 if target is plain:
                     randomize_editors(editor, gen)
                     editors = copy.deepcopy(editor.editors.state_dict())
-                    if what == "fit":
+                    if what.startswith("fit"):
                         before = editors
                 else:
                     editor.editors.load_state_dict(editors)
             torch.manual_seed(0)
-            if what == "fit":
+            if what.startswith("fit"):
                 config = TrainConfig(steps=1, batch_size=len(requests), lr=1e-3, lr_lr=1e-3, progress=False,
-                                     reuse_prefix=target is not plain or kind != "fullgraph")
+                                     locality_rows=locality_rows, reuse_prefix=target is not plain or kind != "fullgraph")
                 seen = len(everything)
                 history = editor.fit(requests, config=config).history
                 refused = [w for w in everything[seen:] if "reuse_prefix" in str(w.message)]
@@ -794,7 +831,7 @@ def test_ft_training_and_scoring_of_a_compiled_model_match_the_uncompiled_models
     # dynamo warns once a process, so this catches the first case that would (the prefix reuse's
     # thread check warned in FT `apply` of a compiled tiny Llama before it ran untraced).
     assert not [w for w in everything if "get_ident" in str(w.message)]
-    if what == "fit":  # the KL, a difference of log-probabilities, to their rounding
+    if what.startswith("fit"):  # the KL, a difference of log-probabilities, to their rounding
         assert [pytest.approx(step, rel=1e-5, abs=1e-7) for step in results[0][0]] == results[1][0]
         results = [results[0][1], results[1][1]]
     if what == "measure_edit":
