@@ -477,8 +477,13 @@ def test_every_row_kind_of_a_fullgraph_compiled_model_against_the_dense_oracle(a
     from test_train import assert_same_editor_grads, oracle_case, oracle_row_logits
     from torch._dynamo.utils import counters
 
+    from dcedit_kernels.compat.transformers_versions import VERSION
     from dcedit_kernels.lowrank_layers import lowrank_edited
 
+    if arch == "gpt2" and VERSION < (4, 57):
+        # conftest builds its float64 causal mask with float64 as the default dtype, which dynamo does
+        # not trace: the compiled torch.full overflowed fp32 (transformers 4.45.2, torch 2.5.1 and 2.6.0).
+        pytest.skip("transformers < 4.57 builds GPT-2's float64 causal mask in a way dynamo traces as fp32")
     fusion = ["add", "sss", "max", "ssm"][int(torch.randint(0, 4, (1,), generator=gen))]
     model, modules, edits, input_ids, attention_mask, kinds, row_edit = oracle_case(arch, gen, G, fusion)
     flags = torch.tensor(kinds)
@@ -489,7 +494,9 @@ def test_every_row_kind_of_a_fullgraph_compiled_model_against_the_dense_oracle(a
         counters.clear()
         compiled = torch.compile(model, backend="aot_eager", fullgraph=fullgraph)
         with lowrank_edited(compiled, edits, row_edit, flags == 1, masked=True, row_sees_fused=flags == 2):
-            got = compiled(input_ids=input_ids, attention_mask=attention_mask).logits
+            # No cache, as the package's passes: torch 2.7.1's and 2.8.0's dynamo cannot trace
+            # transformers 5.25's cache setup under fullgraph ("builtin iterators").
+            got = compiled(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-10), (fusion, (got - want).abs().max())
         assert_same_editor_grads((got * w).sum(), (want * w).sum(), edits)
         assert not counters["graph_break"], dict(counters["graph_break"])
