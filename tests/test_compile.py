@@ -729,6 +729,45 @@ def test_training_of_an_editor_of_a_compiled_model_that_ran_before_reuses_the_pr
         assert torch.equal(got[key], want[key]), key
 
 
+@NO_STANCES
+def test_training_of_an_inductor_compiled_model_runs_every_block_and_says_why(gen, monkeypatch):
+    """Under inductor (torch.compile's default backend) the compiled blocks round apart from the eager
+    pass that records the skipped ones, so the prefix reuse's check refuses the reuse: the step runs
+    every block, its losses those of the uncompiled model to rounding, and the warning names the
+    cause (before, it said only "gave other log-probabilities", on every model a user compiles)."""
+    from test_model_editor import LAYERS, random_requests, randomize_editors
+
+    from dcedit_kernels import block_prefix
+    from dcedit_kernels.model_editor import ModelEditor
+    from dcedit_kernels.models import tiny_model
+    from dcedit_kernels.train_config import TrainConfig
+
+    reuses = []
+    reuse = block_prefix.PrefixReuse.reuse
+    monkeypatch.setattr(block_prefix.PrefixReuse, "reuse", lambda self, key: reuses.append(key) or reuse(self, key))
+    model, tok = tiny_model("llama", seed=seed_from(gen))
+    plain = copy.deepcopy(model)
+    requests = random_requests(gen, 2)
+    config = TrainConfig(steps=1, batch_size=2, lr=1e-3, lr_lr=1e-3, progress=False)
+    histories, counts = [], []
+    with one_intra_op_thread(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for target in (plain, torch.compile(model)):
+            editor = ModelEditor(target, tok, LAYERS["llama"][1:3], method="mend", rank=4, edit_lr=1e-2)
+            if target is plain:
+                randomize_editors(editor, gen)
+                editors = copy.deepcopy(editor.editors.state_dict())
+            else:
+                editor.editors.load_state_dict(editors)
+            reuses.clear()
+            histories.append(editor.fit(requests, config=config).history)
+            counts.append(len(reuses))
+    refused = [str(w.message) for w in caught if "reuse_prefix" in str(w.message)]
+    assert len(refused) == 1 and "recorded eagerly" in refused[0] and "inductor" in refused[0], refused
+    assert counts[0] > 1 and counts[1] == 1, counts  # compiled: the check's own reused pass only
+    assert [pytest.approx(step, rel=1e-4, abs=1e-6) for step in histories[0]] == histories[1]
+
+
 @pytest.mark.parametrize("where", ["torch.compile", "model.compile()", "one block"])
 def test_capture_of_a_compiled_model_without_stances_is_refused(where, gen, monkeypatch):
     """Where torch.compiler.set_stance is missing (torch 2.5; taken away here on newer torch), the
