@@ -246,6 +246,10 @@ class PrefixReuse:
         inside runs from the kept output of blocks 0..k−1, or through every block keeping it."""
         return self.reuse(key) if self.reusable(key) else self.record(key, shape)
 
+    def _blocks_run_compiled(self) -> bool:
+        """Whether a call of the model runs any of its blocks as compiled code (`runs_compiled`)."""
+        return any(runs_compiled(self.model, block) for block in self.blocks)
+
     def _hooked(self) -> bool:
         if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
             return True
@@ -265,7 +269,7 @@ class PrefixReuse:
         # there, or under fullgraph=True failed the trace (FT+KL `apply` on the tiny Llama: dynamo's
         # Unsupported at `is_inference`, the edit undone); nothing is recorded on such a model.
         if (self._hooked() or _VERDICTS.get(self.model, {}).get(self.k) is False  # a failed `confirm`
-                or (not has_stances() and any(runs_compiled(self.model, block) for block in self.blocks))):
+                or (not has_stances() and self._blocks_run_compiled())):
             yield
             return
         chain = _Chain(self.k)
@@ -338,7 +342,7 @@ class PrefixReuse:
                 with self.reuse(key):
                     got = run(batch)
             same, why = torch.equal(got, want), "other log-probabilities"
-            if not same and any(runs_compiled(self.model, block) for block in self.blocks):
+            if not same and self._blocks_run_compiled():
                 # The record ran the compiled blocks eagerly (`record`), the reused pass runs them
                 # compiled: bit for bit only where the backend computes as eager does.  Inductor (the
                 # default backend) did not on the tiny Llama (MEND and ProEditor steps, CPU).

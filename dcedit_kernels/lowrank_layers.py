@@ -272,7 +272,8 @@ def _lowrank_forward(module: nn.Module, name: str):
     """The patched forward, its tensors `_ACTIVE[id(module)]`: (row_group, mu_t, eta_t, offsets, alpha,
     shifts, fused); shifts: None, or the masked shifts of a Fisher-masked edit's groups
     (`masked_shifts`, seen through `dense_masked_linear`); fused: None, or (row_sees_fused (B,), Δ, α)
-    of the rows that see the fused shift (`fused_linear`), the other rows taking the per-group path."""
+    of the rows that see the fused shift (`fused_linear`), the other rows taking the per-group path, and
+    whether every row sees it (the block read that once: then no row takes the per-group path)."""
     out_features, in_features = weight_out_in(module).shape
     key = id(module)
 
@@ -318,7 +319,10 @@ def _lowrank_forward(module: nn.Module, name: str):
         if fused is None:
             y = per_group(flat, groups)
         else:  # the rows that see the fused shift, then the others, each put back in its place
-            sees, delta, fused_alpha = fused
+            sees, delta, fused_alpha, all_fused = fused
+            if all_fused:  # no per-group rows (a Fisher-masked edit's shifts were not formed for them)
+                y = fused_linear(flat, weight, module.bias, delta, fused_alpha)
+                return y.reshape(*x.shape[:-1], out_features)
             sees = sees.repeat_interleave(per_row) if per_row != 1 else sees
             if torch.compiler.is_compiling():
                 # Every row both ways, each keeping its own: the rows' selection below has
@@ -410,10 +414,10 @@ def lowrank_edited(
                     if mask is not None:  # the Fisher selection made once, above, for both paths
                         delta = delta * mask.to(delta.dtype)
                     formed["fused"] = delta
-                fused = (row_sees_fused.to(device), formed["fused"], edit.alpha.to(device))
+                fused = (row_sees_fused.to(device), formed["fused"], edit.alpha.to(device), not any_per_group)
             shifts = None
             if mask is not None and any_per_group:  # every group's masked shift, formed here (eagerly)
-                row_group, mu_t, eta_t, offsets, alpha = factors
+                _, mu_t, eta_t, offsets, alpha = factors
                 acc = compute_dtype(weight_out_in(module), mu_t, eta_t, alpha)
                 shifts = masked_shifts(mu_t, eta_t, offsets, mask, acc, formed.setdefault("shifts", {}))
             register(module, (*factors, shifts, fused))

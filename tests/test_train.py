@@ -330,6 +330,24 @@ def test_lowrank_edited_every_row_kind_against_an_independent_dense_oracle(arch,
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_lowrank_edited_every_row_seeing_the_fused_shift_against_the_dense_oracle(arch, gen):
+    """A block whose rows all see the fused shift (a locality-only pass of locality_rows="fused"),
+    masked=True, G drawn from 1 and 4, a drawn fusion: the layers compute the fused layer over every row
+    (no Fisher-masked per-group shift is formed for them), with the oracle's logits and gradients."""
+    G = [1, 4][int(torch.randint(0, 2, (1,), generator=gen))]
+    fusion = ["add", "sss", "max", "ssm"][int(torch.randint(0, 4, (1,), generator=gen))]
+    model, modules, edits, input_ids, attention_mask, kinds, row_edit = oracle_case(arch, gen, G, fusion)
+    kinds = [2] * len(kinds)
+    every = torch.ones(len(kinds), dtype=torch.bool)
+    with lowrank_edited(model, edits, row_edit, ~every, masked=True, row_sees_fused=every):
+        got = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    want = oracle_row_logits(model, modules, edits, input_ids, attention_mask, kinds, row_edit, masked=True)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-10), (fusion, (got - want).abs().max())
+    w = torch.randn(got.shape, generator=gen, dtype=got.dtype)
+    assert_same_editor_grads((got * w).sum(), (want * w).sum(), edits)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_lowrank_edited_passes_sharing_their_shifts_give_each_rows_dense_logits_and_gradients(arch, gen):
     """Two passes over disjoint rows (as length buckets split a step's batch) that share their o×i
     tensors through one `shared` dict, masked=True, G=3, a drawn fusion: each pass's rows get the logits
