@@ -419,6 +419,15 @@ def test_ft_kl_locality_texts_are_checked(texts, gen):
         ModelEditor(model, tok, LAYERS["gpt2"][:1], method="ft_kl", locality_texts=texts)
 
 
+def test_ft_kl_locality_texts_with_a_lone_surrogate_are_refused_by_the_constructor(gen):
+    """Half an emoji pair (JSON's "\\ud83c" escape loads as such a str) was taken, and `apply` then
+    failed in the tokenizer with a TypeError naming nothing; a request's field is refused likewise."""
+    model, tok = tiny_model("gpt2", seed=seed_from(gen))
+    message = r"^locality_texts\[1\] is not valid Unicode \(a lone surrogate '\\ud83c' at index 3\)"
+    with pytest.raises(ValueError, match=message):
+        ModelEditor(model, tok, LAYERS["gpt2"][:1], method="ft_kl", locality_texts=["fine", "abc\ud83c def"])
+
+
 @pytest.mark.parametrize("bad", [dict(ft_steps=0), dict(ft_lr=0.0), dict(kl_weight=-0.5)])
 def test_ft_arguments_just_past_their_bounds_are_refused(bad, gen):
     """ft_steps must be a positive int, ft_lr a positive number, kl_weight a non-negative one: the
