@@ -95,6 +95,14 @@ def _for_thread(thread: int, forward: Callable, own: Callable) -> Callable:
     return dispatch
 
 
+def _out_of_memory(error: Exception) -> bool:
+    """Whether `error` is running out of memory: torch's OutOfMemoryError (a GPU's), Python's
+    MemoryError, or the RuntimeError of a failed CPU allocation ("DefaultCPUAllocator: can't
+    allocate memory", torch 2.5-2.13)."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error))
+
+
 def _block_of(model: nn.Module, name: str) -> tuple[str, int] | None:
     """(the path of the outermost nn.ModuleList on `name`'s path, the index into it), or None."""
     parts = name.split(".")
@@ -321,7 +329,8 @@ class PrefixReuse:
         result, bit for bit (the same tensors through the same kernels); if it does not, or
         raises, nothing is reused for this model from then on, with a warning.  want=None: the
         recorded pass returned nothing comparable (the fine-tuning's, with grad), and `run(batch)`
-        runs first through every block to give it (only when the check runs)."""
+        runs first through every block to give it (only when the check runs); an error there, or
+        running out of memory anywhere in the check, is raised, not taken as the reuse failing."""
         key = tuple(key)
         verdicts = _VERDICTS.setdefault(self.model, {})
         if not self.reusable(key) or self.k in verdicts:
@@ -333,10 +342,11 @@ class PrefixReuse:
         # so its head computes one position per row (scored_logits), not rows × width × V of them.
         one_per_row = torch.zeros(other_ids.shape, dtype=torch.bool, device=other_ids.device)
         one_per_row[:, 0] = True
+        if want is None:  # the model's own reference pass, every block run: its failure is the caller's
+            with torch.no_grad():
+                want = run(batch)
         try:
             with torch.no_grad():
-                if want is None:
-                    want = run(batch)
                 with logits_at(self.model, one_per_row):
                     self.model(input_ids=other_ids, attention_mask=other_mask, **no_kv_cache(self.model))
                 with self.reuse(key):
@@ -348,7 +358,12 @@ class PrefixReuse:
                 # default backend) did not on the tiny Llama (MEND and ProEditor steps, CPU).
                 why += (" (its blocks run compiled, the skipped ones were recorded eagerly: a backend"
                         " that rounds apart from eager, such as the default inductor, gives other bits)")
-        except Exception as error:  # any failure of the reused pass means: do not reuse
+        except Exception as error:  # any other failure of the check's passes means: do not reuse
+            if _out_of_memory(error):
+                # Says nothing of the reuse: caught, it turned the reuse off for this model for good
+                # (a verdict), and the step went on to need more memory; raised, the edit or step fails
+                # as it would without the check (a failed edit leaves the model as it was).
+                raise
             same, why = False, f"{type(error).__name__}: {error}"
         verdicts[self.k] = same
         if not same:

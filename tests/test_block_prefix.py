@@ -20,7 +20,9 @@ from dcedit_kernels.models import tiny_model, tiny_tokenizer
 from dcedit_kernels.train import TrainConfig, batch_loss
 
 from test_architectures import ARCHS, build
-from test_model_editor import ctrl_c_on_call, ctrl_c_raises, one_thread, random_requests  # noqa: F401 (one_thread: autouse fixture)
+from test_model_editor import (  # noqa: F401 (one_thread: autouse fixture)
+    assert_bit_identical, ctrl_c_on_call, ctrl_c_raises, one_thread, random_requests, snapshot,
+)
 
 UPPER = {"gpt2": "transformer.h.1.mlp.c_proj", "llama": "model.layers.1.mlp.down_proj"}
 # Gemma 3n's blocks hand on their AltUp streams, (streams, rows, width, H): the recorded state is not
@@ -597,6 +599,56 @@ def test_record_keeps_nothing_when_the_pass_raises_or_has_another_shape(gen):
         raise RuntimeError("stop")
     assert not prefix.recorded
     assert not any(b._forward_hooks or b._forward_pre_hooks for b in model.model.layers)
+
+
+OUT_OF_MEMORY = {
+    "torch": lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    "cpu": lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                                "allocate memory: you tried to allocate 35184372088832 bytes."),
+    "python": lambda: MemoryError(),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(OUT_OF_MEMORY))
+def test_running_out_of_memory_in_confirms_check_fails_the_edit_and_leaves_reuse_undecided(kind, gen):
+    """Out of memory in `confirm`'s reused pass is raised: the FT+KL edit fails with the model as it was,
+    and no verdict is kept, so the next edit checks the reuse again and uses it.  Caught like any other
+    failure of that pass, it turned the reuse off for the model for good, with a warning blaming the
+    model, and the edit went on."""
+    model, tok, layers = model_and_upper_layer("llama", gen)
+    me = ModelEditor(model, tok, layers, method="ft_kl", ft_steps=2, ft_stop_loss=None)
+    reqs = random_requests(gen, 3)
+    before = snapshot(model)
+    confirm, reuse, checking = PrefixReuse.confirm, PrefixReuse.reuse, []
+
+    def confirming(self, *args):
+        checking.append(True)
+        try:
+            return confirm(self, *args)
+        finally:
+            checking.pop()
+
+    @contextlib.contextmanager
+    def failing(self, key):
+        with reuse(self, key):
+            if checking:
+                raise OUT_OF_MEMORY[kind]()
+            yield
+
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing caught and warned about
+        mp.setattr(PrefixReuse, "confirm", confirming)
+        mp.setattr(PrefixReuse, "reuse", failing)
+        with pytest.raises(type(OUT_OF_MEMORY[kind]())):
+            me.apply(reqs)
+    assert_bit_identical(before, model)
+    assert not me._live and not block_prefix._VERDICTS.get(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the check passes this time
+        handle = me.apply(reqs)
+    assert block_prefix._VERDICTS[model] == {1: True}
+    handle.undo()
+    assert_bit_identical(before, model)
 
 
 def _custom_record(model, gen):
