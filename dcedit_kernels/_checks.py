@@ -159,13 +159,16 @@ def check_path(value, name: str, none_ok: bool = False) -> None:
     """ValueError naming `name` unless `value` is a path: a non-empty str or os.PathLike of a str (or
     None when `none_ok`).  pathlib's TypeError ("expected str, bytes or os.PathLike object, not
     int") named no argument, bytes paths are not ones pathlib takes, and "" is Path("."), the
-    current folder."""
+    current folder; nor one holding a NUL character, which no file system takes."""
     if value is None and none_ok:
         return
     if not isinstance(value, (str, os.PathLike)) or not isinstance(os.fspath(value), str) or not os.fspath(value):
         shown = repr(value) if isinstance(value, (str, bytes)) else type(value).__name__
         raise ValueError(f"{name} must be a path{' or None' if none_ok else ''} (a non-empty str or "
                          f"os.PathLike), got {shown}")
+    if "\0" in os.fspath(value):  # no file can have it: open() said "embedded null byte", naming nothing,
+        # and the existence checks said "not found" (os.path.exists is False for it)
+        raise ValueError(f"{name} must be a path without a NUL character, got {os.fspath(value)!r}")
 
 
 def is_real_number(x) -> bool:

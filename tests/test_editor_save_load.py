@@ -330,7 +330,9 @@ def test_a_path_argument_that_is_not_a_path_raises_value_error_naming_it():
     it for their other arguments).  They raised pathlib's TypeError ("expected
     str, bytes or os.PathLike object, not int") from deep inside, naming nothing, and
     GroupedEditor.load(123) asked os.path.isfile about file descriptor 123 ("checkpoint not
-    found: 123"); cli.load_requests(["a"]) raised "unhashable type: 'list'"."""
+    found: 123"); cli.load_requests(["a"]) raised "unhashable type: 'list'".  A path holding a NUL
+    character, which no file can have, is refused likewise: the saves said "embedded null byte"
+    (open's), the loads "not found"."""
     from dcedit_kernels import cli
     from dcedit_kernels.data import load_counterfact, load_zsre
     from dcedit_kernels.model_editor import ModelEditor
@@ -352,6 +354,8 @@ def test_a_path_argument_that_is_not_a_path_raises_value_error_naming_it():
         for bad in (123, ["a"], b"x.safetensors", "") + (() if none_ok else (None,)):
             with pytest.raises(error, match=rf"^{name} must be a path{' or None' if none_ok else ''} \(a non-empty"):
                 call(bad)
+        with pytest.raises(error, match=rf"^{name} must be a path without a NUL character, got 'a\\x00b'"):
+            call("a\x00b")
 
 
 class _PathLike:
