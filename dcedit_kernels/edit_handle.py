@@ -233,7 +233,10 @@ class EditHandle:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         """Undo on leaving `with handle:` unless the edit was kept inside the block (as `edited()`
-        does); an exception leaving the block is never replaced by one from the undo (it gets a note)."""
+        does); an exception leaving the block is never replaced by one from the undo (it gets a note).
+        Only this edit is undone: a later edit still live (applied inside the block) makes the undo
+        raise RuntimeError, reverse order, and leaves both applied; `editor.edited(requests)` undoes
+        the block's later edits too."""
         if self.kept:
             return
         if exc is None:
