@@ -41,8 +41,8 @@ if str(REPO) not in sys.path:  # run from a checkout without installing the pack
 import torch  # noqa: E402
 
 from dcedit_kernels.cli import (  # noqa: E402
-    METHOD_NAMES, UserError, callers_threads_kept, check_out, greedy_completions, positive_int, require_matplotlib, save_figure,
-    seed_int, set_threads, thread_count, write_json)
+    METHOD_NAMES, UserError, callers_threads_kept, check_out, greedy_completions, positive_int, refuse_empty,
+    require_matplotlib, save_figure, seed_int, set_threads, thread_count, write_json)
 from dcedit_kernels.editor_cache import cache_dir, random_routing_twin, trained_editor  # noqa: E402
 
 METHOD_ORDER = ("ft", "ft_kl", "mend", "raeditor", "moeditor", "proeditor")
@@ -196,6 +196,7 @@ def _main(argv) -> int:
     try:  # the plot comes last: checked before the run
         # Before any work: a file in the way or an unwritable folder is one error line.  The folder is
         # made when results.json is written (write_json): made here, a refused run left it behind.
+        refuse_empty(args, {"--out": "a folder, or leave it out for ./demo_out"})  # Path("") is the current folder
         check_out(str(out / "results.json"), "--out", in_folder=True)
         require_matplotlib()
     except UserError as exc:
@@ -280,7 +281,8 @@ def _main(argv) -> int:
     total_s = time.perf_counter() - t_start
     payload = dict(
         model=model_file, quick=args.quick, seed=args.seed, threads=threads, layers=layers,
-        setting={k: v for k, v in setting.items()}, train_config=train_cfg,
+        # --steps replaces the preset's in both: setting.train held the preset's 20 or 6 beside train_config's N.
+        setting=dict(setting, train=dict(setting["train"], steps=train_cfg["steps"])), train_config=train_cfg,
         n_facts=len(facts), n_train=len(train_facts), n_heldout=len(heldout_facts),
         neighbour_pools=dict(train=sorted({f.neighbour_prompt for f in train_facts}),
                              heldout=sorted({f.neighbour_prompt for f in heldout_facts})),

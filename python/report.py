@@ -42,8 +42,8 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 from dcedit_kernels.cli import (  # noqa: E402
-    METHOD_NAMES, UserError, callers_threads_kept, check_out, counted, load_requests, positive_int, rate, require_matplotlib,
-    save_figure, seed_int, set_threads, thread_count, write_json, write_text)
+    METHOD_NAMES, UserError, callers_threads_kept, check_out, counted, load_requests, positive_int, rate, refuse_empty,
+    require_matplotlib, save_figure, seed_int, set_threads, thread_count, write_json, write_text)
 from dcedit_kernels.capture import resolve_modules  # noqa: E402
 from dcedit_kernels.editor_cache import cache_dir, random_routing_twin, trained_editor  # noqa: E402
 from dcedit_kernels.editors.editor_size import EditorTooLargeError  # noqa: E402
@@ -465,6 +465,9 @@ def _run(args, t_start) -> int:
     threads = set_threads(args.threads)
     progress = not args.no_progress
     require_matplotlib()  # the plots come after report.json, before report.md
+    refuse_empty(args, {"--data": "a file or a data set's name, or leave it out for counterfact-val",
+                        "--train-data": "a file or a data set's name, or leave it out for counterfact-train",
+                        "--out-dir": "a folder", "--markdown": "a file name, or leave it out for <out-dir>/report.md"})
     sizes = _ints(args.n_edits, "--n-edits")
     # Checked before the model loads (evaluate_method refuses them only after the editors trained).
     if any(n < 1 for n in sizes):

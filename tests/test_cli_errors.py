@@ -328,6 +328,38 @@ def _no_model(monkeypatch):
     monkeypatch.setattr(cli.commands, "load_any_model", lambda *a, **k: pytest.fail("the model loaded"))
 
 
+@pytest.mark.parametrize("command, flag", [
+    (command, flag) for command in ("train", "edit", "evaluate")
+    for flag in ("--model", "--data", "--out", "--device") + {"train": ("--val-data",), "edit": ("--editor",),
+                                                              "evaluate": ("--editor", "--n-edits")}[command]
+])
+def test_cli_flag_given_an_empty_string_is_refused_before_the_model_loads(command, flag, capsys, tmp_path,
+                                                                          monkeypatch):
+    """A flag given "" (an unset shell variable) was taken as left out: `edit --out ""` wrote no
+    record, `train --out ""` saved to its default file, `train --val-data ""` trained without
+    validation, `evaluate --n-edits ""` ran the default sizes, `--data ""` used the built-in facts."""
+    _no_model(monkeypatch)
+    monkeypatch.chdir(tmp_path)  # where train's default --out would go
+    what = {"edit": ["--prompt", "The sky is", "--target", "green"], "train": [], "evaluate": []}[command]
+    assert cli.main([command, *what, flag, ""]) == 2
+    assert _one_cli_line(capsys).startswith(f"dcedit: error: {flag} is empty; give ")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flag", ["--prompt", "--target", "--rephrase"])
+def test_cli_edit_text_that_is_not_valid_unicode_is_refused_before_the_model_loads(flag, capsys, monkeypatch):
+    """A byte the locale does not decode reaches Python as a lone surrogate ("caf\\xe9" in a UTF-8
+    locale: '\\udce9'); in --prompt the tokenizer's TypeError came after the model's load, a
+    traceback naming nothing (--target and --rephrase were refused by the edit, after the load)."""
+    _no_model(monkeypatch)
+    texts = {"--prompt": "The sky is", "--target": "green", "--rephrase": "The colour of the sky is"}
+    texts[flag] = "The caf\udce9 is"
+    argv = ["edit"] + [word for f, text in texts.items() for word in (f, text)]
+    assert cli.main(argv) == 2
+    assert _one_cli_line(capsys) == (f"dcedit: error: {flag} is not valid Unicode (a lone surrogate '\\udce9' at "
+                                     "index 7: a byte your locale does not decode)")
+
+
 def test_cli_model_that_is_a_data_file_or_has_a_list_config(capsys, tmp_path):
     """A JSON file given as --model was read as a config.json (TypeError, a traceback); so was a
     folder whose config.json holds a list."""
@@ -805,6 +837,8 @@ def test_cli_train_interrupted_says_how_to_resume(capsys, tmp_path, monkeypatch,
     monkeypatch.setattr(train, "_optimizer_step", interrupted_at_once)
     at = args.index("--checkpoint-dir")
     without_checkpoints = args[:at] + args[at + 2:]  # the flag and its folder
+    at = without_checkpoints.index("--val-every")  # alone, it is refused
+    without_checkpoints = without_checkpoints[:at] + without_checkpoints[at + 2:]
     for more, said in (([], "nothing was saved (with --checkpoint-dir a run can be resumed)"),
                        (["--checkpoint-dir", str(tmp_path / "ck0")],
                         f"no checkpoint in {tmp_path / 'ck0'} yet (one is written every --val-every steps)")):
@@ -931,7 +965,8 @@ def test_cli_train_resumed_with_fewer_steps_says_the_editor_is_the_checkpoints(c
             "saved is its, trained no further") in out
     # fit's UserWarning says the same in Python's terms (steps=1): said once, in the CLI's.
     assert not [w for w in shown if "already trained" in str(w.message)]
-    assert cli.main(args[:-4] + ["--steps", "1", "--out", str(tmp_path / "one.safetensors")]) == 0
+    one_step = args[:-6] + ["--steps", "1", "--out", str(tmp_path / "one.safetensors")]  # no --val-every either
+    assert cli.main(one_step) == 0
     assert "(MEND, 1 step, " in capsys.readouterr().out
 
 

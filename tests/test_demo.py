@@ -539,6 +539,7 @@ def test_cli_unknown_flag_shows_the_commands_usage(capsys, command):
     (["evaluate", "--n-edits", "2,2"], "--n-edits must not repeat a value, got '2,2'"),
     (["edit", "--prompt", "A is", "--target", "B", "--n-edits", "3"], "--n-edits goes with --data"),
     (["train", "--val-size", "3"], "--val-size goes with --val-data"),
+    (["train", "--val-every", "3"], "--val-every goes with --val-data or --checkpoint-dir"),  # once did nothing
     (["train", "--steps", "0"], "argument --steps: must be a positive int, got '0'"),
     (["train", "--rank", "x"], "argument --rank: must be a positive int, got 'x'"),
     (["train", "--method", "ft"], "argument --method: invalid choice: 'ft'"),
@@ -601,6 +602,9 @@ def test_demo_refuses_an_out_that_is_a_file(capsys, tmp_path, monkeypatch):
     assert demo.main(["--quick", "--out", str(tmp_path / "taken"), "--no-progress"]) == 2
     assert (f"edit_demo: error: --out {tmp_path / 'taken' / 'results.json'}: is a folder; move it away, or give "
             "another --out") in capsys.readouterr().err
+    # An empty --out (an unset shell variable) wrote into the current folder.
+    assert demo.main(["--quick", "--out", "", "--no-progress"]) == 2
+    assert "edit_demo: error: --out is empty; give a folder" in capsys.readouterr().err
 
 
 def test_demo_main_gives_torch_threads_back(capsys, tmp_path):
@@ -835,9 +839,10 @@ def test_cli_refuses_an_unwritable_out_before_any_work(capsys, tmp_path, monkeyp
     assert not (tmp_path / "new").exists()
     cli.write_json(out, {})
     assert out.is_file()
-    if command[0] == "edit":  # an empty --out is no --out (no JSON record), as before the check
-        with pytest.raises(pytest.fail.Exception, match="the model loaded"):
-            cli.main([*command, "--out", ""])
+    # An empty --out (an unset shell variable): edit wrote no JSON record and train saved to its
+    # default file, without a word.
+    assert cli.main([*command, "--out", ""]) == 2
+    assert "dcedit: error: --out is empty; give a file name" in capsys.readouterr().err
     monkeypatch.setenv("RANK", "1")  # under torchrun only rank 0 saves the editor, and checks where
     if command[0] == "train":
         with pytest.raises(pytest.fail.Exception, match="the model loaded"):
@@ -1220,7 +1225,7 @@ def test_cli_help_says_what_each_printed_score_is(command, capsys):
 
 
 @pytest.mark.parametrize("command, stated", [
-    ("train", {"method", "device", "dtype", "val_every", "steps", "batch_size", "lr", "lr_lr"}),
+    ("train", {"method", "device", "dtype", "steps", "batch_size", "lr", "lr_lr"}),  # val_every: None, said 50
     ("edit", {"device", "dtype"}),
     ("evaluate", {"device", "dtype", "repeats"}),
 ])
@@ -2025,9 +2030,11 @@ def test_demo_results_and_table_are_the_edits_own_scores_on_a_tiny_model(tmp_pat
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the untrained-editor warning
-            assert demo.main(["--quick", "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+            assert demo.main(["--quick", "--out", str(tmp_path / "out"), "--no-progress", "--steps", "3"]) == 0
         printed = capsys.readouterr().out
         result = json.loads((tmp_path / "out" / "results.json").read_text())
+        # --steps in both records of the training setting (setting.train kept the preset's 6)
+        assert result["setting"]["train"]["steps"] == result["train_config"]["steps"] == 3
         _assert_same(model, before)
         held = [Fact(**f) for f in result["heldout_facts"]]  # as the demo dealt them (neighbours re-dealt)
         assert len(held) == 10 and len(trained_on) == 3 * 40  # MEND's, MoEditor's and ProEditor's 40 each

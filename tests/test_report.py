@@ -267,6 +267,11 @@ def test_each_row_starts_raeditors_routing_from_the_same_state():
     (["--methods", "ft", "--n-edits", "2", "--gradient-layers", "27,x"],
      "--gradient-layers must be comma-separated ints, got '27,x'"),
     (["--n-edits", ","], "--n-edits is empty"),
+    # "" fell back to the flag's default (an unset shell variable): another data file than the one meant
+    (["--data", ""], "--data is empty; give a file or a data set's name"),
+    (["--train-data", ""], "--train-data is empty; give a file or a data set's name"),
+    (["--markdown", ""], "--markdown is empty; give a file name"),
+    (["--out-dir", ""], "--out-dir is empty; give a folder"),
     (["--methods", "mend,bogus"], "--methods: unknown ['bogus']"),
     (["--data", "/nonexistent/val.json"], "data file not found"),
     (["--methods", "ft", "--n-edits", "25"], "--n-edits asks for 25 edits but"),

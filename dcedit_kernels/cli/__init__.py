@@ -42,12 +42,12 @@ from .methods import EDITOR_METHODS, METHOD_NAMES
 from .options import (METRICS_HELP, build_parser, check_flags, editor_kwargs, parse_sizes, positive_int, rate,
                       seed_int, thread_count)
 from .output_files import check_inputs, check_out, save_figure, train_out, write_json, write_text
-from .user_error import UserError
+from .user_error import UserError, refuse_empty
 
 __all__ = [
     "COMMANDS", "DTYPES", "EDITOR_METHODS", "METHOD_NAMES", "METRICS_HELP", "SEED_RANGE", "UserError",
     "build_parser", "callers_threads_kept", "check_count", "check_flags", "counted", "check_inputs", "check_out", "cmd_edit",
-    "cmd_evaluate", "cmd_train",
+    "cmd_evaluate", "cmd_train", "refuse_empty",
     "default_layers", "detect_format", "editable_layers", "editor_kwargs", "greedy_completions",
     "in_cli_terms", "load_any_model", "load_requests", "main", "parse_layers", "parse_sizes",
     "positive_int", "rate", "require_matplotlib", "save_figure", "seed_int", "set_threads", "shown",

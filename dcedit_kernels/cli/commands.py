@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .._checks import lone_surrogate
 from .inputs import check_count, greedy_completions, load_any_model, load_requests, parse_layers, shown
 from .messages import counted, in_cli_terms, non_finite_edit, rank0
 from .methods import EDITOR_METHODS, METHOD_NAMES
@@ -89,6 +90,9 @@ def cmd_train(args) -> dict:
 
     if args.val_size is not None and not args.val_data:  # it counts --val-data's edits: alone it would be ignored
         raise UserError("--val-size goes with --val-data")
+    if args.val_every is not None and not args.val_data and args.checkpoint_dir is None:
+        # It times the validations and the checkpoints: with neither it did nothing, without a word.
+        raise UserError("--val-every goes with --val-data or --checkpoint-dir (it sets how often they run)")
     if args.checkpoint_dir == "":  # Path("") is the current directory: TrainConfig refuses it, after the model's load
         raise UserError("--checkpoint-dir: an empty path; give a folder")
     if args.checkpoint_dir is not None:  # under torchrun rank 0 writes them
@@ -146,7 +150,7 @@ def _train(args, requests, val, device) -> dict:
         me = ModelEditor(model, tokenizer, layers=layers, method=args.method, **kwargs)
         config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_lr=args.lr_lr,
                              locality_rows=args.locality_rows, checkpoint_dir=args.checkpoint_dir,
-                             val_every=args.val_every, val_size=args.val_size, seed=args.seed, data_parallel=size > 1)
+                             val_every=args.val_every or 50, val_size=args.val_size, seed=args.seed, data_parallel=size > 1)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     if args.batch_size > len(requests):
@@ -218,6 +222,11 @@ def cmd_edit(args) -> dict:
         for flag, text in (("--prompt", args.prompt), ("--target", args.target), ("--rephrase", args.rephrase)):
             if text is not None and not text.strip():
                 raise UserError(f"{flag} must be a non-empty string, got {text!r}")
+            bad = None if text is None else lone_surrogate(text)
+            if bad:  # a byte the locale cannot decode (Python's surrogateescape): the tokenizer's TypeError
+                # came after the model's load, a traceback naming nothing
+                raise UserError(f"{flag} is not valid Unicode (a lone surrogate {bad}: a byte your locale "
+                                "does not decode)")
         requests = [EditRequest(args.prompt, args.target, rephrase=args.rephrase)]
     elif args.rephrase is not None:
         raise UserError("--rephrase goes with --prompt and --target")

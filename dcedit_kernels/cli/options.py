@@ -11,7 +11,7 @@ import torch
 from .._checks import is_torch_seed
 from ..models import DTYPES
 from .methods import EDITOR_METHODS, METHOD_NAMES
-from .user_error import UserError
+from .user_error import UserError, refuse_empty
 
 
 def editor_kwargs(args) -> dict:
@@ -42,15 +42,29 @@ def editor_kwargs(args) -> dict:
     return kwargs
 
 
+# The flags that "" cannot mean, and what to give instead (`refuse_empty`); --layers and
+# --checkpoint-dir have their own refusals.
+EMPTY_REFUSED = {
+    "--model": "a model name or path, or leave it out for the embedded SmolLM2",
+    "--data": "a file or a data set's name, or leave it out for the built-in facts",
+    "--val-data": "a file or a data set's name",
+    "--editor": "the file `dcedit train` saved",
+    "--out": "a file name",
+    "--n-edits": "comma-separated N_u values, or leave it out for 25,75,125",  # evaluate's (a str)
+    "--device": "a torch device such as cpu or cuda:0",
+}
+
+
 def check_flags(args) -> None:
     """UserError, before any work, for the flags that contradict each other whatever the model:
-    an empty --layers, and the editor flags of a method that has no such setting (editor_kwargs:
+    an empty path or list (`EMPTY_REFUSED`) or --layers, and the editor flags of a method that has no such setting (editor_kwargs:
     --rank, --n-editors, --loss-reduction, --rescale-batch-size for the FT baselines, ...).  Those
     were refused only once the model had loaded, and after --out's folder was made: measured on a
     busy 2-core machine, `dcedit edit --method ft --rank 8 ...` took 18-21 s to say so (SmolLM2's
     load: 15 s), a refused --seed 2.7 s; now 2.5-3.4 s.  editor_kwargs runs again after the load,
     to build the editor: one set of checks and messages for both.  With --editor the saved editor
     holds these settings, so they are checked against it after the load (_check_editor_flags)."""
+    refuse_empty(args, EMPTY_REFUSED)
     if getattr(args, "layers", None) is not None:
         layer_names(args.layers)
     if getattr(args, "editor", None) is None:
@@ -207,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "saved")
     p.add_argument("--val-size", type=positive_int, default=None,
                    help="validate on the first N edits of --val-data (default: all)")
-    p.add_argument("--val-every", type=positive_int, default=50,
+    p.add_argument("--val-every", type=positive_int, default=None,  # None: 50, and whether it was given
                    help="validate (and checkpoint) every N steps (default 50)")
     p.add_argument("--steps", type=positive_int, default=100, help="optimiser steps (default 100)")
     # Under --loss-reduction token (the default, MEND's batch-mean loss) the captured gradients
