@@ -3,7 +3,10 @@ import torch.nn.functional as F
 
 
 def _cv_squared(x):
-    """Squared coefficient of variation (Shazeer et al. 2017); 0 for a single expert."""
+    """Squared coefficient of variation (Shazeer et al. 2017); 0 for a single expert.  The sample
+    variance (n − 1), as the PyTorch ports of that MoE layer compute it (`x.var()`), not
+    tensor2tensor's population one: G/(G − 1) times that (2 for two editors); a constant factor on
+    the balance term, which `balance_weight` scales anyway."""
     if x.numel() <= 1:
         return x.new_zeros(())
     x = x.float() if x.dtype != torch.float64 else x
