@@ -467,6 +467,17 @@ def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: i
     rng_states = {name: v for k, v in tensors.items()
                   if k.startswith(own) and (name := k[len(own):]).startswith(RNG_KEYS)}
     _check_rng_states(path, rng_states)
+    # A routing generator's state with no generator here to take it: the run's RaEditor was seeded,
+    # this one is not (the seed is no part of the editors' config, which is compared above).  Its
+    # state was skipped, and the run went on drawing its random groups from torch's global generator,
+    # without a word.  (The other way, a seeded editor with no state saved, resumes from its seed.)
+    unseeded = sorted(n[len("route_rng."):] for n in rng_states
+                      if n.startswith("route_rng.") and n[len("route_rng."):] not in me.route_generators())
+    if unseeded:
+        raise ValueError(f"{path} was written by a run whose editors {unseeded} drew their random groups from a "
+                         "seeded generator, and this ModelEditor's draw from torch's global one (built without "
+                         "seed=): the run would go on with other groups; build it with the run's seed, or "
+                         "resume=False to start over")
     previous = me.state_tensors()
     me.load_state_tensors(editor)  # copied into each editor's device
     try:

@@ -165,6 +165,25 @@ def test_a_checkpoint_without_routing_generator_states_resumes(gen, tmp_path):
     assert me.fit(requests, config=config.replace(steps=2)).resumed_from == 1
 
 
+def test_resume_refuses_an_unseeded_raeditor_for_a_seeded_runs_checkpoint(gen, tmp_path):
+    """The seed is no part of the editors' config, so a run resumed by a RaEditor built without the
+    run's seed passed the checks, skipped the checkpoint's routing generator states and went on
+    drawing its groups from torch's global generator: other editors than the uninterrupted run's,
+    without a word.  It is refused, the editors left as they were; with the seed it resumes."""
+    model, tok = tiny_model("gpt2", seed=seed_from(gen))
+    requests = random_requests(gen, 4)
+    config = TrainConfig(steps=1, batch_size=2, progress=False, checkpoint_dir=str(tmp_path))
+    ModelEditor(model, tok, LAYERS["gpt2"], method="raeditor", n_editors=2, rank=3, seed=1).fit(requests, config=config)
+    unseeded = ModelEditor(model, tok, LAYERS["gpt2"], method="raeditor", n_editors=2, rank=3)
+    before = _editor_params(unseeded)
+    with pytest.raises(ValueError, match=r"trainer.safetensors was written by a run whose editors \[.+\] drew their "
+                                         r"random groups from a seeded generator"):
+        unseeded.fit(requests, config=config.replace(steps=2))
+    assert all(torch.equal(a, b) for a, b in zip(before, _editor_params(unseeded)))
+    seeded = ModelEditor(model, tok, LAYERS["gpt2"], method="raeditor", n_editors=2, rank=3, seed=7)
+    assert seeded.fit(requests, config=config.replace(steps=2)).resumed_from == 1
+
+
 @pytest.mark.parametrize("batch_size", [0, -2])
 def test_evaluate_edits_refuses_a_bad_batch_size_with_a_value_error(batch_size, gen):
     """A ValueError naming batch_size, as metrics gives for the same argument (0 once raised
