@@ -24,12 +24,13 @@ class TrainConfig:
     other defaults suit short runs (MEND's lr is 1e-6).
 
     steps: optimiser steps in total, a resumed checkpoint's included (fewer than it holds: no step,
-    and a UserWarning; more than the run it resumes had: that run also validated and checkpointed
-    at its own last step, a validation that counts for `patience` and the best state, so with
-    validation requests the extended run can stop or end otherwise than one given the larger
-    `steps` from the start, while an interrupted run resumes as if never stopped), each of `accumulate` batches of `batch_size` edits (train on batches
-    near the number of edits you will apply at once; `dcedit train` defaults to 25 edits and lr
-    1e-3, the README's example, where this class keeps 4 and 1e-4); lr: the editors' Adam rate;
+    and a UserWarning; more than the run it resumes had: that run also validated and checkpointed at
+    its own last step, a validation that counts for `patience` and the best state, so with
+    validation requests the extended run can stop or end otherwise than one given the larger `steps`
+    from the start, while an interrupted run resumes as if never stopped), each of `accumulate`
+    batches of `batch_size` edits (train on batches near the number of edits you will apply at once;
+    `dcedit train` defaults to 25 edits and lr 1e-3, the README's example, where this class keeps 4
+    and 1e-4); lr: the editors' Adam rate;
     lr_lr, lr_optimizer: the per-weight edit steps α's; cedit, cloc, balance_weight: the loss's
     weights (edit NLL, locality KL, MoEditor's gate balance); edit_rows, locality_rows: which
     editors' shifts the edit and KL rows see (README, "Training"); with validation requests,

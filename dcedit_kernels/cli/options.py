@@ -57,14 +57,14 @@ EMPTY_REFUSED = {
 
 def check_flags(args) -> None:
     """UserError, before any work, for the flags that are wrong whatever the model: one given ""
-    (`EMPTY_REFUSED`), an empty --layers, and the editor flags of a method that has no such
-    setting (editor_kwargs: --rank, --n-editors, --loss-reduction, --rescale-batch-size for the FT
-    baselines, ...).  Those were refused only once the model had loaded, and after --out's folder
-    was made: measured on a
-    busy 2-core machine, `dcedit edit --method ft --rank 8 ...` took 18-21 s to say so (SmolLM2's
-    load: 15 s), a refused --seed 2.7 s; now 2.5-3.4 s.  editor_kwargs runs again after the load,
-    to build the editor: one set of checks and messages for both.  With --editor the saved editor
-    holds these settings, so they are checked against it after the load (_check_editor_flags)."""
+    (`EMPTY_REFUSED`), an empty --layers, and the editor flags of a method that has no such setting
+    (editor_kwargs: --rank, --n-editors, --loss-reduction, --rescale-batch-size for the FT
+    baselines, ...).  Those were refused only once the model had loaded, and after --out's folder was
+    made: measured on a busy 2-core machine, `dcedit edit --method ft --rank 8 ...` took 18-21 s to
+    say so (SmolLM2's load: 15 s), a refused --seed 2.7 s; now 2.5-3.4 s.  editor_kwargs runs again
+    after the load, to build the editor: one set of checks and messages for both.  With --editor the
+    saved editor holds these settings, so they are checked against it after the load
+    (_check_editor_flags)."""
     refuse_empty(args, EMPTY_REFUSED)
     if getattr(args, "layers", None) is not None:
         layer_names(args.layers)
