@@ -146,6 +146,31 @@ def test_editor_compiles_and_trains_as_eager(method, gen):
         assert torch.equal(b, c), name
 
 
+@pytest.mark.parametrize("method", EDITOR_KINDS)
+def test_editor_compiled_once_trains_on_other_edit_counts_as_eager(method, gen):
+    """One compiled editor called on batches of 4, then 3 and 5 edits, as training batches of other
+    sizes call it: the second count recompiles with a dynamic edit count, where MoEditor's gate drew
+    its noise through randn's generator overload (generator=None passed), which has no kernel for
+    symbolic sizes (TorchRuntimeError "SymIntArrayRef expected to contain only concrete integers")."""
+    from helpers import ragged_offsets, random_counts
+
+    d_in, d_out = OP_CASE_DIMS["d_in"], OP_CASE_DIMS["d_out"]
+    eager = small_editor(method, seed=1)
+    compiled_module = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_module, backend="aot_eager")
+    for E in (4, 3, 5):
+        counts = random_counts(E, gen)
+        counts[0] = max(counts[0], 2)
+        T = sum(counts)
+        inputs = (randn((T, d_in), gen), randn((T, d_out), gen), ragged_offsets(counts), randn((E, d_out), gen))
+        want = _editor_step(eager, *inputs)
+        got = _editor_step(compiled, *inputs)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w), E
+    for (name, p), q in zip(eager.named_parameters(), compiled_module.parameters()):
+        assert p.grad is None or torch.equal(p.grad, q.grad), name
+
+
 def test_editor_under_inductor_matches_eager_to_rounding(gen):
     """ProEditor (the most ops: ψ, the gain, the Fisher mask).  Inductor fuses the elementwise
     work around the ops, so agreement is to fp32 rounding, judged on all gradients at once

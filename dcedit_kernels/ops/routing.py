@@ -46,7 +46,11 @@ def noisy_topk_gate(feats, w_gate, w_noise, k=1, training=True,
         # that device's generator only, so a CPU generator (what GroupedEditor seeds) with features
         # on a GPU raised torch's "Expected a 'cuda' device type for generator but found 'cpu'".
         where = generator.device if generator is not None else feats.device
-        noise = torch.randn(feats.shape[0], G, generator=generator, device=where, dtype=acc).to(feats.device)
+        # No generator= keyword without one: randn's generator overload has no symbolic-size kernel, so
+        # a compiled gate (a MoEditor's training) failed in dynamo's fake run once its edit count went
+        # dynamic ("SymIntArrayRef expected to contain only concrete integers"), at its second count.
+        drawn = dict(generator=generator) if generator is not None else {}
+        noise = torch.randn(feats.shape[0], G, **drawn, device=where, dtype=acc).to(feats.device)
     return opcall("noisy_topk_gate")(feats, w_gate, w_noise, k, noise)
 
 
