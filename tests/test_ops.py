@@ -1038,6 +1038,22 @@ def test_lowrank_delta_linear_names_a_number_alpha_beyond_its_dtype(gen):
         ops.lowrank_delta_linear(**dict(a, alpha=float("inf")))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_apply_shift_names_a_number_alpha_beyond_its_arithmetic(dtype, gen, device):
+    """apply_shift_ computes in fp32 for every weight but a float64 one: alpha=1e39, finite as a Python
+    float, was inf there and wrote inf and NaN into the weight.  A ValueError naming alpha, the weight
+    left as it was; a float64 weight takes it."""
+    weight, delta = randn((3, 4), gen, dtype, device), randn((3, 4), gen, dtype, device)
+    before = weight.clone()
+    for alpha in (1e39, -3.5e38):
+        with pytest.raises(ValueError, match=r"^alpha must be within torch.float32's range .* got "):
+            ops.apply_shift_(weight, delta, alpha)
+        assert torch.equal(weight, before)
+    weight64 = weight.double()
+    ops.apply_shift_(weight64, delta.double() * 0, 1e39)
+    assert torch.equal(weight64, before.double())
+
+
 @pytest.mark.parametrize("reference_path", [False, True])
 def test_a_non_finite_number_alpha_is_refused_by_the_op_wrappers(reference_path, gen, device):
     """apply_shift_(weight, delta, alpha=nan) wrote NaN into every kept entry of the weight (inf:

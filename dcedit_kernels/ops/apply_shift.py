@@ -24,11 +24,17 @@ def apply_shift_(weight, delta, alpha=1.0, fisher=None, keep=None, threshold=Non
     kept is left as it was, bit for bit, whatever delta or alpha holds there.  Returns the previous
     values of weight; ``undo_shift_(weight, previous)`` restores it bit for bit.  The sum is
     rounded to weight's dtype: in bf16/fp16 a shift entry below half the weight's resolution
-    (bf16: |W|·2⁻⁹ to |W|·2⁻⁸) leaves its entry unchanged.  A NaN or infinite alpha is refused
-    (ValueError, nothing written): it wrote NaN or inf into every kept entry.
+    (bf16: |W|·2⁻⁹ to |W|·2⁻⁸) leaves its entry unchanged.  A NaN or infinite alpha, or one beyond
+    the arithmetic's range (fp32's, float64's for a float64 weight), is refused (ValueError, nothing
+    written): it wrote NaN or inf into every kept entry.
     """
     check_apply_shift(weight, delta, alpha, fisher, keep, threshold)
     check_finite_alpha(alpha)  # the wrapper's: the raw op takes any float, as its kernels do
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    if abs(float(alpha)) > torch.finfo(acc).max:
+        # Finite as a Python float, infinite in the op's arithmetic: 1e39 on an fp32 weight wrote inf and
+        # NaN into it (lowrank_delta_linear refuses it likewise).
+        raise ValueError(f"alpha must be within {acc}'s range (the op's arithmetic dtype), got {alpha!r}")
     with torch.no_grad():
         return opcall("apply_shift_")(
             weight, delta, float(alpha), fisher,
