@@ -102,6 +102,24 @@ def _ignore_autocast(name: str) -> None:
 for _name in SCHEMAS:
     _ignore_autocast(_name)
 
+_AUTOCAST_OFF = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, AUTOCAST_KEYS[0]))
+for _key in AUTOCAST_KEYS[1:]:
+    _AUTOCAST_OFF = _AUTOCAST_OFF | torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, _key))
+
+
+def ignoring_autocast(backward):
+    """`backward` (an op's `register_autograd` formula) run as if autocast were off, as the ops
+    themselves run (`_ignore_autocast`).  A backward run inside an autocast block (torch advises
+    against it, and it is allowed) computed the formulas' own torch matmuls in bf16:
+    lowrank_delta_linear's weight gradient was off by up to 3.7e-3 against the same call without
+    autocast, and a double backward (create_graph, through the references' backwards) differed."""
+    def run(ctx, *grads):
+        with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_OFF):
+            return backward(ctx, *grads)
+
+    run.__name__, run.__qualname__, run.__doc__ = backward.__name__, backward.__qualname__, backward.__doc__
+    return run
+
 
 # The differentiable ops whose gradients are `torch.library.register_autograd` formulas: backward
 # (reverse mode) only, as torch.library has no way to register a forward-mode (JVP) formula.  Nor do

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from dcedit_kernels import ops
-from helpers import OP_CASE_DIMS, deterministic_on, editor_inputs, output_and_grads, public_op_cases, randn, small_editor
+from helpers import (
+    OP_CASE_DIMS, deterministic_on, editor_inputs, output_and_grads, public_op_cases, ragged_offsets, randn, random_counts,
+    small_editor,
+)
 
 AUTOCAST_DTYPE = {"cpu": torch.bfloat16, "cuda": torch.float16}
 
@@ -27,6 +30,32 @@ def test_op_ignores_autocast(name, gen, device):
         got_grads = output_and_grads(lambda *_: got, args)[1]  # backward outside autocast, as torch advises
     assert got.dtype == want.dtype
     assert torch.equal(got, want)
+    for g, w in zip(got_grads, want_grads):
+        assert (g is None and w is None) or torch.equal(g, w)
+
+
+@pytest.mark.parametrize("name", ["grouped_outer", "grouped_lowrank", "fisher_mask", "lowrank_delta_linear"])
+def test_op_gradients_ignore_autocast_with_the_backward_inside_it(name, gen, device):
+    """The backward run inside the autocast block too (torch advises against it; it is allowed):
+    lowrank_delta_linear's weight and bias gradients are torch ops of its formula, which computed
+    the weight's in bf16 (off by up to 3.7e-3).  The layer's own weight and bias require grad here,
+    as an nn.Linear's do."""
+    fn, args = public_op_cases(gen, device)[name]
+    if name == "lowrank_delta_linear":
+        counts = random_counts(3, gen)
+        T, o, i = sum(counts), OP_CASE_DIMS["d_out"], OP_CASE_DIMS["d_in"]
+        row_group, offsets = torch.randint(-1, 3, (9,), generator=gen).to(device), ragged_offsets(counts, device)
+        args = tuple(randn(shape, gen, device=device).requires_grad_()
+                     for shape in ((9, i), (o, i), (o,), (T, i), (T, o), (3,)))
+
+        def fn(x, weight, bias, mu, eta, alpha):
+            return ops.lowrank_delta_linear(x, weight, bias, row_group, mu, eta, offsets, alpha)
+    with deterministic_on(device):
+        want, want_grads = output_and_grads(fn, args)
+        with _autocast(device):
+            got, got_grads = output_and_grads(fn, args)
+    assert torch.equal(got, want)
+    assert len(got_grads) == len(want_grads) > 0
     for g, w in zip(got_grads, want_grads):
         assert (g is None and w is None) or torch.equal(g, w)
 

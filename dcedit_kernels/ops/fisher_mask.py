@@ -4,6 +4,7 @@ import torch
 
 from .. import reference
 from .._checks import check_fraction_or_threshold, check_same_device, check_tensor, compute_dtype
+from .._library import ignoring_autocast
 from ._dispatch import in_reference_mode, opcall, register
 
 
@@ -25,7 +26,8 @@ def _backward(ctx, grad, _grad_count):
     return d_delta, None, None, None
 
 
-torch.library.register_autograd("dcedit::fisher_mask", _backward, setup_context=_setup_context)
+torch.library.register_autograd("dcedit::fisher_mask", ignoring_autocast(_backward),
+                                setup_context=_setup_context)
 
 
 def check_fisher_mask(delta, fisher, keep=None, threshold=None, delta_name="delta"):

@@ -4,7 +4,7 @@ import torch
 
 from .. import reference
 from .._checks import check_grad, check_offsets, check_same_device, check_shape, check_tensor, compute_dtype
-from .._library import _LIB
+from .._library import _LIB, ignoring_autocast
 from ._dispatch import backward_op, opcall, register, triton_launcher
 
 _fwd = triton_launcher("grouped_lowrank")
@@ -42,7 +42,8 @@ def _backward(ctx, grad):
     return (dh, None, du, dv, db, *rest)
 
 
-torch.library.register_autograd("dcedit::grouped_lowrank", _backward, setup_context=_setup_context)
+torch.library.register_autograd("dcedit::grouped_lowrank", ignoring_autocast(_backward),
+                                setup_context=_setup_context)
 
 
 def check_grouped_lowrank(h, offsets, u, v, bias, scale=None, shift=None, gain=None):

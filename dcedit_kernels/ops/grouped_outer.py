@@ -5,6 +5,7 @@ import torch
 from .. import reference
 from .._checks import (check_finite_alpha, check_grad, check_offsets, check_real_number, check_same_device, check_tensor,
                        compute_dtype)
+from .._library import ignoring_autocast
 from ..reference.grouped_outer import FUSIONS, grouped_outer_streaming
 from ._dispatch import backward_op, opcall, register, triton_launcher
 
@@ -38,7 +39,8 @@ def _backward(ctx, grad):
     return d_eta, d_mu, None, None, None
 
 
-torch.library.register_autograd("dcedit::grouped_outer", _backward, setup_context=_setup_context)
+torch.library.register_autograd("dcedit::grouped_outer", ignoring_autocast(_backward),
+                                setup_context=_setup_context)
 
 
 def check_grouped_outer(eta, mu, offsets, fusion="add", alpha=1.0):

@@ -7,6 +7,7 @@ from .._checks import (
     HALF_DTYPES, check_delta_linear_shapes, check_finite_alpha, check_grad, check_ids, check_offsets, check_real_number,
     check_same_device, check_tensor, compute_dtype,
 )
+from .._library import ignoring_autocast
 from ._dispatch import backward_op, opcall, register, triton_launcher
 
 
@@ -51,7 +52,8 @@ def _backward(ctx, grad):
     return dx, dweight, dbias, None, dmu, deta, None, dalpha
 
 
-torch.library.register_autograd("dcedit::lowrank_delta_linear", _backward, setup_context=_setup_context)
+torch.library.register_autograd("dcedit::lowrank_delta_linear", ignoring_autocast(_backward),
+                                setup_context=_setup_context)
 
 
 def lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha) -> torch.Tensor:
