@@ -22,7 +22,9 @@ from ._checks import check_path
 def replace_atomically(path, write: Callable[[Path], object]) -> None:
     """`write(tmp)` writes the file's content to `tmp`, a file beside `path` under a name of its own
     (threads and processes writing the same path do not share it), which is then moved over
-    `path`: a failed or interrupted write leaves the previous file whole.  The file gets the mode
+    `path`: a failed or interrupted write leaves the previous file whole (the file is synced to disk
+    before the move, and the folder after it, so a crash of the machine leaves the old file or the new
+    one, not a partial one).  The file gets the mode
     any file this process creates gets (0o666 less the umask), or, written over an existing file,
     that file's mode (as torch.save's): safetensors 0.8 writes through a private temporary file
     and leaves its mode, 0600, so a checkpoint was unreadable to the user's group.  A file this
@@ -70,7 +72,10 @@ def replace_atomically(path, write: Callable[[Path], object]) -> None:
             mode = stat.S_IMODE(os.stat(tmp).st_mode)
         write(tmp)
         os.chmod(tmp, mode)
+        _sync(tmp)  # its bytes on disk before the move: else a crash of the machine (not only of the
+        # process) could leave the new name on an empty or partial file
         os.replace(tmp, path)
+        _sync(path.parent)  # the move itself (best effort: not every system syncs a folder)
     except OSError as exc:
         if exc.filename not in (None, str(tmp)) or exc.errno is None:
             raise
@@ -83,6 +88,25 @@ def replace_atomically(path, write: Callable[[Path], object]) -> None:
         # and that error, naming the temporary file, replaced the one above.
         if os.path.lexists(tmp):
             tmp.unlink(missing_ok=True)
+
+
+def _sync(path: Path) -> None:
+    """fsync `path` (a file, or a folder for the entries in it): a write of the data, then of the
+    move, reaches the disk in that order.  A folder that cannot be opened or synced (Windows, some
+    file systems: EINVAL) is left to the system."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
 
 
 def _on_a_read_only_mount(path: Path) -> bool:

@@ -691,6 +691,42 @@ for name, save in (("save", lambda: GroupedEditor(64, 64, rank=8).save(editor)),
 """
 
 
+def test_a_save_syncs_the_file_before_its_move_and_the_folder_after(tmp_path, monkeypatch):
+    """Moved over the old file without an fsync, a checkpoint could come back empty or partial after a
+    crash of the machine (the move reaching the disk before the data).  The file's bytes are synced
+    first, then the move, then the folder that holds it."""
+    import os
+
+    from dcedit_kernels import safetensors_file
+
+    events, fsync, replace = [], os.fsync, os.replace
+    names = {}
+
+    def logged_fsync(fd):
+        events.append(("fsync", names.get(fd)))
+        return fsync(fd)
+
+    def logged_replace(src, dst):
+        events.append(("replace", os.path.basename(dst)))
+        return replace(src, dst)
+
+    real_open = os.open
+
+    def named_open(path, *args, **kwargs):
+        fd = real_open(path, *args, **kwargs)
+        names[fd] = "folder" if os.path.isdir(path) else "tmp" if str(path).endswith(".tmp") else str(path)
+        return fd
+
+    path = tmp_path / "editor.safetensors"
+    with monkeypatch.context() as mp:
+        mp.setattr(safetensors_file.os, "fsync", logged_fsync)
+        mp.setattr(safetensors_file.os, "replace", logged_replace)
+        mp.setattr(safetensors_file.os, "open", named_open)
+        small_editor("mend").save(str(path))
+    assert events == [("fsync", "tmp"), ("replace", "editor.safetensors"), ("fsync", "folder")]
+    assert GroupedEditor.load(str(path)) is not None
+
+
 def test_a_save_cut_short_by_the_disk_is_an_os_error_naming_the_path(tmp_path):
     """A write that fails midway (a full disk; here a file size limit, EFBIG) raised safetensors'
     SafetensorError ("Error while serializing: I/O error: File too large (os error 27)"), no
