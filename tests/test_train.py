@@ -3327,7 +3327,10 @@ def test_training_gradients_are_reference_modes_and_the_losss_finite_differences
     direction of every parameter, and of each of three random parameters alone, is their
     directional derivative.  The loss has kinks (the editors' ReLUs; the max, sss and top-k
     selections): where one lies within eps of the point, one of the one-sided differences is
-    (at eps 1e-6, about 1 in 150 of them met one, in random training settings)."""
+    (at eps 1e-6, about 1 in 150 of them met one, in random training settings).  Where kinks lie on
+    both sides within 1e-7, the differences are taken again at eps 1e-8: seed 1474290503's ProEditor
+    ("token") along every parameter at once had its one-sided differences 5e-6 apart at 1e-7 (1.5e-4
+    of the derivative off at best), all three within 1.3e-8 of it at 1e-8."""
     import dcedit_kernels.train as train_module
     from dcedit_kernels.ops import reference_mode
 
@@ -3361,20 +3364,24 @@ def test_training_gradients_are_reference_modes_and_the_losss_finite_differences
     every = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
     alone = [[torch.randn(p.shape, generator=gen, dtype=p.dtype) if i == j else torch.zeros_like(p)
               for i, p in enumerate(params)] for j in torch.randperm(len(params), generator=gen)[:3].tolist()]
-    eps = 1e-7
     for direction in [every, *alone]:
         want = sum(float((g * d).sum()) for g, d in zip(fused, direction))
-        values = []
-        with torch.no_grad():
-            for step in (eps, -eps, -eps):  # L(x + εd), L(x), L(x − εd)
+        tried = {}
+        for eps in (1e-7, 1e-8):  # 1e-8 only where kinks lie on both sides within 1e-7
+            values = []
+            with torch.no_grad():
+                for step in (eps, -eps, -eps):  # L(x + εd), L(x), L(x − εd)
+                    for p, d in zip(params, direction):
+                        p.add_(step * d)
+                    values.append(float(loss().detach()))
                 for p, d in zip(params, direction):
-                    p.add_(step * d)
-                values.append(float(loss().detach()))
-            for p, d in zip(params, direction):
-                p.add_(eps * d)
-        up, at, down = values
-        diffs = [(up - down) / (2 * eps), (up - at) / eps, (at - down) / eps]
-        assert min(abs(fd - want) for fd in diffs) <= 1e-4 * abs(want) + 1e-7, (want, diffs)
+                    p.add_(eps * d)
+            up, at, down = values
+            tried[eps] = diffs = [(up - down) / (2 * eps), (up - at) / eps, (at - down) / eps]
+            if min(abs(fd - want) for fd in diffs) <= 1e-4 * abs(want) + 1e-7:
+                break
+        else:
+            raise AssertionError((want, tried))
 
 
 # Global relative error of a 16-bit model's first-step editor gradients against the float64 model's
