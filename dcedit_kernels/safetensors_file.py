@@ -93,7 +93,9 @@ def replace_atomically(path, write: Callable[[Path], object]) -> None:
 def _sync(path: Path) -> None:
     """fsync `path` (a file, or a folder for the entries in it): a write of the data, then of the
     move, reaches the disk in that order.  A folder that cannot be opened or synced (Windows, some
-    file systems: EINVAL) is left to the system."""
+    file systems: EINVAL) is left to the system.  Cost measured on this 2-core machine's ext4 disk
+    (medians of 5 and 20 saves): a 64 MiB save 0.07 s without the syncs, 0.12-0.28 s with them; a
+    4 KB one 0.45 ms and 1.45 ms, against training steps of seconds between checkpoints."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
