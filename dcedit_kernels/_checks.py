@@ -248,6 +248,16 @@ def check_finite_alpha(alpha) -> None:
         raise ValueError(f"alpha must be finite, got {alpha!r}: it scales every entry of the shift")
 
 
+def check_alpha_within(alpha, acc: torch.dtype) -> None:
+    """ValueError unless a finite number `alpha` (`check_finite_alpha`'s) is within the range of the
+    op's arithmetic dtype `acc`: finite as a Python float, it was infinite there.  lowrank_delta_linear's
+    torch.full raised a RuntimeError naming nothing ("value cannot be converted to type float without
+    overflow"), and apply_shift_ wrote inf and NaN into an fp32 weight (alpha 1e39); grouped_outer takes
+    such an alpha in its arithmetic (its shift, not a weight)."""
+    if abs(float(alpha)) > torch.finfo(acc).max:
+        raise ValueError(f"alpha must be within {acc}'s range (the op's arithmetic dtype), got {alpha!r}")
+
+
 def check_shape(t, name: str, shape: tuple) -> None:
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")

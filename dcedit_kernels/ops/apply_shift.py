@@ -3,7 +3,9 @@
 import torch
 
 from .. import reference
-from .._checks import check_finite_alpha, check_real_number, check_same_device, check_tensor, tracing
+from .._checks import (
+    check_alpha_within, check_finite_alpha, check_real_number, check_same_device, check_tensor, compute_dtype, tracing,
+)
 from .._library import _LIB
 from ._dispatch import opcall, register
 from .fisher_mask import check_fisher_mask
@@ -30,11 +32,7 @@ def apply_shift_(weight, delta, alpha=1.0, fisher=None, keep=None, threshold=Non
     """
     check_apply_shift(weight, delta, alpha, fisher, keep, threshold)
     check_finite_alpha(alpha)  # the wrapper's: the raw op takes any float, as its kernels do
-    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    if abs(float(alpha)) > torch.finfo(acc).max:
-        # Finite as a Python float, infinite in the op's arithmetic: 1e39 on an fp32 weight wrote inf and
-        # NaN into it (lowrank_delta_linear refuses it likewise).
-        raise ValueError(f"alpha must be within {acc}'s range (the op's arithmetic dtype), got {alpha!r}")
+    check_alpha_within(alpha, compute_dtype(weight))  # the arithmetic follows the weight, not delta
     with torch.no_grad():
         return opcall("apply_shift_")(
             weight, delta, float(alpha), fisher,

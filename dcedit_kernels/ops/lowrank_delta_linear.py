@@ -4,8 +4,8 @@ import torch
 
 from .. import reference
 from .._checks import (
-    HALF_DTYPES, check_delta_linear_shapes, check_finite_alpha, check_grad, check_ids, check_offsets, check_real_number,
-    check_same_device, check_tensor, compute_dtype,
+    HALF_DTYPES, check_alpha_within, check_delta_linear_shapes, check_finite_alpha, check_grad, check_ids,
+    check_offsets, check_real_number, check_same_device, check_tensor, compute_dtype,
 )
 from .._library import ignoring_autocast
 from ._dispatch import backward_op, opcall, register, triton_launcher
@@ -72,10 +72,7 @@ def lowrank_delta_linear(x, weight, bias, row_group, mu_t, eta_t, offsets, alpha
         # (a float64 layer with fp16 factors rounded a number alpha to fp32, ~1e-8 relative).
         acc = compute_dtype(x, weight, bias, mu_t, eta_t)
         check_finite_alpha(alpha)
-        if abs(float(alpha)) > torch.finfo(acc).max:
-            # torch.full's RuntimeError ("value cannot be converted to type float without overflow")
-            # named nothing; grouped_outer and apply_shift_ take such an alpha in their arithmetic.
-            raise ValueError(f"alpha must be within {acc}'s range (the op's arithmetic dtype), got {alpha!r}")
+        check_alpha_within(alpha, acc)
         alpha = torch.full((G,), float(alpha), dtype=acc, device=x.device)
     alpha = alpha.reshape(-1)
     if alpha.numel() == 1 and G != 1 and alpha.dtype in HALF_DTYPES:
