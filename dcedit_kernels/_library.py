@@ -8,7 +8,9 @@ registered before its schema, so the import order of `_C` and this module does n
 
 from __future__ import annotations
 
+import functools
 import importlib
+import operator
 import os
 
 import torch
@@ -102,9 +104,8 @@ def _ignore_autocast(name: str) -> None:
 for _name in SCHEMAS:
     _ignore_autocast(_name)
 
-_AUTOCAST_OFF = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, AUTOCAST_KEYS[0]))
-for _key in AUTOCAST_KEYS[1:]:
-    _AUTOCAST_OFF = _AUTOCAST_OFF | torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, _key))
+_AUTOCAST_OFF = functools.reduce(operator.or_, (torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+                                                 for key in AUTOCAST_KEYS))
 
 
 def ignoring_autocast(backward):
@@ -113,11 +114,11 @@ def ignoring_autocast(backward):
     against it, and it is allowed) computed the formulas' own torch matmuls in bf16:
     lowrank_delta_linear's weight gradient was off by up to 3.7e-3 against the same call without
     autocast, and a double backward (create_graph, through the references' backwards) differed."""
+    @functools.wraps(backward)
     def run(ctx, *grads):
         with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_OFF):
             return backward(ctx, *grads)
 
-    run.__name__, run.__qualname__, run.__doc__ = backward.__name__, backward.__qualname__, backward.__doc__
     return run
 
 
