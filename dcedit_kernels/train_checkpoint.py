@@ -471,8 +471,8 @@ def _resume(me, opt, lr_opt, ckpt: Path, result: TrainResult, run: dict, rank: i
     # this one is not (the seed is no part of the editors' config, which is compared above).  Its
     # state was skipped, and the run went on drawing its random groups from torch's global generator,
     # without a word.  (The other way, a seeded editor with no state saved, resumes from its seed.)
-    unseeded = sorted(n[len("route_rng."):] for n in rng_states
-                      if n.startswith("route_rng.") and n[len("route_rng."):] not in me.route_generators())
+    saved_routes = {name[len("route_rng."):] for name in rng_states if name.startswith("route_rng.")}
+    unseeded = sorted(saved_routes - set(me.route_generators()))
     if unseeded:
         raise ValueError(f"{path} was written by a run whose editors {unseeded} drew their random groups from a "
                          "seeded generator, and this ModelEditor's draw from torch's global one (built without "
