@@ -150,7 +150,7 @@ def _train(args, requests, val, device) -> dict:
         me = ModelEditor(model, tokenizer, layers=layers, method=args.method, **kwargs)
         config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_lr=args.lr_lr,
                              locality_rows=args.locality_rows, checkpoint_dir=args.checkpoint_dir,
-                             val_every=args.val_every or 50, val_size=args.val_size, seed=args.seed,
+                             val_every=args.val_every or TrainConfig.val_every, val_size=args.val_size, seed=args.seed,
                              data_parallel=size > 1)
     except ValueError as exc:
         raise UserError(str(exc)) from None
