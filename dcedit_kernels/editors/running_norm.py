@@ -96,6 +96,13 @@ class RunningStatistics(nn.Module):
     #   using the k of that compile, with no recompile.  In a copy of this merge k went 6, 18, then
     #   16, 14 for batches of 6, 12, 10, 8 rows (eager: 28, 36), and the means with it.
     # Eager, the merge is the same code and arithmetic as without compile: equal bit for bit.
+    #
+    # The merged values are formed first and written only if all are finite: a finite factor entry
+    # beyond ~1.8e19 (fp32's max is 3.4e38) squares to inf, and the std went inf without an error;
+    # from then on that column normalised to 0 in every edit, so the editor's shifts no longer
+    # depended on it, while apply_ went on "succeeding" (found in session 68).  A NaN row, too, now
+    # raises here rather than at the shift.  FloatingPointError: what the edit and training paths
+    # already take as a non-finite batch (apply_ restores, fit skips it).
     @torch.no_grad()
     def _merge_rows(self, *rows: torch.Tensor) -> None:
         n_b = rows[0].shape[0]
@@ -104,6 +111,7 @@ class RunningStatistics(nn.Module):
         self._check_updatable()
         k = float(self.k)
         total = k + n_b
+        merged = []
         for (mean_name, s_name, std_name), x in zip(self.STATS, rows):
             mean, s = getattr(self, mean_name), getattr(self, s_name)
             # Rounded to fp32 as forward does, then summed in the buffers' dtype if wider (float64).
@@ -111,10 +119,20 @@ class RunningStatistics(nn.Module):
             mean_b = x.mean(0)
             m2_b = (x - mean_b).square().sum(0)
             delta = mean_b - mean
-            mean += delta * (n_b / total)
-            s += m2_b + delta.square() * (k * n_b / total)
+            new_s = s + (m2_b + delta.square() * (k * n_b / total))
+            merged.append((mean_name, mean + delta * (n_b / total)))
+            merged.append((s_name, new_s))
             if total >= 2:
-                getattr(self, std_name).copy_((s / (total - 1)).sqrt())
+                merged.append((std_name, (new_s / (total - 1)).sqrt()))
+        finite = torch.stack([value.isfinite().all() for _, value in merged])
+        if not bool(finite.all()):  # one device sync for all of them
+            name = merged[int(finite.logical_not().nonzero()[0])][0]
+            raise FloatingPointError(
+                f"{type(self).__name__}: the running statistic {name!r} is not finite with this batch merged (a "
+                "non-finite input, or an entry beyond ~1.8e19 whose square overflows fp32); the statistics "
+                "were not changed")
+        for name, value in merged:
+            getattr(self, name).copy_(value)
         self.k.fill_(total)
 
 
