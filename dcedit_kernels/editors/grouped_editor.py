@@ -287,8 +287,13 @@ class GroupedEditor(nn.Module):
             if self.training:
                 self.gate_norm.update(edit_feats)
             feats = self.gate_norm(edit_feats)
+        # The features in the gate's compute dtype (fp32, fp64 for a float64 editor), not the editor's:
+        # a bf16 editor's gate computes in fp32 anyway, and rounding the standardised features to bf16
+        # first put 3.3e-4 of error into its gate weights against float64 (fp16 8e-6, fp32 4e-8; session
+        # 68), which with top_k ≥ 2 reached the shift (7e-4) and could flip a near-tied routing.
         gates, chosen, loss = ops.noisy_topk_gate(
-            feats.to(self.w_gate.dtype), self.w_gate, self.w_noise, k=self.top_k, training=self.training,
+            feats.to(torch.promote_types(self.w_gate.dtype, torch.float32)), self.w_gate, self.w_noise,
+            k=self.top_k, training=self.training,
         )
         return chosen, gates.gather(1, chosen.unsqueeze(1)).squeeze(1), loss
 
