@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from .._checks import all_finite, check_bool
+from .._checks import all_finite, check_bool, is_number
 from ..devices import as_device
 from ..ops.apply_shift import check_shiftable_weight
 
@@ -31,6 +31,23 @@ class GroupedEdit:
     aux_loss: torch.Tensor
     fisher: torch.Tensor | None = None
     fisher_keep: float | None = None
+
+    def __post_init__(self):
+        # The class is exported and built by hand too: a float alpha raised AttributeError ('float'
+        # object has no attribute 'detach') at apply_, a 2-vector a bare "only one element tensors"
+        # ValueError, fisher without fisher_keep fisher_mask's "give exactly one of keep or
+        # threshold", and fisher_keep without fisher was silently no mask (session 68).
+        if is_number(self.alpha):  # a plain step size: the editors pass a (learned) 0-d tensor
+            self.alpha = torch.tensor(float(self.alpha), device=self.mu_t.device)
+        if not isinstance(self.alpha, torch.Tensor) or self.alpha.numel() != 1:
+            got = tuple(self.alpha.shape) if isinstance(self.alpha, torch.Tensor) else type(self.alpha).__name__
+            raise ValueError(f"alpha must be a number or a one-element tensor, got {got}")
+        if (self.fisher is None) != (self.fisher_keep is None):
+            raise ValueError("fisher and fisher_keep go together (the mask keeps the fisher_keep fraction of the "
+                             f"shift's entries by fisher): got fisher={'None' if self.fisher is None else 'a tensor'}, "
+                             f"fisher_keep={self.fisher_keep!r}")
+        if self.fisher_keep is not None and not (is_number(self.fisher_keep) and 0 < self.fisher_keep <= 1):
+            raise ValueError(f"fisher_keep must be a number in (0, 1], got {self.fisher_keep!r}")
 
     @property
     def n_groups(self) -> int:
