@@ -4623,6 +4623,89 @@ def test_feature_norm_standardises_a_constant_feature_to_zero_not_nan(gen):
     assert rel_err(got[:, [0, 1, 3]], ((x.double() - kept.mean(0)) / kept.std(0))[:, [0, 1, 3]]) < 1e-5
 
 
+@pytest.mark.parametrize("kind", ["factors", "features"])
+@pytest.mark.parametrize("bad", [3e19, float("nan")])
+def test_running_statistics_refuse_a_batch_they_cannot_hold_finite(kind, bad, gen):
+    """A batch whose merge would leave a statistic non-finite raises FloatingPointError naming it and
+    leaves every statistic as it was.  A finite entry beyond ~1.8e19 squares to inf in fp32: the std
+    went inf with no error, and from then on that column normalised to 0 in every later edit."""
+    from dcedit_kernels.editors.running_norm import FeatureNorm, RunningNorm
+
+    widths = {"factors": (5, 3), "features": (4,)}[kind]
+    norm = RunningNorm(*widths) if kind == "factors" else FeatureNorm(*widths)
+    norm.update(*(torch.randn(6, w, generator=gen) for w in widths))
+    before = {k: v.clone() for k, v in norm.state_dict().items()}
+    rows = [torch.randn(3, w, generator=gen) for w in widths]
+    rows[-1][int(torch.randint(0, 3, (1,), generator=gen)), int(torch.randint(0, widths[-1], (1,), generator=gen))] = bad
+    with pytest.raises(FloatingPointError, match="running statistic '(v_)?(mean|s)' is not finite"):
+        norm.update(*rows)
+    assert all(torch.equal(v, before[k]) for k, v in norm.state_dict().items())
+    rows[-1] = torch.randn(3, widths[-1], generator=gen)
+    norm.update(*rows)  # a finite batch after it merges as ever
+    assert int(norm.k) == 9 and all(v.isfinite().all() for v in norm.state_dict().values())
+
+
+def test_train_mode_apply_with_a_factor_beyond_fp32_squares_leaves_weight_and_editor_as_they_were(gen):
+    """GroupedEditor.apply_ in training mode on μ holding 3e19 (finite): FloatingPointError, the weight
+    and the running norms as before (they had gone inf, the edit "succeeding" with a shift that no
+    longer depended on that column, then or in any later edit)."""
+    ed = GroupedEditor(6, 4, routing="single", rank=3).train()
+    offsets = torch.tensor([0, 4, 8], dtype=torch.int32)
+    ed(torch.randn(8, 6, generator=gen), torch.randn(8, 4, generator=gen), offsets)
+    before = {k: v.clone() for k, v in ed.state_dict().items()}
+    weight = torch.randn(4, 6, generator=gen)
+    kept = weight.clone()
+    mu = torch.randn(8, 6, generator=gen)
+    mu[3, 2] = 3e19
+    with pytest.raises(FloatingPointError, match="'u_s' is not finite"):
+        ed.apply_(weight, mu, torch.randn(8, 4, generator=gen), offsets)
+    assert torch.equal(weight, kept)
+    assert all(torch.equal(v, before[k]) for k, v in ed.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_gate_reads_its_standardised_features_unrounded(dtype, gen):
+    """A bf16/fp16 MoEditor's gate computes in fp32 from the fp32 standardised features: its gate
+    weights are float64's of the same (rounded) gate matrix to fp32 rounding.  The features were
+    rounded to the editor's dtype first: 3.3e-4 off in bf16, 8e-6 in fp16."""
+    ed = GroupedEditor(6, 4, n_editors=3, rank=4, top_k=3, feat_dim=5)
+    with torch.no_grad():
+        ed.w_gate.copy_(torch.randn(5, 3, generator=gen) * 3)
+    ed.gate_norm.update(torch.randn(7, 5, generator=gen))
+    ed = ed.to(dtype).eval()
+    feats = torch.randn(4, 5, generator=gen)
+    groups, weights, _ = ed.route(4, feats)
+    f = (feats.double() - ed.gate_norm.mean.double()) / (ed.gate_norm.std.double() + 1e-7)
+    want = torch.softmax(f @ ed.w_gate.detach().double(), 1)
+    assert torch.equal(groups, want.argmax(1))
+    assert rel_err(weights.double(), want.max(1).values) < 1e-5
+
+
+def test_a_hand_built_grouped_edit_checks_alpha_and_its_fisher_pair(gen):
+    """GroupedEdit is exported and built by hand too: a float alpha is taken as a 0-d tensor (it raised
+    AttributeError at apply_), an alpha of several entries, fisher without fisher_keep or fisher_keep
+    without fisher (silently no mask), and a fisher_keep outside (0, 1] are ValueErrors naming them."""
+    mu, eta = torch.randn(5, 4, generator=gen), torch.randn(5, 3, generator=gen)
+    offsets = torch.tensor([0, 2, 5], dtype=torch.int32)
+
+    def edit(alpha=0.5, **kwargs):
+        return GroupedEdit(mu, eta, offsets, "add", alpha, torch.tensor([0, 1]), torch.zeros(()), **kwargs)
+
+    weight = torch.zeros(3, 4)
+    edit(0.5).apply_(weight)
+    assert torch.allclose(weight, 0.5 * edit(torch.tensor(1.0)).dense())
+    for bad in (torch.tensor([0.5, 0.2]), "0.5", None):
+        with pytest.raises(ValueError, match="^alpha must be a number or a one-element tensor"):
+            edit(bad)
+    with pytest.raises(ValueError, match="^fisher and fisher_keep go together"):
+        edit(fisher=torch.rand(3, 4, generator=gen))
+    with pytest.raises(ValueError, match="^fisher and fisher_keep go together"):
+        edit(fisher_keep=0.5)
+    for keep in (0.0, 1.5, float("nan"), "0.5"):
+        with pytest.raises(ValueError, match="^fisher_keep must be a number in"):
+            edit(fisher=torch.rand(3, 4, generator=gen), fisher_keep=keep)
+
+
 def test_ft_kl_locality_texts_may_be_any_iterable(gen, tmp_path):
     """locality_texts from a generator are the texts it yields (checking them must not consume
     them: the generic fallback was used instead), saved as a list; a non-iterable is a ValueError."""
