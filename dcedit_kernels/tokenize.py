@@ -118,6 +118,13 @@ def causal_pair_ids(tokenizer, prompt: str, target: str, index: int = 0) -> tupl
                 break
     if n_prompt >= len(full_ids):
         raise ValueError(f"targets[{index}] ({target!r}) tokenizes to no tokens after prompts[{index}]")
+    if n_prompt == 0:
+        # The whole prompt merged into the target's first token (a tokenizer with no BOS and no split at
+        # the space): that token sits at position 0, which a causal LM never predicts, so the losses and
+        # metrics dropped it; an edit with one target token applied as a silent no-op (session 68).
+        raise ValueError(f"prompts[{index}] ({prompt!r}) leaves no token before targets[{index}] ({target!r}): "
+                         "the tokenizer merges the whole prompt into the target's first token, and a causal LM "
+                         "scores no token at position 0 (a longer prompt, or one ending in a word of its own)")
     return full_ids, n_prompt
 
 

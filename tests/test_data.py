@@ -842,6 +842,20 @@ def test_tokenize_fallback_keeps_a_token_ending_at_the_prompts_end_in_the_prompt
     assert ids == [11, 12, 13] and n_prompt == 2
 
 
+def test_a_prompt_merged_whole_into_the_targets_first_token_is_refused():
+    """A tokenizer with no BOS that merges the whole prompt into the target's first token ("a b" one
+    token) leaves that token at position 0, which a causal LM never predicts: the edit loss and the
+    metrics dropped it, and an edit with one target token applied as a silent no-op.  A ValueError
+    naming the pair, with offsets (the straddling token counts as target) and without (a slow
+    tokenizer: no token shared with the prompt alone)."""
+    table = {"a": [(1, (0, 1))], "a b": [(6, (0, 3))], "a bc": [(6, (0, 3)), (4, (3, 4))]}
+    for tok in (ScriptedTokenizer(table), SlowTokenizer({k: [(i, None) for i, _ in v] for k, v in table.items()})):
+        for target in ("b", "bc"):
+            with pytest.raises(ValueError, match=rf"^prompts\[2\] \('a'\) leaves no token before targets\[2\] "
+                                                 rf"\('{target}'\)"):
+                causal_pair_ids(tok, "a", target, 2)
+
+
 def test_a_lone_surrogate_is_a_value_error_naming_the_field(tmp_path):
     """JSON's "\\ud83c" (half an emoji's surrogate pair, as a truncated string keeps it) loads as a
     str that is not valid Unicode; the tokenizer refused it later with a TypeError naming no text."""
