@@ -80,8 +80,9 @@ def init_from_env(device: str) -> tuple[str, bool]:
     `device`, else gloo): (this process's device, "cuda" becoming cuda:LOCAL_RANK; True, so that the
     caller destroys the group when done).  Without torchrun, or with the group already up,
     (`device`, False).  ValueError for a WORLD_SIZE or LOCAL_RANK that is not an int, or RANK,
-    MASTER_ADDR or MASTER_PORT missing beside WORLD_SIZE > 1 (torchrun sets them all), or a CUDA
-    `device` without a visible GPU of index LOCAL_RANK."""
+    MASTER_ADDR or MASTER_PORT missing beside WORLD_SIZE > 1 (torchrun sets them all), a CUDA
+    `device` without a visible GPU of index LOCAL_RANK, or one naming another index ("cuda:1" in
+    the process of LOCAL_RANK=0: each process takes its own GPU)."""
     size = launched_size()
     if size <= 1 or (dist.is_available() and dist.is_initialized()):
         return device, False
@@ -91,6 +92,13 @@ def init_from_env(device: str) -> tuple[str, bool]:
     cuda = torch.device(device).type == "cuda"
     if cuda:
         local = _env_int("LOCAL_RANK", "0")
+        index = torch.device(device).index
+        if index is not None and index != local:
+            # It was replaced by cuda:LOCAL_RANK without a word: every process asked for one GPU, and
+            # NCCL takes one GPU per process.
+            raise ValueError(f"device {device!r}: under torchrun each process takes the GPU of its LOCAL_RANK "
+                             f"(this one, LOCAL_RANK={local}, cuda:{local}): give device 'cuda', and choose the "
+                             "GPUs with CUDA_VISIBLE_DEVICES")
         # Checked here, before the group is joined: torch.cuda.set_device raised an AttributeError
         # ("no attribute '_cuda_setDevice'") on a CPU torch and "invalid device ordinal" with fewer
         # GPUs than processes, a traceback in every process where one process's --device check

@@ -702,6 +702,28 @@ def test_dcedit_train_under_torchrun_without_a_gpu_for_each_process_says_so(monk
     assert err.startswith("dcedit: error: ") and "LOCAL_RANK=1" in err and err.count("\n") == 1, err
 
 
+def test_init_from_env_refuses_a_cuda_index_other_than_the_processs_local_rank(monkeypatch):
+    """Under torchrun, device "cuda:1" in the process of LOCAL_RANK=0 was replaced by cuda:0 without a
+    word; it is refused before the group is joined ("cuda" and the process's own index are taken)."""
+    from dcedit_kernels import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda *a: None)
+    joined = []
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: joined.append(a))
+    for name, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="29555").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=r"^device 'cuda:1': under torchrun each process takes the GPU of its "
+                                         r"LOCAL_RANK \(this one, LOCAL_RANK=0, cuda:0\)"):
+        distributed.init_from_env("cuda:1")
+    assert not joined
+    assert distributed.init_from_env("cuda:0") == ("cuda:0", True)
+    assert distributed.init_from_env("cuda") == ("cuda:0", True)
+    assert joined == [("nccl",), ("nccl",)]
+
+
 def test_without_data_parallel_each_process_validates_on_its_own(monkeypatch):
     """Outside data-parallel mode a process of a group (here rank 1 of 2) validates its own
     editors: it neither waits for rank 0's scores nor skips its validation."""
