@@ -768,7 +768,13 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         it raises RuntimeError, as `apply` does, and while another thread edits the model.  Every
         editor parameter is trained: one a caller froze (requires_grad False) raises ValueError,
         before anything changes.  On a model that holds live edits (applied, neither undone nor
-        kept) it trains on the edited model and warns (`edit_handle.warn_live_edits`)."""
+        kept) it trains on the edited model and warns (`edit_handle.warn_live_edits`).
+
+        A second call goes on from the editors' weights as the first left them, but is a new run
+        otherwise: new Adam optimisers (no moments), its steps counted from 0, its batches drawn
+        again from `config.seed` (the first call's order), validation, patience and the best state
+        started over.  To continue one run, train with a `checkpoint_dir`: a later call with the same
+        folder and a larger `steps` resumes it (TrainConfig's `resume`, on by default)."""
         from .train import TrainConfig, train_editor
 
         if self.method in FT_METHODS:
