@@ -7,7 +7,7 @@
 # Every step runs under `timeout`, within BUDGET seconds in all (the device tool stops a command
 # at 600 s), and a failing step is recorded in summary.txt and the next one runs.  Eight files
 # come back (the tool's limit): summary.txt, build.log, tests_triton.log, tests_ops.log,
-# tests_cpu.log, perf.log, bench.json, RESULTS.md (benchmarks/RESULTS.md with this device's table).
+# tests_kernels.log, perf.log, bench.json, RESULTS.md (benchmarks/RESULTS.md with this device's table).
 set -uo pipefail
 PY=${PYTHON:-python3}
 OUT=${OUT:-gpu_out}
@@ -19,8 +19,9 @@ SUMMARY="$OUT/summary.txt"
 
 # step NAME MAX_SECONDS LOG COMMAND...: run COMMAND with its output in LOG, for at most
 # MAX_SECONDS and never past the budget less RESERVE seconds (kept for a later step); one line
-# per step in summary.txt.
+# per step in summary.txt; its exit status in STEP_RC.
 RESERVE=0
+STEP_RC=0
 step() {
     local name=$1 max=$2 log=$3
     shift 3
@@ -28,6 +29,7 @@ step() {
     local limit=$((max < left ? max : left))
     if ((limit < 15)); then
         echo "$name: not run (budget of $BUDGET s spent)" | tee -a "$SUMMARY"
+        STEP_RC=125
         return 0
     fi
     local t0=$SECONDS
@@ -38,6 +40,7 @@ step() {
     # and letting pytest-benchmark write the cases that finished to its JSON (it wrote nothing).
     timeout -s INT -k 10 "$limit" "$@" >> "$log" 2>&1
     local rc=$?
+    STEP_RC=$rc
     local note=""
     ((rc == 124 || rc == 137)) && note=" TIMED OUT"
     # The step's own last line (a shared log's last line may be an earlier step's).
@@ -61,8 +64,19 @@ if [ -z "${CUDA_HOME:-}" ]; then
         if [ -x "$dir/bin/nvcc" ]; then export CUDA_HOME=$dir; break; fi
     done
 fi
-echo "CUDA_HOME=${CUDA_HOME:-unset}" >> "$OUT/build.log"
+{
+    echo "CUDA_HOME=${CUDA_HOME:-unset}"
+    # Where the image keeps its toolkit is not documented: the nvcc found, and its version.
+    NVCC=$(command -v nvcc || true)
+    echo "nvcc on PATH: ${NVCC:-none}${NVCC:+ -> $(readlink -f "$NVCC")}"
+    [ -n "${CUDA_HOME:-}" ] && timeout 30 "$CUDA_HOME/bin/nvcc" --version 2>&1 | tail -n 2
+} >> "$OUT/build.log" 2>&1
 step build 200 "$OUT/build.log" env DCEDIT_BUILD_CUDA=1 "$PY" setup.py build_ext --inplace
+if ((STEP_RC != 0)); then
+    # Without _C the CPU kernels are lost too: the tests' CPU work would run the slow references, and
+    # fisher_mask on CUDA its reference (it has no Triton path).  The CPU-only build: ~15 s.
+    step build_cpu_only 120 "$OUT/build.log" env DCEDIT_BUILD_CUDA=0 "$PY" setup.py build_ext --inplace
+fi
 timeout 60 "$PY" -c "import dcedit_kernels as d; print(d.backends()); print(d.op_backends())" >> "$SUMMARY" 2>&1
 CUDA_BACKENDS=$(timeout 60 "$PY" -c "import dcedit_kernels as d
 print(', '.join(f'{op} {v[\"CUDA\"]}' for op, v in d.op_backends().items()))" 2>&1 | tail -n 1)
@@ -74,7 +88,10 @@ print(', '.join(f'{op} {v[\"CUDA\"]}' for op, v in d.op_backends().items()))" 2>
 # Not run: test_cuda_compile.py and test_triton_compile.py (compile-only checks, redundant on a
 # GPU), "slow" tests (SmolLM2 from a gguf: no gguf package there), the SmolLM2 tokenizer test
 # (gguf too) and test_ops' check of the Triton registrations on CPU tensors (needs the
-# interpreter, which DCEDIT_TEST_CUDA=1 turns off; CPU CI runs it).
+# interpreter, which DCEDIT_TEST_CUDA=1 turns off; CPU CI runs it).  DCEDIT_TEST_CUDA=1 also drops the
+# "cpu" copies of the tests taking conftest's `device`, and the CPU-only test files (metrics, editors,
+# training, data: ~1,350 tests, no CUDA in any) are CI's: a shard of them here was the slowest, the one
+# every other shard waited for, and held cores the Triton compiles needed (session 68's count).
 export DCEDIT_TEST_CUDA=1
 # Seven pytest processes on 16 cores: torch's default of one thread per core each would
 # oversubscribe the host side (CPU references, Triton compiles) eightfold.
@@ -101,14 +118,14 @@ step tests_triton_4 220 "$SHARDS/4.log" "${PYTEST[@]}" --durations=10 tests/test
 # backward calls' specialisations.
 step tests_triton_5 220 "$SHARDS/5.log" "${PYTEST[@]}" --durations=10 tests/test_triton_kernels.py \
     -k "every_config_candidate and not ($OPS)" &
-step tests_ops 220 "$OUT/tests_ops.log" "${PYTEST[@]}" tests/test_ops.py tests/test_cpu_kernels.py \
+step tests_ops 220 "$OUT/tests_ops.log" "${PYTEST[@]}" tests/test_ops.py \
     tests/test_compat_mend.py tests/test_capture.py tests/test_multi_device.py \
     tests/test_compile.py tests/test_autocast.py \
     --deselect tests/test_ops.py::test_triton_registrations_take_schema_arguments &
-step tests_cpu 220 "$OUT/tests_cpu.log" "${PYTEST[@]}" tests/test_metrics.py tests/test_model_editor.py \
-    tests/test_data.py tests/test_demo.py tests/test_train.py tests/test_length_buckets.py tests/test_scored_logits.py \
-    tests/test_editor_dtypes.py tests/test_block_prefix.py \
-    --deselect tests/test_data.py::test_tokenize_causal_smollm2_tokenizer_matches_joint_text &
+# The CUDA kernels of _C (csrc/cuda: fisher_mask, apply_shift_) bit for bit against the reference:
+# test_cpu_kernels.py's tests of those ops on device "cuda" (NaN ranking, threshold rounding, strided
+# weights, views, inputs sharing the weight's memory, bad input); its CPU kernels' tests are CI's.
+step tests_kernels 120 "$OUT/tests_kernels.log" "${PYTEST[@]}" tests/test_cpu_kernels.py -k cuda &
 wait
 for i in 1 2 3 4 5; do echo "=== shard $i"; cat "$SHARDS/$i.log"; done > "$OUT/tests_triton.log" 2>&1
 rm -rf "$SHARDS"

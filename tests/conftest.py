@@ -12,7 +12,13 @@ if os.environ.get("DCEDIT_TEST_CUDA", "0") != "1":
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# The devices a test taking `device` runs on: the CPU and, where one is present, CUDA; under
+# DCEDIT_TEST_CUDA=1 (benchmarks/run_gpu.sh, on the lent GPU machine) CUDA alone: the CPU copies
+# run in CI, and the GPU machine's few minutes are its CUDA tests'.
+if os.environ.get("DCEDIT_TEST_CUDA", "0") == "1" and torch.cuda.is_available():
+    DEVICES = ["cuda"]
+else:
+    DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(params=DEVICES)

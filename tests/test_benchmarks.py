@@ -128,16 +128,41 @@ def test_write_results_replaces_its_device_section(tmp_path):
                                                 _row("test_b", fused_vs_eager_rel_err=float("nan"))]}
     (tmp_path / "b.json").write_text(json.dumps(data))
     out = tmp_path / "RESULTS.md"
-    out.write_text("# Benchmark results\n\nintro\n\n## CPU (x86_64, 2 threads), idle machine\n\nold table\n\n"
-                   "## NVIDIA H200\n\nkept\n")
+    # The section's notes above its generated part (from its "Measured …" line) are kept, with its heading.
+    notes = "Run on an idle machine.\n\n**Session 28.** A note with `| pipes |` inside a line.\n"
+    out.write_text("# Benchmark results\n\nintro\n\n## CPU (x86_64, 2 threads), idle machine\n\n" + notes
+                   + "\nMeasured 2026-01-01, torch 0, triton 0. Ceilings measured in the same run: old.\n\n"
+                   "| case | old |\n|---|---|\n| old table | 1 |\n\n- old bullet\n\n## NVIDIA H200\n\nkept\n")
+    out.chmod(0o644)
     subprocess.run([sys.executable, str(BENCH / "write_results.py"), str(tmp_path / "b.json"), "--out", str(out)],
                    check=True, capture_output=True)
     text = out.read_text()
-    assert text.count("## CPU (x86_64, 2 threads)") == 1 and "old table" not in text
+    assert text.count("## CPU (x86_64, 2 threads)") == 1 and "old table" not in text and "old bullet" not in text
+    assert "## CPU (x86_64, 2 threads), idle machine\n\n" + notes + "\nMeasured " in text
     assert "## NVIDIA H200\n\nkept" in text and text.startswith("# Benchmark results\n\nintro")
+    assert out.stat().st_mode & 0o777 == 0o644 and [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+    # A section without a generated part is all notes: kept, the table after them.
+    out.write_text("# Benchmark results\n\n## CPU (x86_64, 2 threads)\n\nonly notes\n")
+    subprocess.run([sys.executable, str(BENCH / "write_results.py"), str(tmp_path / "b.json"), "--out", str(out)],
+                   check=True, capture_output=True)
+    assert out.read_text().startswith("# Benchmark results\n\n## CPU (x86_64, 2 threads)\n\nonly notes\n\nMeasured ")
     assert ("| a | 2.00 | 5.00 | 2.50× | ≥4× (GPU target, not judged on CPU) | 1.2 | 7.5 | 40.0 | 3.0 | 0.123 "
             "| 3.2e-07 |") in text
     assert "| b | 2.00 | 5.00 | 2.50× |  | 1.2 | 7.5 | 40.0 | 3.0 | 0.123 | n/a |" in text
+
+
+def test_write_results_names_each_parts_ceilings_where_they_differ(tmp_path):
+    """Merged parts each measured their own ceilings (in their own processes), and a row's % roofline
+    is against its part's: the header gave the first file's alone.  One pair where they agree."""
+    import write_results
+
+    ops = [_row("test_a")]
+    e2e = [_row("test_b", copy_GBps_ceiling=6.1, matmul_TFLOPs_ceiling=0.017)]
+    assert write_results.ceilings([("ops.json", ops), ("e2e.json", e2e)]) == (
+        "Ceilings measured in the same run, by each part (a row's % roofline is against its own part's): "
+        "ops.json: copy 63.2 GB/s, matmul 0.219 TFLOP/s; e2e.json: copy 6.1 GB/s, matmul 0.017 TFLOP/s.")
+    assert write_results.ceilings([("ops.json", ops), ("more.json", [_row("test_c")])]) == (
+        "Ceilings measured in the same run: copy 63.2 GB/s, matmul 0.219 TFLOP/s.")
 
 
 def test_write_results_judges_the_training_memory_target():
@@ -378,6 +403,8 @@ _STUB_PYTHON = r"""#!/usr/bin/env bash
 # torch and triton modules that hold a version only: write_results imports them for the table's header).
 case "$1" in
     -c) echo "stub $2" | head -c 60; echo ;;
+    setup.py) if [ "${DCEDIT_BUILD_CUDA:-}" = 1 ] && [ -n "${FAIL_CUDA_BUILD:-}" ]; then echo "nvcc failed"; exit 1; fi
+              echo "built with DCEDIT_BUILD_CUDA=${DCEDIT_BUILD_CUDA:-unset}" ;;
     benchmarks/write_results.py) PYTHONPATH="$VERSIONS_ONLY" exec "$REAL_PYTHON" "$@" ;;
     -m)
         json=""
@@ -407,31 +434,41 @@ def _stubbed_run_env(tmp_path, stub_script: str, row: dict, out, **extra) -> dic
                 VERSIONS_ONLY=str(tmp_path / "versions"), **extra)
 
 
-def test_run_gpu_sh_with_stubbed_steps(tmp_path):
+@pytest.mark.parametrize("cuda_build", ["builds", "fails"])
+def test_run_gpu_sh_with_stubbed_steps(tmp_path, cuda_build):
     """benchmarks/run_gpu.sh on CPU with its python stubbed (the device call's shell logic, not its
     figures): every step gets its line in summary.txt, what comes back is the eight files under $OUT, a
     benchmark part that dies without its JSON costs only its own rows, and $OUT/RESULTS.md is the repo's
     benchmarks/RESULTS.md with this device's section added (the other devices' sections and notes kept),
-    so that it can be copied over that file."""
+    so that it can be copied over that file.  A failed CUDA build is followed by the CPU-only one (without
+    _C the CPU kernels were lost too), and the rest runs as after a good one."""
     row = _row("x", target_speedup=4.0, target_met=True, fused_vs_eager_rel_err=1e-3)["extra_info"]
     row["device"] = "NVIDIA H200 (stub)"
     out = tmp_path / "out"
-    env = _stubbed_run_env(tmp_path, _STUB_PYTHON, row, out)
+    fail = {"FAIL_CUDA_BUILD": "1"} if cuda_build == "fails" else {}
+    env = _stubbed_run_env(tmp_path, _STUB_PYTHON, row, out, **fail)
     run = subprocess.run(["bash", str(BENCH / "run_gpu.sh")], cwd=BENCH.parent, env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = (out / "summary.txt").read_text()
     steps = ["build", "tests_triton_1", "tests_triton_2", "tests_triton_3", "tests_triton_4", "tests_triton_5",
-             "tests_ops", "tests_cpu", "bench_ops", "bench_e2e", "tune_tables", "bench_ft_kl", "bench_train", "tune"]
+             "tests_ops", "tests_kernels", "bench_ops", "bench_e2e", "tune_tables", "bench_ft_kl", "bench_train", "tune"]
     for name in steps:
         assert f"\n{name}: rc=" in summary, (name, summary)
+    build = (out / "build.log").read_text()
+    assert "nvcc on PATH: " in build
+    if cuda_build == "fails":
+        assert "\nbuild: rc=1 " in summary and "\nbuild_cpu_only: rc=0 " in summary, summary
+        assert "nvcc failed" in build and "built with DCEDIT_BUILD_CUDA=0" in build
+    else:
+        assert "\nbuild: rc=0 " in summary and "build_cpu_only" not in summary, summary
     assert "bench_e2e: rc=137" in summary and summary.count("results: rc=0") == 3, summary
     # each merge's line says what the table holds (it ended "; " with the table's blank last line)
     assert summary.count(f"; wrote {out / 'RESULTS.md'}: ") == 3, summary
     assert f"; wrote {out / 'RESULTS.md'}: 1 result on NVIDIA H200 (stub); " in summary  # the ops part alone
     assert "; wrote " + str(out / "RESULTS.md") + ": 3 results on NVIDIA H200 (stub); no result for grouped_outer_sss, " in summary
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["summary.txt", "build.log", "tests_triton.log", "tests_ops.log", "tests_cpu.log", "perf.log", "bench.json",
+        ["summary.txt", "build.log", "tests_triton.log", "tests_ops.log", "tests_kernels.log", "perf.log", "bench.json",
          "RESULTS.md"])
     merged = json.loads((out / "bench.json").read_text())
     assert sorted(b["name"] for b in merged["benchmarks"]) == ["test_ft_kl_case", "test_ops_case", "test_train_case"]

@@ -1,7 +1,10 @@
-"""The C++ CPU kernels (csrc/cpu/) against the plain-PyTorch reference.
+"""The C++ kernels (csrc/cpu/; csrc/cuda/'s fisher_mask and apply_shift_ too, on every device of
+conftest's `device`) against the plain-PyTorch reference.
 
-Called through the dispatcher (`torch.ops.dcedit.<op>` on CPU tensors), so these test exactly what
-the compiled `_C` registers.  Every test draws fresh random inputs from conftest's `gen`; the seed
+Called through the dispatcher (`torch.ops.dcedit.<op>`), so these test exactly what the compiled
+`_C` registers for the tensors' device.  The CUDA kernels' tests are these same tests with
+device="cuda" (pytorch_scatter's way: one test per op, every device): the inputs are drawn on the
+CPU, moved, and the results compared on the CPU.  Every test draws fresh random inputs from conftest's `gen`; the seed
 is printed so that a failure can be replayed (DCEDIT_TEST_SEED=<seed>, tests/conftest.py).
 """
 
@@ -62,8 +65,24 @@ def bits(t):
 
 
 def assert_bits_equal(a, b):
+    a, b = a.cpu(), b.cpu()
     assert a.dtype == b.dtype and a.shape == b.shape
     assert torch.equal(bits(a), bits(b)), "not bit-identical"
+
+
+def mask_on(device, delta, fisher, **kwargs):
+    """ops.fisher_mask on `device`'s kernel, its (out, count) back on the CPU."""
+    out, count = ops.fisher_mask(delta.to(device), fisher.to(device), **kwargs)
+    return out.cpu(), count.cpu()
+
+
+def shift_on(device, weight, delta, alpha, fisher=None, **kwargs):
+    """ops.apply_shift_ of the CPU tensor `weight` by `device`'s kernel: weight written back in place,
+    `previous` returned on the CPU."""
+    moved = weight.to(device)
+    previous = ops.apply_shift_(moved, delta.to(device), alpha, None if fisher is None else fisher.to(device), **kwargs)
+    weight.copy_(moved)
+    return previous.cpu()
 
 
 def fp32_tolerance(eta, mu, in_fp64):
@@ -467,11 +486,11 @@ def fisher_values(kind, n, gen, dtype):
 @pytest.mark.parametrize("fisher_dtype", [F32, F16, BF16, F64])
 @pytest.mark.parametrize("kind", ["continuous", "ties", "signed_zeros", "nan"])
 @pytest.mark.parametrize("keep", [1e-9, 0.05, 0.5, 0.999, 1.0])
-def test_fisher_mask_keep_is_bit_identical_to_reference(gen, fisher_dtype, kind, keep):
+def test_fisher_mask_keep_is_bit_identical_to_reference(gen, fisher_dtype, kind, keep, device):
     shape = (97, 131)
     fisher = fisher_values(kind, math.prod(shape), gen, fisher_dtype).reshape(shape)
     delta = randn(shape, gen)
-    out, count = ops.fisher_mask(delta, fisher, keep=keep)
+    out, count = mask_on(device, delta, fisher, keep=keep)
     ref_out, ref_count = R.fisher_mask(delta, fisher, keep=keep)
     assert count.dtype == torch.int64 and count.dim() == 0
     assert int(count) == int(ref_count)
@@ -481,7 +500,7 @@ def test_fisher_mask_keep_is_bit_identical_to_reference(gen, fisher_dtype, kind,
 
 
 @pytest.mark.parametrize("fisher_dtype", [F32, F16, BF16, F64])
-def test_fisher_mask_ranks_nan_of_either_sign_above_everything(gen, fisher_dtype):
+def test_fisher_mask_ranks_nan_of_either_sign_above_everything(gen, fisher_dtype, device):
     """A NaN ranks above +inf whatever its sign bit, as in torch.kthvalue (the reference): x86's
     default NaN (0·inf, inf - inf, 0/0 in a Fisher estimate) has the sign bit set.  The NaNs of
     the "nan" kind above are all positive, and their keys sort above +inf even without the
@@ -493,31 +512,31 @@ def test_fisher_mask_ranks_nan_of_either_sign_above_everything(gen, fisher_dtype
     assert bool(torch.signbit(fisher[negative]).all()) and bool(negative.any())
     delta = randn(shape, gen)
     for keep in (0.03, 0.3, 0.8):  # the threshold among the NaNs (nothing kept), then below them
-        out, count = ops.fisher_mask(delta, fisher, keep=keep)
+        out, count = mask_on(device, delta, fisher, keep=keep)
         ref_out, ref_count = R.fisher_mask(delta, fisher, keep=keep)
         assert int(count) == int(ref_count)
         assert_bits_equal(out, ref_out)
 
 
 @pytest.mark.parametrize("fisher_dtype", [F32, F16, BF16, F64])
-def test_fisher_mask_threshold_is_bit_identical_to_reference(gen, fisher_dtype):
+def test_fisher_mask_threshold_is_bit_identical_to_reference(gen, fisher_dtype, device):
     fisher = (torch.randint(0, 9, (300, 7), generator=gen) * 0.125).to(fisher_dtype)
     delta = randn((300, 7), gen, F64)
     # 0.375 is itself a Fisher value (strict >); 0.375 - 1e-4 rounds up to it in fp16 and bf16
     # (then nothing at 0.375 is kept), not in fp32; 1+2^-11+2^-40 rounds through fp32 for
     # fp16/bf16, as torch does.  (A NaN threshold is refused: FISHER_MASK_ERRORS.)
     for threshold in [0.375, 0.375 - 1e-4, 0.1, 1 + 2**-11 + 2**-40, -1.0, 1e6]:
-        out, count = ops.fisher_mask(delta, fisher, threshold=threshold)
+        out, count = mask_on(device, delta, fisher, threshold=threshold)
         ref_out, ref_count = R.fisher_mask(delta, fisher, threshold=threshold)
         assert out.dtype == F64  # an fp64 delta stays fp64
         assert int(count) == int(ref_count)
         assert_bits_equal(out, ref_out)
     edge = torch.tensor([1.0009765625], dtype=F16)  # the fp16 double-rounding case
-    _, c = ops.fisher_mask(torch.ones(1), edge, threshold=1 + 2**-11 + 2**-40)
+    _, c = mask_on(device, torch.ones(1), edge, threshold=1 + 2**-11 + 2**-40)
     assert int(c) == int((edge > 1 + 2**-11 + 2**-40).sum())
 
 
-def test_fisher_mask_float64_threshold_is_not_rounded_to_fp32(gen):
+def test_fisher_mask_float64_threshold_is_not_rounded_to_fp32(gen, device):
     """A float64 Fisher array is compared with the threshold itself (fp16/bf16/fp32 ones with it
     rounded to fp32, then their dtype): fp64 values that lie between a threshold and its fp32
     rounding must be decided as the reference decides them.  The other threshold tests' Fisher
@@ -529,18 +548,18 @@ def test_fisher_mask_float64_threshold_is_not_rounded_to_fp32(gen):
         fisher = threshold + (torch.rand(4000, generator=gen, dtype=F64) - 0.5) * 4 * gap
         between = (fisher > min(threshold, threshold + gap)) & (fisher < max(threshold, threshold + gap))
         assert int(between.sum()) > 100
-        out, count = ops.fisher_mask(delta, fisher, threshold=threshold)
+        out, count = mask_on(device, delta, fisher, threshold=threshold)
         ref_out, ref_count = R.fisher_mask(delta, fisher, threshold=threshold)
         assert int(count) == int(ref_count) == int((fisher > threshold).sum())
         assert_bits_equal(out, ref_out)
 
 
-def test_fisher_mask_delta_dtypes_and_infinite_deltas(gen):
+def test_fisher_mask_delta_dtypes_and_infinite_deltas(gen, device):
     fisher = torch.rand(64, 65, generator=gen)
     for dtype in (F16, BF16, F32):
         delta = randn((64, 65), gen, dtype)
         delta[0, :5] = float("inf")
-        out, _ = ops.fisher_mask(delta, fisher, keep=0.3)
+        out, _ = mask_on(device, delta, fisher, keep=0.3)
         ref, _ = R.fisher_mask(delta, fisher, keep=0.3)
         assert out.dtype == F32
         assert_bits_equal(out, ref)  # an unkept inf gives +0 (a select), a kept one stays inf
@@ -548,7 +567,7 @@ def test_fisher_mask_delta_dtypes_and_infinite_deltas(gen):
 
 
 @pytest.mark.parametrize("mode", [{"keep": 0.4}, {"threshold": 0.6}])
-def test_fisher_mask_counts_kept_entries_not_nonzero_outputs(gen, mode):
+def test_fisher_mask_counts_kept_entries_not_nonzero_outputs(gen, mode, device):
     """The count is the number of kept Fisher entries, whatever delta holds there: a kept delta of
     ±0 counts, an unkept inf (which gives 0) does not.  Random deltas are never 0, so a count of
     the nonzero outputs matched the reference's in every other test."""
@@ -559,19 +578,19 @@ def test_fisher_mask_counts_kept_entries_not_nonzero_outputs(gen, mode):
     delta[zeros] = 0.0
     delta[zeros & (torch.rand(shape, generator=gen) < 0.5)] = -0.0
     delta[~zeros & (torch.rand(shape, generator=gen) < 0.05)] = float("inf")
-    out, count = ops.fisher_mask(delta, fisher, **mode)
+    out, count = mask_on(device, delta, fisher, **mode)
     ref_out, ref_count = R.fisher_mask(delta, fisher, **mode)
     assert int(count) == int(ref_count) == int(R.fisher_mask(torch.ones(shape), fisher, **mode)[1])
     assert_bits_equal(out, ref_out)
 
 
-def test_fisher_mask_above_2_pow_24_entries(gen):
+def test_fisher_mask_above_2_pow_24_entries(gen, device):
     n = 2**24 + 3
     # 2^20 distinct values: selection over many ties, beyond torch.quantile's limit
     fisher = torch.randint(0, 2**20, (n,), generator=gen).float()
     delta = torch.randn(n, generator=gen)
     for keep in (0.37, 1 / n):
-        out, count = ops.fisher_mask(delta, fisher, keep=keep)
+        out, count = mask_on(device, delta, fisher, keep=keep)
         ref_out, ref_count = R.fisher_mask(delta, fisher, keep=keep)
         assert int(count) == int(ref_count) >= math.ceil(keep * n)
         assert torch.equal(out != 0, ref_out != 0)
@@ -583,7 +602,7 @@ def test_fisher_mask_above_2_pow_24_entries(gen):
 
 @pytest.mark.parametrize("weight_dtype", [F32, BF16, F16, F64])
 @pytest.mark.parametrize("mode", ["all", "keep", "threshold"])
-def test_apply_shift_is_bit_identical_and_restorable(gen, weight_dtype, mode):
+def test_apply_shift_is_bit_identical_and_restorable(gen, weight_dtype, mode, device):
     shape = (300, 257)  # several parallel blocks
     weight = randn(shape, gen, weight_dtype)
     # Small shifts relative to the weight: the final rounding to bf16/fp16 decides most entries.
@@ -594,7 +613,7 @@ def test_apply_shift_is_bit_identical_and_restorable(gen, weight_dtype, mode):
     original = weight.clone()
     expected = weight.clone()
     alpha = 0.37
-    previous = ops.apply_shift_(weight, delta, alpha, **kwargs)
+    previous = shift_on(device, weight, delta, alpha, **kwargs)
     R.apply_shift_(expected, delta, alpha, **kwargs)
     assert_bits_equal(weight, expected)
     assert not torch.equal(bits(weight), bits(original))
@@ -604,7 +623,7 @@ def test_apply_shift_is_bit_identical_and_restorable(gen, weight_dtype, mode):
 
 
 @pytest.mark.parametrize("weight_dtype", [F32, BF16])
-def test_apply_shift_selects_the_kept_entries(gen, weight_dtype):
+def test_apply_shift_selects_the_kept_entries(gen, weight_dtype, device):
     """apply_shift_ leaves an unkept entry's bits as they were, as the reference's select does: an
     unkept inf stays out of the weight (inf·0 gave NaN there), and a -0 weight entry under an
     unkept positive delta stays -0 (adding alpha·(+0) made it +0).  The other tests' weights and
@@ -618,7 +637,7 @@ def test_apply_shift_selects_the_kept_entries(gen, weight_dtype):
     fisher = torch.rand(shape, generator=gen)
     original = weight.clone()
     expected = weight.clone()
-    ops.apply_shift_(weight, delta, 0.37, fisher, threshold=0.5)
+    shift_on(device, weight, delta, 0.37, fisher, threshold=0.5)
     R.apply_shift_(expected, delta, 0.37, fisher, threshold=0.5)
     unkept = fisher <= 0.5
     assert bool((unkept & delta.isinf()).any()) and bool((unkept & (delta > 0) & torch.signbit(original)).any())
@@ -627,30 +646,30 @@ def test_apply_shift_selects_the_kept_entries(gen, weight_dtype):
 
 
 @pytest.mark.parametrize("delta_dtype", [F64, BF16, F16])
-def test_apply_shift_converts_delta_like_the_reference(gen, delta_dtype):
+def test_apply_shift_converts_delta_like_the_reference(gen, delta_dtype, device):
     weight = randn((33, 45), gen, BF16)
     delta = randn((33, 45), gen, delta_dtype)
     fisher = randn((33, 45), gen, F64)
     expected = weight.clone()
-    ops.apply_shift_(weight, delta, -2.5, fisher, keep=0.6)
+    shift_on(device, weight, delta, -2.5, fisher, keep=0.6)
     R.apply_shift_(expected, delta, -2.5, fisher, keep=0.6)
     assert_bits_equal(weight, expected)
 
 
-def test_apply_shift_on_a_strided_weight(gen):
-    base = randn((40, 30), gen)
+def test_apply_shift_on_a_strided_weight(gen, device):
+    base = randn((40, 30), gen).to(device)
     weight = base.T  # (30, 40) view, as a Conv1D weight seen as out×in would be
-    original = weight.clone()
+    original = weight.cpu().clone()  # .cpu() of a CPU tensor is itself
     delta = randn((30, 40), gen)
     expected = original.clone()
-    previous = ops.apply_shift_(weight, delta, 0.5)
+    previous = ops.apply_shift_(weight, delta.to(device), 0.5)
     R.apply_shift_(expected, delta, 0.5)
     assert_bits_equal(base.T.contiguous(), expected)  # written through the view
     assert_bits_equal(previous, original)
     # previous in weight's layout, as the reference's clone and the fake (torch.compile checks it)
     assert previous.stride() == weight.stride()
-    empty = torch.empty(0, 3)
-    assert ops.apply_shift_(empty, torch.empty(0, 3), 1.0).shape == (0, 3)
+    empty = torch.empty(0, 3, device=device)
+    assert ops.apply_shift_(empty, torch.empty(0, 3, device=device), 1.0).shape == (0, 3)
 
 
 WEIGHT_VIEWS = {
@@ -663,22 +682,23 @@ WEIGHT_VIEWS = {
 
 
 @pytest.mark.parametrize("view", list(WEIGHT_VIEWS))
-def test_apply_shift_on_a_view_into_a_larger_weight(gen, view):
+def test_apply_shift_on_a_view_into_a_larger_weight(gen, view, device):
     """A weight that is a view into a larger tensor: the shift lands on the view's elements and
     nothing else, and `previous` holds their old values in the layout of the reference's
     weight.clone() (the fake's empty_like, which inductor asserts).  Every other test's weight
     starts at storage offset 0, so a kernel that wrote from the storage's start instead of the
     view's passed them all."""
     index = WEIGHT_VIEWS[view]
-    base = randn((50, 64), gen)
-    original_base = base.clone()
+    base = randn((50, 64), gen).to(device)
+    original_base = base.cpu().clone()  # .cpu() of a CPU tensor is itself
     weight = base[index]
     assert weight.storage_offset() > 0
     delta, fisher = randn(weight.shape, gen), torch.rand(weight.shape, generator=gen)
-    expected = weight.clone()
-    previous = ops.apply_shift_(weight, delta, 0.37, fisher, keep=0.5)
+    expected = weight.cpu().clone()
+    previous = ops.apply_shift_(weight, delta.to(device), 0.37, fisher.to(device), keep=0.5)
     R.apply_shift_(expected, delta, 0.37, fisher, keep=0.5)
     assert_bits_equal(base[index], expected)
+    base = base.cpu()
     outside = torch.ones_like(base, dtype=torch.bool)
     outside[index] = False
     assert_bits_equal(base[outside], original_base[outside])  # nothing else written
@@ -687,7 +707,7 @@ def test_apply_shift_on_a_view_into_a_larger_weight(gen, view):
 
 
 @pytest.mark.parametrize("shared", ["delta", "fisher", "both", "same_tensor"])
-def test_apply_shift_reads_inputs_that_share_weights_memory_before_writing(gen, shared):
+def test_apply_shift_reads_inputs_that_share_weights_memory_before_writing(gen, shared, device):
     # weight = buf[:n] and delta (or fisher) = buf[n/2 : n/2 + n]: the threads wrote weight while
     # another thread still had to read the shared half (1 thread happened to read it first).
     n = 1 << 18  # several parallel blocks per thread
@@ -696,7 +716,7 @@ def test_apply_shift_reads_inputs_that_share_weights_memory_before_writing(gen, 
 
     def inputs(b):
         weight, shifted = b[:n], b[n // 2: n // 2 + n]
-        own = {"delta": randn((n,), gen), "fisher": torch.rand(n, generator=gen)}
+        own = {"delta": randn((n,), gen).to(b.device), "fisher": torch.rand(n, generator=gen).to(b.device)}
         if shared == "same_tensor":
             return weight, weight, weight
         delta = shifted if shared in ("delta", "both") else own["delta"]
@@ -704,6 +724,7 @@ def test_apply_shift_reads_inputs_that_share_weights_memory_before_writing(gen, 
         return weight, delta, fisher
 
     state = gen.get_state()
+    buf = buf.to(device)
     weight, delta, fisher = inputs(buf)
     gen.set_state(state)
     ref_weight, ref_delta, ref_fisher = inputs(expected_buf)
@@ -908,9 +929,9 @@ FISHER_MASK_ERRORS = {
 
 
 @pytest.mark.parametrize("case", list(FISHER_MASK_ERRORS))
-def test_fisher_mask_rejects_bad_input(case):
+def test_fisher_mask_rejects_bad_input(case, device):
     make, name = FISHER_MASK_ERRORS[case]
-    delta, fisher = _mask_inputs()
+    delta, fisher = (t.to(device) for t in _mask_inputs())
     args, kwargs = make(delta, fisher)
     before = [a.clone() for a in args]
     with pytest.raises(ValueError, match=rf"^{name}\b"):
@@ -939,10 +960,10 @@ APPLY_SHIFT_ERRORS = {
 
 @pytest.mark.parametrize("weight_dtype", [F32, BF16])
 @pytest.mark.parametrize("case", list(APPLY_SHIFT_ERRORS))
-def test_apply_shift_rejects_bad_input_and_leaves_weight_unchanged(case, weight_dtype):
+def test_apply_shift_rejects_bad_input_and_leaves_weight_unchanged(case, weight_dtype, device):
     make, name = APPLY_SHIFT_ERRORS[case]
-    weight = torch.randn(6, 7).to(weight_dtype)
-    args, kwargs = make(weight, torch.randn(6, 7), torch.rand(6, 7))
+    weight = torch.randn(6, 7).to(weight_dtype).to(device)
+    args, kwargs = make(weight, torch.randn(6, 7, device=device), torch.rand(6, 7, device=device))
     before = [a.clone() for a in args if isinstance(a, torch.Tensor)]
     with pytest.raises(ValueError, match=rf"^{name}\b"):
         ops.apply_shift_(*args, **kwargs)

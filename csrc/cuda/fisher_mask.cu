@@ -3,9 +3,8 @@
 // Matches dcedit_kernels/reference/fisher_mask.py bit for bit: the output is delta converted to
 // fp32 (fp64 when delta is fp64) where kept, else +0: a select, as the reference's torch.where
 // (a multiply by 0/1 would give NaN for a dropped inf or NaN).  The count comes out of the same
-// pass as a 0-dim int64 device tensor, so the op never waits for the GPU.  One deliberate
-// difference: an empty tensor with `keep` returns an empty result and count 0 where
-// torch.kthvalue raises.
+// pass as a 0-dim int64 device tensor, so the op never waits for the GPU.  An empty delta is
+// refused, as by the CPU kernel and the Python checks (no k-th largest value at n = 0).
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
@@ -71,8 +70,7 @@ std::tuple<at::Tensor, at::Tensor> fisher_mask_cuda(const at::Tensor& delta,
   const bool fp64 = delta.scalar_type() == at::kDouble;
   at::Tensor out = at::empty(delta.sizes(), delta.options().dtype(fp64 ? at::kDouble : at::kFloat));
   at::Tensor kept_count = at::zeros({}, delta.options().dtype(at::kLong));
-  const int64_t n = delta.numel();
-  if (n == 0) return {out, kept_count};
+  const int64_t n = delta.numel();  // > 0: checked above
 
   const at::Tensor delta_c = delta.contiguous();
   const at::Tensor fisher_c = fisher.contiguous();
