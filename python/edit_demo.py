@@ -197,7 +197,9 @@ def _main(argv) -> int:
         # Before any work: a file in the way or an unwritable folder is one error line.  The folder is
         # made when results.json is written (write_json): made here, a refused run left it behind.
         refuse_empty(args, {"--out": "a folder, or leave it out for ./demo_out"})  # Path("") is the current folder
-        check_out(str(out / "results.json"), "--out", in_folder=True)
+        # The plot too: a folder (or a device) at es_dd.png was a traceback after the whole run.
+        for name in ("results.json", "es_dd.png"):
+            check_out(str(out / name), "--out", in_folder=True)
         require_matplotlib()
     except UserError as exc:
         print(f"edit_demo: error: {exc}", file=sys.stderr)
@@ -296,9 +298,12 @@ def _main(argv) -> int:
         timings=dict(load_s=load_s, train_s=sum(i["train_s"] for i in train_info.values()),
                      eval_s=eval_s, total_s=total_s),
     )
-    write_json(out / "results.json", payload)
+    # The plot first: a failure there leaves the previous run's results.json and plot, not a new
+    # results.json beside the old plot.
+    out.mkdir(parents=True, exist_ok=True)  # made now, at the end (check_out above made none)
     plot(results, out / "es_dd.png",
          f"SmolLM2-135M, {len(heldout)} held-out edits applied at once ({'quick' if args.quick else 'full'} demo)")
+    write_json(out / "results.json", payload)
     print(f"\nwrote {out / 'results.json'} and {out / 'es_dd.png'}; total {total_s:.0f} s")
     return 0
 

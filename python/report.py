@@ -541,7 +541,10 @@ def _run(args, t_start) -> int:
     # only at the end, after the whole run: a folder there was a traceback, no report.md).  The folders are
     # made when the files are written (write_json, below): made here, a run refused after the load
     # (--layers the model lacks) left them behind, empty.
-    for flag, path, in_folder in (("--out-dir", out_dir / "report.json", True), ("--markdown", md_path, False)):
+    # The plots too: a folder at es_dd_by_n.png was a traceback after the whole run, with a new report.json
+    # beside the previous run's report.md.
+    outputs = [("--out-dir", out_dir / name, True) for name in ("report.json", "es_dd_by_n.png", "gcr_gms_by_layer.png")]
+    for flag, path, in_folder in outputs + [("--markdown", md_path, False)]:
         check_out(str(path), flag, in_folder)  # in_folder: --out-dir names the folder, not the file
 
     torch.manual_seed(args.seed)
@@ -663,9 +666,12 @@ def _run(args, t_start) -> int:
         timings=dict(load_s=load_s, train_s=train_s, eval_s=eval_s, gradient_s=gradient_s,
                      total_s=time.perf_counter() - t_start),
     )
-    write_json(out_dir / "report.json", report)
+    # The plots first, then the JSON and the markdown one after the other: a failure in a plot left a new
+    # report.json beside the previous run's report.md.
+    out_dir.mkdir(parents=True, exist_ok=True)  # made now, at the end (check_out above made none)
     plot_es_dd(results, sizes, out_dir / "es_dd_by_n.png")
     plot_gradients(gradients, grad_sizes, grad_layers, out_dir / "gcr_gms_by_layer.png")
+    write_json(out_dir / "report.json", report)
     md_path.parent.mkdir(parents=True, exist_ok=True)
     write_text(md_path, markdown(report, sizes, grad_layers, md_path, out_dir))
     print(f"wrote {md_path}, {out_dir / 'report.json'} and the plots in {out_dir}; "

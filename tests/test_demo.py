@@ -602,6 +602,11 @@ def test_demo_refuses_an_out_that_is_a_file(capsys, tmp_path, monkeypatch):
     assert demo.main(["--quick", "--out", str(tmp_path / "taken"), "--no-progress"]) == 2
     assert (f"edit_demo: error: --out {tmp_path / 'taken' / 'results.json'}: is a folder; move it away, or give "
             "another --out") in capsys.readouterr().err
+    # The plot's name taken: a traceback after the whole run, with a new results.json and no plot.
+    (tmp_path / "plot" / "es_dd.png").mkdir(parents=True)
+    assert demo.main(["--quick", "--out", str(tmp_path / "plot"), "--no-progress"]) == 2
+    assert (f"edit_demo: error: --out {tmp_path / 'plot' / 'es_dd.png'}: is a folder; move it away, or give "
+            "another --out") in capsys.readouterr().err
     # An empty --out (an unset shell variable) wrote into the current folder.
     assert demo.main(["--quick", "--out", "", "--no-progress"]) == 2
     assert "edit_demo: error: --out is empty; give a folder" in capsys.readouterr().err

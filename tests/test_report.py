@@ -285,6 +285,11 @@ def test_each_row_starts_raeditors_routing_from_the_same_state():
     # --out-dir names a folder: "give a file name" (--out-dir r.json) wrote r.json/report.json all the same.
     (["--methods", "ft", "--n-edits", "2", "--out-dir", "JSON_TAKEN"],
      "report.json: is a folder; move it away, or give another --out-dir"),
+    # a plot's name taken by a folder: a traceback after the whole run, a new report.json beside the old report.md
+    (["--methods", "ft", "--n-edits", "2", "--out-dir", "ES_PLOT_TAKEN"],
+     "es_dd_by_n.png: is a folder; move it away, or give another --out-dir"),
+    (["--methods", "ft", "--n-edits", "2", "--out-dir", "GCR_PLOT_TAKEN"],
+     "gcr_gms_by_layer.png: is a folder; move it away, or give another --out-dir"),
     (["--methods", "mend,moeditor", "--n-edits", "2", "--n-editors", "2", "--top-k", "3"],
      "--top-k 3 cannot exceed --n-editors 2"),
     # RaEditor's rows come from a MoEditor twin, built after the model loads (once a traceback then):
@@ -309,9 +314,12 @@ def test_report_refuses_bad_arguments_before_loading_the_model(extra, message, r
     (tmp_path / "a_dir").mkdir()
     (tmp_path / "empty.json").write_text("")
     (tmp_path / "taken" / "report.json").mkdir(parents=True)  # a folder where --out-dir's file goes
+    for plot in ("es_dd_by_n.png", "gcr_gms_by_layer.png"):
+        (tmp_path / plot / plot).mkdir(parents=True)
     extra = [{"TRAIN": str(data), "AFILE": str(tmp_path / "a_file"), "ADIR": str(tmp_path / "a_dir"),
               "IN_AFILE": str(tmp_path / "a_file" / "report.md"), "JSON_TAKEN": str(tmp_path / "taken"),
-              "EMPTY": str(tmp_path / "empty.json")}.get(word, word) for word in extra]
+              "EMPTY": str(tmp_path / "empty.json"), "ES_PLOT_TAKEN": str(tmp_path / "es_dd_by_n.png"),
+              "GCR_PLOT_TAKEN": str(tmp_path / "gcr_gms_by_layer.png")}.get(word, word) for word in extra]
     assert report_module.main(argv + extra) == 2
     err = capsys.readouterr().err
     assert "report: error:" in err and message in err
