@@ -56,7 +56,8 @@ def test_grouped_outer_sss_backward(benchmark, device, ceilings, gen):
     args = (grad, eta, mu, offsets, "sss", 1.0)
     compare(benchmark, device, ceilings, lambda: torch.ops.dcedit._grouped_outer_backward(*args),
             lambda: reference.grouped_outer_backward(*args),
-            flops=6.0 * T * o * i, bytes_moved=2 * T * (o + i) * ESIZE + 8 * o * i, output_bytes=4 * o * i)
+            flops=6.0 * T * o * i, bytes_moved=2 * T * (o + i) * ESIZE + 8 * o * i,
+            output_bytes=T * (o + i) * eta.element_size())  # d_eta (T, o) and d_mu (T, i), in the factors' dtype
 
 
 def test_segmented_fisher(benchmark, device, ceilings, gen):

@@ -7,7 +7,9 @@ Several files (benchmarks run in parts, so that one part running out of time los
 results) make one table; `--json-out` writes their merged JSON.  A file that is missing or not
 JSON (a part killed before pytest-benchmark wrote it) is reported and skipped; in a GPU table, an
 issue-5 target case with no result reads "missing".  Replaces the section for the same device in
-RESULTS.md (so CPU and GPU tables live side by side).
+RESULTS.md (so CPU and GPU tables live side by side): its generated part, from its "Measured …"
+line on, and keeps the notes written above that line (a rerun deleted a section's ~100 lines of
+notes, found in session 68), with the section's heading as it was.
 """
 
 import argparse
@@ -16,6 +18,7 @@ import json
 import math
 import os
 import re
+import tempfile
 
 
 def _fmt(v, nd=2):
@@ -122,14 +125,52 @@ def table(data):
     return header + "\n" + "\n".join(rows) + ("\n\n" + "\n".join(extra) if extra else "")
 
 
+def ceilings(parts: list) -> str:
+    """The sentence on the ceilings the rows' "% roofline" is against: each part (a JSON file) measures
+    its own, in its own process, so merged parts with other ceilings are named each (the first file's
+    alone headed rows computed against another part's 3-4× lower ones)."""
+    pairs = []
+    for name, benchmarks in parts:
+        info = next((b["extra_info"] for b in benchmarks if "copy_GBps_ceiling" in b["extra_info"]), None)
+        if info is not None:
+            pairs.append((name, f"copy {_fmt(info['copy_GBps_ceiling'], 1)} GB/s, "
+                                f"matmul {_fmt(info.get('matmul_TFLOPs_ceiling', float('nan')), 3)} TFLOP/s"))
+    if len({text for _, text in pairs}) <= 1:
+        return f"Ceilings measured in the same run: {pairs[0][1] if pairs else 'none recorded'}."
+    return ("Ceilings measured in the same run, by each part (a row's % roofline is against its own part's): "
+            + "; ".join(f"{name}: {text}" for name, text in pairs) + ".")
+
+
+def replace_section(text: str, device: str, section: str) -> str:
+    """`text` (RESULTS.md) with `device`'s section's generated part replaced by `section` (its heading
+    line, then the generated part), or `section` appended where the device has none.  The device's
+    section is also one under a heading that goes on after a comma ("## CPU (x86_64, 2 threads), idle
+    machine": matching the bare name only appended a second table); its heading is kept, and so is
+    what stands above its generated part (its "Measured …" line, else its first table row: a section
+    of neither is all notes)."""
+    pattern = re.compile(rf"^## {re.escape(device)}(?:,[^\n]*)?\n.*?(?=^## |\Z)", re.S | re.M)
+    found = pattern.search(text)
+    if not found:
+        return text.rstrip() + "\n\n" + section
+    heading, _, body = found.group(0).partition("\n")
+    start = re.search(r"^Measured \d{4}-\d{2}-\d{2}, |^\| ", body, re.M)
+    notes = (body[: start.start()] if start else body).strip("\n")
+    generated = section.partition("\n")[2].lstrip("\n")
+    new = heading + "\n\n" + (notes + "\n\n" if notes else "") + generated + "\n"
+    return text[: found.start()] + new + text[found.end():]
+
+
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("json_files", nargs="+")
-    ap.add_argument("--json-out", default="")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
-    ap.add_argument("--note", default="")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("json_files", nargs="+", help="pytest-benchmark JSON files (--benchmark-json), one per part")
+    ap.add_argument("--json-out", default="", help="also write the parts' merged JSON here")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"),
+                    help="the Markdown file whose device section is written (default: benchmarks/RESULTS.md)")
+    ap.add_argument("--note", default="", help="a sentence added after the section's ceilings")
     args = ap.parse_args()
     data = None
+    parts = []
     for path in args.json_files:
         try:
             with open(path) as f:
@@ -137,6 +178,7 @@ def main():
         except (OSError, ValueError) as exc:
             print(f"skipped {path}: {type(exc).__name__}: {exc}")
             continue
+        parts.append((os.path.basename(path), list(part["benchmarks"])))
         if data is None:
             data = part
         else:
@@ -144,8 +186,7 @@ def main():
     if data is None:
         raise SystemExit("no benchmark results to write")
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(data, f)
+        _write(args.json_out, json.dumps(data))
     info = next((b["extra_info"] for b in data["benchmarks"] if "device" in b["extra_info"]), {})
     device = info.get("device", data["machine_info"].get("cpu", {}).get("brand_raw", "unknown"))
     import torch
@@ -159,16 +200,11 @@ def main():
     section = (
         f"## {device}\n\n"
         f"Measured {datetime.date.today().isoformat()}, torch {torch.__version__}, triton {tv}. "
-        f"Ceilings measured in the same run: copy {_fmt(info.get('copy_GBps_ceiling', float('nan')), 1)} GB/s, "
-        f"matmul {_fmt(info.get('matmul_TFLOPs_ceiling', float('nan')), 3)} TFLOP/s. {args.note}\n\n"
+        f"{ceilings(parts)} {args.note}\n\n"
         + table(data) + "\n"
     )
     text = open(args.out).read() if os.path.exists(args.out) else "# Benchmark results\n\n"
-    # The device's section, also under a heading that goes on after a comma ("## CPU (x86_64,
-    # 2 threads), idle machine"): matching the bare name only appended a second table.
-    pattern = re.compile(rf"^## {re.escape(device)}(?:,[^\n]*)?\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    open(args.out, "w").write(text)
+    _write(args.out, replace_section(text, device, section))
     print(section)
     # Last, one line for run_gpu.sh's summary.txt (a step's last line): the table printed above ends blank.
     missing, memory_missing = _missing_targets(data)
@@ -176,6 +212,27 @@ def main():
     n = len(data["benchmarks"])
     print(f"wrote {args.out}: {n} result{'s' * (n != 1)} on {device}"
           + (f"; no result for {', '.join(absent)}" if absent else ""))
+
+
+def _write(path, text: str) -> None:
+    """`text` at `path`, written beside it and moved over it, as the programs' outputs are: a run stopped
+    in the write (run_gpu.sh's limit) left a truncated RESULTS.md.  (Not dcedit_kernels'
+    replace_atomically: this script runs without the package, tests/test_benchmarks.py with stub torch.)"""
+    folder = os.path.dirname(os.path.abspath(path))
+    umask = os.umask(0)
+    os.umask(umask)
+    # mkstemp's file is 0600: the file keeps its own mode, a new one the umask's (as open() gives)
+    mode = os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o666 & ~umask
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 if __name__ == "__main__":
