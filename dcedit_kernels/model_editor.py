@@ -103,7 +103,7 @@ from .edit_handle import (APPLY_CALL, LIVE_EDITS, EditHandle, add_note, deferred
                           restore, weights_owner)
 from .editor_checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KEY, LEGACY_LOSS_REDUCTION, EditorCheckpoints
 from .editors.presets import MEND, MoEditor, ProEditor, RaEditor
-from .ft_baseline import FineTuneBaselines
+from .ft_baseline import FT_KL_ONLY, FineTuneBaselines
 from .head_input import head_width
 from .losses import DEFAULT_LOSS_REDUCTION, LOSS_REDUCTIONS
 from .requests import EditRequest, validate_requests
@@ -220,6 +220,8 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         if not editors:  # the baselines: their options, locality_texts as a count (it may hold hundreds)
             texts = self.ft_options["locality_texts"]
             shown = dict(self.ft_options, locality_texts=texts if texts is None else f"<{len(texts)} texts>")
+            if self.method == "ft":  # not kl_weight and locality_texts, which "ft" refuses as arguments
+                shown = {k: v for k, v in shown.items() if k not in FT_KL_ONLY}
         extra = f", editors={{{editors}}}" if editors else f", ft_options={shown}"
         return (f"ModelEditor(method={self.method!r}, layers={self.layers}, tokens={self.tokens!r}, "
                 f"loss_reduction={self.loss_reduction!r}, model={type(self.model).__name__}{extra})")

@@ -40,7 +40,10 @@ def test_repr_of_a_baseline_shows_its_options_and_counts_its_texts(gen):
     me = ModelEditor(model, tok, LAYERS["gpt2"][:1], method="ft_kl", locality_texts=["one two", "three four"])
     text = repr(me)
     assert "method='ft_kl'" in text and "ft_options=" in text and "'locality_texts': '<2 texts>'" in text
-    assert "'locality_texts': None" in repr(ModelEditor(model, tok, LAYERS["gpt2"][:1], method="ft"))
+    # "ft" without the FT+KL-only options, which it refuses as arguments (they were shown at their defaults)
+    text = repr(ModelEditor(model, tok, LAYERS["gpt2"][:1], method="ft"))
+    assert "method='ft'" in text and "ft_options=" in text and "locality_texts" not in text and "kl_weight" not in text
+    assert "'kl_weight': 1.0" in repr(ModelEditor(model, tok, LAYERS["gpt2"][:1], method="ft_kl"))
 
 
 @pytest.mark.parametrize("method", ["mend", "ft"])
