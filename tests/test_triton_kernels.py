@@ -1636,13 +1636,34 @@ _BENCH_TILES = {
 
 
 def test_the_first_candidate_is_the_heuristics_choice_at_the_benchmark_shapes(monkeypatch):
-    """launch.CANDIDATES lists the heuristic's choice at the benchmark shapes first, and tune.py
-    reports candidate 0 as "(heuristic)": the GPU heuristic (the interpreter's fixed config off)
-    gives exactly that config for every kernel and path."""
+    """launch.CANDIDATES lists the heuristic's choice at the benchmark shapes first: the GPU heuristic
+    (the interpreter's fixed config off) gives exactly that config for every kernel and path (tune.py
+    marks whatever the heuristic chose for each of its cases: `chosen_tiles`)."""
     monkeypatch.setattr(launch, "interpreting", lambda: False)
     assert set(_BENCH_TILES) == {(k, p) for k, paths in launch.CANDIDATES.items() for p in paths}
     for (kernel, path), tiles in _BENCH_TILES.items():
         assert tiles(path) == launch.CANDIDATES[kernel][path][0], (kernel, path)
+
+
+def test_chosen_tiles_records_each_kernels_first_config_the_heuristic_gave(monkeypatch):
+    """tune.py marks the config the heuristic chose for a case (`launch.chosen_tiles`), not candidate 0:
+    at segmented_fisher's case (125 edits of ~24 tokens) the short groups take BLOCK_T 32, candidate 1,
+    and the sweep called candidate 0 "(heuristic)" there.  Forced configs are recorded as chosen;
+    nested blocks each record; nothing is recorded outside a block."""
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    with launch.chosen_tiles() as outer:
+        fisher = launch.grouped_outer_tiles(3000, 125, 6400, 1600, "half")
+        launch.grouped_outer_tiles(4096, 8, 6400, 1600, "half")  # a later launch of the kernel: not its first
+        with launch.chosen_tiles() as inner:
+            forced = launch.CANDIDATES["segment_matmul"]["half"][2]
+            with launch.forced_tiles("segment_matmul", **forced):
+                launch.segment_matmul_tiles(4096, 8, 1920, 8000, "half")
+        launch.grouped_outer_tiles(4096, 8, 6400, 1600, "half", select=True)
+    assert fisher["BLOCK_T"] == 32 and fisher == launch.CANDIDATES["grouped_outer"]["half"][1]
+    assert outer == {"grouped_outer": fisher, "segment_matmul": forced,
+                     "grouped_outer_select": launch.CANDIDATES["grouped_outer_select"]["half"][0]}
+    assert inner == {"segment_matmul": forced}
+    assert launch._CHOSEN == []
 
 
 def test_gpu_tiles_of_fp64_are_16_everywhere(monkeypatch):
@@ -1947,34 +1968,50 @@ def test_tune_precision_tables_report_the_share_of_dense_and_restore_an_unset_sp
     assert launch.FP32_SPLIT_ENV not in os.environ
 
 
-def test_tune_sweep_names_the_fastest_candidate(gen, monkeypatch, capsys):
+@pytest.mark.parametrize("shape", ["candidate_0", "candidate_1", "no_candidate"])
+def test_tune_sweep_names_the_fastest_candidate(shape, gen, monkeypatch, capsys):
     """tune.py's config sweep (`main --sweep`, run on a GPU by benchmarks/run_gpu.sh) runs a case
     under each of its kernel's launch.CANDIDATES in turn (pinned by forced_tiles) and its "best"
-    line names the fastest against the heuristic's time (candidate 0): the measured reason to
-    change launch.py.  Here one case on random scripted times, the GPU checks faked, twice: with
-    the heuristic's candidate slowest ("heuristic <its time>") and fastest ("the heuristic's")."""
+    line names the fastest against the heuristic's time: the measured reason to change launch.py.
+    The heuristic's config is the one the case's unforced call chose (`launch.chosen_tiles`):
+    candidate 0 at the benchmark shape, candidate 1 at segmented_fisher's short edits (labelled
+    candidate 0's before), or none of them (a small shape: timed as one more).  Here one case on
+    random scripted times, the GPU checks faked, twice: with the heuristic's config slowest
+    ("heuristic <its time>") and fastest ("the heuristic's")."""
     tune = _module("tune")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "scripted")
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(launch, "interpreting", lambda: False)
-    kernel, path = "segment_matmul", "half"
-    configs = launch.CANDIDATES[kernel][path]
+    kernel, path = "grouped_outer", "half"
+    T, G = {"candidate_0": (4096, 8), "candidate_1": (3000, 125), "no_candidate": (40, 2)}[shape]
+    O, I = (6400, 1600) if shape != "no_candidate" else (20, 24)
+    heuristic = launch.grouped_outer_tiles(T, G, O, I, path)
+    configs = list(launch.CANDIDATES[kernel][path])
+    if shape == "no_candidate":
+        assert heuristic not in configs
+        configs.insert(0, heuristic)
+    mine = configs.index(heuristic)
+    assert mine == {"candidate_0": 0, "candidate_1": 1, "no_candidate": 0}[shape]
     seen = []
-    case = (kernel, path, "scripted case", 1e9, lambda: seen.append(launch.segment_matmul_tiles(1, 1, 1, 1, path)))
+    case = (kernel, path, "scripted case", 1e9, lambda: seen.append(launch.grouped_outer_tiles(T, G, O, I, path)))
     monkeypatch.setattr(tune, "_cases", lambda gen: [case])
     times = (1 + torch.rand(len(configs), generator=gen)).tolist()
-    monkeypatch.setattr(tune, "_median_ms", lambda fn, reps: (fn(), times[len(seen) - 1])[1])
-    for heuristic in (max(times) + 0.5, min(times) - 0.5):
-        times[0] = heuristic
+    # seen[0]: the unforced call that finds the heuristic's config; then one per candidate timed
+    monkeypatch.setattr(tune, "_median_ms", lambda fn, reps: (fn(), times[len(seen) - 2])[1])
+    for slowest in (True, False):
+        times[mine] = max(times) + 0.5 if slowest else min(times) - 0.5
         seen.clear()
         assert tune.main(["--sweep"]) == 0
-        assert seen == configs
+        assert seen == [heuristic] + configs
+        out = capsys.readouterr().out.splitlines()
+        marked = [line for line in out if "(heuristic)" in line]
+        name = " ".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in heuristic.items())
+        assert len(marked) == 1 and f"[{name}] (heuristic)" in marked[0], out
         best = min(range(len(configs)), key=times.__getitem__)
         name = " ".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in configs[best].items())
-        versus = "the heuristic's" if best == 0 else f"heuristic {times[0]:.3f} ms"
-        line = capsys.readouterr().out.splitlines()[-1]
-        assert line == f"best {kernel}/{path} for scripted case: [{name}] {times[best]:.3f} ms ({versus})", line
+        versus = "the heuristic's" if best == mine else f"heuristic {times[mine]:.3f} ms"
+        assert out[-1] == f"best {kernel}/{path} for scripted case: [{name}] {times[best]:.3f} ms ({versus})", out[-1]
 
 
 def test_tune_benchmark_offsets_hold_an_empty_group(gen):

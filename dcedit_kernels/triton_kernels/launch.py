@@ -190,6 +190,29 @@ def forced_tiles(kernel: str, **config):
             _FORCED[kernel] = previous
 
 
+_CHOSEN: list[dict] = []  # the open `chosen_tiles` blocks' records, innermost last
+
+
+@contextlib.contextmanager
+def chosen_tiles():
+    """{kernel: the first launch config its tile function returned inside the block} (forced or the
+    heuristic's): what `tune.py` compares the candidates with.  Candidate 0 of `CANDIDATES` is the
+    heuristic's choice at most benchmark shapes, not all (segmented_fisher's short edits take
+    BLOCK_T 32, candidate 1), and the sweep labelled candidate 0 "(heuristic)" whatever was chosen."""
+    record: dict[str, dict] = {}
+    _CHOSEN.append(record)
+    try:
+        yield record
+    finally:
+        _CHOSEN.remove(record)
+
+
+def _chosen(kernel: str, config: dict) -> dict:
+    for record in _CHOSEN:
+        record.setdefault(kernel, dict(config))
+    return config
+
+
 def _fixed(kernel: str, path: str) -> dict | None:
     """The config `forced_tiles` pins for `kernel`; else 16 everywhere under the interpreter
     (fewer masked lanes to emulate; small tests still get ragged tiles) and for fp64 on a GPU
@@ -245,19 +268,20 @@ def segment_matmul_tiles(T: int, G: int, N: int, K: int, path: str) -> dict:
     """Y (T×N) = X (T×K) W_gᵀ over G groups; `path` from dot_path."""
     fixed = _fixed("segment_matmul", path)
     if fixed is not None:
-        return fixed
-    return _cfg("segment_matmul", *_gemm_tiles(T, G, N, K, path))
+        return _chosen("segment_matmul", fixed)
+    return _chosen("segment_matmul", _cfg("segment_matmul", *_gemm_tiles(T, G, N, K, path)))
 
 
 def grouped_outer_tiles(T: int, G: int, O: int, I: int, path: str, select: bool = False) -> dict:
     """S (O×I) tiles over G groups of T tokens in all; `path` from dot_path.  `select`: the
     backward's selection pass ("grouped_outer_select"), which carries two more int32 tiles."""
-    fixed = _fixed("grouped_outer_select" if select else "grouped_outer", path)
+    kernel = "grouped_outer_select" if select else "grouped_outer"
+    fixed = _fixed(kernel, path)
     if fixed is not None:
-        return fixed
+        return _chosen(kernel, fixed)
     bo, bi = _pow2_at_least(O, 16, 128), _pow2_at_least(I, 16, 128)
     if path == "ieee":
-        return dict(BLOCK_O=min(bo, 64), BLOCK_I=min(bi, 64), BLOCK_T=32, num_warps=4, num_stages=2)
+        return _chosen(kernel, dict(BLOCK_O=min(bo, 64), BLOCK_I=min(bi, 64), BLOCK_T=32, num_warps=4, num_stages=2))
     # The token chunk is the dot's inner dimension: groups shorter than 64 tokens (Fisher's ~24
     # per edit) waste less of a 32-token chunk, and fp32 tiles take twice the bytes.
     # sm_90a, o 6400, i 1600, bf16: 128×128×64, 8 warps, 3 stages, 96 KiB shared, no spill;
@@ -269,7 +293,7 @@ def grouped_outer_tiles(T: int, G: int, O: int, I: int, path: str, select: bool 
         # Selection: sss carries P, N, S_g and two int32 bit tiles.  128×128×64 spills 416 B
         # (255 registers), 128×128×32 384 B; 128×64×64 with 8 warps: 236, no spill (max: 126).
         bi = min(bi, 64)
-    return dict(BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=bt, num_warps=8, num_stages=3)
+    return _chosen(kernel, dict(BLOCK_O=bo, BLOCK_I=bi, BLOCK_T=bt, num_warps=8, num_stages=3))
 
 
 def group_scores_tiles(NQ: int, G: int, W: int, DK: int, path: str) -> dict:
@@ -277,8 +301,8 @@ def group_scores_tiles(NQ: int, G: int, W: int, DK: int, path: str) -> dict:
     row-grouped GEMM whose N is a group's length (about W/G of the W K rows); `path` of Q·K."""
     fixed = _fixed("group_scores", path)
     if fixed is not None:
-        return fixed
-    return _cfg("group_scores", *_gemm_tiles(NQ, G, max(W // max(G, 1), 1), DK, path))
+        return _chosen("group_scores", fixed)
+    return _chosen("group_scores", _cfg("group_scores", *_gemm_tiles(NQ, G, max(W // max(G, 1), 1), DK, path)))
 
 
 def grouped_bilinear_tiles(NQ: int, G: int, W: int, DV: int, path: str) -> dict:
@@ -286,16 +310,16 @@ def grouped_bilinear_tiles(NQ: int, G: int, W: int, DV: int, path: str) -> dict:
     GEMM whose inner dimension is a group's length (about W/G); `path` of the fp32 C with V."""
     fixed = _fixed("grouped_bilinear", path)
     if fixed is not None:
-        return fixed
-    return _cfg("grouped_bilinear", *_gemm_tiles(NQ, G, DV, max(W // max(G, 1), 1), path))
+        return _chosen("grouped_bilinear", fixed)
+    return _chosen("grouped_bilinear", _cfg("grouped_bilinear", *_gemm_tiles(NQ, G, DV, max(W // max(G, 1), 1), path)))
 
 
 def _cfg(keys, *values):
     return dict(zip(_TILE_KEYS[keys], values))
 
 
-# Per kernel and dot path: the heuristic's choice at the benchmark shapes first, then the
-# alternatives `tune.py` times against it on a GPU (the CUDA tests run each for correctness).
+# Per kernel and dot path: the heuristic's choice at the benchmark shapes first (at most of them:
+# `chosen_tiles`), then the alternatives `tune.py` times against it on a GPU (the CUDA tests run each for correctness).
 # ptxas for sm_90a at the benchmark shapes (triton 3.9): bf16x3 needs fewer registers than
 # tf32x3 (segment_matmul 128×64×32 with gain 127 vs 199, grouped_bilinear 169 vs 207), so a
 # 128×128×32 tile fits grouped_bilinear (230, no spill) and segment_matmul without the

@@ -2,8 +2,9 @@
 
 For each kernel and dot path of `launch.CANDIDATES`, at the benchmark shapes
 (benchmarks/test_bench_ops.py, bf16 inputs), runs the op with each candidate pinned by
-`launch.forced_tiles` and prints the median time, the rate, and which candidate won.  The first
-candidate is the heuristic's choice: a faster one is the measured reason to change launch.py.
+`launch.forced_tiles` and prints the median time, the rate, and which candidate won.  The
+heuristic's choice for the case (`launch.chosen_tiles`, timed too where it is no candidate) is
+marked: a faster one is the measured reason to change launch.py.
 First, grouped_lowrank with z in 3, 2 or 1 bf16 pieces against a dense bf16 matmul
 (`split_choices`), an fp32 editor's grouped_lowrank on Triton and on cuBLAS under each float32
 matmul precision (`fp32_choices`), and lowrank_delta_linear's dense part three ways
@@ -201,7 +202,14 @@ def main(argv=None) -> int:
         if args.only not in label:
             continue
         results = []
-        for n, cfg in enumerate(launch.CANDIDATES[kernel][path]):
+        with launch.chosen_tiles() as chosen:  # the heuristic's config, from one unforced call
+            fn()
+        heuristic = chosen.get(kernel)
+        candidates = list(launch.CANDIDATES[kernel][path])
+        if heuristic is not None and heuristic not in candidates:
+            candidates.insert(0, heuristic)
+        for n, cfg in enumerate(candidates):
+            is_heuristic = cfg == heuristic
             name = " ".join(f"{k.replace('BLOCK_', '')}={v}" for k, v in cfg.items())
             try:
                 with launch.forced_tiles(kernel, **cfg):
@@ -210,12 +218,13 @@ def main(argv=None) -> int:
                 print(f"  {label}: [{name}] failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
                 continue
             results.append((ms, n, name))
-            print(f"  {label}: [{name}]{' (heuristic)' if n == 0 else ''} {ms:.3f} ms, "
+            print(f"  {label}: [{name}]{' (heuristic)' if is_heuristic else ''} {ms:.3f} ms, "
                   f"{flops / ms / 1e9:.0f} TFLOP/s", flush=True)
         if results:
             ms, n, name = min(results)
-            first = [res[0] for res in results if res[1] == 0]
-            versus = "the heuristic's" if n == 0 else f"heuristic {first[0]:.3f} ms" if first else "heuristic failed"
+            mine = [res[0] for res in results if candidates[res[1]] == heuristic]
+            versus = ("the heuristic's" if candidates[n] == heuristic else f"heuristic {mine[0]:.3f} ms" if mine
+                      else "heuristic failed")
             print(f"best {kernel}/{path} for {label}: [{name}] {ms:.3f} ms ({versus})", flush=True)
         torch.cuda.empty_cache()
     return 0
