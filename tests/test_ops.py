@@ -844,7 +844,7 @@ def test_grouped_lowrank_low_precision_gradients(dtype, gen, device):
 @pytest.mark.parametrize("extras", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_grouped_lowrank_cpu_backward_writes_each_groups_weight_gradients_in_place(extras, dtype, gen):
-    """The CPU backward kernel (the reference's) allocates du and dv once and writes each group's
+    """The reference backward (CUDA's fallback; the CPU kernel shares its `_mm_into`) allocates du and dv once and writes each group's
     du_g = da_gᵀ z_g and dv_g = dz_gᵀ x_g into them: it made each a d × r tensor of its own and
     copied it in (MoEditor training on SmolLM2: 15.5 MiB, one of them at the step's peak).
     16-bit u and v are read group by group in fp32 and get 16-bit du and dv (fp32 accumulation).  Values within the
@@ -883,6 +883,53 @@ def test_grouped_lowrank_cpu_backward_writes_each_groups_weight_gradients_in_pla
     for k, g, w in zip(names, got, want):
         assert g.dtype == dtype and g.shape == a[k].shape, k
         assert rel_err(g, torch.zeros_like(leaves[k]) if w is None else w) < TOL[dtype], k
+
+
+_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+@pytest.mark.parametrize("layout", ["one_group", "ragged", "no_tokens"])
+@pytest.mark.parametrize("extras", ["none", "scale_shift", "all"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, "mixed"])
+def test_grouped_lowrank_cpu_backward_kernel_is_bit_identical_to_the_reference(layout, extras, dtype, gen):
+    """grouped_lowrank's CPU backward kernel (`_cpu_backward`: the reference's torch calls with its
+    temporaries bounded, chunks of 256 tokens, a single group's dz v_g written as dx) gives the
+    reference backward's bits: one group holding every token past a chunk (MEND), ragged groups with
+    empty ones, no tokens; bias alone, + scale and shift, + gain; transposed h, grad and u; a NaN in h
+    and inf in grad; 16-bit and mixed dtypes; on 1 and 2 threads."""
+    from dcedit_kernels import reference
+
+    G = 1 if layout == "one_group" else 4
+    counts = {"one_group": [600 + int(torch.randint(0, 50, (1,), generator=gen))],
+              "ragged": [0, 300 + int(torch.randint(0, 9, (1,), generator=gen)), 0, 37], "no_tokens": [0] * 4}[layout]
+    T, d, r = sum(counts), 19, 5
+    dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.float16] if dtype == "mixed" else [dtype] * 4
+
+    def t(shape, k, transpose=False):
+        x = randn(shape[::-1] if transpose else shape, gen, dtypes[k % 4])
+        return x.mT if transpose else x
+
+    a = dict(h=t((T, d), 0, transpose=True), offsets=ragged_offsets(counts), u=t((G, r, d), 1).transpose(1, 2),
+             v=t((G, r, d), 2), bias=t((G, d), 3),
+             scale=t((G, d), 1) if extras != "none" else None, shift=t((G, d), 2) if extras != "none" else None,
+             gain=t((T, d), 3) if extras == "all" else None)
+    grad = t((T, d), 0, transpose=True)
+    if T:
+        a["h"][int(torch.randint(0, T, (1,), generator=gen)), 3] = float("nan")
+        grad[int(torch.randint(0, T, (1,), generator=gen)), 5] = float("inf")
+    args = (grad, a["h"], a["offsets"], a["u"], a["v"], a["bias"], a["scale"], a["shift"], a["gain"])
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got = torch.ops.dcedit._grouped_lowrank_backward(*args)
+            want = reference.grouped_lowrank_backward(*args)
+            assert len(got) == len(want)
+            for k, (g, w) in enumerate(zip(got, want)):
+                assert g.dtype == w.dtype and g.shape == w.shape and g.is_contiguous(), k
+                assert torch.equal(g.contiguous().view(_BITS[g.dtype]), w.contiguous().view(_BITS[w.dtype])), (k, n)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_grouped_lowrank_clamp_gradient_at_zero_is_one(gen):
@@ -3081,18 +3128,27 @@ def test_an_older_gpu_runs_the_ops_without_triton(monkeypatch, gen):
 
 
 # ------------------------------------------------- which implementation serves each cell (README's table)
-def _reference_ran(fn):
-    """fn()'s result and whether a function of dcedit_kernels/reference ran during it (the plain
-    PyTorch references; a C++ kernel runs no Python below the wrapper).  Autograd's CPU backward runs
-    in the calling thread, so the backward's kernels are seen too."""
+def _kernel_ran(fn):
+    """fn()'s result and what ran below the wrapper during it: "python" where grouped_lowrank's CPU
+    backward kernel did (ops.grouped_lowrank._cpu_backward, which calls two helpers of the references),
+    else "reference" where a function of dcedit_kernels/reference did (the plain PyTorch references),
+    else "cpp" (a C++ kernel runs no Python below the wrapper).  Autograd's CPU backward runs in the
+    calling thread, so the backward's kernels are seen too."""
     import sys
+
+    lowrank_module = sys.modules["dcedit_kernels.ops.grouped_lowrank"]  # the package's name is the op
 
     folder = os.path.dirname(reference.__file__) + os.sep
     seen = []
 
     def spy(frame, event, arg):
-        if event == "call" and frame.f_code.co_filename.startswith(folder):
-            seen.append(frame.f_code.co_name)
+        if event != "call":
+            return
+        code = frame.f_code
+        if code is lowrank_module._cpu_backward.__code__:
+            seen.append("python")
+        elif code.co_filename.startswith(folder):
+            seen.append("reference")
 
     previous = sys.getprofile()
     sys.setprofile(spy)
@@ -3100,7 +3156,7 @@ def _reference_ran(fn):
         out = fn()
     finally:
         sys.setprofile(previous)
-    return out, bool(seen)
+    return out, "python" if "python" in seen else "reference" if seen else "cpp"
 
 
 # README "Backends and what has been verified where", CPU column: op -> who serves its forward,
@@ -3108,7 +3164,7 @@ def _reference_ran(fn):
 # "Higher derivatives"; fisher_mask's backward is the op itself, a mask).  None: not differentiable.
 CPU_CELLS = {"grouped_outer": ("cpp", "cpp", "reference"), "segmented_fisher": ("cpp", None, None),
              "fisher_mask": ("cpp", "cpp", "cpp"), "apply_shift_": ("cpp", None, None),
-             "grouped_lowrank": ("cpp", "reference", "reference"),
+             "grouped_lowrank": ("cpp", "python", "reference"),
              "lowrank_delta_linear": ("reference", "reference", "reference"),
              "noisy_topk_gate": ("reference", None, None), "sort_by_group": ("reference", None, None)}
 
@@ -3118,8 +3174,8 @@ def test_cpu_cells_of_the_backend_table_run_what_the_readme_says(dtype, gen):
     """Every CPU cell of the README's backend table, watched at run time (which Python runs below
     the wrapper, not what op_backends says): the C++ kernels serve grouped_outer (forward and
     backward), segmented_fisher, fisher_mask, apply_shift_ and grouped_lowrank's forward in every
-    input dtype; the references serve grouped_lowrank's backward, lowrank_delta_linear, the gate,
-    sort_by_group and the double backwards; under reference_mode the references' forwards and
+    input dtype; grouped_lowrank's backward its Python CPU kernel (`_cpu_backward`, with or without
+    `_C`); the references serve lowrank_delta_linear, the gate, sort_by_group and the double backwards; under reference_mode the references' forwards and
     autograd through their torch ops; without `_C` (DCEDIT_DISABLE_C=1, or one that failed to
     load) the references everywhere."""
     from dcedit_kernels import _library
@@ -3161,18 +3217,18 @@ def test_cpu_cells_of_the_backend_table_run_what_the_readme_says(dtype, gen):
         for name, cells in CPU_CELLS.items():
             if mode == "reference_mode":  # autograd then runs the references' torch ops: no reference function
                 cells = ("reference", cells[1] and "autograd", cells[2] and "autograd")
-            elif not compiled:
-                cells = tuple(c and "reference" for c in cells)
+            elif not compiled:  # the Python CPU kernel needs no _C
+                cells = tuple(c and ("python" if c == "python" else "reference") for c in cells)
             with ops.reference_mode(mode == "reference_mode"):
-                (out, wrt), ran = _reference_ran(lambda: case(name))
-            seen = ["reference" if ran else "cpp"]
+                (out, wrt), ran = _kernel_ran(lambda: case(name))
+            seen = [ran]
             for create_graph in (False, True):
                 if cells[1] is None:
                     break
                 grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
-                _, ran = _reference_ran(lambda: torch.autograd.grad(out, wrt, grad, retain_graph=True,
-                                                                    create_graph=create_graph))
-                seen.append("reference" if ran else "cpp" if mode == "kernels" else "autograd")
+                _, ran = _kernel_ran(lambda: torch.autograd.grad(out, wrt, grad, retain_graph=True,
+                                                                 create_graph=create_graph))
+                seen.append(ran if ran != "cpp" else "cpp" if mode == "kernels" else "autograd")
             assert tuple(seen) == tuple(c for c in cells if c), (name, mode, dtype)
 
 

@@ -117,7 +117,7 @@ def triton_launcher(name: str | None):
     return on_tensors_device(launch)
 
 
-# op name -> {"CPU": "cpp"|"reference", "CUDA": "cuda_cpp"|"triton"|"reference"}; "triton" serves
+# op name -> {"CPU": "cpp"|"python"|"reference", "CUDA": "cuda_cpp"|"triton"|"reference"}; "triton" serves
 # GPUs of compute capability 8.0 and up, the reference older ones.
 REGISTRY: dict[str, dict[str, str]] = {}
 
@@ -146,13 +146,17 @@ def checked(fn, check):
 _PRECHECKED = threading.local()
 
 
-def register(op: str, reference_fn, triton_fn=None, check=None) -> None:
+def register(op: str, reference_fn, triton_fn=None, check=None, cpu_fn=None) -> None:
     """Register `reference_fn` (and `triton_fn` for CUDA) where no C++ kernel exists, each behind
-    `check` (see `checked`)."""
+    `check` (see `checked`).  `cpu_fn`, when given, serves CPU in the reference's place (a Python
+    kernel bit-identical to the reference, "python" in op_backends)."""
     reference_fn, triton_fn = checked(reference_fn, check), checked(triton_fn, check)
     chosen = {}
     if has_kernel(op, "CPU"):
         chosen["CPU"] = "cpp"
+    elif cpu_fn is not None:
+        _LIB.impl(op, checked(cpu_fn, check), "CPU")
+        chosen["CPU"] = "python"
     else:
         _LIB.impl(op, reference_fn, "CPU")
         chosen["CPU"] = "reference"

@@ -5,6 +5,8 @@ import torch
 from .. import reference
 from .._checks import check_grad, check_offsets, check_same_device, check_shape, check_tensor, compute_dtype
 from .._library import _LIB, ignoring_autocast
+from ..reference.grouped_lowrank import _mm_into
+from ..reference.segments import segment_bounds
 from ._dispatch import backward_op, opcall, register, triton_launcher
 
 _fwd = triton_launcher("grouped_lowrank")
@@ -74,9 +76,89 @@ def check_grouped_lowrank_backward(grad, h, offsets, u, v, bias, scale=None, shi
     check_grad(grad, tuple(h.shape), h, "h")
 
 
+# Tokens per chunk of the CPU backward's elementwise passes (see _cpu_backward).
+_CHUNK_ROWS = 256
+
+
+def _cpu_backward(grad, h, offsets, u, v, bias, scale=None, shift=None, gain=None):
+    """reference.grouped_lowrank_backward, bit for bit, with bounded temporaries.
+
+    The reference makes every step of a group a new n_g × d tensor (z u_gᵀ, + bias, ⊙ scale,
+    + shift, the mask, dpre, dpre ⊙ a, da, dz v_g, then dout + dx) and keeps four of them until it
+    returns: at one group of T tokens (MEND) 4-6 T × d tensors at once beside dx.  Here the same
+    torch calls on the same operands (every GEMM and every sum over tokens is the reference's own,
+    on fresh contiguous tensors of the reference's shapes), but the elementwise steps write into
+    the GEMM's output or one n_g × d buffer, chunk by chunk of _CHUNK_ROWS tokens, and dh is written
+    into dx.  Elementwise arithmetic is exact per element, so the values do not change.  Measured
+    (session 68, 1 thread, T=3000, d=1280, r=64, bias alone, forward + backward of y.square().sum(),
+    peak RSS growth): one group 166.9 -> 105.5 MiB, 8 groups 120.1 -> 91.7 MiB.  The weight
+    gradients' sums over tokens stay whole (chunked, their summation order, and bits, would change)."""
+    acc = compute_dtype(h, u, v, bias, scale, shift, gain, grad)
+    with torch.no_grad():
+        hh, dout = h.to(acc), grad.to(acc)
+        x = hh if gain is None else hh * gain.to(acc)
+        T, d = hh.shape
+        du, dv = torch.zeros(u.shape, dtype=acc, device=u.device), torch.zeros(v.shape, dtype=acc, device=v.device)
+        db = torch.zeros(bias.shape, dtype=acc, device=bias.device)
+        ds = None if scale is None else torch.zeros(scale.shape, dtype=acc, device=scale.device)
+        dc = None if shift is None else torch.zeros(shift.shape, dtype=acc, device=shift.device)
+        zero = torch.zeros((), dtype=acc, device=hh.device)  # where's `other` with out=: the reference's 0.0
+        bounds = [(g, s, e) for g, (s, e) in enumerate(segment_bounds(offsets)) if s < e]
+        # One group holding every token (MEND): its dz v_g is dx itself, no T × d zeros beside it.
+        dx = None if [(s, e) for _, s, e in bounds] == [(0, T)] else torch.zeros((T, d), dtype=acc, device=hh.device)
+        for g, s, e in bounds:
+            ug, vg = u[g].to(acc), v[g].to(acc)
+            sg = None if scale is None else scale[g].to(acc)
+            cg = None if shift is None else shift[g].to(acc)
+            z = x[s:e] @ vg.T
+            a = z @ ug.T
+            a.add_(bias[g].to(acc))  # a = z u_gᵀ + bias_g
+            # dpre = where(pre >= 0, dout, 0); into a itself unless ds still needs a.
+            dpre = a if sg is None else torch.empty_like(a)
+            for c0 in range(0, e - s, _CHUNK_ROWS):
+                c1 = min(c0 + _CHUNK_ROWS, e - s)
+                pre = a[c0:c1] if sg is None else a[c0:c1] * sg
+                if cg is not None:
+                    pre = pre + cg
+                torch.where(pre >= 0, dout[s + c0:s + c1], zero, out=dpre[c0:c1])
+                del pre
+            if dc is not None:
+                dc[g] = dpre.sum(0)
+            if sg is not None:
+                ds[g] = torch.mul(dpre, a, out=a).sum(0)  # (dpre ⊙ a).sum(0)
+                da = torch.mul(dpre, sg, out=dpre)
+            else:
+                da = dpre
+            del a, dpre
+            db[g] = da.sum(0)
+            _mm_into(du[g], da.T, z)
+            dz = da @ ug
+            del da
+            _mm_into(dv[g], dz.T, x[s:e])
+            if dx is None:
+                dx = dz @ vg
+            else:
+                dx[s:e] = dz @ vg
+        if dx is None:  # no tokens
+            dx = torch.zeros((T, d), dtype=acc, device=hh.device)
+        dgain = None
+        if gain is not None:
+            dgain = (dx * hh).to(gain.dtype).contiguous()
+            torch.mul(dx, gain.to(acc), out=dx)
+        dh = torch.add(dout, dx, out=dx)  # dout + dx (⊙ gain)
+        grads = [dh.to(h.dtype).contiguous(), du.to(u.dtype), dv.to(v.dtype), db.to(bias.dtype)]
+        if scale is not None:
+            grads.append(ds.to(scale.dtype))
+        if shift is not None:
+            grads.append(dc.to(shift.dtype))
+        if dgain is not None:
+            grads.append(dgain)
+        return grads
+
+
 register("grouped_lowrank", reference.grouped_lowrank, _fwd, check=check_grouped_lowrank)
 register("_grouped_lowrank_backward", reference.grouped_lowrank_backward, _bwd and _triton_backward,
-         check=check_grouped_lowrank_backward)
+         check=check_grouped_lowrank_backward, cpu_fn=_cpu_backward)
 
 
 # Batching rules of the backward op.  vmap's fallback (one call per slice, stacked) serves the
