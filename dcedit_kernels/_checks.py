@@ -258,6 +258,13 @@ def check_alpha_within(alpha, acc: torch.dtype) -> None:
         raise ValueError(f"alpha must be within {acc}'s range (the op's arithmetic dtype), got {alpha!r}")
 
 
+def check_fisher_keep(fisher_keep) -> None:
+    """ValueError unless `fisher_keep` (an editor's, or a GroupedEdit's, Fisher-mask keep fraction) is
+    None or a number in (0, 1]."""
+    if fisher_keep is not None and not (is_number(fisher_keep) and 0 < fisher_keep <= 1):
+        raise ValueError(f"fisher_keep must be a number in (0, 1] or None, got {fisher_keep!r}")
+
+
 def check_shape(t, name: str, shape: tuple) -> None:
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")

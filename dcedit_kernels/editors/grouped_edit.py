@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from .._checks import all_finite, check_bool, is_number
+from .._checks import all_finite, check_bool, check_fisher_keep, is_number
 from ..devices import as_device
 from ..ops.apply_shift import check_shiftable_weight
 
@@ -46,8 +46,7 @@ class GroupedEdit:
             raise ValueError("fisher and fisher_keep go together (the mask keeps the fisher_keep fraction of the "
                              f"shift's entries by fisher): got fisher={'None' if self.fisher is None else 'a tensor'}, "
                              f"fisher_keep={self.fisher_keep!r}")
-        if self.fisher_keep is not None and not (is_number(self.fisher_keep) and 0 < self.fisher_keep <= 1):
-            raise ValueError(f"fisher_keep must be a number in (0, 1], got {self.fisher_keep!r}")
+        check_fisher_keep(self.fisher_keep)
 
     @property
     def n_groups(self) -> int:

@@ -10,7 +10,7 @@ from torch import nn
 
 from .. import ops
 from .._checks import (
-    check_bool, check_path, check_same_device, check_seed, check_tensor, is_finite_number, is_int, is_number, no_values,
+    check_bool, check_fisher_keep, check_path, check_same_device, check_seed, check_tensor, is_finite_number, is_int, no_values,
     tracing,
 )
 from ..devices import as_device
@@ -136,8 +136,7 @@ class GroupedEditor(nn.Module):
             raise ValueError("routing='single' needs n_editors=1")
         if fusion not in FUSIONS or fusion == "none":
             raise ValueError(f"fusion must be one of add, max, sss, ssm, got {fusion!r}")
-        if fisher_keep is not None and not (is_number(fisher_keep) and 0 < fisher_keep <= 1):
-            raise ValueError(f"fisher_keep must be a number in (0, 1] or None, got {fisher_keep!r}")
+        check_fisher_keep(fisher_keep)
         if not is_finite_number(edit_lr) or abs(edit_lr) > torch.finfo(torch.float32).max:  # α is fp32
             raise ValueError(f"edit_lr must be a finite number within float32's range, got {edit_lr!r}")
         for name, value in (("norm", norm), ("gate_norm", gate_norm)):

@@ -5,7 +5,7 @@ import torch
 from .. import reference
 from .._checks import check_grad, check_offsets, check_same_device, check_shape, check_tensor, compute_dtype
 from .._library import _LIB, ignoring_autocast
-from ..reference.grouped_lowrank import _mm_into
+from ..reference.grouped_lowrank import _backward_grads, _mm_into, _zero_weight_grads
 from ..reference.segments import segment_bounds
 from ._dispatch import backward_op, opcall, register, triton_launcher
 
@@ -98,10 +98,7 @@ def _cpu_backward(grad, h, offsets, u, v, bias, scale=None, shift=None, gain=Non
         hh, dout = h.to(acc), grad.to(acc)
         x = hh if gain is None else hh * gain.to(acc)
         T, d = hh.shape
-        du, dv = torch.zeros(u.shape, dtype=acc, device=u.device), torch.zeros(v.shape, dtype=acc, device=v.device)
-        db = torch.zeros(bias.shape, dtype=acc, device=bias.device)
-        ds = None if scale is None else torch.zeros(scale.shape, dtype=acc, device=scale.device)
-        dc = None if shift is None else torch.zeros(shift.shape, dtype=acc, device=shift.device)
+        du, dv, db, ds, dc = weight_grads = _zero_weight_grads(u, v, bias, scale, shift, acc)
         zero = torch.zeros((), dtype=acc, device=hh.device)  # where's `other` with out=: the reference's 0.0
         bounds = [(g, s, e) for g, (s, e) in enumerate(segment_bounds(offsets)) if s < e]
         # One group holding every token (MEND): its dz v_g is dx itself, no T × d zeros beside it.
@@ -146,14 +143,7 @@ def _cpu_backward(grad, h, offsets, u, v, bias, scale=None, shift=None, gain=Non
             dgain = (dx * hh).to(gain.dtype).contiguous()
             torch.mul(dx, gain.to(acc), out=dx)
         dh = torch.add(dout, dx, out=dx)  # dout + dx (⊙ gain)
-        grads = [dh.to(h.dtype).contiguous(), du.to(u.dtype), dv.to(v.dtype), db.to(bias.dtype)]
-        if scale is not None:
-            grads.append(ds.to(scale.dtype))
-        if shift is not None:
-            grads.append(dc.to(shift.dtype))
-        if dgain is not None:
-            grads.append(dgain)
-        return grads
+        return _backward_grads(dh, h, weight_grads, (u, v, bias, scale, shift), dgain)
 
 
 register("grouped_lowrank", reference.grouped_lowrank, _fwd, check=check_grouped_lowrank)

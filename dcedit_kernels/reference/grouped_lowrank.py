@@ -45,6 +45,19 @@ def _mm_into(out, a, b):
         torch.mm(a, b, out=out)
 
 
+def _zero_weight_grads(u, v, bias, scale, shift, acc) -> list:
+    """[du, dv, db, ds, dc]: zeros in `acc` of the weights' shapes (ds, dc None without scale, shift)."""
+    return [None if w is None else torch.zeros(w.shape, dtype=acc, device=w.device) for w in (u, v, bias, scale, shift)]
+
+
+def _backward_grads(dh, h, weight_grads, weights, dgain) -> list:
+    """The backward op's list: dh in h's dtype (contiguous), each present weight's gradient in that
+    weight's dtype (u, v, bias[, scale][, shift]), then dgain when gain was given."""
+    grads = [dh.to(h.dtype).contiguous()]
+    grads += [g.to(w.dtype) for g, w in zip(weight_grads, weights) if w is not None]
+    return grads if dgain is None else grads + [dgain]
+
+
 def grouped_lowrank_backward(grad, h, offsets, u, v, bias, scale=None, shift=None, gain=None):
     """Gradients of grouped_lowrank for (h, u, v, bias[, scale][, shift][, gain]).
 
@@ -58,10 +71,7 @@ def grouped_lowrank_backward(grad, h, offsets, u, v, bias, scale=None, shift=Non
     hh, dout = h.to(acc), grad.to(acc)
     x = hh if gain is None else hh * gain.to(acc)
     dx = torch.zeros_like(hh)
-    du, dv = torch.zeros(u.shape, dtype=acc, device=u.device), torch.zeros(v.shape, dtype=acc, device=v.device)
-    db = torch.zeros(bias.shape, dtype=acc, device=bias.device)
-    ds = None if scale is None else torch.zeros(scale.shape, dtype=acc, device=scale.device)
-    dc = None if shift is None else torch.zeros(shift.shape, dtype=acc, device=shift.device)
+    du, dv, db, ds, dc = weight_grads = _zero_weight_grads(u, v, bias, scale, shift, acc)
     for g, (s, e) in enumerate(segment_bounds(offsets)):
         if s == e:
             continue
@@ -84,11 +94,5 @@ def grouped_lowrank_backward(grad, h, offsets, u, v, bias, scale=None, shift=Non
         dx[s:e] = dz @ vg
     dh = dout + (dx if gain is None else dx * gain.to(acc))
     # Contiguous, as the fake kernel says (dout, dx and hh keep grad's and h's layouts).
-    grads = [dh.to(h.dtype).contiguous(), du.to(u.dtype), dv.to(v.dtype), db.to(bias.dtype)]
-    if scale is not None:
-        grads.append(ds.to(scale.dtype))
-    if shift is not None:
-        grads.append(dc.to(shift.dtype))
-    if gain is not None:
-        grads.append((dx * hh).to(gain.dtype).contiguous())
-    return grads
+    dgain = None if gain is None else (dx * hh).to(gain.dtype).contiguous()
+    return _backward_grads(dh, h, weight_grads, (u, v, bias, scale, shift), dgain)
