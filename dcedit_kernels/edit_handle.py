@@ -116,7 +116,9 @@ class EditHandle:
         return state
 
     def __setstate__(self, state: dict) -> None:
-        self._undone = False  # a handle pickled by 0.5.8 or before has none
+        # A handle pickled by 0.5.8 or before has no `_undone`: inactive and not kept, it was undone
+        # (or its model was freed, which those versions did not tell apart).
+        self._undone = not state.get("active", True) and not state.get("kept", False)
         self.__dict__.update(state)
         self._release = self._model = None
         # Unpickled alone, a live edit's saved weights are copies of the Parameters, not the model's:
@@ -131,7 +133,9 @@ class EditHandle:
 
     def __repr__(self) -> str:
         # Pinned: live once, made permanent by a later edit's keep(), which took it off the list.
-        state = "kept" if self.kept else "undone" if not self.active else "live" if self._restorable() else "pinned"
+        # Inactive without undo(): its model was freed (`_model_freed`), which undid nothing.
+        state = ("kept" if self.kept else "undone" if self._undone else "model freed" if not self.active
+                 else "live" if self._restorable() else "pinned")
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in self.stats.items()
                  if k in ("n_edits", "n_tokens", "latency_s")}
         return f"EditHandle({state}, {len(self._saved)} weight copies held, {shown})"
@@ -180,11 +184,14 @@ class EditHandle:
 
     def _check_weights_in_model(self) -> None:
         """RuntimeError, before anything is restored, when a weight this edit changed is no longer
-        a parameter of its model: accelerate's cpu_offload / disk_offload / dispatch_model after the
-        edit replace an offloaded module's weight by a "meta" one and keep its values in a hook
-        (a copy, on disk or on another device), and assigning a new Parameter does the same, so
-        copying the saved values into the old Parameter would not reach the model (undo returned
-        True and the offloaded model kept the edit)."""
+        a parameter of its model, or no longer has the shape it had.  Accelerate's cpu_offload /
+        disk_offload / dispatch_model after the edit replace an offloaded module's weight by a
+        "meta" one and keep its values in a hook (a copy, on disk or on another device), and
+        assigning a new Parameter does the same, so copying the saved values into the old Parameter
+        would not reach the model (undo returned True and the offloaded model kept the edit).  A
+        weight whose data was replaced in place by one of another shape (`p.data = ...`) failed
+        its copy with torch's bare size message after the weights restored before it (restored
+        latest first), leaving the model half undone and the handle live."""
         model = self._model() if self._model is not None else None
         if model is None:
             return
@@ -194,9 +201,16 @@ class EditHandle:
             shapes = ", ".join(str(tuple(w.shape)) for w in gone)
             raise RuntimeError(
                 f"{len(gone)} of the {len(self._saved)} weights this edit changed ({shapes}) are no longer "
-                "parameters of the model (offloaded by accelerate after the edit, which keeps their values "
-                "in its hooks and a 'meta' tensor in the module, or replaced): restoring them would not reach "
-                "the model, so nothing was restored; undo before offloading the model")
+                "parameters of the model: replaced since the edit (by accelerate's offloading, which keeps "
+                "their values in its hooks and a 'meta' tensor in the module, by load_state_dict(assign=True), "
+                "or by assigning a new Parameter), so restoring them would not reach the model; nothing was "
+                "restored (undo before offloading or replacing the model's weights)")
+        resized = [(tuple(w.shape), tuple(saved.shape)) for w, saved in self._saved if w.shape != saved.shape]
+        if resized:
+            shapes = ", ".join(f"{now} (was {was})" for now, was in resized)
+            raise RuntimeError(
+                f"{len(resized)} of the {len(self._saved)} weights this edit changed have another shape "
+                f"now: {shapes}; their saved values no longer fit, so nothing was restored")
 
     def keep(self) -> None:
         """Make this edit permanent and free what undo needed (a copy of every edited weight, held

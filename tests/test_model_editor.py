@@ -1219,6 +1219,51 @@ def test_a_handle_pinned_by_a_later_keep_says_so(gen):
         earlier.undo()
 
 
+def test_an_undone_handle_pickled_before_the_undone_flag_still_says_undone(gen):
+    """A handle pickled by 0.5.8 or before has no `_undone`: unpickled undone, it is told apart from
+    one whose model was freed (inactive, not undone) by that default, and keep() refuses it."""
+    import pickle
+
+    me = make_editor("gpt2", "mend", gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the untrained-editor warning
+        handle = me.apply(random_requests(gen, 2))
+    handle.undo()
+    state = handle.__getstate__()
+    del state["_undone"]
+    old = object.__new__(type(handle))
+    old.__setstate__(pickle.loads(pickle.dumps(state)))
+    assert repr(old).startswith("EditHandle(undone, 0 weight copies held, ") and old.undo() is False
+    with pytest.raises(RuntimeError, match="this edit was undone"):
+        old.keep()
+
+
+@pytest.mark.parametrize("resized", [0, 1])
+def test_undo_of_a_weight_resized_in_place_restores_nothing(resized, gen):
+    """A weight whose data was replaced in place by one of another shape (`p.data = torch.cat(...)`,
+    the same Parameter) since the edit: undo restores latest first, so it restored the weights
+    after it, then failed on it with torch's bare "The size of tensor a (..) must match" and left
+    the model half undone and the handle live.  It now refuses before the first copy, naming the
+    shapes; once the shape is back, undo restores every weight."""
+    me = make_editor("llama", "mend", gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the untrained-editor warning
+        before = model_state(me.model)
+        handle = me.apply(random_requests(gen, 2))
+    edited = model_state(me.model)
+    weight = me.model.get_submodule(me.layers[resized]).weight
+    kept = weight.data
+    weight.data = torch.cat([kept, torch.zeros(3, kept.shape[1])])
+    with pytest.raises(RuntimeError, match=r"^1 of the \d+ weights this edit changed have another shape now: "
+                                           rf"\({kept.shape[0] + 3}, {kept.shape[1]}\) \(was \({kept.shape[0]}, "):
+        handle.undo()
+    weight.data = kept
+    assert_same_state(edited, me.model, "after the refused undo")
+    assert repr(handle).startswith("EditHandle(live, ")
+    assert handle.undo() is True
+    assert_same_state(before, me.model, "after the undo")
+
+
 def test_a_handle_kept_after_its_model_is_freed_holds_no_weights(gen):
     """A live edit's handle kept after the model and its ModelEditor were dropped (a list of
     handles) held the edited Parameters and a copy of each until the handle went too; the copies
@@ -1244,7 +1289,8 @@ def test_a_handle_kept_after_its_model_is_freed_holds_no_weights(gen):
     assert model() is None
     assert all(ref() is None for ref in held), "the handle kept the edited weights alive"
     assert not handle.active and handle._saved == [] and handle.undo() is False
-    assert repr(handle).startswith("EditHandle(undone, 0 weight copies held, ")
+    # It said "undone", which nothing did.
+    assert repr(handle).startswith("EditHandle(model freed, 0 weight copies held, ")
 
 
 def test_keep_after_the_model_was_freed_does_nothing(gen):
@@ -1262,7 +1308,7 @@ def test_keep_after_the_model_was_freed_does_nothing(gen):
     assert model() is None and not handle.active
     handle.keep()
     assert not handle.kept and handle.undo() is False
-    assert repr(handle).startswith("EditHandle(undone, 0 weight copies held, ")
+    assert repr(handle).startswith("EditHandle(model freed, 0 weight copies held, ")
 
 
 @pytest.mark.parametrize("arch", ["bart", "t5"])
