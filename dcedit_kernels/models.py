@@ -300,7 +300,9 @@ def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype | str = torch.float3
     """(model, tokenizer): a tiny random `arch` model in eval mode, built without downloads.
 
     GPT-2 and Llama are causal LMs, BERT a masked LM, BART and T5 seq2seq LMs; dropout is off.
-    `seed` fixes the weights without touching the caller's global RNG state.  `dtype` as
+    `seed` fixes the weights without touching the caller's global RNG state (the build seeds
+    torch's global generator and restores it after: another thread seeding or drawing from it
+    meanwhile, as `fit` does, changes the weights; builds here run one at a time).  `dtype` as
     `load_model` takes it (a torch float dtype or a DTYPES name; anything else raises ValueError).
     """
     import transformers

@@ -40,7 +40,9 @@ class TrainConfig:
     `restore_best` the editors end at the best validation's state, which can be an earlier step
     than the last (`TrainResult.best_step`); checkpoint_dir, resume: resumable checkpoints (a
     leading "~" is the home folder);
-    seed: batches and MoEditor's gate noise; progress: the progress bar; grad_clip: the editors'
+    seed: batches and MoEditor's gate noise (not the editors' initial weights, nor RaEditor's
+    groups: those come from the editor's own `seed`, given to ModelEditor or GroupedEditor, else
+    from torch's global generator, which a new process seeds at random); progress: the progress bar; grad_clip: the editors'
     total gradient norm is clipped to it (None or inf: no clipping); fisher_mask: Fisher-masked
     editors (ProEditor) are trained on the masked shift (`train_loss`); data_parallel: train
     over the default torch.distributed process group (`distributed`); length_buckets: the
