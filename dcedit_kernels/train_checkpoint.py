@@ -21,6 +21,7 @@ import errno
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -132,8 +133,17 @@ def check_checkpoint_dir(path) -> None:
     if not folder.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, f"{os.strerror(errno.ENOTDIR)} (checkpoint_dir {path} would be "
                                  "made under this file)", str(folder))
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, f"{os.strerror(errno.EACCES)} (checkpoint_dir {path}: its checkpoints "
+    denied = None if os.access(folder, os.W_OK | os.X_OK) else errno.EACCES
+    if denied is None:
+        # os.access passes for root, and says nothing of /proc's or /sys's refusal: make a folder of
+        # a name of our own there and remove it, as the CLI's --out check does (`dcedit train
+        # --checkpoint-dir /proc/x` failed after the model's load).
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".dcedit-checkpoint-check-", dir=folder))
+        except OSError as exc:
+            denied = exc.errno or errno.EACCES
+    if denied is not None:
+        raise PermissionError(denied, f"{os.strerror(denied)} (checkpoint_dir {path}: its checkpoints "
                               "could not be written in this folder)", str(folder))
     for name in CHECKPOINT_FILES:
         file = Path(path) / name

@@ -1,6 +1,8 @@
 """Editor training's argument checks and rarer paths (train.py): TrainConfig's fields, resume
 after early stopping, skipped non-finite batches, batches without locality rows."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -919,6 +921,22 @@ def test_fit_refuses_a_checkpoint_dir_it_may_not_write_before_the_first_step(tmp
     assert out[-1] == f"PermissionError {kept / 'editor.safetensors'} 0", out
     out = _run_unprivileged(_FIT_INTO, tmp_path / "writable").splitlines()
     assert out[-1] == "trained 1", out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_checkpoint_dir_where_no_folder_can_be_made_is_refused_even_as_root(tmp_path, capsys):
+    """os.access passes every folder for root, /proc and /sys included: `dcedit train
+    --checkpoint-dir /proc/x` loaded the model, then failed at fit's mkdir.  The check makes (and
+    removes) a folder of its own in the nearest folder that exists, as the CLI's --out check does."""
+    from dcedit_kernels.cli import main
+    from dcedit_kernels.train_checkpoint import check_checkpoint_dir
+
+    with pytest.raises(PermissionError) as caught:
+        check_checkpoint_dir("/proc/dcedit-checkpoint/deeper")
+    assert caught.value.filename == "/proc"
+    assert main(["train", "--checkpoint-dir", "/proc/dcedit-checkpoint", "--out", str(tmp_path / "e.safetensors")]) == 2
+    assert capsys.readouterr().err.startswith("dcedit: error: --checkpoint-dir /proc/dcedit-checkpoint: cannot "
+                                              "write in /proc (its checkpoints would fail after --val-every steps)")
 
 
 def test_an_older_checkpoints_best_file_saved_over_while_it_resumes_gives_one_files_tensors(gen, tmp_path,
