@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 import weakref
 
@@ -147,7 +148,10 @@ class EditHandle:
         edit's keep, when a later live edit of the model is not undone yet (undo in reverse order),
         and when an edited weight is no longer a parameter of the model (offloaded or replaced)."""
         model = self._model() if self._model is not None else None
-        with one_editing_thread(model, "EditHandle.undo"):
+        # A Ctrl-C anywhere in it waits until the undo is done: one before its restore (the checks
+        # walk every parameter of the model) left the edit live after an edited() block, one in
+        # one_editing_thread's exit left the model marked as edited by this thread for good.
+        with deferred_interrupt(), one_editing_thread(model, "EditHandle.undo"):
             return self._undo()
 
     def _undo(self) -> bool:
@@ -170,16 +174,16 @@ class EditHandle:
             raise RuntimeError("undo the later edits first: edits of a model (by any of its ModelEditors) "
                                "must be undone in reverse order")
         self._check_weights_in_model()
-        # A Ctrl-C during the restore (held back by it, raised at its end) or just after it waits
-        # until the handle says undone: it left the restored edit live, on top of the model's live
-        # edits, so the earlier edits refused to undo and keep() took an edit no longer in the model.
-        with deferred_interrupt():
-            restore(self._saved)
-            self.active = False
-            self._undone = True
-            self._saved = []  # the weight copies: a handle kept after undo (a list of them) holds none
-            self._unwatch()
-            live.pop()  # this handle, the list's last (checked above)
+        # (undo holds a Ctrl-C back until the handle says undone: one just after the restore left the
+        # restored edit live, on top of the model's live edits, so the earlier edits refused to undo
+        # and keep() took an edit no longer in the model.)  Off the list before inactive: an error
+        # between the two left an inactive handle on the list, whose undo() then took nothing off it.
+        restore(self._saved)
+        live.pop()  # this handle, the list's last (checked above)
+        self.active = False
+        self._undone = True
+        self._saved = []  # the weight copies: a handle kept after undo (a list of them) holds none
+        self._unwatch()
         return True
 
     def _check_weights_in_model(self) -> None:
@@ -247,7 +251,8 @@ class EditHandle:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         """Undo on leaving `with handle:` unless the edit was kept inside the block (as `edited()`
-        does); an exception leaving the block is never replaced by one from the undo (it gets a note).
+        does); an exception leaving the block is never replaced by an error of the undo (it gets a note;
+        a Ctrl-C during the undo is raised once the undo is done).
         Only this edit is undone: a later edit still live (applied inside the block) makes the undo
         raise RuntimeError, reverse order, and leaves both applied; `editor.edited(requests)` undoes
         the block's later edits too."""
@@ -258,8 +263,8 @@ class EditHandle:
             return
         try:
             self.undo()
-        except RuntimeError as undo_exc:
-            add_note(exc, f"dcedit: on leaving the EditHandle's block: {undo_exc}")
+        except Exception as undo_exc:  # noqa: BLE001 (a MemoryError replaced the block's error)
+            add_note(exc, f"dcedit: on leaving the EditHandle's block: {type(undo_exc).__name__}: {undo_exc}")
 
 
 _LATER_EDIT_KEPT = ("a later edit of this model was kept (handle.keep()): undoing this one would wipe it, "
@@ -309,44 +314,86 @@ def warn_live_edits(model, what: str, consequence: str) -> None:
              f"{'them' if n > 1 else 'it'} part of the model on purpose", UserWarning)
 
 
-# {model (its weights_owner): (the thread editing it: apply, undo, fit; the calls it is inside, outermost first)}
-_EDITING: "weakref.WeakKeyDictionary[nn.Module, tuple[int, tuple[str, ...]]]" = weakref.WeakKeyDictionary()
+# {model (its weights_owner): (the thread editing it: apply, undo, fit; the calls it is inside,
+# outermost first, each as (its name, the code of the function inside whose `with` block it runs))}
+_EDITING: "weakref.WeakKeyDictionary[nn.Module, tuple[int, tuple[tuple[str, object], ...]]]" = weakref.WeakKeyDictionary()
 _EDITING_LOCK = threading.Lock()
 APPLY_CALL = "ModelEditor.apply"
 
 
-@contextlib.contextmanager
-def one_editing_thread(model: nn.Module | None, what: str):
-    """RuntimeError naming `what`, before anything changes, when another thread is inside a block
-    of this for the same model (`weights_owner`).  Two threads editing one model at once (two
-    ModelEditors of it) ran each other's capture hooks and froze and unfroze each other's
-    parameters: confusing errors, the weights left changed with no live edit and every parameter
-    left frozen.  The same thread may nest them (fit's validation applies and undoes edits), but
-    not inside an apply (`APPLY_CALL`): one called from a hook or callback of the apply's own passes
-    over the model ran inside its capture ("ran more than once inside one capture"), or, under FT,
-    edited the model the outer apply then restored, wiping the inner edit while its handle stayed
-    live.  model=None: nothing to check."""
-    if model is None:
-        yield
-        return
-    me = threading.get_ident()
-    with _EDITING_LOCK:
-        thread, inside = _EDITING.get(model, (me, ()))
-        if thread != me:
-            raise RuntimeError(f"{what}: another thread is editing this model (apply, undo or fit); one model "
-                               "is edited by one thread at a time (README \"Threads\")")
-        if APPLY_CALL in inside:
-            raise RuntimeError(f"{what}: called while {APPLY_CALL} of this model runs in this thread (from a hook or "
-                               "callback inside its passes over the model); edit the model after that apply returns")
-        _EDITING[model] = (me, inside + (what,))
-    try:
-        yield
-    finally:
+class one_editing_thread:
+    """`with one_editing_thread(model, what):` RuntimeError naming `what`, before anything changes,
+    when another thread is inside a block of this for the same model (`weights_owner`).  Two threads
+    editing one model at once (two ModelEditors of it) ran each other's capture hooks and froze and
+    unfroze each other's parameters: confusing errors, the weights left changed with no live edit
+    and every parameter left frozen.  The same thread may nest them (fit's validation applies and
+    undoes edits), but not inside an apply (`APPLY_CALL`): one called from a hook or callback of the
+    apply's own passes over the model ran inside its capture ("ran more than once inside one
+    capture"), or, under FT, edited the model the outer apply then restored, wiping the inner edit
+    while its handle stayed live.  model=None: nothing to check.
+
+    Each block is recorded with the code of the function running it, and a record no frame of
+    its thread's stack runs (this thread: above the caller) is dropped when the model is next
+    checked: a Ctrl-C landing in a block's exit before it held SIGINT back (or a thread that died
+    inside one) left the model marked for good, and every later apply, undo or fit of it refused
+    ("called while ModelEditor.apply of this model runs in this thread", "another thread is editing
+    this model").  (Code, not frames: a frame's id is taken again by the next call at the same
+    depth, and a frame held here holds its locals, the model among them.)"""
+
+    def __init__(self, model: nn.Module | None, what: str):
+        self.model, self.what = model, what
+
+    def __enter__(self) -> None:
+        model = self.model
+        if model is None:
+            return
+        me = threading.get_ident()
+        caller = sys._getframe(1)
         with _EDITING_LOCK:
-            if inside:
-                _EDITING[model] = (me, inside)
+            thread, inside = _EDITING.get(model, (me, ()))
+            inside = _still_running(thread, inside, caller)
+            if not inside:
+                thread = me
+            if thread != me:
+                raise RuntimeError(f"{self.what}: another thread is editing this model (apply, undo or fit); one "
+                                   "model is edited by one thread at a time (README \"Threads\")")
+            if any(name == APPLY_CALL for name, _ in inside):
+                raise RuntimeError(f"{self.what}: called while {APPLY_CALL} of this model runs in this thread (from a "
+                                   "hook or callback inside its passes over the model); edit the model after that "
+                                   "apply returns")
+            self.inside = inside
+            _EDITING[model] = (me, inside + ((self.what, caller.f_code),))
+
+    def __exit__(self, *exc) -> None:
+        if self.model is None:
+            return
+        # A Ctrl-C here left the model marked as edited by this thread for good (see the class
+        # docstring for the instant before this holds SIGINT back).
+        with deferred_interrupt(), _EDITING_LOCK:
+            if self.inside:
+                _EDITING[self.model] = (threading.get_ident(), self.inside)
             else:
-                del _EDITING[model]
+                _EDITING.pop(self.model, None)
+
+
+def _still_running(thread: int, inside: tuple, caller) -> tuple:
+    """The records of `inside`, outermost first, up to the first whose code no frame of `thread`'s
+    stack runs (for this thread, the frames above `caller`, the block being entered): a block that
+    ended without its exit (a Ctrl-C at its start) is stale, and so is every record nested in it.
+    (A frame running that code for another model keeps a stale record: the refusal it gave before.)"""
+    if not inside:
+        return inside
+    frame = caller.f_back if thread == threading.get_ident() else sys._current_frames().get(thread)
+    running = set()
+    while frame is not None:
+        running.add(frame.f_code)
+        frame = frame.f_back
+    kept = []
+    for record in inside:
+        if record[1] not in running:
+            break
+        kept.append(record)
+    return tuple(kept)
 
 
 def weights_owner(model: nn.Module) -> nn.Module:

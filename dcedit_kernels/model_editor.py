@@ -591,11 +591,26 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         (`load_model` and `from_pretrained` return models in eval mode).  RuntimeError, too, for a model built or
         loaded under inference_mode (its parameters are inference tensors), and while another
         thread edits the model (apply, undo, fit: one thread edits a model at a time)."""
-        with one_editing_thread(weights_owner(self.model), APPLY_CALL):
-            return self._apply(requests)
+        # The edit is rolled back when anything raises after `_apply` made its handle (`made`:
+        # [(handle, the routing states before)]).  `_apply` restores what it changed itself; this
+        # covers an exception after it finished: a Ctrl-C in `one_editing_thread`'s exit made apply
+        # raise KeyboardInterrupt with the edit live in the model, its handle reachable nowhere.
+        made = []
+        try:
+            with one_editing_thread(weights_owner(self.model), APPLY_CALL):
+                return self._apply(requests, made)
+        except BaseException:
+            if made and made[0][0].active:
+                handle, routes = made[0]
+                with deferred_interrupt():
+                    restore(handle._saved)
+                    handle._discard()
+                    self.set_route_states(routes)
+            raise
 
-    def _apply(self, requests: Iterable[EditRequest]) -> EditHandle:
-        """`apply`, this thread the only one editing the model."""
+    def _apply(self, requests: Iterable[EditRequest], made: list) -> EditHandle:
+        """`apply`, this thread the only one editing the model; `made` gets the handle (and the
+        routing states before) as soon as it exists (`apply`)."""
         requests = validate_requests(requests)
         check_autograd("ModelEditor.apply", "its capture (or fine-tuning)", self.model)
         self._check_layers_still_editable()
@@ -613,10 +628,12 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         # The handle is live before the first write and its saved list fills as weights change, so
         # no exception (an interrupt included) can leave a changed weight without a way back.
         saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-        handle = EditHandle(self._live, saved, {}, model=weights_owner(self.model))
         # A seeded RaEditor draws the edits' groups from its own generator: a failed apply sets it
         # back, so the next apply splits as if the failed one never ran (it drew a split first).
         routes = self.route_states()
+        # (Nothing between the handle, which watches the model with a finalizer, and `made`.)
+        handle = EditHandle(self._live, saved, {}, model=weights_owner(self.model))
+        made.append((handle, routes))
         try:
             self._live.append(handle)
             with self._length_errors(batch, "requests"):
@@ -642,34 +659,47 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         on exit, edits applied inside the block that are still live are undone too (latest
         first), then this one.  `handle.keep()` inside the block keeps this edit; keeping a later
         one makes this one permanent too, and exit then raises RuntimeError saying so.  An
-        exception leaving the block is never replaced by one from the undo (it gets a note)."""
+        exception leaving the block is never replaced by an error of the undo (it gets a note); a
+        Ctrl-C during that undo is raised once the undo is done."""
         outer = list(self._live)  # the model's live edits from before the block: not undone on exit
-        handle = self.apply(requests)
+        handle = None
         try:
+            handle = self.apply(requests)
             yield handle
         except BaseException as exc:
-            try:
-                self._leave_edited(handle, outer)
-            except RuntimeError as undo_exc:
-                add_note(exc, f"dcedit: on leaving edited(): {undo_exc}")
+            if handle is None:
+                # A Ctrl-C between the apply's return and here: the block's edit is the first live one
+                # not from before (it stayed live, the block never entered and its exit never run).  An
+                # apply that failed left none.
+                handle = next((h for h in self._live if not any(h is o for o in outer)), None)
+            if handle is not None:
+                try:
+                    self._leave_edited(handle, outer)
+                except Exception as undo_exc:  # noqa: BLE001 (a MemoryError replaced the block's error)
+                    add_note(exc, f"dcedit: on leaving edited(): {type(undo_exc).__name__}: {undo_exc}")
             raise
         self._leave_edited(handle, outer)
 
     def _leave_edited(self, handle: EditHandle, outer: list) -> None:
         """Undo the block's later live edits, latest first, down to a kept one (or one from before
         the block: the block's own edit may have been undone inside it); then the block's own edit
-        unless it was kept, or raise when a later kept edit pins it."""
-        live = self._live
-        while (live and live[-1] is not handle and not live[-1].kept
-               and not any(live[-1] is h for h in outer)):
-            live[-1].undo()
-        if not handle.active or handle.kept:
-            return
-        if live and live[-1] is not handle:
-            raise RuntimeError("an edit applied inside this edited() block was kept (handle.keep()), which "
-                               "made the block's own edit permanent: it was not undone (the block's live edits "
-                               "after the kept one were)")
-        handle.undo()
+        unless it was kept, or raise when a later kept edit pins it.  A Ctrl-C meanwhile waits until
+        all of it is done (it left the block's edit live after the block)."""
+        with deferred_interrupt():
+            live = self._live
+            while (live and live[-1] is not handle and not live[-1].kept
+                   and not any(live[-1] is h for h in outer)):
+                last = live[-1]
+                last.undo()
+                if live and live[-1] is last:  # undo took nothing off: looping here would never end
+                    raise RuntimeError(f"{last!r}, applied inside this edited() block, could not be undone")
+            if not handle.active or handle.kept:
+                return
+            if live and live[-1] is not handle:
+                raise RuntimeError("an edit applied inside this edited() block was kept (handle.keep()), which "
+                                   "made the block's own edit permanent: it was not undone (the block's live edits "
+                                   "after the kept one were)")
+            handle.undo()
 
     def _apply_editors(self, batch: dict, saved: list):
         t0 = time.perf_counter()

@@ -1074,6 +1074,91 @@ def test_interrupt_during_undo_leaves_the_edit_undone(when, gen, monkeypatch):
     assert_bit_identical(before, me.model)
 
 
+@pytest.mark.parametrize("call", ["apply", "undo"])
+def test_ctrl_c_as_an_edit_leaves_its_one_thread_block(call, gen, monkeypatch):
+    """A Ctrl-C in the instant `one_editing_thread`'s exit starts, before it holds SIGINT back: its
+    record of the model was never removed, and the model refused every later apply, undo and fit
+    ("called while ModelEditor.apply of this model runs in this thread"; from another thread:
+    "another thread is editing this model") for the process's life.  The record is now dropped as
+    stale once its frame has left the stack.  And apply raised KeyboardInterrupt with its edit live
+    in the model, the handle reachable nowhere: it now rolls the edit back.  An undo raises the
+    Ctrl-C once it is done."""
+    import threading
+
+    from dcedit_kernels import edit_handle
+
+    me = make_editor("gpt2", "mend", gen)
+    before = snapshot(me.model)
+    handle = me.apply(random_requests(gen, 2)) if call == "undo" else None
+    calls = []
+    ctrl_c_on_call(monkeypatch, edit_handle.one_editing_thread, "__exit__", calls, at=1, after=False)
+    with ctrl_c_raises():
+        me.apply(random_requests(gen, 2)) if call == "apply" else handle.undo()
+    monkeypatch.undo()
+    # apply's record the exit did not remove; undo holds SIGINT back from its start to its end
+    assert calls and (me.model in edit_handle._EDITING) == (call == "apply")
+    assert_bit_identical(before, me.model)
+    assert me._live == [] and (handle is None or not handle.active)
+    me.apply(random_requests(gen, 2)).undo()  # refused before
+    assert me.model not in edit_handle._EDITING
+    with ctrl_c_raises():  # stale again; now met by another thread
+        ctrl_c_on_call(monkeypatch, edit_handle.one_editing_thread, "__exit__", [], at=1, after=False)
+        me.apply(random_requests(gen, 2))
+    monkeypatch.undo()
+    errors = []
+    thread = threading.Thread(target=lambda: errors.append(me.apply(random_requests(gen, 2)).undo()))
+    thread.start()
+    thread.join()
+    assert errors == [True]
+    # A thread that ended inside a block (its record left): its stack is gone, the record stale.
+    edit_handle._EDITING[me.model] = (thread.ident, (("ModelEditor.fit", ModelEditor.fit.__code__),))
+    assert me.apply(random_requests(gen, 2)).undo()
+    assert_bit_identical(before, me.model)
+
+
+def test_ctrl_c_between_the_apply_and_an_edited_block_undoes_the_edit(gen, monkeypatch):
+    """`with editor.edited(requests):` interrupted after its apply returned and before the block
+    began: the edit stayed live after the with statement, and no exit ever undid it."""
+    me = make_editor("gpt2", "mend", gen)
+    before = snapshot(me.model)
+    calls, ran = [], []
+    ctrl_c_on_call(monkeypatch, ModelEditor, "apply", calls, at=1, after=True)
+    with ctrl_c_raises():
+        with me.edited(random_requests(gen, 2)):
+            ran.append(1)
+    monkeypatch.undo()
+    assert calls and not ran
+    assert_bit_identical(before, me.model)
+    assert me._live == []
+
+
+@pytest.mark.parametrize("via", ["edited", "handle"])
+def test_an_error_of_the_undo_leaving_a_block_does_not_replace_the_blocks(via, gen, monkeypatch):
+    """The body of `edited()` / `with handle:` raised, and the undo on leaving failed with other
+    than RuntimeError (a MemoryError): that replaced the body's exception.  It is now a note on it,
+    the edit left live for a later undo."""
+    from dcedit_kernels.edit_handle import EditHandle
+
+    me = make_editor("gpt2", "mend", gen)
+    before = snapshot(me.model)
+    original = EditHandle._check_weights_in_model
+    failed = []
+
+    def out_of_memory(self):
+        if not failed:
+            failed.append(1)
+            raise MemoryError("no memory for the check")
+        return original(self)
+
+    monkeypatch.setattr(EditHandle, "_check_weights_in_model", out_of_memory)
+    with pytest.raises(KeyError, match="from the body") as info:
+        with (me.edited(random_requests(gen, 2)) if via == "edited" else me.apply(random_requests(gen, 2))):
+            raise KeyError("from the body")
+    assert failed and any("MemoryError: no memory for the check" in note for note in info.value.__notes__)
+    assert len(me._live) == 1 and me._live[0].undo()
+    assert_bit_identical(before, me.model)
+
+
 def test_edited_undoes_edits_made_inside_its_block(gen):
     me = make_editor("gpt2", "mend", gen)
     before = snapshot(me.model)
