@@ -48,6 +48,7 @@ class EditHandle:
         self._release = None
         self._model = None  # a weakref to the edited model (see `_check_weights_in_model`)
         self._unpickled_alone = False  # see __setstate__
+        self._thread = threading.get_ident()  # the thread that applied it (`ModelEditor.edited`)
         if model is not None:
             self._watch(model)
 
@@ -338,7 +339,9 @@ class one_editing_thread:
     inside one) left the model marked for good, and every later apply, undo or fit of it refused
     ("called while ModelEditor.apply of this model runs in this thread", "another thread is editing
     this model").  (Code, not frames: a frame's id is taken again by the next call at the same
-    depth, and a frame held here holds its locals, the model among them.)"""
+    depth, and a frame held here holds its locals, the model among them.)  This takes the frame that
+    enters the block to stay on the stack until the block ends: a plain `with` in a function body,
+    as every caller here is; not a @contextmanager generator or an ExitStack holding it open."""
 
     def __init__(self, model: nn.Module | None, what: str):
         self.model, self.what = model, what

@@ -85,6 +85,7 @@ raise RuntimeError while another thread runs one of them on the model: `edit_han
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Mapping
 from typing import Iterable, Iterator, Sequence
@@ -600,13 +601,25 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         try:
             with one_editing_thread(weights_owner(self.model), APPLY_CALL):
                 return self._apply(requests, made)
-        except BaseException:
+        except BaseException as exc:
             if made and made[0][0].active:
+                # Claiming the model again, in this frame (`one_editing_thread` then takes a record of
+                # this apply left by a Ctrl-C in its exit for stale): a Ctrl-C held back by that exit
+                # is raised after the model was let go, and restoring without a claim wiped an edit
+                # another thread applied in between (its handle live, its undo then restoring this
+                # edit's values).  When another thread edits the model, or edited it since, this
+                # edit stays applied, and the exception says so.
                 handle, routes = made[0]
-                with deferred_interrupt():
-                    restore(handle._saved)
-                    handle._discard()
-                    self.set_route_states(routes)
+                try:
+                    with deferred_interrupt(), one_editing_thread(weights_owner(self.model), APPLY_CALL):
+                        if not self._live or self._live[-1] is not handle:
+                            raise RuntimeError("another thread edited the model since")
+                        restore(handle._saved)
+                        handle._discard()
+                        self.set_route_states(routes)
+                except RuntimeError as why:
+                    add_note(exc, f"dcedit: this apply's edit stays applied, not rolled back ({why}): undo the "
+                             "later edits, then this one (its handle is the model's live edit below them)")
             raise
 
     def _apply(self, requests: Iterable[EditRequest], made: list) -> EditHandle:
@@ -670,9 +683,12 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         except BaseException as exc:
             if handle is None:
                 # A Ctrl-C between the apply's return and here: the block's edit is the first live one
-                # not from before (it stayed live, the block never entered and its exit never run).  An
-                # apply that failed left none.
-                handle = next((h for h in self._live if not any(h is o for o in outer)), None)
+                # this thread applied that is not from before (it stayed live, the block never entered
+                # and its exit never run).  An apply that failed left none; another thread's edit made
+                # meanwhile is not this block's to undo.
+                me = threading.get_ident()
+                handle = next((h for h in self._live
+                               if getattr(h, "_thread", None) == me and not any(h is o for o in outer)), None)
             if handle is not None:
                 try:
                     self._leave_edited(handle, outer)

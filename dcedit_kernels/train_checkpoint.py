@@ -133,18 +133,18 @@ def check_checkpoint_dir(path) -> None:
     if not folder.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, f"{os.strerror(errno.ENOTDIR)} (checkpoint_dir {path} would be "
                                  "made under this file)", str(folder))
-    denied = None if os.access(folder, os.W_OK | os.X_OK) else errno.EACCES
-    if denied is None:
+    why = None if os.access(folder, os.W_OK | os.X_OK) else os.strerror(errno.EACCES)
+    if why is None:
         # os.access passes for root, and says nothing of /proc's or /sys's refusal: make a folder of
         # a name of our own there and remove it, as the CLI's --out check does (`dcedit train
         # --checkpoint-dir /proc/x` failed after the model's load).
         try:
             os.rmdir(tempfile.mkdtemp(prefix=".dcedit-checkpoint-check-", dir=folder))
         except OSError as exc:
-            denied = exc.errno or errno.EACCES
-    if denied is not None:
-        raise PermissionError(denied, f"{os.strerror(denied)} (checkpoint_dir {path}: its checkpoints "
-                              "could not be written in this folder)", str(folder))
+            why = exc.strerror or str(exc)  # (/proc: "No such file or directory")
+    if why is not None:
+        raise PermissionError(errno.EACCES, f"{why} (checkpoint_dir {path}: its checkpoints could not be "
+                              "written in this folder)", str(folder))
     for name in CHECKPOINT_FILES:
         file = Path(path) / name
         if file.is_file() and not os.access(file, os.W_OK):

@@ -1079,12 +1079,10 @@ def test_ctrl_c_as_an_edit_leaves_its_one_thread_block(call, gen, monkeypatch):
     """A Ctrl-C in the instant `one_editing_thread`'s exit starts, before it holds SIGINT back: its
     record of the model was never removed, and the model refused every later apply, undo and fit
     ("called while ModelEditor.apply of this model runs in this thread"; from another thread:
-    "another thread is editing this model") for the process's life.  The record is now dropped as
-    stale once its frame has left the stack.  And apply raised KeyboardInterrupt with its edit live
-    in the model, the handle reachable nowhere: it now rolls the edit back.  An undo raises the
-    Ctrl-C once it is done."""
-    import threading
-
+    "another thread is editing this model") for the process's life.  And apply raised
+    KeyboardInterrupt with its edit live in the model, the handle reachable nowhere.  Now apply
+    rolls the edit back under a new claim on the model, which drops the stale record; an undo holds
+    SIGINT back from its start to its end, and raises it once done."""
     from dcedit_kernels import edit_handle
 
     me = make_editor("gpt2", "mend", gen)
@@ -1095,25 +1093,96 @@ def test_ctrl_c_as_an_edit_leaves_its_one_thread_block(call, gen, monkeypatch):
     with ctrl_c_raises():
         me.apply(random_requests(gen, 2)) if call == "apply" else handle.undo()
     monkeypatch.undo()
-    # apply's record the exit did not remove; undo holds SIGINT back from its start to its end
-    assert calls and (me.model in edit_handle._EDITING) == (call == "apply")
+    assert calls and me.model not in edit_handle._EDITING
     assert_bit_identical(before, me.model)
     assert me._live == [] and (handle is None or not handle.active)
-    me.apply(random_requests(gen, 2)).undo()  # refused before
-    assert me.model not in edit_handle._EDITING
-    with ctrl_c_raises():  # stale again; now met by another thread
-        ctrl_c_on_call(monkeypatch, edit_handle.one_editing_thread, "__exit__", [], at=1, after=False)
+    me.apply(random_requests(gen, 2)).undo()
+    assert_bit_identical(before, me.model)
+
+
+def test_a_record_of_a_block_no_frame_runs_any_more_is_dropped(gen):
+    """A model's record whose block no frame of its thread runs (this thread's, a waiting thread's,
+    a finished thread's: a Ctrl-C skipped the block's exit) no longer refuses every later edit."""
+    import threading
+
+    from dcedit_kernels import edit_handle
+
+    me = make_editor("gpt2", "mend", gen)
+    before = snapshot(me.model)
+    waiting, done = threading.Event(), threading.Event()
+    sleeper = threading.Thread(target=lambda: (waiting.set(), done.wait()))
+    sleeper.start()
+    waiting.wait()
+    finished = threading.Thread(target=lambda: None)
+    finished.start()
+    finished.join()
+    try:
+        for thread in (threading.get_ident(), sleeper.ident, finished.ident):
+            for record in ((("ModelEditor.apply", ModelEditor.apply.__code__),),
+                           (("ModelEditor.fit", ModelEditor.fit.__code__), ("ModelEditor.apply", ModelEditor.apply.__code__))):
+                edit_handle._EDITING[me.model] = (thread, record)
+                assert me.apply(random_requests(gen, 2)).undo()
+                assert me.model not in edit_handle._EDITING
+    finally:
+        done.set()
+        sleeper.join()
+    assert_bit_identical(before, me.model)
+
+
+def test_an_interrupted_apply_does_not_roll_back_over_another_threads_edit(gen, monkeypatch):
+    """A Ctrl-C held back by apply's exit is raised after the model was let go; the rollback then
+    restored without a claim on the model and wiped an edit another thread had applied in between
+    (its handle live, its undo then restoring the first edit's values: the model left edited, with
+    nothing left to undo it).  Now the first edit stays applied, the exception says so, and both
+    undo in reverse order."""
+    import threading
+
+    from dcedit_kernels import edit_handle
+
+    me = make_editor("gpt2", "mend", gen)
+    before = snapshot(me.model)
+    original = edit_handle.one_editing_thread.__exit__
+    other = []
+
+    def other_thread_in_between(self, *exc):
+        original(self, *exc)  # the model let go
+        if not other and threading.current_thread() is threading.main_thread():
+            thread = threading.Thread(target=lambda: other.append(me.apply(random_requests(gen, 2))))
+            thread.start()
+            thread.join()
+            raise KeyboardInterrupt  # the Ctrl-C its deferred_interrupt held back
+
+    monkeypatch.setattr(edit_handle.one_editing_thread, "__exit__", other_thread_in_between)
+    with pytest.raises(KeyboardInterrupt) as info:
         me.apply(random_requests(gen, 2))
     monkeypatch.undo()
-    errors = []
-    thread = threading.Thread(target=lambda: errors.append(me.apply(random_requests(gen, 2)).undo()))
-    thread.start()
-    thread.join()
-    assert errors == [True]
-    # A thread that ended inside a block (its record left): its stack is gone, the record stale.
-    edit_handle._EDITING[me.model] = (thread.ident, (("ModelEditor.fit", ModelEditor.fit.__code__),))
-    assert me.apply(random_requests(gen, 2)).undo()
+    assert any("this apply's edit stays applied, not rolled back (another thread edited the model since)" in note
+               for note in info.value.__notes__)
+    assert len(me._live) == 2 and me._live[1] is other[0]
+    assert other[0].undo() and me._live[0].undo()
     assert_bit_identical(before, me.model)
+
+
+def test_an_edited_block_whose_apply_failed_leaves_another_threads_edit(gen, monkeypatch):
+    """edited() whose apply raised took the first live edit not from before the block for its own,
+    to undo it: another thread's edit, applied meanwhile, was undone without a word."""
+    import threading
+
+    me = make_editor("gpt2", "mend", gen)
+    other = []
+
+    def refused(requests):
+        thread = threading.Thread(target=lambda: other.append(ModelEditor.apply(me, random_requests(gen, 2))))
+        thread.start()
+        thread.join()
+        raise ValueError("this apply failed")
+
+    monkeypatch.setattr(me, "apply", refused)
+    with pytest.raises(ValueError, match="this apply failed"):
+        with me.edited(random_requests(gen, 2)):
+            pass
+    assert other and other[0].active and me._live == [other[0]]
+    assert other[0].undo()
 
 
 def test_ctrl_c_between_the_apply_and_an_edited_block_undoes_the_edit(gen, monkeypatch):
