@@ -179,7 +179,16 @@ class EditHandle:
         # restored edit live, on top of the model's live edits, so the earlier edits refused to undo
         # and keep() took an edit no longer in the model.)  Off the list before inactive: an error
         # between the two left an inactive handle on the list, whose undo() then took nothing off it.
-        restore(self._saved)
+        try:
+            restore(self._saved)
+        except BaseException as exc:
+            # (A failing copy: a device error.)  Inside fit's validation or measure_edit the handle is
+            # out of the caller's reach, and the error said nothing of the edit left in the model.
+            add_note(exc, "dcedit: the undo failed while copying the saved weights back: the model holds this "
+                     "edit, partly undone, and the edit stays live (a later undo() of its handle restores all "
+                     "of it; where the handle is out of reach, as in fit's validation or measure_edit, reload "
+                     "the model)")
+            raise
         live.pop()  # this handle, the list's last (checked above)
         self.active = False
         self._undone = True

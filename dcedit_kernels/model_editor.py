@@ -823,7 +823,10 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         otherwise: new Adam optimisers (no moments), its steps counted from 0, its batches drawn
         again from `config.seed` (the first call's order), validation, patience and the best state
         started over.  To continue one run, train with a `checkpoint_dir`: a later call with the same
-        folder and a larger `steps` resumes it (TrainConfig's `resume`, on by default)."""
+        folder and a larger `steps` resumes it (TrainConfig's `resume`, on by default).  A call
+        interrupted before its first checkpoint leaves nothing to resume: calling fit again on this
+        ModelEditor then starts a new run from the editors as the interrupted steps left them, not
+        as the uninterrupted run would go (build the ModelEditor again to start over)."""
         from .train import TrainConfig, train_editor
 
         if self.method in FT_METHODS:

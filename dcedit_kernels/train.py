@@ -28,7 +28,9 @@ measuring edit success on the val requests' rephrases; early stopping after `pat
 without improvement; the best editor is restored at the end.
 Checkpoints (safetensors only) go to `checkpoint_dir` when a validation is due (every `val_every`
 steps), at the last step and on an early stop, so an interrupted run loses the steps since the last
-of them; `resume=True` continues from them (`train_checkpoint`).  A checkpoint_dir they could not
+of them (the editors, trained in place, keep those steps' updates: a run interrupted before its first
+checkpoint, run again on the same editors, starts a new run from them); `resume=True` continues from
+them (`train_checkpoint`).  A checkpoint_dir they could not
 be written to (a read-only folder or checkpoint file) raises the OS's error naming it before the
 first step (`train_checkpoint.check_checkpoint_dir`).  The batch order is a function of
 (seed, batch index): each epoch a random permutation of the requests cut into n // batch_size

@@ -1129,6 +1129,32 @@ def test_a_record_of_a_block_no_frame_runs_any_more_is_dropped(gen):
     assert_bit_identical(before, me.model)
 
 
+def test_an_undo_whose_copy_fails_says_the_edit_stays_live(gen, monkeypatch):
+    """A copy back that fails (a device error) inside fit's validation or measure_edit left the model
+    edited, the handle out of the caller's reach, and the error said nothing of it.  It now carries
+    a note saying so; the handle stays live and a later undo() restores every weight."""
+    from dcedit_kernels import edit_handle
+
+    me = make_editor("gpt2", "mend", gen)
+    before = snapshot(me.model)
+    handle = me.apply(random_requests(gen, 2))
+    original = edit_handle.restore
+
+    def fails_half_way(saved):
+        original(saved[-1:])  # the latest weight back, then the device fails
+        raise RuntimeError("copy failed")
+
+    monkeypatch.setattr(edit_handle, "restore", fails_half_way)
+    with pytest.raises(RuntimeError, match="copy failed") as info:
+        handle.undo()
+    monkeypatch.undo()
+    assert any("the undo failed while copying the saved weights back: the model holds this edit, partly undone"
+               in note for note in info.value.__notes__)
+    assert handle.active and me._live == [handle]
+    assert handle.undo()
+    assert_bit_identical(before, me.model)
+
+
 def test_an_interrupted_apply_does_not_roll_back_over_another_threads_edit(gen, monkeypatch):
     """A Ctrl-C held back by apply's exit is raised after the model was let go; the rollback then
     restored without a claim on the model and wiped an edit another thread had applied in between

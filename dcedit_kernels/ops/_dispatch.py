@@ -251,8 +251,8 @@ def opcall(name: str):
             return op(*args, **kwargs)
         if forward_ad_checked:
             refuse_tangents(name, (*args, *kwargs.values()))
-        _PRECHECKED.on = True
-        try:
+        try:  # (set inside: a Ctrl-C between the set and the try left it on for the thread's next call)
+            _PRECHECKED.on = True
             return op(*args, **kwargs)
         finally:
             _PRECHECKED.__dict__.pop("on", None)
