@@ -10,6 +10,7 @@ import json
 import os
 import re
 import stat
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -17,6 +18,19 @@ from typing import Callable
 import torch
 
 from ._checks import check_path
+
+
+def folder_refusal(folder) -> str | None:
+    """The OS's reason why nothing can be made in the existing folder `folder`, or None: a folder of
+    a name of our own is made there and removed again.  os.access passes every folder for root and
+    says nothing of a read-only mount's or /proc's refusal; a name of our own, so that checks of one
+    folder at once (commands writing into the same new folder) do not remove each other's.  The
+    CLI's --out check and a checkpoint_dir's (`train_checkpoint.check_checkpoint_dir`) ask it."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".dcedit-write-check-", dir=folder))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def replace_atomically(path, write: Callable[[Path], object]) -> None:

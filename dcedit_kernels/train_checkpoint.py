@@ -21,7 +21,6 @@ import errno
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ from .editor_checkpoint import CHECKPOINT_KEY, LEGACY_LOSS_REDUCTION, changed_de
 from .editors.grouped_editor import GATE_NORM_DEFAULT, config_differences, with_absent_defaults
 from .editors.presets import moeditor_top_k_default
 from .model_editor import ModelEditor
-from .safetensors_file import json_metadata, read_safetensors, save_safetensors
+from .safetensors_file import folder_refusal, json_metadata, read_safetensors, save_safetensors
 from .train_config import TrainConfig, TrainResult
 
 
@@ -133,15 +132,10 @@ def check_checkpoint_dir(path) -> None:
     if not folder.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, f"{os.strerror(errno.ENOTDIR)} (checkpoint_dir {path} would be "
                                  "made under this file)", str(folder))
-    why = None if os.access(folder, os.W_OK | os.X_OK) else os.strerror(errno.EACCES)
-    if why is None:
-        # os.access passes for root, and says nothing of /proc's or /sys's refusal: make a folder of
-        # a name of our own there and remove it, as the CLI's --out check does (`dcedit train
-        # --checkpoint-dir /proc/x` failed after the model's load).
-        try:
-            os.rmdir(tempfile.mkdtemp(prefix=".dcedit-checkpoint-check-", dir=folder))
-        except OSError as exc:
-            why = exc.strerror or str(exc)  # (/proc: "No such file or directory")
+    # os.access passes for root, and says nothing of /proc's or /sys's refusal (`dcedit train
+    # --checkpoint-dir /proc/x` failed after the model's load): `folder_refusal` tries, as the CLI's
+    # --out check does (/proc: "No such file or directory").
+    why = folder_refusal(folder) if os.access(folder, os.W_OK | os.X_OK) else os.strerror(errno.EACCES)
     if why is not None:
         raise PermissionError(errno.EACCES, f"{why} (checkpoint_dir {path}: its checkpoints could not be "
                               "written in this folder)", str(folder))

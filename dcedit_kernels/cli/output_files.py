@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..safetensors_file import folder_refusal
 from .inputs import named_data_file
 from .user_error import UserError, check_path
 
@@ -66,14 +66,11 @@ def _nearest_existing(folder: Path) -> Path:
 
 
 def _check_folder_can_be_made(path: str, folder: Path, flag: str) -> None:
-    """UserError unless --out's missing folders can be made in `folder`, the nearest that exists:
-    a folder of a name of our own is made there and removed again (os.access passes for root, and
-    says nothing of a read-only mount's or /proc's refusal; a name of our own, so that commands
-    writing into the same new folder at once do not remove each other's)."""
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".dcedit-out-check-", dir=folder))
-    except OSError as exc:
-        raise UserError(f"{flag} {path}: cannot create its folder in {folder} ({exc.strerror or exc})") from None
+    """UserError unless --out's missing folders can be made in `folder`, the nearest that exists
+    (`folder_refusal`)."""
+    why = folder_refusal(folder)
+    if why is not None:
+        raise UserError(f"{flag} {path}: cannot create its folder in {folder} ({why})")
 
 
 def check_checkpoint_dir(path: str, writes: bool = True) -> None:
