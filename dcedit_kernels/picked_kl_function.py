@@ -25,7 +25,7 @@ import torch
 ROWS_BUDGET = 1 << 21
 
 
-def _blocks(n: int, V: int):
+def row_blocks(n: int, V: int):
     if torch.compiler.is_compiling():
         # One block while torch.compile traces: the loop below reads n, the number of KL positions,
         # which made the trace specialise on it (a compile per n, a new n nearly every training step,
@@ -52,14 +52,24 @@ def kl_rows(base_logp: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     rows at a time."""
     # upcast of no rows for its dtype: upcast(z) converted all of a 16-bit z, (n, V), to read it.
     out = torch.empty(z.shape[0], dtype=torch.promote_types(upcast(z[:0]).dtype, base_logp.dtype), device=z.device)
-    zero = torch.zeros((), dtype=out.dtype, device=z.device)
-    for b in _blocks(z.shape[0], z.shape[1]):
-        post = torch.log_softmax(upcast(z[b]), -1)
-        base = base_logp[b]
-        p = base.exp()
-        # 0 · log 0 = 0: a token the base model gives no probability (a −inf logit) adds nothing, not NaN.
-        out[b] = torch.where(p > 0, p * (base - post), zero).sum(-1)
+    for b in row_blocks(z.shape[0], z.shape[1]):
+        out[b] = kl_of_block(base_logp[b], torch.log_softmax(upcast(z[b]), -1))
     return out
+
+
+def kl_of_block(base: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+    """KL_i of a block of rows: `base` the base log-probabilities, `post` the edited ones."""
+    p = base.exp()
+    # 0 · log 0 = 0: a token the base model gives no probability (a −inf logit) adds nothing, not NaN.
+    zero = torch.zeros((), dtype=torch.promote_types(p.dtype, post.dtype), device=p.device)
+    return torch.where(p > 0, p * (base - post), zero).sum(-1)
+
+
+def grad_of_logits(p: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+    """dKL_i/dz_i = softmax(z_i) Σ_v p_v − p for a block of rows: `p` the base probabilities, `post`
+    log_softmax(z).  The derivative of −Σ_v p_v log softmax(z)_v; a p_v = 0 entry contributes nothing
+    (its term is masked out of the KL), which the p_v factor gives as well."""
+    return post.exp() * p.sum(-1, keepdim=True) - p
 
 
 class PickedKLRows(torch.autograd.Function):
@@ -79,7 +89,7 @@ class PickedKLRows(torch.autograd.Function):
         base_logp, z = ctx.saved_tensors
         grad_base = torch.empty_like(base_logp) if ctx.needs_input_grad[0] else None
         grad_z = torch.empty_like(z) if ctx.needs_input_grad[1] else None
-        for b in _blocks(z.shape[0], z.shape[1]):
+        for b in row_blocks(z.shape[0], z.shape[1]):
             g = grad[b].unsqueeze(-1)
             post = torch.log_softmax(upcast(z[b]), -1)
             base = base_logp[b]
@@ -87,9 +97,7 @@ class PickedKLRows(torch.autograd.Function):
             # (an fp32 base against fp64 logits: Σ_v p_v summed in fp32 was 5e-9 off in the gradient).
             p = base.exp().to(torch.promote_types(base.dtype, post.dtype))
             if grad_z is not None:
-                # d/dz of −Σ_v p_v log softmax(z)_v; a p_v = 0 entry contributes nothing (its term
-                # is masked out), which the p_v factor gives as well.
-                grad_z[b] = (post.exp() * p.sum(-1, keepdim=True) - p) * g
+                grad_z[b] = grad_of_logits(p, post) * g
             if grad_base is not None:
                 # d/d base of Σ_v exp(base_v)(base_v − post_v) = p_v (base_v − post_v + 1), 0 where p_v = 0.
                 grad_base[b] = torch.where(p > 0, p * (base - post + 1), torch.zeros((), dtype=p.dtype,

@@ -29,7 +29,7 @@ from torch import nn
 
 from .compiled_calls import runs_compiled
 from .edit_handle import deferred_interrupt
-from .head_input import output_head
+from .head_input import called_head, output_head
 from .tokenize import IGNORE_INDEX
 
 _FULL = threading.local()
@@ -58,11 +58,20 @@ def scored_positions(labels: torch.Tensor, causal: bool) -> torch.Tensor:
 
 
 class Scored:
-    """What `logits_at` did: `gathered` is True when the head saw the scored positions only."""
+    """What `logits_at` did: `gathered` is True when the head saw the scored positions only; with
+    rows_only, `rows` holds the head's input at the positions, (n, H), and the head saw none."""
 
     def __init__(self, positions: torch.Tensor):
         self.positions = positions
         self.gathered = False
+        self.rows = None
+        self.head_output = None
+
+    def rows_give_logits(self, logits: torch.Tensor) -> bool:
+        """Whether `rows` were gathered and the model's `logits` are its head's output as it is, the
+        very tensor: then the logits at the positions are the head's of `rows` (no soft-capping,
+        scaling or upcast after the head, which would make the model's logits another tensor)."""
+        return self.rows is not None and self.head_output is not None and logits is self.head_output
 
     def pick(self, logits: torch.Tensor) -> torch.Tensor:
         """(n, V): the logits at the positions, in row-major order, from the model's output."""
@@ -71,20 +80,20 @@ class Scored:
         return logits[self.positions.to(logits.device)]
 
 
-@contextlib.contextmanager
-def logits_at(model: nn.Module, positions: torch.Tensor, skip: Iterable[nn.Module] = (), enabled: bool = True):
-    """Inside the block, the model's head computes logits at `positions` ((B, L) bool) only; yields
-    the `Scored` whose `pick` gives them.  `skip`: modules (edited or captured layers) that must see
-    full sequences: if the head is one of them, nothing is gathered; nor with enabled=False.
-    Only the forwards of the thread inside the block are gathered (another may score the model meanwhile).
-    ValueError unless `positions` is a 2-D bool tensor: 0/1 ints would index rows, not mask them
-    (a (B, L) int mask of 40 scored positions picked B·L·L rows)."""
-    if not isinstance(positions, torch.Tensor) or positions.dtype != torch.bool or positions.dim() != 2:
-        what = (f"{positions.dtype} of shape {tuple(positions.shape)}" if isinstance(positions, torch.Tensor)
-                else type(positions).__name__)
-        raise ValueError(f"positions must be a (B, L) bool tensor, got {what}")
-    scored = Scored(positions)
-    head = output_head(model) if enabled and not getattr(_FULL, "on", False) else None
+def _own(hook):
+    """Marks a hook of this module's: `logits_at` gathers past it (it changes no output)."""
+    hook._dcedit_scored_logits = True
+    return hook
+
+
+def _foreign_hooks(head: nn.Module) -> bool:
+    return any(not getattr(h, "_dcedit_scored_logits", False) for h in head._forward_hooks.values())
+
+
+def _gathering_head(model: nn.Module, skip: Iterable[nn.Module]) -> nn.Module | None:
+    """The head `logits_at` gathers the input of, or None: none inside `full_logits()`, nor a head
+    among `skip`, with a forward hook of the caller's or running compiled."""
+    head = output_head(model) if not getattr(_FULL, "on", False) else None
     # A forward hook on the head (the caller's: an edited or captured head is in `skip`) gets the
     # head's output: gathered, a hook that reads positions changed other logits than in a plain forward.
     # A compiled head (or one inside a compiled module) runs without the gather unless compiled code
@@ -93,7 +102,42 @@ def logits_at(model: nn.Module, positions: torch.Tensor, skip: Iterable[nn.Modul
     # nor by a second torch.compile of it; compiled fresh per test: gathered), and under fullgraph=True
     # the hook raised Unsupported (FT and FT+KL `apply`, `fit` and `measure_edit` on the tiny GPT-2 and
     # Llama).  The full logits cost B·L·V instead of n·V, as in the model's own forward.
-    if head is None or any(head is m for m in skip) or head._forward_hooks or runs_compiled(model, head):
+    if head is None or any(head is m for m in skip) or _foreign_hooks(head) or runs_compiled(model, head):
+        return None
+    return head
+
+
+def rows_head(model: nn.Module, skip: Iterable[nn.Module] = ()) -> nn.Module | None:
+    """The model's head when `logits_at(..., rows_only=True)` can keep its input rows and the logits
+    can be computed from them by calling the head: a head `logits_at` gathers at, called as one
+    module (`head_input.called_head`), with no pre-hook of the caller's (calling it on the rows
+    would run that hook once more, on other inputs).  Whether the model's logits are the head's
+    output is known after a pass only (`Scored.rows_give_logits`)."""
+    head = _gathering_head(model, skip)
+    if head is None or head is not called_head(model) or head._forward_pre_hooks:
+        return None
+    return head
+
+
+@contextlib.contextmanager
+def logits_at(model: nn.Module, positions: torch.Tensor, skip: Iterable[nn.Module] = (), enabled: bool = True,
+              rows_only: bool = False):
+    """Inside the block, the model's head computes logits at `positions` ((B, L) bool) only; yields
+    the `Scored` whose `pick` gives them.  `skip`: modules (edited or captured layers) that must see
+    full sequences: if the head is one of them, nothing is gathered; nor with enabled=False.
+    rows_only=True: where the head's input is gathered, the head computes no logits (it is given
+    none of the rows) and `Scored.rows` keeps its input at the positions, (n, H), from which
+    `head_kl_function.head_logits` gives the logits where `Scored.rows_give_logits(model_logits)`.
+    Only the forwards of the thread inside the block are gathered (another may score the model meanwhile).
+    ValueError unless `positions` is a 2-D bool tensor: 0/1 ints would index rows, not mask them
+    (a (B, L) int mask of 40 scored positions picked B·L·L rows)."""
+    if not isinstance(positions, torch.Tensor) or positions.dtype != torch.bool or positions.dim() != 2:
+        what = (f"{positions.dtype} of shape {tuple(positions.shape)}" if isinstance(positions, torch.Tensor)
+                else type(positions).__name__)
+        raise ValueError(f"positions must be a (B, L) bool tensor, got {what}")
+    scored = Scored(positions)
+    head = _gathering_head(model, skip) if enabled else None
+    if head is None:
         yield scored
         return
 
@@ -112,17 +156,28 @@ def logits_at(model: nn.Module, positions: torch.Tensor, skip: Iterable[nn.Modul
         if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(positions.shape):
             return None
         scored.gathered = True
-        return (hidden[positions.to(hidden.device)].unsqueeze(0),) + tuple(args[1:])
+        rows = hidden[positions.to(hidden.device)]
+        if rows_only:
+            scored.rows, rows = rows, rows[:0]
+        return (rows.unsqueeze(0),) + tuple(args[1:])
+
+    @_own
+    @torch.compiler.disable
+    def record(module, args, output):
+        if threading.get_ident() == thread and scored.gathered:
+            scored.head_output = output
 
     # A Ctrl-C meanwhile waits until the handle is kept, and on exit until the hook is off: one landing
     # in between left the gather on the head, and every later forward of this (B, L) was cut to the
     # positions (as block_prefix.record's hooks).
-    handle = None
+    handles = []
     try:
         with deferred_interrupt():
-            handle = head.register_forward_pre_hook(gather)
+            handles.append(head.register_forward_pre_hook(gather))
+            if rows_only:
+                handles.append(head.register_forward_hook(record))
         yield scored
     finally:
         with deferred_interrupt():
-            if handle is not None:
+            for handle in handles:
                 handle.remove()

@@ -22,7 +22,7 @@ from dcedit_kernels.losses import edit_loss, scored_accuracy, target_nll
 from dcedit_kernels.model_editor import ModelEditor
 from dcedit_kernels.models import tiny_model
 from dcedit_kernels.scored_logits import full_logits, logits_at, scored_positions
-from dcedit_kernels.train import batch_loss, evaluate_edits
+from dcedit_kernels.train import batch_loss, eval_rows, evaluate_edits
 
 CAUSAL = {"gpt2": ["transformer.h.1.mlp.c_fc", "transformer.h.0.mlp.c_proj"],
           "llama": ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj"]}
@@ -912,8 +912,10 @@ def test_capture_batch_size_is_checked():
 # ------------------------------------------------------------------------------- training pass
 @pytest.mark.parametrize("length_buckets", [False, True])
 def test_training_pass_computes_only_the_logits_its_losses_read(length_buckets, gen, monkeypatch):
-    """The edited pass gives the head the rephrase rows' target-predicting positions and the
-    locality rows' KL positions; its losses equal those of the full logits.  With length buckets
+    """The head computes logits at the rephrase rows' target-predicting positions and the locality
+    rows' KL positions only: the KL reference and edited passes give it none of their rows, and
+    the losses call it on the head's input at those positions (`head_kl_function`: the locality
+    rows' twice, base and edited); the losses equal those of the full logits.  With length buckets
     (a pass per row length here) every pass does."""
     from dcedit_kernels import length_buckets as buckets
 
@@ -926,9 +928,17 @@ def test_training_pass_computes_only_the_logits_its_losses_read(length_buckets, 
     torch.manual_seed(0)
     with input_shapes(model.get_output_embeddings()) as seen:
         loss, parts = batch_loss(me, reqs, config)
-    # capture, the KL reference pass(es), the edited pass(es): each on its scored positions only.
-    passes, scored = len(seen), sum(s[1] for s in seen)
-    assert (passes > 3 if length_buckets else passes == 3) and all(s[0] == 1 for s in seen)
+    # The capture (its scored positions), then the KL reference pass(es) and the edited pass(es) with
+    # none of their rows, then the losses' own calls: the edit positions', then the KL's, base and
+    # edited, in one block of rows here.
+    assert all(s[0] == 1 for s in seen)
+    empty = [i for i, s in enumerate(seen) if s[1] == 0]
+    assert empty == list(range(1, len(empty) + 1)) and (len(empty) > 2 if length_buckets else len(empty) == 2)
+    rows = eval_rows(me, reqs, config)
+    n_edit = int(scored_positions(rows["labels"][rows["is_edit_row"]], causal=True).sum())
+    n_kl = int(rows["kl_mask"][~rows["is_edit_row"]].sum())
+    assert [s[1] for s in seen[len(empty) + 1:]] == [n_edit, n_kl, n_kl]
+    passes, scored = len(empty) + 1, sum(s[1] for s in seen)
     torch.manual_seed(0)
     with input_shapes(model.get_output_embeddings()) as seen, full_logits():
         want, want_parts = batch_loss(me, reqs, config)

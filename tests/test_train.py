@@ -901,6 +901,88 @@ def test_one_pass_loss_equals_separate_dense_passes(arch, edit_rows, locality_ro
     assert_same_editor_grads(loss, want, edits)
 
 
+def one_pass_case(arch, gen):
+    """A float64 raeditor ModelEditor of the layers below the head, 5 requests (one without rephrase
+    or locality), random edits."""
+    model, tok = frozen_double_model(arch, int(torch.randint(0, 100, (1,), generator=gen)))
+    me = ModelEditor(model, tok, LAYERS[arch][:3], method="raeditor", n_editors=3, rank=4)
+    requests = random_requests(gen, 5)
+    requests[1] = EditRequest(requests[1].prompt, requests[1].target)
+    edits = {}
+    for name in me.layers:
+        o, i = weight_out_in(me.modules[name]).shape
+        edits[name] = random_grouped_edit(gen, i, o, 5, 3)
+    return me, requests, edits
+
+
+def dense_loss(me, requests, edits, config):
+    """The documented objective from every row's own dense forward (`dense_logits`)."""
+    model = me.model
+    rows = eval_rows(me, requests, config)
+    logits = dense_logits(model, me.modules, edits, rows["input_ids"], rows["attention_mask"],
+                          rows["row_edit"], rows["row_sees_all"])
+    is_edit = rows["is_edit_row"]
+    l_edit = target_nll(logits[is_edit], rows["labels"][is_edit], causal=True)
+    base = model(input_ids=rows["input_ids"][~is_edit], attention_mask=rows["attention_mask"][~is_edit]).logits
+    kl_mask = rows["kl_mask"][~is_edit]
+    kl = picked_kl(torch.log_softmax(base[kl_mask], -1), logits[~is_edit][kl_mask])
+    return config.cedit * l_edit + config.cloc * kl + config.balance_weight * 0.25, is_edit, kl_mask
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_the_training_kl_holds_no_tensor_of_the_vocabularys_width_past_the_edit_rows(arch, gen, monkeypatch):
+    """The KL is taken from the head's input rows (`head_kl_function`): of what the loss's graph
+    saves, only the edit rows' logits are as wide as the vocabulary (the logits path saved the
+    locality positions' logits and held their base log-probabilities too); the loss and its
+    gradients are the documented objective's."""
+    from dcedit_kernels import head_kl_function
+    me, requests, edits = one_pass_case(arch, gen)
+    V = me.model.get_output_embeddings().out_features
+    calls = []
+    apply = head_kl_function.HeadKLRows.apply
+    monkeypatch.setattr(head_kl_function.HeadKLRows, "apply", lambda *a: calls.append(a[0].shape) or apply(*a))
+    config = TrainConfig(cedit=0.3, cloc=1.7, balance_weight=0.1, length_buckets=False)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss, parts = loss_from_edits(me, requests, edits, config)
+    want, is_edit, kl_mask = dense_loss(me, requests, edits, config)
+    assert calls == [(int(kl_mask.sum()), me.model.get_output_embeddings().in_features)]
+    weight = me.model.get_output_embeddings().weight.untyped_storage().data_ptr()  # saved by the head's matmuls
+    wide = [tuple(t.shape) for t in saved
+            if t.dim() and t.shape[-1] == V and t.untyped_storage().data_ptr() != weight]
+    assert wide and all(t[0] == parts["edit_tokens"] for t in wide), wide
+    assert torch.allclose(loss, want, rtol=1e-10, atol=1e-12)
+    assert_same_editor_grads(loss, want, edits)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_model_that_changes_its_logits_after_the_head_trains_on_its_logits(arch, gen, monkeypatch):
+    """A forward that scales the head's output (as Gemma 2's soft-capping does): the loss is the
+    objective of the model's logits, not of the head's; the first call finds that out in its
+    reference pass and takes the logits from then on, without trying the rows again."""
+    from dcedit_kernels import train_loss
+    me, requests, edits = one_pass_case(arch, gen)
+    forward = me.model.forward
+
+    def scaled(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out["logits"] = out["logits"] * 0.7
+        return out
+
+    monkeypatch.setattr(me.model, "forward", scaled)
+    runs = []
+    loss_of = train_loss._loss
+    monkeypatch.setattr(train_loss, "_loss", lambda *a: runs.append(a[-1] is not None) or loss_of(*a))
+    config = TrainConfig(cedit=0.3, cloc=1.7, balance_weight=0.1, length_buckets=False)
+    loss, _ = loss_from_edits(me, requests, edits, config)
+    want, _, _ = dense_loss(me, requests, edits, config)
+    assert torch.allclose(loss, want, rtol=1e-10, atol=1e-12)
+    assert_same_editor_grads(loss, want, edits)
+    assert runs == [True, False]
+    again, _ = loss_from_edits(me, requests, edits, config)
+    assert runs == [True, False, False] and torch.equal(again, loss)
+
+
 def test_batch_edits_and_loss_under_no_grad_are_differentiable_in_the_editors(gen):
     """batch_edits and batch_loss turn grad on for their own steps (capture, editors, edited pass):
     under a caller's torch.no_grad() the edits keep their graph, and the loss and the editors'

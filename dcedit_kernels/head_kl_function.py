@@ -1,0 +1,96 @@
+"""The training KL from the LM head's input rows, holding no (n, V) tensor.
+
+KL_i = KL(p_base ‖ p_edited) at locality position i (`picked_kl_function`), where both
+distributions are the head's logits of a row of the head's input: the unedited model's `base_rows`
+(n, H) and the edited pass's `rows` (n, H).  That holds where the model's logits are its head's
+output as it is (`scored_logits.Scored.rows_give_logits`: no soft-capping or scaling after the
+head), and there each row's KL and its gradient depend on that row only, so they are computed a
+block of rows at a time (`row_blocks`): the block's base and edited logits, its KL and dKL/drows
+through the head, then the block is dropped.  The gradient is computed in the forward (a training
+loss is always backpropagated: the head runs twice per row, as the forward and backward of the
+logits path did, plus once for the base rows) and saved, (n, H); the backward scales it by the
+rows' output gradients.
+
+The logits path held (n, V) tensors from the reference pass to the backward: the base
+log-probabilities, the edited logits saved for the KL's backward, their gradient and its `cat`
+with the edit rows' (4 of them at the backward's peak; at batch 128 on SmolLM2, n ≈ 1,100
+locality positions × V = 49,152 in fp32: 206 MiB each).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .picked_kl_function import grad_of_logits, kl_of_block, row_blocks, upcast
+
+
+def head_logits(head: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """(n, V): the head's logits of (n, H) rows, called as `scored_logits.logits_at` calls it on the
+    gathered rows, (1, n, H)."""
+    return head(rows.unsqueeze(0)).squeeze(0)
+
+
+def _vocab(head: nn.Module, rows: torch.Tensor) -> int:
+    """The head's number of logits, read from the module where it says (an nn.Linear's
+    out_features), else from its output for one row."""
+    width = getattr(head, "out_features", None)
+    if isinstance(width, int) and width > 0:
+        return width
+    with torch.no_grad():
+        return head_logits(head, rows[:1]).shape[-1]
+
+
+class HeadKLRows(torch.autograd.Function):
+    """(n,) KL_i of the head's logits of `base_rows` and `rows`, differentiable in `rows` only (the
+    head's own parameters get no gradient: training freezes them)."""
+
+    @staticmethod
+    def forward(ctx, rows, base_rows, head):
+        n = rows.shape[0]
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(rows) if want_grad else None
+        kl = None
+        for b in row_blocks(n, _vocab(head, rows) if n else 1):
+            base = torch.log_softmax(upcast(head_logits(head, base_rows[b])), -1)
+            with torch.enable_grad():
+                leaf = rows[b].detach().requires_grad_(want_grad)
+                z = head_logits(head, leaf)
+            post = torch.log_softmax(upcast(z.detach()), -1)
+            block = kl_of_block(base, post)
+            if kl is None:
+                kl = block.new_empty(n)
+            kl[b] = block
+            if want_grad:
+                # p in base's dtype, then promoted as the product promotes it (PickedKLRows.backward).
+                p = base.exp().to(torch.promote_types(base.dtype, post.dtype))
+                grad[b], = torch.autograd.grad(z, leaf, grad_of_logits(p, post).to(z.dtype))
+            del base, z, post, leaf
+        if kl is None:  # no rows
+            kl = upcast(rows).new_empty(0)
+        ctx.save_for_backward(grad)
+        return kl
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        grad, = ctx.saved_tensors
+        if grad is None:
+            return None, None, None
+        return grad * g.to(grad.dtype).unsqueeze(-1), None, None
+
+
+def head_kl(base_rows: torch.Tensor, rows: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    """Mean over the n rows of KL(p_base ‖ p_edited), the distributions being the head's of
+    `base_rows` and of `rows` (both (n, H), on the head's device); in fp32 (float64 kept), 0 for no
+    rows.  Equal to `losses.picked_kl(log_softmax(head(base_rows)), head(rows))` where the model's
+    logits are the head's output (`scored_logits.Scored.rows_give_logits`)."""
+    if base_rows.shape != rows.shape or rows.dim() != 2:
+        raise ValueError(f"base_rows and rows must be (n, H) of one shape, got {tuple(base_rows.shape)} "
+                         f"and {tuple(rows.shape)}")
+    if torch.is_grad_enabled() and rows.requires_grad:
+        kl = HeadKLRows.apply(rows, base_rows.detach(), head)
+    else:
+        with torch.no_grad():
+            kl = HeadKLRows.apply(rows, base_rows, head)
+    return kl.mean() if kl.numel() else kl.new_zeros(())

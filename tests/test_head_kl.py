@@ -1,0 +1,173 @@
+"""head_kl (the training KL from the head's input rows) against picked_kl of the head's logits, and
+logits_at's rows_only mode that feeds it."""
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from dcedit_kernels import picked_kl_function
+from dcedit_kernels.head_kl_function import head_kl
+from dcedit_kernels.losses import picked_kl
+from dcedit_kernels.models import tiny_model
+from dcedit_kernels.scored_logits import logits_at, rows_head
+
+
+class RowwiseHead(nn.Module):
+    """A head that is no nn.Linear (no out_features): head_kl learns its width from one row."""
+
+    def __init__(self, H, V, gen, dtype):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(V, H, generator=gen, dtype=dtype), requires_grad=False)
+
+    def forward(self, x):
+        return torch.tanh(x) @ self.w.T * 3
+
+
+def random_head(kind, H, V, gen, dtype):
+    if kind == "rowwise":
+        return RowwiseHead(H, V, gen, dtype)
+    head = nn.Linear(H, V, bias=kind == "bias", dtype=dtype)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, H, generator=gen, dtype=dtype))
+        if head.bias is not None:
+            head.bias.copy_(torch.randn(V, generator=gen, dtype=dtype) * 3)
+    return head.requires_grad_(False)
+
+
+def random_rows(gen, n, H, dtype):
+    base = torch.randn(n, H, generator=gen, dtype=torch.float64)
+    rows = base + torch.randn(n, H, generator=gen, dtype=torch.float64) * float(torch.rand(1, generator=gen))
+    return base.to(dtype), rows.to(dtype)
+
+
+def logits_kl(base, rows, head):
+    """The oracle: picked_kl of the head's logits (the path of before, through autograd)."""
+    with torch.no_grad():
+        base_logp = torch.log_softmax(picked_kl_function.upcast(head(base)), -1)
+    return picked_kl(base_logp, head(rows))
+
+
+@pytest.mark.parametrize("kind", ["linear", "bias", "rowwise"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_head_kl_gives_picked_kl_of_the_heads_logits(kind, dtype, gen, monkeypatch):
+    """Values and gradients in the rows against picked_kl of the head's logits and against float64,
+    in blocks of one row to several (ROWS_BUDGET), odd sizes, and no rows (0, no NaN)."""
+    H, V = int(torch.randint(1, 12, (1,), generator=gen)), int(torch.randint(2, 60, (1,), generator=gen))
+    n = int(torch.randint(0, 25, (1,), generator=gen))
+    monkeypatch.setattr(picked_kl_function, "ROWS_BUDGET", V * int(torch.randint(1, 8, (1,), generator=gen)))
+    head = random_head(kind, H, V, gen, dtype)
+    base, rows = random_rows(gen, n, H, dtype)
+    a, b = rows.clone().requires_grad_(), rows.clone().requires_grad_()
+    got = head_kl(base, a, head)
+    assert got.shape == () and got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    if not n:
+        assert float(got) == 0.0  # as picked_kl's of no positions: a constant 0
+        return
+    want = logits_kl(base, b, head)
+    (g_got,), (g_want,) = torch.autograd.grad(got, a), torch.autograd.grad(want, b)
+    assert g_got.dtype == dtype and g_got.shape == (n, H)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-2)
+    assert torch.allclose(got.double(), want.double(), rtol=tol, atol=tol)
+    assert torch.allclose(g_got.double(), g_want.double(), rtol=tol, atol=tol * max(1.0, float(g_want.abs().max())))
+    head64 = random_head(kind, H, V, gen, torch.float64)
+    head64.load_state_dict({k: v.double() for k, v in head.state_dict().items()})
+    z64 = rows.double().requires_grad_()
+    want64 = logits_kl(base.double(), z64, head64)
+    g64, = torch.autograd.grad(want64, z64)
+    tol64 = {torch.float64: 1e-12, torch.float32: 1e-4}.get(dtype, 5e-2)
+    assert torch.allclose(got.double(), want64, rtol=tol64, atol=tol64)
+    assert torch.allclose(g_got.double(), g64, rtol=tol64, atol=tol64 * max(1.0, float(g64.abs().max())))
+
+
+def test_head_kl_passes_gradcheck(gen, monkeypatch):
+    """Its gradient (computed in the forward, scaled in the backward) against finite differences,
+    over blocks of rows, under a non-uniform output gradient (each row's KL weighted)."""
+    n, H, V = int(torch.randint(1, 6, (1,), generator=gen)), 3, int(torch.randint(2, 9, (1,), generator=gen))
+    monkeypatch.setattr(picked_kl_function, "ROWS_BUDGET", V * 2)
+    head = random_head("bias", H, V, gen, torch.float64)
+    base, rows = random_rows(gen, n, H, torch.float64)
+    weights = torch.rand(n, generator=gen, dtype=torch.float64)
+    from dcedit_kernels.head_kl_function import HeadKLRows
+    assert torch.autograd.gradcheck(lambda r: (HeadKLRows.apply(r, base, head) * weights).sum(),
+                                    (rows.requires_grad_(),))
+
+
+def test_head_kl_saves_no_tensor_of_the_vocabularys_width(gen):
+    """What the backward holds is one (n, H) gradient: no (n, V) logits, log-probabilities or
+    gradient (the logits path held four at its peak)."""
+    n, H, V = int(torch.randint(2, 20, (1,), generator=gen)), 5, int(torch.randint(30, 80, (1,), generator=gen))
+    head = random_head("linear", H, V, gen, torch.float32)
+    base, rows = random_rows(gen, n, H, torch.float32)
+    rows.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kl = head_kl(base, rows, head)
+    # The head's weight is saved by each block's own backward inside the forward: a view of the
+    # parameter, no copy.
+    weight = head.weight.untyped_storage().data_ptr()
+    assert [tuple(t.shape) for t in saved if t.untyped_storage().data_ptr() != weight] == [(n, H)]
+    kl.backward()
+    assert rows.grad.shape == (n, H)
+
+
+def test_head_kl_names_rows_of_other_shapes(gen):
+    head = random_head("linear", 4, 7, gen, torch.float32)
+    with pytest.raises(ValueError, match="base_rows and rows"):
+        head_kl(torch.zeros(3, 4), torch.zeros(2, 4), head)
+    with pytest.raises(ValueError, match="base_rows and rows"):
+        head_kl(torch.zeros(1, 3, 4), torch.zeros(1, 3, 4), head)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_rows_only_keeps_the_heads_input_and_gives_the_head_no_rows(arch, gen):
+    """The head computes no logits; `rows` is its input at the positions (the hidden state there),
+    and the head's logits of them are the model's at the positions."""
+    model, _ = tiny_model(arch, seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    B, L = 3, 7
+    ids = torch.randint(0, 50, (B, L), generator=gen)
+    positions = torch.rand(B, L, generator=gen) < 0.5
+    positions[0, 0] = True
+    head = rows_head(model)
+    assert head is model.get_output_embeddings()
+    full = model(input_ids=ids).logits
+    seen = []
+    handle = head.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    try:
+        assert rows_head(model) is None  # a pre-hook of the caller's: it would see the rows again
+        with logits_at(model, positions, rows_only=True) as scored:
+            logits = model(input_ids=ids).logits
+    finally:
+        handle.remove()
+    assert seen == [(B, L, head.in_features)]  # the caller's pre-hook ran first, on the full input
+    assert logits.shape[:2] == (1, 0) and scored.rows_give_logits(logits)
+    assert scored.rows.shape == (int(positions.sum()), head.in_features)
+    assert torch.allclose(head(scored.rows), full[positions], rtol=1e-5, atol=1e-5)
+    assert not scored.rows_give_logits(logits * 1)  # another tensor: a transform after the head
+
+
+def test_rows_only_does_not_stop_another_threads_gather(gen):
+    """The forward hook rows_only puts on the head is logits_at's own: another thread's logits_at
+    still gathers (a hook of the caller's on the head turns gathering off)."""
+    model, _ = tiny_model("gpt2", seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    ids = torch.randint(0, 50, (2, 5), generator=gen)
+    positions = torch.zeros(2, 5, dtype=torch.bool)
+    positions[:, -1] = True
+    inside, done, result = threading.Event(), threading.Event(), {}
+
+    def other():
+        inside.wait()
+        with logits_at(model, positions) as scored:
+            result["shape"] = tuple(model(input_ids=ids).logits.shape)
+            result["gathered"] = scored.gathered
+        done.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with logits_at(model, positions, rows_only=True):
+        inside.set()
+        assert done.wait(60)
+    thread.join()
+    assert result == {"shape": (1, 2, model.get_output_embeddings().out_features), "gathered": True}
+    assert not model.get_output_embeddings()._forward_hooks and not model.get_output_embeddings()._forward_pre_hooks
