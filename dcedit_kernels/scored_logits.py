@@ -110,13 +110,10 @@ def _gathering_head(model: nn.Module, skip: Iterable[nn.Module]) -> nn.Module | 
 def rows_head(model: nn.Module, skip: Iterable[nn.Module] = ()) -> nn.Module | None:
     """The model's head when `logits_at(..., rows_only=True)` can keep its input rows and the logits
     can be computed from them by calling the head: a head `logits_at` gathers at, called as one
-    module (`head_input.called_head`), with no pre-hook of the caller's (calling it on the rows
-    would run that hook once more, on other inputs).  Whether the model's logits are the head's
-    output is known after a pass only (`Scored.rows_give_logits`)."""
+    module (`head_input.called_head`).  Whether the model's logits are the head's output is known
+    after a pass only (`Scored.rows_give_logits`)."""
     head = _gathering_head(model, skip)
-    if head is None or head is not called_head(model) or head._forward_pre_hooks:
-        return None
-    return head
+    return head if head is not None and head is called_head(model) else None
 
 
 @contextlib.contextmanager
@@ -173,7 +170,10 @@ def logits_at(model: nn.Module, positions: torch.Tensor, skip: Iterable[nn.Modul
     handles = []
     try:
         with deferred_interrupt():
-            handles.append(head.register_forward_pre_hook(gather))
+            # rows_only: before the caller's pre-hooks (a split model's move to the head's device), so
+            # that the rows are the head's own input and calling the head on them runs those hooks
+            # once, as the model's pass would have; else after them, as the model's pass runs them.
+            handles.append(head.register_forward_pre_hook(gather, prepend=rows_only))
             if rows_only:
                 handles.append(head.register_forward_hook(record))
         yield scored

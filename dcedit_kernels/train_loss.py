@@ -53,7 +53,8 @@ L_balance is the gate's importance + load loss (MoEditor).
 The KL is taken from the LM head's input at the locality positions, a block of rows at a time
 (`head_kl_function`): the reference and edited passes give the head none of their rows, and no
 (n, V) tensor is held from the reference pass to the backward (MEND, 128 CounterFact edits a step
-on SmolLM2, CPU: the step's peak RSS growth 880 to 65 MiB, 19.8 s a step either way).  That needs
+on SmolLM2, CPU: a step's peak RSS growth 880 to 65 MiB; MoEditor with N_g 8: 866 to 292 MiB; the same
+step time).  That needs
 the model's logits to be its head's output as it is; where a pass shows they are not (soft-capping
 or scaling after the head, Gemma 2's; an upcast of 16-bit logits in the forward), or the head is
 edited, compiled or hooked (`scored_logits.rows_head`), the loss is taken from the logits at the
