@@ -30,6 +30,7 @@ from .block_prefix import PrefixReuse
 from .capture import no_activation_checkpointing
 from .devices import host_scalars_on_cpu
 from .edit_handle import add_note, deferred_interrupt, restore
+from .head_kl_function import LogitsAfterHead, head_kl, kl_head, rows_of
 from .losses import backward_scale, log_probs_at, picked_kl
 from .requests import EditRequest
 from .scored_logits import logits_at, scored_positions
@@ -164,11 +165,13 @@ class FineTuneBaselines:
         return pad_rows(rows, pad_token_id(self.tokenizer), self.device, vocab_size=embedding_rows(self.model),
                         row_name=lambda i, j: f"{names[i] if names else f'locality texts[{i}]'} ({texts[i]!r})")
 
-    def _ft_kl_reference(self, loc: dict, names: list[str] | None = None, prefix=None) -> list:
+    def _ft_kl_reference(self, loc: dict, names: list[str] | None = None, prefix=None, head=None) -> list:
         """[(chunk, its KL positions, the unedited model's log-probabilities there or None, the
         chunk's share of all KL positions)] for the locality batch `loc`, `capture_batch_size` rows
         at a time, sorted by length (`_capture_chunks`, as the edit rows: see `_apply_ft`; every
-        non-padding token is a KL position).
+        non-padding token is a KL position).  With `head` (`head_kl_function.kl_head`): the head's
+        input rows there (n, H) instead of the log-probabilities, every chunk's kept (their KL is
+        `head_kl`'s); LogitsAfterHead when the model's logits turn out not to be its head's output.
 
         A batch of one chunk keeps its reference (n×V fp32).  Chunked batches keep none (None):
         each step recomputes a chunk's reference from the saved unedited weights just before its
@@ -179,12 +182,12 @@ class FineTuneBaselines:
         with another parameter object (`_reference_recomputable`)."""
         total = max(int(loc["attention_mask"].sum()), 1)
         chunks, _ = self._capture_chunks(loc)
-        keep = len(chunks) == 1 or not self._reference_recomputable()
+        keep = head is not None or len(chunks) == 1 or not self._reference_recomputable()
         parts = []
         with self._length_errors(loc, "locality texts", names):
             for k, chunk in enumerate(chunks):
                 mask = chunk["attention_mask"].bool()
-                base_logp = self._ft_base_log_probs_from(prefix, k, chunk, mask) if keep else None
+                base_logp = self._ft_base_log_probs_from(prefix, k, chunk, mask, head=head) if keep else None
                 parts.append((chunk, mask, base_logp, int(mask.sum()) / total))
         return parts
 
@@ -197,22 +200,28 @@ class FineTuneBaselines:
                 return False
         return True
 
-    def _ft_base_log_probs(self, chunk: dict, mask: torch.Tensor, reference=()) -> torch.Tensor:
-        """The KL reference of one locality chunk: the model's log-probabilities at `mask`, with
-        `reference` ([(edited weight, its value before fine-tuning)]) in place of those weights."""
+    def _ft_base_log_probs(self, chunk: dict, mask: torch.Tensor, reference=(), head=None) -> torch.Tensor:
+        """The KL reference of one locality chunk: the model's log-probabilities at `mask` (with
+        `head`: the head's input rows there), with `reference` ([(edited weight, its value before
+        fine-tuning)]) in place of those weights."""
         with swapped_parameters(self.model, list(reference)):
-            return log_probs_at(self.model, chunk["input_ids"], chunk["attention_mask"], mask,
-                                skip=self.modules.values(), **no_kv_cache(self.model))
+            if head is None:
+                return log_probs_at(self.model, chunk["input_ids"], chunk["attention_mask"], mask,
+                                    skip=self.modules.values(), **no_kv_cache(self.model))
+            with torch.no_grad(), logits_at(self.model, mask, skip=self.modules.values(), rows_only=True) as scored:
+                logits = self.model(input_ids=chunk["input_ids"], attention_mask=chunk["attention_mask"],
+                                    **no_kv_cache(self.model)).logits
+            return rows_of(scored, logits, self.model)
 
     def _ft_base_log_probs_from(self, prefix: PrefixReuse | None, k: int, chunk: dict, mask: torch.Tensor,
-                                reference=()) -> torch.Tensor:
+                                reference=(), head=None) -> torch.Tensor:
         """`_ft_base_log_probs` of locality chunk `k`, run from the kept output of the blocks below
         the fine-tuned ones when `prefix` holds it (else keeping it); on the model's first recorded
         pass, checked once (`PrefixReuse.confirm`)."""
         with _prefixed(prefix, ("kl", k), chunk):
-            base_logp = self._ft_base_log_probs(chunk, mask, reference)
+            base_logp = self._ft_base_log_probs(chunk, mask, reference, head)
         if prefix is not None:
-            prefix.confirm(("kl", k), lambda b: self._ft_base_log_probs(b, mask, reference), chunk, base_logp)
+            prefix.confirm(("kl", k), lambda b: self._ft_base_log_probs(b, mask, reference, head), chunk, base_logp)
         return base_logp
 
     def _apply_ft(self, requests: list[EditRequest], batch: dict, saved: list):
@@ -252,11 +261,21 @@ class FineTuneBaselines:
             # Not when another parameter views a fine-tuned weight (allow_tied): a block below may
             # hold it, and its output then changes with every step (`for_written_weights`).
             prefix = PrefixReuse.for_written_weights(self.model, self.modules)
-            kl_parts, loc, loc_names = [], None, None
+            kl_parts, loc, loc_names, head = [], None, None, None
             if self.method == "ft_kl" and opts["kl_weight"] > 0:
                 loc_names = self._locality_names(requests)
                 loc = self._locality_batch(self._locality_texts(requests), loc_names)
-                kl_parts = self._ft_kl_reference(loc, loc_names, prefix)
+                # The KL from the head's input rows where the model's logits are its head's output
+                # (`head_kl_function`, as editor training's): every chunk's reference kept, (n, H),
+                # none recomputed, no n×V tensor; else from the logits.
+                head = kl_head(self.model, self.modules.values(), weights)
+                if head is not None:
+                    try:
+                        kl_parts = self._ft_kl_reference(loc, loc_names, prefix, head)
+                    except LogitsAfterHead:  # found on the first chunk's pass, once per model
+                        head = None
+                if head is None:
+                    kl_parts = self._ft_kl_reference(loc, loc_names, prefix)
             reference = saved[-len(weights):]  # (weight, its saved value): chunks whose reference is recomputed
             # 16-bit weights are optimised through fp32 copies (mixed precision): Adam's state in
             # fp16 underflows (eps = 1e-8 is 0 there) and one step made every weight non-finite.
@@ -327,11 +346,15 @@ class FineTuneBaselines:
                     with self._length_errors(loc, "locality texts", loc_names):
                         if base_logp is None:  # chunked: recomputed, not kept (see _ft_kl_reference)
                             base_logp = self._ft_base_log_probs_from(prefix, k, chunk, mask, reference)
-                        with logits_at(self.model, mask, skip=self.modules.values()) as scored, \
-                                _prefixed(prefix, ("kl", k), chunk):
+                        with logits_at(self.model, mask, skip=self.modules.values(), rows_only=head is not None) \
+                                as scored, _prefixed(prefix, ("kl", k), chunk):
                             logits = self.model(input_ids=chunk["input_ids"], attention_mask=chunk["attention_mask"],
                                                 **no_kv_cache(self.model)).logits
-                    kl = opts["kl_weight"] * share * picked_kl(base_logp, scored.pick(logits))
+                    if head is not None:
+                        kl = head_kl(base_logp, rows_of(scored, logits, self.model), head)
+                    else:
+                        kl = picked_kl(base_logp, scored.pick(logits))
+                    kl = opts["kl_weight"] * share * kl
                     del base_logp
                     backward(kl, scales[1])
                 return True

@@ -19,10 +19,49 @@ locality positions × V = 49,152 in fp32: 206 MiB each).
 
 from __future__ import annotations
 
+import weakref
+from typing import Iterable
+
 import torch
 from torch import nn
 
 from .picked_kl_function import grad_of_logits, kl_of_block, row_blocks, upcast
+from .scored_logits import Scored, rows_head
+
+# Models whose logits turned out not to be their head's output (Gemma 2's soft-capping, an upcast of
+# 16-bit logits in the forward): their KL is taken from the logits from then on.
+_LOGITS_AFTER_HEAD = weakref.WeakKeyDictionary()
+
+
+class LogitsAfterHead(Exception):
+    """A pass's logits were not its head's output as it is (`Scored.rows_give_logits`), or its head's
+    input was not gathered: the KL is to be taken from the logits instead."""
+
+
+def kl_head(model: nn.Module, skip: Iterable[nn.Module] = (), trained: Iterable[torch.Tensor] = ()) -> nn.Module | None:
+    """The head to take a KL from the head's input rows with (`rows_head`), or None: not for a model
+    known to change its logits after the head, nor when a head parameter is trained or shares
+    memory with a weight in `trained` (the base rows' logits are computed again at each use, by the
+    head as it is then, and the head gets no gradient here)."""
+    head = rows_head(model, skip)
+    if head is None or model in _LOGITS_AFTER_HEAD:
+        return None
+    memory = {w.untyped_storage().data_ptr() for w in trained}
+    if any(p.requires_grad or p.untyped_storage().data_ptr() in memory for p in head.parameters()):
+        return None
+    return head
+
+
+def rows_of(scored: Scored, logits: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """The head's input rows `scored` kept, when they give the pass's `logits`; else LogitsAfterHead,
+    with the model remembered as one whose KL is taken from the logits."""
+    if not scored.rows_give_logits(logits):
+        _LOGITS_AFTER_HEAD[model] = True
+        # Caught where it is the first pass (the loss is then taken from the logits); raised from a later
+        # one only, whose forward gave the head's output before: what failed can run again.
+        raise LogitsAfterHead("the model's logits were not its head's output as it is in this pass, though they were "
+                              "in the first one; its KL is taken from the logits from now on: run it again")
+    return scored.rows
 
 
 def head_logits(head: nn.Module, rows: torch.Tensor) -> torch.Tensor:
@@ -90,7 +129,7 @@ def head_kl(base_rows: torch.Tensor, rows: torch.Tensor, head: nn.Module) -> tor
                          f"and {tuple(rows.shape)}")
     if torch.is_grad_enabled() and rows.requires_grad:
         kl = HeadKLRows.apply(rows, base_rows.detach(), head)
-    else:
+    else:  # detached: the forward computes no gradient nobody takes
         with torch.no_grad():
-            kl = HeadKLRows.apply(rows, base_rows, head)
+            kl = HeadKLRows.apply(rows.detach(), base_rows.detach(), head)
     return kl.mean() if kl.numel() else kl.new_zeros(())

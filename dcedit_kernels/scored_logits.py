@@ -66,12 +66,19 @@ class Scored:
         self.gathered = False
         self.rows = None
         self.head_output = None
+        self.head_output_version = None
 
     def rows_give_logits(self, logits: torch.Tensor) -> bool:
-        """Whether `rows` were gathered and the model's `logits` are its head's output as it is, the
-        very tensor: then the logits at the positions are the head's of `rows` (no soft-capping,
-        scaling or upcast after the head, which would make the model's logits another tensor)."""
-        return self.rows is not None and self.head_output is not None and logits is self.head_output
+        """Whether `rows` were gathered and the model's `logits` are its head's output as it is: the
+        very tensor (soft-capping, scaling or an upcast after the head make another one), unchanged
+        in place since the head returned it (Chameleon masks its image tokens' logits in place).
+        Then the logits at the positions are the head's of `rows`."""
+        if self.rows is None or self.head_output is None or logits is not self.head_output:
+            return False
+        try:
+            return logits._version == self.head_output_version
+        except RuntimeError:  # an inference tensor keeps no version: an in-place change would go unseen
+            return False
 
     def pick(self, logits: torch.Tensor) -> torch.Tensor:
         """(n, V): the logits at the positions, in row-major order, from the model's output."""
@@ -163,6 +170,10 @@ def logits_at(model: nn.Module, positions: torch.Tensor, skip: Iterable[nn.Modul
     def record(module, args, output):
         if threading.get_ident() == thread and scored.gathered:
             scored.head_output = output
+            try:
+                scored.head_output_version = output._version
+            except (AttributeError, RuntimeError):  # not a tensor, or an inference tensor
+                scored.head_output_version = None
 
     # A Ctrl-C meanwhile waits until the handle is kept, and on exit until the hook is off: one landing
     # in between left the gather on the head, and every later forward of this (B, L) was cut to the

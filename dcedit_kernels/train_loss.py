@@ -53,12 +53,12 @@ L_balance is the gate's importance + load loss (MoEditor).
 The KL is taken from the LM head's input at the locality positions, a block of rows at a time
 (`head_kl_function`): the reference and edited passes give the head none of their rows, and no
 (n, V) tensor is held from the reference pass to the backward (MEND, 128 CounterFact edits a step
-on SmolLM2, CPU: a step's peak RSS growth 880 to 65 MiB; MoEditor with N_g 8: 866 to 292 MiB; the same
-step time).  That needs
-the model's logits to be its head's output as it is; where a pass shows they are not (soft-capping
-or scaling after the head, Gemma 2's; an upcast of 16-bit logits in the forward), or the head is
-edited, compiled or hooked (`scored_logits.rows_head`), the loss is taken from the logits at the
-scored positions, as before: the first such call on a model runs its reference pass twice.
+on SmolLM2, CPU: a step's peak RSS growth 880 to 65 MiB; MoEditor with N_g 8: 866 to 292 MiB; the
+same step time).  That needs the model's logits to be its head's output as it is; where a pass
+shows they are not (soft-capping or scaling after the head, Gemma 2's; an upcast of 16-bit logits
+in the forward), or the head is edited, compiled or trained (`head_kl_function.kl_head`), the loss
+is taken from the logits at the scored positions, as before: the first such call on a model runs
+its reference pass twice.
 
 Split models (layers on several devices): each edited layer computes on its own device with the
 editor outputs moved there (lowrank_layers), the losses are gathered on the logits' device, and the
@@ -71,20 +71,19 @@ and the editors, with no optimiser, RNG or checkpoint state of its own.
 from __future__ import annotations
 
 import contextlib
-import weakref
 
 import torch
 
 from .block_prefix import PrefixReuse
 from .capture import frozen_parameters
 from .ft_baseline import locality_texts
-from .head_kl_function import head_kl, head_logits
+from .head_kl_function import LogitsAfterHead, head_kl, head_logits, kl_head, rows_of
 from .length_buckets import plan_passes, run_in_passes
 from .lowrank_layers import lowrank_edited
 from .losses import log_probs_at, picked_kl, scored_nll
 from .model_editor import ModelEditor
 from .requests import EditRequest, validate_requests
-from .scored_logits import logits_at, rows_head, scored_positions
+from .scored_logits import logits_at, scored_positions
 from .tokenize import causal_pair_ids, embedding_rows, no_kv_cache, pad_rows, pad_token_id, text_ids
 from .train_config import TrainConfig
 
@@ -186,42 +185,25 @@ def loss_from_edits(me: ModelEditor, requests: list[EditRequest], edits: dict, c
         return _loss_from_edits(me, requests, edits, config)
 
 
-class _LogitsAfterHead(Exception):
-    """A pass's logits were not its head's output as it is (`Scored.rows_give_logits`), or its head's
-    input was not gathered: the loss is taken from the logits instead."""
-
-
-# Models whose logits turned out not to be their head's output (Gemma 2's soft-capping, an upcast of
-# 16-bit logits in the forward): their losses are taken from the logits from then on.
-_LOGITS_AFTER_HEAD = weakref.WeakKeyDictionary()
-
-
 def _loss_from_edits(me: ModelEditor, requests: list[EditRequest], edits: dict, config: TrainConfig):
     """`loss_from_edits` with the model's parameters frozen by the caller: from the head's input
     rows (`head_kl_function`) where the head allows it, else (or when a pass shows that the
     model's logits are not its head's output) from the logits."""
     skip = list(me.modules.values())
-    head = rows_head(me.model, skip)
-    if head is not None and me.model not in _LOGITS_AFTER_HEAD:
+    head = kl_head(me.model, skip)
+    if head is not None:
         try:
             return _loss(me, requests, edits, config, skip, head)
-        except _LogitsAfterHead:
-            # Once per model: the failed pass was the first one (the reference's), unless the
-            # model's forward changed since.
-            _LOGITS_AFTER_HEAD[me.model] = True
+        except LogitsAfterHead:
+            # Once per model (`rows_of` remembers it): the failed pass was the first one (the
+            # reference's), unless the model's forward changed since.
+            pass
     return _loss(me, requests, edits, config, skip, None)
-
-
-def _head_rows(scored, logits: torch.Tensor) -> torch.Tensor:
-    """The head's input rows `scored` kept, when they give the pass's `logits`; else _LogitsAfterHead."""
-    if not scored.rows_give_logits(logits):
-        raise _LogitsAfterHead
-    return scored.rows
 
 
 def _loss(me: ModelEditor, requests: list[EditRequest], edits: dict, config: TrainConfig, skip: list, head):
     """The loss, from the head's input rows at the scored positions when `head` is given (the
-    model's output head, `rows_head`), else from the logits there."""
+    model's output head, `head_kl_function.kl_head`), else from the logits there."""
     model = me.model
     rows = eval_rows(me, requests, config)
     is_edit, loc_rows = rows["is_edit_row"], ~rows["is_edit_row"]
@@ -239,7 +221,7 @@ def _loss(me: ModelEditor, requests: list[EditRequest], edits: dict, config: Tra
                 with logits_at(model, where, skip, rows_only=True) as scored:
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                    **no_cache).logits
-                return _head_rows(scored, logits)
+                return rows_of(scored, logits, model)
 
             if prefix is None:
                 return run(batch)
@@ -276,7 +258,7 @@ def _loss(me: ModelEditor, requests: list[EditRequest], edits: dict, config: Tra
                 logits_at(model, where, skip, rows_only=head is not None) as scored, \
                 prefix.reuse(key) if reused else contextlib.nullcontext():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **no_cache).logits
-        return scored.pick(logits) if head is None else _head_rows(scored, logits)
+        return scored.pick(logits) if head is None else rows_of(scored, logits, model)
 
     if prefix is not None and prefix.recorded:
         passes = _edited_passes(me, rows, config, loc_index, loc_passes)

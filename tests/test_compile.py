@@ -731,8 +731,8 @@ def test_training_of_an_editor_of_a_compiled_model_that_ran_before_reuses_the_pr
     # A compiled head's input is not gathered (`scored_logits`), so the compiled model's KL is taken
     # from the logits; so is the plain copy's here, which would take it from the head's input rows
     # (`head_kl_function`: the same loss up to rounding, not bit for bit).
-    from dcedit_kernels import train_loss
-    train_loss._LOGITS_AFTER_HEAD[plain] = True
+    from dcedit_kernels import head_kl_function
+    head_kl_function._LOGITS_AFTER_HEAD[plain] = True
     layers = LAYERS[arch][1:3]  # block 1's: blocks 0..0 are the prefix
     B, L = torch.randperm(4, generator=gen)[:2] + 2, torch.randperm(5, generator=gen)[:2] + 2  # two of each
     requests = random_requests(gen, int(torch.randint(2, 5, (1,), generator=gen)))

@@ -147,6 +147,8 @@ def test_rows_only_keeps_the_heads_input_and_gives_the_head_no_rows(arch, gen):
     finally:
         handle.remove()
     assert not scored.rows_give_logits(logits * 1)  # another tensor: a transform after the head
+    logits.mul_(1)  # changed in place after the head (Chameleon's masking of image tokens)
+    assert not scored.rows_give_logits(logits)
 
 
 def test_rows_only_does_not_stop_another_threads_gather(gen):
@@ -173,3 +175,51 @@ def test_rows_only_does_not_stop_another_threads_gather(gen):
     thread.join()
     assert result == {"shape": (1, 2, model.get_output_embeddings().out_features), "gathered": True}
     assert not model.get_output_embeddings()._forward_hooks and not model.get_output_embeddings()._forward_pre_hooks
+
+
+def test_kl_head_is_none_for_a_trained_head_or_a_model_known_to_change_its_logits(gen):
+    """The rows path recomputes the base logits with the head as it is at each use and gives the
+    head no gradient: not for a head whose parameters are trained (or share memory with a trained
+    weight, a tied embedding), nor for a model found to change its logits after the head."""
+    from dcedit_kernels import head_kl_function
+    from dcedit_kernels.head_kl_function import kl_head
+    model, _ = tiny_model("llama", seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    model.requires_grad_(False)
+    head = model.get_output_embeddings()
+    assert kl_head(model) is head
+    assert kl_head(model, skip=[head]) is None  # an edited head
+    assert kl_head(model, trained=[head.weight]) is None
+    assert kl_head(model, trained=[head.weight[:3]]) is None  # a view of its memory
+    head.weight.requires_grad_(True)
+    assert kl_head(model) is None
+    head.weight.requires_grad_(False)
+    head_kl_function._LOGITS_AFTER_HEAD[model] = True
+    assert kl_head(model) is None
+
+
+def test_ft_kl_whose_logits_change_after_the_head_in_its_steps_only_fails_restored_then_edits(gen, monkeypatch):
+    """A model whose reference pass gives the head's output as its logits and whose steps do not
+    (a forward that scales them under grad only): the edit fails with the weights restored bit for
+    bit, and the next apply takes the KL from the logits and edits."""
+    from dcedit_kernels import EditRequest, ModelEditor
+    model, tok = tiny_model("llama", seed=int(torch.randint(0, 100, (1,), generator=gen)))
+    forward = model.forward
+
+    def scaled_with_grad(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if torch.is_grad_enabled():
+            out["logits"] = out["logits"] * 0.5
+        return out
+
+    monkeypatch.setattr(model, "forward", scaled_with_grad)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    me = ModelEditor(model, tok, ["model.layers.1.mlp.down_proj"], method="ft_kl", ft_steps=2, ft_stop_loss=None)
+    request = EditRequest("The capital of France is", "Rome", locality="Water is wet")
+    with pytest.raises(Exception, match="not its head.s output as it is in this pass"):
+        me.apply([request])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    handle = me.apply([request])
+    assert handle.stats["ft_steps_run"] == 2
+    assert not torch.equal(model.model.layers[1].mlp.down_proj.weight, before["model.layers.1.mlp.down_proj.weight"])
+    handle.undo()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

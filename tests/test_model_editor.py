@@ -2869,7 +2869,9 @@ def test_ft_weights_are_those_of_a_plain_float64_fine_tuning_loop(arch, method, 
     embedding (allow_tied) half the time, ft_stop_loss half the time set between the loop's losses before
     steps k-1 and k (so exactly k steps run); the KL texts from every request's locality prompt and answer,
     from some requests' only (the others have none; the first without its answer), from locality_texts, or
-    the generic sentences.  No other parameter moves; undo is bit for bit."""
+    the generic sentences; the rows and texts in chunks of 1, 2 or all; the KL from the head's input
+    rows where the head is not fine-tuned (`head_kl_function`), else from the logits.  No other
+    parameter moves; undo is bit for bit."""
     if arch == "llama":
         skip_fp32_logits(arch)
     draw = lambda n: int(torch.randint(0, n, (1,), generator=gen))  # noqa: E731
@@ -2898,7 +2900,10 @@ def test_ft_weights_are_those_of_a_plain_float64_fine_tuning_loop(arch, method, 
             kwargs["ft_stop_loss"] = (losses[k] + min(losses[:k])) / 2
     want, before = copy.deepcopy(model), snapshot(model)
     steps, _ = _ft_loop(want, tok, layers, reqs, method, **kwargs)
-    handle = ModelEditor(model, tok, layers, method=method, allow_tied=tied, **kwargs).apply(reqs)
+    # Rows and locality texts in chunks of 1 or 2 (the KL's references per chunk) or in one.
+    chunk = [None, 1, 2][draw(3)]
+    handle = ModelEditor(model, tok, layers, method=method, allow_tied=tied, capture_batch_size=chunk,
+                         **kwargs).apply(reqs)
     assert handle.stats["ft_steps_run"] == steps
     edited = {k for k, v in model.state_dict().items()
               if any(v.data_ptr() == model.get_submodule(n).weight.data_ptr() for n in layers)}

@@ -955,18 +955,23 @@ def test_the_training_kl_holds_no_tensor_of_the_vocabularys_width_past_the_edit_
     assert_same_editor_grads(loss, want, edits)
 
 
+@pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_a_model_that_changes_its_logits_after_the_head_trains_on_its_logits(arch, gen, monkeypatch):
-    """A forward that scales the head's output (as Gemma 2's soft-capping does): the loss is the
-    objective of the model's logits, not of the head's; the first call finds that out in its
-    reference pass and takes the logits from then on, without trying the rows again."""
+def test_a_model_that_changes_its_logits_after_the_head_trains_on_its_logits(arch, in_place, gen, monkeypatch):
+    """A forward that scales the head's output (as Gemma 2's soft-capping does), or changes it in
+    place (as Chameleon masks its image tokens' logits): the loss is the objective of the model's
+    logits, not of the head's; the first call finds that out in its reference pass and takes the
+    logits from then on, without trying the rows again."""
     from dcedit_kernels import train_loss
     me, requests, edits = one_pass_case(arch, gen)
     forward = me.model.forward
 
     def scaled(*args, **kwargs):
         out = forward(*args, **kwargs)
-        out["logits"] = out["logits"] * 0.7
+        if in_place:
+            out["logits"][..., 1:3] = -30.0
+        else:
+            out["logits"] = out["logits"] * 0.7
         return out
 
     monkeypatch.setattr(me.model, "forward", scaled)
