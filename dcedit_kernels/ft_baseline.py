@@ -173,13 +173,13 @@ class FineTuneBaselines:
         input rows there (n, H) instead of the log-probabilities, every chunk's kept (their KL is
         `head_kl`'s); LogitsAfterHead when the model's logits turn out not to be its head's output.
 
-        A batch of one chunk keeps its reference (n×V fp32).  Chunked batches keep none (None):
-        each step recomputes a chunk's reference from the saved unedited weights just before its
-        KL (`_ft_base_log_probs`), one more no-grad forward per chunk and step, so the memory
-        stays one chunk's as everywhere else in the chunked path; keeping them all would hold
-        n×V fp32 for every locality token (1,000 CounterFact locality prompts on SmolLM2, ~9
-        tokens each at V = 49,152: 1.8 GB).  Also kept when an edited weight shares its memory
-        with another parameter object (`_reference_recomputable`)."""
+        On the logits path (no `head`), a batch of one chunk keeps its reference (n×V fp32).
+        Chunked batches keep none (None): each step recomputes a chunk's reference from the saved
+        unedited weights just before its KL (`_ft_base_log_probs`), one more no-grad forward per
+        chunk and step, so the memory stays one chunk's as everywhere else in the chunked path;
+        keeping them all would hold n×V fp32 for every locality token (1,000 CounterFact locality
+        prompts on SmolLM2, ~9 tokens each at V = 49,152: 1.8 GB).  Also kept when an edited
+        weight shares its memory with another parameter object (`_reference_recomputable`)."""
         total = max(int(loc["attention_mask"].sum()), 1)
         chunks, _ = self._capture_chunks(loc)
         keep = head is not None or len(chunks) == 1 or not self._reference_recomputable()

@@ -64,6 +64,16 @@ def rows_of(scored: Scored, logits: torch.Tensor, model: nn.Module) -> torch.Ten
     return scored.rows
 
 
+# A block's rows go through the head's matmuls, which lose speed on few rows: one thread, H 576,
+# V 49,152, the forward and gradient matmuls of 42 / 85 / 170 / 290 rows ran at 56-72 / 68-84 / 80-94 /
+# 77-98 GFLOP/s, and head_kl of 290 rows took 0.95-1.18 s in blocks of 42 (picked_kl_function's
+# budget), 0.80-1.0 s in blocks of 85, against 0.74-0.79 s for the logits path's three whole matmuls.
+# Twice the KL's budget (16 MiB per fp32 block tensor at 85 rows, about 7 of them alive) and at least
+# 64 rows (a 128K vocabulary's blocks: 32 MiB each).
+HEAD_ROWS_BUDGET = 1 << 22
+HEAD_MIN_ROWS = 64
+
+
 def head_logits(head: nn.Module, rows: torch.Tensor) -> torch.Tensor:
     """(n, V): the head's logits of (n, H) rows, called as `scored_logits.logits_at` calls it on the
     gathered rows, (1, n, H)."""
@@ -90,21 +100,21 @@ class HeadKLRows(torch.autograd.Function):
         want_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(rows) if want_grad else None
         kl = None
-        for b in row_blocks(n, _vocab(head, rows) if n else 1):
+        for b in row_blocks(n, _vocab(head, rows) if n else 1, HEAD_ROWS_BUDGET, HEAD_MIN_ROWS):
             base = torch.log_softmax(upcast(head_logits(head, base_rows[b])), -1)
             with torch.enable_grad():
                 leaf = rows[b].detach().requires_grad_(want_grad)
                 z = head_logits(head, leaf)
             post = torch.log_softmax(upcast(z.detach()), -1)
-            block = kl_of_block(base, post)
+            p = base.exp()  # base and post are both upcast: one dtype, as PickedKLRows's p and post
+            block = kl_of_block(base, post, p)
             if kl is None:
                 kl = block.new_empty(n)
             kl[b] = block
             if want_grad:
-                # p in base's dtype, then promoted as the product promotes it (PickedKLRows.backward).
-                p = base.exp().to(torch.promote_types(base.dtype, post.dtype))
-                grad[b], = torch.autograd.grad(z, leaf, grad_of_logits(p, post).to(z.dtype))
-            del base, z, post, leaf
+                del base
+                grad[b], = torch.autograd.grad(z, leaf, grad_of_logits(p, post, in_place=True).to(z.dtype))
+            del z, post, p, leaf
         if kl is None:  # no rows
             kl = upcast(rows).new_empty(0)
         ctx.save_for_backward(grad)

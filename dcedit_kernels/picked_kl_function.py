@@ -25,7 +25,9 @@ import torch
 ROWS_BUDGET = 1 << 21
 
 
-def row_blocks(n: int, V: int):
+def row_blocks(n: int, V: int, budget: int | None = None, min_rows: int = 1):
+    """Slices of n rows of V elements, `budget` elements a block (ROWS_BUDGET when None), at least
+    `min_rows` rows a block."""
     if torch.compiler.is_compiling():
         # One block while torch.compile traces: the loop below reads n, the number of KL positions,
         # which made the trace specialise on it (a compile per n, a new n nearly every training step,
@@ -36,7 +38,7 @@ def row_blocks(n: int, V: int):
         # the forward into one kernel (its output code for n = 31, V = 977: one (n, V) temporary
         # besides the (n, V) gradient it computes ahead and saves for the backward).
         return [slice(0, n)]
-    step = max(1, ROWS_BUDGET // max(V, 1))
+    step = max(1, min_rows, (ROWS_BUDGET if budget is None else budget) // max(V, 1))
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
@@ -57,18 +59,22 @@ def kl_rows(base_logp: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def kl_of_block(base: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
-    """KL_i of a block of rows: `base` the base log-probabilities, `post` the edited ones."""
-    p = base.exp()
+def kl_of_block(base: torch.Tensor, post: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
+    """KL_i of a block of rows: `base` the base log-probabilities, `post` the edited ones; `p`:
+    base.exp() when the caller has it."""
+    p = base.exp() if p is None else p
     # 0 · log 0 = 0: a token the base model gives no probability (a −inf logit) adds nothing, not NaN.
     zero = torch.zeros((), dtype=torch.promote_types(p.dtype, post.dtype), device=p.device)
     return torch.where(p > 0, p * (base - post), zero).sum(-1)
 
 
-def grad_of_logits(p: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+def grad_of_logits(p: torch.Tensor, post: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     """dKL_i/dz_i = softmax(z_i) Σ_v p_v − p for a block of rows: `p` the base probabilities, `post`
     log_softmax(z).  The derivative of −Σ_v p_v log softmax(z)_v; a p_v = 0 entry contributes nothing
-    (its term is masked out of the KL), which the p_v factor gives as well."""
+    (its term is masked out of the KL), which the p_v factor gives as well.  in_place: computed in
+    `post`'s memory (which then holds it), for a caller done with post; the same values."""
+    if in_place and post.dtype == torch.promote_types(post.dtype, p.dtype):
+        return post.exp_().mul_(p.sum(-1, keepdim=True)).sub_(p)
     return post.exp() * p.sum(-1, keepdim=True) - p
 
 

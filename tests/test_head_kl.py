@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from dcedit_kernels import picked_kl_function
+from dcedit_kernels import head_kl_function, picked_kl_function
 from dcedit_kernels.head_kl_function import head_kl
 from dcedit_kernels.losses import picked_kl
 from dcedit_kernels.models import tiny_model
@@ -53,10 +53,11 @@ def logits_kl(base, rows, head):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_head_kl_gives_picked_kl_of_the_heads_logits(kind, dtype, gen, monkeypatch):
     """Values and gradients in the rows against picked_kl of the head's logits and against float64,
-    in blocks of one row to several (ROWS_BUDGET), odd sizes, and no rows (0, no NaN)."""
+    in blocks of one row to several (HEAD_ROWS_BUDGET), odd sizes, and no rows (0, no NaN)."""
     H, V = int(torch.randint(1, 12, (1,), generator=gen)), int(torch.randint(2, 60, (1,), generator=gen))
     n = int(torch.randint(0, 25, (1,), generator=gen))
-    monkeypatch.setattr(picked_kl_function, "ROWS_BUDGET", V * int(torch.randint(1, 8, (1,), generator=gen)))
+    monkeypatch.setattr(head_kl_function, "HEAD_ROWS_BUDGET", V * int(torch.randint(1, 8, (1,), generator=gen)))
+    monkeypatch.setattr(head_kl_function, "HEAD_MIN_ROWS", 1)
     head = random_head(kind, H, V, gen, dtype)
     base, rows = random_rows(gen, n, H, dtype)
     a, b = rows.clone().requires_grad_(), rows.clone().requires_grad_()
@@ -85,7 +86,8 @@ def test_head_kl_passes_gradcheck(gen, monkeypatch):
     """Its gradient (computed in the forward, scaled in the backward) against finite differences,
     over blocks of rows, under a non-uniform output gradient (each row's KL weighted)."""
     n, H, V = int(torch.randint(1, 6, (1,), generator=gen)), 3, int(torch.randint(2, 9, (1,), generator=gen))
-    monkeypatch.setattr(picked_kl_function, "ROWS_BUDGET", V * 2)
+    monkeypatch.setattr(head_kl_function, "HEAD_ROWS_BUDGET", V * 2)
+    monkeypatch.setattr(head_kl_function, "HEAD_MIN_ROWS", 1)
     head = random_head("bias", H, V, gen, torch.float64)
     base, rows = random_rows(gen, n, H, torch.float64)
     weights = torch.rand(n, generator=gen, dtype=torch.float64)
@@ -181,7 +183,6 @@ def test_kl_head_is_none_for_a_trained_head_or_a_model_known_to_change_its_logit
     """The rows path recomputes the base logits with the head as it is at each use and gives the
     head no gradient: not for a head whose parameters are trained (or share memory with a trained
     weight, a tied embedding), nor for a model found to change its logits after the head."""
-    from dcedit_kernels import head_kl_function
     from dcedit_kernels.head_kl_function import kl_head
     model, _ = tiny_model("llama", seed=int(torch.randint(0, 100, (1,), generator=gen)))
     model.requires_grad_(False)
@@ -223,3 +224,13 @@ def test_ft_kl_whose_logits_change_after_the_head_in_its_steps_only_fails_restor
     assert not torch.equal(model.model.layers[1].mlp.down_proj.weight, before["model.layers.1.mlp.down_proj.weight"])
     handle.undo()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_head_kl_blocks_hold_at_least_the_minimum_rows_and_the_budget(monkeypatch):
+    """The head's matmuls run on HEAD_MIN_ROWS rows a block at least (few rows ran them at ~60 % of
+    their speed), else on HEAD_ROWS_BUDGET elements' worth."""
+    from dcedit_kernels.picked_kl_function import row_blocks
+    assert [b.stop - b.start for b in row_blocks(300, 49152, head_kl_function.HEAD_ROWS_BUDGET,
+                                                  head_kl_function.HEAD_MIN_ROWS)] == [85, 85, 85, 45]
+    assert [b.stop - b.start for b in row_blocks(130, 128256, head_kl_function.HEAD_ROWS_BUDGET,
+                                                  head_kl_function.HEAD_MIN_ROWS)] == [64, 64, 2]
