@@ -53,8 +53,8 @@ L_balance is the gate's importance + load loss (MoEditor).
 The KL is taken from the LM head's input at the locality positions, a block of rows at a time
 (`head_kl_function`): the reference and edited passes give the head none of their rows, and no
 (n, V) tensor is held from the reference pass to the backward (MEND, 128 CounterFact edits a step
-on SmolLM2, CPU: a step's peak RSS growth 880 to 65 MiB; MoEditor with N_g 8: 866 to 292 MiB; the
-same step time).  That needs the model's logits to be its head's output as it is; where a pass
+on SmolLM2, CPU, 1 thread: a step's peak RSS growth 927 to 197 MiB, 19.1 to 18.1 s; MoEditor with
+N_g 8: 930 to 357 MiB, 18.3 to 18.0 s).  That needs the model's logits to be its head's output as it is; where a pass
 shows they are not (soft-capping or scaling after the head, Gemma 2's; an upcast of 16-bit logits
 in the forward), or the head is edited, compiled or trained (`head_kl_function.kl_head`), the loss
 is taken from the logits at the scored positions, as before: the first such call on a model runs
