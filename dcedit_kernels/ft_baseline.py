@@ -229,7 +229,15 @@ class FineTuneBaselines:
         # form (transformers 4.x's default) hides the weights inside a checkpointed block from
         # `torch.autograd.grad`, so every fine-tuned layer "got no gradient" in a model in train mode.
         with no_activation_checkpointing(self.model):
-            return self._fine_tune(requests, batch, saved)
+            start = len(saved)
+            try:
+                return self._fine_tune(requests, batch, saved)
+            except LogitsAfterHead:
+                # A step's logits were not the head's output as the reference pass's were (a forward
+                # that changes them under grad only): the weights are restored; once more from the
+                # logits, which `kl_head` now gives this model.
+                del saved[start:]
+                return self._fine_tune(requests, batch, saved)
 
     def _fine_tune(self, requests: list[EditRequest], batch: dict, saved: list):
         opts = self.ft_options

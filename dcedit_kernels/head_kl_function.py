@@ -11,6 +11,10 @@ loss is always backpropagated: the head runs twice per row, as the forward and b
 logits path did, plus once for the base rows) and saved, (n, H); the backward scales it by the
 rows' output gradients.
 
+An in-place change of the logits after the head is seen through the tensor's version counter,
+except a write that bypasses it (through `.data`, or a custom kernel writing the memory): such a
+model needs the logits path, which a test can force with `_LOGITS_AFTER_HEAD[model] = True`.
+
 The logits path held (n, V) tensors from the reference pass to the backward: the base
 log-probabilities, the edited logits saved for the KL's backward, their gradient and its `cat`
 with the edit rows' (4 of them at the backward's peak; at batch 128 on SmolLM2, n ≈ 1,100
@@ -75,9 +79,14 @@ HEAD_MIN_ROWS = 64
 
 
 def head_logits(head: nn.Module, rows: torch.Tensor) -> torch.Tensor:
-    """(n, V): the head's logits of (n, H) rows, called as `scored_logits.logits_at` calls it on the
-    gathered rows, (1, n, H)."""
-    return head(rows.unsqueeze(0)).squeeze(0)
+    """(n, V): the head's logits of (n, H) rows kept by `logits_at(..., rows_only=True)`, from its
+    forward on them as that gather gives them, (1, n, H).  The forward itself, not the module call:
+    the rows were gathered after the caller's pre-hooks on the head had run on the pass's full input
+    (a hook that moves it to the head's device, one that scales it by position), and running them
+    again on the rows would apply them twice, or at other positions (rows path 2.4-5.4e-2 off a
+    float64 FT+KL loop under a position-scaling pre-hook, when the gather came first).  accelerate's
+    device hooks wrap the forward and run with it."""
+    return head.forward(rows.unsqueeze(0)).squeeze(0)
 
 
 def _vocab(head: nn.Module, rows: torch.Tensor) -> int:

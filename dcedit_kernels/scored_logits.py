@@ -181,10 +181,10 @@ def logits_at(model: nn.Module, positions: torch.Tensor, skip: Iterable[nn.Modul
     handles = []
     try:
         with deferred_interrupt():
-            # rows_only: before the caller's pre-hooks (a split model's move to the head's device), so
-            # that the rows are the head's own input and calling the head on them runs those hooks
-            # once, as the model's pass would have; else after them, as the model's pass runs them.
-            handles.append(head.register_forward_pre_hook(gather, prepend=rows_only))
+            # After the caller's pre-hooks, which see the full input as in a plain forward (a hook that
+            # reads positions); rows_only's rows are then what the head's forward is given, and
+            # `head_kl_function.head_logits` calls that forward on them without the hooks.
+            handles.append(head.register_forward_pre_hook(gather))
             if rows_only:
                 handles.append(head.register_forward_hook(record))
         yield scored

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dcedit_kernels import head_kl_function, picked_kl_function
-from dcedit_kernels.head_kl_function import head_kl
+from dcedit_kernels.head_kl_function import head_kl, head_logits
 from dcedit_kernels.losses import picked_kl
 from dcedit_kernels.models import tiny_model
 from dcedit_kernels.scored_logits import logits_at, rows_head
@@ -133,19 +133,27 @@ def test_rows_only_keeps_the_heads_input_and_gives_the_head_no_rows(arch, gen):
     positions[0, 0] = True
     head = rows_head(model)
     assert head is model.get_output_embeddings()
-    # A pre-hook of the caller's that changes the head's input (not idempotent, unlike a move to a
-    # device): the rows are taken before it, so that calling the head on them runs it once.
+    # A pre-hook of the caller's that changes the head's input by position (neither idempotent nor
+    # rowwise): it runs on the full input as in a plain forward, the rows are taken after it, and
+    # head_logits runs the head's forward on them without it.
     seen = []
-    handle = head.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)) or (args[0] * 2,))
+    scale = torch.arange(1, L + 1, dtype=torch.float32).reshape(1, L, 1) / 4
+
+    def by_position(module, args):
+        seen.append(tuple(args[0].shape))
+        return (args[0] * scale,)
+
+    handle = head.register_forward_pre_hook(by_position)
     try:
         full = model(input_ids=ids).logits
         assert rows_head(model) is head
         with logits_at(model, positions, rows_only=True) as scored:
             logits = model(input_ids=ids).logits
-        assert seen == [(B, L, head.in_features), (1, 0, head.in_features)]
+        assert seen == [(B, L, head.in_features)] * 2
         assert logits.shape[:2] == (1, 0) and scored.rows_give_logits(logits)
         assert scored.rows.shape == (int(positions.sum()), head.in_features)
-        assert torch.allclose(head(scored.rows), full[positions], rtol=1e-5, atol=1e-5)
+        assert torch.allclose(head_logits(head, scored.rows), full[positions], rtol=1e-5, atol=1e-5)
+        assert len(seen) == 2
     finally:
         handle.remove()
     assert not scored.rows_give_logits(logits * 1)  # another tensor: a transform after the head
@@ -198,10 +206,10 @@ def test_kl_head_is_none_for_a_trained_head_or_a_model_known_to_change_its_logit
     assert kl_head(model) is None
 
 
-def test_ft_kl_whose_logits_change_after_the_head_in_its_steps_only_fails_restored_then_edits(gen, monkeypatch):
+def test_ft_kl_whose_logits_change_after_the_head_in_its_steps_only_edits_from_the_logits(gen, monkeypatch):
     """A model whose reference pass gives the head's output as its logits and whose steps do not
-    (a forward that scales them under grad only): the edit fails with the weights restored bit for
-    bit, and the next apply takes the KL from the logits and edits."""
+    (a forward that scales them under grad only): the fine-tuning starts again from the restored
+    weights and takes the KL from the logits, as an apply that knew it from the start does."""
     from dcedit_kernels import EditRequest, ModelEditor
     model, tok = tiny_model("llama", seed=int(torch.randint(0, 100, (1,), generator=gen)))
     forward = model.forward
@@ -214,16 +222,17 @@ def test_ft_kl_whose_logits_change_after_the_head_in_its_steps_only_fails_restor
 
     monkeypatch.setattr(model, "forward", scaled_with_grad)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    me = ModelEditor(model, tok, ["model.layers.1.mlp.down_proj"], method="ft_kl", ft_steps=2, ft_stop_loss=None)
+    layer = "model.layers.1.mlp.down_proj"
+    me = ModelEditor(model, tok, [layer], method="ft_kl", ft_steps=2, ft_stop_loss=None)
     request = EditRequest("The capital of France is", "Rome", locality="Water is wet")
-    with pytest.raises(Exception, match="not its head.s output as it is in this pass"):
-        me.apply([request])
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     handle = me.apply([request])
-    assert handle.stats["ft_steps_run"] == 2
-    assert not torch.equal(model.model.layers[1].mlp.down_proj.weight, before["model.layers.1.mlp.down_proj.weight"])
+    assert model in head_kl_function._LOGITS_AFTER_HEAD and handle.stats["ft_steps_run"] == 2
+    got = model.get_submodule(layer).weight.detach().clone()
     handle.undo()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    want = me.apply([request])  # the logits path from the start
+    assert torch.equal(got, model.get_submodule(layer).weight) and not torch.equal(got, before[layer + ".weight"])
+    want.undo()
 
 
 def test_head_kl_blocks_hold_at_least_the_minimum_rows_and_the_budget(monkeypatch):

@@ -956,6 +956,35 @@ def test_the_training_kl_holds_no_tensor_of_the_vocabularys_width_past_the_edit_
     assert_same_editor_grads(loss, want, edits)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_pre_hook_on_the_head_that_reads_positions_gives_the_documented_objective(arch, gen):
+    """A caller's pre-hook on the head that scales its input by position runs on the full input, as
+    in a plain forward, and the KL from the head's input rows applies it once (the rows are taken
+    after it, the head's forward run on them without it): the loss and gradients are the dense
+    reference's."""
+    skip_fp32_logits(arch)
+    me, requests, edits = one_pass_case(arch, gen)
+    head = me.model.get_output_embeddings()
+
+    def by_position(module, args):
+        L = args[0].shape[1]
+        return (args[0] * (1 + 0.05 * torch.arange(L, dtype=args[0].dtype)).reshape(1, L, 1),)
+
+    handle = head.register_forward_pre_hook(by_position)
+    try:
+        from dcedit_kernels.head_kl_function import kl_head
+        assert kl_head(me.model, list(me.modules.values())) is head  # the rows path, hook and all
+        config = TrainConfig(cedit=0.3, cloc=1.7, balance_weight=0.1, length_buckets=False)
+        loss, _ = loss_from_edits(me, requests, edits, config)
+        want, _, _ = dense_loss(me, requests, edits, config)
+    finally:
+        handle.remove()
+    from dcedit_kernels.head_kl_function import _LOGITS_AFTER_HEAD
+    assert me.model not in _LOGITS_AFTER_HEAD
+    assert torch.allclose(loss, want, rtol=1e-10, atol=1e-12)
+    assert_same_editor_grads(loss, want, edits)
+
+
 @pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_a_model_that_changes_its_logits_after_the_head_trains_on_its_logits(arch, in_place, gen, monkeypatch):
