@@ -229,15 +229,18 @@ class FineTuneBaselines:
         # form (transformers 4.x's default) hides the weights inside a checkpointed block from
         # `torch.autograd.grad`, so every fine-tuned layer "got no gradient" in a model in train mode.
         with no_activation_checkpointing(self.model):
-            start = len(saved)
+            start, t0 = len(saved), time.perf_counter()
             try:
                 return self._fine_tune(requests, batch, saved)
             except LogitsAfterHead:
                 # A step's logits were not the head's output as the reference pass's were (a forward
                 # that changes them under grad only): the weights are restored; once more from the
-                # logits, which `kl_head` now gives this model.
+                # logits, which `kl_head` now gives this model (outside this block: an error of the
+                # second run is not chained to this one).
                 del saved[start:]
-                return self._fine_tune(requests, batch, saved)
+            stats = self._fine_tune(requests, batch, saved)
+            stats["ft_s"] = time.perf_counter() - t0  # both runs
+            return stats
 
     def _fine_tune(self, requests: list[EditRequest], batch: dict, saved: list):
         opts = self.ft_options

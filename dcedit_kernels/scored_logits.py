@@ -120,7 +120,12 @@ def rows_head(model: nn.Module, skip: Iterable[nn.Module] = ()) -> nn.Module | N
     module (`head_input.called_head`).  Whether the model's logits are the head's output is known
     after a pass only (`Scored.rows_give_logits`)."""
     head = _gathering_head(model, skip)
-    return head if head is not None and head is called_head(model) else None
+    # A global forward hook (torch.nn.modules.module.register_module_forward_hook) changes the head's
+    # output in the pass after `logits_at` records it, and no call of the head's forward on the rows
+    # would run it: a scaling one put the rows path's loss 1 % off the logits path's.
+    if head is None or head is not called_head(model) or nn.modules.module._global_forward_hooks:
+        return None
+    return head
 
 
 @contextlib.contextmanager
@@ -153,16 +158,22 @@ def logits_at(model: nn.Module, positions: torch.Tensor, skip: Iterable[nn.Modul
     thread = threading.get_ident()
 
     @torch.compiler.disable
-    def gather(module, args):
+    def gather(module, args, kwargs=None):
         if threading.get_ident() != thread or not args or not isinstance(args[0], torch.Tensor):
             return None
         hidden = args[0]
         if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(positions.shape):
             return None
+        if rows_only and (len(args) > 1 or kwargs):
+            # More arguments for the head than its input (a pre-hook's, a custom forward's): the
+            # head's forward on the rows would not get them; not gathered, so the pass's logits are
+            # the full ones and `rows_give_logits` is False.
+            return None
         scored.gathered = True
         rows = hidden[positions.to(hidden.device)]
         if rows_only:
             scored.rows, rows = rows, rows[:0]
+            return (rows.unsqueeze(0),), kwargs
         return (rows.unsqueeze(0),) + tuple(args[1:])
 
     @_own
@@ -184,7 +195,7 @@ def logits_at(model: nn.Module, positions: torch.Tensor, skip: Iterable[nn.Modul
             # After the caller's pre-hooks, which see the full input as in a plain forward (a hook that
             # reads positions); rows_only's rows are then what the head's forward is given, and
             # `head_kl_function.head_logits` calls that forward on them without the hooks.
-            handles.append(head.register_forward_pre_hook(gather))
+            handles.append(head.register_forward_pre_hook(gather, with_kwargs=rows_only))
             if rows_only:
                 handles.append(head.register_forward_hook(record))
         yield scored

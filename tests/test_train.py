@@ -985,6 +985,33 @@ def test_a_pre_hook_on_the_head_that_reads_positions_gives_the_documented_object
     assert_same_editor_grads(loss, want, edits)
 
 
+@pytest.mark.parametrize("how", ["global forward hook", "argument from a pre-hook"])
+def test_a_head_call_the_rows_cannot_repeat_trains_on_the_logits(how, gen):
+    """A global forward hook that scales the head's output, or a pre-hook that gives the head one
+    more argument: a call of the head's forward on its input rows would leave either out, so the
+    loss is taken from the logits (refused up front, or found on the first pass), and it and its
+    gradients are the dense reference's."""
+    me, requests, edits = one_pass_case("gpt2", gen)
+    head = me.model.get_output_embeddings()
+    forward = head.forward
+    if how == "global forward hook":
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda module, args, out: out * 0.5 if module is head else None)
+    else:
+        head.forward = lambda x, scale=1.0: forward(x) * scale
+        handle = head.register_forward_pre_hook(lambda module, args, kwargs: (args, {"scale": 0.5}),
+                                                with_kwargs=True)
+    try:
+        config = TrainConfig(cedit=0.3, cloc=1.7, balance_weight=0.1, length_buckets=False)
+        loss, _ = loss_from_edits(me, requests, edits, config)
+        want, _, _ = dense_loss(me, requests, edits, config)
+    finally:
+        handle.remove()
+        head.__dict__.pop("forward", None)
+    assert torch.allclose(loss, want, rtol=1e-10, atol=1e-12)
+    assert_same_editor_grads(loss, want, edits)
+
+
 @pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_a_model_that_changes_its_logits_after_the_head_trains_on_its_logits(arch, in_place, gen, monkeypatch):
