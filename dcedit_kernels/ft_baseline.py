@@ -30,7 +30,7 @@ from .block_prefix import PrefixReuse
 from .capture import no_activation_checkpointing
 from .devices import host_scalars_on_cpu
 from .edit_handle import add_note, deferred_interrupt, restore
-from .head_kl_function import LogitsAfterHead, head_kl, kl_head, rows_of
+from .head_kl_function import LogitsAfterHead, head_kl, head_rows_at, kl_head, rows_of
 from .losses import backward_scale, log_probs_at, picked_kl
 from .requests import EditRequest
 from .scored_logits import logits_at, scored_positions
@@ -205,13 +205,9 @@ class FineTuneBaselines:
         `head`: the head's input rows there), with `reference` ([(edited weight, its value before
         fine-tuning)]) in place of those weights."""
         with swapped_parameters(self.model, list(reference)):
-            if head is None:
-                return log_probs_at(self.model, chunk["input_ids"], chunk["attention_mask"], mask,
-                                    skip=self.modules.values(), **no_kv_cache(self.model))
-            with torch.no_grad(), logits_at(self.model, mask, skip=self.modules.values(), rows_only=True) as scored:
-                logits = self.model(input_ids=chunk["input_ids"], attention_mask=chunk["attention_mask"],
-                                    **no_kv_cache(self.model)).logits
-            return rows_of(scored, logits, self.model)
+            at = log_probs_at if head is None else head_rows_at
+            return at(self.model, chunk["input_ids"], chunk["attention_mask"], mask, skip=self.modules.values(),
+                      **no_kv_cache(self.model))
 
     def _ft_base_log_probs_from(self, prefix: PrefixReuse | None, k: int, chunk: dict, mask: torch.Tensor,
                                 reference=(), head=None) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .picked_kl_function import grad_of_logits, kl_of_block, row_blocks, upcast
-from .scored_logits import Scored, rows_head
+from .scored_logits import Scored, logits_at, rows_head
 
 # Models whose logits turned out not to be their head's output (Gemma 2's soft-capping, an upcast of
 # 16-bit logits in the forward): their KL is taken from the logits from then on.
@@ -66,6 +66,17 @@ def rows_of(scored: Scored, logits: torch.Tensor, model: nn.Module) -> torch.Ten
         raise LogitsAfterHead("the model's logits were not its head's output as it is in this pass, though they were "
                               "in the first one; its KL is taken from the logits from now on: run it again")
     return scored.rows
+
+
+def head_rows_at(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+                 skip: Iterable[nn.Module] = (), **forward_kwargs) -> torch.Tensor:
+    """(n, H): the head's input at `positions` (B, L) bool, row-major, from a no-grad pass of the
+    model as it is in which the head computes no logits: the KL's reference, as `losses.log_probs_at`
+    is the logits path's.  LogitsAfterHead (the model remembered) where its logits are not the head's
+    output (`rows_of`).  forward_kwargs: more arguments for the model's forward (use_cache=False)."""
+    with torch.no_grad(), logits_at(model, positions, skip, rows_only=True) as scored:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs).logits
+    return rows_of(scored, logits, model)
 
 
 # A block's rows go through the head's matmuls, which lose speed on few rows: one thread, H 576,

@@ -54,11 +54,11 @@ The KL is taken from the LM head's input at the locality positions, a block of r
 (`head_kl_function`): the reference and edited passes give the head none of their rows, and no
 (n, V) tensor is held from the reference pass to the backward (MEND, 128 CounterFact edits a step
 on SmolLM2, CPU, 1 thread: a step's peak RSS growth 927 to 197 MiB, 19.1 to 18.1 s; MoEditor with
-N_g 8: 930 to 357 MiB, 18.3 to 18.0 s).  That needs the model's logits to be its head's output as it is; where a pass
-shows they are not (soft-capping or scaling after the head, Gemma 2's; an upcast of 16-bit logits
-in the forward), or the head is edited, compiled or trained (`head_kl_function.kl_head`), the loss
-is taken from the logits at the scored positions, as before: the first such call on a model runs
-its reference pass twice.
+N_g 8: 930 to 357 MiB, 18.3 to 18.0 s).  That needs the model's logits to be its head's output as
+it is; where a pass shows they are not (soft-capping or scaling after the head, Gemma 2's; an
+upcast of 16-bit logits in the forward), or the head is edited, compiled or trained
+(`head_kl_function.kl_head`), the loss is taken from the logits at the scored positions, as before:
+the first such call on a model runs its reference pass twice.
 
 Split models (layers on several devices): each edited layer computes on its own device with the
 editor outputs moved there (lowrank_layers), the losses are gathered on the logits' device, and the
@@ -77,7 +77,7 @@ import torch
 from .block_prefix import PrefixReuse
 from .capture import frozen_parameters
 from .ft_baseline import locality_texts
-from .head_kl_function import LogitsAfterHead, head_kl, head_logits, kl_head, rows_of
+from .head_kl_function import LogitsAfterHead, head_kl, head_logits, head_rows_at, kl_head, rows_of
 from .length_buckets import plan_passes, run_in_passes
 from .lowrank_layers import lowrank_edited
 from .losses import log_probs_at, picked_kl, scored_nll
@@ -195,8 +195,8 @@ def _loss_from_edits(me: ModelEditor, requests: list[EditRequest], edits: dict, 
         try:
             return _loss(me, requests, edits, config, skip, head)
         except LogitsAfterHead:
-            # Once per model (`rows_of` remembers it): the failed pass was the first one (the
-            # reference's), unless the model's forward changed since.
+            # Once per model (`rows_of` remembers it): the failed pass was the reference's, or the
+            # edited one's where the forward changes the logits under grad only.
             pass
     return _loss(me, requests, edits, config, skip, None)
 
@@ -216,12 +216,8 @@ def _loss(me: ModelEditor, requests: list[EditRequest], edits: dict, config: Tra
     if has_loc:
         def reference(batch, where, r):
             def run(batch):
-                if head is None:
-                    return log_probs_at(model, batch["input_ids"], batch["attention_mask"], where, skip, **no_cache)
-                with logits_at(model, where, skip, rows_only=True) as scored:
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   **no_cache).logits
-                return rows_of(scored, logits, model)
+                at = log_probs_at if head is None else head_rows_at
+                return at(model, batch["input_ids"], batch["attention_mask"], where, skip, **no_cache)
 
             if prefix is None:
                 return run(batch)

@@ -869,31 +869,16 @@ def test_one_pass_loss_equals_separate_dense_passes(arch, edit_rows, locality_ro
     """float64: the loss of the one edited pass (or of its rows in passes of one length each) and
     its gradients are those of every row's own forward with its groups' dense shifts."""
     passes = count_passes(monkeypatch) if length_buckets else []
-    model, tok = frozen_double_model(arch, int(torch.randint(0, 100, (1,), generator=gen)))
-    me = ModelEditor(model, tok, LAYERS[arch], method="raeditor", n_editors=3, rank=4)
-    E, G = 5, 3
-    requests = random_requests(gen, E)
-    requests[1] = EditRequest(requests[1].prompt, requests[1].target)  # no rephrase, no locality
-    edits = {}
-    for name in me.layers:
-        o, i = weight_out_in(me.modules[name]).shape
-        edits[name] = random_grouped_edit(gen, i, o, E, G)
+    me, requests, edits = one_pass_case(arch, gen, LAYERS[arch])
     config = TrainConfig(cedit=0.3, cloc=1.7, balance_weight=0.1, edit_rows=edit_rows, locality_rows=locality_rows,
                          length_buckets=length_buckets)
     loss, parts = loss_from_edits(me, requests, edits, config)
     assert len(passes) == (2 if length_buckets else 0) and min(passes, default=2) > 1  # KL reference, edited
 
     # Reference: every row in its own forward pass, its groups' dense shifts in the weights.
-    rows = eval_rows(me, requests, config)
-    logits = dense_logits(model, me.modules, edits, rows["input_ids"], rows["attention_mask"],
-                          rows["row_edit"], rows["row_sees_all"])
+    want, rows, kl = dense_loss(me, requests, edits, config)
     is_edit = rows["is_edit_row"]
-    l_edit = target_nll(logits[is_edit], rows["labels"][is_edit], causal=True)
-    base = model(input_ids=rows["input_ids"][~is_edit], attention_mask=rows["attention_mask"][~is_edit]).logits
-    kl_mask = rows["kl_mask"][~is_edit]
-    kl = picked_kl(torch.log_softmax(base[kl_mask], -1), logits[~is_edit][kl_mask])
-    want = 0.3 * l_edit + 1.7 * kl + 0.1 * 0.25
-    assert int(is_edit.sum()) == E and int((~is_edit).sum()) == E  # edit 1's locality: edit 2's prompt
+    assert int(is_edit.sum()) == 5 and int((~is_edit).sum()) == 5  # edit 1's locality: edit 2's prompt
     # The target tokens L_edit averages over (the trainer's backward scale), not the edit count.
     assert parts["edit_tokens"] == int((rows["labels"][is_edit] != -100).sum())
     assert abs(parts["kl"] - float(kl.detach())) <= 1e-10 * max(1.0, abs(float(kl.detach())))
@@ -901,11 +886,12 @@ def test_one_pass_loss_equals_separate_dense_passes(arch, edit_rows, locality_ro
     assert_same_editor_grads(loss, want, edits)
 
 
-def one_pass_case(arch, gen):
-    """A float64 raeditor ModelEditor of the layers below the head, 5 requests (one without rephrase
-    or locality), random edits."""
+def one_pass_case(arch, gen, layers=None):
+    """A float64 raeditor ModelEditor of `layers` (default: the layers below the head), 5 requests
+    (one without rephrase or locality), random edits of 3 groups."""
     model, tok = frozen_double_model(arch, int(torch.randint(0, 100, (1,), generator=gen)))
-    me = ModelEditor(model, tok, LAYERS[arch][:3], method="raeditor", n_editors=3, rank=4)
+    me = ModelEditor(model, tok, LAYERS[arch][:3] if layers is None else layers, method="raeditor", n_editors=3,
+                     rank=4)
     requests = random_requests(gen, 5)
     requests[1] = EditRequest(requests[1].prompt, requests[1].target)
     edits = {}
@@ -916,7 +902,8 @@ def one_pass_case(arch, gen):
 
 
 def dense_loss(me, requests, edits, config):
-    """The documented objective from every row's own dense forward (`dense_logits`)."""
+    """(the documented objective, eval_rows' rows, the KL) from every row's own dense forward
+    (`dense_logits`)."""
     model = me.model
     rows = eval_rows(me, requests, config)
     logits = dense_logits(model, me.modules, edits, rows["input_ids"], rows["attention_mask"],
@@ -926,7 +913,7 @@ def dense_loss(me, requests, edits, config):
     base = model(input_ids=rows["input_ids"][~is_edit], attention_mask=rows["attention_mask"][~is_edit]).logits
     kl_mask = rows["kl_mask"][~is_edit]
     kl = picked_kl(torch.log_softmax(base[kl_mask], -1), logits[~is_edit][kl_mask])
-    return config.cedit * l_edit + config.cloc * kl + config.balance_weight * 0.25, is_edit, kl_mask
+    return config.cedit * l_edit + config.cloc * kl + config.balance_weight * 0.25, rows, kl
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -946,7 +933,8 @@ def test_the_training_kl_holds_no_tensor_of_the_vocabularys_width_past_the_edit_
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         loss, parts = loss_from_edits(me, requests, edits, config)
-    want, is_edit, kl_mask = dense_loss(me, requests, edits, config)
+    want, rows, _ = dense_loss(me, requests, edits, config)
+    kl_mask = rows["kl_mask"][~rows["is_edit_row"]]
     assert calls == [(int(kl_mask.sum()), me.model.get_output_embeddings().in_features)]
     weight = me.model.get_output_embeddings().weight.untyped_storage().data_ptr()  # saved by the head's matmuls
     wide = [tuple(t.shape) for t in saved
