@@ -12,7 +12,8 @@ the head's input; what a model does to the logits after its head (a bias, soft-c
 elementwise and does not see the difference.  The gather is skipped, and the full logits used,
 where it cannot be done exactly: no output embedding module, a head whose input is not (B, L, ·)
 with the positions' (B, L), a head that is itself being edited or captured (its hooks expect
-the full sequence) or has forward hooks of the caller's (they get its output), a head that runs
+the full sequence) or has forward or backward hooks of the caller's (they get its output or its
+gradient), or hooks on a module inside it (they run on the rows), a head that runs
 compiled (`compiled_calls.runs_compiled`), or inside `full_logits()` (the comparison form, for tests
 and benchmarks).
 `Scored.pick(logits)` returns the (n, V) scored logits either way.
@@ -94,12 +95,24 @@ def _own(hook):
 
 
 def _foreign_hooks(head: nn.Module) -> bool:
-    return any(not getattr(h, "_dcedit_scored_logits", False) for h in head._forward_hooks.values())
+    """Whether a hook of the caller's would see the gathered rows instead of the full sequence: a
+    forward hook on the head (it gets the head's output), a backward hook on it (its gradients), or
+    any forward, pre- or backward hook on a module inside the head (it runs on the rows).  A hook
+    on a submodule that scaled its output by position put the scored logits 0.85 off a plain
+    forward's (a tiny Llama whose head is nn.Sequential(lm_head)).  The head's own pre-hooks run
+    before the gather, on the full input."""
+    if any(not getattr(h, "_dcedit_scored_logits", False) for h in head._forward_hooks.values()):
+        return True
+    if head._backward_hooks or head._backward_pre_hooks:
+        return True
+    return any(sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or sub._backward_pre_hooks
+               for sub in head.modules() if sub is not head)
 
 
 def _gathering_head(model: nn.Module, skip: Iterable[nn.Module]) -> nn.Module | None:
     """The head `logits_at` gathers the input of, or None: none inside `full_logits()`, nor a head
-    among `skip`, with a forward hook of the caller's or running compiled."""
+    among `skip`, with a hook of the caller's that would see the rows (`_foreign_hooks`) or running
+    compiled."""
     head = output_head(model) if not getattr(_FULL, "on", False) else None
     # A forward hook on the head (the caller's: an edited or captured head is in `skip`) gets the
     # head's output: gathered, a hook that reads positions changed other logits than in a plain forward.

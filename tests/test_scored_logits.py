@@ -234,6 +234,49 @@ def test_a_users_forward_hook_on_the_head_sees_and_scores_the_whole_sequence(gen
     assert shapes and all(s[0] == len(reqs) for s in shapes)  # (B, L, V), not (1, n, V)
 
 
+@pytest.mark.parametrize("hook", ["none", "forward", "pre", "backward", "head_backward"])
+def test_a_hook_inside_the_head_sees_and_scores_the_whole_sequence(hook, gen):
+    """A hook on a module inside the head runs on what the head is given: with the gather, the (1, n, ·)
+    rows, so a hook that reads positions changed the scored logits (a forward hook scaling by
+    position put them 0.85 off a plain forward's), and a backward hook on the head or inside it got
+    the gathered rows' gradients.  With a forward, pre- or backward hook inside the head, or a
+    backward hook on it, nothing is gathered (nor are rows kept for the rows path); a head with submodules and no
+    hook still gathers, to the plain forward's logits."""
+    from dcedit_kernels.scored_logits import rows_head
+
+    model, _ = tiny_model("llama", seed=seed_from(gen), dtype=torch.float64)
+    model.lm_head = nn.Sequential(model.lm_head)  # the head, with the projection as a submodule
+    inner = model.lm_head[0]
+    shapes = []
+
+    def by_position(t):
+        return t * torch.arange(1, t.shape[1] + 1, dtype=t.dtype).view(1, -1, 1)
+
+    if hook == "forward":
+        inner.register_forward_hook(lambda m, args, out: by_position(out))
+    elif hook == "pre":
+        inner.register_forward_pre_hook(lambda m, args: (by_position(args[0]),))
+    elif hook in ("backward", "head_backward"):  # the head's own too: it gets the head's output's gradient
+        module = inner if hook == "backward" else model.lm_head
+        module.register_full_backward_hook(lambda m, grad_in, grad_out: shapes.append(tuple(grad_out[0].shape)))
+    B, L = 3, 6
+    ids = torch.randint(0, model.config.vocab_size, (B, L), generator=gen)
+    positions = torch.rand(B, L, generator=gen) < 0.4
+    positions[0, 2] = True
+    full = model(ids).logits
+    full[positions].sum().backward()
+    want_shapes = list(shapes)
+    shapes.clear()
+    with logits_at(model, positions) as scored:
+        out = model(ids).logits
+    got = scored.pick(out)
+    got.sum().backward()
+    assert scored.gathered == (hook == "none")
+    assert (rows_head(model) is not None) == (hook == "none")
+    assert torch.allclose(got, full[positions], rtol=1e-12, atol=1e-12)
+    assert shapes == want_shapes and all(s[:2] == (B, L) for s in shapes)
+
+
 class _ScaledHead(nn.Module):
     """A head called with a second positional argument (its output's scale)."""
 
