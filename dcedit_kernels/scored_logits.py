@@ -96,14 +96,20 @@ def _own(hook):
 
 def _foreign_hooks(head: nn.Module) -> bool:
     """Whether a hook of the caller's would see the gathered rows instead of the full sequence: a
-    forward hook on the head (it gets the head's output), a backward hook on it (its gradients), or
-    any forward, pre- or backward hook on a module inside the head (it runs on the rows).  A hook
-    on a submodule that scaled its output by position put the scored logits 0.85 off a plain
-    forward's (a tiny Llama whose head is nn.Sequential(lm_head)).  The head's own pre-hooks run
-    before the gather, on the full input."""
+    forward hook on the head (it gets the head's output), a backward hook on it (its gradients), any
+    forward, pre- or backward hook on a module inside the head (it runs on the rows), or a global
+    one (it runs on every module).  A hook on a submodule that scaled its output by position put the
+    scored logits 0.85 off a plain forward's (a tiny Llama whose head is nn.Sequential(lm_head)).
+    The head's own pre-hooks run before the gather, on the full input."""
     if any(not getattr(h, "_dcedit_scored_logits", False) for h in head._forward_hooks.values()):
         return True
     if head._backward_hooks or head._backward_pre_hooks:
+        return True
+    # Global hooks (register_module_forward_hook and kin) run on every module, the head's output and
+    # what runs inside it included: a position-scaling global forward hook scaled the gathered rows.
+    glob = nn.modules.module
+    if (glob._global_forward_hooks or glob._global_forward_pre_hooks or glob._global_backward_hooks
+            or glob._global_backward_pre_hooks):
         return True
     return any(sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or sub._backward_pre_hooks
                for sub in head.modules() if sub is not head)
@@ -132,11 +138,12 @@ def rows_head(model: nn.Module, skip: Iterable[nn.Module] = ()) -> nn.Module | N
     can be computed from them by calling the head: a head `logits_at` gathers at, called as one
     module (`head_input.called_head`).  Whether the model's logits are the head's output is known
     after a pass only (`Scored.rows_give_logits`)."""
+    # A global forward hook (torch.nn.modules.module.register_module_forward_hook) would change the
+    # head's output in the pass after `logits_at` records it, and no call of the head's forward on
+    # the rows would run it (a scaling one put the rows path's loss 1 % off the logits path's): no
+    # head gathers under one (`_foreign_hooks`).
     head = _gathering_head(model, skip)
-    # A global forward hook (torch.nn.modules.module.register_module_forward_hook) changes the head's
-    # output in the pass after `logits_at` records it, and no call of the head's forward on the rows
-    # would run it: a scaling one put the rows path's loss 1 % off the logits path's.
-    if head is None or head is not called_head(model) or nn.modules.module._global_forward_hooks:
+    if head is None or head is not called_head(model):
         return None
     return head
 

@@ -234,14 +234,15 @@ def test_a_users_forward_hook_on_the_head_sees_and_scores_the_whole_sequence(gen
     assert shapes and all(s[0] == len(reqs) for s in shapes)  # (B, L, V), not (1, n, V)
 
 
-@pytest.mark.parametrize("hook", ["none", "forward", "pre", "backward", "head_backward"])
-def test_a_hook_inside_the_head_sees_and_scores_the_whole_sequence(hook, gen):
-    """A hook on a module inside the head runs on what the head is given: with the gather, the (1, n, ·)
-    rows, so a hook that reads positions changed the scored logits (a forward hook scaling by
-    position put them 0.85 off a plain forward's), and a backward hook on the head or inside it got
-    the gathered rows' gradients.  With a forward, pre- or backward hook inside the head, or a
-    backward hook on it, nothing is gathered (nor are rows kept for the rows path); a head with submodules and no
-    hook still gathers, to the plain forward's logits."""
+@pytest.mark.parametrize("hook", ["none", "forward", "pre", "backward", "head_backward", "global"])
+def test_a_hook_inside_the_head_sees_and_scores_the_whole_sequence(hook, request, gen):
+    """A hook on a module inside the head runs on what the head is given: with the gather, the
+    (1, n, ·) rows, so a hook that reads positions changed the scored logits (a forward hook scaling
+    by position put them 0.85 off a plain forward's), and a backward hook on the head or inside it
+    got the gathered rows' gradients; a global hook runs on both.  With a forward, pre- or backward
+    hook inside the head, a backward hook on it, or a global hook, nothing is gathered (nor are rows
+    kept for the rows path); a head with submodules and no hook still gathers, to the plain
+    forward's logits."""
     from dcedit_kernels.scored_logits import rows_head
 
     model, _ = tiny_model("llama", seed=seed_from(gen), dtype=torch.float64)
@@ -256,6 +257,10 @@ def test_a_hook_inside_the_head_sees_and_scores_the_whole_sequence(hook, gen):
         inner.register_forward_hook(lambda m, args, out: by_position(out))
     elif hook == "pre":
         inner.register_forward_pre_hook(lambda m, args: (by_position(args[0]),))
+    elif hook == "global":  # on every module: here the head's projection's output, by position
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, args, out: by_position(out) if m is inner else None)
+        request.addfinalizer(handle.remove)
     elif hook in ("backward", "head_backward"):  # the head's own too: it gets the head's output's gradient
         module = inner if hook == "backward" else model.lm_head
         module.register_full_backward_hook(lambda m, grad_in, grad_out: shapes.append(tuple(grad_out[0].shape)))
