@@ -14,6 +14,7 @@ each with its own replica of the tiny Llama and its ModelEditor.
 Each run has a deadline: a process left waiting in a collective fails the test instead of hanging it.
 """
 
+import copy
 import json
 import os
 import sys
@@ -41,8 +42,11 @@ def _requests(seed, n):
 
 
 def _editor(method, editor_kwargs, dtype=None):
-    """dtype (float64): the model and the editors in it (the editors are built fp32)."""
-    model, tok = tiny_model("llama", seed=0, **({} if dtype is None else dict(dtype=dtype)))
+    """dtype (float64): the model and the editors in it (the editors are built fp32); editor_kwargs'
+    "model_seed" (not a ModelEditor argument): the tiny model's seed, 0 if not given."""
+    editor_kwargs = dict(editor_kwargs)
+    model_seed = editor_kwargs.pop("model_seed", 0)
+    model, tok = tiny_model("llama", seed=model_seed, **({} if dtype is None else dict(dtype=dtype)))
     me = ModelEditor(model, tok, LAYERS, method=method, **{"rank": 5, "seed": 3, **editor_kwargs})
     if dtype is not None:
         me.editors.to(dtype)
@@ -432,6 +436,20 @@ def test_processes_given_editors_of_other_settings_but_equal_tensors_are_refused
                      deadline_s=120)
     assert all(e is not None and e.startswith("ValueError: the processes were given different training "
                                               "settings (editor.editors.37x24.fusion)") for e in errors), errors
+
+
+@pytest.mark.parametrize("also", [{}, dict(lr=1e-3)], ids=["model", "model_and_settings"])
+def test_processes_given_different_models_are_refused_everywhere(tmp_path, also, one_thread):
+    """A replica of another model on one process (another checkpoint: here the tiny model of another
+    seed) with the same settings, requests and editors: it trained the shared editors on its own
+    gradients without a word.  Both refuse before the first step, naming the weights (and any
+    setting that differs as well)."""
+    config = dict(steps=1, batch_size=2, progress=False)
+    _, errors = _run(tmp_path, "mend", {}, [config], rank_editor_kwargs={1: dict(model_seed=1)},
+                     rank_kwargs={1: also}, deadline_s=120)
+    tail = "; their training settings differ too (config.lr)" if also else ""
+    assert all(e is not None and e.startswith("ValueError: the processes' models differ: the edited layers' weights")
+               and e.endswith(tail) for e in errors), errors
 
 
 def test_dcedit_train_under_torchrun(tmp_path):
@@ -853,6 +871,27 @@ def test_agree_on_start_refuses_processes_that_would_start_from_different_steps(
     distributed = _with_a_peer(monkeypatch, 0, [(None, 3, dict(config=dict(lr=0.1)))])
     with pytest.raises(ValueError, match=r"different steps \[0, 3\]: a resume needs the same checkpoint_dir"):
         distributed.agree_on_start(None, 0, dict(config=dict(lr=0.1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_weights_digest_tells_one_changed_entry_dtype_or_module_name(dtype, gen):
+    """Equal for a copy; another for one entry changed by one ulp, another dtype or another name; a
+    weight on "meta" (offloaded) by its name, shape and dtype."""
+    from dcedit_kernels.distributed import weights_digest
+
+    layer = torch.nn.Linear(int(torch.randint(1, 9, (1,), generator=gen)), 5).to(dtype)
+    digest = weights_digest({"a": layer})
+    twin = copy.deepcopy(layer)
+    assert weights_digest({"a": twin}) == digest
+    assert weights_digest({"b": twin}) != digest
+    with torch.no_grad():
+        flat = twin.weight.view(-1)
+        i = int(torch.randint(0, flat.numel(), (1,), generator=gen))
+        flat[i] = torch.nextafter(flat[i], flat[i] + 1)
+    assert weights_digest({"a": twin}) != digest
+    assert weights_digest({"a": copy.deepcopy(layer).to(torch.float16)}) != digest
+    on_meta = copy.deepcopy(layer).to("meta")
+    assert weights_digest({"a": on_meta}) == weights_digest({"a": copy.deepcopy(layer).to("meta")}) != digest
 
 
 def test_broadcast_state_sets_every_parameter_and_buffer_to_rank_0s(monkeypatch, gen):
