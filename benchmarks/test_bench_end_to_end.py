@@ -233,10 +233,11 @@ def test_capture_many_edits(benchmark, device, ceilings):
 
 
 # FT+KL over many edits on the same model.  The fused side is the shipped path: capture_batch_size
-# rows per pass, logits at the scored positions only, and each locality chunk's KL reference
-# recomputed from the saved weights at every step (one more no-grad forward per chunk and step);
-# the eager side is one pass over all rows with every position's logits and the n×V fp32
-# reference kept, as the baselines of MEND's and EasyEdit's code run.
+# rows per pass, logits at the scored positions only, and every locality chunk's KL reference kept
+# as the LM head's input rows (n×H, `head_kl_function`: the KL a block of rows at a time, since
+# 0.5.34; before, each chunk's reference was recomputed from the saved weights at every step); the
+# eager side is one pass over all rows with every position's logits and the n×V fp32 reference
+# kept, as the baselines of MEND's and EasyEdit's code run.
 FT_E, FT_CHUNK = (256, 32) if ON_GPU else (32, 8)
 
 
