@@ -29,17 +29,17 @@ states a checkpoint holds are gathered with their outcome (`gather_outcomes`); r
 outcome of its checkpoint writes (`on_rank0`).  The failed process re-raises its own error; the
 others raise a `PeerFailure` (a RuntimeError) naming its rank and error.  Not covered: the few
 statements between these (setting .grad to None, the norms' sums, a best state's copy), a
-KeyboardInterrupt, and a process killed outright (torchrun stops the others).  Before the first
-step the processes check that they were given the same settings (`agree_on_start`): different ones
-would call different collectives; and the same model (a digest of the edited layers' weights,
-`weights_digest`): another one would train the shared editors on its own gradients.  All of them must be given data_parallel=True: a process without
-it trains on its own and calls no collective, so the others wait for it in agree_on_start until it
-ends (a check would need a collective in every process group, also where the processes train
-different editors on their own).  data_parallel=True in processes that torchrun started (WORLD_SIZE > 1)
-but that joined no process group is refused (`train_editor`): each would train on its own.
-data_parallel=True in a plain process (no process group, WORLD_SIZE unset: the script was not
-started by torchrun) trains in that one process and warns, so that a user who forgot torchrun does
-not take the run for one over several GPUs.
+KeyboardInterrupt, and a process killed outright (torchrun stops the others).  Before the first step
+the processes check that they were given the same settings (`agree_on_start`): different ones would
+call different collectives; and the same model (a digest of the edited layers' weights,
+`weights_digest`): another one would train the shared editors on its own gradients.  All of them
+must be given data_parallel=True: a process without it trains on its own and calls no collective, so
+the others wait for it in agree_on_start until it ends (a check would need a collective in every
+process group, also where the processes train different editors on their own).  data_parallel=True
+in processes that torchrun started (WORLD_SIZE > 1) but that joined no process group is refused
+(`train_editor`): each would train on its own.  data_parallel=True in a plain process (no process
+group, WORLD_SIZE unset: the script was not started by torchrun) trains in that one process and
+warns, so that a user who forgot torchrun does not take the run for one over several GPUs.
 """
 
 from __future__ import annotations
@@ -310,8 +310,8 @@ def weights_digest(modules: dict) -> str:
     data-parallel run must edit one model.  One loaded from another checkpoint, in another dtype or
     with an edit applied trained the shared editors on its own gradients without a word (its
     settings, requests and editor tensors were the others').  The edited layers' bytes only, not the
-    whole model's: a few o×i weights to hash once per run (~0.3 s at 7B, 3 MLP layers, by
-    hashlib's ~1 GB/s)."""
+    whole model's: a few o×i weights to hash once per run (3 bf16 MLP weights of a 7B Llama,
+    4096×11008, are 271 MB: 0.15 s of SHA-256 on this project's CPU machine, 1.8 GB/s)."""
     digest = hashlib.sha256()
     for name, module in modules.items():
         for pname, param in module.named_parameters(recurse=False):
