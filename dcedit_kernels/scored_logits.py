@@ -94,22 +94,35 @@ def _own(hook):
     return hook
 
 
+# torch's module tracker (torch.utils.module_tracker: FlopCounterMode, the memory trackers) registers
+# global hooks that record which module runs and return None: they change no output or gradient, and
+# refusing the gather for them made FlopCounterMode turn every scored pass into a full-logits one.
+_INERT_GLOBAL_HOOK_MODULES = ("torch.utils.module_tracker",)
+
+
+def _callers_global_hooks() -> bool:
+    """Whether a global module hook other than torch's module tracker's is registered."""
+    glob = nn.modules.module
+    hooks = (*glob._global_forward_hooks.values(), *glob._global_forward_pre_hooks.values(),
+             *glob._global_backward_hooks.values(), *glob._global_backward_pre_hooks.values())
+    return any(getattr(h, "__module__", None) not in _INERT_GLOBAL_HOOK_MODULES for h in hooks)
+
+
 def _foreign_hooks(head: nn.Module) -> bool:
     """Whether a hook of the caller's would see the gathered rows instead of the full sequence: a
     forward hook on the head (it gets the head's output), a backward hook on it (its gradients), any
     forward, pre- or backward hook on a module inside the head (it runs on the rows), or a global
-    one (it runs on every module).  A hook on a submodule that scaled its output by position put the
-    scored logits 0.85 off a plain forward's (a tiny Llama whose head is nn.Sequential(lm_head)).
-    The head's own pre-hooks run before the gather, on the full input."""
+    one (it runs on every module; torch's module tracker's excepted).  A hook on a submodule that
+    scaled its output by position put the scored logits 0.85 off a plain forward's (a tiny Llama
+    whose head is nn.Sequential(lm_head)).  The head's own pre-hooks run before the gather, on the
+    full input."""
     if any(not getattr(h, "_dcedit_scored_logits", False) for h in head._forward_hooks.values()):
         return True
     if head._backward_hooks or head._backward_pre_hooks:
         return True
     # Global hooks (register_module_forward_hook and kin) run on every module, the head's output and
     # what runs inside it included: a position-scaling global forward hook scaled the gathered rows.
-    glob = nn.modules.module
-    if (glob._global_forward_hooks or glob._global_forward_pre_hooks or glob._global_backward_hooks
-            or glob._global_backward_pre_hooks):
+    if _callers_global_hooks():
         return True
     return any(sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or sub._backward_pre_hooks
                for sub in head.modules() if sub is not head)

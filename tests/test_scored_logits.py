@@ -282,6 +282,34 @@ def test_a_hook_inside_the_head_sees_and_scores_the_whole_sequence(hook, request
     assert shapes == want_shapes and all(s[:2] == (B, L) for s in shapes)
 
 
+@pytest.mark.parametrize("rows_only", [False, True])
+def test_logits_at_gathers_under_flop_counter_mode(rows_only, gen):
+    """FlopCounterMode registers torch's module tracker's global hooks, which record which module runs
+    and change nothing: the gather stays (refused for them, every scored pass under the profiler ran
+    the full logits), to the plain forward's logits, and the rows path is not refused."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dcedit_kernels.scored_logits import rows_head
+
+    model, _ = tiny_model("llama", seed=seed_from(gen), dtype=torch.float64)
+    B, L = 2, 5
+    ids = torch.randint(0, model.config.vocab_size, (B, L), generator=gen)
+    positions = torch.rand(B, L, generator=gen) < 0.5
+    positions[1, 3] = True
+    with torch.no_grad():
+        full = model(ids).logits[positions]
+        with FlopCounterMode(display=False):
+            assert rows_head(model) is model.get_output_embeddings()
+            with logits_at(model, positions, rows_only=rows_only) as scored:
+                out = model(ids).logits
+    assert scored.gathered
+    if rows_only:
+        assert scored.rows.shape == (int(positions.sum()), model.config.hidden_size)
+        assert out.shape[1] == 0
+    else:
+        assert torch.allclose(scored.pick(out), full, rtol=1e-12, atol=1e-12)
+
+
 class _ScaledHead(nn.Module):
     """A head called with a second positional argument (its output's scale)."""
 
