@@ -154,7 +154,7 @@ def rows_head(model: nn.Module, skip: Iterable[nn.Module] = ()) -> nn.Module | N
     # A global forward hook (torch.nn.modules.module.register_module_forward_hook) would change the
     # head's output in the pass after `logits_at` records it, and no call of the head's forward on
     # the rows would run it (a scaling one put the rows path's loss 1 % off the logits path's): no
-    # head gathers under one (`_foreign_hooks`).
+    # head gathers under a caller's one (`_foreign_hooks`; torch's module tracker's change nothing).
     head = _gathering_head(model, skip)
     if head is None or head is not called_head(model):
         return None

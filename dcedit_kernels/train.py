@@ -62,7 +62,7 @@ import torch
 from . import distributed
 from ._checks import HALF_DTYPES, all_finite_many, check_autograd
 from ._warn import warn
-from .capture import frozen_parameters, modes_restored, resolve_modules
+from .capture import frozen_parameters, modes_restored
 from .devices import host_scalars_on_cpu, seed_generators
 from .edit_handle import warn_live_edits
 from .losses import backward_scale
@@ -221,7 +221,7 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                     # states (the best validation's, the last step's).
                     restore_best=config.restore_best,
                     # The model itself: its edited layers (the gradients' source) the same everywhere.
-                    weights=distributed.weights_digest(resolve_modules(me.model, me.layers)),
+                    weights=distributed.weights_digest(me.modules),
                     # What a resume read besides the step (a stale copy of checkpoint_dir on one node
                     # may hold the same step): the validation counters set the later collectives.
                     resumed=dict(best_step=result.best_step, best_es=result.best_es, bad_validations=bad_validations,
