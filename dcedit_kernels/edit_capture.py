@@ -29,7 +29,7 @@ from ._checks import first_non_finite
 from .capture import Factors, capture_factors, check_token_count, frozen_parameters
 from .head_input import called_head, head_input
 from .losses import backward_scale, edit_loss, unscale
-from .positions import past_positions
+from .positions import learned_position_limit, past_positions
 from .scored_logits import logits_at, scored_positions
 from .tokenize import IGNORE_INDEX, embedding_rows, forward_inputs, no_kv_cache, tokenize_causal, tokenize_seq2seq
 
@@ -61,20 +61,30 @@ class EditCapture:
 
     @contextlib.contextmanager
     def _length_errors(self, batch: dict, name: str, row_names: Sequence[str] | None = None):
-        """An IndexError inside the block, when `batch` has a row past the model's positions,
-        becomes a ValueError naming that row (`positions.past_positions`): `{name}[i]`, or
-        `row_names[i]` when given (the caller's name of row i, e.g. "requests[3].locality")."""
+        """A ValueError naming the row of `batch` past the model's positions
+        (`positions.past_positions`): `{name}[i]`, or `row_names[i]` when given (the caller's name of
+        row i, e.g. "requests[3].locality").  Raised before the block runs where the model has a
+        learned position table (on a GPU, a lookup past it is a device-side assert that no except
+        clause catches and that leaves the CUDA context unusable), else from an IndexError inside it."""
+
+        def refused(past):
+            i, length, what, limit = past
+            what = f" ({what})" if name == "requests" else ""
+            row = row_names[i] if row_names is not None and i < len(row_names) else f"{name}[{i}]"
+            return ValueError(f"{row} is {length} tokens{what}, more than the model's "
+                              f"{limit} positions; the model was not changed")
+
+        if learned_position_limit(self.model) is not None:
+            past = past_positions(self.model, batch, causal=not self.seq2seq)
+            if past is not None:
+                raise refused(past)
         try:
             yield
         except IndexError as exc:
             past = past_positions(self.model, batch, causal=not self.seq2seq)
             if past is None:
                 raise
-            i, length, what, limit = past
-            what = f" ({what})" if name == "requests" else ""
-            row = row_names[i] if row_names is not None and i < len(row_names) else f"{name}[{i}]"
-            raise ValueError(f"{row} is {length} tokens{what}, more than the model's "
-                             f"{limit} positions; the model was not changed") from exc
+            raise refused(past) from exc
 
     def capture(self, batch: dict, need_feats: bool | None = None):
         """({layer: Factors}, edit features (E, hidden) or None, loss): one forward + backward per

@@ -154,10 +154,16 @@ class FineTuneBaselines:
     def _locality_names(self, requests: list[EditRequest]) -> list[str] | None:
         """The caller's name of each of `_locality_texts`' texts when they are the requests'
         locality prompts ("requests[i].locality", i its place among all the requests: the texts
-        list only the requests that have one); None when they are `locality_texts` (or the generic
-        sentences), which errors name by their own index ("locality texts[k]")."""
+        list only the requests that have one); None when they are `locality_texts`, which errors
+        name by their own index ("locality texts[k]"); the generic sentences are named as such (a
+        short-context model refused one as "locality texts[6]", a text its caller never gave)."""
         rows = [i for i, r in enumerate(requests) if r.locality is not None]
-        return [f"requests[{i}].locality" for i in rows] if rows else None
+        if rows:
+            return [f"requests[{i}].locality" for i in rows]
+        if self.ft_options["locality_texts"] is None:
+            return [f"GENERIC_LOCALITY_TEXTS[{k}] (FT+KL's KL text when no request has a locality prompt and "
+                    "locality_texts is None)" for k in range(len(GENERIC_LOCALITY_TEXTS))]
+        return None
 
     def _locality_batch(self, texts: list[str], names: list[str] | None = None) -> dict:
         # As every row here is tokenized: a trailing EOS that the tokenizer appends is no token of the text.

@@ -50,11 +50,12 @@ from ._checks import check_bool, check_offsets, check_tensor, is_int, is_real_nu
 from .block_prefix import PrefixReuse
 from .capture import Factors, modes_restored
 from .devices import input_device
-from .positions import past_positions
+from .positions import learned_position_limit, past_positions
 from .requests import EditRequest, require_field, validate_requests
 from .scored_logits import logits_at, scored_positions
 from .tokenize import (
-    IGNORE_INDEX, embedding_rows, forward_inputs, is_seq2seq, no_kv_cache, tokenize_pairs, tokenize_texts,
+    IGNORE_INDEX, embedding_rows, forward_inputs, is_seq2seq, join_prompt_target, no_kv_cache, tokenize_pairs,
+    tokenize_texts,
 )
 
 REDUCTIONS = ("input", "token")
@@ -187,6 +188,24 @@ def _renamed(exc: ValueError, lo: int, names) -> ValueError:
     return ValueError(re.sub(r"\b(texts|prompts|targets)\[(\d+)\]", name, str(exc)))
 
 
+def _past_positions_error(past, lo: int, chunk, targets, names) -> ValueError:
+    """The ValueError for row `past[0]` of the batch `chunk` (starting at `lo`) past the model's
+    positions, named as the caller's item and quoting the text that is too long: a seq2seq target
+    past the decoder's positions itself (its prompt fits), a causal pair as joined (its target may
+    be the long part)."""
+    i, length, what, limit = past
+    j = lo + i
+    if what == "target":
+        label, text = names[1][j], targets[j]
+    elif targets is not None and what == "prompt + target":
+        label, text = f"{names[0][j]} + {names[1][j]}", join_prompt_target(chunk[i], targets[j])[0]
+    else:  # a causal LM's text scored without a target is all prompt (it said "prompt + target")
+        label, text, what = names[0][j], chunk[i], "prompt"
+    text = text if len(text) <= 60 else text[:60] + "…"
+    return ValueError(f"{label}: a text is {length} tokens ({what}), more than the model's {limit} "
+                      f"positions: {text!r}")
+
+
 def _score(model, tokenizer, prompts, targets, batch_size, names=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Teacher-forced (pred, gold) per pair; `targets=None` scores every next token of `prompts`.
     `names`: (names of the prompts, names of the targets) for error messages; by default
@@ -249,25 +268,20 @@ def _score_rows(model, tokenizer, prompts, targets, batch_size, names, out=None)
                     batch = tokenize_pairs(model, tokenizer, chunk, targets[lo : lo + batch_size], device)
             except ValueError as exc:
                 raise _renamed(exc, lo, names) from exc
+            # A learned position table (`positions`): refused before the pass where the model has one (on a
+            # GPU a lookup past it is a device-side assert, not an IndexError), else from its IndexError.
+            learned = learned_position_limit(model) is not None
+            past = past_positions(model, batch, causal=not is_seq2seq(model)) if learned else None
             try:
-                scored = _score_batch(model, tokenizer, batch)
-            except IndexError as exc:  # a learned position table's bare IndexError (`positions`)
+                if past is None:
+                    scored = _score_batch(model, tokenizer, batch)
+            except IndexError as exc:
                 past = past_positions(model, batch, causal=not is_seq2seq(model))
                 if past is None:
                     raise
-                i, length, what, limit = past
-                # Named as the caller's item; a seq2seq target past the decoder's positions is quoted itself
-                # (the prompt was, which fits).
-                j = lo + i
-                if what == "target":
-                    label, text = names[1][j], targets[j]
-                elif targets is not None and what == "prompt + target":
-                    label, text = f"{names[0][j]} + {names[1][j]}", chunk[i]
-                else:  # a causal LM's text scored without a target is all prompt (it said "prompt + target")
-                    label, text, what = names[0][j], chunk[i], "prompt"
-                text = text if len(text) <= 60 else text[:60] + "…"
-                raise ValueError(f"{label}: a text is {length} tokens ({what}), more than the model's {limit} "
-                                 f"positions: {text!r}") from exc
+                raise _past_positions_error(past, lo, chunk, targets, names) from exc
+            if past is not None:
+                raise _past_positions_error(past, lo, chunk, targets, names)
             for i, (_, gold) in enumerate(scored):
                 # A seq2seq target of special-token text only ("<unk>", "</s>") keeps no token once the
                 # special ones are dropped: its accuracy was NaN (the metric's mean with it), exact=True's min() raised.

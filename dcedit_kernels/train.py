@@ -67,6 +67,7 @@ from .devices import host_scalars_on_cpu, seed_generators
 from .edit_handle import warn_live_edits
 from .losses import backward_scale
 from .model_editor import ModelEditor
+from .positions import check_request_lengths
 from .requests import validate_requests
 from .train_checkpoint import (ResumeMismatchError, _checkpoint, _cuda_devices, _resume, _rng_states, _run_settings,
                                _save_editor, _set_rng_states, check_checkpoint_dir, has_checkpoint)
@@ -153,6 +154,11 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     def checked_requests():
         train = validate_requests(train_requests, "train_requests")
         val = None if val_requests is None else validate_requests(val_requests, "val_requests")
+        # Past a learned position table (GPT-2's), a request failed with torch's bare IndexError at
+        # its batch, however many steps in (a device-side assert on a GPU): all refused before the first.
+        check_request_lengths(me.model, me.tokenizer, train, "train_requests")
+        if val is not None:  # validation scores the edit rows of the first val_size only
+            check_request_lengths(me.model, me.tokenizer, val[: config.val_size], "val_requests", edit_rows_only=True)
         return train, val
 
     # A data-parallel process given invalid requests (its own data file, say) tells the others in

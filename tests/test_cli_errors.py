@@ -273,7 +273,8 @@ def test_cli_edit_past_a_learned_position_table_is_one_error_line(capsys, tmp_pa
     model.save_pretrained(tmp_path / "gpt2")
     tok.save_pretrained(tmp_path / "gpt2")
     for prompt, target, message in (("word " * 20, "xy " * 15, "requests[0] is 145 tokens (prompt + target)"),
-                                    ("word " * 200, "c", "a prompt is 1000 tokens: with 6 generated")):
+                                    ("word " * 200, "c",
+                                     "a prompt is 1000 tokens, which leaves none of the model's 128 positions")):
         assert cli.main(["edit", "--model", str(tmp_path / "gpt2"), "--method", "ft", "--layers",
                          "transformer.h.0.mlp.c_fc", "--prompt", prompt, "--target", target]) == 2
         err = capsys.readouterr().err

@@ -1321,6 +1321,71 @@ def test_a_request_longer_than_a_learned_position_table_is_a_value_error(gen):
     assert_bit_identical(before, ft_kl.model)
 
 
+def _lookups_past_the_table_abort(model):
+    """A forward pre-hook on GPT-2's learned position table that raises RuntimeError, as a GPU's
+    device-side assert does, where the CPU raises the IndexError the package turned into a
+    ValueError after the fact: a check that the table is never read past its end."""
+    def no_lookup_past_the_table(module, args):
+        if int(args[0].max()) >= module.num_embeddings:
+            raise RuntimeError("device-side assert")
+
+    return model.transformer.wpe.register_forward_pre_hook(no_lookup_past_the_table)
+
+
+@pytest.mark.parametrize("case", ["mend", "ft", "ft_kl", "ft_kl_generic", "metrics", "measure_edit", "completions"])
+def test_a_row_past_a_learned_position_table_is_refused_before_the_model_reads_it(case, gen):
+    """On a GPU a lookup past GPT-2's learned positions is a device-side assert, which no except
+    clause turns into the ValueError the CPU's IndexError became (and which leaves the CUDA context
+    unusable): the rows are checked before the pass.  FT+KL's generic sentences, when a
+    short-context model refuses one, are named as such (they were "locality texts[6]", a text the
+    caller never gave); `dcedit edit`'s completions stop at the table's end (a prompt that fit
+    with its target was refused for 6 more tokens) and refuse a prompt that fills it."""
+    from dcedit_kernels.cli import greedy_completions
+
+    me = make_editor("gpt2", case if case in ("mend", "ft") else "ft_kl" if "ft_kl" in case else "mend", gen,
+                     **({"ft_steps": 1} if "ft" in case else {}))
+    limit = me.model.config.n_positions
+    n = int(torch.randint(limit + 1, 2 * limit, (1,), generator=gen))
+    long = "w" * n  # past the table on its own: the tiny tokenizers give a token per character
+    if case == "ft_kl_generic":  # a table of 40 positions: shorter than some of the generic sentences
+        wpe, limit = me.model.transformer.wpe, 40
+        wpe.weight, wpe.num_embeddings = nn.Parameter(wpe.weight.detach()[:limit].clone()), limit
+        me.model.config.n_positions = limit
+    _lookups_past_the_table_abort(me.model)
+    before = snapshot(me.model)
+    if case in ("mend", "ft"):
+        with pytest.raises(ValueError, match=rf"requests\[1\] is \d+ tokens \(prompt \+ target\), more than the "
+                                             rf"model's {limit}"):
+            me.apply([random_requests(gen, 1)[0], EditRequest(long, "target")])
+    elif case == "ft_kl":
+        with pytest.raises(ValueError, match=rf"requests\[1\]\.locality is \d+ tokens, more than the model's {limit}"):
+            me.apply([random_requests(gen, 1)[0], EditRequest("ab", "cd", locality=long, locality_target="x")])
+    elif case == "ft_kl_generic":
+        with pytest.raises(ValueError, match=r"^GENERIC_LOCALITY_TEXTS\[\d+\] \(FT\+KL's KL text when no request has "
+                                             r"a locality prompt and locality_texts is None\) is \d+ tokens, more than "
+                                             r"the model's 40 positions"):
+            me.apply(random_requests(gen, 2, locality=False))
+    elif case == "metrics":
+        with pytest.raises(ValueError, match=rf"^requests\[0\]\.prompt \+ requests\[0\]\.target: a text is \d+ "
+                                             rf"tokens \(prompt \+ target\), more than the model's {limit}"):
+            metrics.reliability(me.model, me.tokenizer, [EditRequest("ab", long)])
+    elif case == "measure_edit":
+        # The text quoted is the one past the table, as joined: the prompt alone ('cd') was quoted.
+        with pytest.raises(ValueError, match=rf"more than the model's {limit} positions: 'cd ww"):
+            measure_edit(me, [EditRequest("The sky is", "green", rephrase="ab", locality="cd", locality_target=long)])
+    else:
+        fits, asked, generate = "w" * (limit - 3), [], me.model.generate  # 3 positions left to complete it in
+        me.model.generate = lambda *args, **kwargs: (asked.append(kwargs["max_new_tokens"]),
+                                                     generate(*args, **kwargs))[1]
+        greedy_completions(me.model, me.tokenizer, [fits])
+        assert asked == [3]
+        with pytest.raises(ValueError, match=rf"^a prompt is {n} tokens, which leaves none of the model's "
+                                             rf"{limit} positions to complete it: 'www"):
+            greedy_completions(me.model, me.tokenizer, [fits, long])
+    assert_bit_identical(before, me.model)
+    assert not me._live
+
+
 @pytest.mark.parametrize("method", ["mend", "ft"])
 def test_a_seq2seq_target_past_the_decoders_positions_is_a_value_error(method, gen):
     """BART's decoder has its own learned positions: a long target failed there with a bare
@@ -2467,7 +2532,7 @@ def _capture_ft_and_training(dtype, seed, reqs, layers):
     model, tok = tiny_model("llama", seed=seed, dtype=dtype)
     me = ModelEditor(model, tok, layers, method="ft_kl", ft_steps=2, ft_stop_loss=None, capture_batch_size=16)
     factors, _, _ = me.capture(me.tokenize([r.prompt for r in reqs], [r.target for r in reqs]), need_feats=False)
-    me.apply(reqs)
+    me.apply(reqs).keep()                    # kept: MEND trains on the FT+KL-edited model on purpose
     weights = {n: me.modules[n].weight.detach().clone() for n in layers}
     mend = ModelEditor(model, tok, layers, method="mend", rank=5, seed=seed)
     mend.fit(reqs, config=TrainConfig(steps=2, batch_size=20, lr=1e-2, progress=False))

@@ -1,7 +1,9 @@
 """Editor training's argument checks and rarer paths (train.py): TrainConfig's fields, resume
 after early stopping, skipped non-finite batches, batches without locality rows."""
 
+import dataclasses
 import os
+import re
 
 import pytest
 import torch
@@ -1077,3 +1079,45 @@ def test_a_checkpoint_holding_its_history_in_its_counters_resumes_with_it(gen, t
     with pytest.raises(ValueError, match=r"trainer\.safetensors is not a train_editor checkpoint .*history\.value"):
         train_checkpoint._resume(me, opt, lr_opt, tmp_path, TrainResult(steps=0), run)
     assert all(torch.equal(before[k], v) for k, v in me.state_tensors().items())
+
+
+
+@pytest.mark.parametrize("field", ["prompt", "rephrase", "locality", "val_rephrase", "val_locality"])
+def test_a_request_past_a_learned_position_table_is_refused_before_the_first_step(field, gen):
+    """A training request longer than GPT-2's learned positions failed with torch's bare IndexError
+    at its batch, however many steps in (a GPU's lookup is a device-side assert), after the
+    editors' running norms had taken the batch in; now every request is checked before the first
+    step, named by its field, and the editors are left as they were.  A validation request's
+    locality is not run (validation scores the edit rows), so it is not refused; nor is a long
+    request of a rotary model, which runs past its max_position_embeddings as transformers lets it."""
+    me = tiny_mend("gpt2", gen)
+    limit = me.model.config.n_positions
+    long = "word " * int(torch.randint(limit, 2 * limit, (1,), generator=gen))
+    reqs, val = random_requests(gen, 5), random_requests(gen, 3)
+    k, j = int(torch.randint(0, 5, (1,), generator=gen)), int(torch.randint(0, 3, (1,), generator=gen))
+    if field.startswith("val_"):
+        val[j] = dataclasses.replace(val[j], **{field[4:]: long})
+    else:
+        reqs[k] = dataclasses.replace(reqs[k], **{field: long})
+    # A GPU's lookup past the table aborts the process's CUDA context instead of raising IndexError:
+    # the table must never be read past its end.
+    def no_lookup_past_the_table(module, args):
+        if int(args[0].max()) >= module.num_embeddings:
+            raise RuntimeError("device-side assert")
+
+    me.model.transformer.wpe.register_forward_pre_hook(no_lookup_past_the_table)
+    state = [t.detach().clone() for t in [*me.editors.parameters(), *me.editors.buffers()]]
+    config = TrainConfig(steps=3, batch_size=2, val_every=2, val_size=3, progress=False)
+    if field == "val_locality":
+        me.fit(reqs, val, config)
+        return
+    name = {"prompt": f"train_requests[{k}].prompt + train_requests[{k}].target",
+            "rephrase": f"train_requests[{k}].rephrase + train_requests[{k}].target",
+            "locality": f"train_requests[{k}].locality + train_requests[{k}].locality_target",
+            "val_rephrase": f"val_requests[{j}].rephrase + val_requests[{j}].target"}[field]
+    with pytest.raises(ValueError, match=rf"^{re.escape(name)} is \d+ tokens, more than the model's {limit} "
+                                         r"positions$"):
+        me.fit(reqs, val, config)
+    assert all(torch.equal(a, b) for a, b in zip(state, [*me.editors.parameters(), *me.editors.buffers()]))
+    if field == "rephrase":
+        tiny_mend("llama", gen).fit(reqs, None, TrainConfig(steps=1, batch_size=5, progress=False))

@@ -239,7 +239,8 @@ def check_count(requests: list, n: int | None, flag: str = "--n-edits", data: st
 def greedy_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 6) -> list[str]:
     """Greedy continuation of each prompt (causal LMs), first line only: what `model.generate` gives
     for that prompt alone, tokenized as the edit and the scores read it (`tokenize.text_ids`: a
-    trailing EOS that some tokenizers append is dropped).
+    trailing EOS that some tokenizers append is dropped); up to `max_new_tokens` tokens, fewer where
+    a learned position table (GPT-2's) ends first, and ValueError for a prompt that fills it.
 
     One prompt per `generate`, unpadded: in one left-padded batch the completions printed were not
     the prompts' own where the model ignores the attention mask or its batched generation mixes
@@ -248,23 +249,32 @@ def greedy_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens:
     thread): 0.36-0.4 s of CPU time a prompt (25 CounterFact prompts: 9.0-9.7 s, against 1.6 s as
     one left-padded batch and 5.1 s in unpadded batches of one length; all three the same text)."""
     from ..devices import input_device
-    from ..positions import position_limit
+    from ..positions import learned_position_limit, position_limit
     from ..tokenize import check_vocabulary, embedding_rows, text_ids
 
     rows = [text_ids(tokenizer, prompt) for prompt in prompts]
     check_vocabulary(rows, embedding_rows(model), lambda i, j: f"prompt {prompts[i]!r}")
+    learned = learned_position_limit(model)
     new_ids = []
-    for row in rows:
+    for prompt, row in zip(prompts, rows):
+        # A learned position table (GPT-2's) ends the completion at its last position: a prompt that
+        # fits with its target but not with 6 more tokens was refused, its edit never run; past the
+        # table, a GPU's lookup is a device-side assert, not the CPU's IndexError.
+        n_new = max_new_tokens if learned is None else min(max_new_tokens, learned - len(row))
+        if n_new < 1:
+            quoted = prompt if len(prompt) <= 60 else prompt[:60] + "…"
+            raise ValueError(f"a prompt is {len(row)} tokens, which leaves none of the model's {learned} positions "
+                             f"to complete it: {quoted!r}")
         # on the embedding's device (a split model's first block)
         ids = torch.tensor([row], device=input_device(model))
         try:
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id)
         except IndexError:  # a learned position table's bare IndexError (`positions`)
             limit, width = position_limit(model), ids.shape[1]
-            if limit is None or width + max_new_tokens <= limit:
+            if limit is None or width + n_new <= limit:
                 raise
-            raise ValueError(f"a prompt is {width} tokens: with {max_new_tokens} generated that is more than the "
+            raise ValueError(f"a prompt is {width} tokens: with {n_new} generated that is more than the "
                              f"model's {limit} positions") from None
         new_ids.append(out[0, ids.shape[1]:].tolist())
     # The tokens as they were generated, on every transformers: a tokenizer's own
