@@ -85,6 +85,7 @@ raise RuntimeError while another thread runs one of them on the model: `edit_han
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 import time
 from collections.abc import Mapping
@@ -134,6 +135,13 @@ def _peak_memory(devices: list[torch.device]):
     return sum(int(torch.cuda.max_memory_allocated(i)) for i in indices) if indices else None
 
 
+def shape_seed(seed: int, key: str) -> int:
+    """The seed of the editor of weight shape `key` ("576x1536") in a ModelEditor built with `seed`,
+    for every shape but the first (which takes `seed` itself): 64 bits of SHA-256 of both."""
+    digest = hashlib.sha256(f"{int(seed)}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
 class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
     """Edits `model` in place at the named `layers` with `method`; see the module docstring.
 
@@ -166,7 +174,8 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
     opt-in remedy for applying many more edits than that at once (see the property);
     editor_kwargs: the GroupedEditor
     preset's own arguments (`n_editors`, `rank`, `norm`, `fisher_keep`, `edit_lr`, `fusion`,
-    `seed`, ...; `n_editors` and a `fusion` other than "add" for the methods of several editors,
+    `seed` (the first weight shape's editor's; each other shape's editor a seed of its own derived
+    from it, `shape_seed`), ...; `n_editors` and a `fusion` other than "add" for the methods of several editors,
     "raeditor" and "moeditor") or, for the baselines, `ft_steps`, `ft_lr`, `ft_optimizer` ("adam"|"sgd"),
     `ft_stop_loss` (stop once the edit loss is below it; None: run every step), and for "ft_kl"
     `kl_weight` and `locality_texts`.
@@ -386,14 +395,20 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         by_shape: dict[tuple[int, int], list[str]] = {}
         for name, module in self.modules.items():
             by_shape.setdefault(self.shape_of(module), []).append(name)
-        for (i, o), names in by_shape.items():
+        for k, ((i, o), names) in enumerate(by_shape.items()):
             key = f"{i}x{o}"
+            # The first shape's editor takes `seed`, every other shape's one derived from it and the
+            # shape: with one seed each, the editors of (i, o) and (o, i) drew the same numbers (i + o
+            # per row of v), so a seeded RaEditor split every batch alike in an up_proj and a
+            # down_proj, where unseeded ones split independently.
+            shape_kwargs = kwargs if k == 0 or kwargs.get("seed") is None else {
+                **kwargs, "seed": shape_seed(kwargs["seed"], key)}
             try:
                 # On the CPU whatever torch.set_default_device says, then moved beside its layers: built
                 # on a "meta" default device (left on after building a model skeleton) the move raised
                 # "Cannot copy out of meta tensor", in the constructor and in ModelEditor.load.
                 with torch.device("cpu"):
-                    editor = preset(i, o, n_modes=len(names), **kwargs)
+                    editor = preset(i, o, n_modes=len(names), **shape_kwargs)
             except TypeError as exc:  # an argument the preset does not take
                 raise ValueError(f"bad editor argument for method {self.method!r}: {exc}") from None
             layer_devices = (weight_out_in(self.modules[name]).device for name in names)

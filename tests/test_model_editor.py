@@ -1321,6 +1321,36 @@ def test_a_request_longer_than_a_learned_position_table_is_a_value_error(gen):
     assert_bit_identical(before, ft_kl.model)
 
 
+def test_a_seeded_model_editor_gives_each_weight_shape_an_editor_seed_of_its_own(gen, tmp_path):
+    """One `seed` for every shape's editor made the editors of (i, o) and (o, i) draw the same
+    numbers (their v rows have i + o entries): a seeded RaEditor split every batch alike in an
+    up_proj and a down_proj, where unseeded ones split independently.  The first shape's editor
+    keeps `seed` (a one-shape editor is built as before); the others take `shape_seed(seed, key)`,
+    which a saved and loaded ModelEditor takes again."""
+    from dcedit_kernels import GroupedEditor, RaEditor
+    from dcedit_kernels.model_editor import shape_seed
+
+    model, tok = tiny_model("llama", seed=seed_from(gen))
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    layers = ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.down_proj", "model.layers.1.mlp.up_proj"]
+    me = ModelEditor(model, tok, layers, method="raeditor", n_editors=2, rank=3, seed=seed)
+    up, down = me.editors["24x37"], me.editors["37x24"]
+    assert (up.seed, down.seed) == (seed, shape_seed(seed, "37x24")) and down.seed != seed
+    alone = RaEditor(24, 37, n_editors=2, rank=3, n_modes=2, seed=seed)
+    assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), up.state_dict().values()))
+    assert not torch.equal(up.layers[0].v, down.layers[0].v)
+    n = 12
+    splits = [(up.route(n)[0], down.route(n)[0]) for _ in range(4)]
+    assert not all(torch.equal(a, b) for a, b in splits)  # alike in all 4 draws: about 1e-13 for independent ones
+    path = tmp_path / "raeditor.safetensors"
+    me.save(path)
+    loaded = ModelEditor.load(path, model, tok)
+    assert loaded.editors["37x24"].seed == down.seed
+    fresh = ModelEditor(model, tok, layers, method="raeditor", n_editors=2, rank=3, seed=seed)
+    assert torch.equal(loaded.editors["37x24"].route(n)[0], fresh.editors["37x24"].route(n)[0])
+    assert isinstance(loaded.editors["37x24"], GroupedEditor)
+
+
 def _lookups_past_the_table_abort(model):
     """A forward pre-hook on GPT-2's learned position table that raises RuntimeError, as a GPU's
     device-side assert does, where the CPU raises the IndexError the package turned into a
