@@ -63,7 +63,11 @@ class EditorCheckpoints:
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Every editor's parameters and buffers, detached CPU copies keyed "editors.<shape>.<name>"
-        (what a checkpoint holds; empty for the baselines)."""
+        (what a checkpoint holds; empty for the baselines).  They name shapes, not layers: an editor's
+        mode m is the m-th layer of its shape in `layers` order, so load them into a ModelEditor of
+        the same layers in the same order (`load_state_tensors` cannot tell: into one of those layers
+        reversed, each layer takes the other's α and mode scale; `ModelEditor.load` checks the file's
+        layers)."""
         # Copies also on the CPU (.contiguous().cpu() returned the editor's own tensors there, so
         # that a state kept aside changed with the editor and loading it back restored nothing).
         return {f"editors.{key}.{k}": v.detach().to("cpu", copy=True).contiguous()

@@ -526,9 +526,8 @@ def evaluate_method(
     below those layers (the same scores); it holds one (rows, width, hidden) tensor per scoring
     batch of every run.
     """
-    from tqdm.auto import tqdm
-
     from .model_editor import ModelEditor
+    from .progress_bar import progress_bar
 
     requests = validate_requests(requests)
     _check_stores(base_cache, lower_blocks)  # before a ModelEditor is built and any run
@@ -559,7 +558,7 @@ def evaluate_method(
     runs = []
     base_cache = {} if base_cache is None else base_cache
     total = len(sizes) * repeats
-    with tqdm(total=total, desc=f"evaluate {editor.method}", disable=not progress) as bar:
+    with progress_bar(progress, total=total, desc=f"evaluate {editor.method}") as bar:
         for n in sizes:
             for r in range(repeats):
                 idx = sample_indices(len(requests), n, seed, r)

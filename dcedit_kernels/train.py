@@ -68,6 +68,7 @@ from .edit_handle import warn_live_edits
 from .losses import backward_scale
 from .model_editor import ModelEditor
 from .positions import check_request_lengths
+from .progress_bar import progress_bar
 from .requests import validate_requests
 from .train_checkpoint import (ResumeMismatchError, _checkpoint, _cuda_devices, _resume, _rng_states, _run_settings,
                                _save_editor, _set_rng_states, check_checkpoint_dir, has_checkpoint)
@@ -96,8 +97,6 @@ def _batch_indices(n: int, batch_size: int, seed: int, b: int) -> list[int]:
 
 def train_editor(me: ModelEditor, train_requests, val_requests=None, config: TrainConfig | None = None) -> TrainResult:
     """Train `me`'s editors on `train_requests` (see the module docstring); returns a TrainResult."""
-    from tqdm.auto import tqdm
-
     if isinstance(val_requests, TrainConfig):  # fit(train, TrainConfig(...)): said "must be a sequence of EditRequest"
         raise ValueError("val_requests is a TrainConfig: pass it as config= (fit(train_requests, config=...))")
     config = config or TrainConfig()
@@ -240,8 +239,8 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     norms = [n for e in me.editors.values() for n in (e.norm, getattr(e, "gate_norm", None)) if n is not None]
     steps_before, skipped_before = result.steps, result.skipped_batches  # a resume's counts
     start = time.perf_counter()
-    bar = tqdm(total=config.steps, initial=result.steps, disable=not config.progress or rank != 0,
-               desc=f"train {me.method}")
+    bar = progress_bar(config.progress and rank == 0, total=config.steps, initial=result.steps,
+                       desc=f"train {me.method}")
     try:
         # Grad on whatever the caller set: under a caller's no_grad the steps' loss (divided by
         # `accumulate` out here) had no graph, and fit ran its steps and logged its losses but

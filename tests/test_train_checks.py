@@ -1121,3 +1121,19 @@ def test_a_request_past_a_learned_position_table_is_refused_before_the_first_ste
     assert all(torch.equal(a, b) for a, b in zip(state, [*me.editors.parameters(), *me.editors.buffers()]))
     if field == "rephrase":
         tiny_mend("llama", gen).fit(reqs, None, TrainConfig(steps=1, batch_size=5, progress=False))
+
+
+def test_fit_and_evaluate_without_progress_start_no_thread(gen):
+    """tqdm(disable=True) started tqdm's monitor thread, which outlived the bar: after
+    fit(progress=False) the process held a second thread for good (Python 3.12's fork warns of a
+    multi-threaded process).  Without progress no bar is built."""
+    import threading
+
+    from dcedit_kernels.evaluate import evaluate_method
+
+    me = tiny_mend("gpt2", gen)
+    reqs = random_requests(gen, 4)
+    before = set(threading.enumerate())
+    me.fit(reqs, None, TrainConfig(steps=2, batch_size=2, progress=False))
+    evaluate_method(me.model, me.tokenizer, me, reqs, n_edits=(2,), repeats=1, progress=False)
+    assert set(threading.enumerate()) <= before
