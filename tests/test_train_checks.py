@@ -458,7 +458,8 @@ def test_a_non_finite_batch_backpropagated_unscaled_is_not_run_again(gen, monkey
     first = [requests[i] for i in _batch_indices(4, 2, config.seed, 0)]
     monkeypatch.setattr(train_module, "backward_scale", lambda n_scored: 1.0)
     calls = _poison_batches(monkeypatch, {first[0].prompt})
-    result = me.fit(requests, config=config)
+    with pytest.warns(UserWarning, match=r"1 of this run's 2 batches were skipped"):
+        result = me.fit(requests, config=config)
     assert result.skipped_batches == 1 and result.steps == 1
     assert [hit for _, hit in calls] == [True, False]
 
@@ -523,7 +524,8 @@ def test_a_step_logs_the_mean_of_the_batches_that_were_not_skipped(gen, monkeypa
         return loss, parts
 
     monkeypatch.setattr(train_module, "batch_loss", scripted)
-    result = me.fit(requests, config=config)
+    with pytest.warns(UserWarning, match=r"1 of this run's 3 batches were skipped"):
+        result = me.fit(requests, config=config)
     assert result.skipped_batches == 1 and len(parts_seen) == 2
     for k in PART_KEYS:
         assert result.history[0][k] == pytest.approx((parts_seen[0][k] + parts_seen[1][k]) / 2, rel=1e-6), k
@@ -536,7 +538,8 @@ def test_a_resumed_run_counts_the_batches_skipped_before_its_checkpoint(gen, tmp
     requests = random_requests(gen, 4)
     _poison_batches(monkeypatch, {r.prompt for r in requests})  # every batch non-finite: one skipped per step
     config = TrainConfig(steps=1, batch_size=2, progress=False, seed=seed_from(gen), checkpoint_dir=str(tmp_path))
-    assert me.fit(requests, config=config).skipped_batches == 1
+    with pytest.warns(UserWarning, match=r"1 of this run's 1 batches were skipped"):
+        assert me.fit(requests, config=config).skipped_batches == 1
     with pytest.warns(UserWarning, match=r"1 of this run's 1 batches were skipped"):  # the resume's own
         resumed = me.fit(requests, config=config.replace(steps=2))
     assert resumed.resumed_from == 1 and resumed.skipped_batches == 2, resumed.skipped_batches
@@ -725,7 +728,8 @@ def test_a_batch_whose_capture_is_not_finite_is_skipped_and_counted(gen):
                               requests[0].locality_target)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     before = _editor_params(me)
-    result = me.fit(requests, None, TrainConfig(steps=4, batch_size=1, progress=False, seed=seed_from(gen)))
+    with pytest.warns(UserWarning, match=r"1 of this run's 4 batches were skipped"):
+        result = me.fit(requests, None, TrainConfig(steps=4, batch_size=1, progress=False, seed=seed_from(gen)))
     assert result.steps == 4 and result.skipped_batches == 1
     assert sum("loss" not in h for h in result.history) == 1
     assert all(bool(torch.isfinite(p).all()) for p in me.editors.parameters())
