@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .picked_kl_function import grad_of_logits, kl_of_block, row_blocks, upcast
-from .scored_logits import Scored, logits_at, rows_head
+from .scored_logits import Scored, logits_at, padded_head_rows, rows_head
 
 # Models whose logits turned out not to be their head's output (Gemma 2's soft-capping, an upcast of
 # 16-bit logits in the forward): their KL is taken from the logits from then on.
@@ -124,7 +124,9 @@ class HeadKLRows(torch.autograd.Function):
             base = torch.log_softmax(upcast(head_logits(head, base_rows[b])), -1)
             with torch.enable_grad():
                 leaf = rows[b].detach().requires_grad_(want_grad)
-                z = head_logits(head, leaf)
+                # A last block of 1-3 rows padded to 4: the head's backward on it was a less accurate
+                # matmul kernel (scored_logits.MIN_HEAD_ROWS); the pad rows' logits are dropped here.
+                z = head_logits(head, padded_head_rows(leaf))[: leaf.shape[0]]
             post = torch.log_softmax(upcast(z.detach()), -1)
             p = base.exp()  # base and post are both upcast: one dtype, as PickedKLRows's p and post
             block = kl_of_block(base, post, p)

@@ -35,6 +35,24 @@ from .tokenize import IGNORE_INDEX
 
 _FULL = threading.local()
 
+# The head's backward, grad_logits (n, V) @ W (V, H), runs as a (n, V) x (V, H) matmul: on this
+# CPU torch (MKL 2024.2, fp32) a matmul of 1 to 3 rows takes a kernel whose V-term sums are far less
+# accurate than its 4-row-and-up one (random W (49,152, 24 to 576): 4.7-6.2e-6 relative error per
+# row against 5.1-7.5e-7; SmolLM2's head: 5.1-6.6e-5 against 6.1e-7-1.0e-6), so a capture chunk of
+# 1-3 scored positions (every one-edit apply of a one- or two-token target) got an η 2-8x further
+# from float64 than a full-logits pass (SmolLM2, one-edit captures of 8 CounterFact edits: median
+# 4.8e-5 / 1.2e-4 for layers 5 k_proj / 29 down_proj; padded, 2.1e-5 / 1.5e-5, bit for bit HF's own
+# loss's; capture_batch_size=1 on those 8: 1.35e-4 / 1.43e-4, padded 1.9e-5 / 2.2e-5).  Zero rows pad
+# such a gather to 4: their logits are never picked, so they get no gradient; the cost is 4·V logits.
+MIN_HEAD_ROWS = 4
+
+
+def padded_head_rows(rows: torch.Tensor) -> torch.Tensor:
+    """(n, H) rows with zero rows appended up to MIN_HEAD_ROWS (unchanged from there on): the input
+    of a head matmul whose first n output rows are the n rows' (see MIN_HEAD_ROWS)."""
+    short = MIN_HEAD_ROWS - rows.shape[0]
+    return torch.cat([rows, rows.new_zeros(short, *rows.shape[1:])]) if 0 < short < MIN_HEAD_ROWS else rows
+
 
 @contextlib.contextmanager
 def full_logits():
@@ -68,6 +86,7 @@ class Scored:
         self.rows = None
         self.head_output = None
         self.head_output_version = None
+        self.n = None  # gathered: the number of scored rows (the head may see zero rows after them)
 
     def rows_give_logits(self, logits: torch.Tensor) -> bool:
         """Whether `rows` were gathered and the model's `logits` are its head's output as it is: the
@@ -83,8 +102,8 @@ class Scored:
 
     def pick(self, logits: torch.Tensor) -> torch.Tensor:
         """(n, V): the logits at the positions, in row-major order, from the model's output."""
-        if self.gathered:
-            return logits.reshape(-1, logits.shape[-1])
+        if self.gathered:  # the first n rows: a gather of fewer than MIN_HEAD_ROWS is padded after them
+            return logits.reshape(-1, logits.shape[-1])[: self.n]
         return logits[self.positions.to(logits.device)]
 
 
@@ -204,10 +223,11 @@ def logits_at(model: nn.Module, positions: torch.Tensor, skip: Iterable[nn.Modul
             return None
         scored.gathered = True
         rows = hidden[positions.to(hidden.device)]
+        scored.n = rows.shape[0]
         if rows_only:
             scored.rows, rows = rows, rows[:0]
             return (rows.unsqueeze(0),), kwargs
-        return (rows.unsqueeze(0),) + tuple(args[1:])
+        return (padded_head_rows(rows).unsqueeze(0),) + tuple(args[1:])
 
     @_own
     @torch.compiler.disable

@@ -11,7 +11,7 @@ from dcedit_kernels import head_kl_function, picked_kl_function
 from dcedit_kernels.head_kl_function import head_kl, head_logits
 from dcedit_kernels.losses import picked_kl
 from dcedit_kernels.models import tiny_model
-from dcedit_kernels.scored_logits import logits_at, rows_head
+from dcedit_kernels.scored_logits import MIN_HEAD_ROWS, logits_at, rows_head
 
 
 class RowwiseHead(nn.Module):
@@ -80,6 +80,29 @@ def test_head_kl_gives_picked_kl_of_the_heads_logits(kind, dtype, gen, monkeypat
     tol64 = {torch.float64: 1e-12, torch.float32: 1e-4}.get(dtype, 5e-2)
     assert torch.allclose(got.double(), want64, rtol=tol64, atol=tol64)
     assert torch.allclose(g_got.double(), g64, rtol=tol64, atol=tol64 * max(1.0, float(g64.abs().max())))
+
+
+def test_head_kl_gives_the_head_at_least_four_rows_a_block(gen, monkeypatch):
+    """A block of 1-3 rows (the last of a run, or all of a few) went through the head's matmuls as
+    such, whose backward this CPU torch's MKL runs with a less accurate kernel below 4 rows
+    (`scored_logits.MIN_HEAD_ROWS`): padded with zero rows, whose logits are dropped; the KL and its
+    gradient are picked_kl's of the head's logits, in float64."""
+    H, V = int(torch.randint(1, 12, (1,), generator=gen)), int(torch.randint(2, 60, (1,), generator=gen))
+    n = int(torch.randint(1, 12, (1,), generator=gen))
+    monkeypatch.setattr(head_kl_function, "HEAD_ROWS_BUDGET", V * int(torch.randint(1, 6, (1,), generator=gen)))
+    monkeypatch.setattr(head_kl_function, "HEAD_MIN_ROWS", 1)
+    head = random_head("bias", H, V, gen, torch.float64)
+    base, rows = random_rows(gen, n, H, torch.float64)
+    seen, forward = [], head.forward  # the rows of each call whose backward runs (the base rows' has none)
+    head.forward = lambda x: (x.requires_grad and seen.append(x.shape[1]), forward(x))[1]
+    a, b = rows.clone().requires_grad_(), rows.clone().requires_grad_()
+    got = head_kl(base, a, head)
+    assert seen and min(seen) >= min(MIN_HEAD_ROWS, n) and (n >= MIN_HEAD_ROWS or min(seen) == MIN_HEAD_ROWS)
+    del head.forward
+    want = logits_kl(base, b, head)
+    (g_got,), (g_want,) = torch.autograd.grad(got, a), torch.autograd.grad(want, b)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(g_got, g_want, rtol=1e-12, atol=1e-12 * max(1.0, float(g_want.abs().max())))
 
 
 def test_head_kl_passes_gradcheck(gen, monkeypatch):
@@ -183,7 +206,8 @@ def test_rows_only_does_not_stop_another_threads_gather(gen):
         inside.set()
         assert done.wait(60)
     thread.join()
-    assert result == {"shape": (1, 2, model.get_output_embeddings().out_features), "gathered": True}
+    # 2 scored rows, padded to MIN_HEAD_ROWS for the head's matmuls (their pick gives the 2)
+    assert result == {"shape": (1, MIN_HEAD_ROWS, model.get_output_embeddings().out_features), "gathered": True}
     assert not model.get_output_embeddings()._forward_hooks and not model.get_output_embeddings()._forward_pre_hooks
 
 

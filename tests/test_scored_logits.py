@@ -21,7 +21,7 @@ from dcedit_kernels.head_input import head_input
 from dcedit_kernels.losses import edit_loss, scored_accuracy, target_nll
 from dcedit_kernels.model_editor import ModelEditor
 from dcedit_kernels.models import tiny_model
-from dcedit_kernels.scored_logits import full_logits, logits_at, scored_positions
+from dcedit_kernels.scored_logits import MIN_HEAD_ROWS, full_logits, logits_at, scored_positions
 from dcedit_kernels.train import batch_loss, eval_rows, evaluate_edits
 
 CAUSAL = {"gpt2": ["transformer.h.1.mlp.c_fc", "transformer.h.0.mlp.c_proj"],
@@ -57,6 +57,41 @@ def test_logits_at_gives_the_full_logits_at_the_positions(arch, gen):
     # The causal shift: position t is scored when label t+1 is.
     if causal:
         assert torch.equal(positions[:, :-1], batch["labels"][:, 1:] != -100) and not positions[:, -1].any()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bart", "t5"])
+def test_a_gather_of_fewer_than_four_rows_pads_the_heads_input_after_them(arch, gen):
+    """The head's backward of k < 4 gathered rows was a k-row fp32 matmul, which this CPU torch's
+    MKL runs with a kernel whose V-term sums are 10-100x less accurate than its 4-row one
+    (`scored_logits.MIN_HEAD_ROWS`): the head is given the k rows and zero rows after them, up to
+    4, and `pick` gives the k rows' logits, equal in float64 to a full forward's at those positions,
+    as is the gradient every parameter gets from them."""
+    me, _, batch = model_and_batch(arch, gen)
+    causal = arch in CAUSAL
+    scored_at = scored_positions(batch["labels"], causal).flatten().nonzero()[:, 0]
+    k = int(torch.randint(1, MIN_HEAD_ROWS, (1,), generator=gen))
+    few = torch.zeros(batch["labels"].numel(), dtype=torch.bool)
+    few[scored_at[torch.randperm(len(scored_at), generator=gen)[:k]]] = True
+    few = few.view(batch["labels"].shape)
+    inputs = me.model_inputs(batch)
+    params = [p for p in me.model.parameters()]
+    head = me.model.get_output_embeddings()
+    probe = torch.randn(k, head.out_features, generator=gen, dtype=torch.float64)
+
+    def grads(picked):
+        return torch.autograd.grad((picked * probe).sum(), params, allow_unused=True)
+
+    want = me.model(**inputs).logits[few]
+    want_grads = grads(want)
+    with input_shapes(head) as seen, logits_at(me.model, few) as scored:
+        out = me.model(**inputs).logits
+    assert scored.gathered and seen == [(1, MIN_HEAD_ROWS, head.in_features)]
+    got = scored.pick(out)
+    assert got.shape == want.shape and rel_err(got, want) < 1e-12
+    for (name, _), g, w in zip(me.model.named_parameters(), grads(got), want_grads):
+        assert (g is None) == (w is None), name
+        if w is not None:
+            assert rel_err(g, w) < 1e-10 or float((g - w).abs().max()) < 1e-14, name
 
 
 def _oracle_variant(variant, gen):
