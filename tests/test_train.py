@@ -2728,7 +2728,8 @@ def test_a_skipped_batch_leaves_the_running_norms_as_they_were(gen, monkeypatch)
 
     monkeypatch.setattr(train_module, "batch_loss", batch_loss)
     monkeypatch.setattr(GroupedEditor, "forward", forward)
-    result = me.fit(random_requests(gen, 8), None, TrainConfig(steps=3, batch_size=2, progress=False))
+    with pytest.warns(UserWarning, match=r"1 of this run's 3 batches were skipped"):
+        result = me.fit(random_requests(gen, 8), None, TrainConfig(steps=3, batch_size=2, progress=False))
     assert len(batches) == 3 and result.skipped_batches == 1
     norm = next(iter(me.editors.values())).norm
     assert all(bool(torch.isfinite(b).all()) for b in norm.buffers())
@@ -3034,7 +3035,8 @@ def test_steps_match_an_independent_float64_optimisation_loop(arch, method, lr_o
     model_before = {k: v.clone() for k, v in me.model.state_dict().items()}
     flags = [p.requires_grad for p in me.model.parameters()]
     batches = _recorded_batches(monkeypatch, poisoned)
-    result = me.fit(requests, config=config)
+    with pytest.warns(UserWarning, match=r"1 of this run's 6 batches were skipped"):
+        result = me.fit(requests, config=config)
     assert result.steps == 3 and result.skipped_batches == 1 and len(batches) == 6
     assert all(torch.equal(v, model_before[k]) for k, v in me.model.state_dict().items())
     assert [p.requires_grad for p in me.model.parameters()] == flags

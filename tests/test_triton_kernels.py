@@ -754,6 +754,8 @@ def test_lowrank_delta_linear_backward_group_without_rows_gets_zero(gen, poisone
     assert (grads[2][3:8] == 0).all() and grads[3][2] == 0
 
 
+# Non-finite inputs on purpose: the Triton interpreter's NumPy arithmetic warns of the NaNs it makes.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("poisoned", ["alpha", "x", "mu_t"])
 def test_lowrank_delta_linear_nonfinite_alpha_or_input_as_the_reference(gen, dtype, poisoned, device):
@@ -800,6 +802,8 @@ def test_lowrank_delta_linear_nonfinite_alpha_or_input_as_the_reference(gen, dty
     assert ((grads[3].double().cpu() - refs[3].cpu()).abs()[ok] <= TOL[dtype] * scale[ok] + 1e-30).all()
 
 
+# Non-finite inputs on purpose: the Triton interpreter's NumPy arithmetic warns of the NaNs it makes.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("where", ["split operand", "bf16 operand", "bf16 first operand"])
 def test_bf16x3_keeps_inf(gen, device, monkeypatch, where):
     """An infinite entry on either side of a bf16x3 dot gives the reference's ±inf, not NaN.
@@ -845,6 +849,8 @@ def _split_kernel(x_ptr, hi_ptr, mid_ptr, lo_ptr, n, SPLIT: tl.constexpr, BLOCK:
     tl.store(lo_ptr + offs, lo, mask=ok)
 
 
+# Non-finite inputs on purpose: the Triton interpreter's NumPy arithmetic warns of the NaNs it makes.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("split", [1, 2, 3])
 def test_bf16x3_split(gen, device, split):
     """`_split_bf16x3` on fp32 values over fp32's normal range, bf16's largest finite value and
