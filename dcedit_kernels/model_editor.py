@@ -779,7 +779,9 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
                         restore([(weight, previous)])
                         raise
                     saved.append(entry)
-                changed[name] = float((weight != previous).sum()) / max(weight.numel(), 1)
+                # count_nonzero: a bool tensor's sum() first copies it to int64 (SmolLM2's down_proj:
+                # 7 MB and 2.7 ms a layer, 10 ms of a 150 ms one-edit apply on the CPU).
+                changed[name] = float(torch.count_nonzero(weight != previous)) / max(weight.numel(), 1)
         except BaseException as exc:
             restore(saved)
             add_note(exc, f"dcedit: the edit failed after changing {len(saved)} of {len(self.layers)} weights; "

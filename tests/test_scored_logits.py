@@ -63,9 +63,9 @@ def test_logits_at_gives_the_full_logits_at_the_positions(arch, gen):
 def test_a_gather_of_fewer_than_four_rows_pads_the_heads_input_after_them(arch, gen):
     """The head's backward of k < 4 gathered rows was a k-row fp32 matmul, which this CPU torch's
     MKL runs with a kernel whose V-term sums are 10-100x less accurate than its 4-row one
-    (`scored_logits.MIN_HEAD_ROWS`): the head is given the k rows and zero rows after them, up to
-    4, and `pick` gives the k rows' logits, equal in float64 to a full forward's at those positions,
-    as is the gradient every parameter gets from them."""
+    (`scored_logits.MIN_HEAD_ROWS`): where a backward will run, the head is given the k rows and
+    zero rows after them, up to 4, and `pick` gives the k rows' logits, equal in float64 to a full
+    forward's at those positions, as is the gradient every parameter gets from them."""
     me, _, batch = model_and_batch(arch, gen)
     causal = arch in CAUSAL
     scored_at = scored_positions(batch["labels"], causal).flatten().nonzero()[:, 0]
@@ -92,6 +92,10 @@ def test_a_gather_of_fewer_than_four_rows_pads_the_heads_input_after_them(arch, 
         assert (g is None) == (w is None), name
         if w is not None:
             assert rel_err(g, w) < 1e-10 or float((g - w).abs().max()) < 1e-14, name
+    # A scoring pass runs no backward: the head gets the k rows alone (the 4-row kernels cost time).
+    with torch.no_grad(), input_shapes(head) as seen, logits_at(me.model, few) as scored:
+        out = me.model(**inputs).logits
+    assert seen == [(1, k, head.in_features)] and rel_err(scored.pick(out), want) < 1e-12
 
 
 def _oracle_variant(variant, gen):
