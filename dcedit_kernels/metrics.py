@@ -256,6 +256,7 @@ def _score_rows(model, tokenizer, prompts, targets, batch_size, names, out=None)
     # The embedding's device (a split model's first block), not torch's default one (a "meta" default:
     # no data): the batches are tokenized onto it.
     device = input_device(model)
+    learned = learned_position_limit(model) is not None  # a walk of the model's modules: once, not per batch
     with _eval_mode(model):
         for lo in range(0, len(prompts), batch_size):
             chunk = prompts[lo : lo + batch_size]
@@ -270,7 +271,6 @@ def _score_rows(model, tokenizer, prompts, targets, batch_size, names, out=None)
                 raise _renamed(exc, lo, names) from exc
             # A learned position table (`positions`): refused before the pass where the model has one (on a
             # GPU a lookup past it is a device-side assert, not an IndexError), else from its IndexError.
-            learned = learned_position_limit(model) is not None
             past = past_positions(model, batch, causal=not is_seq2seq(model)) if learned else None
             try:
                 if past is None:

@@ -5,7 +5,8 @@ edit), while a language model's head computes all B·L·V of them, then autograd
 indexing them builds a zero-filled B·L·V gradient.  `logits_at` makes the head see only the hidden
 states at the scored positions, so the logits are (1, n, V) from the start: n·V instead of B·L·V
 in the forward and in the backward (on SmolLM2, 500 CounterFact edits: 7 of the batch's 20
-positions are scored, V = 49152).
+positions are scored, V = 49152).  Where a backward runs on the CPU, n < 4 rows are padded with zero
+rows to 4 (`MIN_HEAD_ROWS`: MKL's fp32 matmuls of 1-3 rows sum less accurately), and `pick` drops them.
 
 It works through a forward pre-hook on `model.get_output_embeddings()`, which gathers the rows of
 the head's input; what a model does to the logits after its head (a bias, soft-capping) is
@@ -185,8 +186,9 @@ def rows_head(model: nn.Module, skip: Iterable[nn.Module] = ()) -> nn.Module | N
 @contextlib.contextmanager
 def logits_at(model: nn.Module, positions: torch.Tensor, skip: Iterable[nn.Module] = (), enabled: bool = True,
               rows_only: bool = False):
-    """Inside the block, the model's head computes logits at `positions` ((B, L) bool) only; yields
-    the `Scored` whose `pick` gives them.  `skip`: modules (edited or captured layers) that must see
+    """Inside the block, the model's head computes logits at `positions` ((B, L) bool) only (and at
+    zero rows after them up to MIN_HEAD_ROWS where a backward runs on the CPU); yields the `Scored`
+    whose `pick` gives them.  `skip`: modules (edited or captured layers) that must see
     full sequences: if the head is one of them, nothing is gathered; nor with enabled=False.
     rows_only=True: where the head's input is gathered, the head computes no logits (it is given
     none of the rows) and `Scored.rows` keeps its input at the positions, (n, H), from which
@@ -229,8 +231,9 @@ def logits_at(model: nn.Module, positions: torch.Tensor, skip: Iterable[nn.Modul
         if rows_only:
             scored.rows, rows = rows, rows[:0]
             return (rows.unsqueeze(0),), kwargs
-        # Padded where a backward will run through the head (scoring passes run none: no cost there).
-        rows = padded_head_rows(rows) if rows.requires_grad else rows
+        # Padded where a backward will run through the head (scoring passes run none: no cost there),
+        # on the CPU, whose MKL kernels the pad is for (unmeasured on a GPU: left as it was).
+        rows = padded_head_rows(rows) if rows.requires_grad and rows.device.type == "cpu" else rows
         return (rows.unsqueeze(0),) + tuple(args[1:])
 
     @_own

@@ -82,6 +82,7 @@ from .length_buckets import plan_passes, run_in_passes
 from .lowrank_layers import lowrank_edited
 from .losses import log_probs_at, picked_kl, scored_nll
 from .model_editor import ModelEditor
+from .positions import learned_position_limit, past_positions
 from .requests import EditRequest, validate_requests
 from .scored_logits import logits_at, scored_positions
 from .tokenize import causal_pair_ids, embedding_rows, no_kv_cache, pad_rows, pad_token_id, text_ids
@@ -100,6 +101,28 @@ def _locality_row(requests: list[EditRequest], e: int, tokenizer) -> tuple[list[
         return None
     ids = text_ids(tokenizer, requests[(e + 1) % len(requests)].prompt)
     return ids, len(ids) - 1  # the last position predicts the other edit's target: not locality
+
+
+def _refuse_rows_past_positions(model, batch: dict, requests: list[EditRequest], row_edit: list[int],
+                                is_edit: list[bool]) -> None:
+    """ValueError naming the training row of `batch` past the model's learned position table, before
+    the model reads it (`positions`; fit checks every request before its first step, this is for
+    `batch_loss`, `loss_from_edits` and `eval_rows` called on their own)."""
+    if learned_position_limit(model) is None:
+        return
+    past = past_positions(model, batch, causal=True)
+    if past is None:
+        return
+    i, length, _, limit = past
+    e = row_edit[i]
+    r = requests[e]
+    if is_edit[i]:
+        name = f"requests[{e}].{'rephrase' if r.rephrase is not None else 'prompt'} + requests[{e}].target"
+    elif r.locality is not None:
+        name = f"requests[{e}].locality" + (f" + requests[{e}].locality_target" if r.locality_target is not None else "")
+    else:  # the next edit's prompt stands in for an edit without a locality prompt (`_locality_row`)
+        name = f"requests[{(e + 1) % len(requests)}].prompt (the locality row of requests[{e}])"
+    raise ValueError(f"{name} is {length} tokens, more than the model's {limit} positions")
 
 
 def eval_rows(me: ModelEditor, requests: list[EditRequest], config: TrainConfig) -> dict:
@@ -131,6 +154,7 @@ def eval_rows(me: ModelEditor, requests: list[EditRequest], config: TrainConfig)
         kl_len.append(loc[1])
     batch = pad_rows(rows, pad_token_id(tok), me.device, labels=labels, vocab_size=embedding_rows(me.model),
                      row_name=lambda i, j: f"a training row ({tok.decode(rows[i])!r})")
+    _refuse_rows_past_positions(me.model, batch, requests, row_edit, is_edit)
     width = batch["input_ids"].shape[1]
     dev = me.device
     # On the model's device, not torch's default one ("meta": the move to `dev` raised).
@@ -164,7 +188,8 @@ def batch_edits(me: ModelEditor, requests: list[EditRequest]) -> dict:
     check_has_editors(me)
     requests = validate_requests(requests)  # a str among them raised AttributeError reading .prompt
     edit_batch = me.tokenize([r.prompt for r in requests], [r.target for r in requests])
-    factors, feats, _ = me.capture(edit_batch)
+    with me._length_errors(edit_batch, "requests"):  # as apply's: a row past a learned position table
+        factors, feats, _ = me.capture(edit_batch)
     with torch.enable_grad():
         return me.run_editors(factors, feats)
 

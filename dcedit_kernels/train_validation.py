@@ -14,6 +14,7 @@ from . import distributed
 from ._checks import is_int
 from .losses import scored_accuracy, scored_nll
 from .model_editor import ModelEditor
+from .positions import check_request_lengths
 from .requests import validate_requests
 from .scored_logits import logits_at, scored_positions
 from .tokenize import no_kv_cache
@@ -31,6 +32,9 @@ def evaluate_edits(me: ModelEditor, requests, batch_size: int = 4) -> dict:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if me.seq2seq:
         raise ValueError("evaluate_edits supports causal LMs only (as editor training does)")
+    # Named by its place in `requests` (the apply of a batch named it by its place in that batch), and
+    # before the model reads past a learned position table (a GPU's device-side assert); fit checks first.
+    check_request_lengths(me.model, me.tokenizer, requests, "requests", edit_rows_only=True)
     return _edit_summary(_batch_scores(me, requests, batch_size, range(_n_batches(requests, batch_size))))
 
 

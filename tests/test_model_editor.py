@@ -1404,11 +1404,11 @@ def test_a_row_past_a_learned_position_table_is_refused_before_the_model_reads_i
         with pytest.raises(ValueError, match=rf"more than the model's {limit} positions: 'cd ww"):
             measure_edit(me, [EditRequest("The sky is", "green", rephrase="ab", locality="cd", locality_target=long)])
     else:
-        fits, asked, generate = "w" * (limit - 3), [], me.model.generate  # 3 positions left to complete it in
+        fits, asked, generate = "w" * (limit - 3), [], me.model.generate  # 3 positions left, 4 tokens to generate
         me.model.generate = lambda *args, **kwargs: (asked.append(kwargs["max_new_tokens"]),
                                                      generate(*args, **kwargs))[1]
         greedy_completions(me.model, me.tokenizer, [fits])
-        assert asked == [3]
+        assert asked == [4]  # the last token generated is never fed back: it needs no position
         with pytest.raises(ValueError, match=rf"^a prompt is {n} tokens, which leaves none of the model's "
                                              rf"{limit} positions to complete it: 'www"):
             greedy_completions(me.model, me.tokenizer, [fits, long])

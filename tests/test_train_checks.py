@@ -1127,17 +1127,59 @@ def test_a_request_past_a_learned_position_table_is_refused_before_the_first_ste
         tiny_mend("llama", gen).fit(reqs, None, TrainConfig(steps=1, batch_size=5, progress=False))
 
 
-def test_fit_and_evaluate_without_progress_start_no_thread(gen):
+def test_fit_and_evaluate_without_progress_build_no_bar(gen, monkeypatch):
     """tqdm(disable=True) started tqdm's monitor thread, which outlived the bar: after
     fit(progress=False) the process held a second thread for good (Python 3.12's fork warns of a
-    multi-threaded process).  Without progress no bar is built."""
-    import threading
+    multi-threaded process).  Without progress no bar is built (tqdm is made to fail if one is:
+    the thread, started once per process, would not tell after an earlier test's bar)."""
+    import tqdm.auto
 
     from dcedit_kernels.evaluate import evaluate_method
 
+    def no_bar(*args, **kwargs):
+        raise AssertionError("a tqdm bar was built with progress off")
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", no_bar)
     me = tiny_mend("gpt2", gen)
     reqs = random_requests(gen, 4)
-    before = set(threading.enumerate())
     me.fit(reqs, None, TrainConfig(steps=2, batch_size=2, progress=False))
     evaluate_method(me.model, me.tokenizer, me, reqs, n_edits=(2,), repeats=1, progress=False)
-    assert set(threading.enumerate()) <= before
+
+
+@pytest.mark.parametrize("fn", ["batch_loss", "eval_rows", "evaluate_edits"])
+def test_trainings_public_steps_refuse_a_row_past_a_learned_position_table(fn, gen):
+    """batch_loss, eval_rows and evaluate_edits, called on their own (fit checks every request
+    first), let a long row reach GPT-2's position table: a bare IndexError on the CPU, a device-side
+    assert on a GPU.  Each refuses it before the model reads it, naming the request and field
+    (evaluate_edits by its place in `requests`, not in the batch it applies)."""
+    me = tiny_mend("gpt2", gen)
+    me.model.transformer.wpe.register_forward_pre_hook(_no_lookup_past_the_table)
+    limit = me.model.config.n_positions
+    long = "w" * int(torch.randint(limit + 1, 2 * limit, (1,), generator=gen))
+    reqs = random_requests(gen, 3)
+    cases = {"rephrase": (dataclasses.replace(reqs[2], rephrase=long), r"requests\[2\]\.rephrase \+ requests\[2\]\.target"),
+             "prompt": (dataclasses.replace(reqs[2], prompt=long),
+                        r"requests\[2\]( is \d+ tokens \(prompt \+ target\)|\.prompt \+ requests\[2\]\.target)"),
+             "locality": (dataclasses.replace(reqs[2], locality=long),
+                          r"requests\[2\]\.locality \+ requests\[2\]\.locality_target")}
+    run = {"batch_loss": lambda r: batch_loss(me, r, TrainConfig(progress=False)),
+           "eval_rows": lambda r: eval_rows(me, r, TrainConfig(progress=False)),
+           "evaluate_edits": lambda r: evaluate_edits(me, r, batch_size=2)}[fn]
+    for field, (bad, name) in cases.items():
+        # Rows a step does not read: validation scores the edit rows only, eval_rows' edit row is the
+        # rephrase (the capture, batch_edits', reads the prompt).
+        if (fn, field) in (("evaluate_edits", "locality"), ("eval_rows", "prompt")):
+            run(reqs[:2] + [bad])
+            continue
+        with pytest.raises(ValueError, match=rf"^{name}.* more than the model's {limit} positions"):
+            run(reqs[:2] + [bad])
+    if fn == "eval_rows":  # an edit without a locality prompt gets the next edit's prompt as its row
+        rows = [EditRequest("ab", "cd"), EditRequest(long, "x", rephrase="r")]
+        with pytest.raises(ValueError, match=r"^requests\[1\]\.prompt \(the locality row of requests\[0\]\) is"):
+            run(rows)
+
+
+def _no_lookup_past_the_table(module, args):
+    """A GPU's lookup past a learned position table is a device-side assert, not an IndexError."""
+    if int(args[0].max()) >= module.num_embeddings:
+        raise RuntimeError("device-side assert")

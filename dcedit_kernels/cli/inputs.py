@@ -259,8 +259,9 @@ def greedy_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens:
     for prompt, row in zip(prompts, rows):
         # A learned position table (GPT-2's) ends the completion at its last position: a prompt that
         # fits with its target but not with 6 more tokens was refused, its edit never run; past the
-        # table, a GPU's lookup is a device-side assert, not the CPU's IndexError.
-        n_new = max_new_tokens if learned is None else min(max_new_tokens, learned - len(row))
+        # table, a GPU's lookup is a device-side assert, not the CPU's IndexError.  The last token
+        # generated is never fed back, so P prompt tokens leave limit − P + 1 to generate.
+        n_new = max_new_tokens if learned is None else min(max_new_tokens, learned - len(row) + 1)
         if n_new < 1:
             quoted = prompt if len(prompt) <= 60 else prompt[:60] + "…"
             raise ValueError(f"a prompt is {len(row)} tokens, which leaves none of the model's {learned} positions "
