@@ -16,7 +16,8 @@ from dcedit_kernels.requests import EditRequest
 from dcedit_kernels.train import TrainConfig, batch_edits, batch_loss, eval_rows, evaluate_edits, train_editor
 
 from helpers import default_device, scripted_scores, seed_from, tiny_mend
-from test_model_editor import LAYERS, one_thread, random_requests  # noqa: F401 (one_thread: autouse fixture)
+from test_model_editor import (LAYERS, _lookups_past_the_table_abort, one_thread,  # noqa: F401 (one_thread: autouse)
+                               random_requests)
 
 
 def _editor_params(me):
@@ -1103,13 +1104,7 @@ def test_a_request_past_a_learned_position_table_is_refused_before_the_first_ste
         val[j] = dataclasses.replace(val[j], **{field[4:]: long})
     else:
         reqs[k] = dataclasses.replace(reqs[k], **{field: long})
-    # A GPU's lookup past the table aborts the process's CUDA context instead of raising IndexError:
-    # the table must never be read past its end.
-    def no_lookup_past_the_table(module, args):
-        if int(args[0].max()) >= module.num_embeddings:
-            raise RuntimeError("device-side assert")
-
-    me.model.transformer.wpe.register_forward_pre_hook(no_lookup_past_the_table)
+    _lookups_past_the_table_abort(me.model)  # as a GPU's device-side assert: never read past the table
     state = [t.detach().clone() for t in [*me.editors.parameters(), *me.editors.buffers()]]
     config = TrainConfig(steps=3, batch_size=2, val_every=2, val_size=3, progress=False)
     if field == "val_locality":
@@ -1153,7 +1148,7 @@ def test_trainings_public_steps_refuse_a_row_past_a_learned_position_table(fn, g
     assert on a GPU.  Each refuses it before the model reads it, naming the request and field
     (evaluate_edits by its place in `requests`, not in the batch it applies)."""
     me = tiny_mend("gpt2", gen)
-    me.model.transformer.wpe.register_forward_pre_hook(_no_lookup_past_the_table)
+    _lookups_past_the_table_abort(me.model)
     limit = me.model.config.n_positions
     long = "w" * int(torch.randint(limit + 1, 2 * limit, (1,), generator=gen))
     reqs = random_requests(gen, 3)
@@ -1177,9 +1172,3 @@ def test_trainings_public_steps_refuse_a_row_past_a_learned_position_table(fn, g
         rows = [EditRequest("ab", "cd"), EditRequest(long, "x", rephrase="r")]
         with pytest.raises(ValueError, match=r"^requests\[1\]\.prompt \(the locality row of requests\[0\]\) is"):
             run(rows)
-
-
-def _no_lookup_past_the_table(module, args):
-    """A GPU's lookup past a learned position table is a device-side assert, not an IndexError."""
-    if int(args[0].max()) >= module.num_embeddings:
-        raise RuntimeError("device-side assert")
