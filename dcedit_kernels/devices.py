@@ -82,6 +82,17 @@ def module_device(module: nn.Module) -> torch.device | None:
     return None
 
 
+def input_embeddings(model: nn.Module):
+    """What `model.get_input_embeddings()` returns, or None where the model has no such method or
+    it raises NotImplementedError (PreTrainedModel's default for models without one) or
+    AttributeError."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
 def input_device(model: nn.Module) -> torch.device:
     """Where the model's inputs (input_ids, masks, labels) go: the input embedding's device.
 
@@ -89,11 +100,7 @@ def input_device(model: nn.Module) -> torch.device:
     hooks (or the caller's) move hidden states between blocks, but the ids must start where the
     embedding is.  Models without `get_input_embeddings` (or whose embedding is on "meta" without a
     hook) fall back to their first resident parameter's device, then to the CPU."""
-    get = getattr(model, "get_input_embeddings", None)
-    try:
-        embedding = get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        embedding = None
+    embedding = input_embeddings(model)
     device = module_device(embedding) if isinstance(embedding, nn.Module) else None
     if device is None or device == META:
         device = next((p.device for p in model.parameters() if p.device != META), None)

@@ -126,8 +126,7 @@ class HeadKLRows(torch.autograd.Function):
                 leaf = rows[b].detach().requires_grad_(want_grad)
                 # A last block of 1-3 rows padded to 4: the head's backward on it was a less accurate
                 # matmul kernel (scored_logits.MIN_HEAD_ROWS); the pad rows' logits are dropped here.
-                padded = want_grad and leaf.device.type == "cpu"
-                z = head_logits(head, padded_head_rows(leaf) if padded else leaf)[: leaf.shape[0]]
+                z = head_logits(head, padded_head_rows(leaf))[: leaf.shape[0]]
             post = torch.log_softmax(upcast(z.detach()), -1)
             p = base.exp()  # base and post are both upcast: one dtype, as PickedKLRows's p and post
             block = kl_of_block(base, post, p)

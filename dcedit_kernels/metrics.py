@@ -271,17 +271,17 @@ def _score_rows(model, tokenizer, prompts, targets, batch_size, names, out=None)
                 raise _renamed(exc, lo, names) from exc
             # A learned position table (`positions`): refused before the pass where the model has one (on a
             # GPU a lookup past it is a device-side assert, not an IndexError), else from its IndexError.
-            past = past_positions(model, batch, causal=not is_seq2seq(model)) if learned else None
+            if learned:
+                past = past_positions(model, batch, causal=not is_seq2seq(model))
+                if past is not None:
+                    raise _past_positions_error(past, lo, chunk, targets, names)
             try:
-                if past is None:
-                    scored = _score_batch(model, tokenizer, batch)
+                scored = _score_batch(model, tokenizer, batch)
             except IndexError as exc:
                 past = past_positions(model, batch, causal=not is_seq2seq(model))
                 if past is None:
                     raise
                 raise _past_positions_error(past, lo, chunk, targets, names) from exc
-            if past is not None:
-                raise _past_positions_error(past, lo, chunk, targets, names)
             for i, (_, gold) in enumerate(scored):
                 # A seq2seq target of special-token text only ("<unk>", "</s>") keeps no token once the
                 # special ones are dropped: its accuracy was NaN (the metric's mean with it), exact=True's min() raised.

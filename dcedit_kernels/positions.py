@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .devices import input_embeddings
+
 
 def position_limit(model) -> int | None:
     """The config's `n_positions` or `max_position_embeddings`, else None."""
@@ -49,11 +51,7 @@ def learned_position_limit(model) -> int | None:
     limit = position_limit(model)
     if limit is None:
         return None
-    get = getattr(model, "get_input_embeddings", None)
-    try:
-        tokens = get() if callable(get) else None
-    except (NotImplementedError, AttributeError):  # PreTrainedModel's default for models without one
-        tokens = None
+    tokens = input_embeddings(model)
     for module in model.modules():
         if (isinstance(module, torch.nn.Embedding) and module is not tokens
                 and limit <= module.num_embeddings <= limit + 2):
@@ -75,14 +73,14 @@ def check_request_lengths(model, tokenizer, requests, name: str, edit_rows_only:
     from .tokenize import causal_pair_ids, text_ids
 
     for i, r in enumerate(requests):
-        rows = [("prompt + target", lambda: len(causal_pair_ids(tokenizer, r.prompt, r.target, i)[0]))]
+        rows = [("prompt + target", r.prompt, r.target)]  # (what, text, target or None: a text of its own)
         if r.rephrase is not None:
-            rows.append(("rephrase + target", lambda: len(causal_pair_ids(tokenizer, r.rephrase, r.target, i)[0])))
+            rows.append(("rephrase + target", r.rephrase, r.target))
         if r.locality is not None and not edit_rows_only:
             what = "locality + locality_target" if r.locality_target is not None else "locality"
-            rows.append((what, lambda: len(text_ids(tokenizer, locality_texts([r])[0]))))
-        for what, length in rows:
-            n = length()
+            rows.append((what, locality_texts([r])[0], None))
+        for what, text, target in rows:
+            n = len(causal_pair_ids(tokenizer, text, target, i)[0] if target is not None else text_ids(tokenizer, text))
             if n > limit:
                 raise ValueError(f"{name}[{i}].{what.replace(' + ', f' + {name}[{i}].')} is {n} tokens, more "
                                  f"than the model's {limit} positions")

@@ -51,10 +51,14 @@ MIN_HEAD_ROWS = 4
 
 
 def padded_head_rows(rows: torch.Tensor) -> torch.Tensor:
-    """(n, H) rows with zero rows appended up to MIN_HEAD_ROWS (unchanged from there on): the input
-    of a head matmul whose first n output rows are the n rows' (see MIN_HEAD_ROWS)."""
-    short = MIN_HEAD_ROWS - rows.shape[0]
-    return torch.cat([rows, rows.new_zeros(short, *rows.shape[1:])]) if 0 < short < MIN_HEAD_ROWS else rows
+    """(n, H) rows as the head is to get them: with zero rows appended up to MIN_HEAD_ROWS where
+    1 <= n < MIN_HEAD_ROWS, the rows carry a gradient (a backward will run through the head) and lie
+    on the CPU, whose MKL kernels the pad is for (unmeasured on a GPU: left as it was); else as they
+    are.  The head's first n output rows are the n rows'."""
+    n = rows.shape[0]
+    if not (0 < n < MIN_HEAD_ROWS and rows.requires_grad and rows.device.type == "cpu"):
+        return rows
+    return torch.cat([rows, rows.new_zeros(MIN_HEAD_ROWS - n, *rows.shape[1:])])
 
 
 @contextlib.contextmanager
@@ -231,10 +235,8 @@ def logits_at(model: nn.Module, positions: torch.Tensor, skip: Iterable[nn.Modul
         if rows_only:
             scored.rows, rows = rows, rows[:0]
             return (rows.unsqueeze(0),), kwargs
-        # Padded where a backward will run through the head (scoring passes run none: no cost there),
-        # on the CPU, whose MKL kernels the pad is for (unmeasured on a GPU: left as it was).
-        rows = padded_head_rows(rows) if rows.requires_grad and rows.device.type == "cpu" else rows
-        return (rows.unsqueeze(0),) + tuple(args[1:])
+        # Padded where a backward will run through the head (scoring passes run none: no cost there).
+        return (padded_head_rows(rows).unsqueeze(0),) + tuple(args[1:])
 
     @_own
     @torch.compiler.disable

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from ._checks import check_items, lone_surrogate
-from .devices import default_device
+from .devices import default_device, input_embeddings
 
 IGNORE_INDEX = -100
 
@@ -153,12 +153,7 @@ def _padded(rows: list[list[int]], value: int, width: int | None = None) -> tupl
 def embedding_rows(model) -> int | None:
     """How many token ids `model`'s input embedding can look up (its num_embeddings); None where it
     has no such table to read."""
-    get = getattr(model, "get_input_embeddings", None)
-    try:
-        embedding = get() if callable(get) else None
-    except (NotImplementedError, AttributeError):  # PreTrainedModel's default for models without one
-        return None
-    rows = getattr(embedding, "num_embeddings", None)
+    rows = getattr(input_embeddings(model), "num_embeddings", None)
     return rows if isinstance(rows, int) and not isinstance(rows, bool) else None
 
 
