@@ -527,6 +527,21 @@ def _restore_forward_state(me: ModelEditor, state: tuple) -> None:
     _set_rng_states(me, rng_states)
 
 
+def _improves(scores: dict, result: TrainResult, min_delta: float) -> bool:
+    """Whether a validation's `scores` beat the best so far: ES above the best's by more than
+    `min_delta`, or the best's ES exactly and a lower NLL.  The tie-break keeps training that
+    moved the targets' probabilities without yet turning an argmax: a tiny random Llama's MEND,
+    20 steps validated every 5, scored ES 0.0 at all four validations while the NLL fell from 5.877
+    to 5.850, and restore_best gave back step 5's editor (now step 20's)."""
+    if result.best_es is None or scores["es"] > result.best_es + min_delta:
+        return True
+    if scores["es"] != result.best_es:
+        return False
+    # The best validation's NLL, from the history a checkpoint carries (the last entry of its step).
+    best_nll = next((v["nll"] for v in reversed(result.val_history[:-1]) if v["step"] == result.best_step), None)
+    return best_nll is not None and scores["nll"] < best_nll
+
+
 def _validate(me, val_requests, config, result, best_state, bad_validations, ckpt, rank=0, size=1):
     """Score the editors on `val_requests` (a data-parallel run's processes each score a share,
     `_evaluate_split`) and keep the best state; rank 0 saves best.safetensors.  `rank`, `size`: the
@@ -542,7 +557,7 @@ def _validate(me, val_requests, config, result, best_state, bad_validations, ckp
               else evaluate_edits(me, val_requests, config.batch_size))
     _set_rng_states(me, rng_states)
     result.val_history.append(dict(step=result.steps, **scores))
-    if result.best_es is None or scores["es"] > result.best_es + config.min_delta:
+    if _improves(scores, result, config.min_delta):
         result.best_es, result.best_step = scores["es"], result.steps
         best_state = {k: v.clone() for k, v in me.state_tensors().items()}
         bad_validations = 0

@@ -393,14 +393,21 @@ def seed_from(gen) -> int:
     return int(torch.randint(0, 1000, (1,), generator=gen))
 
 
-def scripted_scores(monkeypatch, scores):
+def scripted_scores(monkeypatch, scores, states=None):
     """Replace the training loop's evaluate_edits by one that gives the ES values of `scores` in
-    turn (es_all 0, nll 1): each validation's outcome chosen by the test."""
+    turn (es_all 0, nll 1; an (es, nll) pair sets both): each validation's outcome chosen by the
+    test.  `states`: a list each validation appends the editors' state tensors to."""
     import dcedit_kernels.train as train_module
 
     scores = iter(scores)
-    monkeypatch.setattr(train_module, "evaluate_edits",
-                        lambda editor, val_requests, batch_size=4: dict(es=next(scores), es_all=0.0, nll=1.0))
+
+    def scripted_evaluate(editor, val_requests, batch_size=4):
+        if states is not None:
+            states.append({k: v.clone() for k, v in editor.state_tensors().items()})
+        es, nll = (lambda s: s if isinstance(s, tuple) else (s, 1.0))(next(scores))
+        return dict(es=es, es_all=0.0, nll=nll)
+
+    monkeypatch.setattr(train_module, "evaluate_edits", scripted_evaluate)
 
 
 def tiny_mend(arch, gen, **kwargs):

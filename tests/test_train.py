@@ -1433,7 +1433,8 @@ def test_validation_early_stopping_and_best_restore(gen, monkeypatch):
     lr 0 does not keep the editors as they were: MEND's gradient normalizers update their running
     statistics at every training step, so a later validation can score higher (seed 1529347879
     improved at step 6 and stopped at step 10).  The real evaluation runs at every validation, and
-    its ES after the first is pinned to the first's, so that no draw improves on it."""
+    its ES after the first is pinned to the first's and its NLL kept from going below the first's,
+    so that no draw improves on it (an equal ES with a lower NLL would)."""
     import dcedit_kernels.train as train_module
 
     model, tok = tiny_model("gpt2", seed=1)
@@ -1444,7 +1445,7 @@ def test_validation_early_stopping_and_best_restore(gen, monkeypatch):
     def first_es_kept(editor, val_requests, batch_size=4):
         states.append({k: v.clone() for k, v in me.editors.state_dict().items()})
         real.append(evaluate_edits(editor, val_requests, batch_size))
-        return dict(real[-1], es=real[0]["es"])
+        return dict(real[-1], es=real[0]["es"], nll=max(real[-1]["nll"], real[0]["nll"]))
 
     monkeypatch.setattr(train_module, "evaluate_edits", first_es_kept)
     config = TrainConfig(steps=20, batch_size=3, lr=0.0, lr_lr=0.0, val_every=2, patience=2, progress=False)
@@ -1452,7 +1453,7 @@ def test_validation_early_stopping_and_best_restore(gen, monkeypatch):
     assert result.stopped_early and result.steps == 6
     assert [v["step"] for v in result.val_history] == [2, 4, 6]
     assert [{k: v[k] for k in ("es_all", "nll")} for v in result.val_history] == [
-        {k: r[k] for k in ("es_all", "nll")} for r in real]
+        dict(es_all=r["es_all"], nll=max(r["nll"], real[0]["nll"])) for r in real]
     assert result.best_step == 2 and result.best_es == real[0]["es"] == result.val_history[0]["es"]
     assert all(0.0 <= r["es"] <= 1.0 and math.isfinite(r["nll"]) for r in real)
     # restore_best: the editors end as they were at step 2's validation (the normalizers' statistics
@@ -2545,6 +2546,23 @@ def test_a_validation_within_min_delta_of_the_best_is_not_an_improvement(gen, mo
     result = me.fit(requests[:4], requests[4:], config)
     assert (result.best_step, result.best_es) == (1, 0.5)
     assert result.stopped_early and result.steps == 2
+
+
+def test_an_equal_es_with_a_lower_nll_is_an_improvement(gen, monkeypatch):
+    """At the best validation's ES exactly, a lower NLL is a gain (scripted scores): step 2 (0.5,
+    NLL 1.5 after step 1's 2.0) becomes the best and resets the patience count, step 3's equal NLL
+    and step 4's higher one do not, and the editors end as they were at step 2 (restore_best)."""
+    me = tiny_mend("gpt2", gen)
+    requests = random_requests(gen, 6)
+    states = []
+    scripted_scores(monkeypatch, [(0.5, 2.0), (0.5, 1.5), (0.5, 1.5), (0.5, 1.6), (0.9, 0.1)], states)
+    config = TrainConfig(steps=10, batch_size=3, lr=1e-2, lr_lr=1e-2, val_every=1, patience=2, progress=False)
+    result = me.fit(requests[:4], requests[4:], config)
+    assert result.stopped_early and result.steps == 4
+    assert (result.best_step, result.best_es) == (2, 0.5)
+    final = me.state_tensors()
+    assert all(torch.equal(final[k], states[1][k]) for k in final)
+    assert not all(torch.equal(states[1][k], states[3][k]) for k in final)
 
 
 def test_a_patience_count_starts_again_after_an_improvement(gen, monkeypatch):

@@ -54,15 +54,18 @@ def _rewrite_trainer_checkpoint(path, drop_json=None, keep_tensor=lambda key: Tr
     (dict(steps=10, patience=None), 10, False),  # another patience: goes on
     (dict(steps=30), 6, True),                   # the same patience, more steps: stays stopped
 ])
-def test_resume_of_a_run_stopped_early_goes_on_only_with_another_patience(changes, steps, stopped, gen, tmp_path):
+def test_resume_of_a_run_stopped_early_goes_on_only_with_another_patience(changes, steps, stopped, gen, tmp_path,
+                                                                         monkeypatch):
     """A run stopped by patience goes on when resumed with another patience (_RESUMABLE_CHANGES):
     `stopped_early` is cleared when the new patience allows more (it once stayed set, and the
     resumed run stayed at the step it had stopped at).  Resumed with the same patience and more
     steps, it stays where it stopped."""
     me = tiny_mend("gpt2", gen)
     requests = random_requests(gen, 6)
-    # lr 0: the editor never changes, so the first validation stays the best and patience runs out.
-    config = TrainConfig(steps=20, batch_size=3, lr=0.0, lr_lr=0.0, val_every=2, patience=2, progress=False,
+    # Every validation scores as the first (the same ES and NLL), so the first stays the best and
+    # patience runs out.
+    scripted_scores(monkeypatch, [0.5] * 20)
+    config = TrainConfig(steps=20, batch_size=3, val_every=2, patience=2, progress=False,
                          checkpoint_dir=str(tmp_path))
     first = me.fit(requests[:4], requests[4:], config)
     assert first.stopped_early and first.steps == 6
