@@ -299,7 +299,8 @@ class EditCapture:
                 logits_at(self.model, positions, skip=self.modules.values(), enabled=gather) as scored:
             # No KV cache for a causal LM: RWKV writes its state in place, which broke the backward of
             # an edit below its last block.
-            out = self.model(**inputs, **hidden_states, **no_kv_cache(self.model))
+            with _flex_attention_refused():
+                out = self.model(**inputs, **hidden_states, **no_kv_cache(self.model))
         feats = self._edit_features(out, hidden.value, batch) if need_feats else None
         return edit_loss(scored.pick(out.logits), batch["labels"], causal, reduction, n_scored), feats
 
@@ -411,3 +412,21 @@ def _merge_small(pieces: list) -> None:
     tail = pieces[k:]
     if len(tail) > 1 and sum(nbytes(f) for _, f in tail) >= _MERGED_BYTES:
         pieces[k:] = [(torch.cat([index for index, _ in tail]), Factors.cat([f for _, f in tail]))]
+
+
+@contextlib.contextmanager
+def _flex_attention_refused():
+    """torch's FlexAttention has no backward on the CPU (torch 2.13: "FlexAttention does not support
+    backward on CPU. Please set the input requires_grad to False ...", which an edit's capture cannot
+    do): that error as a ValueError saying which setting to change.  Raised in the forward, before
+    any weight changed; sdpa's captured shift is eager's to ~1e-7 (tiny models of eight
+    architectures), and the edited model may run flex_attention again after."""
+    try:
+        yield
+    except NotImplementedError as exc:
+        if "FlexAttention does not support backward on CPU" not in str(exc):
+            raise
+        raise ValueError("the model runs attn_implementation='flex_attention' on the CPU, where torch has no "
+                         "FlexAttention backward, and an edit's gradient needs one: call "
+                         "model.set_attn_implementation('sdpa') (or 'eager') before editing or training; "
+                         "the model was not changed") from exc

@@ -2297,6 +2297,32 @@ def test_empty_target_leaves_model_untouched(method, gen):
     assert not me._live
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile:UserWarning")
+@pytest.mark.filterwarnings("ignore:_compile flag on create_block_mask:DeprecationWarning")
+def test_flex_attention_on_the_cpu_is_refused_with_the_setting_to_change(gen):
+    """torch has no FlexAttention backward on the CPU: apply raises a ValueError naming
+    attn_implementation and what to set instead (it was torch's NotImplementedError telling to "set
+    the input requires_grad to False"), the model unchanged; after set_attn_implementation("sdpa")
+    the same editor applies.  FT's steps and fit's capture run the same forward (checked by hand:
+    the same ValueError; not run here: FT's first flex forward took 17 s, 15 s of it torch.compile
+    of transformers' create_block_mask)."""
+    me = make_editor("llama", "mend", gen)
+    try:
+        me.model.set_attn_implementation("flex_attention")
+    except (ValueError, ImportError, AttributeError) as exc:  # a transformers or torch without it
+        pytest.skip(f"no flex_attention here: {exc}")
+    before = snapshot(me.model)
+    reqs = random_requests(gen, 2)
+    with pytest.raises(ValueError, match=r"attn_implementation='flex_attention' on the CPU.*"
+                                         r"set_attn_implementation\('sdpa'\).*the model was not changed"):
+        me.apply(reqs)
+    assert_bit_identical(before, me.model)
+    assert not me._live
+    me.model.set_attn_implementation("sdpa")
+    me.apply(reqs).undo()
+    assert_bit_identical(before, me.model)
+
+
 class NaNGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
