@@ -28,12 +28,12 @@ INT_DTYPES = (torch.int32, torch.int64)
 MAX_INT32_ROWS = 2**31 - 1
 
 
-def check_tensor(t, name: str, ndim: int | None = None, float_=True) -> None:
+def check_tensor(t, name: str, ndim: int | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    if float_ and t.dtype not in FLOAT_DTYPES:
+    if t.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
@@ -66,6 +66,16 @@ def lone_surrogate(text: str) -> str | None:
     except UnicodeEncodeError as e:
         return f"{text[e.start]!r} at index {e.start}"
     return None
+
+
+def check_text(text: str, name: str) -> None:
+    """ValueError naming `name` for a str the tokenizers cannot take as a prompt or target: blank,
+    or not valid Unicode (`lone_surrogate`; the tokenizer would raise a TypeError naming no text)."""
+    if not text.strip():
+        raise ValueError(f"{name} must be a non-empty string, got {text!r}")
+    bad = lone_surrogate(text)
+    if bad:
+        raise ValueError(f"{name} is not valid Unicode (a lone surrogate {bad})")
 
 
 def is_int(x) -> bool:
@@ -298,6 +308,16 @@ def no_values(t: torch.Tensor) -> bool:
     propagate.  Reading a fake one's values raised torch's DataDependentOutputException (make_fx:
     GuardOnDataDependentSymNode) from the wrapper's check, before the op's fake kernel ran."""
     return t.is_meta or is_fake(t)
+
+
+def launcher_offsets_groups(offsets) -> int:
+    """G of the Triton launchers' `offsets`, from its shape only (its values are the op layer's
+    `check_offsets`, on the host): ValueError unless an int32/int64 1-D tensor of G+1 >= 2 entries."""
+    if not isinstance(offsets, torch.Tensor) or offsets.dtype not in INT_DTYPES:
+        raise ValueError("offsets must be an int32 or int64 tensor")
+    if offsets.dim() != 1 or offsets.shape[0] < 2:
+        raise ValueError(f"offsets must be 1-D with G+1 >= 2 entries, got shape {tuple(offsets.shape)}")
+    return offsets.shape[0] - 1
 
 
 def check_offsets(offsets, name: str, total: int) -> int:

@@ -124,8 +124,9 @@ class HeadKLRows(torch.autograd.Function):
             base = torch.log_softmax(upcast(head_logits(head, base_rows[b])), -1)
             with torch.enable_grad():
                 leaf = rows[b].detach().requires_grad_(want_grad)
-                # A last block of 1-3 rows padded to 4: the head's backward on it was a less accurate
-                # matmul kernel (scored_logits.MIN_HEAD_ROWS); the pad rows' logits are dropped here.
+                # A last block of 1-3 rows padded to 4 on the CPU when a backward runs: the head's
+                # backward on it was a less accurate matmul kernel (scored_logits.MIN_HEAD_ROWS); the
+                # pad rows' logits are dropped here.
                 z = head_logits(head, padded_head_rows(leaf))[: leaf.shape[0]]
             post = torch.log_softmax(upcast(z.detach()), -1)
             p = base.exp()  # base and post are both upcast: one dtype, as PickedKLRows's p and post

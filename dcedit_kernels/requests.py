@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-from ._checks import check_items, lone_surrogate
+from ._checks import check_items, check_text
 
 REQUIRED_FIELDS = ("prompt", "target")
 OPTIONAL_FIELDS = ("rephrase", "locality", "locality_target", "subject")
@@ -81,8 +81,4 @@ def _check_text(value, name: str, required: bool) -> None:
         return
     if not isinstance(value, str):
         raise ValueError(f"{name} must be a str, got {type(value).__name__}")
-    if not value.strip():
-        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
-    bad = lone_surrogate(value)  # the tokenizer would raise a TypeError naming no field
-    if bad:
-        raise ValueError(f"{name} is not valid Unicode (a lone surrogate {bad})")
+    check_text(value, name)

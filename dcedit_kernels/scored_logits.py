@@ -44,7 +44,7 @@ _FULL = threading.local()
 # from float64 than a full-logits pass (SmolLM2, one-edit captures of 8 CounterFact edits: median
 # 4.8e-5 / 1.2e-4 for layers 5 k_proj / 29 down_proj; padded, 2.1e-5 / 1.5e-5, bit for bit HF's own
 # loss's; capture_batch_size=1 on those 8: 1.35e-4 / 1.43e-4, padded 1.9e-5 / 2.2e-5).  Zero rows pad
-# such a gather to 4 where the rows carry a gradient: their logits are never picked, so they get no
+# such a gather to 4 on the CPU where the rows carry a gradient: their logits are never picked, so they get no
 # gradient.  The cost is that of MKL's 4-row kernels, also in the forward: a one-edit MEND apply + undo
 # of SmolLM2's layers 27-29 (1 thread, 20 CounterFact edits) took 150 ms against 137 ms unpadded.
 MIN_HEAD_ROWS = 4

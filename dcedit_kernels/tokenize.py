@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from ._checks import check_items, lone_surrogate
+from ._checks import check_items, check_text
 from .devices import default_device, input_embeddings
 
 IGNORE_INDEX = -100
@@ -33,11 +33,7 @@ IGNORE_INDEX = -100
 def _check_texts(texts, name: str) -> list[str]:
     items = check_items(texts, name, str, "str")
     for i, text in enumerate(items):
-        if not text.strip():
-            raise ValueError(f"{name}[{i}] must be a non-empty string, got {text!r}")
-        bad = lone_surrogate(text)  # the tokenizer would raise a TypeError naming no text
-        if bad:
-            raise ValueError(f"{name}[{i}] is not valid Unicode (a lone surrogate {bad})")
+        check_text(text, f"{name}[{i}]")
     return items
 
 

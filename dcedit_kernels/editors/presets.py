@@ -33,15 +33,21 @@ def _refuse_routing(preset: str, kwargs: dict) -> None:
                          f"RaEditor's and MoEditor's editors): leave routing at 'single', got routing={routing!r}")
 
 
+def _one_editor(preset: str, kwargs: dict) -> None:
+    """The one-editor presets' (MEND's, ProEditor's) checks and defaults: n_editors, fusion and
+    routing refused unless they are the one editor's, routing "single" and fusion "add" set."""
+    _refuse_fixed(preset, kwargs, "n_editors", _ONE_EDITOR)
+    _refuse_fusion(preset, kwargs)
+    _refuse_routing(preset, kwargs)
+    kwargs.setdefault("routing", "single")
+    kwargs.setdefault("fusion", "add")
+
+
 def MEND(in_features, out_features, **kwargs) -> GroupedEditor:
     """One editor (Mitchell et al. 2021): GroupedEditor with routing "single" and fusion "add" (another
     routing or fusion is refused: `_refuse_routing`, `_refuse_fusion`); its other keywords (rank, n_layers, n_modes, norm, edit_lr,
     seed, ...) are GroupedEditor's."""
-    _refuse_fixed("MEND", kwargs, "n_editors", _ONE_EDITOR)
-    _refuse_fusion("MEND", kwargs)
-    _refuse_routing("MEND", kwargs)
-    kwargs.setdefault("routing", "single")
-    kwargs.setdefault("fusion", "add")
+    _one_editor("MEND", kwargs)
     return GroupedEditor(in_features, out_features, n_editors=1, **kwargs)
 
 
@@ -95,10 +101,6 @@ def ProEditor(in_features, out_features, generator="token", fisher_keep=0.7, **k
     """One editor with generated per-token (or per-edit) parameters and a Fisher mask
     (generator "token" or "sentence"; fisher_keep, the fraction of the shift's entries kept); the
     other keywords are GroupedEditor's (routing "single" and fusion "add" only, as MEND's)."""
-    _refuse_fixed("ProEditor", kwargs, "n_editors", _ONE_EDITOR)
-    _refuse_fusion("ProEditor", kwargs)
-    _refuse_routing("ProEditor", kwargs)
-    kwargs.setdefault("routing", "single")
-    kwargs.setdefault("fusion", "add")
+    _one_editor("ProEditor", kwargs)
     return GroupedEditor(in_features, out_features, n_editors=1, generator=generator,
                          fisher_keep=fisher_keep, **kwargs)

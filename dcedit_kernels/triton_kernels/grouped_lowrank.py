@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_same_device, check_tensor, compute_dtype
+from .._checks import check_same_device, check_tensor, compute_dtype, launcher_offsets_groups
 from ..reference.segments import group_ids
 from .grouped_outer import MODE_NONE, launch_grouped_outer
 from .segment_matmul import segment_matmul
@@ -35,11 +35,7 @@ def _check(h, offsets, u, v, bias, scale, shift, gain):
     """Shapes and devices (offset values are checked by the op layer, on the host)."""
     check_tensor(h, "h", 2)
     T, d = h.shape
-    if not isinstance(offsets, torch.Tensor) or offsets.dtype not in (torch.int32, torch.int64):
-        raise ValueError("offsets must be an int32 or int64 tensor")
-    if offsets.dim() != 1 or offsets.shape[0] < 2:
-        raise ValueError(f"offsets must be 1-D with G+1 >= 2 entries, got shape {tuple(offsets.shape)}")
-    G = offsets.shape[0] - 1
+    G = launcher_offsets_groups(offsets)
     check_tensor(u, "u", 3)
     if u.shape[0] != G or u.shape[1] != d:
         raise ValueError(f"u must have shape (G={G}, d={d}, r), got {tuple(u.shape)}")

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import check_real_number, check_same_device, check_tensor, compute_dtype
+from .._checks import check_real_number, check_same_device, check_tensor, compute_dtype, launcher_offsets_groups
 from .launch import dot_path, dot_split, grouped_outer_tiles, interpreting, native_dot
 from .segment_matmul import mma
 
@@ -171,10 +171,7 @@ def check_outer_inputs(eta, mu, offsets, **others) -> None:
     check_tensor(mu, "mu", 2)
     if eta.shape[0] != mu.shape[0]:
         raise ValueError(f"eta and mu must have the same number of tokens, got {eta.shape[0]} and {mu.shape[0]}")
-    if not isinstance(offsets, torch.Tensor) or offsets.dtype not in (torch.int32, torch.int64):
-        raise ValueError("offsets must be an int32 or int64 tensor")
-    if offsets.dim() != 1 or offsets.shape[0] < 2:
-        raise ValueError(f"offsets must be 1-D with G+1 >= 2 entries, got shape {tuple(offsets.shape)}")
+    launcher_offsets_groups(offsets)
     check_same_device(dict(others, eta=eta, mu=mu, offsets=offsets))
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_delta_linear_shapes, check_same_device, check_tensor, compute_dtype
+from .._checks import check_delta_linear_shapes, check_same_device, check_tensor, compute_dtype, launcher_offsets_groups
 from ..reference.segments import group_ids
 from .grouped_bilinear import grouped_bilinear_
 from .launch import HALF, native_dot
@@ -37,11 +37,7 @@ def _check(x, weight, row_group, mu_t, eta_t, offsets, alpha, grad=None, bias=No
     """Shapes, dtypes and devices (offset values and row_group range: the op layer, on the host)."""
     check_delta_linear_shapes(x, weight, bias, row_group, mu_t, eta_t)
     o = weight.shape[0]
-    if not isinstance(offsets, torch.Tensor) or offsets.dtype not in (torch.int32, torch.int64):
-        raise ValueError("offsets must be an int32 or int64 tensor")
-    if offsets.dim() != 1 or offsets.shape[0] < 2:
-        raise ValueError(f"offsets must be 1-D with G+1 >= 2 entries, got shape {tuple(offsets.shape)}")
-    G = offsets.shape[0] - 1
+    G = launcher_offsets_groups(offsets)
     check_tensor(alpha, "alpha")
     if alpha.numel() not in (1, G):
         raise ValueError(f"alpha must have 1 or G={G} entries, got shape {tuple(alpha.shape)}")

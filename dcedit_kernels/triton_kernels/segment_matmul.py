@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import check_same_device, check_tensor, compute_dtype
+from .._checks import check_same_device, check_tensor, compute_dtype, launcher_offsets_groups
 from ..reference.segments import group_ids
 from .launch import dot_path, dot_split, interpreting, native_dot, segment_matmul_tiles
 
@@ -269,11 +269,7 @@ def segment_matmul(x, w, offsets, transpose_w=True, gain=None, bias=None, scale=
     check_tensor(x, "x", 2)
     check_tensor(w, "w", 3)
     T, K = x.shape
-    if not isinstance(offsets, torch.Tensor) or offsets.dtype not in (torch.int32, torch.int64):
-        raise ValueError("offsets must be an int32 or int64 tensor")
-    G = offsets.shape[0] - 1 if offsets.dim() == 1 else -1
-    if G < 1:
-        raise ValueError(f"offsets must be 1-D with G+1 >= 2 entries, got shape {tuple(offsets.shape)}")
+    G = launcher_offsets_groups(offsets)
     if w.shape[0] != G:
         raise ValueError(f"w must have G={G} matrices, got shape {tuple(w.shape)}")
     N = w.shape[1] if transpose_w else w.shape[2]
