@@ -135,6 +135,12 @@ def _peak_memory(devices: list[torch.device]):
     return sum(int(torch.cuda.max_memory_allocated(i)) for i in indices) if indices else None
 
 
+def _applied_by_another_running_thread(handle: EditHandle) -> bool:
+    """Whether `handle` was applied by a thread other than this one that has not ended."""
+    thread = getattr(handle, "_thread", None)
+    return thread != threading.get_ident() and any(t.ident == thread for t in threading.enumerate())
+
+
 def shape_seed(seed: int, key: str) -> int:
     """The seed of the editor of weight shape `key` ("576x1536") in a ModelEditor built with `seed`,
     for every shape but the first (which takes `seed` itself): 64 bits of SHA-256 of both."""
@@ -715,13 +721,22 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
     def _leave_edited(self, handle: EditHandle, outer: list) -> None:
         """Undo the block's later live edits, latest first, down to a kept one (or one from before
         the block: the block's own edit may have been undone inside it); then the block's own edit
-        unless it was kept, or raise when a later kept edit pins it.  A Ctrl-C meanwhile waits until
-        all of it is done (it left the block's edit live after the block)."""
+        unless it was kept, or raise when a later kept edit, or one of a thread still running, pins
+        it.  A Ctrl-C meanwhile waits until all of it is done (it left the block's edit live after
+        the block)."""
         with deferred_interrupt():
             live = self._live
             while (live and live[-1] is not handle and not live[-1].kept
                    and not any(live[-1] is h for h in outer)):
                 last = live[-1]
+                if _applied_by_another_running_thread(last):
+                    # That thread may still be inside its own edited() block, reading the model: undoing
+                    # its edit here left it scoring a model without the edit, without a word.  (A thread
+                    # that has ended, e.g. a worker this block ran, left its edit to the block.)
+                    raise RuntimeError(f"{last!r}, applied by another thread that is still running, is live on "
+                                       "top of this edited() block's edit: undo it in that thread first (edits of "
+                                       "a model are undone latest first; one model is edited by one thread at a "
+                                       "time, README \"Threads\"); the block's edit was left live")
                 last.undo()
                 if live and live[-1] is last:  # undo took nothing off: looping here would never end
                     raise RuntimeError(f"{last!r}, applied inside this edited() block, could not be undone")
