@@ -236,10 +236,17 @@ class EditHandle:
         and kept edit after edit, the list held every kept handle for the model's lifetime (~1.4 KB
         each, MEND on the tiny Llama, and each keep() walked all of them).  A RuntimeError after
         undo(): the edit is no longer in the model (keep() did nothing, and a caller took the model
-        for edited); after the model was freed, nothing."""
+        for edited); after the model was freed, nothing.  RuntimeError, keeping nothing, while
+        another thread edits the model (`one_editing_thread`: the live-edit list it changes is the
+        one that thread's apply or undo reads)."""
         if self._undone:
             raise RuntimeError("this edit was undone (handle.undo() or leaving its with block): there is "
                                "nothing to keep; apply it again to keep it")
+        model = self._model() if self._model is not None else None
+        with deferred_interrupt(), one_editing_thread(model, "EditHandle.keep"):
+            self._keep()
+
+    def _keep(self) -> None:
         if self.active and not self.kept:
             self.kept = True
             self._saved = []

@@ -326,8 +326,9 @@ def test_a_second_thread_editing_the_same_model_is_refused_before_anything_chang
     applying or undoing in another thread while the first thread's apply runs, raised errors about
     the capture ("ran on input of shape ...", "ran more than once inside one capture"), and 20
     rounds of edited() in each of two threads left the weights changed with no live edit and every
-    parameter frozen.  Now the second thread's apply and undo raise RuntimeError saying so, before
-    anything changes, and the first thread's edit is as it is alone."""
+    parameter frozen.  Now the second thread's apply and undo (and keep, which changes the
+    live-edit list the first thread's apply reads) raise RuntimeError saying so, before anything
+    changes, and the first thread's edit is as it is alone."""
     import threading
 
     first = make_editor("llama", "mend", gen, seed=1)
@@ -358,6 +359,9 @@ def test_a_second_thread_editing_the_same_model_is_refused_before_anything_chang
             second.apply(random_requests(gen, 1))
         with pytest.raises(RuntimeError, match=r"^EditHandle.undo: another thread is editing this model"):
             earlier.undo()
+        with pytest.raises(RuntimeError, match=r"^EditHandle.keep: another thread is editing this model"):
+            earlier.keep()
+        assert not earlier.kept
         with pytest.raises(RuntimeError, match=r"^ModelEditor.fit: another thread is editing this model"):
             second.fit(random_requests(gen, 2), steps=1)
     finally:
