@@ -95,6 +95,11 @@ def _for_thread(thread: int, forward: Callable, own: Callable) -> Callable:
     return dispatch
 
 
+def _no_hook(*args, **kwargs) -> None:
+    """A hook that changes nothing (another thread's call, `_for_thread`)."""
+    return None
+
+
 def _out_of_memory(error: Exception) -> bool:
     """Whether `error` is running out of memory: torch's OutOfMemoryError (a GPU's), Python's
     MemoryError, or the RuntimeError of a failed CPU allocation ("DefaultCPUAllocator: can't
@@ -281,6 +286,17 @@ class PrefixReuse:
             yield
             return
         chain = _Chain(self.k)
+        # The hooks record this thread's pass only: another thread's pass over the model meanwhile
+        # (scoring may run in several threads on one model, README "Threads") ran them too, and its
+        # block-0 input taken for this pass's made the next reuse of these rows raise ValueError out
+        # of the scoring call ("got a hidden state of shape (4, 33, 24), but the rows ... were
+        # recorded at (3, 27, 24)"), or spoiled the record (tiny GPT-2, four scoring threads: 79
+        # records and 117 reuses where 13 and 183 are due).
+        thread = threading.get_ident()
+
+        def own(hook):
+            return _for_thread(thread, hook, _no_hook)
+
         handles = []
         try:
             # A Ctrl-C meanwhile waits until every registered hook's handle is kept (one landing
@@ -290,12 +306,12 @@ class PrefixReuse:
                 for j, block in enumerate(self.blocks):
                     if j < self.k:
                         handles.append(block.register_forward_pre_hook(
-                            lambda _m, args, kwargs, j=j: chain.before_lower(j, args, kwargs), with_kwargs=True))
+                            own(lambda _m, args, kwargs, j=j: chain.before_lower(j, args, kwargs)), with_kwargs=True))
                         handles.append(block.register_forward_hook(
-                            lambda _m, _args, out, j=j: chain.after_lower(j, out)))
+                            own(lambda _m, _args, out, j=j: chain.after_lower(j, out))))
                     else:
                         handles.append(block.register_forward_pre_hook(
-                            lambda _m, args, kwargs, j=j: chain.before_upper(j, args, kwargs), with_kwargs=True))
+                            own(lambda _m, args, kwargs, j=j: chain.before_upper(j, args, kwargs)), with_kwargs=True))
             # The pass runs compiled code eagerly, as the capture's (`compiled_calls.eager_compiled_calls`): dynamo
             # does not guard on module hooks, and a graph compiled without these ran for the blocks with
             # them, so none fired and nothing was kept.  Editor training of the tiny GPT-2 and Llama,

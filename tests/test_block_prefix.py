@@ -1050,6 +1050,49 @@ def test_another_threads_pass_while_one_reuses_the_kept_blocks_runs_every_block(
         assert torch.equal(got[width], want[width]), width
 
 
+def test_another_threads_pass_while_one_records_the_kept_blocks_is_not_recorded(gen):
+    """The record's block hooks act for the recording thread only: another thread's pass of another
+    shape through block 0 in the middle of the record (forced here by a pre-hook inside block 0)
+    set the recorded input shape to its own, and the next reuse of the recorded rows raised
+    ValueError ("were recorded at (5, 9, 24)") out of the scoring call."""
+    import threading
+
+    model, _ = tiny_model("llama", seed=int(torch.randint(0, 1000, (1,), generator=gen)))
+    prefix = PrefixReuse.for_model(model, {"model.layers.1.mlp.down_proj": model.model.layers[1].mlp.down_proj},
+                                   no_grad=True)
+    mine = torch.randint(3, 100, (2, 7), generator=gen)
+    theirs = torch.randint(3, 100, (5, 9), generator=gen)
+    with torch.no_grad():
+        want_mine = model(input_ids=mine, use_cache=False).logits
+        want_theirs = model(input_ids=theirs, use_cache=False).logits
+    recorder, their_inside, recorded = threading.get_ident(), threading.Event(), threading.Event()
+    got, theirs_thread = {}, []
+
+    def their_pass():
+        with torch.no_grad():
+            got["theirs"] = model(input_ids=theirs, use_cache=False).logits
+
+    def interleave(_module, _args):
+        if threading.get_ident() == recorder and not theirs_thread:
+            theirs_thread.append(threading.Thread(target=their_pass))
+            theirs_thread[0].start()
+            their_inside.wait(30)  # their pass ran block 0's pre-hooks and waits inside it
+        elif threading.get_ident() != recorder:
+            their_inside.set()
+            recorded.wait(30)
+
+    hook = model.model.layers[0].input_layernorm.register_forward_pre_hook(interleave)
+    try:
+        _kept_pass(model, prefix, mine)
+    finally:
+        recorded.set()
+        hook.remove()
+    assert prefix.reusable(mine.flatten().tolist())
+    assert torch.equal(_kept_pass(model, prefix, mine), want_mine)
+    theirs_thread[0].join(60)
+    assert torch.equal(got["theirs"], want_theirs)
+
+
 def test_two_threads_reusing_one_models_kept_blocks_leave_its_forwards_as_they_were(gen):
     """Two threads' reuses of one model's lower blocks run one after the other: overlapping, the
     first to leave took the other's patched forwards away and the last put the first's back, which
