@@ -53,6 +53,7 @@ Causal LMs only.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -231,7 +232,9 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
                     # may hold the same step): the validation counters set the later collectives.
                     resumed=dict(best_step=result.best_step, best_es=result.best_es, bad_validations=bad_validations,
                                  stopped_early=result.stopped_early, skipped_batches=result.skipped_batches,
-                                 validations=len(result.val_history), elapsed_s=result.elapsed_s))
+                                 validations=len(result.val_history), elapsed_s=result.elapsed_s,
+                                 # What `_better_at_no_gain` compares with (repr: a NaN equals itself).
+                                 best_nll=repr(_best_nll(result))))
         distributed.agree_on_start(error, result.steps, plan)  # raises this process's own error too
 
     # Running statistics merged across a data-parallel run's processes after every step: MEND's
@@ -527,19 +530,28 @@ def _restore_forward_state(me: ModelEditor, state: tuple) -> None:
     _set_rng_states(me, rng_states)
 
 
-def _improves(scores: dict, result: TrainResult, min_delta: float) -> bool:
-    """Whether a validation's `scores` beat the best so far: ES above the best's by more than
-    `min_delta`, or the best's ES exactly and a lower NLL.  The tie-break keeps training that
-    moved the targets' probabilities without yet turning an argmax: a tiny random Llama's MEND,
-    20 steps validated every 5, scored ES 0.0 at all four validations while the NLL fell from 5.877
-    to 5.850, and restore_best gave back step 5's editor (now step 20's)."""
-    if result.best_es is None or scores["es"] > result.best_es + min_delta:
-        return True
+def _best_nll(result: TrainResult, history: list | None = None) -> float | None:
+    """The best validation's NLL: its step's last entry in `history` (val_history, which a
+    checkpoint carries), None where there is none."""
+    history = result.val_history if history is None else history
+    return next((v.get("nll") for v in reversed(history) if isinstance(v, dict) and v.get("step") == result.best_step),
+                None)
+
+
+def _better_at_no_gain(scores: dict, result: TrainResult) -> bool:
+    """Whether a validation that is no gain (`_validate`) still beats the best state: the best's
+    ES exactly and a lower NLL (than a NaN one, any).  It becomes the best state, the one
+    restore_best gives back, without resetting the patience count, so an ES that stopped moving
+    still stops the run; and best_es, which gains are measured from, stays as it was (a higher ES
+    within min_delta taken here would have raised it, and a climb in steps each below min_delta
+    stopped a run the old rule kept going).  Without it training that moved the targets'
+    probabilities without yet turning an argmax was dropped: a tiny random Llama's MEND, 20 steps
+    validated every 5, scored ES 0.0 at all four validations while the NLL fell from 5.877 to
+    5.850, and restore_best gave back step 5's editor (now step 20's)."""
     if scores["es"] != result.best_es:
         return False
-    # The best validation's NLL, from the history a checkpoint carries (the last entry of its step).
-    best_nll = next((v["nll"] for v in reversed(result.val_history[:-1]) if v["step"] == result.best_step), None)
-    return best_nll is not None and scores["nll"] < best_nll
+    best_nll, nll = _best_nll(result, result.val_history[:-1]), scores["nll"]
+    return best_nll is not None and (nll < best_nll or (math.isnan(best_nll) and not math.isnan(nll)))
 
 
 def _validate(me, val_requests, config, result, best_state, bad_validations, ckpt, rank=0, size=1):
@@ -557,12 +569,14 @@ def _validate(me, val_requests, config, result, best_state, bad_validations, ckp
               else evaluate_edits(me, val_requests, config.batch_size))
     _set_rng_states(me, rng_states)
     result.val_history.append(dict(step=result.steps, **scores))
-    if _improves(scores, result, config.min_delta):
+    gain = result.best_es is None or scores["es"] > result.best_es + config.min_delta
+    if gain or _better_at_no_gain(scores, result):
         result.best_es, result.best_step = scores["es"], result.steps
         best_state = {k: v.clone() for k, v in me.state_tensors().items()}
-        bad_validations = 0
         if ckpt is not None:
             _on_rank0(lambda: _save_editor(me, ckpt / "best.safetensors", best_state), "saving the best editor", size)
+    if gain:
+        bad_validations = 0
     else:
         bad_validations += 1
         if config.patience is not None and bad_validations >= config.patience:

@@ -36,10 +36,10 @@ class TrainConfig:
     editors' shifts the edit and KL rows see (README, "Training"); with validation requests,
     every `val_every` steps the first `val_size` of them are edited, in batches of `batch_size`
     (the last filled up with the edits before it), and scored (ES), training
-    stops after `patience` validations without a gain (ES above the best's by more than
-    `min_delta`, or equal to it with a lower NLL) (None: never), and with
+    stops after `patience` validations without a gain above `min_delta` (None: never), and with
     `restore_best` the editors end at the best validation's state, which can be an earlier step
-    than the last (`TrainResult.best_step`); checkpoint_dir, resume: resumable checkpoints (a
+    than the last (`TrainResult.best_step`; the best: the last gain, or a later validation of its
+    ES exactly and a lower NLL); checkpoint_dir, resume: resumable checkpoints (a
     leading "~" is the home folder);
     seed: batches and MoEditor's gate noise (not the editors' initial weights, nor RaEditor's
     groups: those come from the editor's own `seed`, given to ModelEditor or GroupedEditor, else

@@ -1177,25 +1177,31 @@ def test_cli_train_without_out_saves_method_editor_here(capsys, tmp_path, monkey
     assert "saved the trained editor to proeditor-editor.safetensors (ProEditor, 1 step, " in capsys.readouterr().out
 
 
-def test_cli_train_says_when_it_stopped_early_and_which_step_it_saved(capsys, tmp_path,
+def test_cli_train_says_when_it_stopped_early_and_which_step_it_saved(capsys, tmp_path, monkeypatch,
                                                                         tiny_model_dir):
     """With --val-data, fit stops after 5 validations without a better ES and saves the best
     validation's editor: the line said "(MEND, 6 steps, ...)" for --steps 10, and for a run that
-    went on, nothing of the earlier step whose editor it saved."""
+    went on, nothing of the earlier step whose editor it saved.  The note gives the best's NLL: of
+    equal ES, the lower NLL is the best (it read as a tie that an earlier step had won)."""
+    from helpers import scripted_scores
+
     data = _counterfact_file(tmp_path / "cf.json", n=8)
     editor = tmp_path / "mend.safetensors"
-    # The tiny random model scores ES 0 at every validation: the first is the best, and the
-    # 6th (the 5th without a gain) stops the run.
+    # ES 0 at every validation (scripted, as the tiny random model scores): step 3's lower NLL
+    # makes it the best, and the 6th validation (the 5th without a gain) stops the run.
+    scores = [(0.0, 2.0), (0.0, 2.0), (0.0, 1.5), (0.0, 1.5), (0.0, 1.6), (0.0, 1.7)] + [(0.0, 2.0)] * 4
+    scripted_scores(monkeypatch, scores)
     assert cli.main(["train", "--model", str(tiny_model_dir), "--data", str(data),
                      "--val-data", str(data), "--val-every", "1", "--steps", "10",
                      "--batch-size", "2", "--rank", "4", "--out", str(editor)]) == 0
     out = capsys.readouterr().out
     assert f"saved the trained editor to {editor} (MEND, 6 steps, " in out
     assert "stopped early, before --steps 10: the last 5 validations gave no better ES" in out
-    assert "the editor saved is step 1's, the best validation ES (0.000), not step 6's" in out
+    assert "the editor saved is step 3's, the best validation (ES 0.000, NLL 1.5), not step 6's" in out
     # Stopped by patience at --steps itself: not "before --steps"; a best validation at the last step
     # saves that step's editor: no note.
     for steps, said, unsaid in (("6", "not step 6's", "stopped early"), ("1", "(MEND, 1 step, ", "the editor saved is")):
+        scripted_scores(monkeypatch, scores)
         assert cli.main(["train", "--model", str(tiny_model_dir), "--data", str(data),
                          "--val-data", str(data), "--val-every", "1", "--steps", steps,
                          "--batch-size", "2", "--rank", "4", "--out", str(editor)]) == 0

@@ -287,10 +287,13 @@ def test_a_resume_with_another_number_of_processes_is_refused_everywhere(tmp_pat
     assert all(e is not None and "processes 1 -> 2" in e for e in errors)
 
 
-def test_processes_resuming_from_different_checkpoints_of_one_step_are_refused_everywhere(tmp_path, one_thread):
+@pytest.mark.parametrize("field", ["bad_validations", "best_nll"])
+def test_processes_resuming_from_different_checkpoints_of_one_step_are_refused_everywhere(field, tmp_path, one_thread):
     """A stale copy of checkpoint_dir on one process's node, at the same step but with other validation
     counters: one process would stop early (patience) while the other waits in its next step's
-    all-reduce; both refuse before the first step."""
+    all-reduce; both refuse before the first step.  The best validation's NLL in val_history (which
+    an equal ES is compared with, `train._better_at_no_gain`) too: the processes kept different
+    best states."""
     import shutil
 
     from safetensors import safe_open
@@ -307,12 +310,16 @@ def test_processes_resuming_from_different_checkpoints_of_one_step_are_refused_e
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     counters = json.loads(meta["counters"])
-    counters["bad_validations"] += 1
+    if field == "bad_validations":
+        counters["bad_validations"] += 1
+    else:
+        for v in counters["val_history"]:
+            v["nll"] += float(v["step"] == counters["best_step"])
     save_safetensors(load_file(str(path)), path, dict(meta, counters=json.dumps(counters)))
     _, errors = _run(tmp_path / "resumed", "mend", {}, [dict(config, steps=4, patience=2)], with_val=True,
                      rank_kwargs={1: dict(checkpoint_dir=str(stale))}, deadline_s=120)
     assert all(e is not None and e.startswith("ValueError: the processes resumed from different checkpoints "
-                                              "(resumed.bad_validations) at step 2") for e in errors), errors
+                                              f"(resumed.{field}) at step 2") for e in errors), errors
 
 
 @pytest.mark.parametrize("fail, where", [

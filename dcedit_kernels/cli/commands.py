@@ -204,8 +204,15 @@ def _best_note(result, config) -> str:
         notes.append(f"stopped early, before --steps {config.steps}: the last {config.patience} "
                      "validations gave no better ES")
     if result.best_step is not None and result.best_step != result.steps:
-        notes.append(f"the editor saved is step {result.best_step}'s, the best validation ES "
-                     f"({result.best_es:.3f}), not step {result.steps}'s")
+        # Its NLL too: a later validation of the same ES is the best when its NLL is lower
+        # (train._better_at_no_gain), and the ES alone read as a tie the earlier step had won.
+        from ..train import _best_nll
+
+        nll = _best_nll(result)
+        notes.append(f"the editor saved is step {result.best_step}'s, the best validation (ES "
+                     f"{result.best_es:.3f}, NLL {nll:.4g}), not step {result.steps}'s" if nll is not None else
+                     f"the editor saved is step {result.best_step}'s, the best validation (ES "
+                     f"{result.best_es:.3f}), not step {result.steps}'s")
     return "".join(f"\n  {note}" for note in notes)
 
 
