@@ -50,6 +50,9 @@ class EditHandle:
         self._model = None  # a weakref to the edited model (see `_check_weights_in_model`)
         self._unpickled_alone = False  # see __setstate__
         self._thread = threading.get_ident()  # the thread that applied it (`ModelEditor.edited`)
+        # That Thread (`ModelEditor._leave_edited`: is it still running?), not pickled.  Its ident
+        # alone did not tell: Linux gives a thread that ended's ident to the next one started.
+        self._thread_ref = weakref.ref(threading.current_thread())
         if model is not None:
             self._watch(model)
 
@@ -101,8 +104,9 @@ class EditHandle:
         return self.active and not self.kept and self in self._live
 
     def _state(self) -> dict:
-        """The handle's attributes without the model watch (a weakref and a finalizer)."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("_release", "_model")}
+        """The handle's attributes without the model watch (a weakref and a finalizer) and the
+        applying thread's weakref."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_release", "_model", "_thread_ref")}
 
     def __getstate__(self) -> dict:
         """Pickled without the model watch (a weakref and a finalizer, which cannot be pickled: a
@@ -123,7 +127,7 @@ class EditHandle:
         # (or its model was freed, which those versions did not tell apart).
         self._undone = not state.get("active", True) and not state.get("kept", False)
         self.__dict__.update(state)
-        self._release = self._model = None
+        self._release = self._model = self._thread_ref = None
         # Unpickled alone, a live edit's saved weights are copies of the Parameters, not the model's:
         # its undo restored those and returned True while the model kept the edit.  Unpickled with
         # its ModelEditor, `ModelEditor.__setstate__` watches the model copy, which clears this.

@@ -136,9 +136,11 @@ def _peak_memory(devices: list[torch.device]):
 
 
 def _applied_by_another_running_thread(handle: EditHandle) -> bool:
-    """Whether `handle` was applied by a thread other than this one that has not ended."""
-    thread = getattr(handle, "_thread", None)
-    return thread != threading.get_ident() and any(t.ident == thread for t in threading.enumerate())
+    """Whether `handle` was applied by a thread other than this one that has not ended (an
+    unpickled handle's thread: not known, taken as ended)."""
+    ref = getattr(handle, "_thread_ref", None)
+    thread = ref() if ref is not None else None
+    return thread is not None and thread is not threading.current_thread() and thread.is_alive()
 
 
 def shape_seed(seed: int, key: str) -> int:
@@ -736,7 +738,8 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
                     raise RuntimeError(f"{last!r}, applied by another thread that is still running, is live on "
                                        "top of this edited() block's edit: undo it in that thread first (edits of "
                                        "a model are undone latest first; one model is edited by one thread at a "
-                                       "time, README \"Threads\"); the block's edit was left live")
+                                       "time, README \"Threads\"); the block's edit, and any edit applied inside "
+                                       "the block under that one, were left live")
                 last.undo()
                 if live and live[-1] is last:  # undo took nothing off: looping here would never end
                     raise RuntimeError(f"{last!r}, applied inside this edited() block, could not be undone")
