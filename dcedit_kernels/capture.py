@@ -676,14 +676,24 @@ def modes_restored(module: nn.Module):
     their own train/eval flag: `module.train(mode)` alone would set them all alike (a block a caller
     keeps in eval mode inside a model that trains).  `module.train` runs first, for a subclass that
     extends it."""
-    modes = [(m, m.training) for m in module.modules()]
+    modes = module_modes(module)
     try:
         yield
     finally:
         with deferred_interrupt():  # a Ctrl-C meanwhile waits until every flag is back
-            module.train(modes[0][1])
-            for m, mode in modes:
-                m.training = mode
+            restore_modes(module, modes)
+
+
+def module_modes(module: nn.Module) -> list:
+    """[(each of `module`'s modules, its train flag)], what `restore_modes` puts back."""
+    return [(m, m.training) for m in module.modules()]
+
+
+def restore_modes(module: nn.Module, modes: list) -> None:
+    """Every flag of `modes` (`module_modes(module)`) back, `module.train` first (see `modes_restored`)."""
+    module.train(modes[0][1])
+    for m, mode in modes:
+        m.training = mode
 
 
 def capture_factors(

@@ -855,6 +855,41 @@ def test_scoring_restores_every_submodules_mode():
         assert {n: m.training for n, m in model.named_modules()} == before
 
 
+def test_two_threads_scoring_a_model_in_train_mode_score_in_eval_mode_and_leave_it_training():
+    """Two threads scoring one model in train mode (README "Threads"): the second in, while the
+    first had the model in eval mode, kept "eval" as the mode to restore and put it back after the
+    first had restored train mode (the model left in eval mode), and its pass after the first left
+    ran in train mode (dropout on).  The modes are now the model's, kept by the first in and put
+    back by the last out: every pass in eval mode, the model training afterwards."""
+    import threading
+
+    model, tok = tiny_model("gpt2", seed=0)
+    requests = [EditRequest("ab", "cd"), EditRequest("The sky is", "blue")]
+    model.train()
+    first, second_in, first_out = threading.get_ident(), threading.Event(), threading.Event()
+    second, seen = [], []
+
+    def interleave(_module, _args):
+        if threading.get_ident() == first and not second:
+            second.append(threading.Thread(target=reliability, args=(model, tok, requests)))
+            second[0].start()
+            second_in.wait(30)  # the second thread is in its pass
+        elif threading.get_ident() != first:
+            second_in.set()
+            first_out.wait(30)  # and stays there until the first thread's call has returned
+            seen.append(model.training)
+
+    hook = model.get_input_embeddings().register_forward_pre_hook(interleave)
+    try:
+        reliability(model, tok, requests)
+    finally:
+        first_out.set()
+        hook.remove()
+    second[0].join(60)
+    assert seen == [False]
+    assert model.training and all(m.training for m in model.modules())
+
+
 def test_scoring_errors_name_the_callers_item():
     """A bad item in a later batch is named by its place in the caller's list (it was named by its
     place in the batch: `texts[1]` for requests[5] with batch_size 4)."""
