@@ -268,7 +268,9 @@ class PrefixReuse:
             return True
         hooks = [h for block in self.blocks[:self.k] for h in (*block._forward_hooks.values(),
                                                                *block._forward_pre_hooks.values())]
-        return any(getattr(h, "__module__", None) not in _INERT_HOOK_MODULES for h in hooks)
+        me = threading.get_ident()
+        return any(getattr(h, "__module__", None) not in _INERT_HOOK_MODULES
+                   and getattr(h, "_record_thread", me) == me for h in hooks)
 
     @contextlib.contextmanager
     def record(self, key: Sequence[int], shape: tuple[int, int]):
@@ -295,7 +297,9 @@ class PrefixReuse:
         thread = threading.get_ident()
 
         def own(hook):
-            return _for_thread(thread, hook, _no_hook)
+            hook = _for_thread(thread, hook, _no_hook)
+            hook._record_thread = thread  # `_hooked`: another thread's record hook does nothing here
+            return hook
 
         handles = []
         try:

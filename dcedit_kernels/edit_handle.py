@@ -96,6 +96,7 @@ class EditHandle:
         if shared:
             new._live = shared_live
         new._release = new._model = None
+        new._thread_ref = self._thread_ref  # the same thread applied it (a process's copy; pickles drop it)
         return new
 
     def _restorable(self) -> bool:

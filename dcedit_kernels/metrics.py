@@ -93,21 +93,24 @@ def _eval_mode(model):
     the first had restored train mode (two threads scoring a model in train mode: left in eval
     mode in 12-15 of 20 trials), and a thread still scoring after the first left ran its passes in
     train mode (dropout on: 9-14 of 40 scores off the eval-mode ones)."""
-    with deferred_interrupt(), _EVAL_LOCK:  # a Ctrl-C between the count and the try left it counted
-        entry = _EVAL_USERS.get(model)
-        if entry is None:
-            entry = _EVAL_USERS[model] = [0, module_modes(model)]
-            model.eval()
-        entry[0] += 1
+    entry = None
     try:
+        with deferred_interrupt(), _EVAL_LOCK:  # a Ctrl-C here is raised at the `with`'s exit: counted by then
+            counted = _EVAL_USERS.get(model)
+            if counted is None:
+                counted = _EVAL_USERS[model] = [0, module_modes(model)]
+                model.eval()
+            counted[0] += 1
+            entry = counted
         with torch.no_grad():
             yield
     finally:
-        with deferred_interrupt(), _EVAL_LOCK:
-            entry[0] -= 1
-            if entry[0] == 0:
-                del _EVAL_USERS[model]
-                restore_modes(model, entry[1])
+        if entry is not None:
+            with deferred_interrupt(), _EVAL_LOCK:
+                entry[0] -= 1
+                if entry[0] == 0:
+                    del _EVAL_USERS[model]
+                    restore_modes(model, entry[1])
 
 
 # {model: [the scoring calls inside `_eval_mode` now, its modes from before the first]}

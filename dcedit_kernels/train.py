@@ -25,7 +25,8 @@ gradients are fp32 sums; the model's weights get none); that batch then runs aga
 the running norms, RNG states and routing generators its first forward started from.  Every
 `val_every` steps the editor is validated by applying real (fused, masked) edits to the model and
 measuring edit success on the val requests' rephrases; early stopping after `patience` validations
-without improvement; the best editor is restored at the end.
+without an ES gain above `min_delta`; the best editor (the last gain's, or a later one of the same
+ES and a lower NLL) is restored at the end.
 Checkpoints (safetensors only) go to `checkpoint_dir` when a validation is due (every `val_every`
 steps), at the last step and on an early stop, so an interrupted run loses the steps since the last
 of them (the editors, trained in place, keep those steps' updates: a run interrupted before its first

@@ -67,7 +67,7 @@ class TrainConfig:
     fisher_mask: bool = True  # Fisher-masked editors (ProEditor) are trained on the masked shift
     val_every: int = 50
     val_size: int | None = None  # how many val requests to use (None: all)
-    patience: int | None = 5  # validations without improvement before stopping (None: never)
+    patience: int | None = 5  # validations without an ES gain above min_delta before stopping (None: never)
     min_delta: float = 0.0
     restore_best: bool = True
     checkpoint_dir: str | os.PathLike | None = None

@@ -1093,6 +1093,28 @@ def test_another_threads_pass_while_one_records_the_kept_blocks_is_not_recorded(
     assert torch.equal(got["theirs"], want_theirs)
 
 
+def test_a_thread_records_while_another_threads_record_is_open(gen):
+    """Another thread's record hooks on the blocks (which act for that thread only) do not count as
+    hooks that stop this thread's record (`_hooked`): a second thread scoring while the first's
+    record was open kept nothing (four threads scoring a tiny Llama: 12 records and 15 reuses
+    where 16 and 32 are due)."""
+    import threading
+
+    model, _ = tiny_model("llama", seed=int(torch.randint(0, 1000, (1,), generator=gen)))
+    prefix = PrefixReuse.for_model(model, {"model.layers.1.mlp.down_proj": model.model.layers[1].mlp.down_proj},
+                                   no_grad=True)
+    mine, theirs = torch.randint(3, 100, (2, 7), generator=gen), torch.randint(3, 100, (5, 9), generator=gen)
+    with torch.no_grad():
+        want = model(input_ids=theirs, use_cache=False).logits
+        with prefix.record(mine.flatten().tolist(), tuple(mine.shape)):
+            thread = threading.Thread(target=_kept_pass, args=(model, prefix, theirs))
+            thread.start()
+            thread.join(60)
+            model(input_ids=mine, use_cache=False)
+    assert prefix.reusable(mine.flatten().tolist()) and prefix.reusable(theirs.flatten().tolist())
+    assert torch.equal(_kept_pass(model, prefix, theirs), want)
+
+
 def test_two_threads_reusing_one_models_kept_blocks_leave_its_forwards_as_they_were(gen):
     """Two threads' reuses of one model's lower blocks run one after the other: overlapping, the
     first to leave took the other's patched forwards away and the last put the first's back, which

@@ -1646,3 +1646,30 @@ def test_scoring_functions_refuse_an_exact_flag_that_is_not_a_bool(gen):
             with pytest.raises(ValueError, match=r"^exact must be a bool, got "):
                 call(bad)
         call(True), call(False)
+
+
+def test_a_ctrl_c_while_the_first_scoring_call_switches_to_eval_leaves_nothing_counted(monkeypatch):
+    """A Ctrl-C inside `_eval_mode`'s counting block is raised at that block's exit: before the
+    `try`, it left the call counted for good (the model in eval mode after it and after every
+    later scoring call, and held by the count's modes list)."""
+    import os
+    import signal
+
+    from dcedit_kernels import metrics
+
+    model, tok = tiny_model("gpt2", seed=0)
+    model.train()
+    real = metrics.module_modes
+
+    def modes_then_ctrl_c(m):
+        out = real(m)
+        os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(metrics, "module_modes", modes_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        reliability(model, tok, [EditRequest("ab", "cd")])
+    monkeypatch.setattr(metrics, "module_modes", real)
+    assert model.training and model not in metrics._EVAL_USERS
+    reliability(model, tok, [EditRequest("ab", "cd")])
+    assert model.training
