@@ -50,8 +50,8 @@ import torch
 from ._checks import check_bool, check_offsets, check_tensor, is_int, is_real_number, no_values
 from .block_prefix import PrefixReuse
 from .capture import Factors, module_modes, restore_modes
-from .edit_handle import deferred_interrupt
 from .devices import input_device
+from .edit_handle import deferred_interrupt
 from .positions import learned_position_limit, past_positions
 from .requests import EditRequest, require_field, validate_requests
 from .scored_logits import logits_at, scored_positions

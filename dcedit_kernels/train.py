@@ -543,12 +543,12 @@ def _better_at_no_gain(scores: dict, result: TrainResult) -> bool:
     """Whether a validation that is no gain (`_validate`) still beats the best state: the best's
     ES exactly and a lower NLL (than a NaN one, any).  It becomes the best state, the one
     restore_best gives back, without resetting the patience count, so an ES that stopped moving
-    still stops the run; and best_es, which gains are measured from, stays as it was (a higher ES
-    within min_delta taken here would have raised it, and a climb in steps each below min_delta
-    stopped a run the old rule kept going).  Without it training that moved the targets'
-    probabilities without yet turning an argmax was dropped: a tiny random Llama's MEND, 20 steps
-    validated every 5, scored ES 0.0 at all four validations while the NLL fell from 5.877 to
-    5.850, and restore_best gave back step 5's editor (now step 20's)."""
+    still stops the run; and best_es, which gains are measured from, stays as it was (taking a
+    higher ES within min_delta here would raise it, and a climb in steps each below min_delta
+    would then stop a run that the rule before kept going).  Without it training that moved the
+    targets' probabilities without yet turning an argmax was dropped: a tiny random Llama's MEND,
+    20 steps validated every 5, scored ES 0.0 at all four validations while the NLL fell from
+    5.877 to 5.850, and restore_best gave back step 5's editor (now step 20's)."""
     if scores["es"] != result.best_es:
         return False
     best_nll, nll = _best_nll(result, result.val_history[:-1]), scores["nll"]
