@@ -49,9 +49,8 @@ class EditHandle:
         self._release = None
         self._model = None  # a weakref to the edited model (see `_check_weights_in_model`)
         self._unpickled_alone = False  # see __setstate__
-        self._thread = threading.get_ident()  # the thread that applied it (`ModelEditor.edited`)
-        # That Thread (`ModelEditor._leave_edited`: is it still running?), not pickled.  Its ident
-        # alone did not tell: Linux gives a thread that ended's ident to the next one started.
+        # The Thread that applied it (`ModelEditor._leave_edited`: is it still running?), not
+        # pickled.  Its ident did not tell: Linux gives a thread that ended's ident to the next one.
         self._thread_ref = weakref.ref(threading.current_thread())
         if model is not None:
             self._watch(model)
@@ -73,7 +72,7 @@ class EditHandle:
         list, shares the original's list, which it never changes."""
         import copy
 
-        model = self._model() if self._model is not None else None
+        model = self._edited_model()
         live = self._restorable()
         if live and model is not None and id(model) not in memo:
             # Copied alone, the copy's saved weights are copies of the model's Parameters: its undo
@@ -98,6 +97,23 @@ class EditHandle:
         new._release = new._model = None
         new._thread_ref = self._thread_ref  # the same thread applied it (a process's copy; pickles drop it)
         return new
+
+    def _edited_model(self) -> nn.Module | None:
+        """The edited model while it lives (None once freed, or for an unpickled handle)."""
+        return self._model() if self._model is not None else None
+
+    def _applying_thread(self) -> threading.Thread | None:
+        """The Thread that applied this edit while it lives (None for an unpickled handle)."""
+        return self._thread_ref() if self._thread_ref is not None else None
+
+    def _applied_by_this_thread(self) -> bool:
+        return self._applying_thread() is threading.current_thread()
+
+    def _by_another_running_thread(self) -> bool:
+        """Whether a thread other than this one that has not ended applied this edit (an unpickled
+        handle's thread is not known: taken as ended)."""
+        thread = self._applying_thread()
+        return thread is not None and thread is not threading.current_thread() and thread.is_alive()
 
     def _restorable(self) -> bool:
         """Whether this edit is live in its model's live-edit list: not undone, kept, or pinned below
@@ -154,7 +170,7 @@ class EditHandle:
         fit: `one_editing_thread`), when the edit was kept (`keep`) or made permanent by a later
         edit's keep, when a later live edit of the model is not undone yet (undo in reverse order),
         and when an edited weight is no longer a parameter of the model (offloaded or replaced)."""
-        model = self._model() if self._model is not None else None
+        model = self._edited_model()
         # A Ctrl-C anywhere in it waits until the undo is done: one before its restore (the checks
         # walk every parameter of the model) left the edit live after an edited() block, one in
         # one_editing_thread's exit left the model marked as edited by this thread for good.
@@ -212,7 +228,7 @@ class EditHandle:
         weight whose data was replaced in place by one of another shape (`p.data = ...`) failed
         its copy with torch's bare size message after the weights restored before it (restored
         latest first), leaving the model half undone and the handle live."""
-        model = self._model() if self._model is not None else None
+        model = self._edited_model()
         if model is None:
             return
         held = {id(p) for _, p in model.named_parameters(remove_duplicate=False)}
@@ -247,7 +263,7 @@ class EditHandle:
         if self._undone:
             raise RuntimeError("this edit was undone (handle.undo() or leaving its with block): there is "
                                "nothing to keep; apply it again to keep it")
-        model = self._model() if self._model is not None else None
+        model = self._edited_model()
         with deferred_interrupt(), one_editing_thread(model, "EditHandle.keep"):
             self._keep()
 

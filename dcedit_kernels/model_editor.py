@@ -86,7 +86,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import threading
 import time
 from collections.abc import Mapping
 from typing import Iterable, Iterator, Sequence
@@ -133,14 +132,6 @@ def _peak_memory(devices: list[torch.device]):
     is on one); None when none is CUDA."""
     indices = cuda_indices(devices)
     return sum(int(torch.cuda.max_memory_allocated(i)) for i in indices) if indices else None
-
-
-def _applied_by_another_running_thread(handle: EditHandle) -> bool:
-    """Whether `handle` was applied by a thread other than this one that has not ended (an
-    unpickled handle's thread: not known, taken as ended)."""
-    ref = getattr(handle, "_thread_ref", None)
-    thread = ref() if ref is not None else None
-    return thread is not None and thread is not threading.current_thread() and thread.is_alive()
 
 
 def shape_seed(seed: int, key: str) -> int:
@@ -709,9 +700,8 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
                 # this thread applied that is not from before (it stayed live, the block never entered
                 # and its exit never run).  An apply that failed left none; another thread's edit made
                 # meanwhile is not this block's to undo.
-                me = threading.get_ident()
                 handle = next((h for h in self._live
-                               if getattr(h, "_thread", None) == me and not any(h is o for o in outer)), None)
+                               if h._applied_by_this_thread() and not any(h is o for o in outer)), None)
             if handle is not None:
                 try:
                     self._leave_edited(handle, outer)
@@ -731,7 +721,7 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
             while (live and live[-1] is not handle and not live[-1].kept
                    and not any(live[-1] is h for h in outer)):
                 last = live[-1]
-                if _applied_by_another_running_thread(last):
+                if last._by_another_running_thread():
                     # That thread may still be inside its own edited() block, reading the model: undoing
                     # its edit here left it scoring a model without the edit, without a word.  (A thread
                     # that has ended, e.g. a worker this block ran, left its edit to the block.)

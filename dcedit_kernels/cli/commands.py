@@ -209,10 +209,9 @@ def _best_note(result, config) -> str:
         from ..train import _best_nll
 
         nll = _best_nll(result)
+        nll_part = f", NLL {nll:.4g}" if nll is not None else ""
         notes.append(f"the editor saved is step {result.best_step}'s, the best validation (ES "
-                     f"{result.best_es:.3f}, NLL {nll:.4g}), not step {result.steps}'s" if nll is not None else
-                     f"the editor saved is step {result.best_step}'s, the best validation (ES "
-                     f"{result.best_es:.3f}), not step {result.steps}'s")
+                     f"{result.best_es:.3f}{nll_part}), not step {result.steps}'s")
     return "".join(f"\n  {note}" for note in notes)
 
 
