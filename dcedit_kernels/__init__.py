@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs read for the lazy names below (
     from .models import load_model
     from .requests import EditRequest
     from .train import TrainConfig, train_editor
+del TYPE_CHECKING  # not a name of the package's (dir() listed it)
 
 # The editing pipeline imports transformers; load it on first use so `import dcedit_kernels`
 # stays as light as the ops.

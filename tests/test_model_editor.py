@@ -3818,13 +3818,17 @@ def test_top_k_is_refused_where_no_gate_reads_it_and_checkpoints_that_held_one_l
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from dcedit_kernels.editors import MoEditor, RaEditor
+    from dcedit_kernels.editors import MEND, MoEditor, ProEditor, RaEditor
 
     n_editors = int(torch.randint(2, 5, (1,), generator=gen))
     top_k = int(torch.randint(2, n_editors + 1, (1,), generator=gen))
     for build in (lambda: RaEditor(6, 4, n_editors=n_editors, top_k=top_k),
                   lambda: GroupedEditor(6, 4, routing="random", n_editors=n_editors, top_k=top_k)):
         with pytest.raises(ValueError, match=rf"^top_k is the gate's .*routing='random' has no gate, so top_k={top_k}"):
+            build()
+    # MEND's one editor: it said "top_k (2) cannot exceed n_editors (1)", not that it has no gate.
+    for build in (lambda: MEND(6, 4, top_k=top_k), lambda: ProEditor(6, 4, top_k=top_k)):
+        with pytest.raises(ValueError, match=rf"^top_k is the gate's .*routing='single' has no gate, so top_k={top_k}"):
             build()
     assert RaEditor(6, 4, n_editors=n_editors, top_k=1).top_k == 1
     assert MoEditor(6, 4, n_editors=n_editors, top_k=top_k).top_k == top_k

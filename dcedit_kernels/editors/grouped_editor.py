@@ -142,13 +142,14 @@ class GroupedEditor(nn.Module):
         for name, value in (("norm", norm), ("gate_norm", gate_norm)):
             check_bool(value, name)
         check_seed(seed, none_ok=True)
-        if top_k > n_editors:
-            raise ValueError(f"top_k ({top_k}) cannot exceed n_editors ({n_editors})")
         if top_k != 1 and routing != "gate":
             # Only the gate reads it: RaEditor(top_k=2) was taken, kept in the config (hidden from the
-            # repr) and routed each edit to one random editor all the same.
+            # repr) and routed each edit to one random editor all the same.  Before the n_editors
+            # bound, which told MEND(top_k=2) "cannot exceed n_editors (1)", not that MEND has no gate.
             raise ValueError(f"top_k is the gate's (routing='gate', MoEditor): routing={routing!r} has no gate, "
                              f"so top_k={top_k} would be ignored; leave it at 1")
+        if top_k > n_editors:
+            raise ValueError(f"top_k ({top_k}) cannot exceed n_editors ({n_editors})")
         if gate_norm != GATE_NORM_DEFAULT and routing != "gate":
             # The same for gate_norm: RaEditor(gate_norm=False) and MEND's were taken and standardised
             # nothing (no gate, no features); the default is taken, as top_k's 1 is.
