@@ -121,7 +121,22 @@ def causal_pair_ids(tokenizer, prompt: str, target: str, index: int = 0) -> tupl
         raise ValueError(f"prompts[{index}] ({prompt!r}) leaves no token before targets[{index}] ({target!r}): "
                          "the tokenizer merges the whole prompt into the target's first token, and a causal LM "
                          "scores no token at position 0 (a longer prompt, or one ending in a word of its own)")
+    _check_spelled(tokenizer, full_ids[n_prompt:], target, index)
     return full_ids, n_prompt
+
+
+def _check_spelled(tokenizer, ids: list[int], target: str, index: int) -> None:
+    """ValueError naming targets[index] when its tokens spell none of its characters: every one is the
+    tokenizer's unknown token or whitespace (T5's "巴黎" is ['▁', '<unk>']; a tokenizer without byte
+    fallback may drop such characters altogether).  Such a target was edited towards, and scored on,
+    the lone word-start piece: a reliability of 1 for any unspellable target, the model generating ""."""
+    if not callable(getattr(tokenizer, "decode", None)):  # a bare callable tokenizer: nothing to spell with
+        return
+    unk = getattr(tokenizer, "unk_token_id", None)
+    kept = [i for i in ids if i != unk]
+    if not tokenizer.decode(kept, clean_up_tokenization_spaces=False).strip():
+        raise ValueError(f"targets[{index}] ({target!r}) tokenizes to {tokenizer.convert_ids_to_tokens(ids)}, "
+                         "which spells none of its characters (the tokenizer's unknown token or whitespace only)")
 
 
 def _pad(rows: list[list[int]], value: int, width: int | None = None) -> torch.Tensor:
@@ -238,8 +253,10 @@ def tokenize_seq2seq(tokenizer, prompts: Sequence[str], targets: Sequence[str], 
     """
     prompts, targets = _check_pairs(prompts, targets)
     for i, target in enumerate(targets):
-        if not tokenizer(target, add_special_tokens=False)["input_ids"]:
+        target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+        if not target_ids:
             raise ValueError(f"targets[{i}] ({target!r}) tokenizes to no tokens")
+        _check_spelled(tokenizer, list(target_ids), target, i)
     enc = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
     dec = [list(tokenizer(text_target=t, add_special_tokens=True)["input_ids"]) for t in targets]
     check_vocabulary(enc, vocab_size, lambda i, j: f"prompts[{i}] ({prompts[i]!r})", pad_token_id(tokenizer))

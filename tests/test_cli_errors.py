@@ -1407,3 +1407,22 @@ def test_cli_out_folders_are_made_when_the_file_is_written(command, capsys, tmp_
     for bad, said in refusals:
         assert cli.main([command, "--model", str(tiny_model_dir), "--data", str(data), *flags, "--out", str(bad)]) == 2
         assert f"dcedit: error: --out {bad}: {said}" in _one_cli_line(capsys)
+
+
+def test_cli_edit_prints_under_a_stdout_that_cannot_encode_its_text(tiny_model_dir, tmp_path, monkeypatch):
+    """Under a latin-1 stdout (PYTHONIOENCODING, a non-UTF-8 locale) `edit`'s lines of a Chinese prompt
+    (or of a completion cut inside a character, U+FFFD) raised UnicodeEncodeError after the edit had
+    run, and --out was never written.  They print with backslash escapes now, and stdout's error
+    handler is given back after the command."""
+    import io
+    import sys
+
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="latin-1", errors="strict", write_through=True)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    out = tmp_path / "edit.json"
+    assert cli.main(["edit", "--model", str(tiny_model_dir), "--method", "ft", "--prompt", "法国的首都是",
+                     "--target", "巴黎", "--out", str(out)]) == 0
+    assert stdout.errors == "strict"
+    printed = stdout.buffer.getvalue().decode("latin-1")
+    assert "\\u6cd5\\u56fd" in printed and "巴黎" not in printed
+    assert json.loads(out.read_text(encoding="utf-8"))

@@ -952,9 +952,9 @@ def test_a_seq2seq_target_of_special_tokens_only_is_a_value_error(arch, gen):
     special = [tok.unk_token, tok.eos_token][int(torch.randint(0, 2, (1,), generator=gen))]
     requests = [EditRequest("The sky is", "blue")] * 4 + [EditRequest("Say", special)]
     for exact in (False, True):
-        with pytest.raises(ValueError, match=rf"^requests\[4\]\.target \({special!r}\) has no token to score"):
+        with pytest.raises(ValueError, match=rf"^requests\[4\]\.target \({special!r}\) (has no token to score|tokenizes to .* spells none)"):
             reliability(model, tok, requests, batch_size=3, exact=exact)
-    with pytest.raises(ValueError, match=r"^targets\[1\] .* has no token to score"):
+    with pytest.raises(ValueError, match=r"^targets\[1\] .* (has no token to score|tokenizes to .* spells none)"):
         target_accuracy(model, tok, ["ab", "cd"], ["x", special])
     accuracy = target_accuracy(model, tok, ["The sky is"], ["blue"])
     assert float(accuracy[0]) == pytest.approx(argmax_accuracy(model, tok, "The sky is", "blue", seq2seq=True))
@@ -1673,3 +1673,13 @@ def test_a_ctrl_c_while_the_first_scoring_call_switches_to_eval_leaves_nothing_c
     assert model.training and model not in metrics._EVAL_USERS
     reliability(model, tok, [EditRequest("ab", "cd")])
     assert model.training
+
+
+@pytest.mark.parametrize("target", ["巴黎", "😀", "\u200b"])
+def test_a_seq2seq_target_the_tokenizer_cannot_spell_is_a_value_error(target, gen):
+    """T5 spells "巴黎" as ['▁', '<unk>']: scored without its special tokens only the word-start piece
+    was left, so any unspellable target scored as that piece (reliability 1 under an edit whose
+    model generates "").  Now a ValueError naming the request, as for a target of special tokens."""
+    model, tok = tiny_model("t5", seed=seed_from(gen))
+    with pytest.raises(ValueError, match=r"^requests\[1\]\.target .* spells none of its characters"):
+        reliability(model, tok, [EditRequest("The sky is", "blue"), EditRequest("Say", target)])

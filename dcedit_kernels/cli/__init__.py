@@ -24,6 +24,7 @@ in the flags' terms), `user_error` (UserError, printed as one line).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -102,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.seed = 0
     _expand_home(args)
     start = time.perf_counter()
-    with callers_threads_kept():  # set_threads below: called from Python, main() left the process on --threads
+    with callers_threads_kept(), _printable_stdout():  # set_threads below: called from Python, main() left the process on --threads
         try:
             check_flags(args)  # before the model loads
             out = train_out(args) if args.command == "train" else args.out
@@ -142,3 +143,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"dcedit: error: {exc}", file=sys.stderr)
             return 2
     return 0
+
+
+@contextlib.contextmanager
+def _printable_stdout():
+    """stdout writes what its encoding cannot hold as backslash escapes while a command runs (as
+    Python's stderr always does): under a latin-1 or ASCII stdout (PYTHONIOENCODING, a non-UTF-8
+    locale, a Windows redirect) `edit`'s lines of a Chinese prompt, or of a completion holding
+    U+FFFD, raised UnicodeEncodeError after the edit had run, and --out was never written."""
+    stream = sys.stdout
+    errors = getattr(stream, "errors", None)
+    reconfigure = getattr(stream, "reconfigure", None)
+    if not callable(reconfigure) or errors in (None, "backslashreplace"):
+        yield
+        return
+    reconfigure(errors="backslashreplace")
+    try:
+        yield
+    finally:
+        reconfigure(errors=errors)
