@@ -237,9 +237,9 @@ def check_count(requests: list, n: int | None, flag: str = "--n-edits", data: st
 
 @torch.no_grad()
 def greedy_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 6) -> list[str]:
-    """Greedy continuation of each prompt (causal LMs), first line only: what `model.generate` gives
-    for that prompt alone, tokenized as the edit and the scores read it (`tokenize.text_ids`: a
-    trailing EOS that some tokenizers append is dropped); up to `max_new_tokens` tokens, fewer where
+    """Greedy continuation of each prompt (causal LMs), its first line of text only (`_first_line`):
+    what `model.generate` gives for that prompt alone, tokenized as the edit and the scores read it
+    (`tokenize.text_ids`: a trailing EOS that some tokenizers append is dropped); up to `max_new_tokens` tokens, fewer where
     a learned position table (GPT-2's) ends first, and ValueError for a prompt that fills it.
 
     One prompt per `generate`, unpadded: in one left-padded batch the completions printed were not
@@ -282,7 +282,17 @@ def greedy_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens:
     # clean_up_tokenization_spaces (SmolLM2's gguf one says True on 4.x and 5.17, False on 5.25)
     # joined " ," and " 's" on 4.x, and logged a warning on 5.17 that ignores it for BPE.
     texts = tokenizer.batch_decode(new_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    return [t.split("\n")[0].rstrip() for t in texts]
+    return [_first_line(t) for t in texts]
+
+
+def _first_line(text: str) -> str:
+    """`text`'s first line that holds more than whitespace, with the line breaks before it, stripped
+    on the right; "" when none does.  The first line alone showed a target that starts with a line
+    break ("\nA: Rome", a question-and-answer prompt) as "" before and after its edit, while the
+    edited model generated "\nA: Rome Rome Rome" (SmolLM2, a helper's trial)."""
+    body = text.lstrip("\n")
+    line = body.split("\n")[0].rstrip()
+    return text[:len(text) - len(body)] + line if line.strip() else ""
 
 
 def shown(completion: str) -> str:
