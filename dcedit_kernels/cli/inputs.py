@@ -239,8 +239,9 @@ def check_count(requests: list, n: int | None, flag: str = "--n-edits", data: st
 def greedy_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 6) -> list[str]:
     """Greedy continuation of each prompt (causal LMs), its first line of text only (`_first_line`):
     what `model.generate` gives for that prompt alone, tokenized as the edit and the scores read it
-    (`tokenize.text_ids`: a trailing EOS that some tokenizers append is dropped); up to `max_new_tokens` tokens, fewer where
-    a learned position table (GPT-2's) ends first, and ValueError for a prompt that fills it.
+    (`tokenize.text_ids`: a trailing EOS that some tokenizers append is dropped); up to
+    `max_new_tokens` tokens, fewer where a learned position table (GPT-2's) ends first, and
+    ValueError for a prompt that fills it.
 
     One prompt per `generate`, unpadded: in one left-padded batch the completions printed were not
     the prompts' own where the model ignores the attention mask or its batched generation mixes
