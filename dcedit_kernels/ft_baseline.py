@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ._checks import (
-    HALF_DTYPES, all_finite, all_finite_many, first_non_finite, is_finite_number, is_int, lone_surrogate,
+    HALF_DTYPES, all_finite, all_finite_many, first_non_finite, check_text, is_finite_number, is_int,
 )
 from .block_prefix import PrefixReuse
 from .capture import no_activation_checkpointing
@@ -128,14 +128,12 @@ class FineTuneBaselines:
                 texts = None if isinstance(texts, str) else list(texts)
             except TypeError:
                 texts = None
-            if texts is None or not all(isinstance(t, str) and t.strip() for t in texts):
+            if texts is None or not all(isinstance(t, str) for t in texts):
                 raise ValueError("locality_texts must be a list of non-empty strings")
             for i, text in enumerate(texts):
-                # Taken here, the tokenizer refused it in `apply` with a TypeError that named nothing
-                # (as a request's field, which EditRequest checks the same way).
-                bad = lone_surrogate(text)
-                if bad:
-                    raise ValueError(f"locality_texts[{i}] is not valid Unicode (a lone surrogate {bad})")
+                # A lone surrogate, taken here, made the tokenizer refuse it in `apply` with a TypeError
+                # that named nothing (as a request's field, which EditRequest checks the same way).
+                check_text(text, f"locality_texts[{i}]")
             if not texts:
                 # [] fell back to the generic sentences, as None does, without a word: a caller who
                 # passes it most likely means "no extra texts" (that is kl_weight=0, or method "ft")

@@ -419,10 +419,16 @@ def test_load_state_tensors_names_a_key_of_the_wrong_shape(gen):
 # ft_baseline.py
 # ---------------------------------------------------------------------------------------------
 # "Paris": a single string without whitespace, whose characters are each a non-empty string
-@pytest.mark.parametrize("texts", ["a single string", "Paris", ["fine text", "  "], ["fine", 3]])
-def test_ft_kl_locality_texts_are_checked(texts, gen):
+@pytest.mark.parametrize("texts, says", [
+    ("a single string", "locality_texts must be a list of non-empty strings"),
+    ("Paris", "locality_texts must be a list of non-empty strings"),
+    (["fine", 3], "locality_texts must be a list of non-empty strings"),
+    # the blank one named (the message named no index)
+    (["fine text", "  "], r"^locality_texts\[1\] must be a non-empty string, got '  '$"),
+])
+def test_ft_kl_locality_texts_are_checked(texts, says, gen):
     model, tok = tiny_model("gpt2", seed=seed_from(gen))
-    with pytest.raises(ValueError, match="locality_texts must be a list of non-empty strings"):
+    with pytest.raises(ValueError, match=says):
         ModelEditor(model, tok, LAYERS["gpt2"][:1], method="ft_kl", locality_texts=texts)
 
 
