@@ -483,19 +483,24 @@ def weights_owner(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def deferred_interrupt():
     """Hold SIGINT back until the block ends (then raise it as usual), so that a weight written in
-    place is always recorded in its saved list before a KeyboardInterrupt can unwind.  A no-op off
-    the main thread, where Python delivers no signals."""
-    if threading.current_thread() is not threading.main_thread() or not callable(signal.getsignal(signal.SIGINT)):
-        yield  # no Python handler to defer to (SIG_DFL / SIG_IGN, or set outside Python)
+    place is always recorded in its saved list before a KeyboardInterrupt can unwind; SIGTERM too
+    where a Python handler takes it (`dcedit`'s, which raises as Ctrl-C does).  A no-op off the main
+    thread, where Python delivers no signals, and for a signal with no Python handler to defer to
+    (SIG_DFL / SIG_IGN, or one set outside Python)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
+    handled = [sig for sig in (signal.SIGINT, signal.SIGTERM) if callable(signal.getsignal(sig))]
     pending = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append((signum, frame)))
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append((signum, frame))) for sig in handled}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if pending and callable(previous):
-            previous(*pending[0])
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if pending:
+            signum, frame = pending[0]
+            previous[signum](signum, frame)
 
 
 def add_note(exc: BaseException, text: str) -> None:

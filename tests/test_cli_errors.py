@@ -1426,3 +1426,43 @@ def test_cli_edit_prints_under_a_stdout_that_cannot_encode_its_text(tiny_model_d
     printed = stdout.buffer.getvalue().decode("latin-1")
     assert "\\u6cd5\\u56fd" in printed and "巴黎" not in printed
     assert json.loads(out.read_text(encoding="utf-8"))
+
+
+def test_cli_train_terminated_by_sigterm_says_how_to_resume_and_leaves_no_temporary_file(
+        capsys, tmp_path, monkeypatch, tiny_model_dir):
+    """SIGTERM (a cluster's preemption) ended `dcedit train` at once, Python's default: a checkpoint
+    being written left its hidden temporary file in --checkpoint-dir for good, and nothing said how
+    to resume.  It now ends the run as Ctrl-C does: one line, exit status 143, the temporary file
+    removed, SIGTERM's default action back after main(); the same command then resumes."""
+    import signal
+
+    from dcedit_kernels import safetensors_file
+
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        pytest.skip("this process has a SIGTERM handler of its own, which dcedit leaves in place")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    data = _counterfact_file(tmp_path / "cf.json", n=8)
+    ck = tmp_path / "ck"
+    args = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--steps", "3",
+            "--batch-size", "2", "--rank", "4", "--val-every", "1",
+            "--checkpoint-dir", str(ck), "--out", str(tmp_path / "mend.safetensors")]
+    sync, synced = safetensors_file._sync, []
+
+    def terminated_in_the_second_trainer_write(path):
+        sync(path)
+        if path.name.startswith(".trainer.safetensors."):
+            if synced:
+                os.kill(os.getpid(), signal.SIGTERM)  # its handler raises before kill returns
+            synced.append(path)
+
+    monkeypatch.setattr(safetensors_file, "_sync", terminated_in_the_second_trainer_write)
+    assert cli.main(args) == 143
+    assert len(synced) == 1  # the first checkpoint's; the second one's write was cut short
+    err = capsys.readouterr().err
+    assert f"dcedit: terminated (SIGTERM): run the same command again to resume from the last checkpoint in {ck}" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in ck.iterdir() if p.name.endswith(".tmp")) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    monkeypatch.setattr(safetensors_file, "_sync", sync)
+    assert cli.main(args) == 0
+    assert "(MEND, 3 steps, " in capsys.readouterr().out

@@ -1353,3 +1353,33 @@ def test_token_ids_past_the_embedding_are_named_before_anything_runs(arch):
         me.apply([EditRequest("The cat is", " red"), EditRequest("The big dog over there is", " blue")])
     assert_same_state(before, model)
     me.apply([EditRequest("The cat is", " red")]).undo()
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_deferred_interrupt_holds_a_python_handled_signal_until_the_block_ends(signame):
+    """`dcedit` raises SIGTERM as Ctrl-C (cli._sigterm_interrupts); a weight write must finish before
+    either unwinds, so deferred_interrupt holds back both signals where a Python handler takes them,
+    runs that handler once when the block ends, and puts the handlers back."""
+    import os
+    import signal
+
+    from dcedit_kernels.edit_handle import deferred_interrupt
+
+    sig = getattr(signal, signame)
+    seen = []
+
+    def handler(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(sig, handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with deferred_interrupt():
+                os.kill(os.getpid(), sig)
+                os.kill(os.getpid(), sig)
+                seen.append("block ran on")
+        assert seen == ["block ran on", sig]
+        assert signal.getsignal(sig) is handler
+    finally:
+        signal.signal(sig, previous)

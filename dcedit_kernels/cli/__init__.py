@@ -27,7 +27,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from typing import Sequence
@@ -103,7 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.seed = 0
     _expand_home(args)
     start = time.perf_counter()
-    with callers_threads_kept(), _printable_stdout():  # set_threads below: called from Python, main() left the process on --threads
+    # callers_threads_kept: set_threads below, called from Python, left the process on --threads
+    with callers_threads_kept(), _printable_stdout(), _sigterm_interrupts():
         try:
             check_flags(args)  # before the model loads
             out = train_out(args) if args.command == "train" else args.out
@@ -129,9 +132,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except UserError as exc:
             print(f"dcedit: error: {exc}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             # A Ctrl-C of a training run ended in a traceback into train.py's loop, which said nothing
             # of the one thing to do next: resume (`fit` checkpoints atomically: the last one is whole).
+            if isinstance(exc, Terminated):
+                print(f"dcedit: terminated (SIGTERM){_resume_hint(args)}", file=sys.stderr)
+                return 128 + signal.SIGTERM  # 143, what the shell reports for a process SIGTERM ended
             print(f"dcedit: interrupted{_resume_hint(args)}", file=sys.stderr)
             return 130  # the shell's status for SIGINT
         except OSError as exc:
@@ -162,3 +168,33 @@ def _printable_stdout():
         yield
     finally:
         reconfigure(errors=errors)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while a command runs (`_sigterm_interrupts`): a KeyboardInterrupt, so that it unwinds
+    as Ctrl-C does (held back while an edit writes weights, `edit_handle.deferred_interrupt`)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (a cluster's preemption, `kill`) ends a command as Ctrl-C does while it runs: Python's
+    default ended the process at once, so a checkpoint being written left its hidden temporary file
+    behind (one per kill, up to a trainer file each: 8 of 65 kills in a helper's trials), and
+    nothing said how to resume.  Only where SIGTERM has its default action, in the main thread (the
+    only one Python delivers signals to), and not in a torchrun worker: torchrun stops the others
+    with SIGTERM when one fails, and one waiting in a collective would run no Python handler until
+    its timeout."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+            or os.environ.get("WORLD_SIZE", "").strip() not in ("", "1")):
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
