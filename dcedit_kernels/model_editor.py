@@ -850,7 +850,8 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         started over.  To continue one run, train with a `checkpoint_dir`: a later call with the same
         folder and a larger `steps` resumes it (TrainConfig's `resume`, on by default).  A call
         interrupted before its first checkpoint leaves nothing to resume: calling fit again on this
-        ModelEditor then starts a new run from the editors as the interrupted steps left them, not
+        ModelEditor then starts a new run from the editors as the interrupted steps left them (and
+        MEND's running norms as its batches left them, a batch whose step never came included), not
         as the uninterrupted run would go (build the ModelEditor again to start over)."""
         from .train import TrainConfig, train_editor
 

@@ -29,8 +29,9 @@ without an ES gain above `min_delta`; the best editor (the last gain's, or a lat
 ES and a lower NLL) is restored at the end.
 Checkpoints (safetensors only) go to `checkpoint_dir` when a validation is due (every `val_every`
 steps), at the last step and on an early stop, so an interrupted run loses the steps since the last
-of them (the editors, trained in place, keep those steps' updates: a run interrupted before its first
-checkpoint, run again on the same editors, starts a new run from them); `resume=True` continues from
+of them (the editors, trained in place, keep those steps' updates, and the running norms every batch
+they saw, that of a step never taken too: a run interrupted before its first checkpoint, run again on
+the same editors, starts a new run from them); `resume=True` continues from
 them (`train_checkpoint`).  A checkpoint_dir they could not
 be written to (a read-only folder or checkpoint file) raises the OS's error naming it before the
 first step (`train_checkpoint.check_checkpoint_dir`).  The batch order is a function of
