@@ -144,6 +144,7 @@ class EditHandle:
         # (or its model was freed, which those versions did not tell apart).
         self._undone = not state.get("active", True) and not state.get("kept", False)
         self.__dict__.update(state)
+        self.__dict__.pop("_thread", None)  # 0.5.37's applying thread's ident, read by nothing since
         self._release = self._model = self._thread_ref = None
         # Unpickled alone, a live edit's saved weights are copies of the Parameters, not the model's:
         # its undo restored those and returned True while the model kept the edit.  Unpickled with

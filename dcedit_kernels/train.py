@@ -73,6 +73,7 @@ from .model_editor import ModelEditor
 from .positions import check_request_lengths
 from .progress_bar import progress_bar
 from .requests import validate_requests
+from .tokenize import check_targets_spelled
 from .train_checkpoint import (ResumeMismatchError, _checkpoint, _cuda_devices, _resume, _rng_states, _run_settings,
                                _save_editor, _set_rng_states, check_checkpoint_dir, has_checkpoint)
 from .train_config import PART_KEYS, TrainConfig, TrainResult
@@ -159,8 +160,10 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
         # Past a learned position table (GPT-2's), a request failed with torch's bare IndexError at
         # its batch, however many steps in (a device-side assert on a GPU): all refused before the first.
         check_request_lengths(me.model, me.tokenizer, train, "train_requests")
+        check_targets_spelled(me.tokenizer, train, "train_requests")
         if val is not None:  # validation scores the edit rows of the first val_size only
             check_request_lengths(me.model, me.tokenizer, val[: config.val_size], "val_requests", edit_rows_only=True)
+            check_targets_spelled(me.tokenizer, val[: config.val_size], "val_requests")
         return train, val
 
     # A data-parallel process given invalid requests (its own data file, say) tells the others in

@@ -745,14 +745,14 @@ def test_greedy_completions_of_a_batch_are_each_prompts_own(build):
 
 def test_greedy_completions_are_their_first_line_without_trailing_space(monkeypatch):
     """A decoded continuation (batch_decode stubbed) is cut at the end of its first line of text and
-    stripped on the right: the one line `edit` prints after "before:" / "after:".  Line breaks before
+    stripped on the right: the one line `edit` prints after "before:" / "after:".  Blank lines before
     that line are kept (a target "\nA: Rome" showed as "" before and after its edit); a continuation
     of line breaks and spaces alone is ""."""
     model, tok = tiny_model("llama", seed=random.randrange(1000))
-    texts = ["Rome \nis its capital", " Paris  ", "\nx", "\n\nA: Rome \nB", "\n \n", " \nx", ""]
+    texts = ["Rome \nis its capital", " Paris  ", "\nx", "\n\nA: Rome \nB", "\n \n", " \nx", "", "\r\nA: Rome\r\nB"]
     monkeypatch.setattr(tok, "batch_decode", lambda ids, **kwargs: texts)
-    assert cli.greedy_completions(model, tok, list("abcdefg")) == ["Rome", " Paris", "\nx", "\n\nA: Rome", "", "",
-                                                                  ""]
+    assert cli.greedy_completions(model, tok, list("abcdefgh")) == [
+        "Rome", " Paris", "\nx", "\n\nA: Rome", "", " \nx", "", "\r\nA: Rome"]
 
 
 def test_greedy_completions_decode_as_generated_and_log_nothing():

@@ -952,9 +952,9 @@ def test_a_seq2seq_target_of_special_tokens_only_is_a_value_error(arch, gen):
     special = [tok.unk_token, tok.eos_token][int(torch.randint(0, 2, (1,), generator=gen))]
     requests = [EditRequest("The sky is", "blue")] * 4 + [EditRequest("Say", special)]
     for exact in (False, True):
-        with pytest.raises(ValueError, match=rf"^requests\[4\]\.target \({special!r}\) (has no token to score|tokenizes to .* spells none)"):
+        with pytest.raises(ValueError, match=rf"^requests\[4\]\.target \({special!r}\) has no token to score"):
             reliability(model, tok, requests, batch_size=3, exact=exact)
-    with pytest.raises(ValueError, match=r"^targets\[1\] .* (has no token to score|tokenizes to .* spells none)"):
+    with pytest.raises(ValueError, match=r"^targets\[1\] .* has no token to score"):
         target_accuracy(model, tok, ["ab", "cd"], ["x", special])
     accuracy = target_accuracy(model, tok, ["The sky is"], ["blue"])
     assert float(accuracy[0]) == pytest.approx(argmax_accuracy(model, tok, "The sky is", "blue", seq2seq=True))
@@ -1683,3 +1683,12 @@ def test_a_seq2seq_target_the_tokenizer_cannot_spell_is_a_value_error(target, ge
     model, tok = tiny_model("t5", seed=seed_from(gen))
     with pytest.raises(ValueError, match=r"^requests\[1\]\.target .* spells none of its characters"):
         reliability(model, tok, [EditRequest("The sky is", "blue"), EditRequest("Say", target)])
+
+
+def test_a_target_that_writes_the_unknown_tokens_own_text_is_scored():
+    """GPT-2's and SmolLM2's unknown token is their "<|endoftext|>" (the eos): a target writing that
+    text spells it, as "<|im_end|>" spells its own token, and is scored, not refused as unspellable."""
+    model, tok = tiny_model("gpt2", seed=0)
+    assert tok.unk_token == "<|endoftext|>"
+    for target in ("<|endoftext|>", "\n<|endoftext|>"):
+        assert 0.0 <= float(reliability(model, tok, [EditRequest("The sky is", target)])) <= 1.0

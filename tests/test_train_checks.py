@@ -1125,6 +1125,29 @@ def test_a_request_past_a_learned_position_table_is_refused_before_the_first_ste
         tiny_mend("llama", gen).fit(reqs, None, TrainConfig(steps=1, batch_size=5, progress=False))
 
 
+@pytest.mark.parametrize("where", ["train", "val"])
+def test_a_target_the_tokenizer_cannot_spell_is_refused_before_the_first_step(where, gen):
+    """A tokenizer without byte fallback (a SentencePiece model's) spells "巴黎" as ['▁', '<unk>'],
+    which tokenize refuses; training tokenizes a request only when a batch draws it, so a run
+    stopped at that batch, the editors trained that far, naming the request's place in its batch
+    (a helper's trial: step 13 of 20, "targets[2]").  Now every target is checked before the first
+    step, named by its request, and the editors are left as they were."""
+    from tokenizers import models
+
+    me = tiny_mend("llama", gen)
+    backend = me.tokenizer.backend_tokenizer
+    backend.model = models.BPE(vocab=backend.get_vocab(), merges=[], byte_fallback=False, unk_token="<unk>",
+                               fuse_unk=True)
+    reqs, val = random_requests(gen, 6), random_requests(gen, 3)
+    k = int(torch.randint(0, 6 if where == "train" else 3, (1,), generator=gen))
+    (reqs if where == "train" else val)[k] = dataclasses.replace((reqs if where == "train" else val)[k], target="巴黎")
+    state = [t.detach().clone() for t in [*me.editors.parameters(), *me.editors.buffers()]]
+    with pytest.raises(ValueError, match=rf"^{where}_requests\[{k}\]\.target \('巴黎'\) tokenizes to \['▁', '<unk>'\], "
+                                         "which spells none of its characters"):
+        me.fit(reqs, val, TrainConfig(steps=4, batch_size=2, val_every=2, val_size=3, progress=False))
+    assert all(torch.equal(a, b) for a, b in zip(state, [*me.editors.parameters(), *me.editors.buffers()]))
+
+
 def test_fit_and_evaluate_without_progress_build_no_bar(gen, monkeypatch):
     """tqdm(disable=True) started tqdm's monitor thread, which outlived the bar: after
     fit(progress=False) the process held a second thread for good (Python 3.12's fork warns of a

@@ -160,7 +160,7 @@ def _printable_stdout():
     stream = sys.stdout
     errors = getattr(stream, "errors", None)
     reconfigure = getattr(stream, "reconfigure", None)
-    if not callable(reconfigure) or errors in (None, "backslashreplace"):
+    if not callable(reconfigure) or errors != "strict":  # a C locale's surrogateescape writes a path's bytes back
         yield
         return
     reconfigure(errors="backslashreplace")

@@ -287,13 +287,15 @@ def greedy_completions(model, tokenizer, prompts: Sequence[str], max_new_tokens:
 
 
 def _first_line(text: str) -> str:
-    """`text`'s first line that holds more than whitespace, with the line breaks before it, stripped
-    on the right; "" when none does.  The first line alone showed a target that starts with a line
-    break ("\nA: Rome", a question-and-answer prompt) as "" before and after its edit, while the
-    edited model generated "\nA: Rome Rome Rome" (SmolLM2, a helper's trial)."""
-    body = text.lstrip("\n")
-    line = body.split("\n")[0].rstrip()
-    return text[:len(text) - len(body)] + line if line.strip() else ""
+    """`text`'s first line that holds more than whitespace, with the lines before it, stripped on the
+    right; "" when none does.  The first line alone showed a target that starts with a line break
+    ("\nA: Rome", a question-and-answer prompt) as "" before and after its edit, while the edited
+    model generated "\nA: Rome Rome Rome" (SmolLM2, a helper's trial)."""
+    lines = text.split("\n")
+    for k, line in enumerate(lines):
+        if line.strip():
+            return "\n".join(lines[:k] + [line.rstrip()])
+    return ""
 
 
 def shown(completion: str) -> str:
