@@ -1466,3 +1466,30 @@ def test_cli_train_terminated_by_sigterm_says_how_to_resume_and_leaves_no_tempor
     monkeypatch.setattr(safetensors_file, "_sync", sync)
     assert cli.main(args) == 0
     assert "(MEND, 3 steps, " in capsys.readouterr().out
+
+
+def test_sigterm_is_taken_once_and_left_alone_in_a_process_group(monkeypatch):
+    """A second SIGTERM while the first unwinds (a launcher forwarding it, `kill` run twice) raised
+    again inside a checkpoint write's cleanup, which then left its temporary file (8 of 12 trials
+    of two back-to-back signals): the first one sets SIGTERM to be ignored until main() ends.  A
+    process of a group of several that its caller set up (no WORLD_SIZE) keeps SIGTERM's default,
+    as a torchrun worker does: a peer waiting in a collective runs no Python handler."""
+    import signal
+
+    import torch.distributed as dist
+
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        pytest.skip("this process has a SIGTERM handler of its own, which dcedit leaves in place")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(cli.Terminated):
+        with cli._sigterm_interrupts():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+            finally:
+                assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+                os.kill(os.getpid(), signal.SIGTERM)  # ignored: no second Terminated in the unwinding
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    with cli._sigterm_interrupts():
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

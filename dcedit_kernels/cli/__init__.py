@@ -176,7 +176,21 @@ class Terminated(KeyboardInterrupt):
 
 
 def _raise_terminated(signum, frame):
+    # One is enough: the command is ending.  A second SIGTERM while the first unwinds (a launcher
+    # that forwards it, `kill` run twice) raised again inside that unwinding, in a checkpoint
+    # write's cleanup too, which then left its hidden temporary file behind; main() puts the
+    # default back when it returns.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated
+
+
+def _in_a_process_group() -> bool:
+    """Whether this process is one of several in a torch.distributed group its caller set up (no
+    WORLD_SIZE: `mp.spawn` and `init_process_group("gloo", init_method="tcp://...")`): `dcedit
+    train` trains data-parallel over it, and what holds for a torchrun worker holds for it."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 @contextlib.contextmanager
@@ -190,7 +204,8 @@ def _sigterm_interrupts():
     its timeout."""
     if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
-            or os.environ.get("WORLD_SIZE", "").strip() not in ("", "1")):
+            or os.environ.get("WORLD_SIZE", "").strip() not in ("", "1")
+            or _in_a_process_group()):
         yield
         return
     signal.signal(signal.SIGTERM, _raise_terminated)
