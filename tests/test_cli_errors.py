@@ -1428,8 +1428,20 @@ def test_cli_edit_prints_under_a_stdout_that_cannot_encode_its_text(tiny_model_d
     assert json.loads(out.read_text(encoding="utf-8"))
 
 
+@pytest.fixture
+def sigterm_default():
+    """SIGTERM at its default action for the test, whatever this process had (a skip when it had a
+    handler hid a main() that left dcedit's handler behind: every later SIGTERM test skipped)."""
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "SIGTERM's handler was left changed"
+    signal.signal(signal.SIGTERM, previous)
+
+
 def test_cli_train_terminated_by_sigterm_says_how_to_resume_and_leaves_no_temporary_file(
-        capsys, tmp_path, monkeypatch, tiny_model_dir):
+        sigterm_default, capsys, tmp_path, monkeypatch, tiny_model_dir):
     """SIGTERM (a cluster's preemption) ended `dcedit train` at once, Python's default: a checkpoint
     being written left its hidden temporary file in --checkpoint-dir for good, and nothing said how
     to resume.  It now ends the run as Ctrl-C does: one line, exit status 143, the temporary file
@@ -1438,8 +1450,6 @@ def test_cli_train_terminated_by_sigterm_says_how_to_resume_and_leaves_no_tempor
 
     from dcedit_kernels import safetensors_file
 
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        pytest.skip("this process has a SIGTERM handler of its own, which dcedit leaves in place")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     data = _counterfact_file(tmp_path / "cf.json", n=8)
     ck = tmp_path / "ck"
@@ -1468,7 +1478,7 @@ def test_cli_train_terminated_by_sigterm_says_how_to_resume_and_leaves_no_tempor
     assert "(MEND, 3 steps, " in capsys.readouterr().out
 
 
-def test_sigterm_is_taken_once_and_left_alone_in_a_process_group(monkeypatch):
+def test_sigterm_is_taken_once_and_left_alone_in_a_process_group(sigterm_default, monkeypatch):
     """A second SIGTERM while the first unwinds (a launcher forwarding it, `kill` run twice) raised
     again inside a checkpoint write's cleanup, which then left its temporary file (8 of 12 trials
     of two back-to-back signals): the first one sets SIGTERM to be ignored until main() ends.  A
@@ -1478,8 +1488,6 @@ def test_sigterm_is_taken_once_and_left_alone_in_a_process_group(monkeypatch):
 
     import torch.distributed as dist
 
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        pytest.skip("this process has a SIGTERM handler of its own, which dcedit leaves in place")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(cli.Terminated):
         with cli._sigterm_interrupts():
@@ -1493,3 +1501,41 @@ def test_sigterm_is_taken_once_and_left_alone_in_a_process_group(monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     with cli._sigterm_interrupts():
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_callers_sigterm_handler_is_left_in_place():
+    """A SIGTERM handler of the caller's own is neither replaced nor reset to the default."""
+    import signal
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        with cli._sigterm_interrupts():
+            assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_world_size_one_takes_sigterm_as_ctrl_c(sigterm_default, monkeypatch):
+    """WORLD_SIZE=1 (torchrun with one process) is no group: SIGTERM raises Terminated."""
+    import signal
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(cli.Terminated):
+        with cli._sigterm_interrupts():
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_a_surrogateescape_stdout_is_left_as_it_is(monkeypatch):
+    """Only a strict stdout takes backslashreplace; a C locale's surrogateescape writes a path's
+    undecodable bytes back as they were."""
+    import io
+    import sys
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="ascii", errors="surrogateescape", write_through=True)
+    monkeypatch.setattr(sys, "stdout", out)
+    with cli._printable_stdout():
+        print("caf\udce9")
+    assert raw.getvalue() == b"caf\xe9\n"

@@ -1383,3 +1383,29 @@ def test_deferred_interrupt_holds_a_python_handled_signal_until_the_block_ends(s
         assert signal.getsignal(sig) is handler
     finally:
         signal.signal(sig, previous)
+
+
+def test_deferred_interrupt_runs_the_handler_of_the_first_signal_held_back():
+    """SIGTERM then SIGINT inside the block: the first one's handler runs at the end (dcedit's
+    SIGTERM exits 143 with its own message, not Ctrl-C's 130)."""
+    import os
+    import signal
+
+    from dcedit_kernels.edit_handle import deferred_interrupt
+
+    seen = []
+
+    def handler(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with deferred_interrupt():
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGINT)
+        assert seen == [signal.SIGTERM]
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

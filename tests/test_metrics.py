@@ -1692,3 +1692,46 @@ def test_a_target_that_writes_the_unknown_tokens_own_text_is_scored():
     assert tok.unk_token == "<|endoftext|>"
     for target in ("<|endoftext|>", "\n<|endoftext|>"):
         assert 0.0 <= float(reliability(model, tok, [EditRequest("The sky is", target)])) <= 1.0
+
+
+def test_scoring_runs_its_passes_without_grad():
+    """`_eval_mode` is "eval mode and no grad while scoring": a model whose parameters require
+    grad is scored with grad off (no autograd graph held over a batch's activations)."""
+    model, tok = tiny_model("gpt2", seed=0)
+    assert any(p.requires_grad for p in model.parameters())
+    seen = []
+    handle = model.register_forward_hook(lambda m, a, out: seen.append(torch.is_grad_enabled()))
+    try:
+        reliability(model, tok, [EditRequest("The sky is", "blue")], batch_size=1)
+    finally:
+        handle.remove()
+    assert seen and not any(seen)
+
+
+def test_a_ctrl_c_right_after_the_switch_to_eval_leaves_nothing_counted():
+    """The Ctrl-C lands after the model is entered in the count and switched to eval (in
+    model.eval()), not before (the existing test's module_modes): still raised at the counting
+    block's exit, so the call is counted and uncounted, and the model trains again."""
+    import os
+    import signal
+
+    from dcedit_kernels import metrics
+
+    model, tok = tiny_model("gpt2", seed=0)
+    model.train()
+    real_eval = model.eval
+
+    def eval_then_ctrl_c():
+        out = real_eval()
+        os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    model.eval = eval_then_ctrl_c
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            reliability(model, tok, [EditRequest("ab", "cd")])
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        del model.eval
+    assert model.training and model not in metrics._EVAL_USERS

@@ -5842,3 +5842,143 @@ def test_an_edit_of_more_tokens_than_int32_offsets_count_is_refused_untouched(ch
         me.apply(reqs)
     assert_bit_identical(before, me.model)
     assert len(runs) == (1 if chunk is None else 0)
+
+
+def test_a_freed_worker_threads_edit_is_the_blocks_to_undo(gen):
+    """An edit applied by a worker thread that has ended and whose Thread object is gone (its
+    weakref dead) is the edited() block's to undo, as one whose Thread is still referenced."""
+    import gc
+    import threading
+    model, tok = tiny_model("llama", seed=1)
+    me_a = ModelEditor(model, tok, LAYERS["llama"][:1], method="mend", rank=4, seed=1)
+    me_b = ModelEditor(model, tok, LAYERS["llama"][1:2], method="mend", rank=4, seed=2)
+    before = snapshot(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with me_a.edited(random_requests(gen, 2)):
+            worker = threading.Thread(target=lambda: me_b.apply(random_requests(gen, 2)))
+            worker.start()
+            worker.join()
+            del worker
+            gc.collect()
+            assert len(me_a._live) == 2 and me_a._live[-1]._applying_thread() is None
+    assert me_a._live == []
+    assert_bit_identical(before, model)
+
+
+def test_keep_frees_the_weight_copies_of_the_edits_it_pins(gen):
+    """keep() of a later edit frees the earlier (pinned) edits' weight copies for real: no
+    finalizer of the model keeps holding the list they were in while the model lives."""
+    import gc
+    import weakref
+
+    me = make_editor("gpt2", "mend", gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        h1 = me.apply(random_requests(gen, 2))
+        copies = [weakref.ref(saved) for _, saved in h1._saved]
+        h2 = me.apply(random_requests(gen, 2))
+    h2.keep()
+    gc.collect()
+    assert copies and all(ref() is None for ref in copies)
+    assert h1._release is None
+
+
+def test_an_unpickled_editors_live_edit_copies_and_undoes_inside_edited(gen):
+    """An unpickled handle has no applying thread (None), not a missing attribute: a deepcopy of
+    an unpickled ModelEditor carrying a live edit, and an edited() block of it left by an exception
+    before its apply returned (which walks the live edits), both work."""
+    import pickle
+    import copy
+
+    me = make_editor("gpt2", "mend", gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        me.apply(random_requests(gen, 2))
+        me2 = pickle.loads(pickle.dumps(me))
+        me3 = copy.deepcopy(me2)
+        assert me3._live[-1].undo() and me2._live[-1].undo()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_ctrl_c_between_the_apply_and_an_edited_block_leaves_an_earlier_edit_of_this_thread(gen, monkeypatch):
+    """The edit from before the block (this thread's own) is not the block's: only the block's
+    edit is undone, the earlier one stays live and undoes afterwards."""
+    me = make_editor("gpt2", "mend", gen)
+    before = snapshot(me.model)
+    earlier = me.apply(random_requests(gen, 2))
+    after_earlier = snapshot(me.model)
+    calls, ran = [], []
+    ctrl_c_on_call(monkeypatch, ModelEditor, "apply", calls, at=1, after=True)
+    with ctrl_c_raises():
+        with me.edited(random_requests(gen, 2)):
+            ran.append(1)
+    monkeypatch.undo()
+    assert calls and not ran
+    assert me._live == [earlier] and earlier.active
+    assert_bit_identical(after_earlier, me.model)
+    assert earlier.undo()
+    assert_bit_identical(before, me.model)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_an_edited_block_whose_edit_was_undone_inside_leaves_the_earlier_edit(gen):
+    """The block's own edit undone inside the block: its exit undoes nothing from before it."""
+    me = make_editor("gpt2", "mend", gen)
+    earlier = me.apply(random_requests(gen, 2))
+    after_earlier = snapshot(me.model)
+    with me.edited(random_requests(gen, 2)) as handle:
+        assert handle.undo()
+    assert me._live == [earlier] and earlier.active
+    assert_bit_identical(after_earlier, me.model)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_nested_one_thread_block_leaves_the_outer_ones_claim():
+    """Leaving a nested block (fit's validation apply) keeps the outer block's claim on the model:
+    another thread is still refused until the outer block ends."""
+    import threading
+    from dcedit_kernels.edit_handle import one_editing_thread
+    from dcedit_kernels.models import tiny_model
+
+    model, _ = tiny_model("gpt2", seed=0)
+    got = []
+
+    def other():
+        try:
+            with one_editing_thread(model, "other"):
+                got.append("entered")
+        except RuntimeError as exc:
+            got.append(str(exc))
+
+    def inner():  # another function, as fit's validation apply is
+        with one_editing_thread(model, "inner"):
+            pass
+
+    def outer():
+        with one_editing_thread(model, "outer"):
+            inner()
+            t = threading.Thread(target=other)
+            t.start()
+            t.join()
+
+    outer()
+    assert got and "another thread is editing this model" in got[0]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_ctrl_c_between_the_undos_leaving_an_edited_block_waits_until_all_are_undone(gen, monkeypatch):
+    """Leaving an edited() block undoes an edit applied inside it, then the block's own; a Ctrl-C
+    right after the first undo is held back until the block's own edit is undone too."""
+    from dcedit_kernels.edit_handle import EditHandle
+
+    me = make_editor("gpt2", "mend", gen)
+    before = snapshot(me.model)
+    calls = []
+    with ctrl_c_raises():
+        with me.edited(random_requests(gen, 2)):
+            me.apply(random_requests(gen, 2))
+            ctrl_c_on_call(monkeypatch, EditHandle, "undo", calls, at=1, after=True)
+    monkeypatch.undo()
+    assert len(calls) == 2 and me._live == []
+    assert_bit_identical(before, me.model)

@@ -1146,6 +1146,10 @@ def test_a_target_the_tokenizer_cannot_spell_is_refused_before_the_first_step(wh
                                          "which spells none of its characters"):
         me.fit(reqs, val, TrainConfig(steps=4, batch_size=2, val_every=2, val_size=3, progress=False))
     assert all(torch.equal(a, b) for a, b in zip(state, [*me.editors.parameters(), *me.editors.buffers()]))
+    if where == "val":  # past val_size a request is not validated on, so not refused
+        val[k] = dataclasses.replace(val[k], target="fine")
+        me.fit(reqs, [*val, dataclasses.replace(val[0], target="巴黎")],
+               TrainConfig(steps=2, batch_size=2, val_every=2, val_size=3, progress=False))
 
 
 def test_fit_and_evaluate_without_progress_build_no_bar(gen, monkeypatch):
