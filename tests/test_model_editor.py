@@ -1309,11 +1309,16 @@ def test_a_cut_short_read_of_another_threads_stack_keeps_its_record(monkeypatch)
         thread.join()
 
 
-def test_ctrl_c_between_the_apply_and_an_edited_block_undoes_the_edit(gen, monkeypatch):
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("earlier_edit", [False, True])
+def test_ctrl_c_between_the_apply_and_an_edited_block_undoes_the_edit(earlier_edit, gen, monkeypatch):
     """`with editor.edited(requests):` interrupted after its apply returned and before the block
-    began: the edit stayed live after the with statement, and no exit ever undid it."""
+    began: the edit stayed live after the with statement, and no exit ever undid it.  An edit this
+    thread applied before the block is not the block's: it stays live and undoes afterwards."""
     me = make_editor("gpt2", "mend", gen)
     before = snapshot(me.model)
+    earlier = me.apply(random_requests(gen, 2)) if earlier_edit else None
+    after_earlier = snapshot(me.model)
     calls, ran = [], []
     ctrl_c_on_call(monkeypatch, ModelEditor, "apply", calls, at=1, after=True)
     with ctrl_c_raises():
@@ -1321,8 +1326,11 @@ def test_ctrl_c_between_the_apply_and_an_edited_block_undoes_the_edit(gen, monke
             ran.append(1)
     monkeypatch.undo()
     assert calls and not ran
-    assert_bit_identical(before, me.model)
-    assert me._live == []
+    assert_bit_identical(after_earlier, me.model)
+    assert me._live == ([earlier] if earlier_edit else [])
+    if earlier_edit:
+        assert earlier.active and earlier.undo()
+        assert_bit_identical(before, me.model)
 
 
 @pytest.mark.parametrize("via", ["edited", "handle"])
@@ -5898,27 +5906,6 @@ def test_an_unpickled_editors_live_edit_copies_and_undoes_inside_edited(gen):
         me2 = pickle.loads(pickle.dumps(me))
         me3 = copy.deepcopy(me2)
         assert me3._live[-1].undo() and me2._live[-1].undo()
-
-
-@pytest.mark.filterwarnings("ignore::UserWarning")
-def test_ctrl_c_between_the_apply_and_an_edited_block_leaves_an_earlier_edit_of_this_thread(gen, monkeypatch):
-    """The edit from before the block (this thread's own) is not the block's: only the block's
-    edit is undone, the earlier one stays live and undoes afterwards."""
-    me = make_editor("gpt2", "mend", gen)
-    before = snapshot(me.model)
-    earlier = me.apply(random_requests(gen, 2))
-    after_earlier = snapshot(me.model)
-    calls, ran = [], []
-    ctrl_c_on_call(monkeypatch, ModelEditor, "apply", calls, at=1, after=True)
-    with ctrl_c_raises():
-        with me.edited(random_requests(gen, 2)):
-            ran.append(1)
-    monkeypatch.undo()
-    assert calls and not ran
-    assert me._live == [earlier] and earlier.active
-    assert_bit_identical(after_earlier, me.model)
-    assert earlier.undo()
-    assert_bit_identical(before, me.model)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
