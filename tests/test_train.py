@@ -2548,21 +2548,24 @@ def test_a_validation_within_min_delta_of_the_best_is_not_an_improvement(gen, mo
     assert result.stopped_early and result.steps == 2
 
 
-def test_an_equal_es_with_a_lower_nll_is_the_best_state_without_resetting_patience(gen, monkeypatch):
+@pytest.mark.parametrize("restore_best", [True, False])
+def test_an_equal_es_with_a_lower_nll_is_the_best_state_without_resetting_patience(restore_best, gen, monkeypatch):
     """At the best validation's ES exactly, a lower NLL makes the best state (scripted scores): step
     2 (0.5, NLL 1.5 after step 1's 2.0) is the best, step 3's equal NLL and step 4's higher one are
-    not, and the editors end as they were at step 2 (restore_best).  It is no gain: patience 3
-    counts steps 2-4 and stops the run there, as an ES that stopped moving did before."""
+    not, and the editors end as they were at step 2 (restore_best; without it, as the last step left
+    them).  It is no gain: patience 3 counts steps 2-4 and stops the run there, as an ES that
+    stopped moving did before."""
     me = tiny_mend("gpt2", gen)
     requests = random_requests(gen, 6)
     states = []
     scripted_scores(monkeypatch, [(0.5, 2.0), (0.5, 1.5), (0.5, 1.5), (0.5, 1.6), (0.9, 0.1)], states)
-    config = TrainConfig(steps=10, batch_size=3, lr=1e-2, lr_lr=1e-2, val_every=1, patience=3, progress=False)
+    config = TrainConfig(steps=10, batch_size=3, lr=1e-2, lr_lr=1e-2, val_every=1, patience=3,
+                         restore_best=restore_best, progress=False)
     result = me.fit(requests[:4], requests[4:], config)
     assert result.stopped_early and result.steps == 4
     assert (result.best_step, result.best_es) == (2, 0.5)
     final = me.state_tensors()
-    assert all(torch.equal(final[k], states[1][k]) for k in final)
+    assert all(torch.equal(final[k], states[1 if restore_best else 3][k]) for k in final)
     assert not all(torch.equal(states[1][k], states[3][k]) for k in final)
 
 
@@ -2577,6 +2580,10 @@ def test_the_nll_tie_break_takes_an_equal_es_only_and_beats_a_nan_nll(min_delta,
     config = TrainConfig(steps=4, batch_size=3, val_every=1, patience=None, min_delta=min_delta, progress=False)
     result = me.fit(requests[:4], requests[4:], config)
     assert (result.best_step, result.best_es) == ((2, 0.52) if min_delta == 0 else (4, 0.5))
+    # A NaN NLL does not beat a NaN best: the first of equal ES stays the best.
+    scripted_scores(monkeypatch, [(0.5, float("nan")), (0.5, float("nan"))])
+    result = tiny_mend("gpt2", gen).fit(requests[:4], requests[4:], dataclasses.replace(config, steps=2))
+    assert (result.best_step, result.best_es) == (1, 0.5)
 
 
 def test_a_patience_count_starts_again_after_an_improvement(gen, monkeypatch):
