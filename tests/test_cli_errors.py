@@ -1539,3 +1539,16 @@ def test_a_surrogateescape_stdout_is_left_as_it_is(monkeypatch):
     with cli._printable_stdout():
         print("caf\udce9")
     assert raw.getvalue() == b"caf\xe9\n"
+
+
+def test_main_from_a_worker_thread_leaves_sigterm_alone(sigterm_default, capsys):
+    """Python sets signal handlers from the main thread only (signal.signal raises ValueError
+    elsewhere): main() called from another thread runs without dcedit's SIGTERM handling."""
+    import threading
+
+    got = []
+    worker = threading.Thread(target=lambda: got.append(cli.main(["edit", "--prompt", "a b"])))
+    worker.start()
+    worker.join()
+    assert got == [2]
+    assert "--prompt and --target go together" in capsys.readouterr().err
