@@ -739,7 +739,7 @@ def test_greedy_completions_of_a_batch_are_each_prompts_own(build):
             ids = ids[:, :-1]
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                              pad_token_id=tok.pad_token_id)
-        alone = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0].rstrip()
+        alone = _own_first_line(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
         assert text == alone, (prompt, text, alone)
 
 
@@ -788,7 +788,7 @@ def test_greedy_completions_decode_as_generated_and_log_nothing():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                              pad_token_id=tok.pad_token_id)
         raw = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        assert text == raw.split("\n")[0].rstrip(), (prompt, text, raw)
+        assert text == _own_first_line(raw), (prompt, text, raw)
 
 
 def test_cli_unknown_layer_lists_candidates(capsys, tiny_model_dir):
@@ -1992,8 +1992,17 @@ def _own_accuracy(model, tok, prompt, target) -> float:
     return (got == want).double().mean().item()
 
 
+def _own_first_line(text: str) -> str:
+    """The text up to the end of its first line that holds more than whitespace, right-stripped
+    (the blank lines before it kept: a target may start with a line break); "" when none does."""
+    lines = text.split("\n")
+    k = next((i for i, line in enumerate(lines) if line.strip()), None)
+    return "" if k is None else "\n".join(lines[:k + 1]).rstrip()
+
+
 def _own_greedy(model, tok, prompt: str, n: int = 6) -> str:
-    """n greedy tokens (fewer at eos), one unpadded row at a time, no cache; the first line, right-stripped."""
+    """n greedy tokens (fewer at eos), one unpadded row at a time, no cache; its first line of text
+    (`_own_first_line`)."""
     ids = tok(prompt)["input_ids"]
     new = []
     with torch.no_grad():
@@ -2002,7 +2011,7 @@ def _own_greedy(model, tok, prompt: str, n: int = 6) -> str:
             new.append(nxt)
             if nxt == tok.eos_token_id:
                 break
-    return tok.decode(new, skip_special_tokens=True).split("\n")[0].rstrip()
+    return _own_first_line(tok.decode(new, skip_special_tokens=True))
 
 
 def test_demo_results_and_table_are_the_edits_own_scores_on_a_tiny_model(tmp_path, monkeypatch, capsys, gen):
