@@ -71,6 +71,20 @@ def launched_size() -> int:
     return _env_int("WORLD_SIZE", "1")
 
 
+def one_of_several() -> bool:
+    """Whether this process is one of several: a launcher started more than one (WORLD_SIZE > 1,
+    joined or not yet) or its caller set up a process group of several (`mp.spawn` and
+    `init_process_group(init_method="tcp://...")`, no WORLD_SIZE).  A WORLD_SIZE that is not an
+    int counts as several: what reads it for training refuses it, and a caller asking this
+    (the CLI, before it takes SIGTERM over) must not guess one process where there may be many."""
+    try:
+        if launched_size() > 1:
+            return True
+    except ValueError:
+        return True
+    return world()[1] > 1
+
+
 def unlaunched() -> bool:
     """Whether this process runs on its own by construction: no process group is initialised and no
     launcher started it (WORLD_SIZE unset; torchrun sets it, also to 1)."""

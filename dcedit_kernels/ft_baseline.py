@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ._checks import (
-    HALF_DTYPES, all_finite, all_finite_many, first_non_finite, check_text, is_finite_number, is_int,
+    HALF_DTYPES, all_finite, all_finite_many, check_text, first_non_finite, is_finite_number, is_int,
 )
 from .block_prefix import PrefixReuse
 from .capture import no_activation_checkpointing

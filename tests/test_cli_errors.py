@@ -1499,6 +1499,19 @@ def test_sigterm_is_taken_once_and_left_alone_in_a_process_group(sigterm_default
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    with cli._sigterm_interrupts():
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+@pytest.mark.parametrize("world_size", ["2", "two", ""])
+def test_sigterm_keeps_its_default_where_world_size_says_several_or_cannot_be_read(
+        sigterm_default, monkeypatch, world_size):
+    """A torchrun worker (WORLD_SIZE > 1) keeps SIGTERM's default; so does a process whose WORLD_SIZE
+    is no int, where there may be several (training refuses it; the CLI must not raise over it
+    before it gets there, nor guess one process)."""
+    import signal
+    monkeypatch.setenv("WORLD_SIZE", world_size)
     with cli._sigterm_interrupts():
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 

@@ -34,6 +34,7 @@ import time
 import warnings
 from typing import Sequence
 
+from .. import distributed
 from .._checks import SEED_RANGE
 from ..models import DTYPES
 from .commands import COMMANDS, cmd_edit, cmd_evaluate, cmd_train
@@ -184,15 +185,6 @@ def _raise_terminated(signum, frame):
     raise Terminated
 
 
-def _in_a_process_group() -> bool:
-    """Whether this process is one of several in a torch.distributed group its caller set up (no
-    WORLD_SIZE: `mp.spawn` and `init_process_group("gloo", init_method="tcp://...")`): `dcedit
-    train` trains data-parallel over it, and what holds for a torchrun worker holds for it."""
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 @contextlib.contextmanager
 def _sigterm_interrupts():
     """SIGTERM (a cluster's preemption, `kill`) ends a command as Ctrl-C does while it runs: Python's
@@ -204,8 +196,7 @@ def _sigterm_interrupts():
     its timeout."""
     if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
-            or os.environ.get("WORLD_SIZE", "").strip() not in ("", "1")
-            or _in_a_process_group()):
+            or distributed.one_of_several()):
         yield
         return
     signal.signal(signal.SIGTERM, _raise_terminated)
