@@ -184,8 +184,14 @@ def resolve_modules(model: nn.Module, module_names: Iterable[str], arg: str = "m
             hint = f"; close matches: {close}" if close else f"; editable modules include {editable[:5]}"
             raise ValueError(f"{arg}: no module named {name!r} in the model{hint}") from None
         if not is_editable(module):
+            kind, base = type(module), getattr(module, "base_layer", None)
+            # peft's adapter layers (LoRA's, also named Linear) wrap the layer they adapt: "of type
+            # Linear; capture supports nn.Linear" named neither.
+            wraps = (f" ({kind.__module__}.{kind.__qualname__}, an adapter layer over the {type(base).__name__} "
+                     f"{name + '.base_layer'!r}: name that to edit its weight)"
+                     if isinstance(base, nn.Module) and is_editable(base) else "")
             raise ValueError(
-                f"{arg}: {name!r} is of type {type(module).__name__}; capture supports nn.Linear "
+                f"{arg}: {name!r} is of type {kind.__name__}{wraps}; capture supports nn.Linear "
                 "and transformers Conv1D"
             )
         out[name] = module

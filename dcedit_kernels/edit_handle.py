@@ -471,14 +471,29 @@ def weights_owner(model: nn.Module) -> nn.Module:
     them): `torch.compile(model)` (an OptimizedModule) holds the model it compiled as `_orig_mod`,
     so ModelEditors of the compiled model and of the model itself share one list of live edits
     (keyed by each wrapper, they had two: an edit made through one could be undone before a later
-    edit made through the other, and both undone left the model edited).  Other wrappers (a module
-    holding the model as an attribute) are not recognised: a ModelEditor of the wrapper and one of
-    the model keep two lists (README "Failures and undo" says to build them on one module).
-    Sharing lists by containment would also need each handle to watch the innermost module (a
-    freed wrapper frees its handles' saved weights), so it is left."""
-    while isinstance(getattr(model, "_orig_mod", None), nn.Module):
-        model = model._orig_mod
-    return model
+    edit made through the other, and both undone left the model edited).  So does peft's PeftModel
+    hold the model it put its adapter layers into (`get_base_model()`): a helper's trials, edits
+    through a PeftModel and through its base model both undone, left the model edited.  Other
+    wrappers (a module holding the model as an attribute) are not recognised: a ModelEditor of the
+    wrapper and one of the model keep two lists (README "Failures and undo" says to build them on
+    one module).  Sharing lists by containment would also need each handle to watch the innermost
+    module (a freed wrapper frees its handles' saved weights), so it is left."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif _peft_base(model) is not None:
+            model = _peft_base(model)
+        else:
+            return model
+
+
+def _peft_base(model: nn.Module) -> nn.Module | None:
+    """The model a peft wrapper (PeftModel, its LoraModel) adapts, None for any other module.  Asked
+    of peft's own classes only: `get_base_model` is a common enough name elsewhere."""
+    if not type(model).__module__.startswith("peft.") or not callable(getattr(model, "get_base_model", None)):
+        return None
+    base = model.get_base_model()
+    return base if isinstance(base, nn.Module) and base is not model else None
 
 
 @contextlib.contextmanager

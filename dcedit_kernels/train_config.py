@@ -141,6 +141,15 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
+    """What `fit` / `train_editor` return.  `steps`: optimiser steps taken in all, a resumed run's
+    before its checkpoint included.  `history`: one dict per step, `step` and the step's mean
+    `loss`, `edit`, `kl` and `balance` (only `step` where every batch of the step was skipped as
+    non-finite).  `val_history`: one dict per validation, `step`, `es`, `es_all` and `nll`.
+    `best_step` / `best_es`: the validation the best editors come from (None without validation
+    requests).  `stopped_early`: patience ended the run.  `resumed_from`: the step of the
+    checkpoint the run resumed from (None for a fresh run).  `skipped_batches`: batches left out
+    as non-finite.  `elapsed_s`: training seconds, a resumed run's earlier ones included."""
+
     steps: int  # optimiser steps done in total (including before a resume)
     history: list = field(default_factory=list)  # per step: loss, edit, kl, balance
     val_history: list = field(default_factory=list)  # per validation: step, es, es_all, nll

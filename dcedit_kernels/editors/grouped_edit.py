@@ -50,6 +50,7 @@ class GroupedEdit:
 
     @property
     def n_groups(self) -> int:
+        """The number of groups the edits were routed to (`offsets` has one more entry)."""
         return self.offsets.numel() - 1
 
     def __repr__(self) -> str:

@@ -45,8 +45,9 @@ class GroupedEditor(nn.Module):
 
     in_features, out_features: the edited weight's sizes (it is out × in, as nn.Linear's).
     Maps each token's gradient factors [μ; η] (in + out features) through `n_layers` residual
-    low-rank layers (rank `rank`, MEND's identity init: u = 0) per editor, with per-weight "modes"
-    (scale/shift embeddings; `n_modes` weights of this shape share the editor, as in MEND).
+    low-rank layers (rank min(`rank`, in + out features), MEND's identity init: u = 0) per editor,
+    with per-weight "modes" (scale/shift embeddings; `n_modes` weights of this shape share the
+    editor, as in MEND).
 
     routing: "single" (one editor: MEND), "random" (edits split into n_editors random groups:
     RaEditor), "gate" (noisy top-k gate on the edit features: MoEditor).  fusion combines the
@@ -306,10 +307,11 @@ class GroupedEditor(nn.Module):
         `MoEditor` for what ModelEditor passes; ignored by the other routings).  The factors are
         `capture.compute_factors`' (or `capture_factors`') `Factors.mu`, `.eta` and `.edit_offsets`
         of the edited layer, on the editor's device.  In training mode the call adds the factors to
-        the running norms (and edit_feats to gate_norm's) before anything can fail on their values:
-        factors with a NaN or an inf make those statistics non-finite for every later call.  A
-        training loop of one's own checks them first (`torch.isfinite(...).all()`), or keeps the
-        buffers and puts them back after a non-finite batch, as `fit` does (train.py).
+        the running norms (and edit_feats to gate_norm's) first; a batch that would make a running
+        statistic non-finite (a NaN or inf factor or feature, or an entry whose square overflows
+        fp32) raises FloatingPointError and leaves every statistic as it was.  A batch whose
+        gradients turn out non-finite later (in the caller's backward) has already been merged: a
+        training loop of one's own keeps the buffers and puts them back then, as `fit` does.
         """
         check_tensor(mu, "mu")
         check_tensor(eta, "eta")
