@@ -99,6 +99,7 @@ from ._checks import (HALF_DTYPES, check_autograd, check_bool, compute_dtype, fi
 from ._warn import warn
 from .capture import TOKEN_MODES, Factors, modes_restored, resolve_modules, weight_out_in
 from .devices import as_device, check_resident, cuda_indices, input_device, model_devices, place_editor
+from .dropout_check import warn_active_dropout
 from .edit_capture import DEFAULT_CAPTURE_BATCH_SIZE, EditCapture
 from .edit_handle import (APPLY_CALL, LIVE_EDITS, EditHandle, add_note, deferred_interrupt, one_editing_thread,
                           restore, weights_owner)
@@ -603,8 +604,8 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         the weight's dtype, so shift entries below half its resolution vanish
         (`stats["changed_fraction"]`: each layer's share of changed entries).  Whatever fails or
         interrupts the edit, the model is left as it was (see the module docstring).  The model runs
-        in the mode it is in: in train mode its dropout is on in the capture and the fine-tuning
-        (`load_model` and `from_pretrained` return models in eval mode).  RuntimeError, too, for a model built or
+        in the mode it is in: in train mode its dropout is on in the capture and the fine-tuning,
+        and apply warns (`load_model` and `from_pretrained` return models in eval mode).  RuntimeError, too, for a model built or
         loaded under inference_mode (its parameters are inference tensors), and while another
         thread edits the model (apply, undo, fit: one thread edits a model at a time)."""
         # The edit is rolled back when anything raises after `_apply` made its handle (`made`:
@@ -642,6 +643,8 @@ class ModelEditor(EditCapture, EditorCheckpoints, FineTuneBaselines):
         requests = validate_requests(requests)
         check_autograd("ModelEditor.apply", "its capture (or fine-tuning)", self.model)
         self._check_layers_still_editable()
+        warn_active_dropout(self.model, "ModelEditor.apply", "the capture and the fine-tuning draw dropout "
+                            "masks, so the same requests give another edit at each apply")
         devices = self.devices
         _peak_memory_start(devices)
         start = time.perf_counter()

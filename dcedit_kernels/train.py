@@ -67,6 +67,7 @@ from ._checks import HALF_DTYPES, all_finite_many, check_autograd
 from ._warn import warn
 from .capture import frozen_parameters, modes_restored
 from .devices import host_scalars_on_cpu, seed_generators
+from .dropout_check import warn_active_dropout
 from .edit_handle import warn_live_edits
 from .losses import backward_scale
 from .model_editor import ModelEditor
@@ -130,6 +131,8 @@ def train_editor(me: ModelEditor, train_requests, val_requests=None, config: Tra
     if error is None:
         warn_live_edits(me.model, "train_editor", "the editors train on the edited model (its gradients are "
                         "what they learn to map, its outputs the locality loss's reference)")
+        warn_active_dropout(me.model, "train_editor", "each pass draws its own dropout masks, so the "
+                            "locality KL compares two differently dropped-out models")
     launched = distributed.launched_size()
     if config.data_parallel and group_size == 1 and launched > 1:
         # torchrun started W processes but none joined a group: each trained on its own, on the same
