@@ -479,12 +479,10 @@ def weights_owner(model: nn.Module) -> nn.Module:
     one module).  Sharing lists by containment would also need each handle to watch the innermost
     module (a freed wrapper frees its handles' saved weights), so it is left."""
     while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        elif _peft_base(model) is not None:
-            model = _peft_base(model)
-        else:
+        inner = model._orig_mod if isinstance(getattr(model, "_orig_mod", None), nn.Module) else _peft_base(model)
+        if inner is None:
             return model
+        model = inner
 
 
 def _peft_base(model: nn.Module) -> nn.Module | None:
