@@ -136,6 +136,9 @@ def _on_a_read_only_mount(path: Path) -> bool:
         return False
 
 
+VERSION_KEY = "dcedit_kernels_version"  # the metadata entry naming the release that wrote a file
+
+
 def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
     """`safetensors.torch.save_file` to `path`, written beside it and moved over it, with the mode
     of a file this process creates, or of the file saved over (`replace_atomically`).
@@ -150,6 +153,13 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
     (measured on 0.4.5, 0.5.3, 0.6.2 and 0.7.0: a 16 MiB peak saving one 16 MiB tensor)."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
+
+    from . import __version__
+
+    # Every file says which release wrote it: a helper's trials found files of 0.5.30 and of 0.5.38
+    # alike byte for byte in their metadata, so a change of what a file means (a RaEditor's routing
+    # draws changed in 0.5.8 and 0.5.36) could not be told from the file.
+    metadata = {VERSION_KEY: __version__, **(metadata or {})}
 
     def write(tmp: Path) -> None:
         try:
