@@ -17,8 +17,10 @@ from ._warn import warn
 
 def active_dropouts(model: nn.Module) -> int:
     """How many of `model`'s modules drop out in their current mode: dropout layers with p > 0 in
-    train mode, and attention modules in train mode whose `attention_dropout` rate (transformers'
-    Llama-style attention, applied as a function) is above 0."""
+    train mode, and modules in train mode holding a rate above 0 that they apply as a function
+    (transformers keeps them as float attributes named for it: `attention_dropout` in Llama-style
+    attention, `dropout` and `activation_dropout` in BART's and OPT's layers, `hidden_dropout`,
+    `resid_pdrop`, `layerdrop`, ..., each used only while `self.training`)."""
     count = 0
     for module in model.modules():
         if not module.training:
@@ -26,8 +28,8 @@ def active_dropouts(model: nn.Module) -> int:
         if isinstance(module, nn.modules.dropout._DropoutNd):
             count += module.p > 0
         else:
-            rate = getattr(module, "attention_dropout", None)
-            count += isinstance(rate, float) and rate > 0
+            count += any("drop" in name and type(value) is float and value > 0
+                         for name, value in vars(module).items())
     return count
 
 

@@ -81,3 +81,16 @@ def test_active_dropouts_counts_layers_and_attention_rates_in_train_mode():
     assert active_dropouts(model) == 2
     attention.eval()
     assert active_dropouts(model) == 1
+
+
+def test_rates_applied_as_functions_count_by_their_float_attributes():
+    """BART's layers keep their rates as floats (`dropout`, `activation_dropout`) and apply them with
+    nn.functional.dropout while training; an int, a bool or a rate of 0 is none."""
+    model, _ = tiny_model("bart", seed=0)
+    model.train()
+    assert active_dropouts(model) == 0  # tiny_model's rates are 0
+    model.model.encoder.layers[0].self_attn.dropout = 0.1
+    model.model.decoder.layers[0].activation_dropout = 0.2
+    model.model.decoder.layers[1].dropout_flag = True
+    model.model.decoder.layers[1].drop_count = 3
+    assert active_dropouts(model) == 2
