@@ -7,7 +7,7 @@ from ._library import backends
 from .editors import MEND, GroupedEdit, GroupedEditor, MoEditor, ProEditor, RaEditor
 from .ops import op_backends
 
-__version__ = "0.5.38"
+__version__ = "0.5.39"
 
 if TYPE_CHECKING:  # what type checkers and IDEs read for the lazy names below (they saw Any)
     from .edit_handle import EditHandle
