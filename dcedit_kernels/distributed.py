@@ -76,9 +76,10 @@ def one_of_several() -> bool:
     joined or not yet) or its caller set up a process group of several (`mp.spawn` and
     `init_process_group(init_method="tcp://...")`, no WORLD_SIZE).  A WORLD_SIZE that is not an
     int counts as several: what reads it for training refuses it, and a caller asking this
-    (the CLI, before it takes SIGTERM over) must not guess one process where there may be many."""
+    (the CLI, before it takes SIGTERM over) must not guess one process where there may be many.
+    An empty one is taken as unset (a shell's `WORLD_SIZE=` is no launcher's)."""
     try:
-        if launched_size() > 1:
+        if os.environ.get("WORLD_SIZE", "").strip() and launched_size() > 1:
             return True
     except ValueError:
         return True

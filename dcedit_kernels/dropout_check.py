@@ -10,9 +10,14 @@ passes with different masks (1.7e-3 at the first step against 4.0e-8 in eval mod
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 from torch import nn
 
 from ._warn import warn
+
+_QUIET = threading.local()  # `.on` inside `already_warned()`, per thread
 
 
 def active_dropouts(model: nn.Module) -> int:
@@ -36,9 +41,24 @@ def active_dropouts(model: nn.Module) -> int:
 def warn_active_dropout(model: nn.Module, what: str, consequence: str) -> None:
     """A UserWarning from `what` when `model` is in train mode with dropout on (`active_dropouts`):
     `consequence` says what the dropout does to it."""
+    if getattr(_QUIET, "on", False):
+        return
     n = active_dropouts(model)
     if n:
         warn(f"{what}: the model is in train mode with dropout on ({n} module{'s' if n > 1 else ''} "
              f"with a rate above 0): {consequence}. Call model.eval() first unless that is meant "
              "(load_model and from_pretrained return models in eval mode; training an adapter, as "
              "peft's, leaves train mode on)", UserWarning)
+
+
+@contextlib.contextmanager
+def already_warned():
+    """`warn_active_dropout` says nothing inside (in this thread): fit warned for its whole run, and
+    each of its validations' applies warned again as `ModelEditor.apply` (a helper's trials: two
+    warnings for one fit call under Python's default filter, one more per validation under "always")."""
+    before = getattr(_QUIET, "on", False)
+    _QUIET.on = True
+    try:
+        yield
+    finally:
+        _QUIET.on = before

@@ -471,9 +471,9 @@ def weights_owner(model: nn.Module) -> nn.Module:
     them): `torch.compile(model)` (an OptimizedModule) holds the model it compiled as `_orig_mod`,
     so ModelEditors of the compiled model and of the model itself share one list of live edits
     (keyed by each wrapper, they had two: an edit made through one could be undone before a later
-    edit made through the other, and both undone left the model edited).  So does peft's PeftModel
-    hold the model it put its adapter layers into (`get_base_model()`): a helper's trials, edits
-    through a PeftModel and through its base model both undone, left the model edited.  Other
+    edit made through the other, and both undone left the model edited).  So do peft's PeftModel and
+    its tuner (LoraModel) hold the model they put adapter layers into (`_peft_base`): a helper's
+    trials, edits through a PeftModel and through its base model both undone, left the model edited.  Other
     wrappers (a module holding the model as an attribute) are not recognised: a ModelEditor of the
     wrapper and one of the model keep two lists (README "Failures and undo" says to build them on
     one module).  Sharing lists by containment would also need each handle to watch the innermost
@@ -486,11 +486,19 @@ def weights_owner(model: nn.Module) -> nn.Module:
 
 
 def _peft_base(model: nn.Module) -> nn.Module | None:
-    """The model a peft wrapper (PeftModel, its LoraModel) adapts, None for any other module.  Asked
-    of peft's own classes only: `get_base_model` is a common enough name elsewhere."""
-    if not type(model).__module__.startswith("peft.") or not callable(getattr(model, "get_base_model", None)):
+    """The model a peft wrapper adapts, None for any other module: a PeftModel's `get_base_model()`
+    (looked up on its class: PeftModel forwards unknown attributes to the model it wraps), and a
+    tuner's (LoraModel, ...: `peft_model.base_model`, a peft BaseTuner) `model`, the model it put its
+    adapter layers into.  Asked of peft's own classes only: the names are common enough elsewhere."""
+    kind = type(model)
+    if not kind.__module__.startswith("peft."):
         return None
-    base = model.get_base_model()
+    if callable(getattr(kind, "get_base_model", None)):
+        base = model.get_base_model()
+    elif any(c.__name__ == "BaseTuner" and c.__module__.startswith("peft.") for c in kind.__mro__):
+        base = model._modules.get("model")
+    else:
+        return None
     return base if isinstance(base, nn.Module) and base is not model else None
 
 

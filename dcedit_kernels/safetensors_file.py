@@ -159,7 +159,8 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
     # Every file says which release wrote it: a helper's trials found files of 0.5.30 and of 0.5.38
     # alike byte for byte in their metadata, so a change of what a file means (a RaEditor's routing
     # draws changed in 0.5.8 and 0.5.36) could not be told from the file.
-    metadata = {VERSION_KEY: __version__, **(metadata or {})}
+    # JSON, as the package's other entries are (a reader decoding each entry choked on a bare 0.5.39).
+    metadata = {VERSION_KEY: json.dumps(__version__), **(metadata or {})}
 
     def write(tmp: Path) -> None:
         try:

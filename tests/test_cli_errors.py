@@ -1504,7 +1504,7 @@ def test_sigterm_is_taken_once_and_left_alone_in_a_process_group(sigterm_default
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
-@pytest.mark.parametrize("world_size", ["2", "two", ""])
+@pytest.mark.parametrize("world_size", ["2", " 3 ", "two"])
 def test_sigterm_keeps_its_default_where_world_size_says_several_or_cannot_be_read(
         sigterm_default, monkeypatch, world_size):
     """A torchrun worker (WORLD_SIZE > 1) keeps SIGTERM's default; so does a process whose WORLD_SIZE
@@ -1531,10 +1531,12 @@ def test_a_callers_sigterm_handler_is_left_in_place():
         signal.signal(signal.SIGTERM, previous)
 
 
-def test_world_size_one_takes_sigterm_as_ctrl_c(sigterm_default, monkeypatch):
-    """WORLD_SIZE=1 (torchrun with one process) is no group: SIGTERM raises Terminated."""
+@pytest.mark.parametrize("world_size", ["1", "", " "])
+def test_world_size_one_takes_sigterm_as_ctrl_c(sigterm_default, monkeypatch, world_size):
+    """WORLD_SIZE=1 (torchrun with one process) is no group, nor is an empty WORLD_SIZE (a shell's
+    `WORLD_SIZE=`, no launcher's): SIGTERM raises Terminated."""
     import signal
-    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("WORLD_SIZE", world_size)
     with pytest.raises(cli.Terminated):
         with cli._sigterm_interrupts():
             os.kill(os.getpid(), signal.SIGTERM)

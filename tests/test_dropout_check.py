@@ -50,12 +50,19 @@ def test_apply_warns_of_dropout_in_train_mode_and_its_edits_then_differ(gen):
     assert dropout_warnings(caught) == []
 
 
-def test_fit_warns_of_dropout_in_train_mode(gen):
+def test_fit_warns_of_dropout_in_train_mode_once_for_its_validations_too(gen):
+    """Each validation's apply warned again, as ModelEditor.apply's, for one fit call."""
     model, tok = dropping_out("gpt2", 0.1, int(torch.randint(0, 1000, (1,), generator=gen)))
     me = ModelEditor(model, tok, LAYERS["gpt2"][2:3], method="mend", rank=3)
-    with pytest.warns(UserWarning, match=r"train_editor: " + WARNED + ": each pass draws its own dropout masks"):
-        me.fit(random_requests(gen, 2), None, TrainConfig(steps=1, batch_size=2, progress=False))
+    config = TrainConfig(steps=2, batch_size=2, val_every=1, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        me.fit(random_requests(gen, 2), random_requests(gen, 2), config)
+    said = dropout_warnings(caught)
+    assert len(said) == 1 and said[0].startswith("train_editor: ") and "each pass draws its own dropout masks" in said[0]
     assert model.training  # fit takes the model as it finds it, and leaves it so
+    with pytest.warns(UserWarning, match=r"ModelEditor.apply: " + WARNED):  # quiet inside fit only
+        me.apply(random_requests(gen, 1)).undo()
 
 
 def test_a_model_in_train_mode_without_dropout_says_nothing(gen):

@@ -14,24 +14,49 @@ from dcedit_kernels.models import tiny_model
 from test_model_editor import assert_bit_identical, one_thread, random_requests, snapshot  # noqa: F401
 
 
-class PeftModelForCausalLM(nn.Module):
-    """peft's wrapper as ModelEditor meets it."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.base_model = model
-
-    def get_base_model(self):
-        return self.base_model
-
-    def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+class Forwarding(nn.Module):
+    """What a module lacks comes from the model it wraps, as peft's wrappers do."""
 
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self.base_model, name)
+            return getattr(self.inner(), name)
+
+
+class BaseTuner(Forwarding):
+    """peft's tuner base class (LoraModel's): the model it put its adapter layers into is `model`."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def inner(self):
+        return self.model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+class LoraModel(BaseTuner):
+    pass
+
+
+class PeftModelForCausalLM(Forwarding):
+    """peft's wrapper as ModelEditor meets it: its `base_model` is the tuner."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.base_model = LoraModel(model)
+
+    def inner(self):
+        return self.base_model
+
+    def get_base_model(self):
+        return self.base_model.model
+
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
 
 
 class Linear(nn.Module):
@@ -46,6 +71,8 @@ class Linear(nn.Module):
 
 
 PeftModelForCausalLM.__module__ = "peft.peft_model"
+BaseTuner.__module__ = "peft.tuners.tuners_utils"
+LoraModel.__module__ = "peft.tuners.lora.model"
 Linear.__module__ = "peft.tuners.lora.layer"
 LAYER = "model.layers.1.mlp.down_proj"
 
@@ -57,15 +84,17 @@ def test_edits_through_a_peft_model_and_through_its_model_share_one_undo_order(g
     real peft: logits off the unedited model by 0.018 on the tiny Llama, 0.12 on the tiny GPT-2)."""
     model, tok = tiny_model("llama", seed=int(torch.randint(0, 1000, (1,), generator=gen)))
     wrapped = PeftModelForCausalLM(model)
-    assert weights_owner(wrapped) is model
+    assert weights_owner(wrapped) is weights_owner(wrapped.base_model) is model
+    assert weights_owner(torch.compile(wrapped, backend="eager")) is model  # one level after another
     before = snapshot(model)
-    through = ModelEditor(wrapped, tok, ["base_model." + LAYER], method="ft", ft_steps=2, ft_stop_loss=None)
+    through = ModelEditor(wrapped, tok, ["base_model.model." + LAYER], method="ft", ft_steps=2, ft_stop_loss=None)
+    tuner = ModelEditor(wrapped.base_model, tok, ["model." + LAYER], method="ft", ft_steps=1, ft_stop_loss=None)
     direct = ModelEditor(model, tok, [LAYER], method="ft", ft_steps=2, ft_stop_loss=None)
-    first = through.apply(random_requests(gen, 2))
-    second = direct.apply(random_requests(gen, 2))
-    with pytest.raises(RuntimeError, match="later"):
-        first.undo()
-    assert second.undo() and first.undo()
+    handles = [editor.apply(random_requests(gen, 2)) for editor in (through, tuner, direct)]
+    for earlier in handles[:2]:
+        with pytest.raises(RuntimeError, match="later"):
+            earlier.undo()
+    assert all(h.undo() for h in reversed(handles))
     assert_bit_identical(before, model)
 
 
@@ -93,6 +122,11 @@ def test_naming_an_adapter_layer_says_which_name_edits_its_weight():
                        r"'model.layers.1.mlp.down_proj.base_layer': name that to edit its weight\)"):
         ModelEditor(model, tok, [LAYER], method="mend", rank=2)
     ModelEditor(model, tok, [LAYER + ".base_layer"], method="mend", rank=2)
+    model.model.embed_tokens = Linear(model.model.embed_tokens)  # an adapter over what no edit takes
+    with pytest.raises(ValueError) as info:
+        ModelEditor(model, tok, ["model.embed_tokens"], method="mend", rank=2)
+    assert str(info.value) == ("layers: 'model.embed_tokens' is of type Linear; capture supports nn.Linear "
+                               "and transformers Conv1D")
 
 
 def test_a_real_lora_model_edits_as_its_merged_twin_and_undoes_in_order(gen):
@@ -104,6 +138,7 @@ def test_a_real_lora_model_edits_as_its_merged_twin_and_undoes_in_order(gen):
     model, tok = tiny_model("llama", seed=int(torch.randint(0, 1000, (1,), generator=gen)), dtype=torch.float64)
     config = peft.LoraConfig(r=2, target_modules=["down_proj"], init_lora_weights=False, lora_dropout=0.0)
     wrapped = peft.get_peft_model(model, config)
+    assert weights_owner(wrapped) is weights_owner(wrapped.base_model) is model
     merged = copy.deepcopy(wrapped).merge_and_unload()
     requests = random_requests(gen, 2)
     name = "base_model.model." + LAYER
