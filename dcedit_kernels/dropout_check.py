@@ -47,8 +47,8 @@ def warn_active_dropout(model: nn.Module, what: str, consequence: str) -> None:
     if n:
         warn(f"{what}: the model is in train mode with dropout on ({n} module{'s' if n > 1 else ''} "
              f"with a rate above 0): {consequence}. Call model.eval() first unless that is meant "
-             "(load_model and from_pretrained return models in eval mode; training an adapter, as "
-             "peft's, leaves train mode on)", UserWarning)
+             "(load_model and from_pretrained return models in eval mode; peft's get_peft_model and "
+             "training an adapter leave train mode on)", UserWarning)
 
 
 @contextlib.contextmanager
