@@ -55,7 +55,8 @@ def warn_active_dropout(model: nn.Module, what: str, consequence: str) -> None:
 def already_warned():
     """`warn_active_dropout` says nothing inside (in this thread): fit warned for its whole run, and
     each of its validations' applies warned again as `ModelEditor.apply` (a helper's trials: two
-    warnings for one fit call under Python's default filter, one more per validation under "always")."""
+    warnings for one fit call under Python's default filter, one more per validation under "always").
+    Around fit's validations only: `evaluate_edits` called on its own warns as its applies do."""
     before = getattr(_QUIET, "on", False)
     _QUIET.on = True
     try:

@@ -67,7 +67,7 @@ from ._checks import HALF_DTYPES, all_finite_many, check_autograd
 from ._warn import warn
 from .capture import frozen_parameters, modes_restored
 from .devices import host_scalars_on_cpu, seed_generators
-from .dropout_check import warn_active_dropout
+from .dropout_check import already_warned, warn_active_dropout
 from .edit_handle import warn_live_edits
 from .losses import backward_scale
 from .model_editor import ModelEditor
@@ -573,8 +573,9 @@ def _validate(me, val_requests, config, result, best_state, bad_validations, ckp
     and a run extended past its last step (validated there, as every run is) trained another editor
     than one run of as many steps."""
     rng_states = _rng_states(me)
-    scores = (_evaluate_split(me, val_requests, config.batch_size, rank, size) if size > 1
-              else evaluate_edits(me, val_requests, config.batch_size))
+    with already_warned():  # train_editor warned of dropout for the whole run: not again at each apply
+        scores = (_evaluate_split(me, val_requests, config.batch_size, rank, size) if size > 1
+                  else evaluate_edits(me, val_requests, config.batch_size))
     _set_rng_states(me, rng_states)
     result.val_history.append(dict(step=result.steps, **scores))
     gain = result.best_es is None or scores["es"] > result.best_es + config.min_delta

@@ -12,7 +12,6 @@ import torch
 
 from . import distributed
 from ._checks import is_int
-from .dropout_check import already_warned
 from .losses import scored_accuracy, scored_nll
 from .model_editor import ModelEditor
 from .positions import check_request_lengths
@@ -52,8 +51,7 @@ def _batch_scores(me: ModelEditor, requests, batch_size: int, batches) -> list[t
         rows = me.tokenize([r.rephrase or r.prompt for r in chunk], [r.target for r in chunk])
         positions = scored_positions(rows["labels"], causal=True)
         applied = requests[_applied_with(len(requests), batch_size, b)]
-        with (already_warned(), me.edited(applied), torch.no_grad(),
-              logits_at(me.model, positions, skip=me.modules.values()) as scored):
+        with me.edited(applied), torch.no_grad(), logits_at(me.model, positions, skip=me.modules.values()) as scored:
             logits = me.model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"],
                               **no_kv_cache(me.model)).logits  # read back by nobody (see metrics._score_batch)
             picked = scored.pick(logits)

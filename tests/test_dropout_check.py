@@ -11,7 +11,7 @@ from torch import nn
 from dcedit_kernels.dropout_check import active_dropouts
 from dcedit_kernels.model_editor import ModelEditor
 from dcedit_kernels.models import tiny_model
-from dcedit_kernels.train import TrainConfig
+from dcedit_kernels.train import TrainConfig, evaluate_edits
 from test_model_editor import LAYERS, one_thread, random_requests  # noqa: F401
 
 WARNED = r"the model is in train mode with dropout on \((\d+) modules? with a rate above 0\)"
@@ -63,6 +63,8 @@ def test_fit_warns_of_dropout_in_train_mode_once_for_its_validations_too(gen):
     assert model.training  # fit takes the model as it finds it, and leaves it so
     with pytest.warns(UserWarning, match=r"ModelEditor.apply: " + WARNED):  # quiet inside fit only
         me.apply(random_requests(gen, 1)).undo()
+    with pytest.warns(UserWarning, match=r"ModelEditor.apply: " + WARNED):  # fit's scoring, called on its own
+        evaluate_edits(me, random_requests(gen, 2), batch_size=2)
 
 
 def test_a_model_in_train_mode_without_dropout_says_nothing(gen):
