@@ -10,14 +10,12 @@ passes with different masks (1.7e-3 at the first step against 4.0e-8 in eval mod
 
 from __future__ import annotations
 
-import contextlib
-import threading
-
 from torch import nn
 
+from ._thread_flag import ThreadFlag
 from ._warn import warn
 
-_QUIET = threading.local()  # `.on` inside `already_warned()`, per thread
+_QUIET = ThreadFlag()  # on inside `already_warned()`
 
 
 def active_dropouts(model: nn.Module) -> int:
@@ -41,7 +39,7 @@ def active_dropouts(model: nn.Module) -> int:
 def warn_active_dropout(model: nn.Module, what: str, consequence: str) -> None:
     """A UserWarning from `what` when `model` is in train mode with dropout on (`active_dropouts`):
     `consequence` says what the dropout does to it."""
-    if getattr(_QUIET, "on", False):
+    if _QUIET:
         return
     n = active_dropouts(model)
     if n:
@@ -51,15 +49,9 @@ def warn_active_dropout(model: nn.Module, what: str, consequence: str) -> None:
              "training an adapter leave train mode on)", UserWarning)
 
 
-@contextlib.contextmanager
 def already_warned():
     """`warn_active_dropout` says nothing inside (in this thread): fit warned for its whole run, and
     each of its validations' applies warned again as `ModelEditor.apply` (a helper's trials: two
     warnings for one fit call under Python's default filter, one more per validation under "always").
     Around fit's validations only: `evaluate_edits` called on its own warns as its applies do."""
-    before = getattr(_QUIET, "on", False)
-    _QUIET.on = True
-    try:
-        yield
-    finally:
-        _QUIET.on = before
+    return _QUIET.on()

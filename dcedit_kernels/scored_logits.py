@@ -29,12 +29,13 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ._thread_flag import ThreadFlag
 from .compiled_calls import runs_compiled
 from .edit_handle import deferred_interrupt
 from .head_input import called_head, output_head
 from .tokenize import IGNORE_INDEX
 
-_FULL = threading.local()
+_FULL = ThreadFlag()
 
 # The head's backward, grad_logits (n, V) @ W (V, H), runs as a (n, V) x (V, H) matmul: on this
 # CPU torch (MKL 2024.2, fp32) a matmul of 1 to 3 rows takes a kernel whose V-term sums are far less
@@ -61,16 +62,10 @@ def padded_head_rows(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([rows, rows.new_zeros(MIN_HEAD_ROWS - n, *rows.shape[1:])])
 
 
-@contextlib.contextmanager
 def full_logits():
     """Inside the block (this thread), `logits_at` gathers nothing: the head computes every
     position's logits, as a plain forward does."""
-    previous = getattr(_FULL, "on", False)
-    _FULL.on = True
-    try:
-        yield
-    finally:
-        _FULL.on = previous
+    return _FULL.on()
 
 
 def scored_positions(labels: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -158,7 +153,7 @@ def _gathering_head(model: nn.Module, skip: Iterable[nn.Module]) -> nn.Module | 
     """The head `logits_at` gathers the input of, or None: none inside `full_logits()`, nor a head
     among `skip`, with a hook of the caller's that would see the rows (`_foreign_hooks`) or running
     compiled."""
-    head = output_head(model) if not getattr(_FULL, "on", False) else None
+    head = output_head(model) if not _FULL else None
     # A forward hook on the head (the caller's: an edited or captured head is in `skip`) gets the
     # head's output: gathered, a hook that reads positions changed other logits than in a plain forward.
     # A compiled head (or one inside a compiled module) runs without the gather unless compiled code
